@@ -1,0 +1,35 @@
+# Strongroom developer entry points. `make demo` and `make test` set everything up first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+TOOLS := .build/tools
+
+.PHONY: setup demo test lint typecheck protolint unit bench clean
+
+setup:
+	@deploy/dev/setup.sh
+
+demo: setup
+	@$(VENV)/bin/strongroom demo
+
+lint: setup
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check . >/dev/null || { $(VENV)/bin/ruff format --diff . | head -40; exit 1; }
+
+typecheck: setup
+	@$(VENV)/bin/mypy
+
+protolint: setup
+	@cd protos && ../$(TOOLS)/node_modules/.bin/buf lint
+	@protos/breaking.sh
+
+unit: setup
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck protolint unit
+
+bench: setup
+	@$(PY) -m tests.bench.run $(BENCH_ARGS)
+
+clean:
+	rm -rf .build protos/_gen .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Service runtime shared by every Strongroom service: configuration, logging, errors, gRPC server."""
