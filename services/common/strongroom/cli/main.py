@@ -1,0 +1,67 @@
+"""Entry point of the ``strongroom`` command.
+
+Each area contributes its subcommands through a module with ``register(subparsers)``; the handler it
+sets as ``func`` takes the parsed arguments and returns the exit code. Expected failures are
+:class:`~strongroom.runtime.errors.StrongroomError` and are printed as one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from strongroom.runtime.errors import StrongroomError
+
+# Modules that contribute subcommands, in the order they appear in --help.
+COMMAND_MODULES = (
+    "strongroom.cli.demo",
+    "strongroom.cli.serve",
+    "strongroom.pki.cli",
+    "strongroom.keybroker.cli",
+    "strongroom.attestation.cli",
+    "strongroom.modelstore.cli",
+    "strongroom.inference.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Builds the argument parser with every area's subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="strongroom",
+        description="Strongroom: keep AI models confidential at rest, in transit and in use.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug output to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # area not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line and returns its exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+    except StrongroomError as exc:
+        print(f"strongroom: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
