@@ -1,0 +1,118 @@
+"""Configuration loading: file, environment overrides, strict validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from strongroom.runtime.config import ConfigError, load_service_config
+from strongroom.runtime.secrets import Secret
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    data_dir: Path
+    limit: int = 10
+    enabled: bool = False
+
+
+BASE = """
+service: modelstore
+listen: 127.0.0.1:7443
+identity:
+  trust_domain: strongroom.test
+  spiffe_id: spiffe://strongroom.test/modelstore
+  ca_url: https://127.0.0.1:9000
+  ca_root_file: /tmp/root.pem
+modelstore:
+  data_dir: /var/lib/models
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_loads_file_with_defaults(tmp_path: Path) -> None:
+    common, section = load_service_config(write(tmp_path, BASE), "modelstore", Section, environ={})
+    assert common.listen == "127.0.0.1:7443"
+    assert common.production, "production must be the default mode"
+    assert common.identity.dns_names == ()
+    assert section == Section(data_dir=Path("/var/lib/models"))
+
+
+def test_environment_overrides_nest_and_keep_types(tmp_path: Path) -> None:
+    env = {
+        "STRONGROOM__MODELSTORE__LIMIT": "42",
+        "STRONGROOM__MODELSTORE__ENABLED": "true",
+        "STRONGROOM__MODE": "development",
+        "STRONGROOM__IDENTITY__DNS_NAMES": "[modelstore, localhost]",
+        "UNRELATED": "x",
+    }
+    common, section = load_service_config(write(tmp_path, BASE), "modelstore", Section, environ=env)
+    assert section.limit == 42 and section.enabled is True
+    assert common.mode == "development" and not common.production
+    assert common.identity.dns_names == ("modelstore", "localhost")
+
+
+@pytest.mark.parametrize(
+    ("mutation", "message"),
+    [
+        ("STRONGROOM__MODELSTORE__LIMIT=many", "modelstore.limit: expected an integer"),
+        ("STRONGROOM__MODELSTORE__TYPO=1", "unknown key(s) typo"),
+        ("STRONGROOM__MODE=prod", "config.mode: must be one of production, development"),
+        ("STRONGROOM__IDENTITY__SPIFFE_ID=spiffe://other.test/x", "outside trust domain"),
+        ("STRONGROOM__IDENTITY__CA_URL=http://ca:9000", "https://"),
+        ("STRONGROOM__AUTHZ__ADMIN=[not-a-spiffe-id]", "not a SPIFFE ID"),
+        ("STRONGROOM__SERVICE=keybroker", "not 'modelstore'"),
+    ],
+)
+def test_invalid_configuration_is_rejected_with_the_key_named(
+    tmp_path: Path, mutation: str, message: str
+) -> None:
+    key, value = mutation.split("=", 1)
+    with pytest.raises(ConfigError) as info:
+        load_service_config(write(tmp_path, BASE), "modelstore", Section, environ={key: value})
+    assert message in str(info.value)
+    assert info.value.reason == "CONFIG_INVALID"
+
+
+def test_missing_required_key_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"modelstore\.data_dir: required"):
+        load_service_config(
+            write(tmp_path, BASE.replace("  data_dir: /var/lib/models\n", "  limit: 3\n")),
+            "modelstore",
+            Section,
+            environ={},
+        )
+
+
+def test_not_yaml_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_service_config(write(tmp_path, "a: [b"), "modelstore", Section, environ={})
+
+
+def test_secret_is_redacted_and_loaded_from_file_or_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "pin"
+    path.write_text("1234\n")
+    path.chmod(0o600)
+    secret = Secret.load(file=path, env="TEST_PIN_UNSET", what="HSM PIN")
+    assert secret.reveal_text() == "1234"
+    assert "1234" not in repr(secret) and "1234" not in str(secret) and "1234" not in f"{[secret]}"
+    monkeypatch.setenv("TEST_PIN_SET", "9876")
+    assert Secret.load(file=path, env="TEST_PIN_SET", what="HSM PIN").reveal_text() == "9876"
+
+
+def test_world_readable_secret_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "pin"
+    path.write_text("1234")
+    path.chmod(0o644)
+    with pytest.raises(Exception, match="readable by group or others") as info:
+        Secret.load(file=path, what="HSM PIN")
+    assert "1234" not in str(info.value)

@@ -1,0 +1,203 @@
+"""The service host: error mapping, health, readiness and graceful draining, over real gRPC."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from strongroom.runtime import errors
+from strongroom.runtime.interceptors import REASON_METADATA_KEY
+from strongroom.runtime.server import ServiceHost, ServiceSpec
+
+SERVICE = "test.Echo"
+
+
+class Behaviour:
+    """What the test service does for each method; changed by the tests."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.ready_reason: str | None = None
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+def make_service(behaviour: Behaviour) -> ServiceSpec:
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        if request == b"invalid":
+            raise errors.InvalidArgument("name must not be empty", reason="NAME_EMPTY")
+        if request == b"denied":
+            raise errors.PermissionDenied("not for you", reason="CALLER_NOT_ALLOWED")
+        if request == b"bug":
+            raise KeyError("secret-internal-detail")
+        if request == b"slow":
+            behaviour.started.set()
+            behaviour.release.wait(10)
+        return b"ok:" + request
+
+    def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield b"first"
+        raise errors.DataLoss("blob digest mismatch", reason="DIGEST_MISMATCH")
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary, _identity, _identity),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream, _identity, _identity),
+        },
+    )
+    return ServiceSpec(
+        name=SERVICE,
+        register=lambda server: server.add_generic_rpc_handlers((handler,)),
+        checks=(lambda: behaviour.ready_reason,),
+    )
+
+
+@pytest.fixture
+def host() -> Iterator[tuple[ServiceHost, Behaviour, grpc.Channel]]:
+    behaviour = Behaviour()
+    host = ServiceHost(
+        listen="127.0.0.1:0",
+        credentials=None,
+        services=[make_service(behaviour)],
+        health_listen="127.0.0.1:0",
+        check_interval=0.05,
+    )
+    host.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{host.port}")
+    try:
+        yield host, behaviour, channel
+    finally:
+        behaviour.release.set()
+        channel.close()
+        host.stop(0)
+
+
+def call(channel: grpc.Channel, payload: bytes) -> bytes:
+    fn = channel.unary_unary(f"/{SERVICE}/Unary", _identity, _identity)
+    return fn(payload, timeout=10)  # type: ignore[no-any-return]
+
+
+def test_success(host: tuple[ServiceHost, Behaviour, grpc.Channel]) -> None:
+    assert call(host[2], b"x") == b"ok:x"
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "reason"),
+    [
+        (b"invalid", grpc.StatusCode.INVALID_ARGUMENT, "NAME_EMPTY"),
+        (b"denied", grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED"),
+    ],
+)
+def test_domain_errors_map_to_precise_status(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+    payload: bytes,
+    code: grpc.StatusCode,
+    reason: str,
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        call(host[2], payload)
+    err = info.value
+    assert err.code() == code  # type: ignore[attr-defined]
+    assert err.details().startswith(f"{reason}: ")  # type: ignore[attr-defined]
+    assert (REASON_METADATA_KEY, reason) in tuple(err.trailing_metadata())  # type: ignore[attr-defined]
+
+
+def test_unexpected_error_is_internal_without_details(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel], caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        call(host[2], b"bug")
+    err = info.value
+    assert err.code() == grpc.StatusCode.INTERNAL  # type: ignore[attr-defined]
+    details = err.details()  # type: ignore[attr-defined]
+    assert "secret-internal-detail" not in details and "Traceback" not in details
+    ref = details.rsplit("ref ", 1)[1].rstrip(")")
+    assert any(ref in r.getMessage() for r in caplog.records), "the reference must be in the log"
+
+
+def test_streaming_error_after_first_message(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+) -> None:
+    fn = host[2].unary_stream(f"/{SERVICE}/Stream", _identity, _identity)
+    responses = fn(b"", timeout=10)
+    assert next(responses) == b"first"
+    with pytest.raises(grpc.RpcError) as info:
+        next(responses)
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS  # type: ignore[attr-defined]
+
+
+def health_status(port: int, service: str = "") -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status  # type: ignore[no-any-return]
+
+
+def wait_for(predicate: object, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_health_follows_readiness_checks_on_both_ports(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+) -> None:
+    h, behaviour, _ = host
+    assert h.health_port is not None
+    SERVING = health_pb2.HealthCheckResponse.SERVING
+    NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+    assert health_status(h.port) == SERVING
+    assert health_status(h.health_port, SERVICE) == SERVING
+    behaviour.ready_reason = "HSM unavailable"
+    assert wait_for(lambda: health_status(h.health_port) == NOT_SERVING)  # type: ignore[arg-type]
+    assert health_status(h.port, SERVICE) == NOT_SERVING
+    assert h.not_ready_reason == f"{SERVICE}: HSM unavailable"
+    behaviour.ready_reason = None
+    assert wait_for(lambda: health_status(h.health_port) == SERVING)  # type: ignore[arg-type]
+
+
+def test_health_port_serves_nothing_else(host: tuple[ServiceHost, Behaviour, grpc.Channel]) -> None:
+    h = host[0]
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{h.health_port}") as ch,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        call(ch, b"x")
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+
+
+def test_graceful_stop_drains_in_flight_calls(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+) -> None:
+    h, behaviour, channel = host
+    result: dict[str, bytes] = {}
+    t = threading.Thread(target=lambda: result.setdefault("slow", call(channel, b"slow")))
+    t.start()
+    assert behaviour.started.wait(5)
+    stopper = threading.Thread(target=h.stop, kwargs={"grace": 10})
+    stopper.start()
+    # New calls are refused while the in-flight one is still running.
+    assert wait_for(lambda: _refused(channel))
+    behaviour.release.set()
+    t.join(10)
+    stopper.join(10)
+    assert result["slow"] == b"ok:slow"
+
+
+def _refused(channel: grpc.Channel) -> bool:
+    try:
+        call(channel, b"late")
+    except grpc.RpcError:
+        return True
+    return False
