@@ -1,0 +1,54 @@
+"""``strongroom serve SERVICE --config FILE`` and ``strongroom health``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from strongroom.runtime.config import SERVICES
+
+
+def register(sub: Any) -> None:
+    """Adds the ``serve`` and ``health`` subcommands."""
+    serve = sub.add_parser("serve", help="run a Strongroom service")
+    serve.add_argument("service", choices=SERVICES)
+    serve.add_argument(
+        "--config",
+        type=Path,
+        help="YAML configuration (STRONGROOM__SECTION__KEY environment variables override it)",
+    )
+    serve.set_defaults(func=_serve)
+
+    health = sub.add_parser(
+        "health", help="check a service's plaintext health port (for container health checks)"
+    )
+    health.add_argument("--address", default="127.0.0.1:8081")
+    health.add_argument("--service", default="", help="service name (default: overall)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=_health)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"strongroom.{args.service}.server")
+    code: int = module.serve(args.config)
+    return code
+
+
+def _health(args: argparse.Namespace) -> int:
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+    except grpc.RpcError as exc:
+        print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
