@@ -1,0 +1,184 @@
+"""Content-addressed blob files of the filesystem backend, and the crash-safe way to create them.
+
+Layout under the storage root::
+
+    blobs/sha256/ab/abcdef…   one read-only file per distinct artifact, named by its SHA-256
+    tmp/<random>.part         uploads in progress, in the same filesystem so rename is atomic
+
+A blob appears under its final name only by ``rename`` of a complete, fsynced temporary file,
+followed by an fsync of the directory, so a crash leaves either nothing or a whole blob. Whatever a
+crash leaves in ``tmp/`` (and any blob no index row points at) is swept at start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import re
+import secrets
+from pathlib import Path
+
+from strongroom.modelstore.errors import StorageFull, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+_DIGEST_NAME = re.compile(r"[0-9a-f]{64}")
+_TEMP_SUFFIX = ".part"
+
+
+def io_error(exc: OSError, what: str) -> StorageFull | StorageUnavailable:
+    """The domain error for an OS error while doing ``what`` (details go to the log)."""
+    log.error("storage I/O error while %s: %s", what, exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"no space left on the storage volume while {what}")
+    return StorageUnavailable(f"storage I/O error while {what}")
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes the directory entries in ``path`` (a rename, a create, an unlink) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TempBlob:
+    """A temporary file receiving an upload; it never becomes visible unless installed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / f"{secrets.token_hex(16)}{_TEMP_SUFFIX}"
+        self._fd: int | None = os.open(
+            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        """Appends ``data``."""
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self.size += len(data)
+
+    def seal(self) -> None:
+        """Makes the content durable and read-only, and closes the file."""
+        assert self._fd is not None
+        os.fchmod(self._fd, 0o400)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+
+    def discard(self) -> None:
+        """Closes and removes the file (idempotent, never raises)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass  # installed (renamed away) or already discarded
+        except OSError as exc:
+            log.warning("cannot remove temporary upload file %s: %s", self.path.name, exc)
+
+
+class BlobStore:
+    """The ``blobs/`` and ``tmp/`` directories under one storage root."""
+
+    def __init__(self, root: Path) -> None:
+        self._blobs = root / "blobs" / "sha256"
+        self._tmp = root / "tmp"
+        for directory in (self._blobs, self._tmp):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        """Where the blob with this lower-case hex SHA-256 lives."""
+        return self._blobs / digest[:2] / digest
+
+    def new_temp(self) -> TempBlob:
+        """A fresh temporary file for an upload."""
+        return TempBlob(self._tmp)
+
+    def size(self, digest: str) -> int | None:
+        """The blob's size in bytes, or None if it does not exist."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def install(self, temp: TempBlob, digest: str) -> bool:
+        """Moves a sealed temporary file to its content address.
+
+        Returns True if the blob is new, False if an intact blob with this digest was already there
+        (the temporary file is then discarded). A same-named blob of the wrong size is damaged: it is
+        replaced, since the new bytes are verified.
+        """
+        target = self.path(digest)
+        existing = self.size(digest)
+        if existing == temp.size:
+            temp.discard()
+            return False
+        if existing is not None:
+            log.error(
+                "replacing damaged blob %s (size %d, expected %d)", digest, existing, temp.size
+            )
+        fanout = target.parent
+        if not fanout.is_dir():
+            fanout.mkdir(mode=0o700, exist_ok=True)
+            fsync_dir(self._blobs)
+        os.rename(temp.path, target)
+        fsync_dir(fanout)
+        return existing is None
+
+    def remove(self, digest: str) -> None:
+        """Deletes the blob (missing is fine) and makes the deletion durable."""
+        target = self.path(digest)
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+            fsync_dir(target.parent)
+
+    def open_read(self, digest: str) -> int:
+        """A read-only file descriptor on the blob (FileNotFoundError if missing)."""
+        return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+
+    def digest_of(self, digest: str, *, buffer_size: int = 1 << 20) -> tuple[str, int]:
+        """Recomputes the SHA-256 and size of the stored blob."""
+        hasher = hashlib.sha256()
+        size = 0
+        with open(self.path(digest), "rb", buffering=0) as f:
+            buffer = bytearray(buffer_size)
+            view = memoryview(buffer)
+            while n := f.readinto(buffer):
+                hasher.update(view[:n])
+                size += n
+        return hasher.hexdigest(), size
+
+    def sweep_temps(self) -> int:
+        """Removes every leftover temporary file; returns how many. Only safe with no upload running."""
+        removed = 0
+        for entry in self._tmp.iterdir():
+            if entry.is_file() or entry.is_symlink():
+                entry.unlink()
+                removed += 1
+        return removed
+
+    def digests(self) -> tuple[set[str], list[Path]]:
+        """The digests of all blobs present, and any file in the blob tree that is not a blob."""
+        found: set[str] = set()
+        strays: list[Path] = []
+        for fanout in self._blobs.iterdir():
+            if not fanout.is_dir():
+                strays.append(fanout)
+                continue
+            for entry in fanout.iterdir():
+                name = entry.name
+                if _DIGEST_NAME.fullmatch(name) and name[:2] == fanout.name and entry.is_file():
+                    found.add(name)
+                else:
+                    strays.append(entry)
+        return found, strays

@@ -1,0 +1,228 @@
+"""The SQLite metadata index of the filesystem backend: one row per (name, version).
+
+WAL mode with ``synchronous=FULL``: a commit that returned is durable, and readers never block the
+writer. The primary key on (name, version) is the final arbiter of immutability: whatever the
+reservations upstream do, two rows for one name and version cannot exist. Blob reference counts are
+derived from the rows (``COUNT(*) ... WHERE artifact_sha256 = ?``), never stored separately, so they
+cannot drift from what is listed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from strongroom.modelstore.errors import ModelExists, StorageUnavailable
+from strongroom.modelstore.records import ModelRecord
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    name             TEXT    NOT NULL,
+    version          TEXT    NOT NULL,
+    artifact_sha256  TEXT    NOT NULL,
+    artifact_size    INTEGER NOT NULL CHECK (artifact_size > 0),
+    plaintext_size   INTEGER NOT NULL CHECK (plaintext_size >= 0),
+    plaintext_sha256 TEXT    NOT NULL,
+    content_type     TEXT    NOT NULL,
+    key_id           TEXT    NOT NULL,
+    key_version      INTEGER NOT NULL,
+    header_size      INTEGER NOT NULL,
+    created_at_us    INTEGER NOT NULL,
+    stored_at_us     INTEGER NOT NULL,
+    PRIMARY KEY (name, version)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS models_by_digest ON models (artifact_sha256);
+"""
+
+_SELECT = """SELECT name, version, artifact_sha256, artifact_size, plaintext_size, plaintext_sha256,
+    content_type, key_id, key_version, header_size, created_at_us, stored_at_us FROM models"""
+_GET = _SELECT + " WHERE name = ? AND version = ?"
+_ALL = _SELECT + " ORDER BY name, version"
+# Every clause is always present (an empty prefix and an empty "after" key match everything), so
+# the query text is constant; the range clause lets SQLite answer from the primary key.
+_PAGE = (
+    _SELECT + " WHERE substr(name, 1, length(:prefix)) = :prefix"
+    " AND name >= :prefix AND name < :prefix_end AND (name, version) > (:after_name, :after_version)"
+    " ORDER BY name, version LIMIT :limit"
+)
+_INSERT = """INSERT INTO models (name, version, artifact_sha256, artifact_size, plaintext_size,
+    plaintext_sha256, content_type, key_id, key_version, header_size, created_at_us, stored_at_us)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Every name character sorts below DEL, so [prefix, prefix + DEL) holds exactly the names
+# starting with prefix, and SQLite can answer it from the primary key.
+_PREFIX_END = "\x7f"
+
+
+def to_micros(moment: datetime) -> int:
+    """Microseconds since the Unix epoch; a naive datetime is taken as UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(micros: int) -> datetime:
+    """The timezone-aware UTC datetime ``micros`` microseconds after the Unix epoch."""
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+def _record(row: Any) -> ModelRecord:
+    return ModelRecord(
+        name=row[0],
+        version=row[1],
+        artifact_sha256=row[2],
+        artifact_size=row[3],
+        plaintext_size=row[4],
+        plaintext_sha256=row[5],
+        content_type=row[6],
+        key_id=row[7],
+        key_version=row[8],
+        header_size=row[9],
+        created_at=from_micros(row[10]),
+        stored_at=from_micros(row[11]),
+    )
+
+
+class Index:
+    """Thread-safe access to the index database (one connection, serialised by a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=10.0
+            )
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StorageUnavailable(
+                    f"index database refused WAL mode (got {mode})", reason="INDEX_UNAVAILABLE"
+                )
+            self._db.execute("PRAGMA synchronous=FULL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise StorageUnavailable(
+                    f"index schema version {version} is not supported (expected {SCHEMA_VERSION})",
+                    reason="INDEX_SCHEMA",
+                )
+            self._db.executescript(
+                f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+            )
+        except sqlite3.Error as exc:
+            log.error("cannot open index %s: %s", path, exc)
+            raise StorageUnavailable(
+                "cannot open the model index database", reason="INDEX_UNAVAILABLE"
+            ) from None
+
+    @contextlib.contextmanager
+    def _cursor(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            try:
+                yield self._db.cursor()
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                log.error("index operation failed: %s", exc)
+                raise StorageUnavailable(
+                    "the model index database failed", reason="INDEX_IO"
+                ) from None
+
+    def get(self, name: str, version: str) -> ModelRecord | None:
+        """The record for ``name``/``version``, or None."""
+        with self._cursor() as cur:
+            row = cur.execute(_GET, (name, version)).fetchone()
+        return None if row is None else _record(row)
+
+    def insert(self, record: ModelRecord) -> None:
+        """Adds ``record`` in its own transaction; ModelExists if the name and version are taken."""
+        values = (
+            record.name,
+            record.version,
+            record.artifact_sha256,
+            record.artifact_size,
+            record.plaintext_size,
+            record.plaintext_sha256,
+            record.content_type,
+            record.key_id,
+            record.key_version,
+            record.header_size,
+            to_micros(record.created_at),
+            to_micros(record.stored_at),
+        )
+        try:
+            with self._cursor() as cur:
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    cur.execute(_INSERT, values)
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+                cur.execute("COMMIT")
+        except sqlite3.IntegrityError:
+            raise ModelExists(
+                f"model {record.name} version {record.version} already exists"
+            ) from None
+
+    def delete(self, name: str, version: str) -> tuple[ModelRecord, int] | None:
+        """Removes the row; returns it and how many rows still share its blob, or None if absent."""
+        with self._cursor() as cur:
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                row = cur.execute(_GET, (name, version)).fetchone()
+                if row is None:
+                    cur.execute("ROLLBACK")
+                    return None
+                cur.execute("DELETE FROM models WHERE name = ? AND version = ?", (name, version))
+                remaining = cur.execute(
+                    "SELECT COUNT(*) FROM models WHERE artifact_sha256 = ?", (row[2],)
+                ).fetchone()[0]
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+        return _record(row), int(remaining)
+
+    def references(self, digest: str) -> int:
+        """How many rows point at the blob with this digest."""
+        with self._cursor() as cur:
+            count = cur.execute(
+                "SELECT COUNT(*) FROM models WHERE artifact_sha256 = ?", (digest,)
+            ).fetchone()[0]
+        return int(count)
+
+    def page(self, prefix: str, after: tuple[str, str] | None, limit: int) -> list[ModelRecord]:
+        """Up to ``limit`` records whose name starts with ``prefix``, after ``after``, in key order."""
+        params = {
+            "prefix": prefix,
+            "prefix_end": prefix + _PREFIX_END,
+            "after_name": after[0] if after else "",
+            "after_version": after[1] if after else "",
+            "limit": limit,
+        }
+        with self._cursor() as cur:
+            rows = cur.execute(_PAGE, params).fetchall()
+        return [_record(row) for row in rows]
+
+    def all_records(self) -> list[ModelRecord]:
+        """Every record (for start-up checks and tests)."""
+        with self._cursor() as cur:
+            rows = cur.execute(_ALL).fetchall()
+        return [_record(row) for row in rows]
+
+    def close(self) -> None:
+        """Closes the connection (idempotent)."""
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,127 @@
+"""Durable storage of model artifacts: the backend interface and the embedded filesystem backend.
+
+:class:`Storage` is what the gRPC servicer needs; :class:`FilesystemStorage` implements it on a
+local directory, and an S3-compatible backend can implement it later (put = multipart upload to a
+temporary key then copy/commit, open = ranged GET, the index in the bucket or a database).
+Every implementation must guarantee:
+
+* an upload becomes visible all at once, after its bytes, size and digest are checked, or never;
+* (name, version) is immutable: a second put fails with ModelExists, and of concurrent puts of one
+  version exactly one wins;
+* reads return exactly the bytes that were checked at upload, or fail with DATA_LOSS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import Protocol, Self
+
+from strongroom.modelstore._filesystem import FileRangeReader, FilesystemStorage, SweepReport
+from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
+from strongroom.modelstore.validator import ArtifactValidator
+
+__all__ = [
+    "DEFAULT_MAX_ARTIFACT_SIZE",
+    "DEFAULT_PAGE_SIZE",
+    "MAX_PAGE_SIZE",
+    "FileRangeReader",
+    "FilesystemStorage",
+    "ModelPage",
+    "ModelRecord",
+    "RangeReader",
+    "Storage",
+    "SweepReport",
+    "UploadClaims",
+]
+
+
+class RangeReader(Protocol):
+    """An open byte range of one stored artifact."""
+
+    @property
+    def record(self) -> ModelRecord:
+        """The artifact's record, as of the open."""
+        ...
+
+    @property
+    def offset(self) -> int:
+        """First byte of the range."""
+        ...
+
+    @property
+    def length(self) -> int:
+        """Number of bytes in the range (0 for an empty range at the end)."""
+        ...
+
+    def chunks(self, chunk_size: int) -> Iterator[bytes]:
+        """Yields the range in order, ``chunk_size`` bytes at a time (the last may be shorter).
+
+        Raises StoredDataCorrupt if the stored bytes turn out shorter than recorded.
+        """
+        ...
+
+    def close(self) -> None:
+        """Releases the underlying resources (idempotent)."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class Storage(Protocol):
+    """A durable, immutable store of validated artifacts keyed by (name, version). Thread-safe."""
+
+    def put(
+        self,
+        chunks: Iterable[bytes],
+        validator: ArtifactValidator,
+        claims: UploadClaims | None = None,
+    ) -> ModelRecord:
+        """Stores the artifact streamed as ``chunks``, every byte of which is fed to ``validator``.
+
+        Name and version come from the validator's summary. ``claims`` (client-announced size and
+        digest) are read while and after ``chunks`` is consumed. Raises InvalidArgument subclasses
+        (malformed artifact, EmptyUpload, UploadMismatch), ModelExists, ArtifactTooLarge,
+        StorageFull or StorageUnavailable; on failure nothing is stored.
+        """
+        ...
+
+    def open(
+        self, name: str, version: str, *, offset: int = 0, length: int | None = None
+    ) -> RangeReader:
+        """Opens a byte range (``length`` None: to the end). ModelNotFound, OutOfRange, DATA_LOSS."""
+        ...
+
+    def stat(self, name: str, version: str) -> ModelRecord:
+        """The stored model's record; ModelNotFound if absent."""
+        ...
+
+    def list(
+        self, *, prefix: str = "", page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
+    ) -> ModelPage:
+        """A page of models whose name starts with ``prefix``, in (name, version) order.
+
+        ``page_size`` is 1..MAX_PAGE_SIZE; ``page_token`` is opaque (from the previous page with
+        the same prefix); an unusable one is InvalidArgument(INVALID_PAGE_TOKEN).
+        """
+        ...
+
+    def delete(self, name: str, version: str) -> None:
+        """Removes the model (its bytes go once nothing else shares them); ModelNotFound if absent."""
+        ...
+
+    def verify(self, name: str, version: str) -> ModelRecord:
+        """Recomputes the stored artifact's digest; StoredDataCorrupt (DATA_LOSS) on mismatch."""
+        ...
+
+    def close(self) -> None:
+        """Releases the backend (idempotent)."""
+        ...
