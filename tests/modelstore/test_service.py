@@ -1,0 +1,351 @@
+"""ModelStoreServicer over real gRPC, behind the runtime's real error-mapping interceptor."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
+from strongroom.modelstore.service import (
+    METHOD_ROLES,
+    ROLE_ADMIN,
+    ROLE_PUBLISHER,
+    ROLE_READER,
+    SERVICE_NAME,
+)
+from strongroom.runtime.interceptors import REASON_METADATA_KEY
+from tests.modelstore.conftest import Served
+from tests.modelstore.fake_artifact import chunked, make_artifact
+
+
+def body(n: int, seed: int = 0) -> bytes:
+    return hashlib.shake_256(f"svc{seed}".encode()).digest(n)
+
+
+def requests(
+    data: bytes, *, size: int = 0, sha256: str = "", chunk: int = 32 * 1024
+) -> Iterator[pb.PutModelRequest]:
+    parts = chunked(data, chunk)
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        yield pb.PutModelRequest(
+            data=part, artifact_size=size if i == 0 else 0, artifact_sha256=sha256 if last else ""
+        )
+
+
+def put(served: Served, data: bytes, **kw: object) -> pb.ModelInfo:
+    response = served.stub.PutModel(requests(data, **kw), timeout=30)  # type: ignore[arg-type]
+    return response.model
+
+
+def get(served: Served, name: str, version: str, **kw: int) -> list[pb.GetModelResponse]:
+    return list(served.stub.GetModel(pb.GetModelRequest(name=name, version=version, **kw)))
+
+
+def rpc_error(fn: object, *args: object, **kw: object) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        result = fn(*args, timeout=30, **kw)  # type: ignore[operator]
+        if isinstance(result, Iterable):
+            list(result)
+    return info.value
+
+
+def assert_status(err: Any, code: grpc.StatusCode, reason: str) -> None:
+    assert err.code() == code, err
+    assert err.details().startswith(f"{reason}: "), err.details()
+    assert (REASON_METADATA_KEY, reason) in tuple(err.trailing_metadata())
+
+
+def test_put_then_get_stat_list_delete(served: Served) -> None:
+    art = make_artifact("acme/model", "2.1.0", body(300_000))
+    digest = hashlib.sha256(art).hexdigest()
+    info = put(served, art, size=len(art), sha256=digest)
+    assert (info.name, info.version) == ("acme/model", "2.1.0")
+    assert info.artifact_sha256 == digest and info.artifact_size == len(art)
+    assert info.plaintext_size == 300_000
+    assert info.key_id == "kek-test" and info.key_version == 3
+    assert info.content_type == "application/onnx"
+    assert info.created_at.ToDatetime().year == 2026
+    assert info.stored_at.seconds > 0
+
+    messages = get(served, "acme/model", "2.1.0")
+    assert messages[0].model == info
+    assert all(not m.HasField("model") for m in messages[1:])
+    assert all(len(m.data) <= 64 * 1024 for m in messages)
+    assert len(messages) == -(-len(art) // (64 * 1024))
+    offset = 0
+    for m in messages:
+        assert m.offset == offset
+        offset += len(m.data)
+    assert b"".join(m.data for m in messages) == art
+
+    stat = served.stub.StatModel(pb.StatModelRequest(name="acme/model", version="2.1.0"))
+    assert stat.model == info
+    listing = served.stub.ListModels(pb.ListModelsRequest(name_prefix="acme/"))
+    assert list(listing.models) == [info] and listing.next_page_token == ""
+
+    served.stub.DeleteModel(pb.DeleteModelRequest(name="acme/model", version="2.1.0"))
+    err = rpc_error(served.stub.StatModel, pb.StatModelRequest(name="acme/model", version="2.1.0"))
+    assert_status(err, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    err = rpc_error(
+        served.stub.DeleteModel, pb.DeleteModelRequest(name="acme/model", version="2.1.0")
+    )
+    assert_status(err, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+
+
+def test_range_reads_and_resume(served: Served) -> None:
+    art = make_artifact("m", "1", body(500_000))
+    put(served, art)
+    messages = get(served, "m", "1", offset=1000, length=100_000)
+    assert messages[0].HasField("model") and messages[0].offset == 1000
+    assert b"".join(m.data for m in messages) == art[1000:101_000]
+
+    # Resume: read part of the stream, drop it, continue from the last offset received.
+    stream = served.stub.GetModel(pb.GetModelRequest(name="m", version="1"))
+    received = bytearray()
+    for m in stream:
+        received += m.data
+        if len(received) >= 200_000:
+            stream.cancel()  # type: ignore[no-untyped-call]
+            break
+    rest = get(served, "m", "1", offset=len(received))
+    assert rest[0].offset == len(received)
+    assert bytes(received) + b"".join(m.data for m in rest) == art
+
+    at_end = get(served, "m", "1", offset=len(art))
+    assert len(at_end) == 1 and at_end[0].HasField("model") and at_end[0].data == b""
+    err = rpc_error(
+        served.stub.GetModel, pb.GetModelRequest(name="m", version="1", offset=len(art) + 1)
+    )
+    assert_status(err, grpc.StatusCode.OUT_OF_RANGE, "OUT_OF_RANGE")
+    err = rpc_error(
+        served.stub.GetModel, pb.GetModelRequest(name="m", version="1", offset=10, length=len(art))
+    )
+    assert_status(err, grpc.StatusCode.OUT_OF_RANGE, "OUT_OF_RANGE")
+    err = rpc_error(served.stub.GetModel, pb.GetModelRequest(name="m", version="2"))
+    assert_status(err, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+
+
+def test_second_put_is_already_exists_and_first_intact(served: Served) -> None:
+    first = make_artifact("m", "1", body(100_000, 1))
+    info = put(served, first)
+    err = rpc_error(served.stub.PutModel, requests(make_artifact("m", "1", body(100_000, 2))))
+    assert_status(err, grpc.StatusCode.ALREADY_EXISTS, "MODEL_EXISTS")
+    assert b"".join(m.data for m in get(served, "m", "1")) == first
+    assert get(served, "m", "1")[0].model == info
+    served.storage.verify("m", "1")
+
+
+def test_concurrent_puts_over_grpc_have_one_winner(served: Served) -> None:
+    n = 6
+    arts = [make_artifact("race", "7", body(400_000, i)) for i in range(n)]
+    barrier = threading.Barrier(n)
+    outcomes: list[object] = [None] * n
+
+    def upload(i: int) -> None:
+        def gen() -> Iterator[pb.PutModelRequest]:
+            barrier.wait()
+            yield from requests(arts[i], chunk=16 * 1024)
+
+        try:
+            outcomes[i] = served.stub.PutModel(gen(), timeout=30).model
+        except grpc.RpcError as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    winners = [i for i, o in enumerate(outcomes) if isinstance(o, pb.ModelInfo)]
+    assert len(winners) == 1, outcomes
+    for i, o in enumerate(outcomes):
+        if i != winners[0]:
+            assert isinstance(o, grpc.RpcError)
+            assert o.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert b"".join(m.data for m in get(served, "race", "7")) == arts[winners[0]]
+    assert list((served.storage.root / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("messages", "code", "reason"),
+    [
+        ([], grpc.StatusCode.INVALID_ARGUMENT, "EMPTY_UPLOAD"),
+        ([pb.PutModelRequest(artifact_size=10)], grpc.StatusCode.INVALID_ARGUMENT, "EMPTY_UPLOAD"),
+        (
+            [pb.PutModelRequest(data=b"NOTANARTIFACT" * 10)],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "BAD_MAGIC",
+        ),
+        (
+            [
+                pb.PutModelRequest(data=make_artifact("m", "1", b"abc")[:20]),
+                pb.PutModelRequest(data=make_artifact("m", "1", b"abc")[20:], artifact_size=5),
+            ],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "ARTIFACT_SIZE_NOT_FIRST",
+        ),
+        (
+            [pb.PutModelRequest(data=make_artifact("m", "1", b"abc"), artifact_sha256="XYZ")],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_SHA256",
+        ),
+        (
+            [
+                pb.PutModelRequest(
+                    data=make_artifact("m", "1", b"abc")[:20], artifact_sha256="a" * 64
+                ),
+                pb.PutModelRequest(
+                    data=make_artifact("m", "1", b"abc")[20:], artifact_sha256="b" * 64
+                ),
+            ],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "CONFLICTING_SHA256",
+        ),
+        (
+            [pb.PutModelRequest(data=make_artifact("m", "1", b"abc"), artifact_sha256="a" * 64)],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "DIGEST_MISMATCH",
+        ),
+        (
+            [pb.PutModelRequest(data=make_artifact("m", "1", b"abc"), artifact_size=1000)],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "SIZE_MISMATCH",
+        ),
+        (
+            [pb.PutModelRequest(data=make_artifact("m", "1", b"abc"), artifact_size=2**63)],
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "ARTIFACT_TOO_LARGE",
+        ),
+        (
+            [pb.PutModelRequest(data=make_artifact("m", "1", b"a" * (5 * 1024 * 1024)))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "CHUNK_TOO_LARGE",
+        ),
+        (
+            [pb.PutModelRequest(data=make_artifact("bad name", "1", b"abc"))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_MODEL_NAME",
+        ),
+    ],
+)
+def test_bad_uploads_are_rejected_and_nothing_is_stored(
+    served: Served, messages: list[pb.PutModelRequest], code: grpc.StatusCode, reason: str
+) -> None:
+    err = rpc_error(served.stub.PutModel, iter(messages))
+    assert_status(err, code, reason)
+    assert served.storage.records() == ()
+    assert served.storage.blob_digests() == set()
+    assert list((served.storage.root / "tmp").iterdir()) == []
+
+
+def test_cancelled_upload_leaves_nothing(served: Served) -> None:
+    sent = threading.Event()
+    stop = threading.Event()
+    art = make_artifact("m", "1", body(1_000_000))
+
+    def gen() -> Iterator[pb.PutModelRequest]:
+        parts = chunked(art, 64 * 1024)
+        yield pb.PutModelRequest(data=parts[0])
+        yield pb.PutModelRequest(data=parts[1])
+        sent.set()
+        stop.wait(10)
+
+    future = served.stub.PutModel.future(gen(), timeout=30)
+    assert sent.wait(10)
+    tmp = served.storage.root / "tmp"
+    deadline = time.monotonic() + 10
+    while not list(tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(tmp.iterdir()), "the upload is in progress"
+    future.cancel()  # type: ignore[no-untyped-call]
+    stop.set()
+    deadline = time.monotonic() + 10
+    while list(tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(tmp.iterdir()) == []
+    assert served.storage.records() == ()
+    # The reservation is gone too: the same version can be uploaded now.
+    assert put(served, art).name == "m"
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "reason"),
+    [
+        ("", "1", "INVALID_MODEL_NAME"),
+        ("m", "", "INVALID_MODEL_VERSION"),
+        ("a b", "1", "INVALID_MODEL_NAME"),
+        ("m", "1 2", "INVALID_MODEL_VERSION"),
+        ("x" * 200, "1", "INVALID_MODEL_NAME"),
+        ("../etc", "1", "INVALID_MODEL_NAME"),
+    ],
+)
+def test_names_are_validated(served: Served, name: str, version: str, reason: str) -> None:
+    for fn, request in (
+        (served.stub.GetModel, pb.GetModelRequest(name=name, version=version)),
+        (served.stub.StatModel, pb.StatModelRequest(name=name, version=version)),
+        (served.stub.DeleteModel, pb.DeleteModelRequest(name=name, version=version)),
+    ):
+        assert_status(rpc_error(fn, request), grpc.StatusCode.INVALID_ARGUMENT, reason)
+
+
+def test_list_pagination_and_bounds(served: Served) -> None:
+    for i in range(25):
+        put(served, make_artifact(f"team/m{i:02d}", "1", b"x"))
+    put(served, make_artifact("other", "1", b"x"))
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        resp = served.stub.ListModels(
+            pb.ListModelsRequest(name_prefix="team/", page_size=10, page_token=token)
+        )
+        pages += 1
+        seen += [m.name for m in resp.models]
+        token = resp.next_page_token
+        if not token:
+            break
+    assert seen == [f"team/m{i:02d}" for i in range(25)] and pages == 3
+    assert len(served.stub.ListModels(pb.ListModelsRequest()).models) == 26  # default page size
+    assert len(served.stub.ListModels(pb.ListModelsRequest(page_size=10**6)).models) == 26
+
+    err = rpc_error(served.stub.ListModels, pb.ListModelsRequest(page_size=-1))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_SIZE")
+    err = rpc_error(served.stub.ListModels, pb.ListModelsRequest(page_token="not-a-token"))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+    first = served.stub.ListModels(pb.ListModelsRequest(name_prefix="team/", page_size=1))
+    err = rpc_error(
+        served.stub.ListModels,
+        pb.ListModelsRequest(name_prefix="other", page_token=first.next_page_token),
+    )
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+    err = rpc_error(served.stub.ListModels, pb.ListModelsRequest(name_prefix="bad prefix"))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_NAME_PREFIX")
+
+
+def test_corrupt_blob_is_data_loss(served: Served) -> None:
+    art = make_artifact("m", "1", body(10_000))
+    info = put(served, art)
+    blob = (
+        served.storage.root / "blobs" / "sha256" / info.artifact_sha256[:2] / info.artifact_sha256
+    )
+    blob.chmod(0o600)
+    blob.write_bytes(art[:-1])
+    err = rpc_error(served.stub.GetModel, pb.GetModelRequest(name="m", version="1"))
+    assert_status(err, grpc.StatusCode.DATA_LOSS, "BLOB_SIZE_MISMATCH")
+
+
+def test_method_roles_cover_every_rpc() -> None:
+    service = pb.DESCRIPTOR.services_by_name["ModelStoreService"]
+    assert set(METHOD_ROLES) == {f"/{SERVICE_NAME}/{m.name}" for m in service.methods}
+    assert METHOD_ROLES[f"/{SERVICE_NAME}/PutModel"] == ROLE_PUBLISHER
+    assert METHOD_ROLES[f"/{SERVICE_NAME}/DeleteModel"] == ROLE_ADMIN
+    for method in ("GetModel", "StatModel", "ListModels"):
+        assert METHOD_ROLES[f"/{SERVICE_NAME}/{method}"] == ROLE_READER
+    assert SERVICE_NAME == "strongroom.api.modelstore.v1.ModelStoreService"

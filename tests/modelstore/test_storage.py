@@ -1,0 +1,498 @@
+"""FilesystemStorage on a real filesystem with a real SQLite index."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from strongroom.modelstore.errors import (
+    ArtifactTooLarge,
+    EmptyUpload,
+    ModelExists,
+    ModelNotFound,
+    OutOfRange,
+    StorageLocked,
+    StoredDataCorrupt,
+    UploadMismatch,
+)
+from strongroom.modelstore.storage import FilesystemStorage, Storage, UploadClaims
+from strongroom.runtime.errors import InvalidArgument
+from tests.modelstore.fake_artifact import (
+    FakeValidator,
+    LateValidator,
+    OpaqueValidator,
+    chunked,
+    make_artifact,
+)
+
+
+def body(n: int, seed: int = 0) -> bytes:
+    return hashlib.shake_256(f"{seed}".encode()).digest(n)
+
+
+def put(storage: Storage, data: bytes, **claims: object) -> object:
+    return storage.put(chunked(data), FakeValidator(), UploadClaims(**claims))  # type: ignore[arg-type]
+
+
+def read_all(storage: Storage, name: str, version: str, **kw: int) -> bytes:
+    with storage.open(name, version, **kw) as reader:
+        return b"".join(reader.chunks(7919))
+
+
+def assert_clean(storage: FilesystemStorage) -> None:
+    """No temporary file, and exactly the blobs the index references."""
+    assert list((storage.root / "tmp").iterdir()) == []
+    assert storage.blob_digests() == {r.artifact_sha256 for r in storage.records()}
+
+
+def test_filesystem_storage_is_a_storage(storage: FilesystemStorage) -> None:
+    s: Storage = storage
+    assert s is storage
+
+
+def test_put_stat_read_verify(storage: FilesystemStorage) -> None:
+    created = datetime(2025, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    art = make_artifact("acme/fraud", "1.0.0", body(300_000), created_at=created)
+    record = storage.put(chunked(art), FakeValidator())
+    assert (record.name, record.version) == ("acme/fraud", "1.0.0")
+    assert record.artifact_sha256 == hashlib.sha256(art).hexdigest()
+    assert record.artifact_size == len(art)
+    assert record.plaintext_size == 300_000
+    assert record.key_id == "kek-test" and record.key_version == 3
+    assert record.content_type == "application/onnx"
+    assert record.created_at == created
+    assert record.stored_at.tzinfo is not None
+    assert storage.stat("acme/fraud", "1.0.0") == record
+    assert read_all(storage, "acme/fraud", "1.0.0") == art
+    assert storage.verify("acme/fraud", "1.0.0") == record
+    blob = storage.root / "blobs" / "sha256" / record.artifact_sha256[:2] / record.artifact_sha256
+    assert blob.read_bytes() == art
+    assert stat.S_IMODE(blob.stat().st_mode) == 0o400, "stored data is never modified in place"
+    assert_clean(storage)
+
+
+def test_record_survives_reopen(store_root: Path) -> None:
+    art = make_artifact("m", "1", body(1000))
+    with FilesystemStorage(store_root) as s:
+        record = s.put([art], FakeValidator())
+    with FilesystemStorage(store_root) as s:
+        assert s.stat("m", "1") == record
+        assert s.last_sweep.temp_files_removed == 0
+        assert s.last_sweep.orphan_blobs_removed == 0
+        assert read_all(s, "m", "1") == art
+
+
+def test_injected_clock_sets_stored_at(store_root: Path) -> None:
+    moment = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+    with FilesystemStorage(store_root, clock=lambda: moment) as s:
+        assert s.put([make_artifact("m", "1", b"x")], FakeValidator()).stored_at == moment
+
+
+def test_range_reads(storage: FilesystemStorage) -> None:
+    art = make_artifact("m", "1", body(100_000))
+    storage.put(chunked(art), FakeValidator())
+    size = len(art)
+    assert read_all(storage, "m", "1", offset=1234) == art[1234:]
+    assert read_all(storage, "m", "1", offset=10, length=50_000) == art[10:50_010]
+    assert read_all(storage, "m", "1", offset=size - 1) == art[-1:]
+    with storage.open("m", "1", offset=size) as reader:
+        assert reader.length == 0 and list(reader.chunks(1024)) == []
+    with storage.open("m", "1", offset=5, length=0) as reader:
+        assert reader.length == 0 and list(reader.chunks(1024)) == []
+    with pytest.raises(OutOfRange):
+        storage.open("m", "1", offset=size + 1)
+    with pytest.raises(OutOfRange):
+        storage.open("m", "1", offset=size - 10, length=11)
+    with pytest.raises(InvalidArgument):
+        storage.open("m", "1", offset=-1)
+    with pytest.raises(ModelNotFound):
+        storage.open("m", "2")
+
+
+def test_reader_keeps_working_after_delete(storage: FilesystemStorage) -> None:
+    art = make_artifact("m", "1", body(200_000))
+    storage.put(chunked(art), FakeValidator())
+    with storage.open("m", "1") as reader:
+        chunks = reader.chunks(50_000)
+        first = next(chunks)
+        storage.delete("m", "1")
+        assert first + b"".join(chunks) == art
+    assert_clean(storage)
+
+
+def test_second_put_of_same_version_is_rejected_and_first_intact(
+    storage: FilesystemStorage,
+) -> None:
+    first = make_artifact("m", "1", body(5000, 1))
+    record = storage.put(chunked(first), FakeValidator())
+    for validator in (FakeValidator(), LateValidator()):
+        with pytest.raises(ModelExists) as info:
+            storage.put(chunked(make_artifact("m", "1", body(5000, 2))), validator)
+        assert info.value.reason == "MODEL_EXISTS"
+    with pytest.raises(ModelExists):
+        storage.put(chunked(first), FakeValidator())  # identical bytes: still immutable
+    assert storage.stat("m", "1") == record
+    assert read_all(storage, "m", "1") == first
+    storage.verify("m", "1")
+    assert_clean(storage)
+
+
+def test_existing_version_fails_after_header_not_after_body(storage: FilesystemStorage) -> None:
+    storage.put([make_artifact("m", "1", b"a")], FakeValidator())
+    consumed = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal consumed
+        for c in chunked(make_artifact("m", "1", body(1_000_000)), 1024):
+            consumed += 1
+            yield c
+
+    with pytest.raises(ModelExists):
+        storage.put(chunks(), FakeValidator())
+    assert consumed == 1
+
+
+@pytest.mark.parametrize("validator_type", [FakeValidator, LateValidator])
+def test_concurrent_uploads_of_one_version_have_exactly_one_winner(
+    storage: FilesystemStorage, validator_type: type
+) -> None:
+    n = 8
+    arts = [make_artifact("race", "1", body(200_000, i)) for i in range(n)]
+    barrier = threading.Barrier(n)
+    outcomes: list[object] = [None] * n
+
+    def upload(i: int) -> None:
+        def chunks() -> Iterator[bytes]:
+            barrier.wait()
+            yield from chunked(arts[i], 8192)
+
+        try:
+            outcomes[i] = storage.put(chunks(), validator_type())
+        except ModelExists as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    winners = [i for i, o in enumerate(outcomes) if not isinstance(o, ModelExists)]
+    assert len(winners) == 1, outcomes
+    assert all(isinstance(o, ModelExists) for i, o in enumerate(outcomes) if i != winners[0])
+    assert read_all(storage, "race", "1") == arts[winners[0]]
+    storage.verify("race", "1")
+    assert len(storage.records()) == 1
+    assert_clean(storage)
+
+
+def test_losing_concurrent_upload_fails_fast(storage: FilesystemStorage) -> None:
+    """While one upload of a version is in flight, another fails right after its header."""
+    in_flight, release = threading.Event(), threading.Event()
+    winner_art = make_artifact("m", "1", body(100_000, 1))
+
+    def slow_chunks() -> Iterator[bytes]:
+        parts = chunked(winner_art, 1024)
+        yield parts[0]
+        in_flight.set()
+        release.wait(10)
+        yield from parts[1:]
+
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(storage.put(slow_chunks(), FakeValidator())))
+    t.start()
+    assert in_flight.wait(10)
+    consumed = 0
+
+    def loser_chunks() -> Iterator[bytes]:
+        nonlocal consumed
+        for c in chunked(make_artifact("m", "1", body(100_000, 2)), 1024):
+            consumed += 1
+            yield c
+
+    try:
+        with pytest.raises(ModelExists) as info:
+            storage.put(loser_chunks(), FakeValidator())
+        assert info.value.reason == "UPLOAD_IN_PROGRESS"
+        assert consumed == 1
+    finally:
+        release.set()
+        t.join(10)
+    assert read_all(storage, "m", "1") == winner_art
+
+
+def test_reservation_is_released_when_an_upload_fails(storage: FilesystemStorage) -> None:
+    art = make_artifact("m", "1", body(10_000))
+    with pytest.raises(InvalidArgument):
+        storage.put(chunked(art[:-1]), FakeValidator())  # truncated
+    with pytest.raises(UploadMismatch):
+        storage.put(chunked(art), FakeValidator(), UploadClaims(sha256="0" * 64))
+    assert storage.put(chunked(art), FakeValidator()).name == "m"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"NOTANART" + b"\0" * 100, "BAD_MAGIC"),
+        (make_artifact("m", "1", b"abc") + b"!", "TRAILING_DATA"),
+        (make_artifact("m", "1", b"abc")[:-1], "TRUNCATED"),
+        (make_artifact("m", "1", b"abc")[:10], "TRUNCATED"),
+        (make_artifact("bad name", "1", b"abc"), "INVALID_MODEL_NAME"),
+        (make_artifact("m", "1/2", b"abc"), "INVALID_MODEL_VERSION"),
+    ],
+)
+def test_invalid_artifacts_are_rejected_and_nothing_is_stored(
+    storage: FilesystemStorage, data: bytes, reason: str
+) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        storage.put(chunked(data, 16), FakeValidator())
+    assert info.value.reason == reason
+    assert storage.records() == ()
+    assert storage.blob_digests() == set()
+    assert_clean(storage)
+
+
+def test_empty_upload(storage: FilesystemStorage) -> None:
+    with pytest.raises(EmptyUpload):
+        storage.put([], FakeValidator())
+    with pytest.raises(EmptyUpload):
+        storage.put([b"", b""], FakeValidator())
+    assert_clean(storage)
+
+
+def test_client_claims_are_checked(storage: FilesystemStorage) -> None:
+    art = make_artifact("m", "1", body(50_000))
+    digest = hashlib.sha256(art).hexdigest()
+    with pytest.raises(UploadMismatch) as info:
+        put(storage, art, size=len(art) + 1)
+    assert info.value.reason == "SIZE_MISMATCH"
+    with pytest.raises(UploadMismatch) as info:
+        put(storage, art, size=len(art) - 1)
+    assert info.value.reason == "SIZE_MISMATCH"
+    with pytest.raises(UploadMismatch) as info:
+        put(storage, art, sha256=hashlib.sha256(b"other").hexdigest())
+    assert info.value.reason == "DIGEST_MISMATCH"
+    with pytest.raises(InvalidArgument) as info2:
+        put(storage, art, sha256=digest.upper())
+    assert info2.value.reason == "INVALID_SHA256"
+    assert storage.records() == ()
+    assert_clean(storage)
+    record = put(storage, art, size=len(art), sha256=digest)
+    assert record == storage.stat("m", "1")
+
+
+def test_too_small_claimed_size_fails_before_the_whole_upload(storage: FilesystemStorage) -> None:
+    consumed = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal consumed
+        for c in chunked(make_artifact("m", "1", body(100_000)), 1000):
+            consumed += 1
+            yield c
+
+    with pytest.raises(UploadMismatch):
+        storage.put(chunks(), FakeValidator(), UploadClaims(size=5000))
+    assert consumed == 6
+
+
+def test_size_limit(store_root: Path) -> None:
+    with FilesystemStorage(store_root, max_artifact_size=10_000) as s:
+        consumed = 0
+
+        def chunks() -> Iterator[bytes]:
+            nonlocal consumed
+            for c in chunked(make_artifact("m", "1", body(50_000)), 1000):
+                consumed += 1
+                yield c
+
+        with pytest.raises(ArtifactTooLarge) as info:
+            s.put(chunks(), FakeValidator())
+        assert info.value.status.name == "RESOURCE_EXHAUSTED"
+        assert consumed == 11
+        consumed = 0
+        with pytest.raises(ArtifactTooLarge):
+            s.put(chunks(), FakeValidator(), UploadClaims(size=50_000))
+        assert consumed == 1, "an announced size over the limit fails on the first chunk"
+        art = make_artifact("m", "1", body(9000))
+        assert len(art) <= 10_000
+        s.put([art], FakeValidator())
+        assert_clean(s)
+
+
+def test_identical_content_shares_one_blob(storage: FilesystemStorage) -> None:
+    data = body(40_000)
+    a = storage.put(chunked(data), OpaqueValidator("a", "1"))
+    b = storage.put(chunked(data), OpaqueValidator("b", "1"))
+    assert a.artifact_sha256 == b.artifact_sha256
+    assert storage.blob_digests() == {a.artifact_sha256}
+    storage.delete("a", "1")
+    assert storage.blob_digests() == {a.artifact_sha256}, "still referenced by b"
+    assert read_all(storage, "b", "1") == data
+    storage.verify("b", "1")
+    storage.delete("b", "1")
+    assert storage.blob_digests() == set()
+    assert_clean(storage)
+
+
+def test_failed_insert_keeps_a_shared_blob(storage: FilesystemStorage) -> None:
+    data = body(1000)
+    storage.put([data], OpaqueValidator("a", "1"))
+    with pytest.raises(ModelExists):
+        storage.put([data], OpaqueValidator("a", "1"))
+    assert read_all(storage, "a", "1") == data
+    assert_clean(storage)
+
+
+def test_delete(storage: FilesystemStorage) -> None:
+    art = make_artifact("m", "1", body(1000))
+    storage.put([art], FakeValidator())
+    storage.delete("m", "1")
+    with pytest.raises(ModelNotFound):
+        storage.stat("m", "1")
+    with pytest.raises(ModelNotFound):
+        storage.delete("m", "1")
+    assert_clean(storage)
+    assert storage.put([art], FakeValidator()).name == "m", "a deleted version can be re-published"
+    assert read_all(storage, "m", "1") == art
+
+
+def test_list_with_prefix_and_pagination(storage: FilesystemStorage) -> None:
+    names = ["acme/a", "acme/b", "acme-x/c", "acmez", "beta/a", "acme/a/deep"]
+    for name in names:
+        for version in ("1", "2", "10"):
+            storage.put([make_artifact(name, version, b"x")], FakeValidator())
+
+    def collect(prefix: str, page_size: int) -> list[tuple[str, str]]:
+        seen: list[tuple[str, str]] = []
+        token = ""
+        while True:
+            page = storage.list(prefix=prefix, page_size=page_size, page_token=token)
+            assert len(page.models) <= page_size
+            seen += [(m.name, m.version) for m in page.models]
+            token = page.next_page_token
+            if not token:
+                return seen
+
+    expected_all = sorted((n, v) for n in names for v in ("1", "2", "10"))
+    for page_size in (1, 2, 3, 7, 1000):
+        assert collect("", page_size) == expected_all
+    assert collect("acme/", 4) == [k for k in expected_all if k[0].startswith("acme/")]
+    assert collect("acme", 5) == [k for k in expected_all if k[0].startswith("acme")]
+    assert collect("acme/a", 2) == [k for k in expected_all if k[0].startswith("acme/a")]
+    assert collect("zzz", 5) == []
+    # A page that ends exactly at the last item has no next token.
+    assert storage.list(prefix="beta/", page_size=3).next_page_token == ""
+
+
+def test_list_rejects_bad_tokens_and_sizes(storage: FilesystemStorage) -> None:
+    for name in ("a", "b", "c"):
+        storage.put([make_artifact(name, "1", b"x")], FakeValidator())
+    token = storage.list(prefix="", page_size=1).next_page_token
+    assert token
+    for bad in ("garbage!", "e30", token[:-2], "A" * 2000):
+        with pytest.raises(InvalidArgument) as info:
+            storage.list(page_token=bad)
+        assert info.value.reason == "INVALID_PAGE_TOKEN"
+    with pytest.raises(InvalidArgument) as info:
+        storage.list(prefix="b", page_token=token)
+    assert info.value.reason == "INVALID_PAGE_TOKEN"
+    for size in (0, -1, 1001):
+        with pytest.raises(InvalidArgument) as info:
+            storage.list(page_size=size)
+        assert info.value.reason == "INVALID_PAGE_SIZE"
+    with pytest.raises(InvalidArgument) as info:
+        storage.list(prefix="a b")
+    assert info.value.reason == "INVALID_NAME_PREFIX"
+
+
+def _blob(storage: FilesystemStorage, digest: str) -> Path:
+    return storage.root / "blobs" / "sha256" / digest[:2] / digest
+
+
+def test_verify_detects_same_size_corruption(storage: FilesystemStorage) -> None:
+    art = make_artifact("m", "1", body(10_000))
+    record = storage.put([art], FakeValidator())
+    path = _blob(storage, record.artifact_sha256)
+    path.chmod(0o600)
+    damaged = bytearray(art)
+    damaged[-1] ^= 1
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(StoredDataCorrupt) as info:
+        storage.verify("m", "1")
+    assert info.value.status.name == "DATA_LOSS"
+    assert info.value.reason == "DIGEST_MISMATCH"
+
+
+def test_reads_detect_truncated_and_missing_blobs(store_root: Path) -> None:
+    with FilesystemStorage(store_root) as s:
+        t = s.put([make_artifact("t", "1", body(10_000, 1))], FakeValidator())
+        m = s.put([make_artifact("m", "1", body(10_000, 2))], FakeValidator())
+        path = _blob(s, t.artifact_sha256)
+        path.chmod(0o600)
+        os.truncate(path, 100)
+        with pytest.raises(StoredDataCorrupt) as info:
+            s.open("t", "1")
+        assert info.value.reason == "BLOB_SIZE_MISMATCH"
+        _blob(s, m.artifact_sha256).unlink()
+        with pytest.raises(StoredDataCorrupt) as info:
+            s.open("m", "1")
+        assert info.value.reason == "BLOB_MISSING"
+        with pytest.raises(StoredDataCorrupt):
+            s.verify("m", "1")
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.missing_blobs == (("m", "1"),)
+        assert s.last_sweep.damaged_blobs == (("t", "1"),)
+
+
+def test_startup_sweeps_temp_files_and_orphan_blobs(store_root: Path) -> None:
+    with FilesystemStorage(store_root) as s:
+        kept = s.put([make_artifact("m", "1", b"keep")], FakeValidator())
+    (store_root / "tmp" / "deadbeef.part").write_bytes(b"partial upload")
+    orphan = hashlib.sha256(b"orphan").hexdigest()
+    (store_root / "blobs" / "sha256" / orphan[:2]).mkdir(exist_ok=True)
+    (store_root / "blobs" / "sha256" / orphan[:2] / orphan).write_bytes(b"orphan")
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.temp_files_removed == 1
+        assert s.last_sweep.orphan_blobs_removed == 1
+        assert s.blob_digests() == {kept.artifact_sha256}
+        assert_clean(s)
+
+
+def test_one_process_per_root(store_root: Path) -> None:
+    with FilesystemStorage(store_root):
+        with pytest.raises(StorageLocked) as info:
+            FilesystemStorage(store_root)
+        assert info.value.status.name == "FAILED_PRECONDITION"
+    with FilesystemStorage(store_root):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("name", "version"),
+    [
+        ("", "1"),
+        ("m", ""),
+        ("a" * 129, "1"),
+        ("m", "v" * 65),
+        ("/m", "1"),
+        ("m/", "1"),
+        ("a//b", "1"),
+        ("../x", "1"),
+        ("m", "../1"),
+        ("m", ".1"),
+        ("ü", "1"),
+        ("m\n", "1"),
+    ],
+)
+def test_names_are_validated_on_every_call(
+    storage: FilesystemStorage, name: str, version: str
+) -> None:
+    for call in (storage.stat, storage.delete, storage.open, storage.verify):
+        with pytest.raises(InvalidArgument):
+            call(name, version)
