@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# One-shot bootstrap job of the compose stack (runs in the strongroom SoftHSM image, uid 10001).
+#
+#   bootstrap.sh                 everything below, idempotently (what `docker-compose up` runs)
+#   bootstrap.sh token NAME...   mint fresh one-time enrolment tokens only (e.g. publisher, admin)
+#
+# 1. PKI: `strongroom pki init` into the step-ca volume unless ca.json exists; publish the root
+#    certificate (public) into the pki-public volume that every service mounts read-only.
+# 2. One-time enrolment tokens, one per identity, each into that identity's own volume so a service
+#    never sees another's token. Tokens are minted offline (no CA round trip) and expire after
+#    STRONGROOM_TOKEN_LIFETIME; the SPIFFE ID and DNS SANs come from the identity's config file, so the
+#    token always matches the CSR the service will send.
+# 3. Key broker secrets (DEVELOPMENT only, kept on the keybroker-secrets volume): HSM user PIN and the
+#    32-byte nonce key, created once and never overwritten (the PIN protects the existing token).
+# 4. DEVELOPMENT HSM: initialise the SoftHSM2 token unless it exists; the SO PIN is random, used once
+#    and discarded (a development token never needs SO operations again).
+#
+# Secrets never appear on a command line or in the log; files are written with umask 077 and renamed
+# into place, so a reader never sees half a file.
+set -euo pipefail
+umask 077
+
+trust_domain=${STRONGROOM_TRUST_DOMAIN:-strongroom.internal}
+lifetime=${STRONGROOM_TOKEN_LIFETIME:-10m}
+ca_dir=${STRONGROOM_CA_DIR:-/home/step}
+ca_root_in_dir=${STRONGROOM_CA_ROOT:-certs/root_ca.crt}
+# The paths are the compose mounts; the variables exist for tests (tests/deploy) only.
+config_dir=${STRONGROOM_BOOTSTRAP_CONFIG_DIR:-/etc/strongroom/compose}
+token_root=${STRONGROOM_BOOTSTRAP_TOKEN_ROOT:-/run/strongroom/bootstrap}
+secrets_dir=${STRONGROOM_BOOTSTRAP_SECRETS_DIR:-/run/secrets}
+pki_public=${STRONGROOM_BOOTSTRAP_PKI_PUBLIC:-/run/strongroom/pki}
+hsm_dir=${STRONGROOM_BOOTSTRAP_HSM_DIR:-/var/lib/strongroom/softhsm}
+hsm_label=${STRONGROOM_HSM_TOKEN_LABEL:-strongroom}
+hsm_module=${STRONGROOM_HSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+services=(keybroker modelstore inference)
+clients=(publisher admin)
+
+log() { echo "bootstrap: $*" >&2; }
+
+# Writes stdin to $1 atomically (same directory, then rename).
+write_atomic() {
+  local tmp
+  tmp=$(mktemp "$(dirname "$1")/.$(basename "$1").XXXXXX")
+  cat >"$tmp"
+  mv -f "$tmp" "$1"
+}
+
+init_pki() {
+  if [ -f "$ca_dir/config/ca.json" ]; then
+    log "PKI present in $ca_dir"
+  else
+    log "initialising the PKI (trust domain $trust_domain)"
+    strongroom pki init --dir "$ca_dir" --trust-domain "$trust_domain" --dns step-ca --address :9000
+  fi
+  (umask 022 && write_atomic "$pki_public/root_ca.crt" <"$ca_dir/$ca_root_in_dir")
+}
+
+# Prints the identity's SPIFFE ID, then one DNS name per line, from its compose config file.
+identity_of() {
+  python3 - "$config_dir/$1.yaml" <<'PY'
+import sys
+
+import yaml
+
+with open(sys.argv[1], encoding="utf-8") as f:
+    identity = yaml.safe_load(f)["identity"]
+print(identity["spiffe_id"])
+for name in identity.get("dns_names") or []:
+    print(name)
+PY
+}
+
+mint_token() {
+  local name=$1 out spiffe_id
+  local -a lines dns_args=()
+  out="$token_root/$name/$name.token"
+  [ -d "$token_root/$name" ] || { log "no token volume mounted for $name"; return 1; }
+  mapfile -t lines < <(identity_of "$name")
+  spiffe_id=${lines[0]}
+  for dns in "${lines[@]:1}"; do dns_args+=(--dns "$dns"); done
+  strongroom pki token --dir "$ca_dir" --identity "$spiffe_id" "${dns_args[@]}" --lifetime "$lifetime" \
+    | write_atomic "$out"
+  [ -s "$out" ] || { log "empty token for $name"; return 1; }
+  log "minted a one-time token for $spiffe_id (valid $lifetime)"
+}
+
+init_broker_secrets() {
+  if [ ! -s "$secrets_dir/hsm-pin" ]; then
+    head -c 24 /dev/urandom | base64 | tr -d '\n' | write_atomic "$secrets_dir/hsm-pin"
+    log "generated the HSM user PIN"
+  fi
+  if [ ! -s "$secrets_dir/nonce-key" ]; then
+    head -c 32 /dev/urandom | write_atomic "$secrets_dir/nonce-key"
+    log "generated the nonce key"
+  fi
+}
+
+init_dev_hsm() {
+  local so_pin rc=0
+  mkdir -p "$hsm_dir/tokens"
+  so_pin=$(mktemp /tmp/so-pin.XXXXXX)
+  head -c 24 /dev/urandom | base64 | tr -d '\n' >"$so_pin"
+  softhsm-init-token --module "$hsm_module" --label "$hsm_label" \
+    --pin-file "$secrets_dir/hsm-pin" --so-pin-file "$so_pin" >&2 || rc=$?
+  rm -f "$so_pin"
+  return "$rc"
+}
+
+case "${1:-all}" in
+  all)
+    init_pki
+    for name in "${services[@]}" "${clients[@]}"; do mint_token "$name"; done
+    init_broker_secrets
+    init_dev_hsm
+    log "done"
+    ;;
+  token)
+    shift
+    [ $# -gt 0 ] || { echo "usage: $0 token NAME..." >&2; exit 2; }
+    for name in "$@"; do mint_token "$name"; done
+    ;;
+  *)
+    echo "usage: $0 [all | token NAME...]" >&2
+    exit 2
+    ;;
+esac
