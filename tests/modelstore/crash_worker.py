@@ -1,0 +1,76 @@
+"""Subprocess for the crash test: uploads and deletes at random, forever, until it is SIGKILLed.
+
+Usage: ``python -m tests.modelstore.crash_worker ROOT SEED [POINT]``. Prints ``ready`` once the
+storage is open (after its start-up sweep), then never writes to stdout again. With POINT, the
+process instead kills itself at that exact step of the first upload (``before-insert``: the blob is
+renamed into place but its index row not yet written) or delete (``before-unlink``: the row is
+deleted but the blob not yet removed), to hit the narrowest windows deterministically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from strongroom.modelstore.errors import ModelExists, ModelNotFound
+from strongroom.modelstore.storage import FilesystemStorage
+from tests.modelstore.fake_artifact import FakeValidator, OpaqueValidator, chunked, make_artifact
+
+SHARED_PREFIX = "shared"
+"""Models under this prefix hold opaque bytes (not fake artifacts) that several names share."""
+
+
+def _die(*_args: Any, **_kwargs: Any) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_at(root: Path, point: str) -> None:
+    storage = FilesystemStorage(root)
+    print("ready", flush=True)
+    art = make_artifact("victim", "1", b"v" * 100_000)
+    if point == "before-insert":
+        storage._index.insert = _die  # type: ignore[method-assign]
+        storage.put(chunked(art), FakeValidator())
+    elif point == "before-unlink":
+        storage._blobs.remove = _die  # type: ignore[method-assign]
+        storage.delete("victim", "1")
+    raise SystemExit(f"unknown point {point} or the process survived it")
+
+
+def main(root: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    shared_bodies = [hashlib.shake_256(f"shared{i}".encode()).digest(300_000) for i in range(3)]
+    storage = FilesystemStorage(root)
+    print("ready", flush=True)
+    counter = 0
+    while True:
+        counter += 1
+        op = rng.random()
+        try:
+            if op < 0.7:
+                size = rng.randrange(1, 1_500_000)
+                body = hashlib.shake_256(f"{seed}/{counter}".encode()).digest(size)
+                art = make_artifact(f"m{rng.randrange(12)}", str(rng.randrange(4)), body)
+                storage.put(chunked(art, 32 * 1024), FakeValidator())
+            elif op < 0.85:
+                data = rng.choice(shared_bodies)
+                validator = OpaqueValidator(f"{SHARED_PREFIX}{rng.randrange(6)}", "1")
+                storage.put(chunked(data, 32 * 1024), validator)
+            else:
+                records = storage.records()
+                if records:
+                    victim = rng.choice(records)
+                    storage.delete(victim.name, victim.version)
+        except (ModelExists, ModelNotFound):
+            pass
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 3:
+        die_at(Path(sys.argv[1]), sys.argv[3])
+    main(Path(sys.argv[1]), int(sys.argv[2]))
