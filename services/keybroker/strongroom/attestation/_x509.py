@@ -1,0 +1,124 @@
+"""Certificate and CRL signature checks shared by the SNP and TDX verifiers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from strongroom.attestation.errors import (
+    CERT_CHAIN_INVALID,
+    CERT_NOT_VALID_AT_TIME,
+    WRONG_CERTIFICATE_TYPE,
+    VerificationFailed,
+)
+
+AMD_PSS_SALT = 48
+
+
+def _name(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string()
+
+
+def verify_issued_by(
+    cert: x509.Certificate, issuer: x509.Certificate, *, amd_pss: bool = False
+) -> None:
+    """Checks that ``issuer`` signed ``cert`` (and that the names chain).
+
+    With ``amd_pss`` the signature must be RSASSA-PSS with SHA-384, MGF1-SHA-384 and a 48-byte salt
+    (the only scheme AMD uses); otherwise ECDSA with SHA-256 or SHA-384 is accepted.
+    """
+    if cert.issuer != issuer.subject:
+        raise VerificationFailed(
+            f"certificate {_name(cert)!r} was not issued by {_name(issuer)!r}",
+            reason=CERT_CHAIN_INVALID,
+        )
+    key = issuer.public_key()
+    try:
+        hash_alg = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        hash_alg = None
+    try:
+        if amd_pss:
+            params = cert.signature_algorithm_parameters
+            if not (
+                isinstance(key, rsa.RSAPublicKey)
+                and isinstance(params, padding.PSS)
+                and isinstance(hash_alg, hashes.SHA384)
+                and isinstance(params.mgf, padding.MGF1)
+                and isinstance(params.mgf._algorithm, hashes.SHA384)
+                and params._salt_length == AMD_PSS_SALT
+            ):
+                raise VerificationFailed(
+                    f"certificate {_name(cert)!r} is not signed with RSASSA-PSS/SHA-384/salt 48",
+                    reason=CERT_CHAIN_INVALID,
+                )
+            key.verify(cert.signature, cert.tbs_certificate_bytes, params, hash_alg)
+        else:
+            if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
+                hash_alg, hashes.SHA256 | hashes.SHA384
+            ):
+                raise VerificationFailed(
+                    f"certificate {_name(cert)!r} is not ECDSA-signed as expected",
+                    reason=CERT_CHAIN_INVALID,
+                )
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_alg))
+    except InvalidSignature:
+        raise VerificationFailed(
+            f"signature on certificate {_name(cert)!r} does not verify with {_name(issuer)!r}",
+            reason=CERT_CHAIN_INVALID,
+        ) from None
+
+
+def check_valid_at(cert: x509.Certificate, now: datetime, what: str) -> None:
+    """Checks ``notBefore <= now <= notAfter``."""
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise VerificationFailed(
+            f"{what} certificate {_name(cert)!r} is not valid at {now.isoformat()} "
+            f"(valid {cert.not_valid_before_utc.isoformat()} .. "
+            f"{cert.not_valid_after_utc.isoformat()})",
+            reason=CERT_NOT_VALID_AT_TIME,
+        )
+
+
+def validity_window(*certs: x509.Certificate) -> tuple[datetime, datetime]:
+    """The interval in which every certificate is valid."""
+    return (
+        max(c.not_valid_before_utc for c in certs),
+        min(c.not_valid_after_utc for c in certs),
+    )
+
+
+def ec_public_key(
+    cert: x509.Certificate, curve: type[ec.EllipticCurve]
+) -> ec.EllipticCurvePublicKey:
+    """The certificate's public key, which must be on ``curve``."""
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, curve):
+        raise VerificationFailed(
+            f"certificate {_name(cert)!r} does not hold an {curve.name} key",
+            reason=WRONG_CERTIFICATE_TYPE,
+        )
+    return key
+
+
+def verify_crl_signature(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    """True when ``issuer`` signed ``crl`` (RSASSA-PSS for AMD, ECDSA for Intel)."""
+    key = issuer.public_key()
+    try:
+        hash_alg = crl.signature_hash_algorithm
+        if isinstance(key, rsa.RSAPublicKey):
+            params = crl.signature_algorithm_parameters
+            if not isinstance(params, padding.PSS | padding.PKCS1v15) or hash_alg is None:
+                return False
+            key.verify(crl.signature, crl.tbs_certlist_bytes, params, hash_alg)
+        elif isinstance(key, ec.EllipticCurvePublicKey) and hash_alg is not None:
+            key.verify(crl.signature, crl.tbs_certlist_bytes, ec.ECDSA(hash_alg))
+        else:
+            return False
+    except (InvalidSignature, UnsupportedAlgorithm, TypeError, ValueError):
+        return False
+    return True

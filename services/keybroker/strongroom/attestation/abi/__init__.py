@@ -1,0 +1,1 @@
+"""Parsing of attestation evidence into immutable typed values (structure only, no signatures)."""

@@ -1,0 +1,395 @@
+"""TDX collateral (Intel PCS TCB info and QE identity) parsing, and the collateral getter interface.
+
+The PCS response bodies are ``{"tcbInfo": {...}, "signature": "<hex r||s>"}`` and
+``{"enclaveIdentity": {...}, "signature": ...}``; the ECDSA P-256 signature covers the exact raw
+bytes of the inner object text, so parsing keeps those bytes rather than re-serialising.
+
+:class:`CollateralSource` is how a verifier obtains collateral the evidence did not carry (AMD KDS
+VCEKs, Intel PCS TCB info ...). It is an interface so that tests, offline caches and network
+getters are interchangeable; :class:`StaticCollateralSource` serves fixed documents.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from strongroom.attestation.abi.snp import SnpReport
+from strongroom.attestation.errors import (
+    BAD_COLLATERAL,
+    COLLATERAL_MISSING,
+    CollateralUnavailable,
+    MalformedEvidence,
+)
+
+_WS = " \t\r\n"
+
+
+def _bad(what: str) -> MalformedEvidence:
+    return MalformedEvidence(f"TDX collateral: {what}", reason=BAD_COLLATERAL)
+
+
+def split_signed_json(data: bytes, body_key: str) -> tuple[bytes, bytes, Any]:
+    """Returns ``(raw inner object bytes, signature bytes, parsed inner object)``.
+
+    The top level must be an object with exactly ``body_key`` and ``signature``.
+    """
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad("not UTF-8 text") from None
+    decoder = json.JSONDecoder()
+    members: dict[str, tuple[int, int, Any]] = {}
+    pos = _skip(text, 0)
+    if not text.startswith("{", pos):
+        raise _bad("top level is not a JSON object")
+    pos = _skip(text, pos + 1)
+    try:
+        while not text.startswith("}", pos):
+            if members:
+                if not text.startswith(",", pos):
+                    raise _bad("expected ',' between members")
+                pos = _skip(text, pos + 1)
+            key, pos = (
+                json.decoder.scanstring(text, pos + 1)
+                if text.startswith('"', pos)
+                else (
+                    None,
+                    pos,
+                )
+            )
+            if key is None:
+                raise _bad("expected a member name")
+            pos = _skip(text, pos)
+            if not text.startswith(":", pos):
+                raise _bad("expected ':'")
+            start = _skip(text, pos + 1)
+            value, end = decoder.raw_decode(text, start)
+            if key in members:
+                raise _bad(f"duplicate member {key!r}")
+            members[key] = (start, end, value)
+            pos = _skip(text, end)
+    except json.JSONDecodeError as exc:
+        raise _bad(f"invalid JSON ({exc.msg})") from None
+    if text[_skip(text, pos + 1) :]:
+        raise _bad("data after the JSON object")
+    if set(members) != {body_key, "signature"}:
+        raise _bad(f"expected exactly {body_key!r} and 'signature', got {sorted(members)}")
+    start, end, body = members[body_key]
+    sig_hex = members["signature"][2]
+    if not isinstance(body, dict) or not isinstance(sig_hex, str):
+        raise _bad("body must be an object and signature a hex string")
+    try:
+        signature = bytes.fromhex(sig_hex)
+    except ValueError:
+        raise _bad("signature is not hex") from None
+    if len(signature) != 64:
+        raise _bad("signature must be 64 bytes (r||s)")
+    return text[start:end].encode("utf-8"), signature, body
+
+
+def _skip(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in _WS:
+        pos += 1
+    return pos
+
+
+def _get(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise _bad(f"{where}.{key} is missing or has the wrong type")
+    return value
+
+
+def _hex(obj: Mapping[str, Any], key: str, size: int, where: str) -> bytes:
+    value = _get(obj, key, str, where)
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise _bad(f"{where}.{key} is not hex") from None
+    if len(raw) != size:
+        raise _bad(f"{where}.{key} must be {size} bytes")
+    return raw
+
+
+def _time(obj: Mapping[str, Any], key: str, where: str) -> datetime:
+    value = _get(obj, key, str, where)
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise _bad(f"{where}.{key} is not an RFC 3339 time") from None
+    if parsed.tzinfo is None:
+        raise _bad(f"{where}.{key} has no time zone")
+    return parsed
+
+
+@dataclass(frozen=True)
+class TcbLevel:
+    """One platform TCB level of a TDX TCB info."""
+
+    sgx_components: tuple[int, ...]
+    pcesvn: int
+    tdx_components: tuple[int, ...]
+    tcb_date: str
+    tcb_status: str
+    advisory_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModuleTcbLevel:
+    """One TCB level of a TDX module identity (or of a QE identity)."""
+
+    isvsvn: int
+    tcb_date: str
+    tcb_status: str
+    advisory_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TdxModuleIdentity:
+    """A TDX module's expected signer and attributes, with its TCB levels (empty for the base)."""
+
+    id: str
+    mrsigner: bytes
+    attributes: bytes
+    attributes_mask: bytes
+    tcb_levels: tuple[ModuleTcbLevel, ...]
+
+
+@dataclass(frozen=True)
+class TcbInfo:
+    """A parsed TDX TCB info (version 3)."""
+
+    raw_body: bytes
+    signature: bytes
+    issue_date: datetime
+    next_update: datetime
+    fmspc: bytes
+    pce_id: bytes
+    tcb_evaluation_data_number: int
+    tdx_module: TdxModuleIdentity
+    tdx_module_identities: tuple[TdxModuleIdentity, ...]
+    tcb_levels: tuple[TcbLevel, ...]
+
+
+@dataclass(frozen=True)
+class QeIdentity:
+    """A parsed TD_QE enclave identity (version 2)."""
+
+    raw_body: bytes
+    signature: bytes
+    issue_date: datetime
+    next_update: datetime
+    miscselect: int
+    miscselect_mask: int
+    attributes: bytes
+    attributes_mask: bytes
+    mrsigner: bytes
+    isv_prod_id: int
+    tcb_levels: tuple[ModuleTcbLevel, ...]
+
+
+def _module_levels(items: Any, where: str) -> tuple[ModuleTcbLevel, ...]:
+    if not isinstance(items, list) or not items:
+        raise _bad(f"{where}.tcbLevels must be a non-empty list")
+    out = []
+    for level in items:
+        if not isinstance(level, dict):
+            raise _bad(f"{where}.tcbLevels entry is not an object")
+        tcb = _get(level, "tcb", dict, where)
+        out.append(
+            ModuleTcbLevel(
+                isvsvn=_get(tcb, "isvsvn", int, where),
+                tcb_date=_get(level, "tcbDate", str, where),
+                tcb_status=_get(level, "tcbStatus", str, where),
+                advisory_ids=tuple(level.get("advisoryIDs", [])),
+            )
+        )
+    return tuple(out)
+
+
+def _components(items: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(items, list) or len(items) != 16:
+        raise _bad(f"{where} must list 16 components")
+    return tuple(_get(c, "svn", int, where) if isinstance(c, dict) else -1 for c in items)
+
+
+def parse_tcb_info(data: bytes) -> TcbInfo:
+    """Parses an Intel PCS TDX TCB info response body (``id`` TDX, version 3)."""
+    raw, signature, body = split_signed_json(data, "tcbInfo")
+    w = "tcbInfo"
+    if body.get("id") != "TDX" or body.get("version") != 3:
+        raise _bad("tcbInfo must have id 'TDX' and version 3")
+    module = _get(body, "tdxModule", dict, w)
+    base = TdxModuleIdentity(
+        id="",
+        mrsigner=_hex(module, "mrsigner", 48, w + ".tdxModule"),
+        attributes=_hex(module, "attributes", 8, w + ".tdxModule"),
+        attributes_mask=_hex(module, "attributesMask", 8, w + ".tdxModule"),
+        tcb_levels=(),
+    )
+    identities = []
+    for ident in body.get("tdxModuleIdentities", []) or []:
+        if not isinstance(ident, dict):
+            raise _bad("tdxModuleIdentities entry is not an object")
+        wi = w + ".tdxModuleIdentities"
+        identities.append(
+            TdxModuleIdentity(
+                id=_get(ident, "id", str, wi),
+                mrsigner=_hex(ident, "mrsigner", 48, wi),
+                attributes=_hex(ident, "attributes", 8, wi),
+                attributes_mask=_hex(ident, "attributesMask", 8, wi),
+                tcb_levels=_module_levels(ident.get("tcbLevels"), wi),
+            )
+        )
+    levels = []
+    raw_levels = body.get("tcbLevels")
+    if not isinstance(raw_levels, list) or not raw_levels:
+        raise _bad("tcbInfo.tcbLevels must be a non-empty list")
+    for level in raw_levels:
+        if not isinstance(level, dict):
+            raise _bad("tcbLevels entry is not an object")
+        tcb = _get(level, "tcb", dict, w + ".tcbLevels")
+        levels.append(
+            TcbLevel(
+                sgx_components=_components(tcb.get("sgxtcbcomponents"), "sgxtcbcomponents"),
+                pcesvn=_get(tcb, "pcesvn", int, w + ".tcbLevels"),
+                tdx_components=_components(tcb.get("tdxtcbcomponents"), "tdxtcbcomponents"),
+                tcb_date=_get(level, "tcbDate", str, w + ".tcbLevels"),
+                tcb_status=_get(level, "tcbStatus", str, w + ".tcbLevels"),
+                advisory_ids=tuple(level.get("advisoryIDs", [])),
+            )
+        )
+    return TcbInfo(
+        raw_body=raw,
+        signature=signature,
+        issue_date=_time(body, "issueDate", w),
+        next_update=_time(body, "nextUpdate", w),
+        fmspc=_hex(body, "fmspc", 6, w),
+        pce_id=_hex(body, "pceId", 2, w),
+        tcb_evaluation_data_number=_get(body, "tcbEvaluationDataNumber", int, w),
+        tdx_module=base,
+        tdx_module_identities=tuple(identities),
+        tcb_levels=tuple(levels),
+    )
+
+
+def parse_qe_identity(data: bytes) -> QeIdentity:
+    """Parses an Intel PCS TD_QE identity response body (``id`` TD_QE, version 2)."""
+    raw, signature, body = split_signed_json(data, "enclaveIdentity")
+    w = "enclaveIdentity"
+    if body.get("id") != "TD_QE" or body.get("version") != 2:
+        raise _bad("enclaveIdentity must have id 'TD_QE' and version 2")
+    return QeIdentity(
+        raw_body=raw,
+        signature=signature,
+        issue_date=_time(body, "issueDate", w),
+        next_update=_time(body, "nextUpdate", w),
+        miscselect=int.from_bytes(_hex(body, "miscselect", 4, w), "little"),
+        miscselect_mask=int.from_bytes(_hex(body, "miscselectMask", 4, w), "little"),
+        attributes=_hex(body, "attributes", 16, w),
+        attributes_mask=_hex(body, "attributesMask", 16, w),
+        mrsigner=_hex(body, "mrsigner", 32, w),
+        isv_prod_id=_get(body, "isvprodid", int, w),
+        tcb_levels=_module_levels(body.get("tcbLevels"), w),
+    )
+
+
+def sniff_collateral_json(data: bytes) -> str | None:
+    """``"tcbInfo"`` or ``"enclaveIdentity"`` when the bytes are such a signed document."""
+    try:
+        doc = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(doc, dict):
+        for key in ("tcbInfo", "enclaveIdentity"):
+            if key in doc and "signature" in doc:
+                return key
+    return None
+
+
+class CollateralSource(Protocol):
+    """Supplies collateral that the evidence did not carry.
+
+    Implementations raise :class:`CollateralUnavailable` (``COLLATERAL_FETCH_FAILED``) when a
+    fetch fails and return ``None`` when they have no such document. They must not verify
+    anything: everything they return is checked by the verifier.
+    """
+
+    def snp_key_certificate(self, report: SnpReport) -> bytes | None:
+        """The VCEK (DER or PEM) for the report's chip and reported TCB."""
+        ...
+
+    def tdx_tcb_info(self, fmspc: bytes) -> bytes | None:
+        """The TDX TCB info response body for the FMSPC."""
+        ...
+
+    def tdx_qe_identity(self) -> bytes | None:
+        """The TD_QE identity response body."""
+        ...
+
+    def tcb_signing_chain(self) -> bytes | None:
+        """The PEM issuer chain of TCB info / QE identity signatures."""
+        ...
+
+    def crls(self) -> Sequence[bytes]:
+        """DER CRLs to honour (Intel root / PCK CA, AMD ARK)."""
+        ...
+
+
+@dataclass(frozen=True)
+class StaticCollateralSource:
+    """Serves fixed documents (from files or bytes); handy for offline verification and tests."""
+
+    vceks: tuple[bytes, ...] = ()
+    tcb_infos: tuple[bytes, ...] = ()
+    qe_identity: bytes | None = None
+    signing_chain: bytes | None = None
+    crl_list: tuple[bytes, ...] = ()
+
+    def snp_key_certificate(self, report: SnpReport) -> bytes | None:
+        """The first VCEK whose hwID matches the report's chip id."""
+        from strongroom.attestation.abi.certs import OID_AMD_HWID, load_certificate
+
+        for der in self.vceks:
+            cert = load_certificate(der)
+            for ext in cert.extensions:
+                if ext.oid.dotted_string == OID_AMD_HWID:
+                    hwid = getattr(ext.value, "value", b"")
+                    if hwid == report.chip_id_for_kds():
+                        return der
+        return None
+
+    def tdx_tcb_info(self, fmspc: bytes) -> bytes | None:
+        """The TCB info for the FMSPC, if one is held."""
+        for doc in self.tcb_infos:
+            try:
+                if parse_tcb_info(doc).fmspc == fmspc:
+                    return doc
+            except MalformedEvidence:
+                continue
+        return None
+
+    def tdx_qe_identity(self) -> bytes | None:
+        """The held QE identity."""
+        return self.qe_identity
+
+    def tcb_signing_chain(self) -> bytes | None:
+        """The held TCB-signing chain."""
+        return self.signing_chain
+
+    def crls(self) -> Sequence[bytes]:
+        """The held CRLs."""
+        return self.crl_list
+
+
+def require(value: bytes | None, what: str) -> bytes:
+    """Returns ``value`` or raises :class:`CollateralUnavailable` naming what is missing."""
+    if value is None:
+        raise CollateralUnavailable(
+            f"{what} is needed but was not supplied", reason=COLLATERAL_MISSING
+        )
+    return value

@@ -1,0 +1,250 @@
+"""AMD SEV-SNP report verification.
+
+Checks, in order: the VCEK/VLEK chains to a pinned ASK/ASVK and ARK (RSASSA-PSS, SHA-384, salt 48)
+and every certificate is valid at ``now``; supplied ASK/ARK certificates are byte-identical to the
+pinned ones; CRLs (if any) do not revoke the chain; the report's ECDSA P-384 signature verifies
+with the VCEK/VLEK; then the bindings between report and certificate: signing-key type, product,
+reported TCB (VCEK TCB extensions), and the chip id (VCEK ``hwID``).
+
+Verified chains are cached in the trust store keyed by the certificate bytes and used only inside
+their validity window, so repeated verification costs one ECDSA verify.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from strongroom.attestation._x509 import (
+    check_valid_at,
+    ec_public_key,
+    validity_window,
+    verify_issued_by,
+)
+from strongroom.attestation.abi.certs import (
+    AmdKeyCertInfo,
+    certificates_from_bytes,
+    common_name,
+    load_certificate,
+    parse_amd_key_cert,
+)
+from strongroom.attestation.abi.snp import (
+    SIGNING_KEY_VCEK,
+    SIGNING_KEY_VLEK,
+    SnpReport,
+    parse_snp_report,
+)
+from strongroom.attestation.claims import SnpClaims
+from strongroom.attestation.collateral import CollateralSource
+from strongroom.attestation.errors import (
+    BAD_CERTIFICATE,
+    COLLATERAL_MISSING,
+    HWID_MISMATCH,
+    INTERMEDIATE_NOT_PINNED,
+    PRODUCT_MISMATCH,
+    REPORT_SIGNATURE_INVALID,
+    ROOT_NOT_TRUSTED,
+    SIGNING_KEY_MISMATCH,
+    TCB_MISMATCH,
+    CollateralUnavailable,
+    MalformedEvidence,
+    VerificationFailed,
+)
+from strongroom.attestation.evidence import CollateralKind, Evidence
+from strongroom.attestation.trust import AmdProductRoots, PinnedCert, TrustStore
+from strongroom.attestation.verify import _crl
+
+logger = logging.getLogger(__name__)
+
+_FAMILY_BY_PRODUCT = {"Milan": 0x19, "Genoa": 0x19, "Turin": 0x1A}
+
+
+@dataclass(frozen=True)
+class _VerifiedKey:
+    """A VCEK/VLEK whose chain verified, with what it says."""
+
+    product: str
+    info: AmdKeyCertInfo
+    public_key: ec.EllipticCurvePublicKey
+    chain: tuple[x509.Certificate, ...]  # key cert, ASK/ASVK, ARK
+    simulated: bool
+
+
+def _verify_key_chain(key_der: bytes, trust: TrustStore, now: datetime) -> _VerifiedKey:
+    cert = load_certificate(key_der)
+    info = parse_amd_key_cert(cert)
+    candidates: list[tuple[AmdProductRoots, PinnedCert]] = []
+    for roots in trust.amd_roots():
+        signers = roots.asks if info.kind == "VCEK" else roots.asvks
+        candidates += [(roots, s) for s in signers if s.cert.subject == cert.issuer]
+    if not candidates:
+        raise VerificationFailed(
+            f"{info.kind} is issued by {cert.issuer.rfc4514_string()!r}, which is not a pinned "
+            f"AMD {'ASK' if info.kind == 'VCEK' else 'ASVK'}",
+            reason=ROOT_NOT_TRUSTED,
+        )
+    last_error: VerificationFailed | None = None
+    for roots, signer in candidates:
+        try:
+            verify_issued_by(cert, signer.cert, amd_pss=True)
+        except VerificationFailed as exc:
+            last_error = exc
+            continue
+        if info.product != roots.product:
+            raise VerificationFailed(
+                f"{info.kind} names product {info.product_name!r} but chains to ARK-{roots.product}",
+                reason=PRODUCT_MISMATCH,
+            )
+        chain = (cert, signer.cert, roots.ark.cert)
+        for c, what in zip(chain, (info.kind, "ASK", "ARK"), strict=True):
+            check_valid_at(c, now, what)
+        public_key = ec_public_key(cert, ec.SECP384R1)
+        return _VerifiedKey(
+            product=roots.product,
+            info=info,
+            public_key=public_key,
+            chain=chain,
+            simulated=signer.simulated or roots.ark.simulated,
+        )
+    assert last_error is not None
+    raise last_error
+
+
+def _split_certificates(evidence: Evidence, trust: TrustStore) -> list[bytes]:
+    """Returns the VCEK/VLEK DERs; any other certificate must be a pinned ASK/ASVK/ARK."""
+    pinned = trust.amd_pinned_ders()
+    keys: list[bytes] = []
+    for blob in evidence.certificates:
+        for der in certificates_from_bytes(blob):
+            cert = load_certificate(der)
+            cn = common_name(cert)
+            if cn in ("SEV-VCEK", "SEV-VLEK"):
+                keys.append(der)
+            elif der not in pinned:
+                raise VerificationFailed(
+                    f"supplied certificate {cn!r} does not match any pinned AMD certificate",
+                    reason=ROOT_NOT_TRUSTED if cn.startswith("ARK-") else INTERMEDIATE_NOT_PINNED,
+                )
+    unique = list(dict.fromkeys(keys))
+    if len(unique) > 1:
+        raise MalformedEvidence(
+            "SNP evidence carries more than one VCEK/VLEK certificate", reason=BAD_CERTIFICATE
+        )
+    return unique
+
+
+def _check_bindings(report: SnpReport, key: _VerifiedKey) -> None:
+    expected_field = SIGNING_KEY_VCEK if key.info.kind == "VCEK" else SIGNING_KEY_VLEK
+    if report.signing_key != expected_field:
+        raise VerificationFailed(
+            f"report says it is signed by {report.signing_key_name} but the certificate is a "
+            f"{key.info.kind}",
+            reason=SIGNING_KEY_MISMATCH,
+        )
+    family = _FAMILY_BY_PRODUCT[key.product]
+    if report.cpuid_fam_id is not None and report.cpuid_fam_id != family:
+        raise VerificationFailed(
+            f"report CPUID family 0x{report.cpuid_fam_id:02X} does not match product {key.product}",
+            reason=PRODUCT_MISMATCH,
+        )
+    if report.cpuid_fam_id is None and key.product == "Turin":
+        raise VerificationFailed(
+            "a version-2 report cannot come from a Turin processor", reason=PRODUCT_MISMATCH
+        )
+    tcb = report.reported_tcb
+    cert_tcb = {
+        "bootloader": key.info.bootloader,
+        "tee": key.info.tee,
+        "snp": key.info.snp,
+        "microcode": key.info.microcode,
+    }
+    if tcb.turin_layout:
+        cert_tcb = {"fmc": key.info.fmc if key.info.fmc is not None else -1, **cert_tcb}
+    if tcb.components() != cert_tcb or not tcb.reserved_bytes_zero():
+        raise VerificationFailed(
+            f"report's reported TCB {tcb.components()} does not match the {key.info.kind}'s TCB "
+            f"{cert_tcb}",
+            reason=TCB_MISMATCH,
+        )
+    if key.info.kind == "VCEK" and key.info.hwid != report.chip_id_for_kds():
+        raise VerificationFailed(
+            "report chip id does not match the VCEK's hwID", reason=HWID_MISMATCH
+        )
+
+
+def _verify_signature(report: SnpReport, key: _VerifiedKey) -> None:
+    try:
+        signature = encode_dss_signature(report.signature_r, report.signature_s)
+        key.public_key.verify(signature, report.signed_bytes, ec.ECDSA(hashes.SHA384()))
+    except (InvalidSignature, ValueError):
+        raise VerificationFailed(
+            f"SNP report signature does not verify with the {key.info.kind}",
+            reason=REPORT_SIGNATURE_INVALID,
+        ) from None
+
+
+def verify_snp(
+    evidence: Evidence,
+    *,
+    trust: TrustStore,
+    now: datetime,
+    collateral: CollateralSource | None,
+) -> SnpClaims:
+    """Verifies SEV-SNP evidence and returns its claims (see the module docstring)."""
+    report = parse_snp_report(evidence.report)
+    keys = _split_certificates(evidence, trust)
+    if keys:
+        key_der = keys[0]
+    else:
+        fetched = collateral.snp_key_certificate(report) if collateral is not None else None
+        if fetched is None:
+            raise CollateralUnavailable(
+                "no VCEK/VLEK certificate was supplied with the SNP report and none could be "
+                "fetched",
+                reason=COLLATERAL_MISSING,
+            )
+        key_der = certificates_from_bytes(fetched)[0]
+    cache_key = trust.cache.key("snp-key", key_der)
+    key: _VerifiedKey | None = trust.cache.get(cache_key, now)
+    if key is None:
+        key = _verify_key_chain(key_der, trust, now)
+        trust.cache.put(cache_key, validity_window(*key.chain), key)
+    crls = evidence.collateral_of(CollateralKind.CRL)
+    if collateral is not None:
+        crls += list(collateral.crls())
+    if crls:
+        _crl.check_revocation(crls, key.chain, now)
+    _verify_signature(report, key)
+    _check_bindings(report, key)
+    return SnpClaims(
+        version=report.version,
+        product=key.product,
+        signing_key=key.info.kind,
+        measurement=report.measurement,
+        report_data=report.report_data,
+        host_data=report.host_data,
+        family_id=report.family_id,
+        image_id=report.image_id,
+        id_key_digest=report.id_key_digest,
+        author_key_digest=report.author_key_digest,
+        report_id=report.report_id,
+        policy=report.policy,
+        platform_info=report.platform_info,
+        vmpl=report.vmpl,
+        guest_svn=report.guest_svn,
+        chip_id=report.chip_id,
+        reported_tcb=report.reported_tcb,
+        committed_tcb=report.committed_tcb,
+        current_tcb=report.current_tcb,
+        launch_tcb=report.launch_tcb,
+        current_version=report.current_version,
+        committed_version=report.committed_version,
+        simulated=key.simulated,
+    )

@@ -1,0 +1,402 @@
+"""Intel TDX quote verification (DCAP, ECDSA P-256 attestation key).
+
+Checks, in order: the PCK chain embedded in the quote (PCK <- Platform/Processor CA <- Intel SGX
+Root CA) ends at a pinned root and is valid at ``now``; CRLs (if supplied) do not revoke it; the
+quote signature over header and body verifies with the attestation key; the QE report signature
+verifies with the PCK key; the QE report data binds the attestation key and QE auth data
+(``SHA-256(AK || auth data) || 32 zero bytes``). Then, when TCB info (and QE identity) collateral is
+available: its signature over the exact raw inner JSON, by a TCB-signing certificate chaining to the
+pinned root; its freshness at ``now``; its FMSPC/PCE-ID against the PCK certificate; the TDX module
+and QE identities; and finally the TCB status, reported in the claims for the policy to judge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from strongroom.attestation._x509 import (
+    check_valid_at,
+    ec_public_key,
+    validity_window,
+    verify_issued_by,
+)
+from strongroom.attestation.abi.certs import (
+    PckExtensions,
+    certificates_from_bytes,
+    common_name,
+    load_certificate,
+    parse_pck_extensions,
+    split_pem_certificates,
+)
+from strongroom.attestation.abi.tdx import TdxQuote, parse_tdx_quote
+from strongroom.attestation.claims import TCB_NOT_EVALUATED, TdxClaims
+from strongroom.attestation.collateral import (
+    CollateralSource,
+    QeIdentity,
+    TcbInfo,
+    parse_qe_identity,
+    parse_tcb_info,
+    require,
+)
+from strongroom.attestation.errors import (
+    BAD_CERTIFICATE,
+    BAD_FIELD,
+    CERT_CHAIN_INVALID,
+    COLLATERAL_EXPIRED,
+    COLLATERAL_MISMATCH,
+    COLLATERAL_SIGNATURE_INVALID,
+    FMSPC_MISMATCH,
+    QE_IDENTITY_MISMATCH,
+    QE_REPORT_DATA_MISMATCH,
+    QE_REPORT_SIGNATURE_INVALID,
+    QUOTE_SIGNATURE_INVALID,
+    ROOT_NOT_TRUSTED,
+    TDX_MODULE_MISMATCH,
+    MalformedEvidence,
+    VerificationFailed,
+)
+from strongroom.attestation.evidence import CollateralKind, Evidence
+from strongroom.attestation.trust import PinnedCert, TrustStore
+from strongroom.attestation.verify import _crl, _tdx_tcb
+
+logger = logging.getLogger(__name__)
+
+PCK_LEAF_CN = "Intel SGX PCK Certificate"
+PCK_CA_CNS = ("Intel SGX PCK Platform CA", "Intel SGX PCK Processor CA")
+TCB_SIGNING_CN = "Intel SGX TCB Signing"
+
+
+@dataclass(frozen=True)
+class _VerifiedPck:
+    chain: tuple[x509.Certificate, ...]  # leaf, CA, root
+    public_key: ec.EllipticCurvePublicKey
+    extensions: PckExtensions
+    simulated: bool
+
+
+@dataclass(frozen=True)
+class _VerifiedSigner:
+    chain: tuple[x509.Certificate, ...]  # signing cert, root
+    public_key: ec.EllipticCurvePublicKey
+    simulated: bool
+
+
+def _root_for(cert: x509.Certificate, trust: TrustStore) -> PinnedCert:
+    for root in trust.intel_roots():
+        if root.cert.subject == cert.issuer:
+            try:
+                verify_issued_by(cert, root.cert)
+            except VerificationFailed:
+                continue
+            return root
+    raise VerificationFailed(
+        f"certificate {common_name(cert)!r} does not chain to a pinned Intel SGX root",
+        reason=ROOT_NOT_TRUSTED,
+    )
+
+
+def _check_supplied_roots(certs: list[x509.Certificate], trust: TrustStore) -> None:
+    pinned = {r.der for r in trust.intel_roots()}
+    for cert in certs:
+        if cert.subject == cert.issuer:
+            from cryptography.hazmat.primitives.serialization import Encoding
+
+            if cert.public_bytes(Encoding.DER) not in pinned:
+                raise VerificationFailed(
+                    f"supplied root {common_name(cert)!r} is not the pinned Intel SGX Root CA",
+                    reason=ROOT_NOT_TRUSTED,
+                )
+
+
+def _verify_pck_chain(pem: bytes, trust: TrustStore, now: datetime) -> _VerifiedPck:
+    certs = [load_certificate(d) for d in split_pem_certificates(pem)]
+    if len(certs) < 2:
+        raise MalformedEvidence(
+            "TDX quote PCK chain must hold the PCK certificate and its CA", reason=BAD_CERTIFICATE
+        )
+    leaf, ca = certs[0], certs[1]
+    if common_name(leaf) != PCK_LEAF_CN or common_name(ca) not in PCK_CA_CNS:
+        raise VerificationFailed(
+            f"quote certificate chain is {common_name(leaf)!r} <- {common_name(ca)!r}, not a PCK "
+            "certificate and its Intel PCK CA",
+            reason=CERT_CHAIN_INVALID,
+        )
+    _check_supplied_roots(certs[2:], trust)
+    verify_issued_by(leaf, ca)
+    root = _root_for(ca, trust)
+    chain = (leaf, ca, root.cert)
+    for c, what in zip(chain, ("PCK", "PCK CA", "Intel root"), strict=True):
+        check_valid_at(c, now, what)
+    return _VerifiedPck(
+        chain=chain,
+        public_key=ec_public_key(leaf, ec.SECP256R1),
+        extensions=parse_pck_extensions(leaf),
+        simulated=root.simulated,
+    )
+
+
+def _verify_signing_chain(pem: bytes, trust: TrustStore, now: datetime) -> _VerifiedSigner:
+    certs = [load_certificate(d) for d in certificates_from_bytes(pem)]
+    signer = certs[0]
+    if common_name(signer) != TCB_SIGNING_CN:
+        raise VerificationFailed(
+            f"collateral signing certificate is {common_name(signer)!r}, not {TCB_SIGNING_CN!r}",
+            reason=CERT_CHAIN_INVALID,
+        )
+    _check_supplied_roots(certs[1:], trust)
+    root = _root_for(signer, trust)
+    chain = (signer, root.cert)
+    for c, what in zip(chain, ("TCB signing", "Intel root"), strict=True):
+        check_valid_at(c, now, what)
+    return _VerifiedSigner(
+        chain=chain, public_key=ec_public_key(signer, ec.SECP256R1), simulated=root.simulated
+    )
+
+
+def _raw_sig(signature: bytes) -> bytes:
+    return encode_dss_signature(
+        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    )
+
+
+def _verify_p256(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
+    try:
+        key.verify(_raw_sig(signature), data, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def _attestation_key(raw: bytes) -> ec.EllipticCurvePublicKey:
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
+    except ValueError:
+        raise MalformedEvidence(
+            "quote attestation key is not a P-256 point", reason=BAD_FIELD
+        ) from None
+
+
+def _verify_quote_signatures(quote: TdxQuote, pck: _VerifiedPck) -> None:
+    sd = quote.signature_data
+    ak = _attestation_key(sd.attestation_key)
+    if not _verify_p256(ak, sd.signature, quote.signed_bytes):
+        raise VerificationFailed(
+            "TDX quote signature does not verify with the attestation key",
+            reason=QUOTE_SIGNATURE_INVALID,
+        )
+    if not _verify_p256(pck.public_key, sd.qe_report_signature, sd.qe_report.raw):
+        raise VerificationFailed(
+            "QE report signature does not verify with the PCK certificate",
+            reason=QE_REPORT_SIGNATURE_INVALID,
+        )
+    expected = hashlib.sha256(sd.attestation_key + sd.qe_auth_data).digest() + bytes(32)
+    if not hmac.compare_digest(expected, sd.qe_report.report_data):
+        raise VerificationFailed(
+            "QE report data does not bind the attestation key and QE auth data",
+            reason=QE_REPORT_DATA_MISMATCH,
+        )
+
+
+def _verified_collateral(
+    kind: str, raw_doc: bytes, signer_pem: bytes, trust: TrustStore, now: datetime
+) -> tuple[TcbInfo | QeIdentity, bool]:
+    """Parses and verifies a signed TCB info / QE identity; cached by its bytes and signer chain."""
+    cache_key = trust.cache.key("tdx-" + kind, raw_doc, signer_pem)
+    cached = trust.cache.get(cache_key, now)
+    if cached is not None:
+        doc, simulated = cached
+        return doc, simulated
+    doc: TcbInfo | QeIdentity = (
+        parse_tcb_info(raw_doc) if kind == "tcb-info" else parse_qe_identity(raw_doc)
+    )
+    name = "TCB info" if kind == "tcb-info" else "QE identity"
+    if not doc.issue_date <= now <= doc.next_update:
+        raise VerificationFailed(
+            f"{name} is not current at {now.isoformat()} (issued {doc.issue_date.isoformat()}, "
+            f"next update {doc.next_update.isoformat()})",
+            reason=COLLATERAL_EXPIRED,
+        )
+    signer = _verify_signing_chain(signer_pem, trust, now)
+    if not _verify_p256(signer.public_key, doc.signature, doc.raw_body):
+        raise VerificationFailed(
+            f"{name} signature does not verify with the TCB signing certificate",
+            reason=COLLATERAL_SIGNATURE_INVALID,
+        )
+    window_start, window_end = validity_window(*signer.chain)
+    window = (max(window_start, doc.issue_date), min(window_end, doc.next_update))
+    trust.cache.put(cache_key, window, (doc, signer.simulated))
+    return doc, signer.simulated
+
+
+def _check_module(quote: TdxQuote, tcb_info: TcbInfo) -> None:
+    body = quote.body
+    ident = _tdx_tcb.module_identity(tcb_info, body.tee_tcb_svn)
+    if ident is None:
+        return  # no identity for this module version: the TCB evaluation reports no match
+    masked = bytes(a & m for a, m in zip(body.seam_attributes, ident.attributes_mask, strict=True))
+    if ident.mrsigner != body.mr_signer_seam or masked != ident.attributes:
+        raise VerificationFailed(
+            "TDX module signer or attributes do not match the TCB info's module identity",
+            reason=TDX_MODULE_MISMATCH,
+        )
+
+
+def _check_qe(quote: TdxQuote, qe: QeIdentity) -> None:
+    report = quote.signature_data.qe_report
+    masked_attrs = bytes(a & m for a, m in zip(report.attributes, qe.attributes_mask, strict=True))
+    if (
+        report.mr_signer != qe.mrsigner
+        or report.isv_prod_id != qe.isv_prod_id
+        or report.miscselect & qe.miscselect_mask != qe.miscselect
+        or masked_attrs != qe.attributes
+    ):
+        raise VerificationFailed(
+            "Quoting Enclave report does not match the QE identity (MRSIGNER, ISVPRODID, "
+            "MISCSELECT or attributes)",
+            reason=QE_IDENTITY_MISMATCH,
+        )
+
+
+def _first(items: list[bytes]) -> bytes | None:
+    if len(items) > 1:
+        raise MalformedEvidence("collateral of one kind supplied twice", reason=BAD_FIELD)
+    return items[0] if items else None
+
+
+def verify_tdx(
+    evidence: Evidence,
+    *,
+    trust: TrustStore,
+    now: datetime,
+    collateral: CollateralSource | None,
+) -> TdxClaims:
+    """Verifies TDX evidence and returns its claims (see the module docstring)."""
+    quote = parse_tdx_quote(evidence.report)
+    if evidence.certificates:
+        raise MalformedEvidence(
+            "TDX evidence carries its PCK chain inside the quote; certificates must be empty",
+            reason=BAD_CERTIFICATE,
+        )
+    pem = quote.signature_data.pck_chain_pem
+    cache_key = trust.cache.key("tdx-pck", pem)
+    pck: _VerifiedPck | None = trust.cache.get(cache_key, now)
+    if pck is None:
+        pck = _verify_pck_chain(pem, trust, now)
+        trust.cache.put(cache_key, validity_window(*pck.chain), pck)
+    crls = evidence.collateral_of(CollateralKind.CRL)
+    if collateral is not None:
+        crls += list(collateral.crls())
+    if crls:
+        _crl.check_revocation(crls, pck.chain, now)
+    _verify_quote_signatures(quote, pck)
+
+    ext = pck.extensions
+    tcb_doc = _first(evidence.collateral_of(CollateralKind.TDX_TCB_INFO))
+    qe_doc = _first(evidence.collateral_of(CollateralKind.TDX_QE_IDENTITY))
+    signer_pem = _first(evidence.collateral_of(CollateralKind.TCB_SIGNING_CHAIN))
+    if collateral is not None:
+        tcb_doc = tcb_doc or collateral.tdx_tcb_info(ext.fmspc)
+        qe_doc = qe_doc or collateral.tdx_qe_identity()
+        if tcb_doc is not None or qe_doc is not None:
+            signer_pem = signer_pem or collateral.tcb_signing_chain()
+        tcb_doc = require(tcb_doc, "TDX TCB info")
+    tcb_info: TcbInfo | None = None
+    qe_identity: QeIdentity | None = None
+    simulated = pck.simulated
+    if tcb_doc is not None:
+        doc, sim = _verified_collateral(
+            "tcb-info", tcb_doc, require(signer_pem, "TCB signing chain"), trust, now
+        )
+        assert isinstance(doc, TcbInfo)
+        tcb_info, simulated = doc, simulated or sim
+        if tcb_info.fmspc != ext.fmspc:
+            raise VerificationFailed(
+                f"TCB info is for FMSPC {tcb_info.fmspc.hex()}, the PCK certificate's is "
+                f"{ext.fmspc.hex()}",
+                reason=FMSPC_MISMATCH,
+            )
+        if tcb_info.pce_id != ext.pce_id:
+            raise VerificationFailed(
+                "TCB info PCE-ID does not match the PCK certificate", reason=COLLATERAL_MISMATCH
+            )
+        _check_module(quote, tcb_info)
+    if qe_doc is not None:
+        doc, sim = _verified_collateral(
+            "qe-identity", qe_doc, require(signer_pem, "TCB signing chain"), trust, now
+        )
+        assert isinstance(doc, QeIdentity)
+        qe_identity, simulated = doc, simulated or sim
+        _check_qe(quote, qe_identity)
+
+    body = quote.body
+    qe_svn = quote.signature_data.qe_report.isv_svn
+    if tcb_info is not None:
+        result = _tdx_tcb.evaluate(
+            tcb_info=tcb_info,
+            qe_identity=qe_identity,
+            pck_components=ext.tcb_components,
+            pck_pcesvn=ext.pcesvn,
+            tee_tcb_svn=body.tee_tcb_svn,
+            qe_isv_svn=qe_svn,
+        )
+        status = result.status
+        if body.tee_tcb_svn2 is not None and status in _tdx_tcb.INTEL_STATUSES:
+            current = _tdx_tcb.evaluate(
+                tcb_info=tcb_info,
+                qe_identity=qe_identity,
+                pck_components=ext.tcb_components,
+                pck_pcesvn=ext.pcesvn,
+                tee_tcb_svn=body.tee_tcb_svn2,
+                qe_isv_svn=qe_svn,
+            )
+            if current.status in _tdx_tcb.INTEL_STATUSES:
+                status = _tdx_tcb.relaunch(status, current.status)
+            else:
+                status = current.status
+    else:
+        result = _tdx_tcb.TcbEvaluation(TCB_NOT_EVALUATED, TCB_NOT_EVALUATED, None, None, None, ())
+        status = TCB_NOT_EVALUATED
+
+    return TdxClaims(
+        version=quote.header.version,
+        body_type=body.body_name,
+        tee_tcb_svn=body.tee_tcb_svn,
+        tee_tcb_svn2=body.tee_tcb_svn2,
+        mr_seam=body.mr_seam,
+        mr_signer_seam=body.mr_signer_seam,
+        seam_attributes=body.seam_attributes,
+        td_attributes=body.td_attributes,
+        xfam=body.xfam,
+        mrtd=body.mr_td,
+        mrconfigid=body.mr_config_id,
+        mrowner=body.mr_owner,
+        mrownerconfig=body.mr_owner_config,
+        rtmrs=body.rtmrs,
+        report_data=body.report_data,
+        mr_servicetd=body.mr_servicetd,
+        debug=body.debug,
+        fmspc=ext.fmspc,
+        pce_id=ext.pce_id,
+        pcesvn=ext.pcesvn,
+        cpusvn=ext.cpusvn,
+        sgx_type=ext.sgx_type,
+        qe_isv_svn=qe_svn,
+        tcb_status=status,
+        platform_tcb_status=result.platform_status,
+        tdx_module_tcb_status=result.module_status,
+        qe_tcb_status=result.qe_status,
+        tcb_date=result.tcb_date,
+        advisory_ids=result.advisory_ids,
+        collateral_evaluated=tcb_info is not None,
+        simulated=simulated,
+    )
