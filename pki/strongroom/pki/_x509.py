@@ -1,0 +1,165 @@
+"""X.509 helpers: keys, CSRs, SAN extraction and chain verification against the pinned root."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID
+
+from strongroom.pki.errors import CertificateInvalid
+from strongroom.pki.spiffe import SpiffeId
+
+
+def generate_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh EC P-256 key."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Unencrypted PKCS#8 PEM (for gRPC, which takes keys only as PEM bytes)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def load_private_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
+    """Loads an unencrypted EC private key from PEM."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertificateInvalid("the stored TLS key is not an EC key", reason="KEY_INVALID")
+    return key
+
+
+def spki_der(key: ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) -> bytes:
+    """SubjectPublicKeyInfo DER of a key (what attestation binds)."""
+    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def cert_spki_der(cert: x509.Certificate) -> bytes:
+    """SubjectPublicKeyInfo DER of a certificate's key."""
+    return cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def certs_pem(certs: Sequence[x509.Certificate]) -> bytes:
+    """Concatenated PEM of ``certs`` in order."""
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def load_chain(pem: bytes) -> list[x509.Certificate]:
+    """Parses a PEM bundle (leaf first); raises :class:`CertificateInvalid` if empty or malformed."""
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise CertificateInvalid(f"malformed PEM certificate: {exc}", reason="MALFORMED") from exc
+    if not certs:
+        raise CertificateInvalid("no certificate in PEM data", reason="MALFORMED")
+    return certs
+
+
+def split_san(name: str) -> x509.GeneralName:
+    """Classifies a token SAN the way step-ca does: IP, e-mail, URI (has a scheme) or DNS name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if "://" in name:
+        return x509.UniformResourceIdentifier(name)
+    if "@" in name:
+        return x509.RFC822Name(name)
+    return x509.DNSName(name)
+
+
+def build_csr(key: ec.EllipticCurvePrivateKey, sans: Sequence[str]) -> bytes:
+    """A PEM CSR with an empty subject (step-ca takes the CN from the token) and exactly ``sans``."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    if sans:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([split_san(s) for s in sans]), critical=False
+        )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
+    try:
+        return cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    """Every URI SAN of the certificate, in order."""
+    san = _san(cert)
+    return [] if san is None else san.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def dns_sans(cert: x509.Certificate) -> list[str]:
+    """Every DNS SAN of the certificate, in order."""
+    san = _san(cert)
+    return [] if san is None else san.get_values_for_type(x509.DNSName)
+
+
+def all_sans(cert: x509.Certificate) -> set[str]:
+    """Every DNS, IP, e-mail and URI SAN as text (for comparing with a token's ``sans``)."""
+    san = _san(cert)
+    if san is None:
+        return set()
+    out: set[str] = set()
+    out.update(san.get_values_for_type(x509.DNSName))
+    out.update(san.get_values_for_type(x509.UniformResourceIdentifier))
+    out.update(san.get_values_for_type(x509.RFC822Name))
+    out.update(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+    return out
+
+
+def single_spiffe_id(cert: x509.Certificate) -> SpiffeId:
+    """The certificate's SPIFFE ID: its one and only URI SAN, which must parse as a SPIFFE ID."""
+    uris = uri_sans(cert)
+    if len(uris) != 1:
+        raise CertificateInvalid(
+            f"an X.509-SVID carries exactly one URI SAN, this certificate has {len(uris)}",
+            reason="URI_SAN_COUNT",
+        )
+    return SpiffeId.parse(uris[0])
+
+
+def verify_chain(
+    chain: Sequence[x509.Certificate], root: x509.Certificate, *, at: datetime | None = None
+) -> None:
+    """Verifies ``chain`` (leaf first, then intermediates) up to the pinned ``root`` as of ``at``.
+
+    Uses the RFC 5280 path validation of ``cryptography`` with its client-certificate profile (the
+    leaf must allow clientAuth, which every Strongroom workload certificate does).
+    """
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    when = at or datetime.now(UTC)
+    verifier = PolicyBuilder().store(Store([root])).time(when).build_client_verifier()
+    try:
+        verifier.verify(chain[0], list(chain[1:]))
+    except VerificationError as exc:
+        raise CertificateInvalid(
+            f"certificate chain does not verify against the pinned root: {exc}",
+            reason="CHAIN_UNVERIFIED",
+        ) from exc
+
+
+def not_before(cert: x509.Certificate) -> datetime:
+    """Start of validity (aware UTC)."""
+    return cert.not_valid_before_utc
+
+
+def not_after(cert: x509.Certificate) -> datetime:
+    """End of validity (aware UTC)."""
+    return cert.not_valid_after_utc

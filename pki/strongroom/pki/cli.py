@@ -1,0 +1,166 @@
+"""``strongroom pki ...``: create and run the CA, mint enrolment tokens, enrol a workload.
+
+Secrets come from files or the environment, never from the command line: the CA password lives in
+the CA directory, tokens are read from ``--token-file`` or ``$STRONGROOM_PKI_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from strongroom.pki._duration import parse_duration
+from strongroom.pki.bootstrap import init_ca
+from strongroom.pki.client import CaClient
+from strongroom.pki.errors import InvalidPkiConfig
+from strongroom.pki.identity import WorkloadIdentity
+from strongroom.pki.layout import CaLayout
+from strongroom.pki.spiffe import SpiffeId
+from strongroom.pki.stepca import StepCa
+from strongroom.pki.token import mint_token
+
+TOKEN_ENV = "STRONGROOM_PKI_TOKEN"
+
+
+def register(sub: Any) -> None:
+    """Adds ``pki init|serve|token|enrol``."""
+    pki = sub.add_parser("pki", help="internal CA (step-ca) and workload certificates")
+    commands = pki.add_subparsers(dest="pki_command", metavar="PKI_COMMAND", required=True)
+
+    init = commands.add_parser("init", help="create a CA directory (root, intermediate, ca.json)")
+    init.add_argument("--dir", type=Path, required=True, help="CA directory to create")
+    init.add_argument("--trust-domain", default="strongroom.internal")
+    init.add_argument(
+        "--dns",
+        action="append",
+        dest="dns_names",
+        metavar="NAME",
+        help="name or IP in the CA's TLS certificate (repeatable; default localhost)",
+    )
+    init.add_argument("--address", default="127.0.0.1:9000", help="listen address HOST:PORT")
+    init.add_argument("--url", help="URL clients use (default https://<first --dns>:<port>)")
+    init.add_argument("--default-lifetime", default="1h", help="default certificate lifetime")
+    init.add_argument("--max-lifetime", default="24h")
+    init.add_argument("--min-lifetime", default="5m")
+    init.add_argument("--db", choices=("bbolt", "badgerv2", "none"), default="bbolt")
+    init.set_defaults(func=_init)
+
+    serve = commands.add_parser("serve", help="run step-ca for a CA directory until stopped")
+    serve.add_argument("--dir", type=Path, required=True)
+    serve.add_argument("--binary", type=Path, help="step-ca binary (default $STRONGROOM_STEP_CA)")
+    serve.set_defaults(func=_serve)
+
+    token = commands.add_parser("token", help="print a one-time enrolment token")
+    token.add_argument("--dir", type=Path, required=True)
+    token.add_argument("--identity", required=True, help="spiffe://<trust-domain>/<service>")
+    token.add_argument(
+        "--dns", action="append", dest="dns_names", default=[], metavar="NAME", help="DNS SAN"
+    )
+    token.add_argument("--lifetime", default="5m", help="token lifetime (default 5m)")
+    token.add_argument("--ca-url", help="CA URL the token is for (default: the directory's)")
+    token.set_defaults(func=_token)
+
+    enrol = commands.add_parser(
+        "enrol", help=f"enrol with a token (from --token-file or ${TOKEN_ENV}) into a state dir"
+    )
+    enrol.add_argument("--ca-url", required=True)
+    enrol.add_argument("--root", type=Path, required=True, help="root certificate to pin (PEM)")
+    enrol.add_argument("--token-file", type=Path)
+    enrol.add_argument("--state-dir", type=Path, required=True)
+    enrol.add_argument("--lifetime", help="certificate lifetime (default: the CA's)")
+    enrol.set_defaults(func=_enrol)
+
+
+def _init(args: argparse.Namespace) -> int:
+    layout = init_ca(
+        args.dir,
+        trust_domain=args.trust_domain,
+        dns_names=args.dns_names or ["localhost"],
+        address=args.address,
+        url=args.url,
+        default_lifetime=parse_duration(args.default_lifetime),
+        max_lifetime=parse_duration(args.max_lifetime),
+        min_lifetime=parse_duration(args.min_lifetime),
+        database=args.db,
+    )
+    root = x509.load_pem_x509_certificate(layout.root_pem)
+    fingerprint = hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).hexdigest()
+    print(f"CA directory:     {layout.directory}")
+    print(f"trust domain:     {layout.trust_domain}")
+    print(f"URL:              {layout.url}")
+    print(f"root certificate: {layout.root_cert_path}")
+    print(f"root SHA-256:     {fingerprint}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    ca = StepCa(args.dir, binary=args.binary)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        ca.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    ca.start()
+    print(f"step-ca serving {ca.url} (log: {ca.layout.log_path})", file=sys.stderr, flush=True)
+    try:
+        status = ca.wait()
+    except InvalidPkiConfig:
+        return 0  # stopped by a signal
+    return 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else 1
+
+
+def _token(args: argparse.Namespace) -> int:
+    layout = CaLayout.load(args.dir)
+    identity = SpiffeId.parse(args.identity)
+    if not identity.member_of(layout.trust_domain):
+        raise InvalidPkiConfig(
+            f"{identity} is not in this CA's trust domain {layout.trust_domain!r}"
+        )
+    print(
+        mint_token(
+            layout.provisioner(),
+            ca_url=args.ca_url or layout.url,
+            subject=str(identity),
+            sans=[str(identity), *args.dns_names],
+            lifetime=parse_duration(args.lifetime),
+            root_pem=layout.root_pem,
+        )
+    )
+    return 0
+
+
+def _read_token(path: Path | None) -> str:
+    if path is not None:
+        return path.read_text().strip()
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise InvalidPkiConfig(f"give the enrolment token with --token-file or ${TOKEN_ENV}")
+    return token
+
+
+def _enrol(args: argparse.Namespace) -> int:
+    ca = CaClient(args.ca_url, args.root.read_bytes())
+    identity = WorkloadIdentity.enrol(
+        ca,
+        _read_token(args.token_file),
+        lifetime=parse_duration(args.lifetime) if args.lifetime else None,
+        state_dir=args.state_dir,
+        auto_renew=False,
+    )
+    with identity:
+        credentials = identity.credentials
+        print(f"enrolled {credentials.spiffe_id}")
+        print(f"serial:    {credentials.serial:x}")
+        print(f"not after: {credentials.not_after.isoformat()}")
+        print(f"state:     {args.state_dir}")
+    return 0

@@ -1,0 +1,168 @@
+"""A small HTTPS client for step-ca's API (``/health``, ``/1.0/sign``, ``/1.0/renew``, ``/1.0/rekey``).
+
+Standard library only (``http.client`` + ``ssl``) with the CA's root pinned: the system trust store is
+never consulted. Every certificate chain the CA returns is verified against that root before use.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import ssl
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography import x509
+
+from strongroom.pki._duration import go_duration
+from strongroom.pki._files import memory_file
+from strongroom.pki._x509 import cert_spki_der, load_chain, verify_chain
+from strongroom.pki.errors import CaRejected, CaUnavailable, CertificateInvalid, InvalidPkiConfig
+
+_log = logging.getLogger(__name__)
+
+_MAX_RESPONSE = 1 << 20
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    """The current key and chain, presented to the CA over mTLS for renewal."""
+
+    key_pem: bytes
+    chain_pem: bytes
+
+    def __repr__(self) -> str:
+        return "ClientCertificate(<redacted>)"
+
+
+class CaClient:
+    """Talks to one step-ca over TLS with ``root_pem`` pinned."""
+
+    def __init__(self, url: str, root_pem: bytes, *, timeout: float = 10.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname or parts.path not in {"", "/"}:
+            raise InvalidPkiConfig(f"CA URL {url!r} must be https://host[:port]")
+        self.url = url.rstrip("/")
+        self.host = parts.hostname
+        self.port = parts.port or 443
+        self.root = load_chain(root_pem)[0]
+        self.root_pem = root_pem
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"CaClient({self.url!r})"
+
+    def _context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=self.root_pem.decode())
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        client_cert: ClientCertificate | None = None,
+    ) -> dict[str, Any]:
+        context = self._context()
+        if client_cert is not None:
+            with memory_file(client_cert.chain_pem + client_cert.key_pem, "tls-client") as path_:
+                context.load_cert_chain(path_)
+        connection = http.client.HTTPSConnection(
+            self.host, self.port, timeout=self.timeout, context=context
+        )
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Accept": "application/json"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            connection.request(method, path, body=payload, headers=headers)
+            response = connection.getresponse()
+            raw = response.read(_MAX_RESPONSE)
+            status = response.status
+        except ssl.SSLCertVerificationError as exc:
+            raise CertificateInvalid(
+                f"the CA at {self.url} presented a certificate that does not verify against the "
+                f"pinned root: {exc.verify_message}",
+                reason="CA_CERT_UNVERIFIED",
+            ) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise CaUnavailable(f"cannot reach the CA at {self.url}{path}: {exc}") from exc
+        finally:
+            connection.close()
+        try:
+            document = json.loads(raw) if raw else {}
+        except ValueError:
+            document = {}
+        if not isinstance(document, dict):
+            document = {}
+        if status >= 500:
+            raise CaUnavailable(
+                f"the CA answered {method} {path} with HTTP {status}: {_ca_message(document, raw)}",
+                reason="CA_ERROR",
+            )
+        if status >= 400:
+            raise CaRejected(
+                f"the CA refused {method} {path} (HTTP {status}): {_ca_message(document, raw)}"
+            )
+        return document
+
+    def health(self) -> None:
+        """Raises :class:`CaUnavailable` unless ``/health`` answers ``{"status": "ok"}``."""
+        document = self._request("GET", "/health")
+        if document.get("status") != "ok":
+            raise CaUnavailable(f"the CA at {self.url} is not healthy: {document!r}")
+
+    def sign(
+        self, csr_pem: bytes, token: str, *, lifetime: timedelta | None = None
+    ) -> list[x509.Certificate]:
+        """Exchanges a one-time token and a CSR for a verified chain (leaf first)."""
+        body: dict[str, Any] = {"csr": csr_pem.decode(), "ott": token}
+        if lifetime is not None:
+            body["notAfter"] = go_duration(lifetime)
+        csr = x509.load_pem_x509_csr(csr_pem)
+        return self._chain(self._request("POST", "/1.0/sign", body), cert_spki_der_of_csr(csr))
+
+    def renew(self, current: ClientCertificate) -> list[x509.Certificate]:
+        """Renews the current certificate (same key, same lifetime) over mTLS."""
+        leaf = load_chain(current.chain_pem)[0]
+        return self._chain(
+            self._request("POST", "/1.0/renew", {}, client_cert=current), cert_spki_der(leaf)
+        )
+
+    def rekey(self, current: ClientCertificate, csr_pem: bytes) -> list[x509.Certificate]:
+        """Renews the current certificate onto the new key in ``csr_pem``, over mTLS."""
+        csr = x509.load_pem_x509_csr(csr_pem)
+        document = self._request("POST", "/1.0/rekey", {"csr": csr_pem.decode()}, client_cert=current)
+        return self._chain(document, cert_spki_der_of_csr(csr))
+
+    def _chain(self, document: dict[str, Any], expected_spki: bytes) -> list[x509.Certificate]:
+        pems = document.get("certChain") or [document.get("crt"), document.get("ca")]
+        if not isinstance(pems, list) or not all(isinstance(p, str) and p for p in pems):
+            raise CaUnavailable("the CA's answer has no certificate chain", reason="CA_BAD_ANSWER")
+        chain = load_chain("".join(pems).encode())
+        verify_chain(chain, self.root)
+        if cert_spki_der(chain[0]) != expected_spki:
+            raise CertificateInvalid(
+                "the CA returned a certificate for a different key", reason="KEY_MISMATCH"
+            )
+        return chain
+
+
+def cert_spki_der_of_csr(csr: x509.CertificateSigningRequest) -> bytes:
+    """SubjectPublicKeyInfo DER of a CSR's key."""
+    from cryptography.hazmat.primitives import serialization
+
+    return csr.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _ca_message(document: dict[str, Any], raw: bytes) -> str:
+    message = document.get("message")
+    if isinstance(message, str) and message:
+        return message
+    return raw[:200].decode("utf-8", "replace").strip() or "(no message)"

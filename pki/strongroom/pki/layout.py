@@ -1,0 +1,141 @@
+"""Where a Strongroom CA directory keeps its files, and loading them back.
+
+::
+
+    <dir>/config/ca.json              step-ca configuration (paths in it are relative to <dir>)
+    <dir>/config/strongroom.json      trust domain, CA URL and provisioner name
+    <dir>/certs/root_ca.crt           the root to pin everywhere
+    <dir>/certs/intermediate_ca.crt   the issuing CA
+    <dir>/secrets/password            password of both CA keys (0600; step-ca reads it as a file)
+    <dir>/secrets/root_ca_key         encrypted PKCS#8 (0600)
+    <dir>/secrets/intermediate_ca_key encrypted PKCS#8 (0600)
+    <dir>/secrets/provisioner_key     the JWK provisioner's ES256 key, PKCS#8 PEM (0600)
+    <dir>/db/                         step-ca's database (used-token list, issued certificates)
+    <dir>/logs/step-ca.log            step-ca's output when started by :class:`~strongroom.pki.stepca.StepCa`
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from strongroom.pki import _jose
+from strongroom.pki._files import read_private
+from strongroom.pki.errors import InvalidPkiConfig
+
+CONFIG = Path("config/ca.json")
+META = Path("config/strongroom.json")
+ROOT_CERT = Path("certs/root_ca.crt")
+INTERMEDIATE_CERT = Path("certs/intermediate_ca.crt")
+PASSWORD = Path("secrets/password")
+ROOT_KEY = Path("secrets/root_ca_key")
+INTERMEDIATE_KEY = Path("secrets/intermediate_ca_key")
+PROVISIONER_KEY = Path("secrets/provisioner_key")
+DB = Path("db")
+LOG = Path("logs/step-ca.log")
+
+
+@dataclass(frozen=True)
+class Provisioner:
+    """A JWK provisioner able to mint one-time tokens. Its key never appears in ``repr``."""
+
+    name: str
+    key: ec.EllipticCurvePrivateKey = field(repr=False)
+
+    @property
+    def kid(self) -> str:
+        """The key id step-ca looks the provisioner up by: the JWK's RFC 7638 thumbprint."""
+        return _jose.thumbprint(self.key.public_key())
+
+
+@dataclass(frozen=True)
+class CaLayout:
+    """A CA directory made by :func:`~strongroom.pki.bootstrap.init_ca`."""
+
+    directory: Path
+    trust_domain: str
+    url: str
+    address: str
+    dns_names: tuple[str, ...]
+    provisioner_name: str
+
+    @classmethod
+    def load(cls, directory: Path | str) -> CaLayout:
+        """Reads the layout of an initialised CA directory."""
+        base = Path(directory).resolve()
+        try:
+            meta = json.loads((base / META).read_text())
+            return cls(
+                directory=base,
+                trust_domain=str(meta["trust_domain"]),
+                url=str(meta["url"]),
+                address=str(meta["address"]),
+                dns_names=tuple(str(n) for n in meta["dns_names"]),
+                provisioner_name=str(meta["provisioner_name"]),
+            )
+        except FileNotFoundError as exc:
+            raise InvalidPkiConfig(
+                f"{base} is not an initialised CA directory (run 'strongroom pki init')",
+                reason="CA_DIR_MISSING",
+            ) from exc
+        except (KeyError, ValueError, TypeError) as exc:
+            raise InvalidPkiConfig(f"{base / META} is malformed: {exc}") from exc
+
+    def path(self, relative: Path) -> Path:
+        """Absolute path of one of the module-level relative paths."""
+        return self.directory / relative
+
+    @property
+    def config_path(self) -> Path:
+        """step-ca's ``ca.json``."""
+        return self.directory / CONFIG
+
+    @property
+    def password_path(self) -> Path:
+        """The file holding the CA keys' password."""
+        return self.directory / PASSWORD
+
+    @property
+    def root_cert_path(self) -> Path:
+        """The root certificate file."""
+        return self.directory / ROOT_CERT
+
+    @property
+    def log_path(self) -> Path:
+        """Where :class:`~strongroom.pki.stepca.StepCa` writes step-ca's output."""
+        return self.directory / LOG
+
+    @property
+    def root_pem(self) -> bytes:
+        """The root certificate, PEM: what every workload pins."""
+        return self.root_cert_path.read_bytes()
+
+    @property
+    def port(self) -> int:
+        """The TCP port step-ca listens on."""
+        return int(self.address.rsplit(":", 1)[1])
+
+    def provisioner(self) -> Provisioner:
+        """Loads the JWK provisioner (name and signing key) for minting tokens."""
+        key = serialization.load_pem_private_key(
+            read_private(self.directory / PROVISIONER_KEY), password=None
+        )
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise InvalidPkiConfig("the provisioner key is not an EC key")
+        return Provisioner(self.provisioner_name, key)
+
+    def load_intermediate(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        """Loads the issuing CA certificate and key (for operator tooling and tests)."""
+        password = read_private(self.password_path).strip()
+        key = serialization.load_pem_private_key(
+            read_private(self.directory / INTERMEDIATE_KEY), password=password
+        )
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise InvalidPkiConfig("the intermediate CA key is not an EC key")
+        cert = x509.load_pem_x509_certificate((self.directory / INTERMEDIATE_CERT).read_bytes())
+        return cert, key

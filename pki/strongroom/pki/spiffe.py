@@ -1,0 +1,85 @@
+"""SPIFFE IDs (``spiffe://<trust-domain>/<path>``), parsed strictly as the SPIFFE-ID specification says.
+
+The trust domain is lowercase letters, digits, ``.``, ``-`` and ``_``; the path is ``/``-separated
+non-empty segments of letters, digits, ``.``, ``-`` and ``_`` with no ``.``/``..`` segment and no
+trailing slash; no port, user info, query or fragment; at most 2048 bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from strongroom.pki.errors import MalformedSpiffeId
+
+_SCHEME = "spiffe://"
+_MAX_LENGTH = 2048
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _check_trust_domain(trust_domain: str, original: str) -> None:
+    if not trust_domain:
+        raise MalformedSpiffeId(f"SPIFFE ID {original!r} has an empty trust domain")
+    if not _TRUST_DOMAIN.fullmatch(trust_domain):
+        raise MalformedSpiffeId(
+            f"SPIFFE ID {original!r}: the trust domain may hold only lowercase letters, digits, "
+            "'.', '-' and '_' (no port, user info or upper case)"
+        )
+
+
+@dataclass(frozen=True, order=True)
+class SpiffeId:
+    """A validated SPIFFE ID. Build one with :meth:`parse` or :meth:`of`."""
+
+    trust_domain: str
+    path: str
+
+    def __post_init__(self) -> None:
+        _check_trust_domain(self.trust_domain, str(self))
+        if self.path:
+            if not self.path.startswith("/"):
+                raise MalformedSpiffeId(f"SPIFFE ID path {self.path!r} must start with '/'")
+            for segment in self.path[1:].split("/"):
+                if not segment:
+                    raise MalformedSpiffeId(
+                        f"SPIFFE ID {str(self)!r} has an empty path segment or a trailing '/'"
+                    )
+                if segment in {".", ".."}:
+                    raise MalformedSpiffeId(
+                        f"SPIFFE ID {str(self)!r} has a '.' or '..' path segment"
+                    )
+                if not _SEGMENT.fullmatch(segment):
+                    raise MalformedSpiffeId(
+                        f"SPIFFE ID {str(self)!r}: path segments may hold only letters, digits, "
+                        "'.', '-' and '_'"
+                    )
+        if len(str(self).encode()) > _MAX_LENGTH:
+            raise MalformedSpiffeId(f"SPIFFE ID is longer than {_MAX_LENGTH} bytes")
+
+    @classmethod
+    def parse(cls, text: str) -> SpiffeId:
+        """Parses ``spiffe://trust-domain/path``; raises :class:`MalformedSpiffeId` otherwise."""
+        if len(text.encode()) > _MAX_LENGTH:
+            raise MalformedSpiffeId(f"SPIFFE ID is longer than {_MAX_LENGTH} bytes")
+        if not text.startswith(_SCHEME):
+            shown = text if len(text) <= 80 else text[:80] + "…"
+            raise MalformedSpiffeId(f"{shown!r} is not a SPIFFE ID (scheme must be 'spiffe://')")
+        rest = text[len(_SCHEME) :]
+        if "?" in rest or "#" in rest:
+            raise MalformedSpiffeId(f"SPIFFE ID {text!r} must not have a query or fragment")
+        trust_domain, slash, path = rest.partition("/")
+        _check_trust_domain(trust_domain, text)
+        return cls(trust_domain, slash + path if slash else "")
+
+    @classmethod
+    def of(cls, trust_domain: str, *segments: str) -> SpiffeId:
+        """Builds ``spiffe://trust_domain/seg1/seg2``."""
+        return cls(trust_domain, "".join("/" + s for s in segments))
+
+    def __str__(self) -> str:
+        return f"{_SCHEME}{self.trust_domain}{self.path}"
+
+    def member_of(self, trust_domain: str) -> bool:
+        """Tells whether this ID belongs to ``trust_domain``."""
+        return self.trust_domain == trust_domain

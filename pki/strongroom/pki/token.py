@@ -1,0 +1,64 @@
+"""One-time enrolment tokens for step-ca's JWK provisioner (ES256 JWTs), minted locally."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from strongroom.pki import _jose
+from strongroom.pki.errors import InvalidPkiConfig
+from strongroom.pki.layout import Provisioner
+
+DEFAULT_TOKEN_LIFETIME = timedelta(minutes=5)
+
+
+def sign_audience(ca_url: str) -> str:
+    """``https://<host>:<port>/1.0/sign``: the audience step-ca requires in sign tokens."""
+    parts = urlsplit(ca_url)
+    if parts.scheme != "https" or not parts.netloc:
+        raise InvalidPkiConfig(f"CA URL {ca_url!r} must be https://host[:port]")
+    return f"https://{parts.netloc}/1.0/sign"
+
+
+def mint_token(
+    provisioner: Provisioner,
+    *,
+    ca_url: str,
+    subject: str,
+    sans: Sequence[str],
+    lifetime: timedelta = DEFAULT_TOKEN_LIFETIME,
+    root_pem: bytes | None = None,
+    now: float | None = None,
+) -> str:
+    """Mints a one-time token authorising one certificate for ``subject`` with exactly ``sans``.
+
+    The CSR presented with it must carry exactly these SANs. ``root_pem``, when given, adds the
+    root's SHA-256 fingerprint as ``sha`` (how step's clients bootstrap trust from a token).
+    """
+    if not subject:
+        raise InvalidPkiConfig("a token needs a subject")
+    if lifetime <= timedelta(0) or lifetime > timedelta(hours=1):
+        raise InvalidPkiConfig("token lifetime must be positive and at most 1h")
+    issued = int(now if now is not None else time.time())
+    claims: dict[str, object] = {
+        "iss": provisioner.name,
+        "sub": subject,
+        "aud": sign_audience(ca_url),
+        "sans": list(sans),
+        "jti": secrets.token_hex(32),
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + int(lifetime.total_seconds()),
+    }
+    if root_pem is not None:
+        der = x509.load_pem_x509_certificate(root_pem).public_bytes(serialization.Encoding.DER)
+        claims["sha"] = hashlib.sha256(der).hexdigest()
+    header = {"alg": "ES256", "kid": provisioner.kid, "typ": "JWT"}
+    return _jose.sign_es256(provisioner.key, header, claims)
