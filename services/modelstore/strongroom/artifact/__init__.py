@@ -1,0 +1,55 @@
+"""Encrypted model artifacts: a canonical header bound into a C2SP chunked-encryption body.
+
+The format is described in ``services/modelstore/ARTIFACT_FORMAT.md``. Modules:
+
+* :mod:`~strongroom.artifact.c2sp` — c2sp.org/chunked-encryption v1 (raw construction, hazmat);
+* :mod:`~strongroom.artifact.format` — layout, header build/parse, keyless summary;
+* :mod:`~strongroom.artifact.validate` — incremental keyless structure validation (model store);
+* :mod:`~strongroom.artifact.writer` — one-pass streaming encryption;
+* :mod:`~strongroom.artifact.reader` — random access and parallel whole-artifact decryption;
+* :mod:`~strongroom.artifact.stream` — incremental decryption of a downloading artifact.
+"""
+
+from strongroom.artifact._memory import wipe
+from strongroom.artifact.errors import ArtifactTooLarge, DecryptionFailed, InvalidArtifact
+from strongroom.artifact.format import (
+    FORMAT_VERSION,
+    MAGIC,
+    ArtifactHeader,
+    ArtifactSummary,
+    BodyEncryption,
+    WrapMechanism,
+    build_header,
+    parse_header,
+    read_header,
+    read_summary,
+)
+from strongroom.artifact.reader import ArtifactReader
+from strongroom.artifact.stream import BufferedStreamDecryptor, StreamDecryptor
+from strongroom.artifact.validate import StructureValidator, summarize
+from strongroom.artifact.writer import ArtifactWriter, encrypt_bytes, encrypt_stream
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "ArtifactHeader",
+    "ArtifactReader",
+    "ArtifactSummary",
+    "ArtifactTooLarge",
+    "ArtifactWriter",
+    "BodyEncryption",
+    "BufferedStreamDecryptor",
+    "DecryptionFailed",
+    "InvalidArtifact",
+    "StreamDecryptor",
+    "StructureValidator",
+    "WrapMechanism",
+    "build_header",
+    "encrypt_bytes",
+    "encrypt_stream",
+    "parse_header",
+    "read_header",
+    "read_summary",
+    "summarize",
+    "wipe",
+]

@@ -1,0 +1,472 @@
+"""The artifact container: prefix, canonical protobuf header, C2SP body, digest footer (no keys here).
+
+Byte layout (``services/modelstore/ARTIFACT_FORMAT.md`` is the normative description)::
+
+    offset 0       8 bytes   magic  "SRMODEL\\0"
+    offset 8       4 bytes   format version, big-endian (1)
+    offset 12      4 bytes   header length N, big-endian (1 .. 65536)
+    offset 16      N bytes   ArtifactHeader, canonical protobuf
+    offset 16+N    B bytes   body: C2SP chunked-encryption v1 of  plaintext || SHA-256(plaintext)
+                             with context = the 16+N bytes above
+    offset 16+N+B  32 bytes  footer: SHA-256(plaintext), in clear
+
+``B`` follows from ``plaintext_size`` alone, so the total length of an artifact is known as soon as
+its header has been read. This module parses and validates structure only; it never sees a key.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import struct
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import BinaryIO
+
+from google.protobuf.message import DecodeError
+
+from strongroom.api.artifact.v1 import header_pb2
+from strongroom.api.keybroker.v1 import keybroker_pb2
+from strongroom.artifact import c2sp
+from strongroom.artifact.errors import InvalidArtifact
+
+__all__ = [
+    "DIGEST_SIZE",
+    "FOOTER_SIZE",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "MAX_HEADER_SIZE",
+    "MAX_PLAINTEXT_SIZE",
+    "PREFIX_SIZE",
+    "ArtifactHeader",
+    "ArtifactSummary",
+    "BodyEncryption",
+    "WrapMechanism",
+    "body_size",
+    "build_header",
+    "check_prefix",
+    "parse_header",
+    "read_header",
+    "read_summary",
+]
+
+MAGIC = b"SRMODEL\x00"
+"""First eight bytes of every artifact."""
+FORMAT_VERSION = 1
+"""The only format version this library reads and writes."""
+_PREFIX = struct.Struct(">8sII")
+PREFIX_SIZE = _PREFIX.size
+"""Magic, format version and header length: 16 bytes."""
+MAX_HEADER_SIZE = 64 * 1024
+"""Largest protobuf header accepted (bytes)."""
+DIGEST_SIZE = 32
+"""SHA-256 digest length: appended to the encrypted message and repeated in the footer."""
+FOOTER_SIZE = DIGEST_SIZE
+MAX_PLAINTEXT_SIZE = 1 << 40
+"""Largest model accepted: 1 TiB (2^26 chunks, far below the C2SP limit of 2^38)."""
+DEK_SIZE = 32
+"""The data key is an AES-256 key (the C2SP input key)."""
+
+MAX_NAME_LENGTH = 128
+MAX_VERSION_LENGTH = 64
+MAX_CONTENT_TYPE_LENGTH = 128
+MAX_KEY_ID_LENGTH = 128
+MIN_WRAPPED_DEK_SIZE = 16
+MAX_WRAPPED_DEK_SIZE = 1024
+MAX_SIGNATURE_BUNDLE_SIZE = 32 * 1024
+MAX_MEDIA_TYPE_LENGTH = 128
+_MAX_TIMESTAMP_SECONDS = 253402300799  # 9999-12-31T23:59:59Z, the protobuf Timestamp limit
+
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+# RFC 6838 restricted names, lower case only so each media type has one spelling; no parameters.
+_RESTRICTED = r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}"
+_MEDIA_TYPE = re.compile(rf"{_RESTRICTED}/{_RESTRICTED}")
+
+
+class WrapMechanism(enum.IntEnum):
+    """How the header's data key is wrapped; same numbers as ``strongroom.api.keybroker.v1.WrapMechanism``."""
+
+    UNSPECIFIED = 0
+    AES_KEY_WRAP_PAD = 1
+    RSA_OAEP_SHA1 = 2
+    RSA_OAEP_SHA256 = 3
+
+
+class BodyEncryption(enum.IntEnum):
+    """The body's encryption scheme; same numbers as ``strongroom.api.artifact.v1.BodyEncryption``."""
+
+    UNSPECIFIED = 0
+    C2SP_CHUNKED_AES_256_GCM_HKDF_SHA512 = 1
+
+
+def body_size(plaintext_size: int) -> int:
+    """Exact body length for a plaintext of ``plaintext_size`` bytes (the message carries the digest)."""
+    return c2sp.ciphertext_size(plaintext_size + DIGEST_SIZE)
+
+
+def _invalid(reason: str, message: str) -> InvalidArtifact:
+    return InvalidArtifact(message, reason=reason)
+
+
+@dataclass(frozen=True, repr=False)
+class ArtifactHeader:
+    """A parsed, validated artifact header and its exact encoding.
+
+    ``encoded`` is every byte before the body (prefix and canonical protobuf): it is what the body's
+    C2SP context binds. The values are structurally valid but *unauthenticated* until a keyed reader
+    checks the body's commitment against ``encoded``.
+    """
+
+    model_name: str
+    model_version: str
+    content_type: str
+    key_id: str
+    key_version: int
+    wrapped_dek: bytes
+    wrap_mechanism: WrapMechanism
+    plaintext_size: int
+    created_at: datetime
+    signature_bundle: bytes
+    signature_bundle_media_type: str
+    body_encryption: BodyEncryption
+    chunk_size: int
+    format_version: int
+    encoded: bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"ArtifactHeader(model_name={self.model_name!r}, model_version={self.model_version!r}, "
+            f"key_id={self.key_id!r}, key_version={self.key_version}, "
+            f"plaintext_size={self.plaintext_size}, header_size={self.header_size})"
+        )
+
+    @property
+    def header_size(self) -> int:
+        """Bytes before the body: prefix plus protobuf header (the body's offset)."""
+        return len(self.encoded)
+
+    @property
+    def message_size(self) -> int:
+        """Length of the encrypted C2SP message: plaintext plus its 32-byte digest."""
+        return self.plaintext_size + DIGEST_SIZE
+
+    @property
+    def chunk_count(self) -> int:
+        """Number of C2SP chunks in the body."""
+        return c2sp.chunk_count(self.message_size)
+
+    @property
+    def body_size(self) -> int:
+        """Exact body length in bytes."""
+        return body_size(self.plaintext_size)
+
+    @property
+    def footer_offset(self) -> int:
+        """Offset of the 32-byte footer."""
+        return self.header_size + self.body_size
+
+    @property
+    def artifact_size(self) -> int:
+        """Exact length of the whole artifact."""
+        return self.footer_offset + FOOTER_SIZE
+
+    @property
+    def context(self) -> bytes:
+        """The C2SP context of the body: the exact prefix and header bytes."""
+        return self.encoded
+
+
+@dataclass(frozen=True)
+class ArtifactSummary:
+    """What a keyless party (the model store, ``strongroom model inspect``) can know of an artifact.
+
+    Every value is as the artifact claims it: structurally checked (limits, canonical header, exact
+    length), but only a holder of the data key can authenticate it. ``plaintext_sha256`` comes from
+    the footer (lower-case hex). ``header_size`` counts the prefix and the protobuf header;
+    ``artifact_size`` is exactly ``header_size + body_size + 32``.
+    """
+
+    name: str
+    version: str
+    content_type: str
+    key_id: str
+    key_version: int
+    plaintext_size: int
+    plaintext_sha256: str
+    created_at: datetime
+    header_size: int
+    artifact_size: int
+    wrapped_dek_mechanism: WrapMechanism
+    body_size: int
+    format_version: int
+    has_signature_bundle: bool
+
+    @classmethod
+    def of(cls, header: ArtifactHeader, footer: bytes) -> ArtifactSummary:
+        """Combines a parsed header and its 32-byte footer."""
+        if len(footer) != FOOTER_SIZE:
+            raise _invalid("TRUNCATED", "artifact footer is truncated")
+        return cls(
+            name=header.model_name,
+            version=header.model_version,
+            content_type=header.content_type,
+            key_id=header.key_id,
+            key_version=header.key_version,
+            plaintext_size=header.plaintext_size,
+            plaintext_sha256=bytes(footer).hex(),
+            created_at=header.created_at,
+            header_size=header.header_size,
+            artifact_size=header.artifact_size,
+            wrapped_dek_mechanism=header.wrap_mechanism,
+            body_size=header.body_size,
+            format_version=header.format_version,
+            has_signature_bundle=bool(header.signature_bundle),
+        )
+
+
+def check_prefix(data: bytes | bytearray | memoryview) -> int | None:
+    """Checks as much of the 16-byte prefix as ``data`` holds; returns the header length once known.
+
+    Rejects a wrong magic or version as soon as the offending byte is present, so a streaming
+    validator fails on the first bad piece. Returns None while the prefix is incomplete.
+    """
+    view = memoryview(data)
+    have = min(view.nbytes, PREFIX_SIZE)
+    if view[: min(have, len(MAGIC))] != MAGIC[: min(have, len(MAGIC))]:
+        raise _invalid("BAD_MAGIC", "not a Strongroom model artifact (bad magic)")
+    if have >= 12:
+        (version,) = struct.unpack_from(">I", view, 8)
+        if version != FORMAT_VERSION:
+            raise _invalid(
+                "UNSUPPORTED_FORMAT_VERSION",
+                f"artifact format version {version} is not supported (only {FORMAT_VERSION})",
+            )
+    elif have > 8 and any(view[8:have]):
+        # The version's high bytes are already non-zero: it cannot be 1.
+        raise _invalid("UNSUPPORTED_FORMAT_VERSION", "artifact format version is not supported")
+    if have < PREFIX_SIZE:
+        return None
+    _, _, header_len = _PREFIX.unpack_from(view)
+    if header_len == 0:
+        raise _invalid("HEADER_EMPTY", "artifact header is empty")
+    if header_len > MAX_HEADER_SIZE:
+        raise _invalid(
+            "HEADER_TOO_LARGE", f"artifact header of {header_len} bytes exceeds {MAX_HEADER_SIZE}"
+        )
+    return int(header_len)
+
+
+def _check_ascii(
+    value: str, pattern: re.Pattern[str], max_len: int, reason: str, what: str
+) -> None:
+    if not value:
+        raise _invalid(reason, f"{what} is empty")
+    if len(value) > max_len:
+        raise _invalid(reason, f"{what} is longer than {max_len} characters")
+    if not value.isascii() or not pattern.fullmatch(value):
+        raise _invalid(reason, f"{what} has characters outside its allowed set")
+
+
+def _validate(msg: header_pb2.ArtifactHeader) -> None:
+    _check_ascii(msg.model_name, _NAME, MAX_NAME_LENGTH, "INVALID_MODEL_NAME", "model name")
+    _check_ascii(
+        msg.model_version, _VERSION, MAX_VERSION_LENGTH, "INVALID_MODEL_VERSION", "model version"
+    )
+    _check_ascii(
+        msg.content_type,
+        _MEDIA_TYPE,
+        MAX_CONTENT_TYPE_LENGTH,
+        "INVALID_CONTENT_TYPE",
+        "content type",
+    )
+    _check_ascii(msg.key_id, _KEY_ID, MAX_KEY_ID_LENGTH, "INVALID_KEY_ID", "key id")
+    if msg.key_version < 1:
+        raise _invalid("INVALID_KEY_VERSION", "key version must be at least 1")
+    if msg.wrap_mechanism != keybroker_pb2.WRAP_MECHANISM_AES_KEY_WRAP_PAD:
+        raise _invalid(
+            "UNSUPPORTED_WRAP_MECHANISM",
+            "the data key must be wrapped with WRAP_MECHANISM_AES_KEY_WRAP_PAD",
+        )
+    wrapped = len(msg.wrapped_data_key)
+    if not MIN_WRAPPED_DEK_SIZE <= wrapped <= MAX_WRAPPED_DEK_SIZE or wrapped % 8:
+        raise _invalid(
+            "INVALID_WRAPPED_DEK",
+            f"wrapped data key must be a multiple of 8 bytes between {MIN_WRAPPED_DEK_SIZE} "
+            f"and {MAX_WRAPPED_DEK_SIZE}",
+        )
+    if msg.body_encryption != header_pb2.BODY_ENCRYPTION_C2SP_CHUNKED_AES_256_GCM_HKDF_SHA512:
+        raise _invalid("UNSUPPORTED_BODY_ENCRYPTION", "unsupported body encryption")
+    if msg.chunk_size != c2sp.CHUNK_SIZE:
+        raise _invalid("UNSUPPORTED_CHUNK_SIZE", f"chunk size must be {c2sp.CHUNK_SIZE}")
+    if msg.plaintext_size > MAX_PLAINTEXT_SIZE:
+        raise _invalid("PLAINTEXT_TOO_LARGE", f"plaintext exceeds {MAX_PLAINTEXT_SIZE} bytes")
+    if not msg.HasField("created_at"):
+        raise _invalid("INVALID_CREATED_AT", "created_at is missing")
+    ts = msg.created_at
+    if not 0 < ts.seconds <= _MAX_TIMESTAMP_SECONDS or not 0 <= ts.nanos < 1_000_000_000:
+        raise _invalid("INVALID_CREATED_AT", "created_at is out of range")
+    if len(msg.signature_bundle) > MAX_SIGNATURE_BUNDLE_SIZE:
+        raise _invalid(
+            "INVALID_SIGNATURE_BUNDLE",
+            f"signature bundle exceeds {MAX_SIGNATURE_BUNDLE_SIZE} bytes",
+        )
+    if msg.signature_bundle:
+        _check_ascii(
+            msg.signature_bundle_media_type,
+            _MEDIA_TYPE,
+            MAX_MEDIA_TYPE_LENGTH,
+            "INVALID_SIGNATURE_BUNDLE",
+            "signature bundle media type",
+        )
+    elif msg.signature_bundle_media_type:
+        raise _invalid(
+            "INVALID_SIGNATURE_BUNDLE", "signature bundle media type is set without a bundle"
+        )
+
+
+def _timestamp_to_datetime(seconds: int, nanos: int) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=UTC).replace(microsecond=nanos // 1000)
+
+
+def parse_header(data: bytes | bytearray | memoryview) -> ArtifactHeader:
+    """Parses and validates the header at the start of ``data`` (needs no key).
+
+    ``data`` must start at artifact offset 0 and hold at least the whole header; anything after
+    it is ignored. Raises InvalidArtifact with a reason code: BAD_MAGIC,
+    UNSUPPORTED_FORMAT_VERSION, HEADER_EMPTY, HEADER_TOO_LARGE, TRUNCATED, MALFORMED_HEADER,
+    UNKNOWN_HEADER_FIELD, NON_CANONICAL_HEADER, or the reason of the offending field.
+    """
+    view = memoryview(data)
+    header_len = check_prefix(view)
+    if header_len is None or view.nbytes < PREFIX_SIZE + header_len:
+        raise _invalid("TRUNCATED", "artifact is truncated inside its header")
+    encoded = bytes(view[: PREFIX_SIZE + header_len])
+    raw = encoded[PREFIX_SIZE:]
+    msg = header_pb2.ArtifactHeader()
+    try:
+        msg.ParseFromString(raw)
+    except DecodeError:
+        raise _invalid("MALFORMED_HEADER", "artifact header is not a valid protobuf") from None
+    reencoded = msg.SerializeToString(deterministic=True)
+    # Recursive (the Timestamp too); missing from the typeshed stubs.
+    msg.DiscardUnknownFields()  # type: ignore[attr-defined]
+    if msg.SerializeToString(deterministic=True) != reencoded:
+        raise _invalid(
+            "UNKNOWN_HEADER_FIELD", "artifact header has fields this reader does not know"
+        )
+    if reencoded != raw:
+        raise _invalid("NON_CANONICAL_HEADER", "artifact header is not in canonical encoding")
+    _validate(msg)
+    return ArtifactHeader(
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        content_type=msg.content_type,
+        key_id=msg.key_id,
+        key_version=msg.key_version,
+        wrapped_dek=msg.wrapped_data_key,
+        wrap_mechanism=WrapMechanism(msg.wrap_mechanism),
+        plaintext_size=msg.plaintext_size,
+        created_at=_timestamp_to_datetime(msg.created_at.seconds, msg.created_at.nanos),
+        signature_bundle=msg.signature_bundle,
+        signature_bundle_media_type=msg.signature_bundle_media_type,
+        body_encryption=BodyEncryption(msg.body_encryption),
+        chunk_size=msg.chunk_size,
+        format_version=FORMAT_VERSION,
+        encoded=encoded,
+    )
+
+
+def build_header(
+    *,
+    model_name: str,
+    model_version: str,
+    content_type: str,
+    key_id: str,
+    key_version: int,
+    wrapped_dek: bytes,
+    plaintext_size: int,
+    wrap_mechanism: WrapMechanism = WrapMechanism.AES_KEY_WRAP_PAD,
+    created_at: datetime | None = None,
+    signature_bundle: bytes = b"",
+    signature_bundle_media_type: str = "",
+) -> ArtifactHeader:
+    """Builds, encodes and validates a header (same checks as :func:`parse_header`).
+
+    ``created_at`` must be timezone-aware and defaults to now; it is kept to the microsecond.
+    Raises InvalidArtifact for any value outside the format's limits.
+    """
+    if created_at is None:
+        created_at = datetime.now(UTC)
+    if created_at.tzinfo is None:
+        raise _invalid("INVALID_CREATED_AT", "created_at must be timezone-aware")
+    if not 0 <= plaintext_size <= MAX_PLAINTEXT_SIZE:
+        raise _invalid("PLAINTEXT_TOO_LARGE", f"plaintext size must be 0..{MAX_PLAINTEXT_SIZE}")
+    if not 0 <= key_version < 1 << 32:
+        raise _invalid("INVALID_KEY_VERSION", "key version must be a 32-bit unsigned integer")
+    utc = created_at.astimezone(UTC)
+    epoch = int(utc.replace(microsecond=0).timestamp())
+    msg = header_pb2.ArtifactHeader(
+        model_name=model_name,
+        model_version=model_version,
+        content_type=content_type,
+        key_id=key_id,
+        key_version=key_version,
+        wrapped_data_key=bytes(wrapped_dek),
+        wrap_mechanism=keybroker_pb2.WrapMechanism.ValueType(int(wrap_mechanism)),
+        plaintext_size=plaintext_size,
+        body_encryption=header_pb2.BODY_ENCRYPTION_C2SP_CHUNKED_AES_256_GCM_HKDF_SHA512,
+        chunk_size=c2sp.CHUNK_SIZE,
+        signature_bundle=bytes(signature_bundle),
+        signature_bundle_media_type=signature_bundle_media_type,
+    )
+    msg.created_at.seconds = epoch
+    msg.created_at.nanos = utc.microsecond * 1000
+    _validate(msg)
+    raw = msg.SerializeToString(deterministic=True)
+    if len(raw) > MAX_HEADER_SIZE:
+        raise _invalid("HEADER_TOO_LARGE", f"artifact header exceeds {MAX_HEADER_SIZE} bytes")
+    return parse_header(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(raw)) + raw)
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    parts = []
+    remaining = size
+    while remaining:
+        piece = stream.read(remaining)
+        if not piece:
+            break
+        parts.append(piece)
+        remaining -= len(piece)
+    return b"".join(parts)
+
+
+def read_header(stream: BinaryIO) -> ArtifactHeader:
+    """Reads exactly the prefix and header from ``stream`` (positioned at offset 0) and parses them.
+
+    Leaves the stream positioned at the start of the body; needs no key and no seeking.
+    """
+    prefix = _read_exactly(stream, PREFIX_SIZE)
+    header_len = check_prefix(prefix)
+    if header_len is None:
+        raise _invalid("TRUNCATED", "artifact is truncated inside its prefix")
+    return parse_header(prefix + _read_exactly(stream, header_len))
+
+
+def read_summary(stream: BinaryIO) -> ArtifactSummary:
+    """Keyless summary of a seekable artifact: header, footer and exact total length; body unread.
+
+    Raises InvalidArtifact(TRUNCATED or TRAILING_DATA) if the stream's length is not exactly what
+    the header implies.
+    """
+    stream.seek(0)
+    header = read_header(stream)
+    end = stream.seek(0, 2)
+    if end < header.artifact_size:
+        raise _invalid("TRUNCATED", "artifact is shorter than its header implies")
+    if end > header.artifact_size:
+        raise _invalid("TRAILING_DATA", "artifact is longer than its header implies")
+    stream.seek(header.footer_offset)
+    return ArtifactSummary.of(header, _read_exactly(stream, FOOTER_SIZE))
