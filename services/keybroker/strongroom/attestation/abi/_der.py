@@ -95,3 +95,36 @@ def decode_oid(content: bytes) -> str:
             value = 0
     first = min(arcs[0] // 40, 2)
     return ".".join(str(a) for a in [first, arcs[0] - 40 * first, *arcs[1:]])
+
+
+def encode(tag: int, content: bytes) -> bytes:
+    """Encodes one DER element (used by the simulated attester to build extensions)."""
+    n = len(content)
+    if n < 0x80:
+        header = bytes([tag, n])
+    else:
+        size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        header = bytes([tag, 0x80 | len(size)]) + size
+    return header + content
+
+
+def encode_unsigned(value: int, tag: int = TAG_INTEGER) -> bytes:
+    """Encodes a non-negative INTEGER (or ENUMERATED) minimally."""
+    if value < 0:
+        raise ValueError("only non-negative values are supported")
+    content = value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big")
+    return encode(tag, content)
+
+
+def encode_oid(dotted: str) -> bytes:
+    """Encodes an OBJECT IDENTIFIER."""
+    arcs = [int(a) for a in dotted.split(".")]
+    out = bytearray()
+    for arc in [40 * arcs[0] + arcs[1], *arcs[2:]]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        out += bytes(reversed(chunk))
+    return encode(TAG_OID, bytes(out))
