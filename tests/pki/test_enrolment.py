@@ -1,0 +1,166 @@
+"""Enrolment, renewal, re-keying and persistence against a real step-ca."""
+
+from __future__ import annotations
+
+import json
+import stat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from strongroom.pki import RenewalPolicy, SpiffeId, StepCa, WorkloadIdentity, mint_token
+from strongroom.pki._jose import b64url_decode, thumbprint
+from strongroom.pki._x509 import build_csr, generate_key, verify_chain
+from strongroom.pki.errors import CaRejected, NoIdentity
+from strongroom.pki.identity import STATE_FILE
+from strongroom.pki.layout import Provisioner
+from tests.pki.helpers import enrol, sid, token_for
+
+
+def test_enrolment_issues_an_svid_with_exactly_the_token_sans(ca: StepCa) -> None:
+    with enrol(ca, "keybroker", ["keybroker"], lifetime=timedelta(minutes=7), auto_renew=False) as identity:
+        credentials = identity.credentials
+        leaf = credentials.leaf
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [sid("keybroker")]
+        assert san.get_values_for_type(x509.DNSName) == ["keybroker"]
+        assert identity.spiffe_id == SpiffeId.parse(sid("keybroker"))
+        assert identity.trust_domain == "strongroom.test"
+        assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
+        assert isinstance(leaf.public_key().curve, ec.SECP256R1)
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in eku
+        assert x509.oid.ExtendedKeyUsageOID.SERVER_AUTH in eku
+        # The requested lifetime, counted from issuance (step-ca backdates notBefore by 1 minute).
+        assert abs(credentials.lifetime - timedelta(minutes=7)) < timedelta(seconds=5)
+        assert leaf.not_valid_before_utc <= datetime.now(UTC) - timedelta(seconds=50)
+        root = x509.load_pem_x509_certificate(ca.root_pem)
+        verify_chain(credentials.chain, root)
+        assert identity.public_key_der() == credentials.key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        assert identity.certificate_pem().startswith(b"-----BEGIN CERTIFICATE-----")
+        assert "PRIVATE" not in repr(credentials) and "PRIVATE" not in repr(identity)
+        assert identity.healthy()
+
+
+def test_token_is_an_es256_jwt_as_step_ca_expects(ca: StepCa) -> None:
+    provisioner = ca.layout.provisioner()
+    token = mint_token(
+        provisioner, ca_url=ca.url, subject=sid("x"), sans=[sid("x"), "x"], root_pem=ca.root_pem
+    )
+    header_b64, payload_b64, signature_b64 = token.split(".")
+    header = json.loads(b64url_decode(header_b64))
+    claims = json.loads(b64url_decode(payload_b64))
+    assert header == {"alg": "ES256", "kid": thumbprint(provisioner.key.public_key()), "typ": "JWT"}
+    assert claims["iss"] == "strongroom"
+    assert claims["aud"] == f"{ca.url}/1.0/sign"
+    assert claims["sub"] == sid("x") and claims["sans"] == [sid("x"), "x"]
+    assert claims["nbf"] == claims["iat"] and 0 < claims["exp"] - claims["iat"] <= 300
+    assert len(claims["jti"]) == 64
+    signature = b64url_decode(signature_b64)
+    assert len(signature) == 64
+    der = encode_dss_signature(
+        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    )
+    provisioner.key.public_key().verify(
+        der, f"{header_b64}.{payload_b64}".encode(), ec.ECDSA(hashes.SHA256())
+    )
+
+
+def test_csr_with_sans_other_than_the_tokens_is_rejected_by_step_ca(ca: StepCa) -> None:
+    token = token_for(ca, "inference")
+    key = generate_key()
+    with pytest.raises(CaRejected) as caught:
+        ca.client().sign(build_csr(key, [sid("keybroker")]), token)
+    assert "403" in caught.value.message
+    token = token_for(ca, "inference")
+    with pytest.raises(CaRejected):
+        ca.client().sign(build_csr(key, [sid("inference"), "evil.example"]), token)
+
+
+def test_token_can_be_used_only_once(ca: StepCa) -> None:
+    token = token_for(ca, "inference")
+    enrol_with = ca.client()
+    WorkloadIdentity.enrol(enrol_with, token, auto_renew=False).close()
+    with pytest.raises(CaRejected):
+        WorkloadIdentity.enrol(enrol_with, token, auto_renew=False)
+
+
+def test_token_from_an_unknown_provisioner_key_is_rejected(ca: StepCa) -> None:
+    impostor = Provisioner(ca.layout.provisioner_name, ec.generate_private_key(ec.SECP256R1()))
+    token = mint_token(impostor, ca_url=ca.url, subject=sid("inference"), sans=[sid("inference")])
+    with pytest.raises(CaRejected):
+        WorkloadIdentity.enrol(ca.client(), token, auto_renew=False)
+
+
+def test_token_for_another_audience_is_rejected(ca: StepCa) -> None:
+    token = mint_token(
+        ca.layout.provisioner(),
+        ca_url="https://ca.elsewhere.example:9000",
+        subject=sid("inference"),
+        sans=[sid("inference")],
+    )
+    with pytest.raises(CaRejected):
+        WorkloadIdentity.enrol(ca.client(), token, auto_renew=False)
+
+
+def test_lifetime_beyond_the_provisioner_maximum_is_rejected(ca: StepCa) -> None:
+    with pytest.raises(CaRejected):
+        enrol(ca, "inference", lifetime=timedelta(hours=25), auto_renew=False)
+
+
+def test_renewal_keeps_the_key_and_identity(ca: StepCa) -> None:
+    policy = RenewalPolicy(rekey=False)
+    with enrol(ca, "modelstore", ["modelstore"], policy=policy, auto_renew=False) as identity:
+        before = identity.credentials
+        seen = []
+        identity.add_rotation_listener(seen.append)
+        after = identity.renew_now()
+        assert after.serial != before.serial
+        assert after.public_key_der == before.public_key_der
+        assert after.sans == before.sans and after.spiffe_id == before.spiffe_id
+        assert after.generation == before.generation + 1 == identity.generation
+        assert seen == [after]
+        verify_chain(after.chain, x509.load_pem_x509_certificate(ca.root_pem))
+
+
+def test_rekey_moves_to_a_fresh_key(ca: StepCa) -> None:
+    with enrol(ca, "modelstore", ["modelstore"], auto_renew=False) as identity:
+        before = identity.credentials
+        after = identity.renew_now()
+        assert after.public_key_der != before.public_key_der
+        assert identity.public_key_der() == after.public_key_der
+        assert after.sans == before.sans
+        assert abs(after.lifetime - before.lifetime) < timedelta(seconds=5)
+
+
+def test_state_dir_survives_a_restart_with_private_permissions(ca: StepCa, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with enrol(ca, "inference", state_dir=state, auto_renew=False) as identity:
+        first = identity.credentials
+    mode = stat.S_IMODE((state / STATE_FILE).stat().st_mode)
+    assert mode == 0o600
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    with WorkloadIdentity.start(ca.client(), state_dir=state, auto_renew=False) as resumed:
+        assert resumed.credentials.serial == first.serial
+        assert resumed.public_key_der() == first.public_key_der
+        renewed = resumed.renew_now()
+    # The renewal was persisted too.
+    with WorkloadIdentity.resume(ca.client(), state, auto_renew=False) as again:
+        assert again.credentials.serial == renewed.serial
+
+
+def test_resume_refuses_missing_or_world_readable_state(ca: StepCa, tmp_path: Path) -> None:
+    with pytest.raises(NoIdentity):
+        WorkloadIdentity.start(ca.client(), state_dir=tmp_path / "empty")
+    state = tmp_path / "state"
+    enrol(ca, "inference", state_dir=state, auto_renew=False).close()
+    (state / STATE_FILE).chmod(0o644)
+    with pytest.raises(NoIdentity, match="group or others"):
+        WorkloadIdentity.resume(ca.client(), state)
