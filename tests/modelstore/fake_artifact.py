@@ -36,6 +36,34 @@ class FakeSummary:
     artifact_size: int
 
 
+def artifact_header(
+    name: str,
+    version: str,
+    body_size: int,
+    *,
+    plaintext_sha256: str = "0" * 64,
+    created_at: datetime | None = None,
+    key_id: str = "kek-test",
+    key_version: int = 3,
+) -> bytes:
+    """The header of a fake artifact whose body of ``body_size`` bytes follows it."""
+    created = created_at or datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    header = json.dumps(
+        {
+            "name": name,
+            "version": version,
+            "content_type": "application/onnx",
+            "key_id": key_id,
+            "key_version": key_version,
+            "plaintext_size": body_size,
+            "plaintext_sha256": plaintext_sha256,
+            "created_at": created.isoformat(),
+            "body_size": body_size,
+        }
+    ).encode()
+    return MAGIC + struct.pack(">I", len(header)) + header
+
+
 def make_artifact(
     name: str,
     version: str,
@@ -46,21 +74,16 @@ def make_artifact(
     key_version: int = 3,
 ) -> bytes:
     """A valid fake artifact carrying ``body``."""
-    created = created_at or datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-    header = json.dumps(
-        {
-            "name": name,
-            "version": version,
-            "content_type": "application/onnx",
-            "key_id": key_id,
-            "key_version": key_version,
-            "plaintext_size": len(body),
-            "plaintext_sha256": hashlib.sha256(body).hexdigest(),
-            "created_at": created.isoformat(),
-            "body_size": len(body),
-        }
-    ).encode()
-    return MAGIC + struct.pack(">I", len(header)) + header + body
+    header = artifact_header(
+        name,
+        version,
+        len(body),
+        plaintext_sha256=hashlib.sha256(body).hexdigest(),
+        created_at=created_at,
+        key_id=key_id,
+        key_version=key_version,
+    )
+    return header + body
 
 
 class FakeValidator:

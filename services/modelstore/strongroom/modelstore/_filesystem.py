@@ -294,11 +294,11 @@ class FilesystemStorage:
         claims = claims if claims is not None else UploadClaims()
         early = validator if isinstance(validator, EarlyIdentity) else None
         reserved: tuple[str, str] | None = None
-        hasher = hashlib.sha256()
         try:
             temp = self._blobs.new_temp()
         except OSError as exc:
             raise io_error(exc, "creating an upload file") from None
+        hasher = hashlib.sha256()
         try:
             for chunk in chunks:
                 if not chunk:
