@@ -1,0 +1,136 @@
+"""How a key-encryption key version is stored in the token: metadata lives in the HSM only.
+
+Every KEK version is one token object (AES-256, sensitive, never extractable, wrap/unwrap only,
+``CKA_ALLOWED_MECHANISMS = [CKM_AES_KEY_WRAP_PAD]``), described entirely by its own attributes, so
+broker replicas sharing the HSM agree with no other shared state:
+
+- ``CKA_ID``    = ``b"strongroom/kek/" + key_id`` — shared by all versions of a key, so one
+  ``C_FindObjects`` returns a key's versions.
+- ``CKA_LABEL`` = ``strongroom/kek/<key_id>/v<version>/<created_at_ms>/<nonce16hex>`` — the version
+  and creation time; the random nonce tells apart two replicas racing to create the same version.
+  A version being created carries the suffix ``/pending`` and is invisible to readers until its
+  creator has checked that no rival object claims the same version and renamed it (publication is one
+  ``C_SetAttributeValue`` on ``CKA_LABEL``). A pending object older than :data:`PENDING_TTL_MS` is an
+  abandoned attempt (its creator crashed) and may be destroyed by anyone.
+- state    = ``CKA_WRAP`` and ``CKA_UNWRAP``: both true is *enabled*; disabling clears both, so the
+  HSM itself refuses a disabled version (``CKR_KEY_FUNCTION_NOT_PERMITTED``) even if a replica's
+  check raced with the change.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+PREFIX = "strongroom/kek/"
+PENDING_SUFFIX = "/pending"
+PENDING_TTL_MS = 60_000
+KEK_BITS = 256
+
+_LABEL_RE = re.compile(
+    r"^strongroom/kek/(?P<key>[a-z0-9][a-z0-9._-]{0,62})/v(?P<version>[1-9][0-9]{0,9})"
+    r"/(?P<ms>[0-9]{1,15})/(?P<nonce>[0-9a-f]{16})(?P<pending>/pending)?$"
+)
+
+#: Attributes of a KEK version at creation (python-pkcs11 adds CLASS, KEY_TYPE and VALUE_LEN).
+KEK_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.MODIFIABLE: True,
+    Attribute.COPYABLE: False,
+    Attribute.WRAP: True,
+    Attribute.UNWRAP: True,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.DERIVE: False,
+    Attribute.ALLOWED_MECHANISMS: [Mechanism.AES_KEY_WRAP_PAD],
+}
+
+#: A data key unwrapped for re-wrapping: a session object nobody can read, only wrap.
+SESSION_DEK_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.TOKEN: False,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: True,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.DERIVE: False,
+}
+
+#: A freshly generated data key that generate_data_key returns to its caller.
+RETURNED_DEK_TEMPLATE: dict[Attribute, Any] = {
+    **SESSION_DEK_TEMPLATE,
+    Attribute.SENSITIVE: False,
+}
+
+#: Attributes read to describe a candidate object.
+DESCRIBE_ATTRIBUTES = [Attribute.LABEL, Attribute.WRAP, Attribute.UNWRAP, Attribute.KEY_TYPE]
+
+#: The search template for every KEK object in the token.
+ALL_KEKS: dict[Attribute, Any] = {
+    Attribute.CLASS: ObjectClass.SECRET_KEY,
+    Attribute.KEY_TYPE: KeyType.AES,
+    Attribute.TOKEN: True,
+}
+
+
+def object_id(key_id: str) -> bytes:
+    """The CKA_ID shared by every version of ``key_id``."""
+    return (PREFIX + key_id).encode("ascii")
+
+
+def label(key_id: str, version: int, created_at_ms: int, nonce: str, *, pending: bool) -> str:
+    """The CKA_LABEL of a version (see the module docstring)."""
+    base = f"{PREFIX}{key_id}/v{version}/{created_at_ms}/{nonce}"
+    return base + PENDING_SUFFIX if pending else base
+
+
+@dataclass
+class KekObject:
+    """One KEK version found in the token, with the handle to use it."""
+
+    key: Any  # python-pkcs11 SecretKey
+    key_id: str
+    version: int
+    created_at_ms: int
+    nonce: str
+    pending: bool
+    wrap: bool
+    unwrap: bool
+
+    @property
+    def enabled(self) -> bool:
+        """Both wrap and unwrap are permitted."""
+        return self.wrap and self.unwrap
+
+
+def describe(key: Any) -> KekObject | None:
+    """Parses a candidate object; None when it is not a Strongroom KEK version."""
+    attrs = key.get_attributes(DESCRIBE_ATTRIBUTES)
+    text = attrs.get(Attribute.LABEL)
+    if attrs.get(Attribute.KEY_TYPE) != KeyType.AES or not isinstance(text, str):
+        return None
+    match = _LABEL_RE.match(text)
+    if match is None:
+        return None
+    return KekObject(
+        key=key,
+        key_id=match["key"],
+        version=int(match["version"]),
+        created_at_ms=int(match["ms"]),
+        nonce=match["nonce"],
+        pending=match["pending"] is not None,
+        wrap=bool(attrs.get(Attribute.WRAP)),
+        unwrap=bool(attrs.get(Attribute.UNWRAP)),
+    )

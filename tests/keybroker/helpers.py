@@ -1,0 +1,46 @@
+"""Helpers shared by the key-broker tests (not fixtures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pkcs11 import Attribute
+
+from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
+from strongroom.keybroker.softhsm import SoftHsmToken
+from strongroom.runtime.secrets import Secret
+
+USER_PIN = Secret(b"user-pin-0042")
+SO_PIN = Secret(b"so-pin-0042")
+
+
+def make_config(token: SoftHsmToken, module: Path | None = None, **overrides: object) -> HsmConfig:
+    """An HsmConfig for ``token`` (optionally through a replica module copy)."""
+    values: dict[str, object] = {
+        "module_path": module or token.module_path,
+        "token_label": token.label,
+        "pin": USER_PIN,
+        "module_env": token.module_env,
+        "reconnect_interval": 0.05,
+    }
+    values.update(overrides)
+    return HsmConfig(**values)  # type: ignore[arg-type]
+
+
+def spki(key: rsa.RSAPrivateKey | rsa.RSAPublicKey) -> bytes:
+    """DER SubjectPublicKeyInfo of a key."""
+    public = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def session_objects(hsm: Hsm) -> int:
+    """How many session (non-token) objects exist in the backend's session: leaks show up here."""
+
+    def op(hs: HsmSession) -> int:
+        return len(list(hs.session.get_objects({Attribute.TOKEN: False})))
+
+    return hsm.call(op, name="count session objects")
