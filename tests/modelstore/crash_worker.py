@@ -17,12 +17,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from strongroom.artifact import build_header, encrypt_bytes
+from strongroom.modelstore.artifact_validation import HeaderAwareValidator
 from strongroom.modelstore.errors import ModelExists, ModelNotFound
 from strongroom.modelstore.storage import FilesystemStorage
 from tests.modelstore.fake_artifact import FakeValidator, OpaqueValidator, chunked, make_artifact
 
 SHARED_PREFIX = "shared"
 """Models under this prefix hold opaque bytes (not fake artifacts) that several names share."""
+REAL_PREFIX = "real"
+"""Models under this prefix are real encrypted artifacts (strongroom.artifact)."""
+
+
+def real_artifact(name: str, version: str, size: int) -> bytes:
+    header = build_header(
+        model_name=name,
+        model_version=version,
+        content_type="application/octet-stream",
+        key_id="kek",
+        key_version=1,
+        wrapped_dek=os.urandom(40),
+        plaintext_size=size,
+    )
+    return encrypt_bytes(os.urandom(size), bytearray(os.urandom(32)), header=header)
 
 
 def _die(*_args: Any, **_kwargs: Any) -> None:
@@ -52,11 +69,17 @@ def main(root: Path, seed: int) -> None:
         counter += 1
         op = rng.random()
         try:
-            if op < 0.7:
+            if op < 0.35:
                 size = rng.randrange(1, 1_500_000)
                 body = hashlib.shake_256(f"{seed}/{counter}".encode()).digest(size)
                 art = make_artifact(f"m{rng.randrange(12)}", str(rng.randrange(4)), body)
                 storage.put(chunked(art, 32 * 1024), FakeValidator())
+            elif op < 0.7:
+                size = rng.randrange(0, 1_500_000)
+                art = real_artifact(
+                    f"{REAL_PREFIX}{rng.randrange(12)}", str(rng.randrange(4)), size
+                )
+                storage.put(chunked(art, 32 * 1024), HeaderAwareValidator())
             elif op < 0.85:
                 data = rng.choice(shared_bodies)
                 validator = OpaqueValidator(f"{SHARED_PREFIX}{rng.randrange(6)}", "1")

@@ -10,8 +10,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from strongroom.modelstore.artifact_validation import HeaderAwareValidator
 from strongroom.modelstore.storage import FilesystemStorage
-from tests.modelstore.crash_worker import SHARED_PREFIX
+from tests.modelstore.crash_worker import REAL_PREFIX, SHARED_PREFIX
 from tests.modelstore.fake_artifact import FakeValidator, make_artifact
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +30,9 @@ def check_consistent(storage: FilesystemStorage) -> int:
         assert storage.verify(r.name, r.version) == r
         if r.name.startswith(SHARED_PREFIX):
             continue
-        validator = FakeValidator()
+        validator: FakeValidator | HeaderAwareValidator = (
+            HeaderAwareValidator() if r.name.startswith(REAL_PREFIX) else FakeValidator()
+        )
         with storage.open(r.name, r.version) as reader:
             for chunk in reader.chunks(1 << 20):
                 validator.feed(chunk)
@@ -66,9 +69,11 @@ def test_sigkill_during_uploads_never_exposes_partial_state(tmp_path: Path) -> N
             totals["temp_files_swept"] += storage.last_sweep.temp_files_removed
             totals["orphans_swept"] += storage.last_sweep.orphan_blobs_removed
             totals["max_visible"] = max(totals["max_visible"], check_consistent(storage))
+            totals["real_seen"] += sum(r.name.startswith(REAL_PREFIX) for r in storage.records())
     # The kills must have landed in the middle of uploads, and uploads must have completed.
     assert totals["temp_files_swept"] > 0, totals
     assert totals["max_visible"] > 0, totals
+    assert totals["real_seen"] > 0, totals
 
 
 def run_until_dead(root: Path, point: str) -> None:
