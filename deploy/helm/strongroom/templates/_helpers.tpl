@@ -1,0 +1,282 @@
+{{/* Names ----------------------------------------------------------------------------------- */}}
+
+{{- define "strongroom.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "strongroom.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "<fullname>-<component>"; call with (dict "root" $ "component" "keybroker") */}}
+{{- define "strongroom.componentName" -}}
+{{- printf "%s-%s" (include "strongroom.fullname" .root) .component | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels ---------------------------------------------------------------------------------- */}}
+
+{{- define "strongroom.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "strongroom.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "strongroom.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "strongroom.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: strongroom
+{{- end -}}
+
+{{/* Images ---------------------------------------------------------------------------------- */}}
+
+{{/* (dict "image" .Values.image "default" "0.1.0" "suffix" "") -> repository:tag or repository@digest */}}
+{{- define "strongroom.imageRef" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s%s" .image.repository (default .default .image.tag) (default "" .suffix) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Strongroom image; (dict "root" $ "softhsm" true) selects the DEVELOPMENT HSM image. */}}
+{{- define "strongroom.image" -}}
+{{- $suffix := ternary .root.Values.image.softhsmTagSuffix "" (default false .softhsm) -}}
+{{- include "strongroom.imageRef" (dict "image" .root.Values.image "default" .root.Chart.AppVersion "suffix" $suffix) -}}
+{{- end -}}
+
+{{/* Security -------------------------------------------------------------------------------- */}}
+
+{{- define "strongroom.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* (dict "add" (list "NET_BIND_SERVICE")) to keep a capability in the bounding set. */}}
+{{- define "strongroom.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities:
+  drop: [ALL]
+  {{- with .add }}
+  add: {{ toJson . }}
+  {{- end }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Identity and endpoints ------------------------------------------------------------------ */}}
+
+{{- define "strongroom.spiffeId" -}}
+{{- printf "spiffe://%s/%s" .root.Values.trustDomain .component -}}
+{{- end -}}
+
+{{/* DNS names of a service's certificate: short, namespaced and fully qualified. */}}
+{{- define "strongroom.dnsNames" -}}
+{{- $svc := .service -}}
+{{- $ns := .root.Release.Namespace -}}
+{{- toJson (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .root.Values.clusterDomain)) -}}
+{{- end -}}
+
+{{- define "strongroom.caURL" -}}
+{{- if .Values.pki.caURL -}}
+{{- .Values.pki.caURL -}}
+{{- else -}}
+{{- printf "https://%s:%d" .Values.stepCa.service.name (int .Values.stepCa.service.port) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "strongroom.authz" -}}
+{{- $root := . -}}
+authz:
+{{- range $role := list "publisher" "admin" "inference" }}
+  {{ $role }}: {{ toJson (default (list (printf "spiffe://%s/%s" $root.Values.trustDomain $role)) (index $root.Values.authz $role)) }}
+{{- end }}
+{{- end -}}
+
+{{/* The sections every service's config.yaml shares. (dict "root" $ "component" "keybroker" "service" "keybroker") */}}
+{{- define "strongroom.commonConfig" -}}
+service: {{ .component }}
+mode: {{ .root.Values.mode }}
+listen: 0.0.0.0:7443
+health_listen: 0.0.0.0:8081
+identity:
+  trust_domain: {{ .root.Values.trustDomain }}
+  spiffe_id: {{ include "strongroom.spiffeId" . }}
+  dns_names: {{ include "strongroom.dnsNames" (dict "root" .root "service" .service) }}
+  ca_url: {{ include "strongroom.caURL" .root }}
+  ca_root_file: /run/strongroom/pki/root_ca.crt
+  token_file: /run/strongroom/bootstrap/{{ .component }}.token
+  state_dir: /var/lib/strongroom/identity
+logging:
+  level: {{ .root.Values.logging.level }}
+  format: {{ .root.Values.logging.format }}
+{{- with .root.Values.observability.otlpEndpoint }}
+tracing:
+  otlp_endpoint: {{ . }}
+{{- end }}
+{{ include "strongroom.authz" .root }}
+{{- end -}}
+
+{{/* Pod parts shared by the three services -------------------------------------------------- */}}
+
+{{/* Health probes on the plaintext gRPC health port. */}}
+{{- define "strongroom.probes" -}}
+startupProbe:
+  grpc: {port: 8081}
+  periodSeconds: 5
+  failureThreshold: 120
+livenessProbe:
+  grpc: {port: 8081}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 3
+readinessProbe:
+  grpc: {port: 8081}
+  periodSeconds: 5
+  timeoutSeconds: 5
+  failureThreshold: 2
+{{- end -}}
+
+{{- define "strongroom.containerPorts" -}}
+- name: grpc
+  containerPort: 7443
+  protocol: TCP
+- name: health
+  containerPort: 8081
+  protocol: TCP
+{{- end -}}
+
+{{/*
+Init container that prepares a service pod: copies Secret files into memory as 0600 files owned by the
+service user, and mints the pod's one-time enrolment token from the provisioner Secret (mounted in
+this container only). (dict "root" $ "component" "keybroker" "service" "keybroker" "copy" "src=dst ..." "mounts" (list ...))
+*/}}
+{{- define "strongroom.bootstrapInitContainer" -}}
+- name: bootstrap
+  image: {{ include "strongroom.image" (dict "root" .root) }}
+  imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+  command: ["bash", "/etc/strongroom/scripts/pod-init.sh"]
+  env:
+    - name: COPY_FILES
+      value: {{ default "" .copy | quote }}
+    - name: PROVISIONER_SRC
+      value: /run/strongroom/provisioner
+    - name: PROVISIONER_FILES
+      value: {{ include "strongroom.provisionerPairs" .root | quote }}
+    - name: TOKEN_FILE
+      value: /run/strongroom/bootstrap/{{ .component }}.token
+    - name: TOKEN_SPIFFE_ID
+      value: {{ include "strongroom.spiffeId" . | quote }}
+    - name: TOKEN_DNS
+      value: {{ include "strongroom.dnsNames" (dict "root" .root "service" .service) | fromJsonArray | join " " | quote }}
+    - name: TOKEN_LIFETIME
+      value: {{ .root.Values.pki.tokenLifetime | quote }}
+  securityContext:
+    {{- include "strongroom.containerSecurityContext" dict | nindent 4 }}
+  resources:
+    requests: {cpu: 10m, memory: 64Mi}
+    limits: {cpu: 500m, memory: 256Mi}
+  volumeMounts:
+    - {name: scripts, mountPath: /etc/strongroom/scripts, readOnly: true}
+    - {name: provisioner, mountPath: /run/strongroom/provisioner, readOnly: true}
+    - {name: bootstrap, mountPath: /run/strongroom/bootstrap}
+    - {name: init-tmp, mountPath: /tmp}
+    {{- with .mounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end -}}
+
+{{- define "strongroom.provisionerPairs" -}}
+{{- $pairs := list -}}
+{{- range .Values.pki.provisionerFiles -}}
+{{- $pairs = append $pairs (printf "%s=%s" .key .path) -}}
+{{- end -}}
+{{- join " " $pairs -}}
+{{- end -}}
+
+{{/* Volumes every service pod has. */}}
+{{- define "strongroom.commonVolumes" -}}
+- name: config
+  configMap:
+    name: {{ include "strongroom.componentName" . }}
+- name: scripts
+  configMap:
+    name: {{ include "strongroom.fullname" .root }}-scripts
+    defaultMode: 0444
+- name: provisioner
+  secret:
+    secretName: {{ .root.Values.pki.provisionerSecret }}
+    defaultMode: 0440
+    items:
+      {{- range .root.Values.pki.provisionerFiles }}
+      - {key: {{ .key | quote }}, path: {{ .key | quote }}}
+      {{- end }}
+- name: pki
+  secret:
+    secretName: {{ .root.Values.pki.provisionerSecret }}
+    defaultMode: 0444
+    items:
+      - {key: {{ .root.Values.pki.rootCertificateKey | quote }}, path: root_ca.crt}
+- name: bootstrap
+  emptyDir: {medium: Memory, sizeLimit: 1Mi}
+- name: identity
+  emptyDir: {medium: Memory, sizeLimit: 1Mi}
+- name: tmp
+  emptyDir: {medium: Memory, sizeLimit: 64Mi}
+- name: init-tmp
+  emptyDir: {medium: Memory, sizeLimit: 1Mi}
+{{- end -}}
+
+{{/* Mounts every service container has. */}}
+{{- define "strongroom.commonMounts" -}}
+- {name: config, mountPath: /etc/strongroom/config.yaml, subPath: config.yaml, readOnly: true}
+- {name: pki, mountPath: /run/strongroom/pki, readOnly: true}
+- {name: bootstrap, mountPath: /run/strongroom/bootstrap, readOnly: true}
+- {name: identity, mountPath: /var/lib/strongroom/identity}
+- {name: tmp, mountPath: /tmp}
+{{- end -}}
+
+{{/* Pod template annotations: roll the pods when their configuration changes. */}}
+{{- define "strongroom.podAnnotations" -}}
+checksum/config: {{ include (print .root.Template.BasePath "/configmaps.yaml") .root | sha256sum }}
+checksum/scripts: {{ .root.Files.Get "files/pod-init.sh" | sha256sum }}
+{{- end -}}
+
+{{/* Spread replicas over nodes and zones when there is more than one. */}}
+{{- define "strongroom.topologySpread" -}}
+{{- if gt (int .replicas) 1 }}
+topologySpreadConstraints:
+  - maxSkew: 1
+    topologyKey: kubernetes.io/hostname
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- include "strongroom.selectorLabels" . | nindent 8 }}
+  - maxSkew: 1
+    topologyKey: topology.kubernetes.io/zone
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- include "strongroom.selectorLabels" . | nindent 8 }}
+{{- end }}
+{{- end -}}
