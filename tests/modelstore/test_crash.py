@@ -10,6 +10,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from strongroom.modelstore.artifact_validation import HeaderAwareValidator
 from strongroom.modelstore.storage import FilesystemStorage
 from tests.modelstore.crash_worker import REAL_PREFIX, SHARED_PREFIX
@@ -42,6 +44,7 @@ def check_consistent(storage: FilesystemStorage) -> int:
     return len(records)
 
 
+@pytest.mark.slow
 def test_sigkill_during_uploads_never_exposes_partial_state(tmp_path: Path) -> None:
     root = tmp_path / "store"
     rng = random.Random()
