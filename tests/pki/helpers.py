@@ -69,7 +69,9 @@ def enrol(
     policy: RenewalPolicy | None = None,
     auto_renew: bool = True,
     state_dir: Path | None = None,
+    clock: Callable[[], datetime] | None = None,
 ) -> WorkloadIdentity:
+    extra = {"clock": clock} if clock is not None else {}
     return WorkloadIdentity.enrol(
         ca.client(),
         token_for(ca, name, dns),
@@ -77,6 +79,7 @@ def enrol(
         policy=policy,
         auto_renew=auto_renew,
         state_dir=state_dir,
+        **extra,  # type: ignore[arg-type]
     )
 
 
@@ -234,7 +237,7 @@ def default_authorizer(**kwargs: object) -> SpiffeAuthorizer:
             f"/{ECHO}/Concat": [sid("inference")],
             f"/{ECHO}/Chat": [sid("inference")],
             f"/{ECHO}/Admin": [sid("operator")],
-            "/strongroom.api.keybroker.v1.KeyBroker/*": [sid("inference")],
+            "/strongroom.api.keybroker.v1.KeyBrokerService/*": [sid("inference")],
         },
         public=["grpc.health.v1.Health"],
         **kwargs,  # type: ignore[arg-type]

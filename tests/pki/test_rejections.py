@@ -243,3 +243,13 @@ def test_public_health_service_needs_only_a_certificate_from_our_ca(
             health_pb2.HealthCheckRequest(), timeout=5
         )
     assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_server_name_mismatch_is_not_blamed_on_our_certificate(
+    server: Server, client_identity: WorkloadIdentity
+) -> None:
+    # The server's certificate names "keybroker", not "localhost": OUR check fails, not the server's.
+    with client_identity.channel(server.target) as channel:
+        error = _ping(channel)
+    assert not isinstance(error, ClientCertificateRejected)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE

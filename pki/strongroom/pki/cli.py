@@ -106,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
     ca = StepCa(args.dir, binary=args.binary)
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        ca.stop()
+        ca.terminate()  # the wait below returns once step-ca has exited
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -114,8 +114,8 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"step-ca serving {ca.url} (log: {ca.layout.log_path})", file=sys.stderr, flush=True)
     try:
         status = ca.wait()
-    except InvalidPkiConfig:
-        return 0  # stopped by a signal
+    finally:
+        ca.stop()
     return 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else 1
 
 

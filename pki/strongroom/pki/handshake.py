@@ -107,9 +107,12 @@ def probe_rejection(
         ):
             tls.sendall(_H2_PREFACE)
             first = tls.recv(9)
+    except ssl.SSLCertVerificationError:
+        return False  # the SERVER's certificate failed our check: not a rejection of ours
     except ssl.SSLError as exc:
         # An explicit alert about our certificate (TLS 1.2 servers, other stacks).
-        return "CERTIFICATE" in (exc.reason or "").upper() or "UNKNOWN_CA" in (exc.reason or "")
+        reason = (exc.reason or "").upper()
+        return "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason)
     except OSError:
         return False
     return first == b""

@@ -144,6 +144,12 @@ class StepCa:
             process.kill()
             process.wait()
 
+    def terminate(self) -> None:
+        """Asks step-ca to exit (SIGTERM) without waiting; safe inside a signal handler."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+
     def wait(self) -> int:
         """Blocks until step-ca exits and returns its status (for ``strongroom pki serve``)."""
         if self._process is None:

@@ -1,0 +1,111 @@
+"""The CA directory: files, permissions, ca.json contents, and how step-ca is started."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from strongroom.pki import StepCa, init_ca
+from strongroom.pki._duration import go_duration, parse_duration
+from strongroom.pki.errors import InvalidPkiConfig
+from strongroom.runtime.errors import AlreadyExists, InvalidArgument
+
+
+def test_layout_files_and_permissions(tmp_path: Path) -> None:
+    layout = init_ca(
+        tmp_path / "ca",
+        trust_domain="strongroom.test",
+        dns_names=["ca.strongroom.test", "localhost"],
+        address="0.0.0.0:9443",
+        default_lifetime=timedelta(minutes=30),
+        max_lifetime=timedelta(hours=2),
+        min_lifetime=timedelta(seconds=10),
+    )
+    assert layout.url == "https://ca.strongroom.test:9443"
+    for secret in ("password", "root_ca_key", "intermediate_ca_key", "provisioner_key"):
+        mode = stat.S_IMODE((layout.directory / "secrets" / secret).stat().st_mode)
+        assert mode == 0o600, secret
+    assert stat.S_IMODE((layout.directory / "secrets").stat().st_mode) == 0o700
+    for key in ("root_ca_key", "intermediate_ca_key"):
+        assert b"ENCRYPTED PRIVATE KEY" in (layout.directory / "secrets" / key).read_bytes()
+    config = json.loads(layout.config_path.read_text())
+    password = layout.password_path.read_text().strip()
+    assert password not in layout.config_path.read_text()
+    assert "password" not in config
+    assert config["address"] == "0.0.0.0:9443"
+    assert config["dnsNames"] == ["ca.strongroom.test", "localhost"]
+    assert config["tls"]["minVersion"] == 1.3
+    assert config["db"]["type"] == "bbolt"
+    (provisioner,) = config["authority"]["provisioners"]
+    assert provisioner["type"] == "JWK" and provisioner["name"] == "strongroom"
+    assert provisioner["key"]["kid"] == layout.provisioner().kid
+    assert "d" not in provisioner["key"]  # public key only
+    assert provisioner["claims"] == {
+        "minTLSCertDuration": "10s",
+        "maxTLSCertDuration": "7200s",
+        "defaultTLSCertDuration": "1800s",
+        "disableRenewal": False,
+    }
+    assert not Path(config["crt"]).is_absolute()  # relocatable: paths relative to the directory
+
+
+def test_refuses_to_overwrite_a_ca(tmp_path: Path) -> None:
+    init_ca(tmp_path / "ca", trust_domain="strongroom.test")
+    with pytest.raises(AlreadyExists):
+        init_ca(tmp_path / "ca", trust_domain="strongroom.test")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"trust_domain": "Not Valid"},
+        {"trust_domain": "t.test", "dns_names": []},
+        {"trust_domain": "t.test", "address": "localhost"},
+        {"trust_domain": "t.test", "min_lifetime": timedelta(hours=2)},
+        {"trust_domain": "t.test", "provisioner_name": "a:b"},
+    ],
+)
+def test_rejects_bad_settings(tmp_path: Path, kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgument):
+        init_ca(tmp_path / "ca", **kwargs)  # type: ignore[arg-type]
+
+
+def test_password_reaches_step_ca_as_a_file_not_argv(ca: StepCa) -> None:
+    assert ca.pid is not None
+    argv = Path(f"/proc/{ca.pid}/cmdline").read_bytes().split(b"\0")
+    password = ca.layout.password_path.read_bytes().strip()
+    assert password not in b" ".join(argv)
+    assert b"--password-file" in argv
+    environment = Path(f"/proc/{ca.pid}/environ").read_bytes()
+    assert password not in environment
+    assert os.path.samefile(f"/proc/{ca.pid}/cwd", ca.layout.directory)
+
+
+def test_missing_binary_is_reported_clearly(tmp_path: Path) -> None:
+    layout = init_ca(tmp_path / "ca", trust_domain="strongroom.test")
+    with pytest.raises(InvalidPkiConfig, match="build.sh"):
+        StepCa(layout, binary=tmp_path / "nope").start()
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("5m", 300), ("1h30m", 5400), ("250ms", 0.25), ("2d", 172800)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5", "m5", "5x", "-5s", "0s", "5m garbage"])
+def test_malformed_durations(text: str) -> None:
+    with pytest.raises(InvalidPkiConfig):
+        parse_duration(text)
+
+
+def test_go_durations() -> None:
+    assert go_duration(timedelta(hours=1)) == "3600s"
+    assert go_duration(timedelta(milliseconds=1500)) == "1500ms"

@@ -1,0 +1,109 @@
+"""``strongroom pki init|token|enrol|serve`` end to end, secrets only from files and the environment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from strongroom.cli.main import main
+from strongroom.pki import CaLayout, StepCa
+from strongroom.pki._jose import unverified_claims
+from strongroom.pki.client import CaClient
+from strongroom.pki.errors import CaUnavailable
+from strongroom.pki.identity import STATE_FILE
+from tests.pki.helpers import free_port
+
+
+def test_init_token_enrol(
+    step_ca_binary: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "ca"
+    port = free_port()
+    assert main(
+        ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test",
+         "--dns", "127.0.0.1", "--address", f"127.0.0.1:{port}", "--min-lifetime", "10s"]
+    ) == 0
+    assert "root SHA-256" in capsys.readouterr().out
+    with StepCa(directory, binary=step_ca_binary) as ca:
+        assert main(
+            ["pki", "token", "--dir", str(directory), "--identity",
+             "spiffe://strongroom.test/modelstore", "--dns", "modelstore", "--lifetime", "2m"]
+        ) == 0
+        token = capsys.readouterr().out.strip()
+        claims = unverified_claims(token)
+        assert claims["sans"] == ["spiffe://strongroom.test/modelstore", "modelstore"]
+        assert claims["exp"] - claims["iat"] == 120
+        token_file = tmp_path / "token"
+        token_file.write_text(token)
+        root = tmp_path / "root.pem"
+        root.write_bytes(ca.root_pem)
+        state = tmp_path / "state"
+        assert main(
+            ["pki", "enrol", "--ca-url", ca.url, "--root", str(root), "--token-file",
+             str(token_file), "--state-dir", str(state), "--lifetime", "1m"]
+        ) == 0
+        assert "enrolled spiffe://strongroom.test/modelstore" in capsys.readouterr().out
+        assert (state / STATE_FILE).stat().st_mode & 0o077 == 0
+
+
+def test_token_for_a_foreign_trust_domain_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "ca"
+    assert main(["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]) == 0
+    assert main(["pki", "token", "--dir", str(directory), "--identity", "spiffe://evil.test/x"]) == 1
+    assert "trust domain" in capsys.readouterr().err
+
+
+def test_enrol_without_a_token_says_where_to_put_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STRONGROOM_PKI_TOKEN", raising=False)
+    directory = tmp_path / "ca"
+    assert main(["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]) == 0
+    code = main(
+        ["pki", "enrol", "--ca-url", "https://127.0.0.1:1", "--root",
+         str(directory / "certs" / "root_ca.crt"), "--state-dir", str(tmp_path / "s")]
+    )
+    assert code == 1
+    assert "STRONGROOM_PKI_TOKEN" in capsys.readouterr().err
+
+
+def test_serve_runs_until_sigterm(step_ca_binary: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "ca"
+    port = free_port()
+    assert main(
+        ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test",
+         "--dns", "127.0.0.1", "--address", f"127.0.0.1:{port}"]
+    ) == 0
+    layout = CaLayout.load(directory)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "strongroom.cli.main", "pki", "serve", "--dir", str(directory)],
+        env={**os.environ, "STRONGROOM_STEP_CA": str(step_ca_binary)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        client = CaClient(layout.url, layout.root_pem, timeout=1)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.health()
+                break
+            except CaUnavailable:
+                assert time.monotonic() < deadline, "strongroom pki serve never became healthy"
+                time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        with pytest.raises(CaUnavailable):
+            client.health()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,0 +1,138 @@
+"""Server and client certificates rotate under continuous load without a single failed RPC."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from datetime import timedelta
+
+import grpc
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from strongroom.api.keybroker.v1 import keybroker_pb2, keybroker_pb2_grpc
+from strongroom.pki import RenewalPolicy, StepCa, WorkloadIdentity
+from strongroom.pki._files import memory_file
+from tests.pki.helpers import ECHO, enrol, serve
+
+_log = logging.getLogger(__name__)
+
+LIFETIME = timedelta(seconds=20)
+# Renew at ~15% of the 20 s lifetime so that three rotations take ~10 s.
+POLICY = RenewalPolicy(fraction=0.15, jitter=0.02, backoff_initial=0.2, backoff_max=1.0)
+ROTATIONS = 3
+CLIENT_THREADS = 4
+
+
+class _KeyBroker(keybroker_pb2_grpc.KeyBrokerServiceServicer):
+    def GetChallenge(  # noqa: N802 - generated name
+        self, request: keybroker_pb2.GetChallengeRequest, context: grpc.ServicerContext
+    ) -> keybroker_pb2.GetChallengeResponse:
+        return keybroker_pb2.GetChallengeResponse()
+
+
+def _served_serial(port: int, client: WorkloadIdentity) -> int:
+    """The serial of the certificate the server presents to a NEW connection right now."""
+    credentials = client.credentials
+    context = ssl.create_default_context(cadata=client.root_pem.decode())
+    context.set_alpn_protocols(["h2"])
+    with memory_file(credentials.chain_pem + credentials.key_pem) as path:
+        context.load_cert_chain(path)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="keybroker") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_rotation_under_load_fails_no_rpc(ca: StepCa) -> None:
+    server_identity = enrol(ca, "keybroker", ["keybroker"], lifetime=LIFETIME, policy=POLICY)
+    client_identity = enrol(ca, "inference", lifetime=LIFETIME, policy=POLICY)
+    server = serve(
+        server_identity,
+        extra=lambda s: keybroker_pb2_grpc.add_KeyBrokerServiceServicer_to_server(_KeyBroker(), s),
+    )
+    channel = client_identity.channel(server.target, server_name="keybroker")
+    health_stub = health_pb2_grpc.HealthStub(channel)
+    broker_stub = keybroker_pb2_grpc.KeyBrokerServiceStub(channel)
+    ping = channel.unary_unary(f"/{ECHO}/Ping")
+    count = channel.unary_stream(f"/{ECHO}/Count")
+    chat = channel.stream_stream(f"/{ECHO}/Chat")
+
+    stop = threading.Event()
+    lock = threading.Lock()
+    totals = {"ok": 0, "failed": 0}
+    failures: list[str] = []
+
+    def worker(index: int) -> None:
+        calls = [
+            lambda: health_stub.Check(health_pb2.HealthCheckRequest(), timeout=10),
+            lambda: broker_stub.GetChallenge(keybroker_pb2.GetChallengeRequest(), timeout=10),
+            lambda: ping(b"x", timeout=10),
+            lambda: list(count(b"3", timeout=10)),
+            lambda: list(chat(iter([b"a", b"b"]), timeout=10)),
+        ]
+        n = index
+        while not stop.is_set():
+            try:
+                calls[n % len(calls)]()
+                outcome = "ok"
+            except grpc.RpcError as exc:
+                outcome = "failed"
+                failures.append(f"{exc.code()}: {exc.details()}")
+            n += 1
+            with lock:
+                totals[outcome] += 1
+
+    # A long-lived server stream opened before any rotation must survive all of them.
+    watch = health_stub.Watch(health_pb2.HealthCheckRequest(service="model"), timeout=60)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(CLIENT_THREADS)]
+    for thread in threads:
+        thread.start()
+    started = time.monotonic()
+    try:
+        deadline = started + 45
+        while time.monotonic() < deadline and (
+            server_identity.generation <= ROTATIONS or client_identity.generation <= ROTATIONS
+        ):
+            time.sleep(0.2)
+        time.sleep(0.5)  # some load on the last certificates too
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=20)
+    elapsed = time.monotonic() - started
+
+    server.health.set("model", health_pb2.HealthCheckResponse.SERVING)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+
+    served = _served_serial(server.port, client_identity)
+    rotations = (server_identity.generation - 1, client_identity.generation - 1)
+    _log.warning(
+        "rotation under load: %d RPCs ok, %d failed, rotations server/client %s, channel rebuilds %d, %.1fs",
+        totals["ok"],
+        totals["failed"],
+        rotations,
+        channel.rebuilds,
+        elapsed,
+    )
+    channel.close()
+    server.stop()
+    server_identity.close()
+    client_identity.close()
+
+    assert failures == [], failures[:5]
+    assert totals["failed"] == 0
+    assert totals["ok"] > 100
+    assert min(rotations) >= ROTATIONS
+    assert channel.rebuilds >= ROTATIONS
+    # The server hot-swapped: new connections get its current certificate.
+    assert served == server_identity.credentials.serial
