@@ -26,6 +26,8 @@ import grpc
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
+from strongroom.artifact import encrypt_stream
+from strongroom.modelstore.artifact_validation import structure_validator_factory
 from strongroom.modelstore.service import DEFAULT_DOWNLOAD_CHUNK, ModelStoreServicer
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.modelstore.validator import ValidatorFactory
@@ -134,6 +136,32 @@ def _put_direct(storage: FilesystemStorage, validator_factory: ValidatorFactory,
     return record.artifact_size
 
 
+def _write_real_artifact(path: Path, size: int) -> None:
+    """Encrypts about ``size`` bytes of plaintext into a real artifact file (no store involved)."""
+    plaintext_size = size - size // 64  # leaves room for the header and the per-chunk tags
+    dek = bytearray(os.urandom(32))
+    stream = encrypt_stream(
+        _bytes(plaintext_size, UPLOAD_CHUNK),
+        dek,
+        model_name="bench/real",
+        model_version="1",
+        content_type="application/octet-stream",
+        key_id="kek/bench",
+        key_version=1,
+        wrapped_dek=os.urandom(40),
+        plaintext_size=plaintext_size,
+    )
+    with open(path, "wb") as f:
+        for piece in stream:
+            f.write(piece)
+
+
+def _file_requests(path: Path) -> Iterator[pb.PutModelRequest]:
+    with open(path, "rb", buffering=0) as f:
+        while data := f.read(UPLOAD_CHUNK):
+            yield pb.PutModelRequest(data=data)
+
+
 class _Bench:
     def __init__(
         self,
@@ -201,6 +229,27 @@ class _Bench:
             channel.close()
             server.stop(0).wait()
 
+    def store_file(self, storage: FilesystemStorage, path: Path) -> float:
+        """PutModel MiB/s of a real artifact file, checked by the production validator."""
+        validators = structure_validator_factory(storage.max_artifact_size)
+        servicer = ModelStoreServicer(storage, validators)
+        server, port = _server(self.credentials)
+        pb_grpc.add_ModelStoreServiceServicer_to_server(servicer, server)
+        server.start()
+        channel = self.make_channel(f"localhost:{port}")
+        stub = pb_grpc.ModelStoreServiceStub(channel)
+        try:
+
+            def put() -> int:
+                for old in storage.records():
+                    storage.delete(old.name, old.version)
+                return int(stub.PutModel(_file_requests(path)).model.artifact_size)
+
+            return _best(put, self.repeats)
+        finally:
+            channel.close()
+            server.stop(0).wait()
+
 
 def run(
     results: dict[str, Any],
@@ -215,7 +264,9 @@ def run(
     """Measures upload and download throughput of a ``size``-byte artifact (2 GiB: 2 * 1024**3).
 
     Writes ``results["no_tls" | "mtls"]``. ``validator_factory`` defaults to the test suite's
-    trivial fake-format validator, so the figures isolate the store from artifact parsing.
+    trivial fake-format validator, so the main figures isolate the store from artifact parsing;
+    ``put_real_artifact_*`` uploads a real encrypted artifact (read from a file) through the
+    production validator.
     """
     if (server_credentials is None) != (channel_factory is None):
         raise ValueError("pass both server_credentials and channel_factory, or neither")
@@ -237,6 +288,9 @@ def run(
                 chunk: bench.store(storage, validator_factory, chunk, upload=False)
                 for chunk in DOWNLOAD_CHUNKS
             }
+            real_file = Path(tmp) / "real.artifact"
+            _write_real_artifact(real_file, size)
+            put_real = bench.store_file(storage, real_file)
         finally:
             storage.close()
 
@@ -244,6 +298,8 @@ def run(
     figures["put_mib_s"] = round(put, 1)
     figures["storage_put_without_grpc_mib_s"] = round(direct, 1)
     figures["put_vs_bare"] = round(put / bare_up, 3)
+    figures["put_real_artifact_mib_s"] = round(put_real, 1)
+    figures["put_real_artifact_vs_bare"] = round(put_real / bare_up, 3)
     figures["download_chunk_sweep"] = {
         f"{chunk // 1024}KiB": {
             "get_mib_s": round(get[chunk], 1),
