@@ -1,0 +1,51 @@
+"""In-memory model runtime: ONNX Runtime sessions from plaintext bytes, and the served-model table.
+
+:class:`LoadedModel` wraps one session with its OIP metadata; :class:`ModelRepository` holds
+models by name and version, swaps versions atomically and remembers why a load failed.
+"""
+
+from strongroom.inference.models._datatypes import DATATYPES, DataType, datatype_of_array
+from strongroom.inference.models._loaded import (
+    PLATFORM,
+    LoadedModel,
+    ModelBuffer,
+    ModelLoadError,
+    RuntimeOptions,
+    TensorSpec,
+    session_options,
+)
+from strongroom.inference.models._repository import (
+    LoadFailure,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelNotReady,
+    ModelRepository,
+    ModelState,
+    ModelStatus,
+    VersionStatus,
+    check_model_name,
+    check_model_version,
+)
+
+__all__ = [
+    "DATATYPES",
+    "PLATFORM",
+    "DataType",
+    "LoadFailure",
+    "LoadedModel",
+    "ModelBuffer",
+    "ModelLoadError",
+    "ModelLoadFailed",
+    "ModelNotFound",
+    "ModelNotReady",
+    "ModelRepository",
+    "ModelState",
+    "ModelStatus",
+    "RuntimeOptions",
+    "TensorSpec",
+    "VersionStatus",
+    "check_model_name",
+    "check_model_version",
+    "datatype_of_array",
+    "session_options",
+]

@@ -1,0 +1,6 @@
+"""Open Inference Protocol v2 over gRPC (``inference.GRPCInferenceService``), Triton-compatible."""
+
+from strongroom.inference.oip._codec import InferLimits
+from strongroom.inference.oip._servicer import ATTESTATION_EXTENSION, SERVER_NAME, OipServicer
+
+__all__ = ["ATTESTATION_EXTENSION", "SERVER_NAME", "InferLimits", "OipServicer"]

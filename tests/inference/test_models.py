@@ -1,0 +1,240 @@
+"""The in-memory model runtime: ONNX Runtime sessions from bytes, and the model repository."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from strongroom.inference.models import (
+    LoadedModel,
+    ModelLoadError,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelNotReady,
+    ModelRepository,
+    ModelState,
+    RuntimeOptions,
+    session_options,
+)
+from strongroom.runtime.errors import InvalidArgument
+from tests.inference import onnx_models
+
+X = np.array([[0.5, -1.0, 2.0, 0.25], [1.0, 1.0, 1.0, 1.0]], dtype=np.float32)
+
+
+def reference_run(model: bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The same model run directly in ONNX Runtime with the same session options."""
+    session = ort.InferenceSession(model, session_options(RuntimeOptions()))
+    return list(session.run(None, feeds))
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_load_from_any_buffer_and_match_a_direct_run(kind: type) -> None:
+    blob = onnx_models.classifier()
+    model = LoadedModel.from_bytes("clf", "1", kind(blob))
+    assert (model.name, model.version, model.platform) == ("clf", "1", "onnxruntime_onnx")
+    assert [(t.name, t.datatype, t.shape) for t in model.inputs] == [("x", "FP32", (-1, 4))]
+    assert [(t.name, t.datatype, t.shape) for t in model.outputs] == [
+        ("logits", "FP32", (-1, 3)),
+        ("probabilities", "FP32", (-1, 3)),
+        ("label", "INT64", (-1, 1)),
+    ]
+    out = model.infer({"x": X})
+    expected = reference_run(blob, {"x": X})
+    for name, want in zip(["logits", "probabilities", "label"], expected, strict=True):
+        np.testing.assert_array_equal(out[name], want)
+    assert list(model.infer({"x": X}, ["label"])) == ["label"]
+
+
+def test_session_does_not_keep_a_second_copy_of_the_model() -> None:
+    model = LoadedModel.from_bytes("clf", "1", onnx_models.classifier())
+    assert getattr(model._session, "_model_bytes", None) is None
+
+
+def test_every_oip_datatype_maps_from_onnx() -> None:
+    for datatype in onnx_models.ELEMENT_TYPES:
+        model = LoadedModel.from_bytes("id", "1", onnx_models.identity(datatype, ("n", 2, 3)))
+        assert model.inputs[0].datatype == datatype
+        assert model.inputs[0].shape == (-1, 2, 3)
+
+
+def test_bytes_tensors_round_trip_utf8_and_reject_other_bytes() -> None:
+    model = LoadedModel.from_bytes("id", "1", onnx_models.identity("BYTES"))
+    values = np.array([[b"plain", "d\u00e9j\u00e0".encode(), b""]], dtype=object)
+    out = model.infer({"x": values})["y"]
+    assert out.tolist() == values.tolist()
+    with pytest.raises(InvalidArgument) as info:
+        model.infer({"x": np.array([[b"ok", b"\xff\xfe", b""]], dtype=object)})
+    assert info.value.reason == "BYTES_NOT_UTF8"
+
+
+def test_invalid_model_bytes_fail_with_a_reason_and_no_content() -> None:
+    secret = b"\x08\x07" + b"SECRET-WEIGHTS" * 10
+    with pytest.raises(ModelLoadError) as info:
+        LoadedModel.from_bytes("bad", "1", secret)
+    assert info.value.reason == "MODEL_INVALID"
+    assert "SECRET" not in str(info.value)
+
+
+def test_unsupported_io_type_is_a_load_failure() -> None:
+    with pytest.raises(ModelLoadError) as info:
+        LoadedModel.from_bytes("bf16", "1", onnx_models.bfloat16_identity())
+    assert info.value.reason == "MODEL_UNSUPPORTED_DATATYPE"
+
+
+def test_ort_rejects_inputs_as_invalid_argument() -> None:
+    model = LoadedModel.from_bytes("clf", "1", onnx_models.classifier())
+    with pytest.raises(InvalidArgument) as info:
+        model.infer({"x": np.ones((1, 5), np.float32)})
+    assert info.value.reason == "INFERENCE_INPUT_REJECTED"
+
+
+def test_external_initializers_come_from_memory_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = np.arange(1000, dtype=np.float32)
+    graph, data = onnx_models.lookup_external(table)
+    buffer = bytearray(data)
+    model = LoadedModel.from_bytes("lookup", "1", graph, external_data={"weights.bin": buffer})
+    # ORT copied the weights while loading: the caller may wipe its buffer at once.
+    buffer[:] = bytes(len(buffer))
+    np.testing.assert_array_equal(model.infer({"indices": np.array([3, 999])})["y"], [3, 999])
+    # Without the in-memory file, a weights.bin on disk next to us is NOT read.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(data)
+    with pytest.raises(ModelLoadError):
+        LoadedModel.from_bytes("lookup", "1", graph)
+
+
+def test_session_options_never_write_files() -> None:
+    so = session_options(RuntimeOptions(intra_op_threads=2, graph_optimization="basic"))
+    assert so.optimized_model_filepath == ""
+    assert so.enable_profiling is False
+    assert so.get_session_config_entry("ep.context_enable") == "0"
+    assert so.intra_op_num_threads == 2
+    with pytest.raises(ValueError):
+        RuntimeOptions(graph_optimization="fast")
+
+
+# -- repository ---------------------------------------------------------------------------------
+
+
+def test_expected_model_is_not_ready_until_loaded() -> None:
+    repo = ModelRepository(["clf"])
+    assert not repo.server_ready()
+    assert not repo.is_ready("clf")
+    with pytest.raises(ModelNotReady):
+        repo.get("clf")
+    repo.begin_load("clf", "1")
+    with pytest.raises(ModelNotReady) as info:
+        repo.get("clf")
+    assert "still loading" in info.value.message
+    repo.load("clf", "1", onnx_models.classifier())
+    assert repo.server_ready()
+    assert repo.is_ready("clf") and repo.is_ready("clf", "1")
+    assert repo.get("clf").version == "1"
+    assert repo.versions("clf") == ("1",)
+
+
+def test_failed_load_is_not_ready_and_keeps_its_reason() -> None:
+    repo = ModelRepository(["clf"])
+    with pytest.raises(ModelLoadError):
+        repo.load("clf", "1", b"not a model")
+    assert not repo.is_ready("clf") and not repo.is_ready("clf", "1")
+    assert not repo.server_ready()
+    with pytest.raises(ModelLoadFailed) as info:
+        repo.get("clf")
+    assert info.value.reason == "MODEL_LOAD_FAILED"
+    assert "MODEL_INVALID" in info.value.message
+    status = repo.status("clf")
+    assert not status.ready
+    assert status.versions[0].state is ModelState.FAILED
+    assert status.versions[0].failure is not None
+    assert status.versions[0].failure.reason == "MODEL_INVALID"
+
+
+def test_failed_new_version_leaves_the_old_one_serving() -> None:
+    repo = ModelRepository(["m"])
+    repo.load("m", "1", onnx_models.adder(1.0))
+    with pytest.raises(ModelLoadError):
+        repo.load("m", "2", b"garbage")
+    assert repo.is_ready("m") and repo.get("m").version == "1"
+    assert not repo.is_ready("m", "2")
+    with pytest.raises(ModelLoadFailed):
+        repo.get("m", "2")
+    assert repo.server_ready()
+
+
+def test_unknown_models_and_versions() -> None:
+    repo = ModelRepository()
+    repo.load("m", "1", onnx_models.adder(1.0))
+    with pytest.raises(ModelNotFound) as info:
+        repo.get("nope")
+    assert info.value.reason == "MODEL_NOT_FOUND"
+    with pytest.raises(ModelNotFound) as info:
+        repo.get("m", "7")
+    assert info.value.reason == "MODEL_VERSION_NOT_FOUND"
+    assert not repo.is_ready("nope")
+    with pytest.raises(InvalidArgument):
+        repo.load("../etc", "1", onnx_models.adder(1.0))
+    with pytest.raises(InvalidArgument):
+        repo.begin_load("m", "")
+
+
+def test_publishing_swaps_the_default_and_retires_old_versions() -> None:
+    repo = ModelRepository(retain_versions=2)
+    for v in ("1", "2", "3"):
+        repo.load("m", v, onnx_models.adder(float(v)))
+    assert repo.get("m").version == "3"
+    assert repo.versions("m") == ("2", "3")
+    assert repo.get("m", "2").version == "2"
+    with pytest.raises(ModelNotFound):
+        repo.get("m", "1")
+    repo.unload("m", "3")
+    assert repo.get("m").version == "2"
+    repo.unload("m")
+    assert repo.names() == ()
+
+
+def test_in_flight_request_completes_on_the_version_it_started_with() -> None:
+    repo = ModelRepository()
+    repo.load("m", "1", onnx_models.adder(1.0))
+    held = repo.get("m")
+    repo.load("m", "2", onnx_models.adder(2.0))
+    assert repo.versions("m") == ("2",)
+    out = held.infer({"x": np.zeros((1, 4), np.float32)})["y"]
+    np.testing.assert_array_equal(out, np.ones((1, 4), np.float32))
+
+
+def test_concurrent_gets_during_swaps_never_fail() -> None:
+    repo = ModelRepository(["m"])
+    repo.load("m", "1", onnx_models.adder(1.0))
+    blobs = {str(v): onnx_models.adder(float(v)) for v in range(2, 8)}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        x = np.zeros((1, 4), np.float32)
+        while not stop.is_set():
+            try:
+                model = repo.get("m")
+                y = model.infer({"x": x})["y"]
+                assert float(y[0, 0]) == float(model.version)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for version, blob in blobs.items():
+        repo.load("m", version, blob)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert repo.get("m").version == "7"

@@ -1,0 +1,661 @@
+"""The OIP v2 servicer over a real in-process gRPC server: every RPC, both content styles, errors."""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from strongroom.api.oip.v2 import grpc_service_pb2 as pb
+from strongroom.inference.models import ModelRepository, RuntimeOptions, session_options
+from strongroom.inference.oip import ATTESTATION_EXTENSION, InferLimits
+from strongroom.runtime.interceptors import REASON_METADATA_KEY
+from tests.inference import onnx_models
+from tests.inference.conftest import Running, Starter, start, stop
+
+DATATYPES = list(onnx_models.ELEMENT_TYPES)
+TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def sample(datatype: str, shape: tuple[int, ...] = (2, 3)) -> np.ndarray:
+    """Deterministic values covering each type's edges."""
+    count = int(np.prod(shape))
+    if datatype == "BYTES":
+        words = [b"", b"a", "\u00e9t\u00e9".encode(), b"longer text \x01", b"z" * 40, b"0"]
+        return np.array([words[i % len(words)] for i in range(count)], dtype=object).reshape(shape)
+    if datatype == "BOOL":
+        flags: np.ndarray = np.arange(count) % 2 == 0
+        return flags.reshape(shape)
+    dtype = np.dtype(onnx_models.NUMPY_TYPES[datatype])
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)  # type: ignore[type-var]
+        values = [
+            info.min,
+            info.max,
+            0,
+            1,
+            info.max // 3,
+            info.min // 5 if dtype.kind == "i" else 7,
+        ]
+        return np.array([values[i % len(values)] for i in range(count)], dtype=dtype).reshape(shape)
+    values_f = [0.0, -1.5, 3.25, 1e-3, -0.0, 65504.0 if datatype == "FP16" else 1e30]
+    return np.array([values_f[i % len(values_f)] for i in range(count)], dtype=dtype).reshape(shape)
+
+
+def raw_bytes(array: np.ndarray, datatype: str) -> bytes:
+    """Triton's raw layout, built independently of the server's codec."""
+    if datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(v)) + v for v in array.reshape(-1))
+    return array.astype(array.dtype.newbyteorder("<")).tobytes()
+
+
+def from_raw(blob: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
+    if datatype == "BYTES":
+        items, pos = [], 0
+        while pos < len(blob):
+            (n,) = struct.unpack_from("<I", blob, pos)
+            items.append(blob[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        return np.array(items, dtype=object).reshape(shape)
+    dtype = np.dtype(onnx_models.NUMPY_TYPES[datatype]).newbyteorder("<")
+    return np.frombuffer(blob, dtype=dtype).reshape(shape)
+
+
+def raw_request(
+    model: str, inputs: dict[str, tuple[str, np.ndarray]], **kwargs: object
+) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, **kwargs)  # type: ignore[arg-type]
+    for name, (datatype, array) in inputs.items():
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(raw_bytes(array, datatype))
+    return request
+
+
+def typed_request(model: str, inputs: dict[str, tuple[str, np.ndarray]]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    for name, (datatype, array) in inputs.items():
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        getattr(tensor.contents, TYPED_FIELD[datatype]).extend(array.reshape(-1).tolist())
+    return request
+
+
+def reference(model: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(model, session_options(RuntimeOptions()))
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds), strict=True))
+
+
+def expect_error(call: object, code: grpc.StatusCode, reason: str) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    error = info.value
+    assert error.code() == code, error.details()
+    reasons: list[object] = [
+        m.value for m in error.trailing_metadata() or () if m.key == REASON_METADATA_KEY
+    ]
+    assert reasons == [reason], error.details()
+    return error
+
+
+def make_repository() -> ModelRepository:
+    repo = ModelRepository(["classifier", "two_inputs"])
+    repo.load("classifier", "1", onnx_models.classifier())
+    repo.load("two_inputs", "1", onnx_models.two_inputs())
+    for datatype in DATATYPES:
+        repo.load(f"identity_{datatype.lower()}", "1", onnx_models.identity(datatype))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[tuple[ModelRepository, Running]]:
+    """One server for the tests that do not change the repository."""
+    repo = make_repository()
+    running = start(repo)
+    yield repo, running
+    stop(running)
+
+
+@pytest.fixture
+def running(shared: tuple[ModelRepository, Running]) -> Running:
+    return shared[1]
+
+
+@pytest.fixture
+def repository() -> ModelRepository:
+    """A repository of its own, for tests that change it."""
+    return make_repository()
+
+
+@pytest.fixture
+def own(start_server: Starter, repository: ModelRepository) -> Running:
+    return start_server(repository)
+
+
+# -- health and metadata ---------------------------------------------------------------------
+
+
+def test_server_live_ready_and_metadata(running: Running) -> None:
+    assert running.oip.ServerLive(pb.ServerLiveRequest()).live is True
+    assert running.oip.ServerReady(pb.ServerReadyRequest()).ready is True
+    meta = running.oip.ServerMetadata(pb.ServerMetadataRequest())
+    assert meta.name == "strongroom-inference"
+    assert meta.version == "9.9.9-test"
+    assert ATTESTATION_EXTENSION in meta.extensions
+
+
+def test_server_is_not_ready_until_every_configured_model_is(start_server: Starter) -> None:
+    repo = ModelRepository(["a", "b"])
+    repo.load("a", "1", onnx_models.adder(1.0))
+    running = start_server(repo)
+    assert running.oip.ServerReady(pb.ServerReadyRequest()).ready is False
+    assert running.oip.ServerLive(pb.ServerLiveRequest()).live is True
+    repo.load("b", "1", onnx_models.adder(2.0))
+    assert running.oip.ServerReady(pb.ServerReadyRequest()).ready is True
+
+
+def test_model_ready(own: Running, repository: ModelRepository) -> None:
+    running = own
+
+    def ready(name: str, version: str = "") -> bool:
+        return running.oip.ModelReady(pb.ModelReadyRequest(name=name, version=version)).ready
+
+    assert ready("classifier") and ready("classifier", "1")
+    assert not ready("classifier", "2")
+    assert not ready("no_such_model")
+    with pytest.raises(Exception):  # noqa: B017 - a failed load is recorded, then raised
+        repository.load("broken", "1", b"junk")
+    assert not ready("broken")
+    expect_error(
+        lambda: running.oip.ModelReady(pb.ModelReadyRequest()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MODEL_NAME_MISSING",
+    )
+
+
+def test_model_metadata(running: Running) -> None:
+    meta = running.oip.ModelMetadata(pb.ModelMetadataRequest(name="classifier"))
+    assert meta.name == "classifier"
+    assert list(meta.versions) == ["1"]
+    assert meta.platform == "onnxruntime_onnx"
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("x", "FP32", [-1, 4])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("logits", "FP32", [-1, 3]),
+        ("probabilities", "FP32", [-1, 3]),
+        ("label", "INT64", [-1, 1]),
+    ]
+    two = running.oip.ModelMetadata(pb.ModelMetadataRequest(name="two_inputs", version="1"))
+    assert [(t.name, list(t.shape)) for t in two.inputs] == [("a", [-1, 2]), ("b", [2])]
+
+
+def test_model_metadata_errors(own: Running, repository: ModelRepository) -> None:
+    running = own
+    expect_error(
+        lambda: running.oip.ModelMetadata(pb.ModelMetadataRequest(name="nope")),
+        grpc.StatusCode.NOT_FOUND,
+        "MODEL_NOT_FOUND",
+    )
+    expect_error(
+        lambda: running.oip.ModelMetadata(pb.ModelMetadataRequest(name="classifier", version="5")),
+        grpc.StatusCode.NOT_FOUND,
+        "MODEL_VERSION_NOT_FOUND",
+    )
+    repository.expect("pending")
+    expect_error(
+        lambda: running.oip.ModelMetadata(pb.ModelMetadataRequest(name="pending")),
+        grpc.StatusCode.UNAVAILABLE,
+        "MODEL_NOT_READY",
+    )
+    with pytest.raises(Exception):  # noqa: B017
+        repository.load("pending", "1", b"junk")
+    error = expect_error(
+        lambda: running.oip.ModelMetadata(pb.ModelMetadataRequest(name="pending")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "MODEL_LOAD_FAILED",
+    )
+    assert "MODEL_INVALID" in (error.details() or "")
+
+
+# -- inference --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("datatype", DATATYPES)
+def test_infer_raw_every_datatype(running: Running, datatype: str) -> None:
+    array = sample(datatype)
+    response = running.oip.ModelInfer(
+        raw_request(f"identity_{datatype.lower()}", {"x": (datatype, array)}, id="req-7")
+    )
+    assert response.id == "req-7"
+    assert response.model_version == "1"
+    (out,) = response.outputs
+    assert (out.name, out.datatype, list(out.shape)) == ("y", datatype, [2, 3])
+    assert len(response.raw_output_contents) == 1
+    assert not out.HasField("contents")
+    got = from_raw(response.raw_output_contents[0], datatype, out.shape)
+    assert got.tolist() == array.tolist()
+
+
+@pytest.mark.parametrize("datatype", [d for d in DATATYPES if d != "FP16"])
+def test_infer_typed_every_datatype(running: Running, datatype: str) -> None:
+    array = sample(datatype)
+    response = running.oip.ModelInfer(
+        typed_request(f"identity_{datatype.lower()}", {"x": (datatype, array)})
+    )
+    (out,) = response.outputs
+    assert len(response.raw_output_contents) == 0
+    values = list(getattr(out.contents, TYPED_FIELD[datatype]))
+    got: np.ndarray = np.array(values, dtype=onnx_models.NUMPY_TYPES[datatype]).reshape(out.shape)
+    assert got.tolist() == array.tolist()
+
+
+def test_fp16_cannot_be_typed(running: Running) -> None:
+    request = pb.ModelInferRequest(model_name="identity_fp16")
+    tensor = request.inputs.add(name="x", datatype="FP16", shape=[1, 3])
+    tensor.contents.fp32_contents.extend([1.0, 2.0, 3.0])
+    expect_error(
+        lambda: running.oip.ModelInfer(request),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "DATATYPE_NEEDS_RAW",
+    )
+
+
+def test_classifier_outputs_equal_a_direct_onnxruntime_run(running: Running) -> None:
+    x = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
+    expected = reference(onnx_models.classifier(), {"x": x})
+    response = running.oip.ModelInfer(raw_request("classifier", {"x": ("FP32", x)}))
+    assert [o.name for o in response.outputs] == ["logits", "probabilities", "label"]
+    for out, blob in zip(response.outputs, response.raw_output_contents, strict=True):
+        np.testing.assert_array_equal(from_raw(blob, out.datatype, out.shape), expected[out.name])
+    typed = running.oip.ModelInfer(typed_request("classifier", {"x": ("FP32", x)}))
+    logits = np.array(typed.outputs[0].contents.fp32_contents, np.float32).reshape(5, 3)
+    np.testing.assert_array_equal(logits, expected["logits"])
+    labels = np.array(typed.outputs[2].contents.int64_contents).reshape(5, 1)
+    np.testing.assert_array_equal(labels, expected["label"])
+
+
+def test_requested_outputs_subset_in_request_order(running: Running) -> None:
+    x = np.ones((2, 4), np.float32)
+    request = raw_request("classifier", {"x": ("FP32", x)})
+    request.outputs.add(name="label")
+    request.outputs.add(name="logits")
+    response = running.oip.ModelInfer(request)
+    assert [o.name for o in response.outputs] == ["label", "logits"]
+    assert len(response.raw_output_contents) == 2
+    assert response.outputs[0].datatype == "INT64"
+
+
+def test_two_inputs_fixed_and_dynamic_dims(running: Running) -> None:
+    a = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], np.float32)
+    b = np.array([10, -20], np.int32)
+    response = running.oip.ModelInfer(
+        raw_request("two_inputs", {"b": ("INT32", b), "a": ("FP32", a)})
+    )
+    outs = {
+        o.name: from_raw(blob, o.datatype, o.shape)
+        for o, blob in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+    np.testing.assert_array_equal(outs["sum"], a + b.astype(np.float32))
+    np.testing.assert_array_equal(outs["b_copy"], b)
+
+
+def test_explicit_version(own: Running, repository: ModelRepository) -> None:
+    running = own
+    repository.load("classifier", "2", onnx_models.classifier(seed=9))
+    x = np.ones((1, 4), np.float32)
+    response = running.oip.ModelInfer(raw_request("classifier", {"x": ("FP32", x)}))
+    assert response.model_version == "2"
+    expect_error(
+        lambda: running.oip.ModelInfer(
+            raw_request("classifier", {"x": ("FP32", x)}, model_version="1")
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "MODEL_VERSION_NOT_FOUND",
+    )
+
+
+# -- inference errors ---------------------------------------------------------------------------
+
+X = np.ones((2, 4), np.float32)
+
+
+def _mixed() -> pb.ModelInferRequest:
+    request = raw_request("classifier", {"x": ("FP32", X)})
+    request.inputs[0].contents.fp32_contents.extend([1.0] * 8)
+    return request
+
+
+def _with(request: pb.ModelInferRequest, **changes: object) -> pb.ModelInferRequest:
+    tensor = request.inputs[0]
+    for key, value in changes.items():
+        if key == "shape":
+            del tensor.shape[:]
+            tensor.shape.extend(value)  # type: ignore[arg-type]
+        else:
+            setattr(tensor, key, value)
+    return request
+
+
+def _raw(blob: bytes, name: str, datatype: str, shape: list[int]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=name)
+    request.inputs.add(name="x", datatype=datatype, shape=shape)
+    request.raw_input_contents.append(blob)
+    return request
+
+
+def _typed(name: str, datatype: str, field: str, values: list[object]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=name)
+    tensor = request.inputs.add(name="x", datatype=datatype, shape=[1, len(values)])
+    getattr(tensor.contents, field).extend(values)
+    return request
+
+
+ERROR_CASES: list[tuple[str, object, grpc.StatusCode, str]] = [
+    (
+        "unknown model",
+        lambda: raw_request("nope", {"x": ("FP32", X)}),
+        grpc.StatusCode.NOT_FOUND,
+        "MODEL_NOT_FOUND",
+    ),
+    (
+        "no model name",
+        pb.ModelInferRequest,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MODEL_NAME_MISSING",
+    ),
+    ("contents mixed with raw", _mixed, grpc.StatusCode.INVALID_ARGUMENT, "CONTENTS_MIXED"),
+    (
+        "raw count mismatch",
+        lambda: raw_request("classifier", {"x": ("FP32", X)}, raw_input_contents=[b"", b""]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "RAW_INPUT_COUNT_MISMATCH",
+    ),
+    (
+        "raw size mismatch",
+        lambda: _raw(bytes(31), "classifier", "FP32", [2, 4]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "RAW_SIZE_MISMATCH",
+    ),
+    (
+        "rank mismatch",
+        lambda: _with(raw_request("classifier", {"x": ("FP32", X)}), shape=[8]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SHAPE_MISMATCH",
+    ),
+    (
+        "fixed dim mismatch",
+        lambda: _raw(bytes(40), "classifier", "FP32", [2, 5]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SHAPE_MISMATCH",
+    ),
+    (
+        "negative dim",
+        lambda: _raw(b"", "classifier", "FP32", [-1, 4]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SHAPE_INVALID",
+    ),
+    (
+        "datatype mismatch",
+        lambda: _with(raw_request("classifier", {"x": ("FP32", X)}), datatype="FP64"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "DATATYPE_MISMATCH",
+    ),
+    (
+        "unknown datatype",
+        lambda: _with(raw_request("classifier", {"x": ("FP32", X)}), datatype="FLOAT"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "DATATYPE_UNKNOWN",
+    ),
+    (
+        "unknown input",
+        lambda: _with(raw_request("classifier", {"x": ("FP32", X)}), name="y"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INPUT_UNKNOWN",
+    ),
+    (
+        "missing input",
+        lambda: raw_request("two_inputs", {"a": ("FP32", np.ones((1, 2), np.float32))}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INPUT_MISSING",
+    ),
+    (
+        "duplicate input",
+        lambda: (
+            raw_request("classifier", {"x": ("FP32", X)}, raw_input_contents=[])
+            if False
+            else _duplicate()
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INPUT_DUPLICATE",
+    ),
+    (
+        "unknown output",
+        lambda: _output(raw_request("classifier", {"x": ("FP32", X)}), "nope"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "OUTPUT_UNKNOWN",
+    ),
+    (
+        "bool byte not 0/1",
+        lambda: _raw(bytes([0, 1, 2]), "identity_bool", "BOOL", [1, 3]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "BOOL_INVALID",
+    ),
+    (
+        "BYTES element overruns",
+        lambda: _raw(struct.pack("<I", 10) + b"abc", "identity_bytes", "BYTES", [1, 3]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "RAW_SIZE_MISMATCH",
+    ),
+    (
+        "BYTES trailing bytes",
+        lambda: _raw(
+            b"".join(struct.pack("<I", 1) + b"a" for _ in range(3)) + b"!",
+            "identity_bytes",
+            "BYTES",
+            [1, 3],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "RAW_SIZE_MISMATCH",
+    ),
+    (
+        "BYTES too few elements",
+        lambda: _raw(struct.pack("<I", 1) + b"a", "identity_bytes", "BYTES", [1, 3]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "RAW_SIZE_MISMATCH",
+    ),
+    (
+        "typed wrong field",
+        lambda: _typed("identity_int64", "INT64", "int_contents", [1, 2, 3]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "CONTENTS_WRONG_FIELD",
+    ),
+    (
+        "typed count mismatch",
+        lambda: _with(
+            _typed("identity_fp32", "FP32", "fp32_contents", [1.0, 2.0, 3.0]), shape=[2, 3]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "CONTENTS_SIZE_MISMATCH",
+    ),
+    (
+        "INT8 out of range",
+        lambda: _typed("identity_int8", "INT8", "int_contents", [1, 200, 3]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "VALUE_OUT_OF_RANGE",
+    ),
+    (
+        "UINT16 out of range",
+        lambda: _typed("identity_uint16", "UINT16", "uint_contents", [1, 70000, 3]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "VALUE_OUT_OF_RANGE",
+    ),
+    (
+        "non-UTF-8 bytes for a string tensor",
+        lambda: _typed("identity_bytes", "BYTES", "bytes_contents", [b"a", b"\xff", b"c"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "BYTES_NOT_UTF8",
+    ),
+    (
+        "shared memory",
+        lambda: _param(raw_request("classifier", {"x": ("FP32", X)}), "shared_memory_region"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SHARED_MEMORY_UNSUPPORTED",
+    ),
+    (
+        "sequence",
+        lambda: _request_param(raw_request("classifier", {"x": ("FP32", X)}), "sequence_id"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SEQUENCE_UNSUPPORTED",
+    ),
+]
+
+
+def _duplicate() -> pb.ModelInferRequest:
+    request = raw_request("classifier", {"x": ("FP32", X)})
+    request.inputs.add(name="x", datatype="FP32", shape=[2, 4])
+    request.raw_input_contents.append(raw_bytes(X, "FP32"))
+    return request
+
+
+def _output(request: pb.ModelInferRequest, name: str) -> pb.ModelInferRequest:
+    request.outputs.add(name=name)
+    return request
+
+
+def _param(request: pb.ModelInferRequest, key: str) -> pb.ModelInferRequest:
+    request.inputs[0].parameters[key].string_param = "region0"
+    return request
+
+
+def _request_param(request: pb.ModelInferRequest, key: str) -> pb.ModelInferRequest:
+    request.parameters[key].int64_param = 42
+    return request
+
+
+@pytest.mark.parametrize(
+    ("case", "build", "code", "reason"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES]
+)
+def test_infer_errors(
+    running: Running, case: str, build: object, code: grpc.StatusCode, reason: str
+) -> None:
+    request = build()  # type: ignore[operator]
+    expect_error(lambda: running.oip.ModelInfer(request), code, reason)
+
+
+def test_infer_on_a_model_that_is_loading_or_failed(
+    own: Running, repository: ModelRepository
+) -> None:
+    running = own
+    repository.expect("later")
+    repository.begin_load("later", "1")
+    request = raw_request("later", {"x": ("FP32", X)})
+    expect_error(
+        lambda: running.oip.ModelInfer(request), grpc.StatusCode.UNAVAILABLE, "MODEL_NOT_READY"
+    )
+    with pytest.raises(Exception):  # noqa: B017
+        repository.load("later", "1", b"junk")
+    expect_error(
+        lambda: running.oip.ModelInfer(request),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "MODEL_LOAD_FAILED",
+    )
+
+
+def test_size_limits(start_server: Starter, shared: tuple[ModelRepository, Running]) -> None:
+    repository = shared[0]
+    limited = start_server(
+        repository, limits=InferLimits(max_tensor_elements=100, max_input_bytes=64, max_inputs=1)
+    )
+    big = np.ones((26, 4), np.float32)
+    expect_error(
+        lambda: limited.oip.ModelInfer(raw_request("classifier", {"x": ("FP32", big)})),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TENSOR_TOO_LARGE",
+    )
+    medium = np.ones((20, 4), np.float32)
+    expect_error(
+        lambda: limited.oip.ModelInfer(raw_request("classifier", {"x": ("FP32", medium)})),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "REQUEST_TOO_LARGE",
+    )
+    expect_error(
+        lambda: limited.oip.ModelInfer(_duplicate()),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_INPUTS",
+    )
+    ok = limited.oip.ModelInfer(
+        raw_request("classifier", {"x": ("FP32", np.ones((2, 4), np.float32))})
+    )
+    assert len(ok.outputs) == 3
+
+
+def test_empty_batch(running: Running) -> None:
+    empty = np.zeros((0, 4), np.float32)
+    response = running.oip.ModelInfer(raw_request("classifier", {"x": ("FP32", empty)}))
+    assert [list(o.shape) for o in response.outputs] == [[0, 3], [0, 3], [0, 1]]
+    assert list(response.raw_output_contents) == [b"", b"", b""]
+
+
+# -- atomic swap under load ---------------------------------------------------------------------
+
+
+def test_swap_under_load_has_zero_failures(start_server: Starter) -> None:
+    repo = ModelRepository(["swap"])
+    repo.load("swap", "1", onnx_models.adder(1.0))
+    running = start_server(repo, workers=8)
+    blobs = [(str(v), onnx_models.adder(float(v))) for v in range(2, 12)]
+    failures: list[str] = []
+    served: list[str] = []
+    progress = threading.Condition()
+    stop = threading.Event()
+    x = np.zeros((3, 4), np.float32)
+    request = raw_request("swap", {"x": ("FP32", x)})
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                response = running.oip.ModelInfer(request, timeout=10)
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code()}: {exc.details()}")
+                continue
+            y = from_raw(response.raw_output_contents[0], "FP32", [3, 4])
+            if not np.all(y == float(response.model_version)):
+                failures.append(f"version {response.model_version} answered {y[0, 0]}")
+            with progress:
+                served.append(response.model_version)
+                progress.notify_all()
+
+    def wait_for(requests: int) -> None:
+        with progress:
+            target = len(served) + requests
+            assert progress.wait_for(lambda: len(served) >= target, timeout=30)
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for version, blob in blobs:
+        wait_for(20)  # requests are in flight on the current version ...
+        repo.load("swap", version, blob)  # ... while the next one is swapped in
+    wait_for(20)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert set(served) == {str(v) for v in range(1, 12)}
+    assert served[-1] == "11"
