@@ -22,7 +22,13 @@ from strongroom.modelstore.errors import (
     StoredDataCorrupt,
     UploadMismatch,
 )
-from strongroom.modelstore.storage import FilesystemStorage, Storage, UploadClaims
+from strongroom.modelstore.storage import (
+    FilesystemStorage,
+    IntegrityProblem,
+    Storage,
+    UploadClaims,
+    verify_all,
+)
 from strongroom.runtime.errors import InvalidArgument
 from tests.modelstore.fake_artifact import (
     FakeValidator,
@@ -427,6 +433,24 @@ def test_verify_detects_same_size_corruption(storage: FilesystemStorage) -> None
         storage.verify("m", "1")
     assert info.value.status.name == "DATA_LOSS"
     assert info.value.reason == "DIGEST_MISMATCH"
+
+
+def test_verify_all_reports_each_damaged_model(storage: FilesystemStorage) -> None:
+    records = [
+        storage.put([make_artifact(f"m{i}", "1", body(5000, i))], FakeValidator()) for i in range(4)
+    ]
+    assert verify_all(storage) == ()
+    flipped = _blob(storage, records[1].artifact_sha256)
+    flipped.chmod(0o600)
+    data = bytearray(flipped.read_bytes())
+    data[0] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    _blob(storage, records[3].artifact_sha256).unlink()
+    assert verify_all(storage) == (
+        IntegrityProblem("m1", "1", "DIGEST_MISMATCH"),
+        IntegrityProblem("m3", "1", "BLOB_MISSING"),
+    )
+    assert verify_all(storage, prefix="m0") == ()
 
 
 def test_reads_detect_truncated_and_missing_blobs(store_root: Path) -> None:

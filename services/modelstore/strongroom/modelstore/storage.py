@@ -13,11 +13,13 @@ Every implementation must guarantee:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Protocol, Self
 
 from strongroom.modelstore._filesystem import FileRangeReader, FilesystemStorage, SweepReport
+from strongroom.modelstore.errors import ModelNotFound, StoredDataCorrupt
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
 from strongroom.modelstore.validator import ArtifactValidator
@@ -28,12 +30,14 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "FileRangeReader",
     "FilesystemStorage",
+    "IntegrityProblem",
     "ModelPage",
     "ModelRecord",
     "RangeReader",
     "Storage",
     "SweepReport",
     "UploadClaims",
+    "verify_all",
 ]
 
 
@@ -125,3 +129,35 @@ class Storage(Protocol):
     def close(self) -> None:
         """Releases the backend (idempotent)."""
         ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IntegrityProblem:
+    """A stored model whose bytes failed verification."""
+
+    name: str
+    version: str
+    reason: str
+    """The StoredDataCorrupt reason: BLOB_MISSING, DIGEST_MISMATCH, ..."""
+
+
+def verify_all(storage: Storage, *, prefix: str = "") -> tuple[IntegrityProblem, ...]:
+    """Recomputes the digest of every stored model (under ``prefix``); returns those that fail.
+
+    Reads every stored byte once; an empty result means everything verified. Other errors (I/O,
+    a model deleted meanwhile) propagate or are skipped as noted.
+    """
+    problems: list[IntegrityProblem] = []
+    token = ""
+    while True:
+        page = storage.list(prefix=prefix, page_size=MAX_PAGE_SIZE, page_token=token)
+        for record in page.models:
+            try:
+                storage.verify(record.name, record.version)
+            except StoredDataCorrupt as exc:
+                problems.append(IntegrityProblem(record.name, record.version, exc.reason))
+            except ModelNotFound:
+                continue  # deleted while we were checking
+        token = page.next_page_token
+        if not token:
+            return tuple(problems)
