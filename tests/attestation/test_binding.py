@@ -9,7 +9,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from strongroom.attestation import VerificationFailed
-from strongroom.attestation.binding import check_report_data, client_report_data_for, report_data_for
+from strongroom.attestation.binding import (
+    check_report_data,
+    client_report_data_for,
+    report_data_for,
+)
 from strongroom.attestation.errors import REPORT_DATA_MISMATCH
 from strongroom.runtime.errors import InvalidArgument
 
@@ -49,7 +53,7 @@ def test_bound_to_another_key_is_rejected() -> None:
 def test_no_padding_or_truncation(claimed: bytes) -> None:
     expected = report_data_for(NONCE, EPH, TLS)
     with pytest.raises(VerificationFailed):
-        check_report_data(claimed + expected[len(claimed):][:0], expected)
+        check_report_data(claimed + expected[len(claimed) :][:0], expected)
     with pytest.raises(VerificationFailed):
         check_report_data(expected[:32] + bytes(32), expected)
     with pytest.raises(VerificationFailed):

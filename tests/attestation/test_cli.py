@@ -48,11 +48,20 @@ def test_verify_snp_base64_with_pinned_bundle(vectors: Path, tmp_path: Path, cap
     assert json.loads(out)["format"] == {"container": "azure-hcl", "encoding": "base64"}
 
 
-def test_verify_snp_bundle_with_foreign_ask_fails(vectors: Path, tmp_path: Path, authority, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_verify_snp_bundle_with_foreign_ask_fails(
+    vectors: Path, tmp_path: Path, authority, capsys
+) -> None:  # type: ignore[no-untyped-def]
     bundle = tmp_path / "bundle.pem"
     vcek = (vectors / "snp/milan_v3_azure_ms_vcek.pem").read_bytes()
     bundle.write_bytes(vcek + authority.amd_root_pems()[1])
-    code, _, err = run(capsys, str(vectors / "snp/milan_v3_azure_ms.bin"), "--cert", str(bundle), "--at", "2026-03-01T00:00:00Z")
+    code, _, err = run(
+        capsys,
+        str(vectors / "snp/milan_v3_azure_ms.bin"),
+        "--cert",
+        str(bundle),
+        "--at",
+        "2026-03-01T00:00:00Z",
+    )
     assert code == 2 and "INTERMEDIATE_NOT_PINNED" in err
 
 

@@ -25,5 +25,11 @@ def test_detects_every_vector_format(vectors: Path) -> None:
         d = detect_evidence(path.read_bytes())
         seen.add((d.tee_type, d.container))
     hexed = detect_evidence((vectors / "snp/milan_v2_virtee.hex").read_bytes())
-    assert hexed.encoding == "hex" and hexed.data == (vectors / "snp/milan_v2_virtee.bin").read_bytes()
-    assert seen == {(TeeType.SEV_SNP, "snp"), (TeeType.SEV_SNP, "azure-hcl"), (TeeType.TDX, "tdx-quote")}
+    assert (
+        hexed.encoding == "hex" and hexed.data == (vectors / "snp/milan_v2_virtee.bin").read_bytes()
+    )
+    assert seen == {
+        (TeeType.SEV_SNP, "snp"),
+        (TeeType.SEV_SNP, "azure-hcl"),
+        (TeeType.TDX, "tdx-quote"),
+    }

@@ -48,12 +48,19 @@ def snp(authority: SimulatedAuthority):  # type: ignore[no-untyped-def]
 
 
 def snp_claims(snp, trust, now, **kw):  # type: ignore[no-untyped-def]
-    return verify_evidence(snp.evidence(RD, measurement=kw.pop("measurement", MEAS), **kw), trust=trust, now=now)
+    return verify_evidence(
+        snp.evidence(RD, measurement=kw.pop("measurement", MEAS), **kw), trust=trust, now=now
+    )
 
 
 def tdx_claims(authority, trust, now, status="UpToDate", **kw):  # type: ignore[no-untyped-def]
     tdx = authority.tdx()
-    ev = Evidence(TeeType.TDX, tdx.quote(RD, mrtd=kw.pop("mrtd", MRTD), **kw), (), tdx.collateral(now=now, status=status))
+    ev = Evidence(
+        TeeType.TDX,
+        tdx.quote(RD, mrtd=kw.pop("mrtd", MRTD), **kw),
+        (),
+        tdx.collateral(now=now, status=status),
+    )
     return verify_evidence(ev, trust=trust, now=now)
 
 
@@ -75,18 +82,28 @@ def test_snp_denials(snp, authority, sim_trust, now) -> None:
     c = snp_claims(snp, sim_trust, now)
     deny(E.CALLER_NOT_ALLOWED, policy(), c, "spiffe://strongroom.test/other")
     deny(E.TEE_TYPE_NOT_ALLOWED, policy(tee_types=["TDX"], sev_snp=None), c)
-    deny(E.MEASUREMENT_NOT_ALLOWED, policy(), snp_claims(snp, sim_trust, now, measurement=bytes(48)))
+    deny(
+        E.MEASUREMENT_NOT_ALLOWED, policy(), snp_claims(snp, sim_trust, now, measurement=bytes(48))
+    )
     deny(E.DEBUG_FORBIDDEN, policy(), snp_claims(snp, sim_trust, now, policy=0xB0000))
     deny(E.VMPL_NOT_ALLOWED, policy(), snp_claims(snp, sim_trust, now, vmpl=1))
     deny(E.SMT_FORBIDDEN, policy(sev_snp__allow_smt=False), c)
     deny(E.MIGRATE_MA_FORBIDDEN, policy(), snp_claims(snp, sim_trust, now, policy=0x70000))
-    deny(E.SIGNING_KEY_NOT_ALLOWED, policy(), snp_claims(authority.snp(signing_key="VLEK"), sim_trust, now))
+    deny(
+        E.SIGNING_KEY_NOT_ALLOWED,
+        policy(),
+        snp_claims(authority.snp(signing_key="VLEK"), sim_trust, now),
+    )
     deny(E.PRODUCT_NOT_ALLOWED, policy(sev_snp__products=["Genoa"]), c)
     deny(E.GUEST_SVN_TOO_OLD, policy(sev_snp__min_guest_svn=3), c)
     deny(E.TCB_TOO_OLD, policy(sev_snp__min_reported_tcb={"snp": 25}), c)
     deny(E.HOST_DATA_NOT_ALLOWED, policy(sev_snp__host_data=["11" * 32]), c)
     deny(E.SIMULATED_TEE_NOT_ALLOWED, policy(sev_snp__allow_simulated=False), c)
-    allowed = policy(sev_snp__vmpl=1, sev_snp__signing_keys=["VCEK", "VLEK"], sev_snp__min_reported_tcb={"snp": 24, "fmc": 9})
+    allowed = policy(
+        sev_snp__vmpl=1,
+        sev_snp__signing_keys=["VCEK", "VLEK"],
+        sev_snp__min_reported_tcb={"snp": 24, "fmc": 9},
+    )
     allowed.evaluate(snp_claims(snp, sim_trust, now, vmpl=1), CALLER)
 
 
@@ -99,7 +116,9 @@ def test_real_debug_report_is_denied(vectors: Path, production: TrustStore) -> N
     claims = verify_evidence(ev, trust=production, now=dt.datetime(2026, 3, 1, tzinfo=dt.UTC))
     pol = policy(sev_snp={"measurements": [DEBUG_MEASUREMENT]})
     deny(E.DEBUG_FORBIDDEN, pol, claims)
-    policy(sev_snp={"measurements": [DEBUG_MEASUREMENT], "allow_debug": True}).evaluate(claims, CALLER)
+    policy(sev_snp={"measurements": [DEBUG_MEASUREMENT], "allow_debug": True}).evaluate(
+        claims, CALLER
+    )
 
 
 def test_real_tdx_debug_quote_is_denied(vectors: Path, production: TrustStore) -> None:
@@ -108,13 +127,21 @@ def test_real_tdx_debug_quote_is_denied(vectors: Path, production: TrustStore) -
     pol = policy(tdx={"mrtds": [claims.mrtd.hex()], "accepted_tcb_statuses": ["UpToDate"]})
     deny(E.DEBUG_FORBIDDEN, pol, claims)
     # Without collateral the TCB status is NotEvaluated, which no policy can accept.
-    deny(E.TCB_STATUS_NOT_ACCEPTED, policy(tdx={"mrtds": [claims.mrtd.hex()], "allow_debug": True}), claims)
+    deny(
+        E.TCB_STATUS_NOT_ACCEPTED,
+        policy(tdx={"mrtds": [claims.mrtd.hex()], "allow_debug": True}),
+        claims,
+    )
 
 
 def test_tdx_denials(authority, sim_trust, now) -> None:
     c = tdx_claims(authority, sim_trust, now)
     deny(E.MRTD_NOT_ALLOWED, policy(), tdx_claims(authority, sim_trust, now, mrtd=bytes(48)))
-    deny(E.DEBUG_FORBIDDEN, policy(), tdx_claims(authority, sim_trust, now, td_attributes=bytes.fromhex("0100001000000000")))
+    deny(
+        E.DEBUG_FORBIDDEN,
+        policy(),
+        tdx_claims(authority, sim_trust, now, td_attributes=bytes.fromhex("0100001000000000")),
+    )
     deny(E.RTMR_NOT_ALLOWED, policy(tdx__rtmr2=["ab" * 48]), c)
     deny(E.MRCONFIGID_NOT_ALLOWED, policy(tdx__mrconfigids=["ab" * 48]), c)
     deny(E.MROWNER_NOT_ALLOWED, policy(tdx__mrowners=["ab" * 48]), c)
@@ -131,23 +158,83 @@ def test_tdx_denials(authority, sim_trust, now) -> None:
     [
         ("version: [", E.POLICY_SYNTAX),
         ("[]", E.POLICY_BAD_TYPE),
-        ('{"allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["' + "00" * 48 + '"]}}', E.POLICY_MISSING_KEY),
+        (
+            '{"allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["'
+            + "00" * 48
+            + '"]}}',
+            E.POLICY_MISSING_KEY,
+        ),
         ('{"version": "", "allowed_spiffe_ids": ["spiffe://a/b"]}', E.POLICY_BAD_TYPE),
         ('{"version": 3, "allowed_spiffe_ids": ["spiffe://a/b"]}', E.POLICY_BAD_TYPE),
         ('{"version": "1", "extra": 1}', E.POLICY_UNKNOWN_KEY),
-        ('{"version": "1", "allowed_spiffe_ids": [], "tee_types": ["TDX"]}', E.POLICY_EMPTY_ALLOW_LIST),
-        ('{"version": "1", "allowed_spiffe_ids": ["https://x"], "tee_types": ["TDX"]}', E.POLICY_BAD_VALUE),
-        ('{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["SGX"]}', E.POLICY_BAD_VALUE),
-        ('{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"]}', E.POLICY_MISSING_KEY),
-        ('{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": []}}', E.POLICY_EMPTY_ALLOW_LIST),
-        ('{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["abcd"]}}', E.POLICY_BAD_HEX),
-        ('{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["' + "zz" * 48 + '"]}}', E.POLICY_BAD_HEX),
-        ('{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["' + "00" * 48 + '"], "mrtd": 1}}', E.POLICY_UNKNOWN_KEY),
-        ('{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["' + "00" * 48 + '"], "accepted_tcb_statuses": ["Revoked"]}}', E.POLICY_BAD_VALUE),
-        ('{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["' + "00" * 48 + '"], "allow_debug": "no"}}', E.POLICY_BAD_TYPE),
-        ('{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["' + "00" * 48 + '"]}, "sev_snp": {"measurements": ["' + "00" * 48 + '"]}}', E.POLICY_BAD_VALUE),
-        ('{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["SEV_SNP"], "sev_snp": {"measurements": ["' + "00" * 48 + '"], "vmpl": 4}}', E.POLICY_BAD_VALUE),
-        ('{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["SEV_SNP"], "sev_snp": {"measurements": ["' + "00" * 48 + '"], "min_reported_tcb": {"ucode": 1}}}', E.POLICY_UNKNOWN_KEY),
+        (
+            '{"version": "1", "allowed_spiffe_ids": [], "tee_types": ["TDX"]}',
+            E.POLICY_EMPTY_ALLOW_LIST,
+        ),
+        (
+            '{"version": "1", "allowed_spiffe_ids": ["https://x"], "tee_types": ["TDX"]}',
+            E.POLICY_BAD_VALUE,
+        ),
+        (
+            '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["SGX"]}',
+            E.POLICY_BAD_VALUE,
+        ),
+        (
+            '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"]}',
+            E.POLICY_MISSING_KEY,
+        ),
+        (
+            '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": []}}',
+            E.POLICY_EMPTY_ALLOW_LIST,
+        ),
+        (
+            '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["abcd"]}}',
+            E.POLICY_BAD_HEX,
+        ),
+        (
+            '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["'
+            + "zz" * 48
+            + '"]}}',
+            E.POLICY_BAD_HEX,
+        ),
+        (
+            '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["'
+            + "00" * 48
+            + '"], "mrtd": 1}}',
+            E.POLICY_UNKNOWN_KEY,
+        ),
+        (
+            '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["'
+            + "00" * 48
+            + '"], "accepted_tcb_statuses": ["Revoked"]}}',
+            E.POLICY_BAD_VALUE,
+        ),
+        (
+            '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["'
+            + "00" * 48
+            + '"], "allow_debug": "no"}}',
+            E.POLICY_BAD_TYPE,
+        ),
+        (
+            '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["'
+            + "00" * 48
+            + '"]}, "sev_snp": {"measurements": ["'
+            + "00" * 48
+            + '"]}}',
+            E.POLICY_BAD_VALUE,
+        ),
+        (
+            '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["SEV_SNP"], "sev_snp": {"measurements": ["'
+            + "00" * 48
+            + '"], "vmpl": 4}}',
+            E.POLICY_BAD_VALUE,
+        ),
+        (
+            '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["SEV_SNP"], "sev_snp": {"measurements": ["'
+            + "00" * 48
+            + '"], "min_reported_tcb": {"ucode": 1}}}',
+            E.POLICY_UNKNOWN_KEY,
+        ),
         ("version: '1'\nversion: '2'\n", E.POLICY_SYNTAX),
     ],
 )
@@ -168,4 +255,9 @@ def test_tcb_fmc_minimum_applies_only_to_turin(snp, sim_trust, now) -> None:
     c = snp_claims(snp, sim_trust, now)
     assert "fmc" not in c.reported_tcb.components()
     policy(sev_snp__min_reported_tcb={"fmc": 200}).evaluate(c, CALLER)
-    assert TcbVersion.from_components(bootloader=1, tee=1, snp=1, microcode=1, fmc=2).components()["fmc"] == 2
+    assert (
+        TcbVersion.from_components(bootloader=1, tee=1, snp=1, microcode=1, fmc=2).components()[
+            "fmc"
+        ]
+        == 2
+    )

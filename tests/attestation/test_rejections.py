@@ -67,37 +67,69 @@ def spr(vectors: Path) -> bytes:
     return (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes()
 
 
-def snp_verify(report: bytes, certs: Sequence[bytes], trust: TrustStore, when: dt.datetime = SNP_TIME, **kw: Any) -> Any:
-    return verify_evidence(Evidence(TeeType.SEV_SNP, report, tuple(certs)), trust=trust, now=when, **kw)
+def snp_verify(
+    report: bytes,
+    certs: Sequence[bytes],
+    trust: TrustStore,
+    when: dt.datetime = SNP_TIME,
+    **kw: Any,
+) -> Any:
+    return verify_evidence(
+        Evidence(TeeType.SEV_SNP, report, tuple(certs)), trust=trust, now=when, **kw
+    )
 
 
-def tdx_verify(quote: bytes, trust: TrustStore, when: dt.datetime, collateral: Sequence[Collateral] = (), certs: Sequence[bytes] = ()) -> Any:
-    return verify_evidence(Evidence(TeeType.TDX, quote, tuple(certs), tuple(collateral)), trust=trust, now=when)
+def tdx_verify(
+    quote: bytes,
+    trust: TrustStore,
+    when: dt.datetime,
+    collateral: Sequence[Collateral] = (),
+    certs: Sequence[bytes] = (),
+) -> Any:
+    return verify_evidence(
+        Evidence(TeeType.TDX, quote, tuple(certs), tuple(collateral)), trust=trust, now=when
+    )
 
 
 # --- Malformed (parse-time) ------------------------------------------------------------------------
 
 
 def test_snp_truncated(milan, production) -> None:
-    expect(MalformedEvidence, E.TRUNCATED, lambda: snp_verify(milan[0][:1000], [milan[1]], production))
+    expect(
+        MalformedEvidence, E.TRUNCATED, lambda: snp_verify(milan[0][:1000], [milan[1]], production)
+    )
 
 
 def test_snp_too_long(milan, production) -> None:
-    expect(MalformedEvidence, E.REPORT_SIZE, lambda: snp_verify(milan[0] + b"\0", [milan[1]], production))
+    expect(
+        MalformedEvidence,
+        E.REPORT_SIZE,
+        lambda: snp_verify(milan[0] + b"\0", [milan[1]], production),
+    )
 
 
 def test_snp_unsupported_version(milan, production) -> None:
     bad = struct.pack("<I", 4) + milan[0][4:]
-    expect(MalformedEvidence, E.UNSUPPORTED_VERSION, lambda: snp_verify(bad, [milan[1]], production))
+    expect(
+        MalformedEvidence, E.UNSUPPORTED_VERSION, lambda: snp_verify(bad, [milan[1]], production)
+    )
 
 
 def test_snp_unsupported_signature_algorithm(milan, production) -> None:
     bad = flip(milan[0], 0x34, 0x02)
-    expect(MalformedEvidence, E.UNSUPPORTED_SIGNATURE_ALGORITHM, lambda: snp_verify(bad, [milan[1]], production))
+    expect(
+        MalformedEvidence,
+        E.UNSUPPORTED_SIGNATURE_ALGORITHM,
+        lambda: snp_verify(bad, [milan[1]], production),
+    )
 
 
 def test_snp_reserved_field_set(milan, production) -> None:
-    expect(MalformedEvidence, E.BAD_FIELD, lambda: snp_verify(flip(milan[0], 0x1F8), [milan[1]], production))
+    expect(
+        MalformedEvidence,
+        E.BAD_FIELD,
+        lambda: snp_verify(flip(milan[0], 0x1F8), [milan[1]], production),
+    )
 
 
 def test_tdx_truncated(spr, production) -> None:
@@ -105,7 +137,11 @@ def test_tdx_truncated(spr, production) -> None:
 
 
 def test_tdx_unsupported_version(spr, production) -> None:
-    expect(MalformedEvidence, E.UNSUPPORTED_VERSION, lambda: tdx_verify(b"\x03" + spr[1:], production, SNP_TIME))
+    expect(
+        MalformedEvidence,
+        E.UNSUPPORTED_VERSION,
+        lambda: tdx_verify(b"\x03" + spr[1:], production, SNP_TIME),
+    )
 
 
 def test_tdx_sgx_quote_rejected(spr, production) -> None:
@@ -116,7 +152,11 @@ def test_tdx_sgx_quote_rejected(spr, production) -> None:
 def test_tdx_wrong_certification_data_type(spr, production) -> None:
     off = 632 + 4 + 128  # certification data type after the signature and attestation key
     bad = spr[:off] + struct.pack("<H", 5) + spr[off + 2 :]
-    expect(MalformedEvidence, E.UNSUPPORTED_CERTIFICATION_DATA, lambda: tdx_verify(bad, production, SNP_TIME))
+    expect(
+        MalformedEvidence,
+        E.UNSUPPORTED_CERTIFICATION_DATA,
+        lambda: tdx_verify(bad, production, SNP_TIME),
+    )
 
 
 def test_tdx_sig_data_length_past_end(spr, production) -> None:
@@ -127,7 +167,9 @@ def test_tdx_sig_data_length_past_end(spr, production) -> None:
 def test_tdx_v5_body_type_sgx(vectors, production) -> None:
     quote = (vectors / "tdx/v5_td15_trustee.dat").read_bytes()
     bad = quote[:48] + struct.pack("<H", 1) + quote[50:]
-    expect(MalformedEvidence, E.UNSUPPORTED_BODY_TYPE, lambda: tdx_verify(bad, production, SNP_TIME))
+    expect(
+        MalformedEvidence, E.UNSUPPORTED_BODY_TYPE, lambda: tdx_verify(bad, production, SNP_TIME)
+    )
 
 
 def test_unrecognised_evidence_format() -> None:
@@ -137,11 +179,19 @@ def test_unrecognised_evidence_format() -> None:
 def test_unspecified_tee_type_in_proto() -> None:
     from strongroom.api.attestation.v1 import evidence_pb2
 
-    expect(MalformedEvidence, E.TEE_TYPE_UNSPECIFIED, lambda: Evidence.from_proto(evidence_pb2.Evidence(report=b"x")))
+    expect(
+        MalformedEvidence,
+        E.TEE_TYPE_UNSPECIFIED,
+        lambda: Evidence.from_proto(evidence_pb2.Evidence(report=b"x")),
+    )
 
 
 def test_tdx_evidence_with_certificates(spr, production, milan) -> None:
-    expect(MalformedEvidence, E.BAD_CERTIFICATE, lambda: tdx_verify(spr, production, SNP_TIME, certs=[milan[1]]))
+    expect(
+        MalformedEvidence,
+        E.BAD_CERTIFICATE,
+        lambda: tdx_verify(spr, production, SNP_TIME, certs=[milan[1]]),
+    )
 
 
 # --- Corrupted real vectors -------------------------------------------------------------------------
@@ -149,31 +199,53 @@ def test_tdx_evidence_with_certificates(spr, production, milan) -> None:
 
 @pytest.mark.parametrize("offset", [0x04, 0x90, 0xA0, 0x180, 0x1A0, 0x1E0])
 def test_snp_signed_body_flip(milan, production, offset: int) -> None:
-    expect(VerificationFailed, E.REPORT_SIGNATURE_INVALID, lambda: snp_verify(flip(milan[0], offset), [milan[1]], production))
+    expect(
+        VerificationFailed,
+        E.REPORT_SIGNATURE_INVALID,
+        lambda: snp_verify(flip(milan[0], offset), [milan[1]], production),
+    )
 
 
 @pytest.mark.parametrize("offset", [0x2A0, 0x2C0, 0x2E8, 0x300])
 def test_snp_signature_flip(milan, production, offset: int) -> None:
-    expect(VerificationFailed, E.REPORT_SIGNATURE_INVALID, lambda: snp_verify(flip(milan[0], offset), [milan[1]], production))
+    expect(
+        VerificationFailed,
+        E.REPORT_SIGNATURE_INVALID,
+        lambda: snp_verify(flip(milan[0], offset), [milan[1]], production),
+    )
 
 
 def test_snp_vcek_signature_flip(milan, production) -> None:
     bad_cert = flip(milan[1], len(milan[1]) - 5)
-    expect(VerificationFailed, E.CERT_CHAIN_INVALID, lambda: snp_verify(milan[0], [bad_cert], production))
+    expect(
+        VerificationFailed,
+        E.CERT_CHAIN_INVALID,
+        lambda: snp_verify(milan[0], [bad_cert], production),
+    )
 
 
 def test_snp_vcek_of_another_chip(vectors, milan, production) -> None:
     other = (vectors / "snp/milan_v2_trustee_vcek.der").read_bytes()
-    expect(VerificationFailed, E.REPORT_SIGNATURE_INVALID, lambda: snp_verify(milan[0], [other], production))
+    expect(
+        VerificationFailed,
+        E.REPORT_SIGNATURE_INVALID,
+        lambda: snp_verify(milan[0], [other], production),
+    )
 
 
 def test_snp_vcek_of_another_product(vectors, milan, production) -> None:
     genoa = (vectors / "snp/genoa_v3_azure_ms_vcek.pem").read_bytes()
-    expect(VerificationFailed, E.REPORT_SIGNATURE_INVALID, lambda: snp_verify(milan[0], [genoa], production))
+    expect(
+        VerificationFailed,
+        E.REPORT_SIGNATURE_INVALID,
+        lambda: snp_verify(milan[0], [genoa], production),
+    )
 
 
 def test_snp_missing_vcek(milan, production) -> None:
-    expect(CollateralUnavailable, E.COLLATERAL_MISSING, lambda: snp_verify(milan[0], [], production))
+    expect(
+        CollateralUnavailable, E.COLLATERAL_MISSING, lambda: snp_verify(milan[0], [], production)
+    )
 
 
 def test_snp_vcek_fetched_from_collateral_source(milan, production) -> None:
@@ -186,48 +258,88 @@ def test_snp_collateral_source_failure_is_unavailable(milan, production) -> None
         def snp_key_certificate(self, report):  # type: ignore[no-untyped-def]
             raise CollateralUnavailable("KDS unreachable", reason=E.COLLATERAL_FETCH_FAILED)
 
-    expect(CollateralUnavailable, E.COLLATERAL_FETCH_FAILED, lambda: snp_verify(milan[0], [], production, collateral=Failing()))
+    expect(
+        CollateralUnavailable,
+        E.COLLATERAL_FETCH_FAILED,
+        lambda: snp_verify(milan[0], [], production, collateral=Failing()),
+    )
 
 
 def test_snp_two_vceks(vectors, milan, production) -> None:
     other = (vectors / "snp/milan_v2_trustee_vcek.der").read_bytes()
-    expect(MalformedEvidence, E.BAD_CERTIFICATE, lambda: snp_verify(milan[0], [milan[1], other], production))
+    expect(
+        MalformedEvidence,
+        E.BAD_CERTIFICATE,
+        lambda: snp_verify(milan[0], [milan[1], other], production),
+    )
 
 
 def test_snp_ask_not_matching_pinned(milan, production, authority: SimulatedAuthority) -> None:
     ask = authority.amd_root_pems()[1]
-    expect(VerificationFailed, E.INTERMEDIATE_NOT_PINNED, lambda: snp_verify(milan[0], [milan[1], ask], production))
+    expect(
+        VerificationFailed,
+        E.INTERMEDIATE_NOT_PINNED,
+        lambda: snp_verify(milan[0], [milan[1], ask], production),
+    )
 
 
 def test_snp_ark_not_matching_pinned(milan, production, authority: SimulatedAuthority) -> None:
     ark = authority.amd_root_pems()[0]
-    expect(VerificationFailed, E.ROOT_NOT_TRUSTED, lambda: snp_verify(milan[0], [milan[1] , ark], production))
+    expect(
+        VerificationFailed,
+        E.ROOT_NOT_TRUSTED,
+        lambda: snp_verify(milan[0], [milan[1], ark], production),
+    )
 
 
 def test_snp_cert_not_yet_valid(milan, production) -> None:
     when = dt.datetime(2019, 1, 1, tzinfo=UTC)
-    expect(VerificationFailed, E.CERT_NOT_VALID_AT_TIME, lambda: snp_verify(milan[0], [milan[1]], production, when))
+    expect(
+        VerificationFailed,
+        E.CERT_NOT_VALID_AT_TIME,
+        lambda: snp_verify(milan[0], [milan[1]], production, when),
+    )
 
 
 def test_tdx_body_flip(spr, production) -> None:
-    expect(VerificationFailed, E.QUOTE_SIGNATURE_INVALID, lambda: tdx_verify(flip(spr, 200), production, SNP_TIME))
+    expect(
+        VerificationFailed,
+        E.QUOTE_SIGNATURE_INVALID,
+        lambda: tdx_verify(flip(spr, 200), production, SNP_TIME),
+    )
 
 
 def test_tdx_header_flip(spr, production) -> None:
-    expect(VerificationFailed, E.QUOTE_SIGNATURE_INVALID, lambda: tdx_verify(flip(spr, 40), production, SNP_TIME))
+    expect(
+        VerificationFailed,
+        E.QUOTE_SIGNATURE_INVALID,
+        lambda: tdx_verify(flip(spr, 40), production, SNP_TIME),
+    )
 
 
 def test_tdx_quote_signature_flip(spr, production) -> None:
-    expect(VerificationFailed, E.QUOTE_SIGNATURE_INVALID, lambda: tdx_verify(flip(spr, 636 + 10), production, SNP_TIME))
+    expect(
+        VerificationFailed,
+        E.QUOTE_SIGNATURE_INVALID,
+        lambda: tdx_verify(flip(spr, 636 + 10), production, SNP_TIME),
+    )
 
 
 def test_tdx_qe_report_flip(spr, production) -> None:
-    expect(VerificationFailed, E.QE_REPORT_SIGNATURE_INVALID, lambda: tdx_verify(flip(spr, 636 + 134 + 100), production, SNP_TIME))
+    expect(
+        VerificationFailed,
+        E.QE_REPORT_SIGNATURE_INVALID,
+        lambda: tdx_verify(flip(spr, 636 + 134 + 100), production, SNP_TIME),
+    )
 
 
 def test_tdx_qe_auth_data_flip(spr, production) -> None:
     off = 636 + 134 + 384 + 64 + 2  # first QE auth data byte
-    expect(VerificationFailed, E.QE_REPORT_DATA_MISMATCH, lambda: tdx_verify(flip(spr, off), production, SNP_TIME))
+    expect(
+        VerificationFailed,
+        E.QE_REPORT_DATA_MISMATCH,
+        lambda: tdx_verify(flip(spr, off), production, SNP_TIME),
+    )
 
 
 def test_tdx_pck_chain_signature_flip(spr, production) -> None:
@@ -236,31 +348,61 @@ def test_tdx_pck_chain_signature_flip(spr, production) -> None:
     assert chr(spr[pos]).isalnum()
     bad = bytearray(spr)
     bad[pos] = ord("A") if spr[pos] != ord("A") else ord("B")
-    expect(VerificationFailed, E.CERT_CHAIN_INVALID, lambda: tdx_verify(bytes(bad), production, SNP_TIME))
+    expect(
+        VerificationFailed,
+        E.CERT_CHAIN_INVALID,
+        lambda: tdx_verify(bytes(bad), production, SNP_TIME),
+    )
 
 
 def test_tdx_expired_collateral(vectors, spr, production) -> None:
     collateral = [
-        Collateral(CollateralKind.TCB_SIGNING_CHAIN, (vectors / "roots/intel/intel_tcb_signing_chain.pem").read_bytes()),
-        Collateral(CollateralKind.TDX_TCB_INFO, (vectors / "tdx/tcbinfo_50806f000000_gotdxguest.json").read_bytes()),
+        Collateral(
+            CollateralKind.TCB_SIGNING_CHAIN,
+            (vectors / "roots/intel/intel_tcb_signing_chain.pem").read_bytes(),
+        ),
+        Collateral(
+            CollateralKind.TDX_TCB_INFO,
+            (vectors / "tdx/tcbinfo_50806f000000_gotdxguest.json").read_bytes(),
+        ),
     ]
     when = dt.datetime(2023, 8, 1, tzinfo=UTC)
-    expect(VerificationFailed, E.COLLATERAL_EXPIRED, lambda: tdx_verify(spr, production, when, collateral))
+    expect(
+        VerificationFailed,
+        E.COLLATERAL_EXPIRED,
+        lambda: tdx_verify(spr, production, when, collateral),
+    )
 
 
 def test_tdx_expired_crl(vectors, spr, production) -> None:
-    crl = Collateral(CollateralKind.CRL, (vectors / "roots/intel/intel_pck_platform_ca_crl.der").read_bytes())
-    expect(VerificationFailed, E.COLLATERAL_EXPIRED, lambda: tdx_verify(spr, production, SNP_TIME, [crl]))
+    crl = Collateral(
+        CollateralKind.CRL, (vectors / "roots/intel/intel_pck_platform_ca_crl.der").read_bytes()
+    )
+    expect(
+        VerificationFailed,
+        E.COLLATERAL_EXPIRED,
+        lambda: tdx_verify(spr, production, SNP_TIME, [crl]),
+    )
 
 
 def test_tdx_expired_tcb_signing_certificate(vectors, production) -> None:
     quote = (vectors / "tdx/v4_gnr_trustee.dat").read_bytes()
     collateral = [
-        Collateral(CollateralKind.TCB_SIGNING_CHAIN, (vectors / "roots/intel/intel_tcb_signing_chain.pem").read_bytes()),
-        Collateral(CollateralKind.TDX_TCB_INFO, (vectors / "tdx/tcbinfo_00a06d080000_trustee.json").read_bytes()),
+        Collateral(
+            CollateralKind.TCB_SIGNING_CHAIN,
+            (vectors / "roots/intel/intel_tcb_signing_chain.pem").read_bytes(),
+        ),
+        Collateral(
+            CollateralKind.TDX_TCB_INFO,
+            (vectors / "tdx/tcbinfo_00a06d080000_trustee.json").read_bytes(),
+        ),
     ]
     when = dt.datetime(2025, 11, 1, tzinfo=UTC)
-    expect(VerificationFailed, E.CERT_NOT_VALID_AT_TIME, lambda: tdx_verify(quote, production, when, collateral))
+    expect(
+        VerificationFailed,
+        E.CERT_NOT_VALID_AT_TIME,
+        lambda: tdx_verify(quote, production, when, collateral),
+    )
 
 
 def _gnr_collateral(vectors: Path, tcb_info: bytes) -> list[Collateral]:
@@ -276,36 +418,59 @@ def test_tdx_tcb_info_tampered(vectors, production) -> None:
     tampered = doc.replace(b'"tcbStatus":"OutOfDate"', b'"tcbStatus":"UpToDate"', 1)
     assert tampered != doc
     when = dt.datetime(2025, 11, 1, tzinfo=UTC)
-    expect(VerificationFailed, E.COLLATERAL_SIGNATURE_INVALID, lambda: tdx_verify(quote, production, when, _gnr_collateral(vectors, tampered)))
+    expect(
+        VerificationFailed,
+        E.COLLATERAL_SIGNATURE_INVALID,
+        lambda: tdx_verify(quote, production, when, _gnr_collateral(vectors, tampered)),
+    )
 
 
 def test_tdx_tcb_info_signature_flipped(vectors, production) -> None:
     quote = (vectors / "tdx/v4_gnr_trustee.dat").read_bytes()
     doc = (vectors / "tdx/tcbinfo_00a06d080000_trustee.json").read_bytes()
     i = doc.index(b'"signature":"') + 20
-    tampered = doc[:i] + (b"0" if doc[i:i + 1] != b"0" else b"1") + doc[i + 1 :]
+    tampered = doc[:i] + (b"0" if doc[i : i + 1] != b"0" else b"1") + doc[i + 1 :]
     when = dt.datetime(2025, 11, 1, tzinfo=UTC)
-    expect(VerificationFailed, E.COLLATERAL_SIGNATURE_INVALID, lambda: tdx_verify(quote, production, when, _gnr_collateral(vectors, tampered)))
+    expect(
+        VerificationFailed,
+        E.COLLATERAL_SIGNATURE_INVALID,
+        lambda: tdx_verify(quote, production, when, _gnr_collateral(vectors, tampered)),
+    )
 
 
 def test_tdx_fmspc_mismatch(vectors, production) -> None:
     quote = (vectors / "tdx/v4_gnr_trustee.dat").read_bytes()
     other = (vectors / "tdx/tcbinfo_90c06f000000_gotdxguest.json").read_bytes()
     when = dt.datetime(2026, 2, 15, tzinfo=UTC)
-    expect(VerificationFailed, E.FMSPC_MISMATCH, lambda: tdx_verify(quote, production, when, _gnr_collateral(vectors, other)))
+    expect(
+        VerificationFailed,
+        E.FMSPC_MISMATCH,
+        lambda: tdx_verify(quote, production, when, _gnr_collateral(vectors, other)),
+    )
 
 
 def test_tdx_tcb_info_without_signing_chain(vectors, production) -> None:
     quote = (vectors / "tdx/v4_gnr_trustee.dat").read_bytes()
-    doc = Collateral(CollateralKind.TDX_TCB_INFO, (vectors / "tdx/tcbinfo_00a06d080000_trustee.json").read_bytes())
+    doc = Collateral(
+        CollateralKind.TDX_TCB_INFO,
+        (vectors / "tdx/tcbinfo_00a06d080000_trustee.json").read_bytes(),
+    )
     when = dt.datetime(2025, 11, 1, tzinfo=UTC)
-    expect(CollateralUnavailable, E.COLLATERAL_MISSING, lambda: tdx_verify(quote, production, when, [doc]))
+    expect(
+        CollateralUnavailable,
+        E.COLLATERAL_MISSING,
+        lambda: tdx_verify(quote, production, when, [doc]),
+    )
 
 
 def test_tdx_malformed_tcb_info(vectors, production) -> None:
     quote = (vectors / "tdx/v4_gnr_trustee.dat").read_bytes()
     when = dt.datetime(2025, 11, 1, tzinfo=UTC)
-    expect(MalformedEvidence, E.BAD_COLLATERAL, lambda: tdx_verify(quote, production, when, _gnr_collateral(vectors, b'{"tcbInfo":{}')))
+    expect(
+        MalformedEvidence,
+        E.BAD_COLLATERAL,
+        lambda: tdx_verify(quote, production, when, _gnr_collateral(vectors, b'{"tcbInfo":{}')),
+    )
 
 
 # --- Simulated: properly signed, bad content --------------------------------------------------------
@@ -313,76 +478,139 @@ def test_tdx_malformed_tcb_info(vectors, production) -> None:
 
 def test_simulated_snp_rejected_by_production(authority, production, now) -> None:
     ev = authority.snp().evidence(RD, measurement=MEAS)
-    expect(VerificationFailed, E.ROOT_NOT_TRUSTED, lambda: verify_evidence(ev, trust=production, now=now))
+    expect(
+        VerificationFailed,
+        E.ROOT_NOT_TRUSTED,
+        lambda: verify_evidence(ev, trust=production, now=now),
+    )
 
 
 def test_simulated_tdx_rejected_by_production(authority, production, now) -> None:
     ev = authority.tdx().evidence(RD, mrtd=MEAS, now=now)
-    expect(VerificationFailed, E.ROOT_NOT_TRUSTED, lambda: verify_evidence(ev, trust=production, now=now))
+    expect(
+        VerificationFailed,
+        E.ROOT_NOT_TRUSTED,
+        lambda: verify_evidence(ev, trust=production, now=now),
+    )
 
 
 def test_simulated_tdx_chain_to_foreign_root(authority, other_authority, now) -> None:
     ev = other_authority.tdx().evidence(RD, mrtd=MEAS, now=now)
-    expect(VerificationFailed, E.ROOT_NOT_TRUSTED, lambda: verify_evidence(ev, trust=authority.trust_store(), now=now))
+    expect(
+        VerificationFailed,
+        E.ROOT_NOT_TRUSTED,
+        lambda: verify_evidence(ev, trust=authority.trust_store(), now=now),
+    )
 
 
 def test_simulated_snp_accepted_with_simulated_roots(authority, sim_trust, now) -> None:
-    claims = verify_evidence(authority.snp().evidence(RD, measurement=MEAS), trust=sim_trust, now=now)
+    claims = verify_evidence(
+        authority.snp().evidence(RD, measurement=MEAS), trust=sim_trust, now=now
+    )
     assert claims.simulated and claims.report_data == RD
 
 
 def test_tcb_mismatch_vs_vcek(authority, sim_trust, now) -> None:
     snp = authority.snp()
     newer = TcbVersion.from_components(bootloader=4, tee=0, snp=25, microcode=219)
-    ev = Evidence(TeeType.SEV_SNP, snp.report(RD, measurement=MEAS, reported_tcb=newer), (snp.certificate_der,))
-    expect(VerificationFailed, E.TCB_MISMATCH, lambda: verify_evidence(ev, trust=sim_trust, now=now))
+    ev = Evidence(
+        TeeType.SEV_SNP,
+        snp.report(RD, measurement=MEAS, reported_tcb=newer),
+        (snp.certificate_der,),
+    )
+    expect(
+        VerificationFailed, E.TCB_MISMATCH, lambda: verify_evidence(ev, trust=sim_trust, now=now)
+    )
 
 
 def test_hwid_mismatch(authority, sim_trust, now) -> None:
     snp = authority.snp()
-    ev = Evidence(TeeType.SEV_SNP, snp.report(RD, measurement=MEAS, chip_id=bytes(64)), (snp.certificate_der,))
-    expect(VerificationFailed, E.HWID_MISMATCH, lambda: verify_evidence(ev, trust=sim_trust, now=now))
+    ev = Evidence(
+        TeeType.SEV_SNP, snp.report(RD, measurement=MEAS, chip_id=bytes(64)), (snp.certificate_der,)
+    )
+    expect(
+        VerificationFailed, E.HWID_MISMATCH, lambda: verify_evidence(ev, trust=sim_trust, now=now)
+    )
 
 
 def test_vlek_presented_as_vcek(authority, sim_trust, now) -> None:
     vlek = authority.snp(signing_key="VLEK")
-    ev = Evidence(TeeType.SEV_SNP, vlek.report(RD, measurement=MEAS, signing_key_field=0), (vlek.certificate_der,))
-    expect(VerificationFailed, E.SIGNING_KEY_MISMATCH, lambda: verify_evidence(ev, trust=sim_trust, now=now))
+    ev = Evidence(
+        TeeType.SEV_SNP,
+        vlek.report(RD, measurement=MEAS, signing_key_field=0),
+        (vlek.certificate_der,),
+    )
+    expect(
+        VerificationFailed,
+        E.SIGNING_KEY_MISMATCH,
+        lambda: verify_evidence(ev, trust=sim_trust, now=now),
+    )
 
 
 def test_wrong_product_cpuid(authority, sim_trust, now) -> None:
     snp = authority.snp()
-    ev = Evidence(TeeType.SEV_SNP, snp.report(RD, measurement=MEAS, cpuid=(0x1A, 0x02, 0x01)), (snp.certificate_der,))
-    expect(VerificationFailed, E.PRODUCT_MISMATCH, lambda: verify_evidence(ev, trust=sim_trust, now=now))
+    ev = Evidence(
+        TeeType.SEV_SNP,
+        snp.report(RD, measurement=MEAS, cpuid=(0x1A, 0x02, 0x01)),
+        (snp.certificate_der,),
+    )
+    expect(
+        VerificationFailed,
+        E.PRODUCT_MISMATCH,
+        lambda: verify_evidence(ev, trust=sim_trust, now=now),
+    )
 
 
 def test_snp_signed_by_other_key(authority, sim_trust, now) -> None:
     snp = authority.snp()
     rogue = ec.generate_private_key(ec.SECP384R1())
-    ev = Evidence(TeeType.SEV_SNP, snp.report(RD, measurement=MEAS, sign_with=rogue), (snp.certificate_der,))
-    expect(VerificationFailed, E.REPORT_SIGNATURE_INVALID, lambda: verify_evidence(ev, trust=sim_trust, now=now))
+    ev = Evidence(
+        TeeType.SEV_SNP, snp.report(RD, measurement=MEAS, sign_with=rogue), (snp.certificate_der,)
+    )
+    expect(
+        VerificationFailed,
+        E.REPORT_SIGNATURE_INVALID,
+        lambda: verify_evidence(ev, trust=sim_trust, now=now),
+    )
 
 
 def test_snp_vcek_from_foreign_simulated_chain(authority, other_authority, now) -> None:
     # Same issuer name as a trusted (simulated) ASK, different key: the signature does not chain.
     ev = other_authority.snp().evidence(RD, measurement=MEAS)
-    expect(VerificationFailed, E.CERT_CHAIN_INVALID, lambda: verify_evidence(ev, trust=authority.trust_store(), now=now))
+    expect(
+        VerificationFailed,
+        E.CERT_CHAIN_INVALID,
+        lambda: verify_evidence(ev, trust=authority.trust_store(), now=now),
+    )
 
 
 def test_snp_expired_vcek(authority, sim_trust, now) -> None:
     ev = authority.snp().evidence(RD, measurement=MEAS)
     later = now + dt.timedelta(days=365 * 8)
-    expect(VerificationFailed, E.CERT_NOT_VALID_AT_TIME, lambda: verify_evidence(ev, trust=sim_trust, now=later))
+    expect(
+        VerificationFailed,
+        E.CERT_NOT_VALID_AT_TIME,
+        lambda: verify_evidence(ev, trust=sim_trust, now=later),
+    )
 
 
 def test_snp_revoked_ask(authority, sim_trust, now) -> None:
     snp = authority.snp()
     crl = authority.crl("ark", [authority.ask.serial_number], now=now)
-    ev = Evidence(TeeType.SEV_SNP, snp.report(RD, measurement=MEAS), (snp.certificate_der,), (Collateral(CollateralKind.CRL, crl),))
-    expect(VerificationFailed, E.CERT_REVOKED, lambda: verify_evidence(ev, trust=sim_trust, now=now))
+    ev = Evidence(
+        TeeType.SEV_SNP,
+        snp.report(RD, measurement=MEAS),
+        (snp.certificate_der,),
+        (Collateral(CollateralKind.CRL, crl),),
+    )
+    expect(
+        VerificationFailed, E.CERT_REVOKED, lambda: verify_evidence(ev, trust=sim_trust, now=now)
+    )
 
 
-def _tdx_ev(tdx: Any, quote: bytes, now: dt.datetime, extra: Sequence[Collateral] = (), **tcb: Any) -> Evidence:
+def _tdx_ev(
+    tdx: Any, quote: bytes, now: dt.datetime, extra: Sequence[Collateral] = (), **tcb: Any
+) -> Evidence:
     return Evidence(TeeType.TDX, quote, (), (*tdx.collateral(now=now, **tcb), *extra))
 
 
@@ -395,24 +623,41 @@ def test_tdx_simulated_accepted(authority, sim_trust, now) -> None:
 def test_tdx_bad_qe_report_signature(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
     quote = tdx.quote(RD, mrtd=MEAS, qe_sign_with=ec.generate_private_key(ec.SECP256R1()))
-    expect(VerificationFailed, E.QE_REPORT_SIGNATURE_INVALID, lambda: verify_evidence(_tdx_ev(tdx, quote, now), trust=sim_trust, now=now))
+    expect(
+        VerificationFailed,
+        E.QE_REPORT_SIGNATURE_INVALID,
+        lambda: verify_evidence(_tdx_ev(tdx, quote, now), trust=sim_trust, now=now),
+    )
 
 
 def test_tdx_qe_report_data_not_binding_ak(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
     quote = tdx.quote(RD, mrtd=MEAS, qe_report_data=hashlib.sha512(b"other").digest())
-    expect(VerificationFailed, E.QE_REPORT_DATA_MISMATCH, lambda: verify_evidence(_tdx_ev(tdx, quote, now), trust=sim_trust, now=now))
+    expect(
+        VerificationFailed,
+        E.QE_REPORT_DATA_MISMATCH,
+        lambda: verify_evidence(_tdx_ev(tdx, quote, now), trust=sim_trust, now=now),
+    )
 
 
 def test_tdx_revoked_pck(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
     crl = Collateral(CollateralKind.CRL, authority.crl("pck_ca", [tdx.pck.serial_number], now=now))
-    expect(VerificationFailed, E.CERT_REVOKED, lambda: verify_evidence(_tdx_ev(tdx, tdx.quote(RD, mrtd=MEAS), now, [crl]), trust=sim_trust, now=now))
+    expect(
+        VerificationFailed,
+        E.CERT_REVOKED,
+        lambda: verify_evidence(
+            _tdx_ev(tdx, tdx.quote(RD, mrtd=MEAS), now, [crl]), trust=sim_trust, now=now
+        ),
+    )
 
 
 def test_tdx_unrevoked_pck_with_crls(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
-    crls = [Collateral(CollateralKind.CRL, authority.crl(i, [12345], now=now)) for i in ("pck_ca", "intel_root")]
+    crls = [
+        Collateral(CollateralKind.CRL, authority.crl(i, [12345], now=now))
+        for i in ("pck_ca", "intel_root")
+    ]
     verify_evidence(_tdx_ev(tdx, tdx.quote(RD, mrtd=MEAS), now, crls), trust=sim_trust, now=now)
 
 
@@ -421,24 +666,40 @@ def test_tdx_crl_signed_by_wrong_key(authority, other_authority, sim_trust, now)
     forged = other_authority.crl("pck_ca", [], now=now)
     # Same issuer name (both simulated PCK CAs share it), different key.
     crl = Collateral(CollateralKind.CRL, forged)
-    expect(VerificationFailed, E.CRL_SIGNATURE_INVALID, lambda: verify_evidence(_tdx_ev(tdx, tdx.quote(RD, mrtd=MEAS), now, [crl]), trust=sim_trust, now=now))
+    expect(
+        VerificationFailed,
+        E.CRL_SIGNATURE_INVALID,
+        lambda: verify_evidence(
+            _tdx_ev(tdx, tdx.quote(RD, mrtd=MEAS), now, [crl]), trust=sim_trust, now=now
+        ),
+    )
 
 
 def test_tdx_qe_identity_mismatch(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
     quote = tdx.quote(RD, mrtd=MEAS, qe_mrsigner=bytes(32))
-    expect(VerificationFailed, E.QE_IDENTITY_MISMATCH, lambda: verify_evidence(_tdx_ev(tdx, quote, now), trust=sim_trust, now=now))
+    expect(
+        VerificationFailed,
+        E.QE_IDENTITY_MISMATCH,
+        lambda: verify_evidence(_tdx_ev(tdx, quote, now), trust=sim_trust, now=now),
+    )
 
 
 def test_tdx_module_mismatch(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
     quote = tdx.quote(RD, mrtd=MEAS, mr_signer_seam=b"\x01" * 48)
-    expect(VerificationFailed, E.TDX_MODULE_MISMATCH, lambda: verify_evidence(_tdx_ev(tdx, quote, now), trust=sim_trust, now=now))
+    expect(
+        VerificationFailed,
+        E.TDX_MODULE_MISMATCH,
+        lambda: verify_evidence(_tdx_ev(tdx, quote, now), trust=sim_trust, now=now),
+    )
 
 
 def test_tdx_out_of_date_status_reported(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
-    claims = verify_evidence(_tdx_ev(tdx, tdx.quote(RD, mrtd=MEAS), now, status="OutOfDate"), trust=sim_trust, now=now)
+    claims = verify_evidence(
+        _tdx_ev(tdx, tdx.quote(RD, mrtd=MEAS), now, status="OutOfDate"), trust=sim_trust, now=now
+    )
     assert claims.tcb_status == "OutOfDate"
 
 
@@ -451,7 +712,11 @@ def test_tdx_collateral_from_source(authority, sim_trust, now) -> None:
     ev = Evidence(TeeType.TDX, tdx.quote(RD, mrtd=MEAS))
     assert verify_evidence(ev, trust=sim_trust, now=now, collateral=source).tcb_status == "UpToDate"
     empty = StaticCollateralSource()
-    expect(CollateralUnavailable, E.COLLATERAL_MISSING, lambda: verify_evidence(ev, trust=sim_trust, now=now, collateral=empty))
+    expect(
+        CollateralUnavailable,
+        E.COLLATERAL_MISSING,
+        lambda: verify_evidence(ev, trust=sim_trust, now=now, collateral=empty),
+    )
 
 
 def test_tdx_v5_td15_simulated(authority, sim_trust, now) -> None:
@@ -467,12 +732,20 @@ def test_tdx_v5_td15_simulated(authority, sim_trust, now) -> None:
 def test_cached_chain_not_used_outside_its_window(milan) -> None:
     store = TrustStore.production()
     assert snp_verify(milan[0], [milan[1]], store).product == "Milan"
-    expect(VerificationFailed, E.CERT_NOT_VALID_AT_TIME, lambda: snp_verify(milan[0], [milan[1]], store, dt.datetime(2040, 1, 1, tzinfo=UTC)))
+    expect(
+        VerificationFailed,
+        E.CERT_NOT_VALID_AT_TIME,
+        lambda: snp_verify(milan[0], [milan[1]], store, dt.datetime(2040, 1, 1, tzinfo=UTC)),
+    )
 
 
 def test_failure_is_not_cached(milan) -> None:
     store = TrustStore.production()
     bad_cert = flip(milan[1], len(milan[1]) - 5)
     for _ in range(2):
-        expect(VerificationFailed, E.CERT_CHAIN_INVALID, lambda: snp_verify(milan[0], [bad_cert], store))
+        expect(
+            VerificationFailed,
+            E.CERT_CHAIN_INVALID,
+            lambda: snp_verify(milan[0], [bad_cert], store),
+        )
     assert snp_verify(milan[0], [milan[1]], store).product == "Milan"

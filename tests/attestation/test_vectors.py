@@ -236,8 +236,8 @@ def test_tdx_collateral_and_tcb_status(vectors: Path, production: TrustStore, ca
 
 
 def test_reissued_tcb_signing_cert_chains_to_pinned_root(production: TrustStore) -> None:
-    from strongroom.attestation.abi.certs import load_certificate
     from strongroom.attestation._x509 import verify_issued_by
+    from strongroom.attestation.abi.certs import load_certificate
 
     cert = load_certificate(NEW_TCB_SIGNING.read_bytes())
     verify_issued_by(cert, production.intel_roots()[0].cert)

@@ -54,7 +54,9 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise InvalidArgument(f"cannot read {path}: {exc.strerror}", reason="FILE_UNREADABLE") from None
+        raise InvalidArgument(
+            f"cannot read {path}: {exc.strerror}", reason="FILE_UNREADABLE"
+        ) from None
 
 
 def _parse_time(text: str | None) -> dt.datetime:
@@ -65,7 +67,9 @@ def _parse_time(text: str | None) -> dt.datetime:
     except ValueError:
         raise InvalidArgument(f"--at {text!r} is not an RFC 3339 time", reason="BAD_TIME") from None
     if when.tzinfo is None:
-        raise InvalidArgument("--at needs a time zone (e.g. 2026-01-01T00:00:00Z)", reason="BAD_TIME")
+        raise InvalidArgument(
+            "--at needs a time zone (e.g. 2026-01-01T00:00:00Z)", reason="BAD_TIME"
+        )
     return when
 
 

@@ -53,16 +53,9 @@ def split_signed_json(data: bytes, body_key: str) -> tuple[bytes, bytes, Any]:
                 if not text.startswith(",", pos):
                     raise _bad("expected ',' between members")
                 pos = _skip(text, pos + 1)
-            key, pos = (
-                json.decoder.scanstring(text, pos + 1)
-                if text.startswith('"', pos)
-                else (
-                    None,
-                    pos,
-                )
-            )
-            if key is None:
+            if not text.startswith('"', pos):
                 raise _bad("expected a member name")
+            key, pos = decoder.raw_decode(text, pos)
             pos = _skip(text, pos)
             if not text.startswith(":", pos):
                 raise _bad("expected ':'")

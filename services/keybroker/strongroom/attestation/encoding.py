@@ -38,9 +38,12 @@ def _classify_raw(data: bytes) -> tuple[TeeType, str] | None:
         return TeeType.SEV_SNP, "azure-hcl"
     if len(data) >= 8:
         version, key_type, tee_type = struct.unpack_from("<HHI", data, 0)
-        if version in (4, 5) and key_type == tdx_abi.ATT_KEY_TYPE_ECDSA_P256:
-            if tee_type == tdx_abi.TEE_TYPE_TDX:
-                return TeeType.TDX, "tdx-quote"
+        if (
+            version in (4, 5)
+            and key_type == tdx_abi.ATT_KEY_TYPE_ECDSA_P256
+            and tee_type == tdx_abi.TEE_TYPE_TDX
+        ):
+            return TeeType.TDX, "tdx-quote"
     if len(data) == snp_abi.REPORT_SIZE_BYTES:
         (version,) = struct.unpack_from("<I", data, 0)
         if version in snp_abi.SUPPORTED_VERSIONS:

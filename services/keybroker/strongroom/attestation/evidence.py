@@ -126,5 +126,5 @@ class Evidence:
             certificates=list(self.certificates),
         )
         for item in self.collateral:
-            message.collateral.add(kind=_KIND_TO_PROTO[item.kind], data=item.data)  # type: ignore[arg-type]
+            message.collateral.add(kind=_KIND_TO_PROTO[item.kind], data=item.data)
         return message

@@ -74,7 +74,7 @@ class _StrictLoader(yaml.SafeLoader):
 def _mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node)
         if key in seen:
             raise PolicyInvalid(f"duplicate key {key!r}", reason=E.POLICY_SYNTAX)
         seen.add(key)
@@ -83,7 +83,7 @@ def _mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dic
 
 _StrictLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _mapping_no_duplicates,  # type: ignore[arg-type]
+    _mapping_no_duplicates,
 )
 
 

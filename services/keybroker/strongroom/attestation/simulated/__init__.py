@@ -438,7 +438,6 @@ class SimulatedTdx:
         """Issues a PCK certificate with the SGX extension for ``fmspc`` and TCB ``components``."""
         now = now or dt.datetime.now(_UTC)
         pck_key = ec.generate_private_key(ec.SECP256R1())
-        seq = lambda *items: _der.encode(_der.TAG_SEQUENCE, b"".join(items))  # noqa: E731
         tcb_items = [
             seq(_der.encode_oid(f"{oids.OID_SGX_TCB}.{i + 1}"), _der.encode_unsigned(v))
             for i, v in enumerate(components)
@@ -482,7 +481,7 @@ class SimulatedTdx:
         report_data: bytes,
         *,
         mrtd: bytes,
-        rtmrs: tuple[bytes, bytes, bytes, bytes] = (bytes(48),) * 4,  # type: ignore[assignment]
+        rtmrs: tuple[bytes, bytes, bytes, bytes] = (bytes(48), bytes(48), bytes(48), bytes(48)),
         td_attributes: bytes = bytes.fromhex("0000001000000000"),
         xfam: bytes = bytes.fromhex("e742060000000000"),
         tee_tcb_svn: bytes = bytes.fromhex("03000500000000000000000000000000"),
@@ -566,15 +565,6 @@ class SimulatedTdx:
     ) -> bytes:
         """A signed TCB info whose first level matches this platform with ``status``."""
         now = now or dt.datetime.now(_UTC)
-        level = lambda comps, pcesvn, tdx, st, date: {  # noqa: E731
-            "tcb": {
-                "sgxtcbcomponents": [{"svn": c} for c in comps],
-                "pcesvn": pcesvn,
-                "tdxtcbcomponents": [{"svn": c} for c in tdx],
-            },
-            "tcbDate": date,
-            "tcbStatus": st,
-        }
         body = {
             "id": "TDX",
             "version": 3,
@@ -591,14 +581,14 @@ class SimulatedTdx:
             },
             "tdxModuleIdentities": [],
             "tcbLevels": [
-                level(
+                _level(
                     self.cpusvn_components,
                     self.pcesvn,
                     tdx_components,
                     status,
                     "2024-03-13T00:00:00Z",
                 ),
-                level((0,) * 16, 0, (0,) * 16, "OutOfDate", "2018-01-04T00:00:00Z"),
+                _level((0,) * 16, 0, (0,) * 16, "OutOfDate", "2018-01-04T00:00:00Z"),
             ],
         }
         return self.authority.sign_collateral("tcbInfo", body)
@@ -651,6 +641,25 @@ class SimulatedTdx:
         return Evidence(
             TeeType.TDX, self.quote(report_data, **quote_kwargs), (), self.collateral(now=now)
         )
+
+
+def seq(*items: bytes) -> bytes:
+    """A DER SEQUENCE of already-encoded items."""
+    return _der.encode(_der.TAG_SEQUENCE, b"".join(items))
+
+
+def _level(
+    comps: tuple[int, ...], pcesvn: int, tdx: tuple[int, ...], status: str, date: str
+) -> dict[str, Any]:
+    return {
+        "tcb": {
+            "sgxtcbcomponents": [{"svn": c} for c in comps],
+            "pcesvn": pcesvn,
+            "tdxtcbcomponents": [{"svn": c} for c in tdx],
+        },
+        "tcbDate": date,
+        "tcbStatus": status,
+    }
 
 
 def _raw_p256(der: bytes) -> bytes:

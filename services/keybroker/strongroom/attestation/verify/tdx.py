@@ -214,8 +214,8 @@ def _verified_collateral(
     cache_key = trust.cache.key("tdx-" + kind, raw_doc, signer_pem)
     cached = trust.cache.get(cache_key, now)
     if cached is not None:
-        doc, simulated = cached
-        return doc, simulated
+        cached_doc, cached_simulated = cached
+        return cached_doc, cached_simulated
     doc: TcbInfo | QeIdentity = (
         parse_tcb_info(raw_doc) if kind == "tcb-info" else parse_qe_identity(raw_doc)
     )
