@@ -6,6 +6,7 @@ import hashlib
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -520,3 +521,54 @@ def test_names_are_validated_on_every_call(
     for call in (storage.stat, storage.delete, storage.open, storage.verify):
         with pytest.raises(InvalidArgument):
             call(name, version)
+
+
+def test_readers_racing_delete_and_republish_never_see_data_loss(
+    storage: FilesystemStorage,
+) -> None:
+    versions = [make_artifact("hot", "1", body(50_000, i)) for i in range(2)]
+    stop = threading.Event()
+    problems: list[BaseException] = []
+    reads = 0
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                storage.put([versions[i % 2]], FakeValidator())
+                storage.delete("hot", "1")
+            except BaseException as exc:
+                problems.append(exc)
+                return
+            i += 1
+
+    def reader() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            try:
+                data = read_all(storage, "hot", "1")
+                storage.verify("hot", "1")
+            except ModelNotFound:
+                continue
+            except BaseException as exc:
+                problems.append(exc)
+                return
+            if data not in versions:
+                problems.append(AssertionError("a read returned bytes of no stored version"))
+                return
+            reads += 1
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader) for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline and not problems:
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert problems == []
+    assert reads > 0
+    assert_clean(storage)

@@ -46,6 +46,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def digest_fd(fd: int, *, buffer_size: int = 1 << 20) -> tuple[str, int]:
+    """The lower-case hex SHA-256 and the size of everything readable from ``fd``, from offset 0."""
+    hasher = hashlib.sha256()
+    buffer = bytearray(buffer_size)
+    view = memoryview(buffer)
+    position = 0
+    while n := os.preadv(fd, [buffer], position):
+        hasher.update(view[:n])
+        position += n
+    return hasher.hexdigest(), position
+
+
 class TempBlob:
     """A temporary file receiving an upload; it never becomes visible unless installed."""
 
@@ -145,18 +157,6 @@ class BlobStore:
     def open_read(self, digest: str) -> int:
         """A read-only file descriptor on the blob (FileNotFoundError if missing)."""
         return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
-
-    def digest_of(self, digest: str, *, buffer_size: int = 1 << 20) -> tuple[str, int]:
-        """Recomputes the SHA-256 and size of the stored blob."""
-        hasher = hashlib.sha256()
-        size = 0
-        with open(self.path(digest), "rb", buffering=0) as f:
-            buffer = bytearray(buffer_size)
-            view = memoryview(buffer)
-            while n := f.readinto(buffer):
-                hasher.update(view[:n])
-                size += n
-        return hasher.hexdigest(), size
 
     def sweep_temps(self) -> int:
         """Removes every leftover temporary file; returns how many. Only safe with no upload running."""

@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import Self
 
 from strongroom.modelstore import _pagetoken
-from strongroom.modelstore._blobs import BlobStore, TempBlob, io_error
+from strongroom.modelstore._blobs import BlobStore, TempBlob, digest_fd, io_error
 from strongroom.modelstore._index import Index
 from strongroom.modelstore.errors import (
     ArtifactTooLarge,
@@ -406,6 +406,31 @@ class FilesystemStorage:
             raise ModelNotFound(f"model {name} version {version} does not exist")
         return record
 
+    def _open_blob(self, name: str, version: str) -> tuple[ModelRecord, int]:
+        """The record and a read-only descriptor on its blob, looked up atomically.
+
+        Under the commit lock a concurrent delete (or delete and re-publish) cannot slip between the
+        index lookup and the open, so a missing blob really is data loss. Once open, the descriptor
+        reads the same bytes even if the model is deleted meanwhile.
+        """
+        self._check_open()
+        validate_name(name)
+        validate_version(version)
+        with self._commit_lock:
+            record = self._index.get(name, version)
+            if record is None:
+                raise ModelNotFound(f"model {name} version {version} does not exist")
+            try:
+                fd = self._blobs.open_read(record.artifact_sha256)
+            except FileNotFoundError:
+                log.error("blob %s of %s %s is missing", record.artifact_sha256, name, version)
+                raise StoredDataCorrupt(
+                    f"stored artifact {name} {version} is missing", reason="BLOB_MISSING"
+                ) from None
+            except OSError as exc:
+                raise io_error(exc, "opening an artifact") from None
+        return record, fd
+
     def open(
         self, name: str, version: str, *, offset: int = 0, length: int | None = None
     ) -> FileRangeReader:
@@ -414,28 +439,19 @@ class FilesystemStorage:
         OutOfRange if the range ends past the artifact; StoredDataCorrupt if the blob is missing or
         has the wrong size (checked on every open, it costs one fstat).
         """
-        record = self.stat(name, version)
-        size = record.artifact_size
         if offset < 0 or (length is not None and length < 0):
             raise InvalidArgument("offset and length must not be negative", reason="INVALID_RANGE")
-        if offset > size:
-            raise OutOfRange(f"offset {offset} is past the end of the {size}-byte artifact")
-        if length is None:
-            length = size - offset
-        elif offset + length > size:
-            raise OutOfRange(
-                f"range of {length} bytes at offset {offset} ends past the {size}-byte artifact"
-            )
+        record, fd = self._open_blob(name, version)
         try:
-            fd = self._blobs.open_read(record.artifact_sha256)
-        except FileNotFoundError:
-            log.error("blob %s of %s %s is missing", record.artifact_sha256, name, version)
-            raise StoredDataCorrupt(
-                f"stored artifact {name} {version} is missing", reason="BLOB_MISSING"
-            ) from None
-        except OSError as exc:
-            raise io_error(exc, "opening an artifact") from None
-        try:
+            size = record.artifact_size
+            if offset > size:
+                raise OutOfRange(f"offset {offset} is past the end of the {size}-byte artifact")
+            if length is None:
+                length = size - offset
+            elif offset + length > size:
+                raise OutOfRange(
+                    f"range of {length} bytes at offset {offset} ends past the {size}-byte artifact"
+                )
             actual = os.fstat(fd).st_size
             if actual != size:
                 log.error("blob %s is %d bytes, expected %d", record.artifact_sha256, actual, size)
@@ -453,15 +469,13 @@ class FilesystemStorage:
 
     def verify(self, name: str, version: str) -> ModelRecord:
         """Recomputes the stored artifact's SHA-256; StoredDataCorrupt (DATA_LOSS) on any mismatch."""
-        record = self.stat(name, version)
+        record, fd = self._open_blob(name, version)
         try:
-            digest, size = self._blobs.digest_of(record.artifact_sha256)
-        except FileNotFoundError:
-            raise StoredDataCorrupt(
-                f"stored artifact {name} {version} is missing", reason="BLOB_MISSING"
-            ) from None
+            digest, size = digest_fd(fd)
         except OSError as exc:
             raise io_error(exc, "verifying an artifact") from None
+        finally:
+            os.close(fd)
         if size != record.artifact_size or digest != record.artifact_sha256:
             log.error(
                 "blob %s of %s %s fails verification (size %d, digest %s)",
