@@ -20,6 +20,7 @@ from strongroom.modelstore.errors import (
     ModelNotFound,
     OutOfRange,
     StorageLocked,
+    StorageUnavailable,
     StoredDataCorrupt,
     UploadMismatch,
 )
@@ -572,3 +573,14 @@ def test_readers_racing_delete_and_republish_never_see_data_loss(
     assert problems == []
     assert reads > 0
     assert_clean(storage)
+
+
+def test_unreadable_index_is_unavailable_and_releases_the_lock(store_root: Path) -> None:
+    store_root.mkdir()
+    (store_root / "index.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageUnavailable) as info:
+        FilesystemStorage(store_root)
+    assert info.value.status.name == "UNAVAILABLE"
+    (store_root / "index.sqlite3").unlink()
+    with FilesystemStorage(store_root) as s:
+        assert s.records() == ()

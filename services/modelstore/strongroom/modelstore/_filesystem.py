@@ -184,6 +184,9 @@ class FilesystemStorage:
         except OSError as exc:
             self.close()
             raise io_error(exc, "sweeping the storage root") from None
+        except BaseException:
+            self.close()
+            raise
 
     # -- lifecycle -----------------------------------------------------------------------------
 
