@@ -33,7 +33,7 @@ hsm_dir=${STRONGROOM_BOOTSTRAP_HSM_DIR:-/var/lib/strongroom/softhsm}
 hsm_label=${STRONGROOM_HSM_TOKEN_LABEL:-strongroom}
 hsm_module=${STRONGROOM_HSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 services=(keybroker modelstore inference)
-clients=(publisher admin)
+clients=(publisher admin client)
 
 log() { echo "bootstrap: $*" >&2; }
 

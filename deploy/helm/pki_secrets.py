@@ -4,17 +4,15 @@
     python3 deploy/helm/pki_secrets.py --namespace strongroom --out ./pki-strongroom | kubectl apply -f -
 
 - ``strongroom-step-ca`` (``stepCa.existingSecret``): what the in-chart step-ca serves with: ca.json,
-  root and intermediate certificates, intermediate key and its password.
+  root and intermediate certificates, the intermediate key and the password that protects it.
 - ``strongroom-pki-provisioner`` (``pki.provisionerSecret``): what the pods' init containers need to
-  mint one-time enrolment tokens (ca.json with the encrypted provisioner key, the provisioner
-  password) and the root certificate.
+  mint one-time enrolment tokens (strongroom.json, the JWK provisioner key) and the root certificate.
 
-The PKI directory stays in ``--out``, including the ROOT KEY: move it offline (it is needed only to
-issue a new intermediate). Nothing secret is printed anywhere but the manifests on stdout; redirect
-them to ``kubectl apply -f -`` or a sealed-secrets/SOPS pipeline, never to a shared file.
-
-step-ca reads ca.json's paths as written, so paths under ``--out`` are rewritten to ``/home/step``,
-where the chart mounts the files. Secret keys and their place under the PKI directory are listed in
+The PKI directory stays in ``--out``, including the ROOT KEY (secrets/root_ca_key): move it offline;
+it is needed only to issue a new intermediate. Nothing secret is printed anywhere but the manifests
+on stdout: pipe them to ``kubectl apply -f -`` or a sealed-secrets/SOPS pipeline, never to a shared
+file. Paths inside ca.json are relative to the CA directory; the chart mounts the files under
+/home/step and runs step-ca there. The Secret keys and their place in the CA directory are listed in
 STEP_CA_FILES / PROVISIONER_FILES and must match values.yaml (stepCa.files, pki.provisionerFiles).
 """
 
@@ -26,10 +24,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-STEP_HOME = "/home/step"
-# Secret key -> path under the PKI directory (the step layout `strongroom pki init` writes).
+# Secret key -> path under the CA directory (the layout of `strongroom pki init`).
 STEP_CA_FILES = {
     "ca.json": "config/ca.json",
     "root_ca.crt": "certs/root_ca.crt",
@@ -38,21 +34,10 @@ STEP_CA_FILES = {
     "password": "secrets/password",
 }
 PROVISIONER_FILES = {
-    "ca.json": "config/ca.json",
-    "provisioner_password": "secrets/provisioner_password",
+    "strongroom.json": "config/strongroom.json",
+    "provisioner_key": "secrets/provisioner_key",
     "root_ca.crt": "certs/root_ca.crt",
 }
-
-
-def _rebase(value: Any, old: str, new: str) -> Any:
-    """Rewrites every string that is a path under ``old`` to the same path under ``new``."""
-    if isinstance(value, dict):
-        return {k: _rebase(v, old, new) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rebase(v, old, new) for v in value]
-    if isinstance(value, str) and (value == old or value.startswith(old + "/")):
-        return new + value[len(old) :]
-    return value
 
 
 def _secret(name: str, namespace: str, files: dict[str, bytes], component: str) -> str:
@@ -63,7 +48,10 @@ def _secret(name: str, namespace: str, files: dict[str, bytes], component: str) 
         "metadata": {
             "name": name,
             "namespace": namespace,
-            "labels": {"app.kubernetes.io/part-of": "strongroom", "app.kubernetes.io/component": component},
+            "labels": {
+                "app.kubernetes.io/part-of": "strongroom",
+                "app.kubernetes.io/component": component,
+            },
         },
         "data": {k: base64.b64encode(v).decode("ascii") for k, v in sorted(files.items())},
     }
@@ -71,13 +59,10 @@ def _secret(name: str, namespace: str, files: dict[str, bytes], component: str) 
     return json.dumps(manifest, indent=2)
 
 
-def _collect(pki_dir: Path, layout: dict[str, str], ca_json: bytes) -> dict[str, bytes]:
+def _collect(ca_dir: Path, layout: dict[str, str]) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for key, rel in layout.items():
-        if key == "ca.json":
-            out[key] = ca_json
-            continue
-        path = pki_dir / rel
+        path = ca_dir / rel
         if not path.is_file():
             raise SystemExit(
                 f"pki_secrets: {path} missing: `strongroom pki init` wrote a different layout than "
@@ -106,17 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     pki_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     subprocess.run(
         [
-            args.strongroom, "pki", "init", "--dir", str(pki_dir), "--trust-domain", args.trust_domain,
-            "--dns", args.ca_dns, "--address", ":9000",
+            args.strongroom,
+            "pki",
+            "init",
+            "--dir",
+            str(pki_dir),
+            "--trust-domain",
+            args.trust_domain,
+            "--dns",
+            args.ca_dns,
+            "--address",
+            ":9000",
         ],
         check=True,
         stdout=sys.stderr,
     )
-    config = json.loads((pki_dir / "config" / "ca.json").read_text(encoding="utf-8"))
-    ca_json = (json.dumps(_rebase(config, str(pki_dir), STEP_HOME), indent=2) + "\n").encode()
-
-    step_ca = _collect(pki_dir, STEP_CA_FILES, ca_json)
-    provisioner = _collect(pki_dir, PROVISIONER_FILES, ca_json)
+    step_ca = _collect(pki_dir, STEP_CA_FILES)
+    provisioner = _collect(pki_dir, PROVISIONER_FILES)
     print(_secret(args.step_ca_secret, args.namespace, step_ca, "step-ca"))
     print("---")
     print(_secret(args.provisioner_secret, args.namespace, provisioner, "bootstrap"))

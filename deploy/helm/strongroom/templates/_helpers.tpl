@@ -108,7 +108,7 @@ seccompProfile:
 {{- define "strongroom.authz" -}}
 {{- $root := . -}}
 authz:
-{{- range $role := list "publisher" "admin" "inference" }}
+{{- range $role := list "publisher" "admin" "inference" "client" }}
   {{ $role }}: {{ toJson (default (list (printf "spiffe://%s/%s" $root.Values.trustDomain $role)) (index $root.Values.authz $role)) }}
 {{- end }}
 {{- end -}}

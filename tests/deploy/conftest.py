@@ -1,0 +1,104 @@
+"""Fixtures for the deploy tests: the helm binary and rendered charts (cached per values set)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+CHART = DEPLOY / "helm" / "strongroom"
+NAMESPACE = "strongroom"
+RELEASE = "sr"
+KUBE_VERSION = "1.31.0"
+
+# Values sets the chart is rendered with: name -> extra values files.
+VALUES_SETS = {
+    "default": (),
+    "development": (DEPLOY / "helm" / "values-development.yaml",),
+    "production": (DEPLOY / "helm" / "values-production.yaml",),
+}
+
+
+def helm_binary() -> str | None:
+    """The helm the project unpacks (deploy/dev/setup.sh), else one on PATH, else None."""
+    configured = os.environ.get("HELM")
+    if configured and os.access(configured, os.X_OK):
+        return configured
+    bundled = ROOT / ".build" / "tools" / "helm" / "helm"
+    if os.access(bundled, os.X_OK):
+        return str(bundled)
+    return shutil.which("helm")
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """Path of helm; the chart tests skip (with the reason) when it is missing."""
+    found = helm_binary()
+    if found is None:
+        pytest.skip("helm not found: run deploy/dev/setup.sh (it unpacks helm into .build/tools)")
+    return found
+
+
+def run_helm_template(
+    helm: str, values_files: tuple[Path, ...] = (), set_args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``helm template`` and returns the completed process (not checked)."""
+    cmd = [
+        helm,
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        KUBE_VERSION,
+    ]
+    for f in values_files:
+        cmd += ["-f", str(f)]
+    for s in set_args:
+        cmd += ["--set", s]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+@functools.cache
+def _render_cached(helm: str, values_files: tuple[Path, ...], set_args: tuple[str, ...]) -> str:
+    result = run_helm_template(helm, values_files, set_args)
+    if result.returncode != 0:
+        raise AssertionError(f"helm template failed:\n{result.stderr}")
+    return result.stdout
+
+
+def render(
+    helm: str, values_files: tuple[Path, ...] = (), set_args: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """Renders the chart and returns its documents (fresh copies: tests may mutate them)."""
+    text = _render_cached(helm, tuple(values_files), tuple(set_args))
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+@pytest.fixture(params=sorted(VALUES_SETS))
+def rendered(request: pytest.FixtureRequest, helm: str) -> tuple[str, list[dict[str, Any]]]:
+    """(values set name, rendered documents) for each of the chart's values sets."""
+    name: str = request.param
+    return name, render(helm, VALUES_SETS[name])
+
+
+def kind(docs: list[dict[str, Any]], k: str) -> list[dict[str, Any]]:
+    """The documents of one kind."""
+    return [d for d in docs if d.get("kind") == k]
+
+
+def load_compose() -> dict[str, Any]:
+    """The compose file as YAML (anchors and merge keys resolved by the YAML loader)."""
+    data: dict[str, Any] = yaml.safe_load(
+        (DEPLOY / "compose" / "docker-compose.yml").read_text(encoding="utf-8")
+    )
+    return data
