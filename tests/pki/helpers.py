@@ -9,6 +9,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -43,14 +44,14 @@ def sid(name: str) -> str:
 def new_ca(directory: Path, binary: Path, **kwargs: object) -> StepCa:
     """Initialises a CA in ``directory`` and starts step-ca for it (short lifetimes allowed)."""
     port = free_port()
-    options: dict[str, object] = {
+    options: dict[str, Any] = {
         "trust_domain": TRUST_DOMAIN,
         "dns_names": ["127.0.0.1", "localhost"],
         "address": f"127.0.0.1:{port}",
         "min_lifetime": timedelta(seconds=5),
     }
     options.update(kwargs)
-    layout = init_ca(directory, **options)  # type: ignore[arg-type]
+    layout = init_ca(directory, **options)
     return StepCa(layout, binary=binary).start()
 
 
@@ -71,7 +72,7 @@ def enrol(
     state_dir: Path | None = None,
     clock: Callable[[], datetime] | None = None,
 ) -> WorkloadIdentity:
-    extra = {"clock": clock} if clock is not None else {}
+    extra: dict[str, Any] = {"clock": clock} if clock is not None else {}
     return WorkloadIdentity.enrol(
         ca.client(),
         token_for(ca, name, dns),
@@ -79,7 +80,7 @@ def enrol(
         policy=policy,
         auto_renew=auto_renew,
         state_dir=state_dir,
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
 
 
@@ -153,7 +154,9 @@ def make_leaf(
         .not_valid_after(not_after or now + timedelta(minutes=10))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         .add_extension(
@@ -187,7 +190,7 @@ class Calls:
             return sum(self.counts.values())
 
 
-def echo_handler(calls: Calls) -> grpc.GenericRpcHandler:
+def echo_handler(calls: Calls) -> grpc.GenericRpcHandler[Any, Any]:
     """``strongroom.test.Echo`` with one method of each kind (raw bytes, no serialisers)."""
 
     def ping(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -228,17 +231,22 @@ def echo_handler(calls: Calls) -> grpc.GenericRpcHandler:
     )
 
 
+def default_rules() -> dict[str, list[str]]:
+    """The authorisation table of the test server."""
+    return {
+        f"/{ECHO}/Ping": [sid("inference")],
+        f"/{ECHO}/Count": [sid("inference")],
+        f"/{ECHO}/Concat": [sid("inference")],
+        f"/{ECHO}/Chat": [sid("inference")],
+        f"/{ECHO}/Admin": [sid("operator")],
+        "/strongroom.api.keybroker.v1.KeyBrokerService/*": [sid("inference")],
+    }
+
+
 def default_authorizer(**kwargs: object) -> SpiffeAuthorizer:
     return SpiffeAuthorizer(
         TRUST_DOMAIN,
-        {
-            f"/{ECHO}/Ping": [sid("inference")],
-            f"/{ECHO}/Count": [sid("inference")],
-            f"/{ECHO}/Concat": [sid("inference")],
-            f"/{ECHO}/Chat": [sid("inference")],
-            f"/{ECHO}/Admin": [sid("operator")],
-            "/strongroom.api.keybroker.v1.KeyBrokerService/*": [sid("inference")],
-        },
+        default_rules(),
         public=["grpc.health.v1.Health"],
         **kwargs,  # type: ignore[arg-type]
     )

@@ -88,7 +88,7 @@ def test_password_reaches_step_ca_as_a_file_not_argv(ca: StepCa) -> None:
 
 def test_missing_binary_is_reported_clearly(tmp_path: Path) -> None:
     layout = init_ca(tmp_path / "ca", trust_domain="strongroom.test")
-    with pytest.raises(InvalidPkiConfig, match="build.sh"):
+    with pytest.raises(InvalidPkiConfig, match=r"build\.sh"):
         StepCa(layout, binary=tmp_path / "nope").start()
 
 

@@ -25,16 +25,44 @@ def test_init_token_enrol(
 ) -> None:
     directory = tmp_path / "ca"
     port = free_port()
-    assert main(
-        ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test",
-         "--dns", "127.0.0.1", "--address", f"127.0.0.1:{port}", "--min-lifetime", "10s"]
-    ) == 0
+    assert (
+        main(
+            [
+                "pki",
+                "init",
+                "--dir",
+                str(directory),
+                "--trust-domain",
+                "strongroom.test",
+                "--dns",
+                "127.0.0.1",
+                "--address",
+                f"127.0.0.1:{port}",
+                "--min-lifetime",
+                "10s",
+            ]
+        )
+        == 0
+    )
     assert "root SHA-256" in capsys.readouterr().out
     with StepCa(directory, binary=step_ca_binary) as ca:
-        assert main(
-            ["pki", "token", "--dir", str(directory), "--identity",
-             "spiffe://strongroom.test/modelstore", "--dns", "modelstore", "--lifetime", "2m"]
-        ) == 0
+        assert (
+            main(
+                [
+                    "pki",
+                    "token",
+                    "--dir",
+                    str(directory),
+                    "--identity",
+                    "spiffe://strongroom.test/modelstore",
+                    "--dns",
+                    "modelstore",
+                    "--lifetime",
+                    "2m",
+                ]
+            )
+            == 0
+        )
         token = capsys.readouterr().out.strip()
         claims = unverified_claims(token)
         assert claims["sans"] == ["spiffe://strongroom.test/modelstore", "modelstore"]
@@ -44,10 +72,25 @@ def test_init_token_enrol(
         root = tmp_path / "root.pem"
         root.write_bytes(ca.root_pem)
         state = tmp_path / "state"
-        assert main(
-            ["pki", "enrol", "--ca-url", ca.url, "--root", str(root), "--token-file",
-             str(token_file), "--state-dir", str(state), "--lifetime", "1m"]
-        ) == 0
+        assert (
+            main(
+                [
+                    "pki",
+                    "enrol",
+                    "--ca-url",
+                    ca.url,
+                    "--root",
+                    str(root),
+                    "--token-file",
+                    str(token_file),
+                    "--state-dir",
+                    str(state),
+                    "--lifetime",
+                    "1m",
+                ]
+            )
+            == 0
+        )
         assert "enrolled spiffe://strongroom.test/modelstore" in capsys.readouterr().out
         assert (state / STATE_FILE).stat().st_mode & 0o077 == 0
 
@@ -57,7 +100,9 @@ def test_token_for_a_foreign_trust_domain_is_refused(
 ) -> None:
     directory = tmp_path / "ca"
     assert main(["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]) == 0
-    assert main(["pki", "token", "--dir", str(directory), "--identity", "spiffe://evil.test/x"]) == 1
+    assert (
+        main(["pki", "token", "--dir", str(directory), "--identity", "spiffe://evil.test/x"]) == 1
+    )
     assert "trust domain" in capsys.readouterr().err
 
 
@@ -68,8 +113,16 @@ def test_enrol_without_a_token_says_where_to_put_it(
     directory = tmp_path / "ca"
     assert main(["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]) == 0
     code = main(
-        ["pki", "enrol", "--ca-url", "https://127.0.0.1:1", "--root",
-         str(directory / "certs" / "root_ca.crt"), "--state-dir", str(tmp_path / "s")]
+        [
+            "pki",
+            "enrol",
+            "--ca-url",
+            "https://127.0.0.1:1",
+            "--root",
+            str(directory / "certs" / "root_ca.crt"),
+            "--state-dir",
+            str(tmp_path / "s"),
+        ]
     )
     assert code == 1
     assert "STRONGROOM_PKI_TOKEN" in capsys.readouterr().err
@@ -78,10 +131,23 @@ def test_enrol_without_a_token_says_where_to_put_it(
 def test_serve_runs_until_sigterm(step_ca_binary: Path, tmp_path: Path) -> None:
     directory = tmp_path / "ca"
     port = free_port()
-    assert main(
-        ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test",
-         "--dns", "127.0.0.1", "--address", f"127.0.0.1:{port}"]
-    ) == 0
+    assert (
+        main(
+            [
+                "pki",
+                "init",
+                "--dir",
+                str(directory),
+                "--trust-domain",
+                "strongroom.test",
+                "--dns",
+                "127.0.0.1",
+                "--address",
+                f"127.0.0.1:{port}",
+            ]
+        )
+        == 0
+    )
     layout = CaLayout.load(directory)
     process = subprocess.Popen(
         [sys.executable, "-m", "strongroom.cli.main", "pki", "serve", "--dir", str(directory)],

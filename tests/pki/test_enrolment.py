@@ -13,7 +13,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from strongroom.pki import RenewalPolicy, SpiffeId, StepCa, WorkloadIdentity, mint_token
+from strongroom.pki import (
+    Credentials,
+    RenewalPolicy,
+    SpiffeId,
+    StepCa,
+    WorkloadIdentity,
+    mint_token,
+)
 from strongroom.pki._jose import b64url_decode, thumbprint
 from strongroom.pki._x509 import build_csr, generate_key, verify_chain
 from strongroom.pki.errors import CaRejected, NoIdentity
@@ -23,7 +30,9 @@ from tests.pki.helpers import enrol, sid, token_for
 
 
 def test_enrolment_issues_an_svid_with_exactly_the_token_sans(ca: StepCa) -> None:
-    with enrol(ca, "keybroker", ["keybroker"], lifetime=timedelta(minutes=7), auto_renew=False) as identity:
+    with enrol(
+        ca, "keybroker", ["keybroker"], lifetime=timedelta(minutes=7), auto_renew=False
+    ) as identity:
         credentials = identity.credentials
         leaf = credentials.leaf
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -31,8 +40,9 @@ def test_enrolment_issues_an_svid_with_exactly_the_token_sans(ca: StepCa) -> Non
         assert san.get_values_for_type(x509.DNSName) == ["keybroker"]
         assert identity.spiffe_id == SpiffeId.parse(sid("keybroker"))
         assert identity.trust_domain == "strongroom.test"
-        assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
-        assert isinstance(leaf.public_key().curve, ec.SECP256R1)
+        public = leaf.public_key()
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        assert isinstance(public.curve, ec.SECP256R1)
         eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         assert x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in eku
         assert x509.oid.ExtendedKeyUsageOID.SERVER_AUTH in eku
@@ -119,7 +129,7 @@ def test_renewal_keeps_the_key_and_identity(ca: StepCa) -> None:
     policy = RenewalPolicy(rekey=False)
     with enrol(ca, "modelstore", ["modelstore"], policy=policy, auto_renew=False) as identity:
         before = identity.credentials
-        seen = []
+        seen: list[Credentials] = []
         identity.add_rotation_listener(seen.append)
         after = identity.renew_now()
         assert after.serial != before.serial

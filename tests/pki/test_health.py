@@ -74,9 +74,7 @@ def test_renew_now_raises_and_logs_when_the_ca_is_down(
 
 def test_health_is_judged_on_the_injected_clock(ca: StepCa) -> None:
     offset = [timedelta(0)]
-    identity = enrol(
-        ca, "inference", auto_renew=False, clock=lambda: datetime.now(UTC) + offset[0]
-    )
+    identity = enrol(ca, "inference", auto_renew=False, clock=lambda: datetime.now(UTC) + offset[0])
     try:
         assert identity.healthy()
         offset[0] = identity.credentials.not_after - datetime.now(UTC) + timedelta(seconds=1)

@@ -7,6 +7,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import grpc
@@ -28,7 +29,7 @@ CLIENT_THREADS = 4
 
 
 class _KeyBroker(keybroker_pb2_grpc.KeyBrokerServiceServicer):
-    def GetChallenge(  # noqa: N802 - generated name
+    def GetChallenge(
         self, request: keybroker_pb2.GetChallengeRequest, context: grpc.ServicerContext
     ) -> keybroker_pb2.GetChallengeResponse:
         return keybroker_pb2.GetChallengeResponse()
@@ -53,9 +54,10 @@ def _served_serial(port: int, client: WorkloadIdentity) -> int:
 def test_rotation_under_load_fails_no_rpc(ca: StepCa) -> None:
     server_identity = enrol(ca, "keybroker", ["keybroker"], lifetime=LIFETIME, policy=POLICY)
     client_identity = enrol(ca, "inference", lifetime=LIFETIME, policy=POLICY)
+    broker = _KeyBroker()  # type: ignore[abstract]  # only GetChallenge is exercised
     server = serve(
         server_identity,
-        extra=lambda s: keybroker_pb2_grpc.add_KeyBrokerServiceServicer_to_server(_KeyBroker(), s),
+        extra=lambda s: keybroker_pb2_grpc.add_KeyBrokerServiceServicer_to_server(broker, s),
     )
     channel = client_identity.channel(server.target, server_name="keybroker")
     health_stub = health_pb2_grpc.HealthStub(channel)
@@ -70,7 +72,7 @@ def test_rotation_under_load_fails_no_rpc(ca: StepCa) -> None:
     failures: list[str] = []
 
     def worker(index: int) -> None:
-        calls = [
+        calls: list[Callable[[], object]] = [
             lambda: health_stub.Check(health_pb2.HealthCheckRequest(), timeout=10),
             lambda: broker_stub.GetChallenge(keybroker_pb2.GetChallengeRequest(), timeout=10),
             lambda: ping(b"x", timeout=10),

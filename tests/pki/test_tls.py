@@ -7,15 +7,24 @@ import ssl
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import SimpleNamespace
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
 import pytest
 
-from strongroom.pki import StepCa, WorkloadIdentity
+from strongroom.pki import CallerIdentity, SpiffeAuthorizer, StepCa, WorkloadIdentity
 from strongroom.pki._files import memory_file
 from strongroom.pki.errors import PeerUnauthenticated
-from tests.pki.helpers import ECHO, Server, default_authorizer, serve, sid
+from tests.pki.helpers import (
+    ECHO,
+    TRUST_DOMAIN,
+    Server,
+    default_authorizer,
+    default_rules,
+    serve,
+    sid,
+)
 
 TLS13_SUITES = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"}
 
@@ -72,19 +81,21 @@ def test_grpc_connections_report_tls13_to_the_authoriser(
     server_identity: WorkloadIdentity, client_identity: WorkloadIdentity
 ) -> None:
     seen: list[bytes] = []
-    authorizer = default_authorizer()
 
-    def capture(method: str, context: grpc.ServicerContext) -> object:
-        seen.extend((context.auth_context() or {}).get("ssl_tls_version", []))
-        return original(method, context)
+    class Capturing(SpiffeAuthorizer):
+        def authorize(self, method: str, context: grpc.ServicerContext) -> CallerIdentity | None:
+            versions: Any = (context.auth_context() or {}).get("ssl_tls_version")
+            seen.extend(versions or [])
+            return super().authorize(method, context)
 
-    original = authorizer.authorize
-    authorizer.authorize = capture  # type: ignore[method-assign]
+    authorizer = Capturing(TRUST_DOMAIN, default_rules())
     capturing = serve(server_identity, authorizer)
     try:
-        with client_identity.channel(capturing.target, server_name="keybroker") as channel:
-            with pytest.raises(grpc.RpcError):
-                channel.unary_unary(f"/{ECHO}/Admin")(b"", timeout=5)
+        with (
+            client_identity.channel(capturing.target, server_name="keybroker") as channel,
+            pytest.raises(grpc.RpcError),
+        ):
+            channel.unary_unary(f"/{ECHO}/Admin")(b"", timeout=5)
     finally:
         capturing.stop()
     assert seen == [b"TLSv1.3"]
@@ -97,7 +108,7 @@ def test_authoriser_refuses_rpcs_over_tls12() -> None:
     context = SimpleNamespace(
         auth_context=lambda: {"ssl_tls_version": [b"TLSv1.2"], "transport_security_type": [b"ssl"]}
     )
-    with pytest.raises(PeerUnauthenticated, match="requires TLS 1.3") as caught:
+    with pytest.raises(PeerUnauthenticated, match=r"requires TLS 1\.3") as caught:
         default_authorizer(clock=lambda: now).authorize(f"/{ECHO}/Ping", context)  # type: ignore[arg-type]
     assert caught.value.reason == "TLS_VERSION"
     assert sid("inference")  # (the identity is never consulted: the TLS check comes first)
@@ -114,5 +125,8 @@ def test_step_ca_speaks_only_tls13(ca: StepCa, client_identity: WorkloadIdentity
         assert tls.version() == "TLSv1.3"
     old = ssl.create_default_context(cadata=ca.root_pem.decode())
     old.maximum_version = ssl.TLSVersion.TLSv1_2
-    with pytest.raises(ssl.SSLError), socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+    with (
+        pytest.raises(ssl.SSLError),
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+    ):
         old.wrap_socket(raw, server_hostname="127.0.0.1")

@@ -56,7 +56,9 @@ def _json_segment(value: dict[str, Any]) -> str:
     return b64url(json.dumps(value, separators=(",", ":")).encode())
 
 
-def sign_es256(key: ec.EllipticCurvePrivateKey, header: dict[str, Any], payload: dict[str, Any]) -> str:
+def sign_es256(
+    key: ec.EllipticCurvePrivateKey, header: dict[str, Any], payload: dict[str, Any]
+) -> str:
     """Signs a compact JWS with ES256; the signature is the raw ``r || s`` form (RFC 7518 §3.4)."""
     _require_p256(key.public_key())
     signing_input = f"{_json_segment(header)}.{_json_segment(payload)}"

@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtensionOID
 
 from strongroom.pki.errors import CertificateInvalid
 from strongroom.pki.spiffe import SpiffeId
@@ -93,7 +92,7 @@ def build_csr(key: ec.EllipticCurvePrivateKey, sans: Sequence[str]) -> bytes:
 
 def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
     try:
-        return cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return None
 

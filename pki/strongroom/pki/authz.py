@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
@@ -38,6 +38,12 @@ _log = logging.getLogger(__name__)
 REASON_METADATA_KEY = "strongroom-reason"
 _METHOD = re.compile(r"/([A-Za-z_][\w.]*)/([A-Za-z_]\w*|\*)")
 _SERVICE = re.compile(r"[A-Za-z_][\w.]*")
+
+# grpc-stubs makes ServerInterceptor generic; at run time it is a plain class.
+if TYPE_CHECKING:
+    _InterceptorBase = grpc.ServerInterceptor[Any, Any]
+else:
+    _InterceptorBase = grpc.ServerInterceptor
 
 
 @dataclass(frozen=True)
@@ -63,38 +69,47 @@ class _ParsedPeer:
     problem: str | None
 
 
+def _peer_spiffe_id(cert: x509.Certificate) -> tuple[SpiffeId | None, str | None]:
+    try:
+        uris = uri_sans(cert)
+    except ValueError:
+        return None, "the certificate's SAN extension is malformed"
+    if len(uris) != 1:
+        return None, (
+            "the client certificate must carry exactly one URI SAN (a SPIFFE ID), "
+            f"it has {len(uris)}"
+        )
+    try:
+        return SpiffeId.parse(uris[0]), None
+    except MalformedSpiffeId as exc:
+        return None, exc.message
+
+
 @functools.lru_cache(maxsize=1024)
 def _parse_peer(pem: bytes) -> _ParsedPeer:
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
         return _ParsedPeer(0, datetime.min, datetime.min, b"", None, "malformed peer certificate")
-    base = {
-        "serial": cert.serial_number,
-        "not_before": cert.not_valid_before_utc,
-        "not_after": cert.not_valid_after_utc,
-        "public_key_der": cert_spki_der(cert),
-    }
-    try:
-        uris = uri_sans(cert)
-    except ValueError:
-        return _ParsedPeer(**base, spiffe_id=None, problem="the certificate's SAN extension is malformed")
-    if len(uris) != 1:
-        return _ParsedPeer(
-            **base,
-            spiffe_id=None,
-            problem=f"the client certificate must carry exactly one URI SAN (a SPIFFE ID), it has {len(uris)}",
-        )
-    try:
-        spiffe_id = SpiffeId.parse(uris[0])
-    except MalformedSpiffeId as exc:
-        return _ParsedPeer(**base, spiffe_id=None, problem=exc.message)
-    return _ParsedPeer(**base, spiffe_id=spiffe_id, problem=None)
+    spiffe_id, problem = _peer_spiffe_id(cert)
+    return _ParsedPeer(
+        serial=cert.serial_number,
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        public_key_der=cert_spki_der(cert),
+        spiffe_id=spiffe_id,
+        problem=problem,
+    )
+
+
+def _auth_property(context: grpc.ServicerContext, name: str) -> list[bytes]:
+    # gRPC returns a mapping of name -> list of bytes (grpc-stubs types it as name -> bytes).
+    values: Any = (context.auth_context() or {}).get(name)
+    return [bytes(v) for v in values] if values else []
 
 
 def _peer_pem(context: grpc.ServicerContext) -> bytes | None:
-    auth = context.auth_context() or {}
-    certs = auth.get("x509_pem_cert") or []
+    certs = _auth_property(context, "x509_pem_cert")
     return certs[0] if len(certs) == 1 else None
 
 
@@ -111,7 +126,9 @@ def caller_identity(
     """
     pem = _peer_pem(context)
     if pem is None:
-        raise PeerUnauthenticated("the caller presented no client certificate", reason="NO_PEER_CERT")
+        raise PeerUnauthenticated(
+            "the caller presented no client certificate", reason="NO_PEER_CERT"
+        )
     peer = _parse_peer(pem)
     if peer.problem is not None or peer.spiffe_id is None:
         raise PeerUnauthenticated(
@@ -157,7 +174,7 @@ def _normalise_pattern(pattern: str) -> str:
     return pattern
 
 
-class SpiffeAuthorizer(grpc.ServerInterceptor):
+class SpiffeAuthorizer(_InterceptorBase):
     """Authorises every RPC by the caller's SPIFFE ID; unlisted methods are denied.
 
     ``rules`` maps ``/pkg.Service/Method`` or ``/pkg.Service/*`` to the SPIFFE IDs allowed to call it
@@ -187,7 +204,9 @@ class SpiffeAuthorizer(grpc.ServerInterceptor):
                 raise InvalidPkiConfig(f"rule {pattern!r} allows nobody: list IDs or remove it")
             foreign = sorted(str(i) for i in allowed if not i.member_of(trust_domain))
             if foreign:
-                raise InvalidPkiConfig(f"rule {pattern!r} names IDs outside {trust_domain!r}: {foreign}")
+                raise InvalidPkiConfig(
+                    f"rule {pattern!r} names IDs outside {trust_domain!r}: {foreign}"
+                )
             if key in self._rules:
                 raise InvalidPkiConfig(f"rule {pattern!r} appears twice")
             self._rules[key] = allowed
@@ -210,7 +229,7 @@ class SpiffeAuthorizer(grpc.ServerInterceptor):
         """Checks one RPC; returns the caller (None for public methods) or raises a
         :class:`PeerUnauthenticated` / :class:`PeerNotAllowed`."""
         if self._require_tls13:
-            versions = (context.auth_context() or {}).get("ssl_tls_version") or []
+            versions = _auth_property(context, "ssl_tls_version")
             if versions and versions[0] != b"TLSv1.3":
                 raise PeerUnauthenticated(
                     f"{method} requires TLS 1.3; this connection negotiated "
@@ -240,14 +259,14 @@ class SpiffeAuthorizer(grpc.ServerInterceptor):
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         """Wraps the method's handler so the check runs before it (and before any request is read)."""
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method = handler_call_details.method
         return _guarded(handler, functools.partial(self._check, method))
 
 
@@ -256,8 +275,8 @@ def _service_of(method: str) -> str:
 
 
 def _guarded(
-    handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerContext], None]
-) -> grpc.RpcMethodHandler:
+    handler: grpc.RpcMethodHandler[Any, Any], check: Callable[[grpc.ServicerContext], None]
+) -> grpc.RpcMethodHandler[Any, Any]:
     deserializer = handler.request_deserializer
     serializer = handler.response_serializer
     if handler.unary_unary is not None:

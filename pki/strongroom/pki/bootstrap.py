@@ -140,7 +140,9 @@ def init_ca(
     """
     base = Path(directory).resolve()
     if (base / layout.CONFIG).exists():
-        raise AlreadyExists(f"{base} already holds a CA; refusing to overwrite it", reason="CA_EXISTS")
+        raise AlreadyExists(
+            f"{base} already holds a CA; refusing to overwrite it", reason="CA_EXISTS"
+        )
     SpiffeId.of(trust_domain)  # validates the trust domain
     names = [n.strip() for n in dns_names if n.strip()]
     if not names:

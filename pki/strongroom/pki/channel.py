@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import grpc
 
@@ -24,11 +25,28 @@ from strongroom.pki.handshake import TlsPresentation, translate
 
 ChannelOption = tuple[str, Any]
 
+# grpc-stubs makes the multi-callable interfaces generic; at run time they are plain classes.
+if TYPE_CHECKING:
+    _UnaryUnaryBase = grpc.UnaryUnaryMultiCallable[Any, Any]
+    _UnaryStreamBase = grpc.UnaryStreamMultiCallable[Any, Any]
+    _StreamUnaryBase = grpc.StreamUnaryMultiCallable[Any, Any]
+    _StreamStreamBase = grpc.StreamStreamMultiCallable[Any, Any]
+else:
+    _UnaryUnaryBase = grpc.UnaryUnaryMultiCallable
+    _UnaryStreamBase = grpc.UnaryStreamMultiCallable
+    _StreamUnaryBase = grpc.StreamUnaryMultiCallable
+    _StreamStreamBase = grpc.StreamStreamMultiCallable
+
 
 class _CredentialsLike(Protocol):
-    generation: int
-    key_pem: bytes
-    chain_pem: bytes
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def key_pem(self) -> bytes: ...
+
+    @property
+    def chain_pem(self) -> bytes: ...
 
 
 class CredentialSource(Protocol):
@@ -175,52 +193,52 @@ class RotatingChannel(grpc.Channel):
             channel = self._slot.channel
         channel.unsubscribe(callback)
 
-    def unary_unary(  # type: ignore[override]
+    def unary_unary(
         self,
         method: str,
         request_serializer: Callable[[Any], bytes] | None = None,
         response_deserializer: Callable[[bytes], Any] | None = None,
         _registered_method: bool | None = False,
-    ) -> grpc.UnaryUnaryMultiCallable:
+    ) -> grpc.UnaryUnaryMultiCallable[Any, Any]:
         """A unary-unary callable that runs each call on the current channel."""
         return _UnaryUnary(
-            self, "unary_unary", method, request_serializer, response_deserializer, _registered_method
+            self, _MethodSpec(method, request_serializer, response_deserializer, _registered_method)
         )
 
-    def unary_stream(  # type: ignore[override]
+    def unary_stream(
         self,
         method: str,
         request_serializer: Callable[[Any], bytes] | None = None,
         response_deserializer: Callable[[bytes], Any] | None = None,
         _registered_method: bool | None = False,
-    ) -> grpc.UnaryStreamMultiCallable:
+    ) -> grpc.UnaryStreamMultiCallable[Any, Any]:
         """A unary-stream callable that runs each call on the current channel."""
         return _UnaryStream(
-            self, "unary_stream", method, request_serializer, response_deserializer, _registered_method
+            self, _MethodSpec(method, request_serializer, response_deserializer, _registered_method)
         )
 
-    def stream_unary(  # type: ignore[override]
+    def stream_unary(
         self,
         method: str,
         request_serializer: Callable[[Any], bytes] | None = None,
         response_deserializer: Callable[[bytes], Any] | None = None,
         _registered_method: bool | None = False,
-    ) -> grpc.StreamUnaryMultiCallable:
+    ) -> grpc.StreamUnaryMultiCallable[Any, Any]:
         """A stream-unary callable that runs each call on the current channel."""
         return _StreamUnary(
-            self, "stream_unary", method, request_serializer, response_deserializer, _registered_method
+            self, _MethodSpec(method, request_serializer, response_deserializer, _registered_method)
         )
 
-    def stream_stream(  # type: ignore[override]
+    def stream_stream(
         self,
         method: str,
         request_serializer: Callable[[Any], bytes] | None = None,
         response_deserializer: Callable[[bytes], Any] | None = None,
         _registered_method: bool | None = False,
-    ) -> grpc.StreamStreamMultiCallable:
+    ) -> grpc.StreamStreamMultiCallable[Any, Any]:
         """A stream-stream callable that runs each call on the current channel."""
         return _StreamStream(
-            self, "stream_stream", method, request_serializer, response_deserializer, _registered_method
+            self, _MethodSpec(method, request_serializer, response_deserializer, _registered_method)
         )
 
     def close(self) -> None:
@@ -251,24 +269,24 @@ def _close_later(channel: grpc.Channel) -> None:
     threading.Thread(target=channel.close, name="pki-channel-close", daemon=True).start()
 
 
+@dataclass(frozen=True)
+class _MethodSpec:
+    """What a stub asked the channel for: method name, (de)serialisers, registration flag."""
+
+    method: str
+    request_serializer: Callable[[Any], bytes] | None
+    response_deserializer: Callable[[bytes], Any] | None
+    registered: bool | None
+
+
 class _MultiCallable:
     """Shared plumbing: resolves the underlying multi-callable for a slot, once per slot."""
 
-    def __init__(
-        self,
-        owner: RotatingChannel,
-        kind: str,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None,
-        response_deserializer: Callable[[bytes], Any] | None,
-        registered: bool | None,
-    ) -> None:
+    _kind = ""  # the grpc.Channel factory method name, set by each subclass
+
+    def __init__(self, owner: RotatingChannel, spec: _MethodSpec) -> None:
         self._owner = owner
-        self._kind = kind
-        self._method = method
-        self._request_serializer = request_serializer
-        self._response_deserializer = response_deserializer
-        self._registered = registered
+        self._spec = spec
 
     def _underlying(self, slot: _Slot) -> Any:
         key = id(self)
@@ -276,10 +294,10 @@ class _MultiCallable:
         if callable_ is None:
             factory = getattr(slot.channel, self._kind)
             callable_ = factory(
-                self._method,
-                request_serializer=self._request_serializer,
-                response_deserializer=self._response_deserializer,
-                _registered_method=self._registered,
+                self._spec.method,
+                request_serializer=self._spec.request_serializer,
+                response_deserializer=self._spec.response_deserializer,
+                _registered_method=self._spec.registered,
             )
             slot.callables[key] = callable_
         return callable_
@@ -298,10 +316,10 @@ class _MultiCallable:
         finally:
             lease.release()
 
-    def _future(self, argument: Any, kwargs: dict[str, Any]) -> Any:
+    def _future(self, argument: Any, kwargs: dict[str, Any]) -> grpc.CallFuture[Any]:
         lease = self._owner._acquire()
         try:
-            future = self._underlying(lease.slot).future(argument, **kwargs)
+            future: grpc.CallFuture[Any] = self._underlying(lease.slot).future(argument, **kwargs)
         except BaseException:
             lease.release()
             raise
@@ -309,7 +327,7 @@ class _MultiCallable:
             lease.release()
         return future
 
-    def _streaming(self, argument: Any, kwargs: dict[str, Any]) -> _ResponseStream:
+    def _streaming(self, argument: Any, kwargs: dict[str, Any]) -> grpc.CallIterator[Any]:
         lease = self._owner._acquire()
         try:
             call = self._underlying(lease.slot)(argument, **kwargs)
@@ -318,39 +336,139 @@ class _MultiCallable:
             raise
         if not call.add_callback(lease.release):
             lease.release()
-        return _ResponseStream(call, lambda error: self._owner._translate(error, lease.slot))
+        stream = _ResponseStream(call, lambda error: self._owner._translate(error, lease.slot))
+        # Duck-typed: iterates like the call and delegates every Call method to it.
+        return cast("grpc.CallIterator[Any]", stream)
 
 
-class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
-    def __call__(self, request: Any, **kwargs: Any) -> Any:
-        return self._blocking(None, request, kwargs)
-
-    def with_call(self, request: Any, **kwargs: Any) -> Any:
-        return self._blocking("with_call", request, kwargs)
-
-    def future(self, request: Any, **kwargs: Any) -> Any:
-        return self._future(request, kwargs)
-
-
-class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
-    def __call__(self, request_iterator: Any, **kwargs: Any) -> Any:
-        return self._blocking(None, request_iterator, kwargs)
-
-    def with_call(self, request_iterator: Any, **kwargs: Any) -> Any:
-        return self._blocking("with_call", request_iterator, kwargs)
-
-    def future(self, request_iterator: Any, **kwargs: Any) -> Any:
-        return self._future(request_iterator, kwargs)
+def _options(
+    timeout: float | None,
+    metadata: grpc.Metadata | None,
+    credentials: grpc.CallCredentials | None,
+    wait_for_ready: bool | None,
+    compression: grpc.Compression | None,
+) -> dict[str, Any]:
+    return {
+        "timeout": timeout,
+        "metadata": metadata,
+        "credentials": credentials,
+        "wait_for_ready": wait_for_ready,
+        "compression": compression,
+    }
 
 
-class _UnaryStream(_MultiCallable, grpc.UnaryStreamMultiCallable):
-    def __call__(self, request: Any, **kwargs: Any) -> Any:
-        return self._streaming(request, kwargs)
+class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
+    _kind = "unary_unary"
+
+    def __call__(  # noqa: PLR0917 - gRPC's own signature
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: grpc.Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        options = _options(timeout, metadata, credentials, wait_for_ready, compression)
+        return self._blocking(None, request, options)
+
+    def with_call(  # noqa: PLR0917 - gRPC's own signature
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: grpc.Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        options = _options(timeout, metadata, credentials, wait_for_ready, compression)
+        result: tuple[Any, grpc.Call] = self._blocking("with_call", request, options)
+        return result
+
+    def future(  # noqa: PLR0917 - gRPC's own signature
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: grpc.Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> grpc.CallFuture[Any]:
+        options = _options(timeout, metadata, credentials, wait_for_ready, compression)
+        return self._future(request, options)
 
 
-class _StreamStream(_MultiCallable, grpc.StreamStreamMultiCallable):
-    def __call__(self, request_iterator: Any, **kwargs: Any) -> Any:
-        return self._streaming(request_iterator, kwargs)
+class _StreamUnary(_MultiCallable, _StreamUnaryBase):
+    _kind = "stream_unary"
+
+    def __call__(  # noqa: PLR0917 - gRPC's own signature
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: grpc.Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        options = _options(timeout, metadata, credentials, wait_for_ready, compression)
+        return self._blocking(None, request_iterator, options)
+
+    def with_call(  # noqa: PLR0917 - gRPC's own signature
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: grpc.Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        options = _options(timeout, metadata, credentials, wait_for_ready, compression)
+        result: tuple[Any, grpc.Call] = self._blocking("with_call", request_iterator, options)
+        return result
+
+    def future(  # noqa: PLR0917 - gRPC's own signature
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: grpc.Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> grpc.CallFuture[Any]:
+        options = _options(timeout, metadata, credentials, wait_for_ready, compression)
+        return self._future(request_iterator, options)
+
+
+class _UnaryStream(_MultiCallable, _UnaryStreamBase):
+    _kind = "unary_stream"
+
+    def __call__(  # noqa: PLR0917 - gRPC's own signature
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: grpc.Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> grpc.CallIterator[Any]:
+        options = _options(timeout, metadata, credentials, wait_for_ready, compression)
+        return self._streaming(request, options)
+
+
+class _StreamStream(_MultiCallable, _StreamStreamBase):
+    _kind = "stream_stream"
+
+    def __call__(  # noqa: PLR0917 - gRPC's own signature
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: grpc.Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> grpc.CallIterator[Any]:
+        options = _options(timeout, metadata, credentials, wait_for_ready, compression)
+        return self._streaming(request_iterator, options)
 
 
 class _ResponseStream:

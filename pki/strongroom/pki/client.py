@@ -136,7 +136,9 @@ class CaClient:
     def rekey(self, current: ClientCertificate, csr_pem: bytes) -> list[x509.Certificate]:
         """Renews the current certificate onto the new key in ``csr_pem``, over mTLS."""
         csr = x509.load_pem_x509_csr(csr_pem)
-        document = self._request("POST", "/1.0/rekey", {"csr": csr_pem.decode()}, client_cert=current)
+        document = self._request(
+            "POST", "/1.0/rekey", {"csr": csr_pem.decode()}, client_cert=current
+        )
         return self._chain(document, cert_spki_der_of_csr(csr))
 
     def _chain(self, document: dict[str, Any], expected_spki: bytes) -> list[x509.Certificate]:

@@ -15,6 +15,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -44,11 +45,11 @@ class ClientCertificateRejected(PeerUnauthenticated, grpc.RpcError):
         """The explanation (never key material)."""
         return str(self)
 
-    def initial_metadata(self) -> tuple[tuple[str, str], ...]:
+    def initial_metadata(self) -> tuple[Any, ...]:
         """None was received."""
         return ()
 
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+    def trailing_metadata(self) -> tuple[Any, ...]:
         """None was received."""
         return ()
 
@@ -69,7 +70,7 @@ def host_port(target: str) -> tuple[str, int] | None:
     """Host and port of a gRPC target (``host:port``, ``dns:///host:port``, ``ipv4:``, ``ipv6:``)."""
     for prefix in ("dns:///", "dns:", "ipv4:", "ipv6:"):
         if target.startswith(prefix):
-            target = target[len(prefix) :].split(",")[0]
+            target = target[len(prefix) :].split(",", maxsplit=1)[0]
             break
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():

@@ -59,10 +59,10 @@ def utc_now() -> datetime:
 class RenewalPolicy:
     """When to renew and when to call the identity unhealthy.
 
-    ``fraction``: renew at this fraction of the lifetime (2/3), ± ``jitter`` × lifetime.
+    ``fraction``: renew at this fraction of the lifetime (2/3), ± ``jitter`` * lifetime.
     ``backoff_initial``/``backoff_max``: seconds between failed attempts, doubling each time.
     ``unhealthy_fraction``/``unhealthy_min_remaining``: once renewal has failed, the identity is
-    unhealthy when less than ``max(unhealthy_fraction × lifetime, unhealthy_min_remaining)`` is left.
+    unhealthy when less than ``max(unhealthy_fraction * lifetime, unhealthy_min_remaining)`` is left.
     ``rekey``: renew onto a fresh key each time (``/1.0/rekey``) instead of the same key (``/renew``).
     """
 
@@ -102,7 +102,9 @@ def _token_sans(token: str) -> tuple[str, list[str]]:
     try:
         claims = _jose.unverified_claims(token)
     except ValueError as exc:
-        raise InvalidPkiConfig(f"the enrolment token is malformed: {exc}", reason="BAD_TOKEN") from exc
+        raise InvalidPkiConfig(
+            f"the enrolment token is malformed: {exc}", reason="BAD_TOKEN"
+        ) from exc
     subject = claims.get("sub")
     sans = claims.get("sans") or [subject]
     if not isinstance(subject, str) or not all(isinstance(s, str) for s in sans):
@@ -182,7 +184,9 @@ class WorkloadIdentity:
             "enrolled workload identity",
             extra={"spiffe_id": str(credentials.spiffe_id), "serial": credentials.serial},
         )
-        return cls(ca, credentials, state_dir=state, policy=policy, clock=clock, auto_renew=auto_renew)
+        return cls(
+            ca, credentials, state_dir=state, policy=policy, clock=clock, auto_renew=auto_renew
+        )
 
     @classmethod
     def resume(
@@ -216,7 +220,9 @@ class WorkloadIdentity:
             "resumed workload identity",
             extra={"spiffe_id": str(credentials.spiffe_id), "serial": credentials.serial},
         )
-        return cls(ca, credentials, state_dir=state, policy=policy, clock=clock, auto_renew=auto_renew)
+        return cls(
+            ca, credentials, state_dir=state, policy=policy, clock=clock, auto_renew=auto_renew
+        )
 
     @classmethod
     def start(
@@ -406,7 +412,7 @@ class WorkloadIdentity:
             failures = self._failures
             self._last_error = str(exc)
             delay = min(
-                self._policy.backoff_max, self._policy.backoff_initial * 2 ** (failures - 1)
+                self._policy.backoff_max, self._policy.backoff_initial * 2.0 ** (failures - 1)
             )
             self._next_attempt = now + timedelta(seconds=delay)
             credentials = self._credentials
@@ -474,7 +480,9 @@ class WorkloadIdentity:
             return config(current)
 
         return grpc.dynamic_ssl_server_credentials(
-            config(initial), fetch, require_client_authentication=True
+            config(initial),
+            fetch,  # type: ignore[arg-type]  # gRPC documents None as "unchanged"; the stub omits it
+            require_client_authentication=True,
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
