@@ -97,3 +97,18 @@ def test_simulated_authority_round_trips(tmp_path, authority: SimulatedAuthority
     assert loaded.product == "Milan"
     assert loaded.amd_root_pems() == authority.amd_root_pems()
     assert "NOT FOR PRODUCTION" in (tmp_path / "README").read_text()
+
+
+def test_fixture_regeneration_verifies(tmp_path, now) -> None:  # type: ignore[no-untyped-def]
+    from strongroom.attestation import Evidence, TeeType, verify_evidence
+    from strongroom.attestation.simulated import write_fixtures
+
+    authority = write_fixtures(tmp_path)
+    loaded = SimulatedAuthority.load(tmp_path)
+    assert loaded.intel_root_pem() == authority.intel_root_pem()
+    ev = Evidence(
+        TeeType.SEV_SNP,
+        (tmp_path / "snp_report.bin").read_bytes(),
+        ((tmp_path / "snp_vcek.der").read_bytes(),),
+    )
+    assert verify_evidence(ev, trust=loaded.trust_store(), now=now).simulated
