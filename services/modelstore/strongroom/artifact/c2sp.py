@@ -437,8 +437,9 @@ class Decryptor:
 
     def _fail(self) -> DecryptionFailed:
         self._failed = True
+        # Views of the buffer may still be alive in the traceback: wipe in place, then drop it.
         wipe(self._buffer)
-        self._buffer.clear()
+        self._buffer = bytearray()
         wipe(self._key)
         return DecryptionFailed()
 
