@@ -62,7 +62,7 @@ fi
 "$root/protos/generate.sh"
 
 # The editable install maps each `strongroom.*` package to its folder: redo it when that set changes.
-layout=$(cat pyproject.toml setup.py; ls -d services/*/strongroom/*/ pki/strongroom/*/ protos/_gen/strongroom/*/ 2>/dev/null)
+layout=$(cat pyproject.toml setup.py; ls -d services/*/strongroom/*/ services/*/strongroom/*/__init__.py pki/strongroom/*/ pki/strongroom/*/__init__.py protos/_gen/strongroom/*/ 2>/dev/null)
 layout_hash=$(echo "$layout" | sha256sum | cut -c1-16)
 if [ ! -x .venv/bin/strongroom ] || [ "$(cat "$build/install.stamp" 2>/dev/null)" != "$layout_hash" ]; then
   .venv/bin/pip install -q --no-deps --no-build-isolation -e . >"$build/install.log" 2>&1 \
