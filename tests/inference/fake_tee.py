@@ -89,6 +89,8 @@ class EmulatedConfigfs(OsTsmFs):
     raw_auxblob: bytes | None = None
     echo: bool = True
     before_outblob: Callable[[Path], None] | None = None
+    snp_report: Callable[[bytes, int], bytes] = fake_snp_report
+    tdx_quote: Callable[[bytes], bytes] = fake_tdx_quote
     entries: dict[Path, _Entry] = field(default_factory=dict)
     generated: int = 0
 
@@ -108,14 +110,14 @@ class EmulatedConfigfs(OsTsmFs):
         data = entry.inblob if self.echo else bytes(64)
         self.generated += 1
         if self.provider == "sev_guest":
-            entry.outblob = fake_snp_report(data, entry.privlevel)
+            entry.outblob = self.snp_report(data, entry.privlevel)
             entry.auxblob = (
                 self.raw_auxblob
                 if self.raw_auxblob is not None
                 else build_cert_table(self.cert_chain)
             )
         else:
-            entry.outblob = fake_tdx_quote(data)
+            entry.outblob = self.tdx_quote(data)
             entry.auxblob = b""
 
     # -- the file operations the attester performs -------------------------------------------
@@ -218,8 +220,10 @@ class FakeSevGuest(_FakeDevice):
         cert_chain: tuple[tuple[uuid.UUID, bytes], ...] = FAKE_CHAIN,
         certs_size: int | None = None,
         nodes: tuple[str, ...] = ("/dev/sev-guest",),
+        snp_report: Callable[[bytes, int], bytes] = fake_snp_report,
     ) -> None:
         super().__init__(nodes)
+        self.snp_report = snp_report
         table = build_cert_table(cert_chain) if cert_chain else b""
         # The host hands out whole pages.
         pages = -(-len(table) // 4096)
@@ -278,7 +282,7 @@ class FakeSevGuest(_FakeDevice):
                 _copy_to_user(certs_address, certs)
         else:
             raise OSError(errno.EINVAL, "derived keys are not emulated")
-        report = fake_snp_report(user_data if self.echo else bytes(64), vmpl)
+        report = self.snp_report(user_data if self.echo else bytes(64), vmpl)
         body = snp.MSG_REPORT_RSP_HEADER.pack(self.response_status, len(report)) + report
         _copy_to_user(resp_data, body + bytes(snp.REPORT_RESP_SIZE - len(body)))
 
@@ -293,8 +297,10 @@ class FakeTdxGuest(_FakeDevice):
         quote_status: int = tdx.GET_QUOTE_SUCCESS,
         quote_version: int = 4,
         nodes: tuple[str, ...] = ("/dev/tdx_guest",),
+        tdx_quote: Callable[[bytes], bytes] | None = None,
     ) -> None:
         super().__init__(nodes)
+        self.tdx_quote = tdx_quote
         self.quote_command = quote_command
         self.quote_status = quote_status
         self.quote_version = quote_version
@@ -325,6 +331,10 @@ class FakeTdxGuest(_FakeDevice):
         if self.quote_status != tdx.GET_QUOTE_SUCCESS:
             _copy_to_user(buf_address + 8, struct.pack("<Q", self.quote_status))
             return
-        quote = fake_tdx_quote(tdreport[128:192], self.quote_version)
+        report_data = tdreport[128:192]
+        if self.tdx_quote is not None:
+            quote = self.tdx_quote(report_data)
+        else:
+            quote = fake_tdx_quote(report_data, self.quote_version)
         header = tdx.QUOTE_HDR.pack(1, tdx.GET_QUOTE_SUCCESS, in_len, len(quote))
         _copy_to_user(buf_address, header + quote)

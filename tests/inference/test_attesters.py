@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from strongroom.api.attestation.v1 import evidence_pb2
+from strongroom.attestation.evidence import Evidence
 from strongroom.inference import attesters
 from strongroom.inference.attesters import (
     ARK_GUID,
@@ -60,7 +61,7 @@ def test_every_attester_rejects_report_data_that_is_not_64_bytes(
         ConfigfsTsmAttester(fs.root, fs=fs),
         SevGuestAttester(io=FakeSevGuest()),
         TdxGuestAttester(io=FakeTdxGuest(quote_command=tdx.TDX_CMD_GET_QUOTE_RFC)),
-        SimulatedAttester(_EchoSim(), TeeType.SEV_SNP, production=False),
+        SimulatedAttester(_EchoSim(), TeeType.SEV_SNP, production=False, claims=SNP_CLAIMS),
     ]
     for attester in instances:
         with pytest.raises(InvalidReportData) as info:
@@ -379,41 +380,59 @@ def test_tdx_guest_report_failure() -> None:
 
 
 class _EchoSim:
-    """A minimal simulator: structurally correct, unsigned reports."""
+    """A minimal simulator: structurally correct, unsigned reports (see test_attesters_verify)."""
 
     def __init__(self, tee_type: TeeType = TeeType.SEV_SNP) -> None:
         self.tee_type = tee_type
         self.claims: dict[str, object] = {}
-        self.certificates = [b"sim-vcek"]
 
-    def report(self, report_data: bytes, /, **claims: object) -> bytes:
+    def evidence(self, report_data: bytes, /, **claims: object) -> Evidence:
         self.claims = claims
         if self.tee_type is TeeType.SEV_SNP:
-            return fake_snp_report(report_data)
-        return fake_tdx_quote(report_data)
+            return Evidence(TeeType.SEV_SNP, fake_snp_report(report_data), (b"sim-vcek",))
+        return Evidence(TeeType.TDX, fake_tdx_quote(report_data))
+
+
+SNP_CLAIMS = {"measurement": bytes(48)}
+TDX_CLAIMS = {"mrtd": bytes(48)}
 
 
 def test_simulated_attester_refuses_production() -> None:
     with pytest.raises(AttesterNotConfigured) as info:
-        SimulatedAttester(_EchoSim(), TeeType.SEV_SNP, production=True)
+        SimulatedAttester(_EchoSim(), TeeType.SEV_SNP, production=True, claims=SNP_CLAIMS)
     assert info.value.reason == "SIMULATOR_IN_PRODUCTION"
     with pytest.raises(AttesterNotConfigured) as info:
         select_attester(
-            "simulated", production=True, simulator=_EchoSim(), simulator_tee_type=TeeType.SEV_SNP
+            "simulated",
+            production=True,
+            simulator=_EchoSim(),
+            simulator_tee_type=TeeType.SEV_SNP,
+            simulator_claims=SNP_CLAIMS,
         )
     assert info.value.reason == "SIMULATOR_IN_PRODUCTION"
 
 
 def test_simulated_attester_wraps_the_simulator() -> None:
     sim = _EchoSim()
-    attester = SimulatedAttester(sim, TeeType.SEV_SNP, production=False, claims={"vmpl": 0})
+    claims = {"measurement": bytes(48), "vmpl": 0}
+    attester = SimulatedAttester(sim, TeeType.SEV_SNP, production=False, claims=claims)
     bundle = attester.attest(RD)
     assert bundle.report[0x50:0x90] == RD
     assert bundle.certificates == (b"sim-vcek",)
     assert bundle.source == "simulated"
-    assert sim.claims == {"vmpl": 0}
-    tdx_bundle = SimulatedAttester(_EchoSim(TeeType.TDX), TeeType.TDX, production=False).attest(RD)
-    assert tdx_bundle.tee_type is TeeType.TDX
+    assert sim.claims == claims
+    tdx = SimulatedAttester(_EchoSim(TeeType.TDX), TeeType.TDX, production=False, claims=TDX_CLAIMS)
+    assert tdx.attest(RD).tee_type is TeeType.TDX
+
+
+def test_simulated_attester_needs_the_measurement_and_the_right_tee() -> None:
+    with pytest.raises(AttesterNotConfigured) as info:
+        SimulatedAttester(_EchoSim(), TeeType.SEV_SNP, production=False)
+    assert info.value.reason == "SIMULATOR_CLAIMS_MISSING"
+    mismatched = SimulatedAttester(_EchoSim(), TeeType.TDX, production=False, claims=TDX_CLAIMS)
+    with pytest.raises(AttesterNotConfigured) as info:
+        mismatched.attest(RD)
+    assert info.value.reason == "SIMULATOR_TEE_MISMATCH"
 
 
 # -- selection ------------------------------------------------------------------------------
@@ -459,7 +478,11 @@ def test_select_explicit_kinds(tmp_path: Path) -> None:
         select_attester("tdx-guest", production=True, io=FakeTdxGuest()), TdxGuestAttester
     )
     sim = select_attester(
-        "simulated", production=False, simulator=_EchoSim(), simulator_tee_type=TeeType.SEV_SNP
+        "simulated",
+        production=False,
+        simulator=_EchoSim(),
+        simulator_tee_type=TeeType.SEV_SNP,
+        simulator_claims=SNP_CLAIMS,
     )
     assert isinstance(sim, SimulatedAttester)
     for kind, reason in [
@@ -532,6 +555,7 @@ def test_bundle_to_proto_and_repr() -> None:
     )
     proto = bundle.to_proto()
     assert proto.tee_type == evidence_pb2.TEE_TYPE_TDX
+    assert bundle.to_evidence().tee_type is TeeType.TDX
     assert proto.report == b"q" * 100
     assert list(proto.certificates) == [b"c"]
     assert proto.collateral[0].kind == evidence_pb2.COLLATERAL_KIND_CRL

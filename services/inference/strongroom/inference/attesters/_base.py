@@ -3,41 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 from typing import Protocol, runtime_checkable
 
 from strongroom.api.attestation.v1 import evidence_pb2
+from strongroom.attestation.evidence import Collateral, CollateralKind, Evidence, TeeType
 from strongroom.runtime.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+
+__all__ = [
+    "REPORT_DATA_SIZE",
+    "AttestationUnavailable",
+    "Attester",
+    "AttesterNotConfigured",
+    "Collateral",
+    "CollateralKind",
+    "EvidenceBundle",
+    "InvalidReportData",
+    "ReportBindingMismatch",
+    "TeeType",
+    "check_echo",
+    "require_report_data",
+]
 
 REPORT_DATA_SIZE = 64
 """REPORT_DATA is exactly this long for both SEV-SNP and TDX; it is never padded or truncated."""
-
-
-class TeeType(enum.IntEnum):
-    """The confidential-computing technology behind a piece of evidence (numbers match the proto)."""
-
-    SEV_SNP = evidence_pb2.TEE_TYPE_SEV_SNP
-    TDX = evidence_pb2.TEE_TYPE_TDX
-
-
-class CollateralKind(enum.IntEnum):
-    """What a collateral document is (numbers match the proto)."""
-
-    TDX_TCB_INFO = evidence_pb2.COLLATERAL_KIND_TDX_TCB_INFO
-    TDX_QE_IDENTITY = evidence_pb2.COLLATERAL_KIND_TDX_QE_IDENTITY
-    CRL = evidence_pb2.COLLATERAL_KIND_CRL
-    TCB_SIGNING_CHAIN = evidence_pb2.COLLATERAL_KIND_TCB_SIGNING_CHAIN
-
-
-@dataclasses.dataclass(frozen=True)
-class Collateral:
-    """One supporting document needed to verify a report."""
-
-    kind: CollateralKind
-    data: bytes
-
-    def __repr__(self) -> str:
-        return f"Collateral(kind={self.kind.name}, {len(self.data)} bytes)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,19 +49,13 @@ class EvidenceBundle:
             f"source={self.source!r})"
         )
 
+    def to_evidence(self) -> Evidence:
+        """The attestation domain type the key broker verifies."""
+        return Evidence(self.tee_type, self.report, self.certificates, self.collateral)
+
     def to_proto(self) -> evidence_pb2.Evidence:
         """The wire form (``strongroom.api.attestation.v1.Evidence``)."""
-        return evidence_pb2.Evidence(
-            tee_type=evidence_pb2.TeeType.ValueType(int(self.tee_type)),
-            report=self.report,
-            certificates=list(self.certificates),
-            collateral=[
-                evidence_pb2.Collateral(
-                    kind=evidence_pb2.CollateralKind.ValueType(int(c.kind)), data=c.data
-                )
-                for c in self.collateral
-            ],
-        )
+        return self.to_evidence().to_proto()
 
 
 @runtime_checkable

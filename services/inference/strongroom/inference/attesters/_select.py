@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from strongroom.inference.attesters._base import Attester, AttesterNotConfigured, TeeType
 from strongroom.inference.attesters._configfs import (
@@ -33,13 +34,14 @@ def select_attester(
     io: DeviceIo | None = None,
     simulator: SimulatedTee | None = None,
     simulator_tee_type: TeeType | None = None,
+    simulator_claims: Mapping[str, Any] | None = None,
 ) -> Attester:
     """Returns the attester for ``kind``.
 
     ``auto`` tries configfs-tsm (with a registered provider), then ``/dev/sev-guest``, then
     ``/dev/tdx_guest``, and fails with NO_ATTESTER when none exists: it never falls back to the
-    simulator. ``simulated`` needs ``simulator`` and ``simulator_tee_type`` and is refused when
-    ``production`` is true.
+    simulator. ``simulated`` needs ``simulator``, ``simulator_tee_type`` and ``simulator_claims``
+    (see :class:`SimulatedAttester`) and is refused when ``production`` is true.
     """
     io = io or OsDeviceIo()
     if kind == "simulated":
@@ -48,7 +50,9 @@ def select_attester(
                 "attester kind 'simulated' needs a simulator and its TEE type",
                 reason="SIMULATOR_MISSING",
             )
-        return SimulatedAttester(simulator, simulator_tee_type, production=production)
+        return SimulatedAttester(
+            simulator, simulator_tee_type, production=production, claims=simulator_claims
+        )
     if kind == "configfs-tsm":
         return ConfigfsTsmAttester(configfs_root, fs=fs)
     if kind == "sev-guest":

@@ -1,18 +1,19 @@
 """A simulated TEE behind the attester interface, for development and tests only.
 
-It wraps a simulator (``strongroom.attestation.simulated.SimulatedSnp`` / ``SimulatedTdx``) that
-produces byte-exact reports signed by a test chain. It refuses to exist in production mode, so a
-test shortcut can never be reached from a production configuration.
+It wraps ``strongroom.attestation.simulated.SimulatedSnp`` / ``SimulatedTdx``, which produce
+byte-exact reports and quotes signed by a TEST chain (verifiable only against a trust store that
+adds the simulated roots). It refuses to exist in production mode, so a test shortcut can never be
+reached from a production configuration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Protocol
 
+from strongroom.attestation.evidence import Evidence
 from strongroom.inference.attesters._base import (
     AttesterNotConfigured,
-    Collateral,
     EvidenceBundle,
     TeeType,
     check_echo,
@@ -20,17 +21,26 @@ from strongroom.inference.attesters._base import (
 )
 from strongroom.inference.attesters._layouts import snp_report_data, tdx_quote_report_data
 
+# The launch measurement is a claim the simulator cannot invent: the deployment names it (it is
+# what the release policy expects), so it is required rather than defaulted.
+REQUIRED_CLAIMS = {TeeType.SEV_SNP: "measurement", TeeType.TDX: "mrtd"}
+
 
 class SimulatedTee(Protocol):
-    """What the attester needs from a simulator."""
+    """What the attester needs from a simulator (``SimulatedSnp`` / ``SimulatedTdx``)."""
 
-    def report(self, report_data: bytes, /, **claims: Any) -> bytes:
-        """A report (SNP) or quote (TDX) binding ``report_data``."""
+    def evidence(self, report_data: bytes, /, *args: Any, **claims: Any) -> Evidence:
+        """Signed evidence (report or quote, certificates, collateral) binding ``report_data``."""
         ...
 
 
 class SimulatedAttester:
-    """Attester over a simulator; ``production=True`` is refused with SIMULATOR_IN_PRODUCTION."""
+    """Attester over a simulator; ``production=True`` is refused with SIMULATOR_IN_PRODUCTION.
+
+    ``claims`` are passed to the simulator on every report: ``measurement`` (48 bytes) for SEV-SNP
+    or ``mrtd`` (48 bytes) for TDX is required; other fields (``policy``, ``rtmrs``, ...) are
+    optional.
+    """
 
     def __init__(
         self,
@@ -38,8 +48,6 @@ class SimulatedAttester:
         tee_type: TeeType,
         *,
         production: bool,
-        certificates: Sequence[bytes] | None = None,
-        collateral: Sequence[Collateral] = (),
         claims: Mapping[str, Any] | None = None,
     ) -> None:
         if production:
@@ -49,11 +57,13 @@ class SimulatedAttester:
             )
         self._sim = sim
         self._tee_type = TeeType(tee_type)
-        if certificates is None:
-            certificates = _simulator_certificates(sim)
-        self._certificates = tuple(certificates)
-        self._collateral = tuple(collateral)
         self._claims = dict(claims or {})
+        required = REQUIRED_CLAIMS[self._tee_type]
+        if required not in self._claims:
+            raise AttesterNotConfigured(
+                f"the simulated {self._tee_type.name} attester needs the {required!r} claim",
+                reason="SIMULATOR_CLAIMS_MISSING",
+            )
 
     def __repr__(self) -> str:
         return f"SimulatedAttester(tee_type={self._tee_type.name})"
@@ -64,27 +74,23 @@ class SimulatedAttester:
         return self._tee_type
 
     def attest(self, report_data: bytes) -> EvidenceBundle:
-        """A simulated report binding exactly ``report_data``."""
+        """Simulated, test-signed evidence binding exactly ``report_data``."""
         data = require_report_data(report_data)
-        report = self._sim.report(data, **self._claims)
+        evidence = self._sim.evidence(data, **self._claims)
+        if evidence.tee_type is not self._tee_type:
+            raise AttesterNotConfigured(
+                f"the simulator produced {evidence.tee_type.name} evidence, "
+                f"configured for {self._tee_type.name}",
+                reason="SIMULATOR_TEE_MISMATCH",
+            )
         if self._tee_type is TeeType.SEV_SNP:
-            check_echo(snp_report_data(report), data, "simulated SNP report")
+            check_echo(snp_report_data(evidence.report), data, "simulated SNP report")
         else:
-            check_echo(tdx_quote_report_data(report), data, "simulated TDX quote")
+            check_echo(tdx_quote_report_data(evidence.report), data, "simulated TDX quote")
         return EvidenceBundle(
             tee_type=self._tee_type,
-            report=report,
-            certificates=self._certificates,
-            collateral=self._collateral,
+            report=evidence.report,
+            certificates=evidence.certificates,
+            collateral=evidence.collateral,
             source="simulated",
         )
-
-
-def _simulator_certificates(sim: object) -> tuple[bytes, ...]:
-    """The DER certificates a simulator publishes, if it has a ``certificates`` attribute."""
-    certificates = getattr(sim, "certificates", None)
-    if callable(certificates):
-        certificates = certificates()
-    if certificates is None:
-        return ()
-    return tuple(bytes(c) for c in certificates)

@@ -1,0 +1,145 @@
+"""GetEvidence over real gRPC: nonce rules, REPORT_DATA binding, TLS key, verification, busy."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import threading
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from strongroom.api.attestation.v1 import evidence_pb2
+from strongroom.api.inference.v1 import attestation_pb2 as pb
+from strongroom.attestation import binding
+from strongroom.attestation.evidence import Evidence
+from strongroom.attestation.simulated import SimulatedAuthority
+from strongroom.attestation.verify import verify_evidence
+from strongroom.inference.attesters import (
+    EvidenceBundle,
+    SevGuestAttester,
+    SimulatedAttester,
+    TeeType,
+)
+from strongroom.inference.evidence_service import InferenceAttestationServicer
+from strongroom.inference.models import ModelRepository
+from strongroom.runtime.interceptors import REASON_METADATA_KEY
+from tests.inference.conftest import Starter
+from tests.inference.fake_tee import FakeSevGuest
+
+MEASUREMENT = bytes(range(48))
+
+
+def spki() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def reason_of(error: grpc.RpcError) -> object:
+    return next(
+        (m.value for m in error.trailing_metadata() or () if m.key == REASON_METADATA_KEY), None
+    )
+
+
+@pytest.fixture
+def simulated(sim_authority: SimulatedAuthority, sim_now: dt.datetime) -> SimulatedAttester:
+    snp = sim_authority.snp(now=sim_now)
+    return SimulatedAttester(
+        snp, TeeType.SEV_SNP, production=False, claims={"measurement": MEASUREMENT}
+    )
+
+
+def test_evidence_binds_the_nonce_and_the_current_tls_key(
+    start_server: Starter,
+    simulated: SimulatedAttester,
+    sim_authority: SimulatedAuthority,
+    sim_now: dt.datetime,
+) -> None:
+    keys = [spki()]
+    servicer = InferenceAttestationServicer(simulated, lambda: keys[-1])
+    running = start_server(ModelRepository(), evidence=servicer)
+    nonce = bytes(range(32))
+    response = running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=nonce))
+    assert response.report_data == binding.client_report_data_for(nonce, keys[0])
+    assert response.tls_public_key_sha256 == hashlib.sha256(keys[0]).digest()
+    assert response.evidence.tee_type == evidence_pb2.TEE_TYPE_SEV_SNP
+    claims = verify_evidence(
+        Evidence.from_proto(response.evidence), trust=sim_authority.trust_store(), now=sim_now
+    )
+    assert claims.report_data == response.report_data
+
+    keys.append(spki())  # the certificate was renewed with a new key
+    renewed = running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=nonce))
+    assert renewed.report_data == binding.client_report_data_for(nonce, keys[1])
+    assert renewed.tls_public_key_sha256 == hashlib.sha256(keys[1]).digest()
+    assert renewed.report_data != response.report_data
+
+
+@pytest.mark.parametrize("length", [16, 64])
+def test_nonce_length_bounds_accepted(start_server: Starter, length: int) -> None:
+    servicer = InferenceAttestationServicer(SevGuestAttester(io=FakeSevGuest()), spki)
+    running = start_server(ModelRepository(), evidence=servicer)
+    response = running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(length)))
+    assert len(response.report_data) == 64
+    assert response.evidence.report[0x50:0x90] == response.report_data
+
+
+@pytest.mark.parametrize("length", [0, 15, 65, 1024])
+def test_nonce_length_rejected(start_server: Starter, length: int) -> None:
+    device = FakeSevGuest()
+    servicer = InferenceAttestationServicer(SevGuestAttester(io=device), spki)
+    running = start_server(ModelRepository(), evidence=servicer)
+    with pytest.raises(grpc.RpcError) as info:
+        running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(length)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason_of(info.value) == "NONCE_LENGTH"
+    assert device.calls == []
+
+
+def test_hardware_failure_is_unavailable(start_server: Starter) -> None:
+    device = FakeSevGuest()
+    device.vmpck_disabled = True
+    servicer = InferenceAttestationServicer(SevGuestAttester(io=device), spki)
+    running = start_server(ModelRepository(), evidence=servicer)
+    with pytest.raises(grpc.RpcError) as info:
+        running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(32)))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert reason_of(info.value) == "SNP_REQUEST_UNSUPPORTED"
+
+
+class _BlockingAttester:
+    """Holds the hardware until released, to fill the concurrency slots."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.inner = SevGuestAttester(io=FakeSevGuest())
+
+    @property
+    def tee_type(self) -> TeeType:
+        return TeeType.SEV_SNP
+
+    def attest(self, report_data: bytes) -> EvidenceBundle:
+        self.entered.set()
+        assert self.release.wait(10)
+        return self.inner.attest(report_data)
+
+
+def test_concurrent_requests_beyond_the_limit_are_refused(start_server: Starter) -> None:
+    attester = _BlockingAttester()
+    servicer = InferenceAttestationServicer(attester, spki, max_concurrent=1)
+    running = start_server(ModelRepository(), evidence=servicer)
+    first = running.evidence.GetEvidence.future(pb.GetEvidenceRequest(nonce=bytes(16)))
+    assert attester.entered.wait(10)
+    with pytest.raises(grpc.RpcError) as info:
+        running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(16)))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reason_of(info.value) == "ATTESTATION_BUSY"
+    attester.release.set()
+    assert len(first.result(timeout=10).report_data) == 64
+    # The slot is free again.
+    assert running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(16))).report_data
