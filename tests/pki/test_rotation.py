@@ -9,8 +9,10 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import grpc
+import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -138,3 +140,47 @@ def test_rotation_under_load_fails_no_rpc(ca: StepCa) -> None:
     assert channel.rebuilds >= ROTATIONS
     # The server hot-swapped: new connections get its current certificate.
     assert served == server_identity.credentials.serial
+
+
+def test_rotating_channel_behaves_like_a_grpc_channel(
+    server_identity: WorkloadIdentity, client_identity: WorkloadIdentity
+) -> None:
+    server = serve(server_identity)
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        channel = client_identity.channel(server.target, server_name="keybroker")
+        channel.subscribe(states.append, try_to_connect=True)
+        ping = channel.unary_unary(f"/{ECHO}/Ping", None, None)
+        response, call = ping.with_call(b"a", timeout=5)
+        assert response == b"a" and call.code() == grpc.StatusCode.OK
+        assert ping.future(b"b", timeout=5).result() == b"b"
+        concat = channel.stream_unary(f"/{ECHO}/Concat", None, None)
+        assert concat.future(iter([b"c", b"d"]), timeout=5).result() == b"cd"
+
+        # A server stream opened before a rotation keeps flowing after it.
+        count = channel.unary_stream(f"/{ECHO}/Count", None, None)
+        stream = count(b"3", timeout=5)
+        assert next(stream) == b"0"
+        client_identity.renew_now()
+        assert ping(b"e", timeout=5) == b"e"  # new call, new channel
+        assert channel.rebuilds == 1
+        assert [*stream] == [b"1", b"2"]  # the in-flight call finished on the old channel
+
+        # Interceptors stack on it like on any channel.
+        seen: list[str] = []
+
+        class Record(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+            def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+                seen.append(details.method)
+                return continuation(details, request)
+
+        intercepted = grpc.intercept_channel(channel, Record())
+        assert intercepted.unary_unary(f"/{ECHO}/Ping", None, None)(b"f", timeout=5) == b"f"
+        assert seen == [f"/{ECHO}/Ping"]
+        assert grpc.ChannelConnectivity.READY in states
+        channel.unsubscribe(states.append)
+        channel.close()
+        with pytest.raises(ValueError, match="closed"):
+            ping(b"g", timeout=5)
+    finally:
+        server.stop()
