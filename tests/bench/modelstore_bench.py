@@ -1,19 +1,24 @@
 """Model store throughput: PutModel / GetModel of one large artifact versus a bare gRPC byte stream.
 
-Both servers run in this process with the same gRPC options, the same credentials and the same
+All servers run in this process with the same gRPC options, the same credentials and the same
 error-mapping interceptor; the baseline is a trivial generic-handler service that only counts the
 bytes it receives (upload) or sends one pre-built chunk over and over (download). Figures are
-MiB/s and ratios (model store / bare stream, 1.0 = no overhead beyond gRPC itself). The store side
-includes everything a real upload does: structure validation, SHA-256, writing, fsync, rename,
-index insert; the download reads the blob just written (so usually from the page cache).
+MiB/s (best of ``repeats``) and ratios (model store / bare stream; 1.0 = no cost beyond gRPC
+itself). Each repetition measures every variant once, interleaved, so that load from other
+processes affects the store and its baseline alike.
+
+The store side includes everything a real upload does: structure validation, SHA-256, writing,
+fsync, rename, directory fsync, index insert; downloads read the blob just written (so usually
+from the page cache). ``storage_put_without_grpc`` is the storage alone, fed from memory.
 
 ``run(results, server_credentials=..., channel_factory=...)`` measures over mTLS when given
-credentials (``channel_factory(target)`` must return a channel to ``target``, e.g.
+credentials (``channel_factory(target)`` must return a channel to ``target``, which is
 ``localhost:PORT``); without them it measures plaintext and records the figures under ``no_tls``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -52,13 +57,18 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-def _block(chunk: int) -> bytes:
+def _bytes(size: int, chunk: int) -> Iterator[bytes]:
     # Incompressible, and generated once: the benchmark measures transport and storage, not RNG.
-    return os.urandom(chunk)
+    block = os.urandom(chunk)
+    remaining = size
+    while remaining > 0:
+        n = min(chunk, remaining)
+        yield block if n == chunk else block[:n]
+        remaining -= n
 
 
 def _bare_handler(chunk: int) -> grpc.GenericRpcHandler[Any, Any]:
-    block = _block(chunk)
+    block = os.urandom(chunk)
 
     def upload(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         total = 0
@@ -82,30 +92,6 @@ def _bare_handler(chunk: int) -> grpc.GenericRpcHandler[Any, Any]:
     )
 
 
-def _server(credentials: grpc.ServerCredentials | None) -> tuple[grpc.Server, int]:
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8),
-        interceptors=[ErrorMappingInterceptor()],
-        options=_SERVER_OPTIONS,
-    )
-    if credentials is None:
-        port = server.add_insecure_port("localhost:0")
-    else:
-        port = server.add_secure_port("localhost:0", credentials)
-    return server, port
-
-
-def _best(fn: Callable[[], int], repeats: int) -> float:
-    """Best throughput in MiB/s over ``repeats`` runs of ``fn`` (which returns bytes moved)."""
-    best = 0.0
-    for _ in range(repeats):
-        started = time.perf_counter()
-        moved = fn()
-        elapsed = time.perf_counter() - started
-        best = max(best, moved / MiB / elapsed)
-    return best
-
-
 def _artifact_chunks(size: int, chunk: int, version: str) -> Iterator[bytes]:
     """A ``size``-byte fake artifact: its header, then ``chunk``-byte pieces of body."""
     body_size = size
@@ -120,29 +106,12 @@ def _artifact_requests(size: int, chunk: int, version: str) -> Iterator[pb.PutMo
         yield pb.PutModelRequest(data=data, artifact_size=size if i == 0 else 0)
 
 
-def _bytes(size: int, chunk: int) -> Iterator[bytes]:
-    block = _block(chunk)
-    remaining = size
-    while remaining > 0:
-        n = min(chunk, remaining)
-        yield block if n == chunk else block[:n]
-        remaining -= n
-
-
-def _put_direct(storage: FilesystemStorage, validator_factory: ValidatorFactory, size: int) -> int:
-    """Stores an artifact without gRPC (the storage's own cost), then deletes it."""
-    record = storage.put(_artifact_chunks(size, UPLOAD_CHUNK, "direct"), validator_factory())
-    storage.delete(record.name, record.version)
-    return record.artifact_size
-
-
 def _write_real_artifact(path: Path, size: int) -> None:
     """Encrypts about ``size`` bytes of plaintext into a real artifact file (no store involved)."""
     plaintext_size = size - size // 64  # leaves room for the header and the per-chunk tags
-    dek = bytearray(os.urandom(32))
     stream = encrypt_stream(
         _bytes(plaintext_size, UPLOAD_CHUNK),
-        dek,
+        bytearray(os.urandom(32)),
         model_name="bench/real",
         model_version="1",
         content_type="application/octet-stream",
@@ -162,93 +131,104 @@ def _file_requests(path: Path) -> Iterator[pb.PutModelRequest]:
             yield pb.PutModelRequest(data=data)
 
 
-class _Bench:
+def _timed(fn: Callable[[], int]) -> float:
+    """MiB/s of one call of ``fn`` (which returns the bytes it moved)."""
+    started = time.perf_counter()
+    moved = fn()
+    return moved / MiB / (time.perf_counter() - started)
+
+
+class _Harness:
+    """Every server the benchmark needs, started once; methods measure one transfer each."""
+
     def __init__(
         self,
-        size: int,
-        repeats: int,
+        stack: contextlib.ExitStack,
+        storage: FilesystemStorage,
+        validator_factory: ValidatorFactory,
         credentials: grpc.ServerCredentials | None,
         make_channel: ChannelFactory,
     ) -> None:
-        self.size, self.repeats = size, repeats
-        self.credentials, self.make_channel = credentials, make_channel
+        self._stack, self._credentials, self._make_channel = stack, credentials, make_channel
+        self.storage = storage
+        self.bare = {chunk: self._channel(self._bare(chunk)) for chunk in DOWNLOAD_CHUNKS}
+        self.store = {
+            chunk: pb_grpc.ModelStoreServiceStub(
+                self._channel(self._store(validator_factory, chunk))
+            )
+            for chunk in DOWNLOAD_CHUNKS
+        }
+        real = structure_validator_factory(storage.max_artifact_size)
+        self.real_store = pb_grpc.ModelStoreServiceStub(
+            self._channel(self._store(real, DEFAULT_DOWNLOAD_CHUNK))
+        )
+        self._versions = iter(range(1_000_000))
 
-    def bare(self, chunk: int, *, upload: bool) -> float:
-        """Bare byte stream MiB/s: upload in UPLOAD_CHUNK pieces, or download in ``chunk`` pieces."""
-        server, port = _server(self.credentials)
+    def _server(self) -> tuple[grpc.Server, int]:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4),
+            interceptors=[ErrorMappingInterceptor()],
+            options=_SERVER_OPTIONS,
+        )
+        if self._credentials is None:
+            port = server.add_insecure_port("localhost:0")
+        else:
+            port = server.add_secure_port("localhost:0", self._credentials)
+        server.start()
+        self._stack.callback(lambda: server.stop(0).wait())
+        return server, port
+
+    def _bare(self, chunk: int) -> int:
+        server, port = self._server()
         server.add_generic_rpc_handlers((_bare_handler(chunk),))
-        server.start()
-        channel = self.make_channel(f"localhost:{port}")
-        try:
-            if upload:
-                up = channel.stream_unary(f"/{_BARE_SERVICE}/Upload", _identity, _identity)
-                return _best(
-                    lambda: int.from_bytes(up(_bytes(self.size, UPLOAD_CHUNK)), "big"),
-                    self.repeats,
-                )
-            down = channel.unary_stream(f"/{_BARE_SERVICE}/Download", _identity, _identity)
-            request = self.size.to_bytes(8, "big")
-            return _best(lambda: sum(len(d) for d in down(request)), self.repeats)
-        finally:
-            channel.close()
-            server.stop(0).wait()
+        return port
 
-    def store(
-        self,
-        storage: FilesystemStorage,
-        validator_factory: ValidatorFactory,
-        chunk: int,
-        *,
-        upload: bool,
-    ) -> float:
-        """Model store MiB/s: PutModel in UPLOAD_CHUNK pieces, or GetModel in ``chunk`` pieces.
-
-        Uploads leave exactly one artifact stored, which downloads then read.
-        """
-        servicer = ModelStoreServicer(storage, validator_factory, download_chunk=chunk)
-        server, port = _server(self.credentials)
+    def _store(self, validator_factory: ValidatorFactory, chunk: int) -> int:
+        server, port = self._server()
+        servicer = ModelStoreServicer(self.storage, validator_factory, download_chunk=chunk)
         pb_grpc.add_ModelStoreServiceServicer_to_server(servicer, server)
-        server.start()
-        channel = self.make_channel(f"localhost:{port}")
-        stub = pb_grpc.ModelStoreServiceStub(channel)
-        try:
-            if upload:
-                versions = iter(range(1_000_000))
+        return port
 
-                def put() -> int:
-                    for old in storage.records():
-                        storage.delete(old.name, old.version)
-                    requests = _artifact_requests(self.size, UPLOAD_CHUNK, str(next(versions)))
-                    return int(stub.PutModel(requests).model.artifact_size)
+    def _channel(self, port: int) -> grpc.Channel:
+        channel = self._make_channel(f"localhost:{port}")
+        self._stack.callback(channel.close)
+        return channel
 
-                return _best(put, self.repeats)
-            (record,) = storage.records()
-            request = pb.GetModelRequest(name=record.name, version=record.version)
-            return _best(lambda: sum(len(m.data) for m in stub.GetModel(request)), self.repeats)
-        finally:
-            channel.close()
-            server.stop(0).wait()
+    def _clear(self) -> None:
+        for record in self.storage.records():
+            self.storage.delete(record.name, record.version)
 
-    def store_file(self, storage: FilesystemStorage, path: Path) -> float:
-        """PutModel MiB/s of a real artifact file, checked by the production validator."""
-        validators = structure_validator_factory(storage.max_artifact_size)
-        servicer = ModelStoreServicer(storage, validators)
-        server, port = _server(self.credentials)
-        pb_grpc.add_ModelStoreServiceServicer_to_server(servicer, server)
-        server.start()
-        channel = self.make_channel(f"localhost:{port}")
-        stub = pb_grpc.ModelStoreServiceStub(channel)
-        try:
+    def bare_upload(self, size: int) -> int:
+        upload = self.bare[UPLOAD_CHUNK].stream_unary(
+            f"/{_BARE_SERVICE}/Upload", _identity, _identity
+        )
+        return int.from_bytes(upload(_bytes(size, UPLOAD_CHUNK)), "big")
 
-            def put() -> int:
-                for old in storage.records():
-                    storage.delete(old.name, old.version)
-                return int(stub.PutModel(_file_requests(path)).model.artifact_size)
+    def bare_download(self, size: int, chunk: int) -> int:
+        download = self.bare[chunk].unary_stream(f"/{_BARE_SERVICE}/Download", _identity, _identity)
+        return sum(len(d) for d in download(size.to_bytes(8, "big")))
 
-            return _best(put, self.repeats)
-        finally:
-            channel.close()
-            server.stop(0).wait()
+    def put(self, size: int) -> int:
+        """Replaces the stored artifact by a fresh ``size``-byte one, through gRPC."""
+        self._clear()
+        requests = _artifact_requests(size, UPLOAD_CHUNK, str(next(self._versions)))
+        return int(self.store[UPLOAD_CHUNK].PutModel(requests).model.artifact_size)
+
+    def put_direct(self, size: int, validator_factory: ValidatorFactory) -> int:
+        """The storage alone: a fresh artifact from memory, no gRPC."""
+        self._clear()
+        chunks = _artifact_chunks(size, UPLOAD_CHUNK, str(next(self._versions)))
+        return self.storage.put(chunks, validator_factory()).artifact_size
+
+    def put_real(self, path: Path) -> int:
+        """A real artifact read from ``path``, through the production validator."""
+        self._clear()
+        return int(self.real_store.PutModel(_file_requests(path)).model.artifact_size)
+
+    def get(self, chunk: int) -> int:
+        (record,) = self.storage.records()
+        request = pb.GetModelRequest(name=record.name, version=record.version)
+        return sum(len(m.data) for m in self.store[chunk].GetModel(request))
 
 
 def run(
@@ -266,56 +246,59 @@ def run(
     Writes ``results["no_tls" | "mtls"]``. ``validator_factory`` defaults to the test suite's
     trivial fake-format validator, so the main figures isolate the store from artifact parsing;
     ``put_real_artifact_*`` uploads a real encrypted artifact (read from a file) through the
-    production validator.
+    production validator. ``workdir`` holds the storage root (default: the system temp dir).
     """
     if (server_credentials is None) != (channel_factory is None):
         raise ValueError("pass both server_credentials and channel_factory, or neither")
     make_channel: ChannelFactory = channel_factory or (
         lambda target: grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
     )
-    bench = _Bench(size, repeats, server_credentials, make_channel)
-    figures: dict[str, Any] = {"size_mib": size // MiB, "repeats": repeats}
-    results["mtls" if server_credentials is not None else "no_tls"] = figures
+    best: dict[str, float] = {}
 
-    bare_up = bench.bare(UPLOAD_CHUNK, upload=True)
-    bare_down = {chunk: bench.bare(chunk, upload=False) for chunk in DOWNLOAD_CHUNKS}
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="modelstore-bench-") as tmp:
-        storage = FilesystemStorage(Path(tmp) / "store", max_artifact_size=size)
-        try:
-            direct = _best(lambda: _put_direct(storage, validator_factory, size), repeats)
-            put = bench.store(storage, validator_factory, UPLOAD_CHUNK, upload=True)
-            get = {
-                chunk: bench.store(storage, validator_factory, chunk, upload=False)
-                for chunk in DOWNLOAD_CHUNKS
+    def measure(key: str, fn: Callable[[], int]) -> None:
+        best[key] = max(best.get(key, 0.0), _timed(fn))
+
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=workdir)))
+        storage = FilesystemStorage(tmp / "store", max_artifact_size=size)
+        stack.callback(storage.close)
+        harness = _Harness(stack, storage, validator_factory, server_credentials, make_channel)
+        real_file = tmp / "real.artifact"
+        _write_real_artifact(real_file, size)
+        for _ in range(repeats):
+            measure("bare_upload", lambda: harness.bare_upload(size))
+            measure("put", lambda: harness.put(size))
+            measure("put_direct", lambda: harness.put_direct(size, validator_factory))
+            measure("put_real", lambda: harness.put_real(real_file))
+            harness.put(size)  # the artifact the downloads read
+            for chunk in DOWNLOAD_CHUNKS:
+                measure(f"bare_download_{chunk}", lambda c=chunk: harness.bare_download(size, c))  # type: ignore[misc]
+                measure(f"get_{chunk}", lambda c=chunk: harness.get(c))  # type: ignore[misc]
+
+    default = DEFAULT_DOWNLOAD_CHUNK
+    figures: dict[str, Any] = {
+        "size_mib": size // MiB,
+        "repeats": repeats,
+        "bare_upload_mib_s": round(best["bare_upload"], 1),
+        "put_mib_s": round(best["put"], 1),
+        "put_vs_bare": round(best["put"] / best["bare_upload"], 3),
+        "put_real_artifact_mib_s": round(best["put_real"], 1),
+        "put_real_artifact_vs_bare": round(best["put_real"] / best["bare_upload"], 3),
+        "storage_put_without_grpc_mib_s": round(best["put_direct"], 1),
+        "default_download_chunk_kib": default // 1024,
+        "bare_download_mib_s": round(best[f"bare_download_{default}"], 1),
+        "get_mib_s": round(best[f"get_{default}"], 1),
+        "get_vs_bare": round(best[f"get_{default}"] / best[f"bare_download_{default}"], 3),
+        "download_chunk_sweep": {
+            f"{chunk // 1024}KiB": {
+                "get_mib_s": round(best[f"get_{chunk}"], 1),
+                "bare_mib_s": round(best[f"bare_download_{chunk}"], 1),
+                "get_vs_bare": round(best[f"get_{chunk}"] / best[f"bare_download_{chunk}"], 3),
             }
-            real_file = Path(tmp) / "real.artifact"
-            _write_real_artifact(real_file, size)
-            put_real = bench.store_file(storage, real_file)
-        finally:
-            storage.close()
-
-    figures["bare_upload_mib_s"] = round(bare_up, 1)
-    figures["put_mib_s"] = round(put, 1)
-    figures["storage_put_without_grpc_mib_s"] = round(direct, 1)
-    figures["put_vs_bare"] = round(put / bare_up, 3)
-    figures["put_real_artifact_mib_s"] = round(put_real, 1)
-    figures["put_real_artifact_vs_bare"] = round(put_real / bare_up, 3)
-    figures["download_chunk_sweep"] = {
-        f"{chunk // 1024}KiB": {
-            "get_mib_s": round(get[chunk], 1),
-            "bare_mib_s": round(bare_down[chunk], 1),
-            "get_vs_bare": round(get[chunk] / bare_down[chunk], 3),
-        }
-        for chunk in DOWNLOAD_CHUNKS
+            for chunk in DOWNLOAD_CHUNKS
+        },
     }
-    figures["default_download_chunk_kib"] = DEFAULT_DOWNLOAD_CHUNK // 1024
-    figures["best_download_chunk_kib"] = max(get, key=lambda c: get[c]) // 1024
-    if DEFAULT_DOWNLOAD_CHUNK in get:
-        figures["bare_download_mib_s"] = round(bare_down[DEFAULT_DOWNLOAD_CHUNK], 1)
-        figures["get_mib_s"] = round(get[DEFAULT_DOWNLOAD_CHUNK], 1)
-        figures["get_vs_bare"] = round(
-            get[DEFAULT_DOWNLOAD_CHUNK] / bare_down[DEFAULT_DOWNLOAD_CHUNK], 3
-        )
+    results["mtls" if server_credentials is not None else "no_tls"] = figures
 
 
 if __name__ == "__main__":
