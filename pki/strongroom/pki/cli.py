@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from strongroom.pki._duration import parse_duration
 from strongroom.pki.bootstrap import init_ca
 from strongroom.pki.client import CaClient
-from strongroom.pki.errors import InvalidPkiConfig
+from strongroom.pki.errors import CaUnavailable, InvalidPkiConfig
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.pki.layout import CaLayout
 from strongroom.pki.spiffe import SpiffeId
@@ -105,12 +105,20 @@ def _init(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     ca = StepCa(args.dir, binary=args.binary)
 
+    stopping: list[int] = []
+
     def stop(signum: int, frame: FrameType | None) -> None:
+        stopping.append(signum)
         ca.terminate()  # the wait below returns once step-ca has exited
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    ca.start()
+    try:
+        ca.start()
+    except CaUnavailable:
+        if stopping:
+            return 0  # asked to stop while step-ca was still starting
+        raise
     print(f"step-ca serving {ca.url} (log: {ca.layout.log_path})", file=sys.stderr, flush=True)
     try:
         status = ca.wait()
