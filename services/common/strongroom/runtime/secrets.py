@@ -61,7 +61,7 @@ class Secret:
                     f"{what}: {file} is readable by group or others (mode {mode & 0o777:o}); use 0600",
                     reason="SECRET_FILE_PERMISSIONS",
                 )
-            return cls(file.read_bytes().rstrip(b"\r\n"))
+            return cls(file.read_bytes())
         except OSError as exc:
             raise FailedPrecondition(
                 f"{what}: cannot read {file}: {exc.strerror}", reason="SECRET_MISSING"
