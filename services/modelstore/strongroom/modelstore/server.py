@@ -1,0 +1,88 @@
+"""Assembles and runs the model store: filesystem storage behind an authorised mTLS host."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
+from strongroom.modelstore.artifact_validation import structure_validator_factory
+from strongroom.modelstore.config import ModelstoreConfig
+from strongroom.modelstore.service import (
+    METHOD_ROLES,
+    ROLE_READER,
+    SERVICE_NAME,
+    ModelStoreServicer,
+)
+from strongroom.modelstore.storage import FilesystemStorage
+from strongroom.pki.identity import WorkloadIdentity
+from strongroom.runtime.bootstrap import RoleTable, build_host, open_identity
+from strongroom.runtime.config import CommonConfig, load_service_config
+from strongroom.runtime.logs import configure_logging
+from strongroom.runtime.server import ServiceHost, ServiceSpec
+from strongroom.runtime.tracing import make_tracer_provider
+
+log = logging.getLogger(__name__)
+
+# The store's roles in terms of the deployment's roles: inference servers, publishers and admins
+# read; publishers write; admins delete.
+_ROLES = {ROLE_READER: ("inference", "publisher", "admin")}
+ROLE_RULES = {method: _ROLES.get(role, (role,)) for method, role in METHOD_ROLES.items()}
+
+
+@dataclass
+class ModelStore:
+    """A running model store; :meth:`close` stops it and releases the storage lock."""
+
+    host: ServiceHost
+    storage: FilesystemStorage
+
+    def close(self, grace: float | None = 0) -> None:
+        """Stops serving (draining for ``grace`` seconds), then closes the storage."""
+        self.host.stop(grace)
+        self.storage.close()
+
+
+def build(
+    common: CommonConfig,
+    config: ModelstoreConfig,
+    *,
+    identity: WorkloadIdentity,
+    tracer_provider: TracerProvider | None = None,
+) -> ModelStore:
+    """Opens the storage (sweeping interrupted uploads) and builds the host."""
+    storage = FilesystemStorage(config.data_dir, max_artifact_size=config.max_artifact_bytes)
+    sweep = storage.last_sweep
+    log.info("storage opened", extra={"sweep": str(sweep)})
+    servicer = ModelStoreServicer(storage, structure_validator_factory(storage.max_artifact_size))
+    host = build_host(
+        common,
+        identity=identity,
+        services=[
+            ServiceSpec(
+                SERVICE_NAME, lambda s: pb_grpc.add_ModelStoreServiceServicer_to_server(servicer, s)
+            )
+        ],
+        roles=RoleTable(ROLE_RULES),
+        tracer_provider=tracer_provider or make_tracer_provider("modelstore", common.tracing),
+    )
+    return ModelStore(host=host, storage=storage)
+
+
+def serve(config_path: Path | None) -> int:
+    """``strongroom serve modelstore``: runs until SIGTERM, then drains and exits."""
+    common, config = load_service_config(config_path, "modelstore", ModelstoreConfig)
+    configure_logging(common.logging, "modelstore")
+    identity = open_identity(common.identity)
+    try:
+        store = build(common, config, identity=identity)
+        try:
+            store.host.run_until_signal()
+        finally:
+            store.close()
+    finally:
+        identity.close()
+    return 0
