@@ -238,6 +238,61 @@ class ChunkCipher:
             _log.debug("c2sp: chunk %d failed to authenticate", index)
             raise DecryptionFailed() from None
 
+    def seal_full_chunks_into(
+        self, first: int, count: int, plaintext: memoryview, out: memoryview
+    ) -> None:
+        """Seals ``count`` consecutive non-final chunks (the hot loop of streaming encryption).
+
+        ``plaintext`` holds exactly ``count * 16384`` bytes and ``out`` ``count * 16400``.
+        """
+        if plaintext.nbytes != count * CHUNK_SIZE or out.nbytes != count * SEALED_CHUNK_SIZE:
+            raise ValueError("buffers do not hold whole chunks")
+        if first < 0 or first + count >= MAX_CHUNKS:
+            raise ValueError("chunk index out of range")
+        encrypt_into = self._aead.encrypt_into
+        base = self._base
+        src_pos = dst_pos = 0
+        for index in range(first, first + count):
+            encrypt_into(
+                (base ^ index).to_bytes(_NONCE_SIZE, "big"),
+                plaintext[src_pos : src_pos + CHUNK_SIZE],
+                None,
+                out[dst_pos : dst_pos + SEALED_CHUNK_SIZE],
+            )
+            src_pos += CHUNK_SIZE
+            dst_pos += SEALED_CHUNK_SIZE
+
+    def open_full_chunks_into(
+        self, first: int, count: int, ciphertext: memoryview, out: memoryview
+    ) -> None:
+        """Opens ``count`` consecutive non-final chunks into ``out`` (the hot loop of decryption).
+
+        On failure every byte of ``out`` is zeroed, so no unauthenticated plaintext remains in it,
+        and DecryptionFailed is raised.
+        """
+        if ciphertext.nbytes != count * SEALED_CHUNK_SIZE or out.nbytes != count * CHUNK_SIZE:
+            raise ValueError("buffers do not hold whole chunks")
+        if first < 0 or first + count >= MAX_CHUNKS:
+            raise ValueError("chunk index out of range")
+        decrypt_into = self._aead.decrypt_into
+        base = self._base
+        src_pos = dst_pos = 0
+        index = first
+        try:
+            for index in range(first, first + count):
+                decrypt_into(
+                    (base ^ index).to_bytes(_NONCE_SIZE, "big"),
+                    ciphertext[src_pos : src_pos + SEALED_CHUNK_SIZE],
+                    None,
+                    out[dst_pos : dst_pos + CHUNK_SIZE],
+                )
+                src_pos += SEALED_CHUNK_SIZE
+                dst_pos += CHUNK_SIZE
+        except InvalidTag:
+            wipe(out)
+            _log.debug("c2sp: chunk %d failed to authenticate", index)
+            raise DecryptionFailed() from None
+
     def open(self, index: int, final: bool, ciphertext: bytes | bytearray | memoryview) -> bytes:
         """Decrypts and authenticates one chunk; returns its plaintext."""
         out = bytearray(max(len(ciphertext) - TAG_SIZE, 0))

@@ -276,14 +276,9 @@ class ArtifactReader:
                     else:
                         src = scratch[: count * _SEALED]
                         self._read_into(offset, src)
-                    for k in range(count):
-                        i = start + k
-                        cipher.open_into(
-                            i,
-                            False,
-                            src[k * _SEALED : (k + 1) * _SEALED],
-                            dst[i * _CS : (i + 1) * _CS],
-                        )
+                    cipher.open_full_chunks_into(
+                        start, count, src, dst[start * _CS : (start + count) * _CS]
+                    )
             except BaseException:
                 failed.set()
                 raise

@@ -233,6 +233,19 @@ class _ArtifactStream:
             _log.debug("artifact stream: footer does not match the encrypted digest")
             raise DecryptionFailed()
 
+    def _open_run(self, first: int, count: int, ciphertext: memoryview, dst: memoryview) -> None:
+        """Opens chunks ``first .. first+count-1`` (the final one possibly among them) into ``dst``."""
+        header = self._header
+        assert header is not None and self._cipher is not None
+        last = header.chunk_count - 1
+        full = count - 1 if first + count - 1 == last else count
+        if full:
+            self._cipher.open_full_chunks_into(
+                first, full, ciphertext[: full * _SEALED], dst[: full * _CS]
+            )
+        if full < count:
+            self._cipher.open_into(last, True, ciphertext[full * _SEALED :], dst[full * _CS :])
+
     def _split(self, first: int, plain: memoryview) -> memoryview:
         """Moves the digest bytes of a decrypted run into ``_digest``; returns its plaintext part."""
         header = self._header
@@ -298,25 +311,14 @@ class StreamDecryptor(_ArtifactStream):
     def _chunks(self, first: int, count: int, ciphertext: memoryview) -> None:
         header = self._header
         assert header is not None and self._cipher is not None
-        last = header.chunk_count - 1
         msg_end = min((first + count) * _CS, header.message_size)
         out = bytearray(msg_end - first * _CS)
         dst = memoryview(out)
-        pos_in = 0
-        for index in range(first, first + count):
-            size = min(_CS, header.message_size - index * _CS)
-            off = (index - first) * _CS
-            try:
-                self._cipher.open_into(
-                    index,
-                    index == last,
-                    ciphertext[pos_in : pos_in + size + _TAG],
-                    dst[off : off + size],
-                )
-            except DecryptionFailed:
-                wipe(out)
-                raise
-            pos_in += size + _TAG
+        try:
+            self._open_run(first, count, ciphertext, dst)
+        except DecryptionFailed:
+            wipe(out)
+            raise
         plain = self._split(first, dst)
         if self._hash is not None:
             self._hash.update(plain)
@@ -440,14 +442,12 @@ class BufferedStreamDecryptor(_ArtifactStream):
         assert dst is not None
         cipher = self._ciphers.get()
         try:
-            src = memoryview(batch)
-            for k in range(len(batch) // _SEALED):
-                if self._worker_failed.is_set():
-                    return
-                i = first + k
-                cipher.open_into(
-                    i, False, src[k * _SEALED : (k + 1) * _SEALED], dst[i * _CS : (i + 1) * _CS]
-                )
+            if self._worker_failed.is_set():
+                return
+            count = len(batch) // _SEALED
+            cipher.open_full_chunks_into(
+                first, count, memoryview(batch), dst[first * _CS : (first + count) * _CS]
+            )
         except BaseException:
             self._worker_failed.set()
             raise
@@ -458,21 +458,10 @@ class BufferedStreamDecryptor(_ArtifactStream):
         """Chunks holding the digest (and the final chunk): decrypted inline, in order."""
         header = self._header
         assert header is not None and self._cipher is not None and self._dst is not None
-        last = header.chunk_count - 1
         msg_end = min((first + count) * _CS, header.message_size)
         scratch = bytearray(msg_end - first * _CS)
         view = memoryview(scratch)
-        pos_in = 0
-        for index in range(first, first + count):
-            size = min(_CS, header.message_size - index * _CS)
-            off = (index - first) * _CS
-            self._cipher.open_into(
-                index,
-                index == last,
-                ciphertext[pos_in : pos_in + size + _TAG],
-                view[off : off + size],
-            )
-            pos_in += size + _TAG
+        self._open_run(first, count, ciphertext, view)
         plain = self._split(first, view)
         start = first * _CS
         self._dst[start : start + plain.nbytes] = plain

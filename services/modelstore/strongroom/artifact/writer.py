@@ -127,12 +127,16 @@ class ArtifactWriter:
             self._cipher.seal_into(self._index, False, self._carry, out[:_SEALED])
             self._carry.clear()
             begin = 1
-        seal = self._cipher.seal_into
-        index = self._index
-        for k in range(begin, full):
-            seal(index + k, False, view[pos : pos + _CS], out[k * _SEALED : (k + 1) * _SEALED])
-            pos += _CS
-        self._index = index + full
+        rest = full - begin
+        if rest:
+            self._cipher.seal_full_chunks_into(
+                self._index + begin,
+                rest,
+                view[pos : pos + rest * _CS],
+                out[begin * _SEALED : full * _SEALED],
+            )
+            pos += rest * _CS
+        self._index += full
         self._carry += view[pos:]
         result = bytes(out[: full * _SEALED])
         out.release()
