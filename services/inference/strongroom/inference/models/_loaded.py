@@ -1,9 +1,10 @@
 """One ONNX model loaded into ONNX Runtime from plaintext bytes in memory.
 
 Plaintext never touches disk: the session is created from bytes, external initializers (for big
-models) are handed over as in-memory "files", and the session options switch off everything in ORT
-that can write a file (optimised-model dump, profiling, EP context cache) and pin the external-data
-folder to a directory that cannot exist, so a model cannot make ORT read files either.
+models) are handed over as in-memory "files", ORT's telemetry is off (see ``_ort``), and the
+session options switch off everything in ORT that can write a file (optimised-model dump,
+profiling, EP context cache) and pin the external-data folder to a directory that cannot exist,
+so a model cannot make ORT read files either.
 
 Copies in memory (all inside the confidential VM's encrypted memory): ORT's Python API takes only
 ``bytes``, so a ``bytearray``/``memoryview`` is copied once; ORT parses it and keeps its own tensors.
@@ -21,10 +22,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from strongroom.inference.models._datatypes import BY_ORT_TYPE, DATATYPES, DataType
+from strongroom.inference.models._ort import ort, ort_state
 from strongroom.runtime.errors import FailedPrecondition, Internal, InvalidArgument
 
 log = logging.getLogger(__name__)

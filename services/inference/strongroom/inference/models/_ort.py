@@ -1,0 +1,33 @@
+"""The one place the inference service imports ONNX Runtime: with its telemetry switched off first.
+
+ONNX Runtime's Linux wheels (1.32 here) carry Microsoft 1DS telemetry. At import it creates
+``~/.cache/Microsoft/DeveloperTools/.onnxruntime/{deviceid,onnxruntime.db}`` and records events in
+that SQLite file — graph and model file names, error messages naming initializers, operator
+domains, run statistics — for upload. A confidential inference server must not write model
+metadata to disk or send it anywhere. ORT reads ``ORT_DISABLE_TELEMETRY`` once, at import, so it is
+set before the first import; telemetry events are disabled as well, which still stops the model
+events if some other module imported onnxruntime first (the device-id files then already exist).
+Deployments should also set ``ORT_DISABLE_TELEMETRY=1`` in the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+_IMPORTED_EARLIER = "onnxruntime" in sys.modules
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
+import onnxruntime as ort  # noqa: E402
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state  # noqa: E402
+
+ort.disable_telemetry_events()
+
+if _IMPORTED_EARLIER:
+    logging.getLogger(__name__).warning(
+        "onnxruntime was imported before strongroom.inference.models; its telemetry may have "
+        "initialised (set ORT_DISABLE_TELEMETRY=1 in the environment)"
+    )
+
+__all__ = ["ort", "ort_state"]

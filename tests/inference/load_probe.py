@@ -1,0 +1,89 @@
+"""Loads models whose weights carry a canary, the way the service does, then reports on its files.
+
+Run in a subprocess by ``test_plaintext_never_on_disk.py`` (under strace when available) with
+``CANARY_HEX`` in the environment. Controls that the test's detectors do catch a write:
+``PROBE_MODE=unsafe`` makes ONNX Runtime dump the optimised model into the current directory;
+``PROBE_MODE=ort-first`` imports onnxruntime before strongroom, so ORT's telemetry database is
+created in $HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if os.environ.get("PROBE_MODE") == "ort-first":
+    # A regression control: ONNX Runtime imported before strongroom, telemetry left on.
+    import onnxruntime  # noqa: F401
+
+# Only strongroom modules import onnxruntime here, as in the service: the probe checks that
+# importing them is enough to keep ONNX Runtime off the disk.
+from strongroom.inference.models import _loaded as loaded_module  # isort: skip
+from strongroom.inference.models import LoadedModel, ModelRepository, RuntimeOptions  # isort: skip
+from strongroom.inference.models._ort import ort  # isort: skip
+
+import numpy as np
+
+from tests.inference import onnx_models
+
+O_ACCMODE = 0o3
+
+
+def _table(canary: bytes) -> np.ndarray:
+    repeats = 64 * 1024 // len(canary)
+    return np.frombuffer(canary * repeats, dtype="<f4").copy()
+
+
+def _writable_file_descriptors() -> list[str]:
+    """Regular files this process holds open for writing."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                line = next(x for x in info if x.startswith("flags:"))
+            flags = int(line.split()[1], 8)
+        except (OSError, StopIteration):
+            continue
+        regular = target.startswith("/") and not target.startswith(("/dev/", "/proc/"))
+        if regular and flags & O_ACCMODE:
+            found.append(target)
+    return found
+
+
+def main() -> dict[str, object]:
+    canary = bytes.fromhex(os.environ["CANARY_HEX"])
+    if os.environ.get("PROBE_MODE") == "unsafe":
+        original = loaded_module.session_options
+
+        def leaky(options: RuntimeOptions) -> ort.SessionOptions:
+            so = original(options)
+            so.optimized_model_filepath = os.path.join(os.getcwd(), "optimized.onnx")
+            return so
+
+        loaded_module.session_options = leaky
+    table = _table(canary)
+    model = bytearray(onnx_models.lookup(table))
+    assert canary in model
+    graph, weights = onnx_models.lookup_external(table)
+    indices = np.array([0, 1, 2, 3])
+    results = []
+    single = LoadedModel.from_bytes("single", "1", model)
+    results.append(single.infer({"indices": indices})["y"])
+    external = LoadedModel.from_bytes(
+        "external", "1", graph, external_data={"weights.bin": bytearray(weights)}
+    )
+    results.append(external.infer({"indices": indices})["y"])
+    repository = ModelRepository(["served"])
+    repository.load("served", "1", model)
+    results.append(repository.get("served").infer({"indices": indices})["y"])
+    expected = table[:4]
+    return {
+        "outputs_ok": all(np.array_equal(r, expected) for r in results),
+        "writable_fds": _writable_file_descriptors(),
+    }
+
+
+if __name__ == "__main__":
+    json.dump(main(), sys.stdout)
