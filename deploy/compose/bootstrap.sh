@@ -37,11 +37,12 @@ clients=(publisher admin client)
 
 log() { echo "bootstrap: $*" >&2; }
 
-# Writes stdin to $1 atomically (same directory, then rename).
+# Writes stdin to $1 atomically (same directory, then rename), with mode $2 (default 0600).
 write_atomic() {
   local tmp
   tmp=$(mktemp "$(dirname "$1")/.$(basename "$1").XXXXXX")
   cat >"$tmp"
+  chmod "${2:-0600}" "$tmp"
   mv -f "$tmp" "$1"
 }
 
@@ -52,7 +53,7 @@ init_pki() {
     log "initialising the PKI (trust domain $trust_domain)"
     strongroom pki init --dir "$ca_dir" --trust-domain "$trust_domain" --dns step-ca --address :9000
   fi
-  (umask 022 && write_atomic "$pki_public/root_ca.crt" <"$ca_dir/$ca_root_in_dir")
+  write_atomic "$pki_public/root_ca.crt" 0644 <"$ca_dir/$ca_root_in_dir"
 }
 
 # Prints the identity's SPIFFE ID, then one DNS name per line, from its compose config file.

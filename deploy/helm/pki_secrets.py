@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="new directory for the PKI")
     parser.add_argument("--trust-domain", default="strongroom.internal")
     parser.add_argument("--ca-dns", default="step-ca", help="the CA's DNS name (its Service name)")
+    parser.add_argument("--address", default=":9000", help="step-ca's listen address")
     parser.add_argument("--step-ca-secret", default="strongroom-step-ca")
     parser.add_argument("--provisioner-secret", default="strongroom-pki-provisioner")
     parser.add_argument("--strongroom", default="strongroom", help="the strongroom executable")
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             "--dns",
             args.ca_dns,
             "--address",
-            ":9000",
+            args.address,
         ],
         check=True,
         stdout=sys.stderr,

@@ -6,6 +6,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,42 @@ def load_compose() -> dict[str, Any]:
         (DEPLOY / "compose" / "docker-compose.yml").read_text(encoding="utf-8")
     )
     return data
+
+
+SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
+
+
+@pytest.fixture
+def softhsm_conf(tmp_path: Path) -> Path:
+    """A SoftHSM2 configuration with its own empty token directory (one per test)."""
+    if not SOFTHSM_MODULE.exists():
+        pytest.skip("SoftHSM2 is not installed (Debian package softhsm2)")
+    tokens = tmp_path / "softhsm" / "tokens"
+    tokens.mkdir(parents=True)
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
+        "slots.removable = false\n"
+    )
+    return conf
+
+
+def token_login_works(conf: Path, label: str, pin: str) -> bool:
+    """Logs in to a SoftHSM2 token in a fresh process (the module reads SOFTHSM2_CONF once)."""
+    code = (
+        "import sys, pkcs11\n"
+        "lib = pkcs11.lib(sys.argv[1])\n"
+        "token = lib.get_token(token_label=sys.argv[2])\n"
+        "with token.open(user_pin=sys.stdin.read()):\n"
+        "    pass\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(SOFTHSM_MODULE), label],
+        input=pin,
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result.returncode == 0

@@ -1,0 +1,161 @@
+"""deploy/compose/bootstrap.sh with the real ``strongroom pki`` CLI and a real SoftHSM2 token.
+
+The compose mounts are replaced by directories under tmp_path (the script's STRONGROOM_BOOTSTRAP_*
+variables); the identity configuration files are the compose stack's own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.conftest import DEPLOY, ROOT, token_login_works
+
+SCRIPT = DEPLOY / "compose" / "bootstrap.sh"
+CONFIG_DIR = DEPLOY / "compose" / "config"
+IDENTITIES = ("keybroker", "modelstore", "inference", "publisher", "admin", "client")
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def jwt_claims(token: str) -> dict[str, Any]:
+    payload = token.split(".")[1]
+    claims: dict[str, Any] = json.loads(
+        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    )
+    return claims
+
+
+@pytest.fixture
+def env(tmp_path: Path, softhsm_conf: Path) -> dict[str, str]:
+    venv_bin = ROOT / ".venv" / "bin"
+    if not (venv_bin / "strongroom").exists():
+        pytest.skip("the strongroom CLI is not installed in .venv (run deploy/dev/setup.sh)")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # The image installs the script as /usr/local/bin/softhsm-init-token.
+    wrapper = bin_dir / "softhsm-init-token"
+    wrapper.write_text(
+        f'#!/bin/sh\nexec "{venv_bin / "python"}" "{DEPLOY / "docker" / "softhsm_init_token.py"}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    for name in IDENTITIES:
+        (tmp_path / "tokens" / name).mkdir(parents=True)
+    for name in ("ca", "secrets", "pki"):
+        (tmp_path / name).mkdir()
+    return {
+        "PATH": f"{bin_dir}:{venv_bin}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "SOFTHSM2_CONF": str(softhsm_conf),
+        "STRONGROOM_CA_DIR": str(tmp_path / "ca"),
+        "STRONGROOM_BOOTSTRAP_CONFIG_DIR": str(CONFIG_DIR),
+        "STRONGROOM_BOOTSTRAP_TOKEN_ROOT": str(tmp_path / "tokens"),
+        "STRONGROOM_BOOTSTRAP_SECRETS_DIR": str(tmp_path / "secrets"),
+        "STRONGROOM_BOOTSTRAP_PKI_PUBLIC": str(tmp_path / "pki"),
+        "STRONGROOM_BOOTSTRAP_HSM_DIR": str(softhsm_conf.parent / "softhsm"),
+    }
+
+
+def bootstrap(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    bash = shutil.which("bash") or "/bin/bash"
+    return subprocess.run(
+        [bash, str(SCRIPT), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_bootstrap_prepares_everything_and_is_idempotent(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    first = bootstrap(env)
+    assert first.returncode == 0, first.stderr
+
+    ca = tmp_path / "ca"
+    assert (ca / "config" / "ca.json").is_file()
+    root = tmp_path / "pki" / "root_ca.crt"
+    assert root.read_bytes() == (ca / "certs" / "root_ca.crt").read_bytes()
+    assert mode(root) == 0o644  # public, read by every service
+    meta = json.loads((ca / "config" / "strongroom.json").read_text())
+    assert meta["url"] == "https://step-ca:9000"
+
+    tokens = {}
+    for name in IDENTITIES:
+        path = tmp_path / "tokens" / name / f"{name}.token"
+        assert mode(path) == 0o600, name
+        tokens[name] = path.read_text().strip()
+        identity = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())["identity"]
+        claims = jwt_claims(tokens[name])
+        # The CA signs only a CSR whose SANs equal the token's: exactly the config's identity.
+        assert claims["sub"] == identity["spiffe_id"]
+        assert claims["sans"] == [identity["spiffe_id"], *identity["dns_names"]]
+        assert claims["aud"] == "https://step-ca:9000/1.0/sign"
+
+    pin = tmp_path / "secrets" / "hsm-pin"
+    nonce_key = tmp_path / "secrets" / "nonce-key"
+    assert mode(pin) == 0o600 and mode(nonce_key) == 0o600
+    assert len(nonce_key.read_bytes()) == 32
+    assert len(pin.read_text()) == 32
+    assert token_login_works(Path(env["SOFTHSM2_CONF"]), "strongroom", pin.read_text())
+    assert pin.read_text() not in first.stdout + first.stderr
+    # The SO PIN was used once and thrown away.
+    assert not list(tmp_path.glob("**/so-pin*"))
+
+    saved = (pin.read_bytes(), nonce_key.read_bytes(), root.read_bytes())
+    second = bootstrap(env)
+    assert second.returncode == 0, second.stderr
+    assert "already present" in second.stderr
+    assert (pin.read_bytes(), nonce_key.read_bytes(), root.read_bytes()) == saved
+    for name in IDENTITIES:  # fresh one-time tokens on every run
+        assert (tmp_path / "tokens" / name / f"{name}.token").read_text().strip() != tokens[name]
+
+
+def test_token_subcommand_mints_only_what_it_is_asked(env: dict[str, str], tmp_path: Path) -> None:
+    # The CA has to exist first; `token` never creates one.
+    assert bootstrap(env, "token", "publisher").returncode != 0
+    init = subprocess.run(
+        [
+            "strongroom",
+            "pki",
+            "init",
+            "--dir",
+            str(tmp_path / "ca"),
+            "--dns",
+            "step-ca",
+            "--address",
+            ":9000",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert init.returncode == 0, init.stderr
+    result = bootstrap(env, "token", "publisher")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "tokens" / "publisher" / "publisher.token").exists()
+    assert not (tmp_path / "tokens" / "keybroker" / "keybroker.token").exists()
+    assert not (tmp_path / "secrets" / "hsm-pin").exists()
+
+
+def test_unknown_subcommand_and_missing_volume_fail(env: dict[str, str], tmp_path: Path) -> None:
+    assert bootstrap(env, "bogus").returncode == 2
+    assert bootstrap(env, "token").returncode == 2
+    shutil.rmtree(tmp_path / "tokens" / "inference")
+    result = bootstrap(env)
+    assert result.returncode != 0
+    assert "no token volume mounted for inference" in result.stderr

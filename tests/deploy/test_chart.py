@@ -1,0 +1,319 @@
+"""Rendered Helm chart: hardening, probes, resources, secrets handling, configuration, scheduling."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from strongroom.cli.main import build_parser
+from strongroom.runtime.config import SERVICES, CommonConfig, build, load_mapping
+from tests.deploy.conftest import CHART, DEPLOY, VALUES_SETS, kind, render, run_helm_template
+
+SECRETISH = re.compile(r"PIN|PASSW|SECRET|TOKEN|KEY|CREDENTIAL|PRIVATE", re.IGNORECASE)
+# Environment names that match SECRETISH but carry no secret (checked: values are IDs/durations).
+NOT_SECRET_ENV = {"TOKEN_SPIFFE_ID", "TOKEN_DNS", "TOKEN_LIFETIME"}
+
+
+def containers(dep: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    spec = dep["spec"]["template"]["spec"]
+    return [("init", c) for c in spec.get("initContainers", [])] + [
+        ("main", c) for c in spec["containers"]
+    ]
+
+
+def component(dep: dict[str, Any]) -> str:
+    return str(dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"])
+
+
+def test_every_deployment_pod_is_hardened(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    deployments = kind(docs, "Deployment")
+    assert {component(d) for d in deployments} >= set(SERVICES)
+    for dep in deployments:
+        spec = dep["spec"]["template"]["spec"]
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True
+        assert psc["runAsUser"] != 0
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["automountServiceAccountToken"] is False
+        for host_ns in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(host_ns), host_ns
+        for where, c in containers(dep):
+            sc = c["securityContext"]
+            name = f"{component(dep)}/{where}/{c['name']}"
+            assert sc["runAsNonRoot"] is True, name
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc.get("privileged", False) is False, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            added = sc["capabilities"].get("add", [])
+            # Only the official step-ca binary needs a capability kept in the bounding set (see values).
+            assert added in ([], ["NET_BIND_SERVICE"]), name
+            if added:
+                assert (component(dep), c["name"]) == ("step-ca", "step-ca"), name
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+
+
+def test_every_container_has_requests_and_limits(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, docs = rendered
+    for dep in kind(docs, "Deployment"):
+        for where, c in containers(dep):
+            res = c["resources"]
+            for section in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res[section]), f"{c['name']} ({where}) {section}"
+
+
+def test_services_have_grpc_probes_on_the_health_port(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, docs = rendered
+    for dep in kind(docs, "Deployment"):
+        for where, c in containers(dep):
+            if where != "main":
+                continue
+            for probe in ("livenessProbe", "readinessProbe"):
+                assert probe in c, f"{c['name']} has no {probe}"
+            if c["name"] in SERVICES:
+                for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                    assert c[probe]["grpc"] == {"port": 8081}, (c["name"], probe)
+                ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+                assert ports == {"grpc": 7443, "health": 8081}
+            elif c["name"] == "step-ca":
+                assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_services_expose_only_the_mtls_port(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    for svc in kind(docs, "Service"):
+        ports = [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]]
+        if svc["metadata"]["name"] == "step-ca":
+            assert ports == [(9000, "https")]
+        else:
+            assert ports == [(7443, "grpc")], svc["metadata"]["name"]
+        if svc["metadata"]["name"] != "inference":
+            assert svc["spec"]["type"] == "ClusterIP"
+
+
+def test_every_deployment_has_a_disruption_budget(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, docs = rendered
+    budgets = [p["spec"]["selector"]["matchLabels"] for p in kind(docs, "PodDisruptionBudget")]
+    for dep in kind(docs, "Deployment"):
+        assert dep["spec"]["selector"]["matchLabels"] in budgets, component(dep)
+
+
+def test_no_secret_in_plain_environment_values(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    for dep in kind(docs, "Deployment"):
+        for _where, c in containers(dep):
+            for env in c.get("env", []):
+                if "valueFrom" in env:
+                    ref = env["valueFrom"]
+                    assert set(ref) <= {"secretKeyRef", "fieldRef"}, env
+                    continue
+                name, value = env["name"], str(env.get("value", ""))
+                if SECRETISH.search(name) and name not in NOT_SECRET_ENV:
+                    assert value.startswith("/"), f"{c['name']}: {name} holds a literal, not a path"
+            assert not c.get("envFrom"), "envFrom would import a whole Secret or ConfigMap"
+
+
+def test_generated_secret_values_appear_nowhere_else(helm: str) -> None:
+    docs = render(helm)
+    (secret,) = [s for s in kind(docs, "Secret")]
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    assert set(data) == {"hsm-pin", "hsm-so-pin", "nonce-key"}
+    assert len(data["nonce-key"]) == 32
+    assert len(data["hsm-pin"]) >= 16
+    others = yaml.safe_dump_all([d for d in docs if d is not secret])
+    for value in secret["data"].values():
+        assert value not in others
+
+
+def test_service_secrets_are_mounted_only_where_needed(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    # The provisioner key is for the bootstrap init container; the services see the root cert only.
+    _, docs = rendered
+    for dep in kind(docs, "Deployment"):
+        for where, c in containers(dep):
+            mounts = {m["name"] for m in c.get("volumeMounts", [])}
+            if "provisioner" in mounts:
+                assert (where, c["name"]) == ("init", "bootstrap")
+            if "secrets-src" in mounts:
+                assert (where, c["name"]) == ("init", "bootstrap")
+            if "hsm-init" in mounts:
+                assert (where, c["name"]) == ("init", "softhsm-init")
+        volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        if "pki" in volumes:
+            assert volumes["pki"]["secret"]["items"] == [
+                {"key": "root_ca.crt", "path": "root_ca.crt"}
+            ]
+        for v in volumes.values():
+            assert "hostPath" not in v, f"{component(dep)} mounts a hostPath"
+
+
+def _configs(docs: list[dict[str, Any]]) -> dict[str, str]:
+    out = {}
+    for cm in kind(docs, "ConfigMap"):
+        labels = cm["metadata"]["labels"]
+        service = labels["app.kubernetes.io/component"]
+        if (
+            service in SERVICES
+            and cm["metadata"]["name"].endswith(service)
+            and "config.yaml" in cm["data"]
+        ):
+            out[service] = cm["data"]["config.yaml"]
+    return out
+
+
+def test_rendered_configs_load_with_the_service_runtime(
+    rendered: tuple[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    values_set, docs = rendered
+    configs = _configs(docs)
+    assert set(configs) == set(SERVICES)
+    for service, text in configs.items():
+        path = tmp_path / f"{service}.yaml"
+        path.write_text(text)
+        data = load_mapping(path, environ={})
+        section = data.pop(service)
+        common = build(CommonConfig, data, "config")
+        assert common.service == service
+        assert common.listen == "0.0.0.0:7443" and common.health_listen == "0.0.0.0:8081"
+        assert common.mode == ("development" if values_set == "development" else "production")
+        assert common.identity.token_file == Path(f"/run/strongroom/bootstrap/{service}.token")
+        assert isinstance(section, dict)
+        if service == "keybroker":
+            assert section["pin_file"] == "/run/secrets/hsm-pin"
+            assert section["allow_simulated_tee"] is (values_set == "development")
+        if service == "inference":
+            assert section["attester"] == ("simulated" if values_set == "development" else "auto")
+
+
+def test_enrolment_token_matches_the_service_identity(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    # The CA signs only a CSR whose SANs equal the token's: the init container must mint for
+    # exactly the SPIFFE ID and DNS names the service's configuration will request.
+    _, docs = rendered
+    configs = {k: yaml.safe_load(v) for k, v in _configs(docs).items()}
+    for dep in kind(docs, "Deployment"):
+        service = component(dep)
+        if service not in SERVICES:
+            continue
+        (boot,) = [c for w, c in containers(dep) if w == "init" and c["name"] == "bootstrap"]
+        env = {e["name"]: e.get("value") for e in boot["env"]}
+        identity = configs[service]["identity"]
+        assert env["TOKEN_SPIFFE_ID"] == identity["spiffe_id"]
+        assert env["TOKEN_DNS"].split() == identity["dns_names"]
+        assert env["TOKEN_FILE"] == identity["token_file"]
+
+
+def test_container_commands_parse_with_the_cli(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    parser = build_parser()
+    for dep in kind(docs, "Deployment"):
+        for where, c in containers(dep):
+            if where == "main" and c["name"] in SERVICES:
+                args = parser.parse_args(c["args"])
+                assert (args.command, args.service) == ("serve", c["name"])
+                assert str(args.config) == "/etc/strongroom/config.yaml"
+
+
+def test_production_values_schedule_and_scale_as_documented(helm: str) -> None:
+    docs = render(helm, VALUES_SETS["production"])
+    deps = {component(d): d for d in kind(docs, "Deployment")}
+    assert "step-ca" not in deps  # external CA
+    inference = deps["inference"]["spec"]
+    pod = inference["template"]["spec"]
+    assert inference["replicas"] == 3
+    assert pod["runtimeClassName"] == "kata-qemu-snp"
+    assert pod["nodeSelector"] == {"strongroom.io/confidential": "sev-snp"}
+    assert pod["tolerations"][0]["key"] == "strongroom.io/confidential"
+    assert {t["topologyKey"] for t in pod["topologySpreadConstraints"]} == {
+        "kubernetes.io/hostname",
+        "topology.kubernetes.io/zone",
+    }
+    broker = deps["keybroker"]["spec"]
+    assert broker["replicas"] == 3
+    images = [c["image"] for _w, c in containers(deps["keybroker"])]
+    assert not any(i.endswith("-softhsm") for i in images)
+    names = [c["name"] for _w, c in containers(deps["keybroker"])]
+    assert names == ["bootstrap", "hsm-library", "keybroker", "audit-shipper"]
+    assert not kind(docs, "Secret")  # every secret is operator-provided in production
+    config = yaml.safe_load(_configs(docs)["keybroker"])
+    assert config["keybroker"]["pkcs11_module"] == "/opt/hsm/lib/libvendor-pkcs11.so"
+
+
+def test_default_values_use_the_development_hsm_with_one_replica(helm: str) -> None:
+    docs = render(helm)
+    (broker,) = [d for d in kind(docs, "Deployment") if component(d) == "keybroker"]
+    assert broker["spec"]["replicas"] == 1
+    assert broker["spec"]["strategy"]["type"] == "Recreate"
+    init = [c["name"] for w, c in containers(broker) if w == "init"]
+    assert init == ["bootstrap", "softhsm-init"]
+    (main,) = [c for w, c in containers(broker) if w == "main"]
+    assert main["image"].endswith("-softhsm")
+    assert {"name": "SOFTHSM2_CONF", "value": "/etc/strongroom/softhsm2.conf"} in main["env"]
+    pvcs = {p["metadata"]["name"]: p for p in kind(docs, "PersistentVolumeClaim")}
+    for pvc in pvcs.values():
+        assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_images_are_pinned(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    for dep in kind(docs, "Deployment"):
+        for _where, c in containers(dep):
+            image = c["image"]
+            assert "@sha256:" in image or re.search(r":[A-Za-z0-9_][A-Za-z0-9_.-]*$", image), image
+            assert not image.endswith(":latest"), image
+
+
+def test_invalid_values_files_are_rejected_for_their_stated_reason(helm: str) -> None:
+    files = sorted((DEPLOY / "helm" / "tests").glob("*.yaml"))
+    assert (DEPLOY / "helm" / "tests" / "invalid-values.yaml") in files
+    assert len(files) >= 10
+    for f in files:
+        expect = re.search(r"^# expect: (.+)$", f.read_text(), re.MULTILINE)
+        assert expect, f"{f.name} must state the error it expects"
+        result = run_helm_template(helm, (f,))
+        assert result.returncode != 0, f"{f.name} was accepted"
+        assert "values don't meet the specifications of the schema" in result.stderr, f.name
+        assert expect.group(1) in result.stderr, (f.name, result.stderr)
+
+
+def test_schema_is_strict_everywhere() -> None:
+    # Every object in the schema either closes its properties or constrains its values.
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text())
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                assert node.get("additionalProperties") is False, where
+            for k, v in node.items():
+                walk(v, f"{where}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}/{i}")
+
+    walk(schema, "#")
+
+
+@pytest.mark.parametrize("override", ["keybroker.hsm.softhsm.persistence.existingClaim=hsm-pvc"])
+def test_existing_claims_are_used_instead_of_new_ones(helm: str, override: str) -> None:
+    docs = render(helm, (), (override,))
+    assert "sr-strongroom-softhsm" not in {
+        p["metadata"]["name"] for p in kind(docs, "PersistentVolumeClaim")
+    }
+    (broker,) = [d for d in kind(docs, "Deployment") if component(d) == "keybroker"]
+    vols = {v["name"]: v for v in broker["spec"]["template"]["spec"]["volumes"]}
+    assert vols["softhsm-tokens"]["persistentVolumeClaim"]["claimName"] == "hsm-pvc"
