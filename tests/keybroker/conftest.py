@@ -66,4 +66,3 @@ def km(hsm: Hsm) -> KeyManager:
 def tee_key() -> rsa.RSAPrivateKey:
     """An RSA-3072 key standing in for a TEE's ephemeral key (just a key pair: no HSM state)."""
     return rsa.generate_private_key(public_exponent=65537, key_size=3072)
-

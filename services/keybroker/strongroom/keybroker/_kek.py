@@ -15,6 +15,19 @@ broker replicas sharing the HSM agree with no other shared state:
 - state    = ``CKA_WRAP`` and ``CKA_UNWRAP``: both true is *enabled*; disabling clears both, so the
   HSM itself refuses a disabled version (``CKR_KEY_FUNCTION_NOT_PERMITTED``) even if a replica's
   check raced with the change.
+
+**Duplicates are tolerated, not assumed away.** Nothing in PKCS#11 makes a label unique, and two
+SoftHSM2 instances sharing a token do not even see each other's objects reliably: measured here, when
+two instances create objects at the same moment, one of them can miss the other's new object
+*permanently* (until it is re-initialised), so two replicas rotating at once sometimes both publish
+the same version despite the pending/check/publish protocol. So a version may have several
+*candidate* objects. Readers agree on a deterministic winner (smallest ``(created_at_ms, nonce)``),
+the only one used to wrap; unwrapping tries the winner first and then the others — RFC 5649's
+integrity check tells which candidate a blob was wrapped under — so a data key wrapped under a
+losing candidate stays usable by every replica that can see that candidate. Disabling a version
+disables every candidate. With SoftHSM2, a replica that missed a concurrent creation cannot use data
+keys wrapped under the object it missed until it reconnects; rotate on one replica at a time there.
+A network HSM with one object store does not have this gap.
 """
 
 from __future__ import annotations
@@ -113,6 +126,41 @@ class KekObject:
     def enabled(self) -> bool:
         """Both wrap and unwrap are permitted."""
         return self.wrap and self.unwrap
+
+
+@dataclass
+class KekVersion:
+    """All candidate objects claiming one version of a key, winner first."""
+
+    key_id: str
+    version: int
+    candidates: list[KekObject]
+
+    @property
+    def winner(self) -> KekObject:
+        """The candidate every replica uses to wrap."""
+        return self.candidates[0]
+
+    @property
+    def enabled(self) -> bool:
+        """True only if every candidate is enabled (a half-disabled version counts as disabled)."""
+        return all(c.enabled for c in self.candidates)
+
+
+def group_versions(objects: list[KekObject]) -> list[KekVersion]:
+    """Groups published objects of one key by version, ascending, each with its winner first."""
+    by_version: dict[int, list[KekObject]] = {}
+    for obj in objects:
+        if not obj.pending:
+            by_version.setdefault(obj.version, []).append(obj)
+    return [
+        KekVersion(
+            key_id=candidates[0].key_id,
+            version=version,
+            candidates=sorted(candidates, key=lambda c: (c.created_at_ms, c.nonce)),
+        )
+        for version, candidates in sorted(by_version.items())
+    ]
 
 
 def describe(key: Any) -> KekObject | None:

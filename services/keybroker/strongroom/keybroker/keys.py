@@ -23,7 +23,6 @@ All methods take ``timeout`` (seconds, default the HSM configuration's) and may 
 from __future__ import annotations
 
 import enum
-import itertools
 import logging
 import random
 import re
@@ -61,6 +60,7 @@ DEK_BYTES = 32
 WRAPPED_DEK_BYTES = 40
 ALL_VERSIONS: Literal["all"] = "all"
 _CREATE_ATTEMPTS = 6
+_SEARCH_ATTEMPTS = 4
 _WRAPPED_KEY_FAILURES: tuple[type[p11x.PKCS11Error], ...] = (
     p11x.WrappedKeyInvalid,
     p11x.WrappedKeyLenRange,
@@ -255,13 +255,12 @@ class KeyManager:
 
         def op(hs: HsmSession) -> list[KeyInfo]:
             by_id: dict[str, list[_kek.KekObject]] = {}
-            for obj in hs.session.get_objects(_kek.ALL_KEKS):
-                kek = _kek.describe(obj)
-                if kek is not None and not kek.pending:
+            for kek in _search(hs, _kek.ALL_KEKS):
+                if not kek.pending:
                     by_id.setdefault(kek.key_id, []).append(kek)
             if not by_id:
                 hs.require_token()  # a vanished SoftHSM2 token lists nothing instead of failing
-            return [_info(k, _sorted_unique(v)) for k, v in sorted(by_id.items())]
+            return [_info(k, _kek.group_versions(v)) for k, v in sorted(by_id.items())]
 
         return self._hsm.call(op, timeout=timeout, name="list_keys")
 
@@ -274,11 +273,12 @@ class KeyManager:
         def op(hs: HsmSession) -> DataKey:
             current = self._require_versions(hs, key_id)[-1]
             _require_enabled(current)
+            kek = current.winner
             dek = hs.session.generate_key(
                 KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.RETURNED_DEK_TEMPLATE
             )
             try:
-                wrapped = _wrap(current, dek)
+                wrapped = _wrap(kek, dek)
                 value = bytearray(dek[Attribute.VALUE])
             finally:
                 dek.destroy()
@@ -306,7 +306,7 @@ class KeyManager:
             _require_enabled(target)
             dek = _unwrap_session_dek(hs, source, blob)
             try:
-                out = _wrap(target, dek)
+                out = _wrap(target.winner, dek)
             finally:
                 dek.destroy()
             return Rewrapped(out, target.version)
@@ -362,10 +362,10 @@ class KeyManager:
 
     # --- helpers (worker thread) -----------------------------------------------------------
 
-    def _versions(self, hs: HsmSession, key_id: str) -> list[_kek.KekObject]:
-        return _sorted_unique([k for k in self._all_objects(hs, key_id) if not k.pending])
+    def _versions(self, hs: HsmSession, key_id: str) -> list[_kek.KekVersion]:
+        return _kek.group_versions(self._all_objects(hs, key_id))
 
-    def _require_versions(self, hs: HsmSession, key_id: str) -> list[_kek.KekObject]:
+    def _require_versions(self, hs: HsmSession, key_id: str) -> list[_kek.KekVersion]:
         versions = self._versions(hs, key_id)
         if not versions:
             hs.require_token()
@@ -374,17 +374,12 @@ class KeyManager:
 
     @staticmethod
     def _all_objects(hs: HsmSession, key_id: str) -> list[_kek.KekObject]:
-        found = []
         template = {
             Attribute.CLASS: ObjectClass.SECRET_KEY,
             Attribute.TOKEN: True,
             Attribute.ID: _kek.object_id(key_id),
         }
-        for obj in hs.session.get_objects(template):
-            kek = _kek.describe(obj)
-            if kek is not None and kek.key_id == key_id:
-                found.append(kek)
-        return found
+        return [kek for kek in _search(hs, template) if kek.key_id == key_id]
 
     def _create_version(
         self, hs: HsmSession, key_id: str, choose: Callable[[list[_kek.KekObject]], int]
@@ -450,15 +445,16 @@ class KeyManager:
         def op(hs: HsmSession) -> KeyInfo:
             versions = self._require_versions(hs, key_id)
             chosen = versions if version == ALL_VERSIONS else [_pick(key_id, versions, version)]
-            for kek in chosen:
-                # Unwrap first when disabling so a half-done change errs on the side of refusal.
-                order = (
-                    (Attribute.UNWRAP, Attribute.WRAP)
-                    if not enabled
-                    else (Attribute.WRAP, Attribute.UNWRAP)
-                )
-                for attribute in order:
-                    kek.key[attribute] = enabled
+            # Unwrap first when disabling so a half-done change errs on the side of refusal.
+            order = (
+                (Attribute.UNWRAP, Attribute.WRAP)
+                if not enabled
+                else (Attribute.WRAP, Attribute.UNWRAP)
+            )
+            for group in chosen:
+                for kek in group.candidates:
+                    for attribute in order:
+                        _set_flag(kek, attribute, enabled)
             return _info(key_id, self._versions(hs, key_id))
 
         info = self._hsm.call(op, timeout=timeout, name="enable_key" if enabled else "disable_key")
@@ -469,49 +465,65 @@ class KeyManager:
         return info
 
 
-def _sorted_unique(versions: list[_kek.KekObject]) -> list[_kek.KekObject]:
-    versions = sorted(versions, key=lambda k: k.version)
-    for a, b in itertools.pairwise(versions):
-        if a.version == b.version:
-            raise Internal(
-                f"key {a.key_id!r} has two published objects for version {a.version}",
-                reason="KEY_METADATA_CORRUPT",
-            )
-    return versions
+def _search(hs: HsmSession, template: dict[Attribute, Any]) -> list[_kek.KekObject]:
+    """The KEK objects matching ``template``. An object another replica destroys while we read it
+    (an abandoned or losing pending version) invalidates its handle mid-search: search again."""
+    for _ in range(_SEARCH_ATTEMPTS - 1):
+        try:
+            return _search_once(hs, template)
+        except p11x.PKCS11Error as exc:
+            if not errs.is_stale_handle(exc):
+                raise
+    return _search_once(hs, template)
 
 
-def _info(key_id: str, versions: list[_kek.KekObject]) -> KeyInfo:
+def _search_once(hs: HsmSession, template: dict[Attribute, Any]) -> list[_kek.KekObject]:
+    found = []
+    for obj in list(hs.session.get_objects(template)):
+        kek = _kek.describe(obj)
+        if kek is not None:
+            found.append(kek)
+    return found
+
+
+def _info(key_id: str, versions: list[_kek.KekVersion]) -> KeyInfo:
     return KeyInfo(
         key_id=key_id,
         versions=tuple(
             KeyVersionInfo(
-                version=k.version,
-                state=KeyState.ENABLED if k.enabled else KeyState.DISABLED,
-                created_at=datetime.fromtimestamp(k.created_at_ms / 1000, tz=UTC),
+                version=v.version,
+                state=KeyState.ENABLED if v.enabled else KeyState.DISABLED,
+                created_at=datetime.fromtimestamp(v.winner.created_at_ms / 1000, tz=UTC),
             )
-            for k in versions
+            for v in versions
         ),
     )
 
 
-def _pick(key_id: str, versions: list[_kek.KekObject], version: int) -> _kek.KekObject:
-    for k in versions:
-        if k.version == version:
-            return k
+def _pick(key_id: str, versions: list[_kek.KekVersion], version: int) -> _kek.KekVersion:
+    for v in versions:
+        if v.version == version:
+            return v
     raise NotFound(f"key {key_id!r} has no version {version}", reason=Reason.KEY_VERSION_NOT_FOUND)
 
 
-def _require_enabled(kek: _kek.KekObject) -> None:
-    if not kek.enabled:
-        raise FailedPrecondition(
-            f"key {kek.key_id!r} version {kek.version} is disabled", reason=Reason.KEY_DISABLED
-        )
-
-
-def _disabled_error(kek: _kek.KekObject) -> FailedPrecondition:
+def _disabled_error(key_id: str, version: int) -> FailedPrecondition:
     return FailedPrecondition(
-        f"key {kek.key_id!r} version {kek.version} is disabled", reason=Reason.KEY_DISABLED
+        f"key {key_id!r} version {version} is disabled", reason=Reason.KEY_DISABLED
     )
+
+
+def _require_enabled(version: _kek.KekVersion) -> None:
+    if not version.enabled:
+        raise _disabled_error(version.key_id, version.version)
+
+
+def _set_flag(kek: _kek.KekObject, attribute: Attribute, value: bool) -> None:
+    try:
+        kek.key[attribute] = value
+    except p11x.PKCS11Error as exc:
+        if not errs.is_stale_handle(exc):
+            raise
 
 
 def _wrap(kek: _kek.KekObject, key: Any) -> bytes:
@@ -519,17 +531,27 @@ def _wrap(kek: _kek.KekObject, key: Any) -> bytes:
         out: bytes = kek.key.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD)
     except p11x.PKCS11Error as exc:
         if errs.is_function_not_permitted(exc):  # disabled by another replica just now
-            raise _disabled_error(kek) from None
+            raise _disabled_error(kek.key_id, kek.version) from None
         raise
     return out
 
 
-def _unwrap_session_dek(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> Any:
-    """Unwraps into a sensitive session object; InvalidArgument if the blob is not ours."""
-    invalid = InvalidArgument(
-        f"the wrapped data key does not unwrap under key {kek.key_id!r} version {kek.version}",
+def _unwrap_session_dek(hs: HsmSession, version: _kek.KekVersion, blob: bytes) -> Any:
+    """Unwraps into a sensitive session object, trying each candidate of the version (winner
+    first); InvalidArgument(WRAPPED_KEY_INVALID) if none accepts the blob."""
+    for kek in version.candidates:
+        dek = _unwrap_with(hs, kek, blob)
+        if dek is not None:
+            return dek
+    raise InvalidArgument(
+        f"the wrapped data key does not unwrap under key {version.key_id!r} "
+        f"version {version.version}",
         reason=Reason.WRAPPED_KEY_INVALID,
     )
+
+
+def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> Any | None:
+    """The unwrapped session object, or None when ``blob`` was not wrapped under ``kek``."""
     try:
         dek = kek.key.unwrap_key(
             ObjectClass.SECRET_KEY,
@@ -539,15 +561,15 @@ def _unwrap_session_dek(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> Any
             template=_kek.SESSION_DEK_TEMPLATE,
         )
     except _WRAPPED_KEY_FAILURES:
-        raise invalid from None
+        return None
     except errs.AMBIGUOUS as exc:
         # SoftHSM2 reports a failed RFC 5649 integrity check as CKR_GENERAL_ERROR.
         if hs.token_answers():
-            raise invalid from None
+            return None
         raise HsmUnavailable(f"the HSM failed while unwrapping ({errs.describe(exc)})") from exc
     except p11x.PKCS11Error as exc:
-        if errs.is_function_not_permitted(exc):
-            raise _disabled_error(kek) from None
+        if errs.is_function_not_permitted(exc):  # disabled by another replica just now
+            raise _disabled_error(kek.key_id, kek.version) from None
         raise
     try:
         length = int(dek[Attribute.VALUE_LEN])
@@ -557,7 +579,7 @@ def _unwrap_session_dek(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> Any
     # bounds the key to 25..32 bytes. Tokens that report it are held to exactly 32.
     if length not in (0, DEK_BYTES):
         dek.destroy()
-        raise invalid
+        return None
     return dek
 
 

@@ -1,0 +1,228 @@
+"""The PKCS#11 backend: connection, login, deadlines, disappearance and recovery, concurrency."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from strongroom.keybroker.errors import HsmUnavailable
+from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
+from strongroom.keybroker.keys import KeyManager
+from strongroom.keybroker.oaep import OaepHash
+from strongroom.keybroker.softhsm import SoftHsmToken
+from strongroom.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
+from strongroom.runtime.secrets import Secret
+from tests.keybroker.helpers import make_config, session_objects, spki
+
+
+def test_open_probes_oaep_support(hsm: Hsm) -> None:
+    status = hsm.status()
+    assert status.connected
+    assert status.generation == 1
+    # SoftHSM2 2.6.1 wraps with RSA-OAEP only with SHA-1 / MGF1-SHA-1.
+    assert hsm.oaep_hashes == (OaepHash.SHA1,)
+    assert status.oaep_hashes == (OaepHash.SHA1,)
+    hsm.check_health()
+
+
+def test_allowed_hashes_limit_what_the_token_offers(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]
+) -> None:
+    hsm = open_hsm(make_config(softhsm_token, allowed_oaep_hashes=(OaepHash.SHA256,)))
+    assert hsm.oaep_hashes == ()
+
+
+def test_pin_is_redacted_from_config_repr(softhsm_token: SoftHsmToken) -> None:
+    config = make_config(softhsm_token)
+    assert "user-pin" not in repr(config)
+    assert "***" in repr(config)
+
+
+def test_wrong_pin_is_not_retried(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]
+) -> None:
+    config = make_config(softhsm_token, pin=Secret(b"wrong-pin-1"))
+    with pytest.raises(HsmUnavailable) as info:
+        open_hsm(config)
+    assert info.value.reason == "HSM_LOGIN_FAILED"
+    assert "wrong-pin" not in str(info.value)
+    lazy = open_hsm(config, wait=False)
+    for _ in range(2):  # the second attempt is refused without touching the token's PIN counter
+        with pytest.raises(HsmUnavailable) as info:
+            lazy.check_health()
+        assert info.value.reason == "HSM_LOGIN_FAILED"
+
+
+def test_unknown_token_label(softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]) -> None:
+    with pytest.raises(HsmUnavailable) as info:
+        open_hsm(make_config(softhsm_token, token_label="no-such-token"))
+    assert "not found" in info.value.message
+
+
+def test_missing_module(tmp_path: Path, softhsm_token: SoftHsmToken) -> None:
+    config = make_config(softhsm_token, module_path=tmp_path / "missing.so")
+    with pytest.raises(HsmUnavailable):
+        Hsm.open(config)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("module_path", Path("relative.so")),
+        ("token_label", ""),
+        ("operation_timeout", 0),
+        ("reconnect_interval", -1),
+        ("allowed_oaep_hashes", ()),
+        ("allowed_oaep_hashes", ("sha1",)),
+        ("pin", "plain-string-pin"),
+    ],
+)
+def test_invalid_config(softhsm_token: SoftHsmToken, field: str, value: object) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        make_config(softhsm_token, **{field: value})
+    assert info.value.reason == "CONFIG_INVALID"
+
+
+def test_one_backend_per_module(
+    softhsm_token: SoftHsmToken, hsm: Hsm, open_hsm: Callable[..., Hsm]
+) -> None:
+    with pytest.raises(FailedPrecondition) as info:
+        Hsm.open(make_config(softhsm_token))
+    assert info.value.reason == "HSM_ALREADY_OPEN"
+    hsm.close()
+    reopened = open_hsm(make_config(softhsm_token))
+    reopened.check_health()
+
+
+def test_closed_backend_refuses(hsm: Hsm) -> None:
+    hsm.close()
+    hsm.close()  # idempotent
+    with pytest.raises(HsmUnavailable) as info:
+        hsm.check_health()
+    assert info.value.reason == "HSM_CLOSED"
+
+
+def test_deadline_holds_while_the_hsm_hangs(hsm: Hsm) -> None:
+    """A caller gets HSM_TIMEOUT while the worker is still stuck in an earlier call."""
+    entered, release = threading.Event(), threading.Event()
+    ran_late = threading.Event()
+
+    def hanging(_hs: HsmSession) -> None:
+        entered.set()
+        release.wait(30)
+
+    with ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(hsm.call, hanging, timeout=60)
+        assert entered.wait(30)
+        with pytest.raises(HsmUnavailable) as info:
+            hsm.call(lambda _s: ran_late.set(), timeout=0.05, name="late op")
+        assert info.value.reason == "HSM_TIMEOUT"
+        assert isinstance(info.value, Unavailable)
+        assert not stuck.done()  # the caller was answered while the HSM was still busy
+        release.set()
+        stuck.result(30)
+    hsm.check_health()
+    assert not ran_late.is_set()  # the timed-out job never ran after its caller gave up
+
+
+def test_zero_timeout_is_refused(hsm: Hsm) -> None:
+    with pytest.raises(HsmUnavailable) as info:
+        hsm.call(lambda _s: None, timeout=0)
+    assert info.value.reason == "HSM_TIMEOUT"
+
+
+def _wait_until_recovered(check: Callable[[], object], attempts: int = 200) -> object:
+    """Retries ``check`` until it stops raising HsmUnavailable (each failure is a fast refusal)."""
+    last: Exception | None = None
+    for _ in range(attempts):
+        try:
+            return check()
+        except HsmUnavailable as exc:
+            last = exc
+            threading.Event().wait(0.02)
+    raise AssertionError(f"the HSM did not recover: {last}")
+
+
+def test_token_disappears_and_returns(
+    softhsm_token: SoftHsmToken, hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
+) -> None:
+    km.create_key("model")
+    dek, wrapped, version = km.generate_data_key("model")
+    store = softhsm_token.token_store()
+    away = softhsm_token.directory / "away"
+
+    store.rename(away)  # the token's files vanish, as if the HSM were unplugged
+    try:
+        for attempt in (
+            lambda: km.release_to_ephemeral(
+                "model", version, wrapped, spki(tee_key), [OaepHash.SHA1]
+            ),
+            lambda: km.describe_key("model"),  # must not turn into NotFound
+            km.list_keys,  # must not turn into an empty list
+            lambda: km.generate_data_key("model"),
+            hsm.check_health,
+        ):
+            with pytest.raises(HsmUnavailable):
+                attempt()
+        assert not hsm.status().connected
+        assert hsm.status().last_error
+    finally:
+        away.rename(store)
+
+    _wait_until_recovered(hsm.check_health)
+    released, mechanism = km.release_to_ephemeral(
+        "model", version, wrapped, spki(tee_key), [OaepHash.SHA1]
+    )
+    assert (
+        tee_key.decrypt(released, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
+        == dek
+    )
+    assert mechanism is OaepHash.SHA1
+    status = hsm.status()
+    assert status.connected and status.generation >= 2 and status.last_error is None
+
+
+def test_backend_started_while_token_absent_recovers(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]
+) -> None:
+    store = softhsm_token.token_store()
+    away = softhsm_token.directory / "away"
+    store.rename(away)
+    try:
+        hsm = open_hsm(make_config(softhsm_token), wait=False)
+        with pytest.raises(HsmUnavailable):
+            hsm.check_health()
+        assert hsm.oaep_hashes == ()
+    finally:
+        away.rename(store)
+    _wait_until_recovered(hsm.check_health)
+    assert hsm.oaep_hashes == (OaepHash.SHA1,)
+
+
+def test_many_threads_release_at_once(hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey) -> None:
+    km.create_key("busy")
+    keys = [km.generate_data_key("busy") for _ in range(4)]
+    target = spki(tee_key)
+
+    def release(i: int) -> bool:
+        dek, wrapped, version = keys[i % len(keys)]
+        out, _ = km.release_to_ephemeral("busy", version, wrapped, target, [OaepHash.SHA1])
+        plain = tee_key.decrypt(out, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
+        return plain == dek
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(release, range(96)))
+    assert all(results)
+    assert session_objects(hsm) == 0  # every unwrapped key and imported public key was destroyed
+
+
+def test_config_is_exposed_read_only(hsm: Hsm) -> None:
+    assert isinstance(hsm.config, HsmConfig)
+    with pytest.raises(TypeError):
+        hsm.config.module_env["X"] = "y"  # type: ignore[index]
