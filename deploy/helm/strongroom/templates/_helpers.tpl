@@ -126,7 +126,8 @@ identity:
   ca_url: {{ include "strongroom.caURL" .root }}
   ca_root_file: /run/strongroom/pki/root_ca.crt
   token_file: /run/strongroom/bootstrap/{{ .component }}.token
-  state_dir: /var/lib/strongroom/identity
+  # A subdirectory the service creates (0700, its own): the emptyDir's root belongs to root.
+  state_dir: /var/lib/strongroom/identity/state
 logging:
   level: {{ .root.Values.logging.level }}
   format: {{ .root.Values.logging.format }}
