@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 from collections.abc import Iterator
@@ -108,7 +109,12 @@ def test_round_trip_every_interface(size: int, dek: bytearray, tmp_path: Path) -
             assert got == plaintext
 
     # Random access: memory and (unbuffered) file.
-    readers = [ArtifactReader(artifact), ArtifactReader(art_path.open("rb", buffering=0))]
+    readers = [
+        ArtifactReader(artifact),
+        ArtifactReader(art_path.open("rb", buffering=0)),
+        ArtifactReader(io.BytesIO(artifact)),  # no file descriptor: locked seek + readinto
+    ]
+    assert readers[2].decrypt_all(dek, threads=2) == plaintext
     for offset, length in _ranges(size, rng):
         for reader in readers:
             assert reader.read_range(dek, offset, length) == plaintext[offset : offset + length]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import logging
 import os
 import threading
@@ -66,10 +67,11 @@ class ArtifactReader:
             size = self._mem.nbytes
         else:
             self._file = source
-            try:
-                self._fd = source.fileno()
-            except (OSError, ValueError, AttributeError):
-                self._fd = None
+            # Positional reads straight from the descriptor, only for plain files: a wrapper
+            # (gzip, a decoding stream) can have a fileno() whose bytes are not the stream's.
+            raw = source if isinstance(source, io.FileIO) else getattr(source, "raw", None)
+            if isinstance(raw, io.FileIO) and hasattr(os, "preadv"):
+                self._fd = raw.fileno()
             source.seek(0)
             header = read_header(source)
             size = source.seek(0, os.SEEK_END)

@@ -386,21 +386,21 @@ class BufferedStreamDecryptor(_ArtifactStream):
             raise self._fail(DecryptionFailed())
         self._feed(data)
 
-    def _on_header(self, header: ArtifactHeader) -> None:
-        self._out = bytearray(header.plaintext_size)
-        self._dst = memoryview(self._out)
-
     def set_dek(self, dek: bytearray | memoryview) -> None:
         """Supplies the data key (copied, and wiped once the body cipher is derived)."""
         self._set_dek(dek)
 
     def _on_cipher(self, cipher: c2sp.ChunkCipher, dek: bytearray) -> None:
-        # One AEAD object per worker; the first is the one that checked the commitment.
-        self._ciphers.put(cipher)
+        # The output is sized only now, once the commitment has authenticated the header's
+        # plaintext_size: an unauthenticated header cannot make us allocate.
         header = self._header
         assert header is not None
+        self._out = bytearray(header.plaintext_size)
+        self._dst = memoryview(self._out)
+        # One AEAD object per worker; `cipher` stays with the feeding thread (the tail chunks).
+        del cipher
         preamble = bytes(self._preamble)
-        for _ in range(self._threads - 1):
+        for _ in range(self._threads):
             self._ciphers.put(
                 c2sp.open_message(dek, preamble, header.encoded, suite=c2sp.AES_256_GCM)
             )
