@@ -14,9 +14,9 @@ import pytest
 from strongroom.cli.main import main
 from strongroom.pki import CaLayout, StepCa
 from strongroom.pki._jose import unverified_claims
+from strongroom.pki._state import STATE_FILE
 from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CaUnavailable
-from strongroom.pki.identity import STATE_FILE
 from tests.pki.helpers import free_port
 
 

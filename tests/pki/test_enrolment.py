@@ -22,9 +22,9 @@ from strongroom.pki import (
     mint_token,
 )
 from strongroom.pki._jose import b64url_decode, thumbprint
+from strongroom.pki._state import STATE_FILE
 from strongroom.pki._x509 import build_csr, generate_key, verify_chain
 from strongroom.pki.errors import CaRejected, NoIdentity
-from strongroom.pki.identity import STATE_FILE
 from strongroom.pki.layout import Provisioner
 from tests.pki.helpers import enrol, sid, token_for
 

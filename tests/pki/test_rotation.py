@@ -159,7 +159,7 @@ def test_rotating_channel_behaves_like_a_grpc_channel(
 
         # A server stream opened before a rotation keeps flowing after it.
         count = channel.unary_stream(f"/{ECHO}/Count", None, None)
-        stream = count(b"3", timeout=5)
+        stream = iter(count(b"3", timeout=5))
         assert next(stream) == b"0"
         client_identity.renew_now()
         assert ping(b"e", timeout=5) == b"e"  # new call, new channel
@@ -169,7 +169,7 @@ def test_rotating_channel_behaves_like_a_grpc_channel(
         # Interceptors stack on it like on any channel.
         seen: list[str] = []
 
-        class Record(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+        class Record(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
             def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
                 seen.append(details.method)
                 return continuation(details, request)

@@ -51,6 +51,13 @@ def cert_spki_der(cert: x509.Certificate) -> bytes:
     )
 
 
+def csr_spki_der(csr: x509.CertificateSigningRequest) -> bytes:
+    """SubjectPublicKeyInfo DER of a CSR's key."""
+    return csr.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 def certs_pem(certs: Sequence[x509.Certificate]) -> bytes:
     """Concatenated PEM of ``certs`` in order."""
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)

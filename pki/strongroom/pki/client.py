@@ -19,7 +19,7 @@ from cryptography import x509
 
 from strongroom.pki._duration import go_duration
 from strongroom.pki._files import memory_file
-from strongroom.pki._x509 import cert_spki_der, load_chain, verify_chain
+from strongroom.pki._x509 import cert_spki_der, csr_spki_der, load_chain, verify_chain
 from strongroom.pki.errors import CaRejected, CaUnavailable, CertificateInvalid, InvalidPkiConfig
 
 _log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class CaClient:
         connection = http.client.HTTPSConnection(
             self.host, self.port, timeout=self.timeout, context=context
         )
+        _log.debug("CA request %s %s%s", method, self.url, path)
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json"}
         if payload is not None:
@@ -124,7 +125,7 @@ class CaClient:
         if lifetime is not None:
             body["notAfter"] = go_duration(lifetime)
         csr = x509.load_pem_x509_csr(csr_pem)
-        return self._chain(self._request("POST", "/1.0/sign", body), cert_spki_der_of_csr(csr))
+        return self._chain(self._request("POST", "/1.0/sign", body), csr_spki_der(csr))
 
     def renew(self, current: ClientCertificate) -> list[x509.Certificate]:
         """Renews the current certificate (same key, same lifetime) over mTLS."""
@@ -139,7 +140,7 @@ class CaClient:
         document = self._request(
             "POST", "/1.0/rekey", {"csr": csr_pem.decode()}, client_cert=current
         )
-        return self._chain(document, cert_spki_der_of_csr(csr))
+        return self._chain(document, csr_spki_der(csr))
 
     def _chain(self, document: dict[str, Any], expected_spki: bytes) -> list[x509.Certificate]:
         pems = document.get("certChain") or [document.get("crt"), document.get("ca")]
@@ -152,15 +153,6 @@ class CaClient:
                 "the CA returned a certificate for a different key", reason="KEY_MISMATCH"
             )
         return chain
-
-
-def cert_spki_der_of_csr(csr: x509.CertificateSigningRequest) -> bytes:
-    """SubjectPublicKeyInfo DER of a CSR's key."""
-    from cryptography.hazmat.primitives import serialization
-
-    return csr.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def _ca_message(document: dict[str, Any], raw: bytes) -> str:

@@ -10,9 +10,7 @@ handshake (``dynamic_ssl_server_credentials``); client channels are rebuilt on r
 from __future__ import annotations
 
 import logging
-import os
 import random
-import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +19,11 @@ from pathlib import Path
 from types import TracebackType
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 
 from strongroom.pki import _jose
-from strongroom.pki._files import read_private, write_private
-from strongroom.pki._x509 import build_csr, generate_key, load_chain, load_private_key, verify_chain
+from strongroom.pki._state import STATE_FILE, load_state, save_state
+from strongroom.pki._x509 import build_csr, generate_key, verify_chain
 from strongroom.pki.channel import RotatingChannel
 from strongroom.pki.client import CaClient, ClientCertificate
 from strongroom.pki.credentials import Credentials
@@ -42,9 +39,7 @@ from strongroom.runtime.errors import StrongroomError
 
 _log = logging.getLogger(__name__)
 
-# Key and chain in ONE file, replaced atomically, so a crash never leaves a key beside a foreign chain.
-STATE_FILE = "identity.pem"
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\n?", re.DOTALL)
+__all__ = ["STATE_FILE", "IdentityStatus", "RenewalPolicy", "WorkloadIdentity", "utc_now"]
 
 Clock = Callable[[], datetime]
 RotationListener = Callable[[Credentials], None]
@@ -179,7 +174,7 @@ class WorkloadIdentity:
             )
         state = Path(state_dir) if state_dir is not None else None
         if state is not None:
-            _persist(state, credentials)
+            save_state(state, credentials)
         _log.info(
             "enrolled workload identity",
             extra={"spiffe_id": str(credentials.spiffe_id), "serial": credentials.serial},
@@ -200,10 +195,8 @@ class WorkloadIdentity:
     ) -> WorkloadIdentity:
         """Resumes the identity persisted in ``state_dir`` (raises :class:`NoIdentity` if unusable)."""
         state = Path(state_dir)
-        path = state / STATE_FILE
         try:
-            key, chain = _split_state(read_private(path))
-            issued_at = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            key, chain, issued_at = load_state(state)
         except FileNotFoundError as exc:
             raise NoIdentity(f"no identity persisted in {state}") from exc
         except (PermissionError, ValueError, StrongroomError) as exc:
@@ -286,8 +279,6 @@ class WorkloadIdentity:
 
     def certificate_pem(self) -> bytes:
         """The current leaf certificate (PEM)."""
-        from cryptography.hazmat.primitives import serialization
-
         return self.credentials.leaf.public_bytes(serialization.Encoding.PEM)
 
     def chain_pem(self) -> bytes:
@@ -375,7 +366,7 @@ class WorkloadIdentity:
                 )
             if self._state_dir is not None:
                 try:
-                    _persist(self._state_dir, renewed)
+                    save_state(self._state_dir, renewed)
                 except OSError as exc:
                     # The new identity is valid; only a restart would miss it. Loud, not fatal.
                     _log.error(
@@ -534,17 +525,3 @@ class WorkloadIdentity:
             f"WorkloadIdentity({credentials.spiffe_id}, serial={credentials.serial}, "
             f"not_after={credentials.not_after.isoformat()})"
         )
-
-
-def _persist(state_dir: Path, credentials: Credentials) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(state_dir, 0o700)
-    write_private(state_dir / STATE_FILE, credentials.key_pem + credentials.chain_pem)
-
-
-def _split_state(data: bytes) -> tuple[ec.EllipticCurvePrivateKey, list[x509.Certificate]]:
-    keys = [m.group(0) for m in _PEM_BLOCK.finditer(data) if m.group(1) == b"PRIVATE KEY"]
-    certs = b"".join(m.group(0) for m in _PEM_BLOCK.finditer(data) if m.group(1) == b"CERTIFICATE")
-    if len(keys) != 1:
-        raise ValueError("the state file must hold exactly one private key")
-    return load_private_key(keys[0]), load_chain(certs)
