@@ -121,13 +121,23 @@ class ReleaseEngine:
         """A nonce for releasing ``key_id`` to ``caller``."""
         return self._challenges.issue(validate_key_id(key_id), caller.spiffe_id)
 
-    def release(self, request: ReleaseRequest, caller: Caller) -> ReleaseOutcome:
-        """Releases the data key to the attested caller, or raises and audits why not."""
-        context: dict[str, Any] = {
+    @staticmethod
+    def _context(caller: Caller, report: bytes) -> dict[str, Any]:
+        return {
             "caller_spiffe_id": caller.spiffe_id,
             "caller_cert_serial": f"{caller.serial:x}",
-            "evidence_sha256": hashlib.sha256(request.evidence.report).hexdigest(),
+            "evidence_sha256": hashlib.sha256(report).hexdigest(),
         }
+
+    def deny(self, exc: StrongroomError, caller: Caller, *, key_id: str, report: bytes) -> None:
+        """Audits a release refused before it reached :meth:`release` (e.g. unparseable fields)."""
+        context = self._context(caller, report)
+        context["key_id"] = key_id if isinstance(key_id, str) and len(key_id) <= 128 else None
+        self._audit_denial(exc, context)
+
+    def release(self, request: ReleaseRequest, caller: Caller) -> ReleaseOutcome:
+        """Releases the data key to the attested caller, or raises and audits why not."""
+        context = self._context(caller, request.evidence.report)
         try:
             outcome = self._decide(request, caller, context)
         except StrongroomError as exc:

@@ -16,7 +16,7 @@ from strongroom.keybroker.oaep import OaepHash
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.pki.authz import caller_identity
-from strongroom.runtime.errors import InvalidArgument
+from strongroom.runtime.errors import InvalidArgument, StrongroomError
 
 KEYBROKER_SERVICE = "strongroom.api.keybroker.v1.KeyBrokerService"
 KEYADMIN_SERVICE = "strongroom.api.keybroker.v1.KeyAdminService"
@@ -97,15 +97,21 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
         self, request: pb.ReleaseKeyRequest, context: grpc.ServicerContext
     ) -> pb.ReleaseKeyResponse:
         caller = _caller(context)
+        try:
+            evidence = Evidence.from_proto(request.evidence)
+            accepted = _accepted(list(request.accepted_mechanisms))
+        except StrongroomError as exc:
+            self._engine.deny(exc, caller, key_id=request.key_id, report=request.evidence.report)
+            raise
         outcome = self._engine.release(
             ReleaseRequest(
                 key_id=request.key_id,
                 key_version=request.key_version,
                 wrapped_data_key=request.wrapped_data_key,
-                evidence=Evidence.from_proto(request.evidence),
+                evidence=evidence,
                 ephemeral_public_key_der=request.ephemeral_public_key,
                 nonce=request.nonce,
-                accepted_mechanisms=_accepted(list(request.accepted_mechanisms)),
+                accepted_mechanisms=accepted,
             ),
             caller,
         )

@@ -1,0 +1,602 @@
+"""Attested key release end to end: real step-ca, real mTLS, real SoftHSM2, simulated TEE.
+
+A simulated confidential VM obtains the data key the publisher got; every bad piece of evidence or
+request is refused with a precise status, leaves an audit record with its reason, and releases
+nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from strongroom.api.attestation.v1 import evidence_pb2
+from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.attestation.abi import snp as snp_abi
+from strongroom.attestation.binding import report_data_for
+from strongroom.attestation.simulated import SimulatedAuthority, SimulatedSnp
+from strongroom.devstack import DevStack
+from strongroom.inference.attesters import SimulatedAttester, TeeType
+from strongroom.inference.keyrelease import KeyReleaseClient
+from strongroom.keybroker.audit import verify_audit_log
+from strongroom.keybroker.challenge import ChallengeIssuer
+from strongroom.pki import WorkloadIdentity
+from strongroom.runtime.secrets import Secret
+
+GOOD = bytes.fromhex("11" * 48)
+OTHER = bytes.fromhex("22" * 48)
+KEY = "model-a"
+
+
+def policy(
+    stack: DevStack, *, measurements: list[bytes], allow_simulated: bool = True, extra: str = ""
+) -> str:
+    return f"""
+version: "test-1"
+allowed_spiffe_ids: [{stack.spiffe_id("inference")}]
+tee_types: [SEV_SNP]
+sev_snp:
+  allow_simulated: {str(allow_simulated).lower()}
+  measurements: [{", ".join(repr(m.hex()) for m in measurements)}]
+{extra}
+"""
+
+
+@dataclasses.dataclass
+class World:
+    stack: DevStack
+    admin: pb_grpc.KeyAdminServiceStub
+    publisher: pb_grpc.KeyBrokerServiceStub
+    inference_id: WorkloadIdentity
+    broker: pb_grpc.KeyBrokerServiceStub
+    authority: SimulatedAuthority
+    platform: SimulatedSnp
+    data_key: bytes
+    wrapped: bytes
+    version: int
+    audit_path: Path
+
+
+@pytest.fixture(scope="module")
+def world(stack: DevStack) -> Iterator[World]:
+    admin_id = stack.identity("admin")
+    publisher_id = stack.identity("publisher")
+    inference_id = stack.identity("inference")
+    admin = pb_grpc.KeyAdminServiceStub(stack.channel(admin_id, "keybroker"))
+    admin.CreateKey(pb.CreateKeyRequest(key_id=KEY), timeout=30)
+    admin.SetReleasePolicy(
+        pb.SetReleasePolicyRequest(key_id=KEY, policy_document=policy(stack, measurements=[GOOD])),
+        timeout=10,
+    )
+    publisher = pb_grpc.KeyBrokerServiceStub(stack.channel(publisher_id, "keybroker"))
+    generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=10)
+    authority = SimulatedAuthority.load(stack.root / "simulated-tee")
+    yield World(
+        stack=stack,
+        admin=admin,
+        publisher=publisher,
+        inference_id=inference_id,
+        broker=pb_grpc.KeyBrokerServiceStub(stack.channel(inference_id, "keybroker")),
+        authority=authority,
+        platform=authority.snp(),
+        data_key=generated.data_key,
+        wrapped=generated.wrapped_data_key,
+        version=generated.key_version,
+        audit_path=Path(stack.root / "state" / "keybroker" / "audit.log"),
+    )
+
+
+def audit_records(world: World) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in world.audit_path.read_text().splitlines()]
+
+
+def test_simulated_vm_gets_the_publishers_data_key(world: World) -> None:
+    attester = SimulatedAttester(
+        world.platform, TeeType.SEV_SNP, production=False, claims={"measurement": GOOD}
+    )
+    client = KeyReleaseClient(
+        world.stack.channel(world.inference_id, "keybroker"),
+        attester,
+        world.inference_id.public_key_der,
+    )
+    released = client.release(KEY, world.version, world.wrapped)
+    assert bytes(released.dek) == world.data_key
+    assert len(world.data_key) == 32
+    # SoftHSM2 offers OAEP with SHA-1 only: negotiated, and recorded in the audit log.
+    assert released.mechanism == pb.WRAP_MECHANISM_RSA_OAEP_SHA1
+    record = next(r for r in audit_records(world) if r.get("decision_id") == released.decision_id)
+    assert record["decision"] == "allowed"
+    assert record["caller"]["spiffe_id"] == world.stack.spiffe_id("inference")
+    assert record["claims"]["measurement"] == GOOD.hex()
+    assert record["oaep_mechanism"] == "RSA-OAEP/SHA-1/MGF1-SHA-1"
+    assert record["policy_version"] == "test-1"
+
+
+def test_audit_log_verifies(world: World) -> None:
+    public = (world.stack.secrets_dir / "audit-key.pub.pem").read_bytes()
+    from strongroom.keybroker.audit import load_public_key
+
+    result = verify_audit_log(world.audit_path, public_key=load_public_key(public))
+    assert result.intact, result.message
+
+
+def test_only_the_inference_identity_may_release(world: World) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        world.publisher.GetChallenge(pb.GetChallengeRequest(key_id=KEY), timeout=10)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+
+
+def test_only_the_publisher_may_generate(world: World) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        world.broker.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=10)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------- bad evidence
+
+
+@dataclasses.dataclass
+class Attempt:
+    """A release request being built; cases mutate it."""
+
+    world: World
+    private: rsa.RSAPrivateKey
+    ephemeral_der: bytes
+    nonce: bytes
+    tls_key: bytes
+    request: pb.ReleaseKeyRequest
+
+    def report_data(self) -> bytes:
+        return report_data_for(self.nonce, self.ephemeral_der, self.tls_key)
+
+    def set_report(self, report: bytes, certificates: list[bytes] | None = None) -> None:
+        self.request.evidence.report = report
+        if certificates is not None:
+            del self.request.evidence.certificates[:]
+            self.request.evidence.certificates.extend(certificates)
+
+
+def der(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+_EPHEMERAL = rsa.generate_private_key(65537, 3072)
+
+
+def new_attempt(
+    world: World, *, key_id: str = KEY, measurement: bytes = GOOD, **report_kwargs: Any
+) -> Attempt:
+    nonce = world.broker.GetChallenge(pb.GetChallengeRequest(key_id=key_id), timeout=10).nonce
+    ephemeral_der = der(_EPHEMERAL.public_key())
+    tls_key = world.inference_id.public_key_der()
+    report = world.platform.report(
+        report_data_for(nonce, ephemeral_der, tls_key), measurement=measurement, **report_kwargs
+    )
+    request = pb.ReleaseKeyRequest(
+        key_id=key_id,
+        key_version=world.version,
+        wrapped_data_key=world.wrapped,
+        evidence=evidence_pb2.Evidence(
+            tee_type=evidence_pb2.TEE_TYPE_SEV_SNP,
+            report=report,
+            certificates=[world.platform.certificate_der],
+        ),
+        ephemeral_public_key=ephemeral_der,
+        nonce=nonce,
+        accepted_mechanisms=[pb.WRAP_MECHANISM_RSA_OAEP_SHA256, pb.WRAP_MECHANISM_RSA_OAEP_SHA1],
+    )
+    return Attempt(world, _EPHEMERAL, ephemeral_der, nonce, tls_key, request)
+
+
+def flip(data: bytes, offset: int) -> bytes:
+    out = bytearray(data)
+    out[offset] ^= 0x01
+    return bytes(out)
+
+
+def resign(a: Attempt, **kwargs: Any) -> None:
+    """A correctly signed report with different content."""
+    kwargs.setdefault("measurement", GOOD)
+    a.set_report(a.world.platform.report(kwargs.pop("report_data", a.report_data()), **kwargs))
+
+
+def nonce_from(
+    world: World,
+    *,
+    caller: str | None = None,
+    key_id: str = KEY,
+    clock: Callable[[], float] | None = None,
+) -> bytes:
+    key = Secret((world.stack.secrets_dir / "nonce-key").read_bytes())
+    issuer = ChallengeIssuer(key, clock=clock) if clock else ChallengeIssuer(key)
+    return issuer.issue(key_id, caller or world.stack.spiffe_id("inference")).nonce
+
+
+def rebind_nonce(a: Attempt, nonce: bytes) -> None:
+    a.nonce = nonce
+    a.request.nonce = nonce
+    resign(a)
+
+
+def foreign_platform() -> SimulatedSnp:
+    return SimulatedAuthority.generate().snp()
+
+
+FOREIGN = foreign_platform()
+
+
+def case_foreign_chain(a: Attempt) -> None:
+    a.set_report(FOREIGN.report(a.report_data(), measurement=GOOD), [FOREIGN.certificate_der])
+
+
+def case_vcek_of_other_chip(a: Attempt) -> None:
+    other = a.world.authority.snp(chip_id=os.urandom(64))
+    report = other.report(a.report_data(), measurement=GOOD, chip_id=a.world.platform.chip_id)
+    a.set_report(report, [other.certificate_der])
+
+
+def case_tcb_mismatch(a: Attempt) -> None:
+    tcb = a.world.platform.tcb
+    # One more SNP firmware SVN than the VCEK was issued for (byte 6 of TCB_VERSION on Milan).
+    resign(a, reported_tcb=snp_abi.TcbVersion.decode(tcb.raw + (1 << 48), turin_layout=False))
+
+
+def case_vlek_not_allowed(a: Attempt) -> None:
+    vlek = a.world.authority.snp(signing_key="VLEK")
+    a.set_report(vlek.report(a.report_data(), measurement=GOOD), [vlek.certificate_der])
+
+
+def case_expired_nonce(a: Attempt) -> None:
+    rebind_nonce(a, nonce_from(a.world, clock=lambda: datetime.now(UTC).timestamp() - 3600))
+
+
+def case_padded_report_data(a: Attempt) -> None:
+    resign(a, report_data=a.nonce[:32].ljust(64, b"\0"))
+
+
+def case_other_rsa_key(a: Attempt) -> None:
+    a.request.ephemeral_public_key = der(rsa.generate_private_key(65537, 3072).public_key())
+
+
+CASES: list[tuple[str, Callable[[Attempt], None], grpc.StatusCode, str]] = [
+    (
+        "report signature forged",
+        lambda a: a.set_report(flip(a.request.evidence.report, 0x2A0 + 5)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "REPORT_SIGNATURE_INVALID",
+    ),
+    (
+        "measurement byte flipped after signing",
+        lambda a: a.set_report(flip(a.request.evidence.report, 0x90)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "REPORT_SIGNATURE_INVALID",
+    ),
+    (
+        "report_data byte flipped after signing",
+        lambda a: a.set_report(flip(a.request.evidence.report, 0x50)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "REPORT_SIGNATURE_INVALID",
+    ),
+    (
+        "chain to a foreign ARK",
+        case_foreign_chain,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "CERT_CHAIN_INVALID",
+    ),
+    (
+        "VCEK of another chip",
+        case_vcek_of_other_chip,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "HWID_MISMATCH",
+    ),
+    (
+        "reported TCB differs from VCEK",
+        case_tcb_mismatch,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "TCB_MISMATCH",
+    ),
+    (
+        "VLEK when policy allows VCEK only",
+        case_vlek_not_allowed,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "SIGNING_KEY_NOT_ALLOWED",
+    ),
+    (
+        "no VCEK certificate",
+        lambda a: a.set_report(a.request.evidence.report, []),
+        grpc.StatusCode.UNAVAILABLE,
+        "COLLATERAL_MISSING",
+    ),
+    (
+        "garbage certificate",
+        lambda a: a.set_report(a.request.evidence.report, [b"not a certificate"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "BAD_CERTIFICATE",
+    ),
+    (
+        "truncated report",
+        lambda a: a.set_report(a.request.evidence.report[:1000]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "TRUNCATED",
+    ),
+    (
+        "oversized report",
+        lambda a: a.set_report(a.request.evidence.report * 20),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "EVIDENCE_SIZE",
+    ),
+    (
+        "empty report",
+        lambda a: a.set_report(b""),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "EVIDENCE_SIZE",
+    ),
+    (
+        "TEE type unspecified",
+        lambda a: setattr(a.request.evidence, "tee_type", 0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "TEE_TYPE_UNSPECIFIED",
+    ),
+    (
+        "SNP report labelled TDX",
+        lambda a: setattr(a.request.evidence, "tee_type", evidence_pb2.TEE_TYPE_TDX),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNSUPPORTED_VERSION",
+    ),
+    (
+        "unsupported report version",
+        lambda a: resign(a, version=1),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNSUPPORTED_VERSION",
+    ),
+    (
+        "debug policy bit",
+        lambda a: resign(a, policy=0x30000 | (1 << 19)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "DEBUG_FORBIDDEN",
+    ),
+    ("VMPL 1", lambda a: resign(a, vmpl=1), grpc.StatusCode.PERMISSION_DENIED, "VMPL_NOT_ALLOWED"),
+    (
+        "migration agent allowed",
+        lambda a: resign(a, policy=0x30000 | (1 << 18)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "MIGRATE_MA_FORBIDDEN",
+    ),
+    (
+        "measurement not allowed",
+        lambda a: resign(a, measurement=OTHER),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "MEASUREMENT_NOT_ALLOWED",
+    ),
+    ("stale nonce", case_expired_nonce, grpc.StatusCode.FAILED_PRECONDITION, "NONCE_EXPIRED"),
+    (
+        "forged nonce",
+        lambda a: rebind_nonce(a, a.nonce[:1] + os.urandom(len(a.nonce) - 1)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "NONCE_INVALID",
+    ),
+    (
+        "nonce issued for another key",
+        lambda a: rebind_nonce(a, nonce_from(a.world, key_id="model-b")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "NONCE_INVALID",
+    ),
+    (
+        "nonce issued to another caller",
+        lambda a: rebind_nonce(a, nonce_from(a.world, caller=a.world.stack.spiffe_id("other"))),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "NONCE_INVALID",
+    ),
+    (
+        "nonce of wrong length",
+        lambda a: setattr(a.request, "nonce", a.nonce[:20]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "NONCE_MALFORMED",
+    ),
+    (
+        "REPORT_DATA bound to another ephemeral key",
+        case_other_rsa_key,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "REPORT_DATA_MISMATCH",
+    ),
+    (
+        "REPORT_DATA bound to another TLS key",
+        lambda a: resign(
+            a,
+            report_data=report_data_for(
+                a.nonce, a.ephemeral_der, der(ec.generate_private_key(ec.SECP256R1()).public_key())
+            ),
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "REPORT_DATA_MISMATCH",
+    ),
+    (
+        "REPORT_DATA is the zero-padded nonce",
+        case_padded_report_data,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "REPORT_DATA_MISMATCH",
+    ),
+    (
+        "wrapped data key tampered",
+        lambda a: setattr(a.request, "wrapped_data_key", flip(a.world.wrapped, 10)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "WRAPPED_KEY_INVALID",
+    ),
+    (
+        "wrapped data key truncated",
+        lambda a: setattr(a.request, "wrapped_data_key", a.world.wrapped[:-8]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "WRAPPED_KEY_INVALID",
+    ),
+    (
+        "ephemeral RSA key too small",
+        lambda a: setattr(
+            a.request,
+            "ephemeral_public_key",
+            der(rsa.generate_private_key(65537, 1024).public_key()),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "EPHEMERAL_KEY_UNSUPPORTED",
+    ),
+    (
+        "ephemeral key is EC",
+        lambda a: setattr(
+            a.request,
+            "ephemeral_public_key",
+            der(ec.generate_private_key(ec.SECP384R1()).public_key()),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "EPHEMERAL_KEY_UNSUPPORTED",
+    ),
+    (
+        "no OAEP mechanism accepted",
+        lambda a: a.request.ClearField("accepted_mechanisms"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "OAEP_MECHANISM_INVALID",
+    ),
+    (
+        "AES key wrap offered as OAEP",
+        lambda a: setattr_list(a.request, [pb.WRAP_MECHANISM_AES_KEY_WRAP_PAD]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "OAEP_MECHANISM_INVALID",
+    ),
+    (
+        "only OAEP-SHA-256 accepted, HSM lacks it",
+        lambda a: setattr_list(a.request, [pb.WRAP_MECHANISM_RSA_OAEP_SHA256]),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "OAEP_MECHANISM_UNSUPPORTED",
+    ),
+    (
+        "wrong key version",
+        lambda a: setattr(a.request, "key_version", a.world.version + 5),
+        grpc.StatusCode.NOT_FOUND,
+        "KEY_VERSION_NOT_FOUND",
+    ),
+    (
+        "invalid key id",
+        lambda a: setattr(a.request, "key_id", "Bad Key!"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "KEY_ID_INVALID",
+    ),
+]
+
+
+def setattr_list(request: pb.ReleaseKeyRequest, mechanisms: list[int]) -> None:
+    del request.accepted_mechanisms[:]
+    request.accepted_mechanisms.extend(mechanisms)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("name", "mutate", "code", "reason"), CASES, ids=[c[0] for c in CASES])
+def test_bad_release_is_refused_audited_and_releases_nothing(
+    world: World, name: str, mutate: Callable[[Attempt], None], code: grpc.StatusCode, reason: str
+) -> None:
+    attempt = new_attempt(world)
+    mutate(attempt)
+    before = len(audit_records(world))
+    with pytest.raises(grpc.RpcError) as info:
+        world.broker.ReleaseKey(attempt.request, timeout=30)
+    err = info.value
+    assert (err.code(), err.details().split(":")[0]) == (code, reason), err.details()  # type: ignore[attr-defined]
+    assert ("strongroom-reason", reason) in tuple(err.trailing_metadata())  # type: ignore[attr-defined]
+    assert "Traceback" not in err.details()  # type: ignore[attr-defined]
+    records = audit_records(world)
+    assert len(records) == before + 1, "exactly one audit record per decision"
+    assert records[-1]["decision"] == "denied"
+    assert records[-1]["reason"] == reason
+    assert records[-1]["caller"]["spiffe_id"] == world.stack.spiffe_id("inference")
+
+
+def test_key_without_policy_releases_nothing(world: World) -> None:
+    world.admin.CreateKey(pb.CreateKeyRequest(key_id="no-policy"), timeout=30)
+    attempt = new_attempt(world, key_id="no-policy")
+    with pytest.raises(grpc.RpcError) as info:
+        world.broker.ReleaseKey(attempt.request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert info.value.details().startswith("NO_RELEASE_POLICY")  # type: ignore[attr-defined]
+
+
+def test_simulated_evidence_needs_explicit_policy_opt_in(world: World) -> None:
+    world.admin.CreateKey(pb.CreateKeyRequest(key_id="prod-only"), timeout=30)
+    world.admin.SetReleasePolicy(
+        pb.SetReleasePolicyRequest(
+            key_id="prod-only",
+            policy_document=policy(world.stack, measurements=[GOOD], allow_simulated=False),
+        ),
+        timeout=10,
+    )
+    generated = world.publisher.GenerateDataKey(
+        pb.GenerateDataKeyRequest(key_id="prod-only"), timeout=10
+    )
+    attempt = new_attempt(world, key_id="prod-only")
+    attempt.request.wrapped_data_key = generated.wrapped_data_key
+    with pytest.raises(grpc.RpcError) as info:
+        world.broker.ReleaseKey(attempt.request, timeout=30)
+    assert info.value.details().startswith("SIMULATED_TEE_NOT_ALLOWED")  # type: ignore[attr-defined]
+
+
+def test_disabled_key_releases_nothing_and_rotation_keeps_old_versions(world: World) -> None:
+    world.admin.CreateKey(pb.CreateKeyRequest(key_id="rotating"), timeout=30)
+    world.admin.SetReleasePolicy(
+        pb.SetReleasePolicyRequest(
+            key_id="rotating", policy_document=policy(world.stack, measurements=[GOOD])
+        ),
+        timeout=10,
+    )
+    old = world.publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id="rotating"), timeout=10)
+    rotated = world.admin.RotateKey(pb.RotateKeyRequest(key_id="rotating"), timeout=30)
+    assert rotated.key.current_version == old.key_version + 1
+    # The old version still releases.
+    attempt = new_attempt(world, key_id="rotating")
+    attempt.request.wrapped_data_key = old.wrapped_data_key
+    attempt.request.key_version = old.key_version
+    response = world.broker.ReleaseKey(attempt.request, timeout=30)
+    dek = attempt.private.decrypt(
+        response.wrapped_data_key,
+        padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None),
+    )
+    assert dek == old.data_key
+    # ReWrap moves it to the new version without exposing it.
+    moved = world.publisher.ReWrap(
+        pb.ReWrapRequest(
+            key_id="rotating", key_version=old.key_version, wrapped_data_key=old.wrapped_data_key
+        ),
+        timeout=10,
+    )
+    assert moved.key_version == rotated.key.current_version
+    # Disabled: refused.
+    world.admin.DisableKey(
+        pb.DisableKeyRequest(key_id="rotating", version=old.key_version), timeout=10
+    )
+    attempt = new_attempt(world, key_id="rotating")
+    attempt.request.wrapped_data_key = old.wrapped_data_key
+    attempt.request.key_version = old.key_version
+    with pytest.raises(grpc.RpcError) as info:
+        world.broker.ReleaseKey(attempt.request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert info.value.details().startswith("KEY_DISABLED")  # type: ignore[attr-defined]
+
+
+def test_invalid_policy_is_rejected_and_old_one_kept(world: World) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        world.admin.SetReleasePolicy(
+            pb.SetReleasePolicyRequest(
+                key_id=KEY, policy_document="version: x\nallowed_spiffe_ids: []\n"
+            ),
+            timeout=10,
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    current = world.admin.GetReleasePolicy(pb.GetReleasePolicyRequest(key_id=KEY), timeout=10)
+    assert current.policy_version == "test-1"
