@@ -325,3 +325,41 @@ def test_property_round_trip(
         out += dec.feed(artifact[pos:])
     dec.finish()
     assert out == plaintext
+
+
+def test_large_artifact_parallel_paths(dek: bytearray, tmp_path: Path) -> None:
+    # Big enough for two decrypt_all workers (>= 128 full chunks) and the uninitialised buffer.
+    size = 3 * 1024 * 1024 + 123
+    plaintext = os.urandom(size)
+    artifact = encrypt_bytes(plaintext, dek, header=header_for(size))
+    path = tmp_path / "big.srm"
+    path.write_bytes(artifact)
+    for threads in (1, 2, 3):
+        assert ArtifactReader(artifact).decrypt_all(dek, threads=threads) == plaintext
+        with path.open("rb") as f:
+            assert ArtifactReader(f).decrypt_all(dek, threads=threads) == plaintext
+        buffered = BufferedStreamDecryptor(dek, threads=threads)
+        for i in range(0, len(artifact), 1 << 20):
+            buffered.feed(artifact[i : i + (1 << 20)])
+        assert buffered.finish() == plaintext
+    damaged = bytearray(artifact)
+    damaged[len(artifact) // 2] ^= 0x80
+    for threads in (1, 2):
+        with pytest.raises(DecryptionFailed):
+            ArtifactReader(bytes(damaged)).decrypt_all(dek, threads=threads)
+        buffered = BufferedStreamDecryptor(dek, threads=threads)
+        with pytest.raises(DecryptionFailed):
+            for i in range(0, len(damaged), 1 << 20):
+                buffered.feed(damaged[i : i + (1 << 20)])
+            buffered.finish()
+
+
+def test_output_buffer_sizes() -> None:
+    from strongroom.artifact._memory import output_buffer
+
+    for size in (0, 1, (1 << 20) - 1, 1 << 20, 5 * (1 << 20) + 3):
+        buf = output_buffer(size)
+        assert type(buf) is bytearray and len(buf) == size
+        buf[-1:] = b"\x01" if size else b""
+    with pytest.raises(ValueError):
+        output_buffer(-1)

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from strongroom.artifact import c2sp
-from strongroom.artifact._memory import wipe
+from strongroom.artifact._memory import output_buffer, wipe
 from strongroom.artifact.errors import DecryptionFailed, InvalidArtifact
 from strongroom.artifact.format import (
     FOOTER_SIZE,
@@ -236,7 +236,7 @@ class ArtifactReader:
             for _ in range(threads)
         ]
         tail = self._open_tail(ciphers[0])
-        out = bytearray(size)
+        out = output_buffer(size)  # every byte is written below, or the whole buffer wiped
         full = size // _CS  # chunks made only of plaintext; the rest is in `tail`
         try:
             dst = memoryview(out)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from strongroom.artifact import c2sp
-from strongroom.artifact._memory import wipe
+from strongroom.artifact._memory import output_buffer, wipe
 from strongroom.artifact.errors import ArtifactTooLarge, DecryptionFailed, InvalidArtifact
 from strongroom.artifact.format import (
     DEK_SIZE,
@@ -395,7 +395,8 @@ class BufferedStreamDecryptor(_ArtifactStream):
         # plaintext_size: an unauthenticated header cannot make us allocate.
         header = self._header
         assert header is not None
-        self._out = bytearray(header.plaintext_size)
+        # Uninitialised: every byte is written by a chunk, or the whole buffer is wiped on failure.
+        self._out = output_buffer(header.plaintext_size)
         self._dst = memoryview(self._out)
         # One AEAD object per worker; `cipher` stays with the feeding thread (the tail chunks).
         del cipher
