@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -84,8 +85,9 @@ def test_missing_module(tmp_path: Path, softhsm_token: SoftHsmToken) -> None:
     ],
 )
 def test_invalid_config(softhsm_token: SoftHsmToken, field: str, value: object) -> None:
+    overrides: dict[str, Any] = {field: value}
     with pytest.raises(InvalidArgument) as info:
-        make_config(softhsm_token, **{field: value})
+        make_config(softhsm_token, **overrides)
     assert info.value.reason == "CONFIG_INVALID"
 
 
@@ -198,7 +200,7 @@ def test_backend_started_while_token_absent_recovers(
         hsm = open_hsm(make_config(softhsm_token), wait=False)
         with pytest.raises(HsmUnavailable):
             hsm.check_health()
-        assert hsm.oaep_hashes == ()
+        assert not hsm.oaep_hashes
     finally:
         away.rename(store)
     _wait_until_recovered(hsm.check_health)
@@ -214,7 +216,7 @@ def test_many_threads_release_at_once(hsm: Hsm, km: KeyManager, tee_key: rsa.RSA
         dek, wrapped, version = keys[i % len(keys)]
         out, _ = km.release_to_ephemeral("busy", version, wrapped, target, [OaepHash.SHA1])
         plain = tee_key.decrypt(out, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
-        return plain == dek
+        return bool(plain == dek)
 
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(release, range(96)))

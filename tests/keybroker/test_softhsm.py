@@ -40,7 +40,7 @@ def _token_labels_and_so_login(
         labels = [slot.get_token().label for slot in lib.get_slots(token_present=True)]
         session = lib.get_token(token_label=token.label).open(rw=True, so_pin=SO_PIN.reveal_text())
         try:
-            return labels, session.user_type
+            return labels, UserType(session.user_type)  # type: ignore[attr-defined]
         finally:
             session.close()
     finally:

@@ -41,7 +41,7 @@ class EphemeralPublicKey:
         return f"EphemeralPublicKey(rsa-{self.bits}, spki_sha256={self.spki_sha256[:16]}...)"
 
 
-def parse_ephemeral_public_key(der: bytes) -> EphemeralPublicKey:
+def parse_ephemeral_public_key(der: bytes | bytearray | memoryview) -> EphemeralPublicKey:
     """Parses and validates DER SubjectPublicKeyInfo; see the module docstring for the rules."""
     if not isinstance(der, bytes | bytearray | memoryview):
         raise InvalidArgument(

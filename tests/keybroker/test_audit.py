@@ -1,0 +1,467 @@
+"""The audit log: records, chain, signed head, tamper detection, crash repair, failures, concurrency."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from strongroom.keybroker.audit import (
+    _HEAD_DOMAIN,
+    GENESIS_HASH,
+    AuditEvent,
+    AuditLog,
+    Decision,
+    canonical_json,
+    head_path,
+    load_public_key,
+    load_signing_key,
+    new_signing_key,
+    record_hash,
+    verify_audit_log,
+)
+from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.runtime.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from strongroom.runtime.secrets import Secret
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def signing_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    return tmp_path / "audit" / "decisions.jsonl"
+
+
+@pytest.fixture
+def audit(log_path: Path, signing_key: Ed25519PrivateKey) -> Iterator[AuditLog]:
+    log_path.parent.mkdir()
+    log = AuditLog.open(log_path, signing_key, clock=lambda: 1_767_225_600.25)
+    yield log
+    log.close()
+
+
+def event(n: int = 0, **overrides: Any) -> AuditEvent:
+    values: dict[str, Any] = {
+        "decision": Decision.ALLOWED if n % 2 == 0 else Decision.DENIED,
+        "reason": "OK" if n % 2 == 0 else "MEASUREMENT_MISMATCH",
+        "caller_spiffe_id": "spiffe://strongroom.test/inference",
+        "caller_cert_serial": f"{0x1F00 + n:x}",
+        "evidence_sha256": f"{n:064x}",
+        "claims": {"measurement": "ab" * 48, "tcb": {"snp": 22, "microcode": 213}, "n": n},
+        "policy_version": "policy-7",
+        "key_id": "model-a",
+        "key_version": 3,
+        "oaep_mechanism": "RSA-OAEP/SHA-1/MGF1-SHA-1",
+    }
+    values.update(overrides)
+    return AuditEvent(**values)
+
+
+def fill(log: AuditLog, count: int) -> None:
+    for n in range(count):
+        log.append(event(n))
+
+
+def lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def test_record_contents(audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    first = audit.append(event(0, decision_id="req-1"))
+    second = audit.append(event(1))
+    assert (first.seq, second.seq) == (0, 1)
+    assert first.decision_id == "req-1" and len(second.decision_id) == 32
+    assert first.time == "2026-01-01T00:00:00.250000Z"
+    records = [json.loads(line) for line in lines(log_path)]
+    assert records[0]["prev"] == GENESIS_HASH
+    assert records[1]["prev"] == records[0]["hash"] == first.hash
+    assert records[0]["decision"] == "allowed" and records[1]["decision"] == "denied"
+    assert records[0]["caller"] == {
+        "spiffe_id": "spiffe://strongroom.test/inference",
+        "cert_serial": "1f00",
+    }
+    assert records[0]["key"] == {"id": "model-a", "version": 3}
+    assert records[0]["claims"]["tcb"] == {"snp": 22, "microcode": 213}
+    body = dict(records[1])
+    assert record_hash({k: v for k, v in body.items() if k != "hash"}) == body["hash"]
+    assert lines(log_path)[1] == canonical_json(body) + b"\n"
+    result = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert result.intact and result.records == 2 and result.signature_checked
+    assert result.last_hash == second.hash
+
+
+def test_empty_log_verifies(audit: AuditLog, log_path: Path) -> None:
+    result = verify_audit_log(log_path)
+    assert result.intact and result.records == 0 and not result.signature_checked
+    assert "NOT checked" in result.message
+
+
+def test_missing_log(tmp_path: Path) -> None:
+    with pytest.raises(NotFound) as info:
+        verify_audit_log(tmp_path / "nothing.jsonl")
+    assert info.value.reason == "AUDIT_LOG_NOT_FOUND"
+
+
+def _edit(path: Path, index: int, change: Callable[[dict[str, Any]], None], rehash: bool) -> None:
+    content = lines(path)
+    record = json.loads(content[index])
+    change(record)
+    if rehash:
+        record.pop("hash")
+        record["hash"] = record_hash(record)
+    content[index] = canonical_json(record) + b"\n"
+    path.write_bytes(b"".join(content))
+
+
+def _set_claim(record: dict[str, Any]) -> None:
+    record["claims"]["measurement"] = "cd" * 48
+
+
+def _swap(path: Path, i: int, j: int) -> None:
+    content = lines(path)
+    content[i], content[j] = content[j], content[i]
+    path.write_bytes(b"".join(content))
+
+
+def _delete(path: Path, *indexes: int) -> None:
+    content = lines(path)
+    path.write_bytes(b"".join(line for n, line in enumerate(content) if n not in indexes))
+
+
+def _insert_copy(path: Path, at: int, source: int) -> None:
+    content = lines(path)
+    content.insert(at, content[source])
+    path.write_bytes(b"".join(content))
+
+
+def _rewrite_chain_from(path: Path, start: int) -> None:
+    """An attacker edits record ``start`` and recomputes every later hash: only the head catches it."""
+    content = [json.loads(line) for line in lines(path)]
+    content[start]["decision"] = "allowed"
+    prev = content[start - 1]["hash"] if start else GENESIS_HASH
+    for record in content[start:]:
+        record["prev"] = prev
+        record.pop("hash")
+        record["hash"] = prev = record_hash(record)
+    path.write_bytes(b"".join(canonical_json(r) + b"\n" for r in content))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "problem", "bad_record"),
+    [
+        pytest.param(
+            lambda p: _edit(p, 2, _set_claim, rehash=False), "RECORD_MODIFIED", 3, id="edit"
+        ),
+        pytest.param(
+            lambda p: _edit(p, 2, _set_claim, rehash=True), "CHAIN_BROKEN", 4, id="edit-rehash"
+        ),
+        pytest.param(
+            lambda p: _edit(p, 4, _set_claim, rehash=True),
+            "HEAD_MISMATCH",
+            5,
+            id="edit-last-rehash",
+        ),
+        pytest.param(lambda p: _rewrite_chain_from(p, 1), "HEAD_MISMATCH", 5, id="rewrite-chain"),
+        pytest.param(lambda p: _swap(p, 1, 2), "SEQUENCE_BROKEN", 2, id="reorder"),
+        pytest.param(lambda p: _insert_copy(p, 2, 1), "SEQUENCE_BROKEN", 3, id="insert"),
+        pytest.param(lambda p: _delete(p, 2), "SEQUENCE_BROKEN", 3, id="delete-middle"),
+        pytest.param(lambda p: _delete(p, 0), "SEQUENCE_BROKEN", 1, id="delete-first"),
+        pytest.param(lambda p: _delete(p, 4), "TAIL_TRUNCATED", 5, id="delete-last"),
+        pytest.param(lambda p: _delete(p, 3, 4), "TAIL_TRUNCATED", 4, id="delete-tail"),
+        pytest.param(lambda p: p.write_bytes(b""), "TAIL_TRUNCATED", 1, id="emptied"),
+        pytest.param(lambda p: p.unlink(), "TAIL_TRUNCATED", 1, id="log-deleted"),
+        pytest.param(
+            lambda p: p.write_bytes(p.read_bytes()[:-30]),
+            "RECORD_TRUNCATED",
+            5,
+            id="truncate-mid-line",
+        ),
+        pytest.param(
+            lambda p: p.write_bytes(p.read_bytes().replace(b'"reason":"OK"', b'"reason": "OK"', 1)),
+            "RECORD_MODIFIED",
+            1,
+            id="whitespace",
+        ),
+        pytest.param(
+            lambda p: p.write_bytes(p.read_bytes() + b"{}\n"),
+            "RECORD_MALFORMED",
+            6,
+            id="junk-appended",
+        ),
+        pytest.param(lambda p: head_path(p).unlink(), "HEAD_MISSING", None, id="head-deleted"),
+        pytest.param(
+            lambda p: head_path(p).write_text("{"), "HEAD_MALFORMED", None, id="head-garbage"
+        ),
+    ],
+)
+def test_tampering_is_detected(
+    audit: AuditLog,
+    log_path: Path,
+    signing_key: Ed25519PrivateKey,
+    tamper: Callable[[Path], None],
+    problem: str,
+    bad_record: int | None,
+) -> None:
+    fill(audit, 5)
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
+    tamper(log_path)
+    result = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert not result.intact
+    assert (result.problem, result.bad_record) == (problem, bad_record)
+    assert result.message
+
+
+def _forge_head(log_path: Path, count: int, last_hash: str, key: Ed25519PrivateKey) -> None:
+    """A well-formed head for a truncated log, signed by someone else's key."""
+    body = {
+        "v": 1,
+        "count": count,
+        "last_hash": last_hash,
+        "time": "2026-01-01T00:00:00Z",
+        "key": "x",
+    }
+    signature = key.sign(_HEAD_DOMAIN + canonical_json(body))
+    head_path(log_path).write_bytes(
+        canonical_json({**body, "sig": base64.b64encode(signature).decode()}) + b"\n"
+    )
+
+
+def test_forged_head_needs_the_private_key(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    fill(audit, 5)
+    _delete(log_path, 4)
+    last = json.loads(lines(log_path)[-1])["hash"]
+    _forge_head(log_path, 4, last, Ed25519PrivateKey.generate())
+    result = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert (result.intact, result.problem) == (False, "HEAD_SIGNATURE_INVALID")
+    # Without the public key the truncation goes unnoticed, and the result says what was skipped.
+    unchecked = verify_audit_log(log_path)
+    assert unchecked.intact and not unchecked.signature_checked
+
+
+def test_open_refuses_a_truncated_log(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    fill(audit, 3)
+    audit.close()
+    _delete(log_path, 2)
+    with pytest.raises(DataLoss) as info:
+        AuditLog.open(log_path, signing_key)
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+
+
+def test_open_refuses_a_foreign_head(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    fill(audit, 2)
+    audit.close()
+    with pytest.raises(DataLoss):
+        AuditLog.open(log_path, Ed25519PrivateKey.generate())
+
+
+def test_open_refuses_records_without_head(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    fill(audit, 2)
+    audit.close()
+    head_path(log_path).unlink()
+    with pytest.raises(DataLoss):
+        AuditLog.open(log_path, signing_key)
+
+
+def test_crash_leaving_a_torn_line_is_repaired(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    fill(audit, 3)
+    audit.close()
+    with log_path.open("ab") as f:  # the process died half-way through writing record 4
+        f.write(b'{"v":1,"seq":3,"time":"2026')
+    assert verify_audit_log(log_path).problem == "RECORD_TRUNCATED"
+    with AuditLog.open(log_path, signing_key) as reopened:
+        assert reopened.append(event(3)).seq == 3
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).records == 4
+
+
+def test_crash_before_the_head_update_is_repaired(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    fill(audit, 2)
+    old_head = head_path(log_path).read_bytes()
+    audit.append(event(2))
+    audit.close()
+    head_path(log_path).write_bytes(old_head)  # the new head never reached the disk
+    result = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert (result.problem, result.bad_record) == ("UNANCHORED_RECORDS", 3)
+    with AuditLog.open(log_path, signing_key) as reopened:
+        assert reopened.count == 3
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
+
+
+def test_threads_append_concurrently(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        records = list(pool.map(lambda n: audit.append(event(n)), range(80)))
+    assert sorted(r.seq for r in records) == list(range(80))
+    result = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert result.intact and result.records == 80
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
+    key = load_pem_private_key(Path(sys.argv[2]).read_bytes(), None)
+    with AuditLog.open(Path(sys.argv[1]), key) as log:
+        for n in range(int(sys.argv[3])):
+            log.append(AuditEvent(decision=Decision.DENIED, reason="CHILD", claims={"n": n}))
+    """
+)
+
+
+def test_processes_append_concurrently(tmp_path: Path) -> None:
+    private_pem, public_pem = new_signing_key()
+    key_file = tmp_path / "audit.key"
+    key_file.write_bytes(private_pem)
+    key_file.chmod(0o600)
+    path = tmp_path / "shared.jsonl"
+    key = load_signing_key(Secret(private_pem))
+    with AuditLog.open(path, key) as log:
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", _CHILD, str(path), str(key_file), "25"], cwd=REPO
+            )
+            for _ in range(2)
+        ]
+        for n in range(25):
+            log.append(event(n))
+        assert [child.wait(60) for child in children] == [0, 0]
+        log.append(event(99))  # this process notices the others' records and continues the chain
+    result = verify_audit_log(path, public_key=load_public_key(public_pem))
+    assert result.intact and result.records == 76
+
+
+_FULL_DISK = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    from pathlib import Path
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
+    from strongroom.keybroker.errors import AuditUnavailable
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+    path, key = Path(sys.argv[1]), load_pem_private_key(Path(sys.argv[2]).read_bytes(), None)
+    ok = failed = 0
+    with AuditLog.open(path, key) as log:
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 2500, hard))
+        for n in range(20):
+            try:
+                log.append(AuditEvent(decision=Decision.ALLOWED, reason="OK", claims={"pad": "x" * 300}))
+                ok += 1
+            except AuditUnavailable as exc:
+                failed += 1
+                reason = exc.reason
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space comes back
+        log.append(AuditEvent(decision=Decision.DENIED, reason="RECOVERED"))
+    print(json.dumps({"ok": ok, "failed": failed, "reason": reason}))
+    """
+)
+
+
+def test_write_failure_refuses_the_decision_and_recovers(tmp_path: Path) -> None:
+    private_pem, public_pem = new_signing_key()
+    key_file = tmp_path / "audit.key"
+    key_file.write_bytes(private_pem)
+    path = tmp_path / "full.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(path), str(key_file)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    outcome = json.loads(run.stdout)
+    assert outcome["ok"] >= 1 and outcome["failed"] >= 1
+    assert outcome["reason"] == "AUDIT_UNAVAILABLE"
+    result = verify_audit_log(path, public_key=load_public_key(public_pem))
+    assert result.intact
+    assert result.records == outcome["ok"] + 1  # no trace of the refused decisions
+
+
+def test_audit_unavailable_is_unavailable() -> None:
+    assert issubclass(AuditUnavailable, Unavailable)
+
+
+def test_unwritable_directory(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    with pytest.raises(AuditUnavailable):
+        AuditLog.open(tmp_path / "missing-dir" / "log.jsonl", signing_key)
+
+
+def test_closed_log_refuses(audit: AuditLog) -> None:
+    audit.close()
+    with pytest.raises(AuditUnavailable):
+        audit.append(event())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"reason": "lower_case"},
+        {"reason": ""},
+        {"decision": "allowed"},
+        {"caller_spiffe_id": "https://not-spiffe"},
+        {"caller_cert_serial": "XYZ"},
+        {"evidence_sha256": "ab" * 31},
+        {"key_id": "Model"},
+        {"key_version": "3"},
+        {"key_version": True},
+        {"decision_id": "has space"},
+        {"action": "Release"},
+        {"claims": {"bad": float("nan")}},
+        {"claims": {"bytes": b"\x00"}},
+        {"claims": {1: "int key"}},
+        {"claims": ["not", "a", "mapping"]},
+        {"policy_version": "x" * 300},
+        {"claims": {"big": "x" * 70_000}},
+    ],
+)
+def test_malformed_events(audit: AuditLog, log_path: Path, overrides: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        audit.append(event(**overrides))
+    assert info.value.reason == "AUDIT_RECORD_INVALID"
+    assert verify_audit_log(log_path).records == 0
+
+
+def test_signing_key_formats() -> None:
+    private_pem, public_pem = new_signing_key()
+    key = load_signing_key(Secret(private_pem))
+    raw = Ed25519PrivateKey.generate()
+    raw_bytes = raw.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    assert load_signing_key(Secret(raw_bytes)).public_key() == raw.public_key()
+    assert load_public_key(public_pem) == key.public_key()
+    for bad in (b"", b"x" * 31, b"-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n"):
+        with pytest.raises(InvalidArgument):
+            load_signing_key(Secret(bad))
+    with pytest.raises(InvalidArgument):
+        load_public_key(private_pem)

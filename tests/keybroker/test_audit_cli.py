@@ -1,0 +1,88 @@
+"""``strongroom audit verify``: exit status and messages for intact and tampered logs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from strongroom.keybroker import audit_cli
+from strongroom.keybroker.audit import (
+    AuditEvent,
+    AuditLog,
+    Decision,
+    load_signing_key,
+    new_signing_key,
+)
+from strongroom.runtime.errors import InvalidArgument, NotFound
+from strongroom.runtime.secrets import Secret
+
+
+def _run(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="strongroom")
+    audit_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return int(args.func(args))
+
+
+@pytest.fixture
+def logged(tmp_path: Path) -> tuple[Path, Path]:
+    private_pem, public_pem = new_signing_key()
+    public = tmp_path / "audit.pub"
+    public.write_bytes(public_pem)
+    path = tmp_path / "audit.jsonl"
+    with AuditLog.open(path, load_signing_key(Secret(private_pem))) as log:
+        for n in range(3):
+            log.append(AuditEvent(decision=Decision.DENIED, reason="TEST", claims={"n": n}))
+    return path, public
+
+
+def test_intact(logged: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    path, public = logged
+    assert _run("audit", "verify", str(path), "--public-key", str(public)) == 0
+    out = capsys.readouterr().out
+    assert "intact" in out and "3 records" in out and "signature valid" in out
+
+
+def test_without_public_key_says_so(
+    logged: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = logged
+    assert _run("audit", "verify", str(path)) == 0
+    assert "NOT checked" in capsys.readouterr().out
+
+
+def test_tampered_names_the_first_bad_record(
+    logged: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, public = logged
+    content = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(content[0] + content[2])
+    assert (
+        _run("audit", "verify", str(path), "--public-key", str(public)) == audit_cli.EXIT_TAMPERED
+    )
+    err = capsys.readouterr().err
+    assert "NOT intact" in err and "record 2" in err and "SEQUENCE_BROKEN" in err
+
+
+def test_truncated_tail(logged: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    path, public = logged
+    content = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(content[:2]))
+    assert (
+        _run("audit", "verify", str(path), "--public-key", str(public)) == audit_cli.EXIT_TAMPERED
+    )
+    assert "TAIL_TRUNCATED" in capsys.readouterr().err
+
+
+def test_missing_inputs(tmp_path: Path, logged: tuple[Path, Path]) -> None:
+    path, _ = logged
+    with pytest.raises(NotFound):
+        _run("audit", "verify", str(tmp_path / "none.jsonl"))
+    with pytest.raises(NotFound):
+        _run("audit", "verify", str(path), "--public-key", str(tmp_path / "none.pub"))
+    bad_key = tmp_path / "bad.pub"
+    bad_key.write_text("not a key")
+    with pytest.raises(InvalidArgument):
+        _run("audit", "verify", str(path), "--public-key", str(bad_key))

@@ -1,0 +1,251 @@
+"""Data keys and release re-wrap to a TEE's ephemeral RSA key, against a real SoftHSM2 token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from strongroom.keybroker.ephemeral import parse_ephemeral_public_key
+from strongroom.keybroker.hsm import Hsm
+from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, DataKey, KeyManager
+from strongroom.keybroker.oaep import OaepHash
+from strongroom.keybroker.softhsm import SoftHsmToken
+from strongroom.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from tests.keybroker.helpers import make_config, session_objects, spki
+
+OAEP_SHA1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
+
+
+@pytest.fixture
+def model_key(km: KeyManager) -> DataKey:
+    km.create_key("model")
+    return km.generate_data_key("model")
+
+
+def test_generate_data_key(km: KeyManager, model_key: DataKey) -> None:
+    dek, wrapped, version = model_key
+    assert isinstance(dek, bytearray) and len(dek) == 32
+    assert len(wrapped) == WRAPPED_DEK_BYTES
+    assert version == 1
+    assert dek.hex() not in repr(model_key) and "***" in repr(model_key)
+    assert km.generate_data_key("model").dek != dek  # fresh key every time
+    model_key.wipe()
+    assert model_key.dek == bytearray(32)
+
+
+def test_release_decrypts_to_the_same_data_key(
+    hsm: Hsm, km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey
+) -> None:
+    dek, wrapped, version = model_key
+    released, mechanism = km.release_to_ephemeral(
+        "model", version, wrapped, spki(tee_key), [OaepHash.SHA1]
+    )
+    assert mechanism is OaepHash.SHA1
+    assert len(released) == 384
+    assert tee_key.decrypt(released, OAEP_SHA1) == dek
+    assert session_objects(hsm) == 0
+
+
+def test_release_after_rotation_and_rewrap(
+    km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey
+) -> None:
+    km.rotate_key("model")
+    # The old version still unwraps ...
+    out, _ = km.release_to_ephemeral("model", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert tee_key.decrypt(out, OAEP_SHA1) == model_key.dek
+    # ... and a blob moved to the new version carries the same key.
+    moved, version = km.rewrap("model", 1, model_key.wrapped)
+    assert version == 2
+    out, _ = km.release_to_ephemeral("model", 2, moved, spki(tee_key), [OaepHash.SHA1])
+    assert tee_key.decrypt(out, OAEP_SHA1) == model_key.dek
+
+
+def test_sha256_only_is_refused_on_softhsm(
+    km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey
+) -> None:
+    with pytest.raises(FailedPrecondition) as info:
+        km.release_to_ephemeral("model", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA256])
+    assert info.value.reason == "OAEP_MECHANISM_UNSUPPORTED"
+    assert "caller accepts [sha256]" in info.value.message
+    assert "HSM supports [sha1]" in info.value.message
+
+
+def test_negotiation_picks_the_first_supported_in_caller_order(
+    km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey
+) -> None:
+    out, mechanism = km.release_to_ephemeral(
+        "model", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA256, OaepHash.SHA1]
+    )
+    assert mechanism is OaepHash.SHA1
+    assert tee_key.decrypt(out, OAEP_SHA1) == model_key.dek
+
+
+def test_broker_policy_can_forbid_sha1(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], tee_key: rsa.RSAPrivateKey
+) -> None:
+    km = KeyManager(open_hsm(make_config(softhsm_token, allowed_oaep_hashes=(OaepHash.SHA256,))))
+    km.create_key("strict")
+    dk = km.generate_data_key("strict")
+    with pytest.raises(FailedPrecondition) as info:
+        km.release_to_ephemeral("strict", 1, dk.wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert info.value.reason == "OAEP_MECHANISM_UNSUPPORTED"
+
+
+@pytest.mark.parametrize("accepted", [[], ["sha1"], [None], [1]])
+def test_malformed_accepted_lists(
+    km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey, accepted: list[Any]
+) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        km.release_to_ephemeral("model", 1, model_key.wrapped, spki(tee_key), accepted)
+    assert info.value.reason == "OAEP_MECHANISM_INVALID"
+
+
+def test_disabled_version_refuses_release(
+    km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey
+) -> None:
+    km.rotate_key("model")
+    km.disable_key("model", 1)
+    with pytest.raises(FailedPrecondition) as info:
+        km.release_to_ephemeral("model", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert info.value.reason == "KEY_DISABLED"
+
+
+def test_unknown_key_and_version(
+    km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey
+) -> None:
+    with pytest.raises(NotFound) as info:
+        km.release_to_ephemeral("other", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert info.value.reason == "KEY_NOT_FOUND"
+    with pytest.raises(NotFound) as info:
+        km.release_to_ephemeral("model", 2, model_key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert info.value.reason == "KEY_VERSION_NOT_FOUND"
+
+
+def _flip(data: bytes, index: int) -> bytes:
+    out = bytearray(data)
+    out[index] ^= 0x01
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        pytest.param(lambda w: _flip(w, 0), id="integrity-block-flipped"),
+        pytest.param(lambda w: _flip(w, 39), id="key-byte-flipped"),
+        pytest.param(lambda w: w[8:] + w[:8], id="rotated"),
+        pytest.param(lambda w: bytes(40), id="zeros"),
+    ],
+)
+def test_corrupt_wrapped_keys_are_the_callers_fault(
+    hsm: Hsm,
+    km: KeyManager,
+    model_key: DataKey,
+    tee_key: rsa.RSAPrivateKey,
+    mangle: Callable[[bytes], bytes],
+) -> None:
+    bad = mangle(model_key.wrapped)
+    for call in (
+        lambda: km.release_to_ephemeral("model", 1, bad, spki(tee_key), [OaepHash.SHA1]),
+        lambda: km.rewrap("model", 1, bad),
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            call()
+        assert info.value.reason == "WRAPPED_KEY_INVALID"
+    assert hsm.status().connected  # not mistaken for a failing HSM
+    assert session_objects(hsm) == 0
+
+
+def test_wrapped_key_of_another_key_is_refused(
+    km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey
+) -> None:
+    km.create_key("other")
+    with pytest.raises(InvalidArgument) as info:
+        km.release_to_ephemeral("other", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert info.value.reason == "WRAPPED_KEY_INVALID"
+
+
+@pytest.mark.parametrize("length", [0, 8, 24, 32, 39, 41, 48, 4096])
+def test_wrong_length_wrapped_keys(
+    km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey, length: int
+) -> None:
+    blob = (model_key.wrapped * 103)[:length]
+    with pytest.raises(InvalidArgument) as info:
+        km.release_to_ephemeral("model", 1, blob, spki(tee_key), [OaepHash.SHA1])
+    assert info.value.reason == "WRAPPED_KEY_INVALID"
+
+
+def _rsa_public(bits: int, exponent: int = 65537) -> rsa.RSAPublicKey:
+    """A public key with an odd modulus of exactly ``bits`` bits (no key generation needed)."""
+    modulus = (1 << (bits - 1)) | 1 | (0x9E3779B97F4A7C15 << 8)
+    return rsa.RSAPublicNumbers(exponent, modulus).public_key()
+
+
+def _ec_spki() -> bytes:
+    return (
+        ec.generate_private_key(ec.SECP384R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+
+def _ed25519_spki() -> bytes:
+    return (
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+
+def _pkcs1(key: rsa.RSAPublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        pytest.param(lambda: spki(_rsa_public(2048)), "EPHEMERAL_KEY_UNSUPPORTED", id="rsa-2048"),
+        pytest.param(lambda: spki(_rsa_public(3071)), "EPHEMERAL_KEY_UNSUPPORTED", id="rsa-3071"),
+        pytest.param(lambda: spki(_rsa_public(4097)), "EPHEMERAL_KEY_UNSUPPORTED", id="rsa-4097"),
+        pytest.param(lambda: spki(_rsa_public(3072, 3)), "EPHEMERAL_KEY_UNSUPPORTED", id="e=3"),
+        pytest.param(_ec_spki, "EPHEMERAL_KEY_UNSUPPORTED", id="ec-p384"),
+        pytest.param(_ed25519_spki, "EPHEMERAL_KEY_UNSUPPORTED", id="ed25519"),
+        pytest.param(lambda: b"", "EPHEMERAL_KEY_INVALID", id="empty"),
+        pytest.param(lambda: b"\x30\x82garbage" * 8, "EPHEMERAL_KEY_INVALID", id="garbage"),
+        pytest.param(
+            lambda: spki(_rsa_public(3072)) + b"\x00", "EPHEMERAL_KEY_INVALID", id="trailing"
+        ),
+        pytest.param(lambda: spki(_rsa_public(3072))[:-1], "EPHEMERAL_KEY_INVALID", id="truncated"),
+        pytest.param(
+            lambda: _pkcs1(_rsa_public(3072)), "EPHEMERAL_KEY_INVALID", id="pkcs1-not-spki"
+        ),
+        pytest.param(lambda: b"\x30" * 2000, "EPHEMERAL_KEY_INVALID", id="oversized"),
+    ],
+)
+def test_bad_ephemeral_keys(
+    hsm: Hsm, km: KeyManager, model_key: DataKey, make: Callable[[], bytes], reason: str
+) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        km.release_to_ephemeral("model", 1, model_key.wrapped, make(), [OaepHash.SHA1])
+    assert info.value.reason == reason
+    assert session_objects(hsm) == 0
+
+
+def test_rsa_4096_is_accepted(hsm: Hsm, km: KeyManager, model_key: DataKey) -> None:
+    out, _ = km.release_to_ephemeral(
+        "model", 1, model_key.wrapped, spki(_rsa_public(4096)), [OaepHash.SHA1]
+    )
+    assert len(out) == 512
+
+
+def test_parsed_key_repr_and_digest() -> None:
+    der = spki(_rsa_public(3072))
+    parsed = parse_ephemeral_public_key(der)
+    assert parsed.bits == 3072
+    assert parsed.public_exponent == b"\x01\x00\x01"
+    assert len(parsed.modulus) == 384
+    assert "rsa-3072" in repr(parsed)
+    assert parse_ephemeral_public_key(bytearray(der)) == parsed
