@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -317,3 +318,58 @@ def test_existing_claims_are_used_instead_of_new_ones(helm: str, override: str) 
     (broker,) = [d for d in kind(docs, "Deployment") if component(d) == "keybroker"]
     vols = {v["name"]: v for v in broker["spec"]["template"]["spec"]["volumes"]}
     assert vols["softhsm-tokens"]["persistentVolumeClaim"]["claimName"] == "hsm-pvc"
+
+
+OPTION_SETS = {
+    "object-store": (
+        "modelstore.objectStore.enabled=true",
+        "modelstore.objectStore.endpoint=https://s3.example.internal",
+        "modelstore.objectStore.bucket=models",
+        "modelstore.objectStore.credentialsSecret=s3-creds",
+        "modelstore.objectStore.egress[0].cidr=192.0.2.0/24",
+        "modelstore.objectStore.egress[0].port=443",
+    ),
+    "hsm-from-host": (
+        "keybroker.hsm.type=pkcs11",
+        "keybroker.hsm.pkcs11.modulePath=/opt/hsm/libvendor.so",
+        "keybroker.hsm.pkcs11.library.hostPath=/opt/vendor-hsm",
+        "keybroker.secrets.existingSecret=broker-secrets",
+        "keybroker.replicas=2",
+    ),
+    "tracing-and-exposure": (
+        "observability.otlpEndpoint=http://collector.obs:4317",
+        "observability.collector.podSelector.matchLabels.app=collector",
+        "inference.service.type=LoadBalancer",
+        "inference.service.loadBalancerSourceRanges[0]=10.0.0.0/8",
+        "inference.confidential.runtimeClassName=kata-qemu-tdx",
+        "inference.confidential.deviceResources.tdx\\.intel\\.com/guest=1",
+        "inference.replicas=4",
+    ),
+}
+
+
+@pytest.mark.parametrize("option_set", sorted(OPTION_SETS))
+def test_option_combinations_render_valid_manifests(helm: str, option_set: str) -> None:
+    docs = render(helm, (), OPTION_SETS[option_set])
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.31.0", strict=True)
+    deps = {component(d): d for d in kind(docs, "Deployment")}
+    if option_set == "object-store":
+        config = yaml.safe_load(_configs(docs)["modelstore"])["modelstore"]
+        assert config["object_store"]["bucket"] == "models"
+        assert config["object_store"]["secret_access_key_file"].startswith("/run/secrets/")
+    if option_set == "hsm-from-host":
+        pod = deps["keybroker"]["spec"]["template"]["spec"]
+        (lib,) = [v for v in pod["volumes"] if v["name"] == "hsm-library"]
+        assert lib["hostPath"] == {"path": "/opt/vendor-hsm", "type": "Directory"}
+        assert deps["keybroker"]["spec"]["strategy"]["type"] == "RollingUpdate"
+        assert not [c for c in pod["initContainers"] if c["name"] == "softhsm-init"]
+    if option_set == "tracing-and-exposure":
+        pod = deps["inference"]["spec"]["template"]["spec"]
+        assert pod["runtimeClassName"] == "kata-qemu-tdx"
+        limits = pod["containers"][0]["resources"]["limits"]
+        assert limits["tdx.intel.com/guest"] == 1
+        (svc,) = [s for s in kind(docs, "Service") if s["metadata"]["name"] == "inference"]
+        assert svc["spec"]["type"] == "LoadBalancer"
+        for service in SERVICES:
+            assert "tracing" in yaml.safe_load(_configs(docs)[service])
