@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 TRUST_DOMAIN = "strongroom.local"
 HSM_LABEL = "strongroom-dev"
 ROLES = ("publisher", "admin", "inference", "client")
+# The launch measurement the simulated confidential VM reports, and the demo's policy approves.
+DEMO_MEASUREMENT = hashlib.sha384(b"strongroom demo guest image v1").hexdigest()
+# What each service's health port must report SERVING for the process to count as up. The inference
+# service's overall health also waits for its models, which may (by design) never load.
+_UP_SERVICE = {"inference": "strongroom.api.inference.v1.ModelControlService"}
 
 
 def free_port() -> int:
@@ -231,6 +237,15 @@ class DevStack:
             }
         if service == "modelstore":
             return {"data_dir": str(self.root / "state" / "modelstore" / "data")}
+        if service == "inference":
+            return {
+                "model_store": self.address("modelstore"),
+                "key_broker": self.address("keybroker"),
+                "attester": "simulated",
+                "simulated_tee_dir": str(self.init_simulated_tee()),
+                "simulated_measurement": DEMO_MEASUREMENT,
+                "models": [],
+            }
         raise FailedPrecondition(f"no default configuration for {service}")
 
     # ------------------------------------------------------------------ services
@@ -320,7 +335,8 @@ class DevStack:
     def wait_serving(
         self, running: RunningService, *, timeout: float = 60.0, log_path: Path | None = None
     ) -> None:
-        """Waits until the service's health port says SERVING."""
+        """Waits until the service's health port says SERVING (for the process to be up)."""
+        service = _UP_SERVICE.get(running.name, "")
         deadline = time.monotonic() + timeout
         last = "no answer"
         with grpc.insecure_channel(running.health_address) as channel:
@@ -330,7 +346,9 @@ class DevStack:
                     tail = log_path.read_text()[-2000:] if log_path else ""
                     raise Unavailable(f"{running.name} exited during start-up:\n{tail}")
                 try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    status = stub.Check(
+                        health_pb2.HealthCheckRequest(service=service), timeout=1
+                    ).status
                     if status == health_pb2.HealthCheckResponse.SERVING:
                         return
                     last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)

@@ -168,8 +168,8 @@ class ServiceHost:
         self._stopped.wait()
         self._server.wait_for_termination()
 
-    def run_until_signal(self) -> None:
-        """Starts, then stops gracefully on SIGTERM or SIGINT."""
+    def run_until_signal(self, after_start: Callable[[], None] | None = None) -> None:
+        """Starts (then calls ``after_start``), and stops gracefully on SIGTERM or SIGINT."""
 
         def on_signal(signum: int, _frame: object) -> None:
             log.info("signal received, draining", extra={"signal": signum})
@@ -178,4 +178,6 @@ class ServiceHost:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.start()
+        if after_start is not None:
+            after_start()
         self.wait()

@@ -1,0 +1,56 @@
+"""The inference service's own configuration section (``inference:``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from strongroom.runtime.config import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model version to load at start-up."""
+
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Where the store and broker are, which models to load, and how to attest.
+
+    ``attester`` is ``auto`` in production (configfs-tsm, then the legacy guest devices). The
+    simulated TEE (``simulated``) exists for development only and is refused in production mode;
+    it then needs ``simulated_tee_dir`` and ``simulated_measurement`` (or ``simulated_mrtd``).
+    """
+
+    model_store: str
+    key_broker: str
+    models: tuple[ModelRef, ...] = ()
+    model_store_server_name: str = "modelstore"
+    key_broker_server_name: str = "keybroker"
+    attester: Literal["auto", "configfs-tsm", "sev-guest", "tdx-guest", "simulated"] = "auto"
+    simulated_tee_dir: Path | None = None
+    simulated_tee_type: Literal["SEV_SNP", "TDX"] = "SEV_SNP"
+    simulated_measurement: str | None = None
+    simulated_policy: int | None = None
+    decrypt_threads: int = 2
+    load_timeout_seconds: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.attester == "simulated":
+            if self.simulated_tee_dir is None or self.simulated_measurement is None:
+                raise ConfigError(
+                    "inference.attester simulated needs simulated_tee_dir and simulated_measurement"
+                )
+            try:
+                if len(bytes.fromhex(self.simulated_measurement)) != 48:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(
+                    "inference.simulated_measurement must be 96 hex characters"
+                ) from None
+        if not 1 <= self.decrypt_threads <= 64:
+            raise ConfigError("inference.decrypt_threads must be between 1 and 64")

@@ -1,0 +1,36 @@
+"""ModelControlService: load and unload models on request (admin identity)."""
+
+from __future__ import annotations
+
+import grpc
+
+from strongroom.api.inference.v1 import model_control_pb2 as pb
+from strongroom.api.inference.v1 import model_control_pb2_grpc as pb_grpc
+from strongroom.inference.loader import ModelLoader
+from strongroom.inference.models import ModelRepository, check_model_name, check_model_version
+
+CONTROL_SERVICE = "strongroom.api.inference.v1.ModelControlService"
+
+
+class ModelControlServicer(pb_grpc.ModelControlServiceServicer):
+    """Thin adapter over :class:`ModelLoader` and :class:`ModelRepository`."""
+
+    def __init__(self, loader: ModelLoader, repository: ModelRepository) -> None:
+        self._loader = loader
+        self._repository = repository
+
+    def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.ServicerContext
+    ) -> pb.LoadModelResponse:
+        name = check_model_name(request.name)
+        version = check_model_version(request.version)
+        result = self._loader.load(name, version)
+        return pb.LoadModelResponse(timings=result.timings, decision_id=result.decision_id)
+
+    def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        name = check_model_name(request.name)
+        version = check_model_version(request.version) if request.version else None
+        self._repository.unload(name, version)
+        return pb.UnloadModelResponse()

@@ -1,0 +1,175 @@
+"""Assembles and runs the inference service inside a confidential VM."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.trace import TracerProvider
+
+# Imported first: it disables ONNX Runtime's telemetry before onnxruntime is loaded anywhere.
+from strongroom.api.inference.v1 import attestation_pb2_grpc, model_control_pb2_grpc
+from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
+from strongroom.inference.attesters import Attester, SimulatedTee, TeeType, select_attester
+from strongroom.inference.config import InferenceConfig
+from strongroom.inference.control import CONTROL_SERVICE, ModelControlServicer
+from strongroom.inference.evidence_service import InferenceAttestationServicer
+from strongroom.inference.keyrelease import KeyReleaseClient
+from strongroom.inference.loader import ModelLoader
+from strongroom.inference.models import ModelRepository
+from strongroom.inference.oip import OipServicer
+from strongroom.pki.identity import WorkloadIdentity
+from strongroom.runtime.bootstrap import RoleTable, build_host, open_identity
+from strongroom.runtime.config import CommonConfig, load_service_config
+from strongroom.runtime.errors import StrongroomError
+from strongroom.runtime.logs import configure_logging
+from strongroom.runtime.server import ServiceHost, ServiceSpec
+from strongroom.runtime.tracing import make_tracer_provider, traced_channel
+
+log = logging.getLogger(__name__)
+
+OIP_SERVICE = "inference.GRPCInferenceService"
+EVIDENCE_SERVICE = "strongroom.api.inference.v1.InferenceAttestationService"
+ROLE_RULES: dict[str, tuple[str, ...]] = {
+    OIP_SERVICE: ("client", "admin"),
+    EVIDENCE_SERVICE: ("client", "admin"),
+    CONTROL_SERVICE: ("admin",),
+}
+
+
+def make_attester(common: CommonConfig, config: InferenceConfig) -> Attester:
+    """The configured attester; the simulated one only in development mode."""
+    if config.attester != "simulated":
+        return select_attester(config.attester, production=common.production)
+    from strongroom.attestation.simulated import SimulatedAuthority
+
+    assert config.simulated_tee_dir is not None and config.simulated_measurement is not None
+    authority = SimulatedAuthority.load(config.simulated_tee_dir)
+    measurement = bytes.fromhex(config.simulated_measurement)
+    claims: dict[str, Any]
+    simulator: SimulatedTee
+    if config.simulated_tee_type == "TDX":
+        tee_type, simulator, claims = TeeType.TDX, authority.tdx(), {"mrtd": measurement}
+    else:
+        tee_type, simulator, claims = TeeType.SEV_SNP, authority.snp(), {"measurement": measurement}
+        if config.simulated_policy is not None:
+            claims["policy"] = config.simulated_policy
+    log.warning("DEVELOPMENT MODE: attesting with the SIMULATED TEE (%s)", tee_type.name)
+    return select_attester(
+        "simulated",
+        production=common.production,
+        simulator=simulator,
+        simulator_tee_type=tee_type,
+        simulator_claims=claims,
+    )
+
+
+@dataclass
+class InferenceServer:
+    """A running inference service; :meth:`close` stops it."""
+
+    host: ServiceHost
+    repository: ModelRepository
+    loader: ModelLoader
+    config: InferenceConfig
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def load_configured_models(self, *, wait: bool = False) -> None:
+        """Loads the configured models in the background (failures leave them not ready)."""
+
+        def run() -> None:
+            for ref in self.config.models:
+                try:
+                    self.loader.load(ref.name, ref.version)
+                except StrongroomError as exc:
+                    log.error("model %s/%s not loaded: %s", ref.name, ref.version, exc)
+
+        thread = threading.Thread(target=run, name="model-loader", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        if wait:
+            thread.join()
+
+    def close(self, grace: float | None = 0) -> None:
+        """Stops serving (draining for ``grace`` seconds)."""
+        self.host.stop(grace)
+
+
+def build(
+    common: CommonConfig,
+    config: InferenceConfig,
+    *,
+    identity: WorkloadIdentity,
+    tracer_provider: TracerProvider | None = None,
+    attester: Attester | None = None,
+) -> InferenceServer:
+    """Builds the (not yet started) inference service and its loader."""
+    provider = tracer_provider or make_tracer_provider("inference", common.tracing)
+    attester = attester or make_attester(common, config)
+    store_channel = traced_channel(
+        identity.channel(config.model_store, server_name=config.model_store_server_name), provider
+    )
+    broker_channel = traced_channel(
+        identity.channel(config.key_broker, server_name=config.key_broker_server_name), provider
+    )
+    repository = ModelRepository(expected=[m.name for m in config.models])
+    loader = ModelLoader(
+        repository,
+        store_channel=store_channel,
+        key_release=KeyReleaseClient(broker_channel, attester, identity.public_key_der),
+        tracer_provider=provider,
+        decrypt_threads=config.decrypt_threads,
+        timeout=config.load_timeout_seconds,
+    )
+    oip = OipServicer(repository)
+    evidence = InferenceAttestationServicer(attester, identity.public_key_der)
+    control = ModelControlServicer(loader, repository)
+
+    def models_ready() -> str | None:
+        return None if repository.server_ready() else "models not ready"
+
+    host = build_host(
+        common,
+        identity=identity,
+        services=[
+            ServiceSpec(
+                OIP_SERVICE,
+                lambda s: oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, s),
+                (models_ready,),
+            ),
+            ServiceSpec(
+                EVIDENCE_SERVICE,
+                lambda s: attestation_pb2_grpc.add_InferenceAttestationServiceServicer_to_server(
+                    evidence, s
+                ),
+            ),
+            ServiceSpec(
+                CONTROL_SERVICE,
+                lambda s: model_control_pb2_grpc.add_ModelControlServiceServicer_to_server(
+                    control, s
+                ),
+            ),
+        ],
+        roles=RoleTable(ROLE_RULES),
+        tracer_provider=provider,
+    )
+    return InferenceServer(host=host, repository=repository, loader=loader, config=config)
+
+
+def serve(config_path: Path | None) -> int:
+    """``strongroom serve inference``: loads the configured models and serves until SIGTERM."""
+    common, config = load_service_config(config_path, "inference", InferenceConfig)
+    configure_logging(common.logging, "inference")
+    identity = open_identity(common.identity)
+    try:
+        server = build(common, config, identity=identity)
+        try:
+            server.host.run_until_signal(after_start=server.load_configured_models)
+        finally:
+            server.close()
+    finally:
+        identity.close()
+    return 0
