@@ -249,3 +249,23 @@ def test_parsed_key_repr_and_digest() -> None:
     assert len(parsed.modulus) == 384
     assert "rsa-3072" in repr(parsed)
     assert parse_ephemeral_public_key(bytearray(der)) == parsed
+
+
+def test_cached_lookups_still_see_a_disable_on_another_replica(
+    softhsm_token: SoftHsmToken,
+    km: KeyManager,
+    model_key: DataKey,
+    open_hsm: Callable[..., Hsm],
+    tee_key: rsa.RSAPrivateKey,
+) -> None:
+    other = KeyManager(open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b"))))
+    target = spki(tee_key)
+    km.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])  # cached now
+    other.disable_key("model", 1)
+    with pytest.raises(FailedPrecondition) as info:  # refused by the HSM despite the cache
+        km.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
+    assert info.value.reason == "KEY_DISABLED"
+    other.enable_key("model", 1)
+    fresh = KeyManager(km.hsm, lookup_cache_ttl=0)
+    out, _ = fresh.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
+    assert tee_key.decrypt(out, OAEP_SHA1) == model_key.dek

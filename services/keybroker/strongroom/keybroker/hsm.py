@@ -170,11 +170,13 @@ class HsmStatus:
 class HsmSession:
     """The logged-in session an operation runs with. Valid only on the HSM worker thread."""
 
-    def __init__(self, lib: Any, token: Any, session: Any) -> None:
+    def __init__(self, lib: Any, token: Any, session: Any, generation: int) -> None:
         self._lib = lib
         self._token = token
         #: the python-pkcs11 ``Session`` (R/W, user logged in)
         self.session = session
+        #: increases with every (re)connection; object handles from another generation are void
+        self.generation = generation
 
     def token_answers(self) -> bool:
         """Whether the module still lists the slot and the token answers ``C_GetTokenInfo``."""
@@ -455,7 +457,7 @@ class Hsm:
             ) from exc
         except p11x.PKCS11Error as exc:
             raise HsmUnavailable(f"cannot open a session ({errs.describe(exc)})") from exc
-        conn = HsmSession(self._lib, token, session)
+        conn = HsmSession(self._lib, token, session, self._generation + 1)
         try:
             supported = _probe_oaep(session)
         except p11x.PKCS11Error as exc:
