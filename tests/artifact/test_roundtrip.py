@@ -363,3 +363,26 @@ def test_output_buffer_sizes() -> None:
         buf[-1:] = b"\x01" if size else b""
     with pytest.raises(ValueError):
         output_buffer(-1)
+
+
+def test_decrypt_into_a_caller_buffer(dek: bytearray, make_artifact: Any) -> None:
+    plaintext, artifact = make_artifact(5 * CHUNK + 9)
+    reader = ArtifactReader(artifact)
+    out = bytearray(len(plaintext))
+    for threads in (1, 2):
+        reader.decrypt_into(dek, out, threads=threads, verify_digest=True)
+        assert out == plaintext
+    for bad in (bytearray(len(plaintext) - 1), memoryview(bytes(len(plaintext)))):
+        with pytest.raises(InvalidArgument) as info:
+            reader.decrypt_into(dek, bad)
+        assert info.value.reason == "INVALID_OUTPUT_BUFFER"
+    damaged = bytearray(artifact)
+    damaged[-40] ^= 1  # inside the final chunk: detected by the tail check, before the chunks
+    with pytest.raises(DecryptionFailed):
+        ArtifactReader(bytes(damaged)).decrypt_into(dek, out)
+    damaged = bytearray(artifact)
+    damaged[len(artifact) // 2] ^= 1
+    out[:] = b"\xff" * len(out)
+    with pytest.raises(DecryptionFailed):
+        ArtifactReader(bytes(damaged)).decrypt_into(dek, out)
+    assert out == bytearray(len(out))  # zeroed: no plaintext of any chunk is left behind

@@ -8,7 +8,9 @@ Every figure is measured in the same run as its baseline and reported with the r
   writer must hash the plaintext (one thread, run concurrently with encryption);
 * ``encrypt_stream``: the full writer (read into reused blocks, SHA-256 in a second thread,
   C2SP sealing, ``bytes`` output) to a null sink;
-* ``decrypt_all``: whole-artifact decryption into one buffer, 1 and 2 threads;
+* ``decrypt_all``: whole-artifact decryption into one new buffer, 1 and 2 threads, against raw
+  decryption into a fresh buffer (page faults included: any API returning new plaintext pays them)
+  and into a reused one; ``decrypt_into`` into a reused buffer against raw into a reused buffer;
 * ``stream_decrypt`` / ``buffered_stream_decrypt``: the download path, fed 1 MiB pieces;
 * ``memory``: peak RSS growth and tracemalloc peak of a separate process encrypting a file of
   ``stream_mib`` MiB (2048 for the 2 GiB figure) to a sink.
@@ -79,8 +81,14 @@ def _in_threads(threads: int, work: Callable[[int, int], None], count: int) -> N
         t.join()
 
 
-def _raw(plain: bytearray, key: bytes, threads: int) -> tuple[float, float]:
-    """Raw AES-256-GCM over ``plain`` in 16 KiB chunks: (encrypt seconds, decrypt seconds)."""
+def _raw(plain: bytearray, key: bytes, threads: int) -> tuple[float, float, float]:
+    """Raw AES-256-GCM over ``plain`` in 16 KiB chunks.
+
+    Returns seconds to encrypt, to decrypt into a reused (already faulted-in) buffer, and to decrypt
+    into a fresh buffer allocated like ``decrypt_all``'s (what any API returning new plaintext pays).
+    """
+    from strongroom.artifact._memory import output_buffer
+
     count = len(plain) // CHUNK
     sealed = bytearray(count * SEALED)
     src, ct = memoryview(plain), memoryview(sealed)
@@ -102,10 +110,16 @@ def _raw(plain: bytearray, key: bytes, threads: int) -> tuple[float, float]:
                 nonce, ct[i * SEALED : (i + 1) * SEALED], None, dst[i * CHUNK : (i + 1) * CHUNK]
             )
 
+    def dec_fresh() -> None:
+        nonlocal dst
+        dst = memoryview(output_buffer(len(plain)))
+        _in_threads(threads, dec, count)
+
     t_enc = _best(lambda: _in_threads(threads, enc, count))
     t_dec = _best(lambda: _in_threads(threads, dec, count))
     assert out == plain
-    return t_enc, t_dec
+    t_fresh = _best(dec_fresh)
+    return t_enc, t_dec, t_fresh
 
 
 def _throughput(size_mib: int, results: dict[str, Any]) -> None:
@@ -140,6 +154,10 @@ def _throughput(size_mib: int, results: dict[str, Any]) -> None:
     blob = bytes(artifact)
     reader = ArtifactReader(blob)
     t_dec = {t: _best(functools.partial(reader.decrypt_all, dek, threads=t)) for t in (1, 2)}
+    reused = bytearray(size)
+    t_into = {
+        t: _best(functools.partial(reader.decrypt_into, dek, reused, threads=t)) for t in (1, 2)
+    }
     t_dec_verify = _best(lambda: reader.decrypt_all(dek, threads=2, verify_digest=True), 1)
     assert reader.decrypt_all(dek) == plain
 
@@ -162,13 +180,17 @@ def _throughput(size_mib: int, results: dict[str, Any]) -> None:
     t_stream = _best(stream)
     t_buffered = {t: _best(functools.partial(buffered, t)) for t in (1, 2)}
 
-    raw_enc1, raw_dec1 = raw[1]
-    raw_enc2, raw_dec2 = raw[2]
+    raw_enc1, raw_dec1, raw_fresh1 = raw[1]
+    raw_enc2, raw_dec2, raw_fresh2 = raw[2]
     results["throughput"] = {
         "size_mib": size_mib,
         "chunk_bytes": CHUNK,
         "raw_encrypt_gbps": {"1_thread": _gbps(size, raw_enc1), "2_threads": _gbps(size, raw_enc2)},
         "raw_decrypt_gbps": {"1_thread": _gbps(size, raw_dec1), "2_threads": _gbps(size, raw_dec2)},
+        "raw_decrypt_fresh_buffer_gbps": {
+            "1_thread": _gbps(size, raw_fresh1),
+            "2_threads": _gbps(size, raw_fresh2),
+        },
         "sha256_gbps": _gbps(size, t_sha),
         "encrypt_stream_gbps": _gbps(size, t_enc),
         "encrypt_stream_vs_raw_encrypt_1_thread": round(raw_enc1 / t_enc, 3),
@@ -177,6 +199,18 @@ def _throughput(size_mib: int, results: dict[str, Any]) -> None:
         "decrypt_all_vs_raw": {
             "1_thread": round(raw_dec1 / t_dec[1], 3),
             "2_threads": round(raw_dec2 / t_dec[2], 3),
+        },
+        "decrypt_all_vs_raw_fresh_buffer": {
+            "1_thread": round(raw_fresh1 / t_dec[1], 3),
+            "2_threads": round(raw_fresh2 / t_dec[2], 3),
+        },
+        "decrypt_into_reused_buffer_gbps": {
+            "1_thread": _gbps(size, t_into[1]),
+            "2_threads": _gbps(size, t_into[2]),
+        },
+        "decrypt_into_vs_raw": {
+            "1_thread": round(raw_dec1 / t_into[1], 3),
+            "2_threads": round(raw_dec2 / t_into[2], 3),
         },
         "decrypt_all_2_threads_verify_digest_gbps": _gbps(size, t_dec_verify),
         "stream_decrypt_gbps": _gbps(size, t_stream),

@@ -216,45 +216,81 @@ class ArtifactReader:
     def decrypt_all(
         self, dek: bytearray | memoryview, *, threads: int = 2, verify_digest: bool = False
     ) -> bytearray:
-        """Decrypts the whole plaintext into one preallocated buffer, in ``threads`` threads.
+        """Decrypts the whole plaintext into one new buffer, in ``threads`` threads.
 
         Returns the buffer only if every chunk authenticated (and, with ``verify_digest``, if the
         SHA-256 of the plaintext equals the authenticated digest). On any failure the buffer is
-        zeroed, nothing is returned and DecryptionFailed is raised.
+        zeroed, nothing is returned and DecryptionFailed is raised. The buffer is allocated only
+        after the commitment has authenticated the header's ``plaintext_size``.
 
         ``verify_digest`` recomputes SHA-256 over the plaintext (about 2 GB/s, single-threaded):
         the AEAD already authenticates every byte, so this only matters when the digest itself is
         relied on, e.g. to check a signature bundle against the plaintext.
         """
+        ciphers, tail = self._prepare(dek, threads)
+        out = output_buffer(self.header.plaintext_size)  # fully written below, or wiped
+        self._decrypt(ciphers, tail, memoryview(out), verify_digest)
+        return out
+
+    def decrypt_into(
+        self,
+        dek: bytearray | memoryview,
+        out: bytearray | memoryview,
+        *,
+        threads: int = 2,
+        verify_digest: bool = False,
+    ) -> None:
+        """Like :meth:`decrypt_all`, into a caller's writable buffer of exactly ``plaintext_size``.
+
+        For callers that reuse (or pre-fault, or map with huge pages) their buffer. On any failure
+        every byte of ``out`` is zeroed before DecryptionFailed is raised.
+        """
+        dst = memoryview(out).cast("B")
+        if dst.readonly or dst.nbytes != self.header.plaintext_size:
+            raise InvalidArgument(
+                f"the output buffer must be {self.header.plaintext_size} writable bytes",
+                reason="INVALID_OUTPUT_BUFFER",
+            )
+        ciphers, tail = self._prepare(dek, threads)
+        self._decrypt(ciphers, tail, dst, verify_digest)
+
+    def _prepare(
+        self, dek: bytearray | memoryview, threads: int
+    ) -> tuple[list[c2sp.ChunkCipher], bytearray]:
+        """One cipher per thread (commitment checked) and the authenticated tail."""
         if not 1 <= threads <= MAX_THREADS:
             raise ValueError(f"threads must be between 1 and {MAX_THREADS}")
         header = self.header
-        size = header.plaintext_size
         preamble = self._read(header.header_size, c2sp.PREAMBLE_SIZE)
         ciphers = [
             c2sp.open_message(dek, preamble, header.encoded, suite=c2sp.AES_256_GCM)
             for _ in range(threads)
         ]
-        tail = self._open_tail(ciphers[0])
-        out = output_buffer(size)  # every byte is written below, or the whole buffer wiped
+        return ciphers, self._open_tail(ciphers[0])
+
+    def _decrypt(
+        self,
+        ciphers: list[c2sp.ChunkCipher],
+        tail: bytearray,
+        dst: memoryview,
+        verify_digest: bool,
+    ) -> None:
+        size = self.header.plaintext_size
         full = size // _CS  # chunks made only of plaintext; the rest is in `tail`
         try:
-            dst = memoryview(out)
             dst[full * _CS :] = memoryview(tail)[: size - full * _CS]
             if full:
                 self._decrypt_full_chunks(ciphers, full, dst)
             if verify_digest and not hmac.compare_digest(
-                hashlib.sha256(out).digest(), tail[-FOOTER_SIZE:]
+                hashlib.sha256(dst).digest(), tail[-FOOTER_SIZE:]
             ):
                 _log.debug("artifact: plaintext digest does not match")
                 raise DecryptionFailed()
-            dst.release()
         except BaseException:
-            wipe(out)
+            wipe(dst)
             raise
         finally:
             wipe(tail)
-        return out
 
     def _decrypt_full_chunks(
         self, ciphers: list[c2sp.ChunkCipher], full: int, dst: memoryview
