@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.pki import StepCa, WorkloadIdentity, init_ca, mint_token
 from strongroom.pki.identity import RenewalPolicy
@@ -251,7 +252,11 @@ class DevStack:
     # ------------------------------------------------------------------ services
 
     def start_in_process(
-        self, service: str, section: dict[str, Any] | None = None
+        self,
+        service: str,
+        section: dict[str, Any] | None = None,
+        *,
+        tracer_provider: TracerProvider | None = None,
     ) -> RunningService:
         """Starts ``service`` in this process from its configuration file (for tests)."""
         import importlib
@@ -269,7 +274,7 @@ class DevStack:
         from strongroom.runtime.bootstrap import open_identity
 
         identity = open_identity(common.identity)
-        handle = server.build(common, config, identity=identity)
+        handle = server.build(common, config, identity=identity, tracer_provider=tracer_provider)
         handle.host.start()
 
         def stop() -> None:

@@ -7,7 +7,7 @@ and passes it to the gRPC server and client interceptors explicitly.
 from __future__ import annotations
 
 import grpc
-from opentelemetry.instrumentation.grpc import client_interceptor, server_interceptor
+from opentelemetry.instrumentation.grpc import client_interceptor, grpcext, server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
@@ -42,4 +42,9 @@ def server_tracing_interceptor(provider: TracerProvider) -> ServerInterceptor:
 
 def traced_channel(channel: grpc.Channel, provider: TracerProvider) -> grpc.Channel:
     """Wraps a client channel so every call starts a client span and propagates its context."""
-    return grpc.intercept_channel(channel, client_interceptor(tracer_provider=provider))  # type: ignore[no-untyped-call]
+    # OpenTelemetry's interceptor implements its own extension interface, applied by its grpcext.
+    channel_out: grpc.Channel = grpcext.intercept_channel(
+        channel,
+        client_interceptor(tracer_provider=provider),  # type: ignore[no-untyped-call]
+    )
+    return channel_out

@@ -1,0 +1,325 @@
+"""The whole lifecycle across all three services: real step-ca, SoftHSM2, mTLS and ONNX Runtime.
+
+Train → publish (encrypted at birth) → store → attested load in the "confidential VM" → serve over
+OIP v2; then the refusals: a tampered artifact, a measurement outside the policy, a debug VM, and
+clients without a valid certificate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from strongroom.api.inference.v1 import model_control_pb2 as control_pb
+from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
+from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
+from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
+from strongroom.attestation.simulated import SimulatedAuthority
+from strongroom.devstack import DevStack
+from strongroom.devstack.model import TrainedModel, train
+from strongroom.devstack.stack import DEMO_MEASUREMENT
+from strongroom.inference.attesters import SimulatedAttester, TeeType
+from strongroom.inference.keyrelease import KeyReleaseClient
+from strongroom.inference.loader import ModelLoader
+from strongroom.inference.models import ModelRepository
+from strongroom.modelstore.publish import publish_model
+from strongroom.pki import WorkloadIdentity
+
+KEY = "classifier"
+
+
+@dataclasses.dataclass
+class Lifecycle:
+    stack: DevStack
+    model: TrainedModel
+    admin: WorkloadIdentity
+    publisher: WorkloadIdentity
+    client: WorkloadIdentity
+    spans: InMemorySpanExporter
+
+    def control(self) -> control_grpc.ModelControlServiceStub:
+        return control_grpc.ModelControlServiceStub(self.stack.channel(self.admin, "inference"))
+
+    def oip(self, identity: WorkloadIdentity | None = None) -> oip_grpc.GRPCInferenceServiceStub:
+        return oip_grpc.GRPCInferenceServiceStub(
+            self.stack.channel(identity or self.client, "inference")
+        )
+
+    def publish(self, version: str, path: Path | None = None) -> None:
+        publish_model(
+            path or self.model.path,
+            name="classifier",
+            version=version,
+            key_id=KEY,
+            broker=self.stack.channel(self.publisher, "keybroker"),
+            store=self.stack.channel(self.publisher, "modelstore"),
+        )
+
+
+@pytest.fixture(scope="module")
+def life(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    # Restart the broker and store with the shared tracer so that one trace can span all three.
+    for name in ("keybroker", "modelstore"):
+        stack.services.pop(name).stop()
+        stack.start_in_process(name, tracer_provider=provider)
+    stack.start_in_process("inference", tracer_provider=provider)
+    admin, publisher, client = (stack.identity(n) for n in ("admin", "publisher", "client"))
+    kb_admin = kb_grpc.KeyAdminServiceStub(stack.channel(admin, "keybroker"))
+    kb_admin.CreateKey(kb_pb.CreateKeyRequest(key_id=KEY), timeout=30)
+    kb_admin.SetReleasePolicy(
+        kb_pb.SetReleasePolicyRequest(
+            key_id=KEY,
+            policy_document=f"""
+version: "lifecycle-1"
+allowed_spiffe_ids: ["{stack.spiffe_id("inference")}"]
+tee_types: [SEV_SNP]
+sev_snp:
+  allow_simulated: true
+  measurements: ["{DEMO_MEASUREMENT}"]
+""",
+        ),
+        timeout=10,
+    )
+    # A seed of its own, so that this run's weights (the on-disk canary below) are unique.
+    model = train(
+        tmp_path_factory.mktemp("model") / "model.onnx", seed=int.from_bytes(os.urandom(4))
+    )
+    life = Lifecycle(stack, model, admin, publisher, client, spans)
+    life.publish("1")
+    yield life
+
+
+def infer(life: Lifecycle, x: np.ndarray, version: str = "") -> np.ndarray:
+    request = oip_pb.ModelInferRequest(
+        model_name="classifier",
+        model_version=version,
+        inputs=[
+            oip_pb.ModelInferRequest.InferInputTensor(
+                name="input", datatype="FP32", shape=list(x.shape)
+            )
+        ],
+        raw_input_contents=[x.astype("<f4").tobytes()],
+    )
+    response = life.oip().ModelInfer(request, timeout=30)
+    out = response.outputs[0]
+    assert out.name == "probabilities" and out.datatype == "FP32"
+    return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(tuple(out.shape))
+
+
+def test_attested_load_then_inference_matches_the_plaintext_model(life: Lifecycle) -> None:
+    life.spans.clear()
+    response = life.control().LoadModel(
+        control_pb.LoadModelRequest(name="classifier", version="1"), timeout=120
+    )
+    assert response.decision_id
+    assert set(response.timings) == {"attest_and_release", "fetch_and_decrypt", "load"}
+    ready = life.oip().ModelReady(
+        oip_pb.ModelReadyRequest(name="classifier", version="1"), timeout=10
+    )
+    assert ready.ready
+    assert life.oip().ServerReady(oip_pb.ServerReadyRequest(), timeout=10).ready
+    np.testing.assert_allclose(
+        infer(life, life.model.sample), life.model.predict(life.model.sample), rtol=1e-5, atol=1e-6
+    )
+    x = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
+    np.testing.assert_allclose(infer(life, x), life.model.predict(x), rtol=1e-5, atol=1e-6)
+
+
+def test_one_trace_spans_inference_store_and_broker(life: Lifecycle) -> None:
+    life.spans.clear()
+    life.control().LoadModel(
+        control_pb.LoadModelRequest(name="classifier", version="1"), timeout=120
+    )
+    spans = life.spans.get_finished_spans()
+    load = next(s for s in spans if s.name == "strongroom.inference.load_model")
+    trace_id = load.context.trace_id
+    in_trace = {s.name for s in spans if s.context.trace_id == trace_id}
+    for method in (
+        "/strongroom.api.modelstore.v1.ModelStoreService/GetModel",
+        "/strongroom.api.keybroker.v1.KeyBrokerService/GetChallenge",
+        "/strongroom.api.keybroker.v1.KeyBrokerService/ReleaseKey",
+    ):
+        assert method in in_trace, f"{method} not in the load's trace: {sorted(in_trace)}"
+    servers = [s for s in spans if s.context.trace_id == trace_id and s.kind.name == "SERVER"]
+    assert {s.name for s in servers} >= {
+        "/strongroom.api.modelstore.v1.ModelStoreService/GetModel",
+        "/strongroom.api.keybroker.v1.KeyBrokerService/ReleaseKey",
+    }
+
+
+def test_plaintext_never_reaches_the_disk(life: Lifecycle) -> None:
+    # A distinctive run of the model's weights, as serialized in the plaintext ONNX file.
+    canary = life.model.weights.astype("<f4").tobytes()[:32]
+    assert canary in life.model.path.read_bytes()
+    life.control().LoadModel(
+        control_pb.LoadModelRequest(name="classifier", version="1"), timeout=120
+    )
+    hits = []
+    for root in (life.stack.root, Path(os.environ.get("TMPDIR", "/tmp"))):
+        for dirpath, _dirs, files in os.walk(root):
+            for f in files:
+                p = Path(dirpath, f)
+                if p == life.model.path or not p.is_file() or p.stat().st_size > 64 * 1024 * 1024:
+                    continue
+                try:
+                    if canary in p.read_bytes():
+                        hits.append(p)
+                except OSError:
+                    continue
+    assert hits == [], f"plaintext model bytes found on disk: {hits}"
+
+
+def test_tampered_artifact_is_refused_and_model_stays_unready(life: Lifecycle) -> None:
+    life.publish("tampered")
+    store = life.stack.services["modelstore"].handle.storage
+    record = store.stat("classifier", "tampered")
+    blob = next(p for p in (store.root / "blobs").rglob(record.artifact_sha256))
+    blob.chmod(0o600)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one bit in the middle of the body
+    blob.write_bytes(bytes(data))
+    with pytest.raises(grpc.RpcError) as info:
+        life.control().LoadModel(
+            control_pb.LoadModelRequest(name="classifier", version="tampered"), timeout=120
+        )
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS, info.value.details()  # type: ignore[attr-defined]
+    ready = life.oip().ModelReady(
+        oip_pb.ModelReadyRequest(name="classifier", version="tampered"), timeout=10
+    )
+    assert not ready.ready
+    # The good version keeps serving.
+    assert (
+        life.oip()
+        .ModelReady(oip_pb.ModelReadyRequest(name="classifier", version="1"), timeout=10)
+        .ready
+    )
+
+
+def other_vm_loader(life: Lifecycle, **claims: object) -> ModelLoader:
+    """The same loader code in another (simulated) VM with different launch claims."""
+    identity = life.stack.identity("inference")
+    authority = SimulatedAuthority.load(life.stack.root / "simulated-tee")
+    attester = SimulatedAttester(authority.snp(), TeeType.SEV_SNP, production=False, claims=claims)
+    return ModelLoader(
+        ModelRepository(),
+        store_channel=life.stack.channel(identity, "modelstore"),
+        key_release=KeyReleaseClient(
+            life.stack.channel(identity, "keybroker"), attester, identity.public_key_der
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({"measurement": bytes.fromhex("ab" * 48)}, "MEASUREMENT_NOT_ALLOWED"),
+        (
+            {"measurement": bytes.fromhex(DEMO_MEASUREMENT), "policy": 0x30000 | 1 << 19},
+            "DEBUG_FORBIDDEN",
+        ),
+    ],
+    ids=["measurement not in policy", "debug VM"],
+)
+def test_vm_outside_the_policy_gets_no_key(
+    life: Lifecycle, claims: dict[str, object], reason: str
+) -> None:
+    loader = other_vm_loader(life, **claims)
+    from strongroom.runtime.errors import StrongroomError
+
+    with pytest.raises(StrongroomError) as info:
+        loader.load("classifier", "1")
+    assert info.value.reason == reason
+    status = loader._repository.status("classifier")
+    assert not status.ready
+    assert status.versions[-1].failure is not None and status.versions[-1].failure.reason == reason
+
+
+def test_client_with_another_ca_certificate_is_rejected(life: Lifecycle, tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intruder")])
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(life.stack.spiffe_id("client"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    from cryptography.hazmat.primitives import serialization
+
+    creds = grpc.ssl_channel_credentials(
+        life.stack.ca.root_pem,  # type: ignore[union-attr]
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        cert.public_bytes(serialization.Encoding.PEM),
+    )
+    channel = grpc.secure_channel(
+        life.stack.address("inference"),
+        creds,
+        options=[("grpc.ssl_target_name_override", "inference")],
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        oip_grpc.GRPCInferenceServiceStub(channel).ServerLive(
+            oip_pb.ServerLiveRequest(), timeout=10
+        )
+    # Rejected in the TLS handshake, before any handler (see pki/README.md).
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    channel.close()
+
+
+def test_client_without_certificate_is_rejected(life: Lifecycle) -> None:
+    channel = grpc.secure_channel(
+        life.stack.address("inference"),
+        grpc.ssl_channel_credentials(life.stack.ca.root_pem),  # type: ignore[union-attr]
+        options=[("grpc.ssl_target_name_override", "inference")],
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        oip_grpc.GRPCInferenceServiceStub(channel).ServerLive(
+            oip_pb.ServerLiveRequest(), timeout=10
+        )
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    channel.close()
+
+
+def test_valid_certificate_wrong_identity_is_denied(life: Lifecycle) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        life.oip(life.publisher).ServerLive(oip_pb.ServerLiveRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    with pytest.raises(grpc.RpcError) as info:
+        control_grpc.ModelControlServiceStub(
+            life.stack.channel(life.client, "inference")
+        ).LoadModel(control_pb.LoadModelRequest(name="classifier", version="1"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
