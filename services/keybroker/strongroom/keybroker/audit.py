@@ -36,6 +36,7 @@ import enum
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import math
@@ -48,7 +49,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -603,21 +604,21 @@ def verify_audit_log(
     """
     path = Path(path)
     hpath = head_path(path)
+    stream: BinaryIO
     try:
-        data = path.read_bytes()
+        stream = path.open("rb")
     except FileNotFoundError:
         if not hpath.exists():
             raise NotFound(f"no audit log at {path}", reason=Reason.AUDIT_LOG_NOT_FOUND) from None
-        data = b""
+        stream = io.BytesIO()
     checked = public_key is not None
-    lines = data.split(b"\n")
-    torn = lines.pop()  # b"" when the file ends with a newline
     prev = GENESIS_HASH
+    count = 0
 
-    def fail(problem: str, number: int | None, message: str, records: int) -> AuditVerification:
+    def fail(problem: str, number: int | None, message: str) -> AuditVerification:
         return AuditVerification(
             intact=False,
-            records=records,
+            records=count,
             last_hash=prev,
             signature_checked=checked,
             problem=problem,
@@ -625,61 +626,65 @@ def verify_audit_log(
             message=message,
         )
 
-    for index, line in enumerate(lines):
-        number = index + 1
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not an object")
-            claimed = record.pop("hash")
-            seq, back = record["seq"], record["prev"]
-        except (ValueError, KeyError, TypeError):
-            return fail("RECORD_MALFORMED", number, f"record {number} is not a valid record", index)
-        if canonical_json({**record, "hash": claimed}) != line or record_hash(record) != claimed:
-            return fail("RECORD_MODIFIED", number, f"record {number} was modified", index)
-        if seq != index:
-            return fail(
-                "SEQUENCE_BROKEN",
-                number,
-                f"record {number} has sequence number {seq}: records were inserted, deleted or reordered",
-                index,
-            )
-        if back != prev:
-            return fail(
-                "CHAIN_BROKEN", number, f"record {number} does not follow record {index}", index
-            )
-        prev = claimed
-    count = len(lines)
-    if torn:
-        return fail("RECORD_TRUNCATED", count + 1, f"record {count + 1} is cut off mid-line", count)
+    with stream:
+        while raw := stream.readline(MAX_RECORD_BYTES + 1):
+            number = count + 1
+            if not raw.endswith(b"\n"):
+                if len(raw) > MAX_RECORD_BYTES:
+                    return fail("RECORD_MALFORMED", number, f"record {number} is too long")
+                return fail("RECORD_TRUNCATED", number, f"record {number} is cut off mid-line")
+            line = raw[:-1]
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+                claimed = record.pop("hash")
+                seq, back = record["seq"], record["prev"]
+            except (ValueError, KeyError, TypeError):
+                return fail("RECORD_MALFORMED", number, f"record {number} is not a valid record")
+            if (
+                canonical_json({**record, "hash": claimed}) != line
+                or record_hash(record) != claimed
+            ):
+                return fail("RECORD_MODIFIED", number, f"record {number} was modified")
+            if seq != count:
+                return fail(
+                    "SEQUENCE_BROKEN",
+                    number,
+                    f"record {number} has sequence number {seq}: "
+                    "records were inserted, deleted or reordered",
+                )
+            if back != prev:
+                return fail(
+                    "CHAIN_BROKEN", number, f"record {number} does not follow record {count}"
+                )
+            prev = claimed
+            count += 1
     try:
         raw_head = hpath.read_bytes()
     except FileNotFoundError:
-        return fail("HEAD_MISSING", None, f"the signed head {hpath.name} is missing", count)
+        return fail("HEAD_MISSING", None, f"the signed head {hpath.name} is missing")
     try:
         head, _ = _parse_head(raw_head, public_key)
     except InvalidSignature:
-        return fail("HEAD_SIGNATURE_INVALID", None, "the head's signature is not valid", count)
+        return fail("HEAD_SIGNATURE_INVALID", None, "the head's signature is not valid")
     except (ValueError, KeyError, TypeError, binascii.Error):
-        return fail("HEAD_MALFORMED", None, "the head is malformed", count)
+        return fail("HEAD_MALFORMED", None, "the head is malformed")
     if count < head.count:
         return fail(
             "TAIL_TRUNCATED",
             count + 1,
-            f"the head anchors {head.count} records but the log has {count}: records were removed from the end",
-            count,
+            f"the head anchors {head.count} records but the log has {count}: "
+            "records were removed from the end",
         )
     if count > head.count:
         return fail(
             "UNANCHORED_RECORDS",
             head.count + 1,
             f"records {head.count + 1}..{count} are not covered by the signed head",
-            count,
         )
     if prev != head.last_hash:
-        return fail(
-            "HEAD_MISMATCH", count or None, "the last record does not match the head", count
-        )
+        return fail("HEAD_MISMATCH", count or None, "the last record does not match the head")
     return AuditVerification(
         intact=True,
         records=count,

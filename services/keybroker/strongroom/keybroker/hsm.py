@@ -42,6 +42,7 @@ import ctypes
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -107,10 +108,12 @@ def _attribute_mapper() -> AttributeMapper:
     width = ctypes.sizeof(ctypes.c_ulong)
 
     def pack(value: Any) -> bytes:
-        return b"".join(int(m).to_bytes(width, "little") for m in value)
+        return b"".join(int(m).to_bytes(width, sys.byteorder) for m in value)
 
     def unpack(raw: bytes) -> list[int]:
-        return [int.from_bytes(raw[i : i + width], "little") for i in range(0, len(raw), width)]
+        return [
+            int.from_bytes(raw[i : i + width], sys.byteorder) for i in range(0, len(raw), width)
+        ]
 
     mapper.register_handler(Attribute.ALLOWED_MECHANISMS, pack, unpack)
     return mapper
