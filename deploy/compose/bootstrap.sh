@@ -10,10 +10,13 @@
 #    never sees another's token. Tokens are minted offline (no CA round trip) and expire after
 #    STRONGROOM_TOKEN_LIFETIME; the SPIFFE ID and DNS SANs come from the identity's config file, so the
 #    token always matches the CSR the service will send.
-# 3. Key broker secrets (DEVELOPMENT only, kept on the keybroker-secrets volume): HSM user PIN and the
-#    32-byte nonce key, created once and never overwritten (the PIN protects the existing token).
+# 3. Key broker secrets (DEVELOPMENT only, kept on the keybroker-secrets volume): HSM user PIN, the
+#    32-byte nonce key and the audit log's Ed25519 head-signing key (its public half beside it, for
+#    `strongroom audit verify`), created once and never overwritten (the PIN protects the token).
 # 4. DEVELOPMENT HSM: initialise the SoftHSM2 token unless it exists; the SO PIN is random, used once
 #    and discarded (a development token never needs SO operations again).
+# 5. Simulated TEE (development mode only): the fake AMD/Intel chain the simulated attester signs with
+#    and the broker trusts, created once on the simulated-tee volume.
 #
 # Secrets never appear on a command line or in the log; files are written with umask 077 and renamed
 # into place, so a reader never sees half a file.
@@ -30,6 +33,7 @@ token_root=${STRONGROOM_BOOTSTRAP_TOKEN_ROOT:-/run/strongroom/bootstrap}
 secrets_dir=${STRONGROOM_BOOTSTRAP_SECRETS_DIR:-/run/secrets}
 pki_public=${STRONGROOM_BOOTSTRAP_PKI_PUBLIC:-/run/strongroom/pki}
 hsm_dir=${STRONGROOM_BOOTSTRAP_HSM_DIR:-/var/lib/strongroom/softhsm}
+simulated_tee_dir=${STRONGROOM_BOOTSTRAP_SIMULATED_TEE_DIR:-/var/lib/strongroom/simulated-tee}
 hsm_label=${STRONGROOM_HSM_TOKEN_LABEL:-strongroom}
 hsm_module=${STRONGROOM_HSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 services=(keybroker modelstore inference)
@@ -94,6 +98,37 @@ init_broker_secrets() {
     head -c 32 /dev/urandom | write_atomic "$secrets_dir/nonce-key"
     log "generated the nonce key"
   fi
+  if [ ! -s "$secrets_dir/audit-key" ]; then
+    python3 - "$secrets_dir" <<'PY'
+import os
+import sys
+
+from strongroom.keybroker.audit import new_signing_key
+
+private_pem, public_pem = new_signing_key()
+for name, data, mode in (("audit-key.pub.pem", public_pem, 0o644), ("audit-key", private_pem, 0o600)):
+    path = os.path.join(sys.argv[1], name)
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path + ".tmp", mode)
+    os.replace(path + ".tmp", path)
+PY
+    log "generated the audit signing key"
+  fi
+}
+
+init_simulated_tee() {
+  if [ ! -d "$simulated_tee_dir" ]; then
+    log "no simulated-tee volume mounted; skipping the simulated TEE"
+  elif [ -s "$simulated_tee_dir/amd_trust.pem" ]; then
+    log "simulated TEE chain present"
+  else
+    python3 -c 'import sys
+from strongroom.attestation.simulated import SimulatedAuthority
+SimulatedAuthority.generate().save(sys.argv[1])' "$simulated_tee_dir"
+    log "generated the simulated TEE chain (DEVELOPMENT ONLY)"
+  fi
 }
 
 init_dev_hsm() {
@@ -113,6 +148,7 @@ case "${1:-all}" in
     for name in "${services[@]}" "${clients[@]}"; do mint_token "$name"; done
     init_broker_secrets
     init_dev_hsm
+    init_simulated_tee
     log "done"
     ;;
   token)

@@ -16,7 +16,11 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from strongroom.attestation.simulated import SimulatedAuthority
+from strongroom.keybroker.audit import load_signing_key
+from strongroom.runtime.secrets import Secret
 from tests.deploy.conftest import DEPLOY, ROOT, token_login_works
 
 SCRIPT = DEPLOY / "compose" / "bootstrap.sh"
@@ -51,7 +55,7 @@ def env(tmp_path: Path, softhsm_conf: Path) -> dict[str, str]:
     wrapper.chmod(0o755)
     for name in IDENTITIES:
         (tmp_path / "tokens" / name).mkdir(parents=True)
-    for name in ("ca", "secrets", "pki"):
+    for name in ("ca", "secrets", "pki", "simulated-tee"):
         (tmp_path / name).mkdir()
     return {
         "PATH": f"{bin_dir}:{venv_bin}:/usr/bin:/bin",
@@ -63,6 +67,7 @@ def env(tmp_path: Path, softhsm_conf: Path) -> dict[str, str]:
         "STRONGROOM_BOOTSTRAP_SECRETS_DIR": str(tmp_path / "secrets"),
         "STRONGROOM_BOOTSTRAP_PKI_PUBLIC": str(tmp_path / "pki"),
         "STRONGROOM_BOOTSTRAP_HSM_DIR": str(softhsm_conf.parent / "softhsm"),
+        "STRONGROOM_BOOTSTRAP_SIMULATED_TEE_DIR": str(tmp_path / "simulated-tee"),
     }
 
 
@@ -114,11 +119,27 @@ def test_bootstrap_prepares_everything_and_is_idempotent(
     # The SO PIN was used once and thrown away.
     assert not list(tmp_path.glob("**/so-pin*"))
 
-    saved = (pin.read_bytes(), nonce_key.read_bytes(), root.read_bytes())
+    # The audit head-signing key: private 0600, public beside it for `strongroom audit verify`.
+    audit_key = tmp_path / "secrets" / "audit-key"
+    assert mode(audit_key) == 0o600
+    key = load_signing_key(Secret(audit_key.read_bytes()))
+    public = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    assert (tmp_path / "secrets" / "audit-key.pub.pem").read_bytes() == public
+
+    # The simulated TEE chain (development): loadable by the simulated attester, roots for the broker.
+    tee = tmp_path / "simulated-tee"
+    assert (tee / "amd_trust.pem").is_file() and (tee / "intel_root.pem").is_file()
+    SimulatedAuthority.load(tee)
+
+    def state() -> tuple[bytes, ...]:
+        files = (pin, nonce_key, root, audit_key, tee / "amd_trust.pem", tee / "ark.key")
+        return tuple(f.read_bytes() for f in files)
+
+    saved = state()
     second = bootstrap(env)
     assert second.returncode == 0, second.stderr
     assert "already present" in second.stderr
-    assert (pin.read_bytes(), nonce_key.read_bytes(), root.read_bytes()) == saved
+    assert state() == saved
     for name in IDENTITIES:  # fresh one-time tokens on every run
         assert (tmp_path / "tokens" / name / f"{name}.token").read_text().strip() != tokens[name]
 

@@ -12,7 +12,10 @@ import pytest
 import yaml
 
 from strongroom.cli.main import build_parser
-from strongroom.runtime.config import SERVICES, CommonConfig, build, load_mapping
+from strongroom.inference.config import InferenceConfig
+from strongroom.keybroker.config import KeybrokerConfig
+from strongroom.modelstore.config import ModelstoreConfig
+from strongroom.runtime.config import SERVICES, load_service_config
 from tests.deploy.conftest import DEPLOY, ROOT, load_compose
 
 COMPOSE_DIR = DEPLOY / "compose"
@@ -21,6 +24,11 @@ SECRETISH = re.compile(r"PIN|PASSW|SECRET|TOKEN|KEY|CREDENTIAL|PRIVATE", re.IGNO
 # Names that match SECRETISH but hold no secret (a label and a duration).
 NOT_SECRET_ENV = {"STRONGROOM_HSM_TOKEN_LABEL", "STRONGROOM_TOKEN_LIFETIME"}
 TOOLS = {"publisher", "admin", "client"}
+SECTION_CLASSES: dict[str, type[Any]] = {
+    "keybroker": KeybrokerConfig,
+    "modelstore": ModelstoreConfig,
+    "inference": InferenceConfig,
+}
 # Images we do not build: their health cannot be checked from inside (collector) or they are one-shot.
 NO_HEALTHCHECK = {"bootstrap", "otel-collector", *TOOLS}
 
@@ -142,6 +150,7 @@ def test_each_identity_sees_only_its_own_token_and_secrets(compose: dict[str, An
     assert owners["step-ca"] == {"step-ca", "bootstrap"}
     assert owners["keybroker-secrets"] == {"keybroker", "bootstrap"}
     assert owners["keybroker-hsm"] == {"keybroker", "bootstrap"}
+    assert owners["simulated-tee"] == {"keybroker", "inference", "bootstrap"}
     # Everyone else only reads the root certificate.
     for name, sources in mounts.items():
         if name != "bootstrap" and "pki-public" in sources:
@@ -155,21 +164,50 @@ def test_no_secret_in_compose_environment(compose: dict[str, Any]) -> None:
                 assert str(value).startswith("/"), f"{name}: {key} holds a literal, not a path"
 
 
+def _config_file(compose: dict[str, Any], name: str) -> Path:
+    service = compose["services"][name]
+    source = next(
+        v.split(":")[0] for v in service["volumes"] if ":/etc/strongroom/config.yaml" in v
+    )
+    return COMPOSE_DIR / source
+
+
 def test_service_configs_load_with_the_service_runtime(compose: dict[str, Any]) -> None:
     for name in SERVICES:
-        service = compose["services"][name]
-        source = next(
-            v.split(":")[0] for v in service["volumes"] if ":/etc/strongroom/config.yaml" in v
+        common, section = load_service_config(
+            _config_file(compose, name), name, SECTION_CLASSES[name], environ={}
         )
-        path = COMPOSE_DIR / source
-        data = load_mapping(path, environ={})
-        data.pop(name)
-        common = build(CommonConfig, data, "config")
         assert common.service == name
+        assert common.mode == "development"
         assert common.identity.ca_url == "https://step-ca:9000"
         assert common.identity.dns_names[0] == name
         assert common.identity.token_file == Path(f"/run/strongroom/bootstrap/{name}.token")
         assert common.tracing.otlp_endpoint == "http://otel-collector:4317"
+        mounts = {t.split(":")[0] for t in volume_sources(compose["services"][name]).values()}
+        for path in _paths(section):
+            # Every file or directory the configuration names is in the image (/usr) or on a mount.
+            assert str(path).startswith("/usr/") or any(str(path).startswith(m) for m in mounts), (
+                name,
+                path,
+            )
+
+
+def _paths(section: Any) -> list[Path]:
+    return [v for v in vars(section).values() if isinstance(v, Path)]
+
+
+def test_confidential_override_loads_in_production(compose: dict[str, Any]) -> None:
+    override = yaml.safe_load((COMPOSE_DIR / "docker-compose.confidential.yml").read_text())
+    for name in SERVICES:
+        environ = {str(k): str(v) for k, v in override["services"][name]["environment"].items()}
+        common, section = load_service_config(
+            _config_file(compose, name), name, SECTION_CLASSES[name], environ=environ
+        )
+        assert common.production
+        if name == "keybroker":
+            assert section.allow_simulated_tee is False
+        if name == "inference":
+            assert section.attester == "auto"
 
 
 def test_confidential_override_turns_production_on() -> None:
