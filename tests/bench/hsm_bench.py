@@ -11,11 +11,16 @@ Figures (latency p50/p99 in microseconds, throughput in ops/s) for:
   ``software_rewrap`` (the same unwrap + OAEP re-wrap done in software with ``cryptography``).
 
 The token holds :data:`OTHER_KEYS` other keys, because SoftHSM2's object search scans every object.
+Also ``audit_append`` (one decision record: line + fsync, signed head written, fsync'd and
+renamed, directory fsync'd) against ``baseline_write_fsync`` (one bare write + fsync of a line of
+the same size) in the same directory.
+
 Ratios are release latency over each baseline. Usage: ``python -m tests.bench.run hsm``.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import threading
@@ -26,12 +31,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.keywrap import (
     aes_key_unwrap_with_padding,
     aes_key_wrap_with_padding,
 )
 from pkcs11 import Attribute, KeyType, Mechanism
 
+from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import KeyManager, ReleasedKey
 from strongroom.keybroker.oaep import OaepHash
@@ -42,6 +49,7 @@ SINGLE_OPS = 1500
 THREADS = 16
 OPS_PER_THREAD = 100
 OTHER_KEYS = 20
+AUDIT_OPS = 300
 
 
 def _latencies(fn: Callable[[], object], count: int) -> list[float]:
@@ -101,6 +109,46 @@ def run(results: dict[str, Any]) -> None:
         )
         with Hsm.open(config) as hsm:
             _measure(hsm, results)
+        _measure_audit(Path(tmp), results)
+
+
+def _measure_audit(directory: Path, results: dict[str, Any]) -> None:
+    key = Ed25519PrivateKey.generate()
+    event = AuditEvent(
+        decision=Decision.ALLOWED,
+        reason="OK",
+        caller_spiffe_id="spiffe://strongroom.bench/inference",
+        caller_cert_serial="1f2e3d",
+        evidence_sha256="ab" * 32,
+        claims={"measurement": "cd" * 48, "tcb": {"snp": 22, "microcode": 213}},
+        policy_version="bench-1",
+        key_id="bench",
+        key_version=1,
+        oaep_mechanism=OaepHash.SHA1.mechanism_label,
+    )
+    with AuditLog.open(directory / "audit.jsonl", key) as log:
+        log.append(event)
+        appended = _summary(_latencies(lambda: log.append(event), AUDIT_OPS))
+    line = (directory / "audit.jsonl").read_bytes().splitlines(keepends=True)[-1]
+    fd = os.open(directory / "plain.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+
+        def write_fsync() -> None:
+            os.write(fd, line)
+            os.fsync(fd)
+
+        bare = _summary(_latencies(write_fsync, AUDIT_OPS))
+    finally:
+        os.close(fd)
+    results.update(
+        {
+            "audit_append_1_thread": appended,
+            "baseline_write_fsync": bare,
+            "ratio_audit_append_p50_over_write_fsync": round(
+                appended["p50_us"] / bare["p50_us"], 2
+            ),
+        }
+    )
 
 
 def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
