@@ -368,6 +368,13 @@ class Hsm:
             else:
                 job.future.set_result(result)
         self._teardown()
+        while True:  # jobs queued while closing: their callers get HSM_CLOSED, not a timeout
+            try:
+                leftover = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if leftover is not None:
+                leftover.future.cancel()
 
     def _run(self, job: _Job) -> Any:
         if time.monotonic() >= job.deadline:
