@@ -1,0 +1,97 @@
+"""How operator commands reach the services: a client configuration and a workload identity.
+
+A client configuration (``--client-config FILE`` or ``$STRONGROOM_CLIENT_CONFIG``) names the
+caller's identity (enrolled once with a one-time token, then persisted in ``state_dir``) and the
+services' addresses::
+
+    identity: {trust_domain: …, spiffe_id: spiffe://…/admin, ca_url: https://…, ca_root_file: …,
+               token_file: …, state_dir: …}
+    keybroker: keybroker.example:7443
+    modelstore: modelstore.example:7443
+    inference: inference.example:7443
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from strongroom.pki.identity import WorkloadIdentity
+from strongroom.runtime.bootstrap import open_identity
+from strongroom.runtime.config import ConfigError, IdentityConfig, build, load_mapping
+
+CLIENT_CONFIG_ENV = "STRONGROOM_CLIENT_CONFIG"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Identity and service addresses for operator commands."""
+
+    identity: IdentityConfig
+    keybroker: str | None = None
+    modelstore: str | None = None
+    inference: str | None = None
+    # Names the services' certificates carry, when the addresses differ (e.g. 127.0.0.1:port).
+    keybroker_server_name: str = "keybroker"
+    modelstore_server_name: str = "modelstore"
+    inference_server_name: str = "inference"
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--client-config``."""
+    parser.add_argument(
+        "--client-config",
+        type=Path,
+        default=None,
+        help=f"client configuration (default: ${CLIENT_CONFIG_ENV})",
+    )
+
+
+class Client:
+    """An operator's identity and channels to the services; close it when done."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.identity: WorkloadIdentity = open_identity(config.identity)
+        self._channels: list[grpc.Channel] = []
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Client:
+        """Loads the client configuration named on the command line or in the environment."""
+        path = args.client_config or (
+            Path(os.environ[CLIENT_CONFIG_ENV]) if os.environ.get(CLIENT_CONFIG_ENV) else None
+        )
+        if path is None:
+            raise ConfigError(
+                f"no client configuration: pass --client-config or set ${CLIENT_CONFIG_ENV}"
+            )
+        data: dict[str, Any] = load_mapping(path, environ={})
+        return cls(build(ClientConfig, data, "client"))
+
+    def channel(self, service: str) -> grpc.Channel:
+        """An mTLS channel to ``service`` (keybroker, modelstore or inference)."""
+        address = getattr(self.config, service)
+        if not address:
+            raise ConfigError(f"the client configuration has no address for {service}")
+        channel = self.identity.channel(
+            address, server_name=getattr(self.config, f"{service}_server_name")
+        )
+        self._channels.append(channel)
+        return channel
+
+    def close(self) -> None:
+        """Closes the channels and stops the identity's renewal."""
+        for channel in self._channels:
+            channel.close()
+        self.identity.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
