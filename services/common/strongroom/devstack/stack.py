@@ -64,6 +64,7 @@ class RunningService:
     stop: Callable[[], None]
     process: subprocess.Popen[bytes] | None = None
     handle: Any = None  # the in-process service object (KeyBroker, ModelStore, ...)
+    kind: str = ""  # the service type, when ``name`` is a second instance
 
 
 @dataclass
@@ -185,21 +186,28 @@ class DevStack:
         """Where :meth:`write_config` puts the service's configuration."""
         return self.root / "config" / f"{service}.yaml"
 
-    def write_config(self, service: str, section: dict[str, Any] | None = None) -> Path:
-        """Writes the service's configuration file and its one-time enrolment token."""
+    def write_config(
+        self, service: str, section: dict[str, Any] | None = None, *, instance: str | None = None
+    ) -> Path:
+        """Writes the service's configuration file and its one-time enrolment token.
+
+        ``instance`` names a second copy of a service (its own ports, state and files; the same
+        SPIFFE ID).
+        """
+        instance = instance or service
         ca = self.start_ca()
-        state = self.root / "state" / service
+        state = self.root / "state" / instance
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         token_file = _write_secret(
-            self.secrets_dir / f"{service}.token",
+            self.secrets_dir / f"{instance}.token",
             self.token(service, [service, "localhost"]).encode(),
         )
-        self.port(service)
+        self.port(instance)
         document: dict[str, Any] = {
             "service": service,
             "mode": "development",
-            "listen": self.address(service),
-            "health_listen": f"127.0.0.1:{self._ports[f'{service}-health']}",
+            "listen": self.address(instance),
+            "health_listen": f"127.0.0.1:{self._ports[f'{instance}-health']}",
             "identity": {
                 "trust_domain": self.trust_domain,
                 "spiffe_id": self.spiffe_id(service),
@@ -213,7 +221,32 @@ class DevStack:
             "authz": {role: [self.spiffe_id(role)] for role in ROLES},
             service: section if section is not None else self.default_section(service),
         }
-        path = self.config_path(service)
+        path = self.config_path(instance)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        return path
+
+    def write_client_config(self, role: str) -> Path:
+        """A CLI client configuration (``--client-config``) for ``role`` (admin, publisher, ...)."""
+        ca = self.start_ca()
+        token_file = _write_secret(
+            self.secrets_dir / f"client-{role}.token", self.token(role).encode()
+        )
+        document = {
+            "identity": {
+                "trust_domain": self.trust_domain,
+                "spiffe_id": self.spiffe_id(role),
+                "ca_url": ca.url,
+                "ca_root_file": str(ca.layout.root_cert_path),
+                "token_file": str(token_file),
+                "state_dir": str(self.root / "state" / f"client-{role}"),
+            },
+            **{
+                service: self.address(service)
+                for service in ("keybroker", "modelstore", "inference")
+            },
+        }
+        path = self.root / "config" / f"client-{role}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(document, sort_keys=False))
         return path
@@ -292,11 +325,13 @@ class DevStack:
         self.wait_serving(running)
         return running
 
-    def start_process(self, service: str, section: dict[str, Any] | None = None) -> RunningService:
+    def start_process(
+        self, service: str, section: dict[str, Any] | None = None, *, instance: str | None = None
+    ) -> RunningService:
         """Starts ``strongroom serve <service>`` as a child process (for the demo)."""
-        path = self.write_config(service, section)
-        log_path = self.root / "logs" / f"{service}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        instance = instance or service
+        path = self.write_config(service, section, instance=instance)
+        log_path = self.log_path(instance)
         with log_path.open("ab") as out:
             process = subprocess.Popen(
                 [
@@ -323,13 +358,14 @@ class DevStack:
                     process.wait(5)
 
         running = RunningService(
-            service,
-            self.address(service),
-            f"127.0.0.1:{self._ports[f'{service}-health']}",
+            instance,
+            self.address(instance),
+            f"127.0.0.1:{self._ports[f'{instance}-health']}",
             stop,
             process=process,
+            kind=service,
         )
-        self.services[service] = running
+        self.services[instance] = running
         try:
             self.wait_serving(running, log_path=log_path)
         except BaseException:
@@ -341,7 +377,7 @@ class DevStack:
         self, running: RunningService, *, timeout: float = 60.0, log_path: Path | None = None
     ) -> None:
         """Waits until the service's health port says SERVING (for the process to be up)."""
-        service = _UP_SERVICE.get(running.name, "")
+        service = _UP_SERVICE.get(running.kind or running.name, "")
         deadline = time.monotonic() + timeout
         last = "no answer"
         with grpc.insecure_channel(running.health_address) as channel:
@@ -362,9 +398,17 @@ class DevStack:
                 time.sleep(0.1)
         raise Unavailable(f"{running.name} is not serving after {timeout:.0f}s ({last})")
 
-    def channel(self, identity: WorkloadIdentity, service: str) -> grpc.Channel:
-        """An mTLS channel from ``identity`` to ``service``."""
-        return identity.channel(self.address(service), server_name=service)
+    def channel(
+        self, identity: WorkloadIdentity, service: str, *, instance: str | None = None
+    ) -> grpc.Channel:
+        """An mTLS channel from ``identity`` to ``service`` (or to a named second instance)."""
+        return identity.channel(self.address(instance or service), server_name=service)
+
+    def log_path(self, instance: str) -> Path:
+        """Where a child process's output goes."""
+        path = self.root / "logs" / f"{instance}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def close(self) -> None:
         """Stops every service, identity and the CA. Idempotent."""
