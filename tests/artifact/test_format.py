@@ -297,15 +297,21 @@ def test_header_larger_than_64_kib_is_rejected() -> None:
 _BUILD_ALIASES = {"wrapped_data_key": "wrapped_dek"}
 
 
-@pytest.mark.parametrize(("overrides", "reason"), BAD_FIELDS)
+def _buildable(overrides: dict[str, Any]) -> bool:
+    """Whether build_header can even be asked for this value (it fixes some fields itself)."""
+    if {"body_encryption", "chunk_size"} & overrides.keys():
+        return False
+    seconds, nanos = overrides.get("created_at", (1, 0))
+    return bool(0 <= nanos < 1_000_000_000 and 0 <= seconds < 253402300800)  # fits a datetime
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"), [case for case in BAD_FIELDS if _buildable(case[0])]
+)
 def test_build_rejects_the_same_fields(overrides: dict[str, Any], reason: str) -> None:
     fields = {_BUILD_ALIASES.get(k, k): v for k, v in overrides.items()}
-    if {"body_encryption", "chunk_size"} & fields.keys():
-        pytest.skip("not settable through build_header")
     if "created_at" in fields:
-        seconds, nanos = fields.pop("created_at")
-        if not 0 <= nanos < 1_000_000_000 or not 0 <= seconds < 253402300800:
-            pytest.skip("not representable as a datetime")
+        seconds, _ = fields.pop("created_at")
         fields["created_at"] = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds)
     if "wrap_mechanism" in fields:
         fields["wrap_mechanism"] = int(fields["wrap_mechanism"])
