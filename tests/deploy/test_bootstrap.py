@@ -106,7 +106,7 @@ def test_bootstrap_prepares_everything_and_is_idempotent(
         claims = jwt_claims(tokens[name])
         # The CA signs only a CSR whose SANs equal the token's: exactly the config's identity.
         assert claims["sub"] == identity["spiffe_id"]
-        assert claims["sans"] == [identity["spiffe_id"], *identity["dns_names"]]
+        assert claims["sans"] == [identity["spiffe_id"], *identity.get("dns_names", [])]
         assert claims["aud"] == "https://step-ca:9000/1.0/sign"
 
     pin = tmp_path / "secrets" / "hsm-pin"

@@ -12,9 +12,19 @@ import pytest
 import yaml
 
 from strongroom.cli.main import build_parser
-from strongroom.runtime.config import SERVICES, CommonConfig, build, load_mapping
+from strongroom.inference.config import InferenceConfig
+from strongroom.keybroker.audit import load_signing_key
+from strongroom.keybroker.config import KeybrokerConfig
+from strongroom.modelstore.config import ModelstoreConfig
+from strongroom.runtime.config import SERVICES, load_service_config
+from strongroom.runtime.secrets import Secret
 from tests.deploy.conftest import CHART, DEPLOY, VALUES_SETS, kind, render, run_helm_template
 
+SECTION_CLASSES: dict[str, type[Any]] = {
+    "keybroker": KeybrokerConfig,
+    "modelstore": ModelstoreConfig,
+    "inference": InferenceConfig,
+}
 SECRETISH = re.compile(r"PIN|PASSW|SECRET|TOKEN|KEY|CREDENTIAL|PRIVATE", re.IGNORECASE)
 # Environment names that match SECRETISH but carry no secret (checked: values are IDs/durations).
 NOT_SECRET_ENV = {"TOKEN_SPIFFE_ID", "TOKEN_DNS", "TOKEN_LIFETIME"}
@@ -131,9 +141,11 @@ def test_generated_secret_values_appear_nowhere_else(helm: str) -> None:
     (secret,) = [s for s in kind(docs, "Secret")]
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
-    assert set(data) == {"hsm-pin", "hsm-so-pin", "nonce-key"}
+    assert set(data) == {"hsm-pin", "hsm-so-pin", "nonce-key", "audit-key"}
     assert len(data["nonce-key"]) == 32
     assert len(data["hsm-pin"]) >= 16
+    # The broker's own loader accepts the generated audit signing key.
+    load_signing_key(Secret(data["audit-key"]))
     others = yaml.safe_dump_all([d for d in docs if d is not secret])
     for value in secret["data"].values():
         assert value not in others
@@ -185,19 +197,28 @@ def test_rendered_configs_load_with_the_service_runtime(
     for service, text in configs.items():
         path = tmp_path / f"{service}.yaml"
         path.write_text(text)
-        data = load_mapping(path, environ={})
-        section = data.pop(service)
-        common = build(CommonConfig, data, "config")
+        common, section = load_service_config(path, service, SECTION_CLASSES[service], environ={})
         assert common.service == service
         assert common.listen == "0.0.0.0:7443" and common.health_listen == "0.0.0.0:8081"
         assert common.mode == ("development" if values_set == "development" else "production")
         assert common.identity.token_file == Path(f"/run/strongroom/bootstrap/{service}.token")
-        assert isinstance(section, dict)
-        if service == "keybroker":
-            assert section["pin_file"] == "/run/secrets/hsm-pin"
-            assert section["allow_simulated_tee"] is (values_set == "development")
-        if service == "inference":
-            assert section["attester"] == ("simulated" if values_set == "development" else "auto")
+        if isinstance(section, KeybrokerConfig):
+            assert section.pin_file == Path("/run/secrets/hsm-pin")
+            assert section.audit_key_file == Path("/run/secrets/audit-key")
+            assert section.allow_simulated_tee is (values_set == "development")
+        if isinstance(section, InferenceConfig):
+            assert section.attester == ("simulated" if values_set == "development" else "auto")
+            assert section.key_broker == "keybroker:7443"
+            assert section.key_broker_server_name == "keybroker"
+        # Every path the configuration names is in the image (/usr) or on one of the pod's mounts.
+        (dep,) = [d for d in kind(docs, "Deployment") if component(d) == service]
+        (main,) = [c for w, c in containers(dep) if w == "main" and c["name"] == service]
+        mounts = [m["mountPath"] for m in main["volumeMounts"]]
+        named = [str(v) for v in vars(section).values() if isinstance(v, Path)]
+        for where in named:
+            assert where.startswith("/usr/") or any(
+                where == m or where.startswith(m.rstrip("/") + "/") for m in mounts
+            ), (service, where)
 
 
 def test_enrolment_token_matches_the_service_identity(
@@ -321,13 +342,11 @@ def test_existing_claims_are_used_instead_of_new_ones(helm: str, override: str) 
 
 
 OPTION_SETS = {
-    "object-store": (
-        "modelstore.objectStore.enabled=true",
-        "modelstore.objectStore.endpoint=https://s3.example.internal",
-        "modelstore.objectStore.bucket=models",
-        "modelstore.objectStore.credentialsSecret=s3-creds",
-        "modelstore.objectStore.egress[0].cidr=192.0.2.0/24",
-        "modelstore.objectStore.egress[0].port=443",
+    "external-ca": (
+        "stepCa.enabled=false",
+        "pki.caURL=https://ca.example.internal",
+        "pki.externalCAEgress[0].cidr=192.0.2.10/32",
+        "pki.externalCAEgress[0].port=443",
     ),
     "hsm-from-host": (
         "keybroker.hsm.type=pkcs11",
@@ -354,10 +373,11 @@ def test_option_combinations_render_valid_manifests(helm: str, option_set: str) 
     for doc in docs:
         kubernetes_validate.validate(doc, "1.31.0", strict=True)
     deps = {component(d): d for d in kind(docs, "Deployment")}
-    if option_set == "object-store":
-        config = yaml.safe_load(_configs(docs)["modelstore"])["modelstore"]
-        assert config["object_store"]["bucket"] == "models"
-        assert config["object_store"]["secret_access_key_file"].startswith("/run/secrets/")
+    if option_set == "external-ca":
+        assert "step-ca" not in deps
+        for service in SERVICES:
+            identity = yaml.safe_load(_configs(docs)[service])["identity"]
+            assert identity["ca_url"] == "https://ca.example.internal"
     if option_set == "hsm-from-host":
         pod = deps["keybroker"]["spec"]["template"]["spec"]
         (lib,) = [v for v in pod["volumes"] if v["name"] == "hsm-library"]

@@ -167,7 +167,9 @@ def test_no_secret_in_compose_environment(compose: dict[str, Any]) -> None:
 def _config_file(compose: dict[str, Any], name: str) -> Path:
     service = compose["services"][name]
     source: str = next(
-        v.split(":")[0] for v in service["volumes"] if ":/etc/strongroom/config.yaml" in v
+        v.split(":", maxsplit=1)[0]
+        for v in service["volumes"]
+        if ":/etc/strongroom/config.yaml" in v
     )
     return COMPOSE_DIR / source
 

@@ -80,7 +80,6 @@ def parties_for(values_set: str, docs: list[dict[str, Any]]) -> list[Party]:
             Party("other-internal-address", "10.60.0.1"),
             Party("external-ca", "10.20.0.10"),
             Party("hsm", "10.30.0.5"),
-            Party("object-store", "10.40.0.20"),
             pod(
                 "otel-collector",
                 "10.244.5.5",
@@ -122,7 +121,6 @@ DOCUMENTED_PRODUCTION: set[Flow] = {
     *{(s, "external-ca", "9000/TCP") for s in SERVICES},
     *{(s, "otel-collector", "4317/TCP") for s in SERVICES},
     ("keybroker", "hsm", "1792/TCP"),
-    ("modelstore", "object-store", "443/TCP"),
     *dns(*SERVICES),
 }
 DOCUMENTED = {

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
+from strongroom.attestation.simulated import SimulatedAuthority
 from tests.deploy.conftest import CHART, DEPLOY, ROOT, kind, render
 
 HOME = "/home/step"
@@ -292,3 +293,22 @@ def test_pki_secrets_match_the_values_file_maps(
     assert "root_ca_key" not in step_ca["data"]
     assert step_ca["metadata"]["name"] == values["stepCa"]["existingSecret"]
     assert provisioner["metadata"]["name"] == values["pki"]["provisionerSecret"]
+
+
+def test_simulated_tee_secret_is_what_the_development_values_mount(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(DEPLOY / "helm" / "pki_secrets.py"), "--namespace", "dev", "--out",
+         str(tmp_path / "pki"), "--strongroom", str(ROOT / ".venv" / "bin" / "strongroom"),
+         "--simulated-tee-secret", "strongroom-simulated-tee"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    docs = [json.loads(doc) for doc in result.stdout.split("\n---\n")]
+    assert len(docs) == 3
+    secret = docs[2]
+    development = yaml.safe_load((DEPLOY / "helm" / "values-development.yaml").read_text())
+    assert secret["metadata"]["name"] == development["simulatedTee"]["existingSecret"]
+    tee = tmp_path / "simulated-tee"
+    materialise(secret["data"], [{"key": k, "path": k} for k in secret["data"]], tee)
+    SimulatedAuthority.load(tee)  # what the simulated attester reads
+    assert (tee / "amd_trust.pem").is_file() and (tee / "intel_root.pem").is_file()  # the broker

@@ -114,15 +114,12 @@ class ServiceHost:
             self._health.set(spec.name, status)
 
     def _evaluate(self) -> None:
+        overall: str | None = None
         for spec in self._services:
             reason = next((r for r in (check() for check in spec.checks) if r), None)
-            status = SERVING if reason is None else NOT_SERVING
-            self._health.set(spec.name, status)
-            if reason is not None:
-                overall: str | None = f"{spec.name}: {reason}"
-                break
-        else:
-            overall = None
+            self._health.set(spec.name, SERVING if reason is None else NOT_SERVING)
+            if reason is not None and overall is None:
+                overall = f"{spec.name}: {reason}"
         if overall != self.not_ready_reason:
             if overall:
                 log.warning("not serving", extra={"reason": overall})
