@@ -206,15 +206,21 @@ def _refused(channel: grpc.Channel) -> bool:
 def test_each_service_reports_its_own_readiness() -> None:
     first, second = Behaviour(), Behaviour()
     spec_a = make_service(first)
-    spec_b = ServiceSpec(name="test.Other", register=lambda server: None, checks=(lambda: second.ready_reason,))
+    spec_b = ServiceSpec(
+        name="test.Other", register=lambda server: None, checks=(lambda: second.ready_reason,)
+    )
     first.ready_reason = "models not ready"
-    host = ServiceHost(listen="127.0.0.1:0", credentials=None, services=[spec_a, spec_b], check_interval=0.05)
+    host = ServiceHost(
+        listen="127.0.0.1:0", credentials=None, services=[spec_a, spec_b], check_interval=0.05
+    )
     host.start()
     try:
         SERVING = health_pb2.HealthCheckResponse.SERVING
         NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
         assert health_status(host.port, SERVICE) == NOT_SERVING
-        assert health_status(host.port, "test.Other") == SERVING, "a failing service must not hide the others"
+        assert health_status(host.port, "test.Other") == SERVING, (
+            "a failing service must not hide the others"
+        )
         assert health_status(host.port) == NOT_SERVING
     finally:
         host.stop(0)
