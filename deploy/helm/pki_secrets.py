@@ -8,6 +8,10 @@
 - ``strongroom-pki-provisioner`` (``pki.provisionerSecret``): what the pods' init containers need to
   mint one-time enrolment tokens (strongroom.json, the JWK provisioner key) and the root certificate.
 
+With ``--simulated-tee-secret NAME`` (DEVELOPMENT ONLY, for values-development.yaml) a third Secret
+holds a freshly generated simulated TEE chain (``simulatedTee.existingSecret``); run the script with
+the project's Python (``.venv/bin/python``) for that, as it imports strongroom.
+
 The PKI directory stays in ``--out``, including the ROOT KEY (secrets/root_ca_key): move it offline;
 it is needed only to issue a new intermediate. Nothing secret is printed anywhere but the manifests
 on stdout: pipe them to ``kubectl apply -f -`` or a sealed-secrets/SOPS pipeline, never to a shared
@@ -23,6 +27,7 @@ import base64
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Secret key -> path under the CA directory (the layout of `strongroom pki init`).
@@ -72,6 +77,16 @@ def _collect(ca_dir: Path, layout: dict[str, str]) -> dict[str, bytes]:
     return out
 
 
+def _simulated_tee() -> dict[str, bytes]:
+    """A new simulated TEE chain (certificates and keys), as SimulatedAuthority.save lays it out."""
+    # Imported here: only this development option needs the strongroom package.
+    from strongroom.attestation.simulated import SimulatedAuthority
+
+    with tempfile.TemporaryDirectory() as tmp:
+        SimulatedAuthority.generate().save(tmp)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -83,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-ca-secret", default="strongroom-step-ca")
     parser.add_argument("--provisioner-secret", default="strongroom-pki-provisioner")
     parser.add_argument("--strongroom", default="strongroom", help="the strongroom executable")
+    parser.add_argument(
+        "--simulated-tee-secret",
+        metavar="NAME",
+        help="also emit a simulated TEE Secret (development)",
+    )
     args = parser.parse_args(argv)
 
     pki_dir: Path = args.out.resolve()
@@ -112,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     print(_secret(args.step_ca_secret, args.namespace, step_ca, "step-ca"))
     print("---")
     print(_secret(args.provisioner_secret, args.namespace, provisioner, "bootstrap"))
+    if args.simulated_tee_secret:
+        print("---")
+        print(_secret(args.simulated_tee_secret, args.namespace, _simulated_tee(), "simulated-tee"))
     print(
         f"pki_secrets: PKI written to {pki_dir}; move its root key offline before going further",
         file=sys.stderr,

@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 import yaml
 
+from strongroom.attestation.policy import ReleasePolicy
+from strongroom.cli.client import ClientConfig
 from strongroom.cli.main import build_parser
 from strongroom.inference.config import InferenceConfig
 from strongroom.keybroker.config import KeybrokerConfig
 from strongroom.modelstore.config import ModelstoreConfig
-from strongroom.runtime.config import SERVICES, load_service_config
+from strongroom.runtime.config import SERVICES, build, load_mapping, load_service_config
 from tests.deploy.conftest import DEPLOY, ROOT, load_compose
 
 COMPOSE_DIR = DEPLOY / "compose"
@@ -271,3 +273,26 @@ def test_bootstrap_mounts_match_its_paths(compose: dict[str, Any]) -> None:
         assert f"/run/strongroom/bootstrap/{identity}" in dockerfile, identity
     step_ca = compose["services"]["step-ca"]
     assert step_ca["environment"]["CONFIGPATH"] == "/home/step/config/ca.json"
+
+
+def test_tool_configs_load_as_client_configurations(compose: dict[str, Any]) -> None:
+    for name in TOOLS:
+        data = load_mapping(COMPOSE_DIR / "config" / f"{name}.yaml", environ={})
+        config = build(ClientConfig, data, "client")
+        assert config.identity.spiffe_id == f"spiffe://strongroom.internal/{name}"
+        if name != "client":
+            env = compose["services"][name]["environment"]
+            assert env["STRONGROOM_CLIENT_CONFIG"] == "/etc/strongroom/config.yaml"
+            assert (
+                f"./config/{name}.yaml:/etc/strongroom/config.yaml:ro"
+                in compose["services"][name]["volumes"]
+            )
+
+
+def test_development_policy_releases_to_the_simulated_guest_only() -> None:
+    policy = ReleasePolicy.load((COMPOSE_DIR / "policies" / "resnet.yaml").read_text())
+    inference = yaml.safe_load((COMPOSE_DIR / "config" / "inference.yaml").read_text())["inference"]
+    assert policy.allowed_spiffe_ids == frozenset({"spiffe://strongroom.internal/inference"})
+    assert policy.snp is not None and policy.snp.allow_simulated
+    measurements = {m.hex() if isinstance(m, bytes) else str(m) for m in policy.snp.measurements}
+    assert measurements == {inference["simulated_measurement"]}
