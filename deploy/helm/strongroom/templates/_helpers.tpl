@@ -140,17 +140,25 @@ tracing:
 
 {{/* Pod parts shared by the three services -------------------------------------------------- */}}
 
-{{/* Health probes on the plaintext gRPC health port. */}}
+{{/*
+Health probes on the plaintext gRPC health port. Readiness is the overall status (every service of
+the process ready: the HSM reachable, the configured models loaded). Liveness asks for `live`, a
+service whose status does not depend on those (pass "" when the process has none), so that an HSM
+outage or a model that cannot load marks the pod unready instead of restarting it in a loop.
+(dict "live" "strongroom.api.inference.v1.ModelControlService" "liveFailures" 3)
+*/}}
 {{- define "strongroom.probes" -}}
+{{- $live := dict "port" 8081 -}}
+{{- with .live }}{{ $_ := set $live "service" . }}{{ end -}}
 startupProbe:
-  grpc: {port: 8081}
+  grpc: {{ toJson $live }}
   periodSeconds: 5
   failureThreshold: 120
 livenessProbe:
-  grpc: {port: 8081}
+  grpc: {{ toJson $live }}
   periodSeconds: 10
   timeoutSeconds: 5
-  failureThreshold: 3
+  failureThreshold: {{ default 3 .liveFailures }}
 readinessProbe:
   grpc: {port: 8081}
   periodSeconds: 5
