@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TOOLS := .build/tools
 
-.PHONY: setup demo test lint typecheck protolint unit bench clean
+.PHONY: setup demo test lint typecheck protolint deploycheck unit bench clean
 
 setup:
 	@deploy/dev/setup.sh
@@ -23,10 +23,13 @@ protolint: setup
 	@cd protos && ../$(TOOLS)/node_modules/.bin/buf lint
 	@protos/breaking.sh
 
+deploycheck: setup
+	@deploy/check.sh
+
 unit: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
-test: lint typecheck protolint unit
+test: lint typecheck protolint deploycheck unit
 
 bench: setup
 	@$(PY) -m tests.bench.run $(BENCH_ARGS)

@@ -92,12 +92,10 @@ def test_services_have_grpc_probes_on_the_health_port(
             for probe in ("livenessProbe", "readinessProbe"):
                 assert probe in c, f"{c['name']} has no {probe}"
             if c["name"] in SERVICES:
-                # Readiness: the overall status. Liveness: a name independent of models and HSM
-                # where the process has one, so an outage makes the pod unready, not restarted.
+                # Readiness: the overall status. Liveness: strongroom.Liveness, independent of models
+                # and HSM, so an outage makes the pod unready, not restarted.
                 assert c["readinessProbe"]["grpc"] == {"port": 8081}, c["name"]
-                live: dict[str, object] = {"port": 8081}
-                if c["name"] == "inference":
-                    live["service"] = "strongroom.api.inference.v1.ModelControlService"
+                live: dict[str, object] = {"port": 8081, "service": "strongroom.Liveness"}
                 for probe in ("startupProbe", "livenessProbe"):
                     assert c[probe]["grpc"] == live, (c["name"], probe)
                 ports = {p["name"]: p["containerPort"] for p in c["ports"]}

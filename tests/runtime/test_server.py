@@ -224,3 +224,16 @@ def test_each_service_reports_its_own_readiness() -> None:
         assert health_status(host.port) == NOT_SERVING
     finally:
         host.stop(0)
+
+
+def test_liveness_stays_serving_when_not_ready(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+) -> None:
+    from strongroom.runtime.server import LIVENESS
+
+    h, behaviour, _ = host
+    behaviour.ready_reason = "HSM unavailable"
+    assert wait_for(
+        lambda: health_status(h.health_port) == health_pb2.HealthCheckResponse.NOT_SERVING
+    )  # type: ignore[arg-type]
+    assert health_status(h.health_port, LIVENESS) == health_pb2.HealthCheckResponse.SERVING

@@ -142,10 +142,10 @@ tracing:
 
 {{/*
 Health probes on the plaintext gRPC health port. Readiness is the overall status (every service of
-the process ready: the HSM reachable, the configured models loaded). Liveness asks for `live`, a
-service whose status does not depend on those (pass "" when the process has none), so that an HSM
-outage or a model that cannot load marks the pod unready instead of restarting it in a loop.
-(dict "live" "strongroom.api.inference.v1.ModelControlService" "liveFailures" 3)
+the process ready: the HSM reachable, the configured models loaded). Liveness asks for `live`:
+`strongroom.Liveness` is SERVING whenever the process serves at all, so that an HSM outage or a
+model that cannot load marks the pod unready instead of restarting it in a loop.
+(dict "live" "strongroom.Liveness" "liveFailures" 3)
 */}}
 {{- define "strongroom.probes" -}}
 {{- $live := dict "port" 8081 -}}

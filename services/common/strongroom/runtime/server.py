@@ -35,6 +35,9 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
+# A health name that is SERVING for as long as the process serves at all, whatever its
+# dependencies say: for liveness probes, which must not restart a process waiting for its HSM.
+LIVENESS = "strongroom.Liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -144,6 +147,7 @@ class ServiceHost:
         self._server.start()
         if self._health_server is not None:
             self._health_server.start()
+        self._health.set(LIVENESS, SERVING)
         self._evaluate()
         threading.Thread(target=self._watch, name="readiness", daemon=True).start()
         log.info("listening", extra={"port": self.port, "health_port": self.health_port})
