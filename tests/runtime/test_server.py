@@ -232,6 +232,7 @@ def test_liveness_stays_serving_when_not_ready(
     from strongroom.runtime.server import LIVENESS
 
     h, behaviour, _ = host
+    assert h.health_port is not None
     behaviour.ready_reason = "HSM unavailable"
     assert wait_for(
         lambda: health_status(h.health_port) == health_pb2.HealthCheckResponse.NOT_SERVING
