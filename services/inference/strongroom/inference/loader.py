@@ -132,8 +132,10 @@ class ModelLoader:
         result = LoadResult()
         started = time.perf_counter()
         release_time = 0.0
-        decryptor = BufferedStreamDecryptor(threads=self._threads)
-        plaintext: bytearray | None = None
+        # as_bytes: ONNX Runtime takes bytes; decrypting straight into them avoids a copy that
+        # could never be wiped.
+        decryptor = BufferedStreamDecryptor(threads=self._threads, as_bytes=True)
+        plaintext: bytes | bytearray | None = None
         try:
             for response in self._responses(name, version):
                 decryptor.feed(response.data)
@@ -163,7 +165,8 @@ class ModelLoader:
             result.timings["load"] = time.perf_counter() - fetched
         finally:
             if plaintext is not None:
-                wipe(plaintext)
+                decryptor.wipe_output()
+                del plaintext
             else:
                 decryptor.abort()
         return result

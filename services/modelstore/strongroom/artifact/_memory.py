@@ -19,6 +19,43 @@ def _bytearray_api() -> Callable[[None, int], bytearray] | None:
 _NEW_BYTEARRAY = _bytearray_api()
 
 
+def _bytes_api() -> tuple[Callable[[None, int], bytes], Callable[[bytes], int]] | None:
+    try:
+        new = ctypes.pythonapi.PyBytes_FromStringAndSize
+        address = ctypes.pythonapi.PyBytes_AsString
+    except AttributeError:  # pragma: no cover - not CPython
+        return None
+    new.restype = ctypes.py_object
+    new.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+    address.restype = ctypes.c_void_p
+    address.argtypes = [ctypes.py_object]
+    return new, address
+
+
+_BYTES_API = _bytes_api()
+
+
+def output_bytes(size: int) -> tuple[bytes, memoryview]:
+    """A new ``bytes`` object of ``size`` uninitialised bytes and a writable view of its storage.
+
+    For consumers that accept only ``bytes`` (ONNX Runtime's Python API): the plaintext is written
+    into the object once, instead of being decrypted into a bytearray and then copied into an
+    immutable ``bytes`` that could never be wiped. Until the caller hands the object on, it is the
+    only reference; the view lets the owner :func:`wipe` it afterwards. The object must stay alive
+    while the view is used.
+    """
+    if size < 0:
+        raise ValueError("size must not be negative")
+    if _BYTES_API is None:  # pragma: no cover - not CPython: fall back to a copy-free bytearray
+        raise NotImplementedError("output_bytes needs CPython")
+    new, address = _BYTES_API
+    obj = new(None, size)
+    if size == 0:
+        return obj, memoryview(bytearray())
+    view = memoryview((ctypes.c_char * size).from_address(address(obj))).cast("B")
+    return obj, view
+
+
 def output_buffer(size: int) -> bytearray:
     """A ``bytearray`` of ``size`` bytes whose contents are NOT initialised; the caller must overwrite
     every byte (or :func:`wipe` it) before anyone else sees it.

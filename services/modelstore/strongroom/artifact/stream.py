@@ -26,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from strongroom.artifact import c2sp
-from strongroom.artifact._memory import output_buffer, wipe
+from strongroom.artifact._memory import output_buffer, output_bytes, wipe
 from strongroom.artifact.errors import ArtifactTooLarge, DecryptionFailed, InvalidArtifact
 from strongroom.artifact.format import (
     DEK_SIZE,
@@ -358,6 +358,7 @@ class BufferedStreamDecryptor(_ArtifactStream):
         batch_chunks: int = 64,
         verify_digest: bool = False,
         max_artifact_size: int | None = None,
+        as_bytes: bool = False,
     ) -> None:
         if not 1 <= threads <= 64:
             raise ValueError("threads must be between 1 and 64")
@@ -365,8 +366,12 @@ class BufferedStreamDecryptor(_ArtifactStream):
             raise ValueError("batch_chunks must be positive")
         self._threads = threads
         self._batch_chunks = batch_chunks
-        self._out: bytearray | None = None
+        self._out: bytearray | bytes | None = None
         self._dst: memoryview | None = None
+        # as_bytes: the plaintext is built in a bytes object (no copy for bytes-only consumers);
+        # after finish() the decryptor keeps it and a writable view until wipe_output().
+        self._as_bytes = as_bytes
+        self._kept: tuple[bytes, memoryview] | None = None
         self._batch = bytearray()
         self._batch_first = 0
         self._pool: ThreadPoolExecutor | None = None
@@ -396,8 +401,11 @@ class BufferedStreamDecryptor(_ArtifactStream):
         header = self._header
         assert header is not None
         # Uninitialised: every byte is written by a chunk, or the whole buffer is wiped on failure.
-        self._out = output_buffer(header.plaintext_size)
-        self._dst = memoryview(self._out)
+        if self._as_bytes:
+            self._out, self._dst = output_bytes(header.plaintext_size)
+        else:
+            self._out = output_buffer(header.plaintext_size)
+            self._dst = memoryview(self._out)
         # One AEAD object per worker; `cipher` stays with the feeding thread (the tail chunks).
         del cipher
         preamble = bytes(self._preamble)
@@ -480,14 +488,19 @@ class BufferedStreamDecryptor(_ArtifactStream):
         self._drain()
         wipe(self._batch)
         if self._dst is not None:
+            if self._as_bytes:
+                wipe(self._dst)
             self._dst.release()
             self._dst = None
-        if self._out is not None:
+        if isinstance(self._out, bytearray):
             wipe(self._out)
-            self._out = None
+        self._out = None
 
-    def finish(self) -> bytearray:
-        """Waits for the workers; returns the whole plaintext only if everything authenticated."""
+    def finish(self) -> bytearray | bytes:
+        """Waits for the workers; returns the whole plaintext only if everything authenticated.
+
+        With ``as_bytes`` it is a ``bytes`` object; call :meth:`wipe_output` once it is consumed.
+        """
         self._check_usable()
         try:
             self._finish_common()
@@ -505,8 +518,20 @@ class BufferedStreamDecryptor(_ArtifactStream):
                 raise DecryptionFailed()
         except (InvalidArtifact, DecryptionFailed, FailedPrecondition) as exc:
             raise self._fail(exc) from None
-        self._dst.release()
+        if self._as_bytes:
+            assert isinstance(out, bytes)
+            self._kept = (out, self._dst)
+        else:
+            self._dst.release()
         self._dst = None
         self._out = None
         self._finished = True
         return out
+
+    def wipe_output(self) -> None:
+        """Overwrites the plaintext returned by :meth:`finish` (``as_bytes`` mode) with zeros."""
+        if self._kept is not None:
+            _obj, view = self._kept
+            wipe(view)
+            view.release()
+            self._kept = None

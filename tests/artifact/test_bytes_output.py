@@ -1,0 +1,51 @@
+"""Decrypting straight into a ``bytes`` object (for ONNX Runtime), and wiping it afterwards."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from strongroom.artifact import BufferedStreamDecryptor, DecryptionFailed
+from strongroom.artifact._memory import output_bytes
+
+CHUNK = 16384
+
+
+def feed_all(decryptor: BufferedStreamDecryptor, artifact: bytes, piece: int = 100_000) -> None:
+    for start in range(0, len(artifact), piece):
+        decryptor.feed(artifact[start : start + piece])
+
+
+def test_output_bytes_is_writable_storage_of_a_bytes_object() -> None:
+    obj, view = output_bytes(4096)
+    view[:] = b"\xab" * 4096
+    assert isinstance(obj, bytes) and obj == b"\xab" * 4096
+    view[0] = 1
+    assert obj[0] == 1
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 33, CHUNK, 5 * CHUNK + 7, 3 << 20])
+def test_as_bytes_round_trip_and_wipe(
+    size: int, dek: bytearray, make_artifact: Callable[..., tuple[bytes, bytes]]
+) -> None:
+    plaintext, artifact = make_artifact(size)
+    decryptor = BufferedStreamDecryptor(dek, threads=2, batch_chunks=2, as_bytes=True)
+    feed_all(decryptor, artifact)
+    out = decryptor.finish()
+    assert isinstance(out, bytes)
+    assert out == plaintext
+    decryptor.wipe_output()
+    assert out == bytes(size), "the plaintext must be overwritten in place"
+
+
+def test_as_bytes_failure_releases_nothing(
+    dek: bytearray, make_artifact: Callable[..., tuple[bytes, bytes]]
+) -> None:
+    _plaintext, artifact = make_artifact(4 * CHUNK)
+    tampered = bytearray(artifact)
+    tampered[len(tampered) // 2] ^= 1
+    decryptor = BufferedStreamDecryptor(dek, threads=2, batch_chunks=1, as_bytes=True)
+    with pytest.raises(DecryptionFailed):
+        feed_all(decryptor, bytes(tampered), piece=CHUNK)
+        decryptor.finish()

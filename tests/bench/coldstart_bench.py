@@ -1,0 +1,146 @@
+"""Cold start of a large model: the secure pipeline against the same pipeline with security removed.
+
+Secure: the inference loader fetches the encrypted artifact from the model store over mTLS, gets a
+challenge, has the (simulated) TEE sign a report, gets the data key released by the key broker
+(SoftHSM2), decrypts in memory on both cores while downloading, and loads ONNX Runtime from bytes.
+Baseline (same run, same machine): the plaintext model streamed over plain gRPC in the same chunk
+size into memory and loaded from bytes. For information: loading the same file from local disk.
+The model is the demo classifier padded with an unused initializer to ``size_mb``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import onnxruntime as ort
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
+from strongroom.attestation.simulated import SimulatedAuthority
+from strongroom.devstack import DevStack
+from strongroom.devstack.model import train
+from strongroom.devstack.stack import DEMO_MEASUREMENT
+from strongroom.inference.attesters import SimulatedAttester, TeeType
+from strongroom.inference.keyrelease import KeyReleaseClient
+from strongroom.inference.loader import ModelLoader
+
+# Imported before anything that loads onnxruntime: it disables ORT's telemetry first.
+from strongroom.inference.models import ModelRepository
+from strongroom.modelstore.publish import publish_model
+from strongroom.modelstore.service import DEFAULT_DOWNLOAD_CHUNK
+
+_SERVICE = "bench.PlainModel"
+
+
+def _serve_plain(path: Path) -> tuple[grpc.Server, int]:
+    def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        with path.open("rb") as f:
+            while chunk := f.read(DEFAULT_DOWNLOAD_CHUNK):
+                yield chunk
+
+    handler = grpc.method_handlers_generic_handler(
+        _SERVICE, {"Get": grpc.unary_stream_rpc_method_handler(stream, lambda b: b, lambda b: b)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def _plain_load(port: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    with grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as ch:
+        get = ch.unary_stream(f"/{_SERVICE}/Get", lambda b: b, lambda b: b)
+        buf = bytearray()
+        for chunk in get(b"", timeout=600):
+            buf += chunk
+    t1 = time.perf_counter()
+    ModelRepository().load("m", "1", buf)
+    t2 = time.perf_counter()
+    return {"total": t2 - t0, "fetch": t1 - t0, "load": t2 - t1}
+
+
+def _disk_load(path: Path) -> float:
+    t0 = time.perf_counter()
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return time.perf_counter() - t0
+
+
+def run(results: dict[str, Any], *, size_mb: int = 512, repeats: int = 3) -> None:
+    """Measures cold start for a ``size_mb`` model, secure against plain, best and median of runs."""
+    with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
+        stack.start_in_process("keybroker")
+        stack.start_in_process("modelstore")
+        admin = kb_grpc.KeyAdminServiceStub(stack.channel(stack.identity("admin"), "keybroker"))
+        admin.CreateKey(kb_pb.CreateKeyRequest(key_id="bench"), timeout=30)
+        admin.SetReleasePolicy(
+            kb_pb.SetReleasePolicyRequest(
+                key_id="bench",
+                policy_document=(
+                    f'version: "bench"\nallowed_spiffe_ids: ["{stack.spiffe_id("inference")}"]\n'
+                    f"tee_types: [SEV_SNP]\nsev_snp:\n  allow_simulated: true\n"
+                    f'  measurements: ["{DEMO_MEASUREMENT}"]\n'
+                ),
+            ),
+            timeout=30,
+        )
+        model = train(Path(tmp) / "big.onnx", padding_bytes=size_mb << 20)
+        publisher = stack.identity("publisher")
+        published = publish_model(
+            model.path,
+            name="big",
+            version="1",
+            key_id="bench",
+            broker=stack.channel(publisher, "keybroker"),
+            store=stack.channel(publisher, "modelstore"),
+        )
+        identity = stack.identity("inference")
+        attester = SimulatedAttester(
+            SimulatedAuthority.load(stack.root / "simulated-tee").snp(),
+            TeeType.SEV_SNP,
+            production=False,
+            claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
+        )
+        plain_server, port = _serve_plain(model.path)
+        secure_runs: list[dict[str, float]] = []
+        plain_runs: list[dict[str, float]] = []
+        disk_runs: list[float] = []
+        try:
+            for _ in range(repeats):
+                loader = ModelLoader(
+                    ModelRepository(),
+                    store_channel=stack.channel(identity, "modelstore"),
+                    key_release=KeyReleaseClient(
+                        stack.channel(identity, "keybroker"), attester, identity.public_key_der
+                    ),
+                )
+                t0 = time.perf_counter()
+                result = loader.load("big", "1")
+                secure_runs.append({"total": time.perf_counter() - t0, **result.timings})
+                del loader
+                plain_runs.append(_plain_load(port))
+                disk_runs.append(_disk_load(model.path))
+        finally:
+            plain_server.stop(None)
+        secure = min(secure_runs, key=lambda r: r["total"])
+        plain = min(plain_runs, key=lambda r: r["total"])
+        results["model_mb"] = round(model.path.stat().st_size / 2**20, 1)
+        results["artifact_mb"] = round(published.model.artifact_size / 2**20, 1)
+        results["secure_best_s"] = {k: round(v, 3) for k, v in secure.items()}
+        results["plain_grpc_best_s"] = {k: round(v, 3) for k, v in plain.items()}
+        results["local_disk_best_s"] = round(min(disk_runs), 3)
+        results["secure_median_s"] = round(statistics.median(r["total"] for r in secure_runs), 3)
+        results["plain_median_s"] = round(statistics.median(r["total"] for r in plain_runs), 3)
+        results["ratio_secure_to_plain_grpc"] = round(secure["total"] / plain["total"], 3)
+        results["ratio_secure_to_local_disk"] = round(secure["total"] / min(disk_runs), 3)
+        results["target_ratio_at_most_1_3"] = secure["total"] / plain["total"] <= 1.3

@@ -1,0 +1,66 @@
+"""The model store and inference benchmarks again, over mutual TLS with step-ca certificates.
+
+Runs ``modelstore_bench`` and ``inference_bench`` with real workload identities (a DevStack CA)
+so that their store/bare-stream and mTLS/no-TLS ratios are measured in this run; the plaintext
+figures come from the same modules' runs without credentials (``make bench`` runs both).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from strongroom.devstack import DevStack
+from strongroom.pki import WorkloadIdentity
+from tests.bench import inference_bench, modelstore_bench
+
+
+def run(results: dict[str, Any], *, size: int = modelstore_bench.DEFAULT_SIZE) -> None:
+    """Store upload/download and OIP inference, each with and without mTLS, in one run."""
+    with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
+        ca = stack.start_ca()
+        server = WorkloadIdentity.enrol(ca.client(), stack.token("server", ["localhost"]))
+        client = WorkloadIdentity.enrol(ca.client(), stack.token("client"))
+        try:
+
+            def channel(target: str) -> grpc.Channel:
+                return client.channel(target, options=modelstore_bench._CHANNEL_OPTIONS)
+
+            store: dict[str, Any] = {}
+            modelstore_bench.run(store, size=size, repeats=2)
+            modelstore_bench.run(
+                store,
+                size=size,
+                repeats=2,
+                server_credentials=server.server_credentials(),
+                channel_factory=channel,
+            )
+            results["modelstore"] = store
+            infer: dict[str, Any] = {}
+            inference_bench.run(infer, load_sizes_mb=())
+            plain = infer.pop("oip_infer")
+            inference_bench.run(
+                infer,
+                server_credentials=server.server_credentials(),
+                channel_factory=channel,
+                load_sizes_mb=(),
+            )
+            results["inference"] = {"no_tls": plain, "mtls": infer["oip_infer"]}
+            results["inference"]["ratio_mtls_to_no_tls_throughput"] = _ratio(
+                infer["oip_infer"], plain
+            )
+        finally:
+            server.close()
+            client.close()
+
+
+def _ratio(mtls: dict[str, Any], plain: dict[str, Any]) -> dict[str, float]:
+    """mTLS / no-TLS requests per second, sequential and concurrent (target ≥ 0.9)."""
+    return {
+        key: round(mtls[key]["requests_per_s"] / plain[key]["requests_per_s"], 3)
+        for key in mtls
+        if key.startswith("model_infer_") and isinstance(mtls[key], dict)
+    }
