@@ -1,5 +1,6 @@
 # Strongroom developer entry points. `make demo` and `make test` set everything up first.
 SHELL := /bin/bash
+export ORT_DISABLE_TELEMETRY := 1
 VENV := .venv
 PY := $(VENV)/bin/python
 TOOLS := .build/tools

@@ -30,8 +30,6 @@ from strongroom.devstack.stack import DEMO_MEASUREMENT
 from strongroom.inference.attesters import SimulatedAttester, TeeType
 from strongroom.inference.keyrelease import KeyReleaseClient
 from strongroom.inference.loader import ModelLoader
-
-# Imported before anything that loads onnxruntime: it disables ORT's telemetry first.
 from strongroom.inference.models import ModelRepository
 from strongroom.modelstore.publish import publish_model
 from strongroom.modelstore.service import DEFAULT_DOWNLOAD_CHUNK

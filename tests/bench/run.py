@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-AREAS = ("artifact", "attestation", "hsm", "keybroker", "modelstore", "inference")
+AREAS = ("artifact", "attestation", "hsm", "keybroker", "modelstore", "inference", "mtls", "coldstart")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from strongroom.runtime.errors import StrongroomError
+
+# ONNX Runtime's Linux wheel records telemetry unless this is set before it is first imported.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (

@@ -16,7 +16,8 @@ import logging
 import os
 import sys
 
-_IMPORTED_EARLIER = "onnxruntime" in sys.modules
+# Harmless when the environment already disabled telemetry before that earlier import.
+_IMPORTED_EARLIER = "onnxruntime" in sys.modules and os.environ.get("ORT_DISABLE_TELEMETRY") != "1"
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
 import onnxruntime as ort  # noqa: E402
