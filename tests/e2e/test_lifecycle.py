@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -40,6 +41,8 @@ from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
 from strongroom.modelstore.publish import publish_model
 from strongroom.pki import WorkloadIdentity
+from strongroom.runtime.config import TracingConfig
+from strongroom.runtime.metrics import install_meter_provider
 
 KEY = "classifier"
 
@@ -72,8 +75,12 @@ class Lifecycle:
         )
 
 
+METRICS = InMemoryMetricReader()
+
+
 @pytest.fixture(scope="module")
 def life(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
+    install_meter_provider("e2e", TracingConfig(), reader=METRICS)
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
@@ -323,3 +330,33 @@ def test_valid_certificate_wrong_identity_is_denied(life: Lifecycle) -> None:
             life.stack.channel(life.client, "inference")
         ).LoadModel(control_pb.LoadModelRequest(name="classifier", version="1"), timeout=10)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+
+
+def _points(name: str) -> list[tuple[dict[str, object], object]]:
+    data = METRICS.get_metrics_data()
+    out = []
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    out += [(dict(p.attributes or {}), p) for p in metric.data.data_points]
+    return out
+
+
+def test_metrics_for_loads_releases_and_inference(life: Lifecycle) -> None:
+    life.control().LoadModel(
+        control_pb.LoadModelRequest(name="classifier", version="1"), timeout=120
+    )
+    infer(life, life.model.sample)
+    loads = _points("strongroom.inference.model_load.duration")
+    assert any(a.get("outcome") == "loaded" and p.count >= 1 for a, p in loads)  # type: ignore[attr-defined]
+    releases = _points("strongroom.keybroker.releases")
+    assert any(
+        a == {"outcome": "allowed", "reason": "RELEASED"} and p.value >= 1 for a, p in releases
+    )  # type: ignore[attr-defined]
+    rpcs = _points("strongroom.rpc.server.duration")
+    assert any(
+        a.get("rpc.method") == "/inference.GRPCInferenceService/ModelInfer"
+        and a.get("rpc.status") == "OK"
+        for a, _ in rpcs
+    )

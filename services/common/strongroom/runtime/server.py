@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import ServerInterceptor
 from strongroom.runtime.interceptors import ErrorMappingInterceptor
+from strongroom.runtime.metrics import MetricsInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class ServiceHost:
         ]
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-            interceptors=[*interceptors, ErrorMappingInterceptor()],
+            interceptors=[*interceptors, MetricsInterceptor(), ErrorMappingInterceptor()],
             options=options,
             maximum_concurrent_rpcs=config.max_workers * 4,
         )

@@ -25,6 +25,7 @@ from strongroom.artifact import BufferedStreamDecryptor, wipe
 from strongroom.inference.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.inference.models import ModelRepository
 from strongroom.runtime.errors import FailedPrecondition, StrongroomError, Unavailable
+from strongroom.runtime.metrics import MODEL_LOAD_DURATION
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,13 @@ class ModelLoader:
             ) as span,
         ):
             self._repository.begin_load(name, version)
+            started = time.perf_counter()
             try:
                 result = self._load(name, version)
             except StrongroomError as exc:
+                MODEL_LOAD_DURATION.record(
+                    time.perf_counter() - started, {"model": name, "outcome": exc.reason}
+                )
                 span.set_attribute("error.reason", exc.reason)
                 self._repository.fail(name, version, exc)
                 raise
@@ -107,6 +112,9 @@ class ModelLoader:
                     name, version, StrongroomError(f"internal error: {type(exc).__name__}")
                 )
                 raise
+            MODEL_LOAD_DURATION.record(
+                time.perf_counter() - started, {"model": name, "outcome": "loaded"}
+            )
             for step, seconds in result.timings.items():
                 span.set_attribute(f"timing.{step}", seconds)
             log.info(

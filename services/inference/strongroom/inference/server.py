@@ -26,6 +26,7 @@ from strongroom.runtime.bootstrap import RoleTable, build_host, open_identity
 from strongroom.runtime.config import CommonConfig, load_service_config
 from strongroom.runtime.errors import StrongroomError
 from strongroom.runtime.logs import configure_logging
+from strongroom.runtime.metrics import install_meter_provider
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import make_tracer_provider, traced_channel
 
@@ -163,6 +164,7 @@ def serve(config_path: Path | None) -> int:
     """``strongroom serve inference``: loads the configured models and serves until SIGTERM."""
     common, config = load_service_config(config_path, "inference", InferenceConfig)
     configure_logging(common.logging, "inference")
+    install_meter_provider("inference", common.tracing)
     identity = open_identity(common.identity)
     try:
         server = build(common, config, identity=identity)

@@ -31,6 +31,7 @@ from strongroom.keybroker.keys import (
 from strongroom.keybroker.oaep import OaepHash, check_accepted
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.runtime.errors import InvalidArgument, StrongroomError
+from strongroom.runtime.metrics import KEY_RELEASES
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class ReleaseEngine:
         record = self._audit.append(
             AuditEvent(decision=Decision.ALLOWED, reason="RELEASED", **context)
         )
+        KEY_RELEASES.add(1, {"outcome": "allowed", "reason": "RELEASED"})
         done = time.perf_counter()
         log.info(
             "key released",
@@ -211,6 +213,7 @@ class ReleaseEngine:
         )
 
     def _audit_denial(self, exc: StrongroomError, context: dict[str, Any]) -> None:
+        KEY_RELEASES.add(1, {"outcome": "denied", "reason": exc.reason})
         log.warning(
             "key release denied",
             extra={

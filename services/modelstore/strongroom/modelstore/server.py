@@ -22,6 +22,7 @@ from strongroom.pki.identity import WorkloadIdentity
 from strongroom.runtime.bootstrap import RoleTable, build_host, open_identity
 from strongroom.runtime.config import CommonConfig, load_service_config
 from strongroom.runtime.logs import configure_logging
+from strongroom.runtime.metrics import install_meter_provider
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import make_tracer_provider
 
@@ -76,6 +77,7 @@ def serve(config_path: Path | None) -> int:
     """``strongroom serve modelstore``: runs until SIGTERM, then drains and exits."""
     common, config = load_service_config(config_path, "modelstore", ModelstoreConfig)
     configure_logging(common.logging, "modelstore")
+    install_meter_provider("modelstore", common.tracing)
     identity = open_identity(common.identity)
     try:
         store = build(common, config, identity=identity)

@@ -1,0 +1,117 @@
+"""Metrics: OpenTelemetry instruments recorded through the global meter provider.
+
+Instruments are created at import time from the API's proxy meter, so they cost nothing until a
+service installs a provider (:func:`install_meter_provider`: OTLP export when configured); tests
+install one with an in-memory reader.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+
+from strongroom.runtime.config import TracingConfig
+from strongroom.runtime.grpc_types import RpcMethodHandler, ServerInterceptorBase
+
+_meter = metrics.get_meter("strongroom")
+
+RPC_DURATION = _meter.create_histogram(
+    "strongroom.rpc.server.duration", unit="ms", description="Server-side duration of each RPC"
+)
+KEY_RELEASES = _meter.create_counter(
+    "strongroom.keybroker.releases", description="Key release decisions, by outcome and reason"
+)
+MODEL_LOAD_DURATION = _meter.create_histogram(
+    "strongroom.inference.model_load.duration",
+    unit="s",
+    description="Model load time (fetch, attest, release, decrypt, load), by outcome",
+)
+
+
+def install_meter_provider(
+    service: str, config: TracingConfig, *, reader: MetricReader | None = None
+) -> MeterProvider | None:
+    """Installs the process's meter provider (OTLP when an endpoint is configured)."""
+    readers: list[MetricReader] = []
+    if reader is not None:
+        readers.append(reader)
+    elif config.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        readers.append(
+            PeriodicExportingMetricReader(
+                OTLPMetricExporter(endpoint=config.otlp_endpoint, insecure=config.otlp_insecure)
+            )
+        )
+    if not readers:
+        return None
+    provider = MeterProvider(
+        resource=Resource.create({"service.name": f"strongroom-{service}"}), metric_readers=readers
+    )
+    metrics.set_meter_provider(provider)
+    return provider
+
+
+class MetricsInterceptor(ServerInterceptorBase):
+    """Records every RPC's duration and status code."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        def record(context: grpc.ServicerContext, started: float, failed: bool) -> None:
+            code = context.code() if hasattr(context, "code") else None
+            status = code.name if code is not None else ("UNKNOWN" if failed else "OK")
+            RPC_DURATION.record(
+                (time.perf_counter() - started) * 1000, {"rpc.method": method, "rpc.status": status}
+            )
+
+        def unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                started, failed = time.perf_counter(), True
+                try:
+                    result = fn(request, context)
+                    failed = False
+                    return result
+                finally:
+                    record(context, started, failed)
+
+            return call
+
+        def stream(fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                started, failed = time.perf_counter(), True
+                try:
+                    yield from fn(request, context)
+                    failed = False
+                finally:
+                    record(context, started, failed)
+
+            return call
+
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **kwargs)
+        return handler
