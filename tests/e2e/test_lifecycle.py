@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -332,7 +333,7 @@ def test_valid_certificate_wrong_identity_is_denied(life: Lifecycle) -> None:
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
 
 
-def _points(name: str) -> list[tuple[dict[str, object], object]]:
+def _points(name: str) -> list[tuple[dict[str, Any], Any]]:
     data = METRICS.get_metrics_data()
     out = []
     for resource in data.resource_metrics if data else []:
