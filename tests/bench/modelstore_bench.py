@@ -146,7 +146,7 @@ class _Harness:
         stack: contextlib.ExitStack,
         storage: FilesystemStorage,
         validator_factory: ValidatorFactory,
-        credentials: grpc.ServerCredentials | None,
+        credentials: grpc.ServerCredentials | Callable[[], grpc.ServerCredentials] | None,
         make_channel: ChannelFactory,
     ) -> None:
         self._stack, self._credentials, self._make_channel = stack, credentials, make_channel
@@ -173,7 +173,10 @@ class _Harness:
         if self._credentials is None:
             port = server.add_insecure_port("localhost:0")
         else:
-            port = server.add_secure_port("localhost:0", self._credentials)
+            # A factory gives each server its own credentials object (dynamic credentials, such as
+            # a rotating workload identity's, can back only one port).
+            credentials = self._credentials() if callable(self._credentials) else self._credentials
+            port = server.add_secure_port("localhost:0", credentials)
         server.start()
         self._stack.callback(lambda: server.stop(0).wait())
         return server, port
@@ -236,7 +239,7 @@ def run(
     *,
     size: int = DEFAULT_SIZE,
     repeats: int = 3,
-    server_credentials: grpc.ServerCredentials | None = None,
+    server_credentials: grpc.ServerCredentials | Callable[[], grpc.ServerCredentials] | None = None,
     channel_factory: ChannelFactory | None = None,
     validator_factory: ValidatorFactory = FakeValidator,
     workdir: Path | None = None,

@@ -35,7 +35,7 @@ def run(results: dict[str, Any], *, size: int = modelstore_bench.DEFAULT_SIZE) -
                 store,
                 size=size,
                 repeats=2,
-                server_credentials=server.server_credentials(),
+                server_credentials=server.server_credentials,
                 channel_factory=channel,
             )
             results["modelstore"] = store

@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-AREAS = ("artifact", "attestation", "hsm", "keybroker", "modelstore", "inference", "mtls", "coldstart")
+AREAS = (
+    "artifact",
+    "attestation",
+    "hsm",
+    "keybroker",
+    "modelstore",
+    "inference",
+    "mtls",
+    "coldstart",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
