@@ -600,3 +600,24 @@ def test_invalid_policy_is_rejected_and_old_one_kept(world: World) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     current = world.admin.GetReleasePolicy(pb.GetReleasePolicyRequest(key_id=KEY), timeout=10)
     assert current.policy_version == "test-1"
+
+
+def test_each_release_uses_a_fresh_ephemeral_key(world: World) -> None:
+    attester = SimulatedAttester(
+        world.platform, TeeType.SEV_SNP, production=False, claims={"measurement": GOOD}
+    )
+    client = KeyReleaseClient(
+        world.stack.channel(world.inference_id, "keybroker"),
+        attester,
+        world.inference_id.public_key_der,
+    )
+    keys = {client._take_key().public_key().public_numbers().n for _ in range(3)}
+    assert len(keys) == 3
+    first = client.release(KEY, world.version, world.wrapped)
+    second = client.release(KEY, world.version, world.wrapped)
+    assert bytes(first.dek) == bytes(second.dek) == world.data_key
+    records = {r["decision_id"]: r for r in audit_records(world)}
+    assert (
+        records[first.decision_id]["evidence_sha256"]
+        != records[second.decision_id]["evidence_sha256"]
+    )

@@ -184,3 +184,20 @@ def test_rotating_channel_behaves_like_a_grpc_channel(
             ping(b"g", timeout=5)
     finally:
         server.stop()
+
+
+def test_short_lived_multicallables_of_different_kinds_never_mix(
+    server_identity: WorkloadIdentity, client_identity: WorkloadIdentity
+) -> None:
+    """Multi-callables made and dropped per call (ids get reused) must each reach their own method."""
+    server = serve(server_identity)
+    try:
+        channel = client_identity.channel(server.target, server_name="keybroker")
+        for i in range(200):
+            payload = str(i).encode()
+            assert channel.unary_unary(f"/{ECHO}/Ping", None, None)(payload, timeout=5) == payload
+            concat = channel.stream_unary(f"/{ECHO}/Concat", None, None)
+            assert concat(iter([payload, b"!"]), timeout=5) == payload + b"!"
+        channel.close()
+    finally:
+        server.stop()

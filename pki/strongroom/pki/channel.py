@@ -69,7 +69,7 @@ class _Slot:
         self.inflight = 0
         self.retired = False
         self.closed = False
-        self.callables: dict[int, Any] = {}
+        self.callables: dict[tuple[str, Any], Any] = {}
 
 
 class _Lease:
@@ -289,7 +289,9 @@ class _MultiCallable:
         self._spec = spec
 
     def _underlying(self, slot: _Slot) -> Any:
-        key = id(self)
+        # Keyed by what was asked for, not by id(self): a multi-callable may be garbage-collected
+        # and its id reused by another one of a different kind or method.
+        key = (self._kind, self._spec)
         callable_ = slot.callables.get(key)
         if callable_ is None:
             factory = getattr(slot.channel, self._kind)

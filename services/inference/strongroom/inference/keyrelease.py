@@ -8,7 +8,9 @@ key, and unwraps the answer with the ephemeral private key, which is then droppe
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -46,6 +48,10 @@ class ReleasedDataKey:
         return f"ReleasedDataKey(decision_id={self.decision_id!r}, dek=***)"
 
 
+def _new_ephemeral_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=EPHEMERAL_KEY_BITS)
+
+
 class KeyReleaseClient:
     """Obtains data keys from the key broker by proving this server's TEE."""
 
@@ -63,10 +69,20 @@ class KeyReleaseClient:
         self._tls_public_key = tls_public_key
         self._mechanisms = tuple(mechanisms)
         self._timeout = timeout
+        # RSA-3072 key generation takes 0.1-0.3 s; the next ephemeral key is made in the background
+        # after each use so that a model load does not wait for it. Each key is used exactly once.
+        self._keygen = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ephemeral-rsa")
+        self._next_key: Future[rsa.RSAPrivateKey] = self._keygen.submit(_new_ephemeral_key)
+        self._key_lock = threading.Lock()
+
+    def _take_key(self) -> rsa.RSAPrivateKey:
+        with self._key_lock:
+            future, self._next_key = self._next_key, self._keygen.submit(_new_ephemeral_key)
+        return future.result()
 
     def release(self, key_id: str, key_version: int, wrapped_data_key: bytes) -> ReleasedDataKey:
         """Runs the challenge → evidence → release exchange; raises grpc.RpcError on denial."""
-        private = rsa.generate_private_key(public_exponent=65537, key_size=EPHEMERAL_KEY_BITS)
+        private = self._take_key()
         try:
             public_der = private.public_key().public_bytes(
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
