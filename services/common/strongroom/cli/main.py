@@ -14,6 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+import grpc
+
 from strongroom.runtime.errors import StrongroomError
 
 # ONNX Runtime's Linux wheel records telemetry unless this is set before it is first imported.
@@ -61,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except StrongroomError as exc:
         print(f"strongroom: error: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        # A service refused: its status and message (REASON: text) say why; no traceback.
+        status = exc.code()
+        print(f"strongroom: error: {status.name}: {exc.details()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

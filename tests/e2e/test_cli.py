@@ -1,0 +1,146 @@
+"""The operator commands against a real stack: keys, policies, publish, ls, inspect, rm, audit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from strongroom.cli.main import main
+from strongroom.devstack import DevStack
+from strongroom.devstack.model import train
+from strongroom.devstack.stack import DEMO_MEASUREMENT
+from strongroom.keybroker.config import KeybrokerConfig
+from strongroom.keybroker.server import trust_store
+from strongroom.runtime.config import load_service_config
+from strongroom.runtime.errors import FailedPrecondition
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_operator_workflow(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    admin = str(stack.write_client_config("admin"))
+    publisher = str(stack.write_client_config("publisher"))
+
+    code, out, _ = run(capsys, "keys", "create", "cli-key", "--client-config", admin)
+    assert code == 0 and json.loads(out)["key_id"] == "cli-key"
+    code, out, err = run(capsys, "keys", "create", "cli-key", "--client-config", admin)
+    assert code == 1 and "ALREADY_EXISTS: KEY_ALREADY_EXISTS" in err and "Traceback" not in err
+    code, out, _ = run(capsys, "keys", "rotate", "cli-key", "--client-config", admin)
+    assert json.loads(out)["current_version"] == 2
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f'version: "cli-1"\nallowed_spiffe_ids: ["{stack.spiffe_id("inference")}"]\n'
+        f'tee_types: [SEV_SNP]\nsev_snp:\n  allow_simulated: true\n  measurements: ["{DEMO_MEASUREMENT}"]\n'
+    )
+    code, out, _ = run(
+        capsys, "keys", "set-policy", "cli-key", str(policy), "--client-config", admin
+    )
+    assert code == 0 and json.loads(out)["policy_version"] == "cli-1"
+    code, out, _ = run(capsys, "keys", "list", "--client-config", admin)
+    assert any(
+        k["key_id"] == "cli-key" and k["policy_version"] == "cli-1" for k in json.loads(out)["keys"]
+    )
+
+    model = train(tmp_path / "model.onnx")
+    code, out, _ = run(
+        capsys,
+        "model",
+        "publish",
+        str(model.path),
+        "--name",
+        "cli-model",
+        "--version",
+        "1",
+        "--key-id",
+        "cli-key",
+        "--no-progress",
+        "--client-config",
+        publisher,
+    )
+    assert code == 0, out
+    published = json.loads(out)
+    assert published["key_version"] == 2 and len(published["artifact_sha256"]) == 64
+    # Publishing the same name/version again is refused; the first stays.
+    code, _, err = run(
+        capsys,
+        "model",
+        "publish",
+        str(model.path),
+        "--name",
+        "cli-model",
+        "--version",
+        "1",
+        "--key-id",
+        "cli-key",
+        "--no-progress",
+        "--client-config",
+        publisher,
+    )
+    assert code == 1 and "ALREADY_EXISTS" in err
+    code, out, _ = run(capsys, "model", "ls", "cli-", "--client-config", publisher)
+    assert out.split("\t")[:2] == ["cli-model", "1"]
+
+    # inspect reads a local artifact's header without any key.
+    artifact = stack.services["modelstore"].handle.storage.open("cli-model", "1")
+    local = tmp_path / "copy.artifact"
+    with artifact as reader:
+        local.write_bytes(b"".join(reader.chunks(1 << 20)))
+    code, out, _ = run(capsys, "model", "inspect", str(local))
+    header = json.loads(out)
+    assert (header["name"], header["key_id"], header["plaintext_size"]) == (
+        "cli-model",
+        "cli-key",
+        model.path.stat().st_size,
+    )
+    code, _, err = run(capsys, "model", "inspect", str(model.path))
+    assert code == 1 and "BAD_MAGIC" in err
+
+    # Only an admin deletes.
+    code, _, err = run(capsys, "model", "rm", "cli-model", "1", "--client-config", publisher)
+    assert code == 1 and "PERMISSION_DENIED" in err
+    code, out, _ = run(capsys, "model", "rm", "cli-model", "1", "--client-config", admin)
+    assert code == 0 and "deleted cli-model/1" in out
+
+    audit = stack.root / "state" / "keybroker" / "audit.log"
+    code, out, _ = run(
+        capsys,
+        "audit",
+        "verify",
+        str(audit),
+        "--public-key",
+        str(stack.secrets_dir / "audit-key.pub.pem"),
+    )
+    assert code == 0, out
+
+
+def test_broker_refuses_the_simulated_chain_in_production(stack: DevStack) -> None:
+    common, config = load_service_config(
+        stack.config_path("keybroker"), "keybroker", KeybrokerConfig, environ={}
+    )
+    assert config.allow_simulated_tee and not common.production
+    production = load_service_config(
+        stack.config_path("keybroker"),
+        "keybroker",
+        KeybrokerConfig,
+        environ={"STRONGROOM__MODE": "production"},
+    )
+    with pytest.raises(FailedPrecondition) as info:
+        trust_store(*production)
+    assert info.value.reason == "SIMULATED_TEE_IN_PRODUCTION"
+    assert trust_store(common, config).includes_simulated
+
+
+def test_missing_client_config_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STRONGROOM_CLIENT_CONFIG", raising=False)
+    code, _, err = run(capsys, "keys", "list")
+    assert code == 1 and "no client configuration" in err and "Traceback" not in err
