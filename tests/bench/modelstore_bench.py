@@ -138,6 +138,19 @@ def _timed(fn: Callable[[], int]) -> float:
     return moved / MiB / (time.perf_counter() - started)
 
 
+def _disk_write_fsync(path: Path, size: int) -> int:
+    block = os.urandom(UPLOAD_CHUNK)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(size // UPLOAD_CHUNK):
+            os.write(fd, block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return size
+
+
 class _Harness:
     """Every server the benchmark needs, started once; methods measure one transfer each."""
 
@@ -273,6 +286,7 @@ def run(
             measure("put", lambda: harness.put(size))
             measure("put_direct", lambda: harness.put_direct(size, validator_factory))
             measure("put_real", lambda: harness.put_real(real_file))
+            measure("disk", lambda: _disk_write_fsync(tmp / "disk.bin", size))
             harness.put(size)  # the artifact the downloads read
             for chunk in DOWNLOAD_CHUNKS:
                 measure(f"bare_download_{chunk}", lambda c=chunk: harness.bare_download(size, c))  # type: ignore[misc]
@@ -288,6 +302,9 @@ def run(
         "put_real_artifact_mib_s": round(best["put_real"], 1),
         "put_real_artifact_vs_bare": round(best["put_real"] / best["bare_upload"], 3),
         "storage_put_without_grpc_mib_s": round(best["put_direct"], 1),
+        # The floor under any durable upload: writing the same bytes to a file and fsyncing.
+        "baseline_disk_write_fsync_mib_s": round(best["disk"], 1),
+        "put_vs_disk_write_fsync": round(best["put"] / best["disk"], 3),
         "default_download_chunk_kib": default // 1024,
         "bare_download_mib_s": round(best[f"bare_download_{default}"], 1),
         "get_mib_s": round(best[f"get_{default}"], 1),
