@@ -58,9 +58,6 @@ def digest_fd(fd: int, *, buffer_size: int = 1 << 20) -> tuple[str, int]:
     return hasher.hexdigest(), position
 
 
-SYNC_EVERY = 32 * 1024 * 1024
-
-
 class TempBlob:
     """A temporary file receiving an upload; it never becomes visible unless installed."""
 
@@ -70,24 +67,15 @@ class TempBlob:
             self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
         )
         self.size = 0
-        self._unsynced = 0
 
     def write(self, data: bytes) -> None:
-        """Appends ``data``; flushes to disk every :data:`SYNC_EVERY` bytes.
-
-        Flushing as the upload goes spreads the disk writes over the transfer, so the final fsync
-        in :meth:`seal` has little left to do.
-        """
+        """Appends ``data``."""
         assert self._fd is not None
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
         self.size += len(data)
-        self._unsynced += len(data)
-        if self._unsynced >= SYNC_EVERY:
-            os.fdatasync(self._fd)
-            self._unsynced = 0
 
     def seal(self) -> None:
         """Makes the content durable and read-only, and closes the file."""

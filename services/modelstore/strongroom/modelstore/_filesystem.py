@@ -23,13 +23,12 @@ import fcntl
 import hashlib
 import logging
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 from strongroom.modelstore import _pagetoken
 from strongroom.modelstore._blobs import BlobStore, TempBlob, digest_fd, io_error
@@ -132,59 +131,6 @@ class FileRangeReader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-class _HashAndWrite:
-    """Hashes and writes upload chunks on a worker thread while the caller receives the next ones.
-
-    Both SHA-256 and file writes release the GIL, so on two cores the receive, hash and disk work
-    overlap. At most ``depth`` chunks wait in the queue; an error on the worker is raised in the
-    caller at its next :meth:`submit` or at :meth:`finish`.
-    """
-
-    _DONE = object()
-
-    def __init__(self, temp: TempBlob, hasher: Any, *, depth: int = 8) -> None:
-        self._temp = temp
-        self._hasher = hasher
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="upload-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            chunk = self._queue.get()
-            if chunk is self._DONE:
-                return
-            assert isinstance(chunk, bytes)
-            if self._error is not None:
-                continue  # drain after a failure so the producer never blocks
-            try:
-                self._hasher.update(chunk)
-                self._temp.write(chunk)
-            except BaseException as exc:
-                self._error = exc
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def submit(self, chunk: bytes) -> None:
-        """Queues ``chunk`` (blocks while the queue is full)."""
-        self._raise()
-        self._queue.put(chunk)
-
-    def finish(self) -> None:
-        """Waits until every queued chunk is hashed and written."""
-        self.close()
-        self._raise()
-
-    def close(self) -> None:
-        """Stops the worker (idempotent)."""
-        if self._thread.is_alive():
-            self._queue.put(self._DONE)
-            self._thread.join()
 
 
 class FilesystemStorage:
@@ -356,21 +302,18 @@ class FilesystemStorage:
         except OSError as exc:
             raise io_error(exc, "creating an upload file") from None
         hasher = hashlib.sha256()
-        pipeline = _HashAndWrite(temp, hasher)
         try:
-            received = 0
             for chunk in chunks:
                 if not chunk:
                     continue
-                received += len(chunk)
-                self._check_growth(received, claims)
+                self._check_growth(temp.size + len(chunk), claims)
                 validator.feed(chunk)
-                pipeline.submit(chunk)
+                hasher.update(chunk)
+                temp.write(chunk)
                 if early is not None and reserved is None:
                     identity = early.identity()
                     if identity is not None:
                         reserved = self._reserve(*identity)
-            pipeline.finish()
             self._check_growth(temp.size, claims)
             if temp.size == 0:
                 raise EmptyUpload("the upload carried no artifact bytes")
@@ -401,7 +344,6 @@ class FilesystemStorage:
         except OSError as exc:
             raise io_error(exc, "storing an upload") from None
         finally:
-            pipeline.close()
             temp.discard()
             if reserved is not None:
                 self._release(reserved)
