@@ -361,3 +361,71 @@ def test_metrics_for_loads_releases_and_inference(life: Lifecycle) -> None:
         and a.get("rpc.status") == "OK"
         for a, _ in rpcs
     )
+
+
+TRITON_SCRIPT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as triton
+
+url, root, key, chain, x_path = sys.argv[1:6]
+client = triton.InferenceServerClient(
+    url, ssl=True, root_certificates=root, private_key=key, certificate_chain=chain
+)
+x = np.load(x_path)
+inp = triton.InferInput("input", list(x.shape), "FP32")
+inp.set_data_from_numpy(x)
+result = client.infer("classifier", [inp], outputs=[triton.InferRequestedOutput("probabilities")])
+meta = client.get_model_metadata("classifier")
+print(json.dumps({
+    "live": client.is_server_live(),
+    "model_ready": client.is_model_ready("classifier", "1"),
+    "extensions": list(client.get_server_metadata().extensions),
+    "inputs": [i.name for i in meta.inputs],
+    "out": result.as_numpy("probabilities").tolist(),
+}))
+"""
+
+
+def test_unmodified_tritonclient_over_mtls(life: Lifecycle, tmp_path: Path) -> None:
+    """tritonclient[grpc], unchanged, talks OIP v2 to the real server over mutual TLS."""
+    import subprocess
+    import sys
+
+    life.control().LoadModel(
+        control_pb.LoadModelRequest(name="classifier", version="1"), timeout=120
+    )
+    creds = life.client.credentials
+    files = {"root": life.stack.ca.root_pem, "key": creds.key_pem, "chain": creds.chain_pem}  # type: ignore[union-attr]
+    paths = {}
+    for name, data in files.items():
+        path = tmp_path / f"{name}.pem"
+        path.touch(mode=0o600)
+        path.write_bytes(data)
+        paths[name] = str(path)
+    np.save(tmp_path / "x.npy", life.model.sample)
+    port = life.stack.address("inference").rsplit(":", 1)[1]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            TRITON_SCRIPT,
+            f"localhost:{port}",
+            paths["root"],
+            paths["key"],
+            paths["chain"],
+            str(tmp_path / "x.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = __import__("json").loads(run.stdout.strip().splitlines()[-1])
+    assert out["live"] and out["model_ready"]
+    assert "strongroom_attestation" in out["extensions"]
+    assert out["inputs"] == ["input"]
+    np.testing.assert_allclose(
+        np.array(out["out"]), life.model.predict(life.model.sample), rtol=1e-5, atol=1e-6
+    )
