@@ -429,3 +429,19 @@ def test_unmodified_tritonclient_over_mtls(life: Lifecycle, tmp_path: Path) -> N
     np.testing.assert_allclose(
         np.array(out["out"]), life.model.predict(life.model.sample), rtol=1e-5, atol=1e-6
     )
+
+
+def test_store_reports_what_the_artifact_claims(life: Lifecycle) -> None:
+    import hashlib
+
+    from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+    from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
+
+    store = store_grpc.ModelStoreServiceStub(life.stack.channel(life.client, "modelstore"))
+    info = store.StatModel(
+        store_pb.StatModelRequest(name="classifier", version="1"), timeout=10
+    ).model
+    plaintext = life.model.path.read_bytes()
+    assert info.plaintext_sha256 == hashlib.sha256(plaintext).hexdigest()
+    assert info.plaintext_size == len(plaintext)
+    assert (info.key_id, info.content_type) == (KEY, "application/vnd.onnx")

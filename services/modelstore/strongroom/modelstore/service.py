@@ -75,6 +75,7 @@ def model_info(record: ModelRecord) -> pb.ModelInfo:
         artifact_sha256=record.artifact_sha256,
         artifact_size=record.artifact_size,
         plaintext_size=record.plaintext_size,
+        plaintext_sha256=record.plaintext_sha256,
         content_type=record.content_type,
         key_id=record.key_id,
         key_version=record.key_version,
