@@ -437,7 +437,7 @@ def test_store_reports_what_the_artifact_claims(life: Lifecycle) -> None:
     from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
     from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 
-    store = store_grpc.ModelStoreServiceStub(life.stack.channel(life.client, "modelstore"))
+    store = store_grpc.ModelStoreServiceStub(life.stack.channel(life.publisher, "modelstore"))
     info = store.StatModel(
         store_pb.StatModelRequest(name="classifier", version="1"), timeout=10
     ).model
