@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
 
 from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.pki.authz import SpiffeAuthorizer
 from strongroom.pki.client import CaClient
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
-from strongroom.runtime.config import CommonConfig, IdentityConfig
-from strongroom.runtime.errors import FailedPrecondition
+from strongroom.runtime.config import CommonConfig, IdentityConfig, load_service_config
+from strongroom.runtime.errors import FailedPrecondition, StrongroomError
+from strongroom.runtime.logs import configure_logging
+from strongroom.runtime.metrics import install_meter_provider
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import server_tracing_interceptor
 
@@ -93,3 +97,45 @@ def build_host(
         health_listen=common.health_listen,
         config=common.server,
     )
+
+
+class Service(Protocol):
+    """What a service's ``build`` returns: its host, and how to release what it holds."""
+
+    @property
+    def host(self) -> ServiceHost: ...
+
+    def close(self, grace: float | None = 0) -> None: ...
+
+
+S = TypeVar("S", bound=Service)
+C = TypeVar("C")
+
+
+def run_service(
+    service: str,
+    config_path: Path | None,
+    section_cls: type[C],
+    build: Callable[[CommonConfig, C, WorkloadIdentity], S],
+    *,
+    after_start: Callable[[S], None] | None = None,
+) -> int:
+    """``strongroom serve SERVICE``: configure, enrol, build, serve until SIGTERM, drain, close."""
+    common, section = load_service_config(config_path, service, section_cls)
+    configure_logging(common.logging, service)
+    install_meter_provider(service, common.tracing)
+    identity = open_identity(common.identity)
+    try:
+        running = build(common, section, identity)
+        try:
+            running.host.run_until_signal(
+                after_start=(lambda: after_start(running)) if after_start else None
+            )
+        finally:
+            running.close()
+    except StrongroomError as exc:
+        log.error("%s cannot run: %s", service, exc)
+        raise
+    finally:
+        identity.close()
+    return 0

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from strongroom.runtime.errors import StrongroomError
-from strongroom.runtime.grpc_types import RpcMethodHandler, ServerInterceptorBase
+from strongroom.runtime.grpc_types import RpcMethodHandler, ServerInterceptorBase, rewrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +81,4 @@ def _wrap_handler(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
 
         return call
 
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary_result(handler.unary_unary), **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream_result(handler.unary_stream), **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary_result(handler.stream_unary), **kwargs)
-    if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(stream_result(handler.stream_stream), **kwargs)
-    return handler
+    return rewrap_handler(handler, unary_result, stream_result)

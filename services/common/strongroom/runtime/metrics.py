@@ -18,7 +18,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 
 from strongroom.runtime.config import TracingConfig
-from strongroom.runtime.grpc_types import RpcMethodHandler, ServerInterceptorBase
+from strongroom.runtime.grpc_types import RpcMethodHandler, ServerInterceptorBase, rewrap_handler
 
 _meter = metrics.get_meter("strongroom")
 
@@ -102,16 +102,4 @@ class MetricsInterceptor(ServerInterceptorBase):
 
             return call
 
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **kwargs)
-        return handler
+        return rewrap_handler(handler, unary, stream)

@@ -22,11 +22,9 @@ from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.oip import OipServicer
 from strongroom.pki.identity import WorkloadIdentity
-from strongroom.runtime.bootstrap import RoleTable, build_host, open_identity
-from strongroom.runtime.config import CommonConfig, load_service_config
+from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
+from strongroom.runtime.config import CommonConfig
 from strongroom.runtime.errors import StrongroomError
-from strongroom.runtime.logs import configure_logging
-from strongroom.runtime.metrics import install_meter_provider
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import make_tracer_provider, traced_channel
 
@@ -161,17 +159,11 @@ def build(
 
 
 def serve(config_path: Path | None) -> int:
-    """``strongroom serve inference``: loads the configured models and serves until SIGTERM."""
-    common, config = load_service_config(config_path, "inference", InferenceConfig)
-    configure_logging(common.logging, "inference")
-    install_meter_provider("inference", common.tracing)
-    identity = open_identity(common.identity)
-    try:
-        server = build(common, config, identity=identity)
-        try:
-            server.host.run_until_signal(after_start=server.load_configured_models)
-        finally:
-            server.close()
-    finally:
-        identity.close()
-    return 0
+    """``strongroom serve inference``: runs until SIGTERM, then drains and exits."""
+    return run_service(
+        "inference",
+        config_path,
+        InferenceConfig,
+        lambda common, config, identity: build(common, config, identity=identity),
+        after_start=lambda server: server.load_configured_models(),
+    )

@@ -25,11 +25,9 @@ from strongroom.keybroker.service import (
     KeyBrokerServicer,
 )
 from strongroom.pki.identity import WorkloadIdentity
-from strongroom.runtime.bootstrap import RoleTable, build_host, open_identity
-from strongroom.runtime.config import CommonConfig, load_service_config
+from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
+from strongroom.runtime.config import CommonConfig
 from strongroom.runtime.errors import FailedPrecondition, StrongroomError
-from strongroom.runtime.logs import configure_logging
-from strongroom.runtime.metrics import install_meter_provider
 from strongroom.runtime.secrets import Secret
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import make_tracer_provider
@@ -152,18 +150,9 @@ def build(
 
 def serve(config_path: Path | None) -> int:
     """``strongroom serve keybroker``: runs until SIGTERM, then drains and exits."""
-    common, config = load_service_config(config_path, "keybroker", KeybrokerConfig)
-    configure_logging(common.logging, "keybroker")
-    install_meter_provider("keybroker", common.tracing)
-    try:
-        identity = open_identity(common.identity)
-        broker = build(common, config, identity=identity)
-    except StrongroomError as exc:
-        log.error("cannot start: %s", exc)
-        raise
-    try:
-        broker.host.run_until_signal()
-    finally:
-        broker.close()
-        identity.close()
-    return 0
+    return run_service(
+        "keybroker",
+        config_path,
+        KeybrokerConfig,
+        lambda common, config, identity: build(common, config, identity=identity),
+    )

@@ -19,10 +19,8 @@ from strongroom.modelstore.service import (
 )
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.pki.identity import WorkloadIdentity
-from strongroom.runtime.bootstrap import RoleTable, build_host, open_identity
-from strongroom.runtime.config import CommonConfig, load_service_config
-from strongroom.runtime.logs import configure_logging
-from strongroom.runtime.metrics import install_meter_provider
+from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
+from strongroom.runtime.config import CommonConfig
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import make_tracer_provider
 
@@ -75,16 +73,9 @@ def build(
 
 def serve(config_path: Path | None) -> int:
     """``strongroom serve modelstore``: runs until SIGTERM, then drains and exits."""
-    common, config = load_service_config(config_path, "modelstore", ModelstoreConfig)
-    configure_logging(common.logging, "modelstore")
-    install_meter_provider("modelstore", common.tracing)
-    identity = open_identity(common.identity)
-    try:
-        store = build(common, config, identity=identity)
-        try:
-            store.host.run_until_signal()
-        finally:
-            store.close()
-    finally:
-        identity.close()
-    return 0
+    return run_service(
+        "modelstore",
+        config_path,
+        ModelstoreConfig,
+        lambda common, config, identity: build(common, config, identity=identity),
+    )
