@@ -10,6 +10,7 @@ NOT ready, with the reason recorded for ModelReady/metadata and the logs.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -44,20 +45,19 @@ class LoadResult:
     decision_id: str = ""
 
 
+_REASON = re.compile(r"^([A-Z][A-Z0-9_]+): ")
+
+
 def _remote_error(step: str, exc: grpc.RpcError) -> StrongroomError:
+    """A peer's refusal as a domain error: its own reason code when it sent one (``REASON: …``)."""
     code = exc.code()
     details = exc.details() or code.name
-    reason = (
-        details.split(":", 1)[0] if ":" in details and details.split(":", 1)[0].isupper() else None
-    )
-    error = (
-        Unavailable
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-        else FailedPrecondition
-    )
-    return error(
-        f"{step}: {details}", reason=reason or _GRPC_TO_ERROR.get(code, f"{step.upper()}_FAILED")
-    )
+    sent = _REASON.match(details)
+    tag = step.upper().replace(" ", "_")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(f"{step}: {details}", reason=sent[1] if sent else f"{tag}_UNAVAILABLE")
+    reason = sent[1] if sent else _GRPC_TO_ERROR.get(code, f"{tag}_FAILED")
+    return FailedPrecondition(f"{step}: {details}", reason=reason)
 
 
 class ModelLoader:

@@ -24,7 +24,7 @@ from strongroom.inference.oip import OipServicer
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
 from strongroom.runtime.config import CommonConfig
-from strongroom.runtime.errors import StrongroomError
+from strongroom.runtime.errors import StrongroomError, Unavailable
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import make_tracer_provider, traced_channel
 
@@ -74,17 +74,39 @@ class InferenceServer:
     repository: ModelRepository
     loader: ModelLoader
     config: InferenceConfig
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
     _threads: list[threading.Thread] = field(default_factory=list)
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     def load_configured_models(self, *, wait: bool = False) -> None:
-        """Loads the configured models in the background (failures leave them not ready)."""
+        """Loads the configured models in the background.
+
+        A load that fails because a dependency is unavailable (store, broker, HSM, collateral) is
+        retried with exponential back-off, so start-up order does not matter; any other failure
+        (a denied release, a tampered artifact) leaves the model not ready with its reason, and
+        is not retried: it needs an operator.
+        """
 
         def run() -> None:
-            for ref in self.config.models:
-                try:
-                    self.loader.load(ref.name, ref.version)
-                except StrongroomError as exc:
-                    log.error("model %s/%s not loaded: %s", ref.name, ref.version, exc)
+            pending = list(self.config.models)
+            delay = self.retry_initial
+            while pending and not self._stopping.is_set():
+                retry = []
+                for ref in pending:
+                    try:
+                        self.loader.load(ref.name, ref.version)
+                    except Unavailable as exc:
+                        log.warning(
+                            "model %s/%s: %s; retrying in %.1fs", ref.name, ref.version, exc, delay
+                        )
+                        retry.append(ref)
+                    except StrongroomError as exc:
+                        log.error("model %s/%s not loaded: %s", ref.name, ref.version, exc)
+                pending = retry
+                if pending:
+                    self._stopping.wait(delay)
+                    delay = min(delay * 2, self.retry_max)
 
         thread = threading.Thread(target=run, name="model-loader", daemon=True)
         thread.start()
@@ -93,7 +115,8 @@ class InferenceServer:
             thread.join()
 
     def close(self, grace: float | None = 0) -> None:
-        """Stops serving (draining for ``grace`` seconds)."""
+        """Stops retrying loads and serving (draining for ``grace`` seconds)."""
+        self._stopping.set()
         self.host.stop(grace)
 
 
