@@ -8,7 +8,7 @@ cd "$root"
 build="$root/.build"
 mkdir -p "$build"
 
-apt_packages=(softhsm2 opensc golang-go golang-github-smallstep-certificates-dev docker-compose unzip strace)
+apt_packages=(softhsm2 golang-go golang-github-smallstep-certificates-dev docker-compose unzip strace)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
