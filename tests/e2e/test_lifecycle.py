@@ -445,3 +445,65 @@ def test_store_reports_what_the_artifact_claims(life: Lifecycle) -> None:
     assert info.plaintext_sha256 == hashlib.sha256(plaintext).hexdigest()
     assert info.plaintext_size == len(plaintext)
     assert (info.key_id, info.content_type) == (KEY, "application/vnd.onnx")
+
+
+def test_signed_model_loads_only_with_a_valid_signature(life: Lifecycle, tmp_path: Path) -> None:
+    """Signed at publish with OpenSSF model-signing; verified in memory against the decrypted bytes."""
+    from cryptography.hazmat.primitives import serialization as ser
+
+    from strongroom.inference.signature import SignaturePolicy
+    from strongroom.runtime.errors import StrongroomError
+
+    def keypair(name: str) -> tuple[Path, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        path = tmp_path / f"{name}.pem"
+        path.write_bytes(
+            key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
+        )
+        return path, key.public_key().public_bytes(
+            ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    signer, signer_public = keypair("signer")
+    _, stranger_public = keypair("stranger")
+    publish_model(
+        life.model.path,
+        name="classifier",
+        version="signed",
+        key_id=KEY,
+        broker=life.stack.channel(life.publisher, "keybroker"),
+        store=life.stack.channel(life.publisher, "modelstore"),
+        signing_key=signer,
+    )
+
+    def loader(policy: SignaturePolicy) -> ModelLoader:
+        identity = life.stack.identity("inference")
+        authority = SimulatedAuthority.load(life.stack.root / "simulated-tee")
+        attester = SimulatedAttester(
+            authority.snp(),
+            TeeType.SEV_SNP,
+            production=False,
+            claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
+        )
+        return ModelLoader(
+            ModelRepository(),
+            store_channel=life.stack.channel(identity, "modelstore"),
+            key_release=KeyReleaseClient(
+                life.stack.channel(identity, "keybroker"), attester, identity.public_key_der
+            ),
+            signature=policy,
+        )
+
+    good = loader(SignaturePolicy.from_pem(signer_public))
+    good.load("classifier", "signed")
+    assert good._repository.is_ready("classifier", "signed")
+
+    stranger = loader(SignaturePolicy.from_pem(stranger_public))
+    with pytest.raises(StrongroomError) as info:
+        stranger.load("classifier", "signed")
+    assert info.value.reason == "MODEL_SIGNATURE_INVALID"
+    assert not stranger._repository.is_ready("classifier")
+
+    with pytest.raises(StrongroomError) as info:
+        good.load("classifier", "1")  # published unsigned
+    assert info.value.reason == "MODEL_SIGNATURE_MISSING"

@@ -38,6 +38,10 @@ class InferenceConfig:
     simulated_policy: int | None = None
     decrypt_threads: int = 2
     load_timeout_seconds: float = 600.0
+    # OpenSSF model signing: the EC public key (PEM) models must be signed with, and whether an
+    # unsigned model may load at all.
+    model_signing_public_key: Path | None = None
+    require_model_signature: bool = False
 
     def __post_init__(self) -> None:
         if self.attester == "simulated":
@@ -52,5 +56,7 @@ class InferenceConfig:
                 raise ConfigError(
                     "inference.simulated_measurement must be 96 hex characters"
                 ) from None
+        if self.require_model_signature and self.model_signing_public_key is None:
+            raise ConfigError("inference.require_model_signature needs model_signing_public_key")
         if not 1 <= self.decrypt_threads <= 64:
             raise ConfigError("inference.decrypt_threads must be between 1 and 64")

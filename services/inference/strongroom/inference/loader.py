@@ -25,6 +25,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import BufferedStreamDecryptor, wipe
 from strongroom.inference.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.inference.models import ModelRepository
+from strongroom.inference.signature import SignaturePolicy
 from strongroom.runtime.errors import FailedPrecondition, StrongroomError, Unavailable
 from strongroom.runtime.metrics import MODEL_LOAD_DURATION
 
@@ -72,6 +73,7 @@ class ModelLoader:
         tracer_provider: TracerProvider | None = None,
         decrypt_threads: int = 2,
         timeout: float = 600.0,
+        signature: SignaturePolicy | None = None,
     ) -> None:
         self._repository = repository
         self._store = store_grpc.ModelStoreServiceStub(store_channel)
@@ -79,6 +81,7 @@ class ModelLoader:
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         self._threads = decrypt_threads
         self._timeout = timeout
+        self._signature = signature
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -166,6 +169,7 @@ class ModelLoader:
                     result.decision_id = released.decision_id
                     release_time = time.perf_counter() - release_started
             plaintext = decryptor.finish()
+            self._check_signature(decryptor, plaintext)
             fetched = time.perf_counter()
             result.timings["attest_and_release"] = release_time
             result.timings["fetch_and_decrypt"] = fetched - started - release_time
@@ -178,6 +182,18 @@ class ModelLoader:
             else:
                 decryptor.abort()
         return result
+
+    def _check_signature(
+        self, decryptor: BufferedStreamDecryptor, plaintext: bytes | bytearray
+    ) -> None:
+        header = decryptor.header
+        assert header is not None
+        if self._signature is not None:
+            self._signature.check(
+                header.signature_bundle, header.signature_bundle_media_type, plaintext
+            )
+        elif header.signature_bundle:
+            log.info("model carries a signature, but no signing key is configured to verify it")
 
     def _release_key(self, key_id: str, key_version: int, wrapped: bytes) -> ReleasedDataKey:
         try:

@@ -21,6 +21,7 @@ from strongroom.inference.keyrelease import KeyReleaseClient
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.oip import OipServicer
+from strongroom.inference.signature import SignaturePolicy
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
 from strongroom.runtime.config import CommonConfig
@@ -145,6 +146,14 @@ def build(
         tracer_provider=provider,
         decrypt_threads=config.decrypt_threads,
         timeout=config.load_timeout_seconds,
+        signature=(
+            SignaturePolicy.from_pem(
+                config.model_signing_public_key.read_bytes(),
+                required=config.require_model_signature,
+            )
+            if config.model_signing_public_key is not None
+            else None
+        ),
     )
     oip = OipServicer(repository)
     evidence = InferenceAttestationServicer(attester, identity.public_key_der)

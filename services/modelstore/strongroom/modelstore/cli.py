@@ -34,6 +34,11 @@ def register(sub: Any) -> None:
     )
     publish.add_argument("--content-type", default=ONNX_CONTENT_TYPE)
     publish.add_argument("--no-progress", action="store_true")
+    publish.add_argument(
+        "--sign-key",
+        type=Path,
+        help="EC private key (PEM file) to sign the model with OpenSSF model-signing",
+    )
     publish.set_defaults(func=_publish)
 
     ls = actions.add_parser("ls", help="list stored models")
@@ -92,6 +97,7 @@ def _publish(args: argparse.Namespace) -> int:
             store=client.channel("modelstore"),
             content_type=args.content_type,
             progress=bar,
+            signing_key=args.sign_key,
         )
     if bar is not None:
         bar.done()

@@ -19,6 +19,7 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import encrypt_stream, wipe
+from strongroom.modelstore.signing import BUNDLE_MEDIA_TYPE, sign_model
 from strongroom.runtime.errors import FailedPrecondition
 
 UPLOAD_MESSAGE_BYTES = 1024 * 1024
@@ -47,9 +48,15 @@ def publish_model(
     content_type: str = ONNX_CONTENT_TYPE,
     progress: Progress | None = None,
     timeout: float = 3600.0,
+    signing_key: Path | None = None,
 ) -> Published:
-    """Encrypts ``path`` under a fresh data key and uploads it as ``name``/``version``."""
+    """Encrypts ``path`` under a fresh data key and uploads it as ``name``/``version``.
+
+    With ``signing_key`` (EC private key, PEM) the plaintext is first signed with OpenSSF
+    model-signing and the bundle travels in the artifact header.
+    """
     started = time.perf_counter()
+    bundle = sign_model(path, signing_key) if signing_key is not None else b""
     generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
         kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30
     )
@@ -74,6 +81,8 @@ def publish_model(
                 key_version=generated.key_version,
                 wrapped_dek=generated.wrapped_data_key,
                 block_size=UPLOAD_MESSAGE_BYTES,
+                signature_bundle=bundle,
+                signature_bundle_media_type=BUNDLE_MEDIA_TYPE if bundle else "",
             )
         finally:
             wipe(dek)  # the encryptor holds only its derived key from here on

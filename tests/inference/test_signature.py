@@ -1,0 +1,122 @@
+"""OpenSSF model signatures: signed at publish (model-signing), verified in memory at load."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from strongroom.inference.signature import BUNDLE_MEDIA_TYPE, SignatureInvalid, SignaturePolicy
+from strongroom.modelstore.signing import sign_model
+from strongroom.runtime.errors import FailedPrecondition, InvalidArgument
+
+MODEL = b"\x08\x07" + b"onnx model bytes " * 4096
+
+
+def keypair(
+    tmp_path: Path, name: str, curve: ec.EllipticCurve = ec.SECP256R1()
+) -> tuple[Path, bytes]:
+    key = ec.generate_private_key(curve)
+    path = tmp_path / f"{name}.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return path, public
+
+
+@pytest.fixture
+def signed(tmp_path: Path) -> tuple[bytes, bytes]:
+    private, public = keypair(tmp_path, "signer")
+    model = tmp_path / "model.onnx"
+    model.write_bytes(MODEL)
+    return sign_model(model, private), public
+
+
+@pytest.mark.parametrize("curve", [ec.SECP256R1(), ec.SECP384R1()], ids=["P-256", "P-384"])
+def test_a_signed_model_verifies_in_memory(tmp_path: Path, curve: ec.EllipticCurve) -> None:
+    private, public = keypair(tmp_path, "k", curve)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(MODEL)
+    bundle = sign_model(model, private)
+    SignaturePolicy.from_pem(public).check(bundle, BUNDLE_MEDIA_TYPE, MODEL)
+    SignaturePolicy.from_pem(public).check(bundle, BUNDLE_MEDIA_TYPE, bytearray(MODEL))
+
+
+def test_other_plaintext_is_refused(signed: tuple[bytes, bytes]) -> None:
+    bundle, public = signed
+    with pytest.raises(SignatureInvalid, match="digests differ"):
+        SignaturePolicy.from_pem(public).check(bundle, BUNDLE_MEDIA_TYPE, MODEL + b"\0")
+
+
+def test_another_key_is_refused(signed: tuple[bytes, bytes], tmp_path: Path) -> None:
+    bundle, _ = signed
+    _, other = keypair(tmp_path, "other")
+    with pytest.raises(SignatureInvalid, match="does not verify"):
+        SignaturePolicy.from_pem(other).check(bundle, BUNDLE_MEDIA_TYPE, MODEL)
+
+
+def _edit(bundle: bytes, change: str) -> bytes:
+    document = json.loads(bundle)
+    envelope = document["dsseEnvelope"]
+    if change == "payload":
+        statement = json.loads(base64.b64decode(envelope["payload"]))
+        statement["predicate"]["resources"][0]["digest"] = "00" * 32
+        envelope["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    elif change == "signature":
+        sig = bytearray(base64.b64decode(envelope["signatures"][0]["sig"]))
+        sig[-1] ^= 1
+        envelope["signatures"][0]["sig"] = base64.b64encode(bytes(sig)).decode()
+    elif change == "payload_type":
+        envelope["payloadType"] = "application/json"
+    elif change == "two_signatures":
+        envelope["signatures"].append(envelope["signatures"][0])
+    return json.dumps(document).encode()
+
+
+@pytest.mark.parametrize("change", ["payload", "signature", "payload_type", "two_signatures"])
+def test_tampered_bundle_is_refused(signed: tuple[bytes, bytes], change: str) -> None:
+    bundle, public = signed
+    with pytest.raises(SignatureInvalid):
+        SignaturePolicy.from_pem(public).check(_edit(bundle, change), BUNDLE_MEDIA_TYPE, MODEL)
+
+
+@pytest.mark.parametrize("bundle", [b"not json", b"{}", b'{"dsseEnvelope": {"payload": "!!"}}'])
+def test_malformed_bundle_is_refused(signed: tuple[bytes, bytes], bundle: bytes) -> None:
+    with pytest.raises(SignatureInvalid, match="malformed"):
+        SignaturePolicy.from_pem(signed[1]).check(bundle, BUNDLE_MEDIA_TYPE, MODEL)
+
+
+def test_unknown_bundle_type_is_refused(signed: tuple[bytes, bytes]) -> None:
+    with pytest.raises(SignatureInvalid, match="unsupported"):
+        SignaturePolicy.from_pem(signed[1]).check(signed[0], "application/pgp-signature", MODEL)
+
+
+def test_unsigned_model_when_required_and_when_optional(signed: tuple[bytes, bytes]) -> None:
+    with pytest.raises(FailedPrecondition) as info:
+        SignaturePolicy.from_pem(signed[1]).check(b"", "", MODEL)
+    assert info.value.reason == "MODEL_SIGNATURE_MISSING"
+    SignaturePolicy.from_pem(signed[1], required=False).check(b"", "", MODEL)
+
+
+def test_only_ec_public_keys_are_accepted() -> None:
+    rsa_pem = (
+        rsa.generate_private_key(65537, 2048)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    for pem in (rsa_pem, b"garbage"):
+        with pytest.raises(InvalidArgument) as info:
+            SignaturePolicy.from_pem(pem)
+        assert info.value.reason == "SIGNING_KEY_INVALID"
