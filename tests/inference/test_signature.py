@@ -18,9 +18,9 @@ MODEL = b"\x08\x07" + b"onnx model bytes " * 4096
 
 
 def keypair(
-    tmp_path: Path, name: str, curve: ec.EllipticCurve = ec.SECP256R1()
+    tmp_path: Path, name: str, curve: ec.EllipticCurve | None = None
 ) -> tuple[Path, bytes]:
-    key = ec.generate_private_key(curve)
+    key = ec.generate_private_key(curve or ec.SECP256R1())
     path = tmp_path / f"{name}.pem"
     path.write_bytes(
         key.private_bytes(
