@@ -17,9 +17,7 @@ from strongroom.runtime.errors import FailedPrecondition, InvalidArgument
 MODEL = b"\x08\x07" + b"onnx model bytes " * 4096
 
 
-def keypair(
-    tmp_path: Path, name: str, curve: ec.EllipticCurve | None = None
-) -> tuple[Path, bytes]:
+def keypair(tmp_path: Path, name: str, curve: ec.EllipticCurve | None = None) -> tuple[Path, bytes]:
     key = ec.generate_private_key(curve or ec.SECP256R1())
     path = tmp_path / f"{name}.pem"
     path.write_bytes(
