@@ -21,8 +21,6 @@ from typing import Any
 import grpc
 import onnxruntime as ort
 
-from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
-from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact._memory import output_bytes
@@ -138,19 +136,7 @@ def run(
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
         stack.start_in_process("keybroker")
         stack.start_in_process("modelstore")
-        admin = kb_grpc.KeyAdminServiceStub(stack.channel(stack.identity("admin"), "keybroker"))
-        admin.CreateKey(kb_pb.CreateKeyRequest(key_id="bench"), timeout=30)
-        admin.SetReleasePolicy(
-            kb_pb.SetReleasePolicyRequest(
-                key_id="bench",
-                policy_document=(
-                    f'version: "bench"\nallowed_spiffe_ids: ["{stack.spiffe_id("inference")}"]\n'
-                    f"tee_types: [SEV_SNP]\nsev_snp:\n  allow_simulated: true\n"
-                    f'  measurements: ["{DEMO_MEASUREMENT}"]\n'
-                ),
-            ),
-            timeout=30,
-        )
+        stack.create_release_key(stack.identity("admin"), "bench", policy_version="bench")
         model = train(Path(tmp) / "big.onnx", padding_bytes=size_mb << 20)
         publisher = stack.identity("publisher")
         published = publish_model(

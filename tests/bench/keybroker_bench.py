@@ -125,19 +125,7 @@ def run(results: dict[str, Any], *, releases: int = 400) -> None:
     """Measures releases over mTLS; writes latency, throughput, breakdown and ratios."""
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
         broker = stack.start_in_process("keybroker")
-        admin = pb_grpc.KeyAdminServiceStub(stack.channel(stack.identity("admin"), "keybroker"))
-        admin.CreateKey(pb.CreateKeyRequest(key_id=KEY), timeout=30)
-        admin.SetReleasePolicy(
-            pb.SetReleasePolicyRequest(
-                key_id=KEY,
-                policy_document=(
-                    f'version: "bench"\nallowed_spiffe_ids: ["{stack.spiffe_id("inference")}"]\n'
-                    f"tee_types: [SEV_SNP]\nsev_snp:\n  allow_simulated: true\n"
-                    f'  measurements: ["{DEMO_MEASUREMENT}"]\n'
-                ),
-            ),
-            timeout=30,
-        )
+        stack.create_release_key(stack.identity("admin"), KEY, policy_version="bench")
         publisher = pb_grpc.KeyBrokerServiceStub(
             stack.channel(stack.identity("publisher"), "keybroker")
         )

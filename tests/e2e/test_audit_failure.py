@@ -30,12 +30,7 @@ SCRIPT = textwrap.dedent(
     out = {}
     with DevStack(Path(sys.argv[1])) as stack:
         stack.start_in_process("keybroker")
-        admin = pb_grpc.KeyAdminServiceStub(stack.channel(stack.identity("admin"), "keybroker"))
-        admin.CreateKey(pb.CreateKeyRequest(key_id="k"), timeout=30)
-        admin.SetReleasePolicy(pb.SetReleasePolicyRequest(key_id="k", policy_document=(
-            f'version: "1"\\nallowed_spiffe_ids: ["{stack.spiffe_id("inference")}"]\\n'
-            f'tee_types: [SEV_SNP]\\nsev_snp:\\n  allow_simulated: true\\n'
-            f'  measurements: ["{DEMO_MEASUREMENT}"]\\n')), timeout=30)
+        stack.create_release_key(stack.identity("admin"), "k", policy_version="1")
         publisher = pb_grpc.KeyBrokerServiceStub(stack.channel(stack.identity("publisher"), "keybroker"))
         generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id="k"), timeout=30)
         inference = stack.identity("inference")

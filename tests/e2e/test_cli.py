@@ -10,7 +10,6 @@ import pytest
 from strongroom.cli.main import main
 from strongroom.devstack import DevStack
 from strongroom.devstack.model import train
-from strongroom.devstack.stack import DEMO_MEASUREMENT
 from strongroom.keybroker.config import KeybrokerConfig
 from strongroom.keybroker.server import trust_store
 from strongroom.runtime.config import load_service_config
@@ -36,10 +35,7 @@ def test_operator_workflow(
     code, out, _ = run(capsys, "keys", "rotate", "cli-key", "--client-config", admin)
     assert json.loads(out)["current_version"] == 2
     policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        f'version: "cli-1"\nallowed_spiffe_ids: ["{stack.spiffe_id("inference")}"]\n'
-        f'tee_types: [SEV_SNP]\nsev_snp:\n  allow_simulated: true\n  measurements: ["{DEMO_MEASUREMENT}"]\n'
-    )
+    policy.write_text(stack.simulated_policy("cli-1"))
     code, out, _ = run(
         capsys, "keys", "set-policy", "cli-key", str(policy), "--client-config", admin
     )

@@ -28,8 +28,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from strongroom.api.inference.v1 import model_control_pb2 as control_pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
-from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
-from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.attestation.simulated import SimulatedAuthority
@@ -91,22 +89,7 @@ def life(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         stack.start_in_process(name, tracer_provider=provider)
     stack.start_in_process("inference", tracer_provider=provider)
     admin, publisher, client = (stack.identity(n) for n in ("admin", "publisher", "client"))
-    kb_admin = kb_grpc.KeyAdminServiceStub(stack.channel(admin, "keybroker"))
-    kb_admin.CreateKey(kb_pb.CreateKeyRequest(key_id=KEY), timeout=30)
-    kb_admin.SetReleasePolicy(
-        kb_pb.SetReleasePolicyRequest(
-            key_id=KEY,
-            policy_document=f"""
-version: "lifecycle-1"
-allowed_spiffe_ids: ["{stack.spiffe_id("inference")}"]
-tee_types: [SEV_SNP]
-sev_snp:
-  allow_simulated: true
-  measurements: ["{DEMO_MEASUREMENT}"]
-""",
-        ),
-        timeout=10,
-    )
+    stack.create_release_key(admin, KEY, policy_version="lifecycle-1")
     # A seed of its own, so that this run's weights (the on-disk canary below) are unique.
     model = train(
         tmp_path_factory.mktemp("model") / "model.onnx", seed=int.from_bytes(os.urandom(4))

@@ -5,11 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
-from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.devstack import DevStack
 from strongroom.devstack.model import train
-from strongroom.devstack.stack import DEMO_MEASUREMENT
 from strongroom.modelstore.publish import publish_model
 
 
@@ -23,18 +20,7 @@ def wait_until(predicate: object, timeout: float) -> bool:
 
 
 def test_model_loads_after_the_broker_comes_back(stack: DevStack, tmp_path: Path) -> None:
-    admin = kb_grpc.KeyAdminServiceStub(stack.channel(stack.identity("admin"), "keybroker"))
-    admin.CreateKey(kb_pb.CreateKeyRequest(key_id="late"), timeout=30)
-    admin.SetReleasePolicy(
-        kb_pb.SetReleasePolicyRequest(
-            key_id="late",
-            policy_document=(
-                f'version: "1"\nallowed_spiffe_ids: ["{stack.spiffe_id("inference")}"]\n'
-                f'tee_types: [SEV_SNP]\nsev_snp:\n  allow_simulated: true\n  measurements: ["{DEMO_MEASUREMENT}"]\n'
-            ),
-        ),
-        timeout=30,
-    )
+    stack.create_release_key(stack.identity("admin"), "late", policy_version="1")
     publisher = stack.identity("publisher")
     publish_model(
         train(tmp_path / "m.onnx").path,

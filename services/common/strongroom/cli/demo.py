@@ -81,8 +81,6 @@ def run(args: argparse.Namespace) -> int:
     from strongroom.api.inference.v1 import attestation_pb2_grpc as att_grpc
     from strongroom.api.inference.v1 import model_control_pb2 as control_pb
     from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
-    from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
-    from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
     from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
     from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
     from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
@@ -126,17 +124,9 @@ def run(args: argparse.Namespace) -> int:
             f"operator identities enrolled: {admin.spiffe_id}, {publisher.spiffe_id}, {client.spiffe_id}"
         )
 
-        kb_admin = kb_grpc.KeyAdminServiceStub(stack.channel(admin, "keybroker"))
-        info = kb_admin.CreateKey(kb_pb.CreateKeyRequest(key_id=KEY_ID), timeout=30).key
+        info = stack.create_release_key(admin, KEY_ID, policy_version="demo-1")
         say.check(
             f"KEK {KEY_ID!r} v{info.current_version} created inside the HSM (AES-256, sensitive, never extractable)"
-        )
-        policy = (
-            f'version: "demo-1"\nallowed_spiffe_ids: ["{stack.spiffe_id("inference")}"]\n'
-            f'tee_types: [SEV_SNP]\nsev_snp:\n  allow_simulated: true\n  measurements: ["{DEMO_MEASUREMENT}"]\n'
-        )
-        kb_admin.SetReleasePolicy(
-            kb_pb.SetReleasePolicyRequest(key_id=KEY_ID, policy_document=policy), timeout=30
         )
         say.check(
             f"release policy demo-1: only {stack.spiffe_id('inference')} in an SEV-SNP VM measuring {DEMO_MEASUREMENT[:16]}…, debug off, VMPL 0"

@@ -125,6 +125,38 @@ class DevStack:
         self._identities.append(identity)
         return identity
 
+    def simulated_policy(self, version: str, measurement: str = DEMO_MEASUREMENT) -> str:
+        """A release policy for the inference identity in a simulated SEV-SNP VM measuring
+        ``measurement`` (hex), with the defaults: debug forbidden, VMPL 0."""
+        return (
+            f'version: "{version}"\n'
+            f'allowed_spiffe_ids: ["{self.spiffe_id("inference")}"]\n'
+            "tee_types: [SEV_SNP]\n"
+            "sev_snp:\n"
+            "  allow_simulated: true\n"
+            f'  measurements: ["{measurement}"]\n'
+        )
+
+    def create_release_key(
+        self, admin: WorkloadIdentity, key_id: str, *, policy_version: str
+    ) -> Any:
+        """Creates a KEK through the broker's admin API and attaches :meth:`simulated_policy`.
+
+        Returns the created key's ``KeyInfo`` message.
+        """
+        from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
+        from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+
+        stub = pb_grpc.KeyAdminServiceStub(self.channel(admin, "keybroker"))
+        key = stub.CreateKey(pb.CreateKeyRequest(key_id=key_id), timeout=30).key
+        stub.SetReleasePolicy(
+            pb.SetReleasePolicyRequest(
+                key_id=key_id, policy_document=self.simulated_policy(policy_version)
+            ),
+            timeout=30,
+        )
+        return key
+
     # ------------------------------------------------------------------ HSM, TEE, secrets
 
     @property
