@@ -1,6 +1,8 @@
 # Strongroom developer entry points. `make demo` and `make test` set everything up first.
 SHELL := /bin/bash
 export ORT_DISABLE_TELEMETRY := 1
+# The step-ca that `make setup` builds; tests and the demo start it.
+export STRONGROOM_STEP_CA ?= $(CURDIR)/.build/bin/step-ca
 VENV := .venv
 PY := $(VENV)/bin/python
 TOOLS := .build/tools
@@ -18,6 +20,7 @@ lint: setup
 	@$(VENV)/bin/ruff format --check . >/dev/null || { $(VENV)/bin/ruff format --diff . | head -40; exit 1; }
 
 typecheck: setup
+	@$(PY) dev/srctree.py .build/src
 	@$(VENV)/bin/mypy
 
 protolint: setup

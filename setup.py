@@ -1,29 +1,35 @@
-"""Assembles the one `strongroom` import namespace from the project's fixed top-level folders.
+"""Maps each `strongroom.*` package straight to its folder, so the import graph is the folder graph.
 
-setuptools' declarative package discovery cannot merge one namespace from several roots, so the
-package list and the package-to-folder map are computed here; everything else is in pyproject.toml.
+The map is `[tool.strongroom.packages]` in pyproject.toml: the shared libraries live in
+`strongroom/`, each service folder *is* its package (`services/keybroker` is
+`strongroom.keybroker`), `pki/` is `strongroom.pki` and the generated API is `strongroom.api`.
+`strongroom.dev` is listed there for the tools but ships as its own distribution (`dev/`), never in
+this one. setuptools' declarative discovery cannot express such a map, so it is built here.
 """
 
+import tomllib
 from pathlib import Path
 
-from setuptools import find_namespace_packages, setup
+from setuptools import setup
 
-ROOTS = [
-    "services/common",
-    "pki",
-    "services/keybroker",
-    "services/modelstore",
-    "services/inference",
-    "protos/_gen",
-]
+DEVELOPMENT_ONLY = {"strongroom.dev"}
 
-packages: list[str] = []
+
+def _packages(prefix: str, folder: str) -> dict[str, str]:
+    """Every folder below ``folder`` that holds Python code, as package name -> folder."""
+    base = Path(folder)
+    found: dict[str, str] = {}
+    for path in sorted([base, *(p for p in base.rglob("*") if p.is_dir())]):
+        if "__pycache__" in path.parts or (path != base and not any(path.glob("*.py"))):
+            continue
+        found[".".join((prefix, *path.relative_to(base).parts))] = str(path)
+    return found
+
+
+roots = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["strongroom"]["packages"]
 package_dir: dict[str, str] = {}
-for root in ROOTS:
-    if not Path(root, "strongroom").is_dir():
-        continue
-    for pkg in find_namespace_packages(where=root, include=["strongroom.*"]):
-        packages.append(pkg)
-        package_dir[pkg] = str(Path(root, *pkg.split(".")))
+for prefix, folder in roots.items():
+    if prefix not in DEVELOPMENT_ONLY and Path(folder).is_dir():
+        package_dir.update(_packages(prefix, folder))
 
-setup(packages=packages, package_dir=package_dir)
+setup(packages=sorted(package_dir), package_dir=package_dir)

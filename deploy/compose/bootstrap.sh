@@ -125,7 +125,7 @@ init_simulated_tee() {
     log "simulated TEE chain present"
   else
     python3 -c 'import sys
-from strongroom.attestation.simulated import SimulatedAuthority
+from strongroom.dev.simulated import SimulatedAuthority
 SimulatedAuthority.generate().save(sys.argv[1])' "$simulated_tee_dir"
     log "generated the simulated TEE chain (DEVELOPMENT ONLY)"
   fi

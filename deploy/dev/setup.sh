@@ -58,18 +58,20 @@ if [ ! -x "$tools/helm/helm" ]; then
 fi
 
 # step-ca, built from Debian's packaged source.
-if [ -x pki/stepca/build.sh ]; then
-  pki/stepca/build.sh "$build/bin/step-ca"
+if [ -x pki/step-ca/build.sh ]; then
+  pki/step-ca/build.sh "$build/bin/step-ca"
 fi
 
 # Generated protobuf and gRPC code (with mypy stubs), never hand-edited.
 "$root/protos/generate.sh"
 
-# The editable install maps each `strongroom.*` package to its folder: redo it when that set changes.
-layout=$(cat pyproject.toml setup.py; ls -d services/*/strongroom/*/ services/*/strongroom/*/__init__.py pki/strongroom/*/ pki/strongroom/*/__init__.py protos/_gen/strongroom/*/ 2>/dev/null)
+# The editable installs map each `strongroom.*` package to its folder (pyproject.toml's
+# [tool.strongroom.packages]); the development kit (dev/) is a distribution of its own that production
+# images never install. Redo both when the set of packages changes.
+layout=$(cat pyproject.toml setup.py dev/pyproject.toml; find strongroom services pki dev protos/_gen -name '*.py' -path '*/__init__.py' -o -type d -not -name __pycache__ | sort)
 layout_hash=$(echo "$layout" | sha256sum | cut -c1-16)
 if [ ! -x .venv/bin/strongroom ] || [ "$(cat "$build/install.stamp" 2>/dev/null)" != "$layout_hash" ]; then
-  .venv/bin/pip install -q --no-deps --no-build-isolation -e . >"$build/install.log" 2>&1 \
+  .venv/bin/pip install -q --no-deps --no-build-isolation -e . -e ./dev >"$build/install.log" 2>&1 \
     || { cat "$build/install.log"; exit 1; }
   echo "$layout_hash" >"$build/install.stamp"
 fi

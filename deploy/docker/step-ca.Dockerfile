@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1.7
 # step-ca for environments without the official `smallstep/step-ca` image (air-gapped mirrors that
 # carry only Debian). It builds step-ca 0.19 from Debian bookworm's packaged Go source exactly as
-# pki/stepca/build.sh does for the tests (GOPATH mode, offline, CGO off, pki/stepca/main.go as the
+# pki/step-ca/build.sh does for the tests (GOPATH mode, offline, CGO off, pki/step-ca/main.go as the
 # main package), then ships the static binary alone on debian slim.
 #
 #   docker build -f deploy/docker/step-ca.Dockerfile -t strongroom/step-ca:0.19 .
@@ -21,8 +21,8 @@ RUN apt-get update \
       ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pki/stepca/build.sh pki/stepca/main.go pki/stepca/
-RUN bash pki/stepca/build.sh /out/step-ca \
+COPY pki/step-ca/build.sh pki/step-ca/main.go pki/step-ca/
+RUN bash pki/step-ca/build.sh /out/step-ca \
  && /out/step-ca --version
 
 FROM ${DEBIAN_SLIM_IMAGE} AS step-ca

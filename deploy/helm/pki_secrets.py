@@ -80,7 +80,7 @@ def _collect(ca_dir: Path, layout: dict[str, str]) -> dict[str, bytes]:
 def _simulated_tee() -> dict[str, bytes]:
     """A new simulated TEE chain (certificates and keys), as SimulatedAuthority.save lays it out."""
     # Imported here: only this development option needs the strongroom package.
-    from strongroom.attestation.simulated import SimulatedAuthority
+    from strongroom.dev.simulated import SimulatedAuthority
 
     with tempfile.TemporaryDirectory() as tmp:
         SimulatedAuthority.generate().save(tmp)

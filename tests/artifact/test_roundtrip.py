@@ -25,7 +25,7 @@ from strongroom.artifact import (
     summarize,
     wipe,
 )
-from strongroom.runtime.errors import FailedPrecondition, InvalidArgument
+from strongroom.errors import FailedPrecondition, InvalidArgument
 
 from .conftest import CHUNK, header_for
 

@@ -15,7 +15,7 @@ from strongroom.attestation.binding import (
     report_data_for,
 )
 from strongroom.attestation.errors import REPORT_DATA_MISMATCH
-from strongroom.runtime.errors import InvalidArgument
+from strongroom.errors import InvalidArgument
 
 
 def spki(key) -> bytes:  # type: ignore[no-untyped-def]

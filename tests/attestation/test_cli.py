@@ -16,7 +16,7 @@ from tests.attestation.test_vectors import NEW_TCB_SIGNING
 @pytest.fixture(autouse=True)
 def _only_attestation_commands(monkeypatch: pytest.MonkeyPatch) -> None:
     # Keep these tests about `attest`: other areas' command modules are loaded by their own tests.
-    monkeypatch.setattr(cli_main, "COMMAND_MODULES", ("strongroom.attestation.cli",))
+    monkeypatch.setattr(cli_main, "COMMAND_MODULES", ("strongroom.cli.attest",))
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

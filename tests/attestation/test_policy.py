@@ -14,7 +14,7 @@ from strongroom.attestation import errors as E
 from strongroom.attestation.abi.snp import TcbVersion
 from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
 from strongroom.attestation.policy import ReleasePolicy
-from strongroom.attestation.simulated import SimulatedAuthority
+from strongroom.dev.simulated import SimulatedAuthority
 
 CALLER = "spiffe://strongroom.test/inference"
 RD = hashlib.sha512(b"rd").digest()

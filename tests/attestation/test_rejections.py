@@ -31,8 +31,8 @@ from strongroom.attestation import (
 from strongroom.attestation import errors as E
 from strongroom.attestation.abi.snp import TcbVersion
 from strongroom.attestation.encoding import detect_evidence
-from strongroom.attestation.simulated import SimulatedAuthority
-from strongroom.runtime.errors import StrongroomError
+from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.errors import StrongroomError
 from tests.attestation.test_vectors import NEW_TCB_SIGNING
 
 UTC = dt.UTC

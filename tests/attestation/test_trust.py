@@ -9,8 +9,8 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from strongroom.attestation.abi.certs import common_name, load_certificate, split_pem_certificates
-from strongroom.attestation.simulated import SimulatedAuthority
 from strongroom.attestation.trust import TrustStore
+from strongroom.dev.simulated import SimulatedAuthority
 
 # From the "Trust-anchor pins" table of shared/attestation-vectors/SOURCES.md: (SPKI, DER) SHA-256.
 PINS = {
@@ -101,7 +101,7 @@ def test_simulated_authority_round_trips(tmp_path, authority: SimulatedAuthority
 
 def test_fixture_regeneration_verifies(tmp_path, now) -> None:  # type: ignore[no-untyped-def]
     from strongroom.attestation import Evidence, TeeType, verify_evidence
-    from strongroom.attestation.simulated import write_fixtures
+    from strongroom.dev.simulated import write_fixtures
 
     authority = write_fixtures(tmp_path)
     loaded = SimulatedAuthority.load(tmp_path)

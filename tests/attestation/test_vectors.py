@@ -25,14 +25,14 @@ from strongroom.attestation.abi.snp import parse_snp_report
 from strongroom.attestation.abi.tdx import parse_tdx_quote
 from strongroom.attestation.encoding import detect_evidence
 from strongroom.attestation.errors import CERT_NOT_VALID_AT_TIME, VerificationFailed
-from tests.attestation.conftest import HERE, vectors_dir
+from tests.conftest import DATA
 
 UTC = dt.UTC
 # SNP certificates are valid at this time except the one-year AWS VLEK (see SOURCES.md).
 SNP_TIME = dt.datetime(2026, 3, 1, tzinfo=UTC)
 VLEK_TIME = dt.datetime(2025, 6, 1, tzinfo=UTC)
 TDX_TIME = dt.datetime(2026, 3, 1, tzinfo=UTC)
-NEW_TCB_SIGNING = HERE / "data" / "intel_tcb_signing_2025.pem"
+NEW_TCB_SIGNING = Path(__file__).resolve().parent / "data" / "intel_tcb_signing_2025.pem"
 
 
 @dataclass
@@ -44,9 +44,7 @@ class Vector:
 
 
 def _sources() -> dict[str, Vector]:
-    root = vectors_dir()
-    if root is None:
-        return {}
+    root = DATA / "attestation"
     out: dict[str, Vector] = {}
     current: Vector | None = None
     tee = ""

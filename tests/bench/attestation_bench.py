@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from strongroom.attestation import verify_evidence
-from strongroom.attestation.simulated import SimulatedAuthority
+from strongroom.dev.simulated import SimulatedAuthority
 
 
 def _per_call(fn: Callable[[], Any], *, min_seconds: float = 0.5, min_calls: int = 50) -> float:

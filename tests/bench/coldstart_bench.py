@@ -24,15 +24,15 @@ import onnxruntime as ort
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact._memory import output_bytes
-from strongroom.attestation.simulated import SimulatedAuthority
-from strongroom.devstack import DevStack
-from strongroom.devstack.model import train
-from strongroom.devstack.stack import DEMO_MEASUREMENT
-from strongroom.inference.attesters import SimulatedAttester, TeeType
-from strongroom.inference.keyrelease import KeyReleaseClient
+from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.client.publish import publish_model
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.model import train
+from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
+from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
-from strongroom.modelstore.publish import publish_model
 from strongroom.modelstore.service import DEFAULT_DOWNLOAD_CHUNK, ModelStoreServicer
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.runtime.interceptors import ErrorMappingInterceptor

@@ -38,11 +38,11 @@ from cryptography.hazmat.primitives.keywrap import (
 )
 from pkcs11 import Attribute, KeyType, Mechanism
 
+from strongroom.dev.softhsm import init_softhsm_token
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import KeyManager, ReleasedKey
 from strongroom.keybroker.oaep import OaepHash
-from strongroom.keybroker.softhsm import init_softhsm_token
 from strongroom.runtime.secrets import Secret
 
 SINGLE_OPS = 1500

@@ -30,9 +30,9 @@ from strongroom.api.attestation.v1 import evidence_pb2
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation.binding import report_data_for
-from strongroom.attestation.simulated import SimulatedAuthority
-from strongroom.devstack import DevStack
-from strongroom.devstack.stack import DEMO_MEASUREMENT
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
+from strongroom.dev.simulated import SimulatedAuthority
 
 KEY = "bench"
 MECHANISMS = [pb.WRAP_MECHANISM_RSA_OAEP_SHA256, pb.WRAP_MECHANISM_RSA_OAEP_SHA1]

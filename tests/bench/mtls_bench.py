@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from strongroom.devstack import DevStack
+from strongroom.dev.devstack import DevStack
 from strongroom.pki import WorkloadIdentity
 from tests.bench import inference_bench, modelstore_bench
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from strongroom.attestation.simulated import SimulatedAuthority
+from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.keybroker.audit import load_signing_key
 from strongroom.runtime.secrets import Secret
 from tests.deploy.conftest import DEPLOY, ROOT, token_login_works

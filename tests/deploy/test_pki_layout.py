@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 import ssl
 import stat
@@ -28,29 +27,10 @@ from typing import Any
 import pytest
 import yaml
 
-from strongroom.attestation.simulated import SimulatedAuthority
+from strongroom.dev.simulated import SimulatedAuthority
 from tests.deploy.conftest import CHART, DEPLOY, ROOT, kind, render
 
 HOME = "/home/step"
-
-
-@pytest.fixture(scope="module")
-def step_ca_binary() -> Path:
-    """``$STRONGROOM_STEP_CA`` or the binary pki/stepca/build.sh builds (idempotent)."""
-    configured = os.environ.get("STRONGROOM_STEP_CA")
-    if configured:
-        return Path(configured)
-    out = ROOT / ".build" / "bin" / "step-ca"
-    result = subprocess.run(
-        [str(ROOT / "pki" / "stepca" / "build.sh"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"step-ca could not be built: {result.stderr.strip()[-300:]}")
-    return out
 
 
 def free_port() -> int:

@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from strongroom.devstack import DevStack
-from strongroom.pki.stepca import BINARY_ENV, repo_root
-
-
-@pytest.fixture(scope="session")
-def step_ca_binary() -> Path:
-    """The step-ca binary, built from Debian's packaged source when missing."""
-    configured = os.environ.get(BINARY_ENV)
-    if configured:
-        return Path(configured)
-    out = repo_root() / ".build" / "bin" / "step-ca"
-    result = subprocess.run(
-        [str(repo_root() / "pki" / "stepca" / "build.sh"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"step-ca could not be built: {result.stderr.strip()[-500:]}")
-    return out
+from strongroom.dev.devstack import DevStack
 
 
 @pytest.fixture(scope="module")

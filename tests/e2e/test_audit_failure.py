@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from strongroom.pki.stepca import repo_root
+from tests.conftest import REPO
 
 SCRIPT = textwrap.dedent(
     """
@@ -20,11 +20,11 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import grpc
     from strongroom.api.keybroker.v1 import keybroker_pb2 as pb, keybroker_pb2_grpc as pb_grpc
-    from strongroom.attestation.simulated import SimulatedAuthority
-    from strongroom.devstack import DevStack
-    from strongroom.devstack.stack import DEMO_MEASUREMENT
-    from strongroom.inference.attesters import SimulatedAttester, TeeType
-    from strongroom.inference.keyrelease import KeyReleaseClient
+    from strongroom.dev.simulated import SimulatedAuthority
+    from strongroom.dev.devstack import DevStack
+    from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
+    from strongroom.attesters import SimulatedAttester, TeeType
+    from strongroom.client.keyrelease import KeyReleaseClient
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     out = {}
@@ -59,7 +59,7 @@ def test_release_is_refused_when_the_audit_log_cannot_be_written(
 ) -> None:
     run = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path / "stack")],
-        cwd=repo_root(),
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=180,

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from strongroom.cli.main import main
-from strongroom.devstack import DevStack
-from strongroom.devstack.model import train
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.model import train
+from strongroom.errors import FailedPrecondition
 from strongroom.keybroker.config import KeybrokerConfig
 from strongroom.keybroker.server import trust_store
 from strongroom.runtime.config import load_service_config
-from strongroom.runtime.errors import FailedPrecondition
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

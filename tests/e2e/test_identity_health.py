@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from strongroom.devstack import DevStack
+from strongroom.dev.devstack import DevStack
 from strongroom.pki import WorkloadIdentity
 from strongroom.pki.identity import RenewalPolicy
 from strongroom.runtime.bootstrap import RoleTable, build_host

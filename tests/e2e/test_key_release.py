@@ -25,10 +25,10 @@ from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation.abi import snp as snp_abi
 from strongroom.attestation.binding import report_data_for
-from strongroom.attestation.simulated import SimulatedAuthority, SimulatedSnp
-from strongroom.devstack import DevStack
-from strongroom.inference.attesters import SimulatedAttester, TeeType
-from strongroom.inference.keyrelease import KeyReleaseClient
+from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.simulated import SimulatedAuthority, SimulatedSnp
 from strongroom.keybroker.audit import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.pki import WorkloadIdentity

@@ -30,15 +30,15 @@ from strongroom.api.inference.v1 import model_control_pb2 as control_pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
-from strongroom.attestation.simulated import SimulatedAuthority
-from strongroom.devstack import DevStack
-from strongroom.devstack.model import TrainedModel, train
-from strongroom.devstack.stack import DEMO_MEASUREMENT
-from strongroom.inference.attesters import SimulatedAttester, TeeType
-from strongroom.inference.keyrelease import KeyReleaseClient
+from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.client.publish import publish_model
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.model import TrainedModel, train
+from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
+from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
-from strongroom.modelstore.publish import publish_model
 from strongroom.pki import WorkloadIdentity
 from strongroom.runtime.config import TracingConfig
 from strongroom.runtime.metrics import install_meter_provider
@@ -234,7 +234,7 @@ def test_vm_outside_the_policy_gets_no_key(
     life: Lifecycle, claims: dict[str, object], reason: str
 ) -> None:
     loader = other_vm_loader(life, **claims)
-    from strongroom.runtime.errors import StrongroomError
+    from strongroom.errors import StrongroomError
 
     with pytest.raises(StrongroomError) as info:
         loader.load("classifier", "1")
@@ -434,8 +434,8 @@ def test_signed_model_loads_only_with_a_valid_signature(life: Lifecycle, tmp_pat
     """Signed at publish with OpenSSF model-signing; verified in memory against the decrypted bytes."""
     from cryptography.hazmat.primitives import serialization as ser
 
+    from strongroom.errors import StrongroomError
     from strongroom.inference.signature import SignaturePolicy
-    from strongroom.runtime.errors import StrongroomError
 
     def keypair(name: str) -> tuple[Path, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from strongroom.devstack import DevStack
-from strongroom.devstack.model import train
-from strongroom.modelstore.publish import publish_model
+from strongroom.client.publish import publish_model
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.model import train
 
 
 def wait_until(predicate: object, timeout: float) -> bool:

@@ -13,7 +13,7 @@ import pytest
 
 from strongroom.api.inference.v1 import attestation_pb2_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
-from strongroom.attestation.simulated import SimulatedAuthority
+from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.inference.evidence_service import InferenceAttestationServicer
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.oip import InferLimits, OipServicer

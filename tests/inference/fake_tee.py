@@ -23,15 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from strongroom.inference.attesters import (
+from strongroom.attesters import (
     ARK_GUID,
     ASK_GUID,
     VCEK_GUID,
     OsTsmFs,
     build_cert_table,
 )
-from strongroom.inference.attesters import _sevguest as snp
-from strongroom.inference.attesters import _tdxguest as tdx
+from strongroom.attesters import _sevguest as snp
+from strongroom.attesters import _tdxguest as tdx
 
 SNP_REPORT_SIZE = 1184
 FAKE_VCEK = b"0\x82fake-vcek-der" + bytes(300)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from strongroom import attesters
 from strongroom.api.attestation.v1 import evidence_pb2
 from strongroom.attestation.evidence import Evidence
-from strongroom.inference import attesters
-from strongroom.inference.attesters import (
+from strongroom.attesters import (
     ARK_GUID,
     ASK_GUID,
     VCEK_GUID,
@@ -33,8 +33,8 @@ from strongroom.inference.attesters import (
     parse_cert_table,
     select_attester,
 )
-from strongroom.inference.attesters import _sevguest as snp
-from strongroom.inference.attesters import _tdxguest as tdx
+from strongroom.attesters import _sevguest as snp
+from strongroom.attesters import _tdxguest as tdx
 from tests.inference.fake_tee import (
     FAKE_ARK,
     FAKE_ASK,

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from strongroom.attestation.evidence import Evidence
-from strongroom.attestation.simulated import SimulatedAuthority, SimulatedSnp, SimulatedTdx
 from strongroom.attestation.trust import TrustStore
 from strongroom.attestation.verify import verify_evidence
-from strongroom.inference.attesters import (
+from strongroom.attesters import (
     ARK_GUID,
     ASK_GUID,
     VCEK_GUID,
@@ -27,7 +26,8 @@ from strongroom.inference.attesters import (
     TdxGuestAttester,
     TeeType,
 )
-from strongroom.inference.attesters import _tdxguest as tdx
+from strongroom.attesters import _tdxguest as tdx
+from strongroom.dev.simulated import SimulatedAuthority, SimulatedSnp, SimulatedTdx
 from tests.inference.fake_tee import (
     FAKE_ARK,
     FAKE_ASK,

@@ -15,14 +15,14 @@ from strongroom.api.attestation.v1 import evidence_pb2
 from strongroom.api.inference.v1 import attestation_pb2 as pb
 from strongroom.attestation import binding
 from strongroom.attestation.evidence import Evidence
-from strongroom.attestation.simulated import SimulatedAuthority
 from strongroom.attestation.verify import verify_evidence
-from strongroom.inference.attesters import (
+from strongroom.attesters import (
     EvidenceBundle,
     SevGuestAttester,
     SimulatedAttester,
     TeeType,
 )
+from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.inference.evidence_service import InferenceAttestationServicer
 from strongroom.inference.models import ModelRepository
 from strongroom.runtime.interceptors import REASON_METADATA_KEY

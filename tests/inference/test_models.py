@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from strongroom.errors import InvalidArgument
 from strongroom.inference.models import (
     LoadedModel,
     ModelLoadError,
@@ -20,7 +21,6 @@ from strongroom.inference.models import (
     RuntimeOptions,
     session_options,
 )
-from strongroom.runtime.errors import InvalidArgument
 from tests.inference import onnx_models
 
 X = np.array([[0.5, -1.0, 2.0, 0.25], [1.0, 1.0, 1.0, 1.0]], dtype=np.float32)

@@ -10,9 +10,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from strongroom.client.signing import sign_model
+from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.inference.signature import BUNDLE_MEDIA_TYPE, SignatureInvalid, SignaturePolicy
-from strongroom.modelstore.signing import sign_model
-from strongroom.runtime.errors import FailedPrecondition, InvalidArgument
 
 MODEL = b"\x08\x07" + b"onnx model bytes " * 4096
 

@@ -1,7 +1,7 @@
 """Fixtures for the key-broker library tests: every test gets its own SoftHSM2 token and module.
 
 Each token lives in the test's ``tmp_path`` with its own ``softhsm2.conf`` and its own copy of
-``libsofthsm2.so`` (see :mod:`strongroom.keybroker.softhsm` for why), so no HSM session, token or
+``libsofthsm2.so`` (see :mod:`strongroom.dev.softhsm` for why), so no HSM session, token or
 module state is shared between tests. Backends are closed by the fixtures, never in ``__del__``.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from strongroom.dev.softhsm import SYSTEM_MODULE, SoftHsmToken, init_softhsm_token
 from strongroom.keybroker.hsm import Hsm, HsmConfig
 from strongroom.keybroker.keys import KeyManager
-from strongroom.keybroker.softhsm import SYSTEM_MODULE, SoftHsmToken, init_softhsm_token
 from tests.keybroker.helpers import SO_PIN, USER_PIN, make_config
 
 

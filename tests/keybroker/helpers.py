@@ -8,8 +8,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11 import Attribute
 
+from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
-from strongroom.keybroker.softhsm import SoftHsmToken
 from strongroom.runtime.secrets import Secret
 
 USER_PIN = Secret(b"user-pin-0042")

@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from strongroom.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 from strongroom.keybroker.audit import (
     _HEAD_DOMAIN,
     GENESIS_HASH,
@@ -31,7 +32,6 @@ from strongroom.keybroker.audit import (
     verify_audit_log,
 )
 from strongroom.keybroker.errors import AuditUnavailable
-from strongroom.runtime.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 from strongroom.runtime.secrets import Secret
 
 REPO = Path(__file__).resolve().parents[2]

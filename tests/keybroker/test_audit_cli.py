@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from strongroom.keybroker import audit_cli
+from strongroom.cli import audit as audit_cli
+from strongroom.errors import InvalidArgument, NotFound
 from strongroom.keybroker.audit import (
     AuditEvent,
     AuditLog,
@@ -15,7 +16,6 @@ from strongroom.keybroker.audit import (
     load_signing_key,
     new_signing_key,
 )
-from strongroom.runtime.errors import InvalidArgument, NotFound
 from strongroom.runtime.secrets import Secret
 
 

@@ -12,12 +12,12 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from strongroom.dev.softhsm import SoftHsmToken
+from strongroom.errors import FailedPrecondition, InvalidArgument, Unavailable
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import KeyManager
 from strongroom.keybroker.oaep import OaepHash
-from strongroom.keybroker.softhsm import SoftHsmToken
-from strongroom.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from strongroom.runtime.secrets import Secret
 from tests.keybroker.helpers import make_config, session_objects, spki
 

@@ -14,18 +14,18 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11._pkcs11 import UnwrapMixin  # type: ignore[attr-defined]
 
-from strongroom.keybroker import _kek
-from strongroom.keybroker.hsm import Hsm, HsmSession
-from strongroom.keybroker.keys import ALL_VERSIONS, KeyManager, KeyState
-from strongroom.keybroker.oaep import OaepHash
-from strongroom.keybroker.softhsm import SoftHsmToken
-from strongroom.runtime.errors import (
+from strongroom.dev.softhsm import SoftHsmToken
+from strongroom.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
+from strongroom.keybroker import _kek
+from strongroom.keybroker.hsm import Hsm, HsmSession
+from strongroom.keybroker.keys import ALL_VERSIONS, KeyManager, KeyState
+from strongroom.keybroker.oaep import OaepHash
 from tests.keybroker.helpers import make_config, spki
 
 OAEP_SHA1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.keybroker.oaep import PROBE_ORDER, OaepHash, check_accepted, negotiate
-from strongroom.runtime.errors import FailedPrecondition, InvalidArgument
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,12 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
+from strongroom.dev.softhsm import SoftHsmToken
+from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound
 from strongroom.keybroker.ephemeral import parse_ephemeral_public_key
 from strongroom.keybroker.hsm import Hsm
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, DataKey, KeyManager
 from strongroom.keybroker.oaep import OaepHash
-from strongroom.keybroker.softhsm import SoftHsmToken
-from strongroom.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from tests.keybroker.helpers import make_config, session_objects, spki
 
 OAEP_SHA1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)

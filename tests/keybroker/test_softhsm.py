@@ -10,10 +10,10 @@ import pkcs11
 import pytest
 from pkcs11 import UserType
 
+from strongroom.dev.softhsm import SoftHsmToken, init_softhsm_token
+from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.keybroker.hsm import Hsm
 from strongroom.keybroker.keys import KeyManager
-from strongroom.keybroker.softhsm import SoftHsmToken, init_softhsm_token
-from strongroom.runtime.errors import FailedPrecondition, InvalidArgument
 from strongroom.runtime.secrets import Secret
 from tests.keybroker.helpers import SO_PIN, USER_PIN, make_config
 

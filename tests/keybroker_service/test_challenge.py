@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from strongroom.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from strongroom.keybroker.challenge import NONCE_LENGTH, ChallengeIssuer
-from strongroom.runtime.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from strongroom.runtime.secrets import Secret
 
 CALLER = "spiffe://strongroom.test/inference"

@@ -15,7 +15,7 @@ import struct
 from datetime import UTC, datetime
 from typing import Any
 
-from strongroom.runtime.errors import InvalidArgument
+from strongroom.errors import InvalidArgument
 
 MAGIC = b"FAKEART1"
 _PREFIX = len(MAGIC) + 4

@@ -15,6 +15,7 @@ import pytest
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import ArtifactReader, DecryptionFailed, build_header, encrypt_bytes
+from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.modelstore.artifact_validation import (
     HeaderAwareValidator,
     structure_validator_factory,
@@ -22,7 +23,6 @@ from strongroom.modelstore.artifact_validation import (
 from strongroom.modelstore.errors import ModelExists
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.modelstore.validator import EarlyIdentity
-from strongroom.runtime.errors import InvalidArgument, ResourceExhausted
 from tests.modelstore.conftest import serve
 from tests.modelstore.fake_artifact import chunked
 

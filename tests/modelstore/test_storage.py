@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from strongroom.errors import InvalidArgument
 from strongroom.modelstore.errors import (
     ArtifactTooLarge,
     EmptyUpload,
@@ -31,7 +32,6 @@ from strongroom.modelstore.storage import (
     UploadClaims,
     verify_all,
 )
-from strongroom.runtime.errors import InvalidArgument
 from tests.modelstore.fake_artifact import (
     FakeValidator,
     LateValidator,
@@ -321,7 +321,7 @@ def test_size_limit(store_root: Path) -> None:
 
         with pytest.raises(ArtifactTooLarge) as info:
             s.put(chunks(), FakeValidator())
-        assert info.value.status.name == "RESOURCE_EXHAUSTED"
+        assert info.value.status_name == "RESOURCE_EXHAUSTED"
         assert consumed == 11
         consumed = 0
         with pytest.raises(ArtifactTooLarge):
@@ -433,7 +433,7 @@ def test_verify_detects_same_size_corruption(storage: FilesystemStorage) -> None
     path.write_bytes(bytes(damaged))
     with pytest.raises(StoredDataCorrupt) as info:
         storage.verify("m", "1")
-    assert info.value.status.name == "DATA_LOSS"
+    assert info.value.status_name == "DATA_LOSS"
     assert info.value.reason == "DIGEST_MISMATCH"
 
 
@@ -494,7 +494,7 @@ def test_one_process_per_root(store_root: Path) -> None:
     with FilesystemStorage(store_root):
         with pytest.raises(StorageLocked) as info:
             FilesystemStorage(store_root)
-        assert info.value.status.name == "FAILED_PRECONDITION"
+        assert info.value.status_name == "FAILED_PRECONDITION"
     with FilesystemStorage(store_root):
         pass
 
@@ -580,7 +580,7 @@ def test_unreadable_index_is_unavailable_and_releases_the_lock(store_root: Path)
     (store_root / "index.sqlite3").write_bytes(b"this is not a database" * 100)
     with pytest.raises(StorageUnavailable) as info:
         FilesystemStorage(store_root)
-    assert info.value.status.name == "UNAVAILABLE"
+    assert info.value.status_name == "UNAVAILABLE"
     (store_root / "index.sqlite3").unlink()
     with FilesystemStorage(store_root) as s:
         assert s.records() == ()

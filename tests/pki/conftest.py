@@ -2,41 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from strongroom.pki import StepCa, WorkloadIdentity
-from strongroom.pki.stepca import BINARY_ENV, repo_root
 from tests.pki.helpers import enrol, new_ca
-
-
-@pytest.fixture(scope="session")
-def step_ca_binary() -> Path:
-    """The step-ca binary: ``$STRONGROOM_STEP_CA`` or built by ``pki/stepca/build.sh``."""
-    configured = os.environ.get(BINARY_ENV)
-    if configured:
-        if not os.access(configured, os.X_OK):
-            pytest.skip(f"{BINARY_ENV}={configured} is not an executable step-ca")
-        return Path(configured)
-    root = repo_root()
-    out = root / ".build" / "bin" / "step-ca"
-    result = subprocess.run(
-        [str(root / "pki" / "stepca" / "build.sh"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(
-            "step-ca could not be built (needs Debian golang-go and "
-            f"golang-github-smallstep-certificates-dev): {result.stderr.strip()[-500:]}"
-        )
-    return out
 
 
 @pytest.fixture(scope="module")

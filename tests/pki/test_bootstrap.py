@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from strongroom.errors import AlreadyExists, InvalidArgument
 from strongroom.pki import StepCa, init_ca
 from strongroom.pki._duration import go_duration, parse_duration
 from strongroom.pki.errors import InvalidPkiConfig
-from strongroom.runtime.errors import AlreadyExists, InvalidArgument
 
 
 def test_layout_files_and_permissions(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from strongroom.runtime import errors
+from strongroom import errors
 from strongroom.runtime.interceptors import REASON_METADATA_KEY
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 

@@ -1,0 +1,1 @@
+"""Strongroom development kit: never installed in production images (see dev/pyproject.toml)."""

@@ -1,0 +1,243 @@
+"""Creates a CA directory: root and intermediate (EC P-256), a JWK provisioner and step-ca's ca.json."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from strongroom.errors import AlreadyExists
+from strongroom.pki import _jose, layout
+from strongroom.pki._duration import go_duration
+from strongroom.pki._files import write_private, write_public
+from strongroom.pki._x509 import generate_key
+from strongroom.pki.errors import InvalidPkiConfig
+from strongroom.pki.layout import CaLayout
+from strongroom.pki.spiffe import SpiffeId
+
+Database = Literal["bbolt", "badgerv2", "none"]
+
+ROOT_VALIDITY = timedelta(days=3650)
+INTERMEDIATE_VALIDITY = timedelta(days=1825)
+# Only TLS 1.3 on the CA's own listener: every client of ours speaks it (Go's cipherSuites list
+# applies to TLS 1.2 only and is kept for completeness).
+_CA_TLS = {
+    "cipherSuites": [
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    ],
+    "minVersion": 1.3,
+    "maxVersion": 1.3,
+    "renegotiation": False,
+}
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InvalidPkiConfig(f"address {address!r} must be HOST:PORT with a port in 1-65535")
+    return host.strip("[]"), int(port_text)
+
+
+def _url_for(host: str, port: int) -> str:
+    try:
+        if isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address):
+            host = f"[{host}]"
+    except ValueError:
+        pass
+    return f"https://{host}:{port}"
+
+
+def _ca_name(common_name: str, trust_domain: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Strongroom"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _ca_certificate(
+    subject: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    path_length: int,
+    validity: timedelta,
+    now: datetime,
+) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _encrypted_pem(key: ec.EllipticCurvePrivateKey, password: bytes) -> bytes:
+    # PKCS#8 PBES2 (PBKDF2-HMAC-SHA256, AES-256-CBC): the form step-ca's pemutil decrypts.
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(password),
+    )
+
+
+def init_ca(
+    directory: Path | str,
+    *,
+    trust_domain: str,
+    dns_names: Sequence[str] = ("localhost",),
+    address: str = "127.0.0.1:9000",
+    default_lifetime: timedelta = timedelta(hours=1),
+    max_lifetime: timedelta = timedelta(hours=24),
+    min_lifetime: timedelta = timedelta(minutes=5),
+    database: Database = "bbolt",
+    provisioner_name: str = "strongroom",
+    url: str | None = None,
+) -> CaLayout:
+    """Creates a new CA in ``directory`` (which must not hold one already) and returns its layout.
+
+    ``dns_names`` are the names (or IP addresses) in step-ca's own TLS certificate and its token
+    audiences; ``url`` defaults to ``https://<dns_names[0]>:<port of address>``. Certificate
+    lifetimes go into the provisioner's claims: ``min_lifetime`` may be lowered to seconds for tests.
+    """
+    base = Path(directory).resolve()
+    if (base / layout.CONFIG).exists():
+        raise AlreadyExists(
+            f"{base} already holds a CA; refusing to overwrite it", reason="CA_EXISTS"
+        )
+    SpiffeId.of(trust_domain)  # validates the trust domain
+    names = [n.strip() for n in dns_names if n.strip()]
+    if not names:
+        raise InvalidPkiConfig("the CA needs at least one DNS name or IP address")
+    _, port = _split_address(address)
+    if not min_lifetime <= default_lifetime <= max_lifetime:
+        raise InvalidPkiConfig(
+            "certificate lifetimes must satisfy min <= default <= max "
+            f"(got {min_lifetime}, {default_lifetime}, {max_lifetime})"
+        )
+    if min_lifetime < timedelta(seconds=1):
+        raise InvalidPkiConfig("the minimum certificate lifetime must be at least 1s")
+    if not provisioner_name or any(c in provisioner_name for c in ":/ "):
+        raise InvalidPkiConfig(f"provisioner name {provisioner_name!r} is not a plain word")
+
+    now = datetime.now(UTC)
+    password = secrets.token_urlsafe(32).encode()
+    root_key = generate_key()
+    root_name = _ca_name("Strongroom Root CA", trust_domain)
+    root = _ca_certificate(
+        root_name, root_key, root_name, root_key, path_length=1, validity=ROOT_VALIDITY, now=now
+    )
+    intermediate_key = generate_key()
+    intermediate = _ca_certificate(
+        _ca_name("Strongroom Intermediate CA", trust_domain),
+        intermediate_key,
+        root_name,
+        root_key,
+        path_length=0,
+        validity=INTERMEDIATE_VALIDITY,
+        now=now,
+    )
+    provisioner_key = generate_key()
+
+    write_private(base / layout.PASSWORD, password + b"\n")
+    write_private(base / layout.ROOT_KEY, _encrypted_pem(root_key, password))
+    write_private(base / layout.INTERMEDIATE_KEY, _encrypted_pem(intermediate_key, password))
+    write_private(
+        base / layout.PROVISIONER_KEY,
+        provisioner_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    (base / layout.PASSWORD).parent.chmod(0o700)
+    write_public(base / layout.ROOT_CERT, root.public_bytes(serialization.Encoding.PEM))
+    write_public(
+        base / layout.INTERMEDIATE_CERT, intermediate.public_bytes(serialization.Encoding.PEM)
+    )
+    (base / layout.DB).mkdir(mode=0o700, parents=True, exist_ok=True)
+    (base / layout.LOG).parent.mkdir(parents=True, exist_ok=True)
+
+    db_config: dict[str, str] | None = None
+    if database == "bbolt":
+        db_config = {"type": "bbolt", "dataSource": str(layout.DB / "step.db")}
+    elif database == "badgerv2":
+        db_config = {"type": "badgerv2", "dataSource": str(layout.DB)}
+    config = {
+        "root": str(layout.ROOT_CERT),
+        "federatedRoots": None,
+        "crt": str(layout.INTERMEDIATE_CERT),
+        "key": str(layout.INTERMEDIATE_KEY),
+        "address": address,
+        "insecureAddress": "",
+        "dnsNames": names,
+        "logger": {"format": "text"},
+        "db": db_config,
+        "authority": {
+            "provisioners": [
+                {
+                    "type": "JWK",
+                    "name": provisioner_name,
+                    "key": _jose.public_jwk(provisioner_key.public_key()),
+                    "claims": {
+                        "minTLSCertDuration": go_duration(min_lifetime),
+                        "maxTLSCertDuration": go_duration(max_lifetime),
+                        "defaultTLSCertDuration": go_duration(default_lifetime),
+                        "disableRenewal": False,
+                    },
+                }
+            ],
+        },
+        "tls": _CA_TLS,
+    }
+    if db_config is None:
+        del config["db"]
+    ca_url = url or _url_for(names[0], port)
+    meta = {
+        "trust_domain": trust_domain,
+        "url": ca_url,
+        "address": address,
+        "dns_names": names,
+        "provisioner_name": provisioner_name,
+    }
+    write_public(base / layout.CONFIG, json.dumps(config, indent=2).encode() + b"\n")
+    write_public(base / layout.META, json.dumps(meta, indent=2).encode() + b"\n")
+    return CaLayout.load(base)

@@ -1,0 +1,168 @@
+"""Turning gRPC's opaque "Socket closed" into a clear "the server rejected our client certificate".
+
+gRPC Python servers verify client certificates inside the TLS handshake (``require_client_auth``
+is all-or-nothing: request-but-don't-verify is not exposed). With TLS 1.3 the client finishes its
+side of the handshake before the server checks the client certificate, and gRPC's server then closes
+the socket without an alert, so the client only sees ``UNAVAILABLE: ... Socket closed``. To tell
+that apart from a dead server we probe: a TLS 1.3 handshake with the same certificate, ALPN ``h2``
+and the HTTP/2 preface. A healthy gRPC server answers with a SETTINGS frame; a server that closes
+the connection right after the handshake without a single byte has rejected our certificate.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from strongroom.pki._files import memory_file
+from strongroom.pki.errors import PeerUnauthenticated
+
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+_HINTS = ("socket closed", "handshake", "ssl", "connection reset", "broken pipe")
+
+
+class ClientCertificateRejected(PeerUnauthenticated, grpc.RpcError):
+    """The server rejected our client certificate during the TLS handshake.
+
+    Raised by :class:`~strongroom.pki.channel.RotatingChannel` in place of gRPC's UNAVAILABLE; it is
+    both a :class:`~strongroom.errors.Unauthenticated` and a ``grpc.RpcError`` whose
+    ``code()`` is UNAUTHENTICATED, so generated-stub callers handle it like any RPC error.
+    """
+
+    default_reason = "CLIENT_CERTIFICATE_REJECTED"
+
+    def code(self) -> grpc.StatusCode:
+        """Always UNAUTHENTICATED."""
+        return grpc.StatusCode.UNAUTHENTICATED
+
+    def details(self) -> str:
+        """The explanation (never key material)."""
+        return str(self)
+
+    def initial_metadata(self) -> tuple[Any, ...]:
+        """None was received."""
+        return ()
+
+    def trailing_metadata(self) -> tuple[Any, ...]:
+        """None was received."""
+        return ()
+
+
+@dataclass(frozen=True)
+class TlsPresentation:
+    """What a client presents: its key and chain (None for no certificate) and whom it trusts."""
+
+    root_pem: bytes
+    key_pem: bytes | None = None
+    chain_pem: bytes | None = None
+
+    def __repr__(self) -> str:
+        return "TlsPresentation(<redacted>)"
+
+
+def host_port(target: str) -> tuple[str, int] | None:
+    """Host and port of a gRPC target (``host:port``, ``dns:///host:port``, ``ipv4:``, ``ipv6:``)."""
+    for prefix in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(prefix):
+            target = target[len(prefix) :].split(",", maxsplit=1)[0]
+            break
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def looks_like_handshake_failure(error: grpc.RpcError) -> bool:
+    """Cheap pre-filter: an UNAVAILABLE whose details could come from a closed TLS connection."""
+    code = error.code() if hasattr(error, "code") else None
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return False
+    details = (error.details() if hasattr(error, "details") else "") or ""
+    return any(hint in details.lower() for hint in _HINTS)
+
+
+def probe_rejection(
+    target: str, presentation: TlsPresentation, *, server_name: str | None, timeout: float = 2.0
+) -> bool:
+    """True when the server completes TLS with this certificate but closes before speaking HTTP/2."""
+    address = host_port(target)
+    if address is None:
+        return False
+    host, port = address
+    context = ssl.create_default_context(cadata=presentation.root_pem.decode())
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    if presentation.key_pem is not None and presentation.chain_pem is not None:
+        with memory_file(presentation.chain_pem + presentation.key_pem, "tls-probe") as path:
+            context.load_cert_chain(path)
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=server_name or host) as tls,
+        ):
+            tls.sendall(_H2_PREFACE)
+            first = tls.recv(9)
+    except ssl.SSLCertVerificationError:
+        return False  # the SERVER's certificate failed our check: not a rejection of ours
+    except ssl.SSLError as exc:
+        # An explicit alert about our certificate (TLS 1.2 servers, other stacks).
+        reason = (exc.reason or "").upper()
+        return "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason)
+    except OSError:
+        return False
+    return first == b""
+
+
+def describe_rejection(target: str, leaf_pem: bytes | None, *, now: datetime | None = None) -> str:
+    """The message of :class:`ClientCertificateRejected`, with what we can tell locally."""
+    head = (
+        f"the server at {target} rejected our client certificate during the TLS handshake "
+        "(it closed the connection right after the handshake)"
+    )
+    if leaf_pem is None:
+        return f"{head}: we presented no certificate and the server requires one"
+    leaf = x509.load_pem_x509_certificate(leaf_pem)
+    moment = now or datetime.now(UTC)
+    try:
+        uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = ", ".join(uris.get_values_for_type(x509.UniformResourceIdentifier)) or "no URI SAN"
+    except x509.ExtensionNotFound:
+        names = "no SAN"
+    facts = f"our certificate ({names}, serial {leaf.serial_number:x})"
+    if moment > leaf.not_valid_after_utc:
+        finding = f"{facts} expired at {leaf.not_valid_after_utc.isoformat()}"
+    elif moment < leaf.not_valid_before_utc:
+        finding = f"{facts} is not valid before {leaf.not_valid_before_utc.isoformat()}"
+    else:
+        finding = (
+            f"{facts} is time-valid here, so the server does not trust its issuer "
+            "(a CA other than the server's) or the clocks disagree; the server's gRPC log says which"
+        )
+    return f"{head}: {finding}"
+
+
+def translate(
+    error: grpc.RpcError,
+    target: str,
+    presentation: TlsPresentation,
+    *,
+    server_name: str | None,
+) -> grpc.RpcError:
+    """Returns a :class:`ClientCertificateRejected` when ``error`` is a handshake rejection of our
+    certificate (confirmed by :func:`probe_rejection`), else ``error`` unchanged."""
+    if not looks_like_handshake_failure(error):
+        return error
+    if not probe_rejection(target, presentation, server_name=server_name):
+        return error
+    leaf_pem = None
+    if presentation.chain_pem is not None:
+        leaf_pem = presentation.chain_pem.split(b"-----END CERTIFICATE-----")[0] + (
+            b"-----END CERTIFICATE-----\n"
+        )
+    return ClientCertificateRejected(describe_rejection(target, leaf_pem))

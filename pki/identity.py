@@ -1,0 +1,527 @@
+"""The workload identity every Strongroom service holds: key + chain, renewed in the background.
+
+Renewal follows smallstep's ``ca/renew.go``: at 2/3 of the lifetime, with jitter, retried with
+exponential back-off; every failure is logged, and :meth:`WorkloadIdentity.healthy` turns False when
+renewal keeps failing close to expiry. gRPC servers pick the current certificate up at each new
+handshake (``dynamic_ssl_server_credentials``); client channels are rebuilt on rotation by
+:class:`~strongroom.pki.channel.RotatingChannel`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+
+from strongroom.errors import StrongroomError
+from strongroom.pki import _jose
+from strongroom.pki._state import STATE_FILE, load_state, save_state
+from strongroom.pki._x509 import build_csr, generate_key, verify_chain
+from strongroom.pki.channel import RotatingChannel
+from strongroom.pki.client import CaClient, ClientCertificate
+from strongroom.pki.credentials import Credentials
+from strongroom.pki.errors import (
+    CaRejected,
+    CertificateInvalid,
+    IdentityClosed,
+    InvalidPkiConfig,
+    NoIdentity,
+)
+from strongroom.pki.spiffe import SpiffeId
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["STATE_FILE", "IdentityStatus", "RenewalPolicy", "WorkloadIdentity", "utc_now"]
+
+Clock = Callable[[], datetime]
+RotationListener = Callable[[Credentials], None]
+
+
+def utc_now() -> datetime:
+    """The default clock."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class RenewalPolicy:
+    """When to renew and when to call the identity unhealthy.
+
+    ``fraction``: renew at this fraction of the lifetime (2/3), ± ``jitter`` * lifetime.
+    ``backoff_initial``/``backoff_max``: seconds between failed attempts, doubling each time.
+    ``unhealthy_fraction``/``unhealthy_min_remaining``: once renewal has failed, the identity is
+    unhealthy when less than ``max(unhealthy_fraction * lifetime, unhealthy_min_remaining)`` is left.
+    ``rekey``: renew onto a fresh key each time (``/1.0/rekey``) instead of the same key (``/renew``).
+    """
+
+    fraction: float = 2 / 3
+    jitter: float = 0.05
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    unhealthy_fraction: float = 0.10
+    unhealthy_min_remaining: timedelta = timedelta(seconds=30)
+    rekey: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction < 1:
+            raise InvalidPkiConfig("renewal fraction must be between 0 and 1")
+        if not 0 <= self.jitter < min(self.fraction, 1 - self.fraction):
+            raise InvalidPkiConfig("renewal jitter must keep the renewal time inside the lifetime")
+        if self.backoff_initial <= 0 or self.backoff_max < self.backoff_initial:
+            raise InvalidPkiConfig("back-off must satisfy 0 < initial <= max")
+        if not 0 <= self.unhealthy_fraction < 1:
+            raise InvalidPkiConfig("unhealthy_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class IdentityStatus:
+    """A health snapshot for readiness probes and logs."""
+
+    healthy: bool
+    spiffe_id: SpiffeId
+    serial: int
+    not_after: datetime
+    generation: int
+    consecutive_failures: int
+    last_error: str | None = field(default=None)
+
+
+def _token_sans(token: str) -> tuple[str, list[str]]:
+    try:
+        claims = _jose.unverified_claims(token)
+    except ValueError as exc:
+        raise InvalidPkiConfig(
+            f"the enrolment token is malformed: {exc}", reason="BAD_TOKEN"
+        ) from exc
+    subject = claims.get("sub")
+    sans = claims.get("sans") or [subject]
+    if not isinstance(subject, str) or not all(isinstance(s, str) for s in sans):
+        raise InvalidPkiConfig("the enrolment token has no usable sub/sans", reason="BAD_TOKEN")
+    return subject, list(sans)
+
+
+class WorkloadIdentity:
+    """A workload's current key and certificate chain, kept fresh by a background thread.
+
+    Build one with :meth:`start`, :meth:`enrol` or :meth:`resume`; close it with :meth:`close` (or
+    use it as a context manager). All methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        ca: CaClient,
+        credentials: Credentials,
+        *,
+        state_dir: Path | None = None,
+        policy: RenewalPolicy | None = None,
+        clock: Clock = utc_now,
+        auto_renew: bool = True,
+    ) -> None:
+        self._ca = ca
+        self._policy = policy or RenewalPolicy()
+        self._clock = clock
+        self._state_dir = state_dir
+        self._lock = threading.Lock()
+        self._renew_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._credentials = credentials
+        self._jitter: dict[int, float] = {}
+        self._failures = 0
+        self._last_error: str | None = None
+        self._next_attempt: datetime | None = None
+        self._listeners: list[RotationListener] = []
+        self._thread: threading.Thread | None = None
+        if auto_renew:
+            self._thread = threading.Thread(
+                target=self._run, name=f"pki-renew {credentials.spiffe_id}", daemon=True
+            )
+            self._thread.start()
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def enrol(
+        cls,
+        ca: CaClient,
+        token: str,
+        *,
+        lifetime: timedelta | None = None,
+        state_dir: Path | str | None = None,
+        policy: RenewalPolicy | None = None,
+        clock: Clock = utc_now,
+        auto_renew: bool = True,
+    ) -> WorkloadIdentity:
+        """Enrols with a one-time token: fresh P-256 key, CSR with exactly the token's SANs.
+
+        ``lifetime`` asks for a certificate lifetime (the CA's default when None).
+        """
+        _, sans = _token_sans(token)
+        key = generate_key()
+        chain = ca.sign(build_csr(key, sans), token, lifetime=lifetime)
+        credentials = Credentials(key, tuple(chain), issued_at=clock(), generation=1)
+        if credentials.sans != set(sans):
+            raise CertificateInvalid(
+                f"the CA issued SANs {sorted(credentials.sans)} instead of {sorted(sans)}",
+                reason="SAN_MISMATCH",
+            )
+        state = Path(state_dir) if state_dir is not None else None
+        if state is not None:
+            save_state(state, credentials)
+        _log.info(
+            "enrolled workload identity",
+            extra={"spiffe_id": str(credentials.spiffe_id), "serial": credentials.serial},
+        )
+        return cls(
+            ca, credentials, state_dir=state, policy=policy, clock=clock, auto_renew=auto_renew
+        )
+
+    @classmethod
+    def resume(
+        cls,
+        ca: CaClient,
+        state_dir: Path | str,
+        *,
+        policy: RenewalPolicy | None = None,
+        clock: Clock = utc_now,
+        auto_renew: bool = True,
+    ) -> WorkloadIdentity:
+        """Resumes the identity persisted in ``state_dir`` (raises :class:`NoIdentity` if unusable)."""
+        state = Path(state_dir)
+        try:
+            key, chain, issued_at = load_state(state)
+        except FileNotFoundError as exc:
+            raise NoIdentity(f"no identity persisted in {state}") from exc
+        except (PermissionError, ValueError, StrongroomError) as exc:
+            raise NoIdentity(f"the identity persisted in {state} is unusable: {exc}") from exc
+        now = clock()
+        try:
+            verify_chain(chain, ca.root, at=now)
+            credentials = Credentials(key, tuple(chain), issued_at=issued_at, generation=1)
+        except StrongroomError as exc:
+            raise NoIdentity(
+                f"the identity persisted in {state} is expired or does not verify: {exc.message}"
+            ) from exc
+        _log.info(
+            "resumed workload identity",
+            extra={"spiffe_id": str(credentials.spiffe_id), "serial": credentials.serial},
+        )
+        return cls(
+            ca, credentials, state_dir=state, policy=policy, clock=clock, auto_renew=auto_renew
+        )
+
+    @classmethod
+    def start(
+        cls,
+        ca: CaClient,
+        *,
+        token: str | None = None,
+        state_dir: Path | str | None = None,
+        lifetime: timedelta | None = None,
+        policy: RenewalPolicy | None = None,
+        clock: Clock = utc_now,
+        auto_renew: bool = True,
+    ) -> WorkloadIdentity:
+        """Resumes from ``state_dir`` when it holds a valid identity, else enrols with ``token``."""
+        if state_dir is not None:
+            try:
+                return cls.resume(ca, state_dir, policy=policy, clock=clock, auto_renew=auto_renew)
+            except NoIdentity as exc:
+                if token is None:
+                    raise
+                _log.info("enrolling with a token: %s", exc.message)
+        if token is None:
+            raise NoIdentity("no persisted identity and no enrolment token")
+        return cls.enrol(
+            ca,
+            token,
+            lifetime=lifetime,
+            state_dir=state_dir,
+            policy=policy,
+            clock=clock,
+            auto_renew=auto_renew,
+        )
+
+    # ----------------------------------------------------------------- accessors
+
+    @property
+    def credentials(self) -> Credentials:
+        """The current credentials snapshot."""
+        with self._lock:
+            return self._credentials
+
+    @property
+    def spiffe_id(self) -> SpiffeId:
+        """This workload's SPIFFE ID (stable across renewals)."""
+        return self.credentials.spiffe_id
+
+    @property
+    def trust_domain(self) -> str:
+        """The trust domain of :attr:`spiffe_id`."""
+        return self.spiffe_id.trust_domain
+
+    @property
+    def root_pem(self) -> bytes:
+        """The pinned root (PEM)."""
+        return self._ca.root_pem
+
+    @property
+    def generation(self) -> int:
+        """Counts rotations: 1 for the first certificate, +1 for each renewal."""
+        return self.credentials.generation
+
+    def certificate_pem(self) -> bytes:
+        """The current leaf certificate (PEM)."""
+        return self.credentials.leaf.public_bytes(serialization.Encoding.PEM)
+
+    def chain_pem(self) -> bytes:
+        """The current chain (leaf first, PEM)."""
+        return self.credentials.chain_pem
+
+    def public_key_der(self) -> bytes:
+        """SubjectPublicKeyInfo DER of the CURRENT TLS key (changes on rotation when rekeying)."""
+        return self.credentials.public_key_der
+
+    def status(self) -> IdentityStatus:
+        """Health and renewal state in one snapshot."""
+        now = self._clock()
+        with self._lock:
+            credentials, failures, error = self._credentials, self._failures, self._last_error
+            closed = self._closed
+        healthy = not closed and credentials.time_valid(now)
+        if healthy and failures:
+            threshold = max(
+                credentials.lifetime * self._policy.unhealthy_fraction,
+                self._policy.unhealthy_min_remaining,
+            )
+            healthy = credentials.remaining(now) > threshold
+        return IdentityStatus(
+            healthy=healthy,
+            spiffe_id=credentials.spiffe_id,
+            serial=credentials.serial,
+            not_after=credentials.not_after,
+            generation=credentials.generation,
+            consecutive_failures=failures,
+            last_error=error,
+        )
+
+    def healthy(self) -> bool:
+        """False once expired, or when renewal keeps failing and expiry is close (see policy)."""
+        return self.status().healthy
+
+    # ----------------------------------------------------------------- rotation
+
+    def add_rotation_listener(self, listener: RotationListener) -> None:
+        """Calls ``listener(new_credentials)`` after each rotation (on the renewal thread)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_rotation_listener(self, listener: RotationListener) -> None:
+        """Stops calling ``listener``."""
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def renew_now(self) -> Credentials:
+        """Renews immediately in the calling thread; raises on failure (which is also logged)."""
+        try:
+            return self._rotate()
+        except StrongroomError as exc:
+            self._record_failure(exc)
+            raise
+
+    def _renew_due(self, credentials: Credentials) -> datetime:
+        with self._lock:
+            jitter = self._jitter.setdefault(
+                credentials.generation,
+                random.uniform(-self._policy.jitter, self._policy.jitter),  # noqa: S311 - not crypto
+            )
+        return credentials.effective_start + credentials.lifetime * (self._policy.fraction + jitter)
+
+    def _rotate(self) -> Credentials:
+        with self._renew_lock:
+            if self._closed:
+                raise IdentityClosed("the workload identity is closed")
+            current = self.credentials
+            presented = ClientCertificate(current.key_pem, current.chain_pem)
+            if self._policy.rekey:
+                key = generate_key()
+                chain = self._ca.rekey(presented, build_csr(key, sorted(current.sans)))
+            else:
+                key = current.key
+                chain = self._ca.renew(presented)
+            renewed = Credentials(
+                key, tuple(chain), issued_at=self._clock(), generation=current.generation + 1
+            )
+            if renewed.spiffe_id != current.spiffe_id or renewed.sans != current.sans:
+                raise CertificateInvalid(
+                    "the renewed certificate names a different identity", reason="SAN_MISMATCH"
+                )
+            if self._state_dir is not None:
+                try:
+                    save_state(self._state_dir, renewed)
+                except OSError as exc:
+                    # The new identity is valid; only a restart would miss it. Loud, not fatal.
+                    _log.error(
+                        "could not persist the renewed identity to %s: %s", self._state_dir, exc
+                    )
+            with self._lock:
+                self._credentials = renewed
+                self._failures = 0
+                self._last_error = None
+                self._next_attempt = None
+                self._jitter.pop(current.generation, None)
+                listeners = list(self._listeners)
+        _log.info(
+            "renewed workload certificate",
+            extra={
+                "spiffe_id": str(renewed.spiffe_id),
+                "serial": renewed.serial,
+                "not_after": renewed.not_after.isoformat(),
+                "generation": renewed.generation,
+            },
+        )
+        for listener in listeners:
+            try:
+                listener(renewed)
+            except Exception:
+                _log.exception("a certificate rotation listener failed")
+        self._wake.set()
+        return renewed
+
+    def _record_failure(self, exc: StrongroomError) -> float:
+        now = self._clock()
+        with self._lock:
+            self._failures += 1
+            failures = self._failures
+            self._last_error = str(exc)
+            delay = min(
+                self._policy.backoff_max, self._policy.backoff_initial * 2.0 ** (failures - 1)
+            )
+            self._next_attempt = now + timedelta(seconds=delay)
+            credentials = self._credentials
+        remaining = credentials.remaining(now).total_seconds()
+        hint = ""
+        if isinstance(exc, CaRejected):
+            hint = " (the CA refused: this will not fix itself)"
+        if remaining <= 0:
+            hint = " (the certificate has expired: a new enrolment token is needed)"
+        _log.error(
+            "certificate renewal failed (attempt %d, %.0fs left before expiry), retrying in %.1fs%s: %s",
+            failures,
+            remaining,
+            delay,
+            hint,
+            exc,
+            extra={"spiffe_id": str(credentials.spiffe_id), "serial": credentials.serial},
+        )
+        return delay
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                credentials, next_attempt = self._credentials, self._next_attempt
+            due = next_attempt or self._renew_due(credentials)
+            wait = (due - self._clock()).total_seconds()
+            if wait > 0:
+                self._wake.wait(min(wait, 60.0))
+                self._wake.clear()
+                continue
+            try:
+                self._rotate()
+            except StrongroomError as exc:
+                self._record_failure(exc)
+            except Exception as exc:  # a bug must not silently stop renewal
+                _log.exception("unexpected error during certificate renewal")
+                self._record_failure(StrongroomError(f"unexpected {type(exc).__name__}"))
+
+    # ----------------------------------------------------------------- gRPC
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """mTLS server credentials that always serve the CURRENT certificate.
+
+        Client certificates are required and verified against the pinned root during the TLS
+        handshake; SPIFFE authorisation happens in :class:`~strongroom.pki.authz.SpiffeAuthorizer`.
+        """
+        root = self.root_pem
+
+        def config(credentials: Credentials) -> grpc.ServerCertificateConfiguration:
+            return grpc.ssl_server_certificate_configuration(
+                [(credentials.key_pem, credentials.chain_pem)], root_certificates=root
+            )
+
+        initial = self.credentials
+        served = [initial.generation]
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # Called by gRPC before each new handshake: None keeps the current certificate.
+            current = self.credentials
+            if current.generation == served[0]:
+                return None
+            served[0] = current.generation
+            return config(current)
+
+        return grpc.dynamic_ssl_server_credentials(
+            config(initial),
+            fetch,  # type: ignore[arg-type]  # gRPC documents None as "unchanged"; the stub omits it
+            require_client_authentication=True,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Client credentials for the CURRENT certificate (a fixed snapshot: prefer :meth:`channel`)."""
+        credentials = self.credentials
+        return grpc.ssl_channel_credentials(
+            self.root_pem, credentials.key_pem, credentials.chain_pem
+        )
+
+    def channel(
+        self,
+        target: str,
+        *,
+        server_name: str | None = None,
+        options: Sequence[tuple[str, str | int]] = (),
+    ) -> RotatingChannel:
+        """A client channel that follows certificate rotation (see :class:`RotatingChannel`).
+
+        ``server_name`` overrides the name checked in the server's certificate (for targets like
+        ``localhost:port`` whose certificate carries ``keybroker``).
+        """
+        return RotatingChannel(self, target, server_name=server_name, options=options)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Stops renewal; the identity can no longer rotate. Idempotent."""
+        with self._lock:
+            self._closed = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+
+    def __enter__(self) -> WorkloadIdentity:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        credentials = self.credentials
+        return (
+            f"WorkloadIdentity({credentials.spiffe_id}, serial={credentials.serial}, "
+            f"not_after={credentials.not_after.isoformat()})"
+        )

@@ -1,0 +1,167 @@
+"""Runs the step-ca binary for a CA directory and waits until it is healthy."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from strongroom.pki import layout
+from strongroom.pki.client import CaClient
+from strongroom.pki.errors import CaUnavailable, InvalidPkiConfig
+from strongroom.pki.layout import CaLayout
+
+_log = logging.getLogger(__name__)
+
+BINARY_ENV = "STRONGROOM_STEP_CA"
+
+
+def default_binary() -> Path:
+    """``$STRONGROOM_STEP_CA``, else ``step-ca`` on ``PATH`` (``make setup`` builds one into ``.build/bin``)."""
+    configured = os.environ.get(BINARY_ENV)
+    if configured:
+        return Path(configured)
+    found = shutil.which("step-ca")
+    return Path(found) if found else Path("step-ca")
+
+
+class StepCa:
+    """A step-ca process serving one CA directory; a context manager that stops it on exit.
+
+    The CA keys' password reaches step-ca as ``--password-file`` (never on the command line), and
+    the process runs in the CA directory so the relative paths in ``ca.json`` resolve.
+    """
+
+    def __init__(
+        self,
+        ca: CaLayout | Path | str,
+        *,
+        binary: Path | str | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        self.layout = ca if isinstance(ca, CaLayout) else CaLayout.load(ca)
+        self.binary = Path(binary) if binary is not None else default_binary()
+        self.startup_timeout = startup_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._client = CaClient(self.layout.url, self.layout.root_pem, timeout=2.0)
+
+    @property
+    def url(self) -> str:
+        """The CA's base URL (``https://host:port``)."""
+        return self.layout.url
+
+    @property
+    def root_pem(self) -> bytes:
+        """The root certificate to pin."""
+        return self.layout.root_pem
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while running."""
+        return self._process.pid if self._process is not None else None
+
+    def client(self, *, timeout: float = 10.0) -> CaClient:
+        """A :class:`CaClient` for this CA with its root pinned."""
+        return CaClient(self.url, self.root_pem, timeout=timeout)
+
+    def running(self) -> bool:
+        """Tells whether the process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.layout.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self) -> StepCa:
+        """Starts step-ca and returns once ``/health`` answers ok (raises otherwise)."""
+        if self.running():
+            return self
+        if not self.binary.is_file() or not os.access(self.binary, os.X_OK):
+            raise InvalidPkiConfig(
+                f"step-ca binary {self.binary} not found: run pki/step-ca/build.sh {self.binary} "
+                f"or set {BINARY_ENV}",
+                reason="STEP_CA_MISSING",
+            )
+        log_path = self.layout.log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log_file:
+            self._process = subprocess.Popen(
+                [
+                    str(self.binary),
+                    # urfave/cli stops parsing flags at the first positional argument.
+                    "--password-file",
+                    str(layout.PASSWORD),
+                    str(layout.CONFIG),
+                ],
+                cwd=self.layout.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "STEP_CA_QUIET": "true", "STEPPATH": str(self.layout.directory)},
+            )
+        deadline = time.monotonic() + self.startup_timeout
+        last_error = ""
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                code = self._process.returncode
+                self._process = None
+                raise CaUnavailable(
+                    f"step-ca exited with status {code} during start-up; log tail:\n{self._log_tail()}",
+                    reason="STEP_CA_EXITED",
+                )
+            try:
+                self._client.health()
+            except CaUnavailable as exc:
+                last_error = exc.message
+                time.sleep(0.05)
+                continue
+            _log.info("step-ca is up", extra={"url": self.url, "pid": self._process.pid})
+            return self
+        self.stop()
+        raise CaUnavailable(
+            f"step-ca did not become healthy within {self.startup_timeout:.0f}s ({last_error}); "
+            f"log tail:\n{self._log_tail()}",
+            reason="STEP_CA_TIMEOUT",
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops step-ca (SIGTERM, then SIGKILL after ``timeout``); idempotent."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def terminate(self) -> None:
+        """Asks step-ca to exit (SIGTERM) without waiting; safe inside a signal handler."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+
+    def wait(self) -> int:
+        """Blocks until step-ca exits and returns its status (for ``strongroom pki serve``)."""
+        if self._process is None:
+            raise InvalidPkiConfig("step-ca is not running", reason="STEP_CA_NOT_RUNNING")
+        return self._process.wait()
+
+    def __enter__(self) -> StepCa:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,80 @@
+"""``InferenceAttestationService.GetEvidence``: lets a client check what it talks to.
+
+The client sends a fresh nonce; the server asks the hardware for a report whose REPORT_DATA is
+``binding.client_report_data_for(nonce, tls_spki_der)`` (SHA-512 over a domain-separation label
+and both length-prefixed fields, exactly 64 bytes) and returns it with the SHA-256 of its current
+TLS key. The client recomputes REPORT_DATA with its nonce and the key of the TLS connection it is
+on, so evidence cannot be replayed to another client or relayed from another server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from strongroom.api.inference.v1 import attestation_pb2 as pb
+from strongroom.api.inference.v1 import attestation_pb2_grpc as pb_grpc
+from strongroom.attestation import binding
+from strongroom.attesters import Attester
+from strongroom.errors import InvalidArgument, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+MIN_NONCE_BYTES = 16
+MAX_NONCE_BYTES = 64
+
+
+class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
+    """GetEvidence over an :class:`Attester`; ``tls_public_key_provider`` returns the DER
+    SubjectPublicKeyInfo of the certificate the server currently presents (it changes on renewal).
+    At most ``max_concurrent`` hardware requests run at once; more fail with ATTESTATION_BUSY."""
+
+    def __init__(
+        self,
+        attester: Attester,
+        tls_public_key_provider: Callable[[], bytes],
+        *,
+        max_concurrent: int = 4,
+        report_data_fn: Callable[[bytes, bytes], bytes] = binding.client_report_data_for,
+    ) -> None:
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        self._attester = attester
+        self._tls_key = tls_public_key_provider
+        self._report_data = report_data_fn
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+
+    def GetEvidence(
+        self, request: pb.GetEvidenceRequest, context: grpc.ServicerContext
+    ) -> pb.GetEvidenceResponse:
+        """Fresh evidence bound to the client's nonce and this server's TLS key."""
+        nonce = request.nonce
+        if not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
+            raise InvalidArgument(
+                f"nonce must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes, got {len(nonce)}",
+                reason="NONCE_LENGTH",
+            )
+        spki = self._tls_key()
+        report_data = self._report_data(nonce, spki)
+        if not self._slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                "too many attestation requests in progress; retry shortly",
+                reason="ATTESTATION_BUSY",
+            )
+        try:
+            bundle = self._attester.attest(report_data)
+        finally:
+            self._slots.release()
+        log.info(
+            "evidence issued",
+            extra={"tee_type": bundle.tee_type.name, "source": bundle.source},
+        )
+        return pb.GetEvidenceResponse(
+            evidence=bundle.to_proto(),
+            report_data=report_data,
+            tls_public_key_sha256=hashlib.sha256(spki).digest(),
+        )

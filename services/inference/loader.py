@@ -1,0 +1,202 @@
+"""Loading a model inside the confidential VM: fetch, attest, release, decrypt in memory, serve.
+
+The artifact streams from the model store into a decryptor that works on both cores as the data
+arrives. As soon as the header is in, the data key is obtained from the key broker by attested
+release (:mod:`strongroom.client.keyrelease`). The plaintext exists only in one in-memory buffer
+that ONNX Runtime loads from and that is then overwritten. A failure at any step leaves the model
+NOT ready, with the reason recorded for ModelReady/metadata and the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
+from strongroom.artifact import BufferedStreamDecryptor, wipe
+from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
+from strongroom.errors import FailedPrecondition, StrongroomError, Unavailable
+from strongroom.inference.models import ModelRepository
+from strongroom.inference.signature import SignaturePolicy
+from strongroom.runtime.metrics import MODEL_LOAD_DURATION
+
+log = logging.getLogger(__name__)
+
+_GRPC_TO_ERROR = {
+    grpc.StatusCode.PERMISSION_DENIED: "KEY_RELEASE_DENIED",
+    grpc.StatusCode.UNAUTHENTICATED: "UNAUTHENTICATED",
+    grpc.StatusCode.NOT_FOUND: "MODEL_NOT_IN_STORE",
+}
+
+
+@dataclass
+class LoadResult:
+    """A completed load: timings per step (seconds) and the key release's audit decision."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    decision_id: str = ""
+
+
+_REASON = re.compile(r"^([A-Z][A-Z0-9_]+): ")
+
+
+def _remote_error(step: str, exc: grpc.RpcError) -> StrongroomError:
+    """A peer's refusal as a domain error: its own reason code when it sent one (``REASON: …``)."""
+    code = exc.code()
+    details = exc.details() or code.name
+    sent = _REASON.match(details)
+    tag = step.upper().replace(" ", "_")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(f"{step}: {details}", reason=sent[1] if sent else f"{tag}_UNAVAILABLE")
+    reason = sent[1] if sent else _GRPC_TO_ERROR.get(code, f"{tag}_FAILED")
+    return FailedPrecondition(f"{step}: {details}", reason=reason)
+
+
+class ModelLoader:
+    """Loads model versions into a :class:`ModelRepository`; one load per model at a time."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        store_channel: grpc.Channel,
+        key_release: KeyReleaseClient,
+        tracer_provider: TracerProvider | None = None,
+        decrypt_threads: int = 2,
+        timeout: float = 600.0,
+        signature: SignaturePolicy | None = None,
+    ) -> None:
+        self._repository = repository
+        self._store = store_grpc.ModelStoreServiceStub(store_channel)
+        self._release = key_release
+        self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
+        self._threads = decrypt_threads
+        self._timeout = timeout
+        self._signature = signature
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def load(self, name: str, version: str) -> LoadResult:
+        """Loads ``name``/``version`` and makes it the default version; raises on failure."""
+        with (
+            self._lock(name),
+            self._tracer.start_as_current_span(
+                "strongroom.inference.load_model",
+                attributes={"model.name": name, "model.version": version},
+            ) as span,
+        ):
+            self._repository.begin_load(name, version)
+            started = time.perf_counter()
+            try:
+                result = self._load(name, version)
+            except StrongroomError as exc:
+                MODEL_LOAD_DURATION.record(
+                    time.perf_counter() - started, {"model": name, "outcome": exc.reason}
+                )
+                span.set_attribute("error.reason", exc.reason)
+                self._repository.fail(name, version, exc)
+                raise
+            except Exception as exc:  # a bug must still leave the model not ready, with a reason
+                log.exception("model load crashed")
+                self._repository.fail(
+                    name, version, StrongroomError(f"internal error: {type(exc).__name__}")
+                )
+                raise
+            MODEL_LOAD_DURATION.record(
+                time.perf_counter() - started, {"model": name, "outcome": "loaded"}
+            )
+            for step, seconds in result.timings.items():
+                span.set_attribute(f"timing.{step}", seconds)
+            log.info(
+                "model loaded",
+                extra={
+                    "model": name,
+                    "version": version,
+                    "timings": result.timings,
+                    "decision_id": result.decision_id,
+                },
+            )
+            return result
+
+    def _responses(self, name: str, version: str) -> Iterator[store_pb.GetModelResponse]:
+        try:
+            yield from self._store.GetModel(
+                store_pb.GetModelRequest(name=name, version=version), timeout=self._timeout
+            )
+        except grpc.RpcError as exc:
+            raise _remote_error("fetch", exc) from None
+
+    def _load(self, name: str, version: str) -> LoadResult:
+        result = LoadResult()
+        started = time.perf_counter()
+        release_time = 0.0
+        # as_bytes: ONNX Runtime takes bytes; decrypting straight into them avoids a copy that
+        # could never be wiped.
+        decryptor = BufferedStreamDecryptor(threads=self._threads, as_bytes=True)
+        plaintext: bytes | bytearray | None = None
+        try:
+            for response in self._responses(name, version):
+                decryptor.feed(response.data)
+                header = decryptor.header
+                if header is not None and release_time == 0.0:
+                    if (header.model_name, header.model_version) != (name, version):
+                        raise FailedPrecondition(
+                            f"the store returned {header.model_name}/{header.model_version} for "
+                            f"{name}/{version}",
+                            reason="ARTIFACT_MISMATCH",
+                        )
+                    release_started = time.perf_counter()
+                    released = self._release_key(
+                        header.key_id, header.key_version, header.wrapped_dek
+                    )
+                    try:
+                        decryptor.set_dek(released.dek)
+                    finally:
+                        wipe(released.dek)
+                    result.decision_id = released.decision_id
+                    release_time = time.perf_counter() - release_started
+            plaintext = decryptor.finish()
+            self._check_signature(decryptor, plaintext)
+            fetched = time.perf_counter()
+            result.timings["attest_and_release"] = release_time
+            result.timings["fetch_and_decrypt"] = fetched - started - release_time
+            self._repository.load(name, version, plaintext)
+            result.timings["load"] = time.perf_counter() - fetched
+        finally:
+            if plaintext is not None:
+                decryptor.wipe_output()
+                del plaintext
+            else:
+                decryptor.abort()
+        return result
+
+    def _check_signature(
+        self, decryptor: BufferedStreamDecryptor, plaintext: bytes | bytearray
+    ) -> None:
+        header = decryptor.header
+        assert header is not None
+        if self._signature is not None:
+            self._signature.check(
+                header.signature_bundle, header.signature_bundle_media_type, plaintext
+            )
+        elif header.signature_bundle:
+            log.info("model carries a signature, but no signing key is configured to verify it")
+
+    def _release_key(self, key_id: str, key_version: int, wrapped: bytes) -> ReleasedDataKey:
+        try:
+            return self._release.release(key_id, key_version, wrapped)
+        except grpc.RpcError as exc:
+            raise _remote_error("key release", exc) from None

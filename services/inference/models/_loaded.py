@@ -1,0 +1,286 @@
+"""One ONNX model loaded into ONNX Runtime from plaintext bytes in memory.
+
+Plaintext never touches disk: the session is created from bytes, external initializers (for big
+models) are handed over as in-memory "files", ORT's telemetry is off (see ``_ort``), and the
+session options switch off everything in ORT that can write a file (optimised-model dump,
+profiling, EP context cache) and pin the external-data folder to a directory that cannot exist,
+so a model cannot make ORT read files either.
+
+Copies in memory (all inside the confidential VM's encrypted memory): ORT's Python API takes only
+``bytes``, so a ``bytearray``/``memoryview`` is copied once; ORT parses it and keeps its own tensors.
+The wrapper would also keep a reference to the serialized model for the session's lifetime; we drop
+it so a big model does not cost twice its size for as long as it is served. In-memory external
+initializer buffers are copied by ORT during session creation: the caller may wipe them afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
+from strongroom.inference.models._datatypes import BY_ORT_TYPE, DATATYPES, DataType
+from strongroom.inference.models._ort import ort, ort_state
+
+log = logging.getLogger(__name__)
+
+ModelBuffer = bytes | bytearray | memoryview
+"""Plaintext model bytes, as decrypted into memory."""
+
+PLATFORM = "onnxruntime_onnx"
+"""The OIP platform name (Triton's name for ONNX Runtime models)."""
+
+# A directory that can never exist (procfs does not allow creating entries): relative external-data
+# locations resolve against it, so any reference not supplied in memory fails instead of being read.
+_NO_EXTERNAL_DATA_DIR = "/proc/self/strongroom-external-data-must-come-from-memory"
+
+_OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class ModelLoadError(FailedPrecondition):
+    """ONNX Runtime could not load the model (malformed, unsupported, or needs files from disk)."""
+
+    default_reason = "MODEL_INVALID"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as OIP describes it; a dimension of -1 is variable."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def type(self) -> DataType:
+        """The datatype's numpy/ORT details."""
+        return DATATYPES[self.datatype]
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """ONNX Runtime settings for every session (0 threads = ORT's default, one per core)."""
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    graph_optimization: str = "all"
+    # Idle ORT worker threads spin by default; with several models sharing few cores that burns
+    # the CPU other requests need, so spinning is off unless asked for.
+    allow_spinning: bool = False
+
+    def __post_init__(self) -> None:
+        if self.graph_optimization not in _OPTIMIZATION_LEVELS:
+            raise ValueError(f"graph_optimization must be one of {', '.join(_OPTIMIZATION_LEVELS)}")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise ValueError("thread counts cannot be negative")
+
+
+def session_options(options: RuntimeOptions) -> ort.SessionOptions:
+    """Session options that keep ORT from writing or reading any file for the model."""
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = ""  # never serialise the optimised graph (it holds the weights)
+    so.enable_profiling = False
+    so.add_session_config_entry("ep.context_enable", "0")
+    so.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", _NO_EXTERNAL_DATA_DIR
+    )
+    so.graph_optimization_level = _OPTIMIZATION_LEVELS[options.graph_optimization]
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    spin = "1" if options.allow_spinning else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    so.log_severity_level = 3
+    return so
+
+
+class LoadedModel:
+    """A ready ONNX Runtime session and its OIP metadata; :meth:`infer` is thread-safe."""
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        session: ort.InferenceSession,
+        *,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        load_seconds: float,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.inputs = inputs
+        self.outputs = outputs
+        self.load_seconds = load_seconds
+        self.platform = PLATFORM
+        self._session = session
+        self._inputs_by_name = {t.name: t for t in inputs}
+        self._outputs_by_name = {t.name: t for t in outputs}
+        self._output_names = tuple(t.name for t in outputs)
+
+    def __repr__(self) -> str:
+        return f"LoadedModel(name={self.name!r}, version={self.version!r})"
+
+    @classmethod
+    def from_bytes(
+        cls,
+        name: str,
+        version: str,
+        model: ModelBuffer,
+        *,
+        external_data: Mapping[str, ModelBuffer] | None = None,
+        options: RuntimeOptions | None = None,
+    ) -> LoadedModel:
+        """Creates a session from a serialized ONNX model in memory.
+
+        ``external_data`` maps the ``location`` names of the model's external initializers to
+        their file contents in memory (ONNX external-data layout); ORT copies them while loading.
+        """
+        so = session_options(options or RuntimeOptions())
+        if external_data:
+            names = list(external_data)
+            buffers = [memoryview(external_data[n]).cast("B") for n in names]
+            so.add_external_initializers_from_files_in_memory(
+                names, buffers, [b.nbytes for b in buffers]
+            )
+        serialized = model if isinstance(model, bytes) else bytes(model)
+        started = time.perf_counter()
+        try:
+            session = ort.InferenceSession(serialized, so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            # ORT's message names nodes and initializers, never their values: fine for the log.
+            log.error(
+                "onnxruntime rejected the model",
+                extra={"model": name, "version": version, "ort_error": str(exc)[:2000]},
+            )
+            raise ModelLoadError(
+                f"ONNX Runtime rejected the model ({type(exc).__name__}): {_first_line(str(exc))}",
+                reason="MODEL_INVALID",
+            ) from None
+        finally:
+            del serialized
+        # The wrapper keeps the serialized model only to re-create the session when providers
+        # change, which we never do; without this it would pin a second copy of the model.
+        if getattr(session, "_model_bytes", None) is not None:
+            session._model_bytes = None
+        load_seconds = time.perf_counter() - started
+        inputs = tuple(_spec(arg, "input") for arg in session.get_inputs())
+        outputs: list[TensorSpec] = []
+        for arg in session.get_outputs():
+            try:
+                outputs.append(_spec(arg, "output"))
+            except ModelLoadError as exc:
+                log.warning(
+                    "model output not servable over OIP; omitted",
+                    extra={"model": name, "output": arg.name, "detail": exc.message},
+                )
+        if not outputs:
+            raise ModelLoadError(
+                "the model has no output with an OIP datatype", reason="MODEL_UNSUPPORTED_DATATYPE"
+            )
+        log.info(
+            "model loaded",
+            extra={"model": name, "version": version, "seconds": round(load_seconds, 3)},
+        )
+        return cls(
+            name, version, session, inputs=inputs, outputs=tuple(outputs), load_seconds=load_seconds
+        )
+
+    def input_spec(self, name: str) -> TensorSpec | None:
+        """The input called ``name``, if any."""
+        return self._inputs_by_name.get(name)
+
+    def output_spec(self, name: str) -> TensorSpec | None:
+        """The output called ``name``, if any."""
+        return self._outputs_by_name.get(name)
+
+    def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Runs the model; BYTES tensors are object arrays of ``bytes`` both ways.
+
+        The caller validates names, datatypes and shapes against :attr:`inputs` (the OIP layer
+        does); ORT still rejects what does not fit, as InvalidArgument.
+        """
+        feeds: dict[str, Any] = {}
+        for name, array in inputs.items():
+            spec = self._inputs_by_name.get(name)
+            if spec is None:
+                raise InvalidArgument(f"model has no input {name!r}", reason="INPUT_UNKNOWN")
+            feeds[name] = _to_ort_strings(name, array) if spec.datatype == "BYTES" else array
+        names = list(outputs) if outputs is not None else list(self._output_names)
+        try:
+            results = self._session.run(names, feeds)
+        except ort_state.InvalidArgument as exc:
+            raise InvalidArgument(
+                f"the model rejected the inputs: {_first_line(str(exc))}",
+                reason="INFERENCE_INPUT_REJECTED",
+            ) from None
+        except Exception as exc:
+            log.error(
+                "inference failed",
+                extra={"model": self.name, "version": self.version, "ort_error": str(exc)[:2000]},
+            )
+            raise Internal("inference failed", reason="INFERENCE_FAILED") from None
+        out: dict[str, np.ndarray] = {}
+        for name, value in zip(names, results, strict=True):
+            array = np.asarray(value)
+            if self._outputs_by_name[name].datatype == "BYTES":
+                array = _from_ort_strings(array)
+            out[name] = array
+        return out
+
+
+def _spec(arg: Any, kind: str) -> TensorSpec:
+    datatype = BY_ORT_TYPE.get(arg.type)
+    if datatype is None:
+        raise ModelLoadError(
+            f"model {kind} {arg.name!r} has type {arg.type}, which OIP cannot carry",
+            reason="MODEL_UNSUPPORTED_DATATYPE",
+        )
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
+    return TensorSpec(arg.name, datatype.name, shape)
+
+
+def _to_ort_strings(name: str, array: np.ndarray) -> np.ndarray:
+    # ORT's Python binding stringifies bytes objects (b'..') instead of passing them through, so
+    # BYTES must be valid UTF-8 text to reach a string tensor intact.
+    out = np.empty(array.shape, dtype=object)
+    flat_in = array.reshape(-1)
+    flat_out = out.reshape(-1)
+    for i, item in enumerate(flat_in):
+        if isinstance(item, str):
+            flat_out[i] = item
+            continue
+        try:
+            flat_out[i] = bytes(item).decode("utf-8")
+        except (UnicodeDecodeError, TypeError):
+            raise InvalidArgument(
+                f"input {name!r} element {i} is not UTF-8; this model's string tensors need text",
+                reason="BYTES_NOT_UTF8",
+            ) from None
+    return out
+
+
+def _from_ort_strings(array: np.ndarray) -> np.ndarray:
+    out = np.empty(array.shape, dtype=object)
+    flat_out = out.reshape(-1)
+    for i, item in enumerate(array.reshape(-1)):
+        flat_out[i] = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+    return out
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "no detail"
+    return line[:limit]

@@ -1,0 +1,294 @@
+"""The set of served models: several names, several versions, atomic swap to a new version.
+
+Readers take one snapshot of an immutable table (a single attribute read) and never lock; writers
+build a new table under a lock and swap it in. A request that already holds a model keeps using it
+after a newer version is published — the old session lives until its last in-flight request
+returns — so a swap never fails a request. A version whose load failed is recorded with its
+reason and is never ready; if an older version is serving, it keeps serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+
+from strongroom.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    StrongroomError,
+    Unavailable,
+)
+from strongroom.inference.models._loaded import LoadedModel, ModelBuffer, RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ModelNotFound(NotFound):
+    """No model (or no such version of it) is configured."""
+
+    default_reason = "MODEL_NOT_FOUND"
+
+
+class ModelNotReady(Unavailable):
+    """The model is configured but still loading; retrying later may succeed."""
+
+    default_reason = "MODEL_NOT_READY"
+
+
+class ModelLoadFailed(FailedPrecondition):
+    """The model's load failed; the message carries the recorded reason."""
+
+    default_reason = "MODEL_LOAD_FAILED"
+
+
+class ModelState(enum.Enum):
+    """Where a model version stands."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadFailure:
+    """Why a load failed: a stable reason code and a message safe to show a client."""
+
+    reason: str
+    message: str
+    at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionStatus:
+    """One version's state."""
+
+    version: str
+    state: ModelState
+    failure: LoadFailure | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStatus:
+    """A model's state: whether it serves, which version by default, and every known version."""
+
+    name: str
+    ready: bool
+    default_version: str | None
+    versions: tuple[VersionStatus, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    ready: Mapping[str, LoadedModel]  # oldest first
+    default: str | None
+    pending: Mapping[str, VersionStatus]  # LOADING or FAILED, most recent last
+
+
+_EMPTY = _Entry(MappingProxyType({}), None, MappingProxyType({}))
+
+
+def check_model_name(name: str) -> str:
+    """Returns ``name`` if it is a valid model name, else raises InvalidArgument."""
+    if not _NAME.match(name):
+        raise InvalidArgument(f"invalid model name {name[:80]!r}", reason="MODEL_NAME_INVALID")
+    return name
+
+
+def check_model_version(version: str) -> str:
+    """Returns ``version`` if it is a valid (non-empty) version, else raises InvalidArgument."""
+    if not _VERSION.match(version):
+        raise InvalidArgument(
+            f"invalid model version {version[:80]!r}", reason="MODEL_VERSION_INVALID"
+        )
+    return version
+
+
+class ModelRepository:
+    """Models by name and version; ``expected`` names make the server unready until they load."""
+
+    def __init__(self, expected: Iterable[str] = (), *, retain_versions: int = 1) -> None:
+        if retain_versions < 1:
+            raise ValueError("retain_versions must be at least 1")
+        self._retain = retain_versions
+        self._lock = threading.Lock()
+        self._expected: frozenset[str] = frozenset()
+        self._entries: Mapping[str, _Entry] = MappingProxyType({})
+        for name in expected:
+            self.expect(name)
+
+    # -- writers ------------------------------------------------------------------------------
+    def expect(self, name: str) -> None:
+        """Declares a configured model: the server is not ready until a version of it is."""
+        check_model_name(name)
+        with self._lock:
+            self._expected = self._expected | {name}
+            if name not in self._entries:
+                self._put(name, _EMPTY)
+
+    def begin_load(self, name: str, version: str) -> None:
+        """Records that ``version`` is being loaded (downloaded, decrypted, ...)."""
+        self._set_pending(name, version, VersionStatus(version, ModelState.LOADING))
+
+    def fail(self, name: str, version: str, error: StrongroomError) -> None:
+        """Records that loading ``version`` failed with ``error``; it will not become ready."""
+        failure = LoadFailure(error.reason, error.message, time.time())
+        self._set_pending(name, version, VersionStatus(version, ModelState.FAILED, failure))
+        log.error(
+            "model load failed",
+            extra={"model": name, "version": version, "reason": error.reason},
+        )
+
+    def publish(self, model: LoadedModel) -> None:
+        """Makes ``model`` its name's default version, atomically; older versions beyond
+        ``retain_versions`` stop being addressable (requests already using them complete)."""
+        name = check_model_name(model.name)
+        version = check_model_version(model.version)
+        with self._lock:
+            entry = self._entries.get(name, _EMPTY)
+            ready = {v: m for v, m in entry.ready.items() if v != version}
+            ready[version] = model
+            while len(ready) > self._retain:
+                del ready[next(iter(ready))]
+            pending = {v: s for v, s in entry.pending.items() if v != version}
+            self._put(name, _Entry(MappingProxyType(ready), version, MappingProxyType(pending)))
+        log.info("model version serving", extra={"model": name, "version": version})
+
+    def load(
+        self,
+        name: str,
+        version: str,
+        model: ModelBuffer,
+        *,
+        external_data: Mapping[str, ModelBuffer] | None = None,
+        options: RuntimeOptions | None = None,
+    ) -> LoadedModel:
+        """Loads a model from plaintext bytes and publishes it; on failure records why and raises."""
+        self.begin_load(name, version)
+        try:
+            loaded = LoadedModel.from_bytes(
+                name, version, model, external_data=external_data, options=options
+            )
+        except StrongroomError as exc:
+            self.fail(name, version, exc)
+            raise
+        except Exception:
+            log.exception("unexpected error loading model", extra={"model": name})
+            error = ModelLoadFailed("unexpected error while loading", reason="MODEL_LOAD_ERROR")
+            self.fail(name, version, error)
+            raise error from None
+        self.publish(loaded)
+        return loaded
+
+    def unload(self, name: str, version: str | None = None) -> None:
+        """Stops serving one version (or all); an expected model becomes unready."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise ModelNotFound(f"unknown model {name!r}")
+            if version is None:
+                ready: dict[str, LoadedModel] = {}
+                pending: dict[str, VersionStatus] = {}
+            else:
+                ready = {v: m for v, m in entry.ready.items() if v != version}
+                pending = {v: s for v, s in entry.pending.items() if v != version}
+            default = entry.default if entry.default in ready else next(reversed(ready), None)
+            if not ready and not pending and name not in self._expected:
+                entries = dict(self._entries)
+                del entries[name]
+                self._entries = MappingProxyType(entries)
+                return
+            self._put(name, _Entry(MappingProxyType(ready), default, MappingProxyType(pending)))
+
+    # -- readers (lock-free) ------------------------------------------------------------------
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        """The model to run: ``version`` or, if empty, the default; raises if not servable."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFound(f"unknown model {name[:128]!r}")
+        if not version:
+            if entry.default is not None:
+                return entry.ready[entry.default]
+            latest = list(entry.pending.values())[-1] if entry.pending else None
+            raise _not_servable(name, latest)
+        model = entry.ready.get(version)
+        if model is not None:
+            return model
+        status = entry.pending.get(version)
+        if status is None:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version[:64]!r}", reason="MODEL_VERSION_NOT_FOUND"
+            )
+        raise _not_servable(name, status)
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        """Whether ``get(name, version)`` would return a model."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return False
+        if not version:
+            return entry.default is not None
+        return version in entry.ready
+
+    def versions(self, name: str) -> tuple[str, ...]:
+        """The versions of ``name`` that are ready, oldest first."""
+        entry = self._entries.get(name)
+        return tuple(entry.ready) if entry is not None else ()
+
+    def names(self) -> tuple[str, ...]:
+        """Every known model name."""
+        return tuple(self._entries)
+
+    def status(self, name: str) -> ModelStatus:
+        """The full state of ``name``."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFound(f"unknown model {name[:128]!r}")
+        versions = [VersionStatus(v, ModelState.READY) for v in entry.ready]
+        versions += list(entry.pending.values())
+        return ModelStatus(name, entry.default is not None, entry.default, tuple(versions))
+
+    def server_ready(self) -> bool:
+        """True when every expected model has a ready version."""
+        entries = self._entries
+        return all(entries[n].default is not None for n in self._expected if n in entries)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _set_pending(self, name: str, version: str, status: VersionStatus) -> None:
+        check_model_name(name)
+        check_model_version(version)
+        with self._lock:
+            entry = self._entries.get(name, _EMPTY)
+            pending = {v: s for v, s in entry.pending.items() if v != version}
+            pending[version] = status
+            ready = entry.ready
+            default = entry.default
+            if status.state is ModelState.FAILED and version in ready:
+                # A reload of a serving version failed: the served session is still good.
+                del pending[version]
+            self._put(name, _Entry(ready, default, MappingProxyType(pending)))
+
+    def _put(self, name: str, entry: _Entry) -> None:
+        entries = dict(self._entries)
+        entries[name] = entry
+        self._entries = MappingProxyType(entries)
+
+
+def _not_servable(name: str, status: VersionStatus | None) -> StrongroomError:
+    if status is not None and status.state is ModelState.FAILED and status.failure is not None:
+        return ModelLoadFailed(
+            f"model {name!r} version {status.version!r} failed to load: "
+            f"{status.failure.reason}: {status.failure.message}"
+        )
+    if status is not None:
+        return ModelNotReady(f"model {name!r} version {status.version!r} is still loading")
+    return ModelNotReady(f"model {name!r} is not loaded yet")

@@ -1,0 +1,353 @@
+"""OIP v2 tensors <-> numpy arrays: validation against the model, typed and raw contents.
+
+Raw tensors are flattened row-major little-endian bytes; BYTES elements are each a 4-byte
+little-endian length followed by the bytes (Triton's layout); BOOL is one byte, 0 or 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from strongroom.api.oip.v2 import grpc_service_pb2 as pb
+from strongroom.errors import InvalidArgument, ResourceExhausted
+from strongroom.inference.models import DATATYPES, DataType, LoadedModel, TensorSpec
+
+_CONTENTS_FIELDS = (
+    "bool_contents",
+    "int_contents",
+    "int64_contents",
+    "uint_contents",
+    "uint64_contents",
+    "fp32_contents",
+    "fp64_contents",
+    "bytes_contents",
+)
+_LENGTH = struct.Struct("<I")
+_SHARED_MEMORY_PARAMETERS = (
+    "shared_memory_region",
+    "shared_memory_byte_size",
+    "shared_memory_offset",
+)
+_SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+# Narrow integer types travel in 32-bit typed fields: their range is checked before narrowing.
+_NARROW = {"INT8": (-(1 << 7), (1 << 7) - 1), "INT16": (-(1 << 15), (1 << 15) - 1)}
+_NARROW |= {"UINT8": (0, (1 << 8) - 1), "UINT16": (0, (1 << 16) - 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class InferLimits:
+    """Per-request limits; requests beyond them fail with RESOURCE_EXHAUSTED."""
+
+    max_inputs: int = 64
+    max_outputs: int = 64
+    max_rank: int = 16
+    max_tensor_elements: int = 1 << 27
+    max_input_bytes: int = 256 << 20
+    max_output_bytes: int = 256 << 20
+    max_message_bytes: int = 256 << 20
+
+    def grpc_server_options(self) -> list[tuple[str, int]]:
+        """gRPC server options matching these limits (the default receive limit is 4 MiB)."""
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+
+
+def check_request_parameters(request: pb.ModelInferRequest) -> None:
+    """Rejects request-level parameters for features this server does not have."""
+    for key in request.parameters:
+        if key in _SEQUENCE_PARAMETERS:
+            raise InvalidArgument(
+                f"parameter {key!r}: sequence batching is not supported",
+                reason="SEQUENCE_UNSUPPORTED",
+            )
+
+
+def decode_inputs(
+    request: pb.ModelInferRequest, model: LoadedModel, limits: InferLimits
+) -> tuple[dict[str, np.ndarray], bool]:
+    """The request's input tensors as arrays, validated; and whether they came as raw bytes."""
+    inputs = request.inputs
+    if len(inputs) > limits.max_inputs:
+        raise ResourceExhausted(
+            f"{len(inputs)} inputs exceed the limit of {limits.max_inputs}",
+            reason="TOO_MANY_INPUTS",
+        )
+    raw = request.raw_input_contents
+    use_raw = len(raw) > 0
+    if use_raw and len(raw) != len(inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(inputs)} inputs",
+            reason="RAW_INPUT_COUNT_MISMATCH",
+        )
+    arrays: dict[str, np.ndarray] = {}
+    total = 0
+    for index, tensor in enumerate(inputs):
+        spec = model.input_spec(tensor.name)
+        if spec is None:
+            raise InvalidArgument(
+                f"model {model.name!r} has no input {tensor.name[:128]!r}", reason="INPUT_UNKNOWN"
+            )
+        if tensor.name in arrays:
+            raise InvalidArgument(f"input {tensor.name!r} given twice", reason="INPUT_DUPLICATE")
+        _reject_shared_memory(tensor.parameters, f"input {tensor.name!r}")
+        datatype = _datatype(tensor.datatype, spec)
+        shape = _shape(tensor.shape, spec, limits)
+        count = math.prod(shape)
+        if count > limits.max_tensor_elements:
+            raise ResourceExhausted(
+                f"input {spec.name!r} has {count} elements, more than {limits.max_tensor_elements}",
+                reason="TENSOR_TOO_LARGE",
+            )
+        has_contents = tensor.HasField("contents") and _has_any(tensor.contents)
+        if use_raw:
+            if has_contents:
+                raise InvalidArgument(
+                    f"input {spec.name!r} sets contents while raw_input_contents is used",
+                    reason="CONTENTS_MIXED",
+                )
+            array, size = _from_raw(raw[index], datatype, shape, count, spec.name)
+        else:
+            array, size = _from_contents(tensor.contents, datatype, shape, count, spec.name)
+        total += size
+        if total > limits.max_input_bytes:
+            raise ResourceExhausted(
+                f"inputs exceed {limits.max_input_bytes} bytes", reason="REQUEST_TOO_LARGE"
+            )
+        arrays[spec.name] = array
+    missing = [s.name for s in model.inputs if s.name not in arrays]
+    if missing:
+        raise InvalidArgument(
+            f"missing input(s): {', '.join(repr(m) for m in missing)}", reason="INPUT_MISSING"
+        )
+    return arrays, use_raw
+
+
+def requested_outputs(
+    request: pb.ModelInferRequest, model: LoadedModel, limits: InferLimits
+) -> list[str]:
+    """The outputs to return, in request order (all of the model's when none are named)."""
+    if not request.outputs:
+        return [s.name for s in model.outputs]
+    if len(request.outputs) > limits.max_outputs:
+        raise ResourceExhausted(
+            f"{len(request.outputs)} outputs exceed the limit of {limits.max_outputs}",
+            reason="TOO_MANY_OUTPUTS",
+        )
+    names: list[str] = []
+    for wanted in request.outputs:
+        if model.output_spec(wanted.name) is None:
+            raise InvalidArgument(
+                f"model {model.name!r} has no output {wanted.name[:128]!r}", reason="OUTPUT_UNKNOWN"
+            )
+        if wanted.name in names:
+            raise InvalidArgument(
+                f"output {wanted.name!r} requested twice", reason="OUTPUT_DUPLICATE"
+            )
+        _reject_shared_memory(wanted.parameters, f"output {wanted.name!r}")
+        if "classification" in wanted.parameters:
+            raise InvalidArgument(
+                "the classification extension is not supported", reason="CLASSIFICATION_UNSUPPORTED"
+            )
+        names.append(wanted.name)
+    return names
+
+
+def encode_outputs(
+    response: pb.ModelInferResponse,
+    model: LoadedModel,
+    names: Sequence[str],
+    arrays: Mapping[str, np.ndarray],
+    *,
+    raw: bool,
+    limits: InferLimits,
+) -> None:
+    """Adds the outputs to ``response``: raw bytes, or typed contents when asked and possible."""
+    specs = [_output_spec(model, n) for n in names]
+    # FP16 has no typed field, and one response cannot mix raw and typed outputs.
+    use_raw = raw or any(not s.type.contents_field for s in specs)
+    total = 0
+    for spec in specs:
+        array = arrays[spec.name]
+        out = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
+        datatype = spec.type
+        if use_raw:
+            blob = _to_raw(array, datatype)
+            total += len(blob)
+            response.raw_output_contents.append(blob)
+        else:
+            values = array.reshape(-1).tolist()
+            total += array.nbytes if datatype.itemsize else sum(len(v) for v in values)
+            getattr(out.contents, datatype.contents_field).extend(values)
+        if total > limits.max_output_bytes:
+            raise ResourceExhausted(
+                f"outputs exceed {limits.max_output_bytes} bytes", reason="RESPONSE_TOO_LARGE"
+            )
+
+
+def _output_spec(model: LoadedModel, name: str) -> TensorSpec:
+    spec = model.output_spec(name)
+    assert spec is not None  # requested_outputs() checked the names
+    return spec
+
+
+def _datatype(name: str, spec: TensorSpec) -> DataType:
+    datatype = DATATYPES.get(name)
+    if datatype is None:
+        raise InvalidArgument(
+            f"input {spec.name!r}: unknown datatype {name[:32]!r}", reason="DATATYPE_UNKNOWN"
+        )
+    if name != spec.datatype:
+        raise InvalidArgument(
+            f"input {spec.name!r} is {spec.datatype}, not {name}", reason="DATATYPE_MISMATCH"
+        )
+    return datatype
+
+
+def _shape(dims: Sequence[int], spec: TensorSpec, limits: InferLimits) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in dims)
+    if len(shape) > limits.max_rank:
+        raise InvalidArgument(
+            f"input {spec.name!r} has rank {len(shape)}, above {limits.max_rank}",
+            reason="SHAPE_INVALID",
+        )
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(
+            f"input {spec.name!r} shape {list(shape)} has a negative dimension",
+            reason="SHAPE_INVALID",
+        )
+    if len(shape) != len(spec.shape) or any(
+        want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+    ):
+        raise InvalidArgument(
+            f"input {spec.name!r} shape {list(shape)} does not match the model's "
+            f"{list(spec.shape)}",
+            reason="SHAPE_MISMATCH",
+        )
+    return shape
+
+
+def _has_any(contents: pb.InferTensorContents) -> bool:
+    return any(len(getattr(contents, f)) for f in _CONTENTS_FIELDS)
+
+
+def _reject_shared_memory(parameters: Mapping[str, Any], what: str) -> None:
+    for key in _SHARED_MEMORY_PARAMETERS:
+        if key in parameters:
+            raise InvalidArgument(
+                f"{what}: shared memory is not supported", reason="SHARED_MEMORY_UNSUPPORTED"
+            )
+
+
+def _from_raw(
+    blob: bytes, datatype: DataType, shape: tuple[int, ...], count: int, name: str
+) -> tuple[np.ndarray, int]:
+    if datatype.name == "BYTES":
+        return _parse_bytes(blob, count, name).reshape(shape), len(blob)
+    expected = count * datatype.itemsize
+    if len(blob) != expected:
+        raise InvalidArgument(
+            f"input {name!r}: {len(blob)} raw bytes, but shape {list(shape)} of {datatype.name} "
+            f"needs {expected}",
+            reason="RAW_SIZE_MISMATCH",
+        )
+    if datatype.name == "BOOL":
+        octets = np.frombuffer(blob, dtype=np.uint8)
+        if octets.size and octets.max() > 1:
+            raise InvalidArgument(
+                f"input {name!r}: BOOL bytes must be 0 or 1", reason="BOOL_INVALID"
+            )
+        return octets.view(np.bool_).reshape(shape), expected
+    array = np.frombuffer(blob, dtype=datatype.dtype.newbyteorder("<"))
+    if array.dtype != datatype.dtype:  # a big-endian host: convert to native order
+        array = array.astype(datatype.dtype)
+    return array.reshape(shape), expected
+
+
+def _parse_bytes(blob: bytes, count: int, name: str) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    view = memoryview(blob)
+    pos = 0
+    for i in range(count):
+        if pos + _LENGTH.size > len(blob):
+            raise InvalidArgument(
+                f"input {name!r}: raw BYTES ends before element {i} of {count}",
+                reason="RAW_SIZE_MISMATCH",
+            )
+        (length,) = _LENGTH.unpack_from(blob, pos)
+        pos += _LENGTH.size
+        if pos + length > len(blob):
+            raise InvalidArgument(
+                f"input {name!r}: raw BYTES element {i} overruns the buffer",
+                reason="RAW_SIZE_MISMATCH",
+            )
+        out[i] = bytes(view[pos : pos + length])
+        pos += length
+    if pos != len(blob):
+        raise InvalidArgument(
+            f"input {name!r}: {len(blob) - pos} bytes after the last BYTES element",
+            reason="RAW_SIZE_MISMATCH",
+        )
+    return out
+
+
+def _from_contents(
+    contents: pb.InferTensorContents,
+    datatype: DataType,
+    shape: tuple[int, ...],
+    count: int,
+    name: str,
+) -> tuple[np.ndarray, int]:
+    field = datatype.contents_field
+    if not field:
+        raise InvalidArgument(
+            f"input {name!r}: {datatype.name} can only be sent in raw_input_contents",
+            reason="DATATYPE_NEEDS_RAW",
+        )
+    for other in _CONTENTS_FIELDS:
+        if other != field and len(getattr(contents, other)):
+            raise InvalidArgument(
+                f"input {name!r}: {datatype.name} goes in {field}, not {other}",
+                reason="CONTENTS_WRONG_FIELD",
+            )
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input {name!r}: {len(values)} values for shape {list(shape)} ({count} elements)",
+            reason="CONTENTS_SIZE_MISMATCH",
+        )
+    if datatype.name == "BYTES":
+        array = np.empty(count, dtype=object)
+        for i, value in enumerate(values):
+            array[i] = bytes(value)
+        return array.reshape(shape), sum(len(v) for v in values)
+    if datatype.name in _NARROW and count:
+        wide = np.array(values, dtype=np.int64)
+        low, high = _NARROW[datatype.name]
+        if wide.min() < low or wide.max() > high:
+            raise InvalidArgument(
+                f"input {name!r}: a value is out of range for {datatype.name}",
+                reason="VALUE_OUT_OF_RANGE",
+            )
+        array = wide.astype(datatype.dtype)
+    else:
+        array = np.array(values, dtype=datatype.dtype)
+    return array.reshape(shape), array.nbytes
+
+
+def _to_raw(array: np.ndarray, datatype: DataType) -> bytes:
+    if datatype.name == "BYTES":
+        parts: list[bytes] = []
+        for item in array.reshape(-1):
+            value = item if isinstance(item, bytes) else bytes(item)
+            parts.append(_LENGTH.pack(len(value)))
+            parts.append(value)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=datatype.dtype.newbyteorder("<")).tobytes()

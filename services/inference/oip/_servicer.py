@@ -1,0 +1,130 @@
+"""The Open Inference Protocol v2 gRPC servicer (``inference.GRPCInferenceService``).
+
+A thin adapter: it converts protobuf to domain calls on the :class:`ModelRepository` and back.
+Failures are raised as :class:`~strongroom.errors.StrongroomError`; the service host's
+``ErrorMappingInterceptor`` turns them into statuses (unknown model NOT_FOUND, loading UNAVAILABLE,
+failed load FAILED_PRECONDITION, malformed request INVALID_ARGUMENT, over a limit
+RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from strongroom.api.oip.v2 import grpc_service_pb2 as pb
+from strongroom.api.oip.v2 import grpc_service_pb2_grpc as pb_grpc
+from strongroom.errors import InvalidArgument
+from strongroom.inference.models import ModelRepository, TensorSpec
+from strongroom.inference.oip._codec import (
+    InferLimits,
+    check_request_parameters,
+    decode_inputs,
+    encode_outputs,
+    requested_outputs,
+)
+
+SERVER_NAME = "strongroom-inference"
+ATTESTATION_EXTENSION = "strongroom_attestation"
+"""Advertised in ServerMetadata: the server answers ``InferenceAttestationService.GetEvidence``."""
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("strongroom")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Serves the models of a :class:`ModelRepository` over OIP v2."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        server_version: str | None = None,
+        extensions: Sequence[str] = (ATTESTATION_EXTENSION,),
+        limits: InferLimits | None = None,
+        live: Callable[[], bool] | None = None,
+    ) -> None:
+        self._repository = repository
+        self._version = server_version or _package_version()
+        self._extensions = tuple(extensions)
+        self._limits = limits or InferLimits()
+        self._live = live or (lambda: True)
+
+    @property
+    def limits(self) -> InferLimits:
+        """The request limits (see :meth:`InferLimits.grpc_server_options`)."""
+        return self._limits
+
+    def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        """Live while the process can answer."""
+        return pb.ServerLiveResponse(live=self._live())
+
+    def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        """Ready when every configured model has a ready version."""
+        return pb.ServerReadyResponse(ready=self._repository.server_ready())
+
+    def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        """Whether the model (version) can serve; an unknown model is simply not ready (as Triton)."""
+        _require_name(request.name)
+        return pb.ModelReadyResponse(ready=self._repository.is_ready(request.name, request.version))
+
+    def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        """Name, version and extensions (including the attestation extension)."""
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=self._version, extensions=self._extensions
+        )
+
+    def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        """Inputs, outputs, platform and ready versions of a servable model."""
+        _require_name(request.name)
+        model = self._repository.get(request.name, request.version)
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=self._repository.versions(model.name),
+            platform=model.platform,
+            inputs=[_tensor_metadata(t) for t in model.inputs],
+            outputs=[_tensor_metadata(t) for t in model.outputs],
+        )
+
+    def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInferResponse:
+        """Runs one inference; outputs come back raw when the inputs did (or must: FP16)."""
+        _require_name(request.model_name)
+        model = self._repository.get(request.model_name, request.model_version)
+        check_request_parameters(request)
+        inputs, used_raw = decode_inputs(request, model, self._limits)
+        names = requested_outputs(request, model, self._limits)
+        arrays = model.infer(inputs, names)
+        response = pb.ModelInferResponse(
+            model_name=model.name, model_version=model.version, id=request.id
+        )
+        encode_outputs(response, model, names, arrays, raw=used_raw, limits=self._limits)
+        return response
+
+
+def _require_name(name: str) -> None:
+    if not name:
+        raise InvalidArgument("model name is required", reason="MODEL_NAME_MISSING")
+
+
+def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=spec.datatype, shape=spec.shape
+    )

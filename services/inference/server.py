@@ -1,0 +1,228 @@
+"""Assembles and runs the inference service inside a confidential VM."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.trace import TracerProvider
+
+# Imported first: it disables ONNX Runtime's telemetry before onnxruntime is loaded anywhere.
+from strongroom.api.inference.v1 import attestation_pb2_grpc, model_control_pb2_grpc
+from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
+from strongroom.attesters import (
+    Attester,
+    AttesterNotConfigured,
+    SimulatedTee,
+    TeeType,
+    select_attester,
+)
+from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.errors import StrongroomError, Unavailable
+from strongroom.inference.config import InferenceConfig
+from strongroom.inference.control import CONTROL_SERVICE, ModelControlServicer
+from strongroom.inference.evidence_service import InferenceAttestationServicer
+from strongroom.inference.loader import ModelLoader
+from strongroom.inference.models import ModelRepository
+from strongroom.inference.oip import OipServicer
+from strongroom.inference.signature import SignaturePolicy
+from strongroom.pki.identity import WorkloadIdentity
+from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
+from strongroom.runtime.config import CommonConfig
+from strongroom.runtime.server import ServiceHost, ServiceSpec
+from strongroom.runtime.tracing import make_tracer_provider, traced_channel
+
+log = logging.getLogger(__name__)
+
+SIMULATOR_GROUP = "strongroom.simulators"
+
+OIP_SERVICE = "inference.GRPCInferenceService"
+EVIDENCE_SERVICE = "strongroom.api.inference.v1.InferenceAttestationService"
+ROLE_RULES: dict[str, tuple[str, ...]] = {
+    OIP_SERVICE: ("client", "admin"),
+    EVIDENCE_SERVICE: ("client", "admin"),
+    CONTROL_SERVICE: ("admin",),
+}
+
+
+def _load_simulator(directory: Path) -> Any:
+    """The simulated TEE authority from the development kit, found by its plugin name.
+
+    Production code never imports the development kit: it asks for the ``simulated`` entry point
+    of the ``strongroom.simulators`` group, which only ``strongroom-dev`` provides.
+    """
+    found = importlib.metadata.entry_points(group=SIMULATOR_GROUP, name="simulated")
+    if not found:
+        raise AttesterNotConfigured(
+            "attester 'simulated' needs the strongroom-dev distribution (development only)",
+            reason="SIMULATOR_NOT_INSTALLED",
+        )
+    return next(iter(found)).load()(directory)
+
+
+def make_attester(common: CommonConfig, config: InferenceConfig) -> Attester:
+    """The configured attester; the simulated one only in development mode."""
+    if config.attester != "simulated":
+        return select_attester(config.attester, production=common.production)
+    if common.production:
+        raise AttesterNotConfigured(
+            "the simulated attester cannot be used in production mode",
+            reason="SIMULATOR_IN_PRODUCTION",
+        )
+    assert config.simulated_tee_dir is not None and config.simulated_measurement is not None
+    authority = _load_simulator(config.simulated_tee_dir)
+    measurement = bytes.fromhex(config.simulated_measurement)
+    claims: dict[str, Any]
+    simulator: SimulatedTee
+    if config.simulated_tee_type == "TDX":
+        tee_type, simulator, claims = TeeType.TDX, authority.tdx(), {"mrtd": measurement}
+    else:
+        tee_type, simulator, claims = TeeType.SEV_SNP, authority.snp(), {"measurement": measurement}
+        if config.simulated_policy is not None:
+            claims["policy"] = config.simulated_policy
+    log.warning("DEVELOPMENT MODE: attesting with the SIMULATED TEE (%s)", tee_type.name)
+    return select_attester(
+        "simulated",
+        production=common.production,
+        simulator=simulator,
+        simulator_tee_type=tee_type,
+        simulator_claims=claims,
+    )
+
+
+@dataclass
+class InferenceServer:
+    """A running inference service; :meth:`close` stops it."""
+
+    host: ServiceHost
+    repository: ModelRepository
+    loader: ModelLoader
+    config: InferenceConfig
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+
+    def load_configured_models(self, *, wait: bool = False) -> None:
+        """Loads the configured models in the background.
+
+        A load that fails because a dependency is unavailable (store, broker, HSM, collateral) is
+        retried with exponential back-off, so start-up order does not matter; any other failure
+        (a denied release, a tampered artifact) leaves the model not ready with its reason, and
+        is not retried: it needs an operator.
+        """
+
+        def run() -> None:
+            pending = list(self.config.models)
+            delay = self.retry_initial
+            while pending and not self._stopping.is_set():
+                retry = []
+                for ref in pending:
+                    try:
+                        self.loader.load(ref.name, ref.version)
+                    except Unavailable as exc:
+                        log.warning(
+                            "model %s/%s: %s; retrying in %.1fs", ref.name, ref.version, exc, delay
+                        )
+                        retry.append(ref)
+                    except StrongroomError as exc:
+                        log.error("model %s/%s not loaded: %s", ref.name, ref.version, exc)
+                pending = retry
+                if pending:
+                    self._stopping.wait(delay)
+                    delay = min(delay * 2, self.retry_max)
+
+        thread = threading.Thread(target=run, name="model-loader", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        if wait:
+            thread.join()
+
+    def close(self, grace: float | None = 0) -> None:
+        """Stops retrying loads and serving (draining for ``grace`` seconds)."""
+        self._stopping.set()
+        self.host.stop(grace)
+
+
+def build(
+    common: CommonConfig,
+    config: InferenceConfig,
+    *,
+    identity: WorkloadIdentity,
+    tracer_provider: TracerProvider | None = None,
+    attester: Attester | None = None,
+) -> InferenceServer:
+    """Builds the (not yet started) inference service and its loader."""
+    provider = tracer_provider or make_tracer_provider("inference", common.tracing)
+    attester = attester or make_attester(common, config)
+    store_channel = traced_channel(
+        identity.channel(config.model_store, server_name=config.model_store_server_name), provider
+    )
+    broker_channel = traced_channel(
+        identity.channel(config.key_broker, server_name=config.key_broker_server_name), provider
+    )
+    repository = ModelRepository(expected=[m.name for m in config.models])
+    loader = ModelLoader(
+        repository,
+        store_channel=store_channel,
+        key_release=KeyReleaseClient(broker_channel, attester, identity.public_key_der),
+        tracer_provider=provider,
+        decrypt_threads=config.decrypt_threads,
+        timeout=config.load_timeout_seconds,
+        signature=(
+            SignaturePolicy.from_pem(
+                config.model_signing_public_key.read_bytes(),
+                required=config.require_model_signature,
+            )
+            if config.model_signing_public_key is not None
+            else None
+        ),
+    )
+    oip = OipServicer(repository)
+    evidence = InferenceAttestationServicer(attester, identity.public_key_der)
+    control = ModelControlServicer(loader, repository)
+
+    def models_ready() -> str | None:
+        return None if repository.server_ready() else "models not ready"
+
+    host = build_host(
+        common,
+        identity=identity,
+        services=[
+            ServiceSpec(
+                OIP_SERVICE,
+                lambda s: oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, s),
+                (models_ready,),
+            ),
+            ServiceSpec(
+                EVIDENCE_SERVICE,
+                lambda s: attestation_pb2_grpc.add_InferenceAttestationServiceServicer_to_server(
+                    evidence, s
+                ),
+            ),
+            ServiceSpec(
+                CONTROL_SERVICE,
+                lambda s: model_control_pb2_grpc.add_ModelControlServiceServicer_to_server(
+                    control, s
+                ),
+            ),
+        ],
+        roles=RoleTable(ROLE_RULES),
+        tracer_provider=provider,
+    )
+    return InferenceServer(host=host, repository=repository, loader=loader, config=config)
+
+
+def serve(config_path: Path | None) -> int:
+    """``strongroom serve inference``: runs until SIGTERM, then drains and exits."""
+    return run_service(
+        "inference",
+        config_path,
+        InferenceConfig,
+        lambda common, config, identity: build(common, config, identity=identity),
+        after_start=lambda server: server.load_configured_models(),
+    )

@@ -1,0 +1,695 @@
+"""The key broker's audit log: one JSON line per decision, hash-chained, with a signed head.
+
+**Records.** Each line is the canonical JSON (sorted keys, no spaces, ASCII) of one record:
+``seq`` (0, 1, 2, ...), ``prev`` (the previous record's hash; 64 zeros for the first), the decision
+fields and ``hash`` = SHA-256 over ``"strongroom-audit-record-v1\\n"`` + the canonical JSON of the
+record without ``hash``. Editing, reordering, inserting or deleting a record breaks the chain, and a
+line that is not byte-for-byte canonical counts as edited.
+
+**The anchor.** A chain cannot show that records were cut off its end, so every append also
+rewrites ``<log>.head``: ``{count, last_hash, time}`` signed with an Ed25519 key the broker holds
+(written to a temporary file, fsync'd, renamed over the old head, directory fsync'd). Truncating the
+log, or cutting a line in half, no longer matches the head; forging a head needs the private key.
+Ed25519 rather than an HMAC so that auditors verify with the public key alone
+(``strongroom audit verify PATH --public-key PEM``). Not covered: someone able to write the files
+could restore an *older* pair of log and head together (a rollback); ship the heads to an
+append-only store elsewhere if that matters.
+
+**Durability and failure.** An append writes the line and fsyncs it, then writes the head; if
+either step fails (disk full, file too large, I/O error, permissions) the line is cut back off and
+:class:`~strongroom.keybroker.errors.AuditUnavailable` is raised, so the broker refuses the release
+it was about to make. The next append first re-reads the state from disk, so the log recovers by
+itself when the disk does. A crash between the two steps leaves one unanchored record (or a torn
+line); :meth:`AuditLog.open` repairs exactly that case and refuses any other mismatch with
+``DataLoss(AUDIT_LOG_TAMPERED)``.
+
+**Concurrency.** Appends are serialised by a lock within the process and ``flock`` on the log file
+across processes on the same host; each append re-reads the tail if another process moved it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import enum
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from strongroom.errors import DataLoss, InvalidArgument, NotFound
+from strongroom.keybroker.errors import AuditUnavailable, Reason
+from strongroom.runtime.secrets import Secret
+
+_log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+GENESIS_HASH = "0" * 64
+_RECORD_DOMAIN = b"strongroom-audit-record-v1\n"
+_HEAD_DOMAIN = b"strongroom-audit-head-v1\n"
+MAX_RECORD_BYTES = 64 * 1024
+_REASON_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+_SERIAL_RE = re.compile(r"^[0-9a-f]{1,64}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_KEY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class Decision(enum.Enum):
+    """The outcome being recorded."""
+
+    ALLOWED = "allowed"
+    DENIED = "denied"
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """What the broker decided, and on what evidence. Hex strings are lowercase.
+
+    ``claims`` holds the verified claims the decision rested on (JSON types only: str, int, finite
+    float, bool, None, lists, and dicts with str keys). ``decision_id`` is generated when None.
+    """
+
+    decision: Decision
+    reason: str
+    caller_spiffe_id: str | None = None
+    caller_cert_serial: str | None = None
+    evidence_sha256: str | None = None
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    policy_version: str | None = None
+    key_id: str | None = None
+    key_version: int | None = None
+    oaep_mechanism: str | None = None
+    action: str = "key_release"
+    decision_id: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """An appended record's coordinates."""
+
+    seq: int
+    decision_id: str
+    time: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    """The outcome of :func:`verify_audit_log`.
+
+    ``bad_record`` is the 1-based number of the first record (= line) found wrong, ``problem`` a
+    stable code: RECORD_MALFORMED, RECORD_TRUNCATED, RECORD_MODIFIED, SEQUENCE_BROKEN,
+    CHAIN_BROKEN, HEAD_MISSING, HEAD_MALFORMED, HEAD_SIGNATURE_INVALID, TAIL_TRUNCATED,
+    HEAD_MISMATCH or UNANCHORED_RECORDS.
+    """
+
+    intact: bool
+    records: int
+    last_hash: str
+    signature_checked: bool
+    problem: str | None = None
+    bad_record: int | None = None
+    message: str = ""
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no whitespace, ASCII only, no NaN/Infinity."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def record_hash(record_without_hash: Mapping[str, Any]) -> str:
+    """The chain hash of a record (given without its ``hash`` field)."""
+    return hashlib.sha256(_RECORD_DOMAIN + canonical_json(record_without_hash)).hexdigest()
+
+
+def head_path(log_path: Path) -> Path:
+    """Where the signed head of ``log_path`` lives."""
+    return log_path.with_name(log_path.name + ".head")
+
+
+def new_signing_key() -> tuple[bytes, bytes]:
+    """A fresh Ed25519 head-signing key: (private PKCS#8 PEM, public SPKI PEM)."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public
+
+
+def load_signing_key(secret: Secret) -> Ed25519PrivateKey:
+    """Reads an Ed25519 private key from a Secret holding PKCS#8 PEM or 32 raw bytes."""
+    raw = secret.reveal()
+    try:
+        if raw.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_private_key(raw, password=None)
+        elif len(raw) == 32:
+            key = Ed25519PrivateKey.from_private_bytes(raw)
+        else:
+            raise ValueError("unrecognised")
+    except (ValueError, TypeError):
+        raise InvalidArgument(
+            "the audit signing key is not an Ed25519 private key", reason="AUDIT_KEY_INVALID"
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InvalidArgument(
+            "the audit signing key is not an Ed25519 private key", reason="AUDIT_KEY_INVALID"
+        )
+    return key
+
+
+def load_public_key(pem: bytes) -> Ed25519PublicKey:
+    """Reads the Ed25519 public key (SPKI PEM) that verifies heads."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError):
+        key = None
+    if not isinstance(key, Ed25519PublicKey):
+        raise InvalidArgument(
+            "the audit public key is not an Ed25519 PEM public key", reason="AUDIT_KEY_INVALID"
+        )
+    return key
+
+
+def _key_fingerprint(key: Ed25519PublicKey) -> str:
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def _now_text(clock: Callable[[], float]) -> str:
+    return datetime.fromtimestamp(clock(), tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _check_json(value: Any, depth: int = 0) -> None:
+    if depth > 16:
+        raise ValueError("nested too deeply")
+    if value is None or isinstance(value, bool | int | str):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("non-finite number")
+        return
+    if isinstance(value, list | tuple):
+        for item in value:
+            _check_json(item, depth + 1)
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError("non-string key")
+            _check_json(v, depth + 1)
+        return
+    raise ValueError(f"{type(value).__name__} is not a JSON type")
+
+
+def _event_fields(event: AuditEvent) -> dict[str, Any]:
+    """Validates an event and returns its record fields (without seq/prev/time/hash)."""
+
+    def bad(what: str) -> InvalidArgument:
+        return InvalidArgument(f"audit event: {what}", reason=Reason.AUDIT_RECORD_INVALID)
+
+    if not isinstance(event.decision, Decision):
+        raise bad("decision must be a Decision")
+    if not isinstance(event.reason, str) or not _REASON_RE.match(event.reason):
+        raise bad("reason must be an UPPER_SNAKE code")
+    if not isinstance(event.action, str) or not _ACTION_RE.match(event.action):
+        raise bad("action must be a lower_snake word")
+    spiffe = event.caller_spiffe_id
+    if spiffe is not None and (
+        not isinstance(spiffe, str) or not spiffe.startswith("spiffe://") or len(spiffe) > 2048
+    ):
+        raise bad("caller_spiffe_id must be a spiffe:// URI")
+    for name, pattern in (
+        ("caller_cert_serial", _SERIAL_RE),
+        ("evidence_sha256", _HEX64_RE),
+        ("decision_id", _ID_RE),
+        ("key_id", _KEY_ID_RE),
+    ):
+        value = getattr(event, name)
+        if value is not None and (not isinstance(value, str) or not pattern.match(value)):
+            raise bad(f"{name} is malformed")
+    version = event.key_version
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise bad("key_version must be an integer")
+    for name in ("policy_version", "oaep_mechanism"):
+        value = getattr(event, name)
+        if value is not None and (not isinstance(value, str) or len(value) > 256):
+            raise bad(f"{name} must be a short string")
+    try:
+        _check_json(event.claims)
+    except ValueError as exc:
+        raise bad(f"claims: {exc}") from None
+    if not isinstance(event.claims, Mapping):
+        raise bad("claims must be a mapping")
+    return {
+        "action": event.action,
+        "decision": event.decision.value,
+        "reason": event.reason,
+        "caller": {"spiffe_id": spiffe, "cert_serial": event.caller_cert_serial},
+        "evidence_sha256": event.evidence_sha256,
+        "claims": dict(event.claims),
+        "policy_version": event.policy_version,
+        "key": {"id": event.key_id, "version": version},
+        "oaep_mechanism": event.oaep_mechanism,
+        "decision_id": event.decision_id or uuid.uuid4().hex,
+    }
+
+
+@dataclass(frozen=True)
+class _Head:
+    count: int
+    last_hash: str
+
+
+class AuditLog:
+    """An open audit log; :meth:`append` is safe from many threads and processes."""
+
+    def __init__(
+        self,
+        path: Path,
+        signing_key: Ed25519PrivateKey,
+        clock: Callable[[], float],
+        fd: int,
+        dir_fd: int,
+    ) -> None:
+        """Internal: use :meth:`open`."""
+        self._path = path
+        self._head_path = head_path(path)
+        self._key = signing_key
+        self._public = signing_key.public_key()
+        self._clock = clock
+        self._fd = fd
+        self._dir_fd = dir_fd
+        self._lock = threading.Lock()
+        self._count = 0
+        self._last_hash = GENESIS_HASH
+        self._size = 0
+        self._stale = True
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        path: Path | str,
+        signing_key: Ed25519PrivateKey,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> AuditLog:
+        """Opens (creating if absent) the log at ``path`` and checks its tail against the head.
+
+        Raises ``AuditUnavailable`` if the files cannot be opened and ``DataLoss(AUDIT_LOG_TAMPERED)``
+        if the head does not match the log beyond the crash repairs described in the module doc.
+        """
+        path = Path(path)
+        try:
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise AuditUnavailable(f"cannot open the audit directory: {exc.strerror}") from None
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            os.close(dir_fd)
+            raise AuditUnavailable(f"cannot open the audit log: {exc.strerror}") from None
+        log = cls(path, signing_key, clock, fd, dir_fd)
+        try:
+            with log._lock, log._flocked():
+                log._resync()
+        except BaseException:
+            log.close()
+            raise
+        return log
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"AuditLog({str(self._path)!r}, records={self._count})"
+
+    @property
+    def path(self) -> Path:
+        """The log file."""
+        return self._path
+
+    @property
+    def count(self) -> int:
+        """Records in the log as of this process's last append or open."""
+        return self._count
+
+    def close(self) -> None:
+        """Closes the file descriptors; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for fd in (self._fd, self._dir_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def append(self, event: AuditEvent) -> AuditRecord:
+        """Makes one record durable (line + signed head, both fsync'd) and returns it.
+
+        Raises InvalidArgument(AUDIT_RECORD_INVALID) for a malformed event and ``AuditUnavailable``
+        if the record could not be made durable — then the decision must not take effect.
+        """
+        fields = _event_fields(event)
+        with self._lock:
+            if self._closed:
+                raise AuditUnavailable("the audit log is closed")
+            with self._flocked():
+                self._resync()
+                record: dict[str, Any] = {
+                    "v": FORMAT_VERSION,
+                    "seq": self._count,
+                    "time": _now_text(self._clock),
+                    "prev": self._last_hash,
+                    **fields,
+                }
+                record["hash"] = record_hash(record)
+                line = canonical_json(record) + b"\n"
+                if len(line) > MAX_RECORD_BYTES:
+                    raise InvalidArgument(
+                        f"audit record is {len(line)} bytes (max {MAX_RECORD_BYTES})",
+                        reason=Reason.AUDIT_RECORD_INVALID,
+                    )
+                self._write_record(line)
+                head = _Head(self._count + 1, record["hash"])
+                try:
+                    self._write_head(head)
+                except OSError as exc:
+                    self._cut_back()
+                    raise AuditUnavailable(
+                        f"cannot write the audit head: {os.strerror(exc.errno or errno.EIO)}"
+                    ) from None
+                self._count = head.count
+                self._last_hash = head.last_hash
+                self._size += len(line)
+        return AuditRecord(
+            seq=record["seq"],
+            decision_id=record["decision_id"],
+            time=record["time"],
+            hash=head.last_hash,
+        )
+
+    # --- internals (called with self._lock and the flock held) -------------------------------
+
+    @contextlib.contextmanager
+    def _flocked(self) -> Iterator[None]:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise AuditUnavailable(f"cannot lock the audit log: {exc.strerror}") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _write_record(self, line: bytes) -> None:
+        try:
+            view = memoryview(line)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._cut_back()
+            raise AuditUnavailable(
+                f"cannot write the audit log: {os.strerror(exc.errno or errno.EIO)}"
+            ) from None
+
+    def _cut_back(self) -> None:
+        """Removes a record that did not become durable; on failure, forces a resync next time."""
+        self._stale = True
+        try:
+            os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
+        except OSError as exc:
+            _log.error("cannot cut a failed audit record back off the log: %s", exc.strerror)
+
+    def _write_head(self, head: _Head) -> None:
+        body = {
+            "v": FORMAT_VERSION,
+            "count": head.count,
+            "last_hash": head.last_hash,
+            "time": _now_text(self._clock),
+            "key": _key_fingerprint(self._public),
+        }
+        signature = self._key.sign(_HEAD_DOMAIN + canonical_json(body))
+        document = canonical_json({**body, "sig": base64.b64encode(signature).decode()}) + b"\n"
+        tmp = self._head_path.with_name(f".{self._head_path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(document)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, self._head_path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        try:
+            os.fsync(self._dir_fd)
+        except OSError as exc:
+            # The new head is in place; after a power loss the old one may come back, which is the
+            # crash case open() repairs (one unanchored record). Cutting the record back now would
+            # leave a head that anchors a record the log no longer has.
+            _log.error("cannot fsync the audit directory after a head update: %s", exc.strerror)
+
+    def _resync(self) -> None:
+        """Re-reads count and last hash if the file changed since we last wrote it."""
+        size = os.fstat(self._fd).st_size
+        if not self._stale and size == self._size:
+            return
+        data_end, last = _read_tail(self._fd, size)
+        head = _read_head(self._head_path, self._public)
+        if last is None:
+            count, last_hash = 0, GENESIS_HASH
+        else:
+            count, last_hash = last["seq"] + 1, last["hash"]
+        if head is None and count == 0:
+            head = _Head(0, GENESIS_HASH)
+            self._write_head_or_fail(head)
+        if head is None:
+            raise DataLoss("the audit head is missing", reason=Reason.AUDIT_LOG_TAMPERED)
+        if count == head.count + 1 and last is not None and last["prev"] == head.last_hash:
+            _log.warning("anchoring an audit record left unanchored by a crash (seq %d)", count - 1)
+            head = _Head(count, last_hash)
+            self._write_head_or_fail(head)
+        if (count, last_hash) != (head.count, head.last_hash):
+            raise DataLoss(
+                f"the audit log ({count} records) does not match its signed head ({head.count})",
+                reason=Reason.AUDIT_LOG_TAMPERED,
+            )
+        if data_end != size:
+            _log.warning("removing a torn audit line left by a crash (%d bytes)", size - data_end)
+            try:
+                os.ftruncate(self._fd, data_end)
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise AuditUnavailable(f"cannot repair the audit log: {exc.strerror}") from None
+        self._count, self._last_hash, self._size = head.count, head.last_hash, data_end
+        self._stale = False
+
+    def _write_head_or_fail(self, head: _Head) -> None:
+        try:
+            self._write_head(head)
+        except OSError as exc:
+            raise AuditUnavailable(f"cannot write the audit head: {exc.strerror}") from None
+
+
+def _read_tail(fd: int, size: int) -> tuple[int, dict[str, Any] | None]:
+    """(offset just after the last complete line, that line's record), reading from the end."""
+    buf = b""
+    pos = size
+    while True:
+        last_nl = buf.rfind(b"\n")
+        if last_nl >= 0:
+            prev_nl = buf.rfind(b"\n", 0, last_nl)
+            if prev_nl >= 0 or pos == 0:
+                return pos + last_nl + 1, _tail_record(buf[prev_nl + 1 : last_nl])
+        if pos == 0:
+            return 0, None  # empty, or one torn line and nothing else
+        if len(buf) > 2 * MAX_RECORD_BYTES + 8192:
+            raise DataLoss("the last audit record is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
+        step = min(8192, pos)
+        pos -= step
+        buf = os.pread(fd, step, pos) + buf
+
+
+def _tail_record(line: bytes) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if (
+        not isinstance(record, dict)
+        or isinstance(record.get("seq"), bool)
+        or not isinstance(record.get("seq"), int)
+        or not isinstance(record.get("hash"), str)
+        or not isinstance(record.get("prev"), str)
+    ):
+        raise DataLoss("the last audit record is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
+    return record
+
+
+def _parse_head(raw: bytes, public_key: Ed25519PublicKey | None) -> tuple[_Head, bool]:
+    """Parses a head; returns it and whether the signature was checked. Raises ValueError."""
+    document = json.loads(raw)
+    if not isinstance(document, dict):
+        raise ValueError("not an object")
+    signature = base64.b64decode(document.pop("sig"), validate=True)
+    count, last_hash = document.get("count"), document.get("last_hash")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError("bad count")
+    if not isinstance(last_hash, str) or not _HEX64_RE.match(last_hash):
+        raise ValueError("bad last_hash")
+    if public_key is not None:
+        public_key.verify(signature, _HEAD_DOMAIN + canonical_json(document))
+    return _Head(count, last_hash), public_key is not None
+
+
+def _read_head(path: Path, public_key: Ed25519PublicKey) -> _Head | None:
+    """The head verified with our own key; None if absent, DataLoss if invalid."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AuditUnavailable(f"cannot read the audit head: {exc.strerror}") from None
+    try:
+        return _parse_head(raw, public_key)[0]
+    except (ValueError, KeyError, TypeError, binascii.Error, InvalidSignature):
+        raise DataLoss(
+            "the audit head is malformed or not signed by this broker's key",
+            reason=Reason.AUDIT_LOG_TAMPERED,
+        ) from None
+
+
+def verify_audit_log(
+    path: Path | str, *, public_key: Ed25519PublicKey | None = None
+) -> AuditVerification:
+    """Checks every record, the chain, and the head (its signature only with ``public_key``).
+
+    Raises NotFound(AUDIT_LOG_NOT_FOUND) when neither the log nor its head exists.
+    """
+    path = Path(path)
+    hpath = head_path(path)
+    stream: BinaryIO
+    try:
+        stream = path.open("rb")
+    except FileNotFoundError:
+        if not hpath.exists():
+            raise NotFound(f"no audit log at {path}", reason=Reason.AUDIT_LOG_NOT_FOUND) from None
+        stream = io.BytesIO()
+    checked = public_key is not None
+    prev = GENESIS_HASH
+    count = 0
+
+    def fail(problem: str, number: int | None, message: str) -> AuditVerification:
+        return AuditVerification(
+            intact=False,
+            records=count,
+            last_hash=prev,
+            signature_checked=checked,
+            problem=problem,
+            bad_record=number,
+            message=message,
+        )
+
+    with stream:
+        while raw := stream.readline(MAX_RECORD_BYTES + 1):
+            number = count + 1
+            if not raw.endswith(b"\n"):
+                if len(raw) > MAX_RECORD_BYTES:
+                    return fail("RECORD_MALFORMED", number, f"record {number} is too long")
+                return fail("RECORD_TRUNCATED", number, f"record {number} is cut off mid-line")
+            line = raw[:-1]
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+                claimed = record.pop("hash")
+                seq, back = record["seq"], record["prev"]
+            except (ValueError, KeyError, TypeError):
+                return fail("RECORD_MALFORMED", number, f"record {number} is not a valid record")
+            if (
+                canonical_json({**record, "hash": claimed}) != line
+                or record_hash(record) != claimed
+            ):
+                return fail("RECORD_MODIFIED", number, f"record {number} was modified")
+            if seq != count:
+                return fail(
+                    "SEQUENCE_BROKEN",
+                    number,
+                    f"record {number} has sequence number {seq}: "
+                    "records were inserted, deleted or reordered",
+                )
+            if back != prev:
+                return fail(
+                    "CHAIN_BROKEN", number, f"record {number} does not follow record {count}"
+                )
+            prev = claimed
+            count += 1
+    try:
+        raw_head = hpath.read_bytes()
+    except FileNotFoundError:
+        return fail("HEAD_MISSING", None, f"the signed head {hpath.name} is missing")
+    try:
+        head, _ = _parse_head(raw_head, public_key)
+    except InvalidSignature:
+        return fail("HEAD_SIGNATURE_INVALID", None, "the head's signature is not valid")
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return fail("HEAD_MALFORMED", None, "the head is malformed")
+    if count < head.count:
+        return fail(
+            "TAIL_TRUNCATED",
+            count + 1,
+            f"the head anchors {head.count} records but the log has {count}: "
+            "records were removed from the end",
+        )
+    if count > head.count:
+        return fail(
+            "UNANCHORED_RECORDS",
+            head.count + 1,
+            f"records {head.count + 1}..{count} are not covered by the signed head",
+        )
+    if prev != head.last_hash:
+        return fail("HEAD_MISMATCH", count or None, "the last record does not match the head")
+    return AuditVerification(
+        intact=True,
+        records=count,
+        last_hash=prev,
+        signature_checked=checked,
+        message=f"{count} records, chain intact, head "
+        + ("signature valid" if checked else "signature NOT checked (no public key given)"),
+    )

@@ -1,0 +1,555 @@
+"""The PKCS#11 HSM backend: one logged-in session, one worker thread, deadlines and recovery.
+
+**Concurrency.** python-pkcs11 0.10 calls ``C_Initialize(NULL)``, which by the PKCS#11 spec tells
+the module that the application will *not* call it from several threads at once; SoftHSM2 then
+uses no internal locks, and two threads on two sessions fail with ``CKR_GENERAL_ERROR`` within
+milliseconds (measured here). So every PKCS#11 call runs on one worker thread that owns the module,
+the token and one logged-in R/W session. Measured on this machine, the same unwrap + OAEP re-wrap
+done from 16 threads reaches ~2,100 ops/s either way: serialised on one session, or on 2-16 sessions
+after re-initialising the module with ``CKF_OS_LOCKING_OK`` — SoftHSM2's own locks serialise the
+work anyway — so a session pool buys nothing here and the worker keeps the spec's contract.
+
+**Deadlines.** :meth:`Hsm.call` queues an operation and waits at most ``timeout`` seconds for it;
+a caller whose deadline passes gets ``HsmUnavailable(HSM_TIMEOUT)`` even if the module hangs inside
+a C call (the job is cancelled if it has not started, and skipped if its deadline passed while it
+was queued).
+
+**Failure and recovery.** Any device-class error (``CKR_DEVICE_REMOVED``, ``CKR_TOKEN_NOT_PRESENT``,
+``CKR_SESSION_HANDLE_INVALID``, a ``CKR_GENERAL_ERROR`` while the token no longer answers, ...)
+raises ``HsmUnavailable`` and drops the session. The next operation reconnects: ``C_Finalize`` +
+``C_Initialize`` (SoftHSM2 needs both to see a token whose files came back), find the token by
+label, log in, re-probe the OAEP hashes. Attempts are spaced by ``reconnect_interval`` so a dead HSM
+costs callers a fast failure, not a reconnect each. A refused PIN is never retried automatically
+(that would burn the token's PIN counter): reopen the :class:`Hsm` with a corrected configuration.
+
+What SoftHSM2 2.6.1 does when its token directory is moved away (measured; the tests rely on it):
+an open session still answers ``C_FindObjects`` but finds only session objects (token objects
+silently vanish), handles of token keys fail with ``CKR_*_HANDLE_INVALID``, ``C_GetSlotList`` and
+``C_OpenSession`` fail with ``CKR_GENERAL_ERROR``. When the directory returns, the running library
+does not notice until it is re-initialised. ``chmod 000`` cannot simulate this when running as root.
+Because of the first point, a key lookup that finds nothing checks that the token still answers
+(:meth:`HsmSession.require_token`) before it reports ``NotFound``.
+
+One :class:`Hsm` owns its module for the whole process (re-initialising it would break any other
+user), so opening a second one on the same module file raises ``FailedPrecondition(HSM_ALREADY_OPEN)``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import pkcs11
+import pkcs11.exceptions as p11x
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.attributes import AttributeMapper
+
+from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
+from strongroom.keybroker import _pkcs11_errors as errs
+from strongroom.keybroker.errors import HsmUnavailable, Reason
+from strongroom.keybroker.oaep import PROBE_ORDER, OaepHash
+from strongroom.runtime.secrets import Secret
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_OAEP_PARAMS: dict[OaepHash, tuple[Mechanism, MGF, None]] = {
+    OaepHash.SHA1: (Mechanism.SHA_1, MGF.SHA1, None),
+    OaepHash.SHA256: (Mechanism.SHA256, MGF.SHA256, None),
+    OaepHash.SHA384: (Mechanism.SHA384, MGF.SHA384, None),
+    OaepHash.SHA512: (Mechanism.SHA512, MGF.SHA512, None),
+}
+
+# A fixed RSA-2048 public key (no private key exists anywhere) used only to ask the token which
+# OAEP hashes C_WrapKey accepts; importing it is instant, generating a key pair is not.
+_PROBE_MODULUS = bytes.fromhex(
+    "a8fdc1b364e588216166ab6482ab95005f9ff00a34871e9b5fb731f49ddc729b"
+    "29c049fb839093dcb337235e856bbdc1f9cd0ea634cca5caf7db8c9d05588429"
+    "515bfdd161aa1c24c406478c98583b2e3de7ffb06cc5becef9ba1282178a94ee"
+    "e56d1a444e4f1cb8d5984e4070dd911fb97d2ca42df386ae7977b1ced2194fd9"
+    "02e506101dbf89310d47d73c9917c7dfa4524ca9485ba4ba0ce5bc8e635909da"
+    "513470871b646ab83b2a3359d60084c13b0474d499b595b4564869185f3829ca"
+    "7704412f83b72c143b468832d8d523a9d0f0d440a313788b12d2fe4cc8043558"
+    "f09307eb189f076f827590dd2f3cecbae66d15094786976e16e0bbaf874f22e7"
+)
+_OAEP_REFUSALS: tuple[type[p11x.PKCS11Error], ...] = (
+    p11x.ArgumentsBad,
+    p11x.MechanismInvalid,
+    p11x.MechanismParamInvalid,
+    p11x.FunctionNotSupported,
+    p11x.KeySizeRange,
+)
+
+_ENV_LOCK = threading.Lock()
+_OPEN_LOCK = threading.Lock()
+_OPEN_MODULES: set[str] = set()
+
+
+def oaep_mechanism_param(choice: OaepHash) -> tuple[Mechanism, MGF, None]:
+    """The python-pkcs11 ``CKM_RSA_PKCS_OAEP`` parameter for ``choice`` (empty OAEP label)."""
+    return _OAEP_PARAMS[choice]
+
+
+def _attribute_mapper() -> AttributeMapper:
+    """python-pkcs11's mapper plus CKA_ALLOWED_MECHANISMS (an array of CK_ULONG)."""
+    mapper = AttributeMapper()
+    width = ctypes.sizeof(ctypes.c_ulong)
+
+    def pack(value: Any) -> bytes:
+        return b"".join(int(m).to_bytes(width, sys.byteorder) for m in value)
+
+    def unpack(raw: bytes) -> list[int]:
+        return [
+            int.from_bytes(raw[i : i + width], sys.byteorder) for i in range(0, len(raw), width)
+        ]
+
+    mapper.register_handler(Attribute.ALLOWED_MECHANISMS, pack, unpack)
+    return mapper
+
+
+@dataclass(frozen=True)
+class HsmConfig:
+    """How to reach the token. Build it from the service configuration; the PIN is a :class:`Secret`.
+
+    ``module_env`` is applied to ``os.environ`` only around ``C_Initialize`` (SoftHSM2 reads
+    ``SOFTHSM2_CONF`` there); leave it empty for modules configured otherwise.
+    ``allowed_oaep_hashes`` limits what the broker may ever use, whatever the token supports.
+    """
+
+    module_path: Path
+    token_label: str
+    pin: Secret
+    module_env: Mapping[str, str] = field(default_factory=dict)
+    operation_timeout: float = 5.0
+    connect_timeout: float = 15.0
+    reconnect_interval: float = 0.5
+    allowed_oaep_hashes: tuple[OaepHash, ...] = PROBE_ORDER
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "module_path", Path(self.module_path))
+        object.__setattr__(self, "module_env", MappingProxyType(dict(self.module_env)))
+        if not self.module_path.is_absolute():
+            raise InvalidArgument("hsm.module_path must be absolute", reason="CONFIG_INVALID")
+        if not 1 <= len(self.token_label) <= 32:
+            raise InvalidArgument(
+                "hsm.token_label must be 1-32 characters", reason="CONFIG_INVALID"
+            )
+        if not isinstance(self.pin, Secret):
+            raise InvalidArgument("hsm.pin must be a Secret", reason="CONFIG_INVALID")
+        for name in ("operation_timeout", "connect_timeout", "reconnect_interval"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise InvalidArgument(f"hsm.{name} must be in (0, 3600]", reason="CONFIG_INVALID")
+        if not self.allowed_oaep_hashes or not all(
+            isinstance(h, OaepHash) for h in self.allowed_oaep_hashes
+        ):
+            raise InvalidArgument(
+                "hsm.allowed_oaep_hashes must list OaepHash values", reason="CONFIG_INVALID"
+            )
+
+
+@dataclass(frozen=True)
+class HsmStatus:
+    """A snapshot for health checks and operators."""
+
+    token_label: str
+    connected: bool
+    generation: int  # how many times a session was established
+    oaep_hashes: tuple[OaepHash, ...]
+    last_error: str | None
+
+
+class HsmSession:
+    """The logged-in session an operation runs with. Valid only on the HSM worker thread."""
+
+    def __init__(self, lib: Any, token: Any, session: Any, generation: int) -> None:
+        self._lib = lib
+        self._token = token
+        #: the python-pkcs11 ``Session`` (R/W, user logged in)
+        self.session = session
+        #: increases with every (re)connection; object handles from another generation are void
+        self.generation = generation
+
+    def token_answers(self) -> bool:
+        """Whether the module still lists the slot and the token answers ``C_GetTokenInfo``."""
+        try:
+            self._lib.get_slots()
+            self._token.slot.get_token()
+        except p11x.PKCS11Error:
+            return False
+        return True
+
+    def require_token(self) -> None:
+        """Raises ``HsmUnavailable`` unless the token still answers (see :meth:`token_answers`)."""
+        if not self.token_answers():
+            raise HsmUnavailable("the HSM token stopped answering")
+
+    def close(self) -> None:
+        """Closes the session, ignoring errors (the device may already be gone)."""
+        with contextlib.suppress(p11x.PKCS11Error):
+            self.session.close()
+
+
+@dataclass
+class _Job:
+    op: Callable[[HsmSession], Any]
+    future: concurrent.futures.Future[Any]
+    deadline: float
+    name: str
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+class Hsm:
+    """A PKCS#11 token reached through one worker thread; see the module docstring.
+
+    Use :meth:`open`, then :meth:`call` with a function of :class:`HsmSession`; :meth:`close` when done
+    (or use it as a context manager).
+    """
+
+    def __init__(self, config: HsmConfig, module_key: str) -> None:
+        """Internal: use :meth:`open`."""
+        self._config = config
+        self._module_key = module_key
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._lib: Any = None
+        self._conn: HsmSession | None = None
+        self._generation = 0
+        self._oaep_hashes: tuple[OaepHash, ...] = ()
+        self._last_error: str | None = None
+        self._last_attempt: float | None = None
+        self._login_refused = False
+        self._thread = threading.Thread(
+            target=self._work, name=f"hsm-{config.token_label}", daemon=True
+        )
+        self._thread.start()
+
+    @classmethod
+    def open(cls, config: HsmConfig, *, wait: bool = True) -> Hsm:
+        """Starts the backend. With ``wait`` (the default) it connects, logs in and probes the
+        token within ``config.connect_timeout`` or raises ``HsmUnavailable`` (and is closed);
+        without, it connects on first use and :meth:`check_health` reports readiness.
+        """
+        key = os.path.realpath(config.module_path)
+        with _OPEN_LOCK:
+            if key in _OPEN_MODULES:
+                raise FailedPrecondition(
+                    f"the PKCS#11 module {key} is already opened by this process",
+                    reason=Reason.HSM_ALREADY_OPEN,
+                )
+            _OPEN_MODULES.add(key)
+        hsm = cls(config, key)
+        if wait:
+            try:
+                hsm.call(lambda _s: None, timeout=config.connect_timeout, name="connect")
+            except BaseException:
+                hsm.close()
+                raise
+        return hsm
+
+    def __enter__(self) -> Hsm:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Hsm(token={self._config.token_label!r}, connected={self._conn is not None})"
+
+    @property
+    def config(self) -> HsmConfig:
+        """The configuration this backend was opened with."""
+        return self._config
+
+    @property
+    def oaep_hashes(self) -> tuple[OaepHash, ...]:
+        """OAEP hashes the token accepted in the last probe (strongest first), limited to
+        ``config.allowed_oaep_hashes``; empty before the first successful connection."""
+        return self._oaep_hashes
+
+    def status(self) -> HsmStatus:
+        """A snapshot of the connection state (no HSM call)."""
+        return HsmStatus(
+            token_label=self._config.token_label,
+            connected=self._conn is not None,
+            generation=self._generation,
+            oaep_hashes=self._oaep_hashes,
+            last_error=self._last_error,
+        )
+
+    def call(
+        self,
+        op: Callable[[HsmSession], T],
+        *,
+        timeout: float | None = None,
+        name: str = "operation",
+    ) -> T:
+        """Runs ``op`` on the worker thread with the logged-in session; returns its result.
+
+        Raises ``HsmUnavailable`` when the HSM cannot serve it (``HSM_TIMEOUT`` once ``timeout``
+        seconds, default ``config.operation_timeout``, have passed), a ``StrongroomError`` raised by
+        ``op`` unchanged, and ``Internal(HSM_ERROR)`` for any other PKCS#11 error.
+        """
+        limit = self._config.operation_timeout if timeout is None else timeout
+        if not limit > 0:
+            raise HsmUnavailable(f"no time left for {name}", reason=Reason.HSM_TIMEOUT)
+        if self._closed:
+            raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED)
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put(_Job(op, future, time.monotonic() + limit, name))
+        try:
+            return future.result(timeout=limit)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise HsmUnavailable(
+                f"the HSM did not complete {name} within {limit:.3f}s", reason=Reason.HSM_TIMEOUT
+            ) from None
+        except concurrent.futures.CancelledError:
+            raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED) from None
+
+    def check_health(self, *, timeout: float | None = None) -> None:
+        """Raises ``HsmUnavailable`` unless the token is reachable and logged in (reconnecting if
+        needed). Suitable for a readiness probe."""
+        self.call(lambda s: s.require_token(), timeout=timeout, name="health check")
+
+    def close(self, *, timeout: float = 5.0) -> None:
+        """Closes the session, finalises and unloads the module; idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            _log.error("HSM worker did not stop within %.1fs; the module stays loaded", timeout)
+            return
+        with _OPEN_LOCK:
+            _OPEN_MODULES.discard(self._module_key)
+
+    # --- worker thread ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                break
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = self._run(job)
+            except BaseException as exc:
+                job.future.set_exception(exc)
+            else:
+                job.future.set_result(result)
+        self._teardown()
+        while True:  # jobs queued while closing: their callers get HSM_CLOSED, not a timeout
+            try:
+                leftover = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if leftover is not None:
+                leftover.future.cancel()
+
+    def _run(self, job: _Job) -> Any:
+        if time.monotonic() >= job.deadline:
+            raise HsmUnavailable(
+                f"{job.name} waited past its deadline for the HSM", reason=Reason.HSM_TIMEOUT
+            )
+        conn = self._ensure_connected()
+        try:
+            return job.op(conn)
+        except HsmUnavailable as exc:
+            self._disconnect(exc.message)
+            raise
+        except StrongroomError:
+            raise
+        except p11x.PKCS11Error as exc:
+            raise self._translate(exc, conn, job.name) from exc
+
+    def _translate(self, exc: p11x.PKCS11Error, conn: HsmSession, name: str) -> StrongroomError:
+        what = errs.describe(exc)
+        if errs.is_device_failure(exc) or not conn.token_answers():
+            self._disconnect(f"{what} during {name}")
+            return HsmUnavailable(f"the HSM failed during {name} ({what})")
+        if errs.is_stale_handle(exc):
+            return HsmUnavailable(f"an HSM object changed during {name}; retry")
+        _log.error("unexpected PKCS#11 error during %s: %s", name, what)
+        return Internal(f"the HSM refused {name} ({what})", reason=Reason.HSM_ERROR)
+
+    def _ensure_connected(self) -> HsmSession:
+        if self._conn is not None:
+            return self._conn
+        if self._login_refused:
+            raise HsmUnavailable(
+                "the HSM refused the PIN; fix the configuration and restart the backend",
+                reason=Reason.HSM_LOGIN_FAILED,
+            )
+        now = time.monotonic()
+        if self._last_attempt is not None:
+            wait = self._last_attempt + self._config.reconnect_interval - now
+            if wait > 0:
+                raise HsmUnavailable(
+                    f"the HSM is unavailable ({self._last_error}); next attempt in {wait:.2f}s"
+                )
+        self._last_attempt = now
+        try:
+            self._conn = self._connect()
+        except HsmUnavailable as exc:
+            self._last_error = exc.message
+            raise
+        self._last_attempt = None
+        self._generation += 1
+        if self._generation > 1:
+            _log.warning(
+                "HSM session re-established",
+                extra={"token": self._config.token_label, "generation": self._generation},
+            )
+        self._last_error = None
+        return self._conn
+
+    def _connect(self) -> HsmSession:
+        cfg = self._config
+        try:
+            with _environment(cfg.module_env):
+                if self._lib is None:
+                    self._lib = pkcs11.lib(self._module_key)
+                else:
+                    with contextlib.suppress(p11x.PKCS11Error):
+                        self._lib.finalize()
+                    self._lib.initialize()
+        except p11x.PKCS11Error as exc:
+            raise HsmUnavailable(
+                f"cannot initialise the PKCS#11 module ({errs.describe(exc)})"
+            ) from exc
+        try:
+            token = self._lib.get_token(token_label=cfg.token_label)
+        except (p11x.NoSuchToken, p11x.MultipleTokensReturned) as exc:
+            raise HsmUnavailable(
+                f"token {cfg.token_label!r} not found ({errs.describe(exc)})"
+            ) from exc
+        except p11x.PKCS11Error as exc:
+            raise HsmUnavailable(f"cannot list tokens ({errs.describe(exc)})") from exc
+        try:
+            session = token.open(
+                rw=True, user_pin=cfg.pin.reveal_text(), attribute_mapper=_attribute_mapper()
+            )
+        except errs.LOGIN_REFUSED as exc:
+            self._login_refused = True
+            _log.error("HSM login refused: %s; not retrying", errs.describe(exc))
+            raise HsmUnavailable(
+                f"the HSM refused the PIN ({errs.describe(exc)})", reason=Reason.HSM_LOGIN_FAILED
+            ) from exc
+        except p11x.PKCS11Error as exc:
+            raise HsmUnavailable(f"cannot open a session ({errs.describe(exc)})") from exc
+        conn = HsmSession(self._lib, token, session, self._generation + 1)
+        try:
+            supported = _probe_oaep(session)
+        except p11x.PKCS11Error as exc:
+            conn.close()
+            raise HsmUnavailable(f"cannot probe the token ({errs.describe(exc)})") from exc
+        self._oaep_hashes = tuple(
+            h for h in PROBE_ORDER if h in supported and h in cfg.allowed_oaep_hashes
+        )
+        _log.info(
+            "HSM session open",
+            extra={
+                "token": cfg.token_label,
+                "oaep_hashes": [h.value for h in self._oaep_hashes],
+                "oaep_hashes_token": [h.value for h in supported],
+            },
+        )
+        if not self._oaep_hashes:
+            _log.warning("the HSM supports no allowed OAEP hash: every key release will fail")
+        return conn
+
+    def _disconnect(self, why: str) -> None:
+        if self._conn is None:
+            return
+        _log.warning("HSM session dropped: %s", why, extra={"token": self._config.token_label})
+        self._conn.close()
+        self._conn = None
+        self._last_error = why
+        self._last_attempt = None  # the first call after a failure may reconnect at once
+
+    def _teardown(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lib is not None:
+            with contextlib.suppress(p11x.PKCS11Error):
+                pkcs11.unload(self._module_key)
+            self._lib = None
+
+
+def _probe_oaep(session: Any) -> tuple[OaepHash, ...]:
+    """Asks the token, by trial C_WrapKey, which OAEP hashes it supports (in PROBE_ORDER)."""
+    public = session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            Attribute.KEY_TYPE: KeyType.RSA,
+            Attribute.TOKEN: False,
+            Attribute.MODULUS: _PROBE_MODULUS,
+            Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01",
+            Attribute.WRAP: True,
+            Attribute.ENCRYPT: False,
+            Attribute.VERIFY: False,
+        }
+    )
+    try:
+        key = session.generate_key(
+            KeyType.AES,
+            256,
+            store=False,
+            template={
+                Attribute.TOKEN: False,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: True,
+                Attribute.ENCRYPT: False,
+                Attribute.DECRYPT: False,
+                Attribute.WRAP: False,
+                Attribute.UNWRAP: False,
+            },
+        )
+        try:
+            supported = []
+            for choice in PROBE_ORDER:
+                try:
+                    public.wrap_key(
+                        key,
+                        mechanism=Mechanism.RSA_PKCS_OAEP,
+                        mechanism_param=oaep_mechanism_param(choice),
+                    )
+                except _OAEP_REFUSALS:
+                    continue
+                supported.append(choice)
+            return tuple(supported)
+        finally:
+            key.destroy()
+    finally:
+        public.destroy()

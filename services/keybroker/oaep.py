@@ -1,0 +1,95 @@
+"""The RSA-OAEP hash used to wrap a data key to a TEE's ephemeral key: a negotiated parameter.
+
+OAEP uses one hash for the label and MGF1 with the same hash. Tokens differ: SoftHSM2 2.6.1 accepts
+only SHA-1 (``CKR_ARGUMENTS_BAD`` otherwise), hardware HSMs take SHA-256. The broker probes the token
+once per connection (:attr:`strongroom.keybroker.hsm.Hsm.oaep_hashes`) and :func:`negotiate` picks
+the first hash *the caller* listed that the token supports, never one the caller did not list.
+OAEP with SHA-1 remains sound for key transport (its security does not rest on collision
+resistance), but a caller that wants SHA-256 only simply does not list SHA-1 and gets a clear refusal.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+
+from strongroom.errors import FailedPrecondition, InvalidArgument
+from strongroom.keybroker.errors import Reason
+
+
+class OaepHash(enum.Enum):
+    """An OAEP hash; MGF1 always uses the same hash and the OAEP label is empty."""
+
+    SHA1 = "sha1"
+    SHA256 = "sha256"
+    SHA384 = "sha384"
+    SHA512 = "sha512"
+
+    @property
+    def mechanism_label(self) -> str:
+        """A stable, explicit name for logs and audit records, e.g. ``RSA-OAEP/SHA-256/MGF1-SHA-256``."""
+        name = {"sha1": "SHA-1", "sha256": "SHA-256", "sha384": "SHA-384", "sha512": "SHA-512"}[
+            self.value
+        ]
+        return f"RSA-OAEP/{name}/MGF1-{name}"
+
+    @property
+    def digest_size(self) -> int:
+        """The hash output length in bytes."""
+        return {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}[self.value]
+
+    @classmethod
+    def parse(cls, value: str) -> OaepHash:
+        """Parses ``sha256``/``SHA256``/``SHA-256`` (case-insensitive); raises InvalidArgument."""
+        normalised = value.strip().lower().replace("-", "").replace("_", "")
+        for member in cls:
+            if member.value == normalised:
+                return member
+        raise InvalidArgument(
+            f"unknown OAEP hash {value[:32]!r}", reason=Reason.OAEP_MECHANISM_INVALID
+        )
+
+
+#: The order in which a token is probed, strongest first.
+PROBE_ORDER: tuple[OaepHash, ...] = (
+    OaepHash.SHA256,
+    OaepHash.SHA384,
+    OaepHash.SHA512,
+    OaepHash.SHA1,
+)
+
+
+def check_accepted(accepted: Iterable[object]) -> tuple[OaepHash, ...]:
+    """Validates a caller's list of acceptable hashes, keeping its order; raises InvalidArgument."""
+    result: list[OaepHash] = []
+    for item in accepted:
+        if not isinstance(item, OaepHash):
+            raise InvalidArgument(
+                "accepted OAEP mechanisms must be OaepHash values",
+                reason=Reason.OAEP_MECHANISM_INVALID,
+            )
+        if item not in result:
+            result.append(item)
+    if not result:
+        raise InvalidArgument(
+            "the caller accepted no OAEP mechanism", reason=Reason.OAEP_MECHANISM_INVALID
+        )
+    return tuple(result)
+
+
+def negotiate(accepted: Sequence[OaepHash], supported: Iterable[OaepHash]) -> OaepHash:
+    """The first hash in the caller's ``accepted`` order that the token ``supported``.
+
+    Raises FailedPrecondition(OAEP_MECHANISM_UNSUPPORTED) naming both lists when there is none.
+    """
+    wanted = check_accepted(accepted)
+    available = frozenset(supported)
+    for choice in wanted:
+        if choice in available:
+            return choice
+    raise FailedPrecondition(
+        "no OAEP hash acceptable to the caller is supported by the HSM: caller accepts "
+        f"[{', '.join(h.value for h in wanted)}], HSM supports "
+        f"[{', '.join(h.value for h in PROBE_ORDER if h in available) or 'none'}]",
+        reason=Reason.OAEP_MECHANISM_UNSUPPORTED,
+    )

@@ -1,0 +1,98 @@
+"""Release policies per key: one YAML document per key in a directory, versioned and validated."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from strongroom.attestation.policy import ReleasePolicy
+from strongroom.errors import FailedPrecondition, Unavailable
+from strongroom.keybroker.keys import validate_key_id
+
+
+@dataclass(frozen=True)
+class StoredPolicy:
+    """A key's policy: the document as written and its parsed form."""
+
+    document: str
+    policy: ReleasePolicy
+
+
+class PolicyStore:
+    """Reads ``<dir>/<key_id>.yaml``; reloads a file when it changes on disk.
+
+    Several broker replicas can share the directory (a ConfigMap, a volume): nothing here keeps
+    state a request depends on beyond the file itself.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[tuple[int, int], StoredPolicy]] = {}
+
+    def _path(self, key_id: str) -> Path:
+        return self._dir / f"{validate_key_id(key_id)}.yaml"
+
+    def get(self, key_id: str) -> StoredPolicy:
+        """The key's current policy; FailedPrecondition(NO_RELEASE_POLICY) when it has none."""
+        path = self._path(key_id)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise FailedPrecondition(
+                f"key {key_id!r} has no release policy: nothing can be released",
+                reason="NO_RELEASE_POLICY",
+            ) from None
+        stamp = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            cached = self._cache.get(key_id)
+            if cached and cached[0] == stamp:
+                return cached[1]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise Unavailable(f"cannot read the policy of {key_id!r}: {exc.strerror}") from None
+        # A policy that no longer loads is a configuration error; fail closed.
+        stored = StoredPolicy(text, ReleasePolicy.load(text))
+        with self._lock:
+            self._cache[key_id] = (stamp, stored)
+        return stored
+
+    def version(self, key_id: str) -> str:
+        """The key's policy version, or "" when it has none."""
+        try:
+            return self.get(key_id).policy.version
+        except FailedPrecondition:
+            return ""
+
+    def put(self, key_id: str, document: str) -> StoredPolicy:
+        """Validates and stores a policy atomically; the old one stays if anything fails."""
+        stored = StoredPolicy(document, ReleasePolicy.load(document))
+        path = self._path(key_id)
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=f".{key_id}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(document)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            dir_fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"cannot store the policy of {key_id!r}: {exc.strerror} (is the policy directory "
+                "read-only because policies are managed by deployment configuration?)",
+                reason="POLICY_STORE_READ_ONLY",
+            ) from None
+        return stored

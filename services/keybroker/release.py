@@ -1,0 +1,232 @@
+"""The key-release decision: challenge, evidence, binding, policy, HSM re-wrap, audit.
+
+Every decision, allowed or denied, is audited with its reason before the caller hears of it. An
+allowed release whose audit record cannot be made durable is refused: the wrapped key is dropped.
+The data key itself never leaves the HSM in plaintext: the HSM unwraps it with the KEK and wraps it
+to the ephemeral RSA key the attestation report binds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from strongroom.attestation import Evidence, TrustStore, VerifiedClaims, verify_evidence
+from strongroom.attestation.binding import check_report_data, report_data_for
+from strongroom.errors import InvalidArgument, StrongroomError
+from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
+from strongroom.keybroker.challenge import Challenge, ChallengeIssuer
+from strongroom.keybroker.ephemeral import parse_ephemeral_public_key
+from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.keybroker.keys import (
+    KeyManager,
+    validate_key_id,
+    validate_version,
+    validate_wrapped_dek,
+)
+from strongroom.keybroker.oaep import OaepHash, check_accepted
+from strongroom.keybroker.policies import PolicyStore
+from strongroom.runtime.metrics import KEY_RELEASES
+
+log = logging.getLogger(__name__)
+
+MAX_REPORT_BYTES = 16 * 1024
+MAX_CERTIFICATES = 8
+MAX_CERTIFICATE_BYTES = 16 * 1024
+MAX_COLLATERAL_ITEMS = 8
+MAX_COLLATERAL_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated caller: SPIFFE ID, certificate serial, and its TLS public key."""
+
+    spiffe_id: str
+    serial: int
+    tls_public_key_der: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """A key release request, not yet validated."""
+
+    key_id: str
+    key_version: int
+    wrapped_data_key: bytes = field(repr=False)
+    evidence: Evidence
+    ephemeral_public_key_der: bytes = field(repr=False)
+    nonce: bytes
+    accepted_mechanisms: Sequence[OaepHash]
+
+
+@dataclass(frozen=True)
+class ReleaseOutcome:
+    """A granted release, with where its time went (seconds)."""
+
+    wrapped_data_key: bytes = field(repr=False)
+    mechanism: OaepHash
+    decision_id: str
+    policy_version: str
+    timings: dict[str, float]
+
+
+def _check_evidence_sizes(evidence: Evidence) -> None:
+    if not evidence.report or len(evidence.report) > MAX_REPORT_BYTES:
+        raise InvalidArgument(
+            f"evidence.report must be 1-{MAX_REPORT_BYTES} bytes", reason="EVIDENCE_SIZE"
+        )
+    if len(evidence.certificates) > MAX_CERTIFICATES or any(
+        not 0 < len(c) <= MAX_CERTIFICATE_BYTES for c in evidence.certificates
+    ):
+        raise InvalidArgument(
+            f"evidence.certificates: at most {MAX_CERTIFICATES} of 1-{MAX_CERTIFICATE_BYTES} bytes",
+            reason="EVIDENCE_SIZE",
+        )
+    if len(evidence.collateral) > MAX_COLLATERAL_ITEMS or any(
+        not 0 < len(c.data) <= MAX_COLLATERAL_BYTES for c in evidence.collateral
+    ):
+        raise InvalidArgument(
+            f"evidence.collateral: at most {MAX_COLLATERAL_ITEMS} of 1-{MAX_COLLATERAL_BYTES} bytes",
+            reason="EVIDENCE_SIZE",
+        )
+
+
+class ReleaseEngine:
+    """Decides key releases. Thread-safe; holds no per-request state between calls."""
+
+    def __init__(
+        self,
+        *,
+        keys: KeyManager,
+        challenges: ChallengeIssuer,
+        policies: PolicyStore,
+        trust: TrustStore,
+        audit: AuditLog,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        hsm_timeout: float = 5.0,
+    ) -> None:
+        self._keys = keys
+        self._challenges = challenges
+        self._policies = policies
+        self._trust = trust
+        self._audit = audit
+        self._clock = clock
+        self._hsm_timeout = hsm_timeout
+
+    def challenge(self, key_id: str, caller: Caller) -> Challenge:
+        """A nonce for releasing ``key_id`` to ``caller``."""
+        return self._challenges.issue(validate_key_id(key_id), caller.spiffe_id)
+
+    @staticmethod
+    def _context(caller: Caller, report: bytes) -> dict[str, Any]:
+        return {
+            "caller_spiffe_id": caller.spiffe_id,
+            "caller_cert_serial": f"{caller.serial:x}",
+            "evidence_sha256": hashlib.sha256(report).hexdigest(),
+        }
+
+    def deny(self, exc: StrongroomError, caller: Caller, *, key_id: str, report: bytes) -> None:
+        """Audits a release refused before it reached :meth:`release` (e.g. unparseable fields)."""
+        context = self._context(caller, report)
+        context["key_id"] = key_id if isinstance(key_id, str) and len(key_id) <= 128 else None
+        self._audit_denial(exc, context)
+
+    def release(self, request: ReleaseRequest, caller: Caller) -> ReleaseOutcome:
+        """Releases the data key to the attested caller, or raises and audits why not."""
+        context = self._context(caller, request.evidence.report)
+        try:
+            outcome = self._decide(request, caller, context)
+        except StrongroomError as exc:
+            self._audit_denial(exc, context)
+            raise
+        return outcome
+
+    def _decide(
+        self, request: ReleaseRequest, caller: Caller, context: dict[str, Any]
+    ) -> ReleaseOutcome:
+        started = time.perf_counter()
+        # 1. Structure: malformed requests are rejected before any cryptography.
+        key_id = validate_key_id(request.key_id)
+        context["key_id"] = key_id
+        version = validate_version(request.key_version)
+        context["key_version"] = version
+        wrapped = validate_wrapped_dek(request.wrapped_data_key)
+        ephemeral = request.ephemeral_public_key_der
+        parse_ephemeral_public_key(ephemeral)
+        accepted = check_accepted(request.accepted_mechanisms)
+        _check_evidence_sizes(request.evidence)
+        # 2. Freshness: a nonce this broker fleet issued for this key and this caller.
+        self._challenges.check(request.nonce, key_id, caller.spiffe_id)
+        # 3. The key must have a policy (deny by default).
+        stored = self._policies.get(key_id)
+        context["policy_version"] = stored.policy.version
+        # 4. Evidence: signatures and chains to the pinned roots, as of now.
+        verify_started = time.perf_counter()
+        claims: VerifiedClaims = verify_evidence(
+            request.evidence, trust=self._trust, now=self._clock()
+        )
+        context["claims"] = claims.as_dict()
+        # 5. Binding: REPORT_DATA must be exactly H(nonce, ephemeral key, caller's TLS key).
+        expected = report_data_for(request.nonce, ephemeral, caller.tls_public_key_der)
+        check_report_data(claims.report_data, expected)
+        # 6. Policy.
+        stored.policy.evaluate(claims, caller.spiffe_id)
+        verified = time.perf_counter()
+        # 7. The HSM re-wraps the data key to the attested ephemeral key.
+        released = self._keys.release_to_ephemeral(
+            key_id, version, wrapped, ephemeral, list(accepted), timeout=self._hsm_timeout
+        )
+        context["oaep_mechanism"] = released.mechanism.mechanism_label
+        hsm_done = time.perf_counter()
+        # 8. Audit before answering; without a durable record there is no release.
+        record = self._audit.append(
+            AuditEvent(decision=Decision.ALLOWED, reason="RELEASED", **context)
+        )
+        KEY_RELEASES.add(1, {"outcome": "allowed", "reason": "RELEASED"})
+        done = time.perf_counter()
+        log.info(
+            "key released",
+            extra={
+                "key_id": key_id,
+                "key_version": version,
+                "decision_id": record.decision_id,
+                "caller": caller.spiffe_id,
+                "mechanism": released.mechanism.mechanism_label,
+            },
+        )
+        return ReleaseOutcome(
+            wrapped_data_key=released.wrapped,
+            mechanism=released.mechanism,
+            decision_id=record.decision_id,
+            policy_version=stored.policy.version,
+            timings={
+                "checks": verify_started - started,
+                "verify": verified - verify_started,
+                "hsm": hsm_done - verified,
+                "audit": done - hsm_done,
+            },
+        )
+
+    def _audit_denial(self, exc: StrongroomError, context: dict[str, Any]) -> None:
+        KEY_RELEASES.add(1, {"outcome": "denied", "reason": exc.reason})
+        log.warning(
+            "key release denied",
+            extra={
+                "reason": exc.reason,
+                "status": exc.status_name,
+                "detail": exc.message,
+                "caller": context.get("caller_spiffe_id"),
+                "key_id": context.get("key_id"),
+            },
+        )
+        if isinstance(exc, AuditUnavailable):
+            return  # the failure to audit is itself what is being reported
+        try:
+            self._audit.append(AuditEvent(decision=Decision.DENIED, reason=exc.reason, **context))
+        except StrongroomError:
+            log.error("could not audit a denied key release", extra={"reason": exc.reason})

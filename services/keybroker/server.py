@@ -1,0 +1,158 @@
+"""Assembles and runs the key broker: HSM, audit log, policies, attestation trust, gRPC host."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.attestation import TrustStore
+from strongroom.errors import FailedPrecondition, StrongroomError
+from strongroom.keybroker.audit import AuditLog, load_signing_key
+from strongroom.keybroker.challenge import ChallengeIssuer
+from strongroom.keybroker.config import AUDIT_KEY_ENV, NONCE_KEY_ENV, PIN_ENV, KeybrokerConfig
+from strongroom.keybroker.hsm import Hsm, HsmConfig
+from strongroom.keybroker.keys import KeyManager
+from strongroom.keybroker.policies import PolicyStore
+from strongroom.keybroker.release import ReleaseEngine
+from strongroom.keybroker.service import (
+    KEYADMIN_SERVICE,
+    KEYBROKER_SERVICE,
+    ROLE_RULES,
+    KeyAdminServicer,
+    KeyBrokerServicer,
+)
+from strongroom.pki.identity import WorkloadIdentity
+from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
+from strongroom.runtime.config import CommonConfig
+from strongroom.runtime.secrets import Secret
+from strongroom.runtime.server import ServiceHost, ServiceSpec
+from strongroom.runtime.tracing import make_tracer_provider
+
+log = logging.getLogger(__name__)
+
+
+def trust_store(common: CommonConfig, config: KeybrokerConfig) -> TrustStore:
+    """The pinned AMD/Intel roots, plus the simulated chain only where explicitly allowed."""
+    trust = TrustStore.production()
+    if not config.allow_simulated_tee:
+        return trust
+    if common.production:
+        raise FailedPrecondition(
+            "keybroker.allow_simulated_tee is set in production mode: refusing to trust the "
+            "simulated TEE chain (set mode: development for local testing)",
+            reason="SIMULATED_TEE_IN_PRODUCTION",
+        )
+    assert config.simulated_roots_dir is not None  # checked by the configuration
+    directory = config.simulated_roots_dir
+    log.warning("DEVELOPMENT MODE: trusting the simulated TEE chain in %s", directory)
+    return trust.with_simulated_roots(
+        amd=[(directory / "amd_trust.pem").read_bytes()],
+        intel=[(directory / "intel_root.pem").read_bytes()],
+    )
+
+
+@dataclass
+class KeyBroker:
+    """A running key broker and everything it owns; :meth:`close` releases it all."""
+
+    host: ServiceHost
+    hsm: Hsm
+    audit: AuditLog
+    keys: KeyManager
+    engine: ReleaseEngine
+    identity: WorkloadIdentity | None = None
+    _closed: bool = field(default=False, repr=False)
+
+    def close(self, grace: float | None = 0) -> None:
+        """Stops serving, then closes the audit log and the HSM."""
+        if self._closed:
+            return
+        self._closed = True
+        self.host.stop(grace)
+        self.audit.close()
+        self.hsm.close()
+
+
+def build(
+    common: CommonConfig,
+    config: KeybrokerConfig,
+    *,
+    identity: WorkloadIdentity,
+    tracer_provider: TracerProvider | None = None,
+) -> KeyBroker:
+    """Opens the HSM and audit log and builds the (not yet started) host."""
+    trust = trust_store(common, config)
+    nonce_key = Secret.load(file=config.nonce_key_file, env=NONCE_KEY_ENV, what="nonce key")
+    audit_key = load_signing_key(
+        Secret.load(file=config.audit_key_file, env=AUDIT_KEY_ENV, what="audit signing key")
+    )
+    pin = Secret.load(file=config.pin_file, env=PIN_ENV, what="HSM PIN")
+    module_env = {"SOFTHSM2_CONF": str(config.softhsm2_conf)} if config.softhsm2_conf else {}
+    hsm = Hsm.open(
+        HsmConfig(
+            module_path=config.pkcs11_module,
+            token_label=config.token_label,
+            pin=pin,
+            module_env=module_env,
+            operation_timeout=config.hsm_operation_timeout_seconds,
+        )
+    )
+    try:
+        audit = AuditLog.open(config.audit_log, audit_key)
+    except BaseException:
+        hsm.close()
+        raise
+    keys = KeyManager(hsm)
+    policies = PolicyStore(config.policies_dir)
+    engine = ReleaseEngine(
+        keys=keys,
+        challenges=ChallengeIssuer(nonce_key, lifetime=config.challenge_lifetime_seconds),
+        policies=policies,
+        trust=trust,
+        audit=audit,
+        hsm_timeout=config.hsm_operation_timeout_seconds,
+    )
+    broker_servicer = KeyBrokerServicer(engine, keys, audit)
+    admin_servicer = KeyAdminServicer(keys, policies, audit)
+
+    def hsm_ready() -> str | None:
+        try:
+            hsm.check_health(timeout=2.0)
+        except StrongroomError as exc:
+            return f"HSM unavailable: {exc.message}"
+        return None
+
+    provider = tracer_provider or make_tracer_provider("keybroker", common.tracing)
+    host = build_host(
+        common,
+        identity=identity,
+        services=[
+            ServiceSpec(
+                KEYBROKER_SERVICE,
+                lambda s: pb_grpc.add_KeyBrokerServiceServicer_to_server(broker_servicer, s),
+                (hsm_ready,),
+            ),
+            ServiceSpec(
+                KEYADMIN_SERVICE,
+                lambda s: pb_grpc.add_KeyAdminServiceServicer_to_server(admin_servicer, s),
+                (hsm_ready,),
+            ),
+        ],
+        roles=RoleTable(ROLE_RULES),
+        tracer_provider=provider,
+    )
+    return KeyBroker(host=host, hsm=hsm, audit=audit, keys=keys, engine=engine, identity=identity)
+
+
+def serve(config_path: Path | None) -> int:
+    """``strongroom serve keybroker``: runs until SIGTERM, then drains and exits."""
+    return run_service(
+        "keybroker",
+        config_path,
+        KeybrokerConfig,
+        lambda common, config, identity: build(common, config, identity=identity),
+    )

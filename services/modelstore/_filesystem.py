@@ -1,0 +1,536 @@
+"""The embedded storage backend: content-addressed blob files plus a SQLite index, under one root.
+
+Upload protocol (every step before the index insert is invisible to readers, so an interrupted
+upload is never visible):
+
+1. stream the chunks into ``tmp/<random>.part`` while the validator checks the structure, the
+   SHA-256 is computed and the size limits are enforced; reserve (name, version) as soon as the
+   validator knows them, so a concurrent or repeated upload of the same version fails fast;
+2. check the final size and digest against the validator's summary and the client's claims;
+3. fsync the file, make it read-only, rename it to ``blobs/sha256/ab/abcdef…``, fsync the directory;
+4. insert the index row in its own transaction (the primary key makes (name, version) immutable).
+
+A crash before 4 leaves a temporary file or an unreferenced blob, both removed at the next start
+(the storage root is locked to one process, so nothing else can be writing then). Blobs are shared
+by identical content and deleted when the last row pointing at them is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
+from strongroom.identifiers import (
+    validate_name,
+    validate_prefix,
+    validate_sha256_hex,
+    validate_version,
+)
+from strongroom.modelstore import _pagetoken
+from strongroom.modelstore._blobs import BlobStore, TempBlob, digest_fd, io_error
+from strongroom.modelstore._index import Index
+from strongroom.modelstore.errors import (
+    ArtifactTooLarge,
+    EmptyUpload,
+    ModelExists,
+    ModelNotFound,
+    OutOfRange,
+    StorageLocked,
+    StoredDataCorrupt,
+    UploadMismatch,
+)
+from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
+from strongroom.modelstore.validator import ArtifactValidator, EarlyIdentity
+
+log = logging.getLogger(__name__)
+
+_LOCK_FILE = "LOCK"
+_INDEX_FILE = "index.sqlite3"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SweepReport:
+    """What the start-up sweep found and did."""
+
+    temp_files_removed: int
+    """Interrupted uploads removed from ``tmp/``."""
+    orphan_blobs_removed: int
+    """Blobs no index row pointed at (a crash between rename and insert, or during a delete)."""
+    missing_blobs: tuple[tuple[str, str], ...]
+    """(name, version) of rows whose blob is gone: reads of them fail with DATA_LOSS."""
+    damaged_blobs: tuple[tuple[str, str], ...]
+    """(name, version) of rows whose blob has the wrong size: reads fail with DATA_LOSS."""
+    stray_files: int
+    """Files in the blob tree that are not blobs (left alone, logged)."""
+
+
+class FileRangeReader:
+    """An open byte range of one stored artifact; close it (or use ``with``) when done."""
+
+    def __init__(self, fd: int, record: ModelRecord, offset: int, length: int) -> None:
+        self._fd: int | None = fd
+        self.record = record
+        self.offset = offset
+        self.length = length
+
+    def chunks(self, chunk_size: int) -> Iterator[bytes]:
+        """Yields the range in pieces of ``chunk_size`` bytes (the last may be shorter)."""
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        position, end = self.offset, self.offset + self.length
+        while position < end:
+            if self._fd is None:
+                raise FailedPrecondition("the reader is closed", reason="READER_CLOSED")
+            try:
+                data = os.pread(self._fd, min(chunk_size, end - position), position)
+            except OSError as exc:
+                raise io_error(exc, "reading an artifact") from None
+            if not data:
+                log.error(
+                    "blob %s ends at %d, expected %d bytes",
+                    self.record.artifact_sha256,
+                    position,
+                    self.record.artifact_size,
+                )
+                raise StoredDataCorrupt(
+                    f"stored artifact {self.record.name} {self.record.version} is truncated",
+                    reason="BLOB_TRUNCATED",
+                )
+            position += len(data)
+            yield data
+
+    def close(self) -> None:
+        """Releases the file (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class FilesystemStorage:
+    """Durable model storage in a local directory (see the module docstring for the protocol).
+
+    Thread-safe. Only one process may open a given root at a time (an exclusive ``flock`` on
+    ``root/LOCK``); a second one gets StorageLocked. Opening sweeps what a crash left behind and
+    records it in :attr:`last_sweep`.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        if max_artifact_size <= 0:
+            raise ValueError("max_artifact_size must be positive")
+        self.root = Path(root)
+        self.max_artifact_size = max_artifact_size
+        self._clock = clock
+        self._reserved: set[tuple[str, str]] = set()
+        self._reserve_lock = threading.Lock()
+        # Serialises "blob present? rename / insert" against "delete row, unlink unreferenced blob".
+        self._commit_lock = threading.Lock()
+        self._closed = False
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._lock_fd = os.open(
+                self.root / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        except OSError as exc:
+            raise io_error(exc, "opening the storage root") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StorageLocked(f"storage root {self.root} is in use by another process") from None
+        try:
+            self._blobs = BlobStore(self.root)
+            self._index = Index(self.root / _INDEX_FILE)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            raise io_error(exc, "opening the storage root") from None
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        try:
+            self.last_sweep = self._sweep()
+        except OSError as exc:
+            self.close()
+            raise io_error(exc, "sweeping the storage root") from None
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes the index and releases the root lock (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._index.close()
+        os.close(self._lock_fd)  # closing the descriptor releases the flock
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition("the storage is closed", reason="STORAGE_CLOSED")
+
+    def _sweep(self) -> SweepReport:
+        temps = self._blobs.sweep_temps()
+        present, strays = self._blobs.digests()
+        records = self._index.all_records()
+        referenced = {r.artifact_sha256 for r in records}
+        orphans = present - referenced
+        for digest in orphans:
+            self._blobs.remove(digest)
+        missing: list[tuple[str, str]] = []
+        damaged: list[tuple[str, str]] = []
+        for r in records:
+            size = self._blobs.size(r.artifact_sha256)
+            if size is None:
+                missing.append((r.name, r.version))
+            elif size != r.artifact_size:
+                damaged.append((r.name, r.version))
+        report = SweepReport(
+            temp_files_removed=temps,
+            orphan_blobs_removed=len(orphans),
+            missing_blobs=tuple(missing),
+            damaged_blobs=tuple(damaged),
+            stray_files=len(strays),
+        )
+        if temps or orphans:
+            log.info(
+                "swept interrupted uploads",
+                extra={"temp_files": temps, "orphan_blobs": len(orphans)},
+            )
+        for name, version in missing:
+            log.error("blob of model %s version %s is missing", name, version)
+        for name, version in damaged:
+            log.error("blob of model %s version %s has the wrong size", name, version)
+        for path in strays:
+            log.warning("unexpected file in the blob tree: %s", path)
+        return report
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def _reserve(self, name: str, version: str) -> tuple[str, str]:
+        key = (validate_name(name), validate_version(version))
+        with self._reserve_lock:
+            if key in self._reserved:
+                raise ModelExists(
+                    f"model {name} version {version} is being uploaded by another request",
+                    reason="UPLOAD_IN_PROGRESS",
+                )
+            if self._index.get(name, version) is not None:
+                raise ModelExists(f"model {name} version {version} already exists")
+            self._reserved.add(key)
+        return key
+
+    def _release(self, key: tuple[str, str]) -> None:
+        with self._reserve_lock:
+            self._reserved.discard(key)
+
+    def _check_growth(self, size: int, claims: UploadClaims) -> None:
+        if claims.size is not None and claims.size > self.max_artifact_size:
+            raise ArtifactTooLarge(
+                f"announced artifact size {claims.size} exceeds the limit of "
+                f"{self.max_artifact_size} bytes"
+            )
+        if size > self.max_artifact_size:
+            raise ArtifactTooLarge(f"artifact exceeds the limit of {self.max_artifact_size} bytes")
+        if claims.size is not None and size > claims.size:
+            raise UploadMismatch(
+                f"received more than the announced {claims.size} bytes", reason="SIZE_MISMATCH"
+            )
+
+    def put(
+        self,
+        chunks: Iterable[bytes],
+        validator: ArtifactValidator,
+        claims: UploadClaims | None = None,
+    ) -> ModelRecord:
+        """Stores the artifact made of ``chunks``; name and version come from ``validator``.
+
+        Raises InvalidArgument (malformed artifact, EmptyUpload, UploadMismatch for a size or digest
+        that disagrees with ``claims`` or the header), ModelExists, ArtifactTooLarge, StorageFull or
+        StorageUnavailable. On any failure nothing is stored.
+        """
+        self._check_open()
+        claims = claims if claims is not None else UploadClaims()
+        early = validator if isinstance(validator, EarlyIdentity) else None
+        reserved: tuple[str, str] | None = None
+        try:
+            temp = self._blobs.new_temp()
+        except OSError as exc:
+            raise io_error(exc, "creating an upload file") from None
+        hasher = hashlib.sha256()
+        try:
+            for chunk in chunks:
+                if not chunk:
+                    continue
+                self._check_growth(temp.size + len(chunk), claims)
+                validator.feed(chunk)
+                hasher.update(chunk)
+                temp.write(chunk)
+                if early is not None and reserved is None:
+                    identity = early.identity()
+                    if identity is not None:
+                        reserved = self._reserve(*identity)
+            self._check_growth(temp.size, claims)
+            if temp.size == 0:
+                raise EmptyUpload("the upload carried no artifact bytes")
+            summary = validator.finish()
+            name, version = validate_name(summary.name), validate_version(summary.version)
+            if reserved is None:
+                reserved = self._reserve(name, version)
+            elif reserved != (name, version):
+                raise Internal("the validator reported two identities for one artifact")
+            digest = hasher.hexdigest()
+            self._check_final(temp, digest, summary.artifact_size, claims)
+            temp.seal()
+            record = ModelRecord(
+                name=name,
+                version=version,
+                artifact_sha256=digest,
+                artifact_size=temp.size,
+                plaintext_size=summary.plaintext_size,
+                plaintext_sha256=summary.plaintext_sha256,
+                content_type=summary.content_type,
+                key_id=summary.key_id,
+                key_version=summary.key_version,
+                header_size=summary.header_size,
+                created_at=_aware(summary.created_at),
+                stored_at=_aware(self._clock()),
+            )
+            self._commit(temp, record)
+        except OSError as exc:
+            raise io_error(exc, "storing an upload") from None
+        finally:
+            temp.discard()
+            if reserved is not None:
+                self._release(reserved)
+        log.info(
+            "stored model",
+            extra={"model": record.name, "version": record.version, "size": record.artifact_size},
+        )
+        return record
+
+    def _check_final(
+        self, temp: TempBlob, digest: str, header_size: int, claims: UploadClaims
+    ) -> None:
+        if header_size != temp.size:
+            raise UploadMismatch(
+                f"artifact is {temp.size} bytes but its header implies {header_size}",
+                reason="SIZE_MISMATCH",
+            )
+        if claims.size is not None and claims.size != temp.size:
+            raise UploadMismatch(
+                f"received {temp.size} bytes, announced {claims.size}", reason="SIZE_MISMATCH"
+            )
+        if claims.sha256 is not None and validate_sha256_hex(claims.sha256) != digest:
+            raise UploadMismatch(
+                "artifact SHA-256 differs from the announced artifact_sha256",
+                reason="DIGEST_MISMATCH",
+            )
+
+    def _commit(self, temp: TempBlob, record: ModelRecord) -> None:
+        with self._commit_lock:
+            created = self._blobs.install(temp, record.artifact_sha256)
+            try:
+                self._index.insert(record)
+            except BaseException:
+                if created and self._index.references(record.artifact_sha256) == 0:
+                    self._blobs.remove(record.artifact_sha256)
+                raise
+
+    def delete(self, name: str, version: str) -> None:
+        """Removes the model; its blob goes when no other model shares it. ModelNotFound if absent."""
+        self._check_open()
+        validate_name(name)
+        validate_version(version)
+        with self._commit_lock:
+            result = self._index.delete(name, version)
+            if result is None:
+                raise ModelNotFound(f"model {name} version {version} does not exist")
+            record, remaining = result
+            if remaining == 0:
+                try:
+                    self._blobs.remove(record.artifact_sha256)
+                except OSError as exc:
+                    # The row is gone, so the model is deleted; the blob is swept at next start.
+                    log.warning("cannot remove blob %s now: %s", record.artifact_sha256, exc)
+        log.info("deleted model", extra={"model": name, "version": version})
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def stat(self, name: str, version: str) -> ModelRecord:
+        """The model's record; ModelNotFound if absent."""
+        self._check_open()
+        record = self._index.get(validate_name(name), validate_version(version))
+        if record is None:
+            raise ModelNotFound(f"model {name} version {version} does not exist")
+        return record
+
+    def _open_blob(self, name: str, version: str) -> tuple[ModelRecord, int]:
+        """The record and a read-only descriptor on its blob, looked up atomically.
+
+        Under the commit lock a concurrent delete (or delete and re-publish) cannot slip between the
+        index lookup and the open, so a missing blob really is data loss. Once open, the descriptor
+        reads the same bytes even if the model is deleted meanwhile.
+        """
+        self._check_open()
+        validate_name(name)
+        validate_version(version)
+        with self._commit_lock:
+            record = self._index.get(name, version)
+            if record is None:
+                raise ModelNotFound(f"model {name} version {version} does not exist")
+            try:
+                fd = self._blobs.open_read(record.artifact_sha256)
+            except FileNotFoundError:
+                log.error("blob %s of %s %s is missing", record.artifact_sha256, name, version)
+                raise StoredDataCorrupt(
+                    f"stored artifact {name} {version} is missing", reason="BLOB_MISSING"
+                ) from None
+            except OSError as exc:
+                raise io_error(exc, "opening an artifact") from None
+        return record, fd
+
+    def open(
+        self, name: str, version: str, *, offset: int = 0, length: int | None = None
+    ) -> FileRangeReader:
+        """Opens ``length`` bytes (None: to the end) from ``offset`` of the stored artifact.
+
+        OutOfRange if the range ends past the artifact; StoredDataCorrupt if the blob is missing or
+        has the wrong size (checked on every open, it costs one fstat).
+        """
+        if offset < 0 or (length is not None and length < 0):
+            raise InvalidArgument("offset and length must not be negative", reason="INVALID_RANGE")
+        record, fd = self._open_blob(name, version)
+        try:
+            size = record.artifact_size
+            if offset > size:
+                raise OutOfRange(f"offset {offset} is past the end of the {size}-byte artifact")
+            if length is None:
+                length = size - offset
+            elif offset + length > size:
+                raise OutOfRange(
+                    f"range of {length} bytes at offset {offset} ends past the {size}-byte artifact"
+                )
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                log.error("blob %s is %d bytes, expected %d", record.artifact_sha256, actual, size)
+                raise StoredDataCorrupt(
+                    f"stored artifact {name} {version} has the wrong size",
+                    reason="BLOB_SIZE_MISMATCH",
+                )
+            if length:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_SEQUENTIAL)
+        except BaseException:
+            os.close(fd)
+            raise
+        return FileRangeReader(fd, record, offset, length)
+
+    def verify(self, name: str, version: str) -> ModelRecord:
+        """Recomputes the stored artifact's SHA-256; StoredDataCorrupt (DATA_LOSS) on any mismatch."""
+        record, fd = self._open_blob(name, version)
+        try:
+            digest, size = digest_fd(fd)
+        except OSError as exc:
+            raise io_error(exc, "verifying an artifact") from None
+        finally:
+            os.close(fd)
+        if size != record.artifact_size or digest != record.artifact_sha256:
+            log.error(
+                "blob %s of %s %s fails verification (size %d, digest %s)",
+                record.artifact_sha256,
+                name,
+                version,
+                size,
+                digest,
+            )
+            raise StoredDataCorrupt(
+                f"stored artifact {name} {version} does not match its recorded digest",
+                reason="DIGEST_MISMATCH",
+            )
+        return record
+
+    def list(
+        self, *, prefix: str = "", page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
+    ) -> ModelPage:
+        """One page of models whose name starts with ``prefix``, ordered by (name, version).
+
+        ``page_size`` must be between 1 and MAX_PAGE_SIZE; ``page_token`` is the previous page's
+        ``next_page_token`` for the same prefix (InvalidArgument otherwise).
+        """
+        self._check_open()
+        validate_prefix(prefix)
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgument(
+                f"page_size must be between 1 and {MAX_PAGE_SIZE}", reason="INVALID_PAGE_SIZE"
+            )
+        after = _pagetoken.decode(page_token, prefix) if page_token else None
+        rows = self._index.page(prefix, after, page_size + 1)
+        if len(rows) > page_size:
+            last = rows[page_size - 1]
+            return ModelPage(
+                models=tuple(rows[:page_size]),
+                next_page_token=_pagetoken.encode(prefix, last.name, last.version),
+            )
+        return ModelPage(models=tuple(rows), next_page_token="")
+
+    def records(self) -> tuple[ModelRecord, ...]:
+        """Every stored record, in (name, version) order (for checks and tests; unpaginated)."""
+        self._check_open()
+        return tuple(self._index.all_records())
+
+    def blob_digests(self) -> set[str]:
+        """The digests of all blob files present (for consistency checks and tests)."""
+        self._check_open()
+        return self._blobs.digests()[0]
+
+
+def _aware(moment: datetime) -> datetime:
+    """``moment`` in UTC; a naive datetime is taken to be UTC already."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)

@@ -1,0 +1,53 @@
+"""Opaque page tokens for keyset pagination: the last (name, version) returned, bound to the prefix.
+
+The token is not secret (it only names a model the caller has just been shown) and not signed: a
+forged token can only start a listing at another place the caller could ask for anyway. It is bound
+to the prefix so that reusing it with another listing is an error rather than a silent skip.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from strongroom.errors import InvalidArgument, StrongroomError
+from strongroom.identifiers import validate_name, validate_prefix, validate_version
+
+_TAG = "ms1"
+MAX_TOKEN_LENGTH = 1024
+
+
+def encode(prefix: str, name: str, version: str) -> str:
+    """The token resuming a listing of ``prefix`` after ``name``/``version``."""
+    raw = json.dumps([_TAG, prefix, name, version], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decode(token: str, prefix: str) -> tuple[str, str]:
+    """The (name, version) to resume after; InvalidArgument(INVALID_PAGE_TOKEN) if unusable."""
+    try:
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise ValueError("too long")
+        padded = token + "=" * (-len(token) % 4)
+        value = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        if (
+            not isinstance(value, list)
+            or len(value) != 4
+            or value[0] != _TAG
+            or not all(isinstance(item, str) for item in value)
+        ):
+            raise ValueError("bad structure")
+        _, token_prefix, name, version = value
+        validate_prefix(token_prefix)
+        validate_name(name)
+        validate_version(version)
+    except (ValueError, UnicodeError, binascii.Error, StrongroomError):
+        raise InvalidArgument(
+            "page_token is not a valid token", reason="INVALID_PAGE_TOKEN"
+        ) from None
+    if token_prefix != prefix:
+        raise InvalidArgument(
+            "page_token belongs to a listing with another name_prefix", reason="INVALID_PAGE_TOKEN"
+        )
+    return name, version

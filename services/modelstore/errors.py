@@ -1,0 +1,82 @@
+"""The model store's failures, as branches of :mod:`strongroom.errors`.
+
+Each class fixes the gRPC status; ``reason`` narrows it down (for instance ``SIZE_MISMATCH`` versus
+``DIGEST_MISMATCH`` for an :class:`UploadMismatch`). Messages name models and sizes, never content.
+"""
+
+from __future__ import annotations
+
+from strongroom.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    StrongroomError,
+    Unavailable,
+)
+
+
+class ModelNotFound(NotFound):
+    """No model is stored under this name and version."""
+
+    default_reason = "MODEL_NOT_FOUND"
+
+
+class ModelExists(AlreadyExists):
+    """The name and version are taken (``MODEL_EXISTS``) or being uploaded (``UPLOAD_IN_PROGRESS``).
+
+    Stored models are immutable: publish a new version instead.
+    """
+
+    default_reason = "MODEL_EXISTS"
+
+
+class EmptyUpload(InvalidArgument):
+    """The upload carried no bytes."""
+
+    default_reason = "EMPTY_UPLOAD"
+
+
+class UploadMismatch(InvalidArgument):
+    """The bytes received disagree with the size or digest the client (or the header) announced."""
+
+    default_reason = "UPLOAD_MISMATCH"
+
+
+class ArtifactTooLarge(ResourceExhausted):
+    """The artifact is larger than the store accepts."""
+
+    default_reason = "ARTIFACT_TOO_LARGE"
+
+
+class StorageFull(ResourceExhausted):
+    """The storage volume has no space left."""
+
+    default_reason = "STORAGE_FULL"
+
+
+class StorageUnavailable(Unavailable):
+    """The storage volume or index failed with an I/O error; retrying may help."""
+
+    default_reason = "STORAGE_IO"
+
+
+class StorageLocked(FailedPrecondition):
+    """Another process already serves this storage root."""
+
+    default_reason = "STORAGE_LOCKED"
+
+
+class StoredDataCorrupt(DataLoss):
+    """A stored artifact is missing, truncated or no longer matches its recorded digest."""
+
+    default_reason = "STORED_DATA_CORRUPT"
+
+
+class OutOfRange(StrongroomError):
+    """A read starts or ends past the end of the artifact (the runtime tree has no such branch)."""
+
+    status_name = "OUT_OF_RANGE"
+    default_reason = "OUT_OF_RANGE"

@@ -1,0 +1,537 @@
+"""Incremental decryption of an artifact arriving over a network stream.
+
+Both decryptors take the whole artifact, from byte 0, in pieces of any size. The header is parsed
+without a key, so a caller can read :attr:`header` (and its wrapped data key), obtain the data key,
+and only then :meth:`set_dek`; body bytes that arrive before the key are held, up to a limit.
+
+* :class:`StreamDecryptor` — ``feed`` returns plaintext as soon as each chunk authenticates, so
+  memory stays at a chunk or two. Every released byte is authenticated by the AEAD, but properties
+  of the whole artifact (complete, footer matches the encrypted digest, optional SHA-256 check) are
+  only established by ``finish()``: a caller must discard what it received if ``finish`` raises.
+* :class:`BufferedStreamDecryptor` — decrypts into one preallocated buffer, on a thread pool while
+  the data keeps arriving, and releases the buffer only from ``finish()``, once everything has
+  authenticated. On any failure the buffer is zeroed and nothing is released.
+
+After a failure each later call raises again: a failed stream never ends cleanly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from strongroom.artifact import c2sp
+from strongroom.artifact._memory import output_buffer, output_bytes, wipe
+from strongroom.artifact.errors import ArtifactTooLarge, DecryptionFailed, InvalidArtifact
+from strongroom.artifact.format import (
+    DEK_SIZE,
+    DIGEST_SIZE,
+    PREFIX_SIZE,
+    ArtifactHeader,
+    check_prefix,
+    parse_header,
+)
+from strongroom.errors import FailedPrecondition, InvalidArgument
+
+__all__ = ["MAX_BUFFERED_WITHOUT_KEY", "BufferedStreamDecryptor", "StreamDecryptor"]
+
+_log = logging.getLogger(__name__)
+
+_CS = c2sp.CHUNK_SIZE
+_SEALED = c2sp.SEALED_CHUNK_SIZE
+_TAG = c2sp.TAG_SIZE
+
+MAX_BUFFERED_WITHOUT_KEY = 16 * 1024 * 1024
+"""Body bytes held while waiting for :meth:`set_dek`; more raises FailedPrecondition."""
+
+
+class _ArtifactStream:
+    """Shared framing: header, preamble, chunk boundaries, footer; subclasses decrypt the chunks."""
+
+    def __init__(
+        self,
+        dek: bytearray | memoryview | None,
+        *,
+        verify_digest: bool,
+        max_artifact_size: int | None,
+    ) -> None:
+        self._max = max_artifact_size
+        self._verify_digest = verify_digest
+        self._dek: bytearray | None = None
+        self._head = bytearray()
+        self._header: ArtifactHeader | None = None
+        self._seen = 0
+        self._waiting = bytearray()  # body bytes received before the key
+        self._preamble = bytearray()
+        self._cipher: c2sp.ChunkCipher | None = None
+        self._partial = bytearray()  # the chunk being assembled across pieces
+        self._index = 0
+        self._digest = bytearray()  # the encrypted digest, as authenticated
+        self._footer = bytearray()
+        self._error: Exception | None = None
+        self._finished = False
+        if dek is not None:
+            self._set_dek(dek)
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def header(self) -> ArtifactHeader | None:
+        """The parsed (not yet authenticated) header once received, else None."""
+        return self._header
+
+    def _set_dek(self, dek: bytearray | memoryview) -> None:
+        """Takes a copy of the data key (wiped once the body cipher is derived)."""
+        self._check_usable()
+        if self._dek is not None or self._cipher is not None:
+            raise ValueError("the data key was already set")
+        if len(dek) != DEK_SIZE:
+            raise InvalidArgument(
+                f"the data key must be {DEK_SIZE} bytes", reason="INVALID_DEK_SIZE"
+            )
+        self._dek = bytearray(dek)
+        if self._header is not None and self._waiting:
+            waiting, self._waiting = self._waiting, bytearray()
+            self._guard(self._body, memoryview(waiting))
+            wipe(waiting)
+
+    def abort(self) -> None:
+        """Abandons the stream: wipes keys and buffers; later calls raise."""
+        if self._error is None:
+            self._fail(FailedPrecondition("the stream was aborted", reason="STREAM_ABORTED"))
+
+    # -- framing ------------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._finished:
+            raise ValueError("the stream is already finished")
+
+    def _fail(self, exc: Exception) -> Exception:
+        self._error = exc
+        for buf in (self._waiting, self._partial, self._preamble, self._digest):
+            wipe(buf)
+        if self._dek is not None:
+            wipe(self._dek)
+        self._cipher = None
+        self._on_fail()
+        return exc
+
+    def _guard(self, fn: Callable[[memoryview], None], view: memoryview) -> None:
+        try:
+            fn(view)
+        except Exception as exc:
+            self._fail(exc)
+            raise
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._check_usable()
+        self._guard(self._take, memoryview(data).cast("B"))
+
+    def _take(self, view: memoryview) -> None:
+        self._seen += view.nbytes
+        if self._header is None:
+            view = self._take_header(view)
+            if self._header is None:
+                return
+        if self._seen > self._header.artifact_size:
+            raise InvalidArtifact(
+                "artifact is longer than its header implies", reason="TRAILING_DATA"
+            )
+        if self._cipher is None and self._dek is None:
+            if len(self._waiting) + view.nbytes > MAX_BUFFERED_WITHOUT_KEY:
+                raise FailedPrecondition(
+                    "the data key is needed before more of the body can be accepted",
+                    reason="DATA_KEY_REQUIRED",
+                )
+            self._waiting += view
+            return
+        self._body(view)
+
+    def _take_header(self, view: memoryview) -> memoryview:
+        take = 0
+        header_len = check_prefix(self._head)
+        if header_len is None:
+            take = min(view.nbytes, PREFIX_SIZE - len(self._head))
+            self._head += view[:take]
+            header_len = check_prefix(self._head)
+        if header_len is not None:
+            extra = min(PREFIX_SIZE + header_len - len(self._head), view.nbytes - take)
+            self._head += view[take : take + extra]
+            take += extra
+            if len(self._head) == PREFIX_SIZE + header_len:
+                self._header = parse_header(self._head)
+                self._head = bytearray()
+                if self._max is not None and self._header.artifact_size > self._max:
+                    raise ArtifactTooLarge(
+                        f"artifact of {self._header.artifact_size} bytes exceeds the limit"
+                    )
+                self._on_header(self._header)
+        return view[take:]
+
+    def _body(self, view: memoryview) -> None:
+        header = self._header
+        assert header is not None
+        if self._cipher is None:
+            take = min(c2sp.PREAMBLE_SIZE - len(self._preamble), view.nbytes)
+            self._preamble += view[:take]
+            view = view[take:]
+            if len(self._preamble) < c2sp.PREAMBLE_SIZE:
+                return
+            assert self._dek is not None
+            try:
+                cipher = c2sp.open_message(
+                    self._dek, self._preamble, header.encoded, suite=c2sp.AES_256_GCM
+                )
+                self._on_cipher(cipher, self._dek)
+                self._cipher = cipher
+            finally:
+                wipe(self._dek)
+                self._dek = None
+        count = header.chunk_count
+        last = count - 1
+        final_len = header.message_size - last * _CS + _TAG
+        while self._index < count and view.nbytes:
+            need = (_SEALED if self._index < last else final_len) - len(self._partial)
+            if self._partial or view.nbytes < need:
+                take = min(need, view.nbytes)
+                self._partial += view[:take]
+                view = view[take:]
+                if take == need:
+                    self._chunks(self._index, 1, memoryview(self._partial))
+                    self._index += 1
+                    self._partial.clear()
+                continue
+            # As many whole chunks as `view` holds, straight from the caller's buffer.
+            run = min(view.nbytes // _SEALED, last - self._index)
+            if run == 0:  # only the final chunk is left and `view` holds all of it
+                run, run_bytes = 1, final_len
+            else:
+                run_bytes = run * _SEALED
+            self._chunks(self._index, run, view[:run_bytes])
+            self._index += run
+            view = view[run_bytes:]
+        self._footer += view
+
+    def _finish_common(self) -> None:
+        header = self._header
+        if header is None or self._seen < header.artifact_size:
+            raise self._fail(
+                InvalidArtifact("artifact is shorter than its header implies", reason="TRUNCATED")
+            )
+        if self._cipher is None:
+            raise FailedPrecondition("the data key was never supplied", reason="DATA_KEY_REQUIRED")
+
+    def _check_footer(self) -> None:
+        if len(self._digest) != DIGEST_SIZE or not hmac.compare_digest(self._digest, self._footer):
+            _log.debug("artifact stream: footer does not match the encrypted digest")
+            raise DecryptionFailed()
+
+    def _open_run(self, first: int, count: int, ciphertext: memoryview, dst: memoryview) -> None:
+        """Opens chunks ``first .. first+count-1`` (the final one possibly among them) into ``dst``."""
+        header = self._header
+        assert header is not None and self._cipher is not None
+        last = header.chunk_count - 1
+        full = count - 1 if first + count - 1 == last else count
+        if full:
+            self._cipher.open_full_chunks_into(
+                first, full, ciphertext[: full * _SEALED], dst[: full * _CS]
+            )
+        if full < count:
+            self._cipher.open_into(last, True, ciphertext[full * _SEALED :], dst[full * _CS :])
+
+    def _split(self, first: int, plain: memoryview) -> memoryview:
+        """Moves the digest bytes of a decrypted run into ``_digest``; returns its plaintext part."""
+        header = self._header
+        assert header is not None
+        start = first * _CS
+        keep = max(0, min(plain.nbytes, header.plaintext_size - start))
+        self._digest += plain[keep:]
+        return plain[:keep]
+
+    # -- subclass hooks -----------------------------------------------------------------------
+
+    def _on_header(self, header: ArtifactHeader) -> None:
+        del header
+
+    def _on_cipher(self, cipher: c2sp.ChunkCipher, dek: bytearray) -> None:
+        del cipher, dek
+
+    def _chunks(self, first: int, count: int, ciphertext: memoryview) -> None:
+        raise NotImplementedError
+
+    def _on_fail(self) -> None:
+        pass
+
+
+class StreamDecryptor(_ArtifactStream):
+    """Releases authenticated plaintext chunk by chunk as the artifact arrives.
+
+    ``feed(data)`` returns the plaintext of every chunk completed and authenticated by ``data``
+    (possibly empty) and never any byte of a chunk that failed; ``finish()`` must then be called:
+    it raises unless the artifact was complete, its footer matches the authenticated digest and,
+    with ``verify_digest``, the SHA-256 of all released plaintext matches it too.
+    """
+
+    def __init__(
+        self,
+        dek: bytearray | memoryview | None = None,
+        *,
+        verify_digest: bool = False,
+        max_artifact_size: int | None = None,
+    ) -> None:
+        self._hash = hashlib.sha256() if verify_digest else None
+        self._released: list[bytes] = []
+        super().__init__(dek, verify_digest=verify_digest, max_artifact_size=max_artifact_size)
+
+    def __repr__(self) -> str:
+        return f"StreamDecryptor({self._header!r}, chunks={self._index})"
+
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Accepts the next artifact bytes; returns newly authenticated plaintext."""
+        self._feed(data)
+        return self._take_released()
+
+    def set_dek(self, dek: bytearray | memoryview) -> bytes:
+        """Supplies the data key; returns the plaintext of body bytes already received."""
+        self._set_dek(dek)
+        return self._take_released()
+
+    def _take_released(self) -> bytes:
+        out = b"".join(self._released)
+        self._released = []
+        return out
+
+    def _chunks(self, first: int, count: int, ciphertext: memoryview) -> None:
+        header = self._header
+        assert header is not None and self._cipher is not None
+        msg_end = min((first + count) * _CS, header.message_size)
+        out = bytearray(msg_end - first * _CS)
+        dst = memoryview(out)
+        try:
+            self._open_run(first, count, ciphertext, dst)
+        except DecryptionFailed:
+            wipe(out)
+            raise
+        plain = self._split(first, dst)
+        if self._hash is not None:
+            self._hash.update(plain)
+        self._released.append(bytes(plain))
+
+    def finish(self) -> None:
+        """Confirms the whole artifact: complete, footer authentic, digest (if asked) correct."""
+        self._check_usable()
+        try:
+            self._finish_common()
+            self._check_footer()
+            if self._hash is not None and not hmac.compare_digest(
+                self._hash.digest(), self._digest
+            ):
+                _log.debug("artifact stream: plaintext digest mismatch")
+                raise DecryptionFailed()
+        except (InvalidArtifact, DecryptionFailed, FailedPrecondition) as exc:
+            raise self._fail(exc) from None
+        self._finished = True
+
+
+class BufferedStreamDecryptor(_ArtifactStream):
+    """Decrypts an arriving artifact into one preallocated buffer, in parallel, released at the end.
+
+    ``feed(data)`` hands complete batches of chunks to ``threads`` worker threads (decryption
+    releases the GIL), so decryption overlaps the download; at most ``2 * threads`` batches of
+    ``batch_chunks`` chunks are in flight, and ``feed`` waits when that many are. ``finish()``
+    returns the plaintext buffer only if every chunk authenticated; otherwise the buffer is zeroed
+    and DecryptionFailed (or InvalidArtifact for a malformed stream) is raised.
+    """
+
+    def __init__(
+        self,
+        dek: bytearray | memoryview | None = None,
+        *,
+        threads: int = 2,
+        batch_chunks: int = 64,
+        verify_digest: bool = False,
+        max_artifact_size: int | None = None,
+        as_bytes: bool = False,
+    ) -> None:
+        if not 1 <= threads <= 64:
+            raise ValueError("threads must be between 1 and 64")
+        if batch_chunks < 1:
+            raise ValueError("batch_chunks must be positive")
+        self._threads = threads
+        self._batch_chunks = batch_chunks
+        self._out: bytearray | bytes | None = None
+        self._dst: memoryview | None = None
+        # as_bytes: the plaintext is built in a bytes object (no copy for bytes-only consumers);
+        # after finish() the decryptor keeps it and a writable view until wipe_output().
+        self._as_bytes = as_bytes
+        self._kept: tuple[bytes, memoryview] | None = None
+        self._batch = bytearray()
+        self._batch_first = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._ciphers: queue.SimpleQueue[c2sp.ChunkCipher] = queue.SimpleQueue()
+        self._slots = threading.Semaphore(2 * threads)
+        self._futures: list[Future[None]] = []
+        self._worker_failed = threading.Event()
+        super().__init__(dek, verify_digest=verify_digest, max_artifact_size=max_artifact_size)
+
+    def __repr__(self) -> str:
+        return f"BufferedStreamDecryptor({self._header!r}, chunks={self._index})"
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Accepts the next artifact bytes (decryption proceeds in the background)."""
+        if self._worker_failed.is_set() and self._error is None:
+            self._drain()
+            raise self._fail(DecryptionFailed())
+        self._feed(data)
+
+    def set_dek(self, dek: bytearray | memoryview) -> None:
+        """Supplies the data key (copied, and wiped once the body cipher is derived)."""
+        self._set_dek(dek)
+
+    def _on_cipher(self, cipher: c2sp.ChunkCipher, dek: bytearray) -> None:
+        # The output is sized only now, once the commitment has authenticated the header's
+        # plaintext_size: an unauthenticated header cannot make us allocate.
+        header = self._header
+        assert header is not None
+        # Uninitialised: every byte is written by a chunk, or the whole buffer is wiped on failure.
+        if self._as_bytes:
+            self._out, self._dst = output_bytes(header.plaintext_size)
+        else:
+            self._out = output_buffer(header.plaintext_size)
+            self._dst = memoryview(self._out)
+        # One AEAD object per worker; `cipher` stays with the feeding thread (the tail chunks).
+        del cipher
+        preamble = bytes(self._preamble)
+        for _ in range(self._threads):
+            self._ciphers.put(
+                c2sp.open_message(dek, preamble, header.encoded, suite=c2sp.AES_256_GCM)
+            )
+        self._pool = ThreadPoolExecutor(
+            max_workers=self._threads, thread_name_prefix="artifact-stream-decrypt"
+        )
+
+    def _chunks(self, first: int, count: int, ciphertext: memoryview) -> None:
+        header = self._header
+        assert header is not None and self._cipher is not None
+        full = header.plaintext_size // _CS  # chunks holding only plaintext go to the workers
+        n_full = max(0, min(first + count, full) - first)
+        if n_full:
+            if not self._batch:
+                self._batch_first = first
+            self._batch += ciphertext[: n_full * _SEALED]
+            if len(self._batch) >= self._batch_chunks * _SEALED:
+                self._submit()
+        if n_full < count:
+            self._submit()
+            self._tail(first + n_full, count - n_full, ciphertext[n_full * _SEALED :])
+
+    def _submit(self) -> None:
+        if not self._batch:
+            return
+        if self._worker_failed.is_set():
+            raise DecryptionFailed()
+        batch, first = self._batch, self._batch_first
+        self._batch = bytearray()
+        self._slots.acquire()
+        assert self._pool is not None
+        future = self._pool.submit(self._work, first, batch)
+        future.add_done_callback(lambda _f: self._slots.release())
+        self._futures = [f for f in self._futures if not f.done()]
+        self._futures.append(future)
+
+    def _work(self, first: int, batch: bytearray) -> None:
+        dst = self._dst
+        assert dst is not None
+        cipher = self._ciphers.get()
+        try:
+            if self._worker_failed.is_set():
+                return
+            count = len(batch) // _SEALED
+            cipher.open_full_chunks_into(
+                first, count, memoryview(batch), dst[first * _CS : (first + count) * _CS]
+            )
+        except BaseException:
+            self._worker_failed.set()
+            raise
+        finally:
+            self._ciphers.put(cipher)
+
+    def _tail(self, first: int, count: int, ciphertext: memoryview) -> None:
+        """Chunks holding the digest (and the final chunk): decrypted inline, in order."""
+        header = self._header
+        assert header is not None and self._cipher is not None and self._dst is not None
+        msg_end = min((first + count) * _CS, header.message_size)
+        scratch = bytearray(msg_end - first * _CS)
+        view = memoryview(scratch)
+        self._open_run(first, count, ciphertext, view)
+        plain = self._split(first, view)
+        start = first * _CS
+        self._dst[start : start + plain.nbytes] = plain
+
+    def _drain(self) -> None:
+        for future in self._futures:
+            future.exception()
+        self._futures = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _on_fail(self) -> None:
+        self._worker_failed.set()
+        self._drain()
+        wipe(self._batch)
+        if self._dst is not None:
+            if self._as_bytes:
+                wipe(self._dst)
+            self._dst.release()
+            self._dst = None
+        if isinstance(self._out, bytearray):
+            wipe(self._out)
+        self._out = None
+
+    def finish(self) -> bytearray | bytes:
+        """Waits for the workers; returns the whole plaintext only if everything authenticated.
+
+        With ``as_bytes`` it is a ``bytes`` object; call :meth:`wipe_output` once it is consumed.
+        """
+        self._check_usable()
+        try:
+            self._finish_common()
+            self._submit()
+            self._drain()
+            if self._worker_failed.is_set():
+                raise DecryptionFailed()
+            self._check_footer()
+            out = self._out
+            assert out is not None and self._dst is not None
+            if self._verify_digest and not hmac.compare_digest(
+                hashlib.sha256(out).digest(), self._digest
+            ):
+                _log.debug("artifact stream: plaintext digest mismatch")
+                raise DecryptionFailed()
+        except (InvalidArtifact, DecryptionFailed, FailedPrecondition) as exc:
+            raise self._fail(exc) from None
+        if self._as_bytes:
+            assert isinstance(out, bytes)
+            self._kept = (out, self._dst)
+        else:
+            self._dst.release()
+        self._dst = None
+        self._out = None
+        self._finished = True
+        return out
+
+    def wipe_output(self) -> None:
+        """Overwrites the plaintext returned by :meth:`finish` (``as_bytes`` mode) with zeros."""
+        if self._kept is not None:
+            _obj, view = self._kept
+            wipe(view)
+            view.release()
+            self._kept = None

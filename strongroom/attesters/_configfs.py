@@ -1,0 +1,259 @@
+"""Attestation through the Linux configfs-tsm report interface (``/sys/kernel/config/tsm/report``).
+
+Linux 6.7+ exposes one vendor-neutral interface for SEV-SNP (provider ``sev_guest``) and TDX
+(provider ``tdx_guest``). A report entry is a directory: writing ``inblob`` sets REPORT_DATA;
+reading ``outblob`` makes the kernel produce the report (for TDX a quote, through the host's quoting
+service); ``auxblob`` holds SNP's certificate table; ``generation`` counts every write to the entry.
+Entries can be shared by any process with access, so after reading the blobs we re-read
+``generation``: if it is not the number of writes we made, someone else wrote into the entry between
+our write and our read, the blobs may not be ours, and we start again with a fresh entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Protocol
+
+from strongroom.attesters._base import (
+    AttestationUnavailable,
+    AttesterNotConfigured,
+    EvidenceBundle,
+    TeeType,
+    check_echo,
+    require_report_data,
+)
+from strongroom.attesters._certtable import endorsement_chain, parse_cert_table
+from strongroom.attesters._layouts import snp_report_data, tdx_quote_report_data
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TSM_REPORT_ROOT = Path("/sys/kernel/config/tsm/report")
+PROVIDERS: dict[str, TeeType] = {"sev_guest": TeeType.SEV_SNP, "tdx_guest": TeeType.TDX}
+
+
+class TsmFs(Protocol):
+    """The file operations the attester performs on configfs (injectable for tests)."""
+
+    def mkdir(self, path: Path) -> None:
+        """Creates a report entry."""
+        ...
+
+    def rmdir(self, path: Path) -> None:
+        """Removes a report entry (configfs removes its attribute files with it)."""
+        ...
+
+    def read(self, path: Path) -> bytes:
+        """Reads a whole attribute."""
+        ...
+
+    def write(self, path: Path, data: bytes) -> None:
+        """Writes a whole attribute; configfs commits binary attributes when the file is closed."""
+        ...
+
+    def exists(self, path: Path) -> bool:
+        """Whether a path exists (attributes a provider hides do not)."""
+        ...
+
+
+class OsTsmFs:
+    """The real file operations."""
+
+    def mkdir(self, path: Path) -> None:
+        """Creates a report entry."""
+        os.mkdir(path, 0o700)
+
+    def rmdir(self, path: Path) -> None:
+        """Removes a report entry."""
+        os.rmdir(path)
+
+    def read(self, path: Path) -> bytes:
+        """Reads a whole attribute, unbuffered."""
+        with open(path, "rb", buffering=0) as f:
+            return f.read()
+
+    def write(self, path: Path, data: bytes) -> None:
+        """Writes a whole attribute in one call; errors from the kernel surface on close."""
+        with open(path, "wb", buffering=0) as f:
+            written = f.write(data)
+        if written != len(data):
+            raise OSError(errno.EIO, f"short write to {path.name}: {written} of {len(data)} bytes")
+
+    def exists(self, path: Path) -> bool:
+        """Whether a path exists."""
+        return path.exists()
+
+
+class _Raced(Exception):
+    """Another writer touched our report entry."""
+
+
+class ConfigfsTsmAttester:
+    """Attester over configfs-tsm; probes the provider (SNP or TDX) when constructed."""
+
+    def __init__(
+        self,
+        root: Path = DEFAULT_TSM_REPORT_ROOT,
+        *,
+        fs: TsmFs | None = None,
+        privlevel: int | None = None,
+        max_attempts: int = 3,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if privlevel is not None and not 0 <= privlevel <= 3:
+            raise ValueError("privlevel must be between 0 and 3")
+        self._root = Path(root)
+        self._fs: TsmFs = fs or OsTsmFs()
+        self._privlevel = privlevel
+        self._max_attempts = max_attempts
+        self._provider = self._probe_provider()
+        self._tee_type = PROVIDERS[self._provider]
+
+    def __repr__(self) -> str:
+        return f"ConfigfsTsmAttester(root={str(self._root)!r}, provider={self._provider!r})"
+
+    @property
+    def tee_type(self) -> TeeType:
+        """SEV_SNP for provider ``sev_guest``, TDX for ``tdx_guest``."""
+        return self._tee_type
+
+    @property
+    def provider(self) -> str:
+        """The kernel's provider name."""
+        return self._provider
+
+    def attest(self, report_data: bytes) -> EvidenceBundle:
+        """Produces a report (SNP) or quote (TDX) over a fresh entry; retries after a race."""
+        data = require_report_data(report_data)
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                return self._attest_once(data)
+            except _Raced as raced:
+                log.warning(
+                    "configfs-tsm report entry was written concurrently; retrying",
+                    extra={"attempt": attempt, "detail": str(raced)},
+                )
+        raise AttestationUnavailable(
+            f"configfs-tsm report entries were written concurrently {self._max_attempts} times "
+            "in a row; another process is interfering",
+            reason="TSM_REPORT_RACE",
+        )
+
+    def _probe_provider(self) -> str:
+        if not self._fs.exists(self._root):
+            raise AttesterNotConfigured(
+                f"{self._root} does not exist (kernel without configfs-tsm, or configfs not mounted)",
+                reason="TSM_NOT_AVAILABLE",
+            )
+        try:
+            entry = self._new_entry()
+            try:
+                provider = self._read_text(entry / "provider")
+            finally:
+                self._remove(entry)
+        except AttestationUnavailable as exc:
+            if exc.reason == "TSM_NO_PROVIDER":
+                raise AttesterNotConfigured(exc.message, reason=exc.reason) from None
+            raise
+        if provider not in PROVIDERS:
+            raise AttesterNotConfigured(
+                f"configfs-tsm provider {provider!r} is not supported "
+                f"(supported: {', '.join(sorted(PROVIDERS))})",
+                reason="TSM_PROVIDER_UNSUPPORTED",
+            )
+        return provider
+
+    def _attest_once(self, data: bytes) -> EvidenceBundle:
+        entry = self._new_entry()
+        try:
+            writes = 0
+            if self._privlevel is not None:
+                self._write(entry / "privlevel", f"{self._privlevel}\n".encode())
+                writes += 1
+            self._write(entry / "inblob", data)
+            writes += 1
+            self._check_generation(entry, writes)
+            provider = self._read_text(entry / "provider")
+            if provider != self._provider:
+                raise AttestationUnavailable(
+                    f"configfs-tsm provider changed from {self._provider!r} to {provider!r}",
+                    reason="TSM_PROVIDER_CHANGED",
+                )
+            outblob = self._read(entry / "outblob")
+            auxblob = b""
+            if self._tee_type is TeeType.SEV_SNP and self._fs.exists(entry / "auxblob"):
+                auxblob = self._read(entry / "auxblob")
+            self._check_generation(entry, writes)
+        finally:
+            self._remove(entry)
+        if self._tee_type is TeeType.SEV_SNP:
+            check_echo(snp_report_data(outblob), data, "SNP report")
+            certificates = endorsement_chain(parse_cert_table(auxblob))
+        else:
+            check_echo(tdx_quote_report_data(outblob), data, "TDX quote")
+            certificates = ()
+        return EvidenceBundle(
+            tee_type=self._tee_type,
+            report=outblob,
+            certificates=certificates,
+            source=f"configfs-tsm:{self._provider}",
+        )
+
+    def _new_entry(self) -> Path:
+        entry = self._root / f"strongroom-{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            self._fs.mkdir(entry)
+        except OSError as exc:
+            raise _io_error("create a report entry in", self._root, exc) from None
+        return entry
+
+    def _remove(self, entry: Path) -> None:
+        try:
+            self._fs.rmdir(entry)
+        except OSError as exc:
+            # A leftover entry costs a little kernel memory; it must not hide the real outcome.
+            log.error(
+                "could not remove configfs-tsm report entry",
+                extra={"entry": str(entry), "errno": errno.errorcode.get(exc.errno or 0, "?")},
+            )
+
+    def _check_generation(self, entry: Path, expected: int) -> None:
+        text = self._read_text(entry / "generation")
+        try:
+            generation = int(text)
+        except ValueError:
+            raise AttestationUnavailable(
+                f"configfs-tsm generation is not a number: {text[:20]!r}",
+                reason="TSM_GENERATION_MALFORMED",
+            ) from None
+        if generation != expected:
+            raise _Raced(f"generation {generation}, expected {expected}")
+
+    def _read_text(self, path: Path) -> str:
+        return self._read(path).decode("ascii", "replace").strip()
+
+    def _read(self, path: Path) -> bytes:
+        try:
+            return self._fs.read(path)
+        except OSError as exc:
+            raise _io_error("read", path, exc) from None
+
+    def _write(self, path: Path, data: bytes) -> None:
+        try:
+            self._fs.write(path, data)
+        except OSError as exc:
+            raise _io_error("write", path, exc) from None
+
+
+def _io_error(action: str, path: Path, exc: OSError) -> AttestationUnavailable:
+    code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+    if exc.errno == errno.ENXIO:
+        return AttestationUnavailable(
+            f"could not {action} {path}: no TSM provider is registered (ENXIO)",
+            reason="TSM_NO_PROVIDER",
+        )
+    return AttestationUnavailable(f"could not {action} {path}: {code}", reason="TSM_IO_ERROR")

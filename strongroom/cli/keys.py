@@ -1,0 +1,101 @@
+"""``strongroom keys …`` (key lifecycle and release policies, admin identity) and ``strongroom audit``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.cli.client import Client, add_client_arguments
+from strongroom.errors import FailedPrecondition
+
+TIMEOUT = 30.0
+
+
+def register(sub: Any) -> None:
+    """Adds ``keys`` and ``audit``."""
+    keys = sub.add_parser("keys", help="manage key-encryption keys and release policies (admin)")
+    actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+
+    def action(
+        name: str, help_text: str, func: Any, *, key: bool = True
+    ) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
+        add_client_arguments(parser)
+        if key:
+            parser.add_argument("key_id")
+        parser.set_defaults(func=func)
+        return parser
+
+    action("create", "create a KEK (AES-256 in the HSM, never extractable)", _create)
+    action("list", "list KEKs and their versions", _list, key=False)
+    action("rotate", "add a new KEK version (old versions still unwrap)", _rotate)
+    disable = action("disable", "disable one version (or all) of a KEK", _disable)
+    disable.add_argument("--version", type=int, default=0, help="version to disable (default: all)")
+    set_policy = action(
+        "set-policy", "attach a release policy document (YAML or JSON)", _set_policy
+    )
+    set_policy.add_argument("policy_file", type=Path)
+    action("get-policy", "print a key's release policy", _get_policy)
+
+
+def _admin(args: argparse.Namespace) -> tuple[Client, pb_grpc.KeyAdminServiceStub]:
+    client = Client.from_args(args)
+    return client, pb_grpc.KeyAdminServiceStub(client.channel("keybroker"))
+
+
+def _print(message: Any) -> int:
+    print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+    return 0
+
+
+def _create(args: argparse.Namespace) -> int:
+    client, stub = _admin(args)
+    with client:
+        return _print(stub.CreateKey(pb.CreateKeyRequest(key_id=args.key_id), timeout=TIMEOUT).key)
+
+
+def _list(args: argparse.Namespace) -> int:
+    client, stub = _admin(args)
+    with client:
+        return _print(stub.ListKeys(pb.ListKeysRequest(), timeout=TIMEOUT))
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    client, stub = _admin(args)
+    with client:
+        return _print(stub.RotateKey(pb.RotateKeyRequest(key_id=args.key_id), timeout=TIMEOUT).key)
+
+
+def _disable(args: argparse.Namespace) -> int:
+    client, stub = _admin(args)
+    with client:
+        request = pb.DisableKeyRequest(key_id=args.key_id, version=args.version)
+        return _print(stub.DisableKey(request, timeout=TIMEOUT).key)
+
+
+def _set_policy(args: argparse.Namespace) -> int:
+    try:
+        document = args.policy_file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FailedPrecondition(f"cannot read {args.policy_file}: {exc.strerror}") from None
+    client, stub = _admin(args)
+    with client:
+        request = pb.SetReleasePolicyRequest(key_id=args.key_id, policy_document=document)
+        return _print(stub.SetReleasePolicy(request, timeout=TIMEOUT))
+
+
+def _get_policy(args: argparse.Namespace) -> int:
+    client, stub = _admin(args)
+    with client:
+        response = stub.GetReleasePolicy(
+            pb.GetReleasePolicyRequest(key_id=args.key_id), timeout=TIMEOUT
+        )
+        print(f"# policy version {response.policy_version}")
+        print(response.policy_document)
+    return 0

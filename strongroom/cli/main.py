@@ -1,0 +1,78 @@
+"""Entry point of the ``strongroom`` command.
+
+Each area contributes its subcommands through a module with ``register(subparsers)``; the handler it
+sets as ``func`` takes the parsed arguments and returns the exit code. Expected failures are
+:class:`~strongroom.errors.StrongroomError` and are printed as one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+
+import grpc
+
+from strongroom.errors import StrongroomError
+
+# ONNX Runtime's Linux wheel records telemetry unless this is set before it is first imported.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+# Modules that contribute subcommands, in the order they appear in --help.
+COMMAND_MODULES = (
+    "strongroom.cli.serve",
+    "strongroom.pki.cli",
+    "strongroom.cli.keys",
+    "strongroom.cli.audit",
+    "strongroom.cli.attest",
+    "strongroom.cli.models",
+    "strongroom.cli.inference",
+)
+# Installed distributions (the development kit's `demo`) add commands through this entry-point group,
+# so production code never imports them.
+PLUGIN_GROUP = "strongroom.cli"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Builds the argument parser with every area's subcommands and those of installed plugins."""
+    parser = argparse.ArgumentParser(
+        prog="strongroom",
+        description="Strongroom: keep AI models confidential at rest, in transit and in use.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug output to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for plugin in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
+        plugin.load()(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line and returns its exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+    except StrongroomError as exc:
+        print(f"strongroom: error: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        # A service refused: its status and message (REASON: text) say why; no traceback.
+        status = exc.code()
+        print(f"strongroom: error: {status.name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

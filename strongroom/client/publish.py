@@ -1,0 +1,98 @@
+"""Encrypt at birth: get a data key from the broker, encrypt while uploading, discard the key.
+
+One pass over the plaintext file: it is read, hashed and encrypted block by block while the
+ciphertext streams to the model store; only a few blocks are in memory at any time, and the data
+key is wiped as soon as the encryptor has derived its own key from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
+from strongroom.artifact import encrypt_stream, wipe
+from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
+from strongroom.errors import FailedPrecondition
+
+UPLOAD_MESSAGE_BYTES = 1024 * 1024
+ONNX_CONTENT_TYPE = "application/vnd.onnx"
+
+Progress = Callable[[int, int], None]
+"""Called with (plaintext bytes read so far, total plaintext bytes)."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """What the store recorded, and how long the upload took."""
+
+    model: store_pb.ModelInfo
+    seconds: float
+
+
+def publish_model(
+    path: Path,
+    *,
+    name: str,
+    version: str,
+    key_id: str,
+    broker: grpc.Channel,
+    store: grpc.Channel,
+    content_type: str = ONNX_CONTENT_TYPE,
+    progress: Progress | None = None,
+    timeout: float = 3600.0,
+    signing_key: Path | None = None,
+) -> Published:
+    """Encrypts ``path`` under a fresh data key and uploads it as ``name``/``version``.
+
+    With ``signing_key`` (EC private key, PEM) the plaintext is first signed with OpenSSF
+    model-signing and the bundle travels in the artifact header.
+    """
+    started = time.perf_counter()
+    bundle = sign_model(path, signing_key) if signing_key is not None else b""
+    generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
+        kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30
+    )
+    dek = bytearray(generated.data_key)
+    try:
+        source = path.open("rb")
+    except OSError as exc:
+        wipe(dek)
+        raise FailedPrecondition(
+            f"cannot read {path}: {exc.strerror}", reason="MODEL_FILE_UNREADABLE"
+        ) from None
+    with source:
+        total = path.stat().st_size
+        try:
+            artifact = encrypt_stream(
+                source,
+                dek,
+                model_name=name,
+                model_version=version,
+                content_type=content_type,
+                key_id=key_id,
+                key_version=generated.key_version,
+                wrapped_dek=generated.wrapped_data_key,
+                block_size=UPLOAD_MESSAGE_BYTES,
+                signature_bundle=bundle,
+                signature_bundle_media_type=BUNDLE_MEDIA_TYPE if bundle else "",
+            )
+        finally:
+            wipe(dek)  # the encryptor holds only its derived key from here on
+
+        def messages() -> Iterator[store_pb.PutModelRequest]:
+            for piece in artifact:
+                if progress is not None:
+                    progress(source.tell(), total)
+                for start in range(0, len(piece), UPLOAD_MESSAGE_BYTES):
+                    yield store_pb.PutModelRequest(data=piece[start : start + UPLOAD_MESSAGE_BYTES])
+
+        response = store_grpc.ModelStoreServiceStub(store).PutModel(messages(), timeout=timeout)
+    return Published(response.model, time.perf_counter() - started)

@@ -1,0 +1,99 @@
+"""The one exception tree every Strongroom component raises. A leaf: it imports nothing.
+
+Each class names the canonical status code (gRPC's names, as plain strings) its failures map to;
+one server interceptor in ``strongroom.runtime`` turns them into a gRPC status whose message is
+``REASON: text`` plus a ``strongroom-reason`` trailing-metadata entry. Nothing else reaches the wire:
+any other exception becomes INTERNAL with a generic message (the details go to the log only).
+Libraries (artifact, attestation) raise these without depending on gRPC.
+"""
+
+from __future__ import annotations
+
+
+class StrongroomError(Exception):
+    """Base of every expected failure.
+
+    ``reason`` is a stable, machine-readable UPPER_SNAKE code; ``status_name`` is the canonical status
+    code name (``INVALID_ARGUMENT``, ``PERMISSION_DENIED``, ...) it is reported with.
+    """
+
+    status_name: str = "INTERNAL"
+    default_reason: str = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+class InvalidArgument(StrongroomError):
+    """The request is malformed: the caller must change it before retrying."""
+
+    status_name = "INVALID_ARGUMENT"
+    default_reason = "INVALID_ARGUMENT"
+
+
+class NotFound(StrongroomError):
+    """The named object does not exist."""
+
+    status_name = "NOT_FOUND"
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(StrongroomError):
+    """The object exists and is immutable."""
+
+    status_name = "ALREADY_EXISTS"
+    default_reason = "ALREADY_EXISTS"
+
+
+class Unauthenticated(StrongroomError):
+    """The caller presented no usable identity."""
+
+    status_name = "UNAUTHENTICATED"
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(StrongroomError):
+    """The caller is known but not allowed to do this (including failed attestation or policy)."""
+
+    status_name = "PERMISSION_DENIED"
+    default_reason = "PERMISSION_DENIED"
+
+
+class FailedPrecondition(StrongroomError):
+    """The system is not in a state that allows this (disabled key, stale nonce, model not ready)."""
+
+    status_name = "FAILED_PRECONDITION"
+    default_reason = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(StrongroomError):
+    """A size or rate limit was exceeded."""
+
+    status_name = "RESOURCE_EXHAUSTED"
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(StrongroomError):
+    """A dependency (HSM, storage, collateral service, peer) is unavailable; retrying may help."""
+
+    status_name = "UNAVAILABLE"
+    default_reason = "UNAVAILABLE"
+
+
+class DataLoss(StrongroomError):
+    """Stored data failed an integrity check."""
+
+    status_name = "DATA_LOSS"
+    default_reason = "DATA_LOSS"
+
+
+class Internal(StrongroomError):
+    """A bug or an impossible state; details are logged, never returned."""
+
+    status_name = "INTERNAL"
+    default_reason = "INTERNAL"

@@ -1,0 +1,78 @@
+"""Syntax of model names, versions, name prefixes and digests, checked at every entry point.
+
+A name is one or more ``/``-separated segments (``acme/fraud-detector``), each starting with a
+letter or digit and continuing with letters, digits, ``.``, ``_`` or ``-``; at most
+:data:`MAX_NAME_LENGTH` characters. A version starts with a letter or digit and continues with
+letters, digits, ``.``, ``_``, ``+`` or ``-`` (``1.4.0+build.7``); at most
+:data:`MAX_VERSION_LENGTH` characters. Everything is ASCII, so byte order equals character order
+and listings sort the same way in every backend.
+"""
+
+from __future__ import annotations
+
+import re
+
+from strongroom.errors import InvalidArgument
+
+MAX_NAME_LENGTH = 128
+MAX_VERSION_LENGTH = 64
+
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_PREFIX = re.compile(r"[A-Za-z0-9._/-]*")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def validate_name(name: str) -> str:
+    """Returns ``name`` if it is a valid model name, else raises InvalidArgument(INVALID_MODEL_NAME)."""
+    if not name:
+        raise InvalidArgument("model name is empty", reason="INVALID_MODEL_NAME")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgument(
+            f"model name is longer than {MAX_NAME_LENGTH} characters", reason="INVALID_MODEL_NAME"
+        )
+    if not _NAME.fullmatch(name):
+        raise InvalidArgument(
+            "model name must be '/'-separated segments of letters, digits, '.', '_' or '-', "
+            "each starting with a letter or digit",
+            reason="INVALID_MODEL_NAME",
+        )
+    return name
+
+
+def validate_version(version: str) -> str:
+    """Returns ``version`` if valid, else raises InvalidArgument(INVALID_MODEL_VERSION)."""
+    if not version:
+        raise InvalidArgument("model version is empty", reason="INVALID_MODEL_VERSION")
+    if len(version) > MAX_VERSION_LENGTH:
+        raise InvalidArgument(
+            f"model version is longer than {MAX_VERSION_LENGTH} characters",
+            reason="INVALID_MODEL_VERSION",
+        )
+    if not _VERSION.fullmatch(version):
+        raise InvalidArgument(
+            "model version must be letters, digits, '.', '_', '+' or '-', "
+            "starting with a letter or digit",
+            reason="INVALID_MODEL_VERSION",
+        )
+    return version
+
+
+def validate_prefix(prefix: str) -> str:
+    """Returns ``prefix`` if it uses only name characters (it may be empty), else InvalidArgument."""
+    if len(prefix) > MAX_NAME_LENGTH or not _PREFIX.fullmatch(prefix):
+        raise InvalidArgument(
+            f"name prefix must be at most {MAX_NAME_LENGTH} letters, digits, '.', '_', '/' or '-'",
+            reason="INVALID_NAME_PREFIX",
+        )
+    return prefix
+
+
+def validate_sha256_hex(digest: str) -> str:
+    """Returns ``digest`` if it is 64 lower-case hex digits, else InvalidArgument(INVALID_SHA256)."""
+    if not _SHA256_HEX.fullmatch(digest):
+        raise InvalidArgument(
+            "artifact_sha256 must be 64 lower-case hexadecimal digits", reason="INVALID_SHA256"
+        )
+    return digest

@@ -1,0 +1,141 @@
+"""What every service does at start-up: logs, tracing, workload identity, authorised mTLS host."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from strongroom.errors import FailedPrecondition, StrongroomError
+from strongroom.pki.authz import SpiffeAuthorizer
+from strongroom.pki.client import CaClient
+from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
+from strongroom.runtime.config import CommonConfig, IdentityConfig, load_service_config
+from strongroom.runtime.logs import configure_logging
+from strongroom.runtime.metrics import install_meter_provider
+from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
+from strongroom.runtime.tracing import server_tracing_interceptor
+
+log = logging.getLogger(__name__)
+
+REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
+
+
+def open_identity(config: IdentityConfig) -> WorkloadIdentity:
+    """Resumes the persisted identity or enrols with the one-time token, then keeps it renewed."""
+    try:
+        root_pem = config.ca_root_file.read_bytes()
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"identity.ca_root_file {config.ca_root_file}: {exc.strerror}", reason="CA_ROOT_MISSING"
+        ) from None
+    token: str | None = None
+    if config.token_file is not None and config.token_file.exists():
+        token = config.token_file.read_text(encoding="utf-8").strip() or None
+    identity = WorkloadIdentity.start(
+        CaClient(config.ca_url, root_pem),
+        token=token,
+        state_dir=config.state_dir,
+        policy=RenewalPolicy(fraction=config.renew_fraction),
+    )
+    if str(identity.spiffe_id) != config.spiffe_id:
+        identity.close()
+        raise FailedPrecondition(
+            f"enrolled as {identity.spiffe_id}, but the configuration says {config.spiffe_id}",
+            reason="IDENTITY_MISMATCH",
+        )
+    return identity
+
+
+@dataclass(frozen=True)
+class RoleTable:
+    """Which roles may call which RPC: ``{"/pkg.Service/Method" or "pkg.Service": roles}``."""
+
+    rules: Mapping[str, Sequence[str]]
+
+    def resolve(self, common: CommonConfig) -> dict[str, frozenset[str]]:
+        """Maps each rule to SPIFFE IDs; a rule whose roles have no IDs is left out (denied)."""
+        out: dict[str, frozenset[str]] = {}
+        for pattern, roles in self.rules.items():
+            ids = common.authz.ids(*roles)
+            if ids:
+                out[pattern] = ids
+            else:
+                log.warning("no SPIFFE ID holds roles %s: %s is denied to everyone", roles, pattern)
+        return out
+
+
+def build_host(
+    common: CommonConfig,
+    *,
+    identity: WorkloadIdentity,
+    services: Iterable[ServiceSpec],
+    roles: RoleTable,
+    tracer_provider: TracerProvider,
+) -> ServiceHost:
+    """The service's gRPC host: mTLS with hot-swapped certificates, tracing, SPIFFE authorisation."""
+    specs = list(services)
+    authorizer = SpiffeAuthorizer(
+        identity.trust_domain,
+        roles.resolve(common),
+        public=(HEALTH_SERVICE, REFLECTION_SERVICE),
+    )
+    for spec in specs:
+        spec.checks = (
+            *spec.checks,
+            lambda: None if identity.healthy() else "certificate renewal failing",
+        )
+    return ServiceHost(
+        listen=common.listen,
+        credentials=identity.server_credentials(),
+        services=specs,
+        interceptors=[server_tracing_interceptor(tracer_provider), authorizer],
+        health_listen=common.health_listen,
+        config=common.server,
+    )
+
+
+class Service(Protocol):
+    """What a service's ``build`` returns: its host, and how to release what it holds."""
+
+    @property
+    def host(self) -> ServiceHost: ...
+
+    def close(self, grace: float | None = 0) -> None: ...
+
+
+S = TypeVar("S", bound=Service)
+C = TypeVar("C")
+
+
+def run_service(
+    service: str,
+    config_path: Path | None,
+    section_cls: type[C],
+    build: Callable[[CommonConfig, C, WorkloadIdentity], S],
+    *,
+    after_start: Callable[[S], None] | None = None,
+) -> int:
+    """``strongroom serve SERVICE``: configure, enrol, build, serve until SIGTERM, drain, close."""
+    common, section = load_service_config(config_path, service, section_cls)
+    configure_logging(common.logging, service)
+    install_meter_provider(service, common.tracing)
+    identity = open_identity(common.identity)
+    try:
+        running = build(common, section, identity)
+        try:
+            running.host.run_until_signal(
+                after_start=(lambda: after_start(running)) if after_start else None
+            )
+        finally:
+            running.close()
+    except StrongroomError as exc:
+        log.error("%s cannot run: %s", service, exc)
+        raise
+    finally:
+        identity.close()
+    return 0

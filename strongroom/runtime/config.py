@@ -1,0 +1,267 @@
+"""Service configuration: a YAML file, then ``STRONGROOM__SECTION__KEY`` environment overrides.
+
+Configuration is parsed into frozen dataclasses and validated when loaded; unknown keys are errors so
+that a typo never silently falls back to a default. Secrets are not part of the configuration: it
+names the file or environment variable that holds them (see :mod:`strongroom.runtime.secrets`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from strongroom.errors import InvalidArgument
+
+ENV_PREFIX = "STRONGROOM__"
+T = TypeVar("T")
+_SPIFFE = re.compile(r"^spiffe://[a-z0-9.-]+(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+$")
+
+
+class ConfigError(InvalidArgument):
+    """The configuration is invalid; the message names the offending key."""
+
+    default_reason = "CONFIG_INVALID"
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityConfig:
+    """Where the service gets its workload certificate."""
+
+    trust_domain: str
+    spiffe_id: str
+    ca_url: str
+    ca_root_file: Path
+    dns_names: tuple[str, ...] = ()
+    token_file: Path | None = None
+    state_dir: Path | None = None
+    # Fraction of the certificate lifetime after which it is renewed.
+    renew_fraction: float = 2 / 3
+
+    def __post_init__(self) -> None:
+        if not _SPIFFE.match(self.spiffe_id):
+            raise ConfigError(f"identity.spiffe_id: not a SPIFFE ID: {self.spiffe_id!r}")
+        if not self.spiffe_id.startswith(f"spiffe://{self.trust_domain}/"):
+            raise ConfigError(
+                f"identity.spiffe_id {self.spiffe_id!r} is outside trust domain {self.trust_domain!r}"
+            )
+        if not self.ca_url.startswith("https://"):
+            raise ConfigError("identity.ca_url must be an https:// URL")
+        if not 0.1 <= self.renew_fraction <= 0.95:
+            raise ConfigError("identity.renew_fraction must be between 0.1 and 0.95")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """Log level and format (``json`` for machines, ``text`` for people)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry tracing; spans are exported over OTLP/gRPC when an endpoint is set."""
+
+    otlp_endpoint: str | None = None
+    otlp_insecure: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthzConfig:
+    """SPIFFE IDs granted each role. Services map their RPCs to these roles."""
+
+    publisher: tuple[str, ...] = ()
+    admin: tuple[str, ...] = ()
+    inference: tuple[str, ...] = ()
+    client: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for role in ("publisher", "admin", "inference", "client"):
+            for sid in getattr(self, role):
+                if not _SPIFFE.match(sid):
+                    raise ConfigError(f"authz.{role}: not a SPIFFE ID: {sid!r}")
+
+    def ids(self, *roles: str) -> frozenset[str]:
+        """Every SPIFFE ID holding any of ``roles``."""
+        return frozenset(sid for role in roles for sid in getattr(self, role))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """gRPC server limits."""
+
+    max_workers: int = 32
+    max_receive_message_bytes: int = 64 * 1024 * 1024
+    max_send_message_bytes: int = 64 * 1024 * 1024
+    grace_seconds: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_workers <= 1024:
+            raise ConfigError("server.max_workers must be between 1 and 1024")
+
+
+def load_mapping(path: Path | None, *, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Reads the YAML file (if any) and applies ``STRONGROOM__A__B=value`` overrides.
+
+    Override values are parsed as YAML scalars or flow collections, so ``true``, ``42`` and
+    ``[a, b]`` have their natural types.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"configuration {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"configuration {path} must be a mapping at the top level")
+        data = loaded
+    env = os.environ if environ is None else environ
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+        if not all(keys):
+            raise ConfigError(f"environment override {name}: empty key segment")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment override {name}: {key} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def build(cls: type[T], data: Any, where: str = "") -> T:
+    """Builds dataclass ``cls`` from a mapping, checking every type and rejecting unknown keys."""
+    return typing.cast(T, _convert(cls, data, where or cls.__name__))
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+        kwargs = {}
+        for name, fld in fields.items():
+            if name in value:
+                kwargs[name] = _convert(hints[name], value[name], f"{where}.{name}")
+            elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}.{name}: required")
+        try:
+            return tp(**kwargs)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as exc:
+                errors.append(exc.message)
+        raise ConfigError("; ".join(errors))
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list")
+        return tuple(_convert(item_type, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a path")
+        return Path(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported configuration type {tp!r}")
+
+
+SERVICES = ("keybroker", "modelstore", "inference")
+
+
+@dataclasses.dataclass(frozen=True)
+class CommonConfig:
+    """Settings every service shares; the service's own section is loaded beside it."""
+
+    service: Literal["keybroker", "modelstore", "inference"]
+    listen: str
+    identity: IdentityConfig
+    mode: Literal["production", "development"] = "production"
+    health_listen: str | None = None
+    logging: LoggingConfig = LoggingConfig()
+    tracing: TracingConfig = TracingConfig()
+    authz: AuthzConfig = AuthzConfig()
+    server: ServerConfig = ServerConfig()
+
+    @property
+    def production(self) -> bool:
+        """True unless the operator explicitly chose development mode."""
+        return self.mode == "production"
+
+
+def load_service_config(
+    path: Path | None,
+    service: str,
+    section_cls: type[T],
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[CommonConfig, T]:
+    """Loads the common settings and ``service``'s own section, both validated."""
+    data = load_mapping(path, environ=environ)
+    data.setdefault("service", service)
+    if data["service"] != service:
+        raise ConfigError(
+            f"service: this configuration is for {data['service']!r}, not {service!r}"
+        )
+    section = data.pop(service, {}) or {}
+    for other in SERVICES:
+        if other != service and other in data:
+            # A shared file may carry every service's section; ignore the others.
+            data.pop(other)
+    common = build(CommonConfig, data, "config")
+    return common, build(section_cls, section, service)

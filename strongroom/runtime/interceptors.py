@@ -1,0 +1,84 @@
+"""The one place where domain errors become gRPC statuses.
+
+A :class:`~strongroom.errors.StrongroomError` becomes its status code with the message
+``REASON: text`` and a ``strongroom-reason`` trailing-metadata entry. Anything else is a bug: it is
+logged with a reference id and the caller gets INTERNAL with only that id, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from strongroom.errors import StrongroomError
+from strongroom.runtime.grpc_types import RpcMethodHandler, ServerInterceptorBase, rewrap_handler
+
+log = logging.getLogger(__name__)
+
+REASON_METADATA_KEY = "strongroom-reason"
+
+
+def abort_with(context: grpc.ServicerContext, exc: StrongroomError) -> None:
+    """Fails the current RPC with ``exc``'s status, reason and message (raises)."""
+    context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
+    context.abort(grpc.StatusCode[exc.status_name], str(exc))
+
+
+def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
+    if isinstance(exc, StrongroomError):
+        log.info(
+            "rpc failed", extra={"method": method, "reason": exc.reason, "status": exc.status_name}
+        )
+        abort_with(context, exc)
+    # context.abort() raises a bare Exception after recording the status: let it through.
+    if context.code() is not None:  # type: ignore[attr-defined]
+        raise exc
+    ref = uuid.uuid4().hex[:12]
+    log.error("unexpected error in %s (ref %s)", method, ref, exc_info=exc)
+    context.set_trailing_metadata(((REASON_METADATA_KEY, "INTERNAL"),))
+    context.abort(grpc.StatusCode.INTERNAL, f"INTERNAL: internal error (ref {ref})")
+
+
+class ErrorMappingInterceptor(ServerInterceptorBase):
+    """Maps exceptions raised by handlers to gRPC statuses, for every RPC kind."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        return _wrap_handler(handler, method)
+
+
+def _wrap_handler(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
+    def unary_result(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return fn(request, context)
+            except Exception as exc:
+                _handle(exc, context, method)
+                raise  # unreachable: _handle always raises
+
+        return call
+
+    def stream_result(
+        fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+    ) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from fn(request, context)
+            except Exception as exc:
+                _handle(exc, context, method)
+                raise
+
+        return call
+
+    return rewrap_handler(handler, unary_result, stream_result)

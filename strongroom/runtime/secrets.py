@@ -1,0 +1,68 @@
+"""A secret value that never shows itself in ``repr``, ``str`` or logs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from strongroom.errors import FailedPrecondition
+
+
+class Secret:
+    """Holds a secret (a PIN, a key) and prints as ``Secret('***')``.
+
+    Read it only where it is used, with :meth:`reveal`. Load it from a file or an environment
+    variable (:meth:`load`), never from the command line.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = bytes(value)
+
+    def reveal(self) -> bytes:
+        """Returns the secret bytes."""
+        return self._value
+
+    def reveal_text(self) -> str:
+        """Returns the secret as UTF-8 text without a trailing newline."""
+        return self._value.decode("utf-8").rstrip("\r\n")
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @classmethod
+    def load(cls, *, file: Path | None = None, env: str | None = None, what: str) -> Secret:
+        """Loads a secret from ``env`` when that variable is set, else from ``file``.
+
+        A file must not be readable by group or others: a secret in a world-readable file is
+        treated as a configuration error rather than silently accepted.
+        """
+        if env and os.environ.get(env):
+            return cls(os.environ[env].encode("utf-8"))
+        if file is None:
+            raise FailedPrecondition(
+                f"{what}: no secret configured (set ${env} or a file)"
+                if env
+                else f"{what}: no file",
+                reason="SECRET_MISSING",
+            )
+        try:
+            mode = file.stat().st_mode
+            if mode & 0o077:
+                raise FailedPrecondition(
+                    f"{what}: {file} is readable by group or others (mode {mode & 0o777:o}); use 0600",
+                    reason="SECRET_FILE_PERMISSIONS",
+                )
+            return cls(file.read_bytes())
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"{what}: cannot read {file}: {exc.strerror}", reason="SECRET_MISSING"
+            ) from None
