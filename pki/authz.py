@@ -289,6 +289,26 @@ def _guarded(
         return grpc.unary_unary_rpc_method_handler(
             guarded_unary_unary, request_deserializer=deserializer, response_serializer=serializer
         )
+    streaming = handler.unary_stream or handler.stream_stream
+    if streaming is not None and getattr(streaming, "experimental_non_blocking", False):
+        # A non-blocking stream (health Watch) returns at once and answers through a callback:
+        # keep it that way, or each such stream holds a worker thread for its whole life.
+        behaviour: Any = streaming
+
+        def guarded_non_blocking(request: Any, context: grpc.ServicerContext, send: Any) -> Any:
+            check(context)
+            return behaviour(request, context, send)
+
+        for name in ("experimental_non_blocking", "experimental_thread_pool"):
+            setattr(guarded_non_blocking, name, getattr(behaviour, name, None))
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream is not None
+            else grpc.stream_stream_rpc_method_handler
+        )
+        return factory(
+            guarded_non_blocking, request_deserializer=deserializer, response_serializer=serializer
+        )
     if handler.unary_stream is not None:
         unary_stream = handler.unary_stream
 

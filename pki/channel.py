@@ -10,6 +10,15 @@ certificate.
 it unchanged. A handshake rejection of our certificate surfaces as
 :class:`~strongroom.pki.handshake.ClientCertificateRejected` (UNAUTHENTICATED) instead of gRPC's
 opaque UNAVAILABLE; futures (``.future()``) are not translated.
+
+With ``server_id``, the channel checks that the server is the workload expected at the target:
+before the first call on each connection it verifies the SPIFFE ID in the server's certificate
+(chain checked against our root) and refuses with
+:class:`~strongroom.pki.handshake.ServerIdentityMismatch` (UNAUTHENTICATED, naming both IDs)
+otherwise. gRPC Python has no hook into its own handshake's certificate check, so the check is a
+separate TLS handshake to the same address, repeated whenever the connection is re-established;
+gRPC's connection itself is bound to the service by its host-name check (``server_name``), which
+is why service certificates carry ``localhost`` only in development.
 """
 
 from __future__ import annotations
@@ -21,7 +30,12 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import grpc
 
-from strongroom.pki.handshake import TlsPresentation, translate
+from strongroom.pki.handshake import (
+    ServerIdentityMismatch,
+    TlsPresentation,
+    check_server_identity,
+    translate,
+)
 
 ChannelOption = tuple[str, Any]
 
@@ -70,6 +84,14 @@ class _Slot:
         self.retired = False
         self.closed = False
         self.callables: dict[tuple[str, Any], Any] = {}
+        # Whether the server's SPIFFE ID was checked for the current connection.
+        self.verified = False
+        self.verify_lock = threading.Lock()
+
+    def on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        # A new connection may reach another server: check it again before the next call.
+        if state is not grpc.ChannelConnectivity.READY:
+            self.verified = False
 
 
 class _Lease:
@@ -97,11 +119,13 @@ class RotatingChannel(grpc.Channel):
         target: str,
         *,
         server_name: str | None = None,
+        server_id: str | None = None,
         options: Sequence[ChannelOption] = (),
     ) -> None:
         self._source = source
         self._target = target
         self._server_name = server_name
+        self._server_id = server_id
         self._options = list(options)
         self._lock = threading.Lock()
         self._closed = False
@@ -132,7 +156,26 @@ class RotatingChannel(grpc.Channel):
         )
         for callback, try_to_connect in self._subscriptions:
             channel.subscribe(callback, try_to_connect)
-        return _Slot(channel, credentials.generation, presentation)
+        slot = _Slot(channel, credentials.generation, presentation)
+        if self._server_id is not None:
+            channel.subscribe(slot.on_connectivity)
+        return slot
+
+    @property
+    def server_id(self) -> str | None:
+        """The SPIFFE ID the server must present (None: only gRPC's host-name check)."""
+        return self._server_id
+
+    def _verify(self, slot: _Slot) -> None:
+        """Checks the server's SPIFFE ID once per connection (raises ServerIdentityMismatch)."""
+        if self._server_id is None or slot.verified:
+            return
+        with slot.verify_lock:
+            if slot.verified:
+                return
+            # An unreachable server is not verified: the call then fails on its own (UNAVAILABLE),
+            # and the next call checks again.
+            slot.verified = check_server_identity(self._target, slot.presentation, self._server_id)
 
     def _acquire(self) -> _Lease:
         generation = self._source.credentials.generation
@@ -173,6 +216,13 @@ class RotatingChannel(grpc.Channel):
             _close_later(slot.channel)
 
     def _translate(self, error: grpc.RpcError, slot: _Slot) -> grpc.RpcError:
+        if self._server_id is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
+            # gRPC's host-name check failed, or the server changed under us: name the server.
+            slot.verified = False
+            try:
+                self._verify(slot)
+            except ServerIdentityMismatch as mismatch:
+                return mismatch
         return translate(error, self._target, slot.presentation, server_name=self._server_name)
 
     # ------------------------------------------------------------------ grpc.Channel
@@ -307,6 +357,7 @@ class _MultiCallable:
     def _blocking(self, attribute: str | None, argument: Any, kwargs: dict[str, Any]) -> Any:
         lease = self._owner._acquire()
         try:
+            self._owner._verify(lease.slot)
             target = self._underlying(lease.slot)
             call = getattr(target, attribute) if attribute else target
             return call(argument, **kwargs)
@@ -321,6 +372,7 @@ class _MultiCallable:
     def _future(self, argument: Any, kwargs: dict[str, Any]) -> grpc.CallFuture[Any]:
         lease = self._owner._acquire()
         try:
+            self._owner._verify(lease.slot)
             future: grpc.CallFuture[Any] = self._underlying(lease.slot).future(argument, **kwargs)
         except BaseException:
             lease.release()
@@ -332,6 +384,7 @@ class _MultiCallable:
     def _streaming(self, argument: Any, kwargs: dict[str, Any]) -> grpc.CallIterator[Any]:
         lease = self._owner._acquire()
         try:
+            self._owner._verify(lease.slot)
             call = self._underlying(lease.slot)(argument, **kwargs)
         except BaseException:
             lease.release()

@@ -166,3 +166,94 @@ def translate(
             b"-----END CERTIFICATE-----\n"
         )
     return ClientCertificateRejected(describe_rejection(target, leaf_pem))
+
+
+class ServerIdentityMismatch(PeerUnauthenticated, grpc.RpcError):
+    """The server at a target is not the workload the client expected there.
+
+    Raised by :class:`~strongroom.pki.channel.RotatingChannel` before a call is sent when the
+    server's certificate carries another SPIFFE ID than the one configured for that target (or
+    is not from our CA). Like :class:`ClientCertificateRejected` it is also a ``grpc.RpcError``
+    whose ``code()`` is UNAUTHENTICATED.
+    """
+
+    default_reason = "SERVER_IDENTITY_MISMATCH"
+
+    def code(self) -> grpc.StatusCode:
+        """Always UNAUTHENTICATED."""
+        return grpc.StatusCode.UNAUTHENTICATED
+
+    def details(self) -> str:
+        """The explanation, naming the expected and the presented identity."""
+        return str(self)
+
+    def initial_metadata(self) -> tuple[Any, ...]:
+        """None was received."""
+        return ()
+
+    def trailing_metadata(self) -> tuple[Any, ...]:
+        """None was received."""
+        return ()
+
+
+def server_spiffe_ids(
+    target: str, presentation: TlsPresentation, *, timeout: float = 2.0
+) -> list[str] | None:
+    """The URI SANs of the certificate the server at ``target`` presents, its chain verified
+    against our root; None when the server cannot be reached.
+
+    Raises :class:`ServerIdentityMismatch` when the server's certificate does not chain to our
+    root. The host name is not checked here: gRPC checks it on its own connection.
+    """
+    address = host_port(target)
+    if address is None:
+        return None
+    host, port = address
+    context = ssl.create_default_context(cadata=presentation.root_pem.decode())
+    context.check_hostname = False  # the SPIFFE ID is what we check; gRPC checks the name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    if presentation.key_pem is not None and presentation.chain_pem is not None:
+        with memory_file(presentation.chain_pem + presentation.key_pem, "tls-probe") as path:
+            context.load_cert_chain(path)
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except ssl.SSLCertVerificationError as exc:
+        raise ServerIdentityMismatch(
+            f"the server at {target} presented a certificate that does not chain to our CA "
+            f"({exc.verify_message})"
+        ) from None
+    except OSError:
+        return None
+    if der is None:
+        return None
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def check_server_identity(
+    target: str, presentation: TlsPresentation, expected: str, *, timeout: float = 2.0
+) -> bool:
+    """Checks that the server at ``target`` presents exactly the SPIFFE ID ``expected``.
+
+    Returns False when the server cannot be reached (nothing was checked); raises
+    :class:`ServerIdentityMismatch` naming both identities when it presents another one.
+    """
+    presented = server_spiffe_ids(target, presentation, timeout=timeout)
+    if presented is None:
+        return False
+    if presented != [expected]:
+        shown = ", ".join(presented) if presented else "no SPIFFE ID"
+        raise ServerIdentityMismatch(
+            f"the server at {target} is {shown}, but this client expects {expected} there "
+            "(a misrouted address, or another workload answering on that port)"
+        )
+    return True

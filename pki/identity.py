@@ -488,14 +488,18 @@ class WorkloadIdentity:
         target: str,
         *,
         server_name: str | None = None,
+        server_id: str | None = None,
         options: Sequence[tuple[str, str | int]] = (),
     ) -> RotatingChannel:
         """A client channel that follows certificate rotation (see :class:`RotatingChannel`).
 
         ``server_name`` overrides the name checked in the server's certificate (for targets like
-        ``localhost:port`` whose certificate carries ``keybroker``).
+        ``localhost:port`` whose certificate carries ``keybroker``); ``server_id`` is the SPIFFE
+        ID the server must present (checked on every new connection).
         """
-        return RotatingChannel(self, target, server_name=server_name, options=options)
+        return RotatingChannel(
+            self, target, server_name=server_name, server_id=server_id, options=options
+        )
 
     # ----------------------------------------------------------------- lifecycle
 

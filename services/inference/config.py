@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from strongroom.runtime.config import ConfigError
+from strongroom.inference.oip import DEFAULT_MAX_TENSOR_BYTES, InferLimits
+from strongroom.runtime.config import ConfigError, expected_server_id
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class InferenceConfig:
     models: tuple[ModelRef, ...] = ()
     model_store_server_name: str = "modelstore"
     key_broker_server_name: str = "keybroker"
+    # The SPIFFE IDs the store and the broker must present (default spiffe://<our domain>/<name>).
+    model_store_spiffe_id: str | None = None
+    key_broker_spiffe_id: str | None = None
     attester: Literal["auto", "configfs-tsm", "sev-guest", "tdx-guest", "simulated"] = "auto"
     simulated_tee_dir: Path | None = None
     simulated_tee_type: Literal["SEV_SNP", "TDX"] = "SEV_SNP"
@@ -38,6 +42,10 @@ class InferenceConfig:
     simulated_policy: int | None = None
     decrypt_threads: int = 2
     load_timeout_seconds: float = 600.0
+    # Bounds on the tensor bytes of one ModelInfer request and response; the server's gRPC
+    # message limits are derived from them (nowhere else sets them).
+    max_input_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+    max_output_bytes: int = DEFAULT_MAX_TENSOR_BYTES
     # OpenSSF model signing: the EC public key (PEM) models must be signed with, and whether an
     # unsigned model may load at all.
     model_signing_public_key: Path | None = None
@@ -60,3 +68,25 @@ class InferenceConfig:
             raise ConfigError("inference.require_model_signature needs model_signing_public_key")
         if not 1 <= self.decrypt_threads <= 64:
             raise ConfigError("inference.decrypt_threads must be between 1 and 64")
+        try:
+            self.limits  # noqa: B018 - validates the tensor bounds
+        except ValueError as exc:
+            raise ConfigError(f"inference.{exc}") from None
+
+    def server_ids(self, trust_domain: str) -> tuple[str, str]:
+        """The SPIFFE IDs the model store and the key broker must present."""
+        return (
+            expected_server_id(
+                trust_domain, "modelstore", self.model_store_spiffe_id, where="inference"
+            ),
+            expected_server_id(
+                trust_domain, "keybroker", self.key_broker_spiffe_id, where="inference"
+            ),
+        )
+
+    @property
+    def limits(self) -> InferLimits:
+        """The request limits these settings give (and the server's message sizes with them)."""
+        return InferLimits(
+            max_input_bytes=self.max_input_bytes, max_output_bytes=self.max_output_bytes
+        )

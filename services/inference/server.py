@@ -159,11 +159,18 @@ def build(
     """Builds the (not yet started) inference service and its loader."""
     provider = tracer_provider or make_tracer_provider("inference", common.tracing)
     attester = attester or make_attester(common, config)
+    store_id, broker_id = config.server_ids(identity.trust_domain)
     store_channel = traced_channel(
-        identity.channel(config.model_store, server_name=config.model_store_server_name), provider
+        identity.channel(
+            config.model_store, server_name=config.model_store_server_name, server_id=store_id
+        ),
+        provider,
     )
     broker_channel = traced_channel(
-        identity.channel(config.key_broker, server_name=config.key_broker_server_name), provider
+        identity.channel(
+            config.key_broker, server_name=config.key_broker_server_name, server_id=broker_id
+        ),
+        provider,
     )
     repository = ModelRepository(expected=[m.name for m in config.models])
     loader = ModelLoader(
@@ -182,7 +189,8 @@ def build(
             else None
         ),
     )
-    oip = OipServicer(repository)
+    limits = config.limits
+    oip = OipServicer(repository, limits=limits)
     evidence = InferenceAttestationServicer(attester, identity.public_key_der)
     control = ModelControlServicer(loader, repository)
 
@@ -213,6 +221,7 @@ def build(
         ],
         roles=RoleTable(ROLE_RULES),
         tracer_provider=provider,
+        message_limits=limits.message_limits,
     )
     return InferenceServer(host=host, repository=repository, loader=loader, config=config)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.errors import FailedPrecondition, Unavailable
 from strongroom.keybroker.keys import validate_key_id
+from strongroom.keybroker.policy_bounds import check_policy_bounds
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,12 @@ class PolicyStore:
     state a request depends on beyond the file itself.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self, directory: Path, *, trust_domain: str | None = None, production: bool = True
+    ) -> None:
         self._dir = directory
+        self._trust_domain = trust_domain
+        self._production = production
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[tuple[int, int], StoredPolicy]] = {}
 
@@ -56,10 +61,18 @@ class PolicyStore:
         except OSError as exc:
             raise Unavailable(f"cannot read the policy of {key_id!r}: {exc.strerror}") from None
         # A policy that no longer loads is a configuration error; fail closed.
-        stored = StoredPolicy(text, ReleasePolicy.load(text))
+        stored = StoredPolicy(text, self._load(text))
         with self._lock:
             self._cache[key_id] = (stamp, stored)
         return stored
+
+    def _load(self, document: str) -> ReleasePolicy:
+        """Bounds, parses and validates a document, also against where this broker runs."""
+        check_policy_bounds(document)
+        policy = ReleasePolicy.load(document)
+        if self._trust_domain is not None:
+            policy.check_deployment(trust_domain=self._trust_domain, production=self._production)
+        return policy
 
     def version(self, key_id: str) -> str:
         """The key's policy version, or "" when it has none."""
@@ -70,7 +83,7 @@ class PolicyStore:
 
     def put(self, key_id: str, document: str) -> StoredPolicy:
         """Validates and stores a policy atomically; the old one stays if anything fails."""
-        stored = StoredPolicy(document, ReleasePolicy.load(document))
+        stored = StoredPolicy(document, self._load(document))
         path = self._path(key_id)
         try:
             self._dir.mkdir(parents=True, exist_ok=True)

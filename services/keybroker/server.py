@@ -21,6 +21,7 @@ from strongroom.keybroker.release import ReleaseEngine
 from strongroom.keybroker.service import (
     KEYADMIN_SERVICE,
     KEYBROKER_SERVICE,
+    MESSAGE_LIMITS,
     ROLE_RULES,
     KeyAdminServicer,
     KeyBrokerServicer,
@@ -107,7 +108,9 @@ def build(
         hsm.close()
         raise
     keys = KeyManager(hsm)
-    policies = PolicyStore(config.policies_dir)
+    policies = PolicyStore(
+        config.policies_dir, trust_domain=identity.trust_domain, production=common.production
+    )
     engine = ReleaseEngine(
         keys=keys,
         challenges=ChallengeIssuer(nonce_key, lifetime=config.challenge_lifetime_seconds),
@@ -144,6 +147,7 @@ def build(
         ],
         roles=RoleTable(ROLE_RULES),
         tracer_provider=provider,
+        message_limits=MESSAGE_LIMITS,
     )
     return KeyBroker(host=host, hsm=hsm, audit=audit, keys=keys, engine=engine, identity=identity)
 

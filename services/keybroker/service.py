@@ -17,9 +17,16 @@ from strongroom.keybroker.oaep import OaepHash
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.pki.authz import caller_identity
+from strongroom.runtime.server import MessageLimits
 
 KEYBROKER_SERVICE = "strongroom.api.keybroker.v1.KeyBrokerService"
 KEYADMIN_SERVICE = "strongroom.api.keybroker.v1.KeyAdminService"
+
+MESSAGE_LIMITS = MessageLimits(receive=256 * 1024, send=256 * 1024)
+"""The broker's message sizes. Its largest legitimate messages are a few tens of KiB: a
+ReleaseKeyRequest with a TDX quote or SNP report, its certificate chain and collateral (CRLs,
+TCB info, QE identity), and a policy document (at most ``MAX_POLICY_BYTES``, 64 KiB). A peer whose
+RPC will be refused anyway can make the broker buffer at most this much per call."""
 
 # Who may call what (roles are mapped to SPIFFE IDs by the service configuration).
 ROLE_RULES: dict[str, tuple[str, ...]] = {

@@ -16,6 +16,7 @@ from strongroom.modelstore.service import (
     ROLE_READER,
     SERVICE_NAME,
     ModelStoreServicer,
+    message_limits,
 )
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.pki.identity import WorkloadIdentity
@@ -67,6 +68,7 @@ def build(
         ],
         roles=RoleTable(ROLE_RULES),
         tracer_provider=tracer_provider or make_tracer_provider("modelstore", common.tracing),
+        message_limits=message_limits(),
     )
     return ModelStore(host=host, storage=storage)
 

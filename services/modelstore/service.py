@@ -27,6 +27,7 @@ from strongroom.modelstore.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.records import ModelRecord, UploadClaims
 from strongroom.modelstore.storage import Storage
 from strongroom.modelstore.validator import ValidatorFactory
+from strongroom.runtime.server import MessageLimits
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,22 @@ at about 0.85 of a bare gRPC byte stream; 256 KiB costs more per byte, and 1 MiB
 0.3-0.65 on some runs, because each message allocates a few buffers of that size that glibc then
 serves with mmap/munmap (page faults on every chunk) unless MALLOC_MMAP_THRESHOLD_ is raised.
 """
+
+
+MESSAGE_OVERHEAD = 64 * 1024
+"""Room for everything in a message besides its ``data`` (sizes, digests, a ModelInfo)."""
+
+
+def message_limits(
+    max_chunk: int = DEFAULT_MAX_CHUNK, download_chunk: int = DEFAULT_DOWNLOAD_CHUNK
+) -> MessageLimits:
+    """The store's message sizes, from its chunk sizes: an upload message carries at most
+    ``max_chunk`` bytes of data, a download message ``download_chunk`` (a ListModels page of
+    1000 ModelInfo stays below that too)."""
+    return MessageLimits(
+        receive=max_chunk + MESSAGE_OVERHEAD,
+        send=max(download_chunk, 512 * 1024) + MESSAGE_OVERHEAD,
+    )
 
 
 def model_info(record: ModelRecord) -> pb.ModelInfo:

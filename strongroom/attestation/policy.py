@@ -322,6 +322,33 @@ class ReleasePolicy:
             tdx=_tdx_rules(top["tdx"]) if "tdx" in top else None,
         )
 
+    def check_deployment(self, *, trust_domain: str, production: bool) -> None:
+        """Refuses a policy that cannot be right where it is deployed (raises PolicyInvalid).
+
+        An ``allowed_spiffe_ids`` entry outside ``trust_domain`` can never match a caller (the
+        broker authenticates only its own trust domain), so it is always an error; ``allow_debug``
+        releases keys to a VM whose memory the host can read, so production refuses it.
+        """
+        foreign = sorted(
+            i for i in self.allowed_spiffe_ids if not i.startswith(f"spiffe://{trust_domain}/")
+        )
+        if foreign:
+            raise _fail(
+                "allowed_spiffe_ids",
+                f"{', '.join(foreign)} outside this broker's trust domain {trust_domain!r} "
+                "can never match a caller",
+                E.POLICY_FOREIGN_TRUST_DOMAIN,
+            )
+        if production:
+            for key, rules in (("sev_snp", self.snp), ("tdx", self.tdx)):
+                if rules is not None and rules.allow_debug:
+                    raise _fail(
+                        f"{key}.allow_debug",
+                        "must be false in production mode (a debug VM's memory is readable "
+                        "by the host)",
+                        E.POLICY_DEBUG_IN_PRODUCTION,
+                    )
+
     def evaluate(self, claims: SnpClaims | TdxClaims, caller_spiffe_id: str) -> PolicyDecision:
         """Allows the release or raises :class:`PolicyViolation` naming the failed check."""
         if caller_spiffe_id not in self.allowed_spiffe_ids:

@@ -9,6 +9,9 @@ services' addresses::
     keybroker: keybroker.example:7443
     modelstore: modelstore.example:7443
     inference: inference.example:7443
+
+Every channel checks that the server it reaches presents the SPIFFE ID expected there:
+``spiffe://<trust domain>/<service>`` unless ``<service>_spiffe_id`` says otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ import grpc
 
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.runtime.bootstrap import open_identity
-from strongroom.runtime.config import ConfigError, IdentityConfig, build, load_mapping
+from strongroom.runtime.config import (
+    ConfigError,
+    IdentityConfig,
+    build,
+    expected_server_id,
+    load_mapping,
+)
 
 CLIENT_CONFIG_ENV = "STRONGROOM_CLIENT_CONFIG"
 
@@ -40,6 +49,19 @@ class ClientConfig:
     keybroker_server_name: str = "keybroker"
     modelstore_server_name: str = "modelstore"
     inference_server_name: str = "inference"
+    # The SPIFFE ID each service must present (default spiffe://<trust domain>/<service>).
+    keybroker_spiffe_id: str | None = None
+    modelstore_spiffe_id: str | None = None
+    inference_spiffe_id: str | None = None
+
+    def __post_init__(self) -> None:
+        for service in ("keybroker", "modelstore", "inference"):
+            self.server_id(service)  # validates
+
+    def server_id(self, service: str) -> str:
+        """The SPIFFE ID ``service`` must present."""
+        configured: str | None = getattr(self, f"{service}_spiffe_id")
+        return expected_server_id(self.identity.trust_domain, service, configured, where="client")
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +101,9 @@ class Client:
         if not address:
             raise ConfigError(f"the client configuration has no address for {service}")
         channel = self.identity.channel(
-            address, server_name=getattr(self.config, f"{service}_server_name")
+            address,
+            server_name=getattr(self.config, f"{service}_server_name"),
+            server_id=self.config.server_id(service),
         )
         self._channels.append(channel)
         return channel

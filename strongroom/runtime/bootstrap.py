@@ -17,7 +17,7 @@ from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.runtime.config import CommonConfig, IdentityConfig, load_service_config
 from strongroom.runtime.logs import configure_logging
 from strongroom.runtime.metrics import install_meter_provider
-from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
+from strongroom.runtime.server import HEALTH_SERVICE, MessageLimits, ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import server_tracing_interceptor
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ def build_host(
     services: Iterable[ServiceSpec],
     roles: RoleTable,
     tracer_provider: TracerProvider,
+    message_limits: MessageLimits,
 ) -> ServiceHost:
     """The service's gRPC host: mTLS with hot-swapped certificates, tracing, SPIFFE authorisation."""
     specs = list(services)
@@ -96,6 +97,7 @@ def build_host(
         interceptors=[server_tracing_interceptor(tracer_provider), authorizer],
         health_listen=common.health_listen,
         config=common.server,
+        message_limits=message_limits,
     )
 
 

@@ -58,6 +58,22 @@ class IdentityConfig:
             raise ConfigError("identity.renew_fraction must be between 0.1 and 0.95")
 
 
+def expected_server_id(
+    trust_domain: str, service: str, configured: str | None, *, where: str
+) -> str:
+    """The SPIFFE ID a client expects ``service`` to present: ``configured`` (checked to be a
+    SPIFFE ID in ``trust_domain``) or ``spiffe://<trust_domain>/<service>``."""
+    if configured is None:
+        return f"spiffe://{trust_domain}/{service}"
+    if not _SPIFFE.match(configured):
+        raise ConfigError(f"{where}.{service}_spiffe_id: not a SPIFFE ID: {configured!r}")
+    if not configured.startswith(f"spiffe://{trust_domain}/"):
+        raise ConfigError(
+            f"{where}.{service}_spiffe_id {configured!r} is outside trust domain {trust_domain!r}"
+        )
+    return configured
+
+
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     """Log level and format (``json`` for machines, ``text`` for people)."""
@@ -96,16 +112,49 @@ class AuthzConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
-    """gRPC server limits."""
+    """gRPC server limits.
+
+    Message sizes are not set here: each service derives them from its API (see
+    :class:`~strongroom.runtime.server.MessageLimits`), so that one place owns each limit.
+    """
 
     max_workers: int = 32
-    max_receive_message_bytes: int = 64 * 1024 * 1024
-    max_send_message_bytes: int = 64 * 1024 * 1024
     grace_seconds: float = 20.0
+    # Streams (uploads, downloads, health Watch) one caller may hold open at once.
+    max_streams_per_identity: int = 8
+    # Blocking streams (each holds a worker thread) open at once, all callers together; None is
+    # half of max_workers, so that the other half always remains for unary RPCs.
+    max_blocking_streams: int | None = None
+    # A request stream that sends nothing for this long is ended (RESOURCE_EXHAUSTED).
+    stream_idle_timeout_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_workers <= 1024:
             raise ConfigError("server.max_workers must be between 1 and 1024")
+        if self.max_streams_per_identity < 1:
+            raise ConfigError("server.max_streams_per_identity must be at least 1")
+        if self.max_blocking_streams is not None and not (
+            1 <= self.max_blocking_streams < self.max_workers
+        ):
+            raise ConfigError(
+                "server.max_blocking_streams must be at least 1 and below server.max_workers "
+                "(streams must never hold every worker thread)"
+            )
+        if not 0.1 <= self.stream_idle_timeout_seconds <= 3600:
+            raise ConfigError("server.stream_idle_timeout_seconds must be between 0.1 and 3600")
+
+    @property
+    def blocking_streams(self) -> int:
+        """The effective ``max_blocking_streams``."""
+        if self.max_blocking_streams is not None:
+            return self.max_blocking_streams
+        return max(1, self.max_workers // 2)
+
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        """gRPC's ``maximum_concurrent_rpcs``: RPCs beyond it fail at once (non-blocking streams,
+        which hold no thread, count too)."""
+        return self.max_workers * 8
 
 
 def load_mapping(path: Path | None, *, environ: Mapping[str, str] | None = None) -> dict[str, Any]:

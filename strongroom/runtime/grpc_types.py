@@ -25,23 +25,74 @@ UnaryBehaviour: TypeAlias = Callable[[Any, grpc.ServicerContext], Any]
 StreamBehaviour: TypeAlias = Callable[[Any, grpc.ServicerContext], Iterator[Any]]
 
 
+NON_BLOCKING_ATTRIBUTES = ("experimental_non_blocking", "experimental_thread_pool")
+"""Attributes gRPC reads from a method's behaviour; every wrapper must carry them over."""
+
+
+def is_non_blocking(handler: RpcMethodHandler) -> bool:
+    """True when ``handler``'s behaviour runs in gRPC's non-blocking mode (it returns at once and
+    sends its responses through a callback, holding no worker thread: health ``Watch``)."""
+    behaviour = handler.unary_stream or handler.stream_stream
+    return bool(getattr(behaviour, "experimental_non_blocking", False))
+
+
+def carry_attributes(wrapper: Callable[..., Any], wrapped: Callable[..., Any]) -> None:
+    """Copies gRPC's behaviour attributes from ``wrapped`` to ``wrapper``.
+
+    A wrapper that drops ``experimental_non_blocking`` turns a non-blocking stream (health
+    ``Watch``) into one that holds a worker thread for its whole life: a handful of such streams
+    then starve every other RPC.
+    """
+    for name in NON_BLOCKING_ATTRIBUTES:
+        if hasattr(wrapped, name):
+            setattr(wrapper, name, getattr(wrapped, name))
+
+
 def rewrap_handler(
     handler: RpcMethodHandler,
     unary: Callable[[UnaryBehaviour], UnaryBehaviour],
     stream: Callable[[StreamBehaviour], StreamBehaviour],
+    *,
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> RpcMethodHandler:
     """The same handler with its behaviour wrapped: ``unary`` for handlers returning one response
-    (unary-unary, stream-unary), ``stream`` for those returning a stream."""
+    (unary-unary, stream-unary), ``stream`` for those returning a stream.
+
+    A non-blocking behaviour (it returns at once and sends responses through the callback gRPC
+    passes as a third argument) is wrapped with ``unary`` around the synchronous part, and stays
+    non-blocking. ``request_deserializer`` replaces the handler's own when given.
+    """
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kwargs)
+        return grpc.unary_stream_rpc_method_handler(
+            _stream_or_non_blocking(handler.unary_stream, unary, stream), **kwargs
+        )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
     if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(
+            _stream_or_non_blocking(handler.stream_stream, unary, stream), **kwargs
+        )
     return handler
+
+
+def _stream_or_non_blocking(
+    behaviour: Callable[..., Any],
+    unary: Callable[[UnaryBehaviour], UnaryBehaviour],
+    stream: Callable[[StreamBehaviour], StreamBehaviour],
+) -> Callable[..., Any]:
+    if not getattr(behaviour, "experimental_non_blocking", False):
+        wrapped = stream(behaviour)
+        carry_attributes(wrapped, behaviour)
+        return wrapped
+
+    def non_blocking(request: Any, context: grpc.ServicerContext, send: Any) -> Any:
+        return unary(lambda r, c: behaviour(r, c, send))(request, context)
+
+    carry_attributes(non_blocking, behaviour)
+    return non_blocking

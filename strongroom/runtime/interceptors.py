@@ -3,6 +3,10 @@
 A :class:`~strongroom.errors.StrongroomError` becomes its status code with the message
 ``REASON: text`` and a ``strongroom-reason`` trailing-metadata entry. Anything else is a bug: it is
 logged with a reference id and the caller gets INTERNAL with only that id, never a stack trace.
+
+A request that does not deserialise (garbage bytes, invalid UTF-8 in a string field) would get
+gRPC's own ``INTERNAL "Exception deserializing request!"`` and a logged traceback; here it becomes
+``INVALID_ARGUMENT`` (``MALFORMED_REQUEST``) with one WARNING line naming the method and the peer.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from strongroom.errors import StrongroomError
+from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.runtime.grpc_types import RpcMethodHandler, ServerInterceptorBase, rewrap_handler
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,48 @@ def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> N
     context.abort(grpc.StatusCode.INTERNAL, f"INTERNAL: internal error (ref {ref})")
 
 
+class _Malformed:
+    """Stands for a request message that did not deserialise (gRPC treats None as a failure)."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _safe_deserializer(
+    deserialize: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def safe(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+            return _Malformed(type(exc).__name__)
+
+    return safe
+
+
+def _malformed(request: _Malformed, context: grpc.ServicerContext, method: str) -> InvalidArgument:
+    log.warning(
+        "malformed request",
+        extra={"method": method, "peer": context.peer(), "problem": request.problem},
+    )
+    return InvalidArgument(
+        f"{method}: the request message is not a valid protobuf encoding",
+        reason="MALFORMED_REQUEST",
+    )
+
+
+def _checked(requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> Iterator[Any]:
+    for request in requests:
+        if isinstance(request, _Malformed):
+            raise _malformed(request, context, method)
+        yield request
+
+
 class ErrorMappingInterceptor(ServerInterceptorBase):
     """Maps exceptions raised by handlers to gRPC statuses, for every RPC kind."""
 
@@ -59,10 +106,19 @@ class ErrorMappingInterceptor(ServerInterceptorBase):
 
 
 def _wrap_handler(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
+    request_streaming = handler.request_streaming
+
+    def arguments(argument: Any, context: grpc.ServicerContext) -> Any:
+        if request_streaming:
+            return _checked(argument, context, method)
+        if isinstance(argument, _Malformed):
+            raise _malformed(argument, context, method)
+        return argument
+
     def unary_result(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                return fn(request, context)
+                return fn(arguments(request, context), context)
             except Exception as exc:
                 _handle(exc, context, method)
                 raise  # unreachable: _handle always raises
@@ -74,11 +130,16 @@ def _wrap_handler(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
     ) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
-                yield from fn(request, context)
+                yield from fn(arguments(request, context), context)
             except Exception as exc:
                 _handle(exc, context, method)
                 raise
 
         return call
 
-    return rewrap_handler(handler, unary_result, stream_result)
+    return rewrap_handler(
+        handler,
+        unary_result,
+        stream_result,
+        request_deserializer=_safe_deserializer(handler.request_deserializer),
+    )

@@ -23,6 +23,7 @@ from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import ServerInterceptor
 from strongroom.runtime.interceptors import ErrorMappingInterceptor
 from strongroom.runtime.metrics import MetricsInterceptor
+from strongroom.runtime.streams import StreamGuard, StreamLimits
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,28 @@ ReadinessCheck = Callable[[], str | None]
 """Returns None when ready, or a short reason why the service must not take traffic."""
 
 
+@dataclass(frozen=True)
+class MessageLimits:
+    """The largest message a service receives and sends, derived from its API by the service.
+
+    gRPC reads a whole request message before any handler (and so before authorisation) runs:
+    the receive limit is what one call from any certified peer can make the server buffer.
+    """
+
+    receive: int
+    send: int
+
+    def __post_init__(self) -> None:
+        for name in ("receive", "send"):
+            value = getattr(self, name)
+            if not 1024 <= value < 2**31:
+                raise ValueError(f"message limit {name}={value} outside 1 KiB .. 2 GiB")
+
+
+DEFAULT_MESSAGE_LIMITS = MessageLimits(receive=4 * 1024 * 1024, send=4 * 1024 * 1024)
+"""gRPC's own defaults, for hosts built without a service's limits (tests)."""
+
+
 @dataclass
 class ServiceSpec:
     """One gRPC service to host: how to register it, its full name, and its readiness checks."""
@@ -67,26 +90,42 @@ class ServiceHost:
         interceptors: Sequence[ServerInterceptor] = (),
         health_listen: str | None = None,
         config: ServerConfig | None = None,
+        message_limits: MessageLimits = DEFAULT_MESSAGE_LIMITS,
         check_interval: float = 1.0,
     ) -> None:
         config = config or ServerConfig()
         self._config = config
+        self.message_limits = message_limits
         self._services = list(services)
         self._health = health.HealthServicer(experimental_non_blocking=True)
         self._stopped = threading.Event()
         self._check_interval = check_interval
         self.not_ready_reason: str | None = "starting"
         options = [
-            ("grpc.max_receive_message_length", config.max_receive_message_bytes),
-            ("grpc.max_send_message_length", config.max_send_message_bytes),
+            ("grpc.max_receive_message_length", message_limits.receive),
+            ("grpc.max_send_message_length", message_limits.send),
             ("grpc.so_reuseport", 0),
             *KEEPALIVE_OPTIONS,
         ]
+        self.streams = StreamGuard(
+            StreamLimits(
+                max_streams_per_identity=config.max_streams_per_identity,
+                max_blocking_streams=config.blocking_streams,
+                idle_timeout=config.stream_idle_timeout_seconds,
+            )
+        )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-            interceptors=[*interceptors, MetricsInterceptor(), ErrorMappingInterceptor()],
+            # The stream guard comes after authorisation (it counts verified callers only) and
+            # before error mapping (which must see every exception the handlers raise).
+            interceptors=[
+                *interceptors,
+                self.streams,
+                MetricsInterceptor(),
+                ErrorMappingInterceptor(),
+            ],
             options=options,
-            maximum_concurrent_rpcs=config.max_workers * 4,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         for spec in self._services:
             spec.register(self._server)

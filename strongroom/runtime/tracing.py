@@ -6,6 +6,8 @@ and passes it to the gRPC server and client interceptors explicitly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 from opentelemetry.instrumentation.grpc import client_interceptor, grpcext, server_interceptor
 from opentelemetry.sdk.resources import Resource
@@ -13,7 +15,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 
 from strongroom.runtime.config import TracingConfig
-from strongroom.runtime.grpc_types import ServerInterceptor
+from strongroom.runtime.grpc_types import (
+    RpcMethodHandler,
+    ServerInterceptor,
+    ServerInterceptorBase,
+    is_non_blocking,
+)
 
 
 def make_tracer_provider(
@@ -35,9 +42,30 @@ def make_tracer_provider(
 
 
 def server_tracing_interceptor(provider: TracerProvider) -> ServerInterceptor:
-    """Starts a server span per RPC, continuing the caller's trace."""
+    """Starts a server span per RPC, continuing the caller's trace.
+
+    Non-blocking streams (health ``Watch``) are not traced: OpenTelemetry's wrapper would make them
+    blocking, each holding a worker thread for its whole life.
+    """
     interceptor: ServerInterceptor = server_interceptor(tracer_provider=provider)  # type: ignore[no-untyped-call]
-    return interceptor
+    return _SkipNonBlocking(interceptor)
+
+
+class _SkipNonBlocking(ServerInterceptorBase):
+    """Applies ``inner`` to every handler except non-blocking ones, which it would make blocking."""
+
+    def __init__(self, inner: ServerInterceptor) -> None:
+        self._inner = inner
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or is_non_blocking(handler):
+            return handler
+        return self._inner.intercept_service(lambda _details: handler, handler_call_details)
 
 
 def traced_channel(channel: grpc.Channel, provider: TracerProvider) -> grpc.Channel:

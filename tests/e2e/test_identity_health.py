@@ -18,7 +18,7 @@ from strongroom.pki import WorkloadIdentity
 from strongroom.pki.identity import RenewalPolicy
 from strongroom.runtime.bootstrap import RoleTable, build_host
 from strongroom.runtime.config import CommonConfig, IdentityConfig
-from strongroom.runtime.server import LIVENESS, ServiceSpec
+from strongroom.runtime.server import DEFAULT_MESSAGE_LIMITS, LIVENESS, ServiceSpec
 from strongroom.runtime.tracing import make_tracer_provider
 
 
@@ -58,6 +58,7 @@ def test_health_turns_not_serving_when_the_identity_is_unhealthy(stack: DevStack
         services=[ServiceSpec("test.Svc", lambda server: None)],
         roles=RoleTable({}),
         tracer_provider=make_tracer_provider("test", common.tracing),
+        message_limits=DEFAULT_MESSAGE_LIMITS,
     )
     host._check_interval = 0.05
     host.start()

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
-from strongroom.modelstore.service import SERVICE_NAME, ModelStoreServicer
+from strongroom.modelstore.service import SERVICE_NAME, ModelStoreServicer, message_limits
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.modelstore.validator import ValidatorFactory
 from strongroom.runtime.server import ServiceHost, ServiceSpec
@@ -46,6 +46,7 @@ def serve(
     """Starts the servicer behind the runtime's real host (error mapping included), insecure."""
     servicer = ModelStoreServicer(storage, validator_factory, **servicer_options)
     host = ServiceHost(
+        message_limits=message_limits(),
         listen="127.0.0.1:0",
         credentials=None,
         services=[

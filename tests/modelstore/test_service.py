@@ -224,7 +224,8 @@ def test_concurrent_puts_over_grpc_have_one_winner(served: Served) -> None:
             "ARTIFACT_TOO_LARGE",
         ),
         (
-            [pb.PutModelRequest(data=make_artifact("m", "1", b"a" * (5 * 1024 * 1024)))],
+            # Over max_chunk, within the message limit's room for the other fields.
+            [pb.PutModelRequest(data=make_artifact("m", "1", b"a" * (4 * 1024 * 1024)))],
             grpc.StatusCode.INVALID_ARGUMENT,
             "CHUNK_TOO_LARGE",
         ),
@@ -243,6 +244,19 @@ def test_bad_uploads_are_rejected_and_nothing_is_stored(
     assert served.storage.records() == ()
     assert served.storage.blob_digests() == set()
     assert list((served.storage.root / "tmp").iterdir()) == []
+
+
+def test_a_message_beyond_the_store_limit_is_refused_by_grpc_before_any_handler(
+    served: Served,
+) -> None:
+    err = rpc_error(
+        served.stub.PutModel,
+        iter([pb.PutModelRequest(data=make_artifact("m", "1", b"a" * (5 * 1024 * 1024)))]),
+    )
+    # gRPC itself refuses it (no handler ran, so there is no reason trailer).
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in err.details()
+    assert served.storage.records() == ()
 
 
 def test_cancelled_upload_leaves_nothing(served: Served) -> None:

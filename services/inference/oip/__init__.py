@@ -1,6 +1,12 @@
 """Open Inference Protocol v2 over gRPC (``inference.GRPCInferenceService``), Triton-compatible."""
 
-from strongroom.inference.oip._codec import InferLimits
+from strongroom.inference.oip._codec import DEFAULT_MAX_TENSOR_BYTES, InferLimits
 from strongroom.inference.oip._servicer import ATTESTATION_EXTENSION, SERVER_NAME, OipServicer
 
-__all__ = ["ATTESTATION_EXTENSION", "SERVER_NAME", "InferLimits", "OipServicer"]
+__all__ = [
+    "ATTESTATION_EXTENSION",
+    "DEFAULT_MAX_TENSOR_BYTES",
+    "SERVER_NAME",
+    "InferLimits",
+    "OipServicer",
+]

@@ -17,6 +17,7 @@ import numpy as np
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.inference.models import DATATYPES, DataType, LoadedModel, TensorSpec
+from strongroom.runtime.server import MessageLimits
 
 _CONTENTS_FIELDS = (
     "bool_contents",
@@ -40,6 +41,14 @@ _NARROW = {"INT8": (-(1 << 7), (1 << 7) - 1), "INT16": (-(1 << 15), (1 << 15) - 
 _NARROW |= {"UINT8": (0, (1 << 8) - 1), "UINT16": (0, (1 << 16) - 1)}
 
 
+DEFAULT_MAX_TENSOR_BYTES = 64 << 20
+"""Default bound on a request's (and a response's) tensor bytes."""
+MAX_TENSOR_BYTES_CEILING = 1 << 30
+"""Largest tensor bound one may configure (gRPC messages are limited to 2 GiB)."""
+MESSAGE_OVERHEAD = 1 << 20
+"""Room in a message for what is not tensor data: names, shapes, datatypes, parameters."""
+
+
 @dataclasses.dataclass(frozen=True)
 class InferLimits:
     """Per-request limits; requests beyond them fail with RESOURCE_EXHAUSTED."""
@@ -48,15 +57,31 @@ class InferLimits:
     max_outputs: int = 64
     max_rank: int = 16
     max_tensor_elements: int = 1 << 27
-    max_input_bytes: int = 256 << 20
-    max_output_bytes: int = 256 << 20
-    max_message_bytes: int = 256 << 20
+    max_input_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+    max_output_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+
+    def __post_init__(self) -> None:
+        for name in ("max_input_bytes", "max_output_bytes"):
+            value = getattr(self, name)
+            if not 1 <= value <= MAX_TENSOR_BYTES_CEILING:
+                raise ValueError(
+                    f"{name} must be between 1 byte and {MAX_TENSOR_BYTES_CEILING >> 20} MiB "
+                    "(a gRPC message is at most 2 GiB)"
+                )
+
+    @property
+    def message_limits(self) -> MessageLimits:
+        """The server's message sizes, derived from the tensor limits: the one owner of both."""
+        return MessageLimits(
+            receive=self.max_input_bytes + MESSAGE_OVERHEAD,
+            send=self.max_output_bytes + MESSAGE_OVERHEAD,
+        )
 
     def grpc_server_options(self) -> list[tuple[str, int]]:
-        """gRPC server options matching these limits (the default receive limit is 4 MiB)."""
+        """gRPC server options matching these limits (for servers built without ServiceHost)."""
         return [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.message_limits.receive),
+            ("grpc.max_send_message_length", self.message_limits.send),
         ]
 
 
