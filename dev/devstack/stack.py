@@ -125,6 +125,17 @@ class DevStack:
         self._identities.append(identity)
         return identity
 
+    def foreign_identity(self, spiffe_id: str) -> WorkloadIdentity:
+        """Enrols an identity with any SPIFFE ID (another trust domain, an unknown workload): a
+        certificate our CA really issued, as a hostile but certified client would hold."""
+        ca = self.start_ca()
+        token = mint_token(
+            ca.layout.provisioner(), ca_url=ca.url, subject=spiffe_id, sans=[spiffe_id]
+        )
+        identity = WorkloadIdentity.enrol(ca.client(), token, policy=RenewalPolicy())
+        self._identities.append(identity)
+        return identity
+
     def simulated_policy(self, version: str, measurement: str = DEMO_MEASUREMENT) -> str:
         """A release policy for the inference identity in a simulated SEV-SNP VM measuring
         ``measurement`` (hex), with the defaults: debug forbidden, VMPL 0."""
@@ -219,12 +230,17 @@ class DevStack:
         return self.root / "config" / f"{service}.yaml"
 
     def write_config(
-        self, service: str, section: dict[str, Any] | None = None, *, instance: str | None = None
+        self,
+        service: str,
+        section: dict[str, Any] | None = None,
+        *,
+        instance: str | None = None,
+        server: dict[str, Any] | None = None,
     ) -> Path:
         """Writes the service's configuration file and its one-time enrolment token.
 
         ``instance`` names a second copy of a service (its own ports, state and files; the same
-        SPIFFE ID).
+        SPIFFE ID); ``server`` sets keys of the ``server:`` section (limits).
         """
         instance = instance or service
         ca = self.start_ca()
@@ -253,6 +269,8 @@ class DevStack:
             "authz": {role: [self.spiffe_id(role)] for role in ROLES},
             service: section if section is not None else self.default_section(service),
         }
+        if server:
+            document["server"] = server
         path = self.config_path(instance)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(document, sort_keys=False))
@@ -322,11 +340,13 @@ class DevStack:
         section: dict[str, Any] | None = None,
         *,
         tracer_provider: TracerProvider | None = None,
+        server: dict[str, Any] | None = None,
     ) -> RunningService:
-        """Starts ``service`` in this process from its configuration file (for tests)."""
+        """Starts ``service`` in this process from its configuration file (for tests);
+        ``server`` sets keys of its ``server:`` section."""
         import importlib
 
-        server = importlib.import_module(f"strongroom.{service}.server")
+        module = importlib.import_module(f"strongroom.{service}.server")
         config_cls = {
             "keybroker": "strongroom.keybroker.config:KeybrokerConfig",
             "modelstore": "strongroom.modelstore.config:ModelstoreConfig",
@@ -334,12 +354,12 @@ class DevStack:
         }[service]
         module_name, cls_name = config_cls.split(":")
         cls = getattr(importlib.import_module(module_name), cls_name)
-        path = self.write_config(service, section)
+        path = self.write_config(service, section, server=server)
         common, config = load_service_config(path, service, cls, environ={})
         from strongroom.runtime.bootstrap import open_identity
 
         identity = open_identity(common.identity)
-        handle = server.build(common, config, identity=identity, tracer_provider=tracer_provider)
+        handle = module.build(common, config, identity=identity, tracer_provider=tracer_provider)
         handle.host.start()
 
         def stop() -> None:
@@ -433,8 +453,13 @@ class DevStack:
     def channel(
         self, identity: WorkloadIdentity, service: str, *, instance: str | None = None
     ) -> grpc.Channel:
-        """An mTLS channel from ``identity`` to ``service`` (or to a named second instance)."""
-        return identity.channel(self.address(instance or service), server_name=service)
+        """An mTLS channel from ``identity`` to ``service`` (or to a named second instance) that
+        checks the server presents ``service``'s SPIFFE ID."""
+        return identity.channel(
+            self.address(instance or service),
+            server_name=service,
+            server_id=self.spiffe_id(service),
+        )
 
     def log_path(self, instance: str) -> Path:
         """Where a child process's output goes."""

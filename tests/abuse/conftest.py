@@ -1,0 +1,30 @@
+"""One real stack per module for the abuse suite: step-ca, SoftHSM2, key broker, model store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from strongroom.dev.devstack import DevStack
+from tests.abuse.traffic import IDLE_TIMEOUT, KEY_ID, Identities
+
+SERVER = {"stream_idle_timeout_seconds": IDLE_TIMEOUT}
+
+
+@pytest.fixture(scope="module")
+def stack(step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+    """step-ca + key broker + model store in this process over real mTLS, default limits except
+    a short idle timeout; a release key exists."""
+    with DevStack(tmp_path_factory.mktemp("abuse"), step_ca_binary=step_ca_binary) as dev:
+        dev.start_in_process("keybroker", server=SERVER)
+        dev.start_in_process("modelstore", server=SERVER)
+        dev.create_release_key(dev.identity("admin"), KEY_ID, policy_version="1")
+        yield dev
+
+
+@pytest.fixture(scope="module")
+def who(stack: DevStack) -> Identities:
+    """The legitimate client and the attackers, each with a certificate from the stack's CA."""
+    return Identities.enrol(stack)
