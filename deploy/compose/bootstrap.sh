@@ -63,6 +63,7 @@ init_pki() {
 # Prints the identity's SPIFFE ID, then one DNS name per line, from its compose config file.
 identity_of() {
   python3 - "$config_dir/$1.yaml" <<'PY'
+import os
 import sys
 
 import yaml
@@ -70,8 +71,11 @@ import yaml
 with open(sys.argv[1], encoding="utf-8") as f:
     identity = yaml.safe_load(f)["identity"]
 print(identity["spiffe_id"])
+# Production certificates never carry loopback names (every service would answer to them).
+production = os.environ.get("STRONGROOM_BOOTSTRAP_MODE") == "production"
 for name in identity.get("dns_names") or []:
-    print(name)
+    if not (production and name in ("localhost", "localhost.localdomain", "127.0.0.1", "::1")):
+        print(name)
 PY
 }
 

@@ -8,13 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from cryptography import x509
 from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.pki.authz import SpiffeAuthorizer
 from strongroom.pki.client import CaClient
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
-from strongroom.runtime.config import CommonConfig, IdentityConfig, load_service_config
+from strongroom.runtime.config import (
+    LOOPBACK_NAMES,
+    CommonConfig,
+    IdentityConfig,
+    load_service_config,
+)
 from strongroom.runtime.logs import configure_logging
 from strongroom.runtime.metrics import install_meter_provider
 from strongroom.runtime.server import HEALTH_SERVICE, MessageLimits, ServiceHost, ServiceSpec
@@ -49,6 +55,27 @@ def open_identity(config: IdentityConfig) -> WorkloadIdentity:
             reason="IDENTITY_MISMATCH",
         )
     return identity
+
+
+def refuse_loopback_names(identity: WorkloadIdentity) -> None:
+    """Refuses (FailedPrecondition) a production certificate that carries ``localhost`` or a
+    loopback address: every service's certificate would, and a client that dials it and checks
+    only the name would accept any of them."""
+    try:
+        san = identity.credentials.leaf.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    except x509.ExtensionNotFound:
+        return
+    names = {*san.get_values_for_type(x509.DNSName)}
+    names |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    loopback = sorted(names & LOOPBACK_NAMES)
+    if loopback:
+        raise FailedPrecondition(
+            f"the certificate of {identity.spiffe_id} carries {', '.join(loopback)}, which only "
+            "development certificates may: enrol again with a token without it",
+            reason="LOOPBACK_NAME_IN_PRODUCTION",
+        )
 
 
 @dataclass(frozen=True)
@@ -128,6 +155,8 @@ def run_service(
     install_meter_provider(service, common.tracing)
     identity = open_identity(common.identity)
     try:
+        if common.production:
+            refuse_loopback_names(identity)
         running = build(common, section, identity)
         try:
             running.host.run_until_signal(

@@ -272,6 +272,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 SERVICES = ("keybroker", "modelstore", "inference")
 
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "127.0.0.1", "::1"})
+"""Names a service certificate may carry only in development mode."""
+
 
 @dataclasses.dataclass(frozen=True)
 class CommonConfig:
@@ -291,6 +294,15 @@ class CommonConfig:
     def production(self) -> bool:
         """True unless the operator explicitly chose development mode."""
         return self.mode == "production"
+
+    def __post_init__(self) -> None:
+        if self.production:
+            loopback = sorted(set(self.identity.dns_names) & LOOPBACK_NAMES)
+            if loopback:
+                raise ConfigError(
+                    f"identity.dns_names: {', '.join(loopback)} only in development mode (every "
+                    "service would answer to it, so a client dialling it could reach any of them)"
+                )
 
 
 def load_service_config(

@@ -1,0 +1,125 @@
+"""Clients check the server's SPIFFE ID, not only its DNS name (issue 11, finding 5).
+
+Every service certificate in development carries ``DNS:localhost``; a client that dials
+``localhost`` and checks only the name accepts any service (the model store answering as the key
+broker). A channel configured with the SPIFFE ID expected at its target refuses that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from strongroom.pki import StepCa, WorkloadIdentity
+from strongroom.pki.handshake import ServerIdentityMismatch
+from strongroom.runtime.config import ConfigError, IdentityConfig
+from tests.pki.helpers import TRUST_DOMAIN, Server, enrol, serve, sid
+
+
+@pytest.fixture(scope="module")
+def store_identity(ca: StepCa) -> Iterator[WorkloadIdentity]:
+    """A model store certificate that, like every development service, carries localhost."""
+    identity = enrol(ca, "modelstore", ["modelstore", "localhost"], auto_renew=False)
+    yield identity
+    identity.close()
+
+
+@pytest.fixture(scope="module")
+def store(store_identity: WorkloadIdentity) -> Iterator[Server]:
+    running = serve(store_identity)
+    yield running
+    running.stop()
+
+
+def check(channel: grpc.Channel) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    status: int = stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    return status
+
+
+def test_name_only_client_accepts_the_wrong_service(
+    store: Server, client_identity: WorkloadIdentity
+) -> None:
+    """The attack: dialling localhost for the key broker, the model store answers."""
+    with client_identity.channel(store.target) as channel:
+        assert check(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_client_expecting_the_broker_refuses_the_store_naming_both_ids(
+    store: Server, client_identity: WorkloadIdentity
+) -> None:
+    with client_identity.channel(store.target, server_id=sid("keybroker")) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            check(channel)
+    error = info.value
+    assert isinstance(error, ServerIdentityMismatch)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.reason == "SERVER_IDENTITY_MISMATCH"
+    assert sid("keybroker") in error.details()
+    assert sid("modelstore") in error.details()
+
+
+def test_every_kind_of_call_is_checked(store: Server, client_identity: WorkloadIdentity) -> None:
+    with client_identity.channel(store.target, server_id=sid("keybroker")) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(ServerIdentityMismatch):
+            next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+        with pytest.raises(ServerIdentityMismatch):
+            stub.Check.future(health_pb2.HealthCheckRequest(), timeout=10)
+
+
+def test_client_expecting_the_store_gets_it(
+    store: Server, client_identity: WorkloadIdentity
+) -> None:
+    with client_identity.channel(store.target, server_id=sid("modelstore")) as channel:
+        assert check(channel) == health_pb2.HealthCheckResponse.SERVING
+        assert check(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_dns_name_mismatch_is_explained_with_the_server_id(
+    store: Server, client_identity: WorkloadIdentity
+) -> None:
+    """gRPC's own host-name check fails first; the error still names both identities."""
+    with (
+        client_identity.channel(
+            store.target, server_name="keybroker", server_id=sid("keybroker")
+        ) as channel,
+        pytest.raises(ServerIdentityMismatch, match=sid("modelstore")),
+    ):
+        check(channel)
+
+
+def test_an_unreachable_server_is_unavailable_not_a_mismatch(
+    client_identity: WorkloadIdentity,
+) -> None:
+    with client_identity.channel("localhost:1", server_id=sid("keybroker")) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            check(channel)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def _identity_config(tmp_path: Path) -> IdentityConfig:
+    return IdentityConfig(
+        trust_domain=TRUST_DOMAIN,
+        spiffe_id=sid("admin"),
+        ca_url="https://127.0.0.1:1",
+        ca_root_file=tmp_path / "root.pem",
+    )
+
+
+def test_client_configuration_expects_each_service_own_id_by_default(tmp_path: Path) -> None:
+    from strongroom.cli.client import ClientConfig
+
+    config = ClientConfig(identity=_identity_config(tmp_path))
+    assert config.server_id("keybroker") == sid("keybroker")
+    custom = ClientConfig(identity=_identity_config(tmp_path), keybroker_spiffe_id=sid("broker-eu"))
+    assert custom.server_id("keybroker") == sid("broker-eu")
+    with pytest.raises(ConfigError, match="outside trust domain"):
+        ClientConfig(
+            identity=_identity_config(tmp_path),
+            keybroker_spiffe_id="spiffe://evil.example/keybroker",
+        )

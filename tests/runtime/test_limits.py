@@ -1,0 +1,85 @@
+"""One owner per limit (issue 11, findings 2, 5 and 8): message sizes come from each service's
+API, contradicting settings are refused, loopback names only in development."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from strongroom.inference.config import InferenceConfig
+from strongroom.inference.oip import InferLimits
+from strongroom.keybroker.policy_bounds import MAX_POLICY_BYTES
+from strongroom.keybroker.service import MESSAGE_LIMITS as BROKER
+from strongroom.modelstore.service import DEFAULT_DOWNLOAD_CHUNK, DEFAULT_MAX_CHUNK, message_limits
+from strongroom.runtime.config import ConfigError, load_service_config
+from strongroom.runtime.server import MessageLimits
+
+COMMON = """
+service: {service}
+mode: {mode}
+listen: 127.0.0.1:7443
+identity:
+  trust_domain: strongroom.test
+  spiffe_id: spiffe://strongroom.test/{service}
+  ca_url: https://127.0.0.1:9000
+  ca_root_file: /tmp/root.pem
+  dns_names: [{names}]
+"""
+
+
+def load(tmp_path: Path, *, mode: str, names: str, extra: str = "") -> None:
+    path = tmp_path / "config.yaml"
+    text = COMMON.format(service="inference", mode=mode, names=names) + extra
+    path.write_text(text + "inference: {model_store: 'a:1', key_broker: 'b:1'}\n")
+    load_service_config(path, "inference", InferenceConfig, environ={})
+
+
+def test_the_broker_accepts_kib_not_64_mib() -> None:
+    assert BROKER.receive <= 256 * 1024
+    assert BROKER.receive >= 2 * MAX_POLICY_BYTES  # a policy document fits with room to spare
+
+
+def test_the_store_limits_follow_its_chunk_sizes() -> None:
+    limits = message_limits()
+    assert DEFAULT_MAX_CHUNK < limits.receive <= DEFAULT_MAX_CHUNK + 64 * 1024
+    assert DEFAULT_DOWNLOAD_CHUNK < limits.send <= 1024 * 1024
+    assert message_limits(max_chunk=1 << 20).receive < limits.receive
+
+
+def test_inference_message_limits_follow_its_tensor_limits() -> None:
+    """Before: InferLimits advertised 256 MiB while the host capped messages at 64 MiB."""
+    config = InferenceConfig(model_store="a:1", key_broker="b:1", max_input_bytes=8 << 20)
+    limits = config.limits.message_limits
+    assert config.limits.max_input_bytes == 8 << 20
+    assert 8 << 20 < limits.receive <= 9 << 20
+    assert InferLimits().message_limits.receive < 128 << 20
+    assert not hasattr(InferLimits(), "max_message_bytes")
+
+
+@pytest.mark.parametrize("value", [0, 2 << 30])
+def test_impossible_tensor_limits_are_refused(value: int) -> None:
+    with pytest.raises(ConfigError, match="max_input_bytes"):
+        InferenceConfig(model_store="a:1", key_broker="b:1", max_input_bytes=value)
+
+
+def test_server_message_sizes_can_no_longer_be_set_apart_from_the_api(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown key"):
+        load(
+            tmp_path,
+            mode="development",
+            names="inference",
+            extra="server: {max_receive_message_bytes: 67108864}\n",
+        )
+
+
+def test_message_limits_are_bounded() -> None:
+    with pytest.raises(ValueError, match="receive"):
+        MessageLimits(receive=3 << 30, send=1 << 20)
+
+
+def test_localhost_is_refused_in_production_and_allowed_in_development(tmp_path: Path) -> None:
+    load(tmp_path, mode="development", names="inference, localhost")
+    load(tmp_path, mode="production", names="inference")
+    with pytest.raises(ConfigError, match="localhost only in development"):
+        load(tmp_path, mode="production", names="inference, localhost")
