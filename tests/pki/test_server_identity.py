@@ -52,9 +52,11 @@ def test_name_only_client_accepts_the_wrong_service(
 def test_client_expecting_the_broker_refuses_the_store_naming_both_ids(
     store: Server, client_identity: WorkloadIdentity
 ) -> None:
-    with client_identity.channel(store.target, server_id=sid("keybroker")) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            check(channel)
+    with (
+        client_identity.channel(store.target, server_id=sid("keybroker")) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        check(channel)
     error = info.value
     assert isinstance(error, ServerIdentityMismatch)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -96,9 +98,11 @@ def test_a_dns_name_mismatch_is_explained_with_the_server_id(
 def test_an_unreachable_server_is_unavailable_not_a_mismatch(
     client_identity: WorkloadIdentity,
 ) -> None:
-    with client_identity.channel("localhost:1", server_id=sid("keybroker")) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            check(channel)
+    with (
+        client_identity.channel("localhost:1", server_id=sid("keybroker")) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        check(channel)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
 
 
