@@ -179,3 +179,17 @@ def test_nested_or_huge_policy_documents_are_refused_with_a_reason(
     # The key keeps its policy.
     kept = admin.GetReleasePolicy(kb.GetReleasePolicyRequest(key_id=KEY_ID), timeout=30)
     assert kept.policy_version == "1"
+
+
+def test_a_policy_for_a_foreign_trust_domain_is_refused_over_the_api(
+    stack: DevStack, who: Identities
+) -> None:
+    admin = kb_grpc.KeyAdminServiceStub(stack.channel(who.admin, "keybroker"))
+    document = stack.simulated_policy("2").replace(
+        stack.spiffe_id("inference"), "spiffe://evil.example/inference"
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        admin.SetReleasePolicy(
+            kb.SetReleasePolicyRequest(key_id=KEY_ID, policy_document=document), timeout=30
+        )
+    assert outcome(raised.value) == ("INVALID_ARGUMENT", "POLICY_FOREIGN_TRUST_DOMAIN")

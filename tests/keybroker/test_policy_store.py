@@ -1,0 +1,85 @@
+"""The broker's policy store refuses policies that cannot be right where it runs, and documents
+beyond its bounds (issue 11, findings 4 and 7)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from strongroom.attestation import errors as E
+from strongroom.attestation.errors import PolicyInvalid
+from strongroom.keybroker.policies import PolicyStore
+from strongroom.keybroker.policy_bounds import (
+    MAX_POLICY_BYTES,
+    MAX_POLICY_DEPTH,
+    check_policy_bounds,
+)
+
+DOMAIN = "strongroom.test"
+MEASUREMENT = "ab" * 48
+
+
+def document(*, callers: str = f"spiffe://{DOMAIN}/inference", debug: bool = False) -> str:
+    return (
+        'version: "1"\n'
+        f'allowed_spiffe_ids: ["{callers}"]\n'
+        "tee_types: [SEV_SNP]\n"
+        "sev_snp:\n"
+        f'  measurements: ["{MEASUREMENT}"]\n'
+        f"  allow_debug: {'true' if debug else 'false'}\n"
+    )
+
+
+def store(tmp_path: Path, *, production: bool) -> PolicyStore:
+    return PolicyStore(tmp_path / "policies", trust_domain=DOMAIN, production=production)
+
+
+@pytest.mark.parametrize("production", [True, False])
+def test_a_foreign_trust_domain_is_always_refused(tmp_path: Path, production: bool) -> None:
+    with pytest.raises(PolicyInvalid) as info:
+        store(tmp_path, production=production).put(
+            "k1", document(callers="spiffe://evil.example/inference")
+        )
+    assert info.value.reason == E.POLICY_FOREIGN_TRUST_DOMAIN
+    assert "spiffe://evil.example/inference" in info.value.message
+    assert not (tmp_path / "policies" / "k1.yaml").exists()
+
+
+def test_allow_debug_is_refused_in_production_only(tmp_path: Path) -> None:
+    with pytest.raises(PolicyInvalid) as info:
+        store(tmp_path, production=True).put("k1", document(debug=True))
+    assert info.value.reason == E.POLICY_DEBUG_IN_PRODUCTION
+    assert store(tmp_path, production=False).put("k1", document(debug=True)).policy.snp
+    # A debug policy a development broker stored does not load in a production one either.
+    with pytest.raises(PolicyInvalid) as info:
+        store(tmp_path, production=True).get("k1")
+    assert info.value.reason == E.POLICY_DEBUG_IN_PRODUCTION
+
+
+def test_a_good_policy_is_stored(tmp_path: Path) -> None:
+    stored = store(tmp_path, production=True).put("k1", document())
+    assert stored.policy.version == "1"
+
+
+def test_the_issues_nested_document_is_refused_quickly_without_recursion(tmp_path: Path) -> None:
+    """Before: RecursionError (INTERNAL) and thousands of log lines."""
+    for depth in (50_000, 20_000, MAX_POLICY_DEPTH + 1):
+        with pytest.raises(PolicyInvalid) as info:
+            store(tmp_path, production=True).put("k1", "[" * depth + "]" * depth)
+        assert info.value.reason in ("POLICY_TOO_LARGE", "POLICY_TOO_DEEP")
+
+
+def test_depth_within_the_bound_is_left_to_the_schema() -> None:
+    inner = MAX_POLICY_DEPTH - 1  # the top-level mapping is one level
+    check_policy_bounds("a: " + "[" * inner + "]" * inner)
+    check_policy_bounds("not: [valid")  # syntax errors are the loader's to name
+
+
+def test_size_and_node_bounds() -> None:
+    with pytest.raises(PolicyInvalid, match="bytes"):
+        check_policy_bounds("#" * (MAX_POLICY_BYTES + 1))
+    with pytest.raises(PolicyInvalid, match="YAML nodes"):
+        check_policy_bounds("[" + ", ".join(["1"] * 5000) + "]")
+    with pytest.raises(PolicyInvalid, match="nests deeper"):
+        check_policy_bounds("- " * (MAX_POLICY_DEPTH + 1) + "x")
