@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ import numpy as np
 from strongroom.errors import StrongroomError
 
 KEY_ID = "demo-classifier"
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 MODEL = "classifier"
 
 
@@ -98,8 +101,13 @@ def run(args: argparse.Namespace) -> int:
     root = args.dir.resolve()
     if root.exists():
         shutil.rmtree(root)
-    root.mkdir(parents=True)
+    # Everything the demo and its services write (logs, the plaintext model, state) is private.
+    os.umask(0o077)
+    root.mkdir(parents=True, mode=0o700)
     stack = DevStack(root)
+    # SIGTERM and SIGHUP stop everything the demo started, as Ctrl-C does: without this the
+    # interpreter exits at once and step-ca and the services are orphaned.
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in _STOP_SIGNALS}
     try:
         say.step("0", "Bring up the platform: internal PKI, HSM, key broker, model store")
         ca = stack.start_ca()
@@ -326,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
             f"\nDemo complete: {say.checks} checks passed in {elapsed:.1f}s. Working directory: {root}"
         )
         if args.keep:
-            print("Services keep running; press Ctrl-C to stop.")
+            print("Services keep running; press Ctrl-C (or send SIGTERM) to stop.", flush=True)
             try:
                 while True:
                     time.sleep(3600)
@@ -344,7 +352,13 @@ def run(args: argparse.Namespace) -> int:
                 )
         return 1
     finally:
-        stack.close()
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+        try:
+            stack.close()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _audit_records(root: Path) -> list[dict[str, Any]]:

@@ -90,8 +90,11 @@ class StepCa:
                 reason="STEP_CA_MISSING",
             )
         log_path = self.layout.log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log_file:
+        log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # step-ca logs the one-time tokens it accepts: its log is for the CA's operator only.
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "ab") as log_file:
             self._process = subprocess.Popen(
                 [
                     str(self.binary),

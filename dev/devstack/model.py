@@ -8,6 +8,7 @@ benchmark needs.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,5 +74,8 @@ def train(path: Path, *, seed: int = 7, padding_bytes: int = 0) -> TrainedModel:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    path.write_bytes(model.SerializeToString())
+    # The plaintext model: readable by its owner only.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(model.SerializeToString())
     return TrainedModel(path, w, b, accuracy, x[:4].copy())

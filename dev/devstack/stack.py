@@ -464,7 +464,9 @@ class DevStack:
     def log_path(self, instance: str) -> Path:
         """Where a child process's output goes."""
         path = self.root / "logs" / f"{instance}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Service logs name identities, keys and models: for the stack's user only.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         return path
 
     def close(self) -> None:

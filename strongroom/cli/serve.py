@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,12 @@ def register(sub: Any) -> None:
     health.set_defaults(func=_health)
 
 
+PRIVATE_UMASK = 0o077
+"""What a service writes (logs, state, blobs, policies) is readable by its own user only."""
+
+
 def _serve(args: argparse.Namespace) -> int:
+    os.umask(PRIVATE_UMASK)
     module = importlib.import_module(f"strongroom.{args.service}.server")
     code: int = module.serve(args.config)
     return code
