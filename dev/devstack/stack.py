@@ -378,11 +378,17 @@ class DevStack:
         return running
 
     def start_process(
-        self, service: str, section: dict[str, Any] | None = None, *, instance: str | None = None
+        self,
+        service: str,
+        section: dict[str, Any] | None = None,
+        *,
+        instance: str | None = None,
+        server: dict[str, Any] | None = None,
     ) -> RunningService:
-        """Starts ``strongroom serve <service>`` as a child process (for the demo)."""
+        """Starts ``strongroom serve <service>`` as a child process (for the demo);
+        ``server`` sets keys of its ``server:`` section."""
         instance = instance or service
-        path = self.write_config(service, section, instance=instance)
+        path = self.write_config(service, section, instance=instance, server=server)
         log_path = self.log_path(instance)
         with log_path.open("ab") as out:
             process = subprocess.Popen(

@@ -73,7 +73,9 @@ def test_the_issues_nested_document_is_refused_quickly_without_recursion(tmp_pat
 def test_depth_within_the_bound_is_left_to_the_schema() -> None:
     inner = MAX_POLICY_DEPTH - 1  # the top-level mapping is one level
     check_policy_bounds("a: " + "[" * inner + "]" * inner)
-    check_policy_bounds("not: [valid")  # syntax errors are the loader's to name
+    with pytest.raises(PolicyInvalid) as info:
+        check_policy_bounds("not: [valid")
+    assert info.value.reason == E.POLICY_SYNTAX
 
 
 def test_size_and_node_bounds() -> None:
