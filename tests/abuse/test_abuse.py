@@ -66,7 +66,7 @@ def test_64_stalled_uploads_are_refused_or_timed_out_and_leave_nothing(
         try:
             deadline = time.monotonic() + IDLE_TIMEOUT + 30
             for future in futures:
-                future.exception(timeout=max(0.1, deadline - time.monotonic()))
+                future.exception(max(0.1, deadline - time.monotonic()))
         finally:
             stop.set()
         legit.run(rounds=5)
@@ -87,7 +87,7 @@ def test_32_oversized_unary_requests_are_refused_before_any_handler(
     size = 4 * MESSAGE_LIMITS.receive  # far beyond the broker's largest message
     with LegitClient(stack, who.legit) as legit:
         futures = oversized_unary(stack, who.nobody, 32, size)
-        errors = [f.exception(timeout=60) for f in futures]
+        errors = [f.exception(60) for f in futures]
         legit.run(rounds=5)
     assert legit.failures == []
     for error in errors:
@@ -122,12 +122,12 @@ def test_malformed_requests_get_invalid_argument_with_a_reason_and_no_traceback(
         if method.endswith("/PutModel"):
             # PutModelRequest's field 1 is bytes; its string field is 3.
             body = b"\x1a" + body[1:] if body.startswith(b"\x0a") else body
-            call = channel.stream_unary(method)
+            call = channel.stream_unary(method, None, None)
             with pytest.raises(grpc.RpcError) as raised:
                 call(iter([body]), timeout=30)
         else:
             with pytest.raises(grpc.RpcError) as raised:
-                channel.unary_unary(method)(body, timeout=30)
+                channel.unary_unary(method, None, None)(body, timeout=30)
         legit.run(rounds=2)
     assert outcome(raised.value) == ("INVALID_ARGUMENT", "MALFORMED_REQUEST")
     assert legit.failures == []
@@ -144,7 +144,9 @@ def test_malformed_request_from_a_refused_identity_is_refused_first(
 ) -> None:
     channel = stack.channel(who.nobody, "keybroker")
     with pytest.raises(grpc.RpcError) as raised:
-        channel.unary_unary(f"/{ADMIN}/SetReleasePolicy")(MALFORMED["garbage"], timeout=30)
+        channel.unary_unary(f"/{ADMIN}/SetReleasePolicy", None, None)(
+            MALFORMED["garbage"], timeout=30
+        )
     assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 

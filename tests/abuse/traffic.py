@@ -39,7 +39,8 @@ def outcome(error: BaseException | None) -> tuple[str, str | None]:
         return ("OK", None)
     if not isinstance(error, grpc.RpcError):
         return (type(error).__name__, None)
-    reason = dict(error.trailing_metadata() or ()).get(REASON_METADATA_KEY)
+    metadata: Any = error.trailing_metadata() or ()
+    reason = dict(metadata).get(REASON_METADATA_KEY)
     return (error.code().name, reason)
 
 
@@ -163,7 +164,7 @@ def _error_of(call: Any) -> BaseException | None:
 
 def stalled_uploads(
     stack: DevStack, identity: WorkloadIdentity, count: int
-) -> tuple[list[grpc.Future], threading.Event]:
+) -> tuple[list[Any], threading.Event]:
     """Starts ``count`` PutModel uploads that send one message and then nothing."""
     stop = threading.Event()
     stub = ms_grpc.ModelStoreServiceStub(stack.channel(identity, "modelstore"))
@@ -178,10 +179,10 @@ def stalled_uploads(
 
 def oversized_unary(
     stack: DevStack, identity: WorkloadIdentity, count: int, size: int
-) -> list[grpc.Future]:
+) -> list[Any]:
     """``count`` concurrent ReleaseKey calls of ``size`` bytes each (one shared buffer)."""
     payload = kb.ReleaseKeyRequest(key_id=KEY_ID, nonce=b"\0" * size).SerializeToString()
-    raw = stack.channel(identity, "keybroker").unary_unary(f"/{BROKER}/ReleaseKey")
+    raw = stack.channel(identity, "keybroker").unary_unary(f"/{BROKER}/ReleaseKey", None, None)
     return [raw.future(payload, timeout=60) for _ in range(count)]
 
 

@@ -66,7 +66,7 @@ def _measure(stack: DevStack, who: Identities) -> tuple[float, float, int]:
 
 
 @contextmanager
-def _looping(action: Callable[[], None]) -> Iterator[Counter[str]]:
+def _looping(action: Callable[[], object]) -> Iterator[Counter[str]]:
     """Runs ``action`` in a loop on another thread (bounded by time) and counts outcomes."""
     stop = threading.Event()
     counts: Counter[str] = Counter()
@@ -132,14 +132,14 @@ def run(results: dict[str, Any]) -> None:
         finally:
             stop.set()
         results["stalled_uploads_64"]["uploads"] = dict(
-            Counter("/".join(str(x) for x in outcome(f.exception(timeout=60))) for f in futures)
+            Counter("/".join(str(x) for x in outcome(f.exception(60))) for f in futures)
         )
 
         # 32 concurrent 60 MB unary requests from an identity that every RPC refuses.
         before = _memory_mib(pid)
         oversized = oversized_unary(stack, who.nobody, 32, OVERSIZED_BYTES)
         record("oversized_unary_32")
-        codes = Counter(outcome(f.exception(timeout=120))[0] for f in oversized)
+        codes = Counter(outcome(f.exception(120))[0] for f in oversized)
         after = _memory_mib(pid)
         results["oversized_unary_32"].update(
             {
@@ -152,7 +152,9 @@ def run(results: dict[str, Any]) -> None:
         del oversized
 
         # Malformed frames, in a loop from an authorised identity.
-        raw = stack.channel(who.admin, "keybroker").unary_unary(f"/{ADMIN}/SetReleasePolicy")
+        raw = stack.channel(who.admin, "keybroker").unary_unary(
+            f"/{ADMIN}/SetReleasePolicy", None, None
+        )
         bodies = list(MALFORMED.values())
         index = iter(range(10**9))
         with _looping(lambda: raw(bodies[next(index) % len(bodies)], timeout=30)) as counts:

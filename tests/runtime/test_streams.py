@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -100,7 +101,8 @@ def unary(channel: grpc.Channel, timeout: float = 10) -> bytes:
 
 
 def reason_of(error: grpc.RpcError) -> str | None:
-    return dict(error.trailing_metadata() or ()).get(REASON_METADATA_KEY)  # type: ignore[attr-defined]
+    metadata: Any = error.trailing_metadata() or ()  # type: ignore[attr-defined]
+    return dict(metadata).get(REASON_METADATA_KEY)
 
 
 def test_watch_streams_hold_no_worker_thread(
