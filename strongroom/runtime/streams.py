@@ -12,7 +12,9 @@ threads for as long as it lasts. :class:`StreamGuard` admits a stream only while
 otherwise the stream fails at once with ``RESOURCE_EXHAUSTED`` and a reason. A request stream that
 sends nothing for ``idle_timeout`` seconds fails with ``RESOURCE_EXHAUSTED``
 (``STREAM_IDLE_TIMEOUT``), which frees its thread (the model store then removes the partial upload,
-as it does on cancel).
+as it does on cancel). A response stream whose client stops reading (gRPC's send waits for flow
+control) is cancelled after ``idle_timeout`` seconds without progress: gRPC offers no way to end
+it with a status from another thread, so that client sees CANCELLED.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -68,6 +71,42 @@ class StreamGuard(ServerInterceptorBase):
         self._lock = threading.Lock()
         self._per_identity: Counter[str] = Counter()
         self._blocking = 0
+        # Response streams waiting for their client to take a message: context -> since when.
+        self._sending: dict[grpc.ServicerContext, float] = {}
+        self._watchdog: threading.Thread | None = None
+
+    def _watch_sends(self) -> None:
+        period = max(0.05, self._limits.idle_timeout / 4)
+        while True:
+            time.sleep(period)
+            now = time.monotonic()
+            with self._lock:
+                stalled = [
+                    c
+                    for c, since in self._sending.items()
+                    if now - since > self._limits.idle_timeout
+                ]
+                for context in stalled:
+                    del self._sending[context]
+            for context in stalled:
+                log.warning(
+                    "response stream cancelled: the client stopped reading",
+                    extra={"peer": context.peer(), "reason": "STREAM_IDLE_TIMEOUT"},
+                )
+                context.cancel()
+
+    def _sending_started(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._sending[context] = time.monotonic()
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._watch_sends, name="stream-watchdog", daemon=True
+                )
+                self._watchdog.start()
+
+    def _sending_done(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._sending.pop(context, None)
 
     def open_streams(self, identity: str | None = None) -> int:
         """Streams open now, for one identity or (None) the blocking ones in total."""
@@ -155,8 +194,13 @@ class StreamGuard(ServerInterceptorBase):
                 release = enter(context)
                 argument = requests(argument)
                 try:
-                    yield from fn(argument, context)
+                    for response in fn(argument, context):
+                        # gRPC resumes this generator once the client took the message.
+                        self._sending_started(context)
+                        yield response
+                        self._sending_done(context)
                 finally:
+                    self._sending_done(context)
                     _close(argument)
                     release()
 

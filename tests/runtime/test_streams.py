@@ -42,6 +42,11 @@ def make_service(gate: Gate) -> ServiceSpec:
         yield b"first"
         gate.release.wait(30)
 
+    def flood(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        chunk = b"x" * (1 << 20)
+        for _ in range(4096):  # 4 GiB at most: far more than any flow-control window
+            yield chunk
+
     def upload(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         total = sum(len(r) for r in requests)
         gate.uploads_done += 1
@@ -53,6 +58,7 @@ def make_service(gate: Gate) -> ServiceSpec:
             "Unary": grpc.unary_unary_rpc_method_handler(unary, _identity, _identity),
             "Download": grpc.unary_stream_rpc_method_handler(download, _identity, _identity),
             "Upload": grpc.stream_unary_rpc_method_handler(upload, _identity, _identity),
+            "Flood": grpc.unary_stream_rpc_method_handler(flood, _identity, _identity),
         },
     )
     return ServiceSpec(SERVICE, lambda server: server.add_generic_rpc_handlers((handler,)))
@@ -207,3 +213,21 @@ def test_an_idle_upload_ends_with_a_reason_and_frees_its_thread(
 def test_contradicting_stream_limits_are_refused(settings: dict[str, int], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ServerConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_a_download_whose_client_stops_reading_is_cancelled_and_frees_its_thread(
+    small: tuple[ServiceHost, Gate, grpc.Channel],
+) -> None:
+    host, _gate, channel = small
+    flood = channel.unary_stream(f"/{SERVICE}/Flood", _identity, _identity)
+    call = flood(b"", timeout=60)
+    assert len(next(call)) == 1 << 20  # then the client stops reading
+    deadline = time.monotonic() + 30
+    while host.streams.open_streams() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host.streams.open_streams() == 0
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in call:  # what was in flight, then the status
+            pass
+    assert info.value.code() == grpc.StatusCode.CANCELLED  # type: ignore[attr-defined]
+    assert unary(channel) == b"ok"
