@@ -16,11 +16,12 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import ServerInterceptor
+from strongroom.runtime.health import HealthServicer
 from strongroom.runtime.interceptors import ErrorMappingInterceptor
 from strongroom.runtime.metrics import MetricsInterceptor
 from strongroom.runtime.streams import StreamGuard, StreamLimits
@@ -97,7 +98,7 @@ class ServiceHost:
         self._config = config
         self.message_limits = message_limits
         self._services = list(services)
-        self._health = health.HealthServicer(experimental_non_blocking=True)
+        self._health = HealthServicer()
         self._stopped = threading.Event()
         self._check_interval = check_interval
         self.not_ready_reason: str | None = "starting"

@@ -231,3 +231,46 @@ def test_a_download_whose_client_stops_reading_is_cancelled_and_frees_its_thread
             pass
     assert info.value.code() == grpc.StatusCode.CANCELLED  # type: ignore[attr-defined]
     assert unary(channel) == b"ok"
+
+
+def test_watchers_leaving_while_the_status_flaps_do_not_deadlock_the_server() -> None:
+    """grpc_health's servicer sends to watchers under its lock while the watchers' close
+    callbacks wait for that lock on gRPC's completion thread (grpc/grpc#43403): a server whose
+    readiness changes while Watch callers come and go stopped answering altogether."""
+    flapping = {"reason": None}
+    gate = Gate()
+    spec = make_service(gate)
+    spec.checks = (lambda: flapping["reason"],)
+    host = ServiceHost(
+        listen="127.0.0.1:0",
+        credentials=None,
+        services=[spec],
+        config=ServerConfig(max_workers=8, max_streams_per_identity=1000),
+        check_interval=0.001,
+    )
+    host.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{host.port}")
+    stop = threading.Event()
+
+    def flap() -> None:
+        while not stop.is_set():
+            flapping["reason"] = None if flapping["reason"] else "flapping"
+            time.sleep(0.0005)
+
+    flipper = threading.Thread(target=flap, daemon=True)
+    flipper.start()
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(30):
+            watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(20)]
+            for watch in watches:
+                next(watch)
+            for watch in watches:
+                watch.cancel()
+        assert unary(channel, timeout=10) == b"ok"
+        stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+    finally:
+        stop.set()
+        flipper.join(5)
+        channel.close()
+        host.stop(0)

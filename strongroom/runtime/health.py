@@ -1,0 +1,104 @@
+"""gRPC health with non-blocking ``Watch`` streams that cannot deadlock the server.
+
+grpcio-health-checking's ``HealthServicer`` sends to its watchers while holding its lock, and in
+non-blocking mode a send waits until gRPC's completion-queue thread reports it done. When a
+watcher's RPC ends at that moment, that same thread runs the servicer's close callback, which
+waits for the lock: the server stops (grpc/grpc#43403). This subclass never sends under the
+servicer's lock; each watcher has its own lock that orders its sends, and each send carries the
+service's status as it is at that moment, so a watcher never sees an older status after a newer
+one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+_Send = Callable[[Any], None]
+
+
+class _Watcher:
+    """One Watch stream: how to send to it, and the last status it was sent."""
+
+    __slots__ = ("closed", "last", "lock", "send", "service")
+
+    def __init__(self, service: str, send: _Send) -> None:
+        self.service = service
+        self.send = send
+        self.lock = threading.Lock()
+        self.last: int | None = None
+        self.closed = False
+
+
+class HealthServicer(health.HealthServicer):  # type: ignore[misc]
+    """``grpc_health``'s servicer, non-blocking, without its send-under-lock deadlock."""
+
+    def __init__(self) -> None:
+        super().__init__(experimental_non_blocking=True)
+        self._watchers: dict[str, set[_Watcher]] = {}
+
+    def _status(self, service: str) -> int:
+        with self._lock:
+            status: int | None = self._server_status.get(service)
+        return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN if status is None else status
+
+    def _update(self, watcher: _Watcher) -> None:
+        # Never under self._lock: the send waits for gRPC's completion thread.
+        with watcher.lock:
+            if watcher.closed:
+                return
+            status = self._status(watcher.service)
+            if status != watcher.last:
+                watcher.last = status
+                watcher.send(health_pb2.HealthCheckResponse(status=status))
+
+    def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+        send_response_callback: _Send | None = None,
+    ) -> Any:
+        """Sends the service's status now and whenever it changes, until the caller leaves."""
+        if send_response_callback is None:  # a server without non-blocking support
+            return super().Watch(request, context)
+        watcher = _Watcher(request.service, send_response_callback)
+        with self._lock:
+            self._watchers.setdefault(watcher.service, set()).add(watcher)
+
+        def closed() -> None:
+            # Runs on gRPC's completion thread: take no lock a sender may hold while it waits.
+            watcher.closed = True
+            with self._lock:
+                self._watchers.get(watcher.service, set()).discard(watcher)
+            send_response_callback(None)
+
+        if not context.add_callback(closed):
+            closed()
+            return None
+        self._update(watcher)
+        return None
+
+    def set(self, service: str, status: int) -> None:
+        """Sets a service's status and tells its watchers (outside the servicer's lock)."""
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            self._server_status[service] = status
+            watchers = list(self._watchers.get(service, ()))
+        for watcher in watchers:
+            self._update(watcher)
+
+    def enter_graceful_shutdown(self) -> None:
+        """Sets every service NOT_SERVING for good (later ``set`` calls are ignored)."""
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            services = list(self._server_status)
+        for service in services:
+            self.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        with self._lock:
+            self._gracefully_shutting_down = True
