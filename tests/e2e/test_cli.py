@@ -126,7 +126,11 @@ def test_broker_refuses_the_simulated_chain_in_production(stack: DevStack) -> No
         stack.config_path("keybroker"),
         "keybroker",
         KeybrokerConfig,
-        environ={"STRONGROOM__MODE": "production"},
+        # Production certificates carry no loopback name (the development stack's do).
+        environ={
+            "STRONGROOM__MODE": "production",
+            "STRONGROOM__IDENTITY__DNS_NAMES": "[keybroker]",
+        },
     )
     with pytest.raises(FailedPrecondition) as info:
         trust_store(*production)
