@@ -34,12 +34,13 @@ class _Watcher:
         self.closed = False
 
 
-class HealthServicer(health.HealthServicer):  # type: ignore[misc]
+class HealthServicer(health.HealthServicer):
     """``grpc_health``'s servicer, non-blocking, without its send-under-lock deadlock."""
 
     def __init__(self) -> None:
         super().__init__(experimental_non_blocking=True)
         self._watchers: dict[str, set[_Watcher]] = {}
+        self._shutting_down = False
 
     def _status(self, service: str) -> int:
         with self._lock:
@@ -85,7 +86,7 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]
     def set(self, service: str, status: int) -> None:
         """Sets a service's status and tells its watchers (outside the servicer's lock)."""
         with self._lock:
-            if self._gracefully_shutting_down:
+            if self._shutting_down:
                 return
             self._server_status[service] = status
             watchers = list(self._watchers.get(service, ()))
@@ -95,10 +96,10 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]
     def enter_graceful_shutdown(self) -> None:
         """Sets every service NOT_SERVING for good (later ``set`` calls are ignored)."""
         with self._lock:
-            if self._gracefully_shutting_down:
+            if self._shutting_down:
                 return
             services = list(self._server_status)
         for service in services:
             self.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         with self._lock:
-            self._gracefully_shutting_down = True
+            self._shutting_down = True

@@ -93,7 +93,8 @@ class StreamGuard(ServerInterceptorBase):
                     "response stream cancelled: the client stopped reading",
                     extra={"peer": context.peer(), "reason": "STREAM_IDLE_TIMEOUT"},
                 )
-                context.cancel()
+                cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
+                cancel()
 
     def _sending_started(self, context: grpc.ServicerContext) -> None:
         with self._lock:

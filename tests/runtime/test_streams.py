@@ -237,7 +237,7 @@ def test_watchers_leaving_while_the_status_flaps_do_not_deadlock_the_server() ->
     """grpc_health's servicer sends to watchers under its lock while the watchers' close
     callbacks wait for that lock on gRPC's completion thread (grpc/grpc#43403): a server whose
     readiness changes while Watch callers come and go stopped answering altogether."""
-    flapping = {"reason": None}
+    flapping: dict[str, str | None] = {"reason": None}
     gate = Gate()
     spec = make_service(gate)
     spec.checks = (lambda: flapping["reason"],)
