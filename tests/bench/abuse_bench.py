@@ -41,7 +41,7 @@ from tests.abuse.traffic import (
     watch_streams,
 )
 
-ROUNDS = 150  # legitimate rounds (3 RPCs each) per scenario
+ROUNDS = 300  # legitimate rounds (3 RPCs each) per scenario
 OVERSIZED_BYTES = 60_000_000
 
 
