@@ -29,8 +29,8 @@ from strongroom.keybroker.keys import (
     validate_version,
     validate_wrapped_dek,
 )
-from strongroom.keybroker.oaep import OaepHash, check_accepted
 from strongroom.keybroker.policies import PolicyStore
+from strongroom.oaep import OaepHash, check_accepted
 from strongroom.runtime.metrics import KEY_RELEASES
 
 log = logging.getLogger(__name__)

@@ -10,12 +10,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation import Evidence
-from strongroom.errors import InvalidArgument, StrongroomError
+from strongroom.errors import StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.keys import KeyInfo, KeyManager, KeyState
-from strongroom.keybroker.oaep import OaepHash
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
+from strongroom.oaep import OaepHash
 from strongroom.pki.authz import caller_identity
 
 KEYBROKER_SERVICE = "strongroom.api.keybroker.v1.KeyBrokerService"
@@ -30,11 +30,6 @@ ROLE_RULES: dict[str, tuple[str, ...]] = {
     KEYADMIN_SERVICE: ("admin",),
 }
 
-_MECHANISM_TO_HASH = {
-    pb.WRAP_MECHANISM_RSA_OAEP_SHA1: OaepHash.SHA1,
-    pb.WRAP_MECHANISM_RSA_OAEP_SHA256: OaepHash.SHA256,
-}
-_HASH_TO_MECHANISM = {v: k for k, v in _MECHANISM_TO_HASH.items()}
 _STATE = {KeyState.ENABLED: pb.KEY_STATE_ENABLED, KeyState.DISABLED: pb.KEY_STATE_DISABLED}
 
 
@@ -50,16 +45,7 @@ def _timestamp(when: datetime | float) -> Timestamp:
 
 
 def _accepted(mechanisms: list[pb.WrapMechanism.ValueType]) -> list[OaepHash]:
-    out = []
-    for m in mechanisms:
-        chosen = _MECHANISM_TO_HASH.get(m)
-        if chosen is None:
-            raise InvalidArgument(
-                f"accepted_mechanisms: {m} is not an RSA-OAEP wrap mechanism",
-                reason="OAEP_MECHANISM_INVALID",
-            )
-        out.append(chosen)
-    return out
+    return [OaepHash.from_mechanism(m) for m in mechanisms]
 
 
 def key_info_proto(info: KeyInfo, policy_version: str) -> pb.KeyInfo:
@@ -117,7 +103,7 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
         )
         return pb.ReleaseKeyResponse(
             wrapped_data_key=outcome.wrapped_data_key,
-            mechanism=_HASH_TO_MECHANISM[outcome.mechanism],
+            mechanism=pb.WrapMechanism.ValueType(outcome.mechanism.mechanism),
             decision_id=outcome.decision_id,
             policy_version=outcome.policy_version,
         )

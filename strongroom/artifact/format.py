@@ -29,6 +29,12 @@ from strongroom.api.artifact.v1 import header_pb2
 from strongroom.api.keybroker.v1 import keybroker_pb2
 from strongroom.artifact import c2sp
 from strongroom.artifact.errors import InvalidArtifact
+from strongroom.identifiers import (
+    MAX_NAME_LENGTH,
+    MAX_VERSION_LENGTH,
+    MODEL_NAME_PATTERN,
+    MODEL_VERSION_PATTERN,
+)
 
 __all__ = [
     "DIGEST_SIZE",
@@ -67,8 +73,6 @@ MAX_PLAINTEXT_SIZE = 1 << 40
 DEK_SIZE = 32
 """The data key is an AES-256 key (the C2SP input key)."""
 
-MAX_NAME_LENGTH = 128
-MAX_VERSION_LENGTH = 64
 MAX_CONTENT_TYPE_LENGTH = 128
 MAX_KEY_ID_LENGTH = 128
 MIN_WRAPPED_DEK_SIZE = 16
@@ -77,9 +81,8 @@ MAX_SIGNATURE_BUNDLE_SIZE = 32 * 1024
 MAX_MEDIA_TYPE_LENGTH = 128
 _MAX_TIMESTAMP_SECONDS = 253402300799  # 9999-12-31T23:59:59Z, the protobuf Timestamp limit
 
-_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-_NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
-_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_NAME = MODEL_NAME_PATTERN
+_VERSION = MODEL_VERSION_PATTERN
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
 # RFC 6838 restricted names, lower case only so each media type has one spelling; no parameters.
 _RESTRICTED = r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}"

@@ -19,6 +19,7 @@ from strongroom.attestation import errors as E
 from strongroom.attestation.claims import SnpClaims, TdxClaims
 from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
 from strongroom.attestation.evidence import TeeType
+from strongroom.spiffe import is_workload_id
 
 SNP_PRODUCTS = ("Milan", "Genoa", "Turin")
 SNP_SIGNING_KEYS = ("VCEK", "VLEK")
@@ -34,7 +35,8 @@ ACCEPTABLE_TDX_STATUSES = (
     "TdRelaunchAdvised",
     "TdRelaunchAdvisedConfigurationNeeded",
 )
-_SPIFFE = re.compile(r"\Aspiffe://[a-z0-9._-]+(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+\Z")
+
+
 _HEX = re.compile(r"\A[0-9a-fA-F]*\Z")
 
 _TOP_KEYS = {"version", "description", "allowed_spiffe_ids", "tee_types", "sev_snp", "tdx"}
@@ -298,7 +300,7 @@ class ReleasePolicy:
         callers = _list(top, "allowed_spiffe_ids", "document", required=True)
         assert callers is not None
         for caller in callers:
-            if not isinstance(caller, str) or not _SPIFFE.match(caller):
+            if not isinstance(caller, str) or not is_workload_id(caller):
                 raise _fail(
                     "allowed_spiffe_ids", f"{caller!r} is not a SPIFFE ID", E.POLICY_BAD_VALUE
                 )
