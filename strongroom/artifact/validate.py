@@ -41,6 +41,15 @@ class StructureValidator:
         """The parsed header once it has been received, else None."""
         return self._header
 
+    def identity(self) -> tuple[str, str] | None:
+        """(model name, version) once the header has been parsed, else None.
+
+        A store uses it to reserve the version before the body arrives, so a duplicate upload
+        fails after its first few KiB rather than after its last byte.
+        """
+        header = self._header
+        return None if header is None else (header.model_name, header.model_version)
+
     @property
     def bytes_seen(self) -> int:
         """Total bytes fed so far."""

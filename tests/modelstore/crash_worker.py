@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from strongroom.artifact import build_header, encrypt_bytes
-from strongroom.modelstore.artifact_validation import HeaderAwareValidator
+from strongroom.artifact import StructureValidator, build_header, encrypt_bytes
 from strongroom.modelstore.errors import ModelExists, ModelNotFound
 from strongroom.modelstore.storage import FilesystemStorage
 from tests.modelstore.fake_artifact import FakeValidator, OpaqueValidator, chunked, make_artifact
@@ -79,7 +78,7 @@ def main(root: Path, seed: int) -> None:
                 art = real_artifact(
                     f"{REAL_PREFIX}{rng.randrange(12)}", str(rng.randrange(4)), size
                 )
-                storage.put(chunked(art, 32 * 1024), HeaderAwareValidator())
+                storage.put(chunked(art, 32 * 1024), StructureValidator())
             elif op < 0.85:
                 data = rng.choice(shared_bodies)
                 validator = OpaqueValidator(f"{SHARED_PREFIX}{rng.randrange(6)}", "1")
