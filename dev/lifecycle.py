@@ -49,7 +49,9 @@ def platform(say: Narrator, stack: DevStack) -> tuple[Any, Any, Any]:
         f"step-ca is serving at {ca.url} (root and intermediate CA, JWK provisioner, short-lived certificates)"
     )
     stack.init_hsm()
-    say.check("SoftHSM2 token initialised (development HSM; PINs handed to the PKCS#11 module, never on argv)")
+    say.check(
+        "SoftHSM2 token initialised (development HSM; PINs handed to the PKCS#11 module, never on argv)"
+    )
     stack.init_simulated_tee()
     say.check(
         "simulated TEE chain generated (marked NOT FOR PRODUCTION; trusted only in development mode)"

@@ -16,6 +16,7 @@ from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.keybroker.config import AUDIT_KEY_ENV, NONCE_KEY_ENV, PIN_ENV, KeybrokerConfig
 from strongroom.keybroker.hsm import Hsm, HsmConfig
 from strongroom.keybroker.keys import KeyManager
+from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import ReleaseEngine
 from strongroom.keybroker.service import (
@@ -116,8 +117,9 @@ def build(
         audit=audit,
         hsm_timeout=config.hsm_operation_timeout_seconds,
     )
-    broker_servicer = KeyBrokerServicer(engine, keys, audit)
-    admin_servicer = KeyAdminServicer(keys, policies, audit)
+    key_service = KeyService(keys, policies, audit)
+    broker_servicer = KeyBrokerServicer(engine, keys, key_service)
+    admin_servicer = KeyAdminServicer(key_service)
 
     def hsm_ready() -> str | None:
         try:

@@ -11,9 +11,8 @@ from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation import Evidence
 from strongroom.errors import StrongroomError
-from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.keys import KeyInfo, KeyManager, KeyState
-from strongroom.keybroker.policies import PolicyStore
+from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
 from strongroom.pki.authz import caller_identity
@@ -66,10 +65,10 @@ def key_info_proto(info: KeyInfo, policy_version: str) -> pb.KeyInfo:
 class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
     """Challenges and releases for inference servers; data keys for publishers."""
 
-    def __init__(self, engine: ReleaseEngine, keys: KeyManager, audit: AuditLog) -> None:
+    def __init__(self, engine: ReleaseEngine, keys: KeyManager, service: KeyService) -> None:
         self._engine = engine
         self._keys = keys
-        self._audit = audit
+        self._service = service
 
     def GetChallenge(
         self, request: pb.GetChallengeRequest, context: grpc.ServicerContext
@@ -111,20 +110,8 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
     def GenerateDataKey(
         self, request: pb.GenerateDataKeyRequest, context: grpc.ServicerContext
     ) -> pb.GenerateDataKeyResponse:
-        caller = _caller(context)
-        data_key = self._keys.generate_data_key(request.key_id)
+        data_key = self._service.generate_data_key(_caller(context), request.key_id)
         try:
-            self._audit.append(
-                AuditEvent(
-                    decision=Decision.ALLOWED,
-                    reason="DATA_KEY_GENERATED",
-                    action="generate_data_key",
-                    caller_spiffe_id=caller.spiffe_id,
-                    caller_cert_serial=f"{caller.serial:x}",
-                    key_id=data_key.key_id,
-                    key_version=data_key.version,
-                )
-            )
             return pb.GenerateDataKeyResponse(
                 data_key=bytes(data_key.dek),
                 wrapped_data_key=data_key.wrapped,
@@ -142,70 +129,46 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
 class KeyAdminServicer(pb_grpc.KeyAdminServiceServicer):
     """Key lifecycle and release policies, for the admin identity."""
 
-    def __init__(self, keys: KeyManager, policies: PolicyStore, audit: AuditLog) -> None:
-        self._keys = keys
-        self._policies = policies
-        self._audit = audit
-
-    def _record(
-        self, context: grpc.ServicerContext, action: str, key_id: str, **extra: object
-    ) -> None:
-        caller = _caller(context)
-        self._audit.append(
-            AuditEvent(
-                decision=Decision.ALLOWED,
-                reason=action.upper(),
-                action=action,
-                caller_spiffe_id=caller.spiffe_id,
-                caller_cert_serial=f"{caller.serial:x}",
-                key_id=key_id,
-                **extra,  # type: ignore[arg-type]
-            )
-        )
+    def __init__(self, service: KeyService) -> None:
+        self._service = service
 
     def _info(self, info: KeyInfo) -> pb.KeyInfo:
-        return key_info_proto(info, self._policies.version(info.key_id))
+        return key_info_proto(info, self._service.policy_version(info.key_id))
 
     def CreateKey(
         self, request: pb.CreateKeyRequest, context: grpc.ServicerContext
     ) -> pb.CreateKeyResponse:
-        info = self._keys.create_key(request.key_id)
-        self._record(context, "create_key", info.key_id, key_version=info.current_version)
+        info = self._service.create_key(_caller(context), request.key_id)
         return pb.CreateKeyResponse(key=self._info(info))
 
     def ListKeys(
         self, request: pb.ListKeysRequest, context: grpc.ServicerContext
     ) -> pb.ListKeysResponse:
-        return pb.ListKeysResponse(keys=[self._info(i) for i in self._keys.list_keys()])
+        return pb.ListKeysResponse(keys=[self._info(i) for i in self._service.list_keys()])
 
     def RotateKey(
         self, request: pb.RotateKeyRequest, context: grpc.ServicerContext
     ) -> pb.RotateKeyResponse:
-        info = self._keys.rotate_key(request.key_id)
-        self._record(context, "rotate_key", info.key_id, key_version=info.current_version)
+        info = self._service.rotate_key(_caller(context), request.key_id)
         return pb.RotateKeyResponse(key=self._info(info))
 
     def DisableKey(
         self, request: pb.DisableKeyRequest, context: grpc.ServicerContext
     ) -> pb.DisableKeyResponse:
-        info = self._keys.disable_key(request.key_id, request.version or "all")
-        self._record(context, "disable_key", info.key_id, key_version=request.version or None)
+        version = request.version or None
+        info = self._service.disable_key(_caller(context), request.key_id, version)
         return pb.DisableKeyResponse(key=self._info(info))
 
     def SetReleasePolicy(
         self, request: pb.SetReleasePolicyRequest, context: grpc.ServicerContext
     ) -> pb.SetReleasePolicyResponse:
-        self._keys.describe_key(request.key_id)  # the key must exist
-        stored = self._policies.put(request.key_id, request.policy_document)
-        self._record(
-            context, "set_release_policy", request.key_id, policy_version=stored.policy.version
-        )
+        stored = self._service.set_policy(_caller(context), request.key_id, request.policy_document)
         return pb.SetReleasePolicyResponse(policy_version=stored.policy.version)
 
     def GetReleasePolicy(
         self, request: pb.GetReleasePolicyRequest, context: grpc.ServicerContext
     ) -> pb.GetReleasePolicyResponse:
-        stored = self._policies.get(request.key_id)
+        stored = self._service.get_policy(request.key_id)
         return pb.GetReleasePolicyResponse(
             policy_document=stored.document, policy_version=stored.policy.version
         )
