@@ -7,6 +7,7 @@ record cannot be written never leaves (and is wiped).
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -35,7 +36,7 @@ def service(km, tmp_path):
     audit.close()
 
 
-def _records(path) -> list[dict]:
+def _records(path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
