@@ -100,7 +100,7 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
         try:
             evidence = Evidence.from_proto(request.evidence)
             accepted = _accepted(list(request.accepted_mechanisms))
-        except StrongroomError as exc:
+        except Exception as exc:  # every refusal is audited, whatever raised it
             self._engine.deny(exc, caller, key_id=request.key_id, report=request.evidence.report)
             raise
         outcome = self._engine.release(
