@@ -436,7 +436,7 @@ class StaticCollateralSource:
 
     def tdx_tcb_info(self, fmspc: bytes) -> SignedDocument | None:
         """The TCB info for the FMSPC, if one is held (and a signing chain is)."""
-        if self.signing_chain is None:
+        if self.signing_chain is None or not self.tcb_infos:
             return None
         for doc in self.tcb_infos:
             try:
@@ -444,7 +444,9 @@ class StaticCollateralSource:
                     return SignedDocument(doc, self.signing_chain)
             except MalformedEvidence:
                 continue
-        return None
+        # None matches: hand the first to the verifier, which names what is wrong with it
+        # (malformed, or FMSPC_MISMATCH) rather than a vague "missing".
+        return SignedDocument(self.tcb_infos[0], self.signing_chain)
 
     def tdx_qe_identity(self) -> SignedDocument | None:
         """The held QE identity (with the signing chain)."""

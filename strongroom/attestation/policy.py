@@ -252,15 +252,16 @@ def _snp_rules(raw: Any, production: bool) -> SnpRules:
     s = _mapping(raw, w, _SNP_KEYS)
     measurements = _hex_set(s, "measurements", 48, w, required=True)
     assert measurements is not None
-    min_tcb = _min_tcb(s, w, production)
     signing = _choices(s, "signing_keys", SNP_SIGNING_KEYS, ("VCEK",), w)
     assert signing is not None
+    vmpl = _int(s, "vmpl", 0, w, 3)
+    min_tcb = _min_tcb(s, w, production)
     return SnpRules(
         measurements=measurements,
         products=_choices(s, "products", SNP_PRODUCTS, None, w),
         signing_keys=signing,
         allow_debug=_bool(s, "allow_debug", False, w),
-        vmpl=_int(s, "vmpl", 0, w, 3),
+        vmpl=vmpl,
         allow_smt=_bool(s, "allow_smt", True, w),
         allow_migrate_ma=_bool(s, "allow_migrate_ma", False, w),
         min_guest_svn=_int(s, "min_guest_svn", 0, w, 0xFFFFFFFF),
