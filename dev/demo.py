@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from strongroom.dev.devstack import DevStack
     from strongroom.dev.devstack.model import train
     from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
+    from strongroom.attestation.collateral_cache import CollateralCache
     from strongroom.dev.simulated import SimulatedAuthority
 
     say = Narrator()
@@ -226,10 +227,14 @@ def run(args: argparse.Namespace) -> int:
             stack.channel(client, "inference")
         ).GetEvidence(att_pb.GetEvidenceRequest(nonce=nonce), timeout=30)
         authority = SimulatedAuthority.load(stack.root / "simulated-tee")
+        trust = authority.trust_store()
         claims = verify_evidence(
             Evidence.from_proto(evidence_response.evidence),
-            trust=authority.trust_store(),
+            trust=trust,
             now=datetime.now(UTC),
+            # The verifier's own collateral (the simulated chain's CRLs), from the same cache
+            # the broker uses; never what the server sends.
+            collateral=CollateralCache(stack.root / "collateral", trust, writable=False),
         )
         say.check(
             f"server evidence verifies (simulated chain, development trust only): measurement {claims.as_dict()['measurement'][:16]}…"

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation import TrustStore
+from strongroom.attestation.collateral_cache import CollateralCache
+from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.keybroker.audit import AuditLog, load_signing_key
 from strongroom.keybroker.challenge import ChallengeIssuer
