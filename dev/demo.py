@@ -88,11 +88,11 @@ def run(args: argparse.Namespace) -> int:
     from strongroom.artifact import read_summary
     from strongroom.attestation import Evidence, verify_evidence
     from strongroom.attestation.binding import check_report_data, client_report_data_for
+    from strongroom.attestation.collateral_cache import CollateralCache
     from strongroom.client.publish import publish_model
     from strongroom.dev.devstack import DevStack
     from strongroom.dev.devstack.model import train
     from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
-    from strongroom.attestation.collateral_cache import CollateralCache
     from strongroom.dev.simulated import SimulatedAuthority
 
     say = Narrator()

@@ -23,8 +23,8 @@ import hashlib
 import json
 import os
 import secrets
-from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -321,9 +321,13 @@ class SimulatedAuthority:
         cache.put_crl(self.crl("intel_root", now=now, days=days))
         cache.put_crl(self.crl("pck_ca", now=now, days=days), issuer_chain=self.pck_crl_chain_pem())
         for platform in tdx:
-            cache.put_tdx_tcb_info(platform.tcb_info(now=now, days=days), self.tcb_signing_chain_pem())
+            cache.put_tdx_tcb_info(
+                platform.tcb_info(now=now, days=days), self.tcb_signing_chain_pem()
+            )
         if tdx:
-            cache.put_tdx_qe_identity(tdx[0].qe_identity(now=now, days=days), self.tcb_signing_chain_pem())
+            cache.put_tdx_qe_identity(
+                tdx[0].qe_identity(now=now, days=days), self.tcb_signing_chain_pem()
+            )
 
 
 @dataclass

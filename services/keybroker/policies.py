@@ -71,9 +71,7 @@ class PolicyStore:
 
     def put(self, key_id: str, document: str) -> StoredPolicy:
         """Validates and stores a policy atomically; the old one stays if anything fails."""
-        stored = StoredPolicy(
-            document, ReleasePolicy.load(document, production=self._production)
-        )
+        stored = StoredPolicy(document, ReleasePolicy.load(document, production=self._production))
         path = self._path(key_id)
         try:
             self._dir.mkdir(parents=True, exist_ok=True)

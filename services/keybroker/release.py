@@ -17,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from strongroom.attestation import Evidence, TrustStore, VerifiedClaims, verify_evidence
-from strongroom.attestation.collateral import CollateralSource
 from strongroom.attestation.binding import check_report_data, report_data_for
+from strongroom.attestation.collateral import CollateralSource
 from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.challenge import Challenge, ChallengeIssuer

@@ -59,9 +59,7 @@ def trust_store(common: CommonConfig, config: KeybrokerConfig) -> TrustStore:
     )
 
 
-def collateral_service(
-    config: KeybrokerConfig, trust: TrustStore
-) -> CollateralService | None:
+def collateral_service(config: KeybrokerConfig, trust: TrustStore) -> CollateralService | None:
     """The broker's collateral: its cache directory, fetching from KDS/PCS when enabled."""
     if config.collateral_dir is None:
         log.error(

@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation import Evidence
-from strongroom.errors import InvalidArgument, StrongroomError
+from strongroom.errors import InvalidArgument
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.keys import KeyInfo, KeyManager, KeyState
 from strongroom.keybroker.oaep import OaepHash

@@ -12,7 +12,7 @@ getters are interchangeable; :class:`StaticCollateralSource` serves fixed docume
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -106,7 +106,7 @@ def _get(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where:
     value = obj.get(key)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise _bad(f"{where}.{key} is missing or has the wrong type")
-    if kind is int and not 0 <= value <= _MAX_INT:
+    if isinstance(value, int) and not 0 <= value <= _MAX_INT:
         raise _bad(f"{where}.{key} is out of range")
     return value
 

@@ -194,7 +194,9 @@ class CollateralCache:
         tcb: dict[bytes, tuple[SignedDocument, TcbInfo, CacheEntry]] = {}
         for path in sorted((self.directory / "tdx" / "tcbinfo").glob("*.json")):
             try:
-                signed = SignedDocument(path.read_bytes(), path.with_suffix(".chain.pem").read_bytes())
+                signed = SignedDocument(
+                    path.read_bytes(), path.with_suffix(".chain.pem").read_bytes()
+                )
                 info = self._check_signed(signed, tcb_info=True)
                 assert isinstance(info, TcbInfo)
                 tcb[info.fmspc] = (signed, info, self._entry(info, path))
@@ -204,7 +206,9 @@ class CollateralCache:
         qe_path = self.directory / "tdx" / "qe_identity.json"
         if qe_path.exists():
             try:
-                signed = SignedDocument(qe_path.read_bytes(), qe_path.with_suffix(".chain.pem").read_bytes())
+                signed = SignedDocument(
+                    qe_path.read_bytes(), qe_path.with_suffix(".chain.pem").read_bytes()
+                )
                 ident = self._check_signed(signed, tcb_info=False)
                 assert isinstance(ident, QeIdentity)
                 qe = (signed, ident, self._entry(ident, qe_path))
@@ -371,7 +375,9 @@ class CollateralCache:
             state = {}
         except (OSError, ValueError) as exc:
             # The high-water marks are what stops rollback: never start over silently.
-            raise _bad(f"state.json is unreadable ({exc}); restore it or remove it deliberately")
+            raise _bad(
+                f"state.json is unreadable ({exc}); restore it or remove it deliberately"
+            ) from None
         if not isinstance(state, dict):
             raise _bad("state.json is not an object")
         for key in ("tcb_info", "qe_identity", "crl"):
@@ -391,8 +397,7 @@ class CollateralCache:
         best_issued = _utc(mark["issued"])
         if number is not None and best_n is not None and number < best_n:
             raise _rollback(
-                f"{what} has tcbEvaluationDataNumber {number}, older than {best_n} already "
-                "accepted"
+                f"{what} has tcbEvaluationDataNumber {number}, older than {best_n} already accepted"
             )
         if (number is None or number == best_n) and issued < best_issued:
             raise _rollback(
@@ -435,7 +440,9 @@ class CollateralCache:
             _atomic_write(path, signed.data)
         return self._entry(ident, path)
 
-    def put_crl(self, data: bytes, *, issuer_chain: bytes | None = None, scope: str = "") -> CacheEntry:
+    def put_crl(
+        self, data: bytes, *, issuer_chain: bytes | None = None, scope: str = ""
+    ) -> CacheEntry:
         """Verifies and stores a CRL (``scope`` ``vcek``/``vlek`` for an AMD ARK's)."""
         data = bytes(data)
         if not data.startswith(b"\x30"):
@@ -477,11 +484,15 @@ class CollateralCache:
             )
         for path in sorted((src / "tdx" / "tcbinfo").glob("*.json")):
             done.append(
-                self.put_tdx_tcb_info(path.read_bytes(), path.with_suffix(".chain.pem").read_bytes())
+                self.put_tdx_tcb_info(
+                    path.read_bytes(), path.with_suffix(".chain.pem").read_bytes()
+                )
             )
         qe = src / "tdx" / "qe_identity.json"
         if qe.exists():
-            done.append(self.put_tdx_qe_identity(qe.read_bytes(), qe.with_suffix(".chain.pem").read_bytes()))
+            done.append(
+                self.put_tdx_qe_identity(qe.read_bytes(), qe.with_suffix(".chain.pem").read_bytes())
+            )
         return done
 
 

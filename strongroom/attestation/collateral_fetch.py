@@ -118,7 +118,9 @@ class HttpGetter:
         last = ""
         for attempt in range(self._s.retries + 1):
             if attempt:
-                delay = min(self._s.max_backoff_seconds, self._s.backoff_seconds * 2 ** (attempt - 1))
+                delay = min(
+                    self._s.max_backoff_seconds, self._s.backoff_seconds * 2 ** (attempt - 1)
+                )
                 self._sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter, not crypto
             try:
                 request = urllib.request.Request(url, headers={"Accept": "*/*"})  # noqa: S310
@@ -139,8 +141,12 @@ class HttpGetter:
                     break
             except (urllib.error.URLError, TimeoutError, OSError) as exc:
                 last = type(exc).__name__ + (f" ({exc.reason})" if hasattr(exc, "reason") else "")
-            log.info("collateral fetch failed", extra={"url": url, "attempt": attempt, "error": last})
-        raise CollateralUnavailable(f"fetching {url} failed: {last}", reason=COLLATERAL_FETCH_FAILED)
+            log.info(
+                "collateral fetch failed", extra={"url": url, "attempt": attempt, "error": last}
+            )
+        raise CollateralUnavailable(
+            f"fetching {url} failed: {last}", reason=COLLATERAL_FETCH_FAILED
+        )
 
 
 class PcsClient:
@@ -158,7 +164,9 @@ class PcsClient:
 
     def tdx_qe_identity(self) -> SignedDocument | None:
         """``GET /tdx/certification/v4/qe/identity`` with its issuer chain."""
-        return self._signed(f"{self._base}/tdx/certification/v4/qe/identity", QE_IDENTITY_CHAIN_HEADER)
+        return self._signed(
+            f"{self._base}/tdx/certification/v4/qe/identity", QE_IDENTITY_CHAIN_HEADER
+        )
 
     def pck_crl(self, ca: str) -> tuple[bytes, bytes | None] | None:
         """``GET /sgx/certification/v4/pckcrl?ca=<ca>&encoding=der``: (CRL, issuer chain)."""
@@ -196,7 +204,9 @@ class KdsClient:
         query = "&".join(f"{names[k]}={tcb[k]:02d}" for k in names)
         if "fmc" in tcb:
             query += f"&fmcSPL={tcb['fmc']:02d}"
-        resp = self._get.get(f"{self._base}/vcek/v1/{product}/{report.chip_id_for_kds().hex()}?{query}")
+        resp = self._get.get(
+            f"{self._base}/vcek/v1/{product}/{report.chip_id_for_kds().hex()}?{query}"
+        )
         return resp.body if resp else None
 
     def cert_chain(self, product: str, scope: str = "vcek") -> bytes | None:
@@ -307,7 +317,9 @@ class CollateralService:
             return self.cache.put_crl(got[0], issuer_chain=got[1]) if got else None
         return None
 
-    def fetch_all(self, *, fmspcs: tuple[bytes, ...] = (), products: tuple[str, ...] = ()) -> list[CacheEntry]:
+    def fetch_all(
+        self, *, fmspcs: tuple[bytes, ...] = (), products: tuple[str, ...] = ()
+    ) -> list[CacheEntry]:
         """Fills the cache: TDX collateral for ``fmspcs``, AMD CRLs for ``products`` (CLI/startup)."""
         assert self._pcs is not None and self._kds is not None
         out: list[CacheEntry] = []

@@ -64,7 +64,9 @@ def _diagnose(data: bytes) -> MalformedEvidence | None:
     instead of "unknown format"); ``None`` when they look like neither."""
     if len(data) >= 8:
         version, key_type, tee_type = struct.unpack_from("<HHI", data, 0)
-        tdx_like = (tee_type == tdx_abi.TEE_TYPE_TDX) + (key_type == tdx_abi.ATT_KEY_TYPE_ECDSA_P256)
+        tdx_like = (tee_type == tdx_abi.TEE_TYPE_TDX) + (
+            key_type == tdx_abi.ATT_KEY_TYPE_ECDSA_P256
+        )
         if tdx_like and version in (3, 4, 5, 6) and len(data) >= 48:
             if tee_type != tdx_abi.TEE_TYPE_TDX:
                 return MalformedEvidence(

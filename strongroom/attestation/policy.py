@@ -236,9 +236,7 @@ def _min_tcb(s: Mapping[str, Any], w: str, production: bool) -> dict[str, int]:
     raw = s["min_reported_tcb"]
     if raw == ANY_TCB:
         if production:
-            raise _fail(
-                where, '"any" is only allowed in development mode', E.POLICY_BAD_VALUE
-            )
+            raise _fail(where, '"any" is only allowed in development mode', E.POLICY_BAD_VALUE)
         return {}
     tcb_map = _mapping(raw, where, set(SNP_TCB_COMPONENTS))
     missing = [c for c in _REQUIRED_TCB_COMPONENTS if c not in tcb_map]
@@ -288,9 +286,7 @@ def _tdx_rules(raw: Any) -> TdxRules:
         allow_debug=_bool(s, "allow_debug", False, w),
         fmspcs=_hex_set(s, "fmspcs", 6, w),
         allow_simulated=_bool(s, "allow_simulated", False, w),
-        min_tcb_evaluation_data_number=_int(
-            s, "min_tcb_evaluation_data_number", 0, w, 0xFFFFFFFF
-        ),
+        min_tcb_evaluation_data_number=_int(s, "min_tcb_evaluation_data_number", 0, w, 0xFFFFFFFF),
     )
 
 

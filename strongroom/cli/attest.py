@@ -197,7 +197,7 @@ def _source(args: argparse.Namespace, trust: TrustStore) -> CollateralSource:
     if directory is not None:
         cache = CollateralCache(directory, trust, writable=settings is not None)
         sources.append(CollateralService(cache, settings))
-    return _Layered(*sources)  # type: ignore[return-value]
+    return _Layered(*sources)
 
 
 def _verify(args: argparse.Namespace) -> int:

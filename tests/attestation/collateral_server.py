@@ -39,7 +39,7 @@ class FakeCollateralServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 server.requests.append(self.path)
                 if server.delay:
                     time.sleep(server.delay)
@@ -103,7 +103,9 @@ class FakeCollateralServer:
 
     def amd_crl(self, product: str, body: bytes, scope: str = "vcek") -> None:
         """KDS ``/<scope>/v1/<product>/crl``."""
-        self.docs[f"/{scope}/v1/{product}/crl"] = Doc(body, {"Content-Type": "application/pkix-crl"})
+        self.docs[f"/{scope}/v1/{product}/crl"] = Doc(
+            body, {"Content-Type": "application/pkix-crl"}
+        )
 
     def amd_cert_chain(self, product: str, pem: bytes, scope: str = "vcek") -> None:
         """KDS ``/<scope>/v1/<product>/cert_chain``."""

@@ -123,7 +123,9 @@ def test_verify_missing_vcek_and_bad_inputs(vectors: Path, tmp_path: Path, capsy
         (lambda b: b + bytes(16), "REPORT_SIZE"),
     ],
 )
-def test_snp_format_errors_have_precise_reasons(vectors: Path, tmp_path: Path, capsys, mutate, reason) -> None:  # type: ignore[no-untyped-def]
+def test_snp_format_errors_have_precise_reasons(
+    vectors: Path, tmp_path: Path, capsys, mutate, reason
+) -> None:  # type: ignore[no-untyped-def]
     bad = tmp_path / "report.bin"
     bad.write_bytes(mutate((vectors / "snp/milan_v2_trustee.bin").read_bytes()))
     code, _, err = run(capsys, str(bad))
@@ -135,7 +137,9 @@ def test_snp_format_errors_have_precise_reasons(vectors: Path, tmp_path: Path, c
     [(0, b"\x06\x00", "UNSUPPORTED_VERSION"), (4, b"\x00\x00\x00\x00", "UNSUPPORTED_TEE_TYPE"),
      (2, b"\x03\x00", "UNSUPPORTED_ATTESTATION_KEY_TYPE")],
 )  # fmt: skip
-def test_tdx_format_errors_have_precise_reasons(vectors: Path, tmp_path: Path, capsys, offset, value, reason) -> None:  # type: ignore[no-untyped-def]
+def test_tdx_format_errors_have_precise_reasons(
+    vectors: Path, tmp_path: Path, capsys, offset, value, reason
+) -> None:  # type: ignore[no-untyped-def]
     raw = bytearray((vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes())
     raw[offset : offset + len(value)] = value
     bad = tmp_path / "quote.dat"
@@ -145,5 +149,7 @@ def test_tdx_format_errors_have_precise_reasons(vectors: Path, tmp_path: Path, c
 
 
 def test_tdx_without_collateral_fails_closed(vectors: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    code, _, err = run(capsys, str(vectors / "tdx/v4_spr_gotdxguest.dat"), "--at", "2023-06-20T00:00:00Z")
+    code, _, err = run(
+        capsys, str(vectors / "tdx/v4_spr_gotdxguest.dat"), "--at", "2023-06-20T00:00:00Z"
+    )
     assert code == 2 and "COLLATERAL_MISSING" in err

@@ -4,6 +4,7 @@ parser that sees untrusted bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -75,7 +76,9 @@ def real_intel(server: FakeCollateralServer, vectors: Path) -> None:
 # --- real collateral through the fetcher and the cache ---------------------------------------------
 
 
-def test_real_tdx_quote_verifies_with_fetched_collateral(vectors, production, server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_real_tdx_quote_verifies_with_fetched_collateral(
+    vectors, production, server, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     real_intel(server, vectors)
     service = CollateralService(
         CollateralCache(tmp_path, production), fast(server), clock=lambda: SPR_TIME
@@ -90,7 +93,9 @@ def test_real_tdx_quote_verifies_with_fetched_collateral(vectors, production, se
     assert "/sgx/certification/v4/rootcacrl" in server.requests
     # A second verification is served from the cache: no new request.
     count = len(server.requests)
-    verify_evidence(Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service)
+    verify_evidence(
+        Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
+    )
     assert len(server.requests) == count
     kinds = sorted(e.kind for e in service.cache.entries())
     assert kinds == ["crl", "crl", "tdx-qe-identity", "tdx-tcb-info"]
@@ -104,20 +109,28 @@ def test_cache_survives_restart_and_outage(vectors, production, server, tmp_path
     server.status = 503  # upstream down: the reopened cache still serves
     service = CollateralService(CollateralCache(tmp_path, production), fast(server))
     quote = (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes()
-    verify_evidence(Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service)
+    verify_evidence(
+        Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
+    )
 
 
-def test_outage_with_empty_cache_fails_closed_after_bounded_retries(vectors, production, server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_outage_with_empty_cache_fails_closed_after_bounded_retries(
+    vectors, production, server, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     server.status = 503
     service = CollateralService(CollateralCache(tmp_path, production), fast(server, retries=2))
     quote = (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes()
     with pytest.raises(CollateralUnavailable) as err:
-        verify_evidence(Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service)
+        verify_evidence(
+            Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
+        )
     assert err.value.reason == E.COLLATERAL_MISSING
     tcb_requests = [r for r in server.requests if r.startswith("/tdx/certification/v4/tcb")]
     assert len(tcb_requests) == 3  # one try and two retries, then no hammering
     with pytest.raises(CollateralUnavailable):
-        verify_evidence(Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service)
+        verify_evidence(
+            Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
+        )
     assert len([r for r in server.requests if r.startswith("/tdx/certification/v4/tcb")]) == 3
 
 
@@ -133,7 +146,8 @@ def test_slow_upstream_times_out(vectors, production, server, tmp_path) -> None:
 def test_wrong_issuer_chain_is_refused(vectors, production, server, tmp_path, authority) -> None:  # type: ignore[no-untyped-def]
     real_intel(server, vectors)
     server.qe_identity(
-        (vectors / "tdx/qe_identity_gotdxguest.json").read_bytes(), authority.tcb_signing_chain_pem()
+        (vectors / "tdx/qe_identity_gotdxguest.json").read_bytes(),
+        authority.tcb_signing_chain_pem(),
     )
     cache = CollateralCache(tmp_path, production)
     with pytest.raises(VerificationFailed) as err:
@@ -165,7 +179,10 @@ def test_kds_layout_vcek_and_crl(authority, sim_trust, server, tmp_path, now) ->
         Evidence(TeeType.SEV_SNP, report), trust=sim_trust, now=now, collateral=service
     )
     assert claims.collateral_complete
-    assert f"/vcek/v1/Milan/{snp.chip_id.hex()}?blSPL=04&teeSPL=00&snpSPL=24&ucodeSPL=219" in server.requests
+    assert (
+        f"/vcek/v1/Milan/{snp.chip_id.hex()}?blSPL=04&teeSPL=00&snpSPL=24&ucodeSPL=219"
+        in server.requests
+    )
     assert "/vcek/v1/Milan/crl" in server.requests
 
 
@@ -221,9 +238,15 @@ def test_evidence_tcb_info_cannot_improve_the_verdict(authority, sim_trust, now)
         crl_list=source.crl_list,
     )
     quote = tdx.quote(RD, mrtd=MEAS)
-    plain = verify_evidence(Evidence(TeeType.TDX, quote), trust=sim_trust, now=now, collateral=source)
+    plain = verify_evidence(
+        Evidence(TeeType.TDX, quote), trust=sim_trust, now=now, collateral=source
+    )
     carried = Evidence(TeeType.TDX, quote, (), tdx.collateral(now=now, status="UpToDate"))
-    assert verify_evidence(carried, trust=sim_trust, now=now, collateral=source).tcb_status == plain.tcb_status == "OutOfDate"
+    assert (
+        verify_evidence(carried, trust=sim_trust, now=now, collateral=source).tcb_status
+        == plain.tcb_status
+        == "OutOfDate"
+    )
 
 
 def test_stale_collateral_past_grace_is_refused(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
@@ -244,7 +267,9 @@ def test_stale_collateral_past_grace_is_refused(authority, sim_trust, now) -> No
 # --- rollback --------------------------------------------------------------------------------------
 
 
-def test_older_tcb_info_is_refused_and_the_mark_survives_restart(authority, sim_trust, now, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_older_tcb_info_is_refused_and_the_mark_survives_restart(
+    authority, sim_trust, now, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     tdx = authority.tdx()
     chain = authority.tcb_signing_chain_pem()
     cache = CollateralCache(tmp_path, sim_trust)
@@ -262,7 +287,9 @@ def test_older_tcb_info_is_refused_and_the_mark_survives_restart(authority, sim_
     cache.put_tdx_tcb_info(tdx.tcb_info(now=now, evaluation_number=19), chain)  # newer: fine
 
 
-def test_upstream_rollback_keeps_the_newer_document(authority, sim_trust, now, tmp_path, server) -> None:  # type: ignore[no-untyped-def]
+def test_upstream_rollback_keeps_the_newer_document(
+    authority, sim_trust, now, tmp_path, server
+) -> None:  # type: ignore[no-untyped-def]
     tdx = authority.tdx()
     chain = authority.tcb_signing_chain_pem()
     cache = CollateralCache(tmp_path, sim_trust)
@@ -340,11 +367,15 @@ def _duplicate_first_extension(der: bytes) -> bytes:
     new_tbs = b"".join(_der.encode(f.tag, f.value) for f in fields[:-1]) + new_exts
     return _der.encode(
         _der.TAG_SEQUENCE,
-        _der.encode(_der.TAG_SEQUENCE, new_tbs) + _der.encode(alg.tag, alg.value) + _der.encode(sig.tag, sig.value),
+        _der.encode(_der.TAG_SEQUENCE, new_tbs)
+        + _der.encode(alg.tag, alg.value)
+        + _der.encode(sig.tag, sig.value),
     )
 
 
-@pytest.mark.parametrize("case", ["non-ascii-product", "duplicate-extension", "bad-basic-constraints"])
+@pytest.mark.parametrize(
+    "case", ["non-ascii-product", "duplicate-extension", "bad-basic-constraints"]
+)
 def test_hostile_vcek_is_malformed_not_a_crash(authority, sim_trust, now, case) -> None:  # type: ignore[no-untyped-def]
     if case == "non-ascii-product":
         der = _vcek_with(authority, now, _amd_exts("Milän".encode()))
@@ -385,9 +416,17 @@ def test_pck_ca_with_unknown_key_algorithm_is_malformed(authority, sim_trust, no
     "body",
     [
         b'{"tcbInfo":' + b"[" * 100_000 + b"]" * 100_000 + b',"signature":"00"}',
-        b'{"tcbInfo":{"id":"TDX","version":3,"tcbEvaluationDataNumber":' + b"9" * 5000 + b'},"signature":"' + b"00" * 64 + b'"}',
-        b'{"tcbInfo":{"id":"TDX","version":3,"tdxModuleIdentities":7,"tcbLevels":"x"},"signature":"' + b"00" * 64 + b'"}',
-        b'{"tcbInfo":{"id":"TDX","version":3,"tcbLevels":[{"tcb":{"sgxtcbcomponents":[1],"pcesvn":1},"advisoryIDs":5}]},"signature":"' + b"00" * 64 + b'"}',
+        b'{"tcbInfo":{"id":"TDX","version":3,"tcbEvaluationDataNumber":'
+        + b"9" * 5000
+        + b'},"signature":"'
+        + b"00" * 64
+        + b'"}',
+        b'{"tcbInfo":{"id":"TDX","version":3,"tdxModuleIdentities":7,"tcbLevels":"x"},"signature":"'
+        + b"00" * 64
+        + b'"}',
+        b'{"tcbInfo":{"id":"TDX","version":3,"tcbLevels":[{"tcb":{"sgxtcbcomponents":[1],"pcesvn":1},"advisoryIDs":5}]},"signature":"'
+        + b"00" * 64
+        + b'"}',
     ],
     ids=["deep-nesting", "5000-digit-int", "non-list-fields", "non-list-advisories"],
 )
@@ -408,14 +447,22 @@ def fuzz_base(authority, now):  # type: ignore[no-untyped-def]
     )  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
-def test_random_and_mutated_evidence_yields_only_typed_errors(fuzz_base, sim_trust, now, data) -> None:  # type: ignore[no-untyped-def]
+def test_random_and_mutated_evidence_yields_only_typed_errors(
+    fuzz_base, sim_trust, now, data
+) -> None:  # type: ignore[no-untyped-def]
     snp_report, snp_cert, tdx_quote, source = fuzz_base
     kind = data.draw(st.sampled_from(["snp", "tdx", "random"]))
     if kind == "random":
         tee = data.draw(st.sampled_from([TeeType.SEV_SNP, TeeType.TDX]))
-        ev = Evidence(tee, data.draw(st.binary(max_size=6000)), tuple(data.draw(st.lists(st.binary(max_size=400), max_size=2))))
+        ev = Evidence(
+            tee,
+            data.draw(st.binary(max_size=6000)),
+            tuple(data.draw(st.lists(st.binary(max_size=400), max_size=2))),
+        )
     else:
         if kind == "snp":
             report, certs = bytearray(snp_report), [bytearray(snp_cert)]
@@ -430,7 +477,11 @@ def test_random_and_mutated_evidence_yields_only_typed_errors(fuzz_base, sim_tru
                 c[data.draw(st.integers(0, len(c) - 1))] ^= data.draw(st.integers(1, 255))
             elif report:
                 report = report[: data.draw(st.integers(0, len(report)))]
-        ev = Evidence(TeeType.SEV_SNP if kind == "snp" else TeeType.TDX, bytes(report), tuple(bytes(c) for c in certs))
+        ev = Evidence(
+            TeeType.SEV_SNP if kind == "snp" else TeeType.TDX,
+            bytes(report),
+            tuple(bytes(c) for c in certs),
+        )
     try:
         verify_evidence(ev, trust=sim_trust, now=now, collateral=source)
     except StrongroomError as exc:
@@ -450,15 +501,15 @@ def test_random_and_mutated_evidence_yields_only_typed_errors(fuzz_base, sim_tru
 def test_random_collateral_json_yields_only_typed_errors(doc: Any) -> None:
     body = json.dumps({"tcbInfo": doc, "signature": "00" * 64}).encode()
     for parse in (parse_tcb_info, parse_qe_identity):
-        try:
+        with contextlib.suppress(MalformedEvidence):
             parse(body if parse is parse_tcb_info else body.replace(b"tcbInfo", b"enclaveIdentity"))
-        except MalformedEvidence:
-            pass
 
 
 @settings(max_examples=100, deadline=None)
 @given(blob=st.binary(max_size=2000))
-def test_random_crl_bytes_are_refused_by_the_cache(blob: bytes, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_random_crl_bytes_are_refused_by_the_cache(
+    blob: bytes, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     cache = CollateralCache(tmp_path_factory.mktemp("c"), TrustStore.production())
     with pytest.raises(StrongroomError):
         cache.put_crl(blob)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 from pathlib import Path
@@ -163,7 +163,9 @@ def test_real_debug_report_is_denied(vectors: Path, production: TrustStore) -> N
     deny(E.DEBUG_FORBIDDEN, pol, claims)
     policy(
         sev_snp={
-            "measurements": [DEBUG_MEASUREMENT], "allow_debug": True, "min_reported_tcb": ZERO_TCB
+            "measurements": [DEBUG_MEASUREMENT],
+            "allow_debug": True,
+            "min_reported_tcb": ZERO_TCB,
         }
     ).evaluate(claims, CALLER)
 

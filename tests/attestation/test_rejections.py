@@ -652,9 +652,7 @@ def sim_tdx(
         if crls is not None
         else tuple(authority.crl(i, now=now) for i in ("ark", "intel_root", "pck_ca")),
     )
-    return verify_evidence(
-        Evidence(TeeType.TDX, quote), trust=trust, now=now, collateral=source
-    )
+    return verify_evidence(Evidence(TeeType.TDX, quote), trust=trust, now=now, collateral=source)
 
 
 def test_tdx_simulated_accepted(authority, sim_trust, now) -> None:
@@ -686,7 +684,10 @@ def test_tdx_qe_report_data_not_binding_ak(authority, sim_trust, now) -> None:
 
 def test_tdx_revoked_pck(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
-    crls = [authority.crl("pck_ca", [tdx.pck.serial_number], now=now), authority.crl("intel_root", now=now)]
+    crls = [
+        authority.crl("pck_ca", [tdx.pck.serial_number], now=now),
+        authority.crl("intel_root", now=now),
+    ]
     expect(
         VerificationFailed,
         E.CERT_REVOKED,

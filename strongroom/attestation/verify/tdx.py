@@ -284,7 +284,7 @@ def _missing(what: str) -> CollateralUnavailable:
     )
 
 
-def _check_intel_revocation(
+def _check_intel_revocation(  # noqa: PLR0917 - one private call site, all inputs needed
     collateral: CollateralSource | None,
     pck: _VerifiedPck,
     signers: list[_VerifiedSigner],
