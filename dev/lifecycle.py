@@ -24,6 +24,7 @@ from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.artifact import read_summary
 from strongroom.attestation import Evidence, verify_evidence
 from strongroom.attestation.binding import check_report_data, client_report_data_for
+from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.client.publish import publish_model
 from strongroom.dev.demo import (
     KEY_ID,
@@ -187,10 +188,14 @@ def serve(say: Narrator, stack: DevStack, client: Any, oip: Any, model: TrainedM
         stack.channel(client, "inference")
     ).GetEvidence(att_pb.GetEvidenceRequest(nonce=nonce), timeout=30)
     authority = SimulatedAuthority.load(stack.root / "simulated-tee")
+    trust = authority.trust_store()
     claims = verify_evidence(
         Evidence.from_proto(evidence_response.evidence),
-        trust=authority.trust_store(),
+        trust=trust,
         now=datetime.now(UTC),
+        # The verifier's own collateral (the simulated chain's CRLs), from the same cache the
+        # broker uses; never what the server sends.
+        collateral=CollateralCache(stack.root / "collateral", trust, writable=False),
     )
     say.check(
         f"server evidence verifies (simulated chain, development trust only): measurement {claims.as_dict()['measurement'][:16]}…"

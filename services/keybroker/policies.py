@@ -27,8 +27,9 @@ class PolicyStore:
     state a request depends on beyond the file itself.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, production: bool = True) -> None:
         self._dir = directory
+        self._production = production
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[tuple[int, int], StoredPolicy]] = {}
 
@@ -55,7 +56,7 @@ class PolicyStore:
         except OSError as exc:
             raise Unavailable(f"cannot read the policy of {key_id!r}: {exc.strerror}") from None
         # A policy that no longer loads is a configuration error; fail closed.
-        stored = StoredPolicy(text, ReleasePolicy.load(text))
+        stored = StoredPolicy(text, ReleasePolicy.load(text, production=self._production))
         with self._lock:
             self._cache[key_id] = (stamp, stored)
         return stored
@@ -69,7 +70,7 @@ class PolicyStore:
 
     def put(self, key_id: str, document: str) -> StoredPolicy:
         """Validates and stores a policy atomically; the old one stays if anything fails."""
-        stored = StoredPolicy(document, ReleasePolicy.load(document))
+        stored = StoredPolicy(document, ReleasePolicy.load(document, production=self._production))
         path = self._path(key_id)
         try:
             atomic_write(path, document.encode())

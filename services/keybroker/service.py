@@ -10,7 +10,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation import Evidence
-from strongroom.errors import StrongroomError
 from strongroom.keybroker.keys import KeyInfo, KeyManager, KeyState
 from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
@@ -85,7 +84,7 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
         try:
             evidence = Evidence.from_proto(request.evidence)
             accepted = _accepted(list(request.accepted_mechanisms))
-        except StrongroomError as exc:
+        except Exception as exc:  # every refusal is audited, whatever raised it
             self._engine.deny(exc, caller, key_id=request.key_id, report=request.evidence.report)
             raise
         outcome = self._engine.release(
