@@ -13,9 +13,16 @@ returns safetensors shards equal to the plaintext files.
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import os
+import sys
+import tarfile
+import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -32,6 +39,8 @@ from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.artifact.manifest import MANIFEST_CONTENT_TYPE, ManifestLayout
 from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.cli import models as cli_models
+from strongroom.cli.main import main as cli_main
 from strongroom.client.fetch import ModelFetcher
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.multipart import files_parts, onnx_parts, publish_parts
@@ -316,3 +325,105 @@ def test_the_client_library_refuses_a_swapped_part_with_data_loss(env: Env) -> N
         env.fetcher().fetch(NAME, "libA")
     assert info.value.status_name == "DATA_LOSS"
     assert info.value.reason == "PART_MISMATCH"
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def _pipe_stdout(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[bytes], threading.Thread]:
+    read_fd, write_fd = os.pipe()
+    writer = os.fdopen(write_fd, "wb")
+    received: list[bytes] = []
+
+    def drain() -> None:
+        with os.fdopen(read_fd, "rb") as reader:
+            received.append(reader.read())
+
+    thread = threading.Thread(target=drain)
+    thread.start()
+    monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(buffer=writer))
+    return writer, received, thread
+
+
+def test_cli_publishes_a_directory_and_fetches_a_part_into_a_pipe(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_mlp(env.models / "cli", 12)
+    publisher = env.stack.write_client_config("publisher")
+    publish = ["model", "publish", str(path.parent), "--name", NAME, "--version", "cli"]
+    code = cli_main([*publish, "--key-id", KEY, "--no-progress", "--client-config", str(publisher)])
+    assert code == 0, capsys.readouterr().err
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["layout"] == "ONNX_EXTERNAL_DATA"
+    assert [p["name"] for p in printed["parts"]] == ["model.onnx", "w1", "b1", "w2", "b2"]
+
+    # The CLI asks the VM's hardware for its report; here that is the simulated TEE.
+    authority = SimulatedAuthority.load(env.stack.root / "simulated-tee")
+    simulated = SimulatedAttester(
+        authority.snp(),
+        TeeType.SEV_SNP,
+        production=False,
+        claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
+    )
+    monkeypatch.setattr(cli_models, "select_attester", lambda kind, production: simulated)
+    inference = env.stack.write_client_config("inference")
+    fetch = ["model", "fetch", NAME, "cli", "--to-memory", "--client-config", str(inference)]
+
+    writer, received, thread = _pipe_stdout(monkeypatch)
+    code = cli_main([*fetch, "--part", "w2"])
+    writer.close()
+    thread.join(30)
+    assert code == 0, capsys.readouterr().err
+    assert received == [(path.parent / "w2").read_bytes()]
+
+    writer, received, thread = _pipe_stdout(monkeypatch)
+    code = cli_main(fetch)
+    writer.close()
+    thread.join(30)
+    assert code == 0, capsys.readouterr().err
+    with tarfile.open(fileobj=io.BytesIO(received[0]), mode="r|") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
+    assert members == {n: (path.parent / n).read_bytes() for n in members}
+    assert list(members) == ["model.onnx", "w1", "b1", "w2", "b2"]
+
+
+def test_cli_fetch_refuses_to_write_plaintext_into_a_file(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = (tmp_path / "leak.bin").open("wb")
+    monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(buffer=target))
+    inference = env.stack.write_client_config("inference")
+    code = cli_main(["model", "fetch", NAME, "1", "--to-memory", "--client-config", str(inference)])
+    target.close()
+    assert code == 1
+    assert "OUTPUT_NOT_A_PIPE" in capsys.readouterr().err
+    assert (tmp_path / "leak.bin").read_bytes() == b""
+
+
+def test_cli_plans_single_files_onnx_folders_and_shards(tmp_path: Path) -> None:
+    single = tmp_path / "single.onnx"
+    onnx.save_model(
+        helper.make_model(
+            helper.make_graph(
+                [helper.make_node("Identity", ["x"], ["y"])],
+                "g",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+            )
+        ),
+        str(single),
+    )
+    assert cli_models._plan([single]) is None
+    external = write_mlp(tmp_path / "ext", 0)
+    planned = cli_models._plan([external])
+    assert planned is not None and planned[1] is ManifestLayout.ONNX_EXTERNAL_DATA
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("b.safetensors", "a.safetensors"):
+        (shards / name).write_bytes(b"x")
+    planned = cli_models._plan([shards])
+    assert planned is not None and planned[1] is ManifestLayout.FILES
+    assert [p.name for p in planned[0]] == ["a.safetensors", "b.safetensors"]
+    with pytest.raises(StrongroomError) as info:
+        cli_models._plan([tmp_path / "missing"])
+    assert info.value.reason == "MODEL_FILE_UNREADABLE"
