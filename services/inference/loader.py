@@ -24,7 +24,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import BufferedStreamDecryptor, wipe
 from strongroom.artifact.manifest import is_manifest
-from strongroom.client.fetch import ModelFetcher
+from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS, ModelFetcher
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.errors import FailedPrecondition, StrongroomError, Unavailable
 from strongroom.inference.models import ModelRepository
@@ -77,6 +77,7 @@ class ModelLoader:
         decrypt_threads: int = 2,
         timeout: float = 600.0,
         signature: SignaturePolicy | None = None,
+        parallel_parts: int = DEFAULT_PARALLEL_PARTS,
     ) -> None:
         self._repository = repository
         self._store = store_grpc.ModelStoreServiceStub(store_channel)
@@ -87,7 +88,11 @@ class ModelLoader:
         self._signature = signature
         # Multi-part models (a manifest and its parts): see strongroom.inference.multipart.
         self._fetcher = ModelFetcher(
-            store_channel, self._release_key, decrypt_threads=decrypt_threads, timeout=timeout
+            store_channel,
+            self._release_key,
+            parallel=parallel_parts,
+            decrypt_threads=decrypt_threads,
+            timeout=timeout,
         )
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
