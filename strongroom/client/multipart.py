@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -213,10 +214,12 @@ def publish_parts(
     layout: ManifestLayout,
     progress: Progress | None = None,
     timeout: float = 3600.0,
+    created_at: datetime | None = None,
 ) -> PublishedParts:
     """Encrypts every part under one fresh data key, uploads them, then the manifest.
 
     Each part is read once. ``progress`` is called with (bytes of all parts read so far, total).
+    Every artifact of the version carries the same ``created_at`` (default: now).
     If an upload fails, the parts already stored are deleted when this caller may (best effort),
     and the manifest is never written, so the version is never half-loadable.
     """
@@ -249,6 +252,7 @@ def publish_parts(
             "key_id": key_id,
             "key_version": generated.key_version,
             "wrapped_dek": generated.wrapped_data_key,
+            "created_at": created_at or datetime.now(UTC),
         }
         planned = []
         for index, (part, size) in enumerate(zip(parts, sizes, strict=True)):

@@ -136,7 +136,11 @@ def test_non_canonical_or_unknown_fields_are_malformed() -> None:
 
 
 def _raw(**fields: object) -> bytes:
-    msg = manifest_pb2.ModelManifest(model_name="acme/big", model_version="1", layout=1)
+    msg = manifest_pb2.ModelManifest(
+        model_name="acme/big",
+        model_version="1",
+        layout=manifest_pb2.MANIFEST_LAYOUT_ONNX_EXTERNAL_DATA,
+    )
     part = manifest_pb2.ManifestPart(
         name="a", content_type="application/octet-stream", plaintext_sha256=bytes(32),
         header_sha256=bytes(32),

@@ -21,6 +21,7 @@ import tarfile
 import threading
 import types
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from strongroom.inference.models._ort import ort
 from strongroom.pki import WorkloadIdentity
 
 KEY = "multipart"
+CREATED_AT = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 NAME = "acme/mlp"
 
 
@@ -117,6 +119,9 @@ class Env:
             broker=self.stack.channel(self.publisher, "keybroker"),
             store=self.stack.channel(self.publisher, "modelstore"),
             layout=ManifestLayout.ONNX_EXTERNAL_DATA,
+            # One timestamp for every version: their artifacts then have equal sizes, so the
+            # tests below can put one version's bytes in another's place in the store.
+            created_at=CREATED_AT,
         )
         return path
 
@@ -264,7 +269,7 @@ def test_the_client_library_returns_safetensors_shards_equal_to_the_files(env: E
     folder = env.models / "shards"
     folder.mkdir()
     rng = np.random.default_rng(int.from_bytes(os.urandom(4)))
-    shards = {
+    shards: dict[str, dict[str, np.ndarray]] = {
         "model-00001-of-00002.safetensors": {"embed": rng.standard_normal((32, 8), np.float32)},
         "model-00002-of-00002.safetensors": {
             "head": rng.standard_normal((8, 4), np.float32),
