@@ -7,6 +7,9 @@ from datetime import UTC, datetime
 
 from strongroom.artifact import ArtifactReader, build_header, encrypt_bytes, summarize
 
+FORMATS = (1,)
+"""The goldens name their format themselves."""
+
 ARTIFACT_SHA256 = "f9c5d7f2fb104a254bde50ed07da8ace7d704b035039cc475cea6b47bc3a1dee"
 
 
@@ -20,6 +23,7 @@ def _example() -> bytes:
         wrapped_dek=bytes.fromhex("a6" * 8) + bytes(range(0x20, 0x40)),
         plaintext_size=13,
         created_at=datetime(2025, 11, 25, 12, 0, 0, tzinfo=UTC),
+        format_version=1,
     )
     return encrypt_bytes(
         b"hello, model\n", bytearray(range(32)), header=header, salt=bytes(range(0xC0, 0xD8))
