@@ -18,7 +18,13 @@ Replaying the same replacement (a second run after a crash) is a no-op, not an e
 
 from __future__ import annotations
 
-from strongroom.artifact import ArtifactHeader, InvalidArtifact, KeySlot, parse_header, with_key_slot
+from strongroom.artifact import (
+    ArtifactHeader,
+    InvalidArtifact,
+    KeySlot,
+    parse_header,
+    with_key_slot,
+)
 from strongroom.artifact.format import FORMAT_V2
 from strongroom.modelstore.errors import KeySlotRejected, StoredDataCorrupt
 from strongroom.modelstore.records import ModelRecord
@@ -69,6 +75,4 @@ def plan(
             f"KEK version {new_key_version} is not newer than the stored {current.key_version}",
             reason="KEY_VERSION_NOT_NEWER",
         )
-    return with_key_slot(
-        current, KeySlot(current.key_id, new_key_version, bytes(new_wrapped_dek))
-    )
+    return with_key_slot(current, KeySlot(current.key_id, new_key_version, bytes(new_wrapped_dek)))

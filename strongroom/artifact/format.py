@@ -424,7 +424,9 @@ def _parse_canonical(raw: bytes, msg: _Message, what: str) -> None:
     # Recursive (the Timestamp too); missing from the typeshed stubs.
     msg.DiscardUnknownFields()  # type: ignore[union-attr]
     if msg.SerializeToString(deterministic=True) != reencoded:
-        raise _invalid("UNKNOWN_HEADER_FIELD", f"artifact {what} has fields this reader does not know")
+        raise _invalid(
+            "UNKNOWN_HEADER_FIELD", f"artifact {what} has fields this reader does not know"
+        )
     if reencoded != raw:
         raise _invalid("NON_CANONICAL_HEADER", f"artifact {what} is not in canonical encoding")
 
@@ -450,7 +452,8 @@ def head_length(data: bytes | bytearray | memoryview) -> int | None:
         raise _invalid("KEY_SLOT_EMPTY", "artifact key slot is empty")
     if slot_len > MAX_KEY_SLOT_SIZE:
         raise _invalid(
-            "KEY_SLOT_TOO_LARGE", f"artifact key slot of {slot_len} bytes exceeds {MAX_KEY_SLOT_SIZE}"
+            "KEY_SLOT_TOO_LARGE",
+            f"artifact key slot of {slot_len} bytes exceeds {MAX_KEY_SLOT_SIZE}",
         )
     return slot_at + SLOT_LENGTH_SIZE + int(slot_len)
 
@@ -559,7 +562,8 @@ def build_header(
     """
     if format_version not in SUPPORTED_FORMAT_VERSIONS:
         raise _invalid(
-            "UNSUPPORTED_FORMAT_VERSION", f"artifact format version {format_version} is not supported"
+            "UNSUPPORTED_FORMAT_VERSION",
+            f"artifact format version {format_version} is not supported",
         )
     if created_at is None:
         created_at = datetime.now(UTC)

@@ -158,7 +158,9 @@ class _ArtifactStream:
         if header is not None:
             self._header = header
             if self._max is not None and header.artifact_size > self._max:
-                raise ArtifactTooLarge(f"artifact of {header.artifact_size} bytes exceeds the limit")
+                raise ArtifactTooLarge(
+                    f"artifact of {header.artifact_size} bytes exceeds the limit"
+                )
             self._on_header(header)
         return rest
 

@@ -15,7 +15,13 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap_with_padding,
 )
 
-from strongroom.artifact import ArtifactHeader, InvalidArtifact, build_header, encrypt_bytes, parse_header
+from strongroom.artifact import (
+    ArtifactHeader,
+    InvalidArtifact,
+    build_header,
+    encrypt_bytes,
+    parse_header,
+)
 
 CHUNK = 16384
 """The C2SP chunk size, spelled out so tests do not depend on the code under test for it."""
