@@ -17,6 +17,7 @@ from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
 from strongroom.pki.authz import caller_identity
+from strongroom.runtime.metrics import DATA_KEYS_REWRAPPED
 
 KEYBROKER_SERVICE = "strongroom.api.keybroker.v1.KeyBrokerService"
 KEYADMIN_SERVICE = "strongroom.api.keybroker.v1.KeyAdminService"
@@ -135,8 +136,43 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
             data_key.wipe()
 
     def ReWrap(self, request: pb.ReWrapRequest, context: grpc.ServicerContext) -> pb.ReWrapResponse:
-        rewrapped = self._keys.rewrap(request.key_id, request.key_version, request.wrapped_data_key)
+        caller = _caller(context)
+        try:
+            rewrapped = self._keys.rewrap(
+                request.key_id, request.key_version, request.wrapped_data_key
+            )
+        except StrongroomError as exc:
+            # Refusals are audited too: a burst of failed unwraps is what a forged slot looks like.
+            self._audit_rewrap(caller, request, Decision.DENIED, exc.reason, None)
+            DATA_KEYS_REWRAPPED.add(1, {"key_id": request.key_id, "outcome": exc.reason})
+            raise
+        self._audit_rewrap(
+            caller, request, Decision.ALLOWED, "DATA_KEY_REWRAPPED", rewrapped.version
+        )
+        DATA_KEYS_REWRAPPED.add(1, {"key_id": request.key_id, "outcome": "rewrapped"})
         return pb.ReWrapResponse(wrapped_data_key=rewrapped.wrapped, key_version=rewrapped.version)
+
+    def _audit_rewrap(
+        self,
+        caller: Caller,
+        request: pb.ReWrapRequest,
+        decision: Decision,
+        reason: str,
+        to_version: int | None,
+    ) -> None:
+        """One audit record per re-wrap: from which KEK version to which (the keys themselves never)."""
+        self._audit.append(
+            AuditEvent(
+                decision=decision,
+                reason=reason,
+                action="rewrap",
+                caller_spiffe_id=caller.spiffe_id,
+                caller_cert_serial=f"{caller.serial:x}",
+                key_id=request.key_id,
+                key_version=to_version,
+                claims={"from_key_version": request.key_version},
+            )
+        )
 
 
 class KeyAdminServicer(pb_grpc.KeyAdminServiceServicer):

@@ -103,7 +103,7 @@ def test_rewrapped_slot_still_decrypts_everywhere(case: dict[str, Any]) -> None:
     rewrapped = _rewrapped(case, KeySlot("models-kek", 4, wrap(case["dek"], 4)))
     assert len(rewrapped) == len(case["artifact"])
     dek = unwrap_for(rewrapped)
-    assert dek == case["dek"]
+    assert dek is not None and dek == case["dek"]
     assert ArtifactReader(rewrapped).decrypt_all(dek) == case["plaintext"]
     stream = StreamDecryptor(dek)
     out = b"".join(stream.feed(rewrapped[i : i + 999]) for i in range(0, len(rewrapped), 999))
