@@ -6,11 +6,15 @@
     DIR/tokens/<uuid>/    the token's object files
     DIR/libsofthsm2.so    a private copy of the PKCS#11 module (see below)
 
-**PINs never appear on a command line.** ``softhsm2-util --init-token`` takes PINs either from
-``--pin``/``--so-pin`` (visible in ``ps``) or from a prompt that it reads from a *terminal* only:
-it calls ``tcgetattr`` on stdin and gives up ("Could not get SO PIN") when stdin is a pipe. So the
-tool is run on a pseudo-terminal and each PIN is typed at its prompt. The tool turns echo off before
-reading, and the captured output is scrubbed of the PINs anyway before it is used in an error.
+**PINs never appear on a command line.** ``softhsm2-util --init-token`` takes PINs only on argv
+(visible in ``ps``) or from a terminal, so tokens are initialised by calling the PKCS#11 module
+directly (:func:`init_token`: C_InitToken, then C_InitPIN as the security officer). The same
+function is the ``softhsm-init-token`` command the development image runs, with PINs read from files:
+
+    softhsm-init-token --module /usr/lib/softhsm/libsofthsm2.so --label strongroom \
+        --pin-file /run/secrets/hsm-pin --so-pin-file /run/secrets/hsm-so-pin
+
+Its exit codes: 0 initialised or already present, 1 PKCS#11 failure, 2 bad arguments or PIN files.
 
 **Why a private module copy.** SoftHSM2 reads ``SOFTHSM2_CONF`` once, in ``C_Initialize``, and keeps
 one global state per loaded library: a process that has loaded ``libsofthsm2.so`` does not see tokens
@@ -27,14 +31,13 @@ The configuration reaches the module through :attr:`SoftHsmToken.module_env`, wh
 
 from __future__ import annotations
 
-import contextlib
+import argparse
+import ctypes
 import os
-import pty
 import re
-import select
 import shutil
-import subprocess
-import time
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,16 +46,10 @@ from strongroom.runtime.secrets import Secret
 
 #: Where Debian's ``softhsm2`` package installs the module (a symlink into the multiarch dir).
 SYSTEM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
-SOFTHSM2_UTIL = "softhsm2-util"
 
 _LABEL_RE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]{0,30}[\x21-\x7e])?$")
 _MIN_PIN, _MAX_PIN = 4, 255
-_PROMPTS = (
-    (b"Please enter SO PIN: ", "so"),
-    (b"Please reenter SO PIN: ", "so"),
-    (b"Please enter user PIN: ", "user"),
-    (b"Please reenter user PIN: ", "user"),
-)
+_ENV_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -108,13 +105,12 @@ def init_softhsm_token(
     pin: Secret,
     so_pin: Secret,
     system_module: Path = SYSTEM_MODULE,
-    timeout: float = 30.0,
 ) -> SoftHsmToken:
     """Creates ``directory`` (which must not exist or be empty) holding one initialised token.
 
     ``label`` is the token label (1-32 printable ASCII characters). The user PIN is set, so the
     token is ready for :class:`~strongroom.keybroker.hsm.Hsm`. Raises ``FailedPrecondition`` with
-    ``SOFTHSM_NOT_INSTALLED`` when SoftHSM2 is missing and ``SOFTHSM_INIT_FAILED`` when the tool fails.
+    ``SOFTHSM_NOT_INSTALLED`` when SoftHSM2 is missing and ``SOFTHSM_INIT_FAILED`` when PKCS#11 fails.
     """
     directory = Path(directory)
     if not _LABEL_RE.match(label):
@@ -129,8 +125,7 @@ def init_softhsm_token(
                 f"the {kind} PIN must be {_MIN_PIN}-{_MAX_PIN} bytes on one line",
                 reason="PIN_INVALID",
             )
-    util = shutil.which(SOFTHSM2_UTIL)
-    if util is None or not system_module.exists():
+    if not system_module.exists():
         raise FailedPrecondition(
             "SoftHSM2 is not installed (Debian package softhsm2)", reason="SOFTHSM_NOT_INSTALLED"
         )
@@ -149,77 +144,179 @@ def init_softhsm_token(
     )
     module = directory / "libsofthsm2.so"
     shutil.copyfile(system_module.resolve(), module)
-    _run_init_token(util, conf, label, pins, timeout)
+    _init_private_token(module, conf, label, pins)
     return SoftHsmToken(directory=directory, conf_path=conf, module_path=module, label=label)
 
 
-def _run_init_token(
-    util: str, conf: Path, label: str, pins: dict[str, str], timeout: float
-) -> None:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "SOFTHSM2_CONF": str(conf),
-        "LC_ALL": "C",
-    }
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            [util, "--init-token", "--free", "--label", label],
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            env=env,
-            close_fds=True,
-            start_new_session=True,
-        )
-    finally:
-        os.close(slave)
-    output = bytearray()
-    try:
-        output = _answer_prompts(master, pins, time.monotonic() + timeout)
-        rc = proc.wait(timeout=max(0.1, timeout))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        rc = -1
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = output.decode("utf-8", "replace")
-    for value in pins.values():
-        text = text.replace(value, "***")
-    if rc != 0 or "has been initialized" not in text:
-        last = " / ".join(line.strip() for line in text.splitlines() if line.strip())[-300:]
-        raise FailedPrecondition(
-            f"softhsm2-util --init-token failed (exit {rc}): {last}", reason="SOFTHSM_INIT_FAILED"
-        )
-
-
-def _answer_prompts(master: int, pins: dict[str, str], deadline: float) -> bytearray:
-    """Reads the tool's terminal output and types each PIN at its prompt."""
-    output = bytearray()
-    pending = bytearray()
-    step = 0
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise subprocess.TimeoutExpired(SOFTHSM2_UTIL, 0)
-        ready, _, _ = select.select([master], [], [], remaining)
-        if not ready:
-            continue
+def _init_private_token(module: Path, conf: Path, label: str, pins: dict[str, str]) -> None:
+    # SoftHSM2 reads SOFTHSM2_CONF in C_Initialize only: set it for that call, under a lock.
+    with _ENV_LOCK:
+        previous = os.environ.get("SOFTHSM2_CONF")
+        os.environ["SOFTHSM2_CONF"] = str(conf)
         try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            return output
-        if not chunk:
-            return output
-        output += chunk
-        pending += chunk
-        while step < len(_PROMPTS) and _PROMPTS[step][0] in pending:
-            prompt, kind = _PROMPTS[step]
-            del pending[: pending.index(prompt) + len(prompt)]
-            with contextlib.suppress(OSError):
-                os.write(master, pins[kind].encode() + b"\n")
-            step += 1
+            init_token(str(module), label, pins["user"].encode(), pins["so"].encode())
+        except Pkcs11Failure as exc:
+            raise FailedPrecondition(
+                f"initialising the SoftHSM2 token failed: {exc}", reason="SOFTHSM_INIT_FAILED"
+            ) from None
+        finally:
+            if previous is None:
+                os.environ.pop("SOFTHSM2_CONF", None)
+            else:
+                os.environ["SOFTHSM2_CONF"] = previous
+
+
+CKR_OK = 0
+CKF_SERIAL_SESSION = 0x4
+CKF_RW_SESSION = 0x2
+CKF_TOKEN_INITIALIZED = 0x400
+CKU_SO = 0
+PIN_MIN, PIN_MAX = 4, 255
+
+_ULONG = ctypes.c_ulong
+
+
+class _Version(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte)]
+
+
+class _TokenInfo(ctypes.Structure):
+    """CK_TOKEN_INFO (PKCS#11 v2.40 section 3.2), laid out as the C header defines it."""
+
+    _fields_ = [
+        ("label", ctypes.c_char * 32),
+        ("manufacturer_id", ctypes.c_char * 32),
+        ("model", ctypes.c_char * 16),
+        ("serial_number", ctypes.c_char * 16),
+        ("flags", _ULONG),
+        ("max_session_count", _ULONG),
+        ("session_count", _ULONG),
+        ("max_rw_session_count", _ULONG),
+        ("rw_session_count", _ULONG),
+        ("max_pin_len", _ULONG),
+        ("min_pin_len", _ULONG),
+        ("total_public_memory", _ULONG),
+        ("free_public_memory", _ULONG),
+        ("total_private_memory", _ULONG),
+        ("free_private_memory", _ULONG),
+        ("hardware_version", _Version),
+        ("firmware_version", _Version),
+        ("utc_time", ctypes.c_char * 16),
+    ]
+
+
+class Pkcs11Failure(Exception):
+    """A PKCS#11 call returned an error code (the message names the call, never an argument)."""
+
+
+def _check(name: str, rv: int) -> None:
+    if rv != CKR_OK:
+        raise Pkcs11Failure(f"{name} failed with CKR 0x{rv:08x}")
+
+
+def _padded_label(label: str) -> bytes:
+    raw = label.encode("utf-8")
+    if not 1 <= len(raw) <= 32:
+        raise ValueError("token label must be 1 to 32 bytes of UTF-8")
+    return raw.ljust(32, b" ")
+
+
+def _read_pin(path: Path, what: str) -> bytes:
+    pin = path.read_bytes().strip()
+    if not PIN_MIN <= len(pin) <= PIN_MAX:
+        raise ValueError(f"{what} in {path} must be {PIN_MIN} to {PIN_MAX} bytes")
+    return pin
+
+
+def _slots(lib: ctypes.CDLL) -> list[int]:
+    count = _ULONG(0)
+    _check("C_GetSlotList", lib.C_GetSlotList(ctypes.c_ubyte(1), None, ctypes.byref(count)))
+    ids = (_ULONG * count.value)()
+    _check("C_GetSlotList", lib.C_GetSlotList(ctypes.c_ubyte(1), ids, ctypes.byref(count)))
+    return list(ids[: count.value])
+
+
+def _token_info(lib: ctypes.CDLL, slot: int) -> _TokenInfo:
+    info = _TokenInfo()
+    _check("C_GetTokenInfo", lib.C_GetTokenInfo(_ULONG(slot), ctypes.byref(info)))
+    return info
+
+
+def _find(lib: ctypes.CDLL, label: bytes) -> tuple[int | None, int | None]:
+    """Returns (slot of the initialised token with ``label``, first free slot)."""
+    found = free = None
+    for slot in _slots(lib):
+        info = _token_info(lib, slot)
+        if info.flags & CKF_TOKEN_INITIALIZED:
+            if bytes(info.label) == label and found is None:
+                found = slot
+        elif free is None:
+            free = slot
+    return found, free
+
+
+def init_token(module: str, label: str, pin: bytes, so_pin: bytes) -> bool:
+    """Initialises a token called ``label`` unless one exists; returns True when it created one."""
+    padded = _padded_label(label)
+    lib = ctypes.CDLL(module)
+    _check("C_Initialize", lib.C_Initialize(None))
+    try:
+        existing, free = _find(lib, padded)
+        if existing is not None:
+            return False
+        if free is None:
+            raise Pkcs11Failure("no free slot to initialise a token in")
+        _check(
+            "C_InitToken",
+            lib.C_InitToken(_ULONG(free), so_pin, _ULONG(len(so_pin)), padded),
+        )
+        # SoftHSM2 moves a freshly initialised token to a new slot id: look it up again.
+        slot, _ = _find(lib, padded)
+        if slot is None:
+            raise Pkcs11Failure("the initialised token did not appear in the slot list")
+        session = _ULONG(0)
+        _check(
+            "C_OpenSession",
+            lib.C_OpenSession(
+                _ULONG(slot),
+                _ULONG(CKF_SERIAL_SESSION | CKF_RW_SESSION),
+                None,
+                None,
+                ctypes.byref(session),
+            ),
+        )
+        try:
+            _check("C_Login", lib.C_Login(session, _ULONG(CKU_SO), so_pin, _ULONG(len(so_pin))))
+            _check("C_InitPIN", lib.C_InitPIN(session, pin, _ULONG(len(pin))))
+            _check("C_Logout", lib.C_Logout(session))
+        finally:
+            lib.C_CloseSession(session)
+        return True
+    finally:
+        lib.C_Finalize(None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--module", default="/usr/lib/softhsm/libsofthsm2.so")
+    parser.add_argument("--label", required=True)
+    parser.add_argument("--pin-file", type=Path, required=True)
+    parser.add_argument("--so-pin-file", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        pin = _read_pin(args.pin_file, "user PIN")
+        so_pin = _read_pin(args.so_pin_file, "SO PIN")
+        created = init_token(args.module, args.label, pin, so_pin)
+    except (OSError, ValueError) as exc:
+        print(f"softhsm-init-token: {exc}", file=sys.stderr)
+        return 2
+    except Pkcs11Failure as exc:
+        print(f"softhsm-init-token: {exc}", file=sys.stderr)
+        return 1
+    print(f"token {args.label!r}: {'initialised' if created else 'already present'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,9 +13,9 @@ from strongroom.pki.credentials import Credentials
 from strongroom.pki.handshake import ClientCertificateRejected
 from strongroom.pki.identity import IdentityStatus, RenewalPolicy, WorkloadIdentity
 from strongroom.pki.layout import CaLayout, Provisioner
-from strongroom.pki.spiffe import SpiffeId
 from strongroom.pki.stepca import StepCa
 from strongroom.pki.token import mint_token
+from strongroom.spiffe import SpiffeId
 
 __all__ = [
     "CaClient",

@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from strongroom.files import atomic_write
+
 
 def write_private(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Writes ``data`` to ``path`` atomically; the file never exists with wider permissions."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Writes ``data`` to ``path`` atomically and durably; never with wider permissions."""
+    atomic_write(path, data, mode=mode)
 
 
 def write_public(path: Path, data: bytes) -> None:

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from strongroom.pki.errors import CertificateInvalid
-from strongroom.pki.spiffe import SpiffeId
+from strongroom.spiffe import SpiffeId
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:

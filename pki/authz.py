@@ -26,12 +26,11 @@ from strongroom.errors import StrongroomError
 from strongroom.pki._x509 import cert_spki_der, uri_sans
 from strongroom.pki.errors import (
     InvalidPkiConfig,
-    MalformedSpiffeId,
     PeerNotAllowed,
     PeerUnauthenticated,
 )
 from strongroom.pki.identity import Clock, utc_now
-from strongroom.pki.spiffe import SpiffeId
+from strongroom.spiffe import MalformedSpiffeId, SpiffeId
 
 _log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from strongroom.pki._files import write_private, write_public
 from strongroom.pki._x509 import generate_key
 from strongroom.pki.errors import InvalidPkiConfig
 from strongroom.pki.layout import CaLayout
-from strongroom.pki.spiffe import SpiffeId
+from strongroom.spiffe import SpiffeId
 
 Database = Literal["bbolt", "badgerv2", "none"]
 

@@ -24,9 +24,9 @@ from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CaUnavailable, InvalidPkiConfig
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.pki.layout import CaLayout
-from strongroom.pki.spiffe import SpiffeId
 from strongroom.pki.stepca import StepCa
 from strongroom.pki.token import mint_token
+from strongroom.spiffe import SpiffeId
 
 TOKEN_ENV = "STRONGROOM_PKI_TOKEN"  # noqa: S105 - the variable name, not a secret
 

@@ -19,7 +19,7 @@ from strongroom.pki._x509 import (
     spki_der,
 )
 from strongroom.pki.errors import CertificateInvalid
-from strongroom.pki.spiffe import SpiffeId
+from strongroom.spiffe import SpiffeId
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,6 @@ from strongroom.errors import (
 )
 
 
-class MalformedSpiffeId(InvalidArgument):
-    """A string is not a valid SPIFFE ID (scheme, trust domain or path)."""
-
-    default_reason = "MALFORMED_SPIFFE_ID"
-
-
 class InvalidPkiConfig(InvalidArgument):
     """A CA directory, duration, address or authorisation table is malformed."""
 

@@ -35,7 +35,7 @@ from strongroom.pki.errors import (
     InvalidPkiConfig,
     NoIdentity,
 )
-from strongroom.pki.spiffe import SpiffeId
+from strongroom.spiffe import SpiffeId
 
 _log = logging.getLogger(__name__)
 

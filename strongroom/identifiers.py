@@ -18,8 +18,12 @@ MAX_NAME_LENGTH = 128
 MAX_VERSION_LENGTH = 64
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-_NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
-_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+#: The model-name grammar (use with ``fullmatch``); the artifact format and every service use it.
+MODEL_NAME_PATTERN = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+#: The model-version grammar (use with ``fullmatch``).
+MODEL_VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_NAME = MODEL_NAME_PATTERN
+_VERSION = MODEL_VERSION_PATTERN
 _PREFIX = re.compile(r"[A-Za-z0-9._/-]*")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 

@@ -34,6 +34,7 @@ secrets_dir=${STRONGROOM_BOOTSTRAP_SECRETS_DIR:-/run/secrets}
 pki_public=${STRONGROOM_BOOTSTRAP_PKI_PUBLIC:-/run/strongroom/pki}
 hsm_dir=${STRONGROOM_BOOTSTRAP_HSM_DIR:-/var/lib/strongroom/softhsm}
 simulated_tee_dir=${STRONGROOM_BOOTSTRAP_SIMULATED_TEE_DIR:-/var/lib/strongroom/simulated-tee}
+collateral_dir=${STRONGROOM_BOOTSTRAP_COLLATERAL_DIR:-/var/lib/strongroom/collateral}
 hsm_label=${STRONGROOM_HSM_TOKEN_LABEL:-strongroom}
 hsm_module=${STRONGROOM_HSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 services=(keybroker modelstore inference)
@@ -132,6 +133,17 @@ init_simulated_tee() {
 from strongroom.dev.simulated import SimulatedAuthority
 SimulatedAuthority.generate().save(sys.argv[1])' "$simulated_tee_dir"
     log "generated the simulated TEE chain (DEVELOPMENT ONLY)"
+  fi
+  if [ -d "$simulated_tee_dir" ] && [ -d "$collateral_dir" ]; then
+    # The broker judges the simulated chain with simulated collateral (CRLs, TDX TCB info, QE
+    # identity) from its own collateral cache, like real collateral; refreshed on every bootstrap.
+    python3 -c 'import sys
+from strongroom.attestation.collateral_cache import CollateralCache
+from strongroom.dev.simulated import SimulatedAuthority
+a = SimulatedAuthority.load(sys.argv[1])
+a.fill_cache(CollateralCache(__import__("pathlib").Path(sys.argv[2]), a.trust_store()), tdx=[a.tdx()])' \
+      "$simulated_tee_dir" "$collateral_dir"
+    log "filled the broker's collateral cache with the simulated chain's collateral (DEVELOPMENT ONLY)"
   fi
 }
 

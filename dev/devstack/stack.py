@@ -146,6 +146,7 @@ class DevStack:
             "sev_snp:\n"
             "  allow_simulated: true\n"
             f'  measurements: ["{measurement}"]\n'
+            "  min_reported_tcb: any  # development only; production policies state a minimum\n"
         )
 
     def create_release_key(
@@ -199,6 +200,18 @@ class DevStack:
         directory = self.root / "simulated-tee"
         if not (directory / "amd_trust.pem").exists():
             SimulatedAuthority.generate().save(directory)
+        return directory
+
+    def init_collateral(self) -> Path:
+        """The broker's collateral cache, filled with the simulated chain's collateral (CRLs,
+        TDX TCB info and QE identity), refreshed on every start; returns its directory."""
+        from strongroom.attestation.collateral_cache import CollateralCache
+        from strongroom.dev.simulated import SimulatedAuthority
+
+        directory = self.root / "collateral"
+        authority = SimulatedAuthority.load(self.init_simulated_tee())
+        cache = CollateralCache(directory, authority.trust_store())
+        authority.fill_cache(cache, tdx=[authority.tdx()])
         return directory
 
     def init_secrets(self) -> None:
@@ -318,6 +331,9 @@ class DevStack:
                 "policies_dir": str(self.root / "state" / "keybroker" / "policies"),
                 "allow_simulated_tee": True,
                 "simulated_roots_dir": str(tee),
+                "collateral_dir": str(self.init_collateral()),
+                # Loopback only: the simulated chain's collateral is filled locally.
+                "collateral_fetch": False,
             }
         if service == "modelstore":
             return {"data_dir": str(self.root / "state" / "modelstore" / "data")}

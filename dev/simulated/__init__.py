@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from strongroom.attestation.abi import certs as oids
 from strongroom.attestation.abi import snp as snp_abi
 from strongroom.attestation.abi import tdx as tdx_abi
 from strongroom.attestation.abi.certs import SIMULATED_MARK, load_certificate
+from strongroom.attestation.collateral import StaticCollateralSource
+from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.evidence import Collateral, CollateralKind, Evidence, TeeType
 from strongroom.attestation.trust import TrustStore
 
@@ -275,6 +278,56 @@ class SimulatedAuthority:
         else:
             crl = builder.sign(key, hashes.SHA256())
         return crl.public_bytes(serialization.Encoding.DER)
+
+    def pck_crl_chain_pem(self) -> bytes:
+        """The issuer chain PCS sends with a PCK CRL (``SGX-PCK-CRL-Issuer-Chain``)."""
+        return _pem(self.pck_ca) + _pem(self.intel_root)
+
+    def collateral_source(
+        self,
+        *,
+        tdx: Sequence[SimulatedTdx] = (),
+        now: dt.datetime | None = None,
+        days: int = 30,
+        revoked: Mapping[str, list[int]] | None = None,
+    ) -> StaticCollateralSource:
+        """The verifier-side collateral for this PKI: ARK, Intel root and PCK CA CRLs (revoking
+        ``revoked[issuer]`` serials), and each TDX platform's TCB info plus the QE identity."""
+        revoked = revoked or {}
+        crls = tuple(
+            self.crl(issuer, revoked.get(issuer, []), now=now, days=days)
+            for issuer in ("ark", "intel_root", "pck_ca")
+        )
+        return StaticCollateralSource(
+            tcb_infos=tuple(p.tcb_info(now=now, days=days) for p in tdx),
+            qe_identity=tdx[0].qe_identity(now=now, days=days) if tdx else None,
+            signing_chain=self.tcb_signing_chain_pem(),
+            crl_list=crls,
+        )
+
+    def fill_cache(
+        self,
+        cache: CollateralCache,
+        *,
+        tdx: Sequence[SimulatedTdx] = (),
+        now: dt.datetime | None = None,
+        days: int = 30,
+    ) -> None:
+        """Puts this PKI's simulated collateral into a collateral cache (the dev stack's broker
+        verifies the simulated chain through the same cache as real collateral)."""
+        ark_crl = self.crl("ark", now=now, days=days)
+        cache.put_crl(ark_crl, scope="vcek")
+        cache.put_crl(ark_crl, scope="vlek")
+        cache.put_crl(self.crl("intel_root", now=now, days=days))
+        cache.put_crl(self.crl("pck_ca", now=now, days=days), issuer_chain=self.pck_crl_chain_pem())
+        for platform in tdx:
+            cache.put_tdx_tcb_info(
+                platform.tcb_info(now=now, days=days), self.tcb_signing_chain_pem()
+            )
+        if tdx:
+            cache.put_tdx_qe_identity(
+                tdx[0].qe_identity(now=now, days=days), self.tcb_signing_chain_pem()
+            )
 
 
 @dataclass
@@ -562,18 +615,20 @@ class SimulatedTdx:
         tdx_components: tuple[int, ...] = (3, 0, 5) + (0,) * 13,
         fmspc: bytes | None = None,
         days: int = 30,
+        evaluation_number: int = 17,
+        issued: dt.datetime | None = None,
     ) -> bytes:
         """A signed TCB info whose first level matches this platform with ``status``."""
         now = now or dt.datetime.now(_UTC)
         body = {
             "id": "TDX",
             "version": 3,
-            "issueDate": _ts(now - dt.timedelta(hours=1)),
+            "issueDate": _ts(issued or now - dt.timedelta(hours=1)),
             "nextUpdate": _ts(now + dt.timedelta(days=days)),
             "fmspc": (fmspc or self.fmspc).hex(),
             "pceId": "0000",
             "tcbType": 0,
-            "tcbEvaluationDataNumber": 17,
+            "tcbEvaluationDataNumber": evaluation_number,
             "tdxModule": {
                 "mrsigner": "00" * 48,
                 "attributes": "00" * 8,

@@ -6,8 +6,9 @@ import grpc
 
 from strongroom.api.inference.v1 import model_control_pb2 as pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as pb_grpc
+from strongroom.identifiers import validate_name, validate_version
 from strongroom.inference.loader import ModelLoader
-from strongroom.inference.models import ModelRepository, check_model_name, check_model_version
+from strongroom.inference.models import ModelRepository
 
 CONTROL_SERVICE = "strongroom.api.inference.v1.ModelControlService"
 
@@ -22,15 +23,15 @@ class ModelControlServicer(pb_grpc.ModelControlServiceServicer):
     def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.ServicerContext
     ) -> pb.LoadModelResponse:
-        name = check_model_name(request.name)
-        version = check_model_version(request.version)
+        name = validate_name(request.name)
+        version = validate_version(request.version)
         result = self._loader.load(name, version)
         return pb.LoadModelResponse(timings=result.timings, decision_id=result.decision_id)
 
     def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.ServicerContext
     ) -> pb.UnloadModelResponse:
-        name = check_model_name(request.name)
-        version = check_model_version(request.version) if request.version else None
+        name = validate_name(request.name)
+        version = validate_version(request.version) if request.version else None
         self._repository.unload(name, version)
         return pb.UnloadModelResponse()

@@ -23,9 +23,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import BufferedStreamDecryptor, wipe
+from strongroom.artifact.manifest import is_manifest
+from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS, ModelFetcher
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.errors import FailedPrecondition, StrongroomError, Unavailable
 from strongroom.inference.models import ModelRepository
+from strongroom.inference.multipart import load_multipart
 from strongroom.inference.signature import SignaturePolicy
 from strongroom.runtime.metrics import MODEL_LOAD_DURATION
 
@@ -74,6 +77,7 @@ class ModelLoader:
         decrypt_threads: int = 2,
         timeout: float = 600.0,
         signature: SignaturePolicy | None = None,
+        parallel_parts: int = DEFAULT_PARALLEL_PARTS,
     ) -> None:
         self._repository = repository
         self._store = store_grpc.ModelStoreServiceStub(store_channel)
@@ -82,6 +86,14 @@ class ModelLoader:
         self._threads = decrypt_threads
         self._timeout = timeout
         self._signature = signature
+        # Multi-part models (a manifest and its parts): see strongroom.inference.multipart.
+        self._fetcher = ModelFetcher(
+            store_channel,
+            self._release_key,
+            parallel=parallel_parts,
+            decrypt_threads=decrypt_threads,
+            timeout=timeout,
+        )
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -101,7 +113,10 @@ class ModelLoader:
             self._repository.begin_load(name, version)
             started = time.perf_counter()
             try:
-                result = self._load(name, version)
+                if self._is_multipart(name, version):
+                    result = self._load_multipart(name, version)
+                else:
+                    result = self._load(name, version)
             except StrongroomError as exc:
                 MODEL_LOAD_DURATION.record(
                     time.perf_counter() - started, {"model": name, "outcome": exc.reason}
@@ -130,6 +145,23 @@ class ModelLoader:
                 },
             )
             return result
+
+    def _is_multipart(self, name: str, version: str) -> bool:
+        """Whether the store holds a manifest for ``name``/``version`` (its claim; the fetch
+        authenticates the manifest's header before trusting anything in it)."""
+        try:
+            info = self._store.StatModel(
+                store_pb.StatModelRequest(name=name, version=version), timeout=self._timeout
+            ).model
+        except grpc.RpcError as exc:
+            raise _remote_error("fetch", exc) from None
+        return is_manifest(info.content_type)
+
+    def _load_multipart(self, name: str, version: str) -> LoadResult:
+        timings, decision_id = load_multipart(
+            self._repository, self._fetcher, name, version, signature=self._signature
+        )
+        return LoadResult(timings=timings, decision_id=decision_id)
 
     def _responses(self, name: str, version: str) -> Iterator[store_pb.GetModelResponse]:
         try:

@@ -34,9 +34,36 @@ class KeybrokerConfig:
     # Development only: trust the simulated TEE chain (amd_trust.pem, intel_root.pem) in this directory.
     allow_simulated_tee: bool = False
     simulated_roots_dir: Path | None = None
+    # The broker's own attestation collateral (CRLs, TDX TCB info, QE identity): a directory it
+    # owns (or shares read-only), filled from AMD KDS and Intel PCS/PCCS or by `attest collateral
+    # import`. Without it every release is refused (COLLATERAL_MISSING).
+    collateral_dir: Path | None = None
+    collateral_read_only: bool = False
+    # Fetch missing/due documents from the services below (false: offline, import only).
+    collateral_fetch: bool = True
+    pcs_url: str = "https://api.trustedservices.intel.com"
+    kds_url: str = "https://kdsintf.amd.com"
+    pcs_root_ca_crl_url: str | None = None
+    collateral_timeout_seconds: float = 10.0
+    collateral_retries: int = 3
+    # Refresh a document this long before its nextUpdate; re-check every interval.
+    collateral_refresh_before_seconds: float = 86400.0
+    collateral_refresh_interval_seconds: float = 3600.0
+    # Accept a document at most this long past its nextUpdate (upstream outage), then refuse.
+    collateral_grace_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.allow_simulated_tee and self.simulated_roots_dir is None:
             raise ConfigError("keybroker.allow_simulated_tee needs keybroker.simulated_roots_dir")
+        if not 0 <= self.collateral_grace_seconds <= 7 * 86400:
+            raise ConfigError("keybroker.collateral_grace_seconds must be between 0 and 604800")
+        if not 0 < self.collateral_timeout_seconds <= 120 or not 0 <= self.collateral_retries <= 10:
+            raise ConfigError(
+                "keybroker.collateral_timeout_seconds must be in (0, 120] and "
+                "collateral_retries in 0..10"
+            )
+        for name in ("pcs_url", "kds_url"):
+            if not getattr(self, name).startswith(("https://", "http://")):
+                raise ConfigError(f"keybroker.{name} must be an http(s) URL")
         if not 5 <= self.challenge_lifetime_seconds <= 600:
             raise ConfigError("keybroker.challenge_lifetime_seconds must be between 5 and 600")

@@ -59,7 +59,7 @@ from pkcs11.attributes import AttributeMapper
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.errors import HsmUnavailable, Reason
-from strongroom.keybroker.oaep import PROBE_ORDER, OaepHash
+from strongroom.oaep import PROBE_ORDER, OaepHash
 from strongroom.runtime.secrets import Secret
 
 _log = logging.getLogger(__name__)

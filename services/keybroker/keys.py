@@ -49,7 +49,7 @@ from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, parse_ephemeral_public_key
 from strongroom.keybroker.errors import HsmUnavailable, Reason
 from strongroom.keybroker.hsm import Hsm, HsmSession, oaep_mechanism_param
-from strongroom.keybroker.oaep import OaepHash, check_accepted, negotiate
+from strongroom.oaep import OaepHash, check_accepted, negotiate
 
 _log = logging.getLogger(__name__)
 

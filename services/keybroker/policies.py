@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.errors import FailedPrecondition, Unavailable
+from strongroom.files import atomic_write
 from strongroom.keybroker.keys import validate_key_id
 from strongroom.keybroker.policy_bounds import check_policy_bounds
 
@@ -69,7 +68,7 @@ class PolicyStore:
     def _load(self, document: str) -> ReleasePolicy:
         """Bounds, parses and validates a document, also against where this broker runs."""
         check_policy_bounds(document)
-        policy = ReleasePolicy.load(document)
+        policy = ReleasePolicy.load(document, production=self._production)
         if self._trust_domain is not None:
             policy.check_deployment(trust_domain=self._trust_domain, production=self._production)
         return policy
@@ -86,22 +85,7 @@ class PolicyStore:
         stored = StoredPolicy(document, self._load(document))
         path = self._path(key_id)
         try:
-            self._dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=f".{key_id}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(document)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            dir_fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(path, document.encode())
         except OSError as exc:
             raise FailedPrecondition(
                 f"cannot store the policy of {key_id!r}: {exc.strerror} (is the policy directory "

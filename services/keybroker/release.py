@@ -13,11 +13,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from strongroom.attestation import Evidence, TrustStore, VerifiedClaims, verify_evidence
 from strongroom.attestation.binding import check_report_data, report_data_for
+from strongroom.attestation.collateral import CollateralSource
 from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.challenge import Challenge, ChallengeIssuer
@@ -29,8 +30,8 @@ from strongroom.keybroker.keys import (
     validate_version,
     validate_wrapped_dek,
 )
-from strongroom.keybroker.oaep import OaepHash, check_accepted
 from strongroom.keybroker.policies import PolicyStore
+from strongroom.oaep import OaepHash, check_accepted
 from strongroom.runtime.metrics import KEY_RELEASES
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class ReleaseEngine:
         policies: PolicyStore,
         trust: TrustStore,
         audit: AuditLog,
+        collateral: CollateralSource | None,
+        collateral_grace: timedelta = timedelta(0),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         hsm_timeout: float = 5.0,
     ) -> None:
@@ -115,6 +118,10 @@ class ReleaseEngine:
         self._policies = policies
         self._trust = trust
         self._audit = audit
+        # The broker's own collateral (CRLs, TCB info, QE identity); evidence-carried collateral
+        # is never consulted. None means nothing can verify: every release fails closed.
+        self._collateral = collateral
+        self._collateral_grace = collateral_grace
         self._clock = clock
         self._hsm_timeout = hsm_timeout
 
@@ -130,18 +137,22 @@ class ReleaseEngine:
             "evidence_sha256": hashlib.sha256(report).hexdigest(),
         }
 
-    def deny(self, exc: StrongroomError, caller: Caller, *, key_id: str, report: bytes) -> None:
+    def deny(self, exc: Exception, caller: Caller, *, key_id: str, report: bytes) -> None:
         """Audits a release refused before it reached :meth:`release` (e.g. unparseable fields)."""
         context = self._context(caller, report)
         context["key_id"] = key_id if isinstance(key_id, str) and len(key_id) <= 128 else None
         self._audit_denial(exc, context)
 
     def release(self, request: ReleaseRequest, caller: Caller) -> ReleaseOutcome:
-        """Releases the data key to the attested caller, or raises and audits why not."""
+        """Releases the data key to the attested caller, or raises and audits why not.
+
+        Every refusal is audited, whatever raised it: an unexpected error is recorded with
+        reason ``INTERNAL`` before it reaches the error interceptor.
+        """
         context = self._context(caller, request.evidence.report)
         try:
             outcome = self._decide(request, caller, context)
-        except StrongroomError as exc:
+        except Exception as exc:
             self._audit_denial(exc, context)
             raise
         return outcome
@@ -168,7 +179,12 @@ class ReleaseEngine:
         # 4. Evidence: signatures and chains to the pinned roots, as of now.
         verify_started = time.perf_counter()
         claims: VerifiedClaims = verify_evidence(
-            request.evidence, trust=self._trust, now=self._clock()
+            request.evidence,
+            trust=self._trust,
+            now=self._clock(),
+            collateral=self._collateral,
+            require_collateral=True,
+            collateral_grace=self._collateral_grace,
         )
         context["claims"] = claims.as_dict()
         # 5. Binding: REPORT_DATA must be exactly H(nonce, ephemeral key, caller's TLS key).
@@ -212,14 +228,20 @@ class ReleaseEngine:
             },
         )
 
-    def _audit_denial(self, exc: StrongroomError, context: dict[str, Any]) -> None:
-        KEY_RELEASES.add(1, {"outcome": "denied", "reason": exc.reason})
+    def _audit_denial(self, exc: Exception, context: dict[str, Any]) -> None:
+        if isinstance(exc, StrongroomError):
+            reason, status, detail = exc.reason, exc.status_name, exc.message
+        else:
+            # A bug, not a verdict: the caller gets INTERNAL from the interceptor, and the audit
+            # log still records that this request was refused.
+            reason, status, detail = "INTERNAL", "INTERNAL", type(exc).__name__
+        KEY_RELEASES.add(1, {"outcome": "denied", "reason": reason})
         log.warning(
             "key release denied",
             extra={
-                "reason": exc.reason,
-                "status": exc.status_name,
-                "detail": exc.message,
+                "reason": reason,
+                "status": status,
+                "detail": detail,
                 "caller": context.get("caller_spiffe_id"),
                 "key_id": context.get("key_id"),
             },
@@ -227,6 +249,6 @@ class ReleaseEngine:
         if isinstance(exc, AuditUnavailable):
             return  # the failure to audit is itself what is being reported
         try:
-            self._audit.append(AuditEvent(decision=Decision.DENIED, reason=exc.reason, **context))
+            self._audit.append(AuditEvent(decision=Decision.DENIED, reason=reason, **context))
         except StrongroomError:
-            log.error("could not audit a denied key release", extra={"reason": exc.reason})
+            log.error("could not audit a denied key release", extra={"reason": reason})

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation import TrustStore
+from strongroom.attestation.collateral_cache import CollateralCache
+from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.keybroker.audit import AuditLog, load_signing_key
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.keybroker.config import AUDIT_KEY_ENV, NONCE_KEY_ENV, PIN_ENV, KeybrokerConfig
 from strongroom.keybroker.hsm import Hsm, HsmConfig
 from strongroom.keybroker.keys import KeyManager
+from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import ReleaseEngine
 from strongroom.keybroker.service import (
@@ -56,6 +61,54 @@ def trust_store(common: CommonConfig, config: KeybrokerConfig) -> TrustStore:
     )
 
 
+def collateral_service(config: KeybrokerConfig, trust: TrustStore) -> CollateralService | None:
+    """The broker's collateral: its cache directory, fetching from KDS/PCS when enabled."""
+    if config.collateral_dir is None:
+        log.error(
+            "keybroker.collateral_dir is not set: every key release will be refused "
+            "(COLLATERAL_MISSING)"
+        )
+        return None
+    cache = CollateralCache(config.collateral_dir, trust, writable=not config.collateral_read_only)
+    settings = (
+        FetchSettings(
+            pcs_url=config.pcs_url,
+            kds_url=config.kds_url,
+            root_ca_crl_url=config.pcs_root_ca_crl_url,
+            timeout_seconds=config.collateral_timeout_seconds,
+            retries=config.collateral_retries,
+        )
+        if config.collateral_fetch and not config.collateral_read_only
+        else None
+    )
+    return CollateralService(
+        cache,
+        settings,
+        refresh_before=timedelta(seconds=config.collateral_refresh_before_seconds),
+    )
+
+
+class _Refresher:
+    """Re-fetches due collateral every interval until stopped (a daemon thread)."""
+
+    def __init__(self, service: CollateralService, interval: float) -> None:
+        self._service = service
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="collateral-refresh", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._service.refresh_due()
+            except Exception:  # logged; the next pass tries again, the cache keeps serving
+                log.exception("collateral refresh pass failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 @dataclass
 class KeyBroker:
     """A running key broker and everything it owns; :meth:`close` releases it all."""
@@ -66,6 +119,7 @@ class KeyBroker:
     keys: KeyManager
     engine: ReleaseEngine
     identity: WorkloadIdentity | None = None
+    refresher: _Refresher | None = None
     _closed: bool = field(default=False, repr=False)
 
     def close(self, grace: float | None = 0) -> None:
@@ -73,6 +127,8 @@ class KeyBroker:
         if self._closed:
             return
         self._closed = True
+        if self.refresher is not None:
+            self.refresher.stop()
         self.host.stop(grace)
         self.audit.close()
         self.hsm.close()
@@ -111,16 +167,20 @@ def build(
     policies = PolicyStore(
         config.policies_dir, trust_domain=identity.trust_domain, production=common.production
     )
+    collateral = collateral_service(config, trust)
     engine = ReleaseEngine(
         keys=keys,
         challenges=ChallengeIssuer(nonce_key, lifetime=config.challenge_lifetime_seconds),
         policies=policies,
         trust=trust,
         audit=audit,
+        collateral=collateral,
+        collateral_grace=timedelta(seconds=config.collateral_grace_seconds),
         hsm_timeout=config.hsm_operation_timeout_seconds,
     )
-    broker_servicer = KeyBrokerServicer(engine, keys, audit)
-    admin_servicer = KeyAdminServicer(keys, policies, audit)
+    key_service = KeyService(keys, policies, audit)
+    broker_servicer = KeyBrokerServicer(engine, keys, key_service)
+    admin_servicer = KeyAdminServicer(key_service)
 
     def hsm_ready() -> str | None:
         try:
@@ -149,7 +209,20 @@ def build(
         tracer_provider=provider,
         message_limits=MESSAGE_LIMITS,
     )
-    return KeyBroker(host=host, hsm=hsm, audit=audit, keys=keys, engine=engine, identity=identity)
+    refresher = (
+        _Refresher(collateral, config.collateral_refresh_interval_seconds)
+        if collateral is not None and config.collateral_fetch and not config.collateral_read_only
+        else None
+    )
+    return KeyBroker(
+        host=host,
+        hsm=hsm,
+        audit=audit,
+        keys=keys,
+        engine=engine,
+        identity=identity,
+        refresher=refresher,
+    )
 
 
 def serve(config_path: Path | None) -> int:

@@ -10,12 +10,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation import Evidence
-from strongroom.errors import InvalidArgument, StrongroomError
-from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.keys import KeyInfo, KeyManager, KeyState
-from strongroom.keybroker.oaep import OaepHash
-from strongroom.keybroker.policies import PolicyStore
+from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
+from strongroom.oaep import OaepHash
 from strongroom.pki.authz import caller_identity
 from strongroom.runtime.server import MessageLimits
 
@@ -37,11 +35,6 @@ ROLE_RULES: dict[str, tuple[str, ...]] = {
     KEYADMIN_SERVICE: ("admin",),
 }
 
-_MECHANISM_TO_HASH = {
-    pb.WRAP_MECHANISM_RSA_OAEP_SHA1: OaepHash.SHA1,
-    pb.WRAP_MECHANISM_RSA_OAEP_SHA256: OaepHash.SHA256,
-}
-_HASH_TO_MECHANISM = {v: k for k, v in _MECHANISM_TO_HASH.items()}
 _STATE = {KeyState.ENABLED: pb.KEY_STATE_ENABLED, KeyState.DISABLED: pb.KEY_STATE_DISABLED}
 
 
@@ -57,16 +50,7 @@ def _timestamp(when: datetime | float) -> Timestamp:
 
 
 def _accepted(mechanisms: list[pb.WrapMechanism.ValueType]) -> list[OaepHash]:
-    out = []
-    for m in mechanisms:
-        chosen = _MECHANISM_TO_HASH.get(m)
-        if chosen is None:
-            raise InvalidArgument(
-                f"accepted_mechanisms: {m} is not an RSA-OAEP wrap mechanism",
-                reason="OAEP_MECHANISM_INVALID",
-            )
-        out.append(chosen)
-    return out
+    return [OaepHash.from_mechanism(m) for m in mechanisms]
 
 
 def key_info_proto(info: KeyInfo, policy_version: str) -> pb.KeyInfo:
@@ -87,10 +71,10 @@ def key_info_proto(info: KeyInfo, policy_version: str) -> pb.KeyInfo:
 class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
     """Challenges and releases for inference servers; data keys for publishers."""
 
-    def __init__(self, engine: ReleaseEngine, keys: KeyManager, audit: AuditLog) -> None:
+    def __init__(self, engine: ReleaseEngine, keys: KeyManager, service: KeyService) -> None:
         self._engine = engine
         self._keys = keys
-        self._audit = audit
+        self._service = service
 
     def GetChallenge(
         self, request: pb.GetChallengeRequest, context: grpc.ServicerContext
@@ -107,7 +91,7 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
         try:
             evidence = Evidence.from_proto(request.evidence)
             accepted = _accepted(list(request.accepted_mechanisms))
-        except StrongroomError as exc:
+        except Exception as exc:  # every refusal is audited, whatever raised it
             self._engine.deny(exc, caller, key_id=request.key_id, report=request.evidence.report)
             raise
         outcome = self._engine.release(
@@ -124,7 +108,7 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
         )
         return pb.ReleaseKeyResponse(
             wrapped_data_key=outcome.wrapped_data_key,
-            mechanism=_HASH_TO_MECHANISM[outcome.mechanism],
+            mechanism=pb.WrapMechanism.ValueType(outcome.mechanism.mechanism),
             decision_id=outcome.decision_id,
             policy_version=outcome.policy_version,
         )
@@ -132,20 +116,8 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
     def GenerateDataKey(
         self, request: pb.GenerateDataKeyRequest, context: grpc.ServicerContext
     ) -> pb.GenerateDataKeyResponse:
-        caller = _caller(context)
-        data_key = self._keys.generate_data_key(request.key_id)
+        data_key = self._service.generate_data_key(_caller(context), request.key_id)
         try:
-            self._audit.append(
-                AuditEvent(
-                    decision=Decision.ALLOWED,
-                    reason="DATA_KEY_GENERATED",
-                    action="generate_data_key",
-                    caller_spiffe_id=caller.spiffe_id,
-                    caller_cert_serial=f"{caller.serial:x}",
-                    key_id=data_key.key_id,
-                    key_version=data_key.version,
-                )
-            )
             return pb.GenerateDataKeyResponse(
                 data_key=bytes(data_key.dek),
                 wrapped_data_key=data_key.wrapped,
@@ -156,77 +128,55 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
             data_key.wipe()
 
     def ReWrap(self, request: pb.ReWrapRequest, context: grpc.ServicerContext) -> pb.ReWrapResponse:
-        rewrapped = self._keys.rewrap(request.key_id, request.key_version, request.wrapped_data_key)
+        rewrapped = self._service.rewrap(
+            _caller(context), request.key_id, request.key_version, request.wrapped_data_key
+        )
         return pb.ReWrapResponse(wrapped_data_key=rewrapped.wrapped, key_version=rewrapped.version)
 
 
 class KeyAdminServicer(pb_grpc.KeyAdminServiceServicer):
     """Key lifecycle and release policies, for the admin identity."""
 
-    def __init__(self, keys: KeyManager, policies: PolicyStore, audit: AuditLog) -> None:
-        self._keys = keys
-        self._policies = policies
-        self._audit = audit
-
-    def _record(
-        self, context: grpc.ServicerContext, action: str, key_id: str, **extra: object
-    ) -> None:
-        caller = _caller(context)
-        self._audit.append(
-            AuditEvent(
-                decision=Decision.ALLOWED,
-                reason=action.upper(),
-                action=action,
-                caller_spiffe_id=caller.spiffe_id,
-                caller_cert_serial=f"{caller.serial:x}",
-                key_id=key_id,
-                **extra,  # type: ignore[arg-type]
-            )
-        )
+    def __init__(self, service: KeyService) -> None:
+        self._service = service
 
     def _info(self, info: KeyInfo) -> pb.KeyInfo:
-        return key_info_proto(info, self._policies.version(info.key_id))
+        return key_info_proto(info, self._service.policy_version(info.key_id))
 
     def CreateKey(
         self, request: pb.CreateKeyRequest, context: grpc.ServicerContext
     ) -> pb.CreateKeyResponse:
-        info = self._keys.create_key(request.key_id)
-        self._record(context, "create_key", info.key_id, key_version=info.current_version)
+        info = self._service.create_key(_caller(context), request.key_id)
         return pb.CreateKeyResponse(key=self._info(info))
 
     def ListKeys(
         self, request: pb.ListKeysRequest, context: grpc.ServicerContext
     ) -> pb.ListKeysResponse:
-        return pb.ListKeysResponse(keys=[self._info(i) for i in self._keys.list_keys()])
+        return pb.ListKeysResponse(keys=[self._info(i) for i in self._service.list_keys()])
 
     def RotateKey(
         self, request: pb.RotateKeyRequest, context: grpc.ServicerContext
     ) -> pb.RotateKeyResponse:
-        info = self._keys.rotate_key(request.key_id)
-        self._record(context, "rotate_key", info.key_id, key_version=info.current_version)
+        info = self._service.rotate_key(_caller(context), request.key_id)
         return pb.RotateKeyResponse(key=self._info(info))
 
     def DisableKey(
         self, request: pb.DisableKeyRequest, context: grpc.ServicerContext
     ) -> pb.DisableKeyResponse:
-        info = self._keys.disable_key(request.key_id, request.version or "all")
-        self._record(context, "disable_key", info.key_id, key_version=request.version or None)
+        version = request.version or None
+        info = self._service.disable_key(_caller(context), request.key_id, version)
         return pb.DisableKeyResponse(key=self._info(info))
 
     def SetReleasePolicy(
         self, request: pb.SetReleasePolicyRequest, context: grpc.ServicerContext
     ) -> pb.SetReleasePolicyResponse:
-        self._keys.describe_key(request.key_id)  # the key must exist
-        stored = self._policies.put(request.key_id, request.policy_document)
-        self._record(
-            context, "set_release_policy", request.key_id, policy_version=stored.policy.version
-        )
+        stored = self._service.set_policy(_caller(context), request.key_id, request.policy_document)
         return pb.SetReleasePolicyResponse(policy_version=stored.policy.version)
 
     def GetReleasePolicy(
         self, request: pb.GetReleasePolicyRequest, context: grpc.ServicerContext
     ) -> pb.GetReleasePolicyResponse:
-        stored = self._policies.get(request.key_id)
+        stored = self._service.get_policy(request.key_id)
         return pb.GetReleasePolicyResponse(
             policy_document=stored.document, policy_version=stored.policy.version
         )

@@ -21,6 +21,7 @@ import re
 import secrets
 from pathlib import Path
 
+from strongroom.files import fsync_dir
 from strongroom.modelstore.errors import StorageFull, StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,6 @@ def io_error(exc: OSError, what: str) -> StorageFull | StorageUnavailable:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"no space left on the storage volume while {what}")
     return StorageUnavailable(f"storage I/O error while {what}")
-
-
-def fsync_dir(path: Path) -> None:
-    """Makes the directory entries in ``path`` (a rename, a create, an unlink) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def digest_fd(fd: int, *, buffer_size: int = 1 << 20) -> tuple[str, int]:

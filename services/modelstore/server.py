@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
-from strongroom.modelstore.artifact_validation import structure_validator_factory
+from strongroom.artifact import StructureValidator
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.modelstore.service import (
     METHOD_ROLES,
@@ -57,7 +58,9 @@ def build(
     storage = FilesystemStorage(config.data_dir, max_artifact_size=config.max_artifact_bytes)
     sweep = storage.last_sweep
     log.info("storage opened", extra={"sweep": str(sweep)})
-    servicer = ModelStoreServicer(storage, structure_validator_factory(storage.max_artifact_size))
+    servicer = ModelStoreServicer(
+        storage, functools.partial(StructureValidator, max_artifact_size=storage.max_artifact_size)
+    )
     host = build_host(
         common,
         identity=identity,

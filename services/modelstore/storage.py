@@ -8,7 +8,8 @@ Every implementation must guarantee:
 * an upload becomes visible all at once, after its bytes, size and digest are checked, or never;
 * (name, version) is immutable: a second put fails with ModelExists, and of concurrent puts of one
   version exactly one wins;
-* reads return exactly the bytes that were checked at upload, or fail with DATA_LOSS.
+* reads return exactly the bytes that were checked at upload (or, after a key-slot replacement,
+  those bytes with only the slot changed), or fail with DATA_LOSS.
 """
 
 from __future__ import annotations
@@ -124,6 +125,23 @@ class Storage(Protocol):
 
     def verify(self, name: str, version: str) -> ModelRecord:
         """Recomputes the stored artifact's digest; StoredDataCorrupt (DATA_LOSS) on mismatch."""
+        ...
+
+    def replace_key_slot(
+        self,
+        name: str,
+        version: str,
+        *,
+        expected_key_version: int,
+        key_version: int,
+        wrapped_dek: bytes,
+    ) -> ModelRecord:
+        """Atomically replaces a format-2 artifact's key slot (rules: ``_keyslot``).
+
+        Returns the record after the call (unchanged if the slot was already this one). The
+        artifact is visible whole under the old slot or the new one, never anything else, even if
+        the process dies mid-way. ModelNotFound, KeySlotRejected, InvalidArtifact.
+        """
         ...
 
     def close(self) -> None:

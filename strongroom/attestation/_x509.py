@@ -8,11 +8,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from strongroom.attestation.errors import (
+    BAD_CERTIFICATE,
     CERT_CHAIN_INVALID,
     CERT_NOT_VALID_AT_TIME,
     WRONG_CERTIFICATE_TYPE,
+    MalformedEvidence,
     VerificationFailed,
 )
 
@@ -20,7 +23,21 @@ AMD_PSS_SALT = 48
 
 
 def _name(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string()
+    try:
+        return cert.subject.rfc4514_string()
+    except ValueError:
+        return "<unparseable subject>"
+
+
+def public_key_of(cert: x509.Certificate) -> CertificatePublicKeyTypes:
+    """The certificate's public key; an unknown or malformed key algorithm is malformed input."""
+    try:
+        return cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise MalformedEvidence(
+            f"certificate {_name(cert)!r} holds a key of an unsupported or malformed algorithm",
+            reason=BAD_CERTIFICATE,
+        ) from None
 
 
 def verify_issued_by(
@@ -36,14 +53,17 @@ def verify_issued_by(
             f"certificate {_name(cert)!r} was not issued by {_name(issuer)!r}",
             reason=CERT_CHAIN_INVALID,
         )
-    key = issuer.public_key()
+    key = public_key_of(issuer)
     try:
         hash_alg = cert.signature_hash_algorithm
     except UnsupportedAlgorithm:
         hash_alg = None
     try:
         if amd_pss:
-            params = cert.signature_algorithm_parameters
+            try:
+                params = cert.signature_algorithm_parameters
+            except (ValueError, UnsupportedAlgorithm):
+                params = None
             if not (
                 isinstance(key, rsa.RSAPublicKey)
                 and isinstance(params, padding.PSS)
@@ -66,7 +86,7 @@ def verify_issued_by(
                     reason=CERT_CHAIN_INVALID,
                 )
             key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_alg))
-    except InvalidSignature:
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
         raise VerificationFailed(
             f"signature on certificate {_name(cert)!r} does not verify with {_name(issuer)!r}",
             reason=CERT_CHAIN_INVALID,
@@ -96,7 +116,7 @@ def ec_public_key(
     cert: x509.Certificate, curve: type[ec.EllipticCurve]
 ) -> ec.EllipticCurvePublicKey:
     """The certificate's public key, which must be on ``curve``."""
-    key = cert.public_key()
+    key = public_key_of(cert)
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, curve):
         raise VerificationFailed(
             f"certificate {_name(cert)!r} does not hold an {curve.name} key",
@@ -107,8 +127,8 @@ def ec_public_key(
 
 def verify_crl_signature(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
     """True when ``issuer`` signed ``crl`` (RSASSA-PSS for AMD, ECDSA for Intel)."""
-    key = issuer.public_key()
     try:
+        key = issuer.public_key()
         hash_alg = crl.signature_hash_algorithm
         if isinstance(key, rsa.RSAPublicKey):
             params = crl.signature_algorithm_parameters

@@ -44,8 +44,14 @@ class SnpClaims:
     current_version: FirmwareVersion
     committed_version: FirmwareVersion
     simulated: bool
+    revocation_checked: bool = False
 
     tee_type = TeeType.SEV_SNP
+
+    @property
+    def collateral_complete(self) -> bool:
+        """Revocation was checked against the verifier's own, current CRL."""
+        return self.revocation_checked
 
     @property
     def debug(self) -> bool:
@@ -83,6 +89,7 @@ class SnpClaims:
             "firmware": str(self.current_version),
             "committed_firmware": str(self.committed_version),
             "simulated": self.simulated,
+            "revocation_checked": self.revocation_checked,
         }
 
 
@@ -121,8 +128,16 @@ class TdxClaims:
     advisory_ids: tuple[str, ...]
     collateral_evaluated: bool
     simulated: bool
+    revocation_checked: bool = False
+    qe_identity_checked: bool = False
+    tcb_evaluation_data_number: int | None = None
 
     tee_type = TeeType.TDX
+
+    @property
+    def collateral_complete(self) -> bool:
+        """TCB info, QE identity and CRLs all came from the verifier and were checked."""
+        return self.collateral_evaluated and self.qe_identity_checked and self.revocation_checked
 
     @property
     def rtmr0(self) -> bytes:
@@ -179,6 +194,9 @@ class TdxClaims:
             "tcb_date": self.tcb_date,
             "advisory_ids": list(self.advisory_ids),
             "collateral_evaluated": self.collateral_evaluated,
+            "tcb_evaluation_data_number": self.tcb_evaluation_data_number,
+            "revocation_checked": self.revocation_checked,
+            "qe_identity_checked": self.qe_identity_checked,
             "simulated": self.simulated,
         }
         if self.tee_tcb_svn2 is not None:

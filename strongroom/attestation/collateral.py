@@ -12,10 +12,12 @@ getters are interchangeable; :class:`StaticCollateralSource` serves fixed docume
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
+
+from cryptography import x509
 
 from strongroom.attestation.abi.snp import SnpReport
 from strongroom.attestation.errors import (
@@ -67,6 +69,11 @@ def split_signed_json(data: bytes, body_key: str) -> tuple[bytes, bytes, Any]:
             pos = _skip(text, end)
     except json.JSONDecodeError as exc:
         raise _bad(f"invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise _bad("JSON nested too deeply") from None
+    except ValueError:
+        # e.g. an integer literal longer than the interpreter's digit limit
+        raise _bad("invalid JSON value") from None
     if text[_skip(text, pos + 1) :]:
         raise _bad("data after the JSON object")
     if set(members) != {body_key, "signature"}:
@@ -90,11 +97,25 @@ def _skip(text: str, pos: int) -> int:
     return pos
 
 
+# Every integer Intel publishes in TCB info / QE identity (SVNs, ISVPRODID, evaluation numbers)
+# fits in 32 bits; anything larger is malformed, not a value to compare.
+_MAX_INT = 0xFFFFFFFF
+
+
 def _get(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     value = obj.get(key)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise _bad(f"{where}.{key} is missing or has the wrong type")
+    if isinstance(value, int) and not 0 <= value <= _MAX_INT:
+        raise _bad(f"{where}.{key} is out of range")
     return value
+
+
+def _advisories(level: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    value = level.get("advisoryIDs", [])
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise _bad(f"{where}.advisoryIDs must be a list of strings")
+    return tuple(value)
 
 
 def _hex(obj: Mapping[str, Any], key: str, size: int, where: str) -> bytes:
@@ -183,6 +204,7 @@ class QeIdentity:
     mrsigner: bytes
     isv_prod_id: int
     tcb_levels: tuple[ModuleTcbLevel, ...]
+    tcb_evaluation_data_number: int | None = None
 
 
 def _module_levels(items: Any, where: str) -> tuple[ModuleTcbLevel, ...]:
@@ -198,7 +220,7 @@ def _module_levels(items: Any, where: str) -> tuple[ModuleTcbLevel, ...]:
                 isvsvn=_get(tcb, "isvsvn", int, where),
                 tcb_date=_get(level, "tcbDate", str, where),
                 tcb_status=_get(level, "tcbStatus", str, where),
-                advisory_ids=tuple(level.get("advisoryIDs", [])),
+                advisory_ids=_advisories(level, where),
             )
         )
     return tuple(out)
@@ -207,7 +229,9 @@ def _module_levels(items: Any, where: str) -> tuple[ModuleTcbLevel, ...]:
 def _components(items: Any, where: str) -> tuple[int, ...]:
     if not isinstance(items, list) or len(items) != 16:
         raise _bad(f"{where} must list 16 components")
-    return tuple(_get(c, "svn", int, where) if isinstance(c, dict) else -1 for c in items)
+    if not all(isinstance(c, dict) for c in items):
+        raise _bad(f"{where} entries must be objects")
+    return tuple(_get(c, "svn", int, where) for c in items)
 
 
 def parse_tcb_info(data: bytes) -> TcbInfo:
@@ -225,7 +249,10 @@ def parse_tcb_info(data: bytes) -> TcbInfo:
         tcb_levels=(),
     )
     identities = []
-    for ident in body.get("tdxModuleIdentities", []) or []:
+    raw_identities = body.get("tdxModuleIdentities", [])
+    if not isinstance(raw_identities, list):
+        raise _bad("tcbInfo.tdxModuleIdentities must be a list")
+    for ident in raw_identities:
         if not isinstance(ident, dict):
             raise _bad("tdxModuleIdentities entry is not an object")
         wi = w + ".tdxModuleIdentities"
@@ -253,7 +280,7 @@ def parse_tcb_info(data: bytes) -> TcbInfo:
                 tdx_components=_components(tcb.get("tdxtcbcomponents"), "tdxtcbcomponents"),
                 tcb_date=_get(level, "tcbDate", str, w + ".tcbLevels"),
                 tcb_status=_get(level, "tcbStatus", str, w + ".tcbLevels"),
-                advisory_ids=tuple(level.get("advisoryIDs", [])),
+                advisory_ids=_advisories(level, w + ".tcbLevels"),
             )
         )
     return TcbInfo(
@@ -288,6 +315,11 @@ def parse_qe_identity(data: bytes) -> QeIdentity:
         mrsigner=_hex(body, "mrsigner", 32, w),
         isv_prod_id=_get(body, "isvprodid", int, w),
         tcb_levels=_module_levels(body.get("tcbLevels"), w),
+        tcb_evaluation_data_number=(
+            _get(body, "tcbEvaluationDataNumber", int, w)
+            if "tcbEvaluationDataNumber" in body
+            else None
+        ),
     )
 
 
@@ -295,7 +327,7 @@ def sniff_collateral_json(data: bytes) -> str | None:
     """``"tcbInfo"`` or ``"enclaveIdentity"`` when the bytes are such a signed document."""
     try:
         doc = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     if isinstance(doc, dict):
         for key in ("tcbInfo", "enclaveIdentity"):
@@ -304,38 +336,76 @@ def sniff_collateral_json(data: bytes) -> str | None:
     return None
 
 
-class CollateralSource(Protocol):
-    """Supplies collateral that the evidence did not carry.
+@dataclass(frozen=True)
+class SignedDocument:
+    """A signed collateral document (TCB info, QE identity) with the PEM chain of its signer."""
 
-    Implementations raise :class:`CollateralUnavailable` (``COLLATERAL_FETCH_FAILED``) when a
-    fetch fails and return ``None`` when they have no such document. They must not verify
-    anything: everything they return is checked by the verifier.
+    data: bytes
+    issuer_chain: bytes
+
+    def __repr__(self) -> str:
+        return f"SignedDocument({len(self.data)} bytes, chain {len(self.issuer_chain)} bytes)"
+
+
+# Intel CAs that publish CRLs, by the name PCS uses (``pckcrl?ca=platform``) and the root.
+INTEL_CRL_CAS = ("root", "platform", "processor")
+INTEL_CA_BY_CN = {
+    "Intel SGX Root CA": "root",
+    "Intel SGX PCK Platform CA": "platform",
+    "Intel SGX PCK Processor CA": "processor",
+}
+
+
+class CollateralSource(Protocol):
+    """The verifier's own collateral: what judges evidence, never taken from the evidence itself.
+
+    Implementations return ``None`` when they hold no such document (the verifier then fails
+    closed with ``COLLATERAL_MISSING``) and may raise :class:`CollateralUnavailable`. They need not
+    verify anything: the verifier checks every document it is given (signatures to the pinned
+    roots, freshness), so a source can only withhold, never forge. The broker's source is
+    :class:`strongroom.attestation.collateral_cache.CollateralCache`.
     """
 
     def snp_key_certificate(self, report: SnpReport) -> bytes | None:
-        """The VCEK (DER or PEM) for the report's chip and reported TCB."""
+        """The VCEK (DER or PEM) for the report's chip and reported TCB, if the evidence lacks it."""
         ...
 
-    def tdx_tcb_info(self, fmspc: bytes) -> bytes | None:
-        """The TDX TCB info response body for the FMSPC."""
+    def crl(self, issuer: x509.Certificate, scope: str = "") -> bytes | None:
+        """The CRL (DER) that ``issuer`` publishes: an AMD ARK's for ``scope`` ``vcek`` or
+        ``vlek`` (KDS ``/<scope>/v1/<product>/crl``), an Intel root or PCK CA's (scope empty)."""
         ...
 
-    def tdx_qe_identity(self) -> bytes | None:
-        """The TD_QE identity response body."""
+    def tdx_tcb_info(self, fmspc: bytes) -> SignedDocument | None:
+        """The TDX TCB info for the FMSPC, with its issuer chain."""
         ...
 
-    def tcb_signing_chain(self) -> bytes | None:
-        """The PEM issuer chain of TCB info / QE identity signatures."""
+    def tdx_qe_identity(self) -> SignedDocument | None:
+        """The TD_QE identity, with its issuer chain."""
         ...
 
-    def crls(self) -> Sequence[bytes]:
-        """DER CRLs to honour (Intel root / PCK CA, AMD ARK)."""
-        ...
+
+def crl_issuer_name(data: bytes) -> x509.Name | None:
+    """The issuer name of a DER/PEM CRL, or ``None`` if it is not one (structure only)."""
+    try:
+        raw = bytes(data)
+        crl = (
+            x509.load_pem_x509_crl(raw)
+            if raw.lstrip().startswith(b"-----BEGIN")
+            else x509.load_der_x509_crl(raw)
+        )
+        return crl.issuer
+    except (ValueError, TypeError):
+        return None
 
 
 @dataclass(frozen=True)
 class StaticCollateralSource:
-    """Serves fixed documents (from files or bytes); handy for offline verification and tests."""
+    """Serves fixed, operator-supplied documents (offline verification with explicit files, tests).
+
+    ``signing_chain`` is the issuer chain of every TCB info / QE identity held. CRLs are matched to
+    what they cover by their issuer's name (``ARK-<product>``, Intel root / PCK CAs); the verifier
+    still checks each CRL's signature against the chain it judges.
+    """
 
     vceks: tuple[bytes, ...] = ()
     tcb_infos: tuple[bytes, ...] = ()
@@ -349,34 +419,40 @@ class StaticCollateralSource:
 
         for der in self.vceks:
             cert = load_certificate(der)
-            for ext in cert.extensions:
+            try:
+                extensions = list(cert.extensions)
+            except ValueError:
+                continue
+            for ext in extensions:
                 if ext.oid.dotted_string == OID_AMD_HWID:
                     hwid = getattr(ext.value, "value", b"")
                     if hwid == report.chip_id_for_kds():
                         return der
         return None
 
-    def tdx_tcb_info(self, fmspc: bytes) -> bytes | None:
-        """The TCB info for the FMSPC, if one is held."""
+    def crl(self, issuer: x509.Certificate, scope: str = "") -> bytes | None:
+        """The first held CRL whose issuer name is ``issuer``'s (the verifier checks the rest)."""
+        return next((c for c in self.crl_list if crl_issuer_name(c) == issuer.subject), None)
+
+    def tdx_tcb_info(self, fmspc: bytes) -> SignedDocument | None:
+        """The TCB info for the FMSPC, if one is held (and a signing chain is)."""
+        if self.signing_chain is None or not self.tcb_infos:
+            return None
         for doc in self.tcb_infos:
             try:
                 if parse_tcb_info(doc).fmspc == fmspc:
-                    return doc
+                    return SignedDocument(doc, self.signing_chain)
             except MalformedEvidence:
                 continue
-        return None
+        # None matches: hand the first to the verifier, which names what is wrong with it
+        # (malformed, or FMSPC_MISMATCH) rather than a vague "missing".
+        return SignedDocument(self.tcb_infos[0], self.signing_chain)
 
-    def tdx_qe_identity(self) -> bytes | None:
-        """The held QE identity."""
-        return self.qe_identity
-
-    def tcb_signing_chain(self) -> bytes | None:
-        """The held TCB-signing chain."""
-        return self.signing_chain
-
-    def crls(self) -> Sequence[bytes]:
-        """The held CRLs."""
-        return self.crl_list
+    def tdx_qe_identity(self) -> SignedDocument | None:
+        """The held QE identity (with the signing chain)."""
+        if self.qe_identity is None or self.signing_chain is None:
+            return None
+        return SignedDocument(self.qe_identity, self.signing_chain)
 
 
 def require(value: bytes | None, what: str) -> bytes:

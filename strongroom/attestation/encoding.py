@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 from strongroom.attestation.abi import snp as snp_abi
 from strongroom.attestation.abi import tdx as tdx_abi
-from strongroom.attestation.errors import BAD_ENCODING, UNKNOWN_EVIDENCE_FORMAT, MalformedEvidence
+from strongroom.attestation.errors import (
+    BAD_ENCODING,
+    REPORT_SIZE,
+    UNKNOWN_EVIDENCE_FORMAT,
+    UNSUPPORTED_ATTESTATION_KEY_TYPE,
+    UNSUPPORTED_TEE_TYPE,
+    UNSUPPORTED_VERSION,
+    MalformedEvidence,
+)
 from strongroom.attestation.evidence import TeeType
 
 _HEX = re.compile(rb"\A[0-9a-fA-F]+\Z")
@@ -51,6 +59,45 @@ def _classify_raw(data: bytes) -> tuple[TeeType, str] | None:
     return None
 
 
+def _diagnose(data: bytes) -> MalformedEvidence | None:
+    """Why bytes that look like a quote or report are not a supported one (a precise reason
+    instead of "unknown format"); ``None`` when they look like neither."""
+    if len(data) >= 8:
+        version, key_type, tee_type = struct.unpack_from("<HHI", data, 0)
+        tdx_like = (tee_type == tdx_abi.TEE_TYPE_TDX) + (
+            key_type == tdx_abi.ATT_KEY_TYPE_ECDSA_P256
+        )
+        if tdx_like and version in (3, 4, 5, 6) and len(data) >= 48:
+            if tee_type != tdx_abi.TEE_TYPE_TDX:
+                return MalformedEvidence(
+                    f"quote TEE type 0x{tee_type:X} is not TDX (0x81)", reason=UNSUPPORTED_TEE_TYPE
+                )
+            if key_type != tdx_abi.ATT_KEY_TYPE_ECDSA_P256:
+                return MalformedEvidence(
+                    f"quote attestation key type {key_type} is not ECDSA P-256 (2)",
+                    reason=UNSUPPORTED_ATTESTATION_KEY_TYPE,
+                )
+            return MalformedEvidence(
+                f"TDX quote version {version} is not supported (4 or 5)", reason=UNSUPPORTED_VERSION
+            )
+    if len(data) >= 0x38:
+        (version,) = struct.unpack_from("<I", data, 0)
+        (sig_algo,) = struct.unpack_from("<I", data, 0x34)
+        if sig_algo == 1 and 1 <= version <= 16:  # ECDSA P-384/SHA-384: an SNP report's shape
+            if version not in snp_abi.SUPPORTED_VERSIONS:
+                return MalformedEvidence(
+                    f"SEV-SNP report version {version} is not supported "
+                    f"({', '.join(map(str, snp_abi.SUPPORTED_VERSIONS))})",
+                    reason=UNSUPPORTED_VERSION,
+                )
+            if len(data) != snp_abi.REPORT_SIZE_BYTES:
+                return MalformedEvidence(
+                    f"SEV-SNP report is {len(data)} bytes, not {snp_abi.REPORT_SIZE_BYTES}",
+                    reason=REPORT_SIZE,
+                )
+    return None
+
+
 def _text_candidates(data: bytes) -> list[tuple[str, bytes]]:
     text = b"".join(bytes(data).split())
     if not text or len(text) > _MAX_TEXT:
@@ -79,10 +126,15 @@ def detect_evidence(data: bytes) -> DetectedEvidence:
     kind = _classify_raw(raw)
     if kind is not None:
         return DetectedEvidence(kind[0], kind[1], "raw", raw)
-    for encoding, decoded in _text_candidates(raw):
+    candidates = _text_candidates(raw)
+    for encoding, decoded in candidates:
         kind = _classify_raw(decoded)
         if kind is not None:
             return DetectedEvidence(kind[0], kind[1], encoding, decoded)
+    for candidate in (raw, *(decoded for _, decoded in candidates)):
+        diagnosis = _diagnose(candidate)
+        if diagnosis is not None:
+            raise diagnosis
     raise MalformedEvidence(
         "evidence is not a recognised SEV-SNP report, Azure HCL report or TDX quote "
         "(raw, hex or base64)",

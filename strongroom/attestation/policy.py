@@ -19,6 +19,7 @@ from strongroom.attestation import errors as E
 from strongroom.attestation.claims import SnpClaims, TdxClaims
 from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
 from strongroom.attestation.evidence import TeeType
+from strongroom.spiffe import is_workload_id
 
 SNP_PRODUCTS = ("Milan", "Genoa", "Turin")
 SNP_SIGNING_KEYS = ("VCEK", "VLEK")
@@ -34,7 +35,8 @@ ACCEPTABLE_TDX_STATUSES = (
     "TdRelaunchAdvised",
     "TdRelaunchAdvisedConfigurationNeeded",
 )
-_SPIFFE = re.compile(r"\Aspiffe://[a-z0-9._-]+(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+\Z")
+
+
 _HEX = re.compile(r"\A[0-9a-fA-F]*\Z")
 
 _TOP_KEYS = {"version", "description", "allowed_spiffe_ids", "tee_types", "sev_snp", "tdx"}
@@ -63,8 +65,12 @@ _TDX_KEYS = {
     "accepted_tcb_statuses",
     "allow_debug",
     "fmspcs",
+    "min_tcb_evaluation_data_number",
     "allow_simulated",
 }
+# The TCB components a stated SNP minimum must cover (``fmc`` only exists on Turin).
+_REQUIRED_TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode")
+ANY_TCB = "any"
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -179,7 +185,7 @@ class SnpRules:
     allow_smt: bool
     allow_migrate_ma: bool
     min_guest_svn: int
-    min_reported_tcb: Mapping[str, int]
+    min_reported_tcb: Mapping[str, int]  # empty only for an explicit development "any"
     host_data: frozenset[bytes] | None
     allow_simulated: bool
 
@@ -197,6 +203,7 @@ class TdxRules:
     allow_debug: bool
     fmspcs: frozenset[bytes] | None
     allow_simulated: bool
+    min_tcb_evaluation_data_number: int = 0
 
 
 @dataclass(frozen=True)
@@ -218,22 +225,43 @@ class PolicyDecision:
         }
 
 
-def _snp_rules(raw: Any) -> SnpRules:
+def _min_tcb(s: Mapping[str, Any], w: str, production: bool) -> dict[str, int]:
+    """The stated minimum reported TCB: a mapping of every component, or (development) "any"."""
+    where = f"{w}.min_reported_tcb"
+    if "min_reported_tcb" not in s:
+        raise _fail(
+            where,
+            "is required: state the minimum reported TCB (bootloader, tee, snp, microcode; fmc "
+            'for Turin), or in development mode "any"',
+            E.POLICY_MISSING_KEY,
+        )
+    raw = s["min_reported_tcb"]
+    if raw == ANY_TCB:
+        if production:
+            raise _fail(where, '"any" is only allowed in development mode', E.POLICY_BAD_VALUE)
+        return {}
+    tcb_map = _mapping(raw, where, set(SNP_TCB_COMPONENTS))
+    missing = [c for c in _REQUIRED_TCB_COMPONENTS if c not in tcb_map]
+    if missing:
+        raise _fail(where, f"must state {missing}", E.POLICY_MISSING_KEY)
+    return {k: _int(tcb_map, k, 0, where, 255) for k in tcb_map}
+
+
+def _snp_rules(raw: Any, production: bool) -> SnpRules:
     w = "sev_snp"
     s = _mapping(raw, w, _SNP_KEYS)
     measurements = _hex_set(s, "measurements", 48, w, required=True)
     assert measurements is not None
-    tcb_raw = s.get("min_reported_tcb", {})
-    tcb_map = _mapping(tcb_raw, f"{w}.min_reported_tcb", set(SNP_TCB_COMPONENTS))
-    min_tcb = {k: _int(tcb_map, k, 0, f"{w}.min_reported_tcb", 255) for k in tcb_map}
     signing = _choices(s, "signing_keys", SNP_SIGNING_KEYS, ("VCEK",), w)
     assert signing is not None
+    vmpl = _int(s, "vmpl", 0, w, 3)
+    min_tcb = _min_tcb(s, w, production)
     return SnpRules(
         measurements=measurements,
         products=_choices(s, "products", SNP_PRODUCTS, None, w),
         signing_keys=signing,
         allow_debug=_bool(s, "allow_debug", False, w),
-        vmpl=_int(s, "vmpl", 0, w, 3),
+        vmpl=vmpl,
         allow_smt=_bool(s, "allow_smt", True, w),
         allow_migrate_ma=_bool(s, "allow_migrate_ma", False, w),
         min_guest_svn=_int(s, "min_guest_svn", 0, w, 0xFFFFFFFF),
@@ -260,6 +288,7 @@ def _tdx_rules(raw: Any) -> TdxRules:
         allow_debug=_bool(s, "allow_debug", False, w),
         fmspcs=_hex_set(s, "fmspcs", 6, w),
         allow_simulated=_bool(s, "allow_simulated", False, w),
+        min_tcb_evaluation_data_number=_int(s, "min_tcb_evaluation_data_number", 0, w, 0xFFFFFFFF),
     )
 
 
@@ -278,8 +307,12 @@ class ReleasePolicy:
     tdx: TdxRules | None
 
     @classmethod
-    def load(cls, text: str | bytes) -> ReleasePolicy:
-        """Parses and strictly validates a YAML or JSON policy document."""
+    def load(cls, text: str | bytes, *, production: bool = True) -> ReleasePolicy:
+        """Parses and strictly validates a YAML or JSON policy document.
+
+        ``production`` is the broker's mode: only a development broker accepts an SNP
+        ``min_reported_tcb: any``.
+        """
         try:
             doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
@@ -298,7 +331,7 @@ class ReleasePolicy:
         callers = _list(top, "allowed_spiffe_ids", "document", required=True)
         assert callers is not None
         for caller in callers:
-            if not isinstance(caller, str) or not _SPIFFE.match(caller):
+            if not isinstance(caller, str) or not is_workload_id(caller):
                 raise _fail(
                     "allowed_spiffe_ids", f"{caller!r} is not a SPIFFE ID", E.POLICY_BAD_VALUE
                 )
@@ -318,7 +351,7 @@ class ReleasePolicy:
             version=version,
             allowed_spiffe_ids=frozenset(callers),
             tee_types=tees,
-            snp=_snp_rules(top["sev_snp"]) if "sev_snp" in top else None,
+            snp=_snp_rules(top["sev_snp"], production) if "sev_snp" in top else None,
             tdx=_tdx_rules(top["tdx"]) if "tdx" in top else None,
         )
 
@@ -355,6 +388,13 @@ class ReleasePolicy:
             raise _deny(f"caller {caller_spiffe_id!r} is not allowed", E.CALLER_NOT_ALLOWED)
         if claims.tee_type not in self.tee_types:
             raise _deny(f"{claims.tee_type.value} evidence is not allowed", E.TEE_TYPE_NOT_ALLOWED)
+        if not claims.collateral_complete:
+            # Claims verified without the verifier's own CRLs / TCB info / QE identity (offline
+            # inspection) can never release a key.
+            raise _deny(
+                "the evidence was verified without complete verifier-owned collateral",
+                E.COLLATERAL_INCOMPLETE,
+            )
         if isinstance(claims, SnpClaims):
             assert self.snp is not None
             self._check_snp(claims, self.snp)
@@ -425,5 +465,12 @@ class ReleasePolicy:
             raise _deny("MROWNERCONFIG is not allowed", E.MROWNERCONFIG_NOT_ALLOWED)
         if r.fmspcs is not None and c.fmspc not in r.fmspcs:
             raise _deny(f"FMSPC {c.fmspc.hex()} is not allowed", E.FMSPC_NOT_ALLOWED)
+        number = c.tcb_evaluation_data_number
+        if number is None or number < r.min_tcb_evaluation_data_number:
+            raise _deny(
+                f"TCB info evaluation data number {number} is below the policy's minimum "
+                f"{r.min_tcb_evaluation_data_number}",
+                E.TCB_EVALUATION_TOO_OLD,
+            )
         if c.tcb_status not in r.accepted_tcb_statuses:
             raise _deny(f"TCB status {c.tcb_status} is not accepted", E.TCB_STATUS_NOT_ACCEPTED)

@@ -1,18 +1,27 @@
-"""``strongroom model publish | ls | inspect | rm``."""
+"""``strongroom model publish | fetch | ls | inspect | rm``."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import stat
 import sys
+import tarfile
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import read_summary
+from strongroom.artifact.manifest import ManifestLayout
+from strongroom.attesters import select_attester
 from strongroom.cli.client import Client, add_client_arguments
+from strongroom.client.fetch import DecryptedModel, ModelFetcher
+from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.client.multipart import PartFile, files_parts, onnx_parts, publish_parts
 from strongroom.client.publish import ONNX_CONTENT_TYPE, publish_model
 from strongroom.errors import FailedPrecondition
 
@@ -26,7 +35,13 @@ def register(sub: Any) -> None:
 
     publish = actions.add_parser("publish", help="encrypt a model at birth and upload it")
     add_client_arguments(publish)
-    publish.add_argument("file", type=Path)
+    publish.add_argument(
+        "file",
+        type=Path,
+        nargs="+",
+        help="an ONNX file (with or without external data), a directory holding one ONNX model "
+        "and its external-data files, or files/a directory of shards (published as named parts)",
+    )
     publish.add_argument("--name", required=True)
     publish.add_argument("--version", required=True)
     publish.add_argument(
@@ -40,6 +55,29 @@ def register(sub: Any) -> None:
         help="EC private key (PEM file) to sign the model with OpenSSF model-signing",
     )
     publish.set_defaults(func=_publish)
+
+    fetch = actions.add_parser(
+        "fetch",
+        help="inside the confidential VM: attest, release and decrypt a model into a pipe",
+    )
+    add_client_arguments(fetch)
+    fetch.add_argument("name")
+    fetch.add_argument("version")
+    fetch.add_argument(
+        "--to-memory",
+        action="store_true",
+        required=True,
+        help="write the plaintext to standard output, which must be a pipe or socket (never a "
+        "file): one part raw with --part, else every part as an uncompressed tar stream",
+    )
+    fetch.add_argument("--part", help="the one part to write (default: all, as tar)")
+    fetch.add_argument(
+        "--attester",
+        default="auto",
+        choices=("auto", "configfs-tsm", "sev-guest", "tdx-guest"),
+        help="how to obtain this VM's attestation report",
+    )
+    fetch.set_defaults(func=_fetch)
 
     ls = actions.add_parser("ls", help="list stored models")
     add_client_arguments(ls)
@@ -83,13 +121,74 @@ class ProgressBar:
             self._out.write("\n")
 
 
+def _plan(paths: list[Path]) -> tuple[list[PartFile], ManifestLayout] | None:
+    """The parts to publish, or None for one plain file (the single-artifact path)."""
+    for path in paths:
+        if not path.exists():
+            raise FailedPrecondition(f"{path} does not exist", reason="MODEL_FILE_UNREADABLE")
+    if len(paths) == 1:
+        path = paths[0]
+        onnx_model = path.suffix == ".onnx" or (
+            path.is_dir() and any(p.suffix == ".onnx" for p in path.iterdir())
+        )
+        if onnx_model:
+            parts = onnx_parts(path)
+            if len(parts) > 1:
+                return parts, ManifestLayout.ONNX_EXTERNAL_DATA
+            return None if path.is_file() else ([parts[0]], ManifestLayout.ONNX_EXTERNAL_DATA)
+        if path.is_file():
+            return None
+    parts = files_parts(paths)
+    if not parts:
+        raise FailedPrecondition("no files to publish", reason="MODEL_FILE_UNREADABLE")
+    return parts, ManifestLayout.FILES
+
+
 def _publish(args: argparse.Namespace) -> int:
-    if not args.file.is_file():
-        raise FailedPrecondition(f"{args.file} is not a file", reason="MODEL_FILE_UNREADABLE")
+    plan = _plan(args.file)
+    if plan is not None and args.sign_key is not None:
+        raise FailedPrecondition(
+            "signing covers one file; multi-part models cannot be signed yet",
+            reason="SIGNING_UNSUPPORTED",
+        )
     bar = None if args.no_progress else ProgressBar()
+    if plan is not None:
+        parts, layout = plan
+        with Client.from_args(args) as client:
+            stored = publish_parts(
+                parts,
+                name=args.name,
+                version=args.version,
+                key_id=args.key_id,
+                broker=client.channel("keybroker"),
+                store=client.channel("modelstore"),
+                layout=layout,
+                progress=bar,
+            )
+        if bar is not None:
+            bar.done()
+        info = stored.manifest
+        print(
+            json.dumps(
+                {
+                    "name": info.name,
+                    "version": info.version,
+                    "layout": layout.name,
+                    "parts": [
+                        {"name": p.name, "store_version": s.version, "size": s.plaintext_size}
+                        for p, s in zip(parts, stored.parts, strict=True)
+                    ],
+                    "key_id": info.key_id,
+                    "key_version": info.key_version,
+                    "seconds": round(stored.seconds, 3),
+                },
+                indent=2,
+            )
+        )
+        return 0
     with Client.from_args(args) as client:
         published = publish_model(
-            args.file,
+            args.file[0],
             name=args.name,
             version=args.version,
             key_id=args.key_id,
@@ -116,6 +215,65 @@ def _publish(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def _check_pipe(out: BinaryIO) -> None:
+    """Refuses to write plaintext anywhere but a pipe or a socket (a redirect to a file, a tty)."""
+    mode = os.fstat(out.fileno()).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        raise FailedPrecondition(
+            "--to-memory writes plaintext only to a pipe or socket; standard output is not one",
+            reason="OUTPUT_NOT_A_PIPE",
+        )
+
+
+class _ViewReader(io.RawIOBase):
+    """A file-like reader over a memory view: tarfile copies it out block by block, not at once."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self._view.nbytes - self._pos)
+        buffer[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+def _write_tar(model: DecryptedModel, out: BinaryIO) -> None:
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for part in model.parts:
+            info = tarfile.TarInfo(part.name)
+            info.size = part.size
+            info.mode = 0o400
+            tar.addfile(
+                info, io.BytesIO(part.view)
+            )  # BytesIO over a view: shares, then copies per read
+
+
+def _fetch(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
+    out = out if out is not None else sys.stdout.buffer
+    _check_pipe(out)
+    with Client.from_args(args) as client:
+        attester = select_attester(args.attester, production=True)
+        release = KeyReleaseClient(
+            client.channel("keybroker"), attester, client.identity.public_key_der
+        )
+        fetcher = ModelFetcher(client.channel("modelstore"), release)
+        with fetcher.fetch(args.name, args.version) as model:
+            if args.part is not None:
+                out.write(model.part(args.part).view)
+            elif len(model.parts) == 1 and model.manifest is None:
+                out.write(model.parts[0].view)
+            else:
+                _write_tar(model, out)
+            out.flush()
     return 0
 
 

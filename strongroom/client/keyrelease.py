@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
@@ -22,14 +22,11 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation.binding import report_data_for
 from strongroom.attesters import Attester
 from strongroom.errors import DataLoss, FailedPrecondition
+from strongroom.oaep import OaepHash
 
 log = logging.getLogger(__name__)
 
 EPHEMERAL_KEY_BITS = 3072
-_HASHES: dict[pb.WrapMechanism.ValueType, type[hashes.HashAlgorithm]] = {
-    pb.WRAP_MECHANISM_RSA_OAEP_SHA256: hashes.SHA256,
-    pb.WRAP_MECHANISM_RSA_OAEP_SHA1: hashes.SHA1,
-}
 # Preferred first. SHA-1 is listed because SoftHSM2 2.6 supports nothing else; a deployment with a
 # real HSM can drop it (the broker never picks a mechanism that is not listed).
 DEFAULT_MECHANISMS = (pb.WRAP_MECHANISM_RSA_OAEP_SHA256, pb.WRAP_MECHANISM_RSA_OAEP_SHA1)
@@ -110,13 +107,15 @@ class KeyReleaseClient:
                     "not offer",
                     reason="OAEP_MECHANISM_UNEXPECTED",
                 )
-            algorithm = _HASHES[response.mechanism]
+            oaep_hash = OaepHash.from_mechanism(response.mechanism)
             try:
                 dek = bytearray(
                     private.decrypt(
                         response.wrapped_data_key,
                         padding.OAEP(
-                            mgf=padding.MGF1(algorithm()), algorithm=algorithm(), label=None
+                            mgf=padding.MGF1(oaep_hash.algorithm),
+                            algorithm=oaep_hash.algorithm,
+                            label=None,
                         ),
                     )
                 )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import types
 import typing
 from collections.abc import Mapping
@@ -19,10 +18,10 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from strongroom.errors import InvalidArgument
+from strongroom.spiffe import is_workload_id
 
 ENV_PREFIX = "STRONGROOM__"
 T = TypeVar("T")
-_SPIFFE = re.compile(r"^spiffe://[a-z0-9.-]+(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+$")
 
 
 class ConfigError(InvalidArgument):
@@ -46,7 +45,7 @@ class IdentityConfig:
     renew_fraction: float = 2 / 3
 
     def __post_init__(self) -> None:
-        if not _SPIFFE.match(self.spiffe_id):
+        if not is_workload_id(self.spiffe_id):
             raise ConfigError(f"identity.spiffe_id: not a SPIFFE ID: {self.spiffe_id!r}")
         if not self.spiffe_id.startswith(f"spiffe://{self.trust_domain}/"):
             raise ConfigError(
@@ -102,7 +101,7 @@ class AuthzConfig:
     def __post_init__(self) -> None:
         for role in ("publisher", "admin", "inference", "client"):
             for sid in getattr(self, role):
-                if not _SPIFFE.match(sid):
+                if not is_workload_id(sid):
                     raise ConfigError(f"authz.{role}: not a SPIFFE ID: {sid!r}")
 
     def ids(self, *roles: str) -> frozenset[str]:

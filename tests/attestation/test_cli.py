@@ -29,9 +29,11 @@ def test_verify_snp_hex(vectors: Path, capsys) -> None:  # type: ignore[no-untyp
     code, out, _ = run(
         capsys, str(vectors / "snp/milan_v2_virtee.hex"),
         "--cert", str(vectors / "snp/milan_v2_virtee_vcek.der"), "--at", "2026-03-01T00:00:00Z",
+        "--allow-incomplete-collateral",
     )  # fmt: skip
     assert code == 0
     doc = json.loads(out)
+    assert doc["collateral_complete"] is False  # no AMD CRL in the public record
     assert doc["format"] == {"container": "snp", "encoding": "hex"}
     assert doc["claims"]["measurement"].startswith("7a1e5c266c0108db")
     assert doc["claims"]["product"] == "Milan"
@@ -42,7 +44,7 @@ def test_verify_snp_base64_with_pinned_bundle(vectors: Path, tmp_path: Path, cap
     b64.write_bytes(base64.b64encode((vectors / "snp/milan_v2_azure_trustee.hcl.bin").read_bytes()))
     code, out, _ = run(
         capsys, str(b64), "--cert", str(vectors / "snp/milan_v2_azure_trustee_vcek_chain.pem"),
-        "--at", "2026-03-01T00:00:00Z",
+        "--at", "2026-03-01T00:00:00Z", "--allow-incomplete-collateral",
     )  # fmt: skip
     assert code == 0
     assert json.loads(out)["format"] == {"container": "azure-hcl", "encoding": "base64"}
@@ -71,6 +73,7 @@ def test_verify_tdx_with_collateral(vectors: Path, capsys) -> None:  # type: ign
         "--collateral", str(vectors / "tdx/tcbinfo_00a06d080000_trustee.json"),
         "--collateral", str(vectors / "tdx/qe_identity_trustee.json"),
         "--collateral", str(NEW_TCB_SIGNING), "--at", "2025-11-01T00:00:00Z",
+        "--allow-incomplete-collateral",
     )  # fmt: skip
     assert code == 0
     claims = json.loads(out)["claims"]
@@ -82,9 +85,13 @@ def test_verify_tdx_with_crls(vectors: Path, capsys) -> None:  # type: ignore[no
         capsys, str(vectors / "tdx/v4_spr_gotdxguest.dat"),
         "--collateral", str(vectors / "roots/intel/intel_pck_platform_ca_crl.der"),
         "--collateral", str(vectors / "roots/intel/intel_sgx_root_ca_crl.der"),
+        "--collateral", str(vectors / "tdx/tcbinfo_50806f000000_gotdxguest.json"),
+        "--collateral", str(vectors / "tdx/qe_identity_gotdxguest.json"),
+        "--collateral", str(vectors / "roots/intel/intel_tcb_signing_chain.pem"),
         "--at", "2023-06-20T00:00:00Z",
     )  # fmt: skip
     assert code == 0 and json.loads(out)["claims"]["report_data"].startswith("6c62dec1")
+    assert json.loads(out)["collateral_complete"] is True
 
 
 def test_verify_expired_vlek_today_fails(vectors: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -101,8 +108,48 @@ def test_verify_missing_vcek_and_bad_inputs(vectors: Path, tmp_path: Path, capsy
     junk = tmp_path / "junk"
     junk.write_bytes(b"not evidence")
     code, _, err = run(capsys, str(junk))
-    assert code == 1 and "UNKNOWN_EVIDENCE_FORMAT" in err
+    assert code == 2 and "UNKNOWN_EVIDENCE_FORMAT" in err
     code, _, err = run(capsys, str(vectors / "snp/milan_v2_trustee.bin"), "--at", "yesterday")
     assert code == 1 and "BAD_TIME" in err
     code, _, err = run(capsys, str(tmp_path / "absent"))
     assert code == 1 and "FILE_UNREADABLE" in err
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda b: (9).to_bytes(4, "little") + b[4:], "UNSUPPORTED_VERSION"),
+        (lambda b: b[:1000], "REPORT_SIZE"),
+        (lambda b: b + bytes(16), "REPORT_SIZE"),
+    ],
+)
+def test_snp_format_errors_have_precise_reasons(
+    vectors: Path, tmp_path: Path, capsys, mutate, reason
+) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "report.bin"
+    bad.write_bytes(mutate((vectors / "snp/milan_v2_trustee.bin").read_bytes()))
+    code, _, err = run(capsys, str(bad))
+    assert code == 2 and reason in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "reason"),
+    [(0, b"\x06\x00", "UNSUPPORTED_VERSION"), (4, b"\x00\x00\x00\x00", "UNSUPPORTED_TEE_TYPE"),
+     (2, b"\x03\x00", "UNSUPPORTED_ATTESTATION_KEY_TYPE")],
+)  # fmt: skip
+def test_tdx_format_errors_have_precise_reasons(
+    vectors: Path, tmp_path: Path, capsys, offset, value, reason
+) -> None:  # type: ignore[no-untyped-def]
+    raw = bytearray((vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes())
+    raw[offset : offset + len(value)] = value
+    bad = tmp_path / "quote.dat"
+    bad.write_bytes(bytes(raw))
+    code, _, err = run(capsys, str(bad))
+    assert code == 2 and reason in err
+
+
+def test_tdx_without_collateral_fails_closed(vectors: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run(
+        capsys, str(vectors / "tdx/v4_spr_gotdxguest.dat"), "--at", "2023-06-20T00:00:00Z"
+    )
+    assert code == 2 and "COLLATERAL_MISSING" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -9,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from strongroom.attestation import Evidence, TeeType, TrustStore, verify_evidence
+from strongroom.attestation import (
+    Evidence,
+    StaticCollateralSource,
+    TdxClaims,
+    TeeType,
+    TrustStore,
+    verify_evidence,
+)
 from strongroom.attestation import errors as E
 from strongroom.attestation.abi.snp import TcbVersion
 from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
@@ -23,23 +31,32 @@ MRTD = bytes(range(48, 96))
 DEBUG_MEASUREMENT = "b07af9620f3b839b47996422ddec6058338951d984e312115131ea82705eaf5b6bdf8a9ece31a5a608eb0cf2e4872b01"
 
 
-def policy(**overrides: object) -> ReleasePolicy:
+ZERO_TCB = {"bootloader": 0, "tee": 0, "snp": 0, "microcode": 0}
+
+
+def policy(*, production: bool = True, **overrides: object) -> ReleasePolicy:
     doc: dict[str, object] = {
         "version": "test-1",
         "allowed_spiffe_ids": [CALLER],
         "tee_types": ["SEV_SNP", "TDX"],
-        "sev_snp": {"measurements": [MEAS.hex()], "allow_simulated": True},
+        "sev_snp": {
+            "measurements": [MEAS.hex()],
+            "allow_simulated": True,
+            "min_reported_tcb": ZERO_TCB,
+        },
         "tdx": {"mrtds": [MRTD.hex()], "allow_simulated": True},
     }
     for key, value in overrides.items():
         section, _, field = key.partition("__")
-        if field:
+        if field == "min_reported_tcb" and isinstance(value, dict):
+            doc[section][field] = {**ZERO_TCB, **value}  # type: ignore[index]
+        elif field:
             doc[section][field] = value  # type: ignore[index]
         elif value is None:
             doc.pop(section)
         else:
             doc[section] = value
-    return ReleasePolicy.load(json.dumps(doc))
+    return ReleasePolicy.load(json.dumps(doc), production=production)
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +66,42 @@ def snp(authority: SimulatedAuthority):  # type: ignore[no-untyped-def]
 
 def snp_claims(snp, trust, now, **kw):  # type: ignore[no-untyped-def]
     return verify_evidence(
-        snp.evidence(RD, measurement=kw.pop("measurement", MEAS), **kw), trust=trust, now=now
+        snp.evidence(RD, measurement=kw.pop("measurement", MEAS), **kw),
+        trust=trust,
+        now=now,
+        collateral=snp.authority.collateral_source(now=now),
     )
 
 
-def tdx_claims(authority, trust, now, status="UpToDate", **kw):  # type: ignore[no-untyped-def]
+def tdx_claims(authority, trust, now, status="UpToDate", number=17, **kw):  # type: ignore[no-untyped-def]
     tdx = authority.tdx()
-    ev = Evidence(
-        TeeType.TDX,
-        tdx.quote(RD, mrtd=kw.pop("mrtd", MRTD), **kw),
-        (),
-        tdx.collateral(now=now, status=status),
+    ev = Evidence(TeeType.TDX, tdx.quote(RD, mrtd=kw.pop("mrtd", MRTD), **kw))
+    source = StaticCollateralSource(
+        tcb_infos=(tdx.tcb_info(now=now, status=status, evaluation_number=number),),
+        qe_identity=tdx.qe_identity(now=now),
+        signing_chain=authority.tcb_signing_chain_pem(),
+        crl_list=tuple(authority.crl(i, now=now) for i in ("intel_root", "pck_ca")),
     )
-    return verify_evidence(ev, trust=trust, now=now)
+    return verify_evidence(ev, trust=trust, now=now, collateral=source)
+
+
+def completed(claims):  # type: ignore[no-untyped-def]
+    """Real vectors lack some collateral in the public record; judge the rest of the policy."""
+    assert not claims.collateral_complete
+    deny(E.COLLATERAL_INCOMPLETE, _permissive(claims), claims)
+    if isinstance(claims, TdxClaims):
+        return dataclasses.replace(
+            claims, revocation_checked=True, qe_identity_checked=True, collateral_evaluated=True,
+            tcb_evaluation_data_number=0,
+        )  # fmt: skip
+    return dataclasses.replace(claims, revocation_checked=True)
+
+
+def _permissive(claims):  # type: ignore[no-untyped-def]
+    if isinstance(claims, TdxClaims):
+        return policy(tdx={"mrtds": [claims.mrtd.hex()], "allow_debug": True})
+    return policy(sev_snp={"measurements": [claims.measurement.hex()], "allow_debug": True,
+                           "min_reported_tcb": ZERO_TCB})  # fmt: skip
 
 
 def deny(reason: str, pol: ReleasePolicy, claims, caller: str = CALLER) -> None:  # type: ignore[no-untyped-def]
@@ -113,17 +153,31 @@ def test_real_debug_report_is_denied(vectors: Path, production: TrustStore) -> N
         (vectors / "snp/milan_v2_debug_gosevguest.bin").read_bytes(),
         ((vectors / "snp/milan_v2_debug_gosevguest_vcek.der").read_bytes(),),
     )
-    claims = verify_evidence(ev, trust=production, now=dt.datetime(2026, 3, 1, tzinfo=dt.UTC))
-    pol = policy(sev_snp={"measurements": [DEBUG_MEASUREMENT]})
+    claims = completed(
+        verify_evidence(
+            ev, trust=production, now=dt.datetime(2026, 3, 1, tzinfo=dt.UTC),
+            require_collateral=False,
+        )
+    )  # fmt: skip
+    pol = policy(sev_snp={"measurements": [DEBUG_MEASUREMENT], "min_reported_tcb": ZERO_TCB})
     deny(E.DEBUG_FORBIDDEN, pol, claims)
-    policy(sev_snp={"measurements": [DEBUG_MEASUREMENT], "allow_debug": True}).evaluate(
-        claims, CALLER
-    )
+    policy(
+        sev_snp={
+            "measurements": [DEBUG_MEASUREMENT],
+            "allow_debug": True,
+            "min_reported_tcb": ZERO_TCB,
+        }
+    ).evaluate(claims, CALLER)
 
 
 def test_real_tdx_debug_quote_is_denied(vectors: Path, production: TrustStore) -> None:
     ev = Evidence(TeeType.TDX, (vectors / "tdx/v4_debug_trustee.dat").read_bytes())
-    claims = verify_evidence(ev, trust=production, now=dt.datetime(2026, 3, 1, tzinfo=dt.UTC))
+    claims = completed(
+        verify_evidence(
+            ev, trust=production, now=dt.datetime(2026, 3, 1, tzinfo=dt.UTC),
+            require_collateral=False,
+        )
+    )  # fmt: skip
     pol = policy(tdx={"mrtds": [claims.mrtd.hex()], "accepted_tcb_statuses": ["UpToDate"]})
     deny(E.DEBUG_FORBIDDEN, pol, claims)
     # Without collateral the TCB status is NotEvaluated, which no policy can accept.
@@ -261,3 +315,42 @@ def test_tcb_fmc_minimum_applies_only_to_turin(snp, sim_trust, now) -> None:
         ]
         == 2
     )
+
+
+def test_snp_policy_must_state_a_minimum_reported_tcb() -> None:
+    for production in (True, False):
+        with pytest.raises(PolicyInvalid) as err:
+            policy(production=production, sev_snp={"measurements": [MEAS.hex()]})
+        assert err.value.reason == E.POLICY_MISSING_KEY
+    partial = {"measurements": [MEAS.hex()], "min_reported_tcb": {"snp": 3}}
+    with pytest.raises(PolicyInvalid) as err:
+        policy(sev_snp=partial)
+    assert err.value.reason == E.POLICY_MISSING_KEY
+
+
+def test_any_reported_tcb_only_in_development(snp, sim_trust, now) -> None:
+    with pytest.raises(PolicyInvalid) as err:
+        policy(sev_snp__min_reported_tcb="any")
+    assert err.value.reason == E.POLICY_BAD_VALUE
+    dev = policy(production=False, sev_snp__min_reported_tcb="any")
+    dev.evaluate(snp_claims(snp, sim_trust, now), CALLER)
+
+
+def test_zero_tcb_vcek_is_refused_by_a_stated_minimum(authority, sim_trust, now) -> None:
+    zero = TcbVersion.from_components(bootloader=0, tee=0, snp=0, microcode=0)
+    platform = authority.snp(tcb=zero)
+    claims = snp_claims(platform, sim_trust, now)
+    deny(E.TCB_TOO_OLD, policy(sev_snp__min_reported_tcb={"snp": 1}), claims)
+
+
+def test_min_tcb_evaluation_data_number(authority, sim_trust, now) -> None:
+    claims = tdx_claims(authority, sim_trust, now, number=17)
+    policy(tdx__min_tcb_evaluation_data_number=17).evaluate(claims, CALLER)
+    deny(E.TCB_EVALUATION_TOO_OLD, policy(tdx__min_tcb_evaluation_data_number=18), claims)
+
+
+def test_incomplete_collateral_never_releases(authority, sim_trust, now) -> None:
+    tdx = authority.tdx()
+    ev = Evidence(TeeType.TDX, tdx.quote(RD, mrtd=MRTD))
+    claims = verify_evidence(ev, trust=sim_trust, now=now, require_collateral=False)
+    deny(E.COLLATERAL_INCOMPLETE, policy(), claims)

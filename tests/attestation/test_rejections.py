@@ -74,8 +74,27 @@ def snp_verify(
     when: dt.datetime = SNP_TIME,
     **kw: Any,
 ) -> Any:
+    # The real SNP vectors have no AMD CRL in the public record: these tests judge signatures,
+    # chains and bindings (revocation has its own tests, with simulated CRLs).
+    kw.setdefault("require_collateral", False)
     return verify_evidence(
         Evidence(TeeType.SEV_SNP, report, tuple(certs)), trust=trust, now=when, **kw
+    )
+
+
+def source_of(collateral: Sequence[Collateral]) -> StaticCollateralSource:
+    """The verifier's own collateral made of these documents (never the evidence's)."""
+
+    def of(kind: CollateralKind) -> tuple[bytes, ...]:
+        return tuple(c.data for c in collateral if c.kind is kind)
+
+    chains = of(CollateralKind.TCB_SIGNING_CHAIN)
+    qe = of(CollateralKind.TDX_QE_IDENTITY)
+    return StaticCollateralSource(
+        tcb_infos=of(CollateralKind.TDX_TCB_INFO),
+        qe_identity=qe[0] if qe else None,
+        signing_chain=chains[0] if chains else None,
+        crl_list=of(CollateralKind.CRL),
     )
 
 
@@ -85,9 +104,15 @@ def tdx_verify(
     when: dt.datetime,
     collateral: Sequence[Collateral] = (),
     certs: Sequence[bytes] = (),
+    *,
+    require: bool = False,
 ) -> Any:
     return verify_evidence(
-        Evidence(TeeType.TDX, quote, tuple(certs), tuple(collateral)), trust=trust, now=when
+        Evidence(TeeType.TDX, quote, tuple(certs)),
+        trust=trust,
+        now=when,
+        collateral=source_of(collateral),
+        require_collateral=require,
     )
 
 
@@ -368,8 +393,8 @@ def test_tdx_expired_collateral(vectors, spr, production) -> None:
     ]
     when = dt.datetime(2023, 8, 1, tzinfo=UTC)
     expect(
-        VerificationFailed,
-        E.COLLATERAL_EXPIRED,
+        CollateralUnavailable,
+        E.COLLATERAL_STALE,
         lambda: tdx_verify(spr, production, when, collateral),
     )
 
@@ -379,8 +404,8 @@ def test_tdx_expired_crl(vectors, spr, production) -> None:
         CollateralKind.CRL, (vectors / "roots/intel/intel_pck_platform_ca_crl.der").read_bytes()
     )
     expect(
-        VerificationFailed,
-        E.COLLATERAL_EXPIRED,
+        CollateralUnavailable,
+        E.COLLATERAL_STALE,
         lambda: tdx_verify(spr, production, SNP_TIME, [crl]),
     )
 
@@ -459,7 +484,7 @@ def test_tdx_tcb_info_without_signing_chain(vectors, production) -> None:
     expect(
         CollateralUnavailable,
         E.COLLATERAL_MISSING,
-        lambda: tdx_verify(quote, production, when, [doc]),
+        lambda: tdx_verify(quote, production, when, [doc], require=True),
     )
 
 
@@ -505,9 +530,12 @@ def test_simulated_tdx_chain_to_foreign_root(authority, other_authority, now) ->
 
 def test_simulated_snp_accepted_with_simulated_roots(authority, sim_trust, now) -> None:
     claims = verify_evidence(
-        authority.snp().evidence(RD, measurement=MEAS), trust=sim_trust, now=now
+        authority.snp().evidence(RD, measurement=MEAS),
+        trust=sim_trust,
+        now=now,
+        collateral=authority.collateral_source(now=now),
     )
-    assert claims.simulated and claims.report_data == RD
+    assert claims.simulated and claims.report_data == RD and claims.collateral_complete
 
 
 def test_tcb_mismatch_vs_vcek(authority, sim_trust, now) -> None:
@@ -596,28 +624,42 @@ def test_snp_expired_vcek(authority, sim_trust, now) -> None:
 
 def test_snp_revoked_ask(authority, sim_trust, now) -> None:
     snp = authority.snp()
-    crl = authority.crl("ark", [authority.ask.serial_number], now=now)
-    ev = Evidence(
-        TeeType.SEV_SNP,
-        snp.report(RD, measurement=MEAS),
-        (snp.certificate_der,),
-        (Collateral(CollateralKind.CRL, crl),),
-    )
+    ev = snp.evidence(RD, measurement=MEAS)
+    revoked = authority.collateral_source(now=now, revoked={"ark": [authority.ask.serial_number]})
     expect(
-        VerificationFailed, E.CERT_REVOKED, lambda: verify_evidence(ev, trust=sim_trust, now=now)
+        VerificationFailed,
+        E.CERT_REVOKED,
+        lambda: verify_evidence(ev, trust=sim_trust, now=now, collateral=revoked),
     )
 
 
-def _tdx_ev(
-    tdx: Any, quote: bytes, now: dt.datetime, extra: Sequence[Collateral] = (), **tcb: Any
-) -> Evidence:
-    return Evidence(TeeType.TDX, quote, (), (*tdx.collateral(now=now, **tcb), *extra))
+def sim_tdx(
+    authority: SimulatedAuthority,
+    tdx: Any,
+    quote: bytes,
+    trust: TrustStore,
+    now: dt.datetime,
+    *,
+    crls: Sequence[bytes] | None = None,
+    **tcb: Any,
+) -> Any:
+    """Verifies a simulated quote with the verifier-side collateral of its authority."""
+    source = StaticCollateralSource(
+        tcb_infos=(tdx.tcb_info(now=now, **tcb),),
+        qe_identity=tdx.qe_identity(now=now),
+        signing_chain=authority.tcb_signing_chain_pem(),
+        crl_list=tuple(crls)
+        if crls is not None
+        else tuple(authority.crl(i, now=now) for i in ("ark", "intel_root", "pck_ca")),
+    )
+    return verify_evidence(Evidence(TeeType.TDX, quote), trust=trust, now=now, collateral=source)
 
 
 def test_tdx_simulated_accepted(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
-    claims = verify_evidence(_tdx_ev(tdx, tdx.quote(RD, mrtd=MEAS), now), trust=sim_trust, now=now)
+    claims = sim_tdx(authority, tdx, tdx.quote(RD, mrtd=MEAS), sim_trust, now)
     assert claims.tcb_status == "UpToDate" and claims.qe_tcb_status == "UpToDate"
+    assert claims.collateral_complete
 
 
 def test_tdx_bad_qe_report_signature(authority, sim_trust, now) -> None:
@@ -626,7 +668,7 @@ def test_tdx_bad_qe_report_signature(authority, sim_trust, now) -> None:
     expect(
         VerificationFailed,
         E.QE_REPORT_SIGNATURE_INVALID,
-        lambda: verify_evidence(_tdx_ev(tdx, quote, now), trust=sim_trust, now=now),
+        lambda: sim_tdx(authority, tdx, quote, sim_trust, now),
     )
 
 
@@ -636,42 +678,47 @@ def test_tdx_qe_report_data_not_binding_ak(authority, sim_trust, now) -> None:
     expect(
         VerificationFailed,
         E.QE_REPORT_DATA_MISMATCH,
-        lambda: verify_evidence(_tdx_ev(tdx, quote, now), trust=sim_trust, now=now),
+        lambda: sim_tdx(authority, tdx, quote, sim_trust, now),
     )
 
 
 def test_tdx_revoked_pck(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
-    crl = Collateral(CollateralKind.CRL, authority.crl("pck_ca", [tdx.pck.serial_number], now=now))
+    crls = [
+        authority.crl("pck_ca", [tdx.pck.serial_number], now=now),
+        authority.crl("intel_root", now=now),
+    ]
     expect(
         VerificationFailed,
         E.CERT_REVOKED,
-        lambda: verify_evidence(
-            _tdx_ev(tdx, tdx.quote(RD, mrtd=MEAS), now, [crl]), trust=sim_trust, now=now
-        ),
+        lambda: sim_tdx(authority, tdx, tdx.quote(RD, mrtd=MEAS), sim_trust, now, crls=crls),
+    )
+
+
+def test_tdx_revoked_pck_with_crl_omitted_fails_closed(authority, sim_trust, now) -> None:
+    tdx = authority.tdx()
+    only_root = [authority.crl("intel_root", now=now)]
+    expect(
+        CollateralUnavailable,
+        E.COLLATERAL_MISSING,
+        lambda: sim_tdx(authority, tdx, tdx.quote(RD, mrtd=MEAS), sim_trust, now, crls=only_root),
     )
 
 
 def test_tdx_unrevoked_pck_with_crls(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
-    crls = [
-        Collateral(CollateralKind.CRL, authority.crl(i, [12345], now=now))
-        for i in ("pck_ca", "intel_root")
-    ]
-    verify_evidence(_tdx_ev(tdx, tdx.quote(RD, mrtd=MEAS), now, crls), trust=sim_trust, now=now)
+    crls = [authority.crl(i, [12345], now=now) for i in ("pck_ca", "intel_root")]
+    sim_tdx(authority, tdx, tdx.quote(RD, mrtd=MEAS), sim_trust, now, crls=crls)
 
 
 def test_tdx_crl_signed_by_wrong_key(authority, other_authority, sim_trust, now) -> None:
     tdx = authority.tdx()
-    forged = other_authority.crl("pck_ca", [], now=now)
     # Same issuer name (both simulated PCK CAs share it), different key.
-    crl = Collateral(CollateralKind.CRL, forged)
+    crls = [other_authority.crl("pck_ca", [], now=now), authority.crl("intel_root", now=now)]
     expect(
         VerificationFailed,
         E.CRL_SIGNATURE_INVALID,
-        lambda: verify_evidence(
-            _tdx_ev(tdx, tdx.quote(RD, mrtd=MEAS), now, [crl]), trust=sim_trust, now=now
-        ),
+        lambda: sim_tdx(authority, tdx, tdx.quote(RD, mrtd=MEAS), sim_trust, now, crls=crls),
     )
 
 
@@ -681,7 +728,7 @@ def test_tdx_qe_identity_mismatch(authority, sim_trust, now) -> None:
     expect(
         VerificationFailed,
         E.QE_IDENTITY_MISMATCH,
-        lambda: verify_evidence(_tdx_ev(tdx, quote, now), trust=sim_trust, now=now),
+        lambda: sim_tdx(authority, tdx, quote, sim_trust, now),
     )
 
 
@@ -691,24 +738,19 @@ def test_tdx_module_mismatch(authority, sim_trust, now) -> None:
     expect(
         VerificationFailed,
         E.TDX_MODULE_MISMATCH,
-        lambda: verify_evidence(_tdx_ev(tdx, quote, now), trust=sim_trust, now=now),
+        lambda: sim_tdx(authority, tdx, quote, sim_trust, now),
     )
 
 
 def test_tdx_out_of_date_status_reported(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
-    claims = verify_evidence(
-        _tdx_ev(tdx, tdx.quote(RD, mrtd=MEAS), now, status="OutOfDate"), trust=sim_trust, now=now
-    )
+    claims = sim_tdx(authority, tdx, tdx.quote(RD, mrtd=MEAS), sim_trust, now, status="OutOfDate")
     assert claims.tcb_status == "OutOfDate"
 
 
 def test_tdx_collateral_from_source(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
-    source = StaticCollateralSource(
-        tcb_infos=(tdx.tcb_info(now=now),), qe_identity=tdx.qe_identity(now=now),
-        signing_chain=authority.tcb_signing_chain_pem(),
-    )  # fmt: skip
+    source = authority.collateral_source(tdx=[tdx], now=now)
     ev = Evidence(TeeType.TDX, tdx.quote(RD, mrtd=MEAS))
     assert verify_evidence(ev, trust=sim_trust, now=now, collateral=source).tcb_status == "UpToDate"
     empty = StaticCollateralSource()
@@ -722,7 +764,7 @@ def test_tdx_collateral_from_source(authority, sim_trust, now) -> None:
 def test_tdx_v5_td15_simulated(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
     quote = tdx.quote(RD, mrtd=MEAS, version=5, body_type=3, trailing=bytes(70))
-    claims = verify_evidence(_tdx_ev(tdx, quote, now), trust=sim_trust, now=now)
+    claims = sim_tdx(authority, tdx, quote, sim_trust, now)
     assert claims.body_type == "TD1.5" and claims.version == 5
 
 

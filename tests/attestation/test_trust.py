@@ -111,4 +111,5 @@ def test_fixture_regeneration_verifies(tmp_path, now) -> None:  # type: ignore[n
         (tmp_path / "snp_report.bin").read_bytes(),
         ((tmp_path / "snp_vcek.der").read_bytes(),),
     )
-    assert verify_evidence(ev, trust=loaded.trust_store(), now=now).simulated
+    source = loaded.collateral_source(now=now)
+    assert verify_evidence(ev, trust=loaded.trust_store(), now=now, collateral=source).simulated

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from strongroom.attestation import (
-    Collateral,
-    CollateralKind,
+    CollateralUnavailable,
     Evidence,
     SnpClaims,
+    StaticCollateralSource,
     TdxClaims,
     TeeType,
     TrustStore,
@@ -119,7 +119,13 @@ def test_snp_vector_parses_and_verifies(vectors: Path, production: TrustStore, n
         assert getattr(report, f).hex() == v.fields[f], f
 
     when = VLEK_TIME if key == "VLEK" else SNP_TIME
-    claims = verify_evidence(evidence, trust=production, now=when)
+    # AMD's ARK CRLs are not in the public record these vectors come from: signatures, chain and
+    # bindings verify, and the claims say revocation was not checked (no policy releases them).
+    claims = verify_evidence(evidence, trust=production, now=when, require_collateral=False)
+    assert not claims.collateral_complete
+    with pytest.raises(CollateralUnavailable) as missing:
+        verify_evidence(evidence, trust=production, now=when)
+    assert missing.value.reason == "COLLATERAL_MISSING"
     assert isinstance(claims, SnpClaims)
     assert (claims.product, claims.signing_key, claims.version) == (product, key, int(version))
     d = claims.as_dict()
@@ -174,8 +180,13 @@ def test_tdx_vector_parses_and_verifies(vectors: Path, production: TrustStore, n
         assert b.tee_tcb_svn2.hex() == v.fields["tee_tcb_svn2"]
         assert b.mr_servicetd.hex() == v.fields["mr_servicetd"]
 
-    claims = verify_evidence(Evidence(TeeType.TDX, raw), trust=production, now=TDX_TIME)
-    assert isinstance(claims, TdxClaims)
+    claims = verify_evidence(
+        Evidence(TeeType.TDX, raw), trust=production, now=TDX_TIME, require_collateral=False
+    )
+    assert isinstance(claims, TdxClaims) and not claims.collateral_complete
+    with pytest.raises(CollateralUnavailable) as missing:  # fail closed without collateral
+        verify_evidence(Evidence(TeeType.TDX, raw), trust=production, now=TDX_TIME)
+    assert missing.value.reason == "COLLATERAL_MISSING"
     d = claims.as_dict()
     assert (d["fmspc"], d["pcesvn"], d["sgx_type"]) == (fmspc, int(pcesvn), int(sgx_type))
     assert d["mrtd"] == v.fields["mr_td"] and d["report_data"] == v.fields["report_data"]
@@ -184,17 +195,21 @@ def test_tdx_vector_parses_and_verifies(vectors: Path, production: TrustStore, n
     assert d["tcb_status"] == "NotEvaluated"  # no collateral given
 
 
-def _collateral(vectors: Path, chain: Path, *files: str) -> tuple[Collateral, ...]:
-    kinds = {"tcbinfo": CollateralKind.TDX_TCB_INFO, "qe_iden": CollateralKind.TDX_QE_IDENTITY}
-    out = [Collateral(CollateralKind.TCB_SIGNING_CHAIN, chain.read_bytes())]
-    for f in files:
-        kind = kinds.get(Path(f).name[:7], CollateralKind.CRL)
-        out.append(Collateral(kind, (vectors / f).read_bytes()))
-    return tuple(out)
+def _collateral(vectors: Path, chain: Path, *files: str) -> StaticCollateralSource:
+    """The verifier's own collateral (what an operator passes with ``--collateral``)."""
+    tcb = tuple((vectors / f).read_bytes() for f in files if "tcbinfo" in f)
+    qe = [(vectors / f).read_bytes() for f in files if "qe_identity" in f]
+    crls = tuple((vectors / f).read_bytes() for f in files if f.endswith(".der"))
+    return StaticCollateralSource(
+        tcb_infos=tcb, qe_identity=qe[0] if qe else None, signing_chain=chain.read_bytes(),
+        crl_list=crls,
+    )  # fmt: skip
 
 
 COLLATERAL_CASES = [
     # (quote, as of, new TCB-signing cert?, collateral files, expected status, platform, module, qe)
+    # Only the first has every document (CRLs and QE identity) valid at one time in the public
+    # record: it verifies completely; the others are evaluated with what exists (offline mode).
     (
         "tdx/v4_spr_gotdxguest.dat", dt.datetime(2023, 6, 20, tzinfo=UTC), False,
         ("tdx/tcbinfo_50806f000000_gotdxguest.json", "tdx/qe_identity_gotdxguest.json",
@@ -223,12 +238,15 @@ COLLATERAL_CASES = [
 def test_tdx_collateral_and_tcb_status(vectors: Path, production: TrustStore, case) -> None:  # type: ignore[no-untyped-def]
     name, when, new_chain, files, status, platform, module, qe = case
     chain = NEW_TCB_SIGNING if new_chain else vectors / "roots/intel/intel_tcb_signing_chain.pem"
-    evidence = Evidence(
-        TeeType.TDX, (vectors / name).read_bytes(), (), _collateral(vectors, chain, *files)
+    evidence = Evidence(TeeType.TDX, (vectors / name).read_bytes())
+    source = _collateral(vectors, chain, *files)
+    complete = len(files) == 4
+    claims = verify_evidence(
+        evidence, trust=production, now=when, collateral=source, require_collateral=complete
     )
-    claims = verify_evidence(evidence, trust=production, now=when)
     assert isinstance(claims, TdxClaims)
     assert claims.collateral_evaluated
+    assert claims.collateral_complete is complete
     assert (claims.tcb_status, claims.platform_tcb_status) == (status, platform)
     assert (claims.tdx_module_tcb_status, claims.qe_tcb_status) == (module, qe)
 

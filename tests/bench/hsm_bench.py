@@ -42,7 +42,7 @@ from strongroom.dev.softhsm import init_softhsm_token
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import KeyManager, ReleasedKey
-from strongroom.keybroker.oaep import OaepHash
+from strongroom.oaep import OaepHash
 from strongroom.runtime.secrets import Secret
 
 SINGLE_OPS = 1500

@@ -19,6 +19,7 @@ credentials (``channel_factory(target)`` must return a channel to ``target``, wh
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -31,8 +32,7 @@ import grpc
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
-from strongroom.artifact import encrypt_stream
-from strongroom.modelstore.artifact_validation import structure_validator_factory
+from strongroom.artifact import StructureValidator, encrypt_stream
 from strongroom.modelstore.service import DEFAULT_DOWNLOAD_CHUNK, ModelStoreServicer
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.modelstore.validator import ValidatorFactory
@@ -171,7 +171,7 @@ class _Harness:
             )
             for chunk in DOWNLOAD_CHUNKS
         }
-        real = structure_validator_factory(storage.max_artifact_size)
+        real = functools.partial(StructureValidator, max_artifact_size=storage.max_artifact_size)
         self.real_store = pb_grpc.ModelStoreServiceStub(
             self._channel(self._store(real, DEFAULT_DOWNLOAD_CHUNK))
         )

@@ -27,6 +27,7 @@ AREAS = (
     "inference",
     "mtls",
     "coldstart",
+    "multipart",
     "abuse",
 )
 

@@ -49,9 +49,7 @@ def env(tmp_path: Path, softhsm_conf: Path) -> dict[str, str]:
     bin_dir.mkdir()
     # The image installs the script as /usr/local/bin/softhsm-init-token.
     wrapper = bin_dir / "softhsm-init-token"
-    wrapper.write_text(
-        f'#!/bin/sh\nexec "{venv_bin / "python"}" "{DEPLOY / "docker" / "softhsm_init_token.py"}" "$@"\n'
-    )
+    wrapper.write_text(f'#!/bin/sh\nexec "{venv_bin / "python"}" -m strongroom.dev.softhsm "$@"\n')
     wrapper.chmod(0o755)
     for name in IDENTITIES:
         (tmp_path / "tokens" / name).mkdir(parents=True)

@@ -290,7 +290,9 @@ def test_tool_configs_load_as_client_configurations(compose: dict[str, Any]) -> 
 
 
 def test_development_policy_releases_to_the_simulated_guest_only() -> None:
-    policy = ReleasePolicy.load((COMPOSE_DIR / "policies" / "resnet.yaml").read_text())
+    policy = ReleasePolicy.load(
+        (COMPOSE_DIR / "policies" / "resnet.yaml").read_text(), production=False
+    )
     inference = yaml.safe_load((COMPOSE_DIR / "config" / "inference.yaml").read_text())["inference"]
     assert policy.allowed_spiffe_ids == frozenset({"spiffe://strongroom.internal/inference"})
     assert policy.snp is not None and policy.snp.allow_simulated

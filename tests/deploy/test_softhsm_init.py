@@ -1,4 +1,4 @@
-"""deploy/docker/softhsm_init_token.py against a real SoftHSM2: PINs from files, idempotent."""
+"""softhsm-init-token (strongroom.dev.softhsm) against a real SoftHSM2: PINs from files, idempotent."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.deploy.conftest import DEPLOY, SOFTHSM_MODULE, token_login_works
-
-SCRIPT = DEPLOY / "docker" / "softhsm_init_token.py"
+from tests.deploy.conftest import SOFTHSM_MODULE, token_login_works
 
 
 def run(conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), "--module", str(SOFTHSM_MODULE), *args],
+        [sys.executable, "-m", "strongroom.dev.softhsm", "--module", str(SOFTHSM_MODULE), *args],
         env={**os.environ, "SOFTHSM2_CONF": str(conf)},
         capture_output=True,
         text=True,
@@ -84,7 +82,8 @@ def test_a_module_that_cannot_load_is_an_error(softhsm_conf: Path, tmp_path: Pat
     result = subprocess.run(
         [
             sys.executable,
-            str(SCRIPT),
+            "-m",
+            "strongroom.dev.softhsm",
             "--module",
             str(tmp_path / "missing.so"),
             "--label",

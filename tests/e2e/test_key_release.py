@@ -19,6 +19,8 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from strongroom.api.attestation.v1 import evidence_pb2
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
@@ -49,6 +51,7 @@ tee_types: [SEV_SNP]
 sev_snp:
   allow_simulated: {str(allow_simulated).lower()}
   measurements: [{", ".join(repr(m.hex()) for m in measurements)}]
+  min_reported_tcb: any
 {extra}
 """
 
@@ -621,3 +624,113 @@ def test_each_release_uses_a_fresh_ephemeral_key(world: World) -> None:
         records[first.decision_id]["evidence_sha256"]
         != records[second.decision_id]["evidence_sha256"]
     )
+
+
+# ---------------------------------------------------------------------------- collateral, fuzz
+
+
+def _refused(a: Attempt) -> tuple[grpc.StatusCode, str, int]:
+    """Sends the attempt; returns (status, reason trailer, audit records added)."""
+    before = len(audit_records(a.world))
+    with pytest.raises(grpc.RpcError) as info:
+        a.world.broker.ReleaseKey(a.request, timeout=30)
+    err = info.value
+    trailers: dict[str, Any] = dict(err.trailing_metadata() or ())  # type: ignore[attr-defined,arg-type]
+    return err.code(), trailers.get("strongroom-reason", ""), len(audit_records(a.world)) - before  # type: ignore[attr-defined]
+
+
+def test_evidence_carried_crl_cannot_replace_the_brokers(world: World) -> None:
+    """Collateral in the evidence is ignored: a CRL the attester sends changes nothing, and the
+    broker's own (current) CRL is what judges the chain."""
+    a = new_attempt(world)
+    bogus = world.authority.crl("ark", [world.authority.ask.serial_number])
+    a.request.evidence.collateral.add(kind=evidence_pb2.COLLATERAL_KIND_CRL, data=bogus)
+    released = world.broker.ReleaseKey(a.request, timeout=30)
+    assert released.wrapped_data_key
+
+
+def test_withheld_crl_fails_closed_and_is_audited(world: World) -> None:
+    """With the ARK CRL gone from the broker's cache the release is refused, audited, with
+    COLLATERAL_MISSING (readers reload the cache within its reload interval)."""
+    import time
+
+    crl_dir = world.stack.root / "collateral" / "crl"
+    moved = []
+    for path in crl_dir.glob("*-vcek.der"):
+        target = path.with_name(path.name + ".withheld")
+        path.rename(target)
+        moved.append((target, path))
+    generation = world.stack.root / "collateral" / "generation"
+    generation.write_text(f"withheld {time.time_ns()}\n")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            code, reason, added = _refused_or_none(new_attempt(world))
+            if reason or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert (code, reason, added) == (grpc.StatusCode.UNAVAILABLE, "COLLATERAL_MISSING", 1)
+        last = audit_records(world)[-1]
+        assert last["decision"] == "denied" and last["reason"] == "COLLATERAL_MISSING"
+    finally:
+        for target, path in moved:
+            target.rename(path)
+        generation.write_text(f"restored {time.time_ns()}\n")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # bounded: the cache reloads within 2 s
+        try:
+            world.broker.ReleaseKey(new_attempt(world).request, timeout=30)
+            break
+        except grpc.RpcError:
+            time.sleep(0.5)
+    else:
+        pytest.fail("release did not recover after the CRL came back")
+
+
+def _refused_or_none(a: Attempt) -> tuple[grpc.StatusCode | None, str, int]:
+    before = len(audit_records(a.world))
+    try:
+        a.world.broker.ReleaseKey(a.request, timeout=30)
+    except grpc.RpcError as err:
+        trailers: dict[str, Any] = dict(err.trailing_metadata() or ())  # type: ignore[attr-defined,arg-type]
+        return (
+            err.code(),
+            trailers.get("strongroom-reason", ""),
+            len(audit_records(a.world)) - before,
+        )  # type: ignore[attr-defined]
+    return None, "", len(audit_records(a.world)) - before
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_any_mutated_evidence_gets_a_typed_refusal_and_one_audit_record(
+    world: World, data: st.DataObject
+) -> None:
+    a = new_attempt(world)
+    report = bytearray(a.request.evidence.report)
+    cert = bytearray(world.platform.certificate_der)
+    for _ in range(data.draw(st.integers(1, 4))):
+        target = data.draw(st.sampled_from(["report", "cert", "truncate", "junk-cert"]))
+        if target == "report" and report:
+            # the signed part and the signature (bytes past 0x330 are reserved, unsigned)
+            report[data.draw(st.integers(0, min(len(report), 0x330) - 1))] ^= data.draw(
+                st.integers(1, 255)
+            )
+        elif target == "cert":
+            cert[data.draw(st.integers(0, len(cert) - 1))] ^= data.draw(st.integers(1, 255))
+        elif target == "truncate" and report:
+            report = report[: data.draw(st.integers(0, len(report) - 1))]
+        elif target == "junk-cert":
+            cert = bytearray(data.draw(st.binary(min_size=1, max_size=300)))
+    # Mutations may cancel out (the same bit flipped twice): only changed evidence is a case.
+    assume(
+        bytes(report) != a.request.evidence.report or bytes(cert) != world.platform.certificate_der
+    )
+    a.set_report(bytes(report), [bytes(cert)])
+    code, reason, added = _refused(a)
+    assert code != grpc.StatusCode.INTERNAL and reason and reason != "INTERNAL"
+    assert added == 1

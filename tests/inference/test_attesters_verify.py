@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from strongroom.attestation.collateral import StaticCollateralSource
 from strongroom.attestation.evidence import Evidence
 from strongroom.attestation.trust import TrustStore
 from strongroom.attestation.verify import verify_evidence
@@ -66,10 +67,27 @@ def tdx_sim(authority: SimulatedAuthority, now: dt.datetime) -> SimulatedTdx:
     return authority.tdx(now=now)
 
 
+@pytest.fixture(scope="module")
+def verifier_collateral(
+    authority: SimulatedAuthority, tdx_sim: SimulatedTdx, now: dt.datetime
+) -> StaticCollateralSource:
+    """The verifier's own collateral for the simulated chain (as the broker's cache holds it)."""
+    return authority.collateral_source(tdx=[tdx_sim], now=now)
+
+
+_COLLATERAL: list[StaticCollateralSource] = []
+
+
+@pytest.fixture(autouse=True)
+def _collateral(verifier_collateral: StaticCollateralSource) -> None:
+    _COLLATERAL[:] = [verifier_collateral]
+
+
 def verified_report_data(bundle: EvidenceBundle, trust: TrustStore, now: dt.datetime) -> bytes:
-    """Through the wire form and the broker's verifier; returns the verified REPORT_DATA."""
+    """Through the wire form and the broker's verifier (with the verifier's own collateral,
+    never the bundle's); returns the verified REPORT_DATA."""
     evidence = Evidence.from_proto(bundle.to_proto())
-    claims = verify_evidence(evidence, trust=trust, now=now)
+    claims = verify_evidence(evidence, trust=trust, now=now, collateral=_COLLATERAL[0])
     return claims.report_data
 
 

@@ -68,7 +68,10 @@ def test_evidence_binds_the_nonce_and_the_current_tls_key(
     assert response.tls_public_key_sha256 == hashlib.sha256(keys[0]).digest()
     assert response.evidence.tee_type == evidence_pb2.TEE_TYPE_SEV_SNP
     claims = verify_evidence(
-        Evidence.from_proto(response.evidence), trust=sim_authority.trust_store(), now=sim_now
+        Evidence.from_proto(response.evidence),
+        trust=sim_authority.trust_store(),
+        now=sim_now,
+        collateral=sim_authority.collateral_source(now=sim_now),
     )
     assert claims.report_data == response.report_data
 

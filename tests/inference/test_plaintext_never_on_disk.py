@@ -1,7 +1,7 @@
 """Plaintext model bytes never reach a file: checked from outside the process, with a control.
 
-A subprocess loads models whose weights carry a random canary (single-file, external-initializer
-and repository paths) with its working directory, TMPDIR and HOME in a fresh tmp dir. Three
+A subprocess loads models whose weights carry a random canary (single-file, external-initializer,
+multi-part and repository paths) with its working directory, TMPDIR and HOME in a fresh tmp dir. Three
 detectors look for a leak, and the same run with ORT told to dump its optimised model (what a
 mis-set session option would do) must trip them, so the test can genuinely fail:
 

@@ -17,7 +17,7 @@ from strongroom.errors import FailedPrecondition, InvalidArgument, Unavailable
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import KeyManager
-from strongroom.keybroker.oaep import OaepHash
+from strongroom.oaep import OaepHash
 from strongroom.runtime.secrets import Secret
 from tests.keybroker.helpers import make_config, session_objects, spki
 

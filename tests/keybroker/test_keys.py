@@ -25,7 +25,7 @@ from strongroom.errors import (
 from strongroom.keybroker import _kek
 from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import ALL_VERSIONS, KeyManager, KeyState
-from strongroom.keybroker.oaep import OaepHash
+from strongroom.oaep import OaepHash
 from tests.keybroker.helpers import make_config, spki
 
 OAEP_SHA1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)

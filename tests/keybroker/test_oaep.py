@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from strongroom.errors import FailedPrecondition, InvalidArgument
-from strongroom.keybroker.oaep import PROBE_ORDER, OaepHash, check_accepted, negotiate
+from strongroom.oaep import PROBE_ORDER, OaepHash, check_accepted, negotiate
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound
 from strongroom.keybroker.ephemeral import parse_ephemeral_public_key
 from strongroom.keybroker.hsm import Hsm
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, DataKey, KeyManager
-from strongroom.keybroker.oaep import OaepHash
+from strongroom.oaep import OaepHash
 from tests.keybroker.helpers import make_config, session_objects, spki
 
 OAEP_SHA1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from strongroom.modelstore.artifact_validation import HeaderAwareValidator
+from strongroom.artifact import StructureValidator
 from strongroom.modelstore.storage import FilesystemStorage
 from tests.modelstore.crash_worker import REAL_PREFIX, SHARED_PREFIX
 from tests.modelstore.fake_artifact import FakeValidator, make_artifact
@@ -32,8 +32,8 @@ def check_consistent(storage: FilesystemStorage) -> int:
         assert storage.verify(r.name, r.version) == r
         if r.name.startswith(SHARED_PREFIX):
             continue
-        validator: FakeValidator | HeaderAwareValidator = (
-            HeaderAwareValidator() if r.name.startswith(REAL_PREFIX) else FakeValidator()
+        validator: FakeValidator | StructureValidator = (
+            StructureValidator() if r.name.startswith(REAL_PREFIX) else FakeValidator()
         )
         with storage.open(r.name, r.version) as reader:
             for chunk in reader.chunks(1 << 20):

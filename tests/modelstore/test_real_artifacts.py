@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -14,12 +15,14 @@ import pytest
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
-from strongroom.artifact import ArtifactReader, DecryptionFailed, build_header, encrypt_bytes
-from strongroom.errors import InvalidArgument, ResourceExhausted
-from strongroom.modelstore.artifact_validation import (
-    HeaderAwareValidator,
-    structure_validator_factory,
+from strongroom.artifact import (
+    ArtifactReader,
+    DecryptionFailed,
+    StructureValidator,
+    build_header,
+    encrypt_bytes,
 )
+from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.modelstore.errors import ModelExists
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.modelstore.validator import EarlyIdentity
@@ -48,7 +51,9 @@ def artifact(name: str, version: str, plaintext: bytes) -> tuple[bytes, bytearra
 @pytest.fixture
 def real_stub(storage: FilesystemStorage) -> Iterator[pb_grpc.ModelStoreServiceStub]:
     host, channel = serve(
-        storage, structure_validator_factory(storage.max_artifact_size), download_chunk=100_000
+        storage,
+        functools.partial(StructureValidator, max_artifact_size=storage.max_artifact_size),
+        download_chunk=100_000,
     )
     try:
         yield pb_grpc.ModelStoreServiceStub(channel)
@@ -71,7 +76,7 @@ def download(stub: pb_grpc.ModelStoreServiceStub, name: str, version: str) -> by
 
 def test_validator_adapter_reports_identity_after_the_header() -> None:
     data, _ = artifact("acme/m", "1.0", b"p" * 1000)
-    v = HeaderAwareValidator()
+    v = StructureValidator()
     assert isinstance(v, EarlyIdentity)
     v.feed(data[:10])
     assert v.identity() is None
@@ -140,7 +145,7 @@ def test_oversized_header_is_refused_before_the_body(store_root: Path) -> None:
                 consumed += 1
                 yield part
 
-        factory = structure_validator_factory(s.max_artifact_size)
+        factory = functools.partial(StructureValidator, max_artifact_size=s.max_artifact_size)
         with pytest.raises(ResourceExhausted) as info:
             s.put(chunks(), factory())
         assert info.value.reason == "ARTIFACT_TOO_LARGE"
@@ -150,7 +155,7 @@ def test_oversized_header_is_refused_before_the_body(store_root: Path) -> None:
 
 def test_existing_version_is_refused_after_the_header(storage: FilesystemStorage) -> None:
     first, _ = artifact("m", "1", b"a" * 10_000)
-    storage.put(chunked(first), HeaderAwareValidator())
+    storage.put(chunked(first), StructureValidator())
     second, _ = artifact("m", "1", os.urandom(2_000_000))
     consumed = 0
 
@@ -161,7 +166,7 @@ def test_existing_version_is_refused_after_the_header(storage: FilesystemStorage
             yield part
 
     with pytest.raises(ModelExists):
-        storage.put(chunks(), HeaderAwareValidator())
+        storage.put(chunks(), StructureValidator())
     assert consumed == 1
     with storage.open("m", "1") as reader:
         assert b"".join(reader.chunks(1 << 20)) == first
@@ -179,7 +184,7 @@ def test_concurrent_real_uploads_have_one_winner(storage: FilesystemStorage) -> 
             yield from chunked(arts[i], 16_384)
 
         try:
-            outcomes[i] = storage.put(chunks(), HeaderAwareValidator())
+            outcomes[i] = storage.put(chunks(), StructureValidator())
         except ModelExists as exc:
             outcomes[i] = exc
 
@@ -202,7 +207,7 @@ def test_store_is_keyless_so_tampered_ciphertext_is_caught_by_the_reader(
     data, dek = artifact("m", "1", plaintext)
     tampered = bytearray(data)
     tampered[len(data) // 2] ^= 0x01
-    storage.put(chunked(bytes(tampered)), HeaderAwareValidator())
+    storage.put(chunked(bytes(tampered)), StructureValidator())
     with storage.open("m", "1") as reader:
         stored = b"".join(reader.chunks(1 << 20))
     with pytest.raises(DecryptionFailed):
@@ -213,6 +218,6 @@ def test_header_names_follow_the_store_rules(storage: FilesystemStorage) -> None
     """Every name the artifact format accepts is a valid store name (same grammar)."""
     for name, version in [("a", "0"), ("acme/x.y_z-1", "1.0.0+build.5"), ("A" * 128, "v" * 64)]:
         data, _ = artifact(name, version, b"x")
-        assert storage.put([data], HeaderAwareValidator()).name == name
+        assert storage.put([data], StructureValidator()).name == name
     with pytest.raises(InvalidArgument):
         artifact("bad name", "1", b"x")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from strongroom.pki import SpiffeId
-from strongroom.pki.errors import MalformedSpiffeId
+from strongroom.spiffe import MalformedSpiffeId
 
 
 @pytest.mark.parametrize(
@@ -53,3 +53,40 @@ def test_malformed_ids_are_rejected(text: str) -> None:
 def test_membership() -> None:
     assert SpiffeId.parse("spiffe://a.test/x").member_of("a.test")
     assert not SpiffeId.parse("spiffe://a.test/x").member_of("b.test")
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("spiffe://my_td/x", True),  # '_' is valid in a trust domain (SPIFFE-ID spec)
+        ("spiffe://td/../x", False),
+        ("spiffe://td/./x", False),
+        ("spiffe://td", False),  # a trust domain, not a workload
+        ("spiffe://td/x/", False),
+        ("spiffe://TD/x", False),
+        ("spiffe://td/x\n", False),
+    ],
+)
+def test_one_grammar_for_config_policy_and_certificates(text: str, ok: bool) -> None:
+    """The service configuration, the release policy and the certificate check agree."""
+    from strongroom.attestation.policy import ReleasePolicy
+    from strongroom.errors import StrongroomError
+    from strongroom.runtime.config import AuthzConfig
+    from strongroom.spiffe import is_workload_id
+
+    assert is_workload_id(text) == ok
+
+    def accepted(build) -> bool:
+        try:
+            build()
+        except (StrongroomError, ValueError):
+            return False
+        return True
+
+    assert accepted(lambda: AuthzConfig(admin=(text,))) == ok
+    policy = (
+        "version: '1'\nallowed_spiffe_ids: [" + repr(text) + "]\ntee_types: [SEV_SNP]\n"
+        "sev_snp: {measurements: ['" + "00" * 48 + "'], "
+        "min_reported_tcb: {bootloader: 0, tee: 0, snp: 0, microcode: 0}}\n"
+    )
+    assert accepted(lambda: ReleasePolicy.load(policy)) == ok

@@ -23,8 +23,6 @@ from strongroom.inference.models._repository import (
     ModelState,
     ModelStatus,
     VersionStatus,
-    check_model_name,
-    check_model_version,
 )
 
 __all__ = [
@@ -44,8 +42,6 @@ __all__ = [
     "RuntimeOptions",
     "TensorSpec",
     "VersionStatus",
-    "check_model_name",
-    "check_model_version",
     "datatype_of_array",
     "session_options",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -20,17 +19,14 @@ from types import MappingProxyType
 
 from strongroom.errors import (
     FailedPrecondition,
-    InvalidArgument,
     NotFound,
     StrongroomError,
     Unavailable,
 )
+from strongroom.identifiers import validate_name, validate_version
 from strongroom.inference.models._loaded import LoadedModel, ModelBuffer, RuntimeOptions
 
 log = logging.getLogger(__name__)
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class ModelNotFound(NotFound):
@@ -97,22 +93,6 @@ class _Entry:
 _EMPTY = _Entry(MappingProxyType({}), None, MappingProxyType({}))
 
 
-def check_model_name(name: str) -> str:
-    """Returns ``name`` if it is a valid model name, else raises InvalidArgument."""
-    if not _NAME.match(name):
-        raise InvalidArgument(f"invalid model name {name[:80]!r}", reason="MODEL_NAME_INVALID")
-    return name
-
-
-def check_model_version(version: str) -> str:
-    """Returns ``version`` if it is a valid (non-empty) version, else raises InvalidArgument."""
-    if not _VERSION.match(version):
-        raise InvalidArgument(
-            f"invalid model version {version[:80]!r}", reason="MODEL_VERSION_INVALID"
-        )
-    return version
-
-
 class ModelRepository:
     """Models by name and version; ``expected`` names make the server unready until they load."""
 
@@ -129,7 +109,7 @@ class ModelRepository:
     # -- writers ------------------------------------------------------------------------------
     def expect(self, name: str) -> None:
         """Declares a configured model: the server is not ready until a version of it is."""
-        check_model_name(name)
+        validate_name(name)
         with self._lock:
             self._expected = self._expected | {name}
             if name not in self._entries:
@@ -151,8 +131,8 @@ class ModelRepository:
     def publish(self, model: LoadedModel) -> None:
         """Makes ``model`` its name's default version, atomically; older versions beyond
         ``retain_versions`` stop being addressable (requests already using them complete)."""
-        name = check_model_name(model.name)
-        version = check_model_version(model.version)
+        name = validate_name(model.name)
+        version = validate_version(model.version)
         with self._lock:
             entry = self._entries.get(name, _EMPTY)
             ready = {v: m for v, m in entry.ready.items() if v != version}
@@ -264,8 +244,8 @@ class ModelRepository:
 
     # -- internals ----------------------------------------------------------------------------
     def _set_pending(self, name: str, version: str, status: VersionStatus) -> None:
-        check_model_name(name)
-        check_model_version(version)
+        validate_name(name)
+        validate_version(version)
         with self._lock:
             entry = self._entries.get(name, _EMPTY)
             pending = {v: s for v, s in entry.pending.items() if v != version}

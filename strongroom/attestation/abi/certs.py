@@ -112,14 +112,34 @@ def is_simulated(cert: x509.Certificate) -> bool:
 
 def common_name(cert: x509.Certificate) -> str:
     """The subject CN, or the empty string."""
-    attrs = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    try:
+        attrs = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    except ValueError:
+        raise MalformedEvidence(
+            "certificate subject cannot be parsed", reason=BAD_CERTIFICATE
+        ) from None
     value = attrs[0].value if attrs else ""
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
+def extensions_of(cert: x509.Certificate) -> list[x509.Extension[x509.ExtensionType]]:
+    """The certificate's extensions; a duplicated or malformed extension is malformed input.
+
+    ``cryptography`` parses extensions lazily, so this is where a duplicated extension or a bad
+    basicConstraints of an untrusted certificate first shows up.
+    """
+    try:
+        return list(cert.extensions)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise MalformedEvidence(
+            f"certificate {common_name(cert)!r} has malformed extensions ({type(exc).__name__})",
+            reason=BAD_CERTIFICATE,
+        ) from None
+
+
 def _raw_extensions(cert: x509.Certificate) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
-    for ext in cert.extensions:
+    for ext in extensions_of(cert):
         value = ext.value
         if isinstance(value, x509.UnrecognizedExtension):
             out[ext.oid.dotted_string] = value.value
@@ -177,7 +197,12 @@ def parse_amd_key_cert(cert: x509.Certificate) -> AmdKeyCertInfo:
     name_raw = ext.get(OID_AMD_PRODUCT_NAME)
     if name_raw is None:
         raise MalformedEvidence(f"{kind} certificate lacks productName", reason=BAD_CERTIFICATE)
-    product_name = _der.read_one(name_raw, _der.TAG_IA5STRING).decode("ascii", "strict")
+    try:
+        product_name = _der.read_one(name_raw, _der.TAG_IA5STRING).decode("ascii", "strict")
+    except UnicodeDecodeError:
+        raise MalformedEvidence(
+            f"{kind} productName is not an ASCII (IA5) string", reason=BAD_CERTIFICATE
+        ) from None
     hwid = ext.get(OID_AMD_HWID)
     csp_raw = ext.get(OID_AMD_CSP_ID)
     csp_id = (

@@ -3,15 +3,26 @@
 :func:`verify_evidence` is the one entry point. It sees parsed types only (parsing happens first,
 in ``strongroom.attestation.abi``) and returns verified claims; judging those claims against a
 release policy is a separate step (``strongroom.attestation.policy``).
+
+What judges the evidence — CRLs, TDX TCB info, the TDX QE identity — comes only from the
+``collateral`` source the caller owns (the broker's collateral cache, or files an operator named);
+the collateral items an :class:`Evidence` carries are never read. With ``require_collateral`` (the
+default, and the only mode of the release path) a missing document fails closed with
+``COLLATERAL_MISSING`` and one past its next update by more than ``collateral_grace`` with
+``COLLATERAL_STALE``.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from strongroom.attestation.claims import SnpClaims, TdxClaims
 from strongroom.attestation.collateral import CollateralSource
+from strongroom.attestation.errors import UNPARSEABLE_INPUT, MalformedEvidence
 from strongroom.attestation.evidence import Evidence, TeeType
 from strongroom.attestation.trust import TrustStore
 from strongroom.errors import StrongroomError
@@ -25,13 +36,21 @@ def verify_evidence(
     trust: TrustStore,
     now: datetime,
     collateral: CollateralSource | None = None,
+    require_collateral: bool = True,
+    collateral_grace: timedelta = timedelta(0),
 ) -> SnpClaims | TdxClaims:
     """Verifies SEV-SNP or TDX evidence as of ``now`` and returns its verified claims.
 
     Raises :class:`~strongroom.attestation.errors.MalformedEvidence` for input that cannot be
     parsed, :class:`~strongroom.attestation.errors.VerificationFailed` when a signature, chain or
     binding check fails, and :class:`~strongroom.attestation.errors.CollateralUnavailable` when a
-    needed certificate or collateral document is missing or cannot be fetched.
+    needed certificate or collateral document is missing, stale or cannot be fetched. Nothing
+    else escapes: an unanticipated parser failure on untrusted bytes becomes ``MalformedEvidence``
+    (``UNPARSEABLE_INPUT``).
+
+    ``require_collateral=False`` is for offline inspection only: missing CRLs, TCB info or QE
+    identity are then tolerated and the claims say so (``collateral_complete`` is false, which
+    every release policy refuses).
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -40,12 +59,24 @@ def verify_evidence(
             from strongroom.attestation.verify.snp import verify_snp
 
             claims: SnpClaims | TdxClaims = verify_snp(
-                evidence, trust=trust, now=now, collateral=collateral
+                evidence,
+                trust=trust,
+                now=now,
+                collateral=collateral,
+                require_collateral=require_collateral,
+                grace=collateral_grace,
             )
         else:
             from strongroom.attestation.verify.tdx import verify_tdx
 
-            claims = verify_tdx(evidence, trust=trust, now=now, collateral=collateral)
+            claims = verify_tdx(
+                evidence,
+                trust=trust,
+                now=now,
+                collateral=collateral,
+                require_collateral=require_collateral,
+                grace=collateral_grace,
+            )
     except StrongroomError as exc:
         logger.info(
             "attestation evidence rejected",
@@ -56,4 +87,23 @@ def verify_evidence(
             },
         )
         raise
+    except (
+        ArithmeticError,
+        LookupError,
+        RecursionError,
+        TypeError,
+        ValueError,
+        UnsupportedAlgorithm,
+        x509.DuplicateExtension,
+    ) as exc:
+        # A parser met input no specific check anticipated. The bytes are untrusted, so this
+        # is malformed evidence, not a server fault; the type goes to the log for a fix.
+        logger.warning(
+            "attestation evidence rejected by a parser safety net",
+            extra={"tee_type": evidence.tee_type.value, "error_type": type(exc).__name__},
+        )
+        raise MalformedEvidence(
+            f"evidence or collateral could not be parsed ({type(exc).__name__})",
+            reason=UNPARSEABLE_INPUT,
+        ) from None
     return claims

@@ -1,16 +1,18 @@
-"""Revocation checks against supplied CRLs.
+"""Revocation and freshness checks against the verifier's own CRLs.
 
-A CRL is honoured when its issuer is a certificate of the verified chain: its signature must verify
-with that certificate, it must be current at ``now``, and no chain certificate that the same issuer
-signed may be listed. CRLs from unrelated issuers are ignored (evidence may carry both the root and
-the PCK CA CRL, or an AMD CRL for another product).
+Each CA of a verified chain that publishes a CRL must have one from the verifier's collateral
+source: its issuer must be that CA, its signature must verify with the CA's key, and it must be
+current (``thisUpdate <= now <= nextUpdate + grace``). A missing CRL fails closed
+(``COLLATERAL_MISSING``), a CRL past its next update by more than the grace is ``COLLATERAL_STALE``,
+and a listed certificate is ``CERT_REVOKED``. CRLs carried by the evidence are never consulted.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
 
@@ -18,8 +20,11 @@ from strongroom.attestation._x509 import verify_crl_signature
 from strongroom.attestation.errors import (
     BAD_COLLATERAL,
     CERT_REVOKED,
-    COLLATERAL_EXPIRED,
+    COLLATERAL_MISSING,
+    COLLATERAL_NOT_YET_VALID,
+    COLLATERAL_STALE,
     CRL_SIGNATURE_INVALID,
+    CollateralUnavailable,
     MalformedEvidence,
     VerificationFailed,
 )
@@ -28,43 +33,75 @@ logger = logging.getLogger(__name__)
 
 
 def load_crl(data: bytes) -> x509.CertificateRevocationList:
-    """Loads a DER or PEM CRL."""
+    """Loads a DER or PEM CRL (structure only)."""
     try:
-        if bytes(data).lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_crl(bytes(data))
-        return x509.load_der_x509_crl(bytes(data))
-    except ValueError:
+        raw = bytes(data)
+        if raw.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_crl(raw)
+        return x509.load_der_x509_crl(raw)
+    except (ValueError, TypeError):
         raise MalformedEvidence("cannot parse CRL", reason=BAD_COLLATERAL) from None
 
 
-def check_revocation(
-    crls: Sequence[bytes], chain: Sequence[x509.Certificate], now: datetime
+@functools.lru_cache(maxsize=64)
+def _verified_crl(
+    crl_data: bytes, issuer: x509.Certificate
+) -> x509.CertificateRevocationList | None:
+    """The parsed CRL if ``issuer`` issued and signed it, else ``None`` (cached: a release
+    re-checks the same few CRLs, and their signatures do not change)."""
+    crl = load_crl(crl_data)
+    if crl.issuer != issuer.subject or not verify_crl_signature(crl, issuer):
+        return None
+    return crl
+
+
+def check_fresh(
+    what: str,
+    issued: datetime,
+    next_update: datetime | None,
+    now: datetime,
+    grace: timedelta,
 ) -> None:
-    """Raises :class:`VerificationFailed` if a CRL from a chain issuer revokes a chain certificate."""
-    for data in crls:
-        crl = load_crl(data)
-        issuer = next((c for c in chain if c.subject == crl.issuer), None)
-        if issuer is None:
-            logger.debug("ignoring CRL from %s: not an issuer in this chain", crl.issuer)
+    """Raises unless ``issued <= now <= next_update + grace`` (one rule for CRLs and documents)."""
+    if issued > now:
+        raise VerificationFailed(
+            f"{what} is not valid yet at {now.isoformat()} (issued {issued.isoformat()})",
+            reason=COLLATERAL_NOT_YET_VALID,
+        )
+    if next_update is not None and now > next_update + grace:
+        raise CollateralUnavailable(
+            f"{what} is stale at {now.isoformat()}: its next update was due "
+            f"{next_update.isoformat()} (grace {int(grace.total_seconds())} s)",
+            reason=COLLATERAL_STALE,
+        )
+
+
+def check_revocation(
+    crl_data: bytes | None,
+    issuer: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+    now: datetime,
+    *,
+    grace: timedelta,
+    what: str,
+) -> None:
+    """Checks ``chain`` against ``issuer``'s CRL (see the module docstring)."""
+    name = issuer.subject.rfc4514_string()
+    if crl_data is None:
+        raise CollateralUnavailable(
+            f"no CRL of {what} ({name!r}) in the verifier's collateral", reason=COLLATERAL_MISSING
+        )
+    crl = _verified_crl(bytes(crl_data), issuer)
+    if crl is None:
+        raise VerificationFailed(
+            f"the CRL held for {what} is not signed by {name!r}", reason=CRL_SIGNATURE_INVALID
+        )
+    check_fresh(f"CRL of {what}", crl.last_update_utc, crl.next_update_utc, now, grace)
+    for cert in chain:
+        if cert is issuer or cert.issuer != crl.issuer:
             continue
-        if not verify_crl_signature(crl, issuer):
+        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
             raise VerificationFailed(
-                f"CRL from {crl.issuer.rfc4514_string()!r} is not signed by that issuer",
-                reason=CRL_SIGNATURE_INVALID,
+                f"certificate {cert.subject.rfc4514_string()!r} is revoked by its issuer's CRL",
+                reason=CERT_REVOKED,
             )
-        next_update = crl.next_update_utc
-        if not (crl.last_update_utc <= now and (next_update is None or now <= next_update)):
-            raise VerificationFailed(
-                f"CRL from {crl.issuer.rfc4514_string()!r} is not current at {now.isoformat()} "
-                f"(this update {crl.last_update_utc.isoformat()}, next update "
-                f"{next_update.isoformat() if next_update else 'none'})",
-                reason=COLLATERAL_EXPIRED,
-            )
-        for cert in chain:
-            if cert is issuer or cert.issuer != crl.issuer:
-                continue
-            if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
-                raise VerificationFailed(
-                    f"certificate {cert.subject.rfc4514_string()!r} is revoked by its issuer's CRL",
-                    reason=CERT_REVOKED,
-                )

@@ -2,9 +2,11 @@
 
 Checks, in order: the VCEK/VLEK chains to a pinned ASK/ASVK and ARK (RSASSA-PSS, SHA-384, salt 48)
 and every certificate is valid at ``now``; supplied ASK/ARK certificates are byte-identical to the
-pinned ones; CRLs (if any) do not revoke the chain; the report's ECDSA P-384 signature verifies
-with the VCEK/VLEK; then the bindings between report and certificate: signing-key type, product,
-reported TCB (VCEK TCB extensions), and the chip id (VCEK ``hwID``).
+pinned ones; the report's ECDSA P-384 signature verifies with the VCEK/VLEK; the bindings between
+report and certificate: signing-key type, product, reported TCB (VCEK TCB extensions), and the
+chip id (VCEK ``hwID``); finally the ARK's CRL for the chain (KDS ``/vcek|vlek/v1/<product>/crl``)
+from the verifier's collateral source must be current and must not revoke the ASK/ASVK. CRLs the
+evidence carries are ignored: the party being judged cannot choose its judge.
 
 Verified chains are cached in the trust store keyed by the certificate bytes and used only inside
 their validity window, so repeated verification costs one ECDSA verify.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -57,7 +59,7 @@ from strongroom.attestation.errors import (
     MalformedEvidence,
     VerificationFailed,
 )
-from strongroom.attestation.evidence import CollateralKind, Evidence
+from strongroom.attestation.evidence import Evidence
 from strongroom.attestation.trust import AmdProductRoots, PinnedCert, TrustStore
 from strongroom.attestation.verify import _crl
 
@@ -159,18 +161,30 @@ def _check_bindings(report: SnpReport, key: _VerifiedKey) -> None:
             "a version-2 report cannot come from a Turin processor", reason=PRODUCT_MISMATCH
         )
     tcb = report.reported_tcb
-    cert_tcb = {
+    cert_tcb: dict[str, int] = {
         "bootloader": key.info.bootloader,
         "tee": key.info.tee,
         "snp": key.info.snp,
         "microcode": key.info.microcode,
     }
     if tcb.turin_layout:
-        cert_tcb = {"fmc": key.info.fmc if key.info.fmc is not None else -1, **cert_tcb}
-    if tcb.components() != cert_tcb or not tcb.reserved_bytes_zero():
+        if key.info.fmc is None:
+            raise VerificationFailed(
+                f"the report has a Turin TCB (with FMC) but the {key.info.kind} has no FMC "
+                "TCB extension",
+                reason=TCB_MISMATCH,
+            )
+        cert_tcb = {"fmc": key.info.fmc, **cert_tcb}
+    if tcb.components() != cert_tcb:
         raise VerificationFailed(
             f"report's reported TCB {tcb.components()} does not match the {key.info.kind}'s TCB "
             f"{cert_tcb}",
+            reason=TCB_MISMATCH,
+        )
+    if not tcb.reserved_bytes_zero():
+        raise VerificationFailed(
+            f"report's reported TCB {tcb.components()} matches the {key.info.kind} but its "
+            "reserved bytes are not zero",
             reason=TCB_MISMATCH,
         )
     if key.info.kind == "VCEK" and key.info.hwid != report.chip_id_for_kds():
@@ -196,6 +210,8 @@ def verify_snp(
     trust: TrustStore,
     now: datetime,
     collateral: CollateralSource | None,
+    require_collateral: bool = True,
+    grace: timedelta = timedelta(0),
 ) -> SnpClaims:
     """Verifies SEV-SNP evidence and returns its claims (see the module docstring)."""
     report = parse_snp_report(evidence.report)
@@ -216,13 +232,15 @@ def verify_snp(
     if key is None:
         key = _verify_key_chain(key_der, trust, now)
         trust.cache.put(cache_key, validity_window(*key.chain), key)
-    crls = evidence.collateral_of(CollateralKind.CRL)
-    if collateral is not None:
-        crls += list(collateral.crls())
-    if crls:
-        _crl.check_revocation(crls, key.chain, now)
     _verify_signature(report, key)
     _check_bindings(report, key)
+    # Revocation comes last so that a forged or mismatched report is named as such; only the
+    # verifier's own CRL counts (evidence-carried CRLs are never read).
+    ark = key.chain[2]
+    crl = collateral.crl(ark, key.info.kind.lower()) if collateral is not None else None
+    revocation_checked = crl is not None or require_collateral
+    if revocation_checked:
+        _crl.check_revocation(crl, ark, key.chain, now, grace=grace, what=f"ARK-{key.product}")
     return SnpClaims(
         version=report.version,
         product=key.product,
@@ -247,4 +265,5 @@ def verify_snp(
         current_version=report.current_version,
         committed_version=report.committed_version,
         simulated=key.simulated,
+        revocation_checked=revocation_checked,
     )

@@ -4,10 +4,14 @@ Checks, in order: the PCK chain embedded in the quote (PCK <- Platform/Processor
 Root CA) ends at a pinned root and is valid at ``now``; CRLs (if supplied) do not revoke it; the
 quote signature over header and body verifies with the attestation key; the QE report signature
 verifies with the PCK key; the QE report data binds the attestation key and QE auth data
-(``SHA-256(AK || auth data) || 32 zero bytes``). Then, when TCB info (and QE identity) collateral is
-available: its signature over the exact raw inner JSON, by a TCB-signing certificate chaining to the
-pinned root; its freshness at ``now``; its FMSPC/PCE-ID against the PCK certificate; the TDX module
-and QE identities; and finally the TCB status, reported in the claims for the policy to judge.
+(``SHA-256(AK || auth data) || 32 zero bytes``). Then the verifier's own collateral (never the
+evidence's): the Intel root CA CRL and the PCK CA's CRL must be current and revoke nothing in the
+PCK chain or the TCB-signing chain; the TCB info and the QE identity must be signed over the exact
+raw inner JSON by a TCB-signing certificate chaining to the pinned root and be current (within the
+grace past ``nextUpdate``). The QE identity is mandatory: the PCE PCK-signs the report of any
+production enclave, so without it a host-built "quoting enclave" could sign any TD body. Then the
+TCB info's FMSPC/PCE-ID against the PCK certificate; the TDX module and QE identities; and finally
+the TCB status, reported in the claims for the policy to judge.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -41,19 +45,20 @@ from strongroom.attestation.abi.certs import (
 from strongroom.attestation.abi.tdx import TdxQuote, parse_tdx_quote
 from strongroom.attestation.claims import TCB_NOT_EVALUATED, TdxClaims
 from strongroom.attestation.collateral import (
+    INTEL_CA_BY_CN,
     CollateralSource,
     QeIdentity,
+    SignedDocument,
     TcbInfo,
     parse_qe_identity,
     parse_tcb_info,
-    require,
 )
 from strongroom.attestation.errors import (
     BAD_CERTIFICATE,
     BAD_FIELD,
     CERT_CHAIN_INVALID,
-    COLLATERAL_EXPIRED,
     COLLATERAL_MISMATCH,
+    COLLATERAL_MISSING,
     COLLATERAL_SIGNATURE_INVALID,
     FMSPC_MISMATCH,
     QE_IDENTITY_MISMATCH,
@@ -62,10 +67,11 @@ from strongroom.attestation.errors import (
     QUOTE_SIGNATURE_INVALID,
     ROOT_NOT_TRUSTED,
     TDX_MODULE_MISMATCH,
+    CollateralUnavailable,
     MalformedEvidence,
     VerificationFailed,
 )
-from strongroom.attestation.evidence import CollateralKind, Evidence
+from strongroom.attestation.evidence import Evidence
 from strongroom.attestation.trust import PinnedCert, TrustStore
 from strongroom.attestation.verify import _crl, _tdx_tcb
 
@@ -145,7 +151,8 @@ def _verify_pck_chain(pem: bytes, trust: TrustStore, now: datetime) -> _Verified
     )
 
 
-def _verify_signing_chain(pem: bytes, trust: TrustStore, now: datetime) -> _VerifiedSigner:
+def verify_signing_chain(pem: bytes, trust: TrustStore, now: datetime) -> _VerifiedSigner:
+    """Verifies a TCB-signing chain (``Intel SGX TCB Signing`` <- pinned root) valid at ``now``."""
     certs = [load_certificate(d) for d in certificates_from_bytes(pem)]
     signer = certs[0]
     if common_name(signer) != TCB_SIGNING_CN:
@@ -207,35 +214,39 @@ def _verify_quote_signatures(quote: TdxQuote, pck: _VerifiedPck) -> None:
         )
 
 
-def _verified_collateral(
-    kind: str, raw_doc: bytes, signer_pem: bytes, trust: TrustStore, now: datetime
-) -> tuple[TcbInfo | QeIdentity, bool]:
-    """Parses and verifies a signed TCB info / QE identity; cached by its bytes and signer chain."""
-    cache_key = trust.cache.key("tdx-" + kind, raw_doc, signer_pem)
-    cached = trust.cache.get(cache_key, now)
-    if cached is not None:
-        cached_doc, cached_simulated = cached
-        return cached_doc, cached_simulated
-    doc: TcbInfo | QeIdentity = (
-        parse_tcb_info(raw_doc) if kind == "tcb-info" else parse_qe_identity(raw_doc)
-    )
-    name = "TCB info" if kind == "tcb-info" else "QE identity"
-    if not doc.issue_date <= now <= doc.next_update:
-        raise VerificationFailed(
-            f"{name} is not current at {now.isoformat()} (issued {doc.issue_date.isoformat()}, "
-            f"next update {doc.next_update.isoformat()})",
-            reason=COLLATERAL_EXPIRED,
-        )
-    signer = _verify_signing_chain(signer_pem, trust, now)
+def check_signed_document(
+    doc: TcbInfo | QeIdentity, signer_pem: bytes, trust: TrustStore, at: datetime
+) -> _VerifiedSigner:
+    """Checks a TCB info / QE identity signature with a TCB-signing chain valid at ``at``."""
+    name = "TCB info" if isinstance(doc, TcbInfo) else "QE identity"
+    signer = verify_signing_chain(signer_pem, trust, at)
     if not _verify_p256(signer.public_key, doc.signature, doc.raw_body):
         raise VerificationFailed(
             f"{name} signature does not verify with the TCB signing certificate",
             reason=COLLATERAL_SIGNATURE_INVALID,
         )
-    window_start, window_end = validity_window(*signer.chain)
-    window = (max(window_start, doc.issue_date), min(window_end, doc.next_update))
-    trust.cache.put(cache_key, window, (doc, signer.simulated))
-    return doc, signer.simulated
+    return signer
+
+
+def _verified_collateral(
+    kind: str, signed: SignedDocument, trust: TrustStore, now: datetime, grace: timedelta
+) -> tuple[TcbInfo | QeIdentity, _VerifiedSigner]:
+    """Parses and verifies a signed TCB info / QE identity; cached by its bytes and signer chain."""
+    cache_key = trust.cache.key("tdx-" + kind, signed.data, signed.issuer_chain)
+    cached = trust.cache.get(cache_key, now)
+    if cached is None:
+        doc: TcbInfo | QeIdentity = (
+            parse_tcb_info(signed.data) if kind == "tcb-info" else parse_qe_identity(signed.data)
+        )
+        signer = check_signed_document(doc, signed.issuer_chain, trust, now)
+        # Cached inside the signer chain's validity only; freshness is checked on every use
+        # because the grace past nextUpdate is the caller's.
+        trust.cache.put(cache_key, validity_window(*signer.chain), (doc, signer))
+    else:
+        doc, signer = cached
+    name = "TCB info" if kind == "tcb-info" else "QE identity"
+    _crl.check_fresh(name, doc.issue_date, doc.next_update, now, grace)
+    return doc, signer
 
 
 def _check_module(quote: TdxQuote, tcb_info: TcbInfo) -> None:
@@ -267,10 +278,31 @@ def _check_qe(quote: TdxQuote, qe: QeIdentity) -> None:
         )
 
 
-def _first(items: list[bytes]) -> bytes | None:
-    if len(items) > 1:
-        raise MalformedEvidence("collateral of one kind supplied twice", reason=BAD_FIELD)
-    return items[0] if items else None
+def _missing(what: str) -> CollateralUnavailable:
+    return CollateralUnavailable(
+        f"{what} is needed and the verifier's collateral holds none", reason=COLLATERAL_MISSING
+    )
+
+
+def _check_intel_revocation(  # noqa: PLR0917 - one private call site, all inputs needed
+    collateral: CollateralSource | None,
+    pck: _VerifiedPck,
+    signers: list[_VerifiedSigner],
+    now: datetime,
+    grace: timedelta,
+    required: bool,
+) -> bool:
+    """Checks the PCK chain and the TCB-signing chains against the Intel CRLs; True if checked."""
+    ca, root = pck.chain[1], pck.chain[2]
+    ca_name = INTEL_CA_BY_CN.get(common_name(ca), "PCK")
+    pck_crl = collateral.crl(ca) if collateral is not None else None
+    root_crl = collateral.crl(root) if collateral is not None else None
+    if not required and pck_crl is None and root_crl is None:
+        return False
+    _crl.check_revocation(pck_crl, ca, pck.chain, now, grace=grace, what=f"the {ca_name} CA")
+    covered = [ca, *(s.chain[0] for s in signers)]
+    _crl.check_revocation(root_crl, root, covered, now, grace=grace, what="the Intel SGX Root CA")
+    return True
 
 
 def verify_tdx(
@@ -279,6 +311,8 @@ def verify_tdx(
     trust: TrustStore,
     now: datetime,
     collateral: CollateralSource | None,
+    require_collateral: bool = True,
+    grace: timedelta = timedelta(0),
 ) -> TdxClaims:
     """Verifies TDX evidence and returns its claims (see the module docstring)."""
     quote = parse_tdx_quote(evidence.report)
@@ -293,32 +327,31 @@ def verify_tdx(
     if pck is None:
         pck = _verify_pck_chain(pem, trust, now)
         trust.cache.put(cache_key, validity_window(*pck.chain), pck)
-    crls = evidence.collateral_of(CollateralKind.CRL)
-    if collateral is not None:
-        crls += list(collateral.crls())
-    if crls:
-        _crl.check_revocation(crls, pck.chain, now)
     _verify_quote_signatures(quote, pck)
 
+    # Everything below judges with the verifier's own collateral; evidence.collateral is ignored.
     ext = pck.extensions
-    tcb_doc = _first(evidence.collateral_of(CollateralKind.TDX_TCB_INFO))
-    qe_doc = _first(evidence.collateral_of(CollateralKind.TDX_QE_IDENTITY))
-    signer_pem = _first(evidence.collateral_of(CollateralKind.TCB_SIGNING_CHAIN))
-    if collateral is not None:
-        tcb_doc = tcb_doc or collateral.tdx_tcb_info(ext.fmspc)
-        qe_doc = qe_doc or collateral.tdx_qe_identity()
-        if tcb_doc is not None or qe_doc is not None:
-            signer_pem = signer_pem or collateral.tcb_signing_chain()
-        tcb_doc = require(tcb_doc, "TDX TCB info")
+    tcb_signed = collateral.tdx_tcb_info(ext.fmspc) if collateral is not None else None
+    qe_signed = collateral.tdx_qe_identity() if collateral is not None else None
+    if require_collateral and tcb_signed is None:
+        raise _missing(f"TDX TCB info for FMSPC {ext.fmspc.hex()}")
+    if require_collateral and qe_signed is None:
+        raise _missing("the TDX QE identity")
     tcb_info: TcbInfo | None = None
     qe_identity: QeIdentity | None = None
     simulated = pck.simulated
-    if tcb_doc is not None:
-        doc, sim = _verified_collateral(
-            "tcb-info", tcb_doc, require(signer_pem, "TCB signing chain"), trust, now
-        )
+    signers: list[_VerifiedSigner] = []
+    if qe_signed is not None:
+        doc, signer = _verified_collateral("qe-identity", qe_signed, trust, now, grace)
+        assert isinstance(doc, QeIdentity)
+        qe_identity, simulated = doc, simulated or signer.simulated
+        signers.append(signer)
+        _check_qe(quote, qe_identity)
+    if tcb_signed is not None:
+        doc, signer = _verified_collateral("tcb-info", tcb_signed, trust, now, grace)
         assert isinstance(doc, TcbInfo)
-        tcb_info, simulated = doc, simulated or sim
+        tcb_info, simulated = doc, simulated or signer.simulated
+        signers.append(signer)
         if tcb_info.fmspc != ext.fmspc:
             raise VerificationFailed(
                 f"TCB info is for FMSPC {tcb_info.fmspc.hex()}, the PCK certificate's is "
@@ -330,13 +363,9 @@ def verify_tdx(
                 "TCB info PCE-ID does not match the PCK certificate", reason=COLLATERAL_MISMATCH
             )
         _check_module(quote, tcb_info)
-    if qe_doc is not None:
-        doc, sim = _verified_collateral(
-            "qe-identity", qe_doc, require(signer_pem, "TCB signing chain"), trust, now
-        )
-        assert isinstance(doc, QeIdentity)
-        qe_identity, simulated = doc, simulated or sim
-        _check_qe(quote, qe_identity)
+    revocation_checked = _check_intel_revocation(
+        collateral, pck, signers, now, grace, require_collateral
+    )
 
     body = quote.body
     qe_svn = quote.signature_data.qe_report.isv_svn
@@ -399,4 +428,9 @@ def verify_tdx(
         advisory_ids=result.advisory_ids,
         collateral_evaluated=tcb_info is not None,
         simulated=simulated,
+        revocation_checked=revocation_checked,
+        qe_identity_checked=qe_identity is not None,
+        tcb_evaluation_data_number=(
+            tcb_info.tcb_evaluation_data_number if tcb_info is not None else None
+        ),
     )

@@ -2,7 +2,7 @@
 
 OAEP uses one hash for the label and MGF1 with the same hash. Tokens differ: SoftHSM2 2.6.1 accepts
 only SHA-1 (``CKR_ARGUMENTS_BAD`` otherwise), hardware HSMs take SHA-256. The broker probes the token
-once per connection (:attr:`strongroom.keybroker.hsm.Hsm.oaep_hashes`) and :func:`negotiate` picks
+once per connection (the key broker's ``Hsm.oaep_hashes``) and :func:`negotiate` picks
 the first hash *the caller* listed that the token supports, never one the caller did not list.
 OAEP with SHA-1 remains sound for key transport (its security does not rest on collision
 resistance), but a caller that wants SHA-256 only simply does not list SHA-1 and gets a clear refusal.
@@ -13,8 +13,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Sequence
 
+from cryptography.hazmat.primitives import hashes
+
+from strongroom.artifact.format import WrapMechanism
 from strongroom.errors import FailedPrecondition, InvalidArgument
-from strongroom.keybroker.errors import Reason
 
 
 class OaepHash(enum.Enum):
@@ -38,6 +40,31 @@ class OaepHash(enum.Enum):
         """The hash output length in bytes."""
         return {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}[self.value]
 
+    @property
+    def algorithm(self) -> hashes.HashAlgorithm:
+        """The ``cryptography`` hash, for unwrapping on the receiving side."""
+        return _ALGORITHMS[self]()
+
+    @property
+    def mechanism(self) -> WrapMechanism:
+        """The wire value (``WrapMechanism``) for this hash; only SHA-1 and SHA-256 have one."""
+        for mechanism, oaep_hash in _MECHANISMS.items():
+            if oaep_hash is self:
+                return mechanism
+        raise InvalidArgument(
+            f"OAEP with {self.value} has no wire mechanism", reason="OAEP_MECHANISM_INVALID"
+        )
+
+    @classmethod
+    def from_mechanism(cls, mechanism: int) -> OaepHash:
+        """The hash of a wire ``WrapMechanism``; raises InvalidArgument for anything but RSA-OAEP."""
+        try:
+            return _MECHANISMS[WrapMechanism(mechanism)]
+        except (ValueError, KeyError):
+            raise InvalidArgument(
+                f"{mechanism} is not an RSA-OAEP wrap mechanism", reason="OAEP_MECHANISM_INVALID"
+            ) from None
+
     @classmethod
     def parse(cls, value: str) -> OaepHash:
         """Parses ``sha256``/``SHA256``/``SHA-256`` (case-insensitive); raises InvalidArgument."""
@@ -45,10 +72,20 @@ class OaepHash(enum.Enum):
         for member in cls:
             if member.value == normalised:
                 return member
-        raise InvalidArgument(
-            f"unknown OAEP hash {value[:32]!r}", reason=Reason.OAEP_MECHANISM_INVALID
-        )
+        raise InvalidArgument(f"unknown OAEP hash {value[:32]!r}", reason="OAEP_MECHANISM_INVALID")
 
+
+_ALGORITHMS: dict[OaepHash, type[hashes.HashAlgorithm]] = {
+    OaepHash.SHA1: hashes.SHA1,
+    OaepHash.SHA256: hashes.SHA256,
+    OaepHash.SHA384: hashes.SHA384,
+    OaepHash.SHA512: hashes.SHA512,
+}
+# The one table between wire mechanisms and OAEP hashes (the API defines SHA-1 and SHA-256 only).
+_MECHANISMS: dict[WrapMechanism, OaepHash] = {
+    WrapMechanism.RSA_OAEP_SHA1: OaepHash.SHA1,
+    WrapMechanism.RSA_OAEP_SHA256: OaepHash.SHA256,
+}
 
 #: The order in which a token is probed, strongest first.
 PROBE_ORDER: tuple[OaepHash, ...] = (
@@ -66,13 +103,13 @@ def check_accepted(accepted: Iterable[object]) -> tuple[OaepHash, ...]:
         if not isinstance(item, OaepHash):
             raise InvalidArgument(
                 "accepted OAEP mechanisms must be OaepHash values",
-                reason=Reason.OAEP_MECHANISM_INVALID,
+                reason="OAEP_MECHANISM_INVALID",
             )
         if item not in result:
             result.append(item)
     if not result:
         raise InvalidArgument(
-            "the caller accepted no OAEP mechanism", reason=Reason.OAEP_MECHANISM_INVALID
+            "the caller accepted no OAEP mechanism", reason="OAEP_MECHANISM_INVALID"
         )
     return tuple(result)
 
@@ -91,5 +128,5 @@ def negotiate(accepted: Sequence[OaepHash], supported: Iterable[OaepHash]) -> Oa
         "no OAEP hash acceptable to the caller is supported by the HSM: caller accepts "
         f"[{', '.join(h.value for h in wanted)}], HSM supports "
         f"[{', '.join(h.value for h in PROBE_ORDER if h in available) or 'none'}]",
-        reason=Reason.OAEP_MECHANISM_UNSUPPORTED,
+        reason="OAEP_MECHANISM_UNSUPPORTED",
     )

@@ -10,7 +10,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from strongroom.pki.errors import MalformedSpiffeId
+from strongroom.errors import InvalidArgument
+
+
+class MalformedSpiffeId(InvalidArgument):
+    """A string is not a valid SPIFFE ID (scheme, trust domain or path)."""
+
+    default_reason = "MALFORMED_SPIFFE_ID"
+
 
 _SCHEME = "spiffe://"
 _MAX_LENGTH = 2048
@@ -83,3 +90,11 @@ class SpiffeId:
     def member_of(self, trust_domain: str) -> bool:
         """Tells whether this ID belongs to ``trust_domain``."""
         return self.trust_domain == trust_domain
+
+
+def is_workload_id(text: str) -> bool:
+    """Tells whether ``text`` is a valid SPIFFE ID naming a workload (a trust domain and a path)."""
+    try:
+        return bool(SpiffeId.parse(text).path)
+    except MalformedSpiffeId:
+        return False

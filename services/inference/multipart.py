@@ -1,0 +1,68 @@
+"""Loading a multi-part ONNX model: parts decrypted in parallel into memory, then one session.
+
+The parts of an ONNX model with external data (:mod:`strongroom.artifact.manifest`) are fetched and
+decrypted by :class:`strongroom.client.fetch.ModelFetcher`, several at once, each straight into its
+own in-memory buffer and each checked against the authenticated manifest. The graph (part 0) is
+handed to ONNX Runtime as ``bytes`` without a copy, and every other part as an in-memory external
+data "file" under the ``location`` name the graph uses
+(``SessionOptions.add_external_initializers_from_files_in_memory``), so nothing is read from disk.
+ONNX Runtime copies the initializers into its own tensors while it builds the session; every
+decrypted buffer is then overwritten with zeros, whether the load succeeded or not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from strongroom.artifact.manifest import ManifestLayout
+from strongroom.client.fetch import DecryptedModel, ModelFetcher
+from strongroom.errors import FailedPrecondition
+from strongroom.inference.models import ModelRepository
+from strongroom.inference.signature import SignaturePolicy
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load_multipart"]
+
+
+def load_multipart(
+    repository: ModelRepository,
+    fetcher: ModelFetcher,
+    name: str,
+    version: str,
+    *,
+    signature: SignaturePolicy | None = None,
+) -> tuple[dict[str, float], str]:
+    """Fetches, decrypts and loads ``name``/``version``; returns (timings, release decision id).
+
+    Raises DataLoss for a part that is not the one the manifest names, FailedPrecondition for a
+    manifest whose layout is not an ONNX model (MODEL_LAYOUT_UNSUPPORTED), or the load's error.
+    """
+    if signature is not None and signature.required:
+        # Signatures cover one file; a multi-part model carries none (yet), so it cannot satisfy
+        # a server that requires one.
+        raise FailedPrecondition(
+            "multi-part models are not signed, and a signature is required",
+            reason="MODEL_SIGNATURE_MISSING",
+        )
+    fetched: DecryptedModel = fetcher.fetch(name, version)
+    with fetched:
+        if fetched.layout is not ManifestLayout.ONNX_EXTERNAL_DATA:
+            raise FailedPrecondition(
+                f"{name}/{version} is not an ONNX model with external data "
+                "(fetch it with strongroom.client.fetch instead)",
+                reason="MODEL_LAYOUT_UNSUPPORTED",
+            )
+        graph, *data = fetched.parts
+        started = time.perf_counter()
+        repository.load(
+            name, version, graph.as_bytes(), external_data={p.name: p.view for p in data}
+        )
+        timings = dict(fetched.timings)
+        timings["load"] = time.perf_counter() - started
+    log.info(
+        "multi-part model loaded",
+        extra={"model": name, "version": version, "parts": len(fetched.parts)},
+    )
+    return timings, fetched.decision_id

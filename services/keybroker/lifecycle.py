@@ -1,0 +1,128 @@
+"""Key lifecycle as the broker's domain: every change is audited before the caller hears of it.
+
+The gRPC servicers translate protobuf to these calls and back; the decisions (the key must exist
+before it gets a policy, a data key is audited before it leaves) live here, where tests reach them
+without a transport.
+"""
+
+from __future__ import annotations
+
+from strongroom.errors import StrongroomError
+from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
+from strongroom.keybroker.keys import DataKey, KeyInfo, KeyManager, Rewrapped
+from strongroom.keybroker.policies import PolicyStore, StoredPolicy
+from strongroom.keybroker.release import Caller
+from strongroom.runtime.metrics import DATA_KEYS_REWRAPPED
+
+
+class KeyService:
+    """Creates, rotates and disables keys, sets policies and issues data keys, auditing each."""
+
+    def __init__(self, keys: KeyManager, policies: PolicyStore, audit: AuditLog) -> None:
+        self._keys = keys
+        self._policies = policies
+        self._audit = audit
+
+    def _record(
+        self,
+        caller: Caller,
+        action: str,
+        key_id: str,
+        reason: str | None = None,
+        decision: Decision = Decision.ALLOWED,
+        **extra: object,
+    ) -> None:
+        self._audit.append(
+            AuditEvent(
+                decision=decision,
+                reason=reason or action.upper(),
+                action=action,
+                caller_spiffe_id=caller.spiffe_id,
+                caller_cert_serial=f"{caller.serial:x}",
+                key_id=key_id,
+                **extra,  # type: ignore[arg-type]
+            )
+        )
+
+    def policy_version(self, key_id: str) -> str:
+        """The version of the key's release policy, or "" when it has none."""
+        return self._policies.version(key_id)
+
+    def create_key(self, caller: Caller, key_id: str) -> KeyInfo:
+        """Creates a KEK (version 1) in the HSM."""
+        info = self._keys.create_key(key_id)
+        self._record(caller, "create_key", info.key_id, key_version=info.current_version)
+        return info
+
+    def list_keys(self) -> list[KeyInfo]:
+        """Every key and its versions."""
+        return self._keys.list_keys()
+
+    def rotate_key(self, caller: Caller, key_id: str) -> KeyInfo:
+        """Adds a new current version; older versions keep unwrapping."""
+        info = self._keys.rotate_key(key_id)
+        self._record(caller, "rotate_key", info.key_id, key_version=info.current_version)
+        return info
+
+    def disable_key(self, caller: Caller, key_id: str, version: int | None) -> KeyInfo:
+        """Disables one version, or every version when ``version`` is None."""
+        info = self._keys.disable_key(key_id, version or "all")
+        self._record(caller, "disable_key", info.key_id, key_version=version)
+        return info
+
+    def set_policy(self, caller: Caller, key_id: str, document: str) -> StoredPolicy:
+        """Validates and stores the release policy of an existing key."""
+        self._keys.describe_key(key_id)  # NotFound for a key that does not exist
+        stored = self._policies.put(key_id, document)
+        self._record(caller, "set_release_policy", key_id, policy_version=stored.policy.version)
+        return stored
+
+    def get_policy(self, key_id: str) -> StoredPolicy:
+        """The key's stored release policy (FailedPrecondition when it has none)."""
+        return self._policies.get(key_id)
+
+    def generate_data_key(self, caller: Caller, key_id: str) -> DataKey:
+        """A fresh data key and its wrapped form; the caller must wipe it. Audited first."""
+        data_key = self._keys.generate_data_key(key_id)
+        try:
+            self._record(
+                caller,
+                "generate_data_key",
+                data_key.key_id,
+                reason="DATA_KEY_GENERATED",
+                key_version=data_key.version,
+            )
+        except BaseException:
+            data_key.wipe()
+            raise
+        return data_key
+
+    def rewrap(self, caller: Caller, key_id: str, version: int, wrapped: bytes) -> Rewrapped:
+        """Moves a wrapped data key to the key's current KEK version, inside the HSM.
+
+        Every re-wrap is audited with the versions it moved between (never the key); so is every
+        refusal, since a burst of failed unwraps is what a forged key slot looks like.
+        """
+        try:
+            rewrapped = self._keys.rewrap(key_id, version, wrapped)
+        except StrongroomError as exc:
+            self._record(
+                caller,
+                "rewrap",
+                key_id,
+                reason=exc.reason,
+                decision=Decision.DENIED,
+                claims={"from_key_version": version},
+            )
+            DATA_KEYS_REWRAPPED.add(1, {"key_id": key_id, "outcome": exc.reason})
+            raise
+        self._record(
+            caller,
+            "rewrap",
+            key_id,
+            reason="DATA_KEY_REWRAPPED",
+            key_version=rewrapped.version,
+            claims={"from_key_version": version},
+        )
+        DATA_KEYS_REWRAPPED.add(1, {"key_id": key_id, "outcome": "rewrapped"})
+        return rewrapped

@@ -1,0 +1,519 @@
+"""The verifier's collateral cache: a directory of verified CRLs, TDX TCB info and QE identities.
+
+Everything that can be withheld or rolled back — CRLs, TCB info, the QE identity — is judged by
+the broker from this cache, never taken from the evidence. Documents are verified on the way in
+(signature by an issuer that chains to the pinned roots, the issuer chain valid when the document
+was issued) and refused if they would roll back what the cache already holds:
+
+* a TDX TCB info with a lower ``tcbEvaluationDataNumber`` than the highest this cache has accepted
+  for its FMSPC, or the same number issued earlier (``COLLATERAL_ROLLBACK``);
+* likewise for the QE identity, and a CRL whose ``thisUpdate`` is older than the one held.
+
+The high-water marks live in ``state.json`` and survive restarts. Layout (stable, documented in
+``services/keybroker/POLICY.md``; ``strongroom attest collateral import`` reads the same layout)::
+
+    DIR/crl/<issuer SPKI sha256[:16]>-<scope>.der   CRLs by issuing CA (scope vcek|vlek for AMD)
+    DIR/crl/<...>.chain.pem                         the issuer chain the CRL arrived with
+    DIR/tdx/tcbinfo/<fmspc>.json (+ .chain.pem)     TDX TCB info per FMSPC, with its issuer chain
+    DIR/tdx/qe_identity.json (+ .chain.pem)         TD_QE identity
+    DIR/amd/vcek/<hwid>-<tcb>.der                   VCEKs by chip id and reported TCB
+    DIR/state.json                                  rollback high-water marks
+    DIR/generation                                  bumped on every write (readers reload)
+
+Several broker replicas may share the directory read-only (``writable=False``); writers serialise
+with a lock file and replace files atomically, and readers reload when ``generation`` changes
+(checked at most every ``reload_interval`` seconds, so the release path does not touch the disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from strongroom.attestation._x509 import check_valid_at, verify_crl_signature, verify_issued_by
+from strongroom.attestation.abi.certs import certificates_from_bytes, common_name, load_certificate
+from strongroom.attestation.abi.snp import SnpReport
+from strongroom.attestation.collateral import (
+    QeIdentity,
+    SignedDocument,
+    TcbInfo,
+    parse_qe_identity,
+    parse_tcb_info,
+)
+from strongroom.attestation.errors import (
+    BAD_COLLATERAL,
+    COLLATERAL_ROLLBACK,
+    CRL_SIGNATURE_INVALID,
+    ROOT_NOT_TRUSTED,
+    MalformedEvidence,
+    VerificationFailed,
+)
+from strongroom.attestation.trust import TrustStore
+from strongroom.attestation.verify import _crl
+from strongroom.errors import StrongroomError
+
+log = logging.getLogger(__name__)
+
+AMD_CRL_SCOPES = ("vcek", "vlek")
+_QE_KEY = "TD_QE"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """What one cached document covers and until when (for ``collateral ls`` and refresh)."""
+
+    kind: str  # "crl", "tdx-tcb-info", "tdx-qe-identity", "vcek"
+    key: str  # issuer CN + scope, FMSPC, "TD_QE", hwid-tcb
+    path: Path
+    issued: datetime
+    next_update: datetime | None
+    tcb_evaluation_data_number: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-able view."""
+        return {
+            "kind": self.kind,
+            "key": self.key,
+            "path": str(self.path),
+            "issued": self.issued.isoformat(),
+            "next_update": self.next_update.isoformat() if self.next_update else None,
+            "tcb_evaluation_data_number": self.tcb_evaluation_data_number,
+        }
+
+
+@dataclass(frozen=True)
+class _CachedCrl:
+    data: bytes
+    issuer: x509.Certificate
+    entry: CacheEntry
+
+
+def issuer_id(cert: x509.Certificate) -> str:
+    """A short stable id of a CA: the first 16 hex digits of its SPKI SHA-256."""
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()[:16]
+
+
+def _crl_key(issuer: x509.Certificate, scope: str) -> str:
+    return f"{issuer_id(issuer)}-{scope or 'ca'}"
+
+
+def _bad(what: str) -> MalformedEvidence:
+    return MalformedEvidence(f"collateral: {what}", reason=BAD_COLLATERAL)
+
+
+def _rollback(what: str) -> VerificationFailed:
+    return VerificationFailed(what, reason=COLLATERAL_ROLLBACK)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _utc(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+class CollateralCache:
+    """A directory of verified collateral; a :class:`CollateralSource` for the verifiers."""
+
+    def __init__(
+        self,
+        directory: Path,
+        trust: TrustStore,
+        *,
+        writable: bool = True,
+        reload_interval: float = 2.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.directory = Path(directory)
+        self._trust = trust
+        self._writable = writable
+        self._reload_interval = reload_interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._checked_at = 0.0
+        self._generation: bytes | None = None
+        self._crls: dict[str, _CachedCrl] = {}
+        self._tcb: dict[bytes, tuple[SignedDocument, TcbInfo, CacheEntry]] = {}
+        self._qe: tuple[SignedDocument, QeIdentity, CacheEntry] | None = None
+        self._vceks: dict[str, bytes] = {}
+        if writable:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._load()
+
+    def __repr__(self) -> str:
+        return f"CollateralCache({str(self.directory)!r}, writable={self._writable})"
+
+    # ---------------------------------------------------------------- reading -----------------
+
+    def _load(self) -> None:
+        """(Re)reads the directory; documents that no longer parse are skipped with a warning."""
+        gen_path = self.directory / "generation"
+        try:
+            self._generation = gen_path.read_bytes()
+        except OSError:
+            self._generation = None
+        crls: dict[str, _CachedCrl] = {}
+        for path in sorted((self.directory / "crl").glob("*.der")):
+            try:
+                data = path.read_bytes()
+                chain_path = path.with_suffix(".chain.pem")
+                chain = chain_path.read_bytes() if chain_path.exists() else None
+                scope = path.stem.rsplit("-", 1)[1]
+                issuer, entry = self._check_crl(data, chain, "" if scope == "ca" else scope)
+                crls[path.stem] = _CachedCrl(data, issuer, entry)
+            except (OSError, IndexError, StrongroomError) as exc:
+                log.warning("skipping cached CRL %s: %s", path, exc)
+        tcb: dict[bytes, tuple[SignedDocument, TcbInfo, CacheEntry]] = {}
+        for path in sorted((self.directory / "tdx" / "tcbinfo").glob("*.json")):
+            try:
+                signed = SignedDocument(
+                    path.read_bytes(), path.with_suffix(".chain.pem").read_bytes()
+                )
+                info = self._check_signed(signed, tcb_info=True)
+                assert isinstance(info, TcbInfo)
+                tcb[info.fmspc] = (signed, info, self._entry(info, path))
+            except (OSError, StrongroomError) as exc:
+                log.warning("skipping cached TCB info %s: %s", path, exc)
+        qe = None
+        qe_path = self.directory / "tdx" / "qe_identity.json"
+        if qe_path.exists():
+            try:
+                signed = SignedDocument(
+                    qe_path.read_bytes(), qe_path.with_suffix(".chain.pem").read_bytes()
+                )
+                ident = self._check_signed(signed, tcb_info=False)
+                assert isinstance(ident, QeIdentity)
+                qe = (signed, ident, self._entry(ident, qe_path))
+            except (OSError, StrongroomError) as exc:
+                log.warning("skipping cached QE identity %s: %s", qe_path, exc)
+        vceks: dict[str, bytes] = {}
+        for path in sorted((self.directory / "amd" / "vcek").glob("*.der")):
+            with contextlib.suppress(OSError):
+                vceks[path.stem] = path.read_bytes()
+        with self._lock:
+            self._crls, self._tcb, self._qe, self._vceks = crls, tcb, qe, vceks
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < self._reload_interval:
+            return
+        self._checked_at = now
+        try:
+            generation = (self.directory / "generation").read_bytes()
+        except OSError:
+            generation = None
+        if generation != self._generation:
+            self._load()
+
+    def crl(self, issuer: x509.Certificate, scope: str = "") -> bytes | None:
+        """The held CRL of ``issuer`` (for ``scope``), or ``None``."""
+        self._maybe_reload()
+        held = self._crls.get(_crl_key(issuer, scope))
+        return held.data if held is not None else None
+
+    def tdx_tcb_info(self, fmspc: bytes) -> SignedDocument | None:
+        """The held TCB info for the FMSPC, or ``None``."""
+        self._maybe_reload()
+        held = self._tcb.get(bytes(fmspc))
+        return held[0] if held is not None else None
+
+    def tdx_qe_identity(self) -> SignedDocument | None:
+        """The held TD_QE identity, or ``None``."""
+        self._maybe_reload()
+        held = self._qe
+        return held[0] if held is not None else None
+
+    def snp_key_certificate(self, report: SnpReport) -> bytes | None:
+        """The held VCEK for the report's chip id and reported TCB, or ``None``."""
+        self._maybe_reload()
+        return self._vceks.get(vcek_key(report.chip_id_for_kds(), report.reported_tcb.components()))
+
+    def entries(self) -> list[CacheEntry]:
+        """Every held document, for listing and refreshing."""
+        self._maybe_reload()
+        out = [c.entry for c in self._crls.values()]
+        out += [t[2] for t in self._tcb.values()]
+        if self._qe is not None:
+            out.append(self._qe[2])
+        return sorted(out, key=lambda e: (e.kind, e.key))
+
+    def held_crl_issuers(self) -> list[tuple[x509.Certificate, str]]:
+        """(issuer, scope) of every held CRL (what a refresher re-fetches)."""
+        self._maybe_reload()
+        return [(c.issuer, k.rsplit("-", 1)[1]) for k, c in self._crls.items()]
+
+    def held_fmspcs(self) -> list[bytes]:
+        """The FMSPCs a TCB info is held for."""
+        self._maybe_reload()
+        return list(self._tcb)
+
+    # ---------------------------------------------------------------- verification ------------
+
+    def _entry(self, doc: TcbInfo | QeIdentity, path: Path) -> CacheEntry:
+        if isinstance(doc, TcbInfo):
+            return CacheEntry(
+                "tdx-tcb-info", doc.fmspc.hex(), path, doc.issue_date, doc.next_update,
+                doc.tcb_evaluation_data_number,
+            )  # fmt: skip
+        return CacheEntry(
+            "tdx-qe-identity", _QE_KEY, path, doc.issue_date, doc.next_update,
+            doc.tcb_evaluation_data_number,
+        )  # fmt: skip
+
+    def _check_signed(self, signed: SignedDocument, *, tcb_info: bool) -> TcbInfo | QeIdentity:
+        from strongroom.attestation.verify.tdx import check_signed_document
+
+        doc: TcbInfo | QeIdentity = (
+            parse_tcb_info(signed.data) if tcb_info else parse_qe_identity(signed.data)
+        )
+        # The issuer chain must have been valid when the document was issued (Intel's 2018
+        # TCB-signing certificate expired in 2025; documents it signed before then stay good).
+        check_signed_document(doc, signed.issuer_chain, self._trust, doc.issue_date)
+        return doc
+
+    def _crl_issuers(self, chain: bytes | None) -> list[x509.Certificate]:
+        """Pinned CAs plus the chain's CAs that chain to a pinned root (PCK CAs)."""
+        pinned: list[x509.Certificate] = [r.cert for r in self._trust.intel_roots()]
+        for roots in self._trust.amd_roots():
+            pinned.append(roots.ark.cert)
+        out = list(pinned)
+        if chain:
+            for der in certificates_from_bytes(chain):
+                cert = load_certificate(der)
+                for root in pinned:
+                    if cert.issuer == root.subject and cert.subject != root.subject:
+                        try:
+                            verify_issued_by(cert, root)
+                        except VerificationFailed:
+                            continue
+                        out.append(cert)
+        return out
+
+    def _check_crl(
+        self, data: bytes, chain: bytes | None, scope: str
+    ) -> tuple[x509.Certificate, CacheEntry]:
+        crl = _crl.load_crl(data)
+        for issuer in self._crl_issuers(chain):
+            if issuer.subject == crl.issuer and verify_crl_signature(crl, issuer):
+                break
+        else:
+            raise VerificationFailed(
+                f"CRL from {crl.issuer.rfc4514_string()!r} is not signed by a pinned CA or a CA "
+                "of its issuer chain",
+                reason=CRL_SIGNATURE_INVALID if chain else ROOT_NOT_TRUSTED,
+            )
+        if issuer not in pinned_list(self._trust):
+            check_valid_at(issuer, crl.last_update_utc, "CRL issuer")
+        is_amd = common_name(issuer).startswith("ARK-")
+        if is_amd != (scope in AMD_CRL_SCOPES):
+            raise _bad("an AMD ARK CRL needs scope vcek or vlek; an Intel CRL none")
+        key = _crl_key(issuer, scope)
+        entry = CacheEntry(
+            "crl",
+            f"{common_name(issuer)}{'/' + scope if scope else ''}",
+            self.directory / "crl" / f"{key}.der",
+            crl.last_update_utc,
+            crl.next_update_utc,
+        )
+        return issuer, entry
+
+    # ---------------------------------------------------------------- writing -----------------
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[dict[str, Any]]:
+        if not self._writable:
+            raise PermissionError(f"collateral cache {self.directory} is read-only here")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / ".lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._load()  # another writer may have moved the high-water marks
+                state = self._read_state()
+                yield state
+                _atomic_write(
+                    self.directory / "state.json",
+                    json.dumps(state, indent=1, sort_keys=True).encode(),
+                )
+                generation = f"{time.time_ns()}\n".encode()
+                _atomic_write(self.directory / "generation", generation)
+                self._load()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            state = json.loads((self.directory / "state.json").read_bytes())
+        except FileNotFoundError:
+            state = {}
+        except (OSError, ValueError) as exc:
+            # The high-water marks are what stops rollback: never start over silently.
+            raise _bad(
+                f"state.json is unreadable ({exc}); restore it or remove it deliberately"
+            ) from None
+        if not isinstance(state, dict):
+            raise _bad("state.json is not an object")
+        for key in ("tcb_info", "qe_identity", "crl"):
+            state.setdefault(key, {})
+        return state
+
+    @staticmethod
+    def _check_high_water(
+        marks: dict[str, Any], key: str, number: int | None, issued: datetime, what: str
+    ) -> None:
+        """Refuses a document older than the newest accepted one for ``key``; records it."""
+        mark = marks.get(key)
+        if mark is None:
+            marks[key] = {"n": number, "issued": issued.isoformat()}
+            return
+        best_n: int | None = mark.get("n")
+        best_issued = _utc(mark["issued"])
+        if number is not None and best_n is not None and number < best_n:
+            raise _rollback(
+                f"{what} has tcbEvaluationDataNumber {number}, older than {best_n} already accepted"
+            )
+        if (number is None or number == best_n) and issued < best_issued:
+            raise _rollback(
+                f"{what} was issued {issued.isoformat()}, before the one already accepted "
+                f"({best_issued.isoformat()})"
+            )
+        numbers = [n for n in (number, best_n) if n is not None]
+        marks[key] = {
+            "n": max(numbers) if numbers else None,
+            "issued": max(issued, best_issued).isoformat(),
+        }
+
+    def put_tdx_tcb_info(self, data: bytes, issuer_chain: bytes) -> CacheEntry:
+        """Verifies and stores a TDX TCB info (refusing a rollback for its FMSPC)."""
+        signed = SignedDocument(bytes(data), bytes(issuer_chain))
+        info = self._check_signed(signed, tcb_info=True)
+        assert isinstance(info, TcbInfo)
+        path = self.directory / "tdx" / "tcbinfo" / f"{info.fmspc.hex()}.json"
+        with self._writing() as state:
+            self._check_high_water(
+                state["tcb_info"], info.fmspc.hex(), info.tcb_evaluation_data_number,
+                info.issue_date, f"TCB info for FMSPC {info.fmspc.hex()}",
+            )  # fmt: skip
+            _atomic_write(path.with_suffix(".chain.pem"), signed.issuer_chain)
+            _atomic_write(path, signed.data)
+        return self._entry(info, path)
+
+    def put_tdx_qe_identity(self, data: bytes, issuer_chain: bytes) -> CacheEntry:
+        """Verifies and stores the TD_QE identity (refusing a rollback)."""
+        signed = SignedDocument(bytes(data), bytes(issuer_chain))
+        ident = self._check_signed(signed, tcb_info=False)
+        assert isinstance(ident, QeIdentity)
+        path = self.directory / "tdx" / "qe_identity.json"
+        with self._writing() as state:
+            self._check_high_water(
+                state["qe_identity"], _QE_KEY, ident.tcb_evaluation_data_number,
+                ident.issue_date, "QE identity",
+            )  # fmt: skip
+            _atomic_write(path.with_suffix(".chain.pem"), signed.issuer_chain)
+            _atomic_write(path, signed.data)
+        return self._entry(ident, path)
+
+    def put_crl(
+        self, data: bytes, *, issuer_chain: bytes | None = None, scope: str = ""
+    ) -> CacheEntry:
+        """Verifies and stores a CRL (``scope`` ``vcek``/``vlek`` for an AMD ARK's)."""
+        data = bytes(data)
+        if not data.startswith(b"\x30"):
+            data = _der_crl(data)
+        _issuer, entry = self._check_crl(data, issuer_chain, scope)
+        with self._writing() as state:
+            self._check_high_water(
+                state["crl"], entry.path.stem, None, entry.issued, f"CRL of {entry.key}"
+            )
+            if issuer_chain:
+                _atomic_write(entry.path.with_suffix(".chain.pem"), issuer_chain)
+            _atomic_write(entry.path, data)
+        return entry
+
+    def put_vcek(self, data: bytes, report: SnpReport) -> None:
+        """Stores a VCEK fetched for ``report`` (the verifier checks its chain and bindings)."""
+        der = certificates_from_bytes(data)[0]
+        key = vcek_key(report.chip_id_for_kds(), report.reported_tcb.components())
+        with self._writing():
+            _atomic_write(self.directory / "amd" / "vcek" / f"{key}.der", der)
+
+    def import_directory(self, source: Path) -> list[CacheEntry]:
+        """Imports every document of a directory in this cache's layout (air-gapped transfer).
+
+        Each document is verified and rollback-checked exactly as a fetched one; the first
+        refusal stops the import with its reason.
+        """
+        src = Path(source)
+        done: list[CacheEntry] = []
+        for path in sorted((src / "crl").glob("*.der")):
+            chain = path.with_suffix(".chain.pem")
+            scope = path.stem.rsplit("-", 1)[-1]
+            done.append(
+                self.put_crl(
+                    path.read_bytes(),
+                    issuer_chain=chain.read_bytes() if chain.exists() else None,
+                    scope="" if scope == "ca" else scope,
+                )
+            )
+        for path in sorted((src / "tdx" / "tcbinfo").glob("*.json")):
+            done.append(
+                self.put_tdx_tcb_info(
+                    path.read_bytes(), path.with_suffix(".chain.pem").read_bytes()
+                )
+            )
+        qe = src / "tdx" / "qe_identity.json"
+        if qe.exists():
+            done.append(
+                self.put_tdx_qe_identity(qe.read_bytes(), qe.with_suffix(".chain.pem").read_bytes())
+            )
+        return done
+
+
+def pinned_list(trust: TrustStore) -> list[x509.Certificate]:
+    """Every pinned root/ARK certificate of ``trust``."""
+    return [r.cert for r in trust.intel_roots()] + [r.ark.cert for r in trust.amd_roots()]
+
+
+def vcek_key(hwid: bytes, tcb: dict[str, int]) -> str:
+    """The cache name of a VCEK: chip id hex and the TCB components it was derived for."""
+    parts = "-".join(f"{name}{value}" for name, value in tcb.items())
+    return f"{hwid.hex()}-{parts}"
+
+
+def _der_crl(data: bytes) -> bytes:
+    """A CRL body as PCS/PCCS may send it (PEM, or hex text from older PCCS) as DER."""
+    stripped = data.strip()
+    if stripped.startswith(b"-----BEGIN"):
+        crl = _crl.load_crl(stripped)
+        return crl.public_bytes(Encoding.DER)
+    try:
+        return bytes.fromhex(stripped.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise _bad("CRL is neither DER, PEM nor hex") from None

@@ -1,0 +1,417 @@
+"""Fetchers for AMD KDS and Intel PCS v4 / PCCS, and the broker's refreshing collateral service.
+
+URL layouts (base URLs configurable; a PCCS serves the Intel paths under its own base):
+
+* AMD KDS (``https://kdsintf.amd.com``):
+  ``/vcek/v1/<product>/<hwid hex>?blSPL=..&teeSPL=..&snpSPL=..&ucodeSPL=..[&fmcSPL=..]`` (DER VCEK;
+  Turin chip ids are 8 bytes), ``/vcek/v1/<product>/cert_chain`` (PEM ASK + ARK),
+  ``/vcek/v1/<product>/crl`` (DER CRL signed by the ARK), and ``/vlek/v1/<product>/cert_chain``,
+  ``/vlek/v1/<product>/crl`` for VLEKs.
+* Intel PCS v4 (``https://api.trustedservices.intel.com``) or a PCCS:
+  ``/tdx/certification/v4/tcb?fmspc=<hex>`` (header ``TCB-Info-Issuer-Chain``),
+  ``/tdx/certification/v4/qe/identity`` (header ``SGX-Enclave-Identity-Issuer-Chain``),
+  ``/sgx/certification/v4/pckcrl?ca=platform|processor&encoding=der`` (header
+  ``SGX-PCK-CRL-Issuer-Chain``), and the root CA CRL: ``/sgx/certification/v4/rootcacrl`` on a
+  PCCS, ``https://certificates.trustedservices.intel.com/IntelSGXRootCA.der`` for Intel's PCS.
+  Issuer-chain headers are URL-encoded PEM.
+
+Every request has a timeout and is retried with exponential backoff on connection errors,
+timeouts, 429 and 5xx (a bounded number of times); 404 means the service has no such document.
+Nothing fetched is trusted: the cache verifies every document before storing it.
+
+:class:`CollateralService` is the broker's :class:`CollateralSource`: it serves from the cache,
+fetches what is missing on first use, refreshes documents ``refresh_before`` their ``nextUpdate``
+(in the background when the cached one is still usable), and keeps serving the cached documents
+while the upstream is down — until they are stale past the grace, when the verifier refuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+
+from strongroom.attestation.abi.certs import common_name
+from strongroom.attestation.abi.snp import SnpReport
+from strongroom.attestation.collateral import INTEL_CA_BY_CN, SignedDocument
+from strongroom.attestation.collateral_cache import CacheEntry, CollateralCache
+from strongroom.attestation.errors import COLLATERAL_FETCH_FAILED, CollateralUnavailable
+from strongroom.errors import StrongroomError
+
+log = logging.getLogger(__name__)
+
+INTEL_PCS_URL = "https://api.trustedservices.intel.com"
+INTEL_ROOT_CA_CRL_URL = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
+AMD_KDS_URL = "https://kdsintf.amd.com"
+TCB_INFO_CHAIN_HEADER = "TCB-Info-Issuer-Chain"
+TCB_INFO_CHAIN_HEADER_V3 = "SGX-TCB-Info-Issuer-Chain"
+QE_IDENTITY_CHAIN_HEADER = "SGX-Enclave-Identity-Issuer-Chain"
+PCK_CRL_CHAIN_HEADER = "SGX-PCK-CRL-Issuer-Chain"
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+SNP_PRODUCTS = ("Milan", "Genoa", "Turin")
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    """Where and how to fetch collateral (the broker's ``collateral`` configuration)."""
+
+    pcs_url: str = INTEL_PCS_URL
+    kds_url: str = AMD_KDS_URL
+    root_ca_crl_url: str | None = None  # default: Intel's for the PCS, rootcacrl for a PCCS
+    timeout_seconds: float = 10.0
+    retries: int = 3
+    backoff_seconds: float = 0.5
+    max_backoff_seconds: float = 8.0
+
+    def __post_init__(self) -> None:
+        for name in ("pcs_url", "kds_url"):
+            url = getattr(self, name)
+            if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+                raise ValueError(f"{name} must be an http(s) URL")
+        if self.timeout_seconds <= 0 or not 0 <= self.retries <= 10:
+            raise ValueError("timeout_seconds must be positive and retries 0..10")
+
+    @property
+    def root_crl_url(self) -> str:
+        """The Intel SGX root CA CRL location."""
+        if self.root_ca_crl_url:
+            return self.root_ca_crl_url
+        if self.pcs_url.rstrip("/") == INTEL_PCS_URL:
+            return INTEL_ROOT_CA_CRL_URL
+        return f"{self.pcs_url.rstrip('/')}/sgx/certification/v4/rootcacrl"
+
+
+@dataclass(frozen=True)
+class Response:
+    """One successful HTTP response."""
+
+    body: bytes
+    headers: Mapping[str, str]
+
+    def chain(self, *names: str) -> bytes | None:
+        """A URL-encoded PEM issuer-chain header, decoded."""
+        for name in names:
+            value = self.headers.get(name.lower())
+            if value:
+                return urllib.parse.unquote(value).encode("ascii", "replace")
+        return None
+
+
+class HttpGetter:
+    """GET with a timeout, bounded retries and exponential backoff with jitter."""
+
+    def __init__(self, settings: FetchSettings, *, sleep: Callable[[float], None] = time.sleep):
+        self._s = settings
+        self._sleep = sleep
+
+    def get(self, url: str) -> Response | None:
+        """The response, ``None`` for 404, or :class:`CollateralUnavailable` after the retries."""
+        last = ""
+        for attempt in range(self._s.retries + 1):
+            if attempt:
+                delay = min(
+                    self._s.max_backoff_seconds, self._s.backoff_seconds * 2 ** (attempt - 1)
+                )
+                self._sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter, not crypto
+            try:
+                request = urllib.request.Request(url, headers={"Accept": "*/*"})  # noqa: S310
+                with urllib.request.urlopen(request, timeout=self._s.timeout_seconds) as resp:  # noqa: S310
+                    body = resp.read(MAX_RESPONSE_BYTES + 1)
+                    if len(body) > MAX_RESPONSE_BYTES:
+                        raise CollateralUnavailable(
+                            f"{url}: response larger than {MAX_RESPONSE_BYTES} bytes",
+                            reason=COLLATERAL_FETCH_FAILED,
+                        )
+                    headers = {k.lower(): v for k, v in resp.headers.items()}
+                    return Response(body, headers)
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    return None
+                last = f"HTTP {exc.code}"
+                if exc.code != 429 and exc.code < 500:
+                    break
+            except (urllib.error.URLError, TimeoutError, OSError) as exc:
+                last = type(exc).__name__ + (f" ({exc.reason})" if hasattr(exc, "reason") else "")
+            log.info(
+                "collateral fetch failed", extra={"url": url, "attempt": attempt, "error": last}
+            )
+        raise CollateralUnavailable(
+            f"fetching {url} failed: {last}", reason=COLLATERAL_FETCH_FAILED
+        )
+
+
+class PcsClient:
+    """Intel PCS v4 / PCCS: TDX TCB info, TDX QE identity, PCK CRLs, root CA CRL."""
+
+    def __init__(self, settings: FetchSettings, getter: HttpGetter | None = None) -> None:
+        self._s = settings
+        self._get = getter or HttpGetter(settings)
+        self._base = settings.pcs_url.rstrip("/")
+
+    def tdx_tcb_info(self, fmspc: bytes) -> SignedDocument | None:
+        """``GET /tdx/certification/v4/tcb?fmspc=`` with its issuer chain."""
+        url = f"{self._base}/tdx/certification/v4/tcb?fmspc={fmspc.hex().upper()}"
+        return self._signed(url, TCB_INFO_CHAIN_HEADER, TCB_INFO_CHAIN_HEADER_V3)
+
+    def tdx_qe_identity(self) -> SignedDocument | None:
+        """``GET /tdx/certification/v4/qe/identity`` with its issuer chain."""
+        return self._signed(
+            f"{self._base}/tdx/certification/v4/qe/identity", QE_IDENTITY_CHAIN_HEADER
+        )
+
+    def pck_crl(self, ca: str) -> tuple[bytes, bytes | None] | None:
+        """``GET /sgx/certification/v4/pckcrl?ca=<ca>&encoding=der``: (CRL, issuer chain)."""
+        resp = self._get.get(f"{self._base}/sgx/certification/v4/pckcrl?ca={ca}&encoding=der")
+        return (resp.body, resp.chain(PCK_CRL_CHAIN_HEADER)) if resp else None
+
+    def root_ca_crl(self) -> bytes | None:
+        """The Intel SGX Root CA CRL (DER; hex text from older PCCS is accepted by the cache)."""
+        resp = self._get.get(self._s.root_crl_url)
+        return resp.body if resp else None
+
+    def _signed(self, url: str, *headers: str) -> SignedDocument | None:
+        resp = self._get.get(url)
+        if resp is None:
+            return None
+        chain = resp.chain(*headers)
+        if chain is None:
+            raise CollateralUnavailable(
+                f"{url}: response lacks the {headers[0]} header", reason=COLLATERAL_FETCH_FAILED
+            )
+        return SignedDocument(resp.body, chain)
+
+
+class KdsClient:
+    """AMD KDS: VCEKs by chip id and TCB, and the ARK-signed CRL and chain per product."""
+
+    def __init__(self, settings: FetchSettings, getter: HttpGetter | None = None) -> None:
+        self._get = getter or HttpGetter(settings)
+        self._base = settings.kds_url.rstrip("/")
+
+    def vcek(self, product: str, report: SnpReport) -> bytes | None:
+        """``GET /vcek/v1/<product>/<hwid>?blSPL=..`` (DER)."""
+        tcb = report.reported_tcb.components()
+        names = {"bootloader": "blSPL", "tee": "teeSPL", "snp": "snpSPL", "microcode": "ucodeSPL"}
+        query = "&".join(f"{names[k]}={tcb[k]:02d}" for k in names)
+        if "fmc" in tcb:
+            query += f"&fmcSPL={tcb['fmc']:02d}"
+        resp = self._get.get(
+            f"{self._base}/vcek/v1/{product}/{report.chip_id_for_kds().hex()}?{query}"
+        )
+        return resp.body if resp else None
+
+    def cert_chain(self, product: str, scope: str = "vcek") -> bytes | None:
+        """``GET /<scope>/v1/<product>/cert_chain`` (PEM ASK/ASVK + ARK)."""
+        resp = self._get.get(f"{self._base}/{scope}/v1/{product}/cert_chain")
+        return resp.body if resp else None
+
+    def crl(self, product: str, scope: str = "vcek") -> bytes | None:
+        """``GET /<scope>/v1/<product>/crl`` (DER, signed by the ARK)."""
+        resp = self._get.get(f"{self._base}/{scope}/v1/{product}/crl")
+        return resp.body if resp else None
+
+
+class CollateralService:
+    """The broker's collateral source: the cache, filled and refreshed from KDS and PCS/PCCS."""
+
+    def __init__(
+        self,
+        cache: CollateralCache,
+        settings: FetchSettings | None,
+        *,
+        refresh_before: timedelta = timedelta(days=1),
+        retry_after_seconds: float = 60.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.cache = cache
+        self._pcs = PcsClient(settings) if settings is not None else None
+        self._kds = KdsClient(settings) if settings is not None else None
+        self._refresh_before = refresh_before
+        self._retry_after = retry_after_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failed: dict[str, float] = {}  # what -> monotonic time of the last failure
+        self._running: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"CollateralService({self.cache!r}, fetching={self._pcs is not None})"
+
+    # --------------------------------------------------------------- CollateralSource ----------
+
+    def crl(self, issuer: x509.Certificate, scope: str = "") -> bytes | None:
+        """The cached CRL of ``issuer``, fetched first if missing or due."""
+        held = self.cache.crl(issuer, scope)
+        self._refresh(f"crl:{common_name(issuer)}:{scope}", held is None, self._due_crl(issuer, scope),
+                      lambda: self.fetch_crl(issuer, scope))  # fmt: skip
+        return self.cache.crl(issuer, scope) if held is None else held
+
+    def tdx_tcb_info(self, fmspc: bytes) -> SignedDocument | None:
+        """The cached TCB info for the FMSPC, fetched first if missing or due."""
+        held = self.cache.tdx_tcb_info(fmspc)
+        due = self._due(lambda e: e.kind == "tdx-tcb-info" and e.key == fmspc.hex())
+        self._refresh(f"tcb:{fmspc.hex()}", held is None, due, lambda: self.fetch_tcb_info(fmspc))
+        return self.cache.tdx_tcb_info(fmspc) if held is None else held
+
+    def tdx_qe_identity(self) -> SignedDocument | None:
+        """The cached QE identity, fetched first if missing or due."""
+        held = self.cache.tdx_qe_identity()
+        due = self._due(lambda e: e.kind == "tdx-qe-identity")
+        self._refresh("qe", held is None, due, self.fetch_qe_identity)
+        return self.cache.tdx_qe_identity() if held is None else held
+
+    def snp_key_certificate(self, report: SnpReport) -> bytes | None:
+        """A cached VCEK for the report, fetched from KDS if missing."""
+        held = self.cache.snp_key_certificate(report)
+        if held is not None or self._kds is None:
+            return held
+        product = _product_of_report(report)
+        key = f"vcek:{report.chip_id_for_kds().hex()}"
+        if product is None or not self._may_try(key):
+            return None
+        try:
+            der = self._kds.vcek(product, report)
+        except CollateralUnavailable:
+            self._note_failure(key)
+            raise
+        if der is not None:
+            self.cache.put_vcek(der, report)
+        return der
+
+    # --------------------------------------------------------------- fetching -----------------
+
+    def fetch_tcb_info(self, fmspc: bytes) -> CacheEntry | None:
+        """Fetches and stores the TCB info for an FMSPC."""
+        assert self._pcs is not None
+        doc = self._pcs.tdx_tcb_info(fmspc)
+        return self.cache.put_tdx_tcb_info(doc.data, doc.issuer_chain) if doc else None
+
+    def fetch_qe_identity(self) -> CacheEntry | None:
+        """Fetches and stores the TD_QE identity."""
+        assert self._pcs is not None
+        doc = self._pcs.tdx_qe_identity()
+        return self.cache.put_tdx_qe_identity(doc.data, doc.issuer_chain) if doc else None
+
+    def fetch_crl(self, issuer: x509.Certificate, scope: str = "") -> CacheEntry | None:
+        """Fetches and stores the CRL ``issuer`` publishes."""
+        assert self._pcs is not None and self._kds is not None
+        cn = common_name(issuer)
+        if cn.startswith("ARK-"):
+            product = cn.removeprefix("ARK-")
+            data = self._kds.crl(product, scope or "vcek")
+            return self.cache.put_crl(data, scope=scope or "vcek") if data else None
+        ca = INTEL_CA_BY_CN.get(cn)
+        if ca == "root":
+            data = self._pcs.root_ca_crl()
+            return self.cache.put_crl(data) if data else None
+        if ca in ("platform", "processor"):
+            got = self._pcs.pck_crl(ca)
+            return self.cache.put_crl(got[0], issuer_chain=got[1]) if got else None
+        return None
+
+    def fetch_all(
+        self, *, fmspcs: tuple[bytes, ...] = (), products: tuple[str, ...] = ()
+    ) -> list[CacheEntry]:
+        """Fills the cache: TDX collateral for ``fmspcs``, AMD CRLs for ``products`` (CLI/startup)."""
+        assert self._pcs is not None and self._kds is not None
+        out: list[CacheEntry] = []
+        if fmspcs:
+            for fmspc in fmspcs:
+                if (entry := self.fetch_tcb_info(fmspc)) is not None:
+                    out.append(entry)
+            if (entry := self.fetch_qe_identity()) is not None:
+                out.append(entry)
+            data = self._pcs.root_ca_crl()
+            if data:
+                out.append(self.cache.put_crl(data))
+            for ca in ("platform", "processor"):
+                got = self._pcs.pck_crl(ca)
+                if got:
+                    out.append(self.cache.put_crl(got[0], issuer_chain=got[1]))
+        for product in products:
+            for scope in ("vcek", "vlek"):
+                data = self._kds.crl(product, scope)
+                if data:
+                    out.append(self.cache.put_crl(data, scope=scope))
+        return out
+
+    def refresh_due(self) -> None:
+        """Re-fetches every held document that is due (the background refresher's one pass)."""
+        if self._pcs is None:
+            return
+        for issuer, scope in self.cache.held_crl_issuers():
+            self.crl(issuer, "" if scope == "ca" else scope)
+        for fmspc in self.cache.held_fmspcs():
+            self.tdx_tcb_info(fmspc)
+        if self.cache.tdx_qe_identity() is not None:
+            self.tdx_qe_identity()
+
+    # --------------------------------------------------------------- refresh policy -----------
+
+    def _due(self, match: Callable[[CacheEntry], bool]) -> bool:
+        now = self._clock()
+        for entry in self.cache.entries():
+            if match(entry):
+                return entry.next_update is None or now >= entry.next_update - self._refresh_before
+        return True
+
+    def _due_crl(self, issuer: x509.Certificate, scope: str) -> bool:
+        from strongroom.attestation.collateral_cache import issuer_id
+
+        prefix = f"{issuer_id(issuer)}-{scope or 'ca'}"
+        return self._due(lambda e: e.kind == "crl" and e.path.stem == prefix)
+
+    def _may_try(self, key: str) -> bool:
+        with self._lock:
+            failed = self._failed.get(key)
+            return failed is None or time.monotonic() - failed >= self._retry_after
+
+    def _note_failure(self, key: str) -> None:
+        with self._lock:
+            self._failed[key] = time.monotonic()
+
+    def _refresh(self, key: str, missing: bool, due: bool, fetch: Callable[[], object]) -> None:
+        """Fetches now when missing; in the background when merely due; never hammers a failing
+        upstream (one try per ``retry_after_seconds`` and key)."""
+        if self._pcs is None or not (missing or due) or not self._may_try(key):
+            return
+        if missing:
+            self._run(key, fetch, wait=True)
+            return
+        with self._lock:
+            if key in self._running:
+                return
+            self._running.add(key)
+        threading.Thread(target=self._run, args=(key, fetch, False), daemon=True).start()
+
+    def _run(self, key: str, fetch: Callable[[], object], wait: bool) -> None:
+        try:
+            fetch()
+        except StrongroomError as exc:
+            self._note_failure(key)
+            log.warning(
+                "collateral refresh failed; serving what the cache holds",
+                extra={"what": key, "reason": exc.reason, "detail": exc.message},
+            )
+        finally:
+            if not wait:
+                with self._lock:
+                    self._running.discard(key)
+
+
+def _product_of_report(report: SnpReport) -> str | None:
+    family = report.cpuid_fam_id
+    if family == 0x1A:
+        return "Turin"
+    if family == 0x19:
+        model = report.cpuid_mod_id or 0
+        return "Genoa" if model >= 0x10 else "Milan"
+    return None

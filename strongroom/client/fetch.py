@@ -1,0 +1,414 @@
+"""Decrypt-to-memory for any runtime: attest, obtain the key release, return the model's parts.
+
+For serving code that runs inside the confidential VM but is not Strongroom's ONNX Runtime server
+(safetensors, PyTorch, Keras, a custom engine), :class:`ModelFetcher` does what the inference
+service does before it hands bytes to ONNX Runtime, and returns the decrypted parts as read-only
+memory buffers. Plaintext is never written to disk: each part's ciphertext streams from the model
+store straight into a decryptor that writes into the part's own in-memory buffer (several parts
+are fetched and decrypted in parallel), and :meth:`DecryptedModel.close` overwrites every buffer.
+
+Example (inside the VM, with the workload's identity and its TEE)::
+
+    from strongroom.attesters import select_attester
+    from strongroom.client.fetch import ModelFetcher
+    from strongroom.client.keyrelease import KeyReleaseClient
+    import safetensors.numpy
+
+    release = KeyReleaseClient(broker_channel, select_attester("auto", production=True),
+                               identity.public_key_der)
+    with ModelFetcher(store_channel, release).fetch("acme/llm", "3") as model:
+        for part in model.parts:                     # in manifest order
+            weights = safetensors.numpy.load(part.as_bytes())   # copies into numpy arrays
+    # here every decrypted buffer has been overwritten with zeros
+
+A model published as one artifact comes back as one part (named after the last segment of the
+model name); a multi-part model (:mod:`strongroom.artifact.manifest`) comes back with its parts in
+manifest order, each checked against the authenticated manifest: a part swapped, reordered,
+dropped or taken from another version raises DataLoss (PART_MISMATCH, PART_MISSING) and nothing is
+returned. Errors are :mod:`strongroom.errors` exceptions with a reason code.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import grpc
+
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
+from strongroom.artifact import ArtifactHeader, BufferedStreamDecryptor, InvalidArtifact, wipe
+from strongroom.artifact.format import DIGEST_SIZE
+from strongroom.artifact.manifest import (
+    MAX_MANIFEST_SIZE,
+    Manifest,
+    ManifestLayout,
+    ManifestMismatch,
+    PartMissing,
+    check_part_digest,
+    check_part_header,
+    is_manifest,
+    parse_manifest,
+)
+from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
+from strongroom.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    StrongroomError,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_PARALLEL_PARTS",
+    "DecryptedModel",
+    "DecryptedPart",
+    "KeyRelease",
+    "ModelFetcher",
+    "PartSource",
+    "grpc_source",
+    "remote_error",
+]
+
+DEFAULT_PARALLEL_PARTS = 4
+"""Parts fetched at once: enough to overlap the network with decryption on a few cores."""
+
+PartSource = Callable[[str, str], Iterator[bytes]]
+"""Yields the bytes of the stored artifact ``(name, version)`` from offset 0, in pieces.
+
+Raises a :mod:`strongroom.errors` exception (NotFound when there is no such artifact)."""
+KeyRelease = Callable[[str, int, bytes], ReleasedDataKey]
+"""Attested release of a data key: (key id, key version, wrapped data key) → the key."""
+
+_REASON = re.compile(r"^([A-Z][A-Z0-9_]+): ")
+_GRPC_REASONS = {
+    grpc.StatusCode.PERMISSION_DENIED: "KEY_RELEASE_DENIED",
+    grpc.StatusCode.UNAUTHENTICATED: "UNAUTHENTICATED",
+    grpc.StatusCode.NOT_FOUND: "MODEL_NOT_IN_STORE",
+}
+
+
+def remote_error(step: str, exc: grpc.RpcError) -> StrongroomError:
+    """A peer's refusal as a domain error, keeping the peer's own reason code when it sent one."""
+    code = exc.code()
+    details = exc.details() or code.name
+    sent = _REASON.match(details)
+    tag = step.upper().replace(" ", "_")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(f"{step}: {details}", reason=sent[1] if sent else f"{tag}_UNAVAILABLE")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(f"{step}: {details}", reason=sent[1] if sent else "MODEL_NOT_IN_STORE")
+    reason = sent[1] if sent else _GRPC_REASONS.get(code, f"{tag}_FAILED")
+    return FailedPrecondition(f"{step}: {details}", reason=reason)
+
+
+def grpc_source(channel: grpc.Channel, *, timeout: float = 600.0) -> PartSource:
+    """A :data:`PartSource` reading from the model store over ``channel`` (GetModel)."""
+    stub = store_grpc.ModelStoreServiceStub(channel)
+
+    def source(name: str, version: str) -> Iterator[bytes]:
+        try:
+            for response in stub.GetModel(
+                store_pb.GetModelRequest(name=name, version=version), timeout=timeout
+            ):
+                yield response.data
+        except grpc.RpcError as exc:
+            raise remote_error("fetch", exc) from None
+
+    return source
+
+
+def _grpc_release(client: KeyReleaseClient) -> KeyRelease:
+    def release(key_id: str, key_version: int, wrapped: bytes) -> ReleasedDataKey:
+        try:
+            return client.release(key_id, key_version, wrapped)
+        except grpc.RpcError as exc:
+            raise remote_error("key release", exc) from None
+
+    return release
+
+
+class _Cancelled(Exception):
+    """A part fetch stopped because another part had already failed."""
+
+
+class DecryptedPart:
+    """One decrypted part in memory: ``view`` is a read-only buffer, valid until the model closes.
+
+    ``as_bytes()`` returns the same memory as a ``bytes`` object (no copy) for APIs that want
+    ``bytes`` (``safetensors.numpy.load``, ``onnxruntime.InferenceSession``); it too is overwritten
+    with zeros when the model is closed, so copy what must outlive it.
+    """
+
+    def __init__(self, index: int, name: str, content_type: str, obj: bytes) -> None:
+        self.index = index
+        self.name = name
+        self.content_type = content_type
+        self._obj: bytes | None = obj
+
+    def __repr__(self) -> str:
+        return f"DecryptedPart(index={self.index}, name={self.name!r}, size={self.size})"
+
+    @property
+    def size(self) -> int:
+        """Plaintext size in bytes (0 once closed)."""
+        return len(self._obj) if self._obj is not None else 0
+
+    @property
+    def view(self) -> memoryview:
+        """A read-only view of the plaintext."""
+        return memoryview(self._check())
+
+    def as_bytes(self) -> bytes:
+        """The plaintext as a ``bytes`` object, without a copy (zeroed when the model closes)."""
+        return self._check()
+
+    def _check(self) -> bytes:
+        if self._obj is None:
+            raise FailedPrecondition("the decrypted model was closed", reason="MODEL_CLOSED")
+        return self._obj
+
+    def _release(self) -> None:
+        self._obj = None
+
+
+@dataclass
+class DecryptedModel:
+    """A model version decrypted into memory; use it as a context manager (or call close()).
+
+    ``manifest`` is the authenticated manifest of a multi-part model, None for a single artifact.
+    ``timings`` (seconds): ``attest_and_release``, ``fetch_and_decrypt``.
+    """
+
+    name: str
+    version: str
+    parts: tuple[DecryptedPart, ...]
+    manifest: Manifest | None
+    decision_id: str
+    timings: dict[str, float] = field(default_factory=dict)
+    _decryptors: list[BufferedStreamDecryptor] = field(default_factory=list, repr=False)
+
+    def __repr__(self) -> str:
+        return f"DecryptedModel(name={self.name!r}, version={self.version!r}, parts={self.parts!r})"
+
+    @property
+    def layout(self) -> ManifestLayout | None:
+        """The manifest's layout, None for a single artifact."""
+        return self.manifest.layout if self.manifest is not None else None
+
+    @property
+    def total_size(self) -> int:
+        """Sum of the parts' plaintext sizes."""
+        return sum(p.size for p in self.parts)
+
+    def part(self, name: str) -> DecryptedPart:
+        """The part called ``name``; raises NotFound(PART_NOT_FOUND) if there is none."""
+        for part in self.parts:
+            if part.name == name:
+                return part
+        raise NotFound(f"the model has no part {name[:255]!r}", reason="PART_NOT_FOUND")
+
+    def close(self) -> None:
+        """Overwrites every decrypted buffer with zeros; the parts are unusable afterwards."""
+        for part in self.parts:
+            part._release()
+        for decryptor in self._decryptors:
+            decryptor.wipe_output()
+        self._decryptors.clear()
+
+    def __enter__(self) -> DecryptedModel:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _default_part_name(model_name: str) -> str:
+    return model_name.rsplit("/", 1)[-1]
+
+
+class _Stream:
+    """One artifact being fetched into a decryptor; remembers its footer (the clear digest)."""
+
+    def __init__(self, decryptor: BufferedStreamDecryptor) -> None:
+        self.decryptor = decryptor
+        self._tail = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.decryptor.feed(data)
+        self._tail += data[-DIGEST_SIZE:]
+        del self._tail[:-DIGEST_SIZE]
+
+    @property
+    def footer(self) -> bytes:
+        """The last 32 bytes fed: once finish() succeeded, equal to the authenticated digest."""
+        return bytes(self._tail)
+
+
+class ModelFetcher:
+    """Fetches, attests for, releases and decrypts model versions into memory.
+
+    ``store`` is a channel to the model store (or any :data:`PartSource`); ``key_release`` a
+    :class:`KeyReleaseClient` built with this VM's attester and TLS key (or any
+    :data:`KeyRelease`). ``parallel`` parts are fetched at once, each decrypted on
+    ``decrypt_threads`` threads.
+    """
+
+    def __init__(
+        self,
+        store: grpc.Channel | PartSource,
+        key_release: KeyReleaseClient | KeyRelease,
+        *,
+        parallel: int = DEFAULT_PARALLEL_PARTS,
+        decrypt_threads: int = 2,
+        timeout: float = 600.0,
+    ) -> None:
+        if not 1 <= parallel <= 64:
+            raise InvalidArgument("parallel must be between 1 and 64", reason="INVALID_PARALLEL")
+        self._source: PartSource = (
+            grpc_source(store, timeout=timeout) if isinstance(store, grpc.Channel) else store
+        )
+        self._release: KeyRelease = (
+            _grpc_release(key_release) if isinstance(key_release, KeyReleaseClient) else key_release
+        )
+        self._parallel = parallel
+        self._threads = decrypt_threads
+
+    def fetch(self, name: str, version: str) -> DecryptedModel:
+        """Decrypts ``name``/``version`` (single or multi-part) into memory; see the module doc."""
+        started = time.perf_counter()
+        first = _Stream(BufferedStreamDecryptor(threads=self._threads, as_bytes=True))
+        dek: bytearray | None = None
+        release_seconds = 0.0
+        decision_id = ""
+        done: list[BufferedStreamDecryptor] = []
+        try:
+            for data in self._source(name, version):
+                first.feed(data)
+                header = first.decryptor.header
+                if header is not None and dek is None:
+                    self._check_identity(header, name, version)
+                    t0 = time.perf_counter()
+                    released = self._release(header.key_id, header.key_version, header.wrapped_dek)
+                    dek = released.dek
+                    decision_id = released.decision_id
+                    release_seconds = time.perf_counter() - t0
+                    first.decryptor.set_dek(dek)
+            plaintext = first.decryptor.finish()
+            done.append(first.decryptor)
+            assert isinstance(plaintext, bytes) and dek is not None
+            header = first.decryptor.header
+            assert header is not None
+            if not is_manifest(header.content_type):
+                parts: tuple[DecryptedPart, ...] = (
+                    DecryptedPart(0, _default_part_name(name), header.content_type, plaintext),
+                )
+                manifest = None
+            else:
+                manifest = parse_manifest(plaintext, header=header)
+                first.decryptor.wipe_output()  # the manifest is parsed; its plaintext can go
+                done.clear()
+                parts = self._fetch_parts(manifest, dek, done)
+        except BaseException:
+            first.decryptor.abort()
+            first.decryptor.wipe_output()
+            for decryptor in done:
+                decryptor.wipe_output()
+            raise
+        finally:
+            if dek is not None:
+                wipe(dek)
+        total = time.perf_counter() - started
+        return DecryptedModel(
+            name,
+            version,
+            parts,
+            manifest,
+            decision_id,
+            {"attest_and_release": release_seconds, "fetch_and_decrypt": total - release_seconds},
+            done,
+        )
+
+    @staticmethod
+    def _check_identity(header: ArtifactHeader, name: str, version: str) -> None:
+        if (header.model_name, header.model_version) == (name, version):
+            if is_manifest(header.content_type) and header.plaintext_size > MAX_MANIFEST_SIZE:
+                raise InvalidArtifact(
+                    f"the manifest declares {header.plaintext_size} bytes, more than "
+                    f"{MAX_MANIFEST_SIZE}",
+                    reason="MANIFEST_TOO_LARGE",
+                )
+            return
+        message = (
+            f"the store returned {header.model_name}/{header.model_version} for {name}/{version}"
+        )
+        if is_manifest(header.content_type):
+            raise ManifestMismatch(message)
+        raise FailedPrecondition(message, reason="ARTIFACT_MISMATCH")
+
+    def _fetch_parts(
+        self, manifest: Manifest, dek: bytearray, done: list[BufferedStreamDecryptor]
+    ) -> tuple[DecryptedPart, ...]:
+        stop = threading.Event()
+        results: list[DecryptedPart | None] = [None] * len(manifest.parts)
+        lock = threading.Lock()
+
+        def work(index: int) -> None:
+            if stop.is_set():
+                return
+            # The key is set only once the header matched the manifest: a part from elsewhere is
+            # refused before any key is used on it.
+            stream = _Stream(BufferedStreamDecryptor(threads=self._threads, as_bytes=True))
+            checked = False
+            try:
+                try:
+                    for data in self._source(manifest.model_name, manifest.store_version(index)):
+                        if stop.is_set():
+                            raise _Cancelled()
+                        stream.feed(data)
+                        header = stream.decryptor.header
+                        if header is not None and not checked:
+                            check_part_header(manifest, index, header)
+                            checked = True
+                            stream.decryptor.set_dek(dek)
+                except NotFound:
+                    raise PartMissing(
+                        f"part {index} ({manifest.parts[index].name!r}) of "
+                        f"{manifest.model_name}/{manifest.model_version} is missing from the store"
+                    ) from None
+                plaintext = stream.decryptor.finish()
+                with lock:
+                    done.append(stream.decryptor)
+                part = manifest.parts[index]
+                check_part_digest(part, stream.footer)
+                assert isinstance(plaintext, bytes)
+                results[index] = DecryptedPart(index, part.name, part.content_type, plaintext)
+            except BaseException:
+                stop.set()
+                stream.decryptor.abort()
+                stream.decryptor.wipe_output()
+                raise
+
+        workers = min(self._parallel, len(manifest.parts))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="part-fetch") as pool:
+            futures = [pool.submit(work, i) for i in range(len(manifest.parts))]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            # The root cause, not the cancellations it caused in the other workers.
+            primary = next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+            assert primary is not None
+            raise primary
+        return tuple(p for p in results if p is not None)

@@ -1,0 +1,367 @@
+"""Publishing a multi-part model: an ONNX graph with its external data, or a set of shards.
+
+Every part is encrypted at birth in one streaming pass (read, hashed, encrypted and uploaded block
+by block, as :mod:`strongroom.client.publish` does for one file), all under one fresh data key; the
+manifest that binds the parts (:mod:`strongroom.artifact.manifest`) is uploaded last, under the
+model's own version, so the version becomes loadable only once every part is stored.
+
+The data key is needed for the manifest too, which can only be written after every part's digest
+is known. Rather than keep the key for the whole upload, every writer (one per part, and the
+manifest's) is created up front, each deriving its own body key; the key is wiped before the first
+byte is read. That works because the manifest's size does not depend on the digests (they are
+fixed-length fields), so its header can be built before they are known.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
+from strongroom.artifact import ArtifactWriter, build_header, wipe
+from strongroom.artifact.format import DIGEST_SIZE, ArtifactHeader
+from strongroom.artifact.manifest import (
+    MANIFEST_CONTENT_TYPE,
+    MAX_PARTS,
+    ManifestLayout,
+    build_manifest,
+    header_digest,
+    part_version,
+    validate_part_name,
+)
+from strongroom.client.publish import ONNX_CONTENT_TYPE, UPLOAD_MESSAGE_BYTES, Progress
+from strongroom.errors import FailedPrecondition, InvalidArgument, StrongroomError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EXTERNAL_DATA_CONTENT_TYPE",
+    "SAFETENSORS_CONTENT_TYPE",
+    "PartFile",
+    "PublishedParts",
+    "files_parts",
+    "onnx_parts",
+    "publish_parts",
+]
+
+EXTERNAL_DATA_CONTENT_TYPE = "application/octet-stream"
+"""Content type of an ONNX external-data part (raw little-endian tensor bytes)."""
+SAFETENSORS_CONTENT_TYPE = "application/vnd.safetensors"
+
+
+@dataclass(frozen=True)
+class PartFile:
+    """A part to publish: its name in the manifest, the file it is read from, its media type."""
+
+    name: str
+    path: Path
+    content_type: str
+
+
+@dataclass(frozen=True)
+class PublishedParts:
+    """What the store recorded for the manifest and for each part, and the total time."""
+
+    manifest: store_pb.ModelInfo
+    parts: tuple[store_pb.ModelInfo, ...]
+    seconds: float
+
+
+def _unreadable(path: Path, exc: OSError) -> FailedPrecondition:
+    return FailedPrecondition(f"cannot read {path}: {exc.strerror}", reason="MODEL_FILE_UNREADABLE")
+
+
+def _external_locations(model: Any) -> list[str]:
+    """Every external-data ``location`` a model's tensors name, in first-use order (subgraphs too)."""
+    import onnx  # the publisher's dependency only; never needed to load
+
+    seen: dict[str, None] = {}
+
+    def tensor(t: Any) -> None:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            seen.setdefault(info.get("location", ""), None)
+
+    def graph(g: Any) -> None:
+        for t in g.initializer:
+            tensor(t)
+        for s in g.sparse_initializer:
+            tensor(s.values)
+            tensor(s.indices)
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    tensor(attr.t)
+                for t in attr.tensors:
+                    tensor(t)
+                if attr.HasField("g"):
+                    graph(attr.g)
+                for sub in attr.graphs:
+                    graph(sub)
+
+    graph(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    tensor(attr.t)
+    return list(seen)
+
+
+def onnx_parts(path: Path) -> list[PartFile]:
+    """The parts of an ONNX model saved with external data: the graph first, then its data files.
+
+    ``path`` is the ``.onnx`` file or a directory holding exactly one. Every ``location`` must be a
+    plain relative name (:func:`validate_part_name`) of a regular file in the graph's directory.
+    A model without external data yields a single part. Raises FailedPrecondition or
+    InvalidArgument (with the artifact library's reason) otherwise.
+    """
+    import onnx
+
+    if path.is_dir():
+        graphs = sorted(p for p in path.iterdir() if p.suffix == ".onnx" and p.is_file())
+        if len(graphs) != 1:
+            raise FailedPrecondition(
+                f"{path} must hold exactly one .onnx file (found {len(graphs)})",
+                reason="ONNX_MODEL_AMBIGUOUS",
+            )
+        path = graphs[0]
+    try:
+        # Only the graph is read: external tensors stay where they are.
+        model = onnx.load_model(str(path), load_external_data=False)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    except Exception as exc:
+        raise FailedPrecondition(
+            f"{path} is not an ONNX model ({type(exc).__name__})", reason="ONNX_MODEL_INVALID"
+        ) from None
+    parts = [PartFile(validate_part_name(path.name), path, ONNX_CONTENT_TYPE)]
+    folder = path.parent.resolve()
+    for location in _external_locations(model):
+        try:
+            validate_part_name(location)
+        except StrongroomError as exc:
+            raise InvalidArgument(
+                f"external-data location {location[:64]!r}: {exc.message}", reason=exc.reason
+            ) from None
+        data = folder / location
+        if not data.resolve().is_relative_to(folder) or not data.is_file():
+            raise FailedPrecondition(
+                f"external-data file {location!r} is not a regular file beside {path.name}",
+                reason="EXTERNAL_DATA_MISSING",
+            )
+        if location == path.name:
+            raise InvalidArgument(
+                "an external-data file cannot be the graph itself", reason="INVALID_PART_NAME"
+            )
+        parts.append(PartFile(location, data, EXTERNAL_DATA_CONTENT_TYPE))
+    return parts
+
+
+def files_parts(paths: Sequence[Path]) -> list[PartFile]:
+    """Named-file parts (e.g. safetensors shards): a directory's regular files, or the files given,
+    in name order, each named by its file name."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        else:
+            files.append(path)
+    parts = []
+    for file in sorted(files, key=lambda p: p.name):
+        kind = (
+            SAFETENSORS_CONTENT_TYPE
+            if file.suffix == ".safetensors"
+            else EXTERNAL_DATA_CONTENT_TYPE
+        )
+        parts.append(PartFile(validate_part_name(file.name), file, kind))
+    return parts
+
+
+@dataclass
+class _Planned:
+    part: PartFile
+    header: ArtifactHeader
+    writer: ArtifactWriter
+
+
+def _messages(pieces: Iterator[bytes], on_piece: Any) -> Iterator[store_pb.PutModelRequest]:
+    for piece in pieces:
+        on_piece(piece)
+        for start in range(0, len(piece), UPLOAD_MESSAGE_BYTES):
+            yield store_pb.PutModelRequest(data=piece[start : start + UPLOAD_MESSAGE_BYTES])
+
+
+def publish_parts(
+    parts: Sequence[PartFile],
+    *,
+    name: str,
+    version: str,
+    key_id: str,
+    broker: grpc.Channel,
+    store: grpc.Channel,
+    layout: ManifestLayout,
+    progress: Progress | None = None,
+    timeout: float = 3600.0,
+    created_at: datetime | None = None,
+) -> PublishedParts:
+    """Encrypts every part under one fresh data key, uploads them, then the manifest.
+
+    Each part is read once. ``progress`` is called with (bytes of all parts read so far, total).
+    Every artifact of the version carries the same ``created_at`` (default: now).
+    If an upload fails, the parts already stored are deleted when this caller may (best effort),
+    and the manifest is never written, so the version is never half-loadable.
+    """
+    if not 1 <= len(parts) <= MAX_PARTS:
+        raise InvalidArgument(f"a model has 1 to {MAX_PARTS} parts", reason="TOO_MANY_PARTS")
+    started = time.perf_counter()
+    sizes = []
+    for part in parts:
+        try:
+            sizes.append(part.path.stat().st_size)
+        except OSError as exc:
+            raise _unreadable(part.path, exc) from None
+    # Every check that does not need the key runs first (names, versions, manifest limits).
+    build_manifest(
+        model_name=name,
+        model_version=version,
+        layout=layout,
+        parts=[
+            (p.name, p.content_type, s, bytes(DIGEST_SIZE), bytes(DIGEST_SIZE))
+            for p, s in zip(parts, sizes, strict=True)
+        ],
+    )
+    generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
+        kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30
+    )
+    dek = bytearray(generated.data_key)
+    try:
+        common: dict[str, Any] = {
+            "model_name": name,
+            "key_id": key_id,
+            "key_version": generated.key_version,
+            "wrapped_dek": generated.wrapped_data_key,
+            "created_at": created_at or datetime.now(UTC),
+        }
+        planned = []
+        for index, (part, size) in enumerate(zip(parts, sizes, strict=True)):
+            header = build_header(
+                model_version=part_version(version, index),
+                content_type=part.content_type,
+                plaintext_size=size,
+                **common,
+            )
+            planned.append(_Planned(part, header, ArtifactWriter(header, dek)))
+        # Fixed-length digest fields: the manifest's size is known before its digests are.
+        placeholder = build_manifest(
+            model_name=name,
+            model_version=version,
+            layout=layout,
+            parts=[
+                (p.part.name, p.part.content_type, p.header.plaintext_size, bytes(32), bytes(32))
+                for p in planned
+            ],
+        ).encode()
+        manifest_header = build_header(
+            model_version=version,
+            content_type=MANIFEST_CONTENT_TYPE,
+            plaintext_size=len(placeholder),
+            **common,
+        )
+        manifest_writer = ArtifactWriter(manifest_header, dek)
+    finally:
+        wipe(dek)  # from here on, only the writers' derived keys exist
+
+    stub = store_grpc.ModelStoreServiceStub(store)
+    total = sum(sizes)
+    done_before = 0
+    stored: list[store_pb.ModelInfo] = []
+    digests: list[bytes] = []
+    try:
+        for plan in planned:
+            try:
+                source = plan.part.path.open("rb")
+            except OSError as exc:
+                raise _unreadable(plan.part.path, exc) from None
+            with source:
+                if os.fstat(source.fileno()).st_size != plan.header.plaintext_size:
+                    raise FailedPrecondition(
+                        f"{plan.part.path} changed size while publishing",
+                        reason="PLAINTEXT_SIZE_MISMATCH",
+                    )
+                tail = bytearray()
+
+                def on_piece(
+                    piece: bytes,
+                    source: Any = source,
+                    tail: bytearray = tail,
+                    before: int = done_before,
+                ) -> None:
+                    tail.extend(piece[-DIGEST_SIZE:])
+                    del tail[:-DIGEST_SIZE]
+                    if progress is not None:
+                        progress(before + source.tell(), total)
+
+                pieces = plan.writer.stream(source, block_size=UPLOAD_MESSAGE_BYTES)
+                response = stub.PutModel(_messages(pieces, on_piece), timeout=timeout)
+            stored.append(response.model)
+            digests.append(bytes(tail))  # the footer: the part's plaintext SHA-256
+            done_before += plan.header.plaintext_size
+        manifest = build_manifest(
+            model_name=name,
+            model_version=version,
+            layout=layout,
+            parts=[
+                (
+                    p.part.name,
+                    p.part.content_type,
+                    p.header.plaintext_size,
+                    digest,
+                    header_digest(p.header),
+                )
+                for p, digest in zip(planned, digests, strict=True)
+            ],
+        )
+        encoded = manifest.encode()
+        if len(encoded) != manifest_header.plaintext_size:  # pragma: no cover - invariant
+            raise AssertionError("the manifest's size changed with its digests")
+        artifact = b"".join(
+            (manifest_writer.start(), manifest_writer.write(encoded), manifest_writer.finish())
+        )
+        response = stub.PutModel(_messages(iter([artifact]), lambda _piece: None), timeout=timeout)
+    except BaseException:
+        _delete_best_effort(stub, stored)
+        raise
+    log.info(
+        "multi-part model published",
+        extra={"model": name, "version": version, "parts": len(parts), "bytes": total},
+    )
+    return PublishedParts(response.model, tuple(stored), time.perf_counter() - started)
+
+
+def _delete_best_effort(
+    stub: store_grpc.ModelStoreServiceStub, stored: Sequence[store_pb.ModelInfo]
+) -> None:
+    for info in stored:
+        try:
+            stub.DeleteModel(
+                store_pb.DeleteModelRequest(name=info.name, version=info.version), timeout=30
+            )
+        except grpc.RpcError as exc:
+            # A publisher may not be allowed to delete: the orphaned parts are harmless (no
+            # manifest names them), an admin can remove them with `strongroom model rm`.
+            log.warning(
+                "could not remove an orphaned part",
+                extra={"model": info.name, "version": info.version, "code": exc.code().name},
+            )

@@ -1,0 +1,514 @@
+"""The verifier's own collateral: the cache, the KDS/PCS fetchers (against a loopback server with
+the real URL layouts and headers), fail-closed verdicts, rollback refusal, and hardening of every
+parser that sees untrusted bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from strongroom.attestation import (
+    Collateral,
+    CollateralKind,
+    CollateralUnavailable,
+    Evidence,
+    MalformedEvidence,
+    TeeType,
+    TrustStore,
+    VerificationFailed,
+    verify_evidence,
+)
+from strongroom.attestation import errors as E
+from strongroom.attestation.abi import _der
+from strongroom.attestation.abi import certs as oids
+from strongroom.attestation.collateral import parse_qe_identity, parse_tcb_info
+from strongroom.attestation.collateral_cache import CollateralCache
+from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
+from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.errors import StrongroomError
+from tests.attestation.collateral_server import FakeCollateralServer, serve
+
+UTC = dt.UTC
+RD = hashlib.sha512(b"collateral").digest()
+MEAS = bytes(range(48))
+SPR_TIME = dt.datetime(2023, 6, 20, tzinfo=UTC)
+
+
+@pytest.fixture
+def server() -> Iterator[FakeCollateralServer]:
+    yield from serve()
+
+
+def fast(server: FakeCollateralServer, **kw: Any) -> FetchSettings:
+    kw.setdefault("retries", 1)
+    kw.setdefault("backoff_seconds", 0.01)
+    kw.setdefault("timeout_seconds", 2.0)
+    return FetchSettings(pcs_url=server.url, kds_url=server.url, **kw)
+
+
+def real_intel(server: FakeCollateralServer, vectors: Path) -> None:
+    """The vectors' real Intel collateral under the exact PCS/PCCS paths and headers."""
+    chain = (vectors / "roots/intel/intel_tcb_signing_chain.pem").read_bytes()
+    server.tcb_info(
+        "50806f000000", (vectors / "tdx/tcbinfo_50806f000000_gotdxguest.json").read_bytes(), chain
+    )
+    server.qe_identity((vectors / "tdx/qe_identity_gotdxguest.json").read_bytes(), chain)
+    server.pck_crl(
+        "platform",
+        (vectors / "roots/intel/intel_pck_platform_ca_crl.der").read_bytes(),
+        (vectors / "roots/intel/intel_pck_platform_ca_chain.pem").read_bytes(),
+    )
+    server.root_ca_crl((vectors / "roots/intel/intel_sgx_root_ca_crl.der").read_bytes())
+
+
+# --- real collateral through the fetcher and the cache ---------------------------------------------
+
+
+def test_real_tdx_quote_verifies_with_fetched_collateral(
+    vectors, production, server, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    real_intel(server, vectors)
+    service = CollateralService(
+        CollateralCache(tmp_path, production), fast(server), clock=lambda: SPR_TIME
+    )
+    quote = (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes()
+    claims = verify_evidence(
+        Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
+    )
+    assert claims.collateral_complete and claims.tcb_evaluation_data_number == 15
+    assert "/tdx/certification/v4/tcb?fmspc=50806F000000" in server.requests
+    assert "/sgx/certification/v4/pckcrl?ca=platform&encoding=der" in server.requests
+    assert "/sgx/certification/v4/rootcacrl" in server.requests
+    # A second verification is served from the cache: no new request.
+    count = len(server.requests)
+    verify_evidence(
+        Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
+    )
+    assert len(server.requests) == count
+    kinds = sorted(e.kind for e in service.cache.entries())
+    assert kinds == ["crl", "crl", "tdx-qe-identity", "tdx-tcb-info"]
+
+
+def test_cache_survives_restart_and_outage(vectors, production, server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    real_intel(server, vectors)
+    CollateralService(CollateralCache(tmp_path, production), fast(server)).fetch_all(
+        fmspcs=(bytes.fromhex("50806f000000"),)
+    )
+    server.status = 503  # upstream down: the reopened cache still serves
+    service = CollateralService(CollateralCache(tmp_path, production), fast(server))
+    quote = (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes()
+    verify_evidence(
+        Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
+    )
+
+
+def test_outage_with_empty_cache_fails_closed_after_bounded_retries(
+    vectors, production, server, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    server.status = 503
+    service = CollateralService(CollateralCache(tmp_path, production), fast(server, retries=2))
+    quote = (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes()
+    with pytest.raises(CollateralUnavailable) as err:
+        verify_evidence(
+            Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
+        )
+    assert err.value.reason == E.COLLATERAL_MISSING
+    tcb_requests = [r for r in server.requests if r.startswith("/tdx/certification/v4/tcb")]
+    assert len(tcb_requests) == 3  # one try and two retries, then no hammering
+    with pytest.raises(CollateralUnavailable):
+        verify_evidence(
+            Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
+        )
+    assert len([r for r in server.requests if r.startswith("/tdx/certification/v4/tcb")]) == 3
+
+
+def test_slow_upstream_times_out(vectors, production, server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    real_intel(server, vectors)
+    server.delay = 1.0
+    service = CollateralService(
+        CollateralCache(tmp_path, production), fast(server, timeout_seconds=0.2, retries=0)
+    )
+    assert service.tdx_qe_identity() is None  # timed out: nothing cached, the verifier refuses
+
+
+def test_wrong_issuer_chain_is_refused(vectors, production, server, tmp_path, authority) -> None:  # type: ignore[no-untyped-def]
+    real_intel(server, vectors)
+    server.qe_identity(
+        (vectors / "tdx/qe_identity_gotdxguest.json").read_bytes(),
+        authority.tcb_signing_chain_pem(),
+    )
+    cache = CollateralCache(tmp_path, production)
+    with pytest.raises(VerificationFailed) as err:
+        CollateralService(cache, fast(server)).fetch_qe_identity()
+    assert err.value.reason == E.ROOT_NOT_TRUSTED
+    assert cache.tdx_qe_identity() is None
+
+
+def test_missing_issuer_chain_header_is_refused(vectors, production, server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.attestation.collateral_server import Doc
+
+    server.docs["/tdx/certification/v4/qe/identity"] = Doc(
+        (vectors / "tdx/qe_identity_gotdxguest.json").read_bytes()
+    )
+    with pytest.raises(CollateralUnavailable) as err:
+        CollateralService(CollateralCache(tmp_path, production), fast(server)).fetch_qe_identity()
+    assert err.value.reason == E.COLLATERAL_FETCH_FAILED
+
+
+def test_kds_layout_vcek_and_crl(authority, sim_trust, server, tmp_path, now) -> None:  # type: ignore[no-untyped-def]
+    snp = authority.snp()
+    report = snp.report(RD, measurement=MEAS)
+    tcb = snp.tcb.components()
+    server.vcek("Milan", snp.chip_id, tcb, snp.certificate_der)
+    server.amd_crl("Milan", authority.crl("ark", now=now))
+    service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    claims = verify_evidence(
+        Evidence(TeeType.SEV_SNP, report), trust=sim_trust, now=now, collateral=service
+    )
+    assert claims.collateral_complete
+    assert (
+        f"/vcek/v1/Milan/{snp.chip_id.hex()}?blSPL=04&teeSPL=00&snpSPL=24&ucodeSPL=219"
+        in server.requests
+    )
+    assert "/vcek/v1/Milan/crl" in server.requests
+
+
+# --- fail closed, and the evidence's collateral never decides -----------------------------------------
+
+
+def test_revoked_vcek_chain_with_crl_omitted_is_refused(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    snp = authority.snp()
+    revoked_crl = authority.crl("ark", [authority.ask.serial_number], now=now)
+    clean_crl = authority.crl("ark", [], now=now)
+    # The attester omits the CRL and even sends a clean one: the broker's source has none.
+    ev = Evidence(
+        TeeType.SEV_SNP, snp.report(RD, measurement=MEAS), (snp.certificate_der,),
+        (Collateral(CollateralKind.CRL, clean_crl),),
+    )  # fmt: skip
+    from strongroom.attestation import StaticCollateralSource
+
+    with pytest.raises(CollateralUnavailable) as err:
+        verify_evidence(ev, trust=sim_trust, now=now, collateral=StaticCollateralSource())
+    assert err.value.reason == E.COLLATERAL_MISSING
+    with pytest.raises(VerificationFailed) as err2:
+        verify_evidence(
+            ev, trust=sim_trust, now=now, collateral=StaticCollateralSource(crl_list=(revoked_crl,))
+        )
+    assert err2.value.reason == E.CERT_REVOKED
+
+
+def test_forged_td_from_a_non_intel_qe_is_refused(authority, sim_trust, now, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The PCE PCK-signs any enclave's report: a host's own 'quoting enclave' (another MRSIGNER)
+    signs any TD body. Refused with the QE identity; refused without it too (never optional)."""
+    tdx = authority.tdx()
+    forged = tdx.quote(RD, mrtd=bytes(48), qe_mrsigner=b"\xee" * 32)
+    cache = CollateralCache(tmp_path, sim_trust)
+    authority.fill_cache(cache, tdx=[tdx], now=now)
+    with pytest.raises(VerificationFailed) as err:
+        verify_evidence(Evidence(TeeType.TDX, forged), trust=sim_trust, now=now, collateral=cache)
+    assert err.value.reason == E.QE_IDENTITY_MISMATCH
+    (tmp_path / "tdx" / "qe_identity.json").unlink()
+    (tmp_path / "generation").write_text("qe identity removed")
+    fresh = CollateralCache(tmp_path, sim_trust, writable=False)
+    with pytest.raises(CollateralUnavailable) as err2:
+        verify_evidence(Evidence(TeeType.TDX, forged), trust=sim_trust, now=now, collateral=fresh)
+    assert err2.value.reason == E.COLLATERAL_MISSING
+
+
+def test_evidence_tcb_info_cannot_improve_the_verdict(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    tdx = authority.tdx()
+    source = authority.collateral_source(now=now)
+    source = type(source)(
+        tcb_infos=(tdx.tcb_info(now=now, status="OutOfDate"),),
+        qe_identity=tdx.qe_identity(now=now),
+        signing_chain=authority.tcb_signing_chain_pem(),
+        crl_list=source.crl_list,
+    )
+    quote = tdx.quote(RD, mrtd=MEAS)
+    plain = verify_evidence(
+        Evidence(TeeType.TDX, quote), trust=sim_trust, now=now, collateral=source
+    )
+    carried = Evidence(TeeType.TDX, quote, (), tdx.collateral(now=now, status="UpToDate"))
+    assert (
+        verify_evidence(carried, trust=sim_trust, now=now, collateral=source).tcb_status
+        == plain.tcb_status
+        == "OutOfDate"
+    )
+
+
+def test_stale_collateral_past_grace_is_refused(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    tdx = authority.tdx()
+    source = authority.collateral_source(tdx=[tdx], now=now, days=1)
+    quote = tdx.quote(RD, mrtd=MEAS)
+    later = now + dt.timedelta(days=2)
+    with pytest.raises(CollateralUnavailable) as err:
+        verify_evidence(Evidence(TeeType.TDX, quote), trust=sim_trust, now=later, collateral=source)
+    assert err.value.reason == E.COLLATERAL_STALE
+    claims = verify_evidence(
+        Evidence(TeeType.TDX, quote), trust=sim_trust, now=later, collateral=source,
+        collateral_grace=dt.timedelta(days=2),
+    )  # fmt: skip
+    assert claims.collateral_complete
+
+
+# --- rollback --------------------------------------------------------------------------------------
+
+
+def test_older_tcb_info_is_refused_and_the_mark_survives_restart(
+    authority, sim_trust, now, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    tdx = authority.tdx()
+    chain = authority.tcb_signing_chain_pem()
+    cache = CollateralCache(tmp_path, sim_trust)
+    cache.put_tdx_tcb_info(tdx.tcb_info(now=now, evaluation_number=18, status="OutOfDate"), chain)
+    older = tdx.tcb_info(now=now, evaluation_number=17, status="UpToDate")  # in window, signed
+    for reopened in (cache, CollateralCache(tmp_path, sim_trust)):
+        with pytest.raises(VerificationFailed) as err:
+            reopened.put_tdx_tcb_info(older, chain)
+        assert err.value.reason == E.COLLATERAL_ROLLBACK
+    # Same number issued earlier: also a rollback.
+    earlier = tdx.tcb_info(now=now, evaluation_number=18, issued=now - dt.timedelta(days=3))
+    with pytest.raises(VerificationFailed):
+        cache.put_tdx_tcb_info(earlier, chain)
+    assert parse_tcb_info(cache.tdx_tcb_info(tdx.fmspc).data).tcb_evaluation_data_number == 18  # type: ignore[union-attr]
+    cache.put_tdx_tcb_info(tdx.tcb_info(now=now, evaluation_number=19), chain)  # newer: fine
+
+
+def test_upstream_rollback_keeps_the_newer_document(
+    authority, sim_trust, now, tmp_path, server
+) -> None:  # type: ignore[no-untyped-def]
+    tdx = authority.tdx()
+    chain = authority.tcb_signing_chain_pem()
+    cache = CollateralCache(tmp_path, sim_trust)
+    cache.put_tdx_tcb_info(tdx.tcb_info(now=now, evaluation_number=18), chain)
+    server.tcb_info(tdx.fmspc.hex(), tdx.tcb_info(now=now, evaluation_number=17), chain)
+    service = CollateralService(cache, fast(server))
+    with pytest.raises(VerificationFailed):
+        service.fetch_tcb_info(tdx.fmspc)
+    assert parse_tcb_info(cache.tdx_tcb_info(tdx.fmspc).data).tcb_evaluation_data_number == 18  # type: ignore[union-attr]
+
+
+def test_older_crl_is_refused(authority, sim_trust, now, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cache = CollateralCache(tmp_path, sim_trust)
+    cache.put_crl(authority.crl("intel_root", now=now))
+    with pytest.raises(VerificationFailed) as err:
+        cache.put_crl(authority.crl("intel_root", now=now - dt.timedelta(days=2)))
+    assert err.value.reason == E.COLLATERAL_ROLLBACK
+
+
+def test_import_and_read_only_share(authority, sim_trust, now, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src = CollateralCache(tmp_path / "carried", sim_trust)
+    tdx = authority.tdx()
+    authority.fill_cache(src, tdx=[tdx], now=now)
+    dest = CollateralCache(tmp_path / "cache", sim_trust)
+    entries = dest.import_directory(tmp_path / "carried")
+    assert {e.kind for e in entries} == {"crl", "tdx-tcb-info", "tdx-qe-identity"}
+    replica = CollateralCache(tmp_path / "cache", sim_trust, writable=False)
+    assert replica.tdx_qe_identity() is not None
+    with pytest.raises(PermissionError):
+        replica.put_crl(authority.crl("intel_root", now=now))
+
+
+# --- no crash on any input -------------------------------------------------------------------------
+
+
+def _vcek_with(authority: SimulatedAuthority, now: dt.datetime, extensions: list[Any]) -> bytes:
+    from strongroom.dev.simulated import _cert, _name
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = _cert(
+        _name("SEV-VCEK"), authority.ask.subject, key.public_key(), authority.ask_key, now,
+        ca=False, years=7, extensions=extensions, pss=True,
+    )  # fmt: skip
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _amd_exts(product: bytes) -> list[Any]:
+    ext = lambda oid, v: x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), v)  # noqa: E731
+    return [
+        ext(oids.OID_AMD_PRODUCT_NAME, _der.encode(_der.TAG_IA5STRING, product)),
+        ext(oids.OID_AMD_BL_SPL, _der.encode_unsigned(4)),
+        ext(oids.OID_AMD_TEE_SPL, _der.encode_unsigned(0)),
+        ext(oids.OID_AMD_SNP_SPL, _der.encode_unsigned(24)),
+        ext(oids.OID_AMD_UCODE_SPL, _der.encode_unsigned(219)),
+        ext(oids.OID_AMD_HWID, bytes(64)),
+    ]
+
+
+def _snp_with_cert(authority: SimulatedAuthority, der: bytes) -> Evidence:
+    report = authority.snp().report(RD, measurement=MEAS)
+    return Evidence(TeeType.SEV_SNP, report, (der,))
+
+
+def _duplicate_first_extension(der: bytes) -> bytes:
+    """Re-encodes a certificate with its first extension twice (signature left stale: the parser
+    must refuse before any signature is looked at)."""
+    cert_seq = _der.read_one(der, _der.TAG_SEQUENCE)
+    tbs, alg, sig = _der.read_all(cert_seq)
+    fields = _der.read_all(tbs.value)
+    ext_wrapper = fields[-1]
+    exts = _der.read_all(_der.read_one(ext_wrapper.value, _der.TAG_SEQUENCE))
+    first = _der.encode(exts[0].tag, exts[0].value)
+    body = b"".join(_der.encode(e.tag, e.value) for e in exts)
+    new_exts = _der.encode(0xA3, _der.encode(_der.TAG_SEQUENCE, first + body))
+    new_tbs = b"".join(_der.encode(f.tag, f.value) for f in fields[:-1]) + new_exts
+    return _der.encode(
+        _der.TAG_SEQUENCE,
+        _der.encode(_der.TAG_SEQUENCE, new_tbs)
+        + _der.encode(alg.tag, alg.value)
+        + _der.encode(sig.tag, sig.value),
+    )
+
+
+@pytest.mark.parametrize(
+    "case", ["non-ascii-product", "duplicate-extension", "bad-basic-constraints"]
+)
+def test_hostile_vcek_is_malformed_not_a_crash(authority, sim_trust, now, case) -> None:  # type: ignore[no-untyped-def]
+    if case == "non-ascii-product":
+        der = _vcek_with(authority, now, _amd_exts("Milän".encode()))
+    elif case == "duplicate-extension":
+        der = _duplicate_first_extension(_vcek_with(authority, now, _amd_exts(b"Milan")))
+    else:
+        good = _vcek_with(authority, now, _amd_exts(b"Milan"))
+        at = good.index(b"\x06\x03\x55\x1d\x13")  # basicConstraints: SEQUENCE {} -> NULL
+        value = good.index(b"\x04\x02\x30\x00", at)
+        der = good[:value] + b"\x04\x02\x05\x00" + good[value + 4 :]
+    source = authority.collateral_source(now=now)
+    with pytest.raises(MalformedEvidence) as err:
+        verify_evidence(_snp_with_cert(authority, der), trust=sim_trust, now=now, collateral=source)
+    assert err.value.reason in (E.BAD_CERTIFICATE, E.UNPARSEABLE_INPUT)
+
+
+def test_pck_ca_with_unknown_key_algorithm_is_malformed(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    tdx = authority.tdx()
+    ca_der = authority.pck_ca.public_bytes(serialization.Encoding.DER)
+    ec_oid = bytes.fromhex("06072a8648ce3d0201")  # id-ecPublicKey
+    assert ec_oid in ca_der
+    weird = ca_der.replace(ec_oid, bytes.fromhex("06072a8648ce3d0209"), 1)  # unknown algorithm
+    pem = (
+        tdx.pck.public_bytes(serialization.Encoding.PEM)
+        + x509.load_der_x509_certificate(weird).public_bytes(serialization.Encoding.PEM)
+        + authority.intel_root_pem()
+    )
+    quote = tdx.quote(RD, mrtd=MEAS, pck_chain_pem=pem)
+    with pytest.raises(StrongroomError) as err:
+        verify_evidence(
+            Evidence(TeeType.TDX, quote), trust=sim_trust, now=now,
+            collateral=authority.collateral_source(tdx=[tdx], now=now),
+        )  # fmt: skip
+    assert isinstance(err.value, MalformedEvidence | VerificationFailed)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"tcbInfo":' + b"[" * 100_000 + b"]" * 100_000 + b',"signature":"00"}',
+        b'{"tcbInfo":{"id":"TDX","version":3,"tcbEvaluationDataNumber":'
+        + b"9" * 5000
+        + b'},"signature":"'
+        + b"00" * 64
+        + b'"}',
+        b'{"tcbInfo":{"id":"TDX","version":3,"tdxModuleIdentities":7,"tcbLevels":"x"},"signature":"'
+        + b"00" * 64
+        + b'"}',
+        b'{"tcbInfo":{"id":"TDX","version":3,"tcbLevels":[{"tcb":{"sgxtcbcomponents":[1],"pcesvn":1},"advisoryIDs":5}]},"signature":"'
+        + b"00" * 64
+        + b'"}',
+    ],
+    ids=["deep-nesting", "5000-digit-int", "non-list-fields", "non-list-advisories"],
+)
+def test_hostile_collateral_json_is_malformed(body: bytes) -> None:
+    with pytest.raises(MalformedEvidence) as err:
+        parse_tcb_info(body)
+    assert err.value.reason == E.BAD_COLLATERAL
+    with pytest.raises(MalformedEvidence):
+        parse_qe_identity(body.replace(b"tcbInfo", b"enclaveIdentity"))
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(authority, now):  # type: ignore[no-untyped-def]
+    snp, tdx = authority.snp(), authority.tdx()
+    return (
+        snp.report(RD, measurement=MEAS), snp.certificate_der, tdx.quote(RD, mrtd=MEAS),
+        authority.collateral_source(tdx=[tdx], now=now),
+    )  # fmt: skip
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_random_and_mutated_evidence_yields_only_typed_errors(
+    fuzz_base, sim_trust, now, data
+) -> None:  # type: ignore[no-untyped-def]
+    snp_report, snp_cert, tdx_quote, source = fuzz_base
+    kind = data.draw(st.sampled_from(["snp", "tdx", "random"]))
+    if kind == "random":
+        tee = data.draw(st.sampled_from([TeeType.SEV_SNP, TeeType.TDX]))
+        ev = Evidence(
+            tee,
+            data.draw(st.binary(max_size=6000)),
+            tuple(data.draw(st.lists(st.binary(max_size=400), max_size=2))),
+        )
+    else:
+        if kind == "snp":
+            report, certs = bytearray(snp_report), [bytearray(snp_cert)]
+        else:
+            report, certs = bytearray(tdx_quote), []
+        for _ in range(data.draw(st.integers(1, 5))):
+            what = data.draw(st.sampled_from(["report", "cert", "cut"]))
+            if what == "report" and report:
+                report[data.draw(st.integers(0, len(report) - 1))] ^= data.draw(st.integers(1, 255))
+            elif what == "cert" and certs:
+                c = certs[0]
+                c[data.draw(st.integers(0, len(c) - 1))] ^= data.draw(st.integers(1, 255))
+            elif report:
+                report = report[: data.draw(st.integers(0, len(report)))]
+        ev = Evidence(
+            TeeType.SEV_SNP if kind == "snp" else TeeType.TDX,
+            bytes(report),
+            tuple(bytes(c) for c in certs),
+        )
+    try:
+        verify_evidence(ev, trust=sim_trust, now=now, collateral=source)
+    except StrongroomError as exc:
+        assert exc.reason and exc.reason != "INTERNAL"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    doc=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(
+            ["id", "version", "tcbLevels", "tcb", "fmspc", "issueDate", "nextUpdate", "tdxModule",
+             "tcbEvaluationDataNumber", "advisoryIDs", "sgxtcbcomponents", "svn", "mrsigner"]), inner, max_size=6),
+        max_leaves=30,
+    )
+)  # fmt: skip
+def test_random_collateral_json_yields_only_typed_errors(doc: Any) -> None:
+    body = json.dumps({"tcbInfo": doc, "signature": "00" * 64}).encode()
+    for parse in (parse_tcb_info, parse_qe_identity):
+        with contextlib.suppress(MalformedEvidence):
+            parse(body if parse is parse_tcb_info else body.replace(b"tcbInfo", b"enclaveIdentity"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(blob=st.binary(max_size=2000))
+def test_random_crl_bytes_are_refused_by_the_cache(
+    blob: bytes, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    cache = CollateralCache(tmp_path_factory.mktemp("c"), TrustStore.production())
+    with pytest.raises(StrongroomError):
+        cache.put_crl(blob)

@@ -1,0 +1,434 @@
+"""Multi-part models across the real services: publish → store → attested load → ModelInfer.
+
+An ONNX model saved with external data (one file per tensor, as ``onnx.save_model(...,
+save_as_external_data=True, all_tensors_to_one_file=False)`` writes it) is published part by part,
+loaded by the inference service from the store (parts fetched in parallel, decrypted in memory)
+and served; its outputs equal ONNX Runtime's on the plaintext files. Then the refusals, each made
+by changing what the store holds exactly as a compromised store (or its disk) could: a part
+swapped with another, two parts reordered, a part dropped, a part or the manifest taken from
+another version — every one DATA_LOSS, with the model left not ready. Finally the client library
+returns safetensors shards equal to the plaintext files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import sys
+import tarfile
+import threading
+import types
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+import safetensors.numpy
+from onnx import TensorProto, helper, numpy_helper
+
+from strongroom.api.inference.v1 import model_control_pb2 as control_pb
+from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
+from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
+from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
+from strongroom.artifact.manifest import MANIFEST_CONTENT_TYPE, ManifestLayout
+from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.cli import models as cli_models
+from strongroom.cli.main import main as cli_main
+from strongroom.client.fetch import ModelFetcher
+from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.client.multipart import files_parts, onnx_parts, publish_parts
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
+from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.errors import StrongroomError
+from strongroom.inference.models._ort import ort
+from strongroom.pki import WorkloadIdentity
+
+KEY = "multipart"
+CREATED_AT = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+NAME = "acme/mlp"
+
+
+def write_mlp(folder: Path, seed: int) -> Path:
+    """A two-layer MLP saved with one external-data file per tensor; W1 and W2 have equal sizes."""
+    rng = np.random.default_rng(seed)
+    tensors = {
+        "w1": rng.standard_normal((16, 64)).astype(np.float32),
+        "b1": rng.standard_normal(64).astype(np.float32),
+        "w2": rng.standard_normal((64, 16)).astype(np.float32),
+        "b2": rng.standard_normal(16).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node("Add", ["h0", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w2"], ["h3"]),
+        helper.make_node("Add", ["h3", "b2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 16])],
+        [numpy_helper.from_array(v, k) for k, v in tensors.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folder.mkdir(parents=True)
+    path = folder / "model.onnx"
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+    )
+    return path
+
+
+def plaintext_ort(path: Path, x: np.ndarray) -> np.ndarray:
+    """The reference: ONNX Runtime on the plaintext files on disk."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out: np.ndarray = session.run(["y"], {"x": x})[0]
+    return out
+
+
+@dataclasses.dataclass
+class Env:
+    stack: DevStack
+    admin: WorkloadIdentity
+    publisher: WorkloadIdentity
+    client: WorkloadIdentity
+    inference: WorkloadIdentity
+    models: Path
+
+    def publish(self, version: str, seed: int = 1) -> Path:
+        path = write_mlp(self.models / version, seed)
+        publish_parts(
+            onnx_parts(path),
+            name=NAME,
+            version=version,
+            key_id=KEY,
+            broker=self.stack.channel(self.publisher, "keybroker"),
+            store=self.stack.channel(self.publisher, "modelstore"),
+            layout=ManifestLayout.ONNX_EXTERNAL_DATA,
+            # One timestamp for every version: their artifacts then have equal sizes, so the
+            # tests below can put one version's bytes in another's place in the store.
+            created_at=CREATED_AT,
+        )
+        return path
+
+    def load(self, version: str) -> control_pb.LoadModelResponse:
+        stub = control_grpc.ModelControlServiceStub(self.stack.channel(self.admin, "inference"))
+        response: control_pb.LoadModelResponse = stub.LoadModel(
+            control_pb.LoadModelRequest(name=NAME, version=version), timeout=120
+        )
+        return response
+
+    def infer(self, x: np.ndarray, version: str) -> np.ndarray:
+        stub = oip_grpc.GRPCInferenceServiceStub(self.stack.channel(self.client, "inference"))
+        response = stub.ModelInfer(
+            oip_pb.ModelInferRequest(
+                model_name=NAME,
+                model_version=version,
+                inputs=[
+                    oip_pb.ModelInferRequest.InferInputTensor(
+                        name="x", datatype="FP32", shape=list(x.shape)
+                    )
+                ],
+                raw_input_contents=[x.astype("<f4").tobytes()],
+            ),
+            timeout=30,
+        )
+        out = response.outputs[0]
+        return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(tuple(out.shape))
+
+    def ready(self, version: str) -> bool:
+        stub = oip_grpc.GRPCInferenceServiceStub(self.stack.channel(self.client, "inference"))
+        return stub.ModelReady(oip_pb.ModelReadyRequest(name=NAME, version=version)).ready
+
+    def blob(self, version: str) -> Path:
+        """The stored artifact file of ``NAME``/``version`` (what a compromised disk could edit)."""
+        store = self.stack.services["modelstore"].handle.storage
+        record = store.stat(NAME, version)
+        path = next(p for p in (store.root / "blobs").rglob(record.artifact_sha256))
+        path.chmod(0o600)
+        return path
+
+    def fetcher(self) -> ModelFetcher:
+        authority = SimulatedAuthority.load(self.stack.root / "simulated-tee")
+        attester = SimulatedAttester(
+            authority.snp(),
+            TeeType.SEV_SNP,
+            production=False,
+            claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
+        )
+        release = KeyReleaseClient(
+            self.stack.channel(self.inference, "keybroker"),
+            attester,
+            self.inference.public_key_der,
+        )
+        return ModelFetcher(self.stack.channel(self.inference, "modelstore"), release, parallel=3)
+
+
+@pytest.fixture(scope="module")
+def env(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    stack.start_in_process("inference")
+    admin, publisher, client, inference = (
+        stack.identity(n) for n in ("admin", "publisher", "client", "inference")
+    )
+    stack.create_release_key(admin, KEY, policy_version="multipart-1")
+    yield Env(stack, admin, publisher, client, inference, tmp_path_factory.mktemp("models"))
+
+
+def test_onnx_parts_finds_the_graph_and_every_external_file(env: Env) -> None:
+    path = write_mlp(env.models / "discover", 0)
+    parts = onnx_parts(path.parent)  # a directory works as well as the .onnx file
+    assert [p.name for p in parts] == ["model.onnx", "w1", "b1", "w2", "b2"]
+    assert parts == onnx_parts(path)
+
+
+def test_publish_then_attested_load_serves_what_plaintext_ort_computes(env: Env) -> None:
+    path = env.publish("1")
+    store = store_grpc.ModelStoreServiceStub(env.stack.channel(env.admin, "modelstore"))
+    manifest = store.StatModel(store_pb.StatModelRequest(name=NAME, version="1"), timeout=10)
+    assert manifest.model.content_type == MANIFEST_CONTENT_TYPE
+    listed = store.ListModels(store_pb.ListModelsRequest(name_prefix=NAME), timeout=10)
+    assert {m.version for m in listed.models} >= {"1", *(f"1+part.{i}" for i in range(5))}
+    # Only ciphertext is stored: no part's plaintext appears in its blob.
+    for i, name in enumerate(["model.onnx", "w1", "b1", "w2", "b2"]):
+        plain = (path.parent / name).read_bytes()
+        assert plain[:64] not in env.blob(f"1+part.{i}").read_bytes()
+
+    response = env.load("1")
+    assert response.decision_id
+    assert {"attest_and_release", "fetch_and_decrypt", "load"} <= set(response.timings)
+    assert env.ready("1")
+    x = np.random.default_rng(5).standard_normal((8, 16)).astype(np.float32)
+    np.testing.assert_allclose(env.infer(x, "1"), plaintext_ort(path, x), rtol=1e-5, atol=1e-5)
+
+
+def _refused(env: Env, version: str, reason: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        env.load(version)
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS, info.value.details()
+    assert (info.value.details() or "").startswith(f"{reason}: "), info.value.details()
+    assert not env.ready(version)
+
+
+def test_a_swapped_part_is_refused(env: Env) -> None:
+    env.publish("swapA", seed=2)
+    env.publish("swapB", seed=3)
+    # w2 of this version replaced by w2 of another version of the same model (same size).
+    env.blob("swapA+part.3").write_bytes(env.blob("swapB+part.3").read_bytes())
+    _refused(env, "swapA", "PART_MISMATCH")
+
+
+def test_reordered_parts_are_refused(env: Env) -> None:
+    env.publish("reorder", seed=4)
+    first, second = env.blob("reorder+part.1"), env.blob("reorder+part.3")  # w1 and w2
+    a, b = first.read_bytes(), second.read_bytes()
+    assert len(a) == len(b)
+    first.write_bytes(b)
+    second.write_bytes(a)
+    _refused(env, "reorder", "PART_MISMATCH")
+
+
+def test_a_dropped_part_is_refused(env: Env) -> None:
+    env.publish("drop", seed=5)
+    store = store_grpc.ModelStoreServiceStub(env.stack.channel(env.admin, "modelstore"))
+    store.DeleteModel(store_pb.DeleteModelRequest(name=NAME, version="drop+part.2"), timeout=10)
+    _refused(env, "drop", "PART_MISSING")
+
+
+def test_a_manifest_from_another_version_is_refused(env: Env) -> None:
+    env.publish("mix1", seed=6)
+    env.publish("mix2", seed=7)
+    # The store answers mix1 with mix2's manifest (same layout, same size).
+    env.blob("mix1").write_bytes(env.blob("mix2").read_bytes())
+    _refused(env, "mix1", "MANIFEST_MISMATCH")
+
+
+def test_a_part_edited_in_place_is_refused(env: Env) -> None:
+    env.publish("flip", seed=8)
+    blob = env.blob("flip+part.1")
+    data = bytearray(blob.read_bytes())
+    data[-100] ^= 1
+    blob.write_bytes(bytes(data))
+    _refused(env, "flip", "DECRYPTION_FAILED")
+
+
+def test_the_client_library_returns_safetensors_shards_equal_to_the_files(env: Env) -> None:
+    folder = env.models / "shards"
+    folder.mkdir()
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4)))
+    shards: dict[str, dict[str, np.ndarray]] = {
+        "model-00001-of-00002.safetensors": {"embed": rng.standard_normal((32, 8), np.float32)},
+        "model-00002-of-00002.safetensors": {
+            "head": rng.standard_normal((8, 4), np.float32),
+            "bias": np.arange(4, dtype=np.int64),
+        },
+    }
+    for file, tensors in shards.items():
+        safetensors.numpy.save_file(tensors, str(folder / file))
+    publish_parts(
+        files_parts([folder]),
+        name="acme/shards",
+        version="1",
+        key_id=KEY,
+        broker=env.stack.channel(env.publisher, "keybroker"),
+        store=env.stack.channel(env.publisher, "modelstore"),
+        layout=ManifestLayout.FILES,
+    )
+    with env.fetcher().fetch("acme/shards", "1") as model:
+        assert model.layout is ManifestLayout.FILES
+        assert [p.name for p in model.parts] == sorted(shards)
+        for part in model.parts:
+            assert part.view.readonly
+            assert part.view == (folder / part.name).read_bytes()
+            loaded = safetensors.numpy.load(part.as_bytes())
+            assert loaded.keys() == shards[part.name].keys()
+            for key, value in shards[part.name].items():
+                np.testing.assert_array_equal(loaded[key], value)
+        held = model.parts[0]
+    # Closed: the buffers are zeroed and the parts refuse further use.
+    with pytest.raises(StrongroomError) as info:
+        held.view  # noqa: B018
+    assert info.value.reason == "MODEL_CLOSED"
+
+
+def test_the_client_library_returns_a_single_artifact_as_one_part(env: Env) -> None:
+    path = write_mlp(env.models / "single-src", 9)
+    from strongroom.client.publish import publish_model
+
+    publish_model(
+        path,
+        name="acme/single",
+        version="1",
+        key_id=KEY,
+        broker=env.stack.channel(env.publisher, "keybroker"),
+        store=env.stack.channel(env.publisher, "modelstore"),
+    )
+    with env.fetcher().fetch("acme/single", "1") as model:
+        assert model.manifest is None
+        assert [p.name for p in model.parts] == ["single"]
+        assert model.parts[0].view == path.read_bytes()
+
+
+def test_the_client_library_refuses_a_swapped_part_with_data_loss(env: Env) -> None:
+    env.publish("libA", seed=10)
+    env.publish("libB", seed=11)
+    env.blob("libA+part.1").write_bytes(env.blob("libB+part.1").read_bytes())
+    with pytest.raises(StrongroomError) as info:
+        env.fetcher().fetch(NAME, "libA")
+    assert info.value.status_name == "DATA_LOSS"
+    assert info.value.reason == "PART_MISMATCH"
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def _pipe_stdout(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[bytes], threading.Thread]:
+    read_fd, write_fd = os.pipe()
+    writer = os.fdopen(write_fd, "wb")
+    received: list[bytes] = []
+
+    def drain() -> None:
+        with os.fdopen(read_fd, "rb") as reader:
+            received.append(reader.read())
+
+    thread = threading.Thread(target=drain)
+    thread.start()
+    monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(buffer=writer))
+    return writer, received, thread
+
+
+def test_cli_publishes_a_directory_and_fetches_a_part_into_a_pipe(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_mlp(env.models / "cli", 12)
+    publisher = env.stack.write_client_config("publisher")
+    publish = ["model", "publish", str(path.parent), "--name", NAME, "--version", "cli"]
+    code = cli_main([*publish, "--key-id", KEY, "--no-progress", "--client-config", str(publisher)])
+    assert code == 0, capsys.readouterr().err
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["layout"] == "ONNX_EXTERNAL_DATA"
+    assert [p["name"] for p in printed["parts"]] == ["model.onnx", "w1", "b1", "w2", "b2"]
+
+    # The CLI asks the VM's hardware for its report; here that is the simulated TEE.
+    authority = SimulatedAuthority.load(env.stack.root / "simulated-tee")
+    simulated = SimulatedAttester(
+        authority.snp(),
+        TeeType.SEV_SNP,
+        production=False,
+        claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
+    )
+    monkeypatch.setattr(cli_models, "select_attester", lambda kind, production: simulated)
+    inference = env.stack.write_client_config("inference")
+    fetch = ["model", "fetch", NAME, "cli", "--to-memory", "--client-config", str(inference)]
+
+    writer, received, thread = _pipe_stdout(monkeypatch)
+    code = cli_main([*fetch, "--part", "w2"])
+    writer.close()
+    thread.join(30)
+    assert code == 0, capsys.readouterr().err
+    assert received == [(path.parent / "w2").read_bytes()]
+
+    writer, received, thread = _pipe_stdout(monkeypatch)
+    code = cli_main(fetch)
+    writer.close()
+    thread.join(30)
+    assert code == 0, capsys.readouterr().err
+    with tarfile.open(fileobj=io.BytesIO(received[0]), mode="r|") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
+    assert members == {n: (path.parent / n).read_bytes() for n in members}
+    assert list(members) == ["model.onnx", "w1", "b1", "w2", "b2"]
+
+
+def test_cli_fetch_refuses_to_write_plaintext_into_a_file(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = (tmp_path / "leak.bin").open("wb")
+    monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(buffer=target))
+    inference = env.stack.write_client_config("inference")
+    code = cli_main(["model", "fetch", NAME, "1", "--to-memory", "--client-config", str(inference)])
+    target.close()
+    assert code == 1
+    assert "OUTPUT_NOT_A_PIPE" in capsys.readouterr().err
+    assert (tmp_path / "leak.bin").read_bytes() == b""
+
+
+def test_cli_plans_single_files_onnx_folders_and_shards(tmp_path: Path) -> None:
+    single = tmp_path / "single.onnx"
+    onnx.save_model(
+        helper.make_model(
+            helper.make_graph(
+                [helper.make_node("Identity", ["x"], ["y"])],
+                "g",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+            )
+        ),
+        str(single),
+    )
+    assert cli_models._plan([single]) is None
+    external = write_mlp(tmp_path / "ext", 0)
+    planned = cli_models._plan([external])
+    assert planned is not None and planned[1] is ManifestLayout.ONNX_EXTERNAL_DATA
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("b.safetensors", "a.safetensors"):
+        (shards / name).write_bytes(b"x")
+    planned = cli_models._plan([shards])
+    assert planned is not None and planned[1] is ManifestLayout.FILES
+    assert [p.name for p in planned[0]] == ["a.safetensors", "b.safetensors"]
+    with pytest.raises(StrongroomError) as info:
+        cli_models._plan([tmp_path / "missing"])
+    assert info.value.reason == "MODEL_FILE_UNREADABLE"
