@@ -64,7 +64,7 @@ def expected_server_id(
     SPIFFE ID in ``trust_domain``) or ``spiffe://<trust_domain>/<service>``."""
     if configured is None:
         return f"spiffe://{trust_domain}/{service}"
-    if not _SPIFFE.match(configured):
+    if not is_workload_id(configured):
         raise ConfigError(f"{where}.{service}_spiffe_id: not a SPIFFE ID: {configured!r}")
     if not configured.startswith(f"spiffe://{trust_domain}/"):
         raise ConfigError(
