@@ -155,7 +155,7 @@ class HsmConfig:
     connect_timeout: float = 15.0
     reconnect_interval: float = 0.5
     reconnect_max_interval: float = 5.0
-    recycle_after_operations: int = 5000
+    recycle_after_operations: int = 2000
     allowed_oaep_hashes: tuple[OaepHash, ...] = PROBE_ORDER
 
     def __post_init__(self) -> None:
