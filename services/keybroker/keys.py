@@ -464,13 +464,18 @@ class KeyManager:
             entry = self._unusable.get(key_id)
             if entry is not None and entry[1] > time.monotonic() and not recheck:
                 raise DataLoss(entry[0], reason=Reason.KEY_OBJECT_UNUSABLE)
-        generation = self._hsm.status().generation
+        ran_on: list[int] = []  # the connection generation the operation actually ran on
+
+        def tracked(hs: HsmSession) -> T:
+            ran_on.append(hs.generation)
+            return op(hs)
+
         try:
-            result = self._hsm.call(op, timeout=timeout, name=name)
+            result = self._hsm.call(tracked, timeout=timeout, name=name)
         except HsmUnavailable as exc:
-            if exc.reason != Reason.HSM_OPERATION_FAILED:
+            if exc.reason != Reason.HSM_OPERATION_FAILED or not ran_on:
                 raise
-            failed_on = max(generation, 1)
+            failed_on = ran_on[-1]
             with self._health_lock:
                 previous = self._failed_on.get(key_id)
                 self._failed_on[key_id] = failed_on
