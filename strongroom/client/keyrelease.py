@@ -43,9 +43,8 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation.binding import report_data_for
 from strongroom.attesters import Attester
 from strongroom.errors import DataLoss, FailedPrecondition
+from strongroom.pki.authz import REASON_METADATA_KEY
 from strongroom.pki.channel import RotatingChannel
-
-REASON_METADATA_KEY = "strongroom-reason"
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +58,7 @@ from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.keybroker.audit import load_public_key, verify_audit_log
 from strongroom.pki._state import STATE_FILE
+from strongroom.pki.stepca import BINARY_ENV
 
 log = logging.getLogger("soak")
 
@@ -423,7 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path(".build/soak"))
     parser.add_argument("--out", type=Path, default=Path(".build/soak/report.json"))
     args = parser.parse_args(argv)
+    args.root = args.root.resolve()  # the stack's configuration files need absolute paths
+    built = Path(__file__).resolve().parents[2] / ".build" / "bin" / "step-ca"
+    os.environ.setdefault(BINARY_ENV, str(built))  # what `make soak` exports
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("strongroom").setLevel(logging.WARNING)  # one line per release is noise
     import shutil
 
     shutil.rmtree(args.root, ignore_errors=True)
