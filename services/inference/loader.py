@@ -9,7 +9,8 @@ NOT ready, with the reason recorded for ModelReady/metadata and the logs.
 **How peers' failures reach the caller.** The reason is the peer's own, read from its
 ``strongroom-reason`` trailer (never parsed out of the message text). The status is kept where it
 says something about the model or the dependency: ``DATA_LOSS`` (the store's ``BLOB_MISSING``,
-``BLOB_SIZE_MISMATCH``, ...), ``UNAVAILABLE``/``DEADLINE_EXCEEDED`` (as ``UNAVAILABLE``),
+``BLOB_SIZE_MISMATCH``, ...), ``UNAVAILABLE``/``DEADLINE_EXCEEDED``/``CANCELLED`` (as
+``UNAVAILABLE``: the loader never cancels its own calls, so a CANCELLED is a peer shutting down),
 ``NOT_FOUND`` and ``RESOURCE_EXHAUSTED``. Any other refusal (the broker's ``PERMISSION_DENIED``
 for a VM outside the policy, ``FAILED_PRECONDITION`` for a disabled key, ...) becomes
 ``FAILED_PRECONDITION`` with the peer's reason: the LoadModel caller itself was not refused. An
@@ -66,6 +67,9 @@ _KEPT: dict[grpc.StatusCode, type[StrongroomError]] = {
     grpc.StatusCode.DATA_LOSS: DataLoss,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    # The loader never cancels its own calls: a CANCELLED it receives comes from a peer that is
+    # shutting down (gRPC answers calls arriving while a server drains that way).
+    grpc.StatusCode.CANCELLED: Unavailable,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
 }

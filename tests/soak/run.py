@@ -12,9 +12,9 @@ serve``) with short-lived certificates, on loopback. While they run:
   (its directory is moved) and puts it back.
 
 An operation counts as *failed* only if it fails after the documented bounded retries (module docs
-of the key release client and the loader): releasers retry ``UNAVAILABLE`` for up to
-:data:`RETRY_WINDOW` seconds, as the loader does; ModelInfer is not retried at all. Transient
-``UNAVAILABLE`` answers are counted separately.
+of the key release client and the loader): releasers retry ``UNAVAILABLE`` and ``CANCELLED``
+for up to :data:`RETRY_WINDOW` seconds, as the loader does; ModelInfer is not retried at all.
+Transient answers are counted separately.
 
 The report (JSON, also written to ``--out``): operations and failures per kind, certificate
 rotations per service, RSS samples and the RSS slope per service (KiB per minute after warm-up;
@@ -65,6 +65,9 @@ log = logging.getLogger("soak")
 KEY = "soak"
 MODEL = "soakmodel"
 RETRY_WINDOW = 30.0
+# What a client of a restarting server sees: UNAVAILABLE while it is down, CANCELLED for a call
+# that arrived while it was draining (the loader treats both alike).
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 SERVICES = ("keybroker", "modelstore", "inference")
 
 
@@ -209,7 +212,7 @@ class Soak:
                 operation()
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code == grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < deadline:
+                if code in _TRANSIENT and time.monotonic() + delay < deadline:
                     self.counters.add("transient", kind)
                     if self.stop.wait(delay):
                         return
