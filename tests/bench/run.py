@@ -22,6 +22,7 @@ AREAS = (
     "artifact",
     "attestation",
     "hsm",
+    "hsmsoak",
     "keybroker",
     "modelstore",
     "inference",
