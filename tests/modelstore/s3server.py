@@ -111,6 +111,17 @@ def client(
     )
 
 
+def iam_client(endpoint: str, *, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY) -> Any:
+    """A boto3 IAM client on the same server (moto serves every API on one port)."""
+    return boto3.session.Session().client(
+        "iam",
+        endpoint_url=endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name="us-east-1",
+    )
+
+
 def new_bucket(s3: Any) -> str:
     """Creates a bucket with a fresh name and returns the name."""
     name = f"strongroom-{secrets.token_hex(6)}"
