@@ -141,7 +141,7 @@ def test_failed_multipart_upload_is_aborted(s3_server: s3server.MotoServer, s3_b
 
 
 def _status(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
-    reason = dict(err.trailing_metadata() or ()).get("strongroom-reason", "")  # type: ignore[attr-defined]
+    reason = dict(err.trailing_metadata() or ()).get("strongroom-reason", "")  # type: ignore[attr-defined,arg-type]
     return err.code(), str(reason)  # type: ignore[attr-defined]
 
 
