@@ -28,6 +28,7 @@ AREAS = (
     "mtls",
     "coldstart",
     "multipart",
+    "s3",
 )
 
 
