@@ -29,6 +29,7 @@ AREAS = (
     "mtls",
     "coldstart",
     "multipart",
+    "s3",
 )
 
 
