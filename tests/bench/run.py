@@ -22,12 +22,14 @@ AREAS = (
     "artifact",
     "attestation",
     "hsm",
+    "hsmsoak",
     "keybroker",
     "modelstore",
     "inference",
     "mtls",
     "coldstart",
     "multipart",
+    "s3",
     "abuse",
 )
 

@@ -13,6 +13,7 @@ from strongroom.artifact import InvalidArtifact, StructureValidator
 from strongroom.modelstore.errors import KeySlotRejected, ModelNotFound
 from strongroom.modelstore.service import METHOD_ROLES, ROLE_ADMIN, SERVICE_NAME
 from strongroom.modelstore.storage import FilesystemStorage
+from tests.modelstore.backends import AnyStorage, assert_clean, blob_count
 from tests.modelstore.conftest import Served, serve
 from tests.modelstore.fake_artifact import chunked
 from tests.modelstore.rewrap_case import (
@@ -25,20 +26,18 @@ from tests.modelstore.rewrap_case import (
 SIZE = 100_000
 
 
-def _store(
-    storage: FilesystemStorage, name: str = "acme/m", version: str = "1", **kw: int
-) -> bytes:
+def _store(storage: AnyStorage, name: str = "acme/m", version: str = "1", **kw: int) -> bytes:
     data = artifact(name, version, SIZE, **kw)
     storage.put(chunked(data, 7000), StructureValidator())
     return data
 
 
-def _read(storage: FilesystemStorage, name: str = "acme/m", version: str = "1") -> bytes:
+def _read(storage: AnyStorage, name: str = "acme/m", version: str = "1") -> bytes:
     with storage.open(name, version) as reader:
         return b"".join(reader.chunks(1 << 16))
 
 
-def _replace(storage: FilesystemStorage, expected: int, new: int, **kw: bytes) -> object:
+def _replace(storage: AnyStorage, expected: int, new: int, **kw: bytes) -> object:
     return storage.replace_key_slot(
         "acme/m",
         "1",
@@ -48,7 +47,7 @@ def _replace(storage: FilesystemStorage, expected: int, new: int, **kw: bytes) -
     )
 
 
-def test_replace_moves_only_the_slot(storage: FilesystemStorage) -> None:
+def test_replace_moves_only_the_slot(storage: AnyStorage) -> None:
     original = _store(storage)
     before = storage.stat("acme/m", "1")
     after = _replace(storage, 1, 2)
@@ -63,11 +62,11 @@ def test_replace_moves_only_the_slot(storage: FilesystemStorage) -> None:
     assert decrypt_stored(data) == plaintext_of("acme/m", "1", SIZE)
     assert storage.verify("acme/m", "1") == after
     # The old blob is gone; nothing left behind.
-    assert storage.blob_digests() == {after.artifact_sha256}
-    assert list((storage.root / "tmp").iterdir()) == []
+    assert blob_count(storage) == 1
+    assert_clean(storage)
 
 
-def test_replaying_a_replacement_is_a_no_op(storage: FilesystemStorage) -> None:
+def test_replaying_a_replacement_is_a_no_op(storage: AnyStorage) -> None:
     _store(storage)
     first = _replace(storage, 1, 2)
     assert _replace(storage, 1, 2) == first
@@ -84,7 +83,7 @@ def test_replaying_a_replacement_is_a_no_op(storage: FilesystemStorage) -> None:
     ],
 )
 def test_refused_replacements_leave_the_model_intact(
-    storage: FilesystemStorage, expected: int, new: int, reason: str
+    storage: AnyStorage, expected: int, new: int, reason: str
 ) -> None:
     original = _store(storage)
     record = storage.stat("acme/m", "1")
@@ -95,7 +94,7 @@ def test_refused_replacements_leave_the_model_intact(
     assert _read(storage) == original
 
 
-def test_no_rollback_to_an_older_kek_version(storage: FilesystemStorage) -> None:
+def test_no_rollback_to_an_older_kek_version(storage: AnyStorage) -> None:
     _store(storage)
     _replace(storage, 1, 3)
     with pytest.raises(KeySlotRejected) as info:
@@ -103,7 +102,7 @@ def test_no_rollback_to_an_older_kek_version(storage: FilesystemStorage) -> None
     assert info.value.reason == "KEY_VERSION_NOT_NEWER"
 
 
-def test_format_1_is_not_replaceable(storage: FilesystemStorage) -> None:
+def test_format_1_is_not_replaceable(storage: AnyStorage) -> None:
     original = _store(storage, format_version=1)
     with pytest.raises(KeySlotRejected) as info:
         _replace(storage, 1, 2)
@@ -119,30 +118,28 @@ def test_format_1_is_not_replaceable(storage: FilesystemStorage) -> None:
         (bytes(2000), "INVALID_WRAPPED_DEK"),
     ],
 )
-def test_malformed_slots_are_refused(
-    storage: FilesystemStorage, wrapped_dek: bytes, reason: str
-) -> None:
+def test_malformed_slots_are_refused(storage: AnyStorage, wrapped_dek: bytes, reason: str) -> None:
     original = _store(storage)
     with pytest.raises(InvalidArtifact) as info:
         _replace(storage, 1, 2, wrapped_dek=wrapped_dek)
     assert info.value.reason == reason
     assert _read(storage) == original
-    assert list((storage.root / "tmp").iterdir()) == []
+    assert_clean(storage)
 
 
-def test_missing_model(storage: FilesystemStorage) -> None:
+def test_missing_model(storage: AnyStorage) -> None:
     with pytest.raises(ModelNotFound):
         _replace(storage, 1, 2)
 
 
-def test_an_open_reader_keeps_reading_the_old_artifact(storage: FilesystemStorage) -> None:
+def test_an_open_reader_keeps_reading_the_old_artifact(storage: AnyStorage) -> None:
     original = _store(storage)
     with storage.open("acme/m", "1") as reader:
         _replace(storage, 1, 2)
         assert b"".join(reader.chunks(4096)) == original
 
 
-def test_concurrent_replacements_have_one_winner(storage: FilesystemStorage) -> None:
+def test_concurrent_replacements_have_one_winner(storage: AnyStorage) -> None:
     _store(storage)
     outcomes: list[str] = []
     barrier = threading.Barrier(4)
@@ -163,11 +160,11 @@ def test_concurrent_replacements_have_one_winner(storage: FilesystemStorage) -> 
         t.join(30)
     assert outcomes.count("won") == 1
     assert sorted(set(outcomes) - {"won"}) == ["KEY_SLOT_CHANGED"]
-    assert len(storage.blob_digests()) == 1
-    assert list((storage.root / "tmp").iterdir()) == []
+    assert blob_count(storage) == 1
+    assert_clean(storage)
 
 
-def test_replace_over_grpc(storage: FilesystemStorage) -> None:
+def test_replace_over_grpc(storage: AnyStorage) -> None:
     assert METHOD_ROLES[f"/{SERVICE_NAME}/ReplaceKeySlot"] == ROLE_ADMIN
     _store(storage)
     host, channel = serve(storage, StructureValidator)
