@@ -4,9 +4,10 @@ The TLS handshake has already verified the client's chain against our root (gRPC
 request-but-don't-verify mode, see ``pki/README.md``). :class:`SpiffeAuthorizer` then checks, for every
 RPC: a peer certificate is present; it is time-valid NOW (a connection may outlive its certificate);
 it has exactly one URI SAN, a SPIFFE ID in our trust domain; the connection negotiated TLS 1.3; and
-the method's rule lists that ID. Failures abort with UNAUTHENTICATED (no usable identity) or
-PERMISSION_DENIED (known identity, not allowed), naming the identity and the method, before the
-handler runs.
+the method's rule lists that ID. Failures raise :class:`PeerUnauthenticated` (UNAUTHENTICATED: no
+usable identity) or :class:`PeerNotAllowed` (PERMISSION_DENIED: known identity, not allowed), naming
+the identity and the method, before the handler runs or any request is read. The authoriser only
+raises: the service runtime's error mapping, its outermost interceptor, reports the status and reason.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from strongroom.spiffe import MalformedSpiffeId, SpiffeId
 
 _log = logging.getLogger(__name__)
 
-REASON_METADATA_KEY = "strongroom-reason"
 _METHOD = re.compile(r"/([A-Za-z_][\w.]*)/([A-Za-z_]\w*|\*)")
 _SERVICE = re.compile(r"[A-Za-z_][\w.]*")
 
@@ -252,9 +252,9 @@ class SpiffeAuthorizer(_InterceptorBase):
         try:
             self.authorize(method, context)
         except StrongroomError as exc:
+            # Raised, not answered: the service runtime's error mapping (outermost) reports it.
             _log.warning("denied RPC %s: %s", method, exc, extra={"reason": exc.reason})
-            context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
-            context.abort(grpc.StatusCode[exc.status_name], str(exc))
+            raise
 
     def intercept_service(
         self,

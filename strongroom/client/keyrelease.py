@@ -44,8 +44,8 @@ from strongroom.attestation.binding import report_data_for
 from strongroom.attesters import Attester
 from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.oaep import OaepHash
-from strongroom.pki.authz import REASON_METADATA_KEY
 from strongroom.pki.channel import RotatingChannel
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def peer_reason(error: grpc.RpcError) -> str | None:
     except Exception:  # a call object without trailers: no reason
         metadata = None
     for key, value in metadata or ():
-        if key == REASON_METADATA_KEY and isinstance(value, str):
+        if key == REASON_TRAILER and isinstance(value, str):
             return value
     return None
 

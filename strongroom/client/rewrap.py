@@ -34,13 +34,13 @@ from strongroom.artifact.format import (
     PREFIX_SIZE,
     SLOT_LENGTH_SIZE,
 )
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 
 __all__ = ["MAX_HEAD_SIZE", "RewrapResult", "rewrap_models"]
 
 MAX_HEAD_SIZE = PREFIX_SIZE + MAX_HEADER_SIZE + SLOT_LENGTH_SIZE + MAX_KEY_SLOT_SIZE
 """The most bytes before any artifact's body: what is read of each model."""
 
-REASON_KEY = "strongroom-reason"
 PAGE_SIZE = 200
 
 
@@ -65,7 +65,7 @@ def _reason(exc: grpc.RpcError) -> str:
         tuple(exc.trailing_metadata() or ()) if isinstance(exc, grpc.Call) else ()
     )
     for key, value in trailers:
-        if key == REASON_KEY:
+        if key == REASON_TRAILER:
             return str(value)
     return exc.code().name if isinstance(exc, grpc.Call) else "RPC_FAILED"
 

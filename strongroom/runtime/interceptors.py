@@ -20,16 +20,15 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from strongroom.errors import InvalidArgument, StrongroomError
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.grpc_types import RpcMethodHandler, ServerInterceptorBase, rewrap_handler
 
 log = logging.getLogger(__name__)
 
-REASON_METADATA_KEY = "strongroom-reason"
-
 
 def abort_with(context: grpc.ServicerContext, exc: StrongroomError) -> None:
     """Fails the current RPC with ``exc``'s status, reason and message (raises)."""
-    context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
+    context.set_trailing_metadata(((REASON_TRAILER, exc.reason),))
     context.abort(grpc.StatusCode[exc.status_name], str(exc))
 
 
@@ -44,7 +43,7 @@ def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> N
         raise exc
     ref = uuid.uuid4().hex[:12]
     log.error("unexpected error in %s (ref %s)", method, ref, exc_info=exc)
-    context.set_trailing_metadata(((REASON_METADATA_KEY, "INTERNAL"),))
+    context.set_trailing_metadata(((REASON_TRAILER, "INTERNAL"),))
     context.abort(grpc.StatusCode.INTERNAL, f"INTERNAL: internal error (ref {ref})")
 
 
@@ -106,19 +105,12 @@ class ErrorMappingInterceptor(ServerInterceptorBase):
 
 
 def _wrap_handler(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
-    request_streaming = handler.request_streaming
-
-    def arguments(argument: Any, context: grpc.ServicerContext) -> Any:
-        if request_streaming:
-            return _checked(argument, context, method)
-        if isinstance(argument, _Malformed):
-            raise _malformed(argument, context, method)
-        return argument
-
+    # Undecodable requests become a marker here (where gRPC deserialises them) and are refused by
+    # RequestDecodingInterceptor, innermost: authorisation and stream limits come first.
     def unary_result(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                return fn(arguments(request, context), context)
+                return fn(request, context)
             except Exception as exc:
                 _handle(exc, context, method)
                 raise  # unreachable: _handle always raises
@@ -130,7 +122,7 @@ def _wrap_handler(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
     ) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
-                yield from fn(arguments(request, context), context)
+                yield from fn(request, context)
             except Exception as exc:
                 _handle(exc, context, method)
                 raise
@@ -143,3 +135,45 @@ def _wrap_handler(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
         stream_result,
         request_deserializer=_safe_deserializer(handler.request_deserializer),
     )
+
+
+class RequestDecodingInterceptor(ServerInterceptorBase):
+    """Refuses a request that did not deserialise (INVALID_ARGUMENT MALFORMED_REQUEST).
+
+    It goes innermost, after the authoriser: a caller who may not call the method learns that
+    first, whatever bytes it sent. Needs :class:`ErrorMappingInterceptor` further out.
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        request_streaming = handler.request_streaming
+
+        def arguments(argument: Any, context: grpc.ServicerContext) -> Any:
+            if request_streaming:
+                return _checked(argument, context, method)
+            if isinstance(argument, _Malformed):
+                raise _malformed(argument, context, method)
+            return argument
+
+        def unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                return fn(arguments(request, context), context)
+
+            return call
+
+        def stream(
+            fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+        ) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                yield from fn(arguments(request, context), context)
+
+            return call
+
+        return rewrap_handler(handler, unary, stream)

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import ServerInterceptor
 from strongroom.runtime.health import HealthServicer
-from strongroom.runtime.interceptors import ErrorMappingInterceptor
+from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from strongroom.runtime.metrics import MetricsInterceptor
 from strongroom.runtime.streams import StreamGuard, StreamLimits
 
@@ -117,13 +117,16 @@ class ServiceHost:
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-            # The stream guard comes after authorisation (it counts verified callers only) and
-            # before error mapping (which must see every exception the handlers raise).
+            # Outermost first. Metrics read the final status; error mapping is the one place that
+            # turns any exception (an authoriser's or stream guard's refusal included) into a status
+            # and reason trailer; the stream guard counts verified callers only, so it follows the
+            # authoriser that the caller's `interceptors` end with.
             interceptors=[
-                *interceptors,
-                self.streams,
                 MetricsInterceptor(),
                 ErrorMappingInterceptor(),
+                *interceptors,
+                self.streams,
+                RequestDecodingInterceptor(),
             ],
             options=options,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,

@@ -37,7 +37,6 @@ from strongroom.runtime.grpc_types import (
     is_non_blocking,
     rewrap_handler,
 )
-from strongroom.runtime.interceptors import abort_with
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +166,7 @@ class StreamGuard(ServerInterceptorBase):
                     "stream refused",
                     extra={"method": method, "peer": context.peer(), "reason": exc.reason},
                 )
-                abort_with(context, exc)
-                raise  # unreachable: abort_with raises
+                raise  # the runtime's error mapping (outermost) answers it
             if not context.add_callback(release):
                 release()  # the RPC has already ended
             return release

@@ -23,7 +23,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as ms
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as ms_grpc
 from strongroom.dev.devstack import DevStack
 from strongroom.pki import WorkloadIdentity
-from strongroom.runtime.interceptors import REASON_METADATA_KEY
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 
 KEY_ID = "abuse-key"
 BROKER = "strongroom.api.keybroker.v1.KeyBrokerService"
@@ -40,7 +40,7 @@ def outcome(error: BaseException | None) -> tuple[str, str | None]:
     if not isinstance(error, grpc.RpcError):
         return (type(error).__name__, None)
     metadata: Any = error.trailing_metadata() or ()
-    reason = dict(metadata).get(REASON_METADATA_KEY)
+    reason = dict(metadata).get(REASON_TRAILER)
     return (error.code().name, reason)
 
 

@@ -139,3 +139,21 @@ def test_the_development_kit_is_its_own_distribution() -> None:
     assert 'DEVELOPMENT_ONLY = {"strongroom.dev"}' in setup
     dev = tomllib.loads((REPO / "dev" / "pyproject.toml").read_text())
     assert dev["project"]["name"] == "strongroom-dev"
+
+
+def test_one_place_maps_errors_to_statuses() -> None:
+    """Only the runtime's error mapping answers an RPC with a status; everything else raises."""
+    found = []
+    for module, (path, _) in GRAPH.items():
+        if module == "strongroom.runtime.interceptors":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in {"abort", "set_trailing_metadata", "set_code"}
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "context"
+            ):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert found == []

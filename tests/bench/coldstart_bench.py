@@ -35,7 +35,7 @@ from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
 from strongroom.modelstore.service import DEFAULT_DOWNLOAD_CHUNK, ModelStoreServicer
 from strongroom.modelstore.storage import FilesystemStorage
-from strongroom.runtime.interceptors import ErrorMappingInterceptor
+from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from tests.modelstore.fake_artifact import FakeValidator, artifact_header
 
 _SERVICE = "bench.PlainModel"
@@ -92,7 +92,8 @@ def _serve_plain_store(path: Path, root: Path) -> tuple[grpc.Server, int, int]:
 
     storage.put(chunks(), FakeValidator())
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2), interceptors=[ErrorMappingInterceptor()]
+        futures.ThreadPoolExecutor(max_workers=2),
+        interceptors=[ErrorMappingInterceptor(), RequestDecodingInterceptor()],
     )
     store_grpc.add_ModelStoreServiceServicer_to_server(
         ModelStoreServicer(storage, FakeValidator), server

@@ -36,7 +36,7 @@ from strongroom.inference.models import (
 )
 from strongroom.inference.models._ort import ort
 from strongroom.inference.oip import InferLimits, OipServicer
-from strongroom.runtime.interceptors import ErrorMappingInterceptor
+from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from tests.inference import onnx_models
 
 SEQUENTIAL_REQUESTS = 2000
@@ -87,7 +87,7 @@ def _bench_infer(
     limits = InferLimits()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),
-        interceptors=[ErrorMappingInterceptor()],
+        interceptors=[ErrorMappingInterceptor(), RequestDecodingInterceptor()],
         options=limits.grpc_server_options(),
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(repo, limits=limits), server)

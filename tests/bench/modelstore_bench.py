@@ -36,7 +36,7 @@ from strongroom.artifact import StructureValidator, encrypt_stream
 from strongroom.modelstore.service import DEFAULT_DOWNLOAD_CHUNK, ModelStoreServicer
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.modelstore.validator import ValidatorFactory
-from strongroom.runtime.interceptors import ErrorMappingInterceptor
+from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from tests.modelstore.fake_artifact import FakeValidator, artifact_header
 
 MiB = 1024 * 1024
@@ -180,7 +180,7 @@ class _Harness:
     def _server(self) -> tuple[grpc.Server, int]:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4),
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[ErrorMappingInterceptor(), RequestDecodingInterceptor()],
             options=_SERVER_OPTIONS,
         )
         if self._credentials is None:

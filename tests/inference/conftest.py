@@ -17,7 +17,7 @@ from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.inference.evidence_service import InferenceAttestationServicer
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.oip import InferLimits, OipServicer
-from strongroom.runtime.interceptors import ErrorMappingInterceptor
+from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ def start(
     limits = limits or InferLimits()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
-        interceptors=[ErrorMappingInterceptor()],
+        interceptors=[ErrorMappingInterceptor(), RequestDecodingInterceptor()],
         options=limits.grpc_server_options(),
     )
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(

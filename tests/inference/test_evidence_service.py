@@ -25,7 +25,7 @@ from strongroom.attesters import (
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.inference.evidence_service import InferenceAttestationServicer
 from strongroom.inference.models import ModelRepository
-from strongroom.runtime.interceptors import REASON_METADATA_KEY
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from tests.inference.conftest import Starter
 from tests.inference.fake_tee import FakeSevGuest
 
@@ -40,9 +40,7 @@ def spki() -> bytes:
 
 
 def reason_of(error: grpc.RpcError) -> object:
-    return next(
-        (m.value for m in error.trailing_metadata() or () if m.key == REASON_METADATA_KEY), None
-    )
+    return next((m.value for m in error.trailing_metadata() or () if m.key == REASON_TRAILER), None)
 
 
 @pytest.fixture

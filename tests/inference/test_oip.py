@@ -14,7 +14,7 @@ import pytest
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.inference.models import ModelRepository, RuntimeOptions, session_options
 from strongroom.inference.oip import ATTESTATION_EXTENSION, InferLimits
-from strongroom.runtime.interceptors import REASON_METADATA_KEY
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from tests.inference import onnx_models
 from tests.inference.conftest import Running, Starter, start, stop
 
@@ -109,7 +109,7 @@ def expect_error(call: object, code: grpc.StatusCode, reason: str) -> grpc.RpcEr
     error = info.value
     assert error.code() == code, error.details()
     reasons: list[object] = [
-        m.value for m in error.trailing_metadata() or () if m.key == REASON_METADATA_KEY
+        m.value for m in error.trailing_metadata() or () if m.key == REASON_TRAILER
     ]
     assert reasons == [reason], error.details()
     return error

@@ -19,7 +19,7 @@ from strongroom.modelstore.service import (
     ROLE_READER,
     SERVICE_NAME,
 )
-from strongroom.runtime.interceptors import REASON_METADATA_KEY
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from tests.modelstore.backends import assert_clean, blob_count, overwrite_blob
 from tests.modelstore.conftest import Served
 from tests.modelstore.fake_artifact import chunked, make_artifact
@@ -60,7 +60,7 @@ def rpc_error(fn: object, *args: object, **kw: object) -> grpc.RpcError:
 def assert_status(err: Any, code: grpc.StatusCode, reason: str) -> None:
     assert err.code() == code, err
     assert err.details().startswith(f"{reason}: "), err.details()
-    assert (REASON_METADATA_KEY, reason) in tuple(err.trailing_metadata())
+    assert (REASON_TRAILER, reason) in tuple(err.trailing_metadata())
 
 
 def test_put_then_get_stat_list_delete(served: Served) -> None:

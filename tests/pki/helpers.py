@@ -26,6 +26,7 @@ from strongroom.pki import (
     init_ca,
     mint_token,
 )
+from strongroom.runtime.interceptors import ErrorMappingInterceptor
 
 TRUST_DOMAIN = "strongroom.test"
 ECHO = "strongroom.test.Echo"
@@ -277,7 +278,8 @@ def serve(
     calls = Calls()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16),
-        interceptors=[authorizer or default_authorizer()],
+        # As in the service runtime: the error mapping, outermost, answers the authoriser's refusals.
+        interceptors=[ErrorMappingInterceptor(), authorizer or default_authorizer()],
     )
     server.add_generic_rpc_handlers([echo_handler(calls)])
     servicer = health.HealthServicer()

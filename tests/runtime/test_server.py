@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strongroom import errors
-from strongroom.runtime.interceptors import REASON_METADATA_KEY
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 
 SERVICE = "test.Echo"
@@ -108,7 +108,7 @@ def test_domain_errors_map_to_precise_status(
     err = info.value
     assert err.code() == code  # type: ignore[attr-defined]
     assert err.details().startswith(f"{reason}: ")  # type: ignore[attr-defined]
-    assert (REASON_METADATA_KEY, reason) in tuple(err.trailing_metadata())  # type: ignore[attr-defined]
+    assert (REASON_TRAILER, reason) in tuple(err.trailing_metadata())  # type: ignore[attr-defined]
 
 
 def test_unexpected_error_is_internal_without_details(

@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.pki.authz import SpiffeAuthorizer
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.config import ConfigError, ServerConfig
-from strongroom.runtime.interceptors import REASON_METADATA_KEY
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import server_tracing_interceptor
 
@@ -108,7 +108,7 @@ def unary(channel: grpc.Channel, timeout: float = 10) -> bytes:
 
 def reason_of(error: grpc.RpcError) -> str | None:
     metadata: Any = error.trailing_metadata() or ()  # type: ignore[attr-defined]
-    return dict(metadata).get(REASON_METADATA_KEY)
+    return dict(metadata).get(REASON_TRAILER)
 
 
 def test_watch_streams_hold_no_worker_thread(
