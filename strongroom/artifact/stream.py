@@ -326,17 +326,22 @@ class StreamDecryptor(_ArtifactStream):
         header = self._header
         assert header is not None and self._cipher is not None
         msg_end = min((first + count) * _CS, header.message_size)
-        out = bytearray(msg_end - first * _CS)
-        dst = memoryview(out)
+        # Decrypted straight into the bytes object handed out (no zero-fill, no copy), unless the
+        # run ends in the digest bytes, which are cut off with one copy.
+        out, dst = output_bytes(msg_end - first * _CS)
         try:
-            self._open_run(first, count, ciphertext, dst)
-        except DecryptionFailed:
-            wipe(out)
-            raise
-        plain = self._split(first, dst)
-        if self._hash is not None:
-            self._hash.update(plain)
-        self._released.append(bytes(plain))
+            try:
+                self._open_run(first, count, ciphertext, dst)
+            except DecryptionFailed:
+                wipe(dst)
+                raise
+            plain = self._split(first, dst)
+            if self._hash is not None:
+                self._hash.update(plain)
+            self._released.append(out if plain.nbytes == dst.nbytes else bytes(plain))
+            plain.release()
+        finally:
+            dst.release()
 
     def finish(self) -> None:
         """Confirms the whole artifact: complete, footer authentic, digest (if asked) correct."""
