@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TOOLS := .build/tools
 
-.PHONY: setup demo test lint typecheck protolint deploycheck unit bench clean
+.PHONY: setup demo test lint typecheck protolint deploycheck unit bench soak clean
 
 setup:
 	@deploy/dev/setup.sh
@@ -34,6 +34,9 @@ unit: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck protolint deploycheck unit
+
+soak: setup
+	@$(PY) -m tests.soak.run $(SOAK_ARGS)
 
 bench: setup
 	@$(PY) -m tests.bench.run $(BENCH_ARGS)

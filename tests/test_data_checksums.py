@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import DATA
 
-FOLDERS = ["attestation", "wycheproof"]
+FOLDERS = ["artifact", "attestation", "wycheproof"]
 
 
 @pytest.mark.parametrize("folder", FOLDERS)

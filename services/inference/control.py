@@ -7,7 +7,7 @@ import grpc
 from strongroom.api.inference.v1 import model_control_pb2 as pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as pb_grpc
 from strongroom.identifiers import validate_name, validate_version
-from strongroom.inference.loader import ModelLoader
+from strongroom.inference.loader import LOAD_RETRY_SECONDS, ModelLoader
 from strongroom.inference.models import ModelRepository
 
 CONTROL_SERVICE = "strongroom.api.inference.v1.ModelControlService"
@@ -25,7 +25,10 @@ class ModelControlServicer(pb_grpc.ModelControlServiceServicer):
     ) -> pb.LoadModelResponse:
         name = validate_name(request.name)
         version = validate_version(request.version)
-        result = self._loader.load(name, version)
+        remaining = context.time_remaining()
+        # Retry brief unavailability, but answer before the caller's own deadline.
+        within = LOAD_RETRY_SECONDS if remaining is None else min(LOAD_RETRY_SECONDS, remaining - 1)
+        result = self._loader.load_with_retry(name, version, within=within)
         return pb.LoadModelResponse(timings=result.timings, decision_id=result.decision_id)
 
     def UnloadModel(

@@ -7,6 +7,23 @@ another thread while the download goes on, and the plaintext buffer is faulted i
 plaintext exists only in one in-memory buffer that ONNX Runtime loads from and that is then
 overwritten. A failure at any step leaves the model NOT ready, with the reason recorded for
 ModelReady/metadata and the logs.
+
+**How peers' failures reach the caller.** The reason is the peer's own, read from its
+``strongroom-reason`` trailer (never parsed out of the message text). The status is kept where it
+says something about the model or the dependency: ``DATA_LOSS`` (the store's ``BLOB_MISSING``,
+``BLOB_SIZE_MISMATCH``, ...), ``UNAVAILABLE``/``DEADLINE_EXCEEDED``/``CANCELLED`` (as
+``UNAVAILABLE``: the loader never cancels its own calls, so a CANCELLED is a peer shutting down),
+``NOT_FOUND`` and ``RESOURCE_EXHAUSTED``. Any other refusal (the broker's ``PERMISSION_DENIED``
+for a VM outside the policy, ``FAILED_PRECONDITION`` for a disabled key, ...) becomes
+``FAILED_PRECONDITION`` with the peer's reason: the LoadModel caller itself was not refused. An
+artifact that arrives malformed (truncated, extended, bad framing) is stored data gone wrong, so
+it is ``DATA_LOSS`` with the artifact reader's reason, like a failed authentication.
+
+**Retries.** :meth:`ModelLoader.load_with_retry` retries a load that failed with ``UNAVAILABLE``
+(store, broker, HSM or collateral briefly unreachable) with exponential back-off until a deadline;
+nothing else is retried (a denied release or a damaged artifact needs an operator). Configured
+models retry without a deadline (see the server); LoadModel retries within
+:data:`LOAD_RETRY_SECONDS` or the caller's own deadline, whichever is sooner.
 """
 
 from __future__ import annotations
@@ -15,7 +32,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -25,10 +42,18 @@ from opentelemetry.sdk.trace import TracerProvider
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import ArtifactHeader, decrypt_download
+from strongroom.artifact.errors import InvalidArtifact
 from strongroom.artifact.manifest import is_manifest
 from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS, ModelFetcher
-from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
-from strongroom.errors import FailedPrecondition, StrongroomError, Unavailable
+from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey, peer_reason
+from strongroom.errors import (
+    DataLoss,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    StrongroomError,
+    Unavailable,
+)
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.multipart import load_multipart
 from strongroom.inference.signature import SignaturePolicy
@@ -36,11 +61,27 @@ from strongroom.runtime.metrics import MODEL_LOAD_DURATION
 
 log = logging.getLogger(__name__)
 
-_GRPC_TO_ERROR = {
+#: Reasons used when a peer sent none (a peer that is not Strongroom, or a transport failure).
+_GRPC_TO_REASON = {
     grpc.StatusCode.PERMISSION_DENIED: "KEY_RELEASE_DENIED",
     grpc.StatusCode.UNAUTHENTICATED: "UNAUTHENTICATED",
     grpc.StatusCode.NOT_FOUND: "MODEL_NOT_IN_STORE",
 }
+#: Peer statuses passed on as they are (see the module docstring); the rest is FailedPrecondition.
+_KEPT: dict[grpc.StatusCode, type[StrongroomError]] = {
+    grpc.StatusCode.DATA_LOSS: DataLoss,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    # The loader never cancels its own calls: a CANCELLED it receives comes from a peer that is
+    # shutting down (gRPC answers calls arriving while a server drains that way).
+    grpc.StatusCode.CANCELLED: Unavailable,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+}
+#: How long LoadModel keeps retrying a load that failed with UNAVAILABLE (seconds).
+LOAD_RETRY_SECONDS = 30.0
+_RETRY_FIRST_DELAY = 0.2
+_RETRY_MAX_DELAY = 5.0
 
 
 @dataclass
@@ -51,19 +92,24 @@ class LoadResult:
     decision_id: str = ""
 
 
-_REASON = re.compile(r"^([A-Z][A-Z0-9_]+): ")
+_REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 
 
 def _remote_error(step: str, exc: grpc.RpcError) -> StrongroomError:
-    """A peer's refusal as a domain error: its own reason code when it sent one (``REASON: …``)."""
+    """A peer's refusal as a domain error with the peer's reason (its ``strongroom-reason``
+    trailer) and, where it matters, its status (module docstring)."""
     code = exc.code()
     details = exc.details() or code.name
-    sent = _REASON.match(details)
     tag = step.upper().replace(" ", "_")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"{step}: {details}", reason=sent[1] if sent else f"{tag}_UNAVAILABLE")
-    reason = sent[1] if sent else _GRPC_TO_ERROR.get(code, f"{tag}_FAILED")
-    return FailedPrecondition(f"{step}: {details}", reason=reason)
+    sent = peer_reason(exc)
+    if sent is not None and not _REASON.match(sent):
+        sent = None
+    cls = _KEPT.get(code, FailedPrecondition)
+    if cls is Unavailable:
+        fallback = f"{tag}_UNAVAILABLE"
+    else:
+        fallback = _GRPC_TO_REASON.get(code, f"{tag}_{code.name}")
+    return cls(f"{step}: {details}", reason=sent or fallback)
 
 
 class ModelLoader:
@@ -165,6 +211,36 @@ class ModelLoader:
         )
         return LoadResult(timings=timings, decision_id=decision_id)
 
+    def load_with_retry(
+        self,
+        name: str,
+        version: str,
+        *,
+        within: float = LOAD_RETRY_SECONDS,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> LoadResult:
+        """:meth:`load`, retried with exponential back-off while it fails with ``Unavailable``,
+        for at most ``within`` seconds; then (or for any other failure) the last error is raised."""
+        deadline = time.monotonic() + within
+        delay = _RETRY_FIRST_DELAY
+        while True:
+            try:
+                return self.load(name, version)
+            except Unavailable as exc:
+                left = deadline - time.monotonic()
+                if left <= delay:
+                    raise
+                log.warning(
+                    "model %s/%s: %s; retrying in %.1fs",
+                    name,
+                    version,
+                    exc,
+                    delay,
+                    extra={"reason": exc.reason},
+                )
+                sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_DELAY)
+
     def _responses(self, name: str, version: str) -> Iterator[bytes]:
         try:
             for response in self._store.GetModel(
@@ -175,6 +251,15 @@ class ModelLoader:
             raise _remote_error("fetch", exc) from None
 
     def _load(self, name: str, version: str) -> LoadResult:
+        try:
+            return self._load_artifact(name, version)
+        except InvalidArtifact as exc:
+            # The bytes came from the store: a malformed artifact here is stored data gone bad.
+            raise DataLoss(
+                f"the stored artifact is damaged: {exc.message}", reason=exc.reason
+            ) from None
+
+    def _load_artifact(self, name: str, version: str) -> LoadResult:
         def check_header(header: ArtifactHeader) -> None:
             if (header.model_name, header.model_version) != (name, version):
                 raise FailedPrecondition(

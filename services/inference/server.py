@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from strongroom.attesters import (
     TeeType,
     select_attester,
 )
-from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
 from strongroom.errors import StrongroomError, Unavailable
 from strongroom.inference.config import InferenceConfig
 from strongroom.inference.control import CONTROL_SERVICE, ModelControlServicer
@@ -106,6 +107,7 @@ class InferenceServer:
     retry_max: float = 60.0
     _threads: list[threading.Thread] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
+    _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def load_configured_models(self, *, wait: bool = False) -> None:
         """Loads the configured models in the background.
@@ -146,6 +148,8 @@ class InferenceServer:
         """Stops retrying loads and serving (draining for ``grace`` seconds)."""
         self._stopping.set()
         self.host.stop(grace)
+        for close in self._closers:
+            close()
 
 
 def build(
@@ -162,14 +166,18 @@ def build(
     store_channel = traced_channel(
         identity.channel(config.model_store, server_name=config.model_store_server_name), provider
     )
-    broker_channel = traced_channel(
-        identity.channel(config.key_broker, server_name=config.key_broker_server_name), provider
+    # Each key release presents one certificate generation throughout (see PinnedChannels).
+    broker_channels = PinnedChannels(
+        identity,
+        config.key_broker,
+        server_name=config.key_broker_server_name,
+        wrap=lambda channel: traced_channel(channel, provider),
     )
     repository = ModelRepository(expected=[m.name for m in config.models])
     loader = ModelLoader(
         repository,
         store_channel=store_channel,
-        key_release=KeyReleaseClient(broker_channel, attester, identity.public_key_der),
+        key_release=KeyReleaseClient(broker_channels, attester),
         tracer_provider=provider,
         decrypt_threads=config.decrypt_threads,
         timeout=config.load_timeout_seconds,
@@ -214,7 +222,13 @@ def build(
         roles=RoleTable(ROLE_RULES),
         tracer_provider=provider,
     )
-    return InferenceServer(host=host, repository=repository, loader=loader, config=config)
+    return InferenceServer(
+        host=host,
+        repository=repository,
+        loader=loader,
+        config=config,
+        _closers=[broker_channels.close],
+    )
 
 
 def serve(config_path: Path | None) -> int:

@@ -38,6 +38,8 @@ from typing import Any
 
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
+from strongroom.keybroker.errors import HsmUnavailable, Reason
+
 PREFIX = "strongroom/kek/"
 PENDING_SUFFIX = "/pending"
 PENDING_TTL_MS = 60_000
@@ -165,7 +167,14 @@ def group_versions(objects: list[KekObject]) -> list[KekVersion]:
 
 def describe(key: Any) -> KekObject | None:
     """Parses a candidate object; None when it is not a Strongroom KEK version."""
-    attrs = key.get_attributes(DESCRIBE_ATTRIBUTES)
+    try:
+        attrs = key.get_attributes(DESCRIBE_ATTRIBUTES)
+    except UnicodeDecodeError:
+        # python-pkcs11 decodes CKA_LABEL as UTF-8: a damaged object file gives garbage.
+        raise HsmUnavailable(
+            "a key object in the token has an unreadable label (damaged object?)",
+            reason=Reason.HSM_OPERATION_FAILED,
+        ) from None
     text = attrs.get(Attribute.LABEL)
     if attrs.get(Attribute.KEY_TYPE) != KeyType.AES or not isinstance(text, str):
         return None

@@ -2,9 +2,12 @@
 
 **Records.** Each line is the canonical JSON (sorted keys, no spaces, ASCII) of one record:
 ``seq`` (0, 1, 2, ...), ``prev`` (the previous record's hash; 64 zeros for the first), the decision
-fields and ``hash`` = SHA-256 over ``"strongroom-audit-record-v1\\n"`` + the canonical JSON of the
-record without ``hash``. Editing, reordering, inserting or deleting a record breaks the chain, and a
-line that is not byte-for-byte canonical counts as edited.
+fields, ``sig`` and ``hash`` = SHA-256 over ``"strongroom-audit-record-v1\\n"`` + the canonical JSON
+of the record without ``hash``. ``sig`` (records of version 2) is the broker's Ed25519 signature over
+``"strongroom-audit-record-sig-v1\\n"`` + the canonical JSON of the record without ``hash`` and
+``sig``: it is how the broker recognises a record as one it wrote itself (see crash repair below).
+Editing, reordering, inserting or deleting a record breaks the chain, and a line that is not
+byte-for-byte canonical counts as edited.
 
 **The anchor.** A chain cannot show that records were cut off its end, so every append also
 rewrites ``<log>.head``: ``{count, last_hash, time}`` signed with an Ed25519 key the broker holds
@@ -20,8 +23,16 @@ either step fails (disk full, file too large, I/O error, permissions) the line i
 :class:`~strongroom.keybroker.errors.AuditUnavailable` is raised, so the broker refuses the release
 it was about to make. The next append first re-reads the state from disk, so the log recovers by
 itself when the disk does. A crash between the two steps leaves one unanchored record (or a torn
-line); :meth:`AuditLog.open` repairs exactly that case and refuses any other mismatch with
-``DataLoss(AUDIT_LOG_TAMPERED)``.
+line). The repair anchors that record only if it is the broker's own: its ``sig`` verifies with the
+broker's key, and it is not a record this process cut back after a failed write (those are cut off
+again, since the decision they describe never took effect). Anyone can compute a chained ``hash``;
+only the key holder can sign, so a correctly chained line appended by someone else is *tampering*.
+
+**Tampering** (any mismatch beyond those repairs, or a foreign unanchored record) raises
+``DataLoss(AUDIT_LOG_TAMPERED)``, is logged at CRITICAL with ``alert=AUDIT_LOG_TAMPERED``, and
+latches: every later append is refused the same way (so no release can happen) and
+:attr:`AuditLog.tamper_problem` reports it for readiness, until an operator has looked at the files
+and restarted the broker.
 
 **Concurrency.** Appends are serialised by a lock within the process and ``flock`` on the log file
 across processes on the same host; each append re-reads the tail if another process moved it.
@@ -31,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import contextlib
 import enum
 import errno
@@ -49,7 +61,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -60,10 +72,14 @@ from strongroom.keybroker.errors import AuditUnavailable, Reason
 from strongroom.runtime.secrets import Secret
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the head
+RECORD_VERSION = 2  # records carry ``sig``; version-1 records (no ``sig``) still verify
 GENESIS_HASH = "0" * 64
 _RECORD_DOMAIN = b"strongroom-audit-record-v1\n"
+_RECORD_SIG_DOMAIN = b"strongroom-audit-record-sig-v1\n"
+_REVOKED_MAX = 64
 _HEAD_DOMAIN = b"strongroom-audit-head-v1\n"
 MAX_RECORD_BYTES = 64 * 1024
 _REASON_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
@@ -120,7 +136,9 @@ class AuditVerification:
     ``bad_record`` is the 1-based number of the first record (= line) found wrong, ``problem`` a
     stable code: RECORD_MALFORMED, RECORD_TRUNCATED, RECORD_MODIFIED, SEQUENCE_BROKEN,
     CHAIN_BROKEN, HEAD_MISSING, HEAD_MALFORMED, HEAD_SIGNATURE_INVALID, TAIL_TRUNCATED,
-    HEAD_MISMATCH or UNANCHORED_RECORDS.
+    HEAD_MISMATCH, UNANCHORED_RECORDS (the broker's own record left by a crash: it anchors it on its
+    next write) or RECORD_FORGED (an unanchored record not signed by the broker's key; told apart
+    only when a public key is given).
     """
 
     intact: bool
@@ -142,6 +160,28 @@ def canonical_json(value: Any) -> bytes:
 def record_hash(record_without_hash: Mapping[str, Any]) -> str:
     """The chain hash of a record (given without its ``hash`` field)."""
     return hashlib.sha256(_RECORD_DOMAIN + canonical_json(record_without_hash)).hexdigest()
+
+
+def _record_signed_bytes(record: Mapping[str, Any]) -> bytes:
+    body = {k: v for k, v in record.items() if k not in ("hash", "sig")}
+    return _RECORD_SIG_DOMAIN + canonical_json(body)
+
+
+def record_signed_by(line: bytes, public_key: Ed25519PublicKey) -> bool:
+    """Whether ``line`` (one log line without its newline) is a canonical record whose ``hash`` is
+    right and whose ``sig`` verifies with ``public_key``: a record that key's holder wrote."""
+    try:
+        record = json.loads(line)
+        if not isinstance(record, dict) or canonical_json(record) != line:
+            return False
+        claimed = record["hash"]
+        signature = base64.b64decode(record["sig"], validate=True)
+        if record_hash({k: v for k, v in record.items() if k != "hash"}) != claimed:
+            return False
+        public_key.verify(signature, _record_signed_bytes(record))
+    except (ValueError, KeyError, TypeError, binascii.Error, InvalidSignature):
+        return False
+    return True
 
 
 def head_path(log_path: Path) -> Path:
@@ -310,6 +350,9 @@ class AuditLog:
         self._size = 0
         self._stale = True
         self._closed = False
+        self._tamper: str | None = None
+        # Hashes of records this process wrote but cut back (their decision never took effect).
+        self._revoked: list[str] = []
 
     @classmethod
     def open(
@@ -362,6 +405,11 @@ class AuditLog:
         """Records in the log as of this process's last append or open."""
         return self._count
 
+    @property
+    def tamper_problem(self) -> str | None:
+        """Why the log was found tampered with (latched until the broker restarts); None if not."""
+        return self._tamper
+
     def close(self) -> None:
         """Closes the file descriptors; idempotent."""
         if self._closed:
@@ -374,22 +422,28 @@ class AuditLog:
     def append(self, event: AuditEvent) -> AuditRecord:
         """Makes one record durable (line + signed head, both fsync'd) and returns it.
 
-        Raises InvalidArgument(AUDIT_RECORD_INVALID) for a malformed event and ``AuditUnavailable``
-        if the record could not be made durable — then the decision must not take effect.
+        Raises InvalidArgument(AUDIT_RECORD_INVALID) for a malformed event, ``AuditUnavailable``
+        if the record could not be made durable, and ``DataLoss(AUDIT_LOG_TAMPERED)`` once the log
+        was found tampered with — in each case the decision must not take effect.
         """
         fields = _event_fields(event)
         with self._lock:
             if self._closed:
                 raise AuditUnavailable("the audit log is closed")
+            if self._tamper is not None:
+                raise DataLoss(self._tamper, reason=Reason.AUDIT_LOG_TAMPERED)
             with self._flocked():
                 self._resync()
                 record: dict[str, Any] = {
-                    "v": FORMAT_VERSION,
+                    "v": RECORD_VERSION,
                     "seq": self._count,
                     "time": _now_text(self._clock),
                     "prev": self._last_hash,
                     **fields,
                 }
+                record["sig"] = base64.b64encode(
+                    self._key.sign(_record_signed_bytes(record))
+                ).decode()
                 record["hash"] = record_hash(record)
                 line = canonical_json(record) + b"\n"
                 if len(line) > MAX_RECORD_BYTES:
@@ -397,12 +451,12 @@ class AuditLog:
                         f"audit record is {len(line)} bytes (max {MAX_RECORD_BYTES})",
                         reason=Reason.AUDIT_RECORD_INVALID,
                     )
-                self._write_record(line)
+                self._write_record(line, record["hash"])
                 head = _Head(self._count + 1, record["hash"])
                 try:
                     self._write_head(head)
                 except OSError as exc:
-                    self._cut_back()
+                    self._cut_back(record["hash"])
                     raise AuditUnavailable(
                         f"cannot write the audit head: {os.strerror(exc.errno or errno.EIO)}"
                     ) from None
@@ -430,7 +484,7 @@ class AuditLog:
             with contextlib.suppress(OSError):
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _write_record(self, line: bytes) -> None:
+    def _write_record(self, line: bytes, record_hash_: str) -> None:
         try:
             view = memoryview(line)
             while view:
@@ -438,13 +492,18 @@ class AuditLog:
                 view = view[written:]
             os.fsync(self._fd)
         except OSError as exc:
-            self._cut_back()
+            self._cut_back(record_hash_)
             raise AuditUnavailable(
                 f"cannot write the audit log: {os.strerror(exc.errno or errno.EIO)}"
             ) from None
 
-    def _cut_back(self) -> None:
-        """Removes a record that did not become durable; on failure, forces a resync next time."""
+    def _cut_back(self, revoked_hash: str) -> None:
+        """Removes a record that did not become durable; on failure, forces a resync next time.
+
+        The record's hash is remembered: should the line survive (the truncate failed, or someone
+        re-appends the signed line later), the repair cuts it off again instead of anchoring it.
+        """
+        self._revoked = [*self._revoked[-(_REVOKED_MAX - 1) :], revoked_hash]
         self._stale = True
         try:
             os.ftruncate(self._fd, self._size)
@@ -490,8 +549,9 @@ class AuditLog:
         size = os.fstat(self._fd).st_size
         if not self._stale and size == self._size:
             return
-        data_end, last = _read_tail(self._fd, size)
-        head = _read_head(self._head_path, self._public)
+        data_end, last_start, line = self._checked(_read_tail, self._fd, size)
+        last = None if line is None else self._checked(_tail_record, line)
+        head = self._checked(_read_head, self._head_path, self._public)
         if last is None:
             count, last_hash = 0, GENESIS_HASH
         else:
@@ -500,25 +560,61 @@ class AuditLog:
             head = _Head(0, GENESIS_HASH)
             self._write_head_or_fail(head)
         if head is None:
-            raise DataLoss("the audit head is missing", reason=Reason.AUDIT_LOG_TAMPERED)
+            raise self._tampered("the audit head is missing")
         if count == head.count + 1 and last is not None and last["prev"] == head.last_hash:
-            _log.warning("anchoring an audit record left unanchored by a crash (seq %d)", count - 1)
-            head = _Head(count, last_hash)
-            self._write_head_or_fail(head)
+            assert line is not None
+            if last["hash"] in self._revoked:
+                _log.warning(
+                    "cutting off an audit record whose decision was refused (seq %d)", count - 1
+                )
+                self._truncate(last_start)
+                data_end, count, last_hash = last_start, head.count, head.last_hash
+            elif record_signed_by(line, self._public):
+                _log.warning(
+                    "anchoring an audit record left unanchored by a crash (seq %d)", count - 1
+                )
+                head = _Head(count, last_hash)
+                self._write_head_or_fail(head)
+            else:
+                raise self._tampered(
+                    f"audit record {count} is chained after the signed head but was not written "
+                    "by this broker (its signature is missing or invalid): a forged record"
+                )
         if (count, last_hash) != (head.count, head.last_hash):
-            raise DataLoss(
-                f"the audit log ({count} records) does not match its signed head ({head.count})",
-                reason=Reason.AUDIT_LOG_TAMPERED,
+            raise self._tampered(
+                f"the audit log ({count} records) does not match its signed head ({head.count})"
             )
         if data_end != size:
             _log.warning("removing a torn audit line left by a crash (%d bytes)", size - data_end)
-            try:
-                os.ftruncate(self._fd, data_end)
-                os.fsync(self._fd)
-            except OSError as exc:
-                raise AuditUnavailable(f"cannot repair the audit log: {exc.strerror}") from None
+            self._truncate(data_end)
         self._count, self._last_hash, self._size = head.count, head.last_hash, data_end
         self._stale = False
+
+    def _truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self._fd, size)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise AuditUnavailable(f"cannot repair the audit log: {exc.strerror}") from None
+
+    def _checked(self, read: Callable[..., T], *args: Any) -> T:
+        """Runs a tail/head reader, latching any tamper verdict it raises."""
+        try:
+            return read(*args)
+        except DataLoss as exc:
+            raise self._tampered(exc.message) from None
+
+    def _tampered(self, message: str) -> DataLoss:
+        """Latches the tamper verdict, raises the alarm once, and returns the error to raise."""
+        if self._tamper is None:
+            self._tamper = message
+            _log.critical(
+                "audit log tampering detected: %s; refusing every decision until an operator "
+                "restores the log and restarts the broker",
+                message,
+                extra={"alert": Reason.AUDIT_LOG_TAMPERED, "audit_log": str(self._path)},
+            )
+        return DataLoss(message, reason=Reason.AUDIT_LOG_TAMPERED)
 
     def _write_head_or_fail(self, head: _Head) -> None:
         try:
@@ -527,8 +623,9 @@ class AuditLog:
             raise AuditUnavailable(f"cannot write the audit head: {exc.strerror}") from None
 
 
-def _read_tail(fd: int, size: int) -> tuple[int, dict[str, Any] | None]:
-    """(offset just after the last complete line, that line's record), reading from the end."""
+def _read_tail(fd: int, size: int) -> tuple[int, int, bytes | None]:
+    """(offset just after the last complete line, offset where it starts, the line without its
+    newline), reading from the end."""
     buf = b""
     pos = size
     while True:
@@ -536,9 +633,9 @@ def _read_tail(fd: int, size: int) -> tuple[int, dict[str, Any] | None]:
         if last_nl >= 0:
             prev_nl = buf.rfind(b"\n", 0, last_nl)
             if prev_nl >= 0 or pos == 0:
-                return pos + last_nl + 1, _tail_record(buf[prev_nl + 1 : last_nl])
+                return pos + last_nl + 1, pos + prev_nl + 1, buf[prev_nl + 1 : last_nl]
         if pos == 0:
-            return 0, None  # empty, or one torn line and nothing else
+            return 0, 0, None  # empty, or one torn line and nothing else
         if len(buf) > 2 * MAX_RECORD_BYTES + 8192:
             raise DataLoss("the last audit record is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
         step = min(8192, pos)
@@ -614,6 +711,7 @@ def verify_audit_log(
     checked = public_key is not None
     prev = GENESIS_HASH
     count = 0
+    tail: collections.deque[bytes] = collections.deque(maxlen=_REVOKED_MAX)
 
     def fail(problem: str, number: int | None, message: str) -> AuditVerification:
         return AuditVerification(
@@ -660,6 +758,7 @@ def verify_audit_log(
                 )
             prev = claimed
             count += 1
+            tail.append(line)
     try:
         raw_head = hpath.read_bytes()
     except FileNotFoundError:
@@ -678,10 +777,26 @@ def verify_audit_log(
             "records were removed from the end",
         )
     if count > head.count:
+        unanchored = list(tail)[head.count - count :] if count - head.count <= len(tail) else []
+        if public_key is not None and not (
+            count == head.count + 1 and unanchored and record_signed_by(unanchored[0], public_key)
+        ):
+            return fail(
+                "RECORD_FORGED",
+                head.count + 1,
+                f"records {head.count + 1}..{count} are not covered by the signed head and "
+                "are not a record the broker left by a crash (missing or invalid signature)",
+            )
         return fail(
             "UNANCHORED_RECORDS",
             head.count + 1,
-            f"records {head.count + 1}..{count} are not covered by the signed head",
+            f"records {head.count + 1}..{count} are not covered by the signed head"
+            + (
+                " (signed by the broker: a crash before the head update; the broker anchors it "
+                "on its next write)"
+                if public_key is not None
+                else ""
+            ),
         )
     if prev != head.last_hash:
         return fail("HEAD_MISMATCH", count or None, "the last record does not match the head")

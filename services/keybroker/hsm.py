@@ -1,4 +1,5 @@
-"""The PKCS#11 HSM backend: one logged-in session, one worker thread, deadlines and recovery.
+"""The PKCS#11 HSM backend: a login session, recycled work sessions, one worker thread, deadlines
+and recovery.
 
 **Concurrency.** python-pkcs11 0.10 calls ``C_Initialize(NULL)``, which by the PKCS#11 spec tells
 the module that the application will *not* call it from several threads at once; SoftHSM2 then
@@ -9,6 +10,19 @@ done from 16 threads reaches ~2,100 ops/s either way: serialised on one session,
 after re-initialising the module with ``CKF_OS_LOCKING_OK`` — SoftHSM2's own locks serialise the
 work anyway — so a session pool buys nothing here and the worker keeps the spec's contract.
 
+**Sessions and memory.** The user logs in on a *login session* that only holds the login (PKCS#11
+login state belongs to the application, so every other session of the token shares it) and runs no
+operation. Operations run on *work sessions* opened without a PIN, handed out and taken back by
+:class:`_WorkSessions` (at most one today, because one worker runs every call; a pool of several
+fits behind the same two calls, and closing one never logs the others out). Operations destroy
+every object they create. That is not enough with SoftHSM2 2.6.1: its session object store keeps
+every object ever created — destroyed, or on a closed session — until ``C_Finalize`` (so stale
+pointers stay valid), ~0.4 KB per key release, measured; closing and reopening sessions frees
+nothing, re-initialising the module frees it all. So after ``recycle_after_operations`` operations
+the connection is *recycled*: closed, and re-established (``C_Finalize`` + ``C_Initialize``, log
+in, probe) by the next operation, which waits for it (a few milliseconds). Object handles from an
+earlier session are void: :attr:`HsmSession.serial` tells them apart.
+
 **Deadlines.** :meth:`Hsm.call` queues an operation and waits at most ``timeout`` seconds for it;
 a caller whose deadline passes gets ``HsmUnavailable(HSM_TIMEOUT)`` even if the module hangs inside
 a C call (the job is cancelled if it has not started, and skipped if its deadline passed while it
@@ -18,8 +32,13 @@ was queued).
 ``CKR_SESSION_HANDLE_INVALID``, a ``CKR_GENERAL_ERROR`` while the token no longer answers, ...)
 raises ``HsmUnavailable`` and drops the session. The next operation reconnects: ``C_Finalize`` +
 ``C_Initialize`` (SoftHSM2 needs both to see a token whose files came back), find the token by
-label, log in, re-probe the OAEP hashes. Attempts are spaced by ``reconnect_interval`` so a dead HSM
-costs callers a fast failure, not a reconnect each. A refused PIN is never retried automatically
+label, log in, re-probe the OAEP hashes. Attempts are spaced by ``reconnect_interval``, doubled after
+each failed attempt up to ``reconnect_max_interval``, so a dead HSM costs callers a fast failure,
+not a reconnect each. A ``CKR_GENERAL_ERROR``/``CKR_FUNCTION_FAILED`` from a token that still
+answers (a corrupted object file, a token hiccup) also drops the connection — SoftHSM2 re-reads its
+object files only when re-initialised — and is reported as ``HsmUnavailable(HSM_OPERATION_FAILED)``,
+never as INTERNAL; :class:`~strongroom.keybroker.keys.KeyManager` decides whether a key that keeps
+failing on fresh connections is unusable (``DataLoss``). A refused PIN is never retried automatically
 (that would burn the token's PIN counter): reopen the :class:`Hsm` with a corrected configuration.
 
 What SoftHSM2 2.6.1 does when its token directory is moved away (measured; the tests rely on it):
@@ -135,6 +154,8 @@ class HsmConfig:
     operation_timeout: float = 5.0
     connect_timeout: float = 15.0
     reconnect_interval: float = 0.5
+    reconnect_max_interval: float = 5.0
+    recycle_after_operations: int = 2000
     allowed_oaep_hashes: tuple[OaepHash, ...] = PROBE_ORDER
 
     def __post_init__(self) -> None:
@@ -148,9 +169,24 @@ class HsmConfig:
             )
         if not isinstance(self.pin, Secret):
             raise InvalidArgument("hsm.pin must be a Secret", reason="CONFIG_INVALID")
-        for name in ("operation_timeout", "connect_timeout", "reconnect_interval"):
+        for name in (
+            "operation_timeout",
+            "connect_timeout",
+            "reconnect_interval",
+            "reconnect_max_interval",
+        ):
             if not 0 < getattr(self, name) <= 3600:
                 raise InvalidArgument(f"hsm.{name} must be in (0, 3600]", reason="CONFIG_INVALID")
+        if self.reconnect_max_interval < self.reconnect_interval:
+            raise InvalidArgument(
+                "hsm.reconnect_max_interval must be at least hsm.reconnect_interval",
+                reason="CONFIG_INVALID",
+            )
+        operations = self.recycle_after_operations
+        if isinstance(operations, bool) or not isinstance(operations, int) or not operations >= 1:
+            raise InvalidArgument(
+                "hsm.recycle_after_operations must be a positive integer", reason="CONFIG_INVALID"
+            )
         if not self.allowed_oaep_hashes or not all(
             isinstance(h, OaepHash) for h in self.allowed_oaep_hashes
         ):
@@ -165,21 +201,26 @@ class HsmStatus:
 
     token_label: str
     connected: bool
-    generation: int  # how many times a session was established
+    generation: int  # how many times a connection (module initialised, logged in) was made
     oaep_hashes: tuple[OaepHash, ...]
     last_error: str | None
+    recycles: int = 0  # planned re-initialisations that returned the module's memory
 
 
 class HsmSession:
-    """The logged-in session an operation runs with. Valid only on the HSM worker thread."""
+    """The work session an operation runs with. Valid only on the HSM worker thread."""
 
-    def __init__(self, lib: Any, token: Any, session: Any, generation: int) -> None:
+    def __init__(self, lib: Any, token: Any, session: Any, generation: int, serial: int) -> None:
         self._lib = lib
         self._token = token
-        #: the python-pkcs11 ``Session`` (R/W, user logged in)
+        #: the python-pkcs11 ``Session`` (R/W; the user is logged in through the login session)
         self.session = session
-        #: increases with every (re)connection; object handles from another generation are void
+        #: increases with every (re)connection
         self.generation = generation
+        #: unique per work session: object handles found on another session are void here
+        self.serial = serial
+        #: operations run on this session so far
+        self.operations = 0
 
     def token_answers(self) -> bool:
         """Whether the module still lists the slot and the token answers ``C_GetTokenInfo``."""
@@ -207,6 +248,77 @@ class _Job:
     future: concurrent.futures.Future[Any]
     deadline: float
     name: str
+
+
+class _WorkSessions:
+    """Work sessions of one connection: :meth:`acquire` one, run an operation, :meth:`release` it.
+
+    Keeps at most ``size`` idle sessions (1 with one worker thread); they live until the
+    connection is closed.
+    """
+
+    def __init__(
+        self, open_session: Callable[[], Any], lib: Any, token: Any, generation: int, size: int = 1
+    ) -> None:
+        self._open = open_session
+        self._lib = lib
+        self._token = token
+        self._generation = generation
+        self._size = size
+        self._idle: list[HsmSession] = []
+
+    def acquire(self) -> HsmSession:
+        """An idle session, or a new one (raises ``p11x.PKCS11Error`` if it cannot be opened)."""
+        if self._idle:
+            return self._idle.pop()
+        return HsmSession(self._lib, self._token, self._open(), self._generation, _next_serial())
+
+    def release(self, hs: HsmSession) -> None:
+        """Takes a session back after an operation."""
+        hs.operations += 1
+        if len(self._idle) >= self._size:
+            hs.close()
+        else:
+            self._idle.append(hs)
+
+    def close(self) -> None:
+        """Closes every idle session (never logs out: these sessions did not log in)."""
+        idle, self._idle = self._idle, []
+        for hs in idle:
+            hs.close()
+
+
+_SERIALS = iter(range(1, 2**63))
+_SERIAL_LOCK = threading.Lock()
+
+
+def _next_serial() -> int:
+    with _SERIAL_LOCK:
+        return next(_SERIALS)
+
+
+@dataclass
+class _Connection:
+    """An initialised module, the token, the login session, and the work sessions."""
+
+    lib: Any
+    token: Any
+    login: Any
+    sessions: _WorkSessions
+    operations: int = 0
+
+    def token_answers(self) -> bool:
+        try:
+            self.lib.get_slots()
+            self.token.slot.get_token()
+        except p11x.PKCS11Error:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sessions.close()
+        with contextlib.suppress(p11x.PKCS11Error):
+            self.login.close()  # logs out, then closes
 
 
 @contextlib.contextmanager
@@ -239,7 +351,10 @@ class Hsm:
         self._closed = False
         self._close_lock = threading.Lock()
         self._lib: Any = None
-        self._conn: HsmSession | None = None
+        self._conn: _Connection | None = None
+        self._recycles = 0
+        self._recycling = False  # the connection was dropped on purpose, not by a failure
+        self._failed_attempts = 0
         self._generation = 0
         self._oaep_hashes: tuple[OaepHash, ...] = ()
         self._last_error: str | None = None
@@ -301,6 +416,7 @@ class Hsm:
             generation=self._generation,
             oaep_hashes=self._oaep_hashes,
             last_error=self._last_error,
+            recycles=self._recycles,
         )
 
     def call(
@@ -383,7 +499,13 @@ class Hsm:
             )
         conn = self._ensure_connected()
         try:
-            return job.op(conn)
+            hs = conn.sessions.acquire()
+        except p11x.PKCS11Error as exc:
+            what = errs.describe(exc)
+            self._disconnect(f"cannot open a work session ({what})")
+            raise HsmUnavailable(f"the HSM cannot open a session ({what})") from exc
+        try:
+            return job.op(hs)
         except HsmUnavailable as exc:
             self._disconnect(exc.message)
             raise
@@ -391,18 +513,46 @@ class Hsm:
             raise
         except p11x.PKCS11Error as exc:
             raise self._translate(exc, conn, job.name) from exc
+        finally:
+            if self._conn is conn:
+                conn.sessions.release(hs)
+                conn.operations += 1
+                if conn.operations >= self._config.recycle_after_operations:
+                    self._recycle()
+            else:
+                hs.close()  # the connection was dropped during the operation
 
-    def _translate(self, exc: p11x.PKCS11Error, conn: HsmSession, name: str) -> StrongroomError:
+    def _recycle(self) -> None:
+        """A planned reconnect that lets the module free its session objects (module doc)."""
+        assert self._conn is not None
+        self._conn.close()
+        self._conn = None
+        self._recycling = True
+        self._recycles += 1
+        _log.info(
+            "HSM connection recycled to free the module's session objects",
+            extra={"token": self._config.token_label, "recycles": self._recycles},
+        )
+
+    def _translate(self, exc: p11x.PKCS11Error, conn: _Connection, name: str) -> StrongroomError:
         what = errs.describe(exc)
         if errs.is_device_failure(exc) or not conn.token_answers():
             self._disconnect(f"{what} during {name}")
             return HsmUnavailable(f"the HSM failed during {name} ({what})")
         if errs.is_stale_handle(exc):
             return HsmUnavailable(f"an HSM object changed during {name}; retry")
+        if isinstance(exc, errs.AMBIGUOUS):
+            # The token answers but failed the operation: a damaged object or a token hiccup.
+            # SoftHSM2 re-reads its object files only when re-initialised, so reconnect.
+            self._disconnect(f"{what} during {name}")
+            return HsmUnavailable(
+                f"the HSM failed {name} ({what}); the session is being re-initialised",
+                reason=Reason.HSM_OPERATION_FAILED,
+            )
         _log.error("unexpected PKCS#11 error during %s: %s", name, what)
         return Internal(f"the HSM refused {name} ({what})", reason=Reason.HSM_ERROR)
 
-    def _ensure_connected(self) -> HsmSession:
+    def _ensure_connected(self) -> _Connection:
         if self._conn is not None:
             return self._conn
         if self._login_refused:
@@ -412,7 +562,7 @@ class Hsm:
             )
         now = time.monotonic()
         if self._last_attempt is not None:
-            wait = self._last_attempt + self._config.reconnect_interval - now
+            wait = self._last_attempt + self._backoff() - now
             if wait > 0:
                 raise HsmUnavailable(
                     f"the HSM is unavailable ({self._last_error}); next attempt in {wait:.2f}s"
@@ -422,18 +572,27 @@ class Hsm:
             self._conn = self._connect()
         except HsmUnavailable as exc:
             self._last_error = exc.message
+            self._failed_attempts += 1
             raise
         self._last_attempt = None
+        self._failed_attempts = 0
         self._generation += 1
-        if self._generation > 1:
+        if self._generation > 1 and not self._recycling:
             _log.warning(
                 "HSM session re-established",
                 extra={"token": self._config.token_label, "generation": self._generation},
             )
+        self._recycling = False
         self._last_error = None
         return self._conn
 
-    def _connect(self) -> HsmSession:
+    def _backoff(self) -> float:
+        """The wait before the next connection attempt: doubled per failed attempt, capped."""
+        cfg = self._config
+        exponent = min(max(self._failed_attempts - 1, 0), 16)
+        return float(min(cfg.reconnect_interval * (1 << exponent), cfg.reconnect_max_interval))
+
+    def _connect(self) -> _Connection:
         cfg = self._config
         try:
             with _environment(cfg.module_env):
@@ -456,9 +615,7 @@ class Hsm:
         except p11x.PKCS11Error as exc:
             raise HsmUnavailable(f"cannot list tokens ({errs.describe(exc)})") from exc
         try:
-            session = token.open(
-                rw=True, user_pin=cfg.pin.reveal_text(), attribute_mapper=_attribute_mapper()
-            )
+            login = token.open(rw=True, user_pin=cfg.pin.reveal_text())
         except errs.LOGIN_REFUSED as exc:
             self._login_refused = True
             _log.error("HSM login refused: %s; not retrying", errs.describe(exc))
@@ -467,9 +624,20 @@ class Hsm:
             ) from exc
         except p11x.PKCS11Error as exc:
             raise HsmUnavailable(f"cannot open a session ({errs.describe(exc)})") from exc
-        conn = HsmSession(self._lib, token, session, self._generation + 1)
+        lib = self._lib
+        sessions = _WorkSessions(
+            lambda: token.open(rw=True, attribute_mapper=_attribute_mapper()),
+            lib,
+            token,
+            self._generation + 1,
+        )
+        conn = _Connection(lib, token, login, sessions)
         try:
-            supported = _probe_oaep(session)
+            probe = sessions.acquire()
+            try:
+                supported = _probe_oaep(probe.session)
+            finally:
+                sessions.release(probe)
         except p11x.PKCS11Error as exc:
             conn.close()
             raise HsmUnavailable(f"cannot probe the token ({errs.describe(exc)})") from exc

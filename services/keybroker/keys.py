@@ -18,30 +18,45 @@ CKA_WRAP_WITH_TRUSTED; the protection is that the session object lives only insi
 
 All methods take ``timeout`` (seconds, default the HSM configuration's) and may raise
 ``HsmUnavailable`` (``Unavailable``) when the HSM cannot answer in time.
+
+**A key the HSM cannot use.** When an operation on a key fails inside a token that still answers
+(SoftHSM2's ``CKR_GENERAL_ERROR`` for a damaged object file, an undecodable label, or a key this
+process has seen vanishing — Strongroom never deletes a published version), the backend
+re-initialises its connection and the caller gets ``HsmUnavailable(HSM_OPERATION_FAILED)``: a hiccup
+heals there. If the same key fails again on the fresh connection, it is *unusable*: callers get
+``DataLoss(KEY_OBJECT_UNUSABLE)`` at once, without touching the HSM, and
+:meth:`KeyManager.unusable_keys` lists it for readiness. :meth:`KeyManager.recheck_unusable` (the
+readiness probe calls it) tries such a key again — after a re-initialisation, so restored object
+files are read — at most every ``recheck_interval`` seconds, and clears it once it works.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
 import logging
 import random
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import pkcs11.exceptions as p11x
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from strongroom.errors import (
     AlreadyExists,
+    DataLoss,
     FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
+    StrongroomError,
     Unavailable,
 )
 from strongroom.keybroker import _kek
@@ -52,6 +67,7 @@ from strongroom.keybroker.hsm import Hsm, HsmSession, oaep_mechanism_param
 from strongroom.oaep import OaepHash, check_accepted, negotiate
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 KEY_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 MAX_VERSION = 2**31 - 1
@@ -185,18 +201,27 @@ class KeyManager:
         *,
         clock: Callable[[], float] = time.time,
         lookup_cache_ttl: float = 1.0,
+        recheck_interval: float = 2.0,
     ) -> None:
         """``lookup_cache_ttl`` (seconds; 0 disables) bounds how long the release path reuses the
         object handles it found for a key. Finding objects is the costliest step in SoftHSM2
         (it scans every object: ~0.4 ms with 20 keys). Staleness is harmless for refusals — a
         version disabled by any replica is refused by the HSM itself at once — and delays an
         *enable* made on another replica by at most the TTL. Lifecycle operations always read the
-        token and drop the entry of the key they change.
+        token and drop the entry of the key they change. ``recheck_interval`` (seconds) spaces the
+        attempts to use a key found unusable (see the module docstring).
         """
         self._hsm = hsm
         self._clock = clock
         self._ttl = lookup_cache_ttl
-        # key_id -> (session generation, monotonic expiry, versions); touched on the worker only
+        self._recheck_interval = recheck_interval
+        self._health_lock = threading.Lock()
+        # key_id -> connection generation on which an operation on it failed inside the HSM
+        self._failed_on: dict[str, int] = {}
+        # key_id -> (why it is unusable, monotonic time of the next re-check)
+        self._unusable: dict[str, tuple[str, float]] = {}
+        self._seen: set[str] = set()  # keys found in the token (touched on the worker only)
+        # key_id -> (work session serial, monotonic expiry, versions); touched on the worker only
         self._cache: dict[str, tuple[int, float, list[_kek.KekVersion]]] = {}
 
     @property
@@ -219,7 +244,7 @@ class KeyManager:
             self._create_version(hs, key_id, first)
             return _info(key_id, self._versions(hs, key_id))
 
-        info = self._hsm.call(op, timeout=timeout, name="create_key")
+        info = self._call(key_id, op, timeout, "create_key")
         _log.info("key created", extra={"key_id": key_id, "key_version": 1})
         return info
 
@@ -242,7 +267,7 @@ class KeyManager:
             self._create_version(hs, key_id, following)
             return _info(key_id, self._versions(hs, key_id))
 
-        info = self._hsm.call(op, timeout=timeout, name="rotate_key")
+        info = self._call(key_id, op, timeout, "rotate_key")
         _log.info("key rotated", extra={"key_id": key_id, "key_version": info.current_version})
         return info
 
@@ -261,10 +286,11 @@ class KeyManager:
     def describe_key(self, key_id: str, *, timeout: float | None = None) -> KeyInfo:
         """The versions of ``key_id``; NotFound(KEY_NOT_FOUND) if there are none."""
         validate_key_id(key_id)
-        return self._hsm.call(
+        return self._call(
+            key_id,
             lambda hs: _info(key_id, self._require_versions(hs, key_id)),
-            timeout=timeout,
-            name="describe_key",
+            timeout,
+            "describe_key",
         )
 
     def list_keys(self, *, timeout: float | None = None) -> list[KeyInfo]:
@@ -305,7 +331,7 @@ class KeyManager:
                 )
             return DataKey(value, wrapped, key_id, current.version)
 
-        return self._hsm.call(op, timeout=timeout, name="generate_data_key")
+        return self._call(key_id, op, timeout, "generate_data_key")
 
     def rewrap(
         self, key_id: str, version: int, wrapped: bytes, *, timeout: float | None = None
@@ -328,7 +354,7 @@ class KeyManager:
                 dek.destroy()
             return Rewrapped(out, target.version)
 
-        return self._hsm.call(op, timeout=timeout, name="rewrap")
+        return self._call(key_id, op, timeout, "rewrap")
 
     def release_to_ephemeral(
         self,
@@ -386,7 +412,88 @@ class KeyManager:
                 )
             return ReleasedKey(out, choice)
 
-        return self._hsm.call(op, timeout=timeout, name="release_to_ephemeral")
+        return self._call(key_id, op, timeout, "release_to_ephemeral")
+
+    # --- keys the HSM cannot use -------------------------------------------------------------
+
+    def unusable_keys(self) -> dict[str, str]:
+        """Keys that failed inside the HSM on two connections in a row, with why (for readiness)."""
+        with self._health_lock:
+            return {k: why for k, (why, _) in self._unusable.items()}
+
+    def recheck_unusable(self, *, timeout: float | None = None) -> dict[str, str]:
+        """Tries each unusable key whose re-check is due once more; returns those still unusable."""
+        now = time.monotonic()
+        with self._health_lock:
+            due = [k for k, (_, at) in self._unusable.items() if at <= now]
+        for key_id in due:
+            with contextlib.suppress(StrongroomError):
+                self._call(
+                    key_id,
+                    functools.partial(self._probe, key_id=key_id),
+                    timeout,
+                    "key check",
+                    recheck=True,
+                )
+        return self.unusable_keys()
+
+    def _probe(self, hs: HsmSession, key_id: str) -> None:
+        """Uses the current version of ``key_id`` once (wraps a throw-away session key)."""
+        kek = self._require_versions(hs, key_id)[-1].winner
+        scratch = hs.session.generate_key(
+            KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.SESSION_DEK_TEMPLATE
+        )
+        try:
+            _wrap(kek, scratch)
+        except FailedPrecondition:
+            pass  # disabled: usable as far as the HSM is concerned
+        finally:
+            scratch.destroy()
+
+    def _call(
+        self,
+        key_id: str,
+        op: Callable[[HsmSession], T],
+        timeout: float | None,
+        name: str,
+        *,
+        recheck: bool = False,
+    ) -> T:
+        """Runs an operation on ``key_id``, tracking keys the HSM fails to use (module doc)."""
+        with self._health_lock:
+            entry = self._unusable.get(key_id)
+            if entry is not None and entry[1] > time.monotonic() and not recheck:
+                raise DataLoss(entry[0], reason=Reason.KEY_OBJECT_UNUSABLE)
+        ran_on: list[int] = []  # the connection generation the operation actually ran on
+
+        def tracked(hs: HsmSession) -> T:
+            ran_on.append(hs.generation)
+            return op(hs)
+
+        try:
+            result = self._hsm.call(tracked, timeout=timeout, name=name)
+        except HsmUnavailable as exc:
+            if exc.reason != Reason.HSM_OPERATION_FAILED or not ran_on:
+                raise
+            failed_on = ran_on[-1]
+            with self._health_lock:
+                previous = self._failed_on.get(key_id)
+                self._failed_on[key_id] = failed_on
+                if previous is None or previous >= failed_on:
+                    raise  # first failure (or on the same connection): the reconnect may heal it
+                why = (
+                    f"key {key_id!r} cannot be used by the HSM, even after re-initialising the "
+                    f"session ({exc.message})"
+                )
+                if key_id not in self._unusable:
+                    _log.error("HSM key unusable", extra={"key_id": key_id, "detail": exc.message})
+                self._unusable[key_id] = (why, time.monotonic() + self._recheck_interval)
+            raise DataLoss(why, reason=Reason.KEY_OBJECT_UNUSABLE) from None
+        with self._health_lock:
+            self._failed_on.pop(key_id, None)
+            if self._unusable.pop(key_id, None) is not None:
+                _log.warning("HSM key usable again", extra={"key_id": key_id})
+        return result
 
     # --- helpers (worker thread) -----------------------------------------------------------
 
@@ -397,13 +504,13 @@ class KeyManager:
     def _cached_versions(self, hs: HsmSession, key_id: str) -> list[_kek.KekVersion]:
         now = time.monotonic()
         entry = self._cache.get(key_id)
-        if entry is not None and entry[0] == hs.generation and entry[1] > now:
+        if entry is not None and entry[0] == hs.serial and entry[1] > now:
             return entry[2]
         versions = self._require_versions(hs, key_id)
         if self._ttl > 0:
             if len(self._cache) >= _CACHE_MAX_KEYS:
                 self._cache.clear()
-            self._cache[key_id] = (hs.generation, now + self._ttl, versions)
+            self._cache[key_id] = (hs.serial, now + self._ttl, versions)
         return versions
 
     def _forget(self, key_id: str) -> None:
@@ -413,7 +520,14 @@ class KeyManager:
         versions = self._versions(hs, key_id)
         if not versions:
             hs.require_token()
+            if key_id in self._seen:
+                # Published versions are never destroyed: a known key that vanished is damage.
+                raise HsmUnavailable(
+                    f"key {key_id!r} vanished from a token that still answers",
+                    reason=Reason.HSM_OPERATION_FAILED,
+                )
             raise NotFound(f"key {key_id!r} not found", reason=Reason.KEY_NOT_FOUND)
+        self._seen.add(key_id)
         return versions
 
     @staticmethod
@@ -501,7 +615,7 @@ class KeyManager:
                         _set_flag(kek, attribute, enabled)
             return _info(key_id, self._versions(hs, key_id))
 
-        info = self._hsm.call(op, timeout=timeout, name="enable_key" if enabled else "disable_key")
+        info = self._call(key_id, op, timeout, "enable_key" if enabled else "disable_key")
         _log.info(
             "key version state changed",
             extra={"key_id": key_id, "key_version": version, "enabled": enabled},
@@ -607,10 +721,17 @@ def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> Any | None
     except _WRAPPED_KEY_FAILURES:
         return None
     except errs.AMBIGUOUS as exc:
-        # SoftHSM2 reports a failed RFC 5649 integrity check as CKR_GENERAL_ERROR.
-        if hs.token_answers():
-            return None
-        raise HsmUnavailable(f"the HSM failed while unwrapping ({errs.describe(exc)})") from exc
+        # SoftHSM2 reports a failed RFC 5649 integrity check as CKR_GENERAL_ERROR, and also a KEK
+        # whose object file is damaged: a KEK that can still wrap tells the two apart.
+        if not hs.token_answers():
+            raise HsmUnavailable(f"the HSM failed while unwrapping ({errs.describe(exc)})") from exc
+        if kek.wrap and not _can_wrap(hs, kek):
+            raise HsmUnavailable(
+                f"key {kek.key_id!r} version {kek.version} fails inside the HSM "
+                f"({errs.describe(exc)})",
+                reason=Reason.HSM_OPERATION_FAILED,
+            ) from exc
+        return None
     except p11x.PKCS11Error as exc:
         if errs.is_function_not_permitted(exc):  # disabled by another replica just now
             raise _disabled_error(kek.key_id, kek.version) from None
@@ -625,6 +746,22 @@ def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> Any | None
         dek.destroy()
         return None
     return dek
+
+
+def _can_wrap(hs: HsmSession, kek: _kek.KekObject) -> bool:
+    """Whether ``kek`` still wraps a throw-away session key (False: the HSM fails to use it)."""
+    scratch = hs.session.generate_key(
+        KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.SESSION_DEK_TEMPLATE
+    )
+    try:
+        _wrap(kek, scratch)
+    except FailedPrecondition:
+        return True  # disabled meanwhile: the object itself is fine
+    except errs.AMBIGUOUS:
+        return False
+    finally:
+        scratch.destroy()
+    return True
 
 
 def _import_public_key(hs: HsmSession, key: EphemeralPublicKey) -> Any:

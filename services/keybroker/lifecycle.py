@@ -7,10 +7,12 @@ without a transport.
 
 from __future__ import annotations
 
+from strongroom.errors import StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
-from strongroom.keybroker.keys import DataKey, KeyInfo, KeyManager
+from strongroom.keybroker.keys import DataKey, KeyInfo, KeyManager, Rewrapped
 from strongroom.keybroker.policies import PolicyStore, StoredPolicy
 from strongroom.keybroker.release import Caller
+from strongroom.runtime.metrics import DATA_KEYS_REWRAPPED
 
 
 class KeyService:
@@ -22,11 +24,17 @@ class KeyService:
         self._audit = audit
 
     def _record(
-        self, caller: Caller, action: str, key_id: str, reason: str | None = None, **extra: object
+        self,
+        caller: Caller,
+        action: str,
+        key_id: str,
+        reason: str | None = None,
+        decision: Decision = Decision.ALLOWED,
+        **extra: object,
     ) -> None:
         self._audit.append(
             AuditEvent(
-                decision=Decision.ALLOWED,
+                decision=decision,
                 reason=reason or action.upper(),
                 action=action,
                 caller_spiffe_id=caller.spiffe_id,
@@ -88,3 +96,33 @@ class KeyService:
             data_key.wipe()
             raise
         return data_key
+
+    def rewrap(self, caller: Caller, key_id: str, version: int, wrapped: bytes) -> Rewrapped:
+        """Moves a wrapped data key to the key's current KEK version, inside the HSM.
+
+        Every re-wrap is audited with the versions it moved between (never the key); so is every
+        refusal, since a burst of failed unwraps is what a forged key slot looks like.
+        """
+        try:
+            rewrapped = self._keys.rewrap(key_id, version, wrapped)
+        except StrongroomError as exc:
+            self._record(
+                caller,
+                "rewrap",
+                key_id,
+                reason=exc.reason,
+                decision=Decision.DENIED,
+                claims={"from_key_version": version},
+            )
+            DATA_KEYS_REWRAPPED.add(1, {"key_id": key_id, "outcome": exc.reason})
+            raise
+        self._record(
+            caller,
+            "rewrap",
+            key_id,
+            reason="DATA_KEY_REWRAPPED",
+            key_version=rewrapped.version,
+            claims={"from_key_version": version},
+        )
+        DATA_KEYS_REWRAPPED.add(1, {"key_id": key_id, "outcome": "rewrapped"})
+        return rewrapped

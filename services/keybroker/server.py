@@ -186,6 +186,16 @@ def build(
             return f"HSM unavailable: {exc.message}"
         return None
 
+    def audit_ready() -> str | None:
+        problem = audit.tamper_problem
+        return None if problem is None else f"audit log tampered with: {problem}"
+
+    def keys_ready() -> str | None:
+        unusable = keys.recheck_unusable(timeout=2.0)
+        if not unusable:
+            return None
+        return "keys the HSM cannot use: " + ", ".join(sorted(unusable))
+
     provider = tracer_provider or make_tracer_provider("keybroker", common.tracing)
     host = build_host(
         common,
@@ -194,12 +204,12 @@ def build(
             ServiceSpec(
                 KEYBROKER_SERVICE,
                 lambda s: pb_grpc.add_KeyBrokerServiceServicer_to_server(broker_servicer, s),
-                (hsm_ready,),
+                (hsm_ready, audit_ready, keys_ready),
             ),
             ServiceSpec(
                 KEYADMIN_SERVICE,
                 lambda s: pb_grpc.add_KeyAdminServiceServicer_to_server(admin_servicer, s),
-                (hsm_ready,),
+                (hsm_ready, audit_ready),
             ),
         ],
         roles=RoleTable(ROLE_RULES),

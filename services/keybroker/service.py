@@ -121,7 +121,9 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
             data_key.wipe()
 
     def ReWrap(self, request: pb.ReWrapRequest, context: grpc.ServicerContext) -> pb.ReWrapResponse:
-        rewrapped = self._keys.rewrap(request.key_id, request.key_version, request.wrapped_data_key)
+        rewrapped = self._service.rewrap(
+            _caller(context), request.key_id, request.key_version, request.wrapped_data_key
+        )
         return pb.ReWrapResponse(wrapped_data_key=rewrapped.wrapped, key_version=rewrapped.version)
 
 

@@ -37,12 +37,13 @@ from strongroom.identifiers import (
     validate_sha256_hex,
     validate_version,
 )
-from strongroom.modelstore import _pagetoken
+from strongroom.modelstore import _keyslot, _pagetoken
 from strongroom.modelstore._blobs import BlobStore, TempBlob, digest_fd, io_error
 from strongroom.modelstore._index import Index
 from strongroom.modelstore.errors import (
     ArtifactTooLarge,
     EmptyUpload,
+    KeySlotRejected,
     ModelExists,
     ModelNotFound,
     OutOfRange,
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 _LOCK_FILE = "LOCK"
 _INDEX_FILE = "index.sqlite3"
+_COPY_BLOCK = 1 << 20
 
 
 def _utcnow() -> datetime:
@@ -380,6 +382,101 @@ class FilesystemStorage:
                 if created and self._index.references(record.artifact_sha256) == 0:
                     self._blobs.remove(record.artifact_sha256)
                 raise
+
+    def replace_key_slot(
+        self,
+        name: str,
+        version: str,
+        *,
+        expected_key_version: int,
+        key_version: int,
+        wrapped_dek: bytes,
+    ) -> ModelRecord:
+        """Replaces a format-2 artifact's key slot (a re-wrapped data key); returns the new record.
+
+        The rules are :mod:`strongroom.modelstore._keyslot`'s. Crash-safe by the upload protocol:
+        the new artifact (new head, same body and footer, copied) becomes a blob of its own, then
+        one index transaction swaps the row from the old blob to the new one, if the row still
+        points at the old one; the old blob is removed last. A crash at any point leaves the row on
+        the old blob or on the new one, each a whole, valid artifact; leftovers are swept at start.
+        """
+        self._check_open()
+        record, fd = self._open_blob(name, version)
+        temp: TempBlob | None = None
+        try:
+            head = os.pread(fd, record.header_size, 0)
+            new_head = _keyslot.plan(
+                record,
+                head,
+                expected_key_version=expected_key_version,
+                new_key_version=key_version,
+                new_wrapped_dek=wrapped_dek,
+            )
+            if new_head is None:
+                return record
+            temp = self._blobs.new_temp()
+            hasher = hashlib.sha256(new_head.head)
+            temp.write(new_head.head)
+            position = record.header_size
+            while position < record.artifact_size:
+                data = os.pread(fd, min(_COPY_BLOCK, record.artifact_size - position), position)
+                if not data:
+                    raise StoredDataCorrupt(
+                        f"stored artifact {name} {version} is truncated", reason="BLOB_TRUNCATED"
+                    )
+                hasher.update(data)
+                temp.write(data)
+                position += len(data)
+            temp.seal()
+            new_record = dataclasses.replace(
+                record,
+                artifact_sha256=hasher.hexdigest(),
+                artifact_size=temp.size,
+                key_version=key_version,
+                header_size=new_head.header_size,
+            )
+            self._swap(temp, record, new_record)
+        except OSError as exc:
+            raise io_error(exc, "replacing a key slot") from None
+        finally:
+            os.close(fd)
+            if temp is not None:
+                temp.discard()
+        log.info(
+            "replaced key slot",
+            extra={
+                "model": name,
+                "version": version,
+                "key_id": record.key_id,
+                "from_key_version": record.key_version,
+                "to_key_version": key_version,
+            },
+        )
+        return new_record
+
+    def _swap(self, temp: TempBlob, old: ModelRecord, new: ModelRecord) -> None:
+        """Installs ``temp`` as ``new``'s blob and moves the row to it, if it is still ``old``."""
+        with self._commit_lock:
+            created = self._blobs.install(temp, new.artifact_sha256)
+            try:
+                remaining = self._index.replace(old, new)
+            except BaseException:
+                if created and self._index.references(new.artifact_sha256) == 0:
+                    self._blobs.remove(new.artifact_sha256)
+                raise
+            if remaining is None:
+                if created and self._index.references(new.artifact_sha256) == 0:
+                    self._blobs.remove(new.artifact_sha256)
+                raise KeySlotRejected(
+                    f"model {old.name} {old.version} changed during the re-wrap",
+                    reason="KEY_SLOT_CHANGED",
+                )
+            if remaining == 0:
+                try:
+                    self._blobs.remove(old.artifact_sha256)
+                except OSError as exc:
+                    # The row moved, so the re-wrap is done; the old blob is swept at next start.
+                    log.warning("cannot remove blob %s now: %s", old.artifact_sha256, exc)
 
     def delete(self, name: str, version: str) -> None:
         """Removes the model; its blob goes when no other model shares it. ModelNotFound if absent."""

@@ -176,6 +176,41 @@ class Index:
                 f"model {record.name} version {record.version} already exists"
             ) from None
 
+    def replace(self, old: ModelRecord, new: ModelRecord) -> int | None:
+        """Swaps ``old``'s row for ``new`` (same name and version) if the row still points at old's blob.
+
+        One transaction: the compare (the row's ``artifact_sha256``) and the update are atomic, so
+        of two concurrent replacements one wins. Returns how many rows still point at old's blob, or
+        None if the row changed meanwhile (or is gone).
+        """
+        with self._cursor() as cur:
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                updated = cur.execute(
+                    "UPDATE models SET artifact_sha256 = ?, artifact_size = ?, key_version = ?,"
+                    " header_size = ? WHERE name = ? AND version = ? AND artifact_sha256 = ?",
+                    (
+                        new.artifact_sha256,
+                        new.artifact_size,
+                        new.key_version,
+                        new.header_size,
+                        old.name,
+                        old.version,
+                        old.artifact_sha256,
+                    ),
+                ).rowcount
+                if updated != 1:
+                    cur.execute("ROLLBACK")
+                    return None
+                remaining = cur.execute(
+                    "SELECT COUNT(*) FROM models WHERE artifact_sha256 = ?", (old.artifact_sha256,)
+                ).fetchone()[0]
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+        return int(remaining)
+
     def delete(self, name: str, version: str) -> tuple[ModelRecord, int] | None:
         """Removes the row; returns it and how many rows still share its blob, or None if absent."""
         with self._cursor() as cur:

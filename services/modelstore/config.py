@@ -1,21 +1,101 @@
-"""The model store's own configuration section (``modelstore:``)."""
+"""The model store's own configuration section (``modelstore:``).
+
+``storage.backend`` chooses where artifacts live: ``filesystem`` (``data_dir``, one process) or
+``s3`` (a bucket of an S3-compatible object store, shared by any number of store replicas). The S3
+credentials are never configuration values: the configuration names the files or environment
+variables that hold them (never argv).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE
 from strongroom.runtime.config import ConfigError
+
+MIN_PART_SIZE = 5 * 1024 * 1024
+"""S3's smallest multipart part (every part but the last)."""
+MAX_PARTS = 10_000
+"""S3's largest number of parts in one multipart upload."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Which storage backend holds the artifacts, and how to reach an S3-compatible one."""
+
+    backend: Literal["filesystem", "s3"] = "filesystem"
+    endpoint: str | None = None
+    """``https://host[:port]`` of the S3 API (``http://`` only for loopback test servers)."""
+    bucket: str | None = None
+    region: str = "us-east-1"
+    prefix: str = ""
+    """Key prefix inside the bucket (``strongroom/``), so one bucket can hold several stores."""
+    path_style: bool = True
+    """Path-style addressing (``endpoint/bucket/key``): what MinIO, Ceph RGW and most on-premises
+    object stores expect; virtual-hosted style needs wildcard DNS and certificates."""
+    ca_bundle_file: Path | None = None
+    """PEM bundle that verifies the endpoint's TLS certificate (default: the system's)."""
+    access_key_id_file: Path | None = None
+    access_key_id_env: str = "STRONGROOM_S3_ACCESS_KEY_ID"
+    secret_access_key_file: Path | None = None
+    secret_access_key_env: str = "STRONGROOM_S3_SECRET_ACCESS_KEY"  # noqa: S105 - a variable name
+    part_size: int = 16 * 1024 * 1024
+    """Bytes per multipart part (and the threshold below which one PutObject is used)."""
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    max_attempts: int = 3
+    """Attempts per S3 request (botocore's standard retry mode: 5xx, throttling, timeouts)."""
+    orphan_grace_seconds: int = 86_400
+    """Age after which an unreferenced blob or an unfinished multipart upload is removed by the
+    start-up sweep; must exceed the longest upload, since another replica may be running it."""
+
+    def __post_init__(self) -> None:
+        if self.backend != "s3":
+            return
+        if not self.endpoint or not self.bucket:
+            raise ConfigError("modelstore.storage: backend s3 needs endpoint and bucket")
+        if not self.endpoint.startswith(
+            ("https://", "http://127.", "http://[::1]", "http://localhost")
+        ):
+            raise ConfigError(
+                "modelstore.storage.endpoint must be https:// (plain http only on loopback)"
+            )
+        if self.prefix and (self.prefix.startswith("/") or not self.prefix.endswith("/")):
+            raise ConfigError(
+                "modelstore.storage.prefix must not start with '/' and must end with '/'"
+            )
+        if not MIN_PART_SIZE <= self.part_size <= 5 * 1024**3:
+            raise ConfigError("modelstore.storage.part_size must be between 5 MiB and 5 GiB")
+        if self.connect_timeout <= 0 or self.read_timeout <= 0:
+            raise ConfigError("modelstore.storage timeouts must be positive")
+        if not 1 <= self.max_attempts <= 10:
+            raise ConfigError("modelstore.storage.max_attempts must be between 1 and 10")
+        if self.orphan_grace_seconds < 60:
+            raise ConfigError("modelstore.storage.orphan_grace_seconds must be at least 60")
 
 
 @dataclass(frozen=True)
 class ModelstoreConfig:
     """Where artifacts are stored and how large one may be."""
 
-    data_dir: Path
+    data_dir: Path | None = None
+    """The filesystem backend's root (required with ``storage.backend: filesystem``)."""
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_SIZE
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         if self.max_artifact_bytes < 1024:
             raise ConfigError("modelstore.max_artifact_bytes must be at least 1024")
+        if self.storage.backend == "filesystem" and self.data_dir is None:
+            raise ConfigError("modelstore.data_dir: required with the filesystem backend")
+        if self.storage.backend == "s3" and self.data_dir is not None:
+            raise ConfigError("modelstore.data_dir: not used with the s3 backend; remove it")
+        if (
+            self.storage.backend == "s3"
+            and self.max_artifact_bytes > self.storage.part_size * MAX_PARTS
+        ):
+            raise ConfigError(
+                "modelstore.max_artifact_bytes exceeds storage.part_size x 10000 (S3's part limit)"
+            )

@@ -80,3 +80,15 @@ class OutOfRange(StrongroomError):
 
     status_name = "OUT_OF_RANGE"
     default_reason = "OUT_OF_RANGE"
+
+
+class KeySlotRejected(FailedPrecondition):
+    """The stored artifact's key slot cannot be replaced as asked.
+
+    Reasons: ``KEY_SLOT_CHANGED`` (the slot is no longer the expected one: another re-wrap won, or
+    the caller's view is stale; re-read and retry), ``KEY_VERSION_NOT_NEWER`` (a re-wrap only moves
+    forward, so the store cannot be used to roll a model back to an older KEK version),
+    ``KEY_SLOT_NOT_REPLACEABLE`` (a format-1 artifact binds its wrapped key into the body).
+    """
+
+    default_reason = "KEY_SLOT_CHANGED"

@@ -1,4 +1,4 @@
-"""Assembles and runs the model store: filesystem storage behind an authorised mTLS host."""
+"""Assembles and runs the model store: its storage backend behind an authorised mTLS host."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from strongroom.modelstore.service import (
     SERVICE_NAME,
     ModelStoreServicer,
 )
-from strongroom.modelstore.storage import FilesystemStorage
+from strongroom.modelstore.storage import FilesystemStorage, S3Storage, open_storage
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
 from strongroom.runtime.config import CommonConfig
@@ -38,7 +38,7 @@ class ModelStore:
     """A running model store; :meth:`close` stops it and releases the storage lock."""
 
     host: ServiceHost
-    storage: FilesystemStorage
+    storage: FilesystemStorage | S3Storage
 
     def close(self, grace: float | None = 0) -> None:
         """Stops serving (draining for ``grace`` seconds), then closes the storage."""
@@ -54,9 +54,11 @@ def build(
     tracer_provider: TracerProvider | None = None,
 ) -> ModelStore:
     """Opens the storage (sweeping interrupted uploads) and builds the host."""
-    storage = FilesystemStorage(config.data_dir, max_artifact_size=config.max_artifact_bytes)
-    sweep = storage.last_sweep
-    log.info("storage opened", extra={"sweep": str(sweep)})
+    storage = open_storage(config)
+    log.info(
+        "storage opened",
+        extra={"backend": config.storage.backend, "sweep": str(storage.last_sweep)},
+    )
     servicer = ModelStoreServicer(
         storage, functools.partial(StructureValidator, max_artifact_size=storage.max_artifact_size)
     )

@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
-from strongroom.errors import InvalidArgument
+from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.identifiers import (
     validate_name,
     validate_prefix,
@@ -27,6 +27,7 @@ from strongroom.modelstore.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.records import ModelRecord, UploadClaims
 from strongroom.modelstore.storage import Storage
 from strongroom.modelstore.validator import ValidatorFactory
+from strongroom.runtime.metrics import KEY_SLOTS_REPLACED
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ ROLE_PUBLISHER = "publisher"
 ROLE_READER = "reader"
 """May download, stat and list: granted to inference servers, publishers and admins."""
 ROLE_ADMIN = "admin"
-"""May delete model versions."""
+"""May delete model versions and replace key slots (re-wrap)."""
 
 METHOD_ROLES: Mapping[str, str] = MappingProxyType(
     {
@@ -47,6 +48,7 @@ METHOD_ROLES: Mapping[str, str] = MappingProxyType(
         f"/{SERVICE_NAME}/StatModel": ROLE_READER,
         f"/{SERVICE_NAME}/ListModels": ROLE_READER,
         f"/{SERVICE_NAME}/DeleteModel": ROLE_ADMIN,
+        f"/{SERVICE_NAME}/ReplaceKeySlot": ROLE_ADMIN,
     }
 )
 """The role each full method name requires (the authorisation interceptor's table)."""
@@ -195,3 +197,26 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         """Deletes one model version."""
         self._storage.delete(validate_name(request.name), validate_version(request.version))
         return pb.DeleteModelResponse()
+
+    def ReplaceKeySlot(
+        self, request: pb.ReplaceKeySlotRequest, context: grpc.ServicerContext
+    ) -> pb.ReplaceKeySlotResponse:
+        """Swaps a stored format-2 artifact's key slot for a re-wrapped one (compare-and-swap)."""
+        name, version = validate_name(request.name), validate_version(request.version)
+        before = self._storage.stat(name, version)
+        try:
+            record = self._storage.replace_key_slot(
+                name,
+                version,
+                expected_key_version=request.expected_key_version,
+                key_version=request.key_version,
+                wrapped_dek=request.wrapped_data_key,
+            )
+        except StrongroomError as exc:
+            KEY_SLOTS_REPLACED.add(1, {"key_id": before.key_id, "outcome": exc.reason})
+            raise
+        replaced = record.artifact_sha256 != before.artifact_sha256
+        KEY_SLOTS_REPLACED.add(
+            1, {"key_id": record.key_id, "outcome": "replaced" if replaced else "unchanged"}
+        )
+        return pb.ReplaceKeySlotResponse(model=model_info(record), replaced=replaced)

@@ -1,14 +1,16 @@
 """Durable storage of model artifacts: the backend interface and the embedded filesystem backend.
 
 :class:`Storage` is what the gRPC servicer needs; :class:`FilesystemStorage` implements it on a
-local directory, and an S3-compatible backend can implement it later (put = multipart upload to a
-temporary key then copy/commit, open = ranged GET, the index in the bucket or a database).
+local directory (one process), :class:`S3Storage` in a bucket of an S3-compatible object store
+(any number of replicas; see ``_s3`` for the protocol); :func:`open_storage` picks one from the
+configuration.
 Every implementation must guarantee:
 
 * an upload becomes visible all at once, after its bytes, size and digest are checked, or never;
 * (name, version) is immutable: a second put fails with ModelExists, and of concurrent puts of one
   version exactly one wins;
-* reads return exactly the bytes that were checked at upload, or fail with DATA_LOSS.
+* reads return exactly the bytes that were checked at upload (or, after a key-slot replacement,
+  those bytes with only the slot changed), or fail with DATA_LOSS.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from strongroom.modelstore._filesystem import FileRangeReader, FilesystemStorage, SweepReport
+from strongroom.modelstore._s3 import S3RangeReader, S3Storage, S3SweepReport
+from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.modelstore.errors import ModelNotFound, StoredDataCorrupt
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
@@ -34,9 +38,13 @@ __all__ = [
     "ModelPage",
     "ModelRecord",
     "RangeReader",
+    "S3RangeReader",
+    "S3Storage",
+    "S3SweepReport",
     "Storage",
     "SweepReport",
     "UploadClaims",
+    "open_storage",
     "verify_all",
 ]
 
@@ -126,6 +134,23 @@ class Storage(Protocol):
         """Recomputes the stored artifact's digest; StoredDataCorrupt (DATA_LOSS) on mismatch."""
         ...
 
+    def replace_key_slot(
+        self,
+        name: str,
+        version: str,
+        *,
+        expected_key_version: int,
+        key_version: int,
+        wrapped_dek: bytes,
+    ) -> ModelRecord:
+        """Atomically replaces a format-2 artifact's key slot (rules: ``_keyslot``).
+
+        Returns the record after the call (unchanged if the slot was already this one). The
+        artifact is visible whole under the old slot or the new one, never anything else, even if
+        the process dies mid-way. ModelNotFound, KeySlotRejected, InvalidArtifact.
+        """
+        ...
+
     def close(self) -> None:
         """Releases the backend (idempotent)."""
         ...
@@ -161,3 +186,11 @@ def verify_all(storage: Storage, *, prefix: str = "") -> tuple[IntegrityProblem,
         token = page.next_page_token
         if not token:
             return tuple(problems)
+
+
+def open_storage(config: ModelstoreConfig) -> FilesystemStorage | S3Storage:
+    """Opens the configured backend (sweeping what interrupted uploads left behind)."""
+    if config.storage.backend == "s3":
+        return S3Storage.from_config(config.storage, max_artifact_size=config.max_artifact_bytes)
+    assert config.data_dir is not None  # the configuration requires it for this backend
+    return FilesystemStorage(config.data_dir, max_artifact_size=config.max_artifact_bytes)

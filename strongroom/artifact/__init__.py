@@ -1,6 +1,6 @@
 """Encrypted model artifacts: a canonical header bound into a C2SP chunked-encryption body.
 
-The format is described in ``services/modelstore/ARTIFACT_FORMAT.md``. Modules:
+The format is described in ``strongroom/artifact/ARTIFACT_FORMAT.md``. Modules:
 
 * :mod:`~strongroom.artifact.c2sp` — c2sp.org/chunked-encryption v1 (raw construction, hazmat);
 * :mod:`~strongroom.artifact.format` — layout, header build/parse, keyless summary;
@@ -14,16 +14,21 @@ The format is described in ``services/modelstore/ARTIFACT_FORMAT.md``. Modules:
 from strongroom.artifact._memory import wipe
 from strongroom.artifact.errors import ArtifactTooLarge, DecryptionFailed, InvalidArtifact
 from strongroom.artifact.format import (
+    FORMAT_V1,
+    FORMAT_V2,
     FORMAT_VERSION,
     MAGIC,
+    SUPPORTED_FORMAT_VERSIONS,
     ArtifactHeader,
     ArtifactSummary,
     BodyEncryption,
+    KeySlot,
     WrapMechanism,
     build_header,
     parse_header,
     read_header,
     read_summary,
+    with_key_slot,
 )
 from strongroom.artifact.pipeline import DecryptedArtifact, decrypt_download
 from strongroom.artifact.reader import ArtifactReader
@@ -32,8 +37,11 @@ from strongroom.artifact.validate import StructureValidator, summarize
 from strongroom.artifact.writer import ArtifactWriter, encrypt_bytes, encrypt_stream
 
 __all__ = [
+    "FORMAT_V1",
+    "FORMAT_V2",
     "FORMAT_VERSION",
     "MAGIC",
+    "SUPPORTED_FORMAT_VERSIONS",
     "ArtifactHeader",
     "ArtifactReader",
     "ArtifactSummary",
@@ -44,6 +52,7 @@ __all__ = [
     "DecryptedArtifact",
     "DecryptionFailed",
     "InvalidArtifact",
+    "KeySlot",
     "StreamDecryptor",
     "StructureValidator",
     "WrapMechanism",
@@ -56,4 +65,5 @@ __all__ = [
     "read_summary",
     "summarize",
     "wipe",
+    "with_key_slot",
 ]

@@ -1,17 +1,23 @@
-"""The artifact container: prefix, canonical protobuf header, C2SP body, digest footer (no keys here).
+"""The artifact container: prefix, canonical protobuf header, key slot, C2SP body, digest footer.
 
-Byte layout (``services/modelstore/ARTIFACT_FORMAT.md`` is the normative description)::
+Byte layout (``strongroom/artifact/ARTIFACT_FORMAT.md`` is the normative description)::
 
     offset 0       8 bytes   magic  "SRMODEL\\0"
-    offset 8       4 bytes   format version, big-endian (1)
+    offset 8       4 bytes   format version, big-endian (1 or 2)
     offset 12      4 bytes   header length N, big-endian (1 .. 65536)
     offset 16      N bytes   ArtifactHeader, canonical protobuf
-    offset 16+N    B bytes   body: C2SP chunked-encryption v1 of  plaintext || SHA-256(plaintext)
-                             with context = the 16+N bytes above
-    offset 16+N+B  32 bytes  footer: SHA-256(plaintext), in clear
+    format 2 only:
+    offset 16+N    4 bytes   key slot length S, big-endian (1 .. 2048)
+    offset 20+N    S bytes   ArtifactKeySlot, canonical protobuf (key id, KEK version, wrapped DEK)
+    then           B bytes   body: C2SP chunked-encryption v1 of  plaintext || SHA-256(plaintext)
+                             with context = the 16+N bytes of prefix and header (never the slot)
+    then           32 bytes  footer: SHA-256(plaintext), in clear
 
-``B`` follows from ``plaintext_size`` alone, so the total length of an artifact is known as soon as
-its header has been read. This module parses and validates structure only; it never sees a key.
+In format 1 the KEK version and wrapped data key are header fields, hence bound into the body; in
+format 2 they live in the key slot, outside the context, so a data key can be re-wrapped under a new
+KEK version by replacing the slot alone. ``B`` follows from ``plaintext_size`` alone, so the total
+length of an artifact is known as soon as its head (everything before the body) has been read. This
+module parses and validates structure only; it never sees a key.
 """
 
 from __future__ import annotations
@@ -39,32 +45,52 @@ from strongroom.identifiers import (
 __all__ = [
     "DIGEST_SIZE",
     "FOOTER_SIZE",
+    "FORMAT_V1",
+    "FORMAT_V2",
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_HEADER_SIZE",
+    "MAX_KEY_SLOT_SIZE",
     "MAX_PLAINTEXT_SIZE",
     "PREFIX_SIZE",
+    "SLOT_LENGTH_SIZE",
+    "SUPPORTED_FORMAT_VERSIONS",
     "ArtifactHeader",
     "ArtifactSummary",
     "BodyEncryption",
+    "HeadAccumulator",
+    "KeySlot",
     "WrapMechanism",
     "body_size",
     "build_header",
     "check_prefix",
+    "head_length",
     "parse_header",
     "read_header",
     "read_summary",
+    "with_key_slot",
 ]
 
 MAGIC = b"SRMODEL\x00"
 """First eight bytes of every artifact."""
-FORMAT_VERSION = 1
-"""The only format version this library reads and writes."""
+FORMAT_V1 = 1
+"""Format 1: the KEK version and wrapped data key are header fields, bound into the body."""
+FORMAT_V2 = 2
+"""Format 2: they live in a key slot outside the body's context (re-wrappable)."""
+FORMAT_VERSION = FORMAT_V2
+"""The format version this library writes unless told otherwise."""
+SUPPORTED_FORMAT_VERSIONS = (FORMAT_V1, FORMAT_V2)
+"""Every format version this library reads (and can write)."""
 _PREFIX = struct.Struct(">8sII")
 PREFIX_SIZE = _PREFIX.size
 """Magic, format version and header length: 16 bytes."""
 MAX_HEADER_SIZE = 64 * 1024
 """Largest protobuf header accepted (bytes)."""
+_SLOT_LENGTH = struct.Struct(">I")
+SLOT_LENGTH_SIZE = _SLOT_LENGTH.size
+"""The key slot's length field (format 2): 4 bytes."""
+MAX_KEY_SLOT_SIZE = 2048
+"""Largest protobuf key slot accepted (bytes); a real one is about 60."""
 DIGEST_SIZE = 32
 """SHA-256 digest length: appended to the encrypted message and repeated in the footer."""
 FOOTER_SIZE = DIGEST_SIZE
@@ -114,13 +140,29 @@ def _invalid(reason: str, message: str) -> InvalidArtifact:
     return InvalidArtifact(message, reason=reason)
 
 
+@dataclass(frozen=True)
+class KeySlot:
+    """Which KEK version wraps an artifact's data key, and the wrapped key (a claim until unwrapped).
+
+    In format 1 these are header fields; in format 2 they form the key slot, outside the context.
+    """
+
+    key_id: str
+    key_version: int
+    wrapped_dek: bytes
+    wrap_mechanism: WrapMechanism = WrapMechanism.AES_KEY_WRAP_PAD
+
+
 @dataclass(frozen=True, repr=False)
 class ArtifactHeader:
-    """A parsed, validated artifact header and its exact encoding.
+    """A parsed, validated artifact head (everything before the body) and its exact encoding.
 
-    ``encoded`` is every byte before the body (prefix and canonical protobuf): it is what the body's
-    C2SP context binds. The values are structurally valid but *unauthenticated* until a keyed reader
-    checks the body's commitment against ``encoded``.
+    ``encoded`` is the prefix and canonical protobuf header: it is what the body's C2SP context
+    binds. ``slot_encoded`` is the format-2 key slot (its 4-byte length and canonical protobuf),
+    empty in format 1; it is *not* in the context. ``key_version``, ``wrapped_dek`` and
+    ``wrap_mechanism`` are the header's fields in format 1 and the slot's in format 2. The values
+    are structurally valid but *unauthenticated* until a keyed reader checks the body's commitment
+    against ``encoded`` with the data key that the slot unwraps to.
     """
 
     model_name: str
@@ -138,18 +180,30 @@ class ArtifactHeader:
     chunk_size: int
     format_version: int
     encoded: bytes
+    slot_encoded: bytes = b""
 
     def __repr__(self) -> str:
         return (
-            f"ArtifactHeader(model_name={self.model_name!r}, model_version={self.model_version!r}, "
+            f"ArtifactHeader(format_version={self.format_version}, "
+            f"model_name={self.model_name!r}, model_version={self.model_version!r}, "
             f"key_id={self.key_id!r}, key_version={self.key_version}, "
             f"plaintext_size={self.plaintext_size}, header_size={self.header_size})"
         )
 
     @property
     def header_size(self) -> int:
-        """Bytes before the body: prefix plus protobuf header (the body's offset)."""
-        return len(self.encoded)
+        """Bytes before the body (the body's offset): prefix, protobuf header and key slot."""
+        return len(self.encoded) + len(self.slot_encoded)
+
+    @property
+    def head(self) -> bytes:
+        """Every byte before the body, exactly as stored."""
+        return self.encoded + self.slot_encoded
+
+    @property
+    def key_slot(self) -> KeySlot:
+        """The KEK id and version and the wrapped data key (from the header or the slot)."""
+        return KeySlot(self.key_id, self.key_version, self.wrapped_dek, self.wrap_mechanism)
 
     @property
     def message_size(self) -> int:
@@ -178,7 +232,7 @@ class ArtifactHeader:
 
     @property
     def context(self) -> bytes:
-        """The C2SP context of the body: the exact prefix and header bytes."""
+        """The C2SP context of the body: the exact prefix and header bytes (never the key slot)."""
         return self.encoded
 
 
@@ -188,8 +242,9 @@ class ArtifactSummary:
 
     Every value is as the artifact claims it: structurally checked (limits, canonical header, exact
     length), but only a holder of the data key can authenticate it. ``plaintext_sha256`` comes from
-    the footer (lower-case hex). ``header_size`` counts the prefix and the protobuf header;
-    ``artifact_size`` is exactly ``header_size + body_size + 32``.
+    the footer (lower-case hex). ``header_size`` counts everything before the body (prefix,
+    protobuf header and, in format 2, the key slot); ``artifact_size`` is exactly
+    ``header_size + body_size + 32``.
     """
 
     name: str
@@ -242,13 +297,14 @@ def check_prefix(data: bytes | bytearray | memoryview) -> int | None:
         raise _invalid("BAD_MAGIC", "not a Strongroom model artifact (bad magic)")
     if have >= 12:
         (version,) = struct.unpack_from(">I", view, 8)
-        if version != FORMAT_VERSION:
+        if version not in SUPPORTED_FORMAT_VERSIONS:
             raise _invalid(
                 "UNSUPPORTED_FORMAT_VERSION",
-                f"artifact format version {version} is not supported (only {FORMAT_VERSION})",
+                f"artifact format version {version} is not supported "
+                f"(only {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})",
             )
     elif have > 8 and any(view[8:have]):
-        # The version's high bytes are already non-zero: it cannot be 1.
+        # The version's high bytes are already non-zero: it cannot be 1 or 2.
         raise _invalid("UNSUPPORTED_FORMAT_VERSION", "artifact format version is not supported")
     if have < PREFIX_SIZE:
         return None
@@ -273,7 +329,31 @@ def _check_ascii(
         raise _invalid(reason, f"{what} has characters outside its allowed set")
 
 
-def _validate(msg: header_pb2.ArtifactHeader) -> None:
+def _check_key_fields(
+    key_id: str,
+    key_version: int,
+    wrap_mechanism: int,
+    wrapped: bytes,
+) -> None:
+    """The rules shared by the format-1 header fields 4-7 and the format-2 key slot."""
+    _check_ascii(key_id, _KEY_ID, MAX_KEY_ID_LENGTH, "INVALID_KEY_ID", "key id")
+    if key_version < 1:
+        raise _invalid("INVALID_KEY_VERSION", "key version must be at least 1")
+    if wrap_mechanism != keybroker_pb2.WRAP_MECHANISM_AES_KEY_WRAP_PAD:
+        raise _invalid(
+            "UNSUPPORTED_WRAP_MECHANISM",
+            "the data key must be wrapped with WRAP_MECHANISM_AES_KEY_WRAP_PAD",
+        )
+    size = len(wrapped)
+    if not MIN_WRAPPED_DEK_SIZE <= size <= MAX_WRAPPED_DEK_SIZE or size % 8:
+        raise _invalid(
+            "INVALID_WRAPPED_DEK",
+            f"wrapped data key must be a multiple of 8 bytes between {MIN_WRAPPED_DEK_SIZE} "
+            f"and {MAX_WRAPPED_DEK_SIZE}",
+        )
+
+
+def _validate(msg: header_pb2.ArtifactHeader, format_version: int) -> None:
     _check_ascii(msg.model_name, _NAME, MAX_NAME_LENGTH, "INVALID_MODEL_NAME", "model name")
     _check_ascii(
         msg.model_version, _VERSION, MAX_VERSION_LENGTH, "INVALID_MODEL_VERSION", "model version"
@@ -285,21 +365,18 @@ def _validate(msg: header_pb2.ArtifactHeader) -> None:
         "INVALID_CONTENT_TYPE",
         "content type",
     )
-    _check_ascii(msg.key_id, _KEY_ID, MAX_KEY_ID_LENGTH, "INVALID_KEY_ID", "key id")
-    if msg.key_version < 1:
-        raise _invalid("INVALID_KEY_VERSION", "key version must be at least 1")
-    if msg.wrap_mechanism != keybroker_pb2.WRAP_MECHANISM_AES_KEY_WRAP_PAD:
-        raise _invalid(
-            "UNSUPPORTED_WRAP_MECHANISM",
-            "the data key must be wrapped with WRAP_MECHANISM_AES_KEY_WRAP_PAD",
-        )
-    wrapped = len(msg.wrapped_data_key)
-    if not MIN_WRAPPED_DEK_SIZE <= wrapped <= MAX_WRAPPED_DEK_SIZE or wrapped % 8:
-        raise _invalid(
-            "INVALID_WRAPPED_DEK",
-            f"wrapped data key must be a multiple of 8 bytes between {MIN_WRAPPED_DEK_SIZE} "
-            f"and {MAX_WRAPPED_DEK_SIZE}",
-        )
+    if format_version == FORMAT_V1:
+        _check_key_fields(msg.key_id, msg.key_version, msg.wrap_mechanism, msg.wrapped_data_key)
+    else:
+        _check_ascii(msg.key_id, _KEY_ID, MAX_KEY_ID_LENGTH, "INVALID_KEY_ID", "key id")
+        # One place for the wrapped key: a format-2 header that also carried one would leave a
+        # reader to choose between a bound copy and a replaceable one.
+        if msg.key_version or msg.wrapped_data_key or msg.wrap_mechanism:
+            raise _invalid(
+                "KEY_FIELD_IN_HEADER",
+                "a format-2 header must not carry key_version, wrapped_data_key or "
+                "wrap_mechanism (they belong in the key slot)",
+            )
     if msg.body_encryption != header_pb2.BODY_ENCRYPTION_C2SP_CHUNKED_AES_256_GCM_HKDF_SHA512:
         raise _invalid("UNSUPPORTED_BODY_ENCRYPTION", "unsupported body encryption")
     if msg.chunk_size != c2sp.CHUNK_SIZE:
@@ -334,52 +411,131 @@ def _timestamp_to_datetime(seconds: int, nanos: int) -> datetime:
     return datetime.fromtimestamp(seconds, tz=UTC).replace(microsecond=nanos // 1000)
 
 
-def parse_header(data: bytes | bytearray | memoryview) -> ArtifactHeader:
-    """Parses and validates the header at the start of ``data`` (needs no key).
+_Message = header_pb2.ArtifactHeader | header_pb2.ArtifactKeySlot
 
-    ``data`` must start at artifact offset 0 and hold at least the whole header; anything after
-    it is ignored. Raises InvalidArtifact with a reason code: BAD_MAGIC,
-    UNSUPPORTED_FORMAT_VERSION, HEADER_EMPTY, HEADER_TOO_LARGE, TRUNCATED, MALFORMED_HEADER,
-    UNKNOWN_HEADER_FIELD, NON_CANONICAL_HEADER, or the reason of the offending field.
-    """
-    view = memoryview(data)
-    header_len = check_prefix(view)
-    if header_len is None or view.nbytes < PREFIX_SIZE + header_len:
-        raise _invalid("TRUNCATED", "artifact is truncated inside its header")
-    encoded = bytes(view[: PREFIX_SIZE + header_len])
-    raw = encoded[PREFIX_SIZE:]
-    msg = header_pb2.ArtifactHeader()
+
+def _parse_canonical(raw: bytes, msg: _Message, what: str) -> None:
+    """Parses ``raw`` into ``msg``; it must be canonical and carry no unknown field."""
     try:
         msg.ParseFromString(raw)
     except DecodeError:
-        raise _invalid("MALFORMED_HEADER", "artifact header is not a valid protobuf") from None
+        raise _invalid("MALFORMED_HEADER", f"artifact {what} is not a valid protobuf") from None
     reencoded = msg.SerializeToString(deterministic=True)
     # Recursive (the Timestamp too); missing from the typeshed stubs.
-    msg.DiscardUnknownFields()  # type: ignore[attr-defined]
+    msg.DiscardUnknownFields()  # type: ignore[union-attr]
     if msg.SerializeToString(deterministic=True) != reencoded:
         raise _invalid(
-            "UNKNOWN_HEADER_FIELD", "artifact header has fields this reader does not know"
+            "UNKNOWN_HEADER_FIELD", f"artifact {what} has fields this reader does not know"
         )
     if reencoded != raw:
-        raise _invalid("NON_CANONICAL_HEADER", "artifact header is not in canonical encoding")
-    _validate(msg)
+        raise _invalid("NON_CANONICAL_HEADER", f"artifact {what} is not in canonical encoding")
+
+
+def head_length(data: bytes | bytearray | memoryview) -> int | None:
+    """The length of everything before the body, once ``data`` (from offset 0) holds enough to know.
+
+    Checks the prefix (and, in format 2, the key slot's length field) as soon as those bytes are
+    present, so a streaming reader fails on the first bad piece. Returns None while unknown.
+    """
+    view = memoryview(data)
+    header_len = check_prefix(view)
+    if header_len is None:
+        return None
+    (version,) = struct.unpack_from(">I", view, 8)
+    if version == FORMAT_V1:
+        return PREFIX_SIZE + header_len
+    slot_at = PREFIX_SIZE + header_len
+    if view.nbytes < slot_at + SLOT_LENGTH_SIZE:
+        return None
+    (slot_len,) = _SLOT_LENGTH.unpack_from(view, slot_at)
+    if slot_len == 0:
+        raise _invalid("KEY_SLOT_EMPTY", "artifact key slot is empty")
+    if slot_len > MAX_KEY_SLOT_SIZE:
+        raise _invalid(
+            "KEY_SLOT_TOO_LARGE",
+            f"artifact key slot of {slot_len} bytes exceeds {MAX_KEY_SLOT_SIZE}",
+        )
+    return slot_at + SLOT_LENGTH_SIZE + int(slot_len)
+
+
+def parse_header(data: bytes | bytearray | memoryview) -> ArtifactHeader:
+    """Parses and validates the head (prefix, header, format-2 key slot) at the start of ``data``.
+
+    Needs no key. ``data`` must start at artifact offset 0 and hold at least the whole head; anything
+    after it is ignored. Raises InvalidArtifact with a reason code: BAD_MAGIC,
+    UNSUPPORTED_FORMAT_VERSION, HEADER_EMPTY, HEADER_TOO_LARGE, KEY_SLOT_EMPTY, KEY_SLOT_TOO_LARGE,
+    TRUNCATED, MALFORMED_HEADER, UNKNOWN_HEADER_FIELD, NON_CANONICAL_HEADER, KEY_FIELD_IN_HEADER,
+    KEY_SLOT_MISMATCH, or the reason of the offending field.
+    """
+    view = memoryview(data)
+    total = head_length(view)
+    if total is None or view.nbytes < total:
+        raise _invalid("TRUNCATED", "artifact is truncated inside its header")
+    header_len = check_prefix(view)
+    assert header_len is not None
+    version = int(struct.unpack_from(">I", view, 8)[0])
+    encoded = bytes(view[: PREFIX_SIZE + header_len])
+    msg = header_pb2.ArtifactHeader()
+    _parse_canonical(encoded[PREFIX_SIZE:], msg, "header")
+    _validate(msg, version)
+    slot_encoded = b""
+    if version == FORMAT_V1:
+        slot = KeySlot(
+            msg.key_id,
+            msg.key_version,
+            msg.wrapped_data_key,
+            WrapMechanism(msg.wrap_mechanism),
+        )
+    else:
+        slot_encoded = bytes(view[len(encoded) : total])
+        slot = _parse_slot(slot_encoded[SLOT_LENGTH_SIZE:], msg.key_id)
     return ArtifactHeader(
         model_name=msg.model_name,
         model_version=msg.model_version,
         content_type=msg.content_type,
         key_id=msg.key_id,
-        key_version=msg.key_version,
-        wrapped_dek=msg.wrapped_data_key,
-        wrap_mechanism=WrapMechanism(msg.wrap_mechanism),
+        key_version=slot.key_version,
+        wrapped_dek=slot.wrapped_dek,
+        wrap_mechanism=slot.wrap_mechanism,
         plaintext_size=msg.plaintext_size,
         created_at=_timestamp_to_datetime(msg.created_at.seconds, msg.created_at.nanos),
         signature_bundle=msg.signature_bundle,
         signature_bundle_media_type=msg.signature_bundle_media_type,
         body_encryption=BodyEncryption(msg.body_encryption),
         chunk_size=msg.chunk_size,
-        format_version=FORMAT_VERSION,
+        format_version=version,
         encoded=encoded,
+        slot_encoded=slot_encoded,
     )
+
+
+def _parse_slot(raw: bytes, header_key_id: str) -> KeySlot:
+    msg = header_pb2.ArtifactKeySlot()
+    _parse_canonical(raw, msg, "key slot")
+    _check_key_fields(msg.key_id, msg.key_version, msg.wrap_mechanism, msg.wrapped_data_key)
+    # The header's key id is bound into the body; a slot naming another KEK cannot be this
+    # artifact's (and would send the unwrap to the wrong key).
+    if msg.key_id != header_key_id:
+        raise _invalid("KEY_SLOT_MISMATCH", "the key slot names another key than the header")
+    return KeySlot(
+        msg.key_id, msg.key_version, msg.wrapped_data_key, WrapMechanism(msg.wrap_mechanism)
+    )
+
+
+def _encode_slot(slot: KeySlot) -> bytes:
+    """The format-2 key slot field: 4-byte length and canonical ArtifactKeySlot (validated)."""
+    if not 0 <= slot.key_version < 1 << 32:
+        raise _invalid("INVALID_KEY_VERSION", "key version must be a 32-bit unsigned integer")
+    _check_key_fields(
+        slot.key_id, slot.key_version, int(slot.wrap_mechanism), bytes(slot.wrapped_dek)
+    )
+    raw = header_pb2.ArtifactKeySlot(
+        key_id=slot.key_id,
+        key_version=slot.key_version,
+        wrap_mechanism=keybroker_pb2.WrapMechanism.ValueType(int(slot.wrap_mechanism)),
+        wrapped_data_key=bytes(slot.wrapped_dek),
+    ).SerializeToString(deterministic=True)
+    return _SLOT_LENGTH.pack(len(raw)) + raw
 
 
 def build_header(
@@ -395,12 +551,20 @@ def build_header(
     created_at: datetime | None = None,
     signature_bundle: bytes = b"",
     signature_bundle_media_type: str = "",
+    format_version: int = FORMAT_VERSION,
 ) -> ArtifactHeader:
-    """Builds, encodes and validates a header (same checks as :func:`parse_header`).
+    """Builds, encodes and validates a head (same checks as :func:`parse_header`).
 
-    ``created_at`` must be timezone-aware and defaults to now; it is kept to the microsecond.
-    Raises InvalidArtifact for any value outside the format's limits.
+    ``format_version`` 2 (the default) puts the KEK version and wrapped data key in the key slot;
+    1 puts them in the header (bound into the body). ``created_at`` must be timezone-aware and
+    defaults to now; it is kept to the microsecond. Raises InvalidArtifact for any value outside
+    the format's limits.
     """
+    if format_version not in SUPPORTED_FORMAT_VERSIONS:
+        raise _invalid(
+            "UNSUPPORTED_FORMAT_VERSION",
+            f"artifact format version {format_version} is not supported",
+        )
     if created_at is None:
         created_at = datetime.now(UTC)
     if created_at.tzinfo is None:
@@ -416,22 +580,88 @@ def build_header(
         model_version=model_version,
         content_type=content_type,
         key_id=key_id,
-        key_version=key_version,
-        wrapped_data_key=bytes(wrapped_dek),
-        wrap_mechanism=keybroker_pb2.WrapMechanism.ValueType(int(wrap_mechanism)),
         plaintext_size=plaintext_size,
         body_encryption=header_pb2.BODY_ENCRYPTION_C2SP_CHUNKED_AES_256_GCM_HKDF_SHA512,
         chunk_size=c2sp.CHUNK_SIZE,
         signature_bundle=bytes(signature_bundle),
         signature_bundle_media_type=signature_bundle_media_type,
     )
+    slot = b""
+    if format_version == FORMAT_V1:
+        msg.key_version = key_version
+        msg.wrapped_data_key = bytes(wrapped_dek)
+        msg.wrap_mechanism = keybroker_pb2.WrapMechanism.ValueType(int(wrap_mechanism))
+    else:
+        slot = _encode_slot(KeySlot(key_id, key_version, bytes(wrapped_dek), wrap_mechanism))
     msg.created_at.seconds = epoch
     msg.created_at.nanos = utc.microsecond * 1000
-    _validate(msg)
+    _validate(msg, format_version)
     raw = msg.SerializeToString(deterministic=True)
     if len(raw) > MAX_HEADER_SIZE:
         raise _invalid("HEADER_TOO_LARGE", f"artifact header exceeds {MAX_HEADER_SIZE} bytes")
-    return parse_header(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(raw)) + raw)
+    return parse_header(_PREFIX.pack(MAGIC, format_version, len(raw)) + raw + slot)
+
+
+def with_key_slot(header: ArtifactHeader, slot: KeySlot) -> ArtifactHeader:
+    """The same format-2 head with another key slot (a re-wrapped data key); context unchanged.
+
+    Only the slot changes, so the body (bound to ``header.encoded``) stays valid if, and only if,
+    ``slot`` unwraps to the same data key. Raises InvalidArtifact(KEY_SLOT_NOT_REPLACEABLE) for a
+    format-1 artifact, whose key fields are bound into the body, and KEY_SLOT_MISMATCH if the slot
+    names another key.
+    """
+    if header.format_version != FORMAT_V2:
+        raise _invalid(
+            "KEY_SLOT_NOT_REPLACEABLE",
+            f"a format-{header.format_version} artifact binds its wrapped data key into the body; "
+            "it can only be re-encrypted, not re-wrapped",
+        )
+    if slot.key_id != header.key_id:
+        raise _invalid("KEY_SLOT_MISMATCH", "the key slot names another key than the header")
+    return parse_header(header.encoded + _encode_slot(slot))
+
+
+class HeadAccumulator:
+    """Collects the head of an artifact arriving in pieces; buffers at most the head itself.
+
+    ``take(view)`` consumes what belongs to the head and returns the rest of ``view``; once the head
+    is complete, :attr:`header` is set. Errors (InvalidArtifact) are raised on the first bad piece.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.header: ArtifactHeader | None = None
+
+    def take(self, view: memoryview) -> memoryview:
+        """Consumes head bytes from ``view``; returns the bytes after the head (possibly empty)."""
+        if self.header is not None:
+            return view
+        # The head's length is learnt in up to three steps (prefix, header, slot length): take only
+        # what is known to belong to the head, so no body byte is ever buffered here.
+        while True:
+            total = head_length(self._buf)
+            if total is None:
+                need = self._next_boundary() - len(self._buf)
+            else:
+                need = total - len(self._buf)
+            step = min(need, view.nbytes)
+            self._buf += view[:step]
+            view = view[step:]
+            if total is not None and len(self._buf) == total:
+                self.header = parse_header(self._buf)
+                self._buf = bytearray()
+                return view
+            if step < need or not view.nbytes:
+                # Waiting for more bytes; re-check what arrived (a bad magic fails right away).
+                head_length(self._buf)
+                return view
+
+    def _next_boundary(self) -> int:
+        """The offset up to which the buffered bytes must reach before the head length is known."""
+        header_len = check_prefix(self._buf)
+        if header_len is None:
+            return PREFIX_SIZE
+        return PREFIX_SIZE + header_len + SLOT_LENGTH_SIZE
 
 
 def _read_exactly(stream: BinaryIO, size: int) -> bytes:
@@ -447,15 +677,30 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
 
 
 def read_header(stream: BinaryIO) -> ArtifactHeader:
-    """Reads exactly the prefix and header from ``stream`` (positioned at offset 0) and parses them.
+    """Reads exactly the head (prefix, header, key slot) from ``stream`` at offset 0 and parses it.
 
     Leaves the stream positioned at the start of the body; needs no key and no seeking.
     """
-    prefix = _read_exactly(stream, PREFIX_SIZE)
-    header_len = check_prefix(prefix)
-    if header_len is None:
+    head = bytearray(_read_exactly(stream, PREFIX_SIZE))
+    if check_prefix(head) is None:
         raise _invalid("TRUNCATED", "artifact is truncated inside its prefix")
-    return parse_header(prefix + _read_exactly(stream, header_len))
+    # At most two more reads: the header (plus the slot length), then the slot.
+    for _ in range(2):
+        total = head_length(head)
+        if total is not None:
+            break
+        header_len = check_prefix(head)
+        assert header_len is not None
+        want = PREFIX_SIZE + header_len + SLOT_LENGTH_SIZE - len(head)
+        piece = _read_exactly(stream, want)
+        head += piece
+        if len(piece) < want:
+            raise _invalid("TRUNCATED", "artifact is truncated inside its header")
+    total = head_length(head)
+    if total is None:  # pragma: no cover - head_length knows after prefix, header, slot length
+        raise _invalid("TRUNCATED", "artifact is truncated inside its header")
+    head += _read_exactly(stream, total - len(head))
+    return parse_header(head)
 
 
 def read_summary(stream: BinaryIO) -> ArtifactSummary:

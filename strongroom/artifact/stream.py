@@ -31,10 +31,8 @@ from strongroom.artifact.errors import ArtifactTooLarge, DecryptionFailed, Inval
 from strongroom.artifact.format import (
     DEK_SIZE,
     DIGEST_SIZE,
-    PREFIX_SIZE,
     ArtifactHeader,
-    check_prefix,
-    parse_header,
+    HeadAccumulator,
 )
 from strongroom.errors import FailedPrecondition, InvalidArgument
 
@@ -67,7 +65,7 @@ class _ArtifactStream:
         self._max_held = max_held_without_key
         self._verify_digest = verify_digest
         self._dek: bytearray | None = None
-        self._head = bytearray()
+        self._head = HeadAccumulator()
         self._header: ArtifactHeader | None = None
         self._seen = 0
         # Body bytes received before the key, held as they came (ciphertext is not secret; an
@@ -169,25 +167,16 @@ class _ArtifactStream:
         self._body(view)
 
     def _take_header(self, view: memoryview) -> memoryview:
-        take = 0
-        header_len = check_prefix(self._head)
-        if header_len is None:
-            take = min(view.nbytes, PREFIX_SIZE - len(self._head))
-            self._head += view[:take]
-            header_len = check_prefix(self._head)
-        if header_len is not None:
-            extra = min(PREFIX_SIZE + header_len - len(self._head), view.nbytes - take)
-            self._head += view[take : take + extra]
-            take += extra
-            if len(self._head) == PREFIX_SIZE + header_len:
-                self._header = parse_header(self._head)
-                self._head = bytearray()
-                if self._max is not None and self._header.artifact_size > self._max:
-                    raise ArtifactTooLarge(
-                        f"artifact of {self._header.artifact_size} bytes exceeds the limit"
-                    )
-                self._on_header(self._header)
-        return view[take:]
+        rest = self._head.take(view)
+        header = self._head.header
+        if header is not None:
+            self._header = header
+            if self._max is not None and header.artifact_size > self._max:
+                raise ArtifactTooLarge(
+                    f"artifact of {header.artifact_size} bytes exceeds the limit"
+                )
+            self._on_header(header)
+        return rest
 
     def _body(self, view: memoryview) -> None:
         header = self._header

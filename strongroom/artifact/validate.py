@@ -1,9 +1,10 @@
 """Keyless, incremental structure validation of an artifact stream (for the model store).
 
 The store never holds a key, so it checks everything that can be checked without one: magic,
-format version, a canonical header within every limit, and a total length exactly equal to what the
-header implies. It fails on the first piece that makes the stream invalid, so an upload can be
-aborted early, and it buffers at most the header (64 KiB) and the 32-byte footer.
+format version, a canonical header (and, in format 2, key slot) within every limit, and a total
+length exactly equal to what the header implies. It fails on the first piece that makes the stream
+invalid, so an upload can be aborted early, and it buffers at most the head (64 KiB header and 2 KiB
+key slot) and the 32-byte footer.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from __future__ import annotations
 from strongroom.artifact.errors import ArtifactTooLarge, InvalidArtifact
 from strongroom.artifact.format import (
     FOOTER_SIZE,
-    PREFIX_SIZE,
     ArtifactHeader,
     ArtifactSummary,
-    check_prefix,
-    parse_header,
+    HeadAccumulator,
 )
 
 __all__ = ["StructureValidator", "summarize"]
@@ -30,7 +29,7 @@ class StructureValidator:
 
     def __init__(self, *, max_artifact_size: int | None = None) -> None:
         self._max = max_artifact_size
-        self._head = bytearray()
+        self._head = HeadAccumulator()
         self._header: ArtifactHeader | None = None
         self._seen = 0
         self._footer = bytearray()
@@ -69,29 +68,15 @@ class StructureValidator:
         start = self._seen
         self._seen += view.nbytes
         if self._header is None:
-            take = 0
-            header_len = check_prefix(self._head)
-            if header_len is None:
-                take = min(view.nbytes, PREFIX_SIZE - len(self._head))
-                self._head += view[:take]
-                header_len = check_prefix(self._head)
-            if header_len is not None:
-                need = PREFIX_SIZE + header_len - len(self._head)
-                extra = min(need, view.nbytes - take)
-                self._head += view[take : take + extra]
-                take += extra
-                if len(self._head) == PREFIX_SIZE + header_len:
-                    self._header = parse_header(self._head)
-                    self._head = bytearray()
-                    size = self._header.artifact_size
-                    if self._max is not None and size > self._max:
-                        raise ArtifactTooLarge(
-                            f"artifact of {size} bytes exceeds the limit of {self._max}"
-                        )
-            view = view[take:]
-            start += take
+            rest = self._head.take(view)
+            start += view.nbytes - rest.nbytes
+            view = rest
+            self._header = self._head.header
             if self._header is None:
                 return
+            size = self._header.artifact_size
+            if self._max is not None and size > self._max:
+                raise ArtifactTooLarge(f"artifact of {size} bytes exceeds the limit of {self._max}")
         total = self._header.artifact_size
         if self._seen > total:
             raise InvalidArtifact(

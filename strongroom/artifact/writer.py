@@ -20,6 +20,7 @@ from strongroom.artifact import c2sp
 from strongroom.artifact._memory import wipe
 from strongroom.artifact.format import (
     DEK_SIZE,
+    FORMAT_VERSION,
     ArtifactHeader,
     WrapMechanism,
     build_header,
@@ -66,7 +67,7 @@ class ArtifactWriter:
         self._cipher, preamble = c2sp.seal_message(
             dek, header.encoded, suite=c2sp.AES_256_GCM, salt=salt
         )
-        self._start = header.encoded + preamble
+        self._start = header.head + preamble
         self._carry = bytearray()
         self._out = bytearray()
         self._hash = hashlib.sha256()
@@ -79,7 +80,7 @@ class ArtifactWriter:
         return f"ArtifactWriter({self.header!r}, consumed={self._consumed})"
 
     def start(self) -> bytes:
-        """The bytes before the first chunk: prefix, header, salt and commitment."""
+        """The bytes before the first chunk: prefix, header, key slot (format 2), salt, commitment."""
         self._check_open()
         if self._started:
             raise ValueError("start() was already called")
@@ -271,8 +272,11 @@ def encrypt_stream(
     signature_bundle: bytes = b"",
     signature_bundle_media_type: str = "",
     block_size: int = DEFAULT_BLOCK_SIZE,
+    format_version: int = FORMAT_VERSION,
 ) -> Iterator[bytes]:
     """Encrypts ``source`` into an artifact in one pass; returns an iterator over its bytes.
+
+    ``format_version`` 2 (the default) writes a re-wrappable key slot; 1 writes the legacy layout.
 
     The header is built and checked, and the data key consumed, before this function returns (so
     invalid fields fail here and the caller may wipe ``dek`` right away); the source is read only as
@@ -303,6 +307,7 @@ def encrypt_stream(
         created_at=created_at,
         signature_bundle=signature_bundle,
         signature_bundle_media_type=signature_bundle_media_type,
+        format_version=format_version,
     )
     return ArtifactWriter(header, dek).stream(source, block_size=block_size)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,8 @@ from google.protobuf.json_format import MessageToDict
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.cli.client import Client, add_client_arguments
-from strongroom.errors import FailedPrecondition
+from strongroom.client.rewrap import rewrap_models
+from strongroom.errors import FailedPrecondition, NotFound
 
 TIMEOUT = 30.0
 
@@ -34,7 +37,17 @@ def register(sub: Any) -> None:
 
     action("create", "create a KEK (AES-256 in the HSM, never extractable)", _create)
     action("list", "list KEKs and their versions", _list, key=False)
-    action("rotate", "add a new KEK version (old versions still unwrap)", _rotate)
+    rotate = action("rotate", "add a new KEK version (old versions still unwrap)", _rotate)
+    rotate.add_argument(
+        "--rewrap-models",
+        action="store_true",
+        help="then re-wrap every stored model's data key to the new version (see rewrap-models)",
+    )
+    action(
+        "rewrap-models",
+        "re-wrap every stored model under the key to its current version (resumable)",
+        _rewrap_models,
+    )
     disable = action("disable", "disable one version (or all) of a KEK", _disable)
     disable.add_argument("--version", type=int, default=0, help="version to disable (default: all)")
     set_policy = action(
@@ -69,7 +82,36 @@ def _list(args: argparse.Namespace) -> int:
 def _rotate(args: argparse.Namespace) -> int:
     client, stub = _admin(args)
     with client:
-        return _print(stub.RotateKey(pb.RotateKeyRequest(key_id=args.key_id), timeout=TIMEOUT).key)
+        key = stub.RotateKey(pb.RotateKeyRequest(key_id=args.key_id), timeout=TIMEOUT).key
+        _print(key)
+        if not args.rewrap_models:
+            return 0
+        return _rewrap(client, args.key_id, key.current_version)
+
+
+def _rewrap_models(args: argparse.Namespace) -> int:
+    client, stub = _admin(args)
+    with client:
+        keys = stub.ListKeys(pb.ListKeysRequest(), timeout=TIMEOUT).keys
+        key = next((k for k in keys if k.key_id == args.key_id), None)
+        if key is None:
+            raise NotFound(f"key {args.key_id} does not exist", reason="KEY_NOT_FOUND")
+        return _rewrap(client, args.key_id, key.current_version)
+
+
+def _rewrap(client: Client, key_id: str, current_version: int) -> int:
+    """Streams one JSON line per stored model, then a summary; exit 1 if any model failed."""
+    counts: Counter[str] = Counter()
+    for result in rewrap_models(
+        key_id,
+        current_version=current_version,
+        broker=client.channel("keybroker"),
+        store=client.channel("modelstore"),
+    ):
+        counts[result.outcome] += 1
+        print(json.dumps(dataclasses.asdict(result)), flush=True)
+    print(json.dumps({"key_id": key_id, "current_version": current_version, **counts}))
+    return 1 if counts["failed"] else 0
 
 
 def _disable(args: argparse.Namespace) -> int:

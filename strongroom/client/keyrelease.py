@@ -3,15 +3,36 @@
 For each release it makes a fresh ephemeral RSA-3072 key, asks the broker for a challenge, has the
 hardware sign a report whose REPORT_DATA binds the nonce, the ephemeral key and this server's TLS
 key, and unwraps the answer with the ephemeral private key, which is then dropped.
+
+**One credential per exchange.** The TLS key bound into REPORT_DATA must be the key of the
+connection that carries ReleaseKey. A :class:`~strongroom.pki.channel.RotatingChannel` may switch
+to a renewed certificate between the bind and the send, and the broker then refuses with
+``REPORT_DATA_MISMATCH``. :class:`PinnedChannels` gives each exchange a channel that presents one
+credential snapshot (one channel per certificate generation, shared by the exchanges of that
+generation and closed once a newer one exists and it is idle), and the key bound is that
+snapshot's.
+
+**What is retried** (each retry is a complete new exchange: fresh ephemeral key, fresh challenge,
+fresh report; at most :data:`MAX_EXCHANGES` exchanges per release):
+
+- ``REPORT_DATA_MISMATCH`` — the binding raced a certificate renewal;
+- ``NONCE_INVALID`` and ``NONCE_EXPIRED`` — the challenge was issued under a nonce key that was
+  rotated meanwhile, or the exchange outlived the challenge.
+
+Everything else is returned to the caller at once: every other refusal (measurement, policy, TCB,
+disabled key ...) would be refused again, and ``UNAVAILABLE`` is left to the caller's own bounded
+retry (the model loader's), which also covers the model store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -23,6 +44,8 @@ from strongroom.attestation.binding import report_data_for
 from strongroom.attesters import Attester
 from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.oaep import OaepHash
+from strongroom.pki.authz import REASON_METADATA_KEY
+from strongroom.pki.channel import RotatingChannel
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +53,146 @@ EPHEMERAL_KEY_BITS = 3072
 # Preferred first. SHA-1 is listed because SoftHSM2 2.6 supports nothing else; a deployment with a
 # real HSM can drop it (the broker never picks a mechanism that is not listed).
 DEFAULT_MECHANISMS = (pb.WRAP_MECHANISM_RSA_OAEP_SHA256, pb.WRAP_MECHANISM_RSA_OAEP_SHA1)
+#: At most this many challenge → release exchanges per :meth:`KeyReleaseClient.release`.
+MAX_EXCHANGES = 2
+#: Broker refusals that a fresh exchange can cure (see the module docstring).
+RETRIED_REASONS = frozenset({"REPORT_DATA_MISMATCH", "NONCE_INVALID", "NONCE_EXPIRED"})
+
+
+def peer_reason(error: grpc.RpcError) -> str | None:
+    """The ``strongroom-reason`` trailer a Strongroom peer sent with a failed call, if any."""
+    trailing = getattr(error, "trailing_metadata", None)
+    try:
+        metadata = trailing() if callable(trailing) else None
+    except Exception:  # a call object without trailers: no reason
+        metadata = None
+    for key, value in metadata or ():
+        if key == REASON_METADATA_KEY and isinstance(value, str):
+            return value
+    return None
+
+
+class _CredentialsLike(Protocol):
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def key_pem(self) -> bytes: ...
+
+    @property
+    def chain_pem(self) -> bytes: ...
+
+    @property
+    def public_key_der(self) -> bytes: ...
+
+
+class IdentityLike(Protocol):
+    """What :class:`PinnedChannels` reads: a workload identity's current credentials and root."""
+
+    @property
+    def credentials(self) -> _CredentialsLike: ...
+
+    @property
+    def root_pem(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class BoundChannel:
+    """A channel that presents exactly the TLS key ``tls_public_key_der`` for one exchange."""
+
+    channel: grpc.Channel
+    tls_public_key_der: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Frozen:
+    """A credential source that never rotates: one snapshot and the root."""
+
+    credentials: _CredentialsLike
+    root_pem: bytes
+
+
+@dataclass
+class _Pinned:
+    raw: RotatingChannel
+    channel: grpc.Channel
+    users: int = 0
+    retired: bool = False
+
+
+class PinnedChannels:
+    """Channels to one target, each pinned to one certificate generation of ``identity``.
+
+    ``wrap`` decorates each new channel (tracing interceptors, for instance).
+    """
+
+    def __init__(
+        self,
+        identity: IdentityLike,
+        target: str,
+        *,
+        server_name: str | None = None,
+        wrap: Callable[[grpc.Channel], grpc.Channel] = lambda channel: channel,
+    ) -> None:
+        self._identity = identity
+        self._target = target
+        self._server_name = server_name
+        self._wrap = wrap
+        self._lock = threading.Lock()
+        self._by_generation: dict[int, _Pinned] = {}
+        self._closed = False
+
+    @contextlib.contextmanager
+    def exchange(self) -> Iterator[BoundChannel]:
+        """A channel and the TLS key it presents, both from one credential snapshot."""
+        credentials = self._identity.credentials
+        idle: list[_Pinned] = []
+        with self._lock:
+            if self._closed:
+                raise ValueError("the pinned channels are closed")
+            pinned = self._by_generation.get(credentials.generation)
+            if pinned is None:
+                raw = RotatingChannel(
+                    _Frozen(credentials, self._identity.root_pem),
+                    self._target,
+                    server_name=self._server_name,
+                )
+                pinned = _Pinned(raw, self._wrap(raw))
+                self._by_generation[credentials.generation] = pinned
+                for generation, older in list(self._by_generation.items()):
+                    if generation < credentials.generation:
+                        older.retired = True
+                        if older.users == 0:
+                            idle.append(self._by_generation.pop(generation))
+            pinned.users += 1
+        for old in idle:
+            old.raw.close()
+        try:
+            yield BoundChannel(pinned.channel, credentials.public_key_der)
+        finally:
+            with self._lock:
+                pinned.users -= 1
+                close = pinned.retired and pinned.users == 0
+                if close:
+                    self._by_generation = {
+                        g: p for g, p in self._by_generation.items() if p is not pinned
+                    }
+            if close:
+                pinned.raw.close()
+
+    @property
+    def open_channels(self) -> int:
+        """How many pinned channels are open (one per generation still in use, plus the current)."""
+        with self._lock:
+            return len(self._by_generation)
+
+    def close(self) -> None:
+        """Closes every channel; idempotent."""
+        with self._lock:
+            self._closed = True
+            pinned, self._by_generation = list(self._by_generation.values()), {}
+        for p in pinned:
+            p.raw.close()
 
 
 @dataclass(frozen=True)
@@ -54,14 +217,23 @@ class KeyReleaseClient:
 
     def __init__(
         self,
-        channel: grpc.Channel,
+        channel: grpc.Channel | PinnedChannels,
         attester: Attester,
-        tls_public_key: Callable[[], bytes],
+        tls_public_key: Callable[[], bytes] | None = None,
         *,
         mechanisms: Sequence[pb.WrapMechanism.ValueType] = DEFAULT_MECHANISMS,
         timeout: float = 15.0,
     ) -> None:
-        self._stub = pb_grpc.KeyBrokerServiceStub(channel)
+        """``channel`` is either :class:`PinnedChannels` (the TLS key comes with each channel) or
+        a plain channel plus ``tls_public_key``, read at bind time: then a renewal between bind
+        and send costs one retry (see the module docstring)."""
+        if isinstance(channel, PinnedChannels):
+            self._pinned: PinnedChannels | None = channel
+            self._plain: grpc.Channel | None = None
+        else:
+            if tls_public_key is None:
+                raise TypeError("a plain channel needs tls_public_key")
+            self._pinned, self._plain = None, channel
         self._attester = attester
         self._tls_public_key = tls_public_key
         self._mechanisms = tuple(mechanisms)
@@ -77,59 +249,93 @@ class KeyReleaseClient:
             future, self._next_key = self._next_key, self._keygen.submit(_new_ephemeral_key)
         return future.result()
 
+    @contextlib.contextmanager
+    def _bound(self) -> Iterator[BoundChannel]:
+        if self._pinned is not None:
+            with self._pinned.exchange() as bound:
+                yield bound
+            return
+        assert self._plain is not None and self._tls_public_key is not None
+        yield BoundChannel(self._plain, self._tls_public_key())
+
     def release(self, key_id: str, key_version: int, wrapped_data_key: bytes) -> ReleasedDataKey:
-        """Runs the challenge → evidence → release exchange; raises grpc.RpcError on denial."""
+        """Runs the challenge → evidence → release exchange; raises grpc.RpcError on denial.
+
+        Refusals in :data:`RETRIED_REASONS` get one fresh exchange (module docstring).
+        """
+        for attempt in range(1, MAX_EXCHANGES + 1):
+            try:
+                return self._exchange(key_id, key_version, wrapped_data_key)
+            except grpc.RpcError as exc:
+                reason = peer_reason(exc)
+                if attempt == MAX_EXCHANGES or reason not in RETRIED_REASONS:
+                    raise
+                log.warning(
+                    "key release refused (%s); retrying once with a fresh challenge",
+                    reason,
+                    extra={"key_id": key_id, "reason": reason},
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _exchange(self, key_id: str, key_version: int, wrapped_data_key: bytes) -> ReleasedDataKey:
         private = self._take_key()
         try:
             public_der = private.public_key().public_bytes(
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
             )
-            challenge = self._stub.GetChallenge(
-                pb.GetChallengeRequest(key_id=key_id), timeout=self._timeout
-            )
-            report_data = report_data_for(challenge.nonce, public_der, self._tls_public_key())
-            evidence = self._attester.attest(report_data)
-            response = self._stub.ReleaseKey(
-                pb.ReleaseKeyRequest(
-                    key_id=key_id,
-                    key_version=key_version,
-                    wrapped_data_key=wrapped_data_key,
-                    evidence=evidence.to_proto(),
-                    ephemeral_public_key=public_der,
-                    nonce=challenge.nonce,
-                    accepted_mechanisms=self._mechanisms,
-                ),
-                timeout=self._timeout,
-            )
-            if response.mechanism not in self._mechanisms:
-                raise FailedPrecondition(
-                    f"the broker wrapped the key with mechanism {response.mechanism}, which we did "
-                    "not offer",
-                    reason="OAEP_MECHANISM_UNEXPECTED",
+            with self._bound() as bound:
+                stub = pb_grpc.KeyBrokerServiceStub(bound.channel)
+                challenge = stub.GetChallenge(
+                    pb.GetChallengeRequest(key_id=key_id), timeout=self._timeout
                 )
-            oaep_hash = OaepHash.from_mechanism(response.mechanism)
-            try:
-                dek = bytearray(
-                    private.decrypt(
-                        response.wrapped_data_key,
-                        padding.OAEP(
-                            mgf=padding.MGF1(oaep_hash.algorithm),
-                            algorithm=oaep_hash.algorithm,
-                            label=None,
-                        ),
-                    )
+                report_data = report_data_for(challenge.nonce, public_der, bound.tls_public_key_der)
+                evidence = self._attester.attest(report_data)
+                response = stub.ReleaseKey(
+                    pb.ReleaseKeyRequest(
+                        key_id=key_id,
+                        key_version=key_version,
+                        wrapped_data_key=wrapped_data_key,
+                        evidence=evidence.to_proto(),
+                        ephemeral_public_key=public_der,
+                        nonce=challenge.nonce,
+                        accepted_mechanisms=self._mechanisms,
+                    ),
+                    timeout=self._timeout,
                 )
-            except ValueError:
-                raise DataLoss(
-                    "the released key does not decrypt with our ephemeral key",
-                    reason="RELEASED_KEY_INVALID",
-                ) from None
-            log.info(
-                "data key released",
-                extra={"key_id": key_id, "decision_id": response.decision_id},
-            )
-            return ReleasedDataKey(
-                dek, response.mechanism, response.decision_id, response.policy_version
-            )
+            return self._unwrap(private, response, key_id)
         finally:
             del private  # the ephemeral private key lives only for this exchange
+
+    def _unwrap(
+        self, private: rsa.RSAPrivateKey, response: pb.ReleaseKeyResponse, key_id: str
+    ) -> ReleasedDataKey:
+        if response.mechanism not in self._mechanisms:
+            raise FailedPrecondition(
+                f"the broker wrapped the key with mechanism {response.mechanism}, which we did "
+                "not offer",
+                reason="OAEP_MECHANISM_UNEXPECTED",
+            )
+        oaep_hash = OaepHash.from_mechanism(response.mechanism)
+        try:
+            dek = bytearray(
+                private.decrypt(
+                    response.wrapped_data_key,
+                    padding.OAEP(
+                        mgf=padding.MGF1(oaep_hash.algorithm),
+                        algorithm=oaep_hash.algorithm,
+                        label=None,
+                    ),
+                )
+            )
+        except ValueError:
+            raise DataLoss(
+                "the released key does not decrypt with our ephemeral key",
+                reason="RELEASED_KEY_INVALID",
+            ) from None
+        log.info(
+            "data key released",
+            extra={"key_id": key_id, "decision_id": response.decision_id},
+        )
+        return ReleasedDataKey(
+            dek, response.mechanism, response.decision_id, response.policy_version
+        )

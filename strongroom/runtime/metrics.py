@@ -28,6 +28,14 @@ RPC_DURATION = _meter.create_histogram(
 KEY_RELEASES = _meter.create_counter(
     "strongroom.keybroker.releases", description="Key release decisions, by outcome and reason"
 )
+DATA_KEYS_REWRAPPED = _meter.create_counter(
+    "strongroom.keybroker.rewraps",
+    description="Data keys re-wrapped to a newer KEK version inside the HSM, by key and outcome",
+)
+KEY_SLOTS_REPLACED = _meter.create_counter(
+    "strongroom.modelstore.key_slots_replaced",
+    description="Stored artifacts whose key slot was replaced (re-wrap), by key and outcome",
+)
 MODEL_LOAD_DURATION = _meter.create_histogram(
     "strongroom.inference.model_load.duration",
     unit="s",

@@ -20,6 +20,9 @@ from tests.conftest import DATA
 
 PATH = DATA / "wycheproof" / "aes_gcm_test.json"
 
+FORMATS = (1,)
+"""Independent of the container format: run once."""
+
 
 def _cases() -> list[Any]:
     data = json.loads(PATH.read_text())

@@ -26,6 +26,9 @@ FILES = {
     "c2sp_chunked_encryption_aes_128_gcm_test.json": c2sp.AES_128_GCM,
 }
 
+FORMATS = (1,)
+"""Independent of the container format: run once."""
+
 
 def _load() -> list[Any]:
     cases = []

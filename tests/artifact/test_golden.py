@@ -5,7 +5,15 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 
-from strongroom.artifact import ArtifactReader, build_header, encrypt_bytes, summarize
+import pytest
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
+
+from strongroom.artifact import ArtifactReader, build_header, encrypt_bytes, parse_header, summarize
+
+from .golden import DATA, GOLDENS, KEK_V1, KEK_V2, PLAINTEXT
+
+FORMATS = (1,)
+"""The goldens name their format themselves."""
 
 ARTIFACT_SHA256 = "f9c5d7f2fb104a254bde50ed07da8ace7d704b035039cc475cea6b47bc3a1dee"
 
@@ -20,6 +28,7 @@ def _example() -> bytes:
         wrapped_dek=bytes.fromhex("a6" * 8) + bytes(range(0x20, 0x40)),
         plaintext_size=13,
         created_at=datetime(2025, 11, 25, 12, 0, 0, tzinfo=UTC),
+        format_version=1,
     )
     return encrypt_bytes(
         b"hello, model\n", bytearray(range(32)), header=header, salt=bytes(range(0xC0, 0xD8))
@@ -39,3 +48,41 @@ def test_worked_example_is_reproduced_exactly() -> None:
     summary = summarize(artifact)
     assert (summary.header_size, summary.body_size, summary.artifact_size) == (130, 117, 279)
     assert ArtifactReader(artifact).decrypt_all(bytearray(range(32))) == b"hello, model\n"
+
+
+@pytest.mark.parametrize("name", sorted(GOLDENS))
+def test_golden_files_are_what_the_code_writes(name: str) -> None:
+    assert (DATA / name).read_bytes() == GOLDENS[name]()
+
+
+def test_format_1_golden_matches_the_documented_example() -> None:
+    assert (DATA / "golden-v1.srmodel").read_bytes() == _example()
+
+
+def test_format_2_goldens_decrypt_through_their_key_slot() -> None:
+    for name, kek in (("golden-v2.srmodel", KEK_V1), ("golden-v2-rewrapped.srmodel", KEK_V2)):
+        artifact = (DATA / name).read_bytes()
+        header = parse_header(artifact)
+        assert header.format_version == 2
+        dek = bytearray(aes_key_unwrap_with_padding(kek, header.wrapped_dek))
+        assert ArtifactReader(artifact).decrypt_all(dek) == PLAINTEXT
+
+
+def test_format_2_worked_example_layout() -> None:
+    v2 = (DATA / "golden-v2.srmodel").read_bytes()
+    rewrapped = (DATA / "golden-v2-rewrapped.srmodel").read_bytes()
+    assert len(v2) == len(rewrapped) == 295
+    assert v2[:16] == bytes.fromhex("53524d4f44454c000000000200000044")  # version 2, N = 68
+    assert v2[84:88] == bytes.fromhex("0000003a")  # key slot length S = 58
+    # Context (prefix + header), salt, commitment, chunks and footer are byte-identical: a re-wrap
+    # touches only the 62 bytes of the slot.
+    assert v2[:84] == rewrapped[:84]
+    assert v2[146:] == rewrapped[146:]
+    assert v2[84:146] != rewrapped[84:146]
+    assert v2[170:202].hex() == "4ace3540db251204f081a8c43b621270b6bd964ea3f214d4f55e5389493353b5"
+    assert hashlib.sha256(v2).hexdigest() == (
+        "e273f180d190bbdc9007319e9811579487d676e0d91c7669c2d4615544243b3e"
+    )
+    summary = summarize(v2)
+    assert (summary.header_size, summary.body_size, summary.artifact_size) == (146, 117, 295)
+    assert (summary.key_version, summarize(rewrapped).key_version) == (1, 2)

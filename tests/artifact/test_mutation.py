@@ -31,7 +31,7 @@ from strongroom.artifact import (
 from strongroom.artifact import reader as reader_module
 from strongroom.artifact import stream as stream_module
 
-from .conftest import CHUNK, header_for
+from .conftest import CHUNK, header_for, unwrap_for, wrap
 
 SEALED = CHUNK + 16
 SIZE = 3 * CHUNK + 1000  # message = 3 * CHUNK + 1032: chunks of 16384, 16384, 16384, 1032
@@ -42,7 +42,9 @@ REJECTED = (InvalidArtifact, DecryptionFailed)
 def case() -> dict[str, Any]:
     dek = bytearray(os.urandom(32))
     plaintext = os.urandom(SIZE)
-    header = header_for(SIZE)
+    # A real AES-KWP wrap, so that format 2 (whose key slot the body does not bind) is judged the
+    # way a broker does it: unwrap the slot under the KEK version it names, then decrypt.
+    header = header_for(SIZE, wrapped_dek=wrap(dek))
     artifact = encrypt_bytes(plaintext, dek, header=header)
     body = header.header_size
     chunks = body + 56
@@ -78,10 +80,21 @@ def _stream_release(artifact: bytes | bytearray, dek: bytearray, piece: int) -> 
     return bytes(released), False
 
 
+def _dek_for(case: dict[str, Any], artifact: bytes | bytearray) -> bytearray | None:
+    """The key a reader would use: format 1 binds the wrapped key, so the true one; format 2 takes
+    what the (possibly altered) key slot unwraps to, or None if the HSM refuses the slot."""
+    if case["header"].format_version == 1:
+        return bytearray(case["dek"])
+    return unwrap_for(artifact)
+
+
 def _check_rejected(
     case: dict[str, Any], mutated: bytes | bytearray, first_bad_chunk: int, *, streams: bool
 ) -> None:
-    dek, plaintext = case["dek"], case["plaintext"]
+    plaintext = case["plaintext"]
+    dek = _dek_for(case, mutated)
+    if dek is None:
+        return  # refused before any decryption: nothing can be released
     with pytest.raises(REJECTED):
         ArtifactReader(bytes(mutated)).decrypt_all(dek, threads=1)
     if not streams:
@@ -132,8 +145,10 @@ def test_every_single_bit_flip(case: dict[str, Any]) -> None:
     for bit in range(len(mutated) * 8):
         byte = bit // 8
         mutated[byte] ^= 1 << (bit % 8)
-        with pytest.raises(REJECTED):
-            ArtifactReader(mutated).decrypt_all(case["dek"], threads=1)
+        dek = _dek_for(case, mutated)
+        if dek is not None:
+            with pytest.raises(REJECTED):
+                ArtifactReader(mutated).decrypt_all(dek, threads=1)
         mutated[byte] ^= 1 << (bit % 8)
 
 
@@ -142,8 +157,10 @@ def test_header_bit_flips_release_nothing_from_the_stream(case: dict[str, Any]) 
     for byte in range(case["chunks"]):
         for bit in range(8):
             mutated[byte] ^= 1 << bit
-            released, failed = _stream_release(mutated, case["dek"], 1 << 20)
-            assert failed and released == b""
+            dek = _dek_for(case, mutated)
+            if dek is not None:
+                released, failed = _stream_release(mutated, dek, 1 << 20)
+                assert failed and released == b""
             mutated[byte] ^= 1 << bit
 
 
@@ -182,7 +199,7 @@ def _split(case: dict[str, Any], artifact: bytes) -> tuple[bytes, bytes, list[by
 
 def _with_size(case: dict[str, Any], size: int) -> bytes:
     """The same header with another plaintext_size (what an attacker would write to hide a cut)."""
-    return header_for(size).encoded
+    return header_for(size, wrapped_dek=case["header"].wrapped_dek).head
 
 
 @pytest.mark.parametrize("i", [0, 1, 2, 3])
@@ -253,12 +270,15 @@ def test_extension_is_rejected(case: dict[str, Any]) -> None:
     ],
 )
 def test_body_moved_under_another_header(case: dict[str, Any], overrides: dict[str, Any]) -> None:
-    other = header_for(SIZE, **overrides).encoded
+    fields = {"wrapped_dek": case["header"].wrapped_dek, **overrides}
+    other = header_for(SIZE, **fields).head
     moved = other + case["artifact"][case["body"] :]
     assert len(moved) == parse_header(moved).artifact_size  # structurally perfect
     _check_rejected(case, moved, -1, streams=True)
-    released, failed = _stream_release(moved, case["dek"], 1 << 20)
-    assert failed and released == b""
+    dek = _dek_for(case, moved)
+    if dek is not None:
+        released, failed = _stream_release(moved, dek, 1 << 20)
+        assert failed and released == b""
 
 
 def test_splicing_two_encryptions_of_the_same_header(case: dict[str, Any]) -> None:

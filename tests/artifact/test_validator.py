@@ -98,7 +98,7 @@ def test_bad_magic_fails_on_the_first_byte(artifacts: list[tuple[bytes, bytes]])
 
 def test_unknown_version(artifacts: list[tuple[bytes, bytes]]) -> None:
     _, artifact = artifacts[1]
-    for version in (0, 2, 256, 1 << 24):
+    for version in (0, 3, 256, 1 << 24):
         data = MAGIC + struct.pack(">I", version) + artifact[12:]
         reason, _ = _first_failure(data, 3)
         assert reason == "UNSUPPORTED_FORMAT_VERSION"
@@ -119,7 +119,13 @@ def test_non_canonical_header(artifacts: list[tuple[bytes, bytes]]) -> None:
     _, artifact = artifacts[1]
     header = parse_header(artifact)
     raw = header.encoded[16:] + b"\x62\x00"  # an explicit empty signature_bundle
-    data = MAGIC + struct.pack(">II", 1, len(raw)) + raw + artifact[header.header_size :]
+    data = (
+        MAGIC
+        + struct.pack(">II", header.format_version, len(raw))
+        + raw
+        + header.slot_encoded
+        + artifact[header.header_size :]
+    )
     assert _first_failure(data, 64)[0] == "NON_CANONICAL_HEADER"
 
 

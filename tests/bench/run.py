@@ -23,12 +23,14 @@ AREAS = (
     "anchors",
     "attestation",
     "hsm",
+    "hsmsoak",
     "keybroker",
     "modelstore",
     "inference",
     "mtls",
     "coldstart",
     "multipart",
+    "s3",
 )
 
 

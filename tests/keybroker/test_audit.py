@@ -29,6 +29,7 @@ from strongroom.keybroker.audit import (
     load_signing_key,
     new_signing_key,
     record_hash,
+    record_signed_by,
     verify_audit_log,
 )
 from strongroom.keybroker.errors import AuditUnavailable
@@ -465,3 +466,116 @@ def test_signing_key_formats() -> None:
             load_signing_key(Secret(bad))
     with pytest.raises(InvalidArgument):
         load_public_key(private_pem)
+
+
+def _append_forged(log_path: Path, *, sign_with: Ed25519PrivateKey | None = None) -> None:
+    """What anyone able to write the file can do: a correctly chained record after the last one."""
+    last = json.loads(lines(log_path)[-1])
+    forged: dict[str, Any] = {
+        **{k: v for k, v in last.items() if k not in ("hash", "sig")},
+        "seq": last["seq"] + 1,
+        "prev": last["hash"],
+        "decision": "allowed",
+        "reason": "RELEASED",
+        "caller": {"spiffe_id": "spiffe://strongroom.test/attacker", "cert_serial": "1"},
+    }
+    if sign_with is not None:
+        body = canonical_json({k: v for k, v in forged.items() if k != "sig"})
+        signature = sign_with.sign(b"strongroom-audit-record-sig-v1\n" + body)
+        forged["sig"] = base64.b64encode(signature).decode()
+    else:
+        forged.pop("sig", None)
+    forged["hash"] = record_hash(forged)
+    with log_path.open("ab") as f:
+        f.write(canonical_json(forged) + b"\n")
+
+
+@pytest.mark.parametrize("signer", ["unsigned", "foreign-key"])
+def test_forged_record_at_the_end_is_never_anchored(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey, signer: str
+) -> None:
+    """Issue 12, finding 1: a chained line someone appended must not be signed into the head."""
+    fill(audit, 3)
+    _append_forged(
+        log_path, sign_with=None if signer == "unsigned" else Ed25519PrivateKey.generate()
+    )
+    result = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert (result.problem, result.bad_record) == ("RECORD_FORGED", 4)
+    with pytest.raises(DataLoss) as info:
+        audit.append(event(3))
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    assert audit.tamper_problem is not None and "forged" in audit.tamper_problem
+    # Nothing was anchored: the head still covers only the three genuine records.
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).problem == (
+        "RECORD_FORGED"
+    )
+    # The verdict latches: removing the line again does not make the broker trust the log.
+    _delete(log_path, 3)
+    with pytest.raises(DataLoss):
+        audit.append(event(4))
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
+    # A restarted broker starts from the files, which are intact again.
+    audit.close()
+    with AuditLog.open(log_path, signing_key) as reopened:
+        assert reopened.append(event(5)).seq == 3
+
+
+def test_open_refuses_a_forged_unanchored_record(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    fill(audit, 2)
+    audit.close()
+    _append_forged(log_path)
+    with pytest.raises(DataLoss) as info:
+        AuditLog.open(log_path, signing_key)
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+
+
+def test_tampering_latches_and_raises_the_alarm(
+    audit: AuditLog, log_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fill(audit, 3)
+    _delete(log_path, 2)  # the last record is cut off
+    with caplog.at_level("CRITICAL", logger="strongroom.keybroker.audit"):
+        for n in range(2):
+            with pytest.raises(DataLoss):
+                audit.append(event(n))
+    alarms = [r for r in caplog.records if r.levelname == "CRITICAL"]
+    assert len(alarms) == 1 and getattr(alarms[0], "alert", None) == "AUDIT_LOG_TAMPERED"
+    assert audit.tamper_problem is not None
+
+
+def test_a_refused_record_that_reappears_is_cut_off_not_anchored(
+    audit: AuditLog,
+    log_path: Path,
+    signing_key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A record whose head update failed was refused; its signed line must not be anchored later."""
+    fill(audit, 2)
+    captured: list[bytes] = []
+
+    def failing_head(_head: object) -> None:
+        captured.append(lines(log_path)[-1])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audit, "_write_head", failing_head)
+    with pytest.raises(AuditUnavailable):
+        audit.append(event(2, reason="REFUSED_ONE"))
+    monkeypatch.undo()
+    assert len(lines(log_path)) == 2
+    with log_path.open("ab") as f:  # the signed line comes back (a failed truncate, or a replay)
+        f.write(captured[0])
+    assert audit.append(event(3)).seq == 2
+    result = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert result.intact and result.records == 3
+    assert b"REFUSED_ONE" not in log_path.read_bytes()
+
+
+def test_records_are_signed_by_the_broker(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    fill(audit, 2)
+    for line in lines(log_path):
+        assert record_signed_by(line.rstrip(b"\n"), signing_key.public_key())
+        assert not record_signed_by(line.rstrip(b"\n"), Ed25519PrivateKey.generate().public_key())

@@ -1,20 +1,47 @@
-"""Fixtures for the model store: a real storage root per test and a real gRPC server around it."""
+"""Fixtures for the model store: a real storage per test, on each backend, and a real gRPC server.
+
+``storage`` is parametrised: every test that takes it runs on the filesystem backend (its own
+root) and on the S3 backend (its own bucket on a real S3-compatible server process, moto's, started
+once per session on loopback; see ``s3server``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.modelstore.service import SERVICE_NAME, ModelStoreServicer
-from strongroom.modelstore.storage import FilesystemStorage
+from strongroom.modelstore.storage import FilesystemStorage, S3Storage
 from strongroom.modelstore.validator import ValidatorFactory
 from strongroom.runtime.server import ServiceHost, ServiceSpec
+from tests.modelstore import s3server
+from tests.modelstore.backends import AnyStorage
 from tests.modelstore.fake_artifact import FakeValidator
+
+S3_TEST_PART_SIZE = 5 * 1024 * 1024
+"""S3's minimum part size: the smallest artifacts that exercise multipart uploads."""
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3server.MotoServer]:
+    with s3server.moto_server(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_server: s3server.MotoServer) -> Any:
+    return s3server.client(s3_server.endpoint)
+
+
+@pytest.fixture
+def s3_bucket(s3_client: Any) -> str:
+    return s3server.new_bucket(s3_client)
 
 
 @pytest.fixture
@@ -22,8 +49,31 @@ def store_root(tmp_path: Path) -> Path:
     return tmp_path / "store"
 
 
+@pytest.fixture(params=["filesystem", "s3"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def storage(store_root: Path) -> Iterator[FilesystemStorage]:
+def storage(backend: str, request: pytest.FixtureRequest) -> Iterator[AnyStorage]:
+    s: AnyStorage
+    if backend == "filesystem":
+        s = FilesystemStorage(request.getfixturevalue("store_root"))
+    else:
+        s = S3Storage(
+            request.getfixturevalue("s3_client"),
+            request.getfixturevalue("s3_bucket"),
+            prefix="store/",
+            part_size=S3_TEST_PART_SIZE,
+        )
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def fs_storage(store_root: Path) -> Iterator[FilesystemStorage]:
     s = FilesystemStorage(store_root)
     try:
         yield s
@@ -33,13 +83,13 @@ def storage(store_root: Path) -> Iterator[FilesystemStorage]:
 
 @dataclass
 class Served:
-    storage: FilesystemStorage
+    storage: AnyStorage
     stub: pb_grpc.ModelStoreServiceStub
     channel: grpc.Channel
 
 
 def serve(
-    storage: FilesystemStorage,
+    storage: AnyStorage,
     validator_factory: ValidatorFactory = FakeValidator,
     **servicer_options: int,
 ) -> tuple[ServiceHost, grpc.Channel]:
@@ -62,11 +112,21 @@ def serve(
 
 
 @pytest.fixture
-def served(storage: FilesystemStorage) -> Iterator[Served]:
+def served(storage: AnyStorage) -> Iterator[Served]:
     # A small download chunk so that multi-message streams are exercised with small artifacts.
     host, channel = serve(storage, download_chunk=64 * 1024)
     try:
         yield Served(storage, pb_grpc.ModelStoreServiceStub(channel), channel)
+    finally:
+        channel.close()
+        host.stop(0)
+
+
+@pytest.fixture
+def fs_served(fs_storage: FilesystemStorage) -> Iterator[Served]:
+    host, channel = serve(fs_storage, download_chunk=64 * 1024)
+    try:
+        yield Served(fs_storage, pb_grpc.ModelStoreServiceStub(channel), channel)
     finally:
         channel.close()
         host.stop(0)

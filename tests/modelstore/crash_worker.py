@@ -20,6 +20,7 @@ from typing import Any
 from strongroom.artifact import StructureValidator, build_header, encrypt_bytes
 from strongroom.modelstore.errors import ModelExists, ModelNotFound
 from strongroom.modelstore.storage import FilesystemStorage
+from tests.modelstore import rewrap_case
 from tests.modelstore.fake_artifact import FakeValidator, OpaqueValidator, chunked, make_artifact
 
 SHARED_PREFIX = "shared"
@@ -55,7 +56,36 @@ def die_at(root: Path, point: str) -> None:
     elif point == "before-unlink":
         storage._blobs.remove = _die  # type: ignore[method-assign]
         storage.delete("victim", "1")
+    elif point in ("before-slot-swap", "before-slot-unlink"):
+        if point == "before-slot-swap":
+            storage._index.replace = _die  # type: ignore[method-assign]
+        else:
+            storage._blobs.remove = _die  # type: ignore[method-assign]
+        storage.replace_key_slot(
+            "rewrap/victim",
+            "1",
+            expected_key_version=1,
+            key_version=2,
+            wrapped_dek=rewrap_case.wrapped("rewrap/victim", "1", 2),
+        )
     raise SystemExit(f"unknown point {point} or the process survived it")
+
+
+def rewrap_loop(root: Path) -> None:
+    """Re-wraps the stored models to ever newer KEK versions, until killed."""
+    storage = FilesystemStorage(root)
+    print("ready", flush=True)
+    records = storage.records()
+    for _ in range(1_000_000):
+        for r in records:
+            current = storage.stat(r.name, r.version).key_version
+            storage.replace_key_slot(
+                r.name,
+                r.version,
+                expected_key_version=current,
+                key_version=current + 1,
+                wrapped_dek=rewrap_case.wrapped(r.name, r.version, current + 1),
+            )
 
 
 def main(root: Path, seed: int) -> None:
@@ -93,6 +123,8 @@ def main(root: Path, seed: int) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[3:] == ["rewrap-loop"]:
+        rewrap_loop(Path(sys.argv[1]))
     if len(sys.argv) > 3:
         die_at(Path(sys.argv[1]), sys.argv[3])
     main(Path(sys.argv[1]), int(sys.argv[2]))

@@ -26,6 +26,7 @@ from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.modelstore.errors import ModelExists
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.modelstore.validator import EarlyIdentity
+from tests.modelstore.backends import AnyStorage, assert_clean, blob_count
 from tests.modelstore.conftest import serve
 from tests.modelstore.fake_artifact import chunked
 
@@ -49,7 +50,7 @@ def artifact(name: str, version: str, plaintext: bytes) -> tuple[bytes, bytearra
 
 
 @pytest.fixture
-def real_stub(storage: FilesystemStorage) -> Iterator[pb_grpc.ModelStoreServiceStub]:
+def real_stub(storage: AnyStorage) -> Iterator[pb_grpc.ModelStoreServiceStub]:
     host, channel = serve(
         storage,
         functools.partial(StructureValidator, max_artifact_size=storage.max_artifact_size),
@@ -87,7 +88,7 @@ def test_validator_adapter_reports_identity_after_the_header() -> None:
 
 
 def test_round_trip_through_the_store_decrypts(
-    real_stub: pb_grpc.ModelStoreServiceStub, storage: FilesystemStorage
+    real_stub: pb_grpc.ModelStoreServiceStub, storage: AnyStorage
 ) -> None:
     plaintext = os.urandom(1_000_003)
     data, dek = artifact("acme/fraud", "3.1.4", plaintext)
@@ -120,7 +121,7 @@ def test_round_trip_through_the_store_decrypts(
 )
 def test_invalid_real_artifacts_are_rejected(
     real_stub: pb_grpc.ModelStoreServiceStub,
-    storage: FilesystemStorage,
+    storage: AnyStorage,
     mutate: object,
     reason: str,
 ) -> None:
@@ -130,8 +131,8 @@ def test_invalid_real_artifacts_are_rejected(
     err: grpc.Call = info.value  # type: ignore[assignment]
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (err.details() or "").startswith(f"{reason}: ")
-    assert storage.records() == () and storage.blob_digests() == set()
-    assert list((storage.root / "tmp").iterdir()) == []
+    assert storage.records() == () and blob_count(storage) == 0
+    assert_clean(storage)
 
 
 def test_oversized_header_is_refused_before_the_body(store_root: Path) -> None:
@@ -153,7 +154,7 @@ def test_oversized_header_is_refused_before_the_body(store_root: Path) -> None:
         assert s.records() == ()
 
 
-def test_existing_version_is_refused_after_the_header(storage: FilesystemStorage) -> None:
+def test_existing_version_is_refused_after_the_header(storage: AnyStorage) -> None:
     first, _ = artifact("m", "1", b"a" * 10_000)
     storage.put(chunked(first), StructureValidator())
     second, _ = artifact("m", "1", os.urandom(2_000_000))
@@ -172,7 +173,7 @@ def test_existing_version_is_refused_after_the_header(storage: FilesystemStorage
         assert b"".join(reader.chunks(1 << 20)) == first
 
 
-def test_concurrent_real_uploads_have_one_winner(storage: FilesystemStorage) -> None:
+def test_concurrent_real_uploads_have_one_winner(storage: AnyStorage) -> None:
     n = 5
     arts = [artifact("race", "1", os.urandom(300_000))[0] for _ in range(n)]
     barrier = threading.Barrier(n)
@@ -200,7 +201,7 @@ def test_concurrent_real_uploads_have_one_winner(storage: FilesystemStorage) -> 
 
 
 def test_store_is_keyless_so_tampered_ciphertext_is_caught_by_the_reader(
-    storage: FilesystemStorage,
+    storage: AnyStorage,
 ) -> None:
     """The store checks structure only; authenticity is the keyed reader's job (and it does it)."""
     plaintext = os.urandom(100_000)
@@ -214,7 +215,7 @@ def test_store_is_keyless_so_tampered_ciphertext_is_caught_by_the_reader(
         ArtifactReader(stored).decrypt_all(dek)
 
 
-def test_header_names_follow_the_store_rules(storage: FilesystemStorage) -> None:
+def test_header_names_follow_the_store_rules(storage: AnyStorage) -> None:
     """Every name the artifact format accepts is a valid store name (same grammar)."""
     for name, version in [("a", "0"), ("acme/x.y_z-1", "1.0.0+build.5"), ("A" * 128, "v" * 64)]:
         data, _ = artifact(name, version, b"x")

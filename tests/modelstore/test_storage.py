@@ -1,9 +1,12 @@
-"""FilesystemStorage on a real filesystem with a real SQLite index."""
+"""Storage backends: the filesystem one (real files, real SQLite) and the S3 one (a real S3 server).
+
+Tests taking ``storage`` run on both backends; ``fs_storage`` / ``store_root`` tests are about the
+filesystem backend's own mechanisms (its root lock, its start-up sweep of a directory).
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import stat
 import threading
 import time
@@ -28,9 +31,18 @@ from strongroom.modelstore.errors import (
 from strongroom.modelstore.storage import (
     FilesystemStorage,
     IntegrityProblem,
+    S3Storage,
     Storage,
     UploadClaims,
     verify_all,
+)
+from tests.modelstore.backends import (
+    AnyStorage,
+    assert_clean,
+    blob_count,
+    overwrite_blob,
+    read_blob,
+    remove_blob,
 )
 from tests.modelstore.fake_artifact import (
     FakeValidator,
@@ -54,18 +66,12 @@ def read_all(storage: Storage, name: str, version: str, **kw: int) -> bytes:
         return b"".join(reader.chunks(7919))
 
 
-def assert_clean(storage: FilesystemStorage) -> None:
-    """No temporary file, and exactly the blobs the index references."""
-    assert list((storage.root / "tmp").iterdir()) == []
-    assert storage.blob_digests() == {r.artifact_sha256 for r in storage.records()}
-
-
-def test_filesystem_storage_is_a_storage(storage: FilesystemStorage) -> None:
+def test_both_backends_are_storages(storage: AnyStorage) -> None:
     s: Storage = storage
     assert s is storage
 
 
-def test_put_stat_read_verify(storage: FilesystemStorage) -> None:
+def test_put_stat_read_verify(storage: AnyStorage) -> None:
     created = datetime(2025, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
     art = make_artifact("acme/fraud", "1.0.0", body(300_000), created_at=created)
     record = storage.put(chunked(art), FakeValidator())
@@ -80,9 +86,12 @@ def test_put_stat_read_verify(storage: FilesystemStorage) -> None:
     assert storage.stat("acme/fraud", "1.0.0") == record
     assert read_all(storage, "acme/fraud", "1.0.0") == art
     assert storage.verify("acme/fraud", "1.0.0") == record
-    blob = storage.root / "blobs" / "sha256" / record.artifact_sha256[:2] / record.artifact_sha256
-    assert blob.read_bytes() == art
-    assert stat.S_IMODE(blob.stat().st_mode) == 0o400, "stored data is never modified in place"
+    assert read_blob(storage, record) == art
+    if isinstance(storage, FilesystemStorage):
+        blob = (
+            storage.root / "blobs" / "sha256" / record.artifact_sha256[:2] / record.artifact_sha256
+        )
+        assert stat.S_IMODE(blob.stat().st_mode) == 0o400, "stored data is never modified in place"
     assert_clean(storage)
 
 
@@ -103,7 +112,7 @@ def test_injected_clock_sets_stored_at(store_root: Path) -> None:
         assert s.put([make_artifact("m", "1", b"x")], FakeValidator()).stored_at == moment
 
 
-def test_range_reads(storage: FilesystemStorage) -> None:
+def test_range_reads(storage: AnyStorage) -> None:
     art = make_artifact("m", "1", body(100_000))
     storage.put(chunked(art), FakeValidator())
     size = len(art)
@@ -124,7 +133,7 @@ def test_range_reads(storage: FilesystemStorage) -> None:
         storage.open("m", "2")
 
 
-def test_reader_keeps_working_after_delete(storage: FilesystemStorage) -> None:
+def test_reader_keeps_working_after_delete(storage: AnyStorage) -> None:
     art = make_artifact("m", "1", body(200_000))
     storage.put(chunked(art), FakeValidator())
     with storage.open("m", "1") as reader:
@@ -136,7 +145,7 @@ def test_reader_keeps_working_after_delete(storage: FilesystemStorage) -> None:
 
 
 def test_second_put_of_same_version_is_rejected_and_first_intact(
-    storage: FilesystemStorage,
+    storage: AnyStorage,
 ) -> None:
     first = make_artifact("m", "1", body(5000, 1))
     record = storage.put(chunked(first), FakeValidator())
@@ -152,7 +161,7 @@ def test_second_put_of_same_version_is_rejected_and_first_intact(
     assert_clean(storage)
 
 
-def test_existing_version_fails_after_header_not_after_body(storage: FilesystemStorage) -> None:
+def test_existing_version_fails_after_header_not_after_body(storage: AnyStorage) -> None:
     storage.put([make_artifact("m", "1", b"a")], FakeValidator())
     consumed = 0
 
@@ -169,7 +178,7 @@ def test_existing_version_fails_after_header_not_after_body(storage: FilesystemS
 
 @pytest.mark.parametrize("validator_type", [FakeValidator, LateValidator])
 def test_concurrent_uploads_of_one_version_have_exactly_one_winner(
-    storage: FilesystemStorage, validator_type: type
+    storage: AnyStorage, validator_type: type
 ) -> None:
     n = 8
     arts = [make_artifact("race", "1", body(200_000, i)) for i in range(n)]
@@ -200,7 +209,7 @@ def test_concurrent_uploads_of_one_version_have_exactly_one_winner(
     assert_clean(storage)
 
 
-def test_losing_concurrent_upload_fails_fast(storage: FilesystemStorage) -> None:
+def test_losing_concurrent_upload_fails_fast(storage: AnyStorage) -> None:
     """While one upload of a version is in flight, another fails right after its header."""
     in_flight, release = threading.Event(), threading.Event()
     winner_art = make_artifact("m", "1", body(100_000, 1))
@@ -235,7 +244,7 @@ def test_losing_concurrent_upload_fails_fast(storage: FilesystemStorage) -> None
     assert read_all(storage, "m", "1") == winner_art
 
 
-def test_reservation_is_released_when_an_upload_fails(storage: FilesystemStorage) -> None:
+def test_reservation_is_released_when_an_upload_fails(storage: AnyStorage) -> None:
     art = make_artifact("m", "1", body(10_000))
     with pytest.raises(InvalidArgument):
         storage.put(chunked(art[:-1]), FakeValidator())  # truncated
@@ -256,17 +265,17 @@ def test_reservation_is_released_when_an_upload_fails(storage: FilesystemStorage
     ],
 )
 def test_invalid_artifacts_are_rejected_and_nothing_is_stored(
-    storage: FilesystemStorage, data: bytes, reason: str
+    storage: AnyStorage, data: bytes, reason: str
 ) -> None:
     with pytest.raises(InvalidArgument) as info:
         storage.put(chunked(data, 16), FakeValidator())
     assert info.value.reason == reason
     assert storage.records() == ()
-    assert storage.blob_digests() == set()
+    assert blob_count(storage) == 0
     assert_clean(storage)
 
 
-def test_empty_upload(storage: FilesystemStorage) -> None:
+def test_empty_upload(storage: AnyStorage) -> None:
     with pytest.raises(EmptyUpload):
         storage.put([], FakeValidator())
     with pytest.raises(EmptyUpload):
@@ -274,7 +283,7 @@ def test_empty_upload(storage: FilesystemStorage) -> None:
     assert_clean(storage)
 
 
-def test_client_claims_are_checked(storage: FilesystemStorage) -> None:
+def test_client_claims_are_checked(storage: AnyStorage) -> None:
     art = make_artifact("m", "1", body(50_000))
     digest = hashlib.sha256(art).hexdigest()
     with pytest.raises(UploadMismatch) as info:
@@ -295,7 +304,7 @@ def test_client_claims_are_checked(storage: FilesystemStorage) -> None:
     assert record == storage.stat("m", "1")
 
 
-def test_too_small_claimed_size_fails_before_the_whole_upload(storage: FilesystemStorage) -> None:
+def test_too_small_claimed_size_fails_before_the_whole_upload(storage: AnyStorage) -> None:
     consumed = 0
 
     def chunks() -> Iterator[bytes]:
@@ -333,22 +342,24 @@ def test_size_limit(store_root: Path) -> None:
         assert_clean(s)
 
 
-def test_identical_content_shares_one_blob(storage: FilesystemStorage) -> None:
+def test_identical_content_is_stored_once_per_model_or_shared(storage: AnyStorage) -> None:
     data = body(40_000)
     a = storage.put(chunked(data), OpaqueValidator("a", "1"))
     b = storage.put(chunked(data), OpaqueValidator("b", "1"))
     assert a.artifact_sha256 == b.artifact_sha256
-    assert storage.blob_digests() == {a.artifact_sha256}
+    # The filesystem backend shares one content-addressed blob; the S3 backend gives every upload
+    # its own blob, since replicas cannot count references to a shared one atomically.
+    assert blob_count(storage) == (1 if isinstance(storage, FilesystemStorage) else 2)
     storage.delete("a", "1")
-    assert storage.blob_digests() == {a.artifact_sha256}, "still referenced by b"
+    assert blob_count(storage) == 1, "b's bytes stay"
     assert read_all(storage, "b", "1") == data
     storage.verify("b", "1")
     storage.delete("b", "1")
-    assert storage.blob_digests() == set()
+    assert blob_count(storage) == 0
     assert_clean(storage)
 
 
-def test_failed_insert_keeps_a_shared_blob(storage: FilesystemStorage) -> None:
+def test_failed_insert_keeps_a_shared_blob(storage: AnyStorage) -> None:
     data = body(1000)
     storage.put([data], OpaqueValidator("a", "1"))
     with pytest.raises(ModelExists):
@@ -357,7 +368,7 @@ def test_failed_insert_keeps_a_shared_blob(storage: FilesystemStorage) -> None:
     assert_clean(storage)
 
 
-def test_delete(storage: FilesystemStorage) -> None:
+def test_delete(storage: AnyStorage) -> None:
     art = make_artifact("m", "1", body(1000))
     storage.put([art], FakeValidator())
     storage.delete("m", "1")
@@ -370,7 +381,7 @@ def test_delete(storage: FilesystemStorage) -> None:
     assert read_all(storage, "m", "1") == art
 
 
-def test_list_with_prefix_and_pagination(storage: FilesystemStorage) -> None:
+def test_list_with_prefix_and_pagination(storage: AnyStorage) -> None:
     names = ["acme/a", "acme/b", "acme-x/c", "acmez", "beta/a", "acme/a/deep"]
     for name in names:
         for version in ("1", "2", "10"):
@@ -398,7 +409,7 @@ def test_list_with_prefix_and_pagination(storage: FilesystemStorage) -> None:
     assert storage.list(prefix="beta/", page_size=3).next_page_token == ""
 
 
-def test_list_rejects_bad_tokens_and_sizes(storage: FilesystemStorage) -> None:
+def test_list_rejects_bad_tokens_and_sizes(storage: AnyStorage) -> None:
     for name in ("a", "b", "c"):
         storage.put([make_artifact(name, "1", b"x")], FakeValidator())
     token = storage.list(prefix="", page_size=1).next_page_token
@@ -419,35 +430,27 @@ def test_list_rejects_bad_tokens_and_sizes(storage: FilesystemStorage) -> None:
     assert info.value.reason == "INVALID_NAME_PREFIX"
 
 
-def _blob(storage: FilesystemStorage, digest: str) -> Path:
-    return storage.root / "blobs" / "sha256" / digest[:2] / digest
-
-
-def test_verify_detects_same_size_corruption(storage: FilesystemStorage) -> None:
+def test_verify_detects_same_size_corruption(storage: AnyStorage) -> None:
     art = make_artifact("m", "1", body(10_000))
     record = storage.put([art], FakeValidator())
-    path = _blob(storage, record.artifact_sha256)
-    path.chmod(0o600)
     damaged = bytearray(art)
     damaged[-1] ^= 1
-    path.write_bytes(bytes(damaged))
+    overwrite_blob(storage, record, bytes(damaged))
     with pytest.raises(StoredDataCorrupt) as info:
         storage.verify("m", "1")
     assert info.value.status_name == "DATA_LOSS"
     assert info.value.reason == "DIGEST_MISMATCH"
 
 
-def test_verify_all_reports_each_damaged_model(storage: FilesystemStorage) -> None:
+def test_verify_all_reports_each_damaged_model(storage: AnyStorage) -> None:
     records = [
         storage.put([make_artifact(f"m{i}", "1", body(5000, i))], FakeValidator()) for i in range(4)
     ]
     assert verify_all(storage) == ()
-    flipped = _blob(storage, records[1].artifact_sha256)
-    flipped.chmod(0o600)
-    data = bytearray(flipped.read_bytes())
+    data = bytearray(read_blob(storage, records[1]))
     data[0] ^= 0xFF
-    flipped.write_bytes(bytes(data))
-    _blob(storage, records[3].artifact_sha256).unlink()
+    overwrite_blob(storage, records[1], bytes(data))
+    remove_blob(storage, records[3])
     assert verify_all(storage) == (
         IntegrityProblem("m1", "1", "DIGEST_MISMATCH"),
         IntegrityProblem("m3", "1", "BLOB_MISSING"),
@@ -455,25 +458,29 @@ def test_verify_all_reports_each_damaged_model(storage: FilesystemStorage) -> No
     assert verify_all(storage, prefix="m0") == ()
 
 
-def test_reads_detect_truncated_and_missing_blobs(store_root: Path) -> None:
-    with FilesystemStorage(store_root) as s:
-        t = s.put([make_artifact("t", "1", body(10_000, 1))], FakeValidator())
-        m = s.put([make_artifact("m", "1", body(10_000, 2))], FakeValidator())
-        path = _blob(s, t.artifact_sha256)
-        path.chmod(0o600)
-        os.truncate(path, 100)
-        with pytest.raises(StoredDataCorrupt) as info:
-            s.open("t", "1")
-        assert info.value.reason == "BLOB_SIZE_MISMATCH"
-        _blob(s, m.artifact_sha256).unlink()
-        with pytest.raises(StoredDataCorrupt) as info:
-            s.open("m", "1")
-        assert info.value.reason == "BLOB_MISSING"
-        with pytest.raises(StoredDataCorrupt):
-            s.verify("m", "1")
-    with FilesystemStorage(store_root) as s:
-        assert s.last_sweep.missing_blobs == (("m", "1"),)
-        assert s.last_sweep.damaged_blobs == (("t", "1"),)
+def test_reads_detect_truncated_and_missing_blobs(storage: AnyStorage) -> None:
+    s = storage
+    t = s.put([make_artifact("t", "1", body(10_000, 1))], FakeValidator())
+    m = s.put([make_artifact("m", "1", body(10_000, 2))], FakeValidator())
+    overwrite_blob(s, t, read_blob(s, t)[:100])
+    with pytest.raises(StoredDataCorrupt) as info:
+        s.open("t", "1")
+    assert info.value.reason == "BLOB_SIZE_MISMATCH"
+    remove_blob(s, m)
+    with pytest.raises(StoredDataCorrupt) as info:
+        s.open("m", "1")
+    assert info.value.reason == "BLOB_MISSING"
+    with pytest.raises(StoredDataCorrupt):
+        s.verify("m", "1")
+    s.close()
+    if isinstance(s, FilesystemStorage):
+        reopened: AnyStorage = FilesystemStorage(s.root)
+    else:
+        reopened = S3Storage(s._client, s.bucket, prefix=s.prefix)
+    with reopened:
+        assert reopened.last_sweep is not None
+        assert reopened.last_sweep.missing_blobs == (("m", "1"),)
+        assert reopened.last_sweep.damaged_blobs == (("t", "1"),)
 
 
 def test_startup_sweeps_temp_files_and_orphan_blobs(store_root: Path) -> None:
@@ -516,16 +523,14 @@ def test_one_process_per_root(store_root: Path) -> None:
         ("m\n", "1"),
     ],
 )
-def test_names_are_validated_on_every_call(
-    storage: FilesystemStorage, name: str, version: str
-) -> None:
+def test_names_are_validated_on_every_call(storage: AnyStorage, name: str, version: str) -> None:
     for call in (storage.stat, storage.delete, storage.open, storage.verify):
         with pytest.raises(InvalidArgument):
             call(name, version)
 
 
 def test_readers_racing_delete_and_republish_never_see_data_loss(
-    storage: FilesystemStorage,
+    storage: AnyStorage,
 ) -> None:
     versions = [make_artifact("hot", "1", body(50_000, i)) for i in range(2)]
     stop = threading.Event()

@@ -1,0 +1,78 @@
+"""The rules for replacing a stored artifact's key slot, shared by every storage backend.
+
+A re-wrap moves a format-2 artifact's data key to a newer KEK version. The store cannot check that
+the new wrapped key unwraps to the same data key (it holds no key); what it checks is everything
+that can be checked without one, so that a mistaken or hostile call can at worst make the model
+undecryptable (DATA_LOSS on load, never plaintext), and never change what the model *is*:
+
+* the artifact is format 2 (format 1 binds the wrapped key into the body);
+* the header — hence the body's context: name, version, key id, sizes, digest — is unchanged,
+  since only the slot bytes are replaced (``with_key_slot``);
+* the slot is still the one the caller saw (compare-and-swap on the KEK version), so two
+  concurrent re-wraps cannot interleave;
+* the KEK version only moves forward: the store cannot be used to roll a model back to an older,
+  possibly retired, KEK version.
+
+Replaying the same replacement (a second run after a crash) is a no-op, not an error.
+"""
+
+from __future__ import annotations
+
+from strongroom.artifact import (
+    ArtifactHeader,
+    InvalidArtifact,
+    KeySlot,
+    parse_header,
+    with_key_slot,
+)
+from strongroom.artifact.format import FORMAT_V2
+from strongroom.modelstore.errors import KeySlotRejected, StoredDataCorrupt
+from strongroom.modelstore.records import ModelRecord
+
+
+def plan(
+    record: ModelRecord,
+    head: bytes,
+    *,
+    expected_key_version: int,
+    new_key_version: int,
+    new_wrapped_dek: bytes,
+) -> ArtifactHeader | None:
+    """The new head to store, or None if the artifact already carries exactly this slot.
+
+    ``head`` is the stored artifact's first ``record.header_size`` bytes. Raises KeySlotRejected
+    (KEY_SLOT_CHANGED, KEY_VERSION_NOT_NEWER, KEY_SLOT_NOT_REPLACEABLE), InvalidArtifact for a slot
+    outside the format's limits, StoredDataCorrupt if the stored head does not parse.
+    """
+    try:
+        current = parse_header(head)
+    except InvalidArtifact:
+        raise StoredDataCorrupt(
+            f"stored artifact {record.name} {record.version} has an unreadable header",
+            reason="HEADER_CORRUPT",
+        ) from None
+    if current.header_size != record.header_size:
+        raise StoredDataCorrupt(
+            f"stored artifact {record.name} {record.version} disagrees with its record",
+            reason="HEADER_CORRUPT",
+        )
+    if current.format_version != FORMAT_V2:
+        raise KeySlotRejected(
+            f"model {record.name} {record.version} is format {current.format_version}: its wrapped "
+            "data key is bound into the body; re-publish it to make it re-wrappable",
+            reason="KEY_SLOT_NOT_REPLACEABLE",
+        )
+    if current.key_version == new_key_version and current.wrapped_dek == new_wrapped_dek:
+        return None
+    if current.key_version != expected_key_version:
+        raise KeySlotRejected(
+            f"model {record.name} {record.version} is at KEK version {current.key_version}, "
+            f"not the expected {expected_key_version}",
+            reason="KEY_SLOT_CHANGED",
+        )
+    if new_key_version <= current.key_version:
+        raise KeySlotRejected(
+            f"KEK version {new_key_version} is not newer than the stored {current.key_version}",
+            reason="KEY_VERSION_NOT_NEWER",
+        )
+    return with_key_slot(current, KeySlot(current.key_id, new_key_version, bytes(new_wrapped_dek)))

@@ -1,0 +1,1098 @@
+"""The S3-compatible storage backend: artifacts and their index live in one bucket, no local state.
+
+Layout under the configured key prefix::
+
+    index/<name>!<version>     a small JSON record per model (the index; see below)
+    blobs/<yyyymmddThhmmssZ>-<random>   one artifact's bytes, written once, never modified
+
+``!`` sorts below every character a model name may contain, so the bucket's own key order is the
+(name, version) order the API lists in, and a name prefix is a key prefix: a listing is one
+ListObjectsV2 with ``StartAfter`` (keyset pagination), whichever replica serves it.
+
+Upload protocol (each step is invisible to readers until the last one):
+
+1. stream the chunks through the validator and SHA-256 into a multipart upload at a fresh blob key
+   (parts of ``part_size`` bytes, each with Content-MD5 so the server rejects a damaged part); an
+   artifact smaller than one part is sent with one PutObject after step 2 instead;
+2. check size and digest against the validator's summary and the client's claims; on any failure
+   abort the multipart upload (nothing was ever an object);
+3. complete the multipart upload (create-only: ``If-None-Match: *``), so the blob exists whole;
+4. publish: PutObject ``index/<name>!<version>`` with ``If-None-Match: *``. The bucket decides: of
+   any number of concurrent uploads of one version, on any number of replicas, exactly one
+   creates the index object; the others get 412 (ModelExists) and delete their blob.
+
+Key-slot replacement writes a new blob the same way, then replaces the index object with
+``If-Match: <the ETag it read>`` (compare-and-swap), and only then deletes the old blob. A crash
+at any point leaves the index pointing at one whole blob; what it leaves behind (an unreferenced
+blob, an unfinished multipart upload) carries its creation time in its key and is removed by
+:meth:`S3Storage.sweep` once older than a grace period (any replica may run it; it is idempotent).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+import botocore.exceptions
+from botocore.config import Config
+
+from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
+from strongroom.identifiers import (
+    validate_name,
+    validate_prefix,
+    validate_sha256_hex,
+    validate_version,
+)
+from strongroom.modelstore import _keyslot, _pagetoken
+from strongroom.modelstore._index import from_micros, to_micros
+from strongroom.modelstore.config import StorageConfig
+from strongroom.modelstore.errors import (
+    ArtifactTooLarge,
+    EmptyUpload,
+    KeySlotRejected,
+    ModelExists,
+    ModelNotFound,
+    OutOfRange,
+    StorageUnavailable,
+    StoredDataCorrupt,
+    UploadMismatch,
+)
+from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
+from strongroom.modelstore.validator import ArtifactValidator, EarlyIdentity
+from strongroom.runtime.secrets import Secret
+
+S3Client = Any
+"""A boto3 S3 client (boto3 ships no type information)."""
+
+log = logging.getLogger(__name__)
+
+INDEX_DIR = "index/"
+BLOB_DIR = "blobs/"
+_SEPARATOR = "!"  # sorts below every model-name character ('-' is the lowest)
+_RECORD_FORMAT = 1
+_STAMP = "%Y%m%dT%H%M%SZ"
+_LIST_WORKERS = 8
+_READ_BLOCK = 1 << 20
+_ACCESS_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
+)
+_CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class S3SweepReport:
+    """What a sweep of the bucket found and removed."""
+
+    uploads_aborted: int
+    """Unfinished multipart uploads older than the grace period (a crashed or killed replica)."""
+    orphan_blobs_removed: int
+    """Blobs older than the grace period that no index record points at."""
+    missing_blobs: tuple[tuple[str, str], ...]
+    """(name, version) of records whose blob is gone: reads of them fail with DATA_LOSS."""
+    damaged_blobs: tuple[tuple[str, str], ...]
+    """(name, version) of records whose blob has the wrong size: reads fail with DATA_LOSS."""
+
+
+def make_client(config: StorageConfig) -> S3Client:
+    """A boto3 S3 client for ``config``; credentials come from files or the environment only."""
+    import boto3  # deferred: only the S3 backend needs it
+
+    access_key = Secret.load(
+        file=config.access_key_id_file,
+        env=config.access_key_id_env,
+        what="modelstore.storage access key id",
+    )
+    secret_key = Secret.load(
+        file=config.secret_access_key_file,
+        env=config.secret_access_key_env,
+        what="modelstore.storage secret access key",
+    )
+    client_config = Config(
+        region_name=config.region,
+        s3={"addressing_style": "path" if config.path_style else "virtual"},
+        signature_version="s3v4",
+        connect_timeout=config.connect_timeout,
+        read_timeout=config.read_timeout,
+        retries={"max_attempts": config.max_attempts, "mode": "standard"},
+        max_pool_connections=32,
+        # Integrity is ours: Content-MD5 per part on the way in, SHA-256 of the whole artifact
+        # on verify. Not every S3-compatible server speaks the newer flexible checksums.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        tcp_keepalive=True,
+    )
+    session = boto3.session.Session()
+    client: S3Client = session.client(
+        "s3",
+        endpoint_url=config.endpoint,
+        aws_access_key_id=access_key.reveal_text(),
+        aws_secret_access_key=secret_key.reveal_text(),
+        verify=str(config.ca_bundle_file) if config.ca_bundle_file else True,
+        config=client_config,
+    )
+    return client
+
+
+def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
+    """The domain error for a failed S3 call while doing ``what`` (details go to the log).
+
+    Every failure of the object store is UNAVAILABLE with a reason that says which kind it was:
+    ``S3_ACCESS_DENIED`` (credentials rejected or no permission: an operator must fix it),
+    ``S3_NO_SUCH_BUCKET``, ``S3_SERVER_ERROR`` (5xx after botocore's retries), ``S3_TIMEOUT``,
+    ``S3_UNREACHABLE`` (connection refused or dropped), ``S3_ERROR`` (anything else).
+    """
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        log.error("S3 request failed while %s: %s (HTTP %d)", what, code, status)
+        if code in _ACCESS_CODES or status == 403:
+            return StorageUnavailable(
+                f"the object store rejected the store's credentials while {what}",
+                reason="S3_ACCESS_DENIED",
+            )
+        if code == "NoSuchBucket":
+            return StorageUnavailable(
+                f"the storage bucket does not exist ({what})", reason="S3_NO_SUCH_BUCKET"
+            )
+        if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
+            return StorageUnavailable(
+                f"the object store failed while {what} (HTTP {status})", reason="S3_SERVER_ERROR"
+            )
+        return StorageUnavailable(
+            f"the object store refused a request while {what}", reason="S3_ERROR"
+        )
+    if isinstance(
+        exc, botocore.exceptions.ReadTimeoutError | botocore.exceptions.ConnectTimeoutError
+    ):
+        log.error("S3 request timed out while %s: %s", what, exc)
+        return StorageUnavailable(f"the object store timed out while {what}", reason="S3_TIMEOUT")
+    if isinstance(
+        exc,
+        botocore.exceptions.EndpointConnectionError
+        | botocore.exceptions.ConnectionClosedError
+        | botocore.exceptions.HTTPClientError
+        | botocore.exceptions.ResponseStreamingError
+        | botocore.exceptions.IncompleteReadError,
+    ):
+        log.error("S3 connection failed while %s: %s", what, exc)
+        return StorageUnavailable(
+            f"the object store is unreachable while {what}", reason="S3_UNREACHABLE"
+        )
+    log.error("S3 client error while %s: %r", what, exc)
+    return StorageUnavailable(f"the object store failed while {what}", reason="S3_ERROR")
+
+
+_S3_FAILURES = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+
+
+def _code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: botocore.exceptions.ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _is_missing(exc: botocore.exceptions.ClientError) -> bool:
+    return _code(exc) in ("NoSuchKey", "404", "NotFound") or _status(exc) == 404
+
+
+def _is_conflict(exc: botocore.exceptions.ClientError) -> bool:
+    return _code(exc) in _CONFLICT_CODES or _status(exc) in (409, 412)
+
+
+def index_key_part(name: str, version: str) -> str:
+    """The part of an index key after ``index/`` (its order is the (name, version) order)."""
+    return f"{name}{_SEPARATOR}{version}"
+
+
+def _md5(data: bytes | bytearray | memoryview) -> str:
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode("ascii")
+
+
+def _record_json(record: ModelRecord, blob: str) -> bytes:
+    return json.dumps(
+        {
+            "format": _RECORD_FORMAT,
+            "blob": blob,
+            "name": record.name,
+            "version": record.version,
+            "artifact_sha256": record.artifact_sha256,
+            "artifact_size": record.artifact_size,
+            "plaintext_size": record.plaintext_size,
+            "plaintext_sha256": record.plaintext_sha256,
+            "content_type": record.content_type,
+            "key_id": record.key_id,
+            "key_version": record.key_version,
+            "header_size": record.header_size,
+            "created_at_us": to_micros(record.created_at),
+            "stored_at_us": to_micros(record.stored_at),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+
+
+def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, str]:
+    try:
+        value = json.loads(data)
+        if not isinstance(value, dict) or value.get("format") != _RECORD_FORMAT:
+            raise ValueError("unknown record format")
+        record = ModelRecord(
+            name=str(value["name"]),
+            version=str(value["version"]),
+            artifact_sha256=validate_sha256_hex(str(value["artifact_sha256"])),
+            artifact_size=int(value["artifact_size"]),
+            plaintext_size=int(value["plaintext_size"]),
+            plaintext_sha256=str(value["plaintext_sha256"]),
+            content_type=str(value["content_type"]),
+            key_id=str(value["key_id"]),
+            key_version=int(value["key_version"]),
+            header_size=int(value["header_size"]),
+            created_at=from_micros(int(value["created_at_us"])),
+            stored_at=from_micros(int(value["stored_at_us"])),
+        )
+        blob = str(value["blob"])
+        if (record.name, record.version) != (name, version) or not blob.startswith(BLOB_DIR):
+            raise ValueError("record does not match its key")
+    except (ValueError, KeyError, TypeError, InvalidArgument):
+        log.error("index record of %s %s is unreadable", name, version)
+        raise StoredDataCorrupt(
+            f"the index record of {name} {version} is unreadable", reason="INDEX_CORRUPT"
+        ) from None
+    return record, blob
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Indexed:
+    record: ModelRecord
+    blob: str
+    """The blob's key relative to the prefix."""
+    etag: str
+    """The index object's ETag, for compare-and-swap."""
+
+
+class _BlobWriter:
+    """Writes one new blob: buffered into parts of a multipart upload, or one PutObject if small.
+
+    Nothing is visible until :meth:`commit`; :meth:`abort` (idempotent) removes every trace it can.
+    """
+
+    def __init__(self, client: S3Client, bucket: str, key: str, part_size: int) -> None:
+        self._client = client
+        self._bucket = bucket
+        self.key = key
+        self._part_size = part_size
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._committed = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._buffer += data
+        while len(self._buffer) >= self._part_size:
+            part = memoryview(self._buffer)[: self._part_size]
+            try:
+                self._send_part(part)
+            finally:
+                part.release()
+            del self._buffer[: self._part_size]
+
+    def _send_part(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            if self._upload_id is None:
+                self._upload_id = self._client.create_multipart_upload(
+                    Bucket=self._bucket, Key=self.key, ContentType="application/octet-stream"
+                )["UploadId"]
+            number = len(self._parts) + 1
+            response = self._client.upload_part(
+                Bucket=self._bucket,
+                Key=self.key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=bytes(data),
+                ContentMD5=_md5(data),
+            )
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "uploading an artifact part") from None
+        self._parts.append({"PartNumber": number, "ETag": response["ETag"]})
+
+    def commit(self) -> None:
+        """Makes the blob exist, whole, under its key (create-only)."""
+        try:
+            if self._upload_id is None:
+                self._client.put_object(
+                    Bucket=self._bucket,
+                    Key=self.key,
+                    Body=bytes(self._buffer),
+                    ContentMD5=_md5(self._buffer),
+                    ContentType="application/octet-stream",
+                    IfNoneMatch="*",
+                )
+            else:
+                if self._buffer:
+                    self._send_part(self._buffer)
+                self._client.complete_multipart_upload(
+                    Bucket=self._bucket,
+                    Key=self.key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts},
+                    IfNoneMatch="*",
+                )
+        except botocore.exceptions.ClientError as exc:
+            if _is_conflict(exc):
+                # Blob keys are fresh random names: a conflict is not a lost race on a model.
+                raise Internal("a fresh blob key already exists") from None
+            raise s3_error(exc, "committing an artifact") from None
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "committing an artifact") from None
+        self._committed = True
+        self._buffer = bytearray()
+
+    def abort(self) -> None:
+        """Discards the upload (best effort; a sweep removes whatever this cannot)."""
+        self._buffer = bytearray()
+        if self._committed or self._upload_id is None:
+            return
+        upload_id, self._upload_id = self._upload_id, None
+        try:
+            self._client.abort_multipart_upload(
+                Bucket=self._bucket, Key=self.key, UploadId=upload_id
+            )
+        except _S3_FAILURES as exc:
+            log.warning("cannot abort multipart upload of %s now (swept later): %r", self.key, exc)
+
+
+class S3RangeReader:
+    """An open byte range of one stored artifact, streamed from one ranged GET."""
+
+    def __init__(self, body: Any, record: ModelRecord, offset: int, length: int) -> None:
+        self._body = body
+        self.record = record
+        self.offset = offset
+        self.length = length
+
+    def chunks(self, chunk_size: int) -> Iterator[bytes]:
+        """Yields the range in pieces of ``chunk_size`` bytes (the last may be shorter)."""
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        remaining = self.length
+        while remaining > 0:
+            if self._body is None:
+                raise FailedPrecondition("the reader is closed", reason="READER_CLOSED")
+            try:
+                data = self._body.read(min(chunk_size, remaining))
+            except _S3_FAILURES as exc:
+                raise s3_error(exc, "reading an artifact") from None
+            except OSError as exc:
+                log.error("S3 read failed: %r", exc)
+                raise StorageUnavailable(
+                    "the object store connection broke while reading an artifact",
+                    reason="S3_UNREACHABLE",
+                ) from None
+            if not data:
+                raise StoredDataCorrupt(
+                    f"stored artifact {self.record.name} {self.record.version} is truncated",
+                    reason="BLOB_TRUNCATED",
+                )
+            remaining -= len(data)
+            yield data
+
+    def close(self) -> None:
+        """Releases the connection (idempotent)."""
+        if self._body is not None:
+            body, self._body = self._body, None
+            try:
+                body.close()
+            except Exception as exc:  # closing a broken stream must not mask the real error
+                log.debug("closing an S3 stream failed: %r", exc)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class S3Storage:
+    """Model storage in a bucket of an S3-compatible object store (module docstring: protocol).
+
+    Thread-safe, and safe to run in any number of processes on the same bucket and prefix: every
+    decision (create, compare-and-swap) is a conditional request the bucket arbitrates. The only
+    local state is the set of uploads this process is running, so that a second upload of the same
+    version on the same replica fails fast with UPLOAD_IN_PROGRESS.
+    """
+
+    def __init__(
+        self,
+        client: S3Client,
+        bucket: str,
+        *,
+        prefix: str = "",
+        max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE,
+        part_size: int = 16 * 1024 * 1024,
+        orphan_grace: timedelta = timedelta(days=1),
+        clock: Callable[[], datetime] = _utcnow,
+        sweep: bool = True,
+    ) -> None:
+        if max_artifact_size <= 0 or part_size <= 0:
+            raise ValueError("max_artifact_size and part_size must be positive")
+        self._client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.max_artifact_size = max_artifact_size
+        self.part_size = part_size
+        self.orphan_grace = orphan_grace
+        self._clock = clock
+        self._reserved: set[tuple[str, str]] = set()
+        self._reserve_lock = threading.Lock()
+        self._closed = False
+        try:
+            self._client.head_bucket(Bucket=bucket)
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "opening the storage bucket") from None
+        self.last_sweep: S3SweepReport | None = self.sweep() if sweep else None
+
+    @classmethod
+    def from_config(
+        cls, config: StorageConfig, *, max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE
+    ) -> S3Storage:
+        """Connects to the configured bucket (checking that the credentials work) and sweeps it."""
+        assert config.bucket is not None
+        return cls(
+            make_client(config),
+            config.bucket,
+            prefix=config.prefix,
+            max_artifact_size=max_artifact_size,
+            part_size=config.part_size,
+            orphan_grace=timedelta(seconds=config.orphan_grace_seconds),
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Marks the storage closed (idempotent); the client's connections are dropped with it."""
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition("the storage is closed", reason="STORAGE_CLOSED")
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def _index_key(self, name: str, version: str) -> str:
+        return f"{self.prefix}{INDEX_DIR}{index_key_part(name, version)}"
+
+    def _new_blob(self) -> str:
+        # The creation time in the key lets a sweep judge age without trusting server metadata.
+        return f"{BLOB_DIR}{self._clock().astimezone(UTC).strftime(_STAMP)}-{secrets.token_hex(16)}"
+
+    def _full(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    # -- index ---------------------------------------------------------------------------------
+
+    def _get_index(self, name: str, version: str) -> _Indexed | None:
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self._index_key(name, version)
+            )
+            data = response["Body"].read()
+        except botocore.exceptions.ClientError as exc:
+            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+                return None
+            raise s3_error(exc, "reading the model index") from None
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "reading the model index") from None
+        record, blob = _parse_record(data, name, version)
+        return _Indexed(record, blob, str(response["ETag"]))
+
+    def _require(self, name: str, version: str) -> _Indexed:
+        self._check_open()
+        entry = self._get_index(validate_name(name), validate_version(version))
+        if entry is None:
+            raise ModelNotFound(f"model {name} version {version} does not exist")
+        return entry
+
+    def _exists(self, name: str, version: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._index_key(name, version))
+        except botocore.exceptions.ClientError as exc:
+            if _is_missing(exc):
+                return False
+            raise s3_error(exc, "reading the model index") from None
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "reading the model index") from None
+        return True
+
+    def _delete_blob(self, blob: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._full(blob))
+        except _S3_FAILURES as exc:
+            log.warning("cannot delete blob %s now (swept later): %r", blob, exc)
+
+    # -- uploads -------------------------------------------------------------------------------
+
+    def _reserve(self, name: str, version: str) -> tuple[str, str]:
+        key = (name, version)
+        with self._reserve_lock:
+            if key in self._reserved:
+                raise ModelExists(
+                    f"model {name} version {version} is being uploaded", reason="UPLOAD_IN_PROGRESS"
+                )
+            self._reserved.add(key)
+        try:
+            if self._exists(name, version):
+                raise ModelExists(f"model {name} version {version} already exists")
+        except BaseException:
+            self._release(key)
+            raise
+        return key
+
+    def _release(self, key: tuple[str, str]) -> None:
+        with self._reserve_lock:
+            self._reserved.discard(key)
+
+    def _check_growth(self, size: int, claims: UploadClaims) -> None:
+        if size > self.max_artifact_size or (
+            claims.size is not None and claims.size > self.max_artifact_size
+        ):
+            raise ArtifactTooLarge(
+                f"artifact exceeds the store's limit of {self.max_artifact_size} bytes"
+            )
+        if claims.size is not None and size > claims.size:
+            raise UploadMismatch(
+                f"received more than the announced {claims.size} bytes", reason="SIZE_MISMATCH"
+            )
+
+    def put(
+        self,
+        chunks: Iterable[bytes],
+        validator: ArtifactValidator,
+        claims: UploadClaims | None = None,
+    ) -> ModelRecord:
+        """Stores the artifact streamed as ``chunks`` (see the module docstring for the protocol).
+
+        Raises InvalidArgument subclasses, ModelExists, ArtifactTooLarge or StorageUnavailable
+        (with an ``S3_*`` reason); on any failure nothing becomes visible.
+        """
+        self._check_open()
+        claims = claims if claims is not None else UploadClaims()
+        early = validator if isinstance(validator, EarlyIdentity) else None
+        reserved: tuple[str, str] | None = None
+        blob = self._new_blob()
+        writer = _BlobWriter(self._client, self.bucket, self._full(blob), self.part_size)
+        hasher = hashlib.sha256()
+        size = 0
+        committed = False
+        try:
+            for chunk in chunks:
+                if not chunk:
+                    continue
+                self._check_growth(size + len(chunk), claims)
+                validator.feed(chunk)
+                hasher.update(chunk)
+                size += len(chunk)
+                if early is not None and reserved is None:
+                    identity = early.identity()
+                    if identity is not None:
+                        reserved = self._reserve(*identity)
+                writer.write(chunk)
+            self._check_growth(size, claims)
+            if size == 0:
+                raise EmptyUpload("the upload carried no artifact bytes")
+            summary = validator.finish()
+            name, version = validate_name(summary.name), validate_version(summary.version)
+            if reserved is None:
+                reserved = self._reserve(name, version)
+            elif reserved != (name, version):
+                raise Internal("the validator reported two identities for one artifact")
+            digest = hasher.hexdigest()
+            _check_final(size, digest, summary.artifact_size, claims)
+            record = ModelRecord(
+                name=name,
+                version=version,
+                artifact_sha256=digest,
+                artifact_size=size,
+                plaintext_size=summary.plaintext_size,
+                plaintext_sha256=summary.plaintext_sha256,
+                content_type=summary.content_type,
+                key_id=summary.key_id,
+                key_version=summary.key_version,
+                header_size=summary.header_size,
+                created_at=_aware(summary.created_at),
+                stored_at=_aware(self._clock()),
+            )
+            writer.commit()
+            committed = True
+            self._publish(record, blob)
+        except BaseException:
+            if committed:
+                self._delete_blob(blob)
+            else:
+                writer.abort()
+            raise
+        finally:
+            if reserved is not None:
+                self._release(reserved)
+        log.info(
+            "stored model",
+            extra={"model": record.name, "version": record.version, "size": record.artifact_size},
+        )
+        return record
+
+    def _publish(self, record: ModelRecord, blob: str) -> None:
+        """Creates the index object; the bucket's create-only condition makes (name, version) immutable."""
+        try:
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=self._index_key(record.name, record.version),
+                Body=_record_json(record, blob),
+                ContentType="application/json",
+                IfNoneMatch="*",
+            )
+        except botocore.exceptions.ClientError as exc:
+            if _is_conflict(exc):
+                raise ModelExists(
+                    f"model {record.name} version {record.version} already exists"
+                ) from None
+            raise s3_error(exc, "publishing a model") from None
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "publishing a model") from None
+
+    # -- key slots -----------------------------------------------------------------------------
+
+    def replace_key_slot(
+        self,
+        name: str,
+        version: str,
+        *,
+        expected_key_version: int,
+        key_version: int,
+        wrapped_dek: bytes,
+    ) -> ModelRecord:
+        """Replaces a format-2 artifact's key slot; returns the new record (rules: ``_keyslot``).
+
+        Writes the new artifact (new head, the stored body read back and checked against the
+        recorded digest) as a new blob, swaps the index object with ``If-Match`` on the ETag read
+        at the start (KEY_SLOT_CHANGED if anything changed it meanwhile), then deletes the old blob.
+        """
+        entry = self._require(name, version)
+        record = entry.record
+        with self._open_blob(entry, 0, record.artifact_size) as reader:
+            stream = reader.chunks(_READ_BLOCK)
+            old_hash = hashlib.sha256()
+            head = bytearray()
+            for data in stream:
+                old_hash.update(data)
+                head += data
+                if len(head) >= record.header_size:
+                    break
+            rest = bytes(head[record.header_size :])
+            new_head = _keyslot.plan(
+                record,
+                bytes(head[: record.header_size]),
+                expected_key_version=expected_key_version,
+                new_key_version=key_version,
+                new_wrapped_dek=wrapped_dek,
+            )
+            if new_head is None:
+                return record
+            blob = self._new_blob()
+            writer = _BlobWriter(self._client, self.bucket, self._full(blob), self.part_size)
+            committed = False
+            try:
+                new_hash = hashlib.sha256(new_head.head)
+                writer.write(new_head.head)
+                new_hash.update(rest)
+                writer.write(rest)
+                size = len(new_head.head) + len(rest)
+                for data in stream:
+                    old_hash.update(data)
+                    new_hash.update(data)
+                    writer.write(data)
+                    size += len(data)
+                if old_hash.hexdigest() != record.artifact_sha256:
+                    raise StoredDataCorrupt(
+                        f"stored artifact {name} {version} does not match its recorded digest",
+                        reason="DIGEST_MISMATCH",
+                    )
+                new_record = dataclasses.replace(
+                    record,
+                    artifact_sha256=new_hash.hexdigest(),
+                    artifact_size=size,
+                    key_version=key_version,
+                    header_size=new_head.header_size,
+                )
+                writer.commit()
+                committed = True
+                self._swap(entry, new_record, blob)
+            except BaseException:
+                if committed:
+                    self._delete_blob(blob)
+                else:
+                    writer.abort()
+                raise
+        self._delete_blob(entry.blob)
+        log.info(
+            "replaced key slot",
+            extra={
+                "model": name,
+                "version": version,
+                "key_id": record.key_id,
+                "from_key_version": record.key_version,
+                "to_key_version": key_version,
+            },
+        )
+        return new_record
+
+    def _swap(self, old: _Indexed, new: ModelRecord, blob: str) -> None:
+        try:
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=self._index_key(new.name, new.version),
+                Body=_record_json(new, blob),
+                ContentType="application/json",
+                IfMatch=old.etag,
+            )
+        except botocore.exceptions.ClientError as exc:
+            if _is_conflict(exc) or _is_missing(exc):
+                raise KeySlotRejected(
+                    f"model {new.name} {new.version} changed during the re-wrap",
+                    reason="KEY_SLOT_CHANGED",
+                ) from None
+            raise s3_error(exc, "replacing a key slot") from None
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "replacing a key slot") from None
+
+    # -- deletes -------------------------------------------------------------------------------
+
+    def delete(self, name: str, version: str) -> None:
+        """Removes the model, then its blob; ModelNotFound if absent.
+
+        The index object is deleted with ``If-Match`` on the ETag just read, so a delete never
+        removes a version re-published or re-wrapped meanwhile by another replica (that is
+        reported as ModelNotFound for the version this call saw). A blob left by a crash between
+        the two deletes is swept.
+        """
+        entry = self._require(name, version)
+        try:
+            self._client.delete_object(
+                Bucket=self.bucket, Key=self._index_key(name, version), IfMatch=entry.etag
+            )
+        except botocore.exceptions.ClientError as exc:
+            if _is_conflict(exc) or _is_missing(exc):
+                raise ModelNotFound(
+                    f"model {name} version {version} changed or was deleted meanwhile"
+                ) from None
+            raise s3_error(exc, "deleting a model") from None
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "deleting a model") from None
+        self._delete_blob(entry.blob)
+        log.info("deleted model", extra={"model": name, "version": version})
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def stat(self, name: str, version: str) -> ModelRecord:
+        """The model's record; ModelNotFound if absent."""
+        return self._require(name, version).record
+
+    def _open_blob(self, entry: _Indexed, offset: int, length: int) -> S3RangeReader:
+        record = entry.record
+        try:
+            if length == 0:
+                response = self._client.head_object(Bucket=self.bucket, Key=self._full(entry.blob))
+                total = int(response["ContentLength"])
+                body = None
+            else:
+                response = self._client.get_object(
+                    Bucket=self.bucket,
+                    Key=self._full(entry.blob),
+                    Range=f"bytes={offset}-{offset + length - 1}",
+                )
+                body = response["Body"]
+                total = int(str(response.get("ContentRange", "/-1")).rsplit("/", 1)[1])
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) == "InvalidRange" or _status(exc) == 416:
+                raise self._size_mismatch(record) from None
+            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+                current = self._get_index(record.name, record.version)
+                if current is None or current.blob != entry.blob:
+                    # Deleted (or re-wrapped) between our index read and the GET: not data loss.
+                    raise ModelNotFound(
+                        f"model {record.name} version {record.version} does not exist"
+                    ) from None
+                log.error("blob %s of %s %s is missing", entry.blob, record.name, record.version)
+                raise StoredDataCorrupt(
+                    f"stored artifact {record.name} {record.version} is missing",
+                    reason="BLOB_MISSING",
+                ) from None
+            raise s3_error(exc, "opening an artifact") from None
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "opening an artifact") from None
+        reader = S3RangeReader(body, record, offset, length)
+        if total != record.artifact_size:
+            reader.close()
+            raise self._size_mismatch(record)
+        return reader
+
+    @staticmethod
+    def _size_mismatch(record: ModelRecord) -> StoredDataCorrupt:
+        log.error("blob of %s %s has the wrong size", record.name, record.version)
+        return StoredDataCorrupt(
+            f"stored artifact {record.name} {record.version} has the wrong size",
+            reason="BLOB_SIZE_MISMATCH",
+        )
+
+    def open(
+        self, name: str, version: str, *, offset: int = 0, length: int | None = None
+    ) -> S3RangeReader:
+        """Opens ``length`` bytes (None: to the end) from ``offset``: one ranged GET.
+
+        OutOfRange if the range ends past the artifact; StoredDataCorrupt if the blob is missing or
+        has the wrong size. The GET starts here, so a reader keeps its bytes if the model is deleted
+        while it streams.
+        """
+        if offset < 0 or (length is not None and length < 0):
+            raise InvalidArgument("offset and length must not be negative", reason="INVALID_RANGE")
+        entry = self._require(name, version)
+        size = entry.record.artifact_size
+        if offset > size:
+            raise OutOfRange(f"offset {offset} is past the end of the {size}-byte artifact")
+        if length is None:
+            length = size - offset
+        elif offset + length > size:
+            raise OutOfRange(
+                f"range of {length} bytes at offset {offset} ends past the {size}-byte artifact"
+            )
+        return self._open_blob(entry, offset, length)
+
+    def verify(self, name: str, version: str) -> ModelRecord:
+        """Recomputes the stored artifact's SHA-256; StoredDataCorrupt (DATA_LOSS) on any mismatch."""
+        entry = self._require(name, version)
+        record = entry.record
+        hasher = hashlib.sha256()
+        size = 0
+        with self._open_blob(entry, 0, record.artifact_size) as reader:
+            for data in reader.chunks(_READ_BLOCK):
+                hasher.update(data)
+                size += len(data)
+        if size != record.artifact_size or hasher.hexdigest() != record.artifact_sha256:
+            log.error("blob %s of %s %s fails verification", entry.blob, name, version)
+            raise StoredDataCorrupt(
+                f"stored artifact {name} {version} does not match its recorded digest",
+                reason="DIGEST_MISMATCH",
+            )
+        return record
+
+    # -- listings ------------------------------------------------------------------------------
+
+    def _list_keys(
+        self, prefix: str, start_after: str | None, limit: int | None
+    ) -> Iterator[dict[str, Any]]:
+        """Objects under ``prefix`` (full keys), in key order, after ``start_after``."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if start_after:
+            kwargs["StartAfter"] = start_after
+        produced = 0
+        while True:
+            if limit is not None:
+                kwargs["MaxKeys"] = min(1000, limit - produced)
+            try:
+                response = self._client.list_objects_v2(**kwargs)
+            except _S3_FAILURES as exc:
+                raise s3_error(exc, "listing the bucket") from None
+            for item in response.get("Contents", ()):
+                yield item
+                produced += 1
+            if not response.get("IsTruncated") or (limit is not None and produced >= limit):
+                return
+            kwargs.pop("StartAfter", None)
+            kwargs["ContinuationToken"] = response["NextContinuationToken"]
+
+    def _split_index_key(self, key: str) -> tuple[str, str] | None:
+        rest = key[len(self.prefix) + len(INDEX_DIR) :]
+        name, sep, version = rest.rpartition(_SEPARATOR)
+        if not sep:
+            return None
+        return name, version
+
+    def _fetch_records(self, keys: list[tuple[str, str]]) -> list[_Indexed | None]:
+        if len(keys) <= 1:
+            return [self._get_index(*k) for k in keys]
+        with concurrent.futures.ThreadPoolExecutor(min(_LIST_WORKERS, len(keys))) as pool:
+            return list(pool.map(lambda k: self._get_index(*k), keys))
+
+    def _all_entries(self) -> list[_Indexed]:
+        keys = [
+            split
+            for item in self._list_keys(f"{self.prefix}{INDEX_DIR}", None, None)
+            if (split := self._split_index_key(str(item["Key"]))) is not None
+        ]
+        return [e for e in self._fetch_records(keys) if e is not None]
+
+    def records(self) -> tuple[ModelRecord, ...]:
+        """Every stored record, in (name, version) order (for checks and tests; unpaginated)."""
+        self._check_open()
+        return tuple(e.record for e in self._all_entries())
+
+    def blob_sizes(self) -> dict[str, int]:
+        """Every blob present (key relative to the prefix) and its size (for checks and tests)."""
+        self._check_open()
+        return {
+            str(item["Key"])[len(self.prefix) :]: int(item["Size"])
+            for item in self._list_keys(f"{self.prefix}{BLOB_DIR}", None, None)
+        }
+
+    def referenced_blobs(self) -> dict[str, ModelRecord]:
+        """Blob key (relative to the prefix) → the record pointing at it (for checks and tests)."""
+        self._check_open()
+        return {e.blob: e.record for e in self._all_entries()}
+
+    def pending_uploads(self) -> list[tuple[str, str]]:
+        """(key, upload id) of every unfinished multipart upload under the prefix."""
+        found: list[tuple[str, str]] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": f"{self.prefix}{BLOB_DIR}"}
+        for _ in range(100_000):
+            try:
+                response = self._client.list_multipart_uploads(**kwargs)
+            except _S3_FAILURES as exc:
+                raise s3_error(exc, "listing unfinished uploads") from None
+            found += [(str(u["Key"]), str(u["UploadId"])) for u in response.get("Uploads", ())]
+            if not response.get("IsTruncated"):
+                break
+            kwargs["KeyMarker"] = response["NextKeyMarker"]
+            kwargs["UploadIdMarker"] = response["NextUploadIdMarker"]
+        return found
+
+    def _blob_time(self, blob: str) -> datetime | None:
+        stamp = blob[len(BLOB_DIR) :].split("-", 1)[0]
+        try:
+            return datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC)
+        except ValueError:
+            return None
+
+    def _expired(self, blob: str, now: datetime) -> bool:
+        born = self._blob_time(blob)
+        return born is not None and now - born > self.orphan_grace
+
+    def sweep(self) -> S3SweepReport:
+        """Removes what crashed uploads and re-wraps left behind, once older than the grace period.
+
+        Any replica may run it at any time: a blob is removed only if no record points at it and
+        its key says it was created more than ``orphan_grace`` ago (so an upload still running on
+        another replica keeps its blob); deletes are idempotent.
+        """
+        now = self._clock()
+        blobs = self.blob_sizes()  # listed before the index: a blob published meanwhile is young
+        referenced = self.referenced_blobs()
+        aborted = 0
+        for key, upload_id in self.pending_uploads():
+            if self._expired(key[len(self.prefix) :], now):
+                try:
+                    self._client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id
+                    )
+                    aborted += 1
+                except _S3_FAILURES as exc:
+                    log.warning("cannot abort upload %s: %r", key, exc)
+        removed = 0
+        for blob in blobs.keys() - referenced.keys():
+            if self._expired(blob, now):
+                self._delete_blob(blob)
+                removed += 1
+        missing = sorted((r.name, r.version) for b, r in referenced.items() if b not in blobs)
+        damaged = sorted(
+            (r.name, r.version)
+            for b, r in referenced.items()
+            if b in blobs and blobs[b] != r.artifact_size
+        )
+        report = S3SweepReport(aborted, removed, tuple(missing), tuple(damaged))
+        if missing or damaged:
+            log.error("storage sweep found damaged models: %s", report)
+        return report
+
+    # Last in the class: below this definition, ``list`` in an annotation would mean this method.
+    def list(
+        self, *, prefix: str = "", page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
+    ) -> ModelPage:
+        """One page of models whose name starts with ``prefix``, ordered by (name, version).
+
+        One ListObjectsV2 (the bucket's key order is the API's order) plus one GET per record,
+        eight at a time. A model deleted between the two is left out of the page.
+        """
+        self._check_open()
+        validate_prefix(prefix)
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgument(
+                f"page_size must be between 1 and {MAX_PAGE_SIZE}", reason="INVALID_PAGE_SIZE"
+            )
+        after = _pagetoken.decode(page_token, prefix) if page_token else None
+        start = self._index_key(*after) if after else None
+        keys: list[tuple[str, str]] = []
+        for item in self._list_keys(f"{self.prefix}{INDEX_DIR}{prefix}", start, page_size + 1):
+            split = self._split_index_key(str(item["Key"]))
+            if split is not None:
+                keys.append(split)
+        more = len(keys) > page_size
+        keys = keys[:page_size]
+        entries = self._fetch_records(keys)
+        models = tuple(e.record for e in entries if e is not None)
+        if more:
+            return ModelPage(models=models, next_page_token=_pagetoken.encode(prefix, *keys[-1]))
+        return ModelPage(models=models, next_page_token="")
+
+
+def _check_final(size: int, digest: str, header_size: int, claims: UploadClaims) -> None:
+    if header_size != size:
+        raise UploadMismatch(
+            f"artifact is {size} bytes but its header implies {header_size}",
+            reason="SIZE_MISMATCH",
+        )
+    if claims.size is not None and claims.size != size:
+        raise UploadMismatch(
+            f"received {size} bytes, announced {claims.size}", reason="SIZE_MISMATCH"
+        )
+    if claims.sha256 is not None and validate_sha256_hex(claims.sha256) != digest:
+        raise UploadMismatch(
+            "artifact SHA-256 differs from the announced artifact_sha256", reason="DIGEST_MISMATCH"
+        )
+
+
+def _aware(moment: datetime) -> datetime:
+    """``moment`` in UTC; a naive datetime is taken to be UTC already."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)

@@ -1,0 +1,152 @@
+"""Re-wrap every stored model under a KEK to its current version, without touching a model's body.
+
+For each stored artifact under the key (format 2, naming an older KEK version):
+
+1. read its head from the store (at most 68 KiB: prefix, header, key slot) and parse it keylessly;
+2. ask the broker to re-wrap the data key (``ReWrap``: unwrap under the old version and wrap under
+   the current one, both inside the HSM; the plaintext key never leaves it);
+3. ask the store to replace the slot (``ReplaceKeySlot``: compare-and-swap on the old version).
+
+Every step is idempotent and each artifact is replaced atomically by the store, so an interrupted
+run (this process, the broker or the store killed at any point) leaves every artifact whole under
+the old or the new slot, and running again finishes the job: artifacts already at the current
+version are reported as ``current``. Format-1 artifacts cannot be re-wrapped (their wrapped key is
+bound into the body) and are reported as ``format_1``; they keep needing the old KEK version until
+re-published.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
+from strongroom.artifact import InvalidArtifact, parse_header
+from strongroom.artifact.format import (
+    FORMAT_V1,
+    MAX_HEADER_SIZE,
+    MAX_KEY_SLOT_SIZE,
+    PREFIX_SIZE,
+    SLOT_LENGTH_SIZE,
+)
+
+__all__ = ["MAX_HEAD_SIZE", "RewrapResult", "rewrap_models"]
+
+MAX_HEAD_SIZE = PREFIX_SIZE + MAX_HEADER_SIZE + SLOT_LENGTH_SIZE + MAX_KEY_SLOT_SIZE
+"""The most bytes before any artifact's body: what is read of each model."""
+
+REASON_KEY = "strongroom-reason"
+PAGE_SIZE = 200
+
+
+@dataclass(frozen=True)
+class RewrapResult:
+    """What happened to one stored model.
+
+    ``outcome``: ``rewrapped``, ``current`` (already at ``to_version`` or newer), ``format_1`` (not
+    re-wrappable) or ``failed`` (``reason`` says why; the model is unchanged).
+    """
+
+    name: str
+    version: str
+    outcome: str
+    from_version: int
+    to_version: int
+    reason: str = ""
+
+
+def _reason(exc: grpc.RpcError) -> str:
+    trailers: tuple[tuple[str, str | bytes], ...] = (
+        tuple(exc.trailing_metadata() or ()) if isinstance(exc, grpc.Call) else ()
+    )
+    for key, value in trailers:
+        if key == REASON_KEY:
+            return str(value)
+    return exc.code().name if isinstance(exc, grpc.Call) else "RPC_FAILED"
+
+
+def _read_head(
+    store: store_grpc.ModelStoreServiceStub, model: store_pb.ModelInfo, timeout: float
+) -> bytes:
+    length = min(model.artifact_size, MAX_HEAD_SIZE)
+    request = store_pb.GetModelRequest(
+        name=model.name, version=model.version, offset=0, length=length
+    )
+    return b"".join(r.data for r in store.GetModel(request, timeout=timeout))
+
+
+def rewrap_models(
+    key_id: str,
+    *,
+    current_version: int,
+    broker: grpc.Channel,
+    store: grpc.Channel,
+    timeout: float = 60.0,
+) -> Iterator[RewrapResult]:
+    """Re-wraps every stored model under ``key_id`` to ``current_version``; yields one result each.
+
+    Failures of one model (a refused unwrap, a concurrent change) are yielded and the run goes on;
+    transport failures of the listing itself raise ``grpc.RpcError``.
+    """
+    store_stub = store_grpc.ModelStoreServiceStub(store)
+    broker_stub = kb_grpc.KeyBrokerServiceStub(broker)
+    token = ""
+    for _page in range(1_000_000):  # bounded: a page token never repeats
+        page = store_stub.ListModels(
+            store_pb.ListModelsRequest(page_size=PAGE_SIZE, page_token=token), timeout=timeout
+        )
+        for model in page.models:
+            if model.key_id == key_id:
+                yield _rewrap_one(store_stub, broker_stub, model, current_version, timeout)
+        token = page.next_page_token
+        if not token:
+            return
+
+
+def _rewrap_one(
+    store: store_grpc.ModelStoreServiceStub,
+    broker: kb_grpc.KeyBrokerServiceStub,
+    model: store_pb.ModelInfo,
+    current_version: int,
+    timeout: float,
+) -> RewrapResult:
+    def result(outcome: str, from_version: int, to_version: int, reason: str = "") -> RewrapResult:
+        return RewrapResult(model.name, model.version, outcome, from_version, to_version, reason)
+
+    try:
+        header = parse_header(_read_head(store, model, timeout))
+    except grpc.RpcError as exc:
+        return result("failed", model.key_version, model.key_version, _reason(exc))
+    except InvalidArtifact as exc:
+        return result("failed", model.key_version, model.key_version, exc.reason)
+    if header.format_version == FORMAT_V1:
+        return result("format_1", header.key_version, header.key_version)
+    if header.key_version >= current_version:
+        return result("current", header.key_version, header.key_version)
+    try:
+        rewrapped = broker.ReWrap(
+            kb_pb.ReWrapRequest(
+                key_id=header.key_id,
+                key_version=header.key_version,
+                wrapped_data_key=header.wrapped_dek,
+            ),
+            timeout=timeout,
+        )
+        store.ReplaceKeySlot(
+            store_pb.ReplaceKeySlotRequest(
+                name=model.name,
+                version=model.version,
+                expected_key_version=header.key_version,
+                key_version=rewrapped.key_version,
+                wrapped_data_key=rewrapped.wrapped_data_key,
+            ),
+            timeout=timeout,
+        )
+    except grpc.RpcError as exc:
+        return result("failed", header.key_version, header.key_version, _reason(exc))
+    return result("rewrapped", header.key_version, rewrapped.key_version)

@@ -1,0 +1,321 @@
+"""Issue 12: key release and model loading under faults (real step-ca, mTLS, SoftHSM2).
+
+- Finding 3: the caller's certificate renews in the middle of a release.
+- Finding 5: the broker's nonce key rotates while a challenge is outstanding.
+- Finding 6: stored-data corruption reaches LoadModel callers as DATA_LOSS with the store's reason.
+- Finding 7: an on-demand LoadModel rides out a key broker that is briefly unavailable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from strongroom.api.inference.v1 import model_control_pb2 as control_pb
+from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
+from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
+from strongroom.attesters import EvidenceBundle, SimulatedAttester, TeeType
+from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels, peer_reason
+from strongroom.client.publish import publish_model
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.model import train
+from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
+from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.errors import DataLoss
+from strongroom.inference.loader import ModelLoader
+from strongroom.inference.models import ModelRepository
+from strongroom.pki import WorkloadIdentity
+
+KEY = "faults"
+
+
+class HookedAttester:
+    """The simulated TEE, with something happening while the hardware signs (once)."""
+
+    def __init__(self, inner: SimulatedAttester, hook: Callable[[], object] | None = None) -> None:
+        self._inner = inner
+        self._hook = hook
+        self.calls = 0
+
+    @property
+    def tee_type(self) -> TeeType:
+        return self._inner.tee_type
+
+    def attest(self, report_data: bytes) -> EvidenceBundle:
+        self.calls += 1
+        if self._hook is not None:
+            hook, self._hook = self._hook, None
+            hook()
+        return self._inner.attest(report_data)
+
+
+@dataclasses.dataclass
+class Env:
+    stack: DevStack
+    admin: WorkloadIdentity
+    publisher: WorkloadIdentity
+    authority: SimulatedAuthority
+    data_key: bytes
+    wrapped: bytes
+    version: int
+
+    def attester(self, hook: Callable[[], object] | None = None) -> HookedAttester:
+        inner = SimulatedAttester(
+            self.authority.snp(),
+            TeeType.SEV_SNP,
+            production=False,
+            claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
+        )
+        return HookedAttester(inner, hook)
+
+    def audit(self) -> list[dict[str, Any]]:
+        path = self.stack.root / "state" / "keybroker" / "audit.log"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def env(stack: DevStack) -> Iterator[Env]:
+    admin, publisher = stack.identity("admin"), stack.identity("publisher")
+    stack.create_release_key(admin, KEY, policy_version="faults-1")
+    broker = pb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker"))
+    generated = broker.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
+    yield Env(
+        stack,
+        admin,
+        publisher,
+        SimulatedAuthority.load(stack.root / "simulated-tee"),
+        generated.data_key,
+        generated.wrapped_data_key,
+        generated.key_version,
+    )
+
+
+def _decisions_since(env: Env, count: int) -> list[tuple[str, str]]:
+    return [
+        (r["decision"], r["reason"]) for r in env.audit()[count:] if r["action"] == "key_release"
+    ]
+
+
+# --- finding 3: renewal during a release --------------------------------------------------
+
+
+def test_renewal_during_a_release_with_pinned_channels(env: Env) -> None:
+    """Bind and send with one credential snapshot: a renewal mid-exchange changes nothing."""
+    inference = env.stack.identity("inference")
+    channels = PinnedChannels(inference, env.stack.address("keybroker"), server_name="keybroker")
+    before = inference.generation
+    attester = env.attester(hook=inference.renew_now)
+    client = KeyReleaseClient(channels, attester)
+    start = len(env.audit())
+    try:
+        released = client.release(KEY, env.version, env.wrapped)
+        assert inference.generation == before + 1
+        assert bytes(released.dek) == env.data_key
+        assert attester.calls == 1  # no retry was needed
+        assert _decisions_since(env, start) == [("allowed", "RELEASED")]
+        # The next release uses the renewed certificate; the old channel was closed once idle.
+        client.release(KEY, env.version, env.wrapped)
+        assert channels.open_channels == 1
+    finally:
+        channels.close()
+
+
+def test_renewal_during_a_release_on_a_plain_channel_is_retried_once(env: Env) -> None:
+    """A caller that reads its TLS key separately loses the race once; one retry cures it."""
+    inference = env.stack.identity("inference")
+    attester = env.attester(hook=inference.renew_now)
+    client = KeyReleaseClient(
+        env.stack.channel(inference, "keybroker"), attester, inference.public_key_der
+    )
+    start = len(env.audit())
+    released = client.release(KEY, env.version, env.wrapped)
+    assert bytes(released.dek) == env.data_key
+    assert attester.calls == 2
+    assert _decisions_since(env, start) == [
+        ("denied", "REPORT_DATA_MISMATCH"),
+        ("allowed", "RELEASED"),
+    ]
+
+
+def test_other_refusals_are_not_retried(env: Env) -> None:
+    inference = env.stack.identity("inference")
+    attester = env.attester()
+    client = KeyReleaseClient(
+        env.stack.channel(inference, "keybroker"), attester, inference.public_key_der
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        client.release(KEY, env.version + 99, env.wrapped)
+    assert peer_reason(info.value) == "KEY_VERSION_NOT_FOUND"
+    assert attester.calls == 1
+
+
+# --- finding 5: nonce-key rotation ---------------------------------------------------------
+
+
+def _rotate_nonce_key(stack: DevStack) -> None:
+    """What the runbook says: a new nonce key, every broker restarted together."""
+    stack.services.pop("keybroker").stop()
+    (stack.secrets_dir / "nonce-key").write_bytes(os.urandom(32))
+    stack.start_in_process("keybroker")
+
+
+def test_challenge_issued_under_the_previous_nonce_key_is_retried(env: Env) -> None:
+    inference = env.stack.identity("inference")
+    attester = env.attester(hook=lambda: _rotate_nonce_key(env.stack))
+    channels = PinnedChannels(inference, env.stack.address("keybroker"), server_name="keybroker")
+    start = len(env.audit())
+    try:
+        released = KeyReleaseClient(channels, attester).release(KEY, env.version, env.wrapped)
+    finally:
+        channels.close()
+    assert bytes(released.dek) == env.data_key
+    assert _decisions_since(env, start) == [("denied", "NONCE_INVALID"), ("allowed", "RELEASED")]
+
+
+# --- finding 6: stored-data corruption keeps its status ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(tmp_path_factory.mktemp("model") / "model.onnx").path
+
+
+def _publish(env: Env, path: Path, version: str) -> None:
+    publish_model(
+        path,
+        name="faulty",
+        version=version,
+        key_id=KEY,
+        broker=env.stack.channel(env.publisher, "keybroker"),
+        store=env.stack.channel(env.publisher, "modelstore"),
+    )
+
+
+def _blob(env: Env, version: str) -> Path:
+    storage = env.stack.services["modelstore"].handle.storage
+    record = storage.stat("faulty", version)
+    return next(p for p in (storage.root / "blobs").rglob(record.artifact_sha256))
+
+
+def _loader(env: Env, store: grpc.Channel | None = None) -> ModelLoader:
+    inference = env.stack.identity("inference")
+    channels = PinnedChannels(inference, env.stack.address("keybroker"), server_name="keybroker")
+    return ModelLoader(
+        ModelRepository(),
+        store_channel=store or env.stack.channel(inference, "modelstore"),
+        key_release=KeyReleaseClient(channels, env.attester()),
+    )
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-100]), "BLOB_SIZE_MISMATCH"),
+        (lambda p: p.unlink(), "BLOB_MISSING"),
+    ],
+    ids=["truncated", "missing"],
+)
+def test_store_data_loss_reaches_the_caller_as_data_loss(
+    env: Env, model_path: Path, damage: Callable[[Path], None], reason: str
+) -> None:
+    _publish(env, model_path, reason.lower())
+    blob = _blob(env, reason.lower())
+    blob.chmod(0o600)
+    damage(blob)
+    with pytest.raises(DataLoss) as info:
+        _loader(env).load("faulty", reason.lower())
+    assert info.value.reason == reason
+
+
+class _ServeBytes(store_grpc.ModelStoreServiceServicer):
+    """A store peer that serves exactly the bytes it is given (here: a damaged artifact)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def StatModel(
+        self, request: store_pb.StatModelRequest, context: grpc.ServicerContext
+    ) -> store_pb.StatModelResponse:
+        info = store_pb.ModelInfo(name=request.name, version=request.version)
+        info.content_type = "application/onnx"
+        return store_pb.StatModelResponse(model=info)
+
+    def GetModel(
+        self, request: store_pb.GetModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[store_pb.GetModelResponse]:
+        for i in range(0, len(self.data), 64 * 1024):
+            yield store_pb.GetModelResponse(data=self.data[i : i + 64 * 1024])
+
+
+@pytest.mark.parametrize(
+    ("version", "change"),
+    [("cut", lambda b: b[:-40]), ("grown", lambda b: b + b"\0" * 40)],
+    ids=["truncated", "extended"],
+)
+def test_artifact_damaged_in_transit_is_data_loss(
+    env: Env, model_path: Path, version: str, change: Callable[[bytes], bytes]
+) -> None:
+    _publish(env, model_path, version)
+    genuine = _blob(env, version).read_bytes()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    store_grpc.add_ModelStoreServiceServicer_to_server(_ServeBytes(change(genuine)), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(DataLoss):
+            _loader(env, channel).load("faulty", version)
+    finally:
+        server.stop(0)
+
+
+def test_load_model_rpc_keeps_the_stores_status_and_reason(env: Env, model_path: Path) -> None:
+    _publish(env, model_path, "rpc")
+    blob = _blob(env, "rpc")
+    blob.chmod(0o600)
+    blob.write_bytes(blob.read_bytes()[:-100])
+    env.stack.start_in_process("inference")
+    try:
+        control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+        with pytest.raises(grpc.RpcError) as info:
+            control.LoadModel(control_pb.LoadModelRequest(name="faulty", version="rpc"), timeout=60)
+        assert info.value.code() == grpc.StatusCode.DATA_LOSS  # type: ignore[attr-defined]
+        assert peer_reason(info.value) == "BLOB_SIZE_MISMATCH"
+    finally:
+        env.stack.services.pop("inference").stop()
+
+
+# --- finding 7: on-demand loads retry brief unavailability ---------------------------------
+
+
+def test_load_model_rides_out_a_broker_restart(env: Env, model_path: Path) -> None:
+    _publish(env, model_path, "restart")
+    env.stack.start_in_process("inference")
+    try:
+        control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+        env.stack.services.pop("keybroker").stop()
+        restarted = threading.Timer(1.5, lambda: env.stack.start_in_process("keybroker"))
+        restarted.start()
+        started = time.monotonic()
+        response = control.LoadModel(
+            control_pb.LoadModelRequest(name="faulty", version="restart"), timeout=60
+        )
+        restarted.join()
+        assert response.decision_id
+        assert time.monotonic() - started >= 1.0  # it did wait for the broker
+    finally:
+        env.stack.services.pop("inference").stop()
+        if "keybroker" not in env.stack.services:
+            env.stack.start_in_process("keybroker")

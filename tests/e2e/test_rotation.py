@@ -1,0 +1,150 @@
+"""KEK rotation reaches stored models: rotate, re-wrap every model, disable the old version, load all.
+
+Real step-ca, mTLS, SoftHSM2 and model store; the loads go through the attested release path (a
+simulated SEV-SNP VM) and ONNX Runtime, as the inference service does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import onnxruntime as ort
+import pytest
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
+from strongroom.artifact import ArtifactReader, encrypt_stream, parse_header, wipe
+from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.cli.main import main
+from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.model import train
+from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.errors import StrongroomError
+
+KEY = "rotation-kek"
+MODELS = ["rot/a", "rot/b", "rot/c"]
+LEGACY = "rot/legacy"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[dict[str, object]]]:
+    code = main(list(argv))
+    out = capsys.readouterr().out
+    return code, [json.loads(line) for line in out.splitlines() if line.startswith('{"')]
+
+
+def load(stack: DevStack, name: str) -> bytes:
+    """Fetches, gets the key released to a simulated VM, decrypts and loads into ONNX Runtime."""
+    inference = stack.identity("inference")
+    store = store_grpc.ModelStoreServiceStub(stack.channel(inference, "modelstore"))
+    data = b"".join(
+        r.data for r in store.GetModel(store_pb.GetModelRequest(name=name, version="1"), timeout=30)
+    )
+    header = parse_header(data)
+    authority = SimulatedAuthority.load(stack.root / "simulated-tee")
+    measurement = bytes.fromhex(stack.simulated_policy("x").split('measurements: ["')[1][:96])
+    attester = SimulatedAttester(
+        authority.snp(), TeeType.SEV_SNP, production=False, claims={"measurement": measurement}
+    )
+    client = KeyReleaseClient(
+        stack.channel(inference, "keybroker"), attester, inference.public_key_der
+    )
+    released = client.release(KEY, header.key_version, header.wrapped_dek)
+    try:
+        plaintext = bytes(ArtifactReader(data).decrypt_all(released.dek))
+    finally:
+        wipe(released.dek)
+    ort.InferenceSession(plaintext, providers=["CPUExecutionProvider"])
+    return plaintext
+
+
+def publish_format_1(stack: DevStack, path: Path) -> None:
+    """A legacy (format 1) artifact, as published before format 2 existed."""
+    publisher = stack.identity("publisher")
+    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker"))
+    key = broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
+    dek = bytearray(key.data_key)
+    with path.open("rb") as source:
+        pieces = list(
+            encrypt_stream(
+                source,
+                dek,
+                model_name=LEGACY,
+                model_version="1",
+                content_type="application/vnd.onnx",
+                key_id=KEY,
+                key_version=key.key_version,
+                wrapped_dek=key.wrapped_data_key,
+                format_version=1,
+            )
+        )
+    wipe(dek)
+    store = store_grpc.ModelStoreServiceStub(stack.channel(publisher, "modelstore"))
+    store.PutModel(iter(store_pb.PutModelRequest(data=p) for p in pieces), timeout=30)
+
+
+def test_rotate_rewrap_disable_and_every_model_loads(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    admin = str(stack.write_client_config("admin"))
+    publisher = str(stack.write_client_config("publisher"))
+    stack.create_release_key(stack.identity("admin"), KEY, policy_version="rot-1")
+    model = train(tmp_path / "model.onnx")
+    expected = model.path.read_bytes()
+    for name in MODELS:
+        code = main(
+            ["model", "publish", str(model.path), "--name", name, "--version", "1",
+             "--key-id", KEY, "--no-progress", "--client-config", publisher]
+        )  # fmt: skip
+        assert code == 0
+    publish_format_1(stack, model.path)
+    capsys.readouterr()
+
+    # Rotate and re-wrap: one progress line per model, then a summary.
+    code, lines = run(capsys, "keys", "rotate", KEY, "--rewrap-models", "--client-config", admin)
+    assert code == 0, lines
+    by_name = {line["name"]: line for line in lines if "name" in line}
+    for name in MODELS:
+        assert by_name[name] == {
+            "name": name,
+            "version": "1",
+            "outcome": "rewrapped",
+            "from_version": 1,
+            "to_version": 2,
+            "reason": "",
+        }
+    assert by_name[LEGACY]["outcome"] == "format_1"
+    assert lines[-1] == {"key_id": KEY, "current_version": 2, "rewrapped": 3, "format_1": 1}
+
+    # A second run finds nothing left to do.
+    code, lines = run(capsys, "keys", "rewrap-models", KEY, "--client-config", admin)
+    assert code == 0
+    assert lines[-1] == {"key_id": KEY, "current_version": 2, "current": 3, "format_1": 1}
+
+    # Every re-wrap is in the broker's audit log, from version 1 to version 2.
+    audit = stack.root / "state" / "keybroker" / "audit.log"
+    rewraps = [
+        r
+        for r in map(json.loads, audit.read_text().splitlines())
+        if r.get("action") == "rewrap" and r["key"]["id"] == KEY
+    ]
+    assert len(rewraps) == 3
+    assert all(
+        r["decision"] == "allowed"
+        and r["key"]["version"] == 2
+        and r["claims"]["from_key_version"] == 1
+        for r in rewraps
+    )
+
+    # Disable version 1: every re-wrapped model still loads; the format-1 one cannot.
+    code, _ = run(capsys, "keys", "disable", KEY, "--version", "1", "--client-config", admin)
+    assert code == 0
+    for name in MODELS:
+        assert load(stack, name) == expected
+    with pytest.raises((grpc.RpcError, StrongroomError)) as info:
+        load(stack, LEGACY)
+    assert "KEY_VERSION_DISABLED" in str(info.value) or "DISABLED" in str(info.value)

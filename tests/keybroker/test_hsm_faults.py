@@ -1,0 +1,157 @@
+"""Issue 12: the HSM backend under long runs and faults.
+
+- Finding 2: SoftHSM2 frees session objects (even destroyed ones) only when the module is
+  re-initialised, so the backend recycles its connection after a quota of operations.
+- Finding 4: a key object the HSM fails to use (a damaged object file, a token hiccup) must not
+  leave the broker stuck with INTERNAL: the connection is re-initialised, the caller gets
+  UNAVAILABLE the first time and DATA_LOSS if the key keeps failing, the key is listed for
+  readiness, and it heals without a restart once the object file is good again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from strongroom.dev.softhsm import SoftHsmToken
+from strongroom.errors import DataLoss, InvalidArgument
+from strongroom.keybroker.errors import HsmUnavailable
+from strongroom.keybroker.hsm import Hsm
+from strongroom.keybroker.keys import KeyManager
+from strongroom.oaep import OaepHash
+from tests.keybroker.helpers import make_config, session_objects, spki
+
+_OAEP = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
+
+
+def test_connection_is_recycled_after_its_operation_quota(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], tee_key: rsa.RSAPrivateKey
+) -> None:
+    hsm = open_hsm(make_config(softhsm_token, recycle_after_operations=10))
+    km = KeyManager(hsm)
+    km.create_key("model")
+    dek, wrapped, version = km.generate_data_key("model")
+    generation = hsm.status().generation
+    for _ in range(25):  # handles cached on one session must not be used on the next
+        out, _ = km.release_to_ephemeral("model", version, wrapped, spki(tee_key), [OaepHash.SHA1])
+        assert tee_key.decrypt(out, _OAEP) == dek
+    status = hsm.status()
+    assert status.recycles >= 2
+    assert status.generation >= generation + 2
+    assert status.last_error is None  # a planned recycle is not a failure
+    assert session_objects(hsm) == 0
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 1.5])
+def test_recycle_quota_must_be_a_positive_integer(
+    softhsm_token: SoftHsmToken, value: object
+) -> None:
+    with pytest.raises(InvalidArgument):
+        make_config(softhsm_token, recycle_after_operations=value)
+
+
+def test_reconnect_attempts_back_off(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]
+) -> None:
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=0.05, reconnect_max_interval=0.2))
+    assert [hsm._backoff() for _ in range(1)] == [0.05]
+    hsm._failed_attempts = 3
+    assert hsm._backoff() == 0.2  # 0.05 * 2**2, capped at the maximum
+    with pytest.raises(InvalidArgument):
+        make_config(softhsm_token, reconnect_interval=1.0, reconnect_max_interval=0.5)
+
+
+def _kek_file(token: SoftHsmToken, before: set[Path]) -> Path:
+    new = [p for p in token.token_store().iterdir() if p not in before and p.suffix == ".object"]
+    assert len(new) == 1, new
+    return new[0]
+
+
+def _token_blinks(token: SoftHsmToken, km: KeyManager) -> None:
+    """The token goes away for one call and comes back (with whatever its files now hold)."""
+    store = token.token_store()
+    away = token.directory / "away"
+    store.rename(away)
+    try:
+        with pytest.raises(HsmUnavailable):
+            km.list_keys()
+    finally:
+        away.rename(store)
+
+
+def _until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+@pytest.mark.parametrize("offset", [100, 500], ids=["label-damaged", "object-unreadable"])
+def test_damaged_key_object_is_reported_and_heals_without_restart(
+    softhsm_token: SoftHsmToken,
+    open_hsm: Callable[..., Hsm],
+    tee_key: rsa.RSAPrivateKey,
+    offset: int,
+) -> None:
+    hsm = open_hsm(make_config(softhsm_token))
+    km = KeyManager(hsm, recheck_interval=0.1)
+    before = set(softhsm_token.token_store().iterdir())
+    km.create_key("model")
+    kek_file = _kek_file(softhsm_token, before)
+    dek, wrapped, version = km.generate_data_key("model")
+    good = kek_file.read_bytes()
+    damaged = bytearray(good)
+    damaged[offset : offset + 30] = bytes(30)
+    kek_file.write_bytes(bytes(damaged))
+    _token_blinks(softhsm_token, km)
+
+    def release() -> bytes:
+        out, _ = km.release_to_ephemeral("model", version, wrapped, spki(tee_key), [OaepHash.SHA1])
+        return bytes(tee_key.decrypt(out, _OAEP))
+
+    # First failure inside a token that answers: UNAVAILABLE, and the session is re-initialised.
+    with pytest.raises(HsmUnavailable) as first:
+        release()
+    assert first.value.reason == "HSM_OPERATION_FAILED"
+    # It fails again on the fresh session: the key is unusable (DATA_LOSS), never INTERNAL.
+    with pytest.raises(DataLoss) as second:
+        km.generate_data_key("model")
+    assert second.value.reason == "KEY_OBJECT_UNUSABLE"
+    assert "model" in km.unusable_keys()
+    assert "model" in km.recheck_unusable()
+    hsm.check_health()  # the HSM itself answers; readiness is told about the key separately
+    # The good object file comes back: the broker heals by itself.
+    kek_file.write_bytes(good)
+    _until(lambda: not km.recheck_unusable())
+    assert release() == dek
+    assert km.generate_data_key("model").version == version
+
+
+def test_damaged_key_does_not_stop_other_keys(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], tee_key: rsa.RSAPrivateKey
+) -> None:
+    hsm = open_hsm(make_config(softhsm_token))
+    km = KeyManager(hsm, recheck_interval=60)
+    km.create_key("healthy")
+    before = set(softhsm_token.token_store().iterdir())
+    km.create_key("broken")
+    kek_file = _kek_file(softhsm_token, before)
+    km.generate_data_key("broken")
+    damaged = bytearray(kek_file.read_bytes())
+    damaged[500:530] = bytes(30)
+    kek_file.write_bytes(bytes(damaged))
+    _token_blinks(softhsm_token, km)  # the module re-reads the token: the damage shows
+    for _ in range(3):
+        with pytest.raises((HsmUnavailable, DataLoss)):
+            km.generate_data_key("broken")
+    assert list(km.unusable_keys()) == ["broken"]
+    dek, wrapped, version = km.generate_data_key("healthy")
+    out, _ = km.release_to_ephemeral("healthy", version, wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert tee_key.decrypt(out, _OAEP) == dek

@@ -1,0 +1,207 @@
+"""Replacing a stored artifact's key slot (re-wrap): atomic, compare-and-swap, forward only."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
+from strongroom.artifact import InvalidArtifact, StructureValidator
+from strongroom.modelstore.errors import KeySlotRejected, ModelNotFound
+from strongroom.modelstore.service import METHOD_ROLES, ROLE_ADMIN, SERVICE_NAME
+from strongroom.modelstore.storage import FilesystemStorage
+from tests.modelstore.backends import AnyStorage, assert_clean, blob_count
+from tests.modelstore.conftest import Served, serve
+from tests.modelstore.fake_artifact import chunked
+from tests.modelstore.rewrap_case import (
+    artifact,
+    decrypt_stored,
+    plaintext_of,
+    wrapped,
+)
+
+SIZE = 100_000
+
+
+def _store(storage: AnyStorage, name: str = "acme/m", version: str = "1", **kw: int) -> bytes:
+    data = artifact(name, version, SIZE, **kw)
+    storage.put(chunked(data, 7000), StructureValidator())
+    return data
+
+
+def _read(storage: AnyStorage, name: str = "acme/m", version: str = "1") -> bytes:
+    with storage.open(name, version) as reader:
+        return b"".join(reader.chunks(1 << 16))
+
+
+def _replace(storage: AnyStorage, expected: int, new: int, **kw: bytes) -> object:
+    return storage.replace_key_slot(
+        "acme/m",
+        "1",
+        expected_key_version=expected,
+        key_version=new,
+        wrapped_dek=kw.get("wrapped_dek", wrapped("acme/m", "1", new)),
+    )
+
+
+def test_replace_moves_only_the_slot(storage: AnyStorage) -> None:
+    original = _store(storage)
+    before = storage.stat("acme/m", "1")
+    after = _replace(storage, 1, 2)
+    assert after == storage.stat("acme/m", "1")
+    assert after.key_version == 2 and after.artifact_sha256 != before.artifact_sha256
+    assert (after.artifact_size, after.header_size) == (before.artifact_size, before.header_size)
+    data = _read(storage)
+    # Context, body and footer untouched; only the slot differs; the model decrypts through it.
+    head = len(data) - len(original[before.header_size :])
+    assert data[before.header_size :] == original[before.header_size :]
+    assert data[:head] != original[:head]
+    assert decrypt_stored(data) == plaintext_of("acme/m", "1", SIZE)
+    assert storage.verify("acme/m", "1") == after
+    # The old blob is gone; nothing left behind.
+    assert blob_count(storage) == 1
+    assert_clean(storage)
+
+
+def test_replaying_a_replacement_is_a_no_op(storage: AnyStorage) -> None:
+    _store(storage)
+    first = _replace(storage, 1, 2)
+    assert _replace(storage, 1, 2) == first
+    assert _replace(storage, 2, 3).key_version == 3  # type: ignore[attr-defined]
+    assert decrypt_stored(_read(storage)) == plaintext_of("acme/m", "1", SIZE)
+
+
+@pytest.mark.parametrize(
+    ("expected", "new", "reason"),
+    [
+        (2, 3, "KEY_SLOT_CHANGED"),  # the caller's view is stale
+        (1, 1, "KEY_VERSION_NOT_NEWER"),  # same version, another wrapped key
+        (1, 0, "KEY_VERSION_NOT_NEWER"),
+    ],
+)
+def test_refused_replacements_leave_the_model_intact(
+    storage: AnyStorage, expected: int, new: int, reason: str
+) -> None:
+    original = _store(storage)
+    record = storage.stat("acme/m", "1")
+    with pytest.raises(KeySlotRejected) as info:
+        _replace(storage, expected, new, wrapped_dek=wrapped("acme/m", "1", 7))
+    assert info.value.reason == reason
+    assert storage.stat("acme/m", "1") == record
+    assert _read(storage) == original
+
+
+def test_no_rollback_to_an_older_kek_version(storage: AnyStorage) -> None:
+    _store(storage)
+    _replace(storage, 1, 3)
+    with pytest.raises(KeySlotRejected) as info:
+        _replace(storage, 3, 2)
+    assert info.value.reason == "KEY_VERSION_NOT_NEWER"
+
+
+def test_format_1_is_not_replaceable(storage: AnyStorage) -> None:
+    original = _store(storage, format_version=1)
+    with pytest.raises(KeySlotRejected) as info:
+        _replace(storage, 1, 2)
+    assert info.value.reason == "KEY_SLOT_NOT_REPLACEABLE"
+    assert _read(storage) == original
+
+
+@pytest.mark.parametrize(
+    ("wrapped_dek", "reason"),
+    [
+        (b"", "INVALID_WRAPPED_DEK"),
+        (bytes(41), "INVALID_WRAPPED_DEK"),
+        (bytes(2000), "INVALID_WRAPPED_DEK"),
+    ],
+)
+def test_malformed_slots_are_refused(storage: AnyStorage, wrapped_dek: bytes, reason: str) -> None:
+    original = _store(storage)
+    with pytest.raises(InvalidArtifact) as info:
+        _replace(storage, 1, 2, wrapped_dek=wrapped_dek)
+    assert info.value.reason == reason
+    assert _read(storage) == original
+    assert_clean(storage)
+
+
+def test_missing_model(storage: AnyStorage) -> None:
+    with pytest.raises(ModelNotFound):
+        _replace(storage, 1, 2)
+
+
+def test_an_open_reader_keeps_reading_the_old_artifact(storage: AnyStorage) -> None:
+    original = _store(storage)
+    with storage.open("acme/m", "1") as reader:
+        _replace(storage, 1, 2)
+        assert b"".join(reader.chunks(4096)) == original
+
+
+def test_concurrent_replacements_have_one_winner(storage: AnyStorage) -> None:
+    _store(storage)
+    outcomes: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def race(i: int) -> None:
+        barrier.wait()
+        try:
+            # Four different wrappings to version 2 (only one can be the slot afterwards).
+            _replace(storage, 1, 2, wrapped_dek=wrapped("acme/m", "1", 2 + 10 * i))
+            outcomes.append("won")
+        except KeySlotRejected as exc:
+            outcomes.append(exc.reason)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert outcomes.count("won") == 1
+    assert sorted(set(outcomes) - {"won"}) == ["KEY_SLOT_CHANGED"]
+    assert blob_count(storage) == 1
+    assert_clean(storage)
+
+
+def test_replace_over_grpc(storage: AnyStorage) -> None:
+    assert METHOD_ROLES[f"/{SERVICE_NAME}/ReplaceKeySlot"] == ROLE_ADMIN
+    _store(storage)
+    host, channel = serve(storage, StructureValidator)
+    try:
+        from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
+
+        served = Served(storage, pb_grpc.ModelStoreServiceStub(channel), channel)
+        request = pb.ReplaceKeySlotRequest(
+            name="acme/m",
+            version="1",
+            expected_key_version=1,
+            key_version=2,
+            wrapped_data_key=wrapped("acme/m", "1", 2),
+        )
+        response = served.stub.ReplaceKeySlot(request, timeout=30)
+        assert response.replaced and response.model.key_version == 2
+        again = served.stub.ReplaceKeySlot(request, timeout=30)
+        assert not again.replaced and again.model == response.model
+        request.expected_key_version, request.key_version = 1, 3
+        with pytest.raises(grpc.RpcError) as info:
+            served.stub.ReplaceKeySlot(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert ("strongroom-reason", "KEY_SLOT_CHANGED") in tuple(info.value.trailing_metadata())  # type: ignore[attr-defined]
+        request.name = "acme/missing"
+        with pytest.raises(grpc.RpcError) as info:
+            served.stub.ReplaceKeySlot(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        channel.close()
+        host.stop(0)
+
+
+def test_survives_reopen(store_root: Path) -> None:
+    with FilesystemStorage(store_root) as storage:
+        _store(storage)
+        _replace(storage, 1, 2)
+    with FilesystemStorage(store_root) as storage:
+        assert storage.last_sweep.orphan_blobs_removed == 0
+        assert storage.stat("acme/m", "1").key_version == 2
+        assert decrypt_stored(_read(storage)) == plaintext_of("acme/m", "1", SIZE)

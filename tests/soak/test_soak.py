@@ -1,0 +1,40 @@
+"""The soak/fault run, shortened for the test suite (``make soak`` runs the long one).
+
+Short certificates (every service rotates at least three times), concurrent releasers and
+inference clients, LoadModel in a loop, the broker and the store restarted mid-run and the HSM
+token taken away and put back: no operation may fail after its documented bounded retry, and the
+audit log must verify with the broker's public key. RSS slopes are reported, not asserted here
+(a 40-second run is too short for them; ``make soak`` reports them over minutes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.soak.run import Soak, SoakConfig
+
+
+@pytest.mark.slow
+def test_short_soak_under_faults(tmp_path: Path, step_ca_binary: Path) -> None:
+    soak = Soak(
+        tmp_path / "stack",
+        SoakConfig(duration=40, cert_lifetime=12, releasers=4, inference_clients=2),
+        step_ca_binary=step_ca_binary,
+    )
+    try:
+        report = soak.run()
+    finally:
+        soak.close()
+    (tmp_path / "report.json").write_text(json.dumps(report, indent=2))
+    assert report["failed_total"] == 0, report["failures"]
+    assert report["audit"]["intact"], report["audit"]
+    assert all(report["ok"].get(kind, 0) > 0 for kind in ("release", "infer", "load")), report["ok"]
+    events = [what for _, what in report["events"]]
+    assert {"keybroker serving again", "modelstore serving again", "HSM token restored"} <= set(
+        events
+    )
+    # The first certificate plus at least three renewals, for every service.
+    assert all(n >= 4 for n in report["certificates_seen"].values()), report["certificates_seen"]
