@@ -118,7 +118,8 @@ def test_prefault_respects_the_size_limit_before_any_key(
 def test_a_huge_claimed_size_commits_no_memory_before_the_data_arrives() -> None:
     # A header claiming 8 GiB, followed by nothing: the buffer is only reserved, the prefaulter
     # runs no further than the bytes received plus its lead, and the failure wipes nothing more.
-    prefix = header_for(8 << 30).encoded
+    head = header_for(8 << 30)
+    prefix = head.encoded + head.slot_encoded  # everything before the body (format 1 or 2)
     decryptor = BufferedStreamDecryptor(prefault=True, as_bytes=True)
     decryptor.feed(prefix)
     prefaulter = decryptor._prefaulter
