@@ -8,7 +8,8 @@ cd "$root"
 build="$root/.build"
 mkdir -p "$build"
 
-apt_packages=(softhsm2 golang-go golang-github-smallstep-certificates-dev docker-compose unzip strace)
+# age: the anchor `make bench` compares artifact decryption against (tests/bench/anchors_bench.py).
+apt_packages=(softhsm2 golang-go golang-github-smallstep-certificates-dev docker-compose unzip strace age)
 # Debian's python3 needs python3-venv for `python3 -m venv` (ensurepip).
 "${PYTHON:-python3}" -c "import ensurepip" >/dev/null 2>&1 || apt_packages+=(python3-venv)
 # buf and helm come from the npm registry; use the machine's Node.js when it has one.

@@ -1,10 +1,12 @@
 """Loading a model inside the confidential VM: fetch, attest, release, decrypt in memory, serve.
 
 The artifact streams from the model store into a decryptor that works on both cores as the data
-arrives. As soon as the header is in, the data key is obtained from the key broker by attested
-release (:mod:`strongroom.client.keyrelease`). The plaintext exists only in one in-memory buffer
-that ONNX Runtime loads from and that is then overwritten. A failure at any step leaves the model
-NOT ready, with the reason recorded for ModelReady/metadata and the logs.
+arrives (:func:`strongroom.artifact.decrypt_download`). As soon as the header is in, the data key
+is obtained from the key broker by attested release (:mod:`strongroom.client.keyrelease`) on
+another thread while the download goes on, and the plaintext buffer is faulted in meanwhile. The
+plaintext exists only in one in-memory buffer that ONNX Runtime loads from and that is then
+overwritten. A failure at any step leaves the model NOT ready, with the reason recorded for
+ModelReady/metadata and the logs.
 
 **How peers' failures reach the caller.** The reason is the peer's own, read from its
 ``strongroom-reason`` trailer (never parsed out of the message text). The status is kept where it
@@ -39,7 +41,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
-from strongroom.artifact import BufferedStreamDecryptor, wipe
+from strongroom.artifact import ArtifactHeader, decrypt_download
 from strongroom.artifact.errors import InvalidArtifact
 from strongroom.artifact.manifest import is_manifest
 from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS, ModelFetcher
@@ -239,11 +241,12 @@ class ModelLoader:
                 sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_DELAY)
 
-    def _responses(self, name: str, version: str) -> Iterator[store_pb.GetModelResponse]:
+    def _responses(self, name: str, version: str) -> Iterator[bytes]:
         try:
-            yield from self._store.GetModel(
+            for response in self._store.GetModel(
                 store_pb.GetModelRequest(name=name, version=version), timeout=self._timeout
-            )
+            ):
+                yield response.data
         except grpc.RpcError as exc:
             raise _remote_error("fetch", exc) from None
 
@@ -257,54 +260,33 @@ class ModelLoader:
             ) from None
 
     def _load_artifact(self, name: str, version: str) -> LoadResult:
-        result = LoadResult()
-        started = time.perf_counter()
-        release_time = 0.0
-        # as_bytes: ONNX Runtime takes bytes; decrypting straight into them avoids a copy that
-        # could never be wiped.
-        decryptor = BufferedStreamDecryptor(threads=self._threads, as_bytes=True)
-        plaintext: bytes | bytearray | None = None
-        try:
-            for response in self._responses(name, version):
-                decryptor.feed(response.data)
-                header = decryptor.header
-                if header is not None and release_time == 0.0:
-                    if (header.model_name, header.model_version) != (name, version):
-                        raise FailedPrecondition(
-                            f"the store returned {header.model_name}/{header.model_version} for "
-                            f"{name}/{version}",
-                            reason="ARTIFACT_MISMATCH",
-                        )
-                    release_started = time.perf_counter()
-                    released = self._release_key(
-                        header.key_id, header.key_version, header.wrapped_dek
-                    )
-                    try:
-                        decryptor.set_dek(released.dek)
-                    finally:
-                        wipe(released.dek)
-                    result.decision_id = released.decision_id
-                    release_time = time.perf_counter() - release_started
-            plaintext = decryptor.finish()
-            self._check_signature(decryptor, plaintext)
+        def check_header(header: ArtifactHeader) -> None:
+            if (header.model_name, header.model_version) != (name, version):
+                raise FailedPrecondition(
+                    f"the store returned {header.model_name}/{header.model_version} for "
+                    f"{name}/{version}",
+                    reason="ARTIFACT_MISMATCH",
+                )
+
+        def release(header: ArtifactHeader) -> ReleasedDataKey:
+            return self._release_key(header.key_id, header.key_version, header.wrapped_dek)
+
+        # The plaintext lives only in the artifact's buffer, which ONNX Runtime loads from (bytes,
+        # no copy) and which is overwritten on leaving this block.
+        with decrypt_download(
+            self._responses(name, version),
+            release,
+            check_header=check_header,
+            threads=self._threads,
+        ) as artifact:
+            self._check_signature(artifact.header, artifact.plaintext)
+            result = LoadResult(dict(artifact.timings), artifact.key.decision_id)
             fetched = time.perf_counter()
-            result.timings["attest_and_release"] = release_time
-            result.timings["fetch_and_decrypt"] = fetched - started - release_time
-            self._repository.load(name, version, plaintext)
+            self._repository.load(name, version, artifact.plaintext)
             result.timings["load"] = time.perf_counter() - fetched
-        finally:
-            if plaintext is not None:
-                decryptor.wipe_output()
-                del plaintext
-            else:
-                decryptor.abort()
         return result
 
-    def _check_signature(
-        self, decryptor: BufferedStreamDecryptor, plaintext: bytes | bytearray
-    ) -> None:
-        header = decryptor.header
-        assert header is not None
+    def _check_signature(self, header: ArtifactHeader, plaintext: bytes | bytearray) -> None:
         if self._signature is not None:
             self._signature.check(
                 header.signature_bundle, header.signature_bundle_media_type, plaintext

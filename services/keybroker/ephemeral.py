@@ -12,6 +12,7 @@ kind (EC, too small, odd exponent) raises ``InvalidArgument(EPHEMERAL_KEY_UNSUPP
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -42,12 +43,20 @@ class EphemeralPublicKey:
 
 
 def parse_ephemeral_public_key(der: bytes | bytearray | memoryview) -> EphemeralPublicKey:
-    """Parses and validates DER SubjectPublicKeyInfo; see the module docstring for the rules."""
+    """Parses and validates DER SubjectPublicKeyInfo; see the module docstring for the rules.
+
+    A release checks the key at the door and again where the HSM imports it: the second parse of
+    the same bytes is served from a small memo (the result is immutable; failures are not kept).
+    """
     if not isinstance(der, bytes | bytearray | memoryview):
         raise InvalidArgument(
             "the ephemeral public key must be DER bytes", reason=Reason.EPHEMERAL_KEY_INVALID
         )
-    data = bytes(der)
+    return _parse(bytes(der))
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(data: bytes) -> EphemeralPublicKey:
     if not data or len(data) > MAX_SPKI_BYTES:
         raise InvalidArgument(
             f"the ephemeral public key must be 1-{MAX_SPKI_BYTES} bytes of DER, got {len(data)}",

@@ -7,7 +7,8 @@ The format is described in ``strongroom/artifact/ARTIFACT_FORMAT.md``. Modules:
 * :mod:`~strongroom.artifact.validate` — incremental keyless structure validation (model store);
 * :mod:`~strongroom.artifact.writer` — one-pass streaming encryption;
 * :mod:`~strongroom.artifact.reader` — random access and parallel whole-artifact decryption;
-* :mod:`~strongroom.artifact.stream` — incremental decryption of a downloading artifact.
+* :mod:`~strongroom.artifact.stream` — incremental decryption of a downloading artifact;
+* :mod:`~strongroom.artifact.pipeline` — a download decrypted as it arrives, key obtained alongside.
 """
 
 from strongroom.artifact._memory import wipe
@@ -29,6 +30,7 @@ from strongroom.artifact.format import (
     read_summary,
     with_key_slot,
 )
+from strongroom.artifact.pipeline import DecryptedArtifact, decrypt_download
 from strongroom.artifact.reader import ArtifactReader
 from strongroom.artifact.stream import BufferedStreamDecryptor, StreamDecryptor
 from strongroom.artifact.validate import StructureValidator, summarize
@@ -47,6 +49,7 @@ __all__ = [
     "ArtifactWriter",
     "BodyEncryption",
     "BufferedStreamDecryptor",
+    "DecryptedArtifact",
     "DecryptionFailed",
     "InvalidArtifact",
     "KeySlot",
@@ -54,6 +57,7 @@ __all__ = [
     "StructureValidator",
     "WrapMechanism",
     "build_header",
+    "decrypt_download",
     "encrypt_bytes",
     "encrypt_stream",
     "parse_header",

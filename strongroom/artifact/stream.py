@@ -26,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from strongroom.artifact import c2sp
-from strongroom.artifact._memory import output_buffer, output_bytes, wipe
+from strongroom.artifact._memory import Prefaulter, output_buffer, output_bytes, wipe
 from strongroom.artifact.errors import ArtifactTooLarge, DecryptionFailed, InvalidArtifact
 from strongroom.artifact.format import (
     DEK_SIZE,
@@ -45,7 +45,9 @@ _SEALED = c2sp.SEALED_CHUNK_SIZE
 _TAG = c2sp.TAG_SIZE
 
 MAX_BUFFERED_WITHOUT_KEY = 16 * 1024 * 1024
-"""Body bytes held while waiting for :meth:`set_dek`; more raises FailedPrecondition."""
+"""Body bytes held while waiting for :meth:`set_dek` by default; more raises FailedPrecondition."""
+PREFAULT_AHEAD = 64 * 1024 * 1024
+"""How far past the bytes received a ``prefault`` decryptor lets its output be faulted in."""
 
 
 class _ArtifactStream:
@@ -57,14 +59,19 @@ class _ArtifactStream:
         *,
         verify_digest: bool,
         max_artifact_size: int | None,
+        max_held_without_key: int = MAX_BUFFERED_WITHOUT_KEY,
     ) -> None:
         self._max = max_artifact_size
+        self._max_held = max_held_without_key
         self._verify_digest = verify_digest
         self._dek: bytearray | None = None
         self._head = HeadAccumulator()
         self._header: ArtifactHeader | None = None
         self._seen = 0
-        self._waiting = bytearray()  # body bytes received before the key
+        # Body bytes received before the key, held as they came (ciphertext is not secret; an
+        # immutable ``bytes`` piece is kept without a copy).
+        self._waiting: list[memoryview] = []
+        self._waiting_bytes = 0
         self._preamble = bytearray()
         self._cipher: c2sp.ChunkCipher | None = None
         self._partial = bytearray()  # the chunk being assembled across pieces
@@ -83,6 +90,11 @@ class _ArtifactStream:
         """The parsed (not yet authenticated) header once received, else None."""
         return self._header
 
+    @property
+    def held_without_key(self) -> int:
+        """Body bytes received and held because the data key has not been supplied yet."""
+        return self._waiting_bytes
+
     def _set_dek(self, dek: bytearray | memoryview) -> None:
         """Takes a copy of the data key (wiped once the body cipher is derived)."""
         self._check_usable()
@@ -94,9 +106,9 @@ class _ArtifactStream:
             )
         self._dek = bytearray(dek)
         if self._header is not None and self._waiting:
-            waiting, self._waiting = self._waiting, bytearray()
-            self._guard(self._body, memoryview(waiting))
-            wipe(waiting)
+            waiting, self._waiting, self._waiting_bytes = self._waiting, [], 0
+            for piece in waiting:
+                self._guard(self._body, piece)
 
     def abort(self) -> None:
         """Abandons the stream: wipes keys and buffers; later calls raise."""
@@ -113,7 +125,8 @@ class _ArtifactStream:
 
     def _fail(self, exc: Exception) -> Exception:
         self._error = exc
-        for buf in (self._waiting, self._partial, self._preamble, self._digest):
+        self._waiting, self._waiting_bytes = [], 0
+        for buf in (self._partial, self._preamble, self._digest):
             wipe(buf)
         if self._dek is not None:
             wipe(self._dek)
@@ -143,12 +156,13 @@ class _ArtifactStream:
                 "artifact is longer than its header implies", reason="TRAILING_DATA"
             )
         if self._cipher is None and self._dek is None:
-            if len(self._waiting) + view.nbytes > MAX_BUFFERED_WITHOUT_KEY:
+            if self._waiting_bytes + view.nbytes > self._max_held:
                 raise FailedPrecondition(
                     "the data key is needed before more of the body can be accepted",
                     reason="DATA_KEY_REQUIRED",
                 )
-            self._waiting += view
+            self._waiting.append(view if isinstance(view.obj, bytes) else memoryview(bytes(view)))
+            self._waiting_bytes += view.nbytes
             return
         self._body(view)
 
@@ -301,17 +315,22 @@ class StreamDecryptor(_ArtifactStream):
         header = self._header
         assert header is not None and self._cipher is not None
         msg_end = min((first + count) * _CS, header.message_size)
-        out = bytearray(msg_end - first * _CS)
-        dst = memoryview(out)
+        # Decrypted straight into the bytes object handed out (no zero-fill, no copy), unless the
+        # run ends in the digest bytes, which are cut off with one copy.
+        out, dst = output_bytes(msg_end - first * _CS)
         try:
-            self._open_run(first, count, ciphertext, dst)
-        except DecryptionFailed:
-            wipe(out)
-            raise
-        plain = self._split(first, dst)
-        if self._hash is not None:
-            self._hash.update(plain)
-        self._released.append(bytes(plain))
+            try:
+                self._open_run(first, count, ciphertext, dst)
+            except DecryptionFailed:
+                wipe(dst)
+                raise
+            plain = self._split(first, dst)
+            if self._hash is not None:
+                self._hash.update(plain)
+            self._released.append(out if plain.nbytes == dst.nbytes else bytes(plain))
+            plain.release()
+        finally:
+            dst.release()
 
     def finish(self) -> None:
         """Confirms the whole artifact: complete, footer authentic, digest (if asked) correct."""
@@ -337,6 +356,14 @@ class BufferedStreamDecryptor(_ArtifactStream):
     ``batch_chunks`` chunks are in flight, and ``feed`` waits when that many are. ``finish()``
     returns the plaintext buffer only if every chunk authenticated; otherwise the buffer is zeroed
     and DecryptionFailed (or InvalidArtifact for a malformed stream) is raised.
+
+    With ``prefault``, the output is allocated as soon as the header arrives (bounded by
+    ``max_artifact_size`` when given) and a :class:`~strongroom.artifact._memory.Prefaulter`
+    faults its pages in on a thread — with transparent huge pages — while the data key is still
+    being obtained, never further than :data:`PREFAULT_AHEAD` past the bytes received. Without it
+    the output is allocated only once the key's commitment has authenticated the header, and the
+    decrypting threads fault its pages in as they write. ``max_held_without_key`` bounds the body
+    bytes held before :meth:`set_dek` (``held_without_key`` tells how many are).
     """
 
     def __init__(
@@ -348,6 +375,8 @@ class BufferedStreamDecryptor(_ArtifactStream):
         verify_digest: bool = False,
         max_artifact_size: int | None = None,
         as_bytes: bool = False,
+        prefault: bool = False,
+        max_held_without_key: int = MAX_BUFFERED_WITHOUT_KEY,
     ) -> None:
         if not 1 <= threads <= 64:
             raise ValueError("threads must be between 1 and 64")
@@ -368,7 +397,15 @@ class BufferedStreamDecryptor(_ArtifactStream):
         self._slots = threading.Semaphore(2 * threads)
         self._futures: list[Future[None]] = []
         self._worker_failed = threading.Event()
-        super().__init__(dek, verify_digest=verify_digest, max_artifact_size=max_artifact_size)
+        self._prefault = prefault
+        self._prefaulter: Prefaulter | None = None
+        self._handed = 0  # chunks below this index may have been written to the output
+        super().__init__(
+            dek,
+            verify_digest=verify_digest,
+            max_artifact_size=max_artifact_size,
+            max_held_without_key=max_held_without_key,
+        )
 
     def __repr__(self) -> str:
         return f"BufferedStreamDecryptor({self._header!r}, chunks={self._index})"
@@ -379,22 +416,46 @@ class BufferedStreamDecryptor(_ArtifactStream):
             self._drain()
             raise self._fail(DecryptionFailed())
         self._feed(data)
+        if self._prefaulter is not None:
+            self._prefaulter.allow(self._seen + PREFAULT_AHEAD)
 
     def set_dek(self, dek: bytearray | memoryview) -> None:
         """Supplies the data key (copied, and wiped once the body cipher is derived)."""
         self._set_dek(dek)
 
+    def _allocate(self, size: int) -> None:
+        # Uninitialised: every byte is written by a chunk, or the whole buffer is wiped on failure.
+        try:
+            if self._as_bytes:
+                self._out, self._dst = output_bytes(size)
+            else:
+                self._out = output_buffer(size)
+                self._dst = memoryview(self._out)
+        except MemoryError:
+            raise ArtifactTooLarge(f"no memory for a plaintext of {size} bytes") from None
+
+    def _on_header(self, header: ArtifactHeader) -> None:
+        if not self._prefault:
+            return
+        # Allocated before the header is authenticated: the mapping is only reserved here, and the
+        # prefaulter commits memory no faster than the artifact's bytes actually arrive.
+        self._allocate(header.plaintext_size)
+        assert self._dst is not None
+        self._prefaulter = Prefaulter(self._dst)
+        self._prefaulter.allow(self._seen + PREFAULT_AHEAD)
+
+    def _stop_prefault(self) -> None:
+        if self._prefaulter is not None:
+            self._prefaulter.stop()
+            self._prefaulter = None
+
     def _on_cipher(self, cipher: c2sp.ChunkCipher, dek: bytearray) -> None:
-        # The output is sized only now, once the commitment has authenticated the header's
-        # plaintext_size: an unauthenticated header cannot make us allocate.
         header = self._header
         assert header is not None
-        # Uninitialised: every byte is written by a chunk, or the whole buffer is wiped on failure.
-        if self._as_bytes:
-            self._out, self._dst = output_bytes(header.plaintext_size)
-        else:
-            self._out = output_buffer(header.plaintext_size)
-            self._dst = memoryview(self._out)
+        if self._dst is None:
+            # Sized only now, once the commitment has authenticated the header's plaintext_size:
+            # an unauthenticated header cannot make us allocate.
+            self._allocate(header.plaintext_size)
         # One AEAD object per worker; `cipher` stays with the feeding thread (the tail chunks).
         del cipher
         preamble = bytes(self._preamble)
@@ -409,6 +470,7 @@ class BufferedStreamDecryptor(_ArtifactStream):
     def _chunks(self, first: int, count: int, ciphertext: memoryview) -> None:
         header = self._header
         assert header is not None and self._cipher is not None
+        self._handed = max(self._handed, first + count)
         full = header.plaintext_size // _CS  # chunks holding only plaintext go to the workers
         n_full = max(0, min(first + count, full) - first)
         if n_full:
@@ -475,14 +537,14 @@ class BufferedStreamDecryptor(_ArtifactStream):
     def _on_fail(self) -> None:
         self._worker_failed.set()
         self._drain()
+        self._stop_prefault()
         wipe(self._batch)
         if self._dst is not None:
-            if self._as_bytes:
-                wipe(self._dst)
+            # Plaintext can only be in the chunks handed out so far; the rest of the buffer was
+            # never written (wiping it would fault in memory a lying header merely claimed).
+            wipe(self._dst[: min(self._dst.nbytes, self._handed * _CS)])
             self._dst.release()
             self._dst = None
-        if isinstance(self._out, bytearray):
-            wipe(self._out)
         self._out = None
 
     def finish(self) -> bytearray | bytes:
@@ -495,6 +557,7 @@ class BufferedStreamDecryptor(_ArtifactStream):
             self._finish_common()
             self._submit()
             self._drain()
+            self._stop_prefault()
             if self._worker_failed.is_set():
                 raise DecryptionFailed()
             self._check_footer()

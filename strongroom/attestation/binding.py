@@ -16,6 +16,7 @@ Public keys are DER SubjectPublicKeyInfo and are parsed to make sure they are on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 
@@ -43,15 +44,23 @@ def _check_nonce(nonce: bytes) -> None:
         )
 
 
-def _check_spki(der: bytes, what: str) -> None:
-    if not 0 < len(der) <= MAX_FIELD_BYTES:
-        raise InvalidArgument(f"{what} public key is empty or too large", reason="BAD_PUBLIC_KEY")
+@functools.lru_cache(maxsize=256)
+def _parses_as_spki(der: bytes) -> bool:
+    # Memoised by the bytes: a caller's TLS key is the same on every release over its connection.
     try:
         load_der_public_key(der)
     except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _check_spki(der: bytes, what: str) -> None:
+    if not 0 < len(der) <= MAX_FIELD_BYTES:
+        raise InvalidArgument(f"{what} public key is empty or too large", reason="BAD_PUBLIC_KEY")
+    if not _parses_as_spki(bytes(der)):
         raise InvalidArgument(
             f"{what} public key is not a DER SubjectPublicKeyInfo", reason="BAD_PUBLIC_KEY"
-        ) from None
+        )
 
 
 def report_data_for(

@@ -4,7 +4,9 @@ Secure: the inference loader fetches the encrypted artifact from the model store
 challenge, has the (simulated) TEE sign a report, gets the data key released by the key broker
 (SoftHSM2), decrypts in memory on both cores while downloading, and loads ONNX Runtime from bytes.
 Baseline (same run, same machine): the plaintext model streamed over plain gRPC in the same chunk
-size into memory and loaded from bytes. For information: loading the same file from local disk.
+size into memory and loaded from bytes. For information: the same baseline with its buffer
+pre-faulted on a thread as the secure pipeline does (``plain_grpc_prefaulted``: what the pipeline's
+memory trick is worth on its own), and loading the same file from local disk.
 The model is the demo classifier padded with an unused initializer to ``size_mb``.
 """
 
@@ -23,7 +25,7 @@ import onnxruntime as ort
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
-from strongroom.artifact._memory import output_bytes
+from strongroom.artifact._memory import Prefaulter, output_bytes
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.publish import publish_model
@@ -57,7 +59,7 @@ def _serve_plain(path: Path) -> tuple[grpc.Server, int]:
     return server, port
 
 
-def _plain_load(port: int, size: int) -> dict[str, float]:
+def _plain_load(port: int, size: int, *, prefault: bool = False) -> dict[str, float]:
     t0 = time.perf_counter()
     with grpc.insecure_channel(
         f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
@@ -67,10 +69,15 @@ def _plain_load(port: int, size: int) -> dict[str, float]:
         # same memory behaviour, minus the cryptography (the size is known from the store's
         # metadata in the real pipeline too).
         buf, view = output_bytes(size)
+        prefaulter = Prefaulter(view) if prefault else None
+        if prefaulter is not None:
+            prefaulter.allow(size)
         offset = 0
         for chunk in get(b"", timeout=600):
             view[offset : offset + len(chunk)] = chunk
             offset += len(chunk)
+        if prefaulter is not None:
+            prefaulter.stop()
         if offset != size:
             raise RuntimeError(f"received {offset} bytes, expected {size}")
     t1 = time.perf_counter()
@@ -161,6 +168,7 @@ def run(
         )
         secure_runs: list[dict[str, float]] = []
         plain_runs: list[dict[str, float]] = []
+        prefaulted_runs: list[dict[str, float]] = []
         store_runs: list[dict[str, float]] = []
         disk_runs: list[float] = []
         try:
@@ -178,6 +186,7 @@ def run(
                 secure_runs.append({"total": time.perf_counter() - t0, **result.timings})
                 del loader
                 plain_runs.append(_plain_load(port, model.path.stat().st_size))
+                prefaulted_runs.append(_plain_load(port, model.path.stat().st_size, prefault=True))
                 store_runs.append(
                     _plain_store_load(store_port, model.path.stat().st_size, header_size)
                 )
@@ -191,6 +200,11 @@ def run(
         results["artifact_mb"] = round(published.model.artifact_size / 2**20, 1)
         results["secure_best_s"] = {k: round(v, 3) for k, v in secure.items()}
         results["plain_grpc_best_s"] = {k: round(v, 3) for k, v in plain.items()}
+        prefaulted = min(prefaulted_runs, key=lambda r: r["total"])
+        results["plain_grpc_prefaulted_best_s"] = {k: round(v, 3) for k, v in prefaulted.items()}
+        results["ratio_secure_to_plain_grpc_prefaulted"] = round(
+            secure["total"] / prefaulted["total"], 3
+        )
         results["local_disk_best_s"] = round(min(disk_runs), 3)
         results["secure_median_s"] = round(statistics.median(r["total"] for r in secure_runs), 3)
         results["plain_median_s"] = round(statistics.median(r["total"] for r in plain_runs), 3)
@@ -211,3 +225,10 @@ def run(
             "vs_bare_grpc_stream": secure["total"] / plain["total"] <= 1.3,
             "vs_plain_model_store": secure["total"] / store["total"] <= 1.3,
         }
+        results["target_ratio_at_most_1_15_vs_bare_grpc_stream"] = (
+            secure["total"] / plain["total"] <= 1.15
+        )
+        results["note"] = (
+            "secure timings overlap: attest_and_release runs on its own thread during the "
+            "download; key_wait is the part the download waited for; fetch_and_decrypt includes it"
+        )

@@ -20,6 +20,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 AREAS = (
     "artifact",
+    "anchors",
     "attestation",
     "hsm",
     "hsmsoak",

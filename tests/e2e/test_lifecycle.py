@@ -122,7 +122,7 @@ def test_attested_load_then_inference_matches_the_plaintext_model(life: Lifecycl
         control_pb.LoadModelRequest(name="classifier", version="1"), timeout=120
     )
     assert response.decision_id
-    assert set(response.timings) == {"attest_and_release", "fetch_and_decrypt", "load"}
+    assert set(response.timings) == {"attest_and_release", "key_wait", "fetch_and_decrypt", "load"}
     ready = life.oip().ModelReady(
         oip_pb.ModelReadyRequest(name="classifier", version="1"), timeout=10
     )

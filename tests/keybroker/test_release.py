@@ -251,6 +251,16 @@ def test_parsed_key_repr_and_digest() -> None:
     assert parse_ephemeral_public_key(bytearray(der)) == parsed
 
 
+def test_parse_is_memoised_but_failures_are_never_remembered() -> None:
+    # The release path parses the same key twice (at the door and at the HSM import).
+    der = spki(_rsa_public(3072))
+    assert parse_ephemeral_public_key(memoryview(der)) is parse_ephemeral_public_key(der)
+    for bad in (der[:-1], der + b"\x00", spki(_rsa_public(2048))):
+        for _ in range(2):
+            with pytest.raises(InvalidArgument):
+                parse_ephemeral_public_key(bad)
+
+
 def test_cached_lookups_still_see_a_disable_on_another_replica(
     softhsm_token: SoftHsmToken,
     km: KeyManager,

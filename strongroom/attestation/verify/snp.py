@@ -33,7 +33,6 @@ from strongroom.attestation._x509 import (
 from strongroom.attestation.abi.certs import (
     AmdKeyCertInfo,
     certificates_from_bytes,
-    common_name,
     load_certificate,
     parse_amd_key_cert,
 )
@@ -62,6 +61,7 @@ from strongroom.attestation.errors import (
 from strongroom.attestation.evidence import Evidence
 from strongroom.attestation.trust import AmdProductRoots, PinnedCert, TrustStore
 from strongroom.attestation.verify import _crl
+from strongroom.attestation.verify._named import named_certificates
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +124,7 @@ def _split_certificates(evidence: Evidence, trust: TrustStore) -> list[bytes]:
     pinned = trust.amd_pinned_ders()
     keys: list[bytes] = []
     for blob in evidence.certificates:
-        for der in certificates_from_bytes(blob):
-            cert = load_certificate(der)
-            cn = common_name(cert)
+        for der, cn in named_certificates(blob):
             if cn in ("SEV-VCEK", "SEV-VLEK"):
                 keys.append(der)
             elif der not in pinned:
