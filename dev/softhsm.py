@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from strongroom.errors import FailedPrecondition, InvalidArgument
+from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
 
 #: Where Debian's ``softhsm2`` package installs the module (a symlink into the multiarch dir).
@@ -80,7 +81,7 @@ class SoftHsmToken:
         if len(stores) != 1:
             raise FailedPrecondition(
                 f"expected one token store in {self.tokens_dir}, found {len(stores)}",
-                reason="SOFTHSM_LAYOUT",
+                reason=Reason.SOFTHSM_LAYOUT,
             )
         return stores[0]
 
@@ -91,7 +92,9 @@ class SoftHsmToken:
         broker processes sharing one HSM.
         """
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", name):
-            raise InvalidArgument(f"replica name {name!r} is not [a-z0-9-]", reason="INVALID_NAME")
+            raise InvalidArgument(
+                f"replica name {name!r} is not [a-z0-9-]", reason=Reason.INVALID_NAME
+            )
         path = self.directory / f"libsofthsm2-{name}.so"
         if not path.exists():
             shutil.copyfile(self.module_path, path)
@@ -116,21 +119,22 @@ def init_softhsm_token(
     if not _LABEL_RE.match(label):
         raise InvalidArgument(
             "a token label is 1-32 printable ASCII characters without leading or trailing spaces",
-            reason="TOKEN_LABEL_INVALID",
+            reason=Reason.TOKEN_LABEL_INVALID,
         )
     pins = {"so": so_pin.reveal_text(), "user": pin.reveal_text()}
     for kind, value in pins.items():
         if not _MIN_PIN <= len(value.encode()) <= _MAX_PIN or "\n" in value or "\r" in value:
             raise InvalidArgument(
                 f"the {kind} PIN must be {_MIN_PIN}-{_MAX_PIN} bytes on one line",
-                reason="PIN_INVALID",
+                reason=Reason.PIN_INVALID,
             )
     if not system_module.exists():
         raise FailedPrecondition(
-            "SoftHSM2 is not installed (Debian package softhsm2)", reason="SOFTHSM_NOT_INSTALLED"
+            "SoftHSM2 is not installed (Debian package softhsm2)",
+            reason=Reason.SOFTHSM_NOT_INSTALLED,
         )
     if directory.exists() and any(directory.iterdir()):
-        raise FailedPrecondition(f"{directory} is not empty", reason="SOFTHSM_DIR_NOT_EMPTY")
+        raise FailedPrecondition(f"{directory} is not empty", reason=Reason.SOFTHSM_DIR_NOT_EMPTY)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     tokens = directory / "tokens"
     tokens.mkdir(mode=0o700)
@@ -157,7 +161,7 @@ def _init_private_token(module: Path, conf: Path, label: str, pins: dict[str, st
             init_token(str(module), label, pins["user"].encode(), pins["so"].encode())
         except Pkcs11Failure as exc:
             raise FailedPrecondition(
-                f"initialising the SoftHSM2 token failed: {exc}", reason="SOFTHSM_INIT_FAILED"
+                f"initialising the SoftHSM2 token failed: {exc}", reason=Reason.SOFTHSM_INIT_FAILED
             ) from None
         finally:
             if previous is None:

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from strongroom.pki.errors import CertificateInvalid
+from strongroom.reasons import Reason
 from strongroom.spiffe import SpiffeId
 
 
@@ -32,7 +33,7 @@ def load_private_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
     """Loads an unencrypted EC private key from PEM."""
     key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CertificateInvalid("the stored TLS key is not an EC key", reason="KEY_INVALID")
+        raise CertificateInvalid("the stored TLS key is not an EC key", reason=Reason.KEY_INVALID)
     return key
 
 
@@ -68,9 +69,11 @@ def load_chain(pem: bytes) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(pem)
     except ValueError as exc:
-        raise CertificateInvalid(f"malformed PEM certificate: {exc}", reason="MALFORMED") from exc
+        raise CertificateInvalid(
+            f"malformed PEM certificate: {exc}", reason=Reason.MALFORMED
+        ) from exc
     if not certs:
-        raise CertificateInvalid("no certificate in PEM data", reason="MALFORMED")
+        raise CertificateInvalid("no certificate in PEM data", reason=Reason.MALFORMED)
     return certs
 
 
@@ -135,7 +138,7 @@ def single_spiffe_id(cert: x509.Certificate) -> SpiffeId:
     if len(uris) != 1:
         raise CertificateInvalid(
             f"an X.509-SVID carries exactly one URI SAN, this certificate has {len(uris)}",
-            reason="URI_SAN_COUNT",
+            reason=Reason.URI_SAN_COUNT,
         )
     return SpiffeId.parse(uris[0])
 
@@ -157,7 +160,7 @@ def verify_chain(
     except VerificationError as exc:
         raise CertificateInvalid(
             f"certificate chain does not verify against the pinned root: {exc}",
-            reason="CHAIN_UNVERIFIED",
+            reason=Reason.CHAIN_UNVERIFIED,
         ) from exc
 
 

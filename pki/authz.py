@@ -31,6 +31,7 @@ from strongroom.pki.errors import (
     PeerUnauthenticated,
 )
 from strongroom.pki.identity import Clock, utc_now
+from strongroom.reasons import Reason
 from strongroom.spiffe import MalformedSpiffeId, SpiffeId
 
 _log = logging.getLogger(__name__)
@@ -126,32 +127,32 @@ def caller_identity(
     pem = _peer_pem(context)
     if pem is None:
         raise PeerUnauthenticated(
-            "the caller presented no client certificate", reason="NO_PEER_CERT"
+            "the caller presented no client certificate", reason=Reason.NO_PEER_CERT
         )
     peer = _parse_peer(pem)
     if peer.problem is not None or peer.spiffe_id is None:
         raise PeerUnauthenticated(
             f"the caller's certificate (serial {peer.serial:x}) is unusable: {peer.problem}",
-            reason="PEER_CERT_UNUSABLE",
+            reason=Reason.PEER_CERT_UNUSABLE,
         )
     moment = now or utc_now()
     if moment > peer.not_after:
         raise PeerUnauthenticated(
             f"the certificate of {peer.spiffe_id} (serial {peer.serial:x}) expired at "
             f"{peer.not_after.isoformat()}",
-            reason="PEER_CERT_EXPIRED",
+            reason=Reason.PEER_CERT_EXPIRED,
         )
     if moment < peer.not_before:
         raise PeerUnauthenticated(
             f"the certificate of {peer.spiffe_id} (serial {peer.serial:x}) is not valid before "
             f"{peer.not_before.isoformat()}",
-            reason="PEER_CERT_NOT_YET_VALID",
+            reason=Reason.PEER_CERT_NOT_YET_VALID,
         )
     if trust_domain is not None and not peer.spiffe_id.member_of(trust_domain):
         raise PeerUnauthenticated(
             f"{peer.spiffe_id} belongs to trust domain {peer.spiffe_id.trust_domain!r}, "
             f"not ours ({trust_domain!r})",
-            reason="FOREIGN_TRUST_DOMAIN",
+            reason=Reason.FOREIGN_TRUST_DOMAIN,
         )
     return CallerIdentity(
         spiffe_id=peer.spiffe_id,
@@ -233,7 +234,7 @@ class SpiffeAuthorizer(_InterceptorBase):
                 raise PeerUnauthenticated(
                     f"{method} requires TLS 1.3; this connection negotiated "
                     f"{versions[0].decode(errors='replace')}",
-                    reason="TLS_VERSION",
+                    reason=Reason.TLS_VERSION,
                 )
         if self._is_public(method):
             return None
@@ -242,7 +243,7 @@ class SpiffeAuthorizer(_InterceptorBase):
         if allowed is None:
             raise PeerNotAllowed(
                 f"{method} is not listed in the authorisation table: denied to {caller.spiffe_id}",
-                reason="METHOD_NOT_LISTED",
+                reason=Reason.METHOD_NOT_LISTED,
             )
         if caller.spiffe_id not in allowed:
             raise PeerNotAllowed(f"{caller.spiffe_id} may not call {method}")

@@ -22,6 +22,7 @@ from strongroom.pki._files import write_private, write_public
 from strongroom.pki._x509 import generate_key
 from strongroom.pki.errors import InvalidPkiConfig
 from strongroom.pki.layout import CaLayout
+from strongroom.reasons import Reason
 from strongroom.spiffe import SpiffeId
 
 Database = Literal["bbolt", "badgerv2", "none"]
@@ -141,7 +142,7 @@ def init_ca(
     base = Path(directory).resolve()
     if (base / layout.CONFIG).exists():
         raise AlreadyExists(
-            f"{base} already holds a CA; refusing to overwrite it", reason="CA_EXISTS"
+            f"{base} already holds a CA; refusing to overwrite it", reason=Reason.CA_EXISTS
         )
     SpiffeId.of(trust_domain)  # validates the trust domain
     names = [n.strip() for n in dns_names if n.strip()]

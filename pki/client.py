@@ -21,6 +21,7 @@ from strongroom.pki._duration import go_duration
 from strongroom.pki._files import memory_file
 from strongroom.pki._x509 import cert_spki_der, csr_spki_der, load_chain, verify_chain
 from strongroom.pki.errors import CaRejected, CaUnavailable, CertificateInvalid, InvalidPkiConfig
+from strongroom.reasons import Reason
 
 _log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class CaClient:
             raise CertificateInvalid(
                 f"the CA at {self.url} presented a certificate that does not verify against the "
                 f"pinned root: {exc.verify_message}",
-                reason="CA_CERT_UNVERIFIED",
+                reason=Reason.CA_CERT_UNVERIFIED,
             ) from exc
         except (OSError, http.client.HTTPException) as exc:
             raise CaUnavailable(f"cannot reach the CA at {self.url}{path}: {exc}") from exc
@@ -103,7 +104,7 @@ class CaClient:
         if status >= 500:
             raise CaUnavailable(
                 f"the CA answered {method} {path} with HTTP {status}: {_ca_message(document, raw)}",
-                reason="CA_ERROR",
+                reason=Reason.CA_ERROR,
             )
         if status >= 400:
             raise CaRejected(
@@ -145,12 +146,14 @@ class CaClient:
     def _chain(self, document: dict[str, Any], expected_spki: bytes) -> list[x509.Certificate]:
         pems = document.get("certChain") or [document.get("crt"), document.get("ca")]
         if not isinstance(pems, list) or not all(isinstance(p, str) and p for p in pems):
-            raise CaUnavailable("the CA's answer has no certificate chain", reason="CA_BAD_ANSWER")
+            raise CaUnavailable(
+                "the CA's answer has no certificate chain", reason=Reason.CA_BAD_ANSWER
+            )
         chain = load_chain("".join(pems).encode())
         verify_chain(chain, self.root)
         if cert_spki_der(chain[0]) != expected_spki:
             raise CertificateInvalid(
-                "the CA returned a certificate for a different key", reason="KEY_MISMATCH"
+                "the CA returned a certificate for a different key", reason=Reason.KEY_MISMATCH
             )
         return chain
 

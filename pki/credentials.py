@@ -19,6 +19,7 @@ from strongroom.pki._x509 import (
     spki_der,
 )
 from strongroom.pki.errors import CertificateInvalid
+from strongroom.reasons import Reason
 from strongroom.spiffe import SpiffeId
 
 
@@ -45,7 +46,7 @@ class Credentials:
         leaf = self.chain[0]
         if cert_spki_der(leaf) != spki_der(self.key):
             raise CertificateInvalid(
-                "the certificate does not belong to the key", reason="KEY_MISMATCH"
+                "the certificate does not belong to the key", reason=Reason.KEY_MISMATCH
             )
         set_ = object.__setattr__
         set_(self, "spiffe_id", single_spiffe_id(leaf))

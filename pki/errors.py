@@ -13,51 +13,52 @@ from strongroom.errors import (
     Unauthenticated,
     Unavailable,
 )
+from strongroom.reasons import Reason
 
 
 class InvalidPkiConfig(InvalidArgument):
     """A CA directory, duration, address or authorisation table is malformed."""
 
-    default_reason = "INVALID_PKI_CONFIG"
+    default_reason = Reason.INVALID_PKI_CONFIG
 
 
 class CaUnavailable(Unavailable):
     """The CA could not be reached or answered with a server-side error; retrying may help."""
 
-    default_reason = "CA_UNAVAILABLE"
+    default_reason = Reason.CA_UNAVAILABLE
 
 
 class CaRejected(PermissionDenied):
     """The CA refused a request (bad token, SANs not matching the token, renewal refused)."""
 
-    default_reason = "CA_REJECTED"
+    default_reason = Reason.CA_REJECTED
 
 
 class CertificateInvalid(PermissionDenied):
     """A certificate or chain failed verification against the pinned root, or does not match its key."""
 
-    default_reason = "CERTIFICATE_INVALID"
+    default_reason = Reason.CERTIFICATE_INVALID
 
 
 class NoIdentity(FailedPrecondition):
     """No usable workload identity: nothing persisted (or expired) and no enrolment token given."""
 
-    default_reason = "NO_IDENTITY"
+    default_reason = Reason.NO_IDENTITY
 
 
 class IdentityClosed(FailedPrecondition):
     """The workload identity was closed and can no longer be used."""
 
-    default_reason = "IDENTITY_CLOSED"
+    default_reason = Reason.IDENTITY_CLOSED
 
 
 class PeerUnauthenticated(Unauthenticated):
     """The peer presented no usable certificate (missing, malformed, expired or foreign)."""
 
-    default_reason = "PEER_UNAUTHENTICATED"
+    default_reason = Reason.PEER_UNAUTHENTICATED
 
 
 class PeerNotAllowed(PermissionDenied):
     """The peer is authenticated but its SPIFFE ID may not call this method."""
 
-    default_reason = "PEER_NOT_ALLOWED"
+    default_reason = Reason.PEER_NOT_ALLOWED

@@ -22,6 +22,7 @@ from cryptography import x509
 
 from strongroom.pki._files import memory_file
 from strongroom.pki.errors import PeerUnauthenticated
+from strongroom.reasons import Reason
 
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
 _HINTS = ("socket closed", "handshake", "ssl", "connection reset", "broken pipe")
@@ -35,7 +36,7 @@ class ClientCertificateRejected(PeerUnauthenticated, grpc.RpcError):
     ``code()`` is UNAUTHENTICATED, so generated-stub callers handle it like any RPC error.
     """
 
-    default_reason = "CLIENT_CERTIFICATE_REJECTED"
+    default_reason = Reason.CLIENT_CERTIFICATE_REJECTED
 
     def code(self) -> grpc.StatusCode:
         """Always UNAUTHENTICATED."""
@@ -177,7 +178,7 @@ class ServerIdentityMismatch(PeerUnauthenticated, grpc.RpcError):
     whose ``code()`` is UNAUTHENTICATED.
     """
 
-    default_reason = "SERVER_IDENTITY_MISMATCH"
+    default_reason = Reason.SERVER_IDENTITY_MISMATCH
 
     def code(self) -> grpc.StatusCode:
         """Always UNAUTHENTICATED."""

@@ -35,6 +35,7 @@ from strongroom.pki.errors import (
     InvalidPkiConfig,
     NoIdentity,
 )
+from strongroom.reasons import Reason
 from strongroom.spiffe import SpiffeId
 
 _log = logging.getLogger(__name__)
@@ -98,12 +99,14 @@ def _token_sans(token: str) -> tuple[str, list[str]]:
         claims = _jose.unverified_claims(token)
     except ValueError as exc:
         raise InvalidPkiConfig(
-            f"the enrolment token is malformed: {exc}", reason="BAD_TOKEN"
+            f"the enrolment token is malformed: {exc}", reason=Reason.BAD_TOKEN
         ) from exc
     subject = claims.get("sub")
     sans = claims.get("sans") or [subject]
     if not isinstance(subject, str) or not all(isinstance(s, str) for s in sans):
-        raise InvalidPkiConfig("the enrolment token has no usable sub/sans", reason="BAD_TOKEN")
+        raise InvalidPkiConfig(
+            "the enrolment token has no usable sub/sans", reason=Reason.BAD_TOKEN
+        )
     return subject, list(sans)
 
 
@@ -170,7 +173,7 @@ class WorkloadIdentity:
         if credentials.sans != set(sans):
             raise CertificateInvalid(
                 f"the CA issued SANs {sorted(credentials.sans)} instead of {sorted(sans)}",
-                reason="SAN_MISMATCH",
+                reason=Reason.SAN_MISMATCH,
             )
         state = Path(state_dir) if state_dir is not None else None
         if state is not None:
@@ -362,7 +365,7 @@ class WorkloadIdentity:
             )
             if renewed.spiffe_id != current.spiffe_id or renewed.sans != current.sans:
                 raise CertificateInvalid(
-                    "the renewed certificate names a different identity", reason="SAN_MISMATCH"
+                    "the renewed certificate names a different identity", reason=Reason.SAN_MISMATCH
                 )
             if self._state_dir is not None:
                 try:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from strongroom.pki import _jose
 from strongroom.pki._files import read_private
 from strongroom.pki.errors import InvalidPkiConfig
+from strongroom.reasons import Reason
 
 CONFIG = Path("config/ca.json")
 META = Path("config/strongroom.json")
@@ -81,7 +82,7 @@ class CaLayout:
         except FileNotFoundError as exc:
             raise InvalidPkiConfig(
                 f"{base} is not an initialised CA directory (run 'strongroom pki init')",
-                reason="CA_DIR_MISSING",
+                reason=Reason.CA_DIR_MISSING,
             ) from exc
         except (KeyError, ValueError, TypeError) as exc:
             raise InvalidPkiConfig(f"{base / META} is malformed: {exc}") from exc

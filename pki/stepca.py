@@ -14,6 +14,7 @@ from strongroom.pki import layout
 from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CaUnavailable, InvalidPkiConfig
 from strongroom.pki.layout import CaLayout
+from strongroom.reasons import Reason
 
 _log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class StepCa:
             raise InvalidPkiConfig(
                 f"step-ca binary {self.binary} not found: run pki/step-ca/build.sh {self.binary} "
                 f"or set {BINARY_ENV}",
-                reason="STEP_CA_MISSING",
+                reason=Reason.STEP_CA_MISSING,
             )
         log_path = self.layout.log_path
         log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -117,7 +118,7 @@ class StepCa:
                 self._process = None
                 raise CaUnavailable(
                     f"step-ca exited with status {code} during start-up; log tail:\n{self._log_tail()}",
-                    reason="STEP_CA_EXITED",
+                    reason=Reason.STEP_CA_EXITED,
                 )
             try:
                 self._client.health()
@@ -131,7 +132,7 @@ class StepCa:
         raise CaUnavailable(
             f"step-ca did not become healthy within {self.startup_timeout:.0f}s ({last_error}); "
             f"log tail:\n{self._log_tail()}",
-            reason="STEP_CA_TIMEOUT",
+            reason=Reason.STEP_CA_TIMEOUT,
         )
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -155,7 +156,7 @@ class StepCa:
     def wait(self) -> int:
         """Blocks until step-ca exits and returns its status (for ``strongroom pki serve``)."""
         if self._process is None:
-            raise InvalidPkiConfig("step-ca is not running", reason="STEP_CA_NOT_RUNNING")
+            raise InvalidPkiConfig("step-ca is not running", reason=Reason.STEP_CA_NOT_RUNNING)
         return self._process.wait()
 
     def __enter__(self) -> StepCa:

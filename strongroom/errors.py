@@ -9,6 +9,8 @@ Libraries (artifact, attestation) raise these without depending on gRPC.
 
 from __future__ import annotations
 
+from strongroom.reasons import Reason
+
 
 class StrongroomError(Exception):
     """Base of every expected failure.
@@ -18,7 +20,7 @@ class StrongroomError(Exception):
     """
 
     status_name: str = "INTERNAL"
-    default_reason: str = "INTERNAL"
+    default_reason: str = Reason.INTERNAL
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
@@ -33,67 +35,67 @@ class InvalidArgument(StrongroomError):
     """The request is malformed: the caller must change it before retrying."""
 
     status_name = "INVALID_ARGUMENT"
-    default_reason = "INVALID_ARGUMENT"
+    default_reason = Reason.INVALID_ARGUMENT
 
 
 class NotFound(StrongroomError):
     """The named object does not exist."""
 
     status_name = "NOT_FOUND"
-    default_reason = "NOT_FOUND"
+    default_reason = Reason.NOT_FOUND
 
 
 class AlreadyExists(StrongroomError):
     """The object exists and is immutable."""
 
     status_name = "ALREADY_EXISTS"
-    default_reason = "ALREADY_EXISTS"
+    default_reason = Reason.ALREADY_EXISTS
 
 
 class Unauthenticated(StrongroomError):
     """The caller presented no usable identity."""
 
     status_name = "UNAUTHENTICATED"
-    default_reason = "UNAUTHENTICATED"
+    default_reason = Reason.UNAUTHENTICATED
 
 
 class PermissionDenied(StrongroomError):
     """The caller is known but not allowed to do this (including failed attestation or policy)."""
 
     status_name = "PERMISSION_DENIED"
-    default_reason = "PERMISSION_DENIED"
+    default_reason = Reason.PERMISSION_DENIED
 
 
 class FailedPrecondition(StrongroomError):
     """The system is not in a state that allows this (disabled key, stale nonce, model not ready)."""
 
     status_name = "FAILED_PRECONDITION"
-    default_reason = "FAILED_PRECONDITION"
+    default_reason = Reason.FAILED_PRECONDITION
 
 
 class ResourceExhausted(StrongroomError):
     """A size or rate limit was exceeded."""
 
     status_name = "RESOURCE_EXHAUSTED"
-    default_reason = "RESOURCE_EXHAUSTED"
+    default_reason = Reason.RESOURCE_EXHAUSTED
 
 
 class Unavailable(StrongroomError):
     """A dependency (HSM, storage, collateral service, peer) is unavailable; retrying may help."""
 
     status_name = "UNAVAILABLE"
-    default_reason = "UNAVAILABLE"
+    default_reason = Reason.UNAVAILABLE
 
 
 class DataLoss(StrongroomError):
     """Stored data failed an integrity check."""
 
     status_name = "DATA_LOSS"
-    default_reason = "DATA_LOSS"
+    default_reason = Reason.DATA_LOSS
 
 
 class Internal(StrongroomError):
     """A bug or an impossible state; details are logged, never returned."""
 
     status_name = "INTERNAL"
-    default_reason = "INTERNAL"
+    default_reason = Reason.INTERNAL

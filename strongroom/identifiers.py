@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from strongroom.errors import InvalidArgument
+from strongroom.reasons import Reason
 
 MAX_NAME_LENGTH = 128
 MAX_VERSION_LENGTH = 64
@@ -31,16 +32,17 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 def validate_name(name: str) -> str:
     """Returns ``name`` if it is a valid model name, else raises InvalidArgument(INVALID_MODEL_NAME)."""
     if not name:
-        raise InvalidArgument("model name is empty", reason="INVALID_MODEL_NAME")
+        raise InvalidArgument("model name is empty", reason=Reason.INVALID_MODEL_NAME)
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidArgument(
-            f"model name is longer than {MAX_NAME_LENGTH} characters", reason="INVALID_MODEL_NAME"
+            f"model name is longer than {MAX_NAME_LENGTH} characters",
+            reason=Reason.INVALID_MODEL_NAME,
         )
     if not _NAME.fullmatch(name):
         raise InvalidArgument(
             "model name must be '/'-separated segments of letters, digits, '.', '_' or '-', "
             "each starting with a letter or digit",
-            reason="INVALID_MODEL_NAME",
+            reason=Reason.INVALID_MODEL_NAME,
         )
     return name
 
@@ -48,17 +50,17 @@ def validate_name(name: str) -> str:
 def validate_version(version: str) -> str:
     """Returns ``version`` if valid, else raises InvalidArgument(INVALID_MODEL_VERSION)."""
     if not version:
-        raise InvalidArgument("model version is empty", reason="INVALID_MODEL_VERSION")
+        raise InvalidArgument("model version is empty", reason=Reason.INVALID_MODEL_VERSION)
     if len(version) > MAX_VERSION_LENGTH:
         raise InvalidArgument(
             f"model version is longer than {MAX_VERSION_LENGTH} characters",
-            reason="INVALID_MODEL_VERSION",
+            reason=Reason.INVALID_MODEL_VERSION,
         )
     if not _VERSION.fullmatch(version):
         raise InvalidArgument(
             "model version must be letters, digits, '.', '_', '+' or '-', "
             "starting with a letter or digit",
-            reason="INVALID_MODEL_VERSION",
+            reason=Reason.INVALID_MODEL_VERSION,
         )
     return version
 
@@ -68,7 +70,7 @@ def validate_prefix(prefix: str) -> str:
     if len(prefix) > MAX_NAME_LENGTH or not _PREFIX.fullmatch(prefix):
         raise InvalidArgument(
             f"name prefix must be at most {MAX_NAME_LENGTH} letters, digits, '.', '_', '/' or '-'",
-            reason="INVALID_NAME_PREFIX",
+            reason=Reason.INVALID_NAME_PREFIX,
         )
     return prefix
 
@@ -77,6 +79,6 @@ def validate_sha256_hex(digest: str) -> str:
     """Returns ``digest`` if it is 64 lower-case hex digits, else InvalidArgument(INVALID_SHA256)."""
     if not _SHA256_HEX.fullmatch(digest):
         raise InvalidArgument(
-            "artifact_sha256 must be 64 lower-case hexadecimal digits", reason="INVALID_SHA256"
+            "artifact_sha256 must be 64 lower-case hexadecimal digits", reason=Reason.INVALID_SHA256
         )
     return digest

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes
 
 from strongroom.artifact.format import WrapMechanism
 from strongroom.errors import FailedPrecondition, InvalidArgument
+from strongroom.reasons import Reason
 
 
 class OaepHash(enum.Enum):
@@ -52,7 +53,7 @@ class OaepHash(enum.Enum):
             if oaep_hash is self:
                 return mechanism
         raise InvalidArgument(
-            f"OAEP with {self.value} has no wire mechanism", reason="OAEP_MECHANISM_INVALID"
+            f"OAEP with {self.value} has no wire mechanism", reason=Reason.OAEP_MECHANISM_INVALID
         )
 
     @classmethod
@@ -62,7 +63,8 @@ class OaepHash(enum.Enum):
             return _MECHANISMS[WrapMechanism(mechanism)]
         except (ValueError, KeyError):
             raise InvalidArgument(
-                f"{mechanism} is not an RSA-OAEP wrap mechanism", reason="OAEP_MECHANISM_INVALID"
+                f"{mechanism} is not an RSA-OAEP wrap mechanism",
+                reason=Reason.OAEP_MECHANISM_INVALID,
             ) from None
 
     @classmethod
@@ -72,7 +74,9 @@ class OaepHash(enum.Enum):
         for member in cls:
             if member.value == normalised:
                 return member
-        raise InvalidArgument(f"unknown OAEP hash {value[:32]!r}", reason="OAEP_MECHANISM_INVALID")
+        raise InvalidArgument(
+            f"unknown OAEP hash {value[:32]!r}", reason=Reason.OAEP_MECHANISM_INVALID
+        )
 
 
 _ALGORITHMS: dict[OaepHash, type[hashes.HashAlgorithm]] = {
@@ -103,13 +107,13 @@ def check_accepted(accepted: Iterable[object]) -> tuple[OaepHash, ...]:
         if not isinstance(item, OaepHash):
             raise InvalidArgument(
                 "accepted OAEP mechanisms must be OaepHash values",
-                reason="OAEP_MECHANISM_INVALID",
+                reason=Reason.OAEP_MECHANISM_INVALID,
             )
         if item not in result:
             result.append(item)
     if not result:
         raise InvalidArgument(
-            "the caller accepted no OAEP mechanism", reason="OAEP_MECHANISM_INVALID"
+            "the caller accepted no OAEP mechanism", reason=Reason.OAEP_MECHANISM_INVALID
         )
     return tuple(result)
 
@@ -128,5 +132,5 @@ def negotiate(accepted: Sequence[OaepHash], supported: Iterable[OaepHash]) -> Oa
         "no OAEP hash acceptable to the caller is supported by the HSM: caller accepts "
         f"[{', '.join(h.value for h in wanted)}], HSM supports "
         f"[{', '.join(h.value for h in PROBE_ORDER if h in available) or 'none'}]",
-        reason="OAEP_MECHANISM_UNSUPPORTED",
+        reason=Reason.OAEP_MECHANISM_UNSUPPORTED,
     )

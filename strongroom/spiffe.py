@@ -11,12 +11,13 @@ import re
 from dataclasses import dataclass
 
 from strongroom.errors import InvalidArgument
+from strongroom.reasons import Reason
 
 
 class MalformedSpiffeId(InvalidArgument):
     """A string is not a valid SPIFFE ID (scheme, trust domain or path)."""
 
-    default_reason = "MALFORMED_SPIFFE_ID"
+    default_reason = Reason.MALFORMED_SPIFFE_ID
 
 
 _SCHEME = "spiffe://"

@@ -21,6 +21,7 @@ from strongroom.api.inference.v1 import attestation_pb2_grpc as pb_grpc
 from strongroom.attestation import binding
 from strongroom.attesters import Attester
 from strongroom.errors import InvalidArgument, ResourceExhausted
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,14 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
         if not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
             raise InvalidArgument(
                 f"nonce must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes, got {len(nonce)}",
-                reason="NONCE_LENGTH",
+                reason=Reason.NONCE_LENGTH,
             )
         spki = self._tls_key()
         report_data = self._report_data(nonce, spki)
         if not self._slots.acquire(blocking=False):
             raise ResourceExhausted(
                 "too many attestation requests in progress; retry shortly",
-                reason="ATTESTATION_BUSY",
+                reason=Reason.ATTESTATION_BUSY,
             )
         try:
             bundle = self._attester.attest(report_data)

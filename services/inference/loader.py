@@ -57,6 +57,7 @@ from strongroom.errors import (
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.multipart import load_multipart
 from strongroom.inference.signature import SignaturePolicy
+from strongroom.reasons import Reason
 from strongroom.runtime.metrics import MODEL_LOAD_DURATION
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ class ModelLoader:
                 raise FailedPrecondition(
                     f"the store returned {header.model_name}/{header.model_version} for "
                     f"{name}/{version}",
-                    reason="ARTIFACT_MISMATCH",
+                    reason=Reason.ARTIFACT_MISMATCH,
                 )
 
         def release(header: ArtifactHeader) -> ReleasedDataKey:

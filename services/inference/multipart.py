@@ -20,6 +20,7 @@ from strongroom.client.fetch import DecryptedModel, ModelFetcher
 from strongroom.errors import FailedPrecondition
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.signature import SignaturePolicy
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def load_multipart(
         # a server that requires one.
         raise FailedPrecondition(
             "multi-part models are not signed, and a signature is required",
-            reason="MODEL_SIGNATURE_MISSING",
+            reason=Reason.MODEL_SIGNATURE_MISSING,
         )
     fetched: DecryptedModel = fetcher.fetch(name, version)
     with fetched:
@@ -52,7 +53,7 @@ def load_multipart(
             raise FailedPrecondition(
                 f"{name}/{version} is not an ONNX model with external data "
                 "(fetch it with strongroom.client.fetch instead)",
-                reason="MODEL_LAYOUT_UNSUPPORTED",
+                reason=Reason.MODEL_LAYOUT_UNSUPPORTED,
             )
         graph, *data = fetched.parts
         started = time.perf_counter()

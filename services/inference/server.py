@@ -12,7 +12,6 @@ from typing import Any
 
 from opentelemetry.sdk.trace import TracerProvider
 
-# Imported first: it disables ONNX Runtime's telemetry before onnxruntime is loaded anywhere.
 from strongroom.api.inference.v1 import attestation_pb2_grpc, model_control_pb2_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.attesters import (
@@ -32,6 +31,9 @@ from strongroom.inference.models import ModelRepository
 from strongroom.inference.oip import OipServicer
 from strongroom.inference.signature import SignaturePolicy
 from strongroom.pki.identity import WorkloadIdentity
+
+# Imported first: it disables ONNX Runtime's telemetry before onnxruntime is loaded anywhere.
+from strongroom.reasons import Reason
 from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
 from strongroom.runtime.config import CommonConfig
 from strongroom.runtime.server import ServiceHost, ServiceSpec
@@ -60,7 +62,7 @@ def _load_simulator(directory: Path) -> Any:
     if not found:
         raise AttesterNotConfigured(
             "attester 'simulated' needs the strongroom-dev distribution (development only)",
-            reason="SIMULATOR_NOT_INSTALLED",
+            reason=Reason.SIMULATOR_NOT_INSTALLED,
         )
     return next(iter(found)).load()(directory)
 
@@ -72,7 +74,7 @@ def make_attester(common: CommonConfig, config: InferenceConfig) -> Attester:
     if common.production:
         raise AttesterNotConfigured(
             "the simulated attester cannot be used in production mode",
-            reason="SIMULATOR_IN_PRODUCTION",
+            reason=Reason.SIMULATOR_IN_PRODUCTION,
         )
     assert config.simulated_tee_dir is not None and config.simulated_measurement is not None
     authority = _load_simulator(config.simulated_tee_dir)

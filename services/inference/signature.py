@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from strongroom.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from strongroom.reasons import Reason
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 _PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -38,7 +39,7 @@ _HASHES: dict[int, hashes.HashAlgorithm] = {
 class SignatureInvalid(PermissionDenied):
     """The model's signature does not verify, or does not describe this plaintext."""
 
-    default_reason = "MODEL_SIGNATURE_INVALID"
+    default_reason = Reason.MODEL_SIGNATURE_INVALID
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,12 @@ class SignaturePolicy:
             key = serialization.load_pem_public_key(pem)
         except ValueError:
             raise InvalidArgument(
-                "the model signing key is not a PEM public key", reason="SIGNING_KEY_INVALID"
+                "the model signing key is not a PEM public key", reason=Reason.SIGNING_KEY_INVALID
             ) from None
         if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.key_size not in _HASHES:
             raise InvalidArgument(
                 "the model signing key must be EC P-256, P-384 or P-521",
-                reason="SIGNING_KEY_INVALID",
+                reason=Reason.SIGNING_KEY_INVALID,
             )
         return cls(key, required)
 
@@ -72,7 +73,7 @@ class SignaturePolicy:
             if self.required:
                 raise FailedPrecondition(
                     "the model is not signed, and a signature is required",
-                    reason="MODEL_SIGNATURE_MISSING",
+                    reason=Reason.MODEL_SIGNATURE_MISSING,
                 )
             return
         if media_type != BUNDLE_MEDIA_TYPE:

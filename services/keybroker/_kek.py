@@ -38,7 +38,8 @@ from typing import Any
 
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from strongroom.keybroker.errors import HsmUnavailable, Reason
+from strongroom.keybroker.errors import HsmUnavailable
+from strongroom.reasons import Reason
 
 PREFIX = "strongroom/kek/"
 PENDING_SUFFIX = "/pending"

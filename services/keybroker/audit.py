@@ -68,7 +68,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from strongroom.errors import DataLoss, InvalidArgument, NotFound
-from strongroom.keybroker.errors import AuditUnavailable, Reason
+from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
 
 _log = logging.getLogger(__name__)
@@ -213,11 +214,11 @@ def load_signing_key(secret: Secret) -> Ed25519PrivateKey:
             raise ValueError("unrecognised")
     except (ValueError, TypeError):
         raise InvalidArgument(
-            "the audit signing key is not an Ed25519 private key", reason="AUDIT_KEY_INVALID"
+            "the audit signing key is not an Ed25519 private key", reason=Reason.AUDIT_KEY_INVALID
         ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise InvalidArgument(
-            "the audit signing key is not an Ed25519 private key", reason="AUDIT_KEY_INVALID"
+            "the audit signing key is not an Ed25519 private key", reason=Reason.AUDIT_KEY_INVALID
         )
     return key
 
@@ -230,7 +231,7 @@ def load_public_key(pem: bytes) -> Ed25519PublicKey:
         key = None
     if not isinstance(key, Ed25519PublicKey):
         raise InvalidArgument(
-            "the audit public key is not an Ed25519 PEM public key", reason="AUDIT_KEY_INVALID"
+            "the audit public key is not an Ed25519 PEM public key", reason=Reason.AUDIT_KEY_INVALID
         )
     return key
 

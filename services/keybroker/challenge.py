@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from strongroom.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
 
 _VERSION = 1
@@ -49,7 +50,7 @@ class ChallengeIssuer:
         if len(key.reveal()) < MIN_KEY_BYTES:
             raise FailedPrecondition(
                 f"the nonce key must be at least {MIN_KEY_BYTES} bytes",
-                reason="NONCE_KEY_TOO_SHORT",
+                reason=Reason.NONCE_KEY_TOO_SHORT,
             )
         self._key = key
         self._lifetime = lifetime
@@ -72,22 +73,23 @@ class ChallengeIssuer:
         """Raises unless ``nonce`` was issued by a replica for this key and caller and is fresh."""
         if len(nonce) != NONCE_LENGTH:
             raise InvalidArgument(
-                f"nonce must be {NONCE_LENGTH} bytes, got {len(nonce)}", reason="NONCE_MALFORMED"
+                f"nonce must be {NONCE_LENGTH} bytes, got {len(nonce)}",
+                reason=Reason.NONCE_MALFORMED,
             )
         header, mac = nonce[: _HEADER.size], nonce[_HEADER.size :]
         version, issued_ms, expires_ms, _random = _HEADER.unpack(header)
         if version != _VERSION:
-            raise InvalidArgument(f"unknown nonce version {version}", reason="NONCE_MALFORMED")
+            raise InvalidArgument(f"unknown nonce version {version}", reason=Reason.NONCE_MALFORMED)
         if not hmac.compare_digest(mac, self._mac(header, key_id, caller)):
             raise PermissionDenied(
                 "nonce was not issued by this broker for this key and caller",
-                reason="NONCE_INVALID",
+                reason=Reason.NONCE_INVALID,
             )
         now_ms = self._clock() * 1000
         if issued_ms > now_ms + self._max_skew * 1000:
-            raise PermissionDenied("nonce is issued in the future", reason="NONCE_INVALID")
+            raise PermissionDenied("nonce is issued in the future", reason=Reason.NONCE_INVALID)
         if now_ms > expires_ms:
             raise FailedPrecondition(
                 f"nonce expired {(now_ms - expires_ms) / 1000:.1f}s ago; get a new challenge",
-                reason="NONCE_EXPIRED",
+                reason=Reason.NONCE_EXPIRED,
             )

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from strongroom.errors import InvalidArgument
-from strongroom.keybroker.errors import Reason
+from strongroom.reasons import Reason
 
 MIN_RSA_BITS = 3072
 MAX_RSA_BITS = 4096

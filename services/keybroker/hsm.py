@@ -77,8 +77,9 @@ from pkcs11.attributes import AttributeMapper
 
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.keybroker import _pkcs11_errors as errs
-from strongroom.keybroker.errors import HsmUnavailable, Reason
+from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.oaep import PROBE_ORDER, OaepHash
+from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
 
 _log = logging.getLogger(__name__)
@@ -162,13 +163,13 @@ class HsmConfig:
         object.__setattr__(self, "module_path", Path(self.module_path))
         object.__setattr__(self, "module_env", MappingProxyType(dict(self.module_env)))
         if not self.module_path.is_absolute():
-            raise InvalidArgument("hsm.module_path must be absolute", reason="CONFIG_INVALID")
+            raise InvalidArgument("hsm.module_path must be absolute", reason=Reason.CONFIG_INVALID)
         if not 1 <= len(self.token_label) <= 32:
             raise InvalidArgument(
-                "hsm.token_label must be 1-32 characters", reason="CONFIG_INVALID"
+                "hsm.token_label must be 1-32 characters", reason=Reason.CONFIG_INVALID
             )
         if not isinstance(self.pin, Secret):
-            raise InvalidArgument("hsm.pin must be a Secret", reason="CONFIG_INVALID")
+            raise InvalidArgument("hsm.pin must be a Secret", reason=Reason.CONFIG_INVALID)
         for name in (
             "operation_timeout",
             "connect_timeout",
@@ -176,22 +177,25 @@ class HsmConfig:
             "reconnect_max_interval",
         ):
             if not 0 < getattr(self, name) <= 3600:
-                raise InvalidArgument(f"hsm.{name} must be in (0, 3600]", reason="CONFIG_INVALID")
+                raise InvalidArgument(
+                    f"hsm.{name} must be in (0, 3600]", reason=Reason.CONFIG_INVALID
+                )
         if self.reconnect_max_interval < self.reconnect_interval:
             raise InvalidArgument(
                 "hsm.reconnect_max_interval must be at least hsm.reconnect_interval",
-                reason="CONFIG_INVALID",
+                reason=Reason.CONFIG_INVALID,
             )
         operations = self.recycle_after_operations
         if isinstance(operations, bool) or not isinstance(operations, int) or not operations >= 1:
             raise InvalidArgument(
-                "hsm.recycle_after_operations must be a positive integer", reason="CONFIG_INVALID"
+                "hsm.recycle_after_operations must be a positive integer",
+                reason=Reason.CONFIG_INVALID,
             )
         if not self.allowed_oaep_hashes or not all(
             isinstance(h, OaepHash) for h in self.allowed_oaep_hashes
         ):
             raise InvalidArgument(
-                "hsm.allowed_oaep_hashes must list OaepHash values", reason="CONFIG_INVALID"
+                "hsm.allowed_oaep_hashes must list OaepHash values", reason=Reason.CONFIG_INVALID
             )
 
 

@@ -62,9 +62,10 @@ from strongroom.errors import (
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, parse_ephemeral_public_key
-from strongroom.keybroker.errors import HsmUnavailable, Reason
+from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmSession, oaep_mechanism_param
 from strongroom.oaep import OaepHash, check_accepted, negotiate
+from strongroom.reasons import Reason
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -258,7 +259,8 @@ class KeyManager:
                 raise NotFound(f"key {key_id!r} not found", reason=Reason.KEY_NOT_FOUND)
             if max(published) >= MAX_VERSION:
                 raise FailedPrecondition(
-                    f"key {key_id!r} has no version numbers left", reason="KEY_VERSIONS_EXHAUSTED"
+                    f"key {key_id!r} has no version numbers left",
+                    reason=Reason.KEY_VERSIONS_EXHAUSTED,
                 )
             return max(published) + 1
 

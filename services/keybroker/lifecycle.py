@@ -12,6 +12,7 @@ from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.keys import DataKey, KeyInfo, KeyManager, Rewrapped
 from strongroom.keybroker.policies import PolicyStore, StoredPolicy
 from strongroom.keybroker.release import Caller
+from strongroom.reasons import Reason
 from strongroom.runtime.metrics import DATA_KEYS_REWRAPPED
 
 
@@ -89,7 +90,7 @@ class KeyService:
                 caller,
                 "generate_data_key",
                 data_key.key_id,
-                reason="DATA_KEY_GENERATED",
+                reason=Reason.DATA_KEY_GENERATED,
                 key_version=data_key.version,
             )
         except BaseException:
@@ -120,7 +121,7 @@ class KeyService:
             caller,
             "rewrap",
             key_id,
-            reason="DATA_KEY_REWRAPPED",
+            reason=Reason.DATA_KEY_REWRAPPED,
             key_version=rewrapped.version,
             claims={"from_key_version": version},
         )

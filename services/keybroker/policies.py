@@ -11,6 +11,7 @@ from strongroom.errors import FailedPrecondition, Unavailable
 from strongroom.files import atomic_write
 from strongroom.keybroker.keys import validate_key_id
 from strongroom.keybroker.policy_bounds import check_policy_bounds
+from strongroom.reasons import Reason
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class PolicyStore:
         except FileNotFoundError:
             raise FailedPrecondition(
                 f"key {key_id!r} has no release policy: nothing can be released",
-                reason="NO_RELEASE_POLICY",
+                reason=Reason.NO_RELEASE_POLICY,
             ) from None
         stamp = (st.st_mtime_ns, st.st_size)
         with self._lock:
@@ -90,6 +91,6 @@ class PolicyStore:
             raise FailedPrecondition(
                 f"cannot store the policy of {key_id!r}: {exc.strerror} (is the policy directory "
                 "read-only because policies are managed by deployment configuration?)",
-                reason="POLICY_STORE_READ_ONLY",
+                reason=Reason.POLICY_STORE_READ_ONLY,
             ) from None
         return stored

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import yaml
 
-from strongroom.attestation.errors import POLICY_SYNTAX, PolicyInvalid
+from strongroom.attestation.errors import PolicyInvalid
+from strongroom.reasons import Reason
 
 MAX_POLICY_BYTES = 64 * 1024
 """Largest policy document (UTF-8 bytes) SetReleasePolicy accepts or the broker loads."""
@@ -33,7 +34,7 @@ _EVENT_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoa
 
 def check_policy_bounds(document: str) -> None:
     """Raises :class:`PolicyInvalid` when ``document`` exceeds the bounds (``POLICY_TOO_LARGE``,
-    ``POLICY_TOO_DEEP``) or is not YAML at all (``POLICY_SYNTAX``)."""
+    ``POLICY_TOO_DEEP``) or is not YAML at all (``Reason.POLICY_SYNTAX``)."""
     size = len(document.encode("utf-8", errors="surrogatepass"))
     if size > MAX_POLICY_BYTES:
         raise PolicyInvalid(
@@ -65,4 +66,6 @@ def check_policy_bounds(document: str) -> None:
                 f"policy document nests deeper than {MAX_POLICY_DEPTH} levels",
                 reason=POLICY_TOO_DEEP,
             ) from None
-        raise PolicyInvalid(f"policy is not valid YAML/JSON: {exc}", reason=POLICY_SYNTAX) from None
+        raise PolicyInvalid(
+            f"policy is not valid YAML/JSON: {exc}", reason=Reason.POLICY_SYNTAX
+        ) from None

@@ -32,6 +32,7 @@ from strongroom.keybroker.keys import (
 )
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.oaep import OaepHash, check_accepted
+from strongroom.reasons import Reason
 from strongroom.runtime.metrics import KEY_RELEASES
 
 log = logging.getLogger(__name__)
@@ -79,21 +80,21 @@ class ReleaseOutcome:
 def _check_evidence_sizes(evidence: Evidence) -> None:
     if not evidence.report or len(evidence.report) > MAX_REPORT_BYTES:
         raise InvalidArgument(
-            f"evidence.report must be 1-{MAX_REPORT_BYTES} bytes", reason="EVIDENCE_SIZE"
+            f"evidence.report must be 1-{MAX_REPORT_BYTES} bytes", reason=Reason.EVIDENCE_SIZE
         )
     if len(evidence.certificates) > MAX_CERTIFICATES or any(
         not 0 < len(c) <= MAX_CERTIFICATE_BYTES for c in evidence.certificates
     ):
         raise InvalidArgument(
             f"evidence.certificates: at most {MAX_CERTIFICATES} of 1-{MAX_CERTIFICATE_BYTES} bytes",
-            reason="EVIDENCE_SIZE",
+            reason=Reason.EVIDENCE_SIZE,
         )
     if len(evidence.collateral) > MAX_COLLATERAL_ITEMS or any(
         not 0 < len(c.data) <= MAX_COLLATERAL_BYTES for c in evidence.collateral
     ):
         raise InvalidArgument(
             f"evidence.collateral: at most {MAX_COLLATERAL_ITEMS} of 1-{MAX_COLLATERAL_BYTES} bytes",
-            reason="EVIDENCE_SIZE",
+            reason=Reason.EVIDENCE_SIZE,
         )
 
 
@@ -201,7 +202,7 @@ class ReleaseEngine:
         hsm_done = time.perf_counter()
         # 8. Audit before answering; without a durable record there is no release.
         record = self._audit.append(
-            AuditEvent(decision=Decision.ALLOWED, reason="RELEASED", **context)
+            AuditEvent(decision=Decision.ALLOWED, reason=Reason.RELEASED, **context)
         )
         KEY_RELEASES.add(1, {"outcome": "allowed", "reason": "RELEASED"})
         done = time.perf_counter()

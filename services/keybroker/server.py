@@ -32,6 +32,7 @@ from strongroom.keybroker.service import (
     KeyBrokerServicer,
 )
 from strongroom.pki.identity import WorkloadIdentity
+from strongroom.reasons import Reason
 from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
 from strongroom.runtime.config import CommonConfig
 from strongroom.runtime.secrets import Secret
@@ -50,7 +51,7 @@ def trust_store(common: CommonConfig, config: KeybrokerConfig) -> TrustStore:
         raise FailedPrecondition(
             "keybroker.allow_simulated_tee is set in production mode: refusing to trust the "
             "simulated TEE chain (set mode: development for local testing)",
-            reason="SIMULATED_TEE_IN_PRODUCTION",
+            reason=Reason.SIMULATED_TEE_IN_PRODUCTION,
         )
     assert config.simulated_roots_dir is not None  # checked by the configuration
     directory = config.simulated_roots_dir

@@ -54,6 +54,7 @@ from strongroom.modelstore.errors import (
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
 from strongroom.modelstore.validator import ArtifactValidator, EarlyIdentity
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class FileRangeReader:
         position, end = self.offset, self.offset + self.length
         while position < end:
             if self._fd is None:
-                raise FailedPrecondition("the reader is closed", reason="READER_CLOSED")
+                raise FailedPrecondition("the reader is closed", reason=Reason.READER_CLOSED)
             try:
                 data = os.pread(self._fd, min(chunk_size, end - position), position)
             except OSError as exc:
@@ -112,7 +113,7 @@ class FileRangeReader:
                 )
                 raise StoredDataCorrupt(
                     f"stored artifact {self.record.name} {self.record.version} is truncated",
-                    reason="BLOB_TRUNCATED",
+                    reason=Reason.BLOB_TRUNCATED,
                 )
             position += len(data)
             yield data
@@ -213,7 +214,7 @@ class FilesystemStorage:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise FailedPrecondition("the storage is closed", reason="STORAGE_CLOSED")
+            raise FailedPrecondition("the storage is closed", reason=Reason.STORAGE_CLOSED)
 
     def _sweep(self) -> SweepReport:
         temps = self._blobs.sweep_temps()
@@ -259,7 +260,7 @@ class FilesystemStorage:
             if key in self._reserved:
                 raise ModelExists(
                     f"model {name} version {version} is being uploaded by another request",
-                    reason="UPLOAD_IN_PROGRESS",
+                    reason=Reason.UPLOAD_IN_PROGRESS,
                 )
             if self._index.get(name, version) is not None:
                 raise ModelExists(f"model {name} version {version} already exists")
@@ -280,7 +281,7 @@ class FilesystemStorage:
             raise ArtifactTooLarge(f"artifact exceeds the limit of {self.max_artifact_size} bytes")
         if claims.size is not None and size > claims.size:
             raise UploadMismatch(
-                f"received more than the announced {claims.size} bytes", reason="SIZE_MISMATCH"
+                f"received more than the announced {claims.size} bytes", reason=Reason.SIZE_MISMATCH
             )
 
     def put(
@@ -361,16 +362,16 @@ class FilesystemStorage:
         if header_size != temp.size:
             raise UploadMismatch(
                 f"artifact is {temp.size} bytes but its header implies {header_size}",
-                reason="SIZE_MISMATCH",
+                reason=Reason.SIZE_MISMATCH,
             )
         if claims.size is not None and claims.size != temp.size:
             raise UploadMismatch(
-                f"received {temp.size} bytes, announced {claims.size}", reason="SIZE_MISMATCH"
+                f"received {temp.size} bytes, announced {claims.size}", reason=Reason.SIZE_MISMATCH
             )
         if claims.sha256 is not None and validate_sha256_hex(claims.sha256) != digest:
             raise UploadMismatch(
                 "artifact SHA-256 differs from the announced artifact_sha256",
-                reason="DIGEST_MISMATCH",
+                reason=Reason.DIGEST_MISMATCH,
             )
 
     def _commit(self, temp: TempBlob, record: ModelRecord) -> None:
@@ -422,7 +423,8 @@ class FilesystemStorage:
                 data = os.pread(fd, min(_COPY_BLOCK, record.artifact_size - position), position)
                 if not data:
                     raise StoredDataCorrupt(
-                        f"stored artifact {name} {version} is truncated", reason="BLOB_TRUNCATED"
+                        f"stored artifact {name} {version} is truncated",
+                        reason=Reason.BLOB_TRUNCATED,
                     )
                 hasher.update(data)
                 temp.write(data)
@@ -469,7 +471,7 @@ class FilesystemStorage:
                     self._blobs.remove(new.artifact_sha256)
                 raise KeySlotRejected(
                     f"model {old.name} {old.version} changed during the re-wrap",
-                    reason="KEY_SLOT_CHANGED",
+                    reason=Reason.KEY_SLOT_CHANGED,
                 )
             if remaining == 0:
                 try:
@@ -525,7 +527,7 @@ class FilesystemStorage:
             except FileNotFoundError:
                 log.error("blob %s of %s %s is missing", record.artifact_sha256, name, version)
                 raise StoredDataCorrupt(
-                    f"stored artifact {name} {version} is missing", reason="BLOB_MISSING"
+                    f"stored artifact {name} {version} is missing", reason=Reason.BLOB_MISSING
                 ) from None
             except OSError as exc:
                 raise io_error(exc, "opening an artifact") from None
@@ -540,7 +542,9 @@ class FilesystemStorage:
         has the wrong size (checked on every open, it costs one fstat).
         """
         if offset < 0 or (length is not None and length < 0):
-            raise InvalidArgument("offset and length must not be negative", reason="INVALID_RANGE")
+            raise InvalidArgument(
+                "offset and length must not be negative", reason=Reason.INVALID_RANGE
+            )
         record, fd = self._open_blob(name, version)
         try:
             size = record.artifact_size
@@ -557,7 +561,7 @@ class FilesystemStorage:
                 log.error("blob %s is %d bytes, expected %d", record.artifact_sha256, actual, size)
                 raise StoredDataCorrupt(
                     f"stored artifact {name} {version} has the wrong size",
-                    reason="BLOB_SIZE_MISMATCH",
+                    reason=Reason.BLOB_SIZE_MISMATCH,
                 )
             if length:
                 with contextlib.suppress(OSError):
@@ -587,7 +591,7 @@ class FilesystemStorage:
             )
             raise StoredDataCorrupt(
                 f"stored artifact {name} {version} does not match its recorded digest",
-                reason="DIGEST_MISMATCH",
+                reason=Reason.DIGEST_MISMATCH,
             )
         return record
 
@@ -603,7 +607,7 @@ class FilesystemStorage:
         validate_prefix(prefix)
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument(
-                f"page_size must be between 1 and {MAX_PAGE_SIZE}", reason="INVALID_PAGE_SIZE"
+                f"page_size must be between 1 and {MAX_PAGE_SIZE}", reason=Reason.INVALID_PAGE_SIZE
             )
         after = _pagetoken.decode(page_token, prefix) if page_token else None
         rows = self._index.page(prefix, after, page_size + 1)

@@ -20,6 +20,7 @@ from typing import Any
 
 from strongroom.modelstore.errors import ModelExists, StorageUnavailable
 from strongroom.modelstore.records import ModelRecord
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +107,14 @@ class Index:
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StorageUnavailable(
-                    f"index database refused WAL mode (got {mode})", reason="INDEX_UNAVAILABLE"
+                    f"index database refused WAL mode (got {mode})", reason=Reason.INDEX_UNAVAILABLE
                 )
             self._db.execute("PRAGMA synchronous=FULL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
                 raise StorageUnavailable(
                     f"index schema version {version} is not supported (expected {SCHEMA_VERSION})",
-                    reason="INDEX_SCHEMA",
+                    reason=Reason.INDEX_SCHEMA,
                 )
             self._db.executescript(
                 f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
@@ -121,7 +122,7 @@ class Index:
         except sqlite3.Error as exc:
             log.error("cannot open index %s: %s", path, exc)
             raise StorageUnavailable(
-                "cannot open the model index database", reason="INDEX_UNAVAILABLE"
+                "cannot open the model index database", reason=Reason.INDEX_UNAVAILABLE
             ) from None
 
     @contextlib.contextmanager
@@ -137,7 +138,7 @@ class Index:
                         self._db.execute("ROLLBACK")
                 log.error("index operation failed: %s", exc)
                 raise StorageUnavailable(
-                    "the model index database failed", reason="INDEX_IO"
+                    "the model index database failed", reason=Reason.INDEX_IO
                 ) from None
 
     def get(self, name: str, version: str) -> ModelRecord | None:

@@ -28,6 +28,7 @@ from strongroom.artifact import (
 from strongroom.artifact.format import FORMAT_V2
 from strongroom.modelstore.errors import KeySlotRejected, StoredDataCorrupt
 from strongroom.modelstore.records import ModelRecord
+from strongroom.reasons import Reason
 
 
 def plan(
@@ -49,18 +50,18 @@ def plan(
     except InvalidArtifact:
         raise StoredDataCorrupt(
             f"stored artifact {record.name} {record.version} has an unreadable header",
-            reason="HEADER_CORRUPT",
+            reason=Reason.HEADER_CORRUPT,
         ) from None
     if current.header_size != record.header_size:
         raise StoredDataCorrupt(
             f"stored artifact {record.name} {record.version} disagrees with its record",
-            reason="HEADER_CORRUPT",
+            reason=Reason.HEADER_CORRUPT,
         )
     if current.format_version != FORMAT_V2:
         raise KeySlotRejected(
             f"model {record.name} {record.version} is format {current.format_version}: its wrapped "
             "data key is bound into the body; re-publish it to make it re-wrappable",
-            reason="KEY_SLOT_NOT_REPLACEABLE",
+            reason=Reason.KEY_SLOT_NOT_REPLACEABLE,
         )
     if current.key_version == new_key_version and current.wrapped_dek == new_wrapped_dek:
         return None
@@ -68,11 +69,11 @@ def plan(
         raise KeySlotRejected(
             f"model {record.name} {record.version} is at KEK version {current.key_version}, "
             f"not the expected {expected_key_version}",
-            reason="KEY_SLOT_CHANGED",
+            reason=Reason.KEY_SLOT_CHANGED,
         )
     if new_key_version <= current.key_version:
         raise KeySlotRejected(
             f"KEK version {new_key_version} is not newer than the stored {current.key_version}",
-            reason="KEY_VERSION_NOT_NEWER",
+            reason=Reason.KEY_VERSION_NOT_NEWER,
         )
     return with_key_slot(current, KeySlot(current.key_id, new_key_version, bytes(new_wrapped_dek)))

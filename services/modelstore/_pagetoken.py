@@ -13,6 +13,7 @@ import json
 
 from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.identifiers import validate_name, validate_prefix, validate_version
+from strongroom.reasons import Reason
 
 _TAG = "ms1"
 MAX_TOKEN_LENGTH = 1024
@@ -44,10 +45,11 @@ def decode(token: str, prefix: str) -> tuple[str, str]:
         validate_version(version)
     except (ValueError, UnicodeError, binascii.Error, StrongroomError):
         raise InvalidArgument(
-            "page_token is not a valid token", reason="INVALID_PAGE_TOKEN"
+            "page_token is not a valid token", reason=Reason.INVALID_PAGE_TOKEN
         ) from None
     if token_prefix != prefix:
         raise InvalidArgument(
-            "page_token belongs to a listing with another name_prefix", reason="INVALID_PAGE_TOKEN"
+            "page_token belongs to a listing with another name_prefix",
+            reason=Reason.INVALID_PAGE_TOKEN,
         )
     return name, version

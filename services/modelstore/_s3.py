@@ -70,6 +70,7 @@ from strongroom.modelstore.errors import (
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
 from strongroom.modelstore.validator import ArtifactValidator, EarlyIdentity
+from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
 
 S3Client = Any
@@ -164,24 +165,27 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
         if code in _ACCESS_CODES or status == 403:
             return StorageUnavailable(
                 f"the object store rejected the store's credentials while {what}",
-                reason="S3_ACCESS_DENIED",
+                reason=Reason.S3_ACCESS_DENIED,
             )
         if code == "NoSuchBucket":
             return StorageUnavailable(
-                f"the storage bucket does not exist ({what})", reason="S3_NO_SUCH_BUCKET"
+                f"the storage bucket does not exist ({what})", reason=Reason.S3_NO_SUCH_BUCKET
             )
         if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
             return StorageUnavailable(
-                f"the object store failed while {what} (HTTP {status})", reason="S3_SERVER_ERROR"
+                f"the object store failed while {what} (HTTP {status})",
+                reason=Reason.S3_SERVER_ERROR,
             )
         return StorageUnavailable(
-            f"the object store refused a request while {what}", reason="S3_ERROR"
+            f"the object store refused a request while {what}", reason=Reason.S3_ERROR
         )
     if isinstance(
         exc, botocore.exceptions.ReadTimeoutError | botocore.exceptions.ConnectTimeoutError
     ):
         log.error("S3 request timed out while %s: %s", what, exc)
-        return StorageUnavailable(f"the object store timed out while {what}", reason="S3_TIMEOUT")
+        return StorageUnavailable(
+            f"the object store timed out while {what}", reason=Reason.S3_TIMEOUT
+        )
     if isinstance(
         exc,
         botocore.exceptions.EndpointConnectionError
@@ -192,10 +196,10 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
     ):
         log.error("S3 connection failed while %s: %s", what, exc)
         return StorageUnavailable(
-            f"the object store is unreachable while {what}", reason="S3_UNREACHABLE"
+            f"the object store is unreachable while {what}", reason=Reason.S3_UNREACHABLE
         )
     log.error("S3 client error while %s: %r", what, exc)
-    return StorageUnavailable(f"the object store failed while {what}", reason="S3_ERROR")
+    return StorageUnavailable(f"the object store failed while {what}", reason=Reason.S3_ERROR)
 
 
 _S3_FAILURES = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
@@ -274,7 +278,7 @@ def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, st
     except (ValueError, KeyError, TypeError, InvalidArgument):
         log.error("index record of %s %s is unreadable", name, version)
         raise StoredDataCorrupt(
-            f"the index record of {name} {version} is unreadable", reason="INDEX_CORRUPT"
+            f"the index record of {name} {version} is unreadable", reason=Reason.INDEX_CORRUPT
         ) from None
     return record, blob
 
@@ -395,7 +399,7 @@ class S3RangeReader:
         remaining = self.length
         while remaining > 0:
             if self._body is None:
-                raise FailedPrecondition("the reader is closed", reason="READER_CLOSED")
+                raise FailedPrecondition("the reader is closed", reason=Reason.READER_CLOSED)
             try:
                 data = self._body.read(min(chunk_size, remaining))
             except _S3_FAILURES as exc:
@@ -404,12 +408,12 @@ class S3RangeReader:
                 log.error("S3 read failed: %r", exc)
                 raise StorageUnavailable(
                     "the object store connection broke while reading an artifact",
-                    reason="S3_UNREACHABLE",
+                    reason=Reason.S3_UNREACHABLE,
                 ) from None
             if not data:
                 raise StoredDataCorrupt(
                     f"stored artifact {self.record.name} {self.record.version} is truncated",
-                    reason="BLOB_TRUNCATED",
+                    reason=Reason.BLOB_TRUNCATED,
                 )
             remaining -= len(data)
             yield data
@@ -508,7 +512,7 @@ class S3Storage:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise FailedPrecondition("the storage is closed", reason="STORAGE_CLOSED")
+            raise FailedPrecondition("the storage is closed", reason=Reason.STORAGE_CLOSED)
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -570,7 +574,8 @@ class S3Storage:
         with self._reserve_lock:
             if key in self._reserved:
                 raise ModelExists(
-                    f"model {name} version {version} is being uploaded", reason="UPLOAD_IN_PROGRESS"
+                    f"model {name} version {version} is being uploaded",
+                    reason=Reason.UPLOAD_IN_PROGRESS,
                 )
             self._reserved.add(key)
         try:
@@ -594,7 +599,7 @@ class S3Storage:
             )
         if claims.size is not None and size > claims.size:
             raise UploadMismatch(
-                f"received more than the announced {claims.size} bytes", reason="SIZE_MISMATCH"
+                f"received more than the announced {claims.size} bytes", reason=Reason.SIZE_MISMATCH
             )
 
     def put(
@@ -747,7 +752,7 @@ class S3Storage:
                 if old_hash.hexdigest() != record.artifact_sha256:
                     raise StoredDataCorrupt(
                         f"stored artifact {name} {version} does not match its recorded digest",
-                        reason="DIGEST_MISMATCH",
+                        reason=Reason.DIGEST_MISMATCH,
                     )
                 new_record = dataclasses.replace(
                     record,
@@ -791,7 +796,7 @@ class S3Storage:
             if _is_conflict(exc) or _is_missing(exc):
                 raise KeySlotRejected(
                     f"model {new.name} {new.version} changed during the re-wrap",
-                    reason="KEY_SLOT_CHANGED",
+                    reason=Reason.KEY_SLOT_CHANGED,
                 ) from None
             raise s3_error(exc, "replacing a key slot") from None
         except _S3_FAILURES as exc:
@@ -857,7 +862,7 @@ class S3Storage:
                 log.error("blob %s of %s %s is missing", entry.blob, record.name, record.version)
                 raise StoredDataCorrupt(
                     f"stored artifact {record.name} {record.version} is missing",
-                    reason="BLOB_MISSING",
+                    reason=Reason.BLOB_MISSING,
                 ) from None
             raise s3_error(exc, "opening an artifact") from None
         except _S3_FAILURES as exc:
@@ -873,7 +878,7 @@ class S3Storage:
         log.error("blob of %s %s has the wrong size", record.name, record.version)
         return StoredDataCorrupt(
             f"stored artifact {record.name} {record.version} has the wrong size",
-            reason="BLOB_SIZE_MISMATCH",
+            reason=Reason.BLOB_SIZE_MISMATCH,
         )
 
     def open(
@@ -886,7 +891,9 @@ class S3Storage:
         while it streams.
         """
         if offset < 0 or (length is not None and length < 0):
-            raise InvalidArgument("offset and length must not be negative", reason="INVALID_RANGE")
+            raise InvalidArgument(
+                "offset and length must not be negative", reason=Reason.INVALID_RANGE
+            )
         entry = self._require(name, version)
         size = entry.record.artifact_size
         if offset > size:
@@ -913,7 +920,7 @@ class S3Storage:
             log.error("blob %s of %s %s fails verification", entry.blob, name, version)
             raise StoredDataCorrupt(
                 f"stored artifact {name} {version} does not match its recorded digest",
-                reason="DIGEST_MISMATCH",
+                reason=Reason.DIGEST_MISMATCH,
             )
         return record
 
@@ -1057,7 +1064,7 @@ class S3Storage:
         validate_prefix(prefix)
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument(
-                f"page_size must be between 1 and {MAX_PAGE_SIZE}", reason="INVALID_PAGE_SIZE"
+                f"page_size must be between 1 and {MAX_PAGE_SIZE}", reason=Reason.INVALID_PAGE_SIZE
             )
         after = _pagetoken.decode(page_token, prefix) if page_token else None
         start = self._index_key(*after) if after else None
@@ -1079,15 +1086,16 @@ def _check_final(size: int, digest: str, header_size: int, claims: UploadClaims)
     if header_size != size:
         raise UploadMismatch(
             f"artifact is {size} bytes but its header implies {header_size}",
-            reason="SIZE_MISMATCH",
+            reason=Reason.SIZE_MISMATCH,
         )
     if claims.size is not None and claims.size != size:
         raise UploadMismatch(
-            f"received {size} bytes, announced {claims.size}", reason="SIZE_MISMATCH"
+            f"received {size} bytes, announced {claims.size}", reason=Reason.SIZE_MISMATCH
         )
     if claims.sha256 is not None and validate_sha256_hex(claims.sha256) != digest:
         raise UploadMismatch(
-            "artifact SHA-256 differs from the announced artifact_sha256", reason="DIGEST_MISMATCH"
+            "artifact SHA-256 differs from the announced artifact_sha256",
+            reason=Reason.DIGEST_MISMATCH,
         )
 
 

@@ -16,12 +16,13 @@ from strongroom.errors import (
     StrongroomError,
     Unavailable,
 )
+from strongroom.reasons import Reason
 
 
 class ModelNotFound(NotFound):
     """No model is stored under this name and version."""
 
-    default_reason = "MODEL_NOT_FOUND"
+    default_reason = Reason.MODEL_NOT_FOUND
 
 
 class ModelExists(AlreadyExists):
@@ -30,56 +31,56 @@ class ModelExists(AlreadyExists):
     Stored models are immutable: publish a new version instead.
     """
 
-    default_reason = "MODEL_EXISTS"
+    default_reason = Reason.MODEL_EXISTS
 
 
 class EmptyUpload(InvalidArgument):
     """The upload carried no bytes."""
 
-    default_reason = "EMPTY_UPLOAD"
+    default_reason = Reason.EMPTY_UPLOAD
 
 
 class UploadMismatch(InvalidArgument):
     """The bytes received disagree with the size or digest the client (or the header) announced."""
 
-    default_reason = "UPLOAD_MISMATCH"
+    default_reason = Reason.UPLOAD_MISMATCH
 
 
 class ArtifactTooLarge(ResourceExhausted):
     """The artifact is larger than the store accepts."""
 
-    default_reason = "ARTIFACT_TOO_LARGE"
+    default_reason = Reason.ARTIFACT_TOO_LARGE
 
 
 class StorageFull(ResourceExhausted):
     """The storage volume has no space left."""
 
-    default_reason = "STORAGE_FULL"
+    default_reason = Reason.STORAGE_FULL
 
 
 class StorageUnavailable(Unavailable):
     """The storage volume or index failed with an I/O error; retrying may help."""
 
-    default_reason = "STORAGE_IO"
+    default_reason = Reason.STORAGE_IO
 
 
 class StorageLocked(FailedPrecondition):
     """Another process already serves this storage root."""
 
-    default_reason = "STORAGE_LOCKED"
+    default_reason = Reason.STORAGE_LOCKED
 
 
 class StoredDataCorrupt(DataLoss):
     """A stored artifact is missing, truncated or no longer matches its recorded digest."""
 
-    default_reason = "STORED_DATA_CORRUPT"
+    default_reason = Reason.STORED_DATA_CORRUPT
 
 
 class OutOfRange(StrongroomError):
     """A read starts or ends past the end of the artifact (the runtime tree has no such branch)."""
 
     status_name = "OUT_OF_RANGE"
-    default_reason = "OUT_OF_RANGE"
+    default_reason = Reason.OUT_OF_RANGE
 
 
 class KeySlotRejected(FailedPrecondition):
@@ -91,4 +92,4 @@ class KeySlotRejected(FailedPrecondition):
     ``KEY_SLOT_NOT_REPLACEABLE`` (a format-1 artifact binds its wrapped key into the body).
     """
 
-    default_reason = "KEY_SLOT_CHANGED"
+    default_reason = Reason.KEY_SLOT_CHANGED

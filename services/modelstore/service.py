@@ -27,6 +27,7 @@ from strongroom.modelstore.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.records import ModelRecord, UploadClaims
 from strongroom.modelstore.storage import Storage
 from strongroom.modelstore.validator import ValidatorFactory
+from strongroom.reasons import Reason
 from strongroom.runtime.metrics import KEY_SLOTS_REPLACED
 from strongroom.runtime.server import MessageLimits
 
@@ -134,21 +135,22 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                 if not first:
                     raise InvalidArgument(
                         "artifact_size may only be set in the first message",
-                        reason="ARTIFACT_SIZE_NOT_FIRST",
+                        reason=Reason.ARTIFACT_SIZE_NOT_FIRST,
                     )
                 claims.size = request.artifact_size
             if request.artifact_sha256:
                 digest = validate_sha256_hex(request.artifact_sha256)
                 if claims.sha256 is not None and claims.sha256 != digest:
                     raise InvalidArgument(
-                        "artifact_sha256 changed during the upload", reason="CONFLICTING_SHA256"
+                        "artifact_sha256 changed during the upload",
+                        reason=Reason.CONFLICTING_SHA256,
                     )
                 claims.sha256 = digest
             data = request.data  # each access to a bytes field copies it: read it once
             if len(data) > self._max_chunk:
                 raise InvalidArgument(
                     f"a message carries more than {self._max_chunk} bytes of data",
-                    reason="CHUNK_TOO_LARGE",
+                    reason=Reason.CHUNK_TOO_LARGE,
                 )
             first = False
             if data:
@@ -197,7 +199,7 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
     ) -> pb.ListModelsResponse:
         """Lists models by name prefix, a page at a time (page_size 0 = default, capped at max)."""
         if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE")
+            raise InvalidArgument("page_size must not be negative", reason=Reason.INVALID_PAGE_SIZE)
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         page = self._storage.list(
             prefix=validate_prefix(request.name_prefix),

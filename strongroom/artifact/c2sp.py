@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from strongroom.artifact._memory import wipe
 from strongroom.artifact.errors import DecryptionFailed
 from strongroom.errors import InvalidArgument
+from strongroom.reasons import Reason
 
 __all__ = [
     "AES_128_GCM",
@@ -130,7 +131,7 @@ def message_size(ciphertext_size: int) -> int:
 def _check_key(input_key: bytes | bytearray | memoryview, suite: Suite) -> None:
     if len(input_key) != suite.key_size:
         raise InvalidArgument(
-            f"{suite.aead_name} needs a {suite.key_size}-byte key", reason="INVALID_KEY_SIZE"
+            f"{suite.aead_name} needs a {suite.key_size}-byte key", reason=Reason.INVALID_KEY_SIZE
         )
 
 
@@ -146,9 +147,11 @@ class ChunkCipher:
 
     def __init__(self, aead_key: bytes | bytearray | memoryview, base_nonce: bytes) -> None:
         if len(aead_key) not in (16, 32):
-            raise InvalidArgument("AES-GCM key must be 16 or 32 bytes", reason="INVALID_KEY_SIZE")
+            raise InvalidArgument(
+                "AES-GCM key must be 16 or 32 bytes", reason=Reason.INVALID_KEY_SIZE
+            )
         if len(base_nonce) != _NONCE_SIZE:
-            raise InvalidArgument("base nonce must be 12 bytes", reason="INVALID_NONCE_SIZE")
+            raise InvalidArgument("base nonce must be 12 bytes", reason=Reason.INVALID_NONCE_SIZE)
         self._aead = AESGCM(aead_key)
         self._base = int.from_bytes(base_nonce, "big")
 
@@ -170,7 +173,7 @@ class ChunkCipher:
         """
         _check_key(input_key, suite)
         if len(salt) != SALT_SIZE:
-            raise InvalidArgument("salt must be 24 bytes", reason="INVALID_SALT_SIZE")
+            raise InvalidArgument("salt must be 24 bytes", reason=Reason.INVALID_SALT_SIZE)
         info = b"".join((_LABEL, suite.aead_name.encode("ascii"), b"\x00", salt, context))
         okm = bytearray(suite.key_size + _NONCE_SIZE + COMMITMENT_SIZE)
         try:
@@ -450,7 +453,7 @@ class Encryptor:
 
     def _seal(self, plaintext: bytes | bytearray | memoryview, *, final: bool) -> bytes:
         if self._index + 1 >= MAX_CHUNKS:
-            raise InvalidArgument("message exceeds the chunk limit", reason="MESSAGE_TOO_LONG")
+            raise InvalidArgument("message exceeds the chunk limit", reason=Reason.MESSAGE_TOO_LONG)
         sealed = self._cipher.seal(self._index, final, plaintext)
         self._index += 1
         return sealed

@@ -13,24 +13,25 @@
 from __future__ import annotations
 
 from strongroom.errors import DataLoss, InvalidArgument, ResourceExhausted
+from strongroom.reasons import Reason
 
 
 class InvalidArtifact(InvalidArgument):
     """The input is not a well-formed artifact (structure, limits, canonical encoding, lengths)."""
 
-    default_reason = "INVALID_ARTIFACT"
+    default_reason = Reason.INVALID_ARTIFACT
 
 
 class ArtifactTooLarge(ResourceExhausted):
     """The artifact declares a size above the caller's configured limit."""
 
-    default_reason = "ARTIFACT_TOO_LARGE"
+    default_reason = Reason.ARTIFACT_TOO_LARGE
 
 
 class DecryptionFailed(DataLoss):
     """Authenticated decryption failed. Opaque on purpose: the cause is only logged at debug level."""
 
-    default_reason = "DECRYPTION_FAILED"
+    default_reason = Reason.DECRYPTION_FAILED
 
     def __init__(self) -> None:
         super().__init__("the artifact could not be decrypted and authenticated")

@@ -41,6 +41,7 @@ from strongroom.identifiers import (
     MODEL_NAME_PATTERN,
     MODEL_VERSION_PATTERN,
 )
+from strongroom.reasons import Reason
 
 __all__ = [
     "DIGEST_SIZE",
@@ -266,7 +267,7 @@ class ArtifactSummary:
     def of(cls, header: ArtifactHeader, footer: bytes) -> ArtifactSummary:
         """Combines a parsed header and its 32-byte footer."""
         if len(footer) != FOOTER_SIZE:
-            raise _invalid("TRUNCATED", "artifact footer is truncated")
+            raise _invalid(Reason.TRUNCATED, "artifact footer is truncated")
         return cls(
             name=header.model_name,
             version=header.model_version,
@@ -294,26 +295,29 @@ def check_prefix(data: bytes | bytearray | memoryview) -> int | None:
     view = memoryview(data)
     have = min(view.nbytes, PREFIX_SIZE)
     if view[: min(have, len(MAGIC))] != MAGIC[: min(have, len(MAGIC))]:
-        raise _invalid("BAD_MAGIC", "not a Strongroom model artifact (bad magic)")
+        raise _invalid(Reason.BAD_MAGIC, "not a Strongroom model artifact (bad magic)")
     if have >= 12:
         (version,) = struct.unpack_from(">I", view, 8)
         if version not in SUPPORTED_FORMAT_VERSIONS:
             raise _invalid(
-                "UNSUPPORTED_FORMAT_VERSION",
+                Reason.UNSUPPORTED_FORMAT_VERSION,
                 f"artifact format version {version} is not supported "
                 f"(only {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})",
             )
     elif have > 8 and any(view[8:have]):
         # The version's high bytes are already non-zero: it cannot be 1 or 2.
-        raise _invalid("UNSUPPORTED_FORMAT_VERSION", "artifact format version is not supported")
+        raise _invalid(
+            Reason.UNSUPPORTED_FORMAT_VERSION, "artifact format version is not supported"
+        )
     if have < PREFIX_SIZE:
         return None
     _, _, header_len = _PREFIX.unpack_from(view)
     if header_len == 0:
-        raise _invalid("HEADER_EMPTY", "artifact header is empty")
+        raise _invalid(Reason.HEADER_EMPTY, "artifact header is empty")
     if header_len > MAX_HEADER_SIZE:
         raise _invalid(
-            "HEADER_TOO_LARGE", f"artifact header of {header_len} bytes exceeds {MAX_HEADER_SIZE}"
+            Reason.HEADER_TOO_LARGE,
+            f"artifact header of {header_len} bytes exceeds {MAX_HEADER_SIZE}",
         )
     return int(header_len)
 
@@ -338,16 +342,16 @@ def _check_key_fields(
     """The rules shared by the format-1 header fields 4-7 and the format-2 key slot."""
     _check_ascii(key_id, _KEY_ID, MAX_KEY_ID_LENGTH, "INVALID_KEY_ID", "key id")
     if key_version < 1:
-        raise _invalid("INVALID_KEY_VERSION", "key version must be at least 1")
+        raise _invalid(Reason.INVALID_KEY_VERSION, "key version must be at least 1")
     if wrap_mechanism != keybroker_pb2.WRAP_MECHANISM_AES_KEY_WRAP_PAD:
         raise _invalid(
-            "UNSUPPORTED_WRAP_MECHANISM",
+            Reason.UNSUPPORTED_WRAP_MECHANISM,
             "the data key must be wrapped with WRAP_MECHANISM_AES_KEY_WRAP_PAD",
         )
     size = len(wrapped)
     if not MIN_WRAPPED_DEK_SIZE <= size <= MAX_WRAPPED_DEK_SIZE or size % 8:
         raise _invalid(
-            "INVALID_WRAPPED_DEK",
+            Reason.INVALID_WRAPPED_DEK,
             f"wrapped data key must be a multiple of 8 bytes between {MIN_WRAPPED_DEK_SIZE} "
             f"and {MAX_WRAPPED_DEK_SIZE}",
         )
@@ -373,24 +377,24 @@ def _validate(msg: header_pb2.ArtifactHeader, format_version: int) -> None:
         # reader to choose between a bound copy and a replaceable one.
         if msg.key_version or msg.wrapped_data_key or msg.wrap_mechanism:
             raise _invalid(
-                "KEY_FIELD_IN_HEADER",
+                Reason.KEY_FIELD_IN_HEADER,
                 "a format-2 header must not carry key_version, wrapped_data_key or "
                 "wrap_mechanism (they belong in the key slot)",
             )
     if msg.body_encryption != header_pb2.BODY_ENCRYPTION_C2SP_CHUNKED_AES_256_GCM_HKDF_SHA512:
-        raise _invalid("UNSUPPORTED_BODY_ENCRYPTION", "unsupported body encryption")
+        raise _invalid(Reason.UNSUPPORTED_BODY_ENCRYPTION, "unsupported body encryption")
     if msg.chunk_size != c2sp.CHUNK_SIZE:
-        raise _invalid("UNSUPPORTED_CHUNK_SIZE", f"chunk size must be {c2sp.CHUNK_SIZE}")
+        raise _invalid(Reason.UNSUPPORTED_CHUNK_SIZE, f"chunk size must be {c2sp.CHUNK_SIZE}")
     if msg.plaintext_size > MAX_PLAINTEXT_SIZE:
-        raise _invalid("PLAINTEXT_TOO_LARGE", f"plaintext exceeds {MAX_PLAINTEXT_SIZE} bytes")
+        raise _invalid(Reason.PLAINTEXT_TOO_LARGE, f"plaintext exceeds {MAX_PLAINTEXT_SIZE} bytes")
     if not msg.HasField("created_at"):
-        raise _invalid("INVALID_CREATED_AT", "created_at is missing")
+        raise _invalid(Reason.INVALID_CREATED_AT, "created_at is missing")
     ts = msg.created_at
     if not 0 < ts.seconds <= _MAX_TIMESTAMP_SECONDS or not 0 <= ts.nanos < 1_000_000_000:
-        raise _invalid("INVALID_CREATED_AT", "created_at is out of range")
+        raise _invalid(Reason.INVALID_CREATED_AT, "created_at is out of range")
     if len(msg.signature_bundle) > MAX_SIGNATURE_BUNDLE_SIZE:
         raise _invalid(
-            "INVALID_SIGNATURE_BUNDLE",
+            Reason.INVALID_SIGNATURE_BUNDLE,
             f"signature bundle exceeds {MAX_SIGNATURE_BUNDLE_SIZE} bytes",
         )
     if msg.signature_bundle:
@@ -403,7 +407,7 @@ def _validate(msg: header_pb2.ArtifactHeader, format_version: int) -> None:
         )
     elif msg.signature_bundle_media_type:
         raise _invalid(
-            "INVALID_SIGNATURE_BUNDLE", "signature bundle media type is set without a bundle"
+            Reason.INVALID_SIGNATURE_BUNDLE, "signature bundle media type is set without a bundle"
         )
 
 
@@ -419,16 +423,18 @@ def _parse_canonical(raw: bytes, msg: _Message, what: str) -> None:
     try:
         msg.ParseFromString(raw)
     except DecodeError:
-        raise _invalid("MALFORMED_HEADER", f"artifact {what} is not a valid protobuf") from None
+        raise _invalid(
+            Reason.MALFORMED_HEADER, f"artifact {what} is not a valid protobuf"
+        ) from None
     reencoded = msg.SerializeToString(deterministic=True)
     # Recursive (the Timestamp too); missing from the typeshed stubs.
     msg.DiscardUnknownFields()  # type: ignore[union-attr]
     if msg.SerializeToString(deterministic=True) != reencoded:
         raise _invalid(
-            "UNKNOWN_HEADER_FIELD", f"artifact {what} has fields this reader does not know"
+            Reason.UNKNOWN_HEADER_FIELD, f"artifact {what} has fields this reader does not know"
         )
     if reencoded != raw:
-        raise _invalid("NON_CANONICAL_HEADER", f"artifact {what} is not in canonical encoding")
+        raise _invalid(Reason.NON_CANONICAL_HEADER, f"artifact {what} is not in canonical encoding")
 
 
 def head_length(data: bytes | bytearray | memoryview) -> int | None:
@@ -449,10 +455,10 @@ def head_length(data: bytes | bytearray | memoryview) -> int | None:
         return None
     (slot_len,) = _SLOT_LENGTH.unpack_from(view, slot_at)
     if slot_len == 0:
-        raise _invalid("KEY_SLOT_EMPTY", "artifact key slot is empty")
+        raise _invalid(Reason.KEY_SLOT_EMPTY, "artifact key slot is empty")
     if slot_len > MAX_KEY_SLOT_SIZE:
         raise _invalid(
-            "KEY_SLOT_TOO_LARGE",
+            Reason.KEY_SLOT_TOO_LARGE,
             f"artifact key slot of {slot_len} bytes exceeds {MAX_KEY_SLOT_SIZE}",
         )
     return slot_at + SLOT_LENGTH_SIZE + int(slot_len)
@@ -470,7 +476,7 @@ def parse_header(data: bytes | bytearray | memoryview) -> ArtifactHeader:
     view = memoryview(data)
     total = head_length(view)
     if total is None or view.nbytes < total:
-        raise _invalid("TRUNCATED", "artifact is truncated inside its header")
+        raise _invalid(Reason.TRUNCATED, "artifact is truncated inside its header")
     header_len = check_prefix(view)
     assert header_len is not None
     version = int(struct.unpack_from(">I", view, 8)[0])
@@ -516,7 +522,7 @@ def _parse_slot(raw: bytes, header_key_id: str) -> KeySlot:
     # The header's key id is bound into the body; a slot naming another KEK cannot be this
     # artifact's (and would send the unwrap to the wrong key).
     if msg.key_id != header_key_id:
-        raise _invalid("KEY_SLOT_MISMATCH", "the key slot names another key than the header")
+        raise _invalid(Reason.KEY_SLOT_MISMATCH, "the key slot names another key than the header")
     return KeySlot(
         msg.key_id, msg.key_version, msg.wrapped_data_key, WrapMechanism(msg.wrap_mechanism)
     )
@@ -525,7 +531,7 @@ def _parse_slot(raw: bytes, header_key_id: str) -> KeySlot:
 def _encode_slot(slot: KeySlot) -> bytes:
     """The format-2 key slot field: 4-byte length and canonical ArtifactKeySlot (validated)."""
     if not 0 <= slot.key_version < 1 << 32:
-        raise _invalid("INVALID_KEY_VERSION", "key version must be a 32-bit unsigned integer")
+        raise _invalid(Reason.INVALID_KEY_VERSION, "key version must be a 32-bit unsigned integer")
     _check_key_fields(
         slot.key_id, slot.key_version, int(slot.wrap_mechanism), bytes(slot.wrapped_dek)
     )
@@ -562,17 +568,19 @@ def build_header(
     """
     if format_version not in SUPPORTED_FORMAT_VERSIONS:
         raise _invalid(
-            "UNSUPPORTED_FORMAT_VERSION",
+            Reason.UNSUPPORTED_FORMAT_VERSION,
             f"artifact format version {format_version} is not supported",
         )
     if created_at is None:
         created_at = datetime.now(UTC)
     if created_at.tzinfo is None:
-        raise _invalid("INVALID_CREATED_AT", "created_at must be timezone-aware")
+        raise _invalid(Reason.INVALID_CREATED_AT, "created_at must be timezone-aware")
     if not 0 <= plaintext_size <= MAX_PLAINTEXT_SIZE:
-        raise _invalid("PLAINTEXT_TOO_LARGE", f"plaintext size must be 0..{MAX_PLAINTEXT_SIZE}")
+        raise _invalid(
+            Reason.PLAINTEXT_TOO_LARGE, f"plaintext size must be 0..{MAX_PLAINTEXT_SIZE}"
+        )
     if not 0 <= key_version < 1 << 32:
-        raise _invalid("INVALID_KEY_VERSION", "key version must be a 32-bit unsigned integer")
+        raise _invalid(Reason.INVALID_KEY_VERSION, "key version must be a 32-bit unsigned integer")
     utc = created_at.astimezone(UTC)
     epoch = int(utc.replace(microsecond=0).timestamp())
     msg = header_pb2.ArtifactHeader(
@@ -598,7 +606,7 @@ def build_header(
     _validate(msg, format_version)
     raw = msg.SerializeToString(deterministic=True)
     if len(raw) > MAX_HEADER_SIZE:
-        raise _invalid("HEADER_TOO_LARGE", f"artifact header exceeds {MAX_HEADER_SIZE} bytes")
+        raise _invalid(Reason.HEADER_TOO_LARGE, f"artifact header exceeds {MAX_HEADER_SIZE} bytes")
     return parse_header(_PREFIX.pack(MAGIC, format_version, len(raw)) + raw + slot)
 
 
@@ -612,12 +620,12 @@ def with_key_slot(header: ArtifactHeader, slot: KeySlot) -> ArtifactHeader:
     """
     if header.format_version != FORMAT_V2:
         raise _invalid(
-            "KEY_SLOT_NOT_REPLACEABLE",
+            Reason.KEY_SLOT_NOT_REPLACEABLE,
             f"a format-{header.format_version} artifact binds its wrapped data key into the body; "
             "it can only be re-encrypted, not re-wrapped",
         )
     if slot.key_id != header.key_id:
-        raise _invalid("KEY_SLOT_MISMATCH", "the key slot names another key than the header")
+        raise _invalid(Reason.KEY_SLOT_MISMATCH, "the key slot names another key than the header")
     return parse_header(header.encoded + _encode_slot(slot))
 
 
@@ -683,7 +691,7 @@ def read_header(stream: BinaryIO) -> ArtifactHeader:
     """
     head = bytearray(_read_exactly(stream, PREFIX_SIZE))
     if check_prefix(head) is None:
-        raise _invalid("TRUNCATED", "artifact is truncated inside its prefix")
+        raise _invalid(Reason.TRUNCATED, "artifact is truncated inside its prefix")
     # At most two more reads: the header (plus the slot length), then the slot.
     for _ in range(2):
         total = head_length(head)
@@ -695,10 +703,10 @@ def read_header(stream: BinaryIO) -> ArtifactHeader:
         piece = _read_exactly(stream, want)
         head += piece
         if len(piece) < want:
-            raise _invalid("TRUNCATED", "artifact is truncated inside its header")
+            raise _invalid(Reason.TRUNCATED, "artifact is truncated inside its header")
     total = head_length(head)
     if total is None:  # pragma: no cover - head_length knows after prefix, header, slot length
-        raise _invalid("TRUNCATED", "artifact is truncated inside its header")
+        raise _invalid(Reason.TRUNCATED, "artifact is truncated inside its header")
     head += _read_exactly(stream, total - len(head))
     return parse_header(head)
 
@@ -713,8 +721,8 @@ def read_summary(stream: BinaryIO) -> ArtifactSummary:
     header = read_header(stream)
     end = stream.seek(0, 2)
     if end < header.artifact_size:
-        raise _invalid("TRUNCATED", "artifact is shorter than its header implies")
+        raise _invalid(Reason.TRUNCATED, "artifact is shorter than its header implies")
     if end > header.artifact_size:
-        raise _invalid("TRAILING_DATA", "artifact is longer than its header implies")
+        raise _invalid(Reason.TRAILING_DATA, "artifact is longer than its header implies")
     stream.seek(header.footer_offset)
     return ArtifactSummary.of(header, _read_exactly(stream, FOOTER_SIZE))

@@ -39,6 +39,7 @@ from strongroom.artifact.format import (
 )
 from strongroom.errors import DataLoss
 from strongroom.identifiers import validate_name, validate_version
+from strongroom.reasons import Reason
 
 __all__ = [
     "MANIFEST_CONTENT_TYPE",
@@ -88,19 +89,19 @@ class ManifestLayout(enum.IntEnum):
 class ManifestMismatch(DataLoss):
     """The manifest is not the one for the requested model version (or not a manifest at all)."""
 
-    default_reason = "MANIFEST_MISMATCH"
+    default_reason = Reason.MANIFEST_MISMATCH
 
 
 class PartMismatch(DataLoss):
     """A part is not the one its manifest names at that position (swapped, reordered, mixed)."""
 
-    default_reason = "PART_MISMATCH"
+    default_reason = Reason.PART_MISMATCH
 
 
 class PartMissing(DataLoss):
     """A part the authenticated manifest lists is missing from the store (dropped)."""
 
-    default_reason = "PART_MISSING"
+    default_reason = Reason.PART_MISSING
 
 
 def _invalid(reason: str, message: str) -> InvalidArtifact:
@@ -117,11 +118,11 @@ def validate_part_name(name: str) -> str:
     """
     if not name or len(name) > MAX_PART_NAME_LENGTH:
         raise _invalid(
-            "INVALID_PART_NAME", f"part names must be 1-{MAX_PART_NAME_LENGTH} characters"
+            Reason.INVALID_PART_NAME, f"part names must be 1-{MAX_PART_NAME_LENGTH} characters"
         )
     if not name.isascii() or not _PART_NAME.fullmatch(name):
         raise _invalid(
-            "INVALID_PART_NAME",
+            Reason.INVALID_PART_NAME,
             f"part name {name[:64]!r} must be '/'-separated segments of letters, digits, '.', '_', "
             "'+' or '-', none starting with '.'",
         )
@@ -135,7 +136,7 @@ def part_version(model_version: str, index: int) -> str:
     64 characters (so the model version is too long to have parts).
     """
     if not 0 <= index < MAX_PARTS:
-        raise _invalid("TOO_MANY_PARTS", f"part index must be below {MAX_PARTS}")
+        raise _invalid(Reason.TOO_MANY_PARTS, f"part index must be below {MAX_PARTS}")
     return validate_version(f"{validate_version(model_version)}{PART_VERSION_MARK}{index}")
 
 
@@ -214,7 +215,7 @@ class Manifest:
 
 def _check_media_type(value: str) -> None:
     if not value or len(value) > MAX_CONTENT_TYPE_LENGTH or not _MEDIA_TYPE.fullmatch(value):
-        raise _invalid("INVALID_CONTENT_TYPE", "part content type is not a valid media type")
+        raise _invalid(Reason.INVALID_CONTENT_TYPE, "part content type is not a valid media type")
 
 
 def _validated(
@@ -227,30 +228,31 @@ def _validated(
         validate_name(model_name)
         validate_version(model_version)
     except Exception as exc:  # InvalidArgument: report it as a malformed manifest
-        raise _invalid("MALFORMED_MANIFEST", f"manifest model name/version: {exc}") from None
+        raise _invalid(Reason.MALFORMED_MANIFEST, f"manifest model name/version: {exc}") from None
     if layout not in (ManifestLayout.ONNX_EXTERNAL_DATA, ManifestLayout.FILES):
-        raise _invalid("UNSUPPORTED_MANIFEST_LAYOUT", "the manifest layout is not supported")
+        raise _invalid(Reason.UNSUPPORTED_MANIFEST_LAYOUT, "the manifest layout is not supported")
     if not 1 <= len(parts) <= MAX_PARTS:
-        raise _invalid("TOO_MANY_PARTS", f"a manifest lists 1 to {MAX_PARTS} parts")
+        raise _invalid(Reason.TOO_MANY_PARTS, f"a manifest lists 1 to {MAX_PARTS} parts")
     # Every part must have a store version within the version grammar.
     try:
         part_version(model_version, len(parts) - 1)
     except Exception:
         raise _invalid(
-            "INVALID_MODEL_VERSION", "the model version is too long for its parts' store versions"
+            Reason.INVALID_MODEL_VERSION,
+            "the model version is too long for its parts' store versions",
         ) from None
     seen: set[str] = set()
     out = []
     for index, (name, content_type, size, plain_digest, head_digest) in enumerate(parts):
         validate_part_name(name)
         if name in seen:
-            raise _invalid("DUPLICATE_PART_NAME", f"part name {name!r} appears twice")
+            raise _invalid(Reason.DUPLICATE_PART_NAME, f"part name {name!r} appears twice")
         seen.add(name)
         _check_media_type(content_type)
         if not 0 <= size <= MAX_PLAINTEXT_SIZE:
-            raise _invalid("PLAINTEXT_TOO_LARGE", f"part {name!r} is too large")
+            raise _invalid(Reason.PLAINTEXT_TOO_LARGE, f"part {name!r} is too large")
         if len(plain_digest) != DIGEST_SIZE or len(head_digest) != DIGEST_SIZE:
-            raise _invalid("INVALID_PART_DIGEST", f"part {name!r} digests must be 32 bytes")
+            raise _invalid(Reason.INVALID_PART_DIGEST, f"part {name!r} digests must be 32 bytes")
         out.append(
             ManifestPart(index, name, content_type, size, bytes(plain_digest), bytes(head_digest))
         )
@@ -268,7 +270,7 @@ def build_manifest(
     plaintext SHA-256, header SHA-256) in order. Raises InvalidArtifact for any rule broken."""
     manifest = _validated(model_name, model_version, int(layout), parts)
     if len(manifest.encode()) > MAX_MANIFEST_SIZE:
-        raise _invalid("MANIFEST_TOO_LARGE", f"the manifest exceeds {MAX_MANIFEST_SIZE} bytes")
+        raise _invalid(Reason.MANIFEST_TOO_LARGE, f"the manifest exceeds {MAX_MANIFEST_SIZE} bytes")
     return manifest
 
 
@@ -286,16 +288,16 @@ def parse_manifest(data: bytes | bytearray | memoryview, *, header: ArtifactHead
         )
     raw = bytes(data)
     if len(raw) > MAX_MANIFEST_SIZE:
-        raise _invalid("MANIFEST_TOO_LARGE", f"the manifest exceeds {MAX_MANIFEST_SIZE} bytes")
+        raise _invalid(Reason.MANIFEST_TOO_LARGE, f"the manifest exceeds {MAX_MANIFEST_SIZE} bytes")
     msg = manifest_pb2.ModelManifest()
     try:
         msg.ParseFromString(raw)
     except DecodeError:
-        raise _invalid("MALFORMED_MANIFEST", "the manifest is not a valid protobuf") from None
+        raise _invalid(Reason.MALFORMED_MANIFEST, "the manifest is not a valid protobuf") from None
     reencoded = msg.SerializeToString(deterministic=True)
     msg.DiscardUnknownFields()  # type: ignore[attr-defined]
     if msg.SerializeToString(deterministic=True) != reencoded or reencoded != raw:
-        raise _invalid("MALFORMED_MANIFEST", "the manifest is not in canonical encoding")
+        raise _invalid(Reason.MALFORMED_MANIFEST, "the manifest is not in canonical encoding")
     manifest = _validated(
         msg.model_name,
         msg.model_version,

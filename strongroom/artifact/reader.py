@@ -36,6 +36,7 @@ from strongroom.artifact.format import (
     read_header,
 )
 from strongroom.errors import InvalidArgument
+from strongroom.reasons import Reason
 
 __all__ = ["MAX_THREADS", "ArtifactReader"]
 
@@ -76,10 +77,12 @@ class ArtifactReader:
             header = read_header(source)
             size = source.seek(0, os.SEEK_END)
         if size < header.artifact_size:
-            raise InvalidArtifact("artifact is shorter than its header implies", reason="TRUNCATED")
+            raise InvalidArtifact(
+                "artifact is shorter than its header implies", reason=Reason.TRUNCATED
+            )
         if size > header.artifact_size:
             raise InvalidArtifact(
-                "artifact is longer than its header implies", reason="TRAILING_DATA"
+                "artifact is longer than its header implies", reason=Reason.TRAILING_DATA
             )
         self.header: ArtifactHeader = header
         self._footer = bytes(self._read(header.footer_offset, FOOTER_SIZE))
@@ -121,7 +124,9 @@ class ArtifactReader:
                     got += n
         if got != size:
             # The file changed under us since the length was checked.
-            raise InvalidArtifact("artifact is shorter than its header implies", reason="TRUNCATED")
+            raise InvalidArtifact(
+                "artifact is shorter than its header implies", reason=Reason.TRUNCATED
+            )
 
     def _chunk_span(self, first: int, last: int) -> tuple[int, int, int]:
         """Ciphertext offset, ciphertext length and message length of chunks first..last."""
@@ -196,7 +201,7 @@ class ArtifactReader:
         if offset < 0 or length < 0 or offset + length > size:
             raise InvalidArgument(
                 f"range [{offset}, {offset + length}) is outside the plaintext of {size} bytes",
-                reason="RANGE_OUT_OF_BOUNDS",
+                reason=Reason.RANGE_OUT_OF_BOUNDS,
             )
         cipher = self._cipher(dek)
         if not self._tail_ok:
@@ -249,7 +254,7 @@ class ArtifactReader:
         if dst.readonly or dst.nbytes != self.header.plaintext_size:
             raise InvalidArgument(
                 f"the output buffer must be {self.header.plaintext_size} writable bytes",
-                reason="INVALID_OUTPUT_BUFFER",
+                reason=Reason.INVALID_OUTPUT_BUFFER,
             )
         ciphers, tail = self._prepare(dek, threads)
         self._decrypt(ciphers, tail, dst, verify_digest)

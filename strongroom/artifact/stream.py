@@ -35,6 +35,7 @@ from strongroom.artifact.format import (
     HeadAccumulator,
 )
 from strongroom.errors import FailedPrecondition, InvalidArgument
+from strongroom.reasons import Reason
 
 __all__ = ["MAX_BUFFERED_WITHOUT_KEY", "BufferedStreamDecryptor", "StreamDecryptor"]
 
@@ -102,7 +103,7 @@ class _ArtifactStream:
             raise ValueError("the data key was already set")
         if len(dek) != DEK_SIZE:
             raise InvalidArgument(
-                f"the data key must be {DEK_SIZE} bytes", reason="INVALID_DEK_SIZE"
+                f"the data key must be {DEK_SIZE} bytes", reason=Reason.INVALID_DEK_SIZE
             )
         self._dek = bytearray(dek)
         if self._header is not None and self._waiting:
@@ -113,7 +114,7 @@ class _ArtifactStream:
     def abort(self) -> None:
         """Abandons the stream: wipes keys and buffers; later calls raise."""
         if self._error is None:
-            self._fail(FailedPrecondition("the stream was aborted", reason="STREAM_ABORTED"))
+            self._fail(FailedPrecondition("the stream was aborted", reason=Reason.STREAM_ABORTED))
 
     # -- framing ------------------------------------------------------------------------------
 
@@ -153,13 +154,13 @@ class _ArtifactStream:
                 return
         if self._seen > self._header.artifact_size:
             raise InvalidArtifact(
-                "artifact is longer than its header implies", reason="TRAILING_DATA"
+                "artifact is longer than its header implies", reason=Reason.TRAILING_DATA
             )
         if self._cipher is None and self._dek is None:
             if self._waiting_bytes + view.nbytes > self._max_held:
                 raise FailedPrecondition(
                     "the data key is needed before more of the body can be accepted",
-                    reason="DATA_KEY_REQUIRED",
+                    reason=Reason.DATA_KEY_REQUIRED,
                 )
             self._waiting.append(view if isinstance(view.obj, bytes) else memoryview(bytes(view)))
             self._waiting_bytes += view.nbytes
@@ -226,10 +227,14 @@ class _ArtifactStream:
         header = self._header
         if header is None or self._seen < header.artifact_size:
             raise self._fail(
-                InvalidArtifact("artifact is shorter than its header implies", reason="TRUNCATED")
+                InvalidArtifact(
+                    "artifact is shorter than its header implies", reason=Reason.TRUNCATED
+                )
             )
         if self._cipher is None:
-            raise FailedPrecondition("the data key was never supplied", reason="DATA_KEY_REQUIRED")
+            raise FailedPrecondition(
+                "the data key was never supplied", reason=Reason.DATA_KEY_REQUIRED
+            )
 
     def _check_footer(self) -> None:
         if len(self._digest) != DIGEST_SIZE or not hmac.compare_digest(self._digest, self._footer):

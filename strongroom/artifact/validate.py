@@ -16,6 +16,7 @@ from strongroom.artifact.format import (
     ArtifactSummary,
     HeadAccumulator,
 )
+from strongroom.reasons import Reason
 
 __all__ = ["StructureValidator", "summarize"]
 
@@ -80,7 +81,7 @@ class StructureValidator:
         total = self._header.artifact_size
         if self._seen > total:
             raise InvalidArtifact(
-                "artifact is longer than its header implies", reason="TRAILING_DATA"
+                "artifact is longer than its header implies", reason=Reason.TRAILING_DATA
             )
         footer_start = total - FOOTER_SIZE
         if self._seen > footer_start:
@@ -94,7 +95,7 @@ class StructureValidator:
         header = self._header
         if header is None or self._seen < header.artifact_size:
             self._error = InvalidArtifact(
-                "artifact is shorter than its header implies", reason="TRUNCATED"
+                "artifact is shorter than its header implies", reason=Reason.TRUNCATED
             )
             raise self._error
         return ArtifactSummary.of(header, bytes(self._footer))

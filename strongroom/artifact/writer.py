@@ -26,6 +26,7 @@ from strongroom.artifact.format import (
     build_header,
 )
 from strongroom.errors import InvalidArgument
+from strongroom.reasons import Reason
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "ArtifactWriter", "encrypt_bytes", "encrypt_stream"]
 
@@ -38,12 +39,14 @@ _SEALED = c2sp.SEALED_CHUNK_SIZE
 
 def _check_dek(dek: bytearray | memoryview | bytes) -> None:
     if len(dek) != DEK_SIZE:
-        raise InvalidArgument(f"the data key must be {DEK_SIZE} bytes", reason="INVALID_DEK_SIZE")
+        raise InvalidArgument(
+            f"the data key must be {DEK_SIZE} bytes", reason=Reason.INVALID_DEK_SIZE
+        )
 
 
 def _size_mismatch(declared: int) -> InvalidArgument:
     return InvalidArgument(
-        f"the plaintext is not the declared {declared} bytes", reason="PLAINTEXT_SIZE_MISMATCH"
+        f"the plaintext is not the declared {declared} bytes", reason=Reason.PLAINTEXT_SIZE_MISMATCH
     )
 
 
@@ -290,7 +293,7 @@ def encrypt_stream(
         if known is None:
             raise InvalidArgument(
                 "plaintext_size is required for a source of unknown length",
-                reason="PLAINTEXT_SIZE_REQUIRED",
+                reason=Reason.PLAINTEXT_SIZE_REQUIRED,
             )
         plaintext_size = known
     elif known is not None and known != plaintext_size:

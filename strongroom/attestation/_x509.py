@@ -11,13 +11,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from strongroom.attestation.errors import (
-    BAD_CERTIFICATE,
-    CERT_CHAIN_INVALID,
-    CERT_NOT_VALID_AT_TIME,
-    WRONG_CERTIFICATE_TYPE,
     MalformedEvidence,
     VerificationFailed,
 )
+from strongroom.reasons import Reason
 
 AMD_PSS_SALT = 48
 
@@ -36,7 +33,7 @@ def public_key_of(cert: x509.Certificate) -> CertificatePublicKeyTypes:
     except (ValueError, UnsupportedAlgorithm):
         raise MalformedEvidence(
             f"certificate {_name(cert)!r} holds a key of an unsupported or malformed algorithm",
-            reason=BAD_CERTIFICATE,
+            reason=Reason.BAD_CERTIFICATE,
         ) from None
 
 
@@ -51,7 +48,7 @@ def verify_issued_by(
     if cert.issuer != issuer.subject:
         raise VerificationFailed(
             f"certificate {_name(cert)!r} was not issued by {_name(issuer)!r}",
-            reason=CERT_CHAIN_INVALID,
+            reason=Reason.CERT_CHAIN_INVALID,
         )
     key = public_key_of(issuer)
     try:
@@ -74,7 +71,7 @@ def verify_issued_by(
             ):
                 raise VerificationFailed(
                     f"certificate {_name(cert)!r} is not signed with RSASSA-PSS/SHA-384/salt 48",
-                    reason=CERT_CHAIN_INVALID,
+                    reason=Reason.CERT_CHAIN_INVALID,
                 )
             key.verify(cert.signature, cert.tbs_certificate_bytes, params, hash_alg)
         else:
@@ -83,13 +80,13 @@ def verify_issued_by(
             ):
                 raise VerificationFailed(
                     f"certificate {_name(cert)!r} is not ECDSA-signed as expected",
-                    reason=CERT_CHAIN_INVALID,
+                    reason=Reason.CERT_CHAIN_INVALID,
                 )
             key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_alg))
     except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
         raise VerificationFailed(
             f"signature on certificate {_name(cert)!r} does not verify with {_name(issuer)!r}",
-            reason=CERT_CHAIN_INVALID,
+            reason=Reason.CERT_CHAIN_INVALID,
         ) from None
 
 
@@ -100,7 +97,7 @@ def check_valid_at(cert: x509.Certificate, now: datetime, what: str) -> None:
             f"{what} certificate {_name(cert)!r} is not valid at {now.isoformat()} "
             f"(valid {cert.not_valid_before_utc.isoformat()} .. "
             f"{cert.not_valid_after_utc.isoformat()})",
-            reason=CERT_NOT_VALID_AT_TIME,
+            reason=Reason.CERT_NOT_VALID_AT_TIME,
         )
 
 
@@ -120,7 +117,7 @@ def ec_public_key(
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, curve):
         raise VerificationFailed(
             f"certificate {_name(cert)!r} does not hold an {curve.name} key",
-            reason=WRONG_CERTIFICATE_TYPE,
+            reason=Reason.WRONG_CERTIFICATE_TYPE,
         )
     return key
 

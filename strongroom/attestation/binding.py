@@ -22,8 +22,9 @@ import hmac
 
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from strongroom.attestation.errors import REPORT_DATA_MISMATCH, VerificationFailed
+from strongroom.attestation.errors import VerificationFailed
 from strongroom.errors import InvalidArgument
+from strongroom.reasons import Reason
 
 REPORT_DATA_SIZE = 64
 KEY_RELEASE_LABEL = b"strongroom/attestation/key-release/v1\x00"
@@ -40,7 +41,7 @@ def _check_nonce(nonce: bytes) -> None:
     if not MIN_NONCE_BYTES <= len(nonce) <= MAX_FIELD_BYTES:
         raise InvalidArgument(
             f"nonce must be {MIN_NONCE_BYTES}..{MAX_FIELD_BYTES} bytes, got {len(nonce)}",
-            reason="BAD_NONCE",
+            reason=Reason.BAD_NONCE,
         )
 
 
@@ -56,10 +57,12 @@ def _parses_as_spki(der: bytes) -> bool:
 
 def _check_spki(der: bytes, what: str) -> None:
     if not 0 < len(der) <= MAX_FIELD_BYTES:
-        raise InvalidArgument(f"{what} public key is empty or too large", reason="BAD_PUBLIC_KEY")
+        raise InvalidArgument(
+            f"{what} public key is empty or too large", reason=Reason.BAD_PUBLIC_KEY
+        )
     if not _parses_as_spki(bytes(der)):
         raise InvalidArgument(
-            f"{what} public key is not a DER SubjectPublicKeyInfo", reason="BAD_PUBLIC_KEY"
+            f"{what} public key is not a DER SubjectPublicKeyInfo", reason=Reason.BAD_PUBLIC_KEY
         )
 
 
@@ -97,10 +100,13 @@ def check_report_data(claims_report_data: bytes, expected: bytes) -> None:
     Constant-time; there is no "not provided" case: an expected value is always required.
     """
     if len(expected) != REPORT_DATA_SIZE:
-        raise InvalidArgument("expected REPORT_DATA must be 64 bytes", reason="BAD_REPORT_DATA")
+        raise InvalidArgument(
+            "expected REPORT_DATA must be 64 bytes", reason=Reason.BAD_REPORT_DATA
+        )
     if len(claims_report_data) != REPORT_DATA_SIZE or not hmac.compare_digest(
         bytes(claims_report_data), bytes(expected)
     ):
         raise VerificationFailed(
-            "REPORT_DATA does not bind this nonce and these keys", reason=REPORT_DATA_MISMATCH
+            "REPORT_DATA does not bind this nonce and these keys",
+            reason=Reason.REPORT_DATA_MISMATCH,
         )

@@ -21,17 +21,16 @@ from cryptography import x509
 
 from strongroom.attestation.abi.snp import SnpReport
 from strongroom.attestation.errors import (
-    BAD_COLLATERAL,
-    COLLATERAL_MISSING,
     CollateralUnavailable,
     MalformedEvidence,
 )
+from strongroom.reasons import Reason
 
 _WS = " \t\r\n"
 
 
 def _bad(what: str) -> MalformedEvidence:
-    return MalformedEvidence(f"TDX collateral: {what}", reason=BAD_COLLATERAL)
+    return MalformedEvidence(f"TDX collateral: {what}", reason=Reason.BAD_COLLATERAL)
 
 
 def split_signed_json(data: bytes, body_key: str) -> tuple[bytes, bytes, Any]:
@@ -360,7 +359,7 @@ class CollateralSource(Protocol):
     """The verifier's own collateral: what judges evidence, never taken from the evidence itself.
 
     Implementations return ``None`` when they hold no such document (the verifier then fails
-    closed with ``COLLATERAL_MISSING``) and may raise :class:`CollateralUnavailable`. They need not
+    closed with ``Reason.COLLATERAL_MISSING``) and may raise :class:`CollateralUnavailable`. They need not
     verify anything: the verifier checks every document it is given (signatures to the pinned
     roots, freshness), so a source can only withhold, never forge. The broker's source is
     :class:`strongroom.attestation.collateral_cache.CollateralCache`.
@@ -459,6 +458,6 @@ def require(value: bytes | None, what: str) -> bytes:
     """Returns ``value`` or raises :class:`CollateralUnavailable` naming what is missing."""
     if value is None:
         raise CollateralUnavailable(
-            f"{what} is needed but was not supplied", reason=COLLATERAL_MISSING
+            f"{what} is needed but was not supplied", reason=Reason.COLLATERAL_MISSING
         )
     return value

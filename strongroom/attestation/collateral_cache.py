@@ -6,7 +6,7 @@ the broker from this cache, never taken from the evidence. Documents are verifie
 was issued) and refused if they would roll back what the cache already holds:
 
 * a TDX TCB info with a lower ``tcbEvaluationDataNumber`` than the highest this cache has accepted
-  for its FMSPC, or the same number issued earlier (``COLLATERAL_ROLLBACK``);
+  for its FMSPC, or the same number issued earlier (``Reason.COLLATERAL_ROLLBACK``);
 * likewise for the QE identity, and a CRL whose ``thisUpdate`` is older than the one held.
 
 The high-water marks live in ``state.json`` and survive restarts. Layout (stable, documented in
@@ -56,16 +56,13 @@ from strongroom.attestation.collateral import (
     parse_tcb_info,
 )
 from strongroom.attestation.errors import (
-    BAD_COLLATERAL,
-    COLLATERAL_ROLLBACK,
-    CRL_SIGNATURE_INVALID,
-    ROOT_NOT_TRUSTED,
     MalformedEvidence,
     VerificationFailed,
 )
 from strongroom.attestation.trust import TrustStore
 from strongroom.attestation.verify import _crl
 from strongroom.errors import StrongroomError
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +111,11 @@ def _crl_key(issuer: x509.Certificate, scope: str) -> str:
 
 
 def _bad(what: str) -> MalformedEvidence:
-    return MalformedEvidence(f"collateral: {what}", reason=BAD_COLLATERAL)
+    return MalformedEvidence(f"collateral: {what}", reason=Reason.BAD_COLLATERAL)
 
 
 def _rollback(what: str) -> VerificationFailed:
-    return VerificationFailed(what, reason=COLLATERAL_ROLLBACK)
+    return VerificationFailed(what, reason=Reason.COLLATERAL_ROLLBACK)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -328,7 +325,7 @@ class CollateralCache:
             raise VerificationFailed(
                 f"CRL from {crl.issuer.rfc4514_string()!r} is not signed by a pinned CA or a CA "
                 "of its issuer chain",
-                reason=CRL_SIGNATURE_INVALID if chain else ROOT_NOT_TRUSTED,
+                reason=Reason.CRL_SIGNATURE_INVALID if chain else Reason.ROOT_NOT_TRUSTED,
             )
         if issuer not in pinned_list(self._trust):
             check_valid_at(issuer, crl.last_update_utc, "CRL issuer")

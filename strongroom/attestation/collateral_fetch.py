@@ -44,8 +44,9 @@ from strongroom.attestation.abi.certs import common_name
 from strongroom.attestation.abi.snp import SnpReport
 from strongroom.attestation.collateral import INTEL_CA_BY_CN, SignedDocument
 from strongroom.attestation.collateral_cache import CacheEntry, CollateralCache
-from strongroom.attestation.errors import COLLATERAL_FETCH_FAILED, CollateralUnavailable
+from strongroom.attestation.errors import CollateralUnavailable
 from strongroom.errors import StrongroomError
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class HttpGetter:
                     if len(body) > MAX_RESPONSE_BYTES:
                         raise CollateralUnavailable(
                             f"{url}: response larger than {MAX_RESPONSE_BYTES} bytes",
-                            reason=COLLATERAL_FETCH_FAILED,
+                            reason=Reason.COLLATERAL_FETCH_FAILED,
                         )
                     headers = {k.lower(): v for k, v in resp.headers.items()}
                     return Response(body, headers)
@@ -145,7 +146,7 @@ class HttpGetter:
                 "collateral fetch failed", extra={"url": url, "attempt": attempt, "error": last}
             )
         raise CollateralUnavailable(
-            f"fetching {url} failed: {last}", reason=COLLATERAL_FETCH_FAILED
+            f"fetching {url} failed: {last}", reason=Reason.COLLATERAL_FETCH_FAILED
         )
 
 
@@ -185,7 +186,8 @@ class PcsClient:
         chain = resp.chain(*headers)
         if chain is None:
             raise CollateralUnavailable(
-                f"{url}: response lacks the {headers[0]} header", reason=COLLATERAL_FETCH_FAILED
+                f"{url}: response lacks the {headers[0]} header",
+                reason=Reason.COLLATERAL_FETCH_FAILED,
             )
         return SignedDocument(resp.body, chain)
 

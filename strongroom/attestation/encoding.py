@@ -15,16 +15,9 @@ from dataclasses import dataclass
 
 from strongroom.attestation.abi import snp as snp_abi
 from strongroom.attestation.abi import tdx as tdx_abi
-from strongroom.attestation.errors import (
-    BAD_ENCODING,
-    REPORT_SIZE,
-    UNKNOWN_EVIDENCE_FORMAT,
-    UNSUPPORTED_ATTESTATION_KEY_TYPE,
-    UNSUPPORTED_TEE_TYPE,
-    UNSUPPORTED_VERSION,
-    MalformedEvidence,
-)
+from strongroom.attestation.errors import MalformedEvidence
 from strongroom.attestation.evidence import TeeType
+from strongroom.reasons import Reason
 
 _HEX = re.compile(rb"\A[0-9a-fA-F]+\Z")
 _B64 = re.compile(rb"\A[A-Za-z0-9+/_-]+=*\Z")
@@ -70,15 +63,17 @@ def _diagnose(data: bytes) -> MalformedEvidence | None:
         if tdx_like and version in (3, 4, 5, 6) and len(data) >= 48:
             if tee_type != tdx_abi.TEE_TYPE_TDX:
                 return MalformedEvidence(
-                    f"quote TEE type 0x{tee_type:X} is not TDX (0x81)", reason=UNSUPPORTED_TEE_TYPE
+                    f"quote TEE type 0x{tee_type:X} is not TDX (0x81)",
+                    reason=Reason.UNSUPPORTED_TEE_TYPE,
                 )
             if key_type != tdx_abi.ATT_KEY_TYPE_ECDSA_P256:
                 return MalformedEvidence(
                     f"quote attestation key type {key_type} is not ECDSA P-256 (2)",
-                    reason=UNSUPPORTED_ATTESTATION_KEY_TYPE,
+                    reason=Reason.UNSUPPORTED_ATTESTATION_KEY_TYPE,
                 )
             return MalformedEvidence(
-                f"TDX quote version {version} is not supported (4 or 5)", reason=UNSUPPORTED_VERSION
+                f"TDX quote version {version} is not supported (4 or 5)",
+                reason=Reason.UNSUPPORTED_VERSION,
             )
     if len(data) >= 0x38:
         (version,) = struct.unpack_from("<I", data, 0)
@@ -88,12 +83,12 @@ def _diagnose(data: bytes) -> MalformedEvidence | None:
                 return MalformedEvidence(
                     f"SEV-SNP report version {version} is not supported "
                     f"({', '.join(map(str, snp_abi.SUPPORTED_VERSIONS))})",
-                    reason=UNSUPPORTED_VERSION,
+                    reason=Reason.UNSUPPORTED_VERSION,
                 )
             if len(data) != snp_abi.REPORT_SIZE_BYTES:
                 return MalformedEvidence(
                     f"SEV-SNP report is {len(data)} bytes, not {snp_abi.REPORT_SIZE_BYTES}",
-                    reason=REPORT_SIZE,
+                    reason=Reason.REPORT_SIZE,
                 )
     return None
 
@@ -120,7 +115,7 @@ def _text_candidates(data: bytes) -> list[tuple[str, bytes]]:
 def detect_evidence(data: bytes) -> DetectedEvidence:
     """Decodes hex/base64 text if needed and recognises the evidence format.
 
-    Raises :class:`MalformedEvidence` (``UNKNOWN_EVIDENCE_FORMAT``) when nothing matches.
+    Raises :class:`MalformedEvidence` (``Reason.UNKNOWN_EVIDENCE_FORMAT``) when nothing matches.
     """
     raw = bytes(data)
     kind = _classify_raw(raw)
@@ -138,7 +133,7 @@ def detect_evidence(data: bytes) -> DetectedEvidence:
     raise MalformedEvidence(
         "evidence is not a recognised SEV-SNP report, Azure HCL report or TDX quote "
         "(raw, hex or base64)",
-        reason=UNKNOWN_EVIDENCE_FORMAT,
+        reason=Reason.UNKNOWN_EVIDENCE_FORMAT,
     )
 
 
@@ -152,5 +147,5 @@ def decode_text_or_raw(data: bytes) -> bytes:
     if candidates:
         return candidates[0][1]
     if not data:
-        raise MalformedEvidence("empty evidence", reason=BAD_ENCODING)
+        raise MalformedEvidence("empty evidence", reason=Reason.BAD_ENCODING)
     return bytes(data)

@@ -6,12 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from strongroom.attestation.errors import (
-    BAD_COLLATERAL,
-    REPORT_SIZE,
-    TEE_TYPE_UNSPECIFIED,
-    MalformedEvidence,
-)
+from strongroom.attestation.errors import MalformedEvidence
+from strongroom.reasons import Reason
 
 if TYPE_CHECKING:
     from strongroom.api.attestation.v1 import evidence_pb2
@@ -74,16 +70,16 @@ class Evidence:
 
     def __post_init__(self) -> None:
         if len(self.report) > MAX_REPORT_BYTES:
-            raise MalformedEvidence("evidence report is too large", reason=REPORT_SIZE)
+            raise MalformedEvidence("evidence report is too large", reason=Reason.REPORT_SIZE)
         if len(self.certificates) > MAX_CERTIFICATES or len(self.collateral) > MAX_COLLATERAL:
             raise MalformedEvidence(
-                "too many certificates or collateral items", reason=BAD_COLLATERAL
+                "too many certificates or collateral items", reason=Reason.BAD_COLLATERAL
             )
         if any(len(c) > MAX_ITEM_BYTES for c in self.certificates) or any(
             len(c.data) > MAX_ITEM_BYTES for c in self.collateral
         ):
             raise MalformedEvidence(
-                "certificate or collateral item is too large", reason=BAD_COLLATERAL
+                "certificate or collateral item is too large", reason=Reason.BAD_COLLATERAL
             )
 
     def __repr__(self) -> str:
@@ -101,13 +97,17 @@ class Evidence:
         """Converts the wire message; an unspecified TEE or collateral kind is malformed."""
         tee = {v: k for k, v in _TEE_TO_PROTO.items()}.get(int(message.tee_type))
         if tee is None:
-            raise MalformedEvidence("evidence tee_type is unspecified", reason=TEE_TYPE_UNSPECIFIED)
+            raise MalformedEvidence(
+                "evidence tee_type is unspecified", reason=Reason.TEE_TYPE_UNSPECIFIED
+            )
         kinds = {v: k for k, v in _KIND_TO_PROTO.items()}
         collateral: list[Collateral] = []
         for item in message.collateral:
             kind = kinds.get(int(item.kind))
             if kind is None:
-                raise MalformedEvidence("collateral kind is unspecified", reason=BAD_COLLATERAL)
+                raise MalformedEvidence(
+                    "collateral kind is unspecified", reason=Reason.BAD_COLLATERAL
+                )
             collateral.append(Collateral(kind, bytes(item.data)))
         return cls(
             tee_type=tee,

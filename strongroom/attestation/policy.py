@@ -15,10 +15,13 @@ from typing import Any
 
 import yaml
 
-from strongroom.attestation import errors as E
 from strongroom.attestation.claims import SnpClaims, TdxClaims
-from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
+from strongroom.attestation.errors import (
+    PolicyInvalid,
+    PolicyViolation,
+)
 from strongroom.attestation.evidence import TeeType
+from strongroom.reasons import Reason
 from strongroom.spiffe import is_workload_id
 
 SNP_PRODUCTS = ("Milan", "Genoa", "Turin")
@@ -82,7 +85,7 @@ def _mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dic
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
         if key in seen:
-            raise PolicyInvalid(f"duplicate key {key!r}", reason=E.POLICY_SYNTAX)
+            raise PolicyInvalid(f"duplicate key {key!r}", reason=Reason.POLICY_SYNTAX)
         seen.add(key)
     return loader.construct_mapping(node)
 
@@ -99,40 +102,40 @@ def _fail(where: str, what: str, reason: str) -> PolicyInvalid:
 
 def _mapping(value: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
     if not isinstance(value, dict):
-        raise _fail(where, "must be a mapping", E.POLICY_BAD_TYPE)
+        raise _fail(where, "must be a mapping", Reason.POLICY_BAD_TYPE)
     unknown = sorted(str(k) for k in value if k not in allowed)
     if unknown:
-        raise _fail(where, f"unknown key(s) {unknown}", E.POLICY_UNKNOWN_KEY)
+        raise _fail(where, f"unknown key(s) {unknown}", Reason.POLICY_UNKNOWN_KEY)
     return value
 
 
 def _bool(section: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
     value = section.get(key, default)
     if not isinstance(value, bool):
-        raise _fail(f"{where}.{key}", "must be true or false", E.POLICY_BAD_TYPE)
+        raise _fail(f"{where}.{key}", "must be true or false", Reason.POLICY_BAD_TYPE)
     return value
 
 
 def _int(section: Mapping[str, Any], key: str, default: int, where: str, hi: int) -> int:
     value = section.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= hi:
-        raise _fail(f"{where}.{key}", f"must be an integer 0..{hi}", E.POLICY_BAD_VALUE)
+        raise _fail(f"{where}.{key}", f"must be an integer 0..{hi}", Reason.POLICY_BAD_VALUE)
     return value
 
 
 def _list(section: Mapping[str, Any], key: str, where: str, *, required: bool) -> list[Any] | None:
     if key not in section:
         if required:
-            raise _fail(f"{where}.{key}", "is required", E.POLICY_MISSING_KEY)
+            raise _fail(f"{where}.{key}", "is required", Reason.POLICY_MISSING_KEY)
         return None
     value = section[key]
     if not isinstance(value, list):
-        raise _fail(f"{where}.{key}", "must be a list", E.POLICY_BAD_TYPE)
+        raise _fail(f"{where}.{key}", "must be a list", Reason.POLICY_BAD_TYPE)
     if not value:
         raise _fail(
             f"{where}.{key}",
             "is an empty allow-list, which would allow nothing; remove it or list values",
-            E.POLICY_EMPTY_ALLOW_LIST,
+            Reason.POLICY_EMPTY_ALLOW_LIST,
         )
     return value
 
@@ -149,7 +152,7 @@ def _hex_set(
             raise _fail(
                 f"{where}.{key}",
                 f"entries must be {2 * size} hex characters ({size} bytes)",
-                E.POLICY_BAD_HEX,
+                Reason.POLICY_BAD_HEX,
             )
         out.add(bytes.fromhex(item))
     return frozenset(out)
@@ -168,7 +171,7 @@ def _choices(
     for item in items:
         if item not in allowed:
             raise _fail(
-                f"{where}.{key}", f"{item!r} is not one of {list(allowed)}", E.POLICY_BAD_VALUE
+                f"{where}.{key}", f"{item!r} is not one of {list(allowed)}", Reason.POLICY_BAD_VALUE
             )
     return frozenset(items)
 
@@ -233,17 +236,17 @@ def _min_tcb(s: Mapping[str, Any], w: str, production: bool) -> dict[str, int]:
             where,
             "is required: state the minimum reported TCB (bootloader, tee, snp, microcode; fmc "
             'for Turin), or in development mode "any"',
-            E.POLICY_MISSING_KEY,
+            Reason.POLICY_MISSING_KEY,
         )
     raw = s["min_reported_tcb"]
     if raw == ANY_TCB:
         if production:
-            raise _fail(where, '"any" is only allowed in development mode', E.POLICY_BAD_VALUE)
+            raise _fail(where, '"any" is only allowed in development mode', Reason.POLICY_BAD_VALUE)
         return {}
     tcb_map = _mapping(raw, where, set(SNP_TCB_COMPONENTS))
     missing = [c for c in _REQUIRED_TCB_COMPONENTS if c not in tcb_map]
     if missing:
-        raise _fail(where, f"must state {missing}", E.POLICY_MISSING_KEY)
+        raise _fail(where, f"must state {missing}", Reason.POLICY_MISSING_KEY)
     return {k: _int(tcb_map, k, 0, where, 255) for k in tcb_map}
 
 
@@ -317,27 +320,27 @@ class ReleasePolicy:
             doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             raise PolicyInvalid(
-                f"policy is not valid YAML/JSON: {exc}", reason=E.POLICY_SYNTAX
+                f"policy is not valid YAML/JSON: {exc}", reason=Reason.POLICY_SYNTAX
             ) from None
         top = _mapping(doc, "document", _TOP_KEYS)
         version = top.get("version")
         if "version" not in top:
-            raise _fail("version", "is required", E.POLICY_MISSING_KEY)
+            raise _fail("version", "is required", Reason.POLICY_MISSING_KEY)
         if not isinstance(version, str) or not version.strip():
-            raise _fail("version", "must be a non-empty string", E.POLICY_BAD_TYPE)
+            raise _fail("version", "must be a non-empty string", Reason.POLICY_BAD_TYPE)
         description = top.get("description", "")
         if not isinstance(description, str):
-            raise _fail("description", "must be a string", E.POLICY_BAD_TYPE)
+            raise _fail("description", "must be a string", Reason.POLICY_BAD_TYPE)
         callers = _list(top, "allowed_spiffe_ids", "document", required=True)
         assert callers is not None
         for caller in callers:
             if not isinstance(caller, str) or not is_workload_id(caller):
                 raise _fail(
-                    "allowed_spiffe_ids", f"{caller!r} is not a SPIFFE ID", E.POLICY_BAD_VALUE
+                    "allowed_spiffe_ids", f"{caller!r} is not a SPIFFE ID", Reason.POLICY_BAD_VALUE
                 )
         tee_names = _choices(top, "tee_types", tuple(t.value for t in TeeType), None, "document")
         if tee_names is None:
-            raise _fail("tee_types", "is required", E.POLICY_MISSING_KEY)
+            raise _fail("tee_types", "is required", Reason.POLICY_MISSING_KEY)
         tees = frozenset(TeeType(t) for t in tee_names)
         sections = {TeeType.SEV_SNP: "sev_snp", TeeType.TDX: "tdx"}
         for tee, key in sections.items():
@@ -345,7 +348,7 @@ class ReleasePolicy:
                 raise _fail(
                     key,
                     f"a {key!r} section is required exactly when tee_types lists {tee.value}",
-                    E.POLICY_MISSING_KEY if tee in tees else E.POLICY_BAD_VALUE,
+                    Reason.POLICY_MISSING_KEY if tee in tees else Reason.POLICY_BAD_VALUE,
                 )
         return cls(
             version=version,
@@ -370,7 +373,7 @@ class ReleasePolicy:
                 "allowed_spiffe_ids",
                 f"{', '.join(foreign)} outside this broker's trust domain {trust_domain!r} "
                 "can never match a caller",
-                E.POLICY_FOREIGN_TRUST_DOMAIN,
+                Reason.POLICY_FOREIGN_TRUST_DOMAIN,
             )
         if production:
             for key, rules in (("sev_snp", self.snp), ("tdx", self.tdx)):
@@ -379,21 +382,23 @@ class ReleasePolicy:
                         f"{key}.allow_debug",
                         "must be false in production mode (a debug VM's memory is readable "
                         "by the host)",
-                        E.POLICY_DEBUG_IN_PRODUCTION,
+                        Reason.POLICY_DEBUG_IN_PRODUCTION,
                     )
 
     def evaluate(self, claims: SnpClaims | TdxClaims, caller_spiffe_id: str) -> PolicyDecision:
         """Allows the release or raises :class:`PolicyViolation` naming the failed check."""
         if caller_spiffe_id not in self.allowed_spiffe_ids:
-            raise _deny(f"caller {caller_spiffe_id!r} is not allowed", E.CALLER_NOT_ALLOWED)
+            raise _deny(f"caller {caller_spiffe_id!r} is not allowed", Reason.CALLER_NOT_ALLOWED)
         if claims.tee_type not in self.tee_types:
-            raise _deny(f"{claims.tee_type.value} evidence is not allowed", E.TEE_TYPE_NOT_ALLOWED)
+            raise _deny(
+                f"{claims.tee_type.value} evidence is not allowed", Reason.TEE_TYPE_NOT_ALLOWED
+            )
         if not claims.collateral_complete:
             # Claims verified without the verifier's own CRLs / TCB info / QE identity (offline
             # inspection) can never release a key.
             raise _deny(
                 "the evidence was verified without complete verifier-owned collateral",
-                E.COLLATERAL_INCOMPLETE,
+                Reason.COLLATERAL_INCOMPLETE,
             )
         if isinstance(claims, SnpClaims):
             assert self.snp is not None
@@ -413,64 +418,70 @@ class ReleasePolicy:
     @staticmethod
     def _check_snp(c: SnpClaims, r: SnpRules) -> None:
         if c.simulated and not r.allow_simulated:
-            raise _deny("evidence from a simulated TEE is not allowed", E.SIMULATED_TEE_NOT_ALLOWED)
+            raise _deny(
+                "evidence from a simulated TEE is not allowed", Reason.SIMULATED_TEE_NOT_ALLOWED
+            )
         if c.measurement not in r.measurements:
             raise _deny(
-                f"measurement {c.measurement.hex()} is not allowed", E.MEASUREMENT_NOT_ALLOWED
+                f"measurement {c.measurement.hex()} is not allowed", Reason.MEASUREMENT_NOT_ALLOWED
             )
         if c.policy.debug and not r.allow_debug:
-            raise _deny("guest policy allows debugging", E.DEBUG_FORBIDDEN)
+            raise _deny("guest policy allows debugging", Reason.DEBUG_FORBIDDEN)
         if c.vmpl != r.vmpl:
             raise _deny(
-                f"report is from VMPL {c.vmpl}, policy requires {r.vmpl}", E.VMPL_NOT_ALLOWED
+                f"report is from VMPL {c.vmpl}, policy requires {r.vmpl}", Reason.VMPL_NOT_ALLOWED
             )
         if c.policy.smt and not r.allow_smt:
-            raise _deny("guest policy allows SMT", E.SMT_FORBIDDEN)
+            raise _deny("guest policy allows SMT", Reason.SMT_FORBIDDEN)
         if c.policy.migrate_ma and not r.allow_migrate_ma:
-            raise _deny("guest policy allows a migration agent", E.MIGRATE_MA_FORBIDDEN)
+            raise _deny("guest policy allows a migration agent", Reason.MIGRATE_MA_FORBIDDEN)
         if c.signing_key not in r.signing_keys:
             raise _deny(
-                f"{c.signing_key}-signed reports are not allowed", E.SIGNING_KEY_NOT_ALLOWED
+                f"{c.signing_key}-signed reports are not allowed", Reason.SIGNING_KEY_NOT_ALLOWED
             )
         if r.products is not None and c.product not in r.products:
-            raise _deny(f"product {c.product} is not allowed", E.PRODUCT_NOT_ALLOWED)
+            raise _deny(f"product {c.product} is not allowed", Reason.PRODUCT_NOT_ALLOWED)
         if c.guest_svn < r.min_guest_svn:
-            raise _deny(f"guest SVN {c.guest_svn} < {r.min_guest_svn}", E.GUEST_SVN_TOO_OLD)
+            raise _deny(f"guest SVN {c.guest_svn} < {r.min_guest_svn}", Reason.GUEST_SVN_TOO_OLD)
         have = c.reported_tcb.components()
         for name, minimum in r.min_reported_tcb.items():
             if name in have and have[name] < minimum:
                 raise _deny(
                     f"reported TCB {name}={have[name]} is below the minimum {minimum}",
-                    E.TCB_TOO_OLD,
+                    Reason.TCB_TOO_OLD,
                 )
         if r.host_data is not None and c.host_data not in r.host_data:
-            raise _deny("host data is not allowed", E.HOST_DATA_NOT_ALLOWED)
+            raise _deny("host data is not allowed", Reason.HOST_DATA_NOT_ALLOWED)
 
     @staticmethod
     def _check_tdx(c: TdxClaims, r: TdxRules) -> None:
         if c.simulated and not r.allow_simulated:
-            raise _deny("evidence from a simulated TEE is not allowed", E.SIMULATED_TEE_NOT_ALLOWED)
+            raise _deny(
+                "evidence from a simulated TEE is not allowed", Reason.SIMULATED_TEE_NOT_ALLOWED
+            )
         if c.mrtd not in r.mrtds:
-            raise _deny(f"MRTD {c.mrtd.hex()} is not allowed", E.MRTD_NOT_ALLOWED)
+            raise _deny(f"MRTD {c.mrtd.hex()} is not allowed", Reason.MRTD_NOT_ALLOWED)
         if c.debug and not r.allow_debug:
-            raise _deny("TD attributes allow debugging", E.DEBUG_FORBIDDEN)
+            raise _deny("TD attributes allow debugging", Reason.DEBUG_FORBIDDEN)
         for i, allowed in enumerate(r.rtmrs):
             if allowed is not None and c.rtmrs[i] not in allowed:
-                raise _deny(f"RTMR{i} is not allowed", E.RTMR_NOT_ALLOWED)
+                raise _deny(f"RTMR{i} is not allowed", Reason.RTMR_NOT_ALLOWED)
         if r.mrconfigids is not None and c.mrconfigid not in r.mrconfigids:
-            raise _deny("MRCONFIGID is not allowed", E.MRCONFIGID_NOT_ALLOWED)
+            raise _deny("MRCONFIGID is not allowed", Reason.MRCONFIGID_NOT_ALLOWED)
         if r.mrowners is not None and c.mrowner not in r.mrowners:
-            raise _deny("MROWNER is not allowed", E.MROWNER_NOT_ALLOWED)
+            raise _deny("MROWNER is not allowed", Reason.MROWNER_NOT_ALLOWED)
         if r.mrownerconfigs is not None and c.mrownerconfig not in r.mrownerconfigs:
-            raise _deny("MROWNERCONFIG is not allowed", E.MROWNERCONFIG_NOT_ALLOWED)
+            raise _deny("MROWNERCONFIG is not allowed", Reason.MROWNERCONFIG_NOT_ALLOWED)
         if r.fmspcs is not None and c.fmspc not in r.fmspcs:
-            raise _deny(f"FMSPC {c.fmspc.hex()} is not allowed", E.FMSPC_NOT_ALLOWED)
+            raise _deny(f"FMSPC {c.fmspc.hex()} is not allowed", Reason.FMSPC_NOT_ALLOWED)
         number = c.tcb_evaluation_data_number
         if number is None or number < r.min_tcb_evaluation_data_number:
             raise _deny(
                 f"TCB info evaluation data number {number} is below the policy's minimum "
                 f"{r.min_tcb_evaluation_data_number}",
-                E.TCB_EVALUATION_TOO_OLD,
+                Reason.TCB_EVALUATION_TOO_OLD,
             )
         if c.tcb_status not in r.accepted_tcb_statuses:
-            raise _deny(f"TCB status {c.tcb_status} is not accepted", E.TCB_STATUS_NOT_ACCEPTED)
+            raise _deny(
+                f"TCB status {c.tcb_status} is not accepted", Reason.TCB_STATUS_NOT_ACCEPTED
+            )

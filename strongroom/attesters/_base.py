@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 from strongroom.api.attestation.v1 import evidence_pb2
 from strongroom.attestation.evidence import Collateral, CollateralKind, Evidence, TeeType
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+from strongroom.reasons import Reason
 
 __all__ = [
     "REPORT_DATA_SIZE",
@@ -75,25 +76,25 @@ class Attester(Protocol):
 class InvalidReportData(InvalidArgument):
     """REPORT_DATA is not exactly 64 bytes (it is never padded or truncated to fit)."""
 
-    default_reason = "REPORT_DATA_INVALID"
+    default_reason = Reason.REPORT_DATA_INVALID
 
 
 class AttestationUnavailable(Unavailable):
     """The attestation device, the kernel or the host failed to produce a report."""
 
-    default_reason = "ATTESTATION_UNAVAILABLE"
+    default_reason = Reason.ATTESTATION_UNAVAILABLE
 
 
 class AttesterNotConfigured(FailedPrecondition):
     """No usable attester exists for the configuration (no device, simulator in production, ...)."""
 
-    default_reason = "ATTESTER_NOT_CONFIGURED"
+    default_reason = Reason.ATTESTER_NOT_CONFIGURED
 
 
 class ReportBindingMismatch(Internal):
     """The hardware returned a report whose REPORT_DATA is not the one requested."""
 
-    default_reason = "REPORT_DATA_NOT_ECHOED"
+    default_reason = Reason.REPORT_DATA_NOT_ECHOED
 
 
 def require_report_data(report_data: bytes) -> bytes:
@@ -104,7 +105,7 @@ def require_report_data(report_data: bytes) -> bytes:
     if len(data) != REPORT_DATA_SIZE:
         raise InvalidReportData(
             f"REPORT_DATA must be exactly {REPORT_DATA_SIZE} bytes, got {len(data)}",
-            reason="REPORT_DATA_LENGTH",
+            reason=Reason.REPORT_DATA_LENGTH,
         )
     return data
 

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 
 from strongroom.attesters._base import AttestationUnavailable
+from strongroom.reasons import Reason
 
 VCEK_GUID = uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd")
 VLEK_GUID = uuid.UUID("a8074bc2-a25a-483e-aae6-39c045a0b8a1")
@@ -29,7 +30,7 @@ _ORDER = {VCEK_GUID: 0, VLEK_GUID: 1, ASK_GUID: 2, ARK_GUID: 3}
 class MalformedCertTable(AttestationUnavailable):
     """The host-supplied certificate table is not well formed."""
 
-    default_reason = "SNP_CERT_TABLE_MALFORMED"
+    default_reason = Reason.SNP_CERT_TABLE_MALFORMED
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,7 @@ from strongroom.attesters._base import (
 )
 from strongroom.attesters._certtable import endorsement_chain, parse_cert_table
 from strongroom.attesters._layouts import snp_report_data, tdx_quote_report_data
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +141,14 @@ class ConfigfsTsmAttester:
         raise AttestationUnavailable(
             f"configfs-tsm report entries were written concurrently {self._max_attempts} times "
             "in a row; another process is interfering",
-            reason="TSM_REPORT_RACE",
+            reason=Reason.TSM_REPORT_RACE,
         )
 
     def _probe_provider(self) -> str:
         if not self._fs.exists(self._root):
             raise AttesterNotConfigured(
                 f"{self._root} does not exist (kernel without configfs-tsm, or configfs not mounted)",
-                reason="TSM_NOT_AVAILABLE",
+                reason=Reason.TSM_NOT_AVAILABLE,
             )
         try:
             entry = self._new_entry()
@@ -163,7 +164,7 @@ class ConfigfsTsmAttester:
             raise AttesterNotConfigured(
                 f"configfs-tsm provider {provider!r} is not supported "
                 f"(supported: {', '.join(sorted(PROVIDERS))})",
-                reason="TSM_PROVIDER_UNSUPPORTED",
+                reason=Reason.TSM_PROVIDER_UNSUPPORTED,
             )
         return provider
 
@@ -181,7 +182,7 @@ class ConfigfsTsmAttester:
             if provider != self._provider:
                 raise AttestationUnavailable(
                     f"configfs-tsm provider changed from {self._provider!r} to {provider!r}",
-                    reason="TSM_PROVIDER_CHANGED",
+                    reason=Reason.TSM_PROVIDER_CHANGED,
                 )
             outblob = self._read(entry / "outblob")
             auxblob = b""
@@ -228,7 +229,7 @@ class ConfigfsTsmAttester:
         except ValueError:
             raise AttestationUnavailable(
                 f"configfs-tsm generation is not a number: {text[:20]!r}",
-                reason="TSM_GENERATION_MALFORMED",
+                reason=Reason.TSM_GENERATION_MALFORMED,
             ) from None
         if generation != expected:
             raise _Raced(f"generation {generation}, expected {expected}")
@@ -254,6 +255,6 @@ def _io_error(action: str, path: Path, exc: OSError) -> AttestationUnavailable:
     if exc.errno == errno.ENXIO:
         return AttestationUnavailable(
             f"could not {action} {path}: no TSM provider is registered (ENXIO)",
-            reason="TSM_NO_PROVIDER",
+            reason=Reason.TSM_NO_PROVIDER,
         )
-    return AttestationUnavailable(f"could not {action} {path}: {code}", reason="TSM_IO_ERROR")
+    return AttestationUnavailable(f"could not {action} {path}: {code}", reason=Reason.TSM_IO_ERROR)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 
 from strongroom.attesters._base import REPORT_DATA_SIZE, AttestationUnavailable
+from strongroom.reasons import Reason
 
 SNP_REPORT_DATA_OFFSET = 0x50
 """AMD SEV-SNP ATTESTATION_REPORT: REPORT_DATA at 0x50..0x8F."""
@@ -28,7 +29,7 @@ def snp_report_data(report: bytes) -> bytes:
     if len(report) < end:
         raise AttestationUnavailable(
             f"SNP report is {len(report)} bytes, too short to hold REPORT_DATA",
-            reason="SNP_REPORT_MALFORMED",
+            reason=Reason.SNP_REPORT_MALFORMED,
         )
     return report[SNP_REPORT_DATA_OFFSET:end]
 
@@ -38,7 +39,7 @@ def tdreport_report_data(tdreport: bytes) -> bytes:
     if len(tdreport) != TDREPORT_SIZE:
         raise AttestationUnavailable(
             f"TDREPORT is {len(tdreport)} bytes, expected {TDREPORT_SIZE}",
-            reason="TDREPORT_MALFORMED",
+            reason=Reason.TDREPORT_MALFORMED,
         )
     return tdreport[TDREPORT_REPORT_DATA_OFFSET : TDREPORT_REPORT_DATA_OFFSET + REPORT_DATA_SIZE]
 
@@ -47,12 +48,12 @@ def tdx_quote_report_data(quote: bytes) -> bytes:
     """REPORTDATA of a TDX DCAP quote, version 4 or 5."""
     if len(quote) < _TDX_QUOTE_HEADER_SIZE:
         raise AttestationUnavailable(
-            "TDX quote shorter than its header", reason="TDX_QUOTE_MALFORMED"
+            "TDX quote shorter than its header", reason=Reason.TDX_QUOTE_MALFORMED
         )
     version, _key_type, tee_type = struct.unpack_from("<HHI", quote, 0)
     if tee_type != _TDX_TEE_TYPE:
         raise AttestationUnavailable(
-            f"quote TEE type 0x{tee_type:x} is not TDX", reason="TDX_QUOTE_MALFORMED"
+            f"quote TEE type 0x{tee_type:x} is not TDX", reason=Reason.TDX_QUOTE_MALFORMED
         )
     if version == 4:
         body = _TDX_QUOTE_HEADER_SIZE
@@ -61,9 +62,9 @@ def tdx_quote_report_data(quote: bytes) -> bytes:
         body = _TDX_QUOTE_HEADER_SIZE + 6
     else:
         raise AttestationUnavailable(
-            f"unsupported TDX quote version {version}", reason="TDX_QUOTE_MALFORMED"
+            f"unsupported TDX quote version {version}", reason=Reason.TDX_QUOTE_MALFORMED
         )
     start = body + _TD10_REPORT_DATA_OFFSET
     if len(quote) < start + REPORT_DATA_SIZE:
-        raise AttestationUnavailable("TDX quote truncated", reason="TDX_QUOTE_MALFORMED")
+        raise AttestationUnavailable("TDX quote truncated", reason=Reason.TDX_QUOTE_MALFORMED)
     return quote[start : start + REPORT_DATA_SIZE]

@@ -17,6 +17,7 @@ from strongroom.attesters._devio import DeviceIo, OsDeviceIo
 from strongroom.attesters._sevguest import DEFAULT_SEV_GUEST_DEVICE, SevGuestAttester
 from strongroom.attesters._simulated import SimulatedAttester, SimulatedTee
 from strongroom.attesters._tdxguest import DEFAULT_TDX_GUEST_DEVICES, TdxGuestAttester
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def select_attester(
         if simulator is None or simulator_tee_type is None:
             raise AttesterNotConfigured(
                 "attester kind 'simulated' needs a simulator and its TEE type",
-                reason="SIMULATOR_MISSING",
+                reason=Reason.SIMULATOR_MISSING,
             )
         return SimulatedAttester(
             simulator, simulator_tee_type, production=production, claims=simulator_claims
@@ -57,19 +58,21 @@ def select_attester(
         return ConfigfsTsmAttester(configfs_root, fs=fs)
     if kind == "sev-guest":
         if not io.exists(sev_guest_device):
-            raise AttesterNotConfigured(f"{sev_guest_device} does not exist", reason="NO_ATTESTER")
+            raise AttesterNotConfigured(
+                f"{sev_guest_device} does not exist", reason=Reason.NO_ATTESTER
+            )
         return SevGuestAttester(sev_guest_device, io=io)
     if kind == "tdx-guest":
         for device in tdx_guest_devices:
             if io.exists(device):
                 return TdxGuestAttester(device, io=io)
         raise AttesterNotConfigured(
-            f"none of {', '.join(tdx_guest_devices)} exists", reason="NO_ATTESTER"
+            f"none of {', '.join(tdx_guest_devices)} exists", reason=Reason.NO_ATTESTER
         )
     if kind != "auto":
         raise AttesterNotConfigured(
             f"unknown attester kind {kind!r} (known: {', '.join(ATTESTER_KINDS)})",
-            reason="ATTESTER_KIND_UNKNOWN",
+            reason=Reason.ATTESTER_KIND_UNKNOWN,
         )
     tried: list[str] = []
     try:
@@ -91,5 +94,5 @@ def select_attester(
     raise AttesterNotConfigured(
         f"no TEE attestation interface found (tried {', '.join(tried)}); this is not a "
         "confidential VM, or its guest drivers are not loaded",
-        reason="NO_ATTESTER",
+        reason=Reason.NO_ATTESTER,
     )

@@ -33,6 +33,7 @@ from strongroom.attesters._base import (
 from strongroom.attesters._certtable import endorsement_chain, parse_cert_table
 from strongroom.attesters._devio import Buffer, DeviceIo, OsDeviceIo, iowr, new_buffer
 from strongroom.attesters._layouts import snp_report_data
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class SevGuestAttester:
         except OSError as exc:
             raise AttestationUnavailable(
                 f"cannot open {self._device}: {errno.errorcode.get(exc.errno or 0, '?')}",
-                reason="SNP_DEVICE_UNAVAILABLE",
+                reason=Reason.SNP_DEVICE_UNAVAILABLE,
             ) from None
         try:
             if self._extended:
@@ -129,7 +130,7 @@ class SevGuestAttester:
                 raise AttestationUnavailable(
                     f"the host's certificate table needs {needed} bytes "
                     f"(buffer {size}, kernel limit {SEV_FW_BLOB_MAX_SIZE})",
-                    reason="SNP_CERTS_TOO_LARGE",
+                    reason=Reason.SNP_CERTS_TOO_LARGE,
                 )
             log.info("SNP certificate buffer too small; retrying", extra={"needed": needed})
             size = needed
@@ -164,11 +165,12 @@ def _report_from_response(resp: bytes) -> bytes:
     if status != 0:
         raise AttestationUnavailable(
             f"SNP firmware refused the report request (status 0x{status:x})",
-            reason="SNP_REPORT_STATUS",
+            reason=Reason.SNP_REPORT_STATUS,
         )
     if not 0 < size <= REPORT_RESP_SIZE - MSG_REPORT_RSP_HEADER.size:
         raise AttestationUnavailable(
-            f"SNP firmware returned an impossible report size {size}", reason="SNP_REPORT_MALFORMED"
+            f"SNP firmware returned an impossible report size {size}",
+            reason=Reason.SNP_REPORT_MALFORMED,
         )
     start = MSG_REPORT_RSP_HEADER.size
     return resp[start : start + size]

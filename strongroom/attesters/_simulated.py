@@ -20,6 +20,7 @@ from strongroom.attesters._base import (
     require_report_data,
 )
 from strongroom.attesters._layouts import snp_report_data, tdx_quote_report_data
+from strongroom.reasons import Reason
 
 # The launch measurement is a claim the simulator cannot invent: the deployment names it (it is
 # what the release policy expects), so it is required rather than defaulted.
@@ -53,7 +54,7 @@ class SimulatedAttester:
         if production:
             raise AttesterNotConfigured(
                 "the simulated attester cannot be used in production mode",
-                reason="SIMULATOR_IN_PRODUCTION",
+                reason=Reason.SIMULATOR_IN_PRODUCTION,
             )
         self._sim = sim
         self._tee_type = TeeType(tee_type)
@@ -62,7 +63,7 @@ class SimulatedAttester:
         if required not in self._claims:
             raise AttesterNotConfigured(
                 f"the simulated {self._tee_type.name} attester needs the {required!r} claim",
-                reason="SIMULATOR_CLAIMS_MISSING",
+                reason=Reason.SIMULATOR_CLAIMS_MISSING,
             )
 
     def __repr__(self) -> str:
@@ -81,7 +82,7 @@ class SimulatedAttester:
             raise AttesterNotConfigured(
                 f"the simulator produced {evidence.tee_type.name} evidence, "
                 f"configured for {self._tee_type.name}",
-                reason="SIMULATOR_TEE_MISMATCH",
+                reason=Reason.SIMULATOR_TEE_MISMATCH,
             )
         if self._tee_type is TeeType.SEV_SNP:
             check_echo(snp_report_data(evidence.report), data, "simulated SNP report")

@@ -37,6 +37,7 @@ from strongroom.attesters._layouts import (
     tdreport_report_data,
     tdx_quote_report_data,
 )
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class TdxGuestAttester:
         except OSError as exc:
             raise AttestationUnavailable(
                 f"cannot open {self._device}: {errno.errorcode.get(exc.errno or 0, '?')}",
-                reason="TDX_DEVICE_UNAVAILABLE",
+                reason=Reason.TDX_DEVICE_UNAVAILABLE,
             ) from None
 
     def _tdreport(self, fd: int, data: bytes) -> bytes:
@@ -122,7 +123,7 @@ class TdxGuestAttester:
         except OSError as exc:
             code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
             raise AttestationUnavailable(
-                f"TDX_CMD_GET_REPORT0 failed: {code}", reason="TDX_REPORT_FAILED"
+                f"TDX_CMD_GET_REPORT0 failed: {code}", reason=Reason.TDX_REPORT_FAILED
             ) from None
         tdreport = arg.raw[TDX_REPORTDATA_LEN:]
         check_echo(tdreport_report_data(tdreport), data, "TDREPORT")
@@ -142,14 +143,14 @@ class TdxGuestAttester:
                     continue
                 code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
                 raise AttestationUnavailable(
-                    f"TDX_CMD_GET_QUOTE failed: {code}", reason="TDX_QUOTE_FAILED"
+                    f"TDX_CMD_GET_QUOTE failed: {code}", reason=Reason.TDX_QUOTE_FAILED
                 ) from None
             self._quote_command = command
             return _quote_from_buffer(buf.raw)
         raise AttesterNotConfigured(
             f"{self._device} cannot produce TDX quotes on this kernel (no TDX_CMD_GET_QUOTE); "
             "use configfs-tsm (Linux 6.7 or later), whose outblob is a quote",
-            reason="TDX_QUOTE_UNSUPPORTED",
+            reason=Reason.TDX_QUOTE_UNSUPPORTED,
         )
 
 
@@ -157,19 +158,20 @@ def _quote_from_buffer(buf: bytes) -> bytes:
     _version, status, _in_len, out_len = QUOTE_HDR.unpack_from(buf, 0)
     if status == GET_QUOTE_IN_FLIGHT:
         raise AttestationUnavailable(
-            "the host's quoting service did not finish", reason="TDX_QUOTE_IN_FLIGHT"
+            "the host's quoting service did not finish", reason=Reason.TDX_QUOTE_IN_FLIGHT
         )
     if status == GET_QUOTE_SERVICE_UNAVAILABLE:
         raise AttestationUnavailable(
-            "the host's quoting service is unavailable", reason="TDX_QUOTE_SERVICE_UNAVAILABLE"
+            "the host's quoting service is unavailable", reason=Reason.TDX_QUOTE_SERVICE_UNAVAILABLE
         )
     if status != GET_QUOTE_SUCCESS:
         raise AttestationUnavailable(
-            f"the host's quoting service failed (status 0x{status:x})", reason="TDX_QUOTE_FAILED"
+            f"the host's quoting service failed (status 0x{status:x})",
+            reason=Reason.TDX_QUOTE_FAILED,
         )
     if not 0 < out_len <= len(buf) - QUOTE_HDR.size:
         raise AttestationUnavailable(
             f"the quoting service returned an impossible quote length {out_len}",
-            reason="TDX_QUOTE_MALFORMED",
+            reason=Reason.TDX_QUOTE_MALFORMED,
         )
     return buf[QUOTE_HDR.size : QUOTE_HDR.size + out_len]

@@ -36,11 +36,12 @@ from strongroom.attestation.collateral_fetch import (
     FetchSettings,
 )
 from strongroom.attestation.encoding import detect_evidence
-from strongroom.attestation.errors import BAD_COLLATERAL, MalformedEvidence
+from strongroom.attestation.errors import MalformedEvidence
 from strongroom.attestation.evidence import Evidence
 from strongroom.attestation.trust import TrustStore
 from strongroom.attestation.verify import verify_evidence
 from strongroom.errors import InvalidArgument, StrongroomError
+from strongroom.reasons import Reason
 
 
 def register(subparsers: Any) -> None:
@@ -115,7 +116,7 @@ def _settings(args: argparse.Namespace) -> FetchSettings | None:
             retries=args.retries,
         )
     except ValueError as exc:
-        raise InvalidArgument(str(exc), reason="BAD_URL") from None
+        raise InvalidArgument(str(exc), reason=Reason.BAD_URL) from None
 
 
 def _read(path: Path) -> bytes:
@@ -123,7 +124,7 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise InvalidArgument(
-            f"cannot read {path}: {exc.strerror}", reason="FILE_UNREADABLE"
+            f"cannot read {path}: {exc.strerror}", reason=Reason.FILE_UNREADABLE
         ) from None
 
 
@@ -133,10 +134,12 @@ def _parse_time(text: str | None) -> dt.datetime:
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise InvalidArgument(f"--at {text!r} is not an RFC 3339 time", reason="BAD_TIME") from None
+        raise InvalidArgument(
+            f"--at {text!r} is not an RFC 3339 time", reason=Reason.BAD_TIME
+        ) from None
     if when.tzinfo is None:
         raise InvalidArgument(
-            "--at needs a time zone (e.g. 2026-01-01T00:00:00Z)", reason="BAD_TIME"
+            "--at needs a time zone (e.g. 2026-01-01T00:00:00Z)", reason=Reason.BAD_TIME
         )
     return when
 
@@ -161,7 +164,7 @@ def _static_source(paths: list[Path]) -> StaticCollateralSource:
         else:
             raise MalformedEvidence(
                 f"{path}: not TCB info, QE identity, a certificate chain or a CRL",
-                reason=BAD_COLLATERAL,
+                reason=Reason.BAD_COLLATERAL,
             )
     return StaticCollateralSource(
         tcb_infos=tuple(tcb),
@@ -239,9 +242,9 @@ def _collateral_fetch(args: argparse.Namespace) -> int:
     try:
         fmspcs = tuple(bytes.fromhex(f) for f in args.fmspc)
     except ValueError:
-        raise InvalidArgument("--fmspc must be hex", reason="BAD_FMSPC") from None
+        raise InvalidArgument("--fmspc must be hex", reason=Reason.BAD_FMSPC) from None
     if any(len(f) != 6 for f in fmspcs):
-        raise InvalidArgument("--fmspc must be 6 bytes (12 hex digits)", reason="BAD_FMSPC")
+        raise InvalidArgument("--fmspc must be 6 bytes (12 hex digits)", reason=Reason.BAD_FMSPC)
     cache = CollateralCache(args.dir, TrustStore.production())
     entries = CollateralService(cache, settings).fetch_all(
         fmspcs=fmspcs, products=tuple(args.product)
@@ -259,7 +262,7 @@ def _collateral_import(args: argparse.Namespace) -> int:
 
 def _collateral_ls(args: argparse.Namespace) -> int:
     if not args.dir.is_dir():
-        raise InvalidArgument(f"{args.dir} is not a directory", reason="FILE_UNREADABLE")
+        raise InvalidArgument(f"{args.dir} is not a directory", reason=Reason.FILE_UNREADABLE)
     cache = CollateralCache(args.dir, TrustStore.production(), writable=False)
     now = dt.datetime.now(dt.UTC)
     rows = []

@@ -14,6 +14,7 @@ from typing import Any
 
 from strongroom.errors import NotFound
 from strongroom.keybroker.audit import load_public_key, verify_audit_log
+from strongroom.reasons import Reason
 
 EXIT_TAMPERED = 2
 
@@ -45,7 +46,7 @@ def _verify(args: argparse.Namespace) -> int:
             pem = args.public_key.read_bytes()
         except OSError as exc:
             raise NotFound(
-                f"cannot read {args.public_key}: {exc.strerror}", reason="AUDIT_KEY_NOT_FOUND"
+                f"cannot read {args.public_key}: {exc.strerror}", reason=Reason.AUDIT_KEY_NOT_FOUND
             ) from None
         key = load_public_key(pem)
     result = verify_audit_log(args.path, public_key=key)

@@ -16,6 +16,7 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.cli.client import Client, add_client_arguments
 from strongroom.client.rewrap import rewrap_models
 from strongroom.errors import FailedPrecondition, NotFound
+from strongroom.reasons import Reason
 
 TIMEOUT = 30.0
 
@@ -95,7 +96,7 @@ def _rewrap_models(args: argparse.Namespace) -> int:
         keys = stub.ListKeys(pb.ListKeysRequest(), timeout=TIMEOUT).keys
         key = next((k for k in keys if k.key_id == args.key_id), None)
         if key is None:
-            raise NotFound(f"key {args.key_id} does not exist", reason="KEY_NOT_FOUND")
+            raise NotFound(f"key {args.key_id} does not exist", reason=Reason.KEY_NOT_FOUND)
         return _rewrap(client, args.key_id, key.current_version)
 
 

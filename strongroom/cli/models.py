@@ -24,6 +24,7 @@ from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.multipart import PartFile, files_parts, onnx_parts, publish_parts
 from strongroom.client.publish import ONNX_CONTENT_TYPE, publish_model
 from strongroom.errors import FailedPrecondition
+from strongroom.reasons import Reason
 
 TIMEOUT = 30.0
 
@@ -125,7 +126,7 @@ def _plan(paths: list[Path]) -> tuple[list[PartFile], ManifestLayout] | None:
     """The parts to publish, or None for one plain file (the single-artifact path)."""
     for path in paths:
         if not path.exists():
-            raise FailedPrecondition(f"{path} does not exist", reason="MODEL_FILE_UNREADABLE")
+            raise FailedPrecondition(f"{path} does not exist", reason=Reason.MODEL_FILE_UNREADABLE)
     if len(paths) == 1:
         path = paths[0]
         onnx_model = path.suffix == ".onnx" or (
@@ -140,7 +141,7 @@ def _plan(paths: list[Path]) -> tuple[list[PartFile], ManifestLayout] | None:
             return None
     parts = files_parts(paths)
     if not parts:
-        raise FailedPrecondition("no files to publish", reason="MODEL_FILE_UNREADABLE")
+        raise FailedPrecondition("no files to publish", reason=Reason.MODEL_FILE_UNREADABLE)
     return parts, ManifestLayout.FILES
 
 
@@ -149,7 +150,7 @@ def _publish(args: argparse.Namespace) -> int:
     if plan is not None and args.sign_key is not None:
         raise FailedPrecondition(
             "signing covers one file; multi-part models cannot be signed yet",
-            reason="SIGNING_UNSUPPORTED",
+            reason=Reason.SIGNING_UNSUPPORTED,
         )
     bar = None if args.no_progress else ProgressBar()
     if plan is not None:
@@ -224,7 +225,7 @@ def _check_pipe(out: BinaryIO) -> None:
     if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
         raise FailedPrecondition(
             "--to-memory writes plaintext only to a pipe or socket; standard output is not one",
-            reason="OUTPUT_NOT_A_PIPE",
+            reason=Reason.OUTPUT_NOT_A_PIPE,
         )
 
 

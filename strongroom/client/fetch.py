@@ -64,6 +64,7 @@ from strongroom.errors import (
     StrongroomError,
     Unavailable,
 )
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class DecryptedPart:
 
     def _check(self) -> bytes:
         if self._obj is None:
-            raise FailedPrecondition("the decrypted model was closed", reason="MODEL_CLOSED")
+            raise FailedPrecondition("the decrypted model was closed", reason=Reason.MODEL_CLOSED)
         return self._obj
 
     def _release(self) -> None:
@@ -214,7 +215,7 @@ class DecryptedModel:
         for part in self.parts:
             if part.name == name:
                 return part
-        raise NotFound(f"the model has no part {name[:255]!r}", reason="PART_NOT_FOUND")
+        raise NotFound(f"the model has no part {name[:255]!r}", reason=Reason.PART_NOT_FOUND)
 
     def close(self) -> None:
         """Overwrites every decrypted buffer with zeros; the parts are unusable afterwards."""
@@ -277,7 +278,9 @@ class ModelFetcher:
         timeout: float = 600.0,
     ) -> None:
         if not 1 <= parallel <= 64:
-            raise InvalidArgument("parallel must be between 1 and 64", reason="INVALID_PARALLEL")
+            raise InvalidArgument(
+                "parallel must be between 1 and 64", reason=Reason.INVALID_PARALLEL
+            )
         self._source: PartSource = (
             grpc_source(store, timeout=timeout) if isinstance(store, grpc.Channel) else store
         )
@@ -349,7 +352,7 @@ class ModelFetcher:
                 raise InvalidArtifact(
                     f"the manifest declares {header.plaintext_size} bytes, more than "
                     f"{MAX_MANIFEST_SIZE}",
-                    reason="MANIFEST_TOO_LARGE",
+                    reason=Reason.MANIFEST_TOO_LARGE,
                 )
             return
         message = (
@@ -357,7 +360,7 @@ class ModelFetcher:
         )
         if is_manifest(header.content_type):
             raise ManifestMismatch(message)
-        raise FailedPrecondition(message, reason="ARTIFACT_MISMATCH")
+        raise FailedPrecondition(message, reason=Reason.ARTIFACT_MISMATCH)
 
     def _fetch_parts(
         self, manifest: Manifest, dek: bytearray, done: list[BufferedStreamDecryptor]

@@ -46,6 +46,7 @@ from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.oaep import OaepHash
 from strongroom.pki.channel import RotatingChannel
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,7 @@ class KeyReleaseClient:
             raise FailedPrecondition(
                 f"the broker wrapped the key with mechanism {response.mechanism}, which we did "
                 "not offer",
-                reason="OAEP_MECHANISM_UNEXPECTED",
+                reason=Reason.OAEP_MECHANISM_UNEXPECTED,
             )
         oaep_hash = OaepHash.from_mechanism(response.mechanism)
         try:
@@ -334,7 +335,7 @@ class KeyReleaseClient:
         except ValueError:
             raise DataLoss(
                 "the released key does not decrypt with our ephemeral key",
-                reason="RELEASED_KEY_INVALID",
+                reason=Reason.RELEASED_KEY_INVALID,
             ) from None
         log.info(
             "data key released",

@@ -42,6 +42,7 @@ from strongroom.artifact.manifest import (
 )
 from strongroom.client.publish import ONNX_CONTENT_TYPE, UPLOAD_MESSAGE_BYTES, Progress
 from strongroom.errors import FailedPrecondition, InvalidArgument, StrongroomError
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ class PublishedParts:
 
 
 def _unreadable(path: Path, exc: OSError) -> FailedPrecondition:
-    return FailedPrecondition(f"cannot read {path}: {exc.strerror}", reason="MODEL_FILE_UNREADABLE")
+    return FailedPrecondition(
+        f"cannot read {path}: {exc.strerror}", reason=Reason.MODEL_FILE_UNREADABLE
+    )
 
 
 def _external_locations(model: Any) -> list[str]:
@@ -134,7 +137,7 @@ def onnx_parts(path: Path) -> list[PartFile]:
         if len(graphs) != 1:
             raise FailedPrecondition(
                 f"{path} must hold exactly one .onnx file (found {len(graphs)})",
-                reason="ONNX_MODEL_AMBIGUOUS",
+                reason=Reason.ONNX_MODEL_AMBIGUOUS,
             )
         path = graphs[0]
     try:
@@ -144,7 +147,7 @@ def onnx_parts(path: Path) -> list[PartFile]:
         raise _unreadable(path, exc) from None
     except Exception as exc:
         raise FailedPrecondition(
-            f"{path} is not an ONNX model ({type(exc).__name__})", reason="ONNX_MODEL_INVALID"
+            f"{path} is not an ONNX model ({type(exc).__name__})", reason=Reason.ONNX_MODEL_INVALID
         ) from None
     parts = [PartFile(validate_part_name(path.name), path, ONNX_CONTENT_TYPE)]
     folder = path.parent.resolve()
@@ -159,11 +162,11 @@ def onnx_parts(path: Path) -> list[PartFile]:
         if not data.resolve().is_relative_to(folder) or not data.is_file():
             raise FailedPrecondition(
                 f"external-data file {location!r} is not a regular file beside {path.name}",
-                reason="EXTERNAL_DATA_MISSING",
+                reason=Reason.EXTERNAL_DATA_MISSING,
             )
         if location == path.name:
             raise InvalidArgument(
-                "an external-data file cannot be the graph itself", reason="INVALID_PART_NAME"
+                "an external-data file cannot be the graph itself", reason=Reason.INVALID_PART_NAME
             )
         parts.append(PartFile(location, data, EXTERNAL_DATA_CONTENT_TYPE))
     return parts
@@ -224,7 +227,7 @@ def publish_parts(
     and the manifest is never written, so the version is never half-loadable.
     """
     if not 1 <= len(parts) <= MAX_PARTS:
-        raise InvalidArgument(f"a model has 1 to {MAX_PARTS} parts", reason="TOO_MANY_PARTS")
+        raise InvalidArgument(f"a model has 1 to {MAX_PARTS} parts", reason=Reason.TOO_MANY_PARTS)
     started = time.perf_counter()
     sizes = []
     for part in parts:
@@ -298,7 +301,7 @@ def publish_parts(
                 if os.fstat(source.fileno()).st_size != plan.header.plaintext_size:
                     raise FailedPrecondition(
                         f"{plan.part.path} changed size while publishing",
-                        reason="PLAINTEXT_SIZE_MISMATCH",
+                        reason=Reason.PLAINTEXT_SIZE_MISMATCH,
                     )
                 tail = bytearray()
 

@@ -21,6 +21,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import encrypt_stream, wipe
 from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
 from strongroom.errors import FailedPrecondition
+from strongroom.reasons import Reason
 
 UPLOAD_MESSAGE_BYTES = 1024 * 1024
 ONNX_CONTENT_TYPE = "application/vnd.onnx"
@@ -66,7 +67,7 @@ def publish_model(
     except OSError as exc:
         wipe(dek)
         raise FailedPrecondition(
-            f"cannot read {path}: {exc.strerror}", reason="MODEL_FILE_UNREADABLE"
+            f"cannot read {path}: {exc.strerror}", reason=Reason.MODEL_FILE_UNREADABLE
         ) from None
     with source:
         total = path.stat().st_size

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from strongroom.errors import FailedPrecondition, InvalidArgument
+from strongroom.reasons import Reason
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 
@@ -22,7 +23,7 @@ def sign_model(model: Path, private_key: Path) -> bytes:
 
     if not private_key.is_file():
         raise FailedPrecondition(
-            f"signing key {private_key} is not a file", reason="SIGNING_KEY_MISSING"
+            f"signing key {private_key} is not a file", reason=Reason.SIGNING_KEY_MISSING
         )
     with tempfile.TemporaryDirectory(prefix="strongroom-sign-") as tmp:
         signature = Path(tmp) / "model.sig"
@@ -32,6 +33,6 @@ def sign_model(model: Path, private_key: Path) -> bytes:
             ).sign(model, signature)
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(
-                f"cannot sign {model.name}: {exc}", reason="SIGNING_FAILED"
+                f"cannot sign {model.name}: {exc}", reason=Reason.SIGNING_FAILED
             ) from None
         return signature.read_bytes()

@@ -15,6 +15,7 @@ from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.pki.authz import SpiffeAuthorizer
 from strongroom.pki.client import CaClient
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
+from strongroom.reasons import Reason
 from strongroom.runtime.config import (
     LOOPBACK_NAMES,
     CommonConfig,
@@ -37,7 +38,8 @@ def open_identity(config: IdentityConfig) -> WorkloadIdentity:
         root_pem = config.ca_root_file.read_bytes()
     except OSError as exc:
         raise FailedPrecondition(
-            f"identity.ca_root_file {config.ca_root_file}: {exc.strerror}", reason="CA_ROOT_MISSING"
+            f"identity.ca_root_file {config.ca_root_file}: {exc.strerror}",
+            reason=Reason.CA_ROOT_MISSING,
         ) from None
     token: str | None = None
     if config.token_file is not None and config.token_file.exists():
@@ -52,7 +54,7 @@ def open_identity(config: IdentityConfig) -> WorkloadIdentity:
         identity.close()
         raise FailedPrecondition(
             f"enrolled as {identity.spiffe_id}, but the configuration says {config.spiffe_id}",
-            reason="IDENTITY_MISMATCH",
+            reason=Reason.IDENTITY_MISMATCH,
         )
     return identity
 
@@ -74,7 +76,7 @@ def refuse_loopback_names(identity: WorkloadIdentity) -> None:
         raise FailedPrecondition(
             f"the certificate of {identity.spiffe_id} carries {', '.join(loopback)}, which only "
             "development certificates may: enrol again with a token without it",
-            reason="LOOPBACK_NAME_IN_PRODUCTION",
+            reason=Reason.LOOPBACK_NAME_IN_PRODUCTION,
         )
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from strongroom.errors import InvalidArgument
+from strongroom.reasons import Reason
 from strongroom.spiffe import is_workload_id
 
 ENV_PREFIX = "STRONGROOM__"
@@ -27,7 +28,7 @@ T = TypeVar("T")
 class ConfigError(InvalidArgument):
     """The configuration is invalid; the message names the offending key."""
 
-    default_reason = "CONFIG_INVALID"
+    default_reason = Reason.CONFIG_INVALID
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.reasons import Reason
 from strongroom.runtime.grpc_types import RpcMethodHandler, ServerInterceptorBase, rewrap_handler
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def _malformed(request: _Malformed, context: grpc.ServicerContext, method: str) 
     )
     return InvalidArgument(
         f"{method}: the request message is not a valid protobuf encoding",
-        reason="MALFORMED_REQUEST",
+        reason=Reason.MALFORMED_REQUEST,
     )
 
 

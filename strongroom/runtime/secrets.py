@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from strongroom.errors import FailedPrecondition
+from strongroom.reasons import Reason
 
 
 class Secret:
@@ -52,17 +53,17 @@ class Secret:
                 f"{what}: no secret configured (set ${env} or a file)"
                 if env
                 else f"{what}: no file",
-                reason="SECRET_MISSING",
+                reason=Reason.SECRET_MISSING,
             )
         try:
             mode = file.stat().st_mode
             if mode & 0o077:
                 raise FailedPrecondition(
                     f"{what}: {file} is readable by group or others (mode {mode & 0o777:o}); use 0600",
-                    reason="SECRET_FILE_PERMISSIONS",
+                    reason=Reason.SECRET_FILE_PERMISSIONS,
                 )
             return cls(file.read_bytes())
         except OSError as exc:
             raise FailedPrecondition(
-                f"{what}: cannot read {file}: {exc.strerror}", reason="SECRET_MISSING"
+                f"{what}: cannot read {file}: {exc.strerror}", reason=Reason.SECRET_MISSING
             ) from None

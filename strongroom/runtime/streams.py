@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 
 from strongroom.errors import ResourceExhausted
+from strongroom.reasons import Reason
 from strongroom.runtime.grpc_types import (
     RpcMethodHandler,
     ServerInterceptorBase,
@@ -120,13 +121,13 @@ class StreamGuard(ServerInterceptorBase):
                 raise ResourceExhausted(
                     f"{identity} already has {limits.max_streams_per_identity} streams open "
                     f"(server.max_streams_per_identity); {method} refused",
-                    reason="TOO_MANY_STREAMS_PER_IDENTITY",
+                    reason=Reason.TOO_MANY_STREAMS_PER_IDENTITY,
                 )
             if blocking and self._blocking >= limits.max_blocking_streams:
                 raise ResourceExhausted(
                     f"the server already serves {limits.max_blocking_streams} streams "
                     f"(server.max_blocking_streams); {method} refused, retry later",
-                    reason="TOO_MANY_STREAMS",
+                    reason=Reason.TOO_MANY_STREAMS,
                 )
             self._per_identity[identity] += 1
             if blocking:
@@ -263,7 +264,7 @@ class _IdleTimeoutIterator:
             raise ResourceExhausted(
                 f"{self._method}: no message for {self._timeout:g}s "
                 "(server.stream_idle_timeout_seconds); the stream was ended",
-                reason="STREAM_IDLE_TIMEOUT",
+                reason=Reason.STREAM_IDLE_TIMEOUT,
             ) from None
         if kind == _ITEM:
             return value

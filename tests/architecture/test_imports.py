@@ -24,6 +24,7 @@ SERVICES = ("strongroom.keybroker", "strongroom.modelstore", "strongroom.inferen
 # Pure libraries: formats, verifiers, rules. No transport, no services, no process runtime.
 LIBRARIES = (
     "strongroom.errors",
+    "strongroom.reasons",
     "strongroom.identifiers",
     "strongroom.artifact",
     "strongroom.attestation",
@@ -95,9 +96,14 @@ def test_the_graph_sees_every_package() -> None:
         assert any(_within(m, prefix) for m in GRAPH), prefix
 
 
-def test_the_error_tree_is_a_leaf() -> None:
+def test_the_error_tree_and_the_reason_catalogue_are_leaves() -> None:
     _, imports = GRAPH["strongroom.errors"]
-    assert [t for _, t in imports if t.split(".")[0] not in {"__future__"}] == []
+    assert {t for _, t in imports if t.split(".")[0] != "__future__"} <= {
+        "strongroom.reasons",
+        "strongroom.reasons.Reason",
+    }
+    _, imports = GRAPH["strongroom.reasons"]
+    assert {t for _, t in imports if t.split(".")[0] != "__future__"} <= {"enum"}
 
 
 def test_libraries_import_no_transport_runtime_or_services() -> None:

@@ -14,8 +14,8 @@ from strongroom.attestation.binding import (
     client_report_data_for,
     report_data_for,
 )
-from strongroom.attestation.errors import REPORT_DATA_MISMATCH
 from strongroom.errors import InvalidArgument
+from strongroom.reasons import Reason
 
 
 def spki(key) -> bytes:  # type: ignore[no-untyped-def]
@@ -46,7 +46,7 @@ def test_every_field_and_the_label_matter() -> None:
 def test_bound_to_another_key_is_rejected() -> None:
     with pytest.raises(VerificationFailed) as err:
         check_report_data(report_data_for(NONCE, EPH, TLS2), report_data_for(NONCE, EPH, TLS))
-    assert err.value.reason == REPORT_DATA_MISMATCH
+    assert err.value.reason == Reason.REPORT_DATA_MISMATCH
 
 
 @pytest.mark.parametrize("claimed", [b"", bytes(32), bytes(63), bytes(65)])

@@ -30,7 +30,6 @@ from strongroom.attestation import (
     VerificationFailed,
     verify_evidence,
 )
-from strongroom.attestation import errors as E
 from strongroom.attestation.abi import _der
 from strongroom.attestation.abi import certs as oids
 from strongroom.attestation.collateral import parse_qe_identity, parse_tcb_info
@@ -38,6 +37,7 @@ from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
+from strongroom.reasons import Reason
 from tests.attestation.collateral_server import FakeCollateralServer, serve
 
 UTC = dt.UTC
@@ -124,7 +124,7 @@ def test_outage_with_empty_cache_fails_closed_after_bounded_retries(
         verify_evidence(
             Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
         )
-    assert err.value.reason == E.COLLATERAL_MISSING
+    assert err.value.reason == Reason.COLLATERAL_MISSING
     tcb_requests = [r for r in server.requests if r.startswith("/tdx/certification/v4/tcb")]
     assert len(tcb_requests) == 3  # one try and two retries, then no hammering
     with pytest.raises(CollateralUnavailable):
@@ -152,7 +152,7 @@ def test_wrong_issuer_chain_is_refused(vectors, production, server, tmp_path, au
     cache = CollateralCache(tmp_path, production)
     with pytest.raises(VerificationFailed) as err:
         CollateralService(cache, fast(server)).fetch_qe_identity()
-    assert err.value.reason == E.ROOT_NOT_TRUSTED
+    assert err.value.reason == Reason.ROOT_NOT_TRUSTED
     assert cache.tdx_qe_identity() is None
 
 
@@ -164,7 +164,7 @@ def test_missing_issuer_chain_header_is_refused(vectors, production, server, tmp
     )
     with pytest.raises(CollateralUnavailable) as err:
         CollateralService(CollateralCache(tmp_path, production), fast(server)).fetch_qe_identity()
-    assert err.value.reason == E.COLLATERAL_FETCH_FAILED
+    assert err.value.reason == Reason.COLLATERAL_FETCH_FAILED
 
 
 def test_kds_layout_vcek_and_crl(authority, sim_trust, server, tmp_path, now) -> None:  # type: ignore[no-untyped-def]
@@ -201,12 +201,12 @@ def test_revoked_vcek_chain_with_crl_omitted_is_refused(authority, sim_trust, no
 
     with pytest.raises(CollateralUnavailable) as err:
         verify_evidence(ev, trust=sim_trust, now=now, collateral=StaticCollateralSource())
-    assert err.value.reason == E.COLLATERAL_MISSING
+    assert err.value.reason == Reason.COLLATERAL_MISSING
     with pytest.raises(VerificationFailed) as err2:
         verify_evidence(
             ev, trust=sim_trust, now=now, collateral=StaticCollateralSource(crl_list=(revoked_crl,))
         )
-    assert err2.value.reason == E.CERT_REVOKED
+    assert err2.value.reason == Reason.CERT_REVOKED
 
 
 def test_forged_td_from_a_non_intel_qe_is_refused(authority, sim_trust, now, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -218,13 +218,13 @@ def test_forged_td_from_a_non_intel_qe_is_refused(authority, sim_trust, now, tmp
     authority.fill_cache(cache, tdx=[tdx], now=now)
     with pytest.raises(VerificationFailed) as err:
         verify_evidence(Evidence(TeeType.TDX, forged), trust=sim_trust, now=now, collateral=cache)
-    assert err.value.reason == E.QE_IDENTITY_MISMATCH
+    assert err.value.reason == Reason.QE_IDENTITY_MISMATCH
     (tmp_path / "tdx" / "qe_identity.json").unlink()
     (tmp_path / "generation").write_text("qe identity removed")
     fresh = CollateralCache(tmp_path, sim_trust, writable=False)
     with pytest.raises(CollateralUnavailable) as err2:
         verify_evidence(Evidence(TeeType.TDX, forged), trust=sim_trust, now=now, collateral=fresh)
-    assert err2.value.reason == E.COLLATERAL_MISSING
+    assert err2.value.reason == Reason.COLLATERAL_MISSING
 
 
 def test_evidence_tcb_info_cannot_improve_the_verdict(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
@@ -255,7 +255,7 @@ def test_stale_collateral_past_grace_is_refused(authority, sim_trust, now) -> No
     later = now + dt.timedelta(days=2)
     with pytest.raises(CollateralUnavailable) as err:
         verify_evidence(Evidence(TeeType.TDX, quote), trust=sim_trust, now=later, collateral=source)
-    assert err.value.reason == E.COLLATERAL_STALE
+    assert err.value.reason == Reason.COLLATERAL_STALE
     claims = verify_evidence(
         Evidence(TeeType.TDX, quote), trust=sim_trust, now=later, collateral=source,
         collateral_grace=dt.timedelta(days=2),
@@ -277,7 +277,7 @@ def test_older_tcb_info_is_refused_and_the_mark_survives_restart(
     for reopened in (cache, CollateralCache(tmp_path, sim_trust)):
         with pytest.raises(VerificationFailed) as err:
             reopened.put_tdx_tcb_info(older, chain)
-        assert err.value.reason == E.COLLATERAL_ROLLBACK
+        assert err.value.reason == Reason.COLLATERAL_ROLLBACK
     # Same number issued earlier: also a rollback.
     earlier = tdx.tcb_info(now=now, evaluation_number=18, issued=now - dt.timedelta(days=3))
     with pytest.raises(VerificationFailed):
@@ -305,7 +305,7 @@ def test_older_crl_is_refused(authority, sim_trust, now, tmp_path) -> None:  # t
     cache.put_crl(authority.crl("intel_root", now=now))
     with pytest.raises(VerificationFailed) as err:
         cache.put_crl(authority.crl("intel_root", now=now - dt.timedelta(days=2)))
-    assert err.value.reason == E.COLLATERAL_ROLLBACK
+    assert err.value.reason == Reason.COLLATERAL_ROLLBACK
 
 
 def test_import_and_read_only_share(authority, sim_trust, now, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -388,7 +388,7 @@ def test_hostile_vcek_is_malformed_not_a_crash(authority, sim_trust, now, case) 
     source = authority.collateral_source(now=now)
     with pytest.raises(MalformedEvidence) as err:
         verify_evidence(_snp_with_cert(authority, der), trust=sim_trust, now=now, collateral=source)
-    assert err.value.reason in (E.BAD_CERTIFICATE, E.UNPARSEABLE_INPUT)
+    assert err.value.reason in (Reason.BAD_CERTIFICATE, Reason.UNPARSEABLE_INPUT)
 
 
 def test_pck_ca_with_unknown_key_algorithm_is_malformed(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
@@ -432,7 +432,7 @@ def test_pck_ca_with_unknown_key_algorithm_is_malformed(authority, sim_trust, no
 def test_hostile_collateral_json_is_malformed(body: bytes) -> None:
     with pytest.raises(MalformedEvidence) as err:
         parse_tcb_info(body)
-    assert err.value.reason == E.BAD_COLLATERAL
+    assert err.value.reason == Reason.BAD_COLLATERAL
     with pytest.raises(MalformedEvidence):
         parse_qe_identity(body.replace(b"tcbInfo", b"enclaveIdentity"))
 

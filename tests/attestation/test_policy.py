@@ -18,11 +18,14 @@ from strongroom.attestation import (
     TrustStore,
     verify_evidence,
 )
-from strongroom.attestation import errors as E
 from strongroom.attestation.abi.snp import TcbVersion
-from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
+from strongroom.attestation.errors import (
+    PolicyInvalid,
+    PolicyViolation,
+)
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.reasons import Reason
 
 CALLER = "spiffe://strongroom.test/inference"
 RD = hashlib.sha512(b"rd").digest()
@@ -88,7 +91,7 @@ def tdx_claims(authority, trust, now, status="UpToDate", number=17, **kw):  # ty
 def completed(claims):  # type: ignore[no-untyped-def]
     """Real vectors lack some collateral in the public record; judge the rest of the policy."""
     assert not claims.collateral_complete
-    deny(E.COLLATERAL_INCOMPLETE, _permissive(claims), claims)
+    deny(Reason.COLLATERAL_INCOMPLETE, _permissive(claims), claims)
     if isinstance(claims, TdxClaims):
         return dataclasses.replace(
             claims, revocation_checked=True, qe_identity_checked=True, collateral_evaluated=True,
@@ -120,25 +123,27 @@ def test_allows_matching_snp_and_tdx(snp, authority, sim_trust, now) -> None:
 
 def test_snp_denials(snp, authority, sim_trust, now) -> None:
     c = snp_claims(snp, sim_trust, now)
-    deny(E.CALLER_NOT_ALLOWED, policy(), c, "spiffe://strongroom.test/other")
-    deny(E.TEE_TYPE_NOT_ALLOWED, policy(tee_types=["TDX"], sev_snp=None), c)
+    deny(Reason.CALLER_NOT_ALLOWED, policy(), c, "spiffe://strongroom.test/other")
+    deny(Reason.TEE_TYPE_NOT_ALLOWED, policy(tee_types=["TDX"], sev_snp=None), c)
     deny(
-        E.MEASUREMENT_NOT_ALLOWED, policy(), snp_claims(snp, sim_trust, now, measurement=bytes(48))
+        Reason.MEASUREMENT_NOT_ALLOWED,
+        policy(),
+        snp_claims(snp, sim_trust, now, measurement=bytes(48)),
     )
-    deny(E.DEBUG_FORBIDDEN, policy(), snp_claims(snp, sim_trust, now, policy=0xB0000))
-    deny(E.VMPL_NOT_ALLOWED, policy(), snp_claims(snp, sim_trust, now, vmpl=1))
-    deny(E.SMT_FORBIDDEN, policy(sev_snp__allow_smt=False), c)
-    deny(E.MIGRATE_MA_FORBIDDEN, policy(), snp_claims(snp, sim_trust, now, policy=0x70000))
+    deny(Reason.DEBUG_FORBIDDEN, policy(), snp_claims(snp, sim_trust, now, policy=0xB0000))
+    deny(Reason.VMPL_NOT_ALLOWED, policy(), snp_claims(snp, sim_trust, now, vmpl=1))
+    deny(Reason.SMT_FORBIDDEN, policy(sev_snp__allow_smt=False), c)
+    deny(Reason.MIGRATE_MA_FORBIDDEN, policy(), snp_claims(snp, sim_trust, now, policy=0x70000))
     deny(
-        E.SIGNING_KEY_NOT_ALLOWED,
+        Reason.SIGNING_KEY_NOT_ALLOWED,
         policy(),
         snp_claims(authority.snp(signing_key="VLEK"), sim_trust, now),
     )
-    deny(E.PRODUCT_NOT_ALLOWED, policy(sev_snp__products=["Genoa"]), c)
-    deny(E.GUEST_SVN_TOO_OLD, policy(sev_snp__min_guest_svn=3), c)
-    deny(E.TCB_TOO_OLD, policy(sev_snp__min_reported_tcb={"snp": 25}), c)
-    deny(E.HOST_DATA_NOT_ALLOWED, policy(sev_snp__host_data=["11" * 32]), c)
-    deny(E.SIMULATED_TEE_NOT_ALLOWED, policy(sev_snp__allow_simulated=False), c)
+    deny(Reason.PRODUCT_NOT_ALLOWED, policy(sev_snp__products=["Genoa"]), c)
+    deny(Reason.GUEST_SVN_TOO_OLD, policy(sev_snp__min_guest_svn=3), c)
+    deny(Reason.TCB_TOO_OLD, policy(sev_snp__min_reported_tcb={"snp": 25}), c)
+    deny(Reason.HOST_DATA_NOT_ALLOWED, policy(sev_snp__host_data=["11" * 32]), c)
+    deny(Reason.SIMULATED_TEE_NOT_ALLOWED, policy(sev_snp__allow_simulated=False), c)
     allowed = policy(
         sev_snp__vmpl=1,
         sev_snp__signing_keys=["VCEK", "VLEK"],
@@ -160,7 +165,7 @@ def test_real_debug_report_is_denied(vectors: Path, production: TrustStore) -> N
         )
     )  # fmt: skip
     pol = policy(sev_snp={"measurements": [DEBUG_MEASUREMENT], "min_reported_tcb": ZERO_TCB})
-    deny(E.DEBUG_FORBIDDEN, pol, claims)
+    deny(Reason.DEBUG_FORBIDDEN, pol, claims)
     policy(
         sev_snp={
             "measurements": [DEBUG_MEASUREMENT],
@@ -179,10 +184,10 @@ def test_real_tdx_debug_quote_is_denied(vectors: Path, production: TrustStore) -
         )
     )  # fmt: skip
     pol = policy(tdx={"mrtds": [claims.mrtd.hex()], "accepted_tcb_statuses": ["UpToDate"]})
-    deny(E.DEBUG_FORBIDDEN, pol, claims)
+    deny(Reason.DEBUG_FORBIDDEN, pol, claims)
     # Without collateral the TCB status is NotEvaluated, which no policy can accept.
     deny(
-        E.TCB_STATUS_NOT_ACCEPTED,
+        Reason.TCB_STATUS_NOT_ACCEPTED,
         policy(tdx={"mrtds": [claims.mrtd.hex()], "allow_debug": True}),
         claims,
     )
@@ -190,19 +195,19 @@ def test_real_tdx_debug_quote_is_denied(vectors: Path, production: TrustStore) -
 
 def test_tdx_denials(authority, sim_trust, now) -> None:
     c = tdx_claims(authority, sim_trust, now)
-    deny(E.MRTD_NOT_ALLOWED, policy(), tdx_claims(authority, sim_trust, now, mrtd=bytes(48)))
+    deny(Reason.MRTD_NOT_ALLOWED, policy(), tdx_claims(authority, sim_trust, now, mrtd=bytes(48)))
     deny(
-        E.DEBUG_FORBIDDEN,
+        Reason.DEBUG_FORBIDDEN,
         policy(),
         tdx_claims(authority, sim_trust, now, td_attributes=bytes.fromhex("0100001000000000")),
     )
-    deny(E.RTMR_NOT_ALLOWED, policy(tdx__rtmr2=["ab" * 48]), c)
-    deny(E.MRCONFIGID_NOT_ALLOWED, policy(tdx__mrconfigids=["ab" * 48]), c)
-    deny(E.MROWNER_NOT_ALLOWED, policy(tdx__mrowners=["ab" * 48]), c)
-    deny(E.MROWNERCONFIG_NOT_ALLOWED, policy(tdx__mrownerconfigs=["ab" * 48]), c)
-    deny(E.FMSPC_NOT_ALLOWED, policy(tdx__fmspcs=["00a06d080000"]), c)
+    deny(Reason.RTMR_NOT_ALLOWED, policy(tdx__rtmr2=["ab" * 48]), c)
+    deny(Reason.MRCONFIGID_NOT_ALLOWED, policy(tdx__mrconfigids=["ab" * 48]), c)
+    deny(Reason.MROWNER_NOT_ALLOWED, policy(tdx__mrowners=["ab" * 48]), c)
+    deny(Reason.MROWNERCONFIG_NOT_ALLOWED, policy(tdx__mrownerconfigs=["ab" * 48]), c)
+    deny(Reason.FMSPC_NOT_ALLOWED, policy(tdx__fmspcs=["00a06d080000"]), c)
     out_of_date = tdx_claims(authority, sim_trust, now, status="OutOfDate")
-    deny(E.TCB_STATUS_NOT_ACCEPTED, policy(), out_of_date)
+    deny(Reason.TCB_STATUS_NOT_ACCEPTED, policy(), out_of_date)
     policy(tdx__accepted_tcb_statuses=["UpToDate", "OutOfDate"]).evaluate(out_of_date, CALLER)
     policy(tdx__rtmr0=["00" * 48], tdx__fmspcs=[c.fmspc.hex()]).evaluate(c, CALLER)
 
@@ -210,64 +215,64 @@ def test_tdx_denials(authority, sim_trust, now) -> None:
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("version: [", E.POLICY_SYNTAX),
-        ("[]", E.POLICY_BAD_TYPE),
+        ("version: [", Reason.POLICY_SYNTAX),
+        ("[]", Reason.POLICY_BAD_TYPE),
         (
             '{"allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["'
             + "00" * 48
             + '"]}}',
-            E.POLICY_MISSING_KEY,
+            Reason.POLICY_MISSING_KEY,
         ),
-        ('{"version": "", "allowed_spiffe_ids": ["spiffe://a/b"]}', E.POLICY_BAD_TYPE),
-        ('{"version": 3, "allowed_spiffe_ids": ["spiffe://a/b"]}', E.POLICY_BAD_TYPE),
-        ('{"version": "1", "extra": 1}', E.POLICY_UNKNOWN_KEY),
+        ('{"version": "", "allowed_spiffe_ids": ["spiffe://a/b"]}', Reason.POLICY_BAD_TYPE),
+        ('{"version": 3, "allowed_spiffe_ids": ["spiffe://a/b"]}', Reason.POLICY_BAD_TYPE),
+        ('{"version": "1", "extra": 1}', Reason.POLICY_UNKNOWN_KEY),
         (
             '{"version": "1", "allowed_spiffe_ids": [], "tee_types": ["TDX"]}',
-            E.POLICY_EMPTY_ALLOW_LIST,
+            Reason.POLICY_EMPTY_ALLOW_LIST,
         ),
         (
             '{"version": "1", "allowed_spiffe_ids": ["https://x"], "tee_types": ["TDX"]}',
-            E.POLICY_BAD_VALUE,
+            Reason.POLICY_BAD_VALUE,
         ),
         (
             '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["SGX"]}',
-            E.POLICY_BAD_VALUE,
+            Reason.POLICY_BAD_VALUE,
         ),
         (
             '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"]}',
-            E.POLICY_MISSING_KEY,
+            Reason.POLICY_MISSING_KEY,
         ),
         (
             '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": []}}',
-            E.POLICY_EMPTY_ALLOW_LIST,
+            Reason.POLICY_EMPTY_ALLOW_LIST,
         ),
         (
             '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["abcd"]}}',
-            E.POLICY_BAD_HEX,
+            Reason.POLICY_BAD_HEX,
         ),
         (
             '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["'
             + "zz" * 48
             + '"]}}',
-            E.POLICY_BAD_HEX,
+            Reason.POLICY_BAD_HEX,
         ),
         (
             '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["'
             + "00" * 48
             + '"], "mrtd": 1}}',
-            E.POLICY_UNKNOWN_KEY,
+            Reason.POLICY_UNKNOWN_KEY,
         ),
         (
             '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["'
             + "00" * 48
             + '"], "accepted_tcb_statuses": ["Revoked"]}}',
-            E.POLICY_BAD_VALUE,
+            Reason.POLICY_BAD_VALUE,
         ),
         (
             '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["'
             + "00" * 48
             + '"], "allow_debug": "no"}}',
-            E.POLICY_BAD_TYPE,
+            Reason.POLICY_BAD_TYPE,
         ),
         (
             '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["TDX"], "tdx": {"mrtds": ["'
@@ -275,21 +280,21 @@ def test_tdx_denials(authority, sim_trust, now) -> None:
             + '"]}, "sev_snp": {"measurements": ["'
             + "00" * 48
             + '"]}}',
-            E.POLICY_BAD_VALUE,
+            Reason.POLICY_BAD_VALUE,
         ),
         (
             '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["SEV_SNP"], "sev_snp": {"measurements": ["'
             + "00" * 48
             + '"], "vmpl": 4}}',
-            E.POLICY_BAD_VALUE,
+            Reason.POLICY_BAD_VALUE,
         ),
         (
             '{"version": "1", "allowed_spiffe_ids": ["spiffe://a/b"], "tee_types": ["SEV_SNP"], "sev_snp": {"measurements": ["'
             + "00" * 48
             + '"], "min_reported_tcb": {"ucode": 1}}}',
-            E.POLICY_UNKNOWN_KEY,
+            Reason.POLICY_UNKNOWN_KEY,
         ),
-        ("version: '1'\nversion: '2'\n", E.POLICY_SYNTAX),
+        ("version: '1'\nversion: '2'\n", Reason.POLICY_SYNTAX),
     ],
 )
 def test_policy_load_errors(text: str, reason: str) -> None:
@@ -321,17 +326,17 @@ def test_snp_policy_must_state_a_minimum_reported_tcb() -> None:
     for production in (True, False):
         with pytest.raises(PolicyInvalid) as err:
             policy(production=production, sev_snp={"measurements": [MEAS.hex()]})
-        assert err.value.reason == E.POLICY_MISSING_KEY
+        assert err.value.reason == Reason.POLICY_MISSING_KEY
     partial = {"measurements": [MEAS.hex()], "min_reported_tcb": {"snp": 3}}
     with pytest.raises(PolicyInvalid) as err:
         policy(sev_snp=partial)
-    assert err.value.reason == E.POLICY_MISSING_KEY
+    assert err.value.reason == Reason.POLICY_MISSING_KEY
 
 
 def test_any_reported_tcb_only_in_development(snp, sim_trust, now) -> None:
     with pytest.raises(PolicyInvalid) as err:
         policy(sev_snp__min_reported_tcb="any")
-    assert err.value.reason == E.POLICY_BAD_VALUE
+    assert err.value.reason == Reason.POLICY_BAD_VALUE
     dev = policy(production=False, sev_snp__min_reported_tcb="any")
     dev.evaluate(snp_claims(snp, sim_trust, now), CALLER)
 
@@ -340,17 +345,17 @@ def test_zero_tcb_vcek_is_refused_by_a_stated_minimum(authority, sim_trust, now)
     zero = TcbVersion.from_components(bootloader=0, tee=0, snp=0, microcode=0)
     platform = authority.snp(tcb=zero)
     claims = snp_claims(platform, sim_trust, now)
-    deny(E.TCB_TOO_OLD, policy(sev_snp__min_reported_tcb={"snp": 1}), claims)
+    deny(Reason.TCB_TOO_OLD, policy(sev_snp__min_reported_tcb={"snp": 1}), claims)
 
 
 def test_min_tcb_evaluation_data_number(authority, sim_trust, now) -> None:
     claims = tdx_claims(authority, sim_trust, now, number=17)
     policy(tdx__min_tcb_evaluation_data_number=17).evaluate(claims, CALLER)
-    deny(E.TCB_EVALUATION_TOO_OLD, policy(tdx__min_tcb_evaluation_data_number=18), claims)
+    deny(Reason.TCB_EVALUATION_TOO_OLD, policy(tdx__min_tcb_evaluation_data_number=18), claims)
 
 
 def test_incomplete_collateral_never_releases(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
     ev = Evidence(TeeType.TDX, tdx.quote(RD, mrtd=MRTD))
     claims = verify_evidence(ev, trust=sim_trust, now=now, require_collateral=False)
-    deny(E.COLLATERAL_INCOMPLETE, policy(), claims)
+    deny(Reason.COLLATERAL_INCOMPLETE, policy(), claims)

@@ -28,11 +28,11 @@ from strongroom.attestation import (
     VerificationFailed,
     verify_evidence,
 )
-from strongroom.attestation import errors as E
 from strongroom.attestation.abi.snp import TcbVersion
 from strongroom.attestation.encoding import detect_evidence
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
+from strongroom.reasons import Reason
 from tests.attestation.test_vectors import NEW_TCB_SIGNING
 
 UTC = dt.UTC
@@ -121,14 +121,16 @@ def tdx_verify(
 
 def test_snp_truncated(milan, production) -> None:
     expect(
-        MalformedEvidence, E.TRUNCATED, lambda: snp_verify(milan[0][:1000], [milan[1]], production)
+        MalformedEvidence,
+        Reason.TRUNCATED,
+        lambda: snp_verify(milan[0][:1000], [milan[1]], production),
     )
 
 
 def test_snp_too_long(milan, production) -> None:
     expect(
         MalformedEvidence,
-        E.REPORT_SIZE,
+        Reason.REPORT_SIZE,
         lambda: snp_verify(milan[0] + b"\0", [milan[1]], production),
     )
 
@@ -136,7 +138,9 @@ def test_snp_too_long(milan, production) -> None:
 def test_snp_unsupported_version(milan, production) -> None:
     bad = struct.pack("<I", 4) + milan[0][4:]
     expect(
-        MalformedEvidence, E.UNSUPPORTED_VERSION, lambda: snp_verify(bad, [milan[1]], production)
+        MalformedEvidence,
+        Reason.UNSUPPORTED_VERSION,
+        lambda: snp_verify(bad, [milan[1]], production),
     )
 
 
@@ -144,7 +148,7 @@ def test_snp_unsupported_signature_algorithm(milan, production) -> None:
     bad = flip(milan[0], 0x34, 0x02)
     expect(
         MalformedEvidence,
-        E.UNSUPPORTED_SIGNATURE_ALGORITHM,
+        Reason.UNSUPPORTED_SIGNATURE_ALGORITHM,
         lambda: snp_verify(bad, [milan[1]], production),
     )
 
@@ -152,26 +156,32 @@ def test_snp_unsupported_signature_algorithm(milan, production) -> None:
 def test_snp_reserved_field_set(milan, production) -> None:
     expect(
         MalformedEvidence,
-        E.BAD_FIELD,
+        Reason.BAD_FIELD,
         lambda: snp_verify(flip(milan[0], 0x1F8), [milan[1]], production),
     )
 
 
 def test_tdx_truncated(spr, production) -> None:
-    expect(MalformedEvidence, E.TRUNCATED, lambda: tdx_verify(spr[:3000], production, SNP_TIME))
+    expect(
+        MalformedEvidence, Reason.TRUNCATED, lambda: tdx_verify(spr[:3000], production, SNP_TIME)
+    )
 
 
 def test_tdx_unsupported_version(spr, production) -> None:
     expect(
         MalformedEvidence,
-        E.UNSUPPORTED_VERSION,
+        Reason.UNSUPPORTED_VERSION,
         lambda: tdx_verify(b"\x03" + spr[1:], production, SNP_TIME),
     )
 
 
 def test_tdx_sgx_quote_rejected(spr, production) -> None:
     bad = spr[:4] + struct.pack("<I", 0) + spr[8:]
-    expect(MalformedEvidence, E.UNSUPPORTED_TEE_TYPE, lambda: tdx_verify(bad, production, SNP_TIME))
+    expect(
+        MalformedEvidence,
+        Reason.UNSUPPORTED_TEE_TYPE,
+        lambda: tdx_verify(bad, production, SNP_TIME),
+    )
 
 
 def test_tdx_wrong_certification_data_type(spr, production) -> None:
@@ -179,26 +189,30 @@ def test_tdx_wrong_certification_data_type(spr, production) -> None:
     bad = spr[:off] + struct.pack("<H", 5) + spr[off + 2 :]
     expect(
         MalformedEvidence,
-        E.UNSUPPORTED_CERTIFICATION_DATA,
+        Reason.UNSUPPORTED_CERTIFICATION_DATA,
         lambda: tdx_verify(bad, production, SNP_TIME),
     )
 
 
 def test_tdx_sig_data_length_past_end(spr, production) -> None:
     bad = spr[:632] + struct.pack("<I", 10_000) + spr[636:]
-    expect(MalformedEvidence, E.TRUNCATED, lambda: tdx_verify(bad, production, SNP_TIME))
+    expect(MalformedEvidence, Reason.TRUNCATED, lambda: tdx_verify(bad, production, SNP_TIME))
 
 
 def test_tdx_v5_body_type_sgx(vectors, production) -> None:
     quote = (vectors / "tdx/v5_td15_trustee.dat").read_bytes()
     bad = quote[:48] + struct.pack("<H", 1) + quote[50:]
     expect(
-        MalformedEvidence, E.UNSUPPORTED_BODY_TYPE, lambda: tdx_verify(bad, production, SNP_TIME)
+        MalformedEvidence,
+        Reason.UNSUPPORTED_BODY_TYPE,
+        lambda: tdx_verify(bad, production, SNP_TIME),
     )
 
 
 def test_unrecognised_evidence_format() -> None:
-    expect(MalformedEvidence, E.UNKNOWN_EVIDENCE_FORMAT, lambda: detect_evidence(b"hello world"))
+    expect(
+        MalformedEvidence, Reason.UNKNOWN_EVIDENCE_FORMAT, lambda: detect_evidence(b"hello world")
+    )
 
 
 def test_unspecified_tee_type_in_proto() -> None:
@@ -206,7 +220,7 @@ def test_unspecified_tee_type_in_proto() -> None:
 
     expect(
         MalformedEvidence,
-        E.TEE_TYPE_UNSPECIFIED,
+        Reason.TEE_TYPE_UNSPECIFIED,
         lambda: Evidence.from_proto(evidence_pb2.Evidence(report=b"x")),
     )
 
@@ -214,7 +228,7 @@ def test_unspecified_tee_type_in_proto() -> None:
 def test_tdx_evidence_with_certificates(spr, production, milan) -> None:
     expect(
         MalformedEvidence,
-        E.BAD_CERTIFICATE,
+        Reason.BAD_CERTIFICATE,
         lambda: tdx_verify(spr, production, SNP_TIME, certs=[milan[1]]),
     )
 
@@ -226,7 +240,7 @@ def test_tdx_evidence_with_certificates(spr, production, milan) -> None:
 def test_snp_signed_body_flip(milan, production, offset: int) -> None:
     expect(
         VerificationFailed,
-        E.REPORT_SIGNATURE_INVALID,
+        Reason.REPORT_SIGNATURE_INVALID,
         lambda: snp_verify(flip(milan[0], offset), [milan[1]], production),
     )
 
@@ -235,7 +249,7 @@ def test_snp_signed_body_flip(milan, production, offset: int) -> None:
 def test_snp_signature_flip(milan, production, offset: int) -> None:
     expect(
         VerificationFailed,
-        E.REPORT_SIGNATURE_INVALID,
+        Reason.REPORT_SIGNATURE_INVALID,
         lambda: snp_verify(flip(milan[0], offset), [milan[1]], production),
     )
 
@@ -244,7 +258,7 @@ def test_snp_vcek_signature_flip(milan, production) -> None:
     bad_cert = flip(milan[1], len(milan[1]) - 5)
     expect(
         VerificationFailed,
-        E.CERT_CHAIN_INVALID,
+        Reason.CERT_CHAIN_INVALID,
         lambda: snp_verify(milan[0], [bad_cert], production),
     )
 
@@ -253,7 +267,7 @@ def test_snp_vcek_of_another_chip(vectors, milan, production) -> None:
     other = (vectors / "snp/milan_v2_trustee_vcek.der").read_bytes()
     expect(
         VerificationFailed,
-        E.REPORT_SIGNATURE_INVALID,
+        Reason.REPORT_SIGNATURE_INVALID,
         lambda: snp_verify(milan[0], [other], production),
     )
 
@@ -262,14 +276,16 @@ def test_snp_vcek_of_another_product(vectors, milan, production) -> None:
     genoa = (vectors / "snp/genoa_v3_azure_ms_vcek.pem").read_bytes()
     expect(
         VerificationFailed,
-        E.REPORT_SIGNATURE_INVALID,
+        Reason.REPORT_SIGNATURE_INVALID,
         lambda: snp_verify(milan[0], [genoa], production),
     )
 
 
 def test_snp_missing_vcek(milan, production) -> None:
     expect(
-        CollateralUnavailable, E.COLLATERAL_MISSING, lambda: snp_verify(milan[0], [], production)
+        CollateralUnavailable,
+        Reason.COLLATERAL_MISSING,
+        lambda: snp_verify(milan[0], [], production),
     )
 
 
@@ -281,11 +297,11 @@ def test_snp_vcek_fetched_from_collateral_source(milan, production) -> None:
 def test_snp_collateral_source_failure_is_unavailable(milan, production) -> None:
     class Failing(StaticCollateralSource):
         def snp_key_certificate(self, report):  # type: ignore[no-untyped-def]
-            raise CollateralUnavailable("KDS unreachable", reason=E.COLLATERAL_FETCH_FAILED)
+            raise CollateralUnavailable("KDS unreachable", reason=Reason.COLLATERAL_FETCH_FAILED)
 
     expect(
         CollateralUnavailable,
-        E.COLLATERAL_FETCH_FAILED,
+        Reason.COLLATERAL_FETCH_FAILED,
         lambda: snp_verify(milan[0], [], production, collateral=Failing()),
     )
 
@@ -294,7 +310,7 @@ def test_snp_two_vceks(vectors, milan, production) -> None:
     other = (vectors / "snp/milan_v2_trustee_vcek.der").read_bytes()
     expect(
         MalformedEvidence,
-        E.BAD_CERTIFICATE,
+        Reason.BAD_CERTIFICATE,
         lambda: snp_verify(milan[0], [milan[1], other], production),
     )
 
@@ -303,7 +319,7 @@ def test_snp_ask_not_matching_pinned(milan, production, authority: SimulatedAuth
     ask = authority.amd_root_pems()[1]
     expect(
         VerificationFailed,
-        E.INTERMEDIATE_NOT_PINNED,
+        Reason.INTERMEDIATE_NOT_PINNED,
         lambda: snp_verify(milan[0], [milan[1], ask], production),
     )
 
@@ -312,7 +328,7 @@ def test_snp_ark_not_matching_pinned(milan, production, authority: SimulatedAuth
     ark = authority.amd_root_pems()[0]
     expect(
         VerificationFailed,
-        E.ROOT_NOT_TRUSTED,
+        Reason.ROOT_NOT_TRUSTED,
         lambda: snp_verify(milan[0], [milan[1], ark], production),
     )
 
@@ -321,7 +337,7 @@ def test_snp_cert_not_yet_valid(milan, production) -> None:
     when = dt.datetime(2019, 1, 1, tzinfo=UTC)
     expect(
         VerificationFailed,
-        E.CERT_NOT_VALID_AT_TIME,
+        Reason.CERT_NOT_VALID_AT_TIME,
         lambda: snp_verify(milan[0], [milan[1]], production, when),
     )
 
@@ -329,7 +345,7 @@ def test_snp_cert_not_yet_valid(milan, production) -> None:
 def test_tdx_body_flip(spr, production) -> None:
     expect(
         VerificationFailed,
-        E.QUOTE_SIGNATURE_INVALID,
+        Reason.QUOTE_SIGNATURE_INVALID,
         lambda: tdx_verify(flip(spr, 200), production, SNP_TIME),
     )
 
@@ -337,7 +353,7 @@ def test_tdx_body_flip(spr, production) -> None:
 def test_tdx_header_flip(spr, production) -> None:
     expect(
         VerificationFailed,
-        E.QUOTE_SIGNATURE_INVALID,
+        Reason.QUOTE_SIGNATURE_INVALID,
         lambda: tdx_verify(flip(spr, 40), production, SNP_TIME),
     )
 
@@ -345,7 +361,7 @@ def test_tdx_header_flip(spr, production) -> None:
 def test_tdx_quote_signature_flip(spr, production) -> None:
     expect(
         VerificationFailed,
-        E.QUOTE_SIGNATURE_INVALID,
+        Reason.QUOTE_SIGNATURE_INVALID,
         lambda: tdx_verify(flip(spr, 636 + 10), production, SNP_TIME),
     )
 
@@ -353,7 +369,7 @@ def test_tdx_quote_signature_flip(spr, production) -> None:
 def test_tdx_qe_report_flip(spr, production) -> None:
     expect(
         VerificationFailed,
-        E.QE_REPORT_SIGNATURE_INVALID,
+        Reason.QE_REPORT_SIGNATURE_INVALID,
         lambda: tdx_verify(flip(spr, 636 + 134 + 100), production, SNP_TIME),
     )
 
@@ -362,7 +378,7 @@ def test_tdx_qe_auth_data_flip(spr, production) -> None:
     off = 636 + 134 + 384 + 64 + 2  # first QE auth data byte
     expect(
         VerificationFailed,
-        E.QE_REPORT_DATA_MISMATCH,
+        Reason.QE_REPORT_DATA_MISMATCH,
         lambda: tdx_verify(flip(spr, off), production, SNP_TIME),
     )
 
@@ -375,7 +391,7 @@ def test_tdx_pck_chain_signature_flip(spr, production) -> None:
     bad[pos] = ord("A") if spr[pos] != ord("A") else ord("B")
     expect(
         VerificationFailed,
-        E.CERT_CHAIN_INVALID,
+        Reason.CERT_CHAIN_INVALID,
         lambda: tdx_verify(bytes(bad), production, SNP_TIME),
     )
 
@@ -394,7 +410,7 @@ def test_tdx_expired_collateral(vectors, spr, production) -> None:
     when = dt.datetime(2023, 8, 1, tzinfo=UTC)
     expect(
         CollateralUnavailable,
-        E.COLLATERAL_STALE,
+        Reason.COLLATERAL_STALE,
         lambda: tdx_verify(spr, production, when, collateral),
     )
 
@@ -405,7 +421,7 @@ def test_tdx_expired_crl(vectors, spr, production) -> None:
     )
     expect(
         CollateralUnavailable,
-        E.COLLATERAL_STALE,
+        Reason.COLLATERAL_STALE,
         lambda: tdx_verify(spr, production, SNP_TIME, [crl]),
     )
 
@@ -425,7 +441,7 @@ def test_tdx_expired_tcb_signing_certificate(vectors, production) -> None:
     when = dt.datetime(2025, 11, 1, tzinfo=UTC)
     expect(
         VerificationFailed,
-        E.CERT_NOT_VALID_AT_TIME,
+        Reason.CERT_NOT_VALID_AT_TIME,
         lambda: tdx_verify(quote, production, when, collateral),
     )
 
@@ -445,7 +461,7 @@ def test_tdx_tcb_info_tampered(vectors, production) -> None:
     when = dt.datetime(2025, 11, 1, tzinfo=UTC)
     expect(
         VerificationFailed,
-        E.COLLATERAL_SIGNATURE_INVALID,
+        Reason.COLLATERAL_SIGNATURE_INVALID,
         lambda: tdx_verify(quote, production, when, _gnr_collateral(vectors, tampered)),
     )
 
@@ -458,7 +474,7 @@ def test_tdx_tcb_info_signature_flipped(vectors, production) -> None:
     when = dt.datetime(2025, 11, 1, tzinfo=UTC)
     expect(
         VerificationFailed,
-        E.COLLATERAL_SIGNATURE_INVALID,
+        Reason.COLLATERAL_SIGNATURE_INVALID,
         lambda: tdx_verify(quote, production, when, _gnr_collateral(vectors, tampered)),
     )
 
@@ -469,7 +485,7 @@ def test_tdx_fmspc_mismatch(vectors, production) -> None:
     when = dt.datetime(2026, 2, 15, tzinfo=UTC)
     expect(
         VerificationFailed,
-        E.FMSPC_MISMATCH,
+        Reason.FMSPC_MISMATCH,
         lambda: tdx_verify(quote, production, when, _gnr_collateral(vectors, other)),
     )
 
@@ -483,7 +499,7 @@ def test_tdx_tcb_info_without_signing_chain(vectors, production) -> None:
     when = dt.datetime(2025, 11, 1, tzinfo=UTC)
     expect(
         CollateralUnavailable,
-        E.COLLATERAL_MISSING,
+        Reason.COLLATERAL_MISSING,
         lambda: tdx_verify(quote, production, when, [doc], require=True),
     )
 
@@ -493,7 +509,7 @@ def test_tdx_malformed_tcb_info(vectors, production) -> None:
     when = dt.datetime(2025, 11, 1, tzinfo=UTC)
     expect(
         MalformedEvidence,
-        E.BAD_COLLATERAL,
+        Reason.BAD_COLLATERAL,
         lambda: tdx_verify(quote, production, when, _gnr_collateral(vectors, b'{"tcbInfo":{}')),
     )
 
@@ -505,7 +521,7 @@ def test_simulated_snp_rejected_by_production(authority, production, now) -> Non
     ev = authority.snp().evidence(RD, measurement=MEAS)
     expect(
         VerificationFailed,
-        E.ROOT_NOT_TRUSTED,
+        Reason.ROOT_NOT_TRUSTED,
         lambda: verify_evidence(ev, trust=production, now=now),
     )
 
@@ -514,7 +530,7 @@ def test_simulated_tdx_rejected_by_production(authority, production, now) -> Non
     ev = authority.tdx().evidence(RD, mrtd=MEAS, now=now)
     expect(
         VerificationFailed,
-        E.ROOT_NOT_TRUSTED,
+        Reason.ROOT_NOT_TRUSTED,
         lambda: verify_evidence(ev, trust=production, now=now),
     )
 
@@ -523,7 +539,7 @@ def test_simulated_tdx_chain_to_foreign_root(authority, other_authority, now) ->
     ev = other_authority.tdx().evidence(RD, mrtd=MEAS, now=now)
     expect(
         VerificationFailed,
-        E.ROOT_NOT_TRUSTED,
+        Reason.ROOT_NOT_TRUSTED,
         lambda: verify_evidence(ev, trust=authority.trust_store(), now=now),
     )
 
@@ -547,7 +563,9 @@ def test_tcb_mismatch_vs_vcek(authority, sim_trust, now) -> None:
         (snp.certificate_der,),
     )
     expect(
-        VerificationFailed, E.TCB_MISMATCH, lambda: verify_evidence(ev, trust=sim_trust, now=now)
+        VerificationFailed,
+        Reason.TCB_MISMATCH,
+        lambda: verify_evidence(ev, trust=sim_trust, now=now),
     )
 
 
@@ -557,7 +575,9 @@ def test_hwid_mismatch(authority, sim_trust, now) -> None:
         TeeType.SEV_SNP, snp.report(RD, measurement=MEAS, chip_id=bytes(64)), (snp.certificate_der,)
     )
     expect(
-        VerificationFailed, E.HWID_MISMATCH, lambda: verify_evidence(ev, trust=sim_trust, now=now)
+        VerificationFailed,
+        Reason.HWID_MISMATCH,
+        lambda: verify_evidence(ev, trust=sim_trust, now=now),
     )
 
 
@@ -570,7 +590,7 @@ def test_vlek_presented_as_vcek(authority, sim_trust, now) -> None:
     )
     expect(
         VerificationFailed,
-        E.SIGNING_KEY_MISMATCH,
+        Reason.SIGNING_KEY_MISMATCH,
         lambda: verify_evidence(ev, trust=sim_trust, now=now),
     )
 
@@ -584,7 +604,7 @@ def test_wrong_product_cpuid(authority, sim_trust, now) -> None:
     )
     expect(
         VerificationFailed,
-        E.PRODUCT_MISMATCH,
+        Reason.PRODUCT_MISMATCH,
         lambda: verify_evidence(ev, trust=sim_trust, now=now),
     )
 
@@ -597,7 +617,7 @@ def test_snp_signed_by_other_key(authority, sim_trust, now) -> None:
     )
     expect(
         VerificationFailed,
-        E.REPORT_SIGNATURE_INVALID,
+        Reason.REPORT_SIGNATURE_INVALID,
         lambda: verify_evidence(ev, trust=sim_trust, now=now),
     )
 
@@ -607,7 +627,7 @@ def test_snp_vcek_from_foreign_simulated_chain(authority, other_authority, now) 
     ev = other_authority.snp().evidence(RD, measurement=MEAS)
     expect(
         VerificationFailed,
-        E.CERT_CHAIN_INVALID,
+        Reason.CERT_CHAIN_INVALID,
         lambda: verify_evidence(ev, trust=authority.trust_store(), now=now),
     )
 
@@ -617,7 +637,7 @@ def test_snp_expired_vcek(authority, sim_trust, now) -> None:
     later = now + dt.timedelta(days=365 * 8)
     expect(
         VerificationFailed,
-        E.CERT_NOT_VALID_AT_TIME,
+        Reason.CERT_NOT_VALID_AT_TIME,
         lambda: verify_evidence(ev, trust=sim_trust, now=later),
     )
 
@@ -628,7 +648,7 @@ def test_snp_revoked_ask(authority, sim_trust, now) -> None:
     revoked = authority.collateral_source(now=now, revoked={"ark": [authority.ask.serial_number]})
     expect(
         VerificationFailed,
-        E.CERT_REVOKED,
+        Reason.CERT_REVOKED,
         lambda: verify_evidence(ev, trust=sim_trust, now=now, collateral=revoked),
     )
 
@@ -667,7 +687,7 @@ def test_tdx_bad_qe_report_signature(authority, sim_trust, now) -> None:
     quote = tdx.quote(RD, mrtd=MEAS, qe_sign_with=ec.generate_private_key(ec.SECP256R1()))
     expect(
         VerificationFailed,
-        E.QE_REPORT_SIGNATURE_INVALID,
+        Reason.QE_REPORT_SIGNATURE_INVALID,
         lambda: sim_tdx(authority, tdx, quote, sim_trust, now),
     )
 
@@ -677,7 +697,7 @@ def test_tdx_qe_report_data_not_binding_ak(authority, sim_trust, now) -> None:
     quote = tdx.quote(RD, mrtd=MEAS, qe_report_data=hashlib.sha512(b"other").digest())
     expect(
         VerificationFailed,
-        E.QE_REPORT_DATA_MISMATCH,
+        Reason.QE_REPORT_DATA_MISMATCH,
         lambda: sim_tdx(authority, tdx, quote, sim_trust, now),
     )
 
@@ -690,7 +710,7 @@ def test_tdx_revoked_pck(authority, sim_trust, now) -> None:
     ]
     expect(
         VerificationFailed,
-        E.CERT_REVOKED,
+        Reason.CERT_REVOKED,
         lambda: sim_tdx(authority, tdx, tdx.quote(RD, mrtd=MEAS), sim_trust, now, crls=crls),
     )
 
@@ -700,7 +720,7 @@ def test_tdx_revoked_pck_with_crl_omitted_fails_closed(authority, sim_trust, now
     only_root = [authority.crl("intel_root", now=now)]
     expect(
         CollateralUnavailable,
-        E.COLLATERAL_MISSING,
+        Reason.COLLATERAL_MISSING,
         lambda: sim_tdx(authority, tdx, tdx.quote(RD, mrtd=MEAS), sim_trust, now, crls=only_root),
     )
 
@@ -717,7 +737,7 @@ def test_tdx_crl_signed_by_wrong_key(authority, other_authority, sim_trust, now)
     crls = [other_authority.crl("pck_ca", [], now=now), authority.crl("intel_root", now=now)]
     expect(
         VerificationFailed,
-        E.CRL_SIGNATURE_INVALID,
+        Reason.CRL_SIGNATURE_INVALID,
         lambda: sim_tdx(authority, tdx, tdx.quote(RD, mrtd=MEAS), sim_trust, now, crls=crls),
     )
 
@@ -727,7 +747,7 @@ def test_tdx_qe_identity_mismatch(authority, sim_trust, now) -> None:
     quote = tdx.quote(RD, mrtd=MEAS, qe_mrsigner=bytes(32))
     expect(
         VerificationFailed,
-        E.QE_IDENTITY_MISMATCH,
+        Reason.QE_IDENTITY_MISMATCH,
         lambda: sim_tdx(authority, tdx, quote, sim_trust, now),
     )
 
@@ -737,7 +757,7 @@ def test_tdx_module_mismatch(authority, sim_trust, now) -> None:
     quote = tdx.quote(RD, mrtd=MEAS, mr_signer_seam=b"\x01" * 48)
     expect(
         VerificationFailed,
-        E.TDX_MODULE_MISMATCH,
+        Reason.TDX_MODULE_MISMATCH,
         lambda: sim_tdx(authority, tdx, quote, sim_trust, now),
     )
 
@@ -756,7 +776,7 @@ def test_tdx_collateral_from_source(authority, sim_trust, now) -> None:
     empty = StaticCollateralSource()
     expect(
         CollateralUnavailable,
-        E.COLLATERAL_MISSING,
+        Reason.COLLATERAL_MISSING,
         lambda: verify_evidence(ev, trust=sim_trust, now=now, collateral=empty),
     )
 
@@ -776,7 +796,7 @@ def test_cached_chain_not_used_outside_its_window(milan) -> None:
     assert snp_verify(milan[0], [milan[1]], store).product == "Milan"
     expect(
         VerificationFailed,
-        E.CERT_NOT_VALID_AT_TIME,
+        Reason.CERT_NOT_VALID_AT_TIME,
         lambda: snp_verify(milan[0], [milan[1]], store, dt.datetime(2040, 1, 1, tzinfo=UTC)),
     )
 
@@ -787,7 +807,7 @@ def test_failure_is_not_cached(milan) -> None:
     for _ in range(2):
         expect(
             VerificationFailed,
-            E.CERT_CHAIN_INVALID,
+            Reason.CERT_CHAIN_INVALID,
             lambda: snp_verify(milan[0], [bad_cert], store),
         )
     assert snp_verify(milan[0], [milan[1]], store).product == "Milan"

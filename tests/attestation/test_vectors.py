@@ -24,7 +24,8 @@ from strongroom.attestation import (
 from strongroom.attestation.abi.snp import parse_snp_report
 from strongroom.attestation.abi.tdx import parse_tdx_quote
 from strongroom.attestation.encoding import detect_evidence
-from strongroom.attestation.errors import CERT_NOT_VALID_AT_TIME, VerificationFailed
+from strongroom.attestation.errors import VerificationFailed
+from strongroom.reasons import Reason
 from tests.conftest import DATA
 
 UTC = dt.UTC
@@ -140,7 +141,7 @@ def test_expired_vlek_fails_today(vectors: Path, production: TrustStore) -> None
     evidence = _snp_evidence(vectors, SOURCES["snp/milan_v3_vlek_aws_trustee.bin"])
     with pytest.raises(VerificationFailed) as err:
         verify_evidence(evidence, trust=production, now=dt.datetime(2026, 11, 25, tzinfo=UTC))
-    assert err.value.reason == CERT_NOT_VALID_AT_TIME
+    assert err.value.reason == Reason.CERT_NOT_VALID_AT_TIME
 
 
 @pytest.mark.parametrize("name", TDX_VECTORS)

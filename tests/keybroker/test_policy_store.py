@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from strongroom.attestation import errors as E
 from strongroom.attestation.errors import PolicyInvalid
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.policy_bounds import (
@@ -15,6 +14,7 @@ from strongroom.keybroker.policy_bounds import (
     MAX_POLICY_DEPTH,
     check_policy_bounds,
 )
+from strongroom.reasons import Reason
 
 DOMAIN = "strongroom.test"
 MEASUREMENT = "ab" * 48
@@ -42,7 +42,7 @@ def test_a_foreign_trust_domain_is_always_refused(tmp_path: Path, production: bo
         store(tmp_path, production=production).put(
             "k1", document(callers="spiffe://evil.example/inference")
         )
-    assert info.value.reason == E.POLICY_FOREIGN_TRUST_DOMAIN
+    assert info.value.reason == Reason.POLICY_FOREIGN_TRUST_DOMAIN
     assert "spiffe://evil.example/inference" in info.value.message
     assert not (tmp_path / "policies" / "k1.yaml").exists()
 
@@ -50,12 +50,12 @@ def test_a_foreign_trust_domain_is_always_refused(tmp_path: Path, production: bo
 def test_allow_debug_is_refused_in_production_only(tmp_path: Path) -> None:
     with pytest.raises(PolicyInvalid) as info:
         store(tmp_path, production=True).put("k1", document(debug=True))
-    assert info.value.reason == E.POLICY_DEBUG_IN_PRODUCTION
+    assert info.value.reason == Reason.POLICY_DEBUG_IN_PRODUCTION
     assert store(tmp_path, production=False).put("k1", document(debug=True)).policy.snp
     # A debug policy a development broker stored does not load in a production one either.
     with pytest.raises(PolicyInvalid) as info:
         store(tmp_path, production=True).get("k1")
-    assert info.value.reason == E.POLICY_DEBUG_IN_PRODUCTION
+    assert info.value.reason == Reason.POLICY_DEBUG_IN_PRODUCTION
 
 
 def test_a_good_policy_is_stored(tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ def test_depth_within_the_bound_is_left_to_the_schema() -> None:
     check_policy_bounds("a: " + "[" * inner + "]" * inner)
     with pytest.raises(PolicyInvalid) as info:
         check_policy_bounds("not: [valid")
-    assert info.value.reason == E.POLICY_SYNTAX
+    assert info.value.reason == Reason.POLICY_SYNTAX
 
 
 def test_size_and_node_bounds() -> None:

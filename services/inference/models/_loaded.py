@@ -26,6 +26,7 @@ import numpy as np
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
 from strongroom.inference.models._datatypes import BY_ORT_TYPE, DATATYPES, DataType
 from strongroom.inference.models._ort import ort, ort_state
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ _OPTIMIZATION_LEVELS = {
 class ModelLoadError(FailedPrecondition):
     """ONNX Runtime could not load the model (malformed, unsupported, or needs files from disk)."""
 
-    default_reason = "MODEL_INVALID"
+    default_reason = Reason.MODEL_INVALID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +167,7 @@ class LoadedModel:
             )
             raise ModelLoadError(
                 f"ONNX Runtime rejected the model ({type(exc).__name__}): {_first_line(str(exc))}",
-                reason="MODEL_INVALID",
+                reason=Reason.MODEL_INVALID,
             ) from None
         finally:
             del serialized
@@ -187,7 +188,8 @@ class LoadedModel:
                 )
         if not outputs:
             raise ModelLoadError(
-                "the model has no output with an OIP datatype", reason="MODEL_UNSUPPORTED_DATATYPE"
+                "the model has no output with an OIP datatype",
+                reason=Reason.MODEL_UNSUPPORTED_DATATYPE,
             )
         log.info(
             "model loaded",
@@ -217,7 +219,7 @@ class LoadedModel:
         for name, array in inputs.items():
             spec = self._inputs_by_name.get(name)
             if spec is None:
-                raise InvalidArgument(f"model has no input {name!r}", reason="INPUT_UNKNOWN")
+                raise InvalidArgument(f"model has no input {name!r}", reason=Reason.INPUT_UNKNOWN)
             feeds[name] = _to_ort_strings(name, array) if spec.datatype == "BYTES" else array
         names = list(outputs) if outputs is not None else list(self._output_names)
         try:
@@ -225,14 +227,14 @@ class LoadedModel:
         except ort_state.InvalidArgument as exc:
             raise InvalidArgument(
                 f"the model rejected the inputs: {_first_line(str(exc))}",
-                reason="INFERENCE_INPUT_REJECTED",
+                reason=Reason.INFERENCE_INPUT_REJECTED,
             ) from None
         except Exception as exc:
             log.error(
                 "inference failed",
                 extra={"model": self.name, "version": self.version, "ort_error": str(exc)[:2000]},
             )
-            raise Internal("inference failed", reason="INFERENCE_FAILED") from None
+            raise Internal("inference failed", reason=Reason.INFERENCE_FAILED) from None
         out: dict[str, np.ndarray] = {}
         for name, value in zip(names, results, strict=True):
             array = np.asarray(value)
@@ -247,7 +249,7 @@ def _spec(arg: Any, kind: str) -> TensorSpec:
     if datatype is None:
         raise ModelLoadError(
             f"model {kind} {arg.name!r} has type {arg.type}, which OIP cannot carry",
-            reason="MODEL_UNSUPPORTED_DATATYPE",
+            reason=Reason.MODEL_UNSUPPORTED_DATATYPE,
         )
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
     return TensorSpec(arg.name, datatype.name, shape)
@@ -268,7 +270,7 @@ def _to_ort_strings(name: str, array: np.ndarray) -> np.ndarray:
         except (UnicodeDecodeError, TypeError):
             raise InvalidArgument(
                 f"input {name!r} element {i} is not UTF-8; this model's string tensors need text",
-                reason="BYTES_NOT_UTF8",
+                reason=Reason.BYTES_NOT_UTF8,
             ) from None
     return out
 

@@ -25,6 +25,7 @@ from strongroom.errors import (
 )
 from strongroom.identifiers import validate_name, validate_version
 from strongroom.inference.models._loaded import LoadedModel, ModelBuffer, RuntimeOptions
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +33,19 @@ log = logging.getLogger(__name__)
 class ModelNotFound(NotFound):
     """No model (or no such version of it) is configured."""
 
-    default_reason = "MODEL_NOT_FOUND"
+    default_reason = Reason.MODEL_NOT_FOUND
 
 
 class ModelNotReady(Unavailable):
     """The model is configured but still loading; retrying later may succeed."""
 
-    default_reason = "MODEL_NOT_READY"
+    default_reason = Reason.MODEL_NOT_READY
 
 
 class ModelLoadFailed(FailedPrecondition):
     """The model's load failed; the message carries the recorded reason."""
 
-    default_reason = "MODEL_LOAD_FAILED"
+    default_reason = Reason.MODEL_LOAD_FAILED
 
 
 class ModelState(enum.Enum):
@@ -163,7 +164,9 @@ class ModelRepository:
             raise
         except Exception:
             log.exception("unexpected error loading model", extra={"model": name})
-            error = ModelLoadFailed("unexpected error while loading", reason="MODEL_LOAD_ERROR")
+            error = ModelLoadFailed(
+                "unexpected error while loading", reason=Reason.MODEL_LOAD_ERROR
+            )
             self.fail(name, version, error)
             raise error from None
         self.publish(loaded)
@@ -206,7 +209,8 @@ class ModelRepository:
         status = entry.pending.get(version)
         if status is None:
             raise ModelNotFound(
-                f"model {name!r} has no version {version[:64]!r}", reason="MODEL_VERSION_NOT_FOUND"
+                f"model {name!r} has no version {version[:64]!r}",
+                reason=Reason.MODEL_VERSION_NOT_FOUND,
             )
         raise _not_servable(name, status)
 

@@ -17,6 +17,7 @@ import numpy as np
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.inference.models import DATATYPES, DataType, LoadedModel, TensorSpec
+from strongroom.reasons import Reason
 from strongroom.runtime.server import MessageLimits
 
 _CONTENTS_FIELDS = (
@@ -91,7 +92,7 @@ def check_request_parameters(request: pb.ModelInferRequest) -> None:
         if key in _SEQUENCE_PARAMETERS:
             raise InvalidArgument(
                 f"parameter {key!r}: sequence batching is not supported",
-                reason="SEQUENCE_UNSUPPORTED",
+                reason=Reason.SEQUENCE_UNSUPPORTED,
             )
 
 
@@ -103,14 +104,14 @@ def decode_inputs(
     if len(inputs) > limits.max_inputs:
         raise ResourceExhausted(
             f"{len(inputs)} inputs exceed the limit of {limits.max_inputs}",
-            reason="TOO_MANY_INPUTS",
+            reason=Reason.TOO_MANY_INPUTS,
         )
     raw = request.raw_input_contents
     use_raw = len(raw) > 0
     if use_raw and len(raw) != len(inputs):
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries for {len(inputs)} inputs",
-            reason="RAW_INPUT_COUNT_MISMATCH",
+            reason=Reason.RAW_INPUT_COUNT_MISMATCH,
         )
     arrays: dict[str, np.ndarray] = {}
     total = 0
@@ -118,10 +119,13 @@ def decode_inputs(
         spec = model.input_spec(tensor.name)
         if spec is None:
             raise InvalidArgument(
-                f"model {model.name!r} has no input {tensor.name[:128]!r}", reason="INPUT_UNKNOWN"
+                f"model {model.name!r} has no input {tensor.name[:128]!r}",
+                reason=Reason.INPUT_UNKNOWN,
             )
         if tensor.name in arrays:
-            raise InvalidArgument(f"input {tensor.name!r} given twice", reason="INPUT_DUPLICATE")
+            raise InvalidArgument(
+                f"input {tensor.name!r} given twice", reason=Reason.INPUT_DUPLICATE
+            )
         _reject_shared_memory(tensor.parameters, f"input {tensor.name!r}")
         datatype = _datatype(tensor.datatype, spec)
         shape = _shape(tensor.shape, spec, limits)
@@ -129,14 +133,14 @@ def decode_inputs(
         if count > limits.max_tensor_elements:
             raise ResourceExhausted(
                 f"input {spec.name!r} has {count} elements, more than {limits.max_tensor_elements}",
-                reason="TENSOR_TOO_LARGE",
+                reason=Reason.TENSOR_TOO_LARGE,
             )
         has_contents = tensor.HasField("contents") and _has_any(tensor.contents)
         if use_raw:
             if has_contents:
                 raise InvalidArgument(
                     f"input {spec.name!r} sets contents while raw_input_contents is used",
-                    reason="CONTENTS_MIXED",
+                    reason=Reason.CONTENTS_MIXED,
                 )
             array, size = _from_raw(raw[index], datatype, shape, count, spec.name)
         else:
@@ -144,13 +148,13 @@ def decode_inputs(
         total += size
         if total > limits.max_input_bytes:
             raise ResourceExhausted(
-                f"inputs exceed {limits.max_input_bytes} bytes", reason="REQUEST_TOO_LARGE"
+                f"inputs exceed {limits.max_input_bytes} bytes", reason=Reason.REQUEST_TOO_LARGE
             )
         arrays[spec.name] = array
     missing = [s.name for s in model.inputs if s.name not in arrays]
     if missing:
         raise InvalidArgument(
-            f"missing input(s): {', '.join(repr(m) for m in missing)}", reason="INPUT_MISSING"
+            f"missing input(s): {', '.join(repr(m) for m in missing)}", reason=Reason.INPUT_MISSING
         )
     return arrays, use_raw
 
@@ -164,22 +168,24 @@ def requested_outputs(
     if len(request.outputs) > limits.max_outputs:
         raise ResourceExhausted(
             f"{len(request.outputs)} outputs exceed the limit of {limits.max_outputs}",
-            reason="TOO_MANY_OUTPUTS",
+            reason=Reason.TOO_MANY_OUTPUTS,
         )
     names: list[str] = []
     for wanted in request.outputs:
         if model.output_spec(wanted.name) is None:
             raise InvalidArgument(
-                f"model {model.name!r} has no output {wanted.name[:128]!r}", reason="OUTPUT_UNKNOWN"
+                f"model {model.name!r} has no output {wanted.name[:128]!r}",
+                reason=Reason.OUTPUT_UNKNOWN,
             )
         if wanted.name in names:
             raise InvalidArgument(
-                f"output {wanted.name!r} requested twice", reason="OUTPUT_DUPLICATE"
+                f"output {wanted.name!r} requested twice", reason=Reason.OUTPUT_DUPLICATE
             )
         _reject_shared_memory(wanted.parameters, f"output {wanted.name!r}")
         if "classification" in wanted.parameters:
             raise InvalidArgument(
-                "the classification extension is not supported", reason="CLASSIFICATION_UNSUPPORTED"
+                "the classification extension is not supported",
+                reason=Reason.CLASSIFICATION_UNSUPPORTED,
             )
         names.append(wanted.name)
     return names
@@ -213,7 +219,7 @@ def encode_outputs(
             getattr(out.contents, datatype.contents_field).extend(values)
         if total > limits.max_output_bytes:
             raise ResourceExhausted(
-                f"outputs exceed {limits.max_output_bytes} bytes", reason="RESPONSE_TOO_LARGE"
+                f"outputs exceed {limits.max_output_bytes} bytes", reason=Reason.RESPONSE_TOO_LARGE
             )
 
 
@@ -227,11 +233,11 @@ def _datatype(name: str, spec: TensorSpec) -> DataType:
     datatype = DATATYPES.get(name)
     if datatype is None:
         raise InvalidArgument(
-            f"input {spec.name!r}: unknown datatype {name[:32]!r}", reason="DATATYPE_UNKNOWN"
+            f"input {spec.name!r}: unknown datatype {name[:32]!r}", reason=Reason.DATATYPE_UNKNOWN
         )
     if name != spec.datatype:
         raise InvalidArgument(
-            f"input {spec.name!r} is {spec.datatype}, not {name}", reason="DATATYPE_MISMATCH"
+            f"input {spec.name!r} is {spec.datatype}, not {name}", reason=Reason.DATATYPE_MISMATCH
         )
     return datatype
 
@@ -241,12 +247,12 @@ def _shape(dims: Sequence[int], spec: TensorSpec, limits: InferLimits) -> tuple[
     if len(shape) > limits.max_rank:
         raise InvalidArgument(
             f"input {spec.name!r} has rank {len(shape)}, above {limits.max_rank}",
-            reason="SHAPE_INVALID",
+            reason=Reason.SHAPE_INVALID,
         )
     if any(d < 0 for d in shape):
         raise InvalidArgument(
             f"input {spec.name!r} shape {list(shape)} has a negative dimension",
-            reason="SHAPE_INVALID",
+            reason=Reason.SHAPE_INVALID,
         )
     if len(shape) != len(spec.shape) or any(
         want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
@@ -254,7 +260,7 @@ def _shape(dims: Sequence[int], spec: TensorSpec, limits: InferLimits) -> tuple[
         raise InvalidArgument(
             f"input {spec.name!r} shape {list(shape)} does not match the model's "
             f"{list(spec.shape)}",
-            reason="SHAPE_MISMATCH",
+            reason=Reason.SHAPE_MISMATCH,
         )
     return shape
 
@@ -267,7 +273,7 @@ def _reject_shared_memory(parameters: Mapping[str, Any], what: str) -> None:
     for key in _SHARED_MEMORY_PARAMETERS:
         if key in parameters:
             raise InvalidArgument(
-                f"{what}: shared memory is not supported", reason="SHARED_MEMORY_UNSUPPORTED"
+                f"{what}: shared memory is not supported", reason=Reason.SHARED_MEMORY_UNSUPPORTED
             )
 
 
@@ -281,13 +287,13 @@ def _from_raw(
         raise InvalidArgument(
             f"input {name!r}: {len(blob)} raw bytes, but shape {list(shape)} of {datatype.name} "
             f"needs {expected}",
-            reason="RAW_SIZE_MISMATCH",
+            reason=Reason.RAW_SIZE_MISMATCH,
         )
     if datatype.name == "BOOL":
         octets = np.frombuffer(blob, dtype=np.uint8)
         if octets.size and octets.max() > 1:
             raise InvalidArgument(
-                f"input {name!r}: BOOL bytes must be 0 or 1", reason="BOOL_INVALID"
+                f"input {name!r}: BOOL bytes must be 0 or 1", reason=Reason.BOOL_INVALID
             )
         return octets.view(np.bool_).reshape(shape), expected
     array = np.frombuffer(blob, dtype=datatype.dtype.newbyteorder("<"))
@@ -304,21 +310,21 @@ def _parse_bytes(blob: bytes, count: int, name: str) -> np.ndarray:
         if pos + _LENGTH.size > len(blob):
             raise InvalidArgument(
                 f"input {name!r}: raw BYTES ends before element {i} of {count}",
-                reason="RAW_SIZE_MISMATCH",
+                reason=Reason.RAW_SIZE_MISMATCH,
             )
         (length,) = _LENGTH.unpack_from(blob, pos)
         pos += _LENGTH.size
         if pos + length > len(blob):
             raise InvalidArgument(
                 f"input {name!r}: raw BYTES element {i} overruns the buffer",
-                reason="RAW_SIZE_MISMATCH",
+                reason=Reason.RAW_SIZE_MISMATCH,
             )
         out[i] = bytes(view[pos : pos + length])
         pos += length
     if pos != len(blob):
         raise InvalidArgument(
             f"input {name!r}: {len(blob) - pos} bytes after the last BYTES element",
-            reason="RAW_SIZE_MISMATCH",
+            reason=Reason.RAW_SIZE_MISMATCH,
         )
     return out
 
@@ -334,19 +340,19 @@ def _from_contents(
     if not field:
         raise InvalidArgument(
             f"input {name!r}: {datatype.name} can only be sent in raw_input_contents",
-            reason="DATATYPE_NEEDS_RAW",
+            reason=Reason.DATATYPE_NEEDS_RAW,
         )
     for other in _CONTENTS_FIELDS:
         if other != field and len(getattr(contents, other)):
             raise InvalidArgument(
                 f"input {name!r}: {datatype.name} goes in {field}, not {other}",
-                reason="CONTENTS_WRONG_FIELD",
+                reason=Reason.CONTENTS_WRONG_FIELD,
             )
     values = getattr(contents, field)
     if len(values) != count:
         raise InvalidArgument(
             f"input {name!r}: {len(values)} values for shape {list(shape)} ({count} elements)",
-            reason="CONTENTS_SIZE_MISMATCH",
+            reason=Reason.CONTENTS_SIZE_MISMATCH,
         )
     if datatype.name == "BYTES":
         array = np.empty(count, dtype=object)
@@ -359,7 +365,7 @@ def _from_contents(
         if wide.min() < low or wide.max() > high:
             raise InvalidArgument(
                 f"input {name!r}: a value is out of range for {datatype.name}",
-                reason="VALUE_OUT_OF_RANGE",
+                reason=Reason.VALUE_OUT_OF_RANGE,
             )
         array = wide.astype(datatype.dtype)
     else:

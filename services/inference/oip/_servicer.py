@@ -25,6 +25,7 @@ from strongroom.inference.oip._codec import (
     encode_outputs,
     requested_outputs,
 )
+from strongroom.reasons import Reason
 
 SERVER_NAME = "strongroom-inference"
 ATTESTATION_EXTENSION = "strongroom_attestation"
@@ -121,7 +122,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 def _require_name(name: str) -> None:
     if not name:
-        raise InvalidArgument("model name is required", reason="MODEL_NAME_MISSING")
+        raise InvalidArgument("model name is required", reason=Reason.MODEL_NAME_MISSING)
 
 
 def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:

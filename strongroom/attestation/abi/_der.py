@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from strongroom.attestation.errors import BAD_CERTIFICATE, MalformedEvidence
+from strongroom.attestation.errors import MalformedEvidence
+from strongroom.reasons import Reason
 
 TAG_INTEGER = 0x02
 TAG_OCTET_STRING = 0x04
@@ -28,7 +29,7 @@ class Tlv:
 
 
 def _fail(what: str) -> MalformedEvidence:
-    return MalformedEvidence(f"certificate extension: {what}", reason=BAD_CERTIFICATE)
+    return MalformedEvidence(f"certificate extension: {what}", reason=Reason.BAD_CERTIFICATE)
 
 
 def read_all(data: bytes) -> list[Tlv]:

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 
 from strongroom.attestation.abi import _der
-from strongroom.attestation.errors import BAD_CERTIFICATE, MalformedEvidence
+from strongroom.attestation.errors import MalformedEvidence
+from strongroom.reasons import Reason
 
 AMD_OID_PREFIX = "1.3.6.1.4.1.3704.1."
 OID_AMD_STRUCT_VERSION = "1.3.6.1.4.1.3704.1.1"
@@ -67,7 +68,7 @@ def load_certificate(data: bytes) -> x509.Certificate:
             return x509.load_der_x509_certificate(data)
     except ValueError as exc:
         raise MalformedEvidence(
-            f"cannot parse certificate: {exc}", reason=BAD_CERTIFICATE
+            f"cannot parse certificate: {exc}", reason=Reason.BAD_CERTIFICATE
         ) from None
 
 
@@ -86,7 +87,9 @@ def split_pem_certificates(data: bytes) -> list[bytes]:
             break
         stop = text.find(end, start)
         if stop < 0:
-            raise MalformedEvidence("unterminated PEM certificate block", reason=BAD_CERTIFICATE)
+            raise MalformedEvidence(
+                "unterminated PEM certificate block", reason=Reason.BAD_CERTIFICATE
+            )
         block = text[start : stop + len(end)]
         out.append(load_certificate(block).public_bytes(Encoding.DER))
         pos = stop + len(end)
@@ -99,7 +102,7 @@ def certificates_from_bytes(data: bytes) -> list[bytes]:
     if stripped.startswith(b"-----BEGIN"):
         certs = split_pem_certificates(stripped)
         if not certs:
-            raise MalformedEvidence("no certificate in PEM data", reason=BAD_CERTIFICATE)
+            raise MalformedEvidence("no certificate in PEM data", reason=Reason.BAD_CERTIFICATE)
         return certs
     load_certificate(data)
     return [bytes(data)]
@@ -116,7 +119,7 @@ def common_name(cert: x509.Certificate) -> str:
         attrs = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     except ValueError:
         raise MalformedEvidence(
-            "certificate subject cannot be parsed", reason=BAD_CERTIFICATE
+            "certificate subject cannot be parsed", reason=Reason.BAD_CERTIFICATE
         ) from None
     value = attrs[0].value if attrs else ""
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
@@ -133,7 +136,7 @@ def extensions_of(cert: x509.Certificate) -> list[x509.Extension[x509.ExtensionT
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise MalformedEvidence(
             f"certificate {common_name(cert)!r} has malformed extensions ({type(exc).__name__})",
-            reason=BAD_CERTIFICATE,
+            reason=Reason.BAD_CERTIFICATE,
         ) from None
 
 
@@ -175,7 +178,7 @@ def parse_amd_key_cert(cert: x509.Certificate) -> AmdKeyCertInfo:
         kind = "VLEK"
     else:
         raise MalformedEvidence(
-            f"certificate {cn!r} is not an AMD VCEK or VLEK", reason=BAD_CERTIFICATE
+            f"certificate {cn!r} is not an AMD VCEK or VLEK", reason=Reason.BAD_CERTIFICATE
         )
     ext = _raw_extensions(cert)
 
@@ -184,24 +187,26 @@ def parse_amd_key_cert(cert: x509.Certificate) -> AmdKeyCertInfo:
         if raw is None:
             if required:
                 raise MalformedEvidence(
-                    f"{kind} certificate lacks TCB extension {oid}", reason=BAD_CERTIFICATE
+                    f"{kind} certificate lacks TCB extension {oid}", reason=Reason.BAD_CERTIFICATE
                 )
             return None
         value = _der.decode_unsigned(_der.read_one(raw, _der.TAG_INTEGER))
         if value > 0xFF:
             raise MalformedEvidence(
-                f"{kind} TCB extension {oid} exceeds a byte", reason=BAD_CERTIFICATE
+                f"{kind} TCB extension {oid} exceeds a byte", reason=Reason.BAD_CERTIFICATE
             )
         return value
 
     name_raw = ext.get(OID_AMD_PRODUCT_NAME)
     if name_raw is None:
-        raise MalformedEvidence(f"{kind} certificate lacks productName", reason=BAD_CERTIFICATE)
+        raise MalformedEvidence(
+            f"{kind} certificate lacks productName", reason=Reason.BAD_CERTIFICATE
+        )
     try:
         product_name = _der.read_one(name_raw, _der.TAG_IA5STRING).decode("ascii", "strict")
     except UnicodeDecodeError:
         raise MalformedEvidence(
-            f"{kind} productName is not an ASCII (IA5) string", reason=BAD_CERTIFICATE
+            f"{kind} productName is not an ASCII (IA5) string", reason=Reason.BAD_CERTIFICATE
         ) from None
     hwid = ext.get(OID_AMD_HWID)
     csp_raw = ext.get(OID_AMD_CSP_ID)
@@ -209,9 +214,13 @@ def parse_amd_key_cert(cert: x509.Certificate) -> AmdKeyCertInfo:
         _der.read_one(csp_raw, _der.TAG_IA5STRING).decode("ascii", "replace") if csp_raw else None
     )
     if kind == "VCEK" and hwid is None:
-        raise MalformedEvidence("VCEK certificate lacks the hwID extension", reason=BAD_CERTIFICATE)
+        raise MalformedEvidence(
+            "VCEK certificate lacks the hwID extension", reason=Reason.BAD_CERTIFICATE
+        )
     if kind == "VLEK" and hwid is not None:
-        raise MalformedEvidence("VLEK certificate carries a hwID extension", reason=BAD_CERTIFICATE)
+        raise MalformedEvidence(
+            "VLEK certificate carries a hwID extension", reason=Reason.BAD_CERTIFICATE
+        )
     bl, tee, snp, ucode = (
         spl(OID_AMD_BL_SPL),
         spl(OID_AMD_TEE_SPL),
@@ -249,19 +258,21 @@ def parse_pck_extensions(cert: x509.Certificate) -> PckExtensions:
     """Decodes the SGX extension (FMSPC, PCESVN, CPUSVN components...) of a PCK certificate."""
     raw = _raw_extensions(cert).get(OID_SGX_EXTENSIONS)
     if raw is None:
-        raise MalformedEvidence("PCK certificate lacks the SGX extension", reason=BAD_CERTIFICATE)
+        raise MalformedEvidence(
+            "PCK certificate lacks the SGX extension", reason=Reason.BAD_CERTIFICATE
+        )
     values: dict[str, _der.Tlv] = {}
     for item in _der.read_all(_der.read_one(raw, _der.TAG_SEQUENCE)):
         pair = _der.read_all(item.value) if item.tag == _der.TAG_SEQUENCE else []
         if len(pair) != 2 or pair[0].tag != _der.TAG_OID:
-            raise MalformedEvidence("malformed SGX extension entry", reason=BAD_CERTIFICATE)
+            raise MalformedEvidence("malformed SGX extension entry", reason=Reason.BAD_CERTIFICATE)
         values[_der.decode_oid(pair[0].value)] = pair[1]
 
     def need(oid: str, tag: int) -> bytes:
         tlv = values.get(oid)
         if tlv is None or tlv.tag != tag:
             raise MalformedEvidence(
-                f"SGX extension {oid} missing or mistyped", reason=BAD_CERTIFICATE
+                f"SGX extension {oid} missing or mistyped", reason=Reason.BAD_CERTIFICATE
             )
         return tlv.value
 
@@ -269,25 +280,25 @@ def parse_pck_extensions(cert: x509.Certificate) -> PckExtensions:
     for item in _der.read_all(need(OID_SGX_TCB, _der.TAG_SEQUENCE)):
         pair = _der.read_all(item.value) if item.tag == _der.TAG_SEQUENCE else []
         if len(pair) != 2 or pair[0].tag != _der.TAG_OID:
-            raise MalformedEvidence("malformed SGX TCB entry", reason=BAD_CERTIFICATE)
+            raise MalformedEvidence("malformed SGX TCB entry", reason=Reason.BAD_CERTIFICATE)
         tcb[_der.decode_oid(pair[0].value)] = pair[1]
     components: list[int] = []
     for i in range(1, 17):
         tlv = tcb.get(f"{OID_SGX_TCB}.{i}")
         if tlv is None or tlv.tag != _der.TAG_INTEGER:
-            raise MalformedEvidence(f"SGX TCB component {i} missing", reason=BAD_CERTIFICATE)
+            raise MalformedEvidence(f"SGX TCB component {i} missing", reason=Reason.BAD_CERTIFICATE)
         components.append(_der.decode_unsigned(tlv.value))
     pcesvn_tlv = tcb.get(OID_SGX_PCESVN)
     cpusvn_tlv = tcb.get(OID_SGX_CPUSVN)
     if pcesvn_tlv is None or pcesvn_tlv.tag != _der.TAG_INTEGER:
-        raise MalformedEvidence("SGX PCESVN missing", reason=BAD_CERTIFICATE)
+        raise MalformedEvidence("SGX PCESVN missing", reason=Reason.BAD_CERTIFICATE)
     if cpusvn_tlv is None or cpusvn_tlv.tag != _der.TAG_OCTET_STRING or len(cpusvn_tlv.value) != 16:
-        raise MalformedEvidence("SGX CPUSVN missing or not 16 bytes", reason=BAD_CERTIFICATE)
+        raise MalformedEvidence("SGX CPUSVN missing or not 16 bytes", reason=Reason.BAD_CERTIFICATE)
     fmspc = need(OID_SGX_FMSPC, _der.TAG_OCTET_STRING)
     pce_id = need(OID_SGX_PCEID, _der.TAG_OCTET_STRING)
     if len(fmspc) != 6 or len(pce_id) != 2:
         raise MalformedEvidence(
-            "SGX FMSPC must be 6 bytes and PCE-ID 2 bytes", reason=BAD_CERTIFICATE
+            "SGX FMSPC must be 6 bytes and PCE-ID 2 bytes", reason=Reason.BAD_CERTIFICATE
         )
     return PckExtensions(
         ppid=need(OID_SGX_PPID, _der.TAG_OCTET_STRING),

@@ -16,15 +16,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from strongroom.attestation.errors import (
-    BAD_FIELD,
-    REPORT_SIZE,
-    TRUNCATED,
-    UNKNOWN_EVIDENCE_FORMAT,
-    UNSUPPORTED_SIGNATURE_ALGORITHM,
-    UNSUPPORTED_VERSION,
-    MalformedEvidence,
-)
+from strongroom.attestation.errors import MalformedEvidence
+from strongroom.reasons import Reason
 
 REPORT_SIZE_BYTES = 0x4A0
 SIGNED_LENGTH = 0x2A0
@@ -295,24 +288,24 @@ def _mbz(data: bytes, start: int, end: int, what: str) -> None:
     if any(data[start:end]):
         raise MalformedEvidence(
             f"SNP report reserved field {what} (0x{start:03X}..0x{end - 1:03X}) is not zero",
-            reason=BAD_FIELD,
+            reason=Reason.BAD_FIELD,
         )
 
 
 def unwrap_azure_hcl(data: bytes) -> bytes:
     """Returns the 1184-byte SNP report inside an Azure vTPM HCL report (``HCLA``, report at 0x20)."""
     if data[:4] != HCL_MAGIC:
-        raise MalformedEvidence("not an Azure HCL report (no HCLA magic)", reason=BAD_FIELD)
+        raise MalformedEvidence("not an Azure HCL report (no HCLA magic)", reason=Reason.BAD_FIELD)
     if len(data) < _HCL_RUNTIME_HEADER + 12:
         raise MalformedEvidence(
             f"Azure HCL report is {len(data)} bytes, too short to hold an SNP report",
-            reason=TRUNCATED,
+            reason=Reason.TRUNCATED,
         )
     report_type = _u32(data, _HCL_RUNTIME_HEADER + 8)
     if report_type != _HCL_REPORT_TYPE_SNP:
         raise MalformedEvidence(
             f"Azure HCL report carries report type {report_type}, not SEV-SNP",
-            reason=UNKNOWN_EVIDENCE_FORMAT,
+            reason=Reason.UNKNOWN_EVIDENCE_FORMAT,
         )
     return bytes(data[HCL_REPORT_OFFSET:_HCL_RUNTIME_HEADER])
 
@@ -333,24 +326,26 @@ def parse_snp_report(data: bytes) -> SnpReport:
     if len(data) != REPORT_SIZE_BYTES:
         raise MalformedEvidence(
             f"SNP report is {len(data)} bytes; expected {REPORT_SIZE_BYTES}",
-            reason=TRUNCATED if len(data) < REPORT_SIZE_BYTES else REPORT_SIZE,
+            reason=Reason.TRUNCATED if len(data) < REPORT_SIZE_BYTES else Reason.REPORT_SIZE,
         )
     data = bytes(data)
     version = _u32(data, 0x00)
     if version not in SUPPORTED_VERSIONS:
         raise MalformedEvidence(
             f"SNP report version {version} is not supported (supported: 2, 3, 5)",
-            reason=UNSUPPORTED_VERSION,
+            reason=Reason.UNSUPPORTED_VERSION,
         )
     sig_algo = _u32(data, 0x34)
     if sig_algo != SIG_ALGO_ECDSA_P384_SHA384:
         raise MalformedEvidence(
             f"SNP report signature algorithm {sig_algo} is not ECDSA P-384 with SHA-384",
-            reason=UNSUPPORTED_SIGNATURE_ALGORITHM,
+            reason=Reason.UNSUPPORTED_SIGNATURE_ALGORITHM,
         )
     key_info = _u32(data, 0x48)
     if key_info >> 5:
-        raise MalformedEvidence("SNP report key-info reserved bits are set", reason=BAD_FIELD)
+        raise MalformedEvidence(
+            "SNP report key-info reserved bits are set", reason=Reason.BAD_FIELD
+        )
     _mbz(data, 0x4C, 0x50, "RESERVED0")
     if version >= 3:
         fam, mod, step = data[0x188], data[0x189], data[0x18A]
@@ -372,7 +367,7 @@ def parse_snp_report(data: bytes) -> SnpReport:
     if cpuid[0] is not None and cpuid[0] not in (_FAMILY_ZEN3_4, _FAMILY_ZEN5):
         raise MalformedEvidence(
             f"SNP report CPUID family 0x{cpuid[0]:02X} is not a known SEV-SNP processor",
-            reason=BAD_FIELD,
+            reason=Reason.BAD_FIELD,
         )
 
     def tcb(off: int) -> TcbVersion:

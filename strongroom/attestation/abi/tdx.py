@@ -20,16 +20,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from strongroom.attestation.errors import (
-    BAD_FIELD,
-    TRUNCATED,
-    UNSUPPORTED_ATTESTATION_KEY_TYPE,
-    UNSUPPORTED_BODY_TYPE,
-    UNSUPPORTED_CERTIFICATION_DATA,
-    UNSUPPORTED_TEE_TYPE,
-    UNSUPPORTED_VERSION,
-    MalformedEvidence,
-)
+from strongroom.attestation.errors import MalformedEvidence
+from strongroom.reasons import Reason
 
 HEADER_SIZE = 48
 TEE_TYPE_TDX = 0x81
@@ -59,7 +51,7 @@ class _Cursor:
         if n < 0 or self.pos + n > self.end:
             raise MalformedEvidence(
                 f"TDX quote {self.what} is truncated (needs {n} more bytes at offset {self.pos})",
-                reason=TRUNCATED,
+                reason=Reason.TRUNCATED,
             )
         out = self.data[self.pos : self.pos + n]
         self.pos += n
@@ -77,7 +69,7 @@ class _Cursor:
         if self.pos != self.end:
             raise MalformedEvidence(
                 f"TDX quote {self.what} has {self.end - self.pos} bytes beyond its declared content",
-                reason=BAD_FIELD,
+                reason=Reason.BAD_FIELD,
             )
 
 
@@ -183,7 +175,7 @@ class TdxQuote:
 def parse_enclave_report(raw: bytes) -> EnclaveReport:
     """Parses a 384-byte SGX report body."""
     if len(raw) != ENCLAVE_REPORT_SIZE:
-        raise MalformedEvidence("QE report must be 384 bytes", reason=TRUNCATED)
+        raise MalformedEvidence("QE report must be 384 bytes", reason=Reason.TRUNCATED)
     c = _Cursor(raw, 0, ENCLAVE_REPORT_SIZE, "QE report")
     cpusvn = c.take(16)
     miscselect = c.u32()
@@ -256,7 +248,7 @@ def _parse_signature_data(c: _Cursor) -> QuoteSignatureData:
     if cert_type != CERT_DATA_QE_REPORT:
         raise MalformedEvidence(
             f"TDX certification data type {cert_type} is not supported (expected 6)",
-            reason=UNSUPPORTED_CERTIFICATION_DATA,
+            reason=Reason.UNSUPPORTED_CERTIFICATION_DATA,
         )
     inner = _Cursor(c.data, c.pos, c.pos + cert_size, "QE report certification data")
     c.take(cert_size)
@@ -270,7 +262,7 @@ def _parse_signature_data(c: _Cursor) -> QuoteSignatureData:
     if pck_type != CERT_DATA_PCK_CHAIN:
         raise MalformedEvidence(
             f"TDX QE certification data type {pck_type} is not supported (expected 5: PCK chain)",
-            reason=UNSUPPORTED_CERTIFICATION_DATA,
+            reason=Reason.UNSUPPORTED_CERTIFICATION_DATA,
         )
     pck_chain = inner.take(pck_size)
     inner.finish()
@@ -290,11 +282,11 @@ def parse_tdx_quote(data: bytes) -> TdxQuote:
     c = _Cursor(data, 0, len(data), "header")
     version = c.u16()
     if len(data) < HEADER_SIZE:
-        raise MalformedEvidence(f"TDX quote is only {len(data)} bytes", reason=TRUNCATED)
+        raise MalformedEvidence(f"TDX quote is only {len(data)} bytes", reason=Reason.TRUNCATED)
     if version not in (4, 5):
         raise MalformedEvidence(
             f"TDX quote version {version} is not supported (supported: 4, 5)",
-            reason=UNSUPPORTED_VERSION,
+            reason=Reason.UNSUPPORTED_VERSION,
         )
     header = QuoteHeader(
         version=version,
@@ -308,14 +300,15 @@ def parse_tdx_quote(data: bytes) -> TdxQuote:
     if header.attestation_key_type != ATT_KEY_TYPE_ECDSA_P256:
         raise MalformedEvidence(
             f"attestation key type {header.attestation_key_type} is not ECDSA P-256",
-            reason=UNSUPPORTED_ATTESTATION_KEY_TYPE,
+            reason=Reason.UNSUPPORTED_ATTESTATION_KEY_TYPE,
         )
     if header.tee_type != TEE_TYPE_TDX:
         raise MalformedEvidence(
-            f"quote TEE type 0x{header.tee_type:X} is not TDX (0x81)", reason=UNSUPPORTED_TEE_TYPE
+            f"quote TEE type 0x{header.tee_type:X} is not TDX (0x81)",
+            reason=Reason.UNSUPPORTED_TEE_TYPE,
         )
     if header.qe_vendor_id != INTEL_QE_VENDOR_ID:
-        raise MalformedEvidence("quote QE vendor id is not Intel's", reason=BAD_FIELD)
+        raise MalformedEvidence("quote QE vendor id is not Intel's", reason=Reason.BAD_FIELD)
     if version == 4:
         body_type, body_size = BODY_TYPE_TD10, TD10_BODY_SIZE
     else:
@@ -325,12 +318,12 @@ def parse_tdx_quote(data: bytes) -> TdxQuote:
         if expected is None:
             raise MalformedEvidence(
                 f"quote v5 body type {body_type} is not a TD report (2 or 3)",
-                reason=UNSUPPORTED_BODY_TYPE,
+                reason=Reason.UNSUPPORTED_BODY_TYPE,
             )
         if body_size != expected:
             raise MalformedEvidence(
                 f"quote v5 body type {body_type} declares {body_size} bytes; expected {expected}",
-                reason=BAD_FIELD,
+                reason=Reason.BAD_FIELD,
             )
     body_cursor = _Cursor(data, c.pos, c.pos + body_size, "body")
     c.take(body_size)

@@ -22,10 +22,11 @@ from cryptography.exceptions import UnsupportedAlgorithm
 
 from strongroom.attestation.claims import SnpClaims, TdxClaims
 from strongroom.attestation.collateral import CollateralSource
-from strongroom.attestation.errors import UNPARSEABLE_INPUT, MalformedEvidence
+from strongroom.attestation.errors import MalformedEvidence
 from strongroom.attestation.evidence import Evidence, TeeType
 from strongroom.attestation.trust import TrustStore
 from strongroom.errors import StrongroomError
+from strongroom.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def verify_evidence(
     binding check fails, and :class:`~strongroom.attestation.errors.CollateralUnavailable` when a
     needed certificate or collateral document is missing, stale or cannot be fetched. Nothing
     else escapes: an unanticipated parser failure on untrusted bytes becomes ``MalformedEvidence``
-    (``UNPARSEABLE_INPUT``).
+    (``Reason.UNPARSEABLE_INPUT``).
 
     ``require_collateral=False`` is for offline inspection only: missing CRLs, TCB info or QE
     identity are then tolerated and the claims say so (``collateral_complete`` is false, which
@@ -104,6 +105,6 @@ def verify_evidence(
         )
         raise MalformedEvidence(
             f"evidence or collateral could not be parsed ({type(exc).__name__})",
-            reason=UNPARSEABLE_INPUT,
+            reason=Reason.UNPARSEABLE_INPUT,
         ) from None
     return claims

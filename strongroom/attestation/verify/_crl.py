@@ -3,8 +3,8 @@
 Each CA of a verified chain that publishes a CRL must have one from the verifier's collateral
 source: its issuer must be that CA, its signature must verify with the CA's key, and it must be
 current (``thisUpdate <= now <= nextUpdate + grace``). A missing CRL fails closed
-(``COLLATERAL_MISSING``), a CRL past its next update by more than the grace is ``COLLATERAL_STALE``,
-and a listed certificate is ``CERT_REVOKED``. CRLs carried by the evidence are never consulted.
+(``Reason.COLLATERAL_MISSING``), a CRL past its next update by more than the grace is ``Reason.COLLATERAL_STALE``,
+and a listed certificate is ``Reason.CERT_REVOKED``. CRLs carried by the evidence are never consulted.
 """
 
 from __future__ import annotations
@@ -18,16 +18,11 @@ from cryptography import x509
 
 from strongroom.attestation._x509 import verify_crl_signature
 from strongroom.attestation.errors import (
-    BAD_COLLATERAL,
-    CERT_REVOKED,
-    COLLATERAL_MISSING,
-    COLLATERAL_NOT_YET_VALID,
-    COLLATERAL_STALE,
-    CRL_SIGNATURE_INVALID,
     CollateralUnavailable,
     MalformedEvidence,
     VerificationFailed,
 )
+from strongroom.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +35,7 @@ def load_crl(data: bytes) -> x509.CertificateRevocationList:
             return x509.load_pem_x509_crl(raw)
         return x509.load_der_x509_crl(raw)
     except (ValueError, TypeError):
-        raise MalformedEvidence("cannot parse CRL", reason=BAD_COLLATERAL) from None
+        raise MalformedEvidence("cannot parse CRL", reason=Reason.BAD_COLLATERAL) from None
 
 
 @functools.lru_cache(maxsize=64)
@@ -66,13 +61,13 @@ def check_fresh(
     if issued > now:
         raise VerificationFailed(
             f"{what} is not valid yet at {now.isoformat()} (issued {issued.isoformat()})",
-            reason=COLLATERAL_NOT_YET_VALID,
+            reason=Reason.COLLATERAL_NOT_YET_VALID,
         )
     if next_update is not None and now > next_update + grace:
         raise CollateralUnavailable(
             f"{what} is stale at {now.isoformat()}: its next update was due "
             f"{next_update.isoformat()} (grace {int(grace.total_seconds())} s)",
-            reason=COLLATERAL_STALE,
+            reason=Reason.COLLATERAL_STALE,
         )
 
 
@@ -89,12 +84,14 @@ def check_revocation(
     name = issuer.subject.rfc4514_string()
     if crl_data is None:
         raise CollateralUnavailable(
-            f"no CRL of {what} ({name!r}) in the verifier's collateral", reason=COLLATERAL_MISSING
+            f"no CRL of {what} ({name!r}) in the verifier's collateral",
+            reason=Reason.COLLATERAL_MISSING,
         )
     crl = _verified_crl(bytes(crl_data), issuer)
     if crl is None:
         raise VerificationFailed(
-            f"the CRL held for {what} is not signed by {name!r}", reason=CRL_SIGNATURE_INVALID
+            f"the CRL held for {what} is not signed by {name!r}",
+            reason=Reason.CRL_SIGNATURE_INVALID,
         )
     check_fresh(f"CRL of {what}", crl.last_update_utc, crl.next_update_utc, now, grace)
     for cert in chain:
@@ -103,5 +100,5 @@ def check_revocation(
         if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
             raise VerificationFailed(
                 f"certificate {cert.subject.rfc4514_string()!r} is revoked by its issuer's CRL",
-                reason=CERT_REVOKED,
+                reason=Reason.CERT_REVOKED,
             )

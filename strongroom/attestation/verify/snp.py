@@ -45,15 +45,6 @@ from strongroom.attestation.abi.snp import (
 from strongroom.attestation.claims import SnpClaims
 from strongroom.attestation.collateral import CollateralSource
 from strongroom.attestation.errors import (
-    BAD_CERTIFICATE,
-    COLLATERAL_MISSING,
-    HWID_MISMATCH,
-    INTERMEDIATE_NOT_PINNED,
-    PRODUCT_MISMATCH,
-    REPORT_SIGNATURE_INVALID,
-    ROOT_NOT_TRUSTED,
-    SIGNING_KEY_MISMATCH,
-    TCB_MISMATCH,
     CollateralUnavailable,
     MalformedEvidence,
     VerificationFailed,
@@ -62,6 +53,7 @@ from strongroom.attestation.evidence import Evidence
 from strongroom.attestation.trust import AmdProductRoots, PinnedCert, TrustStore
 from strongroom.attestation.verify import _crl
 from strongroom.attestation.verify._named import named_certificates
+from strongroom.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +82,7 @@ def _verify_key_chain(key_der: bytes, trust: TrustStore, now: datetime) -> _Veri
         raise VerificationFailed(
             f"{info.kind} is issued by {cert.issuer.rfc4514_string()!r}, which is not a pinned "
             f"AMD {'ASK' if info.kind == 'VCEK' else 'ASVK'}",
-            reason=ROOT_NOT_TRUSTED,
+            reason=Reason.ROOT_NOT_TRUSTED,
         )
     last_error: VerificationFailed | None = None
     for roots, signer in candidates:
@@ -102,7 +94,7 @@ def _verify_key_chain(key_der: bytes, trust: TrustStore, now: datetime) -> _Veri
         if info.product != roots.product:
             raise VerificationFailed(
                 f"{info.kind} names product {info.product_name!r} but chains to ARK-{roots.product}",
-                reason=PRODUCT_MISMATCH,
+                reason=Reason.PRODUCT_MISMATCH,
             )
         chain = (cert, signer.cert, roots.ark.cert)
         for c, what in zip(chain, (info.kind, "ASK", "ARK"), strict=True):
@@ -130,12 +122,15 @@ def _split_certificates(evidence: Evidence, trust: TrustStore) -> list[bytes]:
             elif der not in pinned:
                 raise VerificationFailed(
                     f"supplied certificate {cn!r} does not match any pinned AMD certificate",
-                    reason=ROOT_NOT_TRUSTED if cn.startswith("ARK-") else INTERMEDIATE_NOT_PINNED,
+                    reason=Reason.ROOT_NOT_TRUSTED
+                    if cn.startswith("ARK-")
+                    else Reason.INTERMEDIATE_NOT_PINNED,
                 )
     unique = list(dict.fromkeys(keys))
     if len(unique) > 1:
         raise MalformedEvidence(
-            "SNP evidence carries more than one VCEK/VLEK certificate", reason=BAD_CERTIFICATE
+            "SNP evidence carries more than one VCEK/VLEK certificate",
+            reason=Reason.BAD_CERTIFICATE,
         )
     return unique
 
@@ -146,17 +141,17 @@ def _check_bindings(report: SnpReport, key: _VerifiedKey) -> None:
         raise VerificationFailed(
             f"report says it is signed by {report.signing_key_name} but the certificate is a "
             f"{key.info.kind}",
-            reason=SIGNING_KEY_MISMATCH,
+            reason=Reason.SIGNING_KEY_MISMATCH,
         )
     family = _FAMILY_BY_PRODUCT[key.product]
     if report.cpuid_fam_id is not None and report.cpuid_fam_id != family:
         raise VerificationFailed(
             f"report CPUID family 0x{report.cpuid_fam_id:02X} does not match product {key.product}",
-            reason=PRODUCT_MISMATCH,
+            reason=Reason.PRODUCT_MISMATCH,
         )
     if report.cpuid_fam_id is None and key.product == "Turin":
         raise VerificationFailed(
-            "a version-2 report cannot come from a Turin processor", reason=PRODUCT_MISMATCH
+            "a version-2 report cannot come from a Turin processor", reason=Reason.PRODUCT_MISMATCH
         )
     tcb = report.reported_tcb
     cert_tcb: dict[str, int] = {
@@ -170,24 +165,24 @@ def _check_bindings(report: SnpReport, key: _VerifiedKey) -> None:
             raise VerificationFailed(
                 f"the report has a Turin TCB (with FMC) but the {key.info.kind} has no FMC "
                 "TCB extension",
-                reason=TCB_MISMATCH,
+                reason=Reason.TCB_MISMATCH,
             )
         cert_tcb = {"fmc": key.info.fmc, **cert_tcb}
     if tcb.components() != cert_tcb:
         raise VerificationFailed(
             f"report's reported TCB {tcb.components()} does not match the {key.info.kind}'s TCB "
             f"{cert_tcb}",
-            reason=TCB_MISMATCH,
+            reason=Reason.TCB_MISMATCH,
         )
     if not tcb.reserved_bytes_zero():
         raise VerificationFailed(
             f"report's reported TCB {tcb.components()} matches the {key.info.kind} but its "
             "reserved bytes are not zero",
-            reason=TCB_MISMATCH,
+            reason=Reason.TCB_MISMATCH,
         )
     if key.info.kind == "VCEK" and key.info.hwid != report.chip_id_for_kds():
         raise VerificationFailed(
-            "report chip id does not match the VCEK's hwID", reason=HWID_MISMATCH
+            "report chip id does not match the VCEK's hwID", reason=Reason.HWID_MISMATCH
         )
 
 
@@ -198,7 +193,7 @@ def _verify_signature(report: SnpReport, key: _VerifiedKey) -> None:
     except (InvalidSignature, ValueError):
         raise VerificationFailed(
             f"SNP report signature does not verify with the {key.info.kind}",
-            reason=REPORT_SIGNATURE_INVALID,
+            reason=Reason.REPORT_SIGNATURE_INVALID,
         ) from None
 
 
@@ -222,7 +217,7 @@ def verify_snp(
             raise CollateralUnavailable(
                 "no VCEK/VLEK certificate was supplied with the SNP report and none could be "
                 "fetched",
-                reason=COLLATERAL_MISSING,
+                reason=Reason.COLLATERAL_MISSING,
             )
         key_der = certificates_from_bytes(fetched)[0]
     cache_key = trust.cache.key("snp-key", key_der)

@@ -54,19 +54,6 @@ from strongroom.attestation.collateral import (
     parse_tcb_info,
 )
 from strongroom.attestation.errors import (
-    BAD_CERTIFICATE,
-    BAD_FIELD,
-    CERT_CHAIN_INVALID,
-    COLLATERAL_MISMATCH,
-    COLLATERAL_MISSING,
-    COLLATERAL_SIGNATURE_INVALID,
-    FMSPC_MISMATCH,
-    QE_IDENTITY_MISMATCH,
-    QE_REPORT_DATA_MISMATCH,
-    QE_REPORT_SIGNATURE_INVALID,
-    QUOTE_SIGNATURE_INVALID,
-    ROOT_NOT_TRUSTED,
-    TDX_MODULE_MISMATCH,
     CollateralUnavailable,
     MalformedEvidence,
     VerificationFailed,
@@ -74,6 +61,7 @@ from strongroom.attestation.errors import (
 from strongroom.attestation.evidence import Evidence
 from strongroom.attestation.trust import PinnedCert, TrustStore
 from strongroom.attestation.verify import _crl, _tdx_tcb
+from strongroom.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +95,7 @@ def _root_for(cert: x509.Certificate, trust: TrustStore) -> PinnedCert:
             return root
     raise VerificationFailed(
         f"certificate {common_name(cert)!r} does not chain to a pinned Intel SGX root",
-        reason=ROOT_NOT_TRUSTED,
+        reason=Reason.ROOT_NOT_TRUSTED,
     )
 
 
@@ -120,7 +108,7 @@ def _check_supplied_roots(certs: list[x509.Certificate], trust: TrustStore) -> N
             if cert.public_bytes(Encoding.DER) not in pinned:
                 raise VerificationFailed(
                     f"supplied root {common_name(cert)!r} is not the pinned Intel SGX Root CA",
-                    reason=ROOT_NOT_TRUSTED,
+                    reason=Reason.ROOT_NOT_TRUSTED,
                 )
 
 
@@ -128,14 +116,15 @@ def _verify_pck_chain(pem: bytes, trust: TrustStore, now: datetime) -> _Verified
     certs = [load_certificate(d) for d in split_pem_certificates(pem)]
     if len(certs) < 2:
         raise MalformedEvidence(
-            "TDX quote PCK chain must hold the PCK certificate and its CA", reason=BAD_CERTIFICATE
+            "TDX quote PCK chain must hold the PCK certificate and its CA",
+            reason=Reason.BAD_CERTIFICATE,
         )
     leaf, ca = certs[0], certs[1]
     if common_name(leaf) != PCK_LEAF_CN or common_name(ca) not in PCK_CA_CNS:
         raise VerificationFailed(
             f"quote certificate chain is {common_name(leaf)!r} <- {common_name(ca)!r}, not a PCK "
             "certificate and its Intel PCK CA",
-            reason=CERT_CHAIN_INVALID,
+            reason=Reason.CERT_CHAIN_INVALID,
         )
     _check_supplied_roots(certs[2:], trust)
     verify_issued_by(leaf, ca)
@@ -158,7 +147,7 @@ def verify_signing_chain(pem: bytes, trust: TrustStore, now: datetime) -> _Verif
     if common_name(signer) != TCB_SIGNING_CN:
         raise VerificationFailed(
             f"collateral signing certificate is {common_name(signer)!r}, not {TCB_SIGNING_CN!r}",
-            reason=CERT_CHAIN_INVALID,
+            reason=Reason.CERT_CHAIN_INVALID,
         )
     _check_supplied_roots(certs[1:], trust)
     root = _root_for(signer, trust)
@@ -189,7 +178,7 @@ def _attestation_key(raw: bytes) -> ec.EllipticCurvePublicKey:
         return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
     except ValueError:
         raise MalformedEvidence(
-            "quote attestation key is not a P-256 point", reason=BAD_FIELD
+            "quote attestation key is not a P-256 point", reason=Reason.BAD_FIELD
         ) from None
 
 
@@ -199,18 +188,18 @@ def _verify_quote_signatures(quote: TdxQuote, pck: _VerifiedPck) -> None:
     if not _verify_p256(ak, sd.signature, quote.signed_bytes):
         raise VerificationFailed(
             "TDX quote signature does not verify with the attestation key",
-            reason=QUOTE_SIGNATURE_INVALID,
+            reason=Reason.QUOTE_SIGNATURE_INVALID,
         )
     if not _verify_p256(pck.public_key, sd.qe_report_signature, sd.qe_report.raw):
         raise VerificationFailed(
             "QE report signature does not verify with the PCK certificate",
-            reason=QE_REPORT_SIGNATURE_INVALID,
+            reason=Reason.QE_REPORT_SIGNATURE_INVALID,
         )
     expected = hashlib.sha256(sd.attestation_key + sd.qe_auth_data).digest() + bytes(32)
     if not hmac.compare_digest(expected, sd.qe_report.report_data):
         raise VerificationFailed(
             "QE report data does not bind the attestation key and QE auth data",
-            reason=QE_REPORT_DATA_MISMATCH,
+            reason=Reason.QE_REPORT_DATA_MISMATCH,
         )
 
 
@@ -223,7 +212,7 @@ def check_signed_document(
     if not _verify_p256(signer.public_key, doc.signature, doc.raw_body):
         raise VerificationFailed(
             f"{name} signature does not verify with the TCB signing certificate",
-            reason=COLLATERAL_SIGNATURE_INVALID,
+            reason=Reason.COLLATERAL_SIGNATURE_INVALID,
         )
     return signer
 
@@ -258,7 +247,7 @@ def _check_module(quote: TdxQuote, tcb_info: TcbInfo) -> None:
     if ident.mrsigner != body.mr_signer_seam or masked != ident.attributes:
         raise VerificationFailed(
             "TDX module signer or attributes do not match the TCB info's module identity",
-            reason=TDX_MODULE_MISMATCH,
+            reason=Reason.TDX_MODULE_MISMATCH,
         )
 
 
@@ -274,13 +263,14 @@ def _check_qe(quote: TdxQuote, qe: QeIdentity) -> None:
         raise VerificationFailed(
             "Quoting Enclave report does not match the QE identity (MRSIGNER, ISVPRODID, "
             "MISCSELECT or attributes)",
-            reason=QE_IDENTITY_MISMATCH,
+            reason=Reason.QE_IDENTITY_MISMATCH,
         )
 
 
 def _missing(what: str) -> CollateralUnavailable:
     return CollateralUnavailable(
-        f"{what} is needed and the verifier's collateral holds none", reason=COLLATERAL_MISSING
+        f"{what} is needed and the verifier's collateral holds none",
+        reason=Reason.COLLATERAL_MISSING,
     )
 
 
@@ -319,7 +309,7 @@ def verify_tdx(
     if evidence.certificates:
         raise MalformedEvidence(
             "TDX evidence carries its PCK chain inside the quote; certificates must be empty",
-            reason=BAD_CERTIFICATE,
+            reason=Reason.BAD_CERTIFICATE,
         )
     pem = quote.signature_data.pck_chain_pem
     cache_key = trust.cache.key("tdx-pck", pem)
@@ -356,11 +346,12 @@ def verify_tdx(
             raise VerificationFailed(
                 f"TCB info is for FMSPC {tcb_info.fmspc.hex()}, the PCK certificate's is "
                 f"{ext.fmspc.hex()}",
-                reason=FMSPC_MISMATCH,
+                reason=Reason.FMSPC_MISMATCH,
             )
         if tcb_info.pce_id != ext.pce_id:
             raise VerificationFailed(
-                "TCB info PCE-ID does not match the PCK certificate", reason=COLLATERAL_MISMATCH
+                "TCB info PCE-ID does not match the PCK certificate",
+                reason=Reason.COLLATERAL_MISMATCH,
             )
         _check_module(quote, tcb_info)
     revocation_checked = _check_intel_revocation(
