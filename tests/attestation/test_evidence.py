@@ -33,3 +33,16 @@ def test_detects_every_vector_format(vectors: Path) -> None:
         (TeeType.SEV_SNP, "azure-hcl"),
         (TeeType.TDX, "tdx-quote"),
     }
+
+
+def test_every_tee_type_has_exactly_one_verifier() -> None:
+    """The verifier registry covers every TEE the evidence format names, each with its own module."""
+    import importlib
+
+    from strongroom.attestation.evidence import TeeType
+    from strongroom.attestation.verify import _VERIFIERS
+
+    assert set(_VERIFIERS) == set(TeeType)
+    for tee_type, (module, name) in _VERIFIERS.items():
+        assert callable(getattr(importlib.import_module(module), name)), tee_type
+    assert len({module for module, _ in _VERIFIERS.values()}) == len(_VERIFIERS)

@@ -14,13 +14,15 @@ default, and the only mode of the release path) a missing document fails closed 
 
 from __future__ import annotations
 
+import importlib
 import logging
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 
-from strongroom.attestation.claims import SnpClaims, TdxClaims
+from strongroom.attestation.claims import VerifiedClaims
 from strongroom.attestation.collateral import CollateralSource
 from strongroom.attestation.errors import MalformedEvidence
 from strongroom.attestation.evidence import Evidence, TeeType
@@ -31,6 +33,41 @@ from strongroom.reasons import Reason
 logger = logging.getLogger(__name__)
 
 
+class Verifier(Protocol):
+    """Verifies one TEE's evidence (parse, then signatures and chains, then bindings) as of
+    ``now``, taking what judges it only from ``collateral``; returns the verified claims."""
+
+    def __call__(
+        self,
+        evidence: Evidence,
+        *,
+        trust: TrustStore,
+        now: datetime,
+        collateral: CollateralSource | None,
+        require_collateral: bool,
+        grace: timedelta,
+    ) -> VerifiedClaims: ...
+
+
+# One verifier module per TEE, imported when first needed. A new TEE is a new module plus its entry
+# here (and its policy rules); nothing else dispatches on the TEE type.
+_VERIFIERS: dict[TeeType, tuple[str, str]] = {
+    TeeType.SEV_SNP: ("strongroom.attestation.verify.snp", "verify_snp"),
+    TeeType.TDX: ("strongroom.attestation.verify.tdx", "verify_tdx"),
+}
+
+
+def _verifier(tee_type: TeeType) -> Verifier:
+    entry = _VERIFIERS.get(tee_type)
+    if entry is None:
+        raise MalformedEvidence(
+            f"no verifier for TEE type {tee_type.value}", reason=Reason.UNSUPPORTED_TEE_TYPE
+        )
+    module, name = entry
+    verifier: Verifier = getattr(importlib.import_module(module), name)
+    return verifier
+
+
 def verify_evidence(
     evidence: Evidence,
     *,
@@ -39,7 +76,7 @@ def verify_evidence(
     collateral: CollateralSource | None = None,
     require_collateral: bool = True,
     collateral_grace: timedelta = timedelta(0),
-) -> SnpClaims | TdxClaims:
+) -> VerifiedClaims:
     """Verifies SEV-SNP or TDX evidence as of ``now`` and returns its verified claims.
 
     Raises :class:`~strongroom.attestation.errors.MalformedEvidence` for input that cannot be
@@ -55,29 +92,16 @@ def verify_evidence(
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
+    verifier = _verifier(evidence.tee_type)
     try:
-        if evidence.tee_type is TeeType.SEV_SNP:
-            from strongroom.attestation.verify.snp import verify_snp
-
-            claims: SnpClaims | TdxClaims = verify_snp(
-                evidence,
-                trust=trust,
-                now=now,
-                collateral=collateral,
-                require_collateral=require_collateral,
-                grace=collateral_grace,
-            )
-        else:
-            from strongroom.attestation.verify.tdx import verify_tdx
-
-            claims = verify_tdx(
-                evidence,
-                trust=trust,
-                now=now,
-                collateral=collateral,
-                require_collateral=require_collateral,
-                grace=collateral_grace,
-            )
+        claims = verifier(
+            evidence,
+            trust=trust,
+            now=now,
+            collateral=collateral,
+            require_collateral=require_collateral,
+            grace=collateral_grace,
+        )
     except StrongroomError as exc:
         logger.info(
             "attestation evidence rejected",
