@@ -26,6 +26,9 @@ LIBRARIES = (
     "strongroom.errors",
     "strongroom.reasons",
     "strongroom.identifiers",
+    "strongroom.spiffe",
+    "strongroom.oaep",
+    "strongroom.files",
     "strongroom.artifact",
     "strongroom.attestation",
 )
