@@ -29,7 +29,6 @@ models retry without a deadline (see the server); LoadModel retries within
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,12 +44,11 @@ from strongroom.artifact import ArtifactHeader, decrypt_download
 from strongroom.artifact.errors import InvalidArtifact
 from strongroom.artifact.manifest import is_manifest
 from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS, ModelFetcher
-from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey, peer_reason
+from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
+from strongroom.client.remote import remote_error
 from strongroom.errors import (
     DataLoss,
     FailedPrecondition,
-    NotFound,
-    ResourceExhausted,
     StrongroomError,
     Unavailable,
 )
@@ -63,22 +61,6 @@ from strongroom.runtime.metrics import MODEL_LOAD_DURATION
 log = logging.getLogger(__name__)
 
 #: Reasons used when a peer sent none (a peer that is not Strongroom, or a transport failure).
-_GRPC_TO_REASON = {
-    grpc.StatusCode.PERMISSION_DENIED: "KEY_RELEASE_DENIED",
-    grpc.StatusCode.UNAUTHENTICATED: "UNAUTHENTICATED",
-    grpc.StatusCode.NOT_FOUND: "MODEL_NOT_IN_STORE",
-}
-#: Peer statuses passed on as they are (see the module docstring); the rest is FailedPrecondition.
-_KEPT: dict[grpc.StatusCode, type[StrongroomError]] = {
-    grpc.StatusCode.DATA_LOSS: DataLoss,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
-    # The loader never cancels its own calls: a CANCELLED it receives comes from a peer that is
-    # shutting down (gRPC answers calls arriving while a server drains that way).
-    grpc.StatusCode.CANCELLED: Unavailable,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-}
 #: How long LoadModel keeps retrying a load that failed with UNAVAILABLE (seconds).
 LOAD_RETRY_SECONDS = 30.0
 _RETRY_FIRST_DELAY = 0.2
@@ -91,26 +73,6 @@ class LoadResult:
 
     timings: dict[str, float] = field(default_factory=dict)
     decision_id: str = ""
-
-
-_REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
-
-
-def _remote_error(step: str, exc: grpc.RpcError) -> StrongroomError:
-    """A peer's refusal as a domain error with the peer's reason (its ``strongroom-reason``
-    trailer) and, where it matters, its status (module docstring)."""
-    code = exc.code()
-    details = exc.details() or code.name
-    tag = step.upper().replace(" ", "_")
-    sent = peer_reason(exc)
-    if sent is not None and not _REASON.match(sent):
-        sent = None
-    cls = _KEPT.get(code, FailedPrecondition)
-    if cls is Unavailable:
-        fallback = f"{tag}_UNAVAILABLE"
-    else:
-        fallback = _GRPC_TO_REASON.get(code, f"{tag}_{code.name}")
-    return cls(f"{step}: {details}", reason=sent or fallback)
 
 
 class ModelLoader:
@@ -203,7 +165,7 @@ class ModelLoader:
                 store_pb.StatModelRequest(name=name, version=version), timeout=self._timeout
             ).model
         except grpc.RpcError as exc:
-            raise _remote_error("fetch", exc) from None
+            raise remote_error("fetch", exc) from None
         return is_manifest(info.content_type)
 
     def _load_multipart(self, name: str, version: str) -> LoadResult:
@@ -249,7 +211,7 @@ class ModelLoader:
             ):
                 yield response.data
         except grpc.RpcError as exc:
-            raise _remote_error("fetch", exc) from None
+            raise remote_error("fetch", exc) from None
 
     def _load(self, name: str, version: str) -> LoadResult:
         try:
@@ -299,4 +261,4 @@ class ModelLoader:
         try:
             return self._release.release(key_id, key_version, wrapped)
         except grpc.RpcError as exc:
-            raise _remote_error("key release", exc) from None
+            raise remote_error("key release", exc) from None

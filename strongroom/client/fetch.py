@@ -31,7 +31,6 @@ returned. Errors are :mod:`strongroom.errors` exceptions with a reason code.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -57,12 +56,11 @@ from strongroom.artifact.manifest import (
     parse_manifest,
 )
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
+from strongroom.client.remote import remote_error
 from strongroom.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    StrongroomError,
-    Unavailable,
 )
 from strongroom.reasons import Reason
 
@@ -88,27 +86,6 @@ PartSource = Callable[[str, str], Iterator[bytes]]
 Raises a :mod:`strongroom.errors` exception (NotFound when there is no such artifact)."""
 KeyRelease = Callable[[str, int, bytes], ReleasedDataKey]
 """Attested release of a data key: (key id, key version, wrapped data key) → the key."""
-
-_REASON = re.compile(r"^([A-Z][A-Z0-9_]+): ")
-_GRPC_REASONS = {
-    grpc.StatusCode.PERMISSION_DENIED: "KEY_RELEASE_DENIED",
-    grpc.StatusCode.UNAUTHENTICATED: "UNAUTHENTICATED",
-    grpc.StatusCode.NOT_FOUND: "MODEL_NOT_IN_STORE",
-}
-
-
-def remote_error(step: str, exc: grpc.RpcError) -> StrongroomError:
-    """A peer's refusal as a domain error, keeping the peer's own reason code when it sent one."""
-    code = exc.code()
-    details = exc.details() or code.name
-    sent = _REASON.match(details)
-    tag = step.upper().replace(" ", "_")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"{step}: {details}", reason=sent[1] if sent else f"{tag}_UNAVAILABLE")
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(f"{step}: {details}", reason=sent[1] if sent else "MODEL_NOT_IN_STORE")
-    reason = sent[1] if sent else _GRPC_REASONS.get(code, f"{tag}_FAILED")
-    return FailedPrecondition(f"{step}: {details}", reason=reason)
 
 
 def grpc_source(channel: grpc.Channel, *, timeout: float = 600.0) -> PartSource:

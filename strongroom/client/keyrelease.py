@@ -42,10 +42,10 @@ from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation.binding import report_data_for
 from strongroom.attesters import Attester
+from strongroom.client.remote import peer_reason
 from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.oaep import OaepHash
 from strongroom.pki.channel import RotatingChannel
-from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -58,19 +58,6 @@ DEFAULT_MECHANISMS = (pb.WRAP_MECHANISM_RSA_OAEP_SHA256, pb.WRAP_MECHANISM_RSA_O
 MAX_EXCHANGES = 2
 #: Broker refusals that a fresh exchange can cure (see the module docstring).
 RETRIED_REASONS = frozenset({"REPORT_DATA_MISMATCH", "NONCE_INVALID", "NONCE_EXPIRED"})
-
-
-def peer_reason(error: grpc.RpcError) -> str | None:
-    """The ``strongroom-reason`` trailer a Strongroom peer sent with a failed call, if any."""
-    trailing = getattr(error, "trailing_metadata", None)
-    try:
-        metadata = trailing() if callable(trailing) else None
-    except Exception:  # a call object without trailers: no reason
-        metadata = None
-    for key, value in metadata or ():
-        if key == REASON_TRAILER and isinstance(value, str):
-            return value
-    return None
 
 
 class _CredentialsLike(Protocol):

@@ -28,8 +28,9 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.attesters import EvidenceBundle, SimulatedAttester, TeeType
-from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels, peer_reason
+from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
 from strongroom.client.publish import publish_model
+from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT

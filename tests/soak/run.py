@@ -50,8 +50,9 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.attesters import SimulatedAttester, TeeType
-from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels, peer_reason
+from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
 from strongroom.client.publish import publish_model
+from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import FEATURES, train
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT

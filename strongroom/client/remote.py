@@ -1,0 +1,73 @@
+"""A Strongroom peer's refusal, as the client sees it: the peer's reason and, where it matters, its
+status.
+
+The reason is read from the peer's ``strongroom-reason`` trailer, never parsed out of the message
+text. ``DATA_LOSS``, ``NOT_FOUND`` and ``RESOURCE_EXHAUSTED`` keep their status; ``UNAVAILABLE``,
+``DEADLINE_EXCEEDED`` and ``CANCELLED`` (a peer shutting down; our clients never cancel their own
+calls) become ``Unavailable``; any other refusal becomes ``FailedPrecondition`` with the peer's
+reason: the caller of the client was not itself refused.
+"""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+
+from strongroom.errors import (
+    DataLoss,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    StrongroomError,
+    Unavailable,
+)
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+
+_REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+_GRPC_TO_REASON = {
+    grpc.StatusCode.PERMISSION_DENIED: "KEY_RELEASE_DENIED",
+    grpc.StatusCode.UNAUTHENTICATED: "UNAUTHENTICATED",
+    grpc.StatusCode.NOT_FOUND: "MODEL_NOT_IN_STORE",
+}
+#: Peer statuses passed on as they are (see the module docstring); the rest is FailedPrecondition.
+_KEPT: dict[grpc.StatusCode, type[StrongroomError]] = {
+    grpc.StatusCode.DATA_LOSS: DataLoss,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    # Our clients never cancel their own calls: a CANCELLED they receive comes from a peer that is
+    # shutting down (gRPC answers calls arriving while a server drains that way).
+    grpc.StatusCode.CANCELLED: Unavailable,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+}
+
+
+def peer_reason(error: grpc.RpcError) -> str | None:
+    """The ``strongroom-reason`` trailer a Strongroom peer sent with a failed call, if any."""
+    trailing = getattr(error, "trailing_metadata", None)
+    try:
+        metadata = trailing() if callable(trailing) else None
+    except Exception:  # a call object without trailers: no reason
+        metadata = None
+    for key, value in metadata or ():
+        if key == REASON_TRAILER and isinstance(value, str):
+            return value
+    return None
+
+
+def remote_error(step: str, exc: grpc.RpcError) -> StrongroomError:
+    """A peer's refusal as a domain error with the peer's reason (its ``strongroom-reason``
+    trailer) and, where it matters, its status (module docstring)."""
+    code = exc.code()
+    details = exc.details() or code.name
+    tag = step.upper().replace(" ", "_")
+    sent = peer_reason(exc)
+    if sent is not None and not _REASON.match(sent):
+        sent = None
+    cls = _KEPT.get(code, FailedPrecondition)
+    if cls is Unavailable:
+        fallback = f"{tag}_UNAVAILABLE"
+    else:
+        fallback = _GRPC_TO_REASON.get(code, f"{tag}_{code.name}")
+    return cls(f"{step}: {details}", reason=sent or fallback)

@@ -1,0 +1,61 @@
+"""strongroom.client.remote: a peer's refusal keeps the peer's reason (from the trailer, never the
+message text) and, for DATA_LOSS and friends, its status — for the single-artifact loader and the
+multi-part fetch library alike (the fetch library used to parse the message and turn DATA_LOSS into
+FAILED_PRECONDITION)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from strongroom.client import fetch, remote
+from strongroom.errors import DataLoss, FailedPrecondition, NotFound, Unavailable
+from strongroom.reasons import METADATA_KEY
+
+
+class _Refusal(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str, reason: str | None) -> None:
+        self._code, self._details = code, details
+        self._trailers = ((METADATA_KEY, reason),) if reason else ()
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailers
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "expected", "expected_reason"),
+    [
+        (grpc.StatusCode.DATA_LOSS, "BLOB_SIZE_MISMATCH", DataLoss, "BLOB_SIZE_MISMATCH"),
+        (grpc.StatusCode.UNAVAILABLE, None, Unavailable, "FETCH_UNAVAILABLE"),
+        (grpc.StatusCode.CANCELLED, None, Unavailable, "FETCH_UNAVAILABLE"),
+        (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", NotFound, "MODEL_NOT_FOUND"),
+        (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "MEASUREMENT_NOT_ALLOWED",
+            FailedPrecondition,
+            "MEASUREMENT_NOT_ALLOWED",
+        ),
+        (grpc.StatusCode.PERMISSION_DENIED, None, FailedPrecondition, "KEY_RELEASE_DENIED"),
+    ],
+)
+def test_status_and_reason_survive(code, reason, expected, expected_reason) -> None:
+    error = remote.remote_error("fetch", _Refusal(code, "whatever the text says", reason))
+    assert type(error) is expected
+    assert error.reason == expected_reason
+
+
+def test_the_message_text_never_supplies_the_reason() -> None:
+    forged = _Refusal(grpc.StatusCode.INTERNAL, "RELEASED: looks like a reason", None)
+    assert remote.remote_error("fetch", forged).reason == "FETCH_INTERNAL"
+    odd = _Refusal(grpc.StatusCode.DATA_LOSS, "x", "not a reason\n")
+    assert remote.remote_error("fetch", odd).reason == "FETCH_DATA_LOSS"
+
+
+def test_the_fetch_library_uses_the_same_mapping() -> None:
+    assert fetch.remote_error is remote.remote_error
