@@ -363,7 +363,7 @@ class KeyManager:
         key_id: str,
         version: int,
         wrapped_dek: bytes,
-        ephemeral_public_key_der: bytes,
+        ephemeral_public_key: EphemeralPublicKey | bytes,
         accepted_mechanisms: list[OaepHash],
         *,
         timeout: float | None = None,
@@ -372,12 +372,17 @@ class KeyManager:
 
         The OAEP hash is the first of ``accepted_mechanisms`` (caller's order) that the token
         supports; FailedPrecondition(OAEP_MECHANISM_UNSUPPORTED) if none. The caller must already
-        have verified the attestation that binds ``ephemeral_public_key_der``.
+        have verified the attestation that binds the ephemeral key. A key the caller already parsed
+        (:class:`EphemeralPublicKey`, as the release engine passes it) is taken as it is.
         """
         validate_key_id(key_id)
         validate_version(version)
         blob = validate_wrapped_dek(wrapped_dek)
-        target = parse_ephemeral_public_key(ephemeral_public_key_der)
+        target = (
+            ephemeral_public_key
+            if isinstance(ephemeral_public_key, EphemeralPublicKey)
+            else parse_ephemeral_public_key(ephemeral_public_key)
+        )
         accepted = check_accepted(accepted_mechanisms)
 
         def op(hs: HsmSession) -> ReleasedKey:

@@ -168,8 +168,8 @@ class ReleaseEngine:
         version = validate_version(request.key_version)
         context["key_version"] = version
         wrapped = validate_wrapped_dek(request.wrapped_data_key)
-        ephemeral = request.ephemeral_public_key_der
-        parse_ephemeral_public_key(ephemeral)
+        ephemeral_der = request.ephemeral_public_key_der
+        ephemeral = parse_ephemeral_public_key(ephemeral_der)
         accepted = check_accepted(request.accepted_mechanisms)
         _check_evidence_sizes(request.evidence)
         # 2. Freshness: a nonce this broker fleet issued for this key and this caller.
@@ -189,7 +189,7 @@ class ReleaseEngine:
         )
         context["claims"] = claims.as_dict()
         # 5. Binding: REPORT_DATA must be exactly H(nonce, ephemeral key, caller's TLS key).
-        expected = report_data_for(request.nonce, ephemeral, caller.tls_public_key_der)
+        expected = report_data_for(request.nonce, ephemeral_der, caller.tls_public_key_der)
         check_report_data(claims.report_data, expected)
         # 6. Policy.
         stored.policy.evaluate(claims, caller.spiffe_id)

@@ -22,6 +22,7 @@ from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditRecord, Decision
 from strongroom.keybroker.challenge import ChallengeIssuer
+from strongroom.keybroker.ephemeral import EphemeralPublicKey, parse_ephemeral_public_key
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.keybroker.keys import ReleasedKey
 from strongroom.keybroker.policies import PolicyStore
@@ -130,7 +131,10 @@ def test_an_allowed_release_reaches_the_hsm_once_and_is_audited_first(world, aut
     assert outcome.policy_version == "p1"
     assert len(keys.calls) == 1
     key_id, version, wrapped, ephemeral, accepted = keys.calls[0]
-    assert (key_id, version, wrapped, ephemeral) == ("k1", 1, b"\x01" * 40, EPHEMERAL)
+    assert (key_id, version, wrapped) == ("k1", 1, b"\x01" * 40)
+    # The engine hands the HSM the key it parsed and checked, not raw bytes to parse again.
+    assert ephemeral == parse_ephemeral_public_key(EPHEMERAL)
+    assert isinstance(ephemeral, EphemeralPublicKey)
     assert list(accepted) == [OaepHash.SHA256, OaepHash.SHA1]
     [event] = audit.events
     assert (event.decision, event.reason, event.key_id) == (Decision.ALLOWED, "RELEASED", "k1")
