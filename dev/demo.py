@@ -117,8 +117,10 @@ def run(args: argparse.Namespace) -> int:
             f"\nDemo complete: {say.checks} checks passed in {elapsed:.1f}s. Working directory: {root}"
         )
         if args.keep:
-            print("Services keep running; press Ctrl-C (or send SIGTERM) to stop.", flush=True)
+            # The announcement is inside the try: a signal sent as soon as it is read must still
+            # end in the clean stop below, not in an interrupted exit.
             try:
+                print("Services keep running; press Ctrl-C (or send SIGTERM) to stop.", flush=True)
                 while True:
                     time.sleep(3600)
             except KeyboardInterrupt:
