@@ -32,8 +32,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,6 +60,7 @@ from strongroom.attestation.errors import (
 from strongroom.attestation.trust import TrustStore
 from strongroom.attestation.verify import _crl
 from strongroom.errors import StrongroomError
+from strongroom.files import atomic_write
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -116,21 +115,6 @@ def _bad(what: str) -> MalformedEvidence:
 
 def _rollback(what: str) -> VerificationFailed:
     return VerificationFailed(what, reason=Reason.COLLATERAL_ROLLBACK)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _utc(text: str) -> datetime:
@@ -355,12 +339,12 @@ class CollateralCache:
                 self._load()  # another writer may have moved the high-water marks
                 state = self._read_state()
                 yield state
-                _atomic_write(
+                atomic_write(
                     self.directory / "state.json",
                     json.dumps(state, indent=1, sort_keys=True).encode(),
                 )
                 generation = f"{time.time_ns()}\n".encode()
-                _atomic_write(self.directory / "generation", generation)
+                atomic_write(self.directory / "generation", generation)
                 self._load()
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -418,8 +402,8 @@ class CollateralCache:
                 state["tcb_info"], info.fmspc.hex(), info.tcb_evaluation_data_number,
                 info.issue_date, f"TCB info for FMSPC {info.fmspc.hex()}",
             )  # fmt: skip
-            _atomic_write(path.with_suffix(".chain.pem"), signed.issuer_chain)
-            _atomic_write(path, signed.data)
+            atomic_write(path.with_suffix(".chain.pem"), signed.issuer_chain)
+            atomic_write(path, signed.data)
         return self._entry(info, path)
 
     def put_tdx_qe_identity(self, data: bytes, issuer_chain: bytes) -> CacheEntry:
@@ -433,8 +417,8 @@ class CollateralCache:
                 state["qe_identity"], _QE_KEY, ident.tcb_evaluation_data_number,
                 ident.issue_date, "QE identity",
             )  # fmt: skip
-            _atomic_write(path.with_suffix(".chain.pem"), signed.issuer_chain)
-            _atomic_write(path, signed.data)
+            atomic_write(path.with_suffix(".chain.pem"), signed.issuer_chain)
+            atomic_write(path, signed.data)
         return self._entry(ident, path)
 
     def put_crl(
@@ -450,8 +434,8 @@ class CollateralCache:
                 state["crl"], entry.path.stem, None, entry.issued, f"CRL of {entry.key}"
             )
             if issuer_chain:
-                _atomic_write(entry.path.with_suffix(".chain.pem"), issuer_chain)
-            _atomic_write(entry.path, data)
+                atomic_write(entry.path.with_suffix(".chain.pem"), issuer_chain)
+            atomic_write(entry.path, data)
         return entry
 
     def put_vcek(self, data: bytes, report: SnpReport) -> None:
@@ -459,7 +443,7 @@ class CollateralCache:
         der = certificates_from_bytes(data)[0]
         key = vcek_key(report.chip_id_for_kds(), report.reported_tcb.components())
         with self._writing():
-            _atomic_write(self.directory / "amd" / "vcek" / f"{key}.der", der)
+            atomic_write(self.directory / "amd" / "vcek" / f"{key}.der", der)
 
     def import_directory(self, source: Path) -> list[CacheEntry]:
         """Imports every document of a directory in this cache's layout (air-gapped transfer).

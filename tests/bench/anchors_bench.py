@@ -6,7 +6,7 @@ ChaCha20-Poly1305 in 64 KiB chunks) and with **Tink**'s streaming AEAD (PyPI ``t
 template ``AES256_GCM_HKDF_1MB``: AES-256-GCM in 1 MiB segments) — and each tool then decrypts its
 own ciphertext; every output is checked against the plaintext's SHA-256 once, outside the timing.
 
-Timed (best of ``REPEATS``, the machine is shared):
+Timed (best of ``artifact_bench.REPEATS``, the machine is shared):
 
 * Strongroom ``stream``: :class:`StreamDecryptor` fed 1 MiB pieces, plaintext to a sink, one
   thread — the like-for-like of the other two, which are single-threaded streaming decryptors;
@@ -32,12 +32,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPEATS = 5
+from tests.bench.artifact_bench import _best, _gbps
+
 PIECE = 1 << 20
 
 FIELDS: dict[str, Any] = {
@@ -48,19 +47,6 @@ FIELDS: dict[str, Any] = {
     "key_version": 1,
     "wrapped_dek": bytes(40),
 }
-
-
-def _best(fn: Callable[[], object], repeats: int = REPEATS) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _gbps(size: int, seconds: float) -> float:
-    return round(size / seconds / 1e9, 3)
 
 
 def _scratch_dir() -> str | None:
