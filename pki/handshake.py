@@ -28,15 +28,9 @@ _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("0000000400000
 _HINTS = ("socket closed", "handshake", "ssl", "connection reset", "broken pipe")
 
 
-class ClientCertificateRejected(PeerUnauthenticated, grpc.RpcError):
-    """The server rejected our client certificate during the TLS handshake.
-
-    Raised by :class:`~strongroom.pki.channel.RotatingChannel` in place of gRPC's UNAVAILABLE; it is
-    both a :class:`~strongroom.errors.Unauthenticated` and a ``grpc.RpcError`` whose
-    ``code()`` is UNAUTHENTICATED, so generated-stub callers handle it like any RPC error.
-    """
-
-    default_reason = Reason.CLIENT_CERTIFICATE_REJECTED
+class _RefusedBeforeTheCall(PeerUnauthenticated, grpc.RpcError):
+    """A refusal the channel raises before any RPC: a domain error and a ``grpc.RpcError`` whose
+    ``code()`` is UNAUTHENTICATED, so generated-stub callers handle it like any RPC error."""
 
     def code(self) -> grpc.StatusCode:
         """Always UNAUTHENTICATED."""
@@ -53,6 +47,17 @@ class ClientCertificateRejected(PeerUnauthenticated, grpc.RpcError):
     def trailing_metadata(self) -> tuple[Any, ...]:
         """None was received."""
         return ()
+
+
+class ClientCertificateRejected(_RefusedBeforeTheCall):
+    """The server rejected our client certificate during the TLS handshake.
+
+    Raised by :class:`~strongroom.pki.channel.RotatingChannel` in place of gRPC's UNAVAILABLE; it is
+    both a :class:`~strongroom.errors.Unauthenticated` and a ``grpc.RpcError`` whose
+    ``code()`` is UNAUTHENTICATED, so generated-stub callers handle it like any RPC error.
+    """
+
+    default_reason = Reason.CLIENT_CERTIFICATE_REJECTED
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,7 @@ def translate(
     return ClientCertificateRejected(describe_rejection(target, leaf_pem))
 
 
-class ServerIdentityMismatch(PeerUnauthenticated, grpc.RpcError):
+class ServerIdentityMismatch(_RefusedBeforeTheCall):
     """The server at a target is not the workload the client expected there.
 
     Raised by :class:`~strongroom.pki.channel.RotatingChannel` before a call is sent when the
@@ -179,22 +184,6 @@ class ServerIdentityMismatch(PeerUnauthenticated, grpc.RpcError):
     """
 
     default_reason = Reason.SERVER_IDENTITY_MISMATCH
-
-    def code(self) -> grpc.StatusCode:
-        """Always UNAUTHENTICATED."""
-        return grpc.StatusCode.UNAUTHENTICATED
-
-    def details(self) -> str:
-        """The explanation, naming the expected and the presented identity."""
-        return str(self)
-
-    def initial_metadata(self) -> tuple[Any, ...]:
-        """None was received."""
-        return ()
-
-    def trailing_metadata(self) -> tuple[Any, ...]:
-        """None was received."""
-        return ()
 
 
 def server_spiffe_ids(
