@@ -42,6 +42,9 @@ class InferenceConfig:
     simulated_policy: int | None = None
     decrypt_threads: int = 2
     load_timeout_seconds: float = 600.0
+    # How long LoadModel keeps retrying a load that fails with UNAVAILABLE (a store or broker
+    # restarting); 0 answers the first UNAVAILABLE. The caller's own deadline still wins.
+    load_retry_seconds: float = 30.0
     # Bounds on the tensor bytes of one ModelInfer request and response; the server's gRPC
     # message limits are derived from them (nowhere else sets them).
     max_input_bytes: int = DEFAULT_MAX_TENSOR_BYTES
@@ -66,6 +69,8 @@ class InferenceConfig:
                 ) from None
         if self.require_model_signature and self.model_signing_public_key is None:
             raise ConfigError("inference.require_model_signature needs model_signing_public_key")
+        if not 0 <= self.load_retry_seconds <= 3600:
+            raise ConfigError("inference.load_retry_seconds must be between 0 and 3600")
         if not 1 <= self.decrypt_threads <= 64:
             raise ConfigError("inference.decrypt_threads must be between 1 and 64")
         try:

@@ -16,9 +16,16 @@ CONTROL_SERVICE = "strongroom.api.inference.v1.ModelControlService"
 class ModelControlServicer(pb_grpc.ModelControlServiceServicer):
     """Thin adapter over :class:`ModelLoader` and :class:`ModelRepository`."""
 
-    def __init__(self, loader: ModelLoader, repository: ModelRepository) -> None:
+    def __init__(
+        self,
+        loader: ModelLoader,
+        repository: ModelRepository,
+        *,
+        retry_seconds: float = LOAD_RETRY_SECONDS,
+    ) -> None:
         self._loader = loader
         self._repository = repository
+        self._retry_seconds = retry_seconds
 
     def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.ServicerContext
@@ -27,7 +34,9 @@ class ModelControlServicer(pb_grpc.ModelControlServiceServicer):
         version = validate_version(request.version)
         remaining = context.time_remaining()
         # Retry brief unavailability, but answer before the caller's own deadline.
-        within = LOAD_RETRY_SECONDS if remaining is None else min(LOAD_RETRY_SECONDS, remaining - 1)
+        within = self._retry_seconds
+        if remaining is not None:
+            within = min(within, remaining - 1)
         result = self._loader.load_with_retry(name, version, within=within)
         return pb.LoadModelResponse(timings=result.timings, decision_id=result.decision_id)
 

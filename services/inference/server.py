@@ -200,7 +200,7 @@ def build(
     limits = config.limits
     oip = OipServicer(repository, limits=limits)
     evidence = InferenceAttestationServicer(attester, identity.public_key_der)
-    control = ModelControlServicer(loader, repository)
+    control = ModelControlServicer(loader, repository, retry_seconds=config.load_retry_seconds)
 
     def models_ready() -> str | None:
         return None if repository.server_ready() else "models not ready"

@@ -320,3 +320,23 @@ def test_load_model_rides_out_a_broker_restart(env: Env, model_path: Path) -> No
         env.stack.services.pop("inference").stop()
         if "keybroker" not in env.stack.services:
             env.stack.start_in_process("keybroker")
+
+
+def test_load_model_retry_window_is_configurable(env: Env, model_path: Path) -> None:
+    # With inference.load_retry_seconds 0 the same restart is not ridden out: the first
+    # UNAVAILABLE is the answer (the operator chose to see outages at once).
+    _publish(env, model_path, "no-retry")
+    section = {**env.stack.default_section("inference"), "load_retry_seconds": 0}
+    env.stack.start_in_process("inference", section)
+    try:
+        control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+        env.stack.services.pop("keybroker").stop()
+        with pytest.raises(grpc.RpcError) as info:
+            control.LoadModel(
+                control_pb.LoadModelRequest(name="faulty", version="no-retry"), timeout=60
+            )
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    finally:
+        env.stack.services.pop("inference").stop()
+        if "keybroker" not in env.stack.services:
+            env.stack.start_in_process("keybroker")

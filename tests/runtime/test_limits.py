@@ -83,3 +83,9 @@ def test_localhost_is_refused_in_production_and_allowed_in_development(tmp_path:
     load(tmp_path, mode="production", names="inference")
     with pytest.raises(ConfigError, match="localhost only in development"):
         load(tmp_path, mode="production", names="inference, localhost")
+
+
+@pytest.mark.parametrize("value", [-1, 3601])
+def test_impossible_load_retry_windows_are_refused(value: float) -> None:
+    with pytest.raises(ConfigError, match="load_retry_seconds"):
+        InferenceConfig(model_store="a:1", key_broker="b:1", load_retry_seconds=value)
