@@ -52,7 +52,9 @@ else:
     _StreamStreamBase = grpc.StreamStreamMultiCallable
 
 
-class _CredentialsLike(Protocol):
+class ChannelCredentials(Protocol):
+    """One generation of a workload's TLS credentials, as a channel presents them."""
+
     @property
     def generation(self) -> int: ...
 
@@ -67,7 +69,7 @@ class CredentialSource(Protocol):
     """What a :class:`RotatingChannel` reads: the current credentials and the pinned root."""
 
     @property
-    def credentials(self) -> _CredentialsLike: ...
+    def credentials(self) -> ChannelCredentials: ...
 
     @property
     def root_pem(self) -> bytes: ...

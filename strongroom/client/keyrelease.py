@@ -45,7 +45,7 @@ from strongroom.attesters import Attester
 from strongroom.client.remote import peer_reason
 from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.oaep import OaepHash
-from strongroom.pki.channel import RotatingChannel
+from strongroom.pki.channel import ChannelCredentials, CredentialSource, RotatingChannel
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -57,31 +57,22 @@ DEFAULT_MECHANISMS = (pb.WRAP_MECHANISM_RSA_OAEP_SHA256, pb.WRAP_MECHANISM_RSA_O
 #: At most this many challenge → release exchanges per :meth:`KeyReleaseClient.release`.
 MAX_EXCHANGES = 2
 #: Broker refusals that a fresh exchange can cure (see the module docstring).
-RETRIED_REASONS = frozenset({"REPORT_DATA_MISMATCH", "NONCE_INVALID", "NONCE_EXPIRED"})
+RETRIED_REASONS = frozenset(
+    {Reason.REPORT_DATA_MISMATCH, Reason.NONCE_INVALID, Reason.NONCE_EXPIRED}
+)
 
 
-class _CredentialsLike(Protocol):
-    @property
-    def generation(self) -> int: ...
-
-    @property
-    def key_pem(self) -> bytes: ...
-
-    @property
-    def chain_pem(self) -> bytes: ...
-
+class _CredentialsLike(ChannelCredentials, Protocol):
     @property
     def public_key_der(self) -> bytes: ...
 
 
-class IdentityLike(Protocol):
-    """What :class:`PinnedChannels` reads: a workload identity's current credentials and root."""
+class IdentityLike(CredentialSource, Protocol):
+    """What :class:`PinnedChannels` reads: a channel's credential source whose credentials also
+    name their public key (the key a release binds into the attestation report)."""
 
     @property
     def credentials(self) -> _CredentialsLike: ...
-
-    @property
-    def root_pem(self) -> bytes: ...
 
 
 @dataclass(frozen=True)
