@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -43,7 +43,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import ArtifactHeader, decrypt_download
 from strongroom.artifact.errors import InvalidArtifact
 from strongroom.artifact.manifest import is_manifest
-from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS, ModelFetcher
+from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS, ModelFetcher, grpc_source
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.client.remote import remote_error
 from strongroom.errors import (
@@ -92,6 +92,7 @@ class ModelLoader:
     ) -> None:
         self._repository = repository
         self._store = store_grpc.ModelStoreServiceStub(store_channel)
+        self._download = grpc_source(store_channel, timeout=timeout)
         self._release = key_release
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         self._threads = decrypt_threads
@@ -204,15 +205,6 @@ class ModelLoader:
                 sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_DELAY)
 
-    def _responses(self, name: str, version: str) -> Iterator[bytes]:
-        try:
-            for response in self._store.GetModel(
-                store_pb.GetModelRequest(name=name, version=version), timeout=self._timeout
-            ):
-                yield response.data
-        except grpc.RpcError as exc:
-            raise remote_error("fetch", exc) from None
-
     def _load(self, name: str, version: str) -> LoadResult:
         try:
             return self._load_artifact(name, version)
@@ -237,7 +229,7 @@ class ModelLoader:
         # The plaintext lives only in the artifact's buffer, which ONNX Runtime loads from (bytes,
         # no copy) and which is overwritten on leaving this block.
         with decrypt_download(
-            self._responses(name, version),
+            self._download(name, version),
             release,
             check_header=check_header,
             threads=self._threads,

@@ -41,7 +41,6 @@ from types import TracebackType
 import grpc
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
-from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import ArtifactHeader, BufferedStreamDecryptor, InvalidArtifact, wipe
 from strongroom.artifact.format import DIGEST_SIZE
 from strongroom.artifact.manifest import (
@@ -63,6 +62,7 @@ from strongroom.errors import (
     NotFound,
 )
 from strongroom.reasons import Reason
+from strongroom.wire import bytes_field_view
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ __all__ = [
 DEFAULT_PARALLEL_PARTS = 4
 """Parts fetched at once: enough to overlap the network with decryption on a few cores."""
 
-PartSource = Callable[[str, str], Iterator[bytes]]
+PartSource = Callable[[str, str], Iterator[bytes | memoryview]]
 """Yields the bytes of the stored artifact ``(name, version)`` from offset 0, in pieces.
 
 Raises a :mod:`strongroom.errors` exception (NotFound when there is no such artifact)."""
@@ -88,16 +88,31 @@ KeyRelease = Callable[[str, int, bytes], ReleasedDataKey]
 """Attested release of a data key: (key id, key version, wrapped data key) → the key."""
 
 
+_GET_MODEL = "/{}/GetModel".format(
+    store_pb.DESCRIPTOR.services_by_name["ModelStoreService"].full_name
+)
+_DATA_FIELD = store_pb.GetModelResponse.DESCRIPTOR.fields_by_name["data"].number
+
+
+def _chunk_data(message: bytes) -> memoryview:
+    # Only the data is used (the artifact describes itself), so it is taken as a view into the
+    # received message instead of parsing it into a protobuf object and copying it out again.
+    return bytes_field_view(message, _DATA_FIELD)
+
+
 def grpc_source(channel: grpc.Channel, *, timeout: float = 600.0) -> PartSource:
     """A :data:`PartSource` reading from the model store over ``channel`` (GetModel)."""
-    stub = store_grpc.ModelStoreServiceStub(channel)
+    get_model = channel.unary_stream(
+        _GET_MODEL,
+        request_serializer=store_pb.GetModelRequest.SerializeToString,
+        response_deserializer=_chunk_data,
+    )
 
-    def source(name: str, version: str) -> Iterator[bytes]:
+    def source(name: str, version: str) -> Iterator[memoryview]:
         try:
-            for response in stub.GetModel(
+            yield from get_model(
                 store_pb.GetModelRequest(name=name, version=version), timeout=timeout
-            ):
-                yield response.data
+            )
         except grpc.RpcError as exc:
             raise remote_error("fetch", exc) from None
 
@@ -225,7 +240,7 @@ class _Stream:
         self.decryptor = decryptor
         self._tail = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self.decryptor.feed(data)
         self._tail += data[-DIGEST_SIZE:]
         del self._tail[:-DIGEST_SIZE]
