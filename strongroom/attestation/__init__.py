@@ -2,9 +2,10 @@
 
 * ``abi``: parse SEV-SNP reports and TDX quotes (structure only) into typed values;
 * ``verify``: check signatures and chains to the pinned roots (:func:`verify_evidence`);
-* ``policy``: judge verified claims against a versioned release policy (:class:`ReleasePolicy`);
+* ``policy``: judge verified claims against a versioned release policy (:class:`ReleasePolicy`),
+  with each TEE's section and checks in ``rules`` (one module per TEE, registered like verifiers);
 * ``binding``: the REPORT_DATA binding shared by the key broker and the inference server;
-* ``simulated``: a test attester with its own clearly marked chain (never trusted in production).
+* the simulated TEE authority lives in the development kit (``strongroom.dev.simulated``).
 """
 
 from strongroom.attestation.claims import SnpClaims, TdxClaims, VerifiedClaims

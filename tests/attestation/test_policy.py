@@ -307,7 +307,7 @@ def test_documented_example_loads() -> None:
     doc = (Path(__file__).resolve().parents[2] / "services/keybroker/POLICY.md").read_text()
     example = doc.split("```yaml", 1)[1].split("```", 1)[0]
     pol = ReleasePolicy.load(example)
-    assert pol.version and pol.snp is not None and pol.tdx is not None
+    assert pol.version and set(pol.rules) == {TeeType.SEV_SNP, TeeType.TDX}
 
 
 def test_tcb_fmc_minimum_applies_only_to_turin(snp, sim_trust, now) -> None:

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
+from strongroom.attestation.evidence import TeeType
 from strongroom.attestation.policy import ReleasePolicy
+from strongroom.attestation.rules.snp import SnpRules
 from strongroom.cli.client import ClientConfig
 from strongroom.cli.main import build_parser
 from strongroom.inference.config import InferenceConfig
@@ -295,6 +297,7 @@ def test_development_policy_releases_to_the_simulated_guest_only() -> None:
     )
     inference = yaml.safe_load((COMPOSE_DIR / "config" / "inference.yaml").read_text())["inference"]
     assert policy.allowed_spiffe_ids == frozenset({"spiffe://strongroom.internal/inference"})
-    assert policy.snp is not None and policy.snp.allow_simulated
-    measurements = {m.hex() if isinstance(m, bytes) else str(m) for m in policy.snp.measurements}
+    snp = policy.rules[TeeType.SEV_SNP]
+    assert isinstance(snp, SnpRules) and snp.allow_simulated
+    measurements = {m.hex() if isinstance(m, bytes) else str(m) for m in snp.measurements}
     assert measurements == {inference["simulated_measurement"]}

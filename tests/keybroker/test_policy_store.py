@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from strongroom.attestation.errors import PolicyInvalid
+from strongroom.attestation.evidence import TeeType
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.policy_bounds import (
     MAX_POLICY_BYTES,
@@ -51,7 +52,11 @@ def test_allow_debug_is_refused_in_production_only(tmp_path: Path) -> None:
     with pytest.raises(PolicyInvalid) as info:
         store(tmp_path, production=True).put("k1", document(debug=True))
     assert info.value.reason == Reason.POLICY_DEBUG_IN_PRODUCTION
-    assert store(tmp_path, production=False).put("k1", document(debug=True)).policy.snp
+    assert (
+        store(tmp_path, production=False)
+        .put("k1", document(debug=True))
+        .policy.rules[TeeType.SEV_SNP]
+    )
     # A debug policy a development broker stored does not load in a production one either.
     with pytest.raises(PolicyInvalid) as info:
         store(tmp_path, production=True).get("k1")

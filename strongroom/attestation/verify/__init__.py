@@ -50,7 +50,8 @@ class Verifier(Protocol):
 
 
 # One verifier module per TEE, imported when first needed. A new TEE is a new module plus its entry
-# here (and its policy rules); nothing else dispatches on the TEE type.
+# here, and a rules module plus its entry in ``strongroom.attestation.rules._RULES``; nothing else
+# dispatches on the TEE type (tests/attestation/test_registry.py runs a toy TEE through both).
 _VERIFIERS: dict[TeeType, tuple[str, str]] = {
     TeeType.SEV_SNP: ("strongroom.attestation.verify.snp", "verify_snp"),
     TeeType.TDX: ("strongroom.attestation.verify.tdx", "verify_tdx"),
