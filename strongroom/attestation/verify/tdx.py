@@ -12,6 +12,11 @@ grace past ``nextUpdate``). The QE identity is mandatory: the PCE PCK-signs the 
 production enclave, so without it a host-built "quoting enclave" could sign any TD body. Then the
 TCB info's FMSPC/PCE-ID against the PCK certificate; the TDX module and QE identities; and finally
 the TCB status, reported in the claims for the policy to judge.
+
+:func:`verify_tdx` runs the steps in that order, each a function of its own: :func:`verify_pck_chain`
+(the chain), :func:`verify_quote` (parsing and signatures), :func:`select_collateral` (the
+verifier's TCB info and QE identity for this quote), :func:`check_revocation` and
+:func:`evaluate_tcb` (the TCB status).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -42,7 +47,7 @@ from strongroom.attestation.abi.certs import (
     parse_pck_extensions,
     split_pem_certificates,
 )
-from strongroom.attestation.abi.tdx import TdxQuote, parse_tdx_quote
+from strongroom.attestation.abi.tdx import TdQuoteBody, TdxQuote, parse_tdx_quote
 from strongroom.attestation.claims import TCB_NOT_EVALUATED, TdxClaims
 from strongroom.attestation.collateral import (
     INTEL_CA_BY_CN,
@@ -71,7 +76,9 @@ TCB_SIGNING_CN = "Intel SGX TCB Signing"
 
 
 @dataclass(frozen=True)
-class _VerifiedPck:
+class VerifiedPck:
+    """A PCK chain that verified to a pinned Intel root, with the PCK's key and extensions."""
+
     chain: tuple[x509.Certificate, ...]  # leaf, CA, root
     public_key: ec.EllipticCurvePublicKey
     extensions: PckExtensions
@@ -79,7 +86,9 @@ class _VerifiedPck:
 
 
 @dataclass(frozen=True)
-class _VerifiedSigner:
+class VerifiedSigner:
+    """A TCB-signing chain that verified to a pinned Intel root, with the signer's key."""
+
     chain: tuple[x509.Certificate, ...]  # signing cert, root
     public_key: ec.EllipticCurvePublicKey
     simulated: bool
@@ -112,7 +121,7 @@ def _check_supplied_roots(certs: list[x509.Certificate], trust: TrustStore) -> N
                 )
 
 
-def _verify_pck_chain(pem: bytes, trust: TrustStore, now: datetime) -> _VerifiedPck:
+def _verify_pck_chain_uncached(pem: bytes, trust: TrustStore, now: datetime) -> VerifiedPck:
     certs = [load_certificate(d) for d in split_pem_certificates(pem)]
     if len(certs) < 2:
         raise MalformedEvidence(
@@ -132,7 +141,7 @@ def _verify_pck_chain(pem: bytes, trust: TrustStore, now: datetime) -> _Verified
     chain = (leaf, ca, root.cert)
     for c, what in zip(chain, ("PCK", "PCK CA", "Intel root"), strict=True):
         check_valid_at(c, now, what)
-    return _VerifiedPck(
+    return VerifiedPck(
         chain=chain,
         public_key=ec_public_key(leaf, ec.SECP256R1),
         extensions=parse_pck_extensions(leaf),
@@ -140,7 +149,7 @@ def _verify_pck_chain(pem: bytes, trust: TrustStore, now: datetime) -> _Verified
     )
 
 
-def verify_signing_chain(pem: bytes, trust: TrustStore, now: datetime) -> _VerifiedSigner:
+def verify_signing_chain(pem: bytes, trust: TrustStore, now: datetime) -> VerifiedSigner:
     """Verifies a TCB-signing chain (``Intel SGX TCB Signing`` <- pinned root) valid at ``now``."""
     certs = [load_certificate(d) for d in certificates_from_bytes(pem)]
     signer = certs[0]
@@ -154,7 +163,7 @@ def verify_signing_chain(pem: bytes, trust: TrustStore, now: datetime) -> _Verif
     chain = (signer, root.cert)
     for c, what in zip(chain, ("TCB signing", "Intel root"), strict=True):
         check_valid_at(c, now, what)
-    return _VerifiedSigner(
+    return VerifiedSigner(
         chain=chain, public_key=ec_public_key(signer, ec.SECP256R1), simulated=root.simulated
     )
 
@@ -182,7 +191,7 @@ def _attestation_key(raw: bytes) -> ec.EllipticCurvePublicKey:
         ) from None
 
 
-def _verify_quote_signatures(quote: TdxQuote, pck: _VerifiedPck) -> None:
+def _verify_quote_signatures(quote: TdxQuote, pck: VerifiedPck) -> None:
     sd = quote.signature_data
     ak = _attestation_key(sd.attestation_key)
     if not _verify_p256(ak, sd.signature, quote.signed_bytes):
@@ -205,7 +214,7 @@ def _verify_quote_signatures(quote: TdxQuote, pck: _VerifiedPck) -> None:
 
 def check_signed_document(
     doc: TcbInfo | QeIdentity, signer_pem: bytes, trust: TrustStore, at: datetime
-) -> _VerifiedSigner:
+) -> VerifiedSigner:
     """Checks a TCB info / QE identity signature with a TCB-signing chain valid at ``at``."""
     name = "TCB info" if isinstance(doc, TcbInfo) else "QE identity"
     signer = verify_signing_chain(signer_pem, trust, at)
@@ -219,7 +228,7 @@ def check_signed_document(
 
 def _verified_collateral(
     kind: str, signed: SignedDocument, trust: TrustStore, now: datetime, grace: timedelta
-) -> tuple[TcbInfo | QeIdentity, _VerifiedSigner]:
+) -> tuple[TcbInfo | QeIdentity, VerifiedSigner]:
     """Parses and verifies a signed TCB info / QE identity; cached by its bytes and signer chain."""
     cache_key = trust.cache.key("tdx-" + kind, signed.data, signed.issuer_chain)
     cached = trust.cache.get(cache_key, now)
@@ -274,15 +283,18 @@ def _missing(what: str) -> CollateralUnavailable:
     )
 
 
-def _check_intel_revocation(  # noqa: PLR0917 - one private call site, all inputs needed
+def check_revocation(  # noqa: PLR0917 - the step's inputs, in the order verify_tdx has them
     collateral: CollateralSource | None,
-    pck: _VerifiedPck,
-    signers: list[_VerifiedSigner],
+    pck: VerifiedPck,
+    signers: list[VerifiedSigner],
     now: datetime,
     grace: timedelta,
     required: bool,
 ) -> bool:
-    """Checks the PCK chain and the TCB-signing chains against the Intel CRLs; True if checked."""
+    """Between steps 3 and 4, revocation: the PCK chain against the PCK CA's CRL and the PCK CA
+    and TCB-signing certificates against the Intel root CA's CRL, both from ``collateral`` and
+    current within ``grace``. True when checked; False only when not ``required`` and the
+    collateral holds neither CRL."""
     ca, root = pck.chain[1], pck.chain[2]
     ca_name = INTEL_CA_BY_CN.get(common_name(ca), "PCK")
     pck_crl = collateral.crl(ca) if collateral is not None else None
@@ -295,52 +307,94 @@ def _check_intel_revocation(  # noqa: PLR0917 - one private call site, all input
     return True
 
 
-def verify_tdx(
-    evidence: Evidence,
-    *,
-    trust: TrustStore,
-    now: datetime,
-    collateral: CollateralSource | None,
-    require_collateral: bool = True,
-    grace: timedelta = timedelta(0),
-) -> TdxClaims:
-    """Verifies TDX evidence and returns its claims (see the module docstring)."""
+def verify_pck_chain(pem: bytes, trust: TrustStore, now: datetime) -> VerifiedPck:
+    """Step 1, the chain: the PCK chain a quote carries (PCK <- Platform/Processor CA <- pinned
+    Intel SGX Root CA), every certificate valid at ``now``; a supplied root must be the pinned one.
+
+    A verified chain is cached in ``trust`` by its bytes and reused only inside its validity window.
+    Revocation is checked later, against the verifier's own CRLs (:func:`check_revocation`).
+    """
+    cache_key = trust.cache.key("tdx-pck", pem)
+    pck: VerifiedPck | None = trust.cache.get(cache_key, now)
+    if pck is None:
+        pck = _verify_pck_chain_uncached(pem, trust, now)
+        trust.cache.put(cache_key, validity_window(*pck.chain), pck)
+    return pck
+
+
+@dataclass(frozen=True)
+class VerifiedQuote:
+    """A parsed TDX quote whose signatures verified, and the PCK chain that vouches for it."""
+
+    quote: TdxQuote
+    pck: VerifiedPck
+
+
+def verify_quote(evidence: Evidence, trust: TrustStore, now: datetime) -> VerifiedQuote:
+    """Step 2, the quote: parses it (structure only), verifies its PCK chain (step 1), then the
+    quote signature (attestation key), the QE report signature (PCK key) and the QE report data's
+    binding of the attestation key and QE auth data.
+
+    TDX evidence carries its PCK chain inside the quote, so ``evidence.certificates`` must be empty.
+    """
     quote = parse_tdx_quote(evidence.report)
     if evidence.certificates:
         raise MalformedEvidence(
             "TDX evidence carries its PCK chain inside the quote; certificates must be empty",
             reason=Reason.BAD_CERTIFICATE,
         )
-    pem = quote.signature_data.pck_chain_pem
-    cache_key = trust.cache.key("tdx-pck", pem)
-    pck: _VerifiedPck | None = trust.cache.get(cache_key, now)
-    if pck is None:
-        pck = _verify_pck_chain(pem, trust, now)
-        trust.cache.put(cache_key, validity_window(*pck.chain), pck)
+    pck = verify_pck_chain(quote.signature_data.pck_chain_pem, trust, now)
     _verify_quote_signatures(quote, pck)
+    return VerifiedQuote(quote=quote, pck=pck)
 
-    # Everything below judges with the verifier's own collateral; evidence.collateral is ignored.
-    ext = pck.extensions
+
+@dataclass(frozen=True)
+class SelectedCollateral:
+    """The verifier's own TCB info and QE identity for one quote, each signature-checked, fresh
+    and matched to the quote (None only when absent and not required)."""
+
+    tcb_info: TcbInfo | None
+    qe_identity: QeIdentity | None
+    signers: tuple[VerifiedSigner, ...]
+    simulated: bool  # a signer chains to a simulated root
+
+
+def select_collateral(  # noqa: PLR0917 - the step's inputs, in the order verify_tdx has them
+    verified: VerifiedQuote,
+    collateral: CollateralSource | None,
+    trust: TrustStore,
+    now: datetime,
+    grace: timedelta,
+    required: bool,
+) -> SelectedCollateral:
+    """Step 3, collateral selection: the TCB info for the PCK certificate's FMSPC and the TDX QE
+    identity, taken only from ``collateral`` (the evidence's own collateral is never read).
+
+    Each document must be signed over its exact raw JSON by a TCB-signing chain to the pinned root
+    and be current within ``grace``. The QE identity must match the quote's QE report; the TCB
+    info's FMSPC and PCE-ID must match the PCK certificate and its TDX module identity the quote's
+    module. With ``required`` a missing document is ``COLLATERAL_MISSING``.
+    """
+    quote, ext = verified.quote, verified.pck.extensions
     tcb_signed = collateral.tdx_tcb_info(ext.fmspc) if collateral is not None else None
     qe_signed = collateral.tdx_qe_identity() if collateral is not None else None
-    if require_collateral and tcb_signed is None:
+    if required and tcb_signed is None:
         raise _missing(f"TDX TCB info for FMSPC {ext.fmspc.hex()}")
-    if require_collateral and qe_signed is None:
+    if required and qe_signed is None:
         raise _missing("the TDX QE identity")
     tcb_info: TcbInfo | None = None
     qe_identity: QeIdentity | None = None
-    simulated = pck.simulated
-    signers: list[_VerifiedSigner] = []
+    signers: list[VerifiedSigner] = []
     if qe_signed is not None:
         doc, signer = _verified_collateral("qe-identity", qe_signed, trust, now, grace)
         assert isinstance(doc, QeIdentity)
-        qe_identity, simulated = doc, simulated or signer.simulated
+        qe_identity = doc
         signers.append(signer)
         _check_qe(quote, qe_identity)
     if tcb_signed is not None:
         doc, signer = _verified_collateral("tcb-info", tcb_signed, trust, now, grace)
         assert isinstance(doc, TcbInfo)
-        tcb_info, simulated = doc, simulated or signer.simulated
+        tcb_info = doc
         signers.append(signer)
         if tcb_info.fmspc != ext.fmspc:
             raise VerificationFailed(
@@ -354,39 +408,75 @@ def verify_tdx(
                 reason=Reason.COLLATERAL_MISMATCH,
             )
         _check_module(quote, tcb_info)
-    revocation_checked = _check_intel_revocation(
-        collateral, pck, signers, now, grace, require_collateral
+    return SelectedCollateral(
+        tcb_info=tcb_info,
+        qe_identity=qe_identity,
+        signers=tuple(signers),
+        simulated=any(s.simulated for s in signers),
     )
 
-    body = quote.body
-    qe_svn = quote.signature_data.qe_report.isv_svn
-    if tcb_info is not None:
-        result = _tdx_tcb.evaluate(
+
+_NOT_EVALUATED = _tdx_tcb.TcbEvaluation(TCB_NOT_EVALUATED, TCB_NOT_EVALUATED, None, None, None, ())
+
+
+def evaluate_tcb(
+    body: TdQuoteBody,
+    qe_isv_svn: int,
+    pck: PckExtensions,
+    tcb_info: TcbInfo | None,
+    qe_identity: QeIdentity | None,
+) -> _tdx_tcb.TcbEvaluation:
+    """Step 4, TCB evaluation: the TCB status of the platform (PCK TCB), the TDX module
+    (TEE_TCB_SVN) and the QE (ISVSVN) against verified collateral, for the policy to judge.
+
+    For a TD 1.5 body the current TEE_TCB_SVN2 is evaluated too and the two combine (Intel's TD
+    relaunch check); ``status`` is then the combined one while the other fields describe the
+    launch-time evaluation. Without TCB info the status is ``NotEvaluated``, which no policy
+    accepts.
+    """
+    if tcb_info is None:
+        return _NOT_EVALUATED
+
+    def at(tee_tcb_svn: bytes) -> _tdx_tcb.TcbEvaluation:
+        return _tdx_tcb.evaluate(
             tcb_info=tcb_info,
             qe_identity=qe_identity,
-            pck_components=ext.tcb_components,
-            pck_pcesvn=ext.pcesvn,
-            tee_tcb_svn=body.tee_tcb_svn,
-            qe_isv_svn=qe_svn,
+            pck_components=pck.tcb_components,
+            pck_pcesvn=pck.pcesvn,
+            tee_tcb_svn=tee_tcb_svn,
+            qe_isv_svn=qe_isv_svn,
         )
-        status = result.status
-        if body.tee_tcb_svn2 is not None and status in _tdx_tcb.INTEL_STATUSES:
-            current = _tdx_tcb.evaluate(
-                tcb_info=tcb_info,
-                qe_identity=qe_identity,
-                pck_components=ext.tcb_components,
-                pck_pcesvn=ext.pcesvn,
-                tee_tcb_svn=body.tee_tcb_svn2,
-                qe_isv_svn=qe_svn,
-            )
-            if current.status in _tdx_tcb.INTEL_STATUSES:
-                status = _tdx_tcb.relaunch(status, current.status)
-            else:
-                status = current.status
-    else:
-        result = _tdx_tcb.TcbEvaluation(TCB_NOT_EVALUATED, TCB_NOT_EVALUATED, None, None, None, ())
-        status = TCB_NOT_EVALUATED
 
+    launch = at(body.tee_tcb_svn)
+    if body.tee_tcb_svn2 is None or launch.status not in _tdx_tcb.INTEL_STATUSES:
+        return launch
+    current = at(body.tee_tcb_svn2).status
+    if current in _tdx_tcb.INTEL_STATUSES:
+        return replace(launch, status=_tdx_tcb.relaunch(launch.status, current))
+    return replace(launch, status=current)
+
+
+def verify_tdx(
+    evidence: Evidence,
+    *,
+    trust: TrustStore,
+    now: datetime,
+    collateral: CollateralSource | None,
+    require_collateral: bool = True,
+    grace: timedelta = timedelta(0),
+) -> TdxClaims:
+    """Verifies TDX evidence and returns its claims (see the module docstring): the quote and its
+    chain, the verifier's collateral, revocation, then the TCB status."""
+    verified = verify_quote(evidence, trust, now)
+    selected = select_collateral(verified, collateral, trust, now, grace, require_collateral)
+    revocation_checked = check_revocation(
+        collateral, verified.pck, list(selected.signers), now, grace, require_collateral
+    )
+    quote, ext = verified.quote, verified.pck.extensions
+    body = quote.body
+    qe_svn = quote.signature_data.qe_report.isv_svn
+    tcb = evaluate_tcb(body, qe_svn, ext, selected.tcb_info, selected.qe_identity)
+    tcb_info = selected.tcb_info
     return TdxClaims(
         version=quote.header.version,
         body_type=body.body_name,
@@ -411,16 +501,16 @@ def verify_tdx(
         cpusvn=ext.cpusvn,
         sgx_type=ext.sgx_type,
         qe_isv_svn=qe_svn,
-        tcb_status=status,
-        platform_tcb_status=result.platform_status,
-        tdx_module_tcb_status=result.module_status,
-        qe_tcb_status=result.qe_status,
-        tcb_date=result.tcb_date,
-        advisory_ids=result.advisory_ids,
+        tcb_status=tcb.status,
+        platform_tcb_status=tcb.platform_status,
+        tdx_module_tcb_status=tcb.module_status,
+        qe_tcb_status=tcb.qe_status,
+        tcb_date=tcb.tcb_date,
+        advisory_ids=tcb.advisory_ids,
         collateral_evaluated=tcb_info is not None,
-        simulated=simulated,
+        simulated=verified.pck.simulated or selected.simulated,
         revocation_checked=revocation_checked,
-        qe_identity_checked=qe_identity is not None,
+        qe_identity_checked=selected.qe_identity is not None,
         tcb_evaluation_data_number=(
             tcb_info.tcb_evaluation_data_number if tcb_info is not None else None
         ),

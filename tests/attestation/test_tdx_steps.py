@@ -1,0 +1,250 @@
+"""The steps of TDX verification, each on its own: chain, quote, collateral selection,
+revocation, TCB evaluation. Real Intel vectors (tests/data/attestation) and the simulated authority.
+
+``tests/attestation/test_vectors.py`` and ``test_rejections.py`` test the composed ``verify_tdx``;
+here each step is called directly, so a regression names the step that broke.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from strongroom.attestation import Evidence, StaticCollateralSource, TeeType, TrustStore
+from strongroom.attestation.abi.certs import common_name
+from strongroom.attestation.abi.tdx import parse_tdx_quote
+from strongroom.attestation.errors import (
+    CollateralUnavailable,
+    MalformedEvidence,
+    VerificationFailed,
+)
+from strongroom.attestation.verify import tdx
+from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.reasons import Reason
+from tests.attestation.test_vectors import NEW_TCB_SIGNING, SOURCES
+
+UTC = dt.UTC
+TDX_TIME = dt.datetime(2026, 3, 1, tzinfo=UTC)
+GNR = "tdx/v4_gnr_trustee.dat"  # real quote with TCB info and QE identity in the public record
+GNR_TIME = dt.datetime(2025, 11, 1, tzinfo=UTC)
+TD15 = "tdx/v5_td15_gotdxguest.dat"
+TD15_TIME = dt.datetime(2026, 2, 15, tzinfo=UTC)
+SPR_TIME = dt.datetime(2023, 6, 20, tzinfo=UTC)
+RD = hashlib.sha512(b"steps").digest()
+MRTD = bytes(range(48))
+
+
+def _real(vectors: Path, name: str) -> Evidence:
+    return Evidence(TeeType.TDX, (vectors / name).read_bytes())
+
+
+def _gnr_collateral(vectors: Path) -> StaticCollateralSource:
+    return StaticCollateralSource(
+        tcb_infos=((vectors / "tdx/tcbinfo_00a06d080000_trustee.json").read_bytes(),),
+        qe_identity=(vectors / "tdx/qe_identity_trustee.json").read_bytes(),
+        signing_chain=NEW_TCB_SIGNING.read_bytes(),
+    )
+
+
+# --- step 1: the PCK chain --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tdx/v4_spr_gotdxguest.dat", GNR, TD15])
+def test_chain_of_a_real_quote(vectors: Path, production: TrustStore, name: str) -> None:
+    pem = parse_tdx_quote((vectors / name).read_bytes()).signature_data.pck_chain_pem
+    pck = tdx.verify_pck_chain(pem, TrustStore.production(), TDX_TIME)
+    assert common_name(pck.chain[0]) == tdx.PCK_LEAF_CN
+    assert common_name(pck.chain[1]) in tdx.PCK_CA_CNS
+    assert pck.chain[2] == production.intel_roots()[0].cert and not pck.simulated
+    fmspc = SOURCES[name].lines
+    assert any(f"FMSPC={pck.extensions.fmspc.hex()}" in line for line in fmspc)
+
+
+def test_chain_refusals(vectors: Path, production: TrustStore) -> None:
+    pem = parse_tdx_quote((vectors / GNR).read_bytes()).signature_data.pck_chain_pem
+    with pytest.raises(VerificationFailed) as late:
+        tdx.verify_pck_chain(pem, TrustStore.production(), dt.datetime(2045, 1, 1, tzinfo=UTC))
+    assert late.value.reason == Reason.CERT_NOT_VALID_AT_TIME
+    leaf_only = pem[: pem.index(b"-----END CERTIFICATE-----") + 25]
+    with pytest.raises(MalformedEvidence) as short:
+        tdx.verify_pck_chain(leaf_only, production, TDX_TIME)
+    assert short.value.reason == Reason.BAD_CERTIFICATE
+
+
+def test_chain_of_a_simulated_quote(
+    authority: SimulatedAuthority, sim_trust: TrustStore, now
+) -> None:  # type: ignore[no-untyped-def]
+    platform = authority.tdx()
+    pck = tdx.verify_pck_chain(platform.pck_chain_pem(), sim_trust, now)
+    assert pck.simulated and pck.extensions.fmspc == platform.fmspc
+    with pytest.raises(VerificationFailed) as err:
+        tdx.verify_pck_chain(platform.pck_chain_pem(), TrustStore.production(), now)
+    assert err.value.reason == Reason.ROOT_NOT_TRUSTED
+
+
+# --- step 2: the quote and its signatures -----------------------------------------------------
+
+
+def test_quote_of_a_real_vector(vectors: Path, production: TrustStore) -> None:
+    verified = tdx.verify_quote(_real(vectors, TD15), production, TDX_TIME)
+    assert verified.quote.body.body_name == "TD1.5"
+    assert verified.quote.body.mr_td.hex() == SOURCES[TD15].fields["mr_td"]
+
+
+def test_quote_refusals(vectors: Path, production: TrustStore) -> None:
+    raw = bytearray((vectors / GNR).read_bytes())
+    quote = parse_tdx_quote(bytes(raw))
+    raw[quote.signed_length - 1] ^= 1  # last byte of REPORT_DATA, inside the signed bytes
+    with pytest.raises(VerificationFailed) as forged:
+        tdx.verify_quote(Evidence(TeeType.TDX, bytes(raw)), production, TDX_TIME)
+    assert forged.value.reason == Reason.QUOTE_SIGNATURE_INVALID
+    with_certs = Evidence(TeeType.TDX, (vectors / GNR).read_bytes(), (b"x",))
+    with pytest.raises(MalformedEvidence) as carried:
+        tdx.verify_quote(with_certs, production, TDX_TIME)
+    assert carried.value.reason == Reason.BAD_CERTIFICATE
+
+
+def test_simulated_quote_refusals(
+    authority: SimulatedAuthority, sim_trust: TrustStore, now
+) -> None:  # type: ignore[no-untyped-def]
+    platform = authority.tdx()
+    ok = tdx.verify_quote(Evidence(TeeType.TDX, platform.quote(RD, mrtd=MRTD)), sim_trust, now)
+    assert ok.quote.body.report_data == RD and ok.pck.simulated
+    unbound = platform.quote(RD, mrtd=MRTD, qe_report_data=bytes(64))
+    with pytest.raises(VerificationFailed) as err:
+        tdx.verify_quote(Evidence(TeeType.TDX, unbound), sim_trust, now)
+    assert err.value.reason == Reason.QE_REPORT_DATA_MISMATCH
+
+
+# --- step 3: collateral selection -------------------------------------------------------------
+
+
+def test_collateral_for_a_real_quote(vectors: Path, production: TrustStore) -> None:
+    verified = tdx.verify_quote(_real(vectors, GNR), production, GNR_TIME)
+    selected = tdx.select_collateral(
+        verified, _gnr_collateral(vectors), production, GNR_TIME, dt.timedelta(0), True
+    )
+    assert selected.tcb_info is not None and selected.qe_identity is not None
+    assert selected.tcb_info.fmspc == verified.pck.extensions.fmspc
+    assert len(selected.signers) == 2 and not selected.simulated
+
+
+def test_collateral_missing_is_refused_only_when_required(
+    vectors: Path, production: TrustStore
+) -> None:
+    verified = tdx.verify_quote(_real(vectors, GNR), production, GNR_TIME)
+    none = StaticCollateralSource()
+    with pytest.raises(CollateralUnavailable) as err:
+        tdx.select_collateral(verified, none, production, GNR_TIME, dt.timedelta(0), True)
+    assert err.value.reason == Reason.COLLATERAL_MISSING
+    empty = tdx.select_collateral(verified, None, production, GNR_TIME, dt.timedelta(0), False)
+    assert (empty.tcb_info, empty.qe_identity, empty.signers) == (None, None, ())
+    stale = GNR_TIME + dt.timedelta(days=400)
+    with pytest.raises(CollateralUnavailable) as old:
+        tdx.select_collateral(
+            verified, _gnr_collateral(vectors), production, stale, dt.timedelta(0), True
+        )
+    assert old.value.reason == Reason.COLLATERAL_STALE
+
+
+def test_simulated_collateral_selection(
+    authority: SimulatedAuthority, sim_trust: TrustStore, now
+) -> None:  # type: ignore[no-untyped-def]
+    platform = authority.tdx()
+    verified = tdx.verify_quote(
+        Evidence(TeeType.TDX, platform.quote(RD, mrtd=MRTD)), sim_trust, now
+    )
+    source = authority.collateral_source(tdx=[platform], now=now)
+    selected = tdx.select_collateral(verified, source, sim_trust, now, dt.timedelta(0), True)
+    assert selected.simulated and selected.tcb_info is not None
+    wrong_qe = StaticCollateralSource(
+        tcb_infos=(platform.tcb_info(now=now),),
+        qe_identity=platform.qe_identity(now=now, mrsigner=b"\x01" * 32),
+        signing_chain=authority.tcb_signing_chain_pem(),
+    )
+    with pytest.raises(VerificationFailed) as err:
+        tdx.select_collateral(verified, wrong_qe, sim_trust, now, dt.timedelta(0), True)
+    assert err.value.reason == Reason.QE_IDENTITY_MISMATCH
+
+
+# --- between 3 and 4: revocation --------------------------------------------------------------
+
+
+def test_revocation(authority: SimulatedAuthority, sim_trust: TrustStore, now) -> None:  # type: ignore[no-untyped-def]
+    platform = authority.tdx()
+    pck = tdx.verify_pck_chain(platform.pck_chain_pem(), sim_trust, now)
+    zero = dt.timedelta(0)
+    assert tdx.check_revocation(authority.collateral_source(now=now), pck, [], now, zero, True)
+    assert not tdx.check_revocation(StaticCollateralSource(), pck, [], now, zero, False)
+    with pytest.raises(CollateralUnavailable):
+        tdx.check_revocation(StaticCollateralSource(), pck, [], now, zero, True)
+    revoked = authority.collateral_source(now=now, revoked={"pck_ca": [platform.pck.serial_number]})
+    with pytest.raises(VerificationFailed) as err:
+        tdx.check_revocation(revoked, pck, [], now, zero, True)
+    assert err.value.reason == Reason.CERT_REVOKED
+
+
+# --- step 4: TCB evaluation -------------------------------------------------------------------
+
+
+def _evaluate(verified: tdx.VerifiedQuote, selected: tdx.SelectedCollateral):  # type: ignore[no-untyped-def]
+    q = verified.quote
+    return tdx.evaluate_tcb(
+        q.body, q.signature_data.qe_report.isv_svn, verified.pck.extensions,
+        selected.tcb_info, selected.qe_identity,
+    )  # fmt: skip
+
+
+def test_tcb_of_real_quotes(vectors: Path, production: TrustStore) -> None:
+    gnr = tdx.verify_quote(_real(vectors, GNR), production, GNR_TIME)
+    selected = tdx.select_collateral(
+        gnr, _gnr_collateral(vectors), production, GNR_TIME, dt.timedelta(0), True
+    )
+    result = _evaluate(gnr, selected)
+    assert (result.status, result.platform_status, result.module_status, result.qe_status) == (
+        "OutOfDate", "OutOfDate", "UpToDate", "UpToDate",
+    )  # fmt: skip
+    td15 = tdx.verify_quote(_real(vectors, TD15), production, TD15_TIME)
+    source = StaticCollateralSource(
+        tcb_infos=((vectors / "tdx/tcbinfo_90c06f000000_gotdxguest.json").read_bytes(),),
+        signing_chain=NEW_TCB_SIGNING.read_bytes(),
+    )
+    chosen = tdx.select_collateral(td15, source, production, TD15_TIME, dt.timedelta(0), False)
+    assert _evaluate(td15, chosen).status == "UpToDate"
+    spr = tdx.verify_quote(_real(vectors, "tdx/v4_spr_gotdxguest.dat"), production, SPR_TIME)
+    source = StaticCollateralSource(
+        tcb_infos=((vectors / "tdx/tcbinfo_50806f000000_gotdxguest.json").read_bytes(),),
+        signing_chain=(vectors / "roots/intel/intel_tcb_signing_chain.pem").read_bytes(),
+    )
+    chosen = tdx.select_collateral(spr, source, production, SPR_TIME, dt.timedelta(0), False)
+    assert _evaluate(spr, chosen).status == "NoMatchingTcbLevel"
+    nothing = tdx.evaluate_tcb(td15.quote.body, 0, td15.pck.extensions, None, None)
+    assert (nothing.status, nothing.platform_status) == ("NotEvaluated", "NotEvaluated")
+
+
+@pytest.mark.parametrize("status", ["UpToDate", "OutOfDate", "Revoked", "SWHardeningNeeded"])
+def test_tcb_of_simulated_quotes(
+    authority: SimulatedAuthority, sim_trust: TrustStore, now, status: str
+) -> None:  # type: ignore[no-untyped-def]
+    platform = authority.tdx()
+    verified = tdx.verify_quote(
+        Evidence(TeeType.TDX, platform.quote(RD, mrtd=MRTD)), sim_trust, now
+    )
+    source = StaticCollateralSource(
+        tcb_infos=(platform.tcb_info(now=now, status=status),),
+        qe_identity=platform.qe_identity(now=now),
+        signing_chain=authority.tcb_signing_chain_pem(),
+    )
+    selected = tdx.select_collateral(verified, source, sim_trust, now, dt.timedelta(0), False)
+    assert _evaluate(verified, selected).status == status
+    # A TEE_TCB_SVN below the platform's level falls to the simulated TCB info's 2018 level.
+    low = dataclasses.replace(verified.quote.body, tee_tcb_svn=bytes(16))
+    result = tdx.evaluate_tcb(
+        low, verified.quote.signature_data.qe_report.isv_svn, verified.pck.extensions,
+        selected.tcb_info, selected.qe_identity,
+    )  # fmt: skip
+    assert (result.status, result.tcb_date) == ("OutOfDate", "2018-01-04T00:00:00Z")
