@@ -14,20 +14,50 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BeforeValidator, StrictStr, ValidationInfo
 
 from strongroom.attestation import rules as tee_rules
 from strongroom.attestation.claims import VerifiedClaims
 from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
 from strongroom.attestation.evidence import TeeType
-from strongroom.attestation.rules import fields
-from strongroom.attestation.rules.fields import fail as _fail
+from strongroom.attestation.rules import schema
 from strongroom.reasons import Reason
 from strongroom.spiffe import is_workload_id
 
-_COMMON_KEYS = {"version", "description", "allowed_spiffe_ids", "tee_types"}
+
+def _fail(where: str, what: str, reason: str) -> PolicyInvalid:
+    return PolicyInvalid(f"policy {where}: {what}", reason=reason)
+
+
+def _version(value: Any) -> Any:
+    if not isinstance(value, str) or not value.strip():
+        raise schema.invalid(Reason.POLICY_BAD_TYPE, "must be a non-empty string")
+    return value
+
+
+def _callers(value: Any) -> frozenset[str]:
+    items = schema.allow_list(value)
+    for caller in items:
+        if not isinstance(caller, str) or not is_workload_id(caller):
+            raise schema.invalid(Reason.POLICY_BAD_VALUE, f"{caller!r} is not a SPIFFE ID")
+    return frozenset(items)
+
+
+def _tee_names(value: Any, info: ValidationInfo) -> frozenset[str]:
+    assert info.context is not None  # ReleasePolicy.load passes the registered TEE types
+    return schema.check_one_of(value, info.context["tees"])
+
+
+class _Common(schema.Section):
+    """The TEE-independent part of a policy document."""
+
+    version: Annotated[StrictStr, BeforeValidator(_version)]
+    description: StrictStr = ""
+    allowed_spiffe_ids: Annotated[frozenset[str], BeforeValidator(_callers)]
+    tee_types: Annotated[frozenset[str], BeforeValidator(_tee_names)]
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -96,29 +126,22 @@ class ReleasePolicy:
                 f"policy is not valid YAML/JSON: {exc}", reason=Reason.POLICY_SYNTAX
             ) from None
         tees = tee_rules.registered()
-        top = fields.mapping(doc, "document", _COMMON_KEYS | {t.section for t in tees.values()})
-        version = top.get("version")
-        if "version" not in top:
-            raise _fail("version", "is required", Reason.POLICY_MISSING_KEY)
-        if not isinstance(version, str) or not version.strip():
-            raise _fail("version", "must be a non-empty string", Reason.POLICY_BAD_TYPE)
-        description = top.get("description", "")
-        if not isinstance(description, str):
-            raise _fail("description", "must be a string", Reason.POLICY_BAD_TYPE)
-        callers = fields.allow_list(top, "allowed_spiffe_ids", "document", required=True)
-        assert callers is not None  # required=True never returns None
-        for caller in callers:
-            if not isinstance(caller, str) or not is_workload_id(caller):
-                raise _fail(
-                    "allowed_spiffe_ids", f"{caller!r} is not a SPIFFE ID", Reason.POLICY_BAD_VALUE
-                )
-        by_name = {t.value: t for t in tees}
-        tee_names = fields.choices(top, "tee_types", tuple(by_name), None, "document")
-        if tee_names is None:
-            raise _fail("tee_types", "is required", Reason.POLICY_MISSING_KEY)
-        allowed = frozenset(by_name[t] for t in tee_names)
+        if not isinstance(doc, dict):
+            raise _fail("document", "must be a mapping", Reason.POLICY_BAD_TYPE)
+        # Unknown keys first: a misspelt section must not read as a missing one.
+        known = set(_Common.model_fields) | {t.section for t in tees.values()}
+        unknown = sorted(str(k) for k in doc if k not in known)
+        if unknown:
+            raise _fail("document", f"unknown key(s) {unknown}", Reason.POLICY_UNKNOWN_KEY)
+        common = schema.load(
+            _Common,
+            "",  # top-level fields are named as written: "version", "tee_types"
+            {k: v for k, v in doc.items() if k in _Common.model_fields},
+            tees=tuple(t.value for t in tees),
+        )
+        allowed = frozenset(t for t in tees if t.value in common.tee_types)
         for tee, module in tees.items():
-            if (tee in allowed) != (module.section in top):
+            if (tee in allowed) != (module.section in doc):
                 raise _fail(
                     module.section,
                     f"a {module.section!r} section is required exactly when tee_types lists "
@@ -126,11 +149,11 @@ class ReleasePolicy:
                     Reason.POLICY_MISSING_KEY if tee in allowed else Reason.POLICY_BAD_VALUE,
                 )
         return cls(
-            version=version,
-            allowed_spiffe_ids=frozenset(callers),
+            version=common.version,
+            allowed_spiffe_ids=common.allowed_spiffe_ids,
             tee_types=allowed,
             rules={
-                tee: module.parse(top[module.section], production=production)
+                tee: module.parse(doc[module.section], production=production)
                 for tee, module in tees.items()
                 if tee in allowed
             },

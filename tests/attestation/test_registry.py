@@ -14,7 +14,7 @@ import hmac
 import inspect
 import json
 from datetime import datetime
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import pytest
 
@@ -29,7 +29,7 @@ from strongroom.attestation.errors import (
 )
 from strongroom.attestation.evidence import Evidence, TeeType
 from strongroom.attestation.policy import ReleasePolicy
-from strongroom.attestation.rules import fields
+from strongroom.attestation.rules import schema
 from strongroom.attestation.trust import TrustStore
 from strongroom.attestation.verify import verify_evidence
 from strongroom.reasons import Reason
@@ -82,10 +82,9 @@ def verify_toy(
 # --- the toy TEE's rules module ---------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class ToyRules:
-    measurements: frozenset[bytes]
-    allow_debug: bool
+class ToyRules(schema.Section):
+    measurements: Annotated[frozenset[bytes], schema.hex_set(32)]
+    allow_debug: schema.Bool = False
 
     def evaluate(self, claims: VerifiedClaims) -> bytes:
         toy = cast(ToyClaims, claims)
@@ -98,11 +97,7 @@ class _ToyPolicy:
     section = "toy"
 
     def parse(self, section: Any, *, production: bool) -> ToyRules:
-        s = fields.mapping(section, "toy", {"measurements", "allow_debug"})
-        return ToyRules(
-            measurements=fields.required_hex_set(s, "measurements", 32, "toy"),
-            allow_debug=fields.boolean(s, "allow_debug", False, "toy"),
-        )
+        return schema.load(ToyRules, "toy", section)
 
 
 TOY_POLICY = _ToyPolicy()
@@ -183,7 +178,7 @@ def test_a_toy_tee_fails_closed_at_every_step(sim_trust: TrustStore, now: dateti
     with pytest.raises(PolicyInvalid) as unknown:
         toy_policy(mrtd="00")
     assert unknown.value.reason == Reason.POLICY_UNKNOWN_KEY
-    assert "policy toy: unknown key(s) ['mrtd']" in unknown.value.message
+    assert unknown.value.message == "policy toy.mrtd: is not a known key"
     with pytest.raises(PolicyInvalid) as debug:
         toy_policy(allow_debug=True).check_deployment(
             trust_domain="strongroom.test", production=True

@@ -2,56 +2,80 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, ValidationInfo
 
 from strongroom.attestation.claims import SnpClaims, VerifiedClaims
 from strongroom.attestation.errors import PolicyViolation
-from strongroom.attestation.rules import fields
+from strongroom.attestation.rules import schema
 from strongroom.reasons import Reason
 
 SNP_PRODUCTS = ("Milan", "Genoa", "Turin")
 SNP_SIGNING_KEYS = ("VCEK", "VLEK")
-SNP_TCB_COMPONENTS = ("fmc", "bootloader", "tee", "snp", "microcode")
-# The TCB components a stated minimum must cover (``fmc`` only exists on Turin).
-_REQUIRED_TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode")
 ANY_TCB = "any"
 SECTION = "sev_snp"
-_KEYS = {
-    "measurements",
-    "products",
-    "signing_keys",
-    "allow_debug",
-    "vmpl",
-    "allow_smt",
-    "allow_migrate_ma",
-    "min_guest_svn",
-    "min_reported_tcb",
-    "host_data",
-    "allow_simulated",
-}
 
 
 def _deny(message: str, reason: str) -> PolicyViolation:
     return PolicyViolation(message, reason=reason)
 
 
-@dataclass(frozen=True)
-class SnpRules:
-    """Rules for SEV-SNP evidence."""
+class TcbMinimum(schema.Section):
+    """The minimum reported TCB: every component but ``fmc`` (Turin only) must be stated."""
 
-    measurements: frozenset[bytes]
-    products: frozenset[str] | None
-    signing_keys: frozenset[str]
-    allow_debug: bool
-    vmpl: int
-    allow_smt: bool
-    allow_migrate_ma: bool
-    min_guest_svn: int
-    min_reported_tcb: Mapping[str, int]  # empty only for an explicit development "any"
-    host_data: frozenset[bytes] | None
-    allow_simulated: bool
+    fmc: Annotated[int | None, schema.uint(0xFF)] = None
+    bootloader: schema.U8
+    tee: schema.U8
+    snp: schema.U8
+    microcode: schema.U8
+
+    def components(self) -> dict[str, int]:
+        """The stated minima by component name (``fmc`` only when stated)."""
+        out = {"bootloader": self.bootloader, "tee": self.tee, "snp": self.snp}
+        out["microcode"] = self.microcode
+        return out if self.fmc is None else {"fmc": self.fmc, **out}
+
+
+_REQUIRED = object()
+
+
+def _min_tcb(value: Any, info: ValidationInfo) -> Any:
+    """Required, with a hint; ``"any"`` (None: no minimum) only on a development broker."""
+    if value is _REQUIRED:
+        raise schema.invalid(
+            Reason.POLICY_MISSING_KEY,
+            "is required: state the minimum reported TCB (bootloader, tee, snp, microcode; fmc "
+            'for Turin), or in development mode "any"',
+        )
+    if value == ANY_TCB:
+        if (info.context or {}).get("production", True):  # no context: the strict mode
+            raise schema.invalid(
+                Reason.POLICY_BAD_VALUE, '"any" is only allowed in development mode'
+            )
+        return None
+    if value is None:
+        raise schema.invalid(Reason.POLICY_BAD_TYPE, 'must be a mapping or "any"')
+    return value
+
+
+class SnpRules(schema.Section):
+    """Rules for SEV-SNP evidence (the ``sev_snp`` section; see POLICY.md for each key)."""
+
+    measurements: schema.Hex48
+    products: Annotated[frozenset[str] | None, schema.one_of(SNP_PRODUCTS)] = None
+    signing_keys: Annotated[frozenset[str], schema.one_of(SNP_SIGNING_KEYS)] = frozenset({"VCEK"})
+    allow_debug: schema.Bool = False
+    vmpl: Annotated[int, schema.uint(3)] = 0
+    allow_smt: schema.Bool = True
+    allow_migrate_ma: schema.Bool = False
+    min_guest_svn: schema.U32 = 0
+    # None only for an explicit development "any".
+    min_reported_tcb: Annotated[TcbMinimum | None, BeforeValidator(_min_tcb)] = Field(
+        default=_REQUIRED, validate_default=True
+    )
+    host_data: schema.OptionalHex32 = None
+    allow_simulated: schema.Bool = False
 
     def evaluate(self, claims: VerifiedClaims) -> bytes:
         """Checks SNP claims in the documented order; returns the allowed measurement."""
@@ -86,7 +110,8 @@ class SnpRules:
         if c.guest_svn < self.min_guest_svn:
             raise _deny(f"guest SVN {c.guest_svn} < {self.min_guest_svn}", Reason.GUEST_SVN_TOO_OLD)
         have = c.reported_tcb.components()
-        for name, minimum in self.min_reported_tcb.items():
+        minima = self.min_reported_tcb.components() if self.min_reported_tcb else {}
+        for name, minimum in minima.items():
             if name in have and have[name] < minimum:
                 raise _deny(
                     f"reported TCB {name}={have[name]} is below the minimum {minimum}",
@@ -97,30 +122,6 @@ class SnpRules:
         return c.measurement
 
 
-def _min_tcb(s: Mapping[str, Any], production: bool) -> dict[str, int]:
-    """The stated minimum reported TCB: a mapping of every component, or (development) "any"."""
-    where = f"{SECTION}.min_reported_tcb"
-    if "min_reported_tcb" not in s:
-        raise fields.fail(
-            where,
-            "is required: state the minimum reported TCB (bootloader, tee, snp, microcode; fmc "
-            'for Turin), or in development mode "any"',
-            Reason.POLICY_MISSING_KEY,
-        )
-    raw = s["min_reported_tcb"]
-    if raw == ANY_TCB:
-        if production:
-            raise fields.fail(
-                where, '"any" is only allowed in development mode', Reason.POLICY_BAD_VALUE
-            )
-        return {}
-    tcb_map = fields.mapping(raw, where, set(SNP_TCB_COMPONENTS))
-    missing = [c for c in _REQUIRED_TCB_COMPONENTS if c not in tcb_map]
-    if missing:
-        raise fields.fail(where, f"must state {missing}", Reason.POLICY_MISSING_KEY)
-    return {k: fields.integer(tcb_map, k, 0, where, 255) for k in tcb_map}
-
-
 class _SnpPolicy:
     """The SEV-SNP entry of the rules registry."""
 
@@ -128,26 +129,7 @@ class _SnpPolicy:
 
     def parse(self, section: Any, *, production: bool) -> SnpRules:
         """Strictly validates a ``sev_snp`` section (``min_reported_tcb: any`` only in development)."""
-        w = SECTION
-        s = fields.mapping(section, w, _KEYS)
-        measurements = fields.required_hex_set(s, "measurements", 48, w)
-        signing = fields.choices(s, "signing_keys", SNP_SIGNING_KEYS, ("VCEK",), w)
-        assert signing is not None  # a default is given
-        vmpl = fields.integer(s, "vmpl", 0, w, 3)
-        min_tcb = _min_tcb(s, production)
-        return SnpRules(
-            measurements=measurements,
-            products=fields.choices(s, "products", SNP_PRODUCTS, None, w),
-            signing_keys=signing,
-            allow_debug=fields.boolean(s, "allow_debug", False, w),
-            vmpl=vmpl,
-            allow_smt=fields.boolean(s, "allow_smt", True, w),
-            allow_migrate_ma=fields.boolean(s, "allow_migrate_ma", False, w),
-            min_guest_svn=fields.integer(s, "min_guest_svn", 0, w, 0xFFFFFFFF),
-            min_reported_tcb=min_tcb,
-            host_data=fields.hex_set(s, "host_data", 32, w),
-            allow_simulated=fields.boolean(s, "allow_simulated", False, w),
-        )
+        return schema.load(SnpRules, SECTION, section, production=production)
 
 
 SNP_POLICY = _SnpPolicy()

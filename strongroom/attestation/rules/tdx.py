@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from strongroom.attestation.claims import TdxClaims, VerifiedClaims
 from strongroom.attestation.errors import PolicyViolation
-from strongroom.attestation.rules import fields
+from strongroom.attestation.rules import schema
 from strongroom.reasons import Reason
 
 # Intel's statuses a policy may accept. Revoked, NoMatchingTcbLevel and NotEvaluated never pass.
@@ -22,41 +21,35 @@ ACCEPTABLE_TDX_STATUSES = (
     "TdRelaunchAdvisedConfigurationNeeded",
 )
 SECTION = "tdx"
-_KEYS = {
-    "mrtds",
-    "rtmr0",
-    "rtmr1",
-    "rtmr2",
-    "rtmr3",
-    "mrconfigids",
-    "mrowners",
-    "mrownerconfigs",
-    "accepted_tcb_statuses",
-    "allow_debug",
-    "fmspcs",
-    "min_tcb_evaluation_data_number",
-    "allow_simulated",
-}
 
 
 def _deny(message: str, reason: str) -> PolicyViolation:
     return PolicyViolation(message, reason=reason)
 
 
-@dataclass(frozen=True)
-class TdxRules:
-    """Rules for TDX evidence."""
+class TdxRules(schema.Section):
+    """Rules for TDX evidence (the ``tdx`` section; see POLICY.md for each key)."""
 
-    mrtds: frozenset[bytes]
-    rtmrs: tuple[frozenset[bytes] | None, ...]
-    mrconfigids: frozenset[bytes] | None
-    mrowners: frozenset[bytes] | None
-    mrownerconfigs: frozenset[bytes] | None
-    accepted_tcb_statuses: frozenset[str]
-    allow_debug: bool
-    fmspcs: frozenset[bytes] | None
-    allow_simulated: bool
-    min_tcb_evaluation_data_number: int = 0
+    mrtds: schema.Hex48
+    rtmr0: schema.OptionalHex48 = None
+    rtmr1: schema.OptionalHex48 = None
+    rtmr2: schema.OptionalHex48 = None
+    rtmr3: schema.OptionalHex48 = None
+    mrconfigids: schema.OptionalHex48 = None
+    mrowners: schema.OptionalHex48 = None
+    mrownerconfigs: schema.OptionalHex48 = None
+    accepted_tcb_statuses: Annotated[frozenset[str], schema.one_of(ACCEPTABLE_TDX_STATUSES)] = (
+        frozenset({"UpToDate"})
+    )
+    allow_debug: schema.Bool = False
+    fmspcs: schema.OptionalHex6 = None
+    allow_simulated: schema.Bool = False
+    min_tcb_evaluation_data_number: schema.U32 = 0
+
+    @property
+    def rtmrs(self) -> tuple[frozenset[bytes] | None, ...]:
+        """The RTMR0..3 allow-lists in register order (None: unconstrained)."""
+        return (self.rtmr0, self.rtmr1, self.rtmr2, self.rtmr3)
 
     def evaluate(self, claims: VerifiedClaims) -> bytes:
         """Checks TDX claims in the documented order; returns the allowed MRTD."""
@@ -103,27 +96,7 @@ class _TdxPolicy:
 
     def parse(self, section: Any, *, production: bool) -> TdxRules:
         """Strictly validates a ``tdx`` section (the broker's mode changes nothing here)."""
-        w = SECTION
-        s = fields.mapping(section, w, _KEYS)
-        mrtds = fields.required_hex_set(s, "mrtds", 48, w)
-        statuses = fields.choices(
-            s, "accepted_tcb_statuses", ACCEPTABLE_TDX_STATUSES, ("UpToDate",), w
-        )
-        assert statuses is not None  # a default is given
-        return TdxRules(
-            mrtds=mrtds,
-            rtmrs=tuple(fields.hex_set(s, f"rtmr{i}", 48, w) for i in range(4)),
-            mrconfigids=fields.hex_set(s, "mrconfigids", 48, w),
-            mrowners=fields.hex_set(s, "mrowners", 48, w),
-            mrownerconfigs=fields.hex_set(s, "mrownerconfigs", 48, w),
-            accepted_tcb_statuses=statuses,
-            allow_debug=fields.boolean(s, "allow_debug", False, w),
-            fmspcs=fields.hex_set(s, "fmspcs", 6, w),
-            allow_simulated=fields.boolean(s, "allow_simulated", False, w),
-            min_tcb_evaluation_data_number=fields.integer(
-                s, "min_tcb_evaluation_data_number", 0, w, 0xFFFFFFFF
-            ),
-        )
+        return schema.load(TdxRules, SECTION, section)
 
 
 TDX_POLICY = _TdxPolicy()
