@@ -105,8 +105,9 @@ S = TypeVar("S", bound=Section)
 
 def load(model: type[S], where: str, value: Any, **context: Any) -> S:
     """Validates ``value`` as ``model``. One error (an unknown key if there is one, else the first
-    in field order) becomes a :class:`PolicyInvalid` naming the field path under ``where`` ("" for the document's top level)
-    (``tdx.mrtds``, ``sev_snp.min_reported_tcb.snp``), what is wrong and the reason code."""
+    in field order) becomes a :class:`PolicyInvalid` naming the field path under ``where`` (""
+    at the document's top level): ``tdx.mrtds``, ``sev_snp.min_reported_tcb.snp``; what is wrong;
+    and its ``POLICY_*`` reason code. ``context`` reaches the field validators."""
     try:
         return model.model_validate(value, context=context)
     except ValidationError as exc:
