@@ -208,3 +208,17 @@ def test_an_unregistered_tee_is_unknown_everywhere(sim_trust: TrustStore, now: d
     with pytest.raises(MalformedEvidence) as unsupported:
         verify_evidence(Evidence(TOY, toy_report()), trust=sim_trust, now=now)
     assert unsupported.value.reason == Reason.UNSUPPORTED_TEE_TYPE
+
+
+def test_the_policy_names_no_tee() -> None:
+    """policy.py reaches a TEE only through the rules registry."""
+    import ast
+
+    from tests.conftest import REPO
+
+    tree = ast.parse((REPO / "strongroom/attestation/policy.py").read_text())
+    names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    modules = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not names & {"SEV_SNP", "TDX", "SnpClaims", "TdxClaims", "SnpRules", "TdxRules"}
+    assert not [m for m in modules if m.endswith((".snp", ".tdx"))]
