@@ -372,8 +372,10 @@ class AuditLog:
         clock: Callable[[], float],
         fd: int,
         dir_fd: int,
+        max_batch: int = MAX_BATCH_RECORDS,
     ) -> None:
         """Internal: use :meth:`open`."""
+        self._max_batch = max_batch
         self._path = path
         self._head_path = head_path(path)
         self._key = signing_key
@@ -404,12 +406,19 @@ class AuditLog:
         signing_key: Ed25519PrivateKey,
         *,
         clock: Callable[[], float] = time.time,
+        max_batch: int = MAX_BATCH_RECORDS,
     ) -> AuditLog:
         """Opens (creating if absent) the log at ``path`` and checks its tail against the head.
+
+        ``max_batch`` bounds the records one commit writes (1 = one commit per record, as before
+        group commit; benchmarks compare the two); it cannot exceed :data:`MAX_BATCH_RECORDS`,
+        the most that crash repair anchors.
 
         Raises ``AuditUnavailable`` if the files cannot be opened and ``DataLoss(AUDIT_LOG_TAMPERED)``
         if the head does not match the log beyond the crash repairs described in the module doc.
         """
+        if isinstance(max_batch, bool) or not 1 <= max_batch <= MAX_BATCH_RECORDS:
+            raise ValueError(f"max_batch must be 1..{MAX_BATCH_RECORDS}")
         path = Path(path)
         try:
             dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -420,7 +429,7 @@ class AuditLog:
         except OSError as exc:
             os.close(dir_fd)
             raise AuditUnavailable(f"cannot open the audit log: {exc.strerror}") from None
-        log = cls(path, signing_key, clock, fd, dir_fd)
+        log = cls(path, signing_key, clock, fd, dir_fd, max_batch)
         try:
             with log._lock, log._flocked():
                 log._resync()
@@ -497,7 +506,7 @@ class AuditLog:
                 # Nobody is committing: this caller commits everything queued so far (itself
                 # included, unless more than a batch is ahead of it; then it loops).
                 batch = [
-                    self._queue.popleft() for _ in range(min(MAX_BATCH_RECORDS, len(self._queue)))
+                    self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))
                 ]
                 self._batch_sizes[len(batch)] += 1
                 self._committing = True
