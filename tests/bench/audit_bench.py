@@ -13,6 +13,13 @@ Each figure is measured in this run, in one temporary directory (the same file s
   are not signed by the callers before queuing (their ``seq``/``prev``, which the signature covers,
   are known only at commit time) and why that costs little.
 
+- ``under_gil_contention``: group commit and one commit per record with 16 threads, and group
+  commit with 1, while two pure-Python CPU-bound threads run (as the broker's request handlers do
+  at 16 callers). A commit makes about a dozen system calls (flock, fstat, write, fsync, the head's
+  open/write/fsync/close/rename, the directory fsync, unlock); each releases the GIL, and getting
+  it back behind a CPU-bound thread can take up to the interpreter's switch interval (5 ms by
+  default). That, not the disk, is what an append costs in a busy broker; a batch pays it once.
+
 Ratios compare appends/s (higher is better) within the run; the machine may be shared, so compare
 ratios, not absolute figures, across runs.
 """
@@ -148,6 +155,41 @@ def _measure_write_fsync(directory: Path, name: str, line: bytes, threads: int) 
         os.close(fd)
 
 
+def _under_gil_contention(directory: Path, key: Ed25519PrivateKey) -> dict[str, Any]:
+    stop = threading.Event()
+
+    def burn() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+
+    burners = [threading.Thread(target=burn) for _ in range(2)]
+    for burner in burners:
+        burner.start()
+    try:
+        out: dict[str, Any] = {"cpu_bound_threads": len(burners)}
+        with _audit_log(directory, "contended-group-1", key, MAX_BATCH_RECORDS) as log:
+            out["group_commit_1_thread"] = _threads(1, 30, lambda: log.append(EVENT))
+        for name, max_batch in (("group_commit", MAX_BATCH_RECORDS), ("per_record_commit", 1)):
+            with _audit_log(directory, f"contended-{name}-16", key, max_batch) as log:
+                before = log.batch_sizes
+                figures = _threads(16, 5, lambda log=log: log.append(EVENT))
+                after = log.batch_sizes
+            sizes = {s: after[s] - before.get(s, 0) for s in after}
+            figures["batch_size"] = _batch_summary({s: n for s, n in sizes.items() if n})
+            out[f"{name}_16_threads"] = figures
+    finally:
+        stop.set()
+        for burner in burners:
+            burner.join()
+    out["ratio_group_over_per_record_16_threads"] = round(
+        out["group_commit_16_threads"]["appends_per_s"]
+        / out["per_record_commit_16_threads"]["appends_per_s"],
+        2,
+    )
+    return out
+
+
 def _committer_cpu_us(key: Ed25519PrivateKey) -> float:
     """The per-record CPU of a commit (as AuditLog builds a record), p50 over many records."""
     fields = _event_fields(EVENT)
@@ -192,12 +234,14 @@ def run(results: dict[str, Any]) -> None:
                 bare[label].append(
                     _measure_write_fsync(directory, f"plain-{label}-{n}", line, threads)
                 )
+        contended = _under_gil_contention(directory, key)
     results["record_bytes"] = len(line)
     results["max_batch_records"] = MAX_BATCH_RECORDS
     results["rounds"] = ROUNDS
     results["group_commit"] = {label: _best(rounds) for label, rounds in group.items()}
     results["per_record_commit"] = {label: _best(rounds) for label, rounds in per_record.items()}
     results["baseline_write_fsync"] = {label: _best(rounds) for label, rounds in bare.items()}
+    results["under_gil_contention"] = contended
     results["committer_cpu_per_record_us"] = _committer_cpu_us(key)
 
     def rate(figures: str, threads: str) -> float:
