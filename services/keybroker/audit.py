@@ -372,6 +372,7 @@ class AuditLog:
         clock: Callable[[], float],
         fd: int,
         dir_fd: int,
+        *,
         max_batch: int = MAX_BATCH_RECORDS,
     ) -> None:
         """Internal: use :meth:`open`."""
@@ -429,7 +430,7 @@ class AuditLog:
         except OSError as exc:
             os.close(dir_fd)
             raise AuditUnavailable(f"cannot open the audit log: {exc.strerror}") from None
-        log = cls(path, signing_key, clock, fd, dir_fd, max_batch)
+        log = cls(path, signing_key, clock, fd, dir_fd, max_batch=max_batch)
         try:
             with log._lock, log._flocked():
                 log._resync()

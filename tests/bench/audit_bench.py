@@ -26,6 +26,7 @@ ratios, not absolute figures, across runs.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import tempfile
@@ -168,12 +169,12 @@ def _under_gil_contention(directory: Path, key: Ed25519PrivateKey) -> dict[str, 
         burner.start()
     try:
         out: dict[str, Any] = {"cpu_bound_threads": len(burners)}
-        with _audit_log(directory, "contended-group-1", key, MAX_BATCH_RECORDS) as log:
-            out["group_commit_1_thread"] = _threads(1, 30, lambda: log.append(EVENT))
+        with _audit_log(directory, "contended-group-1", key, MAX_BATCH_RECORDS) as single:
+            out["group_commit_1_thread"] = _threads(1, 30, lambda: single.append(EVENT))
         for name, max_batch in (("group_commit", MAX_BATCH_RECORDS), ("per_record_commit", 1)):
             with _audit_log(directory, f"contended-{name}-16", key, max_batch) as log:
                 before = log.batch_sizes
-                figures = _threads(16, 5, lambda log=log: log.append(EVENT))
+                figures = _threads(16, 5, functools.partial(log.append, EVENT))
                 after = log.batch_sizes
             sizes = {s: after[s] - before.get(s, 0) for s in after}
             figures["batch_size"] = _batch_summary({s: n for s, n in sizes.items() if n})

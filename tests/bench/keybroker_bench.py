@@ -20,7 +20,8 @@ over their sum.
 
 ``audit_16_callers``: with 16 callers the audit commits concurrent releases together (group
 commit); the batch sizes it formed (mean, p50, max over the commits of that phase) and the audit's
-p50 and share of the broker's time per release in that phase.
+p50 and share of the broker's time per release in that phase; ``ab_releases_per_s`` the releases/s
+of 16 callers with group commit and with one audit commit per record, alternated in this run.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from strongroom.attestation.binding import report_data_for
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.keybroker.audit import MAX_BATCH_RECORDS
 
 KEY = "bench"
 MECHANISMS = [pb.WRAP_MECHANISM_RSA_OAEP_SHA256, pb.WRAP_MECHANISM_RSA_OAEP_SHA1]
@@ -236,6 +238,23 @@ def run(results: dict[str, Any], *, releases: int = 400) -> None:
             server_timings,
             {s: batches_after[s] - batches_before.get(s, 0) for s in batches_after},
         )
+        # A/B in the same run: the same 16 callers with the audit committing one record at a time
+        # (as before group commit), alternated with group commit; best round of each.
+        ab: dict[str, list[float]] = {"group_commit": [], "per_record_commit": []}
+        ab_callers = callers(16)
+        for _ in range(2):
+            for label, max_batch in (("per_record_commit", 1), ("group_commit", MAX_BATCH_RECORDS)):
+                audit_log._max_batch = max_batch  # bench-only switch (AuditLog.open's max_batch)
+                ab[label].append(
+                    _run_callers(ab_callers, max(releases // 16, 20))["releases_per_s"]
+                )
+        audit_log._max_batch = MAX_BATCH_RECORDS
+        sixteen_audit["ab_releases_per_s"] = {label: max(rates) for label, rates in ab.items()} | {
+            "rounds": ab,
+            "ratio_group_over_per_record": round(
+                max(ab["group_commit"]) / max(ab["per_record_commit"]), 2
+            ),
+        }
 
         # Baseline: a bare unary RPC over the same mTLS port and channel kind.
         health = health_pb2_grpc.HealthStub(stack.channel(identity, "keybroker"))
