@@ -25,7 +25,9 @@ with one write and one fsync, then writes one signed head whose ``count``/``last
 whole batch. Nobody waits for company: a lone caller commits at once, a batch of one. Every caller
 returns only after its own record is fsync'd *and* covered by a signed head (fsync'd and renamed
 into place), so the guarantee is the same as with one record per commit; what the batch shares is
-the write, the fsyncs, the head's signature and its rename. :attr:`AuditLog.batch_sizes` counts the batches formed.
+the write, the fsyncs, the head's signature and its rename. :attr:`AuditLog.batch_sizes` counts
+the batches formed. Each record is still signed on its own, by the committer: its ``seq`` and
+``prev``, which the signature covers, are known only at commit time.
 
 **Durability and failure.** A commit writes the lines and fsyncs them, then writes the head; if
 either step fails (disk full, file too large, I/O error, permissions) all lines of the batch are cut
@@ -623,7 +625,8 @@ class AuditLog:
         """Removes records that did not become durable; on failure, forces a resync next time.
 
         Their hashes are remembered: should the lines survive (the truncate failed, or someone
-        re-appends the signed lines later), the repair cuts them off again instead of anchoring them.
+        re-appends the signed lines later), the repair cuts them off again instead of anchoring
+        them.
         """
         self._revoked.extend(revoked_hashes)
         self._stale = True
