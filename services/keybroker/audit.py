@@ -9,7 +9,7 @@ of the record without ``hash``. ``sig`` (records of version 2) is the broker's E
 Editing, reordering, inserting or deleting a record breaks the chain, and a line that is not
 byte-for-byte canonical counts as edited.
 
-**The anchor.** A chain cannot show that records were cut off its end, so every append also
+**The anchor.** A chain cannot show that records were cut off its end, so every commit also
 rewrites ``<log>.head``: ``{count, last_hash, time}`` signed with an Ed25519 key the broker holds
 (written to a temporary file, fsync'd, renamed over the old head, directory fsync'd). Truncating the
 log, or cutting a line in half, no longer matches the head; forging a head needs the private key.
@@ -18,15 +18,29 @@ Ed25519 rather than an HMAC so that auditors verify with the public key alone
 could restore an *older* pair of log and head together (a rollback); ship the heads to an
 append-only store elsewhere if that matters.
 
-**Durability and failure.** An append writes the line and fsyncs it, then writes the head; if
-either step fails (disk full, file too large, I/O error, permissions) the line is cut back off and
-:class:`~strongroom.keybroker.errors.AuditUnavailable` is raised, so the broker refuses the release
-it was about to make. The next append first re-reads the state from disk, so the log recovers by
-itself when the disk does. A crash between the two steps leaves one unanchored record (or a torn
-line). The repair anchors that record only if it is the broker's own: its ``sig`` verifies with the
-broker's key, and it is not a record this process cut back after a failed write (those are cut off
-again, since the decision they describe never took effect). Anyone can compute a chained ``hash``;
-only the key holder can sign, so a correctly chained line appended by someone else is *tampering*.
+**Group commit.** Appends that arrive while a commit is under way wait in a queue; when it ends, the
+first of them commits everything queued (at most :data:`MAX_BATCH_RECORDS`, in arrival order) as
+one batch: it assigns consecutive ``seq`` and chains ``prev``, signs each record, writes all lines
+with one write and one fsync, then writes one signed head whose ``count``/``last_hash`` cover the
+whole batch. Nobody waits for company: a lone caller commits at once, a batch of one. Every caller
+returns only after its own record is fsync'd *and* covered by a signed head (fsync'd and renamed
+into place), so the guarantee is the same as with one record per commit; what the batch shares is
+the write, the fsyncs, the head's signature and its rename. :attr:`AuditLog.batch_sizes` counts
+the batches formed. Each record is still signed on its own, by the committer: its ``seq`` and
+``prev``, which the signature covers, are known only at commit time.
+
+**Durability and failure.** A commit writes the lines and fsyncs them, then writes the head; if
+either step fails (disk full, file too large, I/O error, permissions) all lines of the batch are cut
+back off and every caller of that batch gets
+:class:`~strongroom.keybroker.errors.AuditUnavailable`, so the broker refuses each release it was
+about to make; nobody of a failed batch is told success. The next commit first re-reads the state
+from disk, so the log recovers by itself when the disk does. A crash between the two steps leaves
+at most one batch of unanchored records (and perhaps a torn line). The repair anchors them only if
+each is the broker's own: chained after the head, its ``sig`` verifying with the broker's key, and
+not a record this process cut back after a failed write (those, and whatever follows them, are cut
+off again, since the decisions they describe never took effect). Anyone can compute a chained
+``hash``; only the key holder can sign, so a correctly chained line appended by someone else, or
+more unanchored records than one commit writes, is *tampering*.
 
 **Tampering** (any mismatch beyond those repairs, or a foreign unanchored record) raises
 ``DataLoss(AUDIT_LOG_TAMPERED)``, is logged at CRITICAL with ``alert=AUDIT_LOG_TAMPERED``, and
@@ -34,8 +48,9 @@ latches: every later append is refused the same way (so no release can happen) a
 :attr:`AuditLog.tamper_problem` reports it for readiness, until an operator has looked at the files
 and restarted the broker.
 
-**Concurrency.** Appends are serialised by a lock within the process and ``flock`` on the log file
-across processes on the same host; each append re-reads the tail if another process moved it.
+**Concurrency.** Within a process, one caller at a time commits (others queue, as above); across
+processes on the same host, ``flock`` on the log file serialises commits, and each commit re-reads
+the tail if another process moved it.
 """
 
 from __future__ import annotations
@@ -67,7 +82,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from strongroom.errors import DataLoss, InvalidArgument, NotFound
+from strongroom.errors import DataLoss, InvalidArgument, NotFound, StrongroomError
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
@@ -80,7 +95,9 @@ RECORD_VERSION = 2  # records carry ``sig``; version-1 records (no ``sig``) stil
 GENESIS_HASH = "0" * 64
 _RECORD_DOMAIN = b"strongroom-audit-record-v1\n"
 _RECORD_SIG_DOMAIN = b"strongroom-audit-record-sig-v1\n"
-_REVOKED_MAX = 64
+# The most records one commit writes, and so the most a crash can leave after the signed head.
+MAX_BATCH_RECORDS = 64
+_REVOKED_MAX = 4 * MAX_BATCH_RECORDS
 _HEAD_DOMAIN = b"strongroom-audit-head-v1\n"
 MAX_RECORD_BYTES = 64 * 1024
 _REASON_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
@@ -137,9 +154,11 @@ class AuditVerification:
     ``bad_record`` is the 1-based number of the first record (= line) found wrong, ``problem`` a
     stable code: RECORD_MALFORMED, RECORD_TRUNCATED, RECORD_MODIFIED, SEQUENCE_BROKEN,
     CHAIN_BROKEN, HEAD_MISSING, HEAD_MALFORMED, HEAD_SIGNATURE_INVALID, TAIL_TRUNCATED,
-    HEAD_MISMATCH, UNANCHORED_RECORDS (the broker's own record left by a crash: it anchors it on its
-    next write) or RECORD_FORGED (an unanchored record not signed by the broker's key; told apart
-    only when a public key is given).
+    HEAD_MISMATCH (also: more records after the head than one commit writes), UNANCHORED_RECORDS
+    (the broker's own records left by a crash, at most one batch: it anchors them on its next
+    write) or RECORD_FORGED (an unanchored record not signed by the broker's key; ``bad_record``
+    is the first such). Forged records and over-long unanchored tails are told apart only when a
+    public key is given.
     """
 
     intact: bool
@@ -326,6 +345,25 @@ class _Head:
     last_hash: str
 
 
+class _Pending:
+    """One caller's event waiting for a commit; the committer fills in the outcome."""
+
+    __slots__ = ("done", "error", "fields", "result")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+        self.done = False
+        self.result: AuditRecord | None = None
+        self.error: StrongroomError | None = None
+
+    def outcome(self) -> AuditRecord:
+        if self.error is not None:
+            # A fresh exception per caller: one batch's error object is not raised in many threads.
+            raise type(self.error)(self.error.message, reason=self.error.reason)
+        assert self.result is not None
+        return self.result
+
+
 class AuditLog:
     """An open audit log; :meth:`append` is safe from many threads and processes."""
 
@@ -336,8 +374,11 @@ class AuditLog:
         clock: Callable[[], float],
         fd: int,
         dir_fd: int,
+        *,
+        max_batch: int = MAX_BATCH_RECORDS,
     ) -> None:
         """Internal: use :meth:`open`."""
+        self._max_batch = max_batch
         self._path = path
         self._head_path = head_path(path)
         self._key = signing_key
@@ -345,7 +386,13 @@ class AuditLog:
         self._clock = clock
         self._fd = fd
         self._dir_fd = dir_fd
+        # Held by the one committer while it touches the files (and by open and close).
         self._lock = threading.Lock()
+        # Guards the queue of callers waiting for a commit and whether a commit is under way.
+        self._queue_cond = threading.Condition(threading.Lock())
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._committing = False
+        self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._count = 0
         self._last_hash = GENESIS_HASH
         self._size = 0
@@ -353,7 +400,7 @@ class AuditLog:
         self._closed = False
         self._tamper: str | None = None
         # Hashes of records this process wrote but cut back (their decision never took effect).
-        self._revoked: list[str] = []
+        self._revoked: collections.deque[str] = collections.deque(maxlen=_REVOKED_MAX)
 
     @classmethod
     def open(
@@ -362,12 +409,19 @@ class AuditLog:
         signing_key: Ed25519PrivateKey,
         *,
         clock: Callable[[], float] = time.time,
+        max_batch: int = MAX_BATCH_RECORDS,
     ) -> AuditLog:
         """Opens (creating if absent) the log at ``path`` and checks its tail against the head.
+
+        ``max_batch`` bounds the records one commit writes (1 = one commit per record, as before
+        group commit; benchmarks compare the two); it cannot exceed :data:`MAX_BATCH_RECORDS`,
+        the most that crash repair anchors.
 
         Raises ``AuditUnavailable`` if the files cannot be opened and ``DataLoss(AUDIT_LOG_TAMPERED)``
         if the head does not match the log beyond the crash repairs described in the module doc.
         """
+        if isinstance(max_batch, bool) or not 1 <= max_batch <= MAX_BATCH_RECORDS:
+            raise ValueError(f"max_batch must be 1..{MAX_BATCH_RECORDS}")
         path = Path(path)
         try:
             dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -378,7 +432,7 @@ class AuditLog:
         except OSError as exc:
             os.close(dir_fd)
             raise AuditUnavailable(f"cannot open the audit log: {exc.strerror}") from None
-        log = cls(path, signing_key, clock, fd, dir_fd)
+        log = cls(path, signing_key, clock, fd, dir_fd, max_batch=max_batch)
         try:
             with log._lock, log._flocked():
                 log._resync()
@@ -411,65 +465,132 @@ class AuditLog:
         """Why the log was found tampered with (latched until the broker restarts); None if not."""
         return self._tamper
 
+    @property
+    def queued(self) -> int:
+        """Callers waiting for the next commit (not counting those of the commit under way)."""
+        with self._queue_cond:
+            return len(self._queue)
+
+    @property
+    def batch_sizes(self) -> dict[int, int]:
+        """How many commits took how many callers' records: ``{batch size: commits}``, counting
+        every batch formed since the log was opened (including batches that then failed)."""
+        with self._queue_cond:
+            return dict(self._batch_sizes)
+
     def close(self) -> None:
-        """Closes the file descriptors; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        for fd in (self._fd, self._dir_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Closes the file descriptors (after any commit under way); idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self._fd, self._dir_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def append(self, event: AuditEvent) -> AuditRecord:
         """Makes one record durable (line + signed head, both fsync'd) and returns it.
+
+        Callers that arrive while a commit is under way wait and are committed together by the
+        first of them (group commit, see the module doc); each returns only once its own record is
+        durable and covered by a signed head.
 
         Raises InvalidArgument(AUDIT_RECORD_INVALID) for a malformed event, ``AuditUnavailable``
         if the record could not be made durable, and ``DataLoss(AUDIT_LOG_TAMPERED)`` once the log
         was found tampered with — in each case the decision must not take effect.
         """
-        fields = _event_fields(event)
-        with self._lock:
-            if self._closed:
-                raise AuditUnavailable("the audit log is closed")
-            if self._tamper is not None:
-                raise DataLoss(self._tamper, reason=Reason.AUDIT_LOG_TAMPERED)
-            with self._flocked():
-                self._resync()
-                record: dict[str, Any] = {
-                    "v": RECORD_VERSION,
-                    "seq": self._count,
-                    "time": _now_text(self._clock),
-                    "prev": self._last_hash,
-                    **fields,
-                }
-                record["sig"] = base64.b64encode(
-                    self._key.sign(_record_signed_bytes(record))
-                ).decode()
-                record["hash"] = record_hash(record)
-                line = canonical_json(record) + b"\n"
-                if len(line) > MAX_RECORD_BYTES:
-                    raise InvalidArgument(
-                        f"audit record is {len(line)} bytes (max {MAX_RECORD_BYTES})",
-                        reason=Reason.AUDIT_RECORD_INVALID,
-                    )
-                self._write_record(line, record["hash"])
-                head = _Head(self._count + 1, record["hash"])
+        mine = _Pending(_event_fields(event))
+        with self._queue_cond:
+            self._queue.append(mine)
+            while not mine.done:
+                if self._committing:
+                    self._queue_cond.wait()
+                    continue
+                # Nobody is committing: this caller commits everything queued so far (itself
+                # included, unless more than a batch is ahead of it; then it loops).
+                batch = [
+                    self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))
+                ]
+                self._batch_sizes[len(batch)] += 1
+                self._committing = True
+                self._queue_cond.release()
                 try:
-                    self._write_head(head)
-                except OSError as exc:
-                    self._cut_back(record["hash"])
-                    raise AuditUnavailable(
-                        f"cannot write the audit head: {os.strerror(exc.errno or errno.EIO)}"
-                    ) from None
-                self._count = head.count
-                self._last_hash = head.last_hash
-                self._size += len(line)
-        return AuditRecord(
-            seq=record["seq"],
-            decision_id=record["decision_id"],
-            time=record["time"],
-            hash=head.last_hash,
-        )
+                    self._commit(batch)
+                finally:
+                    self._queue_cond.acquire()
+                    self._committing = False
+                    for pending in batch:
+                        if pending.result is None and pending.error is None:
+                            # Only after an unexpected exception, which the committer re-raises.
+                            pending.error = AuditUnavailable("the audit commit failed")
+                        pending.done = True
+                    self._queue_cond.notify_all()
+        return mine.outcome()
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        """Writes the batch's records with one write, one fsync and one signed head, and sets each
+        pending caller's outcome; a failure fails every caller of the batch."""
+        try:
+            with self._lock:
+                if self._closed:
+                    raise AuditUnavailable("the audit log is closed")
+                if self._tamper is not None:
+                    raise DataLoss(self._tamper, reason=Reason.AUDIT_LOG_TAMPERED)
+                with self._flocked():
+                    self._resync()
+                    self._write_batch(batch)
+        except (AuditUnavailable, DataLoss) as exc:
+            for pending in batch:
+                if pending.result is None and pending.error is None:
+                    pending.error = exc
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        seq, prev = self._count, self._last_hash
+        lines: list[bytes] = []
+        written: list[tuple[_Pending, AuditRecord]] = []
+        for pending in batch:
+            record: dict[str, Any] = {
+                "v": RECORD_VERSION,
+                "seq": seq,
+                "time": _now_text(self._clock),
+                "prev": prev,
+                **pending.fields,
+            }
+            # seq and prev are part of what is signed, so only the committer can sign.
+            record["sig"] = base64.b64encode(self._key.sign(_record_signed_bytes(record))).decode()
+            record["hash"] = record_hash(record)
+            line = canonical_json(record) + b"\n"
+            if len(line) > MAX_RECORD_BYTES:
+                pending.error = InvalidArgument(
+                    f"audit record is {len(line)} bytes (max {MAX_RECORD_BYTES})",
+                    reason=Reason.AUDIT_RECORD_INVALID,
+                )
+                continue
+            lines.append(line)
+            written.append(
+                (pending, AuditRecord(seq, record["decision_id"], record["time"], record["hash"]))
+            )
+            seq, prev = seq + 1, record["hash"]
+        if not lines:
+            return
+        data = b"".join(lines)
+        hashes = [record.hash for _, record in written]
+        self._write_records(data, hashes)
+        head = _Head(seq, prev)
+        try:
+            self._write_head(head)
+        except BaseException as exc:
+            # Nobody of this batch hears success, so none of its records may stay.
+            self._cut_back(hashes)
+            if isinstance(exc, OSError):
+                raise AuditUnavailable(
+                    f"cannot write the audit head: {os.strerror(exc.errno or errno.EIO)}"
+                ) from None
+            raise
+        self._count, self._last_hash = head.count, head.last_hash
+        self._size += len(data)
+        for pending, result in written:
+            pending.result = result
 
     # --- internals (called with self._lock and the flock held) -------------------------------
 
@@ -485,32 +606,35 @@ class AuditLog:
             with contextlib.suppress(OSError):
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _write_record(self, line: bytes, record_hash_: str) -> None:
+    def _write_records(self, data: bytes, hashes: list[str]) -> None:
         try:
-            view = memoryview(line)
+            view = memoryview(data)
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
             os.fsync(self._fd)
-        except OSError as exc:
-            self._cut_back(record_hash_)
-            raise AuditUnavailable(
-                f"cannot write the audit log: {os.strerror(exc.errno or errno.EIO)}"
-            ) from None
+        except BaseException as exc:
+            self._cut_back(hashes)
+            if isinstance(exc, OSError):
+                raise AuditUnavailable(
+                    f"cannot write the audit log: {os.strerror(exc.errno or errno.EIO)}"
+                ) from None
+            raise
 
-    def _cut_back(self, revoked_hash: str) -> None:
-        """Removes a record that did not become durable; on failure, forces a resync next time.
+    def _cut_back(self, revoked_hashes: list[str]) -> None:
+        """Removes records that did not become durable; on failure, forces a resync next time.
 
-        The record's hash is remembered: should the line survive (the truncate failed, or someone
-        re-appends the signed line later), the repair cuts it off again instead of anchoring it.
+        Their hashes are remembered: should the lines survive (the truncate failed, or someone
+        re-appends the signed lines later), the repair cuts them off again instead of anchoring
+        them.
         """
-        self._revoked = [*self._revoked[-(_REVOKED_MAX - 1) :], revoked_hash]
+        self._revoked.extend(revoked_hashes)
         self._stale = True
         try:
             os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
         except OSError as exc:
-            _log.error("cannot cut a failed audit record back off the log: %s", exc.strerror)
+            _log.error("cannot cut failed audit records back off the log: %s", exc.strerror)
 
     def _write_head(self, head: _Head) -> None:
         body = {
@@ -550,8 +674,8 @@ class AuditLog:
         size = os.fstat(self._fd).st_size
         if not self._stale and size == self._size:
             return
-        data_end, last_start, line = self._checked(_read_tail, self._fd, size)
-        last = None if line is None else self._checked(_tail_record, line)
+        data_end, tail = self._checked(_read_tail, self._fd, size, 1)
+        last = self._checked(_tail_record, tail[-1][1]) if tail else None
         head = self._checked(_read_head, self._head_path, self._public)
         if last is None:
             count, last_hash = 0, GENESIS_HASH
@@ -562,25 +686,11 @@ class AuditLog:
             self._write_head_or_fail(head)
         if head is None:
             raise self._tampered("the audit head is missing")
-        if count == head.count + 1 and last is not None and last["prev"] == head.last_hash:
-            assert line is not None
-            if last["hash"] in self._revoked:
-                _log.warning(
-                    "cutting off an audit record whose decision was refused (seq %d)", count - 1
-                )
-                self._truncate(last_start)
-                data_end, count, last_hash = last_start, head.count, head.last_hash
-            elif record_signed_by(line, self._public):
-                _log.warning(
-                    "anchoring an audit record left unanchored by a crash (seq %d)", count - 1
-                )
-                head = _Head(count, last_hash)
-                self._write_head_or_fail(head)
-            else:
-                raise self._tampered(
-                    f"audit record {count} is chained after the signed head but was not written "
-                    "by this broker (its signature is missing or invalid): a forged record"
-                )
+        if count > head.count:
+            head, repaired_end = self._repair_unanchored(head, count, size)
+            if repaired_end is not None:
+                data_end = size = repaired_end
+            count, last_hash = head.count, head.last_hash
         if (count, last_hash) != (head.count, head.last_hash):
             raise self._tampered(
                 f"the audit log ({count} records) does not match its signed head ({head.count})"
@@ -590,6 +700,60 @@ class AuditLog:
             self._truncate(data_end)
         self._count, self._last_hash, self._size = head.count, head.last_hash, data_end
         self._stale = False
+
+    def _repair_unanchored(self, head: _Head, count: int, size: int) -> tuple[_Head, int | None]:
+        """Deals with the records after the signed head: at most one batch, each chained on and
+        signed by this broker, is what a crash between the fsync'd write and the head leaves; those
+        are anchored, except that records this process cut back (and what follows them) are cut off
+        again. Anything else is tampering. Returns the new head and, if the log was cut, its end."""
+        mismatch = f"the audit log ({count} records) does not match its signed head ({head.count})"
+        unanchored = count - head.count
+        if unanchored > MAX_BATCH_RECORDS:
+            raise self._tampered(
+                f"{mismatch}: more records follow the head than one commit writes "
+                f"({MAX_BATCH_RECORDS}), so no crash left them"
+            )
+        _, tail = self._checked(_read_tail, self._fd, size, unanchored)
+        if len(tail) != unanchored:
+            raise self._tampered(mismatch)
+        prev = head.last_hash
+        hashes: list[str] = []
+        for index, (_, line) in enumerate(tail):
+            record = self._checked(_tail_record, line)
+            if record["seq"] != head.count + index or record["prev"] != prev:
+                raise self._tampered(mismatch)
+            if not record_signed_by(line, self._public):
+                raise self._tampered(
+                    f"audit record {head.count + index + 1} is chained after the signed head but "
+                    "was not written by this broker (its signature is missing or invalid): "
+                    "a forged record"
+                )
+            prev = record["hash"]
+            hashes.append(prev)
+        refused = next((i for i, h in enumerate(hashes) if h in self._revoked), None)
+        if refused is None:
+            return self._anchor(head, unanchored, prev), None
+        _log.warning(
+            "cutting off %d audit record(s) whose decision was refused (from seq %d)",
+            unanchored - refused,
+            head.count + refused,
+        )
+        start = tail[refused][0]
+        self._truncate(start)
+        if refused:
+            head = self._anchor(head, refused, hashes[refused - 1])
+        return head, start
+
+    def _anchor(self, head: _Head, records: int, last_hash: str) -> _Head:
+        _log.warning(
+            "anchoring %d audit record(s) left unanchored by a crash (seq %d..%d)",
+            records,
+            head.count,
+            head.count + records - 1,
+        )
+        anchored = _Head(head.count + records, last_hash)
+        self._write_head_or_fail(anchored)
+        return anchored
 
     def _truncate(self, size: int) -> None:
         try:
@@ -624,24 +788,47 @@ class AuditLog:
             raise AuditUnavailable(f"cannot write the audit head: {exc.strerror}") from None
 
 
-def _read_tail(fd: int, size: int) -> tuple[int, int, bytes | None]:
-    """(offset just after the last complete line, offset where it starts, the line without its
-    newline), reading from the end."""
+def _read_tail(fd: int, size: int, lines: int) -> tuple[int, list[tuple[int, bytes]]]:
+    """The offset just after the last complete line, and the last ``lines`` complete lines (fewer
+    if the file has fewer) as (offset where it starts, the line without its newline), oldest first;
+    read from the end."""
     buf = b""
     pos = size
+    limit = (lines + 1) * (MAX_RECORD_BYTES + 1) + 8192  # the lines, a torn one, slack
     while True:
-        last_nl = buf.rfind(b"\n")
-        if last_nl >= 0:
-            prev_nl = buf.rfind(b"\n", 0, last_nl)
-            if prev_nl >= 0 or pos == 0:
-                return pos + last_nl + 1, pos + prev_nl + 1, buf[prev_nl + 1 : last_nl]
-        if pos == 0:
-            return 0, 0, None  # empty, or one torn line and nothing else
-        if len(buf) > 2 * MAX_RECORD_BYTES + 8192:
+        found = _split_tail(buf, lines, at_start=pos == 0)
+        if found is not None:
+            end, spans = found
+            return pos + end, [(pos + start, buf[start:stop]) for start, stop in spans]
+        if len(buf) > limit:
             raise DataLoss("the last audit record is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
-        step = min(8192, pos)
+        step = min(8192 if lines == 1 else 65536, pos)
         pos -= step
         buf = os.pread(fd, step, pos) + buf
+
+
+def _split_tail(
+    buf: bytes, lines: int, *, at_start: bool
+) -> tuple[int, list[tuple[int, int]]] | None:
+    """Finds the last ``lines`` complete lines in ``buf`` (the end of a file; ``at_start`` if it
+    is the whole file): (end of the last complete line, [(start, stop)] oldest first), or None if
+    more of the file is needed."""
+    last_nl = buf.rfind(b"\n")
+    if last_nl < 0:
+        return (0, []) if at_start else None  # empty, or one torn line and nothing else
+    spans: list[tuple[int, int]] = []
+    stop = last_nl
+    while len(spans) < lines:
+        prev_nl = buf.rfind(b"\n", 0, stop)
+        if prev_nl < 0:
+            if not at_start:
+                return None
+            spans.append((0, stop))
+            break
+        spans.append((prev_nl + 1, stop))
+        stop = prev_nl
+    spans.reverse()
+    return last_nl + 1, spans
 
 
 def _tail_record(line: bytes) -> dict[str, Any]:
@@ -712,7 +899,7 @@ def verify_audit_log(
     checked = public_key is not None
     prev = GENESIS_HASH
     count = 0
-    tail: collections.deque[bytes] = collections.deque(maxlen=_REVOKED_MAX)
+    tail: collections.deque[bytes] = collections.deque(maxlen=MAX_BATCH_RECORDS)
 
     def fail(problem: str, number: int | None, message: str) -> AuditVerification:
         return AuditVerification(
@@ -778,22 +965,39 @@ def verify_audit_log(
             "records were removed from the end",
         )
     if count > head.count:
-        unanchored = list(tail)[head.count - count :] if count - head.count <= len(tail) else []
-        if public_key is not None and not (
-            count == head.count + 1 and unanchored and record_signed_by(unanchored[0], public_key)
-        ):
+        extra = count - head.count
+        if public_key is not None and extra > MAX_BATCH_RECORDS:
             return fail(
-                "RECORD_FORGED",
+                "HEAD_MISMATCH",
                 head.count + 1,
-                f"records {head.count + 1}..{count} are not covered by the signed head and "
-                "are not a record the broker left by a crash (missing or invalid signature)",
+                f"records {head.count + 1}..{count} are not covered by the signed head: more "
+                f"than one commit writes ({MAX_BATCH_RECORDS}), so no crash left them (a head "
+                "rolled back, or records added)",
             )
+        unanchored = list(tail)[-extra:] if extra <= len(tail) else []
+        if unanchored and json.loads(unanchored[0])["prev"] != head.last_hash:
+            return fail(
+                "HEAD_MISMATCH", head.count or None, f"record {head.count} does not match the head"
+            )
+        if public_key is not None:
+            foreign = next(
+                (i for i, line in enumerate(unanchored) if not record_signed_by(line, public_key)),
+                None,
+            )
+            if foreign is not None:
+                return fail(
+                    "RECORD_FORGED",
+                    head.count + foreign + 1,
+                    f"records {head.count + 1}..{count} are not covered by the signed head and "
+                    f"record {head.count + foreign + 1} is not one the broker wrote (missing or "
+                    "invalid signature)",
+                )
         return fail(
             "UNANCHORED_RECORDS",
             head.count + 1,
             f"records {head.count + 1}..{count} are not covered by the signed head"
             + (
-                " (signed by the broker: a crash before the head update; the broker anchors it "
+                " (signed by the broker: a crash before the head update; the broker anchors them "
                 "on its next write)"
                 if public_key is not None
                 else ""

@@ -14,8 +14,14 @@ release engine, with transport = client-observed minus server-side time.
 ``unavoidable_parts_ms`` is the floor issue 13 judges the release against, each part measured in
 this run: two bare mTLS RPCs, one bare ECDSA P-384 verify (the SNP report signature), the HSM
 re-wrap as the engine timed it, and one small write + fsync in the broker's own directory (the
-audit's durable append; without group commit each release pays a whole one, so its "share" is 1).
-``ratio_release_p50_to_unavoidable_parts`` is the release p50 over their sum.
+audit's durable append; the release p50 is taken with one caller, whose commits are batches of
+one, so its share is a whole one). ``ratio_release_p50_to_unavoidable_parts`` is the release p50
+over their sum.
+
+``audit_16_callers``: with 16 callers the audit commits concurrent releases together (group
+commit); the batch sizes it formed (mean, p50, max over the commits of that phase) and the audit's
+p50 and share of the broker's time per release in that phase; ``ab_releases_per_s`` the releases/s
+of 16 callers with group commit and with one audit commit per record, alternated in this run.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from strongroom.attestation.binding import report_data_for
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.keybroker.audit import MAX_BATCH_RECORDS
 
 KEY = "bench"
 MECHANISMS = [pb.WRAP_MECHANISM_RSA_OAEP_SHA256, pb.WRAP_MECHANISM_RSA_OAEP_SHA1]
@@ -158,6 +165,25 @@ def _write_fsync_ms(directory: Path) -> float:
         os.close(fd)
 
 
+def _audit_at_16(timings: list[dict[str, float]], batches: dict[int, int]) -> dict[str, Any]:
+    """The audit's group commit under 16 callers: the batch sizes it formed (each commit counted
+    once; denials and other audited decisions of the run included) and its share of the broker's
+    time per release."""
+    sizes = sorted(size for size, n in batches.items() for _ in range(n))
+    audit = [t["audit"] for t in timings]
+    server = [sum(t.values()) for t in timings]
+    return {
+        "batches": len(sizes),
+        "batch_size_mean": round(sum(sizes) / len(sizes), 2) if sizes else 0,
+        "batch_size_p50": statistics.median_low(sizes) if sizes else 0,
+        "batch_size_max": sizes[-1] if sizes else 0,
+        "audit_p50_ms": round(statistics.median(audit) * 1000, 3),
+        "server_total_p50_ms": round(statistics.median(server) * 1000, 3),
+        # Summed over all releases: how much of the broker's time the audit took.
+        "audit_share_of_server_time": round(sum(audit) / sum(server), 3),
+    }
+
+
 def run(results: dict[str, Any], *, releases: int = 400) -> None:
     """Measures releases over mTLS; writes latency, throughput, breakdown and ratios."""
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
@@ -203,7 +229,32 @@ def run(results: dict[str, Any], *, releases: int = 400) -> None:
             for step in ("checks", "verify", "hsm", "audit")
         }
         server_ms = sum(breakdown.values())
+        audit_log = broker.handle.audit
+        batches_before = audit_log.batch_sizes
+        server_timings.clear()
         sixteen = _run_callers(callers(16), max(releases // 16, 20))
+        batches_after = audit_log.batch_sizes
+        sixteen_audit = _audit_at_16(
+            server_timings,
+            {s: batches_after[s] - batches_before.get(s, 0) for s in batches_after},
+        )
+        # A/B in the same run: the same 16 callers with the audit committing one record at a time
+        # (as before group commit), alternated with group commit; best round of each.
+        ab: dict[str, list[float]] = {"group_commit": [], "per_record_commit": []}
+        ab_callers = callers(16)
+        for _ in range(2):
+            for label, max_batch in (("per_record_commit", 1), ("group_commit", MAX_BATCH_RECORDS)):
+                audit_log._max_batch = max_batch  # bench-only switch (AuditLog.open's max_batch)
+                ab[label].append(
+                    _run_callers(ab_callers, max(releases // 16, 20))["releases_per_s"]
+                )
+        audit_log._max_batch = MAX_BATCH_RECORDS
+        sixteen_audit["ab_releases_per_s"] = {label: max(rates) for label, rates in ab.items()} | {
+            "rounds": ab,
+            "ratio_group_over_per_record": round(
+                max(ab["group_commit"]) / max(ab["per_record_commit"]), 2
+            ),
+        }
 
         # Baseline: a bare unary RPC over the same mTLS port and channel kind.
         health = health_pb2_grpc.HealthStub(stack.channel(identity, "keybroker"))
@@ -226,6 +277,7 @@ def run(results: dict[str, Any], *, releases: int = 400) -> None:
 
         results["release_1_caller"] = one
         results["release_16_callers"] = sixteen
+        results["audit_16_callers"] = sixteen_audit
         results["broker_breakdown_p50_ms"] = breakdown | {
             "server_total": round(server_ms, 3),
             "transport_and_challenge": round(one["p50_ms"] - server_ms, 3),

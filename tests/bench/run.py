@@ -22,6 +22,7 @@ AREAS = (
     "artifact",
     "anchors",
     "attestation",
+    "audit",
     "hsm",
     "hsmsoak",
     "keybroker",
