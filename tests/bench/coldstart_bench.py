@@ -35,7 +35,11 @@ from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
-from strongroom.modelstore.service import DEFAULT_DOWNLOAD_CHUNK, ModelStoreServicer
+from strongroom.modelstore.service import (
+    DEFAULT_DOWNLOAD_CHUNK,
+    ModelStoreServicer,
+    add_to_server,
+)
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from tests.modelstore.fake_artifact import FakeValidator, artifact_header
@@ -102,9 +106,7 @@ def _serve_plain_store(path: Path, root: Path) -> tuple[grpc.Server, int, int]:
         futures.ThreadPoolExecutor(max_workers=2),
         interceptors=[ErrorMappingInterceptor(), RequestDecodingInterceptor()],
     )
-    store_grpc.add_ModelStoreServiceServicer_to_server(
-        ModelStoreServicer(storage, FakeValidator), server
-    )
+    add_to_server(ModelStoreServicer(storage, FakeValidator), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port, len(header)
