@@ -38,4 +38,3 @@ def test_frames_are_canonical_protobuf(fs_served: Served, offset: int, length: i
     for p in parsed:
         assert p.offset == expected_offset
         expected_offset += len(p.data)
-
