@@ -28,6 +28,7 @@ from strongroom.modelstore.records import ModelRecord, UploadClaims
 from strongroom.modelstore.storage import Storage
 from strongroom.modelstore.validator import ValidatorFactory
 from strongroom.reasons import Reason
+from strongroom.runtime.grpc_types import RpcMethodHandler
 from strongroom.runtime.metrics import KEY_SLOTS_REPLACED
 from strongroom.runtime.server import MessageLimits
 from strongroom.wire import append_bytes_field
@@ -169,7 +170,7 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         )
         return pb.PutModelResponse(model=model_info(record))
 
-    def GetModel(
+    def GetModel(  # type: ignore[override]  # serialised messages: see add_to_server
         self, request: pb.GetModelRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         """Streams an artifact (or ``length`` bytes of it from ``offset``); ModelInfo comes first.
@@ -252,13 +253,13 @@ class _HandlerCollector:
     """Stands in for a server to catch the handlers the generated registration function builds."""
 
     def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.handlers: dict[str, RpcMethodHandler] = {}
 
     def add_generic_rpc_handlers(self, handlers: object) -> None:
         """Ignored: the same handlers also come through ``add_registered_method_handlers``."""
 
     def add_registered_method_handlers(
-        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+        self, service: str, handlers: Mapping[str, RpcMethodHandler]
     ) -> None:
         """Keeps the per-method handlers."""
         self.handlers.update(handlers)
@@ -284,4 +285,3 @@ def add_to_server(servicer: ModelStoreServicer, server: grpc.Server) -> None:
         response_serializer=_pass_through,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
