@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TOP = 40
+TOP = 80
 
 
 def _dump(path: Path) -> None:
@@ -24,6 +24,7 @@ def _dump(path: Path) -> None:
 
     stats = list(yappi.get_func_stats())
     stats.sort(key=lambda s: s.tsub, reverse=True)
+    by_total = sorted(stats, key=lambda s: s.ttot, reverse=True)
     document: dict[str, Any] = {
         "calls": sum(s.ncall for s in stats),
         "python_calls": sum(s.ncall for s in stats if not s.builtin),
@@ -38,6 +39,10 @@ def _dump(path: Path) -> None:
                 "ttot": s.ttot,
             }
             for s in stats[:TOP]
+        ],
+        "top_inclusive": [
+            {"name": s.name, "where": f"{s.module}:{s.lineno}", "ncall": s.ncall, "ttot": s.ttot}
+            for s in by_total[:TOP]
         ],
     }
     partial = path.with_suffix(".partial")

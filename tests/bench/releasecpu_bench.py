@@ -37,6 +37,8 @@ from tests.bench.keybroker_bench import KEY, _Caller, _run_callers
 HERE = Path(__file__).resolve().parent
 PROFILE_TOP = 15
 SUPPORTS_PROFILE = True
+#: Where to keep yappi's raw statistics too (``--raw PATH`` when run as a script), for digging.
+RAW_PROFILE: Path | None = None
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -56,8 +58,11 @@ class _Broker:
     """A broker process in a fresh DevStack, with a release key and callers ready to release."""
 
     def __init__(self, stack: DevStack, launcher: tuple[str, ...] | None = None) -> None:
-        kwargs = {"launcher": launcher} if launcher else {}
-        self.running = stack.start_process("keybroker", **kwargs)
+        self.running = (
+            stack.start_process("keybroker", launcher=launcher)
+            if launcher
+            else stack.start_process("keybroker")
+        )
         assert self.running.process is not None
         self.pid = self.running.process.pid
         stack.create_release_key(stack.identity("admin"), KEY, policy_version="bench")
@@ -118,6 +123,8 @@ def _profile(releases: int) -> dict[str, Any]:
                 raise TimeoutError("the profiled broker wrote no statistics")
             time.sleep(0.2)
         stats = json.loads(out.read_text())
+    if RAW_PROFILE is not None:
+        RAW_PROFILE.write_text(json.dumps(stats | {"releases": figures["releases"]}, indent=1))
     n = figures["releases"]
     return {
         "releases": n,
@@ -189,5 +196,7 @@ def run(results: dict[str, Any], *, releases: int = 400, profile: bool = False) 
 
 if __name__ == "__main__":
     out: dict[str, Any] = {}
-    run(out, profile="--profile" in sys.argv)
+    if "--raw" in sys.argv:
+        RAW_PROFILE = Path(sys.argv[sys.argv.index("--raw") + 1])
+    run(out, profile="--profile" in sys.argv or RAW_PROFILE is not None)
     print(json.dumps(out, indent=2))
