@@ -8,6 +8,9 @@ the method's rule lists that ID. Failures raise :class:`PeerUnauthenticated` (UN
 usable identity) or :class:`PeerNotAllowed` (PERMISSION_DENIED: known identity, not allowed), naming
 the identity and the method, before the handler runs or any request is read. The authoriser only
 raises: the service runtime's error mapping, its outermost interceptor, reports the status and reason.
+
+The authoriser reads the connection's auth context once per RPC and hands the identity it verified
+to the handler (:func:`verified_caller`), which need not parse it again.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -102,15 +106,33 @@ def _parse_peer(pem: bytes) -> _ParsedPeer:
     )
 
 
-def _auth_property(context: grpc.ServicerContext, name: str) -> list[bytes]:
-    # gRPC returns a mapping of name -> list of bytes (grpc-stubs types it as name -> bytes).
-    values: Any = (context.auth_context() or {}).get(name)
+def _auth_properties(context: grpc.ServicerContext) -> Mapping[str, Any]:
+    # gRPC builds a fresh mapping of name -> list of bytes on every call (grpc-stubs types it as
+    # name -> bytes): read it once per RPC.
+    return context.auth_context() or {}
+
+
+def _auth_property(properties: Mapping[str, Any], name: str) -> list[bytes]:
+    values = properties.get(name)
     return [bytes(v) for v in values] if values else []
 
 
-def _peer_pem(context: grpc.ServicerContext) -> bytes | None:
-    certs = _auth_property(context, "x509_pem_cert")
+def _peer_pem(properties: Mapping[str, Any]) -> bytes | None:
+    certs = _auth_property(properties, "x509_pem_cert")
     return certs[0] if len(certs) == 1 else None
+
+
+_VERIFIED: ContextVar[CallerIdentity | None] = ContextVar(
+    "strongroom_verified_caller", default=None
+)
+
+
+def verified_caller(context: grpc.ServicerContext) -> CallerIdentity:
+    """The caller of this RPC as :class:`SpiffeAuthorizer` verified it before the handler ran;
+    where no authoriser ran (public methods, a servicer called directly), :func:`caller_identity`.
+    """
+    caller = _VERIFIED.get()
+    return caller if caller is not None else caller_identity(context)
 
 
 def caller_identity(
@@ -124,7 +146,10 @@ def caller_identity(
     Checks exactly what :class:`SpiffeAuthorizer` checks about the certificate (presence, time
     validity, one URI SAN, SPIFFE syntax, and the trust domain when given).
     """
-    pem = _peer_pem(context)
+    return _identity(_peer_pem(_auth_properties(context)), trust_domain, now)
+
+
+def _identity(pem: bytes | None, trust_domain: str | None, now: datetime | None) -> CallerIdentity:
     if pem is None:
         raise PeerUnauthenticated(
             "the caller presented no client certificate", reason=Reason.NO_PEER_CERT
@@ -228,8 +253,9 @@ class SpiffeAuthorizer(_InterceptorBase):
     def authorize(self, method: str, context: grpc.ServicerContext) -> CallerIdentity | None:
         """Checks one RPC; returns the caller (None for public methods) or raises a
         :class:`PeerUnauthenticated` / :class:`PeerNotAllowed`."""
+        properties = _auth_properties(context)
         if self._require_tls13:
-            versions = _auth_property(context, "ssl_tls_version")
+            versions = _auth_property(properties, "ssl_tls_version")
             if versions and versions[0] != b"TLSv1.3":
                 raise PeerUnauthenticated(
                     f"{method} requires TLS 1.3; this connection negotiated "
@@ -238,7 +264,7 @@ class SpiffeAuthorizer(_InterceptorBase):
                 )
         if self._is_public(method):
             return None
-        caller = caller_identity(context, trust_domain=self.trust_domain, now=self._clock())
+        caller = _identity(_peer_pem(properties), self.trust_domain, self._clock())
         allowed = self.allowed(method)
         if allowed is None:
             raise PeerNotAllowed(
@@ -249,9 +275,9 @@ class SpiffeAuthorizer(_InterceptorBase):
             raise PeerNotAllowed(f"{caller.spiffe_id} may not call {method}")
         return caller
 
-    def _check(self, method: str, context: grpc.ServicerContext) -> None:
+    def _check(self, method: str, context: grpc.ServicerContext) -> CallerIdentity | None:
         try:
-            self.authorize(method, context)
+            return self.authorize(method, context)
         except StrongroomError as exc:
             # Raised, not answered: the service runtime's error mapping (outermost) reports it.
             _log.warning("denied RPC %s: %s", method, exc, extra={"reason": exc.reason})
@@ -275,16 +301,22 @@ def _service_of(method: str) -> str:
 
 
 def _guarded(
-    handler: grpc.RpcMethodHandler[Any, Any], check: Callable[[grpc.ServicerContext], None]
+    handler: grpc.RpcMethodHandler[Any, Any],
+    check: Callable[[grpc.ServicerContext], CallerIdentity | None],
 ) -> grpc.RpcMethodHandler[Any, Any]:
+    # The identity is visible to the handler through a context variable (see verified_caller),
+    # reset when the behaviour returns so that it never outlives its RPC on a worker thread.
     deserializer = handler.request_deserializer
     serializer = handler.response_serializer
     if handler.unary_unary is not None:
         unary_unary = handler.unary_unary
 
         def guarded_unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-            check(context)
-            return unary_unary(request, context)
+            token = _VERIFIED.set(check(context))
+            try:
+                return unary_unary(request, context)
+            finally:
+                _VERIFIED.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(
             guarded_unary_unary, request_deserializer=deserializer, response_serializer=serializer
@@ -313,8 +345,11 @@ def _guarded(
         unary_stream = handler.unary_stream
 
         def guarded_unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            check(context)
-            yield from unary_stream(request, context)
+            token = _VERIFIED.set(check(context))
+            try:
+                yield from unary_stream(request, context)
+            finally:
+                _VERIFIED.reset(token)
 
         return grpc.unary_stream_rpc_method_handler(
             guarded_unary_stream, request_deserializer=deserializer, response_serializer=serializer
@@ -323,8 +358,11 @@ def _guarded(
         stream_unary = handler.stream_unary
 
         def guarded_stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            check(context)
-            return stream_unary(requests, context)
+            token = _VERIFIED.set(check(context))
+            try:
+                return stream_unary(requests, context)
+            finally:
+                _VERIFIED.reset(token)
 
         return grpc.stream_unary_rpc_method_handler(
             guarded_stream_unary, request_deserializer=deserializer, response_serializer=serializer
@@ -335,8 +373,11 @@ def _guarded(
         def guarded_stream_stream(
             requests: Iterator[Any], context: grpc.ServicerContext
         ) -> Iterator[Any]:
-            check(context)
-            yield from stream_stream(requests, context)
+            token = _VERIFIED.set(check(context))
+            try:
+                yield from stream_stream(requests, context)
+            finally:
+                _VERIFIED.reset(token)
 
         return grpc.stream_stream_rpc_method_handler(
             guarded_stream_stream, request_deserializer=deserializer, response_serializer=serializer

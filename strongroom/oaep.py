@@ -121,16 +121,17 @@ def check_accepted(accepted: Iterable[object]) -> tuple[OaepHash, ...]:
 def negotiate(accepted: Sequence[OaepHash], supported: Iterable[OaepHash]) -> OaepHash:
     """The first hash in the caller's ``accepted`` order that the token ``supported``.
 
-    Raises FailedPrecondition(OAEP_MECHANISM_UNSUPPORTED) naming both lists when there is none.
+    ``accepted`` is a list :func:`check_accepted` returned (a release target's mechanisms): it is
+    not checked again. Raises FailedPrecondition(OAEP_MECHANISM_UNSUPPORTED) naming both lists
+    when there is none.
     """
-    wanted = check_accepted(accepted)
     available = frozenset(supported)
-    for choice in wanted:
+    for choice in accepted:
         if choice in available:
             return choice
     raise FailedPrecondition(
         "no OAEP hash acceptable to the caller is supported by the HSM: caller accepts "
-        f"[{', '.join(h.value for h in wanted)}], HSM supports "
+        f"[{', '.join(h.value for h in accepted)}], HSM supports "
         f"[{', '.join(h.value for h in PROBE_ORDER if h in available) or 'none'}]",
         reason=Reason.OAEP_MECHANISM_UNSUPPORTED,
     )

@@ -400,18 +400,18 @@ class DevStack:
         *,
         instance: str | None = None,
         server: dict[str, Any] | None = None,
+        launcher: Sequence[str] = (sys.executable, "-m", "strongroom.cli.main"),
     ) -> RunningService:
         """Starts ``strongroom serve <service>`` as a child process (for the demo);
-        ``server`` sets keys of its ``server:`` section."""
+        ``server`` sets keys of its ``server:`` section; ``launcher`` is the command that takes
+        ``serve <service> --config <path>`` (a benchmark's profiling wrapper, for instance)."""
         instance = instance or service
         path = self.write_config(service, section, instance=instance, server=server)
         log_path = self.log_path(instance)
         with log_path.open("ab") as out:
             process = subprocess.Popen(
                 [
-                    sys.executable,
-                    "-m",
-                    "strongroom.cli.main",
+                    *launcher,
                     "serve",
                     service,
                     "--config",

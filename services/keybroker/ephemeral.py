@@ -8,18 +8,23 @@ so one request cannot make the HSM do arbitrarily expensive work.
 
 Malformed bytes raise ``InvalidArgument(EPHEMERAL_KEY_INVALID)``; a well-formed key of the wrong
 kind (EC, too small, odd exponent) raises ``InvalidArgument(EPHEMERAL_KEY_UNSUPPORTED)``.
+
+:class:`ReleaseTarget` is what a release wraps to: the parsed key plus the OAEP hashes the caller
+accepts, validated once at the door and then handed to the HSM layer as it is.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from strongroom.errors import InvalidArgument
+from strongroom.oaep import OaepHash, check_accepted
 from strongroom.reasons import Reason
 
 MIN_RSA_BITS = 3072
@@ -42,17 +47,39 @@ class EphemeralPublicKey:
         return f"EphemeralPublicKey(rsa-{self.bits}, spki_sha256={self.spki_sha256[:16]}...)"
 
 
-def parse_ephemeral_public_key(der: bytes | bytearray | memoryview) -> EphemeralPublicKey:
+def parse_ephemeral_public_key(der: object) -> EphemeralPublicKey:
     """Parses and validates DER SubjectPublicKeyInfo; see the module docstring for the rules.
 
-    A release checks the key at the door and again where the HSM imports it: the second parse of
-    the same bytes is served from a small memo (the result is immutable; failures are not kept).
+    Results are memoised by the DER bytes in a small bounded memo (they are immutable; failures
+    are not kept): an inference server releases to the same ephemeral key for every model it loads.
     """
     if not isinstance(der, bytes | bytearray | memoryview):
         raise InvalidArgument(
             "the ephemeral public key must be DER bytes", reason=Reason.EPHEMERAL_KEY_INVALID
         )
     return _parse(bytes(der))
+
+
+@dataclass(frozen=True)
+class ReleaseTarget:
+    """Where a released data key goes: the TEE's validated ephemeral RSA key and the OAEP hashes the
+    caller accepts (the caller's order, duplicates dropped, at least one).
+
+    Build it with :meth:`parse`; :meth:`KeyManager.release_to_ephemeral
+    <strongroom.keybroker.keys.KeyManager.release_to_ephemeral>` takes it without checking again.
+    """
+
+    public_key: EphemeralPublicKey
+    mechanisms: tuple[OaepHash, ...]
+
+    @classmethod
+    def parse(cls, der: object, accepted: Iterable[object]) -> ReleaseTarget:
+        """Validates the DER SubjectPublicKeyInfo (see the module docstring) and then the accepted
+        hashes; raises InvalidArgument with ``EPHEMERAL_KEY_INVALID``,
+        ``EPHEMERAL_KEY_UNSUPPORTED`` or ``OAEP_MECHANISM_INVALID``."""
+        # A caller may hold the parsed key already.
+        key = der if isinstance(der, EphemeralPublicKey) else parse_ephemeral_public_key(der)
+        return cls(key, check_accepted(accepted))
 
 
 @functools.lru_cache(maxsize=64)

@@ -41,7 +41,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -61,10 +61,10 @@ from strongroom.errors import (
 )
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
-from strongroom.keybroker.ephemeral import EphemeralPublicKey, parse_ephemeral_public_key
+from strongroom.keybroker.ephemeral import EphemeralPublicKey, ReleaseTarget
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmSession, oaep_mechanism_param
-from strongroom.oaep import OaepHash, check_accepted, negotiate
+from strongroom.oaep import OaepHash, negotiate
 from strongroom.reasons import Reason
 
 _log = logging.getLogger(__name__)
@@ -180,17 +180,31 @@ def validate_version(version: object) -> int:
     return version
 
 
-def validate_wrapped_dek(wrapped: object) -> bytes:
-    """Returns the wrapped data key as bytes if it has the one valid length, else InvalidArgument."""
-    if not isinstance(wrapped, bytes | bytearray | memoryview):
-        raise InvalidArgument("a wrapped data key is bytes", reason=Reason.WRAPPED_KEY_INVALID)
-    data = bytes(wrapped)
-    if len(data) != WRAPPED_DEK_BYTES:
-        raise InvalidArgument(
-            f"a wrapped data key is {WRAPPED_DEK_BYTES} bytes, got {len(data)}",
-            reason=Reason.WRAPPED_KEY_INVALID,
-        )
-    return data
+class WrappedDataKey(bytes):
+    """A wrapped data key of the one valid length (:data:`WRAPPED_DEK_BYTES`), checked when it is
+    made: ``WrappedDataKey(raw)`` raises InvalidArgument(WRAPPED_KEY_INVALID) for anything else.
+
+    It *is* the bytes (so it goes to the HSM as it is); its type says the check was done, and
+    :class:`KeyManager` takes it without checking again. Whether it unwraps is the HSM's verdict.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, wrapped: object) -> WrappedDataKey:
+        if isinstance(wrapped, WrappedDataKey):
+            return wrapped
+        if not isinstance(wrapped, bytes | bytearray | memoryview):
+            raise InvalidArgument("a wrapped data key is bytes", reason=Reason.WRAPPED_KEY_INVALID)
+        data = bytes(wrapped)
+        if len(data) != WRAPPED_DEK_BYTES:
+            raise InvalidArgument(
+                f"a wrapped data key is {WRAPPED_DEK_BYTES} bytes, got {len(data)}",
+                reason=Reason.WRAPPED_KEY_INVALID,
+            )
+        return super().__new__(cls, data)
+
+    def __repr__(self) -> str:
+        return f"WrappedDataKey({len(self)} bytes)"
 
 
 class KeyManager:
@@ -336,12 +350,19 @@ class KeyManager:
         return self._call(key_id, op, timeout, "generate_data_key")
 
     def rewrap(
-        self, key_id: str, version: int, wrapped: bytes, *, timeout: float | None = None
+        self,
+        key_id: str,
+        version: int,
+        wrapped: WrappedDataKey | bytes,
+        *,
+        timeout: float | None = None,
     ) -> Rewrapped:
-        """Moves a wrapped data key from ``version`` to the current version, inside the HSM."""
+        """Moves a wrapped data key from ``version`` to the current version, inside the HSM.
+
+        A :class:`WrappedDataKey` is taken as it is; raw bytes are checked first."""
         validate_key_id(key_id)
         validate_version(version)
-        blob = validate_wrapped_dek(wrapped)
+        blob = WrappedDataKey(wrapped)
 
         def op(hs: HsmSession) -> Rewrapped:
             versions = self._require_versions(hs, key_id)
@@ -362,31 +383,33 @@ class KeyManager:
         self,
         key_id: str,
         version: int,
-        wrapped_dek: bytes,
-        ephemeral_public_key: EphemeralPublicKey | bytes,
-        accepted_mechanisms: list[OaepHash],
+        wrapped_dek: WrappedDataKey | bytes,
+        target: ReleaseTarget | EphemeralPublicKey | bytes,
+        accepted_mechanisms: Sequence[OaepHash] = (),
         *,
         timeout: float | None = None,
     ) -> ReleasedKey:
         """Re-wraps a data key from its KEK version to the TEE's ephemeral RSA key, in the HSM.
 
-        The OAEP hash is the first of ``accepted_mechanisms`` (caller's order) that the token
+        The OAEP hash is the first of the target's accepted hashes (caller's order) that the token
         supports; FailedPrecondition(OAEP_MECHANISM_UNSUPPORTED) if none. The caller must already
-        have verified the attestation that binds the ephemeral key. A key the caller already parsed
-        (:class:`EphemeralPublicKey`, as the release engine passes it) is taken as it is.
+        have verified the attestation that binds the ephemeral key. Typed values (a
+        :class:`WrappedDataKey` and a :class:`ReleaseTarget`, as the release engine passes them) are
+        taken as they are; raw bytes (a key and ``accepted_mechanisms``) are checked here first.
         """
         validate_key_id(key_id)
         validate_version(version)
-        blob = validate_wrapped_dek(wrapped_dek)
-        target = (
-            ephemeral_public_key
-            if isinstance(ephemeral_public_key, EphemeralPublicKey)
-            else parse_ephemeral_public_key(ephemeral_public_key)
-        )
-        accepted = check_accepted(accepted_mechanisms)
+        blob = WrappedDataKey(wrapped_dek)
+        if isinstance(target, ReleaseTarget):
+            if accepted_mechanisms:
+                raise TypeError("a ReleaseTarget carries its accepted mechanisms")
+        else:
+            target = ReleaseTarget.parse(target, accepted_mechanisms)
+        release_target = target
+        ephemeral = target.public_key
 
         def op(hs: HsmSession) -> ReleasedKey:
-            choice = negotiate(accepted, self._hsm.oaep_hashes)
+            choice = negotiate(release_target.mechanisms, self._hsm.oaep_hashes)
             try:
                 return attempt(hs, choice, self._cached_versions(hs, key_id))
             except p11x.PKCS11Error as exc:
@@ -402,7 +425,7 @@ class KeyManager:
             _require_enabled(kek)
             dek = _unwrap_session_dek(hs, kek, blob)
             try:
-                public = _import_public_key(hs, target)
+                public = _import_public_key(hs, ephemeral)
                 try:
                     out = public.wrap_key(
                         dek,
@@ -413,7 +436,7 @@ class KeyManager:
                     public.destroy()
             finally:
                 dek.destroy()
-            if len(out) != len(target.modulus):
+            if len(out) != len(ephemeral.modulus):
                 raise Internal(
                     "the HSM returned an OAEP block of the wrong size", reason=Reason.HSM_ERROR
                 )

@@ -22,16 +22,11 @@ from strongroom.attestation.collateral import CollateralSource
 from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.challenge import Challenge, ChallengeIssuer
-from strongroom.keybroker.ephemeral import parse_ephemeral_public_key
+from strongroom.keybroker.ephemeral import ReleaseTarget
 from strongroom.keybroker.errors import AuditUnavailable
-from strongroom.keybroker.keys import (
-    KeyManager,
-    validate_key_id,
-    validate_version,
-    validate_wrapped_dek,
-)
+from strongroom.keybroker.keys import KeyManager, WrappedDataKey, validate_key_id, validate_version
 from strongroom.keybroker.policies import PolicyStore
-from strongroom.oaep import OaepHash, check_accepted
+from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
 from strongroom.runtime.metrics import KEY_RELEASES
 
@@ -162,15 +157,15 @@ class ReleaseEngine:
         self, request: ReleaseRequest, caller: Caller, context: dict[str, Any]
     ) -> ReleaseOutcome:
         started = time.perf_counter()
-        # 1. Structure: malformed requests are rejected before any cryptography.
+        # 1. Structure: malformed requests are rejected before any cryptography. The checked
+        # values are typed, and the HSM layer takes them as they are.
         key_id = validate_key_id(request.key_id)
         context["key_id"] = key_id
         version = validate_version(request.key_version)
         context["key_version"] = version
-        wrapped = validate_wrapped_dek(request.wrapped_data_key)
+        wrapped = WrappedDataKey(request.wrapped_data_key)
         ephemeral_der = request.ephemeral_public_key_der
-        ephemeral = parse_ephemeral_public_key(ephemeral_der)
-        accepted = check_accepted(request.accepted_mechanisms)
+        target = ReleaseTarget.parse(ephemeral_der, request.accepted_mechanisms)
         _check_evidence_sizes(request.evidence)
         # 2. Freshness: a nonce this broker fleet issued for this key and this caller.
         self._challenges.check(request.nonce, key_id, caller.spiffe_id)
@@ -196,7 +191,7 @@ class ReleaseEngine:
         verified = time.perf_counter()
         # 7. The HSM re-wraps the data key to the attested ephemeral key.
         released = self._keys.release_to_ephemeral(
-            key_id, version, wrapped, ephemeral, list(accepted), timeout=self._hsm_timeout
+            key_id, version, wrapped, target, timeout=self._hsm_timeout
         )
         context["oaep_mechanism"] = released.mechanism.mechanism_label
         hsm_done = time.perf_counter()

@@ -14,7 +14,7 @@ from strongroom.keybroker.keys import KeyInfo, KeyManager, KeyState
 from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
-from strongroom.pki.authz import caller_identity
+from strongroom.pki.authz import verified_caller
 from strongroom.runtime.server import MessageLimits
 
 KEYBROKER_SERVICE = "strongroom.api.keybroker.v1.KeyBrokerService"
@@ -39,7 +39,7 @@ _STATE = {KeyState.ENABLED: pb.KEY_STATE_ENABLED, KeyState.DISABLED: pb.KEY_STAT
 
 
 def _caller(context: grpc.ServicerContext) -> Caller:
-    ident = caller_identity(context)
+    ident = verified_caller(context)
     return Caller(str(ident.spiffe_id), ident.serial, ident.public_key_der)
 
 

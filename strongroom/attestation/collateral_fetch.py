@@ -251,6 +251,8 @@ class CollateralService:
     def crl(self, issuer: x509.Certificate, scope: str = "") -> bytes | None:
         """The cached CRL of ``issuer``, fetched first if missing or due."""
         held = self.cache.crl(issuer, scope)
+        if self._pcs is None:  # nothing to fetch from (checked first: a release asks every time)
+            return held
         self._refresh(f"crl:{common_name(issuer)}:{scope}", held is None, self._due_crl(issuer, scope),
                       lambda: self.fetch_crl(issuer, scope))  # fmt: skip
         return self.cache.crl(issuer, scope) if held is None else held
@@ -258,6 +260,8 @@ class CollateralService:
     def tdx_tcb_info(self, fmspc: bytes) -> SignedDocument | None:
         """The cached TCB info for the FMSPC, fetched first if missing or due."""
         held = self.cache.tdx_tcb_info(fmspc)
+        if self._pcs is None:
+            return held
         due = self._due(lambda e: e.kind == "tdx-tcb-info" and e.key == fmspc.hex())
         self._refresh(f"tcb:{fmspc.hex()}", held is None, due, lambda: self.fetch_tcb_info(fmspc))
         return self.cache.tdx_tcb_info(fmspc) if held is None else held
@@ -265,6 +269,8 @@ class CollateralService:
     def tdx_qe_identity(self) -> SignedDocument | None:
         """The cached QE identity, fetched first if missing or due."""
         held = self.cache.tdx_qe_identity()
+        if self._pcs is None:
+            return held
         due = self._due(lambda e: e.kind == "tdx-qe-identity")
         self._refresh("qe", held is None, due, self.fetch_qe_identity)
         return self.cache.tdx_qe_identity() if held is None else held

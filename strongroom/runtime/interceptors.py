@@ -12,8 +12,9 @@ gRPC's own ``INTERNAL "Exception deserializing request!"`` and a logged tracebac
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -22,7 +23,12 @@ from google.protobuf.message import DecodeError
 from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
-from strongroom.runtime.grpc_types import RpcMethodHandler, ServerInterceptorBase, rewrap_handler
+from strongroom.runtime.grpc_types import (
+    RpcMethodHandler,
+    ServerInterceptor,
+    ServerInterceptorBase,
+    rewrap_handler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,3 +184,54 @@ class RequestDecodingInterceptor(ServerInterceptorBase):
             return call
 
         return rewrap_handler(handler, unary, stream)
+
+
+class CachedChain(ServerInterceptorBase):
+    """Runs ``interceptors`` (outermost first) once per method and reuses the wrapped handler.
+
+    gRPC asks the interceptors for a handler on every call, and each of them wraps the one it gets
+    afresh: about a tenth of a key release's CPU went to building the same closures again. The
+    wrapped handler is kept per method, for as long as the service's own handler is the same
+    object. That requires what holds for Strongroom's interceptors: what they wrap depends on the
+    method name only (per-call facts such as the caller or the metadata are read from the
+    servicer context when the call runs). At most ``max_methods`` are kept (the registered methods
+    of a service are far fewer); unknown methods are never kept, so callers cannot grow it.
+    """
+
+    def __init__(
+        self, interceptors: Sequence[ServerInterceptor], *, max_methods: int = 512
+    ) -> None:
+        self._interceptors = tuple(interceptors)
+        self._max = max_methods
+        self._lock = threading.Lock()
+        # method -> (the service's handler, the handler wrapped by every interceptor)
+        self._cache: dict[str, tuple[RpcMethodHandler, RpcMethodHandler | None]] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None  # unknown method: the interceptors still answer (gRPC: UNIMPLEMENTED)
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, handler_call_details)
+        with self._lock:
+            if len(self._cache) < self._max or method in self._cache:
+                self._cache[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(
+        self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> RpcMethodHandler | None:
+        def at(index: int) -> Callable[[grpc.HandlerCallDetails], RpcMethodHandler | None]:
+            if index == len(self._interceptors):
+                return lambda _details: handler
+            interceptor = self._interceptors[index]
+            return lambda d: interceptor.intercept_service(at(index + 1), d)
+
+        return at(0)(details)

@@ -22,7 +22,11 @@ from grpc_reflection.v1alpha import reflection
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import ServerInterceptor
 from strongroom.runtime.health import HealthServicer
-from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
+from strongroom.runtime.interceptors import (
+    CachedChain,
+    ErrorMappingInterceptor,
+    RequestDecodingInterceptor,
+)
 from strongroom.runtime.metrics import MetricsInterceptor
 from strongroom.runtime.streams import StreamGuard, StreamLimits
 
@@ -120,13 +124,18 @@ class ServiceHost:
             # Outermost first. Metrics read the final status; error mapping is the one place that
             # turns any exception (an authoriser's or stream guard's refusal included) into a status
             # and reason trailer; the stream guard counts verified callers only, so it follows the
-            # authoriser that the caller's `interceptors` end with.
+            # authoriser that the caller's `interceptors` end with. The chain wraps each method's
+            # handler once, not on every call.
             interceptors=[
-                MetricsInterceptor(),
-                ErrorMappingInterceptor(),
-                *interceptors,
-                self.streams,
-                RequestDecodingInterceptor(),
+                CachedChain(
+                    [
+                        MetricsInterceptor(),
+                        ErrorMappingInterceptor(),
+                        *interceptors,
+                        self.streams,
+                        RequestDecodingInterceptor(),
+                    ]
+                )
             ],
             options=options,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,

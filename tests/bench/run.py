@@ -2,7 +2,7 @@
 
 Each benchmark module ``tests/bench/<area>_bench.py`` exposes ``run(results: dict) -> None`` and
 records its figures under its own key, always with the baseline it was measured against in the same
-run. Usage: ``make bench`` or ``python -m tests.bench.run [AREA ...]``.
+run. Usage: ``make bench`` or ``python -m tests.bench.run [--profile] [AREA ...]``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ AREAS = (
     "hsm",
     "hsmsoak",
     "keybroker",
+    "releasecpu",
     "modelstore",
     "inference",
     "mtls",
@@ -41,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("areas", nargs="*", default=list(AREAS))
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="areas that support it also run under a profiler (releasecpu: PROFILE.md)",
+    )
     args = parser.parse_args(argv)
     previous: dict[str, Any] = {}
     if args.out.exists():
@@ -57,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         area_results: dict[str, Any] = {}
         try:
-            module.run(area_results)
+            if args.profile and getattr(module, "SUPPORTS_PROFILE", False):
+                module.run(area_results, profile=True)
+            else:
+                module.run(area_results)
         except Exception:
             traceback.print_exc()
             failed.append(area)

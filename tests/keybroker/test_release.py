@@ -252,7 +252,7 @@ def test_parsed_key_repr_and_digest() -> None:
 
 
 def test_parse_is_memoised_but_failures_are_never_remembered() -> None:
-    # The release path parses the same key twice (at the door and at the HSM import).
+    # An inference server releases to the same ephemeral key for each model it loads.
     der = spki(_rsa_public(3072))
     assert parse_ephemeral_public_key(memoryview(der)) is parse_ephemeral_public_key(der)
     for bad in (der[:-1], der + b"\x00", spki(_rsa_public(2048))):

@@ -130,7 +130,8 @@ def test_an_allowed_release_reaches_the_hsm_once_and_is_audited_first(world, aut
     assert outcome.mechanism is OaepHash.SHA1
     assert outcome.policy_version == "p1"
     assert len(keys.calls) == 1
-    key_id, version, wrapped, ephemeral, accepted = keys.calls[0]
+    key_id, version, wrapped, target = keys.calls[0]
+    ephemeral, accepted = target.public_key, target.mechanisms
     assert (key_id, version, wrapped) == ("k1", 1, b"\x01" * 40)
     # The engine hands the HSM the key it parsed and checked, not raw bytes to parse again.
     assert ephemeral == parse_ephemeral_public_key(EPHEMERAL)

@@ -81,24 +81,40 @@ def check_revocation(
     what: str,
 ) -> None:
     """Checks ``chain`` against ``issuer``'s CRL (see the module docstring)."""
-    name = issuer.subject.rfc4514_string()
     if crl_data is None:
         raise CollateralUnavailable(
-            f"no CRL of {what} ({name!r}) in the verifier's collateral",
+            f"no CRL of {what} ({issuer.subject.rfc4514_string()!r}) in the verifier's collateral",
             reason=Reason.COLLATERAL_MISSING,
         )
     crl = _verified_crl(bytes(crl_data), issuer)
     if crl is None:
         raise VerificationFailed(
-            f"the CRL held for {what} is not signed by {name!r}",
+            f"the CRL held for {what} is not signed by {issuer.subject.rfc4514_string()!r}",
             reason=Reason.CRL_SIGNATURE_INVALID,
         )
     check_fresh(f"CRL of {what}", crl.last_update_utc, crl.next_update_utc, now, grace)
+    revoked = _revoked_subject(bytes(crl_data), issuer, tuple(chain))
+    if revoked is not None:
+        raise VerificationFailed(
+            f"certificate {revoked!r} is revoked by its issuer's CRL", reason=Reason.CERT_REVOKED
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _revoked_subject(
+    crl_data: bytes, issuer: x509.Certificate, chain: tuple[x509.Certificate, ...]
+) -> str | None:
+    """The subject of the first certificate of ``chain`` that the CRL ``crl_data`` (already
+    verified by :func:`_verified_crl`) lists, or ``None``.
+
+    Cached by the CRL's bytes and the certificates: a CRL's list does not change (a new CRL is new
+    bytes), and every release re-checks the same chain against the same CRL.
+    """
+    crl = _verified_crl(crl_data, issuer)
+    assert crl is not None  # the caller checked it
     for cert in chain:
         if cert is issuer or cert.issuer != crl.issuer:
             continue
         if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
-            raise VerificationFailed(
-                f"certificate {cert.subject.rfc4514_string()!r} is revoked by its issuer's CRL",
-                reason=Reason.CERT_REVOKED,
-            )
+            return cert.subject.rfc4514_string()
+    return None

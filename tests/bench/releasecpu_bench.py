@@ -1,0 +1,202 @@
+"""The key broker's own CPU per key release, measured on a broker in its own process.
+
+A DevStack (real step-ca, SoftHSM2, mTLS) starts the broker as a child process, as ``strongroom
+serve keybroker`` runs it (logging to its file at INFO, no trace exporter). Callers in this process
+(the release protocol of ``keybroker_bench``: GetChallenge, a simulated SNP report over the
+binding, ReleaseKey) drive it with 1 and then 16 concurrent callers. The broker's CPU is read from
+``/proc/PID/stat`` (utime + stime, all its threads, gRPC's C core included) before and after each
+phase; ``broker_cpu_us_per_release`` is that difference over the releases of the phase.
+``broker_cores_busy`` is the broker's CPU over the phase's wall time. The callers share the
+machine's cores with the broker, so releases/s here is lower than a broker would serve to remote
+callers; CPU per release does not depend on that.
+
+With ``profile=True`` (``python -m tests.bench.run releasecpu --profile``) a second broker runs
+under yappi (CPU clock, every thread, builtins included) for a 16-caller phase, and the top
+:data:`PROFILE_TOP` functions by own time go to ``tests/bench/PROFILE.md``, per release, with the
+function calls per release (all, and Python functions only). Profiling slows the broker several
+times over: its shares matter, not its absolute times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.simulated import SimulatedAuthority
+from tests.bench.keybroker_bench import KEY, _Caller, _run_callers
+
+HERE = Path(__file__).resolve().parent
+PROFILE_TOP = 15
+SUPPORTS_PROFILE = True
+#: Where to keep yappi's raw statistics too (``--raw PATH`` when run as a script), for digging.
+RAW_PROFILE: Path | None = None
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of the process (all threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After "pid (comm)": state is field 3, so utime (14) and stime (15) are at 11 and 12 here.
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+class _Broker:
+    """A broker process in a fresh DevStack, with a release key and callers ready to release."""
+
+    def __init__(self, stack: DevStack, launcher: tuple[str, ...] | None = None) -> None:
+        self.running = (
+            stack.start_process("keybroker", launcher=launcher)
+            if launcher
+            else stack.start_process("keybroker")
+        )
+        assert self.running.process is not None
+        self.pid = self.running.process.pid
+        stack.create_release_key(stack.identity("admin"), KEY, policy_version="bench")
+        publisher = pb_grpc.KeyBrokerServiceStub(
+            stack.channel(stack.identity("publisher"), "keybroker")
+        )
+        generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
+        platform = SimulatedAuthority.load(stack.root / "simulated-tee").snp()
+        identity = stack.identity("inference")
+        self._make = lambda: _Caller(
+            stack, platform, identity, generated.wrapped_data_key, generated.key_version
+        )
+
+    def callers(self, n: int) -> list[_Caller]:
+        """``n`` callers, each with its own channel, warmed up (connection, caches)."""
+        made = [self._make() for _ in range(n)]
+        for caller in made:
+            for _ in range(5):
+                caller.release()
+        return made
+
+    def phase(self, callers: list[_Caller], per_caller: int) -> dict[str, Any]:
+        """Releases ``per_caller`` times from each caller; latency, rate and the broker's CPU."""
+        load_before = _load()
+        cpu_before = _cpu_seconds(self.pid)
+        started = time.perf_counter()
+        figures = _run_callers(callers, per_caller)
+        wall = time.perf_counter() - started
+        cpu = _cpu_seconds(self.pid) - cpu_before
+        figures["broker_cpu_us_per_release"] = round(cpu / figures["releases"] * 1e6, 1)
+        figures["broker_cores_busy"] = round(cpu / wall, 2)
+        figures["load_avg_before_after"] = [load_before, _load()]
+        return figures
+
+
+def _measure(releases: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
+        broker = _Broker(stack)
+        single = broker.callers(1)
+        one = broker.phase(single, releases)
+        sixteen = broker.phase(broker.callers(16), max(2 * releases // 16, 20))
+        return {"release_1_caller": one, "release_16_callers": sixteen}
+
+
+def _profile(releases: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
+        out = Path(tmp) / "profile.json"
+        launcher = (sys.executable, "-m", "tests.bench._profiled_service", "--profile", str(out))
+        broker = _Broker(stack, launcher)
+        callers = broker.callers(16)
+        os.kill(broker.pid, signal.SIGUSR1)
+        time.sleep(0.5)  # the handler runs in the broker's main thread
+        figures = _run_callers(callers, max(releases // 16, 10))
+        os.kill(broker.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 60
+        while not out.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the profiled broker wrote no statistics")
+            time.sleep(0.2)
+        stats = json.loads(out.read_text())
+    if RAW_PROFILE is not None:
+        RAW_PROFILE.write_text(json.dumps(stats | {"releases": figures["releases"]}, indent=1))
+    n = figures["releases"]
+    return {
+        "releases": n,
+        "calls_per_release": round(stats["calls"] / n),
+        "python_calls_per_release": round(stats["python_calls"] / n),
+        "profiled_cpu_us_per_release": round(stats["cpu_seconds"] / n * 1e6),
+        "top": [
+            {
+                "function": f"{e['name']} ({_short(e['where'])})",
+                "calls_per_release": round(e["ncall"] / n, 1),
+                "own_us_per_release": round(e["tsub"] / n * 1e6, 1),
+                "own_share": round(e["tsub"] / stats["cpu_seconds"], 3),
+            }
+            for e in stats["top"][:PROFILE_TOP]
+        ],
+    }
+
+
+def _short(where: str) -> str:
+    for marker in ("site-packages/", "/wt-cpu/", "/main/", "lib/python3.11/"):
+        if marker in where:
+            return where.split(marker, 1)[1]
+    return where
+
+
+def _write_profile_md(profile: dict[str, Any], measured: dict[str, Any]) -> None:
+    lines = [
+        "# Key broker profile: releases at 16 concurrent callers",
+        "",
+        "Written by `python -m tests.bench.run releasecpu --profile` (yappi, CPU clock, every",
+        "thread, builtins included). Profiling slows the broker several times over: read the",
+        "shares, not the absolute times. Unprofiled figures of the same run are below.",
+        "",
+        f"- measured at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, "
+        f"load average {_load()}",
+        f"- releases profiled: {profile['releases']}",
+        f"- function calls per release: {profile['calls_per_release']} "
+        f"(Python functions: {profile['python_calls_per_release']})",
+        f"- unprofiled broker CPU per release: 1 caller "
+        f"{measured['release_1_caller']['broker_cpu_us_per_release']} µs, 16 callers "
+        f"{measured['release_16_callers']['broker_cpu_us_per_release']} µs",
+        "",
+        "| # | function | calls/release | own µs/release (profiled) | share of own time |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for i, entry in enumerate(profile["top"], 1):
+        lines.append(
+            f"| {i} | `{entry['function']}` | {entry['calls_per_release']} | "
+            f"{entry['own_us_per_release']} | {entry['own_share']:.1%} |"
+        )
+    (HERE / "PROFILE.md").write_text("\n".join(lines) + "\n")
+
+
+def run(results: dict[str, Any], *, releases: int = 400, profile: bool = False) -> None:
+    """Measures the broker's CPU per release (and, with ``profile``, writes PROFILE.md)."""
+    measured = _measure(releases)
+    results.update(measured)
+    results["note"] = (
+        "broker in its own process; callers in the bench process share the "
+        f"{os.cpu_count()} cores; CPU from /proc/PID/stat"
+    )
+    if profile:
+        profiled = _profile(releases)
+        results["profile_16_callers"] = {k: v for k, v in profiled.items() if k != "top"} | {
+            "top5": [e["function"] for e in profiled["top"][:5]]
+        }
+        _write_profile_md(profiled, measured)
+
+
+if __name__ == "__main__":
+    out: dict[str, Any] = {}
+    if "--raw" in sys.argv:
+        RAW_PROFILE = Path(sys.argv[sys.argv.index("--raw") + 1])
+    run(out, profile="--profile" in sys.argv or RAW_PROFILE is not None)
+    print(json.dumps(out, indent=2))
