@@ -8,13 +8,13 @@ from pathlib import Path
 
 from opentelemetry.sdk.trace import TracerProvider
 
-from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.modelstore.service import (
     METHOD_ROLES,
     ROLE_READER,
     SERVICE_NAME,
     ModelStoreServicer,
+    add_to_server,
     message_limits,
 )
 from strongroom.modelstore.storage import FilesystemStorage, S3Storage, open_storage
@@ -62,11 +62,7 @@ def build(
     host = build_host(
         common,
         identity=identity,
-        services=[
-            ServiceSpec(
-                SERVICE_NAME, lambda s: pb_grpc.add_ModelStoreServiceServicer_to_server(servicer, s)
-            )
-        ],
+        services=[ServiceSpec(SERVICE_NAME, lambda s: add_to_server(servicer, s))],
         roles=RoleTable(ROLE_RULES),
         tracer_provider=tracer_provider or make_tracer_provider("modelstore", common.tracing),
         message_limits=message_limits(),

@@ -28,10 +28,14 @@ from strongroom.modelstore.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.records import ModelRecord, UploadClaims
 from strongroom.modelstore.storage import Storage
 from strongroom.reasons import Reason
+from strongroom.runtime.grpc_types import RpcMethodHandler
 from strongroom.runtime.metrics import KEY_SLOTS_REPLACED
 from strongroom.runtime.server import MessageLimits
+from strongroom.wire import append_bytes_field
 
 log = logging.getLogger(__name__)
+
+_DATA_FIELD = pb.GetModelResponse.DESCRIPTOR.fields_by_name["data"].number
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelStoreService"].full_name
 """``strongroom.api.modelstore.v1.ModelStoreService``."""
@@ -167,10 +171,14 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         )
         return pb.PutModelResponse(model=model_info(record))
 
-    def GetModel(
+    def GetModel(  # type: ignore[override]  # serialised messages: see add_to_server
         self, request: pb.GetModelRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.GetModelResponse]:
-        """Streams an artifact (or ``length`` bytes of it from ``offset``); ModelInfo comes first."""
+    ) -> Iterator[bytes]:
+        """Streams an artifact (or ``length`` bytes of it from ``offset``); ModelInfo comes first.
+
+        Yields each ``GetModelResponse`` already serialised (see :func:`add_to_server`): the chunk
+        is copied once, into the message, instead of into a protobuf object and out again.
+        """
         name, version = validate_name(request.name), validate_version(request.version)
         with self._storage.open(
             name, version, offset=request.offset, length=request.length or None
@@ -179,14 +187,14 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
             offset = reader.offset
             sent_info = False
             for data in reader.chunks(self._download_chunk):
-                if sent_info:
-                    yield pb.GetModelResponse(offset=offset, data=data)
-                else:
-                    yield pb.GetModelResponse(model=info, offset=offset, data=data)
+                head = pb.GetModelResponse(offset=offset)
+                if not sent_info:
+                    head.model.CopyFrom(info)
                     sent_info = True
+                yield append_bytes_field(head.SerializeToString(), _DATA_FIELD, data)
                 offset += len(data)
             if not sent_info:
-                yield pb.GetModelResponse(model=info, offset=offset)
+                yield pb.GetModelResponse(model=info, offset=offset).SerializeToString()
 
     def StatModel(
         self, request: pb.StatModelRequest, context: grpc.ServicerContext
@@ -240,3 +248,41 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
             1, {"key_id": record.key_id, "outcome": "replaced" if replaced else "unchanged"}
         )
         return pb.ReplaceKeySlotResponse(model=model_info(record), replaced=replaced)
+
+
+class _HandlerCollector:
+    """Stands in for a server to catch the handlers the generated registration function builds."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        """Ignored: the same handlers also come through ``add_registered_method_handlers``."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, RpcMethodHandler]
+    ) -> None:
+        """Keeps the per-method handlers."""
+        self.handlers.update(handlers)
+
+
+def _pass_through(message: bytes) -> bytes:
+    return message
+
+
+def add_to_server(servicer: ModelStoreServicer, server: grpc.Server) -> None:
+    """Registers ``servicer`` like ``add_ModelStoreServiceServicer_to_server``, except that
+    GetModel's responses, which it serialises itself, pass through unchanged.
+
+    Every server of this servicer must register it this way: the generated function would hand
+    GetModel's bytes to ``GetModelResponse.SerializeToString``, which rejects them.
+    """
+    collector = _HandlerCollector()
+    pb_grpc.add_ModelStoreServiceServicer_to_server(servicer, collector)  # type: ignore[arg-type]
+    handlers = dict(collector.handlers)
+    handlers["GetModel"] = grpc.unary_stream_rpc_method_handler(
+        servicer.GetModel,
+        request_deserializer=pb.GetModelRequest.FromString,
+        response_serializer=_pass_through,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -7,7 +7,7 @@ a JSON-able view with hex strings for audit logs and the CLI.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from strongroom.attestation.abi.snp import FirmwareVersion, PlatformInfo, SnpPolicy, TcbVersion
 from strongroom.attestation.evidence import TeeType
@@ -206,5 +206,33 @@ class TdxClaims:
         return out
 
 
-VerifiedClaims = SnpClaims | TdxClaims
-"""The claims of any verified evidence; branch on ``tee_type`` or ``isinstance``."""
+class VerifiedClaims(Protocol):
+    """What every TEE's verified claims offer; a TEE's own rules narrow to its claims type.
+
+    A protocol rather than a union of the known types, so that a new TEE adds its claims class in
+    its own module without touching this one.
+    """
+
+    @property
+    def tee_type(self) -> TeeType:
+        """The TEE that produced the evidence."""
+        ...
+
+    @property
+    def report_data(self) -> bytes:
+        """The report's caller-chosen binding field (the broker checks it holds its nonce)."""
+        ...
+
+    @property
+    def simulated(self) -> bool:
+        """The evidence chains to the simulated (test) authority."""
+        ...
+
+    @property
+    def collateral_complete(self) -> bool:
+        """Everything that judges the evidence came from the verifier and was checked."""
+        ...
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-able view for audit records and the CLI."""
+        ...

@@ -58,7 +58,6 @@ TCB_INFO_CHAIN_HEADER_V3 = "SGX-TCB-Info-Issuer-Chain"
 QE_IDENTITY_CHAIN_HEADER = "SGX-Enclave-Identity-Issuer-Chain"
 PCK_CRL_CHAIN_HEADER = "SGX-PCK-CRL-Issuer-Chain"
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
-SNP_PRODUCTS = ("Milan", "Genoa", "Turin")
 
 
 @dataclass(frozen=True)
@@ -275,7 +274,7 @@ class CollateralService:
         held = self.cache.snp_key_certificate(report)
         if held is not None or self._kds is None:
             return held
-        product = _product_of_report(report)
+        product = report.product
         key = f"vcek:{report.chip_id_for_kds().hex()}"
         if product is None or not self._may_try(key):
             return None
@@ -407,13 +406,3 @@ class CollateralService:
             if not wait:
                 with self._lock:
                     self._running.discard(key)
-
-
-def _product_of_report(report: SnpReport) -> str | None:
-    family = report.cpuid_fam_id
-    if family == 0x1A:
-        return "Turin"
-    if family == 0x19:
-        model = report.cpuid_mod_id or 0
-        return "Genoa" if model >= 0x10 else "Milan"
-    return None

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from strongroom.attestation.abi.snp import PRODUCTS
 from strongroom.attestation.collateral import (
     CollateralSource,
     StaticCollateralSource,
@@ -84,7 +85,7 @@ def register(subparsers: Any) -> None:
     fetch.add_argument("--dir", type=Path, required=True, help="the collateral cache directory")
     fetch.add_argument("--fmspc", action="append", default=[], help="TDX FMSPC (hex), repeatable")
     fetch.add_argument(
-        "--product", action="append", default=[], choices=("Milan", "Genoa", "Turin"),
+        "--product", action="append", default=[], choices=PRODUCTS,
         help="AMD product whose VCEK/VLEK CRLs to fetch, repeatable",
     )  # fmt: skip
     _fetch_args(fetch, required=False)

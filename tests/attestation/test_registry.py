@@ -60,6 +60,9 @@ class ToyClaims:
     collateral_complete: bool = True
     tee_type: TeeType = TOY
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"tee_type": "TOY", "measurement": self.measurement.hex()}
+
 
 def toy_report(measurement: bytes = MEAS, report_data: bytes = RD) -> bytes:
     body = b"TOY1" + measurement + report_data
@@ -76,7 +79,7 @@ def verify_toy(
     body, signature = raw[:-32], raw[-32:]
     if not hmac.compare_digest(hmac.new(_TOY_KEY, body, "sha256").digest(), signature):
         raise VerificationFailed("toy signature", reason=Reason.REPORT_SIGNATURE_INVALID)
-    return cast(VerifiedClaims, ToyClaims(measurement=body[4:36], report_data=body[36:]))
+    return ToyClaims(measurement=body[4:36], report_data=body[36:])
 
 
 # --- the toy TEE's rules module ---------------------------------------------------------------
@@ -173,7 +176,7 @@ def test_a_toy_tee_fails_closed_at_every_step(sim_trust: TrustStore, now: dateti
     assert denied.value.reason == Reason.MEASUREMENT_NOT_ALLOWED
     incomplete = dataclasses.replace(cast(ToyClaims, other), collateral_complete=False)
     with pytest.raises(PolicyViolation) as gate:
-        toy_policy().evaluate(cast(VerifiedClaims, incomplete), CALLER)
+        toy_policy().evaluate(incomplete, CALLER)
     assert gate.value.reason == Reason.COLLATERAL_INCOMPLETE
     with pytest.raises(PolicyInvalid) as unknown:
         toy_policy(mrtd="00")

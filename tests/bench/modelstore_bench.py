@@ -32,7 +32,11 @@ import grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator, encrypt_stream
-from strongroom.modelstore.service import DEFAULT_DOWNLOAD_CHUNK, ModelStoreServicer
+from strongroom.modelstore.service import (
+    DEFAULT_DOWNLOAD_CHUNK,
+    ModelStoreServicer,
+    add_to_server,
+)
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from tests.modelstore.artifacts import artifact_header, fit
@@ -204,7 +208,7 @@ class _Harness:
     def _store(self, chunk: int) -> int:
         server, port = self._server()
         servicer = ModelStoreServicer(self.storage, download_chunk=chunk)
-        pb_grpc.add_ModelStoreServiceServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
         return port
 
     def _channel(self, port: int) -> grpc.Channel:

@@ -16,7 +16,12 @@ import grpc
 import pytest
 
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
-from strongroom.modelstore.service import SERVICE_NAME, ModelStoreServicer, message_limits
+from strongroom.modelstore.service import (
+    SERVICE_NAME,
+    ModelStoreServicer,
+    add_to_server,
+    message_limits,
+)
 from strongroom.modelstore.storage import FilesystemStorage, S3Storage
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 from tests.modelstore import s3server
@@ -99,9 +104,7 @@ def serve(
         services=[
             ServiceSpec(
                 name=SERVICE_NAME,
-                register=lambda server: pb_grpc.add_ModelStoreServiceServicer_to_server(
-                    servicer, server
-                ),
+                register=lambda server: add_to_server(servicer, server),
             )
         ],
     )

@@ -31,6 +31,13 @@ _HCL_REPORT_TYPE_SNP = 2
 # CPUID family of the processor generations (Zen 3/4 = 0x19, Zen 5 = 0x1A).
 _FAMILY_ZEN3_4 = 0x19
 _FAMILY_ZEN5 = 0x1A
+_FIRST_GENOA_MODEL = 0x10
+
+PRODUCTS = ("Milan", "Genoa", "Turin")
+"""The AMD product families this verifier knows, as AMD KDS and the ARK/ASK common names spell them."""
+
+CPU_FAMILY_BY_PRODUCT = {"Milan": _FAMILY_ZEN3_4, "Genoa": _FAMILY_ZEN3_4, "Turin": _FAMILY_ZEN5}
+"""The CPUID family each product reports (Milan and Genoa share Zen 3/4's family)."""
 
 SIGNING_KEY_VCEK = 0
 SIGNING_KEY_VLEK = 1
@@ -262,6 +269,15 @@ class SnpReport:
     def turin_layout(self) -> bool:
         """True when the report comes from a Turin (Zen 5) processor."""
         return self.cpuid_fam_id == _FAMILY_ZEN5
+
+    @property
+    def product(self) -> str | None:
+        """The product named by the report's CPUID fields, or None (version 2 or an unknown family)."""
+        if self.cpuid_fam_id == _FAMILY_ZEN5:
+            return "Turin"
+        if self.cpuid_fam_id == _FAMILY_ZEN3_4:
+            return "Genoa" if (self.cpuid_mod_id or 0) >= _FIRST_GENOA_MODEL else "Milan"
+        return None
 
     def chip_id_for_kds(self) -> bytes:
         """The hardware ID as AMD KDS and the VCEK ``hwID`` extension use it (8 bytes on Turin)."""

@@ -6,12 +6,12 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, ValidationInfo
 
+from strongroom.attestation.abi.snp import PRODUCTS
 from strongroom.attestation.claims import SnpClaims, VerifiedClaims
 from strongroom.attestation.errors import PolicyViolation
 from strongroom.attestation.rules import schema
 from strongroom.reasons import Reason
 
-SNP_PRODUCTS = ("Milan", "Genoa", "Turin")
 SNP_SIGNING_KEYS = ("VCEK", "VLEK")
 ANY_TCB = "any"
 SECTION = "sev_snp"
@@ -63,7 +63,7 @@ class SnpRules(schema.Section):
     """Rules for SEV-SNP evidence (the ``sev_snp`` section; see POLICY.md for each key)."""
 
     measurements: schema.Hex48
-    products: Annotated[frozenset[str] | None, schema.one_of(SNP_PRODUCTS)] = None
+    products: Annotated[frozenset[str] | None, schema.one_of(PRODUCTS)] = None
     signing_keys: Annotated[frozenset[str], schema.one_of(SNP_SIGNING_KEYS)] = frozenset({"VCEK"})
     allow_debug: schema.Bool = False
     vmpl: Annotated[int, schema.uint(3)] = 0

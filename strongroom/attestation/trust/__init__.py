@@ -34,8 +34,8 @@ from strongroom.attestation.abi.certs import (
     load_certificate,
     split_pem_certificates,
 )
+from strongroom.attestation.abi.snp import PRODUCTS
 
-PRODUCTS = ("Milan", "Genoa", "Turin")
 _PINNED_AMD_FILES = {
     "Milan": ("ark_milan.pem", "ask_milan.pem", "asvk_ark_milan.pem"),
     "Genoa": ("ark_genoa.pem", "ask_genoa.pem", "asvk_ark_genoa.pem"),

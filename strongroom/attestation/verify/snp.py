@@ -37,6 +37,7 @@ from strongroom.attestation.abi.certs import (
     parse_amd_key_cert,
 )
 from strongroom.attestation.abi.snp import (
+    CPU_FAMILY_BY_PRODUCT,
     SIGNING_KEY_VCEK,
     SIGNING_KEY_VLEK,
     SnpReport,
@@ -56,8 +57,6 @@ from strongroom.attestation.verify._named import named_certificates
 from strongroom.reasons import Reason
 
 logger = logging.getLogger(__name__)
-
-_FAMILY_BY_PRODUCT = {"Milan": 0x19, "Genoa": 0x19, "Turin": 0x1A}
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,7 @@ def _check_bindings(report: SnpReport, key: _VerifiedKey) -> None:
             f"{key.info.kind}",
             reason=Reason.SIGNING_KEY_MISMATCH,
         )
-    family = _FAMILY_BY_PRODUCT[key.product]
+    family = CPU_FAMILY_BY_PRODUCT[key.product]
     if report.cpuid_fam_id is not None and report.cpuid_fam_id != family:
         raise VerificationFailed(
             f"report CPUID family 0x{report.cpuid_fam_id:02X} does not match product {key.product}",
