@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from strongroom.artifact import StructureValidator
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
 from strongroom.identifiers import (
     validate_name,
@@ -53,7 +54,6 @@ from strongroom.modelstore.errors import (
 )
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
-from strongroom.modelstore.validator import ArtifactValidator, EarlyIdentity
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ class FilesystemStorage:
     def put(
         self,
         chunks: Iterable[bytes],
-        validator: ArtifactValidator,
+        validator: StructureValidator,
         claims: UploadClaims | None = None,
     ) -> ModelRecord:
         """Stores the artifact made of ``chunks``; name and version come from ``validator``.
@@ -298,7 +298,6 @@ class FilesystemStorage:
         """
         self._check_open()
         claims = claims if claims is not None else UploadClaims()
-        early = validator if isinstance(validator, EarlyIdentity) else None
         reserved: tuple[str, str] | None = None
         try:
             temp = self._blobs.new_temp()
@@ -313,19 +312,18 @@ class FilesystemStorage:
                 validator.feed(chunk)
                 hasher.update(chunk)
                 temp.write(chunk)
-                if early is not None and reserved is None:
-                    identity = early.identity()
-                    if identity is not None:
-                        reserved = self._reserve(*identity)
+                if reserved is None and (identity := validator.identity()) is not None:
+                    # Reserve as soon as the header names the model: a losing concurrent upload
+                    # (or a re-upload of a stored version) fails here, not after its last byte.
+                    reserved = self._reserve(*identity)
             self._check_growth(temp.size, claims)
             if temp.size == 0:
                 raise EmptyUpload("the upload carried no artifact bytes")
             summary = validator.finish()
-            name, version = validate_name(summary.name), validate_version(summary.version)
-            if reserved is None:
-                reserved = self._reserve(name, version)
-            elif reserved != (name, version):
+            # finish() succeeded, so the header was parsed and the version reserved above.
+            if reserved is None or reserved != (summary.name, summary.version):
                 raise Internal("the validator reported two identities for one artifact")
+            name, version = reserved
             digest = hasher.hexdigest()
             self._check_final(temp, digest, summary.artifact_size, claims)
             temp.seal()

@@ -46,6 +46,7 @@ from typing import Any, Self
 import botocore.exceptions
 from botocore.config import Config
 
+from strongroom.artifact import StructureValidator
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
 from strongroom.identifiers import (
     validate_name,
@@ -69,7 +70,6 @@ from strongroom.modelstore.errors import (
 )
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
-from strongroom.modelstore.validator import ArtifactValidator, EarlyIdentity
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
 
@@ -605,7 +605,7 @@ class S3Storage:
     def put(
         self,
         chunks: Iterable[bytes],
-        validator: ArtifactValidator,
+        validator: StructureValidator,
         claims: UploadClaims | None = None,
     ) -> ModelRecord:
         """Stores the artifact streamed as ``chunks`` (see the module docstring for the protocol).
@@ -615,7 +615,6 @@ class S3Storage:
         """
         self._check_open()
         claims = claims if claims is not None else UploadClaims()
-        early = validator if isinstance(validator, EarlyIdentity) else None
         reserved: tuple[str, str] | None = None
         blob = self._new_blob()
         writer = _BlobWriter(self._client, self.bucket, self._full(blob), self.part_size)
@@ -630,20 +629,19 @@ class S3Storage:
                 validator.feed(chunk)
                 hasher.update(chunk)
                 size += len(chunk)
-                if early is not None and reserved is None:
-                    identity = early.identity()
-                    if identity is not None:
-                        reserved = self._reserve(*identity)
+                if reserved is None and (identity := validator.identity()) is not None:
+                    # Reserve as soon as the header names the model: a losing concurrent upload
+                    # (or a re-upload of a stored version) fails here, not after its last byte.
+                    reserved = self._reserve(*identity)
                 writer.write(chunk)
             self._check_growth(size, claims)
             if size == 0:
                 raise EmptyUpload("the upload carried no artifact bytes")
             summary = validator.finish()
-            name, version = validate_name(summary.name), validate_version(summary.version)
-            if reserved is None:
-                reserved = self._reserve(name, version)
-            elif reserved != (name, version):
+            # finish() succeeded, so the header was parsed and the version reserved above.
+            if reserved is None or reserved != (summary.name, summary.version):
                 raise Internal("the validator reported two identities for one artifact")
+            name, version = reserved
             digest = hasher.hexdigest()
             _check_final(size, digest, summary.artifact_size, claims)
             record = ModelRecord(

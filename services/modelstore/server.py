@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from opentelemetry.sdk.trace import TracerProvider
 
-from strongroom.artifact import StructureValidator
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.modelstore.service import (
     METHOD_ROLES,
@@ -60,9 +58,7 @@ def build(
         "storage opened",
         extra={"backend": config.storage.backend, "sweep": str(storage.last_sweep)},
     )
-    servicer = ModelStoreServicer(
-        storage, functools.partial(StructureValidator, max_artifact_size=storage.max_artifact_size)
-    )
+    servicer = ModelStoreServicer(storage)
     host = build_host(
         common,
         identity=identity,

@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
+from strongroom.artifact import StructureValidator
 from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.identifiers import (
     validate_name,
@@ -26,7 +27,6 @@ from strongroom.identifiers import (
 from strongroom.modelstore.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.records import ModelRecord, UploadClaims
 from strongroom.modelstore.storage import Storage
-from strongroom.modelstore.validator import ValidatorFactory
 from strongroom.reasons import Reason
 from strongroom.runtime.grpc_types import RpcMethodHandler
 from strongroom.runtime.metrics import KEY_SLOTS_REPLACED
@@ -111,14 +111,14 @@ def model_info(record: ModelRecord) -> pb.ModelInfo:
 class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
     """Serves ModelStoreService from a :class:`~strongroom.modelstore.storage.Storage`.
 
-    ``validator_factory`` makes the artifact structure validator for each upload; ``max_chunk``
+    Each upload is checked by a fresh keyless :class:`~strongroom.artifact.StructureValidator`
+    bounded by the storage's size limit, so an over-large header fails before the body; ``max_chunk``
     bounds the data in one upload message; ``download_chunk`` is the data per download message.
     """
 
     def __init__(
         self,
         storage: Storage,
-        validator_factory: ValidatorFactory,
         *,
         max_chunk: int = DEFAULT_MAX_CHUNK,
         download_chunk: int = DEFAULT_DOWNLOAD_CHUNK,
@@ -126,7 +126,6 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         if max_chunk <= 0 or download_chunk <= 0:
             raise ValueError("max_chunk and download_chunk must be positive")
         self._storage = storage
-        self._validator_factory = validator_factory
         self._max_chunk = max_chunk
         self._download_chunk = download_chunk
 
@@ -166,7 +165,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         """Stores one artifact streamed in chunks; name and version come from its header."""
         claims = UploadClaims()
         record = self._storage.put(
-            self._upload_chunks(request_iterator, claims), self._validator_factory(), claims
+            self._upload_chunks(request_iterator, claims),
+            StructureValidator(max_artifact_size=self._storage.max_artifact_size),
+            claims,
         )
         return pb.PutModelResponse(model=model_info(record))
 

@@ -20,13 +20,13 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Protocol, Self
 
+from strongroom.artifact import StructureValidator
 from strongroom.modelstore._filesystem import FileRangeReader, FilesystemStorage, SweepReport
 from strongroom.modelstore._s3 import S3RangeReader, S3Storage, S3SweepReport
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.modelstore.errors import ModelNotFound, StoredDataCorrupt
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
-from strongroom.modelstore.validator import ArtifactValidator
 
 __all__ = [
     "DEFAULT_MAX_ARTIFACT_SIZE",
@@ -91,15 +91,19 @@ class RangeReader(Protocol):
 class Storage(Protocol):
     """A durable, immutable store of validated artifacts keyed by (name, version). Thread-safe."""
 
+    max_artifact_size: int
+    """The largest artifact accepted, in bytes."""
+
     def put(
         self,
         chunks: Iterable[bytes],
-        validator: ArtifactValidator,
+        validator: StructureValidator,
         claims: UploadClaims | None = None,
     ) -> ModelRecord:
         """Stores the artifact streamed as ``chunks``, every byte of which is fed to ``validator``.
 
-        Name and version come from the validator's summary. ``claims`` (client-announced size and
+        Name and version come from the header: the version is reserved as soon as the validator
+        has parsed it, so a concurrent or repeated upload of it fails after its header. ``claims`` (client-announced size and
         digest) are read while and after ``chunks`` is consumed. Raises InvalidArgument subclasses
         (malformed artifact, EmptyUpload, UploadMismatch), ModelExists, ArtifactTooLarge,
         StorageFull or StorageUnavailable; on failure nothing is stored.

@@ -32,7 +32,6 @@ from typing import BinaryIO
 from google.protobuf.message import DecodeError
 
 from strongroom.api.artifact.v1 import header_pb2
-from strongroom.api.keybroker.v1 import keybroker_pb2
 from strongroom.artifact import c2sp
 from strongroom.artifact.errors import InvalidArtifact
 from strongroom.identifiers import (
@@ -49,6 +48,7 @@ __all__ = [
     "FORMAT_V1",
     "FORMAT_V2",
     "FORMAT_VERSION",
+    "HEADER_WRAP_MECHANISMS",
     "MAGIC",
     "MAX_HEADER_SIZE",
     "MAX_KEY_SLOT_SIZE",
@@ -117,12 +117,20 @@ _MEDIA_TYPE = re.compile(rf"{_RESTRICTED}/{_RESTRICTED}")
 
 
 class WrapMechanism(enum.IntEnum):
-    """How the header's data key is wrapped; same numbers as ``strongroom.api.keybroker.v1.WrapMechanism``."""
+    """How the header's data key is wrapped; same numbers as ``strongroom.api.artifact.v1.WrapMechanism``.
+
+    The key broker's RPC enum has the same numbers too, but the format does not depend on it:
+    ``strongroom.client.mechanisms`` maps one to the other.
+    """
 
     UNSPECIFIED = 0
     AES_KEY_WRAP_PAD = 1
     RSA_OAEP_SHA1 = 2
     RSA_OAEP_SHA256 = 3
+
+
+HEADER_WRAP_MECHANISMS = frozenset({WrapMechanism.AES_KEY_WRAP_PAD})
+"""The mechanisms a header or key slot may name: the KEK wrap (RSA-OAEP is only for release to a TEE)."""
 
 
 class BodyEncryption(enum.IntEnum):
@@ -343,7 +351,7 @@ def _check_key_fields(
     _check_ascii(key_id, _KEY_ID, MAX_KEY_ID_LENGTH, "INVALID_KEY_ID", "key id")
     if key_version < 1:
         raise _invalid(Reason.INVALID_KEY_VERSION, "key version must be at least 1")
-    if wrap_mechanism != keybroker_pb2.WRAP_MECHANISM_AES_KEY_WRAP_PAD:
+    if wrap_mechanism not in HEADER_WRAP_MECHANISMS:
         raise _invalid(
             Reason.UNSUPPORTED_WRAP_MECHANISM,
             "the data key must be wrapped with WRAP_MECHANISM_AES_KEY_WRAP_PAD",
@@ -538,7 +546,7 @@ def _encode_slot(slot: KeySlot) -> bytes:
     raw = header_pb2.ArtifactKeySlot(
         key_id=slot.key_id,
         key_version=slot.key_version,
-        wrap_mechanism=keybroker_pb2.WrapMechanism.ValueType(int(slot.wrap_mechanism)),
+        wrap_mechanism=header_pb2.WrapMechanism.ValueType(int(slot.wrap_mechanism)),
         wrapped_data_key=bytes(slot.wrapped_dek),
     ).SerializeToString(deterministic=True)
     return _SLOT_LENGTH.pack(len(raw)) + raw
@@ -598,7 +606,7 @@ def build_header(
     if format_version == FORMAT_V1:
         msg.key_version = key_version
         msg.wrapped_data_key = bytes(wrapped_dek)
-        msg.wrap_mechanism = keybroker_pb2.WrapMechanism.ValueType(int(wrap_mechanism))
+        msg.wrap_mechanism = header_pb2.WrapMechanism.ValueType(int(wrap_mechanism))
     else:
         slot = _encode_slot(KeySlot(key_id, key_version, bytes(wrapped_dek), wrap_mechanism))
     msg.created_at.seconds = epoch

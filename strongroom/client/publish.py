@@ -19,6 +19,7 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import encrypt_stream, wipe
+from strongroom.client.mechanisms import header_mechanism
 from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
 from strongroom.errors import FailedPrecondition
 from strongroom.reasons import Reason
@@ -61,6 +62,8 @@ def publish_model(
     generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
         kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30
     )
+    # Before the key is copied out: a mechanism the header cannot carry ends the publish here.
+    mechanism = header_mechanism(generated.mechanism)
     dek = bytearray(generated.data_key)
     try:
         source = path.open("rb")
@@ -81,6 +84,7 @@ def publish_model(
                 key_id=key_id,
                 key_version=generated.key_version,
                 wrapped_dek=generated.wrapped_data_key,
+                wrap_mechanism=mechanism,
                 block_size=UPLOAD_MESSAGE_BYTES,
                 signature_bundle=bundle,
                 signature_bundle_media_type=BUNDLE_MEDIA_TYPE if bundle else "",

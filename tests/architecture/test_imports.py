@@ -34,6 +34,9 @@ LIBRARIES = (
     "strongroom.attestation",
 )
 DEV = "strongroom.dev"
+# The services' RPC APIs. The at-rest artifact format must not depend on any of them: a stored
+# artifact outlives the RPC version that published it.
+RPC_APIS = ("strongroom.api.keybroker", "strongroom.api.modelstore", "strongroom.api.inference")
 
 
 def _module_name(path: Path) -> str:
@@ -121,6 +124,17 @@ def test_libraries_import_no_transport_runtime_or_services() -> None:
         DEV,
     )
     assert _violations(LIBRARIES, forbidden) == []
+
+
+def test_the_artifact_format_imports_no_rpc_api() -> None:
+    assert _violations("strongroom.artifact", RPC_APIS) == []
+    # Nor do its protos (generated code is outside GRAPH): each artifact file's imports, checked
+    # through the descriptors the generated modules carry.
+    from strongroom.api.artifact.v1 import header_pb2, manifest_pb2
+
+    for module in (header_pb2, manifest_pb2):
+        deps = [d.package for d in module.DESCRIPTOR.dependencies]
+        assert not [d for d in deps if _within(d, RPC_APIS)], (module.DESCRIPTOR.name, deps)
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from strongroom.api.artifact.v1 import header_pb2
-from strongroom.api.keybroker.v1 import keybroker_pb2
 from strongroom.artifact import (
     MAGIC,
     ArtifactSummary,
@@ -254,9 +253,9 @@ BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"wrapped_data_key": b"\x01" * 8}, "INVALID_WRAPPED_DEK"),
     ({"wrapped_data_key": b"\x01" * 41}, "INVALID_WRAPPED_DEK"),
     ({"wrapped_data_key": b"\x01" * 1032}, "INVALID_WRAPPED_DEK"),
-    ({"wrap_mechanism": keybroker_pb2.WRAP_MECHANISM_UNSPECIFIED}, "UNSUPPORTED_WRAP_MECHANISM"),
+    ({"wrap_mechanism": header_pb2.WRAP_MECHANISM_UNSPECIFIED}, "UNSUPPORTED_WRAP_MECHANISM"),
     (
-        {"wrap_mechanism": keybroker_pb2.WRAP_MECHANISM_RSA_OAEP_SHA256},
+        {"wrap_mechanism": header_pb2.WRAP_MECHANISM_RSA_OAEP_SHA256},
         "UNSUPPORTED_WRAP_MECHANISM",
     ),
     ({"wrap_mechanism": 77}, "UNSUPPORTED_WRAP_MECHANISM"),

@@ -24,6 +24,7 @@ import grpc
 import onnxruntime as ort
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.artifact import StructureValidator
 from strongroom.artifact._memory import Prefaulter, output_bytes
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.keyrelease import KeyReleaseClient
@@ -44,7 +45,7 @@ from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.pki import WorkloadIdentity
 from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from strongroom.wire import bytes_field_view
-from tests.modelstore.fake_artifact import FakeValidator, artifact_header
+from tests.modelstore.artifacts import artifact_header
 
 _SERVICE = "bench.PlainModel"
 
@@ -105,22 +106,28 @@ def _plain_load(
 
 
 def _serve_plain_store(path: Path, root: Path) -> tuple[grpc.Server, int, int]:
-    """The model store's own servicer, without TLS, holding the PLAINTEXT model (fake container)."""
-    storage = FilesystemStorage(root, max_artifact_size=path.stat().st_size + (1 << 20))
-    header = artifact_header("plain", "1", path.stat().st_size)
+    """The model store's own servicer, without TLS, holding the PLAINTEXT model.
+
+    The stored artifact is a real head followed by the plaintext file and zero filler up to the
+    length the head declares: structurally valid (the store is keyless), but readable in clear.
+    """
+    size = path.stat().st_size
+    storage = FilesystemStorage(root, max_artifact_size=size + (1 << 20))
+    header, follow = artifact_header("plain", "1", size)  # follow > size: tags, digest, footer
 
     def chunks() -> Iterator[bytes]:
         yield header
         with path.open("rb") as f:
             while chunk := f.read(1 << 20):
                 yield chunk
+        yield bytes(follow - size)
 
-    storage.put(chunks(), FakeValidator())
+    storage.put(chunks(), StructureValidator())
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2),
         interceptors=[ErrorMappingInterceptor(), RequestDecodingInterceptor()],
     )
-    add_to_server(ModelStoreServicer(storage, FakeValidator), server)
+    add_to_server(ModelStoreServicer(storage), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port, len(header)
@@ -138,7 +145,9 @@ def _plain_store_load(port: int, size: int, header_size: int) -> dict[str, float
             response_deserializer=lambda message: bytes_field_view(message, 3),
         )
         buf, view = output_bytes(size)
-        request = store_pb.GetModelRequest(name="plain", version="1", offset=header_size)
+        request = store_pb.GetModelRequest(
+            name="plain", version="1", offset=header_size, length=size
+        )
         offset = 0
         for data in get(request, timeout=600):
             view[offset : offset + len(data)] = data

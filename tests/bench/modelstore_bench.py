@@ -19,7 +19,6 @@ credentials (``channel_factory(target)`` must return a channel to ``target``, wh
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import tempfile
 import time
@@ -39,9 +38,8 @@ from strongroom.modelstore.service import (
     add_to_server,
 )
 from strongroom.modelstore.storage import FilesystemStorage
-from strongroom.modelstore.validator import ValidatorFactory
 from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
-from tests.modelstore.fake_artifact import FakeValidator, artifact_header
+from tests.modelstore.artifacts import artifact_header, fit
 
 MiB = 1024 * 1024
 DEFAULT_SIZE = 512 * MiB
@@ -96,18 +94,26 @@ def _bare_handler(chunk: int) -> grpc.GenericRpcHandler[Any, Any]:
     )
 
 
+def _artifact(size: int, version: str) -> tuple[bytes, int]:
+    """A real head and the filler length after it, for an artifact of at most ``size`` bytes.
+
+    The store checks structure only (it holds no key), so filler passes for ciphertext and the
+    figures isolate transport and storage from encryption.
+    """
+    return artifact_header("bench/model", version, fit("bench/model", version, size))
+
+
 def _artifact_chunks(size: int, chunk: int, version: str) -> Iterator[bytes]:
-    """A ``size``-byte fake artifact: its header, then ``chunk``-byte pieces of body."""
-    body_size = size
-    while len(header := artifact_header("bench/model", version, body_size)) + body_size != size:
-        body_size = size - len(header)  # the header spells the body size out: iterate to a fixpoint
-    yield header
-    yield from _bytes(body_size, chunk)
+    head, follow = _artifact(size, version)
+    yield head
+    yield from _bytes(follow, chunk)
 
 
 def _artifact_requests(size: int, chunk: int, version: str) -> Iterator[pb.PutModelRequest]:
-    for i, data in enumerate(_artifact_chunks(size, chunk, version)):
-        yield pb.PutModelRequest(data=data, artifact_size=size if i == 0 else 0)
+    head, follow = _artifact(size, version)
+    yield pb.PutModelRequest(data=head, artifact_size=len(head) + follow)
+    for data in _bytes(follow, chunk):
+        yield pb.PutModelRequest(data=data)
 
 
 def _write_real_artifact(path: Path, size: int) -> None:
@@ -162,7 +168,6 @@ class _Harness:
         self,
         stack: contextlib.ExitStack,
         storage: FilesystemStorage,
-        validator_factory: ValidatorFactory,
         credentials: grpc.ServerCredentials | Callable[[], grpc.ServerCredentials] | None,
         make_channel: ChannelFactory,
     ) -> None:
@@ -170,14 +175,11 @@ class _Harness:
         self.storage = storage
         self.bare = {chunk: self._channel(self._bare(chunk)) for chunk in DOWNLOAD_CHUNKS}
         self.store = {
-            chunk: pb_grpc.ModelStoreServiceStub(
-                self._channel(self._store(validator_factory, chunk))
-            )
+            chunk: pb_grpc.ModelStoreServiceStub(self._channel(self._store(chunk)))
             for chunk in DOWNLOAD_CHUNKS
         }
-        real = functools.partial(StructureValidator, max_artifact_size=storage.max_artifact_size)
         self.real_store = pb_grpc.ModelStoreServiceStub(
-            self._channel(self._store(real, DEFAULT_DOWNLOAD_CHUNK))
+            self._channel(self._store(DEFAULT_DOWNLOAD_CHUNK))
         )
         self._versions = iter(range(1_000_000))
 
@@ -203,9 +205,9 @@ class _Harness:
         server.add_generic_rpc_handlers((_bare_handler(chunk),))
         return port
 
-    def _store(self, validator_factory: ValidatorFactory, chunk: int) -> int:
+    def _store(self, chunk: int) -> int:
         server, port = self._server()
-        servicer = ModelStoreServicer(self.storage, validator_factory, download_chunk=chunk)
+        servicer = ModelStoreServicer(self.storage, download_chunk=chunk)
         add_to_server(servicer, server)
         return port
 
@@ -234,11 +236,11 @@ class _Harness:
         requests = _artifact_requests(size, UPLOAD_CHUNK, str(next(self._versions)))
         return int(self.store[UPLOAD_CHUNK].PutModel(requests).model.artifact_size)
 
-    def put_direct(self, size: int, validator_factory: ValidatorFactory) -> int:
+    def put_direct(self, size: int) -> int:
         """The storage alone: a fresh artifact from memory, no gRPC."""
         self._clear()
         chunks = _artifact_chunks(size, UPLOAD_CHUNK, str(next(self._versions)))
-        return self.storage.put(chunks, validator_factory()).artifact_size
+        return self.storage.put(chunks, StructureValidator()).artifact_size
 
     def put_real(self, path: Path) -> int:
         """A real artifact read from ``path``, through the production validator."""
@@ -258,15 +260,13 @@ def run(
     repeats: int = 3,
     server_credentials: grpc.ServerCredentials | Callable[[], grpc.ServerCredentials] | None = None,
     channel_factory: ChannelFactory | None = None,
-    validator_factory: ValidatorFactory = FakeValidator,
     workdir: Path | None = None,
 ) -> None:
     """Measures upload and download throughput of a ``size``-byte artifact (2 GiB: 2 * 1024**3).
 
-    Writes ``results["no_tls" | "mtls"]``. ``validator_factory`` defaults to the test suite's
-    trivial fake-format validator, so the main figures isolate the store from artifact parsing;
-    ``put_real_artifact_*`` uploads a real encrypted artifact (read from a file) through the
-    production validator. ``workdir`` holds the storage root (default: the system temp dir).
+    Writes ``results["no_tls" | "mtls"]``. Every upload goes through the production validator; the
+    main figures upload a real head followed by filler (no encryption in the timing), while
+    ``put_real_artifact_*`` uploads a real encrypted artifact read from a file. ``workdir`` holds the storage root (default: the system temp dir).
     """
     if (server_credentials is None) != (channel_factory is None):
         raise ValueError("pass both server_credentials and channel_factory, or neither")
@@ -282,13 +282,13 @@ def run(
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=workdir)))
         storage = FilesystemStorage(tmp / "store", max_artifact_size=size)
         stack.callback(storage.close)
-        harness = _Harness(stack, storage, validator_factory, server_credentials, make_channel)
+        harness = _Harness(stack, storage, server_credentials, make_channel)
         real_file = tmp / "real.artifact"
         _write_real_artifact(real_file, size)
         for _ in range(repeats):
             measure("bare_upload", lambda: harness.bare_upload(size))
             measure("put", lambda: harness.put(size))
-            measure("put_direct", lambda: harness.put_direct(size, validator_factory))
+            measure("put_direct", lambda: harness.put_direct(size))
             measure("put_real", lambda: harness.put_real(real_file))
             measure("disk", lambda: _disk_write_fsync(tmp / "disk.bin", size))
             harness.put(size)  # the artifact the downloads read

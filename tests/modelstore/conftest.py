@@ -23,11 +23,9 @@ from strongroom.modelstore.service import (
     message_limits,
 )
 from strongroom.modelstore.storage import FilesystemStorage, S3Storage
-from strongroom.modelstore.validator import ValidatorFactory
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 from tests.modelstore import s3server
 from tests.modelstore.backends import AnyStorage
-from tests.modelstore.fake_artifact import FakeValidator
 
 S3_TEST_PART_SIZE = 5 * 1024 * 1024
 """S3's minimum part size: the smallest artifacts that exercise multipart uploads."""
@@ -95,11 +93,10 @@ class Served:
 
 def serve(
     storage: AnyStorage,
-    validator_factory: ValidatorFactory = FakeValidator,
     **servicer_options: int,
 ) -> tuple[ServiceHost, grpc.Channel]:
     """Starts the servicer behind the runtime's real host (error mapping included), insecure."""
-    servicer = ModelStoreServicer(storage, validator_factory, **servicer_options)
+    servicer = ModelStoreServicer(storage, **servicer_options)
     host = ServiceHost(
         message_limits=message_limits(),
         listen="127.0.0.1:0",

@@ -17,29 +17,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from strongroom.artifact import StructureValidator, build_header, encrypt_bytes
+from strongroom.artifact import StructureValidator
 from strongroom.modelstore.errors import ModelExists, ModelNotFound
 from strongroom.modelstore.storage import FilesystemStorage
 from tests.modelstore import rewrap_case
-from tests.modelstore.fake_artifact import FakeValidator, OpaqueValidator, chunked, make_artifact
+from tests.modelstore.artifacts import chunked, make_artifact
 
 SHARED_PREFIX = "shared"
-"""Models under this prefix hold opaque bytes (not fake artifacts) that several names share."""
+"""Models under this prefix are re-uploaded with identical bytes each time (the same blob again)."""
 REAL_PREFIX = "real"
-"""Models under this prefix are real encrypted artifacts (strongroom.artifact)."""
+"""Models under this prefix carry random plaintexts (the others derive theirs from the seed)."""
 
 
 def real_artifact(name: str, version: str, size: int) -> bytes:
-    header = build_header(
-        model_name=name,
-        model_version=version,
-        content_type="application/octet-stream",
-        key_id="kek",
-        key_version=1,
-        wrapped_dek=os.urandom(40),
-        plaintext_size=size,
-    )
-    return encrypt_bytes(os.urandom(size), bytearray(os.urandom(32)), header=header)
+    return make_artifact(name, version, os.urandom(size))
 
 
 def _die(*_args: Any, **_kwargs: Any) -> None:
@@ -52,7 +43,7 @@ def die_at(root: Path, point: str) -> None:
     art = make_artifact("victim", "1", b"v" * 100_000)
     if point == "before-insert":
         storage._index.insert = _die  # type: ignore[method-assign]
-        storage.put(chunked(art), FakeValidator())
+        storage.put(chunked(art), StructureValidator())
     elif point == "before-unlink":
         storage._blobs.remove = _die  # type: ignore[method-assign]
         storage.delete("victim", "1")
@@ -90,7 +81,12 @@ def rewrap_loop(root: Path) -> None:
 
 def main(root: Path, seed: int) -> None:
     rng = random.Random(seed)
-    shared_bodies = [hashlib.shake_256(f"shared{i}".encode()).digest(300_000) for i in range(3)]
+    shared_arts = [
+        make_artifact(
+            f"{SHARED_PREFIX}{i}", "1", hashlib.shake_256(b"shared%d" % i).digest(300_000)
+        )
+        for i in range(3)
+    ]
     storage = FilesystemStorage(root)
     print("ready", flush=True)
     counter = 0
@@ -102,7 +98,7 @@ def main(root: Path, seed: int) -> None:
                 size = rng.randrange(1, 1_500_000)
                 body = hashlib.shake_256(f"{seed}/{counter}".encode()).digest(size)
                 art = make_artifact(f"m{rng.randrange(12)}", str(rng.randrange(4)), body)
-                storage.put(chunked(art, 32 * 1024), FakeValidator())
+                storage.put(chunked(art, 32 * 1024), StructureValidator())
             elif op < 0.7:
                 size = rng.randrange(0, 1_500_000)
                 art = real_artifact(
@@ -110,9 +106,8 @@ def main(root: Path, seed: int) -> None:
                 )
                 storage.put(chunked(art, 32 * 1024), StructureValidator())
             elif op < 0.85:
-                data = rng.choice(shared_bodies)
-                validator = OpaqueValidator(f"{SHARED_PREFIX}{rng.randrange(6)}", "1")
-                storage.put(chunked(data, 32 * 1024), validator)
+                i = rng.randrange(len(shared_arts))
+                storage.put(chunked(shared_arts[i], 32 * 1024), StructureValidator())
             else:
                 records = storage.records()
                 if records:

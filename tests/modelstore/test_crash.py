@@ -14,8 +14,8 @@ import pytest
 
 from strongroom.artifact import StructureValidator
 from strongroom.modelstore.storage import FilesystemStorage
-from tests.modelstore.crash_worker import REAL_PREFIX, SHARED_PREFIX
-from tests.modelstore.fake_artifact import FakeValidator, make_artifact
+from tests.modelstore.artifacts import make_artifact
+from tests.modelstore.crash_worker import REAL_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 KILLS = 40
@@ -30,11 +30,7 @@ def check_consistent(storage: FilesystemStorage) -> int:
     assert storage.blob_digests() == {r.artifact_sha256 for r in records}
     for r in records:
         assert storage.verify(r.name, r.version) == r
-        if r.name.startswith(SHARED_PREFIX):
-            continue
-        validator: FakeValidator | StructureValidator = (
-            StructureValidator() if r.name.startswith(REAL_PREFIX) else FakeValidator()
-        )
+        validator = StructureValidator()
         with storage.open(r.name, r.version) as reader:
             for chunk in reader.chunks(1 << 20):
                 validator.feed(chunk)
@@ -102,8 +98,8 @@ def test_kill_between_rename_and_insert_leaves_an_orphan_that_is_swept(tmp_path:
 def test_kill_between_delete_and_unlink_leaves_an_orphan_that_is_swept(tmp_path: Path) -> None:
     root = tmp_path / "store"
     with FilesystemStorage(root) as storage:
-        storage.put([make_artifact("victim", "1", b"v" * 100_000)], FakeValidator())
-        storage.put([make_artifact("other", "1", b"o")], FakeValidator())
+        storage.put([make_artifact("victim", "1", b"v" * 100_000)], StructureValidator())
+        storage.put([make_artifact("other", "1", b"o")], StructureValidator())
     run_until_dead(root, "before-unlink")
     with FilesystemStorage(root) as storage:
         assert storage.last_sweep.orphan_blobs_removed == 1

@@ -6,9 +6,10 @@ import grpc
 import pytest
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
+from strongroom.artifact import StructureValidator
 from strongroom.modelstore.service import SERVICE_NAME
+from tests.modelstore.artifacts import chunked, make_artifact
 from tests.modelstore.conftest import Served
-from tests.modelstore.fake_artifact import FakeValidator, chunked, make_artifact
 
 
 def _raw_messages(channel: grpc.Channel, **request: object) -> list[bytes]:
@@ -23,7 +24,7 @@ def _raw_messages(channel: grpc.Channel, **request: object) -> list[bytes]:
 @pytest.mark.parametrize(("offset", "length"), [(0, 0), (1000, 100_000), (100_001, 0)])
 def test_frames_are_canonical_protobuf(fs_served: Served, offset: int, length: int) -> None:
     artifact = make_artifact("m", "1", bytes(range(256)) * 1000)
-    fs_served.storage.put(chunked(artifact, 64 * 1024), FakeValidator())
+    fs_served.storage.put(chunked(artifact, 64 * 1024), StructureValidator())
     info = fs_served.stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=30).model
 
     raw = _raw_messages(fs_served.channel, name="m", version="1", offset=offset, length=length)

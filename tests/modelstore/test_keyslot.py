@@ -13,9 +13,9 @@ from strongroom.artifact import InvalidArtifact, StructureValidator
 from strongroom.modelstore.errors import KeySlotRejected, ModelNotFound
 from strongroom.modelstore.service import METHOD_ROLES, ROLE_ADMIN, SERVICE_NAME
 from strongroom.modelstore.storage import FilesystemStorage
+from tests.modelstore.artifacts import chunked
 from tests.modelstore.backends import AnyStorage, assert_clean, blob_count
 from tests.modelstore.conftest import Served, serve
-from tests.modelstore.fake_artifact import chunked
 from tests.modelstore.rewrap_case import (
     artifact,
     decrypt_stored,
@@ -167,7 +167,7 @@ def test_concurrent_replacements_have_one_winner(storage: AnyStorage) -> None:
 def test_replace_over_grpc(storage: AnyStorage) -> None:
     assert METHOD_ROLES[f"/{SERVICE_NAME}/ReplaceKeySlot"] == ROLE_ADMIN
     _store(storage)
-    host, channel = serve(storage, StructureValidator)
+    host, channel = serve(storage)
     try:
         from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 

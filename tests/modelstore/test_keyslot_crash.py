@@ -11,7 +11,7 @@ from pathlib import Path
 
 from strongroom.artifact import StructureValidator
 from strongroom.modelstore.storage import FilesystemStorage
-from tests.modelstore.fake_artifact import chunked
+from tests.modelstore.artifacts import chunked
 from tests.modelstore.rewrap_case import artifact, decrypt_stored, plaintext_of
 from tests.modelstore.test_crash import run_until_dead
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import threading
@@ -25,10 +24,9 @@ from strongroom.artifact import (
 from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.modelstore.errors import ModelExists
 from strongroom.modelstore.storage import FilesystemStorage
-from strongroom.modelstore.validator import EarlyIdentity
+from tests.modelstore.artifacts import chunked
 from tests.modelstore.backends import AnyStorage, assert_clean, blob_count
 from tests.modelstore.conftest import serve
-from tests.modelstore.fake_artifact import chunked
 
 CREATED = datetime(2026, 3, 4, 5, 6, 7, 890123, tzinfo=UTC)
 
@@ -51,11 +49,7 @@ def artifact(name: str, version: str, plaintext: bytes) -> tuple[bytes, bytearra
 
 @pytest.fixture
 def real_stub(storage: AnyStorage) -> Iterator[pb_grpc.ModelStoreServiceStub]:
-    host, channel = serve(
-        storage,
-        functools.partial(StructureValidator, max_artifact_size=storage.max_artifact_size),
-        download_chunk=100_000,
-    )
+    host, channel = serve(storage, download_chunk=100_000)
     try:
         yield pb_grpc.ModelStoreServiceStub(channel)
     finally:
@@ -75,10 +69,9 @@ def download(stub: pb_grpc.ModelStoreServiceStub, name: str, version: str) -> by
     return b"".join(m.data for m in stub.GetModel(pb.GetModelRequest(name=name, version=version)))
 
 
-def test_validator_adapter_reports_identity_after_the_header() -> None:
+def test_validator_reports_identity_after_the_header() -> None:
     data, _ = artifact("acme/m", "1.0", b"p" * 1000)
     v = StructureValidator()
-    assert isinstance(v, EarlyIdentity)
     v.feed(data[:10])
     assert v.identity() is None
     v.feed(data[10:500])
@@ -146,9 +139,8 @@ def test_oversized_header_is_refused_before_the_body(store_root: Path) -> None:
                 consumed += 1
                 yield part
 
-        factory = functools.partial(StructureValidator, max_artifact_size=s.max_artifact_size)
         with pytest.raises(ResourceExhausted) as info:
-            s.put(chunks(), factory())
+            s.put(chunks(), StructureValidator(max_artifact_size=s.max_artifact_size))
         assert info.value.reason == "ARTIFACT_TOO_LARGE"
         assert consumed == 1, "the header alone declares the artifact too large"
         assert s.records() == ()

@@ -19,15 +19,16 @@ import pytest
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
+from strongroom.artifact import StructureValidator
 from strongroom.errors import InvalidArgument
 from strongroom.modelstore.config import ModelstoreConfig, StorageConfig
 from strongroom.modelstore.errors import ModelExists, StorageUnavailable
 from strongroom.modelstore.storage import S3Storage, open_storage
 from strongroom.runtime.config import ConfigError, build
 from tests.modelstore import s3server
+from tests.modelstore.artifacts import chunked, make_artifact
 from tests.modelstore.backends import assert_clean
 from tests.modelstore.conftest import S3_TEST_PART_SIZE, serve
-from tests.modelstore.fake_artifact import FakeValidator, LateValidator, chunked, make_artifact
 
 BIG = 2 * S3_TEST_PART_SIZE + 12345  # three parts
 
@@ -58,7 +59,7 @@ def proxy(s3_server: s3server.MotoServer) -> Iterator[s3server.FaultProxy]:
 def test_multipart_round_trip_and_layout(s3_server: s3server.MotoServer, s3_bucket: str) -> None:
     store = replica(s3_server.endpoint, s3_bucket)
     art = make_artifact("acme/big", "1", body(BIG))
-    record = store.put(chunked(art, 1 << 20), FakeValidator())
+    record = store.put(chunked(art, 1 << 20), StructureValidator())
     assert read_all(store, "acme/big", "1") == art
     assert store.verify("acme/big", "1") == record
     with store.open("acme/big", "1", offset=S3_TEST_PART_SIZE - 3, length=10) as reader:
@@ -78,34 +79,35 @@ def test_a_second_replica_sees_everything_without_local_state(
 ) -> None:
     a = replica(s3_server.endpoint, s3_bucket)
     for name in ("acme/a", "acme/a/deep", "acme-x", "beta"):
-        a.put([make_artifact(name, "1", b"x")], FakeValidator())
+        a.put([make_artifact(name, "1", b"x")], StructureValidator())
     b = replica(s3_server.endpoint, s3_bucket)
     assert b.list(page_size=1000).models == a.list(page_size=1000).models
     assert [m.name for m in b.list(prefix="acme/").models] == ["acme/a", "acme/a/deep"]
     b.delete("beta", "1")
     with pytest.raises(ModelExists):
-        b.put([make_artifact("acme/a", "1", b"y")], FakeValidator())
+        b.put([make_artifact("acme/a", "1", b"y")], StructureValidator())
     assert [m.name for m in a.list().models] == ["acme-x", "acme/a", "acme/a/deep"]
 
 
 def test_racing_uploads_to_two_replicas_have_exactly_one_winner(
     s3_server: s3server.MotoServer, s3_bucket: str
 ) -> None:
-    replicas = [replica(s3_server.endpoint, s3_bucket) for _ in range(2)]
-    n = 6
+    n = 4
+    replicas = [replica(s3_server.endpoint, s3_bucket) for _ in range(n)]
     arts = [make_artifact("race", "1", body(S3_TEST_PART_SIZE + 1000, i)) for i in range(n)]
-    barrier = threading.Barrier(n)
+    all_sent = threading.Barrier(n)
     outcomes: list[object] = [None] * n
 
-    # A validator that names the model only at the end: no upload can fail fast, every one
-    # reaches the create-only publish, and the bucket alone decides.
+    # One upload per replica (a replica's own reservation would stop a second one early), each
+    # holding its last step until every upload has sent all its bytes: every one reaches the
+    # create-only publish, whatever the scheduling, and the bucket alone decides.
     def upload_late(i: int) -> None:
         def chunks() -> Iterator[bytes]:
-            barrier.wait()
             yield from chunked(arts[i], 1 << 20)
+            all_sent.wait(60)
 
         try:
-            outcomes[i] = replicas[i % 2].put(chunks(), LateValidator())
+            outcomes[i] = replicas[i].put(chunks(), StructureValidator())
         except ModelExists as exc:
             outcomes[i] = exc
 
@@ -116,6 +118,8 @@ def test_racing_uploads_to_two_replicas_have_exactly_one_winner(
         t.join(120)
     winners = [i for i, o in enumerate(outcomes) if not isinstance(o, ModelExists)]
     assert len(winners) == 1, outcomes
+    losers = [o for o in outcomes if isinstance(o, ModelExists)]
+    assert [e.reason for e in losers] == ["MODEL_EXISTS"] * (n - 1), "the bucket decided"
     for r in replicas:
         assert read_all(r, "race", "1") == arts[winners[0]]
         r.verify("race", "1")
@@ -126,7 +130,7 @@ def test_failed_multipart_upload_is_aborted(s3_server: s3server.MotoServer, s3_b
     store = replica(s3_server.endpoint, s3_bucket)
     art = make_artifact("m", "1", body(BIG))
     with pytest.raises(InvalidArgument) as info:
-        store.put(chunked(art[:-1], 1 << 20), FakeValidator())
+        store.put(chunked(art[:-1], 1 << 20), StructureValidator())
     assert info.value.reason == "TRUNCATED"
 
     def broken() -> Iterator[bytes]:
@@ -134,7 +138,7 @@ def test_failed_multipart_upload_is_aborted(s3_server: s3server.MotoServer, s3_b
         raise ConnectionResetError("client went away")
 
     with pytest.raises(ConnectionResetError):
-        store.put(broken(), FakeValidator())
+        store.put(broken(), StructureValidator())
     assert store.records() == ()
     assert store.blob_sizes() == {}
     assert_clean(store)
@@ -187,7 +191,7 @@ def test_server_errors_are_unavailable_and_leave_nothing(
 
 def test_slow_server_is_a_timeout(proxy: s3server.FaultProxy, proxied: Any) -> None:
     store, stub = proxied
-    store.put([make_artifact("m", "1", b"abc")], FakeValidator())
+    store.put([make_artifact("m", "1", b"abc")], StructureValidator())
     proxy.inject(s3server.Fault(lambda m, p: m == "GET", delay=2.5))
     with pytest.raises(grpc.RpcError) as info:
         list(stub.GetModel(pb.GetModelRequest(name="m", version="1"), timeout=30))
@@ -225,7 +229,7 @@ def test_killed_server_is_unavailable(tmp_path: Path) -> None:
         first = [next(chunks) for _ in range(6)]  # one part sent
         server.stop()
         with pytest.raises(StorageUnavailable) as info:
-            store.put(iter(first + list(chunks)), FakeValidator())
+            store.put(iter(first + list(chunks)), StructureValidator())
         assert info.value.reason == "S3_UNREACHABLE"
         with pytest.raises(StorageUnavailable) as info:
             store.stat("m", "1")
@@ -320,7 +324,7 @@ def test_configuration(
     assert isinstance(config.storage, StorageConfig)
     store = open_storage(config)
     assert isinstance(store, S3Storage) and store.prefix == "prod/"
-    store.put([make_artifact("m", "1", b"x")], FakeValidator())
+    store.put([make_artifact("m", "1", b"x")], StructureValidator())
     assert "secret" not in repr(config).lower() or s3server.SECRET_KEY not in repr(config)
     secret.chmod(0o644)
     with pytest.raises(Exception) as info:

@@ -20,9 +20,9 @@ from strongroom.modelstore.service import (
     SERVICE_NAME,
 )
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from tests.modelstore.artifacts import chunked, make_artifact, with_header
 from tests.modelstore.backends import assert_clean, blob_count, overwrite_blob
 from tests.modelstore.conftest import Served
-from tests.modelstore.fake_artifact import chunked, make_artifact
 
 
 def body(n: int, seed: int = 0) -> bytes:
@@ -231,7 +231,11 @@ def test_concurrent_puts_over_grpc_have_one_winner(served: Served) -> None:
             "CHUNK_TOO_LARGE",
         ),
         (
-            [pb.PutModelRequest(data=make_artifact("bad name", "1", b"abc"))],
+            [
+                pb.PutModelRequest(
+                    data=with_header(make_artifact("m", "1", b"abc"), model_name="bad name")
+                )
+            ],
             grpc.StatusCode.INVALID_ARGUMENT,
             "INVALID_MODEL_NAME",
         ),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from strongroom.artifact import StructureValidator
 from strongroom.errors import InvalidArgument
 from strongroom.modelstore.errors import (
     ArtifactTooLarge,
@@ -36,6 +37,7 @@ from strongroom.modelstore.storage import (
     UploadClaims,
     verify_all,
 )
+from tests.modelstore.artifacts import chunked, make_artifact, with_header
 from tests.modelstore.backends import (
     AnyStorage,
     assert_clean,
@@ -44,13 +46,6 @@ from tests.modelstore.backends import (
     read_blob,
     remove_blob,
 )
-from tests.modelstore.fake_artifact import (
-    FakeValidator,
-    LateValidator,
-    OpaqueValidator,
-    chunked,
-    make_artifact,
-)
 
 
 def body(n: int, seed: int = 0) -> bytes:
@@ -58,7 +53,7 @@ def body(n: int, seed: int = 0) -> bytes:
 
 
 def put(storage: Storage, data: bytes, **claims: object) -> object:
-    return storage.put(chunked(data), FakeValidator(), UploadClaims(**claims))  # type: ignore[arg-type]
+    return storage.put(chunked(data), StructureValidator(), UploadClaims(**claims))  # type: ignore[arg-type]
 
 
 def read_all(storage: Storage, name: str, version: str, **kw: int) -> bytes:
@@ -74,7 +69,7 @@ def test_both_backends_are_storages(storage: AnyStorage) -> None:
 def test_put_stat_read_verify(storage: AnyStorage) -> None:
     created = datetime(2025, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
     art = make_artifact("acme/fraud", "1.0.0", body(300_000), created_at=created)
-    record = storage.put(chunked(art), FakeValidator())
+    record = storage.put(chunked(art), StructureValidator())
     assert (record.name, record.version) == ("acme/fraud", "1.0.0")
     assert record.artifact_sha256 == hashlib.sha256(art).hexdigest()
     assert record.artifact_size == len(art)
@@ -98,7 +93,7 @@ def test_put_stat_read_verify(storage: AnyStorage) -> None:
 def test_record_survives_reopen(store_root: Path) -> None:
     art = make_artifact("m", "1", body(1000))
     with FilesystemStorage(store_root) as s:
-        record = s.put([art], FakeValidator())
+        record = s.put([art], StructureValidator())
     with FilesystemStorage(store_root) as s:
         assert s.stat("m", "1") == record
         assert s.last_sweep.temp_files_removed == 0
@@ -109,12 +104,12 @@ def test_record_survives_reopen(store_root: Path) -> None:
 def test_injected_clock_sets_stored_at(store_root: Path) -> None:
     moment = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
     with FilesystemStorage(store_root, clock=lambda: moment) as s:
-        assert s.put([make_artifact("m", "1", b"x")], FakeValidator()).stored_at == moment
+        assert s.put([make_artifact("m", "1", b"x")], StructureValidator()).stored_at == moment
 
 
 def test_range_reads(storage: AnyStorage) -> None:
     art = make_artifact("m", "1", body(100_000))
-    storage.put(chunked(art), FakeValidator())
+    storage.put(chunked(art), StructureValidator())
     size = len(art)
     assert read_all(storage, "m", "1", offset=1234) == art[1234:]
     assert read_all(storage, "m", "1", offset=10, length=50_000) == art[10:50_010]
@@ -135,7 +130,7 @@ def test_range_reads(storage: AnyStorage) -> None:
 
 def test_reader_keeps_working_after_delete(storage: AnyStorage) -> None:
     art = make_artifact("m", "1", body(200_000))
-    storage.put(chunked(art), FakeValidator())
+    storage.put(chunked(art), StructureValidator())
     with storage.open("m", "1") as reader:
         chunks = reader.chunks(50_000)
         first = next(chunks)
@@ -148,13 +143,12 @@ def test_second_put_of_same_version_is_rejected_and_first_intact(
     storage: AnyStorage,
 ) -> None:
     first = make_artifact("m", "1", body(5000, 1))
-    record = storage.put(chunked(first), FakeValidator())
-    for validator in (FakeValidator(), LateValidator()):
-        with pytest.raises(ModelExists) as info:
-            storage.put(chunked(make_artifact("m", "1", body(5000, 2))), validator)
-        assert info.value.reason == "MODEL_EXISTS"
+    record = storage.put(chunked(first), StructureValidator())
+    with pytest.raises(ModelExists) as info:
+        storage.put(chunked(make_artifact("m", "1", body(5000, 2))), StructureValidator())
+    assert info.value.reason == "MODEL_EXISTS"
     with pytest.raises(ModelExists):
-        storage.put(chunked(first), FakeValidator())  # identical bytes: still immutable
+        storage.put(chunked(first), StructureValidator())  # identical bytes: still immutable
     assert storage.stat("m", "1") == record
     assert read_all(storage, "m", "1") == first
     storage.verify("m", "1")
@@ -162,7 +156,7 @@ def test_second_put_of_same_version_is_rejected_and_first_intact(
 
 
 def test_existing_version_fails_after_header_not_after_body(storage: AnyStorage) -> None:
-    storage.put([make_artifact("m", "1", b"a")], FakeValidator())
+    storage.put([make_artifact("m", "1", b"a")], StructureValidator())
     consumed = 0
 
     def chunks() -> Iterator[bytes]:
@@ -172,14 +166,11 @@ def test_existing_version_fails_after_header_not_after_body(storage: AnyStorage)
             yield c
 
     with pytest.raises(ModelExists):
-        storage.put(chunks(), FakeValidator())
+        storage.put(chunks(), StructureValidator())
     assert consumed == 1
 
 
-@pytest.mark.parametrize("validator_type", [FakeValidator, LateValidator])
-def test_concurrent_uploads_of_one_version_have_exactly_one_winner(
-    storage: AnyStorage, validator_type: type
-) -> None:
+def test_concurrent_uploads_of_one_version_have_exactly_one_winner(storage: AnyStorage) -> None:
     n = 8
     arts = [make_artifact("race", "1", body(200_000, i)) for i in range(n)]
     barrier = threading.Barrier(n)
@@ -191,7 +182,7 @@ def test_concurrent_uploads_of_one_version_have_exactly_one_winner(
             yield from chunked(arts[i], 8192)
 
         try:
-            outcomes[i] = storage.put(chunks(), validator_type())
+            outcomes[i] = storage.put(chunks(), StructureValidator())
         except ModelExists as exc:
             outcomes[i] = exc
 
@@ -222,7 +213,9 @@ def test_losing_concurrent_upload_fails_fast(storage: AnyStorage) -> None:
         yield from parts[1:]
 
     result: list[object] = []
-    t = threading.Thread(target=lambda: result.append(storage.put(slow_chunks(), FakeValidator())))
+    t = threading.Thread(
+        target=lambda: result.append(storage.put(slow_chunks(), StructureValidator()))
+    )
     t.start()
     assert in_flight.wait(10)
     consumed = 0
@@ -235,7 +228,7 @@ def test_losing_concurrent_upload_fails_fast(storage: AnyStorage) -> None:
 
     try:
         with pytest.raises(ModelExists) as info:
-            storage.put(loser_chunks(), FakeValidator())
+            storage.put(loser_chunks(), StructureValidator())
         assert info.value.reason == "UPLOAD_IN_PROGRESS"
         assert consumed == 1
     finally:
@@ -247,10 +240,10 @@ def test_losing_concurrent_upload_fails_fast(storage: AnyStorage) -> None:
 def test_reservation_is_released_when_an_upload_fails(storage: AnyStorage) -> None:
     art = make_artifact("m", "1", body(10_000))
     with pytest.raises(InvalidArgument):
-        storage.put(chunked(art[:-1]), FakeValidator())  # truncated
+        storage.put(chunked(art[:-1]), StructureValidator())  # truncated
     with pytest.raises(UploadMismatch):
-        storage.put(chunked(art), FakeValidator(), UploadClaims(sha256="0" * 64))
-    assert storage.put(chunked(art), FakeValidator()).name == "m"
+        storage.put(chunked(art), StructureValidator(), UploadClaims(sha256="0" * 64))
+    assert storage.put(chunked(art), StructureValidator()).name == "m"
 
 
 @pytest.mark.parametrize(
@@ -260,15 +253,18 @@ def test_reservation_is_released_when_an_upload_fails(storage: AnyStorage) -> No
         (make_artifact("m", "1", b"abc") + b"!", "TRAILING_DATA"),
         (make_artifact("m", "1", b"abc")[:-1], "TRUNCATED"),
         (make_artifact("m", "1", b"abc")[:10], "TRUNCATED"),
-        (make_artifact("bad name", "1", b"abc"), "INVALID_MODEL_NAME"),
-        (make_artifact("m", "1/2", b"abc"), "INVALID_MODEL_VERSION"),
+        (with_header(make_artifact("m", "1", b"abc"), model_name="bad name"), "INVALID_MODEL_NAME"),
+        (
+            with_header(make_artifact("m", "1", b"abc"), model_version="1/2"),
+            "INVALID_MODEL_VERSION",
+        ),
     ],
 )
 def test_invalid_artifacts_are_rejected_and_nothing_is_stored(
     storage: AnyStorage, data: bytes, reason: str
 ) -> None:
     with pytest.raises(InvalidArgument) as info:
-        storage.put(chunked(data, 16), FakeValidator())
+        storage.put(chunked(data, 16), StructureValidator())
     assert info.value.reason == reason
     assert storage.records() == ()
     assert blob_count(storage) == 0
@@ -277,9 +273,9 @@ def test_invalid_artifacts_are_rejected_and_nothing_is_stored(
 
 def test_empty_upload(storage: AnyStorage) -> None:
     with pytest.raises(EmptyUpload):
-        storage.put([], FakeValidator())
+        storage.put([], StructureValidator())
     with pytest.raises(EmptyUpload):
-        storage.put([b"", b""], FakeValidator())
+        storage.put([b"", b""], StructureValidator())
     assert_clean(storage)
 
 
@@ -314,7 +310,7 @@ def test_too_small_claimed_size_fails_before_the_whole_upload(storage: AnyStorag
             yield c
 
     with pytest.raises(UploadMismatch):
-        storage.put(chunks(), FakeValidator(), UploadClaims(size=5000))
+        storage.put(chunks(), StructureValidator(), UploadClaims(size=5000))
     assert consumed == 6
 
 
@@ -329,55 +325,62 @@ def test_size_limit(store_root: Path) -> None:
                 yield c
 
         with pytest.raises(ArtifactTooLarge) as info:
-            s.put(chunks(), FakeValidator())
+            s.put(chunks(), StructureValidator())
         assert info.value.status_name == "RESOURCE_EXHAUSTED"
         assert consumed == 11
         consumed = 0
         with pytest.raises(ArtifactTooLarge):
-            s.put(chunks(), FakeValidator(), UploadClaims(size=50_000))
+            s.put(chunks(), StructureValidator(), UploadClaims(size=50_000))
         assert consumed == 1, "an announced size over the limit fails on the first chunk"
         art = make_artifact("m", "1", body(9000))
         assert len(art) <= 10_000
-        s.put([art], FakeValidator())
+        s.put([art], StructureValidator())
         assert_clean(s)
 
 
-def test_identical_content_is_stored_once_per_model_or_shared(storage: AnyStorage) -> None:
+def test_each_model_has_its_own_blob(storage: AnyStorage) -> None:
+    # An artifact's header names its model, so two models never hold identical bytes (the fake
+    # format this test once used let one blob be shared by two names; production cannot).
     data = body(40_000)
-    a = storage.put(chunked(data), OpaqueValidator("a", "1"))
-    b = storage.put(chunked(data), OpaqueValidator("b", "1"))
-    assert a.artifact_sha256 == b.artifact_sha256
-    # The filesystem backend shares one content-addressed blob; the S3 backend gives every upload
-    # its own blob, since replicas cannot count references to a shared one atomically.
-    assert blob_count(storage) == (1 if isinstance(storage, FilesystemStorage) else 2)
+    a = storage.put(chunked(make_artifact("a", "1", data)), StructureValidator())
+    b_art = make_artifact("b", "1", data)
+    b = storage.put(chunked(b_art), StructureValidator())
+    assert a.artifact_sha256 != b.artifact_sha256
+    assert blob_count(storage) == 2
     storage.delete("a", "1")
     assert blob_count(storage) == 1, "b's bytes stay"
-    assert read_all(storage, "b", "1") == data
+    assert read_all(storage, "b", "1") == b_art
     storage.verify("b", "1")
     storage.delete("b", "1")
     assert blob_count(storage) == 0
     assert_clean(storage)
 
 
-def test_failed_insert_keeps_a_shared_blob(storage: AnyStorage) -> None:
-    data = body(1000)
-    storage.put([data], OpaqueValidator("a", "1"))
+def test_failed_reupload_of_identical_bytes_keeps_the_blob(storage: AnyStorage) -> None:
+    # Identical bytes for one (name, version): the second upload fails and must not take the
+    # first one's (content-addressed, on the filesystem) blob with it.
+    data = make_artifact("a", "1", body(1000))
+    storage.put([data], StructureValidator())
     with pytest.raises(ModelExists):
-        storage.put([data], OpaqueValidator("a", "1"))
+        storage.put([data], StructureValidator())
     assert read_all(storage, "a", "1") == data
+    storage.verify("a", "1")
+    assert blob_count(storage) == 1
     assert_clean(storage)
 
 
 def test_delete(storage: AnyStorage) -> None:
     art = make_artifact("m", "1", body(1000))
-    storage.put([art], FakeValidator())
+    storage.put([art], StructureValidator())
     storage.delete("m", "1")
     with pytest.raises(ModelNotFound):
         storage.stat("m", "1")
     with pytest.raises(ModelNotFound):
         storage.delete("m", "1")
     assert_clean(storage)
-    assert storage.put([art], FakeValidator()).name == "m", "a deleted version can be re-published"
+    assert storage.put([art], StructureValidator()).name == "m", (
+        "a deleted version can be re-published"
+    )
     assert read_all(storage, "m", "1") == art
 
 
@@ -385,7 +388,7 @@ def test_list_with_prefix_and_pagination(storage: AnyStorage) -> None:
     names = ["acme/a", "acme/b", "acme-x/c", "acmez", "beta/a", "acme/a/deep"]
     for name in names:
         for version in ("1", "2", "10"):
-            storage.put([make_artifact(name, version, b"x")], FakeValidator())
+            storage.put([make_artifact(name, version, b"x")], StructureValidator())
 
     def collect(prefix: str, page_size: int) -> list[tuple[str, str]]:
         seen: list[tuple[str, str]] = []
@@ -411,7 +414,7 @@ def test_list_with_prefix_and_pagination(storage: AnyStorage) -> None:
 
 def test_list_rejects_bad_tokens_and_sizes(storage: AnyStorage) -> None:
     for name in ("a", "b", "c"):
-        storage.put([make_artifact(name, "1", b"x")], FakeValidator())
+        storage.put([make_artifact(name, "1", b"x")], StructureValidator())
     token = storage.list(prefix="", page_size=1).next_page_token
     assert token
     for bad in ("garbage!", "e30", token[:-2], "A" * 2000):
@@ -432,7 +435,7 @@ def test_list_rejects_bad_tokens_and_sizes(storage: AnyStorage) -> None:
 
 def test_verify_detects_same_size_corruption(storage: AnyStorage) -> None:
     art = make_artifact("m", "1", body(10_000))
-    record = storage.put([art], FakeValidator())
+    record = storage.put([art], StructureValidator())
     damaged = bytearray(art)
     damaged[-1] ^= 1
     overwrite_blob(storage, record, bytes(damaged))
@@ -444,7 +447,8 @@ def test_verify_detects_same_size_corruption(storage: AnyStorage) -> None:
 
 def test_verify_all_reports_each_damaged_model(storage: AnyStorage) -> None:
     records = [
-        storage.put([make_artifact(f"m{i}", "1", body(5000, i))], FakeValidator()) for i in range(4)
+        storage.put([make_artifact(f"m{i}", "1", body(5000, i))], StructureValidator())
+        for i in range(4)
     ]
     assert verify_all(storage) == ()
     data = bytearray(read_blob(storage, records[1]))
@@ -460,8 +464,8 @@ def test_verify_all_reports_each_damaged_model(storage: AnyStorage) -> None:
 
 def test_reads_detect_truncated_and_missing_blobs(storage: AnyStorage) -> None:
     s = storage
-    t = s.put([make_artifact("t", "1", body(10_000, 1))], FakeValidator())
-    m = s.put([make_artifact("m", "1", body(10_000, 2))], FakeValidator())
+    t = s.put([make_artifact("t", "1", body(10_000, 1))], StructureValidator())
+    m = s.put([make_artifact("m", "1", body(10_000, 2))], StructureValidator())
     overwrite_blob(s, t, read_blob(s, t)[:100])
     with pytest.raises(StoredDataCorrupt) as info:
         s.open("t", "1")
@@ -485,7 +489,7 @@ def test_reads_detect_truncated_and_missing_blobs(storage: AnyStorage) -> None:
 
 def test_startup_sweeps_temp_files_and_orphan_blobs(store_root: Path) -> None:
     with FilesystemStorage(store_root) as s:
-        kept = s.put([make_artifact("m", "1", b"keep")], FakeValidator())
+        kept = s.put([make_artifact("m", "1", b"keep")], StructureValidator())
     (store_root / "tmp" / "deadbeef.part").write_bytes(b"partial upload")
     orphan = hashlib.sha256(b"orphan").hexdigest()
     (store_root / "blobs" / "sha256" / orphan[:2]).mkdir(exist_ok=True)
@@ -541,7 +545,7 @@ def test_readers_racing_delete_and_republish_never_see_data_loss(
         i = 0
         while not stop.is_set():
             try:
-                storage.put([versions[i % 2]], FakeValidator())
+                storage.put([versions[i % 2]], StructureValidator())
                 storage.delete("hot", "1")
             except BaseException as exc:
                 problems.append(exc)
