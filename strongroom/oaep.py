@@ -15,7 +15,6 @@ from collections.abc import Iterable, Sequence
 
 from cryptography.hazmat.primitives import hashes
 
-from strongroom.artifact.format import WrapMechanism
 from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.reasons import Reason
 
@@ -47,8 +46,9 @@ class OaepHash(enum.Enum):
         return _ALGORITHMS[self]()
 
     @property
-    def mechanism(self) -> WrapMechanism:
-        """The wire value (``WrapMechanism``) for this hash; only SHA-1 and SHA-256 have one."""
+    def mechanism(self) -> int:
+        """The key broker API's ``WrapMechanism`` number for this hash; only SHA-1 and SHA-256
+        have one."""
         for mechanism, oaep_hash in _MECHANISMS.items():
             if oaep_hash is self:
                 return mechanism
@@ -58,10 +58,11 @@ class OaepHash(enum.Enum):
 
     @classmethod
     def from_mechanism(cls, mechanism: int) -> OaepHash:
-        """The hash of a wire ``WrapMechanism``; raises InvalidArgument for anything but RSA-OAEP."""
+        """The hash of a key broker API ``WrapMechanism`` number; InvalidArgument for anything but
+        RSA-OAEP."""
         try:
-            return _MECHANISMS[WrapMechanism(mechanism)]
-        except (ValueError, KeyError):
+            return _MECHANISMS[mechanism]
+        except KeyError:
             raise InvalidArgument(
                 f"{mechanism} is not an RSA-OAEP wrap mechanism",
                 reason=Reason.OAEP_MECHANISM_INVALID,
@@ -85,10 +86,16 @@ _ALGORITHMS: dict[OaepHash, type[hashes.HashAlgorithm]] = {
     OaepHash.SHA384: hashes.SHA384,
     OaepHash.SHA512: hashes.SHA512,
 }
-# The one table between wire mechanisms and OAEP hashes (the API defines SHA-1 and SHA-256 only).
-_MECHANISMS: dict[WrapMechanism, OaepHash] = {
-    WrapMechanism.RSA_OAEP_SHA1: OaepHash.SHA1,
-    WrapMechanism.RSA_OAEP_SHA256: OaepHash.SHA256,
+RSA_OAEP_SHA1_MECHANISM = 2
+"""``WRAP_MECHANISM_RSA_OAEP_SHA1`` in the key broker API (keybroker.proto)."""
+RSA_OAEP_SHA256_MECHANISM = 3
+"""``WRAP_MECHANISM_RSA_OAEP_SHA256`` in the key broker API (keybroker.proto)."""
+
+# The one table between the API's mechanisms and OAEP hashes (it defines SHA-1 and SHA-256 only).
+# Numbers, not the generated enum: this library imports no RPC API (tests check they agree).
+_MECHANISMS: dict[int, OaepHash] = {
+    RSA_OAEP_SHA1_MECHANISM: OaepHash.SHA1,
+    RSA_OAEP_SHA256_MECHANISM: OaepHash.SHA256,
 }
 
 #: The order in which a token is probed, strongest first.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.oaep import PROBE_ORDER, OaepHash, check_accepted, negotiate
 
@@ -57,3 +58,18 @@ def test_check_accepted_deduplicates_keeping_order() -> None:
 def test_labels_and_sizes() -> None:
     assert OaepHash.SHA256.mechanism_label == "RSA-OAEP/SHA-256/MGF1-SHA-256"
     assert [h.digest_size for h in PROBE_ORDER] == [32, 48, 64, 20]
+
+
+def test_mechanism_numbers_are_the_key_broker_apis() -> None:
+    assert OaepHash.SHA1.mechanism == kb_pb.WRAP_MECHANISM_RSA_OAEP_SHA1
+    assert OaepHash.SHA256.mechanism == kb_pb.WRAP_MECHANISM_RSA_OAEP_SHA256
+    for number in kb_pb.WrapMechanism.values():
+        name = kb_pb.WrapMechanism.Name(number)
+        if name.startswith("WRAP_MECHANISM_RSA_OAEP_"):
+            assert OaepHash.from_mechanism(number).mechanism == number
+        else:
+            with pytest.raises(InvalidArgument) as info:
+                OaepHash.from_mechanism(number)
+            assert info.value.reason == "OAEP_MECHANISM_INVALID"
+    with pytest.raises(InvalidArgument):
+        OaepHash.SHA384.mechanism  # noqa: B018  # no API number for SHA-384
