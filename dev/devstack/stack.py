@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -400,26 +400,23 @@ class DevStack:
         *,
         instance: str | None = None,
         server: dict[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        module: str = "strongroom.cli.main",
     ) -> RunningService:
         """Starts ``strongroom serve <service>`` as a child process (for the demo);
-        ``server`` sets keys of its ``server:`` section."""
+        ``server`` sets keys of its ``server:`` section. ``env`` adds to this process's
+        environment; ``module`` is what ``python -m`` runs with the CLI's arguments (a wrapper
+        that instruments the service, for benchmarks)."""
         instance = instance or service
         path = self.write_config(service, section, instance=instance, server=server)
         log_path = self.log_path(instance)
         with log_path.open("ab") as out:
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "strongroom.cli.main",
-                    "serve",
-                    service,
-                    "--config",
-                    str(path),
-                ],
+                [sys.executable, "-m", module, "serve", service, "--config", str(path)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env=None if env is None else {**os.environ, **env},
             )
 
         def stop() -> None:
