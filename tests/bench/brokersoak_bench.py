@@ -107,12 +107,14 @@ def soak(
     callers: int = CALLERS,
     sample_every: int = SAMPLE_EVERY,
     trace_releases: int = 0,
+    step_ca_binary: Path | None = None,
 ) -> dict[str, Any]:
     """One configuration on a fresh stack under ``root``; returns the raw samples and outcomes.
 
-    ``recycle_after_operations`` None keeps the broker's default configuration.
+    ``recycle_after_operations`` None keeps the broker's default configuration. The broker's log
+    stays at ``root/logs/keybroker.log``.
     """
-    with DevStack(root) as stack:
+    with DevStack(root, step_ca_binary=step_ca_binary) as stack:
         section = stack.default_section("keybroker")
         if recycle_after_operations is not None:
             section["hsm_recycle_after_operations"] = recycle_after_operations
