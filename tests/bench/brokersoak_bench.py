@@ -264,9 +264,8 @@ def run(results: dict[str, Any], releases: int | None = None) -> None:
                 trace_releases=trace,
             )
         measured[label] = figures(raw) | ({"env": env} if env else {})
-        print(
-            f"bench: brokersoak {label}: {measured[label]['rss_kib_per_1000_releases']}", flush=True
-        )
+        shown = {k: measured[label][k] for k in ("rss_kib_per_1000_releases", "rss_kib_every_10k")}
+        print(f"bench: brokersoak {label}: {shown}", flush=True)
     shipped = measured["shipped"]["rss_kib_per_1000_releases"]["after_30pct"]
     off = measured["recycling_off"]["rss_kib_per_1000_releases"]["after_30pct"]
     results.update(
