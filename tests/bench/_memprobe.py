@@ -9,7 +9,8 @@ unchanged. Each connection sends one JSON line ``{"op": ...}`` and gets one JSON
   tracemalloc sees;
 - ``trace_start``: starts tracemalloc (``frames`` deep) and takes the baseline snapshot;
 - ``trace_top``: the ``limit`` source lines whose Python allocations grew most since the baseline,
-  and the total growth; stops tracing;
+  and the total growth; stops tracing. Both snapshots follow a full ``gc.collect()``; what is
+  in flight at either moment (up to one release per caller) still shows as growth;
 - ``trim``: ``malloc_trim(0)``, with RSS before and after (what glibc kept but could return).
 
 Only for benchmarks: the socket is created 0600 in a directory the benchmark owns.
@@ -93,11 +94,13 @@ class _Probe:
             return sample()
         if op == "trace_start":
             tracemalloc.start(int(request.get("frames", 1)))
+            gc.collect()  # compare live objects, not garbage that the next collection frees
             self.baseline = tracemalloc.take_snapshot()
             return {"tracing": True}
         if op == "trace_top":
             if self.baseline is None:
                 return {"error": "trace_start first"}
+            gc.collect()
             now = tracemalloc.take_snapshot()
             stats = now.compare_to(self.baseline, "lineno")
             tracemalloc.stop()
