@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -401,10 +401,12 @@ class DevStack:
         instance: str | None = None,
         server: dict[str, Any] | None = None,
         launcher: Sequence[str] = (sys.executable, "-m", "strongroom.cli.main"),
+        env: Mapping[str, str] | None = None,
     ) -> RunningService:
         """Starts ``strongroom serve <service>`` as a child process (for the demo);
         ``server`` sets keys of its ``server:`` section; ``launcher`` is the command that takes
-        ``serve <service> --config <path>`` (a benchmark's profiling wrapper, for instance)."""
+        ``serve <service> --config <path>`` (a benchmark's profiling or memory-probe wrapper, for
+        instance); ``env`` adds to this process's environment."""
         instance = instance or service
         path = self.write_config(service, section, instance=instance, server=server)
         log_path = self.log_path(instance)
@@ -420,6 +422,7 @@ class DevStack:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env=None if env is None else {**os.environ, **env},
             )
 
         def stop() -> None:

@@ -10,6 +10,8 @@ from strongroom.runtime.config import ConfigError
 PIN_ENV = "STRONGROOM_HSM_PIN"
 NONCE_KEY_ENV = "STRONGROOM_NONCE_KEY"
 AUDIT_KEY_ENV = "STRONGROOM_AUDIT_KEY"
+#: The largest ``hsm_recycle_after_operations`` (about 4 GB of SoftHSM2 objects at 0.4 KB each)
+MAX_RECYCLE_AFTER_OPERATIONS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ class KeybrokerConfig:
     softhsm2_conf: Path | None = None
     challenge_lifetime_seconds: float = 60.0
     hsm_operation_timeout_seconds: float = 5.0
+    # Re-initialise the PKCS#11 module after this many operations, so that SoftHSM2 frees the
+    # objects it keeps for every operation until C_Finalize (~0.4 KB per release; hsm.py module
+    # doc). 0 = never: for an HSM that frees objects itself, where a re-login has a cost.
+    hsm_recycle_after_operations: int = 2000
     # Development only: trust the simulated TEE chain (amd_trust.pem, intel_root.pem) in this directory.
     allow_simulated_tee: bool = False
     simulated_roots_dir: Path | None = None
@@ -72,5 +78,10 @@ class KeybrokerConfig:
         for name in ("pcs_url", "kds_url"):
             if not getattr(self, name).startswith(("https://", "http://")):
                 raise ConfigError(f"keybroker.{name} must be an http(s) URL")
+        if not 0 <= self.hsm_recycle_after_operations <= MAX_RECYCLE_AFTER_OPERATIONS:
+            raise ConfigError(
+                "keybroker.hsm_recycle_after_operations must be between 0 (never) and "
+                f"{MAX_RECYCLE_AFTER_OPERATIONS}"
+            )
         if not 5 <= self.challenge_lifetime_seconds <= 600:
             raise ConfigError("keybroker.challenge_lifetime_seconds must be between 5 and 600")

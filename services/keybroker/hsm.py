@@ -19,7 +19,7 @@ every object they create. That is not enough with SoftHSM2 2.6.1: its session ob
 every object ever created — destroyed, or on a closed session — until ``C_Finalize`` (so stale
 pointers stay valid), ~0.4 KB per key release, measured; closing and reopening sessions frees
 nothing, re-initialising the module frees it all. So after ``recycle_after_operations`` operations
-the connection is *recycled*: closed, and re-established (``C_Finalize`` + ``C_Initialize``, log
+(0: never) the connection is *recycled*: closed, and re-established (``C_Finalize`` + ``C_Initialize``, log
 in, probe) by the next operation, which waits for it (a few milliseconds). Object handles from an
 earlier session are void: :attr:`HsmSession.serial` tells them apart.
 
@@ -186,9 +186,9 @@ class HsmConfig:
                 reason=Reason.CONFIG_INVALID,
             )
         operations = self.recycle_after_operations
-        if isinstance(operations, bool) or not isinstance(operations, int) or not operations >= 1:
+        if isinstance(operations, bool) or not isinstance(operations, int) or operations < 0:
             raise InvalidArgument(
-                "hsm.recycle_after_operations must be a positive integer",
+                "hsm.recycle_after_operations must be 0 (never) or a positive integer",
                 reason=Reason.CONFIG_INVALID,
             )
         if not self.allowed_oaep_hashes or not all(
@@ -521,7 +521,8 @@ class Hsm:
             if self._conn is conn:
                 conn.sessions.release(hs)
                 conn.operations += 1
-                if conn.operations >= self._config.recycle_after_operations:
+                quota = self._config.recycle_after_operations
+                if quota and conn.operations >= quota:
                     self._recycle()
             else:
                 hs.close()  # the connection was dropped during the operation

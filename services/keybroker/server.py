@@ -158,6 +158,7 @@ def build(
             pin=pin,
             module_env=module_env,
             operation_timeout=config.hsm_operation_timeout_seconds,
+            recycle_after_operations=config.hsm_recycle_after_operations,
         )
     )
     try:

@@ -25,6 +25,7 @@ AREAS = (
     "audit",
     "hsm",
     "hsmsoak",
+    "brokersoak",
     "keybroker",
     "releasecpu",
     "modelstore",

@@ -210,6 +210,9 @@ def test_rendered_configs_load_with_the_service_runtime(
             assert section.pin_file == Path("/run/secrets/hsm-pin")
             assert section.audit_key_file == Path("/run/secrets/audit-key")
             assert section.allow_simulated_tee is (values_set == "development")
+            assert (
+                section.hsm_recycle_after_operations == 2000
+            )  # the chart's and the code's default
         if isinstance(section, InferenceConfig):
             assert section.attester == ("simulated" if values_set == "development" else "auto")
             assert section.key_broker == "keybroker:7443"
@@ -397,3 +400,13 @@ def test_option_combinations_render_valid_manifests(helm: str, option_set: str) 
         assert svc["spec"]["type"] == "LoadBalancer"
         for service in SERVICES:
             assert "tracing" in yaml.safe_load(_configs(docs)[service])
+
+
+def test_hsm_recycling_is_an_operator_value(helm: str, tmp_path: Path) -> None:
+    """``keybroker.hsm.recycleAfterOperations`` reaches the broker's configuration (0: never)."""
+    docs = render(helm, set_args=("keybroker.hsm.recycleAfterOperations=0",))
+    path = tmp_path / "keybroker.yaml"
+    path.write_text(_configs(docs)["keybroker"])
+    _, section = load_service_config(path, "keybroker", KeybrokerConfig, environ={})
+    assert isinstance(section, KeybrokerConfig)
+    assert section.hsm_recycle_after_operations == 0

@@ -47,8 +47,24 @@ def test_connection_is_recycled_after_its_operation_quota(
     assert session_objects(hsm) == 0
 
 
-@pytest.mark.parametrize("value", [0, -1, True, 1.5])
-def test_recycle_quota_must_be_a_positive_integer(
+def test_a_zero_quota_never_recycles(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], tee_key: rsa.RSAPrivateKey
+) -> None:
+    hsm = open_hsm(make_config(softhsm_token, recycle_after_operations=0))
+    km = KeyManager(hsm)
+    km.create_key("model")
+    dek, wrapped, version = km.generate_data_key("model")
+    generation = hsm.status().generation
+    for _ in range(25):
+        out, _ = km.release_to_ephemeral("model", version, wrapped, spki(tee_key), [OaepHash.SHA1])
+        assert tee_key.decrypt(out, _OAEP) == dek
+    status = hsm.status()
+    assert status.recycles == 0
+    assert status.generation == generation
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5])
+def test_recycle_quota_must_be_zero_or_a_positive_integer(
     softhsm_token: SoftHsmToken, value: object
 ) -> None:
     with pytest.raises(InvalidArgument):

@@ -1,0 +1,174 @@
+"""A small memory probe inside a service process, queried over a Unix socket by a benchmark.
+
+Run a service through it: ``python -m tests.bench._memprobe serve keybroker --config ...`` with
+``STRONGROOM_MEMPROBE`` naming the socket path; it starts the probe's thread, then runs the CLI
+unchanged. Each connection sends one JSON line ``{"op": ...}`` and gets one JSON line back:
+
+- ``sample``: RSS (``/proc/self/status``), glibc ``mallinfo2`` (bytes in use by malloc, free in
+  its arenas, in mmapped blocks), the gc generation counts and, while tracing, the bytes
+  tracemalloc sees;
+- ``trace_start``: starts tracemalloc (``frames`` deep) and takes the baseline snapshot;
+- ``trace_top``: the ``limit`` source lines whose Python allocations grew most since the baseline,
+  and the total growth; stops tracing. Both snapshots follow a full ``gc.collect()``; what is
+  in flight at either moment (up to one release per caller) still shows as growth;
+- ``trim``: ``malloc_trim(0)``, with RSS before and after (what glibc kept but could return).
+
+Only for benchmarks: the socket is created 0600 in a directory the benchmark owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import socket
+import sys
+import threading
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+ENV = "STRONGROOM_MEMPROBE"
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _libc() -> Any:
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _Mallinfo2
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim.restype = ctypes.c_int
+    return libc
+
+
+def rss_kib() -> int:
+    """This process's resident set size in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def sample() -> dict[str, Any]:
+    """RSS, malloc's view of the heap and the gc counts (the ``sample`` answer)."""
+    info = _libc().mallinfo2()
+    out: dict[str, Any] = {
+        "rss_kib": rss_kib(),
+        "malloc_in_use_kib": info.uordblks // 1024,  # allocated by malloc from its arenas
+        "malloc_free_kib": info.fordblks // 1024,  # free inside the arenas (fragmentation)
+        "malloc_mmapped_kib": info.hblkhd // 1024,  # large blocks mapped directly
+        "malloc_arena_kib": info.arena // 1024,
+        "gc_counts": list(gc.get_count()),
+        "gc_objects": len(gc.get_objects()),
+    }
+    if tracemalloc.is_tracing():
+        out["traced_kib"] = tracemalloc.get_traced_memory()[0] // 1024
+    return out
+
+
+class _Probe:
+    def __init__(self) -> None:
+        self.baseline: tracemalloc.Snapshot | None = None
+
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "sample":
+            return sample()
+        if op == "trace_start":
+            tracemalloc.start(int(request.get("frames", 1)))
+            gc.collect()  # compare live objects, not garbage that the next collection frees
+            self.baseline = tracemalloc.take_snapshot()
+            return {"tracing": True}
+        if op == "trace_top":
+            if self.baseline is None:
+                return {"error": "trace_start first"}
+            gc.collect()
+            now = tracemalloc.take_snapshot()
+            stats = now.compare_to(self.baseline, "lineno")
+            tracemalloc.stop()
+            self.baseline = None
+            limit = int(request.get("limit", 10))
+            return {
+                "growth_kib": round(sum(s.size_diff for s in stats) / 1024, 1),
+                "top": [
+                    {
+                        "where": str(s.traceback[0]),
+                        "growth_kib": round(s.size_diff / 1024, 1),
+                        "count_diff": s.count_diff,
+                    }
+                    for s in stats[:limit]
+                ],
+            }
+        if op == "trim":
+            before = rss_kib()
+            _libc().malloc_trim(0)
+            return {"rss_before_kib": before, "rss_after_kib": rss_kib()}
+        return {"error": f"unknown op {op!r}"}
+
+    def serve(self, server: socket.socket) -> None:
+        while True:
+            conn, _ = server.accept()
+            with conn, conn.makefile("rwb") as stream:
+                try:
+                    reply = self.answer(json.loads(stream.readline()))
+                except Exception as exc:  # the probe must never take the service down
+                    reply = {"error": repr(exc)}
+                stream.write(json.dumps(reply).encode() + b"\n")
+
+
+def install(path: str) -> None:
+    """Starts the probe's daemon thread listening on the Unix socket ``path``."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        server.bind(path)
+    finally:
+        os.umask(old)
+    server.listen(4)
+    threading.Thread(target=_Probe().serve, args=(server,), name="memprobe", daemon=True).start()
+
+
+def ask(path: Path | str, op: str, timeout: float = 120.0, **args: Any) -> dict[str, Any]:
+    """Sends one request to the probe at ``path`` and returns its answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(timeout)
+        client.connect(str(path))
+        with client.makefile("rwb") as stream:
+            stream.write(json.dumps({"op": op, **args}).encode() + b"\n")
+            stream.flush()
+            reply: dict[str, Any] = json.loads(stream.readline())
+    if "error" in reply:
+        raise RuntimeError(f"memprobe {op}: {reply['error']}")
+    return reply
+
+
+def main() -> int:
+    """Installs the probe (``STRONGROOM_MEMPROBE``), then runs the Strongroom CLI."""
+    install(os.environ[ENV])
+    from strongroom.cli.main import main as cli
+
+    return cli(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

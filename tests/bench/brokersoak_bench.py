@@ -1,0 +1,294 @@
+"""Broker memory per release: the real key broker under 16 concurrent releasers over mTLS.
+
+Issue 12 item 2. The broker runs as its own process (``strongroom serve keybroker`` on a fresh
+DevStack: real step-ca, SoftHSM2, mTLS) through :mod:`tests.bench._memprobe`, which this benchmark
+asks for RSS, glibc's malloc figures and gc counts every :data:`SAMPLE_EVERY` releases.
+:data:`CALLERS` simulated VMs (:class:`tests.bench.keybroker_bench._Caller`: GetChallenge, then
+ReleaseKey with a signed report) share :data:`RELEASES` releases. The slope of RSS (KiB per 1,000
+releases, least squares) is taken after 30% of the run (warm-up), and also from 50% and 70%.
+
+Configurations, one after the other, each on its own fresh stack:
+
+- ``shipped``: the default configuration (``keybroker.hsm_recycle_after_operations``: the PKCS#11
+  module re-initialised every N operations so that SoftHSM2 frees its session objects);
+- ``recycling_off``: the same with ``hsm_recycle_after_operations: 0`` — the baseline, what the
+  broker did before recycling;
+- one more per entry of ``STRONGROOM_BENCH_BROKERSOAK_ENVS`` (``;``-separated ``NAME=VALUE[,...]``
+  lists, e.g. ``MALLOC_ARENA_MAX=2``), the shipped configuration with that environment.
+
+After the measured releases of ``shipped``, a diagnosis phase that is not part of the slope:
+tracemalloc on for :data:`TRACE_RELEASES` more releases (the Python heap's growth and the lines
+it came from, to tell Python from native growth) and ``malloc_trim(0)`` (what glibc kept but
+could return). Each configuration ends with ``strongroom audit verify`` of its log with the
+broker's public key. The load average is recorded at every sample: the machine is shared.
+
+Usage: ``python -m tests.bench.run brokersoak``; ``STRONGROOM_BENCH_BROKERSOAK_RELEASES`` sets the
+releases per configuration (default :data:`RELEASES`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.keybroker.audit import load_public_key, verify_audit_log
+from strongroom.keybroker.config import KeybrokerConfig
+from tests.bench import _memprobe
+from tests.bench.keybroker_bench import KEY, _Caller
+
+RELEASES = 100_000
+CALLERS = 16
+SAMPLE_EVERY = 1_000
+TRACE_RELEASES = 5_000
+WARMUPS = (0.3, 0.5, 0.7)
+RELEASES_ENV = "STRONGROOM_BENCH_BROKERSOAK_RELEASES"
+ENVS_ENV = "STRONGROOM_BENCH_BROKERSOAK_ENVS"
+GOAL_KIB_PER_1000 = 1.0
+# The probe module must be importable by the broker's process whatever its working directory.
+_REPO = str(Path(__file__).resolve().parents[2])
+
+
+def _drive(callers: list[_Caller], releases: int, on_sample: Any, every: int) -> dict[str, Any]:
+    """Runs ``releases`` releases over ``callers`` (one thread each); calls ``on_sample(n)`` from
+    the thread that completed the n-th release whenever n is a multiple of ``every``."""
+    lock = threading.Lock()
+    state = {"claimed": 0, "done": 0, "failed": 0}
+    failures: list[str] = []
+
+    def work(caller: _Caller) -> None:
+        while True:
+            with lock:
+                if state["claimed"] >= releases:
+                    return
+                state["claimed"] += 1
+            try:
+                caller.release()
+            except Exception as exc:  # counted and reported; the run goes on
+                with lock:
+                    state["failed"] += 1
+                    if len(failures) < 10:
+                        failures.append(repr(exc)[:300])
+            with lock:
+                state["done"] += 1
+                n = state["done"]
+            if n % every == 0:
+                on_sample(n)
+
+    threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in callers]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {
+        "seconds": time.perf_counter() - started,
+        "failed": state["failed"],
+        "failures": failures,
+    }
+
+
+def soak(
+    root: Path,
+    *,
+    releases: int,
+    recycle_after_operations: int | None = None,
+    env: Mapping[str, str] | None = None,
+    callers: int = CALLERS,
+    sample_every: int = SAMPLE_EVERY,
+    trace_releases: int = 0,
+    step_ca_binary: Path | None = None,
+) -> dict[str, Any]:
+    """One configuration on a fresh stack under ``root``; returns the raw samples and outcomes.
+
+    ``recycle_after_operations`` None keeps the broker's default configuration. The broker's log
+    stays at ``root/logs/keybroker.log``.
+    """
+    with DevStack(root, step_ca_binary=step_ca_binary) as stack:
+        section = stack.default_section("keybroker")
+        if recycle_after_operations is not None:
+            section["hsm_recycle_after_operations"] = recycle_after_operations
+        probe = root / "memprobe.sock"
+        broker = stack.start_process(
+            "keybroker",
+            section,
+            env={
+                _memprobe.ENV: str(probe),
+                "PYTHONPATH": os.pathsep.join(filter(None, (_REPO, os.environ.get("PYTHONPATH")))),
+                **(env or {}),
+            },
+            launcher=(sys.executable, "-m", "tests.bench._memprobe"),
+        )
+        assert broker.process is not None
+        stack.create_release_key(stack.identity("admin"), KEY, policy_version="bench")
+        publisher = pb_grpc.KeyBrokerServiceStub(
+            stack.channel(stack.identity("publisher"), "keybroker")
+        )
+        generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
+        platform = SimulatedAuthority.load(stack.root / "simulated-tee").snp()
+        identity = stack.identity("inference")
+        vms = [
+            _Caller(stack, platform, identity, generated.wrapped_data_key, generated.key_version)
+            for _ in range(callers)
+        ]
+        samples: list[dict[str, Any]] = [
+            {"releases": 0, "load1": os.getloadavg()[0], **_memprobe.ask(probe, "sample")}
+        ]
+
+        def on_sample(n: int) -> None:
+            samples.append(
+                {"releases": n, "load1": os.getloadavg()[0]} | _memprobe.ask(probe, "sample")
+            )
+
+        outcome = _drive(vms, releases, on_sample, sample_every)
+        samples.sort(key=lambda s: int(s["releases"]))
+        raw: dict[str, Any] = {"samples": samples, **outcome}
+        if trace_releases:
+            _memprobe.ask(probe, "trace_start", frames=1)
+            traced = _drive(vms, trace_releases, lambda n: None, trace_releases)
+            top = _memprobe.ask(probe, "trace_top", limit=8)
+            raw["trace"] = {"releases": trace_releases, "failed": traced["failed"], **top}
+            raw["trim"] = _memprobe.ask(probe, "trim")
+        raw["final"] = _memprobe.ask(probe, "sample")
+        public = load_public_key((stack.secrets_dir / "audit-key.pub.pem").read_bytes())
+        audit = verify_audit_log(root / "state" / "keybroker" / "audit.log", public_key=public)
+        raw["audit"] = {"intact": audit.intact, "records": audit.records, "problem": audit.problem}
+        return raw
+
+
+def _slope(samples: list[dict[str, Any]], field: str, start: float) -> float | None:
+    """KiB of ``field`` per 1,000 releases after the first ``start`` of the run."""
+    last = samples[-1]["releases"]
+    kept = [s for s in samples if s["releases"] >= start * last]
+    if len(kept) < 3:
+        return None
+    x = np.array([s["releases"] for s in kept], dtype=float) / 1000
+    y = np.array([s[field] for s in kept], dtype=float)
+    return round(float(np.polyfit(x, y, 1)[0]), 3)
+
+
+def _rss_at(samples: list[dict[str, Any]], releases: int) -> int | None:
+    return next((s["rss_kib"] for s in samples if s["releases"] == releases), None)
+
+
+def figures(raw: dict[str, Any]) -> dict[str, Any]:
+    """The reported figures of one configuration (see the module docstring)."""
+    samples = raw["samples"]
+    done = samples[-1]["releases"]
+    loads = [s["load1"] for s in samples]
+    out: dict[str, Any] = {
+        "releases": done,
+        "failed": raw["failed"],
+        "releases_per_s": round(done / raw["seconds"], 1),
+        "rss_start_kib": samples[0]["rss_kib"],
+        "rss_at_2k_kib": _rss_at(samples, 2_000),
+        "rss_at_30k_kib": _rss_at(samples, 30_000),
+        "rss_end_kib": samples[-1]["rss_kib"],
+        "rss_kib_per_1000_releases": {
+            f"after_{int(w * 100)}pct": _slope(samples, "rss_kib", w) for w in WARMUPS
+        },
+        "malloc_in_use_kib_per_1000_releases_after_30pct": _slope(
+            samples, "malloc_in_use_kib", 0.3
+        ),
+        "malloc_in_use_start_end_kib": [
+            samples[0]["malloc_in_use_kib"],
+            samples[-1]["malloc_in_use_kib"],
+        ],
+        "gc_objects_start_end": [samples[0]["gc_objects"], samples[-1]["gc_objects"]],
+        "load1_min_mean_max": [
+            round(min(loads), 2),
+            round(sum(loads) / len(loads), 2),
+            round(max(loads), 2),
+        ],
+        "rss_kib_every_10k": [s["rss_kib"] for s in samples if s["releases"] % 10_000 == 0],
+        "audit_intact": raw["audit"]["intact"],
+        "audit_records": raw["audit"]["records"],
+    }
+    if raw["failures"]:
+        out["failures"] = raw["failures"]
+    if "trace" in raw:
+        trace = raw["trace"]
+        out["tracemalloc"] = {
+            "releases": trace["releases"],
+            "python_heap_growth_kib_per_1000_releases": round(
+                trace["growth_kib"] / trace["releases"] * 1000, 3
+            ),
+            "top_growth": [
+                f"{t['where']}: {t['growth_kib']} KiB ({t['count_diff']:+d} blocks)"
+                for t in trace["top"]
+            ],
+        }
+        out["malloc_trim"] = raw["trim"]
+    return out
+
+
+def _extra_envs() -> list[dict[str, str]]:
+    spec = os.environ.get(ENVS_ENV, "")
+    envs = []
+    for entry in filter(None, (part.strip() for part in spec.split(";"))):
+        pairs = (item.split("=", 1) for item in entry.split(","))
+        envs.append({name.strip(): value.strip() for name, value in pairs})
+    return envs
+
+
+def run(results: dict[str, Any], releases: int | None = None) -> None:
+    """Measures and records the figures described in the module docstring into ``results``."""
+    releases = releases or int(os.environ.get(RELEASES_ENV, RELEASES))
+    default = KeybrokerConfig.__dataclass_fields__["hsm_recycle_after_operations"].default
+    configs: list[tuple[str, int | None, dict[str, str], int]] = [
+        ("shipped", None, {}, TRACE_RELEASES),
+        ("recycling_off", 0, {}, 0),
+    ]
+    for env in _extra_envs():
+        label = "shipped_" + "_".join(f"{k}={v}" for k, v in env.items())
+        configs.append((label, None, env, 0))
+    started = time.perf_counter()
+    measured: dict[str, Any] = {}
+    for label, recycle, env, trace in configs:
+        with tempfile.TemporaryDirectory(prefix="sr-brokersoak-") as tmp:
+            raw = soak(
+                Path(tmp),
+                releases=releases,
+                recycle_after_operations=recycle,
+                env=env,
+                trace_releases=trace,
+            )
+        measured[label] = figures(raw) | ({"env": env} if env else {})
+        shown = {k: measured[label][k] for k in ("rss_kib_per_1000_releases", "rss_kib_every_10k")}
+        print(f"bench: brokersoak {label}: {shown}", flush=True)
+    shipped = measured["shipped"]["rss_kib_per_1000_releases"]["after_30pct"]
+    off = measured["recycling_off"]["rss_kib_per_1000_releases"]["after_30pct"]
+    results.update(
+        {
+            "releases_per_configuration": releases,
+            "callers": CALLERS,
+            "hsm_recycle_after_operations_default": default,
+            **measured,
+            "slope_ratio_recycling_off_over_shipped": (
+                round(off / shipped, 1) if shipped and off and shipped > 0 else None
+            ),
+            "goal_under_1_kib_per_1000_after_warmup": (
+                shipped is not None and shipped < GOAL_KIB_PER_1000
+            ),
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
+    )
+
+
+if __name__ == "__main__":
+    import json
+
+    out: dict[str, Any] = {}
+    run(out)
+    print(json.dumps(out, indent=2))

@@ -1,0 +1,66 @@
+"""The broker's own configuration section: the HSM recycle quota (issue 12 item 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from strongroom.keybroker.config import MAX_RECYCLE_AFTER_OPERATIONS, KeybrokerConfig
+from strongroom.keybroker.hsm import HsmConfig
+from strongroom.runtime.config import ConfigError, load_service_config
+
+BASE = """
+service: keybroker
+listen: 127.0.0.1:7443
+identity:
+  trust_domain: strongroom.test
+  spiffe_id: spiffe://strongroom.test/keybroker
+  ca_url: https://127.0.0.1:9000
+  ca_root_file: /tmp/root.pem
+keybroker:
+  pkcs11_module: /usr/lib/softhsm/libsofthsm2.so
+  token_label: strongroom
+  audit_log: /var/lib/strongroom/audit.log
+  policies_dir: /var/lib/strongroom/policies
+"""
+ENV = "STRONGROOM__KEYBROKER__HSM_RECYCLE_AFTER_OPERATIONS"
+
+
+def _load(tmp_path: Path, environ: dict[str, str]) -> KeybrokerConfig:
+    path = tmp_path / "keybroker.yaml"
+    path.write_text(BASE)
+    _, section = load_service_config(path, "keybroker", KeybrokerConfig, environ=environ)
+    assert isinstance(section, KeybrokerConfig)
+    return section
+
+
+def test_the_default_quota_is_the_hsm_backends() -> None:
+    """One default, whichever way the broker is built."""
+    broker = {f.name: f.default for f in dataclasses.fields(KeybrokerConfig)}
+    hsm = {f.name: f.default for f in dataclasses.fields(HsmConfig)}
+    assert broker["hsm_recycle_after_operations"] == hsm["recycle_after_operations"] == 2000
+
+
+@pytest.mark.parametrize("value", ["0", "1", "50000", str(MAX_RECYCLE_AFTER_OPERATIONS)])
+def test_quota_in_range_is_accepted(tmp_path: Path, value: str) -> None:
+    assert _load(tmp_path, {ENV: value}).hsm_recycle_after_operations == int(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("-1", "between 0 (never) and 10000000"),
+        (str(MAX_RECYCLE_AFTER_OPERATIONS + 1), "between 0 (never) and 10000000"),
+        ("often", "expected an integer"),
+        ("2.5", "expected an integer"),
+        ("true", "expected an integer"),
+    ],
+)
+def test_quota_out_of_range_or_not_an_integer_is_refused(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match="hsm_recycle_after_operations") as info:
+        _load(tmp_path, {ENV: value})
+    assert message in str(info.value)
