@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from strongroom.keybroker import server
 from strongroom.keybroker.config import MAX_RECYCLE_AFTER_OPERATIONS, KeybrokerConfig
 from strongroom.keybroker.hsm import HsmConfig
 from strongroom.runtime.config import ConfigError, load_service_config
@@ -68,39 +64,3 @@ def test_quota_out_of_range_or_not_an_integer_is_refused(
     with pytest.raises(ConfigError, match="hsm_recycle_after_operations") as info:
         _load(tmp_path, {ENV: value})
     assert message in str(info.value)
-
-
-SWITCH_ENV = "STRONGROOM__KEYBROKER__GIL_SWITCH_INTERVAL_MS"
-
-
-def test_switch_interval_defaults_to_one_millisecond(tmp_path: Path) -> None:
-    assert _load(tmp_path, {}).gil_switch_interval_ms == 1.0
-    assert _load(tmp_path, {SWITCH_ENV: "0.5"}).gil_switch_interval_ms == 0.5
-
-
-@pytest.mark.parametrize("value", ["0", "0.05", "101", "-1"])
-def test_switch_interval_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
-    with pytest.raises(ConfigError, match=r"gil_switch_interval_ms must be between 0\.1 and 100"):
-        _load(tmp_path, {SWITCH_ENV: value})
-
-
-def test_the_broker_process_applies_the_switch_interval(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`strongroom serve keybroker` sets the interval when it builds the broker."""
-    started: list[Callable[..., object]] = []
-
-    def run_service(name: str, path: object, cls: object, build_process: Any) -> int:
-        started.append(build_process)
-        return 0
-
-    monkeypatch.setattr(server, "run_service", run_service)
-    monkeypatch.setattr(server, "build", lambda common, config, identity: "the broker")
-    assert server.serve(None) == 0
-    config = dataclasses.replace(_load(tmp_path, {}), gil_switch_interval_ms=2.0)
-    before = sys.getswitchinterval()
-    try:
-        assert started[0](None, config, None) == "the broker"
-        assert sys.getswitchinterval() == pytest.approx(0.002)
-    finally:
-        sys.setswitchinterval(before)
