@@ -57,15 +57,8 @@ class KeybrokerConfig:
     collateral_refresh_interval_seconds: float = 3600.0
     # Accept a document at most this long past its nextUpdate (upstream outage), then refuse.
     collateral_grace_seconds: float = 0.0
-    # The interpreter's thread switch interval in the broker process (Python's default is 5 ms).
-    # A release waits for the audit's group commit, whose thread needs the GIL back after each
-    # fsync; behind CPU-bound request threads that wait is a switch interval or more, so a shorter
-    # interval shortens every commit under load (the `audit` bench's under_gil_contention figures).
-    gil_switch_interval_ms: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0.1 <= self.gil_switch_interval_ms <= 100:
-            raise ConfigError("keybroker.gil_switch_interval_ms must be between 0.1 and 100")
         if self.allow_simulated_tee and self.simulated_roots_dir is None:
             raise ConfigError("keybroker.allow_simulated_tee needs keybroker.simulated_roots_dir")
         if not 0 <= self.collateral_grace_seconds <= 7 * 86400:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -240,13 +239,9 @@ def build(
 
 def serve(config_path: Path | None) -> int:
     """``strongroom serve keybroker``: runs until SIGTERM, then drains and exits."""
-
-    def build_process(
-        common: CommonConfig, config: KeybrokerConfig, identity: WorkloadIdentity
-    ) -> KeyBroker:
-        # Process-wide, so set here (the process entry) rather than in build(), which tests and
-        # the development stack also call in their own processes.
-        sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
-        return build(common, config, identity=identity)
-
-    return run_service("keybroker", config_path, KeybrokerConfig, build_process)
+    return run_service(
+        "keybroker",
+        config_path,
+        KeybrokerConfig,
+        lambda common, config, identity: build(common, config, identity=identity),
+    )

@@ -107,29 +107,6 @@ def _measure(releases: int) -> dict[str, Any]:
         return {"release_1_caller": one, "release_16_callers": sixteen}
 
 
-def _switch_interval_ab(releases: int, rounds: int = 2) -> dict[str, Any]:
-    """The broker at 16 callers with Python's default switch interval (5 ms) and with the shipped
-    ``keybroker.gil_switch_interval_ms`` (1 ms), brokers alternated, best round of each."""
-    env = "STRONGROOM__KEYBROKER__GIL_SWITCH_INTERVAL_MS"
-    best: dict[str, dict[str, Any]] = {}
-    try:
-        for _ in range(rounds):
-            for label, ms in (("python_default_5ms", "5"), ("shipped_1ms", "1")):
-                os.environ[env] = ms
-                with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
-                    broker = _Broker(stack)
-                    figures = broker.phase(broker.callers(16), max(releases // 16, 20))
-                if figures["releases_per_s"] > best.get(label, {}).get("releases_per_s", 0):
-                    best[label] = figures
-    finally:
-        os.environ.pop(env, None)
-    return best | {
-        "ratio_releases_per_s_1ms_over_5ms": round(
-            best["shipped_1ms"]["releases_per_s"] / best["python_default_5ms"]["releases_per_s"], 2
-        )
-    }
-
-
 def _profile(releases: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
         out = Path(tmp) / "profile.json"
@@ -205,7 +182,6 @@ def run(results: dict[str, Any], *, releases: int = 400, profile: bool = False) 
     """Measures the broker's CPU per release (and, with ``profile``, writes PROFILE.md)."""
     measured = _measure(releases)
     results.update(measured)
-    results["switch_interval_16_callers"] = _switch_interval_ab(releases)
     results["note"] = (
         "broker in its own process; callers in the bench process share the "
         f"{os.cpu_count()} cores; CPU from /proc/PID/stat"
