@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import secrets
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -56,17 +55,15 @@ from strongroom.identifiers import (
 )
 from strongroom.modelstore import _keyslot, _pagetoken
 from strongroom.modelstore._index import from_micros, to_micros
+from strongroom.modelstore._upload import Reservations, Upload, utcnow
 from strongroom.modelstore.config import StorageConfig
 from strongroom.modelstore.errors import (
-    ArtifactTooLarge,
-    EmptyUpload,
     KeySlotRejected,
     ModelExists,
     ModelNotFound,
     OutOfRange,
     StorageUnavailable,
     StoredDataCorrupt,
-    UploadMismatch,
 )
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
@@ -89,10 +86,6 @@ _ACCESS_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 )
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -457,7 +450,7 @@ class S3Storage:
         max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE,
         part_size: int = 16 * 1024 * 1024,
         orphan_grace: timedelta = timedelta(days=1),
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
         sweep: bool = True,
     ) -> None:
         if max_artifact_size <= 0 or part_size <= 0:
@@ -469,8 +462,7 @@ class S3Storage:
         self.part_size = part_size
         self.orphan_grace = orphan_grace
         self._clock = clock
-        self._reserved: set[tuple[str, str]] = set()
-        self._reserve_lock = threading.Lock()
+        self._reservations = Reservations()
         self._closed = False
         try:
             self._client.head_bucket(Bucket=bucket)
@@ -569,39 +561,6 @@ class S3Storage:
 
     # -- uploads -------------------------------------------------------------------------------
 
-    def _reserve(self, name: str, version: str) -> tuple[str, str]:
-        key = (name, version)
-        with self._reserve_lock:
-            if key in self._reserved:
-                raise ModelExists(
-                    f"model {name} version {version} is being uploaded",
-                    reason=Reason.UPLOAD_IN_PROGRESS,
-                )
-            self._reserved.add(key)
-        try:
-            if self._exists(name, version):
-                raise ModelExists(f"model {name} version {version} already exists")
-        except BaseException:
-            self._release(key)
-            raise
-        return key
-
-    def _release(self, key: tuple[str, str]) -> None:
-        with self._reserve_lock:
-            self._reserved.discard(key)
-
-    def _check_growth(self, size: int, claims: UploadClaims) -> None:
-        if size > self.max_artifact_size or (
-            claims.size is not None and claims.size > self.max_artifact_size
-        ):
-            raise ArtifactTooLarge(
-                f"artifact exceeds the store's limit of {self.max_artifact_size} bytes"
-            )
-        if claims.size is not None and size > claims.size:
-            raise UploadMismatch(
-                f"received more than the announced {claims.size} bytes", reason=Reason.SIZE_MISMATCH
-            )
-
     def put(
         self,
         chunks: Iterable[bytes],
@@ -614,62 +573,30 @@ class S3Storage:
         (with an ``S3_*`` reason); on any failure nothing becomes visible.
         """
         self._check_open()
-        claims = claims if claims is not None else UploadClaims()
-        reserved: tuple[str, str] | None = None
         blob = self._new_blob()
         writer = _BlobWriter(self._client, self.bucket, self._full(blob), self.part_size)
-        hasher = hashlib.sha256()
-        size = 0
+        upload = Upload(
+            validator,
+            claims,
+            max_artifact_size=self.max_artifact_size,
+            reservations=self._reservations,
+            exists=self._exists,
+        )
         committed = False
-        try:
-            for chunk in chunks:
-                if not chunk:
-                    continue
-                self._check_growth(size + len(chunk), claims)
-                validator.feed(chunk)
-                hasher.update(chunk)
-                size += len(chunk)
-                if reserved is None and (identity := validator.identity()) is not None:
-                    # Reserve as soon as the header names the model: a losing concurrent upload
-                    # (or a re-upload of a stored version) fails here, not after its last byte.
-                    reserved = self._reserve(*identity)
-                writer.write(chunk)
-            self._check_growth(size, claims)
-            if size == 0:
-                raise EmptyUpload("the upload carried no artifact bytes")
-            summary = validator.finish()
-            # finish() succeeded, so the header was parsed and the version reserved above.
-            if reserved is None or reserved != (summary.name, summary.version):
-                raise Internal("the validator reported two identities for one artifact")
-            name, version = reserved
-            digest = hasher.hexdigest()
-            _check_final(size, digest, summary.artifact_size, claims)
-            record = ModelRecord(
-                name=name,
-                version=version,
-                artifact_sha256=digest,
-                artifact_size=size,
-                plaintext_size=summary.plaintext_size,
-                plaintext_sha256=summary.plaintext_sha256,
-                content_type=summary.content_type,
-                key_id=summary.key_id,
-                key_version=summary.key_version,
-                header_size=summary.header_size,
-                created_at=_aware(summary.created_at),
-                stored_at=_aware(self._clock()),
-            )
-            writer.commit()
-            committed = True
-            self._publish(record, blob)
-        except BaseException:
-            if committed:
-                self._delete_blob(blob)
-            else:
-                writer.abort()
-            raise
-        finally:
-            if reserved is not None:
-                self._release(reserved)
+        with upload:
+            try:
+                for chunk in upload.accept(chunks):
+                    writer.write(chunk)
+                record = upload.finish(self._clock())
+                writer.commit()
+                committed = True
+                self._publish(record, blob)
+            except BaseException:
+                if committed:
+                    self._delete_blob(blob)
+                else:
+                    writer.abort()
+                raise
         log.info(
             "stored model",
             extra={"model": record.name, "version": record.version, "size": record.artifact_size},
@@ -1078,27 +1005,3 @@ class S3Storage:
         if more:
             return ModelPage(models=models, next_page_token=_pagetoken.encode(prefix, *keys[-1]))
         return ModelPage(models=models, next_page_token="")
-
-
-def _check_final(size: int, digest: str, header_size: int, claims: UploadClaims) -> None:
-    if header_size != size:
-        raise UploadMismatch(
-            f"artifact is {size} bytes but its header implies {header_size}",
-            reason=Reason.SIZE_MISMATCH,
-        )
-    if claims.size is not None and claims.size != size:
-        raise UploadMismatch(
-            f"received {size} bytes, announced {claims.size}", reason=Reason.SIZE_MISMATCH
-        )
-    if claims.sha256 is not None and validate_sha256_hex(claims.sha256) != digest:
-        raise UploadMismatch(
-            "artifact SHA-256 differs from the announced artifact_sha256",
-            reason=Reason.DIGEST_MISMATCH,
-        )
-
-
-def _aware(moment: datetime) -> datetime:
-    """``moment`` in UTC; a naive datetime is taken to be UTC already."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
