@@ -37,14 +37,13 @@ from strongroom.identifiers import (
     validate_prefix,
     validate_version,
 )
-from strongroom.modelstore import _keyslot, _pagetoken
+from strongroom.modelstore import _keyslot, _pagetoken, _ranges
 from strongroom.modelstore._blobs import BlobStore, TempBlob, digest_fd, io_error
 from strongroom.modelstore._index import Index
 from strongroom.modelstore._upload import Reservations, Upload, utcnow
 from strongroom.modelstore.errors import (
     KeySlotRejected,
     ModelNotFound,
-    OutOfRange,
     StorageLocked,
     StoredDataCorrupt,
 )
@@ -456,21 +455,11 @@ class FilesystemStorage:
         OutOfRange if the range ends past the artifact; StoredDataCorrupt if the blob is missing or
         has the wrong size (checked on every open, it costs one fstat).
         """
-        if offset < 0 or (length is not None and length < 0):
-            raise InvalidArgument(
-                "offset and length must not be negative", reason=Reason.INVALID_RANGE
-            )
+        _ranges.check_bounds(offset, length)
         record, fd = self._open_blob(name, version)
         try:
             size = record.artifact_size
-            if offset > size:
-                raise OutOfRange(f"offset {offset} is past the end of the {size}-byte artifact")
-            if length is None:
-                length = size - offset
-            elif offset + length > size:
-                raise OutOfRange(
-                    f"range of {length} bytes at offset {offset} ends past the {size}-byte artifact"
-                )
+            length = _ranges.range_length(offset, length, size)
             actual = os.fstat(fd).st_size
             if actual != size:
                 log.error("blob %s is %d bytes, expected %d", record.artifact_sha256, actual, size)

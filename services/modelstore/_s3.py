@@ -53,7 +53,7 @@ from strongroom.identifiers import (
     validate_sha256_hex,
     validate_version,
 )
-from strongroom.modelstore import _keyslot, _pagetoken
+from strongroom.modelstore import _keyslot, _pagetoken, _ranges
 from strongroom.modelstore._index import from_micros, to_micros
 from strongroom.modelstore._upload import Reservations, Upload, utcnow
 from strongroom.modelstore.config import StorageConfig
@@ -61,7 +61,6 @@ from strongroom.modelstore.errors import (
     KeySlotRejected,
     ModelExists,
     ModelNotFound,
-    OutOfRange,
     StorageUnavailable,
     StoredDataCorrupt,
 )
@@ -815,20 +814,9 @@ class S3Storage:
         has the wrong size. The GET starts here, so a reader keeps its bytes if the model is deleted
         while it streams.
         """
-        if offset < 0 or (length is not None and length < 0):
-            raise InvalidArgument(
-                "offset and length must not be negative", reason=Reason.INVALID_RANGE
-            )
+        _ranges.check_bounds(offset, length)
         entry = self._require(name, version)
-        size = entry.record.artifact_size
-        if offset > size:
-            raise OutOfRange(f"offset {offset} is past the end of the {size}-byte artifact")
-        if length is None:
-            length = size - offset
-        elif offset + length > size:
-            raise OutOfRange(
-                f"range of {length} bytes at offset {offset} ends past the {size}-byte artifact"
-            )
+        length = _ranges.range_length(offset, length, entry.record.artifact_size)
         return self._open_blob(entry, offset, length)
 
     def verify(self, name: str, version: str) -> ModelRecord:
