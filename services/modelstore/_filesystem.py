@@ -31,10 +31,9 @@ from types import TracebackType
 from typing import Self
 
 from strongroom.artifact import StructureValidator
-from strongroom.errors import FailedPrecondition, InvalidArgument
+from strongroom.errors import FailedPrecondition
 from strongroom.identifiers import (
     validate_name,
-    validate_prefix,
     validate_version,
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
@@ -47,7 +46,7 @@ from strongroom.modelstore.errors import (
     StorageLocked,
     StoredDataCorrupt,
 )
-from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE
 from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
 from strongroom.reasons import Reason
 
@@ -508,12 +507,7 @@ class FilesystemStorage:
         ``next_page_token`` for the same prefix (InvalidArgument otherwise).
         """
         self._check_open()
-        validate_prefix(prefix)
-        if not 1 <= page_size <= MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size must be between 1 and {MAX_PAGE_SIZE}", reason=Reason.INVALID_PAGE_SIZE
-            )
-        after = _pagetoken.decode(page_token, prefix) if page_token else None
+        after = _pagetoken.start(prefix, page_size, page_token)
         rows = self._index.page(prefix, after, page_size + 1)
         if len(rows) > page_size:
             last = rows[page_size - 1]

@@ -49,7 +49,6 @@ from strongroom.artifact import StructureValidator
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
 from strongroom.identifiers import (
     validate_name,
-    validate_prefix,
     validate_sha256_hex,
     validate_version,
 )
@@ -64,7 +63,7 @@ from strongroom.modelstore.errors import (
     StorageUnavailable,
     StoredDataCorrupt,
 )
-from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE
 from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
@@ -974,12 +973,7 @@ class S3Storage:
         eight at a time. A model deleted between the two is left out of the page.
         """
         self._check_open()
-        validate_prefix(prefix)
-        if not 1 <= page_size <= MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size must be between 1 and {MAX_PAGE_SIZE}", reason=Reason.INVALID_PAGE_SIZE
-            )
-        after = _pagetoken.decode(page_token, prefix) if page_token else None
+        after = _pagetoken.start(prefix, page_size, page_token)
         start = self._index_key(*after) if after else None
         keys: list[tuple[str, str]] = []
         for item in self._list_keys(f"{self.prefix}{INDEX_DIR}{prefix}", start, page_size + 1):
