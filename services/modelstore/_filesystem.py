@@ -27,10 +27,9 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from strongroom.artifact import StructureValidator
+from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition
 from strongroom.identifiers import (
     validate_name,
@@ -73,7 +72,7 @@ class SweepReport:
     """Files in the blob tree that are not blobs (left alone, logged)."""
 
 
-class FileRangeReader:
+class FileRangeReader(Closing):
     """An open byte range of one stored artifact; close it (or use ``with``) when done."""
 
     def __init__(self, fd: int, record: ModelRecord, offset: int, length: int) -> None:
@@ -114,19 +113,8 @@ class FileRangeReader:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class FilesystemStorage:
+class FilesystemStorage(Closing):
     """Durable model storage in a local directory (see the module docstring for the protocol).
 
     Thread-safe. Only one process may open a given root at a time (an exclusive ``flock`` on
@@ -189,17 +177,6 @@ class FilesystemStorage:
         self._closed = True
         self._index.close()
         os.close(self._lock_fd)  # closing the descriptor releases the flock
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _check_open(self) -> None:
         if self._closed:

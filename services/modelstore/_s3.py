@@ -39,13 +39,13 @@ import logging
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import botocore.exceptions
 from botocore.config import Config
 
 from strongroom.artifact import StructureValidator
+from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
 from strongroom.identifiers import (
     validate_name,
@@ -374,7 +374,7 @@ class _BlobWriter:
             log.warning("cannot abort multipart upload of %s now (swept later): %r", self.key, exc)
 
 
-class S3RangeReader:
+class S3RangeReader(Closing):
     """An open byte range of one stored artifact, streamed from one ranged GET."""
 
     def __init__(self, body: Any, record: ModelRecord, offset: int, length: int) -> None:
@@ -418,19 +418,8 @@ class S3RangeReader:
             except Exception as exc:  # closing a broken stream must not mask the real error
                 log.debug("closing an S3 stream failed: %r", exc)
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class S3Storage:
+class S3Storage(Closing):
     """Model storage in a bucket of an S3-compatible object store (module docstring: protocol).
 
     Thread-safe, and safe to run in any number of processes on the same bucket and prefix: every
@@ -488,17 +477,6 @@ class S3Storage:
     def close(self) -> None:
         """Marks the storage closed (idempotent); the client's connections are dropped with it."""
         self._closed = True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -12,10 +12,9 @@ import hashlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Self
 
 from strongroom.artifact import StructureValidator
+from strongroom.closing import Closing
 from strongroom.errors import Internal
 from strongroom.identifiers import validate_name, validate_sha256_hex, validate_version
 from strongroom.modelstore.errors import ArtifactTooLarge, EmptyUpload, ModelExists, UploadMismatch
@@ -74,7 +73,7 @@ class Reservations:
             self._held.discard(key)
 
 
-class Upload:
+class Upload(Closing):
     """One upload's checks: size limits, structure, SHA-256, claims and the version reservation.
 
     Use it as a context manager: leaving it releases the reservation, whatever happened.
@@ -179,14 +178,3 @@ class Upload:
         if self._reserved is not None:
             self._reservations.release(self._reserved)
             self._reserved = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
