@@ -38,7 +38,7 @@ from strongroom.identifiers import (
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
 from strongroom.modelstore._blobs import BlobStore, TempBlob, digest_fd, io_error
 from strongroom.modelstore._index import Index
-from strongroom.modelstore._upload import Reservations, Upload, utcnow
+from strongroom.modelstore._upload import Uploads, utcnow
 from strongroom.modelstore.errors import (
     KeySlotRejected,
     ModelNotFound,
@@ -134,7 +134,7 @@ class FilesystemStorage(Closing):
         self.root = Path(root)
         self.max_artifact_size = max_artifact_size
         self._clock = clock
-        self._reservations = Reservations()
+        self._uploads = Uploads(max_artifact_size, self._exists)
         # Serialises "blob present? rename / insert" against "delete row, unlink unreferenced blob".
         self._commit_lock = threading.Lock()
         self._closed = False
@@ -240,14 +240,7 @@ class FilesystemStorage(Closing):
             temp = self._blobs.new_temp()
         except OSError as exc:
             raise io_error(exc, "creating an upload file") from None
-        upload = Upload(
-            validator,
-            claims,
-            max_artifact_size=self.max_artifact_size,
-            reservations=self._reservations,
-            exists=self._exists,
-        )
-        with upload:
+        with self._uploads.begin(validator, claims) as upload:
             try:
                 for chunk in upload.accept(chunks):
                     temp.write(chunk)

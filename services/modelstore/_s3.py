@@ -54,7 +54,7 @@ from strongroom.identifiers import (
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
 from strongroom.modelstore._index import from_micros, to_micros
-from strongroom.modelstore._upload import Reservations, Upload, utcnow
+from strongroom.modelstore._upload import Uploads, utcnow
 from strongroom.modelstore.config import StorageConfig
 from strongroom.modelstore.errors import (
     KeySlotRejected,
@@ -449,7 +449,7 @@ class S3Storage(Closing):
         self.part_size = part_size
         self.orphan_grace = orphan_grace
         self._clock = clock
-        self._reservations = Reservations()
+        self._uploads = Uploads(max_artifact_size, self._exists)
         self._closed = False
         try:
             self._client.head_bucket(Bucket=bucket)
@@ -551,15 +551,8 @@ class S3Storage(Closing):
         self._check_open()
         blob = self._new_blob()
         writer = _BlobWriter(self._client, self.bucket, self._full(blob), self.part_size)
-        upload = Upload(
-            validator,
-            claims,
-            max_artifact_size=self.max_artifact_size,
-            reservations=self._reservations,
-            exists=self._exists,
-        )
         committed = False
-        with upload:
+        with self._uploads.begin(validator, claims) as upload:
             try:
                 for chunk in upload.accept(chunks):
                     writer.write(chunk)

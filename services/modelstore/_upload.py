@@ -34,22 +34,29 @@ def aware(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
 
-class Reservations:
-    """The (name, version) pairs this process is uploading, so a second upload fails fast.
+class Uploads:
+    """What one backend's uploads share: the size limit, the question whether a version is stored,
+    and the versions this process is uploading (so that a second upload of one fails fast).
 
-    Only a fast path: what makes (name, version) immutable is the backend's own create-only
-    commit (a primary key, a conditional PUT).
+    The reservation is only a fast path: what makes (name, version) immutable is the backend's
+    own create-only commit (a primary key, a conditional PUT).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_artifact_size: int, exists: Callable[[str, str], bool]) -> None:
+        self.max_artifact_size = max_artifact_size
+        self._exists = exists
         self._held: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def hold(self, name: str, version: str, exists: Callable[[str, str], bool]) -> tuple[str, str]:
+    def begin(self, validator: StructureValidator, claims: UploadClaims | None) -> Upload:
+        """A new upload checked by ``validator`` against ``claims`` (None: nothing announced)."""
+        return Upload(self, validator, claims)
+
+    def hold(self, name: str, version: str) -> tuple[str, str]:
         """Reserves (name, version) and returns it; release it with :meth:`release`.
 
         ModelExists with UPLOAD_IN_PROGRESS if this process is uploading it already, plain
-        ModelExists if ``exists`` says it is stored.
+        ModelExists if it is stored.
         """
         key = (validate_name(name), validate_version(version))
         with self._lock:
@@ -60,7 +67,7 @@ class Reservations:
                 )
             self._held.add(key)
         try:
-            if exists(*key):
+            if self._exists(*key):
                 raise ModelExists(f"model {name} version {version} already exists")
         except BaseException:
             self.release(key)
@@ -76,23 +83,17 @@ class Reservations:
 class Upload(Closing):
     """One upload's checks: size limits, structure, SHA-256, claims and the version reservation.
 
-    Use it as a context manager: leaving it releases the reservation, whatever happened.
+    Made by :meth:`Uploads.begin`; use it as a context manager: leaving it releases the
+    reservation, whatever happened.
     """
 
     def __init__(
-        self,
-        validator: StructureValidator,
-        claims: UploadClaims | None,
-        *,
-        max_artifact_size: int,
-        reservations: Reservations,
-        exists: Callable[[str, str], bool],
+        self, uploads: Uploads, validator: StructureValidator, claims: UploadClaims | None
     ) -> None:
+        self._uploads = uploads
         self._validator = validator
         self._claims = claims if claims is not None else UploadClaims()
-        self._max = max_artifact_size
-        self._reservations = reservations
-        self._exists = exists
+        self._max = uploads.max_artifact_size
         self._hasher = hashlib.sha256()
         self._reserved: tuple[str, str] | None = None
         self.size = 0
@@ -110,7 +111,7 @@ class Upload(Closing):
             if self._reserved is None and (identity := self._validator.identity()) is not None:
                 # Reserve as soon as the header names the model: a losing concurrent upload
                 # (or a re-upload of a stored version) fails here, not after its last byte.
-                self._reserved = self._reservations.hold(*identity, self._exists)
+                self._reserved = self._uploads.hold(*identity)
             yield chunk
 
     def finish(self, stored_at: datetime) -> ModelRecord:
@@ -176,5 +177,5 @@ class Upload(Closing):
     def close(self) -> None:
         """Releases the version reservation, if one was made (idempotent)."""
         if self._reserved is not None:
-            self._reservations.release(self._reserved)
+            self._uploads.release(self._reserved)
             self._reserved = None
