@@ -297,7 +297,8 @@ class _BlobWriter:
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
-        self._committed = False
+        self.committed = False
+        """True once :meth:`commit` succeeded: the blob exists."""
 
     def write(self, data: bytes | memoryview) -> None:
         self._buffer += data
@@ -357,13 +358,13 @@ class _BlobWriter:
             raise s3_error(exc, "committing an artifact") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "committing an artifact") from None
-        self._committed = True
+        self.committed = True
         self._buffer = bytearray()
 
     def abort(self) -> None:
         """Discards the upload (best effort; a sweep removes whatever this cannot)."""
         self._buffer = bytearray()
-        if self._committed or self._upload_id is None:
+        if self.committed or self._upload_id is None:
             return
         upload_id, self._upload_id = self._upload_id, None
         try:
@@ -529,6 +530,13 @@ class S3Storage(Closing):
             raise s3_error(exc, "reading the model index") from None
         return True
 
+    def _discard(self, writer: _BlobWriter, blob: str) -> None:
+        """Undoes ``writer``'s blob ``blob`` at whatever stage it reached (best effort)."""
+        if writer.committed:
+            self._delete_blob(blob)
+        else:
+            writer.abort()
+
     def _delete_blob(self, blob: str) -> None:
         try:
             self._client.delete_object(Bucket=self.bucket, Key=self._full(blob))
@@ -551,20 +559,15 @@ class S3Storage(Closing):
         self._check_open()
         blob = self._new_blob()
         writer = _BlobWriter(self._client, self.bucket, self._full(blob), self.part_size)
-        committed = False
         with self._uploads.begin(validator, claims) as upload:
             try:
                 for chunk in upload.accept(chunks):
                     writer.write(chunk)
                 record = upload.finish(self._clock())
                 writer.commit()
-                committed = True
                 self._publish(record, blob)
             except BaseException:
-                if committed:
-                    self._delete_blob(blob)
-                else:
-                    writer.abort()
+                self._discard(writer, blob)
                 raise
         log.info(
             "stored model",
@@ -631,7 +634,6 @@ class S3Storage(Closing):
                 return record
             blob = self._new_blob()
             writer = _BlobWriter(self._client, self.bucket, self._full(blob), self.part_size)
-            committed = False
             try:
                 new_hash = hashlib.sha256(new_head.head)
                 writer.write(new_head.head)
@@ -656,13 +658,9 @@ class S3Storage(Closing):
                     header_size=new_head.header_size,
                 )
                 writer.commit()
-                committed = True
                 self._swap(entry, new_record, blob)
             except BaseException:
-                if committed:
-                    self._delete_blob(blob)
-                else:
-                    writer.abort()
+                self._discard(writer, blob)
                 raise
         self._delete_blob(entry.blob)
         log.info(
