@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 
 import grpc
 from cryptography.hazmat.primitives import serialization
 
+from strongroom.closing import Closing
 from strongroom.errors import StrongroomError
 from strongroom.pki import _jose
 from strongroom.pki._state import STATE_FILE, load_state, save_state
@@ -110,7 +110,7 @@ def _token_sans(token: str) -> tuple[str, list[str]]:
     return subject, list(sans)
 
 
-class WorkloadIdentity:
+class WorkloadIdentity(Closing):
     """A workload's current key and certificate chain, kept fresh by a background thread.
 
     Build one with :meth:`start`, :meth:`enrol` or :meth:`resume`; close it with :meth:`close` (or
@@ -514,17 +514,6 @@ class WorkloadIdentity:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=10)
-
-    def __enter__(self) -> WorkloadIdentity:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         credentials = self.credentials

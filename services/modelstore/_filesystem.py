@@ -25,34 +25,27 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from strongroom.artifact import StructureValidator
-from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
+from strongroom.closing import Closing
+from strongroom.errors import FailedPrecondition
 from strongroom.identifiers import (
     validate_name,
-    validate_prefix,
-    validate_sha256_hex,
     validate_version,
 )
-from strongroom.modelstore import _keyslot, _pagetoken
+from strongroom.modelstore import _keyslot, _pagetoken, _ranges
 from strongroom.modelstore._blobs import BlobStore, TempBlob, digest_fd, io_error
 from strongroom.modelstore._index import Index
+from strongroom.modelstore._upload import Uploads, utcnow
 from strongroom.modelstore.errors import (
-    ArtifactTooLarge,
-    EmptyUpload,
     KeySlotRejected,
-    ModelExists,
     ModelNotFound,
-    OutOfRange,
     StorageLocked,
     StoredDataCorrupt,
-    UploadMismatch,
 )
-from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE
 from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
 from strongroom.reasons import Reason
 
@@ -61,10 +54,6 @@ log = logging.getLogger(__name__)
 _LOCK_FILE = "LOCK"
 _INDEX_FILE = "index.sqlite3"
 _COPY_BLOCK = 1 << 20
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,7 +72,7 @@ class SweepReport:
     """Files in the blob tree that are not blobs (left alone, logged)."""
 
 
-class FileRangeReader:
+class FileRangeReader(Closing):
     """An open byte range of one stored artifact; close it (or use ``with``) when done."""
 
     def __init__(self, fd: int, record: ModelRecord, offset: int, length: int) -> None:
@@ -124,19 +113,8 @@ class FileRangeReader:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class FilesystemStorage:
+class FilesystemStorage(Closing):
     """Durable model storage in a local directory (see the module docstring for the protocol).
 
     Thread-safe. Only one process may open a given root at a time (an exclusive ``flock`` on
@@ -149,15 +127,14 @@ class FilesystemStorage:
         root: Path,
         *,
         max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         if max_artifact_size <= 0:
             raise ValueError("max_artifact_size must be positive")
         self.root = Path(root)
         self.max_artifact_size = max_artifact_size
         self._clock = clock
-        self._reserved: set[tuple[str, str]] = set()
-        self._reserve_lock = threading.Lock()
+        self._uploads = Uploads(max_artifact_size, self._exists)
         # Serialises "blob present? rename / insert" against "delete row, unlink unreferenced blob".
         self._commit_lock = threading.Lock()
         self._closed = False
@@ -201,17 +178,6 @@ class FilesystemStorage:
         self._index.close()
         os.close(self._lock_fd)  # closing the descriptor releases the flock
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def _check_open(self) -> None:
         if self._closed:
             raise FailedPrecondition("the storage is closed", reason=Reason.STORAGE_CLOSED)
@@ -254,35 +220,8 @@ class FilesystemStorage:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def _reserve(self, name: str, version: str) -> tuple[str, str]:
-        key = (validate_name(name), validate_version(version))
-        with self._reserve_lock:
-            if key in self._reserved:
-                raise ModelExists(
-                    f"model {name} version {version} is being uploaded by another request",
-                    reason=Reason.UPLOAD_IN_PROGRESS,
-                )
-            if self._index.get(name, version) is not None:
-                raise ModelExists(f"model {name} version {version} already exists")
-            self._reserved.add(key)
-        return key
-
-    def _release(self, key: tuple[str, str]) -> None:
-        with self._reserve_lock:
-            self._reserved.discard(key)
-
-    def _check_growth(self, size: int, claims: UploadClaims) -> None:
-        if claims.size is not None and claims.size > self.max_artifact_size:
-            raise ArtifactTooLarge(
-                f"announced artifact size {claims.size} exceeds the limit of "
-                f"{self.max_artifact_size} bytes"
-            )
-        if size > self.max_artifact_size:
-            raise ArtifactTooLarge(f"artifact exceeds the limit of {self.max_artifact_size} bytes")
-        if claims.size is not None and size > claims.size:
-            raise UploadMismatch(
-                f"received more than the announced {claims.size} bytes", reason=Reason.SIZE_MISMATCH
-            )
+    def _exists(self, name: str, version: str) -> bool:
+        return self._index.get(name, version) is not None
 
     def put(
         self,
@@ -297,80 +236,26 @@ class FilesystemStorage:
         StorageUnavailable. On any failure nothing is stored.
         """
         self._check_open()
-        claims = claims if claims is not None else UploadClaims()
-        reserved: tuple[str, str] | None = None
         try:
             temp = self._blobs.new_temp()
         except OSError as exc:
             raise io_error(exc, "creating an upload file") from None
-        hasher = hashlib.sha256()
-        try:
-            for chunk in chunks:
-                if not chunk:
-                    continue
-                self._check_growth(temp.size + len(chunk), claims)
-                validator.feed(chunk)
-                hasher.update(chunk)
-                temp.write(chunk)
-                if reserved is None and (identity := validator.identity()) is not None:
-                    # Reserve as soon as the header names the model: a losing concurrent upload
-                    # (or a re-upload of a stored version) fails here, not after its last byte.
-                    reserved = self._reserve(*identity)
-            self._check_growth(temp.size, claims)
-            if temp.size == 0:
-                raise EmptyUpload("the upload carried no artifact bytes")
-            summary = validator.finish()
-            # finish() succeeded, so the header was parsed and the version reserved above.
-            if reserved is None or reserved != (summary.name, summary.version):
-                raise Internal("the validator reported two identities for one artifact")
-            name, version = reserved
-            digest = hasher.hexdigest()
-            self._check_final(temp, digest, summary.artifact_size, claims)
-            temp.seal()
-            record = ModelRecord(
-                name=name,
-                version=version,
-                artifact_sha256=digest,
-                artifact_size=temp.size,
-                plaintext_size=summary.plaintext_size,
-                plaintext_sha256=summary.plaintext_sha256,
-                content_type=summary.content_type,
-                key_id=summary.key_id,
-                key_version=summary.key_version,
-                header_size=summary.header_size,
-                created_at=_aware(summary.created_at),
-                stored_at=_aware(self._clock()),
-            )
-            self._commit(temp, record)
-        except OSError as exc:
-            raise io_error(exc, "storing an upload") from None
-        finally:
-            temp.discard()
-            if reserved is not None:
-                self._release(reserved)
+        with self._uploads.begin(validator, claims) as upload:
+            try:
+                for chunk in upload.accept(chunks):
+                    temp.write(chunk)
+                record = upload.finish(self._clock())
+                temp.seal()
+                self._commit(temp, record)
+            except OSError as exc:
+                raise io_error(exc, "storing an upload") from None
+            finally:
+                temp.discard()
         log.info(
             "stored model",
             extra={"model": record.name, "version": record.version, "size": record.artifact_size},
         )
         return record
-
-    def _check_final(
-        self, temp: TempBlob, digest: str, header_size: int, claims: UploadClaims
-    ) -> None:
-        if header_size != temp.size:
-            raise UploadMismatch(
-                f"artifact is {temp.size} bytes but its header implies {header_size}",
-                reason=Reason.SIZE_MISMATCH,
-            )
-        if claims.size is not None and claims.size != temp.size:
-            raise UploadMismatch(
-                f"received {temp.size} bytes, announced {claims.size}", reason=Reason.SIZE_MISMATCH
-            )
-        if claims.sha256 is not None and validate_sha256_hex(claims.sha256) != digest:
-            raise UploadMismatch(
-                "artifact SHA-256 differs from the announced artifact_sha256",
-                reason=Reason.DIGEST_MISMATCH,
-            )
 
     def _commit(self, temp: TempBlob, record: ModelRecord) -> None:
         with self._commit_lock:
@@ -539,21 +424,11 @@ class FilesystemStorage:
         OutOfRange if the range ends past the artifact; StoredDataCorrupt if the blob is missing or
         has the wrong size (checked on every open, it costs one fstat).
         """
-        if offset < 0 or (length is not None and length < 0):
-            raise InvalidArgument(
-                "offset and length must not be negative", reason=Reason.INVALID_RANGE
-            )
+        _ranges.check_bounds(offset, length)
         record, fd = self._open_blob(name, version)
         try:
             size = record.artifact_size
-            if offset > size:
-                raise OutOfRange(f"offset {offset} is past the end of the {size}-byte artifact")
-            if length is None:
-                length = size - offset
-            elif offset + length > size:
-                raise OutOfRange(
-                    f"range of {length} bytes at offset {offset} ends past the {size}-byte artifact"
-                )
+            length = _ranges.range_length(offset, length, size)
             actual = os.fstat(fd).st_size
             if actual != size:
                 log.error("blob %s is %d bytes, expected %d", record.artifact_sha256, actual, size)
@@ -602,12 +477,7 @@ class FilesystemStorage:
         ``next_page_token`` for the same prefix (InvalidArgument otherwise).
         """
         self._check_open()
-        validate_prefix(prefix)
-        if not 1 <= page_size <= MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size must be between 1 and {MAX_PAGE_SIZE}", reason=Reason.INVALID_PAGE_SIZE
-            )
-        after = _pagetoken.decode(page_token, prefix) if page_token else None
+        after = _pagetoken.start(prefix, page_size, page_token)
         rows = self._index.page(prefix, after, page_size + 1)
         if len(rows) > page_size:
             last = rows[page_size - 1]
@@ -626,10 +496,3 @@ class FilesystemStorage:
         """The digests of all blob files present (for consistency checks and tests)."""
         self._check_open()
         return self._blobs.digests()[0]
-
-
-def _aware(moment: datetime) -> datetime:
-    """``moment`` in UTC; a naive datetime is taken to be UTC already."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)

@@ -13,6 +13,7 @@ import json
 
 from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.identifiers import validate_name, validate_prefix, validate_version
+from strongroom.modelstore.limits import MAX_PAGE_SIZE
 from strongroom.reasons import Reason
 
 _TAG = "ms1"
@@ -53,3 +54,17 @@ def decode(token: str, prefix: str) -> tuple[str, str]:
             reason=Reason.INVALID_PAGE_TOKEN,
         )
     return name, version
+
+
+def start(prefix: str, page_size: int, page_token: str) -> tuple[str, str] | None:
+    """Checks a listing request; the (name, version) to resume after, None for the first page.
+
+    InvalidArgument for a malformed prefix, a ``page_size`` outside 1..MAX_PAGE_SIZE
+    (INVALID_PAGE_SIZE) or an unusable token (INVALID_PAGE_TOKEN).
+    """
+    validate_prefix(prefix)
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise InvalidArgument(
+            f"page_size must be between 1 and {MAX_PAGE_SIZE}", reason=Reason.INVALID_PAGE_SIZE
+        )
+    return decode(page_token, prefix) if page_token else None

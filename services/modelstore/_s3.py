@@ -37,38 +37,33 @@ import hashlib
 import json
 import logging
 import secrets
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import botocore.exceptions
 from botocore.config import Config
 
 from strongroom.artifact import StructureValidator
+from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
 from strongroom.identifiers import (
     validate_name,
-    validate_prefix,
     validate_sha256_hex,
     validate_version,
 )
-from strongroom.modelstore import _keyslot, _pagetoken
+from strongroom.modelstore import _keyslot, _pagetoken, _ranges
 from strongroom.modelstore._index import from_micros, to_micros
+from strongroom.modelstore._upload import Uploads, utcnow
 from strongroom.modelstore.config import StorageConfig
 from strongroom.modelstore.errors import (
-    ArtifactTooLarge,
-    EmptyUpload,
     KeySlotRejected,
     ModelExists,
     ModelNotFound,
-    OutOfRange,
     StorageUnavailable,
     StoredDataCorrupt,
-    UploadMismatch,
 )
-from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE
 from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
@@ -89,10 +84,6 @@ _ACCESS_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 )
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -306,7 +297,8 @@ class _BlobWriter:
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
-        self._committed = False
+        self.committed = False
+        """True once :meth:`commit` succeeded: the blob exists."""
 
     def write(self, data: bytes | memoryview) -> None:
         self._buffer += data
@@ -366,13 +358,13 @@ class _BlobWriter:
             raise s3_error(exc, "committing an artifact") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "committing an artifact") from None
-        self._committed = True
+        self.committed = True
         self._buffer = bytearray()
 
     def abort(self) -> None:
         """Discards the upload (best effort; a sweep removes whatever this cannot)."""
         self._buffer = bytearray()
-        if self._committed or self._upload_id is None:
+        if self.committed or self._upload_id is None:
             return
         upload_id, self._upload_id = self._upload_id, None
         try:
@@ -383,7 +375,7 @@ class _BlobWriter:
             log.warning("cannot abort multipart upload of %s now (swept later): %r", self.key, exc)
 
 
-class S3RangeReader:
+class S3RangeReader(Closing):
     """An open byte range of one stored artifact, streamed from one ranged GET."""
 
     def __init__(self, body: Any, record: ModelRecord, offset: int, length: int) -> None:
@@ -427,19 +419,8 @@ class S3RangeReader:
             except Exception as exc:  # closing a broken stream must not mask the real error
                 log.debug("closing an S3 stream failed: %r", exc)
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class S3Storage:
+class S3Storage(Closing):
     """Model storage in a bucket of an S3-compatible object store (module docstring: protocol).
 
     Thread-safe, and safe to run in any number of processes on the same bucket and prefix: every
@@ -457,7 +438,7 @@ class S3Storage:
         max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE,
         part_size: int = 16 * 1024 * 1024,
         orphan_grace: timedelta = timedelta(days=1),
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
         sweep: bool = True,
     ) -> None:
         if max_artifact_size <= 0 or part_size <= 0:
@@ -469,8 +450,7 @@ class S3Storage:
         self.part_size = part_size
         self.orphan_grace = orphan_grace
         self._clock = clock
-        self._reserved: set[tuple[str, str]] = set()
-        self._reserve_lock = threading.Lock()
+        self._uploads = Uploads(max_artifact_size, self._exists)
         self._closed = False
         try:
             self._client.head_bucket(Bucket=bucket)
@@ -498,17 +478,6 @@ class S3Storage:
     def close(self) -> None:
         """Marks the storage closed (idempotent); the client's connections are dropped with it."""
         self._closed = True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -561,6 +530,13 @@ class S3Storage:
             raise s3_error(exc, "reading the model index") from None
         return True
 
+    def _discard(self, writer: _BlobWriter, blob: str) -> None:
+        """Undoes ``writer``'s blob ``blob`` at whatever stage it reached (best effort)."""
+        if writer.committed:
+            self._delete_blob(blob)
+        else:
+            writer.abort()
+
     def _delete_blob(self, blob: str) -> None:
         try:
             self._client.delete_object(Bucket=self.bucket, Key=self._full(blob))
@@ -568,39 +544,6 @@ class S3Storage:
             log.warning("cannot delete blob %s now (swept later): %r", blob, exc)
 
     # -- uploads -------------------------------------------------------------------------------
-
-    def _reserve(self, name: str, version: str) -> tuple[str, str]:
-        key = (name, version)
-        with self._reserve_lock:
-            if key in self._reserved:
-                raise ModelExists(
-                    f"model {name} version {version} is being uploaded",
-                    reason=Reason.UPLOAD_IN_PROGRESS,
-                )
-            self._reserved.add(key)
-        try:
-            if self._exists(name, version):
-                raise ModelExists(f"model {name} version {version} already exists")
-        except BaseException:
-            self._release(key)
-            raise
-        return key
-
-    def _release(self, key: tuple[str, str]) -> None:
-        with self._reserve_lock:
-            self._reserved.discard(key)
-
-    def _check_growth(self, size: int, claims: UploadClaims) -> None:
-        if size > self.max_artifact_size or (
-            claims.size is not None and claims.size > self.max_artifact_size
-        ):
-            raise ArtifactTooLarge(
-                f"artifact exceeds the store's limit of {self.max_artifact_size} bytes"
-            )
-        if claims.size is not None and size > claims.size:
-            raise UploadMismatch(
-                f"received more than the announced {claims.size} bytes", reason=Reason.SIZE_MISMATCH
-            )
 
     def put(
         self,
@@ -614,62 +557,18 @@ class S3Storage:
         (with an ``S3_*`` reason); on any failure nothing becomes visible.
         """
         self._check_open()
-        claims = claims if claims is not None else UploadClaims()
-        reserved: tuple[str, str] | None = None
         blob = self._new_blob()
         writer = _BlobWriter(self._client, self.bucket, self._full(blob), self.part_size)
-        hasher = hashlib.sha256()
-        size = 0
-        committed = False
-        try:
-            for chunk in chunks:
-                if not chunk:
-                    continue
-                self._check_growth(size + len(chunk), claims)
-                validator.feed(chunk)
-                hasher.update(chunk)
-                size += len(chunk)
-                if reserved is None and (identity := validator.identity()) is not None:
-                    # Reserve as soon as the header names the model: a losing concurrent upload
-                    # (or a re-upload of a stored version) fails here, not after its last byte.
-                    reserved = self._reserve(*identity)
-                writer.write(chunk)
-            self._check_growth(size, claims)
-            if size == 0:
-                raise EmptyUpload("the upload carried no artifact bytes")
-            summary = validator.finish()
-            # finish() succeeded, so the header was parsed and the version reserved above.
-            if reserved is None or reserved != (summary.name, summary.version):
-                raise Internal("the validator reported two identities for one artifact")
-            name, version = reserved
-            digest = hasher.hexdigest()
-            _check_final(size, digest, summary.artifact_size, claims)
-            record = ModelRecord(
-                name=name,
-                version=version,
-                artifact_sha256=digest,
-                artifact_size=size,
-                plaintext_size=summary.plaintext_size,
-                plaintext_sha256=summary.plaintext_sha256,
-                content_type=summary.content_type,
-                key_id=summary.key_id,
-                key_version=summary.key_version,
-                header_size=summary.header_size,
-                created_at=_aware(summary.created_at),
-                stored_at=_aware(self._clock()),
-            )
-            writer.commit()
-            committed = True
-            self._publish(record, blob)
-        except BaseException:
-            if committed:
-                self._delete_blob(blob)
-            else:
-                writer.abort()
-            raise
-        finally:
-            if reserved is not None:
-                self._release(reserved)
+        with self._uploads.begin(validator, claims) as upload:
+            try:
+                for chunk in upload.accept(chunks):
+                    writer.write(chunk)
+                record = upload.finish(self._clock())
+                writer.commit()
+                self._publish(record, blob)
+            except BaseException:
+                self._discard(writer, blob)
+                raise
         log.info(
             "stored model",
             extra={"model": record.name, "version": record.version, "size": record.artifact_size},
@@ -735,7 +634,6 @@ class S3Storage:
                 return record
             blob = self._new_blob()
             writer = _BlobWriter(self._client, self.bucket, self._full(blob), self.part_size)
-            committed = False
             try:
                 new_hash = hashlib.sha256(new_head.head)
                 writer.write(new_head.head)
@@ -760,13 +658,9 @@ class S3Storage:
                     header_size=new_head.header_size,
                 )
                 writer.commit()
-                committed = True
                 self._swap(entry, new_record, blob)
             except BaseException:
-                if committed:
-                    self._delete_blob(blob)
-                else:
-                    writer.abort()
+                self._discard(writer, blob)
                 raise
         self._delete_blob(entry.blob)
         log.info(
@@ -888,20 +782,9 @@ class S3Storage:
         has the wrong size. The GET starts here, so a reader keeps its bytes if the model is deleted
         while it streams.
         """
-        if offset < 0 or (length is not None and length < 0):
-            raise InvalidArgument(
-                "offset and length must not be negative", reason=Reason.INVALID_RANGE
-            )
+        _ranges.check_bounds(offset, length)
         entry = self._require(name, version)
-        size = entry.record.artifact_size
-        if offset > size:
-            raise OutOfRange(f"offset {offset} is past the end of the {size}-byte artifact")
-        if length is None:
-            length = size - offset
-        elif offset + length > size:
-            raise OutOfRange(
-                f"range of {length} bytes at offset {offset} ends past the {size}-byte artifact"
-            )
+        length = _ranges.range_length(offset, length, entry.record.artifact_size)
         return self._open_blob(entry, offset, length)
 
     def verify(self, name: str, version: str) -> ModelRecord:
@@ -1059,12 +942,7 @@ class S3Storage:
         eight at a time. A model deleted between the two is left out of the page.
         """
         self._check_open()
-        validate_prefix(prefix)
-        if not 1 <= page_size <= MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size must be between 1 and {MAX_PAGE_SIZE}", reason=Reason.INVALID_PAGE_SIZE
-            )
-        after = _pagetoken.decode(page_token, prefix) if page_token else None
+        after = _pagetoken.start(prefix, page_size, page_token)
         start = self._index_key(*after) if after else None
         keys: list[tuple[str, str]] = []
         for item in self._list_keys(f"{self.prefix}{INDEX_DIR}{prefix}", start, page_size + 1):
@@ -1078,27 +956,3 @@ class S3Storage:
         if more:
             return ModelPage(models=models, next_page_token=_pagetoken.encode(prefix, *keys[-1]))
         return ModelPage(models=models, next_page_token="")
-
-
-def _check_final(size: int, digest: str, header_size: int, claims: UploadClaims) -> None:
-    if header_size != size:
-        raise UploadMismatch(
-            f"artifact is {size} bytes but its header implies {header_size}",
-            reason=Reason.SIZE_MISMATCH,
-        )
-    if claims.size is not None and claims.size != size:
-        raise UploadMismatch(
-            f"received {size} bytes, announced {claims.size}", reason=Reason.SIZE_MISMATCH
-        )
-    if claims.sha256 is not None and validate_sha256_hex(claims.sha256) != digest:
-        raise UploadMismatch(
-            "artifact SHA-256 differs from the announced artifact_sha256",
-            reason=Reason.DIGEST_MISMATCH,
-        )
-
-
-def _aware(moment: datetime) -> datetime:
-    """``moment`` in UTC; a naive datetime is taken to be UTC already."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)

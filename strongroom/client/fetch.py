@@ -36,7 +36,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from types import TracebackType
 
 import grpc
 
@@ -56,6 +55,7 @@ from strongroom.artifact.manifest import (
 )
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.client.remote import remote_error
+from strongroom.closing import Closing
 from strongroom.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -174,7 +174,7 @@ class DecryptedPart:
 
 
 @dataclass
-class DecryptedModel:
+class DecryptedModel(Closing):
     """A model version decrypted into memory; use it as a context manager (or call close()).
 
     ``manifest`` is the authenticated manifest of a multi-part model, None for a single artifact.
@@ -216,17 +216,6 @@ class DecryptedModel:
         for decryptor in self._decryptors:
             decryptor.wipe_output()
         self._decryptors.clear()
-
-    def __enter__(self) -> DecryptedModel:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _default_part_name(model_name: str) -> str:

@@ -48,6 +48,31 @@ def carry_attributes(wrapper: Callable[..., Any], wrapped: Callable[..., Any]) -
             setattr(wrapper, name, getattr(wrapped, name))
 
 
+class HandlerInterceptor(ServerInterceptorBase):
+    """A server interceptor that decorates the handler of every known method.
+
+    Subclasses implement :meth:`wrap_handler`; an unknown method (no handler) passes through as
+    None, so gRPC still answers UNIMPLEMENTED.
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> RpcMethodHandler | None:
+        """Asks ``continuation`` for the method's handler and returns it wrapped."""
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        return self.wrap_handler(handler, handler_call_details)
+
+    def wrap_handler(
+        self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> RpcMethodHandler | None:
+        """The handler to serve ``details.method`` with, in place of ``handler``."""
+        raise NotImplementedError
+
+
 def rewrap_handler(
     handler: RpcMethodHandler,
     unary: Callable[[UnaryBehaviour], UnaryBehaviour],

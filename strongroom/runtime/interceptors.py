@@ -24,9 +24,9 @@ from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
 from strongroom.runtime.grpc_types import (
+    HandlerInterceptor,
     RpcMethodHandler,
     ServerInterceptor,
-    ServerInterceptorBase,
     rewrap_handler,
 )
 
@@ -96,19 +96,14 @@ def _checked(requests: Iterator[Any], context: grpc.ServicerContext, method: str
         yield request
 
 
-class ErrorMappingInterceptor(ServerInterceptorBase):
+class ErrorMappingInterceptor(HandlerInterceptor):
     """Maps exceptions raised by handlers to gRPC statuses, for every RPC kind."""
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        return _wrap_handler(handler, method)
+    def wrap_handler(
+        self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> RpcMethodHandler:
+        """``handler`` with its exceptions mapped to statuses."""
+        return _wrap_handler(handler, details.method)
 
 
 def _wrap_handler(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
@@ -144,22 +139,18 @@ def _wrap_handler(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
     )
 
 
-class RequestDecodingInterceptor(ServerInterceptorBase):
+class RequestDecodingInterceptor(HandlerInterceptor):
     """Refuses a request that did not deserialise (INVALID_ARGUMENT MALFORMED_REQUEST).
 
     It goes innermost, after the authoriser: a caller who may not call the method learns that
     first, whatever bytes it sent. Needs :class:`ErrorMappingInterceptor` further out.
     """
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
+    def wrap_handler(
+        self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> RpcMethodHandler:
+        """``handler`` refusing an undecodable request before its behaviour runs."""
+        method = details.method
         request_streaming = handler.request_streaming
 
         def arguments(argument: Any, context: grpc.ServicerContext) -> Any:
@@ -186,7 +177,7 @@ class RequestDecodingInterceptor(ServerInterceptorBase):
         return rewrap_handler(handler, unary, stream)
 
 
-class CachedChain(ServerInterceptorBase):
+class CachedChain(HandlerInterceptor):
     """Runs ``interceptors`` (outermost first) once per method and reuses the wrapped handler.
 
     gRPC asks the interceptors for a handler on every call, and each of them wraps the one it gets
@@ -207,19 +198,15 @@ class CachedChain(ServerInterceptorBase):
         # method -> (the service's handler, the handler wrapped by every interceptor)
         self._cache: dict[str, tuple[RpcMethodHandler, RpcMethodHandler | None]] = {}
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap_handler(
+        self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None  # unknown method: the interceptors still answer (gRPC: UNIMPLEMENTED)
-        method = handler_call_details.method
+        """``handler`` wrapped by every interceptor, built once per method and handler."""
+        method = details.method
         cached = self._cache.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(handler, handler_call_details)
+        wrapped = self._wrap(handler, details)
         with self._lock:
             if len(self._cache) < self._max or method in self._cache:
                 self._cache[method] = (handler, wrapped)

@@ -18,7 +18,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 
 from strongroom.runtime.config import TracingConfig
-from strongroom.runtime.grpc_types import RpcMethodHandler, ServerInterceptorBase, rewrap_handler
+from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
 
 _meter = metrics.get_meter("strongroom")
 
@@ -67,18 +67,14 @@ def install_meter_provider(
     return provider
 
 
-class MetricsInterceptor(ServerInterceptorBase):
+class MetricsInterceptor(HandlerInterceptor):
     """Records every RPC's duration and status code."""
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
+    def wrap_handler(
+        self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> RpcMethodHandler:
+        """``handler`` recording its duration and status."""
+        method = details.method
 
         def record(context: grpc.ServicerContext, started: float, failed: bool) -> None:
             code = context.code() if hasattr(context, "code") else None

@@ -33,8 +33,8 @@ import grpc
 from strongroom.errors import ResourceExhausted
 from strongroom.reasons import Reason
 from strongroom.runtime.grpc_types import (
+    HandlerInterceptor,
     RpcMethodHandler,
-    ServerInterceptorBase,
     is_non_blocking,
     rewrap_handler,
 )
@@ -62,7 +62,7 @@ class StreamLimits:
     idle_timeout: float
 
 
-class StreamGuard(ServerInterceptorBase):
+class StreamGuard(HandlerInterceptor):
     """Admits streaming RPCs within :class:`StreamLimits`; unary RPCs pass untouched."""
 
     def __init__(self, limits: StreamLimits, identify: Identify = peer_identity) -> None:
@@ -147,15 +147,13 @@ class StreamGuard(ServerInterceptorBase):
 
         return release
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or not (handler.request_streaming or handler.response_streaming):
+    def wrap_handler(
+        self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> RpcMethodHandler:
+        """A streaming ``handler`` admitted within the limits; a unary one as it is."""
+        if not (handler.request_streaming or handler.response_streaming):
             return handler
-        method = handler_call_details.method
+        method = details.method
         blocking = not is_non_blocking(handler)
         idle = self._limits.idle_timeout if handler.request_streaming and blocking else None
 

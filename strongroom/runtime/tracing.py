@@ -25,9 +25,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 
 from strongroom.runtime.config import TracingConfig
 from strongroom.runtime.grpc_types import (
+    HandlerInterceptor,
     RpcMethodHandler,
     ServerInterceptor,
-    ServerInterceptorBase,
     is_non_blocking,
     rewrap_handler,
 )
@@ -75,7 +75,7 @@ def server_tracing_interceptor(provider: TracerProvider) -> ServerInterceptor:
     return _ServerTracing(interceptor, provider)
 
 
-class _ServerTracing(ServerInterceptorBase):
+class _ServerTracing(HandlerInterceptor):
     """Applies ``inner`` (spans) to every handler except non-blocking ones, which it would make
     blocking; picks spans or bare context propagation per call, by whether the provider exports."""
 
@@ -87,15 +87,13 @@ class _ServerTracing(ServerInterceptorBase):
         # A provider of unknown kind (tests pass plain ones with their own exporters) is traced.
         return getattr(self._provider, "exporting", True) is not False
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap_handler(
+        self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or is_non_blocking(handler):
+        """``handler`` traced (or only continuing the caller's trace); non-blocking ones as they are."""
+        if is_non_blocking(handler):
             return handler
-        traced = self._inner.intercept_service(lambda _details: handler, handler_call_details)
+        traced = self._inner.intercept_service(lambda _details: handler, details)
         if traced is None:
             return None
         exporting = self._exporting

@@ -29,6 +29,7 @@ LIBRARIES = (
     "strongroom.spiffe",
     "strongroom.oaep",
     "strongroom.files",
+    "strongroom.closing",
     "strongroom.wire",
     "strongroom.artifact",
     "strongroom.attestation",
