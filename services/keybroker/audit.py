@@ -82,6 +82,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from strongroom.closing import Closing
 from strongroom.errors import DataLoss, InvalidArgument, NotFound, StrongroomError
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.reasons import Reason
@@ -364,7 +365,7 @@ class _Pending:
         return self.result
 
 
-class AuditLog:
+class AuditLog(Closing):
     """An open audit log; :meth:`append` is safe from many threads and processes."""
 
     def __init__(
@@ -440,12 +441,6 @@ class AuditLog:
             log.close()
             raise
         return log
-
-    def __enter__(self) -> AuditLog:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self._path)!r}, records={self._count})"

@@ -75,6 +75,7 @@ import pkcs11.exceptions as p11x
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.attributes import AttributeMapper
 
+from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.errors import HsmUnavailable
@@ -340,7 +341,7 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
                     os.environ[k] = v
 
 
-class Hsm:
+class Hsm(Closing):
     """A PKCS#11 token reached through one worker thread; see the module docstring.
 
     Use :meth:`open`, then :meth:`call` with a function of :class:`HsmSession`; :meth:`close` when done
@@ -391,12 +392,6 @@ class Hsm:
                 hsm.close()
                 raise
         return hsm
-
-    def __enter__(self) -> Hsm:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Hsm(token={self._config.token_label!r}, connected={self._conn is not None})"

@@ -31,6 +31,7 @@ from typing import Generic, Protocol, TypeVar
 from strongroom.artifact._memory import wipe
 from strongroom.artifact.format import ArtifactHeader
 from strongroom.artifact.stream import BufferedStreamDecryptor
+from strongroom.closing import Closing
 
 __all__ = ["DEFAULT_MAX_HELD_WITHOUT_KEY", "DecryptedArtifact", "KeyLike", "decrypt_download"]
 
@@ -50,7 +51,7 @@ class KeyLike(Protocol):
 K = TypeVar("K", bound=KeyLike)
 
 
-class DecryptedArtifact(Generic[K]):
+class DecryptedArtifact(Closing, Generic[K]):
     """The plaintext of a fully authenticated artifact, in memory until :meth:`close`.
 
     ``key`` is what ``release`` returned (its ``dek`` already wiped); ``timings`` are seconds:
@@ -80,12 +81,6 @@ class DecryptedArtifact(Generic[K]):
         """Overwrites the plaintext in place; the object must not be used afterwards."""
         self._decryptor.wipe_output()
         self.plaintext = b""
-
-    def __enter__(self) -> DecryptedArtifact[K]:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _wipe_unused(future: Future[K]) -> None:

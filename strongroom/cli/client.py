@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from strongroom.closing import Closing
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.runtime.bootstrap import open_identity
 from strongroom.runtime.config import (
@@ -74,7 +75,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class Client:
+class Client(Closing):
     """An operator's identity and channels to the services; close it when done."""
 
     def __init__(self, config: ClientConfig) -> None:
@@ -113,9 +114,3 @@ class Client:
         for channel in self._channels:
             channel.close()
         self.identity.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
