@@ -39,11 +39,12 @@ from cryptography.hazmat.primitives.keywrap import (
 from pkcs11 import Attribute, KeyType, Mechanism
 
 from strongroom.dev.softhsm import init_softhsm_token
-from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
+from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import KeyManager, ReleasedKey
 from strongroom.oaep import OaepHash
 from strongroom.runtime.secrets import Secret
+from tests.bench.audit_bench import EVENT
 
 SINGLE_OPS = 1500
 THREADS = 16
@@ -114,21 +115,9 @@ def run(results: dict[str, Any]) -> None:
 
 def _measure_audit(directory: Path, results: dict[str, Any]) -> None:
     key = Ed25519PrivateKey.generate()
-    event = AuditEvent(
-        decision=Decision.ALLOWED,
-        reason="OK",
-        caller_spiffe_id="spiffe://strongroom.bench/inference",
-        caller_cert_serial="1f2e3d",
-        evidence_sha256="ab" * 32,
-        claims={"measurement": "cd" * 48, "tcb": {"snp": 22, "microcode": 213}},
-        policy_version="bench-1",
-        key_id="bench",
-        key_version=1,
-        oaep_mechanism=OaepHash.SHA1.mechanism_label,
-    )
     with AuditLog.open(directory / "audit.jsonl", key) as log:
-        log.append(event)
-        appended = _summary(_latencies(lambda: log.append(event), AUDIT_OPS))
+        log.append(EVENT)
+        appended = _summary(_latencies(lambda: log.append(EVENT), AUDIT_OPS))
     line = (directory / "audit.jsonl").read_bytes().splitlines(keepends=True)[-1]
     fd = os.open(directory / "plain.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
