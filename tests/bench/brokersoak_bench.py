@@ -39,14 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
-from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.dev.devstack import DevStack
-from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.keybroker.audit import load_public_key, verify_audit_log
 from strongroom.keybroker.config import KeybrokerConfig
 from tests.bench import _memprobe
-from tests.bench.keybroker_bench import KEY, _Caller
+from tests.bench.keybroker_bench import _Caller, caller_factory
 
 RELEASES = 100_000
 CALLERS = 16
@@ -131,17 +128,8 @@ def soak(
             launcher=(sys.executable, "-m", "tests.bench._memprobe"),
         )
         assert broker.process is not None
-        stack.create_release_key(stack.identity("admin"), KEY, policy_version="bench")
-        publisher = pb_grpc.KeyBrokerServiceStub(
-            stack.channel(stack.identity("publisher"), "keybroker")
-        )
-        generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
-        platform = SimulatedAuthority.load(stack.root / "simulated-tee").snp()
-        identity = stack.identity("inference")
-        vms = [
-            _Caller(stack, platform, identity, generated.wrapped_data_key, generated.key_version)
-            for _ in range(callers)
-        ]
+        make_caller = caller_factory(stack)
+        vms = [make_caller() for _ in range(callers)]
         samples: list[dict[str, Any]] = [
             {"releases": 0, "load1": os.getloadavg()[0], **_memprobe.ask(probe, "sample")}
         ]

@@ -31,6 +31,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,21 @@ class _Caller:
         )
         t3 = time.perf_counter()
         return (t1 - t0) + (t3 - t2), t2 - t1
+
+
+def caller_factory(stack: DevStack) -> Callable[[], _Caller]:
+    """Creates the bench's release key on ``stack``'s running broker and a data key under it;
+    returns a maker of callers (simulated SNP VMs) that release that data key."""
+    stack.create_release_key(stack.identity("admin"), KEY, policy_version="bench")
+    publisher = pb_grpc.KeyBrokerServiceStub(
+        stack.channel(stack.identity("publisher"), "keybroker")
+    )
+    generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
+    platform = SimulatedAuthority.load(stack.root / "simulated-tee").snp()
+    identity = stack.identity("inference")
+    return lambda: _Caller(
+        stack, platform, identity, generated.wrapped_data_key, generated.key_version
+    )
 
 
 def _run_callers(callers: list[_Caller], per_caller: int) -> dict[str, Any]:

@@ -28,11 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
-from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.dev.devstack import DevStack
-from strongroom.dev.simulated import SimulatedAuthority
-from tests.bench.keybroker_bench import KEY, _Caller, _run_callers
+from tests.bench.keybroker_bench import _Caller, _run_callers, caller_factory
 
 HERE = Path(__file__).resolve().parent
 PROFILE_TOP = 15
@@ -65,16 +62,7 @@ class _Broker:
         )
         assert self.running.process is not None
         self.pid = self.running.process.pid
-        stack.create_release_key(stack.identity("admin"), KEY, policy_version="bench")
-        publisher = pb_grpc.KeyBrokerServiceStub(
-            stack.channel(stack.identity("publisher"), "keybroker")
-        )
-        generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
-        platform = SimulatedAuthority.load(stack.root / "simulated-tee").snp()
-        identity = stack.identity("inference")
-        self._make = lambda: _Caller(
-            stack, platform, identity, generated.wrapped_data_key, generated.key_version
-        )
+        self._make = caller_factory(stack)
 
     def callers(self, n: int) -> list[_Caller]:
         """``n`` callers, each with its own channel, warmed up (connection, caches)."""
