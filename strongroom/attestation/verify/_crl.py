@@ -86,14 +86,15 @@ def check_revocation(
             f"no CRL of {what} ({issuer.subject.rfc4514_string()!r}) in the verifier's collateral",
             reason=Reason.COLLATERAL_MISSING,
         )
-    crl = _verified_crl(bytes(crl_data), issuer)
+    data = bytes(crl_data)
+    crl = _verified_crl(data, issuer)
     if crl is None:
         raise VerificationFailed(
             f"the CRL held for {what} is not signed by {issuer.subject.rfc4514_string()!r}",
             reason=Reason.CRL_SIGNATURE_INVALID,
         )
     check_fresh(f"CRL of {what}", crl.last_update_utc, crl.next_update_utc, now, grace)
-    revoked = _revoked_subject(bytes(crl_data), issuer, tuple(chain))
+    revoked = _revoked_subject(data, issuer, tuple(chain))
     if revoked is not None:
         raise VerificationFailed(
             f"certificate {revoked!r} is revoked by its issuer's CRL", reason=Reason.CERT_REVOKED
