@@ -48,6 +48,7 @@ from strongroom.wire import bytes_field_view
 from tests.modelstore.artifacts import artifact_header
 
 _SERVICE = "bench.PlainModel"
+_DATA_FIELD = store_pb.GetModelResponse.DESCRIPTOR.fields_by_name["data"].number
 
 
 def _serve_plain(
@@ -142,7 +143,7 @@ def _plain_store_load(port: int, size: int, header_size: int) -> dict[str, float
         get = ch.unary_stream(
             f"/{SERVICE_NAME}/GetModel",
             request_serializer=store_pb.GetModelRequest.SerializeToString,
-            response_deserializer=lambda message: bytes_field_view(message, 3),
+            response_deserializer=lambda message: bytes_field_view(message, _DATA_FIELD),
         )
         buf, view = output_bytes(size)
         request = store_pb.GetModelRequest(
