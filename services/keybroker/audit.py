@@ -10,9 +10,10 @@ Editing, reordering, inserting or deleting a record breaks the chain, and a line
 byte-for-byte canonical counts as edited.
 
 **The anchor.** A chain cannot show that records were cut off its end, so every commit also
-rewrites ``<log>.head``: ``{count, last_hash, time}`` signed with an Ed25519 key the broker holds
-(written to a temporary file, fsync'd, renamed over the old head, directory fsync'd). Truncating the
-log, or cutting a line in half, no longer matches the head; forging a head needs the private key.
+updates ``<log>.head``: ``{count, last_hash, time}`` signed with an Ed25519 key the broker holds,
+written in place into one of two slots and ``fdatasync``'d (:mod:`strongroom.keybroker.audit_head`
+has the layout and why a crash cannot tear it). Truncating the log, or cutting a line in half, no
+longer matches the head; forging a head needs the private key.
 Ed25519 rather than an HMAC so that auditors verify with the public key alone
 (``strongroom audit verify PATH --public-key PEM``). Not covered: someone able to write the files
 could restore an *older* pair of log and head together (a rollback); ship the heads to an
@@ -23,9 +24,9 @@ first of them commits everything queued (at most :data:`MAX_BATCH_RECORDS`, in a
 one batch: it assigns consecutive ``seq`` and chains ``prev``, signs each record, writes all lines
 with one write and one fsync, then writes one signed head whose ``count``/``last_hash`` cover the
 whole batch. Nobody waits for company: a lone caller commits at once, a batch of one. Every caller
-returns only after its own record is fsync'd *and* covered by a signed head (fsync'd and renamed
-into place), so the guarantee is the same as with one record per commit; what the batch shares is
-the write, the fsyncs, the head's signature and its rename. :attr:`AuditLog.batch_sizes` counts
+returns only after its own record is fsync'd *and* covered by a signed head (written and
+``fdatasync``'d), so the guarantee is the same as with one record per commit; what the batch shares is
+the write, the two syncs and the head's signature. :attr:`AuditLog.batch_sizes` counts
 the batches formed. Each record is still signed on its own, by the committer: its ``seq`` and
 ``prev``, which the signature covers, are known only at commit time.
 
@@ -84,6 +85,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from strongroom.closing import Closing
 from strongroom.errors import DataLoss, InvalidArgument, NotFound, StrongroomError
+from strongroom.keybroker.audit_head import (
+    GENESIS_HASH,
+    Head,
+    HeadFile,
+    ParsedHead,
+    canonical_json,
+)
+from strongroom.keybroker.audit_head import parse as parse_head
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
@@ -91,15 +100,12 @@ from strongroom.runtime.secrets import Secret
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FORMAT_VERSION = 1  # of the head
 RECORD_VERSION = 2  # records carry ``sig``; version-1 records (no ``sig``) still verify
-GENESIS_HASH = "0" * 64
 _RECORD_DOMAIN = b"strongroom-audit-record-v1\n"
 _RECORD_SIG_DOMAIN = b"strongroom-audit-record-sig-v1\n"
 # The most records one commit writes, and so the most a crash can leave after the signed head.
 MAX_BATCH_RECORDS = 64
 _REVOKED_MAX = 4 * MAX_BATCH_RECORDS
-_HEAD_DOMAIN = b"strongroom-audit-head-v1\n"
 MAX_RECORD_BYTES = 64 * 1024
 _REASON_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -169,13 +175,6 @@ class AuditVerification:
     problem: str | None = None
     bad_record: int | None = None
     message: str = ""
-
-
-def canonical_json(value: Any) -> bytes:
-    """Sorted keys, no whitespace, ASCII only, no NaN/Infinity."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
 
 
 def record_hash(record_without_hash: Mapping[str, Any]) -> str:
@@ -340,12 +339,6 @@ def _event_fields(event: AuditEvent) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class _Head:
-    count: int
-    last_hash: str
-
-
 class _Pending:
     """One caller's event waiting for a commit; the committer fills in the outcome."""
 
@@ -387,6 +380,13 @@ class AuditLog(Closing):
         self._clock = clock
         self._fd = fd
         self._dir_fd = dir_fd
+        self._head = HeadFile(
+            self._head_path,
+            signing_key,
+            _key_fingerprint(self._public),
+            lambda: _now_text(clock),
+            dir_fd,
+        )
         # Held by the one committer while it touches the files (and by open and close).
         self._lock = threading.Lock()
         # Guards the queue of callers waiting for a commit and whether a commit is under way.
@@ -479,6 +479,7 @@ class AuditLog(Closing):
             if self._closed:
                 return
             self._closed = True
+            self._head.close()
             for fd in (self._fd, self._dir_fd):
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -571,7 +572,7 @@ class AuditLog(Closing):
         data = b"".join(lines)
         hashes = [record.hash for _, record in written]
         self._write_records(data, hashes)
-        head = _Head(seq, prev)
+        head = Head(seq, prev)
         try:
             self._write_head(head)
         except BaseException as exc:
@@ -631,53 +632,24 @@ class AuditLog(Closing):
         except OSError as exc:
             _log.error("cannot cut failed audit records back off the log: %s", exc.strerror)
 
-    def _write_head(self, head: _Head) -> None:
-        body = {
-            "v": FORMAT_VERSION,
-            "count": head.count,
-            "last_hash": head.last_hash,
-            "time": _now_text(self._clock),
-            "key": _key_fingerprint(self._public),
-        }
-        signature = self._key.sign(_HEAD_DOMAIN + canonical_json(body))
-        document = canonical_json({**body, "sig": base64.b64encode(signature).decode()}) + b"\n"
-        tmp = self._head_path.with_name(f".{self._head_path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(document)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.replace(tmp, self._head_path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        try:
-            os.fsync(self._dir_fd)
-        except OSError as exc:
-            # The new head is in place; after a power loss the old one may come back, which is the
-            # crash case open() repairs (one unanchored record). Cutting the record back now would
-            # leave a head that anchors a record the log no longer has.
-            _log.error("cannot fsync the audit directory after a head update: %s", exc.strerror)
+    def _write_head(self, head: Head) -> None:
+        self._head.write(head)
 
     def _resync(self) -> None:
         """Re-reads count and last hash if the file changed since we last wrote it."""
         size = os.fstat(self._fd).st_size
-        if not self._stale and size == self._size:
+        if not self._stale and size == self._size and not self._head.changed():
             return
         data_end, tail = self._checked(_read_tail, self._fd, size, 1)
         last = self._checked(_tail_record, tail[-1][1]) if tail else None
-        head = self._checked(_read_head, self._head_path, self._public)
+        parsed = self._checked(_read_head, self._head)
+        head = None if parsed is None else parsed.head
         if last is None:
             count, last_hash = 0, GENESIS_HASH
         else:
             count, last_hash = last["seq"] + 1, last["hash"]
         if head is None and count == 0:
-            head = _Head(0, GENESIS_HASH)
+            head = Head(0, GENESIS_HASH)
             self._write_head_or_fail(head)
         if head is None:
             raise self._tampered("the audit head is missing")
@@ -693,10 +665,13 @@ class AuditLog(Closing):
         if data_end != size:
             _log.warning("removing a torn audit line left by a crash (%d bytes)", size - data_end)
             self._truncate(data_end)
+        if parsed is not None and parsed.generation is None:
+            _log.info("converting the audit head to format 2 (two slots written in place)")
+            self._write_head_or_fail(head)
         self._count, self._last_hash, self._size = head.count, head.last_hash, data_end
         self._stale = False
 
-    def _repair_unanchored(self, head: _Head, count: int, size: int) -> tuple[_Head, int | None]:
+    def _repair_unanchored(self, head: Head, count: int, size: int) -> tuple[Head, int | None]:
         """Deals with the records after the signed head: at most one batch, each chained on and
         signed by this broker, is what a crash between the fsync'd write and the head leaves; those
         are anchored, except that records this process cut back (and what follows them) are cut off
@@ -739,14 +714,14 @@ class AuditLog(Closing):
             head = self._anchor(head, refused, hashes[refused - 1])
         return head, start
 
-    def _anchor(self, head: _Head, records: int, last_hash: str) -> _Head:
+    def _anchor(self, head: Head, records: int, last_hash: str) -> Head:
         _log.warning(
             "anchoring %d audit record(s) left unanchored by a crash (seq %d..%d)",
             records,
             head.count,
             head.count + records - 1,
         )
-        anchored = _Head(head.count + records, last_hash)
+        anchored = Head(head.count + records, last_hash)
         self._write_head_or_fail(anchored)
         return anchored
 
@@ -776,7 +751,7 @@ class AuditLog(Closing):
             )
         return DataLoss(message, reason=Reason.AUDIT_LOG_TAMPERED)
 
-    def _write_head_or_fail(self, head: _Head) -> None:
+    def _write_head_or_fail(self, head: Head) -> None:
         try:
             self._write_head(head)
         except OSError as exc:
@@ -842,35 +817,16 @@ def _tail_record(line: bytes) -> dict[str, Any]:
     return record
 
 
-def _parse_head(raw: bytes, public_key: Ed25519PublicKey | None) -> tuple[_Head, bool]:
-    """Parses a head; returns it and whether the signature was checked. Raises ValueError."""
-    document = json.loads(raw)
-    if not isinstance(document, dict):
-        raise ValueError("not an object")
-    signature = base64.b64decode(document.pop("sig"), validate=True)
-    count, last_hash = document.get("count"), document.get("last_hash")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError("bad count")
-    if not isinstance(last_hash, str) or not _HEX64_RE.match(last_hash):
-        raise ValueError("bad last_hash")
-    if public_key is not None:
-        public_key.verify(signature, _HEAD_DOMAIN + canonical_json(document))
-    return _Head(count, last_hash), public_key is not None
-
-
-def _read_head(path: Path, public_key: Ed25519PublicKey) -> _Head | None:
+def _read_head(head_file: HeadFile) -> ParsedHead | None:
     """The head verified with our own key; None if absent, DataLoss if invalid."""
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
+        return head_file.read()
     except OSError as exc:
         raise AuditUnavailable(f"cannot read the audit head: {exc.strerror}") from None
-    try:
-        return _parse_head(raw, public_key)[0]
-    except (ValueError, KeyError, TypeError, binascii.Error, InvalidSignature):
+    except (ValueError, KeyError, TypeError, binascii.Error, InvalidSignature) as exc:
         raise DataLoss(
-            "the audit head is malformed or not signed by this broker's key",
+            "the audit head is malformed or not signed by this broker's key"
+            + (f" ({exc})" if isinstance(exc, ValueError) and str(exc) else ""),
             reason=Reason.AUDIT_LOG_TAMPERED,
         ) from None
 
@@ -947,11 +903,12 @@ def verify_audit_log(
     except FileNotFoundError:
         return fail("HEAD_MISSING", None, f"the signed head {hpath.name} is missing")
     try:
-        head, _ = _parse_head(raw_head, public_key)
+        head = parse_head(raw_head, public_key).head
     except InvalidSignature:
         return fail("HEAD_SIGNATURE_INVALID", None, "the head's signature is not valid")
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        return fail("HEAD_MALFORMED", None, "the head is malformed")
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        detail = f": {exc}" if isinstance(exc, ValueError) and str(exc) else ""
+        return fail("HEAD_MALFORMED", None, f"the head is malformed{detail}")
     if count < head.count:
         return fail(
             "TAIL_TRUNCATED",

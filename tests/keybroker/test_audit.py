@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 from strongroom.keybroker.audit import (
-    _HEAD_DOMAIN,
     GENESIS_HASH,
     AuditEvent,
     AuditLog,
@@ -32,6 +31,7 @@ from strongroom.keybroker.audit import (
     record_signed_by,
     verify_audit_log,
 )
+from strongroom.keybroker.audit_head import HEAD_DOMAIN
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.runtime.secrets import Secret
 
@@ -236,7 +236,7 @@ def _forge_head(log_path: Path, count: int, last_hash: str, key: Ed25519PrivateK
         "time": "2026-01-01T00:00:00Z",
         "key": "x",
     }
-    signature = key.sign(_HEAD_DOMAIN + canonical_json(body))
+    signature = key.sign(HEAD_DOMAIN + canonical_json(body))
     head_path(log_path).write_bytes(
         canonical_json({**body, "sig": base64.b64encode(signature).decode()}) + b"\n"
     )
@@ -372,7 +372,10 @@ _FULL_DISK = textwrap.dedent(
     ok = failed = 0
     with AuditLog.open(path, key) as log:
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 2500, hard))
+        # The limit is per file: room for a few records in the log, none lost by the head file.
+        head = path.with_name(path.name + ".head")
+        limit = max(path.stat().st_size, head.stat().st_size) + 2500
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
         for n in range(20):
             try:
                 log.append(AuditEvent(decision=Decision.ALLOWED, reason="OK", claims={"pad": "x" * 300}))
