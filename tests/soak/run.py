@@ -141,6 +141,7 @@ class Soak:
         self.events: list[tuple[float, str]] = []
         self.started = 0.0
         self.rotations: dict[str, set[str]] = {s: set() for s in SERVICES}
+        self.rotation_times: dict[str, list[float]] = {s: [] for s in SERVICES}
 
     # ------------------------------------------------------------------ setup
 
@@ -302,9 +303,12 @@ class Soak:
             # The persisted identity changes with every renewal (and re-enrolment on restart).
             state = self.stack.root / "state" / name / "identity" / STATE_FILE
             try:
-                self.rotations[name].add(hashlib.sha256(state.read_bytes()).hexdigest())
+                digest = hashlib.sha256(state.read_bytes()).hexdigest()
             except OSError:
                 continue
+            if digest not in self.rotations[name]:
+                self.rotations[name].add(digest)
+                self.rotation_times[name].append(round(self._elapsed(), 1))
 
     # ------------------------------------------------------------------ faults
 
@@ -392,6 +396,9 @@ class Soak:
                 per_k = _slope([(releases / 1000, r) for _, _, _, r, releases in points])
                 entry["releases_in_window"] = points[-1][4] - points[0][4] if points else 0
                 entry["slope_kib_per_1000_releases"] = None if per_k is None else round(per_k, 2)
+            # The whole series of the last process, to see where growth happens (at rotations,
+            # restarts, faults) rather than only how much: [seconds, KiB, releases so far].
+            entry["series"] = [[round(t, 1), r, n] for _, p, t, r, n in mine if p == pid]
             rss[name] = entry
         counters = self.counters
         return {
@@ -403,6 +410,7 @@ class Soak:
             "transient_unavailable": dict(counters.transient),
             "failures": counters.failures,
             "certificates_seen": {name: len(seen) for name, seen in self.rotations.items()},
+            "certificate_times_s": self.rotation_times,
             "events": self.events,
             "rss": rss,
             "audit": {
