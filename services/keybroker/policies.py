@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,20 +33,23 @@ class PolicyStore:
     def __init__(
         self, directory: Path, *, trust_domain: str | None = None, production: bool = True
     ) -> None:
-        self._dir = directory
+        self._dir = os.fspath(directory)
         self._trust_domain = trust_domain
         self._production = production
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[tuple[int, int], StoredPolicy]] = {}
 
-    def _path(self, key_id: str) -> Path:
-        return self._dir / f"{validate_key_id(key_id)}.yaml"
+    def _path(self, key_id: str) -> str:
+        # A str, not a Path: pathlib interns each part, and a per-request string that is interned
+        # and then dropped leaves a dead slot in the interpreter's interned table, which the broker
+        # saw grow and get rebuilt one size up (+0.9 MB) after ~10,000 releases.
+        return os.path.join(self._dir, f"{validate_key_id(key_id)}.yaml")
 
     def get(self, key_id: str) -> StoredPolicy:
         """The key's current policy; FailedPrecondition(NO_RELEASE_POLICY) when it has none."""
         path = self._path(key_id)
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             raise FailedPrecondition(
                 f"key {key_id!r} has no release policy: nothing can be released",
@@ -57,7 +61,8 @@ class PolicyStore:
             if cached and cached[0] == stamp:
                 return cached[1]
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
         except OSError as exc:
             raise Unavailable(f"cannot read the policy of {key_id!r}: {exc.strerror}") from None
         # A policy that no longer loads is a configuration error; fail closed.
@@ -86,7 +91,7 @@ class PolicyStore:
         stored = StoredPolicy(document, self._load(document))
         path = self._path(key_id)
         try:
-            atomic_write(path, document.encode())
+            atomic_write(Path(path), document.encode())
         except OSError as exc:
             raise FailedPrecondition(
                 f"cannot store the policy of {key_id!r}: {exc.strerror} (is the policy directory "

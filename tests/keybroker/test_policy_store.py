@@ -3,6 +3,7 @@ beyond its bounds (issue 11, findings 4 and 7)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,26 @@ def test_size_and_node_bounds() -> None:
         check_policy_bounds("[" + ", ".join(["1"] * 5000) + "]")
     with pytest.raises(PolicyInvalid, match="nests deeper"):
         check_policy_bounds("- " * (MAX_POLICY_DEPTH + 1) + "x")
+
+
+def test_reading_a_policy_interns_no_string(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12 (broker memory): every release reads its key's policy. A string interned per
+    request and then dropped leaves a dead slot in the interpreter's interned table; pathlib
+    interns each path part, and the broker's table grew and was rebuilt one size up (+0.9 MB)
+    after ~10,000 releases. The cached path of a release must intern nothing."""
+    policies = store(tmp_path, production=False)
+    (tmp_path / "policies").mkdir()
+    policies.put("k1", document())
+    policies.get("k1")  # loaded and cached
+    interned: list[str] = []
+    real = sys.intern
+
+    def counting(text: str) -> str:
+        interned.append(text)
+        return real(text)
+
+    monkeypatch.setattr(sys, "intern", counting)
+    assert policies.get("k1").policy.version == "1"
+    assert interned == []
