@@ -9,6 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from strongroom.attestation.abi.certs import common_name, load_certificate, split_pem_certificates
+from strongroom.attestation.errors import MalformedEvidence
 from strongroom.attestation.trust import TrustStore
 from strongroom.dev.simulated import SimulatedAuthority
 
@@ -56,6 +57,18 @@ def _fingerprints(pem: bytes) -> tuple[str, str]:
 @pytest.mark.parametrize("name", sorted(PINS))
 def test_pinned_root_fingerprints(name: str) -> None:
     assert _fingerprints(TRUST.joinpath(name).read_bytes()) == PINS[name]
+
+
+@pytest.mark.parametrize("version", [b"\x03", b"\x7f"])
+def test_a_certificate_with_an_unknown_version_is_bad_evidence(version: bytes) -> None:
+    """Found by the evidence fuzzer: a version field other than v1..v3 made cryptography raise
+    InvalidVersion, which is not a ValueError, and it escaped as an untyped error."""
+    (der,) = split_pem_certificates(TRUST.joinpath("ark_milan.pem").read_bytes())
+    v3 = b"\xa0\x03\x02\x01\x02"  # [0] EXPLICIT INTEGER 2 (v3), the first in the DER
+    assert v3 in der[:16]
+    with pytest.raises(MalformedEvidence) as info:
+        load_certificate(der.replace(v3, v3[:-1] + version, 1))
+    assert info.value.reason == "BAD_CERTIFICATE"
 
 
 @pytest.mark.parametrize("product", ["milan", "genoa", "turin"])

@@ -66,7 +66,8 @@ def load_certificate(data: bytes) -> x509.Certificate:
             if data.lstrip().startswith(b"-----BEGIN"):
                 return x509.load_pem_x509_certificate(data)
             return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
+        # InvalidVersion (a version field other than v1/v3) is not a ValueError.
         raise MalformedEvidence(
             f"cannot parse certificate: {exc}", reason=Reason.BAD_CERTIFICATE
         ) from None

@@ -121,6 +121,7 @@ def verify_evidence(
         ValueError,
         UnsupportedAlgorithm,
         x509.DuplicateExtension,
+        x509.InvalidVersion,
     ) as exc:
         # A parser met input no specific check anticipated. The bytes are untrusted, so this
         # is malformed evidence, not a server fault; the type goes to the log for a fix.
