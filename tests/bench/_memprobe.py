@@ -23,6 +23,7 @@ import ctypes
 import gc
 import json
 import os
+import resource
 import socket
 import sys
 import threading
@@ -78,6 +79,7 @@ def sample() -> dict[str, Any]:
         "malloc_arena_kib": info.arena // 1024,
         "gc_counts": list(gc.get_count()),
         "gc_objects": len(gc.get_objects()),
+        "cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 4),  # user + system
     }
     if tracemalloc.is_tracing():
         out["traced_kib"] = tracemalloc.get_traced_memory()[0] // 1024

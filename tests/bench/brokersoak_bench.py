@@ -179,6 +179,9 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         "releases": done,
         "failed": raw["failed"],
         "releases_per_s": round(done / raw["seconds"], 1),
+        "broker_cpu_ms_per_release": round(
+            (samples[-1]["cpu_s"] - samples[0]["cpu_s"]) / done * 1000, 3
+        ),
         "rss_start_kib": samples[0]["rss_kib"],
         "rss_at_2k_kib": _rss_at(samples, 2_000),
         "rss_at_30k_kib": _rss_at(samples, 30_000),
