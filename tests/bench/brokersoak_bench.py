@@ -5,7 +5,10 @@ DevStack: real step-ca, SoftHSM2, mTLS) through :mod:`tests.bench._memprobe`, wh
 asks for RSS, glibc's malloc figures and gc counts every :data:`SAMPLE_EVERY` releases.
 :data:`CALLERS` simulated VMs (:class:`tests.bench.keybroker_bench._Caller`: GetChallenge, then
 ReleaseKey with a signed report) share :data:`RELEASES` releases. The slope of RSS (KiB per 1,000
-releases, least squares) is taken after 30% of the run (warm-up), and also from 50% and 70%.
+releases, least squares) is taken after 30% of the run (warm-up), and also from 50% and 70%, from
+one sample per HSM recycle (every 2,000 releases by default): between recycles SoftHSM2's session
+objects draw a ~0.5 MB sawtooth, and samples at alternating phases of it made the slopes of short
+windows swing by tens of KiB per 1,000.
 
 Configurations, one after the other, each on its own fresh stack:
 
@@ -96,6 +99,13 @@ def _drive(callers: list[_Caller], releases: int, on_sample: Any, every: int) ->
     }
 
 
+def _allocator_env(pid: int) -> dict[str, str]:
+    """The broker process's glibc allocator settings, as it actually runs (from /proc)."""
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    env = dict(p.decode().split("=", 1) for p in pairs if b"=" in p)
+    return {k: v for k, v in env.items() if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")}
+
+
 def soak(
     root: Path,
     *,
@@ -128,6 +138,7 @@ def soak(
             launcher=(sys.executable, "-m", "tests.bench._memprobe"),
         )
         assert broker.process is not None
+        allocator_env = _allocator_env(broker.process.pid)
         make_caller = caller_factory(stack)
         vms = [make_caller() for _ in range(callers)]
         samples: list[dict[str, Any]] = [
@@ -141,7 +152,18 @@ def soak(
 
         outcome = _drive(vms, releases, on_sample, sample_every)
         samples.sort(key=lambda s: int(s["releases"]))
-        raw: dict[str, Any] = {"samples": samples, **outcome}
+        # Slopes from one sample per recycle (see _slope); every sample without recycling.
+        quota = section.get(
+            "hsm_recycle_after_operations",
+            KeybrokerConfig.__dataclass_fields__["hsm_recycle_after_operations"].default,
+        )
+        period = quota if quota and quota % sample_every == 0 else sample_every
+        raw: dict[str, Any] = {
+            "samples": samples,
+            **outcome,
+            "allocator_env": allocator_env,
+            "slope_period": period,
+        }
         if trace_releases:
             _memprobe.ask(probe, "trace_start", frames=1)
             traced = _drive(vms, trace_releases, lambda n: None, trace_releases)
@@ -155,10 +177,12 @@ def soak(
         return raw
 
 
-def _slope(samples: list[dict[str, Any]], field: str, start: float) -> float | None:
-    """KiB of ``field`` per 1,000 releases after the first ``start`` of the run."""
+def _slope(samples: list[dict[str, Any]], field: str, start: float, period: int) -> float | None:
+    """KiB of ``field`` per 1,000 releases after the first ``start`` of the run, from the samples
+    taken every ``period`` releases: one per HSM recycle, so all at the same phase of the sawtooth
+    that SoftHSM2's session objects draw between recycles (~0.5 MB high just before one)."""
     last = samples[-1]["releases"]
-    kept = [s for s in samples if s["releases"] >= start * last]
+    kept = [s for s in samples if s["releases"] >= start * last and s["releases"] % period == 0]
     if len(kept) < 3:
         return None
     x = np.array([s["releases"] for s in kept], dtype=float) / 1000
@@ -173,6 +197,7 @@ def _rss_at(samples: list[dict[str, Any]], releases: int) -> int | None:
 def figures(raw: dict[str, Any]) -> dict[str, Any]:
     """The reported figures of one configuration (see the module docstring)."""
     samples = raw["samples"]
+    period = raw["slope_period"]
     done = samples[-1]["releases"]
     loads = [s["load1"] for s in samples]
     out: dict[str, Any] = {
@@ -187,11 +212,12 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         "rss_at_30k_kib": _rss_at(samples, 30_000),
         "rss_end_kib": samples[-1]["rss_kib"],
         "rss_kib_per_1000_releases": {
-            f"after_{int(w * 100)}pct": _slope(samples, "rss_kib", w) for w in WARMUPS
+            f"after_{int(w * 100)}pct": _slope(samples, "rss_kib", w, period) for w in WARMUPS
         },
         "malloc_in_use_kib_per_1000_releases_after_30pct": _slope(
-            samples, "malloc_in_use_kib", 0.3
+            samples, "malloc_in_use_kib", 0.3, period
         ),
+        "slope_from_samples_every_n_releases": period,
         "malloc_in_use_start_end_kib": [
             samples[0]["malloc_in_use_kib"],
             samples[-1]["malloc_in_use_kib"],
@@ -203,6 +229,7 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
             round(max(loads), 2),
         ],
         "rss_kib_every_10k": [s["rss_kib"] for s in samples if s["releases"] % 10_000 == 0],
+        "allocator_env": raw["allocator_env"],
         "audit_intact": raw["audit"]["intact"],
         "audit_records": raw["audit"]["records"],
     }
