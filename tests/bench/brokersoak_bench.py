@@ -190,6 +190,19 @@ def _slope(samples: list[dict[str, Any]], field: str, start: float, period: int)
     return round(float(np.polyfit(x, y, 1)[0]), 3)
 
 
+def _slope_error(samples: list[dict[str, Any]], start: float, period: int) -> float | None:
+    """The standard error of the RSS slope of :func:`_slope` (KiB per 1,000 releases): what the
+    scatter of the samples (releases in flight, the allocator) leaves the slope uncertain by."""
+    last = samples[-1]["releases"]
+    kept = [s for s in samples if s["releases"] >= start * last and s["releases"] % period == 0]
+    if len(kept) < 4:
+        return None
+    x = np.array([s["releases"] for s in kept], dtype=float) / 1000
+    y = np.array([s["rss_kib"] for s in kept], dtype=float)
+    _, cov = np.polyfit(x, y, 1, cov=True)
+    return round(float(np.sqrt(cov[0][0])), 3)
+
+
 def _rss_at(samples: list[dict[str, Any]], releases: int) -> int | None:
     return next((s["rss_kib"] for s in samples if s["releases"] == releases), None)
 
@@ -214,6 +227,7 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         "rss_kib_per_1000_releases": {
             f"after_{int(w * 100)}pct": _slope(samples, "rss_kib", w, period) for w in WARMUPS
         },
+        "rss_slope_standard_error_after_30pct": _slope_error(samples, 0.3, period),
         "malloc_in_use_kib_per_1000_releases_after_30pct": _slope(
             samples, "malloc_in_use_kib", 0.3, period
         ),
@@ -286,6 +300,7 @@ def run(results: dict[str, Any], releases: int | None = None) -> None:
         shown = {k: measured[label][k] for k in ("rss_kib_per_1000_releases", "rss_kib_every_10k")}
         print(f"bench: brokersoak {label}: {shown}", flush=True)
     shipped = measured["shipped"]["rss_kib_per_1000_releases"]["after_30pct"]
+    error = measured["shipped"]["rss_slope_standard_error_after_30pct"]
     off = measured["recycling_off"]["rss_kib_per_1000_releases"]["after_30pct"]
     results.update(
         {
@@ -298,6 +313,12 @@ def run(results: dict[str, Any], releases: int | None = None) -> None:
             ),
             "goal_under_1_kib_per_1000_after_warmup": (
                 shipped is not None and shipped < GOAL_KIB_PER_1000
+            ),
+            # The goal is shown only if the slope's two-standard-error band is below it too.
+            "goal_shown_beyond_2_standard_errors": (
+                shipped is not None
+                and error is not None
+                and shipped + 2 * error < GOAL_KIB_PER_1000
             ),
             "wall_s": round(time.perf_counter() - started, 1),
         }
