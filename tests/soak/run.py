@@ -102,14 +102,15 @@ class SoakConfig:
     sample_interval: float = 1.0
 
 
-def _rss_kib(pid: int) -> int | None:
+def _status(pid: int) -> tuple[int, int] | None:
+    """(RSS in KiB, threads) of a process, from /proc; None once it is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        return int(fields["VmRSS"].split()[0]), int(fields["Threads"])
+    except (OSError, KeyError, ValueError):
         return None
-    return None
 
 
 def _slope(points: list[tuple[float, float]]) -> float | None:
@@ -136,8 +137,8 @@ class Soak:
             cert_lifetime=timedelta(seconds=config.cert_lifetime),
             step_ca_binary=step_ca_binary,
         )
-        # (service, pid, seconds since start, RSS KiB, releases so far)
-        self.samples: list[tuple[str, int, float, int, int]] = []
+        # (service, pid, seconds since start, RSS KiB, releases so far, threads)
+        self.samples: list[tuple[str, int, float, int, int, int]] = []
         self.events: list[tuple[float, str]] = []
         self.started = 0.0
         self.rotations: dict[str, set[str]] = {s: set() for s in SERVICES}
@@ -293,9 +294,10 @@ class Soak:
                 if running is None or running.process is None:
                     continue
                 pid = running.process.pid
-                rss = _rss_kib(pid)
-                if rss is not None:
-                    self.samples.append((name, pid, self._elapsed(), rss, releases))
+                status = _status(pid)
+                if status is not None:
+                    rss, threads = status
+                    self.samples.append((name, pid, self._elapsed(), rss, releases, threads))
             self._note_rotations()
 
     def _note_rotations(self) -> None:
@@ -384,7 +386,7 @@ class Soak:
             pid = mine[-1][1]
             points = [x for x in mine if x[1] == pid]
             points = points[int(len(points) * 0.3) :]
-            per_minute = _slope([(t / 60, r) for _, _, t, r, _ in points])
+            per_minute = _slope([(t / 60, r) for _, _, t, r, _, _ in points])
             entry: dict[str, Any] = {
                 "pid": pid,
                 "window_s": round(points[-1][2] - points[0][2], 1) if points else 0,
@@ -393,12 +395,13 @@ class Soak:
                 "slope_kib_per_minute": None if per_minute is None else round(per_minute, 1),
             }
             if name == "keybroker":
-                per_k = _slope([(releases / 1000, r) for _, _, _, r, releases in points])
+                per_k = _slope([(releases / 1000, r) for _, _, _, r, releases, _ in points])
                 entry["releases_in_window"] = points[-1][4] - points[0][4] if points else 0
                 entry["slope_kib_per_1000_releases"] = None if per_k is None else round(per_k, 2)
             # The whole series of the last process, to see where growth happens (at rotations,
             # restarts, faults) rather than only how much: [seconds, KiB, releases so far].
-            entry["series"] = [[round(t, 1), r, n] for _, p, t, r, n in mine if p == pid]
+            # [seconds, KiB, releases so far, threads]: a pool growing under load shows here.
+            entry["series"] = [[round(t, 1), r, n, k] for _, p, t, r, n, k in mine if p == pid]
             rss[name] = entry
         counters = self.counters
         return {
