@@ -61,30 +61,41 @@ _REPO = str(Path(__file__).resolve().parents[2])
 
 
 def _drive(callers: list[_Caller], releases: int, on_sample: Any, every: int) -> dict[str, Any]:
-    """Runs ``releases`` releases over ``callers`` (one thread each); calls ``on_sample(n)`` from
-    the thread that completed the n-th release whenever n is a multiple of ``every``."""
-    lock = threading.Lock()
-    state = {"claimed": 0, "done": 0, "failed": 0}
+    """Runs ``releases`` releases over ``callers`` (one thread each); calls ``on_sample(n)`` when
+    n releases are done, for each multiple n of ``every``, with none in flight: the callers pause
+    at each multiple until the sample is taken, so a sample never counts the memory of requests
+    half-way through (16 of them scattered single RSS samples by a few hundred KiB)."""
+    cond = threading.Condition()
+    state = {"claimed": 0, "done": 0, "failed": 0, "sampled": 0}
     failures: list[str] = []
 
     def work(caller: _Caller) -> None:
         while True:
-            with lock:
+            with cond:
+                while (
+                    state["claimed"] < releases
+                    and state["claimed"] % every == 0
+                    and state["claimed"] > state["sampled"]
+                ):
+                    cond.wait()  # the sample at this multiple is not taken yet
                 if state["claimed"] >= releases:
                     return
                 state["claimed"] += 1
             try:
                 caller.release()
             except Exception as exc:  # counted and reported; the run goes on
-                with lock:
+                with cond:
                     state["failed"] += 1
                     if len(failures) < 10:
                         failures.append(repr(exc)[:300])
-            with lock:
+            with cond:
                 state["done"] += 1
                 n = state["done"]
-            if n % every == 0:
+            if n % every == 0:  # claims stop at multiples: n == claimed, nothing in flight
                 on_sample(n)
+                with cond:
+                    state["sampled"] = n
+                    cond.notify_all()
 
     threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in callers]
     started = time.perf_counter()
