@@ -87,6 +87,7 @@ from strongroom.closing import Closing
 from strongroom.errors import DataLoss, InvalidArgument, NotFound, StrongroomError
 from strongroom.keybroker.audit_head import (
     GENESIS_HASH,
+    HEX64_RE,
     Head,
     HeadFile,
     ParsedHead,
@@ -108,7 +109,6 @@ MAX_BATCH_RECORDS = 64
 _REVOKED_MAX = 4 * MAX_BATCH_RECORDS
 MAX_RECORD_BYTES = 64 * 1024
 _REASON_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
-_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _SERIAL_RE = re.compile(r"^[0-9a-f]{1,64}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _KEY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -305,7 +305,7 @@ def _event_fields(event: AuditEvent) -> dict[str, Any]:
         raise bad("caller_spiffe_id must be a spiffe:// URI")
     for name, pattern in (
         ("caller_cert_serial", _SERIAL_RE),
-        ("evidence_sha256", _HEX64_RE),
+        ("evidence_sha256", HEX64_RE),
         ("decision_id", _ID_RE),
         ("key_id", _KEY_ID_RE),
     ):

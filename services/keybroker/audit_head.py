@@ -51,7 +51,7 @@ SLOT_BYTES = 512  # and fits one sector
 FILE_BYTES = 2 * SLOT_STRIDE
 HEAD_DOMAIN = b"strongroom-audit-head-v1\n"
 GENESIS_HASH = "0" * 64
-_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")  # a SHA-256 in lowercase hex
 _log = logging.getLogger("strongroom.keybroker.audit")
 
 
@@ -89,7 +89,7 @@ def _document(raw: bytes, public_key: Ed25519PublicKey | None) -> dict[str, Any]
     count, last_hash = document.get("count"), document.get("last_hash")
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError("bad count")
-    if not isinstance(last_hash, str) or not _HEX64_RE.match(last_hash):
+    if not isinstance(last_hash, str) or not HEX64_RE.match(last_hash):
         raise ValueError("bad last_hash")
     if public_key is not None:
         public_key.verify(signature, HEAD_DOMAIN + canonical_json(document))

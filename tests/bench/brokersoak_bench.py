@@ -56,6 +56,9 @@ WARMUPS = (0.3, 0.5, 0.7)
 RELEASES_ENV = "STRONGROOM_BENCH_BROKERSOAK_RELEASES"
 ENVS_ENV = "STRONGROOM_BENCH_BROKERSOAK_ENVS"
 GOAL_KIB_PER_1000 = 1.0
+_RECYCLE_FIELD = KeybrokerConfig.__dataclass_fields__["hsm_recycle_after_operations"]
+assert isinstance(_RECYCLE_FIELD.default, int)
+DEFAULT_RECYCLE: int = _RECYCLE_FIELD.default
 # The probe module must be importable by the broker's process whatever its working directory.
 _REPO = str(Path(__file__).resolve().parents[2])
 
@@ -164,10 +167,7 @@ def soak(
         outcome = _drive(vms, releases, on_sample, sample_every)
         samples.sort(key=lambda s: int(s["releases"]))
         # Slopes from one sample per recycle (see _slope); every sample without recycling.
-        quota = section.get(
-            "hsm_recycle_after_operations",
-            KeybrokerConfig.__dataclass_fields__["hsm_recycle_after_operations"].default,
-        )
+        quota = section.get("hsm_recycle_after_operations", DEFAULT_RECYCLE)
         period = quota if quota and quota % sample_every == 0 else sample_every
         raw: dict[str, Any] = {
             "samples": samples,
@@ -188,28 +188,33 @@ def soak(
         return raw
 
 
-def _slope(samples: list[dict[str, Any]], field: str, start: float, period: int) -> float | None:
-    """KiB of ``field`` per 1,000 releases after the first ``start`` of the run, from the samples
-    taken every ``period`` releases: one per HSM recycle, so all at the same phase of the sawtooth
-    that SoftHSM2's session objects draw between recycles (~0.5 MB high just before one)."""
+def _window(
+    samples: list[dict[str, Any]], field: str, start: float, period: int
+) -> tuple[Any, Any]:
+    """(releases in thousands, ``field``) of the samples after the first ``start`` of the run
+    that were taken every ``period`` releases: one per HSM recycle, so all at the same phase of the
+    sawtooth that SoftHSM2's session objects draw between recycles (~0.5 MB high just before one)."""
     last = samples[-1]["releases"]
     kept = [s for s in samples if s["releases"] >= start * last and s["releases"] % period == 0]
-    if len(kept) < 3:
-        return None
     x = np.array([s["releases"] for s in kept], dtype=float) / 1000
     y = np.array([s[field] for s in kept], dtype=float)
+    return x, y
+
+
+def _slope(samples: list[dict[str, Any]], field: str, start: float, period: int) -> float | None:
+    """KiB of ``field`` per 1,000 releases over :func:`_window` (least squares)."""
+    x, y = _window(samples, field, start, period)
+    if len(x) < 3:
+        return None
     return round(float(np.polyfit(x, y, 1)[0]), 3)
 
 
 def _slope_error(samples: list[dict[str, Any]], start: float, period: int) -> float | None:
-    """The standard error of the RSS slope of :func:`_slope` (KiB per 1,000 releases): what the
-    scatter of the samples (releases in flight, the allocator) leaves the slope uncertain by."""
-    last = samples[-1]["releases"]
-    kept = [s for s in samples if s["releases"] >= start * last and s["releases"] % period == 0]
-    if len(kept) < 4:
+    """The standard error of the RSS slope of :func:`_slope` (KiB per 1,000 releases): how
+    uncertain the scatter of the samples leaves it."""
+    x, y = _window(samples, "rss_kib", start, period)
+    if len(x) < 4:
         return None
-    x = np.array([s["releases"] for s in kept], dtype=float) / 1000
-    y = np.array([s["rss_kib"] for s in kept], dtype=float)
     _, cov = np.polyfit(x, y, 1, cov=True)
     return round(float(np.sqrt(cov[0][0])), 3)
 
@@ -288,7 +293,6 @@ def _extra_envs() -> list[dict[str, str]]:
 def run(results: dict[str, Any], releases: int | None = None) -> None:
     """Measures and records the figures described in the module docstring into ``results``."""
     releases = releases or int(os.environ.get(RELEASES_ENV, RELEASES))
-    default = KeybrokerConfig.__dataclass_fields__["hsm_recycle_after_operations"].default
     configs: list[tuple[str, int | None, dict[str, str], int]] = [
         ("shipped", None, {}, TRACE_RELEASES),
         ("recycling_off", 0, {}, 0),
@@ -317,7 +321,7 @@ def run(results: dict[str, Any], releases: int | None = None) -> None:
         {
             "releases_per_configuration": releases,
             "callers": CALLERS,
-            "hsm_recycle_after_operations_default": default,
+            "hsm_recycle_after_operations_default": DEFAULT_RECYCLE,
             **measured,
             "slope_ratio_recycling_off_over_shipped": (
                 round(off / shipped, 1) if shipped and off and shipped > 0 else None
