@@ -8,6 +8,7 @@ keepalive limits; and a graceful stop that drains in-flight calls on SIGTERM.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -234,4 +235,20 @@ class ServiceHost:
         self.start()
         if after_start is not None:
             after_start()
+        settle_heap()
         self.wait()
+
+
+def settle_heap() -> None:
+    """Moves every object alive once the service is up into the collector's permanent generation.
+
+    What a service builds at startup (modules, configuration, stubs: ~70,000 objects in the key
+    broker) lives as long as the process, yet Python's cycle collector runs a full collection only
+    once the objects promoted since the last one reach a quarter of all long-lived ones, so each
+    full collection scans them all and happens rarely: ~170,000 releases apart in the key broker,
+    where python-pkcs11 makes a new class for every PKCS#11 object (two per release, each a
+    reference cycle of ~1.7 KiB), so memory crept by ~5 KiB per 1,000 releases in between.
+    Frozen, they are neither scanned nor counted: full collections come often and stay cheap.
+    """
+    gc.collect()  # garbage still pending now would otherwise be frozen with the rest, for good
+    gc.freeze()

@@ -8,9 +8,11 @@ unchanged. Each connection sends one JSON line ``{"op": ...}`` and gets one JSON
   its arenas, in mmapped blocks), the gc generation counts and, while tracing, the bytes
   tracemalloc sees;
 - ``trace_start``: starts tracemalloc (``frames`` deep) and takes the baseline snapshot;
-- ``trace_top``: the ``limit`` source lines whose Python allocations grew most since the baseline,
-  and the total growth; stops tracing. Both snapshots follow a full ``gc.collect()``; what is
+- ``trace_top``: the ``limit`` source lines (or, with ``"group": "traceback"``, whole call paths)
+  whose Python allocations grew most since the baseline, and the total growth; stops tracing. Both snapshots follow a full ``gc.collect()``; what is
   in flight at either moment (up to one release per caller) still shows as growth;
+- ``garbage``: a full collection that counts, by type, the objects only reference cycles kept
+  alive (and the malloc bytes and RSS their collection freed);
 - ``trim``: ``malloc_trim(0)``, with RSS before and after (what glibc kept but could return).
 
 Only for benchmarks: the socket is created 0600 in a directory the benchmark owns.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -28,6 +31,7 @@ import socket
 import sys
 import threading
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +56,11 @@ class _Mallinfo2(ctypes.Structure):
     ]
 
 
+@functools.cache
 def _libc() -> Any:
+    # Once: each ctypes.CDLL() makes new function-pointer types tied up in reference cycles
+    # (~10 KiB of malloc'd memory per load, freed only by a full collection), which the probe
+    # would otherwise add to the very figures it samples.
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = _Mallinfo2
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
@@ -78,12 +86,39 @@ def sample() -> dict[str, Any]:
         "malloc_mmapped_kib": info.hblkhd // 1024,  # large blocks mapped directly
         "malloc_arena_kib": info.arena // 1024,
         "gc_counts": list(gc.get_count()),
-        "gc_objects": len(gc.get_objects()),
+        "gc_objects": len(gc.get_objects()),  # tracked and not frozen
+        "gc_frozen": gc.get_freeze_count(),  # frozen once the service serves (settle_heap)
         "cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 4),  # user + system
     }
     if tracemalloc.is_tracing():
         out["traced_kib"] = tracemalloc.get_traced_memory()[0] // 1024
     return out
+
+
+def _garbage(limit: int) -> dict[str, Any]:
+    """Collects every generation, keeping what was unreachable (``gc.DEBUG_SAVEALL``) to count it
+    by type, then drops it: memory that only reference cycles held, waiting for a collection."""
+    before = sample()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        found = gc.collect()
+        kinds = Counter(
+            f"class {obj.__module__}.{obj.__qualname__}"  # which classes are made and dropped
+            if isinstance(obj, type)
+            else type(obj).__qualname__
+            for obj in gc.garbage
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    gc.collect()  # what the saved objects alone kept alive
+    after = sample()
+    return {
+        "unreachable": found,
+        "by_type": kinds.most_common(limit),
+        "malloc_in_use_freed_kib": before["malloc_in_use_kib"] - after["malloc_in_use_kib"],
+        "rss_freed_kib": before["rss_kib"] - after["rss_kib"],
+    }
 
 
 class _Probe:
@@ -104,7 +139,8 @@ class _Probe:
                 return {"error": "trace_start first"}
             gc.collect()
             now = tracemalloc.take_snapshot()
-            stats = now.compare_to(self.baseline, "lineno")
+            group = str(request.get("group", "lineno"))  # or "traceback": whole call paths
+            stats = now.compare_to(self.baseline, group)
             tracemalloc.stop()
             self.baseline = None
             limit = int(request.get("limit", 10))
@@ -112,13 +148,17 @@ class _Probe:
                 "growth_kib": round(sum(s.size_diff for s in stats) / 1024, 1),
                 "top": [
                     {
-                        "where": str(s.traceback[0]),
+                        "where": str(s.traceback[0])
+                        if group == "lineno"
+                        else [str(frame) for frame in s.traceback],
                         "growth_kib": round(s.size_diff / 1024, 1),
                         "count_diff": s.count_diff,
                     }
                     for s in stats[:limit]
                 ],
             }
+        if op == "garbage":
+            return _garbage(int(request.get("limit", 10)))
         if op == "trim":
             before = rss_kib()
             _libc().malloc_trim(0)
