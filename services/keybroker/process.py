@@ -7,6 +7,14 @@ release (OpenSSL, SoftHSM2, gRPC core) and keeps it: measured (issue 12, 16 call
 RSS kept creeping for tens of thousands of releases and settled ~3 MB higher with the caches than
 without, at the same CPU per release (5.27 against 5.28 ms, alternated runs). Python's own small
 objects do not use malloc's caches (pymalloc), so the interpreter is unaffected.
+
+``MALLOC_ARENA_MAX=1`` keeps every thread's native allocations in the one main heap. By default
+glibc gives threads up to 8 arenas per core; each gRPC worker thread's arena fragmented on its own
+(free space scattered between chunks still in use), and the broker's RSS crept by ~6-10 KiB per
+1,000 releases while the bytes actually in use stayed level (a broker serving only health checks
+crept the same way). In one heap the free space is reused: measured over 60,000 releases at 16
+callers, ~2.4 MB lower and a slope of ~2 instead of ~9 KiB per 1,000. Contention for the one arena
+costs little here because the interpreter's lock already serialises most of a release.
 """
 
 from __future__ import annotations
@@ -14,4 +22,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-PROCESS_ENV: Mapping[str, str] = MappingProxyType({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
+PROCESS_ENV: Mapping[str, str] = MappingProxyType(
+    {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0", "MALLOC_ARENA_MAX": "1"}
+)
