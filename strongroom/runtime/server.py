@@ -232,10 +232,10 @@ class ServiceHost:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        settle_heap()  # before any call or background load: only startup's objects are frozen
         self.start()
         if after_start is not None:
             after_start()
-        settle_heap()
         self.wait()
 
 
@@ -249,6 +249,8 @@ def settle_heap() -> None:
     where python-pkcs11 makes a new class for every PKCS#11 object (two per release, each a
     reference cycle of ~1.7 KiB), so memory crept by ~5 KiB per 1,000 releases in between.
     Frozen, they are neither scanned nor counted: full collections come often and stay cheap.
+    Frozen objects are still freed when their last reference goes; only cycles among them would
+    be kept, which is why this runs before the first call or model load, not after.
     """
     gc.collect()  # garbage still pending now would otherwise be frozen with the rest, for good
     gc.freeze()
