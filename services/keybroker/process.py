@@ -13,7 +13,7 @@ glibc gives threads up to 8 arenas per core; each gRPC worker thread's arena fra
 (free space scattered between chunks still in use), and the broker's RSS crept by ~6-10 KiB per
 1,000 releases while the bytes actually in use stayed level (a broker serving only health checks
 crept the same way). In one heap the free space is reused: measured over 60,000 releases at 16
-callers, ~2.4 MB lower and a slope of ~2 instead of ~9 KiB per 1,000. Contention for the one arena
+callers, ~2.3 MB lower and a slope of ~1.3 instead of ~9 KiB per 1,000. Contention for the one arena
 costs little here because the interpreter's lock already serialises most of a release.
 """
 

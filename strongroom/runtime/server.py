@@ -240,7 +240,7 @@ class ServiceHost:
 
 
 def settle_heap() -> None:
-    """Moves every object alive once the service is up into the collector's permanent generation.
+    """Freezes startup's objects for the cycle collector (``gc.freeze``) before a service serves.
 
     What a service builds at startup (modules, configuration, stubs: ~70,000 objects in the key
     broker) lives as long as the process, yet Python's cycle collector runs a full collection only

@@ -9,8 +9,9 @@ unchanged. Each connection sends one JSON line ``{"op": ...}`` and gets one JSON
   tracemalloc sees;
 - ``trace_start``: starts tracemalloc (``frames`` deep) and takes the baseline snapshot;
 - ``trace_top``: the ``limit`` source lines (or, with ``"group": "traceback"``, whole call paths)
-  whose Python allocations grew most since the baseline, and the total growth; stops tracing. Both snapshots follow a full ``gc.collect()``; what is
-  in flight at either moment (up to one release per caller) still shows as growth;
+  whose Python allocations grew most since the baseline, and the total growth; stops tracing.
+  Both snapshots follow a full ``gc.collect()``; what is in flight at either moment (up to one
+  release per caller) still shows as growth;
 - ``garbage``: a full collection that counts, by type, the objects only reference cycles kept
   alive (and the malloc bytes and RSS their collection freed);
 - ``trim``: ``malloc_trim(0)``, with RSS before and after (what glibc kept but could return).

@@ -4,8 +4,9 @@ The real broker process, started through the memory probe, serves 1,000 releases
 callers over mTLS with a small HSM recycle quota, so that the PKCS#11 module is re-initialised
 several times under concurrent load. Checked: every release succeeds, the probe answers (RSS,
 malloc figures, gc counts, tracemalloc, malloc_trim), the configured quota reached the broker (it
-logs its recycles), the broker froze its startup objects for the collector, and the audit log verifies with the broker's public key. No memory figure is
-asserted: ``python -m tests.bench.run brokersoak`` measures the slope over 100,000 releases.
+logs its recycles), the broker froze its startup objects for the collector, and the audit log
+verifies with the broker's public key. No memory figure is asserted: ``python -m tests.bench.run
+brokersoak`` measures the slope over 100,000 releases.
 """
 
 from __future__ import annotations
