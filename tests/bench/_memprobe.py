@@ -89,6 +89,7 @@ def sample() -> dict[str, Any]:
         "gc_counts": list(gc.get_count()),
         "gc_objects": len(gc.get_objects()),  # tracked and not frozen
         "gc_frozen": gc.get_freeze_count(),  # frozen once the service serves (settle_heap)
+        "threads": threading.active_count(),  # a worker pool still growing holds memory too
         "cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 4),  # user + system
     }
     if tracemalloc.is_tracing():

@@ -253,6 +253,9 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
             samples[-1]["malloc_in_use_kib"],
         ],
         "gc_objects_start_end": [samples[0]["gc_objects"], samples[-1]["gc_objects"]],
+        # gRPC adds a worker thread when a call finds none idle, up to server.max_workers: each
+        # new one is a step up in RSS, bounded but inside the slope's window if it comes late.
+        "threads_every_10k": [s["threads"] for s in samples if s["releases"] % 10_000 == 0],
         "load1_min_mean_max": [
             round(min(loads), 2),
             round(sum(loads) / len(loads), 2),
