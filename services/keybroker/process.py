@@ -14,7 +14,9 @@ glibc gives threads up to 8 arenas per core; each gRPC worker thread's arena fra
 1,000 releases while the bytes actually in use stayed level (a broker serving only health checks
 crept the same way). In one heap the free space is reused: measured over 60,000 releases at 16
 callers, ~2.3 MB lower and a slope of ~1.3 instead of ~9 KiB per 1,000. Contention for the one arena
-costs little here because the interpreter's lock already serialises most of a release.
+costs nothing measurable here (the interpreter's lock already serialises most of a release): in two
+alternated pairs of 10,000 releases, 4.54 / 4.85 ms of CPU per release with one arena against
+4.95 / 5.36 with the default.
 """
 
 from __future__ import annotations
