@@ -69,13 +69,12 @@ def output_bytes(size: int) -> tuple[bytes, memoryview]:
     """
     if size < 0:
         raise ValueError("size must not be negative")
-    if _BYTES_API is None:  # pragma: no cover - not CPython: fall back to a copy-free bytearray
+    if _BYTES_API is None or _VIEW_OF_MEMORY is None:  # pragma: no cover - not CPython
         raise NotImplementedError("output_bytes needs CPython")
     new, address = _BYTES_API
     obj = new(None, size)
     if size == 0:
         return obj, memoryview(bytearray())
-    assert _VIEW_OF_MEMORY is not None
     return obj, _VIEW_OF_MEMORY(address(obj), size, _PYBUF_WRITE)
 
 
