@@ -127,6 +127,12 @@ class ServerConfig:
     max_blocking_streams: int | None = None
     # A request stream that sends nothing for this long is ended (RESOURCE_EXHAUSTED).
     stream_idle_timeout_seconds: float = 30.0
+    # A connection older than this is asked to go away (HTTP/2 GOAWAY; gRPC adds +-10 % jitter) and
+    # the client reconnects: what gRPC core keeps per connection grows with its calls and is freed
+    # only when it closes. 0 keeps connections for as long as they are used.
+    max_connection_age_seconds: float = 1800.0
+    # How long calls in flight on a connection asked to go away may still run before it is closed.
+    max_connection_age_grace_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_workers <= 1024:
@@ -142,6 +148,27 @@ class ServerConfig:
             )
         if not 0.1 <= self.stream_idle_timeout_seconds <= 3600:
             raise ConfigError("server.stream_idle_timeout_seconds must be between 0.1 and 3600")
+        if not (
+            self.max_connection_age_seconds == 0 or 1 <= self.max_connection_age_seconds <= 604_800
+        ):
+            raise ConfigError(
+                "server.max_connection_age_seconds must be 0 (never) or between 1 and 604800"
+            )
+        if not 1 <= self.max_connection_age_grace_seconds <= 86_400:
+            raise ConfigError("server.max_connection_age_grace_seconds must be between 1 and 86400")
+
+    @property
+    def connection_age_options(self) -> tuple[tuple[str, int], ...]:
+        """gRPC channel arguments for :attr:`max_connection_age_seconds` (none when 0)."""
+        if not self.max_connection_age_seconds:
+            return ()
+        return (
+            ("grpc.max_connection_age_ms", round(self.max_connection_age_seconds * 1000)),
+            (
+                "grpc.max_connection_age_grace_ms",
+                round(self.max_connection_age_grace_seconds * 1000),
+            ),
+        )
 
     @property
     def blocking_streams(self) -> int:

@@ -112,6 +112,7 @@ class ServiceHost:
             ("grpc.max_send_message_length", message_limits.send),
             ("grpc.so_reuseport", 0),
             *KEEPALIVE_OPTIONS,
+            *config.connection_age_options,
         ]
         self.streams = StreamGuard(
             StreamLimits(

@@ -136,6 +136,12 @@ class _Probe:
             gc.collect()  # compare live objects, not garbage that the next collection frees
             self.baseline = tracemalloc.take_snapshot()
             return {"tracing": True}
+        if op == "trace_mark":  # a new baseline, tracing on: growth after caches filled up
+            if self.baseline is None:
+                return {"error": "trace_start first"}
+            gc.collect()
+            self.baseline = tracemalloc.take_snapshot()
+            return {"tracing": True}
         if op == "trace_top":
             if self.baseline is None:
                 return {"error": "trace_start first"}
