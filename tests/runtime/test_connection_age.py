@@ -50,7 +50,7 @@ def _peers_seen(config: ServerConfig, seconds: float) -> tuple[set[bytes], int]:
 def test_an_old_connection_is_replaced_and_no_call_fails() -> None:
     config = ServerConfig(max_connection_age_seconds=1, max_connection_age_grace_seconds=1)
     peers, calls = _peers_seen(config, 4.0)
-    assert calls >= 20
+    assert calls >= 10  # calls went on across the reconnect, and none failed (none raised)
     assert len(peers) >= 2, peers  # the client reconnected after the server's GOAWAY
 
 
