@@ -128,8 +128,9 @@ class ServerConfig:
     # A request stream that sends nothing for this long is ended (RESOURCE_EXHAUSTED).
     stream_idle_timeout_seconds: float = 30.0
     # A connection older than this is asked to go away (HTTP/2 GOAWAY; gRPC adds +-10 % jitter) and
-    # the client reconnects: what gRPC core keeps per connection grows with its calls and is freed
-    # only when it closes. 0 keeps connections for as long as they are used.
+    # the client reconnects: some of what gRPC core keeps per connection grows with its calls and is
+    # freed only when it closes, and long-lived callers get spread over replicas again. 0 keeps
+    # connections for as long as they are used.
     max_connection_age_seconds: float = 1800.0
     # How long calls in flight on a connection asked to go away may still run before it is closed.
     max_connection_age_grace_seconds: float = 600.0

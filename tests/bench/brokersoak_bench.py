@@ -18,7 +18,7 @@ Configurations, one after the other, each on its own fresh stack:
   broker did before recycling;
 - ``connection_age_30s``: the shipped configuration with ``server.max_connection_age_seconds``
   30: the callers' connections replaced every ~30 s, as the shipped 30 minutes would over hours
-  (gRPC core keeps state per connection that grows with its calls and is freed only when the
+  (some of gRPC core's per-connection state grows with its calls and is freed only when the
   connection closes);
 - one more per entry of ``STRONGROOM_BENCH_BROKERSOAK_ENVS`` (``;``-separated ``NAME=VALUE[,...]``
   lists, e.g. ``MALLOC_ARENA_MAX=2``), the shipped configuration with that environment.

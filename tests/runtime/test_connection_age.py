@@ -1,5 +1,5 @@
-"""Connections are recycled: gRPC core frees what it keeps per connection only when the connection
-closes, so a long-lived caller's connection must not live for ever (issue 12, broker memory)."""
+"""Connections are recycled: gRPC core frees some of what it keeps per connection only when the
+connection closes, so a long-lived caller's connection must not live for ever (issue 12)."""
 
 from __future__ import annotations
 
