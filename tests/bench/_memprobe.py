@@ -8,6 +8,7 @@ unchanged. Each connection sends one JSON line ``{"op": ...}`` and gets one JSON
   its arenas, in mmapped blocks), the gc generation counts and, while tracing, the bytes
   tracemalloc sees;
 - ``trace_start``: starts tracemalloc (``frames`` deep) and takes the baseline snapshot;
+- ``trace_mark``: a new baseline with tracing left on (growth after caches have filled);
 - ``trace_top``: the ``limit`` source lines (or, with ``"group": "traceback"``, whole call paths)
   whose Python allocations grew most since the baseline, and the total growth; stops tracing.
   Both snapshots follow a full ``gc.collect()``; what is in flight at either moment (up to one
@@ -123,6 +124,11 @@ def _garbage(limit: int) -> dict[str, Any]:
     }
 
 
+def _live_snapshot() -> tracemalloc.Snapshot:
+    gc.collect()  # compare live objects, not garbage that the next collection frees
+    return tracemalloc.take_snapshot()
+
+
 class _Probe:
     def __init__(self) -> None:
         self.baseline: tracemalloc.Snapshot | None = None
@@ -133,20 +139,15 @@ class _Probe:
             return sample()
         if op == "trace_start":
             tracemalloc.start(int(request.get("frames", 1)))
-            gc.collect()  # compare live objects, not garbage that the next collection frees
-            self.baseline = tracemalloc.take_snapshot()
+            self.baseline = _live_snapshot()
             return {"tracing": True}
-        if op == "trace_mark":  # a new baseline, tracing on: growth after caches filled up
+        if op in ("trace_mark", "trace_top"):
             if self.baseline is None:
                 return {"error": "trace_start first"}
-            gc.collect()
-            self.baseline = tracemalloc.take_snapshot()
-            return {"tracing": True}
-        if op == "trace_top":
-            if self.baseline is None:
-                return {"error": "trace_start first"}
-            gc.collect()
-            now = tracemalloc.take_snapshot()
+            if op == "trace_mark":  # a new baseline, tracing on: growth after caches filled up
+                self.baseline = _live_snapshot()
+                return {"tracing": True}
+            now = _live_snapshot()
             group = str(request.get("group", "lineno"))  # or "traceback": whole call paths
             stats = now.compare_to(self.baseline, group)
             tracemalloc.stop()

@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -230,6 +230,10 @@ def _rss_at(samples: list[dict[str, Any]], releases: int) -> int | None:
     return next((s["rss_kib"] for s in samples if s["releases"] == releases), None)
 
 
+def _every_10k(samples: list[dict[str, Any]], field: str) -> list[Any]:
+    return [s[field] for s in samples if s["releases"] % 10_000 == 0]
+
+
 def figures(raw: dict[str, Any]) -> dict[str, Any]:
     """The reported figures of one configuration (see the module docstring)."""
     samples = raw["samples"]
@@ -262,16 +266,14 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         "gc_objects_start_end": [samples[0]["gc_objects"], samples[-1]["gc_objects"]],
         # gRPC adds a worker thread when a call finds none idle, up to server.max_workers: each
         # new one is a step up in RSS, bounded but inside the slope's window if it comes late.
-        "threads_every_10k": [s["threads"] for s in samples if s["releases"] % 10_000 == 0],
+        "threads_every_10k": _every_10k(samples, "threads"),
         "load1_min_mean_max": [
             round(min(loads), 2),
             round(sum(loads) / len(loads), 2),
             round(max(loads), 2),
         ],
-        "rss_kib_every_10k": [s["rss_kib"] for s in samples if s["releases"] % 10_000 == 0],
-        "malloc_in_use_kib_every_10k": [
-            s["malloc_in_use_kib"] for s in samples if s["releases"] % 10_000 == 0
-        ],
+        "rss_kib_every_10k": _every_10k(samples, "rss_kib"),
+        "malloc_in_use_kib_every_10k": _every_10k(samples, "malloc_in_use_kib"),
         "allocator_env": raw["allocator_env"],
         "audit_intact": raw["audit"]["intact"],
         "audit_records": raw["audit"]["records"],
@@ -303,38 +305,47 @@ def _extra_envs() -> list[dict[str, str]]:
     return envs
 
 
+class _Config(NamedTuple):
+    """One brokersoak configuration: the keybroker's recycle quota (None: its default), extra
+    environment, ``server:`` settings, and releases traced with tracemalloc afterwards."""
+
+    label: str
+    recycle: int | None = None
+    env: Mapping[str, str] = {}
+    server: Mapping[str, Any] = {}
+    trace: int = 0
+
+
 def run(results: dict[str, Any], releases: int | None = None) -> None:
     """Measures and records the figures described in the module docstring into ``results``."""
     releases = releases or int(os.environ.get(RELEASES_ENV, RELEASES))
-    configs: list[tuple[str, int | None, dict[str, str], int, dict[str, Any]]] = [
-        ("shipped", None, {}, TRACE_RELEASES, {}),
+    configs = [
+        _Config("shipped", trace=TRACE_RELEASES),
         # The shipped connection age (30 min) never comes within a run: this one shows what
         # replacing the callers' connections does, at a pace that fits the run.
-        (
-            f"connection_age_{SHORT_AGE_S}s",
-            None,
-            {},
-            0,
-            {"max_connection_age_seconds": SHORT_AGE_S},
+        _Config(
+            f"connection_age_{SHORT_AGE_S}s", server={"max_connection_age_seconds": SHORT_AGE_S}
         ),
-        ("recycling_off", 0, {}, 0, {}),
+        _Config("recycling_off", recycle=0),
     ]
     for env in _extra_envs():
-        label = "shipped_" + "_".join(f"{k}={v}" for k, v in env.items())
-        configs.append((label, None, env, 0, {}))
+        configs.append(_Config("shipped_" + "_".join(f"{k}={v}" for k, v in env.items()), env=env))
     started = time.perf_counter()
     measured: dict[str, Any] = {}
-    for label, recycle, env, trace, server in configs:
+    for config in configs:
+        label = config.label
         with tempfile.TemporaryDirectory(prefix="sr-brokersoak-") as tmp:
             raw = soak(
                 Path(tmp),
                 releases=releases,
-                recycle_after_operations=recycle,
-                env=env,
-                server=server,
-                trace_releases=trace,
+                recycle_after_operations=config.recycle,
+                env=config.env,
+                server=config.server,
+                trace_releases=config.trace,
             )
-        extra = ({"env": env} if env else {}) | ({"server": server} if server else {})
+        extra = ({"env": config.env} if config.env else {}) | (
+            {"server": config.server} if config.server else {}
+        )
         measured[label] = figures(raw) | extra
         shown = {k: measured[label][k] for k in ("rss_kib_per_1000_releases", "rss_kib_every_10k")}
         print(f"bench: brokersoak {label}: {shown}", flush=True)
