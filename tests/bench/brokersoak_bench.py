@@ -16,10 +16,9 @@ Configurations, one after the other, each on its own fresh stack:
   module re-initialised every N operations so that SoftHSM2 frees its session objects);
 - ``recycling_off``: the same with ``hsm_recycle_after_operations: 0`` — the baseline, what the
   broker did before recycling;
-- ``connection_age_30s``: the shipped configuration with ``server.max_connection_age_seconds``
-  30: the callers' connections replaced every ~30 s, as the shipped 30 minutes would over hours
-  (some of gRPC core's per-connection state grows with its calls and is freed only when the
-  connection closes);
+- ``eventengine_endpoints``: the shipped configuration with ``GRPC_EXPERIMENTS`` empty, i.e. gRPC's
+  default EventEngine endpoints, which lose ~128 bytes about every 0.75 s under load (see
+  :mod:`strongroom.keybroker.process`) — the baseline for that setting;
 - one more per entry of ``STRONGROOM_BENCH_BROKERSOAK_ENVS`` (``;``-separated ``NAME=VALUE[,...]``
   lists, e.g. ``MALLOC_ARENA_MAX=2``), the shipped configuration with that environment.
 
@@ -49,6 +48,7 @@ import numpy as np
 from strongroom.dev.devstack import DevStack
 from strongroom.keybroker.audit import load_public_key, verify_audit_log
 from strongroom.keybroker.config import KeybrokerConfig
+from strongroom.keybroker.process import PROCESS_ENV
 from tests.bench import _memprobe
 from tests.bench.keybroker_bench import _Caller, caller_factory
 
@@ -60,7 +60,6 @@ WARMUPS = (0.3, 0.5, 0.7)
 RELEASES_ENV = "STRONGROOM_BENCH_BROKERSOAK_RELEASES"
 ENVS_ENV = "STRONGROOM_BENCH_BROKERSOAK_ENVS"
 GOAL_KIB_PER_1000 = 1.0
-SHORT_AGE_S = 30
 _RECYCLE_FIELD = KeybrokerConfig.__dataclass_fields__["hsm_recycle_after_operations"]
 assert isinstance(_RECYCLE_FIELD.default, int)
 DEFAULT_RECYCLE: int = _RECYCLE_FIELD.default
@@ -118,11 +117,12 @@ def _drive(callers: list[_Caller], releases: int, on_sample: Any, every: int) ->
     }
 
 
-def _allocator_env(pid: int) -> dict[str, str]:
-    """The broker process's glibc allocator settings, as it actually runs (from /proc)."""
+def _process_env(pid: int) -> dict[str, str]:
+    """The broker process's settings of :data:`PROCESS_ENV`'s variables, as it actually runs
+    (from /proc)."""
     pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     env = dict(p.decode().split("=", 1) for p in pairs if b"=" in p)
-    return {k: v for k, v in env.items() if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")}
+    return {k: env[k] for k in PROCESS_ENV if k in env}
 
 
 def soak(
@@ -159,7 +159,7 @@ def soak(
             launcher=(sys.executable, "-m", "tests.bench._memprobe"),
         )
         assert broker.process is not None
-        allocator_env = _allocator_env(broker.process.pid)
+        process_env = _process_env(broker.process.pid)
         make_caller = caller_factory(stack)
         vms = [make_caller() for _ in range(callers)]
         samples: list[dict[str, Any]] = [
@@ -179,7 +179,7 @@ def soak(
         raw: dict[str, Any] = {
             "samples": samples,
             **outcome,
-            "allocator_env": allocator_env,
+            "process_env": process_env,
             "slope_period": period,
         }
         if trace_releases:
@@ -274,7 +274,7 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         ],
         "rss_kib_every_10k": _every_10k(samples, "rss_kib"),
         "malloc_in_use_kib_every_10k": _every_10k(samples, "malloc_in_use_kib"),
-        "allocator_env": raw["allocator_env"],
+        "process_env": raw["process_env"],
         "audit_intact": raw["audit"]["intact"],
         "audit_records": raw["audit"]["records"],
     }
@@ -307,12 +307,11 @@ def _extra_envs() -> list[dict[str, str]]:
 
 class _Config(NamedTuple):
     """One brokersoak configuration: the keybroker's recycle quota (None: its default), extra
-    environment, ``server:`` settings, and releases traced with tracemalloc afterwards."""
+    environment, and releases traced with tracemalloc afterwards."""
 
     label: str
     recycle: int | None = None
     env: Mapping[str, str] = {}
-    server: Mapping[str, Any] = {}
     trace: int = 0
 
 
@@ -321,11 +320,7 @@ def run(results: dict[str, Any], releases: int | None = None) -> None:
     releases = releases or int(os.environ.get(RELEASES_ENV, RELEASES))
     configs = [
         _Config("shipped", trace=TRACE_RELEASES),
-        # The shipped connection age (30 min) never comes within a run: this one shows what
-        # replacing the callers' connections does, at a pace that fits the run.
-        _Config(
-            f"connection_age_{SHORT_AGE_S}s", server={"max_connection_age_seconds": SHORT_AGE_S}
-        ),
+        _Config("eventengine_endpoints", env={"GRPC_EXPERIMENTS": ""}),
         _Config("recycling_off", recycle=0),
     ]
     for env in _extra_envs():
@@ -340,13 +335,9 @@ def run(results: dict[str, Any], releases: int | None = None) -> None:
                 releases=releases,
                 recycle_after_operations=config.recycle,
                 env=config.env,
-                server=config.server,
                 trace_releases=config.trace,
             )
-        extra = ({"env": config.env} if config.env else {}) | (
-            {"server": config.server} if config.server else {}
-        )
-        measured[label] = figures(raw) | extra
+        measured[label] = figures(raw) | ({"env": config.env} if config.env else {})
         shown = {k: measured[label][k] for k in ("rss_kib_per_1000_releases", "rss_kib_every_10k")}
         print(f"bench: brokersoak {label}: {shown}", flush=True)
     shipped = measured["shipped"]["rss_kib_per_1000_releases"]["after_30pct"]

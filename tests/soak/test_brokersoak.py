@@ -32,7 +32,7 @@ def test_releases_under_concurrent_load_with_recycling(
         step_ca_binary=step_ca_binary,
     )
     assert raw["failed"] == 0, raw["failures"]
-    assert raw["allocator_env"] == dict(PROCESS_ENV)  # the broker runs as its images run it
+    assert raw["process_env"] == dict(PROCESS_ENV)  # the broker runs as its images run it
     assert raw["trace"]["failed"] == 0
     assert [s["releases"] for s in raw["samples"]] == [0, 250, 500, 750, 1000]
     for sample in raw["samples"]:
