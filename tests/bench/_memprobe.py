@@ -137,16 +137,17 @@ class _Probe:
         op = request.get("op")
         if op == "sample":
             return sample()
+        if op in ("trace_mark", "trace_top") and self.baseline is None:
+            return {"error": "trace_start first"}
         if op == "trace_start":
             tracemalloc.start(int(request.get("frames", 1)))
             self.baseline = _live_snapshot()
             return {"tracing": True}
-        if op in ("trace_mark", "trace_top"):
-            if self.baseline is None:
-                return {"error": "trace_start first"}
-            if op == "trace_mark":  # a new baseline, tracing on: growth after caches filled up
-                self.baseline = _live_snapshot()
-                return {"tracing": True}
+        if op == "trace_mark":  # a new baseline, tracing on: growth after caches filled up
+            self.baseline = _live_snapshot()
+            return {"tracing": True}
+        if op == "trace_top":
+            assert self.baseline is not None  # checked above
             now = _live_snapshot()
             group = str(request.get("group", "lineno"))  # or "traceback": whole call paths
             stats = now.compare_to(self.baseline, group)

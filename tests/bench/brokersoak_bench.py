@@ -131,7 +131,6 @@ def soak(
     releases: int,
     recycle_after_operations: int | None = None,
     env: Mapping[str, str] | None = None,
-    server: Mapping[str, Any] | None = None,
     callers: int = CALLERS,
     sample_every: int = SAMPLE_EVERY,
     trace_releases: int = 0,
@@ -139,8 +138,8 @@ def soak(
 ) -> dict[str, Any]:
     """One configuration on a fresh stack under ``root``; returns the raw samples and outcomes.
 
-    ``recycle_after_operations`` None keeps the broker's default configuration; ``server`` sets
-    keys of its ``server:`` section. The broker's log stays at ``root/logs/keybroker.log``.
+    ``recycle_after_operations`` None keeps the broker's default configuration. The broker's log
+    stays at ``root/logs/keybroker.log``.
     """
     with DevStack(root, step_ca_binary=step_ca_binary) as stack:
         section = stack.default_section("keybroker")
@@ -150,7 +149,6 @@ def soak(
         broker = stack.start_process(
             "keybroker",
             section,
-            server=dict(server or {}),
             env={
                 _memprobe.ENV: str(probe),
                 "PYTHONPATH": os.pathsep.join(filter(None, (_REPO, os.environ.get("PYTHONPATH")))),
