@@ -20,7 +20,9 @@ every object ever created — destroyed, or on a closed session — until ``C_Fi
 pointers stay valid), ~0.4 KB per key release, measured; closing and reopening sessions frees
 nothing, re-initialising the module frees it all. So after ``recycle_after_operations`` operations
 (0: never) the connection is *recycled*: closed, and re-established (``C_Finalize`` + ``C_Initialize``, log
-in, probe) by the next operation, which waits for it (a few milliseconds). Object handles from an
+in, probe) by the next operation, which waits for it (a few milliseconds). Only operations that can
+create objects count: health checks do not, so the readiness probe (two a second in the broker)
+neither recycles an idle broker nor shifts where recycles fall in a run of releases. Object handles from an
 earlier session are void: :attr:`HsmSession.serial` tells them apart.
 
 **Deadlines.** :meth:`Hsm.call` queues an operation and waits at most ``timeout`` seconds for it;
@@ -253,6 +255,7 @@ class _Job:
     future: concurrent.futures.Future[Any]
     deadline: float
     name: str
+    creates_objects: bool = True  # counts toward ``recycle_after_operations``
 
 
 class _WorkSessions:
@@ -387,7 +390,12 @@ class Hsm(Closing):
         hsm = cls(config, key)
         if wait:
             try:
-                hsm.call(lambda _s: None, timeout=config.connect_timeout, name="connect")
+                hsm.call(
+                    lambda _s: None,
+                    timeout=config.connect_timeout,
+                    name="connect",
+                    creates_objects=False,
+                )
             except BaseException:
                 hsm.close()
                 raise
@@ -424,8 +432,12 @@ class Hsm(Closing):
         *,
         timeout: float | None = None,
         name: str = "operation",
+        creates_objects: bool = True,
     ) -> T:
         """Runs ``op`` on the worker thread with the logged-in session; returns its result.
+
+        ``creates_objects`` False marks an operation that creates no PKCS#11 objects (a health
+        check): it does not count toward the recycle quota (module doc).
 
         Raises ``HsmUnavailable`` when the HSM cannot serve it (``HSM_TIMEOUT`` once ``timeout``
         seconds, default ``config.operation_timeout``, have passed), a ``StrongroomError`` raised by
@@ -437,7 +449,7 @@ class Hsm(Closing):
         if self._closed:
             raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED)
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put(_Job(op, future, time.monotonic() + limit, name))
+        self._queue.put(_Job(op, future, time.monotonic() + limit, name, creates_objects))
         try:
             return future.result(timeout=limit)
         except concurrent.futures.TimeoutError:
@@ -451,7 +463,9 @@ class Hsm(Closing):
     def check_health(self, *, timeout: float | None = None) -> None:
         """Raises ``HsmUnavailable`` unless the token is reachable and logged in (reconnecting if
         needed). Suitable for a readiness probe."""
-        self.call(lambda s: s.require_token(), timeout=timeout, name="health check")
+        self.call(
+            lambda s: s.require_token(), timeout=timeout, name="health check", creates_objects=False
+        )
 
     def close(self, *, timeout: float = 5.0) -> None:
         """Closes the session, finalises and unloads the module; idempotent."""
@@ -515,7 +529,8 @@ class Hsm(Closing):
         finally:
             if self._conn is conn:
                 conn.sessions.release(hs)
-                conn.operations += 1
+                if job.creates_objects:
+                    conn.operations += 1
                 quota = self._config.recycle_after_operations
                 if quota and conn.operations >= quota:
                     self._recycle()

@@ -15,6 +15,8 @@ unchanged. Each connection sends one JSON line ``{"op": ...}`` and gets one JSON
   release per caller) still shows as growth;
 - ``garbage``: a full collection that counts, by type, the objects only reference cycles kept
   alive (and the malloc bytes and RSS their collection freed);
+- ``census``: a full collection, then the live gc-tracked objects by type and the blocks pymalloc
+  holds (``sys.getallocatedblocks``): two censuses apart tell Python objects from native memory;
 - ``trim``: ``malloc_trim(0)``, with RSS before and after (what glibc kept but could return).
 
 Only for benchmarks: the socket is created 0600 in a directory the benchmark owns.
@@ -124,6 +126,19 @@ def _garbage(limit: int) -> dict[str, Any]:
     }
 
 
+def _census() -> dict[str, Any]:
+    """After a full collection: the live gc-tracked objects by type (frozen ones not counted) and
+    the blocks pymalloc holds, to diff between two moments of a soak."""
+    gc.collect()
+    kinds = Counter(type(obj).__qualname__ for obj in gc.get_objects())
+    return {
+        "pymalloc_blocks": sys.getallocatedblocks(),
+        "gc_objects": sum(kinds.values()),
+        "by_type": dict(kinds),
+        **sample(),
+    }
+
+
 def _live_snapshot() -> tracemalloc.Snapshot:
     gc.collect()  # compare live objects, not garbage that the next collection frees
     return tracemalloc.take_snapshot()
@@ -169,6 +184,8 @@ class _Probe:
             }
         if op == "garbage":
             return _garbage(int(request.get("limit", 10)))
+        if op == "census":
+            return _census()
         if op == "trim":
             before = rss_kib()
             _libc().malloc_trim(0)
