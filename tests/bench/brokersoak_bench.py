@@ -8,7 +8,10 @@ ReleaseKey with a signed report) share :data:`RELEASES` releases. The slope of R
 releases, least squares) is taken after 30% of the run (warm-up), and also from 50% and 70%, from
 one sample per HSM recycle (every 2,000 releases by default): between recycles SoftHSM2's session
 objects draw a ~0.5 MB sawtooth, and samples at alternating phases of it made the slopes of short
-windows swing by tens of KiB per 1,000.
+windows swing by tens of KiB per 1,000. That needs recycles exactly 2,000 releases apart: only
+operations that create objects count toward the quota. While the readiness loop's health checks
+(two a second) counted too, each recycle fell ~20 operations later than the one before, and the
+samples climbed the sawtooth by ~3.9 KiB per 1,000 releases that were not growth.
 
 Configurations, one after the other, each on its own fresh stack:
 
@@ -25,8 +28,11 @@ Configurations, one after the other, each on its own fresh stack:
 After the measured releases of ``shipped``, a diagnosis phase that is not part of the slope:
 tracemalloc on for :data:`TRACE_RELEASES` more releases (the Python heap's growth and the lines
 it came from, to tell Python from native growth) and ``malloc_trim(0)`` (what glibc kept but
-could return). Each configuration ends with ``strongroom audit verify`` of its log with the
-broker's public key. The load average is recorded at every sample: the machine is shared.
+could return). Every configuration also takes a census (memprobe ``census``: a full collection,
+then malloc's bytes in use, Python's live objects by type and pymalloc's blocks) where the slope's
+window starts and at the end: with garbage collected on both sides, those figures are much less
+noisy than the samples', and they tell Python objects from native memory. Each configuration ends
+with ``strongroom audit verify`` of its log with the broker's public key. The load average is recorded at every sample: the machine is shared.
 
 Usage: ``python -m tests.bench.run brokersoak``; ``STRONGROOM_BENCH_BROKERSOAK_RELEASES`` sets the
 releases per configuration (default :data:`RELEASES`).
@@ -164,10 +170,16 @@ def soak(
             {"releases": 0, "load1": os.getloadavg()[0], **_memprobe.ask(probe, "sample")}
         ]
 
+        # Two censuses (after a full collection): where the slope's window starts, and the end.
+        start = -(-int(releases * WARMUPS[0]) // sample_every) * sample_every
+        censuses: dict[int, dict[str, Any]] = {}
+
         def on_sample(n: int) -> None:
             samples.append(
                 {"releases": n, "load1": os.getloadavg()[0]} | _memprobe.ask(probe, "sample")
             )
+            if n in (start, releases):
+                censuses[n] = _memprobe.ask(probe, "census")
 
         outcome = _drive(vms, releases, on_sample, sample_every)
         samples.sort(key=lambda s: int(s["releases"]))
@@ -176,6 +188,7 @@ def soak(
         period = quota if quota and quota % sample_every == 0 else sample_every
         raw: dict[str, Any] = {
             "samples": samples,
+            "censuses": [censuses[n] | {"releases": n} for n in sorted(censuses)],
             **outcome,
             "process_env": process_env,
             "slope_period": period,
@@ -232,6 +245,30 @@ def _every_10k(samples: list[dict[str, Any]], field: str) -> list[Any]:
     return [s[field] for s in samples if s["releases"] % 10_000 == 0]
 
 
+def _census_figures(first: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """Two censuses compared: malloc's bytes in use, Python's live objects and pymalloc's blocks,
+    each after a full collection, so that neither garbage nor the sampling's noise counts."""
+    releases = last["releases"] - first["releases"]
+    grown = {
+        kind: last["by_type"].get(kind, 0) - count for kind, count in first["by_type"].items()
+    } | {kind: count for kind, count in last["by_type"].items() if kind not in first["by_type"]}
+    return {
+        "releases": [first["releases"], last["releases"]],
+        "malloc_in_use_kib": [first["malloc_in_use_kib"], last["malloc_in_use_kib"]],
+        "malloc_in_use_kib_per_1000_releases": round(
+            (last["malloc_in_use_kib"] - first["malloc_in_use_kib"]) / releases * 1000, 3
+        ),
+        "rss_kib": [first["rss_kib"], last["rss_kib"]],
+        "python_objects": [first["gc_objects"], last["gc_objects"]],
+        "pymalloc_blocks": [first["pymalloc_blocks"], last["pymalloc_blocks"]],
+        "threads": [first["threads"], last["threads"]],
+        "object_types_grown_most": sorted(
+            (f"{kind} {diff:+d}" for kind, diff in grown.items() if diff),
+            key=lambda text: -abs(int(text.rsplit(" ", 1)[1])),
+        )[:5],
+    }
+
+
 def figures(raw: dict[str, Any]) -> dict[str, Any]:
     """The reported figures of one configuration (see the module docstring)."""
     samples = raw["samples"]
@@ -276,6 +313,8 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         "audit_intact": raw["audit"]["intact"],
         "audit_records": raw["audit"]["records"],
     }
+    if len(raw["censuses"]) == 2:
+        out["after_full_collection"] = _census_figures(*raw["censuses"])
     if raw["failures"]:
         out["failures"] = raw["failures"]
     if "trace" in raw:

@@ -50,5 +50,10 @@ def test_releases_under_concurrent_load_with_recycling(
     # The challenge, release and key-creation records of the run, every one verified.
     assert raw["audit"]["intact"], raw["audit"]
     assert raw["audit"]["records"] >= 1_100
+    # Censuses where the slope's window starts (the first sample past 30 %) and at the end.
+    assert [c["releases"] for c in raw["censuses"]] == [500, 1000]
     report = figures(raw)
     assert report["releases"] == 1_000 and report["failed"] == 0
+    census = report["after_full_collection"]
+    assert census["releases"] == [500, 1000]
+    assert min(census["python_objects"]) > 0 and min(census["pymalloc_blocks"]) > 0
