@@ -35,7 +35,8 @@ class KeybrokerConfig:
     hsm_operation_timeout_seconds: float = 5.0
     # Re-initialise the PKCS#11 module after this many operations that can create objects (health
     # checks do not count), so that SoftHSM2 frees the objects it keeps until C_Finalize (~0.4 KB
-    # per release; hsm.py module doc). 0 = never: for an HSM that frees objects itself, where a re-login has a cost.
+    # per release; hsm.py module doc). 0 = never: for an HSM that frees objects itself, where a
+    # re-login has a cost.
     hsm_recycle_after_operations: int = 2000
     # Development only: trust the simulated TEE chain (amd_trust.pem, intel_root.pem) in this directory.
     allow_simulated_tee: bool = False

@@ -22,8 +22,8 @@ nothing, re-initialising the module frees it all. So after ``recycle_after_opera
 (0: never) the connection is *recycled*: closed, and re-established (``C_Finalize`` + ``C_Initialize``, log
 in, probe) by the next operation, which waits for it (a few milliseconds). Only operations that can
 create objects count: health checks do not, so the readiness probe (two a second in the broker)
-neither recycles an idle broker nor shifts where recycles fall in a run of releases. Object handles from an
-earlier session are void: :attr:`HsmSession.serial` tells them apart.
+neither recycles an idle broker nor shifts where recycles fall in a run of releases. Object handles
+from an earlier session are void: :attr:`HsmSession.serial` tells them apart.
 
 **Deadlines.** :meth:`Hsm.call` queues an operation and waits at most ``timeout`` seconds for it;
 a caller whose deadline passes gets ``HsmUnavailable(HSM_TIMEOUT)`` even if the module hangs inside

@@ -32,7 +32,8 @@ could return). Every configuration also takes a census (memprobe ``census``: a f
 then malloc's bytes in use, Python's live objects by type and pymalloc's blocks) where the slope's
 window starts and at the end: with garbage collected on both sides, those figures are much less
 noisy than the samples', and they tell Python objects from native memory. Each configuration ends
-with ``strongroom audit verify`` of its log with the broker's public key. The load average is recorded at every sample: the machine is shared.
+with ``strongroom audit verify`` of its log with the broker's public key. The load average is
+recorded at every sample: the machine is shared.
 
 Usage: ``python -m tests.bench.run brokersoak``; ``STRONGROOM_BENCH_BROKERSOAK_RELEASES`` sets the
 releases per configuration (default :data:`RELEASES`).
