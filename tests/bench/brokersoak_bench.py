@@ -250,9 +250,9 @@ def _census_figures(first: dict[str, Any], last: dict[str, Any]) -> dict[str, An
     """Two censuses compared: malloc's bytes in use, Python's live objects and pymalloc's blocks,
     each after a full collection, so that neither garbage nor the sampling's noise counts."""
     releases = last["releases"] - first["releases"]
-    grown = {
-        kind: last["by_type"].get(kind, 0) - count for kind, count in first["by_type"].items()
-    } | {kind: count for kind, count in last["by_type"].items() if kind not in first["by_type"]}
+    before, after = first["by_type"], last["by_type"]
+    grown = {kind: after.get(kind, 0) - before.get(kind, 0) for kind in before | after}
+    most = sorted((kind for kind in grown if grown[kind]), key=lambda kind: -abs(grown[kind]))
     return {
         "releases": [first["releases"], last["releases"]],
         "malloc_in_use_kib": [first["malloc_in_use_kib"], last["malloc_in_use_kib"]],
@@ -263,10 +263,7 @@ def _census_figures(first: dict[str, Any], last: dict[str, Any]) -> dict[str, An
         "python_objects": [first["gc_objects"], last["gc_objects"]],
         "pymalloc_blocks": [first["pymalloc_blocks"], last["pymalloc_blocks"]],
         "threads": [first["threads"], last["threads"]],
-        "object_types_grown_most": sorted(
-            (f"{kind} {diff:+d}" for kind, diff in grown.items() if diff),
-            key=lambda text: -abs(int(text.rsplit(" ", 1)[1])),
-        )[:5],
+        "object_types_grown_most": [f"{kind} {grown[kind]:+d}" for kind in most[:5]],
     }
 
 
