@@ -18,10 +18,11 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -89,16 +90,12 @@ def _peer_spiffe_id(cert: x509.Certificate) -> tuple[SpiffeId | None, str | None
         return None, exc.message
 
 
-# Keyed by the PEM itself, each entry holds ~1.2 KiB, and every certificate renewal of every peer
-# adds one: a soak with 30 s certificates filled 1,000 entries in 17 minutes (~1.2 MB per
-# service). 256 covers ~128 peers across a renewal's overlap; past that a miss costs one parse
-# (tens of microseconds) per RPC, not a failure.
-@functools.lru_cache(maxsize=256)
 def _parse_peer(pem: bytes) -> _ParsedPeer:
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
-        return _ParsedPeer(0, datetime.min, datetime.min, b"", None, "malformed peer certificate")
+        never = datetime.min.replace(tzinfo=UTC)  # expired: the cache drops it at the next miss
+        return _ParsedPeer(0, never, never, b"", None, "malformed peer certificate")
     spiffe_id, problem = _peer_spiffe_id(cert)
     return _ParsedPeer(
         serial=cert.serial_number,
@@ -108,6 +105,45 @@ def _parse_peer(pem: bytes) -> _ParsedPeer:
         spiffe_id=spiffe_id,
         problem=problem,
     )
+
+
+class _PeerCache:
+    """Parsed peer certificates by PEM, holding only certificates that can still authenticate.
+
+    Every renewal of every peer brings a new certificate, and an entry is ~1.2 KiB, so a cache
+    bounded by count alone grows with the renewal history until it is full: with 60 s
+    certificates a 256-entry LRU took 10 minutes to fill, which soaks read as a leak. An expired
+    certificate never passes :func:`_identity` again, so a miss first drops expired entries and
+    the cache holds about as many entries as there are live peers. ``maxsize`` still bounds it
+    against many live peers at once; past it, the oldest entry goes and a miss costs one parse
+    (~30 us) per RPC, never a failure.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._maxsize = maxsize
+        self._entries: dict[bytes, _ParsedPeer] = {}
+        self._lock = threading.Lock()
+
+    def get(self, pem: bytes, now: datetime) -> _ParsedPeer:
+        """The parsed certificate, parsing it on a miss."""
+        entry = self._entries.get(pem)  # a dict read is atomic; the lock guards changes
+        if entry is not None:
+            return entry
+        entry = _parse_peer(pem)
+        with self._lock:
+            expired = [k for k, v in self._entries.items() if v.not_after < now]
+            for key in expired:
+                del self._entries[key]
+            while len(self._entries) >= self._maxsize:
+                del self._entries[next(iter(self._entries))]
+            self._entries[pem] = entry
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_PEERS = _PeerCache(maxsize=256)
 
 
 def _auth_properties(context: grpc.ServicerContext) -> Mapping[str, Any]:
@@ -158,13 +194,13 @@ def _identity(pem: bytes | None, trust_domain: str | None, now: datetime | None)
         raise PeerUnauthenticated(
             "the caller presented no client certificate", reason=Reason.NO_PEER_CERT
         )
-    peer = _parse_peer(pem)
+    moment = now or utc_now()
+    peer = _PEERS.get(pem, moment)
     if peer.problem is not None or peer.spiffe_id is None:
         raise PeerUnauthenticated(
             f"the caller's certificate (serial {peer.serial:x}) is unusable: {peer.problem}",
             reason=Reason.PEER_CERT_UNUSABLE,
         )
-    moment = now or utc_now()
     if moment > peer.not_after:
         raise PeerUnauthenticated(
             f"the certificate of {peer.spiffe_id} (serial {peer.serial:x}) expired at "

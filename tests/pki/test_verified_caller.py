@@ -4,12 +4,14 @@ from the context as before. A stand-in servicer context counts the reads (no gRP
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
 
+from strongroom.pki import authz
 from strongroom.pki.authz import CallerIdentity, caller_identity, verified_caller
 from strongroom.pki.errors import PeerUnauthenticated
 from tests.pki.helpers import ECHO, default_authorizer, make_ca, make_leaf, pem, sid
@@ -26,6 +28,9 @@ def _context(cert_pem: bytes | None) -> Any:
         return properties
 
     return SimpleNamespace(auth_context=auth_context, reads=reads)
+
+
+_CA = make_ca("test root")
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +61,39 @@ def test_the_handler_gets_the_verified_caller_from_one_read(inference_pem: bytes
     with pytest.raises(PeerUnauthenticated) as info:
         verified_caller(_context(None))
     assert info.value.reason == "NO_PEER_CERT"
+
+
+def _leaf_pem(name: str, not_after: datetime | None = None) -> bytes:
+    return pem(make_leaf(*_CA, uris=[sid(name)], not_after=not_after).chain[0])
+
+
+def test_the_parsed_certificate_cache_keeps_only_certificates_that_can_still_authenticate() -> None:
+    # Every renewal brings each peer a new certificate; a cache bounded by count alone grew with
+    # the renewal history (a soak read it as ~1.2 KiB per renewal, for ten minutes).
+    start = datetime.now(UTC)
+    renewals = [_leaf_pem("inference", start + timedelta(minutes=1 + i)) for i in range(40)]
+    for cert_pem in renewals:
+        caller_identity(_context(cert_pem), now=start)
+    assert len(authz._PEERS) >= 40  # each parsed once, kept while it can authenticate
+
+    # An hour later all of them have expired: the next new certificate's parse drops them (and
+    # any other expired entry this process holds).
+    later = start + timedelta(hours=1)
+    caller_identity(_context(_leaf_pem("inference", later + timedelta(hours=1))), now=later)
+    held = authz._PEERS._entries
+    assert not any(cert_pem in held for cert_pem in renewals)
+    assert all(peer.not_after >= later for peer in held.values())
+
+
+def test_the_parsed_certificate_cache_stays_bounded_with_many_live_peers() -> None:
+    cache = authz._PeerCache(maxsize=8)
+    now = datetime.now(UTC)
+    pems = [_leaf_pem(f"peer-{i}") for i in range(20)]
+    for cert_pem in pems:
+        assert cache.get(cert_pem, now).spiffe_id is not None
+    assert len(cache) == 8
+    assert cache.get(pems[-1], now) is cache.get(pems[-1], now)  # a hit, not a re-parse
+    # A malformed certificate is answered (unusable) and counts as expired: it cannot hold a slot.
+    assert cache.get(b"not a certificate", now).problem == "malformed peer certificate"
+    cache.get(pems[0], now)
+    assert b"not a certificate" not in cache._entries
