@@ -61,3 +61,14 @@ def test_report_data_checks_every_key_even_after_a_good_one_was_seen() -> None:
                 report_data_for(NONCE, eph, bad)
             assert info.value.reason == "BAD_PUBLIC_KEY"
     assert report_data_for(NONCE, eph, tls) == first
+
+
+def test_the_key_memo_stays_small_as_keys_come_and_go() -> None:
+    # Every certificate renewal brings a caller a new TLS key and every production release a new
+    # ephemeral key: a memo of 256 keys filled with the renewal history for ten minutes of a
+    # soak (~0.25 KiB a key), which read as growth per release. It holds what live callers reuse.
+    from strongroom.attestation import binding
+
+    for _ in range(40):
+        report_data_for(NONCE, _spki(), _spki())
+    assert binding._parses_as_spki.cache_info().currsize <= 32
