@@ -17,9 +17,11 @@ for up to :data:`RETRY_WINDOW` seconds, as the loader does; ModelInfer is not re
 Transient answers are counted separately.
 
 The report (JSON, also written to ``--out``): operations and failures per kind, certificate
-rotations per service, RSS samples and the RSS slope per service (KiB per minute after warm-up;
-for the broker also KiB per 1,000 releases), and ``strongroom audit verify`` of the broker's log
-with its public key.
+rotations per service, RSS samples and the RSS slope per service (KiB per minute after warm-up,
+the first 30% of the last process's life; for the broker also KiB per 1,000 releases), each
+service's malloc in use after full collections at the start and the end of that window (they run
+under :mod:`tests.bench._memprobe`), and ``strongroom audit verify`` of the broker's log with its
+public key.
 
 Usage: ``make soak`` (10 minutes) or ``python -m tests.soak.run --duration 120 --cert-lifetime 30``.
 The test suite runs a short version (:mod:`tests.soak.test_soak`).
@@ -32,6 +34,8 @@ import hashlib
 import json
 import logging
 import os
+import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -60,8 +64,10 @@ from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.keybroker.audit import load_public_key, verify_audit_log
 from strongroom.pki._state import STATE_FILE
 from strongroom.pki.stepca import BINARY_ENV
+from tests.bench import _memprobe
 
 log = logging.getLogger("soak")
+_REPO = Path(__file__).resolve().parents[2]
 
 KEY = "soak"
 MODEL = "soakmodel"
@@ -143,6 +149,12 @@ class Soak:
         self.started = 0.0
         self.rotations: dict[str, set[str]] = {s: set() for s in SERVICES}
         self.rotation_times: dict[str, list[float]] = {s: [] for s in SERVICES}
+        # Each service runs under the memory probe: censuses (malloc in use after a full
+        # collection) at the start of its measured window and at the end tell memory it keeps
+        # from RSS the allocator holds.
+        self.probes = {name: root / f"{name}.probe" for name in SERVICES}
+        self.born: dict[str, float] = {}
+        self.censuses: dict[str, list[dict[str, Any]]] = {name: [] for name in SERVICES}
 
     # ------------------------------------------------------------------ setup
 
@@ -153,10 +165,55 @@ class Soak:
         self.events.append((round(self._elapsed(), 1), what))
         log.info("soak: %s", what)
 
+    def _start(self, name: str, section: dict[str, Any] | None = None) -> None:
+        self.stack.start_process(
+            name,
+            section,
+            env={
+                _memprobe.ENV: str(self.probes[name]),
+                "PYTHONPATH": os.pathsep.join(filter(None, (str(_REPO), os.getenv("PYTHONPATH")))),
+            },
+            launcher=(sys.executable, "-m", "tests.bench._memprobe"),
+        )
+        self.born[name] = self._elapsed() if self.started else 0.0
+        self.censuses[name] = []  # a new process: only its own censuses compare
+
+    def _census(self, name: str, label: str) -> None:
+        """Three censuses a second apart, the median kept: calls in flight (up to one per caller)
+        move a single one by tens of KiB."""
+        taken = []
+        for _ in range(3):
+            try:
+                taken.append(_memprobe.ask(self.probes[name], "census", timeout=30))
+            except (OSError, RuntimeError) as exc:
+                log.warning("soak: %s census failed: %s", name, exc)
+                return
+            time.sleep(1)
+        median = sorted(taken, key=lambda c: c["malloc_in_use_kib"])[1]
+        self.censuses[name].append(
+            {
+                "label": label,
+                "at_s": round(self._elapsed(), 1),
+                "releases": self.counters.ok.get("release", 0),
+                "malloc_in_use_kib": [c["malloc_in_use_kib"] for c in taken],
+                "median_malloc_in_use_kib": median["malloc_in_use_kib"],
+                "rss_kib": median["rss_kib"],
+                "gc_objects": statistics.median(c["gc_objects"] for c in taken),
+                "pymalloc_blocks": statistics.median(c["pymalloc_blocks"] for c in taken),
+                "threads": median["threads"],
+            }
+        )
+
+    def _window_start(self, name: str) -> float:
+        """When the measured window of the service's last process starts: after its warm-up, the
+        first 30% of its life in the run."""
+        born = self.born[name]
+        return born + 0.3 * (self.config.duration - born)
+
     def setup(self) -> None:
         stack = self.stack
-        stack.start_process("keybroker")
-        stack.start_process("modelstore")
+        self._start("keybroker")
+        self._start("modelstore")
         lifetime = timedelta(seconds=self.config.cert_lifetime)
         self.admin = stack.identity("admin", lifetime=lifetime)
         self.publisher = stack.identity("publisher", lifetime=lifetime)
@@ -180,7 +237,7 @@ class Soak:
             "models": [{"name": MODEL, "version": "1"}],
         }
         self.inference_section = section
-        stack.start_process("inference", section)
+        self._start("inference", section)
         client = stack.identity("client", lifetime=lifetime)
         self.client = client
         oip = oip_grpc.GRPCInferenceServiceStub(stack.channel(client, "inference"))
@@ -299,6 +356,9 @@ class Soak:
                     rss, threads = status
                     self.samples.append((name, pid, self._elapsed(), rss, releases, threads))
             self._note_rotations()
+            for name in SERVICES:
+                if not self.censuses[name] and self._elapsed() >= self._window_start(name):
+                    self._census(name, "window start")
 
     def _note_rotations(self) -> None:
         for name in SERVICES:
@@ -318,7 +378,7 @@ class Soak:
         self._event(f"restart {name}")
         self.stack.services.pop(name).stop()
         time.sleep(0.5)
-        self.stack.start_process(name, section)
+        self._start(name, section)
         self._event(f"{name} serving again")
 
     def _hsm_blink(self) -> None:
@@ -365,6 +425,8 @@ class Soak:
         for t in threads:
             t.start()
         self.stop.wait(self.config.duration)
+        for name in SERVICES:
+            self._census(name, "end")
         self.stop.set()
         for t in threads:
             t.join(90)
@@ -379,13 +441,13 @@ class Soak:
         rss: dict[str, Any] = {}
         for name in SERVICES:
             # The last process of the service (a restart starts a new one), after its warm-up:
-            # the first 30% of its samples.
+            # the first 30% of its life in the run.
             mine = [x for x in self.samples if x[0] == name]
             if not mine:
                 continue
             pid = mine[-1][1]
             points = [x for x in mine if x[1] == pid]
-            points = points[int(len(points) * 0.3) :]
+            points = [x for x in points if x[2] >= self._window_start(name)]
             per_minute = _slope([(t / 60, r) for _, _, t, r, _, _ in points])
             entry: dict[str, Any] = {
                 "pid": pid,
@@ -398,9 +460,23 @@ class Soak:
                 per_k = _slope([(releases / 1000, r) for _, _, _, r, releases, _ in points])
                 entry["releases_in_window"] = points[-1][4] - points[0][4] if points else 0
                 entry["slope_kib_per_1000_releases"] = None if per_k is None else round(per_k, 2)
+            censuses = self.censuses[name]
+            entry["censuses"] = censuses
+            if len(censuses) == 2:
+                first, last = censuses
+                kept = last["median_malloc_in_use_kib"] - first["median_malloc_in_use_kib"]
+                entry["malloc_in_use_change_kib"] = kept
+                entry["malloc_in_use_kib_per_minute"] = round(
+                    kept / (last["at_s"] - first["at_s"]) * 60, 1
+                )
+                if name == "keybroker":
+                    releases = last["releases"] - first["releases"]
+                    entry["malloc_in_use_kib_per_1000_releases"] = (
+                        round(kept / releases * 1000, 2) if releases else None
+                    )
             # The whole series of the last process, to see where growth happens (at rotations,
-            # restarts, faults) rather than only how much: [seconds, KiB, releases so far].
-            # [seconds, KiB, releases so far, threads]: a pool growing under load shows here.
+            # restarts, faults, a worker pool growing) rather than only how much:
+            # [seconds, KiB, releases so far, threads].
             entry["series"] = [[round(t, 1), r, n, k] for _, p, t, r, n, k in mine if p == pid]
             rss[name] = entry
         counters = self.counters
@@ -466,11 +542,13 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     args.out.write_text(text + "\n")
     print(text)
-    broker_slope = report["rss"]["keybroker"].get("slope_kib_per_1000_releases")
+    broker = report["rss"]["keybroker"]
+    broker_slope = broker.get("slope_kib_per_1000_releases")
+    kept = broker.get("malloc_in_use_kib_per_1000_releases")
     ok = report["failed_total"] == 0 and report["audit"]["intact"]
     print(
         f"soak: {sum(report['ok'].values())} operations, {report['failed_total']} failed; "
-        f"broker RSS slope {broker_slope} KiB per 1,000 releases; "
+        f"broker RSS slope {broker_slope} KiB per 1,000 releases, malloc in use {kept}; "
         f"audit {'intact' if report['audit']['intact'] else 'NOT intact'}"
     )
     return 0 if ok else 1

@@ -36,5 +36,7 @@ def test_short_soak_under_faults(tmp_path: Path, step_ca_binary: Path) -> None:
     assert {"keybroker serving again", "modelstore serving again", "HSM token restored"} <= set(
         events
     )
+    for name, entry in report["rss"].items():  # the memory probe answered in every service
+        assert [c["label"] for c in entry["censuses"]] == ["window start", "end"], name
     # The first certificate plus at least three renewals, for every service.
     assert all(n >= 4 for n in report["certificates_seen"].values()), report["certificates_seen"]
