@@ -180,7 +180,8 @@ class Soak:
 
     def _census(self, name: str, label: str) -> None:
         """Three censuses a second apart, the median kept: calls in flight (up to one per caller)
-        move a single one by tens of KiB."""
+        move a single one by tens of KiB. Dropped if the service restarted meanwhile."""
+        process = self.stack.services.get(name)
         taken = []
         for _ in range(3):
             try:
@@ -189,6 +190,8 @@ class Soak:
                 log.warning("soak: %s census failed: %s", name, exc)
                 return
             time.sleep(1)
+        if self.stack.services.get(name) is not process:
+            return
         median = sorted(taken, key=lambda c: c["malloc_in_use_kib"])[1]
         self.censuses[name].append(
             {
@@ -376,6 +379,7 @@ class Soak:
 
     def _restart(self, name: str, section: dict[str, Any] | None = None) -> None:
         self._event(f"restart {name}")
+        self.born[name] = float("inf")  # no window-start census while it restarts
         self.stack.services.pop(name).stop()
         time.sleep(0.5)
         self._start(name, section)
