@@ -22,10 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.errors import FailedPrecondition, Unavailable
-from strongroom.keybroker.process import PROCESS_ENV as BROKER_PROCESS_ENV
 from strongroom.pki import StepCa, WorkloadIdentity, init_ca, mint_token
 from strongroom.pki.identity import RenewalPolicy
 from strongroom.runtime.config import load_service_config
+from strongroom.runtime.process import PROCESS_ENV
 from strongroom.runtime.secrets import Secret
 
 log = logging.getLogger(__name__)
@@ -407,13 +407,12 @@ class DevStack:
         """Starts ``strongroom serve <service>`` as a child process (for the demo);
         ``server`` sets keys of its ``server:`` section; ``launcher`` is the command that takes
         ``serve <service> --config <path>`` (a benchmark's profiling or memory-probe wrapper, for
-        instance); ``env`` adds to this process's environment (for the broker, on top of the
-        environment it ships with, :data:`strongroom.keybroker.process.PROCESS_ENV`)."""
+        instance); ``env`` adds to this process's environment, on top of the environment every
+        service ships with (:data:`strongroom.runtime.process.PROCESS_ENV`)."""
         instance = instance or service
         path = self.write_config(service, section, instance=instance, server=server)
         log_path = self.log_path(instance)
-        if service == "keybroker":
-            env = {**BROKER_PROCESS_ENV, **(env or {})}  # as the images run it
+        env = {**PROCESS_ENV, **(env or {})}  # as the images run it
         with log_path.open("ab") as out:
             process = subprocess.Popen(
                 [
@@ -426,7 +425,7 @@ class DevStack:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=None if env is None else {**os.environ, **env},
+                env={**os.environ, **env},
             )
 
         def stop() -> None:

@@ -21,7 +21,7 @@ Configurations, one after the other, each on its own fresh stack:
   broker did before recycling;
 - ``eventengine_endpoints``: the shipped configuration with ``GRPC_EXPERIMENTS`` empty, i.e. gRPC's
   default EventEngine endpoints, which lose ~128 bytes about every 0.75 s under load (see
-  :mod:`strongroom.keybroker.process`) — the baseline for that setting;
+  :mod:`strongroom.runtime.process`) — the baseline for that setting;
 - one more per entry of ``STRONGROOM_BENCH_BROKERSOAK_ENVS`` (``;``-separated ``NAME=VALUE[,...]``
   lists, e.g. ``MALLOC_ARENA_MAX=2``), the shipped configuration with that environment.
 
@@ -55,7 +55,7 @@ import numpy as np
 from strongroom.dev.devstack import DevStack
 from strongroom.keybroker.audit import load_public_key, verify_audit_log
 from strongroom.keybroker.config import KeybrokerConfig
-from strongroom.keybroker.process import PROCESS_ENV
+from strongroom.runtime.process import PROCESS_ENV
 from tests.bench import _memprobe
 from tests.bench.keybroker_bench import _Caller, caller_factory
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from strongroom.keybroker.process import PROCESS_ENV
+from strongroom.runtime.process import PROCESS_ENV
 from tests.bench.brokersoak_bench import figures, soak
 
 

@@ -166,6 +166,15 @@ readinessProbe:
   failureThreshold: 2
 {{- end -}}
 
+{{/* strongroom.runtime.process.PROCESS_ENV, in every service's container: no per-thread malloc
+caches, one arena, gRPC's classic TCP endpoints (its EventEngine ones lose memory under load):
+steady memory. */}}
+{{- define "strongroom.processEnv" -}}
+- {name: GLIBC_TUNABLES, value: "glibc.malloc.tcache_count=0"}
+- {name: MALLOC_ARENA_MAX, value: "1"}
+- {name: GRPC_EXPERIMENTS, value: "-event_engine_listener"}
+{{- end -}}
+
 {{- define "strongroom.containerPorts" -}}
 - name: grpc
   containerPort: 7443
