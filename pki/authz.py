@@ -112,7 +112,8 @@ class _PeerCache:
 
     Every renewal of every peer brings a new certificate, and an entry is ~1.2 KiB, so a cache
     bounded by count alone grows with the renewal history until it is full: with 60 s
-    certificates a 256-entry LRU took 10 minutes to fill, which soaks read as a leak. An expired
+    certificates and ~24 renewals a minute, a 256-entry LRU fills for ~10 minutes, which soaks
+    read as a leak. An expired
     certificate never passes :func:`_identity` again, so a miss first drops expired entries and
     the cache holds about as many entries as there are live peers. ``maxsize`` still bounds it
     against many live peers at once; past it, the oldest entry goes and a miss costs one parse

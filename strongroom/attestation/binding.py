@@ -47,8 +47,8 @@ def _check_nonce(nonce: bytes) -> None:
 
 # Memoised by the bytes: a caller's TLS key is the same on every release over its connection.
 # Small on purpose: every renewal brings a caller a new TLS key and every production release a new
-# ephemeral key, so a larger memo fills with keys that never come back (256 took ten minutes of a
-# soak with 60 s certificates, ~0.25 KiB a key) before it levels off. A miss costs 5-15 us.
+# ephemeral key, so a larger memo fills with keys that never come back before it levels off (256
+# keys, ~0.25 KiB each, take ~10 minutes of renewals at 60 s certificates). A miss costs 5-15 us.
 @functools.lru_cache(maxsize=32)
 def _parses_as_spki(der: bytes) -> bool:
     try:
