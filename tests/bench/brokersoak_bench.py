@@ -124,7 +124,7 @@ def _drive(callers: list[_Caller], releases: int, on_sample: Any, every: int) ->
     }
 
 
-def _process_env(pid: int) -> dict[str, str]:
+def process_env(pid: int) -> dict[str, str]:
     """The broker process's settings of :data:`PROCESS_ENV`'s variables, as it actually runs
     (from /proc)."""
     pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -164,7 +164,7 @@ def soak(
             launcher=(sys.executable, "-m", "tests.bench._memprobe"),
         )
         assert broker.process is not None
-        process_env = _process_env(broker.process.pid)
+        shipped_env = process_env(broker.process.pid)
         make_caller = caller_factory(stack)
         vms = [make_caller() for _ in range(callers)]
         samples: list[dict[str, Any]] = [
@@ -191,7 +191,7 @@ def soak(
             "samples": samples,
             "censuses": [censuses[n] | {"releases": n} for n in sorted(censuses)],
             **outcome,
-            "process_env": process_env,
+            "process_env": shipped_env,
             "slope_period": period,
         }
         if trace_releases:

@@ -65,6 +65,7 @@ from strongroom.keybroker.audit import load_public_key, verify_audit_log
 from strongroom.pki._state import STATE_FILE
 from strongroom.pki.stepca import BINARY_ENV
 from tests.bench import _memprobe
+from tests.bench.brokersoak_bench import process_env
 
 log = logging.getLogger("soak")
 _REPO = Path(__file__).resolve().parents[2]
@@ -155,6 +156,8 @@ class Soak:
         self.probes = {name: root / f"{name}.probe" for name in SERVICES}
         self.born: dict[str, float] = {}
         self.censuses: dict[str, list[dict[str, Any]]] = {name: [] for name in SERVICES}
+        # Each process's settings of PROCESS_ENV's variables, as it actually ran.
+        self.process_env: dict[str, dict[str, str]] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -166,7 +169,7 @@ class Soak:
         log.info("soak: %s", what)
 
     def _start(self, name: str, section: dict[str, Any] | None = None) -> None:
-        self.stack.start_process(
+        running = self.stack.start_process(
             name,
             section,
             env={
@@ -175,6 +178,8 @@ class Soak:
             },
             launcher=(sys.executable, "-m", "tests.bench._memprobe"),
         )
+        assert running.process is not None  # started as a process
+        self.process_env[name] = process_env(running.process.pid)
         self.born[name] = self._elapsed() if self.started else 0.0
         self.censuses[name] = []  # a new process: only its own censuses compare
 
@@ -495,6 +500,7 @@ class Soak:
             "certificates_seen": {name: len(seen) for name, seen in self.rotations.items()},
             "certificate_times_s": self.rotation_times,
             "events": self.events,
+            "process_env": self.process_env,
             "rss": rss,
             "audit": {
                 "intact": audit.intact,
