@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from strongroom.attestation import binding
 from strongroom.attestation.abi.certs import certificates_from_bytes, common_name, load_certificate
 from strongroom.attestation.binding import report_data_for
 from strongroom.attestation.errors import MalformedEvidence
@@ -65,10 +66,8 @@ def test_report_data_checks_every_key_even_after_a_good_one_was_seen() -> None:
 
 def test_the_key_memo_stays_small_as_keys_come_and_go() -> None:
     # Every certificate renewal brings a caller a new TLS key and every production release a new
-    # ephemeral key: a memo of 256 keys filled with the renewal history for ten minutes of a
-    # soak (~0.25 KiB a key), which read as growth per release. It holds what live callers reuse.
-    from strongroom.attestation import binding
-
+    # ephemeral key: a memo of 256 keys (~0.25 KiB each) would fill with keys that never return
+    # for ~10 minutes of renewals at 60 s certificates, which a soak reads as growth.
     for _ in range(40):
         report_data_for(NONCE, _spki(), _spki())
     assert binding._parses_as_spki.cache_info().currsize <= 32

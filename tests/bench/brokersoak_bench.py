@@ -125,7 +125,7 @@ def _drive(callers: list[_Caller], releases: int, on_sample: Any, every: int) ->
 
 
 def process_env(pid: int) -> dict[str, str]:
-    """The broker process's settings of :data:`PROCESS_ENV`'s variables, as it actually runs
+    """A service process's settings of :data:`PROCESS_ENV`'s variables, as it actually runs
     (from /proc)."""
     pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     env = dict(p.decode().split("=", 1) for p in pairs if b"=" in p)

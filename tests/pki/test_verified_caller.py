@@ -33,10 +33,13 @@ def _context(cert_pem: bytes | None) -> Any:
 _CA = make_ca("test root")
 
 
+def _leaf_pem(name: str, not_after: datetime | None = None) -> bytes:
+    return pem(make_leaf(*_CA, uris=[sid(name)], not_after=not_after).chain[0])
+
+
 @pytest.fixture(scope="module")
 def inference_pem() -> bytes:
-    ca, ca_key = make_ca("test root")
-    return pem(make_leaf(ca, ca_key, uris=[sid("inference")]).chain[0])
+    return _leaf_pem("inference")
 
 
 def test_the_handler_gets_the_verified_caller_from_one_read(inference_pem: bytes) -> None:
@@ -61,10 +64,6 @@ def test_the_handler_gets_the_verified_caller_from_one_read(inference_pem: bytes
     with pytest.raises(PeerUnauthenticated) as info:
         verified_caller(_context(None))
     assert info.value.reason == "NO_PEER_CERT"
-
-
-def _leaf_pem(name: str, not_after: datetime | None = None) -> bytes:
-    return pem(make_leaf(*_CA, uris=[sid(name)], not_after=not_after).chain[0])
 
 
 def test_the_parsed_certificate_cache_keeps_only_certificates_that_can_still_authenticate() -> None:
