@@ -182,6 +182,22 @@ def record_hash(record_without_hash: Mapping[str, Any]) -> str:
     return hashlib.sha256(_RECORD_DOMAIN + canonical_json(record_without_hash)).hexdigest()
 
 
+def _encoded_members(fields: Mapping[str, Any]) -> dict[str, bytes]:
+    """Each member's value in canonical JSON, keyed by member name (see :func:`_assemble`)."""
+    return {name: canonical_json(value) for name, value in fields.items()}
+
+
+def _assemble(members: Mapping[str, bytes]) -> bytes:
+    """``canonical_json`` of the object whose members' values are already canonical JSON.
+
+    The same bytes as encoding the whole object (canonical JSON sorts every object's keys, so a
+    member's value encodes alike on its own and inside the record); the committer uses it to
+    write a record's three forms (signed, hashed, written) without encoding the decision fields
+    three times under the commit lock. Member names are the record's fixed ASCII identifiers.
+    """
+    return b"{" + b",".join(b'"%s":%s' % (k.encode(), members[k]) for k in sorted(members)) + b"}"
+
+
 def _record_signed_bytes(record: Mapping[str, Any]) -> bytes:
     body = {k: v for k, v in record.items() if k not in ("hash", "sig")}
     return _RECORD_SIG_DOMAIN + canonical_json(body)
@@ -342,10 +358,13 @@ def _event_fields(event: AuditEvent) -> dict[str, Any]:
 class _Pending:
     """One caller's event waiting for a commit; the committer fills in the outcome."""
 
-    __slots__ = ("done", "error", "fields", "result")
+    __slots__ = ("decision_id", "done", "error", "members", "result")
 
     def __init__(self, fields: dict[str, Any]) -> None:
-        self.fields = fields
+        self.decision_id: str = fields["decision_id"]
+        # Encoded by the caller's thread, outside the commit: the committer only adds seq, prev,
+        # time, sig and hash.
+        self.members = _encoded_members(fields)
         self.done = False
         self.result: AuditRecord | None = None
         self.error: StrongroomError | None = None
@@ -545,17 +564,16 @@ class AuditLog(Closing):
         lines: list[bytes] = []
         written: list[tuple[_Pending, AuditRecord]] = []
         for pending in batch:
-            record: dict[str, Any] = {
-                "v": RECORD_VERSION,
-                "seq": seq,
-                "time": _now_text(self._clock),
-                "prev": prev,
-                **pending.fields,
-            }
+            time_text = _now_text(self._clock)
+            members = pending.members | _encoded_members(
+                {"v": RECORD_VERSION, "seq": seq, "time": time_text, "prev": prev}
+            )
             # seq and prev are part of what is signed, so only the committer can sign.
-            record["sig"] = base64.b64encode(self._key.sign(_record_signed_bytes(record))).decode()
-            record["hash"] = record_hash(record)
-            line = canonical_json(record) + b"\n"
+            signature = self._key.sign(_RECORD_SIG_DOMAIN + _assemble(members))
+            members["sig"] = canonical_json(base64.b64encode(signature).decode())
+            record_digest = hashlib.sha256(_RECORD_DOMAIN + _assemble(members)).hexdigest()
+            members["hash"] = canonical_json(record_digest)
+            line = _assemble(members) + b"\n"
             if len(line) > MAX_RECORD_BYTES:
                 pending.error = InvalidArgument(
                     f"audit record is {len(line)} bytes (max {MAX_RECORD_BYTES})",
@@ -564,9 +582,9 @@ class AuditLog(Closing):
                 continue
             lines.append(line)
             written.append(
-                (pending, AuditRecord(seq, record["decision_id"], record["time"], record["hash"]))
+                (pending, AuditRecord(seq, pending.decision_id, time_text, record_digest))
             )
-            seq, prev = seq + 1, record["hash"]
+            seq, prev = seq + 1, record_digest
         if not lines:
             return
         data = b"".join(lines)

@@ -106,6 +106,28 @@ def test_record_contents(audit: AuditLog, log_path: Path, signing_key: Ed25519Pr
     assert result.last_hash == second.hash
 
 
+def test_records_with_awkward_claims_are_canonical_and_signed(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    # The committer assembles each line from members encoded beforehand; the result must be the
+    # canonical JSON of the whole record (unsorted nested keys, non-ASCII, floats, tuples, empty
+    # containers, quotes and backslashes in values).
+    claims = {
+        "z": {"b": [1, 2.5, None, True], "a": 'é\u2028"\\'},
+        "a": ("x", {"y": -0.0, "x": 1e300}),
+        "m": {},
+        "l": [],
+    }
+    audit.append(event(0, claims=claims, policy_version='p"\\v'))
+    audit.append(event(1, claims={}))
+    for line in lines(log_path):
+        record = json.loads(line)
+        assert line == canonical_json(record) + b"\n"
+        assert record_signed_by(line.rstrip(b"\n"), signing_key.public_key())
+    assert json.loads(lines(log_path)[0])["claims"]["a"] == ["x", {"x": 1e300, "y": -0.0}]
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
+
+
 def test_empty_log_verifies(audit: AuditLog, log_path: Path) -> None:
     result = verify_audit_log(log_path)
     assert result.intact and result.records == 0 and not result.signature_checked
