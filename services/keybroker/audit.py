@@ -67,7 +67,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -107,6 +106,7 @@ _RECORD_SIG_DOMAIN = b"strongroom-audit-record-sig-v1\n"
 # The most records one commit writes, and so the most a crash can leave after the signed head.
 MAX_BATCH_RECORDS = 64
 _REVOKED_MAX = 4 * MAX_BATCH_RECORDS
+_MAX_CLAIMS_DEPTH = 16
 MAX_RECORD_BYTES = 64 * 1024
 _REASON_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _SERIAL_RE = re.compile(r"^[0-9a-f]{1,64}$")
@@ -280,30 +280,28 @@ def _now_text(clock: Callable[[], float]) -> str:
     return datetime.fromtimestamp(clock(), tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _check_json(value: Any, depth: int = 0) -> None:
-    if depth > 16:
-        raise ValueError("nested too deeply")
-    if value is None or isinstance(value, bool | int | str):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError("non-finite number")
-        return
-    if isinstance(value, list | tuple):
-        for item in value:
-            _check_json(item, depth + 1)
-        return
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            if not isinstance(k, str):
+def _check_claims_shape(claims: Mapping[str, Any]) -> None:
+    """Rejects what ``json.dumps`` would encode without complaint but not faithfully: non-string
+    keys (it converts them) and deep nesting. Values it cannot encode (bytes, NaN, sets, other
+    mapping types) make the encoding itself fail. Only containers are visited: records carry
+    dozens of claims, and this runs for every decision."""
+    pending: list[tuple[Any, int]] = [(claims, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > _MAX_CLAIMS_DEPTH:
+            raise ValueError("nested too deeply")
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
                 raise ValueError("non-string key")
-            _check_json(v, depth + 1)
-        return
-    raise ValueError(f"{type(value).__name__} is not a JSON type")
+            items = value.values()
+        else:
+            items = value
+        pending.extend((v, depth + 1) for v in items if isinstance(v, dict | list | tuple))
 
 
-def _event_fields(event: AuditEvent) -> dict[str, Any]:
-    """Validates an event and returns its record fields (without seq/prev/time/hash)."""
+def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
+    """Validates an event; returns its decision id and its record members, encoded (all but
+    ``v``, ``seq``, ``prev``, ``time``, ``sig`` and ``hash``, which the committer adds)."""
 
     def bad(what: str) -> InvalidArgument:
         return InvalidArgument(f"audit event: {what}", reason=Reason.AUDIT_RECORD_INVALID)
@@ -335,24 +333,30 @@ def _event_fields(event: AuditEvent) -> dict[str, Any]:
         value = getattr(event, name)
         if value is not None and (not isinstance(value, str) or len(value) > 256):
             raise bad(f"{name} must be a short string")
-    try:
-        _check_json(event.claims)
-    except ValueError as exc:
-        raise bad(f"claims: {exc}") from None
     if not isinstance(event.claims, Mapping):
         raise bad("claims must be a mapping")
-    return {
-        "action": event.action,
-        "decision": event.decision.value,
-        "reason": event.reason,
-        "caller": {"spiffe_id": spiffe, "cert_serial": event.caller_cert_serial},
-        "evidence_sha256": event.evidence_sha256,
-        "claims": dict(event.claims),
-        "policy_version": event.policy_version,
-        "key": {"id": event.key_id, "version": version},
-        "oaep_mechanism": event.oaep_mechanism,
-        "decision_id": event.decision_id or uuid.uuid4().hex,
-    }
+    claims = dict(event.claims)
+    try:
+        _check_claims_shape(claims)
+        encoded_claims = canonical_json(claims)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise bad(f"claims: {exc}") from None
+    decision_id = event.decision_id or uuid.uuid4().hex
+    members = _encoded_members(
+        {
+            "action": event.action,
+            "decision": event.decision.value,
+            "reason": event.reason,
+            "caller": {"spiffe_id": spiffe, "cert_serial": event.caller_cert_serial},
+            "evidence_sha256": event.evidence_sha256,
+            "policy_version": event.policy_version,
+            "key": {"id": event.key_id, "version": version},
+            "oaep_mechanism": event.oaep_mechanism,
+            "decision_id": decision_id,
+        }
+    )
+    members["claims"] = encoded_claims
+    return decision_id, members
 
 
 class _Pending:
@@ -360,11 +364,9 @@ class _Pending:
 
     __slots__ = ("decision_id", "done", "error", "members", "result")
 
-    def __init__(self, fields: dict[str, Any]) -> None:
-        self.decision_id: str = fields["decision_id"]
-        # Encoded by the caller's thread, outside the commit: the committer only adds seq, prev,
-        # time, sig and hash.
-        self.members = _encoded_members(fields)
+    def __init__(self, event: AuditEvent) -> None:
+        # Validated and encoded by the caller's thread, outside the commit.
+        self.decision_id, self.members = _event_members(event)
         self.done = False
         self.result: AuditRecord | None = None
         self.error: StrongroomError | None = None
@@ -514,7 +516,7 @@ class AuditLog(Closing):
         if the record could not be made durable, and ``DataLoss(AUDIT_LOG_TAMPERED)`` once the log
         was found tampered with — in each case the decision must not take effect.
         """
-        mine = _Pending(_event_fields(event))
+        mine = _Pending(event)
         with self._queue_cond:
             self._queue.append(mine)
             while not mine.done:

@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -54,6 +55,14 @@ def audit(log_path: Path, signing_key: Ed25519PrivateKey) -> Iterator[AuditLog]:
     log = AuditLog.open(log_path, signing_key, clock=lambda: 1_767_225_600.25)
     yield log
     log.close()
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    """Claims whose innermost container sits ``depth`` levels below the claims mapping."""
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"d": value}
+    return value
 
 
 def event(n: int = 0, **overrides: Any) -> AuditEvent:
@@ -448,6 +457,11 @@ def test_closed_log_refuses(audit: AuditLog) -> None:
         audit.append(event())
 
 
+def test_claims_nested_to_the_limit_are_recorded(audit: AuditLog, log_path: Path) -> None:
+    audit.append(event(claims=_nested(16)))
+    assert verify_audit_log(log_path).records == 1
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -465,6 +479,11 @@ def test_closed_log_refuses(audit: AuditLog) -> None:
         {"claims": {"bad": float("nan")}},
         {"claims": {"bytes": b"\x00"}},
         {"claims": {1: "int key"}},
+        {"claims": {"nested": {"list": [{2: "int key, deeper"}]}}},
+        {"claims": {"proxy": MappingProxyType({"a": 1})}},
+        {"claims": {"set": {1, 2}}},
+        {"claims": {"inf": [float("inf")]}},
+        {"claims": _nested(17)},
         {"claims": ["not", "a", "mapping"]},
         {"policy_version": "x" * 300},
         {"claims": {"big": "x" * 70_000}},
