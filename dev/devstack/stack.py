@@ -25,7 +25,7 @@ from strongroom.errors import FailedPrecondition, Unavailable
 from strongroom.pki import StepCa, WorkloadIdentity, init_ca, mint_token
 from strongroom.pki.identity import RenewalPolicy
 from strongroom.runtime.config import load_service_config
-from strongroom.runtime.process import PROCESS_ENV
+from strongroom.runtime.process import SERVICE_ENV
 from strongroom.runtime.secrets import Secret
 
 log = logging.getLogger(__name__)
@@ -408,11 +408,11 @@ class DevStack:
         ``server`` sets keys of its ``server:`` section; ``launcher`` is the command that takes
         ``serve <service> --config <path>`` (a benchmark's profiling or memory-probe wrapper, for
         instance); ``env`` adds to this process's environment, on top of the environment every
-        service ships with (:data:`strongroom.runtime.process.PROCESS_ENV`)."""
+        service ships with (:data:`strongroom.runtime.process.SERVICE_ENV`)."""
         instance = instance or service
         path = self.write_config(service, section, instance=instance, server=server)
         log_path = self.log_path(instance)
-        env = {**PROCESS_ENV, **(env or {})}  # as the images run it
+        env = {**SERVICE_ENV[service], **(env or {})}  # as the images run it
         with log_path.open("ab") as out:
             process = subprocess.Popen(
                 [

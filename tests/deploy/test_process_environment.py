@@ -1,7 +1,8 @@
-"""Every service runs with the same process environment wherever it is deployed: the Dockerfile's
+"""Every service runs with its process environment wherever it is deployed: the Dockerfile's
 images, compose, every values set of the chart, and the development stack the soaks and benchmarks
-start (:data:`strongroom.runtime.process.PROCESS_ENV`). It was the key broker's alone until a soak
-showed the model store and inference keeping native memory without it."""
+start (:data:`strongroom.runtime.process.SERVICE_ENV`). It was the key broker's alone until a soak
+showed the model store and inference keeping native memory without it; inference adds huge pages
+for its model loads."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from strongroom.runtime.process import PROCESS_ENV
+from strongroom.runtime.process import PROCESS_ENV, SERVICE_ENV
 from tests.deploy.conftest import DEPLOY, kind, load_compose
 from tests.deploy.test_chart import component, containers
 
@@ -36,13 +37,14 @@ def test_every_service_image_sets_it() -> None:
     assert sorted(images) == ["inference", "keybroker", "keybroker-softhsm", "modelstore"]
     for image in images:
         env = _stage_env(stages, image)
-        assert {k: env.get(k) for k in PROCESS_ENV} == dict(PROCESS_ENV), image
+        expected = SERVICE_ENV[image.split("-")[0]]
+        assert {k: env.get(k) for k in PROCESS_ENV} == dict(expected), image
 
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_compose_sets_it(service: str) -> None:
     environment = load_compose()["services"][service].get("environment") or {}
-    assert {k: environment.get(k) for k in PROCESS_ENV} == dict(PROCESS_ENV)
+    assert {k: environment.get(k) for k in PROCESS_ENV} == dict(SERVICE_ENV[service])
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -53,4 +55,10 @@ def test_every_values_set_of_the_chart_sets_it(
     (deployment,) = [d for d in kind(docs, "Deployment") if component(d) == service]
     (main,) = [c for w, c in containers(deployment) if w == "main" and c["name"] == service]
     env = {e["name"]: e.get("value") for e in main.get("env", [])}
-    assert {k: env.get(k) for k in PROCESS_ENV} == dict(PROCESS_ENV)
+    assert {k: env.get(k) for k in PROCESS_ENV} == dict(SERVICE_ENV[service])
+
+
+def test_only_inference_asks_for_huge_pages() -> None:
+    assert set(SERVICE_ENV) == set(SERVICES)
+    assert "glibc.malloc.hugetlb=1" in SERVICE_ENV["inference"]["GLIBC_TUNABLES"].split(":")
+    assert SERVICE_ENV["keybroker"] == SERVICE_ENV["modelstore"] == PROCESS_ENV

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from strongroom.runtime.process import PROCESS_ENV
+from strongroom.runtime.process import SERVICE_ENV
 from tests.soak.run import Soak, SoakConfig
 
 
@@ -40,6 +40,6 @@ def test_short_soak_under_faults(tmp_path: Path, step_ca_binary: Path) -> None:
     for name, entry in report["rss"].items():  # the memory probe answered in every service
         assert [c["label"] for c in entry["censuses"]] == ["window start", "end"], name
     # Every service ran with the environment it ships with (the development stack sets it).
-    assert report["process_env"] == {name: dict(PROCESS_ENV) for name in report["rss"]}
+    assert report["process_env"] == {name: dict(SERVICE_ENV[name]) for name in report["rss"]}
     # The first certificate plus at least three renewals, for every service.
     assert all(n >= 4 for n in report["certificates_seen"].values()), report["certificates_seen"]

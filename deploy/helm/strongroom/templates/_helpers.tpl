@@ -166,11 +166,12 @@ readinessProbe:
   failureThreshold: 2
 {{- end -}}
 
-{{/* strongroom.runtime.process.PROCESS_ENV, in every service's container: no per-thread malloc
-caches, one arena, gRPC's classic TCP endpoints (its EventEngine ones lose memory under load):
-steady memory. */}}
+{{/* strongroom.runtime.process.SERVICE_ENV, in every service's container (the argument is the
+service's name): no per-thread malloc caches, one arena, gRPC's classic TCP endpoints (its
+EventEngine ones lose memory under load): steady memory; for inference, malloc also asks for
+transparent huge pages (model loads are bound by first touches of fresh memory). */}}
 {{- define "strongroom.processEnv" -}}
-- {name: GLIBC_TUNABLES, value: "glibc.malloc.tcache_count=0"}
+- {name: GLIBC_TUNABLES, value: {{ ternary "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1" "glibc.malloc.tcache_count=0" (eq . "inference") | quote }}}
 - {name: MALLOC_ARENA_MAX, value: "1"}
 - {name: GRPC_EXPERIMENTS, value: "-event_engine_listener"}
 {{- end -}}
