@@ -65,7 +65,7 @@ from strongroom.keybroker.audit import load_public_key, verify_audit_log
 from strongroom.pki._state import STATE_FILE
 from strongroom.pki.stepca import BINARY_ENV
 from tests.bench import _memprobe
-from tests.bench.brokersoak_bench import process_env
+from tests.bench.brokersoak_bench import anon_huge_pages_kib, process_env
 
 log = logging.getLogger("soak")
 _REPO = Path(__file__).resolve().parents[2]
@@ -158,6 +158,9 @@ class Soak:
         self.censuses: dict[str, list[dict[str, Any]]] = {name: [] for name in SERVICES}
         # Each process's settings of PROCESS_ENV's variables, as it actually ran.
         self.process_env: dict[str, dict[str, str]] = {}
+        # Each process's anonymous memory on transparent huge pages once it served (inference's
+        # environment asks for them).
+        self.huge_pages_kib: dict[str, int] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -180,6 +183,7 @@ class Soak:
         )
         assert running.process is not None  # started as a process
         self.process_env[name] = process_env(running.process.pid)
+        self.huge_pages_kib[name] = anon_huge_pages_kib(running.process.pid)
         self.born[name] = self._elapsed() if self.started else 0.0
         self.censuses[name] = []  # a new process: only its own censuses compare
 
@@ -501,6 +505,7 @@ class Soak:
             "certificate_times_s": self.rotation_times,
             "events": self.events,
             "process_env": self.process_env,
+            "anon_huge_pages_kib": self.huge_pages_kib,
             "rss": rss,
             "audit": {
                 "intact": audit.intact,

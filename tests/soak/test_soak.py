@@ -10,12 +10,21 @@ audit log must verify with the broker's public key. RSS slopes are reported, not
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 from strongroom.runtime.process import SERVICE_ENV
 from tests.soak.run import Soak, SoakConfig
+
+_THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _without_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
+    tunables = env.get("GLIBC_TUNABLES", "").split(":")
+    kept = ":".join(t for t in tunables if not t.startswith("glibc.malloc.hugetlb="))
+    return {**env, "GLIBC_TUNABLES": kept}
 
 
 @pytest.mark.slow
@@ -39,7 +48,12 @@ def test_short_soak_under_faults(tmp_path: Path, step_ca_binary: Path) -> None:
     )
     for name, entry in report["rss"].items():  # the memory probe answered in every service
         assert [c["label"] for c in entry["censuses"]] == ["window start", "end"], name
-    # Every service ran with the environment it ships with (the development stack sets it).
-    assert report["process_env"] == {name: dict(SERVICE_ENV[name]) for name in report["rss"]}
+    # Every service ran with the environment it ships with (the development stack sets it), and
+    # inference's malloc put its heap on huge pages (glibc erases that tunable from the process's
+    # environment once applied, so it is checked by its effect).
+    seen = {name: _without_huge_pages(env) for name, env in report["process_env"].items()}
+    assert seen == {name: _without_huge_pages(SERVICE_ENV[name]) for name in report["rss"]}
+    if _THP_MODE.exists() and "[never]" not in _THP_MODE.read_text():
+        assert report["anon_huge_pages_kib"]["inference"] > 0, report["anon_huge_pages_kib"]
     # The first certificate plus at least three renewals, for every service.
     assert all(n >= 4 for n in report["certificates_seen"].values()), report["certificates_seen"]
