@@ -21,12 +21,8 @@ costs a host fault; how much was reported during the run says how much of that n
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -59,8 +55,8 @@ from strongroom.modelstore.service import (
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.pki import WorkloadIdentity
 from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
-from strongroom.runtime.process import SERVICE_ENV
 from strongroom.wire import bytes_field_view
+from tests.bench._child import child_main, run_in_child
 from tests.modelstore.artifacts import artifact_header
 
 _SERVICE = "bench.PlainModel"
@@ -210,18 +206,9 @@ def run(
     results: dict[str, Any], *, size_mb: int = 512, repeats: int = 5, decrypt_threads: int = 2
 ) -> None:
     """Measures cold start in a child process with inference's process environment."""
-    env = {**os.environ, **SERVICE_ENV["inference"]}
-    arguments = json.dumps({"size_mb": size_mb, "repeats": repeats, "threads": decrypt_threads})
     reported_before = _reported_kib()
-    child = subprocess.run(
-        [sys.executable, "-m", "tests.bench.coldstart_bench", arguments],
-        env=env,
-        stdout=subprocess.PIPE,
-        check=True,
-        timeout=3600,
-    )
-    results.update(json.loads(child.stdout.decode().strip().splitlines()[-1]))
-    results["process_env"] = dict(SERVICE_ENV["inference"])
+    options = {"size_mb": size_mb, "repeats": repeats, "decrypt_threads": decrypt_threads}
+    results.update(run_in_child(__name__, "inference", options))
     reported_after = _reported_kib()
     results["host_free_page_reporting"] = (
         None
@@ -352,12 +339,4 @@ def measure(
 
 
 if __name__ == "__main__":
-    options = json.loads(sys.argv[1])
-    measured: dict[str, Any] = {}
-    measure(
-        measured,
-        size_mb=options["size_mb"],
-        repeats=options["repeats"],
-        decrypt_threads=options["threads"],
-    )
-    print(json.dumps(measured))
+    child_main(measure)

@@ -1,8 +1,9 @@
 """Key releases over mTLS against a real key broker: latency, throughput and where the time goes.
 
-A DevStack (real step-ca, SoftHSM2, the key broker in this process) serves releases to simulated
-confidential VMs. Each release is the protocol's two RPCs: GetChallenge, then ReleaseKey with a
-report signed over the binding of that nonce. What the VM does between them (asking its hardware
+A DevStack (real step-ca, SoftHSM2, the key broker in the benchmark's process, a child started with
+the broker's shipped process environment) serves releases to simulated confidential VMs. Each
+release is the protocol's two RPCs: GetChallenge, then ReleaseKey with a report signed over the
+binding of that nonce. What the VM does between them (asking its hardware
 for a report, generating its ephemeral RSA key) is the TEE's cost, not the broker's: reports are
 signed and keys generated before the clock starts. The baseline is a bare unary RPC (gRPC health
 Check) over the same mTLS port, measured in the same run.
@@ -53,6 +54,7 @@ from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.keybroker.audit import MAX_BATCH_RECORDS
+from tests.bench._child import child_main, run_in_child
 
 KEY = "bench"
 MECHANISMS = [pb.WRAP_MECHANISM_RSA_OAEP_SHA256, pb.WRAP_MECHANISM_RSA_OAEP_SHA1]
@@ -234,6 +236,11 @@ def _audit_at_16(timings: list[dict[str, float]], batches: dict[int, int]) -> di
 
 
 def run(results: dict[str, Any], *, releases: int = 400) -> None:
+    """Measures releases in a child process with the key broker's process environment."""
+    results.update(run_in_child(__name__, "keybroker", {"releases": releases}))
+
+
+def measure(results: dict[str, Any], *, releases: int = 400) -> None:
     """Measures releases over mTLS; writes latency, throughput, breakdown and ratios."""
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
         broker = stack.start_in_process("keybroker")
@@ -366,8 +373,4 @@ def run(results: dict[str, Any], *, releases: int = 400) -> None:
 
 
 if __name__ == "__main__":
-    out: dict[str, Any] = {}
-    run(out)
-    import json
-
-    print(json.dumps(out, indent=2))
+    child_main(measure)
