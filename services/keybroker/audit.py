@@ -198,6 +198,23 @@ def _assemble(members: Mapping[str, bytes]) -> bytes:
     return b"{" + b",".join(b'"%s":%s' % (k.encode(), members[k]) for k in sorted(members)) + b"}"
 
 
+def _record_line(
+    members: Mapping[str, bytes], seq: int, prev: str, time_text: str, key: Ed25519PrivateKey
+) -> tuple[bytes, str]:
+    """A record's log line (with its newline) and hash: the caller's encoded ``members`` with
+    ``v``, ``seq``, ``time`` and ``prev``, signed (``sig``) and hashed (``hash``). ``seq`` and
+    ``prev`` are part of what is signed, so only the committer, who assigns them, can sign."""
+    record = {
+        **members,
+        **_encoded_members({"v": RECORD_VERSION, "seq": seq, "time": time_text, "prev": prev}),
+    }
+    signature = key.sign(_RECORD_SIG_DOMAIN + _assemble(record))
+    record["sig"] = canonical_json(base64.b64encode(signature).decode())
+    digest = hashlib.sha256(_RECORD_DOMAIN + _assemble(record)).hexdigest()
+    record["hash"] = canonical_json(digest)
+    return _assemble(record) + b"\n", digest
+
+
 def _record_signed_bytes(record: Mapping[str, Any]) -> bytes:
     body = {k: v for k, v in record.items() if k not in ("hash", "sig")}
     return _RECORD_SIG_DOMAIN + canonical_json(body)
@@ -567,15 +584,7 @@ class AuditLog(Closing):
         written: list[tuple[_Pending, AuditRecord]] = []
         for pending in batch:
             time_text = _now_text(self._clock)
-            members = pending.members | _encoded_members(
-                {"v": RECORD_VERSION, "seq": seq, "time": time_text, "prev": prev}
-            )
-            # seq and prev are part of what is signed, so only the committer can sign.
-            signature = self._key.sign(_RECORD_SIG_DOMAIN + _assemble(members))
-            members["sig"] = canonical_json(base64.b64encode(signature).decode())
-            record_digest = hashlib.sha256(_RECORD_DOMAIN + _assemble(members)).hexdigest()
-            members["hash"] = canonical_json(record_digest)
-            line = _assemble(members) + b"\n"
+            line, record_digest = _record_line(pending.members, seq, prev, time_text, self._key)
             if len(line) > MAX_RECORD_BYTES:
                 pending.error = InvalidArgument(
                     f"audit record is {len(line)} bytes (max {MAX_RECORD_BYTES})",
