@@ -45,9 +45,10 @@ transparent huge pages (``madvise``) for its heap and large allocations. Loading
 by first touches of fresh memory: ONNX Runtime copies a 512 MB model twice while it builds the
 session, 262,000 page faults with 4 KiB pages against ~1,500 with 2 MiB ones; measured here (a
 standalone process, six loads each, 2026-12-04): 0.28-0.30 s per load with it, 0.58-0.94 s without,
-and the secure cold start of ``make bench``'s ``coldstart`` 1.51 s against 2.00 s (best of two runs
-each, back to back). Only for inference: the broker and the store hold no large buffers, and their
-memory figures were measured without it.
+and the secure cold start of ``make bench``'s ``coldstart`` 1.51 s against 2.00 s (one run each,
+with this VM's free page reporting held off: see the README's "Performance"). Idle RSS +0.3-1.7
+MB. Only for inference: the broker and the store hold no large buffers, and their memory figures
+were measured without it.
 """
 
 from __future__ import annotations
