@@ -102,7 +102,8 @@ def render_markdown(document: dict[str, Any]) -> str:
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
-    for key, value in d.items():
+    # Sorted as results.json is, so that a re-run's RESULTS.md diff shows changed figures only.
+    for key, value in sorted(d.items()):
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out += _flatten(value, name + ".")
