@@ -39,6 +39,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tests.bench._proc import rss_kib
+
 ENV = "STRONGROOM_MEMPROBE"
 
 
@@ -70,14 +72,6 @@ def _libc() -> Any:
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
     libc.malloc_trim.restype = ctypes.c_int
     return libc
-
-
-def rss_kib() -> int:
-    """This process's resident set size in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def sample() -> dict[str, Any]:

@@ -23,14 +23,11 @@ import numpy as np
 
 from strongroom.inference.models import ModelRepository  # imports ORT with telemetry off
 from strongroom.inference.models._ort import ort
+from tests.bench._proc import rss_kib
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_kib() / 1024
 
 
 def _output(repository: ModelRepository, name: str, indices: list[int]) -> list[float]:

@@ -40,6 +40,7 @@ from tests.abuse.traffic import (
     stalled_uploads,
     watch_streams,
 )
+from tests.bench._proc import status
 
 ROUNDS = 300  # legitimate rounds (3 RPCs each) per scenario
 OVERSIZED_BYTES = 60_000_000
@@ -51,12 +52,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _memory_mib(pid: int) -> dict[str, float]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = round(int(value.split()[0]) / 1024, 1)
-    return fields
+    fields = status(pid)
+    return {key: round(fields[key] / 1024, 1) for key in ("VmRSS", "VmHWM")}
 
 
 def _measure(stack: DevStack, who: Identities) -> tuple[float, float, int]:

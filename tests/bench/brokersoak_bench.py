@@ -55,8 +55,8 @@ import numpy as np
 from strongroom.dev.devstack import DevStack
 from strongroom.keybroker.audit import load_public_key, verify_audit_log
 from strongroom.keybroker.config import KeybrokerConfig
-from strongroom.runtime.process import PROCESS_ENV
 from tests.bench import _memprobe
+from tests.bench._proc import process_env
 from tests.bench.keybroker_bench import _Caller, caller_factory
 
 RELEASES = 100_000
@@ -122,23 +122,6 @@ def _drive(callers: list[_Caller], releases: int, on_sample: Any, every: int) ->
         "failed": state["failed"],
         "failures": failures,
     }
-
-
-def process_env(pid: int) -> dict[str, str]:
-    """A service process's settings of :data:`PROCESS_ENV`'s variables, as it actually runs
-    (from /proc). Debian 12's glibc applies ``glibc.malloc.hugetlb`` and then erases it from the
-    process's ``GLIBC_TUNABLES``: see :func:`anon_huge_pages_kib` for its effect."""
-    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    env = dict(p.decode().split("=", 1) for p in pairs if b"=" in p)
-    return {k: env[k] for k in PROCESS_ENV if k in env}
-
-
-def anon_huge_pages_kib(pid: int) -> int:
-    """How much of a process's anonymous memory sits on transparent huge pages (KiB)."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return 0
 
 
 def soak(

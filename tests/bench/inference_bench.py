@@ -37,6 +37,7 @@ from strongroom.inference.models import (
 from strongroom.inference.models._ort import ort
 from strongroom.inference.oip import InferLimits, OipServicer
 from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
+from tests.bench._proc import rss_kib
 from tests.inference import onnx_models
 
 SEQUENTIAL_REQUESTS = 2000
@@ -147,11 +148,7 @@ def _bench_infer(
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
+    return round(rss_kib() / 1024, 1)
 
 
 def _bench_load(megabytes: int) -> dict[str, Any]:

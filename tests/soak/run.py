@@ -65,7 +65,7 @@ from strongroom.keybroker.audit import load_public_key, verify_audit_log
 from strongroom.pki._state import STATE_FILE
 from strongroom.pki.stepca import BINARY_ENV
 from tests.bench import _memprobe
-from tests.bench.brokersoak_bench import anon_huge_pages_kib, process_env
+from tests.bench._proc import anon_huge_pages_kib, process_env, status
 
 log = logging.getLogger("soak")
 _REPO = Path(__file__).resolve().parents[2]
@@ -112,11 +112,9 @@ class SoakConfig:
 def _status(pid: int) -> tuple[int, int] | None:
     """(RSS in KiB, threads) of a process, from /proc; None once it is gone."""
     try:
-        fields = dict(
-            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        )
-        return int(fields["VmRSS"].split()[0]), int(fields["Threads"])
-    except (OSError, KeyError, ValueError):
+        fields = status(pid)
+        return fields["VmRSS"], fields["Threads"]
+    except (OSError, KeyError):
         return None
 
 

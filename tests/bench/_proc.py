@@ -1,0 +1,44 @@
+"""A process as Linux's /proc shows it: memory figures and the shipped environment it runs with.
+
+Shared by the benchmarks, the soak and the memory probe (which runs inside services).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from strongroom.runtime.process import PROCESS_ENV
+
+
+def status(pid: int | str = "self") -> dict[str, int]:
+    """The numeric fields of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``, ... in KiB; ``Threads``).
+    Raises OSError once the process is gone."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        words = value.split()
+        if words and words[0].isdigit():
+            fields[key] = int(words[0])
+    return fields
+
+
+def rss_kib(pid: int | str = "self") -> int:
+    """A process's resident set size in KiB."""
+    return status(pid)["VmRSS"]
+
+
+def process_env(pid: int) -> dict[str, str]:
+    """A service process's settings of :data:`PROCESS_ENV`'s variables, as it actually runs.
+    Debian 12's glibc applies ``glibc.malloc.hugetlb`` and then erases it from the process's
+    ``GLIBC_TUNABLES``: see :func:`anon_huge_pages_kib` for its effect."""
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    env = dict(p.decode().split("=", 1) for p in pairs if b"=" in p)
+    return {k: env[k] for k in PROCESS_ENV if k in env}
+
+
+def anon_huge_pages_kib(pid: int) -> int:
+    """How much of a process's anonymous memory sits on transparent huge pages (KiB)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
