@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from strongroom.artifact import DEFAULT_DECRYPT_THREADS
 from strongroom.inference.oip import DEFAULT_MAX_TENSOR_BYTES, InferLimits
 from strongroom.runtime.config import ConfigError, expected_server_id
 
@@ -40,7 +41,9 @@ class InferenceConfig:
     simulated_tee_type: Literal["SEV_SNP", "TDX"] = "SEV_SNP"
     simulated_measurement: str | None = None
     simulated_policy: int | None = None
-    decrypt_threads: int = 2
+    # Workers decrypting a download; 0 (the default) decrypts on the receiving thread, which is
+    # faster while the AEAD holds the interpreter lock (strongroom.artifact.stream).
+    decrypt_threads: int = DEFAULT_DECRYPT_THREADS
     load_timeout_seconds: float = 600.0
     # How long LoadModel keeps retrying a load that fails with UNAVAILABLE (a store or broker
     # restarting); 0 answers the first UNAVAILABLE. The caller's own deadline still wins.
@@ -71,8 +74,8 @@ class InferenceConfig:
             raise ConfigError("inference.require_model_signature needs model_signing_public_key")
         if not 0 <= self.load_retry_seconds <= 3600:
             raise ConfigError("inference.load_retry_seconds must be between 0 and 3600")
-        if not 1 <= self.decrypt_threads <= 64:
-            raise ConfigError("inference.decrypt_threads must be between 1 and 64")
+        if not 0 <= self.decrypt_threads <= 64:
+            raise ConfigError("inference.decrypt_threads must be between 0 and 64")
         try:
             self.limits  # noqa: B018 - validates the tensor bounds
         except ValueError as exc:

@@ -40,7 +40,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
-from strongroom.artifact import ArtifactHeader, decrypt_download
+from strongroom.artifact import DEFAULT_DECRYPT_THREADS, ArtifactHeader, decrypt_download
 from strongroom.artifact.errors import InvalidArtifact
 from strongroom.artifact.manifest import is_manifest
 from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS, ModelFetcher, grpc_source
@@ -85,7 +85,7 @@ class ModelLoader:
         store_channel: grpc.Channel,
         key_release: KeyReleaseClient,
         tracer_provider: TracerProvider | None = None,
-        decrypt_threads: int = 2,
+        decrypt_threads: int = DEFAULT_DECRYPT_THREADS,
         timeout: float = 600.0,
         signature: SignaturePolicy | None = None,
         parallel_parts: int = DEFAULT_PARALLEL_PARTS,

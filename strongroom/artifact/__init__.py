@@ -33,11 +33,16 @@ from strongroom.artifact.format import (
 )
 from strongroom.artifact.pipeline import DecryptedArtifact, decrypt_download
 from strongroom.artifact.reader import ArtifactReader
-from strongroom.artifact.stream import BufferedStreamDecryptor, StreamDecryptor
+from strongroom.artifact.stream import (
+    DEFAULT_DECRYPT_THREADS,
+    BufferedStreamDecryptor,
+    StreamDecryptor,
+)
 from strongroom.artifact.validate import StructureValidator, summarize
 from strongroom.artifact.writer import ArtifactWriter, encrypt_bytes, encrypt_stream
 
 __all__ = [
+    "DEFAULT_DECRYPT_THREADS",
     "FORMAT_V1",
     "FORMAT_V2",
     "FORMAT_VERSION",

@@ -10,7 +10,8 @@ header (attested key release). As soon as the header is in:
 * the body keeps arriving and is held, without copying, until the key is there (at most
   ``max_held_without_key`` bytes: beyond that the download waits for the key);
 
-and from then on every batch of chunks is decrypted on ``threads`` workers as it arrives. The
+and from then on every batch of chunks is decrypted as it arrives (by the receiving thread by
+default, or on ``threads`` workers: see :class:`~strongroom.artifact.BufferedStreamDecryptor`). The
 plaintext exists only in that one buffer; the result hands it out as ``bytes`` (what ONNX Runtime
 takes) and overwrites it when closed. Every failure — of the download, of the key release, of
 authentication — wipes what was written, drops the key, and raises the first error.
@@ -30,7 +31,7 @@ from typing import Generic, Protocol, TypeVar
 
 from strongroom.artifact._memory import wipe
 from strongroom.artifact.format import ArtifactHeader
-from strongroom.artifact.stream import BufferedStreamDecryptor
+from strongroom.artifact.stream import DEFAULT_DECRYPT_THREADS, BufferedStreamDecryptor
 from strongroom.closing import Closing
 
 __all__ = ["DEFAULT_MAX_HELD_WITHOUT_KEY", "DecryptedArtifact", "KeyLike", "decrypt_download"]
@@ -93,7 +94,7 @@ def decrypt_download(
     release: Callable[[ArtifactHeader], K],
     *,
     check_header: Callable[[ArtifactHeader], None] | None = None,
-    threads: int = 2,
+    threads: int = DEFAULT_DECRYPT_THREADS,
     max_artifact_size: int | None = None,
     max_held_without_key: int = DEFAULT_MAX_HELD_WITHOUT_KEY,
     prefault: bool = True,

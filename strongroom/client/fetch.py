@@ -40,7 +40,13 @@ from dataclasses import dataclass, field
 import grpc
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
-from strongroom.artifact import ArtifactHeader, BufferedStreamDecryptor, InvalidArtifact, wipe
+from strongroom.artifact import (
+    DEFAULT_DECRYPT_THREADS,
+    ArtifactHeader,
+    BufferedStreamDecryptor,
+    InvalidArtifact,
+    wipe,
+)
 from strongroom.artifact.format import DIGEST_SIZE
 from strongroom.artifact.manifest import (
     MAX_MANIFEST_SIZE,
@@ -245,8 +251,8 @@ class ModelFetcher:
 
     ``store`` is a channel to the model store (or any :data:`PartSource`); ``key_release`` a
     :class:`KeyReleaseClient` built with this VM's attester and TLS key (or any
-    :data:`KeyRelease`). ``parallel`` parts are fetched at once, each decrypted on
-    ``decrypt_threads`` threads.
+    :data:`KeyRelease`). ``parallel`` parts are fetched at once, each decrypted as it arrives (on
+    ``decrypt_threads`` workers, or by its receiving thread with the default 0).
     """
 
     def __init__(
@@ -255,7 +261,7 @@ class ModelFetcher:
         key_release: KeyReleaseClient | KeyRelease,
         *,
         parallel: int = DEFAULT_PARALLEL_PARTS,
-        decrypt_threads: int = 2,
+        decrypt_threads: int = DEFAULT_DECRYPT_THREADS,
         timeout: float = 600.0,
     ) -> None:
         if not 1 <= parallel <= 64:

@@ -364,6 +364,7 @@ def test_large_artifact_parallel_paths(dek: bytearray, tmp_path: Path) -> None:
         assert ArtifactReader(artifact).decrypt_all(dek, threads=threads) == plaintext
         with path.open("rb") as f:
             assert ArtifactReader(f).decrypt_all(dek, threads=threads) == plaintext
+    for threads in (0, 1, 2, 3):
         buffered = BufferedStreamDecryptor(dek, threads=threads)
         for i in range(0, len(artifact), 1 << 20):
             buffered.feed(artifact[i : i + (1 << 20)])
@@ -373,6 +374,7 @@ def test_large_artifact_parallel_paths(dek: bytearray, tmp_path: Path) -> None:
     for threads in (1, 2):
         with pytest.raises(DecryptionFailed):
             ArtifactReader(bytes(damaged)).decrypt_all(dek, threads=threads)
+    for threads in (0, 1, 2):
         buffered = BufferedStreamDecryptor(dek, threads=threads)
         with pytest.raises(DecryptionFailed):
             for i in range(0, len(damaged), 1 << 20):

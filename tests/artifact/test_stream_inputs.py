@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -12,23 +13,29 @@ CHUNK = 16384
 SEALED = CHUNK + 16
 
 
+# 0: the feeding thread decrypts (the loader's default); 2: two workers.
+THREADS = pytest.mark.parametrize("threads", [0, 2])
+
+
+@THREADS
 @pytest.mark.parametrize("piece", [SEALED * 8, SEALED * 31 + 5, 512 * 1024, 3 * SEALED - 1])
 def test_bytes_pieces_of_any_size_decrypt(
-    piece: int, dek: bytearray, make_artifact: Callable[..., tuple[bytes, bytes]]
+    piece: int, threads: int, dek: bytearray, make_artifact: Callable[..., tuple[bytes, bytes]]
 ) -> None:
     plaintext, artifact = make_artifact(3 << 20)
-    decryptor = BufferedStreamDecryptor(dek, threads=2, batch_chunks=4)
+    decryptor = BufferedStreamDecryptor(dek, threads=threads, batch_chunks=4)
     for start in range(0, len(artifact), piece):
         # Views of immutable bytes, as the download path passes them.
         decryptor.feed(memoryview(artifact)[start : start + piece])
     assert decryptor.finish() == plaintext
 
 
+@THREADS
 def test_a_reused_mutable_buffer_is_copied_before_the_caller_overwrites_it(
-    dek: bytearray, make_artifact: Callable[..., tuple[bytes, bytes]]
+    threads: int, dek: bytearray, make_artifact: Callable[..., tuple[bytes, bytes]]
 ) -> None:
     plaintext, artifact = make_artifact(3 << 20)
-    decryptor = BufferedStreamDecryptor(dek, threads=2, batch_chunks=4)
+    decryptor = BufferedStreamDecryptor(dek, threads=threads, batch_chunks=4)
     buffer = bytearray(SEALED * 16)
     for start in range(0, len(artifact), len(buffer)):
         piece = artifact[start : start + len(buffer)]
@@ -38,15 +45,41 @@ def test_a_reused_mutable_buffer_is_copied_before_the_caller_overwrites_it(
     assert decryptor.finish() == plaintext
 
 
+@THREADS
 def test_tampering_inside_a_run_read_in_place_is_caught(
-    dek: bytearray, make_artifact: Callable[..., tuple[bytes, bytes]]
+    threads: int, dek: bytearray, make_artifact: Callable[..., tuple[bytes, bytes]]
 ) -> None:
     _plaintext, artifact = make_artifact(3 << 20)
     tampered = bytearray(artifact)
     tampered[len(tampered) // 2] ^= 1
-    decryptor = BufferedStreamDecryptor(dek, threads=2, batch_chunks=4)
+    decryptor = BufferedStreamDecryptor(dek, threads=threads, batch_chunks=4)
     with pytest.raises(DecryptionFailed):
         data = bytes(tampered)
         for start in range(0, len(data), 512 * 1024):
             decryptor.feed(data[start : start + 512 * 1024])
         decryptor.finish()
+
+
+def test_with_no_workers_the_feeding_thread_decrypts_and_a_failure_wipes_the_output(
+    dek: bytearray, make_artifact: Callable[..., tuple[bytes, bytes]]
+) -> None:
+    plaintext, artifact = make_artifact(3 << 20)
+    decryptor = BufferedStreamDecryptor(dek, threads=0, batch_chunks=4, as_bytes=True)
+    half = len(artifact) // 2
+    decryptor.feed(artifact[:half])
+    assert not [t for t in threading.enumerate() if t.name.startswith("artifact-stream-decrypt")]
+    out = decryptor._out  # the plaintext buffer, already written up to the bytes fed
+    assert out is not None and out[: 1 << 20] == plaintext[: 1 << 20]
+    tampered = bytearray(artifact[half:])
+    tampered[SEALED] ^= 1
+    with pytest.raises(DecryptionFailed):
+        decryptor.feed(bytes(tampered))
+    assert not any(out)  # nothing decrypted so far survives the failure
+    with pytest.raises(DecryptionFailed):
+        decryptor.finish()
+
+
+def test_threads_out_of_range_are_refused(dek: bytearray) -> None:
+    for threads in (-1, 65):
+        with pytest.raises(ValueError, match="between 0 and 64"):
+            BufferedStreamDecryptor(dek, threads=threads)

@@ -2,7 +2,7 @@
 
 Secure: the inference loader fetches the encrypted artifact from the model store over mTLS, gets a
 challenge, has the (simulated) TEE sign a report, gets the data key released by the key broker
-(SoftHSM2), decrypts in memory on both cores while downloading, and loads ONNX Runtime from bytes.
+(SoftHSM2), decrypts in memory as it downloads, and loads ONNX Runtime from bytes.
 Baseline (same run, same machine): the plaintext model streamed over plain gRPC in the same chunk
 size into memory and loaded from bytes. For information: the same baseline with its buffer
 pre-faulted on a thread as the secure pipeline does (``plain_grpc_prefaulted``: what the pipeline's
@@ -35,7 +35,7 @@ import grpc
 import onnxruntime as ort
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
-from strongroom.artifact import StructureValidator
+from strongroom.artifact import DEFAULT_DECRYPT_THREADS, StructureValidator
 from strongroom.artifact._memory import Prefaulter, output_bytes
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.keyrelease import KeyReleaseClient
@@ -203,7 +203,11 @@ def _with_usage(measure: Any) -> dict[str, float]:
 
 
 def run(
-    results: dict[str, Any], *, size_mb: int = 512, repeats: int = 5, decrypt_threads: int = 2
+    results: dict[str, Any],
+    *,
+    size_mb: int = 512,
+    repeats: int = 5,
+    decrypt_threads: int = DEFAULT_DECRYPT_THREADS,
 ) -> None:
     """Measures cold start in a child process with inference's process environment."""
     reported_before = _reported_kib()
@@ -221,7 +225,11 @@ def run(
 
 
 def measure(
-    results: dict[str, Any], *, size_mb: int = 512, repeats: int = 5, decrypt_threads: int = 2
+    results: dict[str, Any],
+    *,
+    size_mb: int = 512,
+    repeats: int = 5,
+    decrypt_threads: int = DEFAULT_DECRYPT_THREADS,
 ) -> None:
     """Measures cold start for a ``size_mb`` model, secure against plain, best and median of runs."""
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:

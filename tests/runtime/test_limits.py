@@ -89,3 +89,11 @@ def test_localhost_is_refused_in_production_and_allowed_in_development(tmp_path:
 def test_impossible_load_retry_windows_are_refused(value: float) -> None:
     with pytest.raises(ConfigError, match="load_retry_seconds"):
         InferenceConfig(model_store="a:1", key_broker="b:1", load_retry_seconds=value)
+
+
+def test_decrypt_threads_default_to_the_receiving_thread_and_stay_bounded() -> None:
+    assert InferenceConfig(model_store="a:1", key_broker="b:1").decrypt_threads == 0
+    InferenceConfig(model_store="a:1", key_broker="b:1", decrypt_threads=64)
+    for value in (-1, 65):
+        with pytest.raises(ConfigError, match="decrypt_threads must be between 0 and 64"):
+            InferenceConfig(model_store="a:1", key_broker="b:1", decrypt_threads=value)
