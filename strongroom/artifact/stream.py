@@ -365,7 +365,7 @@ class StreamDecryptor(_ArtifactStream):
 
 
 class BufferedStreamDecryptor(_ArtifactStream):
-    """Decrypts an arriving artifact into one preallocated buffer, in parallel, released at the end.
+    """Decrypts an arriving artifact into one preallocated buffer as it arrives, released at the end.
 
     ``feed(data)`` hands complete batches of chunks to ``threads`` worker threads, so decryption
     overlaps the download; at most ``2 * threads`` batches of ``batch_chunks`` chunks are in
@@ -529,7 +529,6 @@ class BufferedStreamDecryptor(_ArtifactStream):
             self._work(first, ciphertext)
             return
         self._slots.acquire()
-        assert self._pool is not None
         future = self._pool.submit(self._work, first, ciphertext)
         future.add_done_callback(lambda _f: self._slots.release())
         self._futures = [f for f in self._futures if not f.done()]

@@ -25,7 +25,7 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from functools import partial
 from pathlib import Path
@@ -194,10 +194,10 @@ def _usage() -> tuple[float, float, int]:
     return r.ru_utime + r.ru_stime, r.ru_stime, r.ru_minflt
 
 
-def _with_usage(measure: Any) -> dict[str, float]:
+def _with_usage(measure: Callable[[], dict[str, float]]) -> dict[str, float]:
     """``measure()``'s timings plus the process's CPU and kernel time and page faults meanwhile."""
     cpu0, sys0, faults0 = _usage()
-    timings: dict[str, float] = measure()
+    timings = measure()
     cpu1, sys1, faults1 = _usage()
     return timings | {"cpu_s": cpu1 - cpu0, "sys_s": sys1 - sys0, "minor_faults": faults1 - faults0}
 

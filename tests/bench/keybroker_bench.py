@@ -3,9 +3,9 @@
 A DevStack (real step-ca, SoftHSM2, the key broker in the benchmark's process, a child started with
 the broker's shipped process environment) serves releases to simulated confidential VMs. Each
 release is the protocol's two RPCs: GetChallenge, then ReleaseKey with a report signed over the
-binding of that nonce. What the VM does between them (asking its hardware
-for a report, generating its ephemeral RSA key) is the TEE's cost, not the broker's: reports are
-signed and keys generated before the clock starts. The baseline is a bare unary RPC (gRPC health
+binding of that nonce. What the VM does between them (asking its hardware for a report,
+generating its ephemeral RSA key) is the TEE's cost, not the broker's: reports are signed and keys
+generated before the clock starts. The baseline is a bare unary RPC (gRPC health
 Check) over the same mTLS port, measured in the same run.
 
 Figures: p50/p99 of one release (both RPCs), releases/s with 1 and 16 concurrent callers, and the
@@ -158,9 +158,12 @@ def _run_callers(callers: list[_Caller], per_caller: int) -> dict[str, Any]:
     }
 
 
-def _p50_ms(fn: Any, n: int) -> float:
+def _p50_ms(fn: Callable[[], Any], n: int, *, after: Callable[[], Any] | None = None) -> float:
+    """``fn``'s p50 over ``n`` calls, each right after ``after()`` when given (untimed)."""
     times = []
     for _ in range(n):
+        if after is not None:
+            after()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -202,18 +205,6 @@ class _BareSyncs:
     def close(self) -> None:
         os.close(self._log)
         os.close(self._head)
-
-
-def _interleaved_p50_ms(release: Callable[[], Any], fn: Callable[[], None], n: int) -> float:
-    """``fn``'s p50 when each call follows a release, as the audit's syncs do (a device flush
-    after milliseconds of other work takes longer here than one right after another)."""
-    times = []
-    for _ in range(n):
-        release()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def _audit_at_16(timings: list[dict[str, float]], batches: dict[int, int]) -> dict[str, Any]:
@@ -325,12 +316,14 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
         hw_ms = statistics.median(hardware) * 1000
         syncs = _BareSyncs(broker.handle.audit.path.parent)
         try:
+            # After a release, as the audit's syncs come: a device flush after milliseconds of
+            # other work takes longer here than one right after another.
             release = single[0].release
             sync_ms = {
                 "write_fsync_back_to_back": _p50_ms(syncs.append, 200),
-                "write_fsync_after_a_release": _interleaved_p50_ms(release, syncs.append, 100),
+                "write_fsync_after_a_release": _p50_ms(syncs.append, 100, after=release),
                 "with_head_back_to_back": _p50_ms(syncs.commit, 200),
-                "with_head_after_a_release": _interleaved_p50_ms(release, syncs.commit, 100),
+                "with_head_after_a_release": _p50_ms(syncs.commit, 100, after=release),
             }
         finally:
             syncs.close()
