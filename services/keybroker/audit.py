@@ -28,7 +28,10 @@ returns only after its own record is fsync'd *and* covered by a signed head (wri
 ``fdatasync``'d), so the guarantee is the same as with one record per commit; what the batch shares is
 the write, the two syncs and the head's signature. :attr:`AuditLog.batch_sizes` counts
 the batches formed. Each record is still signed on its own, by the committer: its ``seq`` and
-``prev``, which the signature covers, are known only at commit time.
+``prev``, which the signature covers, are known only at commit time. A caller may pass
+``on_written`` to :meth:`AuditLog.append`: the committer calls it once the record has its place in
+the batch, just before the write and the syncs, so work it starts overlaps them (the key broker
+starts its HSM re-wrap there).
 
 **Durability and failure.** A commit writes the lines and fsyncs them, then writes the head; if
 either step fails (disk full, file too large, I/O error, permissions) all lines of the batch are cut
@@ -379,11 +382,12 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
 class _Pending:
     """One caller's event waiting for a commit; the committer fills in the outcome."""
 
-    __slots__ = ("decision_id", "done", "error", "members", "result")
+    __slots__ = ("decision_id", "done", "error", "members", "on_written", "result")
 
-    def __init__(self, event: AuditEvent) -> None:
+    def __init__(self, event: AuditEvent, on_written: Callable[[], None] | None) -> None:
         # Validated and encoded by the caller's thread, outside the commit.
         self.decision_id, self.members = _event_members(event)
+        self.on_written = on_written
         self.done = False
         self.result: AuditRecord | None = None
         self.error: StrongroomError | None = None
@@ -522,18 +526,26 @@ class AuditLog(Closing):
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def append(self, event: AuditEvent) -> AuditRecord:
+    def append(
+        self, event: AuditEvent, *, on_written: Callable[[], None] | None = None
+    ) -> AuditRecord:
         """Makes one record durable (line + signed head, both fsync'd) and returns it.
 
         Callers that arrive while a commit is under way wait and are committed together by the
         first of them (group commit, see the module doc); each returns only once its own record is
         durable and covered by a signed head.
 
+        ``on_written`` is called (by whichever thread commits) once the record has its place in
+        the log and is about to be written and synced: work started there overlaps the syncs (the
+        key broker starts its HSM re-wrap). It should be quick (the batch waits for it); if it
+        raises, that is logged and the commit goes on. It is not called if the commit fails before
+        that point (a closed or tampered log, a record too large).
+
         Raises InvalidArgument(AUDIT_RECORD_INVALID) for a malformed event, ``AuditUnavailable``
         if the record could not be made durable, and ``DataLoss(AUDIT_LOG_TAMPERED)`` once the log
         was found tampered with — in each case the decision must not take effect.
         """
-        mine = _Pending(event)
+        mine = _Pending(event, on_written)
         with self._queue_cond:
             self._queue.append(mine)
             while not mine.done:
@@ -600,6 +612,13 @@ class AuditLog(Closing):
             return
         data = b"".join(lines)
         hashes = [record.hash for _, record in written]
+        for pending, _ in written:
+            if pending.on_written is not None:
+                try:
+                    pending.on_written()
+                except Exception:
+                    # One caller's hook does not fail the batch: its work just does not overlap.
+                    _log.exception("an audit append's on_written hook raised")
         self._write_records(data, hashes)
         head = Head(seq, prev)
         try:

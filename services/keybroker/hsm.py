@@ -25,7 +25,8 @@ create objects count: health checks do not, so the readiness probe (two a second
 neither recycles an idle broker nor shifts where recycles fall in a run of releases. Object handles
 from an earlier session are void: :attr:`HsmSession.serial` tells them apart.
 
-**Deadlines.** :meth:`Hsm.call` queues an operation and waits at most ``timeout`` seconds for it;
+**Deadlines.** :meth:`Hsm.call` queues an operation and waits at most ``timeout`` seconds for it
+(:meth:`Hsm.submit` queues it and returns; the caller waits later, until the same deadline);
 a caller whose deadline passes gets ``HsmUnavailable(HSM_TIMEOUT)`` even if the module hangs inside
 a C call (the job is cancelled if it has not started, and skipped if its deadline passed while it
 was queued).
@@ -70,7 +71,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as p11x
@@ -344,6 +345,37 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
                     os.environ[k] = v
 
 
+class HsmCall(Generic[T]):
+    """An operation queued by :meth:`Hsm.submit`."""
+
+    __slots__ = ("_deadline", "_future", "_limit", "_name", "finished_at")
+
+    def __init__(self, name: str, limit: float, deadline: float) -> None:
+        self._name = name
+        self._limit = limit
+        self._deadline = deadline
+        self._future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        #: ``time.perf_counter()`` when the worker finished the operation (None until then).
+        self.finished_at: float | None = None
+        self._future.add_done_callback(self._finished)
+
+    def _finished(self, _: object) -> None:
+        self.finished_at = time.perf_counter()
+
+    def result(self) -> T:
+        """Waits until the operation's deadline for its result; raises as :meth:`Hsm.call`."""
+        try:
+            return self._future.result(timeout=max(0.0, self._deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            self._future.cancel()
+            raise HsmUnavailable(
+                f"the HSM did not complete {self._name} within {self._limit:.3f}s",
+                reason=Reason.HSM_TIMEOUT,
+            ) from None
+        except concurrent.futures.CancelledError:
+            raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED) from None
+
+
 class Hsm(Closing):
     """A PKCS#11 token reached through one worker thread; see the module docstring.
 
@@ -443,22 +475,27 @@ class Hsm(Closing):
         seconds, default ``config.operation_timeout``, have passed), a ``StrongroomError`` raised by
         ``op`` unchanged, and ``Internal(HSM_ERROR)`` for any other PKCS#11 error.
         """
+        return self.submit(op, timeout=timeout, name=name, creates_objects=creates_objects).result()
+
+    def submit(
+        self,
+        op: Callable[[HsmSession], T],
+        *,
+        timeout: float | None = None,
+        name: str = "operation",
+        creates_objects: bool = True,
+    ) -> HsmCall[T]:
+        """Queues ``op`` as :meth:`call` does and returns at once; :meth:`HsmCall.result` waits
+        for it, so the caller can do other work (the key broker's audit commit) meanwhile."""
         limit = self._config.operation_timeout if timeout is None else timeout
         if not limit > 0:
             raise HsmUnavailable(f"no time left for {name}", reason=Reason.HSM_TIMEOUT)
         if self._closed:
             raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED)
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put(_Job(op, future, time.monotonic() + limit, name, creates_objects))
-        try:
-            return future.result(timeout=limit)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise HsmUnavailable(
-                f"the HSM did not complete {name} within {limit:.3f}s", reason=Reason.HSM_TIMEOUT
-            ) from None
-        except concurrent.futures.CancelledError:
-            raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED) from None
+        deadline = time.monotonic() + limit
+        call: HsmCall[T] = HsmCall(name, limit, deadline)
+        self._queue.put(_Job(op, call._future, deadline, name, creates_objects))
+        return call
 
     def check_health(self, *, timeout: float | None = None) -> None:
         """Raises ``HsmUnavailable`` unless the token is reachable and logged in (reconnecting if

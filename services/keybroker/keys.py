@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import pkcs11.exceptions as p11x
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
@@ -63,7 +63,7 @@ from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, ReleaseTarget
 from strongroom.keybroker.errors import HsmUnavailable
-from strongroom.keybroker.hsm import Hsm, HsmSession, oaep_mechanism_param
+from strongroom.keybroker.hsm import Hsm, HsmCall, HsmSession, oaep_mechanism_param
 from strongroom.oaep import OaepHash, negotiate
 from strongroom.reasons import Reason
 
@@ -161,6 +161,65 @@ class ReleasedKey(NamedTuple):
     mechanism: OaepHash
 
 
+class _KeyCall(Generic[T]):
+    """A queued operation on one key (:meth:`KeyManager._submit`)."""
+
+    __slots__ = ("_call", "_key_id", "_manager", "_ran_on")
+
+    def __init__(
+        self, manager: KeyManager, key_id: str, call: HsmCall[T], ran_on: list[int]
+    ) -> None:
+        self._manager, self._key_id, self._call, self._ran_on = manager, key_id, call, ran_on
+
+    @property
+    def finished_at(self) -> float | None:
+        """``time.perf_counter()`` when the HSM finished it (None until then)."""
+        return self._call.finished_at
+
+    def result(self) -> T:
+        """Waits for the operation; raises as the synchronous methods do."""
+        return self._manager._settle(self._key_id, self._call, self._ran_on)
+
+
+class PendingRelease:
+    """A release prepared by :meth:`KeyManager.begin_release`: :meth:`start` queues it on the HSM,
+    :meth:`result` waits for it (starting it first if nobody did)."""
+
+    __slots__ = ("_call", "_error", "_submit", "mechanism")
+
+    def __init__(
+        self, mechanism: OaepHash | None, submit: Callable[[], _KeyCall[ReleasedKey]]
+    ) -> None:
+        #: The OAEP hash the re-wrap uses, when known before it runs (else None).
+        self.mechanism = mechanism
+        self._submit = submit
+        self._call: _KeyCall[ReleasedKey] | None = None
+        self._error: StrongroomError | None = None
+
+    def start(self) -> None:
+        """Queues the re-wrap on the HSM (once; later calls do nothing). Never raises: a refusal to
+        queue (the HSM closed, the key unusable) is what :meth:`result` raises."""
+        if self._call is not None or self._error is not None:
+            return
+        try:
+            self._call = self._submit()
+        except StrongroomError as exc:
+            self._error = exc
+
+    @property
+    def finished_at(self) -> float | None:
+        """``time.perf_counter()`` when the HSM finished the re-wrap (None until then)."""
+        return None if self._call is None else self._call.finished_at
+
+    def result(self) -> ReleasedKey:
+        """Waits for the re-wrap (until the deadline counted from :meth:`start`)."""
+        self.start()
+        if self._error is not None:
+            raise self._error
+        assert self._call is not None
+        return self._call.result()
+
+
 def validate_key_id(key_id: object) -> str:
     """Returns ``key_id`` if it matches ``^[a-z0-9][a-z0-9._-]{0,62}$``, else InvalidArgument."""
     if not isinstance(key_id, str) or not KEY_ID_PATTERN.fullmatch(key_id):
@@ -236,7 +295,7 @@ class KeyManager:
         # key_id -> (why it is unusable, monotonic time of the next re-check)
         self._unusable: dict[str, tuple[str, float]] = {}
         self._seen: set[str] = set()  # keys found in the token (touched on the worker only)
-        # key_id -> (work session serial, monotonic expiry, versions); touched on the worker only
+        # key_id -> (work session serial, monotonic expiry, versions); written on the worker only
         self._cache: dict[str, tuple[int, float, list[_kek.KekVersion]]] = {}
 
     @property
@@ -397,6 +456,31 @@ class KeyManager:
         :class:`WrappedDataKey` and a :class:`ReleaseTarget`, as the release engine passes them) are
         taken as they are; raw bytes (a key and ``accepted_mechanisms``) are checked here first.
         """
+        return self.begin_release(
+            key_id, version, wrapped_dek, target, accepted_mechanisms, timeout=timeout
+        ).result()
+
+    def begin_release(
+        self,
+        key_id: str,
+        version: int,
+        wrapped_dek: WrappedDataKey | bytes,
+        target: ReleaseTarget | EphemeralPublicKey | bytes,
+        accepted_mechanisms: Sequence[OaepHash] = (),
+        *,
+        timeout: float | None = None,
+    ) -> PendingRelease:
+        """Queues :meth:`release_to_ephemeral`'s work on the HSM and returns at once.
+
+        What can be refused before the HSM runs is refused here: no acceptable OAEP hash, a key
+        found unusable, a version that does not exist or is disabled (from the lookup cache, or
+        one HSM lookup when it is cold).
+
+        :attr:`PendingRelease.mechanism` is the OAEP hash the re-wrap will use when the HSM's
+        hashes are already known (None before its first connection: then only the result tells);
+        should the token answer with other hashes by the time the operation runs, the operation
+        fails (``Unavailable(HSM_UNAVAILABLE)``) rather than use another hash than announced.
+        """
         validate_key_id(key_id)
         validate_version(version)
         blob = WrappedDataKey(wrapped_dek)
@@ -407,9 +491,27 @@ class KeyManager:
             target = ReleaseTarget.parse(target, accepted_mechanisms)
         release_target = target
         ephemeral = target.public_key
+        known = self._hsm.oaep_hashes
+        announced = negotiate(target.mechanisms, known) if known else None
+        # A version that does not exist or is disabled is refused now, before the caller's
+        # decision is recorded (the operation checks again, in the HSM).
+        versions = self._fresh_versions(key_id) or self._call(
+            key_id,
+            lambda hs: self._cached_versions(hs, key_id),
+            timeout,
+            "key lookup",
+            creates_objects=False,
+        )
+        _require_enabled(_pick(key_id, versions, version))
 
         def op(hs: HsmSession) -> ReleasedKey:
             choice = negotiate(release_target.mechanisms, self._hsm.oaep_hashes)
+            if announced is not None and choice is not announced:
+                # Unavailable, not HsmUnavailable: the connection is fine, a retry uses the new hashes.
+                raise Unavailable(
+                    "the HSM's OAEP hashes changed while the release was queued",
+                    reason=Reason.HSM_UNAVAILABLE,
+                )
             try:
                 return attempt(hs, choice, self._cached_versions(hs, key_id))
             except p11x.PKCS11Error as exc:
@@ -442,7 +544,9 @@ class KeyManager:
                 )
             return ReleasedKey(out, choice)
 
-        return self._call(key_id, op, timeout, "release_to_ephemeral")
+        return PendingRelease(
+            announced, functools.partial(self._submit, key_id, op, timeout, "release_to_ephemeral")
+        )
 
     # --- keys the HSM cannot use -------------------------------------------------------------
 
@@ -488,8 +592,25 @@ class KeyManager:
         name: str,
         *,
         recheck: bool = False,
+        creates_objects: bool = True,
     ) -> T:
-        """Runs an operation on ``key_id``, tracking keys the HSM fails to use (module doc)."""
+        """Runs an operation on ``key_id``, tracking keys the HSM fails to use (module doc);
+        ``creates_objects`` as for :meth:`Hsm.call`."""
+        return self._submit(
+            key_id, op, timeout, name, recheck=recheck, creates_objects=creates_objects
+        ).result()
+
+    def _submit(
+        self,
+        key_id: str,
+        op: Callable[[HsmSession], T],
+        timeout: float | None,
+        name: str,
+        *,
+        recheck: bool = False,
+        creates_objects: bool = True,
+    ) -> _KeyCall[T]:
+        """Queues :meth:`_call`'s operation; the returned call's ``result`` waits and tracks."""
         with self._health_lock:
             entry = self._unusable.get(key_id)
             if entry is not None and entry[1] > time.monotonic() and not recheck:
@@ -500,8 +621,15 @@ class KeyManager:
             ran_on.append(hs.generation)
             return op(hs)
 
+        call = self._hsm.submit(
+            tracked, timeout=timeout, name=name, creates_objects=creates_objects
+        )
+        return _KeyCall(self, key_id, call, ran_on)
+
+    def _settle(self, key_id: str, call: HsmCall[T], ran_on: list[int]) -> T:
+        """Waits for ``call`` and records whether ``key_id`` worked (module doc)."""
         try:
-            result = self._hsm.call(tracked, timeout=timeout, name=name)
+            result = call.result()
         except HsmUnavailable as exc:
             if exc.reason != Reason.HSM_OPERATION_FAILED or not ran_on:
                 raise
@@ -542,6 +670,12 @@ class KeyManager:
                 self._cache.clear()
             self._cache[key_id] = (hs.serial, now + self._ttl, versions)
         return versions
+
+    def _fresh_versions(self, key_id: str) -> list[_kek.KekVersion] | None:
+        """The cached versions of ``key_id`` if still fresh (read from any thread: one dict read;
+        their states, not their handles, which only the worker's session may use)."""
+        entry = self._cache.get(key_id)
+        return entry[2] if entry is not None and entry[1] > time.monotonic() else None
 
     def _forget(self, key_id: str) -> None:
         self._cache.pop(key_id, None)

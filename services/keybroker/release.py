@@ -4,6 +4,14 @@ Every decision, allowed or denied, is audited with its reason before the caller 
 allowed release whose audit record cannot be made durable is refused: the wrapped key is dropped.
 The data key itself never leaves the HSM in plaintext: the HSM unwraps it with the KEK and wraps it
 to the ephemeral RSA key the attestation report binds.
+
+Once the evidence and the policy allow a release, the HSM's re-wrap and the audit's durable commit
+of the ``ALLOWED`` record run at the same time (the HSM on its worker thread, the commit on the
+caller's), and the caller is answered when both are done. Nothing is wrapped before the decision,
+and nothing is sent before its record is durable. Should the re-wrap fail after the ``ALLOWED``
+record became durable, a ``DENIED`` record with the HSM's reason follows it under the same
+``decision_id``: the last record of a decision is its outcome. (If that second record cannot be
+written either, the log says more was released than was: the safe direction.)
 """
 
 from __future__ import annotations
@@ -189,18 +197,27 @@ class ReleaseEngine:
         # 6. Policy.
         stored.policy.evaluate(claims, caller.spiffe_id)
         verified = time.perf_counter()
-        # 7. The HSM re-wraps the data key to the attested ephemeral key.
-        released = self._keys.release_to_ephemeral(
+        # 7. The HSM re-wraps the data key to the attested ephemeral key while (8.) the decision
+        # is made durable; the caller hears of the release only once both are done.
+        pending = self._keys.begin_release(
             key_id, version, wrapped, target, timeout=self._hsm_timeout
         )
-        context["oaep_mechanism"] = released.mechanism.mechanism_label
-        hsm_done = time.perf_counter()
-        # 8. Audit before answering; without a durable record there is no release.
+        # Before the HSM's first connection its hashes are unknown: the record names the one used,
+        # so it waits for the re-wrap then.
+        mechanism = pending.mechanism or pending.result().mechanism
+        context["oaep_mechanism"] = mechanism.mechanism_label
+        # 8. Audit before answering; without a durable record there is no release (the re-wrap's
+        # result is dropped unread).
         record = self._audit.append(
-            AuditEvent(decision=Decision.ALLOWED, reason=Reason.RELEASED, **context)
+            AuditEvent(decision=Decision.ALLOWED, reason=Reason.RELEASED, **context),
+            on_written=pending.start,
         )
-        KEY_RELEASES.add(1, {"outcome": "allowed", "reason": "RELEASED"})
+        audited = time.perf_counter()
+        # Should the re-wrap fail now, the denial is recorded under this decision's id, after it.
+        context["decision_id"] = record.decision_id
+        released = pending.result()
         done = time.perf_counter()
+        KEY_RELEASES.add(1, {"outcome": "allowed", "reason": "RELEASED"})
         log.info(
             "key released",
             extra={
@@ -219,8 +236,11 @@ class ReleaseEngine:
             timings={
                 "checks": verify_started - started,
                 "verify": verified - verify_started,
-                "hsm": hsm_done - verified,
-                "audit": done - hsm_done,
+                # The two overlap: each from the end of verification to its own end, and the
+                # step's wall-clock time.
+                "hsm": (pending.finished_at or done) - verified,
+                "audit": audited - verified,
+                "hsm_and_audit": done - verified,
             },
         )
 

@@ -503,3 +503,60 @@ def test_max_batch_is_bounded_by_what_crash_repair_anchors(
 ) -> None:
     with pytest.raises(ValueError, match="max_batch"):
         AuditLog.open(log_path, signing_key, max_batch=bad)
+
+
+def test_on_written_runs_once_per_record_before_the_batch_is_written(
+    audit: AuditLog, log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trace: list[str] = []
+    gate = _Gate(audit, monkeypatch, 3)
+    original = audit._write_records
+
+    def write_records(data: bytes, hashes: list[str]) -> None:
+        trace.append(f"write {len(data.splitlines())}")
+        original(data, hashes)
+
+    monkeypatch.setattr(audit, "_write_records", write_records)
+
+    def hook(name: str) -> Callable[[], None]:
+        def called() -> None:
+            # The record is not on disk yet when its caller's work starts.
+            assert name.encode() not in log_path.read_bytes()
+            trace.append(name)
+
+        return called
+
+    with ThreadPoolExecutor(4) as pool:
+        leader = pool.submit(audit.append, event(0, reason="LEADING"), on_written=hook("LEADING"))
+        assert gate.entered.wait(30)
+        names = ["FOLLOW_A", "FOLLOW_B", "FOLLOW_C"]
+        rest = [pool.submit(audit.append, event(1, reason=n), on_written=hook(n)) for n in names]
+    assert all(f.exception() is None for f in [leader, *rest])
+    assert trace[:2] == ["LEADING", "write 1"]
+    assert sorted(trace[2:5]) == names and trace[5:] == ["write 3"]
+
+
+def test_a_raising_on_written_hook_fails_nobody(
+    audit: AuditLog,
+    log_path: Path,
+    signing_key: Ed25519PrivateKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("bug in a caller's hook")
+
+    record = audit.append(event(0), on_written=broken)
+    assert record.seq == 0
+    assert "on_written hook raised" in caplog.text
+    result = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert result.intact and result.records == 1
+
+
+def test_on_written_is_not_called_when_nothing_is_written(audit: AuditLog) -> None:
+    called: list[bool] = []
+    with pytest.raises(InvalidArgument):
+        audit.append(event(0, claims={"big": "x" * 70_000}), on_written=lambda: called.append(True))
+    audit.close()
+    with pytest.raises(AuditUnavailable):
+        audit.append(event(1), on_written=lambda: called.append(True))
+    assert called == []

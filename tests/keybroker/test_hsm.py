@@ -228,3 +228,61 @@ def test_config_is_exposed_read_only(hsm: Hsm) -> None:
     assert isinstance(hsm.config, HsmConfig)
     with pytest.raises(TypeError):
         hsm.config.module_env["X"] = "y"  # type: ignore[index]
+
+
+def test_a_submitted_call_keeps_the_deadline_it_was_queued_with(hsm: Hsm) -> None:
+    """``submit`` returns at once; ``result`` waits only until the deadline counted from then."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hanging(_hs: HsmSession) -> None:
+        entered.set()
+        release.wait(30)
+
+    stuck = hsm.submit(hanging, timeout=60)
+    try:
+        assert entered.wait(30)
+        late = hsm.submit(lambda _s: "ran", timeout=0.05, name="late op")
+        release_at = threading.Timer(0.2, release.set)  # frees the worker after the deadline
+        release_at.start()
+        # Waited for after its deadline passed: the result is the timeout, not a late success.
+        release_at.join()
+        with pytest.raises(HsmUnavailable) as info:
+            late.result()
+        assert info.value.reason == "HSM_TIMEOUT" and "late op" in info.value.message
+    finally:
+        release.set()
+    stuck.result()
+    assert stuck.finished_at is not None
+
+
+def test_begin_release_queues_nothing_until_started(
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
+) -> None:
+    km.create_key("later")
+    _, wrapped, version = km.generate_data_key("later")
+    pending = km.begin_release("later", version, wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert pending.mechanism is OaepHash.SHA1  # announced before the HSM runs it
+    assert pending.finished_at is None
+    hsm.close()  # nothing was queued, so nothing runs: starting now fails, and says why
+    pending.start()  # never raises
+    with pytest.raises(HsmUnavailable) as info:
+        pending.result()
+    assert info.value.reason == "HSM_CLOSED"
+
+
+def test_a_started_release_is_the_one_result_returns(
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
+) -> None:
+    km.create_key("started")
+    dek, wrapped, version = km.generate_data_key("started")
+    pending = km.begin_release("started", version, wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert hsm._conn is not None
+    before = hsm._conn.operations
+    pending.start()
+    pending.start()  # queues nothing more
+    out, mechanism = pending.result()
+    assert hsm._conn.operations == before + 1
+    assert pending.finished_at is not None and mechanism is pending.mechanism
+    plain = tee_key.decrypt(out, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
+    assert plain == dek
+    assert session_objects(hsm) == 0

@@ -2,8 +2,10 @@
 challenges, policies, simulated evidence and verifier-owned collateral.
 
 What is checked is the order of the decision: nothing reaches the HSM before the request is well
-formed, fresh, covered by a policy, verified and bound; every refusal is audited exactly once with
-its reason; an allowed release whose record cannot be written is not answered.
+formed, fresh, covered by a policy, verified and bound, and its ``ALLOWED`` record has its place in
+the log; every refusal is audited exactly once with its reason; an allowed release whose record
+cannot be made durable is not answered; a re-wrap failing after that record is recorded under the
+same decision.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditRecord, Decision
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, parse_ephemeral_public_key
-from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.keybroker.errors import AuditUnavailable, HsmUnavailable
 from strongroom.keybroker.keys import ReleasedKey
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
@@ -44,28 +46,64 @@ POLICY = (
 
 @dataclass
 class FakeKeys:
-    """Stands in for KeyManager: records what reached the 'HSM'."""
+    """Stands in for KeyManager: records what reached the 'HSM', and when (in ``trace``)."""
 
+    trace: list[str]
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     fail_with: Exception | None = None
+    mechanism_known: bool = True
 
-    def release_to_ephemeral(self, *args: Any, **kwargs: Any) -> ReleasedKey:
-        self.calls.append(args)
-        if self.fail_with is not None:
-            raise self.fail_with
+    def begin_release(self, *args: Any, **kwargs: Any) -> FakePending:
+        return FakePending(self, args)
+
+
+@dataclass
+class FakePending:
+    keys: FakeKeys
+    args: tuple[Any, ...]
+    started: bool = False
+
+    @property
+    def mechanism(self) -> OaepHash | None:
+        return OaepHash.SHA1 if self.keys.mechanism_known else None
+
+    finished_at = None
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.keys.calls.append(self.args)
+            self.keys.trace.append("hsm")
+
+    def result(self) -> ReleasedKey:
+        self.start()
+        if self.keys.fail_with is not None:
+            raise self.keys.fail_with
         return ReleasedKey(b"wrapped-to-ephemeral", OaepHash.SHA1)
 
 
 @dataclass
 class FakeAudit:
-    events: list[AuditEvent] = field(default_factory=list)
-    fail_allowed: bool = False
+    """Stands in for AuditLog: ``fail_allowed`` fails an ALLOWED record before it is written
+    ("before") or after its ``on_written`` ran ("after", as a failed fsync does)."""
 
-    def append(self, event: AuditEvent) -> AuditRecord:
-        if self.fail_allowed and event.decision is Decision.ALLOWED:
+    trace: list[str]
+    events: list[AuditEvent] = field(default_factory=list)
+    fail_allowed: str | None = None
+
+    def append(self, event: AuditEvent, on_written: Any = None) -> AuditRecord:
+        failing = self.fail_allowed if event.decision is Decision.ALLOWED else None
+        if failing == "before":
             raise AuditUnavailable("disk full")
+        self.trace.append(f"written {event.decision.name}")
+        if on_written is not None:
+            on_written()
+        if failing == "after":
+            raise AuditUnavailable("fsync failed")
         self.events.append(event)
-        return AuditRecord(len(self.events), f"d{len(self.events)}", "now", "h")
+        return AuditRecord(
+            len(self.events), event.decision_id or f"d{len(self.events)}", "now", "h"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +113,8 @@ def authority() -> SimulatedAuthority:
 
 @pytest.fixture
 def world(authority, tmp_path):
-    keys, audit = FakeKeys(), FakeAudit()
+    trace: list[str] = []
+    keys, audit = FakeKeys(trace), FakeAudit(trace)
     policies = PolicyStore(tmp_path / "policies", production=False)
     policies.put("k1", POLICY)
     engine = ReleaseEngine(
@@ -140,7 +179,19 @@ def test_an_allowed_release_reaches_the_hsm_once_and_is_audited_first(world, aut
     [event] = audit.events
     assert (event.decision, event.reason, event.key_id) == (Decision.ALLOWED, "RELEASED", "k1")
     assert event.claims["measurement"] == MEASUREMENT.hex()
+    assert event.oaep_mechanism == OaepHash.SHA1.mechanism_label
     assert outcome.decision_id == "d1"
+    # The re-wrap starts only once the record has its place in the log (it overlaps the syncs).
+    assert audit.trace == ["written ALLOWED", "hsm"]
+
+
+def test_before_the_hsm_first_connects_the_release_waits_for_the_rewrap(world, authority) -> None:
+    engine, keys, audit = world
+    keys.mechanism_known = False  # the record names the hash, which only the re-wrap tells now
+    outcome = engine.release(_request(engine, authority), CALLER)
+    assert outcome.mechanism is OaepHash.SHA1
+    assert audit.trace == ["hsm", "written ALLOWED"]
+    assert audit.events[0].oaep_mechanism == OaepHash.SHA1.mechanism_label
 
 
 @pytest.mark.parametrize(
@@ -189,13 +240,29 @@ def test_a_key_without_a_policy_releases_nothing(world, authority) -> None:
     assert [e.decision for e in audit.events] == [Decision.DENIED]
 
 
-def test_without_a_durable_record_there_is_no_release(world, authority) -> None:
+@pytest.mark.parametrize(("when", "hsm_calls"), [("before", 0), ("after", 1)])
+def test_without_a_durable_record_there_is_no_release(world, authority, when, hsm_calls) -> None:
     engine, keys, audit = world
-    audit.fail_allowed = True
+    audit.fail_allowed = when
     with pytest.raises(AuditUnavailable):
         engine.release(_request(engine, authority), CALLER)
-    assert len(keys.calls) == 1  # the HSM answered, but the wrapped key is dropped
+    # Failing before the write, the HSM is never asked; failing at the sync, its answer is dropped.
+    assert len(keys.calls) == hsm_calls
     assert audit.events == []  # the failure to audit is what is reported
+
+
+def test_a_rewrap_failing_after_the_allowed_record_is_recorded_under_the_same_decision(
+    world, authority
+) -> None:
+    engine, keys, audit = world
+    keys.fail_with = HsmUnavailable("the token went away", reason="HSM_UNAVAILABLE")
+    with pytest.raises(HsmUnavailable):
+        engine.release(_request(engine, authority), CALLER)
+    allowed, denied = audit.events
+    assert (allowed.decision, denied.decision) == (Decision.ALLOWED, Decision.DENIED)
+    assert denied.reason == "HSM_UNAVAILABLE"
+    assert denied.decision_id == "d1"  # the ALLOWED record's id: the last record is the outcome
+    assert denied.key_id == "k1" and denied.claims == allowed.claims
 
 
 def test_an_unexpected_error_is_audited_as_internal(world, authority) -> None:
@@ -203,5 +270,8 @@ def test_an_unexpected_error_is_audited_as_internal(world, authority) -> None:
     keys.fail_with = RuntimeError("bug")
     with pytest.raises(RuntimeError):
         engine.release(_request(engine, authority), CALLER)
-    [event] = audit.events
-    assert (event.decision, event.reason) == (Decision.DENIED, "INTERNAL")
+    assert [(e.decision, e.reason) for e in audit.events] == [
+        (Decision.ALLOWED, "RELEASED"),
+        (Decision.DENIED, "INTERNAL"),
+    ]
+    assert audit.events[1].decision_id == "d1"
