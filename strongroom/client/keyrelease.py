@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -195,6 +196,12 @@ def _new_ephemeral_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=EPHEMERAL_KEY_BITS)
 
 
+def _yield_the_cpu() -> None:
+    """Gives the calling thread the lowest CPU priority (Linux niceness is per thread)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 class KeyReleaseClient:
     """Obtains data keys from the key broker by proving this server's TEE."""
 
@@ -221,16 +228,26 @@ class KeyReleaseClient:
         self._tls_public_key = tls_public_key
         self._mechanisms = tuple(mechanisms)
         self._timeout = timeout
-        # RSA-3072 key generation takes 0.1-0.3 s; the next ephemeral key is made in the background
-        # after each use so that a model load does not wait for it. Each key is used exactly once.
-        self._keygen = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ephemeral-rsa")
+        # RSA-3072 key generation takes 0.1-0.3 s of CPU; the next ephemeral key is made in the
+        # background after each use so that a model load does not wait for it. That thread runs at
+        # the lowest priority: it comes due right when a download starts, and on a busy machine it
+        # would take CPU from the download (cryptography releases the interpreter lock while it
+        # generates, so the priority is all that holds it back). A key not ready when needed is
+        # made at once on the caller's thread instead. Each key is used exactly once.
+        self._keygen = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="ephemeral-rsa", initializer=_yield_the_cpu
+        )
         self._next_key: Future[rsa.RSAPrivateKey] = self._keygen.submit(_new_ephemeral_key)
         self._key_lock = threading.Lock()
 
     def _take_key(self) -> rsa.RSAPrivateKey:
         with self._key_lock:
             future, self._next_key = self._next_key, self._keygen.submit(_new_ephemeral_key)
-        return future.result()
+        if future.done():
+            return future.result()
+        # Not ready: one now, at the caller's priority (a key already being made is dropped).
+        future.cancel()
+        return _new_ephemeral_key()
 
     @contextlib.contextmanager
     def _bound(self) -> Iterator[BoundChannel]:

@@ -9,11 +9,16 @@ pre-faulted on a thread as the secure pipeline does (``plain_grpc_prefaulted``: 
 memory trick is worth on its own), and loading the same file from local disk.
 The model is the demo classifier padded with an unused initializer to ``size_mb``.
 
-Everything runs in a child process started with inference's process environment
+The loading side runs in a child process started with inference's process environment
 (:data:`strongroom.runtime.process.SERVICE_ENV`, huge pages for malloc included), so the secure
-pipeline is measured as it ships and the baselines with the same allocator. Each run also records
-the process's CPU time (``cpu_s``, all threads: the in-process servers' too, so ``cpu_s / total``
-near 2 means both cores were busy) and kernel time (``sys_s``, mostly first touches of fresh
+pipeline is measured as it ships and the baselines with the same allocator. Every server runs in
+its own process, as in a deployment: the key broker and the model store as ``strongroom serve``
+runs them, each baseline's server from :mod:`tests.bench._stream_server`. Until 2026-12-05 they
+all shared the loader's process, where their Python work took the loader's interpreter lock: best
+secure load 1.37-1.42 s and bare mTLS stream + load 1.04-1.07 s there (three runs), against
+1.05-1.12 s and 0.77-0.80 s with every server outside (three runs). Both got faster; the ratio
+between them did not improve (1.31-1.35x inside, 1.33-1.41x outside). Each run also records the loading process's CPU time (``cpu_s``, all its threads;
+the servers' are not included) and kernel time (``sys_s``, mostly first touches of fresh
 memory). ``host_free_page_reporting``: on a VM whose balloon device reports free pages to the host
 (Linux ``page_reporting``), memory freed between runs is handed back and its next first touch
 costs a host fault; how much was reported during the run says how much of that noise it carried.
@@ -25,8 +30,7 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,7 @@ import grpc
 import onnxruntime as ort
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
-from strongroom.artifact import DEFAULT_DECRYPT_THREADS, StructureValidator
+from strongroom.artifact import DEFAULT_DECRYPT_THREADS
 from strongroom.artifact._memory import Prefaulter, output_bytes
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.keyrelease import KeyReleaseClient
@@ -47,41 +51,14 @@ from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
 from strongroom.modelstore.service import (
-    DEFAULT_DOWNLOAD_CHUNK,
     SERVICE_NAME,
-    ModelStoreServicer,
-    add_to_server,
 )
-from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.pki import WorkloadIdentity
-from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from strongroom.wire import bytes_field_view
+from tests.bench import _stream_server as stream_server
 from tests.bench._child import child_main, run_in_child
-from tests.modelstore.artifacts import artifact_header
 
-_SERVICE = "bench.PlainModel"
 _DATA_FIELD = store_pb.GetModelResponse.DESCRIPTOR.fields_by_name["data"].number
-
-
-def _serve_plain(
-    path: Path, credentials: grpc.ServerCredentials | None = None
-) -> tuple[grpc.Server, int]:
-    def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        with path.open("rb") as f:
-            while chunk := f.read(DEFAULT_DOWNLOAD_CHUNK):
-                yield chunk
-
-    handler = grpc.method_handlers_generic_handler(
-        _SERVICE, {"Get": grpc.unary_stream_rpc_method_handler(stream, lambda b: b, lambda b: b)}
-    )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers((handler,))
-    if credentials is None:
-        port = server.add_insecure_port("127.0.0.1:0")
-    else:
-        port = server.add_secure_port("127.0.0.1:0", credentials)
-    server.start()
-    return server, port
 
 
 def _plain_load(
@@ -96,7 +73,7 @@ def _plain_load(
         else client.channel(target, server_name="modelstore", options=options)
     )
     with channel as ch:
-        get = ch.unary_stream(f"/{_SERVICE}/Get", lambda b: b, lambda b: b)
+        get = ch.unary_stream(f"/{stream_server.SERVICE}/Get", lambda b: b, lambda b: b)
         # Received into one preallocated bytes object, as the secure path decrypts into one: the
         # same memory behaviour, minus the cryptography (the size is known from the store's
         # metadata in the real pipeline too).
@@ -116,34 +93,6 @@ def _plain_load(
     ModelRepository().load("m", "1", buf)
     t2 = time.perf_counter()
     return {"total": t2 - t0, "fetch": t1 - t0, "load": t2 - t1}
-
-
-def _serve_plain_store(path: Path, root: Path) -> tuple[grpc.Server, int, int]:
-    """The model store's own servicer, without TLS, holding the PLAINTEXT model.
-
-    The stored artifact is a real head followed by the plaintext file and zero filler up to the
-    length the head declares: structurally valid (the store is keyless), but readable in clear.
-    """
-    size = path.stat().st_size
-    storage = FilesystemStorage(root, max_artifact_size=size + (1 << 20))
-    header, follow = artifact_header("plain", "1", size)  # follow > size: tags, digest, footer
-
-    def chunks() -> Iterator[bytes]:
-        yield header
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                yield chunk
-        yield bytes(follow - size)
-
-    storage.put(chunks(), StructureValidator())
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2),
-        interceptors=[ErrorMappingInterceptor(), RequestDecodingInterceptor()],
-    )
-    add_to_server(ModelStoreServicer(storage), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port, len(header)
 
 
 def _plain_store_load(port: int, size: int, header_size: int) -> dict[str, float]:
@@ -233,8 +182,8 @@ def measure(
 ) -> None:
     """Measures cold start for a ``size_mb`` model, secure against plain, best and median of runs."""
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
-        stack.start_in_process("keybroker")
-        stack.start_in_process("modelstore")
+        stack.start_process("keybroker")
+        stack.start_process("modelstore")
         stack.create_release_key(stack.identity("admin"), "bench", policy_version="bench")
         model = train(Path(tmp) / "big.onnx", padding_bytes=size_mb << 20)
         publisher = stack.identity("publisher")
@@ -253,15 +202,21 @@ def measure(
             production=False,
             claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
         )
-        plain_server, port = _serve_plain(model.path)
+        plain_server = stream_server.start("plain", model.path)
         # The same bare stream over mTLS, with the stack's certificates: what TLS alone costs.
-        store_identity = WorkloadIdentity.enrol(
-            stack.start_ca().client(), stack.token("modelstore", dns=["modelstore"])
+        ca = stack.start_ca()
+        root_pem = Path(tmp) / "root.pem"
+        root_pem.write_bytes(ca.root_pem)
+        WorkloadIdentity.enrol(
+            ca.client(),
+            stack.token("modelstore", dns=["modelstore"]),
+            state_dir=Path(tmp) / "bare-mtls-identity",
+            auto_renew=False,
+        ).close()
+        mtls_server = stream_server.start(
+            "mtls", model.path, ca.url, root_pem, Path(tmp) / "bare-mtls-identity"
         )
-        mtls_server, mtls_port = _serve_plain(model.path, store_identity.server_credentials())
-        store_server, store_port, header_size = _serve_plain_store(
-            model.path, Path(tmp) / "plain-store"
-        )
+        store_server = stream_server.start("store", model.path, Path(tmp) / "plain-store")
         secure_runs: list[dict[str, float]] = []
         plain_runs: list[dict[str, float]] = []
         prefaulted_runs: list[dict[str, float]] = []
@@ -287,20 +242,23 @@ def measure(
 
                 secure_runs.append(_with_usage(secure_load))
                 del loader, secure_load
+                port = plain_server.port
                 plain_runs.append(_with_usage(partial(_plain_load, port, size)))
                 mtls_runs.append(
-                    _with_usage(partial(_plain_load, mtls_port, size, client=identity))
+                    _with_usage(partial(_plain_load, mtls_server.port, size, client=identity))
                 )
                 prefaulted_runs.append(_with_usage(partial(_plain_load, port, size, prefault=True)))
                 store_runs.append(
-                    _with_usage(partial(_plain_store_load, store_port, size, header_size))
+                    _with_usage(
+                        partial(
+                            _plain_store_load, store_server.port, size, store_server.header_size
+                        )
+                    )
                 )
                 disk_runs.append(_disk_load(model.path))
         finally:
-            plain_server.stop(None)
-            mtls_server.stop(None)
-            store_server.stop(None)
-            store_identity.close()
+            for server in (plain_server, mtls_server, store_server):
+                server.stop()
         secure = min(secure_runs, key=lambda r: r["total"])
         plain = min(plain_runs, key=lambda r: r["total"])
         results["model_mb"] = round(model.path.stat().st_size / 2**20, 1)

@@ -1,0 +1,58 @@
+"""The key-release client's ephemeral RSA keys: made ahead at the lowest CPU priority, each used
+once, and never waited for when the background one is not ready."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from strongroom.client.keyrelease import EPHEMERAL_KEY_BITS, KeyReleaseClient
+
+
+@pytest.fixture
+def client() -> Iterator[KeyReleaseClient]:
+    channel = grpc.insecure_channel("127.0.0.1:9")  # never called: no RPC in these tests
+    made = KeyReleaseClient(channel, attester=None, tls_public_key=lambda: b"")  # type: ignore[arg-type]
+    yield made
+    made._keygen.shutdown(wait=True, cancel_futures=True)
+    channel.close()
+
+
+def test_the_background_key_is_made_at_the_lowest_priority(client: KeyReleaseClient) -> None:
+    # It comes due as a download starts: on a busy machine it must not take the download's CPU.
+    niceness = client._keygen.submit(
+        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    ).result(30)
+    assert niceness == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # the caller's is kept
+
+
+def test_a_key_not_ready_is_made_at_once_on_the_callers_thread(client: KeyReleaseClient) -> None:
+    client._take_key()  # the one made at construction; the next one is being made
+    client._next_key.result(30)
+    held, release = threading.Event(), threading.Event()
+
+    # Occupy the background thread: the key queued by the next take waits behind this.
+    def occupy() -> None:
+        held.set()
+        release.wait(60)
+
+    blocker = client._keygen.submit(occupy)
+    assert held.wait(30)
+    try:
+        client._take_key()  # the ready one
+        queued = client._next_key
+        assert not queued.done()
+        key = client._take_key()  # returns without the background thread (still blocked)
+        assert key.key_size == EPHEMERAL_KEY_BITS
+        assert queued.cancelled()  # the queued one will not be made for nothing
+        assert not blocker.done()
+    finally:
+        release.set()
+    blocker.result(30)
+    distinct = {client._take_key().public_key().public_numbers().n for _ in range(3)}
+    assert len(distinct | {key.public_key().public_numbers().n}) == 4
