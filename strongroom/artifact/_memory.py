@@ -117,7 +117,7 @@ def wipe(buf: bytearray | memoryview) -> None:
 # -- pre-faulting a fresh output buffer ------------------------------------------------------------
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
-_PAGE = 4096
+_PAGE = 4096  # the base page size on x86-64 and most arm64 kernels; huge pages are multiples
 _MIN_PREFAULT = 2 << 20
 
 
@@ -133,6 +133,35 @@ def _madvise_api() -> Callable[[int, int, int], int] | None:
 
 
 _MADVISE = _madvise_api()
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def discard(view: memoryview) -> None:
+    """Zeroes a buffer made by :func:`output_bytes` or :func:`output_buffer` that is about to be
+    freed, without writing most of it.
+
+    Those buffers are malloc's, that is private anonymous memory: after ``MADV_DONTNEED`` their
+    whole pages read as zeros (the kernel drops them and maps zero pages on the next touch), so
+    only the partial pages at either end are overwritten. For a 512 MiB model that is a few
+    milliseconds instead of the ~50 ms of writing zeros over it, on the model load's critical path.
+    Not for other buffers: a file-backed mapping would read back its file. Falls back to
+    :func:`wipe` when ``madvise`` is unavailable or refuses.
+    """
+    size = view.nbytes
+    start = buffer_address(view) if size else 0
+    first = -(-start // _PAGE) * _PAGE  # the first page boundary at or after the start
+    last = (start + size) // _PAGE * _PAGE  # the last page boundary at or before the end
+    if _MADVISE is None or last - first < _PAGE:
+        wipe(view)
+        return
+    if _MADVISE(first, last - first, _MADV_DONTNEED) != 0:
+        _log.warning("madvise(MADV_DONTNEED) failed (errno %d): wiping instead", ctypes.get_errno())
+        wipe(view)
+        return
+    wipe(view[: first - start])
+    wipe(view[last - start :])
 
 
 def buffer_address(view: memoryview) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from strongroom.artifact import c2sp
-from strongroom.artifact._memory import Prefaulter, output_buffer, output_bytes, wipe
+from strongroom.artifact._memory import Prefaulter, discard, output_buffer, output_bytes, wipe
 from strongroom.artifact.errors import ArtifactTooLarge, DecryptionFailed, InvalidArtifact
 from strongroom.artifact.format import (
     DEK_SIZE,
@@ -621,6 +621,6 @@ class BufferedStreamDecryptor(_ArtifactStream):
         """Overwrites the plaintext returned by :meth:`finish` (``as_bytes`` mode) with zeros."""
         if self._kept is not None:
             _obj, view = self._kept
-            wipe(view)
+            discard(view)  # its own output_bytes buffer, about to be freed
             view.release()
             self._kept = None

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from strongroom.artifact import BufferedStreamDecryptor, DecryptionFailed
-from strongroom.artifact._memory import output_bytes
+from strongroom.artifact._memory import discard, output_bytes
 
 CHUNK = 16384
 
@@ -49,3 +49,29 @@ def test_as_bytes_failure_releases_nothing(
     with pytest.raises(DecryptionFailed):
         feed_all(decryptor, bytes(tampered), piece=CHUNK)
         decryptor.finish()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.parametrize("size", [1, 4095, 4096, 3 * 4096 + 17, 8 << 20])
+@pytest.mark.parametrize("skip", [0, 1, 4093])
+def test_discard_zeroes_every_byte(size: int, skip: int) -> None:
+    obj, view = output_bytes(size + skip)
+    view[:] = b"\x5a" * (size + skip)
+    discard(view[skip:])  # views that start and end anywhere in a page
+    assert obj[:skip] == b"\x5a" * skip
+    assert obj[skip:] == bytes(size)
+
+
+def test_discard_hands_the_pages_back_instead_of_writing_them() -> None:
+    size = 64 << 20
+    obj, view = output_bytes(size)
+    view[:] = b"\x5a" * size  # every page resident
+    before = _rss_bytes()
+    discard(view)
+    # Writing zeros would keep every page resident; dropped pages leave the process.
+    assert before - _rss_bytes() > size // 2
+    assert obj.count(0) == size
