@@ -494,14 +494,19 @@ class KeyManager:
         known = self._hsm.oaep_hashes
         announced = negotiate(target.mechanisms, known) if known else None
         # A version that does not exist or is disabled is refused now, before the caller's
-        # decision is recorded (the operation checks again, in the HSM).
-        versions = self._fresh_versions(key_id) or self._call(
-            key_id,
-            lambda hs: self._cached_versions(hs, key_id),
-            timeout,
-            "key lookup",
-            creates_objects=False,
-        )
+        # decision is recorded (the operation checks again, in the HSM). Without a fresh cache
+        # entry the lookup runs now, and the operation reuses it if its session is the same.
+        looked: tuple[int, list[_kek.KekVersion]] | None = None
+        versions = self._fresh_versions(key_id)
+        if versions is None:
+            looked = self._call(
+                key_id,
+                lambda hs: (hs.serial, self._cached_versions(hs, key_id)),
+                timeout,
+                "key lookup",
+                creates_objects=False,
+            )
+            versions = looked[1]
         _require_enabled(_pick(key_id, versions, version))
 
         def op(hs: HsmSession) -> ReleasedKey:
@@ -512,8 +517,9 @@ class KeyManager:
                     "the HSM's OAEP hashes changed while the release was queued",
                     reason=Reason.HSM_UNAVAILABLE,
                 )
+            reuse = looked[1] if looked is not None and looked[0] == hs.serial else None
             try:
-                return attempt(hs, choice, self._cached_versions(hs, key_id))
+                return attempt(hs, choice, reuse or self._cached_versions(hs, key_id))
             except p11x.PKCS11Error as exc:
                 if not errs.is_stale_handle(exc):
                     raise

@@ -279,3 +279,30 @@ def test_cached_lookups_still_see_a_disable_on_another_replica(
     fresh = KeyManager(km.hsm, lookup_cache_ttl=0)
     out, _ = fresh.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
     assert tee_key.decrypt(out, OAEP_SHA1) == model_key.dek
+
+
+@pytest.mark.parametrize("ttl", [0.0, 60.0])
+def test_a_release_looks_its_key_up_once(
+    km: KeyManager,
+    model_key: DataKey,
+    tee_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    ttl: float,
+) -> None:
+    """The version check before the decision is recorded and the re-wrap share one lookup, with
+    the lookup cache (a miss, then hits) and without it."""
+    manager = KeyManager(km.hsm, lookup_cache_ttl=ttl)
+    lookups: list[str] = []
+    original = manager._versions
+
+    def counted(hs: Any, key_id: str) -> Any:
+        lookups.append(key_id)
+        return original(hs, key_id)
+
+    monkeypatch.setattr(manager, "_versions", counted)
+    for _ in range(3):
+        out, _ = manager.release_to_ephemeral(
+            "model", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA1]
+        )
+        assert tee_key.decrypt(out, OAEP_SHA1) == model_key.dek
+    assert lookups == ["model"] * (3 if ttl == 0 else 1)
