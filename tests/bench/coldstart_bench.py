@@ -19,11 +19,12 @@ runs them, each baseline's server from :mod:`tests.bench._stream_server`. Until 
 all shared the loader's process, where their Python work took the loader's interpreter lock: best
 secure load 1.37-1.42 s and bare mTLS stream + load 1.04-1.07 s there (three runs), against
 1.05-1.12 s and 0.77-0.80 s with every server outside (three runs). Both got faster; the ratio
-between them did not improve (1.31-1.35x inside, 1.33-1.41x outside). Each run also records the loading process's CPU time (``cpu_s``, all its threads;
-the servers' are not included) and kernel time (``sys_s``, mostly first touches of fresh
-memory). ``host_free_page_reporting``: on a VM whose balloon device reports free pages to the host
-(Linux ``page_reporting``), memory freed between runs is handed back and its next first touch
-costs a host fault; how much was reported during the run says how much of that noise it carried.
+between them did not improve (1.31-1.35x inside, 1.33-1.41x outside). Each run also records the
+loading process's CPU time (``cpu_s``, all its threads; the servers' are not included) and kernel
+time (``sys_s``, mostly first touches of fresh memory). ``host_free_page_reporting``: on a VM
+whose balloon device reports free pages to the host (Linux ``page_reporting``), memory freed
+between runs is handed back and its next first touch costs a host fault; how much was reported
+during the run says how much of that noise it carried.
 """
 
 from __future__ import annotations
@@ -52,9 +53,7 @@ from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
-from strongroom.modelstore.service import (
-    SERVICE_NAME,
-)
+from strongroom.modelstore.service import SERVICE_NAME
 from strongroom.pki import WorkloadIdentity
 from strongroom.wire import bytes_field_view
 from tests.bench import _stream_server as stream_server
