@@ -7,7 +7,10 @@ of the record without ``hash``. ``sig`` (records of version 2) is the broker's E
 ``"strongroom-audit-record-sig-v1\\n"`` + the canonical JSON of the record without ``hash`` and
 ``sig``: it is how the broker recognises a record as one it wrote itself (see crash repair below).
 Editing, reordering, inserting or deleting a record breaks the chain, and a line that is not
-byte-for-byte canonical counts as edited.
+byte-for-byte canonical counts as edited. A decision has one record, with one exception: a key
+release whose HSM re-wrap fails after its ``ALLOWED`` record was committed (see
+:mod:`strongroom.keybroker.release`) gets a second, ``DENIED`` record with the same
+``decision_id``; a decision's last record is its outcome.
 
 **The anchor.** A chain cannot show that records were cut off its end, so every commit also
 updates ``<log>.head``: ``{count, last_hash, time}`` signed with an Ed25519 key the broker holds,
