@@ -175,7 +175,7 @@ def release(say: Narrator, stack: DevStack, client: Any, root: Path) -> Any:
     )
     say.check(f"decision {record['decision_id']} is in the hash-chained audit log")
     say.check(
-        "artifact decrypted into memory on both cores and loaded into ONNX Runtime from bytes; key and buffers wiped"
+        "artifact decrypted into memory as it arrived and loaded into ONNX Runtime from bytes; key and buffers wiped"
     )
     return oip
 

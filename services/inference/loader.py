@@ -1,11 +1,13 @@
 """Loading a model inside the confidential VM: fetch, attest, release, decrypt in memory, serve.
 
-The artifact streams from the model store into a decryptor that works on both cores as the data
-arrives (:func:`strongroom.artifact.decrypt_download`). As soon as the header is in, the data key
-is obtained from the key broker by attested release (:mod:`strongroom.client.keyrelease`) on
-another thread while the download goes on, and the plaintext buffer is faulted in meanwhile. The
-plaintext exists only in one in-memory buffer that ONNX Runtime loads from and that is then
-overwritten. A failure at any step leaves the model NOT ready, with the reason recorded for
+The artifact streams from the model store into a decryptor that decrypts each piece on the
+receiving thread as it arrives (:func:`strongroom.artifact.decrypt_download`; ``decrypt_threads``
+adds workers, which AES-GCM's hold on the interpreter lock makes slower here). As soon as the
+header is in, the data key is obtained from the key broker by attested release
+(:mod:`strongroom.client.keyrelease`) on another thread while the download goes on, and the
+plaintext buffer is faulted in meanwhile. The plaintext exists only in one in-memory buffer that
+ONNX Runtime loads from and that is then discarded (its pages handed back to the kernel, which
+reads them as zeros). A failure at any step leaves the model NOT ready, with the reason recorded for
 ModelReady/metadata and the logs.
 
 **How peers' failures reach the caller.** The reason is the peer's own, read from its
