@@ -229,7 +229,7 @@ class ModelLoader:
             return self._release_key(header.key_id, header.key_version, header.wrapped_dek)
 
         # The plaintext lives only in the artifact's buffer, which ONNX Runtime loads from (bytes,
-        # no copy) and which is overwritten on leaving this block.
+        # no copy) and which reads as zeros once this block is left (its pages are dropped).
         with decrypt_download(
             self._download(name, version),
             release,
