@@ -28,6 +28,9 @@ first: ``bare_syncs_p50_ms.with_head_*`` times that pair without the audit (the 
 512-byte head slot overwritten in place + fdatasync), and
 ``ratio_release_p50_to_unavoidable_parts_with_head_sync`` puts it in place of the single fsync.
 
+``overlap_ab_1_caller``: a lone caller's p50 with the re-wrap overlapping the audit's syncs (as
+shipped) and done before the audit (as before), alternated in this run.
+
 ``audit_16_callers``: with 16 callers the audit commits concurrent releases together (group
 commit); the batch sizes it formed (mean, p50, max over the commits of that phase) and the audit's
 p50 and share of the broker's time per release in that phase; ``ab_releases_per_s`` the releases/s
@@ -238,6 +241,35 @@ def _audit_at_16(timings: list[dict[str, float]], batches: dict[int, int]) -> di
     }
 
 
+def _overlap_ab(engine: Any, caller: _Caller, releases: int) -> dict[str, Any]:
+    """A lone caller's release p50 with the HSM re-wrap overlapping the audit's syncs (as shipped)
+    and with it done before the audit (as before 2026-12-05: the engine's pending re-wrap is
+    waited for as soon as it is made), alternated in this run; the best round of each."""
+    begin = engine._keys.begin_release
+
+    def sequential(*args: Any, **kwargs: Any) -> Any:
+        pending = begin(*args, **kwargs)
+        pending.result()  # done now; the audit's hook then starts nothing
+        return pending
+
+    rounds: dict[str, list[float]] = {"overlapped": [], "sequential": []}
+    per_round = max(releases // 4, 50)
+    try:
+        for _ in range(3):
+            for label in ("sequential", "overlapped"):
+                engine._keys.begin_release = sequential if label == "sequential" else begin
+                p50 = _run_callers([caller], per_round)["p50_ms"]
+                rounds[label].append(p50)
+    finally:
+        engine._keys.begin_release = begin
+    best = {label: min(values) for label, values in rounds.items()}
+    return {
+        "p50_ms": best,
+        "rounds_p50_ms": rounds,
+        "ratio_sequential_over_overlapped": round(best["sequential"] / best["overlapped"], 3),
+    }
+
+
 def run(results: dict[str, Any], *, releases: int = 400) -> None:
     """Measures releases in a child process with the key broker's process environment."""
     results.update(run_in_child(__name__, "keybroker", {"releases": releases}))
@@ -314,6 +346,8 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
                 max(ab["group_commit"]) / max(ab["per_record_commit"]), 2
             ),
         }
+
+        results["overlap_ab_1_caller"] = _overlap_ab(engine, single[0], releases)
 
         # Baseline: a bare unary RPC over the same mTLS port and channel kind.
         health = health_pb2_grpc.HealthStub(stack.channel(identity, "keybroker"))
