@@ -29,7 +29,8 @@ first: ``bare_syncs_p50_ms.with_head_*`` times that pair without the audit (the 
 ``ratio_release_p50_to_unavoidable_parts_with_head_sync`` puts it in place of the single fsync.
 
 ``overlap_ab_1_caller``: a lone caller's p50 with the re-wrap overlapping the audit's syncs (as
-shipped) and done before the audit (as before), alternated in this run.
+shipped) and done before the audit (as before), alternated in this run; and the same with 2 ms
+added to every HSM operation, standing for a network HSM.
 
 ``audit_16_callers``: with 16 callers the audit commits concurrent releases together (group
 commit); the batch sizes it formed (mean, p50, max over the commits of that phase) and the audit's
@@ -241,27 +242,43 @@ def _audit_at_16(timings: list[dict[str, float]], batches: dict[int, int]) -> di
     }
 
 
-def _overlap_ab(engine: Any, caller: _Caller, releases: int) -> dict[str, Any]:
+def _overlap_ab(
+    engine: Any, caller: _Caller, releases: int, *, hsm_delay_ms: float = 0.0
+) -> dict[str, Any]:
     """A lone caller's release p50 with the HSM re-wrap overlapping the audit's syncs (as shipped)
     and with it done before the audit (as before 2026-12-05: the engine's pending re-wrap is
-    waited for as soon as it is made), alternated in this run; the best round of each."""
-    begin = engine._keys.begin_release
+    waited for as soon as it is made), alternated in this run; the best round of each.
+
+    ``hsm_delay_ms`` adds that much latency to every HSM operation (a sleep on the HSM's worker
+    before it runs, holding no lock): SoftHSM2 answers in half a millisecond, a network HSM in a
+    few, and the overlap's worth depends on it."""
+    keys = engine._keys
+    begin, submit = keys.begin_release, keys._hsm.submit
 
     def sequential(*args: Any, **kwargs: Any) -> Any:
         pending = begin(*args, **kwargs)
         pending.result()  # done now; the audit's hook then starts nothing
         return pending
 
+    def slower(op: Callable[[Any], Any], **kwargs: Any) -> Any:
+        def delayed(hs: Any) -> Any:
+            time.sleep(hsm_delay_ms / 1000)
+            return op(hs)
+
+        return submit(delayed, **kwargs)
+
     rounds: dict[str, list[float]] = {"overlapped": [], "sequential": []}
     per_round = max(releases // 4, 50)
     try:
+        if hsm_delay_ms:
+            keys._hsm.submit = slower
         for _ in range(3):
             for label in ("sequential", "overlapped"):
-                engine._keys.begin_release = sequential if label == "sequential" else begin
-                p50 = _run_callers([caller], per_round)["p50_ms"]
-                rounds[label].append(p50)
+                keys.begin_release = sequential if label == "sequential" else begin
+                rounds[label].append(_run_callers([caller], per_round)["p50_ms"])
     finally:
-        engine._keys.begin_release = begin
+        keys.begin_release = begin
+        keys._hsm.submit = submit
     best = {label: min(values) for label, values in rounds.items()}
     return {
         "p50_ms": best,
@@ -347,7 +364,9 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
             ),
         }
 
-        results["overlap_ab_1_caller"] = _overlap_ab(engine, single[0], releases)
+        results["overlap_ab_1_caller"] = _overlap_ab(engine, single[0], releases) | {
+            "with_2ms_more_hsm_latency": _overlap_ab(engine, single[0], releases, hsm_delay_ms=2)
+        }
 
         # Baseline: a bare unary RPC over the same mTLS port and channel kind.
         health = health_pb2_grpc.HealthStub(stack.channel(identity, "keybroker"))
