@@ -5,10 +5,12 @@ allowed release whose audit record cannot be made durable is refused: the wrappe
 The data key itself never leaves the HSM in plaintext: the HSM unwraps it with the KEK and wraps it
 to the ephemeral RSA key the attestation report binds.
 
-Once the evidence and the policy allow a release, the HSM's re-wrap and the audit's durable commit
-of the ``ALLOWED`` record run at the same time (the HSM on its worker thread, the commit on the
-caller's), and the caller is answered when both are done. Nothing is wrapped before the decision,
-and nothing is sent before its record is durable. Should the re-wrap fail after the ``ALLOWED``
+Once the evidence and the policy allow a release, what can still be refused before the HSM runs is
+checked (an acceptable OAEP hash, the key version exists and is enabled), and the HSM's re-wrap
+starts when the audit has placed the ``ALLOWED`` record in its batch: it runs on the HSM's worker
+thread while the record and the signed head are written and synced, and the caller is answered
+when both are done. Nothing is wrapped before the decision, and nothing is sent before its record
+is durable. Should the re-wrap fail after the ``ALLOWED``
 record became durable, a ``DENIED`` record with the HSM's reason follows it under the same
 ``decision_id``: the last record of a decision is its outcome. (If that second record cannot be
 written either, the log says more was released than was: the safe direction.)
