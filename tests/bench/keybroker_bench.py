@@ -18,10 +18,10 @@ server-side time.
 this run: two bare mTLS RPCs, one bare ECDSA P-384 verify (the SNP report signature), one HSM
 re-wrap alone (the broker's own key manager called directly, nothing else running: inside a
 release it overlaps the audit commit and takes longer), and one write of a record's size + fsync
-in the broker's audit directory (the audit's durable append; the release p50 is taken with one caller, whose commits are batches
-of one, so its share is a whole one), timed right after a release each as the audit's is: on this
-VM's disk a flush that follows milliseconds of other work takes longer than one in a tight loop
-(both are in ``bare_syncs_p50_ms``). ``ratio_release_p50_to_unavoidable_parts`` is the release p50
+in the broker's audit directory (the audit's durable append; the release p50 is taken with one
+caller, whose commits are batches of one, so its share is a whole one), timed right after a
+release each as the audit's is: on this VM's disk a flush that follows milliseconds of other work
+takes longer than one in a tight loop (both are in ``bare_syncs_p50_ms``). ``ratio_release_p50_to_unavoidable_parts`` is the release p50
 over their sum. The audit's documented guarantee (a caller hears of its release only once its
 record is durable *and* covered by a durable signed head) needs a second sync ordered after the
 first: ``bare_syncs_p50_ms.with_head_*`` times that pair without the audit (the append, then a
@@ -191,9 +191,9 @@ class _BareSyncs:
     """The audit's durable writes without the audit, in the broker's own directory: one append of
     ``record_bytes`` (the mean size of the broker's records in this run: a 2.5 KB record straddles
     two pages more often than not, and its fsync costs more than a 1.4 KB one's) + fsync
-    (:meth:`append`), and that followed by a 512-byte head slot
-    overwritten in place + fdatasync, alternating between two slots as ``audit_head`` does
-    (:meth:`commit`: the pair a commit needs for its signed head)."""
+    (:meth:`append`), and that followed by a 512-byte head slot overwritten in place + fdatasync,
+    alternating between two slots as ``audit_head`` does (:meth:`commit`: the pair a commit needs
+    for its signed head)."""
 
     def __init__(self, directory: Path, record_bytes: int) -> None:
         self._log = os.open(directory / "floor-log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
