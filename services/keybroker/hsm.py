@@ -253,7 +253,7 @@ class HsmSession:
 @dataclass
 class _Job:
     op: Callable[[HsmSession], Any]
-    future: concurrent.futures.Future[Any]
+    call: HsmCall[Any]
     deadline: float
     name: str
     creates_objects: bool = True  # counts toward ``recycle_after_operations``
@@ -357,10 +357,20 @@ class HsmCall(Generic[T]):
         self._future: concurrent.futures.Future[T] = concurrent.futures.Future()
         #: ``time.perf_counter()`` when the worker finished the operation (None until then).
         self.finished_at: float | None = None
-        self._future.add_done_callback(self._finished)
 
-    def _finished(self, _: object) -> None:
+    # The worker's side. (Not a done-callback on the future: the bound method would make
+    # call -> future -> callback -> call a reference cycle, one per release, left to the
+    # garbage collector.)
+
+    def _begin(self) -> bool:
+        return self._future.set_running_or_notify_cancel()
+
+    def _set(self, result: T | None, error: BaseException | None = None) -> None:
         self.finished_at = time.perf_counter()
+        if error is not None:
+            self._future.set_exception(error)
+        else:
+            self._future.set_result(result)  # type: ignore[arg-type]
 
     def result(self) -> T:
         """Waits until the operation's deadline for its result; raises as :meth:`Hsm.call`."""
@@ -494,7 +504,7 @@ class Hsm(Closing):
             raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED)
         deadline = time.monotonic() + limit
         call: HsmCall[T] = HsmCall(name, limit, deadline)
-        self._queue.put(_Job(op, call._future, deadline, name, creates_objects))
+        self._queue.put(_Job(op, call, deadline, name, creates_objects))
         return call
 
     def check_health(self, *, timeout: float | None = None) -> None:
@@ -525,14 +535,14 @@ class Hsm(Closing):
             job = self._queue.get()
             if job is None:
                 break
-            if not job.future.set_running_or_notify_cancel():
+            if not job.call._begin():
                 continue
             try:
                 result = self._run(job)
             except BaseException as exc:
-                job.future.set_exception(exc)
+                job.call._set(None, exc)
             else:
-                job.future.set_result(result)
+                job.call._set(result)
         self._teardown()
         while True:  # jobs queued while closing: their callers get HSM_CLOSED, not a timeout
             try:
@@ -540,7 +550,7 @@ class Hsm(Closing):
             except queue.Empty:
                 break
             if leftover is not None:
-                leftover.future.cancel()
+                leftover.call._future.cancel()
 
     def _run(self, job: _Job) -> Any:
         if time.monotonic() >= job.deadline:
