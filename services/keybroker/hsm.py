@@ -61,6 +61,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import queue
@@ -365,12 +366,19 @@ class HsmCall(Generic[T]):
     def _begin(self) -> bool:
         return self._future.set_running_or_notify_cancel()
 
-    def _set(self, result: T | None, error: BaseException | None = None) -> None:
-        self.finished_at = time.perf_counter()
-        if error is not None:
-            self._future.set_exception(error)
+    def _complete(self, produce: Callable[[], T]) -> None:
+        """Runs ``produce`` and hands its result, or what it raised, to the waiting caller."""
+        try:
+            result = produce()
+        except BaseException as exc:
+            self.finished_at = time.perf_counter()
+            self._future.set_exception(exc)
         else:
-            self._future.set_result(result)  # type: ignore[arg-type]
+            self.finished_at = time.perf_counter()
+            self._future.set_result(result)
+
+    def _cancel(self) -> None:
+        self._future.cancel()
 
     def result(self) -> T:
         """Waits until the operation's deadline for its result; raises as :meth:`Hsm.call`."""
@@ -535,14 +543,8 @@ class Hsm(Closing):
             job = self._queue.get()
             if job is None:
                 break
-            if not job.call._begin():
-                continue
-            try:
-                result = self._run(job)
-            except BaseException as exc:
-                job.call._set(None, exc)
-            else:
-                job.call._set(result)
+            if job.call._begin():
+                job.call._complete(functools.partial(self._run, job))
         self._teardown()
         while True:  # jobs queued while closing: their callers get HSM_CLOSED, not a timeout
             try:
@@ -550,7 +552,7 @@ class Hsm(Closing):
             except queue.Empty:
                 break
             if leftover is not None:
-                leftover.call._future.cancel()
+                leftover.call._cancel()
 
     def _run(self, job: _Job) -> Any:
         if time.monotonic() >= job.deadline:
