@@ -151,8 +151,9 @@ def discard(view: memoryview) -> None:
     """
     size = view.nbytes
     start = buffer_address(view) if size else 0
-    first = -(-start // _PAGE) * _PAGE  # the first page boundary at or after the start
-    last = (start + size) // _PAGE * _PAGE  # the last page boundary at or before the end
+    # Whole pages inside the buffer (the Prefaulter rounds the other way, to the pages around it).
+    first = (start + _PAGE - 1) & ~(_PAGE - 1)
+    last = (start + size) & ~(_PAGE - 1)
     if _MADVISE is None or last - first < _PAGE:
         wipe(view)
         return
@@ -183,9 +184,10 @@ class Prefaulter:
     pages a slice at a time with ``MADV_POPULATE_WRITE`` (one system call per slice, no trap per
     page: ≈ 0.2-0.27 s of CPU per 512 MiB here) while the key release and the download are still
     under way. It changes only the mapping, never the contents, so the writers may overtake it: a
-    page they reach first is faulted in the ordinary way. (Transparent huge pages were tried and
-    left out: with ``defrag=madvise`` a huge-page fault may compact memory synchronously, which
-    cost more than it saved here whenever free 2 MiB frames were scarce.)
+    page they reach first is faulted in the ordinary way. (It asks for no huge pages itself; in
+    the inference service malloc already does, ``glibc.malloc.hugetlb=1``. An earlier landing
+    blamed slow huge-page faults here on synchronous compaction; the cause was this VM's free page
+    reporting, see the README's "Performance".)
 
     It never runs further than :meth:`allow` lets it (the caller paces it by the bytes actually
     received), so a header that merely *claims* a huge size commits no memory beyond what arrived.

@@ -13,7 +13,7 @@ header (attested key release). As soon as the header is in:
 and from then on every batch of chunks is decrypted as it arrives (by the receiving thread by
 default, or on ``threads`` workers: see :class:`~strongroom.artifact.BufferedStreamDecryptor`). The
 plaintext exists only in that one buffer; the result hands it out as ``bytes`` (what ONNX Runtime
-takes) and overwrites it when closed. Every failure — of the download, of the key release, of
+takes) and zeroes it when closed. Every failure — of the download, of the key release, of
 authentication — wipes what was written, drops the key, and raises the first error.
 
 The library knows nothing of gRPC: the caller maps its transport's errors (in ``pieces`` and in
@@ -79,7 +79,7 @@ class DecryptedArtifact(Closing, Generic[K]):
         return f"DecryptedArtifact({self.header!r}, timings={self.timings!r})"
 
     def close(self) -> None:
-        """Overwrites the plaintext in place; the object must not be used afterwards."""
+        """Zeroes the plaintext in place; the object must not be used afterwards."""
         self._decryptor.wipe_output()
         self.plaintext = b""
 

@@ -618,7 +618,8 @@ class BufferedStreamDecryptor(_ArtifactStream):
         return out
 
     def wipe_output(self) -> None:
-        """Overwrites the plaintext returned by :meth:`finish` (``as_bytes`` mode) with zeros."""
+        """Zeroes the plaintext returned by :meth:`finish` (``as_bytes`` mode): its whole pages are
+        dropped (they read as zeros), the partial ones at its ends overwritten (``discard``)."""
         if self._kept is not None:
             _obj, view = self._kept
             discard(view)  # its own output_bytes buffer, about to be freed

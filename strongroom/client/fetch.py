@@ -5,7 +5,7 @@ For serving code that runs inside the confidential VM but is not Strongroom's ON
 service does before it hands bytes to ONNX Runtime, and returns the decrypted parts as read-only
 memory buffers. Plaintext is never written to disk: each part's ciphertext streams from the model
 store straight into a decryptor that writes into the part's own in-memory buffer (several parts
-are fetched and decrypted in parallel), and :meth:`DecryptedModel.close` overwrites every buffer.
+are fetched and decrypted in parallel), and :meth:`DecryptedModel.close` zeroes every buffer.
 
 Example (inside the VM, with the workload's identity and its TEE)::
 
@@ -19,7 +19,7 @@ Example (inside the VM, with the workload's identity and its TEE)::
     with ModelFetcher(store_channel, release).fetch("acme/llm", "3") as model:
         for part in model.parts:                     # in manifest order
             weights = safetensors.numpy.load(part.as_bytes())   # copies into numpy arrays
-    # here every decrypted buffer has been overwritten with zeros
+    # here every decrypted buffer reads as zeros
 
 A model published as one artifact comes back as one part (named after the last segment of the
 model name); a multi-part model (:mod:`strongroom.artifact.manifest`) comes back with its parts in
@@ -143,8 +143,8 @@ class DecryptedPart:
     """One decrypted part in memory: ``view`` is a read-only buffer, valid until the model closes.
 
     ``as_bytes()`` returns the same memory as a ``bytes`` object (no copy) for APIs that want
-    ``bytes`` (``safetensors.numpy.load``, ``onnxruntime.InferenceSession``); it too is overwritten
-    with zeros when the model is closed, so copy what must outlive it.
+    ``bytes`` (``safetensors.numpy.load``, ``onnxruntime.InferenceSession``); it too reads as
+    zeros once the model is closed, so copy what must outlive it.
     """
 
     def __init__(self, index: int, name: str, content_type: str, obj: bytes) -> None:
@@ -216,7 +216,7 @@ class DecryptedModel(Closing):
         raise NotFound(f"the model has no part {name[:255]!r}", reason=Reason.PART_NOT_FOUND)
 
     def close(self) -> None:
-        """Overwrites every decrypted buffer with zeros; the parts are unusable afterwards."""
+        """Zeroes every decrypted buffer; the parts are unusable afterwards."""
         for part in self.parts:
             part._release()
         for decryptor in self._decryptors:
