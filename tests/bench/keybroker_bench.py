@@ -242,6 +242,19 @@ def _audit_at_16(timings: list[dict[str, float]], batches: dict[int, int]) -> di
     }
 
 
+def _alternated(
+    variants: dict[str, Callable[[], None]], run: Callable[[], dict[str, Any]], rounds: int
+) -> dict[str, list[dict[str, Any]]]:
+    """``run()``'s figures for each variant, ``rounds`` times, the variants alternated within each
+    round (each variant's callable switches the broker to it first)."""
+    figures: dict[str, list[dict[str, Any]]] = {label: [] for label in variants}
+    for _ in range(rounds):
+        for label, switch in variants.items():
+            switch()
+            figures[label].append(run())
+    return figures
+
+
 def _overlap_ab(
     engine: Any, callers: list[_Caller], per_caller: int, *, hsm_delay_ms: float = 0.0
 ) -> dict[str, Any]:
@@ -267,14 +280,17 @@ def _overlap_ab(
 
         return submit(delayed, **kwargs)
 
-    rounds: dict[str, list[dict[str, Any]]] = {"overlapped": [], "sequential": []}
+    def use(variant: Callable[..., Any]) -> Callable[[], None]:
+        return lambda: setattr(keys, "begin_release", variant)
+
     try:
         if hsm_delay_ms:
             keys._hsm.submit = slower
-        for _ in range(3):
-            for label in ("sequential", "overlapped"):
-                keys.begin_release = sequential if label == "sequential" else begin
-                rounds[label].append(_run_callers(callers, per_caller))
+        rounds = _alternated(
+            {"sequential": use(sequential), "overlapped": use(begin)},
+            lambda: _run_callers(callers, per_caller),
+            3,
+        )
     finally:
         keys.begin_release = begin
         keys._hsm.submit = submit
@@ -350,14 +366,20 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
         )
         # A/B in the same run: the same 16 callers with the audit committing one record at a time
         # (as before group commit), alternated with group commit; best round of each.
-        ab: dict[str, list[float]] = {"group_commit": [], "per_record_commit": []}
         ab_callers = callers(16)
-        for _ in range(2):
-            for label, max_batch in (("per_record_commit", 1), ("group_commit", MAX_BATCH_RECORDS)):
-                audit_log._max_batch = max_batch  # bench-only switch (AuditLog.open's max_batch)
-                ab[label].append(
-                    _run_callers(ab_callers, max(releases // 16, 20))["releases_per_s"]
-                )
+
+        def max_batch(size: int) -> Callable[[], None]:
+            # Bench-only switch (AuditLog.open's max_batch).
+            return lambda: setattr(audit_log, "_max_batch", size)
+
+        ab = {
+            label: [r["releases_per_s"] for r in runs]
+            for label, runs in _alternated(
+                {"per_record_commit": max_batch(1), "group_commit": max_batch(MAX_BATCH_RECORDS)},
+                lambda: _run_callers(ab_callers, max(releases // 16, 20)),
+                2,
+            ).items()
+        }
         audit_log._max_batch = MAX_BATCH_RECORDS
         sixteen_audit["ab_releases_per_s"] = {label: max(rates) for label, rates in ab.items()} | {
             "rounds": ab,
