@@ -286,3 +286,23 @@ def test_a_started_release_is_the_one_result_returns(
     plain = tee_key.decrypt(out, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
     assert plain == dek
     assert session_objects(hsm) == 0
+
+
+def test_a_release_never_uses_another_hash_than_it_announced(
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
+) -> None:
+    """The audit record names the announced OAEP hash before the re-wrap runs; should the token's
+    hashes change in between (a reconnect probing again), the re-wrap fails instead of using
+    another one, and says so."""
+    km.create_key("announced")
+    _, wrapped, version = km.generate_data_key("announced")
+    accepted = [OaepHash.SHA256, OaepHash.SHA1]
+    pending = km.begin_release("announced", version, wrapped, spki(tee_key), accepted)
+    assert pending.mechanism is OaepHash.SHA1  # SoftHSM2 offers SHA-1 only
+    hsm._oaep_hashes = (OaepHash.SHA256, OaepHash.SHA1)  # as if a reconnect probed otherwise
+    with pytest.raises(Unavailable) as info:
+        pending.result()
+    assert not isinstance(info.value, HsmUnavailable)  # the connection is fine: nothing dropped
+    assert info.value.reason == "HSM_UNAVAILABLE"
+    assert "changed while the release was queued" in info.value.message
+    assert hsm.status().connected
