@@ -36,6 +36,12 @@ to every HSM operation (standing for a network HSM), and 16 callers.
 commit); the batch sizes it formed (mean, p50, max over the commits of that phase) and the audit's
 p50 and share of the broker's time per release in that phase; ``ab_releases_per_s`` the releases/s
 of 16 callers with group commit and with one audit commit per record, alternated in this run.
+
+``cpu_us_by_thread_16_callers``: the CPU per release of the benchmark process's threads during the
+16-caller phase, by what they do (the broker's request handlers, its HSM worker, gRPC's Python
+server loop, gRPC's C core, which serves the callers' ends too here), and the same per bare RPC
+from 16 callers: where a release's CPU goes beyond two RPCs. The callers' own threads are not
+counted. ``releasecpu`` measures the broker's CPU in its own process against its parts' CPU.
 """
 
 from __future__ import annotations
@@ -218,6 +224,50 @@ class _BareSyncs:
         os.close(self._head)
 
 
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _thread_group(name: str) -> str:
+    if name.startswith("rpc_"):
+        return "request_handlers"
+    if name.startswith("hsm-"):
+        return "hsm_worker"
+    if name.endswith("(_serve)"):
+        return "grpc_server_loop"
+    if name == "event_engine":
+        return "grpc_core_both_ends"
+    return "other"
+
+
+def _cpu_by_thread_group() -> dict[str, float]:
+    """CPU seconds so far of this process's live threads, summed by what they do (Python thread
+    names; gRPC's C-core threads by their OS name)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    groups: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        comm, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        group = _thread_group(names.get(int(tid), comm))
+        groups[group] = groups.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+    return groups
+
+
+def _cpu_us_per_op(run: Callable[[], int]) -> dict[str, float]:
+    """The CPU per operation of this process's threads, by group, while ``run()`` performs the
+    operations it returns the count of. Threads started and ended inside ``run`` (the callers')
+    are not counted; gRPC's C core serves both ends here."""
+    before = _cpu_by_thread_group()
+    ops = run()
+    after = _cpu_by_thread_group()
+    per_op = {g: (after[g] - before.get(g, 0.0)) / ops * 1e6 for g in after}
+    return {g: round(v, 1) for g, v in sorted(per_op.items())} | {
+        "sum": round(sum(per_op.values()), 1)
+    }
+
+
 def _server_seconds(timings: dict[str, float]) -> float:
     """The broker's time in one release (its HSM and audit steps overlap)."""
     return timings["checks"] + timings["verify"] + timings["hsm_and_audit"]
@@ -358,7 +408,14 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
         audit_log = broker.handle.audit
         batches_before = audit_log.batch_sizes
         server_timings.clear()
-        sixteen = _run_callers(callers(16), max(releases // 16, 20))
+        sixteen_callers = callers(16)
+        sixteen: dict[str, Any] = {}
+
+        def sixteen_run() -> int:
+            sixteen.update(_run_callers(sixteen_callers, max(releases // 16, 20)))
+            return int(sixteen["releases"])
+
+        thread_cpu = _cpu_us_per_op(sixteen_run)
         batches_after = audit_log.batch_sizes
         sixteen_audit = _audit_at_16(
             server_timings,
@@ -405,6 +462,27 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
             health.Check(health_pb2.HealthCheckRequest(), timeout=10)
             bare.append(time.perf_counter() - t0)
         bare_p50 = statistics.median(bare) * 1000
+        health_stubs = [
+            health_pb2_grpc.HealthStub(stack.channel(identity, "keybroker")) for _ in range(16)
+        ]
+
+        def bare_16() -> int:
+            def work(stub: health_pb2_grpc.HealthStub) -> None:
+                for _ in range(250):
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+
+            threads = [threading.Thread(target=work, args=(stub,)) for stub in health_stubs]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            return 16 * 250
+
+        bare_16()  # connections
+        results["cpu_us_by_thread_16_callers"] = {
+            "per_release": thread_cpu,
+            "per_bare_rpc": _cpu_us_per_op(bare_16),
+        }
         hw_ms = statistics.median(hardware) * 1000
         record_bytes = round(audit_log.path.stat().st_size / audit_log.count)
         syncs = _BareSyncs(audit_log.path.parent, record_bytes)

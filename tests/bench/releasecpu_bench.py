@@ -10,6 +10,15 @@ phase; ``broker_cpu_us_per_release`` is that difference over the releases of the
 machine's cores with the broker, so releases/s here is lower than a broker would serve to remote
 callers; CPU per release does not depend on that.
 
+``cpu_floor_us`` is the same accounting for the parts no release can do without, measured in the
+same run: two bare RPCs (``grpc.health.v1.Health/Check`` on the same broker from 16 callers, its
+CPU per call from ``/proc/PID/stat`` as above), a bare P-384 verify (this thread's CPU), the HSM's
+re-wrap (``KeyManager.release_to_ephemeral`` of a broker in this process, on a second DevStack:
+the process's CPU, so the HSM worker thread's and SoftHSM2's are counted) and one write + fsync of
+a record-sized line (its CPU; not divided by any batch, so the floor errs high).
+``ratio_broker_cpu_to_floor`` is the 16-caller release's CPU over that sum: where a machine's cores
+are the limit, releases/s follow CPU per release.
+
 With ``profile=True`` (``python -m tests.bench.run releasecpu --profile``) a second broker runs
 under yappi (CPU clock, every thread, builtins included) for a 16-caller phase, and the top
 :data:`PROFILE_TOP` functions by own time go to ``tests/bench/PROFILE.md``, per release, with the
@@ -24,12 +33,27 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from strongroom.dev.devstack import DevStack
-from tests.bench.keybroker_bench import _Caller, _run_callers, caller_factory
+from strongroom.keybroker.ephemeral import ReleaseTarget
+from strongroom.oaep import OaepHash
+from tests.bench.keybroker_bench import (
+    KEY,
+    MECHANISMS,
+    _BareSyncs,
+    _Caller,
+    _run_callers,
+    caller_factory,
+)
 
 HERE = Path(__file__).resolve().parent
 PROFILE_TOP = 15
@@ -37,6 +61,7 @@ SUPPORTS_PROFILE = True
 #: Where to keep yappi's raw statistics too (``--raw PATH`` when run as a script), for digging.
 RAW_PROFILE: Path | None = None
 _TICKS = os.sysconf("SC_CLK_TCK")
+RECORD_BYTES = 2500  # an ALLOWED record of a simulated SNP release (keybroker_bench measures it)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -85,6 +110,68 @@ class _Broker:
         figures["load_avg_before_after"] = [load_before, _load()]
         return figures
 
+    def bare_rpc_cpu_us(self, stack: DevStack, callers: int, per_caller: int) -> float:
+        """The broker's CPU per bare unary RPC (Health/Check) from ``callers`` concurrent callers."""
+        identity = stack.identity("inference")
+        stubs = [
+            health_pb2_grpc.HealthStub(stack.channel(identity, "keybroker")) for _ in range(callers)
+        ]
+        request = health_pb2.HealthCheckRequest()
+        for stub in stubs:
+            stub.Check(request, timeout=10)
+
+        def work(stub: health_pb2_grpc.HealthStub) -> None:
+            for _ in range(per_caller):
+                stub.Check(request, timeout=10)
+
+        threads = [threading.Thread(target=work, args=(stub,)) for stub in stubs]
+        cpu_before = _cpu_seconds(self.pid)
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return (_cpu_seconds(self.pid) - cpu_before) / (callers * per_caller) * 1e6
+
+
+def _cpu_us(fn: Callable[[], object], n: int, clock: Callable[[], float]) -> float:
+    """``clock``'s CPU time per call of ``fn`` over ``n`` calls (after one untimed call), in µs."""
+    fn()
+    started = clock()
+    for _ in range(n):
+        fn()
+    return (clock() - started) / n * 1e6
+
+
+def _p384_verify_cpu_us() -> float:
+    key = ec.generate_private_key(ec.SECP384R1())
+    msg = b"\x5a" * 0x2A0  # the signed part of an SNP report
+    sig = key.sign(msg, ec.ECDSA(hashes.SHA384()))
+    pub = key.public_key()
+    return _cpu_us(lambda: pub.verify(sig, msg, ec.ECDSA(hashes.SHA384())), 500, time.thread_time)
+
+
+def _rewrap_and_sync_cpu_us(record_bytes: int) -> tuple[float, float]:
+    """CPU of one HSM re-wrap (a broker in this process, on its own DevStack) and of one write +
+    fsync of a ``record_bytes`` line, in µs."""
+    with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
+        broker = stack.start_in_process("keybroker")
+        caller = caller_factory(stack)()
+        keys = broker.handle.keys
+        target = ReleaseTarget.parse(
+            caller.ephemeral, [OaepHash.from_mechanism(m) for m in MECHANISMS]
+        )
+        rewrap = _cpu_us(
+            lambda: keys.release_to_ephemeral(KEY, caller.version, caller.wrapped, target),
+            300,
+            time.process_time,
+        )
+        syncs = _BareSyncs(Path(tmp), record_bytes)
+        try:
+            sync = _cpu_us(syncs.append, 300, time.process_time)
+        finally:
+            syncs.close()
+    return rewrap, sync
+
 
 def _measure(releases: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
@@ -92,7 +179,22 @@ def _measure(releases: int) -> dict[str, Any]:
         single = broker.callers(1)
         one = broker.phase(single, releases)
         sixteen = broker.phase(broker.callers(16), max(2 * releases // 16, 20))
-        return {"release_1_caller": one, "release_16_callers": sixteen}
+        bare_rpc = broker.bare_rpc_cpu_us(stack, 16, 250)
+    rewrap, sync = _rewrap_and_sync_cpu_us(RECORD_BYTES)
+    floor = {
+        "two_bare_rpcs": round(2 * bare_rpc, 1),
+        "p384_verify": round(_p384_verify_cpu_us(), 1),
+        "hsm_rewrap": round(rewrap, 1),
+        "record_write_fsync": round(sync, 1),
+    }
+    total = sum(floor.values())
+    return {
+        "release_1_caller": one,
+        "release_16_callers": sixteen,
+        "bare_rpc_16_callers_broker_cpu_us": round(bare_rpc, 1),
+        "cpu_floor_us": floor | {"sum": round(total, 1)},
+        "ratio_broker_cpu_to_floor": round(sixteen["broker_cpu_us_per_release"] / total, 2),
+    }
 
 
 def _profile(releases: int) -> dict[str, Any]:
