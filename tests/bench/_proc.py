@@ -5,6 +5,7 @@ Shared by the benchmarks, the soak and the memory probe (which runs inside servi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from strongroom.runtime.process import PROCESS_ENV
@@ -42,3 +43,37 @@ def anon_huge_pages_kib(pid: int) -> int:
         if line.startswith("AnonHugePages:"):
             return int(line.split()[1])
     return 0
+
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _utime_stime(stat: str) -> float:
+    # After "pid (comm)" the state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """A process's CPU time so far (utime + stime of all its threads), in seconds."""
+    return _utime_stime(Path(f"/proc/{pid}/stat").read_text())
+
+
+def thread_cpu_seconds(pid: int | str = "self") -> dict[int, tuple[str, float]]:
+    """Each live thread's OS name and CPU time so far, by thread id (threads that end while
+    being read are left out)."""
+    threads: dict[int, tuple[str, float]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        threads[int(tid)] = (stat[stat.index("(") + 1 : stat.rindex(")")], _utime_stime(stat))
+    return threads
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent busy so far (every process, kernel and interrupts)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICKS_PER_S

@@ -33,7 +33,6 @@ during the run says how much of that noise it carried.
 
 from __future__ import annotations
 
-import os
 import resource
 import statistics
 import tempfile
@@ -63,6 +62,7 @@ from strongroom.pki import WorkloadIdentity
 from strongroom.wire import bytes_field_view
 from tests.bench import _stream_server as stream_server
 from tests.bench._child import child_main, run_in_child
+from tests.bench._proc import machine_busy_seconds
 
 _DATA_FIELD = store_pb.GetModelResponse.DESCRIPTOR.fields_by_name["data"].number
 
@@ -149,24 +149,14 @@ def _usage() -> tuple[float, float, int]:
     return r.ru_utime + r.ru_stime, r.ru_stime, r.ru_minflt
 
 
-_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds the whole machine has spent busy (every process, kernel and interrupts)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / _TICKS_PER_S
-
-
 def _with_usage(measure: Callable[[], dict[str, float]]) -> dict[str, float]:
     """``measure()``'s timings plus the process's CPU and kernel time and page faults meanwhile,
     and the whole machine's busy CPU time (the servers' processes included)."""
-    busy0 = _machine_busy_s()
+    busy0 = machine_busy_seconds()
     cpu0, sys0, faults0 = _usage()
     timings = measure()
     cpu1, sys1, faults1 = _usage()
-    machine = _machine_busy_s() - busy0
+    machine = machine_busy_seconds() - busy0
     return timings | {
         "cpu_s": cpu1 - cpu0,
         "sys_s": sys1 - sys0,

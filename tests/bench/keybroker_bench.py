@@ -70,6 +70,7 @@ from strongroom.keybroker.audit import MAX_BATCH_RECORDS
 from strongroom.keybroker.ephemeral import ReleaseTarget
 from strongroom.oaep import OaepHash
 from tests.bench._child import child_main, run_in_child
+from tests.bench._proc import thread_cpu_seconds
 
 KEY = "bench"
 MECHANISMS = [pb.WRAP_MECHANISM_RSA_OAEP_SHA256, pb.WRAP_MECHANISM_RSA_OAEP_SHA1]
@@ -224,9 +225,6 @@ class _BareSyncs:
         os.close(self._head)
 
 
-_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-
-
 def _thread_group(name: str) -> str:
     if name.startswith("rpc_"):
         return "request_handlers"
@@ -244,14 +242,9 @@ def _cpu_by_thread_group() -> dict[str, float]:
     names; gRPC's C-core threads by their OS name)."""
     names = {t.native_id: t.name for t in threading.enumerate()}
     groups: dict[str, float] = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
-        except OSError:
-            continue  # ended meanwhile
-        comm, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
-        group = _thread_group(names.get(int(tid), comm))
-        groups[group] = groups.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+    for tid, (comm, seconds) in thread_cpu_seconds().items():
+        group = _thread_group(names.get(tid, comm))
+        groups[group] = groups.get(group, 0.0) + seconds
     return groups
 
 

@@ -46,6 +46,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strongroom.dev.devstack import DevStack
 from strongroom.keybroker.ephemeral import ReleaseTarget
 from strongroom.oaep import OaepHash
+from tests.bench._proc import cpu_seconds
 from tests.bench.keybroker_bench import (
     KEY,
     MECHANISMS,
@@ -60,15 +61,7 @@ PROFILE_TOP = 15
 SUPPORTS_PROFILE = True
 #: Where to keep yappi's raw statistics too (``--raw PATH`` when run as a script), for digging.
 RAW_PROFILE: Path | None = None
-_TICKS = os.sysconf("SC_CLK_TCK")
 RECORD_BYTES = 2500  # an ALLOWED record of a simulated SNP release (keybroker_bench measures it)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of the process (all threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # After "pid (comm)": state is field 3, so utime (14) and stime (15) are at 11 and 12 here.
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _load() -> str:
@@ -100,11 +93,11 @@ class _Broker:
     def phase(self, callers: list[_Caller], per_caller: int) -> dict[str, Any]:
         """Releases ``per_caller`` times from each caller; latency, rate and the broker's CPU."""
         load_before = _load()
-        cpu_before = _cpu_seconds(self.pid)
+        cpu_before = cpu_seconds(self.pid)
         started = time.perf_counter()
         figures = _run_callers(callers, per_caller)
         wall = time.perf_counter() - started
-        cpu = _cpu_seconds(self.pid) - cpu_before
+        cpu = cpu_seconds(self.pid) - cpu_before
         figures["broker_cpu_us_per_release"] = round(cpu / figures["releases"] * 1e6, 1)
         figures["broker_cores_busy"] = round(cpu / wall, 2)
         figures["load_avg_before_after"] = [load_before, _load()]
@@ -125,12 +118,12 @@ class _Broker:
                 stub.Check(request, timeout=10)
 
         threads = [threading.Thread(target=work, args=(stub,)) for stub in stubs]
-        cpu_before = _cpu_seconds(self.pid)
+        cpu_before = cpu_seconds(self.pid)
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        return (_cpu_seconds(self.pid) - cpu_before) / (callers * per_caller) * 1e6
+        return (cpu_seconds(self.pid) - cpu_before) / (callers * per_caller) * 1e6
 
 
 def _cpu_us(fn: Callable[[], object], n: int, clock: Callable[[], float]) -> float:
