@@ -64,11 +64,16 @@ def certs_pem(certs: Sequence[x509.Certificate]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
+CERTIFICATE_PARSE_ERRORS = (ValueError, x509.InvalidVersion)
+"""What cryptography raises for a certificate it cannot parse: InvalidVersion (a version field
+other than v1..v3) is not a ValueError."""
+
+
 def load_chain(pem: bytes) -> list[x509.Certificate]:
     """Parses a PEM bundle (leaf first); raises :class:`CertificateInvalid` if empty or malformed."""
     try:
         certs = x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
+    except CERTIFICATE_PARSE_ERRORS as exc:
         raise CertificateInvalid(
             f"malformed PEM certificate: {exc}", reason=Reason.MALFORMED
         ) from exc

@@ -4,16 +4,20 @@ from the context as before. A stand-in servicer context counts the reads (no gRP
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from strongroom.pki import authz
+from strongroom.pki._x509 import load_chain
 from strongroom.pki.authz import CallerIdentity, caller_identity, verified_caller
-from strongroom.pki.errors import PeerUnauthenticated
+from strongroom.pki.errors import CertificateInvalid, PeerUnauthenticated
 from tests.pki.helpers import ECHO, default_authorizer, make_ca, make_leaf, pem, sid
 
 
@@ -96,3 +100,35 @@ def test_the_parsed_certificate_cache_stays_bounded_with_many_live_peers() -> No
     assert cache.get(b"not a certificate", now).problem == "malformed peer certificate"
     cache.get(pems[0], now)
     assert b"not a certificate" not in cache._entries
+
+
+def _with_version(cert_pem: bytes, version: bytes) -> bytes:
+    """``cert_pem`` with its X.509 version field set to ``version`` (v3 is 0x02)."""
+    der = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
+    v3 = b"\xa0\x03\x02\x01\x02"  # [0] EXPLICIT INTEGER 2, the first in the DER
+    assert v3 in der[:16]
+    edited = der.replace(v3, v3[:-1] + version, 1)
+    body = base64.encodebytes(edited).replace(b"\n", b"")
+    lines = b"\n".join(body[i : i + 64] for i in range(0, len(body), 64))
+    return b"-----BEGIN CERTIFICATE-----\n" + lines + b"\n-----END CERTIFICATE-----\n"
+
+
+@pytest.mark.parametrize("version", [b"\x03", b"\x7f"])
+def test_a_peer_certificate_with_an_unknown_version_is_unusable_not_an_error(
+    inference_pem: bytes, version: bytes
+) -> None:
+    """cryptography raises InvalidVersion, which is not a ValueError, for a version field other
+    than v1..v3: it escaped the parse as an untyped error instead of an unauthenticated caller."""
+    with pytest.raises(PeerUnauthenticated) as info:
+        caller_identity(_context(_with_version(inference_pem, version)))
+    assert info.value.reason == "PEER_CERT_UNUSABLE"
+
+
+@pytest.mark.parametrize("version", [b"\x03", b"\x7f"])
+def test_a_chain_with_an_unknown_certificate_version_is_malformed(
+    inference_pem: bytes, version: bytes
+) -> None:
+    """The same for PEM chains the PKI client loads (its state, step-ca's answers)."""
+    with pytest.raises(CertificateInvalid) as info:
+        load_chain(_with_version(inference_pem, version))
+    assert info.value.reason == "MALFORMED"
