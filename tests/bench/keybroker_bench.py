@@ -225,6 +225,23 @@ class _BareSyncs:
         os.close(self._head)
 
 
+def bare_calls(stubs: list[health_pb2_grpc.HealthStub], per_caller: int) -> int:
+    """Calls Health/Check ``per_caller`` times from each stub, all at once (a thread per stub);
+    returns how many calls were made."""
+    request = health_pb2.HealthCheckRequest()
+
+    def work(stub: health_pb2_grpc.HealthStub) -> None:
+        for _ in range(per_caller):
+            stub.Check(request, timeout=10)
+
+    threads = [threading.Thread(target=work, args=(stub,)) for stub in stubs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(stubs) * per_caller
+
+
 def _thread_group(name: str) -> str:
     if name.startswith("rpc_"):
         return "request_handlers"
@@ -458,23 +475,10 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
         health_stubs = [
             health_pb2_grpc.HealthStub(stack.channel(identity, "keybroker")) for _ in range(16)
         ]
-
-        def bare_16() -> int:
-            def work(stub: health_pb2_grpc.HealthStub) -> None:
-                for _ in range(250):
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
-
-            threads = [threading.Thread(target=work, args=(stub,)) for stub in health_stubs]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            return 16 * 250
-
-        bare_16()  # connections
+        bare_calls(health_stubs, 1)  # connections
         results["cpu_us_by_thread_16_callers"] = {
             "per_release": thread_cpu,
-            "per_bare_rpc": _cpu_us_per_op(bare_16),
+            "per_bare_rpc": _cpu_us_per_op(lambda: bare_calls(health_stubs, 250)),
         }
         hw_ms = statistics.median(hardware) * 1000
         record_bytes = round(audit_log.path.stat().st_size / audit_log.count)

@@ -33,7 +33,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from strongroom.dev.devstack import DevStack
 from strongroom.keybroker.ephemeral import ReleaseTarget
@@ -53,6 +52,7 @@ from tests.bench.keybroker_bench import (
     _BareSyncs,
     _Caller,
     _run_callers,
+    bare_calls,
     caller_factory,
 )
 
@@ -109,21 +109,10 @@ class _Broker:
         stubs = [
             health_pb2_grpc.HealthStub(stack.channel(identity, "keybroker")) for _ in range(callers)
         ]
-        request = health_pb2.HealthCheckRequest()
-        for stub in stubs:
-            stub.Check(request, timeout=10)
-
-        def work(stub: health_pb2_grpc.HealthStub) -> None:
-            for _ in range(per_caller):
-                stub.Check(request, timeout=10)
-
-        threads = [threading.Thread(target=work, args=(stub,)) for stub in stubs]
+        bare_calls(stubs, 1)  # connections
         cpu_before = cpu_seconds(self.pid)
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return (cpu_seconds(self.pid) - cpu_before) / (callers * per_caller) * 1e6
+        calls = bare_calls(stubs, per_caller)
+        return (cpu_seconds(self.pid) - cpu_before) / calls * 1e6
 
 
 def _cpu_us(fn: Callable[[], object], n: int, clock: Callable[[], float]) -> float:
