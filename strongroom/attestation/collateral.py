@@ -393,7 +393,7 @@ def crl_issuer_name(data: bytes) -> x509.Name | None:
             else x509.load_der_x509_crl(raw)
         )
         return crl.issuer
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, x509.InvalidVersion):  # InvalidVersion is not a ValueError
         return None
 
 

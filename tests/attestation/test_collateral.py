@@ -32,7 +32,7 @@ from strongroom.attestation import (
 )
 from strongroom.attestation.abi import _der
 from strongroom.attestation.abi import certs as oids
-from strongroom.attestation.collateral import parse_qe_identity, parse_tcb_info
+from strongroom.attestation.collateral import crl_issuer_name, parse_qe_identity, parse_tcb_info
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
 from strongroom.dev.simulated import SimulatedAuthority
@@ -306,6 +306,42 @@ def test_older_crl_is_refused(authority, sim_trust, now, tmp_path) -> None:  # t
     with pytest.raises(VerificationFailed) as err:
         cache.put_crl(authority.crl("intel_root", now=now - dt.timedelta(days=2)))
     assert err.value.reason == Reason.COLLATERAL_ROLLBACK
+
+
+def _with_crl_version(der: bytes, version: int) -> bytes:
+    """A DER CRL with its version field (v2 is INTEGER 1) set to ``version``; its signature no
+    longer matches, but the parser meets the version first."""
+    v2 = b"\x02\x01\x01"
+    at = der.find(v2, 0, 16)
+    assert at > 0
+    return der[:at] + b"\x02\x01" + bytes([version]) + der[at + 3 :]
+
+
+@pytest.mark.parametrize("version", [2, 0x7F])
+def test_a_crl_with_an_unknown_version_is_bad_collateral(  # type: ignore[no-untyped-def]
+    authority, sim_trust, now, tmp_path, version: int
+) -> None:
+    """cryptography raises InvalidVersion, which is not a ValueError, for a CRL version other than
+    v1/v2: a fetched or imported CRL like that escaped as an untyped error."""
+    bad = _with_crl_version(authority.crl("intel_root", now=now), version)
+    with pytest.raises(MalformedEvidence) as err:
+        CollateralCache(tmp_path, sim_trust).put_crl(bad)
+    assert err.value.reason == Reason.BAD_COLLATERAL
+    assert crl_issuer_name(bad) is None
+
+
+def test_a_cached_crl_with_an_unknown_version_is_skipped_when_the_cache_opens(  # type: ignore[no-untyped-def]
+    authority, sim_trust, now, tmp_path
+) -> None:
+    """One such file in the cache directory stopped the cache (and so the broker) from opening."""
+    cache = CollateralCache(tmp_path, sim_trust)
+    cache.put_crl(authority.crl("intel_root", now=now))
+    (stored,) = (tmp_path / "crl").glob("*.der")
+    cache.put_crl(authority.crl("pck_ca", now=now), issuer_chain=authority.pck_crl_chain_pem())
+    stored.write_bytes(_with_crl_version(stored.read_bytes(), 2))
+    reopened = CollateralCache(tmp_path, sim_trust)
+    assert reopened.crl(authority.intel_root) is None
+    assert reopened.crl(authority.pck_ca) is not None
 
 
 def test_import_and_read_only_share(authority, sim_trust, now, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -34,7 +34,7 @@ def load_crl(data: bytes) -> x509.CertificateRevocationList:
         if raw.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_crl(raw)
         return x509.load_der_x509_crl(raw)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, x509.InvalidVersion):  # InvalidVersion is not a ValueError
         raise MalformedEvidence("cannot parse CRL", reason=Reason.BAD_COLLATERAL) from None
 
 
