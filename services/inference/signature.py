@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -54,7 +54,7 @@ class SignaturePolicy:
         """Loads an EC public key (SPKI PEM)."""
         try:
             key = serialization.load_pem_public_key(pem)
-        except ValueError:
+        except (ValueError, UnsupportedAlgorithm):  # the latter: e.g. an EC curve it cannot load
             raise InvalidArgument(
                 "the model signing key is not a PEM public key", reason=Reason.SIGNING_KEY_INVALID
             ) from None

@@ -84,7 +84,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -270,7 +270,7 @@ def load_signing_key(secret: Secret) -> Ed25519PrivateKey:
             key = Ed25519PrivateKey.from_private_bytes(raw)
         else:
             raise ValueError("unrecognised")
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise InvalidArgument(
             "the audit signing key is not an Ed25519 private key", reason=Reason.AUDIT_KEY_INVALID
         ) from None
@@ -285,7 +285,7 @@ def load_public_key(pem: bytes) -> Ed25519PublicKey:
     """Reads the Ed25519 public key (SPKI PEM) that verifies heads."""
     try:
         key = serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # the last: e.g. an EC curve unknown
         key = None
     if not isinstance(key, Ed25519PublicKey):
         raise InvalidArgument(

@@ -20,6 +20,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -95,6 +96,11 @@ def _parse(data: bytes) -> EphemeralPublicKey:
         raise InvalidArgument(
             "the ephemeral public key is not a DER SubjectPublicKeyInfo",
             reason=Reason.EPHEMERAL_KEY_INVALID,
+        ) from None
+    except UnsupportedAlgorithm:  # e.g. an EC key on a curve the library cannot load
+        raise InvalidArgument(
+            "the ephemeral public key must be RSA, got a key of an unsupported algorithm",
+            reason=Reason.EPHEMERAL_KEY_UNSUPPORTED,
         ) from None
     # Re-encoding must give the same bytes: no trailing data, no non-canonical encodings that
     # another parser might read differently from the one that checked the attestation binding.

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import hmac
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from strongroom.attestation.errors import VerificationFailed
@@ -53,7 +54,7 @@ def _check_nonce(nonce: bytes) -> None:
 def _parses_as_spki(der: bytes) -> bool:
     try:
         load_der_public_key(der)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # the last is not a ValueError
         return False
     return True
 

@@ -16,6 +16,7 @@ from strongroom.attestation.binding import (
 )
 from strongroom.errors import InvalidArgument
 from strongroom.reasons import Reason
+from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve
 
 
 def spki(key) -> bytes:  # type: ignore[no-untyped-def]
@@ -72,5 +73,9 @@ def test_inputs_are_validated() -> None:
         report_data_for(b"short", EPH, TLS)
     with pytest.raises(InvalidArgument):
         report_data_for(NONCE, b"not a key", TLS)
+    # cryptography raises UnsupportedAlgorithm (not a ValueError) for an EC key on a curve it
+    # cannot load: a caller-chosen ephemeral key like that escaped as an untyped error.
+    with pytest.raises(InvalidArgument):
+        report_data_for(NONCE, ec_spki_on_an_unsupported_curve(), TLS)
     with pytest.raises(InvalidArgument):
         client_report_data_for(NONCE, b"")

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from strongroom.client.signing import sign_model
 from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.inference.signature import BUNDLE_MEDIA_TYPE, SignatureInvalid, SignaturePolicy
+from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve
 
 MODEL = b"\x08\x07" + b"onnx model bytes " * 4096
 
@@ -114,7 +115,12 @@ def test_only_ec_public_keys_are_accepted() -> None:
         .public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
-    for pem in (rsa_pem, b"garbage"):
+    # An EC key on a curve cryptography cannot load raises UnsupportedAlgorithm, not ValueError.
+    unknown_curve = base64.encodebytes(ec_spki_on_an_unsupported_curve())
+    unknown_curve_pem = (
+        b"-----BEGIN PUBLIC KEY-----\n" + unknown_curve + b"-----END PUBLIC KEY-----\n"
+    )
+    for pem in (rsa_pem, b"garbage", unknown_curve_pem):
         with pytest.raises(InvalidArgument) as info:
             SignaturePolicy.from_pem(pem)
         assert info.value.reason == "SIGNING_KEY_INVALID"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import Attribute
 
 from strongroom.dev.softhsm import SoftHsmToken
@@ -35,6 +35,22 @@ def spki(key: rsa.RSAPrivateKey | rsa.RSAPublicKey) -> bytes:
     return public.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+def ec_spki_on_an_unsupported_curve() -> bytes:
+    """A well-formed EC SubjectPublicKeyInfo naming secp112r1, a curve cryptography cannot load: it
+    raises UnsupportedAlgorithm, which is not a ValueError."""
+    p256 = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    prime256v1, secp112r1 = bytes.fromhex("06082a8648ce3d030107"), bytes.fromhex("06052b81040006")
+    body = bytearray(p256.replace(prime256v1, secp112r1, 1))
+    shorter = len(prime256v1) - len(secp112r1)
+    body[1] -= shorter  # the SubjectPublicKeyInfo SEQUENCE
+    body[3] -= shorter  # its AlgorithmIdentifier
+    return bytes(body)
 
 
 def session_objects(hsm: Hsm) -> int:

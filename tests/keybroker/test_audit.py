@@ -35,6 +35,7 @@ from strongroom.keybroker.audit import (
 from strongroom.keybroker.audit_head import HEAD_DOMAIN
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.runtime.secrets import Secret
+from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -510,6 +511,12 @@ def test_signing_key_formats() -> None:
             load_signing_key(Secret(bad))
     with pytest.raises(InvalidArgument):
         load_public_key(private_pem)
+    # An EC key on a curve cryptography cannot load raises UnsupportedAlgorithm, not ValueError.
+    body = base64.encodebytes(ec_spki_on_an_unsupported_curve())
+    unknown_curve = b"-----BEGIN PUBLIC KEY-----\n" + body + b"-----END PUBLIC KEY-----\n"
+    with pytest.raises(InvalidArgument) as info:
+        load_public_key(unknown_curve)
+    assert info.value.reason == "AUDIT_KEY_INVALID"
 
 
 def _append_forged(log_path: Path, *, sign_with: Ed25519PrivateKey | None = None) -> None:

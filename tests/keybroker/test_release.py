@@ -15,7 +15,12 @@ from strongroom.keybroker.ephemeral import parse_ephemeral_public_key
 from strongroom.keybroker.hsm import Hsm
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, DataKey, KeyManager
 from strongroom.oaep import OaepHash
-from tests.keybroker.helpers import make_config, session_objects, spki
+from tests.keybroker.helpers import (
+    ec_spki_on_an_unsupported_curve,
+    make_config,
+    session_objects,
+    spki,
+)
 
 OAEP_SHA1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
 
@@ -213,6 +218,9 @@ def _pkcs1(key: rsa.RSAPublicKey) -> bytes:
         pytest.param(lambda: spki(_rsa_public(3072, 3)), "EPHEMERAL_KEY_UNSUPPORTED", id="e=3"),
         pytest.param(_ec_spki, "EPHEMERAL_KEY_UNSUPPORTED", id="ec-p384"),
         pytest.param(_ed25519_spki, "EPHEMERAL_KEY_UNSUPPORTED", id="ed25519"),
+        pytest.param(
+            ec_spki_on_an_unsupported_curve, "EPHEMERAL_KEY_UNSUPPORTED", id="ec-unknown-curve"
+        ),
         pytest.param(lambda: b"", "EPHEMERAL_KEY_INVALID", id="empty"),
         pytest.param(lambda: b"\x30\x82garbage" * 8, "EPHEMERAL_KEY_INVALID", id="garbage"),
         pytest.param(

@@ -31,6 +31,7 @@ from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
 from strongroom.runtime.secrets import Secret
+from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve
 
 MEASUREMENT = bytes.fromhex("5a" * 48)
 POLICY = (
@@ -201,6 +202,11 @@ def test_before_the_hsm_first_connects_the_release_waits_for_the_rewrap(world, a
         ({"key_version": 0}, InvalidArgument, "KEY_VERSION_INVALID"),
         ({"wrapped_data_key": b"x"}, InvalidArgument, "WRAPPED_KEY_INVALID"),
         ({"ephemeral_public_key_der": b"junk"}, InvalidArgument, "EPHEMERAL_KEY_INVALID"),
+        (
+            {"ephemeral_public_key_der": ec_spki_on_an_unsupported_curve()},
+            InvalidArgument,
+            "EPHEMERAL_KEY_UNSUPPORTED",
+        ),
         ({"accepted_mechanisms": []}, InvalidArgument, "OAEP_MECHANISM_INVALID"),
         ({"send_nonce": b"\x00" * 10}, InvalidArgument, "NONCE_MALFORMED"),
         ({"measurement": bytes(48)}, PermissionDenied, "MEASUREMENT_NOT_ALLOWED"),
