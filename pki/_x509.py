@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from strongroom.cryptoparse import X509_PARSE_ERRORS
 from strongroom.pki.errors import CertificateInvalid
 from strongroom.reasons import Reason
 from strongroom.spiffe import SpiffeId
@@ -64,16 +65,11 @@ def certs_pem(certs: Sequence[x509.Certificate]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
-CERTIFICATE_PARSE_ERRORS = (ValueError, x509.InvalidVersion)
-"""What cryptography raises for a certificate it cannot parse: InvalidVersion (a version field
-other than v1..v3) is not a ValueError."""
-
-
 def load_chain(pem: bytes) -> list[x509.Certificate]:
     """Parses a PEM bundle (leaf first); raises :class:`CertificateInvalid` if empty or malformed."""
     try:
         certs = x509.load_pem_x509_certificates(pem)
-    except CERTIFICATE_PARSE_ERRORS as exc:
+    except X509_PARSE_ERRORS as exc:
         raise CertificateInvalid(
             f"malformed PEM certificate: {exc}", reason=Reason.MALFORMED
         ) from exc

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from cryptography import x509
 
+from strongroom.cryptoparse import X509_PARSE_ERRORS
 from strongroom.errors import StrongroomError
-from strongroom.pki._x509 import CERTIFICATE_PARSE_ERRORS, cert_spki_der, uri_sans
+from strongroom.pki._x509 import cert_spki_der, uri_sans
 from strongroom.pki.errors import (
     InvalidPkiConfig,
     PeerNotAllowed,
@@ -93,7 +94,7 @@ def _peer_spiffe_id(cert: x509.Certificate) -> tuple[SpiffeId | None, str | None
 def _parse_peer(pem: bytes) -> _ParsedPeer:
     try:
         cert = x509.load_pem_x509_certificate(pem)
-    except CERTIFICATE_PARSE_ERRORS:
+    except X509_PARSE_ERRORS:
         never = datetime.min.replace(tzinfo=UTC)  # expired: the cache drops it at the next miss
         return _ParsedPeer(0, never, never, b"", None, "malformed peer certificate")
     spiffe_id, problem = _peer_spiffe_id(cert)

@@ -18,10 +18,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from strongroom.cryptoparse import KEY_PARSE_ERRORS
 from strongroom.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from strongroom.reasons import Reason
 
@@ -54,7 +55,7 @@ class SignaturePolicy:
         """Loads an EC public key (SPKI PEM)."""
         try:
             key = serialization.load_pem_public_key(pem)
-        except (ValueError, UnsupportedAlgorithm):  # the latter: e.g. an EC curve it cannot load
+        except KEY_PARSE_ERRORS:
             raise InvalidArgument(
                 "the model signing key is not a PEM public key", reason=Reason.SIGNING_KEY_INVALID
             ) from None

@@ -84,11 +84,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from strongroom.closing import Closing
+from strongroom.cryptoparse import KEY_PARSE_ERRORS
 from strongroom.errors import DataLoss, InvalidArgument, NotFound, StrongroomError
 from strongroom.keybroker.audit_head import (
     GENESIS_HASH,
@@ -270,7 +271,7 @@ def load_signing_key(secret: Secret) -> Ed25519PrivateKey:
             key = Ed25519PrivateKey.from_private_bytes(raw)
         else:
             raise ValueError("unrecognised")
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+    except KEY_PARSE_ERRORS:
         raise InvalidArgument(
             "the audit signing key is not an Ed25519 private key", reason=Reason.AUDIT_KEY_INVALID
         ) from None
@@ -285,7 +286,7 @@ def load_public_key(pem: bytes) -> Ed25519PublicKey:
     """Reads the Ed25519 public key (SPKI PEM) that verifies heads."""
     try:
         key = serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError, UnsupportedAlgorithm):  # the last: e.g. an EC curve unknown
+    except KEY_PARSE_ERRORS:
         key = None
     if not isinstance(key, Ed25519PublicKey):
         raise InvalidArgument(

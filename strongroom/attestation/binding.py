@@ -20,10 +20,10 @@ import functools
 import hashlib
 import hmac
 
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from strongroom.attestation.errors import VerificationFailed
+from strongroom.cryptoparse import KEY_PARSE_ERRORS
 from strongroom.errors import InvalidArgument
 from strongroom.reasons import Reason
 
@@ -54,7 +54,7 @@ def _check_nonce(nonce: bytes) -> None:
 def _parses_as_spki(der: bytes) -> bool:
     try:
         load_der_public_key(der)
-    except (ValueError, TypeError, UnsupportedAlgorithm):  # the last is not a ValueError
+    except KEY_PARSE_ERRORS:
         return False
     return True
 

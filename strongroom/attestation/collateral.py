@@ -24,6 +24,7 @@ from strongroom.attestation.errors import (
     CollateralUnavailable,
     MalformedEvidence,
 )
+from strongroom.cryptoparse import X509_PARSE_ERRORS
 from strongroom.reasons import Reason
 
 _WS = " \t\r\n"
@@ -393,7 +394,7 @@ def crl_issuer_name(data: bytes) -> x509.Name | None:
             else x509.load_der_x509_crl(raw)
         )
         return crl.issuer
-    except (ValueError, TypeError, x509.InvalidVersion):  # InvalidVersion is not a ValueError
+    except X509_PARSE_ERRORS:
         return None
 
 

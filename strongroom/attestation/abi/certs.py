@@ -22,6 +22,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 
 from strongroom.attestation.abi import _der
 from strongroom.attestation.errors import MalformedEvidence
+from strongroom.cryptoparse import X509_PARSE_ERRORS
 from strongroom.reasons import Reason
 
 AMD_OID_PREFIX = "1.3.6.1.4.1.3704.1."
@@ -66,8 +67,7 @@ def load_certificate(data: bytes) -> x509.Certificate:
             if data.lstrip().startswith(b"-----BEGIN"):
                 return x509.load_pem_x509_certificate(data)
             return x509.load_der_x509_certificate(data)
-    except (ValueError, x509.InvalidVersion) as exc:
-        # InvalidVersion (a version field other than v1/v3) is not a ValueError.
+    except X509_PARSE_ERRORS as exc:
         raise MalformedEvidence(
             f"cannot parse certificate: {exc}", reason=Reason.BAD_CERTIFICATE
         ) from None

@@ -22,6 +22,7 @@ from strongroom.attestation.errors import (
     MalformedEvidence,
     VerificationFailed,
 )
+from strongroom.cryptoparse import X509_PARSE_ERRORS
 from strongroom.reasons import Reason
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def load_crl(data: bytes) -> x509.CertificateRevocationList:
         if raw.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_crl(raw)
         return x509.load_der_x509_crl(raw)
-    except (ValueError, TypeError, x509.InvalidVersion):  # InvalidVersion is not a ValueError
+    except X509_PARSE_ERRORS:
         raise MalformedEvidence("cannot parse CRL", reason=Reason.BAD_COLLATERAL) from None
 
 
