@@ -21,6 +21,7 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 
 from strongroom.closing import Closing
+from strongroom.cryptoparse import KEY_PARSE_ERRORS
 from strongroom.errors import StrongroomError
 from strongroom.pki import _jose
 from strongroom.pki._state import STATE_FILE, load_state, save_state
@@ -38,6 +39,8 @@ from strongroom.pki.errors import (
 from strongroom.reasons import Reason
 from strongroom.spiffe import SpiffeId
 
+# What makes a persisted identity unusable (resume answers NoIdentity, and the service enrols).
+_UNUSABLE_STATE: tuple[type[Exception], ...] = (PermissionError, StrongroomError, *KEY_PARSE_ERRORS)
 _log = logging.getLogger(__name__)
 
 __all__ = ["STATE_FILE", "IdentityStatus", "RenewalPolicy", "WorkloadIdentity", "utc_now"]
@@ -202,7 +205,7 @@ class WorkloadIdentity(Closing):
             key, chain, issued_at = load_state(state)
         except FileNotFoundError as exc:
             raise NoIdentity(f"no identity persisted in {state}") from exc
-        except (PermissionError, ValueError, StrongroomError) as exc:
+        except _UNUSABLE_STATE as exc:
             raise NoIdentity(f"the identity persisted in {state} is unusable: {exc}") from exc
         now = clock()
         try:

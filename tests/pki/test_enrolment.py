@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import stat
 from datetime import UTC, datetime, timedelta
@@ -173,4 +174,28 @@ def test_resume_refuses_missing_or_world_readable_state(ca: StepCa, tmp_path: Pa
     enrol(ca, "inference", state_dir=state, auto_renew=False).close()
     (state / STATE_FILE).chmod(0o644)
     with pytest.raises(NoIdentity, match="group or others"):
+        WorkloadIdentity.resume(ca.client(), state)
+
+
+def test_resume_refuses_a_state_key_on_a_curve_it_cannot_load(ca: StepCa, tmp_path: Path) -> None:
+    """cryptography raises UnsupportedAlgorithm (not a ValueError) for an EC key on a curve it does
+    not support; such a state file escaped ``resume`` as an untyped error instead of NoIdentity
+    (which makes a service enrol afresh)."""
+    state = tmp_path / "state"
+    enrol(ca, "inference", state_dir=state, auto_renew=False).close()
+    path = state / STATE_FILE
+    text = path.read_bytes()
+    start = text.index(b"-----BEGIN PRIVATE KEY-----")
+    end = text.index(b"-----END PRIVATE KEY-----") + len(b"-----END PRIVATE KEY-----")
+    der = bytearray(base64.b64decode(b"".join(text[start:end].splitlines()[1:-1])))
+    prime256v1, secp112r1 = bytes.fromhex("06082a8648ce3d030107"), bytes.fromhex("06052b81040006")
+    assert der.count(prime256v1) == 1 and der[1] == 0x81
+    at = der.index(prime256v1)
+    der[at : at + len(prime256v1)] = secp112r1
+    der[2] -= 3  # the PrivateKeyInfo SEQUENCE (long form, one length byte)
+    der[7] -= 3  # its AlgorithmIdentifier (after the version INTEGER)
+    body = base64.encodebytes(bytes(der))
+    key_pem = b"-----BEGIN PRIVATE KEY-----\n" + body + b"-----END PRIVATE KEY-----"
+    path.write_bytes(text[:start] + key_pem + text[end:])
+    with pytest.raises(NoIdentity, match="unusable"):
         WorkloadIdentity.resume(ca.client(), state)
