@@ -108,7 +108,7 @@ class SignaturePolicy:
             if envelope["payloadType"] != _PAYLOAD_TYPE or len(signatures) != 1:
                 raise ValueError("unexpected envelope")
             signature = base64.b64decode(signatures[0]["sig"], validate=True)
-        except (ValueError, KeyError, TypeError, IndexError, binascii.Error):
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError, binascii.Error):
             raise SignatureInvalid("the signature bundle is malformed") from None
         pae = b"DSSEv1 %d %s %d %s" % (
             len(_PAYLOAD_TYPE),

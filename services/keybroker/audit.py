@@ -239,7 +239,7 @@ def record_signed_by(line: bytes, public_key: Ed25519PublicKey) -> bool:
         if record_hash({k: v for k, v in record.items() if k != "hash"}) != claimed:
             return False
         public_key.verify(signature, _record_signed_bytes(record))
-    except (ValueError, KeyError, TypeError, binascii.Error, InvalidSignature):
+    except (ValueError, KeyError, TypeError, RecursionError, binascii.Error, InvalidSignature):
         return False
     return True
 
@@ -861,7 +861,7 @@ def _split_tail(
 def _tail_record(line: bytes) -> dict[str, Any]:
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a line nested too deeply
         record = None
     if (
         not isinstance(record, dict)
@@ -934,7 +934,7 @@ def verify_audit_log(
                     raise ValueError("not an object")
                 claimed = record.pop("hash")
                 seq, back = record["seq"], record["prev"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 return fail("RECORD_MALFORMED", number, f"record {number} is not a valid record")
             if (
                 canonical_json({**record, "hash": claimed}) != line

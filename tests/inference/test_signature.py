@@ -91,7 +91,17 @@ def test_tampered_bundle_is_refused(signed: tuple[bytes, bytes], change: str) ->
         SignaturePolicy.from_pem(public).check(_edit(bundle, change), BUNDLE_MEDIA_TYPE, MODEL)
 
 
-@pytest.mark.parametrize("bundle", [b"not json", b"{}", b'{"dsseEnvelope": {"payload": "!!"}}'])
+@pytest.mark.parametrize(
+    "bundle",
+    [
+        b"not json",
+        b"{}",
+        b'{"dsseEnvelope": {"payload": "!!"}}',
+        # Within the header's 32 KiB bundle limit, nested past json's recursion limit: it raised
+        # RecursionError (not a ValueError), an untyped error instead of a refused signature.
+        b"[" * 16_000 + b"]" * 16_000,
+    ],
+)
 def test_malformed_bundle_is_refused(signed: tuple[bytes, bytes], bundle: bytes) -> None:
     with pytest.raises(SignatureInvalid, match="malformed"):
         SignaturePolicy.from_pem(signed[1]).check(bundle, BUNDLE_MEDIA_TYPE, MODEL)

@@ -88,6 +88,10 @@ def fill(log: AuditLog, count: int) -> None:
         log.append(event(n))
 
 
+# A log line well under MAX_RECORD_BYTES nested past the interpreter's recursion limit.
+_DEEP_LINE = b"[" * 20_000 + b"]" * 20_000 + b"\n"
+
+
 def lines(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines(keepends=True)
 
@@ -235,6 +239,13 @@ def _rewrite_chain_from(path: Path, start: int) -> None:
             "RECORD_MALFORMED",
             6,
             id="junk-appended",
+        ),
+        pytest.param(
+            # json.loads raises RecursionError (not a ValueError) for nesting this deep.
+            lambda p: p.write_bytes(p.read_bytes() + _DEEP_LINE),
+            "RECORD_MALFORMED",
+            6,
+            id="deeply-nested-line-appended",
         ),
         pytest.param(lambda p: head_path(p).unlink(), "HEAD_MISSING", None, id="head-deleted"),
         pytest.param(
@@ -580,6 +591,20 @@ def test_open_refuses_a_forged_unanchored_record(
     with pytest.raises(DataLoss) as info:
         AuditLog.open(log_path, signing_key)
     assert info.value.reason == "AUDIT_LOG_TAMPERED"
+
+
+def test_a_deeply_nested_last_line_is_tampering_not_an_untyped_error(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """A line nested past Python's recursion limit made json.loads raise RecursionError: appends
+    failed with it (no tamper alarm, no latch) and the repair's signature check escaped too."""
+    fill(audit, 2)
+    log_path.write_bytes(log_path.read_bytes() + _DEEP_LINE)
+    with pytest.raises(DataLoss) as info:
+        audit.append(event(9))
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    assert audit.tamper_problem is not None
+    assert not record_signed_by(_DEEP_LINE[:-1], signing_key.public_key())
 
 
 def test_tampering_latches_and_raises_the_alarm(

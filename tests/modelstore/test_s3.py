@@ -22,7 +22,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
 from strongroom.errors import InvalidArgument
 from strongroom.modelstore.config import ModelstoreConfig, StorageConfig
-from strongroom.modelstore.errors import ModelExists, StorageUnavailable
+from strongroom.modelstore.errors import ModelExists, StorageUnavailable, StoredDataCorrupt
 from strongroom.modelstore.storage import S3Storage, open_storage
 from strongroom.runtime.config import ConfigError, build
 from tests.modelstore import s3server
@@ -72,6 +72,24 @@ def test_multipart_round_trip_and_layout(s3_server: s3server.MotoServer, s3_buck
     )
     assert index["artifact_sha256"] == record.artifact_sha256
     assert_clean(store)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [b"not json", b"{}", b"[" * 5_000 + b"]" * 5_000],
+    ids=["garbage", "empty-object", "nested-past-the-recursion-limit"],
+)
+def test_an_unreadable_index_record_is_stored_data_corrupt(
+    s3_server: s3server.MotoServer, s3_bucket: str, damage: bytes
+) -> None:
+    """A record nested past json's recursion limit raised RecursionError (not a ValueError) and
+    escaped as an untyped error instead of DATA_LOSS INDEX_CORRUPT."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    store.put([make_artifact("acme/m", "1", b"x")], StructureValidator())
+    store._client.put_object(Bucket=s3_bucket, Key="p/index/acme/m!1", Body=damage)
+    with pytest.raises(StoredDataCorrupt) as info:
+        store.stat("acme/m", "1")
+    assert info.value.reason == "INDEX_CORRUPT"
 
 
 def test_a_second_replica_sees_everything_without_local_state(
