@@ -266,7 +266,7 @@ def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, st
         blob = str(value["blob"])
         if (record.name, record.version) != (name, version) or not blob.startswith(BLOB_DIR):
             raise ValueError("record does not match its key")
-    except (ValueError, KeyError, TypeError, RecursionError, InvalidArgument):
+    except (ValueError, KeyError, TypeError, RecursionError, OverflowError, InvalidArgument):
         log.error("index record of %s %s is unreadable", name, version)
         raise StoredDataCorrupt(
             f"the index record of {name} {version} is unreadable", reason=Reason.INDEX_CORRUPT

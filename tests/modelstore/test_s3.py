@@ -76,8 +76,8 @@ def test_multipart_round_trip_and_layout(s3_server: s3server.MotoServer, s3_buck
 
 @pytest.mark.parametrize(
     "damage",
-    [b"not json", b"{}", b"[" * 5_000 + b"]" * 5_000],
-    ids=["garbage", "empty-object", "nested-past-the-recursion-limit"],
+    [b"not json", b"{}", b"[" * 5_000 + b"]" * 5_000, b"time out of range"],
+    ids=["garbage", "empty-object", "nested-past-the-recursion-limit", "time-out-of-range"],
 )
 def test_an_unreadable_index_record_is_stored_data_corrupt(
     s3_server: s3server.MotoServer, s3_bucket: str, damage: bytes
@@ -86,6 +86,10 @@ def test_an_unreadable_index_record_is_stored_data_corrupt(
     escaped as an untyped error instead of DATA_LOSS INDEX_CORRUPT."""
     store = replica(s3_server.endpoint, s3_bucket)
     store.put([make_artifact("acme/m", "1", b"x")], StructureValidator())
+    if damage == b"time out of range":  # a date datetime cannot hold: OverflowError
+        key = "p/index/acme/m!1"
+        record = json.loads(store._client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+        damage = json.dumps(record | {"stored_at_us": 10**20}).encode()
     store._client.put_object(Bucket=s3_bucket, Key="p/index/acme/m!1", Body=damage)
     with pytest.raises(StoredDataCorrupt) as info:
         store.stat("acme/m", "1")
