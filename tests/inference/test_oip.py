@@ -659,3 +659,18 @@ def test_swap_under_load_has_zero_failures(start_server: Starter) -> None:
     assert failures == []
     assert set(served) == {str(v) for v in range(1, 12)}
     assert served[-1] == "11"
+
+
+def test_an_empty_tensor_with_a_dimension_too_large_for_memory_is_refused(
+    own: Running, repository: ModelRepository
+) -> None:
+    """With two dynamic dimensions a shape like [0, 2**63 - 1] has no elements, so it passed the
+    size checks, and numpy's reshape refused it with a ValueError that reached the caller as
+    INTERNAL."""
+    repository.load("two_dynamic", "1", onnx_models.identity("FP32", ("batch", "seq")))
+    for shape in ([0, 2**63 - 1], [2**63 - 1, 0]):
+        expect_error(
+            lambda shape=shape: own.oip.ModelInfer(_raw(b"", "two_dynamic", "FP32", shape)),  # type: ignore[misc]
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "SHAPE_INVALID",
+        )

@@ -254,6 +254,14 @@ def _shape(dims: Sequence[int], spec: TensorSpec, limits: InferLimits) -> tuple[
             f"input {spec.name!r} shape {list(shape)} has a negative dimension",
             reason=Reason.SHAPE_INVALID,
         )
+    # An empty tensor passes the element limit whatever its other dimensions, but no array (numpy's
+    # or ONNX Runtime's) can describe one whose other dimensions multiply past any memory.
+    if 0 in shape and math.prod(d for d in shape if d) > limits.max_tensor_elements:
+        raise InvalidArgument(
+            f"input {spec.name!r} shape {list(shape)} is empty but its other dimensions exceed "
+            f"{limits.max_tensor_elements} elements",
+            reason=Reason.SHAPE_INVALID,
+        )
     if len(shape) != len(spec.shape) or any(
         want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
     ):
