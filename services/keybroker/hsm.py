@@ -83,6 +83,7 @@ from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.errors import HsmUnavailable
+from strongroom.keybroker.p11direct import OAEP_HASHES, DirectModule, DirectSession
 from strongroom.oaep import PROBE_ORDER, OaepHash
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
@@ -91,10 +92,7 @@ _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _OAEP_PARAMS: dict[OaepHash, tuple[Mechanism, MGF, None]] = {
-    OaepHash.SHA1: (Mechanism.SHA_1, MGF.SHA1, None),
-    OaepHash.SHA256: (Mechanism.SHA256, MGF.SHA256, None),
-    OaepHash.SHA384: (Mechanism.SHA384, MGF.SHA384, None),
-    OaepHash.SHA512: (Mechanism.SHA512, MGF.SHA512, None),
+    choice: (digest, mgf, None) for choice, (digest, mgf) in OAEP_HASHES.items()
 }
 
 # A fixed RSA-2048 public key (no private key exists anywhere) used only to ask the token which
@@ -219,11 +217,22 @@ class HsmStatus:
 class HsmSession:
     """The work session an operation runs with. Valid only on the HSM worker thread."""
 
-    def __init__(self, lib: Any, token: Any, session: Any, generation: int, serial: int) -> None:
+    def __init__(
+        self,
+        lib: Any,
+        token: Any,
+        session: Any,
+        direct: DirectModule,
+        *,
+        generation: int,
+        serial: int,
+    ) -> None:
         self._lib = lib
         self._token = token
         #: the python-pkcs11 ``Session`` (R/W; the user is logged in through the login session)
         self.session = session
+        #: the same session for direct calls (the release's data-key path, see ``p11direct``)
+        self.direct: DirectSession = direct.session(session.handle)
         #: increases with every (re)connection
         self.generation = generation
         #: unique per work session: object handles found on another session are void here
@@ -268,10 +277,18 @@ class _WorkSessions:
     """
 
     def __init__(
-        self, open_session: Callable[[], Any], lib: Any, token: Any, generation: int, size: int = 1
+        self,
+        open_session: Callable[[], Any],
+        lib: Any,
+        direct: DirectModule,
+        token: Any,
+        generation: int,
+        *,
+        size: int = 1,
     ) -> None:
         self._open = open_session
         self._lib = lib
+        self._direct = direct
         self._token = token
         self._generation = generation
         self._size = size
@@ -281,7 +298,14 @@ class _WorkSessions:
         """An idle session, or a new one (raises ``p11x.PKCS11Error`` if it cannot be opened)."""
         if self._idle:
             return self._idle.pop()
-        return HsmSession(self._lib, self._token, self._open(), self._generation, _next_serial())
+        return HsmSession(
+            self._lib,
+            self._token,
+            self._open(),
+            self._direct,
+            generation=self._generation,
+            serial=_next_serial(),
+        )
 
     def release(self, hs: HsmSession) -> None:
         """Takes a session back after an operation."""
@@ -409,6 +433,7 @@ class Hsm(Closing):
         self._closed = False
         self._close_lock = threading.Lock()
         self._lib: Any = None
+        self._direct: DirectModule | None = None
         self._conn: _Connection | None = None
         self._recycles = 0
         self._recycling = False  # the connection was dropped on purpose, not by a failure
@@ -689,9 +714,17 @@ class Hsm(Closing):
         except p11x.PKCS11Error as exc:
             raise HsmUnavailable(f"cannot open a session ({errs.describe(exc)})") from exc
         lib = self._lib
+        if self._direct is None:
+            try:
+                self._direct = DirectModule(self._module_key)
+            except (OSError, p11x.PKCS11Error) as exc:
+                raise HsmUnavailable(
+                    f"cannot load the PKCS#11 module for direct calls: {exc}"
+                ) from exc
         sessions = _WorkSessions(
             lambda: token.open(rw=True, attribute_mapper=_attribute_mapper()),
             lib,
+            self._direct,
             token,
             self._generation + 1,
         )
@@ -733,6 +766,9 @@ class Hsm(Closing):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._direct is not None:
+            self._direct.close()  # our loader reference first; python-pkcs11 drops the last
+            self._direct = None
         if self._lib is not None:
             with contextlib.suppress(p11x.PKCS11Error):
                 pkcs11.unload(self._module_key)

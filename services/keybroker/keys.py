@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import pkcs11.exceptions as p11x
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, KeyType, ObjectClass
 
 from strongroom.errors import (
     AlreadyExists,
@@ -63,7 +63,8 @@ from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, ReleaseTarget
 from strongroom.keybroker.errors import HsmUnavailable
-from strongroom.keybroker.hsm import Hsm, HsmCall, HsmSession, oaep_mechanism_param
+from strongroom.keybroker.hsm import Hsm, HsmCall, HsmSession
+from strongroom.keybroker.p11direct import Template
 from strongroom.oaep import OaepHash, negotiate
 from strongroom.reasons import Reason
 
@@ -79,6 +80,15 @@ ALL_VERSIONS: Literal["all"] = "all"
 _CREATE_ATTEMPTS = 6
 _SEARCH_ATTEMPTS = 4
 _CACHE_MAX_KEYS = 4096
+# The template python-pkcs11's unwrap_key built from _kek.SESSION_DEK_TEMPLATE (class and key
+# type first; its capability defaults are all overridden there), built once.
+_SESSION_DEK = Template(
+    [
+        (Attribute.CLASS, ObjectClass.SECRET_KEY),
+        (Attribute.KEY_TYPE, KeyType.AES),
+        *_kek.SESSION_DEK_TEMPLATE.items(),
+    ]
+)
 _WRAPPED_KEY_FAILURES: tuple[type[p11x.PKCS11Error], ...] = (
     p11x.WrappedKeyInvalid,
     p11x.WrappedKeyLenRange,
@@ -396,7 +406,7 @@ class KeyManager:
                 KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.RETURNED_DEK_TEMPLATE
             )
             try:
-                wrapped = _wrap(kek, dek)
+                wrapped = _wrap(hs, kek, dek.handle)
                 value = bytearray(dek[Attribute.VALUE])
             finally:
                 dek.destroy()
@@ -431,9 +441,9 @@ class KeyManager:
             _require_enabled(target)
             dek = _unwrap_session_dek(hs, source, blob)
             try:
-                out = _wrap(target.winner, dek)
+                out = _wrap(hs, target.winner, dek)
             finally:
-                dek.destroy()
+                hs.direct.destroy(dek)
             return Rewrapped(out, target.version)
 
         return self._call(key_id, op, timeout, "rewrap")
@@ -535,15 +545,11 @@ class KeyManager:
             try:
                 public = _import_public_key(hs, ephemeral)
                 try:
-                    out = public.wrap_key(
-                        dek,
-                        mechanism=Mechanism.RSA_PKCS_OAEP,
-                        mechanism_param=oaep_mechanism_param(choice),
-                    )
+                    out = hs.direct.wrap_oaep(public, dek, choice, len(ephemeral.modulus))
                 finally:
-                    public.destroy()
+                    hs.direct.destroy(public)
             finally:
-                dek.destroy()
+                hs.direct.destroy(dek)
             if len(out) != len(ephemeral.modulus):
                 raise Internal(
                     "the HSM returned an OAEP block of the wrong size", reason=Reason.HSM_ERROR
@@ -584,7 +590,7 @@ class KeyManager:
             KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.SESSION_DEK_TEMPLATE
         )
         try:
-            _wrap(kek, scratch)
+            _wrap(hs, kek, scratch.handle)
         except FailedPrecondition:
             pass  # disabled: usable as far as the HSM is concerned
         finally:
@@ -854,9 +860,10 @@ def _set_flag(kek: _kek.KekObject, attribute: Attribute, value: bool) -> None:
             raise
 
 
-def _wrap(kek: _kek.KekObject, key: Any) -> bytes:
+def _wrap(hs: HsmSession, kek: _kek.KekObject, key: int) -> bytes:
+    """``key`` (an object handle) wrapped under ``kek`` with ``CKM_AES_KEY_WRAP_PAD``."""
     try:
-        out: bytes = kek.key.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        out = hs.direct.wrap_aes_kwp(kek.key.handle, key, WRAPPED_DEK_BYTES)
     except p11x.PKCS11Error as exc:
         if errs.is_function_not_permitted(exc):  # disabled by another replica just now
             raise _disabled_error(kek.key_id, kek.version) from None
@@ -864,9 +871,10 @@ def _wrap(kek: _kek.KekObject, key: Any) -> bytes:
     return out
 
 
-def _unwrap_session_dek(hs: HsmSession, version: _kek.KekVersion, blob: bytes) -> Any:
-    """Unwraps into a sensitive session object, trying each candidate of the version (winner
-    first); InvalidArgument(WRAPPED_KEY_INVALID) if none accepts the blob."""
+def _unwrap_session_dek(hs: HsmSession, version: _kek.KekVersion, blob: bytes) -> int:
+    """Unwraps into a sensitive session object (its handle; the caller destroys it), trying each
+    candidate of the version (winner first); InvalidArgument(WRAPPED_KEY_INVALID) if none accepts
+    the blob."""
     for kek in version.candidates:
         dek = _unwrap_with(hs, kek, blob)
         if dek is not None:
@@ -878,16 +886,11 @@ def _unwrap_session_dek(hs: HsmSession, version: _kek.KekVersion, blob: bytes) -
     )
 
 
-def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> Any | None:
-    """The unwrapped session object, or None when ``blob`` was not wrapped under ``kek``."""
+def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> int | None:
+    """The unwrapped session object's handle, or None when ``blob`` was not wrapped under
+    ``kek``."""
     try:
-        dek = kek.key.unwrap_key(
-            ObjectClass.SECRET_KEY,
-            KeyType.AES,
-            blob,
-            mechanism=Mechanism.AES_KEY_WRAP_PAD,
-            template=_kek.SESSION_DEK_TEMPLATE,
-        )
+        dek = hs.direct.unwrap_aes_kwp(kek.key.handle, blob, _SESSION_DEK)
     except _WRAPPED_KEY_FAILURES:
         return None
     except errs.AMBIGUOUS as exc:
@@ -907,13 +910,13 @@ def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> Any | None
             raise _disabled_error(kek.key_id, kek.version) from None
         raise
     try:
-        length = int(dek[Attribute.VALUE_LEN])
+        length = hs.direct.ulong_attribute(dek, Attribute.VALUE_LEN)
     except p11x.PKCS11Error:
         length = 0
     # SoftHSM2 reports 0 for a session object's CKA_VALUE_LEN; the fixed wrapped length already
     # bounds the key to 25..32 bytes. Tokens that report it are held to exactly 32.
     if length not in (0, DEK_BYTES):
-        dek.destroy()
+        hs.direct.destroy(dek)
         return None
     return dek
 
@@ -924,7 +927,7 @@ def _can_wrap(hs: HsmSession, kek: _kek.KekObject) -> bool:
         KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.SESSION_DEK_TEMPLATE
     )
     try:
-        _wrap(kek, scratch)
+        _wrap(hs, kek, scratch.handle)
     except FailedPrecondition:
         return True  # disabled meanwhile: the object itself is fine
     except errs.AMBIGUOUS:
@@ -934,19 +937,22 @@ def _can_wrap(hs: HsmSession, kek: _kek.KekObject) -> bool:
     return True
 
 
-def _import_public_key(hs: HsmSession, key: EphemeralPublicKey) -> Any:
-    return hs.session.create_object(
-        {
-            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-            Attribute.KEY_TYPE: KeyType.RSA,
-            Attribute.TOKEN: False,
-            Attribute.PRIVATE: False,
-            Attribute.MODULUS: key.modulus,
-            Attribute.PUBLIC_EXPONENT: key.public_exponent,
-            Attribute.WRAP: True,
-            Attribute.ENCRYPT: False,
-            Attribute.VERIFY: False,
-            Attribute.VERIFY_RECOVER: False,
-            Attribute.DERIVE: False,
-        }
+def _import_public_key(hs: HsmSession, key: EphemeralPublicKey) -> int:
+    """The caller's ephemeral key as a session object that can only wrap (its handle)."""
+    return hs.direct.create_object(
+        Template(
+            [
+                (Attribute.CLASS, ObjectClass.PUBLIC_KEY),
+                (Attribute.KEY_TYPE, KeyType.RSA),
+                (Attribute.TOKEN, False),
+                (Attribute.PRIVATE, False),
+                (Attribute.MODULUS, key.modulus),
+                (Attribute.PUBLIC_EXPONENT, key.public_exponent),
+                (Attribute.WRAP, True),
+                (Attribute.ENCRYPT, False),
+                (Attribute.VERIFY, False),
+                (Attribute.VERIFY_RECOVER, False),
+                (Attribute.DERIVE, False),
+            ]
+        )
     )

@@ -1,0 +1,177 @@
+"""The direct PKCS#11 path (``strongroom.keybroker.p11direct``) against python-pkcs11 and SoftHSM2.
+
+What it must get exactly right is what python-pkcs11 would have done: the entry-point offsets in
+the function list, the exception class for every return code, the bytes a wrap produces, and
+the session objects' attributes.
+"""
+
+from __future__ import annotations
+
+import _ctypes
+import ctypes
+import re
+from pathlib import Path
+from typing import Any
+
+import pkcs11
+import pkcs11.exceptions as p11x
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+from strongroom.keybroker import _kek
+from strongroom.keybroker import _pkcs11_errors as errs
+from strongroom.keybroker.hsm import Hsm, HsmSession
+from strongroom.keybroker.p11direct import (
+    _ENTRY_POINTS,
+    RETURN_CODES,
+    Template,
+    _FunctionList,
+    error_for,
+)
+from strongroom.oaep import OaepHash
+
+
+def _python_pkcs11_mapping() -> dict[str, str]:
+    """``CKR_*`` name -> exception class name, read from the installed python-pkcs11's source."""
+    pxd = Path(pkcs11.__file__).with_name("_pkcs11.pxd").read_text()
+    body = pxd[pxd.index("map_rv_to_error") :]
+    return dict(re.findall(r"rv == (CKR_\w+):\s*\n\s*exc = (\w+)\(\)", body))
+
+
+def test_return_codes_map_to_the_classes_python_pkcs11_raises() -> None:
+    theirs = _python_pkcs11_mapping()
+    assert len(theirs) > 60  # the parse found the table
+    ours = {name: cls.__name__ for name, cls in RETURN_CODES.values()}
+    assert ours == theirs
+    for code, (_, cls) in RETURN_CODES.items():
+        assert type(error_for(code)) is cls
+
+
+def test_spot_checked_return_code_values() -> None:
+    # Values from the PKCS#11 2.40 header (pkcs11t.h), independent of the table's own source.
+    for code, name in (
+        (0x005, "CKR_GENERAL_ERROR"),
+        (0x068, "CKR_KEY_FUNCTION_NOT_PERMITTED"),
+        (0x082, "CKR_OBJECT_HANDLE_INVALID"),
+        (0x0B3, "CKR_SESSION_HANDLE_INVALID"),
+        (0x110, "CKR_WRAPPED_KEY_INVALID"),
+        (0x113, "CKR_WRAPPING_KEY_HANDLE_INVALID"),
+        (0x0F0, "CKR_UNWRAPPING_KEY_HANDLE_INVALID"),
+    ):
+        if name == "CKR_KEY_FUNCTION_NOT_PERMITTED":
+            assert code not in RETURN_CODES  # python-pkcs11 leaves it unmapped
+        else:
+            assert RETURN_CODES[code][0] == name
+
+
+def test_an_unmapped_code_reads_as_python_pkcs11_reports_it() -> None:
+    exc = error_for(0x68)
+    assert type(exc) is p11x.PKCS11Error
+    assert str(exc) == "Unmapped error code 0x68"
+    assert errs.is_function_not_permitted(exc)
+    assert errs.is_device_failure(error_for(0x190))  # CKR_CRYPTOKI_NOT_INITIALIZED
+
+
+def test_the_function_list_offsets_match_the_modules_own_symbols(hsm: Hsm) -> None:
+    # SoftHSM2 exports every entry point by name as well: each slot of the table we read must
+    # hold exactly the function of that name.
+    library = ctypes.CDLL(hsm._module_key)
+    get_list = library.C_GetFunctionList
+    get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_FunctionList))]
+    table = ctypes.POINTER(_FunctionList)()
+    assert get_list(ctypes.byref(table)) == 0
+    assert len(_ENTRY_POINTS) == 68
+    for name in _ENTRY_POINTS:
+        exported = ctypes.cast(getattr(library, f"C_{name}"), ctypes.c_void_p).value
+        assert getattr(table.contents, f"C_{name}") == exported, name
+    _ctypes.dlclose(library._handle)
+
+
+_SESSION_DEK = Template(
+    [
+        (Attribute.CLASS, ObjectClass.SECRET_KEY),
+        (Attribute.KEY_TYPE, KeyType.AES),
+        *_kek.SESSION_DEK_TEMPLATE.items(),
+    ]
+)
+
+
+def _kek_and_data_key(hs: HsmSession) -> tuple[Any, bytes, bytes]:
+    session = hs.session
+    kek = session.generate_key(
+        KeyType.AES, 256, store=False, template={Attribute.WRAP: True, Attribute.UNWRAP: True}
+    )
+    dek = session.generate_key(KeyType.AES, 256, store=False, template=_kek.RETURNED_DEK_TEMPLATE)
+    value = bytes(dek[Attribute.VALUE])
+    blob = kek.wrap_key(dek, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+    dek.destroy()
+    return kek, blob, value
+
+
+def test_a_direct_rewrap_gives_the_key_python_pkcs11_wrapped(
+    hsm: Hsm, tee_key: rsa.RSAPrivateKey
+) -> None:
+    def op(hs: HsmSession) -> None:
+        kek, blob, value = _kek_and_data_key(hs)
+        raw = hs.direct
+        handle = raw.unwrap_aes_kwp(kek.handle, blob, _SESSION_DEK)
+        # RFC 5649 is deterministic: wrapping the unwrapped key again gives the same blob.
+        assert raw.wrap_aes_kwp(kek.handle, handle, 40) == blob
+        numbers = tee_key.public_key().public_numbers()
+        modulus = numbers.n.to_bytes(384, "big")
+        public = raw.create_object(
+            Template(
+                [
+                    (Attribute.CLASS, ObjectClass.PUBLIC_KEY),
+                    (Attribute.KEY_TYPE, KeyType.RSA),
+                    (Attribute.TOKEN, False),
+                    (Attribute.MODULUS, modulus),
+                    (Attribute.PUBLIC_EXPONENT, numbers.e.to_bytes(3, "big")),
+                    (Attribute.WRAP, True),
+                ]
+            )
+        )
+        for choice in hsm.oaep_hashes:
+            out = raw.wrap_oaep(public, handle, choice, len(modulus))
+            digest: hashes.HashAlgorithm = {
+                OaepHash.SHA1: hashes.SHA1(),
+                OaepHash.SHA256: hashes.SHA256(),
+                OaepHash.SHA384: hashes.SHA384(),
+                OaepHash.SHA512: hashes.SHA512(),
+            }[choice]
+            assert tee_key.decrypt(out, padding.OAEP(padding.MGF1(digest), digest, None)) == value
+        assert raw.ulong_attribute(public, Attribute.CLASS) == ObjectClass.PUBLIC_KEY
+        with pytest.raises(p11x.AttributeSensitive):
+            raw.ulong_attribute(handle, Attribute.VALUE)  # sensitive, as the template says
+        raw.destroy(public)
+        raw.destroy(handle)
+        with pytest.raises(p11x.ObjectHandleInvalid):
+            raw.destroy(handle)
+
+    hsm.call(op, name="test")
+
+
+def test_failures_raise_the_classes_python_pkcs11_raises(hsm: Hsm) -> None:
+    def op(hs: HsmSession) -> None:
+        kek, _, _ = _kek_and_data_key(hs)
+        bad = bytes(40)
+        with pytest.raises(p11x.PKCS11Error) as theirs:
+            kek.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.AES,
+                bad,
+                mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                template=_kek.SESSION_DEK_TEMPLATE,
+            )
+        with pytest.raises(p11x.PKCS11Error) as ours:
+            hs.direct.unwrap_aes_kwp(kek.handle, bad, _SESSION_DEK)
+        assert type(ours.value) is type(theirs.value)
+        with pytest.raises(p11x.WrappingKeyHandleInvalid) as stale:
+            hs.direct.wrap_aes_kwp(0xDEAD, kek.handle, 40)
+        assert errs.is_stale_handle(stale.value)  # so a release looks its KEK up afresh
+        with pytest.raises(ValueError, match="more than this path handles"):
+            hs.direct.wrap_aes_kwp(kek.handle, kek.handle, 4096)
+
+    hsm.call(op, name="test")
