@@ -70,6 +70,9 @@ class SweepReport:
     """(name, version) of rows whose blob has the wrong size: reads fail with DATA_LOSS."""
     stray_files: int
     """Files in the blob tree that are not blobs (left alone, logged)."""
+    unreadable_rows: tuple[tuple[str, str], ...] = ()
+    """(name, version) of index rows this store cannot have written (edited or damaged on disk):
+    reads of them fail with DATA_LOSS INDEX_CORRUPT; their blobs are kept."""
 
 
 class FileRangeReader(Closing):
@@ -185,9 +188,8 @@ class FilesystemStorage(Closing):
     def _sweep(self) -> SweepReport:
         temps = self._blobs.sweep_temps()
         present, strays = self._blobs.digests()
-        records = self._index.all_records()
-        referenced = {r.artifact_sha256 for r in records}
-        orphans = present - referenced
+        records, unreadable = self._index.readable_records()
+        orphans = present - self._index.referenced_digests()
         for digest in orphans:
             self._blobs.remove(digest)
         missing: list[tuple[str, str]] = []
@@ -204,6 +206,7 @@ class FilesystemStorage(Closing):
             missing_blobs=tuple(missing),
             damaged_blobs=tuple(damaged),
             stray_files=len(strays),
+            unreadable_rows=tuple(unreadable),
         )
         if temps or orphans:
             log.info(
@@ -216,6 +219,8 @@ class FilesystemStorage(Closing):
             log.error("blob of model %s version %s has the wrong size", name, version)
         for path in strays:
             log.warning("unexpected file in the blob tree: %s", path)
+        for name, version in unreadable:
+            log.error("index row of model %s version %s is unreadable", name, version)
         return report
 
     # -- writes --------------------------------------------------------------------------------

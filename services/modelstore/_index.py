@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from strongroom.modelstore.errors import ModelExists, StorageUnavailable
+from strongroom.modelstore.errors import ModelExists, StorageUnavailable, StoredDataCorrupt
 from strongroom.modelstore.records import ModelRecord
 from strongroom.reasons import Reason
 
@@ -78,21 +78,40 @@ def from_micros(micros: int) -> datetime:
     return _EPOCH + timedelta(microseconds=micros)
 
 
+# Column positions in _SELECT's rows.
+_INTEGER_COLUMNS = (3, 4, 8, 9, 10, 11)
+_TEXT_COLUMNS = (0, 1, 2, 5, 6, 7)
+
+
 def _record(row: Any) -> ModelRecord:
-    return ModelRecord(
-        name=row[0],
-        version=row[1],
-        artifact_sha256=row[2],
-        artifact_size=row[3],
-        plaintext_size=row[4],
-        plaintext_sha256=row[5],
-        content_type=row[6],
-        key_id=row[7],
-        key_version=row[8],
-        header_size=row[9],
-        created_at=from_micros(row[10]),
-        stored_at=from_micros(row[11]),
-    )
+    """The record of one row; ``StoredDataCorrupt(INDEX_CORRUPT)`` for a row this store cannot
+    have written (edited or damaged on disk): SQLite keeps a text value in an INTEGER column as
+    text, and a time ``datetime`` cannot hold raises OverflowError, not a ValueError."""
+    try:
+        if not all(type(row[i]) is int for i in _INTEGER_COLUMNS) or not all(
+            type(row[i]) is str for i in _TEXT_COLUMNS
+        ):
+            raise TypeError("a column of the wrong type")
+        return ModelRecord(
+            name=row[0],
+            version=row[1],
+            artifact_sha256=row[2],
+            artifact_size=row[3],
+            plaintext_size=row[4],
+            plaintext_sha256=row[5],
+            content_type=row[6],
+            key_id=row[7],
+            key_version=row[8],
+            header_size=row[9],
+            created_at=from_micros(row[10]),
+            stored_at=from_micros(row[11]),
+        )
+    except (TypeError, ValueError, OverflowError) as exc:
+        where = f"{str(row[0])[:256]!r} {str(row[1])[:256]!r}"
+        log.error("index row of %s is unreadable: %s", where, exc)
+        raise StoredDataCorrupt(
+            f"the index row of {where} is unreadable", reason=Reason.INDEX_CORRUPT
+        ) from None
 
 
 class Index:
@@ -253,10 +272,31 @@ class Index:
         return [_record(row) for row in rows]
 
     def all_records(self) -> list[ModelRecord]:
-        """Every record (for start-up checks and tests)."""
+        """Every record (for tests); ``StoredDataCorrupt`` if a row is unreadable."""
         with self._cursor() as cur:
             rows = cur.execute(_ALL).fetchall()
         return [_record(row) for row in rows]
+
+    def readable_records(self) -> tuple[list[ModelRecord], list[tuple[str, str]]]:
+        """Every readable record, and the (name, version) of the rows that are not (start-up
+        checks: one edited row must not keep the others from being served)."""
+        with self._cursor() as cur:
+            rows = cur.execute(_ALL).fetchall()
+        records: list[ModelRecord] = []
+        unreadable: list[tuple[str, str]] = []
+        for row in rows:
+            try:
+                records.append(_record(row))
+            except StoredDataCorrupt:
+                unreadable.append((str(row[0]), str(row[1])))
+        return records, unreadable
+
+    def referenced_digests(self) -> set[str]:
+        """The blob digest of every row, readable or not (a blob any row names is never an
+        orphan)."""
+        with self._cursor() as cur:
+            rows = cur.execute("SELECT DISTINCT artifact_sha256 FROM models").fetchall()
+        return {str(row[0]) for row in rows}
 
     def close(self) -> None:
         """Closes the connection (idempotent)."""

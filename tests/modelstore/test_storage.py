@@ -7,6 +7,7 @@ filesystem backend's own mechanisms (its root lock, its start-up sweep of a dire
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import stat
 import threading
 import time
@@ -593,3 +594,36 @@ def test_unreadable_index_is_unavailable_and_releases_the_lock(store_root: Path)
     (store_root / "index.sqlite3").unlink()
     with FilesystemStorage(store_root) as s:
         assert s.records() == ()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("stored_at_us", 2**63 - 1),  # past what a datetime holds: OverflowError, not ValueError
+        ("created_at_us", -(2**63)),
+        ("artifact_size", "large"),  # SQLite keeps text in an INTEGER column (CHECK passes)
+        ("key_version", "two"),
+    ],
+    ids=["time-too-late", "time-too-early", "text-size", "text-key-version"],
+)
+def test_an_edited_index_row_is_stored_data_corrupt(
+    store_root: Path, column: str, value: object
+) -> None:
+    """A row this store cannot have written escaped as an untyped error (OverflowError from the
+    time, TypeError later from a text size) instead of DATA_LOSS INDEX_CORRUPT, and the start-up
+    sweep raised it, so the store did not open at all. Now the store opens, names the row, keeps
+    its blob and serves the other models."""
+    with FilesystemStorage(store_root) as storage:
+        put(storage, make_artifact("acme/bad", "1", b"x"))
+        put(storage, make_artifact("acme/good", "1", b"y"))
+    with sqlite3.connect(store_root / "index.sqlite3") as db:
+        db.execute(f"UPDATE models SET {column} = ? WHERE name = 'acme/bad'", (value,))
+    with FilesystemStorage(store_root) as storage:
+        assert storage.last_sweep.unreadable_rows == (("acme/bad", "1"),)
+        assert storage.last_sweep.orphan_blobs_removed == 0
+        with pytest.raises(StoredDataCorrupt) as info:
+            storage.stat("acme/bad", "1")
+        assert info.value.reason == "INDEX_CORRUPT"
+        with pytest.raises(StoredDataCorrupt):
+            storage.records()
+        assert storage.stat("acme/good", "1").name == "acme/good"
