@@ -695,6 +695,13 @@ class Hsm(Closing):
             raise HsmUnavailable(
                 f"cannot initialise the PKCS#11 module ({errs.describe(exc)})"
             ) from exc
+        if self._direct is None:
+            try:
+                self._direct = DirectModule(self._module_key)
+            except (OSError, p11x.PKCS11Error) as exc:
+                raise HsmUnavailable(
+                    f"cannot load the PKCS#11 module for direct calls: {exc}"
+                ) from exc
         try:
             token = self._lib.get_token(token_label=cfg.token_label)
         except (p11x.NoSuchToken, p11x.MultipleTokensReturned) as exc:
@@ -714,13 +721,6 @@ class Hsm(Closing):
         except p11x.PKCS11Error as exc:
             raise HsmUnavailable(f"cannot open a session ({errs.describe(exc)})") from exc
         lib = self._lib
-        if self._direct is None:
-            try:
-                self._direct = DirectModule(self._module_key)
-            except (OSError, p11x.PKCS11Error) as exc:
-                raise HsmUnavailable(
-                    f"cannot load the PKCS#11 module for direct calls: {exc}"
-                ) from exc
         sessions = _WorkSessions(
             lambda: token.open(rw=True, attribute_mapper=_attribute_mapper()),
             lib,
