@@ -11,6 +11,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from strongroom import jsonparse
+
 _P256_BYTES = 32
 
 
@@ -73,7 +75,7 @@ def unverified_claims(token: str) -> dict[str, Any]:
     parts = token.split(".")
     if len(parts) != 3:
         raise ValueError("a compact JWT has three dot-separated parts")
-    claims = json.loads(b64url_decode(parts[1]))
+    claims = jsonparse.loads(b64url_decode(parts[1]))
     if not isinstance(claims, dict):
         raise ValueError("the JWT payload is not a JSON object")
     return claims

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from strongroom import jsonparse
 from strongroom.pki._duration import go_duration
 from strongroom.pki._files import memory_file
 from strongroom.pki._x509 import cert_spki_der, csr_spki_der, load_chain, verify_chain
@@ -96,7 +97,7 @@ class CaClient:
         finally:
             connection.close()
         try:
-            document = json.loads(raw) if raw else {}
+            document = jsonparse.loads(raw) if raw else {}
         except ValueError:
             document = {}
         if not isinstance(document, dict):

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from strongroom import jsonparse
 from strongroom.pki import _jose
 from strongroom.pki._files import read_private
 from strongroom.pki.errors import InvalidPkiConfig
@@ -70,7 +70,7 @@ class CaLayout:
         """Reads the layout of an initialised CA directory."""
         base = Path(directory).resolve()
         try:
-            meta = json.loads((base / META).read_text())
+            meta = jsonparse.loads((base / META).read_text())
             return cls(
                 directory=base,
                 trust_domain=str(meta["trust_domain"]),

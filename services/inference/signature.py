@@ -14,7 +14,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from strongroom import jsonparse
 from strongroom.cryptoparse import KEY_PARSE_ERRORS
 from strongroom.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from strongroom.reasons import Reason
@@ -101,14 +101,14 @@ class SignaturePolicy:
 
     def _verified_statement(self, bundle: bytes) -> dict[str, Any]:
         try:
-            document = json.loads(bundle)
+            document = jsonparse.loads(bundle)
             envelope = document["dsseEnvelope"]
             payload = base64.b64decode(envelope["payload"], validate=True)
             signatures = envelope["signatures"]
             if envelope["payloadType"] != _PAYLOAD_TYPE or len(signatures) != 1:
                 raise ValueError("unexpected envelope")
             signature = base64.b64decode(signatures[0]["sig"], validate=True)
-        except (ValueError, KeyError, TypeError, IndexError, RecursionError, binascii.Error):
+        except (ValueError, KeyError, TypeError, IndexError, binascii.Error):
             raise SignatureInvalid("the signature bundle is malformed") from None
         pae = b"DSSEv1 %d %s %d %s" % (
             len(_PAYLOAD_TYPE),
@@ -124,7 +124,7 @@ class SignaturePolicy:
                 "the model signature does not verify with the configured key"
             ) from None
         try:
-            statement = json.loads(payload)
+            statement = jsonparse.loads(payload)
         except ValueError:
             raise SignatureInvalid("the signed statement is not JSON") from None
         if not isinstance(statement, dict):

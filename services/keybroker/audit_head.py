@@ -44,6 +44,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from strongroom import jsonparse
+
 LEGACY_VERSION = 1
 VERSION = 2
 SLOT_STRIDE = 4096  # each slot starts its own page
@@ -82,7 +84,7 @@ def canonical_json(value: Any) -> bytes:
 def _document(raw: bytes, public_key: Ed25519PublicKey | None) -> dict[str, Any]:
     """One signed head document (without ``sig``), its fields checked. Raises ValueError, or
     cryptography's InvalidSignature with ``public_key``."""
-    document = json.loads(raw)
+    document = jsonparse.loads(raw)
     if not isinstance(document, dict):
         raise ValueError("not an object")
     signature = base64.b64decode(document.pop("sig"), validate=True)

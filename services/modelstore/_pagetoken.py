@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 
+from strongroom import jsonparse
 from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.identifiers import validate_name, validate_prefix, validate_version
 from strongroom.modelstore.limits import MAX_PAGE_SIZE
@@ -32,7 +33,7 @@ def decode(token: str, prefix: str) -> tuple[str, str]:
         if len(token) > MAX_TOKEN_LENGTH:
             raise ValueError("too long")
         padded = token + "=" * (-len(token) % 4)
-        value = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        value = jsonparse.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
         if (
             not isinstance(value, list)
             or len(value) != 4

@@ -44,6 +44,7 @@ from typing import Any
 import botocore.exceptions
 from botocore.config import Config
 
+from strongroom import jsonparse
 from strongroom.artifact import StructureValidator
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
@@ -246,7 +247,7 @@ def _record_json(record: ModelRecord, blob: str) -> bytes:
 
 def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, str]:
     try:
-        value = json.loads(data)
+        value = jsonparse.loads(data)
         if not isinstance(value, dict) or value.get("format") != _RECORD_FORMAT:
             raise ValueError("unknown record format")
         record = ModelRecord(
@@ -266,7 +267,7 @@ def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, st
         blob = str(value["blob"])
         if (record.name, record.version) != (name, version) or not blob.startswith(BLOB_DIR):
             raise ValueError("record does not match its key")
-    except (ValueError, KeyError, TypeError, RecursionError, OverflowError, InvalidArgument):
+    except (ValueError, KeyError, TypeError, OverflowError, InvalidArgument):
         log.error("index record of %s %s is unreadable", name, version)
         raise StoredDataCorrupt(
             f"the index record of {name} {version} is unreadable", reason=Reason.INDEX_CORRUPT

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
+from strongroom import jsonparse
 from strongroom.attestation.abi.snp import SnpReport
 from strongroom.attestation.errors import (
     CollateralUnavailable,
@@ -326,8 +327,8 @@ def parse_qe_identity(data: bytes) -> QeIdentity:
 def sniff_collateral_json(data: bytes) -> str | None:
     """``"tcbInfo"`` or ``"enclaveIdentity"`` when the bytes are such a signed document."""
     try:
-        doc = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        doc = jsonparse.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
         return None
     if isinstance(doc, dict):
         for key in ("tcbInfo", "enclaveIdentity"):

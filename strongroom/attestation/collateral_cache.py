@@ -43,6 +43,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from strongroom import jsonparse
 from strongroom.attestation._x509 import check_valid_at, verify_crl_signature, verify_issued_by
 from strongroom.attestation.abi.certs import certificates_from_bytes, common_name, load_certificate
 from strongroom.attestation.abi.snp import SnpReport
@@ -351,7 +352,7 @@ class CollateralCache:
 
     def _read_state(self) -> dict[str, Any]:
         try:
-            state = json.loads((self.directory / "state.json").read_bytes())
+            state = jsonparse.loads((self.directory / "state.json").read_bytes())
         except FileNotFoundError:
             state = {}
         except (OSError, ValueError) as exc:

@@ -548,3 +548,17 @@ def test_random_crl_bytes_are_refused_by_the_cache(
     cache = CollateralCache(tmp_path_factory.mktemp("c"), TrustStore.production())
     with pytest.raises(StrongroomError):
         cache.put_crl(blob)
+
+
+def test_a_deeply_nested_state_file_is_bad_collateral(  # type: ignore[no-untyped-def]
+    vectors, production, server, tmp_path
+) -> None:
+    """json raises RecursionError (not a ValueError) for state.json nested past the interpreter's
+    limit; the cache's 'never start over silently' check let it escape as an untyped error."""
+    real_intel(server, vectors)
+    (tmp_path / "state.json").write_bytes(b"[" * 100_000)
+    service = CollateralService(CollateralCache(tmp_path, production), fast(server))
+    with pytest.raises(StrongroomError) as info:
+        service.fetch_all(fmspcs=(bytes.fromhex("50806f000000"),))
+    assert info.value.reason == Reason.BAD_COLLATERAL
+    assert "state.json is unreadable" in info.value.message

@@ -6,6 +6,7 @@ filesystem backend's own mechanisms (its root lock, its start-up sweep of a dire
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import sqlite3
 import stat
@@ -19,6 +20,7 @@ import pytest
 
 from strongroom.artifact import StructureValidator
 from strongroom.errors import InvalidArgument
+from strongroom.modelstore._pagetoken import decode as decode_page_token
 from strongroom.modelstore.errors import (
     ArtifactTooLarge,
     EmptyUpload,
@@ -627,3 +629,21 @@ def test_an_edited_index_row_is_stored_data_corrupt(
         with pytest.raises(StoredDataCorrupt):
             storage.records()
         assert storage.stat("acme/good", "1").name == "acme/good"
+
+
+def test_a_deeply_nested_page_token_is_invalid_from_any_stack_depth() -> None:
+    """A 1,024-character token of ``[`` decodes to 768 levels of nesting: from a shallow call json
+    reports a clean JSONDecodeError, but from a few hundred frames deeper (a handler wrapped in
+    interceptors, a deeper caller) it raised RecursionError, which escaped as an untyped error."""
+    token = base64.urlsafe_b64encode(b"[" * 768).rstrip(b"=").decode()
+    assert len(token) == 1024
+
+    def at_depth(frames: int) -> str:
+        if frames:
+            return at_depth(frames - 1)
+        with pytest.raises(InvalidArgument) as info:
+            decode_page_token(token, "")
+        return info.value.reason
+
+    assert at_depth(0) == "INVALID_PAGE_TOKEN"
+    assert at_depth(300) == "INVALID_PAGE_TOKEN"
