@@ -91,6 +91,23 @@ _SESSION_DEK = Template(
         *_kek.SESSION_DEK_TEMPLATE.items(),
     ]
 )
+# An imported ephemeral key: a session object that can wrap and do nothing else (its modulus and
+# exponent are filled in per release).
+_RSA_WRAP_ONLY_PUBLIC = Template(
+    [
+        (Attribute.CLASS, ObjectClass.PUBLIC_KEY),
+        (Attribute.KEY_TYPE, KeyType.RSA),
+        (Attribute.TOKEN, False),
+        (Attribute.PRIVATE, False),
+        (Attribute.MODULUS, b""),
+        (Attribute.PUBLIC_EXPONENT, b""),
+        (Attribute.WRAP, True),
+        (Attribute.ENCRYPT, False),
+        (Attribute.VERIFY, False),
+        (Attribute.VERIFY_RECOVER, False),
+        (Attribute.DERIVE, False),
+    ]
+)
 _WRAPPED_KEY_FAILURES: tuple[type[p11x.PKCS11Error], ...] = (
     p11x.WrappedKeyInvalid,
     p11x.WrappedKeyLenRange,
@@ -942,19 +959,7 @@ def _can_wrap(hs: HsmSession, kek: _kek.KekObject) -> bool:
 def _import_public_key(hs: HsmSession, key: EphemeralPublicKey) -> int:
     """The caller's ephemeral key as a session object that can only wrap (its handle)."""
     return hs.direct.create_object(
-        Template(
-            [
-                (Attribute.CLASS, ObjectClass.PUBLIC_KEY),
-                (Attribute.KEY_TYPE, KeyType.RSA),
-                (Attribute.TOKEN, False),
-                (Attribute.PRIVATE, False),
-                (Attribute.MODULUS, key.modulus),
-                (Attribute.PUBLIC_EXPONENT, key.public_exponent),
-                (Attribute.WRAP, True),
-                (Attribute.ENCRYPT, False),
-                (Attribute.VERIFY, False),
-                (Attribute.VERIFY_RECOVER, False),
-                (Attribute.DERIVE, False),
-            ]
+        _RSA_WRAP_ONLY_PUBLIC.with_bytes(
+            {Attribute.MODULUS: key.modulus, Attribute.PUBLIC_EXPONENT: key.public_exponent}
         )
     )

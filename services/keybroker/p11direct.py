@@ -257,18 +257,26 @@ def _attribute_array(count: int) -> Any:
     return _Attribute * count
 
 
+def _bytes_value(value: bytes) -> tuple[Any, int | None, int]:
+    held = ctypes.c_char_p(value)  # keeps ``value`` alive; C reads it in place
+    return held, ctypes.cast(held, ctypes.c_void_p).value, len(value)
+
+
 class Template:
     """A CK_ATTRIBUTE array, with the values its pointers refer to kept alive as long as it is.
 
     Byte values are passed by pointer into the (immutable) ``bytes`` objects themselves: no copy,
-    and no per-length ctypes class (see :func:`_attribute_array`).
+    and no per-length ctypes class (see :func:`_attribute_array`). A template built once can be
+    reused with new byte values (:meth:`with_bytes`), which costs a copy of the array, not a
+    rebuild.
     """
 
-    __slots__ = ("_values", "array", "count")
+    __slots__ = ("_positions", "_values", "array", "count")
 
     def __init__(self, items: Iterable[tuple[Attribute, bool | int | bytes]]) -> None:
         pairs = list(items)
         self._values: list[Any] = []
+        self._positions = {int(attribute): i for i, (attribute, _) in enumerate(pairs)}
         self.array = _attribute_array(len(pairs))()
         for i, (attribute, value) in enumerate(pairs):
             address: int | None
@@ -279,11 +287,26 @@ class Template:
                 held = _ULONG(value)
                 address, length = ctypes.addressof(held), _ULONG_BYTES
             else:
-                held = ctypes.c_char_p(value)
-                address, length = ctypes.cast(held, ctypes.c_void_p).value, len(value)
+                held, address, length = _bytes_value(value)
             self._values.append(held)
             self.array[i] = _Attribute(int(attribute), address, length)
         self.count = _ULONG(len(pairs))
+
+    def with_bytes(self, values: dict[Attribute, bytes]) -> Template:
+        """A copy of this template whose ``values`` attributes (each already in it) hold new
+        bytes; this template is left as it is."""
+        copy = Template.__new__(Template)
+        copy._positions = self._positions
+        copy._values = [self]  # the copy points at this template's other values
+        copy.array = type(self.array).from_buffer_copy(self.array)
+        copy.count = self.count
+        for attribute, value in values.items():
+            held, address, length = _bytes_value(value)
+            copy._values.append(held)
+            copy.array[self._positions[int(attribute)]] = _Attribute(
+                int(attribute), address, length
+            )
+        return copy
 
 
 def _mechanism(mechanism: Mechanism, parameter: ctypes.Structure | None = None) -> _Mechanism:

@@ -175,3 +175,16 @@ def test_failures_raise_the_classes_python_pkcs11_raises(hsm: Hsm) -> None:
             hs.direct.wrap_aes_kwp(kek.handle, kek.handle, 4096)
 
     hsm.call(op, name="test")
+
+
+def test_a_template_refilled_with_bytes_leaves_the_original_alone() -> None:
+    base = Template([(Attribute.CLASS, ObjectClass.PUBLIC_KEY), (Attribute.MODULUS, b"")])
+    modulus = bytes(range(256)) * 2
+    refilled = base.with_bytes({Attribute.MODULUS: modulus})
+    del modulus  # the copy keeps the bytes it points at alive
+    entry = refilled.array[1]
+    assert entry.type == Attribute.MODULUS
+    assert ctypes.string_at(entry.value, entry.length) == bytes(range(256)) * 2
+    assert base.array[1].length == 0
+    assert refilled.array[0].value == base.array[0].value  # the class value is shared, not copied
+    assert ctypes.c_ulong.from_address(refilled.array[0].value).value == ObjectClass.PUBLIC_KEY
