@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from strongroom import jsonparse
+from strongroom.cryptoparse import KEY_PARSE_ERRORS, X509_PARSE_ERRORS
 from strongroom.pki import _jose
 from strongroom.pki._files import read_private
 from strongroom.pki.errors import InvalidPkiConfig
@@ -123,20 +124,31 @@ class CaLayout:
 
     def provisioner(self) -> Provisioner:
         """Loads the JWK provisioner (name and signing key) for minting tokens."""
-        key = serialization.load_pem_private_key(
-            read_private(self.directory / PROVISIONER_KEY), password=None
-        )
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise InvalidPkiConfig("the provisioner key is not an EC key")
+        key = self._private_key(PROVISIONER_KEY, None, "the provisioner key")
         return Provisioner(self.provisioner_name, key)
 
     def load_intermediate(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         """Loads the issuing CA certificate and key (for operator tooling and tests)."""
         password = read_private(self.password_path).strip()
-        key = serialization.load_pem_private_key(
-            read_private(self.directory / INTERMEDIATE_KEY), password=password
-        )
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise InvalidPkiConfig("the intermediate CA key is not an EC key")
-        cert = x509.load_pem_x509_certificate((self.directory / INTERMEDIATE_CERT).read_bytes())
+        key = self._private_key(INTERMEDIATE_KEY, password, "the intermediate CA key")
+        path = self.directory / INTERMEDIATE_CERT
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except X509_PARSE_ERRORS:
+            raise InvalidPkiConfig(f"{path} is not a PEM certificate") from None
         return cert, key
+
+    def _private_key(
+        self, relative: Path, password: bytes | None, what: str
+    ) -> ec.EllipticCurvePrivateKey:
+        # The messages name the file, never its contents (it holds a private key).
+        path = self.directory / relative
+        try:
+            key = serialization.load_pem_private_key(read_private(path), password=password)
+        except KEY_PARSE_ERRORS:
+            raise InvalidPkiConfig(
+                f"{what} ({path}) is not a PEM private key this password opens"
+            ) from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise InvalidPkiConfig(f"{what} ({path}) is not an EC key")
+        return key

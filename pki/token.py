@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from strongroom.cryptoparse import X509_PARSE_ERRORS
 from strongroom.pki import _jose
 from strongroom.pki.errors import InvalidPkiConfig
 from strongroom.pki.layout import Provisioner
@@ -58,7 +59,11 @@ def mint_token(
         "exp": issued + int(lifetime.total_seconds()),
     }
     if root_pem is not None:
-        der = x509.load_pem_x509_certificate(root_pem).public_bytes(serialization.Encoding.DER)
+        try:
+            root = x509.load_pem_x509_certificate(root_pem)
+        except X509_PARSE_ERRORS:
+            raise InvalidPkiConfig("the CA's root certificate is not a PEM certificate") from None
+        der = root.public_bytes(serialization.Encoding.DER)
         claims["sha"] = hashlib.sha256(der).hexdigest()
     header = {"alg": "ES256", "kid": provisioner.kid, "typ": "JWT"}
     return _jose.sign_es256(provisioner.key, header, claims)

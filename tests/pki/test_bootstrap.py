@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from strongroom.errors import AlreadyExists, InvalidArgument
 from strongroom.pki import StepCa, init_ca
 from strongroom.pki._duration import go_duration, parse_duration
 from strongroom.pki.errors import InvalidPkiConfig
+from strongroom.pki.layout import CaLayout
+from strongroom.pki.token import mint_token
 
 
 def test_layout_files_and_permissions(tmp_path: Path) -> None:
@@ -109,3 +112,37 @@ def test_malformed_durations(text: str) -> None:
 def test_go_durations() -> None:
     assert go_duration(timedelta(hours=1)) == "3600s"
     assert go_duration(timedelta(milliseconds=1500)) == "1500ms"
+
+
+@pytest.mark.parametrize(
+    ("damaged", "load"),
+    [
+        ("secrets/provisioner_key", lambda layout: layout.provisioner()),
+        ("secrets/intermediate_ca_key", lambda layout: layout.load_intermediate()),
+        ("certs/intermediate_ca.crt", lambda layout: layout.load_intermediate()),
+    ],
+    ids=["provisioner-key", "intermediate-key", "intermediate-cert"],
+)
+def test_a_damaged_ca_file_is_a_clear_error_naming_it(
+    tmp_path: Path, damaged: str, load: Callable[[CaLayout], object]
+) -> None:
+    """The CA's own key and certificate files were parsed bare: a damaged one gave the operator a
+    cryptography ValueError traceback instead of an error naming the file."""
+    layout = init_ca(tmp_path / "ca", trust_domain="strongroom.test")
+    path = layout.directory / damaged
+    path.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(InvalidPkiConfig) as info:
+        load(layout)
+    assert str(path) in info.value.message
+
+
+def test_a_damaged_root_certificate_is_a_clear_error_when_minting(tmp_path: Path) -> None:
+    layout = init_ca(tmp_path / "ca", trust_domain="strongroom.test")
+    with pytest.raises(InvalidPkiConfig, match="root certificate"):
+        mint_token(
+            layout.provisioner(),
+            ca_url=layout.url,
+            subject="spiffe://strongroom.test/x",
+            sans=["spiffe://strongroom.test/x"],
+            root_pem=b"not a certificate",
+        )
