@@ -219,8 +219,6 @@ class FilesystemStorage(Closing):
             log.error("blob of model %s version %s has the wrong size", name, version)
         for path in strays:
             log.warning("unexpected file in the blob tree: %s", path)
-        for name, version in unreadable:
-            log.error("index row of model %s version %s is unreadable", name, version)
         return report
 
     # -- writes --------------------------------------------------------------------------------

@@ -278,8 +278,8 @@ class Index:
         return [_record(row) for row in rows]
 
     def readable_records(self) -> tuple[list[ModelRecord], list[tuple[str, str]]]:
-        """Every readable record, and the (name, version) of the rows that are not (start-up
-        checks: one edited row must not keep the others from being served)."""
+        """Every readable record, and the (name, version) of the rows that are not, each logged
+        (start-up checks: one edited row must not keep the others from being served)."""
         with self._cursor() as cur:
             rows = cur.execute(_ALL).fetchall()
         records: list[ModelRecord] = []
