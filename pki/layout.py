@@ -146,9 +146,8 @@ class CaLayout:
         try:
             key = serialization.load_pem_private_key(read_private(path), password=password)
         except KEY_PARSE_ERRORS:
-            raise InvalidPkiConfig(
-                f"{what} ({path}) is not a PEM private key this password opens"
-            ) from None
+            kind = "an unencrypted" if password is None else "a password-protected (CA password)"
+            raise InvalidPkiConfig(f"{what} ({path}) is not {kind} PEM private key") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise InvalidPkiConfig(f"{what} ({path}) is not an EC key")
         return key
