@@ -7,8 +7,10 @@ Figures (latency p50/p99 in microseconds, throughput in ops/s) for:
 - ``release_no_cache``: the same with the key lookup done every time (``lookup_cache_ttl=0``);
 - ``generate_data_key``: one thread;
 - baselines measured in the same run: ``hsm_noop`` (a round trip to the HSM worker thread),
-  ``c_encrypt_32`` (one bare C_Encrypt of 32 bytes, AES-ECB, inside the module) and
-  ``software_rewrap`` (the same unwrap + OAEP re-wrap done in software with ``cryptography``).
+  ``c_encrypt_32`` (one bare C_Encrypt of 32 bytes, AES-ECB, inside the module),
+  ``pkcs11_calls_of_a_release`` (a release's own PKCS#11 calls made directly inside the worker, on
+  session keys: no lookup, no hand-off) and ``software_rewrap`` (the same unwrap + OAEP re-wrap
+  done in software with ``cryptography``).
 
 The token holds :data:`OTHER_KEYS` other keys, because SoftHSM2's object search scans every object.
 Also ``audit_append`` (one decision record: line + fsync, signed head written, fsync'd and
@@ -36,12 +38,13 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_unwrap_with_padding,
     aes_key_wrap_with_padding,
 )
-from pkcs11 import Attribute, KeyType, Mechanism
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from strongroom.dev.softhsm import init_softhsm_token
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import KeyManager, ReleasedKey
+from strongroom.keybroker.p11direct import Template
 from strongroom.oaep import OaepHash
 from strongroom.runtime.secrets import Secret
 from tests.bench.audit_bench import EVENT
@@ -51,6 +54,23 @@ THREADS = 16
 OPS_PER_THREAD = 100
 OTHER_KEYS = 20
 AUDIT_OPS = 300
+_SESSION_KEY = Template(
+    [
+        (Attribute.CLASS, ObjectClass.SECRET_KEY),
+        (Attribute.KEY_TYPE, KeyType.AES),
+        (Attribute.TOKEN, False),
+        (Attribute.SENSITIVE, True),
+        (Attribute.EXTRACTABLE, True),
+    ]
+)
+_RSA_PUBLIC: list[tuple[Attribute, bool | int | bytes]] = [
+    (Attribute.CLASS, ObjectClass.PUBLIC_KEY),
+    (Attribute.KEY_TYPE, KeyType.RSA),
+    (Attribute.TOKEN, False),
+    (Attribute.MODULUS, b""),
+    (Attribute.PUBLIC_EXPONENT, b""),
+    (Attribute.WRAP, True),
+]
 
 
 def _latencies(fn: Callable[[], object], count: int) -> list[float]:
@@ -178,6 +198,48 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
 
     encrypt = _summary(hsm.call(time_encrypt, timeout=60))
 
+    # Baseline 4: the release's own PKCS#11 calls (unwrap, import the TEE key, OAEP wrap, the
+    # CKA_VALUE_LEN read, two destroys) made directly, timed inside the worker: what a release
+    # costs without the key lookup, the worker hand-off and the KeyManager around it.
+    def time_pkcs11_calls(hs: HsmSession) -> list[float]:
+        session_kek = hs.session.generate_key(
+            KeyType.AES,
+            256,
+            store=False,
+            template={Attribute.WRAP: True, Attribute.UNWRAP: True, Attribute.TOKEN: False},
+        )
+        session_dek = hs.session.generate_key(
+            KeyType.AES, 256, store=False, template={Attribute.EXTRACTABLE: True}
+        )
+        blob = session_kek.wrap_key(session_dek, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        numbers = tee.public_key().public_numbers()
+        modulus = numbers.n.to_bytes(384, "big")
+        public = Template(_RSA_PUBLIC)
+        direct = hs.direct
+
+        def calls() -> None:
+            handle = direct.unwrap_aes_kwp(session_kek.handle, blob, _SESSION_KEY)
+            direct.ulong_attribute(handle, Attribute.VALUE_LEN)
+            key = direct.create_object(
+                public.with_bytes(
+                    {
+                        Attribute.MODULUS: modulus,
+                        Attribute.PUBLIC_EXPONENT: numbers.e.to_bytes(3, "big"),
+                    }
+                )
+            )
+            direct.wrap_oaep(key, handle, mechanism, len(modulus))
+            direct.destroy(key)
+            direct.destroy(handle)
+
+        try:
+            return _latencies(calls, SINGLE_OPS)
+        finally:
+            session_dek.destroy()
+            session_kek.destroy()
+
+    pkcs11_calls = _summary(hsm.call(time_pkcs11_calls, timeout=60))
+
     # Baseline 3: the same re-wrap in software (what the HSM saves us from holding in memory).
     kek = bytes(range(32))
     soft_wrapped = aes_key_wrap_with_padding(kek, bytes(dek))
@@ -209,10 +271,14 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
             "generate_data_key_1_thread": generate,
             "baseline_hsm_noop": noop,
             "baseline_c_encrypt_32": encrypt,
+            "baseline_pkcs11_calls_of_a_release": pkcs11_calls,
             "baseline_software_rewrap": soft,
             "ratio_release_p50_over_software_rewrap": round(single["p50_us"] / soft["p50_us"], 2),
             "ratio_release_p50_over_c_encrypt": round(single["p50_us"] / encrypt["p50_us"], 1),
             "ratio_release_p50_over_hsm_noop": round(single["p50_us"] / noop["p50_us"], 1),
+            "ratio_release_p50_over_its_pkcs11_calls": round(
+                single["p50_us"] / pkcs11_calls["p50_us"], 2
+            ),
             f"ratio_release_ops_{THREADS}_over_1_thread": round(
                 threaded["ops_per_s"] / single["ops_per_s"], 2
             ),
