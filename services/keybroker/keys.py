@@ -82,18 +82,19 @@ ALL_VERSIONS: Literal["all"] = "all"
 _CREATE_ATTEMPTS = 6
 _SEARCH_ATTEMPTS = 4
 _CACHE_MAX_KEYS = 4096
-# The template python-pkcs11's unwrap_key built from _kek.SESSION_DEK_TEMPLATE (class and key
-# type first; its capability defaults are all overridden there), built once.
-_SESSION_DEK = Template(
+#: The unwrapped data key's template: the one python-pkcs11's unwrap_key built from
+#: ``_kek.SESSION_DEK_TEMPLATE`` (class and key type first; its capability defaults are all
+#: overridden there), built once.
+SESSION_DEK_UNWRAP = Template(
     [
         (Attribute.CLASS, ObjectClass.SECRET_KEY),
         (Attribute.KEY_TYPE, KeyType.AES),
         *_kek.SESSION_DEK_TEMPLATE.items(),
     ]
 )
-# An imported ephemeral key: a session object that can wrap and do nothing else (its modulus and
-# exponent are filled in per release).
-_RSA_WRAP_ONLY_PUBLIC = Template(
+#: An imported ephemeral key: a session object that can wrap and do nothing else (its modulus and
+#: exponent are filled in per release with ``with_bytes``).
+EPHEMERAL_KEY_IMPORT = Template(
     [
         (Attribute.CLASS, ObjectClass.PUBLIC_KEY),
         (Attribute.KEY_TYPE, KeyType.RSA),
@@ -909,7 +910,7 @@ def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> int | None
     """The unwrapped session object's handle, or None when ``blob`` was not wrapped under
     ``kek``."""
     try:
-        dek = hs.direct.unwrap_aes_kwp(kek.key.handle, blob, _SESSION_DEK)
+        dek = hs.direct.unwrap_aes_kwp(kek.key.handle, blob, SESSION_DEK_UNWRAP)
     except _WRAPPED_KEY_FAILURES:
         return None
     except errs.AMBIGUOUS as exc:
@@ -959,7 +960,7 @@ def _can_wrap(hs: HsmSession, kek: _kek.KekObject) -> bool:
 def _import_public_key(hs: HsmSession, key: EphemeralPublicKey) -> int:
     """The caller's ephemeral key as a session object that can only wrap (its handle)."""
     return hs.direct.create_object(
-        _RSA_WRAP_ONLY_PUBLIC.with_bytes(
+        EPHEMERAL_KEY_IMPORT.with_bytes(
             {Attribute.MODULUS: key.modulus, Attribute.PUBLIC_EXPONENT: key.public_exponent}
         )
     )

@@ -38,13 +38,17 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_unwrap_with_padding,
     aes_key_wrap_with_padding,
 )
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, KeyType, Mechanism
 
 from strongroom.dev.softhsm import init_softhsm_token
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
-from strongroom.keybroker.keys import KeyManager, ReleasedKey
-from strongroom.keybroker.p11direct import Template
+from strongroom.keybroker.keys import (
+    EPHEMERAL_KEY_IMPORT,
+    SESSION_DEK_UNWRAP,
+    KeyManager,
+    ReleasedKey,
+)
 from strongroom.oaep import OaepHash
 from strongroom.runtime.secrets import Secret
 from tests.bench.audit_bench import EVENT
@@ -54,23 +58,6 @@ THREADS = 16
 OPS_PER_THREAD = 100
 OTHER_KEYS = 20
 AUDIT_OPS = 300
-_SESSION_KEY = Template(
-    [
-        (Attribute.CLASS, ObjectClass.SECRET_KEY),
-        (Attribute.KEY_TYPE, KeyType.AES),
-        (Attribute.TOKEN, False),
-        (Attribute.SENSITIVE, True),
-        (Attribute.EXTRACTABLE, True),
-    ]
-)
-_RSA_PUBLIC: list[tuple[Attribute, bool | int | bytes]] = [
-    (Attribute.CLASS, ObjectClass.PUBLIC_KEY),
-    (Attribute.KEY_TYPE, KeyType.RSA),
-    (Attribute.TOKEN, False),
-    (Attribute.MODULUS, b""),
-    (Attribute.PUBLIC_EXPONENT, b""),
-    (Attribute.WRAP, True),
-]
 
 
 def _latencies(fn: Callable[[], object], count: int) -> list[float]:
@@ -199,7 +186,8 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
     encrypt = _summary(hsm.call(time_encrypt, timeout=60))
 
     # Baseline 4: the release's own PKCS#11 calls (unwrap, import the TEE key, OAEP wrap, the
-    # CKA_VALUE_LEN read, two destroys) made directly, timed inside the worker: what a release
+    # CKA_VALUE_LEN read, two destroys) with its own templates, made directly, timed inside the
+    # worker on session keys: what a release
     # costs without the key lookup, the worker hand-off and the KeyManager around it.
     def time_pkcs11_calls(hs: HsmSession) -> list[float]:
         session_kek = hs.session.generate_key(
@@ -214,14 +202,13 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
         blob = session_kek.wrap_key(session_dek, mechanism=Mechanism.AES_KEY_WRAP_PAD)
         numbers = tee.public_key().public_numbers()
         modulus = numbers.n.to_bytes(384, "big")
-        public = Template(_RSA_PUBLIC)
         direct = hs.direct
 
         def calls() -> None:
-            handle = direct.unwrap_aes_kwp(session_kek.handle, blob, _SESSION_KEY)
+            handle = direct.unwrap_aes_kwp(session_kek.handle, blob, SESSION_DEK_UNWRAP)
             direct.ulong_attribute(handle, Attribute.VALUE_LEN)
             key = direct.create_object(
-                public.with_bytes(
+                EPHEMERAL_KEY_IMPORT.with_bytes(
                     {
                         Attribute.MODULUS: modulus,
                         Attribute.PUBLIC_EXPONENT: numbers.e.to_bytes(3, "big"),

@@ -23,6 +23,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.hsm import Hsm, HsmSession
+from strongroom.keybroker.keys import SESSION_DEK_UNWRAP
 from strongroom.keybroker.p11direct import (
     _ENTRY_POINTS,
     RETURN_CODES,
@@ -89,15 +90,6 @@ def test_the_function_list_offsets_match_the_modules_own_symbols(hsm: Hsm) -> No
     _ctypes.dlclose(library._handle)
 
 
-_SESSION_DEK = Template(
-    [
-        (Attribute.CLASS, ObjectClass.SECRET_KEY),
-        (Attribute.KEY_TYPE, KeyType.AES),
-        *_kek.SESSION_DEK_TEMPLATE.items(),
-    ]
-)
-
-
 def _kek_and_data_key(hs: HsmSession) -> tuple[Any, bytes, bytes]:
     session = hs.session
     kek = session.generate_key(
@@ -116,7 +108,7 @@ def test_a_direct_rewrap_gives_the_key_python_pkcs11_wrapped(
     def op(hs: HsmSession) -> None:
         kek, blob, value = _kek_and_data_key(hs)
         raw = hs.direct
-        handle = raw.unwrap_aes_kwp(kek.handle, blob, _SESSION_DEK)
+        handle = raw.unwrap_aes_kwp(kek.handle, blob, SESSION_DEK_UNWRAP)
         # RFC 5649 is deterministic: wrapping the unwrapped key again gives the same blob.
         assert raw.wrap_aes_kwp(kek.handle, handle, 40) == blob
         numbers = tee_key.public_key().public_numbers()
@@ -166,7 +158,7 @@ def test_failures_raise_the_classes_python_pkcs11_raises(hsm: Hsm) -> None:
                 template=_kek.SESSION_DEK_TEMPLATE,
             )
         with pytest.raises(p11x.PKCS11Error) as ours:
-            hs.direct.unwrap_aes_kwp(kek.handle, bad, _SESSION_DEK)
+            hs.direct.unwrap_aes_kwp(kek.handle, bad, SESSION_DEK_UNWRAP)
         assert type(ours.value) is type(theirs.value)
         with pytest.raises(p11x.WrappingKeyHandleInvalid) as stale:
             hs.direct.wrap_aes_kwp(0xDEAD, kek.handle, 40)
