@@ -28,6 +28,7 @@ AREAS = (
     "brokersoak",
     "keybroker",
     "releasecpu",
+    "grpcserver",
     "modelstore",
     "inference",
     "mtls",
