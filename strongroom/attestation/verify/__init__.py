@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import struct
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -119,6 +120,7 @@ def verify_evidence(
         RecursionError,
         TypeError,
         ValueError,
+        struct.error,  # not a ValueError
         UnsupportedAlgorithm,
         x509.DuplicateExtension,
         x509.InvalidVersion,
