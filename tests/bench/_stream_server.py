@@ -32,12 +32,17 @@ SERVICE = "bench.PlainModel"
 
 
 class StreamServer:
-    """A running baseline server: its port and, for ``store``, the artifact head's size."""
+    """A running bench server process: its port and, for ``store``, the artifact head's size."""
 
     def __init__(self, process: subprocess.Popen[bytes], port: int, header_size: int) -> None:
         self._process = process
         self.port = port
         self.header_size = header_size
+
+    @property
+    def pid(self) -> int:
+        """The server process's id (for its CPU time)."""
+        return self._process.pid
 
     def stop(self) -> None:
         """Closes its standard input and waits for it to exit."""

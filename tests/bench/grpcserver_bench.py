@@ -33,6 +33,7 @@ from strongroom.pki import WorkloadIdentity
 from strongroom.runtime.process import SERVICE_ENV
 from tests.bench import _server_model
 from tests.bench._proc import cpu_seconds
+from tests.bench._stream_server import StreamServer
 
 REQUEST_BYTES = 3000  # a ReleaseKeyRequest with an SNP report, its VCEK and an RSA-3072 key
 RESPONSE_BYTES = 400  # a ReleaseKeyResponse: an RSA-3072 OAEP block and a few fields
@@ -41,40 +42,30 @@ CALLERS = (1, 16)
 SERVER_NAME = "keybroker"
 
 
-class _Server:
-    """One model/workload server process."""
-
-    def __init__(self, model: str, work: str, ca_url: str, root_pem: Path, state: Path) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                _server_model.__name__,
-                model,
-                work,
-                ca_url,
-                str(root_pem),
-                str(state),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env={**os.environ, **SERVICE_ENV["keybroker"]},
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().decode().strip()
-        if not line.isdigit():
-            self.stop()
-            raise RuntimeError(f"the {model}/{work} server did not start")
-        self.port = int(line)
-
-    def stop(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+def _start(model: str, work: str, ca_url: str, root_pem: Path, state: Path) -> StreamServer:
+    """One model/workload server process (``_server_model``), listening."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            _server_model.__name__,
+            model,
+            work,
+            ca_url,
+            str(root_pem),
+            str(state),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, **SERVICE_ENV["keybroker"]},
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline().decode().strip()
+    server = StreamServer(process, int(line) if line.isdigit() else 0, 0)
+    if not server.port:
+        server.stop()
+        raise RuntimeError(f"the {model}/{work} server did not start")
+    return server
 
 
 def _calls(identity: WorkloadIdentity, port: int, n: int) -> list[Callable[[], bytes]]:
@@ -89,7 +80,9 @@ def _calls(identity: WorkloadIdentity, port: int, n: int) -> list[Callable[[], b
     return out
 
 
-def _round(server: _Server, calls: list[Callable[[], bytes]], per_caller: int) -> dict[str, float]:
+def _round(
+    server: StreamServer, calls: list[Callable[[], bytes]], per_caller: int
+) -> dict[str, float]:
     latencies: list[float] = []
 
     def work(call: Callable[[], bytes]) -> None:
@@ -101,14 +94,14 @@ def _round(server: _Server, calls: list[Callable[[], bytes]], per_caller: int) -
         latencies.extend(mine)
 
     threads = [threading.Thread(target=work, args=(call,)) for call in calls]
-    cpu_before = cpu_seconds(server.process.pid)
+    cpu_before = cpu_seconds(server.pid)
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    cpu = cpu_seconds(server.process.pid) - cpu_before
+    cpu = cpu_seconds(server.pid) - cpu_before
     n = len(latencies)
     return {
         "calls_per_s": round(n / wall, 1),
@@ -133,7 +126,7 @@ def run(results: dict[str, Any], *, calls: int = 1600) -> None:
         client = stack.identity("inference")
         for work in _server_model.WORKS:
             servers = {
-                model: _Server(model, work, ca.url, root_pem, state)
+                model: _start(model, work, ca.url, root_pem, state)
                 for model in _server_model.MODELS
             }
             try:
@@ -148,7 +141,9 @@ def run(results: dict[str, Any], *, calls: int = 1600) -> None:
         )
 
 
-def _compare(servers: dict[str, _Server], client: WorkloadIdentity, calls: int) -> dict[str, Any]:
+def _compare(
+    servers: dict[str, StreamServer], client: WorkloadIdentity, calls: int
+) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for n in CALLERS:
         per_caller = max(calls // n, 50) if n > 1 else calls // 2
