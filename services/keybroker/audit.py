@@ -57,7 +57,10 @@ and restarted the broker.
 
 **Concurrency.** Within a process, one caller at a time commits (others queue, as above); across
 processes on the same host, ``flock`` on the log file serialises commits, and each commit re-reads
-the tail if another process moved it.
+the tail if another process moved it. :func:`verify_audit_log` takes a *shared* ``flock`` only for
+as long as it reads the head and the log's length, then checks the log up to that length: a
+snapshot between two commits, so a log being written is never reported truncated, cut off or
+unanchored because a commit was under way (the writer waits microseconds, not for the check).
 """
 
 from __future__ import annotations
@@ -889,6 +892,32 @@ def _read_head(head_file: HeadFile) -> ParsedHead | None:
         ) from None
 
 
+def _snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:
+    """The head's bytes (None if there is no head file) and the length of the log open as ``fd``
+    (None: there is no log file), read between two commits: under a shared ``flock`` of the log,
+    which every commit holds exclusively.
+
+    A commit in progress is waited for (a writer stuck inside one, on a hung disk, holds this up
+    too). Where the file system has no ``flock`` (no broker can write there) it reads without the
+    lock.
+    """
+    locked = False
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            locked = True
+    try:
+        try:
+            raw_head = hpath.read_bytes()
+        except FileNotFoundError:
+            raw_head = None
+        return raw_head, 0 if fd is None else os.fstat(fd).st_size
+    finally:
+        if fd is not None and locked:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def verify_audit_log(
     path: Path | str, *, public_key: Ed25519PublicKey | None = None
 ) -> AuditVerification:
@@ -899,12 +928,13 @@ def verify_audit_log(
     path = Path(path)
     hpath = head_path(path)
     stream: BinaryIO
+    log_missing = False
     try:
         stream = path.open("rb")
     except FileNotFoundError:
         if not hpath.exists():
             raise NotFound(f"no audit log at {path}", reason=Reason.AUDIT_LOG_NOT_FOUND) from None
-        stream = io.BytesIO()
+        stream, log_missing = io.BytesIO(), True
     checked = public_key is not None
     prev = GENESIS_HASH
     count = 0
@@ -922,7 +952,9 @@ def verify_audit_log(
         )
 
     with stream:
-        while raw := stream.readline(MAX_RECORD_BYTES + 1):
+        raw_head, remaining = _snapshot(None if log_missing else stream.fileno(), hpath)
+        while remaining > 0 and (raw := stream.readline(min(MAX_RECORD_BYTES + 1, remaining))):
+            remaining -= len(raw)
             number = count + 1
             if not raw.endswith(b"\n"):
                 if len(raw) > MAX_RECORD_BYTES:
@@ -956,9 +988,7 @@ def verify_audit_log(
             prev = claimed
             count += 1
             tail.append(line)
-    try:
-        raw_head = hpath.read_bytes()
-    except FileNotFoundError:
+    if raw_head is None:
         return fail("HEAD_MISSING", None, f"the signed head {hpath.name} is missing")
     try:
         head = parse_head(raw_head, public_key).head

@@ -2,7 +2,8 @@
 
 Exit status 0 when the log is intact (a one-line summary on stdout), 2 when it is not (the first
 bad record and the problem on stderr). Without ``--public-key`` the chain and the head's count are
-checked but not the head's signature, and the summary says so.
+checked but not the head's signature, and the summary says so. A running broker's log can be
+checked in place: the check covers the log as it stood between two commits.
 """
 
 from __future__ import annotations
