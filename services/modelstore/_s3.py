@@ -22,7 +22,9 @@ Upload protocol (each step is invisible to readers until the last one):
    creates the index object; the others get 412 (ModelExists) and delete their blob.
 
 Key-slot replacement writes a new blob the same way, then replaces the index object with
-``If-Match: <the ETag it read>`` (compare-and-swap), and only then deletes the old blob. A crash
+``If-Match: <the ETag it read>`` (compare-and-swap), and only then deletes the old blob (a read
+that looked the model up just before, and so finds that blob gone, looks again and reads the new
+one: the model was re-wrapped, not lost). A crash
 at any point leaves the index pointing at one whole blob; what it leaves behind (an unreferenced
 blob, an unfinished multipart upload) carries its creation time in its key and is removed by
 :meth:`S3Storage.sweep` once older than a grace period (any replica may run it; it is idempotent).
@@ -81,6 +83,9 @@ _RECORD_FORMAT = 1
 _STAMP = "%Y%m%dT%H%M%SZ"
 _LIST_WORKERS = 8
 _READ_BLOCK = 1 << 20
+# How many times a read follows a re-wrap that replaced the blob it had just looked up (each
+# re-wrap rewrites the whole artifact, so a second one in that window is already unlikely).
+_OPEN_ATTEMPTS = 3
 _ACCESS_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 )
@@ -273,6 +278,10 @@ def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, st
             f"the index record of {name} {version} is unreadable", reason=Reason.INDEX_CORRUPT
         ) from None
     return record, blob
+
+
+class _Superseded(Exception):
+    """The blob looked up is gone because a re-wrap replaced it: look the model up again."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -612,9 +621,9 @@ class S3Storage(Closing):
         recorded digest) as a new blob, swaps the index object with ``If-Match`` on the ETag read
         at the start (KEY_SLOT_CHANGED if anything changed it meanwhile), then deletes the old blob.
         """
-        entry = self._require(name, version)
+        entry, reader = self._open_current(name, version)
         record = entry.record
-        with self._open_blob(entry, 0, record.artifact_size) as reader:
+        with reader:
             stream = reader.chunks(_READ_BLOCK)
             old_hash = hashlib.sha256()
             head = bytearray()
@@ -747,11 +756,13 @@ class S3Storage(Closing):
                 raise self._size_mismatch(record) from None
             if _is_missing(exc) and _code(exc) != "NoSuchBucket":
                 current = self._get_index(record.name, record.version)
-                if current is None or current.blob != entry.blob:
-                    # Deleted (or re-wrapped) between our index read and the GET: not data loss.
+                # Deleted, or re-wrapped, between our index read and the GET: not data loss.
+                if current is None:
                     raise ModelNotFound(
                         f"model {record.name} version {record.version} does not exist"
                     ) from None
+                if current.blob != entry.blob:
+                    raise _Superseded from None
                 log.error("blob %s of %s %s is missing", entry.blob, record.name, record.version)
                 raise StoredDataCorrupt(
                     f"stored artifact {record.name} {record.version} is missing",
@@ -784,17 +795,34 @@ class S3Storage(Closing):
         while it streams.
         """
         _ranges.check_bounds(offset, length)
-        entry = self._require(name, version)
-        length = _ranges.range_length(offset, length, entry.record.artifact_size)
-        return self._open_blob(entry, offset, length)
+        return self._open_current(name, version, offset, length)[1]
+
+    def _open_current(
+        self, name: str, version: str, offset: int = 0, length: int | None = None
+    ) -> tuple[_Indexed, S3RangeReader]:
+        """The model's index entry and a reader of ``length`` bytes (None: to the end) from
+        ``offset`` of its blob. A re-wrap that replaced the blob between the lookup and the GET
+        is followed to the new blob; the model being gone is ModelNotFound."""
+        for _ in range(_OPEN_ATTEMPTS):
+            entry = self._require(name, version)
+            size = _ranges.range_length(offset, length, entry.record.artifact_size)
+            try:
+                return entry, self._open_blob(entry, offset, size)
+            except _Superseded:
+                continue
+        raise StorageUnavailable(
+            f"model {name} {version} was re-wrapped again each of the {_OPEN_ATTEMPTS} times it "
+            "was opened; retry",
+            reason=Reason.KEY_SLOT_CHANGED,
+        )
 
     def verify(self, name: str, version: str) -> ModelRecord:
         """Recomputes the stored artifact's SHA-256; StoredDataCorrupt (DATA_LOSS) on any mismatch."""
-        entry = self._require(name, version)
+        entry, reader = self._open_current(name, version)
         record = entry.record
         hasher = hashlib.sha256()
         size = 0
-        with self._open_blob(entry, 0, record.artifact_size) as reader:
+        with reader:
             for data in reader.chunks(_READ_BLOCK):
                 hasher.update(data)
                 size += len(data)

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
-from strongroom.artifact import InvalidArtifact, StructureValidator
+from strongroom.artifact import InvalidArtifact, StructureValidator, parse_header
 from strongroom.modelstore.errors import KeySlotRejected, ModelNotFound
 from strongroom.modelstore.service import METHOD_ROLES, ROLE_ADMIN, SERVICE_NAME
 from strongroom.modelstore.storage import FilesystemStorage
@@ -137,6 +137,51 @@ def test_an_open_reader_keeps_reading_the_old_artifact(storage: AnyStorage) -> N
     with storage.open("acme/m", "1") as reader:
         _replace(storage, 1, 2)
         assert b"".join(reader.chunks(4096)) == original
+
+
+def _rewrap_before_the_first_get(storage: AnyStorage, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """On S3, makes the next GET of a blob come after a re-wrap that replaced (and deleted) the
+    blob the reader had just looked up; returns the list the race appends to once it ran."""
+    client = storage._client  # type: ignore[union-attr]
+    real_get = client.get_object
+    raced: list[int] = []
+
+    def get_object(**kwargs: object) -> object:
+        if not raced and "/index/" not in str(kwargs["Key"]):  # a blob, after its index lookup
+            raced.append(1)
+            _replace(storage, 1, 2)  # its own GETs go through: ``raced`` is already set
+        return real_get(**kwargs)
+
+    monkeypatch.setattr(client, "get_object", get_object)
+    return raced
+
+
+# The filesystem backend looks the blob up and opens it under its commit lock: no such window.
+@pytest.mark.parametrize("backend", ["s3"], indirect=True)
+def test_a_read_that_races_a_rewrap_reads_the_new_artifact(
+    storage: AnyStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-wrap between a read's index lookup and its GET read as NOT_FOUND for a model that
+    exists: an inference server loading while ``rewrap-models`` ran kept the model not ready."""
+    _store(storage)
+    raced = _rewrap_before_the_first_get(storage, monkeypatch)
+    data = _read(storage)
+    assert raced
+    assert parse_header(data).key_version == 2
+    assert decrypt_stored(data) == plaintext_of("acme/m", "1", SIZE)
+
+
+@pytest.mark.parametrize("backend", ["s3"], indirect=True)
+def test_a_verify_or_rewrap_that_races_a_rewrap_follows_it(
+    storage: AnyStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _store(storage)
+    _rewrap_before_the_first_get(storage, monkeypatch)
+    assert storage.verify("acme/m", "1").key_version == 2
+    monkeypatch.undo()
+    _rewrap_before_the_first_get(storage, monkeypatch)  # a no-op replay of 1 -> 2 races this one
+    assert _replace(storage, 2, 3).key_version == 3
+    assert_clean(storage)
 
 
 def test_concurrent_replacements_have_one_winner(storage: AnyStorage) -> None:
