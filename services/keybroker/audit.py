@@ -95,6 +95,7 @@ from strongroom.closing import Closing
 from strongroom.cryptoparse import KEY_PARSE_ERRORS
 from strongroom.errors import DataLoss, InvalidArgument, NotFound, StrongroomError
 from strongroom.keybroker.audit_head import (
+    FILE_BYTES,
     GENESIS_HASH,
     HEX64_RE,
     Head,
@@ -908,7 +909,9 @@ def _snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:
             locked = True
     try:
         try:
-            raw_head = hpath.read_bytes()
+            with hpath.open("rb") as head:
+                # Bounded: the writer waits while this lock is held, whatever sits in the file.
+                raw_head: bytes | None = head.read(FILE_BYTES + 1)
         except FileNotFoundError:
             raw_head = None
         return raw_head, 0 if fd is None else os.fstat(fd).st_size
