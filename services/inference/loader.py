@@ -54,7 +54,7 @@ from strongroom.errors import (
     StrongroomError,
     Unavailable,
 )
-from strongroom.inference.models import ModelRepository
+from strongroom.inference.models import ModelRepository, VersionStatus
 from strongroom.inference.multipart import load_multipart
 from strongroom.inference.signature import SignaturePolicy
 from strongroom.reasons import Reason
@@ -124,24 +124,27 @@ class ModelLoader:
                 attributes={"model.name": name, "model.version": version},
             ) as span,
         ):
-            self._repository.begin_load(name, version)
+            loading = self._repository.begin_load(name, version)
             started = time.perf_counter()
             try:
                 if self._is_multipart(name, version):
-                    result = self._load_multipart(name, version)
+                    result = self._load_multipart(name, version, loading)
                 else:
-                    result = self._load(name, version)
+                    result = self._load(name, version, loading)
             except StrongroomError as exc:
                 MODEL_LOAD_DURATION.record(
                     time.perf_counter() - started, {"model": name, "outcome": exc.reason}
                 )
                 span.set_attribute("error.reason", exc.reason)
-                self._repository.fail(name, version, exc)
+                self._repository.fail(name, version, exc, loading=loading)
                 raise
             except Exception as exc:  # a bug must still leave the model not ready, with a reason
                 log.exception("model load crashed")
                 self._repository.fail(
-                    name, version, StrongroomError(f"internal error: {type(exc).__name__}")
+                    name,
+                    version,
+                    StrongroomError(f"internal error: {type(exc).__name__}"),
+                    loading=loading,
                 )
                 raise
             MODEL_LOAD_DURATION.record(
@@ -171,9 +174,14 @@ class ModelLoader:
             raise remote_error("fetch", exc) from None
         return is_manifest(info.content_type)
 
-    def _load_multipart(self, name: str, version: str) -> LoadResult:
+    def _load_multipart(self, name: str, version: str, loading: VersionStatus) -> LoadResult:
         timings, decision_id = load_multipart(
-            self._repository, self._fetcher, name, version, signature=self._signature
+            self._repository,
+            self._fetcher,
+            name,
+            version,
+            signature=self._signature,
+            loading=loading,
         )
         return LoadResult(timings=timings, decision_id=decision_id)
 
@@ -207,16 +215,16 @@ class ModelLoader:
                 sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_DELAY)
 
-    def _load(self, name: str, version: str) -> LoadResult:
+    def _load(self, name: str, version: str, loading: VersionStatus) -> LoadResult:
         try:
-            return self._load_artifact(name, version)
+            return self._load_artifact(name, version, loading)
         except InvalidArtifact as exc:
             # The bytes came from the store: a malformed artifact here is stored data gone bad.
             raise DataLoss(
                 f"the stored artifact is damaged: {exc.message}", reason=exc.reason
             ) from None
 
-    def _load_artifact(self, name: str, version: str) -> LoadResult:
+    def _load_artifact(self, name: str, version: str, loading: VersionStatus) -> LoadResult:
         def check_header(header: ArtifactHeader) -> None:
             if (header.model_name, header.model_version) != (name, version):
                 raise FailedPrecondition(
@@ -239,7 +247,7 @@ class ModelLoader:
             self._check_signature(artifact.header, artifact.plaintext)
             result = LoadResult(dict(artifact.timings), artifact.key.decision_id)
             fetched = time.perf_counter()
-            self._repository.load(name, version, artifact.plaintext)
+            self._repository.load(name, version, artifact.plaintext, loading=loading)
             result.timings["load"] = time.perf_counter() - fetched
         return result
 

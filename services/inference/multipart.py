@@ -18,7 +18,7 @@ import time
 from strongroom.artifact.manifest import ManifestLayout
 from strongroom.client.fetch import DecryptedModel, ModelFetcher
 from strongroom.errors import FailedPrecondition
-from strongroom.inference.models import ModelRepository
+from strongroom.inference.models import ModelRepository, VersionStatus
 from strongroom.inference.signature import SignaturePolicy
 from strongroom.reasons import Reason
 
@@ -34,8 +34,10 @@ def load_multipart(
     version: str,
     *,
     signature: SignaturePolicy | None = None,
+    loading: VersionStatus | None = None,
 ) -> tuple[dict[str, float], str]:
     """Fetches, decrypts and loads ``name``/``version``; returns (timings, release decision id).
+    ``loading`` is the load's status from ``repository.begin_load`` (see ModelRepository.load).
 
     Raises DataLoss for a part that is not the one the manifest names, FailedPrecondition for a
     manifest whose layout is not an ONNX model (MODEL_LAYOUT_UNSUPPORTED), or the load's error.
@@ -58,7 +60,11 @@ def load_multipart(
         graph, *data = fetched.parts
         started = time.perf_counter()
         repository.load(
-            name, version, graph.as_bytes(), external_data={p.name: p.view for p in data}
+            name,
+            version,
+            graph.as_bytes(),
+            external_data={p.name: p.view for p in data},
+            loading=loading,
         )
         timings = dict(fetched.timings)
         timings["load"] = time.perf_counter() - started

@@ -490,3 +490,52 @@ def test_signed_model_loads_only_with_a_valid_signature(life: Lifecycle, tmp_pat
     with pytest.raises(StrongroomError) as info:
         good.load("classifier", "1")  # published unsigned
     assert info.value.reason == "MODEL_SIGNATURE_MISSING"
+
+
+def test_a_model_unloaded_while_it_loads_is_not_served_afterwards(
+    life: Lifecycle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unload that arrives while the model is downloading or loading wins: the load's result
+    is dropped and the caller told so. Before, the finished load published the model again, so
+    an operator who unloaded a version (a bad one, say) saw it come back a moment later."""
+    import threading
+
+    from strongroom.errors import StrongroomError
+    from strongroom.inference.models import LoadedModel
+
+    loader = other_vm_loader(life, measurement=bytes.fromhex(DEMO_MEASUREMENT))
+    repository = loader._repository
+    in_load, go_on = threading.Event(), threading.Event()
+    original = LoadedModel.from_bytes.__func__  # type: ignore[attr-defined]
+
+    def held(cls: type[LoadedModel], *args: Any, **kwargs: Any) -> LoadedModel:
+        in_load.set()
+        assert go_on.wait(30)
+        return original(cls, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(LoadedModel, "from_bytes", classmethod(held))
+    outcome: list[object] = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(_call_or_error(lambda: loader.load("classifier", "1")))
+    )
+    thread.start()
+    assert in_load.wait(60)
+    repository.unload("classifier", "1")
+    go_on.set()
+    thread.join(60)
+    (result,) = outcome
+    assert isinstance(result, StrongroomError), result
+    assert (result.status_name, result.reason) == ("FAILED_PRECONDITION", "MODEL_UNLOADED")
+    assert not repository.is_ready("classifier", "1")
+    assert "classifier" not in repository.names()
+    # Loading it again afterwards works as usual.
+    monkeypatch.undo()
+    loader.load("classifier", "1")
+    assert repository.is_ready("classifier", "1")
+
+
+def _call_or_error(fn: Any) -> object:
+    try:
+        return fn()
+    except Exception as exc:
+        return exc

@@ -18,6 +18,7 @@ from strongroom.inference.models import (
     ModelNotReady,
     ModelRepository,
     ModelState,
+    ModelUnloaded,
     RuntimeOptions,
     session_options,
 )
@@ -238,3 +239,29 @@ def test_concurrent_gets_during_swaps_never_fail() -> None:
         t.join()
     assert errors == []
     assert repo.get("m").version == "7"
+
+
+def test_an_unload_during_a_load_wins() -> None:
+    repo = ModelRepository(["m"])
+    loading = repo.begin_load("m", "1")
+    repo.unload("m", "1")
+    with pytest.raises(ModelUnloaded) as info:
+        repo.load("m", "1", onnx_models.adder(1.0), loading=loading)
+    assert (info.value.status_name, info.value.reason) == ("FAILED_PRECONDITION", "MODEL_UNLOADED")
+    assert not repo.is_ready("m", "1") and repo.status("m").versions == ()
+    # A failure reported for the dropped load is not recorded either.
+    repo.fail("m", "1", info.value, loading=loading)
+    assert repo.status("m").versions == ()
+
+
+def test_a_finished_load_publishes_only_if_it_is_still_the_current_one() -> None:
+    repo = ModelRepository()
+    first = repo.begin_load("m", "1")
+    loaded = LoadedModel.from_bytes("m", "1", onnx_models.adder(1.0))
+    repo.unload("m", "1")
+    second = repo.begin_load("m", "1")  # loaded again meanwhile
+    with pytest.raises(ModelUnloaded):
+        repo.publish(loaded, loading=first)
+    assert not repo.is_ready("m", "1")
+    repo.load("m", "1", onnx_models.adder(2.0), loading=second)
+    assert repo.is_ready("m", "1")

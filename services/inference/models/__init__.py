@@ -22,6 +22,7 @@ from strongroom.inference.models._repository import (
     ModelRepository,
     ModelState,
     ModelStatus,
+    ModelUnloaded,
     VersionStatus,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "ModelRepository",
     "ModelState",
     "ModelStatus",
+    "ModelUnloaded",
     "RuntimeOptions",
     "TensorSpec",
     "VersionStatus",

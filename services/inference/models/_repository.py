@@ -48,6 +48,18 @@ class ModelLoadFailed(FailedPrecondition):
     default_reason = Reason.MODEL_LOAD_FAILED
 
 
+class ModelUnloaded(FailedPrecondition):
+    """The version was unloaded while it was loading: the load's result is dropped."""
+
+    default_reason = Reason.MODEL_UNLOADED
+
+
+def _unloaded(name: str, version: str) -> ModelUnloaded:
+    return ModelUnloaded(
+        f"model {name!r} version {version!r} was unloaded while it was loading; it is not served"
+    )
+
+
 class ModelState(enum.Enum):
     """Where a model version stands."""
 
@@ -116,26 +128,46 @@ class ModelRepository:
             if name not in self._entries:
                 self._put(name, _EMPTY)
 
-    def begin_load(self, name: str, version: str) -> None:
-        """Records that ``version`` is being loaded (downloaded, decrypted, ...)."""
-        self._set_pending(name, version, VersionStatus(version, ModelState.LOADING))
+    def begin_load(self, name: str, version: str) -> VersionStatus:
+        """Records that ``version`` is being loaded (downloaded, decrypted, ...). Returns the
+        load's status: passed back to :meth:`load`, :meth:`fail` and :meth:`publish`, it makes
+        them give way to an :meth:`unload` (or a newer load) that came meanwhile."""
+        loading = VersionStatus(version, ModelState.LOADING)
+        self._set_pending(name, version, loading)
+        return loading
 
-    def fail(self, name: str, version: str, error: StrongroomError) -> None:
-        """Records that loading ``version`` failed with ``error``; it will not become ready."""
+    def fail(
+        self,
+        name: str,
+        version: str,
+        error: StrongroomError,
+        *,
+        loading: VersionStatus | None = None,
+    ) -> None:
+        """Records that loading ``version`` failed with ``error``; it will not become ready.
+        Nothing is recorded for a ``loading`` that is no longer current (see :meth:`begin_load`)."""
         failure = LoadFailure(error.reason, error.message, time.time())
-        self._set_pending(name, version, VersionStatus(version, ModelState.FAILED, failure))
+        status = VersionStatus(version, ModelState.FAILED, failure)
+        if not self._set_pending(name, version, status, replacing=loading):
+            return
         log.error(
             "model load failed",
             extra={"model": name, "version": version, "reason": error.reason},
         )
 
-    def publish(self, model: LoadedModel) -> None:
+    def publish(self, model: LoadedModel, *, loading: VersionStatus | None = None) -> None:
         """Makes ``model`` its name's default version, atomically; older versions beyond
-        ``retain_versions`` stop being addressable (requests already using them complete)."""
+        ``retain_versions`` stop being addressable (requests already using them complete).
+
+        With ``loading`` (from :meth:`begin_load`), raises :class:`ModelUnloaded` and publishes
+        nothing if that load is no longer current: the version was unloaded meanwhile.
+        """
         name = validate_name(model.name)
         version = validate_version(model.version)
         with self._lock:
             entry = self._entries.get(name, _EMPTY)
+            if loading is not None and entry.pending.get(version) is not loading:
+                raise _unloaded(name, version)
             ready = {v: m for v, m in entry.ready.items() if v != version}
             ready[version] = model
             while len(ready) > self._retain:
@@ -152,24 +184,33 @@ class ModelRepository:
         *,
         external_data: Mapping[str, ModelBuffer] | None = None,
         options: RuntimeOptions | None = None,
+        loading: VersionStatus | None = None,
     ) -> LoadedModel:
-        """Loads a model from plaintext bytes and publishes it; on failure records why and raises."""
-        self.begin_load(name, version)
+        """Loads a model from plaintext bytes and publishes it; on failure records why and raises.
+
+        ``loading`` is the status :meth:`begin_load` returned when the caller began the load
+        earlier (before a download); without it the load begins here. ModelUnloaded if the
+        version was unloaded since.
+        """
+        if loading is None:
+            loading = self.begin_load(name, version)
+        elif self._entries.get(name, _EMPTY).pending.get(version) is not loading:
+            raise _unloaded(name, version)
         try:
             loaded = LoadedModel.from_bytes(
                 name, version, model, external_data=external_data, options=options
             )
         except StrongroomError as exc:
-            self.fail(name, version, exc)
+            self.fail(name, version, exc, loading=loading)
             raise
         except Exception:
             log.exception("unexpected error loading model", extra={"model": name})
             error = ModelLoadFailed(
                 "unexpected error while loading", reason=Reason.MODEL_LOAD_ERROR
             )
-            self.fail(name, version, error)
+            self.fail(name, version, error, loading=loading)
             raise error from None
-        self.publish(loaded)
+        self.publish(loaded, loading=loading)
         return loaded
 
     def unload(self, name: str, version: str | None = None) -> None:
@@ -247,11 +288,22 @@ class ModelRepository:
         return all(entries[n].default is not None for n in self._expected if n in entries)
 
     # -- internals ----------------------------------------------------------------------------
-    def _set_pending(self, name: str, version: str, status: VersionStatus) -> None:
+    def _set_pending(
+        self,
+        name: str,
+        version: str,
+        status: VersionStatus,
+        *,
+        replacing: VersionStatus | None = None,
+    ) -> bool:
+        """Sets ``version``'s pending status; with ``replacing``, only if that is still it
+        (returns whether it did)."""
         validate_name(name)
         validate_version(version)
         with self._lock:
             entry = self._entries.get(name, _EMPTY)
+            if replacing is not None and entry.pending.get(version) is not replacing:
+                return False
             pending = {v: s for v, s in entry.pending.items() if v != version}
             pending[version] = status
             ready = entry.ready
@@ -260,6 +312,7 @@ class ModelRepository:
                 # A reload of a serving version failed: the served session is still good.
                 del pending[version]
             self._put(name, _Entry(ready, default, MappingProxyType(pending)))
+        return True
 
     def _put(self, name: str, entry: _Entry) -> None:
         entries = dict(self._entries)
