@@ -27,7 +27,7 @@ from strongroom.inference.config import InferenceConfig
 from strongroom.inference.control import CONTROL_SERVICE, ModelControlServicer
 from strongroom.inference.evidence_service import InferenceAttestationServicer
 from strongroom.inference.loader import ModelLoader
-from strongroom.inference.models import ModelRepository
+from strongroom.inference.models import ModelNotFound, ModelRepository, ModelState
 from strongroom.inference.oip import OipServicer
 from strongroom.inference.signature import SignaturePolicy
 from strongroom.pki.identity import WorkloadIdentity
@@ -111,21 +111,37 @@ class InferenceServer:
     _stopping: threading.Event = field(default_factory=threading.Event)
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
+    def _load_failed(self, name: str, version: str) -> bool:
+        """Whether ``version``'s last load failed and stands (not unloaded, reloaded or loading)."""
+        try:
+            versions = self.repository.status(name).versions
+        except ModelNotFound:
+            return False
+        return any(v.version == version and v.state is ModelState.FAILED for v in versions)
+
     def load_configured_models(self, *, wait: bool = False) -> None:
         """Loads the configured models in the background.
 
         A load that fails because a dependency is unavailable (store, broker, HSM, collateral) is
         retried with exponential back-off, so start-up order does not matter; any other failure
         (a denied release, a tampered artifact) leaves the model not ready with its reason, and
-        is not retried: it needs an operator.
+        is not retried: it needs an operator. Neither is a model an operator unloaded meanwhile.
         """
 
         def run() -> None:
             pending = list(self.config.models)
             delay = self.retry_initial
+            first = True
             while pending and not self._stopping.is_set():
                 retry = []
                 for ref in pending:
+                    if not first and not self._load_failed(ref.name, ref.version):
+                        log.info(
+                            "model %s/%s was unloaded or loaded meanwhile: no longer retried",
+                            ref.name,
+                            ref.version,
+                        )
+                        continue
                     try:
                         self.loader.load(ref.name, ref.version)
                     except Unavailable as exc:
@@ -135,7 +151,7 @@ class InferenceServer:
                         retry.append(ref)
                     except StrongroomError as exc:
                         log.error("model %s/%s not loaded: %s", ref.name, ref.version, exc)
-                pending = retry
+                pending, first = retry, False
                 if pending:
                     self._stopping.wait(delay)
                     delay = min(delay * 2, self.retry_max)

@@ -49,3 +49,46 @@ def test_model_loads_after_the_broker_comes_back(stack: DevStack, tmp_path: Path
     assert not repository.is_ready("late")
     stack.start_in_process("keybroker")
     assert wait_until(lambda: repository.is_ready("late", "1"), 30), repository.status("late")
+
+
+def test_a_configured_model_unloaded_while_it_waits_to_be_retried_stays_unloaded(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """The start-up loader retried a model an operator had unloaded during its back-off, and so
+    loaded it again once the broker was back."""
+    stack.create_release_key(stack.identity("admin"), "dropped", policy_version="1")
+    publisher = stack.identity("publisher")
+    publish_model(
+        train(tmp_path / "m.onnx").path,
+        name="dropped",
+        version="1",
+        key_id="dropped",
+        broker=stack.channel(publisher, "keybroker"),
+        store=stack.channel(publisher, "modelstore"),
+    )
+    stack.services.pop("keybroker").stop()
+    earlier = stack.services.pop("inference", None)  # an earlier test's server holds the port
+    if earlier is not None:
+        earlier.stop()
+    section = {
+        **stack.default_section("inference"),
+        "models": [{"name": "dropped", "version": "1"}],
+    }
+    inference = stack.start_in_process("inference", section).handle
+    try:
+        inference.retry_initial = 0.2
+        inference.load_configured_models()
+        repository = inference.repository
+
+        def failed() -> bool:
+            return any(v.failure is not None for v in repository.status("dropped").versions)
+
+        assert wait_until(failed, 30), repository.status("dropped")
+        repository.unload("dropped", "1")  # as UnloadModel does
+        stack.start_in_process("keybroker")
+        (loader_thread,) = inference._threads
+        assert wait_until(lambda: not loader_thread.is_alive(), 30)
+        assert not repository.is_ready("dropped", "1")
+        assert repository.status("dropped").versions == ()
+    finally:
+        stack.services.pop("inference").stop()
