@@ -19,17 +19,22 @@ def wait_until(predicate: object, timeout: float) -> bool:
     return False
 
 
-def test_model_loads_after_the_broker_comes_back(stack: DevStack, tmp_path: Path) -> None:
-    stack.create_release_key(stack.identity("admin"), "late", policy_version="1")
+def _publish(stack: DevStack, tmp_path: Path, name: str) -> None:
+    """Publishes ``name`` version 1 under a release key of the same name."""
+    stack.create_release_key(stack.identity("admin"), name, policy_version="1")
     publisher = stack.identity("publisher")
     publish_model(
         train(tmp_path / "m.onnx").path,
-        name="late",
+        name=name,
         version="1",
-        key_id="late",
+        key_id=name,
         broker=stack.channel(publisher, "keybroker"),
         store=stack.channel(publisher, "modelstore"),
     )
+
+
+def test_model_loads_after_the_broker_comes_back(stack: DevStack, tmp_path: Path) -> None:
+    _publish(stack, tmp_path, "late")
     stack.services.pop("keybroker").stop()
 
     section = {**stack.default_section("inference"), "models": [{"name": "late", "version": "1"}]}
@@ -56,16 +61,7 @@ def test_a_configured_model_unloaded_while_it_waits_to_be_retried_stays_unloaded
 ) -> None:
     """The start-up loader retried a model an operator had unloaded during its back-off, and so
     loaded it again once the broker was back."""
-    stack.create_release_key(stack.identity("admin"), "dropped", policy_version="1")
-    publisher = stack.identity("publisher")
-    publish_model(
-        train(tmp_path / "m.onnx").path,
-        name="dropped",
-        version="1",
-        key_id="dropped",
-        broker=stack.channel(publisher, "keybroker"),
-        store=stack.channel(publisher, "modelstore"),
-    )
+    _publish(stack, tmp_path, "dropped")
     stack.services.pop("keybroker").stop()
     earlier = stack.services.pop("inference", None)  # an earlier test's server holds the port
     if earlier is not None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from strongroom.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 from strongroom.keybroker.audit import (
@@ -381,13 +381,18 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_processes_append_concurrently(tmp_path: Path) -> None:
+def _signing_key_file(tmp_path: Path) -> tuple[Path, Ed25519PrivateKey, Ed25519PublicKey]:
+    """A new signing key in a PEM file for child processes, and both halves of it."""
     private_pem, public_pem = new_signing_key()
     key_file = tmp_path / "audit.key"
     key_file.write_bytes(private_pem)
     key_file.chmod(0o600)
+    return key_file, load_signing_key(Secret(private_pem)), load_public_key(public_pem)
+
+
+def test_processes_append_concurrently(tmp_path: Path) -> None:
+    key_file, key, public_key = _signing_key_file(tmp_path)
     path = tmp_path / "shared.jsonl"
-    key = load_signing_key(Secret(private_pem))
     with AuditLog.open(path, key) as log:
         children = [
             subprocess.Popen(
@@ -399,8 +404,59 @@ def test_processes_append_concurrently(tmp_path: Path) -> None:
             log.append(event(n))
         assert [child.wait(60) for child in children] == [0, 0]
         log.append(event(99))  # this process notices the others' records and continues the chain
-    result = verify_audit_log(path, public_key=load_public_key(public_pem))
+    result = verify_audit_log(path, public_key=public_key)
     assert result.intact and result.records == 76
+
+
+# A writer process committing as fast as it can until its standard input closes.
+_WRITER = textwrap.dedent(
+    """
+    import sys, threading
+    from pathlib import Path
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
+    key = load_pem_private_key(Path(sys.argv[2]).read_bytes(), None)
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    with AuditLog.open(Path(sys.argv[1]), key) as log:
+        print("ready", flush=True)
+        n = 0
+        while not stop.is_set():
+            log.append(AuditEvent(decision=Decision.DENIED, reason="WRITER", claims={"n": n}))
+            n += 1
+    """
+)
+
+
+def test_verifying_a_log_that_is_being_written_never_reports_tampering(tmp_path: Path) -> None:
+    """Operators verify ``/var/lib/strongroom/audit/audit.log`` in place (from a cron job, say):
+    a commit landing while the verifier reads (between its last line and the head, or between a
+    batch's lines and their head) must not read as tampering."""
+    key_file, key, public_key = _signing_key_file(tmp_path)
+    path = tmp_path / "audit.log"
+    with AuditLog.open(path, key) as log:
+        log.append(event(0))
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path), str(key_file)],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout is not None and writer.stdin is not None
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        results = [verify_audit_log(path, public_key=public_key) for _ in range(150)]
+    finally:
+        writer.stdin.close()
+        assert writer.wait(60) == 0
+    problems = [(r.problem, r.message) for r in results if not r.intact]
+    assert problems == [], f"{len(problems)} of {len(results)}: {problems[:3]}"
+    # Each verification saw a consistent snapshot of a log that kept growing meanwhile.
+    counts = [r.records for r in results]
+    assert counts == sorted(counts) and counts[-1] > counts[0]
+    final = verify_audit_log(path, public_key=public_key)
+    assert final.intact and final.records >= counts[-1]
 
 
 _FULL_DISK = textwrap.dedent(
@@ -434,9 +490,7 @@ _FULL_DISK = textwrap.dedent(
 
 
 def test_write_failure_refuses_the_decision_and_recovers(tmp_path: Path) -> None:
-    private_pem, public_pem = new_signing_key()
-    key_file = tmp_path / "audit.key"
-    key_file.write_bytes(private_pem)
+    key_file, _, public_key = _signing_key_file(tmp_path)
     path = tmp_path / "full.jsonl"
     run = subprocess.run(
         [sys.executable, "-c", _FULL_DISK, str(path), str(key_file)],
@@ -449,7 +503,7 @@ def test_write_failure_refuses_the_decision_and_recovers(tmp_path: Path) -> None
     outcome = json.loads(run.stdout)
     assert outcome["ok"] >= 1 and outcome["failed"] >= 1
     assert outcome["reason"] == "AUDIT_UNAVAILABLE"
-    result = verify_audit_log(path, public_key=load_public_key(public_pem))
+    result = verify_audit_log(path, public_key=public_key)
     assert result.intact
     assert result.records == outcome["ok"] + 1  # no trace of the refused decisions
 
