@@ -54,7 +54,7 @@ from strongroom.errors import (
     StrongroomError,
     Unavailable,
 )
-from strongroom.inference.models import ModelRepository, VersionStatus
+from strongroom.inference.models import ModelRepository, ModelUnloaded, VersionStatus
 from strongroom.inference.multipart import load_multipart
 from strongroom.inference.signature import SignaturePolicy
 from strongroom.reasons import Reason
@@ -194,10 +194,18 @@ class ModelLoader:
         sleep: Callable[[float], None] = time.sleep,
     ) -> LoadResult:
         """:meth:`load`, retried with exponential back-off while it fails with ``Unavailable``,
-        for at most ``within`` seconds; then (or for any other failure) the last error is raised."""
+        for at most ``within`` seconds; then (or for any other failure) the last error is raised.
+        An unload of the version during a back-off ends the retries: ``ModelUnloaded``."""
         deadline = time.monotonic() + within
         delay = _RETRY_FIRST_DELAY
+        retrying = False
         while True:
+            if retrying and self._repository.version_state(name, version) is None:
+                raise ModelUnloaded(
+                    f"model {name!r} version {version!r} was unloaded while its load waited to "
+                    "be retried"
+                )
+            retrying = True
             try:
                 return self.load(name, version)
             except Unavailable as exc:

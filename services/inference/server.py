@@ -27,7 +27,7 @@ from strongroom.inference.config import InferenceConfig
 from strongroom.inference.control import CONTROL_SERVICE, ModelControlServicer
 from strongroom.inference.evidence_service import InferenceAttestationServicer
 from strongroom.inference.loader import ModelLoader
-from strongroom.inference.models import ModelNotFound, ModelRepository, ModelState
+from strongroom.inference.models import ModelRepository, ModelState
 from strongroom.inference.oip import OipServicer
 from strongroom.inference.signature import SignaturePolicy
 from strongroom.pki.identity import WorkloadIdentity
@@ -111,14 +111,6 @@ class InferenceServer:
     _stopping: threading.Event = field(default_factory=threading.Event)
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
-    def _load_failed(self, name: str, version: str) -> bool:
-        """Whether ``version``'s last load failed and stands (not unloaded, reloaded or loading)."""
-        try:
-            versions = self.repository.status(name).versions
-        except ModelNotFound:
-            return False
-        return any(v.version == version and v.state is ModelState.FAILED for v in versions)
-
     def load_configured_models(self, *, wait: bool = False) -> None:
         """Loads the configured models in the background.
 
@@ -128,6 +120,9 @@ class InferenceServer:
         is not retried: it needs an operator. Neither is a model an operator unloaded meanwhile.
         """
 
+        def still_failed(name: str, version: str) -> bool:
+            return self.repository.version_state(name, version) is ModelState.FAILED
+
         def run() -> None:
             pending = list(self.config.models)
             delay = self.retry_initial
@@ -135,7 +130,7 @@ class InferenceServer:
             while pending and not self._stopping.is_set():
                 retry = []
                 for ref in pending:
-                    if not first and not self._load_failed(ref.name, ref.version):
+                    if not first and not still_failed(ref.name, ref.version):
                         log.info(
                             "model %s/%s was unloaded or loaded meanwhile: no longer retried",
                             ref.name,

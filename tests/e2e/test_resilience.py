@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
+from strongroom.inference.models import ModelUnloaded
 
 
 def wait_until(predicate: object, timeout: float) -> bool:
@@ -86,5 +89,32 @@ def test_a_configured_model_unloaded_while_it_waits_to_be_retried_stays_unloaded
         assert wait_until(lambda: not loader_thread.is_alive(), 30)
         assert not repository.is_ready("dropped", "1")
         assert repository.status("dropped").versions == ()
+    finally:
+        stack.services.pop("inference").stop()
+
+
+def test_load_model_retrying_an_unavailable_broker_stops_when_the_version_is_unloaded(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """LoadModel retries UNAVAILABLE for a while; an UnloadModel during its back-off used to be
+    undone by the next attempt."""
+    _publish(stack, tmp_path, "retried")
+    stack.services.pop("keybroker").stop()
+    earlier = stack.services.pop("inference", None)
+    if earlier is not None:
+        earlier.stop()
+    inference = stack.start_in_process("inference", stack.default_section("inference")).handle
+    try:
+        repository = inference.repository
+
+        def back_off(seconds: float) -> None:
+            # The operator unloads the version while LoadModel waits, then the broker returns.
+            repository.unload("retried", "1")
+            stack.start_in_process("keybroker")
+
+        with pytest.raises(ModelUnloaded):
+            inference.loader.load_with_retry("retried", "1", within=60, sleep=back_off)
+        assert repository.version_state("retried", "1") is None
+        assert "retried" not in repository.names()
     finally:
         stack.services.pop("inference").stop()

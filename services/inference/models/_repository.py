@@ -282,6 +282,17 @@ class ModelRepository:
         versions += list(entry.pending.values())
         return ModelStatus(name, entry.default is not None, entry.default, tuple(versions))
 
+    def version_state(self, name: str, version: str) -> ModelState | None:
+        """Where ``version`` stands now: READY, LOADING, FAILED, or None (never loaded, or
+        unloaded). What a retry of a failed load checks first."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        if version in entry.ready:
+            return ModelState.READY
+        status = entry.pending.get(version)
+        return status.state if status is not None else None
+
     def server_ready(self) -> bool:
         """True when every expected model has a ready version."""
         entries = self._entries
