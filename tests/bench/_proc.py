@@ -72,6 +72,20 @@ def thread_cpu_seconds(pid: int | str = "self") -> dict[int, tuple[str, float]]:
     return threads
 
 
+def context_switches(pid: int | str = "self") -> tuple[int, int]:
+    """A process's (voluntary, involuntary) context switches so far, summed over its live threads:
+    voluntary ones are waits (a lock, the interpreter lock, I/O), involuntary ones preemptions."""
+    voluntary = involuntary = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = status(f"{pid}/task/{tid}")
+        except OSError:
+            continue
+        voluntary += fields.get("voluntary_ctxt_switches", 0)
+        involuntary += fields.get("nonvoluntary_ctxt_switches", 0)
+    return voluntary, involuntary
+
+
 def machine_busy_seconds() -> float:
     """CPU time the whole machine has spent busy so far (every process, kernel and interrupts)."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]

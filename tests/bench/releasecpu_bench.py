@@ -5,7 +5,9 @@ serve keybroker`` runs it (logging to its file at INFO, no trace exporter). Call
 (the release protocol of ``keybroker_bench``: GetChallenge, a simulated SNP report over the
 binding, ReleaseKey) drive it with 1 and then 16 concurrent callers. The broker's CPU is read from
 ``/proc/PID/stat`` (utime + stime, all its threads, gRPC's C core included) before and after each
-phase; ``broker_cpu_us_per_release`` is that difference over the releases of the phase.
+phase; ``broker_cpu_us_per_release`` is that difference over the releases of the phase, and
+``broker_context_switches_per_release`` the same for the context switches of all its threads
+(``/proc/PID/task/*/status``: voluntary ones are waits, for a lock or the interpreter lock or I/O).
 ``broker_cores_busy`` is the broker's CPU over the phase's wall time. The callers share the
 machine's cores with the broker, so releases/s here is lower than a broker would serve to remote
 callers; CPU per release does not depend on that.
@@ -43,7 +45,7 @@ from grpc_health.v1 import health_pb2_grpc
 from strongroom.dev.devstack import DevStack
 from strongroom.keybroker.ephemeral import ReleaseTarget
 from strongroom.oaep import OaepHash
-from tests.bench._proc import cpu_seconds
+from tests.bench._proc import context_switches, cpu_seconds
 from tests.bench.keybroker_bench import (
     KEY,
     MECHANISMS,
@@ -79,6 +81,7 @@ class _Broker:
         )
         assert self.running.process is not None
         self.pid = self.running.process.pid
+        self.bare_rpc_switches: dict[str, float] = {}
         self._make = caller_factory(stack)
 
     def callers(self, n: int) -> list[_Caller]:
@@ -92,12 +95,17 @@ class _Broker:
     def phase(self, callers: list[_Caller], per_caller: int) -> dict[str, Any]:
         """Releases ``per_caller`` times from each caller; latency, rate and the broker's CPU."""
         load_before = _load()
+        switches_before = context_switches(self.pid)
         cpu_before = cpu_seconds(self.pid)
         started = time.perf_counter()
         figures = _run_callers(callers, per_caller)
         wall = time.perf_counter() - started
         cpu = cpu_seconds(self.pid) - cpu_before
+        switches = context_switches(self.pid)
         figures["broker_cpu_us_per_release"] = round(cpu / figures["releases"] * 1e6, 1)
+        figures["broker_context_switches_per_release"] = _per_op(
+            switches_before, switches, figures["releases"]
+        )
         figures["broker_cores_busy"] = round(cpu / wall, 2)
         figures["load_avg_before_after"] = [load_before, _load()]
         return figures
@@ -109,9 +117,20 @@ class _Broker:
             health_pb2_grpc.HealthStub(stack.channel(identity, "keybroker")) for _ in range(callers)
         ]
         bare_calls(stubs, 1)  # connections
+        switches_before = context_switches(self.pid)
         cpu_before = cpu_seconds(self.pid)
         calls = bare_calls(stubs, per_caller)
-        return (cpu_seconds(self.pid) - cpu_before) / calls * 1e6
+        cpu = cpu_seconds(self.pid) - cpu_before
+        self.bare_rpc_switches = _per_op(switches_before, context_switches(self.pid), calls)
+        return cpu / calls * 1e6
+
+
+def _per_op(before: tuple[int, int], after: tuple[int, int], ops: int) -> dict[str, float]:
+    """Context switches per operation between two :func:`context_switches` readings."""
+    return {
+        "voluntary": round((after[0] - before[0]) / ops, 1),
+        "involuntary": round((after[1] - before[1]) / ops, 1),
+    }
 
 
 def _cpu_us(fn: Callable[[], object], n: int, clock: Callable[[], float]) -> float:
@@ -165,6 +184,7 @@ def _measure(releases: int) -> dict[str, Any]:
         "release_1_caller": one,
         "release_16_callers": sixteen,
         "bare_rpc_16_callers_broker_cpu_us": round(bare_rpc, 1),
+        "bare_rpc_16_callers_broker_context_switches": broker.bare_rpc_switches,
         "cpu_floor_us": floor | {"sum": round(total, 1)},
         "ratio_broker_cpu_to_floor": round(sixteen["broker_cpu_us_per_release"] / total, 2),
     }
