@@ -22,7 +22,9 @@ The high-water marks live in ``state.json`` and survive restarts. Layout (stable
 
 Several broker replicas may share the directory read-only (``writable=False``); writers serialise
 with a lock file and replace files atomically, and readers reload when ``generation`` changes
-(checked at most every ``reload_interval`` seconds, so the release path does not touch the disk).
+(checked at most every ``reload_interval`` seconds, so the release path does not touch the disk),
+holding the same lock file shared while they read, so that no reload pairs a document with the
+issuer chain of another write.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -156,7 +159,24 @@ class CollateralCache:
     # ---------------------------------------------------------------- reading -----------------
 
     def _load(self) -> None:
-        """(Re)reads the directory; documents that no longer parse are skipped with a warning."""
+        """(Re)reads the directory as writers leave it: under a shared ``flock`` of ``.lock``,
+        which a writer holds exclusively while it replaces files (:meth:`_writing`), so a
+        document is never read beside the issuer chain of another write."""
+        try:
+            lock = os.open(self.directory / ".lock", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            lock = None  # no writer has written here yet
+        try:
+            if lock is not None:
+                with contextlib.suppress(OSError):  # no flock on this file system: read as is
+                    fcntl.flock(lock, fcntl.LOCK_SH)
+            self._read_all()
+        finally:
+            if lock is not None:
+                os.close(lock)  # and with it the lock
+
+    def _read_all(self) -> None:
+        """Reads the directory; documents that no longer parse are skipped with a warning."""
         gen_path = self.directory / "generation"
         try:
             self._generation = gen_path.read_bytes()
@@ -337,7 +357,7 @@ class CollateralCache:
         with open(self.directory / ".lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                self._load()  # another writer may have moved the high-water marks
+                self._read_all()  # another writer may have moved the high-water marks
                 state = self._read_state()
                 yield state
                 atomic_write(
@@ -346,7 +366,7 @@ class CollateralCache:
                 )
                 generation = f"{time.time_ns()}\n".encode()
                 atomic_write(self.directory / "generation", generation)
-                self._load()
+                self._read_all()
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
