@@ -926,9 +926,19 @@ def verify_audit_log(
 ) -> AuditVerification:
     """Checks every record, the chain, and the head (its signature only with ``public_key``).
 
-    Raises NotFound(AUDIT_LOG_NOT_FOUND) when neither the log nor its head exists.
+    Raises NotFound(AUDIT_LOG_NOT_FOUND) when neither the log nor its head exists, and
+    ``AuditUnavailable`` naming the file when one cannot be read (permissions, a directory, I/O).
     """
     path = Path(path)
+    try:
+        return _verify_audit_log(path, public_key)
+    except OSError as exc:
+        raise AuditUnavailable(
+            f"cannot read {exc.filename or path}: {exc.strerror or type(exc).__name__}"
+        ) from None
+
+
+def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditVerification:
     hpath = head_path(path)
     stream: BinaryIO
     log_missing = False

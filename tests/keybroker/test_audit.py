@@ -154,6 +154,23 @@ def test_missing_log(tmp_path: Path) -> None:
     assert info.value.reason == "AUDIT_LOG_NOT_FOUND"
 
 
+@pytest.mark.parametrize("unreadable", ["log", "head"])
+def test_an_unreadable_log_or_head_is_a_clear_error(
+    audit: AuditLog, log_path: Path, unreadable: str
+) -> None:
+    """A file that cannot be read (here a directory; likewise permissions or I/O errors) escaped
+    as an OSError: a traceback from ``strongroom audit verify``."""
+    audit.append(event(0))
+    audit.close()
+    target = log_path if unreadable == "log" else head_path(log_path)
+    target.unlink()
+    target.mkdir()
+    with pytest.raises(AuditUnavailable) as info:
+        verify_audit_log(log_path)
+    assert info.value.reason == "AUDIT_UNAVAILABLE"
+    assert f"cannot read {target}: Is a directory" in info.value.message
+
+
 def _edit(path: Path, index: int, change: Callable[[dict[str, Any]], None], rehash: bool) -> None:
     content = lines(path)
     record = json.loads(content[index])
