@@ -63,7 +63,7 @@ from strongroom.attestation.errors import (
 )
 from strongroom.attestation.trust import TrustStore
 from strongroom.attestation.verify import _crl
-from strongroom.errors import StrongroomError
+from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.files import atomic_write
 from strongroom.reasons import Reason
 
@@ -470,32 +470,47 @@ class CollateralCache:
         """Imports every document of a directory in this cache's layout (air-gapped transfer).
 
         Each document is verified and rollback-checked exactly as a fetched one; the first
-        refusal stops the import with its reason.
+        refusal stops the import with its reason. A source that is not a directory, holds no
+        document, or has one (or its issuer chain) that cannot be read is InvalidArgument
+        (FILE_UNREADABLE) naming the file: an import that quietly imported nothing would leave
+        an air-gapped broker refusing releases for want of collateral.
         """
         src = Path(source)
+        if not src.is_dir():
+            raise InvalidArgument(f"{src} is not a directory", reason=Reason.FILE_UNREADABLE)
         done: list[CacheEntry] = []
         for path in sorted((src / "crl").glob("*.der")):
             chain = path.with_suffix(".chain.pem")
             scope = path.stem.rsplit("-", 1)[-1]
             done.append(
                 self.put_crl(
-                    path.read_bytes(),
-                    issuer_chain=chain.read_bytes() if chain.exists() else None,
+                    _read(path),
+                    issuer_chain=_read(chain) if chain.exists() else None,
                     scope="" if scope == "ca" else scope,
                 )
             )
         for path in sorted((src / "tdx" / "tcbinfo").glob("*.json")):
-            done.append(
-                self.put_tdx_tcb_info(
-                    path.read_bytes(), path.with_suffix(".chain.pem").read_bytes()
-                )
-            )
+            done.append(self.put_tdx_tcb_info(_read(path), _read(path.with_suffix(".chain.pem"))))
         qe = src / "tdx" / "qe_identity.json"
         if qe.exists():
-            done.append(
-                self.put_tdx_qe_identity(qe.read_bytes(), qe.with_suffix(".chain.pem").read_bytes())
+            done.append(self.put_tdx_qe_identity(_read(qe), _read(qe.with_suffix(".chain.pem"))))
+        if not done:
+            raise InvalidArgument(
+                f"{src} holds no collateral: expected crl/*.der, tdx/tcbinfo/*.json (each with "
+                "its .chain.pem) or tdx/qe_identity.json",
+                reason=Reason.FILE_UNREADABLE,
             )
         return done
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(
+            f"cannot read {path}: {exc.strerror or type(exc).__name__}",
+            reason=Reason.FILE_UNREADABLE,
+        ) from None
 
 
 def pinned_list(trust: TrustStore) -> list[x509.Certificate]:

@@ -562,3 +562,27 @@ def test_a_deeply_nested_state_file_is_bad_collateral(  # type: ignore[no-untype
         service.fetch_all(fmspcs=(bytes.fromhex("50806f000000"),))
     assert info.value.reason == Reason.BAD_COLLATERAL
     assert "state.json is unreadable" in info.value.message
+
+
+@pytest.mark.parametrize("case", ["missing", "a file", "empty", "chain missing"])
+def test_an_import_that_would_import_nothing_or_cannot_read_says_so(  # type: ignore[no-untyped-def]
+    authority, sim_trust, now, tmp_path, case: str
+) -> None:
+    """A mistyped source imported nothing and exited 0 (an air-gapped broker then refuses every
+    release for want of collateral); a document without its chain was an OSError traceback."""
+    source = tmp_path / "carried"
+    expected = f"{source} is not a directory"
+    if case == "a file":
+        source.write_bytes(b"not a directory")
+    elif case == "empty":
+        source.mkdir()
+        expected = f"{source} holds no collateral"
+    elif case == "chain missing":
+        authority.fill_cache(CollateralCache(source, sim_trust), tdx=[authority.tdx()], now=now)
+        (chain,) = (source / "tdx" / "tcbinfo").glob("*.chain.pem")
+        chain.unlink()
+        expected = f"cannot read {chain}: No such file or directory"
+    with pytest.raises(StrongroomError) as err:
+        CollateralCache(tmp_path / "cache", sim_trust).import_directory(source)
+    assert (err.value.status_name, err.value.reason) == ("INVALID_ARGUMENT", "FILE_UNREADABLE")
+    assert expected in err.value.message
