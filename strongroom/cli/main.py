@@ -69,6 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = exc.code()
         print(f"strongroom: error: {status.name}: {exc.details()}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # A file or directory the command needed (a mistyped path, permissions, a full disk):
+        # the operator's to fix, so one line naming it, not a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"strongroom: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return code

@@ -106,6 +106,19 @@ def test_token_for_a_foreign_trust_domain_is_refused(
     assert "trust domain" in capsys.readouterr().err
 
 
+def test_init_into_a_file_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --dir that is a file raised NotADirectoryError out of the CLI: a traceback."""
+    not_a_directory = tmp_path / "ca"
+    not_a_directory.write_text("a file\n")
+    code = main(["pki", "init", "--dir", str(not_a_directory), "--trust-domain", "strongroom.test"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith(f"strongroom: error: {not_a_directory}/") and "Not a directory" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
 def test_enrol_without_a_token_says_where_to_put_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
