@@ -101,7 +101,8 @@ def _rewrap_models(args: argparse.Namespace) -> int:
 
 
 def _rewrap(client: Client, key_id: str, current_version: int) -> int:
-    """Streams one JSON line per stored model, then a summary; exit 1 if any model failed."""
+    """Streams one JSON line per stored model, then a summary; exit 1 if any model failed (one
+    deleted during the run is ``gone``, not a failure)."""
     counts: Counter[str] = Counter()
     for result in rewrap_models(
         key_id,

@@ -35,6 +35,7 @@ from strongroom.artifact.format import (
     SLOT_LENGTH_SIZE,
 )
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.reasons import Reason
 
 __all__ = ["MAX_HEAD_SIZE", "RewrapResult", "rewrap_models"]
 
@@ -49,7 +50,8 @@ class RewrapResult:
     """What happened to one stored model.
 
     ``outcome``: ``rewrapped``, ``current`` (already at ``to_version`` or newer), ``format_1`` (not
-    re-wrappable) or ``failed`` (``reason`` says why; the model is unchanged).
+    re-wrappable), ``gone`` (deleted since it was listed: nothing to re-wrap) or ``failed``
+    (``reason`` says why; the model is unchanged).
     """
 
     name: str
@@ -68,6 +70,12 @@ def _reason(exc: grpc.RpcError) -> str:
         if key == REASON_TRAILER:
             return str(value)
     return exc.code().name if isinstance(exc, grpc.Call) else "RPC_FAILED"
+
+
+def _deleted(exc: grpc.RpcError) -> bool:
+    """The store's answer for a model deleted since it was listed (a key the broker does not know
+    is NOT_FOUND too, with another reason, and stays a failure)."""
+    return _reason(exc) == Reason.MODEL_NOT_FOUND
 
 
 def _read_head(
@@ -121,7 +129,8 @@ def _rewrap_one(
     try:
         header = parse_header(_read_head(store, model, timeout))
     except grpc.RpcError as exc:
-        return result("failed", model.key_version, model.key_version, _reason(exc))
+        outcome = "gone" if _deleted(exc) else "failed"
+        return result(outcome, model.key_version, model.key_version, _reason(exc))
     except InvalidArtifact as exc:
         return result("failed", model.key_version, model.key_version, exc.reason)
     if header.format_version == FORMAT_V1:
@@ -148,5 +157,6 @@ def _rewrap_one(
             timeout=timeout,
         )
     except grpc.RpcError as exc:
-        return result("failed", header.key_version, header.key_version, _reason(exc))
+        outcome = "gone" if _deleted(exc) else "failed"
+        return result(outcome, header.key_version, header.key_version, _reason(exc))
     return result("rewrapped", header.key_version, rewrapped.key_version)

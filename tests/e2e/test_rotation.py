@@ -148,3 +148,20 @@ def test_rotate_rewrap_disable_and_every_model_loads(
     with pytest.raises((grpc.RpcError, StrongroomError)) as info:
         load(stack, LEGACY)
     assert "KEY_VERSION_DISABLED" in str(info.value) or "DISABLED" in str(info.value)
+
+
+def test_a_model_deleted_during_a_rewrap_run_is_gone_not_failed(stack: DevStack) -> None:
+    """A model deleted between the listing and its re-wrap counted as failed, so a rotation run
+    that raced an ordinary ``model rm`` exited 1."""
+    from strongroom.client.rewrap import _rewrap_one
+
+    admin = stack.identity("admin")
+    listed = store_pb.ModelInfo(name="rot/deleted", version="1", key_id=KEY, key_version=1)
+    result = _rewrap_one(
+        store_grpc.ModelStoreServiceStub(stack.channel(admin, "modelstore")),
+        kb_grpc.KeyBrokerServiceStub(stack.channel(admin, "keybroker")),
+        listed,
+        2,
+        30,
+    )
+    assert (result.outcome, result.reason) == ("gone", "MODEL_NOT_FOUND")
