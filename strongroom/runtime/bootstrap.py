@@ -169,6 +169,10 @@ def run_service(
     except StrongroomError as exc:
         log.error("%s cannot run: %s", service, exc)
         raise
+    except OSError:
+        # The command line prints it as one line; the service's log keeps where it happened.
+        log.exception("%s stopped on an operating-system error", service)
+        raise
     finally:
         identity.close()
     return 0
