@@ -1,4 +1,4 @@
-"""Durable file replacement: the one atomic write every component uses.
+"""Files: the one atomic write every component uses, and reading beside other processes.
 
 A file written here is complete or absent after a crash (temporary file in the same directory,
 fsync, rename, fsync of the directory), and never exists with wider permissions than asked for.
@@ -7,9 +7,14 @@ fsync, rename, fsync of the directory), and never exists with wider permissions 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+from strongroom.errors import InvalidArgument
+from strongroom.reasons import Reason
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,3 +42,34 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of a file an operator named; InvalidArgument(FILE_UNREADABLE) naming it if it
+    cannot be read (missing, a directory, permissions, I/O)."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(
+            f"cannot read {path}: {exc.strerror or type(exc).__name__}",
+            reason=Reason.FILE_UNREADABLE,
+        ) from None
+
+
+@contextlib.contextmanager
+def shared_flock(fd: int) -> Iterator[None]:
+    """Holds a shared ``flock`` on ``fd`` for the block: a writer that takes it exclusively for
+    each change is waited for, and waits, so the block reads between two changes. Where the file
+    system has no ``flock`` (no such writer can work there), the block runs without it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        locked = False
+    else:
+        locked = True
+    try:
+        yield
+    finally:
+        if locked:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)

@@ -94,6 +94,7 @@ from strongroom import jsonparse
 from strongroom.closing import Closing
 from strongroom.cryptoparse import KEY_PARSE_ERRORS
 from strongroom.errors import DataLoss, InvalidArgument, NotFound, StrongroomError
+from strongroom.files import shared_flock
 from strongroom.keybroker.audit_head import (
     FILE_BYTES,
     GENESIS_HASH,
@@ -899,15 +900,9 @@ def _snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:
     which every commit holds exclusively.
 
     A commit in progress is waited for (a writer stuck inside one, on a hung disk, holds this up
-    too). Where the file system has no ``flock`` (no broker can write there) it reads without the
-    lock.
+    too).
     """
-    locked = False
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            locked = True
-    try:
+    with shared_flock(fd) if fd is not None else contextlib.nullcontext():
         try:
             with hpath.open("rb") as head:
                 # Bounded: the writer waits while this lock is held, whatever sits in the file.
@@ -915,10 +910,6 @@ def _snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:
         except FileNotFoundError:
             raw_head = None
         return raw_head, 0 if fd is None else os.fstat(fd).st_size
-    finally:
-        if fd is not None and locked:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def verify_audit_log(

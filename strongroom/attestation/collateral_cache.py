@@ -64,7 +64,7 @@ from strongroom.attestation.errors import (
 from strongroom.attestation.trust import TrustStore
 from strongroom.attestation.verify import _crl
 from strongroom.errors import InvalidArgument, StrongroomError
-from strongroom.files import atomic_write
+from strongroom.files import atomic_write, read_file, shared_flock
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -164,16 +164,14 @@ class CollateralCache:
         document is never read beside the issuer chain of another write."""
         try:
             lock = os.open(self.directory / ".lock", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            lock = None  # no writer has written here yet
-        try:
-            if lock is not None:
-                with contextlib.suppress(OSError):  # no flock on this file system: read as is
-                    fcntl.flock(lock, fcntl.LOCK_SH)
+        except OSError:  # no writer has written here yet
             self._read_all()
+            return
+        try:
+            with shared_flock(lock):
+                self._read_all()
         finally:
-            if lock is not None:
-                os.close(lock)  # and with it the lock
+            os.close(lock)
 
     def _read_all(self) -> None:
         """Reads the directory; documents that no longer parse are skipped with a warning."""
@@ -484,16 +482,20 @@ class CollateralCache:
             scope = path.stem.rsplit("-", 1)[-1]
             done.append(
                 self.put_crl(
-                    _read(path),
-                    issuer_chain=_read(chain) if chain.exists() else None,
+                    read_file(path),
+                    issuer_chain=read_file(chain) if chain.exists() else None,
                     scope="" if scope == "ca" else scope,
                 )
             )
         for path in sorted((src / "tdx" / "tcbinfo").glob("*.json")):
-            done.append(self.put_tdx_tcb_info(_read(path), _read(path.with_suffix(".chain.pem"))))
+            done.append(
+                self.put_tdx_tcb_info(read_file(path), read_file(path.with_suffix(".chain.pem")))
+            )
         qe = src / "tdx" / "qe_identity.json"
         if qe.exists():
-            done.append(self.put_tdx_qe_identity(_read(qe), _read(qe.with_suffix(".chain.pem"))))
+            done.append(
+                self.put_tdx_qe_identity(read_file(qe), read_file(qe.with_suffix(".chain.pem")))
+            )
         if not done:
             raise InvalidArgument(
                 f"{src} holds no collateral: expected crl/*.der, tdx/tcbinfo/*.json (each with "
@@ -501,16 +503,6 @@ class CollateralCache:
                 reason=Reason.FILE_UNREADABLE,
             )
         return done
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InvalidArgument(
-            f"cannot read {path}: {exc.strerror or type(exc).__name__}",
-            reason=Reason.FILE_UNREADABLE,
-        ) from None
 
 
 def pinned_list(trust: TrustStore) -> list[x509.Certificate]:

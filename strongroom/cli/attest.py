@@ -42,6 +42,7 @@ from strongroom.attestation.evidence import Evidence
 from strongroom.attestation.trust import TrustStore
 from strongroom.attestation.verify import verify_evidence
 from strongroom.errors import InvalidArgument, StrongroomError
+from strongroom.files import read_file
 from strongroom.reasons import Reason
 
 
@@ -120,15 +121,6 @@ def _settings(args: argparse.Namespace) -> FetchSettings | None:
         raise InvalidArgument(str(exc), reason=Reason.BAD_URL) from None
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InvalidArgument(
-            f"cannot read {path}: {exc.strerror}", reason=Reason.FILE_UNREADABLE
-        ) from None
-
-
 def _parse_time(text: str | None) -> dt.datetime:
     if text is None:
         return dt.datetime.now(dt.UTC)
@@ -151,7 +143,7 @@ def _static_source(paths: list[Path]) -> StaticCollateralSource:
     chains: list[bytes] = []
     crls: list[bytes] = []
     for path in paths:
-        data = _read(path)
+        data = read_file(path)
         kind = sniff_collateral_json(data)
         stripped = data.lstrip()
         if kind == "tcbInfo":
@@ -208,11 +200,11 @@ def _verify(args: argparse.Namespace) -> int:
     now = _parse_time(args.at)
     trust = TrustStore.production()
     try:
-        detected = detect_evidence(_read(args.evidence))
+        detected = detect_evidence(read_file(args.evidence))
         evidence = Evidence(
             tee_type=detected.tee_type,
             report=detected.data,
-            certificates=tuple(_read(p) for p in args.cert),
+            certificates=tuple(read_file(p) for p in args.cert),
         )
         claims = verify_evidence(
             evidence,
