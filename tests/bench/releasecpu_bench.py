@@ -81,7 +81,6 @@ class _Broker:
         )
         assert self.running.process is not None
         self.pid = self.running.process.pid
-        self.bare_rpc_switches: dict[str, float] = {}
         self._make = caller_factory(stack)
 
     def callers(self, n: int) -> list[_Caller]:
@@ -110,8 +109,11 @@ class _Broker:
         figures["load_avg_before_after"] = [load_before, _load()]
         return figures
 
-    def bare_rpc_cpu_us(self, stack: DevStack, callers: int, per_caller: int) -> float:
-        """The broker's CPU per bare unary RPC (Health/Check) from ``callers`` concurrent callers."""
+    def bare_rpc_cost(
+        self, stack: DevStack, callers: int, per_caller: int
+    ) -> tuple[float, dict[str, float]]:
+        """The broker's CPU (µs) and context switches per bare unary RPC (Health/Check) from
+        ``callers`` concurrent callers."""
         identity = stack.identity("inference")
         stubs = [
             health_pb2_grpc.HealthStub(stack.channel(identity, "keybroker")) for _ in range(callers)
@@ -121,8 +123,7 @@ class _Broker:
         cpu_before = cpu_seconds(self.pid)
         calls = bare_calls(stubs, per_caller)
         cpu = cpu_seconds(self.pid) - cpu_before
-        self.bare_rpc_switches = _per_op(switches_before, context_switches(self.pid), calls)
-        return cpu / calls * 1e6
+        return cpu / calls * 1e6, _per_op(switches_before, context_switches(self.pid), calls)
 
 
 def _per_op(before: tuple[int, int], after: tuple[int, int], ops: int) -> dict[str, float]:
@@ -171,7 +172,7 @@ def _measure(releases: int) -> dict[str, Any]:
         single = broker.callers(1)
         one = broker.phase(single, releases)
         sixteen = broker.phase(broker.callers(16), max(2 * releases // 16, 20))
-        bare_rpc = broker.bare_rpc_cpu_us(stack, 16, 250)
+        bare_rpc, bare_rpc_switches = broker.bare_rpc_cost(stack, 16, 250)
     rewrap, sync = _rewrap_and_sync_cpu_us(RECORD_BYTES)
     floor = {
         "two_bare_rpcs": round(2 * bare_rpc, 1),
@@ -184,7 +185,7 @@ def _measure(releases: int) -> dict[str, Any]:
         "release_1_caller": one,
         "release_16_callers": sixteen,
         "bare_rpc_16_callers_broker_cpu_us": round(bare_rpc, 1),
-        "bare_rpc_16_callers_broker_context_switches": broker.bare_rpc_switches,
+        "bare_rpc_16_callers_broker_context_switches": bare_rpc_switches,
         "cpu_floor_us": floor | {"sum": round(total, 1)},
         "ratio_broker_cpu_to_floor": round(sixteen["broker_cpu_us_per_release"] / total, 2),
     }
