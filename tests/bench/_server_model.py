@@ -8,16 +8,15 @@ standard input closes. It runs with the key broker's process environment (set by
 services run) or ``aio`` (``grpc.aio.server`` on one event loop). ``WORK`` is what each call does:
 
 - ``bare``: returns the request;
-- ``release_shaped``: the parts of a key release that are not gRPC: a P-384 ECDSA verify of a
-  report-sized message (CPU, holding the GIL) and a write + ``fsync`` of an audit-record-sized
-  line under a lock (blocking I/O; on ``aio`` in the loop's default executor, as an asyncio
-  server must run it).
+- ``release_shaped``: the parts of a key release that are not gRPC: the release floor's P-384
+  ECDSA verify of an SNP report's signed part (CPU, holding the GIL) and its write + ``fsync`` of
+  an audit-record-sized line, under a lock (blocking I/O; on ``aio`` in the loop's default
+  executor, as an asyncio server must run it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import tempfile
 import threading
@@ -26,16 +25,16 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+
+from strongroom.runtime.config import ServerConfig
+from tests.bench.keybroker_bench import _BareSyncs, p384_verify
+from tests.bench.releasecpu_bench import RECORD_BYTES
 
 SERVICE = "bench.ServerModel"
 METHOD = f"/{SERVICE}/Call"
 MODELS = ("threaded", "aio")
 WORKS = ("bare", "release_shaped")
-THREADED_WORKERS = 32  # the services' pool size
-REPORT_BYTES = 1184  # an SEV-SNP report
-RECORD_BYTES = 2500  # an ALLOWED audit record of a simulated SNP release
+THREADED_WORKERS = ServerConfig().max_workers  # the services' pool size
 
 
 def _identity(message: bytes) -> bytes:
@@ -43,24 +42,16 @@ def _identity(message: bytes) -> bytes:
 
 
 def _release_shaped(directory: Path) -> tuple[Callable[[], None], Callable[[], None]]:
-    """The verify (CPU) and the durable append (blocking I/O) of ``release_shaped``."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    public = key.public_key()
-    report = os.urandom(REPORT_BYTES)
-    signature = key.sign(report, ec.ECDSA(hashes.SHA384()))
-    record = b"r" * (RECORD_BYTES - 1) + b"\n"
-    fd = os.open(directory / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    """The verify (CPU) and the durable append (blocking I/O) of ``release_shaped``: the release
+    floor's own parts (``keybroker_bench``), the append serialised as the audit's commits are."""
+    syncs = _BareSyncs(directory, RECORD_BYTES)
     lock = threading.Lock()
-
-    def verify() -> None:
-        public.verify(signature, report, ec.ECDSA(hashes.SHA384()))
 
     def append() -> None:
         with lock:
-            os.write(fd, record)
-            os.fsync(fd)
+            syncs.append()
 
-    return verify, append
+    return p384_verify(), append
 
 
 def _threaded(
