@@ -166,7 +166,7 @@ class ModelRepository:
         version = validate_version(model.version)
         with self._lock:
             entry = self._entries.get(name, _EMPTY)
-            if loading is not None and entry.pending.get(version) is not loading:
+            if loading is not None and not self._current(name, version, loading):
                 raise _unloaded(name, version)
             ready = {v: m for v, m in entry.ready.items() if v != version}
             ready[version] = model
@@ -194,7 +194,7 @@ class ModelRepository:
         """
         if loading is None:
             loading = self.begin_load(name, version)
-        elif self._entries.get(name, _EMPTY).pending.get(version) is not loading:
+        elif not self._current(name, version, loading):
             raise _unloaded(name, version)
         try:
             loaded = LoadedModel.from_bytes(
@@ -313,7 +313,7 @@ class ModelRepository:
         validate_version(version)
         with self._lock:
             entry = self._entries.get(name, _EMPTY)
-            if replacing is not None and entry.pending.get(version) is not replacing:
+            if replacing is not None and not self._current(name, version, replacing):
                 return False
             pending = {v: s for v, s in entry.pending.items() if v != version}
             pending[version] = status
@@ -324,6 +324,10 @@ class ModelRepository:
                 del pending[version]
             self._put(name, _Entry(ready, default, MappingProxyType(pending)))
         return True
+
+    def _current(self, name: str, version: str, loading: VersionStatus) -> bool:
+        """Whether ``loading`` (from :meth:`begin_load`) is still ``version``'s pending status."""
+        return self._entries.get(name, _EMPTY).pending.get(version) is loading
 
     def _put(self, name: str, entry: _Entry) -> None:
         entries = dict(self._entries)
