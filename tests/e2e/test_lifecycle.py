@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -37,8 +38,9 @@ from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import TrainedModel, train
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.errors import StrongroomError
 from strongroom.inference.loader import ModelLoader
-from strongroom.inference.models import ModelRepository
+from strongroom.inference.models import LoadedModel, ModelRepository
 from strongroom.pki import WorkloadIdentity
 from strongroom.runtime.config import TracingConfig
 from strongroom.runtime.metrics import install_meter_provider
@@ -234,8 +236,6 @@ def test_vm_outside_the_policy_gets_no_key(
     life: Lifecycle, claims: dict[str, object], reason: str
 ) -> None:
     loader = other_vm_loader(life, **claims)
-    from strongroom.errors import StrongroomError
-
     with pytest.raises(StrongroomError) as info:
         loader.load("classifier", "1")
     assert info.value.reason == reason
@@ -434,7 +434,6 @@ def test_signed_model_loads_only_with_a_valid_signature(life: Lifecycle, tmp_pat
     """Signed at publish with OpenSSF model-signing; verified in memory against the decrypted bytes."""
     from cryptography.hazmat.primitives import serialization as ser
 
-    from strongroom.errors import StrongroomError
     from strongroom.inference.signature import SignaturePolicy
 
     def keypair(name: str) -> tuple[Path, bytes]:
@@ -498,11 +497,6 @@ def test_a_model_unloaded_while_it_loads_is_not_served_afterwards(
     """An unload that arrives while the model is downloading or loading wins: the load's result
     is dropped and the caller told so. Before, the finished load published the model again, so
     an operator who unloaded a version (a bad one, say) saw it come back a moment later."""
-    import threading
-
-    from strongroom.errors import StrongroomError
-    from strongroom.inference.models import LoadedModel
-
     loader = other_vm_loader(life, measurement=bytes.fromhex(DEMO_MEASUREMENT))
     repository = loader._repository
     in_load, go_on = threading.Event(), threading.Event()
