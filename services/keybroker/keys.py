@@ -66,7 +66,7 @@ from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, ReleaseTarget
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmCall, HsmSession
-from strongroom.keybroker.p11direct import Template
+from strongroom.keybroker.p11direct import Template, UnwrapFailed
 from strongroom.oaep import OaepHash, negotiate
 from strongroom.reasons import Reason
 
@@ -561,15 +561,7 @@ class KeyManager:
         ) -> ReleasedKey:
             kek = _pick(key_id, versions, version)
             _require_enabled(kek)
-            dek = _unwrap_session_dek(hs, kek, blob)
-            try:
-                public = _import_public_key(hs, ephemeral)
-                try:
-                    out = hs.direct.wrap_oaep(public, dek, choice, len(ephemeral.modulus))
-                finally:
-                    hs.direct.destroy(public)
-            finally:
-                hs.direct.destroy(dek)
+            out = _release_with(hs, kek, blob, ephemeral, choice)
             if len(out) != len(ephemeral.modulus):
                 raise Internal(
                     "the HSM returned an OAEP block of the wrong size", reason=Reason.HSM_ERROR
@@ -899,7 +891,43 @@ def _unwrap_session_dek(hs: HsmSession, version: _kek.KekVersion, blob: bytes) -
         dek = _unwrap_with(hs, kek, blob)
         if dek is not None:
             return dek
-    raise InvalidArgument(
+    raise _not_wrapped_under(version)
+
+
+def _release_with(
+    hs: HsmSession,
+    version: _kek.KekVersion,
+    blob: bytes,
+    ephemeral: EphemeralPublicKey,
+    choice: OaepHash,
+) -> bytes:
+    """The data key in ``blob`` re-wrapped to ``ephemeral`` with OAEP (``choice``) in one call
+    into the module (``p11direct``'s ``rewrap_oaep``): what :func:`_unwrap_session_dek`, importing
+    the key and wrapping to it do one call at a time, with the same checks."""
+    public = EPHEMERAL_KEY_IMPORT.with_bytes(
+        {Attribute.MODULUS: ephemeral.modulus, Attribute.PUBLIC_EXPONENT: ephemeral.public_exponent}
+    )
+    for kek in version.candidates:
+        try:
+            out = hs.direct.rewrap_oaep(
+                kek.key.handle,
+                blob,
+                key_template=SESSION_DEK_UNWRAP,
+                key_length=DEK_BYTES,
+                public_template=public,
+                choice=choice,
+                size=len(ephemeral.modulus),
+            )
+        except UnwrapFailed as failed:
+            _unwrap_refused(hs, kek, failed.error)
+            continue
+        if out is not None:
+            return out
+    raise _not_wrapped_under(version)
+
+
+def _not_wrapped_under(version: _kek.KekVersion) -> InvalidArgument:
+    return InvalidArgument(
         f"the wrapped data key does not unwrap under key {version.key_id!r} "
         f"version {version.version}",
         reason=Reason.WRAPPED_KEY_INVALID,
@@ -911,24 +939,9 @@ def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> int | None
     ``kek``."""
     try:
         dek = hs.direct.unwrap_aes_kwp(kek.key.handle, blob, SESSION_DEK_UNWRAP)
-    except _WRAPPED_KEY_FAILURES:
-        return None
-    except errs.AMBIGUOUS as exc:
-        # SoftHSM2 reports a failed RFC 5649 integrity check as CKR_GENERAL_ERROR, and also a KEK
-        # whose object file is damaged: a KEK that can still wrap tells the two apart.
-        if not hs.token_answers():
-            raise HsmUnavailable(f"the HSM failed while unwrapping ({errs.describe(exc)})") from exc
-        if kek.wrap and not _can_wrap(hs, kek):
-            raise HsmUnavailable(
-                f"key {kek.key_id!r} version {kek.version} fails inside the HSM "
-                f"({errs.describe(exc)})",
-                reason=Reason.HSM_OPERATION_FAILED,
-            ) from exc
-        return None
     except p11x.PKCS11Error as exc:
-        if errs.is_function_not_permitted(exc):  # disabled by another replica just now
-            raise _disabled_error(kek.key_id, kek.version) from None
-        raise
+        _unwrap_refused(hs, kek, exc)
+        return None
     try:
         length = hs.direct.ulong_attribute(dek, Attribute.VALUE_LEN)
     except p11x.PKCS11Error:
@@ -939,6 +952,28 @@ def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> int | None
         hs.direct.destroy(dek)
         return None
     return dek
+
+
+def _unwrap_refused(hs: HsmSession, kek: _kek.KekObject, exc: p11x.PKCS11Error) -> None:
+    """Returns when ``exc``, an unwrap's failure under ``kek``, means the blob was not wrapped
+    under it; raises what the failure means otherwise."""
+    if isinstance(exc, _WRAPPED_KEY_FAILURES):
+        return
+    if isinstance(exc, errs.AMBIGUOUS):
+        # SoftHSM2 reports a failed RFC 5649 integrity check as CKR_GENERAL_ERROR, and also a KEK
+        # whose object file is damaged: a KEK that can still wrap tells the two apart.
+        if not hs.token_answers():
+            raise HsmUnavailable(f"the HSM failed while unwrapping ({errs.describe(exc)})") from exc
+        if kek.wrap and not _can_wrap(hs, kek):
+            raise HsmUnavailable(
+                f"key {kek.key_id!r} version {kek.version} fails inside the HSM "
+                f"({errs.describe(exc)})",
+                reason=Reason.HSM_OPERATION_FAILED,
+            ) from exc
+        return
+    if errs.is_function_not_permitted(exc):  # disabled by another replica just now
+        raise _disabled_error(kek.key_id, kek.version) from None
+    raise exc
 
 
 def _can_wrap(hs: HsmSession, kek: _kek.KekObject) -> bool:
@@ -955,12 +990,3 @@ def _can_wrap(hs: HsmSession, kek: _kek.KekObject) -> bool:
     finally:
         scratch.destroy()
     return True
-
-
-def _import_public_key(hs: HsmSession, key: EphemeralPublicKey) -> int:
-    """The caller's ephemeral key as a session object that can only wrap (its handle)."""
-    return hs.direct.create_object(
-        EPHEMERAL_KEY_IMPORT.with_bytes(
-            {Attribute.MODULUS: key.modulus, Attribute.PUBLIC_EXPONENT: key.public_exponent}
-        )
-    )

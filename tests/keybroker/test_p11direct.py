@@ -23,11 +23,13 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.hsm import Hsm, HsmSession
-from strongroom.keybroker.keys import SESSION_DEK_UNWRAP
+from strongroom.keybroker.keys import EPHEMERAL_KEY_IMPORT, SESSION_DEK_UNWRAP
 from strongroom.keybroker.p11direct import (
     _ENTRY_POINTS,
     RETURN_CODES,
     Template,
+    UnwrapFailed,
+    _Attribute,
     _FunctionList,
     error_for,
 )
@@ -180,3 +182,143 @@ def test_a_template_refilled_with_bytes_leaves_the_original_alone() -> None:
     assert base.array[1].length == 0
     assert refilled.array[0].value == base.array[0].value  # the class value is shared, not copied
     assert ctypes.c_ulong.from_address(refilled.array[0].value).value == ObjectClass.PUBLIC_KEY
+
+
+_DIGESTS: dict[OaepHash, hashes.HashAlgorithm] = {
+    OaepHash.SHA1: hashes.SHA1(),
+    OaepHash.SHA256: hashes.SHA256(),
+    OaepHash.SHA384: hashes.SHA384(),
+    OaepHash.SHA512: hashes.SHA512(),
+}
+
+
+def _public_template(key: rsa.RSAPrivateKey) -> Template:
+    numbers = key.public_key().public_numbers()
+    return EPHEMERAL_KEY_IMPORT.with_bytes(
+        {
+            Attribute.MODULUS: numbers.n.to_bytes(384, "big"),
+            Attribute.PUBLIC_EXPONENT: numbers.e.to_bytes(3, "big"),
+        }
+    )
+
+
+def _session_objects(hs: HsmSession) -> int:
+    return len(list(hs.session.get_objects({Attribute.TOKEN: False})))
+
+
+def test_the_one_call_rewrap_gives_what_the_single_calls_give(
+    hsm: Hsm, tee_key: rsa.RSAPrivateKey
+) -> None:
+    def op(hs: HsmSession) -> None:
+        kek, blob, value = _kek_and_data_key(hs)
+        before = _session_objects(hs)
+        for choice in hsm.oaep_hashes:
+            out = hs.direct.rewrap_oaep(
+                kek.handle,
+                blob,
+                key_template=SESSION_DEK_UNWRAP,
+                key_length=32,
+                public_template=_public_template(tee_key),
+                choice=choice,
+                size=384,
+            )
+            assert out is not None and len(out) == 384
+            digest = _DIGESTS[choice]
+            assert tee_key.decrypt(out, padding.OAEP(padding.MGF1(digest), digest, None)) == value
+        assert _session_objects(hs) == before  # the unwrapped key and the imported key are gone
+
+    hsm.call(op, name="test")
+
+
+def test_each_failing_step_raises_its_own_class_and_leaves_no_object(
+    hsm: Hsm, tee_key: rsa.RSAPrivateKey
+) -> None:
+    def rewrap(hs: HsmSession, kek: Any, blob: bytes, **changes: Any) -> bytes | None:
+        arguments: dict[str, Any] = {
+            "key_template": SESSION_DEK_UNWRAP,
+            "key_length": 32,
+            "public_template": _public_template(tee_key),
+            "choice": hsm.oaep_hashes[0],
+            "size": 384,
+        } | changes
+        return hs.direct.rewrap_oaep(changes.pop("unwrapping_key", kek.handle), blob, **arguments)
+
+    def op(hs: HsmSession) -> None:
+        kek, blob, _ = _kek_and_data_key(hs)
+        before = _session_objects(hs)
+        # The unwrap: the class the single call raises, inside UnwrapFailed.
+        with pytest.raises(p11x.PKCS11Error) as single:
+            hs.direct.unwrap_aes_kwp(kek.handle, bytes(40), SESSION_DEK_UNWRAP)
+        with pytest.raises(UnwrapFailed) as failed:
+            rewrap(hs, kek, bytes(40))
+        assert type(failed.value.error) is type(single.value)
+        with pytest.raises(UnwrapFailed) as stale:
+            hs.direct.rewrap_oaep(
+                0xDEAD,
+                blob,
+                key_template=SESSION_DEK_UNWRAP,
+                key_length=32,
+                public_template=_public_template(tee_key),
+                choice=hsm.oaep_hashes[0],
+                size=384,
+            )
+        assert errs.is_stale_handle(stale.value.error)  # so a release looks its KEK up afresh
+        # The import: a template the token refuses, after the key was unwrapped.
+        with pytest.raises(p11x.TemplateIncomplete):
+            rewrap(
+                hs, kek, blob, public_template=Template([(Attribute.CLASS, ObjectClass.PUBLIC_KEY)])
+            )
+        # The wrap: an output smaller than the modulus (CKR_BUFFER_TOO_SMALL, which python-pkcs11
+        # leaves unmapped), after both objects exist.
+        with pytest.raises(p11x.PKCS11Error, match="Unmapped error code 0x150"):
+            rewrap(hs, kek, blob, size=100)
+        with pytest.raises(ValueError, match="more than this path handles"):
+            rewrap(hs, kek, blob, size=4096)
+        assert _session_objects(hs) == before
+
+    hsm.call(op, name="test")
+
+
+def test_an_unwrapped_key_of_another_length_is_not_the_callers(
+    hsm: Hsm, tee_key: rsa.RSAPrivateKey
+) -> None:
+    # SoftHSM2 reports 0 for CKA_VALUE_LEN (so it is not held to a length); a token that reports
+    # one is stood in for by answering that single call from Python, every other call the token's.
+    reports: list[int] = []
+
+    @ctypes.CFUNCTYPE(
+        ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong
+    )
+    def reporting(session: int, handle: int, query: int, count: int) -> int:
+        attribute = ctypes.cast(query, ctypes.POINTER(_Attribute)).contents
+        assert (count, attribute.type) == (1, Attribute.VALUE_LEN)
+        ctypes.c_ulong.from_address(attribute.value).value = reports[-1]
+        return 0
+
+    def op(hs: HsmSession) -> None:
+        kek, blob, _ = _kek_and_data_key(hs)
+        before = _session_objects(hs)
+        handle = hs.direct.unwrap_aes_kwp(kek.handle, blob, SESSION_DEK_UNWRAP)
+        assert hs.direct.ulong_attribute(handle, Attribute.VALUE_LEN) == 0
+        hs.direct.destroy(handle)
+        points = hs.direct._module.entry_points
+        token_own = points.get_attribute_value
+        points.get_attribute_value = ctypes.cast(reporting, ctypes.c_void_p).value
+        try:
+            for reported, released in ((16, False), (32, True), (0, True)):
+                reports.append(reported)
+                out = hs.direct.rewrap_oaep(
+                    kek.handle,
+                    blob,
+                    key_template=SESSION_DEK_UNWRAP,
+                    key_length=32,
+                    public_template=_public_template(tee_key),
+                    choice=hsm.oaep_hashes[0],
+                    size=384,
+                )
+                assert (out is not None) == released, reported
+        finally:
+            points.get_attribute_value = token_own
+        assert _session_objects(hs) == before
+
+    hsm.call(op, name="test")

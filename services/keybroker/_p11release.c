@@ -1,0 +1,103 @@
+/*
+ * A key release's six PKCS#11 calls in one C call (see p11direct.py, "One call per re-wrap").
+ *
+ * Called through ctypes, which gives up the interpreter lock for the whole call and takes it back
+ * once, instead of around each of the six entry points: with sixteen request threads waiting for
+ * the lock, each retake was a wait and two context switches. The calls, templates, mechanisms and
+ * order are the Python path's; nothing here allocates, keeps state or reads a secret.
+ *
+ * The PKCS#11 types are spelled out (CK_ULONG is `unsigned long` on the Unix ABIs PKCS#11
+ * defines) so that no header is needed to build this file.
+ */
+
+typedef unsigned long ck_ulong;
+
+typedef struct {
+    ck_ulong type;
+    void *value;
+    ck_ulong length;
+} ck_attribute;
+
+typedef struct {
+    ck_ulong mechanism;
+    void *parameter;
+    ck_ulong length;
+} ck_mechanism;
+
+/* The five entry points used, taken from the module's CK_FUNCTION_LIST by the caller. */
+typedef struct {
+    ck_ulong (*unwrap_key)(ck_ulong, ck_mechanism *, ck_ulong, unsigned char *, ck_ulong,
+                           ck_attribute *, ck_ulong, ck_ulong *);
+    ck_ulong (*get_attribute_value)(ck_ulong, ck_ulong, ck_attribute *, ck_ulong);
+    ck_ulong (*create_object)(ck_ulong, ck_attribute *, ck_ulong, ck_ulong *);
+    ck_ulong (*wrap_key)(ck_ulong, ck_mechanism *, ck_ulong, ck_ulong, unsigned char *,
+                         ck_ulong *);
+    ck_ulong (*destroy_object)(ck_ulong, ck_ulong);
+} sr_entry_points;
+
+/* Which call a non-zero return value came from (`*step`); SR_WRONG_LENGTH comes with 0. */
+enum {
+    SR_DONE = 0,
+    SR_UNWRAP = 1,
+    SR_WRONG_LENGTH = 2,
+    SR_IMPORT = 3,
+    SR_WRAP = 4,
+    SR_DESTROY_PUBLIC = 5,
+    SR_DESTROY_KEY = 6,
+};
+
+#define CKA_VALUE_LEN 0x161UL
+
+/*
+ * Unwraps `wrapped` under `unwrapping_key` into a session object made from `key_template`; checks
+ * its CKA_VALUE_LEN is 0 (unreported) or `key_length`; imports the caller's public key from
+ * `public_template`; wraps the unwrapped key to it into `out` (`*out_length` in: its size, out: the
+ * length written); destroys both objects, whatever happened. Returns the first failing call's
+ * CK_RV with `*step` naming the call, or 0 with `*step` SR_DONE, or 0 with SR_WRONG_LENGTH when the
+ * unwrapped key had another length (it is destroyed: the blob is not this key's).
+ */
+ck_ulong sr_rewrap(const sr_entry_points *p11, ck_ulong session, ck_mechanism *unwrap_mechanism,
+                   ck_ulong unwrapping_key, unsigned char *wrapped, ck_ulong wrapped_length,
+                   ck_attribute *key_template, ck_ulong key_count, ck_ulong key_length,
+                   ck_attribute *public_template, ck_ulong public_count,
+                   ck_mechanism *wrap_mechanism, unsigned char *out, ck_ulong *out_length,
+                   int *step)
+{
+    ck_ulong key = 0, public_key = 0, length = 0, rv, cleanup;
+    ck_attribute query = {CKA_VALUE_LEN, &length, sizeof length};
+
+    *step = SR_UNWRAP;
+    rv = p11->unwrap_key(session, unwrap_mechanism, unwrapping_key, wrapped, wrapped_length,
+                         key_template, key_count, &key);
+    if (rv != 0)
+        return rv;
+    /* A token that cannot tell the length is not held to it (SoftHSM2 reports 0). */
+    if (p11->get_attribute_value(session, key, &query, 1) != 0)
+        length = 0;
+    if (length != 0 && length != key_length) {
+        *step = SR_DESTROY_KEY;
+        rv = p11->destroy_object(session, key);
+        if (rv == 0)
+            *step = SR_WRONG_LENGTH;
+        return rv;
+    }
+    *step = SR_IMPORT;
+    rv = p11->create_object(session, public_template, public_count, &public_key);
+    if (rv == 0) {
+        *step = SR_WRAP;
+        rv = p11->wrap_key(session, wrap_mechanism, public_key, key, out, out_length);
+        cleanup = p11->destroy_object(session, public_key);
+        if (rv == 0 && cleanup != 0) {
+            *step = SR_DESTROY_PUBLIC;
+            rv = cleanup;
+        }
+    }
+    cleanup = p11->destroy_object(session, key);
+    if (rv == 0 && cleanup != 0) {
+        *step = SR_DESTROY_KEY;
+        rv = cleanup;
+    }
+    if (rv == 0)
+        *step = SR_DONE;
+    return rv;
+}
