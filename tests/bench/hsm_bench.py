@@ -9,7 +9,8 @@ Figures (latency p50/p99 in microseconds, throughput in ops/s) for:
 - baselines measured in the same run: ``hsm_noop`` (a round trip to the HSM worker thread),
   ``c_encrypt_32`` (one bare C_Encrypt of 32 bytes, AES-ECB, inside the module),
   ``pkcs11_calls_of_a_release`` (a release's own PKCS#11 calls made directly inside the worker, on
-  session keys: no lookup, no hand-off) and ``software_rewrap`` (the same unwrap + OAEP re-wrap
+  session keys: no lookup, no hand-off; ``..._in_one_call`` the same six through the one C call the
+  release makes, ``p11direct``'s ``rewrap_oaep``) and ``software_rewrap`` (the same unwrap + OAEP re-wrap
   done in software with ``cryptography``).
 
 The token holds :data:`OTHER_KEYS` other keys, because SoftHSM2's object search scans every object.
@@ -189,7 +190,7 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
     # CKA_VALUE_LEN read, two destroys) with its own templates, made directly, timed inside the
     # worker on session keys: what a release
     # costs without the key lookup, the worker hand-off and the KeyManager around it.
-    def time_pkcs11_calls(hs: HsmSession) -> list[float]:
+    def time_pkcs11_calls(hs: HsmSession) -> tuple[list[float], list[float]]:
         session_kek = hs.session.generate_key(
             KeyType.AES,
             256,
@@ -219,13 +220,29 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
             direct.destroy(key)
             direct.destroy(handle)
 
+        public = EPHEMERAL_KEY_IMPORT.with_bytes(
+            {Attribute.MODULUS: modulus, Attribute.PUBLIC_EXPONENT: numbers.e.to_bytes(3, "big")}
+        )
+
+        def one_call() -> None:
+            direct.rewrap_oaep(
+                session_kek.handle,
+                blob,
+                key_template=SESSION_DEK_UNWRAP,
+                key_length=32,
+                public_template=public,
+                choice=mechanism,
+                size=len(modulus),
+            )
+
         try:
-            return _latencies(calls, SINGLE_OPS)
+            return _latencies(calls, SINGLE_OPS), _latencies(one_call, SINGLE_OPS)
         finally:
             session_dek.destroy()
             session_kek.destroy()
 
-    pkcs11_calls = _summary(hsm.call(time_pkcs11_calls, timeout=60))
+    six_calls, one_call = hsm.call(time_pkcs11_calls, timeout=60)
+    pkcs11_calls, pkcs11_one_call = _summary(six_calls), _summary(one_call)
 
     # Baseline 3: the same re-wrap in software (what the HSM saves us from holding in memory).
     kek = bytes(range(32))
@@ -259,6 +276,7 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
             "baseline_hsm_noop": noop,
             "baseline_c_encrypt_32": encrypt,
             "baseline_pkcs11_calls_of_a_release": pkcs11_calls,
+            "baseline_pkcs11_calls_of_a_release_in_one_call": pkcs11_one_call,
             "baseline_software_rewrap": soft,
             "ratio_release_p50_over_software_rewrap": round(single["p50_us"] / soft["p50_us"], 2),
             "ratio_release_p50_over_c_encrypt": round(single["p50_us"] / encrypt["p50_us"], 1),
