@@ -42,4 +42,4 @@ bench: setup
 	@$(PY) -m tests.bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf .build protos/_gen .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .build protos/_gen .pytest_cache .mypy_cache .ruff_cache services/keybroker/_p11release.*.so

@@ -698,7 +698,8 @@ class Hsm(Closing):
         if self._direct is None:
             try:
                 self._direct = DirectModule(self._module_key)
-            except (OSError, p11x.PKCS11Error) as exc:
+            except (ImportError, OSError, p11x.PKCS11Error) as exc:
+                # ImportError: the package was installed without building _p11release.c.
                 raise HsmUnavailable(
                     f"cannot load the PKCS#11 module for direct calls: {exc}"
                 ) from exc

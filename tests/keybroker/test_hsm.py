@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.errors import FailedPrecondition, InvalidArgument, Unavailable
+from strongroom.keybroker import p11direct
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import KeyManager
@@ -70,6 +71,22 @@ def test_missing_module(tmp_path: Path, softhsm_token: SoftHsmToken) -> None:
     config = make_config(softhsm_token, module_path=tmp_path / "missing.so")
     with pytest.raises(HsmUnavailable):
         Hsm.open(config)
+
+
+def test_a_package_built_without_its_release_calls_says_so(
+    tmp_path: Path, softhsm_token: SoftHsmToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An install without a C compiler has no _p11release library beside p11direct.py.
+    monkeypatch.setattr(p11direct, "__file__", str(tmp_path / "p11direct.py"))
+    p11direct._release_calls.cache_clear()
+    try:
+        with pytest.raises(HsmUnavailable) as info:
+            Hsm.open(make_config(softhsm_token))
+    finally:
+        monkeypatch.undo()
+        p11direct._release_calls.cache_clear()
+    assert "_p11release" in info.value.message
+    assert "C compiler" in info.value.message
 
 
 @pytest.mark.parametrize(
