@@ -286,14 +286,16 @@ def test_an_unwrapped_key_of_another_length_is_not_the_callers(
     # one is stood in for by answering that single call from Python, every other call the token's.
     reports: list[int] = []
 
-    @ctypes.CFUNCTYPE(
-        ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong
-    )
-    def reporting(session: int, handle: int, query: int, count: int) -> int:
+    def report(session: int, handle: int, query: int, count: int) -> int:
         attribute = ctypes.cast(query, ctypes.POINTER(_Attribute)).contents
         assert (count, attribute.type) == (1, Attribute.VALUE_LEN)
         ctypes.c_ulong.from_address(attribute.value).value = reports[-1]
         return 0
+
+    prototype = ctypes.CFUNCTYPE(
+        ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong
+    )
+    reporting = prototype(report)
 
     def op(hs: HsmSession) -> None:
         kek, blob, _ = _kek_and_data_key(hs)
