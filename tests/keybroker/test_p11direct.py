@@ -206,6 +206,25 @@ def _session_objects(hs: HsmSession) -> int:
     return len(list(hs.session.get_objects({Attribute.TOKEN: False})))
 
 
+def _rewrap(
+    hs: HsmSession,
+    unwrapping_key: int,
+    blob: bytes,
+    tee_key: rsa.RSAPrivateKey,
+    choice: OaepHash,
+    **changes: Any,
+) -> bytes | None:
+    """``rewrap_oaep`` as a release makes it (to ``tee_key``), with ``changes`` to its arguments."""
+    arguments: dict[str, Any] = {
+        "key_template": SESSION_DEK_UNWRAP,
+        "key_length": 32,
+        "public_template": _public_template(tee_key),
+        "choice": choice,
+        "size": 384,
+    } | changes
+    return hs.direct.rewrap_oaep(unwrapping_key, blob, **arguments)
+
+
 def test_the_one_call_rewrap_gives_what_the_single_calls_give(
     hsm: Hsm, tee_key: rsa.RSAPrivateKey
 ) -> None:
@@ -213,15 +232,7 @@ def test_the_one_call_rewrap_gives_what_the_single_calls_give(
         kek, blob, value = _kek_and_data_key(hs)
         before = _session_objects(hs)
         for choice in hsm.oaep_hashes:
-            out = hs.direct.rewrap_oaep(
-                kek.handle,
-                blob,
-                key_template=SESSION_DEK_UNWRAP,
-                key_length=32,
-                public_template=_public_template(tee_key),
-                choice=choice,
-                size=384,
-            )
+            out = _rewrap(hs, kek.handle, blob, tee_key, choice)
             assert out is not None and len(out) == 384
             digest = _DIGESTS[choice]
             assert tee_key.decrypt(out, padding.OAEP(padding.MGF1(digest), digest, None)) == value
@@ -234,14 +245,7 @@ def test_each_failing_step_raises_its_own_class_and_leaves_no_object(
     hsm: Hsm, tee_key: rsa.RSAPrivateKey
 ) -> None:
     def rewrap(hs: HsmSession, kek: Any, blob: bytes, **changes: Any) -> bytes | None:
-        arguments: dict[str, Any] = {
-            "key_template": SESSION_DEK_UNWRAP,
-            "key_length": 32,
-            "public_template": _public_template(tee_key),
-            "choice": hsm.oaep_hashes[0],
-            "size": 384,
-        } | changes
-        return hs.direct.rewrap_oaep(changes.pop("unwrapping_key", kek.handle), blob, **arguments)
+        return _rewrap(hs, kek.handle, blob, tee_key, hsm.oaep_hashes[0], **changes)
 
     def op(hs: HsmSession) -> None:
         kek, blob, _ = _kek_and_data_key(hs)
@@ -253,15 +257,7 @@ def test_each_failing_step_raises_its_own_class_and_leaves_no_object(
             rewrap(hs, kek, bytes(40))
         assert type(failed.value.error) is type(single.value)
         with pytest.raises(UnwrapFailed) as stale:
-            hs.direct.rewrap_oaep(
-                0xDEAD,
-                blob,
-                key_template=SESSION_DEK_UNWRAP,
-                key_length=32,
-                public_template=_public_template(tee_key),
-                choice=hsm.oaep_hashes[0],
-                size=384,
-            )
+            _rewrap(hs, 0xDEAD, blob, tee_key, hsm.oaep_hashes[0])
         assert errs.is_stale_handle(stale.value.error)  # so a release looks its KEK up afresh
         # The import: a template the token refuses, after the key was unwrapped.
         with pytest.raises(p11x.TemplateIncomplete):
@@ -309,15 +305,7 @@ def test_an_unwrapped_key_of_another_length_is_not_the_callers(
         try:
             for reported, released in ((16, False), (32, True), (0, True)):
                 reports.append(reported)
-                out = hs.direct.rewrap_oaep(
-                    kek.handle,
-                    blob,
-                    key_template=SESSION_DEK_UNWRAP,
-                    key_length=32,
-                    public_template=_public_template(tee_key),
-                    choice=hsm.oaep_hashes[0],
-                    size=384,
-                )
+                out = _rewrap(hs, kek.handle, blob, tee_key, hsm.oaep_hashes[0])
                 assert (out is not None) == released, reported
         finally:
             points.get_attribute_value = token_own
