@@ -14,12 +14,18 @@ callers; CPU per release does not depend on that.
 
 ``cpu_floor_us`` is the same accounting for the parts no release can do without, measured in the
 same run: two bare RPCs (``grpc.health.v1.Health/Check`` on the same broker from 16 callers, its
-CPU per call from ``/proc/PID/stat`` as above), a bare P-384 verify (this thread's CPU), the HSM's
+CPU per call from ``/proc/PID/stat`` as above, the median of :data:`BARE_RPC_ROUNDS` measurements), a bare P-384 verify (this thread's CPU), the HSM's
 re-wrap (``KeyManager.release_to_ephemeral`` of a broker in this process, on a second DevStack:
 the process's CPU, so the HSM worker thread's and SoftHSM2's are counted) and one write + fsync of
 a record-sized line (its CPU; not divided by any batch, so the floor errs high).
 ``ratio_broker_cpu_to_floor`` is the 16-caller release's CPU over that sum: where a machine's cores
 are the limit, releases/s follow CPU per release.
+
+``one_call_ab``: the release's re-wrap as one C call (shipped) against its six PKCS#11 calls made
+one at a time (``_six_call_service``, the broker before 2026-12-05), a fresh broker per variant
+and round, :data:`AB_ROUNDS` rounds with the order alternated: each variant's releases/s, CPU
+and voluntary context switches per release with 16 callers and p50 with 1, every round listed,
+and the ratios of the medians.
 
 With ``profile=True`` (``python -m tests.bench.run releasecpu --profile``) a second broker runs
 under yappi (CPU clock, every thread, builtins included) for a 16-caller phase, and the top
@@ -33,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -63,6 +70,8 @@ SUPPORTS_PROFILE = True
 #: Where to keep yappi's raw statistics too (``--raw PATH`` when run as a script), for digging.
 RAW_PROFILE: Path | None = None
 RECORD_BYTES = 2500  # an ALLOWED record of a simulated SNP release (keybroker_bench measures it)
+AB_ROUNDS = 2
+BARE_RPC_ROUNDS = 3
 
 
 def _load() -> str:
@@ -113,17 +122,26 @@ class _Broker:
         self, stack: DevStack, callers: int, per_caller: int
     ) -> tuple[float, dict[str, float]]:
         """The broker's CPU (µs) and context switches per bare unary RPC (Health/Check) from
-        ``callers`` concurrent callers."""
+        ``callers`` concurrent callers: the median of :data:`BARE_RPC_ROUNDS` measurements, each
+        on channels of its own, closed after it (one measurement swung from 215 to 345 µs)."""
         identity = stack.identity("inference")
-        stubs = [
-            health_pb2_grpc.HealthStub(stack.channel(identity, "keybroker")) for _ in range(callers)
-        ]
-        bare_calls(stubs, 1)  # connections
-        switches_before = context_switches(self.pid)
-        cpu_before = cpu_seconds(self.pid)
-        calls = bare_calls(stubs, per_caller)
-        cpu = cpu_seconds(self.pid) - cpu_before
-        return cpu / calls * 1e6, _per_op(switches_before, context_switches(self.pid), calls)
+        measured: list[tuple[float, dict[str, float]]] = []
+        for _ in range(BARE_RPC_ROUNDS):
+            channels = [stack.channel(identity, "keybroker") for _ in range(callers)]
+            try:
+                stubs = [health_pb2_grpc.HealthStub(channel) for channel in channels]
+                bare_calls(stubs, 1)  # connections
+                switches_before = context_switches(self.pid)
+                cpu_before = cpu_seconds(self.pid)
+                calls = bare_calls(stubs, per_caller)
+                cpu = cpu_seconds(self.pid) - cpu_before
+                switches = _per_op(switches_before, context_switches(self.pid), calls)
+            finally:
+                for channel in channels:
+                    channel.close()
+            measured.append((cpu / calls * 1e6, switches))
+        measured.sort(key=lambda m: m[0])
+        return measured[len(measured) // 2]
 
 
 def _per_op(before: tuple[int, int], after: tuple[int, int], ops: int) -> dict[str, float]:
@@ -188,6 +206,43 @@ def _measure(releases: int) -> dict[str, Any]:
         "bare_rpc_16_callers_broker_context_switches": bare_rpc_switches,
         "cpu_floor_us": floor | {"sum": round(total, 1)},
         "ratio_broker_cpu_to_floor": round(sixteen["broker_cpu_us_per_release"] / total, 2),
+    }
+
+
+def _one_call_ab(releases: int) -> dict[str, Any]:
+    """The one-call re-wrap against six calls (module doc), on fresh brokers in their own process."""
+    variants: dict[str, tuple[str, ...] | None] = {
+        "one_call": None,
+        "six_calls": (sys.executable, "-m", "tests.bench._six_call_service"),
+    }
+    rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in variants}
+    for round_number in range(AB_ROUNDS):
+        order = list(variants.items())
+        for label, launcher in order if round_number % 2 == 0 else reversed(order):
+            with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
+                broker = _Broker(stack, launcher)
+                one = broker.phase(broker.callers(1), releases // 2)
+                sixteen = broker.phase(broker.callers(16), max(releases // 16, 20))
+            rounds[label].append(
+                {
+                    "p50_ms_1_caller": one["p50_ms"],
+                    "releases_per_s_16_callers": sixteen["releases_per_s"],
+                    "broker_cpu_us_per_release_16_callers": sixteen["broker_cpu_us_per_release"],
+                    "voluntary_switches_per_release_16_callers": sixteen[
+                        "broker_context_switches_per_release"
+                    ]["voluntary"],
+                }
+            )
+
+    def median(label: str, figure: str) -> float:
+        return float(statistics.median(r[figure] for r in rounds[label]))
+
+    return {
+        "rounds": rounds,
+        "ratio_one_call_over_six_calls_medians": {
+            figure: round(median("one_call", figure) / median("six_calls", figure), 3)
+            for figure in rounds["one_call"][0]
+        },
     }
 
 
@@ -266,6 +321,7 @@ def run(results: dict[str, Any], *, releases: int = 400, profile: bool = False) 
     """Measures the broker's CPU per release (and, with ``profile``, writes PROFILE.md)."""
     measured = _measure(releases)
     results.update(measured)
+    results["one_call_ab"] = _one_call_ab(releases)
     results["note"] = (
         "broker in its own process; callers in the bench process share the "
         f"{os.cpu_count()} cores; CPU from /proc/PID/stat"
