@@ -72,10 +72,11 @@ def _reason(exc: grpc.RpcError) -> str:
     return exc.code().name if isinstance(exc, grpc.Call) else "RPC_FAILED"
 
 
-def _deleted(exc: grpc.RpcError) -> bool:
-    """The store's answer for a model deleted since it was listed (a key the broker does not know
-    is NOT_FOUND too, with another reason, and stays a failure)."""
-    return _reason(exc) == Reason.MODEL_NOT_FOUND
+def _refused(exc: grpc.RpcError) -> str:
+    """The outcome of an RPC error: ``gone`` for the store's answer for a model deleted since it
+    was listed, else ``failed`` (a key the broker does not know is NOT_FOUND too, with another
+    reason, and stays a failure)."""
+    return "gone" if _reason(exc) == Reason.MODEL_NOT_FOUND else "failed"
 
 
 def _read_head(
@@ -129,8 +130,7 @@ def _rewrap_one(
     try:
         header = parse_header(_read_head(store, model, timeout))
     except grpc.RpcError as exc:
-        outcome = "gone" if _deleted(exc) else "failed"
-        return result(outcome, model.key_version, model.key_version, _reason(exc))
+        return result(_refused(exc), model.key_version, model.key_version, _reason(exc))
     except InvalidArtifact as exc:
         return result("failed", model.key_version, model.key_version, exc.reason)
     if header.format_version == FORMAT_V1:
@@ -157,6 +157,5 @@ def _rewrap_one(
             timeout=timeout,
         )
     except grpc.RpcError as exc:
-        outcome = "gone" if _deleted(exc) else "failed"
-        return result(outcome, header.key_version, header.key_version, _reason(exc))
+        return result(_refused(exc), header.key_version, header.key_version, _reason(exc))
     return result("rewrapped", header.key_version, rewrapped.key_version)

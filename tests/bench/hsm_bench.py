@@ -9,9 +9,9 @@ Figures (latency p50/p99 in microseconds, throughput in ops/s) for:
 - baselines measured in the same run: ``hsm_noop`` (a round trip to the HSM worker thread),
   ``c_encrypt_32`` (one bare C_Encrypt of 32 bytes, AES-ECB, inside the module),
   ``pkcs11_calls_of_a_release`` (a release's own PKCS#11 calls made directly inside the worker, on
-  session keys: no lookup, no hand-off; ``..._in_one_call`` the same six through the one C call the
-  release makes, ``p11direct``'s ``rewrap_oaep``) and ``software_rewrap`` (the same unwrap + OAEP re-wrap
-  done in software with ``cryptography``).
+  session keys: no lookup, no hand-off; ``..._in_one_call`` the same six through the one C call
+  the release makes, ``p11direct``'s ``rewrap_oaep``) and ``software_rewrap`` (the same unwrap +
+  OAEP re-wrap done in software with ``cryptography``).
 
 The token holds :data:`OTHER_KEYS` other keys, because SoftHSM2's object search scans every object.
 Also ``audit_append`` (one decision record: line + fsync, signed head written, fsync'd and

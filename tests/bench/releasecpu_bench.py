@@ -14,12 +14,12 @@ callers; CPU per release does not depend on that.
 
 ``cpu_floor_us`` is the same accounting for the parts no release can do without, measured in the
 same run: two bare RPCs (``grpc.health.v1.Health/Check`` on the same broker from 16 callers, its
-CPU per call from ``/proc/PID/stat`` as above, the median of :data:`BARE_RPC_ROUNDS` measurements), a bare P-384 verify (this thread's CPU), the HSM's
-re-wrap (``KeyManager.release_to_ephemeral`` of a broker in this process, on a second DevStack:
-the process's CPU, so the HSM worker thread's and SoftHSM2's are counted) and one write + fsync of
-a record-sized line (its CPU; not divided by any batch, so the floor errs high).
-``ratio_broker_cpu_to_floor`` is the 16-caller release's CPU over that sum: where a machine's cores
-are the limit, releases/s follow CPU per release.
+CPU per call from ``/proc/PID/stat`` as above, the median of :data:`BARE_RPC_ROUNDS` measurements),
+a bare P-384 verify (this thread's CPU), the HSM's re-wrap (``KeyManager.release_to_ephemeral``
+of a broker in this process, on a second DevStack: the process's CPU, so the HSM worker thread's
+and SoftHSM2's are counted) and one write + fsync of a record-sized line (its CPU; not divided by
+any batch, so the floor errs high). ``ratio_broker_cpu_to_floor`` is the 16-caller release's CPU
+over that sum: where a machine's cores are the limit, releases/s follow CPU per release.
 
 ``one_call_ab``: the release's re-wrap as one C call (shipped) against its six PKCS#11 calls made
 one at a time (``_six_call_service``, the broker before 2026-12-05), a fresh broker per variant
@@ -210,7 +210,7 @@ def _measure(releases: int) -> dict[str, Any]:
 
 
 def _one_call_ab(releases: int) -> dict[str, Any]:
-    """The one-call re-wrap against six calls (module doc), on fresh brokers in their own process."""
+    """The one-call re-wrap against six calls (module doc), each on fresh brokers."""
     variants: dict[str, tuple[str, ...] | None] = {
         "one_call": None,
         "six_calls": (sys.executable, "-m", "tests.bench._six_call_service"),
