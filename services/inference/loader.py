@@ -127,10 +127,8 @@ class ModelLoader:
             loading = self._repository.begin_load(name, version)
             started = time.perf_counter()
             try:
-                if self._is_multipart(name, version):
-                    result = self._load_multipart(name, version, loading)
-                else:
-                    result = self._load(name, version, loading)
+                with self._release.deferring_key_generation():
+                    result = self._load_any(name, version, loading)
             except StrongroomError as exc:
                 MODEL_LOAD_DURATION.record(
                     time.perf_counter() - started, {"model": name, "outcome": exc.reason}
@@ -162,6 +160,11 @@ class ModelLoader:
                 },
             )
             return result
+
+    def _load_any(self, name: str, version: str, loading: VersionStatus) -> LoadResult:
+        if self._is_multipart(name, version):
+            return self._load_multipart(name, version, loading)
+        return self._load(name, version, loading)
 
     def _is_multipart(self, name: str, version: str) -> bool:
         """Whether the store holds a manifest for ``name``/``version`` (its claim; the fetch

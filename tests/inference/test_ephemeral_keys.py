@@ -1,5 +1,5 @@
 """The key-release client's ephemeral RSA keys: made ahead at the lowest CPU priority, each used
-once, and never waited for when the background one is not ready."""
+once, never waited for when the background one is not ready, and not made while a load defers it."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def test_the_background_key_is_made_at_the_lowest_priority(client: KeyReleaseCli
 
 def test_a_key_not_ready_is_made_at_once_on_the_callers_thread(client: KeyReleaseClient) -> None:
     client._take_key()  # the one made at construction; the next one is being made
+    assert client._next_key is not None
     client._next_key.result(30)
     held, release = threading.Event(), threading.Event()
 
@@ -46,7 +47,7 @@ def test_a_key_not_ready_is_made_at_once_on_the_callers_thread(client: KeyReleas
     try:
         client._take_key()  # the ready one
         queued = client._next_key
-        assert not queued.done()
+        assert queued is not None and not queued.done()
         key = client._take_key()  # returns without the background thread (still blocked)
         assert key.key_size == EPHEMERAL_KEY_BITS
         assert queued.cancelled()  # the queued one will not be made for nothing
@@ -56,3 +57,41 @@ def test_a_key_not_ready_is_made_at_once_on_the_callers_thread(client: KeyReleas
     blocker.result(30)
     distinct = {client._take_key().public_key().public_numbers().n for _ in range(3)}
     assert len(distinct | {key.public_key().public_numbers().n}) == 4
+
+
+def test_a_key_taken_while_deferring_is_replaced_only_after_the_last_block(
+    client: KeyReleaseClient,
+) -> None:
+    assert client._next_key is not None
+    client._next_key.result(30)
+    with client.deferring_key_generation():
+        with client.deferring_key_generation():  # e.g. two models loading at once
+            first = client._take_key()  # the ready one, with nothing queued behind it
+            assert client._next_key is None
+            second = client._take_key()  # none ready: made at once, still nothing queued
+            assert client._next_key is None
+        assert client._next_key is None  # one block still open
+    queued = client._next_key
+    assert queued is not None
+    third = queued.result(30)
+    assert third is client._take_key()
+    assert len({k.public_key().public_numbers().n for k in (first, second, third)}) == 3
+
+
+def test_a_deferring_block_that_took_no_key_leaves_the_ready_one(
+    client: KeyReleaseClient,
+) -> None:
+    ready = client._next_key
+    with client.deferring_key_generation():
+        pass
+    assert client._next_key is ready
+
+
+def test_a_block_left_by_an_exception_still_lets_the_next_key_be_made(
+    client: KeyReleaseClient,
+) -> None:
+    with pytest.raises(RuntimeError), client.deferring_key_generation():
+        client._take_key()
+        raise RuntimeError("the load failed")
+    assert client._next_key is not None
+    assert client._next_key.result(30).key_size == EPHEMERAL_KEY_BITS
