@@ -182,6 +182,10 @@ def test_plaintext_never_reaches_the_disk(life: Lifecycle) -> None:
 
 
 def test_tampered_artifact_is_refused_and_model_stays_unready(life: Lifecycle) -> None:
+    # Loaded here, not left to an earlier test: the good version must be serving before, too.
+    life.control().LoadModel(
+        control_pb.LoadModelRequest(name="classifier", version="1"), timeout=120
+    )
     life.publish("tampered")
     store = life.stack.services["modelstore"].handle.storage
     record = store.stat("classifier", "tampered")
