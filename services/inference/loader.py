@@ -127,8 +127,10 @@ class ModelLoader:
             loading = self._repository.begin_load(name, version)
             started = time.perf_counter()
             try:
-                with self._release.deferring_key_generation():
-                    result = self._load_any(name, version, loading)
+                if self._is_multipart(name, version):
+                    result = self._load_multipart(name, version, loading)
+                else:
+                    result = self._load(name, version, loading)
             except StrongroomError as exc:
                 MODEL_LOAD_DURATION.record(
                     time.perf_counter() - started, {"model": name, "outcome": exc.reason}
@@ -161,11 +163,6 @@ class ModelLoader:
             )
             return result
 
-    def _load_any(self, name: str, version: str, loading: VersionStatus) -> LoadResult:
-        if self._is_multipart(name, version):
-            return self._load_multipart(name, version, loading)
-        return self._load(name, version, loading)
-
     def _is_multipart(self, name: str, version: str) -> bool:
         """Whether the store holds a manifest for ``name``/``version`` (its claim; the fetch
         authenticates the manifest's header before trusting anything in it)."""
@@ -185,6 +182,7 @@ class ModelLoader:
             version,
             signature=self._signature,
             loading=loading,
+            fetching=self._release.deferring_key_generation(),
         )
         return LoadResult(timings=timings, decision_id=decision_id)
 
@@ -247,14 +245,18 @@ class ModelLoader:
         def release(header: ArtifactHeader) -> ReleasedDataKey:
             return self._release_key(header.key_id, header.key_version, header.wrapped_dek)
 
+        # The next ephemeral key is made once the download is in, beside ONNX Runtime's load
+        # (which keeps one core busy), not beside the download and decryption (both cores).
+        with self._release.deferring_key_generation():
+            artifact = decrypt_download(
+                self._download(name, version),
+                release,
+                check_header=check_header,
+                threads=self._threads,
+            )
         # The plaintext lives only in the artifact's buffer, which ONNX Runtime loads from (bytes,
         # no copy) and which reads as zeros once this block is left (its pages are dropped).
-        with decrypt_download(
-            self._download(name, version),
-            release,
-            check_header=check_header,
-            threads=self._threads,
-        ) as artifact:
+        with artifact:
             self._check_signature(artifact.header, artifact.plaintext)
             result = LoadResult(dict(artifact.timings), artifact.key.decision_id)
             fetched = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 
 from strongroom.artifact.manifest import ManifestLayout
 from strongroom.client.fetch import DecryptedModel, ModelFetcher
@@ -35,9 +36,12 @@ def load_multipart(
     *,
     signature: SignaturePolicy | None = None,
     loading: VersionStatus | None = None,
+    fetching: AbstractContextManager[object] | None = None,
 ) -> tuple[dict[str, float], str]:
     """Fetches, decrypts and loads ``name``/``version``; returns (timings, release decision id).
-    ``loading`` is the load's status from ``repository.begin_load`` (see ModelRepository.load).
+    ``loading`` is the load's status from ``repository.begin_load`` (see ModelRepository.load);
+    ``fetching``, if given, is entered for the fetch alone (the loader defers the next ephemeral
+    key's generation with it).
 
     Raises DataLoss for a part that is not the one the manifest names, FailedPrecondition for a
     manifest whose layout is not an ONNX model (MODEL_LAYOUT_UNSUPPORTED), or the load's error.
@@ -49,7 +53,8 @@ def load_multipart(
             "multi-part models are not signed, and a signature is required",
             reason=Reason.MODEL_SIGNATURE_MISSING,
         )
-    fetched: DecryptedModel = fetcher.fetch(name, version)
+    with fetching if fetching is not None else nullcontext():
+        fetched: DecryptedModel = fetcher.fetch(name, version)
     with fetched:
         if fetched.layout is not ManifestLayout.ONNX_EXTERNAL_DATA:
             raise FailedPrecondition(

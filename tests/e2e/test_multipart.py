@@ -21,6 +21,7 @@ import tarfile
 import threading
 import types
 from collections.abc import Iterator
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,14 @@ from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.cli import models as cli_models
 from strongroom.cli.main import main as cli_main
 from strongroom.client.fetch import ModelFetcher
-from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.client.keyrelease import EPHEMERAL_KEY_BITS, KeyReleaseClient
 from strongroom.client.multipart import files_parts, onnx_parts, publish_parts
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
+from strongroom.inference.loader import ModelLoader
+from strongroom.inference.models import ModelRepository
 from strongroom.inference.models._ort import ort
 from strongroom.pki import WorkloadIdentity
 
@@ -163,6 +166,11 @@ class Env:
         return path
 
     def fetcher(self) -> ModelFetcher:
+        return ModelFetcher(
+            self.stack.channel(self.inference, "modelstore"), self.key_release(), parallel=3
+        )
+
+    def key_release(self) -> KeyReleaseClient:
         authority = SimulatedAuthority.load(self.stack.root / "simulated-tee")
         attester = SimulatedAttester(
             authority.snp(),
@@ -170,12 +178,11 @@ class Env:
             production=False,
             claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
         )
-        release = KeyReleaseClient(
+        return KeyReleaseClient(
             self.stack.channel(self.inference, "keybroker"),
             attester,
             self.inference.public_key_der,
         )
-        return ModelFetcher(self.stack.channel(self.inference, "modelstore"), release, parallel=3)
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +220,42 @@ def test_publish_then_attested_load_serves_what_plaintext_ort_computes(env: Env)
     assert env.ready("1")
     x = np.random.default_rng(5).standard_normal((8, 16)).astype(np.float32)
     np.testing.assert_allclose(env.infer(x, "1"), plaintext_ort(path, x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_next_ephemeral_key_is_made_once_the_parts_are_in(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for a single artifact: not beside the parts' download and decryption, but beside ONNX
+    Runtime's load."""
+    env.publish("defer")
+    key_release = env.key_release()
+    loader = ModelLoader(
+        ModelRepository(),
+        store_channel=env.stack.channel(env.inference, "modelstore"),
+        key_release=key_release,
+    )
+    assert key_release._next_key is not None
+    key_release._next_key.result(60)
+    queued: dict[str, object] = {}
+    release, load = key_release.release, loader._repository.load
+
+    def observed_release(*args: Any, **kwargs: Any) -> Any:
+        released = release(*args, **kwargs)
+        queued["after the release"] = key_release._next_key
+        return released
+
+    def observed_load(*args: Any, **kwargs: Any) -> Any:
+        queued["when ONNX Runtime loads"] = key_release._next_key
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(key_release, "release", observed_release)
+    monkeypatch.setattr(loader._repository, "load", observed_load)
+    loader.load(NAME, "defer")
+    assert loader._repository.is_ready(NAME, "defer")
+    assert queued["after the release"] is None
+    next_key = queued["when ONNX Runtime loads"]
+    assert isinstance(next_key, Future)
+    assert next_key.result(60).key_size == EPHEMERAL_KEY_BITS
 
 
 def _refused(env: Env, version: str, reason: str) -> None:
