@@ -245,9 +245,10 @@ class KeyReleaseClient:
     @contextlib.contextmanager
     def deferring_key_generation(self) -> Iterator[None]:
         """Within the block, a key taken is not replaced in the background until the block (and
-        every other such block) has ended. Measured on the 512 MB cold start: the next key's
-        generation, started by the release a few milliseconds into the download, took 0.09 s of
-        the loading process's CPU and 0.04 s of its wall time (2 cores)."""
+        every other such block) has ended. The model loader holds it around a download: on the
+        512 MB cold start (2 cores) the best load took 1.007-1.010 s with it against
+        1.022-1.029 s without, the key then made beside ONNX Runtime's load (README, "Cold
+        start")."""
         with self._key_lock:
             self._deferring += 1
         try:
