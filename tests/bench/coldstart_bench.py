@@ -4,7 +4,7 @@ Secure: the inference loader fetches the encrypted artifact from the model store
 challenge, has the (simulated) TEE sign a report, gets the data key released by the key broker
 (SoftHSM2), decrypts in memory as it downloads, and loads ONNX Runtime from bytes. Each run has a
 new loader with new channels; its ephemeral RSA key is made before the clock starts, as a server
-makes one at startup and the next after each release (at the lowest CPU priority).
+makes one at startup and the next once each download is in (at the lowest CPU priority).
 Baseline (same run, same machine): the plaintext model streamed over plain gRPC in the same chunk
 size into memory and loaded from bytes. For information: the same baseline with its buffer
 pre-faulted on a thread as the secure pipeline does (``plain_grpc_prefaulted``: what the pipeline's
@@ -14,7 +14,7 @@ stream, decrypted as it arrives by the product's own pipeline with the data key 
 load; that is, the secure path without the model store's servicer and the key release.
 ``ratio_floor_to_bare_mtls_stream`` is what decryption alone adds on this machine and
 ``ratio_secure_to_floor`` what the store and the release add above it. The secure load's
-next ephemeral key, made once the load has ended, is awaited before the baselines run.
+next ephemeral key, made during its ONNX Runtime load, is awaited before the baselines run.
 The model is the demo classifier padded with an unused initializer to ``size_mb``.
 
 The loading side runs in a child process started with inference's process environment
@@ -316,8 +316,8 @@ def measure(
                     return {"total": time.perf_counter() - t0, **result.timings}
 
                 secure_runs.append(_with_usage(secure_load))
-                # The next ephemeral key, queued once the load ended, is made before the baselines
-                # run, so that none of them shares the machine with it.
+                # The next ephemeral key, queued once the download was in, is made before the
+                # baselines run, so that none of them shares the machine with it.
                 assert key_release._next_key is not None
                 key_release._next_key.result(60)
                 del loader, secure_load, key_release
