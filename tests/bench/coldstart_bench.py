@@ -69,6 +69,7 @@ from strongroom.modelstore.service import SERVICE_NAME
 from strongroom.pki import WorkloadIdentity
 from strongroom.wire import bytes_field_view
 from tests.bench import _stream_server as stream_server
+from tests.bench import artifact_bench
 from tests.bench._child import child_main, run_in_child
 from tests.bench._proc import machine_busy_seconds
 
@@ -147,16 +148,8 @@ def _write_floor_artifact(model: Path, out: Path) -> bytes:
     """The model encrypted as an artifact under a fresh data key it returns (the floor's input)."""
     dek = bytearray(os.urandom(32))
     with model.open("rb") as source, out.open("wb") as sink:
-        for piece in encrypt_stream(
-            source,
-            bytearray(dek),
-            model_name="big",
-            model_version="1",
-            content_type="application/onnx",
-            key_id="bench",
-            key_version=1,
-            wrapped_dek=bytes(40),  # never unwrapped: the floor has the key already
-        ):
+        # artifact_bench's header fields: its wrapped key is never unwrapped, as here.
+        for piece in encrypt_stream(source, bytearray(dek), **artifact_bench.FIELDS):
             sink.write(piece)
     return bytes(dek)
 
