@@ -263,11 +263,11 @@ class KeyReleaseClient:
         with self._key_lock:
             future = self._next_key
             self._next_key = None if self._deferring else self._keygen.submit(_new_ephemeral_key)
-        if future is not None and future.done():
-            return future.result()
-        # Not ready: one now, at the caller's priority (a key already being made is dropped).
         if future is not None:
-            future.cancel()
+            if future.done():
+                return future.result()
+            future.cancel()  # a key already being made is dropped
+        # None ready (or none queued, while deferred): one now, at the caller's priority.
         return _new_ephemeral_key()
 
     @contextlib.contextmanager
