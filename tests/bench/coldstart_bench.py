@@ -72,6 +72,7 @@ from tests.bench import _stream_server as stream_server
 from tests.bench import artifact_bench
 from tests.bench._child import child_main, run_in_child
 from tests.bench._proc import machine_busy_seconds
+from tests.bench._vm import PAGE_REPORTING, read_int
 
 _DATA_FIELD = store_pb.GetModelResponse.DESCRIPTOR.fields_by_name["data"].number
 
@@ -176,16 +177,6 @@ def _disk_load(path: Path) -> float:
     return time.perf_counter() - t0
 
 
-_PAGE_REPORTING = Path("/sys/module/page_reporting/parameters")
-
-
-def _reported_kib() -> int | None:
-    try:
-        return int((_PAGE_REPORTING / "reported_kib").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _usage() -> tuple[float, float, int]:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime, r.ru_stime, r.ru_minflt
@@ -216,15 +207,15 @@ def run(
     decrypt_threads: int = DEFAULT_DECRYPT_THREADS,
 ) -> None:
     """Measures cold start in a child process with inference's process environment."""
-    reported_before = _reported_kib()
+    reported_before = read_int(PAGE_REPORTING / "reported_kib")
     options = {"size_mb": size_mb, "repeats": repeats, "decrypt_threads": decrypt_threads}
     results.update(run_in_child(__name__, "inference", options))
-    reported_after = _reported_kib()
+    reported_after = read_int(PAGE_REPORTING / "reported_kib")
     results["host_free_page_reporting"] = (
         None
         if reported_before is None or reported_after is None
         else {
-            "order": int((_PAGE_REPORTING / "page_reporting_order").read_text()),
+            "order": read_int(PAGE_REPORTING / "page_reporting_order"),
             "reported_mib_during_run": round((reported_after - reported_before) / 1024),
         }
     )

@@ -17,6 +17,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from tests.bench._vm import vm_state
+
 HERE = Path(__file__).resolve().parent
 AREAS = (
     "artifact",
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         area_results["_seconds"] = round(time.monotonic() - started, 1)
         area_results["_measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        area_results["_vm"] = vm_state()
         results[area] = area_results
     document = {
         "machine": {
