@@ -5,18 +5,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf.json_format import MessageToDict
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.cli.client import Client, add_client_arguments
-from strongroom.client.rewrap import rewrap_models
+from strongroom.client.rewrap import models_needing, rewrap_models
 from strongroom.errors import FailedPrecondition, NotFound
 from strongroom.reasons import Reason
+from strongroom.runtime.config import ConfigError
 
 TIMEOUT = 30.0
 
@@ -49,8 +52,18 @@ def register(sub: Any) -> None:
         "re-wrap every stored model under the key to its current version (resumable)",
         _rewrap_models,
     )
-    disable = action("disable", "disable one version (or all) of a KEK", _disable)
+    disable = action(
+        "disable",
+        "disable one version (or all) of a KEK; refused while stored models still need it",
+        _disable,
+    )
     disable.add_argument("--version", type=int, default=0, help="version to disable (default: all)")
+    disable.add_argument(
+        "--force",
+        action="store_true",
+        help="disable without checking the model store (its models under that version can no "
+        "longer be loaded)",
+    )
     set_policy = action(
         "set-policy", "attach a release policy document (YAML or JSON)", _set_policy
     )
@@ -119,8 +132,40 @@ def _rewrap(client: Client, key_id: str, current_version: int) -> int:
 def _disable(args: argparse.Namespace) -> int:
     client, stub = _admin(args)
     with client:
+        if not args.force:
+            _check_unused(client, args.key_id, args.version)
         request = pb.DisableKeyRequest(key_id=args.key_id, version=args.version)
         return _print(stub.DisableKey(request, timeout=TIMEOUT).key)
+
+
+def _check_unused(client: Client, key_id: str, version: int) -> None:
+    """Refuses (FAILED_PRECONDITION, KEY_VERSION_IN_USE) while the model store holds models under
+    ``version`` of ``key_id`` (any version if 0): a disabled version cannot be enabled again."""
+    which = f"version {version} of {key_id}" if version else f"a version of {key_id}"
+    try:
+        needing = models_needing(key_id, version, store=client.channel("modelstore"))
+    except (grpc.RpcError, ConfigError):
+        print(
+            f"strongroom: cannot list the model store to check which models still need {which}; "
+            "--force disables without the check",
+            file=sys.stderr,
+        )
+        raise
+    if not needing:
+        return
+    shown = ", ".join(f"{m.name} {m.version} (version {m.key_version})" for m in needing[:10])
+    more = f" and {len(needing) - 10} more" if len(needing) > 10 else ""
+    remedy = (
+        f"re-wrap them first (strongroom keys rewrap-models {key_id}; format-1 models must be "
+        "re-published)"
+        if version
+        else "delete or re-publish them under another key first"
+    )
+    raise FailedPrecondition(
+        f"{len(needing)} stored model(s) still need {which} and could not be loaded once it is "
+        f"disabled: {shown}{more}; {remedy}, or pass --force",
+        reason=Reason.KEY_VERSION_IN_USE,
+    )
 
 
 def _set_policy(args: argparse.Namespace) -> int:

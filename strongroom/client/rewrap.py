@@ -13,6 +13,11 @@ the old or the new slot, and running again finishes the job: artifacts already a
 version are reported as ``current``. Format-1 artifacts cannot be re-wrapped (their wrapped key is
 bound into the body) and are reported as ``format_1``; they keep needing the old KEK version until
 re-published.
+
+:func:`models_needing` lists the stored models that still need one KEK version (or any version of
+a key): ``strongroom keys disable`` refuses while there are any, since a disabled version cannot
+be enabled again and such a model could no longer be loaded (a model published with a data key
+generated before a rotation lands under the old version even after a re-wrap run has finished).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from strongroom.artifact.format import (
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
 
-__all__ = ["MAX_HEAD_SIZE", "RewrapResult", "rewrap_models"]
+__all__ = ["MAX_HEAD_SIZE", "RewrapResult", "models_needing", "rewrap_models"]
 
 MAX_HEAD_SIZE = PREFIX_SIZE + MAX_HEADER_SIZE + SLOT_LENGTH_SIZE + MAX_KEY_SLOT_SIZE
 """The most bytes before any artifact's body: what is read of each model."""
@@ -104,14 +109,33 @@ def rewrap_models(
     """
     store_stub = store_grpc.ModelStoreServiceStub(store)
     broker_stub = kb_grpc.KeyBrokerServiceStub(broker)
+    for model in _models_under(store_stub, key_id, timeout):
+        yield _rewrap_one(store_stub, broker_stub, model, current_version, timeout)
+
+
+def models_needing(
+    key_id: str, version: int, *, store: grpc.Channel, timeout: float = 60.0
+) -> list[store_pb.ModelInfo]:
+    """The stored models whose data key is wrapped under ``version`` of ``key_id`` (under any of
+    its versions if ``version`` is 0), as the store lists them. Raises ``grpc.RpcError`` if the
+    store cannot be listed."""
+    store_stub = store_grpc.ModelStoreServiceStub(store)
+    return [
+        model
+        for model in _models_under(store_stub, key_id, timeout)
+        if version in (0, model.key_version)
+    ]
+
+
+def _models_under(
+    store: store_grpc.ModelStoreServiceStub, key_id: str, timeout: float
+) -> Iterator[store_pb.ModelInfo]:
     token = ""
     for _page in range(1_000_000):  # bounded: a page token never repeats
-        page = store_stub.ListModels(
+        page = store.ListModels(
             store_pb.ListModelsRequest(page_size=PAGE_SIZE, page_token=token), timeout=timeout
         )
-        for model in page.models:
-            if model.key_id == key_id:
-                yield _rewrap_one(store_stub, broker_stub, model, current_version, timeout)
+        yield from (model for model in page.models if model.key_id == key_id)
         token = page.next_page_token
         if not token:
             return

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import onnxruntime as ort
 import pytest
+import yaml
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
@@ -37,7 +38,13 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[dict[
     return code, [json.loads(line) for line in out.splitlines() if line.startswith('{"')]
 
 
-def load(stack: DevStack, name: str) -> bytes:
+def run_err(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """The command's exit code and what it wrote to standard error."""
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def load(stack: DevStack, name: str, key_id: str = KEY) -> bytes:
     """Fetches, gets the key released to a simulated VM, decrypts and loads into ONNX Runtime."""
     inference = stack.identity("inference")
     store = store_grpc.ModelStoreServiceStub(stack.channel(inference, "modelstore"))
@@ -53,7 +60,7 @@ def load(stack: DevStack, name: str) -> bytes:
     client = KeyReleaseClient(
         stack.channel(inference, "keybroker"), attester, inference.public_key_der
     )
-    released = client.release(KEY, header.key_version, header.wrapped_dek)
+    released = client.release(key_id, header.key_version, header.wrapped_dek)
     try:
         plaintext = bytes(ArtifactReader(data).decrypt_all(released.dek))
     finally:
@@ -140,8 +147,18 @@ def test_rotate_rewrap_disable_and_every_model_loads(
         for r in rewraps
     )
 
-    # Disable version 1: every re-wrapped model still loads; the format-1 one cannot.
-    code, _ = run(capsys, "keys", "disable", KEY, "--version", "1", "--client-config", admin)
+    # Disabling version 1 is refused while the format-1 model needs it (a disabled version cannot
+    # be enabled again); the refusal names that model only, and version 1 still serves it.
+    code, err = run_err(capsys, "keys", "disable", KEY, "--version", "1", "--client-config", admin)
+    assert code == 1
+    assert "KEY_VERSION_IN_USE" in err and f"{LEGACY} 1 (version 1)" in err
+    assert not any(f"{name} 1" in err for name in MODELS)
+    assert load(stack, LEGACY) == expected
+
+    # --force disables it: every re-wrapped model still loads; the format-1 one cannot.
+    code, _ = run(
+        capsys, "keys", "disable", KEY, "--version", "1", "--force", "--client-config", admin
+    )
     assert code == 0
     for name in MODELS:
         assert load(stack, name) == expected
@@ -165,3 +182,89 @@ def test_a_model_deleted_during_a_rewrap_run_is_gone_not_failed(stack: DevStack)
         30,
     )
     assert (result.outcome, result.reason) == ("gone", "MODEL_NOT_FOUND")
+
+
+def test_a_model_published_across_a_rotation_blocks_disable_until_it_is_rewrapped(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A publisher that got its data key before a rotation and uploads after the re-wrap run has
+    listed the store leaves a model under the old version; ``keys disable`` of that version used
+    to go through and make the model unloadable for good."""
+    key_id, name = "span-kek", "span/model"
+    admin = str(stack.write_client_config("admin"))
+    stack.create_release_key(stack.identity("admin"), key_id, policy_version="span-1")
+    model = train(tmp_path / "model.onnx")
+    publisher = stack.identity("publisher")
+    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker"))
+    early = broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30)
+    assert early.key_version == 1
+
+    code, lines = run(capsys, "keys", "rotate", key_id, "--rewrap-models", "--client-config", admin)
+    assert (code, lines[-1]) == (0, {"key_id": key_id, "current_version": 2})
+
+    dek = bytearray(early.data_key)
+    with model.path.open("rb") as source:
+        pieces = list(
+            encrypt_stream(
+                source,
+                dek,
+                model_name=name,
+                model_version="1",
+                content_type="application/vnd.onnx",
+                key_id=key_id,
+                key_version=early.key_version,
+                wrapped_dek=early.wrapped_data_key,
+            )
+        )
+    wipe(dek)
+    store = store_grpc.ModelStoreServiceStub(stack.channel(publisher, "modelstore"))
+    stored = store.PutModel(iter(store_pb.PutModelRequest(data=p) for p in pieces), timeout=30)
+    assert stored.model.key_version == 1
+
+    code, err = run_err(
+        capsys, "keys", "disable", key_id, "--version", "1", "--client-config", admin
+    )
+    assert code == 1
+    assert "KEY_VERSION_IN_USE" in err and f"{name} 1 (version 1)" in err
+    assert f"strongroom keys rewrap-models {key_id}" in err
+    assert load(stack, name, key_id) == model.path.read_bytes()
+
+    # Disabling every version is refused too, naming the same model.
+    code, err = run_err(capsys, "keys", "disable", key_id, "--client-config", admin)
+    assert code == 1
+    assert "KEY_VERSION_IN_USE" in err and f"{name} 1 (version 1)" in err
+
+    # Re-wrapped, the model no longer needs version 1, and the disable goes through unforced.
+    code, lines = run(capsys, "keys", "rewrap-models", key_id, "--client-config", admin)
+    assert (code, lines[-1]) == (0, {"key_id": key_id, "current_version": 2, "rewrapped": 1})
+    code, _ = run(capsys, "keys", "disable", key_id, "--version", "1", "--client-config", admin)
+    assert code == 0
+    assert load(stack, name, key_id) == model.path.read_bytes()
+
+
+def test_disable_without_a_reachable_store_is_refused_unless_forced(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The check fails closed: a store that cannot be listed stops the disable, saying how to
+    proceed without the check."""
+    key_id = "unchecked-kek"
+    stack.create_release_key(stack.identity("admin"), key_id, policy_version="unchecked-1")
+    config = yaml.safe_load(stack.write_client_config("admin").read_text())
+    config["modelstore"] = "127.0.0.1:1"  # nothing listens there
+    no_store = tmp_path / "client-admin-no-store.yaml"
+    no_store.write_text(yaml.safe_dump(config))
+
+    code, err = run_err(capsys, "keys", "disable", key_id, "--client-config", str(no_store))
+    assert code == 1
+    assert "cannot list the model store" in err and "--force" in err and "UNAVAILABLE" in err
+    admin = kb_grpc.KeyAdminServiceStub(stack.channel(stack.identity("admin"), "keybroker"))
+
+    def states() -> list[int]:
+        keys = admin.ListKeys(kb_pb.ListKeysRequest(), timeout=30).keys
+        (key,) = [k for k in keys if k.key_id == key_id]
+        return [v.state for v in key.versions]
+
+    assert states() == [kb_pb.KEY_STATE_ENABLED]
+    code, _ = run(capsys, "keys", "disable", key_id, "--force", "--client-config", str(no_store))
+    assert code == 0
+    assert states() == [kb_pb.KEY_STATE_DISABLED]
