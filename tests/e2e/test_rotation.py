@@ -19,6 +19,7 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import ArtifactReader, encrypt_stream, parse_header, wipe
+from strongroom.artifact.format import FORMAT_VERSION
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.cli.main import main
 from strongroom.client.keyrelease import KeyReleaseClient
@@ -69,29 +70,44 @@ def load(stack: DevStack, name: str, key_id: str = KEY) -> bytes:
     return plaintext
 
 
-def publish_format_1(stack: DevStack, path: Path) -> None:
-    """A legacy (format 1) artifact, as published before format 2 existed."""
+def put_encrypted(
+    stack: DevStack,
+    path: Path,
+    name: str,
+    key_id: str,
+    key: kb_pb.GenerateDataKeyResponse,
+    *,
+    format_version: int = FORMAT_VERSION,
+) -> store_pb.ModelInfo:
+    """Encrypts ``path`` under the data key ``key`` and stores it as ``name`` version 1, as a
+    publisher holding that key would."""
     publisher = stack.identity("publisher")
-    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker"))
-    key = broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
     dek = bytearray(key.data_key)
     with path.open("rb") as source:
         pieces = list(
             encrypt_stream(
                 source,
                 dek,
-                model_name=LEGACY,
+                model_name=name,
                 model_version="1",
                 content_type="application/vnd.onnx",
-                key_id=KEY,
+                key_id=key_id,
                 key_version=key.key_version,
                 wrapped_dek=key.wrapped_data_key,
-                format_version=1,
+                format_version=format_version,
             )
         )
     wipe(dek)
     store = store_grpc.ModelStoreServiceStub(stack.channel(publisher, "modelstore"))
-    store.PutModel(iter(store_pb.PutModelRequest(data=p) for p in pieces), timeout=30)
+    return store.PutModel(iter(store_pb.PutModelRequest(data=p) for p in pieces), timeout=30).model
+
+
+def publish_format_1(stack: DevStack, path: Path) -> None:
+    """A legacy (format 1) artifact, as published before format 2 existed."""
+    publisher = stack.identity("publisher")
+    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker"))
+    key = broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
+    put_encrypted(stack, path, LEGACY, KEY, key, format_version=1)
 
 
 def test_rotate_rewrap_disable_and_every_model_loads(
@@ -202,24 +218,7 @@ def test_a_model_published_across_a_rotation_blocks_disable_until_it_is_rewrappe
     code, lines = run(capsys, "keys", "rotate", key_id, "--rewrap-models", "--client-config", admin)
     assert (code, lines[-1]) == (0, {"key_id": key_id, "current_version": 2})
 
-    dek = bytearray(early.data_key)
-    with model.path.open("rb") as source:
-        pieces = list(
-            encrypt_stream(
-                source,
-                dek,
-                model_name=name,
-                model_version="1",
-                content_type="application/vnd.onnx",
-                key_id=key_id,
-                key_version=early.key_version,
-                wrapped_dek=early.wrapped_data_key,
-            )
-        )
-    wipe(dek)
-    store = store_grpc.ModelStoreServiceStub(stack.channel(publisher, "modelstore"))
-    stored = store.PutModel(iter(store_pb.PutModelRequest(data=p) for p in pieces), timeout=30)
-    assert stored.model.key_version == 1
+    assert put_encrypted(stack, model.path, name, key_id, early).key_version == 1
 
     code, err = run_err(
         capsys, "keys", "disable", key_id, "--version", "1", "--client-config", admin
