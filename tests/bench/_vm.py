@@ -1,6 +1,6 @@
 """The guest kernel settings that move this VM's figures, recorded beside every area's results.
 
-Two settings of a virtual machine change benchmark figures several-fold without any change of code
+Two settings of a virtual machine move benchmark figures (some several-fold) without any change of code
 (README, "Benchmarking on this VM"):
 
 - **free page reporting** (``page_reporting_order``): memory the guest frees goes back to the host
