@@ -1,7 +1,7 @@
 """The guest kernel settings that move this VM's figures, recorded beside every area's results.
 
-Two settings of a virtual machine move benchmark figures (some several-fold) without any change of code
-(README, "Benchmarking on this VM"):
+Two settings of a virtual machine move benchmark figures (some several-fold) without any change of
+code (README, "Benchmarking on this VM"):
 
 - **free page reporting** (``page_reporting_order``): memory the guest frees goes back to the host
   in blocks of ``2**order`` pages, and the next touch of it is a host fault; steps bound by first
