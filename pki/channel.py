@@ -89,6 +89,8 @@ class _Slot:
         # Whether the server's SPIFFE ID was checked for the current connection.
         self.verified = False
         self.verify_lock = threading.Lock()
+        # Whether on_connectivity is subscribed (from the slot's first call: see _acquire).
+        self.watching = False
 
     def on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
         # A new connection may reach another server: check it again before the next call.
@@ -158,10 +160,7 @@ class RotatingChannel(grpc.Channel):
         )
         for callback, try_to_connect in self._subscriptions:
             channel.subscribe(callback, try_to_connect)
-        slot = _Slot(channel, credentials.generation, presentation)
-        if self._server_id is not None:
-            channel.subscribe(slot.on_connectivity)
-        return slot
+        return _Slot(channel, credentials.generation, presentation)
 
     @property
     def server_id(self) -> str | None:
@@ -195,6 +194,14 @@ class RotatingChannel(grpc.Channel):
             slot.inflight += 1
             close_retired = retired is not None and self._take_if_idle(retired)
             subscriptions = list(self._subscriptions)
+            # Watched from its first call, not from its creation: gRPC's polling thread dies on a
+            # channel closed before it first polls (ValueError in a background thread, a traceback
+            # on a CLI's standard error), and a slot that never carried a call has nothing verified
+            # to reset.
+            watch = self._server_id is not None and not slot.watching
+            slot.watching = slot.watching or watch
+        if watch:
+            slot.channel.subscribe(slot.on_connectivity)
         if retired is not None:
             for callback, _ in subscriptions:
                 retired.channel.unsubscribe(callback)

@@ -256,6 +256,13 @@ def test_disable_without_a_reachable_store_is_refused_unless_forced(
     code, err = run_err(capsys, "keys", "disable", key_id, "--client-config", str(no_store))
     assert code == 1
     assert "cannot list the model store" in err and "--force" in err and "UNAVAILABLE" in err
+    # A configuration without the store's address stops it the same way.
+    del config["modelstore"]
+    no_address = tmp_path / "client-admin-no-store-address.yaml"
+    no_address.write_text(yaml.safe_dump(config))
+    code, err = run_err(capsys, "keys", "disable", key_id, "--client-config", str(no_address))
+    assert code == 1
+    assert "cannot list the model store" in err and "no address for modelstore" in err
     admin = kb_grpc.KeyAdminServiceStub(stack.channel(stack.identity("admin"), "keybroker"))
 
     def states() -> list[int]:

@@ -7,6 +7,8 @@ broker). A channel configured with the SPIFFE ID expected at its target refuses 
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,3 +129,18 @@ def test_client_configuration_expects_each_service_own_id_by_default(tmp_path: P
             identity=_identity_config(tmp_path),
             keybroker_spiffe_id="spiffe://evil.example/keybroker",
         )
+
+
+def test_a_channel_closed_before_any_call_leaves_no_thread_failing(
+    client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A channel expecting a server ID subscribed to gRPC's connectivity events as it was built;
+    closed before its first call (a CLI command refusing its input after making its channels),
+    gRPC's polling thread often met the closed channel and died with ``ValueError: Cannot monitor
+    channel state: Channel closed!``, printed as a traceback on the command's standard error."""
+    failures: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
+    for _ in range(40):
+        client_identity.channel("localhost:1", server_id=sid("keybroker")).close()
+    time.sleep(0.5)  # the polling threads' next iteration (gRPC polls every 0.2 s)
+    assert failures == []
