@@ -17,6 +17,11 @@ Each load runs in a fresh process, so its peak RSS is its own:
 
 Peak RSS is reported as a multiple of the model size (goal at most 1.2x). The secure output must equal
 the plaintext output.
+
+One untimed round of every mode comes first (``warmup_s``): the first processes to touch ~5 GB
+after the model's generation paid for it several times over (a bare round of 32 s against 6 s for
+the next, on a VM whose free page reporting had handed that memory back to the host), which made
+medians meaningless and could leave a cold round as the best of a mode.
 """
 
 from __future__ import annotations
@@ -174,13 +179,19 @@ def run(
                 "disk": [], "grpc": [], "secure_parallel": [], "secure_serial": [],
             }  # fmt: skip
             try:
-                for _ in range(repeats):
-                    runs["disk"].append(_worker("disk", {"graph": str(graph), "indices": indices}))
-                    runs["grpc"].append(_worker("grpc", plain_spec))
-                    runs["secure_parallel"].append(
-                        _worker("secure", {**secure_spec, "parallel": parallel})
-                    )
-                    runs["secure_serial"].append(_worker("secure", {**secure_spec, "parallel": 1}))
+                for round_ in range(1 + repeats):
+                    t0 = time.perf_counter()
+                    this_round = {
+                        "disk": _worker("disk", {"graph": str(graph), "indices": indices}),
+                        "grpc": _worker("grpc", plain_spec),
+                        "secure_parallel": _worker("secure", {**secure_spec, "parallel": parallel}),
+                        "secure_serial": _worker("secure", {**secure_spec, "parallel": 1}),
+                    }
+                    if round_ == 0:
+                        results["warmup_s"] = round(time.perf_counter() - t0, 1)
+                        continue
+                    for name, sample in this_round.items():
+                        runs[name].append(sample)
             finally:
                 server.stop(None)
         reference = runs["disk"][0]["output"]
