@@ -20,8 +20,9 @@ the plaintext output.
 
 One untimed round of every mode comes first (``warmup_s``): the first processes to touch ~5 GB
 after the model's generation paid for it several times over (a bare round of 32 s against 6 s for
-the next, on a VM whose free page reporting had handed that memory back to the host), which made
-medians meaningless and could leave a cold round as the best of a mode.
+the next, both its fetch and its load; on this VM most likely memory that free page reporting had
+handed back to the host), which made medians meaningless and could leave a cold round as the best
+of a mode.
 """
 
 from __future__ import annotations
