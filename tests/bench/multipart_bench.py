@@ -20,9 +20,11 @@ the plaintext output.
 
 One untimed round of every mode comes first (``warmup_s``): the first processes to touch ~5 GB
 after the model's generation paid for it several times over (a bare round of 32 s against 6 s for
-the next, both its fetch and its load; on this VM most likely memory that free page reporting had
-handed back to the host), which made medians meaningless and could leave a cold round as the best
-of a mode.
+the next, both its fetch and its load: on this VM, memory that free page reporting had handed back
+to the host, whose first touch costs a host fault — with that memory touched beforehand, the first
+round was as fast as the rest), which made medians meaningless and could leave a cold round as
+the best of a mode. Touching the memory beforehand (README, "Benchmarking on this VM") does the
+rest: one round touches ~5 GB, not all a run will use.
 """
 
 from __future__ import annotations
