@@ -77,19 +77,26 @@ from tests.bench._vm import PAGE_REPORTING, read_int
 _DATA_FIELD = store_pb.GetModelResponse.DESCRIPTOR.fields_by_name["data"].number
 
 
+def _stream_channel(port: int, client: WorkloadIdentity | None) -> grpc.Channel:
+    """A channel to a bench stream server: plain, or mTLS as ``client``."""
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    target = f"127.0.0.1:{port}"
+    if client is None:
+        return grpc.insecure_channel(target, options=options)
+    return client.channel(target, server_name="modelstore", options=options)
+
+
+def _stream_get(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable[bytes, bytes]:
+    """The stream server's one method: the whole file, in raw chunks."""
+    return channel.unary_stream(f"/{stream_server.SERVICE}/Get", lambda b: b, lambda b: b)
+
+
 def _plain_load(
     port: int, size: int, *, prefault: bool = False, client: WorkloadIdentity | None = None
 ) -> dict[str, float]:
     t0 = time.perf_counter()
-    options = [("grpc.max_receive_message_length", 64 << 20)]
-    target = f"127.0.0.1:{port}"
-    channel = (
-        grpc.insecure_channel(target, options=options)
-        if client is None
-        else client.channel(target, server_name="modelstore", options=options)
-    )
-    with channel as ch:
-        get = ch.unary_stream(f"/{stream_server.SERVICE}/Get", lambda b: b, lambda b: b)
+    with _stream_channel(port, client) as ch:
+        get = _stream_get(ch)
         # Received into one preallocated bytes object, as the secure path decrypts into one: the
         # same memory behaviour, minus the cryptography (the size is known from the store's
         # metadata in the real pipeline too).
@@ -159,15 +166,17 @@ def _floor_load(port: int, dek: bytes, client: WorkloadIdentity, threads: int) -
     """The bare mTLS stream of the artifact, decrypted as it arrives by the product's pipeline
     with the key at hand, then the load: the secure path without the store and the release."""
     t0 = time.perf_counter()
-    options = [("grpc.max_receive_message_length", 64 << 20)]
-    with client.channel(f"127.0.0.1:{port}", server_name="modelstore", options=options) as ch:
-        get = ch.unary_stream(f"/{stream_server.SERVICE}/Get", lambda b: b, lambda b: b)
-        with decrypt_download(
-            get(b"", timeout=600), lambda _header: _KnownKey(bytearray(dek)), threads=threads
-        ) as artifact:
-            t1 = time.perf_counter()
-            ModelRepository().load("m", "1", artifact.plaintext)
-            t2 = time.perf_counter()
+    with (
+        _stream_channel(port, client) as ch,
+        decrypt_download(
+            _stream_get(ch)(b"", timeout=600),
+            lambda _header: _KnownKey(bytearray(dek)),
+            threads=threads,
+        ) as artifact,
+    ):
+        t1 = time.perf_counter()
+        ModelRepository().load("m", "1", artifact.plaintext)
+        t2 = time.perf_counter()
     return {"total": t2 - t0, "fetch_and_decrypt": t1 - t0, "load": t2 - t1}
 
 
