@@ -199,7 +199,8 @@ class RotatingChannel(grpc.Channel):
             # on a CLI's standard error), and a slot that never carried a call has nothing verified
             # to reset.
             watch = self._server_id is not None and not slot.watching
-            slot.watching = slot.watching or watch
+            if watch:
+                slot.watching = True
         if watch:
             slot.channel.subscribe(slot.on_connectivity)
         if retired is not None:
