@@ -115,6 +115,21 @@ def two_inputs() -> bytes:
     return _model(graph).SerializeToString()
 
 
+def broadcast_add(node_name: str = "") -> bytes:
+    """``y = a + b`` with ``a`` [n, 2] and ``b`` [m, 2]: every shape passes the advertised checks,
+    but ``n`` and ``m`` must agree (or one be 1) inside the graph."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"], name=node_name)],
+        "broadcast_add",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 2]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["m", 2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["k", 2])],
+    )
+    return _model(graph).SerializeToString()
+
+
 def adder(value: float) -> bytes:
     """``y = x + value``: versions of one model that are told apart by their output."""
     graph = helper.make_graph(

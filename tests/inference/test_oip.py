@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import tracemalloc
 from collections.abc import Iterator, Sequence
 
 import grpc
@@ -12,8 +13,10 @@ import onnxruntime as ort
 import pytest
 
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
+from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.inference.models import ModelRepository, RuntimeOptions, session_options
 from strongroom.inference.oip import ATTESTATION_EXTENSION, InferLimits
+from strongroom.inference.oip._codec import decode_inputs
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from tests.inference import onnx_models
 from tests.inference.conftest import Running, Starter, start, stop
@@ -603,6 +606,74 @@ def test_size_limits(start_server: Starter, shared: tuple[ModelRepository, Runni
         raw_request("classifier", {"x": ("FP32", np.ones((2, 4), np.float32))})
     )
     assert len(ok.outputs) == 3
+
+
+def test_bytes_elements_are_charged_before_they_are_decoded(
+    shared: tuple[ModelRepository, Running],
+) -> None:
+    """A BYTES shape is paid for before one Python object is made for each element: 27 bytes on
+    the wire used to make the server allocate and fill an array for 44 million of them (a
+    gigabyte, seconds of CPU) before finding the data short; and many empty elements inside the
+    byte limit decoded to ten times it."""
+    repository, running = shared
+    model = repository.get("identity_bytes")
+    huge = pb.ModelInferRequest(model_name="identity_bytes", raw_input_contents=[b""])
+    huge.inputs.add(name="x", datatype="BYTES", shape=[((1 << 27) // 3), 3])
+    # Within the element charge (the ceiling's limit) but not within its own data.
+    short = pb.ModelInferRequest(model_name="identity_bytes", raw_input_contents=[bytes(8)])
+    short.inputs.add(name="x", datatype="BYTES", shape=[1 << 20, 3])
+    cases = [
+        (huge, InferLimits(), ResourceExhausted, "REQUEST_TOO_LARGE"),
+        (short, InferLimits(max_input_bytes=1 << 30), InvalidArgument, "RAW_SIZE_MISMATCH"),
+    ]
+    for request, limits, error, reason in cases:
+        tracemalloc.start()
+        try:
+            with pytest.raises(error) as info:
+                decode_inputs(request, model, limits)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert info.value.reason == reason
+        assert peak < 1 << 20, (
+            f"{peak} bytes allocated to refuse a {request.ByteSize()}-byte request"
+        )
+    many = np.full((200_000, 3), b"", dtype=object)  # 2.4 MB on the wire, under 64 MiB
+    expect_error(
+        lambda: running.oip.ModelInfer(raw_request("identity_bytes", {"x": ("BYTES", many)})),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "REQUEST_TOO_LARGE",
+    )
+    fits = np.full((100_000, 3), b"ok", dtype=object)
+    response = running.oip.ModelInfer(raw_request("identity_bytes", {"x": ("BYTES", fits)}))
+    assert (from_raw(response.raw_output_contents[0], "BYTES", [100_000, 3]) == fits).all()
+
+
+def test_inputs_that_clash_inside_the_graph_are_the_callers_error(start_server: Starter) -> None:
+    """Two variable dimensions that must agree inside the graph pass every check of the
+    advertised shapes; ONNX Runtime's failure is then the caller's (INVALID_ARGUMENT), not the
+    server's INTERNAL, and it names the operator but not the model's node."""
+    repo = ModelRepository(["clash"])
+    repo.load("clash", "1", onnx_models.broadcast_add(node_name="layers.7/secret_block/Add"))
+    running = start_server(repo)
+    request = raw_request(
+        "clash",
+        {"a": ("FP32", np.zeros((2, 2), np.float32)), "b": ("FP32", np.zeros((3, 2), np.float32))},
+    )
+    error = expect_error(
+        lambda: running.oip.ModelInfer(request),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INFERENCE_INPUT_REJECTED",
+    )
+    assert "Add operator" in (error.details() or "")
+    assert "secret_block" not in (error.details() or "")
+    fine = raw_request(
+        "clash",
+        {"a": ("FP32", np.ones((3, 2), np.float32)), "b": ("FP32", np.ones((3, 2), np.float32))},
+    )
+    assert (
+        from_raw(running.oip.ModelInfer(fine).raw_output_contents[0], "FP32", [3, 2]) == 2
+    ).all()
 
 
 def test_empty_batch(running: Running) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -229,6 +230,20 @@ class LoadedModel:
                 f"the model rejected the inputs: {_first_line(str(exc))}",
                 reason=Reason.INFERENCE_INPUT_REJECTED,
             ) from None
+        except ort_state.Fail as exc:
+            # Inputs that match the advertised shapes can still clash inside the graph (two
+            # variable dimensions that must agree, a Reshape that does not fit): ORT reports those
+            # as FAIL. They are the caller's, not the server's, so no ERROR line per request; the
+            # caller learns which operator refused, not ORT's internal detail.
+            log.warning(
+                "inference refused its inputs",
+                extra={"model": self.name, "version": self.version, "ort_error": str(exc)[:2000]},
+            )
+            raise InvalidArgument(
+                f"the model could not run on these inputs{_failed_operator(str(exc))}: their "
+                "shapes or values do not fit the graph",
+                reason=Reason.INFERENCE_INPUT_REJECTED,
+            ) from None
         except Exception as exc:
             log.error(
                 "inference failed",
@@ -285,4 +300,14 @@ def _from_ort_strings(array: np.ndarray) -> np.ndarray:
 
 def _first_line(text: str, limit: int = 300) -> str:
     line = text.strip().splitlines()[0] if text.strip() else "no detail"
-    return line[:limit]
+    # A node's name is the model's (often its layer path): not the caller's to read.
+    return _NODE_NAME.sub("", line)[:limit]
+
+
+def _failed_operator(text: str) -> str:
+    match = _FAILED_OPERATOR.search(text)
+    return f" (its {match.group(1)} operator failed)" if match else ""
+
+
+_NODE_NAME = re.compile(r" ?Name:'[^']*'")
+_FAILED_OPERATOR = re.compile(r"while running ([A-Za-z0-9_]{1,64}) node")

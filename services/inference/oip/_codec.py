@@ -48,6 +48,10 @@ MAX_TENSOR_BYTES_CEILING = 1 << 30
 """Largest tensor bound one may configure (gRPC messages are limited to 2 GiB)."""
 MESSAGE_OVERHEAD = 1 << 20
 """Room in a message for what is not tensor data: names, shapes, datatypes, parameters."""
+BYTES_ELEMENT_COST = 128
+"""Bytes each BYTES element counts against ``max_input_bytes`` beyond its own length: what one
+element costs once decoded (its ``bytes`` object and slot, the UTF-8 ``str`` and slot ONNX Runtime
+is handed, ORT's own string), so that many tiny elements cannot decode to ten times the limit."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +139,14 @@ def decode_inputs(
                 f"input {spec.name!r} has {count} elements, more than {limits.max_tensor_elements}",
                 reason=Reason.TENSOR_TOO_LARGE,
             )
+        # BYTES elements are decoded one Python object each: the limit is checked before that.
+        charge = count * BYTES_ELEMENT_COST if datatype.name == "BYTES" else 0
+        if total + charge > limits.max_input_bytes:
+            raise ResourceExhausted(
+                f"inputs exceed {limits.max_input_bytes} bytes (input {spec.name!r}: {count} "
+                f"BYTES elements count {BYTES_ELEMENT_COST} bytes each beyond their data)",
+                reason=Reason.REQUEST_TOO_LARGE,
+            )
         has_contents = tensor.HasField("contents") and _has_any(tensor.contents)
         if use_raw:
             if has_contents:
@@ -145,7 +157,7 @@ def decode_inputs(
             array, size = _from_raw(raw[index], datatype, shape, count, spec.name)
         else:
             array, size = _from_contents(tensor.contents, datatype, shape, count, spec.name)
-        total += size
+        total += size + charge
         if total > limits.max_input_bytes:
             raise ResourceExhausted(
                 f"inputs exceed {limits.max_input_bytes} bytes", reason=Reason.REQUEST_TOO_LARGE
@@ -311,6 +323,14 @@ def _from_raw(
 
 
 def _parse_bytes(blob: bytes, count: int, name: str) -> np.ndarray:
+    # Every element carries at least its 4-byte length: a shape that cannot fit is refused before
+    # anything is allocated for it.
+    if len(blob) < count * _LENGTH.size:
+        raise InvalidArgument(
+            f"input {name!r}: {len(blob)} raw bytes cannot hold {count} BYTES elements "
+            f"({_LENGTH.size} bytes of length each at least)",
+            reason=Reason.RAW_SIZE_MISMATCH,
+        )
     out = np.empty(count, dtype=object)
     view = memoryview(blob)
     pos = 0
