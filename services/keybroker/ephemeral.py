@@ -6,8 +6,9 @@ because the wrapped data key protects a model for as long as the model is valuab
 (~112-bit security) is below the 128-bit level of the AES-256 keys it carries; 4096 is the ceiling
 so one request cannot make the HSM do arbitrarily expensive work.
 
-Malformed bytes raise ``InvalidArgument(EPHEMERAL_KEY_INVALID)``; a well-formed key of the wrong
-kind (EC, too small, odd exponent) raises ``InvalidArgument(EPHEMERAL_KEY_UNSUPPORTED)``.
+Malformed bytes, and a modulus no RSA key has (an even one), raise
+``InvalidArgument(EPHEMERAL_KEY_INVALID)``; a well-formed key of the wrong kind (EC, too small,
+another exponent) raises ``InvalidArgument(EPHEMERAL_KEY_UNSUPPORTED)``.
 
 :class:`ReleaseTarget` is what a release wraps to: the parsed key plus the OAEP hashes the caller
 accepts, validated once at the door and then handed to the HSM layer as it is.
@@ -127,6 +128,12 @@ def _parse(data: bytes) -> EphemeralPublicKey:
         raise InvalidArgument(
             f"the ephemeral RSA key must use exponent {RSA_EXPONENT}",
             reason=Reason.EPHEMERAL_KEY_UNSUPPORTED,
+        )
+    if not numbers.n & 1:
+        # No RSA modulus is even, and an HSM's arithmetic may fail on one rather than refuse it.
+        raise InvalidArgument(
+            "the ephemeral RSA key's modulus is even: not an RSA key",
+            reason=Reason.EPHEMERAL_KEY_INVALID,
         )
     return EphemeralPublicKey(
         modulus=numbers.n.to_bytes((bits + 7) // 8, "big"),

@@ -66,7 +66,7 @@ from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, ReleaseTarget
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmCall, HsmSession
-from strongroom.keybroker.p11direct import Template, UnwrapFailed
+from strongroom.keybroker.p11direct import TargetRefused, Template, UnwrapFailed
 from strongroom.oaep import OaepHash, negotiate
 from strongroom.reasons import Reason
 
@@ -248,6 +248,12 @@ class PendingRelease:
             raise self._error
         assert self._call is not None
         return self._call.result()
+
+
+def recordable_key_id(key_id: object) -> str | None:
+    """``key_id`` if it is a valid key id, else None: what a refusal's audit record may carry (a
+    malformed id sent by the caller would make the record itself invalid, and so unwritten)."""
+    return key_id if isinstance(key_id, str) and KEY_ID_PATTERN.fullmatch(key_id) else None
 
 
 def validate_key_id(key_id: object) -> str:
@@ -921,6 +927,13 @@ def _release_with(
         except UnwrapFailed as failed:
             _unwrap_refused(hs, kek, failed.error)
             continue
+        except TargetRefused as refused:
+            # Not the HSM's failure nor the key's: counting it would let one caller's key (an even
+            # modulus makes SoftHSM2 fail the wrap) mark a healthy key unusable for everyone.
+            raise InvalidArgument(
+                f"the HSM could not wrap to the ephemeral public key ({errs.describe(refused.error)})",
+                reason=Reason.EPHEMERAL_KEY_UNSUPPORTED,
+            ) from None
         if out is not None:
             return out
     raise _not_wrapped_under(version)

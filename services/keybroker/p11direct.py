@@ -41,6 +41,7 @@ from typing import Any
 import pkcs11.exceptions as p11x
 from pkcs11 import MGF, Attribute, Mechanism
 
+from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.oaep import OaepHash
 
 _ULONG = ctypes.c_ulong
@@ -264,11 +265,23 @@ class _EntryPoints(ctypes.Structure):
 _STEP_DONE = 0
 _STEP_UNWRAP = 1
 _STEP_WRONG_LENGTH = 2
+_STEP_IMPORT = 3
+_STEP_WRAP = 4
 
 
 class UnwrapFailed(Exception):
     """:meth:`DirectSession.rewrap_oaep`'s unwrap was refused; ``error`` is the python-pkcs11
     exception its return code maps to (the steps after it raise theirs directly)."""
+
+    def __init__(self, error: p11x.PKCS11Error) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class TargetRefused(Exception):
+    """:meth:`DirectSession.rewrap_oaep` unwrapped the key but the token would not import the
+    caller's public key or wrap to it; ``error`` is the python-pkcs11 exception. The unwrapping key
+    worked, so this says nothing about it: it is the caller's key the token refused."""
 
     def __init__(self, error: p11x.PKCS11Error) -> None:
         super().__init__(error)
@@ -491,8 +504,9 @@ class DirectSession:
         most ``size`` bytes; both objects destroyed, also on failure.
 
         Returns the wrapped key, or None when the unwrapped key had another length (the blob is
-        not this key's). Raises :class:`UnwrapFailed` when the unwrap is refused, and the
-        python-pkcs11 exception of the first failing call after it otherwise.
+        not this key's). Raises :class:`UnwrapFailed` when the unwrap is refused,
+        :class:`TargetRefused` when importing the public key or wrapping to it is (unless the
+        session or device is gone), and the python-pkcs11 exception of the failing call otherwise.
         """
         if size > _MAX_WRAPPED:
             raise ValueError(f"a wrapped key of {size} bytes is more than this path handles")
@@ -518,9 +532,12 @@ class DirectSession:
             ctypes.byref(step),
         )
         if rv != _CKR_OK:
+            error = error_for(rv)
             if step.value == _STEP_UNWRAP:
-                raise UnwrapFailed(error_for(rv))
-            raise error_for(rv)
+                raise UnwrapFailed(error)
+            if step.value in (_STEP_IMPORT, _STEP_WRAP) and not errs.is_device_failure(error):
+                raise TargetRefused(error)
+            raise error
         if step.value == _STEP_WRONG_LENGTH:
             return None
         if step.value != _STEP_DONE:

@@ -11,7 +11,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound
-from strongroom.keybroker.ephemeral import parse_ephemeral_public_key
+from strongroom.keybroker.ephemeral import (
+    EphemeralPublicKey,
+    ReleaseTarget,
+    parse_ephemeral_public_key,
+)
 from strongroom.keybroker.hsm import Hsm
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, DataKey, KeyManager
 from strongroom.oaep import OaepHash
@@ -189,6 +193,12 @@ def _rsa_public(bits: int, exponent: int = 65537) -> rsa.RSAPublicKey:
     return rsa.RSAPublicNumbers(exponent, modulus).public_key()
 
 
+def _even_public(bits: int) -> rsa.RSAPublicKey:
+    """A "public key" whose modulus is even (a power of two at 4096 bits)."""
+    modulus = 1 << (bits - 1) if bits == 4096 else _rsa_public(bits).public_numbers().n - 1
+    return rsa.RSAPublicNumbers(65537, modulus).public_key()
+
+
 def _ec_spki() -> bytes:
     return (
         ec.generate_private_key(ec.SECP384R1())
@@ -231,6 +241,8 @@ def _pkcs1(key: rsa.RSAPublicKey) -> bytes:
             lambda: _pkcs1(_rsa_public(3072)), "EPHEMERAL_KEY_INVALID", id="pkcs1-not-spki"
         ),
         pytest.param(lambda: b"\x30" * 2000, "EPHEMERAL_KEY_INVALID", id="oversized"),
+        pytest.param(lambda: spki(_even_public(3072)), "EPHEMERAL_KEY_INVALID", id="even"),
+        pytest.param(lambda: spki(_even_public(4096)), "EPHEMERAL_KEY_INVALID", id="2^4095"),
     ],
 )
 def test_bad_ephemeral_keys(
@@ -240,6 +252,34 @@ def test_bad_ephemeral_keys(
         km.release_to_ephemeral("model", 1, model_key.wrapped, make(), [OaepHash.SHA1])
     assert info.value.reason == reason
     assert session_objects(hsm) == 0
+
+
+def test_a_key_the_hsm_cannot_wrap_to_is_the_callers_error_not_the_keys(
+    hsm: Hsm, km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey
+) -> None:
+    """SoftHSM2 fails the wrap to an even modulus with CKR_GENERAL_ERROR. Counted as the key's
+    failure, two such requests re-initialised the HSM session and marked a healthy key unusable
+    (DATA_LOSS KEY_OBJECT_UNUSABLE for every caller, readiness NOT_SERVING). The parser now
+    refuses even moduli; this holds the layer below to the same outcome for any key the token
+    will not import or wrap to, whoever parsed it."""
+    even = _even_public(3072).public_numbers()
+    unparsed = EphemeralPublicKey(
+        modulus=even.n.to_bytes(384, "big"),
+        public_exponent=b"\x01\x00\x01",
+        bits=3072,
+        spki_sha256="0" * 64,
+    )
+    target = ReleaseTarget(unparsed, (OaepHash.SHA1,))
+    generation = hsm.status().generation
+    for _ in range(3):
+        with pytest.raises(InvalidArgument) as info:
+            km.release_to_ephemeral("model", 1, model_key.wrapped, target)
+        assert info.value.reason == "EPHEMERAL_KEY_UNSUPPORTED"
+    assert km.unusable_keys() == {}
+    assert hsm.status().generation == generation  # no re-initialised session either
+    assert session_objects(hsm) == 0
+    out, _ = km.release_to_ephemeral("model", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert len(out) == 384
 
 
 def test_rsa_4096_is_accepted(hsm: Hsm, km: KeyManager, model_key: DataKey) -> None:
