@@ -343,9 +343,10 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
 
     if not isinstance(event.decision, Decision):
         raise bad("decision must be a Decision")
-    if not isinstance(event.reason, str) or not _REASON_RE.match(event.reason):
+    # fullmatch: ``$`` alone would let a trailing newline through.
+    if not isinstance(event.reason, str) or not _REASON_RE.fullmatch(event.reason):
         raise bad("reason must be an UPPER_SNAKE code")
-    if not isinstance(event.action, str) or not _ACTION_RE.match(event.action):
+    if not isinstance(event.action, str) or not _ACTION_RE.fullmatch(event.action):
         raise bad("action must be a lower_snake word")
     spiffe = event.caller_spiffe_id
     if spiffe is not None and (
@@ -359,7 +360,7 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
         ("key_id", _KEY_ID_RE),
     ):
         value = getattr(event, name)
-        if value is not None and (not isinstance(value, str) or not pattern.match(value)):
+        if value is not None and (not isinstance(value, str) or not pattern.fullmatch(value)):
             raise bad(f"{name} is malformed")
     version = event.key_version
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):

@@ -8,8 +8,8 @@ without a transport.
 from __future__ import annotations
 
 from strongroom.errors import StrongroomError
-from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
-from strongroom.keybroker.keys import DataKey, KeyInfo, KeyManager, Rewrapped
+from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
+from strongroom.keybroker.keys import DataKey, KeyInfo, KeyManager, Rewrapped, recordable_key_id
 from strongroom.keybroker.policies import PolicyStore, StoredPolicy
 from strongroom.keybroker.release import Caller
 from strongroom.reasons import Reason
@@ -28,12 +28,12 @@ class KeyService:
         self,
         caller: Caller,
         action: str,
-        key_id: str,
+        key_id: str | None,
         reason: str | None = None,
         decision: Decision = Decision.ALLOWED,
         **extra: object,
-    ) -> None:
-        self._audit.append(
+    ) -> AuditRecord:
+        return self._audit.append(
             AuditEvent(
                 decision=decision,
                 reason=reason or action.upper(),
@@ -72,11 +72,30 @@ class KeyService:
         return info
 
     def set_policy(self, caller: Caller, key_id: str, document: str) -> StoredPolicy:
-        """Validates and stores the release policy of an existing key."""
+        """Validates and stores the release policy of an existing key.
+
+        The change is recorded before it takes effect (a policy is live for every replica the
+        moment its file is written, so a change whose record failed would be live unrecorded);
+        should storing it fail after that, a ``DENIED`` record with the same decision id follows:
+        a decision's last record is its outcome, as for key releases.
+        """
         self._keys.describe_key(key_id)  # NotFound for a key that does not exist
-        stored = self._policies.put(key_id, document)
-        self._record(caller, "set_release_policy", key_id, policy_version=stored.policy.version)
-        return stored
+        stored = self._policies.check(key_id, document)
+        version = stored.policy.version
+        record = self._record(caller, "set_release_policy", key_id, policy_version=version)
+        try:
+            return self._policies.write(key_id, stored)
+        except StrongroomError as exc:
+            self._record(
+                caller,
+                "set_release_policy",
+                key_id,
+                reason=exc.reason,
+                decision=Decision.DENIED,
+                policy_version=version,
+                decision_id=record.decision_id,
+            )
+            raise
 
     def get_policy(self, key_id: str) -> StoredPolicy:
         """The key's stored release policy (FailedPrecondition when it has none)."""
@@ -107,15 +126,17 @@ class KeyService:
         try:
             rewrapped = self._keys.rewrap(key_id, version, wrapped)
         except StrongroomError as exc:
+            # A malformed id is the caller's: recorded as none (it would invalidate the record).
+            recorded = recordable_key_id(key_id)
             self._record(
                 caller,
                 "rewrap",
-                key_id,
+                recorded,
                 reason=exc.reason,
                 decision=Decision.DENIED,
                 claims={"from_key_version": version},
             )
-            DATA_KEYS_REWRAPPED.add(1, {"key_id": key_id, "outcome": exc.reason})
+            DATA_KEYS_REWRAPPED.add(1, {"key_id": recorded or "", "outcome": exc.reason})
             raise
         self._record(
             caller,

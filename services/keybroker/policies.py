@@ -86,12 +86,20 @@ class PolicyStore:
         except FailedPrecondition:
             return ""
 
+    def check(self, key_id: str, document: str) -> StoredPolicy:
+        """Validates a policy for ``key_id`` as :meth:`put` would, without storing it."""
+        self._path(key_id)  # the key id, before the document
+        return StoredPolicy(document, self._load(document))
+
     def put(self, key_id: str, document: str) -> StoredPolicy:
         """Validates and stores a policy atomically; the old one stays if anything fails."""
-        stored = StoredPolicy(document, self._load(document))
+        return self.write(key_id, self.check(key_id, document))
+
+    def write(self, key_id: str, stored: StoredPolicy) -> StoredPolicy:
+        """Stores a policy :meth:`check` returned, atomically; the old one stays if this fails."""
         path = self._path(key_id)
         try:
-            atomic_write(Path(path), document.encode())
+            atomic_write(Path(path), stored.document.encode())
         except OSError as exc:
             raise FailedPrecondition(
                 f"cannot store the policy of {key_id!r}: {exc.strerror} (is the policy directory "

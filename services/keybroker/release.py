@@ -34,13 +34,22 @@ from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.challenge import Challenge, ChallengeIssuer
 from strongroom.keybroker.ephemeral import ReleaseTarget
 from strongroom.keybroker.errors import AuditUnavailable
-from strongroom.keybroker.keys import KeyManager, WrappedDataKey, validate_key_id, validate_version
+from strongroom.keybroker.keys import (
+    KeyManager,
+    WrappedDataKey,
+    recordable_key_id,
+    validate_key_id,
+    validate_version,
+)
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
 from strongroom.runtime.metrics import KEY_RELEASES
 
 log = logging.getLogger(__name__)
+# What a refusal's record keeps when the rest of its context is not recordable: who asked (from
+# the verified certificate) and a digest of what they sent.
+_CALLER_FIELDS = ("caller_spiffe_id", "caller_cert_serial", "evidence_sha256")
 
 MAX_REPORT_BYTES = 16 * 1024
 MAX_CERTIFICATES = 8
@@ -146,7 +155,7 @@ class ReleaseEngine:
     def deny(self, exc: Exception, caller: Caller, *, key_id: str, report: bytes) -> None:
         """Audits a release refused before it reached :meth:`release` (e.g. unparseable fields)."""
         context = self._context(caller, report)
-        context["key_id"] = key_id if isinstance(key_id, str) and len(key_id) <= 128 else None
+        context["key_id"] = recordable_key_id(key_id)
         self._audit_denial(exc, context)
 
     def release(self, request: ReleaseRequest, caller: Caller) -> ReleaseOutcome:
@@ -179,9 +188,11 @@ class ReleaseEngine:
         _check_evidence_sizes(request.evidence)
         # 2. Freshness: a nonce this broker fleet issued for this key and this caller.
         self._challenges.check(request.nonce, key_id, caller.spiffe_id)
-        # 3. The key must have a policy (deny by default).
+        # 3. The key must have a policy (deny by default), and it must name the caller: evidence
+        # from anyone else is not worth a signature check or a collateral fetch.
         stored = self._policies.get(key_id)
         context["policy_version"] = stored.policy.version
+        stored.policy.check_caller(caller.spiffe_id)
         # 4. Evidence: signatures and chains to the pinned roots, as of now.
         verify_started = time.perf_counter()
         claims: VerifiedClaims = verify_evidence(
@@ -268,5 +279,19 @@ class ReleaseEngine:
             return  # the failure to audit is itself what is being reported
         try:
             self._audit.append(AuditEvent(decision=Decision.DENIED, reason=reason, **context))
+            return
+        except AuditUnavailable:
+            log.error("could not audit a denied key release", extra={"reason": reason})
+            return
+        except StrongroomError:
+            pass  # a field the log does not take: the refusal is recorded without the request's
+        try:
+            self._audit.append(
+                AuditEvent(
+                    decision=Decision.DENIED,
+                    reason=reason,
+                    **{k: context[k] for k in _CALLER_FIELDS if k in context},
+                )
+            )
         except StrongroomError:
             log.error("could not audit a denied key release", extra={"reason": reason})

@@ -187,10 +187,16 @@ class ReleasePolicy:
                         Reason.POLICY_DEBUG_IN_PRODUCTION,
                     )
 
-    def evaluate(self, claims: VerifiedClaims, caller_spiffe_id: str) -> PolicyDecision:
-        """Allows the release or raises :class:`PolicyViolation` naming the failed check."""
+    def check_caller(self, caller_spiffe_id: str) -> None:
+        """Raises :class:`PolicyViolation` (``CALLER_NOT_ALLOWED``) unless the policy names the
+        caller. A release checks this before verifying evidence, so a caller the policy does not
+        name cannot make the broker fetch collateral or verify signatures on its behalf."""
         if caller_spiffe_id not in self.allowed_spiffe_ids:
             raise _deny(f"caller {caller_spiffe_id!r} is not allowed", Reason.CALLER_NOT_ALLOWED)
+
+    def evaluate(self, claims: VerifiedClaims, caller_spiffe_id: str) -> PolicyDecision:
+        """Allows the release or raises :class:`PolicyViolation` naming the failed check."""
+        self.check_caller(caller_spiffe_id)
         rules = self.rules.get(claims.tee_type)
         if claims.tee_type not in self.tee_types or rules is None:
             raise _deny(

@@ -726,3 +726,18 @@ def test_records_are_signed_by_the_broker(
     for line in lines(log_path):
         assert record_signed_by(line.rstrip(b"\n"), signing_key.public_key())
         assert not record_signed_by(line.rstrip(b"\n"), Ed25519PrivateKey.generate().public_key())
+
+
+@pytest.mark.parametrize(
+    "field", [{"key_id": "k1\n"}, {"reason": "DENIED\n"}, {"decision_id": "d1\n"}]
+)
+def test_a_field_with_a_trailing_newline_is_malformed(tmp_path, field) -> None:
+    """The field patterns end in ``$``, which also matches before a final newline."""
+    log = AuditLog.open(tmp_path / "audit.log", Ed25519PrivateKey.generate())
+    try:
+        event = AuditEvent(**{"decision": Decision.DENIED, "reason": "DENIED", **field})
+        with pytest.raises(InvalidArgument) as info:
+            log.append(event)
+        assert info.value.reason == "AUDIT_RECORD_INVALID"
+    finally:
+        log.close()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from strongroom.errors import NotFound
+from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.keybroker.lifecycle import KeyService
@@ -20,6 +20,7 @@ from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller
 
 ADMIN = Caller("spiffe://strongroom.test/admin", 0x1F, b"")
+PUBLISHER = Caller("spiffe://strongroom.test/publisher", 0x20, b"")
 POLICY = (
     'version: "p1"\n'
     'allowed_spiffe_ids: ["spiffe://strongroom.test/inference"]\n'
@@ -89,3 +90,56 @@ def test_a_data_key_that_cannot_be_audited_never_leaves(service, monkeypatch) ->
         keys.generate_data_key(ADMIN, "k1")
     assert len(issued) == 1
     assert not any(issued[0].dek)  # wiped
+
+
+@pytest.mark.parametrize("key_id", ["Bad Key!", "", "a\nb", "k" * 100])
+def test_a_refused_rewrap_of_a_malformed_key_id_is_audited(service, key_id: str) -> None:
+    """The refusal's record used to carry the caller's malformed id, which the log refuses: the
+    caller saw AUDIT_RECORD_INVALID instead of its own error, and nothing was recorded."""
+    keys, log = service
+    with pytest.raises(InvalidArgument) as info:
+        keys.rewrap(PUBLISHER, key_id, 1, b"\x01" * 40)
+    assert info.value.reason == "KEY_ID_INVALID"
+    [record] = _records(log)
+    assert (record["decision"], record["reason"], record["action"]) == (
+        "denied",
+        "KEY_ID_INVALID",
+        "rewrap",
+    )
+    assert record["key"]["id"] is None
+    assert record["caller"]["spiffe_id"] == PUBLISHER.spiffe_id
+
+
+def test_a_policy_change_whose_record_fails_does_not_take_effect(service, monkeypatch) -> None:
+    """A policy is live for every replica once its file is written: stored first and recorded
+    after, a failed record left a (possibly looser) policy live with no record of it."""
+    keys, _ = service
+    keys.create_key(ADMIN, "k1")
+    keys.set_policy(ADMIN, "k1", POLICY)
+
+    def refuse(event):
+        raise AuditUnavailable("disk full")
+
+    monkeypatch.setattr(keys._audit, "append", refuse)
+    with pytest.raises(AuditUnavailable):
+        keys.set_policy(ADMIN, "k1", POLICY.replace('"p1"', '"loosened"'))
+    assert keys.policy_version("k1") == "p1"
+
+
+def test_a_policy_that_cannot_be_stored_after_its_record_is_recorded_as_refused(
+    service, monkeypatch
+) -> None:
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+
+    def read_only(key_id, stored):
+        raise FailedPrecondition("read-only", reason="POLICY_STORE_READ_ONLY")
+
+    monkeypatch.setattr(keys._policies, "write", read_only)
+    with pytest.raises(FailedPrecondition):
+        keys.set_policy(ADMIN, "k1", POLICY)
+    allowed, denied = _records(log)[1:]
+    assert (allowed["decision"], denied["decision"]) == ("allowed", "denied")
+    assert denied["reason"] == "POLICY_STORE_READ_ONLY"
+    assert denied["decision_id"] == allowed["decision_id"]
+    assert keys.policy_version("k1") == ""

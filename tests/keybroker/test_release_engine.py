@@ -10,19 +10,23 @@ same decision.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.attestation.binding import report_data_for
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError
-from strongroom.keybroker.audit import AuditEvent, AuditRecord, Decision
+from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, parse_ephemeral_public_key
 from strongroom.keybroker.errors import AuditUnavailable, HsmUnavailable
@@ -281,3 +285,76 @@ def test_an_unexpected_error_is_audited_as_internal(world, authority) -> None:
         (Decision.DENIED, "INTERNAL"),
     ]
     assert audit.events[1].decision_id == "d1"
+
+
+def test_a_caller_the_policy_does_not_name_is_refused_before_its_evidence_is_verified(
+    world, authority
+) -> None:
+    """The evidence here has a forged signature: verified first, it was refused for that, after
+    the verifier had fetched (and cached) collateral for whatever chip and TCB it claimed. The
+    policy's list of callers is now checked first."""
+    engine, keys, audit = world
+    other = Caller("spiffe://strongroom.test/reader", 7, CALLER.tls_public_key_der)
+
+    def forged(caller: Caller) -> ReleaseRequest:
+        request = _request(engine, authority, nonce=engine.challenge("k1", caller).nonce)
+        report = bytearray(request.evidence.report)
+        report[0x2A0:0x2A8] = b"\xff" * 8  # inside the signature's r
+        evidence = dataclasses.replace(request.evidence, report=bytes(report))
+        return dataclasses.replace(request, evidence=evidence)
+
+    with pytest.raises(PermissionDenied) as info:
+        engine.release(forged(other), other)
+    assert info.value.reason == "CALLER_NOT_ALLOWED"
+    with pytest.raises(PermissionDenied) as info:
+        engine.release(forged(CALLER), CALLER)  # the named caller's is verified, and refused
+    assert info.value.reason == "REPORT_SIGNATURE_INVALID"
+    assert keys.calls == []
+    assert [(e.reason, e.caller_spiffe_id) for e in audit.events] == [
+        ("CALLER_NOT_ALLOWED", other.spiffe_id),
+        ("REPORT_SIGNATURE_INVALID", CALLER.spiffe_id),
+    ]
+
+
+def _real_audit_engine(authority, tmp_path) -> tuple[ReleaseEngine, Path]:
+    policies = PolicyStore(tmp_path / "policies", production=False)
+    policies.put("k1", POLICY)
+    audit = AuditLog.open(tmp_path / "audit.log", Ed25519PrivateKey.generate())
+    engine = ReleaseEngine(
+        keys=FakeKeys([]),  # type: ignore[arg-type]
+        challenges=ChallengeIssuer(Secret(os.urandom(32))),
+        policies=policies,
+        trust=authority.trust_store(),
+        audit=audit,
+        collateral=authority.collateral_source(),
+    )
+    return engine, tmp_path / "audit.log"
+
+
+@pytest.mark.parametrize("key_id", ["", "Model-A", "a\nb", "k" * 100])
+def test_a_request_refused_before_the_decision_is_audited_whatever_its_key_id(
+    authority, tmp_path, key_id
+) -> None:
+    """A ReleaseKey refused while its fields are read (an unspecified TEE type, say) is audited
+    with the key id it named. A key id the log does not take made its record invalid, so the
+    refusal went unrecorded: an unlimited stream of attempts invisible to the audit log."""
+    engine, log = _real_audit_engine(authority, tmp_path)
+    refusal = InvalidArgument("evidence: tee_type is unspecified", reason="EVIDENCE_MALFORMED")
+    engine.deny(refusal, CALLER, key_id=key_id, report=b"report")
+    [record] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (record["decision"], record["reason"]) == ("denied", "EVIDENCE_MALFORMED")
+    assert record["key"]["id"] is None
+    assert record["caller"]["spiffe_id"] == CALLER.spiffe_id
+
+
+def test_a_refusal_whose_context_the_log_refuses_is_still_recorded(authority, tmp_path) -> None:
+    """Whatever in a refusal's context the log cannot take, the refusal is recorded with who
+    asked and the digest of what they sent."""
+    engine, log = _real_audit_engine(authority, tmp_path)
+    context = ReleaseEngine._context(CALLER, b"report")
+    context |= {"key_id": "k1", "policy_version": "v" * 300}
+    engine._audit_denial(InvalidArgument("no", reason="NONCE_EXPIRED"), context)
+    [record] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (record["decision"], record["reason"]) == ("denied", "NONCE_EXPIRED")
+    assert record["caller"]["spiffe_id"] == CALLER.spiffe_id
+    assert record["evidence_sha256"] == context["evidence_sha256"]
