@@ -400,6 +400,7 @@ class SimulatedSnp:
         policy: int = DEFAULT_SNP_POLICY,
         vmpl: int = 0,
         reported_tcb: snp_abi.TcbVersion | None = None,
+        launch_tcb: snp_abi.TcbVersion | None = None,
         guest_svn: int = 0,
         host_data: bytes = bytes(32),
         version: int = 3,
@@ -446,7 +447,7 @@ class SimulatedSnp:
             "committed_tcb": tcb,
             "current_version": snp_abi.FirmwareVersion(1, 55, 29),
             "committed_version": snp_abi.FirmwareVersion(1, 55, 29),
-            "launch_tcb": tcb,
+            "launch_tcb": launch_tcb or tcb,
         }
         buf = snp_abi.build_report_body(fields)
         der = (sign_with or self.key).sign(
@@ -546,6 +547,7 @@ class SimulatedTdx:
         version: int = 4,
         body_type: int = tdx_abi.BODY_TYPE_TD10,
         tee_tcb_svn2: bytes | None = None,
+        mr_servicetd: bytes | None = None,
         qe_report_data: bytes | None = None,
         qe_mrsigner: bytes = SIMULATED_QE_MRSIGNER,
         qe_sign_with: ec.EllipticCurvePrivateKey | None = None,
@@ -578,7 +580,9 @@ class SimulatedTdx:
             tee_tcb_svn2=(tee_tcb_svn2 or tee_tcb_svn)
             if body_type == tdx_abi.BODY_TYPE_TD15
             else None,
-            mr_servicetd=bytes(48) if body_type == tdx_abi.BODY_TYPE_TD15 else None,
+            mr_servicetd=(mr_servicetd or bytes(48))
+            if body_type == tdx_abi.BODY_TYPE_TD15
+            else None,
         )
         binding = hashlib.sha256(ak_pub + self.qe_auth_data).digest() + bytes(32)
         qe_report = tdx_abi.build_enclave_report(
