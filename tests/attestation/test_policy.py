@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -359,3 +360,174 @@ def test_incomplete_collateral_never_releases(authority, sim_trust, now) -> None
     ev = Evidence(TeeType.TDX, tdx.quote(RD, mrtd=MRTD))
     claims = verify_evidence(ev, trust=sim_trust, now=now, require_collateral=False)
     deny(Reason.COLLATERAL_INCOMPLETE, policy(), claims)
+
+
+# --- TDX launch settings: what the host chose when it created the TD --------------------------
+# ATTRIBUTES, XFAM and MR_SERVICETD are set by the host and are in neither MRTD nor the RTMRs: a
+# policy that pins the image (MRTD and every RTMR) says nothing about them unless these rules do.
+
+SEPT_VE_DISABLE = 28
+
+
+def attrs(*bits: int) -> bytes:
+    """TD ATTRIBUTES with ``bits`` set, as the quote carries them (8 bytes, little-endian)."""
+    return sum(1 << b for b in bits).to_bytes(8, "little")
+
+
+def pinned_image() -> ReleasePolicy:
+    """The reviewer's policy: the approved image, MRTD and all four RTMRs pinned."""
+    rtmrs: dict[str, Any] = {f"tdx__rtmr{i}": ["00" * 48] for i in range(4)}
+    return policy(**rtmrs)
+
+
+def deny_message(reason: str, pol: ReleasePolicy, claims, *words: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PolicyViolation) as err:
+        pol.evaluate(claims, CALLER)
+    assert err.value.reason == reason, str(err.value)
+    for word in words:
+        assert word in err.value.message, err.value.message
+
+
+@pytest.mark.parametrize(
+    ("launch", "reason", "named"),
+    [
+        ({"td_attributes": attrs(SEPT_VE_DISABLE, 29)}, Reason.MIGRATABLE_FORBIDDEN, "bit 29"),
+        (
+            {"td_attributes": attrs(1, 2, 3, 4, 5, 6, 7, SEPT_VE_DISABLE)},
+            Reason.DEBUG_FORBIDDEN,
+            "bit(s) 1, 2, 3, 4, 5, 6, 7",
+        ),
+        (
+            {"version": 5, "body_type": 3, "mr_servicetd": b"\xab" * 48},
+            Reason.MR_SERVICETD_NOT_ALLOWED,
+            "MR_SERVICETD abab",
+        ),
+    ],
+    ids=["migratable", "tud-bits-1-7", "service-td-bound"],
+)
+def test_tdx_host_chosen_launch_settings_are_judged(  # type: ignore[no-untyped-def]
+    authority, sim_trust, now, launch, reason, named
+) -> None:
+    pinned_image().evaluate(tdx_claims(authority, sim_trust, now), CALLER)  # the intended launch
+    deny_message(reason, pinned_image(), tdx_claims(authority, sim_trust, now, **launch), named)
+
+
+@pytest.mark.parametrize("bit", range(1, 8))
+def test_tdx_every_tud_bit_counts_as_debug(authority, sim_trust, now, bit: int) -> None:  # type: ignore[no-untyped-def]
+    claims = tdx_claims(authority, sim_trust, now, td_attributes=attrs(bit, SEPT_VE_DISABLE))
+    assert claims.debug and claims.as_dict()["debug"] is True
+    deny_message(Reason.DEBUG_FORBIDDEN, policy(), claims, f"bit(s) {bit} ")
+    policy(tdx__allow_debug=True).evaluate(claims, CALLER)
+
+
+@pytest.mark.parametrize("bit", [8, 15, 18, 26, 32, 61])
+def test_tdx_reserved_attribute_bits_are_refused(authority, sim_trust, now, bit: int) -> None:  # type: ignore[no-untyped-def]
+    claims = tdx_claims(authority, sim_trust, now, td_attributes=attrs(bit, SEPT_VE_DISABLE))
+    deny_message(Reason.TD_ATTRIBUTES_RESERVED, policy(), claims, f"bit(s) {bit},")
+
+
+@pytest.mark.parametrize(
+    "bits",
+    [(), (SEPT_VE_DISABLE,), (16, 27, SEPT_VE_DISABLE, 30, 31, 62, 63)],
+    ids=["none", "sept-ve-disable", "defined-positive-and-other-bits"],
+)
+def test_tdx_defined_non_debug_attributes_pass(authority, sim_trust, now, bits) -> None:  # type: ignore[no-untyped-def]
+    # ICSSD (16), LASS (27), PKS (30), KL (31), TPA (62), PERFMON (63) weaken nothing.
+    policy().evaluate(tdx_claims(authority, sim_trust, now, td_attributes=attrs(*bits)), CALLER)
+
+
+def test_tdx_migratable_only_when_the_policy_allows_it(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    claims = tdx_claims(authority, sim_trust, now, td_attributes=attrs(SEPT_VE_DISABLE, 29))
+    deny_message(Reason.MIGRATABLE_FORBIDDEN, policy(), claims, "MIGRATABLE (bit 29)")
+    policy(tdx__allow_migratable=True).evaluate(claims, CALLER)
+
+
+def test_tdx_service_td_must_be_listed(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    def td15(servicetd: bytes):  # type: ignore[no-untyped-def]
+        return tdx_claims(authority, sim_trust, now, version=5, body_type=3, mr_servicetd=servicetd)
+
+    bound = td15(b"\xab" * 48)
+    deny_message(Reason.MR_SERVICETD_NOT_ALLOWED, policy(), bound, "ab" * 48)
+    listed = policy(tdx__mr_servicetds=["ab" * 48])
+    listed.evaluate(bound, CALLER)
+    deny(Reason.MR_SERVICETD_NOT_ALLOWED, listed, td15(b"\xcd" * 48))
+    # All zeros: nothing bound; a TD 1.0 body has no such field.
+    policy().evaluate(td15(bytes(48)), CALLER)
+    listed.evaluate(td15(bytes(48)), CALLER)
+    policy().evaluate(tdx_claims(authority, sim_trust, now), CALLER)
+
+
+def test_tdx_sept_ve_disable_is_opt_in(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    cleared = tdx_claims(authority, sim_trust, now, td_attributes=attrs())
+    policy().evaluate(cleared, CALLER)  # default: real TDs run with it clear (see below)
+    required = policy(tdx__require_sept_ve_disable=True)
+    deny_message(Reason.SEPT_VE_DISABLE_REQUIRED, required, cleared, "SEPT_VE_DISABLE (bit 28)")
+    required.evaluate(
+        tdx_claims(authority, sim_trust, now, td_attributes=attrs(SEPT_VE_DISABLE)), CALLER
+    )
+
+
+def test_tdx_exact_attributes_and_xfam_allow_lists(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    claims = tdx_claims(authority, sim_trust, now)  # attributes 0000001000000000, xfam e742…
+    exact = policy(tdx__td_attributes=["0000001000000000"], tdx__xfams=["e742060000000000"])
+    exact.evaluate(claims, CALLER)
+    other_attrs = tdx_claims(authority, sim_trust, now, td_attributes=attrs(SEPT_VE_DISABLE, 30))
+    deny_message(Reason.TD_ATTRIBUTES_NOT_ALLOWED, exact, other_attrs, "0000005000000000")
+    other_xfam = tdx_claims(authority, sim_trust, now, xfam=bytes.fromhex("ff06060000000000"))
+    deny_message(Reason.XFAM_NOT_ALLOWED, exact, other_xfam, "XFAM ff06060000000000")
+    policy().evaluate(other_xfam, CALLER)  # no allow-list: any XFAM
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason", "message"),
+    [
+        ("td_attributes", ["00000010"], Reason.POLICY_BAD_HEX, "16 hex characters (8 bytes)"),
+        ("xfams", ["e7420600000000zz"], Reason.POLICY_BAD_HEX, "16 hex characters (8 bytes)"),
+        ("xfams", [], Reason.POLICY_EMPTY_ALLOW_LIST, "empty allow-list"),
+        ("td_attributes", None, Reason.POLICY_BAD_TYPE, "must be a list"),
+        ("mr_servicetds", ["ab"], Reason.POLICY_BAD_HEX, "96 hex characters"),
+        ("allow_migratable", "yes", Reason.POLICY_BAD_TYPE, "true or false"),
+        ("require_sept_ve_disable", 1, Reason.POLICY_BAD_TYPE, "true or false"),
+    ],
+)
+def test_tdx_launch_setting_fields_are_validated_on_load(
+    field: str, value: object, reason: str, message: str
+) -> None:
+    override: dict[str, Any] = {f"tdx__{field}": value}
+    with pytest.raises(PolicyInvalid) as err:
+        policy(**override)
+    assert err.value.reason == reason, str(err.value)
+    assert f"policy tdx.{field}: " in err.value.message and message in err.value.message
+
+
+def test_real_tdx_vectors_launch_settings(vectors: Path, production: TrustStore) -> None:
+    """The real quotes: SEPT_VE_DISABLE is clear on two real TDs (Azure's, and go-tdx-guest's
+    Sapphire Rapids quote), so requiring it stays opt-in; trustee's TD 1.5 quote has a service TD
+    bound, refused unless listed."""
+    when = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+
+    def real(name: str) -> TdxClaims:
+        ev = Evidence(TeeType.TDX, (vectors / "tdx" / name).read_bytes())
+        claims = verify_evidence(ev, trust=production, now=when, require_collateral=False)
+        assert isinstance(claims, TdxClaims)
+        return completed(claims)  # type: ignore[no-any-return]
+
+    for name in ("v4_azure_trustee.dat", "v4_spr_gotdxguest.dat"):
+        claims = real(name)
+        assert not claims.td_attributes[3] & 0x10, name  # bit 28 clear
+        pol = policy(tdx={"mrtds": [claims.mrtd.hex()]})
+        # Passes every launch-setting rule; only the TCB status (no collateral) is left.
+        deny(Reason.TCB_STATUS_NOT_ACCEPTED, pol, claims)
+        strict = policy(tdx={"mrtds": [claims.mrtd.hex()], "require_sept_ve_disable": True})
+        deny(Reason.SEPT_VE_DISABLE_REQUIRED, strict, claims)
+    for name in ("v4_gnr_trustee.dat", "v5_td15_gotdxguest.dat"):
+        claims = real(name)
+        strict = policy(tdx={"mrtds": [claims.mrtd.hex()], "require_sept_ve_disable": True})
+        deny(Reason.TCB_STATUS_NOT_ACCEPTED, strict, claims)
+
+    bound = real("v5_td15_trustee.dat")
+    assert bound.mr_servicetd is not None and any(bound.mr_servicetd)
+    deny(Reason.MR_SERVICETD_NOT_ALLOWED, policy(tdx={"mrtds": [bound.mrtd.hex()]}), bound)
+    listed = {"mrtds": [bound.mrtd.hex()], "mr_servicetds": [bound.mr_servicetd.hex()]}
+    deny(Reason.TCB_STATUS_NOT_ACCEPTED, policy(tdx=listed), bound)
+

@@ -36,9 +36,42 @@ CERT_DATA_PCK_CHAIN = 5
 CERT_DATA_QE_REPORT = 6
 TD_ATTR_DEBUG_BIT = 0
 TD_ATTR_SEPT_VE_DISABLE_BIT = 28
+TD_ATTR_MIGRATABLE_BIT = 29
 TD_ATTR_PKS_BIT = 30
 TD_ATTR_KL_BIT = 31
 TD_ATTR_PERFMON_BIT = 63
+
+
+def _mask(*bits: range | int) -> int:
+    out = 0
+    for item in bits:
+        for bit in [item] if isinstance(item, int) else item:
+            out |= 1 << bit
+    return out
+
+
+TD_ATTR_UNDER_DEBUG_MASK = _mask(range(0, 8))
+"""ATTRIBUTES bits 7:0, the TUD ("TD under debug") group of the TDX module 1.0 ABI: bit 0 is
+DEBUG (the host reads and writes the TD's state), the others were reserved for more debug flags;
+newer modules put off-TD profiling there (bits 4-6: the host observes the TD). Any of them set
+means the TD is not confidential from its host."""
+
+TD_ATTR_RESERVED_MASK = _mask(range(8, 16), range(18, 27), range(32, 62))
+"""ATTRIBUTES bits that no TDX module release lets a host set (reserved, must be zero).
+
+Intel's TDX module sources define reserved ranges per release: 1.0 ``reserved_tud`` 7:1,
+``reserved_sec`` 27:8 and ``reserved_other`` 62:32; 1.5 names bit 27 (LASS) and bit 16 (ICSSD) and
+keeps 15:4 (``reserved_tup``), 22:17 (``reserved_p``), 26:23 (``reserved_n``) and 62:32 reserved;
+the latest release names bit 6 (PMT_PROF) and bit 62 (TPA), and its ``ATTRIBUTES_FIXED0`` allows
+only bits 0, 6, 16, 27-30, 62 and 63. This mask is the part reserved in every one of them, minus
+bit 17, which a newer ABI edition names SERVTD_EXT. Bits 7:0 are judged as debug instead. A future
+module that defines one of these bits is refused until the verifier learns what the bit means."""
+
+
+def attribute_bits(td_attributes: bytes, mask: int) -> tuple[int, ...]:
+    """The bit numbers set in ``td_attributes`` (8 bytes, little-endian) among those in ``mask``."""
+    value = int.from_bytes(td_attributes, "little") & mask
+    return tuple(bit for bit in range(64) if (value >> bit) & 1)
 
 
 class _Cursor:
@@ -113,8 +146,9 @@ class TdQuoteBody:
 
     @property
     def debug(self) -> bool:
-        """The TD is debuggable (TUD.DEBUG): its state is visible to the host."""
-        return bool((self.td_attributes_int >> TD_ATTR_DEBUG_BIT) & 1)
+        """A "TD under debug" bit (ATTRIBUTES 7:0, DEBUG is bit 0) is set: the host can see or
+        observe the TD's state."""
+        return bool(self.td_attributes_int & TD_ATTR_UNDER_DEBUG_MASK)
 
     @property
     def body_name(self) -> str:

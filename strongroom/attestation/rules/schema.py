@@ -88,6 +88,7 @@ Hex48 = Annotated[frozenset[bytes], hex_set(48)]
 OptionalHex48 = Annotated[frozenset[bytes] | None, hex_set(48)]
 OptionalHex32 = Annotated[frozenset[bytes] | None, hex_set(32)]
 OptionalHex6 = Annotated[frozenset[bytes] | None, hex_set(6)]
+OptionalHex8 = Annotated[frozenset[bytes] | None, hex_set(8)]
 U8 = Annotated[int, uint(0xFF)]
 U32 = Annotated[int, uint(0xFFFFFFFF)]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+from strongroom.attestation.abi import tdx as abi
 from strongroom.attestation.claims import TdxClaims, VerifiedClaims
 from strongroom.attestation.errors import PolicyViolation
 from strongroom.attestation.rules import schema
@@ -27,6 +28,10 @@ def _deny(message: str, reason: str) -> PolicyViolation:
     return PolicyViolation(message, reason=reason)
 
 
+def _bits(bits: tuple[int, ...]) -> str:
+    return ", ".join(str(b) for b in bits)
+
+
 class TdxRules(schema.Section):
     """Rules for TDX evidence (the ``tdx`` section; see POLICY.md for each key)."""
 
@@ -45,6 +50,13 @@ class TdxRules(schema.Section):
     fmspcs: schema.OptionalHex6 = None
     allow_simulated: schema.Bool = False
     min_tcb_evaluation_data_number: schema.U32 = 0
+    # The host chooses ATTRIBUTES, XFAM and the bound service TDs when it creates the TD; none of
+    # them is in MRTD or the RTMRs, so only these rules tie them to what the owner intended.
+    allow_migratable: schema.Bool = False
+    mr_servicetds: schema.OptionalHex48 = None
+    require_sept_ve_disable: schema.Bool = False
+    td_attributes: schema.OptionalHex8 = None
+    xfams: schema.OptionalHex8 = None
 
     @property
     def rtmrs(self) -> tuple[frozenset[bytes] | None, ...]:
@@ -62,8 +74,7 @@ class TdxRules(schema.Section):
             )
         if c.mrtd not in self.mrtds:
             raise _deny(f"MRTD {c.mrtd.hex()} is not allowed", Reason.MRTD_NOT_ALLOWED)
-        if c.debug and not self.allow_debug:
-            raise _deny("TD attributes allow debugging", Reason.DEBUG_FORBIDDEN)
+        self._check_launch_settings(c)
         for i, allowed in enumerate(self.rtmrs):
             if allowed is not None and c.rtmrs[i] not in allowed:
                 raise _deny(f"RTMR{i} is not allowed", Reason.RTMR_NOT_ALLOWED)
@@ -87,6 +98,50 @@ class TdxRules(schema.Section):
                 f"TCB status {c.tcb_status} is not accepted", Reason.TCB_STATUS_NOT_ACCEPTED
             )
         return c.mrtd
+
+    def _check_launch_settings(self, c: TdxClaims) -> None:
+        """Judges what the host set when it created the TD (ATTRIBUTES, XFAM, MR_SERVICETD)."""
+        attrs = c.td_attributes.hex()
+        debug = abi.attribute_bits(c.td_attributes, abi.TD_ATTR_UNDER_DEBUG_MASK)
+        if debug and not self.allow_debug:
+            raise _deny(
+                f"TD attributes {attrs} set TD-under-debug bit(s) {_bits(debug)} (bits 0-7: the "
+                "host can read or observe the TD)",
+                Reason.DEBUG_FORBIDDEN,
+            )
+        reserved = abi.attribute_bits(c.td_attributes, abi.TD_ATTR_RESERVED_MASK)
+        if reserved:
+            raise _deny(
+                f"TD attributes {attrs} set reserved bit(s) {_bits(reserved)}, which no known "
+                "TDX module defines",
+                Reason.TD_ATTRIBUTES_RESERVED,
+            )
+        migratable = abi.attribute_bits(c.td_attributes, 1 << abi.TD_ATTR_MIGRATABLE_BIT)
+        if migratable and not self.allow_migratable:
+            raise _deny(
+                f"TD attributes {attrs} set MIGRATABLE (bit 29): the TD's memory can be moved "
+                "to another platform",
+                Reason.MIGRATABLE_FORBIDDEN,
+            )
+        # All zeros: no service TD is bound. A TD 1.0 body has no MR_SERVICETD field at all.
+        servicetd = c.mr_servicetd or bytes(48)
+        if any(servicetd) and servicetd not in (self.mr_servicetds or ()):
+            raise _deny(
+                f"MR_SERVICETD {servicetd.hex()} is not allowed (a service TD, such as a "
+                "migration TD, is bound to this TD)",
+                Reason.MR_SERVICETD_NOT_ALLOWED,
+            )
+        sept = abi.attribute_bits(c.td_attributes, 1 << abi.TD_ATTR_SEPT_VE_DISABLE_BIT)
+        if self.require_sept_ve_disable and not sept:
+            raise _deny(
+                f"TD attributes {attrs} do not set SEPT_VE_DISABLE (bit 28), which the policy "
+                "requires",
+                Reason.SEPT_VE_DISABLE_REQUIRED,
+            )
+        if self.td_attributes is not None and c.td_attributes not in self.td_attributes:
+            raise _deny(f"TD attributes {attrs} are not allowed", Reason.TD_ATTRIBUTES_NOT_ALLOWED)
+        if self.xfams is not None and c.xfam not in self.xfams:
+            raise _deny(f"XFAM {c.xfam.hex()} is not allowed", Reason.XFAM_NOT_ALLOWED)
 
 
 class _TdxPolicy:
