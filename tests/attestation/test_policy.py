@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from strongroom.attestation import (
     Evidence,
@@ -531,3 +533,92 @@ def test_real_tdx_vectors_launch_settings(vectors: Path, production: TrustStore)
     listed = {"mrtds": [bound.mrtd.hex()], "mr_servicetds": [bound.mr_servicetd.hex()]}
     deny(Reason.TCB_STATUS_NOT_ACCEPTED, policy(tdx=listed), bound)
 
+
+# --- SEV-SNP: the launch TCB, and FMC on Turin -------------------------------------------------
+
+NEW_TCB = {"bootloader": 4, "tee": 0, "snp": 24, "microcode": 219}
+OLD_TCB = {"bootloader": 1, "tee": 0, "snp": 1, "microcode": 1}
+
+
+def test_snp_launch_tcb_is_held_to_the_reported_minimum_by_default(snp, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    # Launched on old firmware, live-updated since: reported_tcb is new, launch_tcb is not.
+    updated = snp_claims(
+        snp, sim_trust, now,
+        reported_tcb=TcbVersion.from_components(**NEW_TCB),
+        launch_tcb=TcbVersion.from_components(**OLD_TCB),
+    )  # fmt: skip
+    assert updated.reported_tcb.components() == NEW_TCB
+    minimum = policy(sev_snp__min_reported_tcb=NEW_TCB)
+    with pytest.raises(PolicyViolation) as err:
+        minimum.evaluate(updated, CALLER)
+    assert err.value.reason == Reason.LAUNCH_TCB_TOO_OLD
+    assert "launch TCB bootloader=1 is below the minimum 4 (min_reported_tcb)" in str(err.value)
+    # A VM launched on the current firmware passes.
+    fresh = TcbVersion.from_components(**NEW_TCB)
+    minimum.evaluate(snp_claims(snp, sim_trust, now, reported_tcb=fresh, launch_tcb=fresh), CALLER)
+
+
+def test_snp_min_launch_tcb_replaces_the_default(snp, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    updated = snp_claims(
+        snp, sim_trust, now,
+        reported_tcb=TcbVersion.from_components(**NEW_TCB),
+        launch_tcb=TcbVersion.from_components(**OLD_TCB),
+    )  # fmt: skip
+    lenient = policy(
+        sev_snp__min_reported_tcb=NEW_TCB, sev_snp__min_launch_tcb={**ZERO_TCB, **OLD_TCB}
+    )
+    lenient.evaluate(updated, CALLER)
+    stricter = policy(sev_snp__min_launch_tcb={**ZERO_TCB, "snp": 2})
+    with pytest.raises(PolicyViolation) as err:
+        stricter.evaluate(updated, CALLER)
+    assert err.value.reason == Reason.LAUNCH_TCB_TOO_OLD
+    assert "launch TCB snp=1 is below the minimum 2 (min_launch_tcb)" in str(err.value)
+    # The reported TCB is judged first, by its own minimum.
+    deny(Reason.TCB_TOO_OLD, policy(sev_snp__min_reported_tcb={"snp": 25}), updated)
+
+
+def test_snp_any_tcb_in_development_leaves_the_launch_tcb_alone(snp, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    old = TcbVersion.from_components(**OLD_TCB)
+    claims = snp_claims(snp, sim_trust, now, launch_tcb=old)
+    policy(production=False, sev_snp__min_reported_tcb="any").evaluate(claims, CALLER)
+    deny(
+        Reason.LAUNCH_TCB_TOO_OLD,
+        policy(production=False, sev_snp__min_reported_tcb="any",
+               sev_snp__min_launch_tcb={**ZERO_TCB, "snp": 2}),
+        claims,
+    )  # fmt: skip
+
+
+def test_real_snp_vectors_pass_their_own_minimum_at_launch(
+    vectors: Path, production: TrustStore
+) -> None:
+    """Fail closed is safe for real VMs: every real report's launch TCB is at least its reported
+    TCB (the AWS VLEK report even reports microcode 217 below its launch 219), so a minimum the
+    reported TCB meets is met at launch too."""
+    files = {
+        "milan_v2_virtee.bin": "milan_v2_virtee_vcek.der",
+        "milan_v2_trustee.bin": "milan_v2_trustee_vcek.der",
+        "milan_v3_vlek_aws_trustee.bin": "milan_v3_vlek_aws_trustee_vlek.der",
+        "genoa_v3_azure_ms.bin": "genoa_v3_azure_ms_vcek.pem",
+        "turin_v5_azure_ms.bin": "turin_v5_azure_ms_vcek.pem",
+    }
+    for report, cert in files.items():
+        der = (vectors / "snp" / cert).read_bytes()
+        if cert.endswith(".pem"):
+            der = x509.load_pem_x509_certificate(der).public_bytes(Encoding.DER)
+        ev = Evidence(TeeType.SEV_SNP, (vectors / "snp" / report).read_bytes(), (der,))
+        year = 2025 if "vlek" in cert else 2026  # AWS's VLEK (a 1-year cert) expired in 2025-12
+        when = dt.datetime(year, 3, 1, tzinfo=dt.UTC)
+        claims = completed(
+            verify_evidence(ev, trust=production, now=when, require_collateral=False)
+        )
+        reported = claims.reported_tcb.components()
+        section = {
+            "measurements": [claims.measurement.hex()],
+            "vmpl": claims.vmpl,
+            "signing_keys": [claims.signing_key],
+            "min_reported_tcb": {"fmc": 0, **reported},
+        }
+        policy(sev_snp=section).evaluate(claims, CALLER)
+        above = {"fmc": 0, **reported, "microcode": reported["microcode"] + 1}
+        deny(Reason.TCB_TOO_OLD, policy(sev_snp={**section, "min_reported_tcb": above}), claims)

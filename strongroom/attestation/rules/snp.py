@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, ValidationInfo
 
-from strongroom.attestation.abi.snp import PRODUCTS
+from strongroom.attestation.abi.snp import PRODUCTS, TcbVersion
 from strongroom.attestation.claims import SnpClaims, VerifiedClaims
 from strongroom.attestation.errors import PolicyViolation
 from strongroom.attestation.rules import schema
@@ -22,7 +22,7 @@ def _deny(message: str, reason: str) -> PolicyViolation:
 
 
 class TcbMinimum(schema.Section):
-    """The minimum reported TCB: every component but ``fmc`` (Turin only) must be stated."""
+    """A minimum TCB: every component but ``fmc`` (Turin only) must be stated."""
 
     fmc: Annotated[int | None, schema.uint(0xFF)] = None
     bootloader: schema.U8
@@ -59,6 +59,19 @@ def _min_tcb(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+def _check_tcb(
+    have: TcbVersion, minimum: TcbMinimum, what: str, reason: str, note: str = ""
+) -> None:
+    """Raises ``reason`` on the first component of ``have`` below ``minimum`` (``fmc`` is judged
+    only where the report has one: Turin)."""
+    components = have.components()
+    for name, floor in minimum.components().items():
+        if name in components and components[name] < floor:
+            raise _deny(
+                f"{what} {name}={components[name]} is below the minimum {floor}{note}", reason
+            )
+
+
 class SnpRules(schema.Section):
     """Rules for SEV-SNP evidence (the ``sev_snp`` section; see POLICY.md for each key)."""
 
@@ -74,6 +87,9 @@ class SnpRules(schema.Section):
     min_reported_tcb: Annotated[TcbMinimum | None, BeforeValidator(_min_tcb)] = Field(
         default=_REQUIRED, validate_default=True
     )
+    # Absent: min_reported_tcb applies to the launch TCB too. A VM launched on firmware below the
+    # minimum keeps what that firmware could leak even after a live update raises reported_tcb.
+    min_launch_tcb: TcbMinimum | None = None
     host_data: schema.OptionalHex32 = None
     allow_simulated: schema.Bool = False
 
@@ -109,14 +125,18 @@ class SnpRules(schema.Section):
             raise _deny(f"product {c.product} is not allowed", Reason.PRODUCT_NOT_ALLOWED)
         if c.guest_svn < self.min_guest_svn:
             raise _deny(f"guest SVN {c.guest_svn} < {self.min_guest_svn}", Reason.GUEST_SVN_TOO_OLD)
-        have = c.reported_tcb.components()
-        minima = self.min_reported_tcb.components() if self.min_reported_tcb else {}
-        for name, minimum in minima.items():
-            if name in have and have[name] < minimum:
-                raise _deny(
-                    f"reported TCB {name}={have[name]} is below the minimum {minimum}",
-                    Reason.TCB_TOO_OLD,
-                )
+        if self.min_reported_tcb is not None:
+            _check_tcb(c.reported_tcb, self.min_reported_tcb, "reported TCB", Reason.TCB_TOO_OLD)
+        launch_minimum = self.min_launch_tcb or self.min_reported_tcb
+        if launch_minimum is not None:
+            source = "min_launch_tcb" if self.min_launch_tcb else "min_reported_tcb"
+            _check_tcb(
+                c.launch_tcb,
+                launch_minimum,
+                "launch TCB",
+                Reason.LAUNCH_TCB_TOO_OLD,
+                f" ({source}): the VM was started on older firmware; relaunch it",
+            )
         if self.host_data is not None and c.host_data not in self.host_data:
             raise _deny("host data is not allowed", Reason.HOST_DATA_NOT_ALLOWED)
         return c.measurement
