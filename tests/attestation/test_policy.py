@@ -37,7 +37,8 @@ MRTD = bytes(range(48, 96))
 DEBUG_MEASUREMENT = "b07af9620f3b839b47996422ddec6058338951d984e312115131ea82705eaf5b6bdf8a9ece31a5a608eb0cf2e4872b01"
 
 
-ZERO_TCB = {"bootloader": 0, "tee": 0, "snp": 0, "microcode": 0}
+# fmc too: a policy that may accept Turin must state its FMC minimum.
+ZERO_TCB = {"fmc": 0, "bootloader": 0, "tee": 0, "snp": 0, "microcode": 0}
 
 
 def policy(*, production: bool = True, **overrides: object) -> ReleasePolicy:
@@ -622,3 +623,44 @@ def test_real_snp_vectors_pass_their_own_minimum_at_launch(
         policy(sev_snp=section).evaluate(claims, CALLER)
         above = {"fmc": 0, **reported, "microcode": reported["microcode"] + 1}
         deny(Reason.TCB_TOO_OLD, policy(sev_snp={**section, "min_reported_tcb": above}), claims)
+
+
+@pytest.mark.parametrize(
+    ("products", "field"),
+    [(None, "min_reported_tcb"), (["Turin"], "min_reported_tcb"),
+     (["Milan", "Turin"], "min_reported_tcb"), (None, "min_launch_tcb")],
+)  # fmt: skip
+def test_snp_fmc_minimum_is_required_when_turin_may_be_accepted(
+    products: list[str] | None, field: str
+) -> None:
+    section: dict[str, object] = {"measurements": [MEAS.hex()], "min_reported_tcb": ZERO_TCB}
+    section[field] = {"bootloader": 4, "tee": 0, "snp": 24, "microcode": 219}  # no fmc
+    if products is not None:
+        section["products"] = products
+    with pytest.raises(PolicyInvalid) as err:
+        policy(sev_snp=section)
+    assert err.value.reason == Reason.POLICY_MISSING_KEY
+    assert err.value.message.startswith(f"policy sev_snp.{field}: fmc is required"), str(err.value)
+
+
+def test_snp_fmc_minimum_is_optional_without_turin() -> None:
+    no_fmc = {"bootloader": 4, "tee": 0, "snp": 24, "microcode": 219}
+    for products in (["Milan"], ["Milan", "Genoa"]):
+        policy(sev_snp={"measurements": [MEAS.hex()], "products": products,
+                        "min_reported_tcb": no_fmc, "min_launch_tcb": no_fmc})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def turin(now: dt.datetime) -> SimulatedAuthority:
+    return SimulatedAuthority.generate(product="Turin", now=now)
+
+
+def test_snp_turin_fmc_below_the_minimum_is_refused(turin: SimulatedAuthority, now) -> None:  # type: ignore[no-untyped-def]
+    tcb = TcbVersion.from_components(fmc=0, **NEW_TCB)
+    claims = snp_claims(turin.snp(tcb=tcb), turin.trust_store(), now, version=5)
+    assert claims.product == "Turin" and claims.reported_tcb.components()["fmc"] == 0
+    with pytest.raises(PolicyViolation) as err:
+        policy(sev_snp__min_reported_tcb={**NEW_TCB, "fmc": 1}).evaluate(claims, CALLER)
+    assert err.value.reason == Reason.TCB_TOO_OLD
+    assert "reported TCB fmc=0 is below the minimum 1" in str(err.value)
+    policy(sev_snp__min_reported_tcb={**NEW_TCB, "fmc": 0}).evaluate(claims, CALLER)

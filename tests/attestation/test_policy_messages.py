@@ -15,7 +15,7 @@ from strongroom.attestation.policy import ReleasePolicy
 from strongroom.reasons import Reason
 
 M = "00" * 48
-ZERO = {"bootloader": 0, "tee": 0, "snp": 0, "microcode": 0}
+ZERO = {"fmc": 0, "bootloader": 0, "tee": 0, "snp": 0, "microcode": 0}
 
 
 def _doc(**changes: object) -> str:

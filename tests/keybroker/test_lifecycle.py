@@ -27,6 +27,7 @@ POLICY = (
     "tee_types: [SEV_SNP]\n"
     "sev_snp:\n"
     f'  measurements: ["{"ab" * 48}"]\n'
+    "  products: [Milan]\n"
     "  min_reported_tcb: {bootloader: 3, tee: 0, snp: 8, microcode: 115}\n"
 )
 

@@ -29,6 +29,7 @@ def document(*, callers: str = f"spiffe://{DOMAIN}/inference", debug: bool = Fal
         "tee_types: [SEV_SNP]\n"
         "sev_snp:\n"
         f'  measurements: ["{MEASUREMENT}"]\n'
+        "  products: [Milan]\n"
         "  min_reported_tcb: {bootloader: 3, tee: 0, snp: 8, microcode: 115}\n"
         f"  allow_debug: {'true' if debug else 'false'}\n"
     )

@@ -87,6 +87,6 @@ def test_one_grammar_for_config_policy_and_certificates(text: str, ok: bool) -> 
     policy = (
         "version: '1'\nallowed_spiffe_ids: [" + repr(text) + "]\ntee_types: [SEV_SNP]\n"
         "sev_snp: {measurements: ['" + "00" * 48 + "'], "
-        "min_reported_tcb: {bootloader: 0, tee: 0, snp: 0, microcode: 0}}\n"
+        "min_reported_tcb: {fmc: 0, bootloader: 0, tee: 0, snp: 0, microcode: 0}}\n"
     )
     assert accepted(lambda: ReleasePolicy.load(policy)) == ok
