@@ -234,7 +234,8 @@ class KeyReleaseClient:
         # the priority is all that holds it back), and not at all while a caller defers it
         # (:meth:`deferring_key_generation`: a model load, whose download and decryption it would
         # otherwise compete with). A key not ready when needed is made at once on the caller's
-        # thread instead. Each key is used exactly once.
+        # thread instead, and the one being made is kept for the next exchange. Each key is used
+        # exactly once.
         self._keygen = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="ephemeral-rsa", initializer=_yield_the_cpu
         )
@@ -262,12 +263,18 @@ class KeyReleaseClient:
     def _take_key(self) -> rsa.RSAPrivateKey:
         with self._key_lock:
             future = self._next_key
-            self._next_key = None if self._deferring else self._keygen.submit(_new_ephemeral_key)
-        if future is not None:
-            if future.done():
+            if future is not None and future.done():
+                self._next_key = (
+                    None if self._deferring else self._keygen.submit(_new_ephemeral_key)
+                )
                 return future.result()
-            future.cancel()  # a key already being made is dropped
-        # None ready (or none queued, while deferred): one now, at the caller's priority.
+            if future is None or (self._deferring and future.cancel()):
+                self._next_key = (
+                    None if self._deferring else self._keygen.submit(_new_ephemeral_key)
+                )
+            # else: a key being made (or queued, when nothing defers) stays the next exchange's
+            # rather than being made for nothing.
+        # None ready: one now, at the caller's priority.
         return _new_ephemeral_key()
 
     @contextlib.contextmanager

@@ -3,12 +3,14 @@ once, never waited for when the background one is not ready, and not made while 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from strongroom.client.keyrelease import EPHEMERAL_KEY_BITS, KeyReleaseClient
 
@@ -50,8 +52,8 @@ def test_a_key_not_ready_is_made_at_once_on_the_callers_thread(client: KeyReleas
         assert queued is not None and not queued.done()
         key = client._take_key()  # returns without the background thread (still blocked)
         assert key.key_size == EPHEMERAL_KEY_BITS
-        assert queued.cancelled()  # the queued one will not be made for nothing
-        assert not blocker.done()
+        assert client._next_key is queued  # the queued one stays the next, not made twice
+        assert not queued.cancelled() and not blocker.done()
     finally:
         release.set()
     blocker.result(30)
@@ -95,3 +97,35 @@ def test_a_block_left_by_an_exception_still_lets_the_next_key_be_made(
         raise RuntimeError("the load failed")
     assert client._next_key is not None
     assert client._next_key.result(30).key_size == EPHEMERAL_KEY_BITS
+
+
+def test_a_key_being_made_when_one_is_needed_is_kept_for_the_next_exchange(
+    client: KeyReleaseClient,
+) -> None:
+    """The caller does not wait for a key the background thread is still making (it runs at the
+    lowest priority); that key used to be dropped when done, 0.1-0.3 CPU-seconds for nothing."""
+    started, finish = threading.Event(), threading.Event()
+    slow_key = rsa.generate_private_key(65537, EPHEMERAL_KEY_BITS)
+
+    def slow() -> rsa.RSAPrivateKey:
+        started.set()
+        finish.wait(60)
+        return slow_key
+
+    for deferring in (False, True):
+        assert client._next_key is not None
+        client._next_key.result(30)  # the worker is idle
+        client._next_key = client._keygen.submit(slow)  # and now busy making the next key
+        assert started.wait(30)
+        with contextlib.ExitStack() as stack:
+            if deferring:
+                stack.enter_context(client.deferring_key_generation())
+            now = client._take_key()  # made at once: the running one is not waited for
+            running = client._next_key
+            assert running is not None and running.running()
+            finish.set()
+            running.result(30)
+            assert client._take_key() is slow_key  # the running one, used next
+            assert now is not slow_key
+        started.clear()
+        finish.clear()
