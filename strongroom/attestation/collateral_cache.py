@@ -9,6 +9,9 @@ was issued) and refused if they would roll back what the cache already holds:
   for its FMSPC, or the same number issued earlier (``Reason.COLLATERAL_ROLLBACK``);
 * likewise for the QE identity, and a CRL whose ``thisUpdate`` is older than the one held.
 
+A CRL without ``nextUpdate`` is refused (``Reason.COLLATERAL_STALE``): the verifier never holds
+one current.
+
 The high-water marks live in ``state.json`` and survive restarts. Layout (stable, documented in
 ``services/keybroker/POLICY.md``; ``strongroom attest collateral import`` reads the same layout)::
 
@@ -58,6 +61,7 @@ from strongroom.attestation.collateral import (
     parse_tcb_info,
 )
 from strongroom.attestation.errors import (
+    CollateralUnavailable,
     MalformedEvidence,
     VerificationFailed,
 )
@@ -332,6 +336,13 @@ class CollateralCache:
             )
         if issuer not in pinned_list(self._trust):
             check_valid_at(issuer, crl.last_update_utc, "CRL issuer")
+        if crl.next_update_utc is None:
+            # The verifier holds such a CRL stale (it would be current forever); cached, it would
+            # also be "due" on every release and re-fetched each time.
+            raise CollateralUnavailable(
+                f"CRL from {crl.issuer.rfc4514_string()!r} has no nextUpdate",
+                reason=Reason.COLLATERAL_STALE,
+            )
         is_amd = common_name(issuer).startswith("ARK-")
         if is_amd != (scope in AMD_CRL_SCOPES):
             raise _bad("an AMD ARK CRL needs scope vcek or vlek; an Intel CRL none")

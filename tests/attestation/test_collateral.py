@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +25,7 @@ from strongroom.attestation import (
     CollateralUnavailable,
     Evidence,
     MalformedEvidence,
+    StaticCollateralSource,
     TeeType,
     TrustStore,
     VerificationFailed,
@@ -261,6 +262,49 @@ def test_stale_collateral_past_grace_is_refused(authority, sim_trust, now) -> No
         collateral_grace=dt.timedelta(days=2),
     )  # fmt: skip
     assert claims.collateral_complete
+
+
+def _without_next_update(authority: SimulatedAuthority, issuer: str, now: dt.datetime) -> bytes:
+    """``issuer``'s CRL with no nextUpdate (optional in RFC 5280; cryptography's builder cannot
+    make one): the TBS re-encoded without the field and signed again with the issuer's key."""
+    tbs, alg, _sig = _der.read_all(_der.read_one(authority.crl(issuer, now=now), _der.TAG_SEQUENCE))
+    fields = _der.read_all(tbs.value)
+    times = [i for i, f in enumerate(fields) if f.tag in (0x17, 0x18)]  # UTCTime, GeneralizedTime
+    del fields[times[1]]  # thisUpdate stays, nextUpdate goes
+    new_tbs = _der.encode(_der.TAG_SEQUENCE, b"".join(_der.encode(f.tag, f.value) for f in fields))
+    key = getattr(authority, f"{issuer}_key")
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        signature = key.sign(new_tbs, ec.ECDSA(hashes.SHA256()))
+    else:
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+        signature = key.sign(new_tbs, pss, hashes.SHA384())
+    crl = _der.encode(
+        _der.TAG_SEQUENCE,
+        new_tbs + _der.encode(alg.tag, alg.value) + _der.encode(0x03, b"\0" + signature),
+    )
+    assert x509.load_der_x509_crl(crl).next_update_utc is None
+    return crl
+
+
+def test_a_crl_without_next_update_is_stale(authority, sim_trust, now, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A CRL may omit nextUpdate; it was held current forever (the chain verified against a
+    CRL of any age). Now stale in the verifier, and refused by the cache at the door."""
+    snp = authority.snp()
+    ark_crl = _without_next_update(authority, "ark", now)
+    ev = snp.evidence(RD, measurement=MEAS)
+    with pytest.raises(CollateralUnavailable) as err:
+        verify_evidence(
+            ev, trust=sim_trust, now=now, collateral=StaticCollateralSource(crl_list=(ark_crl,))
+        )
+    assert err.value.reason == Reason.COLLATERAL_STALE
+    cache = CollateralCache(tmp_path, sim_trust)
+    with pytest.raises(CollateralUnavailable) as refused:
+        cache.put_crl(ark_crl, scope="vcek")
+    assert refused.value.reason == Reason.COLLATERAL_STALE
+    assert cache.crl(authority.ark, "vcek") is None
+    # The same CRL with its nextUpdate verifies.
+    fine = StaticCollateralSource(crl_list=(authority.crl("ark", now=now),))
+    assert verify_evidence(ev, trust=sim_trust, now=now, collateral=fine).collateral_complete
 
 
 # --- rollback --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from strongroom.attestation.errors import (
     MalformedEvidence,
     VerificationFailed,
 )
-from strongroom.attestation.verify import tdx
+from strongroom.attestation.verify import _crl, tdx
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.reasons import Reason
 from tests.attestation.test_vectors import NEW_TCB_SIGNING, SOURCES
@@ -186,6 +186,37 @@ def test_revocation(authority: SimulatedAuthority, sim_trust: TrustStore, now) -
     with pytest.raises(VerificationFailed) as err:
         tdx.check_revocation(revoked, pck, [], now, zero, True)
     assert err.value.reason == Reason.CERT_REVOKED
+
+
+def test_a_crl_cannot_vouch_for_a_certificate_its_issuer_did_not_issue(
+    vectors: Path, production: TrustStore
+) -> None:
+    """The real root CA CRL lists serials of the root's certificates only: the real PCK leaf
+    (issued by the Platform CA) used to be skipped silently, i.e. reported checked unchecked."""
+    pem = parse_tdx_quote((vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes())
+    pck = tdx.verify_pck_chain(pem.signature_data.pck_chain_pem, production, SPR_TIME)
+    leaf, ca, root = pck.chain
+    root_crl = (vectors / "roots/intel/intel_sgx_root_ca_crl.der").read_bytes()
+    zero = dt.timedelta(0)
+    _crl.check_revocation(root_crl, root, (ca,), SPR_TIME, grace=zero, what="root")
+    with pytest.raises(VerificationFailed) as err:
+        _crl.check_revocation(root_crl, root, (ca, leaf), SPR_TIME, grace=zero, what="root")
+    assert err.value.reason == Reason.COLLATERAL_MISMATCH
+
+
+def test_a_tcb_signer_under_another_root_is_not_passed_unchecked(
+    authority: SimulatedAuthority, sim_trust: TrustStore, now
+) -> None:  # type: ignore[no-untyped-def]
+    """sim_trust pins the real Intel root beside the simulated one: a TCB-signing certificate of
+    the real root beside a simulated PCK chain was skipped by the simulated root's CRL."""
+    platform = authority.tdx()
+    pck = tdx.verify_pck_chain(platform.pck_chain_pem(), sim_trust, now)
+    real_signer = tdx.verify_signing_chain(NEW_TCB_SIGNING.read_bytes(), sim_trust, now)
+    source = authority.collateral_source(now=now)
+    zero = dt.timedelta(0)
+    with pytest.raises(VerificationFailed) as err:
+        tdx.check_revocation(source, pck, [real_signer], now, zero, True)
+    assert err.value.reason == Reason.COLLATERAL_MISMATCH
 
 
 # --- step 4: TCB evaluation -------------------------------------------------------------------

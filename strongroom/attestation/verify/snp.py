@@ -228,11 +228,13 @@ def verify_snp(
     _check_bindings(report, key)
     # Revocation comes last so that a forged or mismatched report is named as such; only the
     # verifier's own CRL counts (evidence-carried CRLs are never read).
-    ark = key.chain[2]
+    signer, ark = key.chain[1], key.chain[2]
     crl = collateral.crl(ark, key.info.kind.lower()) if collateral is not None else None
     revocation_checked = crl is not None or require_collateral
     if revocation_checked:
-        _crl.check_revocation(crl, ark, key.chain, now, grace=grace, what=f"ARK-{key.product}")
+        # The ARK's CRL speaks for what the ARK issued, the ASK/ASVK; AMD publishes no CRL for
+        # VCEKs/VLEKs.
+        _crl.check_revocation(crl, ark, (signer,), now, grace=grace, what=f"ARK-{key.product}")
     return SnpClaims(
         version=report.version,
         product=key.product,

@@ -295,13 +295,15 @@ def check_revocation(  # noqa: PLR0917 - the step's inputs, in the order verify_
     and TCB-signing certificates against the Intel root CA's CRL, both from ``collateral`` and
     current within ``grace``. True when checked; False only when not ``required`` and the
     collateral holds neither CRL."""
-    ca, root = pck.chain[1], pck.chain[2]
+    leaf, ca, root = pck.chain
     ca_name = INTEL_CA_BY_CN.get(common_name(ca), "PCK")
     pck_crl = collateral.crl(ca) if collateral is not None else None
     root_crl = collateral.crl(root) if collateral is not None else None
     if not required and pck_crl is None and root_crl is None:
         return False
-    _crl.check_revocation(pck_crl, ca, pck.chain, now, grace=grace, what=f"the {ca_name} CA")
+    _crl.check_revocation(pck_crl, ca, (leaf,), now, grace=grace, what=f"the {ca_name} CA")
+    # Each CRL names exactly the certificates its CA issued: a TCB-signing certificate under
+    # another root than the PCK chain's is refused by the check, never passed unchecked.
     covered = [ca, *(s.chain[0] for s in signers)]
     _crl.check_revocation(root_crl, root, covered, now, grace=grace, what="the Intel SGX Root CA")
     return True
