@@ -75,6 +75,45 @@ def test_chain_refusals(vectors: Path, production: TrustStore) -> None:
     assert short.value.reason == Reason.BAD_CERTIFICATE
 
 
+def _blocks(pem: bytes) -> list[bytes]:
+    """The PEM blocks of a chain, exactly as they are written."""
+    end = b"-----END CERTIFICATE-----"
+    return [b + end for b in pem.split(end) if b"-----BEGIN" in b]
+
+
+def test_chain_holds_exactly_leaf_ca_and_optionally_the_pinned_root(
+    vectors: Path, production: TrustStore, authority: SimulatedAuthority
+) -> None:
+    """Real quotes carry PCK, Platform CA and root separated by newlines, with NUL padding after
+    (all pass, and so does the chain without its root). An extra certificate, another third one
+    than the pinned root, and data between the blocks were read past before."""
+    pem = parse_tdx_quote((vectors / GNR).read_bytes()).signature_data.pck_chain_pem
+    assert pem.endswith(b"\n\x00")
+    leaf, ca, root = (b.strip() for b in _blocks(pem))
+    tcb_signer = _blocks(NEW_TCB_SIGNING.read_bytes())[0].strip()
+    other_root = authority.intel_root_pem().strip()
+
+    def chain(*parts: bytes) -> bytes:
+        return b"\n".join(parts) + b"\n\x00\x00"
+
+    for good in (pem, chain(leaf, ca), chain(leaf, ca, root), b"\r\n".join((leaf, ca, root))):
+        tdx.verify_pck_chain(good, production, TDX_TIME)
+    refusals = {
+        chain(leaf, ca, root, tcb_signer): Reason.CERT_CHAIN_INVALID,  # a fourth certificate
+        chain(leaf, ca, root, root): Reason.CERT_CHAIN_INVALID,
+        chain(leaf, ca, tcb_signer): Reason.CERT_CHAIN_INVALID,  # third, but not a root
+        chain(leaf, ca, other_root): Reason.ROOT_NOT_TRUSTED,
+        chain(leaf, b"junk", ca, root): Reason.BAD_CERTIFICATE,
+        chain(b"# comment", leaf, ca, root): Reason.BAD_CERTIFICATE,
+        chain(leaf, ca, root, b"trailer"): Reason.BAD_CERTIFICATE,
+        chain(leaf, ca, root) + b"x": Reason.BAD_CERTIFICATE,  # after the NUL padding
+    }
+    for bad, reason in refusals.items():
+        with pytest.raises((MalformedEvidence, VerificationFailed)) as err:
+            tdx.verify_pck_chain(bad, production, TDX_TIME)
+        assert err.value.reason == reason, bad[-60:]
+
+
 def test_chain_of_a_simulated_quote(
     authority: SimulatedAuthority, sim_trust: TrustStore, now
 ) -> None:  # type: ignore[no-untyped-def]

@@ -1,10 +1,11 @@
 """Intel TDX quote verification (DCAP, ECDSA P-256 attestation key).
 
 Checks, in order: the PCK chain embedded in the quote (PCK <- Platform/Processor CA <- Intel SGX
-Root CA) ends at a pinned root and is valid at ``now``; CRLs (if supplied) do not revoke it; the
-quote signature over header and body verifies with the attestation key; the QE report signature
-verifies with the PCK key; the QE report data binds the attestation key and QE auth data
-(``SHA-256(AK || auth data) || 32 zero bytes``). Then the verifier's own collateral (never the
+Root CA; exactly those, the root optional and then byte-identical to the pinned one, nothing
+between the PEM blocks) ends at a pinned root and is valid at ``now``; CRLs (if supplied) do not
+revoke it; the quote signature over header and body verifies with the attestation key; the QE
+report signature verifies with the PCK key; the QE report data binds the attestation key and QE
+auth data (``SHA-256(AK || auth data) || 32 zero bytes``). Then the verifier's own collateral (never the
 evidence's): the Intel root CA CRL and the PCK CA's CRL must be current and revoke nothing in the
 PCK chain or the TCB-signing chain; the TCB info and the QE identity must be signed over the exact
 raw inner JSON by a TCB-signing certificate chaining to the pinned root and be current (within the
@@ -32,6 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from strongroom.attestation._x509 import (
     check_valid_at,
@@ -45,7 +47,6 @@ from strongroom.attestation.abi.certs import (
     common_name,
     load_certificate,
     parse_pck_extensions,
-    split_pem_certificates,
 )
 from strongroom.attestation.abi.tdx import TdQuoteBody, TdxQuote, parse_tdx_quote
 from strongroom.attestation.claims import TCB_NOT_EVALUATED, TdxClaims
@@ -111,22 +112,69 @@ def _root_for(cert: x509.Certificate, trust: TrustStore) -> PinnedCert:
 def _check_supplied_roots(certs: list[x509.Certificate], trust: TrustStore) -> None:
     pinned = {r.der for r in trust.intel_roots()}
     for cert in certs:
-        if cert.subject == cert.issuer:
-            from cryptography.hazmat.primitives.serialization import Encoding
+        if cert.subject == cert.issuer and cert.public_bytes(Encoding.DER) not in pinned:
+            raise VerificationFailed(
+                f"supplied root {common_name(cert)!r} is not the pinned Intel SGX Root CA",
+                reason=Reason.ROOT_NOT_TRUSTED,
+            )
 
-            if cert.public_bytes(Encoding.DER) not in pinned:
-                raise VerificationFailed(
-                    f"supplied root {common_name(cert)!r} is not the pinned Intel SGX Root CA",
-                    reason=Reason.ROOT_NOT_TRUSTED,
-                )
+
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+_PEM_END = b"-----END CERTIFICATE-----"
+_PEM_SPACE = b" \t\r\n"
+
+
+def _pck_chain_certificates(pem: bytes) -> list[x509.Certificate]:
+    """The certificates of a quote's PCK chain, in order.
+
+    Only whitespace may stand between the PEM blocks, and whitespace or NUL padding after the last
+    (quote generators pad the certification data); anything else is data the chain was not
+    supposed to carry, so the quote is refused rather than read past (``BAD_CERTIFICATE``).
+    """
+    text = bytes(pem).rstrip(b"\x00" + _PEM_SPACE)
+    certs: list[x509.Certificate] = []
+    pos = 0
+    while pos < len(text):
+        start = text.find(_PEM_BEGIN, pos)
+        if text[pos : start if start >= 0 else len(text)].strip(_PEM_SPACE):
+            raise MalformedEvidence(
+                "TDX quote PCK chain carries data outside its PEM certificate blocks",
+                reason=Reason.BAD_CERTIFICATE,
+            )
+        stop = text.find(_PEM_END, start)
+        if stop < 0:
+            raise MalformedEvidence(
+                "unterminated PEM certificate block", reason=Reason.BAD_CERTIFICATE
+            )
+        pos = stop + len(_PEM_END)
+        certs.append(load_certificate(text[start:pos]))
+    return certs
+
+
+def _check_supplied_pck_root(supplied: x509.Certificate, root: PinnedCert) -> None:
+    """A root after the PCK CA must be the very pinned root the CA chains to."""
+    if supplied.public_bytes(Encoding.DER) == root.der:
+        return
+    self_signed = supplied.subject == supplied.issuer
+    raise VerificationFailed(
+        f"the quote's third certificate {common_name(supplied)!r} is not the pinned Intel SGX Root "
+        "CA its PCK CA chains to",
+        reason=Reason.ROOT_NOT_TRUSTED if self_signed else Reason.CERT_CHAIN_INVALID,
+    )
 
 
 def _verify_pck_chain_uncached(pem: bytes, trust: TrustStore, now: datetime) -> VerifiedPck:
-    certs = [load_certificate(d) for d in split_pem_certificates(pem)]
+    certs = _pck_chain_certificates(pem)
     if len(certs) < 2:
         raise MalformedEvidence(
             "TDX quote PCK chain must hold the PCK certificate and its CA",
             reason=Reason.BAD_CERTIFICATE,
+        )
+    if len(certs) > 3:
+        raise VerificationFailed(
+            f"TDX quote PCK chain holds {len(certs)} certificates: expected the PCK certificate, "
+            "its PCK CA and at most the Intel SGX Root CA",
+            reason=Reason.CERT_CHAIN_INVALID,
         )
     leaf, ca = certs[0], certs[1]
     if common_name(leaf) != PCK_LEAF_CN or common_name(ca) not in PCK_CA_CNS:
@@ -135,9 +183,10 @@ def _verify_pck_chain_uncached(pem: bytes, trust: TrustStore, now: datetime) -> 
             "certificate and its Intel PCK CA",
             reason=Reason.CERT_CHAIN_INVALID,
         )
-    _check_supplied_roots(certs[2:], trust)
     verify_issued_by(leaf, ca)
     root = _root_for(ca, trust)
+    if len(certs) == 3:
+        _check_supplied_pck_root(certs[2], root)
     chain = (leaf, ca, root.cert)
     for c, what in zip(chain, ("PCK", "PCK CA", "Intel root"), strict=True):
         check_valid_at(c, now, what)
@@ -311,7 +360,9 @@ def check_revocation(  # noqa: PLR0917 - the step's inputs, in the order verify_
 
 def verify_pck_chain(pem: bytes, trust: TrustStore, now: datetime) -> VerifiedPck:
     """Step 1, the chain: the PCK chain a quote carries (PCK <- Platform/Processor CA <- pinned
-    Intel SGX Root CA), every certificate valid at ``now``; a supplied root must be the pinned one.
+    Intel SGX Root CA), every certificate valid at ``now``. The quote must carry exactly the PCK
+    certificate and its CA, optionally followed by the root, which must be byte-identical to the
+    pinned one; any other certificate, or data between the PEM blocks, is refused.
 
     A verified chain is cached in ``trust`` by its bytes and reused only inside its validity window.
     Revocation is checked later, against the verifier's own CRLs (:func:`check_revocation`).
