@@ -11,7 +11,9 @@ getters are interchangeable; :class:`StaticCollateralSource` serves fixed docume
 
 from __future__ import annotations
 
+import functools
 import json
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -385,6 +387,56 @@ class CollateralSource(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class _CrlFacts:
+    issuer: x509.Name
+    this_update: datetime
+    amd_scope: str | None
+
+
+def amd_crl_scope(crl: x509.CertificateRevocationList) -> str | None:
+    """``"vcek"`` or ``"vlek"`` when an ARK's CRL says which of the two it is, else ``None``.
+
+    An ARK signs its VCEK CRL (which revokes ASKs) and its VLEK CRL (ASVKs) under one issuer name,
+    so the name cannot tell them apart. The CRL's issuing distribution point can (RFC 5280
+    5.2.5): it is signed with the CRL and names where the CRL is published, the KDS URL that the
+    ASK's and ASVK's CRL distribution points name (``/vcek/v1/<product>/crl``, ``/vlek/...``).
+    The revoked serials cannot: an empty CRL names no certificate, and nothing stops a CRL from
+    listing a serial of the other kind. A CRL whose URIs disagree is unclassified.
+    """
+    try:
+        idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    scopes = set()
+    for name in idp.full_name or ():
+        if isinstance(name, x509.UniformResourceIdentifier):
+            parts = urllib.parse.urlsplit(name.value).path.strip("/").split("/")
+            if len(parts) == 4 and parts[1] == "v1" and parts[3] == "crl":
+                scopes.add(parts[0] if parts[0] in ("vcek", "vlek") else "")
+            else:
+                scopes.add("")
+    if len(scopes) != 1:
+        return None
+    return scopes.pop() or None
+
+
+@functools.lru_cache(maxsize=32)
+def _crl_facts(data: bytes) -> _CrlFacts | None:
+    """What selecting a held CRL needs to know of it, or ``None`` if it is not a CRL (memoised:
+    an offline verifier asks for the same few CRLs on every verification)."""
+    try:
+        raw = bytes(data)
+        crl = (
+            x509.load_pem_x509_crl(raw)
+            if raw.lstrip().startswith(b"-----BEGIN")
+            else x509.load_der_x509_crl(raw)
+        )
+        return _CrlFacts(crl.issuer, crl.last_update_utc, amd_crl_scope(crl))
+    except X509_PARSE_ERRORS:
+        return None
+
+
 def crl_issuer_name(data: bytes) -> x509.Name | None:
     """The issuer name of a DER/PEM CRL, or ``None`` if it is not one (structure only)."""
     try:
@@ -404,8 +456,9 @@ class StaticCollateralSource:
     """Serves fixed, operator-supplied documents (offline verification with explicit files, tests).
 
     ``signing_chain`` is the issuer chain of every TCB info / QE identity held. CRLs are matched to
-    what they cover by their issuer's name (``ARK-<product>``, Intel root / PCK CAs); the verifier
-    still checks each CRL's signature against the chain it judges.
+    what they cover by their issuer's name (``ARK-<product>``, Intel root / PCK CAs) and, for an
+    ARK's, by scope (:meth:`crl`); the verifier still checks each CRL's signature against the
+    chain it judges.
     """
 
     vceks: tuple[bytes, ...] = ()
@@ -432,8 +485,32 @@ class StaticCollateralSource:
         return None
 
     def crl(self, issuer: x509.Certificate, scope: str = "") -> bytes | None:
-        """The first held CRL whose issuer name is ``issuer``'s (the verifier checks the rest)."""
-        return next((c for c in self.crl_list if crl_issuer_name(c) == issuer.subject), None)
+        """The newest (``thisUpdate``) held CRL of ``issuer`` for ``scope``.
+
+        For an ARK (``scope`` ``vcek``/``vlek``) the name does not say which CRL is which (see
+        :func:`amd_crl_scope`): one whose issuing distribution point names the scope is taken;
+        failing that, the only ARK CRL without one; several without one are
+        :class:`CollateralUnavailable` (``Reason.COLLATERAL_AMBIGUOUS``), since a VCEK CRL
+        handed to a VLEK chain would leave a revoked ASVK unrevoked. The verifier checks the rest.
+        """
+        held: list[tuple[_CrlFacts, bytes]] = []
+        for data in dict.fromkeys(self.crl_list):  # the same file given twice is one CRL
+            facts = _crl_facts(data)
+            if facts is not None and facts.issuer == issuer.subject:
+                held.append((facts, data))
+        if scope:
+            scoped = [h for h in held if h[0].amd_scope == scope]
+            if not scoped:
+                scoped = [h for h in held if h[0].amd_scope is None]
+                if len(scoped) > 1:
+                    raise CollateralUnavailable(
+                        f"{len(scoped)} CRLs of {issuer.subject.rfc4514_string()!r} are given and "
+                        "none says (by an issuing distribution point) whether it is the VCEK or "
+                        f"the VLEK CRL: give only the {scope} one",
+                        reason=Reason.COLLATERAL_AMBIGUOUS,
+                    )
+            held = scoped
+        return max(held, key=lambda h: h[0].this_update)[1] if held else None
 
     def tdx_tcb_info(self, fmspc: bytes) -> SignedDocument | None:
         """The TCB info for the FMSPC, if one is held (and a signing chain is)."""

@@ -5,7 +5,9 @@ encoding (raw, hex, base64). ``--cert`` takes the VCEK/VLEK (DER or PEM); a PEM 
 carry the ASK/ARK, which must be the pinned ones. The collateral that judges the evidence (CRLs,
 TDX TCB info, QE identity) comes from the verifier, resolved as the broker does: ``--collateral-dir``
 (a collateral cache), filled on demand from ``--pcs-url`` / ``--kds-url`` when given, or explicit
-``--collateral`` files (TCB info / QE identity JSON, TCB-signing chain PEM, CRLs). Missing or
+``--collateral`` files (TCB info / QE identity JSON, TCB-signing chain PEM, CRLs; of several CRLs
+of one CA the newest counts, and an ARK's VCEK and VLEK CRLs, which share its name, are told apart
+by their issuing distribution point or refused as COLLATERAL_AMBIGUOUS). Missing or
 stale collateral fails closed unless ``--allow-incomplete-collateral`` (inspection only: the
 claims then say what was not checked). Verification is as of ``--at`` (RFC 3339, default now)
 against the pinned production roots. Exit codes: 0 verified, 2 refused (with its reason), 1 usage.

@@ -307,6 +307,103 @@ def test_a_crl_without_next_update_is_stale(authority, sim_trust, now, tmp_path)
     assert verify_evidence(ev, trust=sim_trust, now=now, collateral=fine).collateral_complete
 
 
+def _ark_crl(
+    authority: SimulatedAuthority, revoked: list[int], now: dt.datetime, *,
+    scope: str | None = None, age: dt.timedelta = dt.timedelta(hours=1),
+) -> bytes:  # fmt: skip
+    """An ARK CRL issued ``age`` ago, with an issuing distribution point naming the KDS URL of
+    ``scope`` when given (``authority.crl`` makes none)."""
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(authority.ark.subject)
+        .last_update(now - age)
+        .next_update(now + dt.timedelta(days=30))
+    )
+    if scope is not None:
+        url = f"https://kdsintf.amd.com/{scope}/v1/{authority.product}/crl"
+        builder = builder.add_extension(
+            x509.IssuingDistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(url)], relative_name=None,
+                only_contains_user_certs=False, only_contains_ca_certs=False,
+                only_some_reasons=None, indirect_crl=False, only_contains_attribute_certs=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(now - age)
+            .build()
+        )
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+    crl = builder.sign(authority.ark_key, hashes.SHA384(), rsa_padding=pss)
+    return crl.public_bytes(serialization.Encoding.DER)
+
+
+def test_static_crls_of_one_ark_are_told_apart_by_scope(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    """The ARK signs its VCEK and its VLEK CRL under one name; `attest verify --collateral` took
+    the first CRL with that name for either, so a VLEK chain whose ASVK the VLEK CRL revokes was
+    accepted when the VCEK CRL came first. Unclassifiable, the pair is refused; classified by
+    their issuing distribution points, each chain meets its own CRL, in either order."""
+    vlek_ev = authority.snp(signing_key="VLEK").evidence(RD, measurement=MEAS)
+    vcek_ev = authority.snp().evidence(RD, measurement=MEAS)
+    asvk_revoked = [authority.asvk.serial_number]
+    plain = (_ark_crl(authority, [], now), _ark_crl(authority, asvk_revoked, now))
+    with pytest.raises(CollateralUnavailable) as ambiguous:
+        verify_evidence(
+            vlek_ev, trust=sim_trust, now=now, collateral=StaticCollateralSource(crl_list=plain)
+        )
+    assert ambiguous.value.reason == Reason.COLLATERAL_AMBIGUOUS
+    vcek_crl = _ark_crl(authority, [], now, scope="vcek")
+    vlek_crl = _ark_crl(authority, asvk_revoked, now, scope="vlek")
+    for crls in ((vcek_crl, vlek_crl), (vlek_crl, vcek_crl)):
+        source = StaticCollateralSource(crl_list=crls)
+        with pytest.raises(VerificationFailed) as revoked:
+            verify_evidence(vlek_ev, trust=sim_trust, now=now, collateral=source)
+        assert revoked.value.reason == Reason.CERT_REVOKED
+        assert verify_evidence(
+            vcek_ev, trust=sim_trust, now=now, collateral=source
+        ).collateral_complete
+    # One ARK CRL without a distribution point is still the ARK's CRL for either scope, and a
+    # classified one of the other scope does not make an unclassified one ambiguous.
+    lone = StaticCollateralSource(crl_list=(plain[1],))
+    with pytest.raises(VerificationFailed):
+        verify_evidence(vlek_ev, trust=sim_trust, now=now, collateral=lone)
+    mixed = StaticCollateralSource(crl_list=(vcek_crl, plain[1]))
+    with pytest.raises(VerificationFailed) as mixed_err:
+        verify_evidence(vlek_ev, trust=sim_trust, now=now, collateral=mixed)
+    assert mixed_err.value.reason == Reason.CERT_REVOKED
+
+
+def test_static_source_prefers_the_newest_of_equal_crls(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    """Two issues of one CRL: the newest thisUpdate judges, whatever the order given (the first
+    was taken, so an older clean CRL listed first hid a revocation)."""
+    vlek_ev = authority.snp(signing_key="VLEK").evidence(RD, measurement=MEAS)
+    older = _ark_crl(authority, [], now, scope="vlek", age=dt.timedelta(days=2))
+    newer = _ark_crl(authority, [authority.asvk.serial_number], now, scope="vlek")
+    for crls in ((older, newer), (newer, older)):
+        with pytest.raises(VerificationFailed) as err:
+            verify_evidence(
+                vlek_ev, trust=sim_trust, now=now, collateral=StaticCollateralSource(crl_list=crls)
+            )
+        assert err.value.reason == Reason.CERT_REVOKED
+    tdx = authority.tdx()
+    root_old = authority.crl("intel_root", now=now - dt.timedelta(days=1))
+    root_new = authority.crl("intel_root", [authority.pck_ca.serial_number], now=now)
+    base = authority.collateral_source(tdx=[tdx], now=now)
+    source = StaticCollateralSource(
+        tcb_infos=base.tcb_infos, qe_identity=base.qe_identity, signing_chain=base.signing_chain,
+        crl_list=(root_old, root_new, authority.crl("pck_ca", now=now)),
+    )  # fmt: skip
+    with pytest.raises(VerificationFailed) as tdx_err:
+        verify_evidence(
+            Evidence(TeeType.TDX, tdx.quote(RD, mrtd=MEAS)), trust=sim_trust, now=now,
+            collateral=source,
+        )  # fmt: skip
+    assert tdx_err.value.reason == Reason.CERT_REVOKED
+
+
 # --- rollback --------------------------------------------------------------------------------------
 
 
