@@ -19,9 +19,16 @@ The high-water marks live in ``state.json`` and survive restarts. Layout (stable
     DIR/crl/<...>.chain.pem                         the issuer chain the CRL arrived with
     DIR/tdx/tcbinfo/<fmspc>.json (+ .chain.pem)     TDX TCB info per FMSPC, with its issuer chain
     DIR/tdx/qe_identity.json (+ .chain.pem)         TD_QE identity
-    DIR/amd/vcek/<hwid>-<tcb>.der                   VCEKs by chip id and reported TCB
+    DIR/amd/vcek/<hwid>-<tcb>.der                   VCEKs by chip id and reported TCB (bounded)
     DIR/state.json                                  rollback high-water marks
     DIR/generation                                  bumped on every write (readers reload)
+
+A VCEK fetched from KDS is stored only once the report it was fetched for verified with it (its
+chain to the pinned ASK and ARK, the report's signature, chip id and TCB): the report names the
+chip and TCB that are fetched, and before that check anyone can send one. At most ``max_vceks``
+(default :data:`MAX_VCEKS`) are held, on disk and in memory; storing one more removes the oldest
+stored. 4,096 VCEKs are about 6 MB, and more chip-and-TCB pairs than that calling one broker
+only cost a KDS fetch each when an evicted one returns.
 
 Several broker replicas may share the directory read-only (``writable=False``); writers serialise
 with a lock file and replace files atomically, and readers reload when ``generation`` changes
@@ -40,7 +47,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,6 +82,8 @@ log = logging.getLogger(__name__)
 
 AMD_CRL_SCOPES = ("vcek", "vlek")
 _QE_KEY = "TD_QE"
+#: The most VCEKs a cache holds (see the module docstring).
+MAX_VCEKS = 4096
 
 
 @dataclass(frozen=True)
@@ -140,8 +149,12 @@ class CollateralCache:
         writable: bool = True,
         reload_interval: float = 2.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        max_vceks: int = MAX_VCEKS,
     ) -> None:
+        if max_vceks < 1:
+            raise ValueError("max_vceks must be positive")
         self.directory = Path(directory)
+        self._max_vceks = max_vceks
         self._trust = trust
         self._writable = writable
         self._reload_interval = reload_interval
@@ -219,7 +232,8 @@ class CollateralCache:
             except (OSError, StrongroomError) as exc:
                 log.warning("skipping cached QE identity %s: %s", qe_path, exc)
         vceks: dict[str, bytes] = {}
-        for path in sorted((self.directory / "amd" / "vcek").glob("*.der")):
+        # The newest only, should the directory hold more (a writer with a larger bound).
+        for path in _oldest_first(self._vcek_dir().glob("*.der"))[-self._max_vceks :]:
             with contextlib.suppress(OSError):
                 vceks[path.stem] = path.read_bytes()
         with self._lock:
@@ -468,12 +482,34 @@ class CollateralCache:
             atomic_write(entry.path, data)
         return entry
 
+    def _vcek_dir(self) -> Path:
+        return self.directory / "amd" / "vcek"
+
     def put_vcek(self, data: bytes, report: SnpReport) -> None:
-        """Stores a VCEK fetched for ``report`` (the verifier checks its chain and bindings)."""
+        """Verifies and stores a VCEK fetched for ``report``, evicting the oldest beyond the bound.
+
+        Stored only if ``report`` verifies with it (chain to the pinned ASK/ARK, signature, chip
+        id and TCB bindings), else the verifier's refusal is raised and nothing is written: the
+        file is shared with every replica and named after what the report claims.
+        """
+        from strongroom.attestation.verify.snp import verify_report_key
+
         der = certificates_from_bytes(data)[0]
+        verify_report_key(report, der, self._trust, self._clock())
         key = vcek_key(report.chip_id_for_kds(), report.reported_tcb.components())
+        path = self._vcek_dir() / f"{key}.der"
         with self._writing():
-            atomic_write(self.directory / "amd" / "vcek" / f"{key}.der", der)
+            atomic_write(path, der)
+            held = _oldest_first(self._vcek_dir().glob("*.der"))
+            # Stamped after every other, so that "oldest" is the order of writes even when two
+            # land within the file system's timestamp granularity.
+            newest = max((_mtime_ns(p) for p in held if p != path), default=0)
+            stamp = max(time.time_ns(), newest + 1)
+            os.utime(path, ns=(stamp, stamp))
+            held = _oldest_first(held)
+            for old in held[: max(0, len(held) - self._max_vceks)]:
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
 
     def import_directory(self, source: Path) -> list[CacheEntry]:
         """Imports every document of a directory in this cache's layout (air-gapped transfer).
@@ -519,6 +555,18 @@ class CollateralCache:
 def pinned_list(trust: TrustStore) -> list[x509.Certificate]:
     """Every pinned root/ARK certificate of ``trust``."""
     return [r.cert for r in trust.intel_roots()] + [r.ark.cert for r in trust.amd_roots()]
+
+
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:  # removed meanwhile: the oldest
+        return 0
+
+
+def _oldest_first(paths: Iterable[Path]) -> list[Path]:
+    """``paths`` by modification time (then name), oldest first."""
+    return sorted(paths, key=lambda p: (_mtime_ns(p), p.name))
 
 
 def vcek_key(hwid: bytes, tcb: dict[str, int]) -> str:

@@ -276,7 +276,8 @@ class CollateralService:
         return self.cache.tdx_qe_identity() if held is None else held
 
     def snp_key_certificate(self, report: SnpReport) -> bytes | None:
-        """A cached VCEK for the report, fetched from KDS if missing."""
+        """A cached VCEK for the report, else one fetched from KDS (cached only if the report
+        verifies with it; otherwise it serves this verification alone, which then refuses)."""
         held = self.cache.snp_key_certificate(report)
         if held is not None or self._kds is None:
             return held
@@ -289,8 +290,18 @@ class CollateralService:
         except CollateralUnavailable:
             self._note_failure(key)
             raise
-        if der is not None:
+        if der is None:
+            return None
+        try:
             self.cache.put_vcek(der, report)
+        except StrongroomError as exc:
+            # Not stored: the verifier, which checks the same, names why. Not remembered as a
+            # failure either: the answer may be right and the report forged, and a back-off would
+            # then hold back the genuine platform's first verification.
+            log.info(
+                "fetched VCEK not cached: the report does not verify with it",
+                extra={"what": key, "reason": exc.reason},
+            )
         return der
 
     # --------------------------------------------------------------- fetching -----------------

@@ -33,6 +33,7 @@ from strongroom.attestation import (
 )
 from strongroom.attestation.abi import _der
 from strongroom.attestation.abi import certs as oids
+from strongroom.attestation.abi.snp import parse_snp_report
 from strongroom.attestation.collateral import crl_issuer_name, parse_qe_identity, parse_tcb_info
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
@@ -184,6 +185,80 @@ def test_kds_layout_vcek_and_crl(authority, sim_trust, server, tmp_path, now) ->
         in server.requests
     )
     assert "/vcek/v1/Milan/crl" in server.requests
+
+
+def _vcek_files(directory: Path) -> list[str]:
+    return sorted(p.stem for p in (directory / "amd" / "vcek").glob("*.der"))
+
+
+def test_a_fetched_vcek_is_cached_only_once_a_report_verifies_with_it(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, now
+) -> None:
+    """An unsigned or forged report names the chip and TCB fetched; what KDS answered was written
+    to the shared cache (and the generation bumped, so every replica re-read it) before the
+    report's signature was checked. Now only the genuine report's verification stores it."""
+    snp = authority.snp()
+    server.vcek("Milan", snp.chip_id, snp.tcb.components(), snp.certificate_der)
+    server.amd_crl("Milan", authority.crl("ark", now=now))
+    service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    forger = ec.generate_private_key(ec.SECP384R1())
+    forged = snp.report(RD, measurement=MEAS, sign_with=forger)
+    with pytest.raises(VerificationFailed) as err:
+        verify_evidence(
+            Evidence(TeeType.SEV_SNP, forged), trust=sim_trust, now=now, collateral=service
+        )
+    assert err.value.reason == Reason.REPORT_SIGNATURE_INVALID
+    assert _vcek_files(tmp_path) == [] and not (tmp_path / "generation").exists()
+    # A report signed by this chip's key but naming another chip, for which KDS (wrongly, or
+    # through a forged request) answers with this chip's VCEK: the signature holds, the hwID not.
+    other_chip = bytes(range(64))
+    server.vcek("Milan", other_chip, snp.tcb.components(), snp.certificate_der)
+    misnamed = snp.report(RD, measurement=MEAS, chip_id=other_chip)
+    with pytest.raises(VerificationFailed) as mismatch:
+        verify_evidence(
+            Evidence(TeeType.SEV_SNP, misnamed), trust=sim_trust, now=now, collateral=service
+        )
+    assert mismatch.value.reason == Reason.HWID_MISMATCH
+    assert _vcek_files(tmp_path) == []
+    # The genuine report stores it, and its next verification fetches nothing.
+    genuine = Evidence(TeeType.SEV_SNP, snp.report(RD, measurement=MEAS))
+    assert verify_evidence(
+        genuine, trust=sim_trust, now=now, collateral=service
+    ).collateral_complete
+    assert len(_vcek_files(tmp_path)) == 1
+    count = len(server.requests)
+    verify_evidence(genuine, trust=sim_trust, now=now, collateral=service)
+    assert len(server.requests) == count
+    replica = CollateralCache(tmp_path, sim_trust, writable=False)
+    assert replica.snp_key_certificate(parse_snp_report(genuine.report)) == snp.certificate_der
+
+
+def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cache = CollateralCache(tmp_path, sim_trust, max_vceks=2)
+    platforms = [authority.snp() for _ in range(3)]
+    reports = [parse_snp_report(p.report(RD, measurement=MEAS)) for p in platforms]
+    for platform, report in zip(platforms, reports, strict=True):
+        cache.put_vcek(platform.certificate_der, report)
+    assert len(_vcek_files(tmp_path)) == 2
+    for reader in (cache, CollateralCache(tmp_path, sim_trust, max_vceks=2)):
+        assert reader.snp_key_certificate(reports[0]) is None
+        assert reader.snp_key_certificate(reports[2]) == platforms[2].certificate_der
+    # Re-storing the oldest held makes it the newest: the other one goes.
+    cache.put_vcek(platforms[1].certificate_der, reports[1])
+    cache.put_vcek(platforms[0].certificate_der, reports[0])
+    assert cache.snp_key_certificate(reports[2]) is None
+    assert cache.snp_key_certificate(reports[1]) is not None
+    # A reader with a smaller bound than the writer holds the newest only.
+    assert (
+        CollateralCache(tmp_path, sim_trust, writable=False, max_vceks=1).snp_key_certificate(
+            reports[0]
+        )
+        == platforms[0].certificate_der
+    )
+    with pytest.raises(VerificationFailed) as err:  # another chip's VCEK: refused, not stored
+        cache.put_vcek(platforms[2].certificate_der, reports[1])
+    assert err.value.reason == Reason.REPORT_SIGNATURE_INVALID
+    assert len(_vcek_files(tmp_path)) == 2
 
 
 # --- fail closed, and the evidence's collateral never decides -----------------------------------------

@@ -196,6 +196,25 @@ def _verify_signature(report: SnpReport, key: _VerifiedKey) -> None:
         ) from None
 
 
+def verify_report_key(
+    report: SnpReport, key_der: bytes, trust: TrustStore, now: datetime
+) -> _VerifiedKey:
+    """The VCEK/VLEK ``key_der`` verified for ``report``: its chain to a pinned ASK/ASVK and ARK
+    (cached in ``trust``), the report's signature with it, and the bindings between them.
+
+    Revocation is not part of it (see :func:`verify_snp`). The collateral cache calls this before
+    it stores a fetched VCEK, so that only one a genuine report was signed with is kept.
+    """
+    cache_key = trust.cache.key("snp-key", key_der)
+    key: _VerifiedKey | None = trust.cache.get(cache_key, now)
+    if key is None:
+        key = _verify_key_chain(key_der, trust, now)
+        trust.cache.put(cache_key, validity_window(*key.chain), key)
+    _verify_signature(report, key)
+    _check_bindings(report, key)
+    return key
+
+
 def verify_snp(
     evidence: Evidence,
     *,
@@ -219,13 +238,7 @@ def verify_snp(
                 reason=Reason.COLLATERAL_MISSING,
             )
         key_der = certificates_from_bytes(fetched)[0]
-    cache_key = trust.cache.key("snp-key", key_der)
-    key: _VerifiedKey | None = trust.cache.get(cache_key, now)
-    if key is None:
-        key = _verify_key_chain(key_der, trust, now)
-        trust.cache.put(cache_key, validity_window(*key.chain), key)
-    _verify_signature(report, key)
-    _check_bindings(report, key)
+    key = verify_report_key(report, key_der, trust, now)
     # Revocation comes last so that a forged or mismatched report is named as such; only the
     # verifier's own CRL counts (evidence-carried CRLs are never read).
     signer, ark = key.chain[1], key.chain[2]
