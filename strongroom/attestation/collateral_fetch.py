@@ -23,6 +23,12 @@ Nothing fetched is trusted: the cache verifies every document before storing it.
 fetches what is missing on first use, refreshes documents ``refresh_before`` their ``nextUpdate``
 (in the background when the cached one is still usable), and keeps serving the cached documents
 while the upstream is down — until they are stale past the grace, when the verifier refuses.
+
+A VCEK is fetched for a report that has not been verified yet (it is what verifies it), so the
+fetch is all an unsigned report can cause: the answer is kept only once the report verifies with it
+(:meth:`CollateralCache.put_vcek`), and a failed fetch or a 404 is remembered per product, chip id
+and TCB, so the same request is not sent again for ``retry_after_seconds``. Those memories are
+bounded (:data:`MAX_FAILURES`, the oldest forgotten first).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from cryptography import x509
 from strongroom.attestation.abi.certs import common_name
 from strongroom.attestation.abi.snp import SnpReport
 from strongroom.attestation.collateral import INTEL_CA_BY_CN, SignedDocument
-from strongroom.attestation.collateral_cache import CacheEntry, CollateralCache
+from strongroom.attestation.collateral_cache import CacheEntry, CollateralCache, vcek_key
 from strongroom.attestation.errors import CollateralUnavailable
 from strongroom.errors import StrongroomError
 from strongroom.reasons import Reason
@@ -58,6 +64,8 @@ TCB_INFO_CHAIN_HEADER_V3 = "SGX-TCB-Info-Issuer-Chain"
 QE_IDENTITY_CHAIN_HEADER = "SGX-Enclave-Identity-Issuer-Chain"
 PCK_CRL_CHAIN_HEADER = "SGX-PCK-CRL-Issuer-Chain"
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+#: The most failed fetches remembered (for the retry back-off); forgetting one costs one fetch.
+MAX_FAILURES = 4096
 
 
 @dataclass(frozen=True)
@@ -282,15 +290,21 @@ class CollateralService:
         if held is not None or self._kds is None:
             return held
         product = report.product
-        key = f"vcek:{report.chip_id_for_kds().hex()}"
-        if product is None or not self._may_try(key):
+        if product is None:
+            return None
+        # Keyed by exactly what is requested: a 404 for one TCB says nothing of another, and a
+        # key by chip id alone would let a forged report for a real chip hold its fetch back.
+        tcb = report.reported_tcb.components()
+        key = f"vcek:{product}:{vcek_key(report.chip_id_for_kds(), tcb)}"
+        if not self._may_try(key):
             return None
         try:
             der = self._kds.vcek(product, report)
         except CollateralUnavailable:
             self._note_failure(key)
             raise
-        if der is None:
+        if der is None:  # KDS has no such VCEK: do not ask again for every report naming it
+            self._note_failure(key)
             return None
         try:
             self.cache.put_vcek(der, report)
@@ -394,7 +408,10 @@ class CollateralService:
 
     def _note_failure(self, key: str) -> None:
         with self._lock:
+            self._failed.pop(key, None)  # re-inserted as the newest
             self._failed[key] = time.monotonic()
+            while len(self._failed) > MAX_FAILURES:
+                del self._failed[next(iter(self._failed))]
 
     def _refresh(self, key: str, missing: bool, due: bool, fetch: Callable[[], object]) -> None:
         """Fetches now when missing; in the background when merely due; never hammers a failing

@@ -29,11 +29,12 @@ from strongroom.attestation import (
     TeeType,
     TrustStore,
     VerificationFailed,
+    collateral_fetch,
     verify_evidence,
 )
 from strongroom.attestation.abi import _der
 from strongroom.attestation.abi import certs as oids
-from strongroom.attestation.abi.snp import parse_snp_report
+from strongroom.attestation.abi.snp import TcbVersion, parse_snp_report
 from strongroom.attestation.collateral import crl_issuer_name, parse_qe_identity, parse_tcb_info
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
@@ -231,6 +232,34 @@ def test_a_fetched_vcek_is_cached_only_once_a_report_verifies_with_it(  # type: 
     assert len(server.requests) == count
     replica = CollateralCache(tmp_path, sim_trust, writable=False)
     assert replica.snp_key_certificate(parse_snp_report(genuine.report)) == snp.certificate_der
+
+
+def test_a_kds_404_is_remembered_per_chip_and_tcb(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, now, monkeypatch
+) -> None:
+    """A 404 (KDS has no such VCEK) was asked again for every report naming the chip; now it is
+    backed off like an error, keyed by product, chip id and TCB, in a bounded memory."""
+    service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    snp = authority.snp()
+
+    def fetches_for(report: bytes) -> int:
+        before = len(server.requests)
+        with pytest.raises(CollateralUnavailable) as err:
+            verify_evidence(
+                Evidence(TeeType.SEV_SNP, report), trust=sim_trust, now=now, collateral=service
+            )
+        assert err.value.reason == Reason.COLLATERAL_MISSING
+        return len(server.requests) - before
+
+    report = snp.report(RD, measurement=MEAS)
+    assert fetches_for(report) == 1
+    assert fetches_for(report) == 0
+    other_tcb = TcbVersion.from_components(bootloader=4, tee=0, snp=25, microcode=219)
+    assert fetches_for(snp.report(RD, measurement=MEAS, reported_tcb=other_tcb)) == 1
+    monkeypatch.setattr(collateral_fetch, "MAX_FAILURES", 2)
+    for chip in (b"\x01" * 64, b"\x02" * 64):  # two more: the first 404 is forgotten
+        assert fetches_for(snp.report(RD, measurement=MEAS, chip_id=chip)) == 1
+    assert fetches_for(report) == 1
 
 
 def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path) -> None:  # type: ignore[no-untyped-def]
