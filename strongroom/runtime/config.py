@@ -205,6 +205,11 @@ def load_mapping(path: Path | None, *, environ: Mapping[str, str] | None = None)
             raise ConfigError(f"configuration {path} must be a mapping at the top level")
         data = loaded
     env = os.environ if environ is None else environ
+    # What the file says (production when it says nothing) is the floor: an environment variable
+    # may raise a deployment to production, never lower it. A container's environment is easier to
+    # extend than its configuration (a Helm value passed through to it, an orchestrator's
+    # defaults), and development mode trusts the simulated TEE.
+    production = data.get("mode", "production") == "production"
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
@@ -222,6 +227,13 @@ def load_mapping(path: Path | None, *, environ: Mapping[str, str] | None = None)
                 raise ConfigError(f"environment override {name}: {key} is not a section")
             node = child
         node[keys[-1]] = value
+    if production and data.get("mode") == "development":
+        where = f"configuration {path}" if path is not None else "no configuration file"
+        raise ConfigError(
+            f"environment override {ENV_PREFIX}MODE: {where} runs in production mode, which the "
+            "environment cannot lower (set mode: development in the file for a development "
+            "deployment)"
+        )
     return data
 
 

@@ -49,11 +49,11 @@ def test_environment_overrides_nest_and_keep_types(tmp_path: Path) -> None:
     env = {
         "STRONGROOM__MODELSTORE__LIMIT": "42",
         "STRONGROOM__MODELSTORE__ENABLED": "true",
-        "STRONGROOM__MODE": "development",
         "STRONGROOM__IDENTITY__DNS_NAMES": "[modelstore, localhost]",
         "UNRELATED": "x",
     }
-    common, section = load_service_config(write(tmp_path, BASE), "modelstore", Section, environ=env)
+    development = write(tmp_path, "mode: development\n" + BASE)
+    common, section = load_service_config(development, "modelstore", Section, environ=env)
     assert section.limit == 42 and section.enabled is True
     assert common.mode == "development" and not common.production
     assert common.identity.dns_names == ("modelstore", "localhost")
@@ -116,3 +116,22 @@ def test_world_readable_secret_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="readable by group or others") as info:
         Secret.load(file=path, what="HSM PIN")
     assert "1234" not in str(info.value)
+
+
+@pytest.mark.parametrize("file_mode", ["", "mode: production\n"])
+def test_the_environment_cannot_lower_production_to_development(
+    tmp_path: Path, file_mode: str
+) -> None:
+    """Development mode trusts the simulated TEE. A Helm value passed through to the broker's
+    environment (the HSM's extra variables) used to flip a production install to it."""
+    path = write(tmp_path, file_mode + BASE)
+    with pytest.raises(ConfigError) as info:
+        load_service_config(
+            path, "modelstore", Section, environ={"STRONGROOM__MODE": "development"}
+        )
+    assert "cannot lower" in str(info.value)
+    raised = write(tmp_path, "mode: development\n" + BASE)
+    common, _ = load_service_config(
+        raised, "modelstore", Section, environ={"STRONGROOM__MODE": "production"}
+    )
+    assert common.production  # raising it stays allowed (the confidential compose override)
