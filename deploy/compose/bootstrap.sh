@@ -124,6 +124,13 @@ PY
 }
 
 init_simulated_tee() {
+  if [ "${STRONGROOM_BOOTSTRAP_MODE:-}" = production ]; then
+    # The production broker refuses the simulated chain, but its collateral would still land in the
+    # broker's cache and its anti-rollback records (a simulated QE identity or TCB info newer than
+    # Intel's would make the genuine one look like a rollback).
+    log "production: no simulated TEE"
+    return
+  fi
   if [ ! -d "$simulated_tee_dir" ]; then
     log "no simulated-tee volume mounted; skipping the simulated TEE"
   elif [ -s "$simulated_tee_dir/amd_trust.pem" ]; then

@@ -142,6 +142,24 @@ def test_bootstrap_prepares_everything_and_is_idempotent(
         assert (tmp_path / "tokens" / name / f"{name}.token").read_text().strip() != tokens[name]
 
 
+def test_production_bootstrap_leaves_no_simulated_tee(env: dict[str, str], tmp_path: Path) -> None:
+    """The confidential override bootstraps in production mode, but used to create the simulated
+    chain and fill the production broker's collateral cache with its collateral: refused as
+    evidence, yet recorded by the cache's anti-rollback state, where a simulated QE identity or TCB
+    info newer than Intel's makes the genuine one look like a rollback."""
+    collateral = tmp_path / "collateral"
+    collateral.mkdir()
+    env = env | {
+        "STRONGROOM_BOOTSTRAP_MODE": "production",
+        "STRONGROOM_BOOTSTRAP_COLLATERAL_DIR": str(collateral),
+    }
+    run = bootstrap(env)
+    assert run.returncode == 0, run.stderr
+    assert "production: no simulated TEE" in run.stderr
+    assert list((tmp_path / "simulated-tee").iterdir()) == []
+    assert list(collateral.iterdir()) == []
+
+
 def test_token_subcommand_mints_only_what_it_is_asked(env: dict[str, str], tmp_path: Path) -> None:
     # The CA has to exist first; `token` never creates one.
     assert bootstrap(env, "token", "publisher").returncode != 0
