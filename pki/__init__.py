@@ -6,7 +6,7 @@ Operators and tests use :func:`init_ca`, :class:`StepCa` and :func:`mint_token`.
 """
 
 from strongroom.pki.authz import CallerIdentity, SpiffeAuthorizer, caller_identity
-from strongroom.pki.bootstrap import init_ca
+from strongroom.pki.bootstrap import Workload, init_ca, workload_template
 from strongroom.pki.channel import RotatingChannel
 from strongroom.pki.client import CaClient
 from strongroom.pki.credentials import Credentials
@@ -30,8 +30,10 @@ __all__ = [
     "SpiffeAuthorizer",
     "SpiffeId",
     "StepCa",
+    "Workload",
     "WorkloadIdentity",
     "caller_identity",
     "init_ca",
     "mint_token",
+    "workload_template",
 ]

@@ -1,11 +1,19 @@
-"""Creates a CA directory: root and intermediate (EC P-256), a JWK provisioner and step-ca's ca.json."""
+"""Creates a CA directory: root and intermediate (EC P-256), JWK provisioners and step-ca's ca.json.
+
+One provisioner is the operator's, unrestricted (its key signs tokens for any identity and is never
+given to a workload). Each :class:`Workload` gets a provisioner of its own whose certificate template
+(``options.x509.template``) issues only that workload's SPIFFE ID and DNS names, whatever the token
+or the CSR ask for: its key, the one a service's pod holds, can obtain no other identity.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -26,6 +34,103 @@ from strongroom.reasons import Reason
 from strongroom.spiffe import SpiffeId
 
 Database = Literal["bbolt", "badgerv2", "none"]
+
+_SERVICE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A service identity ``spiffe://<trust domain>/<service>`` with its DNS names (or IPs).
+
+    :func:`init_ca` gives it a JWK provisioner of its own, named ``<operator provisioner>-<service>``,
+    that issues only this identity.
+    """
+
+    service: str
+    dns_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _SERVICE.match(self.service):
+            raise InvalidPkiConfig(
+                f"workload name {self.service!r} must be lower-case letters, digits and '-'"
+            )
+        _check_names(self.dns_names)
+
+    @classmethod
+    def parse(cls, spec: str) -> Workload:
+        """``SERVICE`` or ``SERVICE=NAME,NAME,...`` (the form ``strongroom pki init --workload`` takes)."""
+        service, _, names = spec.partition("=")
+        return cls(service.strip(), tuple(n.strip() for n in names.split(",") if n.strip()))
+
+    def spiffe_id(self, trust_domain: str) -> str:
+        """The workload's SPIFFE ID in ``trust_domain``."""
+        return str(SpiffeId.of(trust_domain, self.service))
+
+    def sans(self, trust_domain: str) -> list[str]:
+        """Exactly the SANs its certificates carry: the SPIFFE ID, then the DNS names."""
+        return [self.spiffe_id(trust_domain), *self.dns_names]
+
+
+def _check_names(names: Sequence[str]) -> None:
+    for name in names:
+        if not _is_ip(name) and not (len(name) <= 253 and _DNS_NAME.match(name)):
+            raise InvalidPkiConfig(f"{name!r} is neither a DNS name nor an IP address")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def workload_template(spiffe_id: str, dns_names: Sequence[str] = ()) -> str:
+    """The X.509 template (step-ca ``options.x509.template``) that pins a provisioner to one identity.
+
+    The certificate always carries exactly ``spiffe_id`` (URI SAN and subject common name) and
+    ``dns_names`` (DNS or IP SANs), whatever the token and the CSR ask for; and a token asking for
+    anything else is refused with a message naming both, so that a mismatch is an error at
+    enrolment rather than a certificate its holder did not expect. Only sprig functions that
+    step-ca has offered since 0.15 (``list``, ``append``, ``uniq``, ``sortAlpha``, ``toJson``,
+    ``fail``, ``typeIs``) are used.
+    """
+    SpiffeId.parse(spiffe_id)  # validates it (and so keeps '{{' and '"' out of the template)
+    _check_names(dns_names)
+    ips = [n for n in dns_names if _is_ip(n)]
+    dns = [n for n in dns_names if not _is_ip(n)]
+    allowed = [spiffe_id, *dns_names]
+    go_list = " ".join(json.dumps(v) for v in allowed)
+    lines = [
+        f"{{{{- /* Strongroom: this provisioner issues only {spiffe_id} */ -}}}}",
+        f"{{{{- $allowed := list {go_list} -}}}}",
+        "{{- $asked := list -}}",
+        "{{- range .SANs }}{{ $asked = append $asked .Value }}{{ end -}}",
+        "{{- if ne (toJson (sortAlpha (uniq $asked))) (toJson (sortAlpha (uniq $allowed))) -}}",
+        '{{- fail (printf "this provisioner issues only %s, not %s" '
+        "(toJson $allowed) (toJson $asked)) -}}",
+        "{{- end -}}",
+        f"{{{{- if ne .Subject.CommonName {json.dumps(spiffe_id)} -}}}}",
+        '{{- fail (printf "this provisioner issues only %s, not the subject %s" '
+        f"{json.dumps(spiffe_id)} .Subject.CommonName) -}}}}",
+        "{{- end }}",
+        "{",
+        f'  "subject": {{"commonName": {json.dumps(spiffe_id)}}},',
+        f'  "uris": {json.dumps([spiffe_id])},',
+        f'  "dnsNames": {json.dumps(dns)},',
+        f'  "ipAddresses": {json.dumps(ips)},',
+        '{{- if typeIs "*rsa.PublicKey" .Insecure.CR.PublicKey }}',
+        '  "keyUsage": ["keyEncipherment", "digitalSignature"],',
+        "{{- else }}",
+        '  "keyUsage": ["digitalSignature"],',
+        "{{- end }}",
+        '  "extKeyUsage": ["serverAuth", "clientAuth"]',
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
 
 ROOT_VALIDITY = timedelta(days=3650)
 INTERMEDIATE_VALIDITY = timedelta(days=1825)
@@ -111,6 +216,28 @@ def _ca_certificate(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
+def _plain_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _jwk_provisioner(
+    name: str, key: ec.EllipticCurvePrivateKey, claims: dict[str, object], template: str | None
+) -> dict[str, object]:
+    provisioner: dict[str, object] = {
+        "type": "JWK",
+        "name": name,
+        "key": _jose.public_jwk(key.public_key()),
+        "claims": claims,
+    }
+    if template is not None:
+        provisioner["options"] = {"x509": {"template": template}}
+    return provisioner
+
+
 def _encrypted_pem(key: ec.EllipticCurvePrivateKey, password: bytes) -> bytes:
     # PKCS#8 PBES2 (PBKDF2-HMAC-SHA256, AES-256-CBC): the form step-ca's pemutil decrypts.
     return key.private_bytes(
@@ -132,12 +259,19 @@ def init_ca(
     database: Database = "bbolt",
     provisioner_name: str = "strongroom",
     url: str | None = None,
+    workloads: Sequence[Workload] = (),
 ) -> CaLayout:
     """Creates a new CA in ``directory`` (which must not hold one already) and returns its layout.
 
     ``dns_names`` are the names (or IP addresses) in step-ca's own TLS certificate and its token
     audiences; ``url`` defaults to ``https://<dns_names[0]>:<port of address>``. Certificate
-    lifetimes go into the provisioner's claims: ``min_lifetime`` may be lowered to seconds for tests.
+    lifetimes go into the provisioners' claims: ``min_lifetime`` may be lowered to seconds for tests.
+
+    ``provisioner_name`` is the operator's provisioner (``secrets/provisioner_key``): it signs tokens
+    for any identity in the trust domain and must never be handed to a workload. Each of
+    ``workloads`` gets its own provisioner, restricted by :func:`workload_template`, and a token
+    directory ``provisioners/<service>/`` (see :mod:`strongroom.pki.layout`) holding only what that
+    workload needs to mint its own tokens: give a service that directory, never the CA's.
     """
     base = Path(directory).resolve()
     if (base / layout.CONFIG).exists():
@@ -158,6 +292,9 @@ def init_ca(
         raise InvalidPkiConfig("the minimum certificate lifetime must be at least 1s")
     if not provisioner_name or any(c in provisioner_name for c in ":/ "):
         raise InvalidPkiConfig(f"provisioner name {provisioner_name!r} is not a plain word")
+    services = [w.service for w in workloads]
+    if len(set(services)) != len(services):
+        raise InvalidPkiConfig(f"workloads must be distinct, got {services}")
 
     now = datetime.now(UTC)
     password = secrets.token_urlsafe(32).encode()
@@ -177,18 +314,12 @@ def init_ca(
         now=now,
     )
     provisioner_key = generate_key()
+    workload_keys = {w.service: generate_key() for w in workloads}
 
     write_private(base / layout.PASSWORD, password + b"\n")
     write_private(base / layout.ROOT_KEY, _encrypted_pem(root_key, password))
     write_private(base / layout.INTERMEDIATE_KEY, _encrypted_pem(intermediate_key, password))
-    write_private(
-        base / layout.PROVISIONER_KEY,
-        provisioner_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
+    write_private(base / layout.PROVISIONER_KEY, _plain_pem(provisioner_key))
     (base / layout.PASSWORD).parent.chmod(0o700)
     write_public(base / layout.ROOT_CERT, root.public_bytes(serialization.Encoding.PEM))
     write_public(
@@ -202,6 +333,22 @@ def init_ca(
         db_config = {"type": "bbolt", "dataSource": str(layout.DB / "step.db")}
     elif database == "badgerv2":
         db_config = {"type": "badgerv2", "dataSource": str(layout.DB)}
+    claims: dict[str, object] = {
+        "minTLSCertDuration": go_duration(min_lifetime),
+        "maxTLSCertDuration": go_duration(max_lifetime),
+        "defaultTLSCertDuration": go_duration(default_lifetime),
+        "disableRenewal": False,
+    }
+    provisioners = [_jwk_provisioner(provisioner_name, provisioner_key, claims, None)]
+    for workload in workloads:
+        provisioners.append(
+            _jwk_provisioner(
+                f"{provisioner_name}-{workload.service}",
+                workload_keys[workload.service],
+                claims,
+                workload_template(workload.spiffe_id(trust_domain), workload.dns_names),
+            )
+        )
     config = {
         "root": str(layout.ROOT_CERT),
         "federatedRoots": None,
@@ -212,33 +359,40 @@ def init_ca(
         "dnsNames": names,
         "logger": {"format": "text"},
         "db": db_config,
-        "authority": {
-            "provisioners": [
-                {
-                    "type": "JWK",
-                    "name": provisioner_name,
-                    "key": _jose.public_jwk(provisioner_key.public_key()),
-                    "claims": {
-                        "minTLSCertDuration": go_duration(min_lifetime),
-                        "maxTLSCertDuration": go_duration(max_lifetime),
-                        "defaultTLSCertDuration": go_duration(default_lifetime),
-                        "disableRenewal": False,
-                    },
-                }
-            ],
-        },
+        "authority": {"provisioners": provisioners},
         "tls": _CA_TLS,
     }
     if db_config is None:
         del config["db"]
     ca_url = url or _url_for(names[0], port)
-    meta = {
+    meta: dict[str, object] = {
         "trust_domain": trust_domain,
         "url": ca_url,
         "address": address,
         "dns_names": names,
         "provisioner_name": provisioner_name,
     }
+    if workloads:
+        meta["workloads"] = {
+            w.service: {
+                "provisioner_name": f"{provisioner_name}-{w.service}",
+                "sans": w.sans(trust_domain),
+            }
+            for w in workloads
+        }
+    for workload in workloads:
+        # The workload's token directory: laid out like a CA directory, holding only its own
+        # provisioner (name and key, restricted to its SANs) and the root.
+        kit = base / layout.workload_dir(workload.service)
+        kit_meta = {
+            **{k: v for k, v in meta.items() if k != "workloads"},
+            "provisioner_name": f"{provisioner_name}-{workload.service}",
+            "sans": workload.sans(trust_domain),
+        }
+        write_private(kit / layout.PROVISIONER_KEY, _plain_pem(workload_keys[workload.service]))
+        (kit / layout.PROVISIONER_KEY).parent.chmod(0o700)
+        write_public(kit / layout.ROOT_CERT, root.public_bytes(serialization.Encoding.PEM))
+        write_public(kit / layout.META, json.dumps(kit_meta, indent=2).encode() + b"\n")
     write_public(base / layout.CONFIG, json.dumps(config, indent=2).encode() + b"\n")
     write_public(base / layout.META, json.dumps(meta, indent=2).encode() + b"\n")
     return CaLayout.load(base)

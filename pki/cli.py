@@ -19,11 +19,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from strongroom.pki._duration import parse_duration
-from strongroom.pki.bootstrap import init_ca
+from strongroom.pki.bootstrap import Workload, init_ca, workload_template
 from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CaUnavailable, InvalidPkiConfig
 from strongroom.pki.identity import WorkloadIdentity
-from strongroom.pki.layout import CaLayout
+from strongroom.pki.layout import CaLayout, workload_dir
 from strongroom.pki.stepca import StepCa
 from strongroom.pki.token import mint_token
 from strongroom.spiffe import SpiffeId
@@ -32,7 +32,7 @@ TOKEN_ENV = "STRONGROOM_PKI_TOKEN"  # noqa: S105 - the variable name, not a secr
 
 
 def register(sub: Any) -> None:
-    """Adds ``pki init|serve|token|enrol``."""
+    """Adds ``pki init|serve|token|template|enrol``."""
     pki = sub.add_parser("pki", help="internal CA (step-ca) and workload certificates")
     commands = pki.add_subparsers(dest="pki_command", metavar="PKI_COMMAND", required=True)
 
@@ -52,6 +52,15 @@ def register(sub: Any) -> None:
     init.add_argument("--max-lifetime", default="24h")
     init.add_argument("--min-lifetime", default="5m")
     init.add_argument("--db", choices=("bbolt", "badgerv2", "none"), default="bbolt")
+    init.add_argument(
+        "--workload",
+        action="append",
+        dest="workloads",
+        default=[],
+        metavar="SERVICE[=DNS,...]",
+        help="a provisioner of its own for spiffe://<trust-domain>/SERVICE that issues only that "
+        "ID and these DNS names (repeatable); its token directory is DIR/provisioners/SERVICE",
+    )
     init.set_defaults(func=_init)
 
     serve = commands.add_parser("serve", help="run step-ca for a CA directory until stopped")
@@ -68,6 +77,16 @@ def register(sub: Any) -> None:
     token.add_argument("--lifetime", default="5m", help="token lifetime (default 5m)")
     token.add_argument("--ca-url", help="CA URL the token is for (default: the directory's)")
     token.set_defaults(func=_token)
+
+    template = commands.add_parser(
+        "template",
+        help="print the X.509 template that restricts a step-ca provisioner to one identity",
+    )
+    template.add_argument("--identity", required=True, help="spiffe://<trust-domain>/<service>")
+    template.add_argument(
+        "--dns", action="append", dest="dns_names", default=[], metavar="NAME", help="DNS SAN"
+    )
+    template.set_defaults(func=_template)
 
     enrol = commands.add_parser(
         "enrol", help=f"enrol with a token (from --token-file or ${TOKEN_ENV}) into a state dir"
@@ -91,6 +110,7 @@ def _init(args: argparse.Namespace) -> int:
         max_lifetime=parse_duration(args.max_lifetime),
         min_lifetime=parse_duration(args.min_lifetime),
         database=args.db,
+        workloads=[Workload.parse(spec) for spec in args.workloads],
     )
     root = x509.load_pem_x509_certificate(layout.root_pem)
     fingerprint = hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).hexdigest()
@@ -99,6 +119,8 @@ def _init(args: argparse.Namespace) -> int:
     print(f"URL:              {layout.url}")
     print(f"root certificate: {layout.root_cert_path}")
     print(f"root SHA-256:     {fingerprint}")
+    for service in layout.workloads:
+        print(f"workload {service}: {layout.directory / workload_dir(service)}")
     return 0
 
 
@@ -134,16 +156,28 @@ def _token(args: argparse.Namespace) -> int:
         raise InvalidPkiConfig(
             f"{identity} is not in this CA's trust domain {layout.trust_domain!r}"
         )
+    sans = [str(identity), *args.dns_names]
+    if layout.sans and sorted(set(sans)) != sorted(set(layout.sans)):
+        # The CA would refuse it too (the provisioner's template); say so here, clearly.
+        raise InvalidPkiConfig(
+            f"the provisioner {layout.provisioner_name!r} issues only {list(layout.sans)}, "
+            f"not {sans}"
+        )
     print(
         mint_token(
             layout.provisioner(),
             ca_url=args.ca_url or layout.url,
             subject=str(identity),
-            sans=[str(identity), *args.dns_names],
+            sans=sans,
             lifetime=parse_duration(args.lifetime),
             root_pem=layout.root_pem,
         )
     )
+    return 0
+
+
+def _template(args: argparse.Namespace) -> int:
+    print(workload_template(str(SpiffeId.parse(args.identity)), args.dns_names), end="")
     return 0
 
 

@@ -9,7 +9,13 @@
     <dir>/secrets/password            password of both CA keys (0600; step-ca reads it as a file)
     <dir>/secrets/root_ca_key         encrypted PKCS#8 (0600)
     <dir>/secrets/intermediate_ca_key encrypted PKCS#8 (0600)
-    <dir>/secrets/provisioner_key     the JWK provisioner's ES256 key, PKCS#8 PEM (0600)
+    <dir>/secrets/provisioner_key     the operator's JWK provisioner key (ES256, PKCS#8 PEM, 0600):
+                                      signs tokens for ANY identity; never give it to a workload
+    <dir>/provisioners/<service>/     one workload's token directory, itself a (token-only) layout:
+        config/strongroom.json        the CA's URL etc., its provisioner's name and its SANs
+        secrets/provisioner_key       its own provisioner's key (0600), which step-ca lets issue
+                                      only those SANs (the provisioner's certificate template)
+        certs/root_ca.crt             the root
     <dir>/db/                         step-ca's database (used-token list, issued certificates)
     <dir>/logs/step-ca.log            step-ca's output when started by :class:`~strongroom.pki.stepca.StepCa`
 """
@@ -40,6 +46,12 @@ INTERMEDIATE_KEY = Path("secrets/intermediate_ca_key")
 PROVISIONER_KEY = Path("secrets/provisioner_key")
 DB = Path("db")
 LOG = Path("logs/step-ca.log")
+WORKLOADS = Path("provisioners")
+
+
+def workload_dir(service: str) -> Path:
+    """The token directory of one workload's own provisioner, relative to the CA directory."""
+    return WORKLOADS / service
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,10 @@ class CaLayout:
     address: str
     dns_names: tuple[str, ...]
     provisioner_name: str
+    # A workload's token directory: the only SANs its provisioner issues. Empty: unrestricted.
+    sans: tuple[str, ...] = ()
+    # The CA directory: service -> the SANs of that workload's own provisioner.
+    workloads: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, directory: Path | str) -> CaLayout:
@@ -79,6 +95,11 @@ class CaLayout:
                 address=str(meta["address"]),
                 dns_names=tuple(str(n) for n in meta["dns_names"]),
                 provisioner_name=str(meta["provisioner_name"]),
+                sans=tuple(str(n) for n in meta.get("sans", ())),
+                workloads={
+                    str(service): tuple(str(n) for n in entry["sans"])
+                    for service, entry in dict(meta.get("workloads", {})).items()
+                },
             )
         except FileNotFoundError as exc:
             raise InvalidPkiConfig(
@@ -121,6 +142,15 @@ class CaLayout:
     def port(self) -> int:
         """The TCP port step-ca listens on."""
         return int(self.address.rsplit(":", 1)[1])
+
+    def workload(self, service: str) -> CaLayout:
+        """The token directory of ``service``'s own provisioner (made by ``init_ca(workloads=)``)."""
+        if service not in self.workloads:
+            raise InvalidPkiConfig(
+                f"{self.directory} has no provisioner for the workload {service!r} "
+                f"(it has: {', '.join(sorted(self.workloads)) or 'none'})"
+            )
+        return CaLayout.load(self.directory / workload_dir(service))
 
     def provisioner(self) -> Provisioner:
         """Loads the JWK provisioner (name and signing key) for minting tokens."""

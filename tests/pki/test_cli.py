@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -186,3 +187,58 @@ def test_serve_runs_until_sigterm(step_ca_binary: Path, tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_init_workload_token_directory(
+    step_ca_binary: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--workload``: a token directory per workload that mints only that workload's tokens."""
+    directory = tmp_path / "ca"
+    port = free_port()
+    argv = ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]
+    argv += ["--dns", "127.0.0.1", "--address", f"127.0.0.1:{port}"]
+    argv += ["--workload", "inference=inference,inference.ns", "--workload", "keybroker"]
+    assert main(argv) == 0
+    kit = directory / "provisioners" / "inference"
+    assert f"workload inference: {kit}" in capsys.readouterr().out
+    with StepCa(directory, binary=step_ca_binary) as ca:
+        own = ["--identity", "spiffe://strongroom.test/inference", "--dns", "inference"]
+        own += ["--dns", "inference.ns"]
+        assert main(["pki", "token", "--dir", str(kit), *own]) == 0
+        token = capsys.readouterr().out.strip()
+        assert unverified_claims(token)["iss"] == "strongroom-inference"
+        token_file = tmp_path / "token"
+        token_file.write_text(token)
+        root = tmp_path / "root.pem"
+        root.write_bytes(ca.root_pem)
+        enrol = ["pki", "enrol", "--ca-url", ca.url, "--root", str(root)]
+        enrol += ["--token-file", str(token_file), "--state-dir", str(tmp_path / "state")]
+        assert main(enrol) == 0
+        assert "enrolled spiffe://strongroom.test/inference" in capsys.readouterr().out
+
+        # Another identity, or its own without its DNS names: refused before a token exists.
+        for other in (
+            ["--identity", "spiffe://strongroom.test/admin"],
+            ["--identity", "spiffe://strongroom.test/inference"],
+        ):
+            assert main(["pki", "token", "--dir", str(kit), *other]) == 1
+            captured = capsys.readouterr()
+            assert captured.out == ""
+            assert "'strongroom-inference' issues only" in captured.err
+
+
+def test_template_prints_what_init_puts_in_ca_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "ca"
+    argv = ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]
+    assert main([*argv, "--workload", "modelstore=modelstore,modelstore.ns"]) == 0
+    capsys.readouterr()
+    argv = ["pki", "template", "--identity", "spiffe://strongroom.test/modelstore"]
+    assert main([*argv, "--dns", "modelstore", "--dns", "modelstore.ns"]) == 0
+    printed = capsys.readouterr().out
+    config = json.loads((directory / "config" / "ca.json").read_text())
+    (entry,) = [
+        p for p in config["authority"]["provisioners"] if p["name"] == "strongroom-modelstore"
+    ]
+    assert entry["options"]["x509"]["template"] == printed

@@ -1,0 +1,170 @@
+"""Per-workload JWK provisioners against a real step-ca: each issues only its own workload's identity.
+
+A service's pod holds its own provisioner's key (deploy/README.md, "PKI"). step-ca looks a token's
+provisioner up by its issuer and key id and verifies the signature with that provisioner's key, so
+whatever a token minted with that key asks for, the provisioner's certificate template decides the
+certificate: it refuses a token asking for anything but the workload's SANs, and never issues other
+SANs. The operator's provisioner stays unrestricted (admin and publisher tokens, compose, dev stack).
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from strongroom.pki import RenewalPolicy, StepCa, WorkloadIdentity, mint_token
+from strongroom.pki._x509 import build_csr, generate_key
+from strongroom.pki.bootstrap import Workload, workload_template
+from strongroom.pki.errors import CaRejected, InvalidPkiConfig
+from strongroom.pki.layout import CaLayout
+from tests.pki.helpers import TRUST_DOMAIN, new_ca, sid
+
+WORKLOADS = (
+    Workload("keybroker", ("keybroker", "keybroker.strongroom.svc", "localhost")),
+    Workload("modelstore", ("modelstore",)),
+    Workload("inference", ("inference", "127.0.0.1")),
+)
+SANS = {w.service: [sid(w.service), *w.dns_names] for w in WORKLOADS}
+
+
+@pytest.fixture(scope="module")
+def wca(step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StepCa]:
+    running = new_ca(tmp_path_factory.mktemp("wca") / "ca", step_ca_binary, workloads=WORKLOADS)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def sign_with(ca: StepCa, kit: CaLayout, subject: str, sans: Sequence[str]) -> set[str]:
+    """Mints a token with the kit's key for ``sans`` and a CSR with exactly them; the issued SANs."""
+    token = mint_token(kit.provisioner(), ca_url=ca.url, subject=subject, sans=list(sans))
+    (leaf, *_) = ca.client().sign(build_csr(generate_key(), sans), token)
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names: set[str] = set(san.get_values_for_type(x509.UniformResourceIdentifier))
+    names |= set(san.get_values_for_type(x509.DNSName))
+    names |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    return names
+
+
+@pytest.mark.parametrize(
+    ("pod", "subject", "sans"),
+    [
+        ("inference", sid("admin"), [sid("admin")]),
+        ("inference", sid("publisher"), [sid("publisher")]),
+        ("inference", sid("keybroker"), SANS["keybroker"]),
+        ("inference", sid("keybroker"), [sid("keybroker"), "keybroker"]),
+        # Its own SPIFFE ID with another service's DNS name, or too few or too many names.
+        ("inference", sid("inference"), [sid("inference"), "inference", "keybroker"]),
+        ("inference", sid("inference"), [sid("inference")]),
+        ("inference", sid("inference"), [*SANS["inference"], "127.0.0.2"]),
+        # Its own SANs under another subject (the certificate's common name).
+        ("inference", sid("admin"), SANS["inference"]),
+        ("modelstore", sid("keybroker"), SANS["keybroker"]),
+        ("keybroker", sid("inference"), SANS["inference"]),
+    ],
+)
+def test_a_workload_key_cannot_obtain_another_identity(
+    wca: StepCa, pod: str, subject: str, sans: list[str]
+) -> None:
+    kit = wca.layout.workload(pod)
+    try:
+        issued = sign_with(wca, kit, subject, sans)
+    except CaRejected as refused:
+        assert "this provisioner issues only" in str(refused)
+        assert sid(pod) in str(refused)
+        return
+    assert issued == set(SANS[pod]), f"{pod}'s provisioner issued {issued}"
+
+
+@pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.service)
+@pytest.mark.parametrize("rekey", [True, False], ids=["rekey", "renew"])
+def test_each_workload_enrols_and_renews_with_its_own_provisioner(
+    wca: StepCa, workload: Workload, rekey: bool
+) -> None:
+    kit = wca.layout.workload(workload.service)
+    assert kit.provisioner_name == f"strongroom-{workload.service}"
+    sans = SANS[workload.service]
+    token = mint_token(kit.provisioner(), ca_url=kit.url, subject=sans[0], sans=sans)
+    identity = WorkloadIdentity.enrol(
+        wca.client(), token, policy=RenewalPolicy(rekey=rekey), auto_renew=False
+    )
+    with identity:
+        assert identity.credentials.sans == set(sans)
+        assert str(identity.credentials.spiffe_id) == sid(workload.service)
+        subject = identity.credentials.leaf.subject.get_attributes_for_oid(
+            x509.oid.NameOID.COMMON_NAME
+        )
+        assert [a.value for a in subject] == [sid(workload.service)]
+        first = identity.credentials.serial
+        renewed = identity.renew_now()
+        assert renewed.serial != first
+        assert renewed.sans == set(sans)
+
+
+def test_the_operator_provisioner_stays_unrestricted(wca: StepCa) -> None:
+    # Admin and publisher tokens come from the operator's provisioner, as before.
+    assert sign_with(wca, wca.layout, sid("admin"), [sid("admin")]) == {sid("admin")}
+
+
+def test_ca_directory_layout(wca: StepCa) -> None:
+    layout = wca.layout
+    config = json.loads(layout.config_path.read_text())
+    by_name = {p["name"]: p for p in config["authority"]["provisioners"]}
+    assert set(by_name) == {"strongroom", *(f"strongroom-{w.service}" for w in WORKLOADS)}
+    assert "options" not in by_name["strongroom"]
+    operator = by_name["strongroom"]
+    for workload in WORKLOADS:
+        entry = by_name[f"strongroom-{workload.service}"]
+        assert entry["claims"] == operator["claims"]
+        assert entry["options"]["x509"]["template"] == workload_template(
+            sid(workload.service), workload.dns_names
+        )
+        kit = layout.workload(workload.service)
+        assert entry["key"]["kid"] == kit.provisioner().kid != layout.provisioner().kid
+        assert kit.sans == tuple(SANS[workload.service])
+        assert layout.workloads[workload.service] == tuple(SANS[workload.service])
+        # The kit holds its key, its metadata and the root: no CA key, no other provisioner key.
+        files = sorted(
+            str(p.relative_to(kit.directory)) for p in kit.directory.rglob("*") if p.is_file()
+        )
+        assert files == ["certs/root_ca.crt", "config/strongroom.json", "secrets/provisioner_key"]
+        key_mode = stat.S_IMODE((kit.directory / "secrets" / "provisioner_key").stat().st_mode)
+        assert key_mode == 0o600
+        assert stat.S_IMODE((kit.directory / "secrets").stat().st_mode) == 0o700
+        assert kit.root_pem == layout.root_pem
+        assert kit.url == layout.url and kit.trust_domain == TRUST_DOMAIN
+    with pytest.raises(InvalidPkiConfig, match="no provisioner for the workload 'admin'"):
+        layout.workload("admin")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "Keybroker",
+        "key broker",
+        "keybroker=bad name",
+        "keybroker=a..b",
+        'keybroker=x"}}{{',
+        "../keybroker",
+    ],
+)
+def test_workload_names_are_checked(spec: str) -> None:
+    with pytest.raises(InvalidPkiConfig):
+        Workload.parse(spec)
+
+
+def test_duplicate_workloads_are_refused(tmp_path: Path) -> None:
+    from strongroom.pki import init_ca
+
+    with pytest.raises(InvalidPkiConfig, match="distinct"):
+        init_ca(
+            tmp_path / "ca",
+            trust_domain=TRUST_DOMAIN,
+            workloads=[Workload("inference"), Workload("inference", ("x",))],
+        )
