@@ -1,12 +1,21 @@
 #!/usr/bin/env python3
-"""Creates a PKI with ``strongroom pki init`` and prints the two Secrets the Helm chart references.
+"""Creates a PKI with ``strongroom pki init`` and prints the Secrets the Helm chart references.
 
     python3 deploy/helm/pki_secrets.py --namespace strongroom --out ./pki-strongroom | kubectl apply -f -
 
 - ``strongroom-step-ca`` (``stepCa.existingSecret``): what the in-chart step-ca serves with: ca.json,
   root and intermediate certificates, the intermediate key and the password that protects it.
-- ``strongroom-pki-provisioner`` (``pki.provisionerSecret``): what the pods' init containers need to
-  mint one-time enrolment tokens (strongroom.json, the JWK provisioner key) and the root certificate.
+- ``strongroom-pki-<service>`` for keybroker, modelstore and inference
+  (``pki.provisionerSecrets.<service>``): what that service's init container needs to mint its
+  one-time enrolment token (strongroom.json, the key of the service's OWN provisioner) and the root
+  certificate. Each service's provisioner issues only that service's SPIFFE ID and the DNS names
+  the chart gives it (``<name>``, ``<name>.<ns>``, ``<name>.<ns>.svc``, ``<name>.<ns>.svc.<cluster
+  domain>``; pass ``--cluster-domain`` and ``--service-name`` when the values change them), so a
+  node that sees one pod's Secret can obtain that one identity and no other.
+
+The operator's own, unrestricted provisioner (``secrets/provisioner_key``: tokens for admin,
+publisher and clients, ``strongroom pki token --dir ./pki-strongroom``) is in no Secret: it stays in
+``--out`` with the operator.
 
 With ``--simulated-tee-secret NAME`` (DEVELOPMENT ONLY, for values-development.yaml) a third Secret
 holds a freshly generated simulated TEE chain (``simulatedTee.existingSecret``); run the script with
@@ -38,11 +47,24 @@ STEP_CA_FILES = {
     "intermediate_ca_key": "secrets/intermediate_ca_key",
     "password": "secrets/password",
 }
+# Secret key -> path under a service's token directory (provisioners/<service>/ in the CA directory).
 PROVISIONER_FILES = {
     "strongroom.json": "config/strongroom.json",
     "provisioner_key": "secrets/provisioner_key",
     "root_ca.crt": "certs/root_ca.crt",
 }
+# The chart's services that enrol from their pods (each gets its own provisioner and Secret).
+SERVICES = ("keybroker", "modelstore", "inference")
+
+
+def dns_names(service_name: str, namespace: str, cluster_domain: str) -> list[str]:
+    """The DNS names the chart puts in a service's certificate (_helpers.tpl strongroom.dnsNames)."""
+    return [
+        service_name,
+        f"{service_name}.{namespace}",
+        f"{service_name}.{namespace}.svc",
+        f"{service_name}.{namespace}.svc.{cluster_domain}",
+    ]
 
 
 def _secret(name: str, namespace: str, files: dict[str, bytes], component: str) -> str:
@@ -95,8 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-domain", default="strongroom.internal")
     parser.add_argument("--ca-dns", default="step-ca", help="the CA's DNS name (its Service name)")
     parser.add_argument("--address", default=":9000", help="step-ca's listen address")
+    parser.add_argument("--cluster-domain", default="cluster.local", help="values clusterDomain")
+    parser.add_argument(
+        "--service-name",
+        action="append",
+        default=[],
+        metavar="SERVICE=NAME",
+        help="a service's Service name when values change it (<service>.service.name; repeatable)",
+    )
     parser.add_argument("--step-ca-secret", default="strongroom-step-ca")
-    parser.add_argument("--provisioner-secret", default="strongroom-pki-provisioner")
+    parser.add_argument(
+        "--provisioner-secret-prefix",
+        default="strongroom-pki-",
+        help="the services' Secrets are PREFIX<service> (values pki.provisionerSecrets)",
+    )
     parser.add_argument("--strongroom", default="strongroom", help="the strongroom executable")
     parser.add_argument(
         "--simulated-tee-secret",
@@ -104,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also emit a simulated TEE Secret (development)",
     )
     args = parser.parse_args(argv)
+    names = {service: service for service in SERVICES}
+    for pair in args.service_name:
+        service, sep, name = pair.partition("=")
+        if not sep or service not in names or not name:
+            parser.error(
+                f"--service-name {pair!r}: expected SERVICE=NAME, SERVICE one of {SERVICES}"
+            )
+        names[service] = name
 
     pki_dir: Path = args.out.resolve()
     if pki_dir.exists() and any(pki_dir.iterdir()):
@@ -123,20 +165,28 @@ def main(argv: list[str] | None = None) -> int:
             args.ca_dns,
             "--address",
             args.address,
+            *(
+                f"--workload={service}="
+                + ",".join(dns_names(names[service], args.namespace, args.cluster_domain))
+                for service in SERVICES
+            ),
         ],
         check=True,
         stdout=sys.stderr,
     )
     step_ca = _collect(pki_dir, STEP_CA_FILES)
-    provisioner = _collect(pki_dir, PROVISIONER_FILES)
     print(_secret(args.step_ca_secret, args.namespace, step_ca, "step-ca"))
-    print("---")
-    print(_secret(args.provisioner_secret, args.namespace, provisioner, "bootstrap"))
+    for service in SERVICES:
+        # What `strongroom pki init --workload` laid out for the service: its own provisioner only.
+        files = _collect(pki_dir / "provisioners" / service, PROVISIONER_FILES)
+        print("---")
+        print(_secret(f"{args.provisioner_secret_prefix}{service}", args.namespace, files, service))
     if args.simulated_tee_secret:
         print("---")
         print(_secret(args.simulated_tee_secret, args.namespace, _simulated_tee(), "simulated-tee"))
     print(
-        f"pki_secrets: PKI written to {pki_dir}; move its root key offline before going further",
+        f"pki_secrets: PKI written to {pki_dir}; move its root key offline before going further, "
+        "and keep secrets/provisioner_key (it mints tokens for ANY identity) with the operator",
         file=sys.stderr,
     )
     return 0

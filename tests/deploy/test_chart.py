@@ -178,6 +178,43 @@ def test_service_secrets_are_mounted_only_where_needed(
             assert "hostPath" not in v, f"{component(dep)} mounts a hostPath"
 
 
+def test_each_pod_mounts_only_its_own_provisioner_secret(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    # Each service's provisioner issues only that service's identity; a pod (and so its node)
+    # must see no other service's provisioner, and the operator's unrestricted one in no pod.
+    values_set, docs = rendered
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for extra in VALUES_SETS[values_set]:
+        values["pki"].update(yaml.safe_load(extra.read_text()).get("pki", {}))
+    own = values["pki"]["provisionerSecrets"]
+    assert set(own) == set(SERVICES) and len(set(own.values())) == len(own)
+    for dep in kind(docs, "Deployment"):
+        spec = dep["spec"]["template"]["spec"]
+        mounted = {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+        assert "strongroom-pki-provisioner" not in mounted  # the former shared, unrestricted one
+        provisioners = mounted & set(own.values())
+        if component(dep) in SERVICES:
+            assert provisioners == {own[component(dep)]}, component(dep)
+        else:
+            assert not provisioners, component(dep)
+
+
+def test_services_sharing_a_provisioner_secret_are_refused(helm: str) -> None:
+    result = run_helm_template(
+        helm, set_args=("pki.provisionerSecrets.inference=strongroom-pki-keybroker",)
+    )
+    assert result.returncode != 0
+    assert "each service needs its own" in result.stderr
+
+
+def test_the_single_provisioner_secret_value_is_gone(helm: str) -> None:
+    # An old values file naming one Secret for every pod fails the schema instead of being ignored.
+    result = run_helm_template(helm, set_args=("pki.provisionerSecret=strongroom-pki-provisioner",))
+    assert result.returncode != 0
+    assert "provisionerSecret" in result.stderr
+
+
 def _configs(docs: list[dict[str, Any]]) -> dict[str, str]:
     out = {}
     for cm in kind(docs, "ConfigMap"):

@@ -26,8 +26,14 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.pki import CaClient, Provisioner, mint_token
+from strongroom.pki._x509 import build_csr, generate_key
+from strongroom.pki.errors import CaRejected
 from tests.deploy.conftest import CHART, DEPLOY, ROOT, kind, render
 
 HOME = "/home/step"
@@ -58,7 +64,8 @@ def deployment(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def pki(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
+def pki(tmp_path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """The Secrets pki_secrets.py prints, by name, and the port of the CA it made."""
     port = free_port()
     result = subprocess.run(
         [
@@ -81,16 +88,29 @@ def pki(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    step_ca, provisioner = (json.loads(doc) for doc in result.stdout.split("\n---\n"))
-    return step_ca, provisioner, port
+    docs = [json.loads(doc) for doc in result.stdout.split("\n---\n")]
+    return {d["metadata"]["name"]: d for d in docs}, port
+
+
+def pod_secret(
+    docs: list[dict[str, Any]], secrets: dict[str, dict[str, Any]], component: str, volume: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the Secret a pod's volume names, that volume) for one component's Deployment."""
+    pod = deployment(docs, component)["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == volume]
+    return secrets[vol["secret"]["secretName"]], vol
 
 
 @pytest.fixture
 def running_ca(
-    helm: str, step_ca_binary: Path, tmp_path: Path, pki: tuple[dict[str, Any], dict[str, Any], int]
-) -> Iterator[tuple[dict[str, Any], int]]:
-    step_ca_secret, provisioner, port = pki
+    helm: str,
+    step_ca_binary: Path,
+    tmp_path: Path,
+    pki: tuple[dict[str, dict[str, Any]], int],
+) -> Iterator[tuple[dict[str, dict[str, Any]], int]]:
+    secrets, port = pki
     docs = render(helm)
+    step_ca_secret, _ = pod_secret(docs, secrets, "step-ca", "ca-material")
     container = deployment(docs, "step-ca")["spec"]["template"]["spec"]["containers"][0]
     home = tmp_path / "step-home"
     # The Deployment mounts each Secret key at its path under /home/step (subPath mounts).
@@ -121,42 +141,43 @@ def running_ca(
                     if process.poll() is not None or time.monotonic() > deadline:
                         pytest.fail((tmp_path / "step-ca.log").read_text()[-2000:])
                     time.sleep(0.2)
-            yield provisioner, port
+            yield secrets, port
         finally:
             process.terminate()
             process.wait(timeout=10)
 
 
-def test_pod_init_mints_a_token_the_ca_accepts(
-    helm: str, tmp_path: Path, running_ca: tuple[dict[str, Any], int]
-) -> None:
-    provisioner, port = running_ca
-    docs = render(helm)
-    pod = deployment(docs, "keybroker")["spec"]["template"]["spec"]
+def run_pod_init(
+    docs: list[dict[str, Any]], secrets: dict[str, dict[str, Any]], service: str, where: Path
+) -> subprocess.CompletedProcess[str]:
+    """Runs the chart's init script for one service's pod, its volumes laid out under ``where``."""
+    pod = deployment(docs, service)["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     (init,) = [c for c in pod["initContainers"] if c["name"] == "bootstrap"]
 
-    # Lay out the pod's volumes under tmp_path, as the kubelet would.
+    # Lay out the pod's volumes under ``where``, as the kubelet would.
     remap = {
-        "/run/strongroom/secrets-src": tmp_path / "secrets-src",
-        "/run/strongroom/provisioner": tmp_path / "provisioner",
-        "/run/strongroom/bootstrap": tmp_path / "bootstrap",
-        "/run/secrets": tmp_path / "secrets",
+        "/run/strongroom/secrets-src": where / "secrets-src",
+        "/run/strongroom/provisioner": where / "provisioner",
+        "/run/strongroom/bootstrap": where / "bootstrap",
+        "/run/secrets": where / "secrets",
     }
+    provisioner, _ = pod_secret(docs, secrets, service, "provisioner")
     materialise(
         provisioner["data"],
         volumes["provisioner"]["secret"]["items"],
         remap["/run/strongroom/provisioner"],
     )
-    (broker_secret,) = kind(docs, "Secret")
-    materialise(
-        broker_secret["data"],
-        volumes["secrets-src"]["secret"]["items"],
-        remap["/run/strongroom/secrets-src"],
-    )
+    if "secrets-src" in volumes:
+        (broker_secret,) = kind(docs, "Secret")
+        materialise(
+            broker_secret["data"],
+            volumes["secrets-src"]["secret"]["items"],
+            remap["/run/strongroom/secrets-src"],
+        )
     for d in ("/run/strongroom/bootstrap", "/run/secrets"):
-        remap[d].mkdir()
-    init_tmp = tmp_path / "init-tmp"
+        remap[d].mkdir(parents=True)
+    init_tmp = where / "init-tmp"
     init_tmp.mkdir()
 
     def relocated(value: str) -> str:
@@ -167,75 +188,121 @@ def test_pod_init_mints_a_token_the_ca_accepts(
     env = {e["name"]: relocated(e["value"]) for e in init["env"]}
     script = CHART / "files" / "pod-init.sh"
     assert init["command"] == ["bash", "/etc/strongroom/scripts/pod-init.sh"]
-    result = subprocess.run(
+    return subprocess.run(
         ["bash", str(script)],
         env={
             **env,
             "PATH": f"{ROOT / '.venv' / 'bin'}:/usr/bin:/bin",
             "TMPDIR": str(init_tmp),
-            "HOME": str(tmp_path),
+            "HOME": str(where),
         },
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def cli_enrol(port: int, root: Path, token: Path, state: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "strongroom"),
+            "pki",
+            "enrol",
+            "--ca-url",
+            f"https://localhost:{port}",
+            "--root",
+            str(root),
+            "--token-file",
+            str(token),
+            "--state-dir",
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("service", ["keybroker", "modelstore", "inference"])
+def test_pod_init_mints_a_token_the_ca_accepts(
+    helm: str, tmp_path: Path, running_ca: tuple[dict[str, dict[str, Any]], int], service: str
+) -> None:
+    secrets, port = running_ca
+    docs = render(helm)
+    result = run_pod_init(docs, secrets, service, tmp_path)
     assert result.returncode == 0, result.stderr
 
-    # Secrets: private copies for the service (Secret.load refuses group-readable files).
-    for name in ("hsm-pin", "nonce-key"):
-        copy = tmp_path / "secrets" / name
-        assert stat.S_IMODE(copy.stat().st_mode) == 0o600
-        assert copy.read_bytes() == base64.b64decode(broker_secret["data"][name])
+    if service == "keybroker":
+        # Secrets: private copies for the service (Secret.load refuses group-readable files).
+        (broker_secret,) = kind(docs, "Secret")
+        for name in ("hsm-pin", "nonce-key"):
+            copy = tmp_path / "secrets" / name
+            assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+            assert copy.read_bytes() == base64.b64decode(broker_secret["data"][name])
     # The provisioner copy is gone; only the token is left behind.
-    assert not list(init_tmp.iterdir())
-    token = tmp_path / "bootstrap" / "keybroker.token"
+    assert not list((tmp_path / "init-tmp").iterdir())
+    token = tmp_path / "bootstrap" / f"{service}.token"
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
     assert "pki-provisioner" not in result.stderr and token.read_text().strip() not in result.stderr
 
-    enrol = subprocess.run(
-        [
-            str(ROOT / ".venv" / "bin" / "strongroom"),
-            "pki",
-            "enrol",
-            "--ca-url",
-            f"https://localhost:{port}",
-            "--root",
-            str(tmp_path / "provisioner" / "root_ca.crt"),
-            "--token-file",
-            str(token),
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    root = tmp_path / "provisioner" / "root_ca.crt"
+    enrol = cli_enrol(port, root, token, tmp_path / "state")
     assert enrol.returncode == 0, enrol.stderr
-    assert "enrolled spiffe://strongroom.internal/keybroker" in enrol.stdout
+    assert f"enrolled spiffe://strongroom.internal/{service}" in enrol.stdout
 
     # One-time: the same token cannot enrol twice.
-    again = subprocess.run(
-        [
-            str(ROOT / ".venv" / "bin" / "strongroom"),
-            "pki",
-            "enrol",
-            "--ca-url",
-            f"https://localhost:{port}",
-            "--root",
-            str(tmp_path / "provisioner" / "root_ca.crt"),
-            "--token-file",
-            str(token),
-            "--state-dir",
-            str(tmp_path / "state2"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    assert cli_enrol(port, root, token, tmp_path / "state2").returncode != 0
+
+
+# What the confidential-VM host (or anyone on a node running a Strongroom pod) could try with the
+# provisioner files the kubelet fetched for a pod: tokens for identities that are not the pod's.
+FOREIGN_IDENTITIES = {
+    ("inference", "admin"): (),
+    ("inference", "publisher"): (),
+    ("inference", "keybroker"): ("keybroker", "keybroker.strongroom.svc"),
+    ("modelstore", "keybroker"): ("keybroker",),
+    ("keybroker", "inference"): ("inference",),
+}
+
+
+@pytest.mark.parametrize(("pod", "target"), sorted(FOREIGN_IDENTITIES))
+def test_a_pod_provisioner_key_obtains_only_the_pods_own_identity(
+    helm: str,
+    tmp_path: Path,
+    running_ca: tuple[dict[str, dict[str, Any]], int],
+    pod: str,
+    target: str,
+) -> None:
+    secrets, port = running_ca
+    docs = render(helm)
+    secret, volume = pod_secret(docs, secrets, pod, "provisioner")
+    stolen = tmp_path / "stolen"
+    materialise(secret["data"], volume["secret"]["items"], stolen)
+    # The attacker signs the token itself (no CLI check to get past) with the pod's key.
+    meta = json.loads((stolen / "strongroom.json").read_text())
+    key = serialization.load_pem_private_key((stolen / "provisioner_key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    root_pem = (stolen / "root_ca.crt").read_bytes()
+    ca_url = f"https://localhost:{port}"
+    wanted = f"spiffe://strongroom.internal/{target}"
+    sans = [wanted, *FOREIGN_IDENTITIES[pod, target]]
+    token = mint_token(
+        Provisioner(meta["provisioner_name"], key), ca_url=ca_url, subject=wanted, sans=sans
     )
-    assert again.returncode != 0
+    try:
+        chain = CaClient(ca_url, root_pem).sign(build_csr(generate_key(), sans), token)
+    except CaRejected as refused:
+        # Refused by the pod's provisioner's certificate template, naming what it issues.
+        assert f"spiffe://strongroom.internal/{pod}" in str(refused)
+        return
+    issued = x509.load_pem_x509_certificate(chain[0].public_bytes(serialization.Encoding.PEM))
+    san = issued.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    names = san.get_values_for_type(x509.DNSName)
+    assert uris == [f"spiffe://strongroom.internal/{pod}"], f"{pod}'s key obtained {uris}"
+    assert not set(names) & set(FOREIGN_IDENTITIES[pod, target]), names
 
 
 def test_pki_secrets_refuses_to_overwrite_a_pki(tmp_path: Path) -> None:
@@ -260,19 +327,43 @@ def test_pki_secrets_refuses_to_overwrite_a_pki(tmp_path: Path) -> None:
 
 
 def test_pki_secrets_match_the_values_file_maps(
-    pki: tuple[dict[str, Any], dict[str, Any], int],
+    helm: str, tmp_path: Path, pki: tuple[dict[str, dict[str, Any]], int]
 ) -> None:
-
-    step_ca, provisioner, _port = pki
+    secrets, _port = pki
     values = yaml.safe_load((CHART / "values.yaml").read_text())
+    own = values["pki"]["provisionerSecrets"]
+    assert set(secrets) == {values["stepCa"]["existingSecret"], *own.values()}
+    step_ca = secrets[values["stepCa"]["existingSecret"]]
     assert {f["key"] for f in values["stepCa"]["files"]} == set(step_ca["data"])
-    assert {f["key"] for f in values["pki"]["provisionerFiles"]} == set(provisioner["data"])
-    assert values["pki"]["rootCertificateKey"] in provisioner["data"]
-    # The provisioner Secret carries no CA key: a leaked init container cannot issue an intermediate.
-    assert not {"intermediate_ca_key", "root_ca_key", "password"} & set(provisioner["data"])
     assert "root_ca_key" not in step_ca["data"]
-    assert step_ca["metadata"]["name"] == values["stepCa"]["existingSecret"]
-    assert provisioner["metadata"]["name"] == values["pki"]["provisionerSecret"]
+    docs = render(helm)
+    configs = {
+        cm["metadata"]["labels"]["app.kubernetes.io/component"]: yaml.safe_load(
+            cm["data"]["config.yaml"]
+        )
+        for cm in kind(docs, "ConfigMap")
+        if "config.yaml" in cm.get("data", {})
+    }
+    operator_key = (tmp_path / "pki" / "secrets" / "provisioner_key").read_bytes()
+    keys = set()
+    for service, name in own.items():
+        data = secrets[name]["data"]
+        assert {f["key"] for f in values["pki"]["provisionerFiles"]} == set(data)
+        assert values["pki"]["rootCertificateKey"] in data
+        # The provisioner Secret carries no CA key: a leaked init container cannot issue an
+        # intermediate; nor the operator's provisioner key, which mints any identity.
+        assert not {"intermediate_ca_key", "root_ca_key", "password"} & set(data)
+        key = base64.b64decode(data["provisioner_key"])
+        assert key != operator_key
+        keys.add(key)
+        # The service's own provisioner, restricted to exactly what its pod asks for.
+        meta = json.loads(base64.b64decode(data["strongroom.json"]))
+        identity = configs[service]["identity"]
+        assert meta["provisioner_name"] == f"strongroom-{service}"
+        assert meta["sans"] == [identity["spiffe_id"], *identity["dns_names"]]
+    assert len(keys) == len(own)
+    everything = json.dumps(list(secrets.values()))
+    assert base64.b64encode(operator_key).decode() not in everything
 
 
 def test_simulated_tee_secret_is_what_the_development_values_mount(tmp_path: Path) -> None:
@@ -283,11 +374,9 @@ def test_simulated_tee_secret_is_what_the_development_values_mount(tmp_path: Pat
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    docs = [json.loads(doc) for doc in result.stdout.split("\n---\n")]
-    assert len(docs) == 3
-    secret = docs[2]
+    docs = {d["metadata"]["name"]: d for d in map(json.loads, result.stdout.split("\n---\n"))}
     development = yaml.safe_load((DEPLOY / "helm" / "values-development.yaml").read_text())
-    assert secret["metadata"]["name"] == development["simulatedTee"]["existingSecret"]
+    secret = docs[development["simulatedTee"]["existingSecret"]]
     tee = tmp_path / "simulated-tee"
     materialise(secret["data"], [{"key": k, "path": k} for k in secret["data"]], tee)
     SimulatedAuthority.load(tee)  # what the simulated attester reads

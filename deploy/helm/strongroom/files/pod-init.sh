@@ -7,8 +7,9 @@
 # 2. Mints the pod's one-time enrolment token into TOKEN_FILE: the provisioner files
 #    (PROVISIONER_FILES="KEY=PATH ..." under PROVISIONER_SRC) are copied into a private temporary
 #    directory laid out as `strongroom pki token --dir` expects, the token is minted offline for
-#    TOKEN_SPIFFE_ID with the DNS names TOKEN_DNS, and the copy is deleted. The provisioner Secret
-#    is mounted in this init container only, never in the service container.
+#    TOKEN_SPIFFE_ID with the DNS names TOKEN_DNS, and the copy is deleted. The Secret is the
+#    service's own (pki.provisionerSecrets.<service>): its provisioner issues only this identity.
+#    It is mounted in this init container only, never in the service container.
 # Nothing secret is printed or passed on a command line.
 set -euo pipefail
 umask 077

@@ -187,8 +187,9 @@ transparent huge pages (model loads are bound by first touches of fresh memory).
 
 {{/*
 Init container that prepares a service pod: copies Secret files into memory as 0600 files owned by the
-service user, and mints the pod's one-time enrolment token from the provisioner Secret (mounted in
-this container only). (dict "root" $ "component" "keybroker" "service" "keybroker" "copy" "src=dst ..." "mounts" (list ...))
+service user, and mints the pod's one-time enrolment token from the service's own provisioner Secret
+(pki.provisionerSecrets.<component>, mounted in this container only; its provisioner issues only this
+service's identity). (dict "root" $ "component" "keybroker" "service" "keybroker" "copy" "src=dst ..." "mounts" (list ...))
 */}}
 {{- define "strongroom.bootstrapInitContainer" -}}
 - name: bootstrap
@@ -233,6 +234,18 @@ this container only). (dict "root" $ "component" "keybroker" "service" "keybroke
 {{- join " " $pairs -}}
 {{- end -}}
 
+{{/* The Secret of a service's own provisioner; each service must have its own. (dict "root" $ "component" "keybroker") */}}
+{{- define "strongroom.provisionerSecret" -}}
+{{- $secrets := .root.Values.pki.provisionerSecrets -}}
+{{- $own := index $secrets .component -}}
+{{- range $service, $name := $secrets -}}
+{{- if and (ne $service $.component) (eq $name $own) -}}
+{{- fail (printf "pki.provisionerSecrets: %s and %s share the Secret %s; each service needs its own (its provisioner issues only its identity)" $.component $service $name) -}}
+{{- end -}}
+{{- end -}}
+{{- $own -}}
+{{- end -}}
+
 {{/* Volumes every service pod has. */}}
 {{- define "strongroom.commonVolumes" -}}
 - name: config
@@ -244,7 +257,7 @@ this container only). (dict "root" $ "component" "keybroker" "service" "keybroke
     defaultMode: 0444
 - name: provisioner
   secret:
-    secretName: {{ .root.Values.pki.provisionerSecret }}
+    secretName: {{ include "strongroom.provisionerSecret" . }}
     defaultMode: 0440
     items:
       {{- range .root.Values.pki.provisionerFiles }}
@@ -252,7 +265,7 @@ this container only). (dict "root" $ "component" "keybroker" "service" "keybroke
       {{- end }}
 - name: pki
   secret:
-    secretName: {{ .root.Values.pki.provisionerSecret }}
+    secretName: {{ include "strongroom.provisionerSecret" . }}
     defaultMode: 0444
     items:
       - {key: {{ .root.Values.pki.rootCertificateKey | quote }}, path: root_ca.crt}
