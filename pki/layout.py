@@ -80,7 +80,7 @@ class CaLayout:
     # A workload's token directory: the only SANs its provisioner issues. Empty: unrestricted.
     sans: tuple[str, ...] = ()
     # The CA directory: service -> the SANs of that workload's own provisioner.
-    workloads: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    workloads: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
     @classmethod
     def load(cls, directory: Path | str) -> CaLayout:
