@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from strongroom.cryptoparse import X509_PARSE_ERRORS
-from strongroom.pki.errors import CertificateInvalid
+from strongroom.pki.errors import CertificateInvalid, InvalidPkiConfig
 from strongroom.reasons import Reason
 from strongroom.spiffe import SpiffeId
 
@@ -144,10 +145,52 @@ def single_spiffe_id(cert: x509.Certificate) -> SpiffeId:
     return SpiffeId.parse(uris[0])
 
 
+def _describe(cert: x509.Certificate) -> str:
+    subject = cert.subject.rfc4514_string() or ", ".join(all_sans(cert)) or "(no subject)"
+    return f"{subject!r} (serial 0x{cert.serial_number:x})"
+
+
+def load_roots(pem: bytes) -> list[x509.Certificate]:
+    """Parses a root file: one or more self-signed CA certificates, every one a trust anchor.
+
+    A root file holds more than one certificate while a CA root is rotated (new root + old root,
+    see pki/README.md). Anything else in it (an intermediate, a workload certificate) is refused:
+    TLS would otherwise trust it as an anchor.
+    """
+    roots = load_chain(pem)
+    for index, cert in enumerate(roots, start=1):
+        problem = ""
+        try:
+            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            problem = "it has no basicConstraints extension"
+        else:
+            if not constraints.ca:
+                problem = "it is not a CA certificate (basicConstraints CA:FALSE)"
+        if not problem and cert.subject != cert.issuer:
+            problem = f"it is issued by {cert.issuer.rfc4514_string()!r}, not by itself"
+        if not problem:
+            try:
+                cert.verify_directly_issued_by(cert)
+            except (ValueError, TypeError, InvalidSignature) as exc:
+                problem = f"its self-signature does not verify ({exc or type(exc).__name__})"
+        if problem:
+            raise InvalidPkiConfig(
+                f"certificate {index} of {len(roots)} in the root file, {_describe(cert)}, is not a "
+                f"self-signed root CA certificate: {problem}. The root file must hold only root CA "
+                "certificates (during a root rotation: the new root and the old root)",
+                reason=Reason.ROOT_BUNDLE_INVALID,
+            )
+    return roots
+
+
 def verify_chain(
-    chain: Sequence[x509.Certificate], root: x509.Certificate, *, at: datetime | None = None
+    chain: Sequence[x509.Certificate],
+    roots: x509.Certificate | Sequence[x509.Certificate],
+    *,
+    at: datetime | None = None,
 ) -> None:
-    """Verifies ``chain`` (leaf first, then intermediates) up to the pinned ``root`` as of ``at``.
+    """Verifies ``chain`` (leaf first, then intermediates) up to one of the pinned ``roots`` as of ``at``.
 
     Uses the RFC 5280 path validation of ``cryptography`` with its client-certificate profile (the
     leaf must allow clientAuth, which every Strongroom workload certificate does).
@@ -155,7 +198,8 @@ def verify_chain(
     from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
     when = at or datetime.now(UTC)
-    verifier = PolicyBuilder().store(Store([root])).time(when).build_client_verifier()
+    anchors = [roots] if isinstance(roots, x509.Certificate) else list(roots)
+    verifier = PolicyBuilder().store(Store(anchors)).time(when).build_client_verifier()
     try:
         verifier.verify(chain[0], list(chain[1:]))
     except VerificationError as exc:

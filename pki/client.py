@@ -20,7 +20,13 @@ from cryptography import x509
 from strongroom import jsonparse
 from strongroom.pki._duration import go_duration
 from strongroom.pki._files import memory_file
-from strongroom.pki._x509 import cert_spki_der, csr_spki_der, load_chain, verify_chain
+from strongroom.pki._x509 import (
+    cert_spki_der,
+    csr_spki_der,
+    load_chain,
+    load_roots,
+    verify_chain,
+)
 from strongroom.pki.errors import CaRejected, CaUnavailable, CertificateInvalid, InvalidPkiConfig
 from strongroom.reasons import Reason
 
@@ -41,7 +47,11 @@ class ClientCertificate:
 
 
 class CaClient:
-    """Talks to one step-ca over TLS with ``root_pem`` pinned."""
+    """Talks to one step-ca over TLS with ``root_pem`` pinned.
+
+    ``root_pem`` holds one or more self-signed root CA certificates (more than one while a root is
+    rotated); every one is trusted, for the CA's TLS and for the chains it returns.
+    """
 
     def __init__(self, url: str, root_pem: bytes, *, timeout: float = 10.0) -> None:
         parts = urlsplit(url)
@@ -50,7 +60,8 @@ class CaClient:
         self.url = url.rstrip("/")
         self.host = parts.hostname
         self.port = parts.port or 443
-        self.root = load_chain(root_pem)[0]
+        # Every certificate of the root file is a trust anchor, as for TLS and gRPC (root rotation).
+        self.roots = load_roots(root_pem)
         self.root_pem = root_pem
         self.timeout = timeout
 
@@ -151,7 +162,7 @@ class CaClient:
                 "the CA's answer has no certificate chain", reason=Reason.CA_BAD_ANSWER
             )
         chain = load_chain("".join(pems).encode())
-        verify_chain(chain, self.root)
+        verify_chain(chain, self.roots)
         if cert_spki_der(chain[0]) != expected_spki:
             raise CertificateInvalid(
                 "the CA returned a certificate for a different key", reason=Reason.KEY_MISMATCH

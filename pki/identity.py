@@ -209,7 +209,7 @@ class WorkloadIdentity(Closing):
             raise NoIdentity(f"the identity persisted in {state} is unusable: {exc}") from exc
         now = clock()
         try:
-            verify_chain(chain, ca.root, at=now)
+            verify_chain(chain, ca.roots, at=now)
             credentials = Credentials(key, tuple(chain), issued_at=issued_at, generation=1)
         except StrongroomError as exc:
             raise NoIdentity(

@@ -1,0 +1,102 @@
+"""The root file: every certificate in it is pinned (a root rotation bundle), nothing but roots."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from strongroom.pki import StepCa, WorkloadIdentity
+from strongroom.pki.client import CaClient
+from strongroom.pki.errors import InvalidPkiConfig
+from strongroom.reasons import Reason
+from tests.pki.helpers import make_leaf, new_ca, pem, sid, token_for
+
+
+@pytest.fixture(scope="module")
+def new_root_ca(step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StepCa]:
+    """A second CA of the same trust domain: the 'new root' of a root rotation."""
+    running = new_ca(tmp_path_factory.mktemp("new") / "ca", step_ca_binary)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("order", ["new+old", "old+new"])
+def test_a_two_root_bundle_enrols_renews_and_resumes_at_either_ca(
+    ca: StepCa, new_root_ca: StepCa, order: str, tmp_path: Path
+) -> None:
+    old, new = ca, new_root_ca
+    bundle = new.root_pem + old.root_pem if order == "new+old" else old.root_pem + new.root_pem
+    for name, running in (("old", old), ("new", new)):
+        client = CaClient(running.url, bundle)
+        state = tmp_path / name
+        identity = WorkloadIdentity.enrol(
+            client, token_for(running, "inference"), state_dir=state, auto_renew=False
+        )
+        with identity:
+            assert str(identity.spiffe_id) == sid("inference")
+            identity.renew_now()
+        with WorkloadIdentity.resume(client, state, auto_renew=False) as resumed:
+            assert resumed.credentials.serial == identity.credentials.serial
+
+
+def test_a_root_file_with_a_certificate_that_is_not_a_root_is_refused(ca: StepCa) -> None:
+    intermediate, intermediate_key = ca.layout.load_intermediate()
+    with pytest.raises(InvalidPkiConfig) as refused:
+        CaClient(ca.url, ca.root_pem + pem(intermediate))
+    assert refused.value.reason == Reason.ROOT_BUNDLE_INVALID
+    message = refused.value.message
+    assert "certificate 2 of 2 in the root file" in message
+    assert "not by itself" in message and "must hold only root CA certificates" in message
+
+    leaf = make_leaf(intermediate, intermediate_key, uris=[sid("inference")])
+    with pytest.raises(InvalidPkiConfig, match=r"certificate 1 of 2 .* CA:FALSE"):
+        CaClient(ca.url, leaf.chain_pem + ca.root_pem)
+
+    # Named as its own issuer, but signed by another key: not a root either.
+    with pytest.raises(InvalidPkiConfig, match="self-signature does not verify"):
+        CaClient(ca.url, ca.root_pem + pem(_self_named_ca_signed_by_another_key()))
+    # No basicConstraints at all.
+    with pytest.raises(InvalidPkiConfig, match="no basicConstraints"):
+        CaClient(ca.url, pem(_self_signed_without_basic_constraints()))
+
+
+def _self_named_ca_signed_by_another_key() -> x509.Certificate:
+    key, signer = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Strongroom Root CA")])
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(signer, hashes.SHA256())
+    )
+
+
+def _self_signed_without_basic_constraints() -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not a CA")])
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
