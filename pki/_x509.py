@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -15,6 +16,9 @@ from strongroom.cryptoparse import X509_PARSE_ERRORS
 from strongroom.pki.errors import CertificateInvalid, InvalidPkiConfig
 from strongroom.reasons import Reason
 from strongroom.spiffe import SpiffeId
+
+if TYPE_CHECKING:
+    from cryptography.x509.verification import ClientVerifier
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
@@ -193,20 +197,55 @@ def verify_chain(
     """Verifies ``chain`` (leaf first, then intermediates) up to one of the pinned ``roots`` as of ``at``.
 
     Uses the RFC 5280 path validation of ``cryptography`` with its client-certificate profile (the
-    leaf must allow clientAuth, which every Strongroom workload certificate does).
+    leaf must allow clientAuth, which every Strongroom workload certificate does). A chain that
+    fails only because a certificate of it is not valid yet at ``at`` is ``CERT_NOT_YET_VALID``,
+    naming that ``notBefore`` and ``at``: what a clock behind the CA's looks like (step-ca backdates
+    ``notBefore`` by one minute only).
     """
-    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+    from cryptography.x509.verification import VerificationError
 
     when = at or datetime.now(UTC)
     anchors = [roots] if isinstance(roots, x509.Certificate) else list(roots)
-    verifier = PolicyBuilder().store(Store(anchors)).time(when).build_client_verifier()
     try:
-        verifier.verify(chain[0], list(chain[1:]))
+        _verifier(anchors, when).verify(chain[0], list(chain[1:]))
     except VerificationError as exc:
+        _not_yet_valid(chain, anchors, when)
         raise CertificateInvalid(
             f"certificate chain does not verify against the pinned root: {exc}",
             reason=Reason.CHAIN_UNVERIFIED,
         ) from exc
+
+
+def _verifier(anchors: list[x509.Certificate], when: datetime) -> ClientVerifier:
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    return PolicyBuilder().store(Store(anchors)).time(when).build_client_verifier()
+
+
+def _not_yet_valid(
+    chain: Sequence[x509.Certificate], anchors: list[x509.Certificate], when: datetime
+) -> None:
+    """Raises CERT_NOT_YET_VALID when the chain fails at ``when`` only for being too early."""
+    from cryptography.x509.verification import VerificationError
+
+    early = [(i, c) for i, c in enumerate(chain) if when < c.not_valid_before_utc]
+    if not early:
+        return
+    latest = max(c.not_valid_before_utc for _, c in early)
+    try:
+        _verifier(anchors, latest).verify(chain[0], list(chain[1:]))
+    except VerificationError:
+        return  # something else is wrong too: CHAIN_UNVERIFIED says so
+    position, cert = early[0]
+    what = "the certificate" if position == 0 else "the intermediate CA certificate"
+    starts = cert.not_valid_before_utc
+    raise CertificateInvalid(
+        f"{what} {_describe(cert)} is not valid yet at the local time: notBefore is "
+        f"{starts.isoformat()}, the local time is {when.isoformat()} "
+        f"({(starts - when).total_seconds():.0f}s earlier). This host's clock is probably behind "
+        "the CA's by more than step-ca's one-minute backdate: fix the clock (NTP) on this host",
+        reason=Reason.CERT_NOT_YET_VALID,
+    )
 
 
 def not_before(cert: x509.Certificate) -> datetime:

@@ -1,9 +1,10 @@
-"""The root file: every certificate in it is pinned (a root rotation bundle), nothing but roots."""
+"""The root file: every certificate in it is pinned (a root rotation bundle), nothing but roots;
+a chain not valid yet at local time is blamed on the clock."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from strongroom.pki import StepCa, WorkloadIdentity
+from strongroom.pki import StepCa, WorkloadIdentity, _x509
+from strongroom.pki._x509 import verify_chain
 from strongroom.pki.client import CaClient
-from strongroom.pki.errors import InvalidPkiConfig
+from strongroom.pki.errors import CertificateInvalid, InvalidPkiConfig, NoIdentity
 from strongroom.reasons import Reason
-from tests.pki.helpers import make_leaf, new_ca, pem, sid, token_for
+from tests.pki.helpers import make_ca, make_leaf, new_ca, pem, sid, token_for
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +102,54 @@ def _self_signed_without_basic_constraints() -> x509.Certificate:
         .not_valid_after(now + timedelta(days=1))
         .sign(key, hashes.SHA256())
     )
+
+
+# ----------------------------------------------------------------- a clock behind the CA's
+
+BEHIND = timedelta(minutes=5)  # more than step-ca's one-minute backdate
+
+
+def test_a_chain_not_yet_valid_at_local_time_names_the_clock(ca: StepCa, tmp_path: Path) -> None:
+    client = ca.client()
+    identity = WorkloadIdentity.enrol(
+        client, token_for(ca, "inference"), state_dir=tmp_path, auto_renew=False
+    )
+    identity.close()
+    credentials = identity.credentials
+    starts = credentials.leaf.not_valid_before_utc
+    local = starts - BEHIND
+    with pytest.raises(CertificateInvalid) as refused:
+        verify_chain(credentials.chain, client.roots, at=local)
+    assert refused.value.reason == Reason.CERT_NOT_YET_VALID
+    message = refused.value.message
+    assert f"notBefore is {starts.isoformat()}" in message
+    assert f"the local time is {local.isoformat()}" in message
+    assert "clock" in message and f"serial 0x{credentials.serial:x}" in message
+
+    # Resuming on such a host says why the persisted identity is not usable.
+    with pytest.raises(NoIdentity, match="not valid yet at the local time"):
+        WorkloadIdentity.resume(client, tmp_path, clock=lambda: local, auto_renew=False)
+
+    # A chain that is early AND from another CA is not blamed on the clock.
+    foreign, foreign_key = make_ca("Foreign Root")
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    early = make_leaf(
+        foreign, foreign_key, uris=[sid("x")], not_before=soon, not_after=soon + timedelta(hours=1)
+    )
+    with pytest.raises(CertificateInvalid) as other:
+        verify_chain(early.chain, client.roots)
+    assert other.value.reason == Reason.CHAIN_UNVERIFIED
+
+
+def test_enrolling_with_a_clock_behind_the_ca_names_the_clock(
+    ca: StepCa, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Behind(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> Behind:
+            real = datetime.now(tz)
+            return cls.fromtimestamp(real.timestamp(), tz) - BEHIND
+
+    monkeypatch.setattr(_x509, "datetime", Behind)
+    with pytest.raises(CertificateInvalid, match=r"not valid yet .* clock is probably behind"):
+        WorkloadIdentity.enrol(ca.client(), token_for(ca, "inference"), auto_renew=False)
