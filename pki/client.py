@@ -1,4 +1,5 @@
-"""A small HTTPS client for step-ca's API (``/health``, ``/1.0/sign``, ``/1.0/renew``, ``/1.0/rekey``).
+"""A small HTTPS client for step-ca's API (``/health``, ``/1.0/sign``, ``/1.0/renew``, ``/1.0/rekey``,
+``/1.0/revoke``).
 
 Standard library only (``http.client`` + ``ssl``) with the CA's root pinned: the system trust store is
 never consulted. Every certificate chain the CA returns is verified against that root before use.
@@ -33,6 +34,19 @@ from strongroom.reasons import Reason
 _log = logging.getLogger(__name__)
 
 _MAX_RESPONSE = 1 << 20
+
+#: RFC 5280 CRLReason codes step-ca's ``/1.0/revoke`` accepts (8, removeFromCRL, means nothing here).
+REVOCATION_REASONS: dict[str, int] = {
+    "unspecified": 0,
+    "key-compromise": 1,
+    "ca-compromise": 2,
+    "affiliation-changed": 3,
+    "superseded": 4,
+    "cessation-of-operation": 5,
+    "certificate-hold": 6,
+    "privilege-withdrawn": 9,
+    "aa-compromise": 10,
+}
 
 
 @dataclass(frozen=True)
@@ -154,6 +168,49 @@ class CaClient:
             "POST", "/1.0/rekey", {"csr": csr_pem.decode()}, client_cert=current
         )
         return self._chain(document, csr_spki_der(csr))
+
+    def revoke(
+        self,
+        serial: int,
+        *,
+        reason_code: int = REVOCATION_REASONS["unspecified"],
+        comment: str = "",
+        certificate: ClientCertificate | None = None,
+        token: str | None = None,
+    ) -> bool:
+        """Revokes ``serial`` passively: step-ca will no longer renew or re-key it.
+
+        step-ca 0.19 has no CRL or OCSP, so a revoked certificate keeps working for TLS until it
+        expires; what stops is renewal. Authenticated either by the certificate itself over mTLS
+        (``certificate``, whose leaf must carry ``serial``) or by a provisioner's one-time token
+        (``token``, see :func:`~strongroom.pki.token.mint_revoke_token`). Returns True when revoked
+        now, False when step-ca says it already was. Raises :class:`CaRejected` when refused and
+        :class:`CaUnavailable` when the CA cannot be reached.
+        """
+        if (certificate is None) == (token is None):
+            raise InvalidPkiConfig("revoke with exactly one of a certificate (mTLS) or a token")
+        if reason_code not in REVOCATION_REASONS.values():
+            raise InvalidPkiConfig(f"revocation reason code {reason_code} is not one step-ca takes")
+        if certificate is not None and load_chain(certificate.chain_pem)[0].serial_number != serial:
+            raise InvalidPkiConfig(
+                f"over mTLS a certificate can revoke only itself, not serial 0x{serial:x}"
+            )
+        body: dict[str, Any] = {
+            "serial": str(serial),  # step-ca compares the DECIMAL string
+            "reasonCode": reason_code,
+            "reason": comment,
+            "passive": True,  # the only kind step-ca 0.19 implements
+        }
+        if token is not None:
+            body["ott"] = token
+        try:
+            self._request("POST", "/1.0/revoke", body, client_cert=certificate)
+        except CaRejected as exc:
+            # step-ca answers 400 "certificate with serial number '<n>' is already revoked".
+            if f"'{serial}' is already revoked" in exc.message:
+                return False
+            raise
+        return True
 
     def _chain(self, document: dict[str, Any], expected_spki: bytes) -> list[x509.Certificate]:
         pems = document.get("certChain") or [document.get("crt"), document.get("ca")]

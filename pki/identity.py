@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from strongroom.pki import _jose
 from strongroom.pki._state import STATE_FILE, load_state, save_state
 from strongroom.pki._x509 import build_csr, generate_key, verify_chain
 from strongroom.pki.channel import RotatingChannel
-from strongroom.pki.client import CaClient, ClientCertificate
+from strongroom.pki.client import REVOCATION_REASONS, CaClient, ClientCertificate
 from strongroom.pki.credentials import Credentials
 from strongroom.pki.errors import (
     CaRejected,
@@ -41,6 +41,8 @@ from strongroom.spiffe import SpiffeId
 
 # What makes a persisted identity unusable (resume answers NoIdentity, and the service enrols).
 _UNUSABLE_STATE: tuple[type[Exception], ...] = (PermissionError, StrongroomError, *KEY_PARSE_ERRORS)
+# What makes a persisted identity not worth revoking when an enrolment replaces it.
+_NOT_LIVE: tuple[type[Exception], ...] = (OSError, ValueError, *_UNUSABLE_STATE)
 _log = logging.getLogger(__name__)
 
 __all__ = ["STATE_FILE", "IdentityStatus", "RenewalPolicy", "WorkloadIdentity", "utc_now"]
@@ -95,6 +97,21 @@ class IdentityStatus:
     generation: int
     consecutive_failures: int
     last_error: str | None = field(default=None)
+    #: Serials of superseded certificates (replaced by a rekey or a new enrolment) that step-ca has
+    #: not confirmed revoked yet: each stays renewable by whoever holds a copy of its key.
+    unrevoked_serials: tuple[int, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class _Superseded:
+    """A certificate this identity replaced with a new key, to revoke at step-ca (key: never logged)."""
+
+    presented: ClientCertificate = field(repr=False)
+    serial: int
+    not_after: datetime
+    replaced_by: int
+    attempts: int = 0
+    next_attempt: datetime | None = None
 
 
 def _token_sans(token: str) -> tuple[str, list[str]]:
@@ -111,6 +128,16 @@ def _token_sans(token: str) -> tuple[str, list[str]]:
             "the enrolment token has no usable sub/sans", reason=Reason.BAD_TOKEN
         )
     return subject, list(sans)
+
+
+def _persisted_identity(ca: CaClient, state: Path, now: datetime) -> Credentials | None:
+    """The live identity ``state`` holds (to revoke once replaced), or None."""
+    try:
+        key, chain, issued_at = load_state(state)
+        verify_chain(chain, ca.roots, at=now)
+        return Credentials(key, tuple(chain), issued_at=issued_at, generation=1)
+    except _NOT_LIVE:
+        return None  # nothing there, or nothing step-ca would renew
 
 
 class WorkloadIdentity(Closing):
@@ -144,6 +171,8 @@ class WorkloadIdentity(Closing):
         self._last_error: str | None = None
         self._next_attempt: datetime | None = None
         self._listeners: list[RotationListener] = []
+        self._superseded: list[_Superseded] = []
+        self._revoke_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         if auto_renew:
             self._thread = threading.Thread(
@@ -179,15 +208,20 @@ class WorkloadIdentity(Closing):
                 reason=Reason.SAN_MISMATCH,
             )
         state = Path(state_dir) if state_dir is not None else None
+        previous = _persisted_identity(ca, state, clock()) if state is not None else None
         if state is not None:
             save_state(state, credentials)
         _log.info(
             "enrolled workload identity",
             extra={"spiffe_id": str(credentials.spiffe_id), "serial": credentials.serial},
         )
-        return cls(
+        identity = cls(
             ca, credentials, state_dir=state, policy=policy, clock=clock, auto_renew=auto_renew
         )
+        if previous is not None:
+            # The state directory held a live identity that this enrolment replaces: revoke it.
+            identity._supersede(previous, credentials)
+        return identity
 
     @classmethod
     def resume(
@@ -301,6 +335,7 @@ class WorkloadIdentity(Closing):
         with self._lock:
             credentials, failures, error = self._credentials, self._failures, self._last_error
             closed = self._closed
+            unrevoked = tuple(entry.serial for entry in self._superseded)
         healthy = not closed and credentials.time_valid(now)
         if healthy and failures:
             threshold = max(
@@ -316,6 +351,7 @@ class WorkloadIdentity(Closing):
             generation=credentials.generation,
             consecutive_failures=failures,
             last_error=error,
+            unrevoked_serials=unrevoked,
         )
 
     def healthy(self) -> bool:
@@ -400,7 +436,116 @@ class WorkloadIdentity(Closing):
             except Exception:
                 _log.exception("a certificate rotation listener failed")
         self._wake.set()
+        if renewed.public_key_der != current.public_key_der:
+            # Re-keyed: the old certificate (and whoever copied its key) must not renew any more.
+            self._supersede(current, renewed)
         return renewed
+
+    # ----------------------------------------------------------------- revocation
+
+    def revoke_superseded(self) -> tuple[int, ...]:
+        """Retries, now, revoking every superseded certificate not yet revoked; returns their serials.
+
+        A certificate this identity replaced with a new key (a rekey, or an enrolment over a live
+        persisted identity) is revoked at step-ca right away, authenticated by itself over mTLS,
+        so that nobody can renew it any more. When that fails the new identity is kept and used
+        regardless; the failure is logged at ERROR with the serial, the renewal thread retries
+        (with the renewal back-off) until it succeeds or the old certificate expires, and
+        :meth:`status` lists the serial in ``unrevoked_serials``. Never raises for a CA failure.
+        """
+        self._revoke_pending(force=True)
+        with self._lock:
+            return tuple(entry.serial for entry in self._superseded)
+
+    def _supersede(self, old: Credentials, new: Credentials) -> None:
+        if old.serial == new.serial:
+            return
+        if old.chain[1:] != new.chain[1:]:
+            # Issued under another intermediate (another CA, e.g. a root rotation): this CA's TLS
+            # would not even accept it, and it is not this CA's to revoke.
+            _log.warning(
+                "the replaced certificate 0x%x of %s was issued by another CA than its "
+                "replacement 0x%x; it is not revoked here and stays renewable there until it expires",
+                old.serial,
+                old.spiffe_id,
+                new.serial,
+            )
+            return
+        entry = _Superseded(
+            ClientCertificate(old.key_pem, old.chain_pem), old.serial, old.not_after, new.serial
+        )
+        with self._lock:
+            self._superseded.append(entry)
+        self._revoke_pending(force=True)
+
+    def _revoke_pending(self, *, force: bool = False) -> None:
+        with self._revoke_lock:
+            with self._lock:
+                pending = list(self._superseded)
+            for entry in pending:
+                now = self._clock()
+                if not force and entry.next_attempt is not None and entry.next_attempt > now:
+                    continue
+                outcome = self._revoke_one(entry, now)
+                with self._lock:
+                    index = next(i for i, e in enumerate(self._superseded) if e is entry)
+                    if outcome is None:
+                        del self._superseded[index]
+                    else:
+                        self._superseded[index] = outcome
+        self._wake.set()
+
+    def _revoke_one(self, entry: _Superseded, now: datetime) -> _Superseded | None:
+        """One attempt: None once revoked (or moot), else the entry with its next attempt."""
+        spiffe_id = str(self.credentials.spiffe_id)
+        extra = {"spiffe_id": spiffe_id, "serial": entry.serial, "replaced_by": entry.replaced_by}
+        if now >= entry.not_after:
+            _log.warning(
+                "superseded certificate 0x%x of %s expired (%s) before step-ca confirmed its "
+                "revocation; an expired certificate cannot be renewed, so nothing is left to do",
+                entry.serial,
+                spiffe_id,
+                entry.not_after.isoformat(),
+                extra=extra,
+            )
+            return None
+        try:
+            revoked_now = self._ca.revoke(
+                entry.serial,
+                reason_code=REVOCATION_REASONS["superseded"],
+                comment=f"superseded by 0x{entry.replaced_by:x}",
+                certificate=entry.presented,
+            )
+        except Exception as exc:  # a failure to revoke must never cost the new identity
+            attempts = entry.attempts + 1
+            delay = min(
+                self._policy.backoff_max, self._policy.backoff_initial * 2.0 ** (attempts - 1)
+            )
+            detail = str(exc) if isinstance(exc, StrongroomError) else type(exc).__name__
+            _log.error(
+                "could not revoke superseded certificate 0x%x (decimal %d) of %s at the CA "
+                "(attempt %d), retrying in %.1fs: %s. Until it is revoked or expires (%s), whoever "
+                "holds a copy of its key can keep renewing it; an operator can revoke it with "
+                "'strongroom pki revoke --serial 0x%x'",
+                entry.serial,
+                entry.serial,
+                spiffe_id,
+                attempts,
+                delay,
+                detail,
+                entry.not_after.isoformat(),
+                entry.serial,
+                extra=extra,
+            )
+            return replace(entry, attempts=attempts, next_attempt=now + timedelta(seconds=delay))
+        _log.info(
+            "revoked superseded certificate 0x%x of %s%s",
+            entry.serial,
+            spiffe_id,
+            "" if revoked_now else " (step-ca had already revoked it)",
+            extra=extra,
+        )
+        return None
 
     def _record_failure(self, exc: StrongroomError) -> float:
         now = self._clock()
@@ -436,7 +581,16 @@ class WorkloadIdentity(Closing):
                 if self._closed:
                     return
                 credentials, next_attempt = self._credentials, self._next_attempt
+                revocation_due = min(
+                    (e.next_attempt for e in self._superseded if e.next_attempt is not None),
+                    default=None,
+                )
+            if revocation_due is not None and revocation_due <= self._clock():
+                self._revoke_pending()
+                continue
             due = next_attempt or self._renew_due(credentials)
+            if revocation_due is not None:
+                due = min(due, revocation_due)
             wait = (due - self._clock()).total_seconds()
             if wait > 0:
                 self._wake.wait(min(wait, 60.0))
@@ -513,6 +667,14 @@ class WorkloadIdentity(Closing):
         """Stops renewal; the identity can no longer rotate. Idempotent."""
         with self._lock:
             self._closed = True
+            unrevoked = [entry.serial for entry in self._superseded]
+        if unrevoked:
+            _log.error(
+                "closing with superseded certificates step-ca has not revoked: %s; they stay "
+                "renewable by whoever holds a copy of their keys until revoked "
+                "('strongroom pki revoke --serial ...') or expired",
+                ", ".join(f"0x{serial:x}" for serial in unrevoked),
+            )
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():

@@ -1,0 +1,129 @@
+"""A certificate an identity replaced with a new key is revoked at step-ca: nobody renews it again."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from strongroom.pki import Credentials, RenewalPolicy, StepCa, WorkloadIdentity
+from strongroom.pki.client import CaClient, ClientCertificate
+from strongroom.pki.errors import CaRejected, CaUnavailable, InvalidPkiConfig
+from tests.pki.helpers import enrol, token_for
+
+
+def _presented(credentials: Credentials) -> ClientCertificate:
+    return ClientCertificate(credentials.key_pem, credentials.chain_pem)
+
+
+def _refused_renewal(ca: StepCa, stolen: ClientCertificate) -> None:
+    with pytest.raises(CaRejected, match=r"/1\.0/renew \(HTTP 401\)"):
+        ca.client().renew(stolen)
+
+
+def test_after_a_rekey_the_old_certificate_can_no_longer_be_renewed(ca: StepCa) -> None:
+    with enrol(ca, "inference", auto_renew=False) as identity:
+        old = identity.credentials
+        stolen = _presented(old)  # a copy of the state file, taken before the rotation
+        new = identity.renew_now()
+        assert new.public_key_der != old.public_key_der
+        _refused_renewal(ca, stolen)
+        assert identity.status().unrevoked_serials == ()
+        # The new certificate renews, by re-keying and by plain renewal.
+        assert ca.client().renew(_presented(new))[0].serial_number != new.serial
+        newer = identity.renew_now()
+        _refused_renewal(ca, _presented(new))
+        assert ca.client().renew(_presented(newer))
+        # Revoking twice is not an error (a retry after a lost answer).
+        assert ca.client().revoke(old.serial, certificate=stolen) is False
+
+
+def test_plain_renewal_keeps_the_key_and_revokes_nothing(ca: StepCa) -> None:
+    policy = RenewalPolicy(rekey=False)
+    with enrol(ca, "inference", policy=policy, auto_renew=False) as identity:
+        old = identity.credentials
+        identity.renew_now()
+        assert ca.client().renew(_presented(old))  # same key: revoking it would protect nothing
+
+
+def test_enrolling_over_a_live_persisted_identity_revokes_it(ca: StepCa, tmp_path: Path) -> None:
+    with enrol(ca, "inference", state_dir=tmp_path, auto_renew=False) as first:
+        stolen = _presented(first.credentials)
+    with enrol(ca, "inference", state_dir=tmp_path, auto_renew=False) as second:
+        _refused_renewal(ca, stolen)
+        assert second.status().unrevoked_serials == ()
+        assert ca.client().renew(_presented(second.credentials))
+
+
+class _FlakyRevocations(CaClient):
+    """A real CaClient whose revocations fail while ``failing`` is set (the CA unreachable)."""
+
+    failing = True
+    attempts = 0
+
+    def revoke(
+        self,
+        serial: int,
+        *,
+        reason_code: int = 0,
+        comment: str = "",
+        certificate: ClientCertificate | None = None,
+        token: str | None = None,
+    ) -> bool:
+        self.attempts += 1
+        if self.failing:
+            raise CaUnavailable("cannot reach the CA at https://ca/1.0/revoke: connection refused")
+        return super().revoke(
+            serial, reason_code=reason_code, comment=comment, certificate=certificate, token=token
+        )
+
+
+def test_a_failed_revocation_keeps_the_new_identity_and_is_retried(
+    ca: StepCa, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = _FlakyRevocations(ca.url, ca.root_pem)
+    policy = RenewalPolicy(backoff_initial=0.2, backoff_max=0.4)
+    identity = WorkloadIdentity.enrol(client, token_for(ca, "inference"), policy=policy)
+    try:
+        old = identity.credentials
+        stolen = _presented(old)
+        with caplog.at_level(logging.INFO, logger="strongroom.pki.identity"):
+            new = identity.renew_now()  # does not raise: the new identity is in use
+            assert identity.credentials.serial == new.serial != old.serial
+            status = identity.status()
+            assert status.healthy and status.unrevoked_serials == (old.serial,)
+            assert ca.client().renew(stolen)  # still renewable, which is why it is retried
+
+            deadline = time.monotonic() + 10
+            while client.attempts < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.attempts >= 3  # the renewal thread retries with back-off
+            client.failing = False
+            while identity.status().unrevoked_serials and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert identity.status().unrevoked_serials == ()
+        _refused_renewal(ca, stolen)
+
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert errors, "each failed revocation is logged at ERROR"
+        first = errors[0].getMessage()
+        assert f"0x{old.serial:x}" in first and f"decimal {old.serial}" in first
+        assert "strongroom pki revoke --serial" in first and "connection refused" in first
+        logged = "\n".join(r.getMessage() + repr(r.__dict__) for r in caplog.records)
+        for secret in (old.key_pem, new.key_pem):
+            body = secret.decode().splitlines()[1]
+            assert body not in logged
+        assert "PRIVATE KEY" not in logged
+        assert "revoked superseded certificate" in logged
+    finally:
+        identity.close()
+
+
+def test_revoke_refuses_a_certificate_revoking_another_serial(ca: StepCa) -> None:
+    with enrol(ca, "inference", auto_renew=False) as identity:
+        credentials = identity.credentials
+        with pytest.raises(InvalidPkiConfig, match="can revoke only itself"):
+            ca.client().revoke(credentials.serial + 1, certificate=_presented(credentials))
+        assert ca.client().renew(_presented(credentials))
