@@ -1,4 +1,4 @@
-"""``strongroom pki ...``: create and run the CA, mint enrolment tokens, enrol a workload.
+"""``strongroom pki ...``: create and run the CA, mint enrolment tokens, enrol a workload, revoke.
 
 Secrets come from files or the environment, never from the command line: the CA password lives in
 the CA directory, tokens are read from ``--token-file`` or ``$STRONGROOM_PKI_TOKEN``.
@@ -19,20 +19,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from strongroom.pki._duration import parse_duration
+from strongroom.pki._x509 import load_chain, uri_sans
 from strongroom.pki.bootstrap import Workload, init_ca, workload_template
-from strongroom.pki.client import CaClient
+from strongroom.pki.client import REVOCATION_REASONS, CaClient
 from strongroom.pki.errors import CaUnavailable, InvalidPkiConfig
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.pki.layout import CaLayout, workload_dir
 from strongroom.pki.stepca import StepCa
-from strongroom.pki.token import mint_token
+from strongroom.pki.token import mint_revoke_token, mint_token
 from strongroom.spiffe import SpiffeId
 
 TOKEN_ENV = "STRONGROOM_PKI_TOKEN"  # noqa: S105 - the variable name, not a secret
 
 
 def register(sub: Any) -> None:
-    """Adds ``pki init|serve|token|template|enrol``."""
+    """Adds ``pki init|serve|token|template|enrol|revoke``."""
     pki = sub.add_parser("pki", help="internal CA (step-ca) and workload certificates")
     commands = pki.add_subparsers(dest="pki_command", metavar="PKI_COMMAND", required=True)
 
@@ -97,6 +98,29 @@ def register(sub: Any) -> None:
     enrol.add_argument("--state-dir", type=Path, required=True)
     enrol.add_argument("--lifetime", help="certificate lifetime (default: the CA's)")
     enrol.set_defaults(func=_enrol)
+
+    revoke = commands.add_parser(
+        "revoke",
+        help="revoke a certificate at the CA (passive: step-ca will no longer renew it)",
+        description="Revokes a certificate at step-ca with a one-time token from the CA "
+        "directory's provisioner key. Passive revocation: step-ca refuses to renew or re-key it; "
+        "it stays valid for TLS until it expires (step-ca 0.19 has no CRL or OCSP).",
+    )
+    revoke.add_argument("--dir", type=Path, required=True, help="the CA directory (provisioner)")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--serial", help="serial: 0x-prefixed or colon-separated hex (as logged), or decimal"
+    )
+    which.add_argument("--cert", type=Path, help="PEM file whose first certificate to revoke")
+    revoke.add_argument(
+        "--reason-code",
+        choices=sorted(REVOCATION_REASONS),
+        default="unspecified",
+        help="RFC 5280 reason (default unspecified; key-compromise for a stolen key)",
+    )
+    revoke.add_argument("--reason", default="", help="free text kept in the CA's database")
+    revoke.add_argument("--ca-url", help="CA URL (default: the directory's)")
+    revoke.set_defaults(func=_revoke)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -205,4 +229,48 @@ def _enrol(args: argparse.Namespace) -> int:
         print(f"serial:    {credentials.serial:x}")
         print(f"not after: {credentials.not_after.isoformat()}")
         print(f"state:     {args.state_dir}")
+    return 0
+
+
+def parse_serial(text: str) -> int:
+    """``0x``-prefixed hex, colon-separated hex (``95:92:2c``) or decimal; nothing ambiguous."""
+    value = text.strip()
+    try:
+        if value.lower().startswith("0x"):
+            serial = int(value[2:], 16)
+        elif ":" in value:
+            serial = int(value.replace(":", ""), 16)
+        elif value.isdigit():
+            serial = int(value, 10)
+        else:
+            raise ValueError(value)
+    except ValueError:
+        raise InvalidPkiConfig(
+            f"serial {text!r} is neither decimal nor hex with a 0x prefix (Strongroom logs and "
+            "'pki enrol' show hex: write 0x<hex>)"
+        ) from None
+    if serial <= 0:
+        raise InvalidPkiConfig(f"serial {text!r} is not a positive integer")
+    return serial
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    layout = CaLayout.load(args.dir)
+    described = ""
+    if args.cert is not None:
+        leaf = load_chain(args.cert.read_bytes())[0]
+        serial = leaf.serial_number
+        described = " ".join(uri_sans(leaf)) or leaf.subject.rfc4514_string()
+    else:
+        serial = parse_serial(args.serial)
+    ca_url = args.ca_url or layout.url
+    token = mint_revoke_token(layout.provisioner(), ca_url=ca_url, serial=serial)
+    revoked = CaClient(ca_url, layout.root_pem).revoke(
+        serial,
+        reason_code=REVOCATION_REASONS[args.reason_code],
+        comment=args.reason,
+        token=token,
+    )
+    what = f"serial 0x{serial:x} (decimal {serial})" + (f", {described}" if described else "")
+    print(f"{'revoked' if revoked else 'already revoked'}: {what}")
     return 0

@@ -1,4 +1,4 @@
-"""One-time enrolment tokens for step-ca's JWK provisioner (ES256 JWTs), minted locally."""
+"""One-time tokens for step-ca's JWK provisioner (ES256 JWTs), minted locally: enrolment and revocation."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ def sign_audience(ca_url: str) -> str:
     if parts.scheme != "https" or not parts.netloc:
         raise InvalidPkiConfig(f"CA URL {ca_url!r} must be https://host[:port]")
     return f"https://{parts.netloc}/1.0/sign"
+
+
+def revoke_audience(ca_url: str) -> str:
+    """``https://<host>:<port>/1.0/revoke``: the audience step-ca requires in revoke tokens."""
+    return sign_audience(ca_url).removesuffix("/sign") + "/revoke"
 
 
 def mint_token(
@@ -65,5 +70,36 @@ def mint_token(
             raise InvalidPkiConfig("the CA's root certificate is not a PEM certificate") from None
         der = root.public_bytes(serialization.Encoding.DER)
         claims["sha"] = hashlib.sha256(der).hexdigest()
+    header = {"alg": "ES256", "kid": provisioner.kid, "typ": "JWT"}
+    return _jose.sign_es256(provisioner.key, header, claims)
+
+
+def mint_revoke_token(
+    provisioner: Provisioner,
+    *,
+    ca_url: str,
+    serial: int,
+    lifetime: timedelta = DEFAULT_TOKEN_LIFETIME,
+    now: float | None = None,
+) -> str:
+    """Mints a one-time token authorising the (passive) revocation of certificate ``serial``.
+
+    As ``step ca revoke`` does, the subject is the serial in decimal. step-ca 0.19 does not compare
+    it with the serial of the request: whoever holds the provisioner key may revoke any serial.
+    """
+    if serial <= 0:
+        raise InvalidPkiConfig("a certificate serial is a positive integer")
+    if lifetime <= timedelta(0) or lifetime > timedelta(hours=1):
+        raise InvalidPkiConfig("token lifetime must be positive and at most 1h")
+    issued = int(now if now is not None else time.time())
+    claims: dict[str, object] = {
+        "iss": provisioner.name,
+        "sub": str(serial),
+        "aud": revoke_audience(ca_url),
+        "jti": secrets.token_hex(32),
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + int(lifetime.total_seconds()),
+    }
     header = {"alg": "ES256", "kid": provisioner.kid, "typ": "JWT"}
     return _jose.sign_es256(provisioner.key, header, claims)

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from strongroom.cli.main import main
 from strongroom.pki import Credentials, RenewalPolicy, StepCa, WorkloadIdentity
+from strongroom.pki._jose import unverified_claims
 from strongroom.pki.client import CaClient, ClientCertificate
 from strongroom.pki.errors import CaRejected, CaUnavailable, InvalidPkiConfig
-from tests.pki.helpers import enrol, token_for
+from strongroom.pki.token import mint_revoke_token
+from tests.pki.helpers import enrol, sid, token_for
 
 
 def _presented(credentials: Credentials) -> ClientCertificate:
@@ -127,3 +130,52 @@ def test_revoke_refuses_a_certificate_revoking_another_serial(ca: StepCa) -> Non
         with pytest.raises(InvalidPkiConfig, match="can revoke only itself"):
             ca.client().revoke(credentials.serial + 1, certificate=_presented(credentials))
         assert ca.client().renew(_presented(credentials))
+
+
+# ----------------------------------------------------------------- strongroom pki revoke
+
+
+def test_operator_revokes_by_serial_or_certificate_file(
+    ca: StepCa, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = str(ca.layout.directory)
+    with enrol(ca, "inference", auto_renew=False) as first:
+        stolen = _presented(first.credentials)
+        serial = first.credentials.serial
+        argv = ["pki", "revoke", "--dir", directory, "--serial", f"0x{serial:x}"]
+        assert (
+            main([*argv, "--reason-code", "key-compromise", "--reason", "state file copied"]) == 0
+        )
+        assert capsys.readouterr().out == f"revoked: serial 0x{serial:x} (decimal {serial})\n"
+        _refused_renewal(ca, stolen)
+        assert main([*argv[:-1], str(serial)]) == 0  # decimal, as step-ca logs it
+        assert capsys.readouterr().out.startswith("already revoked: ")
+
+    with enrol(ca, "keybroker", ["keybroker"], auto_renew=False) as second:
+        cert = tmp_path / "cert.pem"
+        cert.write_bytes(second.chain_pem())
+        assert main(["pki", "revoke", "--dir", directory, "--cert", str(cert)]) == 0
+        out = capsys.readouterr().out
+        assert f"0x{second.credentials.serial:x}" in out and sid("keybroker") in out
+        _refused_renewal(ca, _presented(second.credentials))
+
+
+@pytest.mark.parametrize("serial", ["95922cfe", "0xzz", "-5", "0"])
+def test_operator_revoke_refuses_an_ambiguous_serial(
+    ca: StepCa, serial: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["pki", "revoke", "--dir", str(ca.layout.directory), f"--serial={serial}"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "serial" in err and "Traceback" not in err
+
+
+def test_revoke_token_cannot_sign_and_is_single_use(ca: StepCa) -> None:
+    with enrol(ca, "inference", auto_renew=False) as identity:
+        serial = identity.credentials.serial
+        token = mint_revoke_token(ca.layout.provisioner(), ca_url=ca.url, serial=serial)
+        assert unverified_claims(token)["aud"] == ca.url + "/1.0/revoke"
+        client = ca.client()
+        assert client.revoke(serial, token=token) is True
+        with pytest.raises(CaRejected, match="HTTP 401"):
+            client.revoke(serial + 1, token=token)  # the token was used once already
