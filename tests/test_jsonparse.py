@@ -27,3 +27,14 @@ def test_nesting_past_the_recursion_limit_is_a_value_error() -> None:
         json.loads(deep)
     with pytest.raises(ValueError, match="nested too deeply"):
         jsonparse.loads(deep)
+
+
+@pytest.mark.parametrize(
+    "data", [b"NaN", b"[Infinity]", b'{"a": -Infinity}', b"1e400", b"[-1e400]", b'{"a": 1.5e999}']
+)
+def test_what_is_not_json_is_refused(data: bytes) -> None:
+    """Python's parser accepts these, and its strict encoder (which the audit log's byte-for-byte
+    check uses) then raises: a record holding one crashed `audit verify` instead of failing it."""
+    json.loads(data)  # accepted by json itself
+    with pytest.raises(ValueError):
+        jsonparse.loads(data)

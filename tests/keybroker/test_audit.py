@@ -203,6 +203,13 @@ def _insert_copy(path: Path, at: int, source: int) -> None:
     path.write_bytes(b"".join(content))
 
 
+def _edit_raw(path: Path, index: int, old: bytes, new: bytes) -> None:
+    content = lines(path)
+    assert old in content[index]
+    content[index] = content[index].replace(old, new, 1)
+    path.write_bytes(b"".join(content))
+
+
 def _rewrite_chain_from(path: Path, start: int) -> None:
     """An attacker edits record ``start`` and recomputes every later hash: only the head catches it."""
     content = [json.loads(line) for line in lines(path)]
@@ -263,6 +270,19 @@ def _rewrite_chain_from(path: Path, start: int) -> None:
             "RECORD_MALFORMED",
             6,
             id="deeply-nested-line-appended",
+        ),
+        pytest.param(
+            # Not JSON, but Python's parser took them and its strict encoder then raised.
+            lambda p: _edit_raw(p, 2, b'"decision":"allowed"', b'"decision":NaN'),
+            "RECORD_MALFORMED",
+            3,
+            id="nan",
+        ),
+        pytest.param(
+            lambda p: _edit_raw(p, 2, b'"decision":"allowed"', b'"decision":1e400'),
+            "RECORD_MALFORMED",
+            3,
+            id="infinite-number",
         ),
         pytest.param(lambda p: head_path(p).unlink(), "HEAD_MISSING", None, id="head-deleted"),
         pytest.param(
