@@ -82,6 +82,8 @@ _SEPARATOR = "!"  # sorts below every model-name character ('-' is the lowest)
 _RECORD_FORMAT = 1
 _STAMP = "%Y%m%dT%H%M%SZ"
 _LIST_WORKERS = 8
+MAX_INDEX_RECORD_BYTES = 64 * 1024
+"""The largest index object read; a record is about 1 KB, a bigger object is corrupt."""
 _READ_BLOCK = 1 << 20
 # How many times a read follows a re-wrap that replaced the blob it had just looked up (each
 # re-wrap rewrites the whole artifact, so a second one in that window is already unlikely).
@@ -104,6 +106,9 @@ class S3SweepReport:
     """(name, version) of records whose blob is gone: reads of them fail with DATA_LOSS."""
     damaged_blobs: tuple[tuple[str, str], ...]
     """(name, version) of records whose blob has the wrong size: reads fail with DATA_LOSS."""
+    unreadable_records: tuple[tuple[str, str], ...] = ()
+    """(name, version) of index records that do not parse (reads of them fail with DATA_LOSS
+    INDEX_CORRUPT). While there are any, no orphan blob is removed: one of them may be theirs."""
 
 
 def make_client(config: StorageConfig) -> S3Client:
@@ -512,13 +517,27 @@ class S3Storage(Closing):
             response = self._client.get_object(
                 Bucket=self.bucket, Key=self._index_key(name, version)
             )
-            data = response["Body"].read()
         except botocore.exceptions.ClientError as exc:
             if _is_missing(exc) and _code(exc) != "NoSuchBucket":
                 return None
             raise s3_error(exc, "reading the model index") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "reading the model index") from None
+        body = response["Body"]
+        try:
+            # A record is about 1 KB; whoever can write the bucket could put gigabytes here.
+            data = body.read(MAX_INDEX_RECORD_BYTES + 1)
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "reading the model index") from None
+        finally:
+            body.close()
+        if len(data) > MAX_INDEX_RECORD_BYTES:
+            log.error("index record of %s %s is larger than any record", name, version)
+            raise StoredDataCorrupt(
+                f"the index record of {name} {version} is unreadable (over "
+                f"{MAX_INDEX_RECORD_BYTES} bytes)",
+                reason=Reason.INDEX_CORRUPT,
+            )
         record, blob = _parse_record(data, name, version)
         return _Indexed(record, blob, str(response["ETag"]))
 
@@ -872,13 +891,33 @@ class S3Storage(Closing):
         with concurrent.futures.ThreadPoolExecutor(min(_LIST_WORKERS, len(keys))) as pool:
             return list(pool.map(lambda k: self._get_index(*k), keys))
 
-    def _all_entries(self) -> list[_Indexed]:
-        keys = [
+    def _index_keys(self) -> list[tuple[str, str]]:
+        return [
             split
             for item in self._list_keys(f"{self.prefix}{INDEX_DIR}", None, None)
             if (split := self._split_index_key(str(item["Key"]))) is not None
         ]
-        return [e for e in self._fetch_records(keys) if e is not None]
+
+    def _all_entries(self) -> list[_Indexed]:
+        return [e for e in self._fetch_records(self._index_keys()) if e is not None]
+
+    def _readable_entries(self) -> tuple[list[_Indexed], list[tuple[str, str]]]:
+        """Every record that parses, and the (name, version) of those that do not."""
+
+        def read(key: tuple[str, str]) -> _Indexed | StoredDataCorrupt | None:
+            try:
+                return self._get_index(*key)
+            except StoredDataCorrupt as exc:
+                return exc
+
+        keys = self._index_keys()
+        with concurrent.futures.ThreadPoolExecutor(_LIST_WORKERS) as pool:
+            found = list(pool.map(read, keys))
+        readable = [e for e in found if isinstance(e, _Indexed)]
+        unreadable = [
+            k for k, e in zip(keys, found, strict=True) if isinstance(e, StoredDataCorrupt)
+        ]
+        return readable, unreadable
 
     def records(self) -> tuple[ModelRecord, ...]:
         """Every stored record, in (name, version) order (for checks and tests; unpaginated)."""
@@ -934,7 +973,10 @@ class S3Storage(Closing):
         """
         now = self._clock()
         blobs = self.blob_sizes()  # listed before the index: a blob published meanwhile is young
-        referenced = self.referenced_blobs()
+        # One unreadable record (anyone who can write the bucket can put one) must neither stop
+        # the store from starting nor have its blob taken for an orphan.
+        entries, unreadable = self._readable_entries()
+        referenced = {e.blob: e.record for e in entries}
         aborted = 0
         for key, upload_id in self.pending_uploads():
             if self._expired(key[len(self.prefix) :], now):
@@ -946,7 +988,7 @@ class S3Storage(Closing):
                 except _S3_FAILURES as exc:
                     log.warning("cannot abort upload %s: %r", key, exc)
         removed = 0
-        for blob in blobs.keys() - referenced.keys():
+        for blob in blobs.keys() - referenced.keys() if not unreadable else ():
             if self._expired(blob, now):
                 self._delete_blob(blob)
                 removed += 1
@@ -956,8 +998,8 @@ class S3Storage(Closing):
             for b, r in referenced.items()
             if b in blobs and blobs[b] != r.artifact_size
         )
-        report = S3SweepReport(aborted, removed, tuple(missing), tuple(damaged))
-        if missing or damaged:
+        report = S3SweepReport(aborted, removed, tuple(missing), tuple(damaged), tuple(unreadable))
+        if missing or damaged or unreadable:
             log.error("storage sweep found damaged models: %s", report)
         return report
 

@@ -96,6 +96,41 @@ def test_an_unreadable_index_record_is_stored_data_corrupt(
     assert info.value.reason == "INDEX_CORRUPT"
 
 
+def test_an_unreadable_index_record_neither_stops_the_store_nor_frees_its_blob(
+    s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """One index object that does not parse (anyone who can write the bucket can put one) made
+    the start-up sweep raise INDEX_CORRUPT: the store did not start at all. It starts now, and its
+    sweep removes no orphan blob while a record it cannot read might point at one."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    store.put([make_artifact("acme/m", "1", b"x")], StructureValidator())
+    store.put([make_artifact("acme/n", "1", b"y")], StructureValidator())
+    store._client.put_object(Bucket=s3_bucket, Key="p/index/acme/m!1", Body=b"not json")
+    store._client.put_object(Bucket=s3_bucket, Key="p/index/zz!1", Body=b"{}")
+    later = datetime.now(UTC) + timedelta(days=2)  # every blob is past the grace period
+    reopened = replica(s3_server.endpoint, s3_bucket, clock=lambda: later)
+    assert reopened.last_sweep is not None
+    assert reopened.last_sweep.unreadable_records == (("acme/m", "1"), ("zz", "1"))
+    assert reopened.last_sweep.orphan_blobs_removed == 0
+    assert (
+        len(reopened.blob_sizes()) == 2
+    )  # acme/m's blob stays, though no readable record names it
+    assert read_all(reopened, "acme/n", "1") == make_artifact("acme/n", "1", b"y")
+
+
+def test_an_index_object_larger_than_any_record_is_not_read_whole(
+    s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    store = replica(s3_server.endpoint, s3_bucket)
+    store.put([make_artifact("acme/m", "1", b"x")], StructureValidator())
+    key = "p/index/acme/m!1"
+    record = store._client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+    store._client.put_object(Bucket=s3_bucket, Key=key, Body=record + b" " * (1 << 20))
+    with pytest.raises(StoredDataCorrupt, match="over 65536 bytes") as info:
+        store.stat("acme/m", "1")
+    assert info.value.reason == "INDEX_CORRUPT"
+
+
 def test_a_second_replica_sees_everything_without_local_state(
     s3_server: s3server.MotoServer, s3_bucket: str
 ) -> None:
