@@ -15,6 +15,7 @@ from google.protobuf.json_format import MessageToDict
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.cli._text import printable
 from strongroom.cli.client import Client, add_client_arguments
 from strongroom.client.rewrap import models_needing, rewrap_models
 from strongroom.errors import FailedPrecondition, NotFound
@@ -153,7 +154,10 @@ def _check_unused(client: Client, key_id: str, version: int) -> None:
         raise
     if not needing:
         return
-    shown = ", ".join(f"{m.name} {m.version} (version {m.key_version})" for m in needing[:10])
+    shown = ", ".join(
+        f"{printable(m.name)} {printable(m.version)} (version {m.key_version})"
+        for m in needing[:10]
+    )
     more = f" and {len(needing) - 10} more" if len(needing) > 10 else ""
     remedy = (
         f"re-wrap them first (strongroom keys rewrap-models {key_id}; format-1 models must be "

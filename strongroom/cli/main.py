@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 
 import grpc
 
+from strongroom.cli._text import printable
 from strongroom.errors import StrongroomError
 
 # ONNX Runtime's Linux wheel records telemetry unless this is set before it is first imported.
@@ -62,12 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except StrongroomError as exc:
-        print(f"strongroom: error: {exc}", file=sys.stderr)
+        print(f"strongroom: error: {printable(exc)}", file=sys.stderr)
         return 1
     except grpc.RpcError as exc:
         # A service refused: its status and message (REASON: text) say why; no traceback.
         status = exc.code()
-        print(f"strongroom: error: {status.name}: {exc.details()}", file=sys.stderr)
+        print(f"strongroom: error: {status.name}: {printable(exc.details())}", file=sys.stderr)
         return 1
     except OSError as exc:
         # A file or directory the command needed (a mistyped path, permissions, a full disk):

@@ -18,6 +18,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import read_summary
 from strongroom.artifact.manifest import ManifestLayout
 from strongroom.attesters import select_attester
+from strongroom.cli._text import printable
 from strongroom.cli.client import Client, add_client_arguments
 from strongroom.client.fetch import DecryptedModel, ModelFetcher
 from strongroom.client.keyrelease import KeyReleaseClient
@@ -287,9 +288,8 @@ def _ls(args: argparse.Namespace) -> int:
                 pb.ListModelsRequest(name_prefix=args.prefix, page_token=token), timeout=TIMEOUT
             )
             for m in page.models:
-                print(
-                    f"{m.name}\t{m.version}\t{m.artifact_size}\t{m.artifact_sha256}\t{m.key_id}/v{m.key_version}"
-                )
+                fields = (m.name, m.version, m.artifact_size, m.artifact_sha256, m.key_id)
+                print("\t".join(map(printable, fields)) + f"/v{m.key_version}")
             token = page.next_page_token
             if not token:
                 return 0

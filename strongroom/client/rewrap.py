@@ -91,7 +91,15 @@ def _read_head(
     request = store_pb.GetModelRequest(
         name=model.name, version=model.version, offset=0, length=length
     )
-    return b"".join(r.data for r in store.GetModel(request, timeout=timeout))
+    head = bytearray()
+    for response in store.GetModel(request, timeout=timeout):
+        head += response.data
+        if len(head) > length:  # a store sending more than asked for: stop reading it
+            raise InvalidArtifact(
+                f"the model store sent more than the {length} bytes asked for",
+                reason=Reason.ARTIFACT_MISMATCH,
+            )
+    return bytes(head)
 
 
 def rewrap_models(
