@@ -439,16 +439,8 @@ def _crl_facts(data: bytes) -> _CrlFacts | None:
 
 def crl_issuer_name(data: bytes) -> x509.Name | None:
     """The issuer name of a DER/PEM CRL, or ``None`` if it is not one (structure only)."""
-    try:
-        raw = bytes(data)
-        crl = (
-            x509.load_pem_x509_crl(raw)
-            if raw.lstrip().startswith(b"-----BEGIN")
-            else x509.load_der_x509_crl(raw)
-        )
-        return crl.issuer
-    except X509_PARSE_ERRORS:
-        return None
+    facts = _crl_facts(bytes(data))
+    return facts.issuer if facts else None
 
 
 @dataclass(frozen=True)

@@ -72,27 +72,24 @@ def test_a_root_file_with_a_certificate_that_is_not_a_root_is_refused(ca: StepCa
 
 
 def _self_named_ca_signed_by_another_key() -> x509.Certificate:
-    key, signer = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Strongroom Root CA")])
-    now = datetime.now(UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(signer, hashes.SHA256())
+    return _self_named(
+        "Strongroom Root CA", ca=True, signer=ec.generate_private_key(ec.SECP256R1())
     )
 
 
 def _self_signed_without_basic_constraints() -> x509.Certificate:
+    return _self_named("not a CA", ca=None)
+
+
+def _self_named(
+    common_name: str, *, ca: bool | None, signer: ec.EllipticCurvePrivateKey | None = None
+) -> x509.Certificate:
+    """A certificate named as its own issuer; signed by ``signer`` (else its own key), with
+    basicConstraints CA ``ca`` (none if None)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not a CA")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.now(UTC)
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -100,8 +97,10 @@ def _self_signed_without_basic_constraints() -> x509.Certificate:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(days=1))
         .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
     )
+    if ca is not None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
+    return builder.sign(signer or key, hashes.SHA256())
 
 
 # ----------------------------------------------------------------- a clock behind the CA's
