@@ -625,24 +625,6 @@ def test_real_snp_vectors_pass_their_own_minimum_at_launch(
         deny(Reason.TCB_TOO_OLD, policy(sev_snp={**section, "min_reported_tcb": above}), claims)
 
 
-@pytest.mark.parametrize(
-    ("products", "field"),
-    [(None, "min_reported_tcb"), (["Turin"], "min_reported_tcb"),
-     (["Milan", "Turin"], "min_reported_tcb"), (None, "min_launch_tcb")],
-)  # fmt: skip
-def test_snp_fmc_minimum_is_required_when_turin_may_be_accepted(
-    products: list[str] | None, field: str
-) -> None:
-    section: dict[str, object] = {"measurements": [MEAS.hex()], "min_reported_tcb": ZERO_TCB}
-    section[field] = {"bootloader": 4, "tee": 0, "snp": 24, "microcode": 219}  # no fmc
-    if products is not None:
-        section["products"] = products
-    with pytest.raises(PolicyInvalid) as err:
-        policy(sev_snp=section)
-    assert err.value.reason == Reason.POLICY_MISSING_KEY
-    assert err.value.message.startswith(f"policy sev_snp.{field}: fmc is required"), str(err.value)
-
-
 def test_snp_fmc_minimum_is_optional_without_turin() -> None:
     no_fmc = {"bootloader": 4, "tee": 0, "snp": 24, "microcode": 219}
     for products in (["Milan"], ["Milan", "Genoa"]):
@@ -664,3 +646,27 @@ def test_snp_turin_fmc_below_the_minimum_is_refused(turin: SimulatedAuthority, n
     assert err.value.reason == Reason.TCB_TOO_OLD
     assert "reported TCB fmc=0 is below the minimum 1" in str(err.value)
     policy(sev_snp__min_reported_tcb={**NEW_TCB, "fmc": 0}).evaluate(claims, CALLER)
+
+
+@pytest.mark.parametrize("field", ["min_reported_tcb", "min_launch_tcb"])
+def test_a_minimum_without_fmc_refuses_turin_and_keeps_serving_milan(
+    turin: SimulatedAuthority,
+    snp,
+    sim_trust,
+    now,
+    field: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """Without ``fmc`` a minimum accepted any FMC SPL (even 0) on a Turin report. A load error for
+    such policies would have stopped every release under policies written before Turin (the old
+    POLICY.md example: no fmc, no products) at the upgrade; they load, serve Milan and Genoa, and
+    refuse Turin."""
+    no_fmc = {"bootloader": 0, "tee": 0, "snp": 0, "microcode": 0}
+    section = {"measurements": [MEAS.hex()], "allow_simulated": True}
+    section |= {"min_reported_tcb": ZERO_TCB, field: no_fmc}
+    tcb = TcbVersion.from_components(fmc=9, **NEW_TCB)
+    turin_claims = snp_claims(turin.snp(tcb=tcb), turin.trust_store(), now, version=5)
+    with pytest.raises(PolicyViolation) as err:
+        policy(sev_snp=section).evaluate(turin_claims, CALLER)
+    assert err.value.reason == Reason.TCB_MINIMUM_INCOMPLETE
+    assert "states no fmc" in str(err.value)
+    policy(sev_snp=section).evaluate(snp_claims(snp, sim_trust, now), CALLER)  # Milan: served

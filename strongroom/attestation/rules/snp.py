@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo
+from pydantic import BeforeValidator, Field, ValidationInfo
 
 from strongroom.attestation.abi.snp import PRODUCTS, TcbVersion
 from strongroom.attestation.claims import SnpClaims, VerifiedClaims
@@ -22,8 +22,8 @@ def _deny(message: str, reason: str) -> PolicyViolation:
 
 
 class TcbMinimum(schema.Section):
-    """A minimum TCB: every component but ``fmc`` must be stated; ``fmc`` (Turin's only) is
-    required when the policy may accept Turin (:func:`_fmc_for_turin`)."""
+    """A minimum TCB: every component but ``fmc`` must be stated. A minimum without ``fmc``
+    (Turin's only) refuses every Turin report (:func:`_check_tcb`)."""
 
     fmc: Annotated[int | None, schema.uint(0xFF)] = None
     bootloader: schema.U8
@@ -60,27 +60,20 @@ def _min_tcb(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
-def _fmc_for_turin(value: TcbMinimum | None, info: ValidationInfo) -> TcbMinimum | None:
-    """A minimum without ``fmc`` would accept any FMC SPL (even 0) on a Turin report, so it is
-    refused unless ``products`` rules Turin out."""
-    if value is None or value.fmc is not None or "products" not in info.data:
-        return value  # no minimum ("any"), fmc stated, or products already failed validation
-    products = info.data["products"]
-    if products is None or "Turin" in products:
-        raise schema.invalid(
-            Reason.POLICY_MISSING_KEY,
-            "fmc is required when the policy may accept Turin (products unset or listing Turin); "
-            "state it, or list only Milan and Genoa in products",
-        )
-    return value
-
-
 def _check_tcb(
     have: TcbVersion, minimum: TcbMinimum, what: str, reason: str, note: str = ""
 ) -> None:
     """Raises ``reason`` on the first component of ``have`` below ``minimum`` (``fmc`` is judged
     only where the report has one: Turin)."""
     components = have.components()
+    if "fmc" in components and minimum.fmc is None:
+        # Judged here, not when the policy loads: policies written before Turin (no fmc, no
+        # products) keep serving Milan and Genoa, and fail closed for Turin.
+        raise _deny(
+            f"{what} has an FMC SPL (Turin) but the policy's minimum states no fmc: state one to "
+            "accept Turin",
+            Reason.TCB_MINIMUM_INCOMPLETE,
+        )
     for name, floor in minimum.components().items():
         if name in components and components[name] < floor:
             raise _deny(
@@ -100,12 +93,12 @@ class SnpRules(schema.Section):
     allow_migrate_ma: schema.Bool = False
     min_guest_svn: schema.U32 = 0
     # None only for an explicit development "any".
-    min_reported_tcb: Annotated[
-        TcbMinimum | None, BeforeValidator(_min_tcb), AfterValidator(_fmc_for_turin)
-    ] = Field(default=_REQUIRED, validate_default=True)
+    min_reported_tcb: Annotated[TcbMinimum | None, BeforeValidator(_min_tcb)] = Field(
+        default=_REQUIRED, validate_default=True
+    )
     # Absent: min_reported_tcb applies to the launch TCB too. A VM launched on firmware below the
     # minimum keeps what that firmware could leak even after a live update raises reported_tcb.
-    min_launch_tcb: Annotated[TcbMinimum | None, AfterValidator(_fmc_for_turin)] = None
+    min_launch_tcb: TcbMinimum | None = None
     host_data: schema.OptionalHex32 = None
     allow_simulated: schema.Bool = False
 
