@@ -447,3 +447,30 @@ def test_hsm_recycling_is_an_operator_value(helm: str, tmp_path: Path) -> None:
     _, section = load_service_config(path, "keybroker", KeybrokerConfig, environ={})
     assert isinstance(section, KeybrokerConfig)
     assert section.hsm_recycle_after_operations == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "refused"),
+    [
+        ("STRONGROOM__MODE", True),
+        ("STRONGROOM__AUTHZ__ADMIN", True),
+        ("ChrystokiConfigurationPath", False),
+    ],
+)
+def test_the_hsm_library_environment_cannot_reach_the_brokers_configuration(
+    helm: str, name: str, refused: bool
+) -> None:
+    """``keybroker.hsm.pkcs11.env`` goes into the broker's environment as it is: a STRONGROOM__
+    name there overrode the rendered configuration past every check of the chart (a production
+    install flipped to development mode, which trusts the simulated TEE; another caller made
+    admin)."""
+    result = run_helm_template(
+        helm,
+        (DEPLOY / "helm" / "values-production.yaml",),
+        (f"keybroker.hsm.pkcs11.env[0].name={name}", "keybroker.hsm.pkcs11.env[0].value=x"),
+    )
+    if refused:
+        assert result.returncode != 0
+        assert "keybroker.hsm.pkcs11.env.0.name: Must not validate" in result.stderr, result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
