@@ -57,6 +57,7 @@ class Workload:
                 f"workload name {self.service!r} must be lower-case letters, digits and '-'"
             )
         _check_names(self.dns_names)
+        object.__setattr__(self, "dns_names", tuple(_canonical(n) for n in self.dns_names))
 
     @classmethod
     def parse(cls, spec: str) -> Workload:
@@ -79,6 +80,11 @@ def _check_names(names: Sequence[str]) -> None:
             raise InvalidPkiConfig(f"{name!r} is neither a DNS name nor an IP address")
 
 
+def _canonical(name: str) -> str:
+    """An IP address as step-ca compares it (``2001:DB8::1`` is ``2001:db8::1``); names as given."""
+    return str(ipaddress.ip_address(name)) if _is_ip(name) else name
+
+
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
@@ -99,6 +105,7 @@ def workload_template(spiffe_id: str, dns_names: Sequence[str] = ()) -> str:
     """
     SpiffeId.parse(spiffe_id)  # validates it (and so keeps '{{' and '"' out of the template)
     _check_names(dns_names)
+    dns_names = [_canonical(n) for n in dns_names]
     ips = [n for n in dns_names if _is_ip(n)]
     dns = [n for n in dns_names if not _is_ip(n)]
     allowed = [spiffe_id, *dns_names]

@@ -24,9 +24,11 @@ from strongroom.pki.errors import CaRejected, InvalidPkiConfig
 from strongroom.pki.layout import CaLayout
 from tests.pki.helpers import TRUST_DOMAIN, new_ca, sid
 
+MODELSTORE_IPS = ("2001:DB8::1", "0:0:0:0:0:0:0:1")
 WORKLOADS = (
     Workload("keybroker", ("keybroker", "keybroker.strongroom.svc", "localhost")),
-    Workload("modelstore", ("modelstore",)),
+    # IPs as an operator may write them; step-ca compares them canonical (2001:db8::1, ::1).
+    Workload("modelstore", ("modelstore", MODELSTORE_IPS[0], MODELSTORE_IPS[1])),
     Workload("inference", ("inference", "127.0.0.1")),
 )
 SANS = {w.service: [sid(w.service), *w.dns_names] for w in WORKLOADS}
@@ -168,3 +170,16 @@ def test_duplicate_workloads_are_refused(tmp_path: Path) -> None:
             trust_domain=TRUST_DOMAIN,
             workloads=[Workload("inference"), Workload("inference", ("x",))],
         )
+
+
+def test_ip_addresses_written_any_way_enrol(wca: StepCa) -> None:
+    """The template listed IPs as written and step-ca compares them canonical, so a workload
+    given ``2001:DB8::1`` could never enrol."""
+    kit = wca.layout.workload("modelstore")
+    as_written = [sid("modelstore"), "modelstore", *MODELSTORE_IPS]
+    assert sign_with(wca, kit, sid("modelstore"), as_written) == {
+        sid("modelstore"),
+        "modelstore",
+        "2001:db8::1",
+        "::1",
+    }
