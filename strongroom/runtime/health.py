@@ -20,6 +20,10 @@ from grpc_health.v1 import health, health_pb2
 
 _Send = Callable[[Any], None]
 
+MAX_SERVICE_NAME = 256
+"""The longest service name a Watch is kept for: ours are short, and each watched name is held
+for as long as its stream is open (the health port needs no certificate)."""
+
 
 class _Watcher:
     """One Watch stream: how to send to it, and the last status it was sent."""
@@ -66,6 +70,11 @@ class HealthServicer(health.HealthServicer):
         """Sends the service's status now and whenever it changes, until the caller leaves."""
         if send_response_callback is None:  # a server without non-blocking support
             return super().Watch(request, context)
+        if len(request.service) > MAX_SERVICE_NAME:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a service name is at most {MAX_SERVICE_NAME} characters",
+            )
         watcher = _Watcher(request.service, send_response_callback)
         with self._lock:
             self._watchers.setdefault(watcher.service, set()).add(watcher)
@@ -74,7 +83,11 @@ class HealthServicer(health.HealthServicer):
             # Runs on gRPC's completion thread: take no lock a sender may hold while it waits.
             watcher.closed = True
             with self._lock:
-                self._watchers.get(watcher.service, set()).discard(watcher)
+                watching = self._watchers.get(watcher.service)
+                if watching is not None:
+                    watching.discard(watcher)
+                    if not watching:  # else every name ever watched stays, by the caller's choice
+                        del self._watchers[watcher.service]
             send_response_callback(None)
 
         if not context.add_callback(closed):

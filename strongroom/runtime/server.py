@@ -43,6 +43,8 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
+HEALTH_MAX_REQUEST_BYTES = 1024
+"""The largest request the plaintext health port reads (a HealthCheckRequest is a service name)."""
 # A health name that is SERVING for as long as the process serves at all, whatever its
 # dependencies say: for liveness probes, which must not restart a process waiting for its HSM.
 LIVENESS = "strongroom.Liveness"
@@ -158,9 +160,14 @@ class ServiceHost:
         self._health_server: grpc.Server | None = None
         self.health_port: int | None = None
         if health_listen:
+            # Plaintext and unauthenticated (probes): a request is a service name. (No cap on
+            # concurrent RPCs: open Watch streams would then refuse the kubelet's probes.)
             self._health_server = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
-                options=[("grpc.so_reuseport", 0)],
+                options=[
+                    ("grpc.so_reuseport", 0),
+                    ("grpc.max_receive_message_length", HEALTH_MAX_REQUEST_BYTES),
+                ],
             )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
             self.health_port = self._health_server.add_insecure_port(health_listen)

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strongroom import errors
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.runtime.health import MAX_SERVICE_NAME
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 
 SERVICE = "test.Echo"
@@ -175,6 +176,30 @@ def test_health_port_serves_nothing_else(host: tuple[ServiceHost, Behaviour, grp
     ):
         call(ch, b"x")
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+
+
+def test_health_watchers_leave_nothing_behind(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+) -> None:
+    """Every Watch of a new name left an (empty) entry keyed by that name after its stream ended,
+    on the unauthenticated port: 200 watches of 1 MiB names held 200 MiB for good."""
+    h = host[0]
+    stub_port = h.health_port
+    with grpc.insecure_channel(f"127.0.0.1:{stub_port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for i in range(50):
+            call = stub.Watch(health_pb2.HealthCheckRequest(service=f"made-up-{i}"))
+            assert next(call).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            call.cancel()
+        assert wait_for(lambda: not h._health._watchers)
+        for name, code in [
+            ("x" * (MAX_SERVICE_NAME + 1), grpc.StatusCode.INVALID_ARGUMENT),
+            ("x" * 2000, grpc.StatusCode.RESOURCE_EXHAUSTED),  # past the port's 1 KiB requests
+        ]:
+            with pytest.raises(grpc.RpcError) as info:
+                next(stub.Watch(health_pb2.HealthCheckRequest(service=name), timeout=10))
+            assert info.value.code() == code  # type: ignore[attr-defined]
+        assert not h._health._watchers
 
 
 def test_graceful_stop_drains_in_flight_calls(
