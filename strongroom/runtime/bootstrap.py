@@ -109,11 +109,11 @@ def build_host(
 ) -> ServiceHost:
     """The service's gRPC host: mTLS with hot-swapped certificates, tracing, SPIFFE authorisation."""
     specs = list(services)
-    authorizer = SpiffeAuthorizer(
-        identity.trust_domain,
-        roles.resolve(common),
-        public=(HEALTH_SERVICE, REFLECTION_SERVICE),
-    )
+    # Reflection is a stream that holds a worker thread: public, two certificates of any role
+    # (even none) filled every blocking-stream slot and refused the store's model transfers. The
+    # operator (admin) is who lists a service's methods.
+    rules = {**roles.resolve(common), **RoleTable({REFLECTION_SERVICE: ("admin",)}).resolve(common)}
+    authorizer = SpiffeAuthorizer(identity.trust_domain, rules, public=(HEALTH_SERVICE,))
     for spec in specs:
         spec.checks = (
             *spec.checks,
