@@ -151,6 +151,10 @@ def test_failed_load_is_not_ready_and_keeps_its_reason() -> None:
         repo.get("clf")
     assert info.value.reason == "MODEL_LOAD_FAILED"
     assert "MODEL_INVALID" in info.value.message
+    # What the load's error said (a peer's refusal, an internal address) is not the caller's.
+    failure = repo.status("clf").versions[0].failure
+    assert failure is not None and failure.message
+    assert failure.message not in info.value.message
     status = repo.status("clf")
     assert not status.ready
     assert status.versions[0].state is ModelState.FAILED

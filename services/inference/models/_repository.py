@@ -70,7 +70,8 @@ class ModelState(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class LoadFailure:
-    """Why a load failed: a stable reason code and a message safe to show a client."""
+    """Why a load failed: a stable reason code (shown to OIP callers) and the message (the
+    broker's or the store's words, addresses included: logged, never shown to OIP callers)."""
 
     reason: str
     message: str
@@ -152,7 +153,12 @@ class ModelRepository:
             return
         log.error(
             "model load failed",
-            extra={"model": name, "version": version, "reason": error.reason},
+            extra={
+                "model": name,
+                "version": version,
+                "reason": error.reason,
+                "detail": error.message[:2000],
+            },
         )
 
     def publish(self, model: LoadedModel, *, loading: VersionStatus | None = None) -> None:
@@ -337,9 +343,11 @@ class ModelRepository:
 
 def _not_servable(name: str, status: VersionStatus | None) -> StrongroomError:
     if status is not None and status.state is ModelState.FAILED and status.failure is not None:
+        # The reason only: the message may carry a peer's refusal or an internal address, and
+        # every caller with the client role reads this.
         return ModelLoadFailed(
-            f"model {name!r} version {status.version!r} failed to load: "
-            f"{status.failure.reason}: {status.failure.message}"
+            f"model {name!r} version {status.version!r} failed to load ({status.failure.reason}); "
+            "the server's log has the details"
         )
     if status is not None:
         return ModelNotReady(f"model {name!r} version {status.version!r} is still loading")
