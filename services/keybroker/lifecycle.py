@@ -136,7 +136,10 @@ class KeyService:
                 decision=Decision.DENIED,
                 claims={"from_key_version": version},
             )
-            DATA_KEYS_REWRAPPED.add(1, {"key_id": recorded or "", "outcome": exc.reason})
+            # A key that does not exist is not a label: any number of made-up ids would push the
+            # real keys' series into the SDK's overflow bucket.
+            known = recorded if exc.reason != Reason.KEY_NOT_FOUND else None
+            DATA_KEYS_REWRAPPED.add(1, {"key_id": known or "", "outcome": exc.reason})
             raise
         self._record(
             caller,

@@ -30,6 +30,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from strongroom.api.inference.v1 import model_control_pb2 as control_pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.attesters import SimulatedAttester, TeeType
@@ -569,3 +571,18 @@ def test_the_next_ephemeral_key_is_made_once_the_download_is_in(
     next_key = queued["when ONNX Runtime loads"]
     assert isinstance(next_key, Future)
     assert next_key.result(60).key_size == EPHEMERAL_KEY_BITS
+
+
+def test_rewraps_of_keys_that_do_not_exist_are_not_metric_labels(life: Lifecycle) -> None:
+    """A publisher's ReWrap under made-up key ids labelled the counter with each: enough of them
+    push the real keys' series into the SDK's overflow bucket."""
+    broker = kb_grpc.KeyBrokerServiceStub(life.stack.channel(life.publisher, "keybroker"))
+    for i in range(3):
+        request = kb_pb.ReWrapRequest(
+            key_id=f"made-up-{i}", key_version=1, wrapped_data_key=b"\x01" * 40
+        )
+        with pytest.raises(grpc.RpcError):
+            broker.ReWrap(request, timeout=30)
+    labels = {a.get("key_id") for a, _ in _points("strongroom.keybroker.rewraps")}
+    assert not any(str(label).startswith("made-up") for label in labels), labels
+    assert "" in labels  # counted, without the made-up key
