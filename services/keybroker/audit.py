@@ -578,6 +578,13 @@ class AuditLog(Closing):
                 self._queue_cond.release()
                 try:
                     self._commit(batch)
+                except BaseException:
+                    # Raised to this caller: its own record, if still queued behind the batch,
+                    # must not be committed by whoever commits next.
+                    with self._queue_cond:
+                        if mine in self._queue:
+                            self._queue.remove(mine)
+                    raise
                 finally:
                     self._queue_cond.acquire()
                     self._committing = False
@@ -601,6 +608,13 @@ class AuditLog(Closing):
                 with self._flocked():
                     self._resync()
                     self._write_batch(batch)
+        except OSError as exc:
+            # Reading the state back (the tail, the head) failed: nothing of the batch was
+            # written, and its callers hear what a failed write tells them.
+            failed = AuditUnavailable(f"the audit log cannot be read: {exc.strerror or exc}")
+            for pending in batch:
+                if pending.result is None and pending.error is None:
+                    pending.error = failed
         except (AuditUnavailable, DataLoss) as exc:
             for pending in batch:
                 if pending.result is None and pending.error is None:

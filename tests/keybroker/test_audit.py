@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from strongroom.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker.audit import (
     GENESIS_HASH,
     AuditEvent,
@@ -759,5 +761,59 @@ def test_a_field_with_a_trailing_newline_is_malformed(tmp_path, field) -> None:
         with pytest.raises(InvalidArgument) as info:
             log.append(event)
         assert info.value.reason == "AUDIT_RECORD_INVALID"
+    finally:
+        log.close()
+
+
+def _reasons(path: Path) -> list[str]:
+    return [json.loads(line)["reason"] for line in lines(path)]
+
+
+def test_an_unreadable_log_fails_the_batch_as_unavailable(
+    audit: AuditLog, log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error reading the tail back (after another process wrote) escaped as a bare OSError,
+    past the batch's bookkeeping."""
+    fill(audit, 1)
+    real = audit_module._read_tail
+    failures = iter([OSError(errno.EIO, "Input/output error")])
+
+    def flaky(*args: Any) -> Any:
+        for failure in failures:
+            raise failure
+        return real(*args)
+
+    monkeypatch.setattr(audit_module, "_read_tail", flaky)
+    audit._stale = True  # as after another process's commit: the tail is read back
+    with pytest.raises(AuditUnavailable, match="cannot be read"):
+        audit.append(event(1, reason="REFUSED"))
+    audit.append(event(2, reason="LATER"))
+    assert _reasons(log_path) == ["OK", "LATER"]
+
+
+def test_a_caller_whose_commit_raised_is_never_committed_later(
+    log_path: Path, signing_key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller committing a batch ahead of its own record (more than a batch queued) and failing
+    unexpectedly heard the error, while its record stayed queued and the next committer wrote it:
+    the log then showed a decision its caller was told had failed."""
+    log_path.parent.mkdir()
+    log = AuditLog.open(log_path, signing_key, max_batch=1)
+    try:
+        ahead = audit_module._Pending(event(1, reason="AHEAD"), None)
+        log._queue.append(ahead)  # another caller's record, queued before ours
+        calls = iter([RuntimeError("a bug")])
+
+        def failing() -> None:
+            for failure in calls:
+                raise failure
+
+        monkeypatch.setattr(log, "_resync", failing)
+        with pytest.raises(RuntimeError):
+            log.append(event(2, reason="MINE"))
+        assert ahead.done and ahead.error is not None  # the batch it committed failed too
+        monkeypatch.undo()
+        log.append(event(3, reason="NEXT"))
+        assert _reasons(log_path) == ["NEXT"]
     finally:
         log.close()
