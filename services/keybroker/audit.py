@@ -722,6 +722,12 @@ class AuditLog(Closing):
         last = self._checked(_tail_record, tail[-1][1]) if tail else None
         parsed = self._checked(_read_head, self._head)
         head = None if parsed is None else parsed.head
+        if head is not None and head.count < self._count:
+            # Heads only grow: an older (signed) head and log put back while the broker runs.
+            raise self._tampered(
+                f"the audit head went back from {self._count} to {head.count} records: an older "
+                "log and head were put back"
+            )
         if last is None:
             count, last_hash = 0, GENESIS_HASH
         else:
@@ -892,6 +898,20 @@ def _tail_record(line: bytes) -> dict[str, Any]:
         or not isinstance(record.get("prev"), str)
     ):
         raise DataLoss("the last audit record is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
+    # What the head is matched against must be a record, not a stub carrying the head's hash.
+    claimed = record.pop("hash")
+    try:
+        intact = canonical_json({**record, "hash": claimed}) == line and (
+            record_hash(record) == claimed
+        )
+    except (TypeError, ValueError, RecursionError):
+        intact = False
+    if not intact:
+        raise DataLoss(
+            "the last audit record was modified (its hash does not match its content)",
+            reason=Reason.AUDIT_LOG_TAMPERED,
+        )
+    record["hash"] = claimed
     return record
 
 

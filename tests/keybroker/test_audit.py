@@ -817,3 +817,34 @@ def test_a_caller_whose_commit_raised_is_never_committed_later(
         assert _reasons(log_path) == ["NEXT"]
     finally:
         log.close()
+
+
+def test_a_stub_line_carrying_the_heads_hash_is_not_taken_for_the_log(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """The broker matched only the last line's seq and hash fields against its head: a log
+    replaced by one line naming them opened, and appends carried on after it."""
+    fill(audit, 5)
+    audit.close()
+    last = json.loads(lines(log_path)[-1])
+    stub = {"seq": last["seq"], "hash": last["hash"], "prev": "x"}
+    log_path.write_bytes(json.dumps(stub).encode() + b"\n")
+    with pytest.raises(DataLoss) as info:
+        AuditLog.open(log_path, signing_key)
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+
+
+def test_an_older_log_and_head_put_back_while_the_broker_runs_latch_tampering(
+    audit: AuditLog, log_path: Path
+) -> None:
+    """Heads only grow. A broker at 8 records took an older (genuinely signed) pair swapped in
+    under it for the truth and went on from 4, with no alarm."""
+    fill(audit, 4)
+    older = {p: p.read_bytes() for p in (log_path, head_path(log_path))}
+    fill(audit, 4)
+    for path, data in older.items():
+        path.write_bytes(data)
+    with pytest.raises(DataLoss) as info:
+        audit.append(event(9))
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    assert "went back from 8 to 4" in info.value.message
