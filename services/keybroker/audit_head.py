@@ -250,9 +250,11 @@ class HeadFile:
             os.fdatasync(self._fd)
         except BaseException:
             # The caller cuts the batch back off the log, so the head it would have anchored must
-            # not stay in the page cache either: put the slot's previous generation back.
+            # not stay in the page cache either: put the slot's previous generation back, durably
+            # (the cut-back is synced; a new slot on disk over a shorter log reads as tampering).
             with contextlib.suppress(OSError):
                 os.pwrite(self._fd, before, offset)
+                os.fdatasync(self._fd)
             raise
         self._raw = self._raw[:offset] + slot + self._raw[offset + len(slot) :]
         self._generation = generation

@@ -219,14 +219,23 @@ def test_a_failed_head_sync_puts_the_previous_generation_back(
     audit.append(_event(0))
     before = head_path(log_path).read_bytes()
 
+    synced: list[bytes] = []
+    real_sync = os.fdatasync
+
     def failing_sync(fd: int) -> None:
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
+        synced.append(os.pread(fd, len(before) + 1, 0))
+        if len(synced) == 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_sync(fd)
 
     monkeypatch.setattr(audit_head.os, "fdatasync", failing_sync)
     with pytest.raises(AuditUnavailable):
         audit.append(_event(1))
-    # Neither the refused record nor a head anchoring it stays behind.
+    # Neither the refused record nor a head anchoring it stays behind; the previous generation is
+    # put back durably (the log's cut-back is synced: a new slot over a shorter log after a power
+    # loss would read as tampering).
     assert head_path(log_path).read_bytes() == before
+    assert synced[-1] == before and len(synced) == 2
     assert verify_audit_log(log_path, public_key=key.public_key()).records == 1
     monkeypatch.undo()
     assert audit.append(_event(2)).seq == 1
