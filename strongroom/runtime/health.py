@@ -71,10 +71,14 @@ class HealthServicer(health.HealthServicer):
         if send_response_callback is None:  # a server without non-blocking support
             return super().Watch(request, context)
         if len(request.service) > MAX_SERVICE_NAME:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"a service name is at most {MAX_SERVICE_NAME} characters",
+            # No service has such a name, nor ever will: said once, and nothing kept.
+            send_response_callback(
+                health_pb2.HealthCheckResponse(
+                    status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                )
             )
+            send_response_callback(None)
+            return None
         watcher = _Watcher(request.service, send_response_callback)
         with self._lock:
             self._watchers.setdefault(watcher.service, set()).add(watcher)
