@@ -1,7 +1,9 @@
 """The key broker's audit log: one JSON line per decision, hash-chained, with a signed head.
 
 **Records.** Each line is the canonical JSON (sorted keys, no spaces, ASCII) of one record:
-``seq`` (0, 1, 2, ...), ``prev`` (the previous record's hash; 64 zeros for the first), the decision
+``seq`` (0, 1, 2, ...), ``prev`` (the previous record's hash; for the first, a random value the
+log's first head anchored, so that no other log's records continue this one; 64 zeros in logs made
+before that), the decision
 fields, ``sig`` and ``hash`` = SHA-256 over ``"strongroom-audit-record-v1\\n"`` + the canonical JSON
 of the record without ``hash``. ``sig`` (records of version 2) is the broker's Ed25519 signature over
 ``"strongroom-audit-record-sig-v1\\n"`` + the canonical JSON of the record without ``hash`` and
@@ -77,6 +79,7 @@ import io
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -729,12 +732,18 @@ class AuditLog(Closing):
                 "log and head were put back"
             )
         if last is None:
-            count, last_hash = 0, GENESIS_HASH
+            # An empty log's chain starts where its head says (logs made before: all zeros).
+            count = 0
+            last_hash = head.last_hash if head is not None and head.count == 0 else GENESIS_HASH
         else:
             count, last_hash = last["seq"] + 1, last["hash"]
         if head is None and count == 0:
-            head = Head(0, GENESIS_HASH)
+            # A new log's chain starts from a random value its first head anchors: records of
+            # another log signed with the same key (a staging broker's, one from before a
+            # reinstall) then never continue this one, and the crash repair cannot anchor them.
+            head = Head(0, secrets.token_hex(32))
             self._write_head_or_fail(head)
+            last_hash = head.last_hash
         if head is None:
             raise self._tampered("the audit head is missing")
         if count > head.count:
@@ -1020,6 +1029,8 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
                     f"record {number} has sequence number {seq}: "
                     "records were inserted, deleted or reordered",
                 )
+            if count == 0 and isinstance(back, str) and HEX64_RE.fullmatch(back):
+                prev = back  # the log's own start (all zeros, or the random one of newer logs)
             if back != prev:
                 return fail(
                     "CHAIN_BROKEN", number, f"record {number} does not follow record {count}"
@@ -1036,6 +1047,8 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         detail = f": {exc}" if isinstance(exc, ValueError) and str(exc) else ""
         return fail("HEAD_MALFORMED", None, f"the head is malformed{detail}")
+    if count == 0:
+        prev = head.last_hash  # an empty log starts where its head says
     if count < head.count:
         return fail(
             "TAIL_TRUNCATED",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import errno
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -105,7 +106,8 @@ def test_record_contents(audit: AuditLog, log_path: Path, signing_key: Ed25519Pr
     assert first.decision_id == "req-1" and len(second.decision_id) == 32
     assert first.time == "2026-01-01T00:00:00.250000Z"
     records = [json.loads(line) for line in lines(log_path)]
-    assert records[0]["prev"] == GENESIS_HASH
+    # A new log starts from a random value (its first head's), not from the shared all-zeros one.
+    assert records[0]["prev"] != GENESIS_HASH and re.fullmatch(r"[0-9a-f]{64}", records[0]["prev"])
     assert records[1]["prev"] == records[0]["hash"] == first.hash
     assert records[0]["decision"] == "allowed" and records[1]["decision"] == "denied"
     assert records[0]["caller"] == {
@@ -848,3 +850,25 @@ def test_an_older_log_and_head_put_back_while_the_broker_runs_latch_tampering(
         audit.append(event(9))
     assert info.value.reason == "AUDIT_LOG_TAMPERED"
     assert "went back from 8 to 4" in info.value.message
+
+
+def test_another_logs_records_signed_with_the_same_key_are_not_anchored(
+    log_path: Path, signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """Every log started from the same all-zeros hash and a record's signature names no log, so
+    the first records of another log signed with the same key (a staging broker sharing it, a log
+    from before a reinstall) were a valid unanchored tail for any empty log: appended, the crash
+    repair anchored them, and `audit verify` called the log intact."""
+    log_path.parent.mkdir()
+    other_path = tmp_path / "other" / "decisions.jsonl"
+    other_path.parent.mkdir()
+    with AuditLog.open(other_path, signing_key) as other:
+        for n in range(3):
+            other.append(event(n, reason="FORGED_RELEASE"))
+    AuditLog.open(log_path, signing_key).close()  # a fresh, empty log with its head
+    log_path.write_bytes(other_path.read_bytes())
+    result = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert not result.intact and result.problem == "HEAD_MISMATCH", result
+    with pytest.raises(DataLoss) as info:
+        AuditLog.open(log_path, signing_key)
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
