@@ -23,6 +23,9 @@ _Send = Callable[[Any], None]
 MAX_SERVICE_NAME = 256
 """The longest service name a Watch is kept for: ours are short, and each watched name is held
 for as long as its stream is open (the health port needs no certificate)."""
+MAX_WATCHERS = 1024
+"""Watch streams kept open at once; past it a Watch is told the status and ended (``Check``,
+which probes use, is never refused)."""
 
 
 class _Watcher:
@@ -44,6 +47,7 @@ class HealthServicer(health.HealthServicer):
     def __init__(self) -> None:
         super().__init__(experimental_non_blocking=True)
         self._watchers: dict[str, set[_Watcher]] = {}
+        self._watching = 0
         self._shutting_down = False
 
     def _status(self, service: str) -> int:
@@ -72,24 +76,24 @@ class HealthServicer(health.HealthServicer):
             return super().Watch(request, context)
         if len(request.service) > MAX_SERVICE_NAME:
             # No service has such a name, nor ever will: said once, and nothing kept.
-            send_response_callback(
-                health_pb2.HealthCheckResponse(
-                    status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-                )
-            )
-            send_response_callback(None)
-            return None
+            return self._tell_and_end(request.service, send_response_callback)
         watcher = _Watcher(request.service, send_response_callback)
         with self._lock:
-            self._watchers.setdefault(watcher.service, set()).add(watcher)
+            full = self._watching >= MAX_WATCHERS
+            if not full:
+                self._watchers.setdefault(watcher.service, set()).add(watcher)
+                self._watching += 1
+        if full:  # the caller may watch again later, or poll with Check
+            return self._tell_and_end(request.service, send_response_callback)
 
         def closed() -> None:
             # Runs on gRPC's completion thread: take no lock a sender may hold while it waits.
             watcher.closed = True
             with self._lock:
                 watching = self._watchers.get(watcher.service)
-                if watching is not None:
+                if watching is not None and watcher in watching:
                     watching.discard(watcher)
+                    self._watching -= 1
                     if not watching:  # else every name ever watched stays, by the caller's choice
                         del self._watchers[watcher.service]
             send_response_callback(None)
@@ -99,6 +103,10 @@ class HealthServicer(health.HealthServicer):
             return None
         self._update(watcher)
         return None
+
+    def _tell_and_end(self, service: str, send: _Send) -> None:
+        send(health_pb2.HealthCheckResponse(status=self._status(service)))
+        send(None)
 
     def set(self, service: str, status: int) -> None:
         """Sets a service's status and tells its watchers (outside the servicer's lock)."""

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strongroom import errors
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.runtime import health as health_module
 from strongroom.runtime.health import MAX_SERVICE_NAME
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 
@@ -200,6 +201,32 @@ def test_health_watchers_leave_nothing_behind(
             next(stub.Watch(health_pb2.HealthCheckRequest(service="x" * 2000), timeout=10))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
         assert not h._health._watchers
+
+
+def test_health_watch_streams_are_bounded(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Open Watch streams cost memory on the unauthenticated port, and nothing bounded how many a
+    client kept (5,000 held ~250 MB). Past the bound a Watch is told the status and ended; Check
+    (the probes) still answers."""
+    monkeypatch.setattr(health_module, "MAX_WATCHERS", 3)
+    h = host[0]
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(f"127.0.0.1:{h.health_port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        kept = [stub.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(3)]
+        assert [next(call).status for call in kept] == [serving] * 3
+        beyond = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert [r.status for r in beyond] == [serving]  # told once, then the stream ended
+        assert health_status(h.health_port) == serving
+        kept[0].cancel()
+        assert wait_for(lambda: h._health._watching == 2)
+        again = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(again).status == serving
+        assert wait_for(lambda: h._health._watching == 3)  # kept open again
+        for call in [*kept[1:], again]:
+            call.cancel()
+        assert wait_for(lambda: not h._health._watchers)
 
 
 def test_graceful_stop_drains_in_flight_calls(
