@@ -211,6 +211,7 @@ def test_health_watch_streams_are_bounded(
     (the probes) still answers."""
     monkeypatch.setattr(health_module, "MAX_WATCHERS", 3)
     h = host[0]
+    assert h.health_port is not None
     serving = health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(f"127.0.0.1:{h.health_port}") as ch:
         stub = health_pb2_grpc.HealthStub(ch)
