@@ -50,28 +50,18 @@ def mint_token(
     """
     if not subject:
         raise InvalidPkiConfig("a token needs a subject")
-    if lifetime <= timedelta(0) or lifetime > timedelta(hours=1):
-        raise InvalidPkiConfig("token lifetime must be positive and at most 1h")
-    issued = int(now if now is not None else time.time())
-    claims: dict[str, object] = {
-        "iss": provisioner.name,
-        "sub": subject,
-        "aud": sign_audience(ca_url),
-        "sans": list(sans),
-        "jti": secrets.token_hex(32),
-        "iat": issued,
-        "nbf": issued,
-        "exp": issued + int(lifetime.total_seconds()),
-    }
+    extra: dict[str, object] = {"sans": list(sans)}
     if root_pem is not None:
         try:
             root = x509.load_pem_x509_certificate(root_pem)
         except X509_PARSE_ERRORS:
             raise InvalidPkiConfig("the CA's root certificate is not a PEM certificate") from None
         der = root.public_bytes(serialization.Encoding.DER)
-        claims["sha"] = hashlib.sha256(der).hexdigest()
-    header = {"alg": "ES256", "kid": provisioner.kid, "typ": "JWT"}
-    return _jose.sign_es256(provisioner.key, header, claims)
+        extra["sha"] = hashlib.sha256(der).hexdigest()
+    audience = sign_audience(ca_url)
+    return _signed(
+        provisioner, subject=subject, audience=audience, lifetime=lifetime, now=now, extra=extra
+    )
 
 
 def mint_revoke_token(
@@ -89,13 +79,31 @@ def mint_revoke_token(
     """
     if serial <= 0:
         raise InvalidPkiConfig("a certificate serial is a positive integer")
+    audience = revoke_audience(ca_url)
+    return _signed(
+        provisioner, subject=str(serial), audience=audience, lifetime=lifetime, now=now, extra={}
+    )
+
+
+def _signed(
+    provisioner: Provisioner,
+    *,
+    subject: str,
+    audience: str,
+    lifetime: timedelta,
+    now: float | None,
+    extra: dict[str, object],
+) -> str:
+    """A one-time JWT for ``audience`` signed with the provisioner's key (``extra`` claims
+    beside the standard ones)."""
     if lifetime <= timedelta(0) or lifetime > timedelta(hours=1):
         raise InvalidPkiConfig("token lifetime must be positive and at most 1h")
     issued = int(now if now is not None else time.time())
     claims: dict[str, object] = {
         "iss": provisioner.name,
-        "sub": str(serial),
-        "aud": revoke_audience(ca_url),
+        "sub": subject,
+        "aud": audience,
+        **extra,
         "jti": secrets.token_hex(32),
         "iat": issued,
         "nbf": issued,
