@@ -41,7 +41,7 @@ import logging
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import botocore.exceptions
 from botocore.config import Config
@@ -81,6 +81,7 @@ BLOB_DIR = "blobs/"
 _SEPARATOR = "!"  # sorts below every model-name character ('-' is the lowest)
 _RECORD_FORMAT = 1
 _STAMP = "%Y%m%dT%H%M%SZ"
+T = TypeVar("T")
 _LIST_WORKERS = 8
 MAX_INDEX_RECORD_BYTES = 64 * 1024
 """The largest index object read; a record is about 1 KB, a bigger object is corrupt."""
@@ -283,6 +284,14 @@ def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, st
             f"the index record of {name} {version} is unreadable", reason=Reason.INDEX_CORRUPT
         ) from None
     return record, blob
+
+
+def _each(keys: list[tuple[str, str]], read: Callable[[tuple[str, str]], T]) -> list[T]:
+    """``read`` of every key, in order; up to :data:`_LIST_WORKERS` at a time (one GET each)."""
+    if len(keys) <= 1:
+        return [read(k) for k in keys]
+    with concurrent.futures.ThreadPoolExecutor(min(_LIST_WORKERS, len(keys))) as pool:
+        return list(pool.map(read, keys))
 
 
 class _Superseded(Exception):
@@ -886,10 +895,7 @@ class S3Storage(Closing):
         return name, version
 
     def _fetch_records(self, keys: list[tuple[str, str]]) -> list[_Indexed | None]:
-        if len(keys) <= 1:
-            return [self._get_index(*k) for k in keys]
-        with concurrent.futures.ThreadPoolExecutor(min(_LIST_WORKERS, len(keys))) as pool:
-            return list(pool.map(lambda k: self._get_index(*k), keys))
+        return _each(keys, lambda k: self._get_index(*k))
 
     def _index_keys(self) -> list[tuple[str, str]]:
         return [
@@ -911,8 +917,7 @@ class S3Storage(Closing):
                 return exc
 
         keys = self._index_keys()
-        with concurrent.futures.ThreadPoolExecutor(_LIST_WORKERS) as pool:
-            found = list(pool.map(read, keys))
+        found = _each(keys, read)
         readable = [e for e in found if isinstance(e, _Indexed)]
         unreadable = [
             k for k, e in zip(keys, found, strict=True) if isinstance(e, StoredDataCorrupt)
