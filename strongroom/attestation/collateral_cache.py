@@ -500,13 +500,13 @@ class CollateralCache:
         path = self._vcek_dir() / f"{key}.der"
         with self._writing():
             atomic_write(path, der)
-            held = _oldest_first(self._vcek_dir().glob("*.der"))
+            others = [p for p in _oldest_first(self._vcek_dir().glob("*.der")) if p != path]
             # Stamped after every other, so that "oldest" is the order of writes even when two
             # land within the file system's timestamp granularity.
-            newest = max((_mtime_ns(p) for p in held if p != path), default=0)
+            newest = _mtime_ns(others[-1]) if others else 0
             stamp = max(time.time_ns(), newest + 1)
             os.utime(path, ns=(stamp, stamp))
-            held = _oldest_first(held)
+            held = [*others, path]
             for old in held[: max(0, len(held) - self._max_vceks)]:
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
