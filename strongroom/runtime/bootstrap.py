@@ -112,7 +112,7 @@ def build_host(
     # Reflection is a stream that holds a worker thread: public, two certificates of any role
     # (even none) filled every blocking-stream slot and refused the store's model transfers. The
     # operator (admin) is who lists a service's methods.
-    rules = {**roles.resolve(common), **RoleTable({REFLECTION_SERVICE: ("admin",)}).resolve(common)}
+    rules = RoleTable({**roles.rules, REFLECTION_SERVICE: ("admin",)}).resolve(common)
     authorizer = SpiffeAuthorizer(identity.trust_domain, rules, public=(HEALTH_SERVICE,))
     for spec in specs:
         spec.checks = (
