@@ -122,6 +122,14 @@ def ec_public_key(
     return key
 
 
+def parse_crl(data: bytes) -> x509.CertificateRevocationList:
+    """A DER or PEM CRL (structure only); what ``cryptography`` raises for anything else."""
+    raw = bytes(data)
+    if raw.lstrip().startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_crl(raw)
+    return x509.load_der_x509_crl(raw)
+
+
 def verify_crl_signature(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
     """True when ``issuer`` signed ``crl`` (RSASSA-PSS for AMD, ECDSA for Intel)."""
     try:

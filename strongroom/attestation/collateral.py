@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from strongroom import jsonparse
+from strongroom.attestation._x509 import parse_crl
 from strongroom.attestation.abi.snp import SnpReport
 from strongroom.attestation.errors import (
     CollateralUnavailable,
@@ -426,12 +427,7 @@ def _crl_facts(data: bytes) -> _CrlFacts | None:
     """What selecting a held CRL needs to know of it, or ``None`` if it is not a CRL (memoised:
     an offline verifier asks for the same few CRLs on every verification)."""
     try:
-        raw = bytes(data)
-        crl = (
-            x509.load_pem_x509_crl(raw)
-            if raw.lstrip().startswith(b"-----BEGIN")
-            else x509.load_der_x509_crl(raw)
-        )
+        crl = parse_crl(data)
         return _CrlFacts(crl.issuer, crl.last_update_utc, amd_crl_scope(crl))
     except X509_PARSE_ERRORS:
         return None

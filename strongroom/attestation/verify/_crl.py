@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 
-from strongroom.attestation._x509 import verify_crl_signature
+from strongroom.attestation._x509 import parse_crl, verify_crl_signature
 from strongroom.attestation.errors import (
     CollateralUnavailable,
     MalformedEvidence,
@@ -34,10 +34,7 @@ logger = logging.getLogger(__name__)
 def load_crl(data: bytes) -> x509.CertificateRevocationList:
     """Loads a DER or PEM CRL (structure only)."""
     try:
-        raw = bytes(data)
-        if raw.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_crl(raw)
-        return x509.load_der_x509_crl(raw)
+        return parse_crl(data)
     except X509_PARSE_ERRORS:
         raise MalformedEvidence("cannot parse CRL", reason=Reason.BAD_COLLATERAL) from None
 
