@@ -1,4 +1,4 @@
-"""Syntax of model names, versions, name prefixes and digests, checked at every entry point.
+"""Syntax of model names, versions, name prefixes, digests and key ids, checked at every entry point.
 
 A name is one or more ``/``-separated segments (``acme/fraud-detector``), each starting with a
 letter or digit and continuing with letters, digits, ``.``, ``_`` or ``-``; at most
@@ -23,6 +23,10 @@ _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 MODEL_NAME_PATTERN = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
 #: The model-version grammar (use with ``fullmatch``).
 MODEL_VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+#: A key broker's key id (use with ``fullmatch``): 1-63 characters of ``[a-z0-9._-]`` starting
+#: with a letter or digit, so it is also a file name (its policy) and a PKCS#11 label segment. The
+#: artifact format admits a wider grammar (other key managers' ids); this broker issues only these.
+KEY_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _NAME = MODEL_NAME_PATTERN
 _VERSION = MODEL_VERSION_PATTERN
 _PREFIX = re.compile(r"[A-Za-z0-9._/-]*")

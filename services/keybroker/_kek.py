@@ -38,6 +38,7 @@ from typing import Any
 
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
+from strongroom.identifiers import KEY_ID_PATTERN
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.reasons import Reason
 
@@ -47,7 +48,7 @@ PENDING_TTL_MS = 60_000
 KEK_BITS = 256
 
 _LABEL_RE = re.compile(
-    r"^strongroom/kek/(?P<key>[a-z0-9][a-z0-9._-]{0,62})/v(?P<version>[1-9][0-9]{0,9})"
+    rf"^strongroom/kek/(?P<key>{KEY_ID_PATTERN.pattern})/v(?P<version>[1-9][0-9]{{0,9}})"
     r"/(?P<ms>[0-9]{1,15})/(?P<nonce>[0-9a-f]{16})(?P<pending>/pending)?$"
 )
 

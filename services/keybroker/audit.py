@@ -98,6 +98,7 @@ from strongroom.closing import Closing
 from strongroom.cryptoparse import KEY_PARSE_ERRORS
 from strongroom.errors import DataLoss, InvalidArgument, NotFound, StrongroomError
 from strongroom.files import shared_flock
+from strongroom.identifiers import KEY_ID_PATTERN
 from strongroom.keybroker.audit_head import (
     FILE_BYTES,
     GENESIS_HASH,
@@ -126,7 +127,6 @@ MAX_RECORD_BYTES = 64 * 1024
 _REASON_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _SERIAL_RE = re.compile(r"^[0-9a-f]{1,64}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_KEY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
@@ -360,7 +360,7 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
         ("caller_cert_serial", _SERIAL_RE),
         ("evidence_sha256", HEX64_RE),
         ("decision_id", _ID_RE),
-        ("key_id", _KEY_ID_RE),
+        ("key_id", KEY_ID_PATTERN),
     ):
         value = getattr(event, name)
         if value is not None and (not isinstance(value, str) or not pattern.fullmatch(value)):

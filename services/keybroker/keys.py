@@ -39,7 +39,6 @@ import enum
 import functools
 import logging
 import random
-import re
 import secrets
 import threading
 import time
@@ -61,6 +60,7 @@ from strongroom.errors import (
     StrongroomError,
     Unavailable,
 )
+from strongroom.identifiers import KEY_ID_PATTERN
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, ReleaseTarget
@@ -73,7 +73,6 @@ from strongroom.reasons import Reason
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-KEY_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 MAX_VERSION = 2**31 - 1
 DEK_BYTES = 32
 #: RFC 5649 output for a 32-byte key: 8-byte integrity block + 32 bytes.
@@ -257,7 +256,8 @@ def recordable_key_id(key_id: object) -> str | None:
 
 
 def validate_key_id(key_id: object) -> str:
-    """Returns ``key_id`` if it matches ``^[a-z0-9][a-z0-9._-]{0,62}$``, else InvalidArgument."""
+    """Returns ``key_id`` if it matches :data:`~strongroom.identifiers.KEY_ID_PATTERN`, else
+    InvalidArgument."""
     if not isinstance(key_id, str) or not KEY_ID_PATTERN.fullmatch(key_id):
         raise InvalidArgument(
             "a key id is 1-63 characters of [a-z0-9._-] starting with a letter or digit",
