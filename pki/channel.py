@@ -24,6 +24,7 @@ is why service certificates carry ``localhost`` only in development.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -333,8 +334,28 @@ class RotatingChannel(grpc.Channel):
 # gRPC's connectivity poller (one thread per channel with callbacks) wakes every 0.2 s; one that
 # wakes to find callbacks and then meets the channel closed dies with "ValueError: Cannot monitor
 # channel state: Channel closed!" (a traceback on standard error; a third of 300 channels closed
-# within 3 ms of subscribing, in a loop here). Without callbacks it stops at its next wake.
-_POLLER_STOPS_WITHIN = 0.5
+# within 3 ms of subscribing, in a loop here). Without callbacks it leaves its loop at its next
+# wake, clearing the channel's ``polling`` flag as it does; the channel is closed after that, not
+# after a fixed delay (a poller starved of the interpreter lock can wake later than any delay).
+_POLL_EVERY = 0.05
+# When grpc's private state cannot be read (a grpc release changed it): a few of the poller's wakes.
+_FALLBACK_WAIT = 0.5
+# A poller that never stops must not keep the channel open for ever.
+_POLLER_GIVEN_UP_AFTER = 30.0
+
+
+def _close_after_poller(channel: grpc.Channel) -> None:
+    """Closes ``channel`` once its connectivity poller has left its loop (grpc's private
+    ``_connectivity_state.polling``, read defensively), or after :data:`_POLLER_GIVEN_UP_AFTER`
+    seconds."""
+    state: Any = getattr(channel, "_connectivity_state", None)
+    if not isinstance(getattr(state, "polling", None), bool):
+        time.sleep(_FALLBACK_WAIT)
+    else:
+        deadline = time.monotonic() + _POLLER_GIVEN_UP_AFTER
+        while state.polling and time.monotonic() < deadline:
+            time.sleep(_POLL_EVERY)
+    channel.close()
 
 
 def _close_channel(
@@ -344,16 +365,16 @@ def _close_channel(
     at_once: bool = False,
 ) -> None:
     """Closes a slot's channel without racing gRPC's connectivity poller: a slot with callbacks
-    loses them now and is closed once the poller has stopped. Otherwise it is closed at once
-    (``at_once``) or on a thread of its own (a retired slot's last call may end on one of the
-    channel's own callback threads, which must not close it)."""
+    loses them now and is closed, on a thread of its own, once the poller has stopped. Otherwise
+    it is closed at once (``at_once``) or on a thread of its own (a retired slot's last call may
+    end on one of the channel's own callback threads, which must not close it)."""
     watched = [*callbacks, *([slot.on_connectivity] if slot.watching else [])]
     for callback in watched:
         slot.channel.unsubscribe(callback)
     if watched:
-        closer = threading.Timer(_POLLER_STOPS_WITHIN, slot.channel.close)
-        closer.name = "pki-channel-close"
-        closer.daemon = True
+        closer = threading.Thread(
+            target=_close_after_poller, args=(slot.channel,), name="pki-channel-close", daemon=True
+        )
         closer.start()
     elif at_once:
         slot.channel.close()

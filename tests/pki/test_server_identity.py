@@ -167,3 +167,30 @@ def test_a_watched_channel_is_closed_without_killing_grpcs_poller(
         _close_channel(slot, (), at_once=True)
     time.sleep(1.0)  # every poller's next wake, and the deferred closes
     assert failures == []
+
+
+def test_a_watched_channel_is_closed_only_after_grpcs_poller_has_stopped() -> None:
+    """The poller is held (its lock taken, as a poller starved of the interpreter lock would be
+    late) past the old fixed delay of 0.5 s: the channel must still be open until the poller has
+    left its loop, since a poller that wakes to a closed channel dies."""
+    channel = grpc.insecure_channel("localhost:1")
+    slot = _Slot(channel, 1, None)  # type: ignore[arg-type]
+    slot.watching = True
+    channel.subscribe(slot.on_connectivity)
+    state = channel._connectivity_state  # type: ignore[attr-defined]
+    polling_when_closed: list[bool] = []
+    real_close = channel.close
+
+    def recording_close() -> None:
+        polling_when_closed.append(state.polling)
+        real_close()
+
+    channel.close = recording_close  # type: ignore[method-assign]
+    with state.lock:  # re-entrant: the unsubscribe below takes it on this thread too
+        _close_channel(slot, (), at_once=True)
+        time.sleep(1.0)
+        assert polling_when_closed == []
+    deadline = time.monotonic() + 10
+    while not polling_when_closed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert polling_when_closed == [False]
