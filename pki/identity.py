@@ -24,7 +24,14 @@ from strongroom.closing import Closing
 from strongroom.cryptoparse import KEY_PARSE_ERRORS
 from strongroom.errors import StrongroomError
 from strongroom.pki import _jose
-from strongroom.pki._state import STATE_FILE, load_state, save_state
+from strongroom.pki._state import (
+    STATE_FILE,
+    load_state,
+    load_superseded,
+    save_state,
+    save_superseded,
+    superseded_files,
+)
 from strongroom.pki._x509 import build_csr, generate_key, verify_chain
 from strongroom.pki.channel import RotatingChannel
 from strongroom.pki.client import REVOCATION_REASONS, CaClient, ClientCertificate
@@ -112,6 +119,8 @@ class _Superseded:
     replaced_by: int
     attempts: int = 0
     next_attempt: datetime | None = None
+    #: Its key + chain kept in the state directory until revoked (None without one).
+    kept: Path | None = None
 
 
 def _token_sans(token: str) -> tuple[str, list[str]]:
@@ -138,6 +147,29 @@ def _persisted_identity(ca: CaClient, state: Path, now: datetime) -> Credentials
         return Credentials(key, tuple(chain), issued_at=issued_at, generation=1)
     except _NOT_LIVE:
         return None  # nothing there, or nothing step-ca would renew
+
+
+def _keep_superseded(state: Path, credentials: Credentials) -> Path | None:
+    """Writes a certificate about to be replaced to the state directory (see ``_state``)."""
+    try:
+        return save_superseded(state, credentials)
+    except OSError as exc:
+        # Its revocation is still attempted; only a restart before it succeeds would forget it.
+        _log.error(
+            "could not keep superseded certificate 0x%x in %s: %s", credentials.serial, state, exc
+        )
+        return None
+
+
+def _forget(kept: Path | None) -> None:
+    """Removes a kept superseded certificate once it needs no revocation (a failure is logged:
+    the next start retries it, and step-ca answers that it is already revoked)."""
+    if kept is None:
+        return
+    try:
+        kept.unlink(missing_ok=True)
+    except OSError as exc:
+        _log.warning("could not remove %s: %s", kept, exc)
 
 
 class WorkloadIdentity(Closing):
@@ -209,7 +241,10 @@ class WorkloadIdentity(Closing):
             )
         state = Path(state_dir) if state_dir is not None else None
         previous = _persisted_identity(ca, state, clock()) if state is not None else None
+        kept = None
         if state is not None:
+            if previous is not None:
+                kept = _keep_superseded(state, previous)
             save_state(state, credentials)
         _log.info(
             "enrolled workload identity",
@@ -220,7 +255,8 @@ class WorkloadIdentity(Closing):
         )
         if previous is not None:
             # The state directory held a live identity that this enrolment replaces: revoke it.
-            identity._supersede(previous, credentials)
+            identity._supersede(previous, credentials, kept=kept)
+        identity._adopt_superseded()
         return identity
 
     @classmethod
@@ -253,9 +289,11 @@ class WorkloadIdentity(Closing):
             "resumed workload identity",
             extra={"spiffe_id": str(credentials.spiffe_id), "serial": credentials.serial},
         )
-        return cls(
+        identity = cls(
             ca, credentials, state_dir=state, policy=policy, clock=clock, auto_renew=auto_renew
         )
+        identity._adopt_superseded()
+        return identity
 
     @classmethod
     def start(
@@ -406,7 +444,11 @@ class WorkloadIdentity(Closing):
                 raise CertificateInvalid(
                     "the renewed certificate names a different identity", reason=Reason.SAN_MISMATCH
                 )
+            rekeyed = renewed.public_key_der != current.public_key_der
+            kept = None
             if self._state_dir is not None:
+                if rekeyed:
+                    kept = _keep_superseded(self._state_dir, current)
                 try:
                     save_state(self._state_dir, renewed)
                 except OSError as exc:
@@ -436,9 +478,9 @@ class WorkloadIdentity(Closing):
             except Exception:
                 _log.exception("a certificate rotation listener failed")
         self._wake.set()
-        if renewed.public_key_der != current.public_key_der:
+        if rekeyed:
             # Re-keyed: the old certificate (and whoever copied its key) must not renew any more.
-            self._supersede(current, renewed)
+            self._supersede(current, renewed, kept=kept)
         return renewed
 
     # ----------------------------------------------------------------- revocation
@@ -457,8 +499,37 @@ class WorkloadIdentity(Closing):
         with self._lock:
             return tuple(entry.serial for entry in self._superseded)
 
-    def _supersede(self, old: Credentials, new: Credentials) -> None:
+    def _adopt_superseded(self) -> None:
+        """Resumes revoking the superseded certificates a previous run kept in the state
+        directory (it stopped before step-ca confirmed their revocation)."""
+        if self._state_dir is None:
+            return
+        current = self.credentials
+        with self._lock:
+            tracked = {entry.kept for entry in self._superseded}
+        for path in superseded_files(self._state_dir):
+            if path in tracked:  # an enrolment over a live identity kept it moments ago
+                continue
+            try:
+                key, chain = load_superseded(path)
+                old = Credentials(key, tuple(chain), issued_at=self._clock(), generation=0)
+            except _NOT_LIVE as exc:
+                _log.error(
+                    "cannot read the superseded certificate kept in %s (%s); it is left there "
+                    "for an operator ('strongroom pki revoke --cert' it)",
+                    path,
+                    exc,
+                )
+                continue
+            # With a renewal thread, it revokes them: a start must not wait on an unreachable CA.
+            self._supersede(old, current, kept=path, at_once=self._thread is None)
+
+    def _supersede(
+        self, old: Credentials, new: Credentials, *, kept: Path | None = None, at_once: bool = True
+    ) -> None:
         if old.serial == new.serial:
+            # Kept by a run that stopped before the new identity replaced it: it is the current one.
+            _forget(kept)
             return
         if old.chain[1:] != new.chain[1:]:
             # Issued under another intermediate (another CA, e.g. a root rotation): this CA's TLS
@@ -470,13 +541,22 @@ class WorkloadIdentity(Closing):
                 old.spiffe_id,
                 new.serial,
             )
+            _forget(kept)
             return
         entry = _Superseded(
-            ClientCertificate(old.key_pem, old.chain_pem), old.serial, old.not_after, new.serial
+            ClientCertificate(old.key_pem, old.chain_pem),
+            old.serial,
+            old.not_after,
+            new.serial,
+            next_attempt=None if at_once else self._clock(),
+            kept=kept,
         )
         with self._lock:
             self._superseded.append(entry)
-        self._revoke_pending(force=True)
+        if at_once:
+            self._revoke_pending(force=True)
+        else:
+            self._wake.set()
 
     def _revoke_pending(self, *, force: bool = False) -> None:
         with self._revoke_lock:
@@ -491,6 +571,7 @@ class WorkloadIdentity(Closing):
                     index = next(i for i, e in enumerate(self._superseded) if e is entry)
                     if outcome is None:
                         del self._superseded[index]
+                        _forget(entry.kept)
                     else:
                         self._superseded[index] = outcome
         self._wake.set()
@@ -672,7 +753,8 @@ class WorkloadIdentity(Closing):
             _log.error(
                 "closing with superseded certificates step-ca has not revoked: %s; they stay "
                 "renewable by whoever holds a copy of their keys until revoked "
-                "('strongroom pki revoke --serial ...') or expired",
+                "('strongroom pki revoke --serial ...'; an identity with a state directory "
+                "retries when it next starts) or expired",
                 ", ".join(f"0x{serial:x}" for serial in unrevoked),
             )
         self._wake.set()

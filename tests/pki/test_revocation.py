@@ -11,6 +11,7 @@ import pytest
 from strongroom.cli.main import main
 from strongroom.pki import Credentials, RenewalPolicy, StepCa, WorkloadIdentity
 from strongroom.pki._jose import unverified_claims
+from strongroom.pki._state import save_superseded
 from strongroom.pki.client import CaClient, ClientCertificate
 from strongroom.pki.errors import CaRejected, CaUnavailable, InvalidPkiConfig
 from strongroom.pki.token import mint_revoke_token
@@ -122,6 +123,91 @@ def test_a_failed_revocation_keeps_the_new_identity_and_is_retried(
         assert "revoked superseded certificate" in logged
     finally:
         identity.close()
+
+
+@pytest.mark.parametrize("auto_renew", [True, False], ids=["renewal-thread", "at-resume"])
+def test_a_revocation_cut_short_by_a_restart_is_resumed_from_the_state_directory(
+    ca: StepCa, tmp_path: Path, auto_renew: bool
+) -> None:
+    """The CA is down when the identity re-keys, and the process stops before it comes back: the
+    superseded certificate, kept in the state directory, is revoked by the next start (it used to
+    be forgotten, renewable for ever by whoever copied its key)."""
+    state = tmp_path / "state"
+    flaky = _FlakyRevocations(ca.url, ca.root_pem)
+    first = WorkloadIdentity.enrol(
+        flaky, token_for(ca, "inference"), state_dir=state, auto_renew=False
+    )
+    try:
+        old = first.credentials
+        stolen = _presented(old)
+        new = first.renew_now()
+        assert first.status().unrevoked_serials == (old.serial,)
+        kept = list(state.glob("superseded-*.pem"))
+        assert [p.name for p in kept] == [f"superseded-{old.serial:x}.pem"]
+        assert kept[0].stat().st_mode & 0o777 == 0o600
+    finally:
+        first.close()
+    assert ca.client().renew(stolen)  # not revoked yet
+    with WorkloadIdentity.resume(ca.client(), state, auto_renew=auto_renew) as second:
+        assert second.credentials.serial == new.serial
+        deadline = time.monotonic() + 10
+        while second.status().unrevoked_serials and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert second.status().unrevoked_serials == ()
+        _refused_renewal(ca, stolen)
+        assert list(state.glob("superseded-*.pem")) == []
+        assert ca.client().renew(_presented(second.credentials))
+
+
+def test_an_enrolment_over_a_live_identity_keeps_it_once_until_revoked(
+    ca: StepCa, tmp_path: Path
+) -> None:
+    with enrol(ca, "inference", state_dir=tmp_path, auto_renew=False) as first:
+        stolen = _presented(first.credentials)
+        old_serial = first.credentials.serial
+    flaky = _FlakyRevocations(ca.url, ca.root_pem)
+    with WorkloadIdentity.enrol(
+        flaky, token_for(ca, "inference"), state_dir=tmp_path, auto_renew=False
+    ) as second:
+        assert second.status().unrevoked_serials == (old_serial,)
+        assert flaky.attempts == 1
+        assert len(list(tmp_path.glob("superseded-*.pem"))) == 1
+        flaky.failing = False
+        assert second.revoke_superseded() == ()
+        assert list(tmp_path.glob("superseded-*.pem")) == []
+    _refused_renewal(ca, stolen)
+
+
+def test_a_kept_copy_of_the_current_certificate_is_dropped_not_revoked(
+    ca: StepCa, tmp_path: Path
+) -> None:
+    """A run that stopped between keeping the old certificate and replacing it left a superseded
+    file naming the certificate still in use: resuming removes it and revokes nothing."""
+    with enrol(ca, "inference", state_dir=tmp_path, auto_renew=False) as first:
+        current = first.credentials
+        save_superseded(tmp_path, current)
+    with WorkloadIdentity.resume(ca.client(), tmp_path, auto_renew=False) as second:
+        assert second.credentials.serial == current.serial
+        assert second.status().unrevoked_serials == ()
+    assert list(tmp_path.glob("superseded-*.pem")) == []
+    assert ca.client().renew(_presented(current))
+
+
+def test_an_unreadable_kept_certificate_is_reported_and_left_for_an_operator(
+    ca: StepCa, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with enrol(ca, "inference", state_dir=tmp_path, auto_renew=False) as first:
+        serial = first.credentials.serial
+    damaged = tmp_path / "superseded-abc.pem"
+    damaged.write_bytes(b"not a key")
+    damaged.chmod(0o600)
+    with (
+        caplog.at_level(logging.ERROR, logger="strongroom.pki.identity"),
+        WorkloadIdentity.resume(ca.client(), tmp_path, auto_renew=False) as second,
+    ):
+        assert second.credentials.serial == serial
+    assert damaged.exists()
+    assert any(str(damaged) in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
 
 
 def test_revoke_refuses_a_certificate_revoking_another_serial(ca: StepCa) -> None:
