@@ -127,10 +127,7 @@ class ModelLoader:
             loading = self._repository.begin_load(name, version)
             started = time.perf_counter()
             try:
-                if self._is_multipart(name, version):
-                    result = self._load_multipart(name, version, loading)
-                else:
-                    result = self._load(name, version, loading)
+                result = self._load(name, version, loading)
             except StrongroomError as exc:
                 MODEL_LOAD_DURATION.record(
                     time.perf_counter() - started, {"model": name, "outcome": exc.reason}
@@ -226,9 +223,12 @@ class ModelLoader:
 
     def _load(self, name: str, version: str, loading: VersionStatus) -> LoadResult:
         try:
+            if self._is_multipart(name, version):
+                return self._load_multipart(name, version, loading)
             return self._load_artifact(name, version, loading)
         except InvalidArtifact as exc:
-            # The bytes came from the store: a malformed artifact here is stored data gone bad.
+            # The bytes came from the store (a single artifact, or a manifest and its parts): a
+            # malformed artifact here is stored data gone bad, not an invalid LoadModel request.
             raise DataLoss(
                 f"the stored artifact is damaged: {exc.message}", reason=exc.reason
             ) from None

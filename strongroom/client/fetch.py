@@ -252,7 +252,9 @@ class ModelFetcher:
     ``store`` is a channel to the model store (or any :data:`PartSource`); ``key_release`` a
     :class:`KeyReleaseClient` built with this VM's attester and TLS key (or any
     :data:`KeyRelease`). ``parallel`` parts are fetched at once, each decrypted as it arrives (on
-    ``decrypt_threads`` workers, or by its receiving thread with the default 0).
+    ``decrypt_threads`` workers, or by its receiving thread with the default 0). With a channel,
+    ``timeout`` (seconds) bounds a whole :meth:`fetch`: the manifest's download and every part's
+    share one deadline (a :data:`PartSource` given instead bounds its own downloads).
     """
 
     def __init__(
@@ -268,9 +270,11 @@ class ModelFetcher:
             raise InvalidArgument(
                 "parallel must be between 1 and 64", reason=Reason.INVALID_PARALLEL
             )
+        self._channel = store if isinstance(store, grpc.Channel) else None
         self._source: PartSource = (
             grpc_source(store, timeout=timeout) if isinstance(store, grpc.Channel) else store
         )
+        self._timeout = timeout
         self._release: KeyRelease = (
             _grpc_release(key_release) if isinstance(key_release, KeyReleaseClient) else key_release
         )
@@ -280,13 +284,14 @@ class ModelFetcher:
     def fetch(self, name: str, version: str) -> DecryptedModel:
         """Decrypts ``name``/``version`` (single or multi-part) into memory; see the module doc."""
         started = time.perf_counter()
+        source = self._source_until(time.monotonic() + self._timeout)
         first = _Stream(BufferedStreamDecryptor(threads=self._threads, as_bytes=True))
         dek: bytearray | None = None
         release_seconds = 0.0
         decision_id = ""
         done: list[BufferedStreamDecryptor] = []
         try:
-            for data in self._source(name, version):
+            for data in source(name, version):
                 first.feed(data)
                 header = first.decryptor.header
                 if header is not None and dek is None:
@@ -311,7 +316,7 @@ class ModelFetcher:
                 manifest = parse_manifest(plaintext, header=header)
                 first.decryptor.wipe_output()  # the manifest is parsed; its plaintext can go
                 done.clear()
-                parts = self._fetch_parts(manifest, dek, done)
+                parts = self._fetch_parts(manifest, dek, done, source)
         except BaseException:
             first.decryptor.abort()
             first.decryptor.wipe_output()
@@ -349,8 +354,26 @@ class ModelFetcher:
             raise ManifestMismatch(message)
         raise FailedPrecondition(message, reason=Reason.ARTIFACT_MISMATCH)
 
+    def _source_until(self, deadline: float) -> PartSource:
+        """The store's downloads for one fetch, each given what is left until ``deadline``
+        (``time.monotonic()``): with a timeout per download, a store that made every part take
+        just under it would hold a model of N parts for about N / ``parallel`` timeouts."""
+        channel = self._channel
+        if channel is None:
+            return self._source
+
+        def source(name: str, version: str) -> Iterator[bytes | memoryview]:
+            left = max(0.0, deadline - time.monotonic())
+            return grpc_source(channel, timeout=left)(name, version)
+
+        return source
+
     def _fetch_parts(
-        self, manifest: Manifest, dek: bytearray, done: list[BufferedStreamDecryptor]
+        self,
+        manifest: Manifest,
+        dek: bytearray,
+        done: list[BufferedStreamDecryptor],
+        source: PartSource,
     ) -> tuple[DecryptedPart, ...]:
         stop = threading.Event()
         results: list[DecryptedPart | None] = [None] * len(manifest.parts)
@@ -365,7 +388,7 @@ class ModelFetcher:
             checked = False
             try:
                 try:
-                    for data in self._source(manifest.model_name, manifest.store_version(index)):
+                    for data in source(manifest.model_name, manifest.store_version(index)):
                         if stop.is_set():
                             raise _Cancelled()
                         stream.feed(data)

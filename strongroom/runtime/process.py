@@ -51,10 +51,14 @@ and the secure cold start of ``make bench``'s ``coldstart`` 1.51 s against 2.00 
 with this VM's free page reporting held off: see the README's "Performance"). Idle RSS +0.3-1.7
 MB. Only for inference: the broker and the store hold no large buffers, and their memory figures
 were measured without it.
+
+:func:`forbid_core_dumps` is the other half of how a service's process runs: the inference
+service, which holds decrypted models, calls it before anything else.
 """
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -80,3 +84,20 @@ SERVICE_ENV: Mapping[str, Mapping[str, str]] = MappingProxyType(
     }
 )
 """Each service's process environment: :data:`PROCESS_ENV`, and huge pages for inference."""
+
+
+def forbid_core_dumps() -> None:
+    """Keeps this process's memory out of core dumps: for a process that holds plaintext models.
+
+    A crash (a model that trips a bug in ONNX Runtime, an abort, a ``kill -ABRT``) would otherwise
+    have the kernel write every decrypted model, data key and private key in memory to a core
+    file, or hand it to a crash collector that stores it: the one way plaintext reaches disk
+    without the process writing it. Container runtimes commonly start processes with no core size
+    limit. The limit goes to 0, the hard one too, so that nothing in the process raises it again;
+    collectors behind a piped ``core_pattern`` (systemd-coredump) honour it as well.
+
+    The process is not also made non-dumpable (``PR_SET_DUMPABLE``): that would hide its
+    ``/proc/<pid>`` files (environment, memory maps) from the same user's tools, which the soak
+    and benchmarks read, and the limit already keeps the core from being written.
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

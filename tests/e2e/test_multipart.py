@@ -12,6 +12,7 @@ returns safetensors shards equal to the plaintext files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -19,8 +20,10 @@ import os
 import sys
 import tarfile
 import threading
+import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
@@ -306,6 +309,112 @@ def test_a_part_edited_in_place_is_refused(env: Env) -> None:
     data[-100] ^= 1
     blob.write_bytes(bytes(data))
     _refused(env, "flip", "DECRYPTION_FAILED")
+
+
+class _ServeChanged(store_grpc.ModelStoreServiceServicer):
+    """A compromised store: it serves each stored artifact of ``NAME`` (read from the real store's
+    disk), with ``change`` applied to the bytes of the store version ``changed`` on the way out,
+    and every download held back ``delay`` seconds before its first byte."""
+
+    def __init__(
+        self,
+        env: Env,
+        changed: str = "",
+        change: Callable[[bytes], bytes] = bytes,
+        delay: float = 0.0,
+    ) -> None:
+        self.env, self.changed, self.change, self.delay = env, changed, change, delay
+
+    def StatModel(
+        self, request: store_pb.StatModelRequest, context: grpc.ServicerContext
+    ) -> store_pb.StatModelResponse:
+        store = self.env.stack.services["modelstore"].handle.storage
+        record = store.stat(request.name, request.version)
+        info = store_pb.ModelInfo(
+            name=request.name, version=request.version, content_type=record.content_type
+        )
+        return store_pb.StatModelResponse(model=info)
+
+    def GetModel(
+        self, request: store_pb.GetModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[store_pb.GetModelResponse]:
+        data = self.env.blob(request.version).read_bytes()
+        time.sleep(self.delay)
+        if request.version == self.changed:
+            data = self.change(data)
+        for i in range(0, len(data), 64 * 1024):
+            yield store_pb.GetModelResponse(data=data[i : i + 64 * 1024])
+
+
+@pytest.fixture(scope="module")
+def transit(env: Env) -> str:
+    """A multi-part version published once for the in-transit damage tests."""
+    env.publish("transit", seed=13)
+    return "transit"
+
+
+@pytest.mark.parametrize(
+    ("changed", "change", "reason"),
+    [
+        ("transit+part.3", lambda b: b[:-40], "TRUNCATED"),
+        ("transit+part.3", lambda b: b + bytes(40), "TRAILING_DATA"),
+        ("transit", lambda b: b[:-40], "TRUNCATED"),
+    ],
+    ids=["part-truncated", "part-extended", "manifest-truncated"],
+)
+def test_a_part_damaged_in_transit_is_data_loss(
+    env: Env, transit: str, changed: str, change: Callable[[bytes], bytes], reason: str
+) -> None:
+    """As for a single artifact (test_faults): a store that streams a part or the manifest shorter
+    or longer than its header implies served damaged stored data (DATA_LOSS), it was not sent an
+    invalid LoadModel request (INVALID_ARGUMENT)."""
+    repository = ModelRepository()
+    with _serving(_ServeChanged(env, changed, change)) as channel:  # type: ignore[abstract]
+        loader = ModelLoader(repository, store_channel=channel, key_release=env.key_release())
+        with pytest.raises(StrongroomError) as info:
+            loader.load(NAME, transit)
+    assert (info.value.status_name, info.value.reason) == ("DATA_LOSS", reason)
+    assert not repository.is_ready(NAME, transit)
+
+
+def test_a_store_slowing_every_part_cannot_stretch_a_load_past_its_timeout(
+    env: Env, transit: str
+) -> None:
+    """The load's timeout bounds the whole multi-part fetch, not each part's download: a store
+    holding every download back for half the timeout (manifest and 5 parts, one at a time: 6 x
+    1.5 s) used to have the load take all of that and succeed, and with N parts about
+    N / parallel timeouts (hours for a model of a hundred parts at the default 600 s)."""
+    timeout = 3.0
+    repository = ModelRepository()
+    with _serving(_ServeChanged(env, delay=1.5)) as channel:  # type: ignore[abstract]
+        loader = ModelLoader(
+            repository,
+            store_channel=channel,
+            key_release=env.key_release(),
+            timeout=timeout,
+            parallel_parts=1,
+        )
+        started = time.monotonic()
+        with pytest.raises(StrongroomError) as info:
+            loader.load(NAME, transit)
+        elapsed = time.monotonic() - started
+    assert (info.value.status_name, info.value.reason) == ("UNAVAILABLE", "FETCH_UNAVAILABLE")
+    assert elapsed < timeout + 3.0  # not 6 x 1.5 s: the slack is for a busy machine
+    assert not repository.is_ready(NAME, transit)
+
+
+@contextlib.contextmanager
+def _serving(store: store_grpc.ModelStoreServiceServicer) -> Iterator[grpc.Channel]:
+    """``store`` served on a local port, and a channel to it."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    store_grpc.add_ModelStoreServiceServicer_to_server(store, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        server.stop(0)
 
 
 def test_the_client_library_returns_safetensors_shards_equal_to_the_files(env: Env) -> None:
