@@ -36,7 +36,6 @@ from strongroom.pki.identity import WorkloadIdentity
 from strongroom.reasons import Reason
 from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
 from strongroom.runtime.config import CommonConfig
-from strongroom.runtime.process import forbid_core_dumps
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import make_tracer_provider, traced_channel
 
@@ -253,11 +252,8 @@ def build(
 
 
 def serve(config_path: Path | None) -> int:
-    """``strongroom serve inference``: runs until SIGTERM, then drains and exits.
-
-    Core dumps are switched off first: this process holds decrypted models in memory.
-    """
-    forbid_core_dumps()
+    """``strongroom serve inference``: runs until SIGTERM, then drains and exits (core dumps are
+    switched off by the command first: this process holds decrypted models in memory)."""
     return run_service(
         "inference",
         config_path,

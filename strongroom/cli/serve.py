@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strongroom.runtime.config import SERVICES
+from strongroom.runtime.process import forbid_core_dumps
 
 
 def register(sub: Any) -> None:
@@ -40,6 +41,9 @@ PRIVATE_UMASK = 0o077
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Before anything secret is read: every service holds keys (the broker its HSM PIN, audit key
+    # and data keys passing through the token; inference decrypted models; all a TLS key).
+    forbid_core_dumps()
     os.umask(PRIVATE_UMASK)
     module = importlib.import_module(f"strongroom.{args.service}.server")
     code: int = module.serve(args.config)

@@ -52,8 +52,8 @@ with this VM's free page reporting held off: see the README's "Performance"). Id
 MB. Only for inference: the broker and the store hold no large buffers, and their memory figures
 were measured without it.
 
-:func:`forbid_core_dumps` is the other half of how a service's process runs: the inference
-service, which holds decrypted models, calls it before anything else.
+:func:`forbid_core_dumps` is the other half of how a service's process runs: ``strongroom serve``
+calls it for every service before anything else.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ SERVICE_ENV: Mapping[str, Mapping[str, str]] = MappingProxyType(
 
 
 def forbid_core_dumps() -> None:
-    """Keeps this process's memory out of core dumps: for a process that holds plaintext models.
+    """Keeps this process's memory out of core dumps: for a process that holds keys or models.
 
     A crash (a model that trips a bug in ONNX Runtime, an abort, a ``kill -ABRT``) would otherwise
     have the kernel write every decrypted model, data key and private key in memory to a core
