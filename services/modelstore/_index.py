@@ -50,10 +50,14 @@ _SELECT = """SELECT name, version, artifact_sha256, artifact_size, plaintext_siz
 _GET = _SELECT + " WHERE name = ? AND version = ?"
 _ALL = _SELECT + " ORDER BY name, version"
 # Every clause is always present (an empty prefix and an empty "after" key match everything), so
-# the query text is constant; the range clause lets SQLite answer from the primary key.
+# the query text is constant; the range clause lets SQLite answer from the primary key. Its lower
+# bound (:lower) is the larger of the prefix and the resume point's name, computed by the caller:
+# SQLite seeks on only one lower bound of a column, and given two (or the row value) it picked
+# the prefix, so each later page scanned every row before its resume point (a page token near the
+# end of a large index read the whole index, under the index's lock).
 _PAGE = (
     _SELECT + " WHERE substr(name, 1, length(:prefix)) = :prefix"
-    " AND name >= :prefix AND name < :prefix_end AND (name, version) > (:after_name, :after_version)"
+    " AND name >= :lower AND name < :prefix_end AND (name, version) > (:after_name, :after_version)"
     " ORDER BY name, version LIMIT :limit"
 )
 _INSERT = """INSERT INTO models (name, version, artifact_sha256, artifact_size, plaintext_size,
@@ -260,11 +264,14 @@ class Index:
 
     def page(self, prefix: str, after: tuple[str, str] | None, limit: int) -> list[ModelRecord]:
         """Up to ``limit`` records whose name starts with ``prefix``, after ``after``, in key order."""
+        after_name, after_version = after if after else ("", "")
         params = {
             "prefix": prefix,
             "prefix_end": prefix + _PREFIX_END,
-            "after_name": after[0] if after else "",
-            "after_version": after[1] if after else "",
+            # Names are ASCII, so Python's string order is SQLite's BINARY order.
+            "lower": max(prefix, after_name),
+            "after_name": after_name,
+            "after_version": after_version,
             "limit": limit,
         }
         with self._cursor() as cur:

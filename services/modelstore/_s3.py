@@ -86,8 +86,9 @@ _LIST_WORKERS = 8
 MAX_INDEX_RECORD_BYTES = 64 * 1024
 """The largest index object read; a record is about 1 KB, a bigger object is corrupt."""
 _READ_BLOCK = 1 << 20
-# How many times a read follows a re-wrap that replaced the blob it had just looked up (each
-# re-wrap rewrites the whole artifact, so a second one in that window is already unlikely).
+# How many times a read follows a re-wrap that replaced the blob it had just looked up, or a
+# delete retries a record changed since it read it (each re-wrap rewrites the whole artifact, so
+# a second one in that window is already unlikely).
 _OPEN_ATTEMPTS = 3
 _ACCESS_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
@@ -737,26 +738,37 @@ class S3Storage(Closing):
     def delete(self, name: str, version: str) -> None:
         """Removes the model, then its blob; ModelNotFound if absent.
 
-        The index object is deleted with ``If-Match`` on the ETag just read, so a delete never
-        removes a version re-published or re-wrapped meanwhile by another replica (that is
-        reported as ModelNotFound for the version this call saw). A blob left by a crash between
-        the two deletes is swept.
+        The index object is deleted with ``If-Match`` on the ETag just read, so the blob deleted
+        next is the one the deleted record named. A record changed in between by another replica
+        (a re-wrap, or a delete and re-publish) is read again and the delete retried: the call
+        removes the version as it then is, like the filesystem backend's atomic delete, and
+        never answers NOT_FOUND for a version still stored. A blob left by a crash between the two
+        deletes is swept.
         """
-        entry = self._require(name, version)
-        try:
-            self._client.delete_object(
-                Bucket=self.bucket, Key=self._index_key(name, version), IfMatch=entry.etag
-            )
-        except botocore.exceptions.ClientError as exc:
-            if _is_conflict(exc) or _is_missing(exc):
-                raise ModelNotFound(
-                    f"model {name} version {version} changed or was deleted meanwhile"
-                ) from None
-            raise s3_error(exc, "deleting a model") from None
-        except _S3_FAILURES as exc:
-            raise s3_error(exc, "deleting a model") from None
-        self._delete_blob(entry.blob)
-        log.info("deleted model", extra={"model": name, "version": version})
+        for _ in range(_OPEN_ATTEMPTS):
+            entry = self._require(name, version)
+            try:
+                self._client.delete_object(
+                    Bucket=self.bucket, Key=self._index_key(name, version), IfMatch=entry.etag
+                )
+            except botocore.exceptions.ClientError as exc:
+                if _is_conflict(exc):
+                    continue  # changed since it was read: read it again
+                if _is_missing(exc):
+                    raise ModelNotFound(
+                        f"model {name} version {version} was deleted meanwhile"
+                    ) from None
+                raise s3_error(exc, "deleting a model") from None
+            except _S3_FAILURES as exc:
+                raise s3_error(exc, "deleting a model") from None
+            self._delete_blob(entry.blob)
+            log.info("deleted model", extra={"model": name, "version": version})
+            return
+        raise StorageUnavailable(
+            f"model {name} {version} changed each of the {_OPEN_ATTEMPTS} times it was deleted; "
+            "it is still stored: retry",
+            reason=Reason.KEY_SLOT_CHANGED,
+        )
 
     # -- reads ---------------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ variables that hold them (never argv).
 
 from __future__ import annotations
 
+import ipaddress
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,6 +21,33 @@ MIN_PART_SIZE = 5 * 1024 * 1024
 """S3's smallest multipart part (every part but the last)."""
 MAX_PARTS = 10_000
 """S3's largest number of parts in one multipart upload."""
+
+
+def _endpoint_allowed(endpoint: str) -> bool:
+    """True for an ``https://`` URL, or an ``http://`` one whose host is loopback (a test server).
+
+    The host is the URL's parsed host, not its text: ``http://localhost.example.com``,
+    ``http://127.0.0.1.nip.io`` and ``http://localhost:9000@s3.example.com`` all start like a
+    loopback URL but reach another machine, in the clear.
+    """
+    try:
+        parts = urllib.parse.urlsplit(endpoint)
+        host = parts.hostname
+        _ = parts.port  # a malformed port is a ValueError here, not a surprise in botocore
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if parts.scheme == "https":
+        return True
+    if parts.scheme != "http":
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a DNS name other than localhost
+        return False
 
 
 @dataclass(frozen=True)
@@ -56,9 +85,7 @@ class StorageConfig:
             return
         if not self.endpoint or not self.bucket:
             raise ConfigError("modelstore.storage: backend s3 needs endpoint and bucket")
-        if not self.endpoint.startswith(
-            ("https://", "http://127.", "http://[::1]", "http://localhost")
-        ):
+        if not _endpoint_allowed(self.endpoint):
             raise ConfigError(
                 "modelstore.storage.endpoint must be https:// (plain http only on loopback)"
             )

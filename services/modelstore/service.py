@@ -75,16 +75,26 @@ serves with mmap/munmap (page faults on every chunk) unless MALLOC_MMAP_THRESHOL
 MESSAGE_OVERHEAD = 64 * 1024
 """Room for everything in a message besides its ``data`` (sizes, digests, a ModelInfo)."""
 
+MAX_MODEL_INFO_BYTES = 768
+"""An upper bound on one serialised ModelInfo in a ListModels page.
+
+Its strings come from the publisher's header, each at most its format limit (name 128, version
+64, content type 128, key id 128 characters, two 64-digit digests); with the numbers, timestamps
+and field tags the largest record, framed in a page, is under 660 bytes.
+"""
+
 
 def message_limits(
     max_chunk: int = DEFAULT_MAX_CHUNK, download_chunk: int = DEFAULT_DOWNLOAD_CHUNK
 ) -> MessageLimits:
     """The store's message sizes, from its chunk sizes: an upload message carries at most
-    ``max_chunk`` bytes of data, a download message ``download_chunk`` (a ListModels page of
-    1000 ModelInfo stays below that too)."""
+    ``max_chunk`` bytes of data, a download message ``download_chunk``, and a ListModels page
+    at most MAX_PAGE_SIZE records of MAX_MODEL_INFO_BYTES (any publisher can make every record
+    of a page its longest, so the largest page must fit, not a typical one)."""
     return MessageLimits(
         receive=max_chunk + MESSAGE_OVERHEAD,
-        send=max(download_chunk, 512 * 1024) + MESSAGE_OVERHEAD,
+        send=max(download_chunk, 512 * 1024, MAX_PAGE_SIZE * MAX_MODEL_INFO_BYTES)
+        + MESSAGE_OVERHEAD,
     )
 
 

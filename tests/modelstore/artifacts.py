@@ -40,12 +40,13 @@ def header(
     created_at: datetime | None = None,
     key_id: str = KEY_ID,
     key_version: int = KEY_VERSION,
+    content_type: str = CONTENT_TYPE,
 ) -> ArtifactHeader:
     """A valid header (current format, so with a key slot) for ``plaintext_size`` bytes."""
     return build_header(
         model_name=name,
         model_version=version,
-        content_type=CONTENT_TYPE,
+        content_type=content_type,
         key_id=key_id,
         key_version=key_version,
         wrapped_dek=_derive(
@@ -64,6 +65,7 @@ def make_artifact(
     created_at: datetime | None = None,
     key_id: str = KEY_ID,
     key_version: int = KEY_VERSION,
+    content_type: str = CONTENT_TYPE,
 ) -> bytes:
     """A real artifact of model ``name`` ``version`` whose plaintext is ``payload``."""
     seed = hashlib.sha256(payload).digest()
@@ -75,6 +77,7 @@ def make_artifact(
         created_at=created_at,
         key_id=key_id,
         key_version=key_version,
+        content_type=content_type,
     )
     key = bytearray(_derive(b"dek", 32, name.encode(), version.encode(), seed))
     salt = _derive(b"salt", 24, name.encode(), version.encode(), seed)

@@ -184,6 +184,35 @@ def test_a_verify_or_rewrap_that_races_a_rewrap_follows_it(
     assert_clean(storage)
 
 
+# The filesystem backend deletes the row and its blob under its commit lock: no such window.
+@pytest.mark.parametrize("backend", ["s3"], indirect=True)
+def test_a_delete_that_races_a_rewrap_deletes_the_model(
+    storage: AnyStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-wrap between a delete's index read and its conditional delete made the delete answer
+    NOT_FOUND (MODEL_NOT_FOUND, which callers take for "already gone") while the model stayed
+    stored and served: an admin withdrawing a model while ``rewrap-models`` ran was told it was
+    gone. The delete now reads the record again and removes the model."""
+    _store(storage)
+    client = storage._client  # type: ignore[union-attr]
+    real_delete = client.delete_object
+    raced: list[int] = []
+
+    def delete_object(**kwargs: object) -> object:
+        if not raced and "/index/" in str(kwargs["Key"]):  # the delete's index read is done
+            raced.append(1)
+            _replace(storage, 1, 2)  # its own deletes (the old blob) go through
+        return real_delete(**kwargs)
+
+    monkeypatch.setattr(client, "delete_object", delete_object)
+    storage.delete("acme/m", "1")
+    assert raced
+    with pytest.raises(ModelNotFound):
+        storage.stat("acme/m", "1")
+    assert blob_count(storage) == 0
+    assert_clean(storage)
+
+
 def test_concurrent_replacements_have_one_winner(storage: AnyStorage) -> None:
     _store(storage)
     outcomes: list[str] = []

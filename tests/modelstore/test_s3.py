@@ -338,6 +338,34 @@ def test_rejected_credentials(tmp_path: Path) -> None:
             host.stop(0)
 
 
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://localhost.example.com:9000",
+        "http://127.0.0.1.nip.io",
+        "http://localhost:9000@s3.example.com",
+        "http://[::1]@s3.example.com",
+        "http://127.0.0.1:notaport",
+        "ftp://127.0.0.1",
+    ],
+)
+def test_plain_http_reaches_only_a_loopback_host(endpoint: str) -> None:
+    """The loopback exception for plain http compared the URL's text: ``http://localhost`` or
+    ``http://127.`` followed by anything passed, so a configuration could send every index record
+    and artifact in the clear to another machine (a DNS name starting ``localhost.``/``127.``, or
+    a user-info part before the real host). The parsed host decides now."""
+    with pytest.raises(ConfigError, match="endpoint"):
+        StorageConfig(backend="s3", endpoint=endpoint, bucket="b")
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["https://s3.example.com", "http://127.0.0.1:9000", "http://[::1]:9000", "http://localhost"],
+)
+def test_https_or_loopback_endpoints_are_accepted(endpoint: str) -> None:
+    assert StorageConfig(backend="s3", endpoint=endpoint, bucket="b").endpoint == endpoint
+
+
 def test_configuration(
     tmp_path: Path, s3_server: s3server.MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

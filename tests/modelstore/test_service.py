@@ -10,9 +10,13 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
+from strongroom.artifact import StructureValidator
+from strongroom.modelstore.limits import MAX_PAGE_SIZE
 from strongroom.modelstore.service import (
+    MAX_MODEL_INFO_BYTES,
     METHOD_ROLES,
     ROLE_ADMIN,
     ROLE_PUBLISHER,
@@ -348,6 +352,44 @@ def test_list_pagination_and_bounds(served: Served) -> None:
     assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
     err = rpc_error(served.stub.ListModels, pb.ListModelsRequest(name_prefix="bad prefix"))
     assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_NAME_PREFIX")
+
+
+def test_a_full_page_of_the_longest_records_is_sent(fs_served: Served) -> None:
+    """Every string of a ModelInfo comes from the publisher's header, each up to its format limit
+    (name 128, version 64, content type and key id 128 characters): a record is up to ~650 bytes,
+    so a page of MAX_PAGE_SIZE of them is ~640 KB, past the store's 576 KiB send limit. Any
+    publisher could upload ~900 such models and every page_size=1000 listing of them failed
+    (RESOURCE_EXHAUSTED from gRPC's send limit, not the store). The largest page is now sent."""
+    key_id = "k" * 128
+    content_type = "a" * 63 + "/" + "b" * 64
+    for i in range(MAX_PAGE_SIZE + 1):
+        art = make_artifact(
+            "n" * 124 + f"{i:04d}", "v" * 64, b"x", key_id=key_id, content_type=content_type
+        )
+        fs_served.storage.put([art], StructureValidator())
+    page = fs_served.stub.ListModels(pb.ListModelsRequest(page_size=MAX_PAGE_SIZE), timeout=60)
+    assert len(page.models) == MAX_PAGE_SIZE and page.next_page_token
+    assert {(m.key_id, m.content_type) for m in page.models} == {(key_id, content_type)}
+    rest = fs_served.stub.ListModels(
+        pb.ListModelsRequest(page_size=MAX_PAGE_SIZE, page_token=page.next_page_token), timeout=60
+    )
+    assert [m.name for m in rest.models] == ["n" * 124 + f"{MAX_PAGE_SIZE:04d}"]
+    # The bound holds for every field at its largest too (times, sizes, KEK version).
+    latest = Timestamp(seconds=253402300799, nanos=999_999_000)
+    longest = pb.ModelInfo(
+        name="n" * 128,
+        version="v" * 64,
+        artifact_sha256="f" * 64,
+        artifact_size=2**64 - 1,
+        plaintext_size=2**64 - 1,
+        content_type=content_type,
+        key_id=key_id,
+        key_version=2**32 - 1,
+        created_at=latest,
+        stored_at=latest,
+        plaintext_sha256="f" * 64,
+    )
+    assert pb.ListModelsResponse(models=[longest]).ByteSize() <= MAX_MODEL_INFO_BYTES
 
 
 def test_corrupt_blob_is_data_loss(served: Served) -> None:

@@ -436,6 +436,39 @@ def test_list_rejects_bad_tokens_and_sizes(storage: AnyStorage) -> None:
     assert info.value.reason == "INVALID_NAME_PREFIX"
 
 
+def test_a_later_page_is_read_from_its_resume_point_not_from_the_start(
+    fs_storage: FilesystemStorage,
+) -> None:
+    """The filesystem index's page query bounded the primary-key range below by the prefix only,
+    so SQLite walked every row before a page's resume point: listing N models cost O(N^2), and any
+    reader could send a token near the end of a large index to make one call read all of it while
+    holding the index's lock (every Stat, download and upload commit waits on it). A late page now
+    costs what the first one does (SQLite's virtual-machine steps, counted per 100)."""
+    for i in range(2000):
+        fs_storage.put([make_artifact(f"m{i:05d}", "1", b"x")], StructureValidator())
+    token = fs_storage.list(page_size=1000).next_page_token
+    token = fs_storage.list(page_size=990, page_token=token).next_page_token
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    db = fs_storage._index._db
+    db.set_progress_handler(count, 100)
+    try:
+        first = fs_storage.list(page_size=10)
+        first_steps, steps = steps, 0
+        late = fs_storage.list(page_size=10, page_token=token)
+        late_steps = steps
+    finally:
+        db.set_progress_handler(None, 0)
+    assert [m.name for m in first.models] == [f"m{i:05d}" for i in range(10)]
+    assert [m.name for m in late.models] == [f"m{i:05d}" for i in range(1990, 2000)]
+    assert late_steps <= 4 * max(first_steps, 1), (first_steps, late_steps)
+
+
 def test_verify_detects_same_size_corruption(storage: AnyStorage) -> None:
     art = make_artifact("m", "1", body(10_000))
     record = storage.put([art], StructureValidator())
