@@ -59,3 +59,22 @@ def test_the_message_text_never_supplies_the_reason() -> None:
 
 def test_the_fetch_library_uses_the_same_mapping() -> None:
     assert fetch.remote_error is remote.remote_error
+
+
+@pytest.mark.parametrize(
+    ("code", "expected_reason"),
+    [
+        (grpc.StatusCode.PERMISSION_DENIED, "KEY_RELEASE_DENIED"),
+        (grpc.StatusCode.UNAVAILABLE, "FETCH_UNAVAILABLE"),
+        (grpc.StatusCode.FAILED_PRECONDITION, "FETCH_FAILED_PRECONDITION"),
+    ],
+)
+def test_a_reason_outside_the_catalogue_is_not_taken_from_a_peer(
+    code: grpc.StatusCode, expected_reason: str
+) -> None:
+    """Reasons label the inference service's load metrics: a store sending a new made-up reason
+    with every refusal could fill the metrics SDK's label sets (2,000) and push real series out."""
+    made_up = _Refusal(code, "the peer's words stay in the message", "MADE_UP_REASON_7")
+    error = remote.remote_error("fetch", made_up)
+    assert error.reason == expected_reason
+    assert "the peer's words stay in the message" in error.message

@@ -146,6 +146,10 @@ class InferenceServer:
                         retry.append(ref)
                     except StrongroomError as exc:
                         log.error("model %s/%s not loaded: %s", ref.name, ref.version, exc)
+                    except Exception:  # one model's bug must not leave the rest unloaded
+                        log.exception(
+                            "model %s/%s not loaded: unexpected error", ref.name, ref.version
+                        )
                 pending, first = retry, False
                 if pending:
                     self._stopping.wait(delay)

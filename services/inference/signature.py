@@ -80,8 +80,10 @@ class SignaturePolicy:
         if media_type != BUNDLE_MEDIA_TYPE:
             raise SignatureInvalid(f"unsupported signature bundle type {media_type[:80]!r}")
         statement = self._verified_statement(bundle)
-        resources = statement.get("predicate", {}).get("resources")
-        serialization_ = statement.get("predicate", {}).get("serialization", {})
+        # Signed is not well-formed: any member may be of any JSON type.
+        predicate = _object(statement.get("predicate"))
+        resources = predicate.get("resources")
+        serialization_ = _object(predicate.get("serialization"))
         if (
             statement.get("_type") != _STATEMENT_TYPE
             or statement.get("predicateType") != _PREDICATE_TYPE
@@ -130,3 +132,8 @@ class SignaturePolicy:
         if not isinstance(statement, dict):
             raise SignatureInvalid("the signed statement is not an object")
         return statement
+
+
+def _object(value: object) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (so a wrong type fails the checks)."""
+    return value if isinstance(value, dict) else {}

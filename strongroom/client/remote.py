@@ -2,15 +2,16 @@
 status.
 
 The reason is read from the peer's ``strongroom-reason`` trailer, never parsed out of the message
-text. ``DATA_LOSS``, ``NOT_FOUND`` and ``RESOURCE_EXHAUSTED`` keep their status; ``UNAVAILABLE``,
+text, and kept only if it is in the catalogue (:class:`~strongroom.reasons.Reason`): reasons label
+metrics and load failures, and a peer (a compromised store, or one of another version) must not be
+able to grow that set; an unknown one gives way to the status's own reason, and the peer's message
+still says what happened. ``DATA_LOSS``, ``NOT_FOUND`` and ``RESOURCE_EXHAUSTED`` keep their status; ``UNAVAILABLE``,
 ``DEADLINE_EXCEEDED`` and ``CANCELLED`` (a peer shutting down; our clients never cancel their own
 calls) become ``Unavailable``; any other refusal becomes ``FailedPrecondition`` with the peer's
 reason: the caller of the client was not itself refused.
 """
 
 from __future__ import annotations
-
-import re
 
 import grpc
 
@@ -23,8 +24,9 @@ from strongroom.errors import (
     Unavailable,
 )
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.reasons import Reason
 
-_REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+_CATALOGUE = frozenset(Reason)
 _GRPC_TO_REASON = {
     grpc.StatusCode.PERMISSION_DENIED: "KEY_RELEASE_DENIED",
     grpc.StatusCode.UNAUTHENTICATED: "UNAUTHENTICATED",
@@ -63,7 +65,7 @@ def remote_error(step: str, exc: grpc.RpcError) -> StrongroomError:
     details = exc.details() or code.name
     tag = step.upper().replace(" ", "_")
     sent = peer_reason(exc)
-    if sent is not None and not _REASON.match(sent):
+    if sent not in _CATALOGUE:
         sent = None
     cls = _KEPT.get(code, FailedPrecondition)
     if cls is Unavailable:

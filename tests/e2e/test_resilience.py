@@ -118,3 +118,35 @@ def test_load_model_retrying_an_unavailable_broker_stops_when_the_version_is_unl
         assert "retried" not in repository.names()
     finally:
         stack.services.pop("inference").stop()
+
+
+def test_a_configured_model_whose_load_crashes_does_not_stop_the_ones_after_it(
+    stack: DevStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up loader caught only the project's errors: an unexpected exception in one
+    model's load (a bug; a statement signed by the trusted key in a shape nobody expected) ended
+    its thread, and every configured model after it was never loaded."""
+    _publish(stack, tmp_path, "after")
+    if "keybroker" not in stack.services:
+        stack.start_in_process("keybroker")
+    earlier = stack.services.pop("inference", None)
+    if earlier is not None:
+        earlier.stop()
+    section = {
+        **stack.default_section("inference"),
+        "models": [{"name": "crashes", "version": "1"}, {"name": "after", "version": "1"}],
+    }
+    inference = stack.start_in_process("inference", section).handle
+    try:
+        real_load = inference.loader.load
+
+        def load(name: str, version: str) -> object:
+            if name == "crashes":
+                raise RuntimeError("a bug in one model's load")
+            return real_load(name, version)
+
+        monkeypatch.setattr(inference.loader, "load", load)
+        inference.load_configured_models(wait=True)
+        assert inference.repository.is_ready("after", "1"), inference.repository.status("after")
+    finally:
+        stack.services.pop("inference").stop()

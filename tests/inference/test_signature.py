@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from strongroom.client.signing import sign_model
@@ -134,3 +134,41 @@ def test_only_ec_public_keys_are_accepted() -> None:
         with pytest.raises(InvalidArgument) as info:
             SignaturePolicy.from_pem(pem)
         assert info.value.reason == "SIGNING_KEY_INVALID"
+
+
+def _signed_statement(private: Path, statement: object) -> bytes:
+    """A DSSE bundle over ``statement``, validly signed by ``private`` (what only the trusted
+    signer can make: the checks after the signature must hold against it too)."""
+    key = serialization.load_pem_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    payload_type = "application/vnd.in-toto+json"
+    payload = json.dumps(statement).encode()
+    pae = b"DSSEv1 %d %s %d %s" % (len(payload_type), payload_type.encode(), len(payload), payload)
+    sig = key.sign(pae, ec.ECDSA(hashes.SHA256()))
+    envelope = {
+        "payload": base64.b64encode(payload).decode(),
+        "payloadType": payload_type,
+        "signatures": [{"sig": base64.b64encode(sig).decode()}],
+    }
+    return json.dumps({"dsseEnvelope": envelope}).encode()
+
+
+@pytest.mark.parametrize(
+    "predicate",
+    ["a string", ["a", "list"], {"serialization": "files"}, {"serialization": 7}],
+    ids=["predicate-string", "predicate-list", "serialization-string", "serialization-number"],
+)
+def test_a_signed_statement_of_the_wrong_shape_is_refused_not_crashed(
+    tmp_path: Path, predicate: object
+) -> None:
+    """A statement the trusted key signed whose predicate (or its serialization) is not an object
+    raised AttributeError, which stopped the background loader of configured models."""
+    private, public = keypair(tmp_path, "signer")
+    statement = {
+        "_type": "https://in-toto.io/Statement/v1",
+        "predicateType": "https://model_signing/signature/v1.0",
+        "predicate": predicate,
+    }
+    bundle = _signed_statement(private, statement)
+    with pytest.raises(SignatureInvalid, match="does not describe one SHA-256-hashed model file"):
+        SignaturePolicy.from_pem(public).check(bundle, BUNDLE_MEDIA_TYPE, MODEL)
