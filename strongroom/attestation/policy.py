@@ -12,7 +12,7 @@ live in its rules module, found through the registry in ``strongroom.attestation
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -68,6 +68,12 @@ def _mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dic
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
+        if not isinstance(key, Hashable):
+            # ``? [a]: b`` makes a list key; ``key in seen`` would raise TypeError (INTERNAL).
+            raise PolicyInvalid(
+                f"a mapping key must be a scalar, not a {type(key).__name__}",
+                reason=Reason.POLICY_SYNTAX,
+            )
         if key in seen:
             raise PolicyInvalid(f"duplicate key {key!r}", reason=Reason.POLICY_SYNTAX)
         seen.add(key)
@@ -124,6 +130,17 @@ class ReleasePolicy:
         except yaml.YAMLError as exc:
             raise PolicyInvalid(
                 f"policy is not valid YAML/JSON: {exc}", reason=Reason.POLICY_SYNTAX
+            ) from None
+        except (ValueError, TypeError, LookupError, AttributeError) as exc:
+            # PyYAML's constructors raise these, not YAMLError, for a node they resolve but cannot
+            # build: an unquoted impossible date (``version: 2026-02-30``: ValueError), an integer
+            # beyond Python's digit limit, ``!!int abc``, ``!!bool abc`` (KeyError), ``!!timestamp
+            # abc`` (AttributeError), ``!!map [1]`` (TypeError). The author's mistake, not the
+            # broker's: without this it was INTERNAL with a traceback in the log.
+            raise PolicyInvalid(
+                f"policy has a value YAML cannot read ({type(exc).__name__}: {exc}); quote it "
+                "to make it a string",
+                reason=Reason.POLICY_SYNTAX,
             ) from None
         tees = tee_rules.registered()
         if not isinstance(doc, dict):

@@ -1,0 +1,73 @@
+"""The key broker's non-release surface under a certified caller: policy documents, lifecycle
+answers and the re-wrap metric, over real mTLS to a broker on a real SoftHSM2 token."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+import pytest
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
+from strongroom.dev.devstack import DevStack
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+
+
+def outcome(error: grpc.RpcError) -> tuple[str, str | None]:
+    """(status code name, strongroom-reason) of a failed call."""
+    assert isinstance(error, grpc.Call)
+    metadata: Any = error.trailing_metadata() or ()
+    return error.code().name, dict(metadata).get(REASON_TRAILER)
+
+
+def admin(stack: DevStack) -> kb_grpc.KeyAdminServiceStub:
+    return kb_grpc.KeyAdminServiceStub(stack.channel(stack.identity("admin"), "keybroker"))
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        "version: 2026-02-30\n",  # an unquoted date that is no date: ValueError
+        "version: " + "1" * 5000 + "\n",  # beyond Python's integer digit limit: ValueError
+        "version: !!int abc\n",
+        "version: !!bool abc\n",  # KeyError
+        "version: !!timestamp abc\n",  # AttributeError
+        "version: !!map [1]\n",  # TypeError
+        "? [a]\n: b\n",  # a list as a mapping key: TypeError (unhashable)
+        "sev_snp: {? {a: 1}: b}\n",
+    ],
+    ids=[
+        "date",
+        "long-int",
+        "int-tag",
+        "bool-tag",
+        "timestamp-tag",
+        "map-tag",
+        "list-key",
+        "map-key",
+    ],
+)
+def test_a_policy_yaml_cannot_construct_is_invalid_argument_and_the_old_one_stays(
+    stack: DevStack, caplog: pytest.LogCaptureFixture, document: str
+) -> None:
+    """PyYAML's constructors raise ValueError, TypeError, KeyError or AttributeError, not
+    YAMLError, for such nodes: SetReleasePolicy answered INTERNAL (no reason, a generic message)
+    and logged a traceback."""
+    stub = admin(stack)
+    key_id = "odd-policy"
+    if not any(k.key_id == key_id for k in stub.ListKeys(kb.ListKeysRequest(), timeout=30).keys):
+        stack.create_release_key(stack.identity("admin"), key_id, policy_version="kept")
+    caplog.set_level(logging.INFO)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.SetReleasePolicy(
+            kb.SetReleasePolicyRequest(key_id=key_id, policy_document=document), timeout=30
+        )
+    assert outcome(raised.value) == ("INVALID_ARGUMENT", "POLICY_SYNTAX")
+    assert "quote it" in (raised.value.details() or "") or "mapping key" in (
+        raised.value.details() or ""
+    )
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    kept = stub.GetReleasePolicy(kb.GetReleasePolicyRequest(key_id=key_id), timeout=30)
+    assert kept.policy_version == "kept"
