@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from strongroom.attestation.policy import ReleasePolicy
-from strongroom.errors import FailedPrecondition, Unavailable
+from strongroom.errors import FailedPrecondition, StrongroomError, Unavailable
 from strongroom.files import atomic_write
 from strongroom.keybroker.keys import validate_key_id
 from strongroom.keybroker.policy_bounds import check_policy_bounds
 from strongroom.reasons import Reason
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,10 +83,24 @@ class PolicyStore:
         return policy
 
     def version(self, key_id: str) -> str:
-        """The key's policy version, or "" when it has none."""
+        """The key's policy version, or "" when it has none that loads (nothing can be released
+        under the key either way: a release refuses a policy that does not load).
+
+        It describes a key in lifecycle answers (CreateKey, RotateKey, DisableKey, ListKeys), given
+        after the change was made and audited: a stored policy that no longer loads (written for a
+        development broker, edited by hand in a policy directory managed by deployment
+        configuration, unreadable) must not turn a rotation that happened into an error, nor make
+        every key unlistable. It is logged instead, and releases report it.
+        """
         try:
             return self.get(key_id).policy.version
         except FailedPrecondition:
+            return ""
+        except StrongroomError as exc:
+            _log.warning(
+                "the release policy of a key does not load",
+                extra={"key_id": key_id, "reason": exc.reason, "detail": exc.message},
+            )
             return ""
 
     def check(self, key_id: str, document: str) -> StoredPolicy:

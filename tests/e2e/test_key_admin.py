@@ -4,6 +4,8 @@ answers and the re-wrap metric, over real mTLS to a broker on a real SoftHSM2 to
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -71,3 +73,31 @@ def test_a_policy_yaml_cannot_construct_is_invalid_argument_and_the_old_one_stay
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     kept = stub.GetReleasePolicy(kb.GetReleasePolicyRequest(key_id=key_id), timeout=30)
     assert kept.policy_version == "kept"
+
+
+@pytest.fixture
+def broken_policy(stack: DevStack) -> Iterator[tuple[str, Path]]:
+    """A key whose stored policy no longer loads (edited by hand in the policy directory)."""
+    key_id = "broken-policy"
+    stack.create_release_key(stack.identity("admin"), key_id, policy_version="1")
+    path = stack.root / "state" / "keybroker" / "policies" / f"{key_id}.yaml"
+    path.write_text('version: ""\n')  # no longer a valid policy
+    yield key_id, path
+    path.unlink()
+
+
+def test_a_stored_policy_that_no_longer_loads_does_not_fail_lifecycle_answers(
+    stack: DevStack, broken_policy: tuple[str, Path]
+) -> None:
+    """KeyInfo carries the key's policy version, read after the change was made and audited: a
+    policy that did not load made RotateKey and DisableKey answer INVALID_ARGUMENT for a change
+    that had happened (an admin retrying rotated again), and ListKeys fail for every key."""
+    key_id, _ = broken_policy
+    stub = admin(stack)
+    rotated = stub.RotateKey(kb.RotateKeyRequest(key_id=key_id), timeout=30).key
+    assert (rotated.current_version, rotated.policy_version) == (2, "")
+    disabled = stub.DisableKey(kb.DisableKeyRequest(key_id=key_id, version=1), timeout=30).key
+    assert [v.state for v in disabled.versions] == [kb.KEY_STATE_DISABLED, kb.KEY_STATE_ENABLED]
+    listed = {k.key_id: k for k in stub.ListKeys(kb.ListKeysRequest(), timeout=30).keys}
+    assert listed[key_id].current_version == 2
+    assert listed[key_id].policy_version == ""
