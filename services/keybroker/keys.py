@@ -339,6 +339,12 @@ class KeyManager:
         """The backend."""
         return self._hsm
 
+    def known(self, key_id: str) -> bool:
+        """Whether this manager has found ``key_id`` in the token (created it, or seen one of its
+        versions); no HSM call. Published versions are never destroyed, so a known key exists: what
+        a caller names may label a metric only then (made-up ids would grow its label sets)."""
+        return key_id in self._seen
+
     # --- lifecycle --------------------------------------------------------------------------
 
     def create_key(self, key_id: str, *, timeout: float | None = None) -> KeyInfo:
@@ -687,7 +693,10 @@ class KeyManager:
 
     def _versions(self, hs: HsmSession, key_id: str) -> list[_kek.KekVersion]:
         self._forget(key_id)
-        return _kek.group_versions(self._all_objects(hs, key_id))
+        versions = _kek.group_versions(self._all_objects(hs, key_id))
+        if versions:
+            self._seen.add(key_id)
+        return versions
 
     def _cached_versions(self, hs: HsmSession, key_id: str) -> list[_kek.KekVersion]:
         now = time.monotonic()
@@ -721,7 +730,6 @@ class KeyManager:
                     reason=Reason.HSM_OPERATION_FAILED,
                 )
             raise NotFound(f"key {key_id!r} not found", reason=Reason.KEY_NOT_FOUND)
-        self._seen.add(key_id)
         return versions
 
     @staticmethod

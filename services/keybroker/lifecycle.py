@@ -136,9 +136,11 @@ class KeyService:
                 decision=Decision.DENIED,
                 claims={"from_key_version": version},
             )
-            # A key that does not exist is not a label: any number of made-up ids would push the
-            # real keys' series into the SDK's overflow bucket.
-            known = recorded if exc.reason != Reason.KEY_NOT_FOUND else None
+            # Only a key known to exist is a label: any number of made-up ids would push the real
+            # keys' series into the SDK's overflow bucket. Not "any reason but KEY_NOT_FOUND": a
+            # made-up id with version 0 (the proto default) or a blob of the wrong length is
+            # refused before the HSM is asked whether the key exists.
+            known = recorded if recorded is not None and self._keys.known(recorded) else None
             DATA_KEYS_REWRAPPED.add(1, {"key_id": known or "", "outcome": exc.reason})
             raise
         self._record(

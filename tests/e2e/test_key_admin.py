@@ -10,10 +10,13 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.dev.devstack import DevStack
+from strongroom.keybroker import lifecycle
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 
 
@@ -101,3 +104,44 @@ def test_a_stored_policy_that_no_longer_loads_does_not_fail_lifecycle_answers(
     listed = {k.key_id: k for k in stub.ListKeys(kb.ListKeysRequest(), timeout=30).keys}
     assert listed[key_id].current_version == 2
     assert listed[key_id].policy_version == ""
+
+
+def test_rewraps_refused_before_the_key_lookup_are_not_labelled_with_made_up_key_ids(
+    stack: DevStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only KEY_NOT_FOUND dropped the caller's key id from the counter's labels, but a ReWrap
+    with version 0 (the proto default) or a blob of the wrong length is refused before the HSM
+    says whether the key exists: a publisher's made-up ids each became a label set, enough of
+    them push the real keys' series into the SDK's overflow bucket."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    counter = provider.get_meter("test").create_counter("strongroom.keybroker.rewraps")
+    monkeypatch.setattr(lifecycle, "DATA_KEYS_REWRAPPED", counter)
+    stub = admin(stack)
+    real = "rewrap-labels"
+    stub.CreateKey(kb.CreateKeyRequest(key_id=real), timeout=30)
+    publisher = kb_grpc.KeyBrokerServiceStub(
+        stack.channel(stack.identity("publisher"), "keybroker")
+    )
+    requests = [
+        kb.ReWrapRequest(key_id=f"made-up-{i}", key_version=0, wrapped_data_key=b"\x01" * 40)
+        for i in range(3)
+    ] + [
+        kb.ReWrapRequest(key_id=f"made-up-short-{i}", key_version=1, wrapped_data_key=b"\x01")
+        for i in range(3)
+    ]
+    requests.append(kb.ReWrapRequest(key_id=real, key_version=0, wrapped_data_key=b"\x01" * 40))
+    for request in requests:
+        with pytest.raises(grpc.RpcError) as raised:
+            publisher.ReWrap(request, timeout=30)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    data = reader.get_metrics_data()
+    labels = {
+        str(dict(point.attributes or {}).get("key_id"))
+        for resource in (data.resource_metrics if data else [])
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        for point in metric.data.data_points
+    }
+    assert not [label for label in labels if label.startswith("made-up")], labels
+    assert labels == {"", real}  # counted, without the made-up ids; a real key keeps its label
