@@ -32,9 +32,20 @@ def _fail(where: str, what: str, reason: str) -> PolicyInvalid:
     return PolicyInvalid(f"policy {where}: {what}", reason=reason)
 
 
+MAX_POLICY_VERSION_LENGTH = 256
+"""Longest policy ``version``: every decision records it, and the key broker's audit log takes at
+most this many characters there (a longer one made every record under the policy invalid)."""
+
+
 def _version(value: Any) -> Any:
     if not isinstance(value, str) or not value.strip():
         raise schema.invalid(Reason.POLICY_BAD_TYPE, "must be a non-empty string")
+    if len(value) > MAX_POLICY_VERSION_LENGTH or not value.isprintable():
+        # It is shown to operators (CLI, logs) and written into every audit record.
+        raise schema.invalid(
+            Reason.POLICY_BAD_VALUE,
+            f"must be at most {MAX_POLICY_VERSION_LENGTH} printable characters",
+        )
     return value
 
 

@@ -78,6 +78,34 @@ def test_a_policy_yaml_cannot_construct_is_invalid_argument_and_the_old_one_stay
     assert kept.policy_version == "kept"
 
 
+@pytest.mark.parametrize(
+    "version", ["v" * 257, "1\\n# approved by security"], ids=["long", "newline"]
+)
+def test_a_policy_version_the_audit_log_cannot_take_is_refused_as_the_policys_fault(
+    stack: DevStack, version: str
+) -> None:
+    """The version goes into every audit record under the policy, which takes at most 256
+    characters: a longer one was refused as AUDIT_RECORD_INVALID ("audit event: policy_version
+    must be a short string"), and one in a policy directory managed by deployment configuration
+    made every release under it fail so. A version with a line break was stored, and printed as
+    it is by `strongroom keys get-policy` (its first line is a comment naming the version)."""
+    stub = admin(stack)
+    key_id = "policy-version"
+    if not any(k.key_id == key_id for k in stub.ListKeys(kb.ListKeysRequest(), timeout=30).keys):
+        stack.create_release_key(stack.identity("admin"), key_id, policy_version="kept")
+    document = stack.simulated_policy("kept").replace('"kept"', f'"{version}"')
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.SetReleasePolicy(
+            kb.SetReleasePolicyRequest(key_id=key_id, policy_document=document), timeout=30
+        )
+    assert outcome(raised.value) == ("INVALID_ARGUMENT", "POLICY_BAD_VALUE")
+    assert "policy version: must be at most 256 printable characters" in (
+        raised.value.details() or ""
+    )
+    kept = stub.GetReleasePolicy(kb.GetReleasePolicyRequest(key_id=key_id), timeout=30)
+    assert kept.policy_version == "kept"
+
+
 @pytest.fixture
 def broken_policy(stack: DevStack) -> Iterator[tuple[str, Path]]:
     """A key whose stored policy no longer loads (edited by hand in the policy directory)."""
