@@ -18,7 +18,7 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.cli._text import printable
 from strongroom.cli.client import Client, add_client_arguments
 from strongroom.client.rewrap import models_needing, rewrap_models
-from strongroom.errors import FailedPrecondition, NotFound
+from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound
 from strongroom.reasons import Reason
 from strongroom.runtime.config import ConfigError
 
@@ -58,7 +58,9 @@ def register(sub: Any) -> None:
         "disable one version (or all) of a KEK; refused while stored models still need it",
         _disable,
     )
-    disable.add_argument("--version", type=int, default=0, help="version to disable (default: all)")
+    disable.add_argument(
+        "--version", type=_key_version, default=0, help="version to disable (default: all)"
+    )
     disable.add_argument(
         "--force",
         action="store_true",
@@ -70,6 +72,25 @@ def register(sub: Any) -> None:
     )
     set_policy.add_argument("policy_file", type=Path)
     action("get-policy", "print a key's release policy", _get_policy)
+
+
+MAX_KEY_VERSION = 2**31 - 1
+"""The highest KEK version the broker numbers (``strongroom.keybroker.keys.MAX_VERSION``, not
+imported: it would load the PKCS#11 bindings into every command)."""
+
+
+def _key_version(text: str) -> int:
+    """``--version``: 0 (every version) or a KEK version. A value outside the request's range
+    is a usage error here: building the request raised ValueError, a traceback."""
+    try:
+        version = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= version <= MAX_KEY_VERSION:
+        raise argparse.ArgumentTypeError(
+            f"{version} is not a key version (1..{MAX_KEY_VERSION}, or 0 for all)"
+        )
+    return version
 
 
 def _admin(args: argparse.Namespace) -> tuple[Client, pb_grpc.KeyAdminServiceStub]:
@@ -177,6 +198,13 @@ def _set_policy(args: argparse.Namespace) -> int:
         document = args.policy_file.read_text(encoding="utf-8")
     except OSError as exc:
         raise FailedPrecondition(f"cannot read {args.policy_file}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        # A policy document is UTF-8 (the request's field is a string); an editor's UTF-16 or
+        # Latin-1 file raised this, which the command line does not catch: a traceback.
+        raise InvalidArgument(
+            f"{args.policy_file} is not UTF-8 text (byte {exc.start}); save it as UTF-8",
+            reason=Reason.POLICY_SYNTAX,
+        ) from None
     client, stub = _admin(args)
     with client:
         request = pb.SetReleasePolicyRequest(key_id=args.key_id, policy_document=document)

@@ -15,6 +15,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
+from strongroom.cli.main import main
 from strongroom.dev.devstack import DevStack
 from strongroom.keybroker import lifecycle
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
@@ -173,3 +174,33 @@ def test_rewraps_refused_before_the_key_lookup_are_not_labelled_with_made_up_key
     }
     assert not [label for label in labels if label.startswith("made-up")], labels
     assert labels == {"", real}  # counted, without the made-up ids; a real key keeps its label
+
+
+def test_keys_set_policy_names_a_file_that_is_not_utf8_in_one_line(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``read_text`` raised UnicodeDecodeError, which the command line does not catch: a policy
+    saved as UTF-16 (an editor's or a shell redirection's default) ended in a traceback."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_bytes(stack.simulated_policy("1").encode("utf-16"))
+    config = str(stack.write_client_config("admin"))
+    code = main(["keys", "set-policy", "odd-policy", str(policy), "--client-config", config])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "POLICY_SYNTAX" in err and "is not UTF-8 text" in err and str(policy) in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("version", ["-1", str(2**32), "one"])
+def test_keys_disable_refuses_a_version_outside_the_range_as_a_usage_error(
+    stack: DevStack, capsys: pytest.CaptureFixture[str], version: str
+) -> None:
+    """``--version -1`` (or 2**32) parsed as an int, and building the request raised ValueError:
+    a traceback, after the model store had been listed."""
+    config = str(stack.write_client_config("admin"))
+    argv = ["keys", "disable", "some-key", "--force", "--client-config", config]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, f"--version={version}"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "--version" in err and "Traceback" not in err
