@@ -330,7 +330,9 @@ class KeyManager:
         self._failed_on: dict[str, int] = {}
         # key_id -> (why it is unusable, monotonic time of the next re-check)
         self._unusable: dict[str, tuple[str, float]] = {}
-        self._seen: set[str] = set()  # keys found in the token (touched on the worker only)
+        # keys found in the token: added on the worker only, read by known() from any thread (one
+        # set lookup, atomic under the GIL)
+        self._seen: set[str] = set()
         # key_id -> (work session serial, monotonic expiry, versions); written on the worker only
         self._cache: dict[str, tuple[int, float, list[_kek.KekVersion]]] = {}
 
