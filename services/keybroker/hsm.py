@@ -404,6 +404,27 @@ class HsmCall(Generic[T]):
     def _cancel(self) -> None:
         self._future.cancel()
 
+    @property
+    def started(self) -> bool:
+        """Whether the worker took the operation before it could be cancelled: it then runs to its
+        end (or refuses it as past its deadline) whatever its caller does."""
+        future = self._future
+        return not future.cancelled() and (future.running() or future.done())
+
+    def finish(self) -> T:
+        """After :meth:`result` raised ``HSM_TIMEOUT`` for an operation that had already started
+        (the worker runs it to its end regardless), waits once more up to the operation's limit for
+        its outcome; raises as :meth:`result` if it still has none."""
+        try:
+            return self._future.result(timeout=self._limit)
+        except concurrent.futures.TimeoutError:
+            raise HsmUnavailable(
+                f"the HSM did not complete {self._name} within {2 * self._limit:.3f}s",
+                reason=Reason.HSM_TIMEOUT,
+            ) from None
+        except concurrent.futures.CancelledError:
+            raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED) from None
+
     def result(self) -> T:
         """Waits until the operation's deadline for its result; raises as :meth:`Hsm.call`."""
         try:

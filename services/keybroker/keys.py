@@ -19,7 +19,9 @@ SoftHSM2 only lets an SO session set CKA_TRUSTED, so the unwrapped key cannot us
 CKA_WRAP_WITH_TRUSTED; the protection is that the session object lives only inside one HSM call.
 
 All methods take ``timeout`` (seconds, default the HSM configuration's) and may raise
-``HsmUnavailable`` (``Unavailable``) when the HSM cannot answer in time.
+``HsmUnavailable`` (``Unavailable``) when the HSM cannot answer in time. A change to the token
+(create, rotate, enable, disable) that has started is waited for up to one more timeout: it is
+made whatever its caller does, and its caller must hear of it to audit it.
 
 **A key the HSM cannot use.** When an operation on a key fails inside a token that still answers
 (SoftHSM2's ``CKR_GENERAL_ERROR`` for a damaged object file, an undecodable label, or a key this
@@ -205,9 +207,11 @@ class _KeyCall(Generic[T]):
         """``time.perf_counter()`` when the HSM finished it (None until then)."""
         return self._call.finished_at
 
-    def result(self) -> T:
-        """Waits for the operation; raises as the synchronous methods do."""
-        return self._manager._settle(self._key_id, self._call, self._ran_on)
+    def result(self, *, finish_started: bool = False) -> T:
+        """Waits for the operation; raises as the synchronous methods do. With
+        ``finish_started``, an operation whose deadline passed once it had started is waited for
+        to its end (:meth:`KeyManager._call`)."""
+        return self._manager._settle(self._key_id, self._call, self._ran_on, finish_started)
 
 
 class PendingRelease:
@@ -362,7 +366,7 @@ class KeyManager:
             self._create_version(hs, key_id, first)
             return _info(key_id, self._versions(hs, key_id))
 
-        info = self._call(key_id, op, timeout, "create_key")
+        info = self._call(key_id, op, timeout, "create_key", change=True)
         _log.info("key created", extra={"key_id": key_id, "key_version": 1})
         return info
 
@@ -386,7 +390,7 @@ class KeyManager:
             self._create_version(hs, key_id, following)
             return _info(key_id, self._versions(hs, key_id))
 
-        info = self._call(key_id, op, timeout, "rotate_key")
+        info = self._call(key_id, op, timeout, "rotate_key", change=True)
         _log.info("key rotated", extra={"key_id": key_id, "key_version": info.current_version})
         return info
 
@@ -631,12 +635,20 @@ class KeyManager:
         *,
         recheck: bool = False,
         creates_objects: bool = True,
+        change: bool = False,
     ) -> T:
         """Runs an operation on ``key_id``, tracking keys the HSM fails to use (module doc);
-        ``creates_objects`` as for :meth:`Hsm.call`."""
+        ``creates_objects`` as for :meth:`Hsm.call`.
+
+        ``change`` marks an operation that changes the token (create, rotate, enable, disable).
+        The worker runs a started operation to its end even when its caller's deadline passes: a
+        change that answered ``HSM_TIMEOUT`` was made anyway, and its caller, told to retry,
+        never audited it (and a retried rotation made a second version). So once a change has
+        started, its caller waits for its outcome, up to one more timeout.
+        """
         return self._submit(
             key_id, op, timeout, name, recheck=recheck, creates_objects=creates_objects
-        ).result()
+        ).result(finish_started=change)
 
     def _submit(
         self,
@@ -664,10 +676,21 @@ class KeyManager:
         )
         return _KeyCall(self, key_id, call, ran_on)
 
-    def _settle(self, key_id: str, call: HsmCall[T], ran_on: list[int]) -> T:
+    def _settle(
+        self, key_id: str, call: HsmCall[T], ran_on: list[int], finish_started: bool = False
+    ) -> T:
         """Waits for ``call`` and records whether ``key_id`` worked (module doc)."""
         try:
-            result = call.result()
+            try:
+                result = call.result()
+            except HsmUnavailable as exc:
+                if not (finish_started and exc.reason == Reason.HSM_TIMEOUT and call.started):
+                    raise
+                _log.warning(
+                    "key change outlived its HSM deadline; waiting for its outcome",
+                    extra={"key_id": key_id},
+                )
+                result = call.finish()
         except HsmUnavailable as exc:
             if exc.reason != Reason.HSM_OPERATION_FAILED or not ran_on:
                 raise
@@ -819,7 +842,9 @@ class KeyManager:
                         _set_flag(kek, attribute, enabled)
             return _info(key_id, self._versions(hs, key_id))
 
-        info = self._call(key_id, op, timeout, "enable_key" if enabled else "disable_key")
+        info = self._call(
+            key_id, op, timeout, "enable_key" if enabled else "disable_key", change=True
+        )
         _log.info(
             "key version state changed",
             extra={"key_id": key_id, "key_version": version, "enabled": enabled},

@@ -7,6 +7,7 @@ record cannot be written never leaves (and is wiped).
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -15,9 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.keybroker.keys import KeyManager, KeyState
 from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller
+from tests.keybroker.helpers import make_config
 
 ADMIN = Caller("spiffe://strongroom.test/admin", 0x1F, b"")
 PUBLISHER = Caller("spiffe://strongroom.test/publisher", 0x20, b"")
@@ -144,3 +147,47 @@ def test_a_policy_that_cannot_be_stored_after_its_record_is_recorded_as_refused(
     assert denied["reason"] == "POLICY_STORE_READ_ONLY"
     assert denied["decision_id"] == allowed["decision_id"]
     assert keys.policy_version("k1") == ""
+
+
+@pytest.mark.parametrize("change", ["create_key", "rotate_key", "disable_key"])
+def test_a_key_change_that_outlives_the_hsm_deadline_is_awaited_and_audited(
+    softhsm_token, open_hsm, tmp_path, monkeypatch, change: str
+) -> None:
+    """The HSM worker runs a started operation to its end whatever its caller does: a change
+    still running at the HSM deadline (a slow token, or one started late behind a queue of
+    publishers' calls) was made in the token while its caller heard HSM_TIMEOUT, "retry", and
+    was never audited; a retried rotation made a second version."""
+    km = KeyManager(open_hsm(make_config(softhsm_token, operation_timeout=0.3)))
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit)
+    if change != "create_key":
+        keys.create_key(ADMIN, "k1")
+    real = km._versions
+    slowed: list[bool] = []
+
+    def slow_once(hs, key_id):
+        if not slowed:
+            slowed.append(True)
+            time.sleep(0.4)  # inside the operation, past its 0.3 s deadline
+        return real(hs, key_id)
+
+    monkeypatch.setattr(km, "_versions", slow_once)
+    try:
+        if change == "create_key":
+            info = keys.create_key(ADMIN, "k1")
+        elif change == "rotate_key":
+            info = keys.rotate_key(ADMIN, "k1")
+        else:
+            info = keys.disable_key(ADMIN, "k1", 1)
+    finally:
+        audit.close()
+    assert slowed
+    states = {
+        "create_key": [KeyState.ENABLED],
+        "rotate_key": [KeyState.ENABLED, KeyState.ENABLED],
+        "disable_key": [KeyState.DISABLED],
+    }[change]
+    assert [v.state for v in km.describe_key("k1").versions] == states
+    assert [v.state for v in info.versions] == states
+    last = _records(tmp_path / "audit.log")[-1]
+    assert (last["action"], last["decision"], last["key"]["id"]) == (change, "allowed", "k1")
