@@ -110,6 +110,12 @@ class AuthzConfig:
         return frozenset(sid for role in roles for sid in getattr(self, role))
 
 
+MIN_STREAM_RATE = 1024
+"""The lowest non-zero ``server.stream_min_bytes_per_second``: below it the floor protects nothing."""
+MAX_STREAM_RATE = 1 << 30
+"""The highest: above it, legitimate transfers would be cut on any link."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     """gRPC server limits.
@@ -127,6 +133,12 @@ class ServerConfig:
     max_blocking_streams: int | None = None
     # A request stream that sends nothing for this long is ended (RESOURCE_EXHAUSTED).
     stream_idle_timeout_seconds: float = 30.0
+    # A blocking stream (an upload, a download) that moves fewer bytes than this per second, over
+    # any window of stream_idle_timeout_seconds spent waiting on its client, is ended
+    # (RESOURCE_EXHAUSTED): a client trickling a byte, or reading a message, just inside the idle
+    # timeout would otherwise hold a worker thread for ever. 64 KiB/s is above one 1 MiB download
+    # message per idle timeout and far below any real link; 0 turns the floor off.
+    stream_min_bytes_per_second: int = 64 * 1024
     # A connection older than this is asked to go away (HTTP/2 GOAWAY; gRPC adds +-10 % jitter) and
     # the client reconnects: some of what gRPC core keeps per connection grows with its calls and is
     # freed only when it closes, and long-lived callers get spread over replicas again. 0 keeps
@@ -149,6 +161,14 @@ class ServerConfig:
             )
         if not 0.1 <= self.stream_idle_timeout_seconds <= 3600:
             raise ConfigError("server.stream_idle_timeout_seconds must be between 0.1 and 3600")
+        if not (
+            self.stream_min_bytes_per_second == 0
+            or MIN_STREAM_RATE <= self.stream_min_bytes_per_second <= MAX_STREAM_RATE
+        ):
+            raise ConfigError(
+                "server.stream_min_bytes_per_second must be 0 (off) or between "
+                f"{MIN_STREAM_RATE} and {MAX_STREAM_RATE}"
+            )
         if not (
             self.max_connection_age_seconds == 0 or 1 <= self.max_connection_age_seconds <= 604_800
         ):

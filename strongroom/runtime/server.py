@@ -121,6 +121,7 @@ class ServiceHost:
                 max_streams_per_identity=config.max_streams_per_identity,
                 max_blocking_streams=config.blocking_streams,
                 idle_timeout=config.stream_idle_timeout_seconds,
+                min_bytes_per_second=config.stream_min_bytes_per_second,
             )
         )
         self._server = grpc.server(

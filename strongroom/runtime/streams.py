@@ -15,6 +15,19 @@ sends nothing for ``idle_timeout`` seconds fails with ``RESOURCE_EXHAUSTED``
 as it does on cancel). A response stream whose client stops reading (gRPC's send waits for flow
 control) is cancelled after ``idle_timeout`` seconds without progress: gRPC offers no way to end
 it with a status from another thread, so that client sees CANCELLED.
+
+The idle timeout alone lets a client hold a blocking stream for ever by trickling: one byte, or
+one download message taken, just inside each timeout. So a blocking stream must also move at
+least ``min_bytes_per_second`` (messages' encoded size, both directions together), judged over
+consecutive windows of ``idle_timeout`` seconds of the server *waiting on the client*: the handler
+blocked for the next request message, or the response generator suspended until the client took
+the last message. Time the server spends on its own work (storage, a slow backend) is not counted
+against the client, and neither is the wait for a request stream's first message (the idle
+timeout bounds it): the first window starts with the header. A window that ends below the floor
+ends the stream with ``RESOURCE_EXHAUSTED`` (``STREAM_TOO_SLOW``) and a warning (method, peer);
+a request stream's window is judged the moment it ends, a response stream's when the client takes
+its next message (the watchdog above bounds that wait). A stream that finishes is never judged on
+its last, unfinished window. Non-blocking streams hold no thread and are not metered.
 """
 
 from __future__ import annotations
@@ -60,6 +73,8 @@ class StreamLimits:
     max_streams_per_identity: int
     max_blocking_streams: int
     idle_timeout: float
+    # Bytes per second a blocking stream must move, judged per window of idle_timeout; 0: off.
+    min_bytes_per_second: int
 
 
 class StreamGuard(HandlerInterceptor):
@@ -91,7 +106,7 @@ class StreamGuard(HandlerInterceptor):
             for context in stalled:
                 log.warning(
                     "response stream cancelled: the client stopped reading",
-                    extra={"peer": context.peer(), "reason": "STREAM_IDLE_TIMEOUT"},
+                    extra={"peer": context.peer(), "reason": Reason.STREAM_IDLE_TIMEOUT},
                 )
                 cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
                 cancel()
@@ -156,6 +171,8 @@ class StreamGuard(HandlerInterceptor):
         method = details.method
         blocking = not is_non_blocking(handler)
         idle = self._limits.idle_timeout if handler.request_streaming and blocking else None
+        limits = self._limits
+        metered = blocking and limits.min_bytes_per_second > 0
 
         def enter(context: grpc.ServicerContext) -> Callable[[], None]:
             try:
@@ -170,15 +187,22 @@ class StreamGuard(HandlerInterceptor):
                 release()  # the RPC has already ended
             return release
 
-        def requests(argument: Any) -> Any:
-            return _IdleTimeoutIterator(argument, idle, method) if idle is not None else argument
+        def meter(context: grpc.ServicerContext) -> _RateFloor | None:
+            if not metered:
+                return None
+            return _RateFloor(limits.min_bytes_per_second, limits.idle_timeout, method, context)
+
+        def requests(argument: Any, floor: _RateFloor | None) -> Any:
+            if idle is None:
+                return argument
+            return _IdleTimeoutIterator(argument, idle, method, floor)
 
         def unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
             def call(argument: Any, context: grpc.ServicerContext) -> Any:
                 release = enter(context)
                 if not blocking:
                     return fn(argument, context)  # released when the RPC ends
-                argument = requests(argument)
+                argument = requests(argument, meter(context))
                 try:
                     return fn(argument, context)
                 finally:
@@ -190,21 +214,127 @@ class StreamGuard(HandlerInterceptor):
         def stream(fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
             def call(argument: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 release = enter(context)
-                argument = requests(argument)
+                floor = meter(context)
+                argument = requests(argument, floor)
+                responses: Iterator[Any] | None = None
                 try:
-                    for response in fn(argument, context):
+                    responses = fn(argument, context)
+                    for response in responses:
+                        size = _size(response) if floor is not None else 0
                         # gRPC resumes this generator once the client took the message.
                         self._sending_started(context)
+                        since = time.monotonic()
                         yield response
                         self._sending_done(context)
+                        if floor is not None:
+                            floor.add(time.monotonic() - since, size)
                 finally:
                     self._sending_done(context)
+                    if responses is not None:
+                        _close_responses(responses)
                     _close(argument)
                     release()
 
             return call
 
-        return rewrap_handler(handler, unary, stream)
+        # A request stream's messages are counted as gRPC decodes them: their encoded size is known
+        # there for free (a protobuf message's ByteSize() encodes it again).
+        return rewrap_handler(
+            handler,
+            unary,
+            stream,
+            request_deserializer=_sized(handler.request_deserializer) if idle is not None else None,
+        )
+
+
+class _RateFloor:
+    """The bytes one blocking stream moved while the server waited on its client, judged per window.
+
+    ``add`` is given each wait on the client (seconds) and the bytes it brought. Once the waits
+    add up to ``window``, the window is judged and a new one begins: fewer than ``rate`` bytes per
+    second of it ends the stream.
+    """
+
+    def __init__(
+        self, rate: int, window: float, method: str, context: grpc.ServicerContext
+    ) -> None:
+        self._rate = rate
+        self._window = window
+        self._method = method
+        self._context = context
+        self._lock = threading.Lock()  # a bidirectional handler may read and send from two threads
+        self._waited = 0.0
+        self._moved = 0
+
+    def left(self) -> float:
+        """Seconds of waiting on the client until the current window ends."""
+        with self._lock:
+            return max(0.0, self._window - self._waited)
+
+    def add(self, waited: float, moved: int) -> None:
+        """Counts a wait on the client and what it brought; raises ResourceExhausted
+        (STREAM_TOO_SLOW) when that completes a window below the floor."""
+        with self._lock:
+            self._waited += waited
+            self._moved += moved
+            if self._waited < self._window:
+                return
+            waited, moved = self._waited, self._moved
+            self._waited, self._moved = 0.0, 0
+        if moved >= self._rate * waited:
+            return
+        log.warning(
+            "stream ended: below the minimum transfer rate",
+            extra={
+                "method": self._method,
+                "peer": self._context.peer(),
+                "reason": Reason.STREAM_TOO_SLOW,
+                "bytes": moved,
+                "seconds": round(waited, 3),
+            },
+        )
+        raise ResourceExhausted(
+            f"{self._method}: the stream moved {moved} bytes in {waited:.3g}s of waiting on the "
+            f"client, below the minimum of {self._rate} bytes/s "
+            "(server.stream_min_bytes_per_second); the stream was ended",
+            reason=Reason.STREAM_TOO_SLOW,
+        )
+
+
+class _Sized:
+    """A decoded request message with the size of its encoding."""
+
+    __slots__ = ("message", "size")
+
+    def __init__(self, message: Any, size: int) -> None:
+        self.message = message
+        self.size = size
+
+
+def _sized(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def sized(data: bytes) -> Any:
+        return _Sized(deserialize(data) if deserialize is not None else data, len(data))
+
+    return sized
+
+
+def _size(message: Any) -> int:
+    """A response message's encoded size: ``len`` of bytes (what the model store's GetModel
+    yields), else the protobuf ``ByteSize()``; 0 for anything else."""
+    if isinstance(message, bytes | bytearray):
+        return len(message)
+    if isinstance(message, memoryview):
+        return message.nbytes
+    byte_size = getattr(message, "ByteSize", None)
+    return int(byte_size()) if callable(byte_size) else 0
+
+
+def _close_responses(responses: Iterator[Any]) -> None:
+    # A handler's generator is closed at once, not when collected: what it holds open (a stored
+    # artifact's reader) is released when the stream ends, however it ended.
+    close = getattr(responses, "close", None)
+    if callable(close):
+        close()
 
 
 def _close(argument: Any) -> None:
@@ -216,17 +346,24 @@ _ITEM, _END, _ERROR = "item", "end", "error"
 
 
 class _IdleTimeoutIterator:
-    """A request stream whose ``next`` gives up after ``timeout`` seconds without a message.
+    """A request stream whose ``next`` gives up after ``timeout`` seconds without a message, and
+    (with a ``floor``) once a window of waiting on the client brought too few bytes.
 
     gRPC's request iterator blocks without a timeout, so a reader thread pulls from it into a
     one-slot queue and the handler waits on the queue with the timeout. When the handler gives
-    up, the RPC ends and gRPC's iterator returns, so the reader thread ends too.
+    up, the RPC ends and gRPC's iterator returns, so the reader thread ends too. Messages arrive
+    as :class:`_Sized` (see :func:`_sized`); anything else (a request that did not decode, left
+    for the decoding interceptor to refuse) counts 0 bytes.
     """
 
-    def __init__(self, source: Iterator[Any], timeout: float, method: str) -> None:
+    def __init__(
+        self, source: Iterator[Any], timeout: float, method: str, floor: _RateFloor | None = None
+    ) -> None:
         self._source = source
         self._timeout = timeout
         self._method = method
+        self._floor = floor
+        self._started = False  # the wait for the first message is the idle timeout's alone
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
         self._done = threading.Event()
         threading.Thread(target=self._pump, name="rpc-request-reader", daemon=True).start()
@@ -255,21 +392,49 @@ class _IdleTimeoutIterator:
     def __next__(self) -> Any:
         if self._done.is_set():
             raise StopIteration
-        try:
-            kind, value = self._queue.get(timeout=self._timeout)
-        except queue.Empty:
-            self._done.set()
-            raise ResourceExhausted(
-                f"{self._method}: no message for {self._timeout:g}s "
-                "(server.stream_idle_timeout_seconds); the stream was ended",
-                reason=Reason.STREAM_IDLE_TIMEOUT,
-            ) from None
+        now = time.monotonic()
+        idle_deadline = now + self._timeout
+        floor = self._floor if self._started else None
+        while True:
+            wait = idle_deadline - now
+            if floor is not None:
+                wait = min(wait, floor.left())
+            try:
+                kind, value = self._queue.get(timeout=max(0.0, wait))
+                break
+            except queue.Empty:
+                waited_until = time.monotonic()
+                if waited_until >= idle_deadline:
+                    self._done.set()
+                    raise ResourceExhausted(
+                        f"{self._method}: no message for {self._timeout:g}s "
+                        "(server.stream_idle_timeout_seconds); the stream was ended",
+                        reason=Reason.STREAM_IDLE_TIMEOUT,
+                    ) from None
+                if floor is not None:
+                    self._count(floor, waited_until - now, 0)  # a window ended
+                now = waited_until
         if kind == _ITEM:
+            size = 0
+            if isinstance(value, _Sized):
+                value, size = value.message, value.size
+            if floor is not None:
+                self._count(floor, time.monotonic() - now, size)
+            elif self._floor is not None:
+                self._started = True
+                self._count(self._floor, 0.0, size)
             return value
         self._done.set()
         if kind == _END:
             raise StopIteration
         raise value
+
+    def _count(self, floor: _RateFloor, waited: float, moved: int) -> None:
+        try:
+            floor.add(waited, moved)
+        except ResourceExhausted:
+            self._done.set()
+            raise
 
     def close(self) -> None:
         """Stops the reader thread at its next message (or when the RPC ends)."""

@@ -23,6 +23,7 @@ from strongroom.modelstore.service import (
     message_limits,
 )
 from strongroom.modelstore.storage import FilesystemStorage, S3Storage
+from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 from tests.modelstore import s3server
 from tests.modelstore.backends import AnyStorage
@@ -93,11 +94,14 @@ class Served:
 
 def serve(
     storage: AnyStorage,
+    *,
+    config: ServerConfig | None = None,
     **servicer_options: int,
 ) -> tuple[ServiceHost, grpc.Channel]:
     """Starts the servicer behind the runtime's real host (error mapping included), insecure."""
     servicer = ModelStoreServicer(storage, **servicer_options)
     host = ServiceHost(
+        config=config,
         message_limits=message_limits(),
         listen="127.0.0.1:0",
         credentials=None,

@@ -13,6 +13,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
 from strongroom.modelstore.limits import MAX_PAGE_SIZE
 from strongroom.modelstore.service import (
@@ -23,10 +24,12 @@ from strongroom.modelstore.service import (
     ROLE_READER,
     SERVICE_NAME,
 )
+from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.runtime.config import ServerConfig
 from tests.modelstore.artifacts import chunked, make_artifact, with_header
 from tests.modelstore.backends import assert_clean, blob_count, overwrite_blob
-from tests.modelstore.conftest import Served
+from tests.modelstore.conftest import Served, serve
 
 
 def body(n: int, seed: int = 0) -> bytes:
@@ -266,6 +269,37 @@ def test_a_message_beyond_the_store_limit_is_refused_by_grpc_before_any_handler(
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in err.details()
     assert served.storage.records() == ()
+
+
+def test_trickled_upload_is_ended_and_leaves_nothing(fs_storage: FilesystemStorage) -> None:
+    """A publisher that sends the header, then a byte every quarter of the idle timeout, is ended
+    below the default minimum rate (64 KiB/s) and its partial upload removed; the same artifact
+    sent at full speed is stored."""
+    host, channel = serve(fs_storage, config=ServerConfig(stream_idle_timeout_seconds=1))
+    served = Served(fs_storage, pb_grpc.ModelStoreServiceStub(channel), channel)
+    art = make_artifact("m", "1", body(200_000))
+    try:
+
+        def trickle() -> Iterator[pb.PutModelRequest]:
+            yield pb.PutModelRequest(data=art[:4096])
+            for i in range(4096, 4096 + 24):  # 6 s in all
+                time.sleep(0.25)
+                yield pb.PutModelRequest(data=art[i : i + 1])
+
+        with pytest.raises(grpc.RpcError) as info:
+            served.stub.PutModel(trickle(), timeout=30)
+        assert_status(info.value, grpc.StatusCode.RESOURCE_EXHAUSTED, "STREAM_TOO_SLOW")
+        tmp = fs_storage.root / "tmp"
+        deadline = time.monotonic() + 10
+        while list(tmp.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(tmp.iterdir()) == []
+        assert fs_storage.records() == ()
+        assert host.streams.open_streams() == 0
+        assert put(served, art).name == "m"
+    finally:
+        channel.close()
+        host.stop(0)
 
 
 def test_cancelled_upload_leaves_nothing(fs_served: Served) -> None:

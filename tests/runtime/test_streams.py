@@ -1,5 +1,6 @@
 """Streams cannot take the host's worker threads: non-blocking handlers stay non-blocking through
-every interceptor, streams are limited per caller and in total, idle request streams end."""
+every interceptor, streams are limited per caller and in total, idle request streams end, and
+blocking streams that trickle below the minimum transfer rate end too."""
 
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def make_service(gate: Gate) -> ServiceSpec:
         for _ in range(4096):  # 4 GiB at most: far more than any flow-control window
             yield chunk
 
+    def chunks(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        size, count = (int(n) for n in request.split(b","))
+        chunk = b"x" * size
+        for _ in range(count):
+            yield chunk
+
     def upload(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         total = sum(len(r) for r in requests)
         gate.uploads_done += 1
@@ -59,6 +66,7 @@ def make_service(gate: Gate) -> ServiceSpec:
             "Download": grpc.unary_stream_rpc_method_handler(download, _identity, _identity),
             "Upload": grpc.stream_unary_rpc_method_handler(upload, _identity, _identity),
             "Flood": grpc.unary_stream_rpc_method_handler(flood, _identity, _identity),
+            "Chunks": grpc.unary_stream_rpc_method_handler(chunks, _identity, _identity),
         },
     )
     return ServiceSpec(SERVICE, lambda server: server.add_generic_rpc_handlers((handler,)))
@@ -202,17 +210,133 @@ def test_an_idle_upload_ends_with_a_reason_and_frees_its_thread(
     assert upload(iter([b"a"] * 5), timeout=20) == b"5"
 
 
+def test_a_trickling_upload_is_ended_below_the_minimum_rate(
+    small: tuple[ServiceHost, Gate, grpc.Channel],
+) -> None:
+    """One byte every quarter of the 1 s idle timeout never idles, yet moves far less than the
+    default 64 KiB a window: the slowloris that held a blocking stream for ever."""
+    host, gate, channel = small
+
+    def trickle() -> Iterator[bytes]:
+        for _ in range(24):  # 6 s in all
+            yield b"x"
+            time.sleep(0.25)
+
+    upload = channel.stream_unary(f"/{SERVICE}/Upload", _identity, _identity)
+    with pytest.raises(grpc.RpcError) as info:
+        upload(trickle(), timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert reason_of(info.value) == "STREAM_TOO_SLOW"
+    assert "server.stream_min_bytes_per_second" in info.value.details()  # type: ignore[attr-defined]
+    assert gate.uploads_done == 0
+    assert host.streams.open_streams() == 0
+
+
+def test_a_legitimate_upload_is_not_cut_by_the_minimum_rate(
+    small: tuple[ServiceHost, Gate, grpc.Channel],
+) -> None:
+    """A client that takes most of the idle timeout before its header, pauses after it, then
+    sends 16 MiB at full speed is within the floor (the wait for the first message is the idle
+    timeout's alone)."""
+    _host, gate, channel = small
+    chunk = b"d" * (256 * 1024)
+
+    def legitimate() -> Iterator[bytes]:
+        time.sleep(0.7)
+        yield b"header"
+        time.sleep(0.5)
+        for _ in range(64):
+            yield chunk
+
+    upload = channel.stream_unary(f"/{SERVICE}/Upload", _identity, _identity)
+    assert upload(legitimate(), timeout=60) == str(6 + 64 * len(chunk)).encode()
+    assert gate.uploads_done == 1
+
+
+@pytest.fixture
+def floored() -> Iterator[tuple[ServiceHost, grpc.Channel]]:
+    """A 1 s window and a 1 MiB/s floor; the client's flow-control window stays at 64 KiB (no
+    BDP probing), so the server sees each message as the client takes it."""
+    host, gate, _ = start(
+        ServerConfig(
+            max_workers=4,
+            max_streams_per_identity=1000,
+            stream_idle_timeout_seconds=1,
+            stream_min_bytes_per_second=1 << 20,
+        )
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{host.port}", options=[("grpc.http2.bdp_probe", 0)])
+    yield host, channel
+    gate.release.set()
+    channel.close()
+    host.stop(0)
+
+
+def test_a_slowly_read_download_is_ended_below_the_minimum_rate(
+    floored: tuple[ServiceHost, grpc.Channel],
+) -> None:
+    """A client that takes a 16 KiB message every 0.1 s (160 KiB/s) never stops reading for the
+    idle timeout, so the watchdog leaves it be; the floor ends it with a status."""
+    host, channel = floored
+    chunks = channel.unary_stream(f"/{SERVICE}/Chunks", _identity, _identity)
+    call = chunks(b"16384,100000", timeout=60)
+    deadline = time.monotonic() + 20
+    read = 0
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in call:
+            read += 1
+            if host.streams.open_streams() and time.monotonic() < deadline:
+                time.sleep(0.1)  # slow while the server serves it; then take what is in flight
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert reason_of(info.value) == "STREAM_TOO_SLOW"
+    assert read < 100000
+    assert host.streams.open_streams() == 0
+    assert unary(channel) == b"ok"
+
+
+def test_a_fast_download_is_not_cut_by_the_minimum_rate(
+    floored: tuple[ServiceHost, grpc.Channel],
+) -> None:
+    host, channel = floored
+    chunks = channel.unary_stream(f"/{SERVICE}/Chunks", _identity, _identity)
+    for size, count in ((16384, 1024), (1 << 20, 16)):  # 16 MiB each
+        received = sum(len(m) for m in chunks(f"{size},{count}".encode(), timeout=60))
+        assert received == size * count
+    assert host.streams.open_streams() == 0
+
+
+def test_watch_streams_are_not_metered(small: tuple[ServiceHost, Gate, grpc.Channel]) -> None:
+    """A health Watch sends nothing for several windows and stays open."""
+    _host, _gate, channel = small
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+    try:
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        time.sleep(3)
+        assert not watch.done()
+    finally:
+        watch.cancel()
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
         ({"max_workers": 8, "max_blocking_streams": 8}, "below server.max_workers"),
         ({"max_streams_per_identity": 0}, "max_streams_per_identity"),
         ({"stream_idle_timeout_seconds": 0}, "stream_idle_timeout_seconds"),
+        ({"stream_min_bytes_per_second": 1023}, "stream_min_bytes_per_second"),
+        ({"stream_min_bytes_per_second": -1}, "stream_min_bytes_per_second"),
+        ({"stream_min_bytes_per_second": (1 << 30) + 1}, "stream_min_bytes_per_second"),
     ],
 )
 def test_contradicting_stream_limits_are_refused(settings: dict[str, int], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ServerConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_the_minimum_rate_defaults_to_64_kib_and_0_turns_it_off() -> None:
+    assert ServerConfig().stream_min_bytes_per_second == 64 * 1024
+    assert ServerConfig(stream_min_bytes_per_second=0).stream_min_bytes_per_second == 0
+    assert ServerConfig(stream_min_bytes_per_second=1 << 30).stream_min_bytes_per_second == 1 << 30
 
 
 def test_a_download_whose_client_stops_reading_is_cancelled_and_frees_its_thread(
