@@ -415,24 +415,19 @@ class HsmCall(Generic[T]):
         """After :meth:`result` raised ``HSM_TIMEOUT`` for an operation that had already started
         (the worker runs it to its end regardless), waits once more up to the operation's limit for
         its outcome; raises as :meth:`result` if it still has none."""
-        try:
-            return self._future.result(timeout=self._limit)
-        except concurrent.futures.TimeoutError:
-            raise HsmUnavailable(
-                f"the HSM did not complete {self._name} within {2 * self._limit:.3f}s",
-                reason=Reason.HSM_TIMEOUT,
-            ) from None
-        except concurrent.futures.CancelledError:
-            raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED) from None
+        return self._wait(self._limit, 2 * self._limit)
 
     def result(self) -> T:
         """Waits until the operation's deadline for its result; raises as :meth:`Hsm.call`."""
+        return self._wait(max(0.0, self._deadline - time.monotonic()), self._limit)
+
+    def _wait(self, timeout: float, waited: float) -> T:
         try:
-            return self._future.result(timeout=max(0.0, self._deadline - time.monotonic()))
+            return self._future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
-            self._future.cancel()
+            self._future.cancel()  # a no-op once the worker has started it
             raise HsmUnavailable(
-                f"the HSM did not complete {self._name} within {self._limit:.3f}s",
+                f"the HSM did not complete {self._name} within {waited:.3f}s",
                 reason=Reason.HSM_TIMEOUT,
             ) from None
         except concurrent.futures.CancelledError:
