@@ -40,7 +40,12 @@ from strongroom.artifact.manifest import (
     part_version,
     validate_part_name,
 )
-from strongroom.client.publish import ONNX_CONTENT_TYPE, UPLOAD_MESSAGE_BYTES, Progress
+from strongroom.client.publish import (
+    ONNX_CONTENT_TYPE,
+    UPLOAD_MESSAGE_BYTES,
+    Progress,
+    put_model,
+)
 from strongroom.errors import FailedPrecondition, InvalidArgument, StrongroomError
 from strongroom.reasons import Reason
 
@@ -317,7 +322,7 @@ def publish_parts(
                         progress(before + source.tell(), total)
 
                 pieces = plan.writer.stream(source, block_size=UPLOAD_MESSAGE_BYTES)
-                response = stub.PutModel(_messages(pieces, on_piece), timeout=timeout)
+                response = put_model(stub, _messages(pieces, on_piece), timeout=timeout)
             stored.append(response.model)
             digests.append(bytes(tail))  # the footer: the part's plaintext SHA-256
             done_before += plan.header.plaintext_size
@@ -342,7 +347,9 @@ def publish_parts(
         artifact = b"".join(
             (manifest_writer.start(), manifest_writer.write(encoded), manifest_writer.finish())
         )
-        response = stub.PutModel(_messages(iter([artifact]), lambda _piece: None), timeout=timeout)
+        response = put_model(
+            stub, _messages(iter([artifact]), lambda _piece: None), timeout=timeout
+        )
     except BaseException:
         _delete_best_effort(stub, stored)
         raise

@@ -99,5 +99,40 @@ def publish_model(
                 for start in range(0, len(piece), UPLOAD_MESSAGE_BYTES):
                     yield store_pb.PutModelRequest(data=piece[start : start + UPLOAD_MESSAGE_BYTES])
 
-        response = store_grpc.ModelStoreServiceStub(store).PutModel(messages(), timeout=timeout)
+        response = put_model(store_grpc.ModelStoreServiceStub(store), messages(), timeout=timeout)
     return Published(response.model, time.perf_counter() - started)
+
+
+def put_model(
+    stub: store_grpc.ModelStoreServiceStub,
+    requests: Iterator[store_pb.PutModelRequest],
+    *,
+    timeout: float,
+) -> store_pb.PutModelResponse:
+    """Streams ``requests`` to ``PutModel``; a failure while producing them (the plaintext file
+    unreadable, or changing size under the encryptor: PLAINTEXT_SIZE_MISMATCH) is raised as it is.
+
+    gRPC answers an exception raised by a request iterator with UNKNOWN "Exception iterating
+    requests!" and logs its traceback, which hid the cause from the publisher and put a traceback
+    on the command line's stderr. So the exception is kept here and the request stream ends
+    instead: the artifact then lacks its final chunk (the writer seals it only once every declared
+    byte was read), which no store can take for a whole one; whatever the store answers, the kept
+    exception is raised.
+    """
+    failure: list[Exception] = []
+
+    def guarded() -> Iterator[store_pb.PutModelRequest]:
+        try:
+            yield from requests
+        except Exception as exc:
+            failure.append(exc)
+
+    try:
+        response: store_pb.PutModelResponse = stub.PutModel(guarded(), timeout=timeout)
+    except grpc.RpcError:
+        if failure:
+            raise failure[0] from None
+        raise
+    if failure:
+        raise failure[0]
+    return response

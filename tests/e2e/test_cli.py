@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
+from strongroom.cli import models as cli_models
 from strongroom.cli.main import main
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
@@ -144,3 +146,46 @@ def test_missing_client_config_is_a_clear_error(
     monkeypatch.delenv("STRONGROOM_CLIENT_CONFIG", raising=False)
     code, _, err = run(capsys, "keys", "list")
     assert code == 1 and "no client configuration" in err and "Traceback" not in err
+
+
+def test_a_model_file_growing_during_publish_is_one_clear_line(
+    stack: DevStack,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file still being written (appended to after the upload began) fails the publish with
+    the encryptor's reason, not gRPC's UNKNOWN "Exception iterating requests!" and its logged
+    traceback; the store keeps nothing."""
+    stack.create_release_key(stack.identity("admin"), "grow-key", policy_version="grow-1")
+    model = tmp_path / "model.bin"
+    model.write_bytes(bytes(3 << 20))
+
+    class Appending:
+        """Stands in for the progress bar: the first call appends to the file being read."""
+
+        def __init__(self) -> None:
+            self.appended = False
+
+        def __call__(self, done: int, total: int) -> None:
+            if not self.appended:
+                self.appended = True
+                with model.open("ab") as out:
+                    out.write(b"appended")
+
+        def done(self) -> None:
+            pass
+
+    monkeypatch.setattr(cli_models, "ProgressBar", Appending)
+    publisher = str(stack.write_client_config("publisher"))
+    code, out, err = run(
+        capsys,
+        *("model", "publish", str(model), "--name", "growing", "--version", "1"),
+        *("--key-id", "grow-key", "--client-config", publisher),
+    )
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "PLAINTEXT_SIZE_MISMATCH" in err, err
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
+    code, out, _ = run(capsys, "model", "ls", "growing", "--client-config", publisher)
+    assert code == 0 and out == ""

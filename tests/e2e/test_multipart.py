@@ -584,3 +584,37 @@ def test_cli_plans_single_files_onnx_folders_and_shards(tmp_path: Path) -> None:
     with pytest.raises(StrongroomError) as info:
         cli_models._plan([tmp_path / "missing"])
     assert info.value.reason == "MODEL_FILE_UNREADABLE"
+
+
+def test_a_part_growing_during_publish_raises_its_reason_and_stores_nothing(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A part appended to while it is uploaded fails the publish with PLAINTEXT_SIZE_MISMATCH
+    (gRPC answered UNKNOWN "Exception iterating requests!" and logged a traceback); no part and
+    no manifest is stored."""
+    path = write_mlp(env.models / "growing", seed=5)
+    parts = onnx_parts(path)
+    appended: list[Path] = []
+
+    def append_once(done: int, total: int) -> None:
+        if not appended:
+            appended.append(parts[0].path)
+            with parts[0].path.open("ab") as out:
+                out.write(b"appended")
+
+    with pytest.raises(StrongroomError) as info:
+        publish_parts(
+            parts,
+            name=NAME,
+            version="growing",
+            key_id=KEY,
+            broker=env.stack.channel(env.publisher, "keybroker"),
+            store=env.stack.channel(env.publisher, "modelstore"),
+            layout=ManifestLayout.ONNX_EXTERNAL_DATA,
+            progress=append_once,
+        )
+    assert info.value.reason == "PLAINTEXT_SIZE_MISMATCH"
+    assert not [r for r in caplog.records if r.name.startswith("grpc") and r.exc_info]
+    stub = store_grpc.ModelStoreServiceStub(env.stack.channel(env.publisher, "modelstore"))
+    listed = stub.ListModels(store_pb.ListModelsRequest(name_prefix=NAME), timeout=30).models
+    assert not [m for m in listed if m.version.startswith("growing")]
