@@ -40,6 +40,7 @@ from strongroom.artifact.manifest import (
     part_version,
     validate_part_name,
 )
+from strongroom.client.mechanisms import header_mechanism
 from strongroom.client.publish import (
     ONNX_CONTENT_TYPE,
     UPLOAD_MESSAGE_BYTES,
@@ -253,6 +254,10 @@ def publish_parts(
     generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
         kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30
     )
+    # As publish_model does, before the key is copied out: the key slots must name the mechanism
+    # the broker wrapped with (one a header cannot carry ends the publish), never a default that
+    # would make every part unwrappable once stored.
+    mechanism = header_mechanism(generated.mechanism)
     dek = bytearray(generated.data_key)
     try:
         common: dict[str, Any] = {
@@ -260,6 +265,7 @@ def publish_parts(
             "key_id": key_id,
             "key_version": generated.key_version,
             "wrapped_dek": generated.wrapped_data_key,
+            "wrap_mechanism": mechanism,
             "created_at": created_at or datetime.now(UTC),
         }
         planned = []

@@ -38,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from strongroom.api.inference.v1 import model_control_pb2 as control_pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
@@ -618,3 +619,46 @@ def test_a_part_growing_during_publish_raises_its_reason_and_stores_nothing(
     stub = store_grpc.ModelStoreServiceStub(env.stack.channel(env.publisher, "modelstore"))
     listed = stub.ListModels(store_pb.ListModelsRequest(name_prefix=NAME), timeout=30).models
     assert not [m for m in listed if m.version.startswith("growing")]
+
+
+class _MechanismRewriter(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """A broker answering GenerateDataKey with another wrap mechanism than the KEK wrap."""
+
+    def __init__(self, mechanism: int) -> None:
+        self.mechanism = mechanism
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        outcome = continuation(details, request)
+        if details.method.endswith("/GenerateDataKey"):
+            outcome.result().mechanism = self.mechanism  # the message the caller will read
+        return outcome
+
+
+@pytest.mark.parametrize(
+    "mechanism", [kb_pb.WRAP_MECHANISM_RSA_OAEP_SHA256, kb_pb.WRAP_MECHANISM_UNSPECIFIED]
+)
+def test_a_data_key_wrapped_with_another_mechanism_is_not_published(
+    env: Env, mechanism: int
+) -> None:
+    """The broker's data key, said to be wrapped with a mechanism no key slot may carry, ends the
+    publish (as publish_model does) instead of being stored under a slot claiming the KEK wrap:
+    such parts could never be unwrapped."""
+    path = write_mlp(env.models / f"mechanism-{mechanism}", seed=6)
+    version = f"mechanism-{mechanism}"
+    broker = grpc.intercept_channel(
+        env.stack.channel(env.publisher, "keybroker"), _MechanismRewriter(mechanism)
+    )
+    with pytest.raises(StrongroomError) as info:
+        publish_parts(
+            onnx_parts(path),
+            name=NAME,
+            version=version,
+            key_id=KEY,
+            broker=broker,
+            store=env.stack.channel(env.publisher, "modelstore"),
+            layout=ManifestLayout.ONNX_EXTERNAL_DATA,
+        )
+    assert info.value.reason == "UNSUPPORTED_WRAP_MECHANISM"
+    stub = store_grpc.ModelStoreServiceStub(env.stack.channel(env.publisher, "modelstore"))
+    listed = stub.ListModels(store_pb.ListModelsRequest(name_prefix=NAME), timeout=30).models
+    assert not [m for m in listed if m.version.startswith(version)]
