@@ -11,6 +11,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
 from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.reasons import Reason
 
@@ -25,6 +29,7 @@ def sign_model(model: Path, private_key: Path) -> bytes:
         raise FailedPrecondition(
             f"signing key {private_key} is not a file", reason=Reason.SIGNING_KEY_MISSING
         )
+    _check_signing_key(private_key)
     with tempfile.TemporaryDirectory(prefix="strongroom-sign-") as tmp:
         signature = Path(tmp) / "model.sig"
         try:
@@ -36,3 +41,31 @@ def sign_model(model: Path, private_key: Path) -> bytes:
                 f"cannot sign {model.name}: {exc}", reason=Reason.SIGNING_FAILED
             ) from None
         return signature.read_bytes()
+
+
+def _check_signing_key(private_key: Path) -> None:
+    """Refuses, with SIGNING_KEY_INVALID, a file that is not an unencrypted PEM EC private key.
+
+    model-signing raised AttributeError (no ``curve``) for an RSA or Ed25519 key, which the
+    command line does not catch: a traceback instead of one line. The key is loaded here only to
+    be checked; model-signing loads it again to sign (and refuses an EC curve it does not support).
+    """
+    try:
+        key = load_pem_private_key(private_key.read_bytes(), password=None)
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"cannot read signing key {private_key}: {exc.strerror}",
+            reason=Reason.SIGNING_KEY_MISSING,
+        ) from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # TypeError: an encrypted key; UnsupportedAlgorithm: a curve cryptography cannot load.
+        raise InvalidArgument(
+            f"signing key {private_key} is not an unencrypted PEM private key",
+            reason=Reason.SIGNING_KEY_INVALID,
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InvalidArgument(
+            f"signing key {private_key} is not an EC private key (model signing needs P-256, "
+            "P-384 or P-521)",
+            reason=Reason.SIGNING_KEY_INVALID,
+        )

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from strongroom.cli import models as cli_models
 from strongroom.cli.main import main
@@ -189,3 +191,35 @@ def test_a_model_file_growing_during_publish_is_one_clear_line(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
     code, out, _ = run(capsys, "model", "ls", "growing", "--client-config", publisher)
     assert code == 0 and out == ""
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ed25519"])
+def test_a_signing_key_that_is_not_ec_is_one_clear_line(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """An RSA or Ed25519 key passed to --sign-key (the help asks for an EC key) made
+    model-signing raise AttributeError, a traceback out of the command line."""
+    key = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if kind == "rsa"
+        else ed25519.Ed25519PrivateKey.generate()
+    )
+    sign_key = tmp_path / "signer.pem"
+    sign_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    sign_key.chmod(0o600)
+    model = train(tmp_path / "model.onnx")
+    publisher = str(stack.write_client_config("publisher"))
+    code, out, err = run(
+        capsys,
+        *("model", "publish", str(model.path), "--name", f"signed-{kind}", "--version", "1"),
+        *("--key-id", "sign-key", "--sign-key", str(sign_key), "--no-progress"),
+        *("--client-config", publisher),
+    )
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "SIGNING_KEY_INVALID" in err and "not an EC private key" in err
