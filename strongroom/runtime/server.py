@@ -87,7 +87,12 @@ class ServiceSpec:
 
 
 class ServiceHost:
-    """Runs a set of gRPC services until stopped."""
+    """Runs a set of gRPC services until stopped.
+
+    ``interceptors`` run inside the error mapping, so that their refusals become statuses (an
+    authoriser goes last); ``tracing`` (:func:`~strongroom.runtime.tracing.server_tracing_interceptor`)
+    runs outside it, so that each server span records the status the caller got.
+    """
 
     def __init__(
         self,
@@ -96,6 +101,7 @@ class ServiceHost:
         credentials: grpc.ServerCredentials | None,
         services: Iterable[ServiceSpec],
         interceptors: Sequence[ServerInterceptor] = (),
+        tracing: ServerInterceptor | None = None,
         health_listen: str | None = None,
         config: ServerConfig | None = None,
         message_limits: MessageLimits = DEFAULT_MESSAGE_LIMITS,
@@ -126,15 +132,18 @@ class ServiceHost:
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-            # Outermost first. Metrics read the final status; error mapping is the one place that
-            # turns any exception (an authoriser's or stream guard's refusal included) into a status
-            # and reason trailer; the stream guard counts verified callers only, so it follows the
-            # authoriser that the caller's `interceptors` end with. The chain wraps each method's
-            # handler once, not on every call.
+            # Outermost first. Metrics read the final status; tracing comes next so that the error
+            # mapping aborts through its span (which then records the status the caller gets, not
+            # the raw exception) and logs inside the call's trace; error mapping is the one place
+            # that turns any exception (an authoriser's or stream guard's refusal included) into a
+            # status and reason trailer; the stream guard counts verified callers only, so it
+            # follows the authoriser that the caller's `interceptors` end with. The chain wraps
+            # each method's handler once, not on every call.
             interceptors=[
                 CachedChain(
                     [
                         MetricsInterceptor(),
+                        *([tracing] if tracing is not None else []),
                         ErrorMappingInterceptor(),
                         *interceptors,
                         self.streams,

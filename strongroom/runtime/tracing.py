@@ -85,7 +85,11 @@ def server_tracing_interceptor(provider: TracerProvider) -> ServerInterceptor:
     :class:`ServiceTracerProvider` that exports nowhere, only continues the caller's trace.
 
     Non-blocking streams (health ``Watch``) are not traced: OpenTelemetry's wrapper would make them
-    blocking, each holding a worker thread for its whole life.
+    blocking, each holding a worker thread for its whole life. It goes outside the runtime's error
+    mapping (``ServiceHost(tracing=...)``): OpenTelemetry's span learns an RPC's status only from an
+    abort through its own servicer context, and inside the mapping it saw the raw exception
+    instead, exporting every failed RPC as ``rpc.grpc.status_code`` 0 (OK) with the exception's
+    message and stack (an internal error's included, which the caller is never told).
     """
     interceptor: ServerInterceptor = server_interceptor(tracer_provider=provider)  # type: ignore[no-untyped-call]
     return _ServerTracing(interceptor, provider)
