@@ -171,9 +171,14 @@ class ServiceHost:
         self.health_port: int | None = None
         if health_listen:
             # Plaintext and unauthenticated (probes): a request is a service name. (No cap on
-            # concurrent RPCs: open Watch streams would then refuse the kubelet's probes.)
+            # concurrent RPCs: open Watch streams would then refuse the kubelet's probes.) Errors
+            # are mapped here too: without it, anyone who reaches the port could make gRPC log an
+            # ERROR with a traceback per undecodable request, and be told INTERNAL.
             self._health_server = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                interceptors=[
+                    CachedChain([ErrorMappingInterceptor(), RequestDecodingInterceptor()])
+                ],
                 options=[
                     ("grpc.so_reuseport", 0),
                     ("grpc.max_receive_message_length", HEALTH_MAX_REQUEST_BYTES),
