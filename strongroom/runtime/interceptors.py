@@ -15,7 +15,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -33,13 +33,13 @@ from strongroom.runtime.grpc_types import (
 log = logging.getLogger(__name__)
 
 
-def abort_with(context: grpc.ServicerContext, exc: StrongroomError) -> None:
+def abort_with(context: grpc.ServicerContext, exc: StrongroomError) -> NoReturn:
     """Fails the current RPC with ``exc``'s status, reason and message (raises)."""
     context.set_trailing_metadata(((REASON_TRAILER, exc.reason),))
     context.abort(grpc.StatusCode[exc.status_name], str(exc))
 
 
-def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
+def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> NoReturn:
     if isinstance(exc, StrongroomError):
         log.info(
             "rpc failed", extra={"method": method, "reason": exc.reason, "status": exc.status_name}
@@ -109,13 +109,17 @@ class ErrorMappingInterceptor(HandlerInterceptor):
 def _wrap_handler(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
     # Undecodable requests become a marker here (where gRPC deserialises them) and are refused by
     # RequestDecodingInterceptor, innermost: authorisation and stream limits come first.
+    #
+    # The failure is handled after its except block, not in it: the exception gRPC's abort raises
+    # then chains nothing, and the tracing span around this (OpenTelemetry's records whatever
+    # leaves it) gets neither the error's message nor its stack, only the status the caller got.
     def unary_result(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             try:
                 return fn(request, context)
             except Exception as exc:
-                _handle(exc, context, method)
-                raise  # unreachable: _handle always raises
+                failure = exc
+            _handle(failure, context, method)
 
         return call
 
@@ -125,9 +129,10 @@ def _wrap_handler(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
                 yield from fn(request, context)
+                return
             except Exception as exc:
-                _handle(exc, context, method)
-                raise
+                failure = exc
+            _handle(failure, context, method)
 
         return call
 

@@ -87,7 +87,12 @@ class ServiceSpec:
 
 
 class ServiceHost:
-    """Runs a set of gRPC services until stopped."""
+    """Runs a set of gRPC services until stopped.
+
+    ``interceptors`` run inside the error mapping, so that their refusals become statuses (an
+    authoriser goes last); ``tracing`` (:func:`~strongroom.runtime.tracing.server_tracing_interceptor`)
+    runs outside it, so that each server span records the status the caller got.
+    """
 
     def __init__(
         self,
@@ -96,6 +101,7 @@ class ServiceHost:
         credentials: grpc.ServerCredentials | None,
         services: Iterable[ServiceSpec],
         interceptors: Sequence[ServerInterceptor] = (),
+        tracing: ServerInterceptor | None = None,
         health_listen: str | None = None,
         config: ServerConfig | None = None,
         message_limits: MessageLimits = DEFAULT_MESSAGE_LIMITS,
@@ -126,15 +132,18 @@ class ServiceHost:
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-            # Outermost first. Metrics read the final status; error mapping is the one place that
-            # turns any exception (an authoriser's or stream guard's refusal included) into a status
-            # and reason trailer; the stream guard counts verified callers only, so it follows the
-            # authoriser that the caller's `interceptors` end with. The chain wraps each method's
-            # handler once, not on every call.
+            # Outermost first. Metrics read the final status; tracing comes next so that the error
+            # mapping aborts through its span (which then records the status the caller gets, not
+            # the raw exception) and logs inside the call's trace; error mapping is the one place
+            # that turns any exception (an authoriser's or stream guard's refusal included) into a
+            # status and reason trailer; the stream guard counts verified callers only, so it
+            # follows the authoriser that the caller's `interceptors` end with. The chain wraps
+            # each method's handler once, not on every call.
             interceptors=[
                 CachedChain(
                     [
                         MetricsInterceptor(),
+                        *([tracing] if tracing is not None else []),
                         ErrorMappingInterceptor(),
                         *interceptors,
                         self.streams,
@@ -162,9 +171,14 @@ class ServiceHost:
         self.health_port: int | None = None
         if health_listen:
             # Plaintext and unauthenticated (probes): a request is a service name. (No cap on
-            # concurrent RPCs: open Watch streams would then refuse the kubelet's probes.)
+            # concurrent RPCs: open Watch streams would then refuse the kubelet's probes.) Errors
+            # are mapped here too: without it, anyone who reaches the port could make gRPC log an
+            # ERROR with a traceback per undecodable request, and be told INTERNAL.
             self._health_server = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                interceptors=[
+                    CachedChain([ErrorMappingInterceptor(), RequestDecodingInterceptor()])
+                ],
                 options=[
                     ("grpc.so_reuseport", 0),
                     ("grpc.max_receive_message_length", HEALTH_MAX_REQUEST_BYTES),

@@ -7,6 +7,10 @@ A service whose provider exports nowhere (:class:`ServiceTracerProvider` with no
 no OTLP endpoint configured) creates no server spans: building, timing and dropping one costs about
 a tenth of a key release's CPU. It still continues the caller's trace context, so log lines carry
 the caller's trace id and outgoing calls propagate it.
+
+A caller's ``traceparent`` gives the server span its trace id and parent, never the decision to
+record it: any certified caller (one the authoriser then refuses included) could otherwise send
+the "not sampled" flag and leave no span of its calls (:data:`SERVER_SAMPLER`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from opentelemetry.propagate import extract
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
 
 from strongroom.runtime.config import TracingConfig
 from strongroom.runtime.grpc_types import (
@@ -44,12 +49,23 @@ class ServiceTracerProvider(TracerProvider):
         self.exporting = True
 
 
+SERVER_SAMPLER: Sampler = ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON)
+"""Records every span of ours, whatever the caller's sampled flag says.
+
+The SDK's default (``ParentBased(ALWAYS_ON)``) follows a remote parent's flag, so a caller that
+sends ``traceparent: 00-…-00`` turns the server's spans of its calls off. Every Strongroom
+service records all its spans, so only a foreign caller ever sends that flag; a span whose local
+parent is not sampled still is not (the SDK's rule, unchanged).
+"""
+
+
 def make_tracer_provider(
     service: str, config: TracingConfig, *, exporter: SpanExporter | None = None
 ) -> TracerProvider:
     """A provider exporting to ``exporter`` (tests) or to the configured OTLP endpoint, if any."""
     provider = ServiceTracerProvider(
-        resource=Resource.create({"service.name": f"strongroom-{service}"})
+        resource=Resource.create({"service.name": f"strongroom-{service}"}),
+        sampler=SERVER_SAMPLER,
     )
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -69,7 +85,11 @@ def server_tracing_interceptor(provider: TracerProvider) -> ServerInterceptor:
     :class:`ServiceTracerProvider` that exports nowhere, only continues the caller's trace.
 
     Non-blocking streams (health ``Watch``) are not traced: OpenTelemetry's wrapper would make them
-    blocking, each holding a worker thread for its whole life.
+    blocking, each holding a worker thread for its whole life. It goes outside the runtime's error
+    mapping (``ServiceHost(tracing=...)``): OpenTelemetry's span learns an RPC's status only from an
+    abort through its own servicer context, and inside the mapping it saw the raw exception
+    instead, exporting every failed RPC as ``rpc.grpc.status_code`` 0 (OK) with the exception's
+    message and stack (an internal error's included, which the caller is never told).
     """
     interceptor: ServerInterceptor = server_interceptor(tracer_provider=provider)  # type: ignore[no-untyped-call]
     return _ServerTracing(interceptor, provider)

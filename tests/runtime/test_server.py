@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -291,3 +292,37 @@ def test_liveness_stays_serving_when_not_ready(
         lambda: health_status(h.health_port) == health_pb2.HealthCheckResponse.NOT_SERVING
     )  # type: ignore[arg-type]
     assert health_status(h.health_port, LIVENESS) == health_pb2.HealthCheckResponse.SERVING
+
+
+# A HealthCheckRequest whose service name (field 1) is not UTF-8.
+UNDECODABLE_HEALTH_REQUEST = b"\x0a\x02\xff\xfe"
+
+
+@pytest.mark.parametrize("port_name", ["health_port", "port"])
+@pytest.mark.parametrize("method", ["Check", "Watch"])
+def test_an_undecodable_health_request_is_invalid_on_both_ports_without_a_traceback(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+    caplog: pytest.LogCaptureFixture,
+    port_name: str,
+    method: str,
+) -> None:
+    """The plaintext health port needs no certificate: a stranger's garbage must not make it log
+    an ERROR with a traceback per request (gRPC's own answer to an undecodable request)."""
+    port = getattr(host[0], port_name)
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        path = f"/grpc.health.v1.Health/{method}"
+        if method == "Check":
+            channel.unary_unary(path, _identity, _identity)(UNDECODABLE_HEALTH_REQUEST, timeout=5)
+        else:
+            list(
+                channel.unary_stream(path, _identity, _identity)(
+                    UNDECODABLE_HEALTH_REQUEST, timeout=5
+                )
+            )
+    err = info.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert (REASON_TRAILER, "MALFORMED_REQUEST") in tuple(err.trailing_metadata())  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
