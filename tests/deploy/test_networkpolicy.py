@@ -80,6 +80,7 @@ def parties_for(values_set: str, docs: list[dict[str, Any]]) -> list[Party]:
             Party("other-internal-address", "10.60.0.1"),
             Party("external-ca", "10.20.0.10"),
             Party("hsm", "10.30.0.5"),
+            Party("object-store", "10.40.0.5"),  # modelstore.storage.s3.endpoint
             pod(
                 "otel-collector",
                 "10.244.5.5",
@@ -121,6 +122,7 @@ DOCUMENTED_PRODUCTION: set[Flow] = {
     *{(s, "external-ca", "9000/TCP") for s in SERVICES},
     *{(s, "otel-collector", "4317/TCP") for s in SERVICES},
     ("keybroker", "hsm", "1792/TCP"),
+    ("modelstore", "object-store", "443/TCP"),
     *dns(*SERVICES),
 }
 DOCUMENTED = {
@@ -132,7 +134,9 @@ DOCUMENTED = {
 
 def compute(values_set: str, docs: list[dict[str, Any]]) -> set[Flow]:
     evaluator = Evaluator(kind(docs, "NetworkPolicy"), NAMESPACE)
-    return evaluator.flows(parties_for(values_set, docs), extra_ports=(53, 1792, 4317, 7443, 9000))
+    return evaluator.flows(
+        parties_for(values_set, docs), extra_ports=(53, 443, 1792, 4317, 7443, 9000)
+    )
 
 
 @pytest.mark.parametrize("values_set", sorted(VALUES_SETS))
