@@ -81,6 +81,7 @@ def parties_for(values_set: str, docs: list[dict[str, Any]]) -> list[Party]:
             Party("external-ca", "10.20.0.10"),
             Party("hsm", "10.30.0.5"),
             Party("object-store", "10.40.0.5"),  # modelstore.storage.s3.endpoint
+            Party("collateral-mirror", "10.20.0.20"),  # keybroker.collateral pcsUrl/kdsUrl
             pod(
                 "otel-collector",
                 "10.244.5.5",
@@ -123,6 +124,7 @@ DOCUMENTED_PRODUCTION: set[Flow] = {
     *{(s, "otel-collector", "4317/TCP") for s in SERVICES},
     ("keybroker", "hsm", "1792/TCP"),
     ("modelstore", "object-store", "443/TCP"),
+    ("keybroker", "collateral-mirror", "443/TCP"),
     *dns(*SERVICES),
 }
 DOCUMENTED = {
