@@ -14,6 +14,7 @@ import pytest
 from strongroom.errors import AlreadyExists, InvalidArgument
 from strongroom.pki import StepCa, init_ca
 from strongroom.pki._duration import go_duration, parse_duration
+from strongroom.pki.bootstrap import Workload
 from strongroom.pki.errors import InvalidPkiConfig
 from strongroom.pki.layout import CaLayout
 from strongroom.pki.token import mint_token
@@ -146,3 +147,39 @@ def test_a_damaged_root_certificate_is_a_clear_error_when_minting(tmp_path: Path
             sans=["spiffe://strongroom.test/x"],
             root_pem=b"not a certificate",
         )
+
+
+def test_refuses_a_ca_directory_others_may_write(tmp_path: Path) -> None:
+    # Whoever may write the CA directory can swap config/ca.json after init (a provisioner of their
+    # own) or certs/root_ca.crt, and step-ca, holding the intermediate key, would serve it.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(InvalidPkiConfig) as info:
+        init_ca(shared, trust_domain="strongroom.test")
+    assert info.value.reason == "CA_DIR_UNSAFE"
+    assert str(shared) in info.value.message
+    assert not any(shared.iterdir())  # refused before any secret was written
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand the directory to another user")
+def test_refuses_a_ca_directory_another_user_owns(tmp_path: Path) -> None:
+    planted = tmp_path / "planted"
+    planted.mkdir(mode=0o755)
+    os.chown(planted, 4242, 4242)  # pre-created by someone else, e.g. in /tmp
+    with pytest.raises(InvalidPkiConfig) as info:
+        init_ca(planted, trust_domain="strongroom.test")
+    assert info.value.reason == "CA_DIR_UNSAFE"
+    assert not any(planted.iterdir())
+
+
+def test_no_ca_directory_is_writable_by_others_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o002)  # common for user-private groups; 0 in some containers
+    try:
+        layout = init_ca(tmp_path / "ca", trust_domain="strongroom.test", workloads=[Workload("a")])
+    finally:
+        os.umask(previous)
+    for path in [layout.directory, *layout.directory.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert not mode & 0o022, f"{path} is mode {mode:o}"
+    assert stat.S_IMODE(layout.directory.stat().st_mode) == 0o755
