@@ -29,6 +29,7 @@ from strongroom.pki import _jose, layout
 from strongroom.pki._duration import go_duration
 from strongroom.pki._files import write_private, write_public
 from strongroom.pki._x509 import generate_key
+from strongroom.pki.client import check_ca_url
 from strongroom.pki.errors import InvalidPkiConfig
 from strongroom.pki.layout import CaLayout
 from strongroom.reasons import Reason
@@ -352,6 +353,8 @@ def init_ca(
         raise InvalidPkiConfig("the minimum certificate lifetime must be at least 1s")
     if not provisioner_name or any(c in provisioner_name for c in ":/ "):
         raise InvalidPkiConfig(f"provisioner name {provisioner_name!r} is not a plain word")
+    ca_url = url or _url_for(names[0], port)
+    check_ca_url(ca_url)  # before anything is written: a CA no client could reach is no CA
     services = [w.service for w in workloads]
     if len(set(services)) != len(services):
         raise InvalidPkiConfig(f"workloads must be distinct, got {services}")
@@ -432,7 +435,6 @@ def init_ca(
     }
     if db_config is None:
         del config["db"]
-    ca_url = url or _url_for(names[0], port)
     meta: dict[str, object] = {
         "trust_domain": trust_domain,
         "url": ca_url,

@@ -49,6 +49,24 @@ REVOCATION_REASONS: dict[str, int] = {
 }
 
 
+def check_ca_url(url: str) -> tuple[str, int]:
+    """The host and port of a CA URL ``https://host[:port]``; :class:`InvalidPkiConfig` otherwise.
+
+    The one check of a CA URL: ``pki init`` runs it before writing a CA (a URL no client accepts
+    would make a CA every later command refuses), and a port out of range is this error too, not
+    the ``ValueError`` that ``urlsplit(...).port`` raises.
+    """
+    problem = f"CA URL {url!r} must be https://host[:port]"
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 443
+    except ValueError:
+        raise InvalidPkiConfig(f"{problem} with a port in 1-65535") from None
+    if parts.scheme != "https" or not parts.hostname or parts.path not in {"", "/"}:
+        raise InvalidPkiConfig(problem)
+    return parts.hostname, port
+
+
 @dataclass(frozen=True)
 class ClientCertificate:
     """The current key and chain, presented to the CA over mTLS for renewal."""
@@ -68,12 +86,8 @@ class CaClient:
     """
 
     def __init__(self, url: str, root_pem: bytes, *, timeout: float = 10.0) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname or parts.path not in {"", "/"}:
-            raise InvalidPkiConfig(f"CA URL {url!r} must be https://host[:port]")
+        self.host, self.port = check_ca_url(url)
         self.url = url.rstrip("/")
-        self.host = parts.hostname
-        self.port = parts.port or 443
         # Every certificate of the root file is a trust anchor, as for TLS and gRPC (root rotation).
         self.roots = load_roots(root_pem)
         self.root_pem = root_pem
