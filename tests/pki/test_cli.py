@@ -277,3 +277,22 @@ def test_a_ca_url_with_a_bad_port_is_one_line_not_a_traceback(
         err = capsys.readouterr().err
         assert err.startswith("strongroom: error: INVALID_PKI_CONFIG: CA URL ") and url in err
         assert err.count("\n") == 1
+
+
+def test_a_token_file_that_is_not_text_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --token-file of binary bytes (the wrong file) raised UnicodeDecodeError: a traceback."""
+    directory = tmp_path / "ca"
+    assert main(["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]) == 0
+    capsys.readouterr()
+    token_file = tmp_path / "token"
+    token_file.write_bytes(b"\xff\xfe\x00binary")
+    root = str(directory / "certs" / "root_ca.crt")
+    argv = ["pki", "enrol", "--ca-url", "https://127.0.0.1:1", "--root", root]
+    code = main([*argv, "--token-file", str(token_file), "--state-dir", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("strongroom: error: BAD_TOKEN: ") and str(token_file) in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
