@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 from datetime import timedelta
@@ -78,20 +79,61 @@ class ClientCertificate:
         return "ClientCertificate(<redacted>)"
 
 
+class _Connection(http.client.HTTPSConnection):
+    """HTTPS to ``connect_to`` (when given) while the TLS host name, checked against the
+    certificate, and the ``Host`` header stay the URL's."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float,
+        context: ssl.SSLContext,
+        connect_to: tuple[str, int] | None,
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._tls = context
+        self._connect_to = connect_to
+
+    def connect(self) -> None:
+        if self._connect_to is None:
+            super().connect()
+            return
+        raw = socket.create_connection(self._connect_to, self.timeout)
+        try:
+            self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+
+
 class CaClient:
     """Talks to one step-ca over TLS with ``root_pem`` pinned.
 
     ``root_pem`` holds one or more self-signed root CA certificates (more than one while a root is
     rotated); every one is trusted, for the CA's TLS and for the chains it returns.
+
+    ``connect_to`` (host, port) connects there instead of to the URL's host, the certificate still
+    verified against the root and the URL's host name: how the process that started step-ca
+    probes it on its listen address, where the URL's name may not resolve.
     """
 
-    def __init__(self, url: str, root_pem: bytes, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        root_pem: bytes,
+        *,
+        timeout: float = 10.0,
+        connect_to: tuple[str, int] | None = None,
+    ) -> None:
         self.host, self.port = check_ca_url(url)
         self.url = url.rstrip("/")
         # Every certificate of the root file is a trust anchor, as for TLS and gRPC (root rotation).
         self.roots = load_roots(root_pem)
         self.root_pem = root_pem
         self.timeout = timeout
+        self.connect_to = connect_to
 
     def __repr__(self) -> str:
         return f"CaClient({self.url!r})"
@@ -112,8 +154,8 @@ class CaClient:
         if client_cert is not None:
             with memory_file(client_cert.chain_pem + client_cert.key_pem, "tls-client") as path_:
                 context.load_cert_chain(path_)
-        connection = http.client.HTTPSConnection(
-            self.host, self.port, timeout=self.timeout, context=context
+        connection = _Connection(
+            self.host, self.port, timeout=self.timeout, context=context, connect_to=self.connect_to
         )
         _log.debug("CA request %s %s%s", method, self.url, path)
         payload = None if body is None else json.dumps(body).encode()
