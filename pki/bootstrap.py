@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import secrets
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from strongroom.pki import _jose, layout
 from strongroom.pki._duration import go_duration
 from strongroom.pki._files import write_private, write_public
 from strongroom.pki._x509 import generate_key
+from strongroom.pki.client import check_ca_url
 from strongroom.pki.errors import InvalidPkiConfig
 from strongroom.pki.layout import CaLayout
 from strongroom.reasons import Reason
@@ -254,6 +256,54 @@ def _encrypted_pem(key: ec.EllipticCurvePrivateKey, password: bytes) -> bytes:
     )
 
 
+def _check_base(base: Path) -> None:
+    """Creates the CA directory, or accepts an existing one only if it is this user's and no one
+    else may write it.
+
+    Whoever may write the CA directory can replace ``config/ca.json`` (adding a provisioner of
+    their own) or ``certs/root_ca.crt`` once ``init`` is done, and step-ca, which holds the
+    intermediate key, would then issue whatever they ask: a directory pre-created by another user
+    (in ``/tmp``, say) or writable by group or others is refused before any secret is written.
+    """
+    try:
+        base.mkdir(parents=True)
+    except FileExistsError:
+        info = base.stat()
+        owner_ok = info.st_uid == os.geteuid()
+        if not owner_ok or info.st_mode & 0o022:
+            problem = (
+                f"it belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()})"
+                if not owner_ok
+                else f"group or others may write it (mode {info.st_mode & 0o777:o})"
+            )
+            raise InvalidPkiConfig(
+                f"refusing to create a CA in {base}: {problem}; whoever may write it could "
+                "replace the CA's configuration or root. Use a new directory, or one of yours "
+                "that only you may write (chmod go-w)",
+                reason=Reason.CA_DIR_UNSAFE,
+            ) from None
+    else:
+        base.chmod(0o755)
+
+
+def _make_dirs(base: Path, modes: dict[Path, int]) -> None:
+    """Creates ``base / relative`` for each entry with exactly its mode: ``mkdir`` alone would
+    leave a umask of 002 (or 0, in some containers) making them writable by group or others."""
+    for relative, mode in modes.items():
+        path = base / relative
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
+        path.chmod(mode)
+
+
+def _layout_dirs(base: Path = Path()) -> dict[Path, int]:
+    """The directories of a CA (or, under ``base``, a workload token directory) and their modes."""
+    return {
+        base / layout.CONFIG.parent: 0o755,
+        base / layout.ROOT_CERT.parent: 0o755,
+        base / layout.PASSWORD.parent: 0o700,
+    }
+
+
 def init_ca(
     directory: Path | str,
     *,
@@ -269,6 +319,10 @@ def init_ca(
     workloads: Sequence[Workload] = (),
 ) -> CaLayout:
     """Creates a new CA in ``directory`` (which must not hold one already) and returns its layout.
+
+    ``directory`` is created (mode 0755) if missing; an existing one must belong to this user and be
+    writable by no one else (whoever may write it could replace ``ca.json`` or the root). No
+    directory of the CA is left writable by group or others, whatever the umask.
 
     ``dns_names`` are the names (or IP addresses) in step-ca's own TLS certificate and its token
     audiences; ``url`` defaults to ``https://<dns_names[0]>:<port of address>``. Certificate
@@ -299,6 +353,8 @@ def init_ca(
         raise InvalidPkiConfig("the minimum certificate lifetime must be at least 1s")
     if not provisioner_name or any(c in provisioner_name for c in ":/ "):
         raise InvalidPkiConfig(f"provisioner name {provisioner_name!r} is not a plain word")
+    ca_url = url or _url_for(names[0], port)
+    check_ca_url(ca_url)  # before anything is written: a CA no client could reach is no CA
     services = [w.service for w in workloads]
     if len(set(services)) != len(services):
         raise InvalidPkiConfig(f"workloads must be distinct, got {services}")
@@ -323,17 +379,25 @@ def init_ca(
     provisioner_key = generate_key()
     workload_keys = {w.service: generate_key() for w in workloads}
 
+    _check_base(base)
+    dirs = {
+        **_layout_dirs(),
+        layout.DB: 0o700,
+        layout.LOG.parent: 0o755,
+        **({layout.WORKLOADS: 0o755} if workloads else {}),
+    }
+    for workload in workloads:
+        kit = layout.workload_dir(workload.service)
+        dirs |= {kit: 0o755, **_layout_dirs(kit)}
+    _make_dirs(base, dirs)
     write_private(base / layout.PASSWORD, password + b"\n")
     write_private(base / layout.ROOT_KEY, _encrypted_pem(root_key, password))
     write_private(base / layout.INTERMEDIATE_KEY, _encrypted_pem(intermediate_key, password))
     write_private(base / layout.PROVISIONER_KEY, _plain_pem(provisioner_key))
-    (base / layout.PASSWORD).parent.chmod(0o700)
     write_public(base / layout.ROOT_CERT, root.public_bytes(serialization.Encoding.PEM))
     write_public(
         base / layout.INTERMEDIATE_CERT, intermediate.public_bytes(serialization.Encoding.PEM)
     )
-    (base / layout.DB).mkdir(mode=0o700, parents=True, exist_ok=True)
-    (base / layout.LOG).parent.mkdir(parents=True, exist_ok=True)
 
     db_config: dict[str, str] | None = None
     if database == "bbolt":
@@ -371,7 +435,6 @@ def init_ca(
     }
     if db_config is None:
         del config["db"]
-    ca_url = url or _url_for(names[0], port)
     meta: dict[str, object] = {
         "trust_domain": trust_domain,
         "url": ca_url,
@@ -397,7 +460,6 @@ def init_ca(
             "sans": workload.sans(trust_domain),
         }
         write_private(kit / layout.PROVISIONER_KEY, _plain_pem(workload_keys[workload.service]))
-        (kit / layout.PROVISIONER_KEY).parent.chmod(0o700)
         write_public(kit / layout.ROOT_CERT, root.public_bytes(serialization.Encoding.PEM))
         write_public(kit / layout.META, json.dumps(kit_meta, indent=2).encode() + b"\n")
     write_public(base / layout.CONFIG, json.dumps(config, indent=2).encode() + b"\n")

@@ -27,6 +27,7 @@ from strongroom.pki.identity import WorkloadIdentity
 from strongroom.pki.layout import CaLayout, workload_dir
 from strongroom.pki.stepca import StepCa
 from strongroom.pki.token import mint_revoke_token, mint_token
+from strongroom.reasons import Reason
 from strongroom.spiffe import SpiffeId
 
 TOKEN_ENV = "STRONGROOM_PKI_TOKEN"  # noqa: S105 - the variable name, not a secret
@@ -207,7 +208,14 @@ def _template(args: argparse.Namespace) -> int:
 
 def _read_token(path: Path | None) -> str:
     if path is not None:
-        return path.read_text().strip()
+        try:
+            return path.read_bytes().decode("ascii").strip()
+        except UnicodeDecodeError:
+            # A JWT is ASCII: anything else is the wrong file (and is not echoed, it may be secret).
+            raise InvalidPkiConfig(
+                f"{path} does not hold an enrolment token (a JWT is ASCII text)",
+                reason=Reason.BAD_TOKEN,
+            ) from None
     token = os.environ.get(TOKEN_ENV, "").strip()
     if not token:
         raise InvalidPkiConfig(f"give the enrolment token with --token-file or ${TOKEN_ENV}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 from datetime import timedelta
@@ -49,6 +50,24 @@ REVOCATION_REASONS: dict[str, int] = {
 }
 
 
+def check_ca_url(url: str) -> tuple[str, int]:
+    """The host and port of a CA URL ``https://host[:port]``; :class:`InvalidPkiConfig` otherwise.
+
+    The one check of a CA URL: ``pki init`` runs it before writing a CA (a URL no client accepts
+    would make a CA every later command refuses), and a port out of range is this error too, not
+    the ``ValueError`` that ``urlsplit(...).port`` raises.
+    """
+    problem = f"CA URL {url!r} must be https://host[:port]"
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 443
+    except ValueError:
+        raise InvalidPkiConfig(f"{problem} with a port in 1-65535") from None
+    if parts.scheme != "https" or not parts.hostname or parts.path not in {"", "/"}:
+        raise InvalidPkiConfig(problem)
+    return parts.hostname, port
+
+
 @dataclass(frozen=True)
 class ClientCertificate:
     """The current key and chain, presented to the CA over mTLS for renewal."""
@@ -60,24 +79,61 @@ class ClientCertificate:
         return "ClientCertificate(<redacted>)"
 
 
+class _Connection(http.client.HTTPSConnection):
+    """HTTPS to ``connect_to`` (when given) while the TLS host name, checked against the
+    certificate, and the ``Host`` header stay the URL's."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float,
+        context: ssl.SSLContext,
+        connect_to: tuple[str, int] | None,
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._tls = context
+        self._connect_to = connect_to
+
+    def connect(self) -> None:
+        if self._connect_to is None:
+            super().connect()
+            return
+        raw = socket.create_connection(self._connect_to, self.timeout)
+        try:
+            self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+
+
 class CaClient:
     """Talks to one step-ca over TLS with ``root_pem`` pinned.
 
     ``root_pem`` holds one or more self-signed root CA certificates (more than one while a root is
     rotated); every one is trusted, for the CA's TLS and for the chains it returns.
+
+    ``connect_to`` (host, port) connects there instead of to the URL's host, the certificate still
+    verified against the root and the URL's host name: how the process that started step-ca
+    probes it on its listen address, where the URL's name may not resolve.
     """
 
-    def __init__(self, url: str, root_pem: bytes, *, timeout: float = 10.0) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname or parts.path not in {"", "/"}:
-            raise InvalidPkiConfig(f"CA URL {url!r} must be https://host[:port]")
+    def __init__(
+        self,
+        url: str,
+        root_pem: bytes,
+        *,
+        timeout: float = 10.0,
+        connect_to: tuple[str, int] | None = None,
+    ) -> None:
+        self.host, self.port = check_ca_url(url)
         self.url = url.rstrip("/")
-        self.host = parts.hostname
-        self.port = parts.port or 443
         # Every certificate of the root file is a trust anchor, as for TLS and gRPC (root rotation).
         self.roots = load_roots(root_pem)
         self.root_pem = root_pem
         self.timeout = timeout
+        self.connect_to = connect_to
 
     def __repr__(self) -> str:
         return f"CaClient({self.url!r})"
@@ -98,8 +154,8 @@ class CaClient:
         if client_cert is not None:
             with memory_file(client_cert.chain_pem + client_cert.key_pem, "tls-client") as path_:
                 context.load_cert_chain(path_)
-        connection = http.client.HTTPSConnection(
-            self.host, self.port, timeout=self.timeout, context=context
+        connection = _Connection(
+            self.host, self.port, timeout=self.timeout, context=context, connect_to=self.connect_to
         )
         _log.debug("CA request %s %s%s", method, self.url, path)
         payload = None if body is None else json.dumps(body).encode()

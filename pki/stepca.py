@@ -12,7 +12,7 @@ from types import TracebackType
 
 from strongroom.pki import layout
 from strongroom.pki.client import CaClient
-from strongroom.pki.errors import CaUnavailable, InvalidPkiConfig
+from strongroom.pki.errors import CaUnavailable, CertificateInvalid, InvalidPkiConfig
 from strongroom.pki.layout import CaLayout
 from strongroom.reasons import Reason
 
@@ -28,6 +28,18 @@ def default_binary() -> Path:
         return Path(configured)
     found = shutil.which("step-ca")
     return Path(found) if found else Path("step-ca")
+
+
+def probe_address(address: str) -> tuple[str, int]:
+    """Where the process that started step-ca reaches it: its listen address ``HOST:PORT``, a
+    wildcard (``:9000``, ``0.0.0.0``, ``[::]``) meaning the loopback address of that family."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if host in {"", "0.0.0.0"}:  # noqa: S104 - read from ca.json, not bound here
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return host, int(port)
 
 
 class StepCa:
@@ -48,7 +60,15 @@ class StepCa:
         self.binary = Path(binary) if binary is not None else default_binary()
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen[bytes] | None = None
-        self._client = CaClient(self.layout.url, self.layout.root_pem, timeout=2.0)
+        # The start-up probe goes to the listen address, not to the URL's host: that name may not
+        # resolve on the CA's own host (a load balancer's, a cluster's), or may reach another
+        # server. The certificate is still verified against the root and the URL's host name.
+        self._client = CaClient(
+            self.layout.url,
+            self.layout.root_pem,
+            timeout=2.0,
+            connect_to=probe_address(self.layout.address),
+        )
 
     @property
     def url(self) -> str:
@@ -126,6 +146,11 @@ class StepCa:
                 last_error = exc.message
                 time.sleep(0.05)
                 continue
+            except CertificateInvalid:
+                # What listens is not the CA the URL names (its certificate is for another name
+                # or root): waiting will not change that, and the process must not be left behind.
+                self.stop()
+                raise
             _log.info("step-ca is up", extra={"url": self.url, "pid": self._process.pid})
             return self
         self.stop()

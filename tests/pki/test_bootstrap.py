@@ -14,9 +14,11 @@ import pytest
 from strongroom.errors import AlreadyExists, InvalidArgument
 from strongroom.pki import StepCa, init_ca
 from strongroom.pki._duration import go_duration, parse_duration
-from strongroom.pki.errors import InvalidPkiConfig
+from strongroom.pki.bootstrap import Workload
+from strongroom.pki.errors import CertificateInvalid, InvalidPkiConfig
 from strongroom.pki.layout import CaLayout
 from strongroom.pki.token import mint_token
+from tests.pki.helpers import free_port
 
 
 def test_layout_files_and_permissions(tmp_path: Path) -> None:
@@ -146,3 +148,85 @@ def test_a_damaged_root_certificate_is_a_clear_error_when_minting(tmp_path: Path
             sans=["spiffe://strongroom.test/x"],
             root_pem=b"not a certificate",
         )
+
+
+def test_refuses_a_ca_directory_others_may_write(tmp_path: Path) -> None:
+    # Whoever may write the CA directory can swap config/ca.json after init (a provisioner of their
+    # own) or certs/root_ca.crt, and step-ca, holding the intermediate key, would serve it.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(InvalidPkiConfig) as info:
+        init_ca(shared, trust_domain="strongroom.test")
+    assert info.value.reason == "CA_DIR_UNSAFE"
+    assert str(shared) in info.value.message
+    assert not any(shared.iterdir())  # refused before any secret was written
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand the directory to another user")
+def test_refuses_a_ca_directory_another_user_owns(tmp_path: Path) -> None:
+    planted = tmp_path / "planted"
+    planted.mkdir(mode=0o755)
+    os.chown(planted, 4242, 4242)  # pre-created by someone else, e.g. in /tmp
+    with pytest.raises(InvalidPkiConfig) as info:
+        init_ca(planted, trust_domain="strongroom.test")
+    assert info.value.reason == "CA_DIR_UNSAFE"
+    assert not any(planted.iterdir())
+
+
+def test_no_ca_directory_is_writable_by_others_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o002)  # common for user-private groups; 0 in some containers
+    try:
+        layout = init_ca(tmp_path / "ca", trust_domain="strongroom.test", workloads=[Workload("a")])
+    finally:
+        os.umask(previous)
+    for path in [layout.directory, *layout.directory.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert not mode & 0o022, f"{path} is mode {mode:o}"
+    assert stat.S_IMODE(layout.directory.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1", "0.0.0.0"])
+def test_serve_does_not_need_the_ca_url_to_resolve_on_the_ca_host(
+    step_ca_binary: Path, tmp_path: Path, listen: str
+) -> None:
+    """StepCa's start-up probe went to the CA's URL: where its name does not resolve on the CA's
+    own host (a name served by a load balancer or only inside the cluster), `pki serve` waited
+    30 s, killed the healthy step-ca and failed. It probes the listen address now, still
+    verifying the certificate against the pinned root and the URL's host name."""
+    port = free_port()
+    layout = init_ca(
+        tmp_path / "ca",
+        trust_domain="strongroom.test",
+        dns_names=["ca.strongroom.invalid"],  # .invalid never resolves (RFC 6761)
+        address=f"{listen}:{port}",
+        url=f"https://ca.strongroom.invalid:{port}",
+    )
+    ca = StepCa(layout, binary=step_ca_binary, startup_timeout=5.0)
+    try:
+        ca.start()
+        assert ca.running()
+    finally:
+        ca.stop()
+
+
+def test_the_start_up_probe_still_pins_the_root_and_the_name(
+    step_ca_binary: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    layout = init_ca(
+        tmp_path / "ca",
+        trust_domain="strongroom.test",
+        dns_names=["ca.strongroom.invalid"],
+        address=f"127.0.0.1:{port}",
+        url=f"https://other.strongroom.invalid:{port}",  # not a name in step-ca's certificate
+    )
+    ca = StepCa(layout, binary=step_ca_binary, startup_timeout=5.0)
+    try:
+        with pytest.raises(CertificateInvalid) as info:
+            ca.start()
+        assert info.value.reason == "CA_CERT_UNVERIFIED"
+        assert "other.strongroom.invalid" in info.value.message
+        assert not ca.running()  # a probe that cannot succeed stops the process it started
+    finally:
+        ca.stop()

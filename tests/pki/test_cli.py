@@ -242,3 +242,57 @@ def test_template_prints_what_init_puts_in_ca_json(
         p for p in config["authority"]["provisioners"] if p["name"] == "strongroom-modelstore"
     ]
     assert entry["options"]["x509"]["template"] == printed
+
+
+@pytest.mark.parametrize("url", ["http://ca.test:9000", "https://ca.test:99999", "https://:9000"])
+def test_init_refuses_a_ca_url_no_client_could_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    """An unusable --url made a CA every later command refused (and a second init refused as
+    existing): the CA directory had to be deleted by hand."""
+    directory = tmp_path / "ca"
+    code = main(["pki", "init", "--dir", str(directory), "--url", url])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("strongroom: error: INVALID_PKI_CONFIG: CA URL ") and url in err
+    assert not (directory / "config" / "ca.json").exists()
+
+
+def test_a_ca_url_with_a_bad_port_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``https://host:99999`` raised ValueError out of CaClient: a traceback from enrol and revoke."""
+    directory = tmp_path / "ca"
+    assert main(["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("STRONGROOM_PKI_TOKEN", "not-used")
+    root = str(directory / "certs" / "root_ca.crt")
+    url = "https://localhost:99999"
+    commands = [
+        ["pki", "enrol", "--ca-url", url, "--root", root, "--state-dir", str(tmp_path / "s")],
+        ["pki", "revoke", "--dir", str(directory), "--serial", "0x5", "--ca-url", url],
+    ]
+    for argv in commands:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("strongroom: error: INVALID_PKI_CONFIG: CA URL ") and url in err
+        assert err.count("\n") == 1
+
+
+def test_a_token_file_that_is_not_text_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --token-file of binary bytes (the wrong file) raised UnicodeDecodeError: a traceback."""
+    directory = tmp_path / "ca"
+    assert main(["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]) == 0
+    capsys.readouterr()
+    token_file = tmp_path / "token"
+    token_file.write_bytes(b"\xff\xfe\x00binary")
+    root = str(directory / "certs" / "root_ca.crt")
+    argv = ["pki", "enrol", "--ca-url", "https://127.0.0.1:1", "--root", root]
+    code = main([*argv, "--token-file", str(token_file), "--state-dir", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("strongroom: error: BAD_TOKEN: ") and str(token_file) in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
