@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -283,16 +284,22 @@ def _check_base(base: Path) -> None:
                 reason=Reason.CA_DIR_UNSAFE,
             ) from None
     else:
-        base.chmod(0o755)
+        _restrict(base, 0o755)
 
 
 def _make_dirs(base: Path, modes: dict[Path, int]) -> None:
-    """Creates ``base / relative`` for each entry with exactly its mode: ``mkdir`` alone would
-    leave a umask of 002 (or 0, in some containers) making them writable by group or others."""
+    """Creates ``base / relative`` for each entry with at most its mode (see :func:`_restrict`)."""
     for relative, mode in modes.items():
         path = base / relative
         path.mkdir(mode=mode, parents=True, exist_ok=True)
-        path.chmod(mode)
+        _restrict(path, mode)
+
+
+def _restrict(path: Path, mode: int) -> None:
+    """Leaves ``path`` with at most ``mode`` and never writable by group or others: ``mkdir``
+    alone would keep a umask of 002 (or 0, in some containers) making it so. A stricter umask (the
+    demo's 077) is kept, not widened."""
+    path.chmod(stat.S_IMODE(path.stat().st_mode) & mode & ~0o022)
 
 
 def _layout_dirs(base: Path = Path()) -> dict[Path, int]:
@@ -320,9 +327,10 @@ def init_ca(
 ) -> CaLayout:
     """Creates a new CA in ``directory`` (which must not hold one already) and returns its layout.
 
-    ``directory`` is created (mode 0755) if missing; an existing one must belong to this user and be
-    writable by no one else (whoever may write it could replace ``ca.json`` or the root). No
-    directory of the CA is left writable by group or others, whatever the umask.
+    ``directory`` is created (0755 at most, narrower under a stricter umask) if missing; an
+    existing one must belong to this user and be writable by no one else (whoever may write it
+    could replace ``ca.json`` or the root). No directory of the CA is left writable by group or
+    others, whatever the umask.
 
     ``dns_names`` are the names (or IP addresses) in step-ca's own TLS certificate and its token
     audiences; ``url`` defaults to ``https://<dns_names[0]>:<port of address>``. Certificate
