@@ -12,31 +12,15 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from strongroom.dev.devstack import DevStack
-from strongroom.pki import WorkloadIdentity
-from strongroom.pki.identity import RenewalPolicy
 from strongroom.runtime.bootstrap import RoleTable, build_host
-from strongroom.runtime.config import AuthzConfig, CommonConfig, IdentityConfig
 from strongroom.runtime.server import DEFAULT_MESSAGE_LIMITS, ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import make_tracer_provider
+from tests.e2e.svc import enrolled_svc
 
 
 @pytest.fixture(scope="module")
 def host(stack: DevStack) -> Iterator[ServiceHost]:
-    ca = stack.start_ca()
-    identity = WorkloadIdentity.enrol(
-        ca.client(), stack.token("svc", ["localhost"]), policy=RenewalPolicy()
-    )
-    common = CommonConfig(
-        service="modelstore",
-        listen="127.0.0.1:0",
-        identity=IdentityConfig(
-            trust_domain=stack.trust_domain,
-            spiffe_id=stack.spiffe_id("svc"),
-            ca_url=ca.url,
-            ca_root_file=ca.layout.root_cert_path,
-        ),
-        authz=AuthzConfig(admin=(stack.spiffe_id("admin"),), client=(stack.spiffe_id("client"),)),
-    )
+    identity, common = enrolled_svc(stack)
     served = build_host(
         common,
         identity=identity,

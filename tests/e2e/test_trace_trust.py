@@ -20,14 +20,12 @@ from opentelemetry.trace import StatusCode as SpanStatus
 
 from strongroom import errors
 from strongroom.dev.devstack import DevStack
-from strongroom.pki import WorkloadIdentity
-from strongroom.pki.identity import RenewalPolicy
 from strongroom.reasons import Reason
 from strongroom.runtime.bootstrap import RoleTable, build_host
-from strongroom.runtime.config import AuthzConfig, CommonConfig, IdentityConfig
 from strongroom.runtime.logs import JsonFormatter
 from strongroom.runtime.server import DEFAULT_MESSAGE_LIMITS, ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import make_tracer_provider
+from tests.e2e.svc import enrolled_svc
 
 SERVICE = "test.Traced"
 METHOD = f"/{SERVICE}/Unary"
@@ -66,21 +64,7 @@ def _register(server: grpc.Server) -> None:
 
 @pytest.fixture(scope="module")
 def served(stack: DevStack) -> Iterator[tuple[ServiceHost, InMemorySpanExporter]]:
-    ca = stack.start_ca()
-    identity = WorkloadIdentity.enrol(
-        ca.client(), stack.token("svc", ["localhost"]), policy=RenewalPolicy()
-    )
-    common = CommonConfig(
-        service="modelstore",
-        listen="127.0.0.1:0",
-        identity=IdentityConfig(
-            trust_domain=stack.trust_domain,
-            spiffe_id=stack.spiffe_id("svc"),
-            ca_url=ca.url,
-            ca_root_file=ca.layout.root_cert_path,
-        ),
-        authz=AuthzConfig(admin=(stack.spiffe_id("admin"),), client=(stack.spiffe_id("client"),)),
-    )
+    identity, common = enrolled_svc(stack)
     exporter = InMemorySpanExporter()
     host = build_host(
         common,
