@@ -62,7 +62,7 @@ from strongroom.errors import (
     StrongroomError,
     Unavailable,
 )
-from strongroom.identifiers import KEY_ID_PATTERN
+from strongroom.identifiers import KEY_ID_PATTERN, MAX_KEY_VERSION
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, ReleaseTarget
@@ -75,7 +75,6 @@ from strongroom.reasons import Reason
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_VERSION = 2**31 - 1
 DEK_BYTES = 32
 #: RFC 5649 output for a 32-byte key: 8-byte integrity block + 32 bytes.
 WRAPPED_DEK_BYTES = 40
@@ -272,9 +271,14 @@ def validate_key_id(key_id: object) -> str:
 
 def validate_version(version: object) -> int:
     """Returns ``version`` if it is an int in 1..2**31-1, else InvalidArgument."""
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or not 1 <= version <= MAX_KEY_VERSION
+    ):
         raise InvalidArgument(
-            f"a key version is an integer in 1..{MAX_VERSION}", reason=Reason.KEY_VERSION_INVALID
+            f"a key version is an integer in 1..{MAX_KEY_VERSION}",
+            reason=Reason.KEY_VERSION_INVALID,
         )
     return version
 
@@ -378,7 +382,7 @@ class KeyManager:
             published = [k.version for k in existing if not k.pending]
             if not published:
                 raise NotFound(f"key {key_id!r} not found", reason=Reason.KEY_NOT_FOUND)
-            if max(published) >= MAX_VERSION:
+            if max(published) >= MAX_KEY_VERSION:
                 raise FailedPrecondition(
                     f"key {key_id!r} has no version numbers left",
                     reason=Reason.KEY_VERSIONS_EXHAUSTED,

@@ -19,6 +19,7 @@ from strongroom.cli._text import printable
 from strongroom.cli.client import Client, add_client_arguments
 from strongroom.client.rewrap import models_needing, rewrap_models
 from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound
+from strongroom.identifiers import MAX_KEY_VERSION
 from strongroom.reasons import Reason
 from strongroom.runtime.config import ConfigError
 
@@ -72,11 +73,6 @@ def register(sub: Any) -> None:
     )
     set_policy.add_argument("policy_file", type=Path)
     action("get-policy", "print a key's release policy", _get_policy)
-
-
-MAX_KEY_VERSION = 2**31 - 1
-"""The highest KEK version the broker numbers (``strongroom.keybroker.keys.MAX_VERSION``, not
-imported: it would load the PKCS#11 bindings into every command)."""
 
 
 def _key_version(text: str) -> int:
