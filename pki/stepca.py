@@ -19,6 +19,12 @@ from strongroom.reasons import Reason
 _log = logging.getLogger(__name__)
 
 BINARY_ENV = "STRONGROOM_STEP_CA"
+# What step-ca may see of the environment that starts it: locale, time zone, temporary directory
+# and the Go runtime's own tuning. Everything else stays out, since the process that starts it
+# (a service, the CLI, a test run) may hold secrets there (an HSM PIN, an enrolment token) that
+# step-ca has no use for and that anyone able to read /proc/PID/environ of the CA could read.
+_PASSED_ENV = frozenset({"PATH", "TZ", "TMPDIR", "LANG", "GODEBUG", "GOMAXPROCS", "GOMEMLIMIT"})
+_PASSED_ENV_PREFIXES = ("LC_",)
 
 
 def default_binary() -> Path:
@@ -28,6 +34,17 @@ def default_binary() -> Path:
         return Path(configured)
     found = shutil.which("step-ca")
     return Path(found) if found else Path("step-ca")
+
+
+def step_ca_environment(directory: Path) -> dict[str, str]:
+    """The environment step-ca runs with: the allow-listed part of ours, ``STEPPATH`` the CA
+    directory (so it never reads an operator's ``~/.step``) and ``HOME`` that directory too."""
+    passed = {
+        name: value
+        for name, value in os.environ.items()
+        if name in _PASSED_ENV or name.startswith(_PASSED_ENV_PREFIXES)
+    }
+    return {**passed, "STEP_CA_QUIET": "true", "STEPPATH": str(directory), "HOME": str(directory)}
 
 
 def probe_address(address: str) -> tuple[str, int]:
@@ -128,7 +145,7 @@ class StepCa:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "STEP_CA_QUIET": "true", "STEPPATH": str(self.layout.directory)},
+                env=step_ca_environment(self.layout.directory),
             )
         deadline = time.monotonic() + self.startup_timeout
         last_error = ""

@@ -230,3 +230,35 @@ def test_the_start_up_probe_still_pins_the_root_and_the_name(
         assert not ca.running()  # a probe that cannot succeed stops the process it started
     finally:
         ca.stop()
+
+
+def test_step_ca_sees_none_of_the_starting_process_secrets(
+    step_ca_binary: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """step-ca inherited the whole environment of whatever started it (a service holding its HSM
+    PIN, the CLI holding an enrolment token), readable by anyone who can read the CA process's
+    /proc/PID/environ. It now gets an allow-list: locale, time zone, PATH, Go tuning."""
+    monkeypatch.setenv("STRONGROOM_HSM_PIN", "1234-secret-pin")
+    monkeypatch.setenv("STRONGROOM_PKI_TOKEN", "eyJ-secret-token")
+    monkeypatch.setenv("LC_TIME", "C")
+    port = free_port()
+    layout = init_ca(
+        tmp_path / "ca",
+        trust_domain="strongroom.test",
+        dns_names=["localhost"],
+        address=f"127.0.0.1:{port}",
+        url=f"https://localhost:{port}",
+    )
+    ca = StepCa(layout, binary=step_ca_binary, startup_timeout=10.0)
+    try:
+        ca.start()
+        raw = Path(f"/proc/{ca.pid}/environ").read_bytes()
+    finally:
+        ca.stop()
+    environment = dict(item.split(b"=", 1) for item in raw.split(b"\0") if item)
+    assert b"STRONGROOM_HSM_PIN" not in environment
+    assert b"STRONGROOM_PKI_TOKEN" not in environment
+    assert b"secret" not in raw
+    assert environment[b"STEPPATH"] == str(layout.directory).encode()
+    assert environment[b"LC_TIME"] == b"C"
+    assert environment[b"PATH"] == os.environ["PATH"].encode()
