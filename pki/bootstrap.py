@@ -36,7 +36,9 @@ from strongroom.pki.layout import CaLayout
 from strongroom.reasons import Reason
 from strongroom.spiffe import SpiffeId
 
-Database = Literal["bbolt", "badgerv2", "none"]
+# No "none": without a database step-ca forgets used tokens at every restart and answers every
+# revocation with HTTP 501, and Strongroom revokes each superseded certificate.
+Database = Literal["bbolt", "badgerv2"]
 
 _SERVICE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -359,6 +361,11 @@ def init_ca(
         )
     if min_lifetime < timedelta(seconds=1):
         raise InvalidPkiConfig("the minimum certificate lifetime must be at least 1s")
+    if database not in ("bbolt", "badgerv2"):
+        raise InvalidPkiConfig(
+            f"CA database {database!r} is not bbolt or badgerv2: without one, step-ca cannot "
+            "revoke certificates or remember used tokens across restarts"
+        )
     if not provisioner_name or any(c in provisioner_name for c in ":/ "):
         raise InvalidPkiConfig(f"provisioner name {provisioner_name!r} is not a plain word")
     ca_url = url or _url_for(names[0], port)
@@ -407,11 +414,11 @@ def init_ca(
         base / layout.INTERMEDIATE_CERT, intermediate.public_bytes(serialization.Encoding.PEM)
     )
 
-    db_config: dict[str, str] | None = None
-    if database == "bbolt":
-        db_config = {"type": "bbolt", "dataSource": str(layout.DB / "step.db")}
-    elif database == "badgerv2":
-        db_config = {"type": "badgerv2", "dataSource": str(layout.DB)}
+    db_config = (
+        {"type": "bbolt", "dataSource": str(layout.DB / "step.db")}
+        if database == "bbolt"
+        else {"type": "badgerv2", "dataSource": str(layout.DB)}
+    )
     claims: dict[str, object] = {
         "minTLSCertDuration": go_duration(min_lifetime),
         "maxTLSCertDuration": go_duration(max_lifetime),
@@ -441,8 +448,6 @@ def init_ca(
         "authority": {"provisioners": provisioners},
         "tls": _CA_TLS,
     }
-    if db_config is None:
-        del config["db"]
     meta: dict[str, object] = {
         "trust_domain": trust_domain,
         "url": ca_url,

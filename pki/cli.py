@@ -53,7 +53,7 @@ def register(sub: Any) -> None:
     init.add_argument("--default-lifetime", default="1h", help="default certificate lifetime")
     init.add_argument("--max-lifetime", default="24h")
     init.add_argument("--min-lifetime", default="5m")
-    init.add_argument("--db", choices=("bbolt", "badgerv2", "none"), default="bbolt")
+    init.add_argument("--db", choices=("bbolt", "badgerv2"), default="bbolt")
     init.add_argument(
         "--workload",
         action="append",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -45,6 +46,24 @@ def step_ca_environment(directory: Path) -> dict[str, str]:
         if name in _PASSED_ENV or name.startswith(_PASSED_ENV_PREFIXES)
     }
     return {**passed, "STEP_CA_QUIET": "true", "STEPPATH": str(directory), "HOME": str(directory)}
+
+
+def _check_database(ca: CaLayout) -> None:
+    """Refuses a ``ca.json`` without a database: step-ca then answers every revocation with HTTP
+    501 and forgets used tokens at each restart, so a superseded or stolen certificate could never
+    be revoked (``pki init`` no longer offers that mode; older directories may have it)."""
+    try:
+        config = json.loads(ca.config_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise InvalidPkiConfig(f"cannot read {ca.config_path}: {exc}") from None
+    database = config.get("db") if isinstance(config, dict) else None
+    if not isinstance(database, dict) or not database.get("type") or not database.get("dataSource"):
+        raise InvalidPkiConfig(
+            f"{ca.config_path} configures no database: step-ca could revoke nothing and would "
+            'accept used tokens again after a restart; add "db": {"type": "bbolt", '
+            '"dataSource": "db/step.db"}',
+            reason=Reason.CA_DATABASE_MISSING,
+        )
 
 
 def probe_address(address: str) -> tuple[str, int]:
@@ -127,6 +146,7 @@ class StepCa:
                 f"or set {BINARY_ENV}",
                 reason=Reason.STEP_CA_MISSING,
             )
+        _check_database(self.layout)
         log_path = self.layout.log_path
         log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # step-ca logs the one-time tokens it accepts: its log is for the CA's operator only.

@@ -262,3 +262,41 @@ def test_step_ca_sees_none_of_the_starting_process_secrets(
     assert environment[b"STEPPATH"] == str(layout.directory).encode()
     assert environment[b"LC_TIME"] == b"C"
     assert environment[b"PATH"] == os.environ["PATH"].encode()
+
+
+def test_a_ca_without_a_database_is_refused(step_ca_binary: Path, tmp_path: Path) -> None:
+    """``pki init --db none`` made a CA whose every revocation step-ca answers with HTTP 501 and
+    which accepts a used token again after a restart: superseded certificates could never be
+    revoked. init refuses that mode, and a directory made by an older init is refused at start."""
+    with pytest.raises(InvalidPkiConfig, match="revoke"):
+        init_ca(tmp_path / "none", trust_domain="strongroom.test", database="none")  # type: ignore[arg-type]
+    assert not (tmp_path / "none").exists()
+    layout = init_ca(tmp_path / "ca", trust_domain="strongroom.test", address="127.0.0.1:1")
+    config = json.loads(layout.config_path.read_text())
+    del config["db"]  # what `--db none` wrote
+    layout.config_path.write_text(json.dumps(config))
+    ca = StepCa(layout, binary=step_ca_binary, startup_timeout=5.0)
+    with pytest.raises(InvalidPkiConfig) as info:
+        ca.start()
+    assert info.value.reason == "CA_DATABASE_MISSING"
+    assert "no database" in info.value.message
+    assert not ca.running()
+
+
+def test_the_cli_offers_no_database_less_ca(tmp_path: Path) -> None:
+    from strongroom.cli.main import main
+
+    argv = [
+        "pki",
+        "init",
+        "--dir",
+        str(tmp_path / "ca"),
+        "--trust-domain",
+        "x.test",
+        "--db",
+        "none",
+    ]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert not (tmp_path / "ca").exists()
