@@ -8,13 +8,15 @@ or the CSR ask for: its key, the one a service's pod holds, can obtain no other 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import json
 import os
 import re
 import secrets
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -289,6 +291,30 @@ def _check_base(base: Path) -> None:
         _restrict(base, 0o755)
 
 
+@contextlib.contextmanager
+def _init_lock(base: Path) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on the CA directory while ``init`` writes it, and refuses if a
+    CA appeared there meanwhile: two ``init`` runs that both passed the first check would
+    otherwise each write their own password, keys and root, leaving a ``ca.json`` whose keys
+    cannot be decrypted with the password beside them, or a root that did not sign the
+    intermediate."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyExists(
+                f"another `pki init` is creating a CA in {base}", reason=Reason.CA_INIT_IN_PROGRESS
+            ) from None
+        if (base / layout.CONFIG).exists():
+            raise AlreadyExists(
+                f"{base} already holds a CA; refusing to overwrite it", reason=Reason.CA_EXISTS
+            )
+        yield
+    finally:
+        os.close(fd)
+
+
 def _make_dirs(base: Path, modes: dict[Path, int]) -> None:
     """Creates ``base / relative`` for each entry with at most its mode (see :func:`_restrict`)."""
     for relative, mode in modes.items():
@@ -395,86 +421,87 @@ def init_ca(
     workload_keys = {w.service: generate_key() for w in workloads}
 
     _check_base(base)
-    dirs = {
-        **_layout_dirs(),
-        layout.DB: 0o700,
-        layout.LOG.parent: 0o755,
-        **({layout.WORKLOADS: 0o755} if workloads else {}),
-    }
-    for workload in workloads:
-        kit = layout.workload_dir(workload.service)
-        dirs |= {kit: 0o755, **_layout_dirs(kit)}
-    _make_dirs(base, dirs)
-    write_private(base / layout.PASSWORD, password + b"\n")
-    write_private(base / layout.ROOT_KEY, _encrypted_pem(root_key, password))
-    write_private(base / layout.INTERMEDIATE_KEY, _encrypted_pem(intermediate_key, password))
-    write_private(base / layout.PROVISIONER_KEY, _plain_pem(provisioner_key))
-    write_public(base / layout.ROOT_CERT, root.public_bytes(serialization.Encoding.PEM))
-    write_public(
-        base / layout.INTERMEDIATE_CERT, intermediate.public_bytes(serialization.Encoding.PEM)
-    )
-
-    db_config = (
-        {"type": "bbolt", "dataSource": str(layout.DB / "step.db")}
-        if database == "bbolt"
-        else {"type": "badgerv2", "dataSource": str(layout.DB)}
-    )
-    claims: dict[str, object] = {
-        "minTLSCertDuration": go_duration(min_lifetime),
-        "maxTLSCertDuration": go_duration(max_lifetime),
-        "defaultTLSCertDuration": go_duration(default_lifetime),
-        "disableRenewal": False,
-    }
-    provisioners = [_jwk_provisioner(provisioner_name, provisioner_key, claims, None)]
-    for workload in workloads:
-        provisioners.append(
-            _jwk_provisioner(
-                f"{provisioner_name}-{workload.service}",
-                workload_keys[workload.service],
-                claims,
-                workload_template(workload.spiffe_id(trust_domain), workload.dns_names),
-            )
+    with _init_lock(base):
+        dirs = {
+            **_layout_dirs(),
+            layout.DB: 0o700,
+            layout.LOG.parent: 0o755,
+            **({layout.WORKLOADS: 0o755} if workloads else {}),
+        }
+        for workload in workloads:
+            kit = layout.workload_dir(workload.service)
+            dirs |= {kit: 0o755, **_layout_dirs(kit)}
+        _make_dirs(base, dirs)
+        write_private(base / layout.PASSWORD, password + b"\n")
+        write_private(base / layout.ROOT_KEY, _encrypted_pem(root_key, password))
+        write_private(base / layout.INTERMEDIATE_KEY, _encrypted_pem(intermediate_key, password))
+        write_private(base / layout.PROVISIONER_KEY, _plain_pem(provisioner_key))
+        write_public(base / layout.ROOT_CERT, root.public_bytes(serialization.Encoding.PEM))
+        write_public(
+            base / layout.INTERMEDIATE_CERT, intermediate.public_bytes(serialization.Encoding.PEM)
         )
-    config = {
-        "root": str(layout.ROOT_CERT),
-        "federatedRoots": None,
-        "crt": str(layout.INTERMEDIATE_CERT),
-        "key": str(layout.INTERMEDIATE_KEY),
-        "address": address,
-        "insecureAddress": "",
-        "dnsNames": names,
-        "logger": {"format": "text"},
-        "db": db_config,
-        "authority": {"provisioners": provisioners},
-        "tls": _CA_TLS,
-    }
-    meta: dict[str, object] = {
-        "trust_domain": trust_domain,
-        "url": ca_url,
-        "address": address,
-        "dns_names": names,
-        "provisioner_name": provisioner_name,
-    }
-    if workloads:
-        meta["workloads"] = {
-            w.service: {
-                "provisioner_name": f"{provisioner_name}-{w.service}",
-                "sans": w.sans(trust_domain),
+
+        db_config = (
+            {"type": "bbolt", "dataSource": str(layout.DB / "step.db")}
+            if database == "bbolt"
+            else {"type": "badgerv2", "dataSource": str(layout.DB)}
+        )
+        claims: dict[str, object] = {
+            "minTLSCertDuration": go_duration(min_lifetime),
+            "maxTLSCertDuration": go_duration(max_lifetime),
+            "defaultTLSCertDuration": go_duration(default_lifetime),
+            "disableRenewal": False,
+        }
+        provisioners = [_jwk_provisioner(provisioner_name, provisioner_key, claims, None)]
+        for workload in workloads:
+            provisioners.append(
+                _jwk_provisioner(
+                    f"{provisioner_name}-{workload.service}",
+                    workload_keys[workload.service],
+                    claims,
+                    workload_template(workload.spiffe_id(trust_domain), workload.dns_names),
+                )
+            )
+        config = {
+            "root": str(layout.ROOT_CERT),
+            "federatedRoots": None,
+            "crt": str(layout.INTERMEDIATE_CERT),
+            "key": str(layout.INTERMEDIATE_KEY),
+            "address": address,
+            "insecureAddress": "",
+            "dnsNames": names,
+            "logger": {"format": "text"},
+            "db": db_config,
+            "authority": {"provisioners": provisioners},
+            "tls": _CA_TLS,
+        }
+        meta: dict[str, object] = {
+            "trust_domain": trust_domain,
+            "url": ca_url,
+            "address": address,
+            "dns_names": names,
+            "provisioner_name": provisioner_name,
+        }
+        if workloads:
+            meta["workloads"] = {
+                w.service: {
+                    "provisioner_name": f"{provisioner_name}-{w.service}",
+                    "sans": w.sans(trust_domain),
+                }
+                for w in workloads
             }
-            for w in workloads
-        }
-    for workload in workloads:
-        # The workload's token directory: laid out like a CA directory, holding only its own
-        # provisioner (name and key, restricted to its SANs) and the root.
-        kit = base / layout.workload_dir(workload.service)
-        kit_meta = {
-            **{k: v for k, v in meta.items() if k != "workloads"},
-            "provisioner_name": f"{provisioner_name}-{workload.service}",
-            "sans": workload.sans(trust_domain),
-        }
-        write_private(kit / layout.PROVISIONER_KEY, _plain_pem(workload_keys[workload.service]))
-        write_public(kit / layout.ROOT_CERT, root.public_bytes(serialization.Encoding.PEM))
-        write_public(kit / layout.META, json.dumps(kit_meta, indent=2).encode() + b"\n")
-    write_public(base / layout.CONFIG, json.dumps(config, indent=2).encode() + b"\n")
-    write_public(base / layout.META, json.dumps(meta, indent=2).encode() + b"\n")
-    return CaLayout.load(base)
+        for workload in workloads:
+            # The workload's token directory: laid out like a CA directory, holding only its own
+            # provisioner (name and key, restricted to its SANs) and the root.
+            kit = base / layout.workload_dir(workload.service)
+            kit_meta = {
+                **{k: v for k, v in meta.items() if k != "workloads"},
+                "provisioner_name": f"{provisioner_name}-{workload.service}",
+                "sans": workload.sans(trust_domain),
+            }
+            write_private(kit / layout.PROVISIONER_KEY, _plain_pem(workload_keys[workload.service]))
+            write_public(kit / layout.ROOT_CERT, root.public_bytes(serialization.Encoding.PEM))
+            write_public(kit / layout.META, json.dumps(kit_meta, indent=2).encode() + b"\n")
+        write_public(base / layout.CONFIG, json.dumps(config, indent=2).encode() + b"\n")
+        write_public(base / layout.META, json.dumps(meta, indent=2).encode() + b"\n")
+        return CaLayout.load(base)

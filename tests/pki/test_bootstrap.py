@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -300,3 +301,44 @@ def test_the_cli_offers_no_database_less_ca(tmp_path: Path) -> None:
         main(argv)
     assert info.value.code == 2
     assert not (tmp_path / "ca").exists()
+
+
+def test_two_simultaneous_inits_make_one_ca(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both runs passed the "no CA here yet" check before either wrote anything, then each wrote
+    its own password, keys and root over the other's: the directory ended up with keys the
+    password beside them may not decrypt. Now one run makes the CA and the other is refused."""
+    import threading
+
+    from strongroom.pki import bootstrap
+
+    real_generate = bootstrap.generate_key
+    barrier = threading.Barrier(2)
+
+    def slow_generate() -> object:
+        key = real_generate()
+        # Both runs are past the first check before either writes (the race, made certain).
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=5)
+        return key
+
+    monkeypatch.setattr(bootstrap, "generate_key", slow_generate)
+    outcomes: list[object] = []
+
+    def run() -> None:
+        try:
+            outcomes.append(init_ca(tmp_path / "ca", trust_domain="strongroom.test"))
+        except AlreadyExists as exc:
+            outcomes.append(exc.reason)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    layouts = [o for o in outcomes if isinstance(o, CaLayout)]
+    assert len(layouts) == 1, outcomes
+    refused = next(o for o in outcomes if not isinstance(o, CaLayout))
+    assert refused in {"CA_INIT_IN_PROGRESS", "CA_EXISTS"}
+    layouts[0].load_intermediate()  # the password beside the keys decrypts them

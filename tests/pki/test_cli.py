@@ -116,7 +116,7 @@ def test_init_into_a_file_is_one_line_naming_it(
     code = main(["pki", "init", "--dir", str(not_a_directory), "--trust-domain", "strongroom.test"])
     err = capsys.readouterr().err
     assert code == 1
-    assert err.startswith(f"strongroom: error: {not_a_directory}/") and "Not a directory" in err
+    assert err.startswith(f"strongroom: error: {not_a_directory}") and "Not a directory" in err
     assert "Traceback" not in err and err.count("\n") == 1
 
 
