@@ -49,8 +49,19 @@ def _check_signing_key(private_key: Path) -> None:
     model-signing raised AttributeError (no ``curve``) for an RSA or Ed25519 key, which the
     command line does not catch: a traceback instead of one line. The key is loaded here only to
     be checked; model-signing loads it again to sign (and refuses an EC curve it does not support).
+
+    A key that group or others may read is refused first (SECRET_FILE_PERMISSIONS), as the
+    services refuse such secret files: whoever else reads it can sign models the inference
+    servers will accept as the publisher's.
     """
     try:
+        mode = private_key.stat().st_mode
+        if mode & 0o077:
+            raise FailedPrecondition(
+                f"signing key {private_key} is readable by group or others (mode "
+                f"{mode & 0o777:o}); use 0600",
+                reason=Reason.SECRET_FILE_PERMISSIONS,
+            )
         key = load_pem_private_key(private_key.read_bytes(), password=None)
     except OSError as exc:
         raise FailedPrecondition(

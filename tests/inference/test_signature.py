@@ -43,6 +43,20 @@ def signed(tmp_path: Path) -> tuple[bytes, bytes]:
     return sign_model(model, private), public
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_signing_key_others_may_read_is_refused(tmp_path: Path, mode: int) -> None:
+    """The publisher's signing key was used whatever its mode; the services refuse secret files
+    group or others may read, and whoever reads this key signs models as the publisher."""
+    private, _ = keypair(tmp_path, "signer")
+    private.chmod(mode)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(MODEL)
+    with pytest.raises(FailedPrecondition) as info:
+        sign_model(model, private)
+    assert info.value.reason == "SECRET_FILE_PERMISSIONS"
+    assert f"mode {mode:o}" in info.value.message and "0600" in info.value.message
+
+
 @pytest.mark.parametrize("curve", [ec.SECP256R1(), ec.SECP384R1()], ids=["P-256", "P-384"])
 def test_a_signed_model_verifies_in_memory(tmp_path: Path, curve: ec.EllipticCurve) -> None:
     private, public = keypair(tmp_path, "k", curve)
