@@ -22,6 +22,7 @@ from strongroom.cli._text import printable
 from strongroom.cli.client import Client, add_client_arguments
 from strongroom.client.fetch import DecryptedModel, ModelFetcher
 from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.client.listing import iter_models
 from strongroom.client.multipart import PartFile, files_parts, onnx_parts, publish_parts
 from strongroom.client.publish import ONNX_CONTENT_TYPE, publish_model
 from strongroom.errors import FailedPrecondition
@@ -282,17 +283,10 @@ def _fetch(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
 def _ls(args: argparse.Namespace) -> int:
     with Client.from_args(args) as client:
         stub = pb_grpc.ModelStoreServiceStub(client.channel("modelstore"))
-        token = ""
-        while True:
-            page = stub.ListModels(
-                pb.ListModelsRequest(name_prefix=args.prefix, page_token=token), timeout=TIMEOUT
-            )
-            for m in page.models:
-                fields = (m.name, m.version, m.artifact_size, m.artifact_sha256, m.key_id)
-                print("\t".join(map(printable, fields)) + f"/v{m.key_version}")
-            token = page.next_page_token
-            if not token:
-                return 0
+        for m in iter_models(stub, name_prefix=args.prefix, timeout=TIMEOUT):
+            fields = (m.name, m.version, m.artifact_size, m.artifact_sha256, m.key_id)
+            print("\t".join(map(printable, fields)) + f"/v{m.key_version}")
+        return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:

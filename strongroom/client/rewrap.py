@@ -39,6 +39,7 @@ from strongroom.artifact.format import (
     PREFIX_SIZE,
     SLOT_LENGTH_SIZE,
 )
+from strongroom.client.listing import iter_models
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
 
@@ -138,15 +139,8 @@ def models_needing(
 def _models_under(
     store: store_grpc.ModelStoreServiceStub, key_id: str, timeout: float
 ) -> Iterator[store_pb.ModelInfo]:
-    token = ""
-    for _page in range(1_000_000):  # bounded: a page token never repeats
-        page = store.ListModels(
-            store_pb.ListModelsRequest(page_size=PAGE_SIZE, page_token=token), timeout=timeout
-        )
-        yield from (model for model in page.models if model.key_id == key_id)
-        token = page.next_page_token
-        if not token:
-            return
+    models = iter_models(store, page_size=PAGE_SIZE, timeout=timeout)
+    yield from (model for model in models if model.key_id == key_id)
 
 
 def _rewrap_one(

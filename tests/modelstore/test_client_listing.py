@@ -1,0 +1,106 @@
+"""The client's walk over ListModels pages stops when a store's page tokens loop.
+
+`strongroom model ls` and key rotation's listing followed ``next_page_token`` as long as the store
+handed one out: a store that repeated a token kept them going for ever (the rotation's walk
+stopped after a million pages). The store here is a real gRPC server misbehaving on purpose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+
+from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
+from strongroom.client.listing import iter_models
+from strongroom.errors import FailedPrecondition
+
+
+class _PagingStore(pb_grpc.ModelStoreServiceServicer):
+    """Hands out ``pages`` pages of one model each; ``token_for(n)`` names the n-th next page."""
+
+    def __init__(self, pages: int, token_for: Callable[[int], str]) -> None:
+        self.pages = pages
+        self.token_for = token_for
+        self.calls = 0
+
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        self.calls += 1
+        token = self.token_for(self.calls) if self.calls < self.pages else ""
+        model = pb.ModelInfo(name=f"m{self.calls}", version="1")
+        return pb.ListModelsResponse(models=[model], next_page_token=token)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[_PagingStore], grpc.Channel]]:
+    servers: list[grpc.Server] = []
+
+    def start(store: _PagingStore) -> grpc.Channel:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        pb_grpc.add_ModelStoreServiceServicer_to_server(store, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return grpc.insecure_channel(f"127.0.0.1:{port}")
+
+    yield start
+    for server in servers:
+        server.stop(None)
+
+
+def test_every_page_is_walked(serve: Callable[[_PagingStore], grpc.Channel]) -> None:
+    store = _PagingStore(5, lambda n: f"after-{n}")  # type: ignore[abstract]  # only ListModels
+    names = [m.name for m in iter_models(pb_grpc.ModelStoreServiceStub(serve(store)), timeout=10)]
+    assert names == ["m1", "m2", "m3", "m4", "m5"]
+
+
+def test_a_repeated_page_token_stops_the_walk(
+    serve: Callable[[_PagingStore], grpc.Channel],
+) -> None:
+    store = _PagingStore(10**9, lambda n: "same-token")  # type: ignore[abstract]  # only ListModels
+    with pytest.raises(FailedPrecondition) as info:
+        list(iter_models(pb_grpc.ModelStoreServiceStub(serve(store)), timeout=10))
+    assert info.value.reason == "STORE_LISTING_LOOPS"
+    assert store.calls == 2
+
+
+def test_a_token_cycle_stops_the_walk(serve: Callable[[_PagingStore], grpc.Channel]) -> None:
+    store = _PagingStore(10**9, lambda n: f"t{n % 3}")  # type: ignore[abstract]  # only ListModels
+    with pytest.raises(FailedPrecondition, match="does not advance"):
+        list(iter_models(pb_grpc.ModelStoreServiceStub(serve(store)), timeout=10))
+    assert store.calls == 4
+
+
+def test_a_listing_without_end_stops_at_the_page_cap(
+    serve: Callable[[_PagingStore], grpc.Channel],
+) -> None:
+    store = _PagingStore(10**9, lambda n: f"fresh-{n}")  # type: ignore[abstract]  # only ListModels
+    with pytest.raises(FailedPrecondition, match="within 50 pages"):
+        list(iter_models(pb_grpc.ModelStoreServiceStub(serve(store)), timeout=10, max_pages=50))
+    assert store.calls == 50
+
+
+def test_key_rotation_stops_on_a_looping_store(
+    serve: Callable[[_PagingStore], grpc.Channel],
+) -> None:
+    """Rotation's listing (``models_needing``) walked up to a million pages of a repeated token;
+    the store here gives up after 200 calls, so the old walk fails on its error instead."""
+    from strongroom.client.rewrap import models_needing
+
+    class _GivingUp(_PagingStore):
+        def ListModels(
+            self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+        ) -> pb.ListModelsResponse:
+            if self.calls >= 200:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "called in a loop")
+            return super().ListModels(request, context)
+
+    store = _GivingUp(10**9, lambda n: "same-token")  # type: ignore[abstract]  # only ListModels
+    with pytest.raises(FailedPrecondition) as info:
+        models_needing("model-key", 0, store=serve(store))
+    assert info.value.reason == "STORE_LISTING_LOOPS"
