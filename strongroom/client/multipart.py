@@ -328,7 +328,13 @@ def publish_parts(
                         progress(before + source.tell(), total)
 
                 pieces = plan.writer.stream(source, block_size=UPLOAD_MESSAGE_BYTES)
-                response = put_model(stub, _messages(pieces, on_piece), timeout=timeout)
+                response = put_model(
+                    stub,
+                    _messages(pieces, on_piece),
+                    name=plan.header.model_name,
+                    version=plan.header.model_version,
+                    timeout=timeout,
+                )
             stored.append(response.model)
             digests.append(bytes(tail))  # the footer: the part's plaintext SHA-256
             done_before += plan.header.plaintext_size
@@ -354,7 +360,11 @@ def publish_parts(
             (manifest_writer.start(), manifest_writer.write(encoded), manifest_writer.finish())
         )
         response = put_model(
-            stub, _messages(iter([artifact]), lambda _piece: None), timeout=timeout
+            stub,
+            _messages(iter([artifact]), lambda _piece: None),
+            name=name,
+            version=version,
+            timeout=timeout,
         )
     except BaseException:
         _delete_best_effort(stub, stored)

@@ -21,7 +21,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import encrypt_stream, wipe
 from strongroom.client.mechanisms import header_mechanism
 from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
-from strongroom.errors import FailedPrecondition
+from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.reasons import Reason
 
 UPLOAD_MESSAGE_BYTES = 1024 * 1024
@@ -99,7 +99,13 @@ def publish_model(
                 for start in range(0, len(piece), UPLOAD_MESSAGE_BYTES):
                     yield store_pb.PutModelRequest(data=piece[start : start + UPLOAD_MESSAGE_BYTES])
 
-        response = put_model(store_grpc.ModelStoreServiceStub(store), messages(), timeout=timeout)
+        response = put_model(
+            store_grpc.ModelStoreServiceStub(store),
+            messages(),
+            name=name,
+            version=version,
+            timeout=timeout,
+        )
     return Published(response.model, time.perf_counter() - started)
 
 
@@ -107,6 +113,8 @@ def put_model(
     stub: store_grpc.ModelStoreServiceStub,
     requests: Iterator[store_pb.PutModelRequest],
     *,
+    name: str,
+    version: str,
     timeout: float,
 ) -> store_pb.PutModelResponse:
     """Streams ``requests`` to ``PutModel``; a failure while producing them (the plaintext file
@@ -118,12 +126,19 @@ def put_model(
     instead: the artifact then lacks its final chunk (the writer seals it only once every declared
     byte was read), which no store can take for a whole one; whatever the store answers, the kept
     exception is raised.
+
+    The store's answer must name ``name``/``version`` and as many artifact bytes as were sent;
+    otherwise the publish fails with DATA_LOSS (STORE_ANSWER_MISMATCH) rather than report a model
+    the store did not record as sent.
     """
     failure: list[Exception] = []
+    sent = [0]
 
     def guarded() -> Iterator[store_pb.PutModelRequest]:
         try:
-            yield from requests
+            for request in requests:
+                sent[0] += len(request.data)
+                yield request
         except Exception as exc:
             failure.append(exc)
 
@@ -135,4 +150,17 @@ def put_model(
         raise
     if failure:
         raise failure[0]
+    _check_answer(response.model, name, version, sent[0])
     return response
+
+
+def _check_answer(model: store_pb.ModelInfo, name: str, version: str, size: int) -> None:
+    """Refuses a PutModel answer that does not describe what was sent."""
+    recorded = (model.name, model.version, model.artifact_size)
+    if recorded != (name, version, size):
+        raise DataLoss(
+            f"the model store answered that it recorded {model.name[:255]!r} version "
+            f"{model.version[:255]!r} ({model.artifact_size} bytes) for {name!r} version "
+            f"{version!r} ({size} bytes sent)",
+            reason=Reason.STORE_ANSWER_MISMATCH,
+        )

@@ -1,22 +1,29 @@
-"""The client's walk over ListModels pages stops when a store's page tokens loop.
+"""The client library against a model store whose answers are wrong (a real gRPC server,
+misbehaving on purpose).
 
 `strongroom model ls` and key rotation's listing followed ``next_page_token`` as long as the store
 handed one out: a store that repeated a token kept them going for ever (the rotation's walk
-stopped after a million pages). The store here is a real gRPC server misbehaving on purpose.
+stopped after a million pages). A publish reported whatever the store answered it recorded.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
 
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
+from strongroom.artifact import parse_header
 from strongroom.client.listing import iter_models
-from strongroom.errors import FailedPrecondition
+from strongroom.client.publish import publish_model
+from strongroom.errors import DataLoss, FailedPrecondition
 
 
 class _PagingStore(pb_grpc.ModelStoreServiceServicer):
@@ -104,3 +111,76 @@ def test_key_rotation_stops_on_a_looping_store(
     with pytest.raises(FailedPrecondition) as info:
         models_needing("model-key", 0, store=serve(store))
     assert info.value.reason == "STORE_LISTING_LOOPS"
+
+
+class _Broker(kb_grpc.KeyBrokerServiceServicer):
+    def GenerateDataKey(
+        self, request: kb_pb.GenerateDataKeyRequest, context: grpc.ServicerContext
+    ) -> kb_pb.GenerateDataKeyResponse:
+        return kb_pb.GenerateDataKeyResponse(
+            data_key=os.urandom(32),
+            wrapped_data_key=os.urandom(40),
+            key_version=1,
+            mechanism=kb_pb.WRAP_MECHANISM_AES_KEY_WRAP_PAD,
+        )
+
+
+class _Store(pb_grpc.ModelStoreServiceServicer):
+    """Reads the whole upload, then answers with ``change`` applied to the true ModelInfo."""
+
+    def __init__(self, change: dict[str, object]) -> None:
+        self.change = change
+
+    def PutModel(
+        self, requests: Iterator[pb.PutModelRequest], context: grpc.ServicerContext
+    ) -> pb.PutModelResponse:
+        artifact = b"".join(r.data for r in requests)
+        header = parse_header(artifact[: 64 * 1024])
+        model = pb.ModelInfo(
+            name=header.model_name, version=header.model_version, artifact_size=len(artifact)
+        )
+        for field, value in self.change.items():
+            setattr(model, field, value)
+        return pb.PutModelResponse(model=model)
+
+
+@pytest.fixture
+def publish(tmp_path: Path) -> Iterator[Callable[[dict[str, object]], object]]:
+    servers: list[grpc.Server] = []
+    model = tmp_path / "model.onnx"
+    model.write_bytes(os.urandom(300_000))
+
+    def run(change: dict[str, object]) -> object:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        kb_grpc.add_KeyBrokerServiceServicer_to_server(_Broker(), server)  # type: ignore[abstract]
+        pb_grpc.add_ModelStoreServiceServicer_to_server(_Store(change), server)  # type: ignore[abstract]
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        return publish_model(
+            model, name="fraud", version="3", key_id="k", broker=channel, store=channel
+        )
+
+    yield run
+    for server in servers:
+        server.stop(None)
+
+
+def test_a_truthful_answer_is_reported(publish: Callable[[dict[str, object]], object]) -> None:
+    published = publish({})
+    assert published.model.name == "fraud" and published.model.version == "3"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"name": "other"}, {"version": "2"}, {"artifact_size": 1}, {"name": "\x1b[2Kok"}],
+    ids=["name", "version", "size", "escape"],
+)
+def test_an_answer_about_something_else_fails_the_publish(
+    publish: Callable[[dict[str, object]], object], change: dict[str, object]
+) -> None:
+    with pytest.raises(DataLoss) as info:
+        publish(change)
+    assert info.value.reason == "STORE_ANSWER_MISMATCH"
+    assert "\x1b" not in info.value.message  # the store's text is quoted, not replayed
