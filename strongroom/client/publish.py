@@ -7,6 +7,7 @@ key is wiped as soon as the encryptor has derived its own key from it.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,22 +59,23 @@ def publish_model(
     model-signing and the bundle travels in the artifact header.
     """
     started = time.perf_counter()
-    bundle = sign_model(path, signing_key) if signing_key is not None else b""
-    generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
-        kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30
-    )
-    # Before the key is copied out: a mechanism the header cannot carry ends the publish here.
-    mechanism = header_mechanism(generated.mechanism)
-    dek = bytearray(generated.data_key)
+    # The file first: a publish that cannot read it asks the broker for no data key (each one is
+    # a broker decision, audited) and signs nothing.
     try:
         source = path.open("rb")
     except OSError as exc:
-        wipe(dek)
         raise FailedPrecondition(
             f"cannot read {path}: {exc.strerror}", reason=Reason.MODEL_FILE_UNREADABLE
         ) from None
     with source:
-        total = path.stat().st_size
+        total = os.fstat(source.fileno()).st_size
+        bundle = sign_model(path, signing_key) if signing_key is not None else b""
+        generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
+            kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30
+        )
+        # Before the key is copied out: a mechanism the header cannot carry ends the publish.
+        mechanism = header_mechanism(generated.mechanism)
+        dek = bytearray(generated.data_key)
         try:
             artifact = encrypt_stream(
                 source,

@@ -114,9 +114,12 @@ def test_key_rotation_stops_on_a_looping_store(
 
 
 class _Broker(kb_grpc.KeyBrokerServiceServicer):
+    generated = 0
+
     def GenerateDataKey(
         self, request: kb_pb.GenerateDataKeyRequest, context: grpc.ServicerContext
     ) -> kb_pb.GenerateDataKeyResponse:
+        _Broker.generated += 1
         return kb_pb.GenerateDataKeyResponse(
             data_key=os.urandom(32),
             wrapped_data_key=os.urandom(40),
@@ -184,3 +187,28 @@ def test_an_answer_about_something_else_fails_the_publish(
         publish(change)
     assert info.value.reason == "STORE_ANSWER_MISMATCH"
     assert "\x1b" not in info.value.message  # the store's text is quoted, not replayed
+
+
+def test_an_unreadable_file_asks_the_broker_for_no_key(tmp_path: Path) -> None:
+    """publish_model asked the broker for a data key (an audited broker decision) before it found
+    that the model file could not be read."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    kb_grpc.add_KeyBrokerServiceServicer_to_server(_Broker(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    before = _Broker.generated
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        with pytest.raises(FailedPrecondition) as info:
+            publish_model(
+                tmp_path / "missing.onnx",
+                name="fraud",
+                version="3",
+                key_id="k",
+                broker=channel,
+                store=channel,
+            )
+    finally:
+        server.stop(None)
+    assert info.value.reason == "MODEL_FILE_UNREADABLE"
+    assert _Broker.generated == before
