@@ -379,6 +379,9 @@ def init_ca(
     names = [n.strip() for n in dns_names if n.strip()]
     if not names:
         raise InvalidPkiConfig("the CA needs at least one DNS name or IP address")
+    # They become step-ca's own certificate's SANs and every token's audience: a malformed one
+    # would make a CA whose URL no client can verify, or a ca.json step-ca refuses.
+    _check_names(names)
     _, port = _split_address(address)
     if not min_lifetime <= default_lifetime <= max_lifetime:
         raise InvalidPkiConfig(

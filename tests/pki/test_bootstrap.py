@@ -342,3 +342,14 @@ def test_two_simultaneous_inits_make_one_ca(
     refused = next(o for o in outcomes if not isinstance(o, CaLayout))
     assert refused in {"CA_INIT_IN_PROGRESS", "CA_EXISTS"}
     layouts[0].load_intermediate()  # the password beside the keys decrypts them
+
+
+@pytest.mark.parametrize(
+    "name", ["bad name", "ca.example.test,evil.test", "-lead.test", "a" * 64 + ".test", "ca..test"]
+)
+def test_the_cas_own_names_are_checked(tmp_path: Path, name: str) -> None:
+    """Workload names were checked, the CA's own ``--dns`` names were not: any string went into
+    step-ca's certificate and the token audiences."""
+    with pytest.raises(InvalidPkiConfig, match="neither a DNS name nor an IP address"):
+        init_ca(tmp_path / "ca", trust_domain="strongroom.test", dns_names=[name])
+    assert not (tmp_path / "ca").exists()
