@@ -64,6 +64,7 @@ from strongroom.attestation.collateral import (
     QeIdentity,
     SignedDocument,
     TcbInfo,
+    amd_crl_scope,
     parse_qe_identity,
     parse_tcb_info,
 )
@@ -360,6 +361,15 @@ class CollateralCache:
         is_amd = common_name(issuer).startswith("ARK-")
         if is_amd != (scope in AMD_CRL_SCOPES):
             raise _bad("an AMD ARK CRL needs scope vcek or vlek; an Intel CRL none")
+        named = amd_crl_scope(crl) if is_amd else None
+        if named is not None and named != scope:
+            # Filed under the other scope (an import's file name, a fetch's URL), it would judge
+            # the other chains and its rollback mark would refuse the genuine CRL of that scope.
+            raise VerificationFailed(
+                f"CRL of {common_name(issuer)} is its {named} CRL (issuing distribution point), "
+                f"not its {scope} CRL",
+                reason=Reason.COLLATERAL_MISMATCH,
+            )
         key = _crl_key(issuer, scope)
         entry = CacheEntry(
             "crl",

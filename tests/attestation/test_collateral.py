@@ -29,6 +29,7 @@ from strongroom.attestation import (
     TeeType,
     TrustStore,
     VerificationFailed,
+    collateral_cache,
     collateral_fetch,
     verify_evidence,
 )
@@ -478,6 +479,47 @@ def test_static_crls_of_one_ark_are_told_apart_by_scope(authority, sim_trust, no
     with pytest.raises(VerificationFailed) as mixed_err:
         verify_evidence(vlek_ev, trust=sim_trust, now=now, collateral=mixed)
     assert mixed_err.value.reason == Reason.CERT_REVOKED
+
+
+def test_an_ark_crl_is_never_taken_for_the_other_scope(authority, sim_trust, now, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The ARK signs its VCEK and its VLEK CRL under one name, and the broker's cache filed a CRL
+    under whatever scope it was handed (the fetch URL, or an import's file name): the VCEK CRL
+    imported as ``<ark>-vlek.der`` was served for VLEK chains, so an ASVK the VLEK CRL revokes
+    was accepted, and its rollback mark then refused the genuine VLEK CRL. A CRL whose issuing
+    distribution point names the other scope is refused, by the cache and by the verifier."""
+    vlek_ev = authority.snp(signing_key="VLEK").evidence(RD, measurement=MEAS)
+    vcek_crl = _ark_crl(authority, [], now, scope="vcek")
+    vlek_crl = _ark_crl(
+        authority, [authority.asvk.serial_number], now, scope="vlek", age=dt.timedelta(hours=2)
+    )
+    source = tmp_path / "carried"
+    (source / "crl").mkdir(parents=True)
+    cache = CollateralCache(tmp_path / "cache", sim_trust)
+    key = f"{collateral_cache.issuer_id(authority.ark)}"
+    (source / "crl" / f"{key}-vlek.der").write_bytes(vcek_crl)
+    with pytest.raises(StrongroomError) as imported:
+        cache.import_directory(source)
+    assert imported.value.reason == Reason.COLLATERAL_MISMATCH
+    with pytest.raises(StrongroomError) as put:
+        cache.put_crl(vlek_crl, scope="vcek")
+    assert put.value.reason == Reason.COLLATERAL_MISMATCH
+    cache.put_crl(vlek_crl, scope="vlek")  # the genuine one is not held back by a mark
+    with pytest.raises(VerificationFailed) as revoked:
+        verify_evidence(vlek_ev, trust=sim_trust, now=now, collateral=cache)
+    assert revoked.value.reason == Reason.CERT_REVOKED
+
+    class Misfiled:
+        """A source that hands the ARK's VCEK CRL out for either scope."""
+
+        def crl(self, issuer: x509.Certificate, scope: str = "") -> bytes | None:
+            return vcek_crl
+
+        def __getattr__(self, name: str) -> Any:
+            return lambda *a, **k: None
+
+    with pytest.raises(StrongroomError) as misfiled:
+        verify_evidence(vlek_ev, trust=sim_trust, now=now, collateral=Misfiled())  # type: ignore[arg-type]
+    assert misfiled.value.reason == Reason.COLLATERAL_MISMATCH
 
 
 def test_static_source_prefers_the_newest_of_equal_crls(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
