@@ -33,6 +33,7 @@ bounded (:data:`MAX_FAILURES`, the oldest forgotten first).
 
 from __future__ import annotations
 
+import http.client
 import logging
 import random
 import threading
@@ -149,6 +150,10 @@ class HttpGetter:
                     break
             except (urllib.error.URLError, TimeoutError, OSError) as exc:
                 last = type(exc).__name__ + (f" ({exc.reason})" if hasattr(exc, "reason") else "")
+            except http.client.HTTPException as exc:
+                # An answer that is not HTTP (a bad status line, an over-long header, a cut chunked
+                # body): http.client's own errors, which urllib does not wrap in URLError.
+                last = type(exc).__name__
             log.info(
                 "collateral fetch failed", extra={"url": url, "attempt": attempt, "error": last}
             )

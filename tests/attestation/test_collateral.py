@@ -8,6 +8,8 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,66 @@ def test_outage_with_empty_cache_fails_closed_after_bounded_retries(
             Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
         )
     assert len([r for r in server.requests if r.startswith("/tdx/certification/v4/tcb")]) == 3
+
+
+@contextlib.contextmanager
+def _garbage_upstream(answer: bytes) -> Iterator[tuple[str, list[int]]]:
+    """A loopback 'service' that answers every request with ``answer`` (not HTTP); yields its
+    URL and a list that counts the connections."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                seen.append(1)
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", seen
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"GARBAGE\r\n\r\n",  # http.client.BadStatusLine
+        b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n",  # LineTooLong
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nshort",  # IncompleteRead
+    ],
+)
+def test_an_upstream_that_does_not_speak_http_is_a_failed_fetch(
+    vectors, production, authority, sim_trust, now, tmp_path, answer: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    """What a PCS/PCCS/KDS (or whatever answers at its address) sends is untrusted input: an answer
+    that is not HTTP raised http.client's own exceptions (neither OSError nor URLError) out of the
+    getter, through the verifier's safety net, so a release failed INTERNAL with a traceback and the
+    failure was not remembered, every release fetching again. It is a failed fetch, retried and
+    then backed off like an outage, and the verdict is COLLATERAL_MISSING / FETCH_FAILED."""
+    with _garbage_upstream(answer) as (url, seen):
+        settings = FetchSettings(
+            pcs_url=url, kds_url=url, retries=1, backoff_seconds=0.01, timeout_seconds=2.0
+        )
+        service = CollateralService(CollateralCache(tmp_path / "tdx", production), settings)
+        quote = Evidence(TeeType.TDX, (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes())
+        for _ in range(2):
+            with pytest.raises(CollateralUnavailable) as err:
+                verify_evidence(quote, trust=production, now=SPR_TIME, collateral=service)
+            assert err.value.reason == Reason.COLLATERAL_MISSING
+            # TCB info and QE identity: a try and a retry each, then backed off.
+            assert len(seen) == 4
+        snp = CollateralService(CollateralCache(tmp_path / "snp", sim_trust), settings)
+        report = Evidence(TeeType.SEV_SNP, authority.snp().report(RD, measurement=MEAS))
+        with pytest.raises(CollateralUnavailable) as vcek:
+            verify_evidence(report, trust=sim_trust, now=now, collateral=snp)
+        assert vcek.value.reason == Reason.COLLATERAL_FETCH_FAILED
 
 
 def test_slow_upstream_times_out(vectors, production, server, tmp_path) -> None:  # type: ignore[no-untyped-def]
