@@ -314,12 +314,13 @@ class CollateralService:
         try:
             self.cache.put_vcek(der, report)
         except StrongroomError as exc:
-            # Not stored: the verifier, which checks the same, names why. Not remembered as a
-            # failure either: the answer may be right and the report forged, and a back-off would
-            # then hold back the genuine platform's first verification.
+            # Not stored: the verifier, which checks the same, names why (or the cache cannot be
+            # written: COLLATERAL_STORE_FAILED). Not remembered as a failure either: the answer may
+            # be right and the report forged, and a back-off would then hold back the genuine
+            # platform's first verification.
             log.info(
-                "fetched VCEK not cached: the report does not verify with it",
-                extra={"what": key, "reason": exc.reason},
+                "fetched VCEK not cached",
+                extra={"what": key, "reason": exc.reason, "detail": exc.message},
             )
         return der
 

@@ -297,6 +297,39 @@ def test_a_fetched_vcek_is_cached_only_once_a_report_verifies_with_it(  # type: 
     assert replica.snp_key_certificate(parse_snp_report(genuine.report)) == snp.certificate_der
 
 
+def test_a_cache_that_cannot_be_written_is_no_internal_error(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, now, monkeypatch
+) -> None:
+    """A full or read-only cache volume made every fetch that stored something raise the OSError
+    out of the collateral service and the verifier's safety net: a genuine report's release failed
+    INTERNAL although the VCEK it needed had been fetched, and with a missing CRL nothing was
+    backed off, each release fetching again. The fetched document still serves the verification
+    that fetched it (the cache and the verifier check it either way); what could not be stored is
+    logged and backed off like a failed fetch."""
+    snp = authority.snp()
+    server.vcek("Milan", snp.chip_id, snp.tcb.components(), snp.certificate_der)
+    server.amd_crl("Milan", authority.crl("ark", now=now))
+    service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+
+    def full(path: Path, data: bytes, **kw: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(collateral_cache, "atomic_write", full)
+    genuine = Evidence(TeeType.SEV_SNP, snp.report(RD, measurement=MEAS))
+    with pytest.raises(CollateralUnavailable) as err:  # the VCEK served; the CRL could not be kept
+        verify_evidence(genuine, trust=sim_trust, now=now, collateral=service)
+    assert err.value.reason == Reason.COLLATERAL_MISSING
+    count = len(server.requests)
+    with pytest.raises(CollateralUnavailable):
+        verify_evidence(genuine, trust=sim_trust, now=now, collateral=service)
+    assert len(server.requests) == count + 1  # the VCEK again (not stored), the CRL backed off
+    monkeypatch.undo()
+    with_crl = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    assert verify_evidence(
+        genuine, trust=sim_trust, now=now, collateral=with_crl
+    ).collateral_complete
+
+
 def test_a_kds_404_is_remembered_per_chip_and_tcb(  # type: ignore[no-untyped-def]
     authority, sim_trust, server, tmp_path, now, monkeypatch
 ) -> None:
