@@ -433,6 +433,12 @@ def _crl_facts(data: bytes) -> _CrlFacts | None:
         return None
 
 
+def crl_amd_scope(data: bytes) -> str | None:
+    """:func:`amd_crl_scope` of a DER/PEM CRL (``None`` also when it is not one; memoised)."""
+    facts = _crl_facts(bytes(data))
+    return facts.amd_scope if facts else None
+
+
 def crl_issuer_name(data: bytes) -> x509.Name | None:
     """The issuer name of a DER/PEM CRL, or ``None`` if it is not one (structure only)."""
     facts = _crl_facts(bytes(data))

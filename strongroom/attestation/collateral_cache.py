@@ -64,6 +64,7 @@ from strongroom.attestation.collateral import (
     QeIdentity,
     SignedDocument,
     TcbInfo,
+    amd_crl_scope,
     parse_qe_identity,
     parse_tcb_info,
 )
@@ -360,6 +361,15 @@ class CollateralCache:
         is_amd = common_name(issuer).startswith("ARK-")
         if is_amd != (scope in AMD_CRL_SCOPES):
             raise _bad("an AMD ARK CRL needs scope vcek or vlek; an Intel CRL none")
+        named = amd_crl_scope(crl) if is_amd else None
+        if named is not None and named != scope:
+            # Filed under the other scope (an import's file name, a fetch's URL), it would judge
+            # the other chains and its rollback mark would refuse the genuine CRL of that scope.
+            raise VerificationFailed(
+                f"CRL of {common_name(issuer)} is its {named} CRL (issuing distribution point), "
+                f"not its {scope} CRL",
+                reason=Reason.COLLATERAL_MISMATCH,
+            )
         key = _crl_key(issuer, scope)
         entry = CacheEntry(
             "crl",
@@ -376,22 +386,31 @@ class CollateralCache:
     def _writing(self) -> Iterator[dict[str, Any]]:
         if not self._writable:
             raise PermissionError(f"collateral cache {self.directory} is read-only here")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / ".lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                self._read_all()  # another writer may have moved the high-water marks
-                state = self._read_state()
-                yield state
-                atomic_write(
-                    self.directory / "state.json",
-                    json.dumps(state, indent=1, sort_keys=True).encode(),
-                )
-                generation = f"{time.time_ns()}\n".encode()
-                atomic_write(self.directory / "generation", generation)
-                self._read_all()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with open(self.directory / ".lock", "a+b") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    self._read_all()  # another writer may have moved the high-water marks
+                    state = self._read_state()
+                    yield state
+                    atomic_write(
+                        self.directory / "state.json",
+                        json.dumps(state, indent=1, sort_keys=True).encode(),
+                    )
+                    generation = f"{time.time_ns()}\n".encode()
+                    atomic_write(self.directory / "generation", generation)
+                    self._read_all()
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        except OSError as exc:
+            # A full or read-only volume: what was being stored is not kept (callers that fetched
+            # it log this and back off like a failed fetch), never an untyped error on a release.
+            raise CollateralUnavailable(
+                f"collateral cache {self.directory} cannot be written: "
+                f"{exc.strerror or type(exc).__name__}",
+                reason=Reason.COLLATERAL_STORE_FAILED,
+            ) from None
 
     def _read_state(self) -> dict[str, Any]:
         try:

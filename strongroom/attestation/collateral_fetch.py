@@ -33,6 +33,7 @@ bounded (:data:`MAX_FAILURES`, the oldest forgotten first).
 
 from __future__ import annotations
 
+import http.client
 import logging
 import random
 import threading
@@ -149,6 +150,10 @@ class HttpGetter:
                     break
             except (urllib.error.URLError, TimeoutError, OSError) as exc:
                 last = type(exc).__name__ + (f" ({exc.reason})" if hasattr(exc, "reason") else "")
+            except http.client.HTTPException as exc:
+                # An answer that is not HTTP (a bad status line, an over-long header, a cut chunked
+                # body): http.client's own errors, which urllib does not wrap in URLError.
+                last = type(exc).__name__
             log.info(
                 "collateral fetch failed", extra={"url": url, "attempt": attempt, "error": last}
             )
@@ -309,12 +314,13 @@ class CollateralService:
         try:
             self.cache.put_vcek(der, report)
         except StrongroomError as exc:
-            # Not stored: the verifier, which checks the same, names why. Not remembered as a
-            # failure either: the answer may be right and the report forged, and a back-off would
-            # then hold back the genuine platform's first verification.
+            # Not stored: the verifier, which checks the same, names why (or the cache cannot be
+            # written: COLLATERAL_STORE_FAILED). Not remembered as a failure either: the answer may
+            # be right and the report forged, and a back-off would then hold back the genuine
+            # platform's first verification.
             log.info(
-                "fetched VCEK not cached: the report does not verify with it",
-                extra={"what": key, "reason": exc.reason},
+                "fetched VCEK not cached",
+                extra={"what": key, "reason": exc.reason, "detail": exc.message},
             )
         return der
 

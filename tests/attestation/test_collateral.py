@@ -8,6 +8,8 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from strongroom.attestation import (
     TeeType,
     TrustStore,
     VerificationFailed,
+    collateral_cache,
     collateral_fetch,
     verify_evidence,
 )
@@ -137,6 +140,66 @@ def test_outage_with_empty_cache_fails_closed_after_bounded_retries(
     assert len([r for r in server.requests if r.startswith("/tdx/certification/v4/tcb")]) == 3
 
 
+@contextlib.contextmanager
+def _garbage_upstream(answer: bytes) -> Iterator[tuple[str, list[int]]]:
+    """A loopback 'service' that answers every request with ``answer`` (not HTTP); yields its
+    URL and a list that counts the connections."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                seen.append(1)
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", seen
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"GARBAGE\r\n\r\n",  # http.client.BadStatusLine
+        b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n",  # LineTooLong
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nshort",  # IncompleteRead
+    ],
+)
+def test_an_upstream_that_does_not_speak_http_is_a_failed_fetch(
+    vectors, production, authority, sim_trust, now, tmp_path, answer: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    """What a PCS/PCCS/KDS (or whatever answers at its address) sends is untrusted input: an answer
+    that is not HTTP raised http.client's own exceptions (neither OSError nor URLError) out of the
+    getter, through the verifier's safety net, so a release failed INTERNAL with a traceback and the
+    failure was not remembered, every release fetching again. It is a failed fetch, retried and
+    then backed off like an outage, and the verdict is COLLATERAL_MISSING / FETCH_FAILED."""
+    with _garbage_upstream(answer) as (url, seen):
+        settings = FetchSettings(
+            pcs_url=url, kds_url=url, retries=1, backoff_seconds=0.01, timeout_seconds=2.0
+        )
+        service = CollateralService(CollateralCache(tmp_path / "tdx", production), settings)
+        quote = Evidence(TeeType.TDX, (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes())
+        for _ in range(2):
+            with pytest.raises(CollateralUnavailable) as err:
+                verify_evidence(quote, trust=production, now=SPR_TIME, collateral=service)
+            assert err.value.reason == Reason.COLLATERAL_MISSING
+            # TCB info and QE identity: a try and a retry each, then backed off.
+            assert len(seen) == 4
+        snp = CollateralService(CollateralCache(tmp_path / "snp", sim_trust), settings)
+        report = Evidence(TeeType.SEV_SNP, authority.snp().report(RD, measurement=MEAS))
+        with pytest.raises(CollateralUnavailable) as vcek:
+            verify_evidence(report, trust=sim_trust, now=now, collateral=snp)
+        assert vcek.value.reason == Reason.COLLATERAL_FETCH_FAILED
+
+
 def test_slow_upstream_times_out(vectors, production, server, tmp_path) -> None:  # type: ignore[no-untyped-def]
     real_intel(server, vectors)
     server.delay = 1.0
@@ -232,6 +295,39 @@ def test_a_fetched_vcek_is_cached_only_once_a_report_verifies_with_it(  # type: 
     assert len(server.requests) == count
     replica = CollateralCache(tmp_path, sim_trust, writable=False)
     assert replica.snp_key_certificate(parse_snp_report(genuine.report)) == snp.certificate_der
+
+
+def test_a_cache_that_cannot_be_written_is_no_internal_error(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, now, monkeypatch
+) -> None:
+    """A full or read-only cache volume made every fetch that stored something raise the OSError
+    out of the collateral service and the verifier's safety net: a genuine report's release failed
+    INTERNAL although the VCEK it needed had been fetched, and with a missing CRL nothing was
+    backed off, each release fetching again. The fetched document still serves the verification
+    that fetched it (the cache and the verifier check it either way); what could not be stored is
+    logged and backed off like a failed fetch."""
+    snp = authority.snp()
+    server.vcek("Milan", snp.chip_id, snp.tcb.components(), snp.certificate_der)
+    server.amd_crl("Milan", authority.crl("ark", now=now))
+    service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+
+    def full(path: Path, data: bytes, **kw: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(collateral_cache, "atomic_write", full)
+    genuine = Evidence(TeeType.SEV_SNP, snp.report(RD, measurement=MEAS))
+    with pytest.raises(CollateralUnavailable) as err:  # the VCEK served; the CRL could not be kept
+        verify_evidence(genuine, trust=sim_trust, now=now, collateral=service)
+    assert err.value.reason == Reason.COLLATERAL_MISSING
+    count = len(server.requests)
+    with pytest.raises(CollateralUnavailable):
+        verify_evidence(genuine, trust=sim_trust, now=now, collateral=service)
+    assert len(server.requests) == count + 1  # the VCEK again (not stored), the CRL backed off
+    monkeypatch.undo()
+    with_crl = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    assert verify_evidence(
+        genuine, trust=sim_trust, now=now, collateral=with_crl
+    ).collateral_complete
 
 
 def test_a_kds_404_is_remembered_per_chip_and_tcb(  # type: ignore[no-untyped-def]
@@ -478,6 +574,47 @@ def test_static_crls_of_one_ark_are_told_apart_by_scope(authority, sim_trust, no
     with pytest.raises(VerificationFailed) as mixed_err:
         verify_evidence(vlek_ev, trust=sim_trust, now=now, collateral=mixed)
     assert mixed_err.value.reason == Reason.CERT_REVOKED
+
+
+def test_an_ark_crl_is_never_taken_for_the_other_scope(authority, sim_trust, now, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The ARK signs its VCEK and its VLEK CRL under one name, and the broker's cache filed a CRL
+    under whatever scope it was handed (the fetch URL, or an import's file name): the VCEK CRL
+    imported as ``<ark>-vlek.der`` was served for VLEK chains, so an ASVK the VLEK CRL revokes
+    was accepted, and its rollback mark then refused the genuine VLEK CRL. A CRL whose issuing
+    distribution point names the other scope is refused, by the cache and by the verifier."""
+    vlek_ev = authority.snp(signing_key="VLEK").evidence(RD, measurement=MEAS)
+    vcek_crl = _ark_crl(authority, [], now, scope="vcek")
+    vlek_crl = _ark_crl(
+        authority, [authority.asvk.serial_number], now, scope="vlek", age=dt.timedelta(hours=2)
+    )
+    source = tmp_path / "carried"
+    (source / "crl").mkdir(parents=True)
+    cache = CollateralCache(tmp_path / "cache", sim_trust)
+    key = f"{collateral_cache.issuer_id(authority.ark)}"
+    (source / "crl" / f"{key}-vlek.der").write_bytes(vcek_crl)
+    with pytest.raises(StrongroomError) as imported:
+        cache.import_directory(source)
+    assert imported.value.reason == Reason.COLLATERAL_MISMATCH
+    with pytest.raises(StrongroomError) as put:
+        cache.put_crl(vlek_crl, scope="vcek")
+    assert put.value.reason == Reason.COLLATERAL_MISMATCH
+    cache.put_crl(vlek_crl, scope="vlek")  # the genuine one is not held back by a mark
+    with pytest.raises(VerificationFailed) as revoked:
+        verify_evidence(vlek_ev, trust=sim_trust, now=now, collateral=cache)
+    assert revoked.value.reason == Reason.CERT_REVOKED
+
+    class Misfiled:
+        """A source that hands the ARK's VCEK CRL out for either scope."""
+
+        def crl(self, issuer: x509.Certificate, scope: str = "") -> bytes | None:
+            return vcek_crl
+
+        def __getattr__(self, name: str) -> Any:
+            return lambda *a, **k: None
+
+    with pytest.raises(StrongroomError) as misfiled:
+        verify_evidence(vlek_ev, trust=sim_trust, now=now, collateral=Misfiled())  # type: ignore[arg-type]
+    assert misfiled.value.reason == Reason.COLLATERAL_MISMATCH
 
 
 def test_static_source_prefers_the_newest_of_equal_crls(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]

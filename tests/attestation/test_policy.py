@@ -358,6 +358,20 @@ def test_min_tcb_evaluation_data_number(authority, sim_trust, now) -> None:
     deny(Reason.TCB_EVALUATION_TOO_OLD, policy(tdx__min_tcb_evaluation_data_number=18), claims)
 
 
+def test_min_tcb_evaluation_data_number_holds_for_the_qe_identity_too(
+    authority, sim_trust, now
+) -> None:
+    """The QE is judged by the QE identity, which Intel numbers like the TCB info (a TCB recovery
+    raises both). The claim was the TCB info's number alone, so a TCB info of recovery 18 beside
+    a QE identity of 17 (fetched at another time: the cache refreshes each near its own
+    nextUpdate) met a minimum of 18 while the QE was judged by pre-recovery levels. Like Intel's
+    tcb_eval_ref_num, the claim is the lower of the two."""
+    claims = tdx_claims(authority, sim_trust, now, number=18)  # the QE identity is 17
+    assert claims.tcb_evaluation_data_number == 17
+    policy(tdx__min_tcb_evaluation_data_number=17).evaluate(claims, CALLER)
+    deny(Reason.TCB_EVALUATION_TOO_OLD, policy(tdx__min_tcb_evaluation_data_number=18), claims)
+
+
 def test_incomplete_collateral_never_releases(authority, sim_trust, now) -> None:
     tdx = authority.tdx()
     ev = Evidence(TeeType.TDX, tdx.quote(RD, mrtd=MRTD))

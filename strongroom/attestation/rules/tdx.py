@@ -89,7 +89,8 @@ class TdxRules(schema.Section):
         number = c.tcb_evaluation_data_number
         if number is None or number < self.min_tcb_evaluation_data_number:
             raise _deny(
-                f"TCB info evaluation data number {number} is below the policy's minimum "
+                f"TCB evaluation data number {number} (the lower of the TCB info's and the QE "
+                f"identity's) is below the policy's minimum "
                 f"{self.min_tcb_evaluation_data_number}",
                 Reason.TCB_EVALUATION_TOO_OLD,
             )

@@ -44,7 +44,7 @@ from strongroom.attestation.abi.snp import (
     parse_snp_report,
 )
 from strongroom.attestation.claims import SnpClaims
-from strongroom.attestation.collateral import CollateralSource
+from strongroom.attestation.collateral import CollateralSource, crl_amd_scope
 from strongroom.attestation.errors import (
     CollateralUnavailable,
     MalformedEvidence,
@@ -185,6 +185,19 @@ def _check_bindings(report: SnpReport, key: _VerifiedKey) -> None:
         )
 
 
+def _check_crl_scope(crl: bytes, scope: str, product: str) -> None:
+    """The ARK signs its VCEK CRL (ASKs) and its VLEK CRL (ASVKs) under one name, so a CRL of the
+    other scope would pass the issuer and signature checks and leave the chain's ASK or ASVK
+    unchecked; one whose issuing distribution point names the other scope is refused."""
+    named = crl_amd_scope(crl)
+    if named is not None and named != scope:
+        raise VerificationFailed(
+            f"the CRL held for ARK-{product}'s {scope.upper()} chains is its {named.upper()} CRL "
+            f"(issuing distribution point), which does not speak for the {scope.upper()} signer",
+            reason=Reason.COLLATERAL_MISMATCH,
+        )
+
+
 def _verify_signature(report: SnpReport, key: _VerifiedKey) -> None:
     try:
         signature = encode_dss_signature(report.signature_r, report.signature_s)
@@ -242,8 +255,11 @@ def verify_snp(
     # Revocation comes last so that a forged or mismatched report is named as such; only the
     # verifier's own CRL counts (evidence-carried CRLs are never read).
     signer, ark = key.chain[1], key.chain[2]
-    crl = collateral.crl(ark, key.info.kind.lower()) if collateral is not None else None
+    scope = key.info.kind.lower()
+    crl = collateral.crl(ark, scope) if collateral is not None else None
     revocation_checked = crl is not None or require_collateral
+    if crl is not None:
+        _check_crl_scope(crl, scope, key.product)
     if revocation_checked:
         # The ARK's CRL speaks for what the ARK issued, the ASK/ASVK; AMD publishes no CRL for
         # VCEKs/VLEKs.

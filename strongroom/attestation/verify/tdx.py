@@ -509,6 +509,17 @@ def evaluate_tcb(
     return replace(launch, status=current)
 
 
+def _evaluation_number(tcb_info: TcbInfo | None, qe_identity: QeIdentity | None) -> int | None:
+    """The TCB recovery the verdict rests on, Intel's ``tcb_eval_ref_num``: the lower of the TCB
+    info's and the QE identity's ``tcbEvaluationDataNumber`` (the QE is judged by the identity, and
+    the two are fetched and refreshed apart). A QE identity without one vouches for no recovery."""
+    if tcb_info is None:
+        return None
+    if qe_identity is None:
+        return tcb_info.tcb_evaluation_data_number
+    return min(tcb_info.tcb_evaluation_data_number, qe_identity.tcb_evaluation_data_number or 0)
+
+
 def verify_tdx(
     evidence: Evidence,
     *,
@@ -564,7 +575,5 @@ def verify_tdx(
         simulated=verified.pck.simulated or selected.simulated,
         revocation_checked=revocation_checked,
         qe_identity_checked=selected.qe_identity is not None,
-        tcb_evaluation_data_number=(
-            tcb_info.tcb_evaluation_data_number if tcb_info is not None else None
-        ),
+        tcb_evaluation_data_number=_evaluation_number(tcb_info, selected.qe_identity),
     )
