@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,23 @@ def _create(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     client, stub = _admin(args)
     with client:
-        return _print(stub.ListKeys(pb.ListKeysRequest(), timeout=TIMEOUT))
+        return _print(pb.ListKeysResponse(keys=list(_all_keys(stub))))
+
+
+def _all_keys(stub: pb_grpc.KeyAdminServiceStub) -> Iterator[pb.KeyInfo]:
+    """Every key, page after page; stops if the broker's page token does not advance."""
+    token = ""
+    while True:
+        page = stub.ListKeys(pb.ListKeysRequest(page_token=token), timeout=TIMEOUT)
+        yield from page.keys
+        if not page.next_page_token:
+            return
+        if page.next_page_token <= token:
+            raise FailedPrecondition(
+                "the key broker's key listing does not advance; stopped",
+                reason=Reason.KEY_LISTING_LOOPS,
+            )
+        token = page.next_page_token
 
 
 def _rotate(args: argparse.Namespace) -> int:
@@ -124,8 +141,7 @@ def _rotate(args: argparse.Namespace) -> int:
 def _rewrap_models(args: argparse.Namespace) -> int:
     client, stub = _admin(args)
     with client:
-        keys = stub.ListKeys(pb.ListKeysRequest(), timeout=TIMEOUT).keys
-        key = next((k for k in keys if k.key_id == args.key_id), None)
+        key = next((k for k in _all_keys(stub) if k.key_id == args.key_id), None)
         if key is None:
             raise NotFound(f"key {args.key_id} does not exist", reason=Reason.KEY_NOT_FOUND)
         return _rewrap(client, args.key_id, key.current_version)
