@@ -449,6 +449,7 @@ def test_signed_model_loads_only_with_a_valid_signature(life: Lifecycle, tmp_pat
         path.write_bytes(
             key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
         )
+        path.chmod(0o600)  # a signing key others may read is refused
         return path, key.public_key().public_bytes(
             ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo
         )
