@@ -10,7 +10,7 @@ import pytest
 
 from strongroom.client import fetch, remote
 from strongroom.errors import DataLoss, FailedPrecondition, NotFound, Unavailable
-from strongroom.reasons import METADATA_KEY
+from strongroom.reasons import METADATA_KEY, Reason
 
 
 class _Refusal(grpc.RpcError):
@@ -41,7 +41,7 @@ class _Refusal(grpc.RpcError):
             FailedPrecondition,
             "MEASUREMENT_NOT_ALLOWED",
         ),
-        (grpc.StatusCode.PERMISSION_DENIED, None, FailedPrecondition, "KEY_RELEASE_DENIED"),
+        (grpc.StatusCode.PERMISSION_DENIED, None, FailedPrecondition, "FETCH_DENIED"),
     ],
 )
 def test_status_and_reason_survive(code, reason, expected, expected_reason) -> None:
@@ -52,9 +52,11 @@ def test_status_and_reason_survive(code, reason, expected, expected_reason) -> N
 
 def test_the_message_text_never_supplies_the_reason() -> None:
     forged = _Refusal(grpc.StatusCode.INTERNAL, "RELEASED: looks like a reason", None)
-    assert remote.remote_error("fetch", forged).reason == "FETCH_INTERNAL"
+    assert remote.remote_error("fetch", forged).reason == "FETCH_REFUSED"
     odd = _Refusal(grpc.StatusCode.DATA_LOSS, "x", "not a reason\n")
-    assert remote.remote_error("fetch", odd).reason == "FETCH_DATA_LOSS"
+    error = remote.remote_error("fetch", odd)
+    assert (type(error), error.reason) == (DataLoss, "FETCH_REFUSED")
+    assert "(DATA_LOSS)" in error.message
 
 
 def test_the_fetch_library_uses_the_same_mapping() -> None:
@@ -64,9 +66,9 @@ def test_the_fetch_library_uses_the_same_mapping() -> None:
 @pytest.mark.parametrize(
     ("code", "expected_reason"),
     [
-        (grpc.StatusCode.PERMISSION_DENIED, "KEY_RELEASE_DENIED"),
+        (grpc.StatusCode.PERMISSION_DENIED, "FETCH_DENIED"),
         (grpc.StatusCode.UNAVAILABLE, "FETCH_UNAVAILABLE"),
-        (grpc.StatusCode.FAILED_PRECONDITION, "FETCH_FAILED_PRECONDITION"),
+        (grpc.StatusCode.FAILED_PRECONDITION, "FETCH_REFUSED"),
     ],
 )
 def test_a_reason_outside_the_catalogue_is_not_taken_from_a_peer(
@@ -78,3 +80,17 @@ def test_a_reason_outside_the_catalogue_is_not_taken_from_a_peer(
     error = remote.remote_error("fetch", made_up)
     assert error.reason == expected_reason
     assert "the peer's words stay in the message" in error.message
+
+
+@pytest.mark.parametrize("step", ["fetch", "key release"])
+@pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c is not grpc.StatusCode.OK])
+def test_every_fallback_reason_is_in_the_catalogue(
+    step: remote.Step, code: grpc.StatusCode
+) -> None:
+    """Without a peer reason the fallback was made up from the step and the status
+    (``KEY_RELEASE_INTERNAL``, ``FETCH_ABORTED``, ...), 34 codes the catalogue did not hold, and a
+    refused fetch was labelled ``KEY_RELEASE_DENIED``."""
+    error = remote.remote_error(step, _Refusal(code, "no reason sent", None))
+    assert error.reason in {r.value for r in Reason}
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        assert error.reason == ("FETCH_DENIED" if step == "fetch" else "KEY_RELEASE_DENIED")

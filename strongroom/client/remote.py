@@ -13,6 +13,8 @@ reason: the caller of the client was not itself refused.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import grpc
 
 from strongroom.errors import (
@@ -27,10 +29,28 @@ from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
 
 _CATALOGUE = frozenset(Reason)
-_GRPC_TO_REASON = {
-    grpc.StatusCode.PERMISSION_DENIED: "KEY_RELEASE_DENIED",
-    grpc.StatusCode.UNAUTHENTICATED: "UNAUTHENTICATED",
-    grpc.StatusCode.NOT_FOUND: "MODEL_NOT_IN_STORE",
+Step = Literal["fetch", "key release"]
+"""What the client was doing when the peer refused: it picks the fallback reasons below."""
+
+_UNAVAILABLE: dict[str, Reason] = {
+    "fetch": Reason.FETCH_UNAVAILABLE,
+    "key release": Reason.KEY_RELEASE_UNAVAILABLE,
+}
+_BY_STATUS: dict[str, dict[grpc.StatusCode, Reason]] = {
+    "fetch": {
+        grpc.StatusCode.PERMISSION_DENIED: Reason.FETCH_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED: Reason.UNAUTHENTICATED,
+        grpc.StatusCode.NOT_FOUND: Reason.MODEL_NOT_IN_STORE,
+    },
+    "key release": {
+        grpc.StatusCode.PERMISSION_DENIED: Reason.KEY_RELEASE_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED: Reason.UNAUTHENTICATED,
+        grpc.StatusCode.NOT_FOUND: Reason.KEY_NOT_FOUND,
+    },
+}
+_OTHERWISE: dict[str, Reason] = {
+    "fetch": Reason.FETCH_REFUSED,
+    "key release": Reason.KEY_RELEASE_REFUSED,
 }
 #: Peer statuses passed on as they are (see the module docstring); the rest is FailedPrecondition.
 _KEPT: dict[grpc.StatusCode, type[StrongroomError]] = {
@@ -58,18 +78,22 @@ def peer_reason(error: grpc.RpcError) -> str | None:
     return None
 
 
-def remote_error(step: str, exc: grpc.RpcError) -> StrongroomError:
+def remote_error(step: Step, exc: grpc.RpcError) -> StrongroomError:
     """A peer's refusal as a domain error with the peer's reason (its ``strongroom-reason``
-    trailer) and, where it matters, its status (module docstring)."""
+    trailer) and, where it matters, its status (module docstring).
+
+    Without a catalogue reason from the peer, the reason is one of the step's own, all in the
+    catalogue (they label metrics as the peer's do): ``<STEP>_UNAVAILABLE``, ``<STEP>_DENIED``,
+    ``UNAUTHENTICATED``, ``MODEL_NOT_IN_STORE`` or ``KEY_NOT_FOUND``, else ``<STEP>_REFUSED``, and
+    the message names the status."""
     code = exc.code()
     details = exc.details() or code.name
-    tag = step.upper().replace(" ", "_")
     sent = peer_reason(exc)
-    if sent not in _CATALOGUE:
-        sent = None
     cls = _KEPT.get(code, FailedPrecondition)
+    if sent in _CATALOGUE:
+        return cls(f"{step}: {details}", reason=sent)
     if cls is Unavailable:
-        fallback = f"{tag}_UNAVAILABLE"
+        fallback = _UNAVAILABLE[step]
     else:
-        fallback = _GRPC_TO_REASON.get(code, f"{tag}_{code.name}")
-    return cls(f"{step}: {details}", reason=sent or fallback)
+        fallback = _BY_STATUS[step].get(code, _OTHERWISE[step])
+    return cls(f"{step}: {details} ({code.name})", reason=fallback)
