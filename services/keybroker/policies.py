@@ -26,6 +26,20 @@ class StoredPolicy:
     policy: ReleasePolicy
 
 
+_Stamp = tuple[int, int, int, int, int]
+
+
+def _stamp(st: os.stat_result) -> _Stamp:
+    """What identifies a version of a policy file without reading it.
+
+    mtime and size alone miss a replacement by a file of the same size whose mtime a tool kept
+    (rsync -a, cp -p, tar x): a revoked caller swapped for an ID of the same length kept its keys
+    until a restart. A replaced file has another inode, and any change to a file sets its ctime,
+    which no tool can set.
+    """
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class PolicyStore:
     """Reads ``<dir>/<key_id>.yaml``; reloads a file when it changes on disk.
 
@@ -40,7 +54,7 @@ class PolicyStore:
         self._trust_domain = trust_domain
         self._production = production
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[tuple[int, int], StoredPolicy]] = {}
+        self._cache: dict[str, tuple[_Stamp, StoredPolicy]] = {}
 
     def _path(self, key_id: str) -> str:
         # A str, not a Path: pathlib interns each part, and a per-request string that is interned
@@ -58,7 +72,7 @@ class PolicyStore:
                 f"key {key_id!r} has no release policy: nothing can be released",
                 reason=Reason.NO_RELEASE_POLICY,
             ) from None
-        stamp = (st.st_mtime_ns, st.st_size)
+        stamp = _stamp(st)
         with self._lock:
             cached = self._cache.get(key_id)
             if cached and cached[0] == stamp:

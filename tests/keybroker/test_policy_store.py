@@ -3,7 +3,9 @@ beyond its bounds (issue 11, findings 4 and 7)."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from strongroom.keybroker.policy_bounds import (
     check_policy_bounds,
 )
 from strongroom.reasons import Reason
+from tests.keybroker.helpers import replace_keeping_mtime
 
 DOMAIN = "strongroom.test"
 MEASUREMENT = "ab" * 48
@@ -116,3 +119,32 @@ def test_reading_a_policy_interns_no_string(
     monkeypatch.setattr(sys, "intern", counting)
     assert policies.get("k1").policy.version == "1"
     assert interned == []
+
+
+def test_a_policy_replaced_with_the_same_size_and_mtime_is_read_again(tmp_path: Path) -> None:
+    """The cache was keyed by (mtime, size): a caller revoked by swapping its ID for another of
+    the same length, deployed by a tool that keeps mtimes, kept its keys until a restart."""
+    policies = store(tmp_path, production=False)
+    stored = policies.put("k1", document())
+    assert f"spiffe://{DOMAIN}/inference" in policies.get("k1").policy.allowed_spiffe_ids
+    revoked = document(callers=f"spiffe://{DOMAIN}/inferenz2")
+    assert len(revoked) == len(stored.document)
+    path = tmp_path / "policies" / "k1.yaml"
+    replace_keeping_mtime(path, revoked)
+    assert policies.get("k1").policy.allowed_spiffe_ids == {f"spiffe://{DOMAIN}/inferenz2"}
+
+
+def test_a_policy_rewritten_in_place_with_the_same_size_and_mtime_is_read_again(
+    tmp_path: Path,
+) -> None:
+    """Same inode (cp -p onto the file): its ctime changed, which no tool can set back."""
+    policies = store(tmp_path, production=False)
+    policies.put("k1", document())
+    policies.get("k1")
+    path = tmp_path / "policies" / "k1.yaml"
+    before = os.stat(path)
+    time.sleep(0.02)  # past one clock tick, where ctimes are that coarse
+    path.write_text(document(callers=f"spiffe://{DOMAIN}/inferenz2"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_ino == before.st_ino
+    assert policies.get("k1").policy.allowed_spiffe_ids == {f"spiffe://{DOMAIN}/inferenz2"}

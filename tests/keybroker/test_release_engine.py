@@ -35,7 +35,7 @@ from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
 from strongroom.runtime.secrets import Secret
-from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve
+from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve, replace_keeping_mtime
 
 MEASUREMENT = bytes.fromhex("5a" * 48)
 POLICY = (
@@ -314,6 +314,21 @@ def test_a_caller_the_policy_does_not_name_is_refused_before_its_evidence_is_ver
         ("CALLER_NOT_ALLOWED", other.spiffe_id),
         ("REPORT_SIGNATURE_INVALID", CALLER.spiffe_id),
     ]
+
+
+def test_a_caller_revoked_by_a_same_size_same_mtime_policy_is_refused(world, authority) -> None:
+    """The policy is re-read when the file is replaced, even by one of the same size with the
+    old mtime (rsync -a, cp -p, tar x): before, the cached policy kept releasing to the caller."""
+    engine, keys, audit = world
+    engine.release(_request(engine, authority), CALLER)  # allowed, and the policy is cached
+    revoked = POLICY.replace("strongroom.test/inference", "strongroom.test/inferenz2")
+    assert len(revoked) == len(POLICY)
+    replace_keeping_mtime(Path(engine._policies._dir) / "k1.yaml", revoked)
+    with pytest.raises(PermissionDenied) as info:
+        engine.release(_request(engine, authority), CALLER)
+    assert info.value.reason == "CALLER_NOT_ALLOWED"
+    assert len(keys.calls) == 1
+    assert [e.reason for e in audit.events] == ["RELEASED", "CALLER_NOT_ALLOWED"]
 
 
 def _real_audit_engine(authority, tmp_path) -> tuple[ReleaseEngine, Path]:
