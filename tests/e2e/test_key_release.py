@@ -539,6 +539,33 @@ def test_key_without_policy_releases_nothing(world: World) -> None:
     assert info.value.details().startswith("NO_RELEASE_POLICY")  # type: ignore[attr-defined]
 
 
+def test_a_policy_file_that_is_not_utf8_gives_no_internal_errors(world: World) -> None:
+    """A policy hand-edited in Latin-1: ReleaseKey answered INTERNAL, and so did ListKeys, for
+    every key, since it names each key's policy version."""
+    key_id = "latin1-policy"
+    world.admin.CreateKey(pb.CreateKeyRequest(key_id=key_id), timeout=30)
+    world.admin.SetReleasePolicy(
+        pb.SetReleasePolicyRequest(
+            key_id=key_id, policy_document=policy(world.stack, measurements=[GOOD])
+        ),
+        timeout=10,
+    )
+    path = world.stack.root / "state" / "keybroker" / "policies" / f"{key_id}.yaml"
+    original = path.read_bytes()
+    path.write_bytes(original + b'description: "caf\xe9"\n')
+    try:
+        before = len(audit_records(world))
+        with pytest.raises(grpc.RpcError) as info:
+            world.broker.ReleaseKey(new_attempt(world, key_id=key_id).request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        assert [r["reason"] for r in audit_records(world)[before:]] == ["POLICY_UNREADABLE"]
+        listed = world.admin.ListKeys(pb.ListKeysRequest(), timeout=30)
+        versions = {k.key_id: k.policy_version for k in listed.keys}
+        assert (versions[key_id], versions[KEY]) == ("", "test-1")
+    finally:
+        path.write_bytes(original)
+
+
 def test_simulated_evidence_needs_explicit_policy_opt_in(world: World) -> None:
     world.admin.CreateKey(pb.CreateKeyRequest(key_id="prod-only"), timeout=30)
     world.admin.SetReleasePolicy(

@@ -12,6 +12,7 @@ import pytest
 
 from strongroom.attestation.errors import PolicyInvalid
 from strongroom.attestation.evidence import TeeType
+from strongroom.keybroker.errors import PolicyUnreadable
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.policy_bounds import (
     MAX_POLICY_BYTES,
@@ -148,3 +149,51 @@ def test_a_policy_rewritten_in_place_with_the_same_size_and_mtime_is_read_again(
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert os.stat(path).st_ino == before.st_ino
     assert policies.get("k1").policy.allowed_spiffe_ids == {f"spiffe://{DOMAIN}/inferenz2"}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        document().encode() + b'description: "caf\xe9"\n',  # a hand edit saved in Latin-1
+        b"\xff\xfe" + document().encode("utf-16-le"),  # ... or in UTF-16 by a Windows editor
+    ],
+    ids=["latin-1", "utf-16"],
+)
+def test_a_policy_file_that_is_not_utf8_is_unreadable_and_has_no_version(
+    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a bare UnicodeDecodeError, so INTERNAL for a release, and PolicyStore.version
+    raised it too: ListKeys failed for every key."""
+    policies = store(tmp_path, production=False)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "k1.yaml").write_bytes(content)
+    with pytest.raises(PolicyUnreadable) as info:
+        policies.get("k1")
+    assert (info.value.status_name, info.value.reason) == (
+        "FAILED_PRECONDITION",
+        "POLICY_UNREADABLE",
+    )
+    assert "UTF-8" in info.value.message
+    assert policies.version("k1") == ""
+    assert [r.reason for r in caplog.records] == ["POLICY_UNREADABLE"]  # type: ignore[attr-defined]
+
+
+def test_a_policy_path_that_cannot_be_stat_ed_is_unreadable_and_has_no_version(
+    tmp_path: Path,
+) -> None:
+    """Only FileNotFoundError was caught around os.stat: EACCES (a directory the broker cannot
+    search), ELOOP, ENOTDIR or EIO escaped as a bare OSError. ELOOP stands in for them here (the
+    tests may run as root, who is never refused EACCES)."""
+    (tmp_path / "policies").mkdir()
+    link = tmp_path / "policies" / "k1.yaml"
+    link.symlink_to(link)
+    policies = store(tmp_path, production=False)
+    with pytest.raises(PolicyUnreadable) as info:
+        policies.get("k1")
+    assert info.value.reason == "POLICY_UNREADABLE"
+    assert str(tmp_path) not in info.value.message  # the problem, not where the files are
+    assert policies.version("k1") == ""
+
+
+def test_a_key_without_a_policy_file_has_no_version(tmp_path: Path) -> None:
+    assert store(tmp_path, production=False).version("k1") == ""

@@ -25,7 +25,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.attestation.binding import report_data_for
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError
+from strongroom.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    StrongroomError,
+)
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, parse_ephemeral_public_key
@@ -329,6 +334,22 @@ def test_a_caller_revoked_by_a_same_size_same_mtime_policy_is_refused(world, aut
     assert info.value.reason == "CALLER_NOT_ALLOWED"
     assert len(keys.calls) == 1
     assert [e.reason for e in audit.events] == ["RELEASED", "CALLER_NOT_ALLOWED"]
+
+
+def test_a_release_under_a_policy_that_is_not_utf8_is_refused_with_its_reason(
+    world, authority
+) -> None:
+    """Before: UnicodeDecodeError, audited and answered as INTERNAL."""
+    engine, keys, audit = world
+    path = Path(engine._policies._dir) / "k1.yaml"
+    path.write_bytes(path.read_bytes() + b'description: "caf\xe9"\n')
+    with pytest.raises(FailedPrecondition) as info:
+        engine.release(_request(engine, authority), CALLER)
+    assert info.value.reason == "POLICY_UNREADABLE"
+    assert keys.calls == []
+    assert [(e.decision, e.reason) for e in audit.events] == [
+        (Decision.DENIED, "POLICY_UNREADABLE")
+    ]
 
 
 def _real_audit_engine(authority, tmp_path) -> tuple[ReleaseEngine, Path]:
