@@ -11,7 +11,7 @@ from pathlib import Path
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.files import atomic_write
-from strongroom.keybroker.errors import PolicyUnreadable
+from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.keybroker.keys import validate_key_id
 from strongroom.keybroker.policy_bounds import check_policy_bounds
 from strongroom.reasons import Reason
@@ -82,8 +82,8 @@ class PolicyStore:
 
     def get(self, key_id: str) -> StoredPolicy:
         """The key's current policy; FailedPrecondition(NO_RELEASE_POLICY) when it has none,
-        :class:`PolicyUnreadable` when its file cannot be read, PolicyInvalid when it does not
-        load."""
+        :class:`PolicyUnreadable` when its file cannot be read, :class:`StoredPolicyInvalid`
+        when it does not load."""
         path = self._path(key_id)
         try:
             st = os.stat(path)
@@ -100,8 +100,15 @@ class PolicyStore:
             if cached and cached[0] == stamp:
                 return cached[1]
         text = _read_text(path, key_id)
-        # A policy that no longer loads is a configuration error; fail closed.
-        stored = StoredPolicy(text, self._load(text))
+        try:
+            stored = StoredPolicy(text, self._load(text))
+        except StrongroomError as exc:
+            # A stored policy that no longer loads is the broker's configuration error (not an
+            # INVALID_ARGUMENT of whoever asked); fail closed, with the loader's reason.
+            raise StoredPolicyInvalid(
+                f"the stored release policy of {key_id!r} does not load: {exc.message}",
+                reason=exc.reason,
+            ) from None
         with self._lock:
             self._cache[key_id] = (stamp, stored)
         return stored

@@ -533,10 +533,16 @@ def test_bad_release_is_refused_audited_and_releases_nothing(
 def test_key_without_policy_releases_nothing(world: World) -> None:
     world.admin.CreateKey(pb.CreateKeyRequest(key_id="no-policy"), timeout=30)
     attempt = new_attempt(world, key_id="no-policy")
+    before = len(audit_records(world))
     with pytest.raises(grpc.RpcError) as info:
         world.broker.ReleaseKey(attempt.request, timeout=30)
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
-    assert info.value.details().startswith("NO_RELEASE_POLICY")  # type: ignore[attr-defined]
+    # The answer any caller the key's policy does not admit gets (it must not learn which keys
+    # have a policy); the audit record says why.
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert info.value.details().startswith("CALLER_NOT_ALLOWED")  # type: ignore[attr-defined]
+    assert [(r["decision"], r["reason"]) for r in audit_records(world)[before:]] == [
+        ("denied", "NO_RELEASE_POLICY")
+    ]
 
 
 def test_a_policy_file_that_is_not_utf8_gives_no_internal_errors(world: World) -> None:
@@ -557,7 +563,7 @@ def test_a_policy_file_that_is_not_utf8_gives_no_internal_errors(world: World) -
         before = len(audit_records(world))
         with pytest.raises(grpc.RpcError) as info:
             world.broker.ReleaseKey(new_attempt(world, key_id=key_id).request, timeout=30)
-        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
         assert [r["reason"] for r in audit_records(world)[before:]] == ["POLICY_UNREADABLE"]
         listed = world.admin.ListKeys(pb.ListKeysRequest(), timeout=30)
         versions = {k.key_id: k.policy_version for k in listed.keys}

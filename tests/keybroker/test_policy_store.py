@@ -12,7 +12,7 @@ import pytest
 
 from strongroom.attestation.errors import PolicyInvalid
 from strongroom.attestation.evidence import TeeType
-from strongroom.keybroker.errors import PolicyUnreadable
+from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.policy_bounds import (
     MAX_POLICY_BYTES,
@@ -63,10 +63,14 @@ def test_allow_debug_is_refused_in_production_only(tmp_path: Path) -> None:
         .put("k1", document(debug=True))
         .policy.rules[TeeType.SEV_SNP]
     )
-    # A debug policy a development broker stored does not load in a production one either.
-    with pytest.raises(PolicyInvalid) as info:
+    # A debug policy a development broker stored does not load in a production one either: the
+    # broker's configuration error (it was INVALID_ARGUMENT, as if whoever asked sent it).
+    with pytest.raises(StoredPolicyInvalid) as stored:
         store(tmp_path, production=True).get("k1")
-    assert info.value.reason == Reason.POLICY_DEBUG_IN_PRODUCTION
+    assert (stored.value.status_name, stored.value.reason) == (
+        "FAILED_PRECONDITION",
+        Reason.POLICY_DEBUG_IN_PRODUCTION,
+    )
 
 
 def test_a_good_policy_is_stored(tmp_path: Path) -> None:

@@ -25,12 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.attestation.binding import report_data_for
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    PermissionDenied,
-    StrongroomError,
-)
+from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, parse_ephemeral_public_key
@@ -249,10 +244,63 @@ def test_a_nonce_for_another_caller_is_refused(world, authority) -> None:
 def test_a_key_without_a_policy_releases_nothing(world, authority) -> None:
     engine, keys, audit = world
     request = _request(engine, authority, key_id="k2", nonce=engine.challenge("k2", CALLER).nonce)
-    with pytest.raises(StrongroomError):
+    with pytest.raises(PermissionDenied) as info:
         engine.release(request, CALLER)
+    assert info.value.reason == "CALLER_NOT_ALLOWED"  # what the caller hears; the record says why
     assert keys.calls == []
-    assert [e.decision for e in audit.events] == [Decision.DENIED]
+    assert [(e.decision, e.reason) for e in audit.events] == [
+        (Decision.DENIED, "NO_RELEASE_POLICY")
+    ]
+
+
+OUTSIDER = Caller("spiffe://strongroom.test/reader", 7, CALLER.tls_public_key_der)
+
+
+def _refusal(engine, authority, key_id: str, caller: Caller) -> StrongroomError:
+    request = _request(
+        engine, authority, key_id=key_id, nonce=engine.challenge(key_id, caller).nonce
+    )
+    with pytest.raises(StrongroomError) as info:
+        engine.release(request, caller)
+    return info.value
+
+
+def test_a_caller_named_by_no_policy_cannot_tell_which_key_ids_have_one(world, authority) -> None:
+    """The policy was loaded before the caller was checked: PERMISSION_DENIED CALLER_NOT_ALLOWED
+    for a key with a policy, FAILED_PRECONDITION NO_RELEASE_POLICY for one without (and only an
+    existing key can have one). Now one answer; the audit record has the real reason."""
+    engine, keys, audit = world
+    answers = {
+        key_id: (e.status_name, e.reason, e.message.replace(repr(key_id), "KEY"))
+        for key_id in ("k1", "no-such-key")
+        for e in [_refusal(engine, authority, key_id, OUTSIDER)]
+    }
+    assert answers["k1"] == answers["no-such-key"]
+    assert answers["k1"][:2] == ("PERMISSION_DENIED", "CALLER_NOT_ALLOWED")
+    assert keys.calls == []
+    assert [(e.reason, e.caller_spiffe_id) for e in audit.events] == [
+        ("CALLER_NOT_ALLOWED", OUTSIDER.spiffe_id),
+        ("NO_RELEASE_POLICY", OUTSIDER.spiffe_id),
+    ]
+
+
+@pytest.mark.parametrize("caller", [CALLER, OUTSIDER], ids=["named", "outsider"])
+def test_a_stored_policy_that_no_longer_loads_is_audited_and_told_to_no_caller(
+    world, authority, caller, caplog
+) -> None:
+    """Written by a development broker (``min_reported_tcb: any``), read by a production one: it
+    was INVALID_ARGUMENT (the caller's fault) with the loader's message, to any inference
+    identity. It is the broker's configuration error: audited with its reason, logged for the
+    operator, and the caller hears what every caller the policy does not admit hears."""
+    engine, keys, audit = world
+    engine._policies = PolicyStore(Path(engine._policies._dir), production=True)
+    refused = _refusal(engine, authority, "k1", caller)
+    assert (refused.status_name, refused.reason) == ("PERMISSION_DENIED", "CALLER_NOT_ALLOWED")
+    assert "min_reported_tcb" not in refused.message and "any" not in refused.message
+    assert keys.calls == []
+    assert [(e.decision, e.reason) for e in audit.events] == [(Decision.DENIED, "POLICY_BAD_VALUE")]
+    [logged] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "min_reported_tcb" in logged.detail  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("when", "hsm_calls"), [("before", 0), ("after", 1)])
@@ -343,9 +391,9 @@ def test_a_release_under_a_policy_that_is_not_utf8_is_refused_with_its_reason(
     engine, keys, audit = world
     path = Path(engine._policies._dir) / "k1.yaml"
     path.write_bytes(path.read_bytes() + b'description: "caf\xe9"\n')
-    with pytest.raises(FailedPrecondition) as info:
+    with pytest.raises(PermissionDenied) as info:
         engine.release(_request(engine, authority), CALLER)
-    assert info.value.reason == "POLICY_UNREADABLE"
+    assert info.value.reason == "CALLER_NOT_ALLOWED"  # as for any key whose policy admits no one
     assert keys.calls == []
     assert [(e.decision, e.reason) for e in audit.events] == [
         (Decision.DENIED, "POLICY_UNREADABLE")
