@@ -158,6 +158,16 @@ class ReleaseEngine:
         context["key_id"] = recordable_key_id(key_id)
         self._audit_denial(exc, context)
 
+    def deny_unread(self, exc: StrongroomError, caller: Caller | None) -> None:
+        """Audits a release refused before its request was read: by the authoriser (an identity
+        without the role), or because it does not decode. The record has who asked, as far as
+        the certificate says (None when it says nothing usable), and why; no request field."""
+        context: dict[str, Any] = {}
+        if caller is not None:
+            context["caller_spiffe_id"] = caller.spiffe_id
+            context["caller_cert_serial"] = f"{caller.serial:x}"
+        self._audit_denial(exc, context)
+
     def release(self, request: ReleaseRequest, caller: Caller) -> ReleaseOutcome:
         """Releases the data key to the attested caller, or raises and audits why not.
 

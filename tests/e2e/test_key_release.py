@@ -530,6 +530,47 @@ def test_bad_release_is_refused_audited_and_releases_nothing(
     assert records[-1]["caller"]["spiffe_id"] == world.stack.spiffe_id("inference")
 
 
+RELEASE_KEY = "/strongroom.api.keybroker.v1.KeyBrokerService/ReleaseKey"
+
+
+def _raw_release(world: World, identity: WorkloadIdentity, body: bytes) -> grpc.RpcError:
+    """ReleaseKey with ``body`` sent as it is (bytes the client's own serialiser would refuse)."""
+    call = world.stack.channel(identity, "keybroker").unary_unary(
+        RELEASE_KEY,
+        request_serializer=None,
+        response_deserializer=pb.ReleaseKeyResponse.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        call(body, timeout=30)
+    return info.value
+
+
+def test_an_undecodable_release_request_is_audited(world: World) -> None:
+    """A request gRPC cannot deserialise (here a key_id, a proto3 string, that is not UTF-8) was
+    refused MALFORMED_REQUEST by the runtime before the servicer ran, so never audited: an
+    inference identity could send any number of release attempts the audit log never saw."""
+    body = new_attempt(world).request.SerializeToString() + b"\x0a\x02\xff\xfe"
+    before = len(audit_records(world))
+    err = _raw_release(world, world.inference_id, body)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert err.details().startswith("MALFORMED_REQUEST")  # type: ignore[attr-defined]
+    added = audit_records(world)[before:]
+    assert [(r["decision"], r["reason"]) for r in added] == [("denied", "MALFORMED_REQUEST")]
+    assert added[0]["caller"]["spiffe_id"] == world.stack.spiffe_id("inference")
+    assert added[0]["key"]["id"] is None  # nothing the broker did not read
+
+
+def test_a_release_by_an_identity_without_the_inference_role_is_audited(world: World) -> None:
+    """Refused by the authoriser before the servicer ran: it was only logged."""
+    body = new_attempt(world).request.SerializeToString()
+    before = len(audit_records(world))
+    err = _raw_release(world, world.stack.identity("publisher"), body)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    added = audit_records(world)[before:]
+    assert [(r["decision"], r["reason"]) for r in added] == [("denied", "PEER_NOT_ALLOWED")]
+    assert added[0]["caller"]["spiffe_id"] == world.stack.spiffe_id("publisher")
+
+
 def test_key_without_policy_releases_nothing(world: World) -> None:
     world.admin.CreateKey(pb.CreateKeyRequest(key_id="no-policy"), timeout=30)
     attempt = new_attempt(world, key_id="no-policy")

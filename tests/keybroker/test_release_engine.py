@@ -442,3 +442,19 @@ def test_a_refusal_whose_context_the_log_refuses_is_still_recorded(authority, tm
     assert (record["decision"], record["reason"]) == ("denied", "NONCE_EXPIRED")
     assert record["caller"]["spiffe_id"] == CALLER.spiffe_id
     assert record["evidence_sha256"] == context["evidence_sha256"]
+
+
+def test_a_release_refused_before_it_was_read_is_audited_with_who_asked(
+    authority, tmp_path
+) -> None:
+    """The runtime's refusals of ReleaseKey (no inference role, an undecodable request) reach
+    the engine without a request: the record has the certificate's identity, when there is a
+    usable one, and the reason; no request field."""
+    engine, log = _real_audit_engine(authority, tmp_path)
+    engine.deny_unread(InvalidArgument("not protobuf", reason="MALFORMED_REQUEST"), CALLER)
+    engine.deny_unread(PermissionDenied("expired", reason="PEER_CERT_EXPIRED"), None)
+    first, second = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (first["decision"], first["reason"]) == ("denied", "MALFORMED_REQUEST")
+    assert first["caller"]["spiffe_id"] == CALLER.spiffe_id
+    assert first["key"]["id"] is None and first["evidence_sha256"] is None
+    assert (second["reason"], second["caller"]["spiffe_id"]) == ("PEER_CERT_EXPIRED", None)
