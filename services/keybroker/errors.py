@@ -2,12 +2,15 @@
 
 Every failure is one of the shared :mod:`strongroom.errors` classes (so the one interceptor
 maps it to a gRPC status) with a reason from :class:`strongroom.reasons.Reason`. Two infrastructure failures get their
-own subclasses because callers branch on them: :class:`HsmUnavailable` and :class:`AuditUnavailable`.
+own subclasses because callers branch on them: :class:`HsmUnavailable` and :class:`AuditUnavailable`;
+so do a stored policy the broker cannot read or load (:class:`PolicyUnreadable`,
+:class:`StoredPolicyInvalid`) and the one refusal a caller hears for every way it may not release a
+key (:class:`ReleaseNotPermitted`).
 """
 
 from __future__ import annotations
 
-from strongroom.errors import Unavailable
+from strongroom.errors import FailedPrecondition, PermissionDenied, StrongroomError, Unavailable
 from strongroom.reasons import Reason
 
 
@@ -25,3 +28,36 @@ class AuditUnavailable(Unavailable):
     """An audit record could not be made durable; the decision it describes must not take effect."""
 
     default_reason = Reason.AUDIT_UNAVAILABLE
+
+
+class PolicyUnreadable(FailedPrecondition):
+    """A key's stored policy file exists but cannot be read as text (permissions, a symlink loop,
+    an I/O error, bytes that are not UTF-8): the broker's configuration must be fixed; nothing is
+    released under the key until then."""
+
+    default_reason = Reason.POLICY_UNREADABLE
+
+
+class StoredPolicyInvalid(FailedPrecondition):
+    """A key's stored policy no longer loads (written for a development broker, edited by hand in
+    a directory deployment configuration manages): the broker's configuration error, not the
+    request's. Its reason is the loader's (``POLICY_BAD_VALUE``, ``POLICY_DEBUG_IN_PRODUCTION``,
+    ...)."""
+
+
+class ReleaseNotPermitted(PermissionDenied):
+    """What a releasing caller hears when the key's policy does not permit it, whatever the cause:
+    the policy does not name it, the key has no policy, or its stored policy does not read or load.
+
+    One answer for all of them, so that a caller the broker does not trust learns neither which
+    key ids have a policy nor anything a policy says. ``cause`` is the real refusal: the audit
+    record carries its reason, and the broker's log its detail.
+    """
+
+    default_reason = Reason.CALLER_NOT_ALLOWED
+
+    def __init__(self, key_id: str, cause: StrongroomError) -> None:
+        super().__init__(
+            f"this caller may not release key {key_id!r} (the broker's audit log has the reason)"
+        )
+        self.cause = cause

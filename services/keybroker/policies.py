@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from strongroom.attestation.policy import ReleasePolicy
-from strongroom.errors import FailedPrecondition, StrongroomError, Unavailable
+from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.files import atomic_write
+from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.keybroker.keys import validate_key_id
 from strongroom.keybroker.policy_bounds import check_policy_bounds
 from strongroom.reasons import Reason
@@ -24,6 +25,37 @@ class StoredPolicy:
 
     document: str
     policy: ReleasePolicy
+
+
+_Stamp = tuple[int, int, int, int, int]
+
+
+def _stamp(st: os.stat_result) -> _Stamp:
+    """What identifies a version of a policy file without reading it.
+
+    mtime and size alone miss a replacement by a file of the same size whose mtime a tool kept
+    (rsync -a, cp -p, tar x): a revoked caller swapped for an ID of the same length kept its keys
+    until a restart. A replaced file has another inode, and any change to a file sets its ctime,
+    which no tool can set.
+    """
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _unreadable(key_id: str, problem: str) -> PolicyUnreadable:
+    # The problem, not the path: the message may reach a caller; the operator knows the directory.
+    return PolicyUnreadable(f"the release policy of {key_id!r} cannot be read: {problem}")
+
+
+def _read_text(path: str, key_id: str) -> str:
+    """The policy file's text; :class:`PolicyUnreadable` when it cannot be read as UTF-8 (a
+    hand edit saved in Latin-1 or UTF-16 was a bare UnicodeDecodeError, INTERNAL)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except OSError as exc:
+        raise _unreadable(key_id, exc.strerror or type(exc).__name__) from None
+    except UnicodeDecodeError:
+        raise _unreadable(key_id, "it is not UTF-8 text") from None
 
 
 class PolicyStore:
@@ -40,7 +72,7 @@ class PolicyStore:
         self._trust_domain = trust_domain
         self._production = production
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[tuple[int, int], StoredPolicy]] = {}
+        self._cache: dict[str, tuple[_Stamp, StoredPolicy]] = {}
 
     def _path(self, key_id: str) -> str:
         # A str, not a Path: pathlib interns each part, and a per-request string that is interned
@@ -49,7 +81,9 @@ class PolicyStore:
         return os.path.join(self._dir, f"{validate_key_id(key_id)}.yaml")
 
     def get(self, key_id: str) -> StoredPolicy:
-        """The key's current policy; FailedPrecondition(NO_RELEASE_POLICY) when it has none."""
+        """The key's current policy; FailedPrecondition(NO_RELEASE_POLICY) when it has none,
+        :class:`PolicyUnreadable` when its file cannot be read, :class:`StoredPolicyInvalid`
+        when it does not load."""
         path = self._path(key_id)
         try:
             st = os.stat(path)
@@ -58,18 +92,23 @@ class PolicyStore:
                 f"key {key_id!r} has no release policy: nothing can be released",
                 reason=Reason.NO_RELEASE_POLICY,
             ) from None
-        stamp = (st.st_mtime_ns, st.st_size)
+        except OSError as exc:  # EACCES, ELOOP, ENOTDIR, EIO: the file is there, or may be
+            raise _unreadable(key_id, exc.strerror or type(exc).__name__) from None
+        stamp = _stamp(st)
         with self._lock:
             cached = self._cache.get(key_id)
             if cached and cached[0] == stamp:
                 return cached[1]
+        text = _read_text(path, key_id)
         try:
-            with open(path, encoding="utf-8") as file:
-                text = file.read()
-        except OSError as exc:
-            raise Unavailable(f"cannot read the policy of {key_id!r}: {exc.strerror}") from None
-        # A policy that no longer loads is a configuration error; fail closed.
-        stored = StoredPolicy(text, self._load(text))
+            stored = StoredPolicy(text, self._load(text))
+        except StrongroomError as exc:
+            # A stored policy that no longer loads is the broker's configuration error (not an
+            # INVALID_ARGUMENT of whoever asked); fail closed, with the loader's reason.
+            raise StoredPolicyInvalid(
+                f"the stored release policy of {key_id!r} does not load: {exc.message}",
+                reason=exc.reason,
+            ) from None
         with self._lock:
             self._cache[key_id] = (stamp, stored)
         return stored
@@ -94,13 +133,12 @@ class PolicyStore:
         """
         try:
             return self.get(key_id).policy.version
-        except FailedPrecondition:
-            return ""
         except StrongroomError as exc:
-            _log.warning(
-                "the release policy of a key does not load",
-                extra={"key_id": key_id, "reason": exc.reason, "detail": exc.message},
-            )
+            if exc.reason != Reason.NO_RELEASE_POLICY:
+                _log.warning(
+                    "the release policy of a key does not load",
+                    extra={"key_id": key_id, "reason": exc.reason, "detail": exc.message},
+                )
             return ""
 
     def check(self, key_id: str, document: str) -> StoredPolicy:

@@ -33,7 +33,7 @@ from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.challenge import Challenge, ChallengeIssuer
 from strongroom.keybroker.ephemeral import ReleaseTarget
-from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.keybroker.errors import AuditUnavailable, ReleaseNotPermitted
 from strongroom.keybroker.keys import (
     KeyManager,
     WrappedDataKey,
@@ -41,7 +41,7 @@ from strongroom.keybroker.keys import (
     validate_key_id,
     validate_version,
 )
-from strongroom.keybroker.policies import PolicyStore
+from strongroom.keybroker.policies import PolicyStore, StoredPolicy
 from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
 from strongroom.runtime.metrics import KEY_RELEASES
@@ -158,6 +158,16 @@ class ReleaseEngine:
         context["key_id"] = recordable_key_id(key_id)
         self._audit_denial(exc, context)
 
+    def deny_unread(self, exc: StrongroomError, caller: Caller | None) -> None:
+        """Audits a release refused before its request was read: by the authoriser (an identity
+        without the role), or because it does not decode. The record has who asked, as far as
+        the certificate says (None when it says nothing usable), and why; no request field."""
+        context: dict[str, Any] = {}
+        if caller is not None:
+            context["caller_spiffe_id"] = caller.spiffe_id
+            context["caller_cert_serial"] = f"{caller.serial:x}"
+        self._audit_denial(exc, context)
+
     def release(self, request: ReleaseRequest, caller: Caller) -> ReleaseOutcome:
         """Releases the data key to the attested caller, or raises and audits why not.
 
@@ -190,9 +200,7 @@ class ReleaseEngine:
         self._challenges.check(request.nonce, key_id, caller.spiffe_id)
         # 3. The key must have a policy (deny by default), and it must name the caller: evidence
         # from anyone else is not worth a signature check or a collateral fetch.
-        stored = self._policies.get(key_id)
-        context["policy_version"] = stored.policy.version
-        stored.policy.check_caller(caller.spiffe_id)
+        stored = self._policy_naming(caller, key_id, context)
         # 4. Evidence: signatures and chains to the pinned roots, as of now.
         verify_started = time.perf_counter()
         claims: VerifiedClaims = verify_evidence(
@@ -257,7 +265,31 @@ class ReleaseEngine:
             },
         )
 
+    def _policy_naming(self, caller: Caller, key_id: str, context: dict[str, Any]) -> StoredPolicy:
+        """The key's policy, if it names the caller; otherwise :class:`ReleaseNotPermitted`, the
+        same answer whether the policy does not name the caller, does not exist, or does not
+        read or load: a caller must not learn which key ids have a policy, nor a stored policy's
+        load error. The refusal's real reason is audited."""
+        try:
+            stored = self._policies.get(key_id)
+        except StrongroomError as exc:
+            if exc.reason != Reason.NO_RELEASE_POLICY:
+                # The broker's configuration, not the caller: the operator must fix it.
+                log.error(
+                    "the release policy of a key does not load; nothing is released under it",
+                    extra={"key_id": key_id, "reason": exc.reason, "detail": exc.message},
+                )
+            raise ReleaseNotPermitted(key_id, exc) from None
+        context["policy_version"] = stored.policy.version
+        try:
+            stored.policy.check_caller(caller.spiffe_id)
+        except StrongroomError as exc:
+            raise ReleaseNotPermitted(key_id, exc) from None
+        return stored
+
     def _audit_denial(self, exc: Exception, context: dict[str, Any]) -> None:
+        if isinstance(exc, ReleaseNotPermitted):
+            exc = exc.cause  # what the caller was not told is what the record keeps
         if isinstance(exc, StrongroomError):
             reason, status, detail = exc.reason, exc.status_name, exc.message
         else:

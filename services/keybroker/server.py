@@ -27,6 +27,7 @@ from strongroom.keybroker.service import (
     KEYADMIN_SERVICE,
     KEYBROKER_SERVICE,
     MESSAGE_LIMITS,
+    RELEASE_KEY,
     ROLE_RULES,
     KeyAdminServicer,
     KeyBrokerServicer,
@@ -220,6 +221,8 @@ def build(
         roles=RoleTable(ROLE_RULES),
         tracer_provider=provider,
         message_limits=MESSAGE_LIMITS,
+        # Refusals of a release the servicer never sees are audited too.
+        refusal_observers={RELEASE_KEY: broker_servicer.release_refused_unread},
     )
     refresher = (
         _Refresher(collateral, config.collateral_refresh_interval_seconds)

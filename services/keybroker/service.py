@@ -10,18 +10,19 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation import Evidence
-from strongroom.errors import InvalidArgument
+from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.identifiers import KEY_ID_PATTERN
 from strongroom.keybroker.keys import KeyInfo, KeyManager, KeyState
 from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
-from strongroom.pki.authz import verified_caller
+from strongroom.pki.authz import caller_identity, verified_caller
 from strongroom.reasons import Reason
 from strongroom.runtime.server import MessageLimits
 
 KEYBROKER_SERVICE = "strongroom.api.keybroker.v1.KeyBrokerService"
 KEYADMIN_SERVICE = "strongroom.api.keybroker.v1.KeyAdminService"
+RELEASE_KEY = f"/{KEYBROKER_SERVICE}/ReleaseKey"
 
 MESSAGE_LIMITS = MessageLimits(receive=256 * 1024, send=256 * 1024)
 """The broker's message sizes. Its largest legitimate messages are a few tens of KiB: a
@@ -32,7 +33,7 @@ RPC will be refused anyway can make the broker buffer at most this much per call
 # Who may call what (roles are mapped to SPIFFE IDs by the service configuration).
 ROLE_RULES: dict[str, tuple[str, ...]] = {
     f"/{KEYBROKER_SERVICE}/GetChallenge": ("inference",),
-    f"/{KEYBROKER_SERVICE}/ReleaseKey": ("inference",),
+    RELEASE_KEY: ("inference",),
     f"/{KEYBROKER_SERVICE}/GenerateDataKey": ("publisher",),
     f"/{KEYBROKER_SERVICE}/ReWrap": ("publisher", "admin"),
     KEYADMIN_SERVICE: ("admin",),
@@ -141,6 +142,18 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
             decision_id=outcome.decision_id,
             policy_version=outcome.policy_version,
         )
+
+    def release_refused_unread(self, exc: StrongroomError, context: grpc.ServicerContext) -> None:
+        """Audits a ReleaseKey refused before this servicer ran (the runtime's refusal observer):
+        an identity without the inference role, a request that does not decode. Every refusal
+        of a release is audited, and these were only logged: an inference identity could send
+        any number of undecodable attempts the audit log never saw."""
+        try:
+            ident = caller_identity(context)
+            caller: Caller | None = Caller(str(ident.spiffe_id), ident.serial, ident.public_key_der)
+        except StrongroomError:  # no usable certificate: the record says so by naming no one
+            caller = None
+        self._engine.deny_unread(exc, caller)
 
     def GenerateDataKey(
         self, request: pb.GenerateDataKeyRequest, context: grpc.ServicerContext

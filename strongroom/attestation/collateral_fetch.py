@@ -28,7 +28,11 @@ A VCEK is fetched for a report that has not been verified yet (it is what verifi
 fetch is all an unsigned report can cause: the answer is kept only once the report verifies with it
 (:meth:`CollateralCache.put_vcek`), and a failed fetch or a 404 is remembered per product, chip id
 and TCB, so the same request is not sent again for ``retry_after_seconds``. Those memories are
-bounded (:data:`MAX_FAILURES`, the oldest forgotten first).
+bounded (:data:`MAX_FAILURES`, the oldest forgotten first). A report can name any chip id, and each
+new one is a fetch on the request's thread: one runs per chip and at most
+:data:`MAX_VCEK_FETCHES` at once; more are refused at once (``COLLATERAL_FETCH_BUSY``,
+UNAVAILABLE), so that made-up chip ids can neither hold every request thread nor get the broker
+rate-limited by KDS.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ PCK_CRL_CHAIN_HEADER = "SGX-PCK-CRL-Issuer-Chain"
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 #: The most failed fetches remembered (for the retry back-off); forgetting one costs one fetch.
 MAX_FAILURES = 4096
+#: The most VCEK fetches in flight at once (each holds a request thread for up to its timeout and
+#: retries); a genuine platform needs one, once, before its VCEK is cached.
+MAX_VCEK_FETCHES = 4
 
 
 @dataclass(frozen=True)
@@ -255,6 +262,7 @@ class CollateralService:
         self._lock = threading.Lock()
         self._failed: dict[str, float] = {}  # what -> monotonic time of the last failure
         self._running: set[str] = set()
+        self._vcek_fetching: set[str] = set()  # product:chip id of each VCEK fetch in flight
 
     def __repr__(self) -> str:
         return f"CollateralService({self.cache!r}, fetching={self._pcs is not None})"
@@ -303,11 +311,16 @@ class CollateralService:
         key = f"vcek:{product}:{vcek_key(report.chip_id_for_kds(), tcb)}"
         if not self._may_try(key):
             return None
+        chip = f"{product}:{report.chip_id_for_kds().hex()}"
+        self._claim_vcek_fetch(chip)
         try:
             der = self._kds.vcek(product, report)
         except CollateralUnavailable:
             self._note_failure(key)
             raise
+        finally:
+            with self._lock:
+                self._vcek_fetching.discard(chip)
         if der is None:  # KDS has no such VCEK: do not ask again for every report naming it
             self._note_failure(key)
             return None
@@ -411,6 +424,24 @@ class CollateralService:
         with self._lock:
             failed = self._failed.get(key)
             return failed is None or time.monotonic() - failed >= self._retry_after
+
+    def _claim_vcek_fetch(self, chip: str) -> None:
+        """Takes a VCEK fetch slot for ``chip``, or refuses (UNAVAILABLE, COLLATERAL_FETCH_BUSY)
+        while that chip's VCEK is being fetched or :data:`MAX_VCEK_FETCHES` fetches run.
+
+        Refused, not queued: a waiting request would hold its thread all the same. Per chip, not
+        per chip and TCB: made-up TCBs for one chip id are as many fetches otherwise."""
+        with self._lock:
+            if chip in self._vcek_fetching:
+                problem = "the VCEK of this chip is being fetched from AMD KDS"
+            elif len(self._vcek_fetching) >= MAX_VCEK_FETCHES:
+                problem = f"{MAX_VCEK_FETCHES} VCEK fetches from AMD KDS are under way"
+            else:
+                self._vcek_fetching.add(chip)
+                return
+        raise CollateralUnavailable(
+            f"{problem}; retry shortly", reason=Reason.COLLATERAL_FETCH_BUSY
+        )
 
     def _note_failure(self, key: str) -> None:
         with self._lock:

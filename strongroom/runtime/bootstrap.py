@@ -22,6 +22,7 @@ from strongroom.runtime.config import (
     IdentityConfig,
     load_service_config,
 )
+from strongroom.runtime.interceptors import RefusalObserver
 from strongroom.runtime.logs import configure_logging
 from strongroom.runtime.metrics import install_meter_provider
 from strongroom.runtime.server import HEALTH_SERVICE, MessageLimits, ServiceHost, ServiceSpec
@@ -106,8 +107,12 @@ def build_host(
     roles: RoleTable,
     tracer_provider: TracerProvider,
     message_limits: MessageLimits,
+    refusal_observers: Mapping[str, RefusalObserver] | None = None,
 ) -> ServiceHost:
-    """The service's gRPC host: mTLS with hot-swapped certificates, tracing, SPIFFE authorisation."""
+    """The service's gRPC host: mTLS with hot-swapped certificates, tracing, SPIFFE authorisation.
+
+    ``refusal_observers`` hear of the refusals of a method raised before its behaviour runs
+    (see :class:`~strongroom.runtime.server.ServiceHost`)."""
     specs = list(services)
     # Reflection is a stream that holds a worker thread: public, two certificates of any role
     # (even none) filled every blocking-stream slot and refused the store's model transfers. The
@@ -125,6 +130,7 @@ def build_host(
         services=specs,
         tracing=server_tracing_interceptor(tracer_provider),
         interceptors=[authorizer],
+        refusal_observers=refusal_observers,
         health_listen=common.health_listen,
         config=common.server,
         message_limits=message_limits,

@@ -7,6 +7,11 @@ logged with a reference id and the caller gets INTERNAL with only that id, never
 A request that does not deserialise (garbage bytes, invalid UTF-8 in a string field) would get
 gRPC's own ``INTERNAL "Exception deserializing request!"`` and a logged traceback; here it becomes
 ``INVALID_ARGUMENT`` (``MALFORMED_REQUEST``) with one WARNING line naming the method and the peer.
+
+A service that must account for every refusal of a method (the key broker audits every refused
+release) is told of the refusals its own code never sees, those raised before its behaviour runs
+(by the authoriser, the stream guard, the request decoding), through a :data:`RefusalObserver`
+registered for the method with the error mapping.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, NoReturn
 
 import grpc
@@ -31,6 +37,25 @@ from strongroom.runtime.grpc_types import (
 )
 
 log = logging.getLogger(__name__)
+
+RefusalObserver = Callable[[StrongroomError, grpc.ServicerContext], None]
+"""Told of a refusal of an RPC raised before the service's behaviour ran, with the call's context
+(its peer certificate): the request was not read, or not decoded. Called before the caller is
+answered; what it raises is logged, and the caller's answer stays the refusal."""
+
+
+class _Call:
+    """One observed RPC: whether its request reached the service's behaviour."""
+
+    __slots__ = ("reached",)
+
+    def __init__(self) -> None:
+        self.reached = False
+
+
+# The observed RPC running on this thread, set by the error mapping around the call and marked by
+# the request decoding (innermost) when it hands the request to the service.
+_OBSERVED: ContextVar[_Call | None] = ContextVar("strongroom_observed_call", default=None)
 
 
 def abort_with(context: grpc.ServicerContext, exc: StrongroomError) -> NoReturn:
@@ -97,16 +122,37 @@ def _checked(requests: Iterator[Any], context: grpc.ServicerContext, method: str
 
 
 class ErrorMappingInterceptor(HandlerInterceptor):
-    """Maps exceptions raised by handlers to gRPC statuses, for every RPC kind."""
+    """Maps exceptions raised by handlers to gRPC statuses, for every RPC kind.
+
+    ``observers`` maps full method names (``/pkg.Service/Method``) to a :data:`RefusalObserver`,
+    told of the refusals raised before the method's behaviour ran (for methods whose response is
+    one message; the request decoding must be in the chain, innermost, to tell when it ran).
+    """
+
+    def __init__(self, observers: Mapping[str, RefusalObserver] | None = None) -> None:
+        self._observers = dict(observers or {})
 
     def wrap_handler(
         self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> RpcMethodHandler:
         """``handler`` with its exceptions mapped to statuses."""
-        return _wrap_handler(handler, details.method)
+        return _wrap_handler(handler, details.method, self._observers.get(details.method))
 
 
-def _wrap_handler(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
+def _observe(
+    observer: RefusalObserver, failure: Exception, context: grpc.ServicerContext, method: str
+) -> None:
+    if not isinstance(failure, StrongroomError):
+        return  # a bug, not a refusal: INTERNAL, logged with its reference
+    try:
+        observer(failure, context)
+    except Exception:  # the refusal stands whatever the observer does
+        log.exception("the refusal observer of %s failed", method)
+
+
+def _wrap_handler(
+    handler: RpcMethodHandler, method: str, observer: RefusalObserver | None = None
+) -> RpcMethodHandler:
     # Undecodable requests become a marker here (where gRPC deserialises them) and are refused by
     # RequestDecodingInterceptor, innermost: authorisation and stream limits come first.
     #
@@ -138,10 +184,34 @@ def _wrap_handler(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
 
     return rewrap_handler(
         handler,
-        unary_result,
+        unary_result if observer is None else _observed(observer, method),
         stream_result,
         request_deserializer=_safe_deserializer(handler.request_deserializer),
     )
+
+
+def _observed(
+    observer: RefusalObserver, method: str
+) -> Callable[[Callable[[Any, grpc.ServicerContext], Any]], Callable[..., Any]]:
+    """The error mapping of a method with one response whose early refusals ``observer`` hears."""
+
+    def wrap(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            observed = _Call()
+            token = _OBSERVED.set(observed)
+            try:
+                return fn(request, context)
+            except Exception as exc:
+                failure = exc
+            finally:
+                _OBSERVED.reset(token)
+            if not observed.reached:
+                _observe(observer, failure, context, method)
+            _handle(failure, context, method)
+
+        return call
+
+    return wrap
 
 
 class RequestDecodingInterceptor(HandlerInterceptor):
@@ -167,7 +237,11 @@ class RequestDecodingInterceptor(HandlerInterceptor):
 
         def unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
             def call(request: Any, context: grpc.ServicerContext) -> Any:
-                return fn(arguments(request, context), context)
+                request = arguments(request, context)
+                observed = _OBSERVED.get()
+                if observed is not None:
+                    observed.reached = True  # the service's own refusals are its own to report
+                return fn(request, context)
 
             return call
 

@@ -12,7 +12,7 @@ import gc
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -26,6 +26,7 @@ from strongroom.runtime.health import HealthServicer
 from strongroom.runtime.interceptors import (
     CachedChain,
     ErrorMappingInterceptor,
+    RefusalObserver,
     RequestDecodingInterceptor,
 )
 from strongroom.runtime.metrics import MetricsInterceptor
@@ -92,6 +93,9 @@ class ServiceHost:
     ``interceptors`` run inside the error mapping, so that their refusals become statuses (an
     authoriser goes last); ``tracing`` (:func:`~strongroom.runtime.tracing.server_tracing_interceptor`)
     runs outside it, so that each server span records the status the caller got.
+    ``refusal_observers`` (full method name -> observer) hear of the refusals of a method that its
+    behaviour never sees (authorisation, stream limits, a request that does not decode): see
+    :class:`~strongroom.runtime.interceptors.ErrorMappingInterceptor`.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class ServiceHost:
         services: Iterable[ServiceSpec],
         interceptors: Sequence[ServerInterceptor] = (),
         tracing: ServerInterceptor | None = None,
+        refusal_observers: Mapping[str, RefusalObserver] | None = None,
         health_listen: str | None = None,
         config: ServerConfig | None = None,
         message_limits: MessageLimits = DEFAULT_MESSAGE_LIMITS,
@@ -144,7 +149,7 @@ class ServiceHost:
                     [
                         MetricsInterceptor(),
                         *([tracing] if tracing is not None else []),
-                        ErrorMappingInterceptor(),
+                        ErrorMappingInterceptor(refusal_observers),
                         *interceptors,
                         self.streams,
                         RequestDecodingInterceptor(),

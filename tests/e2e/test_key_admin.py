@@ -3,6 +3,7 @@ answers and the re-wrap metric, over real mTLS to a broker on a real SoftHSM2 to
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,10 +108,14 @@ def test_a_policy_version_the_audit_log_cannot_take_is_refused_as_the_policys_fa
     assert kept.policy_version == "kept"
 
 
+_BROKEN = itertools.count(1)
+
+
 @pytest.fixture
 def broken_policy(stack: DevStack) -> Iterator[tuple[str, Path]]:
-    """A key whose stored policy no longer loads (edited by hand in the policy directory)."""
-    key_id = "broken-policy"
+    """A key whose stored policy no longer loads (edited by hand in the policy directory); a new
+    key for each test (keys outlive it in the session's broker)."""
+    key_id = f"broken-policy-{next(_BROKEN)}"
     stack.create_release_key(stack.identity("admin"), key_id, policy_version="1")
     path = stack.root / "state" / "keybroker" / "policies" / f"{key_id}.yaml"
     path.write_text('version: ""\n')  # no longer a valid policy
@@ -133,6 +138,20 @@ def test_a_stored_policy_that_no_longer_loads_does_not_fail_lifecycle_answers(
     listed = {k.key_id: k for k in stub.ListKeys(kb.ListKeysRequest(), timeout=30).keys}
     assert listed[key_id].current_version == 2
     assert listed[key_id].policy_version == ""
+
+
+def test_a_stored_policy_that_no_longer_loads_is_the_brokers_failed_precondition(
+    stack: DevStack, broken_policy: tuple[str, Path]
+) -> None:
+    """GetReleasePolicy of a stored policy that no longer loads answered INVALID_ARGUMENT, as if
+    the admin's request were wrong: it is the broker's configuration, with the loader's reason."""
+    key_id, _ = broken_policy
+    with pytest.raises(grpc.RpcError) as raised:
+        admin(stack).GetReleasePolicy(kb.GetReleasePolicyRequest(key_id=key_id), timeout=30)
+    assert outcome(raised.value) == (
+        "FAILED_PRECONDITION",
+        "POLICY_BAD_TYPE",
+    )  # the loader's reason
 
 
 def test_rewraps_refused_before_the_key_lookup_are_not_labelled_with_made_up_key_ids(

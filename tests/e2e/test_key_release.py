@@ -530,13 +530,87 @@ def test_bad_release_is_refused_audited_and_releases_nothing(
     assert records[-1]["caller"]["spiffe_id"] == world.stack.spiffe_id("inference")
 
 
+RELEASE_KEY = "/strongroom.api.keybroker.v1.KeyBrokerService/ReleaseKey"
+
+
+def _raw_release(world: World, identity: WorkloadIdentity, body: bytes) -> grpc.RpcError:
+    """ReleaseKey with ``body`` sent as it is (bytes the client's own serialiser would refuse)."""
+    call = world.stack.channel(identity, "keybroker").unary_unary(
+        RELEASE_KEY,
+        request_serializer=None,
+        response_deserializer=pb.ReleaseKeyResponse.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        call(body, timeout=30)
+    return info.value
+
+
+def test_an_undecodable_release_request_is_audited(world: World) -> None:
+    """A request gRPC cannot deserialise (here a key_id, a proto3 string, that is not UTF-8) was
+    refused MALFORMED_REQUEST by the runtime before the servicer ran, so never audited: an
+    inference identity could send any number of release attempts the audit log never saw."""
+    body = new_attempt(world).request.SerializeToString() + b"\x0a\x02\xff\xfe"
+    before = len(audit_records(world))
+    err = _raw_release(world, world.inference_id, body)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert err.details().startswith("MALFORMED_REQUEST")  # type: ignore[attr-defined]
+    added = audit_records(world)[before:]
+    assert [(r["decision"], r["reason"]) for r in added] == [("denied", "MALFORMED_REQUEST")]
+    assert added[0]["caller"]["spiffe_id"] == world.stack.spiffe_id("inference")
+    assert added[0]["key"]["id"] is None  # nothing the broker did not read
+
+
+def test_a_release_by_an_identity_without_the_inference_role_is_audited(world: World) -> None:
+    """Refused by the authoriser before the servicer ran: it was only logged."""
+    body = new_attempt(world).request.SerializeToString()
+    before = len(audit_records(world))
+    err = _raw_release(world, world.stack.identity("publisher"), body)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    added = audit_records(world)[before:]
+    assert [(r["decision"], r["reason"]) for r in added] == [("denied", "PEER_NOT_ALLOWED")]
+    assert added[0]["caller"]["spiffe_id"] == world.stack.spiffe_id("publisher")
+
+
 def test_key_without_policy_releases_nothing(world: World) -> None:
     world.admin.CreateKey(pb.CreateKeyRequest(key_id="no-policy"), timeout=30)
     attempt = new_attempt(world, key_id="no-policy")
+    before = len(audit_records(world))
     with pytest.raises(grpc.RpcError) as info:
         world.broker.ReleaseKey(attempt.request, timeout=30)
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
-    assert info.value.details().startswith("NO_RELEASE_POLICY")  # type: ignore[attr-defined]
+    # The answer any caller the key's policy does not admit gets (it must not learn which keys
+    # have a policy); the audit record says why.
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert info.value.details().startswith("CALLER_NOT_ALLOWED")  # type: ignore[attr-defined]
+    assert [(r["decision"], r["reason"]) for r in audit_records(world)[before:]] == [
+        ("denied", "NO_RELEASE_POLICY")
+    ]
+
+
+def test_a_policy_file_that_is_not_utf8_gives_no_internal_errors(world: World) -> None:
+    """A policy hand-edited in Latin-1: ReleaseKey answered INTERNAL, and so did ListKeys, for
+    every key, since it names each key's policy version."""
+    key_id = "latin1-policy"
+    world.admin.CreateKey(pb.CreateKeyRequest(key_id=key_id), timeout=30)
+    world.admin.SetReleasePolicy(
+        pb.SetReleasePolicyRequest(
+            key_id=key_id, policy_document=policy(world.stack, measurements=[GOOD])
+        ),
+        timeout=10,
+    )
+    path = world.stack.root / "state" / "keybroker" / "policies" / f"{key_id}.yaml"
+    original = path.read_bytes()
+    path.write_bytes(original + b'description: "caf\xe9"\n')
+    try:
+        before = len(audit_records(world))
+        with pytest.raises(grpc.RpcError) as info:
+            world.broker.ReleaseKey(new_attempt(world, key_id=key_id).request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+        assert [r["reason"] for r in audit_records(world)[before:]] == ["POLICY_UNREADABLE"]
+        listed = world.admin.ListKeys(pb.ListKeysRequest(), timeout=30)
+        versions = {k.key_id: k.policy_version for k in listed.keys}
+        assert (versions[key_id], versions[KEY]) == ("", "test-1")
+    finally:
+        path.write_bytes(original)
 
 
 def test_simulated_evidence_needs_explicit_policy_opt_in(world: World) -> None:

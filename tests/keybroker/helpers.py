@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -60,3 +61,13 @@ def session_objects(hsm: Hsm) -> int:
         return len(list(hs.session.get_objects({Attribute.TOKEN: False})))
 
     return hsm.call(op, name="count session objects")
+
+
+def replace_keeping_mtime(path: Path, text: str) -> None:
+    """Replaces ``path`` by a file with ``text`` whose mtime is the old one's (as rsync -a,
+    cp -p or tar x leave it)."""
+    before = os.stat(path)
+    replacement = path.with_name(path.name + ".new")
+    replacement.write_text(text)
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(replacement, path)

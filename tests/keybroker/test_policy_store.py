@@ -3,13 +3,16 @@ beyond its bounds (issue 11, findings 4 and 7)."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from strongroom.attestation.errors import PolicyInvalid
 from strongroom.attestation.evidence import TeeType
+from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.policy_bounds import (
     MAX_POLICY_BYTES,
@@ -17,6 +20,7 @@ from strongroom.keybroker.policy_bounds import (
     check_policy_bounds,
 )
 from strongroom.reasons import Reason
+from tests.keybroker.helpers import replace_keeping_mtime
 
 DOMAIN = "strongroom.test"
 MEASUREMENT = "ab" * 48
@@ -59,10 +63,14 @@ def test_allow_debug_is_refused_in_production_only(tmp_path: Path) -> None:
         .put("k1", document(debug=True))
         .policy.rules[TeeType.SEV_SNP]
     )
-    # A debug policy a development broker stored does not load in a production one either.
-    with pytest.raises(PolicyInvalid) as info:
+    # A debug policy a development broker stored does not load in a production one either: the
+    # broker's configuration error (it was INVALID_ARGUMENT, as if whoever asked sent it).
+    with pytest.raises(StoredPolicyInvalid) as stored:
         store(tmp_path, production=True).get("k1")
-    assert info.value.reason == Reason.POLICY_DEBUG_IN_PRODUCTION
+    assert (stored.value.status_name, stored.value.reason) == (
+        "FAILED_PRECONDITION",
+        Reason.POLICY_DEBUG_IN_PRODUCTION,
+    )
 
 
 def test_a_good_policy_is_stored(tmp_path: Path) -> None:
@@ -75,7 +83,7 @@ def test_the_issues_nested_document_is_refused_quickly_without_recursion(tmp_pat
     for depth in (50_000, 20_000, MAX_POLICY_DEPTH + 1):
         with pytest.raises(PolicyInvalid) as info:
             store(tmp_path, production=True).put("k1", "[" * depth + "]" * depth)
-        assert info.value.reason in ("POLICY_TOO_LARGE", "POLICY_TOO_DEEP")
+        assert info.value.reason in (Reason.POLICY_TOO_LARGE, Reason.POLICY_TOO_DEEP)
 
 
 def test_depth_within_the_bound_is_left_to_the_schema() -> None:
@@ -116,3 +124,80 @@ def test_reading_a_policy_interns_no_string(
     monkeypatch.setattr(sys, "intern", counting)
     assert policies.get("k1").policy.version == "1"
     assert interned == []
+
+
+def test_a_policy_replaced_with_the_same_size_and_mtime_is_read_again(tmp_path: Path) -> None:
+    """The cache was keyed by (mtime, size): a caller revoked by swapping its ID for another of
+    the same length, deployed by a tool that keeps mtimes, kept its keys until a restart."""
+    policies = store(tmp_path, production=False)
+    stored = policies.put("k1", document())
+    assert f"spiffe://{DOMAIN}/inference" in policies.get("k1").policy.allowed_spiffe_ids
+    revoked = document(callers=f"spiffe://{DOMAIN}/inferenz2")
+    assert len(revoked) == len(stored.document)
+    path = tmp_path / "policies" / "k1.yaml"
+    replace_keeping_mtime(path, revoked)
+    assert policies.get("k1").policy.allowed_spiffe_ids == {f"spiffe://{DOMAIN}/inferenz2"}
+
+
+def test_a_policy_rewritten_in_place_with_the_same_size_and_mtime_is_read_again(
+    tmp_path: Path,
+) -> None:
+    """Same inode (cp -p onto the file): its ctime changed, which no tool can set back."""
+    policies = store(tmp_path, production=False)
+    policies.put("k1", document())
+    policies.get("k1")
+    path = tmp_path / "policies" / "k1.yaml"
+    before = os.stat(path)
+    time.sleep(0.02)  # past one clock tick, where ctimes are that coarse
+    path.write_text(document(callers=f"spiffe://{DOMAIN}/inferenz2"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_ino == before.st_ino
+    assert policies.get("k1").policy.allowed_spiffe_ids == {f"spiffe://{DOMAIN}/inferenz2"}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        document().encode() + b'description: "caf\xe9"\n',  # a hand edit saved in Latin-1
+        b"\xff\xfe" + document().encode("utf-16-le"),  # ... or in UTF-16 by a Windows editor
+    ],
+    ids=["latin-1", "utf-16"],
+)
+def test_a_policy_file_that_is_not_utf8_is_unreadable_and_has_no_version(
+    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a bare UnicodeDecodeError, so INTERNAL for a release, and PolicyStore.version
+    raised it too: ListKeys failed for every key."""
+    policies = store(tmp_path, production=False)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "k1.yaml").write_bytes(content)
+    with pytest.raises(PolicyUnreadable) as info:
+        policies.get("k1")
+    assert (info.value.status_name, info.value.reason) == (
+        "FAILED_PRECONDITION",
+        "POLICY_UNREADABLE",
+    )
+    assert "UTF-8" in info.value.message
+    assert policies.version("k1") == ""
+    assert [r.reason for r in caplog.records] == ["POLICY_UNREADABLE"]  # type: ignore[attr-defined]
+
+
+def test_a_policy_path_that_cannot_be_stat_ed_is_unreadable_and_has_no_version(
+    tmp_path: Path,
+) -> None:
+    """Only FileNotFoundError was caught around os.stat: EACCES (a directory the broker cannot
+    search), ELOOP, ENOTDIR or EIO escaped as a bare OSError. ELOOP stands in for them here (the
+    tests may run as root, who is never refused EACCES)."""
+    (tmp_path / "policies").mkdir()
+    link = tmp_path / "policies" / "k1.yaml"
+    link.symlink_to(link)
+    policies = store(tmp_path, production=False)
+    with pytest.raises(PolicyUnreadable) as info:
+        policies.get("k1")
+    assert info.value.reason == "POLICY_UNREADABLE"
+    assert str(tmp_path) not in info.value.message  # the problem, not where the files are
+    assert policies.version("k1") == ""
+
+
+def test_a_key_without_a_policy_file_has_no_version(tmp_path: Path) -> None:
+    assert store(tmp_path, production=False).version("k1") == ""

@@ -35,7 +35,7 @@ from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
 from strongroom.runtime.secrets import Secret
-from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve
+from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve, replace_keeping_mtime
 
 MEASUREMENT = bytes.fromhex("5a" * 48)
 POLICY = (
@@ -244,10 +244,63 @@ def test_a_nonce_for_another_caller_is_refused(world, authority) -> None:
 def test_a_key_without_a_policy_releases_nothing(world, authority) -> None:
     engine, keys, audit = world
     request = _request(engine, authority, key_id="k2", nonce=engine.challenge("k2", CALLER).nonce)
-    with pytest.raises(StrongroomError):
+    with pytest.raises(PermissionDenied) as info:
         engine.release(request, CALLER)
+    assert info.value.reason == "CALLER_NOT_ALLOWED"  # what the caller hears; the record says why
     assert keys.calls == []
-    assert [e.decision for e in audit.events] == [Decision.DENIED]
+    assert [(e.decision, e.reason) for e in audit.events] == [
+        (Decision.DENIED, "NO_RELEASE_POLICY")
+    ]
+
+
+OUTSIDER = Caller("spiffe://strongroom.test/reader", 7, CALLER.tls_public_key_der)
+
+
+def _refusal(engine, authority, key_id: str, caller: Caller) -> StrongroomError:
+    request = _request(
+        engine, authority, key_id=key_id, nonce=engine.challenge(key_id, caller).nonce
+    )
+    with pytest.raises(StrongroomError) as info:
+        engine.release(request, caller)
+    return info.value
+
+
+def test_a_caller_named_by_no_policy_cannot_tell_which_key_ids_have_one(world, authority) -> None:
+    """The policy was loaded before the caller was checked: PERMISSION_DENIED CALLER_NOT_ALLOWED
+    for a key with a policy, FAILED_PRECONDITION NO_RELEASE_POLICY for one without (and only an
+    existing key can have one). Now one answer; the audit record has the real reason."""
+    engine, keys, audit = world
+    answers = {
+        key_id: (e.status_name, e.reason, e.message.replace(repr(key_id), "KEY"))
+        for key_id in ("k1", "no-such-key")
+        for e in [_refusal(engine, authority, key_id, OUTSIDER)]
+    }
+    assert answers["k1"] == answers["no-such-key"]
+    assert answers["k1"][:2] == ("PERMISSION_DENIED", "CALLER_NOT_ALLOWED")
+    assert keys.calls == []
+    assert [(e.reason, e.caller_spiffe_id) for e in audit.events] == [
+        ("CALLER_NOT_ALLOWED", OUTSIDER.spiffe_id),
+        ("NO_RELEASE_POLICY", OUTSIDER.spiffe_id),
+    ]
+
+
+@pytest.mark.parametrize("caller", [CALLER, OUTSIDER], ids=["named", "outsider"])
+def test_a_stored_policy_that_no_longer_loads_is_audited_and_told_to_no_caller(
+    world, authority, caller, caplog
+) -> None:
+    """Written by a development broker (``min_reported_tcb: any``), read by a production one: it
+    was INVALID_ARGUMENT (the caller's fault) with the loader's message, to any inference
+    identity. It is the broker's configuration error: audited with its reason, logged for the
+    operator, and the caller hears what every caller the policy does not admit hears."""
+    engine, keys, audit = world
+    engine._policies = PolicyStore(Path(engine._policies._dir), production=True)
+    refused = _refusal(engine, authority, "k1", caller)
+    assert (refused.status_name, refused.reason) == ("PERMISSION_DENIED", "CALLER_NOT_ALLOWED")
+    assert "min_reported_tcb" not in refused.message and "any" not in refused.message
+    assert keys.calls == []
+    assert [(e.decision, e.reason) for e in audit.events] == [(Decision.DENIED, "POLICY_BAD_VALUE")]
+    [logged] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "min_reported_tcb" in logged.detail  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("when", "hsm_calls"), [("before", 0), ("after", 1)])
@@ -316,6 +369,37 @@ def test_a_caller_the_policy_does_not_name_is_refused_before_its_evidence_is_ver
     ]
 
 
+def test_a_caller_revoked_by_a_same_size_same_mtime_policy_is_refused(world, authority) -> None:
+    """The policy is re-read when the file is replaced, even by one of the same size with the
+    old mtime (rsync -a, cp -p, tar x): before, the cached policy kept releasing to the caller."""
+    engine, keys, audit = world
+    engine.release(_request(engine, authority), CALLER)  # allowed, and the policy is cached
+    revoked = POLICY.replace("strongroom.test/inference", "strongroom.test/inferenz2")
+    assert len(revoked) == len(POLICY)
+    replace_keeping_mtime(Path(engine._policies._dir) / "k1.yaml", revoked)
+    with pytest.raises(PermissionDenied) as info:
+        engine.release(_request(engine, authority), CALLER)
+    assert info.value.reason == "CALLER_NOT_ALLOWED"
+    assert len(keys.calls) == 1
+    assert [e.reason for e in audit.events] == ["RELEASED", "CALLER_NOT_ALLOWED"]
+
+
+def test_a_release_under_a_policy_that_is_not_utf8_is_refused_with_its_reason(
+    world, authority
+) -> None:
+    """Before: UnicodeDecodeError, audited and answered as INTERNAL."""
+    engine, keys, audit = world
+    path = Path(engine._policies._dir) / "k1.yaml"
+    path.write_bytes(path.read_bytes() + b'description: "caf\xe9"\n')
+    with pytest.raises(PermissionDenied) as info:
+        engine.release(_request(engine, authority), CALLER)
+    assert info.value.reason == "CALLER_NOT_ALLOWED"  # as for any key whose policy admits no one
+    assert keys.calls == []
+    assert [(e.decision, e.reason) for e in audit.events] == [
+        (Decision.DENIED, "POLICY_UNREADABLE")
+    ]
+
+
 def _real_audit_engine(authority, tmp_path) -> tuple[ReleaseEngine, Path]:
     policies = PolicyStore(tmp_path / "policies", production=False)
     policies.put("k1", POLICY)
@@ -358,3 +442,19 @@ def test_a_refusal_whose_context_the_log_refuses_is_still_recorded(authority, tm
     assert (record["decision"], record["reason"]) == ("denied", "NONCE_EXPIRED")
     assert record["caller"]["spiffe_id"] == CALLER.spiffe_id
     assert record["evidence_sha256"] == context["evidence_sha256"]
+
+
+def test_a_release_refused_before_it_was_read_is_audited_with_who_asked(
+    authority, tmp_path
+) -> None:
+    """The runtime's refusals of ReleaseKey (no inference role, an undecodable request) reach
+    the engine without a request: the record has the certificate's identity, when there is a
+    usable one, and the reason; no request field."""
+    engine, log = _real_audit_engine(authority, tmp_path)
+    engine.deny_unread(InvalidArgument("not protobuf", reason="MALFORMED_REQUEST"), CALLER)
+    engine.deny_unread(PermissionDenied("expired", reason="PEER_CERT_EXPIRED"), None)
+    first, second = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (first["decision"], first["reason"]) == ("denied", "MALFORMED_REQUEST")
+    assert first["caller"]["spiffe_id"] == CALLER.spiffe_id
+    assert first["key"]["id"] is None and first["evidence_sha256"] is None
+    assert (second["reason"], second["caller"]["spiffe_id"]) == ("PEER_CERT_EXPIRED", None)

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -14,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strongroom import errors
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime import health as health_module
+from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
 from strongroom.runtime.health import MAX_SERVICE_NAME
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 
@@ -326,3 +328,69 @@ def test_an_undecodable_health_request_is_invalid_on_both_ports_without_a_traceb
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert (REASON_TRAILER, "MALFORMED_REQUEST") in tuple(err.trailing_metadata())  # type: ignore[attr-defined]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+class _Refuser(HandlerInterceptor):
+    """Stands in for the authoriser: refuses a call whose metadata asks for it."""
+
+    def wrap_handler(
+        self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> RpcMethodHandler:
+        def unary(fn: Any) -> Any:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                if ("refuse", "yes") in tuple(context.invocation_metadata()):
+                    raise errors.PermissionDenied("no role", reason="PEER_NOT_ALLOWED")
+                return fn(request, context)
+
+            return call
+
+        return rewrap_handler(handler, unary, lambda fn: fn)
+
+
+def test_refusals_before_the_behaviour_runs_are_observed_and_only_those() -> None:
+    """A service that must account for every refusal of a method (the broker audits every refused
+    release) never saw those raised before its code ran: the authoriser's, and a request that
+    does not decode. The error mapping tells the method's observer of those, and of no other."""
+    seen: list[tuple[str, str]] = []
+
+    def observer(exc: errors.StrongroomError, context: grpc.ServicerContext) -> None:
+        seen.append((exc.reason, exc.status_name))
+        if exc.reason == "MALFORMED_REQUEST":
+            raise RuntimeError("the observer fails")  # the refusal stands all the same
+
+    host = ServiceHost(
+        listen="127.0.0.1:0",
+        credentials=None,
+        services=[make_service(Behaviour())],
+        interceptors=[_Refuser()],
+        refusal_observers={
+            f"/{SERVICE}/Unary": observer,
+            "/grpc.health.v1.Health/Check": observer,
+        },
+    )
+    host.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+            unary = channel.unary_unary(f"/{SERVICE}/Unary", _identity, _identity)
+            check = channel.unary_unary("/grpc.health.v1.Health/Check", _identity, _identity)
+            assert unary(b"x", timeout=10) == b"ok:x"
+            codes = []
+            for attempt in (
+                lambda: unary(b"x", timeout=10, metadata=(("refuse", "yes"),)),
+                lambda: unary(b"denied", timeout=10),  # the behaviour's own refusal
+                lambda: check(UNDECODABLE_HEALTH_REQUEST, timeout=10),
+            ):
+                with pytest.raises(grpc.RpcError) as info:
+                    attempt()
+                codes.append(info.value.code())  # type: ignore[attr-defined]
+    finally:
+        host.stop(0)
+    assert codes == [
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ]
+    assert seen == [
+        ("PEER_NOT_ALLOWED", "PERMISSION_DENIED"),
+        ("MALFORMED_REQUEST", "INVALID_ARGUMENT"),
+    ]

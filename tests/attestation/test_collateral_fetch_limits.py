@@ -1,0 +1,104 @@
+"""What reports with made-up chip ids can make the broker fetch from AMD KDS.
+
+A caller named in a policy can send SEV-SNP reports without a VCEK, each naming any chip id: the
+broker fetches that chip's VCEK (10 s timeout, retries) on the request's thread before anything
+about the report is verified. The memory of failed fetches is keyed by chip and TCB, so new chip
+ids each cost a fetch, and nothing bounded how many ran at once: enough of them held every worker
+thread (starving every other release) and could get the broker rate-limited by KDS. Now one fetch
+runs per chip and a few at once overall; further requests are refused UNAVAILABLE
+``COLLATERAL_FETCH_BUSY`` at once, without a request to KDS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from strongroom.attestation import collateral_fetch
+from strongroom.attestation.abi.snp import TcbVersion, parse_snp_report
+from strongroom.attestation.collateral_cache import CollateralCache
+from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
+from strongroom.attestation.errors import CollateralUnavailable
+from strongroom.reasons import Reason
+from tests.attestation.collateral_server import FakeCollateralServer, serve
+
+RD = hashlib.sha512(b"fetch limits").digest()
+MEAS = bytes(range(48))
+SLOW = 1.0  # seconds KDS takes to answer: the fetches started together overlap
+
+
+@pytest.fixture
+def server() -> Iterator[FakeCollateralServer]:
+    yield from serve()
+
+
+def _service(server: FakeCollateralServer, tmp_path, sim_trust) -> CollateralService:  # type: ignore[no-untyped-def]
+    settings = FetchSettings(
+        kds_url=server.url, pcs_url=server.url, retries=0, timeout_seconds=10.0
+    )
+    return CollateralService(CollateralCache(tmp_path, sim_trust), settings)
+
+
+def _together(service: CollateralService, reports: list[bytes]) -> list[str]:
+    """Asks for the VCEK of each report at once, one thread each: what each got ("none" for a
+    KDS 404, else the refusal's reason)."""
+    barrier = threading.Barrier(len(reports))
+    outcomes = [""] * len(reports)
+
+    def ask(i: int) -> None:
+        report = parse_snp_report(reports[i])
+        barrier.wait()
+        try:
+            outcomes[i] = "none" if service.snp_key_certificate(report) is None else "vcek"
+        except CollateralUnavailable as exc:
+            outcomes[i] = exc.reason
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(reports))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return sorted(outcomes)
+
+
+def test_made_up_chip_ids_get_a_few_kds_fetches_at_once_and_are_refused_beyond(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(collateral_fetch, "MAX_VCEK_FETCHES", 2, raising=False)
+    service = _service(server, tmp_path, sim_trust)
+    server.delay = SLOW
+    snp = authority.snp()
+    reports = [snp.report(RD, measurement=MEAS, chip_id=bytes([i + 1]) * 64) for i in range(6)]
+    outcomes = _together(service, reports)
+    assert outcomes == [Reason.COLLATERAL_FETCH_BUSY] * 4 + ["none"] * 2
+    assert len(server.requests) == 2
+    # The slots are free again once the fetches are done.
+    server.delay = 0
+    another = snp.report(RD, measurement=MEAS, chip_id=b"\x63" * 64)
+    assert service.snp_key_certificate(parse_snp_report(another)) is None
+    assert len(server.requests) == 3
+
+
+def test_one_fetch_per_chip_at_once_whatever_the_tcb(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path
+) -> None:
+    """The memory of failures is keyed by chip and TCB (a 404 for one TCB says nothing of
+    another), so one chip id with many TCBs was as many concurrent fetches."""
+    service = _service(server, tmp_path, sim_trust)
+    server.delay = SLOW
+    snp = authority.snp()
+    chip = b"\x07" * 64
+    reports = [
+        snp.report(
+            RD,
+            measurement=MEAS,
+            chip_id=chip,
+            reported_tcb=TcbVersion.from_components(bootloader=4, tee=0, snp=20 + i, microcode=219),
+        )
+        for i in range(3)
+    ]
+    assert _together(service, reports) == ["COLLATERAL_FETCH_BUSY"] * 2 + ["none"]
+    assert len(server.requests) == 1
