@@ -21,8 +21,16 @@ has the layout and why a crash cannot tear it). Truncating the log, or cutting a
 longer matches the head; forging a head needs the private key.
 Ed25519 rather than an HMAC so that auditors verify with the public key alone
 (``strongroom audit verify PATH --public-key PEM``). Not covered: someone able to write the files
-could restore an *older* pair of log and head together (a rollback); ship the heads to an
-append-only store elsewhere if that matters.
+could restore an *older* pair of log and head together (a rollback) while no broker runs; ship the
+heads to an append-only store elsewhere if that matters.
+
+**While the broker runs.** Every commit first checks that the file at the log's path is still the
+one it writes through its open descriptor (not removed, renamed or replaced). When either file
+changed since its last commit, the files must still continue the chain the broker holds: the head
+present and anchoring no fewer records, the log no shorter, and the record it last wrote still
+ending where it wrote it, with that hash (for a log it found empty: the first record, or else the
+head, starting from its anchor). A log emptied and its head deleted, or another log signed with
+the same key copied over with its head (however long), is tampering (below), not a new log.
 
 **Group commit.** Appends that arrive while a commit is under way wait in a queue; when it ends, the
 first of them commits everything queued (at most :data:`MAX_BATCH_RECORDS`, in arrival order) as
@@ -461,6 +469,8 @@ class AuditLog(Closing):
         self._stale = True
         self._closed = False
         self._tamper: str | None = None
+        # Set once a resync succeeded: from then on the files must continue that chain.
+        self._has_chain = False
         # Hashes of records this process wrote but cut back (their decision never took effect).
         self._revoked: collections.deque[str] = collections.deque(maxlen=_REVOKED_MAX)
 
@@ -717,8 +727,11 @@ class AuditLog(Closing):
         self._head.write(head)
 
     def _resync(self) -> None:
-        """Re-reads count and last hash if the file changed since we last wrote it."""
-        size = os.fstat(self._fd).st_size
+        """Re-reads count and last hash if the file changed since we last wrote it, after checking
+        that the files at the log's path still continue the chain this process knows."""
+        stat = os.fstat(self._fd)
+        self._check_same_file(stat)
+        size = stat.st_size
         if not self._stale and size == self._size and not self._head.changed():
             return
         data_end, tail = self._checked(_read_tail, self._fd, size, 1)
@@ -731,6 +744,8 @@ class AuditLog(Closing):
                 f"the audit head went back from {self._count} to {head.count} records: an older "
                 "log and head were put back"
             )
+        if self._has_chain:
+            self._check_continues(head, size)
         if last is None:
             # An empty log's chain starts where its head says (logs made before: all zeros).
             count = 0
@@ -763,6 +778,49 @@ class AuditLog(Closing):
             self._write_head_or_fail(head)
         self._count, self._last_hash, self._size = head.count, head.last_hash, data_end
         self._stale = False
+        self._has_chain = True
+
+    def _check_same_file(self, stat: os.stat_result) -> None:
+        """The file at the log's path must be the one this process writes through ``self._fd``:
+        otherwise every later decision would be "made durable" in a file nobody reads."""
+        try:
+            current = os.stat(self._path)
+        except FileNotFoundError:
+            raise self._tampered(
+                f"the audit log {self._path} was removed or renamed while the broker runs"
+            ) from None
+        if (current.st_dev, current.st_ino) != (stat.st_dev, stat.st_ino):
+            raise self._tampered(
+                f"the audit log {self._path} was replaced by another file while the broker runs"
+            )
+
+    def _check_continues(self, head: Head | None, size: int) -> None:
+        """Once this process holds a chain, the log must still hold it where it left it: the head
+        present, the log at least as long, and the record ending at ``self._size`` (or, for a log
+        that had none, the first record or the head) carrying ``self._last_hash``. A log emptied,
+        or another log signed with the same key and its head copied over this one (however long),
+        is then tampering, not a new or longer chain."""
+        if head is None:
+            raise self._tampered("the audit head was removed while the broker runs")
+        if size < self._size:
+            raise self._tampered(
+                f"the audit log shrank from {self._size} to {size} bytes while the broker runs: "
+                "records were removed"
+            )
+        if self._size > 0:
+            end, tail = self._checked(_read_tail, self._fd, self._size, 1)
+            ours = bool(tail) and end == self._size
+            ours = ours and self._checked(_tail_record, tail[-1][1])["hash"] == self._last_hash
+        elif size > 0:
+            first = _first_line(self._fd, size)
+            ours = first is None or self._checked(_tail_record, first)["prev"] == self._last_hash
+        else:
+            ours = head.count > 0 or head.last_hash == self._last_hash
+        if not ours:
+            raise self._tampered(
+                "the audit log no longer continues the chain this broker wrote (its last record "
+                "or its anchor is gone): the log or its head was replaced, e.g. by another log's"
+            )
 
     def _repair_unanchored(self, head: Head, count: int, size: int) -> tuple[Head, int | None]:
         """Deals with the records after the signed head: at most one batch, each chained on and
@@ -892,6 +950,12 @@ def _split_tail(
         stop = prev_nl
     spans.reverse()
     return last_nl + 1, spans
+
+
+def _first_line(fd: int, size: int) -> bytes | None:
+    """The log's first line without its newline (None if it has no complete line)."""
+    line, newline, _ = os.pread(fd, min(size, MAX_RECORD_BYTES + 1), 0).partition(b"\n")
+    return line if newline else None
 
 
 def _tail_record(line: bytes) -> dict[str, Any]:

@@ -22,7 +22,8 @@ tampering, not a crash. This is the assumption LMDB's two meta pages make.
 generations ``g - 1`` and ``g`` whose counts never decrease (or, right after creation, generation 0
 in slot 0 and an all-zero slot 1); the current head is generation ``g``. So copying one slot over the
 other, swapping them or zeroing one is caught. Putting back a whole older head file together with
-an older log is a rollback, not caught, as with any head kept beside its log.
+an older log is a rollback, not caught once the broker restarts (a running one notices: see
+:mod:`strongroom.keybroker.audit`), as with any head kept beside its log.
 
 **Format 1**, one JSON line rewritten by rename on every commit, is still read; the broker converts
 it to format 2 when it opens the log (a new file, renamed into place).

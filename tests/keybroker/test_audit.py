@@ -872,3 +872,76 @@ def test_another_logs_records_signed_with_the_same_key_are_not_anchored(
     with pytest.raises(DataLoss) as info:
         AuditLog.open(log_path, signing_key)
     assert info.value.reason == "AUDIT_LOG_TAMPERED"
+
+
+def test_a_log_emptied_and_its_head_deleted_under_a_running_broker_is_tampering(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """Truncating the log to nothing and deleting the head needs no older pair and no key. The
+    running broker took the empty log for a new one: it wrote a fresh head, went on from seq 0
+    with no alarm, and `audit verify` then called the log intact, its decisions gone."""
+    fill(audit, 3)
+    log_path.write_bytes(b"")
+    head_path(log_path).unlink()
+    with pytest.raises(DataLoss) as info:
+        audit.append(event(3, reason="AFTER"))
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    assert audit.tamper_problem is not None
+    assert not verify_audit_log(log_path, public_key=signing_key.public_key()).intact
+
+
+@pytest.mark.parametrize("how", ["unlinked", "renamed", "replaced-by-empty-file"])
+def test_a_log_file_taken_away_under_a_running_broker_is_tampering(
+    audit: AuditLog, log_path: Path, how: str
+) -> None:
+    """The broker writes through the descriptor it opened and checked only the head's inode, so it
+    went on committing into the old inode after the log was unlinked or renamed: every later
+    decision was "fsync'd and anchored" into a file nobody (nor the restarted broker) reads."""
+    fill(audit, 3)
+    if how == "unlinked":
+        log_path.unlink()
+    elif how == "renamed":
+        log_path.rename(log_path.with_name("elsewhere.jsonl"))
+    else:
+        log_path.unlink()
+        log_path.write_bytes(b"")
+    with pytest.raises(DataLoss) as info:
+        audit.append(event(3, reason="AFTER"))
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    assert audit.tamper_problem is not None
+
+
+@pytest.mark.parametrize("ours", [0, 2])
+def test_another_logs_pair_swapped_in_under_a_running_broker_is_tampering(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey, tmp_path: Path, ours: int
+) -> None:
+    """Another log signed with the same key (a staging broker's, one from before a reinstall)
+    copied with its head over a running broker's files: the "heads only grow" check compared
+    counts only, so a longer foreign pair was taken for the truth, the broker's own records
+    vanished and it went on after the foreign ones. Also when its own log was still empty."""
+    other_path = tmp_path / "other.jsonl"
+    with AuditLog.open(other_path, signing_key) as other:
+        for n in range(5):
+            other.append(event(n, reason="FOREIGN"))
+    fill(audit, ours)
+    log_path.write_bytes(other_path.read_bytes())
+    head_path(log_path).write_bytes(head_path(other_path).read_bytes())
+    with pytest.raises(DataLoss) as info:
+        audit.append(event(9, reason="AFTER"))
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    assert audit.tamper_problem is not None
+
+
+def test_processes_sharing_the_log_still_see_one_chain(
+    log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """The continuity checks must not take another writer's commits for tampering."""
+    log_path.parent.mkdir()
+    with (
+        AuditLog.open(log_path, signing_key) as first,
+        AuditLog.open(log_path, signing_key) as second,
+    ):
+        for n in range(6):
+            (first if n % 3 else second).append(event(n))
+        assert first.tamper_problem is None and second.tamper_problem is None
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
