@@ -127,26 +127,6 @@ def test_a_verify_hung_on_a_fifo_head_does_not_stall_the_brokers_commits(
     assert not stalled, "the broker's commit waited on a verifier blocked on a FIFO"
 
 
-# --- 4. the head's temporary file is created through a planted symlink ---------------------------
-
-
-def test_the_heads_temporary_file_is_never_followed_through_a_symlink(
-    log_path: Path, key: Ed25519PrivateKey, tmp_path: Path
-) -> None:
-    """HeadFile._create opens `.NAME.head.<pid>.tmp` with O_CREAT|O_TRUNC, following symlinks: a
-    symlink planted under that predictable name (a container's broker is often pid 1) makes the
-    broker truncate and overwrite any file it may write, and renames the symlink into place as
-    the head. It runs on every new log, format-1 conversion, and (finding 1) on demand."""
-    victim = tmp_path / "precious"
-    victim.write_bytes(b"not the broker's to overwrite\n")
-    planted = log_path.with_name(f".{log_path.name}.head.{os.getpid()}.tmp")
-    planted.symlink_to(victim)
-    with contextlib.suppress(AuditUnavailable, DataLoss):  # refusing is fine; clobbering is not
-        AuditLog.open(log_path, key).close()
-    assert victim.read_bytes() == b"not the broker's to overwrite\n"
-    assert not head_path(log_path).is_symlink()
-
-
 # --- 5. the CLI prints a crafted record's text raw to the auditor's terminal ---------------------
 
 
