@@ -70,7 +70,10 @@ processes on the same host, ``flock`` on the log file serialises commits, and ea
 the tail if another process moved it. :func:`verify_audit_log` takes a *shared* ``flock`` only for
 as long as it reads the head and the log's length, then checks the log up to that length: a
 snapshot between two commits, so a log being written is never reported truncated, cut off or
-unanchored because a commit was under way (the writer waits microseconds, not for the check).
+unanchored because a commit was under way (the writer waits microseconds, not for the check). It
+opens both files without blocking and reads them only if they are regular files (the log before
+locking it), so a FIFO put in the place of either can neither hang the check nor, through the lock,
+the broker's commits.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 import uuid
@@ -729,9 +733,9 @@ class AuditLog(Closing):
     def _resync(self) -> None:
         """Re-reads count and last hash if the file changed since we last wrote it, after checking
         that the files at the log's path still continue the chain this process knows."""
-        stat = os.fstat(self._fd)
-        self._check_same_file(stat)
-        size = stat.st_size
+        opened = os.fstat(self._fd)
+        self._check_same_file(opened)
+        size = opened.st_size
         if not self._stale and size == self._size and not self._head.changed():
             return
         data_end, tail = self._checked(_read_tail, self._fd, size, 1)
@@ -780,7 +784,7 @@ class AuditLog(Closing):
         self._stale = False
         self._has_chain = True
 
-    def _check_same_file(self, stat: os.stat_result) -> None:
+    def _check_same_file(self, opened: os.stat_result) -> None:
         """The file at the log's path must be the one this process writes through ``self._fd``:
         otherwise every later decision would be "made durable" in a file nobody reads."""
         try:
@@ -789,7 +793,7 @@ class AuditLog(Closing):
             raise self._tampered(
                 f"the audit log {self._path} was removed or renamed while the broker runs"
             ) from None
-        if (current.st_dev, current.st_ino) != (stat.st_dev, stat.st_ino):
+        if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
             raise self._tampered(
                 f"the audit log {self._path} was replaced by another file while the broker runs"
             )
@@ -1012,12 +1016,35 @@ def _snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:
     """
     with shared_flock(fd) if fd is not None else contextlib.nullcontext():
         try:
-            with hpath.open("rb") as head:
-                # Bounded: the writer waits while this lock is held, whatever sits in the file.
-                raw_head: bytes | None = head.read(FILE_BYTES + 1)
+            head = _open_regular(hpath)
         except FileNotFoundError:
-            raw_head = None
+            return None, 0 if fd is None else os.fstat(fd).st_size
+        try:
+            # Bounded: the writer waits while this lock is held, whatever sits in the file.
+            raw_head = os.pread(head, FILE_BYTES + 1, 0)
+        finally:
+            os.close(head)
         return raw_head, 0 if fd is None else os.fstat(fd).st_size
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file; OSError naming it otherwise.
+
+    Opened with O_NONBLOCK so that open() itself never waits: a FIFO put in the file's place would
+    block a plain open until some writer came, and the head is opened while holding the log's
+    shared ``flock``, which every commit waits for.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def verify_audit_log(
@@ -1026,7 +1053,8 @@ def verify_audit_log(
     """Checks every record, the chain, and the head (its signature only with ``public_key``).
 
     Raises NotFound(AUDIT_LOG_NOT_FOUND) when neither the log nor its head exists, and
-    ``AuditUnavailable`` naming the file when one cannot be read (permissions, a directory, I/O).
+    ``AuditUnavailable`` naming the file when one cannot be read (permissions, a directory, I/O)
+    or is not a regular file (a FIFO, socket or device: checked before reading, never waited on).
     """
     path = Path(path)
     try:
@@ -1042,7 +1070,8 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
     stream: BinaryIO
     log_missing = False
     try:
-        stream = path.open("rb")
+        # A regular file before it is locked or read (see _open_regular).
+        stream = os.fdopen(_open_regular(path), "rb")
     except FileNotFoundError:
         if not hpath.exists():
             raise NotFound(f"no audit log at {path}", reason=Reason.AUDIT_LOG_NOT_FOUND) from None

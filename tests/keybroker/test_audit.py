@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import json
+import os
 import re
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -173,6 +176,79 @@ def test_an_unreadable_log_or_head_is_a_clear_error(
         verify_audit_log(log_path)
     assert info.value.reason == "AUDIT_UNAVAILABLE"
     assert f"cannot read {target}: Is a directory" in info.value.message
+
+
+def _unblock_fifo(path: Path) -> None:
+    """Releases a reader blocked opening ``path`` (a FIFO): a writer comes and goes."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize("which", ["head", "log"])
+def test_verify_never_hangs_on_a_fifo(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey, which: str
+) -> None:
+    """`audit verify` opened the log and head by name and read them: a FIFO put in place of either
+    (anyone who can write the directory) blocked it in open() forever; a cron job piles up."""
+    audit.append(event(0))
+    target = head_path(log_path) if which == "head" else log_path
+    target.unlink()
+    os.mkfifo(target)
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(verify_audit_log(log_path, public_key=signing_key.public_key()))
+        except Exception as exc:
+            outcome.append(exc)
+
+    verifier = threading.Thread(target=run, daemon=True)
+    verifier.start()
+    verifier.join(3)
+    hung = verifier.is_alive()
+    _unblock_fifo(target)
+    verifier.join(5)
+    assert not hung, "verify_audit_log blocked on a FIFO"
+    (error,) = outcome
+    assert isinstance(error, AuditUnavailable)
+    assert f"cannot read {target}: not a regular file" in error.message
+
+
+def test_a_verify_on_a_fifo_head_does_not_stall_the_brokers_commits(
+    audit: AuditLog, log_path: Path
+) -> None:
+    """Worse for the head: the verifier opened it while holding its shared flock on the log, which
+    every commit takes exclusively; the broker's releases then hung (instead of being refused, as
+    the broker itself refuses a head it cannot read) for as long as the verifier did."""
+    audit.append(event(0))
+    head_path(log_path).unlink()
+    os.mkfifo(head_path(log_path))
+
+    def verify() -> None:
+        with contextlib.suppress(AuditUnavailable):  # how verify answers is the test above
+            verify_audit_log(log_path)
+
+    verifier = threading.Thread(target=verify, daemon=True)
+    verifier.start()
+    verifier.join(1)
+    answered: list[str] = []
+
+    def append() -> None:
+        try:
+            audit.append(event(1))
+            answered.append("committed")
+        except (AuditUnavailable, DataLoss) as exc:
+            answered.append(type(exc).__name__)
+
+    writer = threading.Thread(target=append, daemon=True)
+    writer.start()
+    writer.join(3)
+    stalled = writer.is_alive()
+    _unblock_fifo(head_path(log_path))
+    verifier.join(5)
+    writer.join(5)
+    assert not stalled, "the broker's commit waited on a verifier blocked on a FIFO"
+    assert answered and answered != ["committed"]  # a FIFO is no head to anchor a record
 
 
 def _edit(path: Path, index: int, change: Callable[[dict[str, Any]], None], rehash: bool) -> None:

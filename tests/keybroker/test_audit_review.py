@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,16 +17,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.cli.main import main as cli_main
-from strongroom.errors import DataLoss
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker.audit import (
     AuditEvent,
     AuditLog,
     Decision,
     canonical_json,
-    head_path,
     record_hash,
-    verify_audit_log,
 )
 from strongroom.keybroker.errors import AuditUnavailable
 
@@ -58,73 +53,6 @@ def _event(reason: str = "OK") -> AuditEvent:
 def _fill(log: AuditLog, count: int) -> None:
     for _ in range(count):
         log.append(_event())
-
-
-# --- 3. the verifier hangs on a FIFO, and holds the broker up while it does ----------------------
-
-
-def _unblock_fifo(path: Path) -> None:
-    """Releases a reader blocked opening ``path`` (a FIFO): a writer comes and goes."""
-    with contextlib.suppress(OSError):
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-
-
-@pytest.mark.parametrize("which", ["head", "log"])
-def test_verify_never_hangs_on_a_fifo(
-    audit: AuditLog, log_path: Path, key: Ed25519PrivateKey, which: str
-) -> None:
-    """`audit verify` opened the log and head by name and read them: a FIFO put in place of
-    either (anyone who can write the directory) blocks it in open() forever; a cron job piles up."""
-    _fill(audit, 1)
-    target = head_path(log_path) if which == "head" else log_path
-    target.unlink()
-    os.mkfifo(target)
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(verify_audit_log(log_path, public_key=key.public_key()))
-        except Exception as exc:
-            outcome.append(exc)
-
-    verifier = threading.Thread(target=run, daemon=True)
-    verifier.start()
-    verifier.join(3)
-    hung = verifier.is_alive()
-    _unblock_fifo(target)
-    verifier.join(5)
-    assert not hung, "verify_audit_log blocked on a FIFO"
-
-
-def test_a_verify_hung_on_a_fifo_head_does_not_stall_the_brokers_commits(
-    audit: AuditLog, log_path: Path
-) -> None:
-    """Worse for the head: the verifier opens it while holding its shared flock on the log, which
-    every commit takes exclusively; the broker's releases then hang (instead of being refused as
-    the broker itself refuses a head it cannot read) for as long as the verifier does."""
-    _fill(audit, 1)
-    head_path(log_path).unlink()
-    os.mkfifo(head_path(log_path))
-    verifier = threading.Thread(target=lambda: verify_audit_log(log_path), daemon=True)
-    verifier.start()
-    verifier.join(1)
-    answered: list[str] = []
-
-    def append() -> None:
-        try:
-            audit.append(_event())
-            answered.append("committed")
-        except (AuditUnavailable, DataLoss) as exc:
-            answered.append(type(exc).__name__)
-
-    writer = threading.Thread(target=append, daemon=True)
-    writer.start()
-    writer.join(3)
-    stalled = writer.is_alive()
-    _unblock_fifo(head_path(log_path))
-    verifier.join(5)
-    writer.join(5)
-    assert not stalled, "the broker's commit waited on a verifier blocked on a FIFO"
 
 
 # --- 5. the CLI prints a crafted record's text raw to the auditor's terminal ---------------------
