@@ -1119,7 +1119,8 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
                 return fail(
                     "SEQUENCE_BROKEN",
                     number,
-                    f"record {number} has sequence number {seq}: "
+                    # Not the value found: it is the file's to choose (any JSON, any text).
+                    f"record {number} does not have sequence number {count}: "
                     "records were inserted, deleted or reordered",
                 )
             if count == 0 and isinstance(back, str) and HEX64_RE.fullmatch(back):

@@ -1021,3 +1021,14 @@ def test_processes_sharing_the_log_still_see_one_chain(
             (first if n % 3 else second).append(event(n))
         assert first.tamper_problem is None and second.tamper_problem is None
     assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
+
+
+def test_a_verdicts_message_carries_no_value_read_from_a_record(
+    audit: AuditLog, log_path: Path
+) -> None:
+    """SEQUENCE_BROKEN's message quoted the record's `seq`, any JSON value the file chose."""
+    fill(audit, 2)
+    _edit(log_path, 1, lambda record: record.update(seq="\x1b[2Kforged"), rehash=True)
+    result = verify_audit_log(log_path)
+    assert result.problem == "SEQUENCE_BROKEN" and result.bad_record == 2
+    assert "forged" not in result.message and "\x1b" not in result.message
