@@ -55,9 +55,12 @@ from disk, so the log recovers by itself when the disk does. A crash between the
 at most one batch of unanchored records (and perhaps a torn line). The repair anchors them only if
 each is the broker's own: chained after the head, its ``sig`` verifying with the broker's key, and
 not a record this process cut back after a failed write (those, and whatever follows them, are cut
-off again, since the decisions they describe never took effect). Anyone can compute a chained
-``hash``; only the key holder can sign, so a correctly chained line appended by someone else, or
-more unanchored records than one commit writes, is *tampering*.
+off again, since the decisions they describe never took effect). The process remembers those
+until a commit takes their position, which makes them unanchorable; if more pile up at one position
+than it keeps (256, while the disk stays full), it cuts off every unanchored record from that
+position instead of forgetting any. Anyone can compute a chained ``hash``; only the key holder
+can sign, so a correctly chained line appended by someone else, or more unanchored records than one
+commit writes, is *tampering*.
 
 **Tampering** (any mismatch beyond those repairs, or a foreign unanchored record) raises
 ``DataLoss(AUDIT_LOG_TAMPERED)``, is logged at CRITICAL with ``alert=AUDIT_LOG_TAMPERED``, and
@@ -133,6 +136,7 @@ _RECORD_DOMAIN = b"strongroom-audit-record-v1\n"
 _RECORD_SIG_DOMAIN = b"strongroom-audit-record-sig-v1\n"
 # The most records one commit writes, and so the most a crash can leave after the signed head.
 MAX_BATCH_RECORDS = 64
+# The most refused records' hashes kept at once; past it their position is refused as a whole.
 _REVOKED_MAX = 4 * MAX_BATCH_RECORDS
 _MAX_CLAIMS_DEPTH = 16
 MAX_RECORD_BYTES = 64 * 1024
@@ -475,8 +479,11 @@ class AuditLog(Closing):
         self._tamper: str | None = None
         # Set once a resync succeeded: from then on the files must continue that chain.
         self._has_chain = False
-        # Hashes of records this process wrote but cut back (their decision never took effect).
-        self._revoked: collections.deque[str] = collections.deque(maxlen=_REVOKED_MAX)
+        # Records this process wrote but cut back (their decision never took effect), hash -> seq,
+        # kept until a commit takes their position; and the position from which every unanchored
+        # record is cut off, once more were refused there than _REVOKED_MAX (see _revoke).
+        self._revoked: dict[str, int] = {}
+        self._refused_from: int | None = None
 
     @classmethod
     def open(
@@ -680,6 +687,7 @@ class AuditLog(Closing):
             raise
         self._count, self._last_hash = head.count, head.last_hash
         self._size += len(data)
+        self._forget_revoked()
         for pending, result in written:
             pending.result = result
 
@@ -719,13 +727,47 @@ class AuditLog(Closing):
         re-appends the signed lines later), the repair cuts them off again instead of anchoring
         them.
         """
-        self._revoked.extend(revoked_hashes)
+        self._revoke(revoked_hashes)
         self._stale = True
         try:
             os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
         except OSError as exc:
             _log.error("cannot cut failed audit records back off the log: %s", exc.strerror)
+
+    def _revoke(self, hashes: list[str]) -> None:
+        """Remembers a refused batch's records (from seq ``self._count``, where it was written).
+
+        While the disk stays full every refused batch lands at the same position, so the set can
+        outgrow its bound without any commit taking that position. Forgetting a hash would let its
+        signed line, put back, be anchored; so past the bound the position itself is refused:
+        every unanchored record from there is cut off until a commit takes it.
+        """
+        for offset, digest in enumerate(hashes):
+            self._revoked[digest] = self._count + offset
+        if len(self._revoked) > _REVOKED_MAX:
+            lowest = min(self._revoked.values())
+            if self._refused_from is None or lowest < self._refused_from:
+                self._refused_from = lowest
+            self._revoked.clear()
+
+    def _forget_revoked(self) -> None:
+        """Drops what the chain made unanchorable: once ``self._count`` records are anchored, a
+        record at a lower position can never again follow the head."""
+        if self._refused_from is not None and self._refused_from < self._count:
+            self._refused_from = None
+        if self._revoked:
+            self._revoked = {h: seq for h, seq in self._revoked.items() if seq >= self._count}
+
+    def _first_refused(self, first_seq: int, hashes: list[str]) -> int | None:
+        """The index of the first of these unanchored records (from ``first_seq``) that this
+        process refused, or that sits at or after a position it refused as a whole."""
+        for index, digest in enumerate(hashes):
+            if digest in self._revoked or (
+                self._refused_from is not None and first_seq + index >= self._refused_from
+            ):
+                return index
+        return None
 
     def _write_head(self, head: Head) -> None:
         self._head.write(head)
@@ -783,6 +825,7 @@ class AuditLog(Closing):
         self._count, self._last_hash, self._size = head.count, head.last_hash, data_end
         self._stale = False
         self._has_chain = True
+        self._forget_revoked()
 
     def _check_same_file(self, opened: os.stat_result) -> None:
         """The file at the log's path must be the one this process writes through ``self._fd``:
@@ -855,7 +898,7 @@ class AuditLog(Closing):
                 )
             prev = record["hash"]
             hashes.append(prev)
-        refused = next((i for i, h in enumerate(hashes) if h in self._revoked), None)
+        refused = self._first_refused(head.count, hashes)
         if refused is None:
             return self._anchor(head, unanchored, prev), None
         _log.warning(

@@ -819,6 +819,60 @@ def test_a_refused_record_that_reappears_is_cut_off_not_anchored(
     assert b"REFUSED_ONE" not in log_path.read_bytes()
 
 
+def _refuse(audit: AuditLog, log_path: Path, batches: int, reason: str) -> list[bytes]:
+    """Commits ``batches`` single records while the head cannot be written (a full disk);
+    returns each refused signed line, as written before it was cut back."""
+    captured: list[bytes] = []
+    real_write_head = audit._write_head
+
+    def full_disk(_head: object) -> None:
+        captured.append(lines(log_path)[-1])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    audit._write_head = full_disk  # type: ignore[assignment,method-assign]
+    try:
+        for n in range(batches):
+            with pytest.raises(AuditUnavailable):
+                audit.append(event(n, reason=reason))
+    finally:
+        audit._write_head = real_write_head  # type: ignore[method-assign]
+    return captured
+
+
+def test_a_refused_record_is_never_anchored_however_many_batches_failed_since(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """The hashes of cut-back records were kept in a deque of 256 (four full batches). While the
+    disk stays full every refused batch lands at the same position, so the first refused record
+    was forgotten after 256 more; its signed line, put back, was then anchored by the same process
+    (no restart needed) and `audit verify` called the log intact."""
+    fill(audit, 1)
+    (first,) = _refuse(audit, log_path, 1, "REFUSED_FIRST")
+    _refuse(audit, log_path, audit_module._REVOKED_MAX, "REFUSED")
+    with log_path.open("ab") as f:
+        f.write(first)
+    assert audit.append(event(1, reason="LATER")).seq == 1
+    assert b"REFUSED_FIRST" not in log_path.read_bytes()
+    assert _reasons(log_path) == ["OK", "LATER"]
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
+
+
+def test_refused_records_are_forgotten_once_a_commit_takes_their_place(
+    audit: AuditLog, log_path: Path
+) -> None:
+    """What a successful commit makes unanchorable is not kept: the memory stays bounded without
+    forgetting anything that could still be anchored."""
+    fill(audit, 1)
+    _refuse(audit, log_path, audit_module._REVOKED_MAX + 1, "REFUSED")
+    assert audit._refused_from == 1 and not audit._revoked
+    fill(audit, 1)
+    assert audit._refused_from is None
+    _refuse(audit, log_path, 3, "REFUSED")
+    assert sorted(audit._revoked.values()) == [2, 2, 2]
+    fill(audit, 1)
+    assert not audit._revoked
+
+
 def test_records_are_signed_by_the_broker(
     audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
 ) -> None:
