@@ -21,8 +21,16 @@ has the layout and why a crash cannot tear it). Truncating the log, or cutting a
 longer matches the head; forging a head needs the private key.
 Ed25519 rather than an HMAC so that auditors verify with the public key alone
 (``strongroom audit verify PATH --public-key PEM``). Not covered: someone able to write the files
-could restore an *older* pair of log and head together (a rollback); ship the heads to an
-append-only store elsewhere if that matters.
+could restore an *older* pair of log and head together (a rollback) while no broker runs; ship the
+heads to an append-only store elsewhere if that matters.
+
+**While the broker runs.** Every commit first checks that the file at the log's path is still the
+one it writes through its open descriptor (not removed, renamed or replaced). When either file
+changed since its last commit, the files must still continue the chain the broker holds: the head
+present and anchoring no fewer records, the log no shorter, and the record it last wrote still
+ending where it wrote it, with that hash (for a log it found empty: the first record, or else the
+head, starting from its anchor). A log emptied and its head deleted, or another log signed with
+the same key copied over with its head (however long), is tampering (below), not a new log.
 
 **Group commit.** Appends that arrive while a commit is under way wait in a queue; when it ends, the
 first of them commits everything queued (at most :data:`MAX_BATCH_RECORDS`, in arrival order) as
@@ -47,9 +55,12 @@ from disk, so the log recovers by itself when the disk does. A crash between the
 at most one batch of unanchored records (and perhaps a torn line). The repair anchors them only if
 each is the broker's own: chained after the head, its ``sig`` verifying with the broker's key, and
 not a record this process cut back after a failed write (those, and whatever follows them, are cut
-off again, since the decisions they describe never took effect). Anyone can compute a chained
-``hash``; only the key holder can sign, so a correctly chained line appended by someone else, or
-more unanchored records than one commit writes, is *tampering*.
+off again, since the decisions they describe never took effect). The process remembers those
+until a commit takes their position, which makes them unanchorable; if more pile up at one position
+than it keeps (256, while the disk stays full), it cuts off every unanchored record from that
+position instead of forgetting any. Anyone can compute a chained ``hash``; only the key holder
+can sign, so a correctly chained line appended by someone else, or more unanchored records than one
+commit writes, is *tampering*.
 
 **Tampering** (any mismatch beyond those repairs, or a foreign unanchored record) raises
 ``DataLoss(AUDIT_LOG_TAMPERED)``, is logged at CRITICAL with ``alert=AUDIT_LOG_TAMPERED``, and
@@ -62,7 +73,10 @@ processes on the same host, ``flock`` on the log file serialises commits, and ea
 the tail if another process moved it. :func:`verify_audit_log` takes a *shared* ``flock`` only for
 as long as it reads the head and the log's length, then checks the log up to that length: a
 snapshot between two commits, so a log being written is never reported truncated, cut off or
-unanchored because a commit was under way (the writer waits microseconds, not for the check).
+unanchored because a commit was under way (the writer waits microseconds, not for the check). It
+opens both files without blocking and reads them only if they are regular files (the log before
+locking it), so a FIFO put in the place of either can neither hang the check nor, through the lock,
+the broker's commits.
 """
 
 from __future__ import annotations
@@ -80,6 +94,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 import uuid
@@ -121,6 +136,7 @@ _RECORD_DOMAIN = b"strongroom-audit-record-v1\n"
 _RECORD_SIG_DOMAIN = b"strongroom-audit-record-sig-v1\n"
 # The most records one commit writes, and so the most a crash can leave after the signed head.
 MAX_BATCH_RECORDS = 64
+# The most refused records' hashes kept at once; past it their position is refused as a whole.
 _REVOKED_MAX = 4 * MAX_BATCH_RECORDS
 _MAX_CLAIMS_DEPTH = 16
 MAX_RECORD_BYTES = 64 * 1024
@@ -461,8 +477,13 @@ class AuditLog(Closing):
         self._stale = True
         self._closed = False
         self._tamper: str | None = None
-        # Hashes of records this process wrote but cut back (their decision never took effect).
-        self._revoked: collections.deque[str] = collections.deque(maxlen=_REVOKED_MAX)
+        # Set once a resync succeeded: from then on the files must continue that chain.
+        self._has_chain = False
+        # Records this process wrote but cut back (their decision never took effect), hash -> seq,
+        # kept until a commit takes their position; and the position from which every unanchored
+        # record is cut off, once more were refused there than _REVOKED_MAX (see _revoke).
+        self._revoked: dict[str, int] = {}
+        self._refused_from: int | None = None
 
     @classmethod
     def open(
@@ -666,6 +687,7 @@ class AuditLog(Closing):
             raise
         self._count, self._last_hash = head.count, head.last_hash
         self._size += len(data)
+        self._forget_revoked()
         for pending, result in written:
             pending.result = result
 
@@ -705,7 +727,7 @@ class AuditLog(Closing):
         re-appends the signed lines later), the repair cuts them off again instead of anchoring
         them.
         """
-        self._revoked.extend(revoked_hashes)
+        self._revoke(revoked_hashes)
         self._stale = True
         try:
             os.ftruncate(self._fd, self._size)
@@ -713,12 +735,49 @@ class AuditLog(Closing):
         except OSError as exc:
             _log.error("cannot cut failed audit records back off the log: %s", exc.strerror)
 
+    def _revoke(self, hashes: list[str]) -> None:
+        """Remembers a refused batch's records (from seq ``self._count``, where it was written).
+
+        While the disk stays full every refused batch lands at the same position, so the set can
+        outgrow its bound without any commit taking that position. Forgetting a hash would let its
+        signed line, put back, be anchored; so past the bound the position itself is refused:
+        every unanchored record from there is cut off until a commit takes it.
+        """
+        for offset, digest in enumerate(hashes):
+            self._revoked[digest] = self._count + offset
+        if len(self._revoked) > _REVOKED_MAX:
+            lowest = min(self._revoked.values())
+            if self._refused_from is None or lowest < self._refused_from:
+                self._refused_from = lowest
+            self._revoked.clear()
+
+    def _forget_revoked(self) -> None:
+        """Drops what the chain made unanchorable: once ``self._count`` records are anchored, a
+        record at a lower position can never again follow the head."""
+        if self._refused_from is not None and self._refused_from < self._count:
+            self._refused_from = None
+        if self._revoked:
+            self._revoked = {h: seq for h, seq in self._revoked.items() if seq >= self._count}
+
+    def _first_refused(self, first_seq: int, hashes: list[str]) -> int | None:
+        """The index of the first of these unanchored records (from ``first_seq``) that this
+        process refused, or that sits at or after a position it refused as a whole."""
+        for index, digest in enumerate(hashes):
+            if digest in self._revoked or (
+                self._refused_from is not None and first_seq + index >= self._refused_from
+            ):
+                return index
+        return None
+
     def _write_head(self, head: Head) -> None:
         self._head.write(head)
 
     def _resync(self) -> None:
-        """Re-reads count and last hash if the file changed since we last wrote it."""
-        size = os.fstat(self._fd).st_size
+        """Re-reads count and last hash if the file changed since we last wrote it, after checking
+        that the files at the log's path still continue the chain this process knows."""
+        opened = os.fstat(self._fd)
+        self._check_same_file(opened)
+        size = opened.st_size
         if not self._stale and size == self._size and not self._head.changed():
             return
         data_end, tail = self._checked(_read_tail, self._fd, size, 1)
@@ -731,6 +790,8 @@ class AuditLog(Closing):
                 f"the audit head went back from {self._count} to {head.count} records: an older "
                 "log and head were put back"
             )
+        if self._has_chain:
+            self._check_continues(head, size)
         if last is None:
             # An empty log's chain starts where its head says (logs made before: all zeros).
             count = 0
@@ -763,6 +824,50 @@ class AuditLog(Closing):
             self._write_head_or_fail(head)
         self._count, self._last_hash, self._size = head.count, head.last_hash, data_end
         self._stale = False
+        self._has_chain = True
+        self._forget_revoked()
+
+    def _check_same_file(self, opened: os.stat_result) -> None:
+        """The file at the log's path must be the one this process writes through ``self._fd``:
+        otherwise every later decision would be "made durable" in a file nobody reads."""
+        try:
+            current = os.stat(self._path)
+        except FileNotFoundError:
+            raise self._tampered(
+                f"the audit log {self._path} was removed or renamed while the broker runs"
+            ) from None
+        if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
+            raise self._tampered(
+                f"the audit log {self._path} was replaced by another file while the broker runs"
+            )
+
+    def _check_continues(self, head: Head | None, size: int) -> None:
+        """Once this process holds a chain, the log must still hold it where it left it: the head
+        present, the log at least as long, and the record ending at ``self._size`` (or, for a log
+        that had none, the first record or the head) carrying ``self._last_hash``. A log emptied,
+        or another log signed with the same key and its head copied over this one (however long),
+        is then tampering, not a new or longer chain."""
+        if head is None:
+            raise self._tampered("the audit head was removed while the broker runs")
+        if size < self._size:
+            raise self._tampered(
+                f"the audit log shrank from {self._size} to {size} bytes while the broker runs: "
+                "records were removed"
+            )
+        if self._size > 0:
+            end, tail = self._checked(_read_tail, self._fd, self._size, 1)
+            ours = bool(tail) and end == self._size
+            ours = ours and self._checked(_tail_record, tail[-1][1])["hash"] == self._last_hash
+        elif size > 0:
+            first = _first_line(self._fd, size)
+            ours = first is None or self._checked(_tail_record, first)["prev"] == self._last_hash
+        else:
+            ours = head.count > 0 or head.last_hash == self._last_hash
+        if not ours:
+            raise self._tampered(
+                "the audit log no longer continues the chain this broker wrote (its last record "
+                "or its anchor is gone): the log or its head was replaced, e.g. by another log's"
+            )
 
     def _repair_unanchored(self, head: Head, count: int, size: int) -> tuple[Head, int | None]:
         """Deals with the records after the signed head: at most one batch, each chained on and
@@ -793,7 +898,7 @@ class AuditLog(Closing):
                 )
             prev = record["hash"]
             hashes.append(prev)
-        refused = next((i for i, h in enumerate(hashes) if h in self._revoked), None)
+        refused = self._first_refused(head.count, hashes)
         if refused is None:
             return self._anchor(head, unanchored, prev), None
         _log.warning(
@@ -894,6 +999,12 @@ def _split_tail(
     return last_nl + 1, spans
 
 
+def _first_line(fd: int, size: int) -> bytes | None:
+    """The log's first line without its newline (None if it has no complete line)."""
+    line, newline, _ = os.pread(fd, min(size, MAX_RECORD_BYTES + 1), 0).partition(b"\n")
+    return line if newline else None
+
+
 def _tail_record(line: bytes) -> dict[str, Any]:
     try:
         record = jsonparse.loads(line)
@@ -948,12 +1059,35 @@ def _snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:
     """
     with shared_flock(fd) if fd is not None else contextlib.nullcontext():
         try:
-            with hpath.open("rb") as head:
-                # Bounded: the writer waits while this lock is held, whatever sits in the file.
-                raw_head: bytes | None = head.read(FILE_BYTES + 1)
+            head = _open_regular(hpath)
         except FileNotFoundError:
-            raw_head = None
+            return None, 0 if fd is None else os.fstat(fd).st_size
+        try:
+            # Bounded: the writer waits while this lock is held, whatever sits in the file.
+            raw_head = os.pread(head, FILE_BYTES + 1, 0)
+        finally:
+            os.close(head)
         return raw_head, 0 if fd is None else os.fstat(fd).st_size
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file; OSError naming it otherwise.
+
+    Opened with O_NONBLOCK so that open() itself never waits: a FIFO put in the file's place would
+    block a plain open until some writer came, and the head is opened while holding the log's
+    shared ``flock``, which every commit waits for.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def verify_audit_log(
@@ -962,7 +1096,8 @@ def verify_audit_log(
     """Checks every record, the chain, and the head (its signature only with ``public_key``).
 
     Raises NotFound(AUDIT_LOG_NOT_FOUND) when neither the log nor its head exists, and
-    ``AuditUnavailable`` naming the file when one cannot be read (permissions, a directory, I/O).
+    ``AuditUnavailable`` naming the file when one cannot be read (permissions, a directory, I/O)
+    or is not a regular file (a FIFO, socket or device: checked before reading, never waited on).
     """
     path = Path(path)
     try:
@@ -978,7 +1113,8 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
     stream: BinaryIO
     log_missing = False
     try:
-        stream = path.open("rb")
+        # A regular file before it is locked or read (see _open_regular).
+        stream = os.fdopen(_open_regular(path), "rb")
     except FileNotFoundError:
         if not hpath.exists():
             raise NotFound(f"no audit log at {path}", reason=Reason.AUDIT_LOG_NOT_FOUND) from None
@@ -1026,7 +1162,8 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
                 return fail(
                     "SEQUENCE_BROKEN",
                     number,
-                    f"record {number} has sequence number {seq}: "
+                    # Not the value found: it is the file's to choose (any JSON, any text).
+                    f"record {number} does not have sequence number {count}: "
                     "records were inserted, deleted or reordered",
                 )
             if count == 0 and isinstance(back, str) and HEX64_RE.fullmatch(back):

@@ -22,10 +22,13 @@ tampering, not a crash. This is the assumption LMDB's two meta pages make.
 generations ``g - 1`` and ``g`` whose counts never decrease (or, right after creation, generation 0
 in slot 0 and an all-zero slot 1); the current head is generation ``g``. So copying one slot over the
 other, swapping them or zeroing one is caught. Putting back a whole older head file together with
-an older log is a rollback, not caught, as with any head kept beside its log.
+an older log is a rollback, not caught once the broker restarts (a running one notices: see
+:mod:`strongroom.keybroker.audit`), as with any head kept beside its log.
 
 **Format 1**, one JSON line rewritten by rename on every commit, is still read; the broker converts
-it to format 2 when it opens the log (a new file, renamed into place).
+it to format 2 when it opens the log (a new file, renamed into place). A new head file is written
+under a random temporary name, created exclusively and never through a symlink: the directory's
+other names are not the broker's to trust.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import json
 import logging
 import os
 import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,18 +267,22 @@ class HeadFile:
         raw = _slot_bytes(head, 0, self._key, self._fingerprint, self._now_text()).ljust(
             FILE_BYTES, b"\0"
         )
-        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # Whoever can write the directory can plant names in it: a fresh random name, created
+        # exclusively and never through a symlink, so no planted file or link is written through
+        # (a predictable name let a symlink make the broker overwrite any file it may write).
+        tmp = f".{self._path.name}.{secrets.token_hex(16)}.tmp"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=self._dir_fd)
         try:
             view = memoryview(raw)
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
-            os.replace(tmp, self._path)
+            os.replace(tmp, self._path.name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=self._dir_fd)
             raise
         self.close()
         self._fd, self._raw, self._generation = fd, raw, 0

@@ -1,8 +1,9 @@
 """``strongroom audit verify PATH [--public-key PEM]``: check an audit log for tampering.
 
 Exit status 0 when the log is intact (a one-line summary on stdout), 2 when it is not (the first
-bad record and the problem on stderr). Without ``--public-key`` the chain and the head's count are
-checked but not the head's signature, and the summary says so. A running broker's log can be
+bad record and the problem on stderr). Each is one line, non-printable characters shown escaped.
+Without ``--public-key`` the chain and the head's count are checked but not the head's signature,
+and the summary says so. A running broker's log can be
 checked in place: the check covers the log as it stood between two commits.
 """
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from strongroom.cli._text import printable
 from strongroom.errors import NotFound
 from strongroom.keybroker.audit import load_public_key, verify_audit_log
 from strongroom.reasons import Reason
@@ -51,12 +53,14 @@ def _verify(args: argparse.Namespace) -> int:
             ) from None
         key = load_public_key(pem)
     result = verify_audit_log(args.path, public_key=key)
+    # What the files hold is the other side's to choose: nothing read from them (nor the path)
+    # reaches the auditor's terminal as a control sequence that could fake an "intact" line.
     if result.intact:
-        print(f"{args.path}: intact: {result.message}; last hash {result.last_hash}")
+        print(printable(f"{args.path}: intact: {result.message}; last hash {result.last_hash}"))
         return 0
     where = f"record {result.bad_record}" if result.bad_record is not None else "head"
     print(
-        f"{args.path}: NOT intact: {result.problem} at {where}: {result.message}",
+        printable(f"{args.path}: NOT intact: {result.problem} at {where}: {result.message}"),
         file=sys.stderr,
     )
     return EXIT_TAMPERED

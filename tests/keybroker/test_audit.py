@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import json
+import os
 import re
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -173,6 +176,79 @@ def test_an_unreadable_log_or_head_is_a_clear_error(
         verify_audit_log(log_path)
     assert info.value.reason == "AUDIT_UNAVAILABLE"
     assert f"cannot read {target}: Is a directory" in info.value.message
+
+
+def _unblock_fifo(path: Path) -> None:
+    """Releases a reader blocked opening ``path`` (a FIFO): a writer comes and goes."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize("which", ["head", "log"])
+def test_verify_never_hangs_on_a_fifo(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey, which: str
+) -> None:
+    """`audit verify` opened the log and head by name and read them: a FIFO put in place of either
+    (anyone who can write the directory) blocked it in open() forever; a cron job piles up."""
+    audit.append(event(0))
+    target = head_path(log_path) if which == "head" else log_path
+    target.unlink()
+    os.mkfifo(target)
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(verify_audit_log(log_path, public_key=signing_key.public_key()))
+        except Exception as exc:
+            outcome.append(exc)
+
+    verifier = threading.Thread(target=run, daemon=True)
+    verifier.start()
+    verifier.join(3)
+    hung = verifier.is_alive()
+    _unblock_fifo(target)
+    verifier.join(5)
+    assert not hung, "verify_audit_log blocked on a FIFO"
+    (error,) = outcome
+    assert isinstance(error, AuditUnavailable)
+    assert f"cannot read {target}: not a regular file" in error.message
+
+
+def test_a_verify_on_a_fifo_head_does_not_stall_the_brokers_commits(
+    audit: AuditLog, log_path: Path
+) -> None:
+    """Worse for the head: the verifier opened it while holding its shared flock on the log, which
+    every commit takes exclusively; the broker's releases then hung (instead of being refused, as
+    the broker itself refuses a head it cannot read) for as long as the verifier did."""
+    audit.append(event(0))
+    head_path(log_path).unlink()
+    os.mkfifo(head_path(log_path))
+
+    def verify() -> None:
+        with contextlib.suppress(AuditUnavailable):  # how verify answers is the test above
+            verify_audit_log(log_path)
+
+    verifier = threading.Thread(target=verify, daemon=True)
+    verifier.start()
+    verifier.join(1)
+    answered: list[str] = []
+
+    def append() -> None:
+        try:
+            audit.append(event(1))
+            answered.append("committed")
+        except (AuditUnavailable, DataLoss) as exc:
+            answered.append(type(exc).__name__)
+
+    writer = threading.Thread(target=append, daemon=True)
+    writer.start()
+    writer.join(3)
+    stalled = writer.is_alive()
+    _unblock_fifo(head_path(log_path))
+    verifier.join(5)
+    writer.join(5)
+    assert not stalled, "the broker's commit waited on a verifier blocked on a FIFO"
+    assert answered and answered != ["committed"]  # a FIFO is no head to anchor a record
 
 
 def _edit(path: Path, index: int, change: Callable[[dict[str, Any]], None], rehash: bool) -> None:
@@ -743,6 +819,60 @@ def test_a_refused_record_that_reappears_is_cut_off_not_anchored(
     assert b"REFUSED_ONE" not in log_path.read_bytes()
 
 
+def _refuse(audit: AuditLog, log_path: Path, batches: int, reason: str) -> list[bytes]:
+    """Commits ``batches`` single records while the head cannot be written (a full disk);
+    returns each refused signed line, as written before it was cut back."""
+    captured: list[bytes] = []
+    real_write_head = audit._write_head
+
+    def full_disk(_head: object) -> None:
+        captured.append(lines(log_path)[-1])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    audit._write_head = full_disk  # type: ignore[assignment,method-assign]
+    try:
+        for n in range(batches):
+            with pytest.raises(AuditUnavailable):
+                audit.append(event(n, reason=reason))
+    finally:
+        audit._write_head = real_write_head  # type: ignore[method-assign]
+    return captured
+
+
+def test_a_refused_record_is_never_anchored_however_many_batches_failed_since(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """The hashes of cut-back records were kept in a deque of 256 (four full batches). While the
+    disk stays full every refused batch lands at the same position, so the first refused record
+    was forgotten after 256 more; its signed line, put back, was then anchored by the same process
+    (no restart needed) and `audit verify` called the log intact."""
+    fill(audit, 1)
+    (first,) = _refuse(audit, log_path, 1, "REFUSED_FIRST")
+    _refuse(audit, log_path, audit_module._REVOKED_MAX, "REFUSED")
+    with log_path.open("ab") as f:
+        f.write(first)
+    assert audit.append(event(1, reason="LATER")).seq == 1
+    assert b"REFUSED_FIRST" not in log_path.read_bytes()
+    assert _reasons(log_path) == ["OK", "LATER"]
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
+
+
+def test_refused_records_are_forgotten_once_a_commit_takes_their_place(
+    audit: AuditLog, log_path: Path
+) -> None:
+    """What a successful commit makes unanchorable is not kept: the memory stays bounded without
+    forgetting anything that could still be anchored."""
+    fill(audit, 1)
+    _refuse(audit, log_path, audit_module._REVOKED_MAX + 1, "REFUSED")
+    assert audit._refused_from == 1 and not audit._revoked
+    fill(audit, 1)
+    assert audit._refused_from is None
+    _refuse(audit, log_path, 3, "REFUSED")
+    assert sorted(audit._revoked.values()) == [2, 2, 2]
+    fill(audit, 1)
+    assert not audit._revoked
+
+
 def test_records_are_signed_by_the_broker(
     audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
 ) -> None:
@@ -872,3 +1002,87 @@ def test_another_logs_records_signed_with_the_same_key_are_not_anchored(
     with pytest.raises(DataLoss) as info:
         AuditLog.open(log_path, signing_key)
     assert info.value.reason == "AUDIT_LOG_TAMPERED"
+
+
+def test_a_log_emptied_and_its_head_deleted_under_a_running_broker_is_tampering(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """Truncating the log to nothing and deleting the head needs no older pair and no key. The
+    running broker took the empty log for a new one: it wrote a fresh head, went on from seq 0
+    with no alarm, and `audit verify` then called the log intact, its decisions gone."""
+    fill(audit, 3)
+    log_path.write_bytes(b"")
+    head_path(log_path).unlink()
+    with pytest.raises(DataLoss) as info:
+        audit.append(event(3, reason="AFTER"))
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    assert audit.tamper_problem is not None
+    assert not verify_audit_log(log_path, public_key=signing_key.public_key()).intact
+
+
+@pytest.mark.parametrize("how", ["unlinked", "renamed", "replaced-by-empty-file"])
+def test_a_log_file_taken_away_under_a_running_broker_is_tampering(
+    audit: AuditLog, log_path: Path, how: str
+) -> None:
+    """The broker writes through the descriptor it opened and checked only the head's inode, so it
+    went on committing into the old inode after the log was unlinked or renamed: every later
+    decision was "fsync'd and anchored" into a file nobody (nor the restarted broker) reads."""
+    fill(audit, 3)
+    if how == "unlinked":
+        log_path.unlink()
+    elif how == "renamed":
+        log_path.rename(log_path.with_name("elsewhere.jsonl"))
+    else:
+        log_path.unlink()
+        log_path.write_bytes(b"")
+    with pytest.raises(DataLoss) as info:
+        audit.append(event(3, reason="AFTER"))
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    assert audit.tamper_problem is not None
+
+
+@pytest.mark.parametrize("ours", [0, 2])
+def test_another_logs_pair_swapped_in_under_a_running_broker_is_tampering(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey, tmp_path: Path, ours: int
+) -> None:
+    """Another log signed with the same key (a staging broker's, one from before a reinstall)
+    copied with its head over a running broker's files: the "heads only grow" check compared
+    counts only, so a longer foreign pair was taken for the truth, the broker's own records
+    vanished and it went on after the foreign ones. Also when its own log was still empty."""
+    other_path = tmp_path / "other.jsonl"
+    with AuditLog.open(other_path, signing_key) as other:
+        for n in range(5):
+            other.append(event(n, reason="FOREIGN"))
+    fill(audit, ours)
+    log_path.write_bytes(other_path.read_bytes())
+    head_path(log_path).write_bytes(head_path(other_path).read_bytes())
+    with pytest.raises(DataLoss) as info:
+        audit.append(event(9, reason="AFTER"))
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    assert audit.tamper_problem is not None
+
+
+def test_processes_sharing_the_log_still_see_one_chain(
+    log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """The continuity checks must not take another writer's commits for tampering."""
+    log_path.parent.mkdir()
+    with (
+        AuditLog.open(log_path, signing_key) as first,
+        AuditLog.open(log_path, signing_key) as second,
+    ):
+        for n in range(6):
+            (first if n % 3 else second).append(event(n))
+        assert first.tamper_problem is None and second.tamper_problem is None
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
+
+
+def test_a_verdicts_message_carries_no_value_read_from_a_record(
+    audit: AuditLog, log_path: Path
+) -> None:
+    """SEQUENCE_BROKEN's message quoted the record's `seq`, any JSON value the file chose."""
+    fill(audit, 2)
+    _edit(log_path, 1, lambda record: record.update(seq="\x1b[2Kforged"), rehash=True)
+    result = verify_audit_log(log_path)
+    assert result.problem == "SEQUENCE_BROKEN" and result.bad_record == 2
+    assert "forged" not in result.message and "\x1b" not in result.message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from strongroom.keybroker.audit import (
     AuditEvent,
     AuditLog,
     Decision,
+    canonical_json,
     load_signing_key,
     new_signing_key,
+    record_hash,
 )
 from strongroom.runtime.secrets import Secret
 
@@ -86,3 +89,37 @@ def test_missing_inputs(tmp_path: Path, logged: tuple[Path, Path]) -> None:
     bad_key.write_text("not a key")
     with pytest.raises(InvalidArgument):
         _run("audit", "verify", str(path), "--public-key", str(bad_key))
+
+
+def test_prints_no_terminal_control_sequences_from_the_log(
+    logged: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SEQUENCE_BROKEN's message interpolated the record's `seq`, which can be any JSON string:
+    escape sequences in it reached the auditor's terminal and could overwrite the NOT intact line
+    with a forged "intact" one."""
+    path, public = logged
+    first, second, _ = path.read_bytes().splitlines(keepends=True)
+    record = json.loads(second)
+    record.pop("hash")
+    record["seq"] = f"\x1b[1A\x1b[2K\r{path}: intact: 2 records, chain intact\n"
+    record["hash"] = record_hash(record)
+    path.write_bytes(first + canonical_json(record) + b"\n")
+    assert (
+        _run("audit", "verify", str(path), "--public-key", str(public)) == audit_cli.EXIT_TAMPERED
+    )
+    printed = capsys.readouterr().err
+    assert "SEQUENCE_BROKEN" in printed
+    assert "\x1b" not in printed and "\r" not in printed
+    assert printed.count("\n") == 1, printed
+
+
+def test_a_path_with_control_characters_is_printed_escaped(
+    logged: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, public = logged
+    odd = path.with_name("audit\x1b[2K.jsonl")
+    path.rename(odd)
+    path.with_name(path.name + ".head").rename(odd.with_name(odd.name + ".head"))
+    assert _run("audit", "verify", str(odd), "--public-key", str(public)) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "audit\\x1b[2K.jsonl: intact" in out

@@ -7,6 +7,7 @@ the way someone with write access to the volume could, without the signing key.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import itertools
 import json
@@ -254,6 +255,30 @@ def test_a_head_file_replaced_under_the_broker_is_read_again(
     os.replace(replacement, path)
     with pytest.raises(DataLoss):
         audit.append(_event(1))
+
+
+def test_the_heads_temporary_file_is_never_followed_through_a_symlink(
+    log_path: Path, key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """A new head was written to `.NAME.head.<pid>.tmp`, opened with O_CREAT|O_TRUNC and following
+    symlinks: a symlink planted under that predictable name (a container's broker is often pid 1)
+    made the broker truncate and overwrite any file it may write, then rename the symlink into
+    place as the head. It runs for every new log and every format-1 conversion."""
+    victim = tmp_path / "precious"
+    victim.write_bytes(b"not the broker's to overwrite\n")
+    planted = log_path.with_name(f".{log_path.name}.head.{os.getpid()}.tmp")
+    planted.symlink_to(victim)
+    with contextlib.suppress(AuditUnavailable, DataLoss):  # refusing is fine; clobbering is not
+        AuditLog.open(log_path, key).close()
+    assert victim.read_bytes() == b"not the broker's to overwrite\n"
+    assert not head_path(log_path).is_symlink()
+    leftovers = {p.name for p in log_path.parent.iterdir()} - {
+        log_path.name,
+        head_path(log_path).name,
+        planted.name,
+        victim.name,
+    }
+    assert not leftovers
 
 
 # --- format 1 ---------------------------------------------------------------------------------
