@@ -54,6 +54,27 @@ def test_a_restarted_shipper_goes_on_where_it_stopped(helm: str) -> None:
     assert "emptyDir" in volume  # outlives the container, as the audit emptyDir it indexes does
 
 
+def test_the_shipper_does_not_share_the_brokers_tmp(helm: str) -> None:
+    """Both containers mounted the pod's one memory-backed /tmp volume, where the broker's
+    PKCS#11 library (a vendor's, in production) may write: the third-party shipper image could
+    read it."""
+    docs = render(helm, (DEPLOY / "helm" / "values-production.yaml",))
+    shipper, spec = _shipper_container(docs)
+    (broker,) = [c for c in spec["containers"] if c["name"] == "keybroker"]
+
+    def tmp_volume(container: dict[str, Any]) -> str:
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+        return str(mount["name"])
+
+    assert tmp_volume(shipper) != tmp_volume(broker)
+    shared = {m["name"] for m in shipper["volumeMounts"]} & {
+        m["name"] for m in broker["volumeMounts"] if not m.get("readOnly", False)
+    }
+    assert shared == {"audit"}  # the shipper reads the broker's audit log, read-only, and no more
+    (audit,) = [m for m in shipper["volumeMounts"] if m["name"] == "audit"]
+    assert audit["readOnly"] is True
+
+
 def _documented_backup() -> str:
     """The Python program of deploy/README.md's audit backup (the `python3 -` here-document)."""
     readme = (DEPLOY / "README.md").read_text()
