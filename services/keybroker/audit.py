@@ -510,11 +510,18 @@ class AuditLog(Closing):
             dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise AuditUnavailable(f"cannot open the audit directory: {exc.strerror}") from None
+        # No symlink (the log would be written wherever it points) and nothing but a regular
+        # file: a FIFO would block the broker's start and every commit's reads.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, flags, 0o600)
         except OSError as exc:
             os.close(dir_fd)
             raise AuditUnavailable(f"cannot open the audit log: {exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            os.close(dir_fd)
+            raise AuditUnavailable(f"the audit log {path} is not a regular file")
         log = cls(path, signing_key, clock, fd, dir_fd, max_batch=max_batch)
         try:
             with log._lock, log._flocked():

@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,10 +217,15 @@ class HeadFile:
         InvalidSignature (see :func:`parse`)."""
         self.close()
         try:
-            fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
+            # The head is written in place through this descriptor: never through a symlink
+            # (into whatever file it names) and never anything but a regular file.
+            fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             self._raw, self._generation = b"", None
             return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "the audit head is not a regular file")
         self._fd = fd
         self._raw = os.pread(fd, FILE_BYTES + 1, 0)
         parsed = parse(self._raw, self._public)

@@ -251,6 +251,50 @@ def test_a_verify_on_a_fifo_head_does_not_stall_the_brokers_commits(
     assert answered and answered != ["committed"]  # a FIFO is no head to anchor a record
 
 
+@pytest.mark.parametrize("which", ["log", "head"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_the_broker_opens_neither_a_symlink_nor_a_fifo_as_its_log_or_head(
+    log_path: Path, signing_key: Ed25519PrivateKey, tmp_path: Path, which: str, kind: str
+) -> None:
+    """The broker opened its log and head by name, following symlinks: it then appended records
+    to, or rewrote head slots in, whatever file the link named (a copy of the real pair placed
+    elsewhere, say); and a FIFO in place of the log blocked its start. Both are refused now."""
+    log_path.parent.mkdir()
+    with AuditLog.open(log_path, signing_key) as log:
+        log.append(event(0))
+    target = head_path(log_path) if which == "head" else log_path
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    moved = elsewhere / target.name
+    target.rename(moved)
+    if kind == "symlink":
+        target.symlink_to(moved)
+    else:
+        os.mkfifo(target)
+    before = moved.read_bytes()
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            with AuditLog.open(log_path, signing_key) as log:
+                log.append(event(1))
+            outcome.append("opened")
+        except Exception as exc:
+            outcome.append(exc)
+
+    opener = threading.Thread(target=run, daemon=True)
+    opener.start()
+    opener.join(5)
+    hung = opener.is_alive()
+    if hung:
+        _unblock_fifo(target)
+        opener.join(5)
+    assert not hung, "the broker blocked opening a FIFO"
+    (error,) = outcome
+    assert isinstance(error, AuditUnavailable), error
+    assert moved.read_bytes() == before  # nothing written through the link
+
+
 def _edit(path: Path, index: int, change: Callable[[dict[str, Any]], None], rehash: bool) -> None:
     content = lines(path)
     record = json.loads(content[index])
