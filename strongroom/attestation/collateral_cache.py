@@ -131,6 +131,27 @@ def _bad(what: str) -> MalformedEvidence:
     return MalformedEvidence(f"collateral: {what}", reason=Reason.BAD_COLLATERAL)
 
 
+def _corrupt_state(problem: str) -> CollateralUnavailable:
+    return CollateralUnavailable(
+        f"the collateral cache's state.json is {problem}: restore it, or remove it deliberately "
+        "(it holds the marks that refuse rolled-back collateral)",
+        reason=Reason.COLLATERAL_STATE_CORRUPT,
+    )
+
+
+def _valid_mark(mark: object) -> bool:
+    """A high-water mark as :meth:`CollateralCache._check_high_water` writes it."""
+    if not isinstance(mark, dict) or set(mark) != {"n", "issued"}:
+        return False
+    number, issued = mark["n"], mark["issued"]
+    if number is not None and (isinstance(number, bool) or not isinstance(number, int)):
+        return False
+    try:
+        return isinstance(issued, str) and _utc(issued).tzinfo is not None
+    except ValueError:
+        return False
+
+
 def _rollback(what: str) -> VerificationFailed:
     return VerificationFailed(what, reason=Reason.COLLATERAL_ROLLBACK)
 
@@ -413,19 +434,24 @@ class CollateralCache:
             ) from None
 
     def _read_state(self) -> dict[str, Any]:
+        """The high-water marks. A state.json that cannot be read or has the wrong shape is the
+        broker's own problem, never the caller's: CollateralUnavailable (COLLATERAL_STATE_CORRUPT)
+        and nothing stored, rather than INVALID_ARGUMENT to whoever's release needed collateral
+        stored, or an untyped error on a mark of the wrong shape."""
+        path = self.directory / "state.json"
         try:
-            state = jsonparse.loads((self.directory / "state.json").read_bytes())
+            state = jsonparse.loads(path.read_bytes())
         except FileNotFoundError:
             state = {}
         except (OSError, ValueError) as exc:
             # The high-water marks are what stops rollback: never start over silently.
-            raise _bad(
-                f"state.json is unreadable ({exc}); restore it or remove it deliberately"
-            ) from None
+            raise _corrupt_state(f"unreadable ({exc})") from None
         if not isinstance(state, dict):
-            raise _bad("state.json is not an object")
+            raise _corrupt_state("not a JSON object")
         for key in ("tcb_info", "qe_identity", "crl"):
-            state.setdefault(key, {})
+            marks = state.setdefault(key, {})
+            if not isinstance(marks, dict) or not all(map(_valid_mark, marks.values())):
+                raise _corrupt_state(f"its {key} marks are not objects of n and issued")
         return state
 
     @staticmethod

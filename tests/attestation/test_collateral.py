@@ -942,8 +942,37 @@ def test_a_deeply_nested_state_file_is_bad_collateral(  # type: ignore[no-untype
     service = CollateralService(CollateralCache(tmp_path, production), fast(server))
     with pytest.raises(StrongroomError) as info:
         service.fetch_all(fmspcs=(bytes.fromhex("50806f000000"),))
-    assert info.value.reason == Reason.BAD_COLLATERAL
+    assert info.value.reason == Reason.COLLATERAL_STATE_CORRUPT
     assert "state.json is unreadable" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"tcb_info": {"50806f000000": "not a mark"}},
+        {"tcb_info": {"50806f000000": {"n": 17}}},
+        {"qe_identity": {"td_qe": {"n": "17", "issued": "2026-11-01T00:00:00+00:00"}}},
+        {"crl": {"x": {"n": None, "issued": "yesterday"}}},
+        {"crl": []},
+        ["not", "an", "object"],
+    ],
+    ids=["mark-string", "mark-without-issued", "n-string", "issued-not-a-time", "list", "top"],
+)
+def test_a_state_file_of_the_wrong_shape_is_the_brokers_problem(  # type: ignore[no-untyped-def]
+    vectors, production, server, tmp_path, state
+) -> None:
+    """A mark of the wrong shape in state.json (a hand edit, a bad restore) raised AttributeError,
+    TypeError or KeyError out of the cache: an untyped error for the release that needed collateral
+    stored; a wrong top level was BAD_COLLATERAL, INVALID_ARGUMENT to that caller. Both are now
+    the broker's own COLLATERAL_STATE_CORRUPT (UNAVAILABLE), and nothing is stored."""
+    real_intel(server, vectors)
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    service = CollateralService(CollateralCache(tmp_path, production), fast(server))
+    with pytest.raises(StrongroomError) as info:
+        service.fetch_all(fmspcs=(bytes.fromhex("50806f000000"),))
+    assert info.value.reason == Reason.COLLATERAL_STATE_CORRUPT
+    assert info.value.status_name == "UNAVAILABLE"
+    assert json.loads((tmp_path / "state.json").read_text()) == state
 
 
 @pytest.mark.parametrize("case", ["missing", "a file", "empty", "chain missing"])
