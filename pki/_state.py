@@ -28,8 +28,19 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\n?", re.
 
 
 def save_state(state_dir: Path, credentials: Credentials) -> None:
-    """Writes key + chain to ``state_dir/identity.pem`` (directory 0700, file 0600)."""
+    """Writes key + chain to ``state_dir/identity.pem`` (directory 0700, file 0600).
+
+    An existing directory must belong to this user (PermissionError otherwise): its owner can
+    read or swap the key whatever mode we set, and root's chmod would succeed on a directory
+    another user prepared (in /tmp, say) and hand our key to them."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    owner = state_dir.stat().st_uid
+    if owner != os.geteuid():
+        raise PermissionError(
+            f"identity state directory {state_dir} belongs to uid {owner}, not to this user "
+            f"(uid {os.geteuid()}): its owner could read or replace the key; use a directory of "
+            "this user's"
+        )
     os.chmod(state_dir, 0o700)
     write_private(state_dir / STATE_FILE, credentials.key_pem + credentials.chain_pem)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -165,6 +166,19 @@ def test_state_dir_survives_a_restart_with_private_permissions(ca: StepCa, tmp_p
     # The renewal was persisted too.
     with WorkloadIdentity.resume(ca.client(), state, auto_renew=False) as again:
         assert again.credentials.serial == renewed.serial
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand the directory to another user")
+def test_a_state_directory_another_user_owns_is_refused(ca: StepCa, tmp_path: Path) -> None:
+    """An existing state directory was chmod'ed to 0700 and used whoever owned it: as root (the
+    chmod succeeds) a directory another user prepared received the service's key, and its owner
+    can chmod it back and read it."""
+    planted = tmp_path / "planted"
+    planted.mkdir(mode=0o777)
+    os.chown(planted, 4242, 4242)
+    with pytest.raises(PermissionError, match="belongs to uid 4242"):
+        enrol(ca, "inference", state_dir=planted, auto_renew=False)
+    assert not any(planted.iterdir())
 
 
 def test_resume_refuses_missing_or_world_readable_state(ca: StepCa, tmp_path: Path) -> None:
