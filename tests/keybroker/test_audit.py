@@ -184,6 +184,28 @@ def _unblock_fifo(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
 
+def _outcome_unless_blocked(call: Callable[[], object], fifo: Path) -> object:
+    """What ``call`` returns or raises, run on a thread; fails the test if it blocks (on the FIFO
+    at ``fifo``, which is then unblocked so that the thread ends)."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(3)
+    hung = thread.is_alive()
+    _unblock_fifo(fifo)
+    thread.join(5)
+    assert not hung, f"blocked on the FIFO {fifo}"
+    (result,) = outcome
+    return result
+
+
 @pytest.mark.parametrize("which", ["head", "log"])
 def test_verify_never_hangs_on_a_fifo(
     audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey, which: str
@@ -194,22 +216,9 @@ def test_verify_never_hangs_on_a_fifo(
     target = head_path(log_path) if which == "head" else log_path
     target.unlink()
     os.mkfifo(target)
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(verify_audit_log(log_path, public_key=signing_key.public_key()))
-        except Exception as exc:
-            outcome.append(exc)
-
-    verifier = threading.Thread(target=run, daemon=True)
-    verifier.start()
-    verifier.join(3)
-    hung = verifier.is_alive()
-    _unblock_fifo(target)
-    verifier.join(5)
-    assert not hung, "verify_audit_log blocked on a FIFO"
-    (error,) = outcome
+    error = _outcome_unless_blocked(
+        lambda: verify_audit_log(log_path, public_key=signing_key.public_key()), target
+    )
     assert isinstance(error, AuditUnavailable)
     assert f"cannot read {target}: not a regular file" in error.message
 
@@ -272,25 +281,13 @@ def test_the_broker_opens_neither_a_symlink_nor_a_fifo_as_its_log_or_head(
     else:
         os.mkfifo(target)
     before = moved.read_bytes()
-    outcome: list[object] = []
 
-    def run() -> None:
-        try:
-            with AuditLog.open(log_path, signing_key) as log:
-                log.append(event(1))
-            outcome.append("opened")
-        except Exception as exc:
-            outcome.append(exc)
+    def open_and_append() -> str:
+        with AuditLog.open(log_path, signing_key) as log:
+            log.append(event(1))
+        return "opened"
 
-    opener = threading.Thread(target=run, daemon=True)
-    opener.start()
-    opener.join(5)
-    hung = opener.is_alive()
-    if hung:
-        _unblock_fifo(target)
-        opener.join(5)
-    assert not hung, "the broker blocked opening a FIFO"
-    (error,) = outcome
+    error = _outcome_unless_blocked(open_and_append, target)
     assert isinstance(error, AuditUnavailable), error
     assert moved.read_bytes() == before  # nothing written through the link
 
