@@ -366,8 +366,14 @@ def publish_parts(
             version=version,
             timeout=timeout,
         )
-    except BaseException:
-        _delete_best_effort(stub, stored)
+    except BaseException as exc:
+        left = _delete_best_effort(stub, stored)
+        if left and isinstance(exc, StrongroomError):
+            # Until they are gone, publishing this version again fails on the first part
+            # (MODEL_EXISTS): the publisher must know which to have removed. (Amended in place:
+            # not every error class takes a message and a reason to be built again.)
+            exc.message = f"{exc.message}; {_left_note(left)}"
+            exc.args = (exc.message,)
         raise
     log.info(
         "multi-part model published",
@@ -378,16 +384,32 @@ def publish_parts(
 
 def _delete_best_effort(
     stub: store_grpc.ModelStoreServiceStub, stored: Sequence[store_pb.ModelInfo]
-) -> None:
+) -> list[str]:
+    """Removes the parts a failed publish stored; returns ``NAME VERSION`` of those it could not
+    (a publisher may not be allowed to delete)."""
+    left = []
     for info in stored:
         try:
             stub.DeleteModel(
                 store_pb.DeleteModelRequest(name=info.name, version=info.version), timeout=30
             )
         except grpc.RpcError as exc:
-            # A publisher may not be allowed to delete: the orphaned parts are harmless (no
-            # manifest names them), an admin can remove them with `strongroom model rm`.
+            left.append(f"{info.name} {info.version}")
+            # Harmless (no manifest names them), but they block a retry of this version.
             log.warning(
-                "could not remove an orphaned part",
+                "could not remove the part %s version %s a failed publish stored (%s): %s",
+                info.name,
+                info.version,
+                exc.code().name,
+                "an admin removes it with `strongroom model rm`",
                 extra={"model": info.name, "version": info.version, "code": exc.code().name},
             )
+    return left
+
+
+def _left_note(left: Sequence[str]) -> str:
+    return (
+        f"{len(left)} part(s) it stored could not be removed: {', '.join(left)}; this version "
+        "cannot be published again until an admin removes them (`strongroom model rm NAME "
+        "VERSION`)"
+    )

@@ -621,6 +621,47 @@ def test_a_part_growing_during_publish_raises_its_reason_and_stores_nothing(
     assert not [m for m in listed if m.version.startswith("growing")]
 
 
+def test_a_publish_failing_after_a_part_was_stored_names_what_it_left(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A publisher may not delete, so a publish failing at its second part left the first stored,
+    and every retry of that version was MODEL_EXISTS; the error and the CLI's warning line did not
+    say which parts were left or what to do (the names were only in the log record's extras)."""
+    path = write_mlp(env.models / "half", seed=6)
+    parts = onnx_parts(path)
+    assert len(parts) >= 2
+    first_size = parts[0].path.stat().st_size
+    grown: list[bool] = []
+
+    def grow_the_second(done: int, total: int) -> None:
+        if done > first_size and not grown:  # the first part is stored, the second under way
+            grown.append(True)
+            with parts[1].path.open("ab") as out:
+                out.write(b"appended")
+
+    with pytest.raises(StrongroomError) as info:
+        publish_parts(
+            parts,
+            name=NAME,
+            version="half",
+            key_id=KEY,
+            broker=env.stack.channel(env.publisher, "keybroker"),
+            store=env.stack.channel(env.publisher, "modelstore"),
+            layout=ManifestLayout.ONNX_EXTERNAL_DATA,
+            progress=grow_the_second,
+        )
+    assert info.value.reason == "PLAINTEXT_SIZE_MISMATCH"
+    stub = store_grpc.ModelStoreServiceStub(env.stack.channel(env.publisher, "modelstore"))
+    listed = stub.ListModels(store_pb.ListModelsRequest(name_prefix=NAME), timeout=30).models
+    left = [f"{m.name} {m.version}" for m in listed if m.version.startswith("half")]
+    assert left, "the publisher was allowed to delete the part it stored"
+    for name in left:
+        assert name in info.value.message
+    assert "strongroom model rm" in info.value.message
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(left[0].split()[0] in w and "model rm" in w for w in warnings)
+
+
 class _MechanismRewriter(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     """A broker answering GenerateDataKey with another wrap mechanism than the KEK wrap."""
 
