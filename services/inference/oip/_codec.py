@@ -40,6 +40,8 @@ _SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 # Narrow integer types travel in 32-bit typed fields: their range is checked before narrowing.
 _NARROW = {"INT8": (-(1 << 7), (1 << 7) - 1), "INT16": (-(1 << 15), (1 << 15) - 1)}
 _NARROW |= {"UINT8": (0, (1 << 8) - 1), "UINT16": (0, (1 << 16) - 1)}
+# Typed outputs are filled this many values at a time (a Python list of 64 Ki values is ~2 MiB).
+_TYPED_CHUNK = 1 << 16
 
 
 DEFAULT_MAX_TENSOR_BYTES = 64 << 20
@@ -212,27 +214,37 @@ def encode_outputs(
     raw: bool,
     limits: InferLimits,
 ) -> None:
-    """Adds the outputs to ``response``: raw bytes, or typed contents when asked and possible."""
+    """Adds the outputs to ``response``: raw bytes, or typed contents when asked and possible.
+
+    Every output's cost is checked before any is converted: a small request can make a model
+    return many times the bound, and converting that first (into bytes, or Python objects for
+    typed contents) would cost several times its size only to refuse it.
+    """
     specs = [_output_spec(model, n) for n in names]
     # FP16 has no typed field, and one response cannot mix raw and typed outputs.
     use_raw = raw or any(not s.type.contents_field for s in specs)
     total = 0
     for spec in specs:
-        array = arrays[spec.name]
-        out = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
-        datatype = spec.type
-        if use_raw:
-            blob = _to_raw(array, datatype)
-            total += len(blob)
-            response.raw_output_contents.append(blob)
-        else:
-            values = array.reshape(-1).tolist()
-            total += array.nbytes if datatype.itemsize else sum(len(v) for v in values)
-            getattr(out.contents, datatype.contents_field).extend(values)
+        total += _output_cost(arrays[spec.name], spec.type, raw=use_raw)
         if total > limits.max_output_bytes:
             raise ResourceExhausted(
                 f"outputs exceed {limits.max_output_bytes} bytes", reason=Reason.RESPONSE_TOO_LARGE
             )
+    for spec in specs:
+        array = arrays[spec.name]
+        out = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
+        if use_raw:
+            response.raw_output_contents.append(_to_raw(array, spec.type))
+        else:
+            _to_contents(out.contents, array, spec.type)
+
+
+def _output_cost(array: np.ndarray, datatype: DataType, *, raw: bool) -> int:
+    """What an output counts against ``max_output_bytes``, computed without converting it."""
+    if datatype.itemsize:
+        return int(array.nbytes)
+    framing = _LENGTH.size if raw else 0
+    return sum(framing + len(_as_bytes(item)) for item in array.reshape(-1))
 
 
 def _output_spec(model: LoadedModel, name: str) -> TensorSpec:
@@ -401,11 +413,24 @@ def _from_contents(
     return array.reshape(shape), array.nbytes
 
 
+def _to_contents(contents: pb.InferTensorContents, array: np.ndarray, datatype: DataType) -> None:
+    # A slice at a time: ``tolist()`` makes a Python object of every value (a float is 24 bytes and
+    # its list slot 8 for 4 bytes of FP32), so a whole output at once would cost ~8x its size.
+    field = getattr(contents, datatype.contents_field)
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, _TYPED_CHUNK):
+        field.extend(flat[start : start + _TYPED_CHUNK].tolist())
+
+
+def _as_bytes(item: bytes | bytearray | memoryview) -> bytes:
+    return item if isinstance(item, bytes) else bytes(item)
+
+
 def _to_raw(array: np.ndarray, datatype: DataType) -> bytes:
     if datatype.name == "BYTES":
         parts: list[bytes] = []
         for item in array.reshape(-1):
-            value = item if isinstance(item, bytes) else bytes(item)
+            value = _as_bytes(item)
             parts.append(_LENGTH.pack(len(value)))
             parts.append(value)
         return b"".join(parts)

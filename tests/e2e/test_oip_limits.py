@@ -1,0 +1,190 @@
+"""ModelInfer's limits against a certified client that pushes them: what one request may make
+the service allocate, keep, send and disclose.
+
+The real ``strongroom serve inference`` runs as a child process (with the environment the images
+give it), behind mTLS, SPIFFE authorisation, error mapping and message limits derived from its
+tensor limits; each model is published encrypted to the real store and loaded by LoadModel
+(attested release from the real broker) into real ONNX Runtime. The attacker is a client with the
+``client`` role. What the service allocates is read from its own ``/proc/<pid>/status``: the peak
+(``VmHWM``) is reset through ``/proc/<pid>/clear_refs`` before each measured call. The service's
+malloc gets a fixed mmap threshold on top of its shipped tunables, so that every large allocation
+shows in its RSS and leaves it when freed (glibc otherwise raises the threshold after the first
+large free, and a later call that reuses freed heap would hide its own peak).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from strongroom.api.inference.v1 import model_control_pb2 as control_pb
+from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
+from strongroom.api.oip.v2 import grpc_service_pb2 as pb
+from strongroom.api.oip.v2 import grpc_service_pb2_grpc as pb_grpc
+from strongroom.client.publish import publish_model
+from strongroom.dev.devstack import DevStack
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.runtime.process import SERVICE_ENV
+from tests.inference import onnx_models
+
+MiB = 1 << 20
+LIMIT = 4 * MiB  # inference.max_input_bytes and max_output_bytes: messages of 5 MiB
+
+
+def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: list[Any]) -> bytes:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def to_int8() -> bytes:
+    """``y = Cast(x, INT8)``: a quantising step, as many quantised models end."""
+    return _model(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.INT8)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.INT8, ["n"])],
+        [],
+    )
+
+
+def embedding(vocab: int, dim: int) -> bytes:
+    """``y = Gather(table, ids)``: token ids in, one ``dim``-float row per id out."""
+    table = np.random.default_rng(1).standard_normal((vocab, dim)).astype(np.float32)
+    return _model(
+        [helper.make_node("Gather", ["embeddings.word.weight", "ids"], ["y"], name="emb/gather")],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", dim])],
+        [numpy_helper.from_array(table, "embeddings.word.weight")],
+    )
+
+
+MODELS: dict[str, Callable[[], bytes]] = {
+    "classifier": onnx_models.classifier,
+    "wide": lambda: onnx_models.classifier(hidden=256),
+    "to_int8": to_int8,
+    "fp32": lambda: onnx_models.identity("FP32", ("n",)),
+    "text": lambda: onnx_models.identity("BYTES", ("n",)),
+    "embed": lambda: embedding(128, 256),
+    "vocab": lambda: embedding(30522, 4),
+}
+
+
+@dataclasses.dataclass
+class Served:
+    pid: int
+    oip: pb_grpc.GRPCInferenceServiceStub
+
+
+@pytest.fixture(scope="module")
+def served(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    admin, publisher, client = (stack.identity(n) for n in ("admin", "publisher", "client"))
+    stack.create_release_key(admin, "oip-limits", policy_version="1")
+    plain = tmp_path_factory.mktemp("plain")
+    for name, build in MODELS.items():
+        path = plain / f"{name}.onnx"
+        path.write_bytes(build())
+        publish_model(
+            path,
+            name=name,
+            version="1",
+            key_id="oip-limits",
+            broker=stack.channel(publisher, "keybroker"),
+            store=stack.channel(publisher, "modelstore"),
+        )
+        path.unlink()
+    section = {
+        **stack.default_section("inference"),
+        "max_input_bytes": LIMIT,
+        "max_output_bytes": LIMIT,
+    }
+    tunables = SERVICE_ENV["inference"]["GLIBC_TUNABLES"] + ":glibc.malloc.mmap_threshold=131072"
+    running = stack.start_process("inference", section, env={"GLIBC_TUNABLES": tunables})
+    try:
+        assert running.process is not None
+        control = control_grpc.ModelControlServiceStub(stack.channel(admin, "inference"))
+        for name in MODELS:
+            control.LoadModel(control_pb.LoadModelRequest(name=name, version="1"), timeout=120)
+        oip = pb_grpc.GRPCInferenceServiceStub(stack.channel(client, "inference"))
+        yield Served(running.process.pid, oip)
+    finally:
+        stack.services.pop("inference").stop()
+
+
+@pytest.fixture
+def oip(served: Served) -> pb_grpc.GRPCInferenceServiceStub:
+    return served.oip
+
+
+def reason(error: grpc.RpcError) -> str | None:
+    for item in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+        if item.key == REASON_TRAILER:
+            return str(item.value)
+    return None
+
+
+def _status(pid: int, key: str) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(rf"{key}:\s+(\d+) kB", text)
+    assert match is not None
+    return int(match.group(1)) * 1024
+
+
+def peak_rss_during(pid: int, call: Callable[[], object]) -> int:
+    """How far process ``pid``'s resident memory rose above where it stood while ``call`` ran."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    base = _status(pid, "VmRSS")
+    call()
+    return _status(pid, "VmHWM") - base
+
+
+def call_expecting_strongroom_status(call: Callable[[], object]) -> grpc.RpcError | None:
+    """Runs ``call``; a failure must carry a Strongroom reason (never gRPC's bare refusal)."""
+    try:
+        call()
+    except grpc.RpcError as error:
+        assert reason(error) is not None, (
+            f"{error.code()} without a reason trailer: {error.details()}"  # type: ignore[attr-defined]
+        )
+        return error
+    return None
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def test_an_output_over_the_bound_is_refused_before_it_is_converted(served: Served) -> None:
+    """32,768 token ids (33 KB typed) make the embedding model return a 32 MiB output, 8x the
+    4 MiB output bound. The bound is checked only after the whole output was turned into
+    protobuf contents: ``tolist()`` makes a Python float (32 bytes with its list slot) of each
+    4-byte value, and the service peaked ~380 MiB above where it stood before it answered
+    RESPONSE_TOO_LARGE. ONNX Runtime's own 32 MiB is the model's (a known, accepted cost); what
+    the server adds on top of it is what is bounded here."""
+    oip = served.oip
+    ids = 32_768
+    request = pb.ModelInferRequest(model_name="embed")
+    tensor = request.inputs.add(name="ids", datatype="INT64", shape=[ids])
+    tensor.contents.int64_contents.extend([7] * ids)
+    output = ids * 256 * 4
+    errors: list[grpc.RpcError] = []
+
+    def call() -> None:
+        with pytest.raises(grpc.RpcError) as info:
+            oip.ModelInfer(request, timeout=60)
+        errors.append(info.value)
+
+    peak = peak_rss_during(served.pid, call)
+    assert errors[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert reason(errors[0]) == "RESPONSE_TOO_LARGE"
+    assert peak < output + 2 * LIMIT, (
+        f"{peak >> 20} MiB at peak to refuse a {request.ByteSize()}-byte request whose model "
+        f"output is {output >> 20} MiB (output bound {LIMIT >> 20} MiB)"
+    )
