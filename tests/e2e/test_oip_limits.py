@@ -207,3 +207,37 @@ def test_typed_contents_do_not_decode_to_ten_times_their_size(served: Served) ->
         lambda: call_expecting_strongroom_status(lambda: oip.ModelInfer(request, timeout=60)),
     )
     assert peak < 10 * wire, f"{peak >> 20} MiB at peak for a {wire}-byte request"
+
+
+# -- responses beyond the send limit ------------------------------------------------------------
+
+
+def test_a_long_request_id_does_not_push_the_response_past_the_send_limit(
+    oip: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """The request id is echoed in the response, but neither bounded nor counted: a 4 MB id and
+    0.9 MB of classifier input (1.8 MB of outputs, within the 4 MiB output bound) make a 5.8 MB
+    response, past the 5 MiB send limit. gRPC itself then refuses it after the inference ran:
+    RESOURCE_EXHAUSTED 'Sent message larger than max' with no reason, no log line, and metrics
+    and tracing recording an OK call."""
+    x = np.ones((56_000, 4), np.float32)
+    request = pb.ModelInferRequest(model_name="classifier", id="r" * 4_000_000)
+    request.inputs.add(name="x", datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    assert request.ByteSize() < LIMIT + MiB  # the request itself is within the receive limit
+    call_expecting_strongroom_status(lambda: oip.ModelInfer(request, timeout=60))
+    usual = pb.ModelInferRequest(model_name="classifier", id="7f9c1d2e-5b4a-4c3d-9e8f-0a1b2c3d4e5f")
+    usual.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    usual.raw_input_contents.append(bytes(16))
+    assert oip.ModelInfer(usual, timeout=60).id == usual.id  # ids as callers use them still echo
+
+
+def test_typed_outputs_are_charged_their_wire_size(oip: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """Typed outputs are charged at their numpy size, but a negative INT8 (INT16, INT32, INT64)
+    value is a 10-byte varint in ``int_contents``: 600,000 INT8 values are charged 0.6 MB against
+    the 4 MiB output bound and are 6 MB on the wire, past the 5 MiB send limit (the request is
+    2.4 MB). gRPC refuses the response with its own RESOURCE_EXHAUSTED, without a reason."""
+    request = pb.ModelInferRequest(model_name="to_int8")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[600_000])
+    tensor.contents.fp32_contents.extend(np.full(600_000, -1.0, np.float32))
+    call_expecting_strongroom_status(lambda: oip.ModelInfer(request, timeout=60))

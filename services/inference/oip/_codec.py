@@ -51,7 +51,11 @@ DEFAULT_MAX_TENSOR_BYTES = 64 << 20
 MAX_TENSOR_BYTES_CEILING = 1 << 30
 """Largest tensor bound one may configure (gRPC messages are limited to 2 GiB)."""
 MESSAGE_OVERHEAD = 1 << 20
-"""Room in a message for what is not tensor data: names, shapes, datatypes, parameters."""
+"""Room in a message for what is not tensor data: names, shapes, datatypes, parameters, the id."""
+MAX_REQUEST_ID_BYTES = 1024
+"""Longest request id (UTF-8 bytes). The response echoes the id, outside the tensor bound, so it
+must fit ``MESSAGE_OVERHEAD``; the protocol sets no length, and ids in use (UUIDs, W3C trace ids,
+a caller's key) are tens of bytes."""
 BYTES_ELEMENT_COST = 128
 """Bytes each BYTES element counts against ``max_input_bytes`` beyond its own length: what one
 element costs once decoded (its ``bytes`` object and slot, the UTF-8 ``str`` and slot ONNX Runtime
@@ -95,7 +99,13 @@ class InferLimits:
 
 
 def check_request_parameters(request: pb.ModelInferRequest) -> None:
-    """Rejects request-level parameters for features this server does not have."""
+    """Rejects an over-long id and request-level parameters for features this server lacks."""
+    # A character is 1 to 4 UTF-8 bytes: only an id short enough in characters is encoded.
+    if len(request.id) > MAX_REQUEST_ID_BYTES or len(request.id.encode()) > MAX_REQUEST_ID_BYTES:
+        raise InvalidArgument(
+            f"the request id is longer than {MAX_REQUEST_ID_BYTES} bytes",
+            reason=Reason.REQUEST_ID_TOO_LONG,
+        )
     for key in request.parameters:
         if key in _SEQUENCE_PARAMETERS:
             raise InvalidArgument(
@@ -242,11 +252,40 @@ def encode_outputs(
 
 
 def _output_cost(array: np.ndarray, datatype: DataType, *, raw: bool) -> int:
-    """What an output counts against ``max_output_bytes``, computed without converting it."""
-    if datatype.itemsize:
+    """What an output counts against ``max_output_bytes``: its size in the response message,
+    computed without converting it (the send limit is the output bound plus MESSAGE_OVERHEAD)."""
+    flat = array.reshape(-1)
+    if datatype.name == "BYTES":
+        # Raw: a 4-byte length before each element; typed: each element is a length-delimited
+        # field (a tag byte and a varint length), so even empty elements cost bytes.
+        if raw:
+            return sum(_LENGTH.size + len(_as_bytes(item)) for item in flat)
+        return sum(_length_delimited(len(_as_bytes(item))) for item in flat)
+    if raw or datatype.name in ("BOOL", "FP32", "FP64"):
         return int(array.nbytes)
-    framing = _LENGTH.size if raw else 0
-    return sum(framing + len(_as_bytes(item)) for item in array.reshape(-1))
+    return _varints_size(flat)
+
+
+def _length_delimited(length: int) -> int:
+    return 1 + _varint_size(length) + length
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _varints_size(flat: np.ndarray) -> int:
+    """The packed varint size of integer values: 1 byte per 7 bits, and 10 for any negative
+    (protobuf sign-extends int32 to 64 bits), so a typed INT8 of -1 is 10 bytes, not 1."""
+    size = flat.size
+    top = int(np.iinfo(flat.dtype).max)
+    shift = 7
+    while shift < 64 and (1 << shift) <= top:
+        size += int(np.count_nonzero(flat >= (1 << shift)))
+        shift += 7
+    if flat.dtype.kind == "i":
+        size += 9 * int(np.count_nonzero(flat < 0))
+    return size
 
 
 def _output_spec(model: LoadedModel, name: str) -> TensorSpec:
