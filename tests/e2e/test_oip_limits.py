@@ -241,3 +241,26 @@ def test_typed_outputs_are_charged_their_wire_size(oip: pb_grpc.GRPCInferenceSer
     tensor = request.inputs.add(name="x", datatype="FP32", shape=[600_000])
     tensor.contents.fp32_contents.extend(np.full(600_000, -1.0, np.float32))
     call_expecting_strongroom_status(lambda: oip.ModelInfer(request, timeout=60))
+
+
+# -- what callers learn ------------------------------------------------------------------------
+
+
+def test_a_rejected_index_does_not_reveal_the_models_inner_shapes(
+    oip: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """ORT failures the server maps from FAIL name only the operator; those ORT reports as
+    INVALID_ARGUMENT pass its message through (node names removed). For a Gather that message
+    states the size of the model's own initializer: here the embedding table's 30,522 rows
+    (a BERT vocabulary), which neither the metadata nor any other answer discloses."""
+    request = pb.ModelInferRequest(model_name="vocab")
+    tensor = request.inputs.add(name="ids", datatype="INT64", shape=[1])
+    tensor.contents.int64_contents.append(99_999)
+    with pytest.raises(grpc.RpcError) as info:
+        oip.ModelInfer(request, timeout=60)
+    error = info.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert reason(error) == "INFERENCE_INPUT_REJECTED"
+    details = error.details() or ""  # type: ignore[attr-defined]
+    assert "30522" not in details and "30521" not in details, details
+    assert "Gather operator" in details  # the caller still learns which operator refused

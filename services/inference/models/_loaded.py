@@ -225,16 +225,13 @@ class LoadedModel:
         names = list(outputs) if outputs is not None else list(self._output_names)
         try:
             results = self._session.run(names, feeds)
-        except ort_state.InvalidArgument as exc:
-            raise InvalidArgument(
-                f"the model rejected the inputs: {_first_line(str(exc))}",
-                reason=Reason.INFERENCE_INPUT_REJECTED,
-            ) from None
-        except ort_state.Fail as exc:
+        except (ort_state.InvalidArgument, ort_state.Fail) as exc:
             # Inputs that match the advertised shapes can still clash inside the graph (two
-            # variable dimensions that must agree, a Reshape that does not fit): ORT reports those
-            # as FAIL. They are the caller's, not the server's, so no ERROR line per request; the
-            # caller learns which operator refused, not ORT's internal detail.
+            # variable dimensions that must agree, a Reshape that does not fit, an index past a
+            # Gather's table): ORT reports those as FAIL or INVALID_ARGUMENT. They are the caller's,
+            # not the server's, so no ERROR line per request. The caller learns which operator
+            # refused, never ORT's message: it states the model's internals (a Gather's message
+            # gives its table's row count, e.g. a tokenizer's vocabulary size); the log keeps it.
             log.warning(
                 "inference refused its inputs",
                 extra={"model": self.name, "version": self.version, "ort_error": str(exc)[:2000]},
