@@ -100,6 +100,13 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     so.intra_op_num_threads = options.intra_op_threads
     so.inter_op_num_threads = options.inter_op_threads
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # No CPU memory arena: ORT's arena keeps the most any run made the session allocate for the
+    # session's life (one 3.2 MB request through a 256-wide layer left ~220 MiB), so a caller
+    # could make every served model hold its peak. Arena shrinkage per run
+    # ("memory.enable_memory_arena_shrinkage") frees only regions added after the arena's first,
+    # and keeps it all when a big request is a session's first run. A probe of small models
+    # (2-row classifier, ~8 us a run) measured no difference in run time with or without the arena.
+    so.enable_cpu_mem_arena = False
     spin = "1" if options.allow_spinning else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
