@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -296,3 +297,29 @@ def test_one_request_does_not_keep_its_memory_after_it_returns(
     kept = _status(served.pid, "VmRSS") - before
     # Nothing of the run's ~220 MiB may stay; the server's own buffers vary (0-8 MiB measured).
     assert kept < 4 * LIMIT, f"{kept >> 20} MiB still resident after a {big.ByteSize()}-byte call"
+
+
+def test_one_astral_character_does_not_quadruple_what_bytes_cost(served: Served) -> None:
+    """A BYTES element was charged its length (plus 128 bytes), but it reaches ONNX Runtime as a
+    Python ``str``, and one character beyond U+FFFF makes CPython store every character of it in
+    4 bytes, in the input and again in the output: one 3.9 MB element of ASCII with one emoji
+    made the service peak ~13x its size (52 MiB; plain ASCII ~6x). Such text is charged what it
+    decodes to; a quarter of it still passes."""
+    oip = served.oip
+
+    def request(data: bytes) -> pb.ModelInferRequest:
+        built = pb.ModelInferRequest(model_name="text")
+        built.inputs.add(name="x", datatype="BYTES", shape=[1])
+        built.raw_input_contents.append(struct.pack("<I", len(data)) + data)
+        return built
+
+    emoji = "\U0001f600".encode()
+    big = request(b"a" * 3_900_000 + emoji)
+    wire = big.ByteSize()
+    peak = peak_rss_during(
+        served.pid,
+        lambda: call_expecting_strongroom_status(lambda: oip.ModelInfer(big, timeout=60)),
+    )
+    assert peak < 10 * wire, f"{peak >> 20} MiB at peak for a {wire}-byte request"
+    fits = request(b"a" * (LIMIT // 4 - 4096) + emoji)
+    assert oip.ModelInfer(fits, timeout=60).raw_output_contents == fits.raw_input_contents

@@ -174,7 +174,9 @@ def decode_inputs(
         total += size + charge
         if total > limits.max_input_bytes:
             raise ResourceExhausted(
-                f"inputs exceed {limits.max_input_bytes} bytes", reason=Reason.REQUEST_TOO_LARGE
+                f"inputs exceed {limits.max_input_bytes} bytes (BYTES elements count the size of "
+                "their decoded text: up to 4 bytes a character)",
+                reason=Reason.REQUEST_TOO_LARGE,
             )
         arrays[spec.name] = array
     missing = [s.name for s in model.inputs if s.name not in arrays]
@@ -354,7 +356,8 @@ def _from_raw(
     blob: bytes, datatype: DataType, shape: tuple[int, ...], count: int, name: str
 ) -> tuple[np.ndarray, int]:
     if datatype.name == "BYTES":
-        return _parse_bytes(blob, count, name).reshape(shape), len(blob)
+        elements = _parse_bytes(blob, count, name)
+        return elements.reshape(shape), count * _LENGTH.size + _text_cost(elements)
     expected = count * datatype.itemsize
     if len(blob) != expected:
         raise InvalidArgument(
@@ -410,6 +413,25 @@ def _parse_bytes(blob: bytes, count: int, name: str) -> np.ndarray:
     return out
 
 
+def _text_cost(elements: np.ndarray) -> int:
+    """What BYTES elements' data counts against ``max_input_bytes``: each element's UTF-8 length,
+    or the size of the Python ``str`` it becomes for ONNX Runtime when that is larger."""
+    return sum(_decoded_size(value) for value in elements)
+
+
+def _decoded_size(value: bytes) -> int:
+    # CPython stores every character of a str at the width of its widest one (1, 2 or 4 bytes):
+    # one character beyond U+FFFF makes a 4 MB ASCII element a 16 MB str, in the input and again
+    # in the output. Charging only the length let such an element cost ~4 times the bound.
+    if value.isascii():
+        return len(value)
+    octets = np.frombuffer(value, dtype=np.uint8)
+    characters = int(np.count_nonzero((octets & 0xC0) != 0x80))  # all but continuation bytes
+    lead = int(octets.max())  # lead bytes: 0xF0 on starts U+10000 and up, 0xC4 on U+0100 and up
+    width = 4 if lead >= 0xF0 else 2 if lead >= 0xC4 else 1
+    return max(len(value), width * characters)
+
+
 def _from_contents(
     contents: pb.InferTensorContents,
     datatype: DataType,
@@ -439,7 +461,7 @@ def _from_contents(
         array = np.empty(count, dtype=object)
         for i, value in enumerate(values):
             array[i] = bytes(value)
-        return array.reshape(shape), sum(len(v) for v in values)
+        return array.reshape(shape), _text_cost(array)
     # np.fromiter fills the array straight from the field; np.array would first build a list of
     # Python numbers (~9x the wire size for FP32).
     if datatype.name in _NARROW and count:
