@@ -16,7 +16,7 @@ from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.inference.models import ModelRepository, RuntimeOptions, session_options
 from strongroom.inference.oip import ATTESTATION_EXTENSION, InferLimits
-from strongroom.inference.oip._codec import decode_inputs
+from strongroom.inference.oip._codec import BYTES_ELEMENT_COST, decode_inputs
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from tests.inference import onnx_models
 from tests.inference.conftest import Running, Starter, start, stop
@@ -674,6 +674,34 @@ def test_inputs_that_clash_inside_the_graph_are_the_callers_error(start_server: 
     assert (
         from_raw(running.oip.ModelInfer(fine).raw_output_contents[0], "FP32", [3, 2]) == 2
     ).all()
+
+
+@pytest.mark.parametrize(
+    ("text", "charged"),
+    [
+        ("a" * 300, 300),
+        ("\u00e9" * 150, 300),  # Latin-1: a 150-byte str, charged its 300 UTF-8 bytes
+        ("\u65e5" * 100, 300),  # CJK: a 200-byte str, charged its 300 UTF-8 bytes
+        ("a" * 296 + "\U0001f600", 4 * 297),  # one astral character: 4 bytes for every character
+    ],
+    ids=["ascii", "latin-1", "cjk", "astral"],
+)
+def test_bytes_elements_are_charged_the_text_they_decode_to(
+    shared: tuple[ModelRepository, Running], text: str, charged: int
+) -> None:
+    """A BYTES element reaches ONNX Runtime as a Python str, which stores every character at
+    the width of the widest: it counts the larger of its UTF-8 length and that str's size."""
+    model = shared[0].get("identity_bytes")
+    data = text.encode()
+    assert len(data) == 300
+    element = struct.pack("<I", len(data)) + data
+    request = pb.ModelInferRequest(model_name="identity_bytes", raw_input_contents=[element * 3])
+    request.inputs.add(name="x", datatype="BYTES", shape=[1, 3])
+    cost = 3 * (BYTES_ELEMENT_COST + 4 + charged)
+    decode_inputs(request, model, InferLimits(max_input_bytes=cost))
+    with pytest.raises(ResourceExhausted) as info:
+        decode_inputs(request, model, InferLimits(max_input_bytes=cost - 1))
+    assert info.value.reason == "REQUEST_TOO_LARGE"
 
 
 def test_empty_batch(running: Running) -> None:

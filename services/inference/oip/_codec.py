@@ -40,6 +40,10 @@ _SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 # Narrow integer types travel in 32-bit typed fields: their range is checked before narrowing.
 _NARROW = {"INT8": (-(1 << 7), (1 << 7) - 1), "INT16": (-(1 << 15), (1 << 15) - 1)}
 _NARROW |= {"UINT8": (0, (1 << 8) - 1), "UINT16": (0, (1 << 16) - 1)}
+# ...read at the width of their field (int_contents is int32, uint_contents uint32).
+_NARROW_FIELD = {"INT8": np.int32, "INT16": np.int32, "UINT8": np.uint32, "UINT16": np.uint32}
+# Typed outputs are filled this many values at a time (a Python list of 64 Ki values is ~2 MiB).
+_TYPED_CHUNK = 1 << 16
 
 
 DEFAULT_MAX_TENSOR_BYTES = 64 << 20
@@ -47,7 +51,11 @@ DEFAULT_MAX_TENSOR_BYTES = 64 << 20
 MAX_TENSOR_BYTES_CEILING = 1 << 30
 """Largest tensor bound one may configure (gRPC messages are limited to 2 GiB)."""
 MESSAGE_OVERHEAD = 1 << 20
-"""Room in a message for what is not tensor data: names, shapes, datatypes, parameters."""
+"""Room in a message for what is not tensor data: names, shapes, datatypes, parameters, the id."""
+MAX_REQUEST_ID_BYTES = 1024
+"""Longest request id (UTF-8 bytes). The response echoes the id, outside the tensor bound, so it
+must fit ``MESSAGE_OVERHEAD``; the protocol sets no length, and ids in use (UUIDs, W3C trace ids,
+a caller's key) are tens of bytes."""
 BYTES_ELEMENT_COST = 128
 """Bytes each BYTES element counts against ``max_input_bytes`` beyond its own length: what one
 element costs once decoded (its ``bytes`` object and slot, the UTF-8 ``str`` and slot ONNX Runtime
@@ -91,7 +99,13 @@ class InferLimits:
 
 
 def check_request_parameters(request: pb.ModelInferRequest) -> None:
-    """Rejects request-level parameters for features this server does not have."""
+    """Rejects an over-long id and request-level parameters for features this server lacks."""
+    # A character is 1 to 4 UTF-8 bytes: only an id short enough in characters is encoded.
+    if len(request.id) > MAX_REQUEST_ID_BYTES or len(request.id.encode()) > MAX_REQUEST_ID_BYTES:
+        raise InvalidArgument(
+            f"the request id is longer than {MAX_REQUEST_ID_BYTES} bytes",
+            reason=Reason.REQUEST_ID_TOO_LONG,
+        )
     for key in request.parameters:
         if key in _SEQUENCE_PARAMETERS:
             raise InvalidArgument(
@@ -160,7 +174,9 @@ def decode_inputs(
         total += size + charge
         if total > limits.max_input_bytes:
             raise ResourceExhausted(
-                f"inputs exceed {limits.max_input_bytes} bytes", reason=Reason.REQUEST_TOO_LARGE
+                f"inputs exceed {limits.max_input_bytes} bytes (BYTES elements count the size of "
+                "their decoded text: up to 4 bytes a character)",
+                reason=Reason.REQUEST_TOO_LARGE,
             )
         arrays[spec.name] = array
     missing = [s.name for s in model.inputs if s.name not in arrays]
@@ -212,27 +228,66 @@ def encode_outputs(
     raw: bool,
     limits: InferLimits,
 ) -> None:
-    """Adds the outputs to ``response``: raw bytes, or typed contents when asked and possible."""
+    """Adds the outputs to ``response``: raw bytes, or typed contents when asked and possible.
+
+    Every output's cost is checked before any is converted: a small request can make a model
+    return many times the bound, and converting that first (into bytes, or Python objects for
+    typed contents) would cost several times its size only to refuse it.
+    """
     specs = [_output_spec(model, n) for n in names]
     # FP16 has no typed field, and one response cannot mix raw and typed outputs.
     use_raw = raw or any(not s.type.contents_field for s in specs)
     total = 0
     for spec in specs:
-        array = arrays[spec.name]
-        out = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
-        datatype = spec.type
-        if use_raw:
-            blob = _to_raw(array, datatype)
-            total += len(blob)
-            response.raw_output_contents.append(blob)
-        else:
-            values = array.reshape(-1).tolist()
-            total += array.nbytes if datatype.itemsize else sum(len(v) for v in values)
-            getattr(out.contents, datatype.contents_field).extend(values)
+        total += _output_cost(arrays[spec.name], spec.type, raw=use_raw)
         if total > limits.max_output_bytes:
             raise ResourceExhausted(
                 f"outputs exceed {limits.max_output_bytes} bytes", reason=Reason.RESPONSE_TOO_LARGE
             )
+    for spec in specs:
+        array = arrays[spec.name]
+        out = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
+        if use_raw:
+            response.raw_output_contents.append(_to_raw(array, spec.type))
+        else:
+            _to_contents(out.contents, array, spec.type)
+
+
+def _output_cost(array: np.ndarray, datatype: DataType, *, raw: bool) -> int:
+    """What an output counts against ``max_output_bytes``: its size in the response message,
+    computed without converting it (the send limit is the output bound plus MESSAGE_OVERHEAD)."""
+    flat = array.reshape(-1)
+    if datatype.name == "BYTES":
+        # Raw: a 4-byte length before each element; typed: each element is a length-delimited
+        # field (a tag byte and a varint length), so even empty elements cost bytes.
+        if raw:
+            return sum(_LENGTH.size + len(_as_bytes(item)) for item in flat)
+        return sum(_length_delimited(len(_as_bytes(item))) for item in flat)
+    if raw or datatype.name in ("BOOL", "FP32", "FP64"):
+        return int(array.nbytes)
+    return _varints_size(flat)
+
+
+def _length_delimited(length: int) -> int:
+    return 1 + _varint_size(length) + length
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _varints_size(flat: np.ndarray) -> int:
+    """The packed varint size of integer values: 1 byte per 7 bits, and 10 for any negative
+    (protobuf sign-extends int32 to 64 bits), so a typed INT8 of -1 is 10 bytes, not 1."""
+    size = flat.size
+    top = int(np.iinfo(flat.dtype).max)
+    shift = 7
+    while shift < 64 and (1 << shift) <= top:
+        size += int(np.count_nonzero(flat >= (1 << shift)))
+        shift += 7
+    if flat.dtype.kind == "i":
+        size += 9 * int(np.count_nonzero(flat < 0))
+    return size
 
 
 def _output_spec(model: LoadedModel, name: str) -> TensorSpec:
@@ -301,7 +356,8 @@ def _from_raw(
     blob: bytes, datatype: DataType, shape: tuple[int, ...], count: int, name: str
 ) -> tuple[np.ndarray, int]:
     if datatype.name == "BYTES":
-        return _parse_bytes(blob, count, name).reshape(shape), len(blob)
+        elements = _parse_bytes(blob, count, name)
+        return elements.reshape(shape), count * _LENGTH.size + _text_cost(elements)
     expected = count * datatype.itemsize
     if len(blob) != expected:
         raise InvalidArgument(
@@ -357,6 +413,25 @@ def _parse_bytes(blob: bytes, count: int, name: str) -> np.ndarray:
     return out
 
 
+def _text_cost(elements: np.ndarray) -> int:
+    """What BYTES elements' data counts against ``max_input_bytes``: each element's UTF-8 length,
+    or the size of the Python ``str`` it becomes for ONNX Runtime when that is larger."""
+    return sum(_decoded_size(value) for value in elements)
+
+
+def _decoded_size(value: bytes) -> int:
+    # CPython stores every character of a str at the width of its widest one (1, 2 or 4 bytes):
+    # one character beyond U+FFFF makes a 4 MB ASCII element a 16 MB str, in the input and again
+    # in the output. Charging only the length let such an element cost ~4 times the bound.
+    if value.isascii():
+        return len(value)
+    octets = np.frombuffer(value, dtype=np.uint8)
+    characters = int(np.count_nonzero((octets & 0xC0) != 0x80))  # all but continuation bytes
+    lead = int(octets.max())  # lead bytes: 0xF0 on starts U+10000 and up, 0xC4 on U+0100 and up
+    width = 4 if lead >= 0xF0 else 2 if lead >= 0xC4 else 1
+    return max(len(value), width * characters)
+
+
 def _from_contents(
     contents: pb.InferTensorContents,
     datatype: DataType,
@@ -386,9 +461,11 @@ def _from_contents(
         array = np.empty(count, dtype=object)
         for i, value in enumerate(values):
             array[i] = bytes(value)
-        return array.reshape(shape), sum(len(v) for v in values)
+        return array.reshape(shape), _text_cost(array)
+    # np.fromiter fills the array straight from the field; np.array would first build a list of
+    # Python numbers (~9x the wire size for FP32).
     if datatype.name in _NARROW and count:
-        wide = np.array(values, dtype=np.int64)
+        wide = np.fromiter(values, dtype=_NARROW_FIELD[datatype.name], count=count)
         low, high = _NARROW[datatype.name]
         if wide.min() < low or wide.max() > high:
             raise InvalidArgument(
@@ -397,15 +474,28 @@ def _from_contents(
             )
         array = wide.astype(datatype.dtype)
     else:
-        array = np.array(values, dtype=datatype.dtype)
+        array = np.fromiter(values, dtype=datatype.dtype, count=count)
     return array.reshape(shape), array.nbytes
+
+
+def _to_contents(contents: pb.InferTensorContents, array: np.ndarray, datatype: DataType) -> None:
+    # A slice at a time: ``tolist()`` makes a Python object of every value (a float is 24 bytes and
+    # its list slot 8 for 4 bytes of FP32), so a whole output at once would cost ~8x its size.
+    field = getattr(contents, datatype.contents_field)
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, _TYPED_CHUNK):
+        field.extend(flat[start : start + _TYPED_CHUNK].tolist())
+
+
+def _as_bytes(item: bytes | bytearray | memoryview) -> bytes:
+    return item if isinstance(item, bytes) else bytes(item)
 
 
 def _to_raw(array: np.ndarray, datatype: DataType) -> bytes:
     if datatype.name == "BYTES":
         parts: list[bytes] = []
         for item in array.reshape(-1):
-            value = item if isinstance(item, bytes) else bytes(item)
+            value = _as_bytes(item)
             parts.append(_LENGTH.pack(len(value)))
             parts.append(value)
         return b"".join(parts)

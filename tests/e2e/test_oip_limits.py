@@ -1,0 +1,325 @@
+"""ModelInfer's limits against a certified client that pushes them: what one request may make
+the service allocate, keep, send and disclose.
+
+The real ``strongroom serve inference`` runs as a child process (with the environment the images
+give it), behind mTLS, SPIFFE authorisation, error mapping and message limits derived from its
+tensor limits; each model is published encrypted to the real store and loaded by LoadModel
+(attested release from the real broker) into real ONNX Runtime. The attacker is a client with the
+``client`` role. What the service allocates is read from its own ``/proc/<pid>/status``: the peak
+(``VmHWM``) is reset through ``/proc/<pid>/clear_refs`` before each measured call. The service's
+malloc gets a fixed mmap threshold on top of its shipped tunables, so that every large allocation
+shows in its RSS and leaves it when freed (glibc otherwise raises the threshold after the first
+large free, and a later call that reuses freed heap would hide its own peak).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from strongroom.api.inference.v1 import model_control_pb2 as control_pb
+from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
+from strongroom.api.oip.v2 import grpc_service_pb2 as pb
+from strongroom.api.oip.v2 import grpc_service_pb2_grpc as pb_grpc
+from strongroom.client.publish import publish_model
+from strongroom.dev.devstack import DevStack
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.runtime.process import SERVICE_ENV
+from tests.inference import onnx_models
+
+MiB = 1 << 20
+LIMIT = 4 * MiB  # inference.max_input_bytes and max_output_bytes: messages of 5 MiB
+
+
+def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: list[Any]) -> bytes:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def to_int8() -> bytes:
+    """``y = Cast(x, INT8)``: a quantising step, as many quantised models end."""
+    return _model(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.INT8)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.INT8, ["n"])],
+        [],
+    )
+
+
+def embedding(vocab: int, dim: int) -> bytes:
+    """``y = Gather(table, ids)``: token ids in, one ``dim``-float row per id out."""
+    table = np.random.default_rng(1).standard_normal((vocab, dim)).astype(np.float32)
+    return _model(
+        [helper.make_node("Gather", ["embeddings.word.weight", "ids"], ["y"], name="emb/gather")],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", dim])],
+        [numpy_helper.from_array(table, "embeddings.word.weight")],
+    )
+
+
+MODELS: dict[str, Callable[[], bytes]] = {
+    "classifier": onnx_models.classifier,
+    "wide": lambda: onnx_models.classifier(hidden=256),
+    "wide_cold": lambda: onnx_models.classifier(hidden=256, seed=1),  # only ever run big first
+    "to_int8": to_int8,
+    "fp32": lambda: onnx_models.identity("FP32", ("n",)),
+    "text": lambda: onnx_models.identity("BYTES", ("n",)),
+    "embed": lambda: embedding(128, 256),
+    "vocab": lambda: embedding(30522, 4),
+}
+
+
+@dataclasses.dataclass
+class Served:
+    pid: int
+    oip: pb_grpc.GRPCInferenceServiceStub
+
+
+@pytest.fixture(scope="module")
+def served(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    admin, publisher, client = (stack.identity(n) for n in ("admin", "publisher", "client"))
+    stack.create_release_key(admin, "oip-limits", policy_version="1")
+    plain = tmp_path_factory.mktemp("plain")
+    for name, build in MODELS.items():
+        path = plain / f"{name}.onnx"
+        path.write_bytes(build())
+        publish_model(
+            path,
+            name=name,
+            version="1",
+            key_id="oip-limits",
+            broker=stack.channel(publisher, "keybroker"),
+            store=stack.channel(publisher, "modelstore"),
+        )
+        path.unlink()
+    section = {
+        **stack.default_section("inference"),
+        "max_input_bytes": LIMIT,
+        "max_output_bytes": LIMIT,
+    }
+    tunables = SERVICE_ENV["inference"]["GLIBC_TUNABLES"] + ":glibc.malloc.mmap_threshold=131072"
+    running = stack.start_process("inference", section, env={"GLIBC_TUNABLES": tunables})
+    try:
+        assert running.process is not None
+        control = control_grpc.ModelControlServiceStub(stack.channel(admin, "inference"))
+        for name in MODELS:
+            control.LoadModel(control_pb.LoadModelRequest(name=name, version="1"), timeout=120)
+        oip = pb_grpc.GRPCInferenceServiceStub(stack.channel(client, "inference"))
+        yield Served(running.process.pid, oip)
+    finally:
+        stack.services.pop("inference").stop()
+
+
+@pytest.fixture
+def oip(served: Served) -> pb_grpc.GRPCInferenceServiceStub:
+    return served.oip
+
+
+def reason(error: grpc.RpcError) -> str | None:
+    for item in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+        if item.key == REASON_TRAILER:
+            return str(item.value)
+    return None
+
+
+def _status(pid: int, key: str) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(rf"{key}:\s+(\d+) kB", text)
+    assert match is not None
+    return int(match.group(1)) * 1024
+
+
+def peak_rss_during(pid: int, call: Callable[[], object]) -> int:
+    """How far process ``pid``'s resident memory rose above where it stood while ``call`` ran."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    base = _status(pid, "VmRSS")
+    call()
+    return _status(pid, "VmHWM") - base
+
+
+def call_expecting_strongroom_status(call: Callable[[], object]) -> grpc.RpcError | None:
+    """Runs ``call``; a failure must carry a Strongroom reason (never gRPC's bare refusal)."""
+    try:
+        call()
+    except grpc.RpcError as error:
+        assert reason(error) is not None, (
+            f"{error.code()} without a reason trailer: {error.details()}"  # type: ignore[attr-defined]
+        )
+        return error
+    return None
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def test_an_output_over_the_bound_is_refused_before_it_is_converted(served: Served) -> None:
+    """32,768 token ids (33 KB typed) make the embedding model return a 32 MiB output, 8x the
+    4 MiB output bound. The bound is checked only after the whole output was turned into
+    protobuf contents: ``tolist()`` makes a Python float (32 bytes with its list slot) of each
+    4-byte value, and the service peaked ~380 MiB above where it stood before it answered
+    RESPONSE_TOO_LARGE. ONNX Runtime's own 32 MiB is the model's (a known, accepted cost); what
+    the server adds on top of it is what is bounded here."""
+    oip = served.oip
+    ids = 32_768
+    request = pb.ModelInferRequest(model_name="embed")
+    tensor = request.inputs.add(name="ids", datatype="INT64", shape=[ids])
+    tensor.contents.int64_contents.extend([7] * ids)
+    output = ids * 256 * 4
+    errors: list[grpc.RpcError] = []
+
+    def call() -> None:
+        with pytest.raises(grpc.RpcError) as info:
+            oip.ModelInfer(request, timeout=60)
+        errors.append(info.value)
+
+    peak = peak_rss_during(served.pid, call)
+    assert errors[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert reason(errors[0]) == "RESPONSE_TOO_LARGE"
+    assert peak < output + 2 * LIMIT, (
+        f"{peak >> 20} MiB at peak to refuse a {request.ByteSize()}-byte request whose model "
+        f"output is {output >> 20} MiB (output bound {LIMIT >> 20} MiB)"
+    )
+
+
+def test_typed_contents_do_not_decode_to_ten_times_their_size(served: Served) -> None:
+    """The codec's own bar (BYTES_ELEMENT_COST: requests must not 'decode to ten times the
+    limit'). One million FP32 values typed (4 MB, within the 4 MiB bound) through an identity
+    model: ``np.array`` over the repeated field builds a list of Python floats first (~9x the wire
+    size), and the service peaked ~12x the request (50 MiB for 4 MB). (``np.fromiter`` decodes the
+    same field at ~1x, and faster.)"""
+    oip = served.oip
+    count = 1_000_000
+    request = pb.ModelInferRequest(model_name="fp32")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[count])
+    tensor.contents.fp32_contents.extend(np.full(count, 1.5, np.float32))
+    wire = request.ByteSize()
+    peak = peak_rss_during(
+        served.pid,
+        lambda: call_expecting_strongroom_status(lambda: oip.ModelInfer(request, timeout=60)),
+    )
+    assert peak < 10 * wire, f"{peak >> 20} MiB at peak for a {wire}-byte request"
+
+
+# -- responses beyond the send limit ------------------------------------------------------------
+
+
+def test_a_long_request_id_does_not_push_the_response_past_the_send_limit(
+    oip: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """The request id is echoed in the response, but neither bounded nor counted: a 4 MB id and
+    0.9 MB of classifier input (1.8 MB of outputs, within the 4 MiB output bound) make a 5.8 MB
+    response, past the 5 MiB send limit. gRPC itself then refuses it after the inference ran:
+    RESOURCE_EXHAUSTED 'Sent message larger than max' with no reason, no log line, and metrics
+    and tracing recording an OK call."""
+    x = np.ones((56_000, 4), np.float32)
+    request = pb.ModelInferRequest(model_name="classifier", id="r" * 4_000_000)
+    request.inputs.add(name="x", datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    assert request.ByteSize() < LIMIT + MiB  # the request itself is within the receive limit
+    call_expecting_strongroom_status(lambda: oip.ModelInfer(request, timeout=60))
+    usual = pb.ModelInferRequest(model_name="classifier", id="7f9c1d2e-5b4a-4c3d-9e8f-0a1b2c3d4e5f")
+    usual.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    usual.raw_input_contents.append(bytes(16))
+    assert oip.ModelInfer(usual, timeout=60).id == usual.id  # ids as callers use them still echo
+
+
+def test_typed_outputs_are_charged_their_wire_size(oip: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """Typed outputs are charged at their numpy size, but a negative INT8 (INT16, INT32, INT64)
+    value is a 10-byte varint in ``int_contents``: 600,000 INT8 values are charged 0.6 MB against
+    the 4 MiB output bound and are 6 MB on the wire, past the 5 MiB send limit (the request is
+    2.4 MB). gRPC refuses the response with its own RESOURCE_EXHAUSTED, without a reason."""
+    request = pb.ModelInferRequest(model_name="to_int8")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[600_000])
+    tensor.contents.fp32_contents.extend(np.full(600_000, -1.0, np.float32))
+    call_expecting_strongroom_status(lambda: oip.ModelInfer(request, timeout=60))
+
+
+# -- what callers learn ------------------------------------------------------------------------
+
+
+def test_a_rejected_index_does_not_reveal_the_models_inner_shapes(
+    oip: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """ORT failures the server maps from FAIL name only the operator; those ORT reports as
+    INVALID_ARGUMENT pass its message through (node names removed). For a Gather that message
+    states the size of the model's own initializer: here the embedding table's 30,522 rows
+    (a BERT vocabulary), which neither the metadata nor any other answer discloses."""
+    request = pb.ModelInferRequest(model_name="vocab")
+    tensor = request.inputs.add(name="ids", datatype="INT64", shape=[1])
+    tensor.contents.int64_contents.append(99_999)
+    with pytest.raises(grpc.RpcError) as info:
+        oip.ModelInfer(request, timeout=60)
+    error = info.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert reason(error) == "INFERENCE_INPUT_REJECTED"
+    details = error.details() or ""  # type: ignore[attr-defined]
+    assert "30522" not in details and "30521" not in details, details
+    assert "Gather operator" in details  # the caller still learns which operator refused
+
+
+@pytest.mark.parametrize(
+    ("model", "warm"), [("wide", True), ("wide_cold", False)], ids=["warm", "first-run"]
+)
+def test_one_request_does_not_keep_its_memory_after_it_returns(
+    served: Served, model: str, warm: bool
+) -> None:
+    """ONNX Runtime's CPU arena (on by default, one per session) keeps the most any request made
+    the session allocate, for the session's life: one 3.2 MB request through a model with a
+    256-wide hidden layer left ~220 MiB resident after it returned, and every served model can
+    be made to hold its own peak. Arena shrinkage per run gives back only what was allocated after
+    the arena's first region, so a big request that is a session's first run ('first-run') would
+    still be kept; without the arena both give it all back."""
+    oip = served.oip
+    small = pb.ModelInferRequest(model_name=model)
+    small.inputs.add(name="x", datatype="FP32", shape=[2, 4])
+    small.raw_input_contents.append(bytes(32))
+    if warm:
+        oip.ModelInfer(small, timeout=60)
+    before = _status(served.pid, "VmRSS")
+    x = np.ones((200_000, 4), np.float32)
+    big = pb.ModelInferRequest(model_name=model)
+    big.inputs.add(name="x", datatype="FP32", shape=x.shape)
+    big.outputs.add(name="label")
+    big.raw_input_contents.append(x.tobytes())
+    oip.ModelInfer(big, timeout=60)
+    oip.ModelInfer(small, timeout=60)  # the next good request works, and keeps nothing either
+    kept = _status(served.pid, "VmRSS") - before
+    # Nothing of the run's ~220 MiB may stay; the server's own buffers vary (0-8 MiB measured).
+    assert kept < 4 * LIMIT, f"{kept >> 20} MiB still resident after a {big.ByteSize()}-byte call"
+
+
+def test_one_astral_character_does_not_quadruple_what_bytes_cost(served: Served) -> None:
+    """A BYTES element was charged its length (plus 128 bytes), but it reaches ONNX Runtime as a
+    Python ``str``, and one character beyond U+FFFF makes CPython store every character of it in
+    4 bytes, in the input and again in the output: one 3.9 MB element of ASCII with one emoji
+    made the service peak ~13x its size (52 MiB; plain ASCII ~6x). Such text is charged what it
+    decodes to; a quarter of it still passes."""
+    oip = served.oip
+
+    def request(data: bytes) -> pb.ModelInferRequest:
+        built = pb.ModelInferRequest(model_name="text")
+        built.inputs.add(name="x", datatype="BYTES", shape=[1])
+        built.raw_input_contents.append(struct.pack("<I", len(data)) + data)
+        return built
+
+    emoji = "\U0001f600".encode()
+    big = request(b"a" * 3_900_000 + emoji)
+    wire = big.ByteSize()
+    peak = peak_rss_during(
+        served.pid,
+        lambda: call_expecting_strongroom_status(lambda: oip.ModelInfer(big, timeout=60)),
+    )
+    assert peak < 10 * wire, f"{peak >> 20} MiB at peak for a {wire}-byte request"
+    fits = request(b"a" * (LIMIT // 4 - 4096) + emoji)
+    assert oip.ModelInfer(fits, timeout=60).raw_output_contents == fits.raw_input_contents
