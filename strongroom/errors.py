@@ -87,6 +87,13 @@ class Unavailable(StrongroomError):
     default_reason = Reason.UNAVAILABLE
 
 
+class Cancelled(StrongroomError):
+    """The caller went away (it cancelled, or its deadline passed) and the work was stopped."""
+
+    status_name = "CANCELLED"
+    default_reason = Reason.CANCELLED
+
+
 class DataLoss(StrongroomError):
     """Stored data failed an integrity check."""
 

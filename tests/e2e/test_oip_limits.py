@@ -15,6 +15,7 @@ large free, and a later call that reuses freed heap would hide its own peak).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import struct
 from collections.abc import Callable, Iterator
@@ -68,6 +69,20 @@ def embedding(vocab: int, dim: int) -> bytes:
     )
 
 
+def slow(steps: int = 4000, size: int = 512) -> bytes:
+    """``y = x @ W @ W ... @ W``: thousands of MatMuls, seconds of work on any machine (ORT checks a
+    run's terminate flag between nodes, so a stopped run ends within one of them)."""
+    rng = np.random.default_rng(2)
+    weight = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+    names = ["x", *(f"h{i}" for i in range(1, steps)), "y"]
+    return _model(
+        [helper.make_node("MatMul", [a, "w"], [b]) for a, b in itertools.pairwise(names)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+
+
 MODELS: dict[str, Callable[[], bytes]] = {
     "classifier": onnx_models.classifier,
     "wide": lambda: onnx_models.classifier(hidden=256),
@@ -77,6 +92,7 @@ MODELS: dict[str, Callable[[], bytes]] = {
     "text": lambda: onnx_models.identity("BYTES", ("n",)),
     "embed": lambda: embedding(128, 256),
     "vocab": lambda: embedding(30522, 4),
+    "slow": slow,
 }
 
 
@@ -323,3 +339,39 @@ def test_one_astral_character_does_not_quadruple_what_bytes_cost(served: Served)
     assert peak < 10 * wire, f"{peak >> 20} MiB at peak for a {wire}-byte request"
     fits = request(b"a" * (LIMIT // 4 - 4096) + emoji)
     assert oip.ModelInfer(fits, timeout=60).raw_output_contents == fits.raw_input_contents
+
+
+def test_a_call_that_ends_early_stops_its_inference(
+    stack: DevStack, served: Served, oip: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """A caller whose deadline passed (or who cancelled) left the run going to its end, a worker
+    thread and the cores computing an answer nobody would read: any certified caller could start
+    long runs and walk away. The run now stops when the call ends (the service logs "inference
+    stopped"); a run of this model takes seconds, the deadline is a fraction of one."""
+    log = stack.log_path("inference")
+    before = log.read_text(errors="replace").count("inference stopped")
+    x = np.ones((512, 512), dtype=np.float32)
+    request = pb.ModelInferRequest(
+        model_name="slow",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[512, 512])],
+        raw_input_contents=[x.tobytes()],
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        oip.ModelInfer(request, timeout=0.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    # Wait (not a timing bound: only how long to wait for the line) for the service to say so.
+    stopped = _wait_for(
+        lambda: log.read_text(errors="replace").count("inference stopped") > before, 120
+    )
+    assert stopped, "the service ran the inference to its end after the call had ended"
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()

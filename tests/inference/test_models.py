@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from strongroom.errors import InvalidArgument
+from strongroom.errors import Cancelled, InvalidArgument
 from strongroom.inference.models import (
     LoadedModel,
     ModelLoadError,
@@ -49,6 +49,22 @@ def test_load_from_any_buffer_and_match_a_direct_run(kind: type) -> None:
     for name, want in zip(["logits", "probabilities", "label"], expected, strict=True):
         np.testing.assert_array_equal(out[name], want)
     assert list(model.infer({"x": X}, ["label"])) == ["label"]
+
+
+def test_a_run_told_to_stop_is_cancelled_not_a_rejected_input() -> None:
+    """A terminated run fails inside ORT with FAIL, which read as the caller's inputs not fitting
+    the graph (INFERENCE_INPUT_REJECTED); it is the call ending instead."""
+    model = LoadedModel.from_bytes("clf", "1", onnx_models.classifier())
+    stopped = ort.RunOptions()
+    stopped.terminate = True
+    with pytest.raises(Cancelled) as info:
+        model.infer({"x": X}, run_options=stopped)
+    assert info.value.reason == "INFERENCE_CANCELLED"
+    assert list(model.infer({"x": X}, run_options=ort.RunOptions())) == [
+        "logits",
+        "probabilities",
+        "label",
+    ]
 
 
 def test_session_does_not_keep_a_second_copy_of_the_model() -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
+from strongroom.errors import Cancelled, FailedPrecondition, Internal, InvalidArgument
 from strongroom.inference.models._datatypes import BY_ORT_TYPE, DATATYPES, DataType
 from strongroom.inference.models._ort import ort, ort_state
 from strongroom.reasons import Reason
@@ -216,12 +216,18 @@ class LoadedModel:
         return self._outputs_by_name.get(name)
 
     def infer(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        *,
+        run_options: ort.RunOptions | None = None,
     ) -> dict[str, np.ndarray]:
         """Runs the model; BYTES tensors are object arrays of ``bytes`` both ways.
 
         The caller validates names, datatypes and shapes against :attr:`inputs` (the OIP layer
-        does); ORT still rejects what does not fit, as InvalidArgument.
+        does); ORT still rejects what does not fit, as InvalidArgument. A run whose
+        ``run_options.terminate`` is set (the OIP layer sets it when the call ends early) stops
+        at ORT's next check and raises Cancelled.
         """
         feeds: dict[str, Any] = {}
         for name, array in inputs.items():
@@ -231,8 +237,18 @@ class LoadedModel:
             feeds[name] = _to_ort_strings(name, array) if spec.datatype == "BYTES" else array
         names = list(outputs) if outputs is not None else list(self._output_names)
         try:
-            results = self._session.run(names, feeds)
+            results = self._session.run(names, feeds, run_options)
         except (ort_state.InvalidArgument, ort_state.Fail) as exc:
+            if run_options is not None and run_options.terminate:
+                log.info(
+                    "inference stopped: its call had ended",
+                    extra={"model": self.name, "version": self.version},
+                )
+                raise Cancelled(
+                    f"inference on {self.name} stopped: the call ended (cancelled, or its "
+                    "deadline passed)",
+                    reason=Reason.INFERENCE_CANCELLED,
+                ) from None
             # Inputs that match the advertised shapes can still clash inside the graph (two
             # variable dimensions that must agree, a Reshape that does not fit, an index past a
             # Gather's table): ORT reports those as FAIL or INVALID_ARGUMENT. They are the caller's,

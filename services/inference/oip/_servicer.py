@@ -18,6 +18,7 @@ from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as pb_grpc
 from strongroom.errors import InvalidArgument
 from strongroom.inference.models import ModelRepository, TensorSpec
+from strongroom.inference.models._ort import ort
 from strongroom.inference.oip._codec import (
     InferLimits,
     check_request_parameters,
@@ -112,12 +113,26 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         check_request_parameters(request)
         inputs, used_raw = decode_inputs(request, model, self._limits)
         names = requested_outputs(request, model, self._limits)
-        arrays = model.infer(inputs, names)
+        arrays = model.infer(inputs, names, run_options=_stopped_with(context))
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )
         encode_outputs(response, model, names, arrays, raw=used_raw, limits=self._limits)
         return response
+
+
+def _stopped_with(context: grpc.ServicerContext) -> ort.RunOptions:
+    """Run options whose run stops when the call ends: a caller that cancels, or whose deadline
+    passes, no longer leaves a worker thread and the cores computing an answer nobody reads (a
+    certified caller could otherwise start any number of long runs and walk away at once)."""
+    options = ort.RunOptions()
+
+    def stop() -> None:
+        options.terminate = True
+
+    if not context.add_callback(stop):
+        stop()  # the call has already ended
+    return options
 
 
 def _require_name(name: str) -> None:
