@@ -21,6 +21,14 @@ Upload protocol (each step is invisible to readers until the last one):
    any number of concurrent uploads of one version, on any number of replicas, exactly one
    creates the index object; the others get 412 (ModelExists) and delete their blob.
 
+An index write (step 4, or a re-wrap's swap below) whose answer is not a first-attempt refusal
+may have taken effect: its answer was lost, or botocore retried it and the retry was refused
+*because the first attempt had landed* (412 against our own object). The store then reads the
+index again: naming the new blob, the write took effect and the call succeeds; naming something
+the condition can no longer match, the blob is deleted; otherwise (the write may still land, or
+the index cannot be read) the blob is kept and left to the sweep, since deleting a blob an index
+object may come to name loses the model.
+
 Key-slot replacement writes a new blob the same way, then replaces the index object with
 ``If-Match: <the ETag it read>`` (compare-and-swap), and only then deletes the old blob (a read
 that looked the model up just before, and so finds that blob gone, looks again and reads the new
@@ -49,7 +57,7 @@ from botocore.config import Config
 from strongroom import jsonparse
 from strongroom.artifact import StructureValidator
 from strongroom.closing import Closing
-from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
+from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.identifiers import (
     validate_name,
     validate_sha256_hex,
@@ -225,6 +233,15 @@ def _is_conflict(exc: botocore.exceptions.ClientError) -> bool:
     return _code(exc) in _CONFLICT_CODES or _status(exc) in (409, 412)
 
 
+def _refused_at_once(exc: botocore.exceptions.ClientError) -> bool:
+    """True if the request certainly did not take effect: a 4xx answer to its first attempt.
+
+    A 4xx answer to a retry says nothing about an earlier attempt whose answer was lost (that
+    attempt may be why a conditional retry is refused), nor does a 5xx about the request."""
+    retries = int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
+    return retries == 0 and 400 <= _status(exc) < 500
+
+
 def index_key_part(name: str, version: str) -> str:
     """The part of an index key after ``index/`` (its order is the (name, version) order)."""
     return f"{name}{_SEPARATOR}{version}"
@@ -297,6 +314,20 @@ def _each(keys: list[tuple[str, str]], read: Callable[[tuple[str, str]], T]) -> 
 
 class _Superseded(Exception):
     """The blob looked up is gone because a re-wrap replaced it: look the model up again."""
+
+
+class _NotIndexed(Exception):
+    """An index write failed; ``error`` is what the caller hears.
+
+    ``may_land``: the write's outcome is not known (it may still take effect), so the blob it
+    names must not be deleted; an unreferenced blob is removed by the sweep, an index naming a
+    deleted one is a lost model.
+    """
+
+    def __init__(self, error: StrongroomError, *, may_land: bool) -> None:
+        super().__init__(error)
+        self.error = error
+        self.may_land = may_land
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -605,6 +636,10 @@ class S3Storage(Closing):
                 record = upload.finish(self._clock())
                 writer.commit()
                 self._publish(record, blob)
+            except _NotIndexed as failed:
+                if not failed.may_land:
+                    self._discard(writer, blob)
+                raise failed.error from None
             except BaseException:
                 self._discard(writer, blob)
                 raise
@@ -615,7 +650,11 @@ class S3Storage(Closing):
         return record
 
     def _publish(self, record: ModelRecord, blob: str) -> None:
-        """Creates the index object; the bucket's create-only condition makes (name, version) immutable."""
+        """Creates the index object; the bucket's create-only condition makes (name, version) immutable.
+
+        Raises _NotIndexed unless the index object names ``blob`` (see :meth:`_settle`).
+        """
+        error: StrongroomError
         try:
             self._client.put_object(
                 Bucket=self.bucket,
@@ -624,14 +663,51 @@ class S3Storage(Closing):
                 ContentType="application/json",
                 IfNoneMatch="*",
             )
+            return
         except botocore.exceptions.ClientError as exc:
             if _is_conflict(exc):
-                raise ModelExists(
-                    f"model {record.name} version {record.version} already exists"
-                ) from None
-            raise s3_error(exc, "publishing a model") from None
+                error = ModelExists(f"model {record.name} version {record.version} already exists")
+            else:
+                error = s3_error(exc, "publishing a model")
+            if _refused_at_once(exc):
+                raise _NotIndexed(error, may_land=False) from None
         except _S3_FAILURES as exc:
-            raise s3_error(exc, "publishing a model") from None
+            error = s3_error(exc, "publishing a model")
+        self._settle(record.name, record.version, blob, error, conditioned_on=None)
+
+    def _settle(
+        self,
+        name: str,
+        version: str,
+        blob: str,
+        error: StrongroomError,
+        *,
+        conditioned_on: str | None,
+    ) -> None:
+        """After an index write naming ``blob`` whose outcome is unknown: returns if the index
+        object names ``blob`` (the write took effect, only its answer was lost), else raises
+        _NotIndexed(``error``).
+
+        ``conditioned_on`` is the ETag the write required (If-Match), None for create-only: once
+        the object is something else, the write can no longer take effect and ``blob`` may go.
+        """
+        try:
+            current = self._get_index(name, version)
+        except StrongroomError:
+            raise _NotIndexed(error, may_land=True) from None
+        if current is not None and current.blob == blob:
+            log.warning(
+                "an index write answered with an error had taken effect",
+                extra={"model": name, "version": version},
+            )
+            return
+        if conditioned_on is None:
+            may_land = current is None
+        else:
+            may_land = current is not None and current.etag == conditioned_on
+        if may_land:
+            log.warning("kept blob %s of an index write that may still land (swept later)", blob)
+        raise _NotIndexed(error, may_land=may_land)
 
     # -- key slots -----------------------------------------------------------------------------
 
@@ -698,6 +774,10 @@ class S3Storage(Closing):
                 )
                 writer.commit()
                 self._swap(entry, new_record, blob)
+            except _NotIndexed as failed:
+                if not failed.may_land:
+                    self._discard(writer, blob)
+                raise failed.error from None
             except BaseException:
                 self._discard(writer, blob)
                 raise
@@ -715,6 +795,11 @@ class S3Storage(Closing):
         return new_record
 
     def _swap(self, old: _Indexed, new: ModelRecord, blob: str) -> None:
+        """Points the index object at ``blob`` if it is still ``old`` (If-Match on its ETag).
+
+        Raises _NotIndexed unless the index object names ``blob`` (see :meth:`_settle`).
+        """
+        error: StrongroomError
         try:
             self._client.put_object(
                 Bucket=self.bucket,
@@ -723,15 +808,20 @@ class S3Storage(Closing):
                 ContentType="application/json",
                 IfMatch=old.etag,
             )
+            return
         except botocore.exceptions.ClientError as exc:
             if _is_conflict(exc) or _is_missing(exc):
-                raise KeySlotRejected(
+                error = KeySlotRejected(
                     f"model {new.name} {new.version} changed during the re-wrap",
                     reason=Reason.KEY_SLOT_CHANGED,
-                ) from None
-            raise s3_error(exc, "replacing a key slot") from None
+                )
+            else:
+                error = s3_error(exc, "replacing a key slot")
+            if _refused_at_once(exc):
+                raise _NotIndexed(error, may_land=False) from None
         except _S3_FAILURES as exc:
-            raise s3_error(exc, "replacing a key slot") from None
+            error = s3_error(exc, "replacing a key slot")
+        self._settle(new.name, new.version, blob, error, conditioned_on=old.etag)
 
     # -- deletes -------------------------------------------------------------------------------
 

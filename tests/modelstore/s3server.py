@@ -139,6 +139,9 @@ class Fault:
     delay: float = 0.0
     drop: bool = False
     """Close the connection without answering (the server went away mid-request)."""
+    after_upstream: bool = False
+    """Send the request to the server first, then apply ``status`` or ``drop`` to its answer:
+    the request took effect but its caller cannot know (an answer lost on the way back)."""
     times: int | None = None
     hits: int = 0
 
@@ -165,6 +168,8 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 fault = proxy._fault(self.command, self.path)
+                if fault is not None and fault.after_upstream:
+                    proxy._forward(self.command, self.path, body, dict(self.headers.items()))
                 if fault is not None:
                     if fault.delay:
                         time.sleep(fault.delay)
@@ -211,6 +216,16 @@ class FaultProxy:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    def _forward(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> None:
+        """Sends one request to the server and discards its answer."""
+        upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
+        try:
+            sent = {k: v for k, v in headers.items() if k.lower() != "connection"}
+            upstream.request(method, path, body=body, headers=sent)
+            upstream.getresponse().read()
+        finally:
+            upstream.close()
 
     def _fault(self, method: str, path: str) -> Fault | None:
         with self._lock:

@@ -25,7 +25,7 @@ from strongroom.modelstore.config import ModelstoreConfig, StorageConfig
 from strongroom.modelstore.errors import ModelExists, StorageUnavailable, StoredDataCorrupt
 from strongroom.modelstore.storage import S3Storage, open_storage
 from strongroom.runtime.config import ConfigError, build
-from tests.modelstore import s3server
+from tests.modelstore import rewrap_case, s3server
 from tests.modelstore.artifacts import chunked, make_artifact
 from tests.modelstore.backends import assert_clean
 from tests.modelstore.conftest import S3_TEST_PART_SIZE, serve
@@ -415,3 +415,86 @@ def test_configuration(
     with pytest.raises(Exception) as info:
         open_storage(config)
     assert getattr(info.value, "reason", "") == "SECRET_FILE_PERMISSIONS"
+
+
+def _index_write(method: str, path: str) -> bool:
+    return method == "PUT" and "/p/index/" in path
+
+
+def _lost_answer(how: str) -> s3server.Fault:
+    """The next index write reaches the bucket and takes effect, but its answer is lost: the
+    connection drops, or a 503 comes back (both retried by botocore; the retry gets 412)."""
+    if how == "dropped":
+        return s3server.Fault(_index_write, after_upstream=True, drop=True, times=1)
+    return s3server.Fault(_index_write, after_upstream=True, status=503, times=1)
+
+
+def _get_rpc(stub: pb_grpc.ModelStoreServiceStub, name: str, version: str) -> bytes:
+    request = pb.GetModelRequest(name=name, version=version)
+    return b"".join(r.data for r in stub.GetModel(request, timeout=60))
+
+
+@pytest.mark.parametrize("how", ["dropped", "503"])
+def test_a_lost_answer_to_the_key_slot_swap_does_not_lose_the_model(
+    proxy: s3server.FaultProxy, proxied: Any, how: str
+) -> None:
+    """The index swap took effect but its answer was lost; botocore's retry then got 412 (the
+    ETag had moved: to our own record). The store took that for a concurrent change, answered
+    KEY_SLOT_CHANGED and deleted the new blob, which the index named: the model was lost
+    (DATA_LOSS BLOB_MISSING on every read, and a re-run of the rotation cannot repair it)."""
+    store, stub = proxied
+    store.put(chunked(rewrap_case.artifact("acme/m", "1"), 7000), StructureValidator())
+    proxy.inject(_lost_answer(how))
+    answer = stub.ReplaceKeySlot(
+        pb.ReplaceKeySlotRequest(
+            name="acme/m",
+            version="1",
+            expected_key_version=1,
+            key_version=2,
+            wrapped_data_key=rewrap_case.wrapped("acme/m", "1", 2),
+        ),
+        timeout=60,
+    )
+    proxy.clear()
+    assert answer.replaced and answer.model.key_version == 2
+    stored = _get_rpc(stub, "acme/m", "1")
+    assert rewrap_case.decrypt_stored(stored) == rewrap_case.plaintext_of("acme/m", "1", 100_000)
+    assert store.verify("acme/m", "1").key_version == 2
+    assert_clean(store)
+
+
+@pytest.mark.parametrize("how", ["dropped", "503"])
+def test_a_lost_answer_to_the_publish_does_not_lose_the_model(
+    proxy: s3server.FaultProxy, proxied: Any, how: str
+) -> None:
+    """The index object was created but the answer was lost; the retry got 412 (the object
+    exists: ours). The store answered ALREADY_EXISTS and deleted the blob the index named: the
+    version existed, immutable, and every read of it was DATA_LOSS BLOB_MISSING."""
+    store, stub = proxied
+    art = make_artifact("m", "1", body(1000))
+    proxy.inject(_lost_answer(how))
+    answer = stub.PutModel(
+        iter([pb.PutModelRequest(data=c) for c in chunked(art, 1 << 20)]), timeout=60
+    )
+    proxy.clear()
+    assert (answer.model.name, answer.model.version) == ("m", "1")
+    assert _get_rpc(stub, "m", "1") == art
+    assert_clean(store)
+
+
+def test_an_index_write_that_may_still_land_keeps_its_blob(
+    proxy: s3server.FaultProxy, proxied: Any, s3_bucket: str
+) -> None:
+    """Every attempt of the publish failed without an answer that says it did not happen: the
+    store cannot know whether the write will still land, so it keeps the blob (removed by a
+    later sweep if nothing names it) instead of risking an index naming a deleted blob."""
+    store, stub = proxied
+    art = make_artifact("m", "1", body(1000))
+    proxy.inject(s3server.Fault(_index_write, status=503))
+    assert _put_rpc(stub, art) == (grpc.StatusCode.UNAVAILABLE, "S3_SERVER_ERROR")
+    proxy.clear()
+    assert store.records() == ()
+    assert len(store.blob_sizes()) == 1
+    later = replica(proxy.endpoint, s3_bucket, clock=lambda: datetime.now(UTC) + timedelta(days=2))
+    assert later.last_sweep is not None and later.last_sweep.orphan_blobs_removed == 1
+    assert_clean(store)
