@@ -303,6 +303,9 @@ class FilesystemStorage(Closing):
                 return record
             temp = self._blobs.new_temp()
             hasher = hashlib.sha256(new_head.head)
+            # The copied body is checked against the recorded digest as it is read: recording the
+            # copy's own digest unchecked would turn a damaged blob into one that verifies.
+            old_hasher = hashlib.sha256(head)
             temp.write(new_head.head)
             position = record.header_size
             while position < record.artifact_size:
@@ -313,8 +316,17 @@ class FilesystemStorage(Closing):
                         reason=Reason.BLOB_TRUNCATED,
                     )
                 hasher.update(data)
+                old_hasher.update(data)
                 temp.write(data)
                 position += len(data)
+            if old_hasher.hexdigest() != record.artifact_sha256:
+                log.error(
+                    "blob %s of %s %s fails verification", record.artifact_sha256, name, version
+                )
+                raise StoredDataCorrupt(
+                    f"stored artifact {name} {version} does not match its recorded digest",
+                    reason=Reason.DIGEST_MISMATCH,
+                )
             temp.seal()
             new_record = dataclasses.replace(
                 record,

@@ -10,11 +10,11 @@ import pytest
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.artifact import InvalidArtifact, StructureValidator, parse_header
-from strongroom.modelstore.errors import KeySlotRejected, ModelNotFound
+from strongroom.modelstore.errors import KeySlotRejected, ModelNotFound, StoredDataCorrupt
 from strongroom.modelstore.service import METHOD_ROLES, ROLE_ADMIN, SERVICE_NAME
 from strongroom.modelstore.storage import FilesystemStorage
 from tests.modelstore.artifacts import chunked
-from tests.modelstore.backends import AnyStorage, assert_clean, blob_count
+from tests.modelstore.backends import AnyStorage, assert_clean, blob_count, overwrite_blob
 from tests.modelstore.conftest import Served, serve
 from tests.modelstore.rewrap_case import (
     artifact,
@@ -279,3 +279,34 @@ def test_survives_reopen(store_root: Path) -> None:
         assert storage.last_sweep.orphan_blobs_removed == 0
         assert storage.stat("acme/m", "1").key_version == 2
         assert decrypt_stored(_read(storage)) == plaintext_of("acme/m", "1", SIZE)
+
+
+def test_a_damaged_body_is_not_rewrapped_into_a_valid_one(served: Served) -> None:
+    """The filesystem backend copied the stored body into the new artifact without checking it
+    against the recorded digest, and recorded the copy's digest: a re-wrap turned a damaged
+    artifact (a flipped bit on disk) into one that verifies, so ``verify``, the sweep and the
+    store's integrity check no longer saw the damage. Both backends now refuse (DATA_LOSS
+    DIGEST_MISMATCH) and leave the model as it was."""
+    storage = served.storage
+    original = _store(storage)
+    record = storage.stat("acme/m", "1")
+    damaged = bytearray(original)
+    damaged[-1000] ^= 1
+    overwrite_blob(storage, record, bytes(damaged))
+    request = pb.ReplaceKeySlotRequest(
+        name="acme/m",
+        version="1",
+        expected_key_version=1,
+        key_version=2,
+        wrapped_data_key=wrapped("acme/m", "1", 2),
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        served.stub.ReplaceKeySlot(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS  # type: ignore[attr-defined]
+    assert ("strongroom-reason", "DIGEST_MISMATCH") in tuple(info.value.trailing_metadata())  # type: ignore[attr-defined]
+    assert storage.stat("acme/m", "1") == record
+    with pytest.raises(StoredDataCorrupt) as verified:
+        storage.verify("acme/m", "1")
+    assert verified.value.reason == "DIGEST_MISMATCH"
+    assert _read(storage) == bytes(damaged)
+    assert_clean(storage)
