@@ -1123,10 +1123,21 @@ class S3Storage(Closing):
         after = _pagetoken.start(prefix, page_size, page_token)
         start = self._index_key(*after) if after else None
         keys: list[tuple[str, str]] = []
-        for item in self._list_keys(f"{self.prefix}{INDEX_DIR}{prefix}", start, page_size + 1):
-            split = self._split_index_key(str(item["Key"]))
-            if split is not None:
-                keys.append(split)
+        # page_size + 1 records tell whether another page follows. Objects under index/ that are
+        # no record (a "folder" an S3 console made) are skipped, so they must not count: a page
+        # that met one looked short and was answered as the last one, hiding every later model
+        # (from the rotation client and the disable check too). Ask again after the last key seen
+        # until enough records are found or the bucket has no more keys.
+        while len(keys) <= page_size:
+            wanted = page_size + 1 - len(keys)
+            items = list(self._list_keys(f"{self.prefix}{INDEX_DIR}{prefix}", start, wanted))
+            for item in items:
+                split = self._split_index_key(str(item["Key"]))
+                if split is not None:
+                    keys.append(split)
+            if len(items) < wanted:
+                break
+            start = str(items[-1]["Key"])
         more = len(keys) > page_size
         keys = keys[:page_size]
         entries = self._fetch_records(keys)

@@ -498,3 +498,39 @@ def test_an_index_write_that_may_still_land_keeps_its_blob(
     later = replica(proxy.endpoint, s3_bucket, clock=lambda: datetime.now(UTC) + timedelta(days=2))
     assert later.last_sweep is not None and later.last_sweep.orphan_blobs_removed == 1
     assert_clean(store)
+
+
+def _list_rpc(stub: pb_grpc.ModelStoreServiceStub, page_size: int) -> list[tuple[str, str]]:
+    listed: list[tuple[str, str]] = []
+    token = ""
+    while True:
+        request = pb.ListModelsRequest(page_size=page_size, page_token=token)
+        page = stub.ListModels(request, timeout=30)
+        listed += [(m.name, m.version) for m in page.models]
+        token = page.next_page_token
+        if not token:
+            return listed
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 3])
+def test_objects_under_the_index_that_are_not_records_do_not_end_a_listing(
+    s3_server: s3server.MotoServer, s3_bucket: str, page_size: int
+) -> None:
+    """A key under ``index/`` that is no record (a "folder" an S3 console creates, ``index/acme/``)
+    counted against a page's size: a page that met one looked shorter than asked for, so the
+    store answered it as the last page and every later model went unlisted. The rotation client
+    and ``keys disable``'s check list the store this way: those models were neither re-wrapped
+    nor seen as needing the old KEK version, which the check then let be disabled."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    names = [f"acme/m{i}" for i in range(5)]
+    for name in names:
+        store.put([make_artifact(name, "1", b"x")], StructureValidator())
+    for marker in ("p/index/", "p/index/acme/", "p/index/acme/m2/"):
+        store._client.put_object(Bucket=s3_bucket, Key=marker, Body=b"")
+    host, channel = serve(store)
+    try:
+        listed = _list_rpc(pb_grpc.ModelStoreServiceStub(channel), page_size)
+    finally:
+        channel.close()
+        host.stop(0)
+    assert listed == [(name, "1") for name in names]
