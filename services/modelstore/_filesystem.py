@@ -278,6 +278,7 @@ class FilesystemStorage(Closing):
         expected_key_version: int,
         key_version: int,
         wrapped_dek: bytes,
+        expected_wrapped_dek: bytes = b"",
     ) -> ModelRecord:
         """Replaces a format-2 artifact's key slot (a re-wrapped data key); returns the new record.
 
@@ -298,6 +299,7 @@ class FilesystemStorage(Closing):
                 expected_key_version=expected_key_version,
                 new_key_version=key_version,
                 new_wrapped_dek=wrapped_dek,
+                expected_wrapped_dek=expected_wrapped_dek,
             )
             if new_head is None:
                 return record

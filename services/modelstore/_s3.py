@@ -719,6 +719,7 @@ class S3Storage(Closing):
         expected_key_version: int,
         key_version: int,
         wrapped_dek: bytes,
+        expected_wrapped_dek: bytes = b"",
     ) -> ModelRecord:
         """Replaces a format-2 artifact's key slot; returns the new record (rules: ``_keyslot``).
 
@@ -744,6 +745,7 @@ class S3Storage(Closing):
                 expected_key_version=expected_key_version,
                 new_key_version=key_version,
                 new_wrapped_dek=wrapped_dek,
+                expected_wrapped_dek=expected_wrapped_dek,
             )
             if new_head is None:
                 return record

@@ -310,3 +310,39 @@ def test_a_damaged_body_is_not_rewrapped_into_a_valid_one(served: Served) -> Non
     assert verified.value.reason == "DIGEST_MISMATCH"
     assert _read(storage) == bytes(damaged)
     assert_clean(storage)
+
+
+def test_the_slot_must_still_hold_the_wrapped_key_that_was_rewrapped(storage: AnyStorage) -> None:
+    """A compare-and-swap on the KEK version alone let a re-wrap of one artifact's data key land
+    on another artifact stored under the same name, version and KEK version (deleted and
+    published again meanwhile): that model could never be decrypted again."""
+    original = _store(storage)
+    stale = wrapped("acme/m", "0", 1)  # what a previous artifact of acme/m 1 held
+    with pytest.raises(KeySlotRejected) as info:
+        storage.replace_key_slot(
+            "acme/m",
+            "1",
+            expected_key_version=1,
+            key_version=2,
+            wrapped_dek=wrapped("acme/m", "0", 2),
+            expected_wrapped_dek=stale,
+        )
+    assert info.value.reason == "KEY_SLOT_CHANGED"
+    assert _read(storage) == original
+    own = wrapped("acme/m", "1", 1)
+
+    def rewrap() -> object:
+        return storage.replace_key_slot(
+            "acme/m",
+            "1",
+            expected_key_version=1,
+            key_version=2,
+            wrapped_dek=wrapped("acme/m", "1", 2),
+            expected_wrapped_dek=own,
+        )
+
+    first = rewrap()
+    # A replay (the slot now holds the new key, not the expected one) is still a no-op.
+    assert rewrap() == first
+    assert decrypt_stored(_read(storage)) == plaintext_of("acme/m", "1", SIZE)
+    assert_clean(storage)
