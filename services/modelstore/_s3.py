@@ -353,11 +353,13 @@ class _BlobWriter:
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
+        self._size = 0
         self.committed = False
         """True once :meth:`commit` succeeded: the blob exists."""
 
     def write(self, data: bytes | memoryview) -> None:
         self._buffer += data
+        self._size += len(data)
         while len(self._buffer) >= self._part_size:
             part = memoryview(self._buffer)[: self._part_size]
             try:
@@ -408,14 +410,30 @@ class _BlobWriter:
                     IfNoneMatch="*",
                 )
         except botocore.exceptions.ClientError as exc:
-            if _is_conflict(exc):
-                # Blob keys are fresh random names: a conflict is not a lost race on a model.
-                raise Internal("a fresh blob key already exists") from None
-            raise s3_error(exc, "committing an artifact") from None
+            # An earlier attempt whose answer was lost may have made the blob, so that botocore's
+            # retry was refused (412 on the create-only key, or the upload already completed).
+            if _refused_at_once(exc) or not self._exists_whole():
+                if _is_conflict(exc):
+                    # Blob keys are fresh random names: a conflict is not a lost race on a model.
+                    raise Internal("a fresh blob key already exists") from None
+                raise s3_error(exc, "committing an artifact") from None
         except _S3_FAILURES as exc:
-            raise s3_error(exc, "committing an artifact") from None
+            if not self._exists_whole():
+                raise s3_error(exc, "committing an artifact") from None
         self.committed = True
         self._buffer = bytearray()
+
+    def _exists_whole(self) -> bool:
+        """True if the blob exists with every byte written: a commit whose answer was lost took
+        effect (the key is fresh and random, so nothing else made it)."""
+        try:
+            response = self._client.head_object(Bucket=self._bucket, Key=self.key)
+        except _S3_FAILURES:
+            return False
+        if int(response.get("ContentLength", -1)) != self._size:
+            return False
+        log.warning("a blob commit answered with an error had taken effect: %s", self.key)
+        return True
 
     def abort(self) -> None:
         """Discards the upload (best effort; a sweep removes whatever this cannot)."""

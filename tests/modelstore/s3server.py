@@ -201,7 +201,9 @@ class FaultProxy:
                     for key, value in response.getheaders():
                         if key.lower() not in ("connection", "transfer-encoding", "content-length"):
                             self.send_header(key, value)
-                    self.send_header("Content-Length", str(len(data)))
+                    # A HEAD answer has no body: its Content-Length is the object's size.
+                    size = response.getheader("Content-Length") if self.command == "HEAD" else None
+                    self.send_header("Content-Length", size or str(len(data)))
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(data)

@@ -534,3 +534,37 @@ def test_objects_under_the_index_that_are_not_records_do_not_end_a_listing(
         channel.close()
         host.stop(0)
     assert listed == [(name, "1") for name in names]
+
+
+def _blob_commit(method: str, path: str) -> bool:
+    """The request that makes a blob exist: its PutObject, or CompleteMultipartUpload."""
+    blob = "/p/blobs/" in path
+    return blob and (
+        (method == "PUT" and "uploadId=" not in path) or (method == "POST" and "uploadId=" in path)
+    )
+
+
+@pytest.mark.parametrize("size", [1000, BIG], ids=["one-put", "multipart"])
+@pytest.mark.parametrize("how", ["dropped", "503"])
+def test_a_lost_answer_to_a_blob_commit_is_not_an_internal_error(
+    proxy: s3server.FaultProxy, proxied: Any, size: int, how: str
+) -> None:
+    """The blob was written but the answer was lost; botocore's retry was refused (412: the
+    create-only key exists, ours; or the multipart upload is already completed). The store took
+    that for a random key colliding and failed the upload with INTERNAL, leaving the blob behind
+    until a sweep; it now finds its own blob there, whole, and carries on. (moto answers a
+    repeated CompleteMultipartUpload with success, so only the one-PutObject cases failed here;
+    a server that refuses the repeat takes the same path.)"""
+    store, stub = proxied
+    art = make_artifact("m", "1", body(size))
+    fault = s3server.Fault(_blob_commit, after_upstream=True, times=1)
+    fault.drop, fault.status = (True, None) if how == "dropped" else (False, 503)
+    proxy.inject(fault)
+    answer = stub.PutModel(
+        iter([pb.PutModelRequest(data=c) for c in chunked(art, 1 << 20)]), timeout=60
+    )
+    proxy.clear()
+    assert fault.hits == 1
+    assert answer.model.artifact_size == len(art)
+    assert _get_rpc(stub, "m", "1") == art
+    assert_clean(store)
