@@ -865,9 +865,17 @@ class S3Storage(Closing):
                 if _is_conflict(exc):
                     continue  # changed since it was read: read it again
                 if _is_missing(exc):
-                    raise ModelNotFound(
-                        f"model {name} version {version} was deleted meanwhile"
-                    ) from None
+                    # The record read is gone, and its blob is its own (blobs are never shared).
+                    self._delete_blob(entry.blob)
+                    if _refused_at_once(exc):
+                        raise ModelNotFound(
+                            f"model {name} version {version} was deleted meanwhile"
+                        ) from None
+                    # Only a retry found it gone: an earlier attempt whose answer was lost (a
+                    # dropped connection, a 503 after the fact) deleted it. That is this call's
+                    # delete, not a NOT_FOUND.
+                    log.info("deleted model", extra={"model": name, "version": version})
+                    return
                 raise s3_error(exc, "deleting a model") from None
             except _S3_FAILURES as exc:
                 raise s3_error(exc, "deleting a model") from None

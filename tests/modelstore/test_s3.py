@@ -568,3 +568,24 @@ def test_a_lost_answer_to_a_blob_commit_is_not_an_internal_error(
     assert answer.model.artifact_size == len(art)
     assert _get_rpc(stub, "m", "1") == art
     assert_clean(store)
+
+
+@pytest.mark.parametrize("how", ["dropped", "503"])
+def test_a_lost_answer_to_a_delete_deletes_the_model_and_its_blob(
+    proxy: s3server.FaultProxy, proxied: Any, how: str
+) -> None:
+    """The index object's conditional delete took effect but its answer was lost; the retry
+    found no object. The store answered NOT_FOUND ("deleted meanwhile") for the delete it had
+    just made, and kept the model's encrypted blob in the bucket until a restart's sweep."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", body(1000))], StructureValidator())
+    fault = s3server.Fault(
+        lambda m, p: m == "DELETE" and "/p/index/" in p, after_upstream=True, times=1
+    )
+    fault.drop, fault.status = (True, None) if how == "dropped" else (False, 503)
+    proxy.inject(fault)
+    stub.DeleteModel(pb.DeleteModelRequest(name="m", version="1"), timeout=60)
+    proxy.clear()
+    assert fault.hits == 1
+    assert store.records() == ()
+    assert store.blob_sizes() == {}
