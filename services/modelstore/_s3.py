@@ -528,6 +528,15 @@ class S3Storage(Closing):
         self._closed = False
         try:
             self._client.head_bucket(Bucket=bucket)
+        except botocore.exceptions.ClientError as exc:
+            # A HEAD answer has no body, so no NoSuchBucket code: its 404 is the only sign.
+            if _status(exc) == 404:
+                log.error("S3 bucket %s does not exist", bucket)
+                raise StorageUnavailable(
+                    "the storage bucket does not exist (opening the storage bucket)",
+                    reason=Reason.S3_NO_SUCH_BUCKET,
+                ) from None
+            raise s3_error(exc, "opening the storage bucket") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "opening the storage bucket") from None
         self.last_sweep: S3SweepReport | None = self.sweep() if sweep else None

@@ -589,3 +589,13 @@ def test_a_lost_answer_to_a_delete_deletes_the_model_and_its_blob(
     assert fault.hits == 1
     assert store.records() == ()
     assert store.blob_sizes() == {}
+
+
+def test_a_missing_bucket_at_start_up_is_named(s3_server: s3server.MotoServer) -> None:
+    """The start-up check (HeadBucket) of a bucket that does not exist -- a typo in the
+    configuration, or a bucket not created yet -- failed with S3_ERROR ("the object store refused
+    a request"): a HEAD answer has no body, so no NoSuchBucket code, only its 404. It is
+    S3_NO_SUCH_BUCKET, as every later request on a vanished bucket already was."""
+    with pytest.raises(StorageUnavailable) as info:
+        replica(s3_server.endpoint, "strongroom-never-created", client={"max_attempts": 1})
+    assert info.value.reason == "S3_NO_SUCH_BUCKET"
