@@ -369,6 +369,12 @@ class FilesystemStorage(Closing):
             if remaining is None:
                 if created and self._index.references(new.artifact_sha256) == 0:
                     self._blobs.remove(new.artifact_sha256)
+                if self._index.get(old.name, old.version) is None:
+                    # Deleted during the copy: the rotation client reports that as gone, not as
+                    # a failure (KEY_SLOT_CHANGED).
+                    raise ModelNotFound(
+                        f"model {old.name} version {old.version} was deleted during the re-wrap"
+                    )
                 raise KeySlotRejected(
                     f"model {old.name} {old.version} changed during the re-wrap",
                     reason=Reason.KEY_SLOT_CHANGED,

@@ -312,6 +312,12 @@ def _each(keys: list[tuple[str, str]], read: Callable[[tuple[str, str]], T]) -> 
         return list(pool.map(read, keys))
 
 
+def _deleted_during_rewrap(name: str, version: str) -> ModelNotFound:
+    # Not KEY_SLOT_CHANGED: the rotation client reports a model deleted meanwhile as gone, not
+    # as a failure (a delete during the copy of a large model is an ordinary race).
+    return ModelNotFound(f"model {name} version {version} was deleted during the re-wrap")
+
+
 class _Superseded(Exception):
     """The blob looked up is gone because a re-wrap replaced it: look the model up again."""
 
@@ -732,6 +738,8 @@ class S3Storage(Closing):
             may_land = current is None
         else:
             may_land = current is not None and current.etag == conditioned_on
+            if current is None and isinstance(error, KeySlotRejected):
+                error = _deleted_during_rewrap(name, version)
         if may_land:
             log.warning("kept blob %s of an index write that may still land (swept later)", blob)
         raise _NotIndexed(error, may_land=may_land)
@@ -847,10 +855,19 @@ class S3Storage(Closing):
             else:
                 error = s3_error(exc, "replacing a key slot")
             if _refused_at_once(exc):
+                if isinstance(error, KeySlotRejected) and self._gone(new.name, new.version):
+                    error = _deleted_during_rewrap(new.name, new.version)
                 raise _NotIndexed(error, may_land=False) from None
         except _S3_FAILURES as exc:
             error = s3_error(exc, "replacing a key slot")
         self._settle(new.name, new.version, blob, error, conditioned_on=old.etag)
+
+    def _gone(self, name: str, version: str) -> bool:
+        """True if the model is certainly absent now (False if the index cannot be read)."""
+        try:
+            return self._get_index(name, version) is None
+        except StrongroomError:
+            return False
 
     # -- deletes -------------------------------------------------------------------------------
 

@@ -346,3 +346,34 @@ def test_the_slot_must_still_hold_the_wrapped_key_that_was_rewrapped(storage: An
     assert rewrap() == first
     assert decrypt_stored(_read(storage)) == plaintext_of("acme/m", "1", SIZE)
     assert_clean(storage)
+
+
+def test_a_model_deleted_while_its_slot_is_replaced_is_not_found(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model deleted while the store copied it into its re-wrapped artifact (seconds for a
+    large model) made ReplaceKeySlot answer FAILED_PRECONDITION KEY_SLOT_CHANGED, which the
+    rotation client reports as ``failed`` (exit 1) instead of ``gone``. It is NOT_FOUND now, and
+    nothing of the replacement is left behind."""
+    storage = served.storage
+    _store(storage)
+    real_swap = storage._swap
+
+    def delete_then_swap(*args: object, **kwargs: object) -> object:
+        storage.delete("acme/m", "1")  # an admin's ``model rm`` lands during the copy
+        return real_swap(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage, "_swap", delete_then_swap)
+    request = pb.ReplaceKeySlotRequest(
+        name="acme/m",
+        version="1",
+        expected_key_version=1,
+        key_version=2,
+        wrapped_data_key=wrapped("acme/m", "1", 2),
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        served.stub.ReplaceKeySlot(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert ("strongroom-reason", "MODEL_NOT_FOUND") in tuple(info.value.trailing_metadata())  # type: ignore[attr-defined]
+    assert blob_count(storage) == 0
+    assert_clean(storage)
