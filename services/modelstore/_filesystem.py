@@ -369,12 +369,17 @@ class FilesystemStorage(Closing):
             if remaining is None:
                 if created and self._index.references(new.artifact_sha256) == 0:
                     self._blobs.remove(new.artifact_sha256)
-                if self._index.get(old.name, old.version) is None:
+                current = self._index.get(old.name, old.version)
+                if current is None:
                     # Deleted during the copy: the rotation client reports that as gone, not as
                     # a failure (KEY_SLOT_CHANGED).
                     raise ModelNotFound(
                         f"model {old.name} version {old.version} was deleted during the re-wrap"
                     )
+                if current.artifact_sha256 == new.artifact_sha256:
+                    # Another call made the same replacement meanwhile (a concurrent rotation
+                    # run: the broker re-wraps a data key to the same bytes): done, not refused.
+                    return
                 raise KeySlotRejected(
                     f"model {old.name} {old.version} changed during the re-wrap",
                     reason=Reason.KEY_SLOT_CHANGED,

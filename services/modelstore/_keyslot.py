@@ -15,7 +15,9 @@ undecryptable (DATA_LOSS on load, never plaintext), and never change what the mo
 * the KEK version only moves forward: the store cannot be used to roll a model back to an older,
   possibly retired, KEK version.
 
-Replaying the same replacement (a second run after a crash) is a no-op, not an error.
+Replaying the same replacement (a second run after a crash) is a no-op, not an error; so is the
+same replacement made by another call while this one copied the artifact (two rotation runs: the
+broker re-wraps a data key to the same bytes), which the backends recognise by the digest.
 """
 
 from __future__ import annotations

@@ -716,10 +716,12 @@ class S3Storage(Closing):
         error: StrongroomError,
         *,
         conditioned_on: str | None,
-    ) -> None:
-        """After an index write naming ``blob`` whose outcome is unknown: returns if the index
-        object names ``blob`` (the write took effect, only its answer was lost), else raises
-        _NotIndexed(``error``).
+        identical: str | None = None,
+    ) -> bool:
+        """After an index write naming ``blob`` that failed or whose outcome is unknown: True if
+        the index object names ``blob`` (the write took effect, only its answer was lost); False
+        if it names an artifact whose digest is ``identical`` (the same bytes, written by another
+        call: ``blob`` is redundant); else raises _NotIndexed(``error``).
 
         ``conditioned_on`` is the ETag the write required (If-Match), None for create-only: once
         the object is something else, the write can no longer take effect and ``blob`` may go.
@@ -733,7 +735,9 @@ class S3Storage(Closing):
                 "an index write answered with an error had taken effect",
                 extra={"model": name, "version": version},
             )
-            return
+            return True
+        if current is not None and current.record.artifact_sha256 == identical:
+            return False
         if conditioned_on is None:
             may_land = current is None
         else:
@@ -810,7 +814,8 @@ class S3Storage(Closing):
                     header_size=new_head.header_size,
                 )
                 writer.commit()
-                self._swap(entry, new_record, blob)
+                if not self._swap(entry, new_record, blob):
+                    self._discard(writer, blob)  # another call indexed the same artifact
             except _NotIndexed as failed:
                 if not failed.may_land:
                     self._discard(writer, blob)
@@ -831,10 +836,12 @@ class S3Storage(Closing):
         )
         return new_record
 
-    def _swap(self, old: _Indexed, new: ModelRecord, blob: str) -> None:
+    def _swap(self, old: _Indexed, new: ModelRecord, blob: str) -> bool:
         """Points the index object at ``blob`` if it is still ``old`` (If-Match on its ETag).
 
-        Raises _NotIndexed unless the index object names ``blob`` (see :meth:`_settle`).
+        True if it now names ``blob``; False if another call made the same replacement meanwhile
+        (the same artifact under another blob: a concurrent rotation run; ``blob`` is redundant).
+        Raises _NotIndexed otherwise (see :meth:`_settle`).
         """
         error: StrongroomError
         try:
@@ -845,29 +852,29 @@ class S3Storage(Closing):
                 ContentType="application/json",
                 IfMatch=old.etag,
             )
-            return
+            return True
         except botocore.exceptions.ClientError as exc:
             if _is_conflict(exc) or _is_missing(exc):
                 error = KeySlotRejected(
                     f"model {new.name} {new.version} changed during the re-wrap",
                     reason=Reason.KEY_SLOT_CHANGED,
                 )
+            elif _refused_at_once(exc):
+                raise _NotIndexed(s3_error(exc, "replacing a key slot"), may_land=False) from None
             else:
                 error = s3_error(exc, "replacing a key slot")
-            if _refused_at_once(exc):
-                if isinstance(error, KeySlotRejected) and self._gone(new.name, new.version):
-                    error = _deleted_during_rewrap(new.name, new.version)
-                raise _NotIndexed(error, may_land=False) from None
         except _S3_FAILURES as exc:
             error = s3_error(exc, "replacing a key slot")
-        self._settle(new.name, new.version, blob, error, conditioned_on=old.etag)
-
-    def _gone(self, name: str, version: str) -> bool:
-        """True if the model is certainly absent now (False if the index cannot be read)."""
-        try:
-            return self._get_index(name, version) is None
-        except StrongroomError:
-            return False
+        # A refused swap is read again too: the model may be gone (NOT_FOUND), or hold the very
+        # artifact this call was writing (another run's identical re-wrap: done, not refused).
+        return self._settle(
+            new.name,
+            new.version,
+            blob,
+            error,
+            conditioned_on=old.etag,
+            identical=new.artifact_sha256,
+        )
 
     # -- deletes -------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import pytest
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.artifact import InvalidArtifact, StructureValidator, parse_header
 from strongroom.modelstore.errors import KeySlotRejected, ModelNotFound, StoredDataCorrupt
-from strongroom.modelstore.service import METHOD_ROLES, ROLE_ADMIN, SERVICE_NAME
+from strongroom.modelstore.service import METHOD_ROLES, ROLE_ADMIN, SERVICE_NAME, model_info
 from strongroom.modelstore.storage import FilesystemStorage
 from tests.modelstore.artifacts import chunked
 from tests.modelstore.backends import AnyStorage, assert_clean, blob_count, overwrite_blob
@@ -376,4 +376,39 @@ def test_a_model_deleted_while_its_slot_is_replaced_is_not_found(
     assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
     assert ("strongroom-reason", "MODEL_NOT_FOUND") in tuple(info.value.trailing_metadata())  # type: ignore[attr-defined]
     assert blob_count(storage) == 0
+    assert_clean(storage)
+
+
+def test_the_same_replacement_made_meanwhile_by_another_run_is_a_no_op(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rotation runs re-wrap the same model to the same slot (AES-KWP is deterministic: the
+    broker re-wraps one data key to the same bytes). The run whose swap came second was refused
+    KEY_SLOT_CHANGED -- reported ``failed``, exit 1 -- although the model held exactly the slot it
+    asked for; a replay after the fact was already a no-op. It is a no-op during the copy too."""
+    storage = served.storage
+    _store(storage)
+    real_swap = storage._swap
+    request = pb.ReplaceKeySlotRequest(
+        name="acme/m",
+        version="1",
+        expected_key_version=1,
+        key_version=2,
+        wrapped_data_key=wrapped("acme/m", "1", 2),
+        expected_wrapped_data_key=wrapped("acme/m", "1", 1),
+    )
+    other: list[pb.ReplaceKeySlotResponse] = []
+
+    def other_run_first(*args: object, **kwargs: object) -> object:
+        if not other:  # the other run's whole replacement lands during this one's copy
+            monkeypatch.setattr(storage, "_swap", real_swap)
+            other.append(served.stub.ReplaceKeySlot(request, timeout=30))
+        return real_swap(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage, "_swap", other_run_first)
+    answer = served.stub.ReplaceKeySlot(request, timeout=30)
+    assert other and other[0].replaced
+    assert answer.model == other[0].model == model_info(storage.stat("acme/m", "1"))
+    assert decrypt_stored(_read(storage)) == plaintext_of("acme/m", "1", SIZE)
+    assert blob_count(storage) == 1
     assert_clean(storage)
