@@ -166,6 +166,7 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
 
     Every failure of the object store is UNAVAILABLE with a reason that says which kind it was:
     ``S3_ACCESS_DENIED`` (credentials rejected or no permission: an operator must fix it),
+    ``S3_CLOCK_SKEW`` (the request's signing time is too far from the server's: fix the clock),
     ``S3_NO_SUCH_BUCKET``, ``S3_SERVER_ERROR`` (5xx after botocore's retries), ``S3_TIMEOUT``,
     ``S3_UNREACHABLE`` (connection refused or dropped), ``S3_ERROR`` (anything else).
     """
@@ -174,6 +175,14 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         log.error("S3 request failed while %s: %s (HTTP %d)", what, code, status)
+        # A 403, but not about the credentials: said to be, an operator would chase keys and
+        # policies that are fine instead of the store's clock.
+        if code == "RequestTimeTooSkewed":
+            return StorageUnavailable(
+                f"the object store refused a request while {what}: its signing time is too far "
+                "from the server's clock (check the store host's clock)",
+                reason=Reason.S3_CLOCK_SKEW,
+            )
         if code in _ACCESS_CODES or status == 403:
             return StorageUnavailable(
                 f"the object store rejected the store's credentials while {what}",

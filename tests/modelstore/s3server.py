@@ -136,6 +136,8 @@ class Fault:
     match: Callable[[str, str], bool]
     """(method, path with query) → whether this fault applies."""
     status: int | None = None
+    code: str | None = None
+    """The S3 error code in the answer (default: by status, ServiceUnavailable or InternalError)."""
     delay: float = 0.0
     drop: bool = False
     """Close the connection without answering (the server went away mid-request)."""
@@ -179,9 +181,12 @@ class FaultProxy:
                         self.close_connection = True
                         return
                     if fault.status is not None:
+                        code = fault.code or (
+                            "ServiceUnavailable" if fault.status == 503 else "InternalError"
+                        )
                         payload = (
                             b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>'
-                            + (b"ServiceUnavailable" if fault.status == 503 else b"InternalError")
+                            + code.encode()
                             + b"</Code><Message>injected</Message></Error>"
                         )
                         self.send_response(fault.status)

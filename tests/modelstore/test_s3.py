@@ -599,3 +599,25 @@ def test_a_missing_bucket_at_start_up_is_named(s3_server: s3server.MotoServer) -
     with pytest.raises(StorageUnavailable) as info:
         replica(s3_server.endpoint, "strongroom-never-created", client={"max_attempts": 1})
     assert info.value.reason == "S3_NO_SUCH_BUCKET"
+
+
+def test_a_skewed_clock_is_not_reported_as_rejected_credentials(
+    proxy: s3server.FaultProxy, proxied: Any
+) -> None:
+    """S3 refuses a request signed at a time too far from its own with 403 RequestTimeTooSkewed.
+    Every 403 was S3_ACCESS_DENIED, "the object store rejected the store's credentials": an
+    operator whose store's clock drifted went after keys and policies that were fine. It is
+    S3_CLOCK_SKEW, naming the clock."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", b"abc")], StructureValidator())
+    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=403, code="RequestTimeTooSkewed"))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=30)
+    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_CLOCK_SKEW")
+    assert "clock" in info.value.details()  # type: ignore[attr-defined]
+    proxy.clear()
+    # A plain refusal stays what it was.
+    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=403, code="AccessDenied"))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=30)
+    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_ACCESS_DENIED")
