@@ -621,3 +621,29 @@ def test_a_skewed_clock_is_not_reported_as_rejected_credentials(
     with pytest.raises(grpc.RpcError) as info:
         stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=30)
     assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_ACCESS_DENIED")
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://AKIAEXAMPLE:wJalrXUtnFEMI-endpoint-secret@s3.example.com",
+        "http://AKIAEXAMPLE:wJalrXUtnFEMI-endpoint-secret@127.0.0.1:1",
+        "https://wJalrXUtnFEMI-endpoint-secret@s3.example.com",
+    ],
+)
+def test_credentials_in_the_endpoint_url_are_refused_without_echoing_them(
+    endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An endpoint with a user-info part (``https://KEY:SECRET@host``) was accepted: botocore
+    ignores it for signing but puts the whole URL into its connection errors, which the store
+    logs ("Could not connect to the endpoint URL: https://KEY:SECRET@host/..."), so the secret
+    went to the logs on the first network failure. The configuration refuses it now (credentials
+    come from files or the environment only), without repeating it."""
+    with pytest.raises(ConfigError) as info:
+        build(
+            ModelstoreConfig,
+            {"storage": {"backend": "s3", "endpoint": endpoint, "bucket": "b"}},
+        )
+    assert "endpoint" in str(info.value)
+    assert "endpoint-secret" not in str(info.value)
+    assert "endpoint-secret" not in caplog.text
