@@ -338,3 +338,39 @@ def test_a_model_replaced_during_its_rewrap_keeps_its_own_data_key(
     )
     assert [(r.name, r.outcome) for r in results] == [(name, "rewrapped")]
     assert load(stack, name, key_id) == model.path.read_bytes()
+
+
+def test_only_an_admin_may_replace_a_key_slot(stack: DevStack, tmp_path: Path) -> None:
+    """Over real mTLS: a publisher (who may ReWrap, and read every model) or an inference server
+    cannot swap a stored model's key slot -- not even to a correct re-wrap of its own data key;
+    the model is unchanged."""
+    key_id, name = "slot-acl-kek", "acl/model"
+    stack.create_release_key(stack.identity("admin"), key_id, policy_version="acl-1")
+    model = train(tmp_path / "model.onnx")
+    publisher = stack.identity("publisher")
+    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker"))
+    key = broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30)
+    stored = put_encrypted(stack, model.path, name, key_id, key)
+    admin_keys = kb_grpc.KeyAdminServiceStub(stack.channel(stack.identity("admin"), "keybroker"))
+    admin_keys.RotateKey(kb_pb.RotateKeyRequest(key_id=key_id), timeout=30)
+    moved = broker.ReWrap(
+        kb_pb.ReWrapRequest(key_id=key_id, key_version=1, wrapped_data_key=key.wrapped_data_key),
+        timeout=30,
+    )
+    request = store_pb.ReplaceKeySlotRequest(
+        name=name,
+        version="1",
+        expected_key_version=1,
+        key_version=moved.key_version,
+        wrapped_data_key=moved.wrapped_data_key,
+    )
+    for role in ("publisher", "inference"):
+        store = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity(role), "modelstore"))
+        with pytest.raises(grpc.RpcError) as info:
+            store.ReplaceKeySlot(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    admin_store = store_grpc.ModelStoreServiceStub(
+        stack.channel(stack.identity("admin"), "modelstore")
+    )
+    after = admin_store.StatModel(store_pb.StatModelRequest(name=name, version="1"), timeout=30)
+    assert after.model == stored
