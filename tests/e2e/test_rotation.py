@@ -374,3 +374,45 @@ def test_only_an_admin_may_replace_a_key_slot(stack: DevStack, tmp_path: Path) -
     )
     after = admin_store.StatModel(store_pb.StatModelRequest(name=name, version="1"), timeout=30)
     assert after.model == stored
+
+
+def test_a_model_published_while_its_version_is_disabled_is_reported(
+    stack: DevStack,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``keys disable``'s check lists the store, then disables: a model under that version whose
+    upload completed in between (a publisher holding a data key from before the rotation) was
+    missed, and the command said nothing -- the model was found unloadable only when an
+    inference server tried. The check cannot be made atomic from the command line (the store
+    accepts such uploads; a disabled version cannot be enabled again), so the command lists the
+    store again once the version is disabled and fails naming every model that now needs it."""
+    import strongroom.cli.keys as cli_keys
+
+    key_id, name = "late-kek", "late/model"
+    admin = str(stack.write_client_config("admin"))
+    stack.create_release_key(stack.identity("admin"), key_id, policy_version="late-1")
+    model = train(tmp_path / "model.onnx")
+    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(stack.identity("publisher"), "keybroker"))
+    held = broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30)
+    code, _ = run(capsys, "keys", "rotate", key_id, "--rewrap-models", "--client-config", admin)
+    assert code == 0
+    real = cli_keys.models_needing
+    checks: list[int] = []
+
+    def check_then_upload_lands(*args: object, **kwargs: object) -> object:
+        found = real(*args, **kwargs)  # type: ignore[arg-type]
+        if not checks:  # the upload completes right after the check listed the store
+            assert put_encrypted(stack, model.path, name, key_id, held).key_version == 1
+        checks.append(len(found))
+        return found
+
+    monkeypatch.setattr(cli_keys, "models_needing", check_then_upload_lands)
+    code, err = run_err(
+        capsys, "keys", "disable", key_id, "--version", "1", "--client-config", admin
+    )
+    assert code == 1
+    assert "KEY_VERSION_IN_USE" in err and f"{name} 1 (version 1)" in err
+    assert "disabled" in err and "re-publish" in err
+    assert checks[0] == 0
