@@ -278,6 +278,7 @@ class FilesystemStorage(Closing):
         expected_key_version: int,
         key_version: int,
         wrapped_dek: bytes,
+        expected_wrapped_dek: bytes = b"",
     ) -> ModelRecord:
         """Replaces a format-2 artifact's key slot (a re-wrapped data key); returns the new record.
 
@@ -298,11 +299,15 @@ class FilesystemStorage(Closing):
                 expected_key_version=expected_key_version,
                 new_key_version=key_version,
                 new_wrapped_dek=wrapped_dek,
+                expected_wrapped_dek=expected_wrapped_dek,
             )
             if new_head is None:
                 return record
             temp = self._blobs.new_temp()
             hasher = hashlib.sha256(new_head.head)
+            # The copied body is checked against the recorded digest as it is read: recording the
+            # copy's own digest unchecked would turn a damaged blob into one that verifies.
+            old_hasher = hashlib.sha256(head)
             temp.write(new_head.head)
             position = record.header_size
             while position < record.artifact_size:
@@ -313,8 +318,17 @@ class FilesystemStorage(Closing):
                         reason=Reason.BLOB_TRUNCATED,
                     )
                 hasher.update(data)
+                old_hasher.update(data)
                 temp.write(data)
                 position += len(data)
+            if old_hasher.hexdigest() != record.artifact_sha256:
+                log.error(
+                    "blob %s of %s %s fails verification", record.artifact_sha256, name, version
+                )
+                raise StoredDataCorrupt(
+                    f"stored artifact {name} {version} does not match its recorded digest",
+                    reason=Reason.DIGEST_MISMATCH,
+                )
             temp.seal()
             new_record = dataclasses.replace(
                 record,
@@ -355,6 +369,17 @@ class FilesystemStorage(Closing):
             if remaining is None:
                 if created and self._index.references(new.artifact_sha256) == 0:
                     self._blobs.remove(new.artifact_sha256)
+                current = self._index.get(old.name, old.version)
+                if current is None:
+                    # Deleted during the copy: the rotation client reports that as gone, not as
+                    # a failure (KEY_SLOT_CHANGED).
+                    raise ModelNotFound(
+                        f"model {old.name} version {old.version} was deleted during the re-wrap"
+                    )
+                if current.artifact_sha256 == new.artifact_sha256:
+                    # Another call made the same replacement meanwhile (a concurrent rotation
+                    # run: the broker re-wraps a data key to the same bytes): done, not refused.
+                    return
                 raise KeySlotRejected(
                     f"model {old.name} {old.version} changed during the re-wrap",
                     reason=Reason.KEY_SLOT_CHANGED,

@@ -8,12 +8,16 @@ undecryptable (DATA_LOSS on load, never plaintext), and never change what the mo
 * the artifact is format 2 (format 1 binds the wrapped key into the body);
 * the header — hence the body's context: name, version, key id, sizes, digest — is unchanged,
   since only the slot bytes are replaced (``with_key_slot``);
-* the slot is still the one the caller saw (compare-and-swap on the KEK version), so two
-  concurrent re-wraps cannot interleave;
+* the slot is still the one the caller saw (compare-and-swap on the KEK version, and on the
+  wrapped data key when the caller names it), so two concurrent re-wraps cannot interleave, and a
+  model deleted and published again at the same version and KEK version while it was being
+  re-wrapped does not receive the data key of the artifact it replaced;
 * the KEK version only moves forward: the store cannot be used to roll a model back to an older,
   possibly retired, KEK version.
 
-Replaying the same replacement (a second run after a crash) is a no-op, not an error.
+Replaying the same replacement (a second run after a crash) is a no-op, not an error; so is the
+same replacement made by another call while this one copied the artifact (two rotation runs: the
+broker re-wraps a data key to the same bytes), which the backends recognise by the digest.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ def plan(
     expected_key_version: int,
     new_key_version: int,
     new_wrapped_dek: bytes,
+    expected_wrapped_dek: bytes = b"",
 ) -> ArtifactHeader | None:
     """The new head to store, or None if the artifact already carries exactly this slot.
 
-    ``head`` is the stored artifact's first ``record.header_size`` bytes. Raises KeySlotRejected
+    ``head`` is the stored artifact's first ``record.header_size`` bytes; ``expected_wrapped_dek``
+    (empty: not checked) is the wrapped data key the caller read from the slot and re-wrapped. Raises KeySlotRejected
     (KEY_SLOT_CHANGED, KEY_VERSION_NOT_NEWER, KEY_SLOT_NOT_REPLACEABLE), InvalidArtifact for a slot
     outside the format's limits, StoredDataCorrupt if the stored head does not parse.
     """
@@ -65,10 +71,17 @@ def plan(
         )
     if current.key_version == new_key_version and current.wrapped_dek == new_wrapped_dek:
         return None
-    if current.key_version != expected_key_version:
+    # The version alone does not identify the slot: a re-published model under the same KEK
+    # version carries another data key, which the caller's re-wrapped one is not.
+    if current.key_version != expected_key_version or (
+        expected_wrapped_dek and current.wrapped_dek != expected_wrapped_dek
+    ):
         raise KeySlotRejected(
             f"model {record.name} {record.version} is at KEK version {current.key_version}, "
-            f"not the expected {expected_key_version}",
+            f"not the expected {expected_key_version}"
+            if current.key_version != expected_key_version
+            else f"model {record.name} {record.version} holds another wrapped data key than the "
+            "one re-wrapped (it was replaced meanwhile)",
             reason=Reason.KEY_SLOT_CHANGED,
         )
     if new_key_version <= current.key_version:

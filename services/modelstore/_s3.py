@@ -21,6 +21,14 @@ Upload protocol (each step is invisible to readers until the last one):
    any number of concurrent uploads of one version, on any number of replicas, exactly one
    creates the index object; the others get 412 (ModelExists) and delete their blob.
 
+An index write (step 4, or a re-wrap's swap below) whose answer is not a first-attempt refusal
+may have taken effect: its answer was lost, or botocore retried it and the retry was refused
+*because the first attempt had landed* (412 against our own object). The store then reads the
+index again: naming the new blob, the write took effect and the call succeeds; naming something
+the condition can no longer match, the blob is deleted; otherwise (the write may still land, or
+the index cannot be read) the blob is kept and left to the sweep, since deleting a blob an index
+object may come to name loses the model.
+
 Key-slot replacement writes a new blob the same way, then replaces the index object with
 ``If-Match: <the ETag it read>`` (compare-and-swap), and only then deletes the old blob (a read
 that looked the model up just before, and so finds that blob gone, looks again and reads the new
@@ -49,7 +57,7 @@ from botocore.config import Config
 from strongroom import jsonparse
 from strongroom.artifact import StructureValidator
 from strongroom.closing import Closing
-from strongroom.errors import FailedPrecondition, Internal, InvalidArgument
+from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.identifiers import (
     validate_name,
     validate_sha256_hex,
@@ -158,6 +166,7 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
 
     Every failure of the object store is UNAVAILABLE with a reason that says which kind it was:
     ``S3_ACCESS_DENIED`` (credentials rejected or no permission: an operator must fix it),
+    ``S3_CLOCK_SKEW`` (the request's signing time is too far from the server's: fix the clock),
     ``S3_NO_SUCH_BUCKET``, ``S3_SERVER_ERROR`` (5xx after botocore's retries), ``S3_TIMEOUT``,
     ``S3_UNREACHABLE`` (connection refused or dropped), ``S3_ERROR`` (anything else).
     """
@@ -166,6 +175,14 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         log.error("S3 request failed while %s: %s (HTTP %d)", what, code, status)
+        # A 403, but not about the credentials: said to be, an operator would chase keys and
+        # policies that are fine instead of the store's clock.
+        if code == "RequestTimeTooSkewed":
+            return StorageUnavailable(
+                f"the object store refused a request while {what}: its signing time is too far "
+                "from the server's clock (check the store host's clock)",
+                reason=Reason.S3_CLOCK_SKEW,
+            )
         if code in _ACCESS_CODES or status == 403:
             return StorageUnavailable(
                 f"the object store rejected the store's credentials while {what}",
@@ -223,6 +240,15 @@ def _is_missing(exc: botocore.exceptions.ClientError) -> bool:
 
 def _is_conflict(exc: botocore.exceptions.ClientError) -> bool:
     return _code(exc) in _CONFLICT_CODES or _status(exc) in (409, 412)
+
+
+def _refused_at_once(exc: botocore.exceptions.ClientError) -> bool:
+    """True if the request certainly did not take effect: a 4xx answer to its first attempt.
+
+    A 4xx answer to a retry says nothing about an earlier attempt whose answer was lost (that
+    attempt may be why a conditional retry is refused), nor does a 5xx about the request."""
+    retries = int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
+    return retries == 0 and 400 <= _status(exc) < 500
 
 
 def index_key_part(name: str, version: str) -> str:
@@ -295,8 +321,28 @@ def _each(keys: list[tuple[str, str]], read: Callable[[tuple[str, str]], T]) -> 
         return list(pool.map(read, keys))
 
 
+def _deleted_during_rewrap(name: str, version: str) -> ModelNotFound:
+    # Not KEY_SLOT_CHANGED: the rotation client reports a model deleted meanwhile as gone, not
+    # as a failure (a delete during the copy of a large model is an ordinary race).
+    return ModelNotFound(f"model {name} version {version} was deleted during the re-wrap")
+
+
 class _Superseded(Exception):
     """The blob looked up is gone because a re-wrap replaced it: look the model up again."""
+
+
+class _NotIndexed(Exception):
+    """An index write failed; ``error`` is what the caller hears.
+
+    ``may_land``: the write's outcome is not known (it may still take effect), so the blob it
+    names must not be deleted; an unreferenced blob is removed by the sweep, an index naming a
+    deleted one is a lost model.
+    """
+
+    def __init__(self, error: StrongroomError, *, may_land: bool) -> None:
+        super().__init__(error)
+        self.error = error
+        self.may_land = may_land
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -322,11 +368,13 @@ class _BlobWriter:
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
+        self._size = 0
         self.committed = False
         """True once :meth:`commit` succeeded: the blob exists."""
 
     def write(self, data: bytes | memoryview) -> None:
         self._buffer += data
+        self._size += len(data)
         while len(self._buffer) >= self._part_size:
             part = memoryview(self._buffer)[: self._part_size]
             try:
@@ -377,14 +425,30 @@ class _BlobWriter:
                     IfNoneMatch="*",
                 )
         except botocore.exceptions.ClientError as exc:
-            if _is_conflict(exc):
-                # Blob keys are fresh random names: a conflict is not a lost race on a model.
-                raise Internal("a fresh blob key already exists") from None
-            raise s3_error(exc, "committing an artifact") from None
+            # An earlier attempt whose answer was lost may have made the blob, so that botocore's
+            # retry was refused (412 on the create-only key, or the upload already completed).
+            if _refused_at_once(exc) or not self._exists_whole():
+                if _is_conflict(exc):
+                    # Blob keys are fresh random names: a conflict is not a lost race on a model.
+                    raise Internal("a fresh blob key already exists") from None
+                raise s3_error(exc, "committing an artifact") from None
         except _S3_FAILURES as exc:
-            raise s3_error(exc, "committing an artifact") from None
+            if not self._exists_whole():
+                raise s3_error(exc, "committing an artifact") from None
         self.committed = True
         self._buffer = bytearray()
+
+    def _exists_whole(self) -> bool:
+        """True if the blob exists with every byte written: a commit whose answer was lost took
+        effect (the key is fresh and random, so nothing else made it)."""
+        try:
+            response = self._client.head_object(Bucket=self._bucket, Key=self.key)
+        except _S3_FAILURES:
+            return False
+        if int(response.get("ContentLength", -1)) != self._size:
+            return False
+        log.warning("a blob commit answered with an error had taken effect: %s", self.key)
+        return True
 
     def abort(self) -> None:
         """Discards the upload (best effort; a sweep removes whatever this cannot)."""
@@ -479,6 +543,15 @@ class S3Storage(Closing):
         self._closed = False
         try:
             self._client.head_bucket(Bucket=bucket)
+        except botocore.exceptions.ClientError as exc:
+            # A HEAD answer has no body, so no NoSuchBucket code: its 404 is the only sign.
+            if _status(exc) == 404:
+                log.error("S3 bucket %s does not exist", bucket)
+                raise StorageUnavailable(
+                    "the storage bucket does not exist (opening the storage bucket)",
+                    reason=Reason.S3_NO_SUCH_BUCKET,
+                ) from None
+            raise s3_error(exc, "opening the storage bucket") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "opening the storage bucket") from None
         self.last_sweep: S3SweepReport | None = self.sweep() if sweep else None
@@ -605,6 +678,10 @@ class S3Storage(Closing):
                 record = upload.finish(self._clock())
                 writer.commit()
                 self._publish(record, blob)
+            except _NotIndexed as failed:
+                if not failed.may_land:
+                    self._discard(writer, blob)
+                raise failed.error from None
             except BaseException:
                 self._discard(writer, blob)
                 raise
@@ -615,7 +692,11 @@ class S3Storage(Closing):
         return record
 
     def _publish(self, record: ModelRecord, blob: str) -> None:
-        """Creates the index object; the bucket's create-only condition makes (name, version) immutable."""
+        """Creates the index object; the bucket's create-only condition makes (name, version) immutable.
+
+        Raises _NotIndexed unless the index object names ``blob`` (see :meth:`_settle`).
+        """
+        error: StrongroomError
         try:
             self._client.put_object(
                 Bucket=self.bucket,
@@ -624,14 +705,57 @@ class S3Storage(Closing):
                 ContentType="application/json",
                 IfNoneMatch="*",
             )
+            return
         except botocore.exceptions.ClientError as exc:
             if _is_conflict(exc):
-                raise ModelExists(
-                    f"model {record.name} version {record.version} already exists"
-                ) from None
-            raise s3_error(exc, "publishing a model") from None
+                error = ModelExists(f"model {record.name} version {record.version} already exists")
+            else:
+                error = s3_error(exc, "publishing a model")
+            if _refused_at_once(exc):
+                raise _NotIndexed(error, may_land=False) from None
         except _S3_FAILURES as exc:
-            raise s3_error(exc, "publishing a model") from None
+            error = s3_error(exc, "publishing a model")
+        self._settle(record.name, record.version, blob, error, conditioned_on=None)
+
+    def _settle(
+        self,
+        name: str,
+        version: str,
+        blob: str,
+        error: StrongroomError,
+        *,
+        conditioned_on: str | None,
+        identical: str | None = None,
+    ) -> bool:
+        """After an index write naming ``blob`` that failed or whose outcome is unknown: True if
+        the index object names ``blob`` (the write took effect, only its answer was lost); False
+        if it names an artifact whose digest is ``identical`` (the same bytes, written by another
+        call: ``blob`` is redundant); else raises _NotIndexed(``error``).
+
+        ``conditioned_on`` is the ETag the write required (If-Match), None for create-only: once
+        the object is something else, the write can no longer take effect and ``blob`` may go.
+        """
+        try:
+            current = self._get_index(name, version)
+        except StrongroomError:
+            raise _NotIndexed(error, may_land=True) from None
+        if current is not None and current.blob == blob:
+            log.warning(
+                "an index write answered with an error had taken effect",
+                extra={"model": name, "version": version},
+            )
+            return True
+        if current is not None and current.record.artifact_sha256 == identical:
+            return False
+        if conditioned_on is None:
+            may_land = current is None
+        else:
+            may_land = current is not None and current.etag == conditioned_on
+            if current is None and isinstance(error, KeySlotRejected):
+                error = _deleted_during_rewrap(name, version)
+        if may_land:
+            log.warning("kept blob %s of an index write that may still land (swept later)", blob)
+        raise _NotIndexed(error, may_land=may_land)
 
     # -- key slots -----------------------------------------------------------------------------
 
@@ -643,6 +767,7 @@ class S3Storage(Closing):
         expected_key_version: int,
         key_version: int,
         wrapped_dek: bytes,
+        expected_wrapped_dek: bytes = b"",
     ) -> ModelRecord:
         """Replaces a format-2 artifact's key slot; returns the new record (rules: ``_keyslot``).
 
@@ -668,6 +793,7 @@ class S3Storage(Closing):
                 expected_key_version=expected_key_version,
                 new_key_version=key_version,
                 new_wrapped_dek=wrapped_dek,
+                expected_wrapped_dek=expected_wrapped_dek,
             )
             if new_head is None:
                 return record
@@ -697,7 +823,12 @@ class S3Storage(Closing):
                     header_size=new_head.header_size,
                 )
                 writer.commit()
-                self._swap(entry, new_record, blob)
+                if not self._swap(entry, new_record, blob):
+                    self._discard(writer, blob)  # another call indexed the same artifact
+            except _NotIndexed as failed:
+                if not failed.may_land:
+                    self._discard(writer, blob)
+                raise failed.error from None
             except BaseException:
                 self._discard(writer, blob)
                 raise
@@ -714,7 +845,14 @@ class S3Storage(Closing):
         )
         return new_record
 
-    def _swap(self, old: _Indexed, new: ModelRecord, blob: str) -> None:
+    def _swap(self, old: _Indexed, new: ModelRecord, blob: str) -> bool:
+        """Points the index object at ``blob`` if it is still ``old`` (If-Match on its ETag).
+
+        True if it now names ``blob``; False if another call made the same replacement meanwhile
+        (the same artifact under another blob: a concurrent rotation run; ``blob`` is redundant).
+        Raises _NotIndexed otherwise (see :meth:`_settle`).
+        """
+        error: StrongroomError
         try:
             self._client.put_object(
                 Bucket=self.bucket,
@@ -723,15 +861,29 @@ class S3Storage(Closing):
                 ContentType="application/json",
                 IfMatch=old.etag,
             )
+            return True
         except botocore.exceptions.ClientError as exc:
             if _is_conflict(exc) or _is_missing(exc):
-                raise KeySlotRejected(
+                error = KeySlotRejected(
                     f"model {new.name} {new.version} changed during the re-wrap",
                     reason=Reason.KEY_SLOT_CHANGED,
-                ) from None
-            raise s3_error(exc, "replacing a key slot") from None
+                )
+            elif _refused_at_once(exc):
+                raise _NotIndexed(s3_error(exc, "replacing a key slot"), may_land=False) from None
+            else:
+                error = s3_error(exc, "replacing a key slot")
         except _S3_FAILURES as exc:
-            raise s3_error(exc, "replacing a key slot") from None
+            error = s3_error(exc, "replacing a key slot")
+        # A refused swap is read again too: the model may be gone (NOT_FOUND), or hold the very
+        # artifact this call was writing (another run's identical re-wrap: done, not refused).
+        return self._settle(
+            new.name,
+            new.version,
+            blob,
+            error,
+            conditioned_on=old.etag,
+            identical=new.artifact_sha256,
+        )
 
     # -- deletes -------------------------------------------------------------------------------
 
@@ -755,9 +907,17 @@ class S3Storage(Closing):
                 if _is_conflict(exc):
                     continue  # changed since it was read: read it again
                 if _is_missing(exc):
-                    raise ModelNotFound(
-                        f"model {name} version {version} was deleted meanwhile"
-                    ) from None
+                    # The record read is gone, and its blob is its own (blobs are never shared).
+                    self._delete_blob(entry.blob)
+                    if _refused_at_once(exc):
+                        raise ModelNotFound(
+                            f"model {name} version {version} was deleted meanwhile"
+                        ) from None
+                    # Only a retry found it gone: an earlier attempt whose answer was lost (a
+                    # dropped connection, a 503 after the fact) deleted it. That is this call's
+                    # delete, not a NOT_FOUND.
+                    log.info("deleted model", extra={"model": name, "version": version})
+                    return
                 raise s3_error(exc, "deleting a model") from None
             except _S3_FAILURES as exc:
                 raise s3_error(exc, "deleting a model") from None
@@ -1033,10 +1193,21 @@ class S3Storage(Closing):
         after = _pagetoken.start(prefix, page_size, page_token)
         start = self._index_key(*after) if after else None
         keys: list[tuple[str, str]] = []
-        for item in self._list_keys(f"{self.prefix}{INDEX_DIR}{prefix}", start, page_size + 1):
-            split = self._split_index_key(str(item["Key"]))
-            if split is not None:
-                keys.append(split)
+        # page_size + 1 records tell whether another page follows. Objects under index/ that are
+        # no record (a "folder" an S3 console made) are skipped, so they must not count: a page
+        # that met one looked short and was answered as the last one, hiding every later model
+        # (from the rotation client and the disable check too). Ask again after the last key seen
+        # until enough records are found or the bucket has no more keys.
+        while len(keys) <= page_size:
+            wanted = page_size + 1 - len(keys)
+            items = list(self._list_keys(f"{self.prefix}{INDEX_DIR}{prefix}", start, wanted))
+            for item in items:
+                split = self._split_index_key(str(item["Key"]))
+                if split is not None:
+                    keys.append(split)
+            if len(items) < wanted:
+                break
+            start = str(items[-1]["Key"])
         more = len(keys) > page_size
         keys = keys[:page_size]
         entries = self._fetch_records(keys)

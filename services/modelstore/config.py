@@ -23,6 +23,14 @@ MAX_PARTS = 10_000
 """S3's largest number of parts in one multipart upload."""
 
 
+def _has_user_info(endpoint: str) -> bool:
+    """True if the URL has a user-info part (``user[:password]@`` before the host)."""
+    try:
+        return "@" in urllib.parse.urlsplit(endpoint).netloc
+    except ValueError:
+        return False  # malformed: refused by _endpoint_allowed
+
+
 def _endpoint_allowed(endpoint: str) -> bool:
     """True for an ``https://`` URL, or an ``http://`` one whose host is loopback (a test server).
 
@@ -85,6 +93,14 @@ class StorageConfig:
             return
         if not self.endpoint or not self.bucket:
             raise ConfigError("modelstore.storage: backend s3 needs endpoint and bucket")
+        if _has_user_info(self.endpoint):
+            # botocore does not sign with it but repeats the whole URL in its connection errors,
+            # which the store logs: a secret here would go to the logs. Not echoed here either.
+            raise ConfigError(
+                "modelstore.storage.endpoint must not carry credentials (user@ or user:secret@): "
+                "give them as access_key_id_file / secret_access_key_file or their environment "
+                "variables"
+            )
         if not _endpoint_allowed(self.endpoint):
             raise ConfigError(
                 "modelstore.storage.endpoint must be https:// (plain http only on loopback)"

@@ -249,6 +249,7 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                 expected_key_version=request.expected_key_version,
                 key_version=request.key_version,
                 wrapped_dek=request.wrapped_data_key,
+                expected_wrapped_dek=request.expected_wrapped_data_key,
             )
         except StrongroomError as exc:
             KEY_SLOTS_REPLACED.add(1, {"key_id": before.key_id, "outcome": exc.reason})

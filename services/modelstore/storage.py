@@ -146,9 +146,12 @@ class Storage(Protocol):
         expected_key_version: int,
         key_version: int,
         wrapped_dek: bytes,
+        expected_wrapped_dek: bytes = b"",
     ) -> ModelRecord:
         """Atomically replaces a format-2 artifact's key slot (rules: ``_keyslot``).
 
+        ``expected_wrapped_dek`` (empty: not checked) is the wrapped data key the caller read
+        from the slot and re-wrapped; the slot must still hold it (KEY_SLOT_CHANGED otherwise).
         Returns the record after the call (unchanged if the slot was already this one). The
         artifact is visible whole under the old slot or the new one, never anything else, even if
         the process dies mid-way. ModelNotFound, KeySlotRejected, InvalidArtifact.

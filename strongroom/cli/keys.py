@@ -169,7 +169,41 @@ def _disable(args: argparse.Namespace) -> int:
         if not args.force:
             _check_unused(client, args.key_id, args.version)
         request = pb.DisableKeyRequest(key_id=args.key_id, version=args.version)
-        return _print(stub.DisableKey(request, timeout=TIMEOUT).key)
+        _print(stub.DisableKey(request, timeout=TIMEOUT).key)
+        if not args.force:
+            # The check and the disable are two calls: an upload under the version that
+            # completed between them (a data key obtained before the rotation) was missed, and
+            # the store cannot refuse it. The version cannot be enabled again, so the least the
+            # command can do is list the store once more and name what can no longer be loaded.
+            _check_disabled_unused(client, args.key_id, args.version)
+        return 0
+
+
+def _check_disabled_unused(client: Client, key_id: str, version: int) -> None:
+    """After a disable: FAILED_PRECONDITION (KEY_VERSION_IN_USE) naming the stored models that
+    need the now disabled ``version`` of ``key_id`` (any version if 0)."""
+    which = f"version {version} of {key_id}" if version else f"every version of {key_id}"
+    try:
+        needing = models_needing(key_id, version, store=client.channel("modelstore"))
+    except (grpc.RpcError, ConfigError):
+        print(
+            f"strongroom: {which} is disabled, but the model store could not be listed again to "
+            "check that no model was published under it meanwhile",
+            file=sys.stderr,
+        )
+        raise
+    if not needing:
+        return
+    shown = ", ".join(
+        f"{printable(m.name)} {printable(m.version)} (version {m.key_version})"
+        for m in needing[:10]
+    )
+    more = f" and {len(needing) - 10} more" if len(needing) > 10 else ""
+    raise FailedPrecondition(
+        f"{which} is disabled, but {len(needing)} stored model(s) published under it while it "
+        f"was being disabled can no longer be loaded: {shown}{more}; re-publish them",
+        reason=Reason.KEY_VERSION_IN_USE,
+    )
 
 
 def _check_unused(client: Client, key_id: str, version: int) -> None:

@@ -5,7 +5,8 @@ For each stored artifact under the key (format 2, naming an older KEK version):
 1. read its head from the store (at most 68 KiB: prefix, header, key slot) and parse it keylessly;
 2. ask the broker to re-wrap the data key (``ReWrap``: unwrap under the old version and wrap under
    the current one, both inside the HSM; the plaintext key never leaves it);
-3. ask the store to replace the slot (``ReplaceKeySlot``: compare-and-swap on the old version).
+3. ask the store to replace the slot (``ReplaceKeySlot``: compare-and-swap on the old version and
+   the wrapped key that was re-wrapped).
 
 Every step is idempotent and each artifact is replaced atomically by the store, so an interrupted
 run (this process, the broker or the store killed at any point) leaves every artifact whole under
@@ -179,6 +180,9 @@ def _rewrap_one(
                 expected_key_version=header.key_version,
                 key_version=rewrapped.key_version,
                 wrapped_data_key=rewrapped.wrapped_data_key,
+                # The slot must still hold the key just re-wrapped: the model may have been
+                # deleted and published again (another data key, same KEK version) meanwhile.
+                expected_wrapped_data_key=header.wrapped_dek,
             ),
             timeout=timeout,
         )

@@ -7,6 +7,7 @@ simulated SEV-SNP VM) and ONNX Runtime, as the inference service does.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -274,3 +275,144 @@ def test_disable_without_a_reachable_store_is_refused_unless_forced(
     code, _ = run(capsys, "keys", "disable", key_id, "--force", "--client-config", str(no_store))
     assert code == 0
     assert states() == [kb_pb.KEY_STATE_DISABLED]
+
+
+class _ReWrapThen:
+    """The broker as the rotation client sees it, with ``then`` run right after each ReWrap
+    answer: something happening to the store between the re-wrap and the slot replacement."""
+
+    def __init__(self, broker: kb_grpc.KeyBrokerServiceStub, then: Callable[[], None]) -> None:
+        self._broker = broker
+        self._then = then
+
+    def ReWrap(self, request: kb_pb.ReWrapRequest, timeout: float) -> kb_pb.ReWrapResponse:
+        answer = self._broker.ReWrap(request, timeout=timeout)
+        self._then()
+        return answer
+
+
+def test_a_model_replaced_during_its_rewrap_keeps_its_own_data_key(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """The slot replacement was a compare-and-swap on the KEK version only. A model deleted and
+    published again (same name and version, a fresh data key under the same old KEK version)
+    between the rotation client's re-wrap and its ReplaceKeySlot received the *previous*
+    artifact's data key: reported ``rewrapped``, it could never be loaded again (its own wrapped
+    data key was gone with the replaced slot). The replacement is now conditional on the slot
+    still holding the wrapped key that was re-wrapped: KEY_SLOT_CHANGED, the model untouched,
+    and the next run re-wraps its own key."""
+    from strongroom.client.rewrap import _rewrap_one, rewrap_models
+
+    key_id, name = "race-kek", "race/model"
+    stack.create_release_key(stack.identity("admin"), key_id, policy_version="race-1")
+    model = train(tmp_path / "model.onnx")
+    admin, publisher = stack.identity("admin"), stack.identity("publisher")
+    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker"))
+    store = store_grpc.ModelStoreServiceStub(stack.channel(admin, "modelstore"))
+
+    def data_key() -> kb_pb.GenerateDataKeyResponse:
+        return broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30)
+
+    # Two data keys obtained before the rotation: one published now, one held by a publisher
+    # that publishes after the rotation (both under KEK version 1).
+    first, held = data_key(), data_key()
+    listed = put_encrypted(stack, model.path, name, key_id, first)
+    admin_keys = kb_grpc.KeyAdminServiceStub(stack.channel(admin, "keybroker"))
+    admin_keys.RotateKey(kb_pb.RotateKeyRequest(key_id=key_id), timeout=30)
+
+    def republish() -> None:
+        store.DeleteModel(store_pb.DeleteModelRequest(name=name, version="1"), timeout=30)
+        assert put_encrypted(stack, model.path, name, key_id, held).key_version == 1
+
+    racing = _ReWrapThen(kb_grpc.KeyBrokerServiceStub(stack.channel(admin, "keybroker")), republish)
+    result = _rewrap_one(store, racing, listed, 2, 30)  # type: ignore[arg-type]
+    assert (result.outcome, result.reason) == ("failed", "KEY_SLOT_CHANGED")
+    assert load(stack, name, key_id) == model.path.read_bytes()
+    results = list(
+        rewrap_models(
+            key_id,
+            current_version=2,
+            broker=stack.channel(admin, "keybroker"),
+            store=stack.channel(admin, "modelstore"),
+        )
+    )
+    assert [(r.name, r.outcome) for r in results] == [(name, "rewrapped")]
+    assert load(stack, name, key_id) == model.path.read_bytes()
+
+
+def test_only_an_admin_may_replace_a_key_slot(stack: DevStack, tmp_path: Path) -> None:
+    """Over real mTLS: a publisher (who may ReWrap, and read every model) or an inference server
+    cannot swap a stored model's key slot -- not even to a correct re-wrap of its own data key;
+    the model is unchanged."""
+    key_id, name = "slot-acl-kek", "acl/model"
+    stack.create_release_key(stack.identity("admin"), key_id, policy_version="acl-1")
+    model = train(tmp_path / "model.onnx")
+    publisher = stack.identity("publisher")
+    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker"))
+    key = broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30)
+    stored = put_encrypted(stack, model.path, name, key_id, key)
+    admin_keys = kb_grpc.KeyAdminServiceStub(stack.channel(stack.identity("admin"), "keybroker"))
+    admin_keys.RotateKey(kb_pb.RotateKeyRequest(key_id=key_id), timeout=30)
+    moved = broker.ReWrap(
+        kb_pb.ReWrapRequest(key_id=key_id, key_version=1, wrapped_data_key=key.wrapped_data_key),
+        timeout=30,
+    )
+    request = store_pb.ReplaceKeySlotRequest(
+        name=name,
+        version="1",
+        expected_key_version=1,
+        key_version=moved.key_version,
+        wrapped_data_key=moved.wrapped_data_key,
+    )
+    for role in ("publisher", "inference"):
+        store = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity(role), "modelstore"))
+        with pytest.raises(grpc.RpcError) as info:
+            store.ReplaceKeySlot(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    admin_store = store_grpc.ModelStoreServiceStub(
+        stack.channel(stack.identity("admin"), "modelstore")
+    )
+    after = admin_store.StatModel(store_pb.StatModelRequest(name=name, version="1"), timeout=30)
+    assert after.model == stored
+
+
+def test_a_model_published_while_its_version_is_disabled_is_reported(
+    stack: DevStack,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``keys disable``'s check lists the store, then disables: a model under that version whose
+    upload completed in between (a publisher holding a data key from before the rotation) was
+    missed, and the command said nothing -- the model was found unloadable only when an
+    inference server tried. The check cannot be made atomic from the command line (the store
+    accepts such uploads; a disabled version cannot be enabled again), so the command lists the
+    store again once the version is disabled and fails naming every model that now needs it."""
+    import strongroom.cli.keys as cli_keys
+
+    key_id, name = "late-kek", "late/model"
+    admin = str(stack.write_client_config("admin"))
+    stack.create_release_key(stack.identity("admin"), key_id, policy_version="late-1")
+    model = train(tmp_path / "model.onnx")
+    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(stack.identity("publisher"), "keybroker"))
+    held = broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30)
+    code, _ = run(capsys, "keys", "rotate", key_id, "--rewrap-models", "--client-config", admin)
+    assert code == 0
+    real = cli_keys.models_needing
+    checks: list[int] = []
+
+    def check_then_upload_lands(*args: object, **kwargs: object) -> object:
+        found = real(*args, **kwargs)  # type: ignore[arg-type]
+        if not checks:  # the upload completes right after the check listed the store
+            assert put_encrypted(stack, model.path, name, key_id, held).key_version == 1
+        checks.append(len(found))
+        return found
+
+    monkeypatch.setattr(cli_keys, "models_needing", check_then_upload_lands)
+    code, err = run_err(
+        capsys, "keys", "disable", key_id, "--version", "1", "--client-config", admin
+    )
+    assert code == 1
+    assert "KEY_VERSION_IN_USE" in err and f"{name} 1 (version 1)" in err
+    assert "disabled" in err and "re-publish" in err
+    assert checks[0] == 0

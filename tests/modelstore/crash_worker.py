@@ -1,6 +1,7 @@
 """Subprocess for the crash test: uploads and deletes at random, forever, until it is SIGKILLed.
 
-Usage: ``python -m tests.modelstore.crash_worker ROOT SEED [POINT]``. Prints ``ready`` once the
+Usage: ``python -m tests.modelstore.crash_worker ROOT SEED [POINT]`` (for ``s3-rewrap-loop``,
+ROOT is ``ENDPOINT|BUCKET`` of an S3 server). Prints ``ready`` once the
 storage is open (after its start-up sweep), then never writes to stdout again. With POINT, the
 process instead kills itself at that exact step of the first upload (``before-insert``: the blob is
 renamed into place but its index row not yet written) or delete (``before-unlink``: the row is
@@ -79,6 +80,28 @@ def rewrap_loop(root: Path) -> None:
             )
 
 
+def s3_rewrap_loop(endpoint: str, bucket: str) -> None:
+    """:func:`rewrap_loop` on the S3 backend (bucket ``bucket``, prefix ``p/``), until killed."""
+    from strongroom.modelstore.storage import S3Storage
+    from tests.modelstore import s3server
+
+    storage = S3Storage(
+        s3server.client(endpoint), bucket, prefix="p/", part_size=5 * 1024 * 1024, sweep=False
+    )
+    print("ready", flush=True)
+    records = storage.records()
+    for _ in range(1_000_000):
+        for r in records:
+            current = storage.stat(r.name, r.version).key_version
+            storage.replace_key_slot(
+                r.name,
+                r.version,
+                expected_key_version=current,
+                key_version=current + 1,
+                wrapped_dek=rewrap_case.wrapped(r.name, r.version, current + 1),
+            )
+
+
 def main(root: Path, seed: int) -> None:
     rng = random.Random(seed)
     shared_arts = [
@@ -118,6 +141,9 @@ def main(root: Path, seed: int) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[3:] == ["s3-rewrap-loop"]:
+        endpoint, _, bucket = sys.argv[1].rpartition("|")
+        s3_rewrap_loop(endpoint, bucket)
     if sys.argv[3:] == ["rewrap-loop"]:
         rewrap_loop(Path(sys.argv[1]))
     if len(sys.argv) > 3:

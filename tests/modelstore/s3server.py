@@ -136,9 +136,14 @@ class Fault:
     match: Callable[[str, str], bool]
     """(method, path with query) → whether this fault applies."""
     status: int | None = None
+    code: str | None = None
+    """The S3 error code in the answer (default: by status, ServiceUnavailable or InternalError)."""
     delay: float = 0.0
     drop: bool = False
     """Close the connection without answering (the server went away mid-request)."""
+    after_upstream: bool = False
+    """Send the request to the server first, then apply ``status`` or ``drop`` to its answer:
+    the request took effect but its caller cannot know (an answer lost on the way back)."""
     times: int | None = None
     hits: int = 0
 
@@ -165,6 +170,8 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 fault = proxy._fault(self.command, self.path)
+                if fault is not None and fault.after_upstream:
+                    proxy._forward(self.command, self.path, body, dict(self.headers.items()))
                 if fault is not None:
                     if fault.delay:
                         time.sleep(fault.delay)
@@ -174,9 +181,12 @@ class FaultProxy:
                         self.close_connection = True
                         return
                     if fault.status is not None:
+                        code = fault.code or (
+                            "ServiceUnavailable" if fault.status == 503 else "InternalError"
+                        )
                         payload = (
                             b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>'
-                            + (b"ServiceUnavailable" if fault.status == 503 else b"InternalError")
+                            + code.encode()
                             + b"</Code><Message>injected</Message></Error>"
                         )
                         self.send_response(fault.status)
@@ -196,7 +206,9 @@ class FaultProxy:
                     for key, value in response.getheaders():
                         if key.lower() not in ("connection", "transfer-encoding", "content-length"):
                             self.send_header(key, value)
-                    self.send_header("Content-Length", str(len(data)))
+                    # A HEAD answer has no body: its Content-Length is the object's size.
+                    size = response.getheader("Content-Length") if self.command == "HEAD" else None
+                    self.send_header("Content-Length", size or str(len(data)))
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(data)
@@ -211,6 +223,16 @@ class FaultProxy:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    def _forward(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> None:
+        """Sends one request to the server and discards its answer."""
+        upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
+        try:
+            sent = {k: v for k, v in headers.items() if k.lower() != "connection"}
+            upstream.request(method, path, body=body, headers=sent)
+            upstream.getresponse().read()
+        finally:
+            upstream.close()
 
     def _fault(self, method: str, path: str) -> Fault | None:
         with self._lock:

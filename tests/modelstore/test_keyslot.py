@@ -10,11 +10,11 @@ import pytest
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.artifact import InvalidArtifact, StructureValidator, parse_header
-from strongroom.modelstore.errors import KeySlotRejected, ModelNotFound
-from strongroom.modelstore.service import METHOD_ROLES, ROLE_ADMIN, SERVICE_NAME
+from strongroom.modelstore.errors import KeySlotRejected, ModelNotFound, StoredDataCorrupt
+from strongroom.modelstore.service import METHOD_ROLES, ROLE_ADMIN, SERVICE_NAME, model_info
 from strongroom.modelstore.storage import FilesystemStorage
 from tests.modelstore.artifacts import chunked
-from tests.modelstore.backends import AnyStorage, assert_clean, blob_count
+from tests.modelstore.backends import AnyStorage, assert_clean, blob_count, overwrite_blob
 from tests.modelstore.conftest import Served, serve
 from tests.modelstore.rewrap_case import (
     artifact,
@@ -279,3 +279,136 @@ def test_survives_reopen(store_root: Path) -> None:
         assert storage.last_sweep.orphan_blobs_removed == 0
         assert storage.stat("acme/m", "1").key_version == 2
         assert decrypt_stored(_read(storage)) == plaintext_of("acme/m", "1", SIZE)
+
+
+def test_a_damaged_body_is_not_rewrapped_into_a_valid_one(served: Served) -> None:
+    """The filesystem backend copied the stored body into the new artifact without checking it
+    against the recorded digest, and recorded the copy's digest: a re-wrap turned a damaged
+    artifact (a flipped bit on disk) into one that verifies, so ``verify``, the sweep and the
+    store's integrity check no longer saw the damage. Both backends now refuse (DATA_LOSS
+    DIGEST_MISMATCH) and leave the model as it was."""
+    storage = served.storage
+    original = _store(storage)
+    record = storage.stat("acme/m", "1")
+    damaged = bytearray(original)
+    damaged[-1000] ^= 1
+    overwrite_blob(storage, record, bytes(damaged))
+    request = pb.ReplaceKeySlotRequest(
+        name="acme/m",
+        version="1",
+        expected_key_version=1,
+        key_version=2,
+        wrapped_data_key=wrapped("acme/m", "1", 2),
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        served.stub.ReplaceKeySlot(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS  # type: ignore[attr-defined]
+    assert ("strongroom-reason", "DIGEST_MISMATCH") in tuple(info.value.trailing_metadata())  # type: ignore[attr-defined]
+    assert storage.stat("acme/m", "1") == record
+    with pytest.raises(StoredDataCorrupt) as verified:
+        storage.verify("acme/m", "1")
+    assert verified.value.reason == "DIGEST_MISMATCH"
+    assert _read(storage) == bytes(damaged)
+    assert_clean(storage)
+
+
+def test_the_slot_must_still_hold_the_wrapped_key_that_was_rewrapped(storage: AnyStorage) -> None:
+    """A compare-and-swap on the KEK version alone let a re-wrap of one artifact's data key land
+    on another artifact stored under the same name, version and KEK version (deleted and
+    published again meanwhile): that model could never be decrypted again."""
+    original = _store(storage)
+    stale = wrapped("acme/m", "0", 1)  # what a previous artifact of acme/m 1 held
+    with pytest.raises(KeySlotRejected) as info:
+        storage.replace_key_slot(
+            "acme/m",
+            "1",
+            expected_key_version=1,
+            key_version=2,
+            wrapped_dek=wrapped("acme/m", "0", 2),
+            expected_wrapped_dek=stale,
+        )
+    assert info.value.reason == "KEY_SLOT_CHANGED"
+    assert _read(storage) == original
+    own = wrapped("acme/m", "1", 1)
+
+    def rewrap() -> object:
+        return storage.replace_key_slot(
+            "acme/m",
+            "1",
+            expected_key_version=1,
+            key_version=2,
+            wrapped_dek=wrapped("acme/m", "1", 2),
+            expected_wrapped_dek=own,
+        )
+
+    first = rewrap()
+    # A replay (the slot now holds the new key, not the expected one) is still a no-op.
+    assert rewrap() == first
+    assert decrypt_stored(_read(storage)) == plaintext_of("acme/m", "1", SIZE)
+    assert_clean(storage)
+
+
+def test_a_model_deleted_while_its_slot_is_replaced_is_not_found(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model deleted while the store copied it into its re-wrapped artifact (seconds for a
+    large model) made ReplaceKeySlot answer FAILED_PRECONDITION KEY_SLOT_CHANGED, which the
+    rotation client reports as ``failed`` (exit 1) instead of ``gone``. It is NOT_FOUND now, and
+    nothing of the replacement is left behind."""
+    storage = served.storage
+    _store(storage)
+    real_swap = storage._swap
+
+    def delete_then_swap(*args: object, **kwargs: object) -> object:
+        storage.delete("acme/m", "1")  # an admin's ``model rm`` lands during the copy
+        return real_swap(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage, "_swap", delete_then_swap)
+    request = pb.ReplaceKeySlotRequest(
+        name="acme/m",
+        version="1",
+        expected_key_version=1,
+        key_version=2,
+        wrapped_data_key=wrapped("acme/m", "1", 2),
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        served.stub.ReplaceKeySlot(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert ("strongroom-reason", "MODEL_NOT_FOUND") in tuple(info.value.trailing_metadata())  # type: ignore[attr-defined]
+    assert blob_count(storage) == 0
+    assert_clean(storage)
+
+
+def test_the_same_replacement_made_meanwhile_by_another_run_is_a_no_op(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rotation runs re-wrap the same model to the same slot (AES-KWP is deterministic: the
+    broker re-wraps one data key to the same bytes). The run whose swap came second was refused
+    KEY_SLOT_CHANGED -- reported ``failed``, exit 1 -- although the model held exactly the slot it
+    asked for; a replay after the fact was already a no-op. It is a no-op during the copy too."""
+    storage = served.storage
+    _store(storage)
+    real_swap = storage._swap
+    request = pb.ReplaceKeySlotRequest(
+        name="acme/m",
+        version="1",
+        expected_key_version=1,
+        key_version=2,
+        wrapped_data_key=wrapped("acme/m", "1", 2),
+        expected_wrapped_data_key=wrapped("acme/m", "1", 1),
+    )
+    other: list[pb.ReplaceKeySlotResponse] = []
+
+    def other_run_first(*args: object, **kwargs: object) -> object:
+        if not other:  # the other run's whole replacement lands during this one's copy
+            monkeypatch.setattr(storage, "_swap", real_swap)
+            other.append(served.stub.ReplaceKeySlot(request, timeout=30))
+        return real_swap(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage, "_swap", other_run_first)
+    answer = served.stub.ReplaceKeySlot(request, timeout=30)
+    assert other and other[0].replaced
+    assert answer.model == other[0].model == model_info(storage.stat("acme/m", "1"))
+    assert decrypt_stored(_read(storage)) == plaintext_of("acme/m", "1", SIZE)
+    assert blob_count(storage) == 1
+    assert_clean(storage)

@@ -25,7 +25,7 @@ from strongroom.modelstore.config import ModelstoreConfig, StorageConfig
 from strongroom.modelstore.errors import ModelExists, StorageUnavailable, StoredDataCorrupt
 from strongroom.modelstore.storage import S3Storage, open_storage
 from strongroom.runtime.config import ConfigError, build
-from tests.modelstore import s3server
+from tests.modelstore import rewrap_case, s3server
 from tests.modelstore.artifacts import chunked, make_artifact
 from tests.modelstore.backends import assert_clean
 from tests.modelstore.conftest import S3_TEST_PART_SIZE, serve
@@ -415,3 +415,235 @@ def test_configuration(
     with pytest.raises(Exception) as info:
         open_storage(config)
     assert getattr(info.value, "reason", "") == "SECRET_FILE_PERMISSIONS"
+
+
+def _index_write(method: str, path: str) -> bool:
+    return method == "PUT" and "/p/index/" in path
+
+
+def _lost_answer(how: str) -> s3server.Fault:
+    """The next index write reaches the bucket and takes effect, but its answer is lost: the
+    connection drops, or a 503 comes back (both retried by botocore; the retry gets 412)."""
+    if how == "dropped":
+        return s3server.Fault(_index_write, after_upstream=True, drop=True, times=1)
+    return s3server.Fault(_index_write, after_upstream=True, status=503, times=1)
+
+
+def _get_rpc(stub: pb_grpc.ModelStoreServiceStub, name: str, version: str) -> bytes:
+    request = pb.GetModelRequest(name=name, version=version)
+    return b"".join(r.data for r in stub.GetModel(request, timeout=60))
+
+
+@pytest.mark.parametrize("how", ["dropped", "503"])
+def test_a_lost_answer_to_the_key_slot_swap_does_not_lose_the_model(
+    proxy: s3server.FaultProxy, proxied: Any, how: str
+) -> None:
+    """The index swap took effect but its answer was lost; botocore's retry then got 412 (the
+    ETag had moved: to our own record). The store took that for a concurrent change, answered
+    KEY_SLOT_CHANGED and deleted the new blob, which the index named: the model was lost
+    (DATA_LOSS BLOB_MISSING on every read, and a re-run of the rotation cannot repair it)."""
+    store, stub = proxied
+    store.put(chunked(rewrap_case.artifact("acme/m", "1"), 7000), StructureValidator())
+    proxy.inject(_lost_answer(how))
+    answer = stub.ReplaceKeySlot(
+        pb.ReplaceKeySlotRequest(
+            name="acme/m",
+            version="1",
+            expected_key_version=1,
+            key_version=2,
+            wrapped_data_key=rewrap_case.wrapped("acme/m", "1", 2),
+        ),
+        timeout=60,
+    )
+    proxy.clear()
+    assert answer.replaced and answer.model.key_version == 2
+    stored = _get_rpc(stub, "acme/m", "1")
+    assert rewrap_case.decrypt_stored(stored) == rewrap_case.plaintext_of("acme/m", "1", 100_000)
+    assert store.verify("acme/m", "1").key_version == 2
+    assert_clean(store)
+
+
+@pytest.mark.parametrize("how", ["dropped", "503"])
+def test_a_lost_answer_to_the_publish_does_not_lose_the_model(
+    proxy: s3server.FaultProxy, proxied: Any, how: str
+) -> None:
+    """The index object was created but the answer was lost; the retry got 412 (the object
+    exists: ours). The store answered ALREADY_EXISTS and deleted the blob the index named: the
+    version existed, immutable, and every read of it was DATA_LOSS BLOB_MISSING."""
+    store, stub = proxied
+    art = make_artifact("m", "1", body(1000))
+    proxy.inject(_lost_answer(how))
+    answer = stub.PutModel(
+        iter([pb.PutModelRequest(data=c) for c in chunked(art, 1 << 20)]), timeout=60
+    )
+    proxy.clear()
+    assert (answer.model.name, answer.model.version) == ("m", "1")
+    assert _get_rpc(stub, "m", "1") == art
+    assert_clean(store)
+
+
+def test_an_index_write_that_may_still_land_keeps_its_blob(
+    proxy: s3server.FaultProxy, proxied: Any, s3_bucket: str
+) -> None:
+    """Every attempt of the publish failed without an answer that says it did not happen: the
+    store cannot know whether the write will still land, so it keeps the blob (removed by a
+    later sweep if nothing names it) instead of risking an index naming a deleted blob."""
+    store, stub = proxied
+    art = make_artifact("m", "1", body(1000))
+    proxy.inject(s3server.Fault(_index_write, status=503))
+    assert _put_rpc(stub, art) == (grpc.StatusCode.UNAVAILABLE, "S3_SERVER_ERROR")
+    proxy.clear()
+    assert store.records() == ()
+    assert len(store.blob_sizes()) == 1
+    later = replica(proxy.endpoint, s3_bucket, clock=lambda: datetime.now(UTC) + timedelta(days=2))
+    assert later.last_sweep is not None and later.last_sweep.orphan_blobs_removed == 1
+    assert_clean(store)
+
+
+def _list_rpc(stub: pb_grpc.ModelStoreServiceStub, page_size: int) -> list[tuple[str, str]]:
+    listed: list[tuple[str, str]] = []
+    token = ""
+    while True:
+        request = pb.ListModelsRequest(page_size=page_size, page_token=token)
+        page = stub.ListModels(request, timeout=30)
+        listed += [(m.name, m.version) for m in page.models]
+        token = page.next_page_token
+        if not token:
+            return listed
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 3])
+def test_objects_under_the_index_that_are_not_records_do_not_end_a_listing(
+    s3_server: s3server.MotoServer, s3_bucket: str, page_size: int
+) -> None:
+    """A key under ``index/`` that is no record (a "folder" an S3 console creates, ``index/acme/``)
+    counted against a page's size: a page that met one looked shorter than asked for, so the
+    store answered it as the last page and every later model went unlisted. The rotation client
+    and ``keys disable``'s check list the store this way: those models were neither re-wrapped
+    nor seen as needing the old KEK version, which the check then let be disabled."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    names = [f"acme/m{i}" for i in range(5)]
+    for name in names:
+        store.put([make_artifact(name, "1", b"x")], StructureValidator())
+    for marker in ("p/index/", "p/index/acme/", "p/index/acme/m2/"):
+        store._client.put_object(Bucket=s3_bucket, Key=marker, Body=b"")
+    host, channel = serve(store)
+    try:
+        listed = _list_rpc(pb_grpc.ModelStoreServiceStub(channel), page_size)
+    finally:
+        channel.close()
+        host.stop(0)
+    assert listed == [(name, "1") for name in names]
+
+
+def _blob_commit(method: str, path: str) -> bool:
+    """The request that makes a blob exist: its PutObject, or CompleteMultipartUpload."""
+    blob = "/p/blobs/" in path
+    return blob and (
+        (method == "PUT" and "uploadId=" not in path) or (method == "POST" and "uploadId=" in path)
+    )
+
+
+@pytest.mark.parametrize("size", [1000, BIG], ids=["one-put", "multipart"])
+@pytest.mark.parametrize("how", ["dropped", "503"])
+def test_a_lost_answer_to_a_blob_commit_is_not_an_internal_error(
+    proxy: s3server.FaultProxy, proxied: Any, size: int, how: str
+) -> None:
+    """The blob was written but the answer was lost; botocore's retry was refused (412: the
+    create-only key exists, ours; or the multipart upload is already completed). The store took
+    that for a random key colliding and failed the upload with INTERNAL, leaving the blob behind
+    until a sweep; it now finds its own blob there, whole, and carries on. (moto answers a
+    repeated CompleteMultipartUpload with success, so only the one-PutObject cases failed here;
+    a server that refuses the repeat takes the same path.)"""
+    store, stub = proxied
+    art = make_artifact("m", "1", body(size))
+    fault = s3server.Fault(_blob_commit, after_upstream=True, times=1)
+    fault.drop, fault.status = (True, None) if how == "dropped" else (False, 503)
+    proxy.inject(fault)
+    answer = stub.PutModel(
+        iter([pb.PutModelRequest(data=c) for c in chunked(art, 1 << 20)]), timeout=60
+    )
+    proxy.clear()
+    assert fault.hits == 1
+    assert answer.model.artifact_size == len(art)
+    assert _get_rpc(stub, "m", "1") == art
+    assert_clean(store)
+
+
+@pytest.mark.parametrize("how", ["dropped", "503"])
+def test_a_lost_answer_to_a_delete_deletes_the_model_and_its_blob(
+    proxy: s3server.FaultProxy, proxied: Any, how: str
+) -> None:
+    """The index object's conditional delete took effect but its answer was lost; the retry
+    found no object. The store answered NOT_FOUND ("deleted meanwhile") for the delete it had
+    just made, and kept the model's encrypted blob in the bucket until a restart's sweep."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", body(1000))], StructureValidator())
+    fault = s3server.Fault(
+        lambda m, p: m == "DELETE" and "/p/index/" in p, after_upstream=True, times=1
+    )
+    fault.drop, fault.status = (True, None) if how == "dropped" else (False, 503)
+    proxy.inject(fault)
+    stub.DeleteModel(pb.DeleteModelRequest(name="m", version="1"), timeout=60)
+    proxy.clear()
+    assert fault.hits == 1
+    assert store.records() == ()
+    assert store.blob_sizes() == {}
+
+
+def test_a_missing_bucket_at_start_up_is_named(s3_server: s3server.MotoServer) -> None:
+    """The start-up check (HeadBucket) of a bucket that does not exist -- a typo in the
+    configuration, or a bucket not created yet -- failed with S3_ERROR ("the object store refused
+    a request"): a HEAD answer has no body, so no NoSuchBucket code, only its 404. It is
+    S3_NO_SUCH_BUCKET, as every later request on a vanished bucket already was."""
+    with pytest.raises(StorageUnavailable) as info:
+        replica(s3_server.endpoint, "strongroom-never-created", client={"max_attempts": 1})
+    assert info.value.reason == "S3_NO_SUCH_BUCKET"
+
+
+def test_a_skewed_clock_is_not_reported_as_rejected_credentials(
+    proxy: s3server.FaultProxy, proxied: Any
+) -> None:
+    """S3 refuses a request signed at a time too far from its own with 403 RequestTimeTooSkewed.
+    Every 403 was S3_ACCESS_DENIED, "the object store rejected the store's credentials": an
+    operator whose store's clock drifted went after keys and policies that were fine. It is
+    S3_CLOCK_SKEW, naming the clock."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", b"abc")], StructureValidator())
+    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=403, code="RequestTimeTooSkewed"))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=30)
+    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_CLOCK_SKEW")
+    assert "clock" in info.value.details()  # type: ignore[attr-defined]
+    proxy.clear()
+    # A plain refusal stays what it was.
+    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=403, code="AccessDenied"))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=30)
+    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_ACCESS_DENIED")
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://AKIAEXAMPLE:wJalrXUtnFEMI-endpoint-secret@s3.example.com",
+        "http://AKIAEXAMPLE:wJalrXUtnFEMI-endpoint-secret@127.0.0.1:1",
+        "https://wJalrXUtnFEMI-endpoint-secret@s3.example.com",
+    ],
+)
+def test_credentials_in_the_endpoint_url_are_refused_without_echoing_them(
+    endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An endpoint with a user-info part (``https://KEY:SECRET@host``) was accepted: botocore
+    ignores it for signing but puts the whole URL into its connection errors, which the store
+    logs ("Could not connect to the endpoint URL: https://KEY:SECRET@host/..."), so the secret
+    went to the logs on the first network failure. The configuration refuses it now (credentials
+    come from files or the environment only), without repeating it."""
+    with pytest.raises(ConfigError) as info:
+        build(
+            ModelstoreConfig,
+            {"storage": {"backend": "s3", "endpoint": endpoint, "bucket": "b"}},
+        )
+    assert "endpoint" in str(info.value)
+    assert "endpoint-secret" not in str(info.value)
+    assert "endpoint-secret" not in caplog.text
