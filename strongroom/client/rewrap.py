@@ -144,6 +144,18 @@ def _models_under(
     yield from (model for model in models if model.key_id == key_id)
 
 
+# The slowest copy a store's ReplaceKeySlot is given time for: it rewrites the whole artifact
+# (a new blob with the new slot, then the record), on a slow disk or across an object store.
+REPLACE_MIN_BYTES_PER_SECOND = 16 * 1024 * 1024
+
+
+def replace_timeout(artifact_size: int, timeout: float) -> float:
+    """ReplaceKeySlot's deadline: ``timeout`` plus the time to copy ``artifact_size`` bytes at
+    :data:`REPLACE_MIN_BYTES_PER_SECOND`. One fixed deadline (60 s) failed the rotation of every
+    model above a few GB, reported ``failed`` while the store went on to finish the copy."""
+    return timeout + artifact_size / REPLACE_MIN_BYTES_PER_SECOND
+
+
 def _rewrap_one(
     store: store_grpc.ModelStoreServiceStub,
     broker: kb_grpc.KeyBrokerServiceStub,
@@ -184,7 +196,7 @@ def _rewrap_one(
                 # deleted and published again (another data key, same KEK version) meanwhile.
                 expected_wrapped_data_key=header.wrapped_dek,
             ),
-            timeout=timeout,
+            timeout=replace_timeout(model.artifact_size, timeout),
         )
     except grpc.RpcError as exc:
         return result(_refused(exc), header.key_version, header.key_version, _reason(exc))

@@ -212,3 +212,84 @@ def test_an_unreadable_file_asks_the_broker_for_no_key(tmp_path: Path) -> None:
         server.stop(None)
     assert info.value.reason == "MODEL_FILE_UNREADABLE"
     assert _Broker.generated == before
+
+
+class _RotatingStore(pb_grpc.ModelStoreServiceServicer):
+    """One stored model of ``size`` bytes (its head real); records ReplaceKeySlot's deadline."""
+
+    def __init__(self, head: bytes, size: int) -> None:
+        self.head = head
+        self.info = pb.ModelInfo(
+            name="big", version="1", key_id="k", key_version=1, artifact_size=size
+        )
+        self.deadlines: list[float] = []
+
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self.info])
+
+    def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GetModelResponse]:
+        yield pb.GetModelResponse(model=self.info, data=self.head[: request.length])
+
+    def ReplaceKeySlot(
+        self, request: pb.ReplaceKeySlotRequest, context: grpc.ServicerContext
+    ) -> pb.ReplaceKeySlotResponse:
+        remaining = context.time_remaining()
+        assert remaining is not None
+        self.deadlines.append(remaining)
+        return pb.ReplaceKeySlotResponse(model=self.info, replaced=True)
+
+
+class _RewrappingBroker(kb_grpc.KeyBrokerServiceServicer):
+    def ReWrap(
+        self, request: kb_pb.ReWrapRequest, context: grpc.ServicerContext
+    ) -> kb_pb.ReWrapResponse:
+        return kb_pb.ReWrapResponse(wrapped_data_key=os.urandom(40), key_version=2)
+
+
+@pytest.mark.parametrize("gib", [1, 64])
+def test_a_key_slot_replacement_gets_time_for_the_artifacts_copy(tmp_path: Path, gib: int) -> None:
+    """ReplaceKeySlot rewrites the whole artifact, and it had the run's one 60 s deadline: the
+    rotation of a model above a few GB failed (reported ``failed``) while the store went on to
+    finish the copy. Its deadline now grows with the artifact's size."""
+    from strongroom.artifact import WrapMechanism, encrypt_stream
+    from strongroom.client.rewrap import REPLACE_MIN_BYTES_PER_SECOND, rewrap_models
+
+    plain = tmp_path / "m.onnx"
+    plain.write_bytes(b"m" * 1000)
+    with plain.open("rb") as source:
+        head = b"".join(
+            encrypt_stream(
+                source,
+                bytearray(32),
+                model_name="big",
+                model_version="1",
+                content_type="application/vnd.onnx",
+                key_id="k",
+                key_version=1,
+                wrapped_dek=os.urandom(40),
+                wrap_mechanism=WrapMechanism.AES_KEY_WRAP_PAD,
+                block_size=1024,
+            )
+        )
+    size = gib << 30
+    store = _RotatingStore(head, size)  # type: ignore[abstract]  # no PutModel etc.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_ModelStoreServiceServicer_to_server(store, server)  # type: ignore[abstract]
+    kb_grpc.add_KeyBrokerServiceServicer_to_server(_RewrappingBroker(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        results = list(
+            rewrap_models("k", current_version=2, broker=channel, store=channel, timeout=60)
+        )
+    finally:
+        server.stop(None)
+    assert [r.outcome for r in results] == ["rewrapped"]
+    (deadline,) = store.deadlines
+    # A configured allowance, not a measured time: 60 s plus the copy at the slowest rate allowed.
+    assert deadline > 60 + 0.9 * size / REPLACE_MIN_BYTES_PER_SECOND
