@@ -58,6 +58,12 @@ def _endpoint_allowed(endpoint: str) -> bool:
         return False
 
 
+# S3 keys are at most 1,024 bytes; the longest this store writes under its prefix is an index
+# key: "index/" + a 128-character name + "!" + a 64-character version (199 bytes). A longer prefix
+# made every publish fail as S3_ERROR.
+MAX_S3_PREFIX_BYTES = 1024 - 200
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """Which storage backend holds the artifacts, and how to reach an S3-compatible one."""
@@ -108,6 +114,11 @@ class StorageConfig:
         if self.prefix and (self.prefix.startswith("/") or not self.prefix.endswith("/")):
             raise ConfigError(
                 "modelstore.storage.prefix must not start with '/' and must end with '/'"
+            )
+        if len(self.prefix.encode()) > MAX_S3_PREFIX_BYTES:
+            raise ConfigError(
+                f"modelstore.storage.prefix is longer than {MAX_S3_PREFIX_BYTES} bytes: with the "
+                "longest model name and version, its object keys would pass S3's 1,024 bytes"
             )
         if not MIN_PART_SIZE <= self.part_size <= 5 * 1024**3:
             raise ConfigError("modelstore.storage.part_size must be between 5 MiB and 5 GiB")

@@ -21,7 +21,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
 from strongroom.errors import InvalidArgument
-from strongroom.modelstore.config import ModelstoreConfig, StorageConfig
+from strongroom.modelstore.config import MAX_S3_PREFIX_BYTES, ModelstoreConfig, StorageConfig
 from strongroom.modelstore.errors import ModelExists, StorageUnavailable, StoredDataCorrupt
 from strongroom.modelstore.storage import S3Storage, open_storage
 from strongroom.runtime.config import ConfigError, build
@@ -356,6 +356,19 @@ def test_plain_http_reaches_only_a_loopback_host(endpoint: str) -> None:
     a user-info part before the real host). The parsed host decides now."""
     with pytest.raises(ConfigError, match="endpoint"):
         StorageConfig(backend="s3", endpoint=endpoint, bucket="b")
+
+
+def test_a_prefix_too_long_for_s3_keys_is_refused() -> None:
+    """Any prefix was taken: past 824 bytes, the index key of a model with the longest name and
+    version passed S3's 1,024-byte key limit, and every such publish failed as S3_ERROR."""
+    base = {"backend": "s3", "endpoint": "https://s3.example.com", "bucket": "b"}
+    longest = "p" * (MAX_S3_PREFIX_BYTES - 1) + "/"
+    assert StorageConfig(**base, prefix=longest).prefix == longest  # type: ignore[arg-type]
+    assert len(f"{longest}index/{'n' * 128}!{'v' * 64}".encode()) <= 1024
+    with pytest.raises(ConfigError, match="longer than 824 bytes"):
+        StorageConfig(**base, prefix="p" * MAX_S3_PREFIX_BYTES + "/")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="longer than"):
+        StorageConfig(**base, prefix="é" * 413 + "/")  # type: ignore[arg-type]  # bytes, not characters
 
 
 @pytest.mark.parametrize(
