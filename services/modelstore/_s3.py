@@ -161,13 +161,29 @@ def make_client(config: StorageConfig) -> S3Client:
     return client
 
 
+# What S3 and S3-compatible stores answer when they throttle (AWS: SlowDown with 503; others 429).
+_THROTTLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "TooManyRequestsException",
+    }
+)
+
+
 def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
     """The domain error for a failed S3 call while doing ``what`` (details go to the log).
 
     Every failure of the object store is UNAVAILABLE with a reason that says which kind it was:
     ``S3_ACCESS_DENIED`` (credentials rejected or no permission: an operator must fix it),
     ``S3_CLOCK_SKEW`` (the request's signing time is too far from the server's: fix the clock),
-    ``S3_NO_SUCH_BUCKET``, ``S3_SERVER_ERROR`` (5xx after botocore's retries), ``S3_TIMEOUT``,
+    ``S3_NO_SUCH_BUCKET``, ``S3_THROTTLED`` (SlowDown, 429 and the like, after botocore's
+    retries: the request rate), ``S3_SERVER_ERROR`` (5xx after botocore's retries), ``S3_TIMEOUT``,
     ``S3_UNREACHABLE`` (connection refused or dropped), ``S3_ERROR`` (anything else).
     """
     if isinstance(exc, botocore.exceptions.ClientError):
@@ -192,7 +208,15 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
             return StorageUnavailable(
                 f"the storage bucket does not exist ({what})", reason=Reason.S3_NO_SUCH_BUCKET
             )
-        if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
+        if code in _THROTTLE_CODES or status == 429:
+            # Not a failing store: too many requests for the bucket (or the account). The fix is
+            # the request rate or the provider's limits, not the provider's health.
+            return StorageUnavailable(
+                f"the object store is throttling requests while {what} ({code or status}): "
+                "retry later, or lower the request rate",
+                reason=Reason.S3_THROTTLED,
+            )
+        if status >= 500 or code in ("ServiceUnavailable", "InternalError"):
             return StorageUnavailable(
                 f"the object store failed while {what} (HTTP {status})",
                 reason=Reason.S3_SERVER_ERROR,

@@ -614,6 +614,29 @@ def test_a_missing_bucket_at_start_up_is_named(s3_server: s3server.MotoServer) -
     assert info.value.reason == "S3_NO_SUCH_BUCKET"
 
 
+@pytest.mark.parametrize(
+    ("status", "code"), [(503, "SlowDown"), (429, "TooManyRequests"), (400, "Throttling")]
+)
+def test_throttling_is_named_as_such(
+    proxy: s3server.FaultProxy, proxied: Any, status: int, code: str
+) -> None:
+    """S3's 503 SlowDown was S3_SERVER_ERROR, "the object store failed", and another store's 429
+    or a 400 Throttling was S3_ERROR: an operator looked for a failing store when the request
+    rate was the matter. All are S3_THROTTLED (UNAVAILABLE), after botocore's own retries."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", b"abc")], StructureValidator())
+    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=status, code=code))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=60)
+    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_THROTTLED")
+    assert "throttling" in info.value.details()  # type: ignore[attr-defined]
+    proxy.clear()
+    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=500, code="InternalError"))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=60)
+    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_SERVER_ERROR")
+
+
 def test_a_skewed_clock_is_not_reported_as_rejected_credentials(
     proxy: s3server.FaultProxy, proxied: Any
 ) -> None:
