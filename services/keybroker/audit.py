@@ -447,9 +447,11 @@ class AuditLog(Closing):
         dir_fd: int,
         *,
         max_batch: int = MAX_BATCH_RECORDS,
+        max_bytes: int = 0,
     ) -> None:
         """Internal: use :meth:`open`."""
         self._max_batch = max_batch
+        self._max_bytes = max_bytes
         self._path = path
         self._head_path = head_path(path)
         self._key = signing_key
@@ -493,6 +495,7 @@ class AuditLog(Closing):
         *,
         clock: Callable[[], float] = time.time,
         max_batch: int = MAX_BATCH_RECORDS,
+        max_bytes: int = 0,
     ) -> AuditLog:
         """Opens (creating if absent) the log at ``path`` and checks its tail against the head.
 
@@ -500,11 +503,18 @@ class AuditLog(Closing):
         group commit; benchmarks compare the two); it cannot exceed :data:`MAX_BATCH_RECORDS`,
         the most that crash repair anchors.
 
+        ``max_bytes`` (0: none) caps the log's size: a batch that would pass it is refused with
+        ``AuditUnavailable(AUDIT_LOG_FULL)``, as on a full disk. It is for volumes whose limit is
+        enforced otherwise than by ENOSPC: a Kubernetes emptyDir's ``sizeLimit`` evicts the pod,
+        losing the log and its head, and the next pod would start a new chain.
+
         Raises ``AuditUnavailable`` if the files cannot be opened and ``DataLoss(AUDIT_LOG_TAMPERED)``
         if the head does not match the log beyond the crash repairs described in the module doc.
         """
         if isinstance(max_batch, bool) or not 1 <= max_batch <= MAX_BATCH_RECORDS:
             raise ValueError(f"max_batch must be 1..{MAX_BATCH_RECORDS}")
+        if isinstance(max_bytes, bool) or max_bytes < 0:
+            raise ValueError("max_bytes must be 0 (no cap) or a size in bytes")
         path = Path(path)
         try:
             dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -522,7 +532,7 @@ class AuditLog(Closing):
             os.close(fd)
             os.close(dir_fd)
             raise AuditUnavailable(f"the audit log {path} is not a regular file")
-        log = cls(path, signing_key, clock, fd, dir_fd, max_batch=max_batch)
+        log = cls(path, signing_key, clock, fd, dir_fd, max_batch=max_batch, max_bytes=max_bytes)
         try:
             with log._lock, log._flocked():
                 log._resync()
@@ -672,6 +682,13 @@ class AuditLog(Closing):
         if not lines:
             return
         data = b"".join(lines)
+        if self._max_bytes and self._size + len(data) > self._max_bytes:
+            # Before any hook or write: the batch's decisions are refused like on a full disk.
+            raise AuditUnavailable(
+                f"the audit log has reached its size cap ({self._max_bytes} bytes): ship and "
+                "archive it, then start a new log (or raise the cap) to take decisions again",
+                reason=Reason.AUDIT_LOG_FULL,
+            )
         hashes = [record.hash for _, record in written]
         for pending, _ in written:
             if pending.on_written is not None:

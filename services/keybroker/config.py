@@ -29,6 +29,10 @@ class KeybrokerConfig:
     pin_file: Path | None = None
     nonce_key_file: Path | None = None
     audit_key_file: Path | None = None
+    # The most bytes the audit log may hold (0: no cap); past it every decision is refused
+    # (AUDIT_LOG_FULL) as on a full disk. Set it below a volume limit that is enforced by evicting
+    # the pod (a Kubernetes emptyDir's sizeLimit) rather than by ENOSPC.
+    audit_max_bytes: int = 0
     # SoftHSM2 only: the softhsm2.conf naming the token directory.
     softhsm2_conf: Path | None = None
     challenge_lifetime_seconds: float = 60.0
@@ -77,5 +81,7 @@ class KeybrokerConfig:
                 "keybroker.hsm_recycle_after_operations must be between 0 (never) and "
                 f"{MAX_RECYCLE_AFTER_OPERATIONS}"
             )
+        if self.audit_max_bytes and self.audit_max_bytes < 1024 * 1024:
+            raise ConfigError("keybroker.audit_max_bytes must be 0 (no cap) or at least 1 MiB")
         if not 5 <= self.challenge_lifetime_seconds <= 600:
             raise ConfigError("keybroker.challenge_lifetime_seconds must be between 5 and 600")

@@ -162,7 +162,7 @@ def build(
         )
     )
     try:
-        audit = AuditLog.open(config.audit_log, audit_key)
+        audit = AuditLog.open(config.audit_log, audit_key, max_bytes=config.audit_max_bytes)
     except BaseException:
         hsm.close()
         raise

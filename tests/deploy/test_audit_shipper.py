@@ -75,6 +75,25 @@ def test_the_shipper_does_not_share_the_brokers_tmp(helm: str) -> None:
     assert audit["readOnly"] is True
 
 
+def test_the_brokers_audit_cap_is_below_the_volumes_size_limit(helm: str) -> None:
+    """The audit emptyDir's sizeLimit is enforced by evicting the pod (the log and its head lost,
+    a new chain in the next pod), so the broker must refuse decisions before it: its configured
+    audit_max_bytes is below the volume's limit."""
+    docs = render(helm, (DEPLOY / "helm" / "values-production.yaml",))
+    _, spec = _shipper_container(docs)
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "audit"]
+    limit = volume["emptyDir"]["sizeLimit"]
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    limit_bytes = int(limit[:-2]) * units[limit[-2:]]
+    (cm,) = [
+        d
+        for d in kind(docs, "ConfigMap")
+        if "audit_log" in d.get("data", {}).get("config.yaml", "")
+    ]
+    config = yaml.safe_load(cm["data"]["config.yaml"])
+    assert 0 < config["keybroker"]["audit_max_bytes"] < limit_bytes
+
+
 def _documented_backup() -> str:
     """The Python program of deploy/README.md's audit backup (the `python3 -` here-document)."""
     readme = (DEPLOY / "README.md").read_text()

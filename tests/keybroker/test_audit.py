@@ -292,6 +292,32 @@ def test_the_broker_opens_neither_a_symlink_nor_a_fifo_as_its_log_or_head(
     assert moved.read_bytes() == before  # nothing written through the link
 
 
+def test_a_log_at_its_size_cap_refuses_decisions_and_keeps_what_it_holds(
+    log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """Nothing bounded the log but the disk, and where the volume's limit is enforced by evicting
+    the pod (a Kubernetes emptyDir's sizeLimit), the log and its head were lost and the next pod
+    began a new chain. With ``max_bytes`` a batch that would pass the cap is refused like one on a
+    full disk (AUDIT_LOG_FULL), nothing of it written, and the log stays intact."""
+    log_path.parent.mkdir()
+    appended = 0
+    with AuditLog.open(log_path, signing_key, max_bytes=8 * 1024) as log:
+        with pytest.raises(AuditUnavailable) as info:
+            for appended in range(1, 1000):
+                log.append(event(appended))
+        assert info.value.reason == "AUDIT_LOG_FULL"
+        size = log_path.stat().st_size
+        assert size <= 8 * 1024 and log.count == appended - 1 >= 1
+        with pytest.raises(AuditUnavailable):
+            log.append(event(0))  # still full: refused again, not written
+        assert log_path.stat().st_size == size
+    verdict = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert verdict.intact and verdict.records == appended - 1
+    with AuditLog.open(log_path, signing_key, max_bytes=64 * 1024) as log:  # a raised cap
+        log.append(event(1))
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
+
+
 def _edit(path: Path, index: int, change: Callable[[dict[str, Any]], None], rehash: bool) -> None:
     content = lines(path)
     record = json.loads(content[index])
