@@ -1,7 +1,9 @@
 """Service configuration: a YAML file, then ``STRONGROOM__SECTION__KEY`` environment overrides.
 
 Configuration is parsed into frozen dataclasses and validated when loaded; unknown keys are errors so
-that a typo never silently falls back to a default. Secrets are not part of the configuration: it
+that a typo never silently falls back to a default. In production mode the environment cannot set
+the keys that decide whom a service trusts (:data:`ENV_LOCKED_IN_PRODUCTION` and each section's
+own ``ENV_LOCKED_IN_PRODUCTION``): those come from the file. Secrets are not part of the configuration: it
 names the file or environment variable that holds them (see :mod:`strongroom.runtime.secrets`).
 """
 
@@ -23,6 +25,22 @@ from strongroom.spiffe import is_workload_id
 
 ENV_PREFIX = "STRONGROOM__"
 T = TypeVar("T")
+
+EnvLocks = Mapping[str, tuple[object, ...]]
+"""Dotted keys that an environment override may not set in production mode, each with the values
+it may still set there (the safe setting, such as ``allow_simulated_tee: false``; ``()``: none).
+A service's section declares its own as ``ENV_LOCKED_IN_PRODUCTION`` (keys relative to it)."""
+
+ENV_LOCKED_IN_PRODUCTION: EnvLocks = {
+    # Whom the service trusts: who holds which role, its trust domain and name, and the CA that
+    # issues (and whose root authenticates) every peer's certificate. A container's environment is
+    # easier to extend than its configuration, so in production these come from the file only.
+    "authz": (),
+    "identity.trust_domain": (),
+    "identity.spiffe_id": (),
+    "identity.ca_url": (),
+    "identity.ca_root_file": (),
+}
 
 
 class ConfigError(InvalidArgument):
@@ -205,11 +223,17 @@ class ServerConfig:
         return self.max_workers * 8
 
 
-def load_mapping(path: Path | None, *, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def load_mapping(
+    path: Path | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    locked: EnvLocks = ENV_LOCKED_IN_PRODUCTION,
+) -> dict[str, Any]:
     """Reads the YAML file (if any) and applies ``STRONGROOM__A__B=value`` overrides.
 
     Override values are parsed as YAML scalars or flow collections, so ``true``, ``42`` and
-    ``[a, b]`` have their natural types.
+    ``[a, b]`` have their natural types. In production mode (after the overrides) an override of a
+    ``locked`` key, or of a section holding one, is refused unless its value is one the lock allows.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -230,6 +254,7 @@ def load_mapping(path: Path | None, *, environ: Mapping[str, str] | None = None)
     # extend than its configuration (a Helm value passed through to it, an orchestrator's
     # defaults), and development mode trusts the simulated TEE.
     production = data.get("mode", "production") == "production"
+    overrides: list[tuple[str, tuple[str, ...], Any]] = []
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
@@ -247,6 +272,7 @@ def load_mapping(path: Path | None, *, environ: Mapping[str, str] | None = None)
                 raise ConfigError(f"environment override {name}: {key} is not a section")
             node = child
         node[keys[-1]] = value
+        overrides.append((name, tuple(keys), value))
     if production and data.get("mode") == "development":
         where = f"configuration {path}" if path is not None else "no configuration file"
         raise ConfigError(
@@ -254,7 +280,29 @@ def load_mapping(path: Path | None, *, environ: Mapping[str, str] | None = None)
             "environment cannot lower (set mode: development in the file for a development "
             "deployment)"
         )
+    if data.get("mode", "production") != "development":  # anything else is, or fails, production
+        for name, path_keys, value in overrides:
+            _check_locked(name, path_keys, value, locked)
     return data
+
+
+def _check_locked(name: str, keys: tuple[str, ...], value: Any, locked: EnvLocks) -> None:
+    """Refuses a production override of a locked key, or of a section that holds one (a whole
+    ``STRONGROOM__AUTHZ`` mapping replaces every role at once)."""
+    for dotted, allowed in locked.items():
+        lock = tuple(dotted.split("."))
+        if keys[: len(lock)] != lock and lock[: len(keys)] != keys:
+            continue
+        # ``type(...) is`` as well: 0 == False, and a lock allowing false must not let 0 through.
+        if keys == lock and any(type(value) is type(v) and value == v for v in allowed):
+            continue
+        only = f" (only {', '.join(map(str, allowed))} there)" if allowed and keys == lock else ""
+        raise ConfigError(
+            f"environment override {name}: {'.'.join(keys)} cannot be set by the environment in "
+            f"production mode{only}: it decides what the service trusts, and a container's "
+            "environment is easier to extend than its configuration; set it in the configuration "
+            "file"
+        )
 
 
 def build(cls: type[T], data: Any, where: str = "") -> T:
@@ -373,7 +421,9 @@ def load_service_config(
     environ: Mapping[str, str] | None = None,
 ) -> tuple[CommonConfig, T]:
     """Loads the common settings and ``service``'s own section, both validated."""
-    data = load_mapping(path, environ=environ)
+    section_locks: EnvLocks = getattr(section_cls, "ENV_LOCKED_IN_PRODUCTION", {})
+    locked = {**ENV_LOCKED_IN_PRODUCTION, **{f"{service}.{k}": v for k, v in section_locks.items()}}
+    data = load_mapping(path, environ=environ, locked=locked)
     data.setdefault("service", service)
     if data["service"] != service:
         raise ConfigError(
