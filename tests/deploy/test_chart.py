@@ -454,6 +454,10 @@ def test_hsm_recycling_is_an_operator_value(helm: str, tmp_path: Path) -> None:
     [
         ("STRONGROOM__MODE", True),
         ("STRONGROOM__AUTHZ__ADMIN", True),
+        # The broker's secrets, read from the environment before their files (runtime.secrets).
+        ("STRONGROOM_HSM_PIN", True),
+        ("STRONGROOM_NONCE_KEY", True),
+        ("STRONGROOM_AUDIT_KEY", True),
         ("ChrystokiConfigurationPath", False),
     ],
 )
@@ -463,7 +467,8 @@ def test_the_hsm_library_environment_cannot_reach_the_brokers_configuration(
     """``keybroker.hsm.pkcs11.env`` goes into the broker's environment as it is: a STRONGROOM__
     name there overrode the rendered configuration past every check of the chart (a production
     install flipped to development mode, which trusts the simulated TEE; another caller made
-    admin)."""
+    admin), and a STRONGROOM_ secret variable replaced the operator's Secret (the HSM PIN, the
+    nonce or audit key in plain values)."""
     result = run_helm_template(
         helm,
         (DEPLOY / "helm" / "values-production.yaml",),
