@@ -258,9 +258,19 @@ def load_mapping(
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
-        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+        keys = tuple(k.lower() for k in name[len(ENV_PREFIX) :].split("__"))
         if not all(keys):
             raise ConfigError(f"environment override {name}: empty key segment")
+        for other, other_keys, _ in overrides:
+            # Names differ in case (keys are lowercased) or one names a section holding the
+            # other's key: which one wins would be decided by sort order, silently. A variable
+            # added beside the operator's (STRONGROOM__mode next to STRONGROOM__MODE) won.
+            shorter = min(len(keys), len(other_keys))
+            if keys[:shorter] == other_keys[:shorter]:
+                raise ConfigError(
+                    f"environment overrides {other} and {name} both set "
+                    f"{'.'.join(keys[:shorter])}: keep one"
+                )
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
@@ -272,7 +282,7 @@ def load_mapping(
                 raise ConfigError(f"environment override {name}: {key} is not a section")
             node = child
         node[keys[-1]] = value
-        overrides.append((name, tuple(keys), value))
+        overrides.append((name, keys, value))
     if production and data.get("mode") == "development":
         where = f"configuration {path}" if path is not None else "no configuration file"
         raise ConfigError(

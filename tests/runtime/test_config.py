@@ -138,3 +138,26 @@ def test_the_environment_cannot_lower_production_to_development(
         raised, "modelstore", Section, environ={"STRONGROOM__MODE": "production"}
     )
     assert common.production  # raising it stays allowed (the confidential compose override)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        # The confidential compose override raises a development file to production; a second
+        # spelling of the same variable, sorted after it, lowered it again (and with it every
+        # production check: the simulated chain, the environment's locks).
+        {"STRONGROOM__MODE": "production", "STRONGROOM__mode": "development"},
+        {"STRONGROOM__MODELSTORE__LIMIT": "1", "STRONGROOM__modelstore__limit": "2"},
+        # A whole section after one of its keys: the key's override was silently dropped.
+        {"STRONGROOM__MODELSTORE__LIMIT": "1", "STRONGROOM__modelstore": "{data_dir: /x}"},
+        {"STRONGROOM__MODELSTORE": "{data_dir: /x}", "STRONGROOM__MODELSTORE__LIMIT": "1"},
+    ],
+)
+def test_two_environment_variables_for_one_key_are_refused(
+    tmp_path: Path, environ: dict[str, str]
+) -> None:
+    path = write(tmp_path, "mode: development\n" + BASE)
+    with pytest.raises(ConfigError) as info:
+        load_service_config(path, "modelstore", Section, environ=environ)
+    names = sorted(environ)
+    assert f"environment overrides {names[0]} and {names[1]} both set" in info.value.message
