@@ -13,7 +13,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -223,6 +223,30 @@ class ServerConfig:
         return self.max_workers * 8
 
 
+class _NoDuplicatesLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a mapping key given twice (PyYAML keeps the last)."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    # A key written twice is a mistake the file's reader cannot see: the second one silently won
+    # (a `mode: development` appended to a production file, two `admin:` lists).
+    seen: set[Hashable] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if isinstance(key, Hashable):  # anything else: construct_mapping's own error
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key {key!r} (line {key_node.start_mark.line + 1}): keep one"
+                )
+            seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_NoDuplicatesLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
+)
+
+
 def load_mapping(
     path: Path | None,
     *,
@@ -238,9 +262,12 @@ def load_mapping(
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            loaded = yaml.load(text, Loader=_NoDuplicatesLoader)  # noqa: S506 - a SafeLoader subclass
         except OSError as exc:
             raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"configuration {path}: {exc.message}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"configuration {path} is not valid YAML: {exc}") from None
         if loaded is None:

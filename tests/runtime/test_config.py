@@ -161,3 +161,17 @@ def test_two_environment_variables_for_one_key_are_refused(
         load_service_config(path, "modelstore", Section, environ=environ)
     names = sorted(environ)
     assert f"environment overrides {names[0]} and {names[1]} both set" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        # The later one silently won: a production file with a development line appended to it.
+        ("mode: production\n" + BASE + "mode: development\n", "'mode'"),
+        (BASE + "authz:\n  admin: [spiffe://strongroom.test/a]\n  admin: []\n", "'admin'"),
+    ],
+)
+def test_a_key_given_twice_in_the_file_is_refused(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_service_config(write(tmp_path, text), "modelstore", Section, environ={})
+    assert f"duplicate key {key}" in info.value.message
