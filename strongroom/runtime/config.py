@@ -280,7 +280,9 @@ def load_mapping(
     # may raise a deployment to production, never lower it. A container's environment is easier to
     # extend than its configuration (a Helm value passed through to it, an orchestrator's
     # defaults), and development mode trusts the simulated TEE.
-    production = data.get("mode", "production") == "production"
+    # Only an explicit `mode: development` is a development file: an empty or misspelt mode (which
+    # fails on its own) must not become development because the environment supplies it.
+    production = data.get("mode", "production") != "development"
     overrides: list[tuple[str, tuple[str, ...], Any]] = []
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):

@@ -121,7 +121,12 @@ def test_world_readable_secret_file_is_refused(tmp_path: Path) -> None:
     assert "1234" not in str(info.value)
 
 
-@pytest.mark.parametrize("file_mode", ["", "mode: production\n"])
+@pytest.mark.parametrize(
+    "file_mode",
+    # An empty or misspelt mode is not a development file: without the environment it fails, and
+    # the environment's development used to make it load.
+    ["", "mode: production\n", "mode:\n", "mode: null\n", "mode: Development\n", "mode: dev\n"],
+)
 def test_the_environment_cannot_lower_production_to_development(
     tmp_path: Path, file_mode: str
 ) -> None:
