@@ -23,11 +23,14 @@ class KeybrokerConfig:
     files (mode 0600) or environment variables, never configuration values.
     """
 
-    # What decides which evidence releases a key, and where each release is recorded, is never a
-    # STRONGROOM__ environment override in production (strongroom.runtime.config): a policy
-    # directory or collateral mirror of the environment's choosing, a week of grace for stale
-    # CRLs, the simulated chain. Only the safe `allow_simulated_tee: false` is accepted.
+    # What decides which evidence releases a key, which token holds the KEKs and where each
+    # release is recorded is never a STRONGROOM__ environment override in production
+    # (strongroom.runtime.config): a policy directory or collateral mirror of the environment's
+    # choosing, a week of grace for stale CRLs, the simulated chain, another token of a shared HSM.
+    # Only the safe `allow_simulated_tee: false` is accepted. (pkcs11_module stays: the documented
+    # switch to a real HSM, and a library must already be in the container.)
     ENV_LOCKED_IN_PRODUCTION: ClassVar[EnvLocks] = {
+        "token_label": (),
         "allow_simulated_tee": (False,),
         "simulated_roots_dir": (),
         "policies_dir": (),

@@ -74,6 +74,9 @@ LOCKED = [
     ("keybroker", "STRONGROOM__KEYBROKER__KDS_URL", "http://kds.attacker", "keybroker.kds_url"),
     ("keybroker", "STRONGROOM__KEYBROKER__PCS_ROOT_CA_CRL_URL", "http://x", "keybroker.pcs_root_ca_crl_url"),
     ("keybroker", "STRONGROOM__KEYBROKER__AUDIT_LOG", "/tmp/audit.log", "keybroker.audit_log"),
+    # Another token on a shared network HSM (its PIN beside it in STRONGROOM_HSM_PIN): new data
+    # keys wrapped under the environment's KEK.
+    ("keybroker", "STRONGROOM__KEYBROKER__TOKEN_LABEL", "someone-else", "keybroker.token_label"),
     ("keybroker", "STRONGROOM__KEYBROKER", "{pkcs11_module: /x.so}", "keybroker"),
     ("inference", "STRONGROOM__INFERENCE__ATTESTER", "simulated", "inference.attester"),
     ("inference", "STRONGROOM__INFERENCE__KEY_BROKER_SPIFFE_ID", "spiffe://strongroom.test/x", "inference.key_broker_spiffe_id"),
