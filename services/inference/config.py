@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from strongroom.artifact import DEFAULT_DECRYPT_THREADS
 from strongroom.inference.oip import DEFAULT_MAX_TENSOR_BYTES, InferLimits
-from strongroom.runtime.config import ConfigError, expected_server_id
+from strongroom.runtime.config import ConfigError, EnvLocks, expected_server_id
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,17 @@ class InferenceConfig:
     simulated TEE (``simulated``) exists for development only and is refused in production mode;
     it then needs ``simulated_tee_dir`` and ``simulated_measurement`` (or ``simulated_mrtd``).
     """
+
+    # How inference proves itself and which peers and models it trusts are never a STRONGROOM__
+    # environment override in production (strongroom.runtime.config), except the safe settings:
+    # a hardware attester, and requiring model signatures.
+    ENV_LOCKED_IN_PRODUCTION: ClassVar[EnvLocks] = {
+        "attester": ("auto", "configfs-tsm", "sev-guest", "tdx-guest"),
+        "model_store_spiffe_id": (),
+        "key_broker_spiffe_id": (),
+        "model_signing_public_key": (),
+        "require_model_signature": (True,),
+    }
 
     model_store: str
     key_broker: str

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from strongroom.runtime.config import ConfigError
+from strongroom.runtime.config import ConfigError, EnvLocks
 
 PIN_ENV = "STRONGROOM_HSM_PIN"
 NONCE_KEY_ENV = "STRONGROOM_NONCE_KEY"
@@ -21,6 +22,25 @@ class KeybrokerConfig:
     ``pkcs11_module`` is the switch between SoftHSM2 (development) and a real HSM. Secrets are
     files (mode 0600) or environment variables, never configuration values.
     """
+
+    # What decides which evidence releases a key, which token holds the KEKs and where each
+    # release is recorded is never a STRONGROOM__ environment override in production
+    # (strongroom.runtime.config): a policy directory or collateral mirror of the environment's
+    # choosing, a week of grace for stale CRLs, the simulated chain, another token of a shared HSM.
+    # Only the safe `allow_simulated_tee: false` is accepted. (pkcs11_module stays: the documented
+    # switch to a real HSM, and a library must already be in the container.)
+    ENV_LOCKED_IN_PRODUCTION: ClassVar[EnvLocks] = {
+        "token_label": (),
+        "allow_simulated_tee": (False,),
+        "simulated_roots_dir": (),
+        "policies_dir": (),
+        "collateral_dir": (),
+        "collateral_grace_seconds": (),
+        "pcs_url": (),
+        "kds_url": (),
+        "pcs_root_ca_crl_url": (),
+        "audit_log": (),
+    }
 
     pkcs11_module: Path
     token_label: str

@@ -192,7 +192,8 @@ class ReleasePolicy:
 
         An ``allowed_spiffe_ids`` entry outside ``trust_domain`` can never match a caller (the
         broker authenticates only its own trust domain), so it is always an error; ``allow_debug``
-        releases keys to a VM whose memory the host can read, so production refuses it.
+        releases keys to a VM whose memory the host can read, so production refuses it, and
+        ``allow_simulated`` too.
         """
         foreign = sorted(
             i for i in self.allowed_spiffe_ids if not i.startswith(f"spiffe://{trust_domain}/")
@@ -207,6 +208,16 @@ class ReleasePolicy:
         if production:
             tees = tee_rules.registered()
             for tee, rules in self.rules.items():
+                # Development material: a production broker's trust store holds no simulated root,
+                # so such a policy admits nothing more today; refused so that it is never the only
+                # thing between simulated evidence and a key (and is not mistaken for a real one).
+                if rules.allow_simulated:
+                    raise _fail(
+                        f"{tees[tee].section}.allow_simulated",
+                        "must be false in production mode (the simulated TEE is for development "
+                        "only)",
+                        Reason.POLICY_SIMULATED_IN_PRODUCTION,
+                    )
                 if rules.allow_debug:
                     raise _fail(
                         f"{tees[tee].section}.allow_debug",

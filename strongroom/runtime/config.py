@@ -1,7 +1,9 @@
 """Service configuration: a YAML file, then ``STRONGROOM__SECTION__KEY`` environment overrides.
 
 Configuration is parsed into frozen dataclasses and validated when loaded; unknown keys are errors so
-that a typo never silently falls back to a default. Secrets are not part of the configuration: it
+that a typo never silently falls back to a default. In production mode the environment cannot set
+the keys that decide whom a service trusts (:data:`ENV_LOCKED_IN_PRODUCTION` and each section's
+own ``ENV_LOCKED_IN_PRODUCTION``): those come from the file. Secrets are not part of the configuration: it
 names the file or environment variable that holds them (see :mod:`strongroom.runtime.secrets`).
 """
 
@@ -11,7 +13,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -23,6 +25,22 @@ from strongroom.spiffe import is_workload_id
 
 ENV_PREFIX = "STRONGROOM__"
 T = TypeVar("T")
+
+EnvLocks = Mapping[str, tuple[object, ...]]
+"""Dotted keys that an environment override may not set in production mode, each with the values
+it may still set there (the safe setting, such as ``allow_simulated_tee: false``; ``()``: none).
+A service's section declares its own as ``ENV_LOCKED_IN_PRODUCTION`` (keys relative to it)."""
+
+ENV_LOCKED_IN_PRODUCTION: EnvLocks = {
+    # Whom the service trusts: who holds which role, its trust domain and name, and the CA that
+    # issues (and whose root authenticates) every peer's certificate. A container's environment is
+    # easier to extend than its configuration, so in production these come from the file only.
+    "authz": (),
+    "identity.trust_domain": (),
+    "identity.spiffe_id": (),
+    "identity.ca_url": (),
+    "identity.ca_root_file": (),
+}
 
 
 class ConfigError(InvalidArgument):
@@ -205,18 +223,51 @@ class ServerConfig:
         return self.max_workers * 8
 
 
-def load_mapping(path: Path | None, *, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+class _NoDuplicatesLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a mapping key given twice (PyYAML keeps the last)."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    # A key written twice is a mistake the file's reader cannot see: the second one silently won
+    # (a `mode: development` appended to a production file, two `admin:` lists).
+    seen: set[Hashable] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if isinstance(key, Hashable):  # anything else: construct_mapping's own error
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key {key!r} (line {key_node.start_mark.line + 1}): keep one"
+                )
+            seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_NoDuplicatesLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
+)
+
+
+def load_mapping(
+    path: Path | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    locked: EnvLocks = ENV_LOCKED_IN_PRODUCTION,
+) -> dict[str, Any]:
     """Reads the YAML file (if any) and applies ``STRONGROOM__A__B=value`` overrides.
 
     Override values are parsed as YAML scalars or flow collections, so ``true``, ``42`` and
-    ``[a, b]`` have their natural types.
+    ``[a, b]`` have their natural types. In production mode (after the overrides) an override of a
+    ``locked`` key, or of a section holding one, is refused unless its value is one the lock allows.
     """
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            loaded = yaml.load(text, Loader=_NoDuplicatesLoader)  # noqa: S506 - a SafeLoader subclass
         except OSError as exc:
             raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"configuration {path}: {exc.message}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"configuration {path} is not valid YAML: {exc}") from None
         if loaded is None:
@@ -229,13 +280,26 @@ def load_mapping(path: Path | None, *, environ: Mapping[str, str] | None = None)
     # may raise a deployment to production, never lower it. A container's environment is easier to
     # extend than its configuration (a Helm value passed through to it, an orchestrator's
     # defaults), and development mode trusts the simulated TEE.
-    production = data.get("mode", "production") == "production"
+    # Only an explicit `mode: development` is a development file: an empty or misspelt mode (which
+    # fails on its own) must not become development because the environment supplies it.
+    production = data.get("mode", "production") != "development"
+    overrides: list[tuple[str, tuple[str, ...], Any]] = []
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
-        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+        keys = tuple(k.lower() for k in name[len(ENV_PREFIX) :].split("__"))
         if not all(keys):
             raise ConfigError(f"environment override {name}: empty key segment")
+        for other, other_keys, _ in overrides:
+            # Names differ in case (keys are lowercased) or one names a section holding the
+            # other's key: which one wins would be decided by sort order, silently. A variable
+            # added beside the operator's (STRONGROOM__mode next to STRONGROOM__MODE) won.
+            shorter = min(len(keys), len(other_keys))
+            if keys[:shorter] == other_keys[:shorter]:
+                raise ConfigError(
+                    f"environment overrides {other} and {name} both set "
+                    f"{'.'.join(keys[:shorter])}: keep one"
+                )
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
@@ -247,6 +311,7 @@ def load_mapping(path: Path | None, *, environ: Mapping[str, str] | None = None)
                 raise ConfigError(f"environment override {name}: {key} is not a section")
             node = child
         node[keys[-1]] = value
+        overrides.append((name, keys, value))
     if production and data.get("mode") == "development":
         where = f"configuration {path}" if path is not None else "no configuration file"
         raise ConfigError(
@@ -254,7 +319,29 @@ def load_mapping(path: Path | None, *, environ: Mapping[str, str] | None = None)
             "environment cannot lower (set mode: development in the file for a development "
             "deployment)"
         )
+    if data.get("mode", "production") != "development":  # anything else is, or fails, production
+        for name, path_keys, value in overrides:
+            _check_locked(name, path_keys, value, locked)
     return data
+
+
+def _check_locked(name: str, keys: tuple[str, ...], value: Any, locked: EnvLocks) -> None:
+    """Refuses a production override of a locked key, or of a section that holds one (a whole
+    ``STRONGROOM__AUTHZ`` mapping replaces every role at once)."""
+    for dotted, allowed in locked.items():
+        lock = tuple(dotted.split("."))
+        if keys[: len(lock)] != lock and lock[: len(keys)] != keys:
+            continue
+        # ``type(...) is`` as well: 0 == False, and a lock allowing false must not let 0 through.
+        if keys == lock and any(type(value) is type(v) and value == v for v in allowed):
+            continue
+        only = f" (only {', '.join(map(str, allowed))} there)" if allowed and keys == lock else ""
+        raise ConfigError(
+            f"environment override {name}: {'.'.join(keys)} cannot be set by the environment in "
+            f"production mode{only}: it decides what the service trusts, and a container's "
+            "environment is easier to extend than its configuration; set it in the configuration "
+            "file"
+        )
 
 
 def build(cls: type[T], data: Any, where: str = "") -> T:
@@ -373,7 +460,9 @@ def load_service_config(
     environ: Mapping[str, str] | None = None,
 ) -> tuple[CommonConfig, T]:
     """Loads the common settings and ``service``'s own section, both validated."""
-    data = load_mapping(path, environ=environ)
+    section_locks: EnvLocks = getattr(section_cls, "ENV_LOCKED_IN_PRODUCTION", {})
+    locked = {**ENV_LOCKED_IN_PRODUCTION, **{f"{service}.{k}": v for k, v in section_locks.items()}}
+    data = load_mapping(path, environ=environ, locked=locked)
     data.setdefault("service", service)
     if data["service"] != service:
         raise ConfigError(

@@ -88,6 +88,7 @@ def verify_toy(
 class ToyRules(schema.Section):
     measurements: Annotated[frozenset[bytes], schema.hex_set(32)]
     allow_debug: schema.Bool = False
+    allow_simulated: schema.Bool = False  # part of the TeeRules contract (refused in production)
 
     def evaluate(self, claims: VerifiedClaims) -> bytes:
         toy = cast(ToyClaims, claims)

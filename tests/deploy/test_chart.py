@@ -454,6 +454,10 @@ def test_hsm_recycling_is_an_operator_value(helm: str, tmp_path: Path) -> None:
     [
         ("STRONGROOM__MODE", True),
         ("STRONGROOM__AUTHZ__ADMIN", True),
+        # The broker's secrets, read from the environment before their files (runtime.secrets).
+        ("STRONGROOM_HSM_PIN", True),
+        ("STRONGROOM_NONCE_KEY", True),
+        ("STRONGROOM_AUDIT_KEY", True),
         ("ChrystokiConfigurationPath", False),
     ],
 )
@@ -463,7 +467,8 @@ def test_the_hsm_library_environment_cannot_reach_the_brokers_configuration(
     """``keybroker.hsm.pkcs11.env`` goes into the broker's environment as it is: a STRONGROOM__
     name there overrode the rendered configuration past every check of the chart (a production
     install flipped to development mode, which trusts the simulated TEE; another caller made
-    admin)."""
+    admin), and a STRONGROOM_ secret variable replaced the operator's Secret (the HSM PIN, the
+    nonce or audit key in plain values)."""
     result = run_helm_template(
         helm,
         (DEPLOY / "helm" / "values-production.yaml",),
@@ -474,3 +479,44 @@ def test_the_hsm_library_environment_cannot_reach_the_brokers_configuration(
         assert "keybroker.hsm.pkcs11.env.0.name: Must not validate" in result.stderr, result.stderr
     else:
         assert result.returncode == 0, result.stderr
+
+
+POLICY_HEAD = (
+    'version: "1"\n'
+    "allowed_spiffe_ids: [spiffe://strongroom.internal/inference]\n"
+    "tee_types: [TDX]\n"
+    "tdx:\n"
+    f'  mrtds: ["{"ab" * 48}"]\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("line", "refused"),
+    [
+        ("  allow_simulated: true\n", True),
+        ("  allow_simulated:   yes\n", True),  # YAML 1.1: a bool to the broker's loader
+        ('  "allow_simulated": True\n', True),
+        ("  {allow_simulated: ON}\n", True),
+        ("  allow_simulated: false\n", False),
+        ("  # allow_simulated: true only in development\n", False),
+    ],
+)
+def test_production_values_refuse_a_policy_that_allows_the_simulated_tee(
+    helm: str, tmp_path: Path, line: str, refused: bool
+) -> None:
+    """The production broker refuses such a policy at every release (POLICY_SIMULATED_IN_PRODUCTION);
+    the chart installed it. Development keeps it (values-development.yaml's policies need it)."""
+    values = tmp_path / "values.yaml"
+    for mode in ("production", "development"):
+        values.write_text(
+            yaml.safe_dump(
+                {"mode": mode, "keybroker": {"policies": {"k.yaml": POLICY_HEAD + line}}}
+            )
+        )
+        extra = (DEPLOY / "helm" / "values-development.yaml",) if mode == "development" else ()
+        result = run_helm_template(helm, (*extra, values))
+        if refused and mode == "production":
+            assert result.returncode != 0
+            assert "keybroker.policies.k.yaml: Must not validate" in result.stderr, result.stderr
+        else:
+            assert result.returncode == 0, result.stderr

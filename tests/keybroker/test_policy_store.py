@@ -73,6 +73,39 @@ def test_allow_debug_is_refused_in_production_only(tmp_path: Path) -> None:
     )
 
 
+SIMULATED_TDX = (
+    'version: "1"\n'
+    f'allowed_spiffe_ids: ["spiffe://{DOMAIN}/inference"]\n'
+    "tee_types: [TDX]\n"
+    "tdx:\n"
+    f'  mrtds: ["{MEASUREMENT}"]\n'
+    "  allow_simulated: true\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (document() + "  allow_simulated: true\n", "sev_snp.allow_simulated"),
+        (SIMULATED_TDX, "tdx.allow_simulated"),
+    ],
+)
+def test_allow_simulated_is_refused_in_production_only(
+    tmp_path: Path, text: str, field: str
+) -> None:
+    """A policy that admits the simulated TEE is development material (the compose stack's
+    policies/resnet.yaml): a production broker stored and served it, relying on its trust store
+    alone to keep simulated evidence out."""
+    with pytest.raises(PolicyInvalid) as info:
+        store(tmp_path, production=True).put("k1", text)
+    assert info.value.reason == Reason.POLICY_SIMULATED_IN_PRODUCTION
+    assert field in info.value.message
+    assert store(tmp_path, production=False).put("k1", text).policy.version == "1"
+    with pytest.raises(StoredPolicyInvalid) as stored:
+        store(tmp_path, production=True).get("k1")
+    assert stored.value.reason == Reason.POLICY_SIMULATED_IN_PRODUCTION
+
+
 def test_a_good_policy_is_stored(tmp_path: Path) -> None:
     stored = store(tmp_path, production=True).put("k1", document())
     assert stored.policy.version == "1"

@@ -75,8 +75,11 @@ def test_invalid_configuration_is_rejected_with_the_key_named(
     tmp_path: Path, mutation: str, message: str
 ) -> None:
     key, value = mutation.split("=", 1)
+    # Development: production refuses some of these keys from the environment before their values
+    # are judged (tests/runtime/test_env_overrides.py).
+    path = write(tmp_path, "mode: development\n" + BASE)
     with pytest.raises(ConfigError) as info:
-        load_service_config(write(tmp_path, BASE), "modelstore", Section, environ={key: value})
+        load_service_config(path, "modelstore", Section, environ={key: value})
     assert message in str(info.value)
     assert info.value.reason == "CONFIG_INVALID"
 
@@ -118,7 +121,12 @@ def test_world_readable_secret_file_is_refused(tmp_path: Path) -> None:
     assert "1234" not in str(info.value)
 
 
-@pytest.mark.parametrize("file_mode", ["", "mode: production\n"])
+@pytest.mark.parametrize(
+    "file_mode",
+    # An empty or misspelt mode is not a development file: without the environment it fails, and
+    # the environment's development used to make it load.
+    ["", "mode: production\n", "mode:\n", "mode: null\n", "mode: Development\n", "mode: dev\n"],
+)
 def test_the_environment_cannot_lower_production_to_development(
     tmp_path: Path, file_mode: str
 ) -> None:
@@ -135,3 +143,40 @@ def test_the_environment_cannot_lower_production_to_development(
         raised, "modelstore", Section, environ={"STRONGROOM__MODE": "production"}
     )
     assert common.production  # raising it stays allowed (the confidential compose override)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        # The confidential compose override raises a development file to production; a second
+        # spelling of the same variable, sorted after it, lowered it again (and with it every
+        # production check: the simulated chain, the environment's locks).
+        {"STRONGROOM__MODE": "production", "STRONGROOM__mode": "development"},
+        {"STRONGROOM__MODELSTORE__LIMIT": "1", "STRONGROOM__modelstore__limit": "2"},
+        # A whole section after one of its keys: the key's override was silently dropped.
+        {"STRONGROOM__MODELSTORE__LIMIT": "1", "STRONGROOM__modelstore": "{data_dir: /x}"},
+        {"STRONGROOM__MODELSTORE": "{data_dir: /x}", "STRONGROOM__MODELSTORE__LIMIT": "1"},
+    ],
+)
+def test_two_environment_variables_for_one_key_are_refused(
+    tmp_path: Path, environ: dict[str, str]
+) -> None:
+    path = write(tmp_path, "mode: development\n" + BASE)
+    with pytest.raises(ConfigError) as info:
+        load_service_config(path, "modelstore", Section, environ=environ)
+    names = sorted(environ)
+    assert f"environment overrides {names[0]} and {names[1]} both set" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        # The later one silently won: a production file with a development line appended to it.
+        ("mode: production\n" + BASE + "mode: development\n", "'mode'"),
+        (BASE + "authz:\n  admin: [spiffe://strongroom.test/a]\n  admin: []\n", "'admin'"),
+    ],
+)
+def test_a_key_given_twice_in_the_file_is_refused(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_service_config(write(tmp_path, text), "modelstore", Section, environ={})
+    assert f"duplicate key {key}" in info.value.message

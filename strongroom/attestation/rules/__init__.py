@@ -24,6 +24,11 @@ class TeeRules(Protocol):
         """Whether these rules release to a debuggable VM (refused by a production broker)."""
         ...
 
+    @property
+    def allow_simulated(self) -> bool:
+        """Whether these rules admit the simulated TEE (refused by a production broker)."""
+        ...
+
     def evaluate(self, claims: VerifiedClaims) -> bytes:
         """Raises :class:`~strongroom.attestation.errors.PolicyViolation` (with its reason code)
         at the first failed check; otherwise returns the launch measurement that matched, for
