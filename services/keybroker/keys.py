@@ -68,7 +68,12 @@ from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, ReleaseTarget
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmCall, HsmSession
-from strongroom.keybroker.p11direct import TargetRefused, Template, UnwrapFailed
+from strongroom.keybroker.p11direct import (
+    LENGTH_UNREPORTED,
+    TargetRefused,
+    Template,
+    UnwrapFailed,
+)
 from strongroom.oaep import OaepHash, negotiate
 from strongroom.reasons import Reason
 
@@ -996,8 +1001,14 @@ def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> int | None
         return None
     try:
         length = hs.direct.ulong_attribute(dek, Attribute.VALUE_LEN)
+    except LENGTH_UNREPORTED:
+        length = 0  # the token cannot tell: not held to it
     except p11x.PKCS11Error:
-        length = 0
+        # The session, the device or the new object is gone: that is the failure, not a key of
+        # unknown length to go on with (sr_rewrap's SR_READ_LENGTH).
+        with contextlib.suppress(p11x.PKCS11Error):
+            hs.direct.destroy(dek)
+        raise
     # SoftHSM2 reports 0 for a session object's CKA_VALUE_LEN; the fixed wrapped length already
     # bounds the key to 25..32 bytes. Tokens that report it are held to exactly 32.
     if length not in (0, DEK_BYTES):

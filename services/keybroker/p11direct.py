@@ -267,6 +267,14 @@ _STEP_UNWRAP = 1
 _STEP_WRONG_LENGTH = 2
 _STEP_IMPORT = 3
 _STEP_WRAP = 4
+_STEP_DESTROY_PUBLIC = 5
+_STEP_DESTROY_KEY = 6
+_STEP_READ_LENGTH = 7  # reading the new key's CKA_VALUE_LEN failed (not "cannot tell")
+#: What a token that cannot tell an object's CKA_VALUE_LEN answers: it is not held to a length.
+LENGTH_UNREPORTED: tuple[type[p11x.PKCS11Error], ...] = (
+    p11x.AttributeTypeInvalid,
+    p11x.AttributeSensitive,
+)
 
 
 class UnwrapFailed(Exception):
@@ -499,7 +507,8 @@ class DirectSession:
     ) -> bytes | None:
         """A release's six calls in one (see the module doc): :meth:`unwrap_aes_kwp` of
         ``wrapped`` under ``unwrapping_key``; the new key's ``CKA_VALUE_LEN`` checked against
-        ``key_length`` (a token that does not report it is not held to it); the caller's public key
+        ``key_length`` (a token that does not report it, reading 0 or answering one of
+        :data:`LENGTH_UNREPORTED`, is not held to it; any other failure to read it is raised); the caller's public key
         created from ``public_template``; the key wrapped to it as :meth:`wrap_oaep` does into at
         most ``size`` bytes; both objects destroyed, also on failure.
 
