@@ -114,6 +114,9 @@ EPHEMERAL_KEY_IMPORT = Template(
         (Attribute.DERIVE, False),
     ]
 )
+#: Refusals of the caller's key (import, wrap) that a failing token also answers: the token is
+#: asked whether it still answers before the caller is blamed.
+_TARGET_AMBIGUOUS: tuple[type[p11x.PKCS11Error], ...] = (*errs.AMBIGUOUS, p11x.HostMemory)
 _WRAPPED_KEY_FAILURES: tuple[type[p11x.PKCS11Error], ...] = (
     p11x.WrappedKeyInvalid,
     p11x.WrappedKeyLenRange,
@@ -972,6 +975,14 @@ def _release_with(
             _unwrap_refused(hs, kek, failed.error)
             continue
         except TargetRefused as refused:
+            # A CKR_GENERAL_ERROR-like answer is the caller's key only while the token still
+            # answers: from a token that stopped, it is the HSM's failure (reconnect; the caller
+            # may retry), never the caller's INVALID_ARGUMENT.
+            if isinstance(refused.error, _TARGET_AMBIGUOUS) and not hs.token_answers():
+                raise HsmUnavailable(
+                    f"the HSM failed while wrapping to the ephemeral key "
+                    f"({errs.describe(refused.error)})"
+                ) from refused.error
             # Not the HSM's failure nor the key's: counting it would let one caller's key (an even
             # modulus makes SoftHSM2 fail the wrap) mark a healthy key unusable for everyone.
             raise InvalidArgument(
