@@ -70,6 +70,7 @@ from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmCall, HsmSession
 from strongroom.keybroker.p11direct import (
     LENGTH_UNREPORTED,
+    CleanupFailed,
     TargetRefused,
     Template,
     UnwrapFailed,
@@ -459,7 +460,7 @@ class KeyManager:
                 wrapped = _wrap(hs, kek, dek.handle)
                 value = bytearray(dek[Attribute.VALUE])
             finally:
-                dek.destroy()
+                _destroy_data_key(dek.destroy)
             if len(value) != DEK_BYTES or len(wrapped) != WRAPPED_DEK_BYTES:
                 raise Internal(
                     "the HSM returned a data key of the wrong size", reason=Reason.HSM_ERROR
@@ -493,7 +494,7 @@ class KeyManager:
             try:
                 out = _wrap(hs, target.winner, dek)
             finally:
-                hs.direct.destroy(dek)
+                _destroy_data_key(functools.partial(hs.direct.destroy, dek))
             return Rewrapped(out, target.version)
 
         return self._call(key_id, op, timeout, "rewrap")
@@ -974,6 +975,8 @@ def _release_with(
         except UnwrapFailed as failed:
             _unwrap_refused(hs, kek, failed.error)
             continue
+        except CleanupFailed as failed:
+            raise _data_key_left(failed.error) from failed.error
         except TargetRefused as refused:
             # A CKR_GENERAL_ERROR-like answer is the caller's key only while the token still
             # answers: from a token that stopped, it is the HSM's failure (reconnect; the caller
@@ -992,6 +995,24 @@ def _release_with(
         if out is not None:
             return out
     raise _not_wrapped_under(version)
+
+
+def _data_key_left(exc: p11x.PKCS11Error) -> HsmUnavailable:
+    """A data key (or the key it was wrapped to) could not be destroyed: raised inside the
+    operation, HsmUnavailable drops the connection, and closing the session destroys its objects
+    (kept, the session would hold the key for every later operation until the next recycle)."""
+    return HsmUnavailable(
+        f"the HSM could not destroy a data key's session object ({errs.describe(exc)}); "
+        f"the session is being closed"
+    )
+
+
+def _destroy_data_key(destroy: Callable[[], None]) -> None:
+    """Destroys a session object holding a data key; see :func:`_data_key_left`."""
+    try:
+        destroy()
+    except p11x.PKCS11Error as exc:
+        raise _data_key_left(exc) from exc
 
 
 def _not_wrapped_under(version: _kek.KekVersion) -> InvalidArgument:
@@ -1017,13 +1038,12 @@ def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> int | None
     except p11x.PKCS11Error:
         # The session, the device or the new object is gone: that is the failure, not a key of
         # unknown length to go on with (sr_rewrap's SR_READ_LENGTH).
-        with contextlib.suppress(p11x.PKCS11Error):
-            hs.direct.destroy(dek)
+        _destroy_data_key(functools.partial(hs.direct.destroy, dek))
         raise
     # SoftHSM2 reports 0 for a session object's CKA_VALUE_LEN; the fixed wrapped length already
     # bounds the key to 25..32 bytes. Tokens that report it are held to exactly 32.
     if length not in (0, DEK_BYTES):
-        hs.direct.destroy(dek)
+        _destroy_data_key(functools.partial(hs.direct.destroy, dek))
         return None
     return dek
 

@@ -296,6 +296,16 @@ class TargetRefused(Exception):
         self.error = error
 
 
+class CleanupFailed(Exception):
+    """:meth:`DirectSession.rewrap_oaep` could not destroy the unwrapped data key or the imported
+    public key: it may still exist in the session, so the session must not be used again (closing
+    it destroys its objects). ``error`` is the python-pkcs11 exception of the failed destroy."""
+
+    def __init__(self, error: p11x.PKCS11Error) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 @functools.lru_cache(maxsize=1)
 def _release_calls() -> Any:
     """``sr_rewrap`` from the C library built beside this module (see the module doc)."""
@@ -515,7 +525,8 @@ class DirectSession:
         Returns the wrapped key, or None when the unwrapped key had another length (the blob is
         not this key's). Raises :class:`UnwrapFailed` when the unwrap is refused,
         :class:`TargetRefused` when importing the public key or wrapping to it is (unless the
-        session or device is gone), and the python-pkcs11 exception of the failing call otherwise.
+        session or device is gone), :class:`CleanupFailed` when either object could not be
+        destroyed, and the python-pkcs11 exception of the failing call otherwise.
         """
         if size > _MAX_WRAPPED:
             raise ValueError(f"a wrapped key of {size} bytes is more than this path handles")
@@ -546,6 +557,8 @@ class DirectSession:
                 raise UnwrapFailed(error)
             if step.value in (_STEP_IMPORT, _STEP_WRAP) and not errs.is_device_failure(error):
                 raise TargetRefused(error)
+            if step.value in (_STEP_DESTROY_PUBLIC, _STEP_DESTROY_KEY):
+                raise CleanupFailed(error)
             raise error
         if step.value == _STEP_WRONG_LENGTH:
             return None

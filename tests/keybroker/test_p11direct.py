@@ -368,3 +368,48 @@ def test_a_failed_length_read_fails_the_release_and_the_rewrap(
         direct.get_attribute_value = token_single
     assert session_objects(hsm) == before
     assert km.rewrap("model", 1, data_key.wrapped).version == 1  # reconnected
+
+
+_CKR_ARGUMENTS_BAD = 0x7
+
+
+def test_a_data_key_that_cannot_be_destroyed_closes_its_session(
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # C_DestroyObject refuses (with a code that is neither a device failure nor a stale handle):
+    # the unwrapped data key, and the imported key of a release, stay in the session. They used
+    # to stay there for every later operation (INTERNAL, session kept) until the next recycle;
+    # now the operation is UNAVAILABLE and the session is closed, which destroys its objects.
+    def refuse(session: int, handle: int) -> int:
+        return _CKR_ARGUMENTS_BAD
+
+    refusing = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)(refuse)
+    km.create_key("model")
+    data_key = km.generate_data_key("model")
+    before = session_objects(hsm)
+    direct = hsm._direct
+    assert direct is not None
+    token_own = direct.entry_points.destroy_object
+    token_single = direct.destroy_object
+    direct.entry_points.destroy_object = ctypes.cast(refusing, ctypes.c_void_p).value
+    direct.destroy_object = refusing
+    try:
+        with pytest.raises(HsmUnavailable):
+            km.release_to_ephemeral(
+                "model", 1, data_key.wrapped, spki(tee_key), hsm.oaep_hashes[:1]
+            )
+        with pytest.raises(HsmUnavailable):
+            km.rewrap("model", 1, data_key.wrapped)
+    finally:
+        direct.entry_points.destroy_object = token_own
+        direct.destroy_object = token_single
+    assert session_objects(hsm) == before
+
+    def refused(self: object) -> None:
+        raise p11x.ArgumentsBad()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pkcs11._pkcs11.Object, "destroy", refused)
+        with pytest.raises(HsmUnavailable):
+            km.generate_data_key("model")  # its data key is not even sensitive
+    assert session_objects(hsm) == before
