@@ -456,12 +456,21 @@ class KeyManager:
             dek = hs.session.generate_key(
                 KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.RETURNED_DEK_TEMPLATE
             )
+            # The token writes the value straight into the one buffer the caller wipes: read
+            # through python-pkcs11 it also left an immutable bytes copy (and that library's
+            # own buffer) in freed memory, where no wipe reaches.
+            value = bytearray(DEK_BYTES)
             try:
-                wrapped = _wrap(hs, kek, dek.handle)
-                value = bytearray(dek[Attribute.VALUE])
-            finally:
-                _destroy_data_key(dek.destroy)
-            if len(value) != DEK_BYTES or len(wrapped) != WRAPPED_DEK_BYTES:
+                try:
+                    wrapped = _wrap(hs, kek, dek.handle)
+                    length = hs.direct.read_into(dek.handle, Attribute.VALUE, value)
+                finally:
+                    _destroy_data_key(dek.destroy)
+            except BaseException:
+                value[:] = bytes(DEK_BYTES)
+                raise
+            if length != DEK_BYTES or len(wrapped) != WRAPPED_DEK_BYTES:
+                value[:] = bytes(DEK_BYTES)
                 raise Internal(
                     "the HSM returned a data key of the wrong size", reason=Reason.HSM_ERROR
                 )

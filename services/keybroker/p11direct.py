@@ -361,6 +361,12 @@ def _attribute_array(count: int) -> Any:
     return _Attribute * count
 
 
+@functools.lru_cache(maxsize=4)
+def _byte_array(size: int) -> Any:
+    # One class per size, made once (see _attribute_array); the sizes are this code's own.
+    return ctypes.c_char * size
+
+
 def _bytes_value(value: bytes) -> tuple[Any, int | None, int]:
     held = ctypes.c_char_p(value)  # keeps ``value`` alive; C reads it in place
     return held, ctypes.cast(held, ctypes.c_void_p).value, len(value)
@@ -603,6 +609,18 @@ class DirectSession:
         query = _Attribute(int(attribute), ctypes.addressof(value), _ULONG_BYTES)
         _check(self._module.get_attribute_value(self._handle, handle, ctypes.byref(query), 1))
         return value.value
+
+    def read_into(self, handle: int, attribute: Attribute, out: bytearray) -> int:
+        """Reads a byte-string attribute of object ``handle`` straight into ``out`` (the token
+        writes into its buffer: no other copy is made in this process) and returns its length,
+        which is at most ``len(out)`` (``CKR_BUFFER_TOO_SMALL`` otherwise)."""
+        buffer = _byte_array(len(out)).from_buffer(out)
+        try:
+            query = _Attribute(int(attribute), ctypes.addressof(buffer), len(out))
+            _check(self._module.get_attribute_value(self._handle, handle, ctypes.byref(query), 1))
+            return int(query.length)
+        finally:
+            del buffer  # releases ``out``'s buffer export
 
     def destroy(self, handle: int) -> None:
         """``C_DestroyObject``."""
