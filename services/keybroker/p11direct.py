@@ -21,7 +21,7 @@ calls it with the same templates and mechanisms the single calls take.
 
 Only what the data-key path needs is here: unwrap (``CKM_AES_KEY_WRAP_PAD`` into a session object),
 wrap (the same mechanism, or ``CKM_RSA_PKCS_OAEP``), import an RSA public key, read an integer
-attribute, create an object, destroy. Everything else — connecting, logging in, finding and
+attribute, create an object, destroy, and the session's state (is the user still logged in). Everything else — connecting, logging in, finding and
 creating KEKs, generating keys — stays with python-pkcs11. Failures raise python-pkcs11's own exception classes, mapped from the return
 code exactly as python-pkcs11 maps them (a test checks the table against the installed
 python-pkcs11), so :mod:`strongroom.keybroker._pkcs11_errors` classifies them alike; an unmapped
@@ -147,6 +147,14 @@ class _OaepParams(ctypes.Structure):
     ]
 
 
+class _SessionInfo(ctypes.Structure):
+    _fields_ = [("slot", _ULONG), ("state", _ULONG), ("flags", _ULONG), ("device_error", _ULONG)]
+
+
+#: ``CKS_RO_USER_FUNCTIONS`` and ``CKS_RW_USER_FUNCTIONS``: the states of a session whose
+#: application has the normal user logged in.
+USER_SESSION_STATES = frozenset({1, 3})
+
 # CK_FUNCTION_LIST (PKCS#11 2.40, section 5.16): a CK_VERSION, then the 68 entry points in this
 # order. Only the five used here get prototypes; the rest are placeholders that keep the offsets.
 _ENTRY_POINTS = [
@@ -231,6 +239,7 @@ _P = ctypes.POINTER
 _PROTOTYPES = {
     "C_CreateObject": ctypes.CFUNCTYPE(_ULONG, _ULONG, _P(_Attribute), _ULONG, _P(_ULONG)),
     "C_DestroyObject": ctypes.CFUNCTYPE(_ULONG, _ULONG, _ULONG),
+    "C_GetSessionInfo": ctypes.CFUNCTYPE(_ULONG, _ULONG, _P(_SessionInfo)),
     "C_GetAttributeValue": ctypes.CFUNCTYPE(_ULONG, _ULONG, _ULONG, _P(_Attribute), _ULONG),
     "C_WrapKey": ctypes.CFUNCTYPE(
         _ULONG, _ULONG, _P(_Mechanism), _ULONG, _ULONG, ctypes.c_char_p, _P(_ULONG)
@@ -460,6 +469,7 @@ class DirectModule:
         self.create_object = _PROTOTYPES["C_CreateObject"](table.C_CreateObject)
         self.destroy_object = _PROTOTYPES["C_DestroyObject"](table.C_DestroyObject)
         self.get_attribute_value = _PROTOTYPES["C_GetAttributeValue"](table.C_GetAttributeValue)
+        self.get_session_info = _PROTOTYPES["C_GetSessionInfo"](table.C_GetSessionInfo)
         self.wrap_key = _PROTOTYPES["C_WrapKey"](table.C_WrapKey)
         self.unwrap_key = _PROTOTYPES["C_UnwrapKey"](table.C_UnwrapKey)
         self.rewrap = _release_calls()
@@ -621,6 +631,12 @@ class DirectSession:
             return int(query.length)
         finally:
             del buffer  # releases ``out``'s buffer export
+
+    def state(self) -> int:
+        """The session's ``CKS_*`` state (``C_GetSessionInfo``); see :data:`USER_SESSION_STATES`."""
+        info = _SessionInfo()
+        _check(self._module.get_session_info(self._handle, ctypes.byref(info)))
+        return int(info.state)
 
     def destroy(self, handle: int) -> None:
         """``C_DestroyObject``."""
