@@ -57,7 +57,8 @@ enum {
  * its CKA_VALUE_LEN is 0 (unreported) or `key_length` (a token that cannot tell, answering
  * CKR_ATTRIBUTE_TYPE_INVALID or CKR_ATTRIBUTE_SENSITIVE, is not held to it; any other failure of
  * that read is returned with `*step` SR_READ_LENGTH, the key destroyed, or SR_DESTROY_KEY with
- * the destroy's CK_RV if it could not be); imports the caller's public key from `public_template`; wraps the unwrapped key to it into `out` (`*out_length` in: its size, out: the
+ * the destroy's CK_RV if it could not be); imports the caller's public key from
+ * `public_template`; wraps the unwrapped key to it into `out` (`*out_length` in: its size, out: the
  * length written); destroys both objects, whatever happened. Returns the first failing call's
  * CK_RV with `*step` naming the call (SR_DESTROY_PUBLIC or SR_DESTROY_KEY: that object may still
  * exist in the session), or 0 with `*step` SR_DONE, or 0 with SR_WRONG_LENGTH when the
