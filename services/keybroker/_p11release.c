@@ -44,16 +44,24 @@ enum {
     SR_WRAP = 4,
     SR_DESTROY_PUBLIC = 5,
     SR_DESTROY_KEY = 6,
+    SR_READ_LENGTH = 7,
 };
 
 #define CKA_VALUE_LEN 0x161UL
+/* The C_GetAttributeValue answers that mean "this token cannot tell the length": nothing wrong. */
+#define CKR_ATTRIBUTE_SENSITIVE 0x11UL
+#define CKR_ATTRIBUTE_TYPE_INVALID 0x12UL
 
 /*
  * Unwraps `wrapped` under `unwrapping_key` into a session object made from `key_template`; checks
- * its CKA_VALUE_LEN is 0 (unreported) or `key_length`; imports the caller's public key from
+ * its CKA_VALUE_LEN is 0 (unreported) or `key_length` (a token that cannot tell, answering
+ * CKR_ATTRIBUTE_TYPE_INVALID or CKR_ATTRIBUTE_SENSITIVE, is not held to it; any other failure of
+ * that read is returned with `*step` SR_READ_LENGTH, the key destroyed, or SR_DESTROY_KEY with
+ * the destroy's CK_RV if it could not be); imports the caller's public key from
  * `public_template`; wraps the unwrapped key to it into `out` (`*out_length` in: its size, out: the
  * length written); destroys both objects, whatever happened. Returns the first failing call's
- * CK_RV with `*step` naming the call, or 0 with `*step` SR_DONE, or 0 with SR_WRONG_LENGTH when the
+ * CK_RV with `*step` naming the call (SR_DESTROY_PUBLIC or SR_DESTROY_KEY: that object may still
+ * exist in the session), or 0 with `*step` SR_DONE, or 0 with SR_WRONG_LENGTH when the
  * unwrapped key had another length (it is destroyed: the blob is not this key's).
  */
 ck_ulong sr_rewrap(const sr_entry_points *p11, ck_ulong session, ck_mechanism *unwrap_mechanism,
@@ -71,9 +79,24 @@ ck_ulong sr_rewrap(const sr_entry_points *p11, ck_ulong session, ck_mechanism *u
                          key_template, key_count, &key);
     if (rv != 0)
         return rv;
-    /* A token that cannot tell the length is not held to it (SoftHSM2 reports 0). */
-    if (p11->get_attribute_value(session, key, &query, 1) != 0)
+    /*
+     * A token that cannot tell the length is not held to it (SoftHSM2 reports 0). Any other failure
+     * (the session, the device or the new object gone) is the failure: going on would skip the
+     * check and report the next call's error, or none, in its place.
+     */
+    rv = p11->get_attribute_value(session, key, &query, 1);
+    if (rv == CKR_ATTRIBUTE_TYPE_INVALID || rv == CKR_ATTRIBUTE_SENSITIVE) {
         length = 0;
+    } else if (rv != 0) {
+        /* The read's failure is reported, unless the key could not be destroyed: that is worse. */
+        *step = SR_READ_LENGTH;
+        cleanup = p11->destroy_object(session, key);
+        if (cleanup != 0) {
+            *step = SR_DESTROY_KEY;
+            rv = cleanup;
+        }
+        return rv;
+    }
     if (length != 0 && length != key_length) {
         *step = SR_DESTROY_KEY;
         rv = p11->destroy_object(session, key);

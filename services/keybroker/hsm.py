@@ -50,7 +50,8 @@ silently vanish), handles of token keys fail with ``CKR_*_HANDLE_INVALID``, ``C_
 ``C_OpenSession`` fail with ``CKR_GENERAL_ERROR``. When the directory returns, the running library
 does not notice until it is re-initialised. ``chmod 000`` cannot simulate this when running as root.
 Because of the first point, a key lookup that finds nothing checks that the token still answers
-(:meth:`HsmSession.require_token`) before it reports ``NotFound``.
+and that the session is still logged in (:meth:`HsmSession.require_token`; a session that lost its
+login finds no private object either) before it reports ``NotFound``.
 
 One :class:`Hsm` owns its module for the whole process (re-initialising it would break any other
 user), so opening a second one on the same module file raises ``FailedPrecondition(HSM_ALREADY_OPEN)``.
@@ -83,7 +84,12 @@ from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.errors import HsmUnavailable
-from strongroom.keybroker.p11direct import OAEP_HASHES, DirectModule, DirectSession
+from strongroom.keybroker.p11direct import (
+    OAEP_HASHES,
+    USER_SESSION_STATES,
+    DirectModule,
+    DirectSession,
+)
 from strongroom.oaep import PROBE_ORDER, OaepHash
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
@@ -249,10 +255,21 @@ class HsmSession:
             return False
         return True
 
+    def logged_in(self) -> bool:
+        """Whether this session still has the user logged in (``C_GetSessionInfo``)."""
+        try:
+            return self.direct.state() in USER_SESSION_STATES
+        except p11x.PKCS11Error:
+            return False
+
     def require_token(self) -> None:
-        """Raises ``HsmUnavailable`` unless the token still answers (see :meth:`token_answers`)."""
+        """Raises ``HsmUnavailable`` unless the token still answers (see :meth:`token_answers`)
+        and the user is still logged in: a session that lost its login finds no private object,
+        so every key would look missing (``NotFound``) or vanished (``DataLoss``)."""
         if not self.token_answers():
             raise HsmUnavailable("the HSM token stopped answering")
+        if not self.logged_in():
+            raise HsmUnavailable("the HSM session is no longer logged in")
 
     def close(self) -> None:
         """Closes the session, ignoring errors (the device may already be gone)."""

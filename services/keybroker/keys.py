@@ -68,7 +68,13 @@ from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, ReleaseTarget
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmCall, HsmSession
-from strongroom.keybroker.p11direct import TargetRefused, Template, UnwrapFailed
+from strongroom.keybroker.p11direct import (
+    LENGTH_UNREPORTED,
+    CleanupFailed,
+    TargetRefused,
+    Template,
+    UnwrapFailed,
+)
 from strongroom.oaep import OaepHash, negotiate
 from strongroom.reasons import Reason
 
@@ -109,6 +115,9 @@ EPHEMERAL_KEY_IMPORT = Template(
         (Attribute.DERIVE, False),
     ]
 )
+#: Refusals of the caller's key (import, wrap) that a failing token also answers: the token is
+#: asked whether it still answers before the caller is blamed.
+_TARGET_AMBIGUOUS: tuple[type[p11x.PKCS11Error], ...] = (*errs.AMBIGUOUS, p11x.HostMemory)
 _WRAPPED_KEY_FAILURES: tuple[type[p11x.PKCS11Error], ...] = (
     p11x.WrappedKeyInvalid,
     p11x.WrappedKeyLenRange,
@@ -447,12 +456,21 @@ class KeyManager:
             dek = hs.session.generate_key(
                 KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.RETURNED_DEK_TEMPLATE
             )
+            # The token writes the value straight into the one buffer the caller wipes: read
+            # through python-pkcs11 it also left an immutable bytes copy (and that library's
+            # own buffer) in freed memory, where no wipe reaches.
+            value = bytearray(DEK_BYTES)
             try:
-                wrapped = _wrap(hs, kek, dek.handle)
-                value = bytearray(dek[Attribute.VALUE])
-            finally:
-                dek.destroy()
-            if len(value) != DEK_BYTES or len(wrapped) != WRAPPED_DEK_BYTES:
+                try:
+                    wrapped = _wrap(hs, kek, dek.handle)
+                    length = hs.direct.read_into(dek.handle, Attribute.VALUE, value)
+                finally:
+                    _destroy_data_key(dek.destroy)
+            except BaseException:
+                value[:] = bytes(DEK_BYTES)
+                raise
+            if length != DEK_BYTES or len(wrapped) != WRAPPED_DEK_BYTES:
+                value[:] = bytes(DEK_BYTES)
                 raise Internal(
                     "the HSM returned a data key of the wrong size", reason=Reason.HSM_ERROR
                 )
@@ -485,7 +503,7 @@ class KeyManager:
             try:
                 out = _wrap(hs, target.winner, dek)
             finally:
-                hs.direct.destroy(dek)
+                _destroy_data_key(functools.partial(hs.direct.destroy, dek))
             return Rewrapped(out, target.version)
 
         return self._call(key_id, op, timeout, "rewrap")
@@ -966,7 +984,17 @@ def _release_with(
         except UnwrapFailed as failed:
             _unwrap_refused(hs, kek, failed.error)
             continue
+        except CleanupFailed as failed:
+            raise _data_key_left(failed.error) from failed.error
         except TargetRefused as refused:
+            # A CKR_GENERAL_ERROR-like answer is the caller's key only while the token still
+            # answers: from a token that stopped, it is the HSM's failure (reconnect; the caller
+            # may retry), never the caller's INVALID_ARGUMENT.
+            if isinstance(refused.error, _TARGET_AMBIGUOUS) and not hs.token_answers():
+                raise HsmUnavailable(
+                    f"the HSM failed while wrapping to the ephemeral key "
+                    f"({errs.describe(refused.error)})"
+                ) from refused.error
             # Not the HSM's failure nor the key's: counting it would let one caller's key (an even
             # modulus makes SoftHSM2 fail the wrap) mark a healthy key unusable for everyone.
             raise InvalidArgument(
@@ -976,6 +1004,24 @@ def _release_with(
         if out is not None:
             return out
     raise _not_wrapped_under(version)
+
+
+def _data_key_left(exc: p11x.PKCS11Error) -> HsmUnavailable:
+    """A data key (or the key it was wrapped to) could not be destroyed: raised inside the
+    operation, HsmUnavailable drops the connection, and closing the session destroys its objects
+    (kept, the session would hold the key for every later operation until the next recycle)."""
+    return HsmUnavailable(
+        f"the HSM could not destroy a data key's session object ({errs.describe(exc)}); "
+        f"the session is being closed"
+    )
+
+
+def _destroy_data_key(destroy: Callable[[], None]) -> None:
+    """Destroys a session object holding a data key; see :func:`_data_key_left`."""
+    try:
+        destroy()
+    except p11x.PKCS11Error as exc:
+        raise _data_key_left(exc) from exc
 
 
 def _not_wrapped_under(version: _kek.KekVersion) -> InvalidArgument:
@@ -996,12 +1042,17 @@ def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> int | None
         return None
     try:
         length = hs.direct.ulong_attribute(dek, Attribute.VALUE_LEN)
+    except LENGTH_UNREPORTED:
+        length = 0  # the token cannot tell: not held to it
     except p11x.PKCS11Error:
-        length = 0
+        # The session, the device or the new object is gone: that is the failure, not a key of
+        # unknown length to go on with (sr_rewrap's SR_READ_LENGTH).
+        _destroy_data_key(functools.partial(hs.direct.destroy, dek))
+        raise
     # SoftHSM2 reports 0 for a session object's CKA_VALUE_LEN; the fixed wrapped length already
     # bounds the key to 25..32 bytes. Tokens that report it are held to exactly 32.
     if length not in (0, DEK_BYTES):
-        hs.direct.destroy(dek)
+        _destroy_data_key(functools.partial(hs.direct.destroy, dek))
         return None
     return dek
 

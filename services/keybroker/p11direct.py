@@ -21,7 +21,7 @@ calls it with the same templates and mechanisms the single calls take.
 
 Only what the data-key path needs is here: unwrap (``CKM_AES_KEY_WRAP_PAD`` into a session object),
 wrap (the same mechanism, or ``CKM_RSA_PKCS_OAEP``), import an RSA public key, read an integer
-attribute, create an object, destroy. Everything else — connecting, logging in, finding and
+attribute, create an object, destroy, and the session's state (is the user still logged in). Everything else — connecting, logging in, finding and
 creating KEKs, generating keys — stays with python-pkcs11. Failures raise python-pkcs11's own exception classes, mapped from the return
 code exactly as python-pkcs11 maps them (a test checks the table against the installed
 python-pkcs11), so :mod:`strongroom.keybroker._pkcs11_errors` classifies them alike; an unmapped
@@ -147,6 +147,14 @@ class _OaepParams(ctypes.Structure):
     ]
 
 
+class _SessionInfo(ctypes.Structure):
+    _fields_ = [("slot", _ULONG), ("state", _ULONG), ("flags", _ULONG), ("device_error", _ULONG)]
+
+
+#: ``CKS_RO_USER_FUNCTIONS`` and ``CKS_RW_USER_FUNCTIONS``: the states of a session whose
+#: application has the normal user logged in.
+USER_SESSION_STATES = frozenset({1, 3})
+
 # CK_FUNCTION_LIST (PKCS#11 2.40, section 5.16): a CK_VERSION, then the 68 entry points in this
 # order. Only the five used here get prototypes; the rest are placeholders that keep the offsets.
 _ENTRY_POINTS = [
@@ -231,6 +239,7 @@ _P = ctypes.POINTER
 _PROTOTYPES = {
     "C_CreateObject": ctypes.CFUNCTYPE(_ULONG, _ULONG, _P(_Attribute), _ULONG, _P(_ULONG)),
     "C_DestroyObject": ctypes.CFUNCTYPE(_ULONG, _ULONG, _ULONG),
+    "C_GetSessionInfo": ctypes.CFUNCTYPE(_ULONG, _ULONG, _P(_SessionInfo)),
     "C_GetAttributeValue": ctypes.CFUNCTYPE(_ULONG, _ULONG, _ULONG, _P(_Attribute), _ULONG),
     "C_WrapKey": ctypes.CFUNCTYPE(
         _ULONG, _ULONG, _P(_Mechanism), _ULONG, _ULONG, ctypes.c_char_p, _P(_ULONG)
@@ -267,6 +276,14 @@ _STEP_UNWRAP = 1
 _STEP_WRONG_LENGTH = 2
 _STEP_IMPORT = 3
 _STEP_WRAP = 4
+_STEP_DESTROY_PUBLIC = 5
+_STEP_DESTROY_KEY = 6
+_STEP_READ_LENGTH = 7  # reading the new key's CKA_VALUE_LEN failed (not "cannot tell")
+#: What a token that cannot tell an object's CKA_VALUE_LEN answers: it is not held to a length.
+LENGTH_UNREPORTED: tuple[type[p11x.PKCS11Error], ...] = (
+    p11x.AttributeTypeInvalid,
+    p11x.AttributeSensitive,
+)
 
 
 class UnwrapFailed(Exception):
@@ -282,6 +299,16 @@ class TargetRefused(Exception):
     """:meth:`DirectSession.rewrap_oaep` unwrapped the key but the token would not import the
     caller's public key or wrap to it; ``error`` is the python-pkcs11 exception. The unwrapping key
     worked, so this says nothing about it: it is the caller's key the token refused."""
+
+    def __init__(self, error: p11x.PKCS11Error) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class CleanupFailed(Exception):
+    """:meth:`DirectSession.rewrap_oaep` could not destroy the unwrapped data key or the imported
+    public key: it may still exist in the session, so the session must not be used again (closing
+    it destroys its objects). ``error`` is the python-pkcs11 exception of the failed destroy."""
 
     def __init__(self, error: p11x.PKCS11Error) -> None:
         super().__init__(error)
@@ -341,6 +368,12 @@ def _attribute_array(count: int) -> Any:
     # ctypes makes a new class for every ``_Attribute * n`` expression, and a class is cyclic
     # garbage once dropped: one per template size, made once (the sizes are this code's own).
     return _Attribute * count
+
+
+@functools.lru_cache(maxsize=4)
+def _byte_array(size: int) -> Any:
+    # One class per size, made once (see _attribute_array); the sizes are this code's own.
+    return ctypes.c_char * size
 
 
 def _bytes_value(value: bytes) -> tuple[Any, int | None, int]:
@@ -436,6 +469,7 @@ class DirectModule:
         self.create_object = _PROTOTYPES["C_CreateObject"](table.C_CreateObject)
         self.destroy_object = _PROTOTYPES["C_DestroyObject"](table.C_DestroyObject)
         self.get_attribute_value = _PROTOTYPES["C_GetAttributeValue"](table.C_GetAttributeValue)
+        self.get_session_info = _PROTOTYPES["C_GetSessionInfo"](table.C_GetSessionInfo)
         self.wrap_key = _PROTOTYPES["C_WrapKey"](table.C_WrapKey)
         self.unwrap_key = _PROTOTYPES["C_UnwrapKey"](table.C_UnwrapKey)
         self.rewrap = _release_calls()
@@ -499,14 +533,16 @@ class DirectSession:
     ) -> bytes | None:
         """A release's six calls in one (see the module doc): :meth:`unwrap_aes_kwp` of
         ``wrapped`` under ``unwrapping_key``; the new key's ``CKA_VALUE_LEN`` checked against
-        ``key_length`` (a token that does not report it is not held to it); the caller's public key
+        ``key_length`` (a token that does not report it, reading 0 or answering one of
+        :data:`LENGTH_UNREPORTED`, is not held to it; any other failure to read it is raised); the caller's public key
         created from ``public_template``; the key wrapped to it as :meth:`wrap_oaep` does into at
         most ``size`` bytes; both objects destroyed, also on failure.
 
         Returns the wrapped key, or None when the unwrapped key had another length (the blob is
         not this key's). Raises :class:`UnwrapFailed` when the unwrap is refused,
         :class:`TargetRefused` when importing the public key or wrapping to it is (unless the
-        session or device is gone), and the python-pkcs11 exception of the failing call otherwise.
+        session or device is gone), :class:`CleanupFailed` when either object could not be
+        destroyed, and the python-pkcs11 exception of the failing call otherwise.
         """
         if size > _MAX_WRAPPED:
             raise ValueError(f"a wrapped key of {size} bytes is more than this path handles")
@@ -537,6 +573,8 @@ class DirectSession:
                 raise UnwrapFailed(error)
             if step.value in (_STEP_IMPORT, _STEP_WRAP) and not errs.is_device_failure(error):
                 raise TargetRefused(error)
+            if step.value in (_STEP_DESTROY_PUBLIC, _STEP_DESTROY_KEY):
+                raise CleanupFailed(error)
             raise error
         if step.value == _STEP_WRONG_LENGTH:
             return None
@@ -581,6 +619,24 @@ class DirectSession:
         query = _Attribute(int(attribute), ctypes.addressof(value), _ULONG_BYTES)
         _check(self._module.get_attribute_value(self._handle, handle, ctypes.byref(query), 1))
         return value.value
+
+    def read_into(self, handle: int, attribute: Attribute, out: bytearray) -> int:
+        """Reads a byte-string attribute of object ``handle`` straight into ``out`` (the token
+        writes into its buffer: no other copy is made in this process) and returns its length,
+        which is at most ``len(out)`` (``CKR_BUFFER_TOO_SMALL`` otherwise)."""
+        buffer = _byte_array(len(out)).from_buffer(out)
+        try:
+            query = _Attribute(int(attribute), ctypes.addressof(buffer), len(out))
+            _check(self._module.get_attribute_value(self._handle, handle, ctypes.byref(query), 1))
+            return int(query.length)
+        finally:
+            del buffer  # releases ``out``'s buffer export
+
+    def state(self) -> int:
+        """The session's ``CKS_*`` state (``C_GetSessionInfo``); see :data:`USER_SESSION_STATES`."""
+        info = _SessionInfo()
+        _check(self._module.get_session_info(self._handle, ctypes.byref(info)))
+        return int(info.state)
 
     def destroy(self, handle: int) -> None:
         """``C_DestroyObject``."""

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.errors import DataLoss, InvalidArgument
 from strongroom.keybroker.errors import HsmUnavailable
-from strongroom.keybroker.hsm import Hsm
+from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import KeyManager
 from strongroom.oaep import OaepHash
+from strongroom.reasons import Reason
 from tests.keybroker.helpers import make_config, session_objects, spki
 
 _OAEP = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
@@ -193,3 +195,41 @@ def test_damaged_key_does_not_stop_other_keys(
     dek, wrapped, version = km.generate_data_key("healthy")
     out, _ = km.release_to_ephemeral("healthy", version, wrapped, spki(tee_key), [OaepHash.SHA1])
     assert tee_key.decrypt(out, _OAEP) == dek
+
+
+def _log_out(hsm: Hsm) -> None:
+    """The application's login goes (C_Logout on the login session, as a network HSM's failover or
+    idle timeout does): every session of the token is then a public one."""
+
+    def op(_: HsmSession) -> None:
+        assert hsm._conn is not None
+        library = ctypes.CDLL(str(hsm.config.module_path))
+        library.C_Logout.argtypes = [ctypes.c_ulong]
+        library.C_Logout.restype = ctypes.c_ulong
+        assert library.C_Logout(hsm._conn.login.handle) == 0
+
+    hsm.call(op, name="log out", creates_objects=False)
+
+
+def test_a_lost_login_is_unavailable_not_a_missing_or_damaged_key(hsm: Hsm, km: KeyManager) -> None:
+    # A session without the login finds no private object: every KEK seems gone. That used to be
+    # NOT_FOUND for a key this broker had not seen yet, HSM_OPERATION_FAILED (DATA_LOSS the second
+    # time) for one it had, and a ready health check; it is the HSM's unavailability, healed by a
+    # reconnect that logs in again.
+    km.create_key("model")
+    fresh = KeyManager(hsm)  # a replica that has not seen the key yet
+    _log_out(hsm)
+    with pytest.raises(HsmUnavailable) as unseen:
+        fresh.describe_key("model")
+    assert unseen.value.reason == Reason.HSM_UNAVAILABLE
+    assert fresh.describe_key("model").current_version == 1  # reconnected and logged in
+    _log_out(hsm)
+    with pytest.raises(HsmUnavailable) as seen:
+        km.describe_key("model")
+    assert seen.value.reason == Reason.HSM_UNAVAILABLE
+    _log_out(hsm)
+    with pytest.raises(HsmUnavailable):
+        hsm.check_health()
+    hsm.check_health()
+    assert km.describe_key("model").current_version == 1
+    assert km.unusable_keys() == {}

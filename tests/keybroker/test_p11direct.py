@@ -22,8 +22,9 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
+from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmSession
-from strongroom.keybroker.keys import EPHEMERAL_KEY_IMPORT, SESSION_DEK_UNWRAP
+from strongroom.keybroker.keys import EPHEMERAL_KEY_IMPORT, SESSION_DEK_UNWRAP, KeyManager
 from strongroom.keybroker.p11direct import (
     _ENTRY_POINTS,
     RETURN_CODES,
@@ -35,6 +36,7 @@ from strongroom.keybroker.p11direct import (
     error_for,
 )
 from strongroom.oaep import OaepHash
+from tests.keybroker.helpers import session_objects, spki
 
 
 def _python_pkcs11_mapping() -> dict[str, str]:
@@ -316,3 +318,98 @@ def test_an_unwrapped_key_of_another_length_is_not_the_callers(
         assert _session_objects(hs) == before
 
     hsm.call(op, name="test")
+
+
+_CKR_DEVICE_REMOVED = 0x32
+_CKR_ATTRIBUTE_TYPE_INVALID = 0x12
+
+
+def test_a_failed_length_read_fails_the_release_and_the_rewrap(
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
+) -> None:
+    # Reading the unwrapped key's CKA_VALUE_LEN fails. "Cannot tell" (CKR_ATTRIBUTE_TYPE_INVALID)
+    # is not held to a length; anything else (the device gone, here) is the failure: the data key
+    # used to go on unchecked, to the next call's error or to a release, with a session that the
+    # device dropped kept as if nothing happened.
+    answers: list[int] = []
+
+    def read(session: int, handle: int, query: int, count: int) -> int:
+        return answers[-1]
+
+    prototype = ctypes.CFUNCTYPE(
+        ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong
+    )
+    failing = prototype(read)
+    km.create_key("model")
+    data_key = km.generate_data_key("model")
+    before = session_objects(hsm)
+    direct = hsm._direct
+    assert direct is not None
+    token_own = direct.entry_points.get_attribute_value
+    token_single = direct.get_attribute_value
+    direct.entry_points.get_attribute_value = ctypes.cast(failing, ctypes.c_void_p).value
+    direct.get_attribute_value = failing
+    try:
+        answers.append(_CKR_ATTRIBUTE_TYPE_INVALID)
+        released = km.release_to_ephemeral(
+            "model", 1, data_key.wrapped, spki(tee_key), hsm.oaep_hashes[:1]
+        )
+        assert len(released.wrapped) == 384
+        assert km.rewrap("model", 1, data_key.wrapped).version == 1
+        answers.append(_CKR_DEVICE_REMOVED)
+        with pytest.raises(HsmUnavailable):
+            km.release_to_ephemeral(
+                "model", 1, data_key.wrapped, spki(tee_key), hsm.oaep_hashes[:1]
+            )
+        with pytest.raises(HsmUnavailable):
+            km.rewrap("model", 1, data_key.wrapped)
+    finally:
+        direct.entry_points.get_attribute_value = token_own
+        direct.get_attribute_value = token_single
+    assert session_objects(hsm) == before
+    assert km.rewrap("model", 1, data_key.wrapped).version == 1  # reconnected
+
+
+_CKR_ARGUMENTS_BAD = 0x7
+
+
+def test_a_data_key_that_cannot_be_destroyed_closes_its_session(
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # C_DestroyObject refuses (with a code that is neither a device failure nor a stale handle):
+    # the unwrapped data key, and the imported key of a release, stay in the session. They used
+    # to stay there for every later operation (INTERNAL, session kept) until the next recycle;
+    # now the operation is UNAVAILABLE and the session is closed, which destroys its objects.
+    def refuse(session: int, handle: int) -> int:
+        return _CKR_ARGUMENTS_BAD
+
+    refusing = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)(refuse)
+    km.create_key("model")
+    data_key = km.generate_data_key("model")
+    before = session_objects(hsm)
+    direct = hsm._direct
+    assert direct is not None
+    token_own = direct.entry_points.destroy_object
+    token_single = direct.destroy_object
+    direct.entry_points.destroy_object = ctypes.cast(refusing, ctypes.c_void_p).value
+    direct.destroy_object = refusing
+    try:
+        with pytest.raises(HsmUnavailable):
+            km.release_to_ephemeral(
+                "model", 1, data_key.wrapped, spki(tee_key), hsm.oaep_hashes[:1]
+            )
+        with pytest.raises(HsmUnavailable):
+            km.rewrap("model", 1, data_key.wrapped)
+    finally:
+        direct.entry_points.destroy_object = token_own
+        direct.destroy_object = token_single
+    assert session_objects(hsm) == before
+
+    def refused(self: object) -> None:
+        raise p11x.ArgumentsBad()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pkcs11._pkcs11.Object, "destroy", refused)
+        with pytest.raises(HsmUnavailable):
+            km.generate_data_key("model")  # its data key is not even sensitive
+    assert session_objects(hsm) == before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,9 +18,11 @@ from strongroom.keybroker.ephemeral import (
     ReleaseTarget,
     parse_ephemeral_public_key,
 )
+from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, DataKey, KeyManager
 from strongroom.oaep import OaepHash
+from strongroom.reasons import Reason
 from tests.keybroker.helpers import (
     ec_spki_on_an_unsupported_curve,
     make_config,
@@ -354,3 +358,56 @@ def test_a_release_looks_its_key_up_once(
         )
         assert tee_key.decrypt(out, OAEP_SHA1) == model_key.dek
     assert lookups == ["model"] * (3 if ttl == 0 else 1)
+
+
+def test_a_wrap_failing_on_a_token_that_stopped_is_the_hsms_failure_not_the_callers(
+    softhsm_token: SoftHsmToken,
+    hsm: Hsm,
+    km: KeyManager,
+    model_key: DataKey,
+    tee_key: rsa.RSAPrivateKey,
+) -> None:
+    # CKR_GENERAL_ERROR from the OAEP wrap: while the token answers it is the caller's key
+    # (EPHEMERAL_KEY_UNSUPPORTED, as an odd key makes SoftHSM2 answer); when the token itself has
+    # stopped answering it is the HSM's failure, reported UNAVAILABLE and healed by a reconnect.
+    # It used to be the caller's INVALID_ARGUMENT either way, on a session the token had dropped.
+    store = softhsm_token.token_store()
+    away = softhsm_token.directory / "away"
+    vanish: list[bool] = []
+
+    def wrap(*_: object) -> int:
+        if vanish[-1]:
+            store.rename(away)
+        return 0x5  # CKR_GENERAL_ERROR
+
+    prototype = ctypes.CFUNCTYPE(
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+        ctypes.c_void_p,
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    )
+    failing = prototype(wrap)
+    direct = hsm._direct
+    assert direct is not None
+    token_own = direct.entry_points.wrap_key
+    direct.entry_points.wrap_key = ctypes.cast(failing, ctypes.c_void_p).value
+    release = functools.partial(
+        km.release_to_ephemeral, "model", 1, model_key.wrapped, spki(tee_key), hsm.oaep_hashes[:1]
+    )
+    try:
+        vanish.append(False)
+        with pytest.raises(InvalidArgument) as refused:
+            release()
+        assert refused.value.reason == Reason.EPHEMERAL_KEY_UNSUPPORTED
+        vanish.append(True)
+        with pytest.raises(HsmUnavailable):
+            release()
+    finally:
+        direct.entry_points.wrap_key = token_own
+        if away.exists():
+            away.rename(store)
+    assert km.unusable_keys() == {}
+    assert len(release().wrapped) == 384  # the next release reconnects and works
