@@ -9,8 +9,9 @@ C2SP construction as the parts; this module never weakens or re-implements the s
 format, it only sits above it.
 
 The manifest binds each part by position, by the SHA-256 of the part's authenticated header
-bytes (its C2SP context: model name, the part's store version, sizes, key slot) and by the
-part's plaintext size and SHA-256. A keyed reader checks each part's header against its manifest
+bytes (its C2SP context: model name, the part's store version, sizes, creation time; in format 1
+the wrapped key too, in format 2 not the key slot, and in neither the salt) and by the part's
+plaintext size and SHA-256; every part must also authenticate under the manifest's data key. A keyed reader checks each part's header against its manifest
 entry before using any of its bytes, and its authenticated digest once it is decrypted; so a
 part swapped, reordered, dropped or taken from another version is refused with DATA_LOSS
 (:class:`PartMismatch`, :class:`PartMissing`), as is a manifest served for another version
@@ -316,8 +317,10 @@ def check_part_header(manifest: Manifest, index: int, header: ArtifactHeader) ->
     """Checks a part artifact's (not yet authenticated) header against manifest entry ``index``.
 
     Called as soon as the header arrives, before any of the part's bytes are decrypted: the
-    header must be exactly the one the manifest bound (name, store version, size, key slot, ...).
-    Raises PartMismatch (DATA_LOSS) otherwise. The body then authenticates under this header.
+    header must be exactly the one the manifest bound (name, store version, size, ...; not a
+    format-2 key slot, which the context leaves out). Raises PartMismatch (DATA_LOSS) otherwise.
+    The body then authenticates under this header and the manifest's data key: that, not this
+    check, refuses a part with the same header bytes written under another key.
     """
     part = manifest.parts[index]
     if (

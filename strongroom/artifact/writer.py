@@ -36,6 +36,9 @@ DEFAULT_BLOCK_SIZE = 64 * c2sp.CHUNK_SIZE
 _CS = c2sp.CHUNK_SIZE
 _SEALED = c2sp.SEALED_CHUNK_SIZE
 
+Piece = bytes | bytearray | memoryview
+"""What an iterable source may yield; a mutable piece may be reused by the source once resumed."""
+
 
 def _check_dek(dek: bytearray | memoryview | bytes) -> None:
     if len(dek) != DEK_SIZE:
@@ -170,13 +173,14 @@ class ArtifactWriter:
         return b"".join(parts)
 
     def stream(
-        self, source: BinaryIO | Iterable[bytes], *, block_size: int = DEFAULT_BLOCK_SIZE
+        self, source: BinaryIO | Iterable[Piece], *, block_size: int = DEFAULT_BLOCK_SIZE
     ) -> Iterator[bytes]:
         """Yields the whole artifact, reading ``source`` once; SHA-256 runs in a second thread.
 
         A binary file is read with ``readinto`` into two reused buffers of ``block_size`` bytes
-        (rounded up to whole chunks); an iterable's pieces are used as they come. Memory stays at a
-        few blocks whatever the size.
+        (rounded up to whole chunks); an iterable's pieces are used as they come (a mutable piece
+        is hashed before the source is resumed, so the source may reuse its buffer). Memory stays
+        at a few blocks whatever the size.
         """
         if block_size < 1:
             raise ValueError("block_size must be positive")
@@ -209,8 +213,14 @@ class ArtifactWriter:
                     if len(pending) >= 2:
                         pending.pop(0).result()
                     self._account(view.nbytes)
-                    pending.append(hasher.submit(self._hash.update, view))
+                    hashed = hasher.submit(self._hash.update, view)
+                    pending.append(hashed)
                     yield self._seal_stream(view)
+                    if not isinstance(view.obj, bytes):
+                        # A mutable piece may be reused or changed by the source once it is
+                        # resumed (one buffer read into again): its hash must be finished first,
+                        # or the digest would take in bytes that were never encrypted.
+                        hashed.result()
             for fut in pending:
                 fut.result()
             pending.clear()
@@ -240,7 +250,7 @@ def _read_full(readinto: object, buf: bytearray) -> int:
     return total
 
 
-def _source_size(source: BinaryIO | Iterable[bytes]) -> int | None:
+def _source_size(source: BinaryIO | Iterable[Piece]) -> int | None:
     """Bytes left in a regular file or seekable stream; None if it cannot be known up front."""
     fileno = getattr(source, "fileno", None)
     if fileno is not None:
@@ -260,7 +270,7 @@ def _source_size(source: BinaryIO | Iterable[bytes]) -> int | None:
 
 
 def encrypt_stream(
-    source: BinaryIO | Iterable[bytes],
+    source: BinaryIO | Iterable[Piece],
     dek: bytearray | memoryview,
     *,
     model_name: str,

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from strongroom.api.artifact.v1 import manifest_pb2
-from strongroom.artifact import build_header
+from strongroom.artifact import ArtifactReader, DecryptionFailed, build_header, encrypt_bytes
 from strongroom.artifact.errors import InvalidArtifact
 from strongroom.artifact.format import ArtifactHeader
 from strongroom.artifact.manifest import (
@@ -228,3 +228,43 @@ def test_the_manifest_size_does_not_depend_on_the_digests() -> None:
         parts=[(f"p{i}", h.content_type, 5, os.urandom(32), header_digest(h)) for i, h in enumerate(parts)],
     ).encode()  # fmt: skip
     assert len(zero) == len(real)
+
+
+def test_the_header_digest_covers_the_context_not_the_slot_or_the_salt() -> None:
+    # What the manifest's header_sha256 binds is the part's C2SP context. A format-2 part
+    # re-wrapped (other slot) or re-encrypted under another key with the same header fields keeps
+    # its digest: check_part_header passes, and the body's commitment under the manifest's data
+    # key is what refuses a part written under any other key.
+    when = build_header(
+        model_name="acme/big",
+        model_version="1",
+        content_type="application/octet-stream",
+        key_id="kek",
+        key_version=1,
+        wrapped_dek=WRAPPED,
+        plaintext_size=5,
+    ).created_at
+
+    def part(wrapped: bytes, fmt: int) -> ArtifactHeader:
+        return build_header(
+            model_name="acme/big",
+            model_version="1+part.0",
+            content_type="application/octet-stream",
+            key_id="kek",
+            key_version=1,
+            wrapped_dek=wrapped,
+            plaintext_size=5,
+            created_at=when,
+            format_version=fmt,
+        )
+
+    assert header_digest(part(bytes(40), 2)) == header_digest(part(b"\x01" * 40, 2))
+    assert header_digest(part(bytes(40), 1)) != header_digest(part(b"\x01" * 40, 1))
+    genuine = part(bytes(40), 2)
+    manifest = manifest_for([genuine])
+    key, other = bytearray(os.urandom(32)), bytearray(os.urandom(32))
+    forged = encrypt_bytes(b"other", other, header=part(b"\x01" * 40, 2))
+    served = ArtifactReader(forged)
+    check_part_header(manifest, 0, served.header)  # same context: the digest matches
+    with pytest.raises(DecryptionFailed):
+        served.decrypt_all(key)  # the manifest's key: the commitment refuses it

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from strongroom.artifact import BufferedStreamDecryptor, DecryptionFailed
+from strongroom.artifact import (
+    ArtifactReader,
+    ArtifactWriter,
+    BufferedStreamDecryptor,
+    DecryptionFailed,
+    summarize,
+)
+
+from .conftest import header_for
 
 CHUNK = 16384
 SEALED = CHUNK + 16
@@ -83,3 +95,41 @@ def test_threads_out_of_range_are_refused(dek: bytearray) -> None:
     for threads in (-1, 65):
         with pytest.raises(ValueError, match="between 0 and 64"):
             BufferedStreamDecryptor(dek, threads=threads)
+
+
+class _SlowHash:
+    """A SHA-256 whose updates take a while, as a big block's do on a busy machine."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def update(self, data: Any) -> None:
+        time.sleep(0.05)
+        self._real.update(data)
+
+    def digest(self) -> bytes:
+        return bytes(self._real.digest())
+
+
+def test_the_writer_hashes_a_reused_mutable_piece_before_the_source_moves_on(
+    dek: bytearray,
+) -> None:
+    # An iterable source that reads into one buffer and yields it each time (the common way to
+    # read without allocating): once resumed, it overwrites the piece it yielded before. The
+    # writer hashes on a second thread; a hash still running then took in the next piece's bytes,
+    # and the artifact carried a digest of no plaintext at all (footer, store record, manifest
+    # entry), which a verify_digest reader then refused.
+    plaintext = os.urandom(4 << 20)
+    writer = ArtifactWriter(header_for(len(plaintext)), dek)
+    writer._hash = _SlowHash(writer._hash)  # type: ignore[assignment]
+    piece = 1 << 20
+
+    def source() -> Iterator[bytearray]:
+        buffer = bytearray(piece)
+        for start in range(0, len(plaintext), piece):
+            buffer[:] = plaintext[start : start + piece]
+            yield buffer
+
+    artifact = b"".join(writer.stream(source()))
+    assert summarize(artifact).plaintext_sha256 == hashlib.sha256(plaintext).hexdigest()
+    assert ArtifactReader(artifact).decrypt_all(dek, verify_digest=True) == plaintext
