@@ -35,6 +35,7 @@ from strongroom.attesters import (
 )
 from strongroom.attesters import _sevguest as snp
 from strongroom.attesters import _tdxguest as tdx
+from strongroom.reasons import Reason
 from tests.inference.fake_tee import (
     FAKE_ARK,
     FAKE_ASK,
@@ -262,16 +263,48 @@ def test_sev_guest_firmware_error_is_reported_with_codes() -> None:
     device.fail_next = (errno.EIO, 0x16, 0)
     with pytest.raises(AttestationUnavailable) as info:
         SevGuestAttester(io=device).attest(RD)
-    assert info.value.reason == "SNP_GUEST_REQUEST_FAILED"
+    assert info.value.reason == "SNP_FIRMWARE_ERROR"
     assert "fw_error=0x16" in info.value.message
 
 
-def test_sev_guest_vmpck_disabled() -> None:
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        # exitinfo2's high half is the host's (VMM) error, its low half the firmware's.
+        ((errno.EIO, 0, 3), "SNP_HOST_ERROR"),
+        ((errno.EIO, 0x16, 0), "SNP_FIRMWARE_ERROR"),
+        ((errno.EIO, 0, snp.SNP_GUEST_VMM_ERR_BUSY), "SNP_HOST_BUSY"),
+        ((errno.ETIMEDOUT, 0, snp.SNP_GUEST_VMM_ERR_BUSY), "SNP_HOST_BUSY"),
+        ((errno.EINVAL, 0xFF, 0), "SNP_REQUEST_REJECTED"),
+        # The driver's "no firmware call" marker is no firmware error.
+        ((errno.EIO, 0xFFFFFFFF, 0xFFFFFFFF), "SNP_GUEST_REQUEST_FAILED"),
+        ((errno.EFAULT, 0xFF, 0), "SNP_GUEST_REQUEST_FAILED"),
+    ],
+)
+def test_sev_guest_failures_tell_the_firmware_from_the_host(
+    failure: tuple[int, int, int], reason: str
+) -> None:
     device = FakeSevGuest()
-    device.vmpck_disabled = True
+    device.fail_next = failure
     with pytest.raises(AttestationUnavailable) as info:
         SevGuestAttester(io=device).attest(RD)
+    assert info.value.reason == reason
+    assert info.value.reason in Reason.__members__  # a catalogued code, not a bare string
+    if reason == "SNP_GUEST_REQUEST_FAILED":
+        assert "fw_error=0x0, vmm_error=0x0" in info.value.message
+    assert device.open_fds == set()
+
+
+def test_sev_guest_vmpck_disabled_is_permanent_not_retryable() -> None:
+    # Once the driver has wiped the VMPCK every request fails with ENOTTY until the VM restarts:
+    # UNAVAILABLE made the loader retry it forever.
+    device = FakeSevGuest()
+    device.vmpck_disabled = True
+    with pytest.raises(AttesterNotConfigured) as info:
+        SevGuestAttester(io=device).attest(RD)
     assert info.value.reason == "SNP_REQUEST_UNSUPPORTED"
+    assert info.value.reason in Reason.__members__
+    assert "restarted" in info.value.message
 
 
 def test_sev_guest_throttled() -> None:
@@ -305,7 +338,7 @@ def test_sev_guest_missing_device() -> None:
 
 def test_sev_guest_on_a_device_that_is_not_sev_guest_uses_the_real_ioctl() -> None:
     # /dev/null answers every ioctl with ENOTTY: this exercises the real fcntl path end to end.
-    with pytest.raises(AttestationUnavailable) as info:
+    with pytest.raises(AttesterNotConfigured) as info:
         SevGuestAttester("/dev/null").attest(RD)
     assert info.value.reason == "SNP_REQUEST_UNSUPPORTED"
     assert "ENOTTY" in info.value.message

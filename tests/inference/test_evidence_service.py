@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import threading
 
@@ -103,12 +104,23 @@ def test_nonce_length_rejected(start_server: Starter, length: int) -> None:
 
 def test_hardware_failure_is_unavailable(start_server: Starter) -> None:
     device = FakeSevGuest()
-    device.vmpck_disabled = True
+    device.fail_next = (errno.EIO, 0, 3)
     servicer = InferenceAttestationServicer(SevGuestAttester(io=device), spki)
     running = start_server(ModelRepository(), evidence=servicer)
     with pytest.raises(grpc.RpcError) as info:
         running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(32)))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert reason_of(info.value) == "SNP_HOST_ERROR"
+
+
+def test_disabled_vmpck_is_a_failed_precondition(start_server: Starter) -> None:
+    device = FakeSevGuest()
+    device.vmpck_disabled = True
+    servicer = InferenceAttestationServicer(SevGuestAttester(io=device), spki)
+    running = start_server(ModelRepository(), evidence=servicer)
+    with pytest.raises(grpc.RpcError) as info:
+        running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(32)))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason_of(info.value) == "SNP_REQUEST_UNSUPPORTED"
 
 
