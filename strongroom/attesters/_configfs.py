@@ -27,7 +27,7 @@ from strongroom.attesters._base import (
     require_report_data,
 )
 from strongroom.attesters._certtable import endorsement_chain, parse_cert_table
-from strongroom.attesters._layouts import snp_report_data, tdx_quote_report_data
+from strongroom.attesters._layouts import snp_report_data, snp_signing_key, tdx_quote_report_data
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class ConfigfsTsmAttester:
             self._remove(entry)
         if self._tee_type is TeeType.SEV_SNP:
             check_echo(snp_report_data(outblob), data, "SNP report")
-            certificates = endorsement_chain(parse_cert_table(auxblob))
+            certificates = endorsement_chain(parse_cert_table(auxblob), snp_signing_key(outblob))
         else:
             check_echo(tdx_quote_report_data(outblob), data, "TDX quote")
             certificates = ()

@@ -33,7 +33,7 @@ from strongroom.attesters._base import (
 )
 from strongroom.attesters._certtable import endorsement_chain, parse_cert_table
 from strongroom.attesters._devio import Buffer, DeviceIo, OsDeviceIo, iowr, new_buffer
-from strongroom.attesters._layouts import snp_report_data
+from strongroom.attesters._layouts import snp_report_data, snp_signing_key
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class SevGuestAttester:
         return EvidenceBundle(
             tee_type=TeeType.SEV_SNP,
             report=report,
-            certificates=endorsement_chain(parse_cert_table(certs)),
+            certificates=endorsement_chain(parse_cert_table(certs), snp_signing_key(report)),
             source="sev-guest",
         )
 

@@ -40,11 +40,13 @@ FAKE_ARK = b"0\x82fake-ark-der" + bytes(900)
 FAKE_CHAIN = ((VCEK_GUID, FAKE_VCEK), (ASK_GUID, FAKE_ASK), (ARK_GUID, FAKE_ARK))
 
 
-def fake_snp_report(report_data: bytes, vmpl: int = 0) -> bytes:
-    """A structurally plausible SNP report (version 2) with ``report_data`` at 0x50."""
+def fake_snp_report(report_data: bytes, vmpl: int = 0, *, signing_key: int = 0) -> bytes:
+    """A structurally plausible SNP report (version 2) with ``report_data`` at 0x50, signed (as
+    its key-information field at 0x48 says) by the VCEK (``signing_key`` 0) or VLEK (1)."""
     report = bytearray(SNP_REPORT_SIZE)
     struct.pack_into("<IIQ", report, 0, 2, 0, 0x30000)
     struct.pack_into("<II", report, 0x30, vmpl, 1)
+    struct.pack_into("<I", report, 0x48, signing_key << 2)
     report[0x50:0x90] = report_data
     report[0x2A0 : 0x2A0 + 144] = os.urandom(144)
     return bytes(report)

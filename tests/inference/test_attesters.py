@@ -94,11 +94,44 @@ def test_configfs_snp_report_with_certificate_chain(tmp_path: Path) -> None:
     assert fs.generated == 1
 
 
+def _vlek_signed(data: bytes, vmpl: int) -> bytes:
+    return fake_snp_report(data, vmpl, signing_key=1)
+
+
 def test_configfs_orders_endorsement_key_first(tmp_path: Path) -> None:
     chain = ((ARK_GUID, FAKE_ARK), (ASK_GUID, FAKE_ASK), (VLEK_GUID, b"vlek-der"))
-    fs = EmulatedConfigfs(tmp_path / "report", cert_chain=chain)
+    fs = EmulatedConfigfs(tmp_path / "report", cert_chain=chain, snp_report=_vlek_signed)
     bundle = ConfigfsTsmAttester(fs.root, fs=fs).attest(RD)
     assert bundle.certificates == (b"vlek-der", FAKE_ASK, FAKE_ARK)
+
+
+@pytest.mark.parametrize(
+    ("signing_key", "expected"),
+    [
+        (0, (FAKE_VCEK, FAKE_ASK, FAKE_ARK)),
+        (1, (b"vlek-der", FAKE_ASK, FAKE_ARK)),
+        (7, (FAKE_ASK, FAKE_ARK)),
+    ],
+)
+def test_only_the_endorsement_key_that_signed_the_report_is_sent(
+    tmp_path: Path, signing_key: int, expected: tuple[bytes, ...]
+) -> None:
+    """A host whose table lists a VCEK and a VLEK: the verifier refuses evidence carrying two
+    endorsement keys, so the attester sends the one the report's SIGNING_KEY field names."""
+    chain = (
+        (VLEK_GUID, b"vlek-der"),
+        (VCEK_GUID, FAKE_VCEK),
+        (ASK_GUID, FAKE_ASK),
+        (ARK_GUID, FAKE_ARK),
+    )
+
+    def report(data: bytes, vmpl: int) -> bytes:
+        return fake_snp_report(data, vmpl, signing_key=signing_key)
+
+    fs = EmulatedConfigfs(tmp_path / "report", cert_chain=chain, snp_report=report)
+    assert ConfigfsTsmAttester(fs.root, fs=fs).attest(RD).certificates == expected
+    device = FakeSevGuest(cert_chain=chain, snp_report=report)
+    assert SevGuestAttester(io=device).attest(RD).certificates == expected
 
 
 def test_configfs_snp_without_host_certificates(tmp_path: Path) -> None:
