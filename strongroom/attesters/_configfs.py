@@ -157,7 +157,10 @@ class ConfigfsTsmAttester:
             finally:
                 self._remove(entry)
         except AttestationUnavailable as exc:
-            if exc.reason == "TSM_NO_PROVIDER":
+            # No provider, or an interface this process may not use (configfs is root's, 0755, so a
+            # service user given only /dev/sev-guest gets EACCES): not configured, so that "auto"
+            # goes on to the guest devices instead of failing the start.
+            if exc.reason in (Reason.TSM_NO_PROVIDER, Reason.TSM_PERMISSION_DENIED):
                 raise AttesterNotConfigured(exc.message, reason=exc.reason) from None
             raise
         if provider not in PROVIDERS:
@@ -256,5 +259,10 @@ def _io_error(action: str, path: Path, exc: OSError) -> AttestationUnavailable:
         return AttestationUnavailable(
             f"could not {action} {path}: no TSM provider is registered (ENXIO)",
             reason=Reason.TSM_NO_PROVIDER,
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return AttestationUnavailable(
+            f"could not {action} {path}: {code} (this process may not use configfs-tsm)",
+            reason=Reason.TSM_PERMISSION_DENIED,
         )
     return AttestationUnavailable(f"could not {action} {path}: {code}", reason=Reason.TSM_IO_ERROR)

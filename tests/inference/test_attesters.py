@@ -516,6 +516,44 @@ def test_select_falls_back_to_sev_guest_when_configfs_has_no_provider(tmp_path: 
     assert isinstance(chosen, SevGuestAttester)
 
 
+class _NotPermitted(EmulatedConfigfs):
+    """configfs-tsm as a non-root service user sees it: the report directory is root's (0755)."""
+
+    def mkdir(self, path: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+
+def test_configfs_not_permitted_is_not_configured(tmp_path: Path) -> None:
+    fs = _NotPermitted(tmp_path / "report")
+    with pytest.raises(AttesterNotConfigured) as info:
+        ConfigfsTsmAttester(fs.root, fs=fs)
+    assert info.value.reason == "TSM_PERMISSION_DENIED"
+    assert "EACCES" in info.value.message
+
+
+def test_select_falls_back_to_sev_guest_when_configfs_is_not_permitted(tmp_path: Path) -> None:
+    """A service user given /dev/sev-guest (the documented udev rule) on a kernel with configfs-tsm:
+    auto failed the start with TSM_IO_ERROR instead of using the device it may use."""
+    fs = _NotPermitted(tmp_path / "report")
+    chosen = select_attester(production=True, configfs_root=fs.root, fs=fs, io=FakeSevGuest())
+    assert isinstance(chosen, SevGuestAttester)
+    with pytest.raises(AttesterNotConfigured) as info:
+        select_attester(production=True, configfs_root=fs.root, fs=fs, io=FakeSevGuest(nodes=()))
+    assert info.value.reason == "NO_ATTESTER"
+    assert "TSM_PERMISSION_DENIED" in info.value.message
+
+
+def test_configfs_other_kernel_errors_at_probe_still_fail(tmp_path: Path) -> None:
+    class Broken(EmulatedConfigfs):
+        def mkdir(self, path: Path) -> None:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    fs = Broken(tmp_path / "report")
+    with pytest.raises(AttestationUnavailable) as info:
+        select_attester(production=True, configfs_root=fs.root, fs=fs, io=FakeSevGuest())
+    assert info.value.reason == "TSM_IO_ERROR"
+
+
 def test_select_falls_back_to_tdx_guest(tmp_path: Path) -> None:
     device = FakeTdxGuest(nodes=("/dev/tdx-guest",))
     chosen = select_attester(production=True, configfs_root=tmp_path / "none", io=device)
