@@ -18,6 +18,7 @@ import errno
 import os
 import shutil
 import struct
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ class EmulatedConfigfs(OsTsmFs):
     tdx_quote: Callable[[bytes], bytes] = fake_tdx_quote
     entries: dict[Path, _Entry] = field(default_factory=dict)
     generated: int = 0
+    # The kernel takes tsm_rwsem around every attribute store and report generation.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -124,6 +127,10 @@ class EmulatedConfigfs(OsTsmFs):
 
     # -- the file operations the attester performs -------------------------------------------
     def mkdir(self, path: Path) -> None:
+        with self.lock:
+            self._mkdir(path)
+
+    def _mkdir(self, path: Path) -> None:
         if self.provider is None:
             raise OSError(errno.ENXIO, "no TSM provider")
         super().mkdir(path)
@@ -134,10 +141,17 @@ class EmulatedConfigfs(OsTsmFs):
         (path / "generation").write_text("0\n")
 
     def rmdir(self, path: Path) -> None:
-        self.entries.pop(path)
-        shutil.rmtree(path)
+        with self.lock:
+            self.entries.pop(path)
+            shutil.rmtree(path)
 
     def write(self, path: Path, data: bytes) -> None:
+        with self.lock:
+            self._write(path, data)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        if path.parent not in self.entries:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
         entry = self.entries[path.parent]
         if path.name == "inblob":
             if len(data) > 64:
@@ -152,10 +166,16 @@ class EmulatedConfigfs(OsTsmFs):
         (path.parent / "generation").write_text(f"{entry.write_generation}\n")
 
     def read(self, path: Path) -> bytes:
+        if path.name == "outblob" and self.before_outblob is not None:
+            self.before_outblob(path.parent)
+        with self.lock:
+            return self._read(path)
+
+    def _read(self, path: Path) -> bytes:
+        if path.parent not in self.entries:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
         entry = self.entries[path.parent]
         if path.name in ("outblob", "auxblob"):
-            if path.name == "outblob" and self.before_outblob is not None:
-                self.before_outblob(path.parent)
             if not entry.inblob:
                 raise OSError(errno.EINVAL, "no inblob")
             if entry.outblob is None or entry.read_generation != entry.write_generation:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -177,6 +180,59 @@ def test_configfs_persistent_racing_writer_fails(tmp_path: Path) -> None:
     with pytest.raises(AttestationUnavailable) as info:
         attester.attest(RD)
     assert info.value.reason == "TSM_REPORT_RACE"
+    assert list(fs.root.iterdir()) == []
+
+
+@pytest.mark.parametrize("attribute", ["inblob", "privlevel"])
+def test_configfs_threads_and_a_co_tenant_writing_every_entry(
+    tmp_path: Path, attribute: str
+) -> None:
+    """Report entries are machine-wide: a co-tenant (root in the same VM) writes into every entry
+    it sees while eight threads attest. Every report returned carries its own REPORT_DATA and
+    VMPL 0: a foreign ``privlevel`` write keeps REPORT_DATA intact, so only the generation check
+    (the kernel counts every write) catches it. Failures are TSM_REPORT_RACE only, and no entry is
+    left behind."""
+    fs = EmulatedConfigfs(tmp_path / "report")
+    attester = ConfigfsTsmAttester(fs.root, fs=fs, max_attempts=20)
+    stop = threading.Event()
+    interfered = [0]
+
+    def co_tenant() -> None:
+        while not stop.is_set():
+            for entry in list(fs.entries):
+                data = os.urandom(64) if attribute == "inblob" else b"3\n"
+                try:
+                    fs.write(entry / attribute, data)
+                    interfered[0] += 1
+                except (OSError, KeyError):
+                    pass  # the entry went away meanwhile
+            time.sleep(0.0005)
+
+    def worker(i: int) -> list[object]:
+        out: list[object] = []
+        for j in range(8):
+            data = bytes([i, j]) * 32
+            try:
+                bundle = attester.attest(data)
+            except AttestationUnavailable as exc:
+                out.append(exc.reason)
+                continue
+            assert bundle.report[0x50:0x90] == data
+            assert int.from_bytes(bundle.report[0x30:0x34], "little") == 0  # VMPL
+            out.append("ok")
+        return out
+
+    thread = threading.Thread(target=co_tenant, daemon=True)
+    thread.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = [o for r in pool.map(worker, range(8)) for o in r]
+    finally:
+        stop.set()
+        thread.join(10)
+    assert interfered[0] > 0
+    assert set(outcomes) <= {"ok", "TSM_REPORT_RACE"}
+    assert "ok" in outcomes
     assert list(fs.root.iterdir()) == []
 
 
