@@ -32,7 +32,7 @@ from strongroom.attesters._base import (
     require_report_data,
 )
 from strongroom.attesters._certtable import endorsement_chain, parse_cert_table
-from strongroom.attesters._devio import Buffer, DeviceIo, OsDeviceIo, iowr, new_buffer
+from strongroom.attesters._devio import Buffer, DeviceIo, OsDeviceIo, iowr, new_buffer, open_error
 from strongroom.attesters._layouts import snp_report_data, snp_signing_key
 from strongroom.reasons import Reason
 
@@ -96,10 +96,7 @@ class SevGuestAttester:
         try:
             fd = self._io.open(self._device)
         except OSError as exc:
-            raise AttestationUnavailable(
-                f"cannot open {self._device}: {errno.errorcode.get(exc.errno or 0, '?')}",
-                reason=Reason.SNP_DEVICE_UNAVAILABLE,
-            ) from None
+            raise open_error(self._device, exc, Reason.SNP_DEVICE_UNAVAILABLE) from None
         try:
             if self._extended:
                 report, certs = self._ext_report(fd, data)

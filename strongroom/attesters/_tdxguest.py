@@ -31,7 +31,7 @@ from strongroom.attesters._base import (
     check_echo,
     require_report_data,
 )
-from strongroom.attesters._devio import DeviceIo, OsDeviceIo, ior, iowr, new_buffer
+from strongroom.attesters._devio import DeviceIo, OsDeviceIo, ior, iowr, new_buffer, open_error
 from strongroom.attesters._layouts import (
     TDREPORT_SIZE,
     tdreport_report_data,
@@ -111,10 +111,7 @@ class TdxGuestAttester:
         try:
             return self._io.open(self._device)
         except OSError as exc:
-            raise AttestationUnavailable(
-                f"cannot open {self._device}: {errno.errorcode.get(exc.errno or 0, '?')}",
-                reason=Reason.TDX_DEVICE_UNAVAILABLE,
-            ) from None
+            raise open_error(self._device, exc, Reason.TDX_DEVICE_UNAVAILABLE) from None
 
     def _tdreport(self, fd: int, data: bytes) -> bytes:
         arg = new_buffer(data + bytes(TDREPORT_SIZE))

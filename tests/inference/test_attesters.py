@@ -610,6 +610,48 @@ def test_configfs_other_kernel_errors_at_probe_still_fail(tmp_path: Path) -> Non
     assert info.value.reason == "TSM_IO_ERROR"
 
 
+class _Unopenable(FakeSevGuest):
+    """A guest device node not given to this service's user or group (mode 0600, root's)."""
+
+    def open(self, path: str) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+
+def test_a_guest_device_this_process_may_not_open_fails_the_start(tmp_path: Path) -> None:
+    """It used to be selected, and every attestation then failed as UNAVAILABLE
+    (SNP_DEVICE_UNAVAILABLE), which the loader retries forever: a permission is no outage."""
+    for kind in ("auto", "sev-guest"):
+        with pytest.raises(AttesterNotConfigured) as info:
+            select_attester(
+                kind, production=True, configfs_root=tmp_path / "none", io=_Unopenable()
+            )
+        assert info.value.reason == "GUEST_DEVICE_NOT_PERMITTED", kind
+        assert "EACCES" in info.value.message
+    with pytest.raises(AttesterNotConfigured) as info:
+        SevGuestAttester(io=_Unopenable()).attest(RD)
+    assert info.value.reason == "GUEST_DEVICE_NOT_PERMITTED"
+
+    class UnopenableTdx(FakeTdxGuest):
+        def open(self, path: str) -> int:
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+
+    for kind in ("auto", "tdx-guest"):
+        with pytest.raises(AttesterNotConfigured) as info:
+            select_attester(
+                kind, production=True, configfs_root=tmp_path / "none", io=UnopenableTdx()
+            )
+        assert info.value.reason == "GUEST_DEVICE_NOT_PERMITTED", kind
+    with pytest.raises(AttesterNotConfigured) as info:
+        TdxGuestAttester(io=UnopenableTdx()).attest(RD)
+    assert info.value.reason == "GUEST_DEVICE_NOT_PERMITTED"
+
+
+def test_selection_leaves_no_device_open(tmp_path: Path) -> None:
+    device = FakeSevGuest()
+    select_attester(production=True, configfs_root=tmp_path / "none", io=device)
+    assert device.open_fds == set()
+
+
 def test_select_falls_back_to_tdx_guest(tmp_path: Path) -> None:
     device = FakeTdxGuest(nodes=("/dev/tdx-guest",))
     chosen = select_attester(production=True, configfs_root=tmp_path / "none", io=device)
