@@ -253,8 +253,19 @@ class ConfigfsTsmAttester:
             raise _io_error("write", path, exc) from None
 
 
-def _io_error(action: str, path: Path, exc: OSError) -> AttestationUnavailable:
+def _io_error(
+    action: str, path: Path, exc: OSError
+) -> AttestationUnavailable | AttesterNotConfigured:
     code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+    if exc.errno == errno.ENOTTY:
+        # sev_guest answers ENOTTY once its driver has wiped the VMPCK after a failed exchange
+        # (until the VM restarts), and kernels before 6.8 when the provider went away: neither
+        # passes with a retry, so not UNAVAILABLE, which the loader retries forever.
+        return AttesterNotConfigured(
+            f"could not {action} {path}: ENOTTY: the TSM provider refuses reports (for sev_guest, "
+            "the driver disabled the VMPCK after a failed exchange and the VM must be restarted)",
+            reason=Reason.TSM_REPORT_REFUSED,
+        )
     if exc.errno == errno.ENXIO:
         return AttestationUnavailable(
             f"could not {action} {path}: no TSM provider is registered (ENXIO)",

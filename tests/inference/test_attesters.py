@@ -297,6 +297,24 @@ def test_configfs_kernel_error_maps_to_unavailable(tmp_path: Path) -> None:
     assert list(fs.root.iterdir()) == []
 
 
+def test_configfs_enotty_is_permanent_not_retryable(tmp_path: Path) -> None:
+    """sev_guest's report_new answers ENOTTY once the driver has wiped the VMPCK: every later
+    report fails until the VM restarts, so it is no UNAVAILABLE for the loader to retry forever."""
+
+    class Wiped(EmulatedConfigfs):
+        def read(self, path: Path) -> bytes:
+            if path.name == "outblob":
+                raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
+            return super().read(path)
+
+    fs = Wiped(tmp_path / "report")
+    with pytest.raises(AttesterNotConfigured) as info:
+        ConfigfsTsmAttester(fs.root, fs=fs).attest(RD)
+    assert info.value.reason == "TSM_REPORT_REFUSED"
+    assert "restarted" in info.value.message
+    assert list(fs.root.iterdir()) == []
+
+
 # -- /dev/sev-guest -----------------------------------------------------------------------------
 
 
