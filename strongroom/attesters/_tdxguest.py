@@ -119,6 +119,14 @@ class TdxGuestAttester:
             self._io.ioctl(fd, TDX_CMD_GET_REPORT0, arg)
         except OSError as exc:
             code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+            if exc.errno == errno.ENOTTY:
+                # A kernel without TDX_CMD_GET_REPORT0 (before 6.2, or a vendor tree numbering it
+                # otherwise): permanent, so no UNAVAILABLE for the loader to retry forever.
+                raise AttesterNotConfigured(
+                    f"{self._device} has no TDX_CMD_GET_REPORT0 on this kernel (ENOTTY); use "
+                    "configfs-tsm (Linux 6.7 or later)",
+                    reason=Reason.TDX_REPORT_UNSUPPORTED,
+                ) from None
             raise AttestationUnavailable(
                 f"TDX_CMD_GET_REPORT0 failed: {code}", reason=Reason.TDX_REPORT_FAILED
             ) from None

@@ -508,6 +508,15 @@ def test_tdx_guest_quote_status_errors(status: int, reason: str) -> None:
     assert info.value.reason == reason
 
 
+def test_tdx_guest_without_get_report0_is_not_configured() -> None:
+    device = FakeTdxGuest(quote_command=tdx.TDX_CMD_GET_QUOTE_RFC)
+    device.report_errno = errno.ENOTTY
+    with pytest.raises(AttesterNotConfigured) as info:
+        TdxGuestAttester(io=device).attest(RD)
+    assert info.value.reason == "TDX_REPORT_UNSUPPORTED"
+    assert device.open_fds == set()
+
+
 def test_tdx_guest_report_failure() -> None:
     device = FakeTdxGuest(quote_command=tdx.TDX_CMD_GET_QUOTE_RFC)
     device.report_errno = errno.EIO
