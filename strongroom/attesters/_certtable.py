@@ -25,6 +25,9 @@ _ENTRY = struct.Struct("<16sII")
 _TERMINATOR = bytes(_ENTRY.size)
 # Endorsement key first: a verifier starts from the key that signed the report.
 _ORDER = {VCEK_GUID: 0, VLEK_GUID: 1, ASK_GUID: 2, ARK_GUID: 3}
+_ENDORSEMENT_KEYS = frozenset({VCEK_GUID, VLEK_GUID})
+# The report's SIGNING_KEY field -> the certificate of that key (7, "none", has none).
+_SIGNING_KEY_GUID = {0: VCEK_GUID, 1: VLEK_GUID}
 
 
 class MalformedCertTable(AttestationUnavailable):
@@ -92,8 +95,22 @@ def build_cert_table(certificates: Sequence[tuple[uuid.UUID, bytes]], *, size: i
     return out
 
 
-def endorsement_chain(entries: Sequence[CertTableEntry]) -> tuple[bytes, ...]:
-    """The known AMD certificates (VCEK, VLEK, ASK/ASVK, ARK), endorsement key first."""
-    known = [e for e in entries if e.guid in _ORDER]
+def endorsement_chain(
+    entries: Sequence[CertTableEntry], signing_key: int | None = None
+) -> tuple[bytes, ...]:
+    """The known AMD certificates (VCEK, VLEK, ASK/ASVK, ARK), endorsement key first.
+
+    ``signing_key`` is the report's SIGNING_KEY field (0 VCEK, 1 VLEK, 7 none): only the
+    endorsement key that signed the report is kept. The host fills the table; one that lists a
+    VCEK and a VLEK (a host provisioned with both) would otherwise put both into the evidence,
+    which the verifier refuses (more than one endorsement key), failing every release.
+    """
+    wanted = _SIGNING_KEY_GUID.get(signing_key) if signing_key is not None else None
+    known = [
+        e
+        for e in entries
+        if e.guid in _ORDER
+        and (signing_key is None or e.guid not in _ENDORSEMENT_KEYS or e.guid == wanted)
+    ]
     known.sort(key=lambda e: _ORDER[e.guid])
     return tuple(e.data for e in known)

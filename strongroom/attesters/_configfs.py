@@ -27,7 +27,7 @@ from strongroom.attesters._base import (
     require_report_data,
 )
 from strongroom.attesters._certtable import endorsement_chain, parse_cert_table
-from strongroom.attesters._layouts import snp_report_data, tdx_quote_report_data
+from strongroom.attesters._layouts import snp_report_data, snp_signing_key, tdx_quote_report_data
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,10 @@ class ConfigfsTsmAttester:
             finally:
                 self._remove(entry)
         except AttestationUnavailable as exc:
-            if exc.reason == "TSM_NO_PROVIDER":
+            # No provider, or an interface this process may not use (configfs is root's, 0755, so a
+            # service user given only /dev/sev-guest gets EACCES): not configured, so that "auto"
+            # goes on to the guest devices instead of failing the start.
+            if exc.reason in (Reason.TSM_NO_PROVIDER, Reason.TSM_PERMISSION_DENIED):
                 raise AttesterNotConfigured(exc.message, reason=exc.reason) from None
             raise
         if provider not in PROVIDERS:
@@ -193,7 +196,7 @@ class ConfigfsTsmAttester:
             self._remove(entry)
         if self._tee_type is TeeType.SEV_SNP:
             check_echo(snp_report_data(outblob), data, "SNP report")
-            certificates = endorsement_chain(parse_cert_table(auxblob))
+            certificates = endorsement_chain(parse_cert_table(auxblob), snp_signing_key(outblob))
         else:
             check_echo(tdx_quote_report_data(outblob), data, "TDX quote")
             certificates = ()
@@ -250,11 +253,27 @@ class ConfigfsTsmAttester:
             raise _io_error("write", path, exc) from None
 
 
-def _io_error(action: str, path: Path, exc: OSError) -> AttestationUnavailable:
+def _io_error(
+    action: str, path: Path, exc: OSError
+) -> AttestationUnavailable | AttesterNotConfigured:
     code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+    if exc.errno == errno.ENOTTY:
+        # sev_guest answers ENOTTY once its driver has wiped the VMPCK after a failed exchange
+        # (until the VM restarts), and kernels before 6.8 when the provider went away: neither
+        # passes with a retry, so not UNAVAILABLE, which the loader retries forever.
+        return AttesterNotConfigured(
+            f"could not {action} {path}: ENOTTY: the TSM provider refuses reports (for sev_guest, "
+            "the driver disabled the VMPCK after a failed exchange and the VM must be restarted)",
+            reason=Reason.TSM_REPORT_REFUSED,
+        )
     if exc.errno == errno.ENXIO:
         return AttestationUnavailable(
             f"could not {action} {path}: no TSM provider is registered (ENXIO)",
             reason=Reason.TSM_NO_PROVIDER,
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return AttestationUnavailable(
+            f"could not {action} {path}: {code} (this process may not use configfs-tsm)",
+            reason=Reason.TSM_PERMISSION_DENIED,
         )
     return AttestationUnavailable(f"could not {action} {path}: {code}", reason=Reason.TSM_IO_ERROR)

@@ -8,9 +8,14 @@ copy_from_user/copy_to_user would. Failures are ``OSError`` with the kernel's er
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 from typing import Protocol
+
+from strongroom.attesters._base import AttestationUnavailable, AttesterNotConfigured
+from strongroom.errors import StrongroomError
+from strongroom.reasons import Reason
 
 _IOC_NRBITS = 8
 _IOC_TYPEBITS = 8
@@ -52,6 +57,30 @@ def new_buffer(data: bytes | int) -> Buffer:
     buf = ctypes.create_string_buffer(len(data))
     ctypes.memmove(buf, data, len(data))
     return buf
+
+
+_NOT_PERMITTED = frozenset({errno.EACCES, errno.EPERM})
+
+
+def open_error(device: str, exc: OSError, unavailable_reason: str) -> StrongroomError:
+    """Why ``device`` could not be opened: not permitted is permanent (FAILED_PRECONDITION: the
+    device is not given to this process's user or group), anything else UNAVAILABLE."""
+    code = errno.errorcode.get(exc.errno or 0, "?")
+    if exc.errno in _NOT_PERMITTED:
+        return AttesterNotConfigured(
+            f"cannot open {device}: {code}; give the device to this service's user or group",
+            reason=Reason.GUEST_DEVICE_NOT_PERMITTED,
+        )
+    return AttestationUnavailable(f"cannot open {device}: {code}", reason=unavailable_reason)
+
+
+def check_openable(io: DeviceIo, device: str) -> None:
+    """Opens and closes ``device`` once; raises :func:`open_error`'s error if it cannot."""
+    try:
+        fd = io.open(device)
+    except OSError as exc:
+        raise open_error(device, exc, Reason.ATTESTATION_UNAVAILABLE) from None
+    io.close(fd)
 
 
 class DeviceIo(Protocol):

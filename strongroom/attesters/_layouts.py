@@ -13,6 +13,8 @@ from strongroom.reasons import Reason
 
 SNP_REPORT_DATA_OFFSET = 0x50
 """AMD SEV-SNP ATTESTATION_REPORT: REPORT_DATA at 0x50..0x8F."""
+SNP_KEY_INFO_OFFSET = 0x48
+"""u32 key information: bits 4:2 are SIGNING_KEY (0 VCEK, 1 VLEK, 7 none)."""
 
 TDREPORT_SIZE = 1024
 TDREPORT_REPORT_DATA_OFFSET = 128
@@ -32,6 +34,17 @@ def snp_report_data(report: bytes) -> bytes:
             reason=Reason.SNP_REPORT_MALFORMED,
         )
     return report[SNP_REPORT_DATA_OFFSET:end]
+
+
+def snp_signing_key(report: bytes) -> int:
+    """The SIGNING_KEY field of a raw SNP report: which key signed it (0 VCEK, 1 VLEK, 7 none)."""
+    if len(report) < SNP_KEY_INFO_OFFSET + 4:
+        raise AttestationUnavailable(
+            f"SNP report is {len(report)} bytes, too short to hold its key information",
+            reason=Reason.SNP_REPORT_MALFORMED,
+        )
+    (key_info,) = struct.unpack_from("<I", report, SNP_KEY_INFO_OFFSET)
+    return int((key_info >> 2) & 0x7)
 
 
 def tdreport_report_data(tdreport: bytes) -> bytes:

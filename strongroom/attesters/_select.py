@@ -13,7 +13,7 @@ from strongroom.attesters._configfs import (
     ConfigfsTsmAttester,
     TsmFs,
 )
-from strongroom.attesters._devio import DeviceIo, OsDeviceIo
+from strongroom.attesters._devio import DeviceIo, OsDeviceIo, check_openable
 from strongroom.attesters._sevguest import DEFAULT_SEV_GUEST_DEVICE, SevGuestAttester
 from strongroom.attesters._simulated import SimulatedAttester, SimulatedTee
 from strongroom.attesters._tdxguest import DEFAULT_TDX_GUEST_DEVICES, TdxGuestAttester
@@ -61,10 +61,12 @@ def select_attester(
             raise AttesterNotConfigured(
                 f"{sev_guest_device} does not exist", reason=Reason.NO_ATTESTER
             )
+        check_openable(io, sev_guest_device)
         return SevGuestAttester(sev_guest_device, io=io)
     if kind == "tdx-guest":
         for device in tdx_guest_devices:
             if io.exists(device):
+                check_openable(io, device)
                 return TdxGuestAttester(device, io=io)
         raise AttesterNotConfigured(
             f"none of {', '.join(tdx_guest_devices)} exists", reason=Reason.NO_ATTESTER
@@ -82,12 +84,16 @@ def select_attester(
     else:
         log.info("attester selected", extra={"attester": "configfs-tsm"})
         return attester
+    # A device that exists but this process may not open (not given to its user or group) is
+    # refused here, at the start, rather than failing every attestation as UNAVAILABLE later.
     if io.exists(sev_guest_device):
+        check_openable(io, sev_guest_device)
         log.info("attester selected", extra={"attester": "sev-guest"})
         return SevGuestAttester(sev_guest_device, io=io)
     tried.append(sev_guest_device)
     for device in tdx_guest_devices:
         if io.exists(device):
+            check_openable(io, device)
             log.info("attester selected", extra={"attester": "tdx-guest"})
             return TdxGuestAttester(device, io=io)
         tried.append(device)

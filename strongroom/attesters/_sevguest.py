@@ -25,14 +25,15 @@ import struct
 
 from strongroom.attesters._base import (
     AttestationUnavailable,
+    AttesterNotConfigured,
     EvidenceBundle,
     TeeType,
     check_echo,
     require_report_data,
 )
 from strongroom.attesters._certtable import endorsement_chain, parse_cert_table
-from strongroom.attesters._devio import Buffer, DeviceIo, OsDeviceIo, iowr, new_buffer
-from strongroom.attesters._layouts import snp_report_data
+from strongroom.attesters._devio import Buffer, DeviceIo, OsDeviceIo, iowr, new_buffer, open_error
+from strongroom.attesters._layouts import snp_report_data, snp_signing_key
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ PAGE_SIZE = 4096
 SEV_FW_BLOB_MAX_SIZE = 0x4000
 SNP_GUEST_VMM_ERR_INVALID_LEN = 1
 SNP_GUEST_VMM_ERR_BUSY = 2
+# What the driver leaves in exitinfo2 when no request reached the firmware (0xff in early
+# drivers, SEV_RET_NO_FW_CALL, all ones, since).
+_NO_FIRMWARE_CALL = frozenset({0xFF, 0xFFFFFFFF})
 
 
 class SevGuestAttester:
@@ -92,10 +96,7 @@ class SevGuestAttester:
         try:
             fd = self._io.open(self._device)
         except OSError as exc:
-            raise AttestationUnavailable(
-                f"cannot open {self._device}: {errno.errorcode.get(exc.errno or 0, '?')}",
-                reason=Reason.SNP_DEVICE_UNAVAILABLE,
-            ) from None
+            raise open_error(self._device, exc, Reason.SNP_DEVICE_UNAVAILABLE) from None
         try:
             if self._extended:
                 report, certs = self._ext_report(fd, data)
@@ -107,7 +108,7 @@ class SevGuestAttester:
         return EvidenceBundle(
             tee_type=TeeType.SEV_SNP,
             report=report,
-            certificates=endorsement_chain(parse_cert_table(certs)),
+            certificates=endorsement_chain(parse_cert_table(certs), snp_signing_key(report)),
             source="sev-guest",
         )
 
@@ -176,20 +177,40 @@ def _report_from_response(resp: bytes) -> bytes:
     return resp[start : start + size]
 
 
-def _guest_request_error(exc: OSError, fw_error: int, vmm_error: int) -> AttestationUnavailable:
+def _guest_request_error(
+    exc: OSError, fw_error: int, vmm_error: int
+) -> AttestationUnavailable | AttesterNotConfigured:
+    """One precise reason per way a guest request fails (``exitinfo2`` tells the firmware's
+    error, low half, from the host's, high half).
+
+    The driver disables the VMPCK after any failed exchange but a short certificate buffer (the
+    message sequence number can no longer be trusted), so every later request fails with ENOTTY
+    until the VM restarts: that is a permanent condition (FAILED_PRECONDITION), not one to retry.
+    """
     code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+    no_call = fw_error in _NO_FIRMWARE_CALL and vmm_error in (0, 0xFFFFFFFF)
+    if no_call:
+        fw_error = vmm_error = 0
     detail = f"{code}, fw_error=0x{fw_error:x}, vmm_error=0x{vmm_error:x}"
-    if exc.errno == errno.ENOTTY:
-        # Also what the driver returns once it has wiped the VMPCK after a failed exchange.
-        reason, what = "SNP_REQUEST_UNSUPPORTED", "request unsupported or VMPCK disabled"
-    elif exc.errno == errno.ETIMEDOUT:
-        reason, what = "SNP_HOST_BUSY", "the host kept throttling the request"
-    elif exc.errno == errno.EINVAL:
-        reason, what = "SNP_REQUEST_REJECTED", "the kernel rejected the request"
-    else:
-        reason, what = "SNP_GUEST_REQUEST_FAILED", "the guest request failed"
     log.error(
         "SNP guest request failed",
         extra={"errno": code, "fw_error": fw_error, "vmm_error": vmm_error},
     )
+    if exc.errno == errno.ENOTTY:
+        return AttesterNotConfigured(
+            "the SEV guest device refuses guest requests: the request is unsupported, or "
+            f"the driver disabled the VMPCK after a failed exchange and the VM must be restarted "
+            f"({detail})",
+            reason=Reason.SNP_REQUEST_UNSUPPORTED,
+        )
+    if exc.errno == errno.ETIMEDOUT or vmm_error == SNP_GUEST_VMM_ERR_BUSY:
+        reason, what = Reason.SNP_HOST_BUSY, "the host kept throttling the request"
+    elif exc.errno == errno.EINVAL:
+        reason, what = Reason.SNP_REQUEST_REJECTED, "the kernel rejected the request"
+    elif exc.errno == errno.EIO and vmm_error:
+        reason, what = Reason.SNP_HOST_ERROR, "the host (VMM) failed the request"
+    elif exc.errno == errno.EIO and fw_error:
+        reason, what = Reason.SNP_FIRMWARE_ERROR, "the SNP firmware failed the request"
+    else:
+        reason, what = Reason.SNP_GUEST_REQUEST_FAILED, "the guest request failed"
     return AttestationUnavailable(f"{what} ({detail})", reason=reason)

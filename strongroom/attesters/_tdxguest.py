@@ -31,7 +31,7 @@ from strongroom.attesters._base import (
     check_echo,
     require_report_data,
 )
-from strongroom.attesters._devio import DeviceIo, OsDeviceIo, ior, iowr, new_buffer
+from strongroom.attesters._devio import DeviceIo, OsDeviceIo, ior, iowr, new_buffer, open_error
 from strongroom.attesters._layouts import (
     TDREPORT_SIZE,
     tdreport_report_data,
@@ -111,10 +111,7 @@ class TdxGuestAttester:
         try:
             return self._io.open(self._device)
         except OSError as exc:
-            raise AttestationUnavailable(
-                f"cannot open {self._device}: {errno.errorcode.get(exc.errno or 0, '?')}",
-                reason=Reason.TDX_DEVICE_UNAVAILABLE,
-            ) from None
+            raise open_error(self._device, exc, Reason.TDX_DEVICE_UNAVAILABLE) from None
 
     def _tdreport(self, fd: int, data: bytes) -> bytes:
         arg = new_buffer(data + bytes(TDREPORT_SIZE))
@@ -122,6 +119,14 @@ class TdxGuestAttester:
             self._io.ioctl(fd, TDX_CMD_GET_REPORT0, arg)
         except OSError as exc:
             code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+            if exc.errno == errno.ENOTTY:
+                # A kernel without TDX_CMD_GET_REPORT0 (before 6.2, or a vendor tree numbering it
+                # otherwise): permanent, so no UNAVAILABLE for the loader to retry forever.
+                raise AttesterNotConfigured(
+                    f"{self._device} has no TDX_CMD_GET_REPORT0 on this kernel (ENOTTY); use "
+                    "configfs-tsm (Linux 6.7 or later)",
+                    reason=Reason.TDX_REPORT_UNSUPPORTED,
+                ) from None
             raise AttestationUnavailable(
                 f"TDX_CMD_GET_REPORT0 failed: {code}", reason=Reason.TDX_REPORT_FAILED
             ) from None

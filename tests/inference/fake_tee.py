@@ -18,6 +18,7 @@ import errno
 import os
 import shutil
 import struct
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,11 +41,13 @@ FAKE_ARK = b"0\x82fake-ark-der" + bytes(900)
 FAKE_CHAIN = ((VCEK_GUID, FAKE_VCEK), (ASK_GUID, FAKE_ASK), (ARK_GUID, FAKE_ARK))
 
 
-def fake_snp_report(report_data: bytes, vmpl: int = 0) -> bytes:
-    """A structurally plausible SNP report (version 2) with ``report_data`` at 0x50."""
+def fake_snp_report(report_data: bytes, vmpl: int = 0, *, signing_key: int = 0) -> bytes:
+    """A structurally plausible SNP report (version 2) with ``report_data`` at 0x50, signed (as
+    its key-information field at 0x48 says) by the VCEK (``signing_key`` 0) or VLEK (1)."""
     report = bytearray(SNP_REPORT_SIZE)
     struct.pack_into("<IIQ", report, 0, 2, 0, 0x30000)
     struct.pack_into("<II", report, 0x30, vmpl, 1)
+    struct.pack_into("<I", report, 0x48, signing_key << 2)
     report[0x50:0x90] = report_data
     report[0x2A0 : 0x2A0 + 144] = os.urandom(144)
     return bytes(report)
@@ -93,6 +96,8 @@ class EmulatedConfigfs(OsTsmFs):
     tdx_quote: Callable[[bytes], bytes] = fake_tdx_quote
     entries: dict[Path, _Entry] = field(default_factory=dict)
     generated: int = 0
+    # The kernel takes tsm_rwsem around every attribute store and report generation.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -122,6 +127,10 @@ class EmulatedConfigfs(OsTsmFs):
 
     # -- the file operations the attester performs -------------------------------------------
     def mkdir(self, path: Path) -> None:
+        with self.lock:
+            self._mkdir(path)
+
+    def _mkdir(self, path: Path) -> None:
         if self.provider is None:
             raise OSError(errno.ENXIO, "no TSM provider")
         super().mkdir(path)
@@ -132,10 +141,17 @@ class EmulatedConfigfs(OsTsmFs):
         (path / "generation").write_text("0\n")
 
     def rmdir(self, path: Path) -> None:
-        self.entries.pop(path)
-        shutil.rmtree(path)
+        with self.lock:
+            self.entries.pop(path)
+            shutil.rmtree(path)
 
     def write(self, path: Path, data: bytes) -> None:
+        with self.lock:
+            self._write(path, data)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        if path.parent not in self.entries:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
         entry = self.entries[path.parent]
         if path.name == "inblob":
             if len(data) > 64:
@@ -150,10 +166,16 @@ class EmulatedConfigfs(OsTsmFs):
         (path.parent / "generation").write_text(f"{entry.write_generation}\n")
 
     def read(self, path: Path) -> bytes:
+        if path.name == "outblob" and self.before_outblob is not None:
+            self.before_outblob(path.parent)
+        with self.lock:
+            return self._read(path)
+
+    def _read(self, path: Path) -> bytes:
+        if path.parent not in self.entries:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
         entry = self.entries[path.parent]
         if path.name in ("outblob", "auxblob"):
-            if path.name == "outblob" and self.before_outblob is not None:
-                self.before_outblob(path.parent)
             if not entry.inblob:
                 raise OSError(errno.EINVAL, "no inblob")
             if entry.outblob is None or entry.read_generation != entry.write_generation:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,7 @@ from strongroom.attesters import (
 )
 from strongroom.attesters import _sevguest as snp
 from strongroom.attesters import _tdxguest as tdx
+from strongroom.reasons import Reason
 from tests.inference.fake_tee import (
     FAKE_ARK,
     FAKE_ASK,
@@ -93,11 +97,44 @@ def test_configfs_snp_report_with_certificate_chain(tmp_path: Path) -> None:
     assert fs.generated == 1
 
 
+def _vlek_signed(data: bytes, vmpl: int) -> bytes:
+    return fake_snp_report(data, vmpl, signing_key=1)
+
+
 def test_configfs_orders_endorsement_key_first(tmp_path: Path) -> None:
     chain = ((ARK_GUID, FAKE_ARK), (ASK_GUID, FAKE_ASK), (VLEK_GUID, b"vlek-der"))
-    fs = EmulatedConfigfs(tmp_path / "report", cert_chain=chain)
+    fs = EmulatedConfigfs(tmp_path / "report", cert_chain=chain, snp_report=_vlek_signed)
     bundle = ConfigfsTsmAttester(fs.root, fs=fs).attest(RD)
     assert bundle.certificates == (b"vlek-der", FAKE_ASK, FAKE_ARK)
+
+
+@pytest.mark.parametrize(
+    ("signing_key", "expected"),
+    [
+        (0, (FAKE_VCEK, FAKE_ASK, FAKE_ARK)),
+        (1, (b"vlek-der", FAKE_ASK, FAKE_ARK)),
+        (7, (FAKE_ASK, FAKE_ARK)),
+    ],
+)
+def test_only_the_endorsement_key_that_signed_the_report_is_sent(
+    tmp_path: Path, signing_key: int, expected: tuple[bytes, ...]
+) -> None:
+    """A host whose table lists a VCEK and a VLEK: the verifier refuses evidence carrying two
+    endorsement keys, so the attester sends the one the report's SIGNING_KEY field names."""
+    chain = (
+        (VLEK_GUID, b"vlek-der"),
+        (VCEK_GUID, FAKE_VCEK),
+        (ASK_GUID, FAKE_ASK),
+        (ARK_GUID, FAKE_ARK),
+    )
+
+    def report(data: bytes, vmpl: int) -> bytes:
+        return fake_snp_report(data, vmpl, signing_key=signing_key)
+
+    fs = EmulatedConfigfs(tmp_path / "report", cert_chain=chain, snp_report=report)
+    assert ConfigfsTsmAttester(fs.root, fs=fs).attest(RD).certificates == expected
+    device = FakeSevGuest(cert_chain=chain, snp_report=report)
+    assert SevGuestAttester(io=device).attest(RD).certificates == expected
 
 
 def test_configfs_snp_without_host_certificates(tmp_path: Path) -> None:
@@ -143,6 +180,59 @@ def test_configfs_persistent_racing_writer_fails(tmp_path: Path) -> None:
     with pytest.raises(AttestationUnavailable) as info:
         attester.attest(RD)
     assert info.value.reason == "TSM_REPORT_RACE"
+    assert list(fs.root.iterdir()) == []
+
+
+@pytest.mark.parametrize("attribute", ["inblob", "privlevel"])
+def test_configfs_threads_and_a_co_tenant_writing_every_entry(
+    tmp_path: Path, attribute: str
+) -> None:
+    """Report entries are machine-wide: a co-tenant (root in the same VM) writes into every entry
+    it sees while eight threads attest. Every report returned carries its own REPORT_DATA and
+    VMPL 0: a foreign ``privlevel`` write keeps REPORT_DATA intact, so only the generation check
+    (the kernel counts every write) catches it. Failures are TSM_REPORT_RACE only, and no entry is
+    left behind."""
+    fs = EmulatedConfigfs(tmp_path / "report")
+    attester = ConfigfsTsmAttester(fs.root, fs=fs, max_attempts=20)
+    stop = threading.Event()
+    interfered = [0]
+
+    def co_tenant() -> None:
+        while not stop.is_set():
+            for entry in list(fs.entries):
+                data = os.urandom(64) if attribute == "inblob" else b"3\n"
+                try:
+                    fs.write(entry / attribute, data)
+                    interfered[0] += 1
+                except (OSError, KeyError):
+                    pass  # the entry went away meanwhile
+            time.sleep(0.0005)
+
+    def worker(i: int) -> list[object]:
+        out: list[object] = []
+        for j in range(8):
+            data = bytes([i, j]) * 32
+            try:
+                bundle = attester.attest(data)
+            except AttestationUnavailable as exc:
+                out.append(exc.reason)
+                continue
+            assert bundle.report[0x50:0x90] == data
+            assert int.from_bytes(bundle.report[0x30:0x34], "little") == 0  # VMPL
+            out.append("ok")
+        return out
+
+    thread = threading.Thread(target=co_tenant, daemon=True)
+    thread.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = [o for r in pool.map(worker, range(8)) for o in r]
+    finally:
+        stop.set()
+        thread.join(10)
+    assert interfered[0] > 0
+    assert set(outcomes) <= {"ok", "TSM_REPORT_RACE"}
+    assert "ok" in outcomes
     assert list(fs.root.iterdir()) == []
 
 
@@ -207,6 +297,24 @@ def test_configfs_kernel_error_maps_to_unavailable(tmp_path: Path) -> None:
     assert list(fs.root.iterdir()) == []
 
 
+def test_configfs_enotty_is_permanent_not_retryable(tmp_path: Path) -> None:
+    """sev_guest's report_new answers ENOTTY once the driver has wiped the VMPCK: every later
+    report fails until the VM restarts, so it is no UNAVAILABLE for the loader to retry forever."""
+
+    class Wiped(EmulatedConfigfs):
+        def read(self, path: Path) -> bytes:
+            if path.name == "outblob":
+                raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
+            return super().read(path)
+
+    fs = Wiped(tmp_path / "report")
+    with pytest.raises(AttesterNotConfigured) as info:
+        ConfigfsTsmAttester(fs.root, fs=fs).attest(RD)
+    assert info.value.reason == "TSM_REPORT_REFUSED"
+    assert "restarted" in info.value.message
+    assert list(fs.root.iterdir()) == []
+
+
 # -- /dev/sev-guest -----------------------------------------------------------------------------
 
 
@@ -262,16 +370,48 @@ def test_sev_guest_firmware_error_is_reported_with_codes() -> None:
     device.fail_next = (errno.EIO, 0x16, 0)
     with pytest.raises(AttestationUnavailable) as info:
         SevGuestAttester(io=device).attest(RD)
-    assert info.value.reason == "SNP_GUEST_REQUEST_FAILED"
+    assert info.value.reason == "SNP_FIRMWARE_ERROR"
     assert "fw_error=0x16" in info.value.message
 
 
-def test_sev_guest_vmpck_disabled() -> None:
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        # exitinfo2's high half is the host's (VMM) error, its low half the firmware's.
+        ((errno.EIO, 0, 3), "SNP_HOST_ERROR"),
+        ((errno.EIO, 0x16, 0), "SNP_FIRMWARE_ERROR"),
+        ((errno.EIO, 0, snp.SNP_GUEST_VMM_ERR_BUSY), "SNP_HOST_BUSY"),
+        ((errno.ETIMEDOUT, 0, snp.SNP_GUEST_VMM_ERR_BUSY), "SNP_HOST_BUSY"),
+        ((errno.EINVAL, 0xFF, 0), "SNP_REQUEST_REJECTED"),
+        # The driver's "no firmware call" marker is no firmware error.
+        ((errno.EIO, 0xFFFFFFFF, 0xFFFFFFFF), "SNP_GUEST_REQUEST_FAILED"),
+        ((errno.EFAULT, 0xFF, 0), "SNP_GUEST_REQUEST_FAILED"),
+    ],
+)
+def test_sev_guest_failures_tell_the_firmware_from_the_host(
+    failure: tuple[int, int, int], reason: str
+) -> None:
     device = FakeSevGuest()
-    device.vmpck_disabled = True
+    device.fail_next = failure
     with pytest.raises(AttestationUnavailable) as info:
         SevGuestAttester(io=device).attest(RD)
+    assert info.value.reason == reason
+    assert info.value.reason in Reason.__members__  # a catalogued code, not a bare string
+    if reason == "SNP_GUEST_REQUEST_FAILED":
+        assert "fw_error=0x0, vmm_error=0x0" in info.value.message
+    assert device.open_fds == set()
+
+
+def test_sev_guest_vmpck_disabled_is_permanent_not_retryable() -> None:
+    # Once the driver has wiped the VMPCK every request fails with ENOTTY until the VM restarts:
+    # UNAVAILABLE made the loader retry it forever.
+    device = FakeSevGuest()
+    device.vmpck_disabled = True
+    with pytest.raises(AttesterNotConfigured) as info:
+        SevGuestAttester(io=device).attest(RD)
     assert info.value.reason == "SNP_REQUEST_UNSUPPORTED"
+    assert info.value.reason in Reason.__members__
+    assert "restarted" in info.value.message
 
 
 def test_sev_guest_throttled() -> None:
@@ -305,7 +445,7 @@ def test_sev_guest_missing_device() -> None:
 
 def test_sev_guest_on_a_device_that_is_not_sev_guest_uses_the_real_ioctl() -> None:
     # /dev/null answers every ioctl with ENOTTY: this exercises the real fcntl path end to end.
-    with pytest.raises(AttestationUnavailable) as info:
+    with pytest.raises(AttesterNotConfigured) as info:
         SevGuestAttester("/dev/null").attest(RD)
     assert info.value.reason == "SNP_REQUEST_UNSUPPORTED"
     assert "ENOTTY" in info.value.message
@@ -366,6 +506,15 @@ def test_tdx_guest_quote_status_errors(status: int, reason: str) -> None:
     with pytest.raises(AttestationUnavailable) as info:
         TdxGuestAttester(io=device).attest(RD)
     assert info.value.reason == reason
+
+
+def test_tdx_guest_without_get_report0_is_not_configured() -> None:
+    device = FakeTdxGuest(quote_command=tdx.TDX_CMD_GET_QUOTE_RFC)
+    device.report_errno = errno.ENOTTY
+    with pytest.raises(AttesterNotConfigured) as info:
+        TdxGuestAttester(io=device).attest(RD)
+    assert info.value.reason == "TDX_REPORT_UNSUPPORTED"
+    assert device.open_fds == set()
 
 
 def test_tdx_guest_report_failure() -> None:
@@ -448,6 +597,86 @@ def test_select_falls_back_to_sev_guest_when_configfs_has_no_provider(tmp_path: 
     fs = EmulatedConfigfs(tmp_path / "report", provider=None)
     chosen = select_attester(production=True, configfs_root=fs.root, fs=fs, io=FakeSevGuest())
     assert isinstance(chosen, SevGuestAttester)
+
+
+class _NotPermitted(EmulatedConfigfs):
+    """configfs-tsm as a non-root service user sees it: the report directory is root's (0755)."""
+
+    def mkdir(self, path: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+
+def test_configfs_not_permitted_is_not_configured(tmp_path: Path) -> None:
+    fs = _NotPermitted(tmp_path / "report")
+    with pytest.raises(AttesterNotConfigured) as info:
+        ConfigfsTsmAttester(fs.root, fs=fs)
+    assert info.value.reason == "TSM_PERMISSION_DENIED"
+    assert "EACCES" in info.value.message
+
+
+def test_select_falls_back_to_sev_guest_when_configfs_is_not_permitted(tmp_path: Path) -> None:
+    """A service user given /dev/sev-guest (the documented udev rule) on a kernel with configfs-tsm:
+    auto failed the start with TSM_IO_ERROR instead of using the device it may use."""
+    fs = _NotPermitted(tmp_path / "report")
+    chosen = select_attester(production=True, configfs_root=fs.root, fs=fs, io=FakeSevGuest())
+    assert isinstance(chosen, SevGuestAttester)
+    with pytest.raises(AttesterNotConfigured) as info:
+        select_attester(production=True, configfs_root=fs.root, fs=fs, io=FakeSevGuest(nodes=()))
+    assert info.value.reason == "NO_ATTESTER"
+    assert "TSM_PERMISSION_DENIED" in info.value.message
+
+
+def test_configfs_other_kernel_errors_at_probe_still_fail(tmp_path: Path) -> None:
+    class Broken(EmulatedConfigfs):
+        def mkdir(self, path: Path) -> None:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    fs = Broken(tmp_path / "report")
+    with pytest.raises(AttestationUnavailable) as info:
+        select_attester(production=True, configfs_root=fs.root, fs=fs, io=FakeSevGuest())
+    assert info.value.reason == "TSM_IO_ERROR"
+
+
+class _Unopenable(FakeSevGuest):
+    """A guest device node not given to this service's user or group (mode 0600, root's)."""
+
+    def open(self, path: str) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+
+def test_a_guest_device_this_process_may_not_open_fails_the_start(tmp_path: Path) -> None:
+    """It used to be selected, and every attestation then failed as UNAVAILABLE
+    (SNP_DEVICE_UNAVAILABLE), which the loader retries forever: a permission is no outage."""
+    for kind in ("auto", "sev-guest"):
+        with pytest.raises(AttesterNotConfigured) as info:
+            select_attester(
+                kind, production=True, configfs_root=tmp_path / "none", io=_Unopenable()
+            )
+        assert info.value.reason == "GUEST_DEVICE_NOT_PERMITTED", kind
+        assert "EACCES" in info.value.message
+    with pytest.raises(AttesterNotConfigured) as info:
+        SevGuestAttester(io=_Unopenable()).attest(RD)
+    assert info.value.reason == "GUEST_DEVICE_NOT_PERMITTED"
+
+    class UnopenableTdx(FakeTdxGuest):
+        def open(self, path: str) -> int:
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+
+    for kind in ("auto", "tdx-guest"):
+        with pytest.raises(AttesterNotConfigured) as info:
+            select_attester(
+                kind, production=True, configfs_root=tmp_path / "none", io=UnopenableTdx()
+            )
+        assert info.value.reason == "GUEST_DEVICE_NOT_PERMITTED", kind
+    with pytest.raises(AttesterNotConfigured) as info:
+        TdxGuestAttester(io=UnopenableTdx()).attest(RD)
+    assert info.value.reason == "GUEST_DEVICE_NOT_PERMITTED"
+
+
+def test_selection_leaves_no_device_open(tmp_path: Path) -> None:
+    device = FakeSevGuest()
+    select_attester(production=True, configfs_root=tmp_path / "none", io=device)
+    assert device.open_fds == set()
 
 
 def test_select_falls_back_to_tdx_guest(tmp_path: Path) -> None:

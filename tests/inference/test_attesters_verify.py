@@ -20,6 +20,7 @@ from strongroom.attesters import (
     ARK_GUID,
     ASK_GUID,
     VCEK_GUID,
+    VLEK_GUID,
     ConfigfsTsmAttester,
     EvidenceBundle,
     SevGuestAttester,
@@ -126,6 +127,23 @@ def test_configfs_snp_with_signed_reports(
     )
     bundle = ConfigfsTsmAttester(fs.root, fs=fs).attest(RD)
     assert bundle.certificates == (snp.certificate_der,)
+    assert verified_report_data(bundle, trust, now) == RD
+
+
+def test_a_host_listing_both_a_vcek_and_a_vlek_still_verifies(
+    tmp_path: Path, authority: SimulatedAuthority, trust: TrustStore, now: dt.datetime
+) -> None:
+    """The host fills the certificate table; one provisioned with a VLEK that still lists its
+    VCEK made every piece of evidence carry two endorsement keys, which the verifier refuses."""
+    vlek = authority.snp(signing_key="VLEK", now=now)
+    vcek = authority.snp(now=now)
+    fs = EmulatedConfigfs(
+        tmp_path / "report",
+        cert_chain=((VCEK_GUID, vcek.certificate_der), (VLEK_GUID, vlek.certificate_der)),
+        snp_report=lambda data, vmpl: vlek.report(data, measurement=MEASUREMENT, vmpl=vmpl),
+    )
+    bundle = ConfigfsTsmAttester(fs.root, fs=fs).attest(RD)
+    assert bundle.certificates == (vlek.certificate_der,)
     assert verified_report_data(bundle, trust, now) == RD
 
 

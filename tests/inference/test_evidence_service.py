@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import threading
 
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from strongroom.api.attestation.v1 import evidence_pb2
 from strongroom.api.inference.v1 import attestation_pb2 as pb
 from strongroom.attestation import binding
+from strongroom.attestation.errors import VerificationFailed
 from strongroom.attestation.evidence import Evidence
 from strongroom.attestation.verify import verify_evidence
 from strongroom.attesters import (
@@ -103,12 +105,23 @@ def test_nonce_length_rejected(start_server: Starter, length: int) -> None:
 
 def test_hardware_failure_is_unavailable(start_server: Starter) -> None:
     device = FakeSevGuest()
-    device.vmpck_disabled = True
+    device.fail_next = (errno.EIO, 0, 3)
     servicer = InferenceAttestationServicer(SevGuestAttester(io=device), spki)
     running = start_server(ModelRepository(), evidence=servicer)
     with pytest.raises(grpc.RpcError) as info:
         running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(32)))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert reason_of(info.value) == "SNP_HOST_ERROR"
+
+
+def test_disabled_vmpck_is_a_failed_precondition(start_server: Starter) -> None:
+    device = FakeSevGuest()
+    device.vmpck_disabled = True
+    servicer = InferenceAttestationServicer(SevGuestAttester(io=device), spki)
+    running = start_server(ModelRepository(), evidence=servicer)
+    with pytest.raises(grpc.RpcError) as info:
+        running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(32)))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason_of(info.value) == "SNP_REQUEST_UNSUPPORTED"
 
 
@@ -144,3 +157,34 @@ def test_concurrent_requests_beyond_the_limit_are_refused(start_server: Starter)
     assert len(first.result(timeout=10).report_data) == 64
     # The slot is free again.
     assert running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(16))).report_data
+
+
+def test_get_evidence_is_no_signing_oracle_for_key_release(
+    start_server: Starter,
+    simulated: SimulatedAttester,
+    sim_authority: SimulatedAuthority,
+    sim_now: dt.datetime,
+) -> None:
+    """A certified caller picks only the nonce: REPORT_DATA is the inference-client binding of it
+    and the server's own TLS key, under its own label, so evidence it obtains never satisfies the
+    key-release binding (nonce, ephemeral key, TLS key) the broker checks, even with the broker's
+    challenge as the nonce and the server's TLS key, and it cannot bind a key of its choosing."""
+    assert [f.name for f in pb.GetEvidenceRequest.DESCRIPTOR.fields] == ["nonce"]
+    server_tls = spki()
+    servicer = InferenceAttestationServicer(simulated, lambda: server_tls)
+    running = start_server(ModelRepository(), evidence=servicer)
+    challenge = bytes(range(32))  # as if relayed from the broker's GetChallenge
+    response = running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=challenge))
+    claims = verify_evidence(
+        Evidence.from_proto(response.evidence),
+        trust=sim_authority.trust_store(),
+        now=sim_now,
+        collateral=sim_authority.collateral_source(now=sim_now),
+    )
+    assert claims.report_data == binding.client_report_data_for(challenge, server_tls)
+    for ephemeral in (spki(), server_tls):
+        with pytest.raises(VerificationFailed) as info:
+            binding.check_report_data(
+                claims.report_data, binding.report_data_for(challenge, ephemeral, server_tls)
+            )
+        assert info.value.reason == "REPORT_DATA_MISMATCH"
