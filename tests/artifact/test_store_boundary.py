@@ -94,13 +94,18 @@ def _load(artifact: bytes, name: str, version: str) -> bytes:
 
 
 def test_a_slot_swapped_to_a_key_the_store_knows_releases_nothing(case: dict[str, Any]) -> None:
-    if case["format"] != 2:
-        pytest.skip("format 1 binds the wrapped key into the body: there is no slot to swap")
     header: ArtifactHeader = case["header"]
-    swapped = (
-        with_key_slot(header, KeySlot(header.key_id, 3, case["known_wrapped"])).head
-        + case["artifact"][header.header_size :]
-    )
+    body = case["artifact"][header.header_size :]
+    if case["format"] == 2:
+        swapped = (
+            with_key_slot(header, KeySlot(header.key_id, 3, case["known_wrapped"])).head + body
+        )
+    else:
+        # Format 1 has no slot: the wrapped key is in the header the body is bound to. The same
+        # swap there is the victim's header with the known wrapped key, before the victim's body.
+        forged = header_for(SIZE, wrapped_dek=case["known_wrapped"], **case["fields"])
+        head = encrypt_bytes(b"x" * SIZE, case["known_dek"], header=forged)[: forged.header_size]
+        swapped = head + body
     assert unwrap_for(swapped) == case["known_dek"]  # the HSM unwraps it: the slot is genuine
     with pytest.raises(DecryptionFailed):
         ArtifactReader(swapped).decrypt_all(bytearray(case["known_dek"]))
