@@ -166,6 +166,12 @@ def decrypt_download(
         plaintext = decryptor.finish()
     except BaseException:
         decryptor.abort()
+        # Ends the source here, in this thread and context, rather than wherever the garbage
+        # collector finalises it: a download whose header was refused stops at once (its gRPC
+        # call is cancelled), and a traced source leaves its span where it entered it.
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
         if future is not None and key is None:
             # A key that arrives after the failure is wiped as soon as it does.
             future.add_done_callback(_wipe_unused)

@@ -115,12 +115,17 @@ def grpc_source(channel: grpc.Channel, *, timeout: float = 600.0) -> PartSource:
     )
 
     def source(name: str, version: str) -> Iterator[memoryview]:
+        call = get_model(store_pb.GetModelRequest(name=name, version=version), timeout=timeout)
         try:
-            yield from get_model(
-                store_pb.GetModelRequest(name=name, version=version), timeout=timeout
-            )
+            yield from call
         except grpc.RpcError as exc:
             raise remote_error("fetch", exc) from None
+        finally:
+            # A reader that stops early (a refused header, a failed part) ends the download; a
+            # finished call ignores it. (A wrapped call is a generator: ``yield from`` closed it.)
+            cancel = getattr(call, "cancel", None)
+            if cancel is not None:
+                cancel()
 
     return source
 
