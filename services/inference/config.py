@@ -19,6 +19,9 @@ class ModelRef:
     version: str
 
 
+DEFAULT_MAX_MODEL_BYTES = 64 * 1024**3
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """Where the store and broker are, which models to load, and how to attest.
@@ -59,6 +62,10 @@ class InferenceConfig:
     # How long LoadModel keeps retrying a load that fails with UNAVAILABLE (a store or broker
     # restarting); 0 answers the first UNAVAILABLE. The caller's own deadline still wins.
     load_retry_seconds: float = 30.0
+    # The largest single-file artifact a load accepts, judged on its header before the key is
+    # released or its plaintext buffer reserved (the store chooses that header): a larger one is
+    # RESOURCE_EXHAUSTED ARTIFACT_TOO_LARGE. The model store's default limit.
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
     # Bounds on the tensor bytes of one ModelInfer request and response; the server's gRPC
     # message limits are derived from them (nowhere else sets them).
     max_input_bytes: int = DEFAULT_MAX_TENSOR_BYTES
@@ -85,6 +92,8 @@ class InferenceConfig:
             raise ConfigError("inference.require_model_signature needs model_signing_public_key")
         if not 0 <= self.load_retry_seconds <= 3600:
             raise ConfigError("inference.load_retry_seconds must be between 0 and 3600")
+        if self.max_model_bytes < 1024:
+            raise ConfigError("inference.max_model_bytes must be at least 1024")
         if not 0 <= self.decrypt_threads <= 64:
             raise ConfigError("inference.decrypt_threads must be between 0 and 64")
         try:

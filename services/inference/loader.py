@@ -91,8 +91,10 @@ class ModelLoader:
         timeout: float = 600.0,
         signature: SignaturePolicy | None = None,
         parallel_parts: int = DEFAULT_PARALLEL_PARTS,
+        max_model_bytes: int | None = None,
     ) -> None:
         self._repository = repository
+        self._max_model_bytes = max_model_bytes
         self._store = store_grpc.ModelStoreServiceStub(store_channel)
         self._download = grpc_source(store_channel, timeout=timeout)
         self._release = key_release
@@ -253,6 +255,8 @@ class ModelLoader:
                 release,
                 check_header=check_header,
                 threads=self._threads,
+                # Judged on the header, before the key is released or the buffer reserved.
+                max_artifact_size=self._max_model_bytes,
             )
         # The plaintext lives only in the artifact's buffer, which ONNX Runtime loads from (bytes,
         # no copy) and which reads as zeros once this block is left (its pages are dropped).

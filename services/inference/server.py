@@ -203,6 +203,7 @@ def build(
         tracer_provider=provider,
         decrypt_threads=config.decrypt_threads,
         timeout=config.load_timeout_seconds,
+        max_model_bytes=config.max_model_bytes,
         signature=(
             SignaturePolicy.from_pem(
                 config.model_signing_public_key.read_bytes(),

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import threading
@@ -340,3 +341,62 @@ def test_load_model_retry_window_is_configurable(env: Env, model_path: Path) -> 
         env.stack.services.pop("inference").stop()
         if "keybroker" not in env.stack.services:
             env.stack.start_in_process("keybroker")
+
+
+def test_a_model_over_the_size_cap_is_refused_before_its_key_is_released(
+    env: Env, tmp_path: Path
+) -> None:
+    """The loader took the plaintext size the (store-chosen, not yet authenticated) header claimed,
+    up to the format's 1 TiB, asked the broker for the key and reserved a buffer that size. With
+    inference.max_model_bytes (64 GiB by default) a larger artifact is refused on its header:
+    RESOURCE_EXHAUSTED ARTIFACT_TOO_LARGE, and the broker is never asked."""
+    big = tmp_path / "big.onnx"
+    big.write_bytes(os.urandom(4096))  # refused on its header: never decrypted, never loaded
+    _publish(env, big, "oversize")
+    size = env.stack.services["modelstore"].handle.storage.stat("faulty", "oversize").artifact_size
+    cap = 1024
+    assert size > cap
+    section = {**env.stack.default_section("inference"), "max_model_bytes": cap}
+    audit = env.stack.services["keybroker"].handle.audit
+    env.stack.start_in_process("inference", section)
+    try:
+        decisions = audit.count
+        control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+        with pytest.raises(grpc.RpcError) as info:
+            control.LoadModel(
+                control_pb.LoadModelRequest(name="faulty", version="oversize"), timeout=60
+            )
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert peer_reason(info.value) == "ARTIFACT_TOO_LARGE"
+        assert audit.count == decisions  # no release was asked for, so none was decided
+    finally:
+        env.stack.services.pop("inference").stop()
+
+
+def test_a_download_refused_on_its_header_ends_where_it_was_refused(
+    env: Env, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load refused on the artifact's header (here the store serving another version's bytes)
+    abandoned the download generator, suspended inside the traced gRPC stream: the call ran on
+    until the garbage collector finalised it, in whatever thread and context that was, where
+    OpenTelemetry failed to detach the span's context ("Failed to detach context") and CPython's
+    recursion accounting was left off (a later compile() in the process failed with "AST
+    constructor recursion depth mismatch"). The source is now closed where the refusal happens."""
+    big = tmp_path / "big.onnx"
+    big.write_bytes(os.urandom(4096))
+    _publish(env, big, "va")
+    _publish(env, big, "vb")
+    served, asked = _blob(env, "va"), _blob(env, "vb")
+    asked.chmod(0o600)
+    asked.write_bytes(served.read_bytes())  # same length: only the header's version differs
+    env.stack.start_in_process("inference")
+    try:
+        control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+        with pytest.raises(grpc.RpcError) as info:
+            control.LoadModel(control_pb.LoadModelRequest(name="faulty", version="vb"), timeout=60)
+        assert peer_reason(info.value) == "ARTIFACT_MISMATCH"
+    finally:
+        env.stack.services.pop("inference").stop()
+    gc.collect()  # finalises anything the refusal left behind
+    assert not [r for r in caplog.records if "Failed to detach context" in r.getMessage()]
+    compile("x = (1, 2)", "<probe>", "exec")  # the interpreter's recursion accounting is intact
