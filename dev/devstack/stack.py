@@ -40,9 +40,33 @@ DEMO_MEASUREMENT = hashlib.sha384(b"strongroom demo guest image v1").hexdigest()
 _UP_SERVICE = {"inference": "strongroom.api.inference.v1.ModelControlService"}
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out on its own (32768 by default on Linux)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on loopback that is free right now."""
-    with socket.socket() as s:
+    """A TCP port on loopback that is free right now, chosen below the kernel's ephemeral range.
+
+    A stack's ports are chosen once and bound later (again after each restart). A port from the
+    ephemeral range (what binding port 0 returns) can meanwhile become the source port of any
+    outgoing connection on the machine, and the bind then fails ("Failed to bind to address":
+    seen in a rehearsal of the suite). Below that range only other explicit choices compete.
+    """
+    high = _ephemeral_low()
+    low = max(1024, high - 12_000)
+    for _ in range(100):
+        port = low + secrets.randbelow(high - low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: any free port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import ssl
 import stat
 import subprocess
@@ -30,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from strongroom.dev.devstack.stack import free_port
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.pki import CaClient, Provisioner, mint_token
 from strongroom.pki._x509 import build_csr, generate_key
@@ -37,12 +37,6 @@ from strongroom.pki.errors import CaRejected
 from tests.deploy.conftest import CHART, DEPLOY, ROOT, kind, render
 
 HOME = "/home/step"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def materialise(data: dict[str, str], items: list[dict[str, str]], where: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2_grpc
 
+from strongroom.dev.devstack.stack import free_port
 from strongroom.pki import (
     RenewalPolicy,
     SpiffeAuthorizer,
@@ -30,12 +30,6 @@ from strongroom.runtime.interceptors import ErrorMappingInterceptor
 
 TRUST_DOMAIN = "strongroom.test"
 ECHO = "strongroom.test.Echo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sid(name: str) -> str:
