@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -22,6 +23,7 @@ from strongroom.attestation import binding
 from strongroom.attesters import Attester
 from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.reasons import Reason
+from strongroom.runtime.streams import peer_identity
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,15 @@ MAX_NONCE_BYTES = 64
 class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
     """GetEvidence over an :class:`Attester`; ``tls_public_key_provider`` returns the DER
     SubjectPublicKeyInfo of the certificate the server currently presents (it changes on renewal).
-    At most ``max_concurrent`` hardware requests run at once; more fail with ATTESTATION_BUSY."""
+    At most ``max_concurrent`` hardware requests run at once; more fail with ATTESTATION_BUSY.
+
+    Each caller (its certificate's identities) may ask for ``per_caller_burst`` reports at once
+    and ``per_caller_rate`` a second after that; beyond it, ATTESTATION_RATE_LIMITED. A report is a
+    guest request to the platform's firmware, which the host throttles; with /dev/sev-guest a
+    request the host stalls long enough makes the guest driver disable the VM's channel to the
+    firmware until the VM restarts, so no one caller may keep the hardware busy (a client needs
+    one report per connection it checks).
+    """
 
     def __init__(
         self,
@@ -40,14 +50,40 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
         tls_public_key_provider: Callable[[], bytes],
         *,
         max_concurrent: int = 4,
+        per_caller_rate: float = 4.0,
+        per_caller_burst: int = 32,
+        clock: Callable[[], float] = time.monotonic,
         report_data_fn: Callable[[bytes, bytes], bytes] = binding.client_report_data_for,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
+        if per_caller_rate <= 0 or per_caller_burst < 1:
+            raise ValueError("per_caller_rate must be positive and per_caller_burst at least 1")
         self._attester = attester
         self._tls_key = tls_public_key_provider
         self._report_data = report_data_fn
         self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._rate = per_caller_rate
+        self._burst = per_caller_burst
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Caller -> (tokens left, when counted). Full buckets are dropped, so it holds only the
+        # callers of the last burst / rate seconds.
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def _take_token(self, caller: str) -> bool:
+        now = self._clock()
+        with self._lock:
+            tokens, then = self._buckets.get(caller, (float(self._burst), now))
+            tokens = min(float(self._burst), tokens + (now - then) * self._rate)
+            if tokens < 1.0:
+                self._buckets[caller] = (tokens, now)
+                return False
+            self._buckets[caller] = (tokens - 1.0, now)
+            if len(self._buckets) > 1024:
+                full = now - self._burst / self._rate
+                self._buckets = {k: v for k, v in self._buckets.items() if v[1] > full}
+            return True
 
     def GetEvidence(
         self, request: pb.GetEvidenceRequest, context: grpc.ServicerContext
@@ -58,6 +94,12 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
             raise InvalidArgument(
                 f"nonce must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes, got {len(nonce)}",
                 reason=Reason.NONCE_LENGTH,
+            )
+        if not self._take_token(peer_identity(context)):
+            raise ResourceExhausted(
+                f"more than {self._burst} attestation requests at once, or more than "
+                f"{self._rate:g} a second after that, from this caller; retry later",
+                reason=Reason.ATTESTATION_RATE_LIMITED,
             )
         spki = self._tls_key()
         report_data = self._report_data(nonce, spki)

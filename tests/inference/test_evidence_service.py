@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from strongroom.api.attestation.v1 import evidence_pb2
 from strongroom.api.inference.v1 import attestation_pb2 as pb
+from strongroom.api.inference.v1 import attestation_pb2_grpc as pb_grpc
 from strongroom.attestation import binding
 from strongroom.attestation.errors import VerificationFailed
 from strongroom.attestation.evidence import Evidence
@@ -157,6 +158,37 @@ def test_concurrent_requests_beyond_the_limit_are_refused(start_server: Starter)
     assert len(first.result(timeout=10).report_data) == 64
     # The slot is free again.
     assert running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(16))).report_data
+
+
+def test_one_caller_cannot_keep_the_hardware_busy(
+    start_server: Starter, simulated: SimulatedAttester
+) -> None:
+    """GetEvidence had a cap on requests in flight but none per caller: one certified client
+    could ask the firmware for reports back to back for ever (each a guest request the host
+    throttles; on SEV-SNP a request stalled long enough disables the VM's firmware channel until
+    it restarts). Each caller now gets a burst, then a steady rate; others are not affected."""
+    clock = [1000.0]
+    servicer = InferenceAttestationServicer(
+        simulated, spki, per_caller_rate=0.5, per_caller_burst=3, clock=lambda: clock[0]
+    )
+    running = start_server(ModelRepository(), evidence=servicer)
+    request = pb.GetEvidenceRequest(nonce=bytes(16))
+    for _ in range(3):
+        assert running.evidence.GetEvidence(request).report_data
+    with pytest.raises(grpc.RpcError) as info:
+        running.evidence.GetEvidence(request)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reason_of(info.value) == "ATTESTATION_RATE_LIMITED"
+    other = grpc.insecure_channel(running.address)  # another caller (here: another peer)
+    try:
+        stub = pb_grpc.InferenceAttestationServiceStub(other)
+        assert stub.GetEvidence(request).report_data
+    finally:
+        other.close()
+    clock[0] += 2.0  # one report's worth of time at 0.5 a second
+    assert running.evidence.GetEvidence(request).report_data
+    with pytest.raises(grpc.RpcError):
+        running.evidence.GetEvidence(request)
 
 
 def test_get_evidence_is_no_signing_oracle_for_key_release(
