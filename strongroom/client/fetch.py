@@ -63,6 +63,7 @@ from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.client.remote import remote_error
 from strongroom.closing import Closing
 from strongroom.errors import (
+    DataLoss,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -322,11 +323,19 @@ class ModelFetcher:
                 first.decryptor.wipe_output()  # the manifest is parsed; its plaintext can go
                 done.clear()
                 parts = self._fetch_parts(manifest, dek, done, source)
-        except BaseException:
+        except BaseException as exc:
             first.decryptor.abort()
             first.decryptor.wipe_output()
             for decryptor in done:
                 decryptor.wipe_output()
+            if isinstance(exc, InvalidArtifact):
+                # Every byte came from the store: a manifest or part it streamed short, long or
+                # malformed is stored data gone bad, not a bad request by this library's caller.
+                raise DataLoss(
+                    f"the model store served a damaged artifact for {name}/{version}: "
+                    f"{exc.message}",
+                    reason=exc.reason,
+                ) from None
             raise
         finally:
             if dek is not None:

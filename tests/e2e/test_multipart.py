@@ -378,6 +378,28 @@ def test_a_part_damaged_in_transit_is_data_loss(
     assert not repository.is_ready(NAME, transit)
 
 
+@pytest.mark.parametrize(
+    ("changed", "change", "reason"),
+    [
+        ("transit+part.3", lambda b: b[:-40], "TRUNCATED"),
+        ("transit+part.3", lambda b: b + bytes(40), "TRAILING_DATA"),
+        ("transit", lambda b: b[:-40], "TRUNCATED"),
+    ],
+    ids=["part-truncated", "part-extended", "manifest-truncated"],
+)
+def test_the_client_library_reports_a_part_damaged_in_transit_as_data_loss(
+    env: Env, transit: str, changed: str, change: Callable[[bytes], bytes], reason: str
+) -> None:
+    """The service mapped it, but ModelFetcher itself raised INVALID_ARGUMENT for a part (or a
+    manifest) the store streamed short or long: a library caller was told its request was wrong
+    when the store's data was."""
+    with _serving(_ServeChanged(env, changed, change)) as channel:  # type: ignore[abstract]
+        fetcher = ModelFetcher(channel, env.key_release(), parallel=3)
+        with pytest.raises(StrongroomError) as info:
+            fetcher.fetch(NAME, transit)
+    assert (info.value.status_name, info.value.reason) == ("DATA_LOSS", reason)
+
+
 def test_a_store_slowing_every_part_cannot_stretch_a_load_past_its_timeout(
     env: Env, transit: str
 ) -> None:
