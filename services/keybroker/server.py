@@ -145,11 +145,16 @@ def build(
 ) -> KeyBroker:
     """Opens the HSM and audit log and builds the (not yet started) host."""
     trust = trust_store(common, config)
-    nonce_key = Secret.load(file=config.nonce_key_file, env=NONCE_KEY_ENV, what="nonce key")
-    audit_key = load_signing_key(
-        Secret.load(file=config.audit_key_file, env=AUDIT_KEY_ENV, what="audit signing key")
+    single = common.production  # one source per secret in production (Secret.load)
+    nonce_key = Secret.load(
+        file=config.nonce_key_file, env=NONCE_KEY_ENV, what="nonce key", single=single
     )
-    pin = Secret.load(file=config.pin_file, env=PIN_ENV, what="HSM PIN")
+    audit_key = load_signing_key(
+        Secret.load(
+            file=config.audit_key_file, env=AUDIT_KEY_ENV, what="audit signing key", single=single
+        )
+    )
+    pin = Secret.load(file=config.pin_file, env=PIN_ENV, what="HSM PIN", single=single)
     module_env = {"SOFTHSM2_CONF": str(config.softhsm2_conf)} if config.softhsm2_conf else {}
     hsm = Hsm.open(
         HsmConfig(

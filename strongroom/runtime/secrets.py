@@ -40,13 +40,25 @@ class Secret:
     __hash__ = None  # type: ignore[assignment]
 
     @classmethod
-    def load(cls, *, file: Path | None = None, env: str | None = None, what: str) -> Secret:
+    def load(
+        cls, *, file: Path | None = None, env: str | None = None, what: str, single: bool = False
+    ) -> Secret:
         """Loads a secret from ``env`` when that variable is set, else from ``file``.
 
         A file must not be readable by group or others: a secret in a world-readable file is
-        treated as a configuration error rather than silently accepted.
+        treated as a configuration error rather than silently accepted. With ``single`` (the
+        services pass it in production) a secret configured as a file and also present in the
+        environment is refused (SECRET_AMBIGUOUS): the variable would silently replace the file
+        the operator provisioned, and a container's environment is the easier of the two to
+        extend.
         """
         if env and os.environ.get(env):
+            if single and file is not None:
+                raise FailedPrecondition(
+                    f"{what}: both ${env} and the file {file} are set; in production give it one "
+                    "way only (unset the variable, or drop the file setting)",
+                    reason=Reason.SECRET_AMBIGUOUS,
+                )
             return cls(os.environ[env].encode("utf-8"))
         if file is None:
             raise FailedPrecondition(

@@ -16,7 +16,7 @@ from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
 from strongroom.errors import FailedPrecondition
 from strongroom.keybroker.config import KeybrokerConfig
-from strongroom.keybroker.server import trust_store
+from strongroom.keybroker.server import build, trust_store
 from strongroom.runtime.config import load_service_config
 
 
@@ -140,6 +140,31 @@ def test_broker_refuses_the_simulated_chain_in_production(stack: DevStack) -> No
         trust_store(*production)
     assert info.value.reason == "SIMULATED_TEE_IN_PRODUCTION"
     assert trust_store(common, config).includes_simulated
+
+
+@pytest.mark.parametrize("variable", ["STRONGROOM_HSM_PIN", "STRONGROOM_NONCE_KEY"])
+def test_a_production_broker_refuses_a_secret_given_as_file_and_variable(
+    stack: DevStack, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """The variable silently won over the file the operator provisioned (a PIN or nonce key put
+    into the container's environment replaced the mounted Secret). In production a secret
+    configured as a file and also set in the environment now stops the broker's start."""
+    common, config = load_service_config(
+        stack.config_path("keybroker"),
+        "keybroker",
+        KeybrokerConfig,
+        environ={
+            "STRONGROOM__MODE": "production",
+            "STRONGROOM__IDENTITY__DNS_NAMES": "[keybroker]",
+            "STRONGROOM__KEYBROKER__ALLOW_SIMULATED_TEE": "false",
+        },
+    )
+    assert common.production and config.pin_file is not None and config.nonce_key_file is not None
+    monkeypatch.setenv(variable, "from-the-environment")
+    with pytest.raises(FailedPrecondition) as info:
+        build(common, config, identity=None)  # type: ignore[arg-type]  # refused before its use
+    assert info.value.reason == "SECRET_AMBIGUOUS"
+    assert variable in info.value.message and "from-the-environment" not in info.value.message
 
 
 def test_missing_client_config_is_a_clear_error(
