@@ -121,19 +121,22 @@ class S3SweepReport:
     INDEX_CORRUPT). While there are any, no orphan blob is removed: one of them may be theirs."""
 
 
-def make_client(config: StorageConfig) -> S3Client:
-    """A boto3 S3 client for ``config``; credentials come from files or the environment only."""
+def make_client(config: StorageConfig, *, single_secrets: bool = False) -> S3Client:
+    """A boto3 S3 client for ``config``; credentials come from files or the environment only
+    (with ``single_secrets``, the production rule: never both, see ``Secret.load``)."""
     import boto3  # deferred: only the S3 backend needs it
 
     access_key = Secret.load(
         file=config.access_key_id_file,
         env=config.access_key_id_env,
         what="modelstore.storage access key id",
+        single=single_secrets,
     )
     secret_key = Secret.load(
         file=config.secret_access_key_file,
         env=config.secret_access_key_env,
         what="modelstore.storage secret access key",
+        single=single_secrets,
     )
     client_config = Config(
         region_name=config.region,
@@ -582,12 +585,16 @@ class S3Storage(Closing):
 
     @classmethod
     def from_config(
-        cls, config: StorageConfig, *, max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE
+        cls,
+        config: StorageConfig,
+        *,
+        max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE,
+        single_secrets: bool = False,
     ) -> S3Storage:
         """Connects to the configured bucket (checking that the credentials work) and sweeps it."""
         assert config.bucket is not None
         return cls(
-            make_client(config),
+            make_client(config, single_secrets=single_secrets),
             config.bucket,
             prefix=config.prefix,
             max_artifact_size=max_artifact_size,

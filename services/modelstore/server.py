@@ -53,7 +53,7 @@ def build(
     tracer_provider: TracerProvider | None = None,
 ) -> ModelStore:
     """Opens the storage (sweeping interrupted uploads) and builds the host."""
-    storage = open_storage(config)
+    storage = open_storage(config, single_secrets=common.production)
     log.info(
         "storage opened",
         extra={"backend": config.storage.backend, "sweep": str(storage.last_sweep)},

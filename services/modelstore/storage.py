@@ -195,9 +195,16 @@ def verify_all(storage: Storage, *, prefix: str = "") -> tuple[IntegrityProblem,
             return tuple(problems)
 
 
-def open_storage(config: ModelstoreConfig) -> FilesystemStorage | S3Storage:
-    """Opens the configured backend (sweeping what interrupted uploads left behind)."""
+def open_storage(
+    config: ModelstoreConfig, *, single_secrets: bool = False
+) -> FilesystemStorage | S3Storage:
+    """Opens the configured backend (sweeping what interrupted uploads left behind);
+    ``single_secrets`` (production) refuses S3 credentials given both as a file and a variable."""
     if config.storage.backend == "s3":
-        return S3Storage.from_config(config.storage, max_artifact_size=config.max_artifact_bytes)
+        return S3Storage.from_config(
+            config.storage,
+            max_artifact_size=config.max_artifact_bytes,
+            single_secrets=single_secrets,
+        )
     assert config.data_dir is not None  # the configuration requires it for this backend
     return FilesystemStorage(config.data_dir, max_artifact_size=config.max_artifact_bytes)

@@ -428,6 +428,14 @@ def test_configuration(
     with pytest.raises(Exception) as info:
         open_storage(config)
     assert getattr(info.value, "reason", "") == "SECRET_FILE_PERMISSIONS"
+    secret.chmod(0o600)
+    # In production a credential given both as a file and a variable is refused (the variable
+    # silently replaced the file the operator provisioned); in development the variable wins.
+    monkeypatch.setenv(config.storage.secret_access_key_env, "from-the-environment")
+    with pytest.raises(Exception) as info:
+        open_storage(config, single_secrets=True)
+    assert getattr(info.value, "reason", "") == "SECRET_AMBIGUOUS"
+    assert "from-the-environment" not in str(info.value)
 
 
 def _index_write(method: str, path: str) -> bool:
