@@ -179,53 +179,54 @@ def _disable(args: argparse.Namespace) -> int:
         return 0
 
 
-def _check_disabled_unused(client: Client, key_id: str, version: int) -> None:
-    """After a disable: FAILED_PRECONDITION (KEY_VERSION_IN_USE) naming the stored models that
-    need the now disabled ``version`` of ``key_id`` (any version if 0)."""
-    which = f"version {version} of {key_id}" if version else f"every version of {key_id}"
+def _models_under(client: Client, key_id: str, version: int, unlisted: str) -> tuple[int, str]:
+    """How many stored models need ``version`` of ``key_id`` (any if 0), and the first ten named
+    for a message; ``unlisted`` goes to stderr if the store cannot be listed."""
     try:
         needing = models_needing(key_id, version, store=client.channel("modelstore"))
     except (grpc.RpcError, ConfigError):
-        print(
-            f"strongroom: {which} is disabled, but the model store could not be listed again to "
-            "check that no model was published under it meanwhile",
-            file=sys.stderr,
-        )
+        print(f"strongroom: {unlisted}", file=sys.stderr)
         raise
-    if not needing:
-        return
     shown = ", ".join(
         f"{printable(m.name)} {printable(m.version)} (version {m.key_version})"
         for m in needing[:10]
     )
     more = f" and {len(needing) - 10} more" if len(needing) > 10 else ""
-    raise FailedPrecondition(
-        f"{which} is disabled, but {len(needing)} stored model(s) published under it while it "
-        f"was being disabled can no longer be loaded: {shown}{more}; re-publish them",
-        reason=Reason.KEY_VERSION_IN_USE,
+    return len(needing), shown + more
+
+
+def _check_disabled_unused(client: Client, key_id: str, version: int) -> None:
+    """After a disable: FAILED_PRECONDITION (KEY_VERSION_IN_USE) naming the stored models that
+    need the now disabled ``version`` of ``key_id`` (any version if 0)."""
+    which = f"version {version} of {key_id}" if version else f"every version of {key_id}"
+    count, shown = _models_under(
+        client,
+        key_id,
+        version,
+        f"{which} is disabled, but the model store could not be listed again to check that no "
+        "model was published under it meanwhile",
     )
+    if count:
+        raise FailedPrecondition(
+            f"{which} is disabled, but {count} stored model(s) published under it while it was "
+            f"being disabled can no longer be loaded: {shown}; re-publish them",
+            reason=Reason.KEY_VERSION_IN_USE,
+        )
 
 
 def _check_unused(client: Client, key_id: str, version: int) -> None:
     """Refuses (FAILED_PRECONDITION, KEY_VERSION_IN_USE) while the model store holds models under
     ``version`` of ``key_id`` (any version if 0): a disabled version cannot be enabled again."""
     which = f"version {version} of {key_id}" if version else f"a version of {key_id}"
-    try:
-        needing = models_needing(key_id, version, store=client.channel("modelstore"))
-    except (grpc.RpcError, ConfigError):
-        print(
-            f"strongroom: cannot list the model store to check which models still need {which}; "
-            "--force disables without the check",
-            file=sys.stderr,
-        )
-        raise
-    if not needing:
-        return
-    shown = ", ".join(
-        f"{printable(m.name)} {printable(m.version)} (version {m.key_version})"
-        for m in needing[:10]
+    count, shown = _models_under(
+        client,
+        key_id,
+        version,
+        f"cannot list the model store to check which models still need {which}; --force "
+        "disables without the check",
     )
-    more = f" and {len(needing) - 10} more" if len(needing) > 10 else ""
+    if not count:
+        return
     remedy = (
         f"re-wrap them first (strongroom keys rewrap-models {key_id}; format-1 models must be "
         "re-published)"
@@ -233,8 +234,8 @@ def _check_unused(client: Client, key_id: str, version: int) -> None:
         else "delete or re-publish them under another key first"
     )
     raise FailedPrecondition(
-        f"{len(needing)} stored model(s) still need {which} and could not be loaded once it is "
-        f"disabled: {shown}{more}; {remedy}, or pass --force",
+        f"{count} stored model(s) still need {which} and could not be loaded once it is "
+        f"disabled: {shown}; {remedy}, or pass --force",
         reason=Reason.KEY_VERSION_IN_USE,
     )
 
