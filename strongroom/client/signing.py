@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.reasons import Reason
+from strongroom.runtime.secrets import require_private
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 
@@ -55,13 +56,7 @@ def _check_signing_key(private_key: Path) -> None:
     servers will accept as the publisher's.
     """
     try:
-        mode = private_key.stat().st_mode
-        if mode & 0o077:
-            raise FailedPrecondition(
-                f"signing key {private_key} is readable by group or others (mode "
-                f"{mode & 0o777:o}); use 0600",
-                reason=Reason.SECRET_FILE_PERMISSIONS,
-            )
+        require_private(private_key, "signing key")
         key = load_pem_private_key(private_key.read_bytes(), password=None)
     except OSError as exc:
         raise FailedPrecondition(

@@ -9,6 +9,18 @@ from strongroom.errors import FailedPrecondition
 from strongroom.reasons import Reason
 
 
+def require_private(file: Path, what: str) -> None:
+    """Refuses (FAILED_PRECONDITION, SECRET_FILE_PERMISSIONS) a secret file that group or others
+    may read: a secret in such a file is a configuration error, not silently accepted. Raises
+    OSError if the file cannot be stat'ed."""
+    mode = file.stat().st_mode
+    if mode & 0o077:
+        raise FailedPrecondition(
+            f"{what}: {file} is readable by group or others (mode {mode & 0o777:o}); use 0600",
+            reason=Reason.SECRET_FILE_PERMISSIONS,
+        )
+
+
 class Secret:
     """Holds a secret (a PIN, a key) and prints as ``Secret('***')``.
 
@@ -68,12 +80,7 @@ class Secret:
                 reason=Reason.SECRET_MISSING,
             )
         try:
-            mode = file.stat().st_mode
-            if mode & 0o077:
-                raise FailedPrecondition(
-                    f"{what}: {file} is readable by group or others (mode {mode & 0o777:o}); use 0600",
-                    reason=Reason.SECRET_FILE_PERMISSIONS,
-                )
+            require_private(file, what)
             return cls(file.read_bytes())
         except OSError as exc:
             raise FailedPrecondition(
