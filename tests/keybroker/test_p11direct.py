@@ -8,8 +8,10 @@ the session objects' attributes.
 from __future__ import annotations
 
 import _ctypes
+import contextlib
 import ctypes
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +326,22 @@ _CKR_DEVICE_REMOVED = 0x32
 _CKR_ATTRIBUTE_TYPE_INVALID = 0x12
 
 
+@contextlib.contextmanager
+def _token_call_replaced(hsm: Hsm, name: str, replacement: Any) -> Iterator[None]:
+    """The token's PKCS#11 function ``name`` answered by ``replacement`` (a ctypes callback), for
+    the one-call C release (its entry point) and the calls made one at a time alike."""
+    direct = hsm._direct
+    assert direct is not None
+    entry, single = getattr(direct.entry_points, name), getattr(direct, name)
+    setattr(direct.entry_points, name, ctypes.cast(replacement, ctypes.c_void_p).value)
+    setattr(direct, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(direct.entry_points, name, entry)
+        setattr(direct, name, single)
+
+
 def test_a_failed_length_read_fails_the_release_and_the_rewrap(
     hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
 ) -> None:
@@ -343,13 +361,7 @@ def test_a_failed_length_read_fails_the_release_and_the_rewrap(
     km.create_key("model")
     data_key = km.generate_data_key("model")
     before = session_objects(hsm)
-    direct = hsm._direct
-    assert direct is not None
-    token_own = direct.entry_points.get_attribute_value
-    token_single = direct.get_attribute_value
-    direct.entry_points.get_attribute_value = ctypes.cast(failing, ctypes.c_void_p).value
-    direct.get_attribute_value = failing
-    try:
+    with _token_call_replaced(hsm, "get_attribute_value", failing):
         answers.append(_CKR_ATTRIBUTE_TYPE_INVALID)
         released = km.release_to_ephemeral(
             "model", 1, data_key.wrapped, spki(tee_key), hsm.oaep_hashes[:1]
@@ -363,9 +375,6 @@ def test_a_failed_length_read_fails_the_release_and_the_rewrap(
             )
         with pytest.raises(HsmUnavailable):
             km.rewrap("model", 1, data_key.wrapped)
-    finally:
-        direct.entry_points.get_attribute_value = token_own
-        direct.get_attribute_value = token_single
     assert session_objects(hsm) == before
     assert km.rewrap("model", 1, data_key.wrapped).version == 1  # reconnected
 
@@ -387,22 +396,13 @@ def test_a_data_key_that_cannot_be_destroyed_closes_its_session(
     km.create_key("model")
     data_key = km.generate_data_key("model")
     before = session_objects(hsm)
-    direct = hsm._direct
-    assert direct is not None
-    token_own = direct.entry_points.destroy_object
-    token_single = direct.destroy_object
-    direct.entry_points.destroy_object = ctypes.cast(refusing, ctypes.c_void_p).value
-    direct.destroy_object = refusing
-    try:
+    with _token_call_replaced(hsm, "destroy_object", refusing):
         with pytest.raises(HsmUnavailable):
             km.release_to_ephemeral(
                 "model", 1, data_key.wrapped, spki(tee_key), hsm.oaep_hashes[:1]
             )
         with pytest.raises(HsmUnavailable):
             km.rewrap("model", 1, data_key.wrapped)
-    finally:
-        direct.entry_points.destroy_object = token_own
-        direct.destroy_object = token_single
     assert session_objects(hsm) == before
 
     def refused(self: object) -> None:
