@@ -622,6 +622,15 @@ def test_a_missing_bucket_at_start_up_is_named(s3_server: s3server.MotoServer) -
     assert info.value.reason == "S3_NO_SUCH_BUCKET"
 
 
+def _stat_refused(proxy: s3server.FaultProxy, stub: Any, status: int, code: str) -> grpc.RpcError:
+    """StatModel of the stored m/1 while S3 answers every GET with ``status`` and ``code``."""
+    proxy.clear()
+    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=status, code=code))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=60)
+    return info.value
+
+
 @pytest.mark.parametrize(
     ("status", "code"), [(503, "SlowDown"), (429, "TooManyRequests"), (400, "Throttling")]
 )
@@ -633,16 +642,11 @@ def test_throttling_is_named_as_such(
     rate was the matter. All are S3_THROTTLED (UNAVAILABLE), after botocore's own retries."""
     store, stub = proxied
     store.put([make_artifact("m", "1", b"abc")], StructureValidator())
-    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=status, code=code))
-    with pytest.raises(grpc.RpcError) as info:
-        stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=60)
-    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_THROTTLED")
-    assert "throttling" in info.value.details()  # type: ignore[attr-defined]
-    proxy.clear()
-    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=500, code="InternalError"))
-    with pytest.raises(grpc.RpcError) as info:
-        stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=60)
-    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_SERVER_ERROR")
+    error = _stat_refused(proxy, stub, status, code)
+    assert _status(error) == (grpc.StatusCode.UNAVAILABLE, "S3_THROTTLED")
+    assert "throttling" in error.details()  # type: ignore[attr-defined]
+    error = _stat_refused(proxy, stub, 500, "InternalError")
+    assert _status(error) == (grpc.StatusCode.UNAVAILABLE, "S3_SERVER_ERROR")
 
 
 def test_a_skewed_clock_is_not_reported_as_rejected_credentials(
@@ -654,17 +658,12 @@ def test_a_skewed_clock_is_not_reported_as_rejected_credentials(
     S3_CLOCK_SKEW, naming the clock."""
     store, stub = proxied
     store.put([make_artifact("m", "1", b"abc")], StructureValidator())
-    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=403, code="RequestTimeTooSkewed"))
-    with pytest.raises(grpc.RpcError) as info:
-        stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=30)
-    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_CLOCK_SKEW")
-    assert "clock" in info.value.details()  # type: ignore[attr-defined]
-    proxy.clear()
+    error = _stat_refused(proxy, stub, 403, "RequestTimeTooSkewed")
+    assert _status(error) == (grpc.StatusCode.UNAVAILABLE, "S3_CLOCK_SKEW")
+    assert "clock" in error.details()  # type: ignore[attr-defined]
     # A plain refusal stays what it was.
-    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=403, code="AccessDenied"))
-    with pytest.raises(grpc.RpcError) as info:
-        stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=30)
-    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_ACCESS_DENIED")
+    error = _stat_refused(proxy, stub, 403, "AccessDenied")
+    assert _status(error) == (grpc.StatusCode.UNAVAILABLE, "S3_ACCESS_DENIED")
 
 
 @pytest.mark.parametrize(
