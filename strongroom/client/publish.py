@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -52,8 +53,11 @@ def publish_model(
     progress: Progress | None = None,
     timeout: float = 3600.0,
     signing_key: Path | None = None,
+    created_at: datetime | None = None,
 ) -> Published:
     """Encrypts ``path`` under a fresh data key and uploads it as ``name``/``version``.
+
+    ``created_at`` (default now) is the artifact's creation time, as in ``publish_parts``.
 
     With ``signing_key`` (EC private key, PEM) the plaintext is first signed with OpenSSF
     model-signing and the bundle travels in the artifact header.
@@ -71,7 +75,8 @@ def publish_model(
         total = os.fstat(source.fileno()).st_size
         bundle = sign_model(path, signing_key) if signing_key is not None else b""
         generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
-            kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30
+            kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
+            timeout=30,
         )
         # Before the key is copied out: a mechanism the header cannot carry ends the publish.
         mechanism = header_mechanism(generated.mechanism)
@@ -90,6 +95,7 @@ def publish_model(
                 block_size=UPLOAD_MESSAGE_BYTES,
                 signature_bundle=bundle,
                 signature_bundle_media_type=BUNDLE_MEDIA_TYPE if bundle else "",
+                created_at=created_at,
             )
         finally:
             wipe(dek)  # the encryptor holds only its derived key from here on

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,6 @@ import pytest
 
 from strongroom.api.inference.v1 import model_control_pb2 as control_pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
-from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
@@ -40,6 +40,7 @@ from strongroom.errors import DataLoss
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
 from strongroom.pki import WorkloadIdentity
+from tests.keybroker.helpers import bound, data_key_request
 
 KEY = "faults"
 
@@ -93,7 +94,7 @@ def env(stack: DevStack) -> Iterator[Env]:
     admin, publisher = stack.identity("admin"), stack.identity("publisher")
     stack.create_release_key(admin, KEY, policy_version="faults-1")
     broker = pb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker"))
-    generated = broker.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
+    generated = broker.GenerateDataKey(data_key_request(KEY), timeout=30)
     yield Env(
         stack,
         admin,
@@ -125,7 +126,7 @@ def test_renewal_during_a_release_with_pinned_channels(env: Env) -> None:
     try:
         released = client.release(KEY, env.version, env.wrapped)
         assert inference.generation == before + 1
-        assert bytes(released.dek) == env.data_key
+        assert bound(released.dek) == env.data_key
         assert attester.calls == 1  # no retry was needed
         assert _decisions_since(env, start) == [("allowed", "RELEASED")]
         # The next release uses the renewed certificate; the old channel was closed once idle.
@@ -144,7 +145,7 @@ def test_renewal_during_a_release_on_a_plain_channel_is_retried_once(env: Env) -
     )
     start = len(env.audit())
     released = client.release(KEY, env.version, env.wrapped)
-    assert bytes(released.dek) == env.data_key
+    assert bound(released.dek) == env.data_key
     assert attester.calls == 2
     assert _decisions_since(env, start) == [
         ("denied", "REPORT_DATA_MISMATCH"),
@@ -183,7 +184,7 @@ def test_challenge_issued_under_the_previous_nonce_key_is_retried(env: Env) -> N
         released = KeyReleaseClient(channels, attester).release(KEY, env.version, env.wrapped)
     finally:
         channels.close()
-    assert bytes(released.dek) == env.data_key
+    assert bound(released.dek) == env.data_key
     assert _decisions_since(env, start) == [("denied", "NONCE_INVALID"), ("allowed", "RELEASED")]
 
 
@@ -203,6 +204,9 @@ def _publish(env: Env, path: Path, version: str) -> None:
         key_id=KEY,
         broker=env.stack.channel(env.publisher, "keybroker"),
         store=env.stack.channel(env.publisher, "modelstore"),
+        # One time for every version: a header's encoded length depends on its nanoseconds, and
+        # the tests that put one version's bytes in another's place need equal lengths.
+        created_at=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
     )
 
 
