@@ -40,6 +40,7 @@ class InferenceConfig:
         "key_broker_spiffe_id": (),
         "model_signing_public_key": (),
         "require_model_signature": (True,),
+        "accept_unbound_artifacts": (False,),
     }
 
     model_store: str
@@ -74,6 +75,10 @@ class InferenceConfig:
     # unsigned model may load at all.
     model_signing_public_key: Path | None = None
     require_model_signature: bool = False
+    # Artifacts of formats 1 and 2, whose data key is not bound to its model (whoever ever held a
+    # data key of the KEK could have written them for any name): refused unless this is set, for
+    # the time it takes to re-publish them as format 3.
+    accept_unbound_artifacts: bool = False
 
     def __post_init__(self) -> None:
         if self.attester == "simulated":

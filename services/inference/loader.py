@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 from opentelemetry import trace
@@ -42,8 +42,9 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
-from strongroom.artifact import DEFAULT_DECRYPT_THREADS, ArtifactHeader, decrypt_download
+from strongroom.artifact import DEFAULT_DECRYPT_THREADS, ArtifactHeader, decrypt_download, wipe
 from strongroom.artifact.errors import InvalidArtifact
+from strongroom.artifact.keybinding import body_key
 from strongroom.artifact.manifest import is_manifest
 from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS, ModelFetcher, grpc_source
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
@@ -92,8 +93,10 @@ class ModelLoader:
         signature: SignaturePolicy | None = None,
         parallel_parts: int = DEFAULT_PARALLEL_PARTS,
         max_model_bytes: int | None = None,
+        accept_unbound: bool = False,
     ) -> None:
         self._repository = repository
+        self._accept_unbound = accept_unbound
         self._max_model_bytes = max_model_bytes
         self._store = store_grpc.ModelStoreServiceStub(store_channel)
         self._download = grpc_source(store_channel, timeout=timeout)
@@ -109,6 +112,7 @@ class ModelLoader:
             parallel=parallel_parts,
             decrypt_threads=decrypt_threads,
             timeout=timeout,
+            accept_unbound=accept_unbound,
         )
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -245,7 +249,15 @@ class ModelLoader:
                 )
 
         def release(header: ArtifactHeader) -> ReleasedDataKey:
-            return self._release_key(header.key_id, header.key_version, header.wrapped_dek)
+            released = self._release_key(header.key_id, header.key_version, header.wrapped_dek)
+            # The body opens only under the key bound to the model asked for (format 3).
+            try:
+                bound = body_key(
+                    header, released.dek, name, version, accept_unbound=self._accept_unbound
+                )
+            finally:
+                wipe(released.dek)
+            return replace(released, dek=bound)
 
         # The next ephemeral key is made once the download is in, beside ONNX Runtime's load
         # (which keeps one core busy), not beside the download and decryption (both cores).

@@ -204,6 +204,7 @@ def build(
         decrypt_threads=config.decrypt_threads,
         timeout=config.load_timeout_seconds,
         max_model_bytes=config.max_model_bytes,
+        accept_unbound=config.accept_unbound_artifacts,
         signature=(
             SignaturePolicy.from_pem(
                 config.model_signing_public_key.read_bytes(),

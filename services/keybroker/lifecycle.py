@@ -101,9 +101,12 @@ class KeyService:
         """The key's stored release policy (FailedPrecondition when it has none)."""
         return self._policies.get(key_id)
 
-    def generate_data_key(self, caller: Caller, key_id: str) -> DataKey:
-        """A fresh data key and its wrapped form; the caller must wipe it. Audited first."""
-        data_key = self._keys.generate_data_key(key_id)
+    def generate_data_key(
+        self, caller: Caller, key_id: str, model_name: str, model_version: str
+    ) -> DataKey:
+        """A fresh data key bound to ``model_name``/``model_version`` and its wrapped form; the
+        caller must wipe it. Audited first, with the model it was bound to."""
+        data_key = self._keys.generate_data_key(key_id, model_name, model_version)
         try:
             self._record(
                 caller,
@@ -111,6 +114,7 @@ class KeyService:
                 data_key.key_id,
                 reason=Reason.DATA_KEY_GENERATED,
                 key_version=data_key.version,
+                claims={"model_name": model_name, "model_version": model_version},
             )
         except BaseException:
             data_key.wipe()

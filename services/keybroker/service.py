@@ -158,7 +158,9 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
     def GenerateDataKey(
         self, request: pb.GenerateDataKeyRequest, context: grpc.ServicerContext
     ) -> pb.GenerateDataKeyResponse:
-        data_key = self._service.generate_data_key(_caller(context), request.key_id)
+        data_key = self._service.generate_data_key(
+            _caller(context), request.key_id, request.model_name, request.model_version
+        )
         try:
             return pb.GenerateDataKeyResponse(
                 data_key=bytes(data_key.dek),

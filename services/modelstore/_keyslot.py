@@ -29,7 +29,7 @@ from strongroom.artifact import (
     parse_header,
     with_key_slot,
 )
-from strongroom.artifact.format import FORMAT_V2
+from strongroom.artifact.format import KEY_SLOT_FORMATS
 from strongroom.modelstore.errors import KeySlotRejected, StoredDataCorrupt
 from strongroom.modelstore.records import ModelRecord
 from strongroom.reasons import Reason
@@ -63,7 +63,7 @@ def plan(
             f"stored artifact {record.name} {record.version} disagrees with its record",
             reason=Reason.HEADER_CORRUPT,
         )
-    if current.format_version != FORMAT_V2:
+    if current.format_version not in KEY_SLOT_FORMATS:
         raise KeySlotRejected(
             f"model {record.name} {record.version} is format {current.format_version}: its wrapped "
             "data key is bound into the body; re-publish it to make it re-wrappable",

@@ -4,6 +4,7 @@ The format is described in ``strongroom/artifact/ARTIFACT_FORMAT.md``. Modules:
 
 * :mod:`~strongroom.artifact.c2sp` — c2sp.org/chunked-encryption v1 (raw construction, hazmat);
 * :mod:`~strongroom.artifact.format` — layout, header build/parse, keyless summary;
+* :mod:`~strongroom.artifact.keybinding` — format 3's body key, bound to the model's name and version;
 * :mod:`~strongroom.artifact.validate` — incremental keyless structure validation (model store);
 * :mod:`~strongroom.artifact.writer` — one-pass streaming encryption;
 * :mod:`~strongroom.artifact.reader` — random access and parallel whole-artifact decryption;
@@ -16,6 +17,7 @@ from strongroom.artifact.errors import ArtifactTooLarge, DecryptionFailed, Inval
 from strongroom.artifact.format import (
     FORMAT_V1,
     FORMAT_V2,
+    FORMAT_V3,
     FORMAT_VERSION,
     HEADER_WRAP_MECHANISMS,
     MAGIC,
@@ -45,6 +47,7 @@ __all__ = [
     "DEFAULT_DECRYPT_THREADS",
     "FORMAT_V1",
     "FORMAT_V2",
+    "FORMAT_V3",
     "FORMAT_VERSION",
     "HEADER_WRAP_MECHANISMS",
     "MAGIC",

@@ -3,10 +3,10 @@
 Byte layout (``strongroom/artifact/ARTIFACT_FORMAT.md`` is the normative description)::
 
     offset 0       8 bytes   magic  "SRMODEL\\0"
-    offset 8       4 bytes   format version, big-endian (1 or 2)
+    offset 8       4 bytes   format version, big-endian (1, 2 or 3)
     offset 12      4 bytes   header length N, big-endian (1 .. 65536)
     offset 16      N bytes   ArtifactHeader, canonical protobuf
-    format 2 only:
+    formats 2 and 3 only:
     offset 16+N    4 bytes   key slot length S, big-endian (1 .. 2048)
     offset 20+N    S bytes   ArtifactKeySlot, canonical protobuf (key id, KEK version, wrapped DEK)
     then           B bytes   body: C2SP chunked-encryption v1 of  plaintext || SHA-256(plaintext)
@@ -14,8 +14,9 @@ Byte layout (``strongroom/artifact/ARTIFACT_FORMAT.md`` is the normative descrip
     then           32 bytes  footer: SHA-256(plaintext), in clear
 
 In format 1 the KEK version and wrapped data key are header fields, hence bound into the body; in
-format 2 they live in the key slot, outside the context, so a data key can be re-wrapped under a new
-KEK version by replacing the slot alone. ``B`` follows from ``plaintext_size`` alone, so the total
+formats 2 and 3 they live in the key slot, outside the context, so a data key can be re-wrapped under
+a new KEK version by replacing the slot alone. Format 3 differs from 2 only in the body key: derived
+from the slot's key and the model's name and version (``keybinding``), not the slot's key itself. ``B`` follows from ``plaintext_size`` alone, so the total
 length of an artifact is known as soon as its head (everything before the body) has been read. This
 module parses and validates structure only; it never sees a key.
 """
@@ -47,8 +48,10 @@ __all__ = [
     "FOOTER_SIZE",
     "FORMAT_V1",
     "FORMAT_V2",
+    "FORMAT_V3",
     "FORMAT_VERSION",
     "HEADER_WRAP_MECHANISMS",
+    "KEY_SLOT_FORMATS",
     "MAGIC",
     "MAX_HEADER_SIZE",
     "MAX_KEY_SLOT_SIZE",
@@ -78,9 +81,14 @@ FORMAT_V1 = 1
 """Format 1: the KEK version and wrapped data key are header fields, bound into the body."""
 FORMAT_V2 = 2
 """Format 2: they live in a key slot outside the body's context (re-wrappable)."""
-FORMAT_VERSION = FORMAT_V2
+FORMAT_V3 = 3
+"""Format 3: format 2's layout, with the body key bound to the model's name and version
+(:mod:`~strongroom.artifact.keybinding`): the key in the slot opens no other model's body."""
+FORMAT_VERSION = FORMAT_V3
 """The format version this library writes unless told otherwise."""
-SUPPORTED_FORMAT_VERSIONS = (FORMAT_V1, FORMAT_V2)
+SUPPORTED_FORMAT_VERSIONS = (FORMAT_V1, FORMAT_V2, FORMAT_V3)
+KEY_SLOT_FORMATS = (FORMAT_V2, FORMAT_V3)
+"""The formats with a key slot outside the body's context (re-wrappable)."""
 """Every format version this library reads (and can write)."""
 _PREFIX = struct.Struct(">8sII")
 PREFIX_SIZE = _PREFIX.size
@@ -89,7 +97,7 @@ MAX_HEADER_SIZE = 64 * 1024
 """Largest protobuf header accepted (bytes)."""
 _SLOT_LENGTH = struct.Struct(">I")
 SLOT_LENGTH_SIZE = _SLOT_LENGTH.size
-"""The key slot's length field (format 2): 4 bytes."""
+"""The key slot's length field (formats 2 and 3): 4 bytes."""
 MAX_KEY_SLOT_SIZE = 2048
 """Largest protobuf key slot accepted (bytes); a real one is about 60."""
 DIGEST_SIZE = 32
@@ -153,7 +161,7 @@ def _invalid(reason: str, message: str) -> InvalidArtifact:
 class KeySlot:
     """Which KEK version wraps an artifact's data key, and the wrapped key (a claim until unwrapped).
 
-    In format 1 these are header fields; in format 2 they form the key slot, outside the context.
+    In format 1 these are header fields; in formats 2 and 3 they form the key slot, outside the context.
     """
 
     key_id: str
@@ -167,9 +175,9 @@ class ArtifactHeader:
     """A parsed, validated artifact head (everything before the body) and its exact encoding.
 
     ``encoded`` is the prefix and canonical protobuf header: it is what the body's C2SP context
-    binds. ``slot_encoded`` is the format-2 key slot (its 4-byte length and canonical protobuf),
+    binds. ``slot_encoded`` is the key slot (formats 2 and 3) (its 4-byte length and canonical protobuf),
     empty in format 1; it is *not* in the context. ``key_version``, ``wrapped_dek`` and
-    ``wrap_mechanism`` are the header's fields in format 1 and the slot's in format 2. The values
+    ``wrap_mechanism`` are the header's fields in format 1 and the slot's in formats 2 and 3. The values
     are structurally valid but *unauthenticated* until a keyed reader checks the body's commitment
     against ``encoded`` with the data key that the slot unwraps to.
     """
@@ -252,7 +260,7 @@ class ArtifactSummary:
     Every value is as the artifact claims it: structurally checked (limits, canonical header, exact
     length), but only a holder of the data key can authenticate it. ``plaintext_sha256`` comes from
     the footer (lower-case hex). ``header_size`` counts everything before the body (prefix,
-    protobuf header and, in format 2, the key slot); ``artifact_size`` is exactly
+    protobuf header and, in formats 2 and 3, the key slot); ``artifact_size`` is exactly
     ``header_size + body_size + 32``.
     """
 
@@ -313,7 +321,7 @@ def check_prefix(data: bytes | bytearray | memoryview) -> int | None:
                 f"(only {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})",
             )
     elif have > 8 and any(view[8:have]):
-        # The version's high bytes are already non-zero: it cannot be 1 or 2.
+        # The version's high bytes are already non-zero: it cannot be a supported one.
         raise _invalid(
             Reason.UNSUPPORTED_FORMAT_VERSION, "artifact format version is not supported"
         )
@@ -347,7 +355,7 @@ def _check_key_fields(
     wrap_mechanism: int,
     wrapped: bytes,
 ) -> None:
-    """The rules shared by the format-1 header fields 4-7 and the format-2 key slot."""
+    """The rules shared by the format-1 header fields 4-7 and the key slot (formats 2 and 3)."""
     _check_ascii(key_id, _KEY_ID, MAX_KEY_ID_LENGTH, "INVALID_KEY_ID", "key id")
     if key_version < 1:
         raise _invalid(Reason.INVALID_KEY_VERSION, "key version must be at least 1")
@@ -381,12 +389,12 @@ def _validate(msg: header_pb2.ArtifactHeader, format_version: int) -> None:
         _check_key_fields(msg.key_id, msg.key_version, msg.wrap_mechanism, msg.wrapped_data_key)
     else:
         _check_ascii(msg.key_id, _KEY_ID, MAX_KEY_ID_LENGTH, "INVALID_KEY_ID", "key id")
-        # One place for the wrapped key: a format-2 header that also carried one would leave a
+        # One place for the wrapped key: a key-slot header that also carried one would leave a
         # reader to choose between a bound copy and a replaceable one.
         if msg.key_version or msg.wrapped_data_key or msg.wrap_mechanism:
             raise _invalid(
                 Reason.KEY_FIELD_IN_HEADER,
-                "a format-2 header must not carry key_version, wrapped_data_key or "
+                f"a format-{format_version} header must not carry key_version, wrapped_data_key or "
                 "wrap_mechanism (they belong in the key slot)",
             )
     if msg.body_encryption != header_pb2.BODY_ENCRYPTION_C2SP_CHUNKED_AES_256_GCM_HKDF_SHA512:
@@ -448,7 +456,7 @@ def _parse_canonical(raw: bytes, msg: _Message, what: str) -> None:
 def head_length(data: bytes | bytearray | memoryview) -> int | None:
     """The length of everything before the body, once ``data`` (from offset 0) holds enough to know.
 
-    Checks the prefix (and, in format 2, the key slot's length field) as soon as those bytes are
+    Checks the prefix (and, in formats 2 and 3, the key slot's length field) as soon as those bytes are
     present, so a streaming reader fails on the first bad piece. Returns None while unknown.
     """
     view = memoryview(data)
@@ -473,7 +481,7 @@ def head_length(data: bytes | bytearray | memoryview) -> int | None:
 
 
 def parse_header(data: bytes | bytearray | memoryview) -> ArtifactHeader:
-    """Parses and validates the head (prefix, header, format-2 key slot) at the start of ``data``.
+    """Parses and validates the head (prefix, header, key slot in formats 2 and 3) at the start of ``data``.
 
     Needs no key. ``data`` must start at artifact offset 0 and hold at least the whole head; anything
     after it is ignored. Raises InvalidArtifact with a reason code: BAD_MAGIC,
@@ -537,7 +545,7 @@ def _parse_slot(raw: bytes, header_key_id: str) -> KeySlot:
 
 
 def _encode_slot(slot: KeySlot) -> bytes:
-    """The format-2 key slot field: 4-byte length and canonical ArtifactKeySlot (validated)."""
+    """The key slot field (formats 2 and 3): 4-byte length and canonical ArtifactKeySlot (validated)."""
     if not 0 <= slot.key_version < 1 << 32:
         raise _invalid(Reason.INVALID_KEY_VERSION, "key version must be a 32-bit unsigned integer")
     _check_key_fields(
@@ -569,8 +577,9 @@ def build_header(
 ) -> ArtifactHeader:
     """Builds, encodes and validates a head (same checks as :func:`parse_header`).
 
-    ``format_version`` 2 (the default) puts the KEK version and wrapped data key in the key slot;
-    1 puts them in the header (bound into the body). ``created_at`` must be timezone-aware and
+    ``format_version`` 3 (the default) and 2 put the KEK version and wrapped data key in the key
+    slot; 1 puts them in the header (bound into the body). Format 3's body key is bound to the
+    model (:func:`~strongroom.artifact.keybinding.bind_data_key`); the header is the same. ``created_at`` must be timezone-aware and
     defaults to now; it is kept to the microsecond. Raises InvalidArtifact for any value outside
     the format's limits.
     """
@@ -619,14 +628,14 @@ def build_header(
 
 
 def with_key_slot(header: ArtifactHeader, slot: KeySlot) -> ArtifactHeader:
-    """The same format-2 head with another key slot (a re-wrapped data key); context unchanged.
+    """The same format-2 or -3 head with another key slot (a re-wrapped data key); context unchanged.
 
     Only the slot changes, so the body (bound to ``header.encoded``) stays valid if, and only if,
     ``slot`` unwraps to the same data key. Raises InvalidArtifact(KEY_SLOT_NOT_REPLACEABLE) for a
     format-1 artifact, whose key fields are bound into the body, and KEY_SLOT_MISMATCH if the slot
     names another key.
     """
-    if header.format_version != FORMAT_V2:
+    if header.format_version not in KEY_SLOT_FORMATS:
         raise _invalid(
             Reason.KEY_SLOT_NOT_REPLACEABLE,
             f"a format-{header.format_version} artifact binds its wrapped data key into the body; "

@@ -289,7 +289,10 @@ def encrypt_stream(
 ) -> Iterator[bytes]:
     """Encrypts ``source`` into an artifact in one pass; returns an iterator over its bytes.
 
-    ``format_version`` 2 (the default) writes a re-wrappable key slot; 1 writes the legacy layout.
+    ``format_version`` 3 (the default) writes a re-wrappable key slot and a body key bound to the
+    model: ``dek`` is then the bound key (:func:`~strongroom.artifact.keybinding.bind_data_key`,
+    what the key broker's GenerateDataKey returns). 2 and 1 write the older layouts, whose body key
+    is the slot's key itself.
 
     The header is built and checked, and the data key consumed, before this function returns (so
     invalid fields fail here and the caller may wipe ``dek`` right away); the source is read only as

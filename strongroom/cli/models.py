@@ -80,6 +80,13 @@ def register(sub: Any) -> None:
         choices=("auto", "configfs-tsm", "sev-guest", "tdx-guest"),
         help="how to obtain this VM's attestation report",
     )
+    fetch.add_argument(
+        "--accept-unbound",
+        action="store_true",
+        help="also accept a format-1 or -2 artifact, whose data key is not bound to its model "
+        "(anyone who ever held a data key of its KEK could have written it): only while "
+        "re-publishing such models",
+    )
     fetch.set_defaults(func=_fetch)
 
     ls = actions.add_parser("ls", help="list stored models")
@@ -268,7 +275,9 @@ def _fetch(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
         release = KeyReleaseClient(
             client.channel("keybroker"), attester, client.identity.public_key_der
         )
-        fetcher = ModelFetcher(client.channel("modelstore"), release)
+        fetcher = ModelFetcher(
+            client.channel("modelstore"), release, accept_unbound=args.accept_unbound
+        )
         with fetcher.fetch(args.name, args.version) as model:
             if args.part is not None:
                 out.write(model.part(args.part).view)

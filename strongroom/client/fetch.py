@@ -48,6 +48,7 @@ from strongroom.artifact import (
     wipe,
 )
 from strongroom.artifact.format import DIGEST_SIZE
+from strongroom.artifact.keybinding import body_key
 from strongroom.artifact.manifest import (
     MAX_MANIFEST_SIZE,
     Manifest,
@@ -261,6 +262,10 @@ class ModelFetcher:
     ``decrypt_threads`` workers, or by its receiving thread with the default 0). With a channel,
     ``timeout`` (seconds) bounds a whole :meth:`fetch`: the manifest's download and every part's
     share one deadline (a :data:`PartSource` given instead bounds its own downloads).
+
+    The released key opens only a format-3 artifact written for the very name and version
+    :meth:`fetch` asked for (``strongroom.artifact.keybinding``); older formats, whose key is not
+    bound to its model, are refused with ARTIFACT_KEY_UNBOUND unless ``accept_unbound``.
     """
 
     def __init__(
@@ -271,6 +276,7 @@ class ModelFetcher:
         parallel: int = DEFAULT_PARALLEL_PARTS,
         decrypt_threads: int = DEFAULT_DECRYPT_THREADS,
         timeout: float = 600.0,
+        accept_unbound: bool = False,
     ) -> None:
         if not 1 <= parallel <= 64:
             raise InvalidArgument(
@@ -286,6 +292,7 @@ class ModelFetcher:
         )
         self._parallel = parallel
         self._threads = decrypt_threads
+        self._accept_unbound = accept_unbound
 
     def fetch(self, name: str, version: str) -> DecryptedModel:
         """Decrypts ``name``/``version`` (single or multi-part) into memory; see the module doc."""
@@ -304,7 +311,16 @@ class ModelFetcher:
                     self._check_identity(header, name, version)
                     t0 = time.perf_counter()
                     released = self._release(header.key_id, header.key_version, header.wrapped_dek)
-                    dek = released.dek
+                    try:
+                        dek = body_key(
+                            header,
+                            released.dek,
+                            name,
+                            version,
+                            accept_unbound=self._accept_unbound,
+                        )
+                    finally:
+                        wipe(released.dek)
                     decision_id = released.decision_id
                     release_seconds = time.perf_counter() - t0
                     first.decryptor.set_dek(dek)

@@ -252,7 +252,8 @@ def publish_parts(
         ],
     )
     generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
-        kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30
+        kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
+        timeout=30,
     )
     # As publish_model does, before the key is copied out: the key slots must name the mechanism
     # the broker wrapped with (one a header cannot carry ends the publish), never a default that

@@ -129,7 +129,7 @@ def test_bad_magic_is_detected_on_the_first_byte() -> None:
     assert _reason(b"X") == "BAD_MAGIC"
 
 
-@pytest.mark.parametrize("version", [0, 3, 0x0100_0001, 0xFFFF_FFFF])
+@pytest.mark.parametrize("version", [0, 4, 0x0100_0001, 0xFFFF_FFFF])
 def test_unknown_format_version(version: int) -> None:
     assert _reason(_wrap(header_for(1).encoded[16:], version=version)) == (
         "UNSUPPORTED_FORMAT_VERSION"

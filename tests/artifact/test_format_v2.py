@@ -1,4 +1,5 @@
-"""Format 2: the key slot outside the body's context — layout, limits, and why a swapped slot fails."""
+"""Formats 2 and 3: the key slot outside the body's context — layout, limits, and why a swapped slot
+fails."""
 
 from __future__ import annotations
 
@@ -30,13 +31,13 @@ from strongroom.artifact.format import MAX_KEY_SLOT_SIZE, PREFIX_SIZE
 
 from .conftest import CHUNK, header_for, kek, unwrap_for, wrap
 
-FORMATS = (2,)
+FORMATS = (2, 3)
 
 SIZE = 2 * CHUNK + 77
 
 
 @pytest.fixture(scope="module")
-def case() -> dict[str, Any]:
+def case(artifact_format: int) -> dict[str, Any]:
     dek = bytearray(os.urandom(32))
     plaintext = os.urandom(SIZE)
     header = header_for(SIZE, wrapped_dek=wrap(dek, 3), key_version=3)
@@ -76,10 +77,10 @@ def _rewrapped(case: dict[str, Any], slot: KeySlot) -> bytes:
     return with_key_slot(header, slot).head + case["artifact"][header.header_size :]
 
 
-def test_layout(case: dict[str, Any]) -> None:
+def test_layout(case: dict[str, Any], artifact_format: int) -> None:
     header = case["header"]
     art = case["artifact"]
-    assert struct.unpack(">I", art[8:12]) == (2,)
+    assert struct.unpack(">I", art[8:12]) == (artifact_format,)
     msg = header_pb2.ArtifactHeader()
     msg.ParseFromString(header.encoded[PREFIX_SIZE:])
     # The bound header names the key but carries no version, wrapped key or mechanism.
@@ -93,7 +94,7 @@ def test_layout(case: dict[str, Any]) -> None:
     assert read_header(io.BytesIO(art)) == header
     summary = summarize(art)
     assert (summary.format_version, summary.key_version, summary.header_size) == (
-        2,
+        artifact_format,
         3,
         header.header_size,
     )
@@ -220,7 +221,12 @@ def test_key_fields_in_a_format_2_header_are_rejected(
     for name, value in fields.items():
         setattr(msg, name, value)
     raw = msg.SerializeToString(deterministic=True)
-    data = b"SRMODEL\x00" + struct.pack(">II", 2, len(raw)) + raw + case["header"].slot_encoded
+    data = (
+        b"SRMODEL\x00"
+        + struct.pack(">II", case["header"].format_version, len(raw))
+        + raw
+        + case["header"].slot_encoded
+    )
     assert _reason(data) == "KEY_FIELD_IN_HEADER"
 
 
@@ -257,5 +263,5 @@ def test_with_key_slot_refuses_format_1() -> None:
 
 def test_build_header_refuses_unknown_versions() -> None:
     with pytest.raises(InvalidArtifact) as info:
-        header_for(10, format_version=3)
+        header_for(10, format_version=4)
     assert info.value.reason == "UNSUPPORTED_FORMAT_VERSION"

@@ -39,7 +39,7 @@ REJECTED = (InvalidArtifact, DecryptionFailed)
 
 
 @pytest.fixture(scope="module")
-def case() -> dict[str, Any]:
+def case(artifact_format: int) -> dict[str, Any]:
     dek = bytearray(os.urandom(32))
     plaintext = os.urandom(SIZE)
     # A real AES-KWP wrap, so that format 2 (whose key slot the body does not bind) is judged the

@@ -36,7 +36,7 @@ def _feed_all(artifact: bytes, sizes: list[int]) -> StructureValidator:
 
 
 @pytest.fixture(scope="module")
-def artifacts() -> list[tuple[bytes, bytes]]:
+def artifacts(artifact_format: int) -> list[tuple[bytes, bytes]]:
     dek = bytearray(os.urandom(32))
     out = []
     for size in (0, 1, CHUNK - 32, CHUNK, 3 * CHUNK + 17):
@@ -98,7 +98,7 @@ def test_bad_magic_fails_on_the_first_byte(artifacts: list[tuple[bytes, bytes]])
 
 def test_unknown_version(artifacts: list[tuple[bytes, bytes]]) -> None:
     _, artifact = artifacts[1]
-    for version in (0, 3, 256, 1 << 24):
+    for version in (0, 4, 256, 1 << 24):
         data = MAGIC + struct.pack(">I", version) + artifact[12:]
         reason, _ = _first_failure(data, 3)
         assert reason == "UNSUPPORTED_FORMAT_VERSION"

@@ -53,6 +53,7 @@ from strongroom.keybroker.keys import (
 from strongroom.oaep import OaepHash
 from strongroom.runtime.secrets import Secret
 from tests.bench.audit_bench import EVENT
+from tests.keybroker.helpers import MODEL
 
 SINGLE_OPS = 1500
 THREADS = 16
@@ -153,7 +154,7 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
     for n in range(OTHER_KEYS):
         km.create_key(f"other-{n}")
     km.create_key("bench")
-    dek, wrapped, version = km.generate_data_key("bench")
+    dek, wrapped, version = km.generate_data_key("bench", *MODEL)
     tee = rsa.generate_private_key(public_exponent=65537, key_size=3072)
     tee_der = tee.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -264,7 +265,7 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
         )
     )
     threaded = _threaded(release, THREADS, OPS_PER_THREAD)
-    generate = _summary(_latencies(lambda: km.generate_data_key("bench"), SINGLE_OPS // 3))
+    generate = _summary(_latencies(lambda: km.generate_data_key("bench", *MODEL), SINGLE_OPS // 3))
 
     results.update(
         {

@@ -63,7 +63,7 @@ _CHILD = textwrap.dedent(
     with Hsm.open(config) as hsm:
         km = KeyManager(hsm)
         km.create_key("soak")
-        data_key = km.generate_data_key("soak")
+        data_key = km.generate_data_key("soak", "soak/model", "1")
         start = time.perf_counter()
         for n in range(releases):
             km.release_to_ephemeral("soak", data_key.version, data_key.wrapped, target, [OaepHash.SHA1])

@@ -71,6 +71,7 @@ from strongroom.keybroker.ephemeral import ReleaseTarget
 from strongroom.oaep import OaepHash
 from tests.bench._child import child_main, run_in_child
 from tests.bench._proc import thread_cpu_seconds
+from tests.keybroker.helpers import data_key_request
 
 KEY = "bench"
 MECHANISMS = [pb.WRAP_MECHANISM_RSA_OAEP_SHA256, pb.WRAP_MECHANISM_RSA_OAEP_SHA1]
@@ -135,7 +136,7 @@ def caller_factory(stack: DevStack) -> Callable[[], _Caller]:
     publisher = pb_grpc.KeyBrokerServiceStub(
         stack.channel(stack.identity("publisher"), "keybroker")
     )
-    generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
+    generated = publisher.GenerateDataKey(data_key_request(KEY), timeout=30)
     platform = SimulatedAuthority.load(stack.root / "simulated-tee").snp()
     identity = stack.identity("inference")
     return lambda: _Caller(
@@ -380,7 +381,7 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
         publisher = pb_grpc.KeyBrokerServiceStub(
             stack.channel(stack.identity("publisher"), "keybroker")
         )
-        generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
+        generated = publisher.GenerateDataKey(data_key_request(KEY), timeout=30)
         authority = SimulatedAuthority.load(stack.root / "simulated-tee")
         platform = authority.snp()
         identity = stack.identity("inference")

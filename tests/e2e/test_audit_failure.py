@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent(
     from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
     from strongroom.attesters import SimulatedAttester, TeeType
     from strongroom.client.keyrelease import KeyReleaseClient
+    from strongroom.artifact.keybinding import bind_data_key
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     out = {}
@@ -32,12 +33,12 @@ SCRIPT = textwrap.dedent(
         stack.start_in_process("keybroker")
         stack.create_release_key(stack.identity("admin"), "k", policy_version="1")
         publisher = pb_grpc.KeyBrokerServiceStub(stack.channel(stack.identity("publisher"), "keybroker"))
-        generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id="k"), timeout=30)
+        generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id="k", model_name="m", model_version="1"), timeout=30)
         inference = stack.identity("inference")
         attester = SimulatedAttester(SimulatedAuthority.load(stack.root / "simulated-tee").snp(),
             TeeType.SEV_SNP, production=False, claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)})
         client = KeyReleaseClient(stack.channel(inference, "keybroker"), attester, inference.public_key_der)
-        out["before"] = bytes(client.release("k", generated.key_version, generated.wrapped_data_key).dek) == generated.data_key
+        out["before"] = bind_data_key(client.release("k", generated.key_version, generated.wrapped_data_key).dek, "m", "1") == generated.data_key
         audit = stack.root / "state" / "keybroker" / "audit.log"
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (audit.stat().st_size + 64, hard))
@@ -47,7 +48,7 @@ SCRIPT = textwrap.dedent(
         except grpc.RpcError as exc:
             out["during"] = [exc.code().name, exc.details().split(":")[0]]
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        out["after"] = bytes(client.release("k", generated.key_version, generated.wrapped_data_key).dek) == generated.data_key
+        out["after"] = bind_data_key(client.release("k", generated.key_version, generated.wrapped_data_key).dek, "m", "1") == generated.data_key
         out["records"] = [json.loads(l)["decision"] for l in audit.read_text().splitlines() if '"key_release"' in l]
     print(json.dumps(out))
     """

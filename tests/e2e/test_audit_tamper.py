@@ -13,7 +13,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.keyrelease import KeyReleaseClient
@@ -28,6 +27,7 @@ from strongroom.keybroker.audit import (
     verify_audit_log,
 )
 from strongroom.keybroker.service import KEYBROKER_SERVICE
+from tests.keybroker.helpers import bound, data_key_request
 
 
 def _health(stack: DevStack, service: str) -> int:
@@ -44,7 +44,7 @@ def test_forged_tail_record_refuses_releases_until_repaired(stack: DevStack) -> 
     publisher = pb_grpc.KeyBrokerServiceStub(
         stack.channel(stack.identity("publisher"), "keybroker")
     )
-    generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id="tamper"), timeout=30)
+    generated = publisher.GenerateDataKey(data_key_request("tamper"), timeout=30)
     inference = stack.identity("inference")
     attester = SimulatedAttester(
         SimulatedAuthority.load(stack.root / "simulated-tee").snp(),
@@ -57,7 +57,7 @@ def test_forged_tail_record_refuses_releases_until_repaired(stack: DevStack) -> 
     )
 
     def release() -> bytes:
-        return bytes(
+        return bound(
             client.release("tamper", generated.key_version, generated.wrapped_data_key).dek
         )
 

@@ -35,6 +35,7 @@ from strongroom.keybroker.audit import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.pki import WorkloadIdentity
 from strongroom.runtime.secrets import Secret
+from tests.keybroker.helpers import bound, data_key_request
 
 GOOD = bytes.fromhex("11" * 48)
 OTHER = bytes.fromhex("22" * 48)
@@ -83,7 +84,7 @@ def world(stack: DevStack) -> Iterator[World]:
         timeout=10,
     )
     publisher = pb_grpc.KeyBrokerServiceStub(stack.channel(publisher_id, "keybroker"))
-    generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=10)
+    generated = publisher.GenerateDataKey(data_key_request(KEY), timeout=10)
     authority = SimulatedAuthority.load(stack.root / "simulated-tee")
     yield World(
         stack=stack,
@@ -114,7 +115,7 @@ def test_simulated_vm_gets_the_publishers_data_key(world: World) -> None:
         world.inference_id.public_key_der,
     )
     released = client.release(KEY, world.version, world.wrapped)
-    assert bytes(released.dek) == world.data_key
+    assert bound(released.dek) == world.data_key
     assert len(world.data_key) == 32
     # SoftHSM2 offers OAEP with SHA-1 only: negotiated, and recorded in the audit log.
     assert released.mechanism == pb.WRAP_MECHANISM_RSA_OAEP_SHA1
@@ -140,9 +141,18 @@ def test_only_the_inference_identity_may_release(world: World) -> None:
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
 
 
+def test_a_data_key_is_generated_only_for_a_named_model(world: World) -> None:
+    """An older client that names no model gets a clear refusal, never an unbound key."""
+    with pytest.raises(grpc.RpcError) as info:
+        world.publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    details = info.value.details() or ""  # type: ignore[attr-defined]
+    assert details.startswith("INVALID_MODEL_NAME: ") and "model_name and model_version" in details
+
+
 def test_only_the_publisher_may_generate(world: World) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        world.broker.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=10)
+        world.broker.GenerateDataKey(data_key_request(KEY), timeout=10)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
 
 
@@ -622,9 +632,7 @@ def test_simulated_evidence_needs_explicit_policy_opt_in(world: World) -> None:
         ),
         timeout=10,
     )
-    generated = world.publisher.GenerateDataKey(
-        pb.GenerateDataKeyRequest(key_id="prod-only"), timeout=10
-    )
+    generated = world.publisher.GenerateDataKey(data_key_request("prod-only"), timeout=10)
     attempt = new_attempt(world, key_id="prod-only")
     attempt.request.wrapped_data_key = generated.wrapped_data_key
     with pytest.raises(grpc.RpcError) as info:
@@ -640,7 +648,7 @@ def test_disabled_key_releases_nothing_and_rotation_keeps_old_versions(world: Wo
         ),
         timeout=10,
     )
-    old = world.publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id="rotating"), timeout=10)
+    old = world.publisher.GenerateDataKey(data_key_request("rotating"), timeout=10)
     rotated = world.admin.RotateKey(pb.RotateKeyRequest(key_id="rotating"), timeout=30)
     assert rotated.key.current_version == old.key_version + 1
     # The old version still releases.
@@ -652,7 +660,7 @@ def test_disabled_key_releases_nothing_and_rotation_keeps_old_versions(world: Wo
         response.wrapped_data_key,
         padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None),
     )
-    assert dek == old.data_key
+    assert bound(dek) == old.data_key
     # ReWrap moves it to the new version without exposing it.
     moved = world.publisher.ReWrap(
         pb.ReWrapRequest(
@@ -700,7 +708,8 @@ def test_each_release_uses_a_fresh_ephemeral_key(world: World) -> None:
     assert len(keys) == 3
     first = client.release(KEY, world.version, world.wrapped)
     second = client.release(KEY, world.version, world.wrapped)
-    assert bytes(first.dek) == bytes(second.dek) == world.data_key
+    assert bytes(first.dek) == bytes(second.dek)
+    assert bound(first.dek) == world.data_key
     records = {r["decision_id"]: r for r in audit_records(world)}
     assert (
         records[first.decision_id]["evidence_sha256"]

@@ -39,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from strongroom.api.inference.v1 import model_control_pb2 as control_pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
@@ -58,6 +59,7 @@ from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.models._ort import ort
 from strongroom.pki import WorkloadIdentity
+from tests.keybroker.helpers import data_key_request
 
 KEY = "multipart"
 CREATED_AT = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -721,3 +723,132 @@ def test_a_data_key_wrapped_with_another_mechanism_is_not_published(
     stub = store_grpc.ModelStoreServiceStub(env.stack.channel(env.publisher, "modelstore"))
     listed = stub.ListModels(store_pb.ListModelsRequest(name_prefix=NAME), timeout=30).models
     assert not [m for m in listed if m.version.startswith(version)]
+
+
+# -- a publisher's data key writes only the model it was generated for ----------------------------
+
+
+class _KeyForAnotherModel(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """A publisher asking the broker for a data key for its own model (``own``) while writing
+    another: what a publisher, or a store that learnt a publisher's key, would do to substitute
+    a model it does not own."""
+
+    def __init__(self, own: tuple[str, str]) -> None:
+        self.own = own
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        if details.method.endswith("/GenerateDataKey"):
+            request = kb_pb.GenerateDataKeyRequest(
+                key_id=request.key_id, model_name=self.own[0], model_version=self.own[1]
+            )
+        return continuation(details, request)
+
+
+@pytest.mark.parametrize("layout", ["single", "parts"])
+def test_a_data_key_for_one_model_cannot_write_another(env: Env, layout: str) -> None:
+    """Before data keys were bound to their model, the key GenerateDataKey gave a publisher for
+    its own model encrypted a valid artifact for any name and version under the same KEK: the
+    inference server released it and served the substitute as the victim's model."""
+    from strongroom.client.publish import publish_model
+    from strongroom.dev.devstack.model import train
+
+    folder = env.models / f"substitute-{layout}"
+    if layout == "single":
+        folder.mkdir()
+        path = train(folder / "model.onnx").path
+    else:
+        path = write_mlp(folder, seed=12)
+    victim = (f"acme/victim-{layout}", "1")
+    store = env.stack.channel(env.publisher, "modelstore")
+    for name, own in ((f"acme/own-{layout}", None), (victim[0], (f"acme/own-{layout}", "2"))):
+        broker = env.stack.channel(env.publisher, "keybroker")
+        if own is not None:
+            broker = grpc.intercept_channel(broker, _KeyForAnotherModel(own))
+        if layout == "single":
+            publish_model(path, name=name, version="1", key_id=KEY, broker=broker, store=store)
+        else:
+            publish_parts(
+                onnx_parts(path),
+                name=name,
+                version="1",
+                key_id=KEY,
+                broker=broker,
+                store=store,
+                layout=ManifestLayout.ONNX_EXTERNAL_DATA,
+            )
+    control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+    # The control: the same publish, with the key generated for the model it writes, loads.
+    control.LoadModel(control_pb.LoadModelRequest(name=f"acme/own-{layout}", version="1"))
+    with pytest.raises(grpc.RpcError) as info:
+        control.LoadModel(control_pb.LoadModelRequest(name=victim[0], version=victim[1]))
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS, info.value.details()
+    assert (info.value.details() or "").startswith("DECRYPTION_FAILED: "), info.value.details()
+    with pytest.raises(StrongroomError) as refused:
+        env.fetcher().fetch(*victim)
+    assert (refused.value.status_name, refused.value.reason) == ("DATA_LOSS", "DECRYPTION_FAILED")
+
+
+def test_an_unbound_artifact_loads_only_where_accepted(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A format-2 artifact (body under the slot key itself, as published before format 3) is
+    refused by a default inference server and client, with the reason and what to do; accepted
+    where unbound artifacts are (while re-publishing)."""
+    from strongroom.artifact import encrypt_stream, wipe
+    from strongroom.dev.devstack.model import train
+
+    name = "acme/legacy"
+    folder = env.models / "legacy"
+    folder.mkdir()
+    path = train(folder / "model.onnx").path
+    broker = kb_grpc.KeyBrokerServiceStub(env.stack.channel(env.publisher, "keybroker"))
+    key = broker.GenerateDataKey(data_key_request(KEY, (name, "1")), timeout=30)
+    slot_key = env.key_release().release(KEY, key.key_version, key.wrapped_data_key).dek
+    with path.open("rb") as source:
+        pieces = list(
+            encrypt_stream(
+                source,
+                slot_key,
+                model_name=name,
+                model_version="1",
+                content_type="application/vnd.onnx",
+                key_id=KEY,
+                key_version=key.key_version,
+                wrapped_dek=key.wrapped_data_key,
+                format_version=2,
+            )
+        )
+    wipe(slot_key)
+    store = store_grpc.ModelStoreServiceStub(env.stack.channel(env.publisher, "modelstore"))
+    store.PutModel(iter(store_pb.PutModelRequest(data=p) for p in pieces), timeout=30)
+    control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+    with pytest.raises(grpc.RpcError) as info:
+        control.LoadModel(control_pb.LoadModelRequest(name=name, version="1"))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+    details = info.value.details() or ""
+    assert details.startswith("ARTIFACT_KEY_UNBOUND: ") and "re-publish" in details
+    with pytest.raises(StrongroomError) as refused:
+        env.fetcher().fetch(name, "1")
+    assert refused.value.reason == "ARTIFACT_KEY_UNBOUND"
+    accepting = ModelFetcher(
+        env.stack.channel(env.inference, "modelstore"), env.key_release(), accept_unbound=True
+    )
+    with accepting.fetch(name, "1") as model:
+        assert model.parts[0].view == path.read_bytes()
+    # The command line: refused, unless told to accept it.
+    monkeypatch.setattr(
+        cli_models, "select_attester", lambda kind, production: env.key_release()._attester
+    )
+    fetch = ["model", "fetch", name, "1", "--to-memory", "--part", "legacy", "--client-config"]
+    fetch.append(str(env.stack.write_client_config("inference")))
+    writer, received, thread = _pipe_stdout(monkeypatch)
+    code = cli_main(fetch)
+    writer.close()
+    thread.join(30)
+    assert code == 1 and "ARTIFACT_KEY_UNBOUND" in capsys.readouterr().err
+    writer, received, thread = _pipe_stdout(monkeypatch)
+    code = cli_main([*fetch, "--accept-unbound"])
+    writer.close()
+    thread.join(30)
+    assert code == 0, capsys.readouterr().err
+    assert received == [path.read_bytes()]

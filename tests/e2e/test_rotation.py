@@ -21,13 +21,15 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import ArtifactReader, encrypt_stream, parse_header, wipe
 from strongroom.artifact.format import FORMAT_VERSION
+from strongroom.artifact.keybinding import body_key
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.cli.main import main
-from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
+from tests.keybroker.helpers import data_key_request
 
 KEY = "rotation-kek"
 MODELS = ["rot/a", "rot/b", "rot/c"]
@@ -46,14 +48,9 @@ def run_err(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def load(stack: DevStack, name: str, key_id: str = KEY) -> bytes:
-    """Fetches, gets the key released to a simulated VM, decrypts and loads into ONNX Runtime."""
+def release(stack: DevStack, key_id: str, key_version: int, wrapped: bytes) -> ReleasedDataKey:
+    """The data key in ``wrapped``, released to a simulated VM (the caller wipes it)."""
     inference = stack.identity("inference")
-    store = store_grpc.ModelStoreServiceStub(stack.channel(inference, "modelstore"))
-    data = b"".join(
-        r.data for r in store.GetModel(store_pb.GetModelRequest(name=name, version="1"), timeout=30)
-    )
-    header = parse_header(data)
     authority = SimulatedAuthority.load(stack.root / "simulated-tee")
     measurement = bytes.fromhex(stack.simulated_policy("x").split('measurements: ["')[1][:96])
     attester = SimulatedAttester(
@@ -62,13 +59,35 @@ def load(stack: DevStack, name: str, key_id: str = KEY) -> bytes:
     client = KeyReleaseClient(
         stack.channel(inference, "keybroker"), attester, inference.public_key_der
     )
-    released = client.release(key_id, header.key_version, header.wrapped_dek)
+    return client.release(key_id, key_version, wrapped)
+
+
+def load(stack: DevStack, name: str, key_id: str = KEY) -> bytes:
+    """Fetches, gets the key released to a simulated VM, decrypts and loads into ONNX Runtime
+    (version 1 of ``name``; a format-1 artifact is accepted, as while migrating)."""
+    inference = stack.identity("inference")
+    store = store_grpc.ModelStoreServiceStub(stack.channel(inference, "modelstore"))
+    data = b"".join(
+        r.data for r in store.GetModel(store_pb.GetModelRequest(name=name, version="1"), timeout=30)
+    )
+    header = parse_header(data)
+    released = release(stack, key_id, header.key_version, header.wrapped_dek)
     try:
-        plaintext = bytes(ArtifactReader(data).decrypt_all(released.dek))
+        dek = body_key(header, released.dek, name, "1", accept_unbound=True)
     finally:
         wipe(released.dek)
+    try:
+        plaintext = bytes(ArtifactReader(data).decrypt_all(dek))
+    finally:
+        wipe(dek)
     ort.InferenceSession(plaintext, providers=["CPUExecutionProvider"])
     return plaintext
+
+
+def data_key(stack: DevStack, key_id: str, name: str) -> kb_pb.GenerateDataKeyResponse:
+    """A data key for ``name`` version 1, as a publisher gets it."""
+    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(stack.identity("publisher"), "keybroker"))
+    return broker.GenerateDataKey(data_key_request(key_id, (name, "1")), timeout=30)
 
 
 def put_encrypted(
@@ -79,11 +98,12 @@ def put_encrypted(
     key: kb_pb.GenerateDataKeyResponse,
     *,
     format_version: int = FORMAT_VERSION,
+    dek: bytearray | None = None,
 ) -> store_pb.ModelInfo:
-    """Encrypts ``path`` under the data key ``key`` and stores it as ``name`` version 1, as a
-    publisher holding that key would."""
+    """Encrypts ``path`` under the data key ``key`` (or ``dek``, its body key) and stores it as
+    ``name`` version 1, as a publisher holding that key would."""
     publisher = stack.identity("publisher")
-    dek = bytearray(key.data_key)
+    dek = bytearray(key.data_key) if dek is None else dek
     with path.open("rb") as source:
         pieces = list(
             encrypt_stream(
@@ -104,11 +124,11 @@ def put_encrypted(
 
 
 def publish_format_1(stack: DevStack, path: Path) -> None:
-    """A legacy (format 1) artifact, as published before format 2 existed."""
-    publisher = stack.identity("publisher")
-    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker"))
-    key = broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
-    put_encrypted(stack, path, LEGACY, KEY, key, format_version=1)
+    """A legacy (format 1) artifact, as published before format 2 existed: its body is encrypted
+    under the wrapped key itself (which publishers were given then; here released to a VM)."""
+    key = data_key(stack, KEY, LEGACY)
+    slot_key = release(stack, KEY, key.key_version, key.wrapped_data_key).dek
+    put_encrypted(stack, path, LEGACY, KEY, key, format_version=1, dek=slot_key)
 
 
 def test_rotate_rewrap_disable_and_every_model_loads(
@@ -211,9 +231,7 @@ def test_a_model_published_across_a_rotation_blocks_disable_until_it_is_rewrappe
     admin = str(stack.write_client_config("admin"))
     stack.create_release_key(stack.identity("admin"), key_id, policy_version="span-1")
     model = train(tmp_path / "model.onnx")
-    publisher = stack.identity("publisher")
-    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker"))
-    early = broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30)
+    early = data_key(stack, key_id, name)
     assert early.key_version == 1
 
     code, lines = run(capsys, "keys", "rotate", key_id, "--rewrap-models", "--client-config", admin)
@@ -306,16 +324,12 @@ def test_a_model_replaced_during_its_rewrap_keeps_its_own_data_key(
     key_id, name = "race-kek", "race/model"
     stack.create_release_key(stack.identity("admin"), key_id, policy_version="race-1")
     model = train(tmp_path / "model.onnx")
-    admin, publisher = stack.identity("admin"), stack.identity("publisher")
-    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker"))
+    admin = stack.identity("admin")
     store = store_grpc.ModelStoreServiceStub(stack.channel(admin, "modelstore"))
-
-    def data_key() -> kb_pb.GenerateDataKeyResponse:
-        return broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30)
 
     # Two data keys obtained before the rotation: one published now, one held by a publisher
     # that publishes after the rotation (both under KEK version 1).
-    first, held = data_key(), data_key()
+    first, held = data_key(stack, key_id, name), data_key(stack, key_id, name)
     listed = put_encrypted(stack, model.path, name, key_id, first)
     admin_keys = kb_grpc.KeyAdminServiceStub(stack.channel(admin, "keybroker"))
     admin_keys.RotateKey(kb_pb.RotateKeyRequest(key_id=key_id), timeout=30)
@@ -349,7 +363,7 @@ def test_only_an_admin_may_replace_a_key_slot(stack: DevStack, tmp_path: Path) -
     model = train(tmp_path / "model.onnx")
     publisher = stack.identity("publisher")
     broker = kb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker"))
-    key = broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30)
+    key = data_key(stack, key_id, name)
     stored = put_encrypted(stack, model.path, name, key_id, key)
     admin_keys = kb_grpc.KeyAdminServiceStub(stack.channel(stack.identity("admin"), "keybroker"))
     admin_keys.RotateKey(kb_pb.RotateKeyRequest(key_id=key_id), timeout=30)
@@ -394,8 +408,7 @@ def test_a_model_published_while_its_version_is_disabled_is_reported(
     admin = str(stack.write_client_config("admin"))
     stack.create_release_key(stack.identity("admin"), key_id, policy_version="late-1")
     model = train(tmp_path / "model.onnx")
-    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(stack.identity("publisher"), "keybroker"))
-    held = broker.GenerateDataKey(kb_pb.GenerateDataKeyRequest(key_id=key_id), timeout=30)
+    held = data_key(stack, key_id, name)
     code, _ = run(capsys, "keys", "rotate", key_id, "--rewrap-models", "--client-config", admin)
     assert code == 0
     real = cli_keys.models_needing

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from strongroom.artifact import build_header, encrypt_bytes
+from strongroom.artifact.keybinding import bind_data_key
 from strongroom.artifact.manifest import (
     MANIFEST_CONTENT_TYPE,
     ManifestLayout,
@@ -75,7 +76,8 @@ def _multipart_fetcher(graph: bytes, weights: bytes) -> ModelFetcher:
     The same fetch → decrypt-into-memory → ORT path as the service, with the model store and the
     key broker replaced by in-memory stand-ins (the subprocess has no services).
     """
-    dek = bytearray(os.urandom(32))
+    dek = bytearray(os.urandom(32))  # the slot key "released" below
+    body = bind_data_key(dek, "canary/mp", "1")  # what a publisher encrypts with (format 3)
     common = {
         "model_name": "canary/mp",
         "key_id": "kek",
@@ -91,7 +93,7 @@ def _multipart_fetcher(graph: bytes, weights: bytes) -> ModelFetcher:
             plaintext_size=len(data),
             **common,  # type: ignore[arg-type]
         )
-        stored[header.model_version] = encrypt_bytes(data, dek, header=header)
+        stored[header.model_version] = encrypt_bytes(data, body, header=header)
         entries.append(
             (
                 name,
@@ -113,7 +115,7 @@ def _multipart_fetcher(graph: bytes, weights: bytes) -> ModelFetcher:
         plaintext_size=len(manifest),
         **common,  # type: ignore[arg-type]
     )
-    stored["1"] = encrypt_bytes(manifest, dek, header=header)
+    stored["1"] = encrypt_bytes(manifest, body, header=header)
 
     def source(_name: str, version: str) -> Iterator[bytes]:
         data = stored[version]

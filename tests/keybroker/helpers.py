@@ -9,6 +9,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import Attribute
 
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.artifact.keybinding import bind_data_key
 from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.runtime.secrets import Secret
@@ -71,3 +73,18 @@ def replace_keeping_mtime(path: Path, text: str) -> None:
     replacement.write_text(text)
     os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
     os.replace(replacement, path)
+
+
+#: The model version data keys are generated for in these tests (GenerateDataKey binds the key
+#: to one: artifact format 3).
+MODEL = ("acme/model", "1")
+
+
+def bound(slot_key: bytes | bytearray, model: tuple[str, str] = MODEL) -> bytes:
+    """The body key a publisher of ``model`` receives for ``slot_key`` (what a release unwraps)."""
+    return bytes(bind_data_key(slot_key, *model))
+
+
+def data_key_request(key_id: str, model: tuple[str, str] = MODEL) -> kb_pb.GenerateDataKeyRequest:
+    """GenerateDataKey's request for ``key_id``, bound to ``model``."""
+    return kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=model[0], model_version=model[1])

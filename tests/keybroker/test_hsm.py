@@ -20,7 +20,7 @@ from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import KeyManager
 from strongroom.oaep import OaepHash
 from strongroom.runtime.secrets import Secret
-from tests.keybroker.helpers import make_config, session_objects, spki
+from tests.keybroker.helpers import MODEL, bound, make_config, session_objects, spki
 
 
 def test_open_probes_oaep_support(hsm: Hsm) -> None:
@@ -172,7 +172,7 @@ def test_token_disappears_and_returns(
     softhsm_token: SoftHsmToken, hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
 ) -> None:
     km.create_key("model")
-    dek, wrapped, version = km.generate_data_key("model")
+    dek, wrapped, version = km.generate_data_key("model", *MODEL)
     store = softhsm_token.token_store()
     away = softhsm_token.directory / "away"
 
@@ -184,7 +184,7 @@ def test_token_disappears_and_returns(
             ),
             lambda: km.describe_key("model"),  # must not turn into NotFound
             km.list_keys,  # must not turn into an empty list
-            lambda: km.generate_data_key("model"),
+            lambda: km.generate_data_key("model", *MODEL),
             hsm.check_health,
         ):
             with pytest.raises(HsmUnavailable):
@@ -199,7 +199,11 @@ def test_token_disappears_and_returns(
         "model", version, wrapped, spki(tee_key), [OaepHash.SHA1]
     )
     assert (
-        tee_key.decrypt(released, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
+        bound(
+            tee_key.decrypt(
+                released, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
+            )
+        )
         == dek
     )
     assert mechanism is OaepHash.SHA1
@@ -226,14 +230,14 @@ def test_backend_started_while_token_absent_recovers(
 
 def test_many_threads_release_at_once(hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey) -> None:
     km.create_key("busy")
-    keys = [km.generate_data_key("busy") for _ in range(4)]
+    keys = [km.generate_data_key("busy", *MODEL) for _ in range(4)]
     target = spki(tee_key)
 
     def release(i: int) -> bool:
         dek, wrapped, version = keys[i % len(keys)]
         out, _ = km.release_to_ephemeral("busy", version, wrapped, target, [OaepHash.SHA1])
         plain = tee_key.decrypt(out, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
-        return bool(plain == dek)
+        return bound(plain) == dek
 
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(release, range(96)))
@@ -276,7 +280,7 @@ def test_begin_release_queues_nothing_until_started(
     hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
 ) -> None:
     km.create_key("later")
-    _, wrapped, version = km.generate_data_key("later")
+    _, wrapped, version = km.generate_data_key("later", *MODEL)
     pending = km.begin_release("later", version, wrapped, spki(tee_key), [OaepHash.SHA1])
     assert pending.mechanism is OaepHash.SHA1  # announced before the HSM runs it
     assert pending.finished_at is None
@@ -291,7 +295,7 @@ def test_a_started_release_is_the_one_result_returns(
     hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
 ) -> None:
     km.create_key("started")
-    dek, wrapped, version = km.generate_data_key("started")
+    dek, wrapped, version = km.generate_data_key("started", *MODEL)
     pending = km.begin_release("started", version, wrapped, spki(tee_key), [OaepHash.SHA1])
     assert hsm._conn is not None
     before = hsm._conn.operations
@@ -301,7 +305,7 @@ def test_a_started_release_is_the_one_result_returns(
     assert hsm._conn.operations == before + 1
     assert pending.finished_at is not None and mechanism is pending.mechanism
     plain = tee_key.decrypt(out, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
-    assert plain == dek
+    assert bound(plain) == dek
     assert session_objects(hsm) == 0
 
 
@@ -312,7 +316,7 @@ def test_a_release_never_uses_another_hash_than_it_announced(
     hashes change in between (a reconnect probing again), the re-wrap fails instead of using
     another one, and says so."""
     km.create_key("announced")
-    _, wrapped, version = km.generate_data_key("announced")
+    _, wrapped, version = km.generate_data_key("announced", *MODEL)
     accepted = [OaepHash.SHA256, OaepHash.SHA1]
     pending = km.begin_release("announced", version, wrapped, spki(tee_key), accepted)
     assert pending.mechanism is OaepHash.SHA1  # SoftHSM2 offers SHA-1 only

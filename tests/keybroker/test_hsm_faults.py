@@ -26,7 +26,7 @@ from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import KeyManager
 from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
-from tests.keybroker.helpers import make_config, session_objects, spki
+from tests.keybroker.helpers import MODEL, bound, make_config, session_objects, spki
 
 _OAEP = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
 
@@ -37,11 +37,11 @@ def test_connection_is_recycled_after_its_operation_quota(
     hsm = open_hsm(make_config(softhsm_token, recycle_after_operations=10))
     km = KeyManager(hsm)
     km.create_key("model")
-    dek, wrapped, version = km.generate_data_key("model")
+    dek, wrapped, version = km.generate_data_key("model", *MODEL)
     generation = hsm.status().generation
     for _ in range(25):  # handles cached on one session must not be used on the next
         out, _ = km.release_to_ephemeral("model", version, wrapped, spki(tee_key), [OaepHash.SHA1])
-        assert tee_key.decrypt(out, _OAEP) == dek
+        assert bound(tee_key.decrypt(out, _OAEP)) == dek
     status = hsm.status()
     assert status.recycles >= 2
     assert status.generation >= generation + 2
@@ -58,13 +58,13 @@ def test_health_checks_do_not_count_toward_the_recycle_quota(
     hsm = open_hsm(make_config(softhsm_token, recycle_after_operations=5))
     km = KeyManager(hsm)
     km.create_key("model")
-    dek, wrapped, version = km.generate_data_key("model")  # 2 operations of the quota's 5
+    dek, wrapped, version = km.generate_data_key("model", *MODEL)  # 2 operations of the quota's 5
     for _ in range(20):
         hsm.check_health()
     assert hsm.status().recycles == 0
     for n in range(3):
         out, _ = km.release_to_ephemeral("model", version, wrapped, spki(tee_key), [OaepHash.SHA1])
-        assert tee_key.decrypt(out, _OAEP) == dek
+        assert bound(tee_key.decrypt(out, _OAEP)) == dek
         assert hsm.status().recycles == (1 if n == 2 else 0)
     for _ in range(20):
         hsm.check_health()
@@ -77,11 +77,11 @@ def test_a_zero_quota_never_recycles(
     hsm = open_hsm(make_config(softhsm_token, recycle_after_operations=0))
     km = KeyManager(hsm)
     km.create_key("model")
-    dek, wrapped, version = km.generate_data_key("model")
+    dek, wrapped, version = km.generate_data_key("model", *MODEL)
     generation = hsm.status().generation
     for _ in range(25):
         out, _ = km.release_to_ephemeral("model", version, wrapped, spki(tee_key), [OaepHash.SHA1])
-        assert tee_key.decrypt(out, _OAEP) == dek
+        assert bound(tee_key.decrypt(out, _OAEP)) == dek
     status = hsm.status()
     assert status.recycles == 0
     assert status.generation == generation
@@ -145,7 +145,7 @@ def test_damaged_key_object_is_reported_and_heals_without_restart(
     before = set(softhsm_token.token_store().iterdir())
     km.create_key("model")
     kek_file = _kek_file(softhsm_token, before)
-    dek, wrapped, version = km.generate_data_key("model")
+    dek, wrapped, version = km.generate_data_key("model", *MODEL)
     good = kek_file.read_bytes()
     damaged = bytearray(good)
     damaged[offset : offset + 30] = bytes(30)
@@ -154,7 +154,7 @@ def test_damaged_key_object_is_reported_and_heals_without_restart(
 
     def release() -> bytes:
         out, _ = km.release_to_ephemeral("model", version, wrapped, spki(tee_key), [OaepHash.SHA1])
-        return bytes(tee_key.decrypt(out, _OAEP))
+        return bound(tee_key.decrypt(out, _OAEP))
 
     # First failure inside a token that answers: UNAVAILABLE, and the session is re-initialised.
     with pytest.raises(HsmUnavailable) as first:
@@ -162,7 +162,7 @@ def test_damaged_key_object_is_reported_and_heals_without_restart(
     assert first.value.reason == "HSM_OPERATION_FAILED"
     # It fails again on the fresh session: the key is unusable (DATA_LOSS), never INTERNAL.
     with pytest.raises(DataLoss) as second:
-        km.generate_data_key("model")
+        km.generate_data_key("model", *MODEL)
     assert second.value.reason == "KEY_OBJECT_UNUSABLE"
     assert "model" in km.unusable_keys()
     assert "model" in km.recheck_unusable()
@@ -171,7 +171,7 @@ def test_damaged_key_object_is_reported_and_heals_without_restart(
     kek_file.write_bytes(good)
     _until(lambda: not km.recheck_unusable())
     assert release() == dek
-    assert km.generate_data_key("model").version == version
+    assert km.generate_data_key("model", *MODEL).version == version
 
 
 def test_damaged_key_does_not_stop_other_keys(
@@ -183,18 +183,18 @@ def test_damaged_key_does_not_stop_other_keys(
     before = set(softhsm_token.token_store().iterdir())
     km.create_key("broken")
     kek_file = _kek_file(softhsm_token, before)
-    km.generate_data_key("broken")
+    km.generate_data_key("broken", *MODEL)
     damaged = bytearray(kek_file.read_bytes())
     damaged[500:530] = bytes(30)
     kek_file.write_bytes(bytes(damaged))
     _token_blinks(softhsm_token, km)  # the module re-reads the token: the damage shows
     for _ in range(3):
         with pytest.raises((HsmUnavailable, DataLoss)):
-            km.generate_data_key("broken")
+            km.generate_data_key("broken", *MODEL)
     assert list(km.unusable_keys()) == ["broken"]
-    dek, wrapped, version = km.generate_data_key("healthy")
+    dek, wrapped, version = km.generate_data_key("healthy", *MODEL)
     out, _ = km.release_to_ephemeral("healthy", version, wrapped, spki(tee_key), [OaepHash.SHA1])
-    assert tee_key.decrypt(out, _OAEP) == dek
+    assert bound(tee_key.decrypt(out, _OAEP)) == dek
 
 
 def _log_out(hsm: Hsm) -> None:

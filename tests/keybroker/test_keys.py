@@ -28,7 +28,7 @@ from strongroom.keybroker import _kek
 from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import ALL_VERSIONS, KeyManager, KeyState
 from strongroom.oaep import OaepHash
-from tests.keybroker.helpers import make_config, spki
+from tests.keybroker.helpers import MODEL, make_config, spki
 
 OAEP_SHA1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
 
@@ -96,7 +96,7 @@ def test_unknown_key(km: KeyManager) -> None:
     for call in (
         lambda: km.describe_key("missing"),
         lambda: km.rotate_key("missing"),
-        lambda: km.generate_data_key("missing"),
+        lambda: km.generate_data_key("missing", *MODEL),
         lambda: km.disable_key("missing", 1),
     ):
         with pytest.raises(NotFound) as info:
@@ -188,11 +188,11 @@ def test_kek_value_cannot_be_read_or_extracted(hsm: Hsm, km: KeyManager) -> None
 
 def test_rotation_keeps_old_versions_usable(km: KeyManager) -> None:
     km.create_key("rot")
-    dek1, wrapped1, v1 = km.generate_data_key("rot")
+    dek1, wrapped1, v1 = km.generate_data_key("rot", *MODEL)
     info = km.rotate_key("rot")
     assert [v.version for v in info.versions] == [1, 2]
     assert info.current_version == 2
-    dek2, _, v2 = km.generate_data_key("rot")
+    dek2, _, v2 = km.generate_data_key("rot", *MODEL)
     assert (v1, v2) == (1, 2)
     assert dek1 != dek2
     moved, version = km.rewrap("rot", 1, wrapped1)
@@ -204,14 +204,14 @@ def test_rotation_keeps_old_versions_usable(km: KeyManager) -> None:
 
 def test_disable_one_version(km: KeyManager) -> None:
     km.create_key("dis")
-    _, wrapped1, _ = km.generate_data_key("dis")
+    _, wrapped1, _ = km.generate_data_key("dis", *MODEL)
     km.rotate_key("dis")
     info = km.disable_key("dis", 1)
     assert [v.state for v in info.versions] == [KeyState.DISABLED, KeyState.ENABLED]
     with pytest.raises(FailedPrecondition) as failure:
         km.rewrap("dis", 1, wrapped1)
     assert failure.value.reason == "KEY_DISABLED"
-    _, _, version = km.generate_data_key("dis")  # the current version still works
+    _, _, version = km.generate_data_key("dis", *MODEL)  # the current version still works
     assert version == 2
     assert km.disable_key("dis", 1) == info  # idempotent
     km.enable_key("dis", 1)
@@ -220,15 +220,18 @@ def test_disable_one_version(km: KeyManager) -> None:
 
 def test_disable_current_version_refuses_new_data_keys(km: KeyManager) -> None:
     km.create_key("cur")
-    _, wrapped1, _ = km.generate_data_key("cur")
+    _, wrapped1, _ = km.generate_data_key("cur", *MODEL)
     km.rotate_key("cur")
     km.disable_key("cur", 2)
-    for call in (lambda: km.generate_data_key("cur"), lambda: km.rewrap("cur", 1, wrapped1)):
+    for call in (
+        lambda: km.generate_data_key("cur", *MODEL),
+        lambda: km.rewrap("cur", 1, wrapped1),
+    ):
         with pytest.raises(FailedPrecondition) as failure:
             call()
         assert failure.value.reason == "KEY_DISABLED"  # never a silent fall-back to version 1
     assert km.rotate_key("cur").current_version == 3
-    assert km.generate_data_key("cur").version == 3
+    assert km.generate_data_key("cur", *MODEL).version == 3
 
 
 def test_disable_all_versions(km: KeyManager) -> None:
@@ -237,7 +240,7 @@ def test_disable_all_versions(km: KeyManager) -> None:
     info = km.disable_key("all", ALL_VERSIONS)
     assert {v.state for v in info.versions} == {KeyState.DISABLED}
     with pytest.raises(FailedPrecondition):
-        km.generate_data_key("all")
+        km.generate_data_key("all", *MODEL)
 
 
 @pytest.mark.parametrize("version", [0, -1, 2**31, True, "1", 1.0])
@@ -258,7 +261,7 @@ def test_unknown_version(km: KeyManager) -> None:
 def test_disabled_version_is_refused_by_the_hsm_itself(hsm: Hsm, km: KeyManager) -> None:
     """Even a caller that skips the broker's state check cannot use a disabled version."""
     km.create_key("hard")
-    _, wrapped, _ = km.generate_data_key("hard")
+    _, wrapped, _ = km.generate_data_key("hard", *MODEL)
     km.disable_key("hard", 1)
     (kek,) = _kek_objects(hsm, "hard")
 
@@ -299,7 +302,7 @@ def test_replicas_sharing_one_hsm_agree(
     a = KeyManager(hsm)
     b = KeyManager(open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b"))))
     a.create_key("shared")
-    _, wrapped, _ = b.generate_data_key("shared")
+    _, wrapped, _ = b.generate_data_key("shared", *MODEL)
     b.disable_key("shared", 1)
     with pytest.raises(FailedPrecondition):
         a.rewrap("shared", 1, wrapped)
@@ -375,7 +378,7 @@ def test_duplicate_published_versions_are_tolerated(hsm: Hsm, tee_key: rsa.RSAPr
     assert info.current.created_at == datetime.fromtimestamp(clock.now, tz=UTC)  # the winner
     out, _ = km.release_to_ephemeral("dup", 2, wrapped_by_loser, spki(tee_key), [OaepHash.SHA1])
     assert tee_key.decrypt(out, OAEP_SHA1) == dek_by_loser
-    fresh = km.generate_data_key("dup")
+    fresh = km.generate_data_key("dup", *MODEL)
     assert fresh.version == 2
     assert km.rewrap("dup", 2, wrapped_by_loser).version == 2
     km.disable_key("dup", 2)
@@ -456,7 +459,7 @@ def test_a_wiped_data_key_leaves_no_copy_in_memory(km: KeyManager) -> None:
     km.create_key("model")
     left = []
     for _ in range(3):
-        data_key = km.generate_data_key("model")
+        data_key = km.generate_data_key("model", *MODEL)
         needle = bytes(memoryview(data_key.dek)[:16])
         data_key.wipe()
         gc.collect()

@@ -20,7 +20,7 @@ from strongroom.keybroker.keys import KeyManager, KeyState
 from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller
-from tests.keybroker.helpers import make_config
+from tests.keybroker.helpers import MODEL, make_config
 
 ADMIN = Caller("spiffe://strongroom.test/admin", 0x1F, b"")
 PUBLISHER = Caller("spiffe://strongroom.test/publisher", 0x20, b"")
@@ -80,8 +80,8 @@ def test_a_data_key_that_cannot_be_audited_never_leaves(service, monkeypatch) ->
     issued = []
     real = keys._keys.generate_data_key
 
-    def spy(key_id):
-        issued.append(real(key_id))
+    def spy(*args):
+        issued.append(real(*args))
         return issued[-1]
 
     monkeypatch.setattr(keys._keys, "generate_data_key", spy)
@@ -91,7 +91,7 @@ def test_a_data_key_that_cannot_be_audited_never_leaves(service, monkeypatch) ->
 
     monkeypatch.setattr(keys._audit, "append", refuse)
     with pytest.raises(AuditUnavailable):
-        keys.generate_data_key(ADMIN, "k1")
+        keys.generate_data_key(ADMIN, "k1", *MODEL)
     assert len(issued) == 1
     assert not any(issued[0].dek)  # wiped
 
@@ -191,3 +191,35 @@ def test_a_key_change_that_outlives_the_hsm_deadline_is_awaited_and_audited(
     assert [v.state for v in info.versions] == states
     last = _records(tmp_path / "audit.log")[-1]
     assert (last["action"], last["decision"], last["key"]["id"]) == (change, "allowed", "k1")
+
+
+def test_a_data_key_is_audited_with_the_model_it_is_bound_to(service) -> None:
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+    data_key = keys.generate_data_key(PUBLISHER, "k1", "acme/fraud-detector", "1.4.0")
+    data_key.wipe()
+    record = _records(log)[-1]
+    assert (record["action"], record["reason"]) == ("generate_data_key", "DATA_KEY_GENERATED")
+    assert record["claims"] == {"model_name": "acme/fraud-detector", "model_version": "1.4.0"}
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "reason"),
+    [
+        ("", "", "INVALID_MODEL_NAME"),
+        ("", "1", "INVALID_MODEL_NAME"),
+        ("acme/m", "", "INVALID_MODEL_VERSION"),
+        ("../etc", "1", "INVALID_MODEL_NAME"),
+        ("acme/m", "1 2", "INVALID_MODEL_VERSION"),
+    ],
+)
+def test_a_data_key_for_no_valid_model_is_refused_before_the_hsm(
+    service, name: str, version: str, reason: str
+) -> None:
+    """GenerateDataKey without a model (an older client) must not hand out an unbound key."""
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+    with pytest.raises(InvalidArgument) as info:
+        keys.generate_data_key(PUBLISHER, "k1", name, version)
+    assert info.value.reason == reason
+    assert [r["action"] for r in _records(log)] == ["create_key"]

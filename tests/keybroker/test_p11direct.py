@@ -38,7 +38,7 @@ from strongroom.keybroker.p11direct import (
     error_for,
 )
 from strongroom.oaep import OaepHash
-from tests.keybroker.helpers import session_objects, spki
+from tests.keybroker.helpers import MODEL, session_objects, spki
 
 
 def _python_pkcs11_mapping() -> dict[str, str]:
@@ -359,7 +359,7 @@ def test_a_failed_length_read_fails_the_release_and_the_rewrap(
     )
     failing = prototype(read)
     km.create_key("model")
-    data_key = km.generate_data_key("model")
+    data_key = km.generate_data_key("model", *MODEL)
     before = session_objects(hsm)
     with _token_call_replaced(hsm, "get_attribute_value", failing):
         answers.append(_CKR_ATTRIBUTE_TYPE_INVALID)
@@ -394,7 +394,7 @@ def test_a_data_key_that_cannot_be_destroyed_closes_its_session(
 
     refusing = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)(refuse)
     km.create_key("model")
-    data_key = km.generate_data_key("model")
+    data_key = km.generate_data_key("model", *MODEL)
     before = session_objects(hsm)
     with _token_call_replaced(hsm, "destroy_object", refusing):
         with pytest.raises(HsmUnavailable):
@@ -411,5 +411,5 @@ def test_a_data_key_that_cannot_be_destroyed_closes_its_session(
     with monkeypatch.context() as patch:
         patch.setattr(pkcs11._pkcs11.Object, "destroy", refused)
         with pytest.raises(HsmUnavailable):
-            km.generate_data_key("model")  # its data key is not even sensitive
+            km.generate_data_key("model", *MODEL)  # its data key is not even sensitive
     assert session_objects(hsm) == before

@@ -24,6 +24,8 @@ from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, DataKey, KeyManager
 from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
 from tests.keybroker.helpers import (
+    MODEL,
+    bound,
     ec_spki_on_an_unsupported_curve,
     make_config,
     session_objects,
@@ -36,7 +38,7 @@ OAEP_SHA1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
 @pytest.fixture
 def model_key(km: KeyManager) -> DataKey:
     km.create_key("model")
-    return km.generate_data_key("model")
+    return km.generate_data_key("model", *MODEL)
 
 
 def test_generate_data_key(km: KeyManager, model_key: DataKey) -> None:
@@ -45,7 +47,7 @@ def test_generate_data_key(km: KeyManager, model_key: DataKey) -> None:
     assert len(wrapped) == WRAPPED_DEK_BYTES
     assert version == 1
     assert dek.hex() not in repr(model_key) and "***" in repr(model_key)
-    assert km.generate_data_key("model").dek != dek  # fresh key every time
+    assert km.generate_data_key("model", *MODEL).dek != dek  # fresh key every time
     model_key.wipe()
     assert model_key.dek == bytearray(32)
 
@@ -59,7 +61,7 @@ def test_release_decrypts_to_the_same_data_key(
     )
     assert mechanism is OaepHash.SHA1
     assert len(released) == 384
-    assert tee_key.decrypt(released, OAEP_SHA1) == dek
+    assert bound(tee_key.decrypt(released, OAEP_SHA1)) == dek
     assert session_objects(hsm) == 0
 
 
@@ -69,12 +71,12 @@ def test_release_after_rotation_and_rewrap(
     km.rotate_key("model")
     # The old version still unwraps ...
     out, _ = km.release_to_ephemeral("model", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA1])
-    assert tee_key.decrypt(out, OAEP_SHA1) == model_key.dek
+    assert bound(tee_key.decrypt(out, OAEP_SHA1)) == model_key.dek
     # ... and a blob moved to the new version carries the same key.
     moved, version = km.rewrap("model", 1, model_key.wrapped)
     assert version == 2
     out, _ = km.release_to_ephemeral("model", 2, moved, spki(tee_key), [OaepHash.SHA1])
-    assert tee_key.decrypt(out, OAEP_SHA1) == model_key.dek
+    assert bound(tee_key.decrypt(out, OAEP_SHA1)) == model_key.dek
 
 
 def test_sha256_only_is_refused_on_softhsm(
@@ -94,7 +96,7 @@ def test_negotiation_picks_the_first_supported_in_caller_order(
         "model", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA256, OaepHash.SHA1]
     )
     assert mechanism is OaepHash.SHA1
-    assert tee_key.decrypt(out, OAEP_SHA1) == model_key.dek
+    assert bound(tee_key.decrypt(out, OAEP_SHA1)) == model_key.dek
 
 
 def test_broker_policy_can_forbid_sha1(
@@ -102,7 +104,7 @@ def test_broker_policy_can_forbid_sha1(
 ) -> None:
     km = KeyManager(open_hsm(make_config(softhsm_token, allowed_oaep_hashes=(OaepHash.SHA256,))))
     km.create_key("strict")
-    dk = km.generate_data_key("strict")
+    dk = km.generate_data_key("strict", *MODEL)
     with pytest.raises(FailedPrecondition) as info:
         km.release_to_ephemeral("strict", 1, dk.wrapped, spki(tee_key), [OaepHash.SHA1])
     assert info.value.reason == "OAEP_MECHANISM_UNSUPPORTED"
@@ -330,7 +332,7 @@ def test_cached_lookups_still_see_a_disable_on_another_replica(
     other.enable_key("model", 1)
     fresh = KeyManager(km.hsm, lookup_cache_ttl=0)
     out, _ = fresh.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
-    assert tee_key.decrypt(out, OAEP_SHA1) == model_key.dek
+    assert bound(tee_key.decrypt(out, OAEP_SHA1)) == model_key.dek
 
 
 @pytest.mark.parametrize("ttl", [0.0, 60.0])
@@ -356,7 +358,7 @@ def test_a_release_looks_its_key_up_once(
         out, _ = manager.release_to_ephemeral(
             "model", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA1]
         )
-        assert tee_key.decrypt(out, OAEP_SHA1) == model_key.dek
+        assert bound(tee_key.decrypt(out, OAEP_SHA1)) == model_key.dek
     assert lookups == ["model"] * (3 if ttl == 0 else 1)
 
 

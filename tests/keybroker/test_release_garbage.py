@@ -17,12 +17,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from strongroom.keybroker.keys import KeyManager
 from strongroom.oaep import OaepHash
-from tests.keybroker.helpers import spki
+from tests.keybroker.helpers import MODEL, spki
 
 
 def test_a_release_leaves_no_cyclic_garbage(km: KeyManager, tee_key: rsa.RSAPrivateKey) -> None:
     km.create_key("acyclic")
-    _, wrapped, version = km.generate_data_key("acyclic")
+    _, wrapped, version = km.generate_data_key("acyclic", *MODEL)
     target = spki(tee_key)
     km.release_to_ephemeral("acyclic", version, wrapped, target, [OaepHash.SHA1])  # warm caches
     gc.collect()

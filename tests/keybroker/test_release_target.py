@@ -15,7 +15,7 @@ from strongroom.keybroker import ephemeral as ephemeral_module
 from strongroom.keybroker.ephemeral import ReleaseTarget, parse_ephemeral_public_key
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, KeyManager, WrappedDataKey
 from strongroom.oaep import OaepHash, check_accepted
-from tests.keybroker.helpers import spki
+from tests.keybroker.helpers import MODEL, spki
 
 RSA_3072 = rsa.generate_private_key(public_exponent=65537, key_size=3072)
 
@@ -100,7 +100,7 @@ def test_the_hsm_layer_takes_typed_values_without_parsing_again(
     km: KeyManager, tee_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     km.create_key("typed")
-    data_key = km.generate_data_key("typed")
+    data_key = km.generate_data_key("typed", *MODEL)
     target = ReleaseTarget.parse(spki(tee_key), [OaepHash.SHA256, OaepHash.SHA1])
     wrapped = WrappedDataKey(data_key.wrapped)
 

@@ -83,6 +83,8 @@ LOCKED = [
     ("inference", "STRONGROOM__INFERENCE__MODEL_STORE_SPIFFE_ID", "spiffe://strongroom.test/x", "inference.model_store_spiffe_id"),
     ("inference", "STRONGROOM__INFERENCE__MODEL_SIGNING_PUBLIC_KEY", "/tmp/k.pem", "inference.model_signing_public_key"),
     ("inference", "STRONGROOM__INFERENCE__REQUIRE_MODEL_SIGNATURE", "false", "inference.require_model_signature"),
+    # Models any holder of an old (unbound) data key could have written for any name.
+    ("inference", "STRONGROOM__INFERENCE__ACCEPT_UNBOUND_ARTIFACTS", "true", "inference.accept_unbound_artifacts"),
 ]  # fmt: skip
 
 

@@ -49,7 +49,6 @@ import numpy as np
 
 from strongroom.api.inference.v1 import model_control_pb2 as control_pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
-from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
@@ -66,6 +65,7 @@ from strongroom.pki._state import STATE_FILE
 from strongroom.pki.stepca import BINARY_ENV
 from tests.bench import _memprobe
 from tests.bench._proc import anon_huge_pages_kib, process_env, status
+from tests.keybroker.helpers import bound, data_key_request
 
 log = logging.getLogger("soak")
 _REPO = Path(__file__).resolve().parents[2]
@@ -229,7 +229,7 @@ class Soak:
         self.publisher = stack.identity("publisher", lifetime=lifetime)
         stack.create_release_key(self.admin, KEY, policy_version="soak-1")
         broker = pb_grpc.KeyBrokerServiceStub(stack.channel(self.publisher, "keybroker"))
-        generated = broker.GenerateDataKey(pb.GenerateDataKeyRequest(key_id=KEY), timeout=30)
+        generated = broker.GenerateDataKey(data_key_request(KEY), timeout=30)
         self.data_key = generated.data_key
         self.wrapped = generated.wrapped_data_key
         self.version = generated.key_version
@@ -314,7 +314,7 @@ class Soak:
 
                 def release() -> None:
                     released = client.release(KEY, self.version, self.wrapped)
-                    if bytes(released.dek) != self.data_key:
+                    if bound(released.dek) != self.data_key:
                         raise AssertionError("released the wrong key")
 
                 self._retrying("release", release)
