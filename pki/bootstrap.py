@@ -475,7 +475,16 @@ def init_ca(
             "dnsNames": names,
             "logger": {"format": "text"},
             "db": db_config,
-            "authority": {"provisioners": provisioners},
+            "authority": {
+                # step-ca refuses a token issued (iat) before its process started, a stopgap of
+                # its own "for the lack of a persistence layer": it broke every token minted
+                # before the CA was up (the compose bootstrap mints them all before step-ca
+                # starts; a Helm pod's init container may mint its token before the CA's pod is
+                # up). This CA always has a database, which keeps each used token across restarts:
+                # a token stays single-use (and expires) without that check.
+                "disableIssuedAtCheck": True,
+                "provisioners": provisioners,
+            },
             "tls": _CA_TLS,
         }
         meta: dict[str, object] = {

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import stat
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from strongroom.dev.devstack.stack import free_port
 from strongroom.pki import (
     Credentials,
     RenewalPolicy,
     SpiffeId,
     StepCa,
     WorkloadIdentity,
+    init_ca,
     mint_token,
 )
 from strongroom.pki._jose import b64url_decode, thumbprint
@@ -213,3 +216,38 @@ def test_resume_refuses_a_state_key_on_a_curve_it_cannot_load(ca: StepCa, tmp_pa
     path.write_bytes(text[:start] + key_pem + text[end:])
     with pytest.raises(NoIdentity, match="unusable"):
         WorkloadIdentity.resume(ca.client(), state)
+
+
+def test_a_token_minted_before_the_ca_started_enrols_and_stays_single_use(
+    step_ca_binary: Path, tmp_path: Path
+) -> None:
+    """The compose bootstrap mints every token before step-ca starts, and a Helm pod's init
+    container may mint its token before the CA's pod is up (the service container then restarts
+    on the same token, the init container does not run again). step-ca refused every token issued
+    before its process started, so no service could ever enrol. The CA always has a database, which
+    remembers used tokens across restarts: that is what keeps a token single-use."""
+    layout = init_ca(
+        tmp_path / "ca",
+        trust_domain="strongroom.test",
+        dns_names=["127.0.0.1"],
+        address=f"127.0.0.1:{free_port()}",
+    )
+    # A second before now, so it is before the CA's start whatever the clock's sub-second part.
+    minted = time.time() - 1
+    token = mint_token(
+        layout.provisioner(),
+        ca_url=layout.url,
+        subject=sid("inference"),
+        sans=[sid("inference")],
+        now=minted,
+    )
+    ca = StepCa(layout, binary=step_ca_binary)
+    with ca:
+        WorkloadIdentity.enrol(ca.client(), token, auto_renew=False).close()
+    with ca:  # restarted: the used token is still refused
+        with pytest.raises(CaRejected) as caught:
+            WorkloadIdentity.enrol(ca.client(), token, auto_renew=False)
+        assert "HTTP 401" in caught.value.message
+        # step-ca tells only its log why: the token is known as used (not too old).
+        refusals = [line for line in layout.log_path.read_text().splitlines() if "error=" in line]
+        assert "token already used" in refusals[-1], refusals[-1]
