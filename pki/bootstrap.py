@@ -514,6 +514,10 @@ def init_ca(
             write_private(kit / layout.PROVISIONER_KEY, _plain_pem(workload_keys[workload.service]))
             write_public(kit / layout.ROOT_CERT, root.public_bytes(serialization.Encoding.PEM))
             write_public(kit / layout.META, json.dumps(kit_meta, indent=2).encode() + b"\n")
-        write_public(base / layout.CONFIG, json.dumps(config, indent=2).encode() + b"\n")
         write_public(base / layout.META, json.dumps(meta, indent=2).encode() + b"\n")
+        # ca.json last: it is what marks the directory as holding a CA (``init`` refuses one that
+        # has it, and so does the compose bootstrap), so an init that stops before it leaves a
+        # directory the next ``init`` simply writes again; one that stopped after it but before
+        # strongroom.json left a directory every command refused, ``init`` included.
+        write_public(base / layout.CONFIG, json.dumps(config, indent=2).encode() + b"\n")
         return CaLayout.load(base)
