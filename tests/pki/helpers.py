@@ -134,6 +134,8 @@ def make_leaf(
     not_before: datetime | None = None,
     not_after: datetime | None = None,
     extra_chain: Sequence[x509.Certificate] = (),
+    is_ca: bool = False,
+    key_usage: x509.KeyUsage | None = None,
 ) -> Leaf:
     now = datetime.now(UTC)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -147,7 +149,7 @@ def make_leaf(
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before or now - timedelta(minutes=1))
         .not_valid_after(not_after or now + timedelta(minutes=10))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -159,6 +161,8 @@ def make_leaf(
             critical=False,
         )
     )
+    if key_usage is not None:
+        builder = builder.add_extension(key_usage, critical=True)
     if names:
         # Without a subject, the SAN extension must be critical (RFC 5280 §4.2.1.6).
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
