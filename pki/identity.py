@@ -18,6 +18,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from strongroom.closing import Closing
@@ -531,9 +533,12 @@ class WorkloadIdentity(Closing):
             # Kept by a run that stopped before the new identity replaced it: it is the current one.
             _forget(kept)
             return
-        if old.chain[1:] != new.chain[1:]:
-            # Issued under another intermediate (another CA, e.g. a root rotation): this CA's TLS
-            # would not even accept it, and it is not this CA's to revoke.
+        anchor = self._anchor(old)
+        if anchor is None or anchor != self._anchor(new):
+            # Issued under another root (another CA, e.g. a root rotation): this CA's TLS would
+            # not even accept it, and it is not this CA's to revoke. Another intermediate under
+            # the same root is this CA's renewed intermediate: the CA renews certificates issued
+            # under it, so it revokes them too.
             _log.warning(
                 "the replaced certificate 0x%x of %s was issued by another CA than its "
                 "replacement 0x%x; it is not revoked here and stays renewable there until it expires",
@@ -557,6 +562,19 @@ class WorkloadIdentity(Closing):
             self._revoke_pending(force=True)
         else:
             self._wake.set()
+
+    def _anchor(self, credentials: Credentials) -> x509.Certificate | None:
+        """The pinned root that issued the top of ``credentials``' chain (None: none of them)."""
+        top = credentials.chain[-1]
+        for root in self._ca.roots:
+            if top.issuer != root.subject:
+                continue
+            try:
+                top.verify_directly_issued_by(root)
+            except (ValueError, TypeError, InvalidSignature):
+                continue  # a root of the same name with another key (a rotation's new root)
+            return root
+        return None
 
     def _revoke_pending(self, *, force: bool = False) -> None:
         with self._revoke_lock:

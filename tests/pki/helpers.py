@@ -287,3 +287,34 @@ def serve(
     port = server.add_secure_port("127.0.0.1:0", identity.server_credentials())
     server.start()
     return Server(server, port, calls, servicer)
+
+
+def rotate_intermediate(ca: StepCa) -> x509.Certificate:
+    """Gives ``ca`` a new intermediate CA (new key, same root, same database) and restarts it,
+    as an operator renewing an expiring intermediate does; returns the new intermediate."""
+    from strongroom.pki import bootstrap, layout
+    from strongroom.pki._files import read_private, write_private, write_public
+
+    directory = ca.layout.directory
+    password = read_private(directory / layout.PASSWORD).strip()
+    root = x509.load_pem_x509_certificate(ca.root_pem)
+    root_key = serialization.load_pem_private_key(
+        read_private(directory / layout.ROOT_KEY), password=password
+    )
+    assert isinstance(root_key, ec.EllipticCurvePrivateKey)
+    old, _ = ca.layout.load_intermediate()
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = bootstrap._ca_certificate(
+        old.subject,
+        key,
+        root.subject,
+        root_key,
+        path_length=0,
+        validity=bootstrap.INTERMEDIATE_VALIDITY,
+        now=datetime.now(UTC),
+    )
+    ca.stop()
+    write_private(directory / layout.INTERMEDIATE_KEY, bootstrap._encrypted_pem(key, password))
+    write_public(directory / layout.INTERMEDIATE_CERT, pem(cert))
+    ca.start()
+    return cert

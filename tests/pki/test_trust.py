@@ -50,6 +50,26 @@ def test_a_two_root_bundle_enrols_renews_and_resumes_at_either_ca(
             assert resumed.credentials.serial == identity.credentials.serial
 
 
+def test_a_certificate_of_the_old_root_replaced_at_the_new_ca_is_left_to_expire(
+    ca: StepCa, new_root_ca: StepCa, tmp_path: Path
+) -> None:
+    """Step 3 of a root rotation: enrolling at the new CA over an identity of the old one does not
+    try to revoke the old certificate at the new CA, which neither trusts nor knows it (its
+    renewal there is refused anyway)."""
+    bundle = new_root_ca.root_pem + ca.root_pem
+    state = tmp_path / "state"
+    with WorkloadIdentity.enrol(
+        CaClient(ca.url, bundle), token_for(ca, "inference"), state_dir=state, auto_renew=False
+    ):
+        pass
+    client = CaClient(new_root_ca.url, bundle)
+    with WorkloadIdentity.enrol(
+        client, token_for(new_root_ca, "inference"), state_dir=state, auto_renew=False
+    ) as moved:
+        assert moved.status().unrevoked_serials == ()
+    assert list(state.glob("superseded-*.pem")) == []
+
+
 def test_a_root_file_with_a_certificate_that_is_not_a_root_is_refused(ca: StepCa) -> None:
     intermediate, intermediate_key = ca.layout.load_intermediate()
     with pytest.raises(InvalidPkiConfig) as refused:
