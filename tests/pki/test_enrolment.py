@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from strongroom.dev.devstack.stack import free_port
+from strongroom.errors import FailedPrecondition
 from strongroom.pki import (
     Credentials,
     RenewalPolicy,
@@ -31,6 +32,9 @@ from strongroom.pki._state import STATE_FILE
 from strongroom.pki._x509 import build_csr, generate_key, verify_chain
 from strongroom.pki.errors import CaRejected, NoIdentity
 from strongroom.pki.layout import Provisioner
+from strongroom.reasons import Reason
+from strongroom.runtime.bootstrap import open_identity
+from strongroom.runtime.config import IdentityConfig
 from tests.pki.helpers import enrol, sid, token_for
 
 
@@ -251,3 +255,28 @@ def test_a_token_minted_before_the_ca_started_enrols_and_stays_single_use(
         # step-ca tells only its log why: the token is known as used (not too old).
         refusals = [line for line in layout.log_path.read_text().splitlines() if "error=" in line]
         assert "token already used" in refusals[-1], refusals[-1]
+
+
+def test_a_service_refuses_an_enrolment_token_others_may_read(ca: StepCa, tmp_path: Path) -> None:
+    """The token is a bearer credential for the service's identity until it is used: anyone who
+    can read it may enrol first and hold a certificate for that SPIFFE ID. A service read it from
+    a file of any mode (its PINs and keys must be 0600)."""
+    token_file = tmp_path / "keybroker.token"
+    token_file.write_text(token_for(ca, "keybroker", ["keybroker"]))
+    token_file.chmod(0o644)
+    config = IdentityConfig(
+        trust_domain="strongroom.test",
+        spiffe_id=sid("keybroker"),
+        ca_url=ca.url,
+        ca_root_file=ca.layout.root_cert_path,
+        token_file=token_file,
+        state_dir=tmp_path / "state",
+    )
+    with pytest.raises(FailedPrecondition) as refused:
+        open_identity(config)
+    assert refused.value.reason == Reason.SECRET_FILE_PERMISSIONS
+    assert str(token_file) in refused.value.message and "644" in refused.value.message
+    assert not (tmp_path / "state").exists()  # nothing enrolled: the token is still unused
+    token_file.chmod(0o600)
+    with open_identity(config) as identity:
+        assert str(identity.spiffe_id) == sid("keybroker")
