@@ -34,7 +34,7 @@ from strongroom.pki._state import (
     save_superseded,
     superseded_files,
 )
-from strongroom.pki._x509 import build_csr, generate_key, verify_chain
+from strongroom.pki._x509 import all_sans, build_csr, generate_key, verify_chain
 from strongroom.pki.channel import RotatingChannel
 from strongroom.pki.client import REVOCATION_REASONS, CaClient, ClientCertificate
 from strongroom.pki.credentials import Credentials
@@ -52,6 +52,8 @@ from strongroom.spiffe import SpiffeId
 _UNUSABLE_STATE: tuple[type[Exception], ...] = (PermissionError, StrongroomError, *KEY_PARSE_ERRORS)
 # What makes a persisted identity not worth revoking when an enrolment replaces it.
 _NOT_LIVE: tuple[type[Exception], ...] = (OSError, ValueError, *_UNUSABLE_STATE)
+# What keeps a token from being compared with the persisted identity (enrolment reports a bad one).
+_UNREADABLE_TOKEN_OR_STATE: tuple[type[Exception], ...] = (*_NOT_LIVE, KeyError, IndexError)
 _log = logging.getLogger(__name__)
 
 __all__ = ["STATE_FILE", "IdentityStatus", "RenewalPolicy", "WorkloadIdentity", "utc_now"]
@@ -149,6 +151,27 @@ def _persisted_identity(ca: CaClient, state: Path, now: datetime) -> Credentials
         return Credentials(key, tuple(chain), issued_at=issued_at, generation=1)
     except _NOT_LIVE:
         return None  # nothing there, or nothing step-ca would renew
+
+
+def _token_replaces(token: str, state: Path, now: datetime) -> str | None:
+    """Why ``token`` replaces the identity persisted in ``state``: it is unexpired and asks for
+    other SANs. None when it does not (or cannot tell: enrolment then reports a bad token)."""
+    try:
+        claims = _jose.unverified_claims(token)
+        _, sans = _token_sans(token)
+        _, chain, _ = load_state(state)
+    except _UNREADABLE_TOKEN_OR_STATE:
+        return None
+    expires = claims.get("exp")
+    if not isinstance(expires, int | float) or expires <= now.timestamp():
+        return None  # a used or stale token: it can enrol nothing
+    persisted = all_sans(chain[0])
+    if set(sans) == persisted:
+        return None
+    return (
+        f"it asks for {sorted(set(sans))}, the identity persisted in {state} has "
+        f"{sorted(persisted)} (renewals would keep those)"
+    )
 
 
 def _keep_superseded(state: Path, credentials: Credentials) -> Path | None:
@@ -309,8 +332,19 @@ class WorkloadIdentity(Closing):
         clock: Clock = utc_now,
         auto_renew: bool = True,
     ) -> WorkloadIdentity:
-        """Resumes from ``state_dir`` when it holds a valid identity, else enrols with ``token``."""
-        if state_dir is not None:
+        """Resumes from ``state_dir`` when it holds a valid identity, else enrols with ``token``.
+
+        A ``token`` that is still valid and asks for other SANs than the persisted identity has
+        (another DNS name, another SPIFFE ID) is the operator's replacement for it: it enrols, and
+        the identity it replaces is revoked. Renewals copy a certificate's names, so resuming
+        would keep the old ones for ever.
+        """
+        replaced = None
+        if state_dir is not None and token is not None:
+            replaced = _token_replaces(token, Path(state_dir), clock())
+        if replaced is not None:
+            _log.warning("enrolling with the enrolment token: %s", replaced)
+        elif state_dir is not None:
             try:
                 return cls.resume(ca, state_dir, policy=policy, clock=clock, auto_renew=auto_renew)
             except NoIdentity as exc:

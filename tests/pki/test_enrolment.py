@@ -30,6 +30,7 @@ from strongroom.pki import (
 from strongroom.pki._jose import b64url_decode, thumbprint
 from strongroom.pki._state import STATE_FILE
 from strongroom.pki._x509 import build_csr, generate_key, verify_chain
+from strongroom.pki.client import ClientCertificate
 from strongroom.pki.errors import CaRejected, NoIdentity
 from strongroom.pki.layout import Provisioner
 from strongroom.reasons import Reason
@@ -280,3 +281,50 @@ def test_a_service_refuses_an_enrolment_token_others_may_read(ca: StepCa, tmp_pa
     token_file.chmod(0o600)
     with open_identity(config) as identity:
         assert str(identity.spiffe_id) == sid("keybroker")
+
+
+def test_a_fresh_token_for_other_names_replaces_the_persisted_identity(
+    ca: StepCa, tmp_path: Path
+) -> None:
+    """The operator gives a service another DNS name (or SPIFFE ID) and a fresh token for it (the
+    compose bootstrap mints one from the service's configuration at every `up`). The service
+    resumed its persisted certificate and ignored the token: renewals copy the old names, so it
+    kept them for ever (a new SPIFFE ID failed the start until the state was wiped by hand). A
+    token asking for other SANs than the persisted identity's now enrols, and the replaced
+    certificate is revoked; the token already used, or an expired one, changes nothing."""
+    state = tmp_path / "state"
+    first_token = token_for(ca, "keybroker", ["keybroker"])
+    with WorkloadIdentity.start(
+        ca.client(), token=first_token, state_dir=state, auto_renew=False
+    ) as first:
+        old = first.credentials
+    renamed_token = token_for(ca, "keybroker", ["keybroker", "keybroker.strongroom.test"])
+    with WorkloadIdentity.start(
+        ca.client(), token=renamed_token, state_dir=state, auto_renew=False
+    ) as second:
+        assert second.credentials.sans == {
+            sid("keybroker"),
+            "keybroker",
+            "keybroker.strongroom.test",
+        }
+        assert second.status().unrevoked_serials == ()
+        renamed = second.credentials
+    with pytest.raises(CaRejected, match=r"HTTP 401"):
+        ca.client().renew(ClientCertificate(old.key_pem, old.chain_pem))
+    # Restarted with the same (used) token: resumed, not enrolled again.
+    with WorkloadIdentity.start(
+        ca.client(), token=renamed_token, state_dir=state, auto_renew=False
+    ) as third:
+        assert third.credentials.serial == renamed.serial
+    # A token for other names that has expired cannot enrol anything: resumed too.
+    expired = mint_token(
+        ca.layout.provisioner(),
+        ca_url=ca.url,
+        subject=sid("keybroker"),
+        sans=[sid("keybroker")],
+        now=time.time() - 3600,
+    )
+    with WorkloadIdentity.start(
+        ca.client(), token=expired, state_dir=state, auto_renew=False
+    ) as fourth:
+        assert fourth.credentials.serial == renamed.serial
