@@ -340,6 +340,7 @@ class WorkloadIdentity(Closing):
         would keep the old ones for ever.
         """
         replaced = None
+        not_resumed = None
         if state_dir is not None and token is not None:
             replaced = _token_replaces(token, Path(state_dir), clock())
         if replaced is not None:
@@ -350,18 +351,30 @@ class WorkloadIdentity(Closing):
             except NoIdentity as exc:
                 if token is None:
                     raise
+                not_resumed = exc.message
                 _log.info("enrolling with a token: %s", exc.message)
         if token is None:
             raise NoIdentity("no persisted identity and no enrolment token")
-        return cls.enrol(
-            ca,
-            token,
-            lifetime=lifetime,
-            state_dir=state_dir,
-            policy=policy,
-            clock=clock,
-            auto_renew=auto_renew,
-        )
+        try:
+            return cls.enrol(
+                ca,
+                token,
+                lifetime=lifetime,
+                state_dir=state_dir,
+                policy=policy,
+                clock=clock,
+                auto_renew=auto_renew,
+            )
+        except CaRejected as exc:
+            if not_resumed is None:
+                raise
+            # Most often the token beside a damaged or lapsed identity is the one used for it
+            # long ago: the CA's bare 401 would hide why this start had to enrol at all.
+            raise CaRejected(
+                f"{exc.message}; enrolling was needed because {not_resumed[0].lower()}"
+                f"{not_resumed[1:]} (a token already used cannot enrol again: give a fresh one)",
+                reason=exc.reason,
+            ) from exc
 
     # ----------------------------------------------------------------- accessors
 

@@ -328,3 +328,22 @@ def test_a_fresh_token_for_other_names_replaces_the_persisted_identity(
         ca.client(), token=expired, state_dir=state, auto_renew=False
     ) as fourth:
         assert fourth.credentials.serial == renamed.serial
+
+
+def test_a_damaged_state_file_is_named_when_the_used_token_cannot_replace_it(
+    ca: StepCa, tmp_path: Path
+) -> None:
+    """The persisted identity is damaged (here cut in half) and the token beside it was used for
+    it long ago: the start failed with only the CA's "HTTP 401 ... lacked necessary
+    authorization", the state file's problem logged at INFO before it. The refusal now says why
+    the service had to enrol at all."""
+    state = tmp_path / "state"
+    token = token_for(ca, "inference")
+    WorkloadIdentity.start(ca.client(), token=token, state_dir=state, auto_renew=False).close()
+    persisted = state / STATE_FILE
+    persisted.write_bytes(persisted.read_bytes()[: len(persisted.read_bytes()) // 2])
+    with pytest.raises(CaRejected) as refused:
+        WorkloadIdentity.start(ca.client(), token=token, state_dir=state, auto_renew=False)
+    message = refused.value.message
+    assert "HTTP 401" in message
+    assert str(state) in message and "unusable" in message
