@@ -30,6 +30,7 @@ from strongroom.pki._state import (
     STATE_FILE,
     load_state,
     load_superseded,
+    prepare_state_dir,
     save_state,
     save_superseded,
     superseded_files,
@@ -256,6 +257,10 @@ class WorkloadIdentity(Closing):
         ``lifetime`` asks for a certificate lifetime (the CA's default when None).
         """
         _, sans = _token_sans(token)
+        state = Path(state_dir) if state_dir is not None else None
+        if state is not None:
+            # Before the token is presented: step-ca takes it once, whatever happens after.
+            prepare_state_dir(state)
         key = generate_key()
         chain = ca.sign(build_csr(key, sans), token, lifetime=lifetime)
         credentials = Credentials(key, tuple(chain), issued_at=clock(), generation=1)
@@ -264,7 +269,6 @@ class WorkloadIdentity(Closing):
                 f"the CA issued SANs {sorted(credentials.sans)} instead of {sorted(sans)}",
                 reason=Reason.SAN_MISMATCH,
             )
-        state = Path(state_dir) if state_dir is not None else None
         previous = _persisted_identity(ca, state, clock()) if state is not None else None
         kept = None
         if state is not None:

@@ -347,3 +347,19 @@ def test_a_damaged_state_file_is_named_when_the_used_token_cannot_replace_it(
     message = refused.value.message
     assert "HTTP 401" in message
     assert str(state) in message and "unusable" in message
+
+
+def test_a_refused_state_directory_does_not_use_up_the_token(ca: StepCa, tmp_path: Path) -> None:
+    """The state directory was checked only when the new identity was saved, after step-ca had
+    taken the one-time token: a service whose identity volume belonged to another user (a volume
+    created by root) burned its token, and after the operator fixed the owner it could not enrol
+    until a new token was minted. The directory is checked before the token is presented."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 4242, 4242)
+    token = token_for(ca, "inference")
+    with pytest.raises(PermissionError, match="belongs to uid 4242"):
+        WorkloadIdentity.enrol(ca.client(), token, state_dir=state, auto_renew=False)
+    os.chown(state, os.geteuid(), os.getegid())
+    with WorkloadIdentity.enrol(ca.client(), token, state_dir=state, auto_renew=False) as identity:
+        assert str(identity.spiffe_id) == sid("inference")
