@@ -9,6 +9,7 @@ handshake (``dynamic_ssl_server_credentials``); client channels are rebuilt on r
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -154,9 +155,14 @@ def _persisted_identity(ca: CaClient, state: Path, now: datetime) -> Credentials
         return None  # nothing there, or nothing step-ca would renew
 
 
-def _token_replaces(token: str, state: Path, now: datetime) -> str | None:
+def _token_replaces(
+    token: str, state: Path, now: datetime, roots: Sequence[x509.Certificate]
+) -> str | None:
     """Why ``token`` replaces the identity persisted in ``state``: it is unexpired and asks for
-    other SANs. None when it does not (or cannot tell: enrolment then reports a bad token)."""
+    other SANs, or names (``sha``, the root's SHA-256 as ``strongroom pki token`` adds it)
+    another of the pinned ``roots`` than the one the persisted chain leads to (a root
+    rotation's new CA). None when it does not (or cannot tell: enrolment then reports a bad
+    token, and a chain no pinned root issued is not resumed anyway)."""
     try:
         claims = _jose.unverified_claims(token)
         _, sans = _token_sans(token)
@@ -167,12 +173,38 @@ def _token_replaces(token: str, state: Path, now: datetime) -> str | None:
     if not isinstance(expires, int | float) or expires <= now.timestamp():
         return None  # a used or stale token: it can enrol nothing
     persisted = all_sans(chain[0])
-    if set(sans) == persisted:
-        return None
-    return (
-        f"it asks for {sorted(set(sans))}, the identity persisted in {state} has "
-        f"{sorted(persisted)} (renewals would keep those)"
-    )
+    if set(sans) != persisted:
+        return (
+            f"it asks for {sorted(set(sans))}, the identity persisted in {state} has "
+            f"{sorted(persisted)} (renewals would keep those)"
+        )
+    wanted = claims.get("sha")
+    issuer = _anchor_of(chain, roots)
+    if isinstance(wanted, str) and issuer is not None:
+        have = hashlib.sha256(issuer.public_bytes(serialization.Encoding.DER)).hexdigest()
+        if wanted.lower() != have:
+            return (
+                f"it is for the CA whose root has SHA-256 {wanted.lower()}, the identity "
+                f"persisted in {state} was issued under the root with SHA-256 {have} (its "
+                "renewals there would fail)"
+            )
+    return None
+
+
+def _anchor_of(
+    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]
+) -> x509.Certificate | None:
+    """The one of ``roots`` that issued the top of ``chain`` (None: none of them)."""
+    top = chain[-1]
+    for root in roots:
+        if top.issuer != root.subject:
+            continue
+        try:
+            top.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue  # a root of the same name with another key (a rotation's new root)
+        return root
+    return None
 
 
 def _keep_superseded(state: Path, credentials: Credentials) -> Path | None:
@@ -346,7 +378,7 @@ class WorkloadIdentity(Closing):
         replaced = None
         not_resumed = None
         if state_dir is not None and token is not None:
-            replaced = _token_replaces(token, Path(state_dir), clock())
+            replaced = _token_replaces(token, Path(state_dir), clock(), ca.roots)
         if replaced is not None:
             _log.warning("enrolling with the enrolment token: %s", replaced)
         elif state_dir is not None:
@@ -616,16 +648,7 @@ class WorkloadIdentity(Closing):
 
     def _anchor(self, credentials: Credentials) -> x509.Certificate | None:
         """The pinned root that issued the top of ``credentials``' chain (None: none of them)."""
-        top = credentials.chain[-1]
-        for root in self._ca.roots:
-            if top.issuer != root.subject:
-                continue
-            try:
-                top.verify_directly_issued_by(root)
-            except (ValueError, TypeError, InvalidSignature):
-                continue  # a root of the same name with another key (a rotation's new root)
-            return root
-        return None
+        return _anchor_of(credentials.chain, self._ca.roots)
 
     def _revoke_pending(self, *, force: bool = False) -> None:
         with self._revoke_lock:
