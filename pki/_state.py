@@ -27,12 +27,11 @@ _SUPERSEDED_PREFIX = "superseded-"
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\n?", re.DOTALL)
 
 
-def save_state(state_dir: Path, credentials: Credentials) -> None:
-    """Writes key + chain to ``state_dir/identity.pem`` (directory 0700, file 0600).
-
-    An existing directory must belong to this user (PermissionError otherwise): its owner can
-    read or swap the key whatever mode we set, and root's chmod would succeed on a directory
-    another user prepared (in /tmp, say) and hand our key to them."""
+def prepare_state_dir(state_dir: Path) -> None:
+    """Creates ``state_dir`` (0700) or checks an existing one: it must belong to this user
+    (PermissionError otherwise), since its owner can read or swap the key whatever mode we set,
+    and root's chmod would succeed on a directory another user prepared (in /tmp, say) and hand
+    our key to them. An enrolment calls it before presenting its one-time token."""
     state_dir.mkdir(parents=True, exist_ok=True)
     owner = state_dir.stat().st_uid
     if owner != os.geteuid():
@@ -42,6 +41,12 @@ def save_state(state_dir: Path, credentials: Credentials) -> None:
             "this user's"
         )
     os.chmod(state_dir, 0o700)
+
+
+def save_state(state_dir: Path, credentials: Credentials) -> None:
+    """Writes key + chain to ``state_dir/identity.pem`` (directory 0700, checked as
+    :func:`prepare_state_dir` does; file 0600)."""
+    prepare_state_dir(state_dir)
     write_private(state_dir / STATE_FILE, credentials.key_pem + credentials.chain_pem)
 
 

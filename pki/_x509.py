@@ -149,6 +149,34 @@ def single_spiffe_id(cert: x509.Certificate) -> SpiffeId:
     return SpiffeId.parse(uris[0])
 
 
+def signing_capability(cert: x509.Certificate) -> str | None:
+    """Why ``cert`` may not stand for a workload: it is a CA certificate or may sign certificates
+    or CRLs (an X.509-SVID leaf may not, SPIFFE X509-SVID §4.3-§4.4, §5.2); None for a leaf.
+
+    TLS accepts such a certificate as a peer's leaf (and a chain through it where the issuer's
+    path length allows), so whoever checks an identity checks this too.
+    """
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        if constraints.ca:
+            return "it is a CA certificate (basicConstraints CA:TRUE), not a workload's"
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    signs = [
+        name
+        for name, on in (("keyCertSign", usage.key_cert_sign), ("cRLSign", usage.crl_sign))
+        if on
+    ]
+    if signs:
+        return f"its key usage allows {' and '.join(signs)}, which a workload's may not"
+    return None
+
+
 def _describe(cert: x509.Certificate) -> str:
     subject = cert.subject.rfc4514_string() or ", ".join(all_sans(cert)) or "(no subject)"
     return f"{subject!r} (serial 0x{cert.serial_number:x})"

@@ -3,7 +3,8 @@
 The TLS handshake has already verified the client's chain against our root (gRPC Python offers no
 request-but-don't-verify mode, see ``pki/README.md``). :class:`SpiffeAuthorizer` then checks, for every
 RPC: a peer certificate is present; it is time-valid NOW (a connection may outlive its certificate);
-it has exactly one URI SAN, a SPIFFE ID in our trust domain; the connection negotiated TLS 1.3; and
+it has exactly one URI SAN, a SPIFFE ID in our trust domain; it is not a CA's (CA:TRUE, keyCertSign or
+cRLSign: the handshake accepts those as leaves); the connection negotiated TLS 1.3; and
 the method's rule lists that ID. Failures raise :class:`PeerUnauthenticated` (UNAUTHENTICATED: no
 usable identity) or :class:`PeerNotAllowed` (PERMISSION_DENIED: known identity, not allowed), naming
 the identity and the method, before the handler runs or any request is read. The authoriser only
@@ -30,7 +31,7 @@ from cryptography import x509
 
 from strongroom.cryptoparse import X509_PARSE_ERRORS
 from strongroom.errors import StrongroomError
-from strongroom.pki._x509 import cert_spki_der, uri_sans
+from strongroom.pki._x509 import cert_spki_der, signing_capability, uri_sans
 from strongroom.pki.errors import (
     InvalidPkiConfig,
     PeerNotAllowed,
@@ -98,6 +99,9 @@ def _parse_peer(pem: bytes) -> _ParsedPeer:
         never = datetime.min.replace(tzinfo=UTC)  # expired: the cache drops it at the next miss
         return _ParsedPeer(0, never, never, b"", None, "malformed peer certificate")
     spiffe_id, problem = _peer_spiffe_id(cert)
+    if problem is None:
+        # A certificate able to sign certificates is a CA's, whatever URI SAN it carries.
+        problem = signing_capability(cert)
     return _ParsedPeer(
         serial=cert.serial_number,
         not_before=cert.not_valid_before_utc,

@@ -475,7 +475,16 @@ def init_ca(
             "dnsNames": names,
             "logger": {"format": "text"},
             "db": db_config,
-            "authority": {"provisioners": provisioners},
+            "authority": {
+                # step-ca refuses a token issued (iat) before its process started, a stopgap of
+                # its own "for the lack of a persistence layer": it broke every token minted
+                # before the CA was up (the compose bootstrap mints them all before step-ca
+                # starts; a Helm pod's init container may mint its token before the CA's pod is
+                # up). This CA always has a database, which keeps each used token across restarts:
+                # a token stays single-use (and expires) without that check.
+                "disableIssuedAtCheck": True,
+                "provisioners": provisioners,
+            },
             "tls": _CA_TLS,
         }
         meta: dict[str, object] = {
@@ -505,6 +514,10 @@ def init_ca(
             write_private(kit / layout.PROVISIONER_KEY, _plain_pem(workload_keys[workload.service]))
             write_public(kit / layout.ROOT_CERT, root.public_bytes(serialization.Encoding.PEM))
             write_public(kit / layout.META, json.dumps(kit_meta, indent=2).encode() + b"\n")
-        write_public(base / layout.CONFIG, json.dumps(config, indent=2).encode() + b"\n")
         write_public(base / layout.META, json.dumps(meta, indent=2).encode() + b"\n")
+        # ca.json last: it is what marks the directory as holding a CA (``init`` refuses one that
+        # has it, and so does the compose bootstrap), so an init that stops before it leaves a
+        # directory the next ``init`` simply writes again; one that stopped after it but before
+        # strongroom.json left a directory every command refused, ``init`` included.
+        write_public(base / layout.CONFIG, json.dumps(config, indent=2).encode() + b"\n")
         return CaLayout.load(base)

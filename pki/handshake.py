@@ -21,6 +21,7 @@ import grpc
 from cryptography import x509
 
 from strongroom.pki._files import memory_file
+from strongroom.pki._x509 import signing_capability
 from strongroom.pki.errors import PeerUnauthenticated
 from strongroom.reasons import Reason
 
@@ -193,7 +194,7 @@ def server_spiffe_ids(
     against our root; None when the server cannot be reached.
 
     Raises :class:`ServerIdentityMismatch` when the server's certificate does not chain to our
-    root. The host name is not checked here: gRPC checks it on its own connection.
+    root or is a CA's (CA:TRUE, keyCertSign or cRLSign). The host name is not checked here: gRPC checks it on its own connection.
     """
     address = host_port(target)
     if address is None:
@@ -222,6 +223,12 @@ def server_spiffe_ids(
     if der is None:
         return None
     cert = x509.load_der_x509_certificate(der)
+    problem = signing_capability(cert)
+    if problem is not None:
+        # TLS takes a CA certificate as a server's leaf; no workload's certificate is one.
+        raise ServerIdentityMismatch(
+            f"the server at {target} presented a certificate that is no workload's: {problem}"
+        )
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

@@ -9,6 +9,7 @@ handshake (``dynamic_ssl_server_credentials``); client channels are rebuilt on r
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -18,6 +19,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from strongroom.closing import Closing
@@ -28,11 +31,12 @@ from strongroom.pki._state import (
     STATE_FILE,
     load_state,
     load_superseded,
+    prepare_state_dir,
     save_state,
     save_superseded,
     superseded_files,
 )
-from strongroom.pki._x509 import build_csr, generate_key, verify_chain
+from strongroom.pki._x509 import all_sans, build_csr, generate_key, verify_chain
 from strongroom.pki.channel import RotatingChannel
 from strongroom.pki.client import REVOCATION_REASONS, CaClient, ClientCertificate
 from strongroom.pki.credentials import Credentials
@@ -50,6 +54,8 @@ from strongroom.spiffe import SpiffeId
 _UNUSABLE_STATE: tuple[type[Exception], ...] = (PermissionError, StrongroomError, *KEY_PARSE_ERRORS)
 # What makes a persisted identity not worth revoking when an enrolment replaces it.
 _NOT_LIVE: tuple[type[Exception], ...] = (OSError, ValueError, *_UNUSABLE_STATE)
+# What keeps a token from being compared with the persisted identity (enrolment reports a bad one).
+_UNREADABLE_TOKEN_OR_STATE: tuple[type[Exception], ...] = (*_NOT_LIVE, KeyError, IndexError)
 _log = logging.getLogger(__name__)
 
 __all__ = ["STATE_FILE", "IdentityStatus", "RenewalPolicy", "WorkloadIdentity", "utc_now"]
@@ -149,6 +155,58 @@ def _persisted_identity(ca: CaClient, state: Path, now: datetime) -> Credentials
         return None  # nothing there, or nothing step-ca would renew
 
 
+def _token_replaces(
+    token: str, state: Path, now: datetime, roots: Sequence[x509.Certificate]
+) -> str | None:
+    """Why ``token`` replaces the identity persisted in ``state``: it is unexpired and asks for
+    other SANs, or names (``sha``, the root's SHA-256 as ``strongroom pki token`` adds it)
+    another of the pinned ``roots`` than the one the persisted chain leads to (a root
+    rotation's new CA). None when it does not (or cannot tell: enrolment then reports a bad
+    token, and a chain no pinned root issued is not resumed anyway)."""
+    try:
+        claims = _jose.unverified_claims(token)
+        _, sans = _token_sans(token)
+        _, chain, _ = load_state(state)
+    except _UNREADABLE_TOKEN_OR_STATE:
+        return None
+    expires = claims.get("exp")
+    if not isinstance(expires, int | float) or expires <= now.timestamp():
+        return None  # a used or stale token: it can enrol nothing
+    persisted = all_sans(chain[0])
+    if set(sans) != persisted:
+        return (
+            f"it asks for {sorted(set(sans))}, the identity persisted in {state} has "
+            f"{sorted(persisted)} (renewals would keep those)"
+        )
+    wanted = claims.get("sha")
+    issuer = _anchor_of(chain, roots)
+    if isinstance(wanted, str) and issuer is not None:
+        have = hashlib.sha256(issuer.public_bytes(serialization.Encoding.DER)).hexdigest()
+        if wanted.lower() != have:
+            return (
+                f"it is for the CA whose root has SHA-256 {wanted.lower()}, the identity "
+                f"persisted in {state} was issued under the root with SHA-256 {have} (its "
+                "renewals there would fail)"
+            )
+    return None
+
+
+def _anchor_of(
+    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]
+) -> x509.Certificate | None:
+    """The one of ``roots`` that issued the top of ``chain`` (None: none of them)."""
+    top = chain[-1]
+    for root in roots:
+        if top.issuer != root.subject:
+            continue
+        try:
+            top.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue  # a root of the same name with another key (a rotation's new root)
+        return root
+    return None
+
+
 def _keep_superseded(state: Path, credentials: Credentials) -> Path | None:
     """Writes a certificate about to be replaced to the state directory (see ``_state``)."""
     try:
@@ -231,6 +289,10 @@ class WorkloadIdentity(Closing):
         ``lifetime`` asks for a certificate lifetime (the CA's default when None).
         """
         _, sans = _token_sans(token)
+        state = Path(state_dir) if state_dir is not None else None
+        if state is not None:
+            # Before the token is presented: step-ca takes it once, whatever happens after.
+            prepare_state_dir(state)
         key = generate_key()
         chain = ca.sign(build_csr(key, sans), token, lifetime=lifetime)
         credentials = Credentials(key, tuple(chain), issued_at=clock(), generation=1)
@@ -239,7 +301,6 @@ class WorkloadIdentity(Closing):
                 f"the CA issued SANs {sorted(credentials.sans)} instead of {sorted(sans)}",
                 reason=Reason.SAN_MISMATCH,
             )
-        state = Path(state_dir) if state_dir is not None else None
         previous = _persisted_identity(ca, state, clock()) if state is not None else None
         kept = None
         if state is not None:
@@ -307,25 +368,49 @@ class WorkloadIdentity(Closing):
         clock: Clock = utc_now,
         auto_renew: bool = True,
     ) -> WorkloadIdentity:
-        """Resumes from ``state_dir`` when it holds a valid identity, else enrols with ``token``."""
-        if state_dir is not None:
+        """Resumes from ``state_dir`` when it holds a valid identity, else enrols with ``token``.
+
+        A ``token`` that is still valid and asks for other SANs than the persisted identity has
+        (another DNS name, another SPIFFE ID) is the operator's replacement for it: it enrols, and
+        the identity it replaces is revoked. Renewals copy a certificate's names, so resuming
+        would keep the old ones for ever.
+        """
+        replaced = None
+        not_resumed = None
+        if state_dir is not None and token is not None:
+            replaced = _token_replaces(token, Path(state_dir), clock(), ca.roots)
+        if replaced is not None:
+            _log.warning("enrolling with the enrolment token: %s", replaced)
+        elif state_dir is not None:
             try:
                 return cls.resume(ca, state_dir, policy=policy, clock=clock, auto_renew=auto_renew)
             except NoIdentity as exc:
                 if token is None:
                     raise
+                not_resumed = exc.message
                 _log.info("enrolling with a token: %s", exc.message)
         if token is None:
             raise NoIdentity("no persisted identity and no enrolment token")
-        return cls.enrol(
-            ca,
-            token,
-            lifetime=lifetime,
-            state_dir=state_dir,
-            policy=policy,
-            clock=clock,
-            auto_renew=auto_renew,
-        )
+        try:
+            return cls.enrol(
+                ca,
+                token,
+                lifetime=lifetime,
+                state_dir=state_dir,
+                policy=policy,
+                clock=clock,
+                auto_renew=auto_renew,
+            )
+        except CaRejected as exc:
+            if not_resumed is None:
+                raise
+            # Most often the token beside a damaged or lapsed identity is the one used for it
+            # long ago: the CA's bare 401 would hide why this start had to enrol at all.
+            raise CaRejected(
+                f"{exc.message}; enrolling was needed because {not_resumed[0].lower()}"
+                f"{not_resumed[1:]} (a token already used cannot enrol again: give a fresh one)",
+                reason=exc.reason,
+            ) from exc
 
     # ----------------------------------------------------------------- accessors
 
@@ -531,9 +616,12 @@ class WorkloadIdentity(Closing):
             # Kept by a run that stopped before the new identity replaced it: it is the current one.
             _forget(kept)
             return
-        if old.chain[1:] != new.chain[1:]:
-            # Issued under another intermediate (another CA, e.g. a root rotation): this CA's TLS
-            # would not even accept it, and it is not this CA's to revoke.
+        anchor = self._anchor(old)
+        if anchor is None or anchor != self._anchor(new):
+            # Issued under another root (another CA, e.g. a root rotation): this CA's TLS would
+            # not even accept it, and it is not this CA's to revoke. Another intermediate under
+            # the same root is this CA's renewed intermediate: the CA renews certificates issued
+            # under it, so it revokes them too.
             _log.warning(
                 "the replaced certificate 0x%x of %s was issued by another CA than its "
                 "replacement 0x%x; it is not revoked here and stays renewable there until it expires",
@@ -557,6 +645,10 @@ class WorkloadIdentity(Closing):
             self._revoke_pending(force=True)
         else:
             self._wake.set()
+
+    def _anchor(self, credentials: Credentials) -> x509.Certificate | None:
+        """The pinned root that issued the top of ``credentials``' chain (None: none of them)."""
+        return _anchor_of(credentials.chain, self._ca.roots)
 
     def _revoke_pending(self, *, force: bool = False) -> None:
         with self._revoke_lock:

@@ -25,6 +25,7 @@ from strongroom.runtime.config import (
 from strongroom.runtime.interceptors import RefusalObserver
 from strongroom.runtime.logs import configure_logging
 from strongroom.runtime.metrics import install_meter_provider
+from strongroom.runtime.secrets import require_private
 from strongroom.runtime.server import HEALTH_SERVICE, MessageLimits, ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import server_tracing_interceptor
 
@@ -44,6 +45,9 @@ def open_identity(config: IdentityConfig) -> WorkloadIdentity:
         ) from None
     token: str | None = None
     if config.token_file is not None and config.token_file.exists():
+        # Until it is used the token is a bearer credential for this identity: whoever reads it
+        # may enrol first and hold a certificate for our SPIFFE ID. Private, like every secret.
+        require_private(config.token_file, "identity.token_file (the enrolment token)")
         token = config.token_file.read_text(encoding="utf-8").strip() or None
     identity = WorkloadIdentity.start(
         CaClient(config.ca_url, root_pem),

@@ -134,6 +134,8 @@ def make_leaf(
     not_before: datetime | None = None,
     not_after: datetime | None = None,
     extra_chain: Sequence[x509.Certificate] = (),
+    is_ca: bool = False,
+    key_usage: x509.KeyUsage | None = None,
 ) -> Leaf:
     now = datetime.now(UTC)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -147,7 +149,7 @@ def make_leaf(
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before or now - timedelta(minutes=1))
         .not_valid_after(not_after or now + timedelta(minutes=10))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -159,6 +161,8 @@ def make_leaf(
             critical=False,
         )
     )
+    if key_usage is not None:
+        builder = builder.add_extension(key_usage, critical=True)
     if names:
         # Without a subject, the SAN extension must be critical (RFC 5280 §4.2.1.6).
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
@@ -283,3 +287,34 @@ def serve(
     port = server.add_secure_port("127.0.0.1:0", identity.server_credentials())
     server.start()
     return Server(server, port, calls, servicer)
+
+
+def rotate_intermediate(ca: StepCa) -> x509.Certificate:
+    """Gives ``ca`` a new intermediate CA (new key, same root, same database) and restarts it,
+    as an operator renewing an expiring intermediate does; returns the new intermediate."""
+    from strongroom.pki import bootstrap, layout
+    from strongroom.pki._files import read_private, write_private, write_public
+
+    directory = ca.layout.directory
+    password = read_private(directory / layout.PASSWORD).strip()
+    root = x509.load_pem_x509_certificate(ca.root_pem)
+    root_key = serialization.load_pem_private_key(
+        read_private(directory / layout.ROOT_KEY), password=password
+    )
+    assert isinstance(root_key, ec.EllipticCurvePrivateKey)
+    old, _ = ca.layout.load_intermediate()
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = bootstrap._ca_certificate(
+        old.subject,
+        key,
+        root.subject,
+        root_key,
+        path_length=0,
+        validity=bootstrap.INTERMEDIATE_VALIDITY,
+        now=datetime.now(UTC),
+    )
+    ca.stop()
+    write_private(directory / layout.INTERMEDIATE_KEY, bootstrap._encrypted_pem(key, password))
+    write_public(directory / layout.INTERMEDIATE_CERT, pem(cert))
+    ca.start()
+    return cert

@@ -353,3 +353,35 @@ def test_the_cas_own_names_are_checked(tmp_path: Path, name: str) -> None:
     with pytest.raises(InvalidPkiConfig, match="neither a DNS name nor an IP address"):
         init_ca(tmp_path / "ca", trust_domain="strongroom.test", dns_names=[name])
     assert not (tmp_path / "ca").exists()
+
+
+def test_an_init_that_stopped_half_way_can_be_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ca.json`` is what marks a directory as holding a CA (``init`` refuses such a directory,
+    and so does the compose bootstrap's check). It was written before ``strongroom.json``: an init
+    stopped between the two (a full disk, a killed container) left a directory that every command
+    refused ("not an initialised CA directory (run 'strongroom pki init')") and that ``init``
+    refused too ("already holds a CA"). Now ``ca.json`` is the last file written."""
+    from strongroom.pki import bootstrap, layout
+
+    base = tmp_path / "ca"
+    real_write = bootstrap.write_public
+
+    def disk_full_at_the_metadata(path: Path, data: bytes) -> None:
+        if path == base / layout.META:
+            raise OSError(28, "No space left on device", str(path))
+        real_write(path, data)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(bootstrap, "write_public", disk_full_at_the_metadata)
+        with pytest.raises(OSError, match="No space left"):
+            init_ca(base, trust_domain="strongroom.test", workloads=[Workload("keybroker")])
+    assert not (base / layout.CONFIG).exists()
+
+    again = init_ca(base, trust_domain="strongroom.test", workloads=[Workload("keybroker")])
+    again.load_intermediate()  # the password beside the keys decrypts them
+    assert again.workload("keybroker").provisioner().name == "strongroom-keybroker"
+    config = json.loads(again.config_path.read_text())
+    kids = {p["key"]["kid"] for p in config["authority"]["provisioners"]}
+    assert kids == {again.provisioner().kid, again.workload("keybroker").provisioner().kid}

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import stat
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,19 +16,26 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from strongroom.dev.devstack.stack import free_port
+from strongroom.errors import FailedPrecondition
 from strongroom.pki import (
     Credentials,
     RenewalPolicy,
     SpiffeId,
     StepCa,
     WorkloadIdentity,
+    init_ca,
     mint_token,
 )
 from strongroom.pki._jose import b64url_decode, thumbprint
 from strongroom.pki._state import STATE_FILE
 from strongroom.pki._x509 import build_csr, generate_key, verify_chain
+from strongroom.pki.client import ClientCertificate
 from strongroom.pki.errors import CaRejected, NoIdentity
 from strongroom.pki.layout import Provisioner
+from strongroom.reasons import Reason
+from strongroom.runtime.bootstrap import open_identity
+from strongroom.runtime.config import IdentityConfig
 from tests.pki.helpers import enrol, sid, token_for
 
 
@@ -213,3 +221,145 @@ def test_resume_refuses_a_state_key_on_a_curve_it_cannot_load(ca: StepCa, tmp_pa
     path.write_bytes(text[:start] + key_pem + text[end:])
     with pytest.raises(NoIdentity, match="unusable"):
         WorkloadIdentity.resume(ca.client(), state)
+
+
+def test_a_token_minted_before_the_ca_started_enrols_and_stays_single_use(
+    step_ca_binary: Path, tmp_path: Path
+) -> None:
+    """The compose bootstrap mints every token before step-ca starts, and a Helm pod's init
+    container may mint its token before the CA's pod is up (the service container then restarts
+    on the same token, the init container does not run again). step-ca refused every token issued
+    before its process started, so no service could ever enrol. The CA always has a database, which
+    remembers used tokens across restarts: that is what keeps a token single-use."""
+    layout = init_ca(
+        tmp_path / "ca",
+        trust_domain="strongroom.test",
+        dns_names=["127.0.0.1"],
+        address=f"127.0.0.1:{free_port()}",
+    )
+    # A second before now, so it is before the CA's start whatever the clock's sub-second part.
+    minted = time.time() - 1
+    token = mint_token(
+        layout.provisioner(),
+        ca_url=layout.url,
+        subject=sid("inference"),
+        sans=[sid("inference")],
+        now=minted,
+    )
+    ca = StepCa(layout, binary=step_ca_binary)
+    with ca:
+        WorkloadIdentity.enrol(ca.client(), token, auto_renew=False).close()
+    with ca:  # restarted: the used token is still refused
+        with pytest.raises(CaRejected) as caught:
+            WorkloadIdentity.enrol(ca.client(), token, auto_renew=False)
+        assert "HTTP 401" in caught.value.message
+        # step-ca tells only its log why: the token is known as used (not too old).
+        refusals = [line for line in layout.log_path.read_text().splitlines() if "error=" in line]
+        assert "token already used" in refusals[-1], refusals[-1]
+
+
+def test_a_service_refuses_an_enrolment_token_others_may_read(ca: StepCa, tmp_path: Path) -> None:
+    """The token is a bearer credential for the service's identity until it is used: anyone who
+    can read it may enrol first and hold a certificate for that SPIFFE ID. A service read it from
+    a file of any mode (its PINs and keys must be 0600)."""
+    token_file = tmp_path / "keybroker.token"
+    token_file.write_text(token_for(ca, "keybroker", ["keybroker"]))
+    token_file.chmod(0o644)
+    config = IdentityConfig(
+        trust_domain="strongroom.test",
+        spiffe_id=sid("keybroker"),
+        ca_url=ca.url,
+        ca_root_file=ca.layout.root_cert_path,
+        token_file=token_file,
+        state_dir=tmp_path / "state",
+    )
+    with pytest.raises(FailedPrecondition) as refused:
+        open_identity(config)
+    assert refused.value.reason == Reason.SECRET_FILE_PERMISSIONS
+    assert str(token_file) in refused.value.message and "644" in refused.value.message
+    assert not (tmp_path / "state").exists()  # nothing enrolled: the token is still unused
+    token_file.chmod(0o600)
+    with open_identity(config) as identity:
+        assert str(identity.spiffe_id) == sid("keybroker")
+
+
+def test_a_fresh_token_for_other_names_replaces_the_persisted_identity(
+    ca: StepCa, tmp_path: Path
+) -> None:
+    """The operator gives a service another DNS name (or SPIFFE ID) and a fresh token for it (the
+    compose bootstrap mints one from the service's configuration at every `up`). The service
+    resumed its persisted certificate and ignored the token: renewals copy the old names, so it
+    kept them for ever (a new SPIFFE ID failed the start until the state was wiped by hand). A
+    token asking for other SANs than the persisted identity's now enrols, and the replaced
+    certificate is revoked; the token already used, or an expired one, changes nothing."""
+    state = tmp_path / "state"
+    first_token = token_for(ca, "keybroker", ["keybroker"])
+    with WorkloadIdentity.start(
+        ca.client(), token=first_token, state_dir=state, auto_renew=False
+    ) as first:
+        old = first.credentials
+    renamed_token = token_for(ca, "keybroker", ["keybroker", "keybroker.strongroom.test"])
+    with WorkloadIdentity.start(
+        ca.client(), token=renamed_token, state_dir=state, auto_renew=False
+    ) as second:
+        assert second.credentials.sans == {
+            sid("keybroker"),
+            "keybroker",
+            "keybroker.strongroom.test",
+        }
+        assert second.status().unrevoked_serials == ()
+        renamed = second.credentials
+    with pytest.raises(CaRejected, match=r"HTTP 401"):
+        ca.client().renew(ClientCertificate(old.key_pem, old.chain_pem))
+    # Restarted with the same (used) token: resumed, not enrolled again.
+    with WorkloadIdentity.start(
+        ca.client(), token=renamed_token, state_dir=state, auto_renew=False
+    ) as third:
+        assert third.credentials.serial == renamed.serial
+    # A token for other names that has expired cannot enrol anything: resumed too.
+    expired = mint_token(
+        ca.layout.provisioner(),
+        ca_url=ca.url,
+        subject=sid("keybroker"),
+        sans=[sid("keybroker")],
+        now=time.time() - 3600,
+    )
+    with WorkloadIdentity.start(
+        ca.client(), token=expired, state_dir=state, auto_renew=False
+    ) as fourth:
+        assert fourth.credentials.serial == renamed.serial
+
+
+def test_a_damaged_state_file_is_named_when_the_used_token_cannot_replace_it(
+    ca: StepCa, tmp_path: Path
+) -> None:
+    """The persisted identity is damaged (here cut in half) and the token beside it was used for
+    it long ago: the start failed with only the CA's "HTTP 401 ... lacked necessary
+    authorization", the state file's problem logged at INFO before it. The refusal now says why
+    the service had to enrol at all."""
+    state = tmp_path / "state"
+    token = token_for(ca, "inference")
+    WorkloadIdentity.start(ca.client(), token=token, state_dir=state, auto_renew=False).close()
+    persisted = state / STATE_FILE
+    persisted.write_bytes(persisted.read_bytes()[: len(persisted.read_bytes()) // 2])
+    with pytest.raises(CaRejected) as refused:
+        WorkloadIdentity.start(ca.client(), token=token, state_dir=state, auto_renew=False)
+    message = refused.value.message
+    assert "HTTP 401" in message
+    assert str(state) in message and "unusable" in message
+
+
+def test_a_refused_state_directory_does_not_use_up_the_token(ca: StepCa, tmp_path: Path) -> None:
+    """The state directory was checked only when the new identity was saved, after step-ca had
+    taken the one-time token: a service whose identity volume belonged to another user (a volume
+    created by root) burned its token, and after the operator fixed the owner it could not enrol
+    until a new token was minted. The directory is checked before the token is presented."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 4242, 4242)
+    token = token_for(ca, "inference")
+    with pytest.raises(PermissionError, match="belongs to uid 4242"):
+        WorkloadIdentity.enrol(ca.client(), token, state_dir=state, auto_renew=False)
+    os.chown(state, os.geteuid(), os.getegid())
+    with WorkloadIdentity.enrol(ca.client(), token, state_dir=state, auto_renew=False) as identity:
+        assert str(identity.spiffe_id) == sid("inference")

@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 
 from strongroom.pki import ClientCertificateRejected, StepCa, WorkloadIdentity
 from strongroom.pki.channel import RotatingChannel
@@ -177,6 +179,43 @@ def test_certificate_with_two_uri_sans(server: Server, ca: StepCa) -> None:
 def test_uri_san_that_is_not_a_spiffe_id(server: Server, ca: StepCa) -> None:
     leaf = _intermediate_leaf(ca, uris=["https://inference.strongroom.test/"])
     _assert_refused(server, ca, leaf, grpc.StatusCode.UNAUTHENTICATED, "not a SPIFFE ID")
+
+
+def _key_usage(*, key_cert_sign: bool, crl_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"is_ca": True}, "CA:TRUE"),
+        ({"is_ca": True, "key_usage": _key_usage(key_cert_sign=True, crl_sign=True)}, "CA:TRUE"),
+        ({"key_usage": _key_usage(key_cert_sign=True, crl_sign=False)}, "keyCertSign"),
+        ({"key_usage": _key_usage(key_cert_sign=False, crl_sign=True)}, "cRLSign"),
+    ],
+    ids=["ca-true", "ca-true-cert-sign", "cert-sign", "crl-sign"],
+)
+def test_a_ca_certificate_is_not_a_caller_identity(
+    server: Server, ca: StepCa, options: dict[str, Any], fragment: str
+) -> None:
+    """The TLS handshake accepts a CA certificate as a client's leaf, and the authoriser took its
+    SPIFFE ID like any other: a signing certificate our CA ever issued (by a template or a
+    provisioner set up wrongly) was a caller identity too. An X.509-SVID leaf must be CA:FALSE
+    without keyCertSign or cRLSign (SPIFFE X509-SVID §4.3, §4.4, §5.2)."""
+    leaf = _intermediate_leaf(ca, uris=[sid("inference")], **options)
+    _assert_refused(
+        server, ca, leaf, grpc.StatusCode.UNAUTHENTICATED, "PEER_CERT_UNUSABLE", fragment
+    )
 
 
 def test_foreign_trust_domain(server: Server, ca: StepCa) -> None:

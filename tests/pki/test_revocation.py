@@ -15,7 +15,7 @@ from strongroom.pki._state import save_superseded
 from strongroom.pki.client import CaClient, ClientCertificate
 from strongroom.pki.errors import CaRejected, CaUnavailable, InvalidPkiConfig
 from strongroom.pki.token import mint_revoke_token
-from tests.pki.helpers import enrol, sid, token_for
+from tests.pki.helpers import enrol, rotate_intermediate, sid, token_for
 
 
 def _presented(credentials: Credentials) -> ClientCertificate:
@@ -265,3 +265,21 @@ def test_revoke_token_cannot_sign_and_is_single_use(ca: StepCa) -> None:
         assert client.revoke(serial, token=token) is True
         with pytest.raises(CaRejected, match="HTTP 401"):
             client.revoke(serial + 1, token=token)  # the token was used once already
+
+
+def test_a_certificate_superseded_across_an_intermediate_rotation_is_revoked(
+    own_ca: StepCa,
+) -> None:
+    """The CA's intermediate was renewed (same root, same database) between two re-keys: the
+    identity took the certificate from the old intermediate for one of another CA (as after a root
+    rotation) and left it unrevoked, renewable by whoever copied its key until it expired. The
+    CA that issued it is the one that renews it: it is revoked there."""
+    with enrol(own_ca, "inference", auto_renew=False) as identity:
+        old = identity.credentials
+        stolen = _presented(old)
+        new_intermediate = rotate_intermediate(own_ca)
+        new = identity.renew_now()
+        assert new.chain[1] == new_intermediate != old.chain[1]
+        assert identity.status().unrevoked_serials == ()
+        _refused_renewal(own_ca, stolen)
+        assert own_ca.client().renew(_presented(new))

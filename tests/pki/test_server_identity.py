@@ -10,17 +10,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from strongroom.pki import StepCa, WorkloadIdentity
 from strongroom.pki.channel import _close_channel, _Slot
 from strongroom.pki.handshake import ServerIdentityMismatch
 from strongroom.runtime.config import ConfigError, IdentityConfig
-from tests.pki.helpers import TRUST_DOMAIN, Server, enrol, serve, sid
+from tests.pki.helpers import TRUST_DOMAIN, Server, enrol, make_leaf, serve, sid
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,39 @@ def test_client_expecting_the_store_gets_it(
     with client_identity.channel(store.target, server_id=sid("modelstore")) as channel:
         assert check(channel) == health_pb2.HealthCheckResponse.SERVING
         assert check(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_server_presenting_a_ca_certificate_is_refused(
+    ca: StepCa, client_identity: WorkloadIdentity
+) -> None:
+    """The TLS check takes a CA certificate as a server's leaf; with the expected SPIFFE ID in
+    its URI SAN the channel accepted it as that workload. An X.509-SVID leaf is never a CA's."""
+    intermediate, intermediate_key = ca.layout.load_intermediate()
+    leaf = make_leaf(
+        intermediate,
+        intermediate_key,
+        uris=[sid("keybroker")],
+        dns=["keybroker"],
+        extra_chain=[intermediate],
+        is_ca=True,
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    credentials = grpc.ssl_server_credentials(
+        [(leaf.key_pem, leaf.chain_pem)], root_certificates=ca.root_pem, require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        with (
+            client_identity.channel(
+                f"127.0.0.1:{port}", server_name="keybroker", server_id=sid("keybroker")
+            ) as channel,
+            pytest.raises(ServerIdentityMismatch, match="CA:TRUE"),
+        ):
+            check(channel)
+    finally:
+        server.stop(None).wait()
 
 
 def test_a_dns_name_mismatch_is_explained_with_the_server_id(

@@ -17,6 +17,7 @@ from strongroom.pki import StepCa, WorkloadIdentity, _x509
 from strongroom.pki._x509 import verify_chain
 from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CertificateInvalid, InvalidPkiConfig, NoIdentity
+from strongroom.pki.token import mint_token
 from strongroom.reasons import Reason
 from tests.pki.helpers import make_ca, make_leaf, new_ca, pem, sid, token_for
 
@@ -48,6 +49,62 @@ def test_a_two_root_bundle_enrols_renews_and_resumes_at_either_ca(
             identity.renew_now()
         with WorkloadIdentity.resume(client, state, auto_renew=False) as resumed:
             assert resumed.credentials.serial == identity.credentials.serial
+
+
+def test_a_certificate_of_the_old_root_replaced_at_the_new_ca_is_left_to_expire(
+    ca: StepCa, new_root_ca: StepCa, tmp_path: Path
+) -> None:
+    """Step 3 of a root rotation: enrolling at the new CA over an identity of the old one does not
+    try to revoke the old certificate at the new CA, which neither trusts nor knows it (its
+    renewal there is refused anyway)."""
+    bundle = new_root_ca.root_pem + ca.root_pem
+    state = tmp_path / "state"
+    with WorkloadIdentity.enrol(
+        CaClient(ca.url, bundle), token_for(ca, "inference"), state_dir=state, auto_renew=False
+    ):
+        pass
+    client = CaClient(new_root_ca.url, bundle)
+    with WorkloadIdentity.enrol(
+        client, token_for(new_root_ca, "inference"), state_dir=state, auto_renew=False
+    ) as moved:
+        assert moved.status().unrevoked_serials == ()
+    assert list(state.glob("superseded-*.pem")) == []
+
+
+def test_a_fresh_token_from_the_new_ca_moves_a_restarted_workload_to_it(
+    ca: StepCa, new_root_ca: StepCa, tmp_path: Path
+) -> None:
+    """Step 3 of a root rotation: a workload restarted with a token from the new CA resumed its
+    certificate from the old one (it still verifies against the bundle) and ignored the token;
+    its renewals then failed at the new CA, and once the certificate lapsed the token had expired
+    too. A token naming another root (its ``sha`` claim) than the persisted chain's now enrols."""
+    bundle = new_root_ca.root_pem + ca.root_pem
+    state = tmp_path / "state"
+
+    def token(at: StepCa) -> str:
+        return mint_token(
+            at.layout.provisioner(),
+            ca_url=at.url,
+            subject=sid("inference"),
+            sans=[sid("inference")],
+            root_pem=at.root_pem,
+        )
+
+    old_root = x509.load_pem_x509_certificate(ca.root_pem)
+    new_root = x509.load_pem_x509_certificate(new_root_ca.root_pem)
+    with WorkloadIdentity.start(
+        CaClient(ca.url, bundle), token=token(ca), state_dir=state, auto_renew=False
+    ) as first:
+        verify_chain(first.credentials.chain, old_root)
+    client = CaClient(new_root_ca.url, bundle)
+    fresh = token(new_root_ca)
+    with WorkloadIdentity.start(client, token=fresh, state_dir=state, auto_renew=False) as moved:
+        verify_chain(moved.credentials.chain, new_root)
+        moved.renew_now()  # the new CA renews it
+        serial = moved.credentials.serial
+    # Restarted again with the same (now used) token: resumed.
+    with WorkloadIdentity.start(client, token=fresh, state_dir=state, auto_renew=False) as again:
+        assert again.credentials.serial == serial
 
 
 def test_a_root_file_with_a_certificate_that_is_not_a_root_is_refused(ca: StepCa) -> None:
