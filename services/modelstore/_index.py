@@ -18,7 +18,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from strongroom.modelstore.errors import ModelExists, StorageUnavailable, StoredDataCorrupt
+from strongroom.modelstore.errors import (
+    ModelExists,
+    StorageFull,
+    StorageUnavailable,
+    StoredDataCorrupt,
+)
 from strongroom.modelstore.records import ModelRecord
 from strongroom.reasons import Reason
 
@@ -160,6 +165,12 @@ class Index:
                     with contextlib.suppress(sqlite3.Error):
                         self._db.execute("ROLLBACK")
                 log.error("index operation failed: %s", exc)
+                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    # The volume is full: no retry helps until the operator makes room, so it is
+                    # the same answer as an upload's own ENOSPC, not a passing I/O failure.
+                    raise StorageFull(
+                        "no space left on the storage volume for the model index"
+                    ) from None
                 raise StorageUnavailable(
                     "the model index database failed", reason=Reason.INDEX_IO
                 ) from None
