@@ -6,8 +6,9 @@ Layout under the storage root::
     tmp/<random>.part         uploads in progress, in the same filesystem so rename is atomic
 
 A blob appears under its final name only by ``rename`` of a complete, fsynced temporary file,
-followed by an fsync of the directory, so a crash leaves either nothing or a whole blob. Whatever a
-crash leaves in ``tmp/`` (and any blob no index row points at) is swept at start-up.
+followed by an fsync of the directory, so a crash leaves either nothing or a whole blob. The upload
+files a crash leaves in ``tmp/`` (and any blob no index row points at) are swept at start-up; any
+other file there is left alone and logged.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 _DIGEST_NAME = re.compile(r"[0-9a-f]{64}")
 _TEMP_SUFFIX = ".part"
+_TEMP_HEX_CHARS = 32
+# Exactly the names TempBlob makes: ``tmp`` may be a symlink to a directory other programs use too.
+_TEMP_NAME = re.compile(rf"[0-9a-f]{{{_TEMP_HEX_CHARS}}}{re.escape(_TEMP_SUFFIX)}")
 
 
 def io_error(exc: OSError, what: str) -> StorageFull | StorageUnavailable:
@@ -54,7 +58,7 @@ class TempBlob:
     """A temporary file receiving an upload; it never becomes visible unless installed."""
 
     def __init__(self, directory: Path) -> None:
-        self.path = directory / f"{secrets.token_hex(16)}{_TEMP_SUFFIX}"
+        self.path = directory / f"{secrets.token_hex(_TEMP_HEX_CHARS // 2)}{_TEMP_SUFFIX}"
         self._fd: int | None = os.open(
             self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
         )
@@ -150,14 +154,22 @@ class BlobStore:
         """A read-only file descriptor on the blob (FileNotFoundError if missing)."""
         return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
 
-    def sweep_temps(self) -> int:
-        """Removes every leftover temporary file; returns how many. Only safe with no upload running."""
+    def sweep_temps(self) -> tuple[int, list[Path]]:
+        """Removes every leftover temporary file of an upload; returns how many, and the entries
+        of ``tmp/`` this store did not make (left alone). Only safe with no upload running.
+
+        Only names :class:`TempBlob` makes are removed: ``tmp`` may be a symlink into a directory
+        other programs use, whose files are not the store's to delete.
+        """
         removed = 0
+        strays: list[Path] = []
         for entry in self._tmp.iterdir():
-            if entry.is_file() or entry.is_symlink():
+            if _TEMP_NAME.fullmatch(entry.name) and (entry.is_symlink() or entry.is_file()):
                 entry.unlink()
                 removed += 1
-        return removed
+            else:
+                strays.append(entry)
+        return removed, strays
 
     def digests(self) -> tuple[set[str], list[Path]]:
         """The digests of all blobs present, and any file in the blob tree that is not a blob."""

@@ -69,7 +69,8 @@ class SweepReport:
     damaged_blobs: tuple[tuple[str, str], ...]
     """(name, version) of rows whose blob has the wrong size: reads fail with DATA_LOSS."""
     stray_files: int
-    """Files in the blob tree that are not blobs (left alone, logged)."""
+    """Files in the blob tree that are not blobs, and entries of ``tmp/`` that are not the store's
+    upload files (left alone, logged)."""
     unreadable_rows: tuple[tuple[str, str], ...] = ()
     """(name, version) of index rows this store cannot have written (edited or damaged on disk):
     reads of them fail with DATA_LOSS INDEX_CORRUPT; their blobs are kept."""
@@ -186,8 +187,9 @@ class FilesystemStorage(Closing):
             raise FailedPrecondition("the storage is closed", reason=Reason.STORAGE_CLOSED)
 
     def _sweep(self) -> SweepReport:
-        temps = self._blobs.sweep_temps()
-        present, strays = self._blobs.digests()
+        temps, temp_strays = self._blobs.sweep_temps()
+        present, blob_strays = self._blobs.digests()
+        strays = temp_strays + blob_strays
         records, unreadable = self._index.readable_records()
         orphans = present - self._index.referenced_digests()
         for digest in orphans:
@@ -217,7 +219,9 @@ class FilesystemStorage(Closing):
             log.error("blob of model %s version %s is missing", name, version)
         for name, version in damaged:
             log.error("blob of model %s version %s has the wrong size", name, version)
-        for path in strays:
+        for path in temp_strays:
+            log.warning("unexpected file in the upload directory, left alone: %s", path)
+        for path in blob_strays:
             log.warning("unexpected file in the blob tree: %s", path)
         return report
 

@@ -526,7 +526,7 @@ def test_reads_detect_truncated_and_missing_blobs(storage: AnyStorage) -> None:
 def test_startup_sweeps_temp_files_and_orphan_blobs(store_root: Path) -> None:
     with FilesystemStorage(store_root) as s:
         kept = s.put([make_artifact("m", "1", b"keep")], StructureValidator())
-    (store_root / "tmp" / "deadbeef.part").write_bytes(b"partial upload")
+    (store_root / "tmp" / f"{'0f' * 16}.part").write_bytes(b"partial upload")
     orphan = hashlib.sha256(b"orphan").hexdigest()
     (store_root / "blobs" / "sha256" / orphan[:2]).mkdir(exist_ok=True)
     (store_root / "blobs" / "sha256" / orphan[:2] / orphan).write_bytes(b"orphan")
@@ -535,6 +535,25 @@ def test_startup_sweeps_temp_files_and_orphan_blobs(store_root: Path) -> None:
         assert s.last_sweep.orphan_blobs_removed == 1
         assert s.blob_digests() == {kept.artifact_sha256}
         assert_clean(s)
+
+
+def test_startup_sweep_removes_only_the_stores_own_temp_files(
+    store_root: Path, tmp_path: Path
+) -> None:
+    """The sweep removed every file in ``tmp/``: with ``tmp`` a symlink to a scratch directory
+    (an operator's way to put uploads elsewhere), each start deleted whatever else lived there.
+    Now only the store's own upload files go; anything else is a stray, kept and logged."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    store_root.mkdir()
+    (store_root / "tmp").symlink_to(scratch)
+    (scratch / "notes.txt").write_text("not the store's")
+    (scratch / "download.part").write_bytes(b"another program's partial file")
+    (scratch / f"{'a1' * 16}.part").write_bytes(b"an interrupted upload")
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.temp_files_removed == 1
+        assert s.last_sweep.stray_files == 2
+    assert sorted(p.name for p in scratch.iterdir()) == ["download.part", "notes.txt"]
 
 
 def test_one_process_per_root(store_root: Path) -> None:
