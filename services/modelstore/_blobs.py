@@ -22,8 +22,10 @@ import re
 import secrets
 from pathlib import Path
 
+from strongroom.errors import FailedPrecondition
 from strongroom.files import fsync_dir
 from strongroom.modelstore.errors import StorageFull, StorageUnavailable
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,15 @@ class BlobStore:
         self._tmp = root / "tmp"
         for directory in (self._blobs, self._tmp):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # An upload is published by rename(2) from tmp/ into blobs/, which cannot cross
+        # filesystems: with either a symlink to another volume, every upload would fail with
+        # EXDEV after its last byte. Refused before anything is swept or served.
+        if os.stat(self._tmp).st_dev != os.stat(self._blobs).st_dev:
+            raise FailedPrecondition(
+                f"{self._tmp} and {self._blobs} are on different filesystems: uploads are moved "
+                "from tmp into blobs by rename, so both must be on one volume (check for symlinks)",
+                reason=Reason.STORAGE_SPANS_VOLUMES,
+            )
 
     def path(self, digest: str) -> Path:
         """Where the blob with this lower-case hex SHA-256 lives."""

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import shutil
 import sqlite3
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from strongroom.artifact import StructureValidator
-from strongroom.errors import InvalidArgument
+from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.modelstore._pagetoken import decode as decode_page_token
 from strongroom.modelstore.errors import (
     ArtifactTooLarge,
@@ -554,6 +556,30 @@ def test_startup_sweep_removes_only_the_stores_own_temp_files(
         assert s.last_sweep.temp_files_removed == 1
         assert s.last_sweep.stray_files == 2
     assert sorted(p.name for p in scratch.iterdir()) == ["download.part", "notes.txt"]
+
+
+def test_a_root_whose_uploads_and_blobs_are_on_two_volumes_is_refused_at_start(
+    store_root: Path,
+) -> None:
+    """An upload is published by renaming its file from ``tmp/`` into ``blobs/``: with one of them
+    a symlink to another filesystem, the store started and every upload failed after its last
+    byte (UNAVAILABLE STORAGE_IO, EXDEV only in the log). Now the start is refused, naming both."""
+    other_volume = Path("/dev/shm")
+    if not other_volume.is_dir() or other_volume.stat().st_dev == store_root.parent.stat().st_dev:
+        pytest.skip("no second filesystem (/dev/shm) to place tmp/ on")
+    elsewhere = Path(tempfile.mkdtemp(dir=other_volume))
+    try:
+        store_root.mkdir()
+        (store_root / "tmp").symlink_to(elsewhere)
+        with pytest.raises(FailedPrecondition) as info:
+            FilesystemStorage(store_root).close()
+        assert info.value.reason == "STORAGE_SPANS_VOLUMES"
+        assert "tmp" in info.value.message and "blobs" in info.value.message
+        (store_root / "tmp").unlink()
+        with FilesystemStorage(store_root) as s:  # the lock was released: fixed, it starts
+            put(s, make_artifact("m", "1", b"x"))
+    finally:
+        shutil.rmtree(elsewhere)
 
 
 def test_one_process_per_root(store_root: Path) -> None:
