@@ -156,6 +156,7 @@ class FilesystemStorage(Closing):
             raise StorageLocked(f"storage root {self.root} is in use by another process") from None
         try:
             self._blobs = BlobStore(self.root)
+            self._refuse_blobs_without_index()
             self._index = Index(self.root / _INDEX_FILE)
         except OSError as exc:
             os.close(self._lock_fd)
@@ -181,6 +182,25 @@ class FilesystemStorage(Closing):
         self._closed = True
         self._index.close()
         os.close(self._lock_fd)  # closing the descriptor releases the flock
+
+    def _refuse_blobs_without_index(self) -> None:
+        """FailedPrecondition(INDEX_MISSING) if blobs exist but the index file does not.
+
+        Every blob is written after the index exists, so that is a lost index (removed by hand, a
+        restore without it), not a crash: opening would create an empty index and the sweep would
+        delete every blob as an orphan, though each artifact names its model and could be restored.
+        """
+        if (self.root / _INDEX_FILE).exists():
+            return
+        present, _ = self._blobs.digests()
+        if present:
+            log.error("storage root %s holds %d blobs but no index", self.root, len(present))
+            raise FailedPrecondition(
+                f"the storage root {self.root} holds {len(present)} blobs but no index "
+                f"({_INDEX_FILE}): restore the index (with its -wal file) or move blobs/ away; "
+                "starting would delete every blob",
+                reason=Reason.INDEX_MISSING,
+            )
 
     def _check_open(self) -> None:
         if self._closed:

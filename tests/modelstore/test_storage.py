@@ -676,6 +676,27 @@ def test_unreadable_index_is_unavailable_and_releases_the_lock(store_root: Path)
         assert s.records() == ()
 
 
+def test_a_lost_index_stops_the_start_instead_of_sweeping_every_blob(store_root: Path) -> None:
+    """With index.sqlite3 gone (removed by hand to 'reset' it, or a restore that missed it), the
+    store made a new empty index and its start-up sweep deleted every blob as an orphan: every
+    model lost for good, though each artifact names itself. Now the start is refused and nothing
+    is deleted or created."""
+    with FilesystemStorage(store_root) as s:
+        kept = {
+            put(s, make_artifact("m", v, body(1000, i))).artifact_sha256 for i, v in enumerate("12")
+        }  # type: ignore[attr-defined]
+    for name in ("index.sqlite3", "index.sqlite3-wal", "index.sqlite3-shm"):
+        (store_root / name).unlink(missing_ok=True)
+    with pytest.raises(FailedPrecondition) as info:
+        FilesystemStorage(store_root)
+    assert info.value.reason == "INDEX_MISSING"
+    assert "2 blobs" in info.value.message
+    assert not (store_root / "index.sqlite3").exists()
+    assert {p.name for p in (store_root / "blobs" / "sha256").glob("*/*")} == kept
+    with FilesystemStorage(store_root / "elsewhere") as fresh:  # a new, empty root still opens
+        assert fresh.records() == ()
+
+
 @pytest.mark.parametrize(
     ("column", "value"),
     [
