@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -73,6 +74,20 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Every name character sorts below DEL, so [prefix, prefix + DEL) holds exactly the names
 # starting with prefix, and SQLite can answer it from the primary key.
 _PREFIX_END = "\x7f"
+
+
+_OPEN_ROOM = 1024 * 1024
+"""Free space below which a failure to open the index is put down to a full volume: SQLite's
+-shm file alone takes 32 KiB, and the first writes grow the -wal file."""
+
+
+def _volume_full(directory: Path) -> bool:
+    """True if the volume holding ``directory`` has less than :data:`_OPEN_ROOM` bytes free."""
+    try:
+        info = os.statvfs(directory)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < _OPEN_ROOM
 
 
 def to_micros(moment: datetime) -> int:
@@ -149,6 +164,13 @@ class Index:
             )
         except sqlite3.Error as exc:
             log.error("cannot open index %s: %s", path, exc)
+            if _volume_full(path.parent):
+                # SQLite reports a -shm file it cannot extend as a "disk I/O error", which points
+                # at failing hardware; the operator's task is to make room.
+                raise StorageFull(
+                    "no space left on the storage volume to open the model index (SQLite needs "
+                    f"room for its -wal and -shm files; at least {_OPEN_ROOM} bytes)"
+                ) from None
             raise StorageUnavailable(
                 "cannot open the model index database", reason=Reason.INDEX_UNAVAILABLE
             ) from None

@@ -62,3 +62,11 @@ def test_an_index_write_on_a_full_volume_is_storage_full() -> None:
         "listed": 2,
         "delete_after_room": "ok",
     }
+
+
+def test_a_start_on_a_full_volume_is_storage_full() -> None:
+    """SQLite cannot create its -shm file on a full volume and says 'disk I/O error': the start
+    failed as UNAVAILABLE INDEX_UNAVAILABLE with that in the log, which points at a failing disk
+    rather than at the full volume the operator has to make room on."""
+    seen = on_small_volume("start-on-a-full-volume")
+    assert seen == {"start": "StorageFull STORAGE_FULL", "start_after_room": "ok"}

@@ -69,8 +69,22 @@ def index_on_a_full_volume(volume: Path) -> dict[str, Any]:
     return seen
 
 
+def start_on_a_full_volume(volume: Path) -> dict[str, Any]:
+    """The store restarts on a volume another writer filled: SQLite cannot make its -shm file."""
+    seen: dict[str, Any] = {}
+    root = volume / "store"
+    with FilesystemStorage(root) as storage:
+        put(storage, "1")
+    filler = fill(volume)
+    seen["start"] = outcome(lambda: FilesystemStorage(root).close())
+    filler.unlink()
+    seen["start_after_room"] = outcome(lambda: FilesystemStorage(root).close())
+    return seen
+
+
 SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "index-on-a-full-volume": index_on_a_full_volume,
+    "start-on-a-full-volume": start_on_a_full_volume,
 }
 
 
