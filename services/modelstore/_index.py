@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from strongroom.identifiers import (
+    MAX_NAME_LENGTH,
+    MAX_VERSION_LENGTH,
+    MODEL_NAME_PATTERN,
+    MODEL_VERSION_PATTERN,
+)
 from strongroom.modelstore.errors import (
     ModelExists,
     StorageFull,
@@ -102,6 +109,8 @@ def from_micros(micros: int) -> datetime:
     return _EPOCH + timedelta(microseconds=micros)
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
 # Column positions in _SELECT's rows.
 _INTEGER_COLUMNS = (3, 4, 8, 9, 10, 11)
 _TEXT_COLUMNS = (0, 1, 2, 5, 6, 7)
@@ -116,6 +125,18 @@ def _record(row: Any) -> ModelRecord:
             type(row[i]) is str for i in _TEXT_COLUMNS
         ):
             raise TypeError("a column of the wrong type")
+        # The digest names the blob's file (joined to the blob directory) and the name and version
+        # reach every caller of a listing: a row this store cannot have written must not make it
+        # read or delete a file elsewhere, nor hand a client a name it would refuse.
+        if not (
+            MODEL_NAME_PATTERN.fullmatch(row[0])
+            and len(row[0]) <= MAX_NAME_LENGTH
+            and MODEL_VERSION_PATTERN.fullmatch(row[1])
+            and len(row[1]) <= MAX_VERSION_LENGTH
+            and _SHA256_HEX.fullmatch(row[2])
+            and _SHA256_HEX.fullmatch(row[5])
+        ):
+            raise ValueError("a name, version or digest outside its grammar")
         return ModelRecord(
             name=row[0],
             version=row[1],

@@ -7,6 +7,7 @@ filesystem backend's own mechanisms (its root lock, its start-up sweep of a dire
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import shutil
 import sqlite3
@@ -728,6 +729,37 @@ def test_an_edited_index_row_is_stored_data_corrupt(
         with pytest.raises(StoredDataCorrupt):
             storage.records()
         assert storage.stat("acme/good", "1").name == "acme/good"
+
+
+@pytest.mark.parametrize("column", ["artifact_sha256", "name"])
+def test_an_index_row_naming_a_file_outside_the_store_is_index_corrupt(
+    store_root: Path, tmp_path: Path, column: str
+) -> None:
+    """A row's digest was joined to the blob directory unchecked: an edited (or restored, or
+    damaged) index whose digest is a path gave readers that file's bytes and made a delete unlink
+    it, anywhere the store's user may. A row whose digest, name or version this store cannot have
+    written is now DATA_LOSS INDEX_CORRUPT, and nothing outside the blob tree is read or removed."""
+    with FilesystemStorage(store_root) as storage:
+        bad = put(storage, make_artifact("acme/bad", "1", b"x"))
+        put(storage, make_artifact("acme/good", "1", b"y"))
+    outside = tmp_path / "not-a-blob"
+    outside.write_bytes(b"s" * bad.artifact_size)  # type: ignore[attr-defined]
+    edit = {"artifact_sha256": str(outside), "name": "acme/bad\n"}[column]
+    with sqlite3.connect(store_root / "index.sqlite3") as db:
+        db.execute(f"UPDATE models SET {column} = ? WHERE name = 'acme/bad'", (edit,))
+    with FilesystemStorage(store_root) as storage:
+        assert len(storage.last_sweep.unreadable_rows) == 1
+        with pytest.raises(StoredDataCorrupt) as info:
+            storage.list(prefix="acme/")
+        assert info.value.reason == "INDEX_CORRUPT"
+        if column == "artifact_sha256":
+            with pytest.raises(StoredDataCorrupt) as info:
+                read_all(storage, "acme/bad", "1")
+            assert info.value.reason == "INDEX_CORRUPT"
+            with contextlib.suppress(StoredDataCorrupt):
+                storage.delete("acme/bad", "1")
+        assert storage.stat("acme/good", "1").name == "acme/good"
+    assert outside.read_bytes() == b"s" * bad.artifact_size  # type: ignore[attr-defined]
 
 
 def test_a_deeply_nested_page_token_is_invalid_from_any_stack_depth() -> None:
