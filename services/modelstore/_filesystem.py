@@ -424,13 +424,13 @@ class FilesystemStorage(Closing):
             result = self._index.delete(name, version)
             if result is None:
                 raise ModelNotFound(f"model {name} version {version} does not exist")
-            record, remaining = result
-            if remaining == 0:
+            digest, remaining = result
+            if digest is not None and remaining == 0:
                 try:
-                    self._blobs.remove(record.artifact_sha256)
+                    self._blobs.remove(digest)
                 except OSError as exc:
                     # The row is gone, so the model is deleted; the blob is swept at next start.
-                    log.warning("cannot remove blob %s now: %s", record.artifact_sha256, exc)
+                    log.warning("cannot remove blob %s now: %s", digest, exc)
         log.info("deleted model", extra={"model": name, "version": version})
 
     # -- reads ---------------------------------------------------------------------------------

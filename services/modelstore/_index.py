@@ -289,8 +289,13 @@ class Index:
             cur.execute("COMMIT")
         return int(remaining)
 
-    def delete(self, name: str, version: str) -> tuple[ModelRecord, int] | None:
-        """Removes the row; returns it and how many rows still share its blob, or None if absent."""
+    def delete(self, name: str, version: str) -> tuple[str | None, int] | None:
+        """Removes the row; returns its blob's digest and how many rows still share that blob, or
+        None if absent.
+
+        An unreadable row (edited or damaged on disk) is removed too: deleting it is how an admin
+        gets rid of it. Its digest is None if it is not one this store writes (no file is named
+        after it)."""
         with self._cursor() as cur:
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -306,7 +311,8 @@ class Index:
                 cur.execute("ROLLBACK")
                 raise
             cur.execute("COMMIT")
-        return _record(row), int(remaining)
+        digest = row[2] if isinstance(row[2], str) and _SHA256_HEX.fullmatch(row[2]) else None
+        return digest, int(remaining)
 
     def references(self, digest: str) -> int:
         """How many rows point at the blob with this digest."""

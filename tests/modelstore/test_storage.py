@@ -731,6 +731,21 @@ def test_an_edited_index_row_is_stored_data_corrupt(
         assert storage.stat("acme/good", "1").name == "acme/good"
 
 
+def test_deleting_an_unreadable_row_removes_it_and_its_blob_and_says_so(store_root: Path) -> None:
+    """DeleteModel of a row the index cannot read deleted the row, then answered DATA_LOSS
+    INDEX_CORRUPT: the admin was told it failed though the model was gone, and its blob stayed
+    until the next start. Now the delete succeeds and removes the blob like any other."""
+    with FilesystemStorage(store_root) as storage:
+        bad = put(storage, make_artifact("acme/bad", "1", b"x"))
+    with sqlite3.connect(store_root / "index.sqlite3") as db:
+        db.execute("UPDATE models SET key_version = 'two' WHERE name = 'acme/bad'")
+    with FilesystemStorage(store_root) as storage:
+        storage.delete("acme/bad", "1")
+        with pytest.raises(ModelNotFound):
+            storage.stat("acme/bad", "1")
+        assert bad.artifact_sha256 not in storage.blob_digests()  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("column", ["artifact_sha256", "name"])
 def test_an_index_row_naming_a_file_outside_the_store_is_index_corrupt(
     store_root: Path, tmp_path: Path, column: str
