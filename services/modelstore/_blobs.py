@@ -24,7 +24,7 @@ from pathlib import Path
 
 from strongroom.errors import FailedPrecondition
 from strongroom.files import fsync_dir
-from strongroom.modelstore.errors import StorageFull, StorageUnavailable
+from strongroom.modelstore.errors import StorageFull, StorageReadOnly, StorageUnavailable
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,13 @@ _TEMP_HEX_CHARS = 32
 _TEMP_NAME = re.compile(rf"[0-9a-f]{{{_TEMP_HEX_CHARS}}}{re.escape(_TEMP_SUFFIX)}")
 
 
-def io_error(exc: OSError, what: str) -> StorageFull | StorageUnavailable:
+def io_error(exc: OSError, what: str) -> StorageFull | StorageReadOnly | StorageUnavailable:
     """The domain error for an OS error while doing ``what`` (details go to the log)."""
     log.error("storage I/O error while %s: %s", what, exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"no space left on the storage volume while {what}")
+    if exc.errno == errno.EROFS:
+        return StorageReadOnly(f"the storage volume is read-only while {what}")
     return StorageUnavailable(f"storage I/O error while {what}")
 
 

@@ -259,8 +259,8 @@ class FilesystemStorage(Closing):
         """Stores the artifact made of ``chunks``; name and version come from ``validator``.
 
         Raises InvalidArgument (malformed artifact, EmptyUpload, UploadMismatch for a size or digest
-        that disagrees with ``claims`` or the header), ModelExists, ArtifactTooLarge, StorageFull or
-        StorageUnavailable. On any failure nothing is stored.
+        that disagrees with ``claims`` or the header), ModelExists, ArtifactTooLarge, StorageFull,
+        StorageReadOnly or StorageUnavailable. On any failure nothing is stored.
         """
         self._check_open()
         try:

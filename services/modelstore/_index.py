@@ -29,6 +29,7 @@ from strongroom.identifiers import (
 from strongroom.modelstore.errors import (
     ModelExists,
     StorageFull,
+    StorageReadOnly,
     StorageUnavailable,
     StoredDataCorrupt,
 )
@@ -95,6 +96,16 @@ def _volume_full(directory: Path) -> bool:
     except OSError:
         return False
     return info.f_bavail * info.f_frsize < _OPEN_ROOM
+
+
+def _volume_read_only(directory: Path) -> bool:
+    """True if the volume holding ``directory`` is mounted read-only. SQLite reports a write the
+    kernel refused with EROFS as a plain I/O error once the database is open, so the mount is
+    asked instead."""
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def to_micros(moment: datetime) -> int:
@@ -164,6 +175,7 @@ class Index:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
+        self._directory = path.parent
         try:
             self._db = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=10.0
@@ -185,6 +197,10 @@ class Index:
             )
         except sqlite3.Error as exc:
             log.error("cannot open index %s: %s", path, exc)
+            if _volume_read_only(path.parent):
+                raise StorageReadOnly(
+                    "the storage volume is read-only: the model index cannot be opened"
+                ) from None
             if _volume_full(path.parent):
                 # SQLite reports a -shm file it cannot extend as a "disk I/O error", which points
                 # at failing hardware; the operator's task is to make room.
@@ -208,11 +224,16 @@ class Index:
                     with contextlib.suppress(sqlite3.Error):
                         self._db.execute("ROLLBACK")
                 log.error("index operation failed: %s", exc)
-                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                code = getattr(exc, "sqlite_errorcode", None)
+                if code == sqlite3.SQLITE_FULL:
                     # The volume is full: no retry helps until the operator makes room, so it is
                     # the same answer as an upload's own ENOSPC, not a passing I/O failure.
                     raise StorageFull(
                         "no space left on the storage volume for the model index"
+                    ) from None
+                if code == sqlite3.SQLITE_READONLY or _volume_read_only(self._directory):
+                    raise StorageReadOnly(
+                        "the storage volume is read-only: the model index cannot be written"
                     ) from None
                 raise StorageUnavailable(
                     "the model index database failed", reason=Reason.INDEX_IO

@@ -1,4 +1,5 @@
-"""The filesystem store on a volume that runs out of space: clear errors, nothing lost.
+"""The filesystem store on a volume that runs out of space or turns read-only: clear errors,
+nothing lost.
 
 Each scenario runs in ``volume_worker`` on a real 2 MiB tmpfs mounted in a mount namespace of its
 own (a user namespace maps this user to root there, so no privilege is needed where unprivileged
@@ -70,3 +71,10 @@ def test_a_start_on_a_full_volume_is_storage_full() -> None:
     rather than at the full volume the operator has to make room on."""
     seen = on_small_volume("start-on-a-full-volume")
     assert seen == {"start": "StorageFull STORAGE_FULL", "start_after_room": "ok"}
+
+
+def test_a_start_on_a_read_only_volume_says_so() -> None:
+    """A read-only volume was UNAVAILABLE STORAGE_IO 'storage I/O error while opening the storage
+    root' (retry, it suggests), with EROFS only in the log line before it."""
+    seen = on_small_volume("start-on-a-read-only-volume")
+    assert seen == {"start": "StorageReadOnly STORAGE_READ_ONLY"}

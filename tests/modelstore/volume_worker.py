@@ -82,9 +82,19 @@ def start_on_a_full_volume(volume: Path) -> dict[str, Any]:
     return seen
 
 
+def start_on_a_read_only_volume(volume: Path) -> dict[str, Any]:
+    """The store restarts on its volume remounted read-only (as ext4 does after I/O errors)."""
+    root = volume / "store"
+    with FilesystemStorage(root) as storage:
+        put(storage, "1")
+    subprocess.run(["mount", "-o", "remount,ro", str(volume)], check=True)
+    return {"start": outcome(lambda: FilesystemStorage(root).close())}
+
+
 SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "index-on-a-full-volume": index_on_a_full_volume,
     "start-on-a-full-volume": start_on_a_full_volume,
+    "start-on-a-read-only-volume": start_on_a_read_only_volume,
 }
 
 
