@@ -185,11 +185,14 @@ class BlobStore:
         return removed, strays
 
     def digests(self) -> tuple[set[str], list[Path]]:
-        """The digests of all blobs present, and any file in the blob tree that is not a blob."""
+        """The digests of all blobs present, and any file in the blob tree that is not a blob.
+
+        A fan-out directory that is a symlink is not the store's (it makes real ones): it is a
+        stray and is not walked, so the orphan sweep never deletes what lives behind it."""
         found: set[str] = set()
         strays: list[Path] = []
         for fanout in self._blobs.iterdir():
-            if not fanout.is_dir():
+            if fanout.is_symlink() or not fanout.is_dir():
                 strays.append(fanout)
                 continue
             for entry in fanout.iterdir():

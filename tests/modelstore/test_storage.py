@@ -559,6 +559,29 @@ def test_startup_sweep_removes_only_the_stores_own_temp_files(
     assert sorted(p.name for p in scratch.iterdir()) == ["download.part", "notes.txt"]
 
 
+def test_startup_sweep_removes_nothing_through_a_symlinked_blob_directory(
+    store_root: Path, tmp_path: Path
+) -> None:
+    """A fan-out directory of the blob tree that is a symlink (to another store's, say) was
+    walked like the store's own: every blob-named file there that this index does not name was
+    deleted as an orphan at each start. Now such a directory is a stray, logged and left alone;
+    a blob the index names through it is still read."""
+    with FilesystemStorage(store_root) as s:
+        kept = put(s, make_artifact("m", "1", b"keep"))
+    digest: str = kept.artifact_sha256  # type: ignore[attr-defined]
+    fanout = store_root / "blobs" / "sha256" / digest[:2]
+    elsewhere = tmp_path / "elsewhere"
+    fanout.rename(elsewhere)
+    fanout.symlink_to(elsewhere)
+    foreign = elsewhere / (digest[:2] + "f" * 62)
+    foreign.write_bytes(b"another store's blob")
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.orphan_blobs_removed == 0
+        assert s.last_sweep.stray_files == 1
+        assert read_all(s, "m", "1") == read_blob(s, kept)  # type: ignore[arg-type]
+    assert foreign.read_bytes() == b"another store's blob"
+
+
 def test_a_root_whose_uploads_and_blobs_are_on_two_volumes_is_refused_at_start(
     store_root: Path,
 ) -> None:
