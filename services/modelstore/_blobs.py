@@ -6,8 +6,9 @@ Layout under the storage root::
     tmp/<random>.part         uploads in progress, in the same filesystem so rename is atomic
 
 A blob appears under its final name only by ``rename`` of a complete, fsynced temporary file,
-followed by an fsync of the directory, so a crash leaves either nothing or a whole blob. Whatever a
-crash leaves in ``tmp/`` (and any blob no index row points at) is swept at start-up.
+followed by an fsync of the directory, so a crash leaves either nothing or a whole blob. The upload
+files a crash leaves in ``tmp/`` (and any blob no index row points at) are swept at start-up; any
+other file there is left alone and logged.
 """
 
 from __future__ import annotations
@@ -21,20 +22,27 @@ import re
 import secrets
 from pathlib import Path
 
+from strongroom.errors import FailedPrecondition
 from strongroom.files import fsync_dir
-from strongroom.modelstore.errors import StorageFull, StorageUnavailable
+from strongroom.modelstore.errors import StorageFull, StorageReadOnly, StorageUnavailable
+from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
 
 _DIGEST_NAME = re.compile(r"[0-9a-f]{64}")
 _TEMP_SUFFIX = ".part"
+_TEMP_HEX_CHARS = 32
+# Exactly the names TempBlob makes: ``tmp`` may be a symlink to a directory other programs use too.
+_TEMP_NAME = re.compile(rf"[0-9a-f]{{{_TEMP_HEX_CHARS}}}{re.escape(_TEMP_SUFFIX)}")
 
 
-def io_error(exc: OSError, what: str) -> StorageFull | StorageUnavailable:
+def io_error(exc: OSError, what: str) -> StorageFull | StorageReadOnly | StorageUnavailable:
     """The domain error for an OS error while doing ``what`` (details go to the log)."""
     log.error("storage I/O error while %s: %s", what, exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"no space left on the storage volume while {what}")
+    if exc.errno == errno.EROFS:
+        return StorageReadOnly(f"the storage volume is read-only while {what}")
     return StorageUnavailable(f"storage I/O error while {what}")
 
 
@@ -54,7 +62,7 @@ class TempBlob:
     """A temporary file receiving an upload; it never becomes visible unless installed."""
 
     def __init__(self, directory: Path) -> None:
-        self.path = directory / f"{secrets.token_hex(16)}{_TEMP_SUFFIX}"
+        self.path = directory / f"{secrets.token_hex(_TEMP_HEX_CHARS // 2)}{_TEMP_SUFFIX}"
         self._fd: int | None = os.open(
             self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
         )
@@ -99,6 +107,15 @@ class BlobStore:
         self._tmp = root / "tmp"
         for directory in (self._blobs, self._tmp):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # An upload is published by rename(2) from tmp/ into blobs/, which cannot cross
+        # filesystems: with either a symlink to another volume, every upload would fail with
+        # EXDEV after its last byte. Refused before anything is swept or served.
+        if os.stat(self._tmp).st_dev != os.stat(self._blobs).st_dev:
+            raise FailedPrecondition(
+                f"{self._tmp} and {self._blobs} are on different filesystems: uploads are moved "
+                "from tmp into blobs by rename, so both must be on one volume (check for symlinks)",
+                reason=Reason.STORAGE_SPANS_VOLUMES,
+            )
 
     def path(self, digest: str) -> Path:
         """Where the blob with this lower-case hex SHA-256 lives."""
@@ -150,21 +167,32 @@ class BlobStore:
         """A read-only file descriptor on the blob (FileNotFoundError if missing)."""
         return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
 
-    def sweep_temps(self) -> int:
-        """Removes every leftover temporary file; returns how many. Only safe with no upload running."""
+    def sweep_temps(self) -> tuple[int, list[Path]]:
+        """Removes every leftover temporary file of an upload; returns how many, and the entries
+        of ``tmp/`` this store did not make (left alone). Only safe with no upload running.
+
+        Only names :class:`TempBlob` makes are removed: ``tmp`` may be a symlink into a directory
+        other programs use, whose files are not the store's to delete.
+        """
         removed = 0
+        strays: list[Path] = []
         for entry in self._tmp.iterdir():
-            if entry.is_file() or entry.is_symlink():
+            if _TEMP_NAME.fullmatch(entry.name) and (entry.is_symlink() or entry.is_file()):
                 entry.unlink()
                 removed += 1
-        return removed
+            else:
+                strays.append(entry)
+        return removed, strays
 
     def digests(self) -> tuple[set[str], list[Path]]:
-        """The digests of all blobs present, and any file in the blob tree that is not a blob."""
+        """The digests of all blobs present, and any file in the blob tree that is not a blob.
+
+        A fan-out directory that is a symlink is not the store's (it makes real ones): it is a
+        stray and is not walked, so the orphan sweep never deletes what lives behind it."""
         found: set[str] = set()
         strays: list[Path] = []
         for fanout in self._blobs.iterdir():
-            if not fanout.is_dir():
+            if fanout.is_symlink() or not fanout.is_dir():
                 strays.append(fanout)
                 continue
             for entry in fanout.iterdir():

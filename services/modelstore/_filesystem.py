@@ -69,7 +69,8 @@ class SweepReport:
     damaged_blobs: tuple[tuple[str, str], ...]
     """(name, version) of rows whose blob has the wrong size: reads fail with DATA_LOSS."""
     stray_files: int
-    """Files in the blob tree that are not blobs (left alone, logged)."""
+    """Files in the blob tree that are not blobs, and entries of ``tmp/`` that are not the store's
+    upload files (left alone, logged)."""
     unreadable_rows: tuple[tuple[str, str], ...] = ()
     """(name, version) of index rows this store cannot have written (edited or damaged on disk):
     reads of them fail with DATA_LOSS INDEX_CORRUPT; their blobs are kept."""
@@ -155,6 +156,7 @@ class FilesystemStorage(Closing):
             raise StorageLocked(f"storage root {self.root} is in use by another process") from None
         try:
             self._blobs = BlobStore(self.root)
+            self._refuse_blobs_without_index()
             self._index = Index(self.root / _INDEX_FILE)
         except OSError as exc:
             os.close(self._lock_fd)
@@ -181,13 +183,33 @@ class FilesystemStorage(Closing):
         self._index.close()
         os.close(self._lock_fd)  # closing the descriptor releases the flock
 
+    def _refuse_blobs_without_index(self) -> None:
+        """FailedPrecondition(INDEX_MISSING) if blobs exist but the index file does not.
+
+        Every blob is written after the index exists, so that is a lost index (removed by hand, a
+        restore without it), not a crash: opening would create an empty index and the sweep would
+        delete every blob as an orphan, though each artifact names its model and could be restored.
+        """
+        if (self.root / _INDEX_FILE).exists():
+            return
+        present, _ = self._blobs.digests()
+        if present:
+            log.error("storage root %s holds %d blobs but no index", self.root, len(present))
+            raise FailedPrecondition(
+                f"the storage root {self.root} holds {len(present)} blobs but no index "
+                f"({_INDEX_FILE}): restore the index (with its -wal file) or move blobs/ away; "
+                "starting would delete every blob",
+                reason=Reason.INDEX_MISSING,
+            )
+
     def _check_open(self) -> None:
         if self._closed:
             raise FailedPrecondition("the storage is closed", reason=Reason.STORAGE_CLOSED)
 
     def _sweep(self) -> SweepReport:
-        temps = self._blobs.sweep_temps()
-        present, strays = self._blobs.digests()
+        temps, temp_strays = self._blobs.sweep_temps()
+        present, blob_strays = self._blobs.digests()
+        strays = temp_strays + blob_strays
         records, unreadable = self._index.readable_records()
         orphans = present - self._index.referenced_digests()
         for digest in orphans:
@@ -217,7 +239,9 @@ class FilesystemStorage(Closing):
             log.error("blob of model %s version %s is missing", name, version)
         for name, version in damaged:
             log.error("blob of model %s version %s has the wrong size", name, version)
-        for path in strays:
+        for path in temp_strays:
+            log.warning("unexpected file in the upload directory, left alone: %s", path)
+        for path in blob_strays:
             log.warning("unexpected file in the blob tree: %s", path)
         return report
 
@@ -235,8 +259,8 @@ class FilesystemStorage(Closing):
         """Stores the artifact made of ``chunks``; name and version come from ``validator``.
 
         Raises InvalidArgument (malformed artifact, EmptyUpload, UploadMismatch for a size or digest
-        that disagrees with ``claims`` or the header), ModelExists, ArtifactTooLarge, StorageFull or
-        StorageUnavailable. On any failure nothing is stored.
+        that disagrees with ``claims`` or the header), ModelExists, ArtifactTooLarge, StorageFull,
+        StorageReadOnly or StorageUnavailable. On any failure nothing is stored.
         """
         self._check_open()
         try:
@@ -400,13 +424,13 @@ class FilesystemStorage(Closing):
             result = self._index.delete(name, version)
             if result is None:
                 raise ModelNotFound(f"model {name} version {version} does not exist")
-            record, remaining = result
-            if remaining == 0:
+            digest, remaining = result
+            if digest is not None and remaining == 0:
                 try:
-                    self._blobs.remove(record.artifact_sha256)
+                    self._blobs.remove(digest)
                 except OSError as exc:
                     # The row is gone, so the model is deleted; the blob is swept at next start.
-                    log.warning("cannot remove blob %s now: %s", record.artifact_sha256, exc)
+                    log.warning("cannot remove blob %s now: %s", digest, exc)
         log.info("deleted model", extra={"model": name, "version": version})
 
     # -- reads ---------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -18,7 +20,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from strongroom.modelstore.errors import ModelExists, StorageUnavailable, StoredDataCorrupt
+from strongroom.identifiers import (
+    MAX_NAME_LENGTH,
+    MAX_VERSION_LENGTH,
+    MODEL_NAME_PATTERN,
+    MODEL_VERSION_PATTERN,
+)
+from strongroom.modelstore.errors import (
+    ModelExists,
+    StorageFull,
+    StorageReadOnly,
+    StorageUnavailable,
+    StoredDataCorrupt,
+)
 from strongroom.modelstore.records import ModelRecord
 from strongroom.reasons import Reason
 
@@ -70,6 +84,30 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PREFIX_END = "\x7f"
 
 
+_OPEN_ROOM = 1024 * 1024
+"""Free space below which a failure to open the index is put down to a full volume: SQLite's
+-shm file alone takes 32 KiB, and the first writes grow the -wal file."""
+
+
+def _volume_full(directory: Path) -> bool:
+    """True if the volume holding ``directory`` has less than :data:`_OPEN_ROOM` bytes free."""
+    try:
+        info = os.statvfs(directory)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < _OPEN_ROOM
+
+
+def _volume_read_only(directory: Path) -> bool:
+    """True if the volume holding ``directory`` is mounted read-only. SQLite reports a write the
+    kernel refused with EROFS as a plain I/O error once the database is open, so the mount is
+    asked instead."""
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def to_micros(moment: datetime) -> int:
     """Microseconds since the Unix epoch; a naive datetime is taken as UTC."""
     if moment.tzinfo is None:
@@ -81,6 +119,8 @@ def from_micros(micros: int) -> datetime:
     """The timezone-aware UTC datetime ``micros`` microseconds after the Unix epoch."""
     return _EPOCH + timedelta(microseconds=micros)
 
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 # Column positions in _SELECT's rows.
 _INTEGER_COLUMNS = (3, 4, 8, 9, 10, 11)
@@ -96,6 +136,18 @@ def _record(row: Any) -> ModelRecord:
             type(row[i]) is str for i in _TEXT_COLUMNS
         ):
             raise TypeError("a column of the wrong type")
+        # The digest names the blob's file (joined to the blob directory) and the name and version
+        # reach every caller of a listing: a row this store cannot have written must not make it
+        # read or delete a file elsewhere, nor hand a client a name it would refuse.
+        if not (
+            MODEL_NAME_PATTERN.fullmatch(row[0])
+            and len(row[0]) <= MAX_NAME_LENGTH
+            and MODEL_VERSION_PATTERN.fullmatch(row[1])
+            and len(row[1]) <= MAX_VERSION_LENGTH
+            and _SHA256_HEX.fullmatch(row[2])
+            and _SHA256_HEX.fullmatch(row[5])
+        ):
+            raise ValueError("a name, version or digest outside its grammar")
         return ModelRecord(
             name=row[0],
             version=row[1],
@@ -123,6 +175,7 @@ class Index:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
+        self._directory = path.parent
         try:
             self._db = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=10.0
@@ -144,6 +197,17 @@ class Index:
             )
         except sqlite3.Error as exc:
             log.error("cannot open index %s: %s", path, exc)
+            if _volume_read_only(path.parent):
+                raise StorageReadOnly(
+                    "the storage volume is read-only: the model index cannot be opened"
+                ) from None
+            if _volume_full(path.parent):
+                # SQLite reports a -shm file it cannot extend as a "disk I/O error", which points
+                # at failing hardware; the operator's task is to make room.
+                raise StorageFull(
+                    "no space left on the storage volume to open the model index (SQLite needs "
+                    f"room for its -wal and -shm files; at least {_OPEN_ROOM} bytes)"
+                ) from None
             raise StorageUnavailable(
                 "cannot open the model index database", reason=Reason.INDEX_UNAVAILABLE
             ) from None
@@ -160,6 +224,17 @@ class Index:
                     with contextlib.suppress(sqlite3.Error):
                         self._db.execute("ROLLBACK")
                 log.error("index operation failed: %s", exc)
+                code = getattr(exc, "sqlite_errorcode", None)
+                if code == sqlite3.SQLITE_FULL:
+                    # The volume is full: no retry helps until the operator makes room, so it is
+                    # the same answer as an upload's own ENOSPC, not a passing I/O failure.
+                    raise StorageFull(
+                        "no space left on the storage volume for the model index"
+                    ) from None
+                if code == sqlite3.SQLITE_READONLY or _volume_read_only(self._directory):
+                    raise StorageReadOnly(
+                        "the storage volume is read-only: the model index cannot be written"
+                    ) from None
                 raise StorageUnavailable(
                     "the model index database failed", reason=Reason.INDEX_IO
                 ) from None
@@ -235,8 +310,13 @@ class Index:
             cur.execute("COMMIT")
         return int(remaining)
 
-    def delete(self, name: str, version: str) -> tuple[ModelRecord, int] | None:
-        """Removes the row; returns it and how many rows still share its blob, or None if absent."""
+    def delete(self, name: str, version: str) -> tuple[str | None, int] | None:
+        """Removes the row; returns its blob's digest and how many rows still share that blob, or
+        None if absent.
+
+        An unreadable row (edited or damaged on disk) is removed too: deleting it is how an admin
+        gets rid of it. Its digest is None if it is not one this store writes (no file is named
+        after it)."""
         with self._cursor() as cur:
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -252,7 +332,8 @@ class Index:
                 cur.execute("ROLLBACK")
                 raise
             cur.execute("COMMIT")
-        return _record(row), int(remaining)
+        digest = row[2] if isinstance(row[2], str) and _SHA256_HEX.fullmatch(row[2]) else None
+        return digest, int(remaining)
 
     def references(self, digest: str) -> int:
         """How many rows point at the blob with this digest."""

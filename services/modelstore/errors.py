@@ -64,6 +64,13 @@ class StorageUnavailable(Unavailable):
     default_reason = Reason.STORAGE_IO
 
 
+class StorageReadOnly(FailedPrecondition):
+    """The storage volume is mounted read-only (as a filesystem remounts itself after I/O errors):
+    retrying does not help until the operator repairs and remounts it."""
+
+    default_reason = Reason.STORAGE_READ_ONLY
+
+
 class StorageLocked(FailedPrecondition):
     """Another process already serves this storage root."""
 

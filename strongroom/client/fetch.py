@@ -70,7 +70,7 @@ from strongroom.errors import (
     NotFound,
 )
 from strongroom.reasons import Reason
-from strongroom.wire import bytes_field_view
+from strongroom.wire import WireError, bytes_field_view
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,15 @@ _GET_MODEL = "/{}/GetModel".format(
 _DATA_FIELD = store_pb.GetModelResponse.DESCRIPTOR.fields_by_name["data"].number
 
 
-def _chunk_data(message: bytes) -> memoryview:
+def _chunk_data(message: bytes) -> memoryview | WireError:
     # Only the data is used (the artifact describes itself), so it is taken as a view into the
     # received message instead of parsing it into a protobuf object and copying it out again.
-    return bytes_field_view(message, _DATA_FIELD)
+    try:
+        return bytes_field_view(message, _DATA_FIELD)
+    except WireError as exc:
+        # Returned, not raised: gRPC would make it INTERNAL "Exception deserializing response!"
+        # (and log a traceback); the source raises it as what it is, damage from the store.
+        return exc
 
 
 def grpc_source(channel: grpc.Channel, *, timeout: float = 600.0) -> PartSource:
@@ -119,15 +124,27 @@ def grpc_source(channel: grpc.Channel, *, timeout: float = 600.0) -> PartSource:
     def source(name: str, version: str) -> Iterator[memoryview]:
         call = get_model(store_pb.GetModelRequest(name=name, version=version), timeout=timeout)
         try:
-            yield from call
+            for data in call:
+                if isinstance(data, WireError):
+                    raise DataLoss(
+                        f"the model store sent a malformed GetModel message for "
+                        f"{name}/{version}: {data}",
+                        reason=Reason.STORE_MESSAGE_MALFORMED,
+                    )
+                yield data
         except grpc.RpcError as exc:
             raise remote_error("fetch", exc) from None
         finally:
             # A reader that stops early (a refused header, a failed part) ends the download; a
-            # finished call ignores it. (A wrapped call is a generator: ``yield from`` closed it.)
+            # finished call ignores it. A call wrapped by an interceptor is a generator: it is
+            # closed here, not left for the garbage collector to finalise in another context.
             cancel = getattr(call, "cancel", None)
             if cancel is not None:
                 cancel()
+            else:
+                close = getattr(call, "close", None)
+                if close is not None:
+                    close()
 
     return source
 

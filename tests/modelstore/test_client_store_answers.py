@@ -21,9 +21,12 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import parse_header
+from strongroom.client.fetch import ModelFetcher
+from strongroom.client.keyrelease import ReleasedDataKey
 from strongroom.client.listing import iter_models
 from strongroom.client.publish import publish_model
 from strongroom.errors import DataLoss, FailedPrecondition
+from strongroom.modelstore.service import add_to_server
 
 
 class _PagingStore(pb_grpc.ModelStoreServiceServicer):
@@ -44,12 +47,13 @@ class _PagingStore(pb_grpc.ModelStoreServiceServicer):
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[_PagingStore], grpc.Channel]]:
+def serve() -> Iterator[Callable[[pb_grpc.ModelStoreServiceServicer], grpc.Channel]]:
     servers: list[grpc.Server] = []
 
-    def start(store: _PagingStore) -> grpc.Channel:
+    def start(store: pb_grpc.ModelStoreServiceServicer) -> grpc.Channel:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        pb_grpc.add_ModelStoreServiceServicer_to_server(store, server)
+        # As the store registers itself: GetModel's messages go out as the servicer made them.
+        add_to_server(store, server)  # type: ignore[arg-type]
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)
@@ -60,14 +64,16 @@ def serve() -> Iterator[Callable[[_PagingStore], grpc.Channel]]:
         server.stop(None)
 
 
-def test_every_page_is_walked(serve: Callable[[_PagingStore], grpc.Channel]) -> None:
+def test_every_page_is_walked(
+    serve: Callable[[pb_grpc.ModelStoreServiceServicer], grpc.Channel],
+) -> None:
     store = _PagingStore(5, lambda n: f"after-{n}")  # type: ignore[abstract]  # only ListModels
     names = [m.name for m in iter_models(pb_grpc.ModelStoreServiceStub(serve(store)), timeout=10)]
     assert names == ["m1", "m2", "m3", "m4", "m5"]
 
 
 def test_a_repeated_page_token_stops_the_walk(
-    serve: Callable[[_PagingStore], grpc.Channel],
+    serve: Callable[[pb_grpc.ModelStoreServiceServicer], grpc.Channel],
 ) -> None:
     store = _PagingStore(10**9, lambda n: "same-token")  # type: ignore[abstract]  # only ListModels
     with pytest.raises(FailedPrecondition) as info:
@@ -76,7 +82,9 @@ def test_a_repeated_page_token_stops_the_walk(
     assert store.calls == 2
 
 
-def test_a_token_cycle_stops_the_walk(serve: Callable[[_PagingStore], grpc.Channel]) -> None:
+def test_a_token_cycle_stops_the_walk(
+    serve: Callable[[pb_grpc.ModelStoreServiceServicer], grpc.Channel],
+) -> None:
     store = _PagingStore(10**9, lambda n: f"t{n % 3}")  # type: ignore[abstract]  # only ListModels
     with pytest.raises(FailedPrecondition, match="does not advance"):
         list(iter_models(pb_grpc.ModelStoreServiceStub(serve(store)), timeout=10))
@@ -84,7 +92,7 @@ def test_a_token_cycle_stops_the_walk(serve: Callable[[_PagingStore], grpc.Chann
 
 
 def test_a_listing_without_end_stops_at_the_page_cap(
-    serve: Callable[[_PagingStore], grpc.Channel],
+    serve: Callable[[pb_grpc.ModelStoreServiceServicer], grpc.Channel],
 ) -> None:
     store = _PagingStore(10**9, lambda n: f"fresh-{n}")  # type: ignore[abstract]  # only ListModels
     with pytest.raises(FailedPrecondition, match="within 50 pages"):
@@ -93,7 +101,7 @@ def test_a_listing_without_end_stops_at_the_page_cap(
 
 
 def test_key_rotation_stops_on_a_looping_store(
-    serve: Callable[[_PagingStore], grpc.Channel],
+    serve: Callable[[pb_grpc.ModelStoreServiceServicer], grpc.Channel],
 ) -> None:
     """Rotation's listing (``models_needing``) walked up to a million pages of a repeated token;
     the store here gives up after 200 calls, so the old walk fails on its error instead."""
@@ -111,6 +119,33 @@ def test_key_rotation_stops_on_a_looping_store(
     with pytest.raises(FailedPrecondition) as info:
         models_needing("model-key", 0, store=serve(store))
     assert info.value.reason == "STORE_LISTING_LOOPS"
+
+
+class _MalformedDownload(pb_grpc.ModelStoreServiceServicer):
+    """Streams one GetModel message that is not protobuf: a length running past its end."""
+
+    def GetModel(  # type: ignore[override]  # serialised messages, as the store sends them
+        self, request: pb.GetModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        yield b"\x1a\xff\x01artifact bytes"
+
+
+def test_a_malformed_download_message_is_data_loss(
+    serve: Callable[[pb_grpc.ModelStoreServiceServicer], grpc.Channel],
+) -> None:
+    """The fetch's decoder raised inside gRPC, which made it INTERNAL 'Exception deserializing
+    response!' and the library a FAILED_PRECONDITION FETCH_REFUSED (the inference service's load
+    too): neither said that the store sent a broken message. Now it is DATA_LOSS, as a part
+    streamed short or long is, and no key is asked for."""
+
+    def release(key_id: str, key_version: int, wrapped: bytes) -> ReleasedDataKey:
+        raise AssertionError("no key may be released for a broken download")
+
+    channel = serve(_MalformedDownload())  # type: ignore[abstract]  # only GetModel
+    with pytest.raises(DataLoss) as info:
+        ModelFetcher(channel, release).fetch("acme/m", "1")
+    assert info.value.reason == "STORE_MESSAGE_MALFORMED"
+    assert "acme/m/1" in info.value.message
 
 
 class _Broker(kb_grpc.KeyBrokerServiceServicer):

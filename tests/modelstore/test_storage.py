@@ -7,9 +7,12 @@ filesystem backend's own mechanisms (its root lock, its start-up sweep of a dire
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import shutil
 import sqlite3
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from strongroom.artifact import StructureValidator
-from strongroom.errors import InvalidArgument
+from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.modelstore._pagetoken import decode as decode_page_token
 from strongroom.modelstore.errors import (
     ArtifactTooLarge,
@@ -526,7 +529,7 @@ def test_reads_detect_truncated_and_missing_blobs(storage: AnyStorage) -> None:
 def test_startup_sweeps_temp_files_and_orphan_blobs(store_root: Path) -> None:
     with FilesystemStorage(store_root) as s:
         kept = s.put([make_artifact("m", "1", b"keep")], StructureValidator())
-    (store_root / "tmp" / "deadbeef.part").write_bytes(b"partial upload")
+    (store_root / "tmp" / f"{'0f' * 16}.part").write_bytes(b"partial upload")
     orphan = hashlib.sha256(b"orphan").hexdigest()
     (store_root / "blobs" / "sha256" / orphan[:2]).mkdir(exist_ok=True)
     (store_root / "blobs" / "sha256" / orphan[:2] / orphan).write_bytes(b"orphan")
@@ -535,6 +538,72 @@ def test_startup_sweeps_temp_files_and_orphan_blobs(store_root: Path) -> None:
         assert s.last_sweep.orphan_blobs_removed == 1
         assert s.blob_digests() == {kept.artifact_sha256}
         assert_clean(s)
+
+
+def test_startup_sweep_removes_only_the_stores_own_temp_files(
+    store_root: Path, tmp_path: Path
+) -> None:
+    """The sweep removed every file in ``tmp/``: with ``tmp`` a symlink to a scratch directory
+    (an operator's way to put uploads elsewhere), each start deleted whatever else lived there.
+    Now only the store's own upload files go; anything else is a stray, kept and logged."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    store_root.mkdir()
+    (store_root / "tmp").symlink_to(scratch)
+    (scratch / "notes.txt").write_text("not the store's")
+    (scratch / "download.part").write_bytes(b"another program's partial file")
+    (scratch / f"{'a1' * 16}.part").write_bytes(b"an interrupted upload")
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.temp_files_removed == 1
+        assert s.last_sweep.stray_files == 2
+    assert sorted(p.name for p in scratch.iterdir()) == ["download.part", "notes.txt"]
+
+
+def test_startup_sweep_removes_nothing_through_a_symlinked_blob_directory(
+    store_root: Path, tmp_path: Path
+) -> None:
+    """A fan-out directory of the blob tree that is a symlink (to another store's, say) was
+    walked like the store's own: every blob-named file there that this index does not name was
+    deleted as an orphan at each start. Now such a directory is a stray, logged and left alone;
+    a blob the index names through it is still read."""
+    with FilesystemStorage(store_root) as s:
+        kept = put(s, make_artifact("m", "1", b"keep"))
+    digest: str = kept.artifact_sha256  # type: ignore[attr-defined]
+    fanout = store_root / "blobs" / "sha256" / digest[:2]
+    elsewhere = tmp_path / "elsewhere"
+    fanout.rename(elsewhere)
+    fanout.symlink_to(elsewhere)
+    foreign = elsewhere / (digest[:2] + "f" * 62)
+    foreign.write_bytes(b"another store's blob")
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.orphan_blobs_removed == 0
+        assert s.last_sweep.stray_files == 1
+        assert read_all(s, "m", "1") == read_blob(s, kept)  # type: ignore[arg-type]
+    assert foreign.read_bytes() == b"another store's blob"
+
+
+def test_a_root_whose_uploads_and_blobs_are_on_two_volumes_is_refused_at_start(
+    store_root: Path,
+) -> None:
+    """An upload is published by renaming its file from ``tmp/`` into ``blobs/``: with one of them
+    a symlink to another filesystem, the store started and every upload failed after its last
+    byte (UNAVAILABLE STORAGE_IO, EXDEV only in the log). Now the start is refused, naming both."""
+    other_volume = Path("/dev/shm")
+    if not other_volume.is_dir() or other_volume.stat().st_dev == store_root.parent.stat().st_dev:
+        pytest.skip("no second filesystem (/dev/shm) to place tmp/ on")
+    elsewhere = Path(tempfile.mkdtemp(dir=other_volume))
+    try:
+        store_root.mkdir()
+        (store_root / "tmp").symlink_to(elsewhere)
+        with pytest.raises(FailedPrecondition) as info:
+            FilesystemStorage(store_root).close()
+        assert info.value.reason == "STORAGE_SPANS_VOLUMES"
+        assert "tmp" in info.value.message and "blobs" in info.value.message
+        (store_root / "tmp").unlink()
+        with FilesystemStorage(store_root) as s:  # the lock was released: fixed, it starts
+            put(s, make_artifact("m", "1", b"x"))
+    finally:
+        shutil.rmtree(elsewhere)
 
 
 def test_one_process_per_root(store_root: Path) -> None:
@@ -631,6 +700,27 @@ def test_unreadable_index_is_unavailable_and_releases_the_lock(store_root: Path)
         assert s.records() == ()
 
 
+def test_a_lost_index_stops_the_start_instead_of_sweeping_every_blob(store_root: Path) -> None:
+    """With index.sqlite3 gone (removed by hand to 'reset' it, or a restore that missed it), the
+    store made a new empty index and its start-up sweep deleted every blob as an orphan: every
+    model lost for good, though each artifact names itself. Now the start is refused and nothing
+    is deleted or created."""
+    with FilesystemStorage(store_root) as s:
+        kept = {
+            put(s, make_artifact("m", v, body(1000, i))).artifact_sha256 for i, v in enumerate("12")
+        }  # type: ignore[attr-defined]
+    for name in ("index.sqlite3", "index.sqlite3-wal", "index.sqlite3-shm"):
+        (store_root / name).unlink(missing_ok=True)
+    with pytest.raises(FailedPrecondition) as info:
+        FilesystemStorage(store_root)
+    assert info.value.reason == "INDEX_MISSING"
+    assert "2 blobs" in info.value.message
+    assert not (store_root / "index.sqlite3").exists()
+    assert {p.name for p in (store_root / "blobs" / "sha256").glob("*/*")} == kept
+    with FilesystemStorage(store_root / "elsewhere") as fresh:  # a new, empty root still opens
+        assert fresh.records() == ()
+
+
 @pytest.mark.parametrize(
     ("column", "value"),
     [
@@ -662,6 +752,52 @@ def test_an_edited_index_row_is_stored_data_corrupt(
         with pytest.raises(StoredDataCorrupt):
             storage.records()
         assert storage.stat("acme/good", "1").name == "acme/good"
+
+
+def test_deleting_an_unreadable_row_removes_it_and_its_blob_and_says_so(store_root: Path) -> None:
+    """DeleteModel of a row the index cannot read deleted the row, then answered DATA_LOSS
+    INDEX_CORRUPT: the admin was told it failed though the model was gone, and its blob stayed
+    until the next start. Now the delete succeeds and removes the blob like any other."""
+    with FilesystemStorage(store_root) as storage:
+        bad = put(storage, make_artifact("acme/bad", "1", b"x"))
+    with sqlite3.connect(store_root / "index.sqlite3") as db:
+        db.execute("UPDATE models SET key_version = 'two' WHERE name = 'acme/bad'")
+    with FilesystemStorage(store_root) as storage:
+        storage.delete("acme/bad", "1")
+        with pytest.raises(ModelNotFound):
+            storage.stat("acme/bad", "1")
+        assert bad.artifact_sha256 not in storage.blob_digests()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("column", ["artifact_sha256", "name"])
+def test_an_index_row_naming_a_file_outside_the_store_is_index_corrupt(
+    store_root: Path, tmp_path: Path, column: str
+) -> None:
+    """A row's digest was joined to the blob directory unchecked: an edited (or restored, or
+    damaged) index whose digest is a path gave readers that file's bytes and made a delete unlink
+    it, anywhere the store's user may. A row whose digest, name or version this store cannot have
+    written is now DATA_LOSS INDEX_CORRUPT, and nothing outside the blob tree is read or removed."""
+    with FilesystemStorage(store_root) as storage:
+        bad = put(storage, make_artifact("acme/bad", "1", b"x"))
+        put(storage, make_artifact("acme/good", "1", b"y"))
+    outside = tmp_path / "not-a-blob"
+    outside.write_bytes(b"s" * bad.artifact_size)  # type: ignore[attr-defined]
+    edit = {"artifact_sha256": str(outside), "name": "acme/bad\n"}[column]
+    with sqlite3.connect(store_root / "index.sqlite3") as db:
+        db.execute(f"UPDATE models SET {column} = ? WHERE name = 'acme/bad'", (edit,))
+    with FilesystemStorage(store_root) as storage:
+        assert len(storage.last_sweep.unreadable_rows) == 1
+        with pytest.raises(StoredDataCorrupt) as info:
+            storage.list(prefix="acme/")
+        assert info.value.reason == "INDEX_CORRUPT"
+        if column == "artifact_sha256":
+            with pytest.raises(StoredDataCorrupt) as info:
+                read_all(storage, "acme/bad", "1")
+            assert info.value.reason == "INDEX_CORRUPT"
+            with contextlib.suppress(StoredDataCorrupt):
+                storage.delete("acme/bad", "1")
+        assert storage.stat("acme/good", "1").name == "acme/good"
+    assert outside.read_bytes() == b"s" * bad.artifact_size  # type: ignore[attr-defined]
 
 
 def test_a_deeply_nested_page_token_is_invalid_from_any_stack_depth() -> None:
