@@ -1,13 +1,16 @@
-"""Suite-wide fixtures: the repository root and the step-ca binary every real-CA test uses."""
+"""Suite-wide fixtures: the repository root, the step-ca binary every real-CA test uses and the
+simulated TEE chain every local stack trusts."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.pki.stepca import BINARY_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,3 +37,26 @@ def step_ca_binary() -> Path:
         pytest.fail(f"step-ca could not be built: {result.stderr.strip()[-500:]}")
     os.environ[BINARY_ENV] = str(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def simulated_tee_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A simulated TEE chain saved once per run (:meth:`SimulatedAuthority.save`'s layout).
+
+    Generating one costs three RSA-4096 keys (2-3 s on this machine); each module's stack used to
+    generate its own. A stack's chain is only ever trusted by that stack's own broker, so one
+    chain per run exercises the same verification as one per stack.
+    """
+    directory = tmp_path_factory.mktemp("simulated-tee")
+    SimulatedAuthority.generate().save(directory)
+    return directory
+
+
+def stack_root(
+    tmp_path_factory: pytest.TempPathFactory, name: str, simulated_tee_dir: Path
+) -> Path:
+    """A fresh directory for a :class:`~strongroom.dev.devstack.DevStack` that already holds the
+    run's simulated TEE chain (the stack then uses it instead of generating one)."""
+    root = tmp_path_factory.mktemp(name)
+    shutil.copytree(simulated_tee_dir, root / "simulated-tee")  # copy2 keeps the keys' 0600
+    return root
