@@ -3,6 +3,7 @@ simulated TEE chain every local stack trusts."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import subprocess
@@ -40,15 +41,34 @@ def step_ca_binary() -> Path:
 
 
 @pytest.fixture(scope="session")
-def simulated_tee_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A simulated TEE chain saved once per run (:meth:`SimulatedAuthority.save`'s layout).
+def sim_now() -> dt.datetime:
+    """The time the simulated TEE's certificates are issued and verified at."""
+    return dt.datetime.now(dt.UTC)
 
-    Generating one costs three RSA-4096 keys (2-3 s on this machine); each module's stack used to
-    generate its own. A stack's chain is only ever trusted by that stack's own broker, so one
-    chain per run exercises the same verification as one per stack.
+
+@pytest.fixture(scope="session")
+def sim_authority(sim_now: dt.datetime) -> SimulatedAuthority:
+    """A simulated AMD/Intel PKI (test-only roots), generated once per run.
+
+    Generating one costs three RSA-4096 keys (2-3 s on this machine); the attestation, inference
+    and key-broker tests and the stacks each generated their own. It holds only keys and
+    certificates (nothing a test changes), and no test relies on two of them being unrelated
+    except through ``other_authority``-style fixtures that still generate their own.
+    """
+    return SimulatedAuthority.generate(now=sim_now)
+
+
+@pytest.fixture(scope="session")
+def simulated_tee_dir(
+    tmp_path_factory: pytest.TempPathFactory, sim_authority: SimulatedAuthority
+) -> Path:
+    """:func:`sim_authority` saved once per run (:meth:`SimulatedAuthority.save`'s layout).
+
+    Each module's stack used to generate its own chain; a stack's chain is only ever trusted by
+    that stack's own broker, so one chain per run exercises the same verification as one per stack.
     """
     directory = tmp_path_factory.mktemp("simulated-tee")
-    SimulatedAuthority.generate().save(directory)
+    sim_authority.save(directory)
     return directory
 
 
