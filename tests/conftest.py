@@ -1,13 +1,17 @@
-"""Suite-wide fixtures: the repository root and the step-ca binary every real-CA test uses."""
+"""Suite-wide fixtures: the repository root, the step-ca binary every real-CA test uses and the
+simulated TEE chain every local stack trusts."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.pki.stepca import BINARY_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,3 +38,45 @@ def step_ca_binary() -> Path:
         pytest.fail(f"step-ca could not be built: {result.stderr.strip()[-500:]}")
     os.environ[BINARY_ENV] = str(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def sim_now() -> dt.datetime:
+    """The time the simulated TEE's certificates are issued and verified at."""
+    return dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture(scope="session")
+def sim_authority(sim_now: dt.datetime) -> SimulatedAuthority:
+    """A simulated AMD/Intel PKI (test-only roots), generated once per run.
+
+    Generating one costs three RSA-4096 keys (2-3 s on this machine); the attestation, inference
+    and key-broker tests and the stacks each generated their own. It holds only keys and
+    certificates (nothing a test changes), and no test relies on two of them being unrelated
+    except through ``other_authority``-style fixtures that still generate their own.
+    """
+    return SimulatedAuthority.generate(now=sim_now)
+
+
+@pytest.fixture(scope="session")
+def simulated_tee_dir(
+    tmp_path_factory: pytest.TempPathFactory, sim_authority: SimulatedAuthority
+) -> Path:
+    """:func:`sim_authority` saved once per run (:meth:`SimulatedAuthority.save`'s layout).
+
+    Each module's stack used to generate its own chain; a stack's chain is only ever trusted by
+    that stack's own broker, so one chain per run exercises the same verification as one per stack.
+    """
+    directory = tmp_path_factory.mktemp("simulated-tee")
+    sim_authority.save(directory)
+    return directory
+
+
+def stack_root(
+    tmp_path_factory: pytest.TempPathFactory, name: str, simulated_tee_dir: Path
+) -> Path:
+    """A fresh directory for a :class:`~strongroom.dev.devstack.DevStack` that already holds the
+    run's simulated TEE chain (the stack then uses it instead of generating one)."""
+    root = tmp_path_factory.mktemp(name)
+    shutil.copytree(simulated_tee_dir, root / "simulated-tee")  # copy2 keeps the keys' 0600
+    return root

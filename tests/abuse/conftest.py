@@ -9,15 +9,19 @@ import pytest
 
 from strongroom.dev.devstack import DevStack
 from tests.abuse.traffic import IDLE_TIMEOUT, KEY_ID, Identities
+from tests.conftest import stack_root
 
 SERVER = {"stream_idle_timeout_seconds": IDLE_TIMEOUT}
 
 
 @pytest.fixture(scope="module")
-def stack(step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+def stack(
+    step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
+) -> Iterator[DevStack]:
     """step-ca + key broker + model store in this process over real mTLS, default limits except
     a short idle timeout; a release key exists."""
-    with DevStack(tmp_path_factory.mktemp("abuse"), step_ca_binary=step_ca_binary) as dev:
+    root = stack_root(tmp_path_factory, "abuse", simulated_tee_dir)
+    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
         dev.start_in_process("keybroker", server=SERVER)
         dev.start_in_process("modelstore", server=SERVER)
         dev.create_release_key(dev.identity("admin"), KEY_ID, policy_version="1")

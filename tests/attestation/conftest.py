@@ -24,13 +24,14 @@ def production() -> TrustStore:
 
 
 @pytest.fixture(scope="session")
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+def now(sim_now: dt.datetime) -> dt.datetime:
+    return sim_now
 
 
 @pytest.fixture(scope="session")
-def authority(now: dt.datetime) -> SimulatedAuthority:
-    return SimulatedAuthority.generate(now=now)
+def authority(sim_authority: SimulatedAuthority) -> SimulatedAuthority:
+    """The run's simulated authority (``tests/conftest.py``), generated at :func:`now`."""
+    return sim_authority
 
 
 @pytest.fixture(scope="session")

@@ -57,8 +57,20 @@ def deployment(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
     return dep
 
 
-@pytest.fixture
-def pki(tmp_path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+# The PKI and its CA are made once per module (pki_secrets.py runs ``strongroom pki init`` and
+# friends, seconds of CLI start-ups; step-ca starts in another second or two), not once per test:
+# every test reads the Secrets without changing them, and what a test does at the CA (mint its own
+# one-time token, enrol, be refused) neither depends on nor changes what another test sees there.
+
+
+@pytest.fixture(scope="module")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where :func:`pki` has pki_secrets.py write the PKI (its ``--out``)."""
+    return tmp_path_factory.mktemp("pki-secrets") / "pki"
+
+
+@pytest.fixture(scope="module")
+def pki(pki_dir: Path) -> tuple[dict[str, dict[str, Any]], int]:
     """The Secrets pki_secrets.py prints, by name, and the port of the CA it made."""
     port = free_port()
     result = subprocess.run(
@@ -68,7 +80,7 @@ def pki(tmp_path: Path) -> tuple[dict[str, dict[str, Any]], int]:
             "--namespace",
             "strongroom",
             "--out",
-            str(tmp_path / "pki"),
+            str(pki_dir),
             "--ca-dns",
             "localhost",
             "--address",
@@ -95,13 +107,15 @@ def pod_secret(
     return secrets[vol["secret"]["secretName"]], vol
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def running_ca(
     helm: str,
     step_ca_binary: Path,
-    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
     pki: tuple[dict[str, dict[str, Any]], int],
 ) -> Iterator[tuple[dict[str, dict[str, Any]], int]]:
+    """step-ca serving from the layout the step-ca Deployment mounts (the PKI's Secrets)."""
+    tmp_path = tmp_path_factory.mktemp("running-ca")
     secrets, port = pki
     docs = render(helm)
     step_ca_secret, _ = pod_secret(docs, secrets, "step-ca", "ca-material")
@@ -321,7 +335,7 @@ def test_pki_secrets_refuses_to_overwrite_a_pki(tmp_path: Path) -> None:
 
 
 def test_pki_secrets_match_the_values_file_maps(
-    helm: str, tmp_path: Path, pki: tuple[dict[str, dict[str, Any]], int]
+    helm: str, pki_dir: Path, pki: tuple[dict[str, dict[str, Any]], int]
 ) -> None:
     secrets, _port = pki
     values = yaml.safe_load((CHART / "values.yaml").read_text())
@@ -338,7 +352,7 @@ def test_pki_secrets_match_the_values_file_maps(
         for cm in kind(docs, "ConfigMap")
         if "config.yaml" in cm.get("data", {})
     }
-    operator_key = (tmp_path / "pki" / "secrets" / "provisioner_key").read_bytes()
+    operator_key = (pki_dir / "secrets" / "provisioner_key").read_bytes()
     keys = set()
     for service, name in own.items():
         data = secrets[name]["data"]

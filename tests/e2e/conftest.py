@@ -8,12 +8,16 @@ from pathlib import Path
 import pytest
 
 from strongroom.dev.devstack import DevStack
+from tests.conftest import stack_root
 
 
 @pytest.fixture(scope="module")
-def stack(step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+def stack(
+    step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
+) -> Iterator[DevStack]:
     """step-ca + key broker + model store, in this process, over real mTLS."""
-    with DevStack(tmp_path_factory.mktemp("stack"), step_ca_binary=step_ca_binary) as dev:
+    root = stack_root(tmp_path_factory, "stack", simulated_tee_dir)
+    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
         dev.start_in_process("keybroker")
         dev.start_in_process("modelstore")
         yield dev

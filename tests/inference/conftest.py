@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -13,7 +12,6 @@ import pytest
 
 from strongroom.api.inference.v1 import attestation_pb2_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
-from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.inference.evidence_service import InferenceAttestationServicer
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.oip import InferLimits, OipServicer
@@ -87,15 +85,3 @@ def start_server() -> Iterator[Starter]:
     yield starter
     for running in started:
         stop(running)
-
-
-@pytest.fixture(scope="session")
-def sim_now() -> dt.datetime:
-    """The time the simulated TEE's certificates are issued and verified at."""
-    return dt.datetime.now(dt.UTC)
-
-
-@pytest.fixture(scope="session")
-def sim_authority(sim_now: dt.datetime) -> SimulatedAuthority:
-    """A simulated AMD/Intel PKI (test-only roots), generated once per run (a few seconds)."""
-    return SimulatedAuthority.generate(now=sim_now)

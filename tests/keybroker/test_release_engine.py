@@ -11,7 +11,6 @@ same decision.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import os
 from dataclasses import dataclass, field
@@ -112,8 +111,8 @@ class FakeAudit:
 
 
 @pytest.fixture(scope="module")
-def authority() -> SimulatedAuthority:
-    return SimulatedAuthority.generate(now=dt.datetime.now(dt.UTC))
+def authority(sim_authority: SimulatedAuthority) -> SimulatedAuthority:
+    return sim_authority
 
 
 @pytest.fixture

@@ -19,8 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from strongroom.artifact import StructureValidator
+
+# The backend's own module, not strongroom.modelstore.storage (the same class): that one imports
+# the S3 backend and botocore too, ~0.5 s of every worker's start-up, and the crash tests start
+# dozens of workers (the S3 loop below imports it where it needs it).
+from strongroom.modelstore._filesystem import FilesystemStorage
 from strongroom.modelstore.errors import ModelExists, ModelNotFound
-from strongroom.modelstore.storage import FilesystemStorage
 from tests.modelstore import rewrap_case
 from tests.modelstore.artifacts import chunked, make_artifact
 
