@@ -282,7 +282,7 @@ def validate_key_id(key_id: object) -> str:
     return key_id
 
 
-def _require_model(model_name: str, model_version: str) -> None:
+def require_model(model_name: str, model_version: str) -> None:
     """The model a data key is generated for: named, and valid (InvalidArgument otherwise)."""
     if not model_name or not model_version:
         raise InvalidArgument(
@@ -471,7 +471,7 @@ class KeyManager:
         Only the body key is returned: the slot key itself is wiped here and released only to
         attested inference servers, so the caller cannot write a body for any other model."""
         validate_key_id(key_id)
-        _require_model(model_name, model_version)
+        require_model(model_name, model_version)
 
         def op(hs: HsmSession) -> DataKey:
             current = self._require_versions(hs, key_id)[-1]
@@ -480,9 +480,9 @@ class KeyManager:
             dek = hs.session.generate_key(
                 KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.RETURNED_DEK_TEMPLATE
             )
-            # The token writes the value straight into the one buffer the caller wipes: read
-            # through python-pkcs11 it also left an immutable bytes copy (and that library's
-            # own buffer) in freed memory, where no wipe reaches.
+            # The token writes the value straight into one buffer, wiped here once the body key
+            # is derived: read through python-pkcs11 it also left an immutable bytes copy (and
+            # that library's own buffer) in freed memory, where no wipe reaches.
             value = bytearray(DEK_BYTES)
             try:
                 try:
@@ -490,10 +490,6 @@ class KeyManager:
                     length = hs.direct.read_into(dek.handle, Attribute.VALUE, value)
                 finally:
                     _destroy_data_key(dek.destroy)
-            except BaseException:
-                value[:] = bytes(DEK_BYTES)
-                raise
-            try:
                 if length != DEK_BYTES or len(wrapped) != WRAPPED_DEK_BYTES:
                     raise Internal(
                         "the HSM returned a data key of the wrong size", reason=Reason.HSM_ERROR

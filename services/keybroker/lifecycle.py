@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from strongroom.errors import StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
-from strongroom.keybroker.keys import DataKey, KeyInfo, KeyManager, Rewrapped, recordable_key_id
+from strongroom.keybroker.keys import (
+    DataKey,
+    KeyInfo,
+    KeyManager,
+    Rewrapped,
+    recordable_key_id,
+    require_model,
+    validate_key_id,
+)
 from strongroom.keybroker.policies import PolicyStore, StoredPolicy
 from strongroom.keybroker.release import Caller
 from strongroom.reasons import Reason
@@ -105,7 +113,13 @@ class KeyService:
         self, caller: Caller, key_id: str, model_name: str, model_version: str
     ) -> DataKey:
         """A fresh data key bound to ``model_name``/``model_version`` and its wrapped form; the
-        caller must wipe it. Audited first, with the model it was bound to."""
+        caller must wipe it. Audited first, with the model it was bound to.
+
+        When the key's release policy lists ``publishers``, only those may get data keys under
+        it, each for its model names; a refusal is audited (PermissionDenied). A key without a
+        policy (nothing can be released under it yet) or a policy without ``publishers``
+        admits every publisher; a policy that cannot be read admits none."""
+        self._check_publisher(caller, key_id, model_name, model_version)
         data_key = self._keys.generate_data_key(key_id, model_name, model_version)
         try:
             self._record(
@@ -120,6 +134,35 @@ class KeyService:
             data_key.wipe()
             raise
         return data_key
+
+    def _check_publisher(
+        self, caller: Caller, key_id: str, model_name: str, model_version: str
+    ) -> None:
+        # What the caller got wrong is answered as before, unaudited: the policy is asked only
+        # about a well-formed request.
+        validate_key_id(key_id)
+        require_model(model_name, model_version)
+        try:
+            stored = self._policies.get(key_id)
+        except StrongroomError as exc:
+            if exc.reason == Reason.NO_RELEASE_POLICY:
+                return
+            refusal: StrongroomError = exc
+        else:
+            try:
+                stored.policy.check_publisher(caller.spiffe_id, model_name)
+                return
+            except StrongroomError as exc:
+                refusal = exc
+        self._record(
+            caller,
+            "generate_data_key",
+            key_id,
+            reason=refusal.reason,
+            decision=Decision.DENIED,
+            claims={"model_name": model_name, "model_version": model_version},
+        )
+        raise refusal
 
     def rewrap(self, caller: Caller, key_id: str, version: int, wrapped: bytes) -> Rewrapped:
         """Moves a wrapped data key to the key's current KEK version, inside the HSM.

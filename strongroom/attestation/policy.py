@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Annotated, Any
 
 import yaml
@@ -24,6 +25,8 @@ from strongroom.attestation.claims import VerifiedClaims
 from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
 from strongroom.attestation.evidence import TeeType
 from strongroom.attestation.rules import schema
+from strongroom.errors import StrongroomError
+from strongroom.identifiers import validate_name
 from strongroom.reasons import Reason
 from strongroom.spiffe import is_workload_id
 
@@ -57,6 +60,39 @@ def _callers(value: Any) -> frozenset[str]:
     return frozenset(items)
 
 
+def _model_name_rule(entry: Any) -> str:
+    """One ``model_names`` entry: a model name, or a name followed by ``/`` (everything under it)."""
+    if isinstance(entry, str) and entry:
+        try:
+            validate_name(entry[:-1] if entry.endswith("/") else entry)
+        except StrongroomError:
+            pass
+        else:
+            return entry
+    raise schema.invalid(
+        Reason.POLICY_BAD_VALUE,
+        f"{entry!r} is not a model name, or a model name followed by '/' (everything under it)",
+    )
+
+
+def _publishers(value: Any) -> Mapping[str, tuple[str, ...]]:
+    """``publishers``: each SPIFFE ID once, with the model names it may get data keys for."""
+    out: dict[str, tuple[str, ...]] = {}
+    for entry in schema.allow_list(value):
+        if not isinstance(entry, dict) or set(entry) != {"spiffe_id", "model_names"}:
+            raise schema.invalid(
+                Reason.POLICY_BAD_VALUE,
+                "entries must be mappings with exactly spiffe_id and model_names",
+            )
+        caller = entry["spiffe_id"]
+        if not isinstance(caller, str) or not is_workload_id(caller):
+            raise schema.invalid(Reason.POLICY_BAD_VALUE, f"{caller!r} is not a SPIFFE ID")
+        if caller in out:
+            raise schema.invalid(Reason.POLICY_BAD_VALUE, f"{caller!r} is listed twice")
+        out[caller] = tuple(_model_name_rule(n) for n in schema.allow_list(entry["model_names"]))
+    return MappingProxyType(out)
+
+
 def _tee_names(value: Any, info: ValidationInfo) -> frozenset[str]:
     assert info.context is not None  # ReleasePolicy.load passes the registered TEE types
     return schema.check_one_of(value, info.context["tees"])
@@ -69,6 +105,8 @@ class _Common(schema.Section):
     description: StrictStr = ""
     allowed_spiffe_ids: Annotated[frozenset[str], BeforeValidator(_callers)]
     tee_types: Annotated[frozenset[str], BeforeValidator(_tee_names)]
+    # Absent: any publisher identity may get data keys under the key, for any model name.
+    publishers: Annotated[Mapping[str, tuple[str, ...]] | None, BeforeValidator(_publishers)] = None
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -128,6 +166,9 @@ class ReleasePolicy:
     allowed_spiffe_ids: frozenset[str]
     tee_types: frozenset[TeeType]
     rules: Mapping[TeeType, tee_rules.TeeRules]
+    #: Publisher SPIFFE ID → the model names it may get data keys for (None: any publisher, any
+    #: name). An entry ending in ``/`` covers every name under it.
+    publishers: Mapping[str, tuple[str, ...]] | None = None
 
     @classmethod
     def load(cls, text: str | bytes, *, production: bool = True) -> ReleasePolicy:
@@ -179,6 +220,9 @@ class ReleasePolicy:
         return cls(
             version=common.version,
             allowed_spiffe_ids=common.allowed_spiffe_ids,
+            publishers=None
+            if common.publishers is None
+            else MappingProxyType(dict(common.publishers)),
             tee_types=allowed,
             rules={
                 tee: module.parse(doc[module.section], production=production)
@@ -195,16 +239,18 @@ class ReleasePolicy:
         releases keys to a VM whose memory the host can read, so production refuses it, and
         ``allow_simulated`` too.
         """
-        foreign = sorted(
-            i for i in self.allowed_spiffe_ids if not i.startswith(f"spiffe://{trust_domain}/")
-        )
-        if foreign:
-            raise _fail(
-                "allowed_spiffe_ids",
-                f"{', '.join(foreign)} outside this broker's trust domain {trust_domain!r} "
-                "can never match a caller",
-                Reason.POLICY_FOREIGN_TRUST_DOMAIN,
-            )
+        for field, ids in (
+            ("allowed_spiffe_ids", self.allowed_spiffe_ids),
+            ("publishers", self.publishers or ()),
+        ):
+            foreign = sorted(i for i in ids if not i.startswith(f"spiffe://{trust_domain}/"))
+            if foreign:
+                raise _fail(
+                    field,
+                    f"{', '.join(foreign)} outside this broker's trust domain {trust_domain!r} "
+                    "can never match a caller",
+                    Reason.POLICY_FOREIGN_TRUST_DOMAIN,
+                )
         if production:
             tees = tee_rules.registered()
             for tee, rules in self.rules.items():
@@ -232,6 +278,27 @@ class ReleasePolicy:
         name cannot make the broker fetch collateral or verify signatures on its behalf."""
         if caller_spiffe_id not in self.allowed_spiffe_ids:
             raise _deny(f"caller {caller_spiffe_id!r} is not allowed", Reason.CALLER_NOT_ALLOWED)
+
+    def check_publisher(self, publisher_spiffe_id: str, model_name: str) -> None:
+        """Raises :class:`PolicyViolation` unless the policy lets ``publisher_spiffe_id`` get a
+        data key for ``model_name`` (``PUBLISHER_NOT_ALLOWED``: not listed;
+        ``MODEL_NAME_NOT_ALLOWED``: listed, not for that name). No ``publishers``: any."""
+        if self.publishers is None:
+            return
+        names = self.publishers.get(publisher_spiffe_id)
+        if names is None:
+            raise _deny(
+                f"publisher {publisher_spiffe_id!r} may not get data keys under this key",
+                Reason.PUBLISHER_NOT_ALLOWED,
+            )
+        if not any(
+            model_name == n or (n.endswith("/") and model_name.startswith(n)) for n in names
+        ):
+            raise _deny(
+                f"publisher {publisher_spiffe_id!r} may not get data keys for model "
+                f"{model_name!r} under this key",
+                Reason.MODEL_NAME_NOT_ALLOWED,
+            )
 
     def evaluate(self, claims: VerifiedClaims, caller_spiffe_id: str) -> PolicyDecision:
         """Allows the release or raises :class:`PolicyViolation` naming the failed check."""

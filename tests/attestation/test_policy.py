@@ -312,6 +312,7 @@ def test_documented_example_loads() -> None:
     example = doc.split("```yaml", 1)[1].split("```", 1)[0]
     pol = ReleasePolicy.load(example)
     assert pol.version and set(pol.rules) == {TeeType.SEV_SNP, TeeType.TDX}
+    assert pol.publishers is not None and len(pol.publishers) == 2
 
 
 def test_tcb_fmc_minimum_applies_only_to_turin(snp, sim_trust, now) -> None:
@@ -684,3 +685,87 @@ def test_a_minimum_without_fmc_refuses_turin_and_keeps_serving_milan(
     assert err.value.reason == Reason.TCB_MINIMUM_INCOMPLETE
     assert "states no fmc" in str(err.value)
     policy(sev_snp=section).evaluate(snp_claims(snp, sim_trust, now), CALLER)  # Milan: served
+
+
+# -- publishers: who may get data keys under the key, for which model names ---------------------
+
+PUBLISHER = "spiffe://strongroom.test/publisher"
+
+
+def test_without_publishers_every_publisher_gets_keys_for_every_name() -> None:
+    loaded = policy()
+    assert loaded.publishers is None
+    loaded.check_publisher("spiffe://strongroom.test/anyone", "any/model")
+
+
+def test_publishers_admit_exact_names_and_everything_under_a_slash() -> None:
+    loaded = policy(
+        publishers=[
+            {"spiffe_id": PUBLISHER, "model_names": ["tenant-a/", "shared/model"]},
+            {"spiffe_id": "spiffe://strongroom.test/b", "model_names": ["tenant-b/x"]},
+        ]
+    )
+    for name in ("tenant-a/m", "tenant-a/deep/m", "shared/model"):
+        loaded.check_publisher(PUBLISHER, name)
+    loaded.check_publisher("spiffe://strongroom.test/b", "tenant-b/x")
+    for caller, name, reason in [
+        (PUBLISHER, "tenant-a", "MODEL_NAME_NOT_ALLOWED"),  # the folder itself is not under it
+        (PUBLISHER, "tenant-ab/m", "MODEL_NAME_NOT_ALLOWED"),  # a prefix only at a '/'
+        (PUBLISHER, "shared/model2", "MODEL_NAME_NOT_ALLOWED"),  # exact means exact
+        (PUBLISHER, "tenant-b/x", "MODEL_NAME_NOT_ALLOWED"),
+        ("spiffe://strongroom.test/b", "tenant-b/x/y", "MODEL_NAME_NOT_ALLOWED"),
+        ("spiffe://strongroom.test/c", "tenant-a/m", "PUBLISHER_NOT_ALLOWED"),
+    ]:
+        with pytest.raises(PolicyViolation) as info:
+            loaded.check_publisher(caller, name)
+        assert info.value.reason == reason, (caller, name)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ([], "POLICY_EMPTY_ALLOW_LIST"),
+        ("*", "POLICY_BAD_TYPE"),
+        ([{"spiffe_id": "publisher", "model_names": ["a/"]}], "POLICY_BAD_VALUE"),
+        ([{"spiffe_id": PUBLISHER, "model_names": []}], "POLICY_EMPTY_ALLOW_LIST"),
+        ([{"spiffe_id": PUBLISHER, "model_names": "a/"}], "POLICY_BAD_TYPE"),
+        ([{"spiffe_id": PUBLISHER, "model_names": [""]}], "POLICY_BAD_VALUE"),
+        ([{"spiffe_id": PUBLISHER, "model_names": ["/"]}], "POLICY_BAD_VALUE"),
+        ([{"spiffe_id": PUBLISHER, "model_names": ["a//"]}], "POLICY_BAD_VALUE"),
+        ([{"spiffe_id": PUBLISHER, "model_names": ["*"]}], "POLICY_BAD_VALUE"),
+        ([{"spiffe_id": PUBLISHER}], "POLICY_BAD_VALUE"),
+        ([{"spiffe_id": PUBLISHER, "model_names": ["a/"], "key": 1}], "POLICY_BAD_VALUE"),
+        ([PUBLISHER], "POLICY_BAD_VALUE"),
+        (
+            [
+                {"spiffe_id": PUBLISHER, "model_names": ["a/"]},
+                {"spiffe_id": PUBLISHER, "model_names": ["b/"]},
+            ],
+            "POLICY_BAD_VALUE",
+        ),
+    ],
+)
+def test_a_malformed_publishers_list_is_refused(value: object, reason: str) -> None:
+    with pytest.raises(PolicyInvalid) as info:
+        policy(publishers=value)
+    assert info.value.reason == reason
+    assert "publishers" in info.value.message
+
+
+def test_an_explicit_null_publishers_is_not_an_absent_one() -> None:
+    text = "version: v\nallowed_spiffe_ids: [spiffe://strongroom.test/i]\ntee_types: [TDX]\n"
+    text += f"tdx: {{mrtds: ['{MRTD.hex()}'], allow_simulated: true}}\npublishers: null\n"
+    with pytest.raises(PolicyInvalid) as info:
+        ReleasePolicy.load(text, production=False)
+    assert info.value.reason == "POLICY_BAD_TYPE"
+
+
+def test_a_publisher_outside_the_trust_domain_is_refused_where_deployed() -> None:
+    loaded = policy(
+        production=False,
+        publishers=[{"spiffe_id": "spiffe://elsewhere.test/p", "model_names": ["a/"]}],
+    )
+    with pytest.raises(PolicyInvalid) as info:
+        loaded.check_deployment(trust_domain="strongroom.test", production=False)
+    assert info.value.reason == "POLICY_FOREIGN_TRUST_DOMAIN"
+    assert "publishers" in info.value.message

@@ -150,6 +150,25 @@ def test_a_data_key_is_generated_only_for_a_named_model(world: World) -> None:
     assert details.startswith("INVALID_MODEL_NAME: ") and "model_name and model_version" in details
 
 
+def test_a_key_policy_scopes_its_publishers_to_model_names(world: World) -> None:
+    world.admin.CreateKey(pb.CreateKeyRequest(key_id="scoped"), timeout=30)
+    publisher = world.stack.spiffe_id("publisher")
+    scoped = f"publishers:\n  - {{spiffe_id: '{publisher}', model_names: ['tenant-a/']}}\n"
+    world.admin.SetReleasePolicy(
+        pb.SetReleasePolicyRequest(
+            key_id="scoped", policy_document=policy(world.stack, measurements=[GOOD], extra=scoped)
+        ),
+        timeout=10,
+    )
+    world.publisher.GenerateDataKey(data_key_request("scoped", ("tenant-a/m", "1")), timeout=10)
+    with pytest.raises(grpc.RpcError) as info:
+        world.publisher.GenerateDataKey(data_key_request("scoped", ("tenant-b/m", "1")), timeout=10)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert (info.value.details() or "").startswith("MODEL_NAME_NOT_ALLOWED: ")  # type: ignore[attr-defined]
+    denied = [r for r in audit_records(world) if r["action"] == "generate_data_key"][-1]
+    assert (denied["decision"], denied["claims"]["model_name"]) == ("denied", "tenant-b/m")
+
+
 def test_only_the_publisher_may_generate(world: World) -> None:
     with pytest.raises(grpc.RpcError) as info:
         world.broker.GenerateDataKey(data_key_request(KEY), timeout=10)

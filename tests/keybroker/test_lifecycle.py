@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound
+from strongroom.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    StrongroomError,
+)
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.keybroker.keys import KeyManager, KeyState
@@ -223,3 +229,54 @@ def test_a_data_key_for_no_valid_model_is_refused_before_the_hsm(
         keys.generate_data_key(PUBLISHER, "k1", name, version)
     assert info.value.reason == reason
     assert [r["action"] for r in _records(log)] == ["create_key"]
+
+
+def _with_publishers(keys: KeyService, entries: list[dict[str, object]]) -> None:
+    keys.create_key(ADMIN, "k1")
+    keys.set_policy(ADMIN, "k1", POLICY + "publishers:\n" + "".join(
+        f"  - {{spiffe_id: '{e['spiffe_id']}', model_names: {json.dumps(e['model_names'])}}}\n"
+        for e in entries
+    ))  # fmt: skip
+
+
+def test_a_policy_naming_publishers_admits_each_to_its_model_names(service) -> None:
+    """Bound data keys stop a key generated for one model from writing another; without this,
+    any publisher identity could still ask for a key for any name (another tenant's model)."""
+    keys, log = service
+    _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
+    keys.generate_data_key(PUBLISHER, "k1", "tenant-a/model", "1").wipe()
+    other = Caller("spiffe://strongroom.test/publisher-b", 0x21, b"")
+    for caller, name, reason in [
+        (PUBLISHER, "tenant-b/model", "MODEL_NAME_NOT_ALLOWED"),
+        (other, "tenant-a/model", "PUBLISHER_NOT_ALLOWED"),
+    ]:
+        with pytest.raises(PermissionDenied) as info:
+            keys.generate_data_key(caller, "k1", name, "7")
+        assert info.value.reason == reason
+        record = _records(log)[-1]
+        assert (record["action"], record["decision"], record["reason"]) == (
+            "generate_data_key",
+            "denied",
+            reason,
+        )
+        assert record["caller"]["spiffe_id"] == caller.spiffe_id
+        assert record["claims"] == {"model_name": name, "model_version": "7"}
+    allowed = [r for r in _records(log) if r["action"] == "generate_data_key"]
+    assert [r["decision"] for r in allowed] == ["allowed", "denied", "denied"]
+
+
+def test_a_policy_that_does_not_read_admits_no_publisher(service) -> None:
+    keys, log = service
+    _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
+    stored = next((log.parent / "policies").iterdir())
+    stored.write_text("version: [", encoding="utf-8")
+    with pytest.raises(StrongroomError) as info:
+        keys.generate_data_key(PUBLISHER, "k1", "tenant-a/model", "1")
+    assert info.value.reason == "POLICY_SYNTAX"
+    assert _records(log)[-1]["decision"] == "denied"
+
+
+def test_a_key_without_a_policy_admits_every_publisher(service) -> None:
+    keys, _ = service
+    keys.create_key(ADMIN, "k1")
+    keys.generate_data_key(PUBLISHER, "k1", "any/model", "1").wipe()
