@@ -81,6 +81,21 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+def is_name_rule(rule: object) -> bool:
+    """Whether ``rule`` is a model-name rule: a model name (that model), or a model name followed
+    by ``/`` (every model under it). Policies and configuration use them to scope names."""
+    if not isinstance(rule, str):
+        return False
+    name = rule[:-1] if rule.endswith("/") else rule
+    return 0 < len(name) <= MAX_NAME_LENGTH and bool(_NAME.fullmatch(name))
+
+
+def name_rule_matches(rule: str, name: str) -> bool:
+    """Whether model ``name`` falls under ``rule`` (see :func:`is_name_rule`): ``tenant-a/``
+    covers ``tenant-a/m`` and ``tenant-a/x/m``, not ``tenant-a`` nor ``tenant-ab/m``."""
+    return name.startswith(rule) if rule.endswith("/") else name == rule
+
+
 def validate_sha256_hex(digest: str) -> str:
     """Returns ``digest`` if it is 64 lower-case hex digits, else InvalidArgument(INVALID_SHA256)."""
     if not _SHA256_HEX.fullmatch(digest):

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from strongroom.artifact import DEFAULT_DECRYPT_THREADS
+from strongroom.client.keypins import KeyPins
+from strongroom.identifiers import KEY_ID_PATTERN, is_name_rule
 from strongroom.inference.oip import DEFAULT_MAX_TENSOR_BYTES, InferLimits
 from strongroom.runtime.config import ConfigError, EnvLocks, expected_server_id
 
@@ -17,6 +19,27 @@ class ModelRef:
 
     name: str
     version: str
+
+
+@dataclass(frozen=True)
+class ModelKeys:
+    """A key-encryption key, and the model names (rules: a name, or ``name/`` for everything
+    under it) whose artifacts may be wrapped under it."""
+
+    key_id: str
+    model_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not KEY_ID_PATTERN.fullmatch(self.key_id):
+            raise ConfigError(f"inference.model_keys: {self.key_id!r} is not a key id")
+        if not self.model_names:
+            raise ConfigError(f"inference.model_keys: {self.key_id!r} lists no model_names")
+        bad = [n for n in self.model_names if not is_name_rule(n)]
+        if bad:
+            raise ConfigError(
+                f"inference.model_keys: {bad[0]!r} is not a model name, or a model name "
+                "followed by '/' (everything under it)"
+            )
 
 
 DEFAULT_MAX_MODEL_BYTES = 64 * 1024**3
@@ -41,6 +64,7 @@ class InferenceConfig:
         "model_signing_public_key": (),
         "require_model_signature": (True,),
         "accept_unbound_artifacts": (False,),
+        "model_keys": (),
     }
 
     model_store: str
@@ -79,6 +103,10 @@ class InferenceConfig:
     # data key of the KEK could have written them for any name): refused unless this is set, for
     # the time it takes to re-publish them as format 3.
     accept_unbound_artifacts: bool = False
+    # Which KEK each model may be wrapped under (empty: any key the broker releases to us). When
+    # set, a model whose name no entry covers, or stored under another key, is refused before a
+    # key is requested: the store chooses the artifact, and with it the key it names.
+    model_keys: tuple[ModelKeys, ...] = ()
 
     def __post_init__(self) -> None:
         if self.attester == "simulated":
@@ -116,6 +144,11 @@ class InferenceConfig:
                 trust_domain, "keybroker", self.key_broker_spiffe_id, where="inference"
             ),
         )
+
+    @property
+    def key_pins(self) -> KeyPins:
+        """``model_keys`` as the loader checks them."""
+        return KeyPins(tuple((n, m.key_id) for m in self.model_keys for n in m.model_names))
 
     @property
     def limits(self) -> InferLimits:

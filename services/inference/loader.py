@@ -47,6 +47,7 @@ from strongroom.artifact.errors import InvalidArtifact
 from strongroom.artifact.keybinding import body_key
 from strongroom.artifact.manifest import is_manifest
 from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS, ModelFetcher, grpc_source
+from strongroom.client.keypins import KeyPins
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.client.remote import remote_error
 from strongroom.errors import (
@@ -94,9 +95,11 @@ class ModelLoader:
         parallel_parts: int = DEFAULT_PARALLEL_PARTS,
         max_model_bytes: int | None = None,
         accept_unbound: bool = False,
+        key_pins: KeyPins | None = None,
     ) -> None:
         self._repository = repository
         self._accept_unbound = accept_unbound
+        self._pins = key_pins or KeyPins()
         self._max_model_bytes = max_model_bytes
         self._store = store_grpc.ModelStoreServiceStub(store_channel)
         self._download = grpc_source(store_channel, timeout=timeout)
@@ -113,6 +116,7 @@ class ModelLoader:
             decrypt_threads=decrypt_threads,
             timeout=timeout,
             accept_unbound=accept_unbound,
+            key_pins=self._pins,
         )
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -247,6 +251,7 @@ class ModelLoader:
                     f"{name}/{version}",
                     reason=Reason.ARTIFACT_MISMATCH,
                 )
+            self._pins.check(name, version, header.key_id)
 
         def release(header: ArtifactHeader) -> ReleasedDataKey:
             released = self._release_key(header.key_id, header.key_version, header.wrapped_dek)

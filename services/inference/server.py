@@ -205,6 +205,7 @@ def build(
         timeout=config.load_timeout_seconds,
         max_model_bytes=config.max_model_bytes,
         accept_unbound=config.accept_unbound_artifacts,
+        key_pins=config.key_pins,
         signature=(
             SignaturePolicy.from_pem(
                 config.model_signing_public_key.read_bytes(),

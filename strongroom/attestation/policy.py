@@ -25,8 +25,7 @@ from strongroom.attestation.claims import VerifiedClaims
 from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
 from strongroom.attestation.evidence import TeeType
 from strongroom.attestation.rules import schema
-from strongroom.errors import StrongroomError
-from strongroom.identifiers import validate_name
+from strongroom.identifiers import is_name_rule, name_rule_matches
 from strongroom.reasons import Reason
 from strongroom.spiffe import is_workload_id
 
@@ -62,17 +61,12 @@ def _callers(value: Any) -> frozenset[str]:
 
 def _model_name_rule(entry: Any) -> str:
     """One ``model_names`` entry: a model name, or a name followed by ``/`` (everything under it)."""
-    if isinstance(entry, str) and entry:
-        try:
-            validate_name(entry[:-1] if entry.endswith("/") else entry)
-        except StrongroomError:
-            pass
-        else:
-            return entry
-    raise schema.invalid(
-        Reason.POLICY_BAD_VALUE,
-        f"{entry!r} is not a model name, or a model name followed by '/' (everything under it)",
-    )
+    if not is_name_rule(entry):
+        raise schema.invalid(
+            Reason.POLICY_BAD_VALUE,
+            f"{entry!r} is not a model name, or a model name followed by '/' (everything under it)",
+        )
+    return str(entry)
 
 
 def _publishers(value: Any) -> Mapping[str, tuple[str, ...]]:
@@ -291,9 +285,7 @@ class ReleasePolicy:
                 f"publisher {publisher_spiffe_id!r} may not get data keys under this key",
                 Reason.PUBLISHER_NOT_ALLOWED,
             )
-        if not any(
-            model_name == n or (n.endswith("/") and model_name.startswith(n)) for n in names
-        ):
+        if not any(name_rule_matches(n, model_name) for n in names):
             raise _deny(
                 f"publisher {publisher_spiffe_id!r} may not get data keys for model "
                 f"{model_name!r} under this key",

@@ -60,6 +60,7 @@ from strongroom.artifact.manifest import (
     is_manifest,
     parse_manifest,
 )
+from strongroom.client.keypins import KeyPins
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.client.remote import remote_error
 from strongroom.closing import Closing
@@ -282,7 +283,9 @@ class ModelFetcher:
 
     The released key opens only a format-3 artifact written for the very name and version
     :meth:`fetch` asked for (``strongroom.artifact.keybinding``); older formats, whose key is not
-    bound to its model, are refused with ARTIFACT_KEY_UNBOUND unless ``accept_unbound``.
+    bound to its model, are refused with ARTIFACT_KEY_UNBOUND unless ``accept_unbound``. With
+    ``key_pins``, a model stored under a key its name is not pinned to is refused before any key
+    is requested (MODEL_KEY_NOT_ALLOWED).
     """
 
     def __init__(
@@ -294,6 +297,7 @@ class ModelFetcher:
         decrypt_threads: int = DEFAULT_DECRYPT_THREADS,
         timeout: float = 600.0,
         accept_unbound: bool = False,
+        key_pins: KeyPins | None = None,
     ) -> None:
         if not 1 <= parallel <= 64:
             raise InvalidArgument(
@@ -310,6 +314,7 @@ class ModelFetcher:
         self._parallel = parallel
         self._threads = decrypt_threads
         self._accept_unbound = accept_unbound
+        self._pins = key_pins or KeyPins()
 
     def fetch(self, name: str, version: str) -> DecryptedModel:
         """Decrypts ``name``/``version`` (single or multi-part) into memory; see the module doc."""
@@ -384,9 +389,9 @@ class ModelFetcher:
             done,
         )
 
-    @staticmethod
-    def _check_identity(header: ArtifactHeader, name: str, version: str) -> None:
+    def _check_identity(self, header: ArtifactHeader, name: str, version: str) -> None:
         if (header.model_name, header.model_version) == (name, version):
+            self._pins.check(name, version, header.key_id)
             if is_manifest(header.content_type) and header.plaintext_size > MAX_MANIFEST_SIZE:
                 raise InvalidArtifact(
                     f"the manifest declares {header.plaintext_size} bytes, more than "

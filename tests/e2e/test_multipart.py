@@ -852,3 +852,67 @@ def test_an_unbound_artifact_loads_only_where_accepted(
     thread.join(30)
     assert code == 0, capsys.readouterr().err
     assert received == [path.read_bytes()]
+
+
+@pytest.mark.parametrize("layout", ["single", "parts"])
+def test_a_model_under_a_key_its_name_is_not_pinned_to_is_refused_before_any_release(
+    env: Env, layout: str
+) -> None:
+    """A reader pinning model names to keys refuses a model the store serves under another key
+    (one whose policy lets some publisher get keys for any name), and asks for no key."""
+    from strongroom.client.keypins import KeyPins
+    from strongroom.client.publish import publish_model
+    from strongroom.dev.devstack.model import train
+
+    name = f"pinned/{layout}"
+    folder = env.models / f"pinned-{layout}"
+    broker, store = (env.stack.channel(env.publisher, s) for s in ("keybroker", "modelstore"))
+    if layout == "single":
+        folder.mkdir()
+        publish_model(
+            train(folder / "model.onnx").path,
+            name=name,
+            version="1",
+            key_id=KEY,
+            broker=broker,
+            store=store,
+        )
+    else:
+        publish_parts(
+            onnx_parts(write_mlp(folder, seed=13)),
+            name=name,
+            version="1",
+            key_id=KEY,
+            broker=broker,
+            store=store,
+            layout=ManifestLayout.ONNX_EXTERNAL_DATA,
+        )
+    audit = env.stack.root / "state" / "keybroker" / "audit.log"
+    before = audit.read_text().count('"key_release"')
+    wrong = KeyPins((("pinned/", "tenant-b-kek"),))
+    loaders = (
+        lambda pins: ModelLoader(
+            ModelRepository(),
+            store_channel=env.stack.channel(env.inference, "modelstore"),
+            key_release=env.key_release(),
+            key_pins=pins,
+        ).load(name, "1"),
+        lambda pins: (
+            ModelFetcher(
+                env.stack.channel(env.inference, "modelstore"), env.key_release(), key_pins=pins
+            )
+            .fetch(name, "1")
+            .close()
+        ),
+    )
+    for load in loaders:
+        with pytest.raises(StrongroomError) as info:
+            load(wrong)
+        assert (info.value.status_name, info.value.reason) == (
+            "FAILED_PRECONDITION",
+            "MODEL_KEY_NOT_ALLOWED",
+        )
+        assert f"under key {KEY!r}" in info.value.message
+    assert audit.read_text().count('"key_release"') == before  # no key was asked for
+    for load in loaders:
+        load(KeyPins(((f"{name}", KEY), ("pinned/", "tenant-b-kek"))))

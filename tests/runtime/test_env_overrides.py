@@ -85,6 +85,7 @@ LOCKED = [
     ("inference", "STRONGROOM__INFERENCE__REQUIRE_MODEL_SIGNATURE", "false", "inference.require_model_signature"),
     # Models any holder of an old (unbound) data key could have written for any name.
     ("inference", "STRONGROOM__INFERENCE__ACCEPT_UNBOUND_ARTIFACTS", "true", "inference.accept_unbound_artifacts"),
+    ("inference", "STRONGROOM__INFERENCE__MODEL_KEYS", "[{key_id: x, model_names: [a/]}]", "inference.model_keys"),
 ]  # fmt: skip
 
 

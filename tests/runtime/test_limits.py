@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from strongroom.inference.config import InferenceConfig
+from strongroom.inference.config import InferenceConfig, ModelKeys
 from strongroom.inference.oip import InferLimits
 from strongroom.keybroker.policy_bounds import MAX_POLICY_BYTES
 from strongroom.keybroker.service import MESSAGE_LIMITS as BROKER
@@ -97,3 +97,30 @@ def test_decrypt_threads_default_to_the_receiving_thread_and_stay_bounded() -> N
     for value in (-1, 65):
         with pytest.raises(ConfigError, match="decrypt_threads must be between 0 and 64"):
             InferenceConfig(model_store="a:1", key_broker="b:1", decrypt_threads=value)
+
+
+def test_model_keys_pin_names_to_keys() -> None:
+    config = InferenceConfig(
+        model_store="a:1",
+        key_broker="b:1",
+        model_keys=(ModelKeys("kek-a", ("tenant-a/", "shared/m")), ModelKeys("kek-b", ("b/",))),
+    )
+    assert config.key_pins.keys_for("tenant-a/x") == {"kek-a"}
+    assert config.key_pins.keys_for("c/x") == frozenset()
+    assert InferenceConfig(model_store="a:1", key_broker="b:1").key_pins.keys_for("c/x") is None
+
+
+@pytest.mark.parametrize(
+    ("key_id", "names", "message"),
+    [
+        ("Kek A", ("a/",), "is not a key id"),
+        ("kek", (), "lists no model_names"),
+        ("kek", ("a/", "*"), "'*' is not a model name"),
+        ("kek", ("a//",), "'a//' is not a model name"),
+    ],
+)
+def test_malformed_model_keys_are_refused(
+    key_id: str, names: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ModelKeys(key_id, names)
