@@ -87,9 +87,10 @@ class InferenceConfig:
     # How long LoadModel keeps retrying a load that fails with UNAVAILABLE (a store or broker
     # restarting); 0 answers the first UNAVAILABLE. The caller's own deadline still wins.
     load_retry_seconds: float = 30.0
-    # The largest single-file artifact a load accepts, judged on its header before the key is
-    # released or its plaintext buffer reserved (the store chooses that header): a larger one is
-    # RESOURCE_EXHAUSTED ARTIFACT_TOO_LARGE. The model store's default limit.
+    # The largest model a load accepts (a single artifact, or all parts of a multi-part model
+    # together), judged on its header or manifest before the key is released or a plaintext buffer
+    # reserved (the store chooses both): a larger one is RESOURCE_EXHAUSTED ARTIFACT_TOO_LARGE.
+    # The model store's default limit.
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
     # Bounds on the tensor bytes of one ModelInfer request and response; the server's gRPC
     # message limits are derived from them (nowhere else sets them).

@@ -117,6 +117,7 @@ class ModelLoader:
             timeout=timeout,
             accept_unbound=accept_unbound,
             key_pins=self._pins,
+            max_model_bytes=max_model_bytes,
         )
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()

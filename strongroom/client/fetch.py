@@ -43,6 +43,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.artifact import (
     DEFAULT_DECRYPT_THREADS,
     ArtifactHeader,
+    ArtifactTooLarge,
     BufferedStreamDecryptor,
     InvalidArtifact,
     wipe,
@@ -285,7 +286,10 @@ class ModelFetcher:
     :meth:`fetch` asked for (``strongroom.artifact.keybinding``); older formats, whose key is not
     bound to its model, are refused with ARTIFACT_KEY_UNBOUND unless ``accept_unbound``. With
     ``key_pins``, a model stored under a key its name is not pinned to is refused before any key
-    is requested (MODEL_KEY_NOT_ALLOWED).
+    is requested (MODEL_KEY_NOT_ALLOWED). ``max_model_bytes`` bounds a model, a single artifact
+    or all parts of a multi-part one together, judged on its header (before the key is requested)
+    or its manifest (before any part is fetched): RESOURCE_EXHAUSTED ARTIFACT_TOO_LARGE. Every
+    byte becomes memory.
     """
 
     def __init__(
@@ -298,6 +302,7 @@ class ModelFetcher:
         timeout: float = 600.0,
         accept_unbound: bool = False,
         key_pins: KeyPins | None = None,
+        max_model_bytes: int | None = None,
     ) -> None:
         if not 1 <= parallel <= 64:
             raise InvalidArgument(
@@ -315,12 +320,13 @@ class ModelFetcher:
         self._threads = decrypt_threads
         self._accept_unbound = accept_unbound
         self._pins = key_pins or KeyPins()
+        self._max = max_model_bytes
 
     def fetch(self, name: str, version: str) -> DecryptedModel:
         """Decrypts ``name``/``version`` (single or multi-part) into memory; see the module doc."""
         started = time.perf_counter()
         source = self._source_until(time.monotonic() + self._timeout)
-        first = _Stream(BufferedStreamDecryptor(threads=self._threads, as_bytes=True))
+        first = _Stream(self._decryptor())
         dek: bytearray | None = None
         release_seconds = 0.0
         decision_id = ""
@@ -360,6 +366,7 @@ class ModelFetcher:
                 manifest = parse_manifest(plaintext, header=header)
                 first.decryptor.wipe_output()  # the manifest is parsed; its plaintext can go
                 done.clear()
+                self._check_total(manifest)
                 parts = self._fetch_parts(manifest, dek, done, source)
         except BaseException as exc:
             first.decryptor.abort()
@@ -388,6 +395,19 @@ class ModelFetcher:
             {"attest_and_release": release_seconds, "fetch_and_decrypt": total - release_seconds},
             done,
         )
+
+    def _decryptor(self) -> BufferedStreamDecryptor:
+        return BufferedStreamDecryptor(
+            threads=self._threads, as_bytes=True, max_artifact_size=self._max
+        )
+
+    def _check_total(self, manifest: Manifest) -> None:
+        total = sum(part.plaintext_size for part in manifest.parts)
+        if self._max is not None and total > self._max:
+            raise ArtifactTooLarge(
+                f"{manifest.model_name}/{manifest.model_version} declares {total} bytes in "
+                f"{len(manifest.parts)} parts, more than the {self._max} this reader accepts"
+            )
 
     def _check_identity(self, header: ArtifactHeader, name: str, version: str) -> None:
         if (header.model_name, header.model_version) == (name, version):
@@ -436,7 +456,7 @@ class ModelFetcher:
                 return
             # The key is set only once the header matched the manifest: a part from elsewhere is
             # refused before any key is used on it.
-            stream = _Stream(BufferedStreamDecryptor(threads=self._threads, as_bytes=True))
+            stream = _Stream(self._decryptor())
             checked = False
             try:
                 try:

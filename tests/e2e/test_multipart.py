@@ -916,3 +916,29 @@ def test_a_model_under_a_key_its_name_is_not_pinned_to_is_refused_before_any_rel
     assert audit.read_text().count('"key_release"') == before  # no key was asked for
     for load in loaders:
         load(KeyPins(((f"{name}", KEY), ("pinned/", "tenant-b-kek"))))
+
+
+def test_a_multi_part_model_larger_than_the_limit_is_refused_before_its_parts(env: Env) -> None:
+    """max_model_bytes bounded single artifacts only: a multi-part model of any total size was
+    fetched into memory part by part (each part an allocation of the size it declares)."""
+    path = env.publish("capped", seed=14)
+    total = sum(f.stat().st_size for f in path.parent.iterdir())
+    store = env.stack.channel(env.inference, "modelstore")
+
+    def loader(limit: int) -> ModelLoader:
+        return ModelLoader(
+            ModelRepository(), store_channel=store, key_release=env.key_release(),
+            max_model_bytes=limit,
+        )  # fmt: skip
+
+    with pytest.raises(StrongroomError) as info:
+        loader(total - 1).load(NAME, "capped")
+    assert (info.value.status_name, info.value.reason) == (
+        "RESOURCE_EXHAUSTED",
+        "ARTIFACT_TOO_LARGE",
+    )
+    assert f"declares {total} bytes in 5 parts" in info.value.message
+    with pytest.raises(StrongroomError) as fetched:
+        ModelFetcher(store, env.key_release(), max_model_bytes=total - 1).fetch(NAME, "capped")
+    assert fetched.value.reason == "ARTIFACT_TOO_LARGE"
+    loader(total).load(NAME, "capped")
