@@ -3,7 +3,7 @@
 It starts a real step-ca, a SoftHSM2 token, the key broker, the model store and the inference
 service (with the simulated TEE) as separate processes, trains and publishes a small model, serves
 it from the "confidential VM", and then shows the refusals: a VM whose measurement is not in the
-release policy, and a tampered artifact.
+release policy, a tampered artifact, and a model written under another model's data key.
 """
 
 from __future__ import annotations

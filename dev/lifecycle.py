@@ -17,11 +17,13 @@ from strongroom.api.inference.v1 import attestation_pb2 as att_pb
 from strongroom.api.inference.v1 import attestation_pb2_grpc as att_grpc
 from strongroom.api.inference.v1 import model_control_pb2 as control_pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
-from strongroom.artifact import read_summary
+from strongroom.artifact import encrypt_stream, read_summary, wipe
 from strongroom.attestation import Evidence, verify_evidence
 from strongroom.attestation.binding import check_report_data, client_report_data_for
 from strongroom.attestation.collateral_cache import CollateralCache
@@ -225,6 +227,39 @@ def serve(say: Narrator, stack: DevStack, client: Any, oip: Any, model: TrainedM
     )
 
 
+def _substitute(
+    say: Narrator, stack: DevStack, store: Any, model: TrainedModel, *, admin: Any, publisher: Any
+) -> None:
+    """A publisher's data key, generated for one model version, used to write another."""
+    key = kb_grpc.KeyBrokerServiceStub(stack.channel(publisher, "keybroker")).GenerateDataKey(
+        kb_pb.GenerateDataKeyRequest(key_id=KEY_ID, model_name=MODEL, model_version="3"),
+        timeout=30,
+    )
+    dek = bytearray(key.data_key)
+    with model.path.open("rb") as source:
+        pieces = list(
+            encrypt_stream(
+                source,
+                dek,
+                model_name=MODEL,
+                model_version="4",
+                content_type="application/vnd.onnx",
+                key_id=KEY_ID,
+                key_version=key.key_version,
+                wrapped_dek=key.wrapped_data_key,
+            )
+        )
+    wipe(dek)
+    store.PutModel(iter(store_pb.PutModelRequest(data=p) for p in pieces), timeout=30)
+    say.info(f"stored {MODEL}/4, written with the data key the broker generated for {MODEL}/3")
+    why = _expect_failure(
+        lambda: control_grpc.ModelControlServiceStub(stack.channel(admin, "inference")).LoadModel(
+            control_pb.LoadModelRequest(name=MODEL, version="4"), timeout=120
+        )
+    )
+    say.refused(f"loading a model written under another model's data key: {why}")
+
+
 def refusals(
     say: Narrator,
     stack: DevStack,
@@ -285,6 +320,7 @@ def refusals(
         )
     )
     say.refused(f"loading the tampered artifact: {why}")
+    _substitute(say, stack, store, model, admin=admin, publisher=publisher)
     assert blob.exists()
     still = oip.ModelReady(oip_pb.ModelReadyRequest(name=MODEL, version="1"), timeout=10).ready
     say.check(f"{MODEL}/1 still serving: {still}")

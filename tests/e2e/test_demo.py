@@ -86,6 +86,7 @@ def test_demo_runs_every_step_writes_privately_and_stops_everything_on_sigterm(
             assert f"=== {step}." in out
         assert "MEASUREMENT_NOT_ALLOWED" in out
         assert "DATA_LOSS DECRYPTION_FAILED" in out
+        assert "loading a model written under another model's data key: DATA_LOSS" in out
         assert "Demo complete" in out
         children = _children(process.pid)
         assert len(children) >= 4, children
