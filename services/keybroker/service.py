@@ -167,6 +167,8 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
                 wrapped_data_key=data_key.wrapped,
                 key_version=data_key.version,
                 mechanism=pb.WRAP_MECHANISM_AES_KEY_WRAP_PAD,
+                bound_model_name=request.model_name,
+                bound_model_version=request.model_version,
             )
         finally:
             data_key.wipe()

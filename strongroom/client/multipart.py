@@ -40,7 +40,7 @@ from strongroom.artifact.manifest import (
     part_version,
     validate_part_name,
 )
-from strongroom.client.mechanisms import header_mechanism
+from strongroom.client.mechanisms import header_mechanism, require_bound
 from strongroom.client.publish import (
     ONNX_CONTENT_TYPE,
     UPLOAD_MESSAGE_BYTES,
@@ -259,6 +259,7 @@ def publish_parts(
     # the broker wrapped with (one a header cannot carry ends the publish), never a default that
     # would make every part unwrappable once stored.
     mechanism = header_mechanism(generated.mechanism)
+    require_bound(generated, name, version)
     dek = bytearray(generated.data_key)
     try:
         common: dict[str, Any] = {

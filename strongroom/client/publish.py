@@ -21,7 +21,7 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import encrypt_stream, wipe
-from strongroom.client.mechanisms import header_mechanism
+from strongroom.client.mechanisms import header_mechanism, require_bound
 from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
 from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.reasons import Reason
@@ -80,6 +80,7 @@ def publish_model(
         )
         # Before the key is copied out: a mechanism the header cannot carry ends the publish.
         mechanism = header_mechanism(generated.mechanism)
+        require_bound(generated, name, version)
         dek = bytearray(generated.data_key)
         try:
             artifact = encrypt_stream(

@@ -737,11 +737,19 @@ class _KeyForAnotherModel(grpc.UnaryUnaryClientInterceptor):  # type: ignore[typ
         self.own = own
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        if details.method.endswith("/GenerateDataKey"):
-            request = kb_pb.GenerateDataKeyRequest(
+        if not details.method.endswith("/GenerateDataKey"):
+            return continuation(details, request)
+        asked = (request.model_name, request.model_version)
+        outcome = continuation(
+            details,
+            kb_pb.GenerateDataKeyRequest(
                 key_id=request.key_id, model_name=self.own[0], model_version=self.own[1]
-            )
-        return continuation(details, request)
+            ),
+        )
+        # The attacker's own code would not check the binding; the library does.
+        answer = outcome.result()
+        answer.bound_model_name, answer.bound_model_version = asked
+        return outcome
 
 
 @pytest.mark.parametrize("layout", ["single", "parts"])
@@ -942,3 +950,54 @@ def test_a_multi_part_model_larger_than_the_limit_is_refused_before_its_parts(en
         ModelFetcher(store, env.key_release(), max_model_bytes=total - 1).fetch(NAME, "capped")
     assert fetched.value.reason == "ARTIFACT_TOO_LARGE"
     loader(total).load(NAME, "capped")
+
+
+class _UnboundAnswer(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """A broker older than format 3: it ignores the model and binds nothing."""
+
+    def __init__(self, bound: tuple[str, str]) -> None:
+        self.bound = bound
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        outcome = continuation(details, request)
+        if details.method.endswith("/GenerateDataKey"):
+            answer = outcome.result()
+            answer.bound_model_name, answer.bound_model_version = self.bound
+        return outcome
+
+
+@pytest.mark.parametrize("layout", ["single", "parts"])
+@pytest.mark.parametrize("bound", [("", ""), (NAME, "other")])
+def test_a_data_key_the_broker_did_not_bind_to_the_model_is_not_published(
+    env: Env, layout: str, bound: tuple[str, str]
+) -> None:
+    """Against a broker that does not bind data keys (its answer names no model, or another),
+    a publish wrote a format-3 artifact under the bare key, which no reader could open."""
+    from strongroom.client.publish import publish_model
+
+    version = f"unbound-{layout}-{bound[1] or 'none'}"
+    path = write_mlp(env.models / version, seed=15)
+    broker = grpc.intercept_channel(
+        env.stack.channel(env.publisher, "keybroker"), _UnboundAnswer(bound)
+    )
+    store = env.stack.channel(env.publisher, "modelstore")
+    with pytest.raises(StrongroomError) as info:
+        if layout == "single":
+            publish_model(path, name=NAME, version=version, key_id=KEY, broker=broker, store=store)
+        else:
+            publish_parts(
+                onnx_parts(path),
+                name=NAME,
+                version=version,
+                key_id=KEY,
+                broker=broker,
+                store=store,
+                layout=ManifestLayout.ONNX_EXTERNAL_DATA,
+            )
+    assert (info.value.status_name, info.value.reason) == (
+        "FAILED_PRECONDITION",
+        "DATA_KEY_NOT_BOUND",
+    )
+    stub = store_grpc.ModelStoreServiceStub(store)
+    listed = stub.ListModels(store_pb.ListModelsRequest(name_prefix=NAME), timeout=30).models
+    assert not [m for m in listed if m.version.startswith(version)]

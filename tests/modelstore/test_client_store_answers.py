@@ -160,6 +160,8 @@ class _Broker(kb_grpc.KeyBrokerServiceServicer):
             wrapped_data_key=os.urandom(40),
             key_version=1,
             mechanism=kb_pb.WRAP_MECHANISM_AES_KEY_WRAP_PAD,
+            bound_model_name=request.model_name,
+            bound_model_version=request.model_version,
         )
 
 
