@@ -728,6 +728,38 @@ def test_a_data_key_wrapped_with_another_mechanism_is_not_published(
 # -- a publisher's data key writes only the model it was generated for ----------------------------
 
 
+def _model_as(env: Env, layout: str, folder_name: str, seed: int) -> Path:
+    """A model to publish as one artifact ("single": a self-contained ONNX file) or as parts
+    ("parts": an ONNX graph with its external data files)."""
+    from strongroom.dev.devstack.model import train
+
+    folder = env.models / folder_name
+    if layout == "single":
+        folder.mkdir()
+        return train(folder / "model.onnx").path
+    return write_mlp(folder, seed=seed)
+
+
+def _publish_as(
+    env: Env, layout: str, path: Path, name: str, version: str, broker: grpc.Channel
+) -> None:
+    from strongroom.client.publish import publish_model
+
+    store = env.stack.channel(env.publisher, "modelstore")
+    if layout == "single":
+        publish_model(path, name=name, version=version, key_id=KEY, broker=broker, store=store)
+    else:
+        publish_parts(
+            onnx_parts(path),
+            name=name,
+            version=version,
+            key_id=KEY,
+            broker=broker,
+            store=store,
+            layout=ManifestLayout.ONNX_EXTERNAL_DATA,
+        )
+
+
 class _KeyForAnotherModel(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     """A publisher asking the broker for a data key for its own model (``own``) while writing
     another: what a publisher, or a store that learnt a publisher's key, would do to substitute
@@ -757,33 +789,13 @@ def test_a_data_key_for_one_model_cannot_write_another(env: Env, layout: str) ->
     """Before data keys were bound to their model, the key GenerateDataKey gave a publisher for
     its own model encrypted a valid artifact for any name and version under the same KEK: the
     inference server released it and served the substitute as the victim's model."""
-    from strongroom.client.publish import publish_model
-    from strongroom.dev.devstack.model import train
-
-    folder = env.models / f"substitute-{layout}"
-    if layout == "single":
-        folder.mkdir()
-        path = train(folder / "model.onnx").path
-    else:
-        path = write_mlp(folder, seed=12)
+    path = _model_as(env, layout, f"substitute-{layout}", seed=12)
     victim = (f"acme/victim-{layout}", "1")
-    store = env.stack.channel(env.publisher, "modelstore")
     for name, own in ((f"acme/own-{layout}", None), (victim[0], (f"acme/own-{layout}", "2"))):
         broker = env.stack.channel(env.publisher, "keybroker")
         if own is not None:
             broker = grpc.intercept_channel(broker, _KeyForAnotherModel(own))
-        if layout == "single":
-            publish_model(path, name=name, version="1", key_id=KEY, broker=broker, store=store)
-        else:
-            publish_parts(
-                onnx_parts(path),
-                name=name,
-                version="1",
-                key_id=KEY,
-                broker=broker,
-                store=store,
-                layout=ManifestLayout.ONNX_EXTERNAL_DATA,
-            )
+        _publish_as(env, layout, path, name, "1", broker)
     control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
     # The control: the same publish, with the key generated for the model it writes, loads.
     control.LoadModel(control_pb.LoadModelRequest(name=f"acme/own-{layout}", version="1"))
@@ -803,12 +815,9 @@ def test_an_unbound_artifact_loads_only_where_accepted(
     refused by a default inference server and client, with the reason and what to do; accepted
     where unbound artifacts are (while re-publishing)."""
     from strongroom.artifact import encrypt_stream, wipe
-    from strongroom.dev.devstack.model import train
 
     name = "acme/legacy"
-    folder = env.models / "legacy"
-    folder.mkdir()
-    path = train(folder / "model.onnx").path
+    path = _model_as(env, "single", "legacy", seed=0)
     broker = kb_grpc.KeyBrokerServiceStub(env.stack.channel(env.publisher, "keybroker"))
     key = broker.GenerateDataKey(data_key_request(KEY, (name, "1")), timeout=30)
     slot_key = env.key_release().release(KEY, key.key_version, key.wrapped_data_key).dek
@@ -869,32 +878,10 @@ def test_a_model_under_a_key_its_name_is_not_pinned_to_is_refused_before_any_rel
     """A reader pinning model names to keys refuses a model the store serves under another key
     (one whose policy lets some publisher get keys for any name), and asks for no key."""
     from strongroom.client.keypins import KeyPins
-    from strongroom.client.publish import publish_model
-    from strongroom.dev.devstack.model import train
 
     name = f"pinned/{layout}"
-    folder = env.models / f"pinned-{layout}"
-    broker, store = (env.stack.channel(env.publisher, s) for s in ("keybroker", "modelstore"))
-    if layout == "single":
-        folder.mkdir()
-        publish_model(
-            train(folder / "model.onnx").path,
-            name=name,
-            version="1",
-            key_id=KEY,
-            broker=broker,
-            store=store,
-        )
-    else:
-        publish_parts(
-            onnx_parts(write_mlp(folder, seed=13)),
-            name=name,
-            version="1",
-            key_id=KEY,
-            broker=broker,
-            store=store,
-            layout=ManifestLayout.ONNX_EXTERNAL_DATA,
-        )
+    path = _model_as(env, layout, f"pinned-{layout}", seed=13)
+    _publish_as(env, layout, path, name, "1", env.stack.channel(env.publisher, "keybroker"))
     audit = env.stack.root / "state" / "keybroker" / "audit.log"
     before = audit.read_text().count('"key_release"')
     wrong = KeyPins((("pinned/", "tenant-b-kek"),))
@@ -973,31 +960,17 @@ def test_a_data_key_the_broker_did_not_bind_to_the_model_is_not_published(
 ) -> None:
     """Against a broker that does not bind data keys (its answer names no model, or another),
     a publish wrote a format-3 artifact under the bare key, which no reader could open."""
-    from strongroom.client.publish import publish_model
-
     version = f"unbound-{layout}-{bound[1] or 'none'}"
-    path = write_mlp(env.models / version, seed=15)
+    path = _model_as(env, layout, version, seed=15)
     broker = grpc.intercept_channel(
         env.stack.channel(env.publisher, "keybroker"), _UnboundAnswer(bound)
     )
-    store = env.stack.channel(env.publisher, "modelstore")
     with pytest.raises(StrongroomError) as info:
-        if layout == "single":
-            publish_model(path, name=NAME, version=version, key_id=KEY, broker=broker, store=store)
-        else:
-            publish_parts(
-                onnx_parts(path),
-                name=NAME,
-                version=version,
-                key_id=KEY,
-                broker=broker,
-                store=store,
-                layout=ManifestLayout.ONNX_EXTERNAL_DATA,
-            )
+        _publish_as(env, layout, path, NAME, version, broker)
     assert (info.value.status_name, info.value.reason) == (
         "FAILED_PRECONDITION",
         "DATA_KEY_NOT_BOUND",
     )
-    stub = store_grpc.ModelStoreServiceStub(store)
+    stub = store_grpc.ModelStoreServiceStub(env.stack.channel(env.publisher, "modelstore"))
     listed = stub.ListModels(store_pb.ListModelsRequest(name_prefix=NAME), timeout=30).models
     assert not [m for m in listed if m.version.startswith(version)]
