@@ -59,6 +59,7 @@ from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.models._ort import ort
 from strongroom.pki import WorkloadIdentity
+from tests.e2e.publishing import put_encrypted
 from tests.keybroker.helpers import data_key_request
 
 KEY = "multipart"
@@ -814,30 +815,12 @@ def test_an_unbound_artifact_loads_only_where_accepted(
     """A format-2 artifact (body under the slot key itself, as published before format 3) is
     refused by a default inference server and client, with the reason and what to do; accepted
     where unbound artifacts are (while re-publishing)."""
-    from strongroom.artifact import encrypt_stream, wipe
-
     name = "acme/legacy"
     path = _model_as(env, "single", "legacy", seed=0)
     broker = kb_grpc.KeyBrokerServiceStub(env.stack.channel(env.publisher, "keybroker"))
     key = broker.GenerateDataKey(data_key_request(KEY, (name, "1")), timeout=30)
     slot_key = env.key_release().release(KEY, key.key_version, key.wrapped_data_key).dek
-    with path.open("rb") as source:
-        pieces = list(
-            encrypt_stream(
-                source,
-                slot_key,
-                model_name=name,
-                model_version="1",
-                content_type="application/vnd.onnx",
-                key_id=KEY,
-                key_version=key.key_version,
-                wrapped_dek=key.wrapped_data_key,
-                format_version=2,
-            )
-        )
-    wipe(slot_key)
-    store = store_grpc.ModelStoreServiceStub(env.stack.channel(env.publisher, "modelstore"))
-    store.PutModel(iter(store_pb.PutModelRequest(data=p) for p in pieces), timeout=30)
+    put_encrypted(env.stack, path, name, KEY, key, format_version=2, dek=slot_key)
     control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
     with pytest.raises(grpc.RpcError) as info:
         control.LoadModel(control_pb.LoadModelRequest(name=name, version="1"))

@@ -19,8 +19,7 @@ from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
-from strongroom.artifact import ArtifactReader, encrypt_stream, parse_header, wipe
-from strongroom.artifact.format import FORMAT_VERSION
+from strongroom.artifact import ArtifactReader, parse_header, wipe
 from strongroom.artifact.keybinding import body_key
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.cli.main import main
@@ -29,6 +28,7 @@ from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
+from tests.e2e.publishing import put_encrypted
 from tests.keybroker.helpers import data_key_request
 
 KEY = "rotation-kek"
@@ -88,39 +88,6 @@ def data_key(stack: DevStack, key_id: str, name: str) -> kb_pb.GenerateDataKeyRe
     """A data key for ``name`` version 1, as a publisher gets it."""
     broker = kb_grpc.KeyBrokerServiceStub(stack.channel(stack.identity("publisher"), "keybroker"))
     return broker.GenerateDataKey(data_key_request(key_id, (name, "1")), timeout=30)
-
-
-def put_encrypted(
-    stack: DevStack,
-    path: Path,
-    name: str,
-    key_id: str,
-    key: kb_pb.GenerateDataKeyResponse,
-    *,
-    format_version: int = FORMAT_VERSION,
-    dek: bytearray | None = None,
-) -> store_pb.ModelInfo:
-    """Encrypts ``path`` under the data key ``key`` (or ``dek``, its body key) and stores it as
-    ``name`` version 1, as a publisher holding that key would."""
-    publisher = stack.identity("publisher")
-    dek = bytearray(key.data_key) if dek is None else dek
-    with path.open("rb") as source:
-        pieces = list(
-            encrypt_stream(
-                source,
-                dek,
-                model_name=name,
-                model_version="1",
-                content_type="application/vnd.onnx",
-                key_id=key_id,
-                key_version=key.key_version,
-                wrapped_dek=key.wrapped_data_key,
-                format_version=format_version,
-            )
-        )
-    wipe(dek)
-    store = store_grpc.ModelStoreServiceStub(stack.channel(publisher, "modelstore"))
-    return store.PutModel(iter(store_pb.PutModelRequest(data=p) for p in pieces), timeout=30).model
 
 
 def publish_format_1(stack: DevStack, path: Path) -> None:

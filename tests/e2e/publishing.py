@@ -1,0 +1,46 @@
+"""Publishing as a key holder does it by hand: an artifact encrypted under a key from GenerateDataKey
+(or under another key, as an attacker or a legacy publisher would), stored with PutModel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
+from strongroom.artifact import encrypt_stream, wipe
+from strongroom.artifact.format import FORMAT_VERSION
+from strongroom.dev.devstack import DevStack
+
+
+def put_encrypted(
+    stack: DevStack,
+    path: Path,
+    name: str,
+    key_id: str,
+    key: kb_pb.GenerateDataKeyResponse,
+    *,
+    format_version: int = FORMAT_VERSION,
+    dek: bytearray | None = None,
+) -> store_pb.ModelInfo:
+    """Encrypts ``path`` under the data key ``key`` (or ``dek``, which it wipes) and stores it as
+    ``name`` version 1 with ``key``'s wrapped key in its slot, as a publisher holding them would."""
+    publisher = stack.identity("publisher")
+    dek = bytearray(key.data_key) if dek is None else dek
+    with path.open("rb") as source:
+        pieces = list(
+            encrypt_stream(
+                source,
+                dek,
+                model_name=name,
+                model_version="1",
+                content_type="application/vnd.onnx",
+                key_id=key_id,
+                key_version=key.key_version,
+                wrapped_dek=key.wrapped_data_key,
+                format_version=format_version,
+            )
+        )
+    wipe(dek)
+    store = store_grpc.ModelStoreServiceStub(stack.channel(publisher, "modelstore"))
+    return store.PutModel(iter(store_pb.PutModelRequest(data=p) for p in pieces), timeout=30).model
