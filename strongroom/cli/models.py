@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, TextIO
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
-from strongroom.artifact import read_summary
+from strongroom.artifact import FORMAT_V3, read_summary
 from strongroom.artifact.manifest import ManifestLayout
 from strongroom.attesters import select_attester
 from strongroom.cli._text import printable
@@ -308,6 +308,8 @@ def _inspect(args: argparse.Namespace) -> int:
     out = {k: getattr(summary, k) for k in summary.__dataclass_fields__}
     out["created_at"] = summary.created_at.isoformat()
     out["wrapped_dek_mechanism"] = summary.wrapped_dek_mechanism.name
+    # Formats 1 and 2 are refused by readers unless accepted while re-publishing them.
+    out["data_key_bound_to_model"] = summary.format_version == FORMAT_V3
     print(json.dumps(out, indent=2))
     return 0
 

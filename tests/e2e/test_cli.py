@@ -100,6 +100,7 @@ def test_operator_workflow(
         "cli-key",
         model.path.stat().st_size,
     )
+    assert (header["format_version"], header["data_key_bound_to_model"]) == (3, True)
     code, _, err = run(capsys, "model", "inspect", str(model.path))
     assert code == 1 and "BAD_MAGIC" in err
 
