@@ -37,7 +37,7 @@ from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.identifiers import validate_name, validate_version
 from strongroom.reasons import Reason
 
-__all__ = ["KEY_SIZE", "LABEL", "bind_data_key", "body_key"]
+__all__ = ["KEY_SIZE", "LABEL", "bind_data_key", "binding_info", "body_key"]
 
 KEY_SIZE = 32
 """Bytes of the slot key and of the body key."""
