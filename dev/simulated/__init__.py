@@ -665,8 +665,9 @@ class SimulatedTdx:
         now: dt.datetime | None = None,
         mrsigner: bytes = SIMULATED_QE_MRSIGNER,
         days: int = 30,
+        status: str = "UpToDate",
     ) -> bytes:
-        """A signed TD_QE identity that this platform's QE matches."""
+        """A signed TD_QE identity that this platform's QE matches, its level at ``status``."""
         now = now or dt.datetime.now(_UTC)
         body = {
             "id": "TD_QE",
@@ -684,7 +685,7 @@ class SimulatedTdx:
                 {
                     "tcb": {"isvsvn": self.qe_isv_svn},
                     "tcbDate": "2024-03-13T00:00:00Z",
-                    "tcbStatus": "UpToDate",
+                    "tcbStatus": status,
                 }
             ],
         }

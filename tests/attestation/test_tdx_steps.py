@@ -394,3 +394,34 @@ def test_td15_relaunch_is_advised_only_as_intel_advises_it(  # type: ignore[no-u
     )
     selected = tdx.select_collateral(verified, source, sim_trust, now, dt.timedelta(0), True)
     assert _evaluate(verified, selected).status == status
+
+
+@pytest.mark.parametrize(
+    ("qe_level", "status"),
+    [
+        ("UpToDate", "UpToDate"),
+        ("OutOfDate", "OutOfDate"),
+        ("Revoked", "Revoked"),
+        ("OutOfDateConfigurationNeeded", "OutOfDate"),
+        ("ConfigurationNeeded", "OutOfDate"),
+        ("SWHardeningNeeded", "OutOfDate"),
+    ],
+)
+def test_a_qe_level_neither_up_to_date_nor_revoked_is_out_of_date(  # type: ignore[no-untyped-def]
+    authority: SimulatedAuthority, sim_trust: TrustStore, now, qe_level: str, status: str
+) -> None:
+    """Intel's QVL (EnclaveReportVerifier) reads every QE identity level but UpToDate and Revoked
+    as ISVSVN out of date. Only the exact "OutOfDate" was: a QE at a level labelled, say,
+    OutOfDateConfigurationNeeded left an up-to-date platform UpToDate, as if the QE were."""
+    platform = authority.tdx()
+    verified = tdx.verify_quote(
+        Evidence(TeeType.TDX, platform.quote(RD, mrtd=MRTD)), sim_trust, now
+    )
+    source = StaticCollateralSource(
+        tcb_infos=(platform.tcb_info(now=now),),
+        qe_identity=platform.qe_identity(now=now, status=qe_level),
+        signing_chain=authority.tcb_signing_chain_pem(),
+    )
+    selected = tdx.select_collateral(verified, source, sim_trust, now, dt.timedelta(0), True)
+    result = _evaluate(verified, selected)
+    assert (result.status, result.qe_status) == (status, qe_level)

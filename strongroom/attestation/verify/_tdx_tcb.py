@@ -4,7 +4,8 @@ Follows Intel's quote verification library: the first platform TCB level whose S
 PCESVN are not above the PCK certificate's, and whose TDX components are not above TEE_TCB_SVN
 (from index 2 when the TDX module major version, TEE_TCB_SVN[1], is non-zero: the module is then
 judged by its own identity ``TDX_<major>`` and TEE_TCB_SVN[0]). The QE identity's first level with
-ISVSVN not above the QE's gives the QE status. Statuses converge: an out-of-date component makes
+ISVSVN not above the QE's gives the QE status (any but UpToDate and Revoked counts as OutOfDate,
+as in Intel's QVL). Statuses converge: an out-of-date component makes
 the result OutOfDate (or OutOfDateConfigurationNeeded), a revoked one Revoked. For TD 1.5 a TD out
 of date only because of its TDX module, whose current module (TEE_TCB_SVN2) is the newest, is
 TdRelaunchAdvised (:func:`relaunch`).
@@ -150,7 +151,10 @@ def evaluate(
                 (),
             )
         qe_status = qe_level.tcb_status
-        components.append(qe_level.tcb_status)
+        # Intel's QVL (EnclaveReportVerifier) reads a QE level that is neither UpToDate nor
+        # Revoked as "ISVSVN out of date", whatever its label (ConfigurationNeeded,
+        # OutOfDateConfigurationNeeded, SWHardeningNeeded, a status it does not know).
+        components.append(qe_status if qe_status in (UP_TO_DATE, REVOKED) else OUT_OF_DATE)
         dates.append(qe_level.tcb_date)
         advisories += qe_level.advisory_ids
     return TcbEvaluation(
