@@ -604,12 +604,34 @@ def test_snp_any_tcb_in_development_leaves_the_launch_tcb_alone(snp, sim_trust, 
     )  # fmt: skip
 
 
+def test_snp_committed_tcb_is_held_to_the_reported_minimum(snp, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    """A platform running provisional firmware (a live update not yet committed) reports its new
+    TCB, and the host may roll the firmware back to the committed one under the running VM once
+    the key is released: a committed TCB below the minimum was never looked at."""
+    new, old = TcbVersion.from_components(**NEW_TCB), TcbVersion.from_components(**OLD_TCB)
+    provisional = snp_claims(
+        snp, sim_trust, now, reported_tcb=new, launch_tcb=new, committed_tcb=old
+    )
+    assert provisional.committed_tcb.components() == OLD_TCB
+    with pytest.raises(PolicyViolation) as err:
+        policy(sev_snp__min_reported_tcb=NEW_TCB).evaluate(provisional, CALLER)
+    assert err.value.reason == Reason.COMMITTED_TCB_TOO_OLD
+    assert "committed TCB bootloader=1 is below the minimum 4 (min_reported_tcb)" in str(err.value)
+    # Once the update is committed the same platform passes; a lower minimum passes already.
+    committed = snp_claims(snp, sim_trust, now, reported_tcb=new, launch_tcb=new, committed_tcb=new)
+    policy(sev_snp__min_reported_tcb=NEW_TCB).evaluate(committed, CALLER)
+    policy(sev_snp__min_reported_tcb=OLD_TCB).evaluate(provisional, CALLER)
+    # A development "any" states no minimum to hold it to.
+    policy(production=False, sev_snp__min_reported_tcb="any").evaluate(provisional, CALLER)
+
+
 def test_real_snp_vectors_pass_their_own_minimum_at_launch(
     vectors: Path, production: TrustStore
 ) -> None:
     """Fail closed is safe for real VMs: every real report's launch TCB is at least its reported
     TCB (the AWS VLEK report even reports microcode 217 below its launch 219), so a minimum the
-    reported TCB meets is met at launch too."""
+    reported TCB meets is met at launch too, and by the committed TCB (the AWS one commits 219;
+    the Azure Milan ones run microcode 206/210 uncommitted over a committed 115)."""
     files = {
         "milan_v2_virtee.bin": "milan_v2_virtee_vcek.der",
         "milan_v2_trustee.bin": "milan_v2_trustee_vcek.der",
@@ -635,6 +657,8 @@ def test_real_snp_vectors_pass_their_own_minimum_at_launch(
             "min_reported_tcb": {"fmc": 0, **reported},
         }
         policy(sev_snp=section).evaluate(claims, CALLER)
+        committed = claims.committed_tcb.components()
+        assert all(committed[k] >= v for k, v in reported.items()), (report, committed)
         above = {"fmc": 0, **reported, "microcode": reported["microcode"] + 1}
         deny(Reason.TCB_TOO_OLD, policy(sev_snp={**section, "min_reported_tcb": above}), claims)
 

@@ -146,6 +146,18 @@ class SnpRules(schema.Section):
                 Reason.LAUNCH_TCB_TOO_OLD,
                 f" ({source}): the VM was started on older firmware; relaunch it",
             )
+        if self.min_reported_tcb is not None:
+            # Firmware updated live stays provisional until committed, and the host may roll it
+            # back to the committed version under the running VM (after the key was released):
+            # what it can go back to must meet the minimum too.
+            _check_tcb(
+                c.committed_tcb,
+                self.min_reported_tcb,
+                "committed TCB",
+                Reason.COMMITTED_TCB_TOO_OLD,
+                " (min_reported_tcb): the platform runs provisional firmware that the host can "
+                "roll back below the minimum",
+            )
         if self.host_data is not None and c.host_data not in self.host_data:
             raise _deny("host data is not allowed", Reason.HOST_DATA_NOT_ALLOWED)
         return c.measurement
