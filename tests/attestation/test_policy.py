@@ -144,7 +144,8 @@ def test_snp_denials(snp, authority, sim_trust, now) -> None:
         snp_claims(authority.snp(signing_key="VLEK"), sim_trust, now),
     )
     deny(Reason.PRODUCT_NOT_ALLOWED, policy(sev_snp__products=["Genoa"]), c)
-    deny(Reason.GUEST_SVN_TOO_OLD, policy(sev_snp__min_guest_svn=3), c)
+    signed_svn = policy(sev_snp__min_guest_svn=3, sev_snp__id_key_digests=[bytes(48).hex()])
+    deny(Reason.GUEST_SVN_TOO_OLD, signed_svn, c)
     deny(Reason.TCB_TOO_OLD, policy(sev_snp__min_reported_tcb={"snp": 25}), c)
     deny(Reason.HOST_DATA_NOT_ALLOWED, policy(sev_snp__host_data=["11" * 32]), c)
     deny(Reason.SIMULATED_TEE_NOT_ALLOWED, policy(sev_snp__allow_simulated=False), c)
@@ -154,6 +155,36 @@ def test_snp_denials(snp, authority, sim_trust, now) -> None:
         sev_snp__min_reported_tcb={"snp": 24, "fmc": 9},
     )
     allowed.evaluate(snp_claims(snp, sim_trust, now, vmpl=1), CALLER)
+
+
+ID_KEY, AUTHOR_KEY, HOST_KEY = (bytes([n]) * 48 for n in (0x1D, 0xA7, 0x05))
+
+
+def test_a_guest_svn_minimum_needs_the_key_that_signs_it() -> None:
+    """GUEST_SVN comes from the ID block, which the host that launches the VM may sign with an ID
+    key of its own: a minimum loaded without a pinned key, and any host met it."""
+    with pytest.raises(PolicyInvalid) as err:
+        policy(sev_snp__min_guest_svn=2)
+    assert err.value.reason == Reason.POLICY_MISSING_KEY
+    assert "sev_snp.min_guest_svn: needs id_key_digests or author_key_digests" in str(err.value)
+    policy(sev_snp__min_guest_svn=2, sev_snp__id_key_digests=[ID_KEY.hex()])
+    policy(sev_snp__min_guest_svn=2, sev_snp__author_key_digests=[AUTHOR_KEY.hex()])
+    policy(sev_snp__min_guest_svn=0)  # no minimum: nothing to vouch for
+
+
+def test_id_and_author_keys_are_judged_before_the_guest_svn(snp, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    # The host signs an ID block of its own claiming a new SVN for the (allowed) image.
+    forged = snp_claims(snp, sim_trust, now, guest_svn=9, id_key_digest=HOST_KEY)
+    by_id = policy(sev_snp__min_guest_svn=2, sev_snp__id_key_digests=[ID_KEY.hex()])
+    deny(Reason.ID_KEY_NOT_ALLOWED, by_id, forged)
+    deny(Reason.GUEST_SVN_TOO_OLD, by_id, snp_claims(snp, sim_trust, now, id_key_digest=ID_KEY))
+    by_id.evaluate(snp_claims(snp, sim_trust, now, guest_svn=2, id_key_digest=ID_KEY), CALLER)
+    by_author = policy(sev_snp__min_guest_svn=2, sev_snp__author_key_digests=[AUTHOR_KEY.hex()])
+    deny(Reason.AUTHOR_KEY_NOT_ALLOWED, by_author, forged)
+    signed = snp_claims(
+        snp, sim_trust, now, guest_svn=3, id_key_digest=HOST_KEY, author_key_digest=AUTHOR_KEY
+    )
+    by_author.evaluate(signed, CALLER)
 
 
 def test_real_debug_report_is_denied(vectors: Path, production: TrustStore) -> None:
