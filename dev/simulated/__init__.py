@@ -408,6 +408,7 @@ class SimulatedSnp:
         vmpl: int = 0,
         reported_tcb: snp_abi.TcbVersion | None = None,
         launch_tcb: snp_abi.TcbVersion | None = None,
+        committed_tcb: snp_abi.TcbVersion | None = None,
         guest_svn: int = 0,
         host_data: bytes = bytes(32),
         version: int = 3,
@@ -415,6 +416,8 @@ class SimulatedSnp:
         chip_id: bytes | None = None,
         family_id: bytes = bytes(16),
         image_id: bytes = bytes(16),
+        id_key_digest: bytes = bytes(48),
+        author_key_digest: bytes = bytes(48),
         platform_info: int = 0x1,
         cpuid: tuple[int, int, int] | None = None,
         sign_with: ec.EllipticCurvePrivateKey | None = None,
@@ -438,6 +441,9 @@ class SimulatedSnp:
             "policy": policy,
             "family_id": family_id,
             "image_id": image_id,
+            "id_key_digest": id_key_digest,
+            "author_key_digest": author_key_digest,
+            "author_key_en": any(author_key_digest),
             "vmpl": vmpl,
             "current_tcb": tcb,
             "platform_info": platform_info,
@@ -451,7 +457,7 @@ class SimulatedSnp:
             "cpuid_mod_id": mod,
             "cpuid_step": step,
             "chip_id": self.chip_id if chip_id is None else chip_id,
-            "committed_tcb": tcb,
+            "committed_tcb": committed_tcb or tcb,
             "current_version": snp_abi.FirmwareVersion(1, 55, 29),
             "committed_version": snp_abi.FirmwareVersion(1, 55, 29),
             "launch_tcb": launch_tcb or tcb,
@@ -665,8 +671,9 @@ class SimulatedTdx:
         now: dt.datetime | None = None,
         mrsigner: bytes = SIMULATED_QE_MRSIGNER,
         days: int = 30,
+        status: str = "UpToDate",
     ) -> bytes:
-        """A signed TD_QE identity that this platform's QE matches."""
+        """A signed TD_QE identity that this platform's QE matches, its level at ``status``."""
         now = now or dt.datetime.now(_UTC)
         body = {
             "id": "TD_QE",
@@ -684,7 +691,7 @@ class SimulatedTdx:
                 {
                     "tcb": {"isvsvn": self.qe_isv_svn},
                     "tcbDate": "2024-03-13T00:00:00Z",
-                    "tcbStatus": "UpToDate",
+                    "tcbStatus": status,
                 }
             ],
         }

@@ -117,8 +117,9 @@ class PolicyStore:
         """Bounds, parses and validates a document, also against where this broker runs."""
         check_policy_bounds(document)
         policy = ReleasePolicy.load(document, production=self._production)
-        if self._trust_domain is not None:
-            policy.check_deployment(trust_domain=self._trust_domain, production=self._production)
+        # Always: a store built without a trust domain must still refuse, in production, the
+        # debug and simulated-TEE policies (it skipped every deployment check before).
+        policy.check_deployment(trust_domain=self._trust_domain, production=self._production)
         return policy
 
     def version(self, key_id: str) -> str:

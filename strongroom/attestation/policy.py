@@ -225,19 +225,24 @@ class ReleasePolicy:
             },
         )
 
-    def check_deployment(self, *, trust_domain: str, production: bool) -> None:
+    def check_deployment(self, *, trust_domain: str | None, production: bool) -> None:
         """Refuses a policy that cannot be right where it is deployed (raises PolicyInvalid).
 
         An ``allowed_spiffe_ids`` entry outside ``trust_domain`` can never match a caller (the
-        broker authenticates only its own trust domain), so it is always an error; ``allow_debug``
-        releases keys to a VM whose memory the host can read, so production refuses it, and
-        ``allow_simulated`` too.
+        broker authenticates only its own trust domain), so it is always an error (not judged
+        when the trust domain is not known: None); ``allow_debug`` releases keys to a VM whose
+        memory the host can read, so production refuses it, and ``allow_simulated`` too, whether
+        or not the trust domain is known.
         """
         for field, ids in (
             ("allowed_spiffe_ids", self.allowed_spiffe_ids),
             ("publishers", self.publishers or ()),
         ):
-            foreign = sorted(i for i in ids if not i.startswith(f"spiffe://{trust_domain}/"))
+            foreign = sorted(
+                i
+                for i in ids
+                if trust_domain is not None and not i.startswith(f"spiffe://{trust_domain}/")
+            )
             if foreign:
                 raise _fail(
                     field,

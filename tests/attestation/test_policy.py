@@ -144,7 +144,8 @@ def test_snp_denials(snp, authority, sim_trust, now) -> None:
         snp_claims(authority.snp(signing_key="VLEK"), sim_trust, now),
     )
     deny(Reason.PRODUCT_NOT_ALLOWED, policy(sev_snp__products=["Genoa"]), c)
-    deny(Reason.GUEST_SVN_TOO_OLD, policy(sev_snp__min_guest_svn=3), c)
+    signed_svn = policy(sev_snp__min_guest_svn=3, sev_snp__id_key_digests=[bytes(48).hex()])
+    deny(Reason.GUEST_SVN_TOO_OLD, signed_svn, c)
     deny(Reason.TCB_TOO_OLD, policy(sev_snp__min_reported_tcb={"snp": 25}), c)
     deny(Reason.HOST_DATA_NOT_ALLOWED, policy(sev_snp__host_data=["11" * 32]), c)
     deny(Reason.SIMULATED_TEE_NOT_ALLOWED, policy(sev_snp__allow_simulated=False), c)
@@ -154,6 +155,36 @@ def test_snp_denials(snp, authority, sim_trust, now) -> None:
         sev_snp__min_reported_tcb={"snp": 24, "fmc": 9},
     )
     allowed.evaluate(snp_claims(snp, sim_trust, now, vmpl=1), CALLER)
+
+
+ID_KEY, AUTHOR_KEY, HOST_KEY = (bytes([n]) * 48 for n in (0x1D, 0xA7, 0x05))
+
+
+def test_a_guest_svn_minimum_needs_the_key_that_signs_it() -> None:
+    """GUEST_SVN comes from the ID block, which the host that launches the VM may sign with an ID
+    key of its own: a minimum loaded without a pinned key, and any host met it."""
+    with pytest.raises(PolicyInvalid) as err:
+        policy(sev_snp__min_guest_svn=2)
+    assert err.value.reason == Reason.POLICY_MISSING_KEY
+    assert "sev_snp.min_guest_svn: needs id_key_digests or author_key_digests" in str(err.value)
+    policy(sev_snp__min_guest_svn=2, sev_snp__id_key_digests=[ID_KEY.hex()])
+    policy(sev_snp__min_guest_svn=2, sev_snp__author_key_digests=[AUTHOR_KEY.hex()])
+    policy(sev_snp__min_guest_svn=0)  # no minimum: nothing to vouch for
+
+
+def test_id_and_author_keys_are_judged_before_the_guest_svn(snp, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    # The host signs an ID block of its own claiming a new SVN for the (allowed) image.
+    forged = snp_claims(snp, sim_trust, now, guest_svn=9, id_key_digest=HOST_KEY)
+    by_id = policy(sev_snp__min_guest_svn=2, sev_snp__id_key_digests=[ID_KEY.hex()])
+    deny(Reason.ID_KEY_NOT_ALLOWED, by_id, forged)
+    deny(Reason.GUEST_SVN_TOO_OLD, by_id, snp_claims(snp, sim_trust, now, id_key_digest=ID_KEY))
+    by_id.evaluate(snp_claims(snp, sim_trust, now, guest_svn=2, id_key_digest=ID_KEY), CALLER)
+    by_author = policy(sev_snp__min_guest_svn=2, sev_snp__author_key_digests=[AUTHOR_KEY.hex()])
+    deny(Reason.AUTHOR_KEY_NOT_ALLOWED, by_author, forged)
+    signed = snp_claims(
+        snp, sim_trust, now, guest_svn=3, id_key_digest=HOST_KEY, author_key_digest=AUTHOR_KEY
+    )
+    by_author.evaluate(signed, CALLER)
 
 
 def test_real_debug_report_is_denied(vectors: Path, production: TrustStore) -> None:
@@ -605,12 +636,34 @@ def test_snp_any_tcb_in_development_leaves_the_launch_tcb_alone(snp, sim_trust, 
     )  # fmt: skip
 
 
+def test_snp_committed_tcb_is_held_to_the_reported_minimum(snp, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    """A platform running provisional firmware (a live update not yet committed) reports its new
+    TCB, and the host may roll the firmware back to the committed one under the running VM once
+    the key is released: a committed TCB below the minimum was never looked at."""
+    new, old = TcbVersion.from_components(**NEW_TCB), TcbVersion.from_components(**OLD_TCB)
+    provisional = snp_claims(
+        snp, sim_trust, now, reported_tcb=new, launch_tcb=new, committed_tcb=old
+    )
+    assert provisional.committed_tcb.components() == OLD_TCB
+    with pytest.raises(PolicyViolation) as err:
+        policy(sev_snp__min_reported_tcb=NEW_TCB).evaluate(provisional, CALLER)
+    assert err.value.reason == Reason.COMMITTED_TCB_TOO_OLD
+    assert "committed TCB bootloader=1 is below the minimum 4 (min_reported_tcb)" in str(err.value)
+    # Once the update is committed the same platform passes; a lower minimum passes already.
+    committed = snp_claims(snp, sim_trust, now, reported_tcb=new, launch_tcb=new, committed_tcb=new)
+    policy(sev_snp__min_reported_tcb=NEW_TCB).evaluate(committed, CALLER)
+    policy(sev_snp__min_reported_tcb=OLD_TCB).evaluate(provisional, CALLER)
+    # A development "any" states no minimum to hold it to.
+    policy(production=False, sev_snp__min_reported_tcb="any").evaluate(provisional, CALLER)
+
+
 def test_real_snp_vectors_pass_their_own_minimum_at_launch(
     vectors: Path, production: TrustStore
 ) -> None:
     """Fail closed is safe for real VMs: every real report's launch TCB is at least its reported
     TCB (the AWS VLEK report even reports microcode 217 below its launch 219), so a minimum the
-    reported TCB meets is met at launch too."""
+    reported TCB meets is met at launch too, and by the committed TCB (the AWS one commits 219;
+    the Azure Milan ones run microcode 206/210 uncommitted over a committed 115)."""
     files = {
         "milan_v2_virtee.bin": "milan_v2_virtee_vcek.der",
         "milan_v2_trustee.bin": "milan_v2_trustee_vcek.der",
@@ -636,6 +689,8 @@ def test_real_snp_vectors_pass_their_own_minimum_at_launch(
             "min_reported_tcb": {"fmc": 0, **reported},
         }
         policy(sev_snp=section).evaluate(claims, CALLER)
+        committed = claims.committed_tcb.components()
+        assert all(committed[k] >= v for k, v in reported.items()), (report, committed)
         above = {"fmc": 0, **reported, "microcode": reported["microcode"] + 1}
         deny(Reason.TCB_TOO_OLD, policy(sev_snp={**section, "min_reported_tcb": above}), claims)
 

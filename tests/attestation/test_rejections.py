@@ -581,6 +581,25 @@ def test_hwid_mismatch(authority, sim_trust, now) -> None:
     )
 
 
+@pytest.mark.parametrize("bit", [26, 40, 63])
+def test_snp_guest_policy_reserved_bits_are_refused(authority, sim_trust, now, bit: int) -> None:
+    """GUEST_POLICY bits 26-63 are reserved (must be zero): the policy says what the guest owner
+    let the host do (debug, a migration agent), so a bit a newer firmware defines must not pass
+    unread, as every other reserved field of the report and TDX's reserved ATTRIBUTES do not.
+    A well-signed report with one set was accepted."""
+    snp = authority.snp()
+    ev = snp.evidence(RD, measurement=MEAS, policy=0x30000 | 1 << bit)
+    err = expect(
+        MalformedEvidence, Reason.BAD_FIELD, lambda: verify_evidence(ev, trust=sim_trust, now=now)
+    )
+    assert f"reserved bit(s) {bit}" in err.message
+    # Every bit the ABI defines (SMT .. PAGE_SWAP_DISABLE) still parses.
+    defined = snp.evidence(RD, measurement=MEAS, policy=0x3FF0000)
+    verify_evidence(
+        defined, trust=sim_trust, now=now, collateral=authority.collateral_source(now=now)
+    )
+
+
 def test_vlek_presented_as_vcek(authority, sim_trust, now) -> None:
     vlek = authority.snp(signing_key="VLEK")
     ev = Evidence(

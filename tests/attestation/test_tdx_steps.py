@@ -318,3 +318,110 @@ def test_tcb_of_simulated_quotes(
         selected.tcb_info, selected.qe_identity,
     )  # fmt: skip
     assert (result.status, result.tcb_date) == ("OutOfDate", "2018-01-04T00:00:00Z")
+
+
+def _level(platform, tdx_components: tuple[int, ...], status: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    return {
+        "tcb": {
+            "sgxtcbcomponents": [{"svn": c} for c in platform.cpusvn_components],
+            "pcesvn": platform.pcesvn,
+            "tdxtcbcomponents": [{"svn": c} for c in tdx_components],
+        },
+        "tcbDate": "2024-03-13T00:00:00Z",
+        "tcbStatus": status,
+    }
+
+
+def _td15_tcb_info(authority: SimulatedAuthority, platform, now, newest_svn2: int) -> bytes:  # type: ignore[no-untyped-def]
+    """A signed TCB info with a TDX_01 module identity (SVN 3 up to date, below out of date) and
+    platform levels newest first: TEE_TCB_SVN[0..2] of (3, 0, ``newest_svn2``) up to date, then
+    (3, 0, 5) SWHardeningNeeded when the newest asks for more, then a 2018 level out of date."""
+    ident = {"mrsigner": "00" * 48, "attributes": "00" * 8, "attributesMask": "ff" * 8}
+    levels = [_level(platform, (3, 0, newest_svn2) + (0,) * 13, "UpToDate")]
+    if newest_svn2 > 5:
+        levels.append(_level(platform, (3, 0, 5) + (0,) * 13, "SWHardeningNeeded"))
+    levels.append({**_level(platform, (0,) * 16, "OutOfDate"), "tcbDate": "2018-01-04T00:00:00Z"})
+    module_levels = [
+        {"tcb": {"isvsvn": 3}, "tcbDate": "2024-03-13T00:00:00Z", "tcbStatus": "UpToDate"},
+        {"tcb": {"isvsvn": 0}, "tcbDate": "2018-01-04T00:00:00Z", "tcbStatus": "OutOfDate"},
+    ]
+    body = {
+        "id": "TDX",
+        "version": 3,
+        "issueDate": (now - dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "nextUpdate": (now + dt.timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "fmspc": platform.fmspc.hex(),
+        "pceId": "0000",
+        "tcbType": 0,
+        "tcbEvaluationDataNumber": 17,
+        "tdxModule": ident,
+        "tdxModuleIdentities": [{"id": "TDX_01", **ident, "tcbLevels": module_levels}],
+        "tcbLevels": levels,
+    }
+    return authority.sign_collateral("tcbInfo", body)
+
+
+@pytest.mark.parametrize(
+    ("svn", "svn2", "newest_svn2", "status"),
+    [
+        # Intel's case: launched on an out-of-date module (SVN 2), now on the newest (SVN 3).
+        ((2, 1, 5), (3, 1, 5), 5, "TdRelaunchAdvised"),
+        # The module was never out of date; TEE_TCB_SVN[2] was: Intel says OutOfDate.
+        ((3, 1, 4), (3, 1, 5), 5, "OutOfDate"),
+        # A major-0 module has no module status (Intel's STATUS_OK): never a relaunch.
+        ((2, 0, 5), (3, 0, 5), 5, "OutOfDate"),
+        # TEE_TCB_SVN2 meets an older level (SWHardeningNeeded), not the newest one.
+        ((2, 1, 5), (3, 1, 5), 6, "OutOfDate"),
+    ],
+    ids=["module-updated", "module-never-out-of-date", "major-0", "svn2-short-of-newest"],
+)
+def test_td15_relaunch_is_advised_only_as_intel_advises_it(  # type: ignore[no-untyped-def]
+    authority: SimulatedAuthority, sim_trust: TrustStore, now, svn, svn2, newest_svn2, status
+) -> None:
+    """TEE_TCB_SVN2 was evaluated as a whole against any level, and TdRelaunchAdvised given
+    whenever that was not out of date while TEE_TCB_SVN was: a policy accepting
+    TdRelaunchAdvised (POLICY.md lists it) released to TDs Intel's QVL calls OutOfDate."""
+    platform = authority.tdx()
+    quote = platform.quote(
+        RD, mrtd=MRTD, version=5, body_type=3,
+        tee_tcb_svn=bytes(svn) + bytes(13), tee_tcb_svn2=bytes(svn2) + bytes(13),
+    )  # fmt: skip
+    verified = tdx.verify_quote(Evidence(TeeType.TDX, quote), sim_trust, now)
+    source = StaticCollateralSource(
+        tcb_infos=(_td15_tcb_info(authority, platform, now, newest_svn2),),
+        qe_identity=platform.qe_identity(now=now),
+        signing_chain=authority.tcb_signing_chain_pem(),
+    )
+    selected = tdx.select_collateral(verified, source, sim_trust, now, dt.timedelta(0), True)
+    assert _evaluate(verified, selected).status == status
+
+
+@pytest.mark.parametrize(
+    ("qe_level", "status"),
+    [
+        ("UpToDate", "UpToDate"),
+        ("OutOfDate", "OutOfDate"),
+        ("Revoked", "Revoked"),
+        ("OutOfDateConfigurationNeeded", "OutOfDate"),
+        ("ConfigurationNeeded", "OutOfDate"),
+        ("SWHardeningNeeded", "OutOfDate"),
+    ],
+)
+def test_a_qe_level_neither_up_to_date_nor_revoked_is_out_of_date(  # type: ignore[no-untyped-def]
+    authority: SimulatedAuthority, sim_trust: TrustStore, now, qe_level: str, status: str
+) -> None:
+    """Intel's QVL (EnclaveReportVerifier) reads every QE identity level but UpToDate and Revoked
+    as ISVSVN out of date. Only the exact "OutOfDate" was: a QE at a level labelled, say,
+    OutOfDateConfigurationNeeded left an up-to-date platform UpToDate, as if the QE were."""
+    platform = authority.tdx()
+    verified = tdx.verify_quote(
+        Evidence(TeeType.TDX, platform.quote(RD, mrtd=MRTD)), sim_trust, now
+    )
+    source = StaticCollateralSource(
+        tcb_infos=(platform.tcb_info(now=now),),
+        qe_identity=platform.qe_identity(now=now, status=qe_level),
+        signing_chain=authority.tcb_signing_chain_pem(),
+    )
+    selected = tdx.select_collateral(verified, source, sim_trust, now, dt.timedelta(0), True)
+    result = _evaluate(verified, selected)
+    assert (result.status, result.qe_status) == (status, qe_level)

@@ -106,6 +106,34 @@ def test_allow_simulated_is_refused_in_production_only(
     assert stored.value.reason == Reason.POLICY_SIMULATED_IN_PRODUCTION
 
 
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (document() + "  allow_simulated: true\n", Reason.POLICY_SIMULATED_IN_PRODUCTION),
+        (SIMULATED_TDX, Reason.POLICY_SIMULATED_IN_PRODUCTION),
+        (document(debug=True), Reason.POLICY_DEBUG_IN_PRODUCTION),
+    ],
+    ids=["snp-simulated", "tdx-simulated", "debug"],
+)
+def test_a_production_store_without_a_trust_domain_still_refuses_development_policies(
+    tmp_path: Path, text: str, reason: str
+) -> None:
+    """A store built without a trust domain (PolicyStore's default) skipped every deployment
+    check: in production it stored and served policies admitting the simulated TEE or debug VMs.
+    Only the foreign-trust-domain check needs the domain."""
+    policies = PolicyStore(tmp_path / "policies", production=True)
+    with pytest.raises(PolicyInvalid) as info:
+        policies.put("k1", text)
+    assert info.value.reason == reason
+    assert not (tmp_path / "policies" / "k1.yaml").exists()
+    PolicyStore(tmp_path / "policies", production=False).put("k1", text)
+    with pytest.raises(StoredPolicyInvalid) as stored:
+        policies.get("k1")
+    assert stored.value.reason == reason
+    # Without a trust domain, callers in any domain are left to the authoriser.
+    assert policies.put("k2", document(callers="spiffe://other.example/inference"))
+
+
 def test_a_good_policy_is_stored(tmp_path: Path) -> None:
     stored = store(tmp_path, production=True).put("k1", document())
     assert stored.policy.version == "1"

@@ -39,6 +39,11 @@ PRODUCTS = ("Milan", "Genoa", "Turin")
 CPU_FAMILY_BY_PRODUCT = {"Milan": _FAMILY_ZEN3_4, "Genoa": _FAMILY_ZEN3_4, "Turin": _FAMILY_ZEN5}
 """The CPUID family each product reports (Milan and Genoa share Zen 3/4's family)."""
 
+# GUEST_POLICY bits 26-63 are reserved, must be zero (bit 25, PAGE_SWAP_DISABLE, is the last the
+# ABI defines). The policy is what the guest owner allowed the host (debug, a migration agent):
+# a bit a newer firmware defines is refused until this verifier knows what it lets the host do.
+GUEST_POLICY_RESERVED_SHIFT = 26
+
 SIGNING_KEY_VCEK = 0
 SIGNING_KEY_VLEK = 1
 SIGNING_KEY_NONE = 7
@@ -357,6 +362,14 @@ def parse_snp_report(data: bytes) -> SnpReport:
             f"SNP report signature algorithm {sig_algo} is not ECDSA P-384 with SHA-384",
             reason=Reason.UNSUPPORTED_SIGNATURE_ALGORITHM,
         )
+    policy = _u64(data, 0x08)
+    if policy >> GUEST_POLICY_RESERVED_SHIFT:
+        bits = [b for b in range(GUEST_POLICY_RESERVED_SHIFT, 64) if (policy >> b) & 1]
+        raise MalformedEvidence(
+            f"SNP report guest policy 0x{policy:x} sets reserved bit(s) "
+            f"{', '.join(map(str, bits))}, which no SEV-SNP ABI this verifier knows defines",
+            reason=Reason.BAD_FIELD,
+        )
     key_info = _u32(data, 0x48)
     if key_info >> 5:
         raise MalformedEvidence(
@@ -393,7 +406,7 @@ def parse_snp_report(data: bytes) -> SnpReport:
         raw=data,
         version=version,
         guest_svn=_u32(data, 0x04),
-        policy=SnpPolicy(_u64(data, 0x08)),
+        policy=SnpPolicy(policy),
         family_id=data[0x10:0x20],
         image_id=data[0x20:0x30],
         vmpl=_u32(data, 0x30),

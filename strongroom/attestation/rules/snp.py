@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationInfo
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 
 from strongroom.attestation.abi.snp import PRODUCTS, TcbVersion
 from strongroom.attestation.claims import SnpClaims, VerifiedClaims
@@ -91,6 +91,10 @@ class SnpRules(schema.Section):
     vmpl: Annotated[int, schema.uint(3)] = 0
     allow_smt: schema.Bool = True
     allow_migrate_ma: schema.Bool = False
+    # GUEST_SVN (like FAMILY_ID and IMAGE_ID) comes from the ID block, which whoever launches the
+    # VM may sign with an ID key of its own: it means something only with that key pinned.
+    id_key_digests: schema.OptionalHex48 = None
+    author_key_digests: schema.OptionalHex48 = None
     min_guest_svn: schema.U32 = 0
     # None only for an explicit development "any".
     min_reported_tcb: Annotated[TcbMinimum | None, BeforeValidator(_min_tcb)] = Field(
@@ -101,6 +105,18 @@ class SnpRules(schema.Section):
     min_launch_tcb: TcbMinimum | None = None
     host_data: schema.OptionalHex32 = None
     allow_simulated: schema.Bool = False
+
+    @field_validator("min_guest_svn")
+    @classmethod
+    def _guest_svn_needs_its_signer(cls, value: int, info: ValidationInfo) -> int:
+        """A minimum guest SVN needs the key that vouches for it (fields before it are validated)."""
+        if value and not (info.data.get("id_key_digests") or info.data.get("author_key_digests")):
+            raise schema.invalid(
+                Reason.POLICY_MISSING_KEY,
+                "needs id_key_digests or author_key_digests: the guest SVN is what the ID block "
+                "says, and whoever launches the VM can sign an ID block with a key of its own",
+            )
+        return value
 
     def evaluate(self, claims: VerifiedClaims) -> bytes:
         """Checks SNP claims in the documented order; returns the allowed measurement."""
@@ -132,6 +148,16 @@ class SnpRules(schema.Section):
             )
         if self.products is not None and c.product not in self.products:
             raise _deny(f"product {c.product} is not allowed", Reason.PRODUCT_NOT_ALLOWED)
+        if self.id_key_digests is not None and c.id_key_digest not in self.id_key_digests:
+            raise _deny(f"ID key {c.id_key_digest.hex()} is not allowed", Reason.ID_KEY_NOT_ALLOWED)
+        if (
+            self.author_key_digests is not None
+            and c.author_key_digest not in self.author_key_digests
+        ):
+            raise _deny(
+                f"author key {c.author_key_digest.hex()} is not allowed",
+                Reason.AUTHOR_KEY_NOT_ALLOWED,
+            )
         if c.guest_svn < self.min_guest_svn:
             raise _deny(f"guest SVN {c.guest_svn} < {self.min_guest_svn}", Reason.GUEST_SVN_TOO_OLD)
         if self.min_reported_tcb is not None:
@@ -145,6 +171,18 @@ class SnpRules(schema.Section):
                 "launch TCB",
                 Reason.LAUNCH_TCB_TOO_OLD,
                 f" ({source}): the VM was started on older firmware; relaunch it",
+            )
+        if self.min_reported_tcb is not None:
+            # Firmware updated live stays provisional until committed, and the host may roll it
+            # back to the committed version under the running VM (after the key was released):
+            # what it can go back to must meet the minimum too.
+            _check_tcb(
+                c.committed_tcb,
+                self.min_reported_tcb,
+                "committed TCB",
+                Reason.COMMITTED_TCB_TOO_OLD,
+                " (min_reported_tcb): the platform runs provisional firmware that the host can "
+                "roll back below the minimum",
             )
         if self.host_data is not None and c.host_data not in self.host_data:
             raise _deny("host data is not allowed", Reason.HOST_DATA_NOT_ALLOWED)

@@ -4,9 +4,11 @@ Follows Intel's quote verification library: the first platform TCB level whose S
 PCESVN are not above the PCK certificate's, and whose TDX components are not above TEE_TCB_SVN
 (from index 2 when the TDX module major version, TEE_TCB_SVN[1], is non-zero: the module is then
 judged by its own identity ``TDX_<major>`` and TEE_TCB_SVN[0]). The QE identity's first level with
-ISVSVN not above the QE's gives the QE status. Statuses converge: an out-of-date component makes
-the result OutOfDate (or OutOfDateConfigurationNeeded), a revoked one Revoked. For TD 1.5 the
-launch-time (TEE_TCB_SVN) and current (TEE_TCB_SVN2) results combine into TdRelaunchAdvised.
+ISVSVN not above the QE's gives the QE status (any but UpToDate and Revoked counts as OutOfDate,
+as in Intel's QVL). Statuses converge: an out-of-date component makes
+the result OutOfDate (or OutOfDateConfigurationNeeded), a revoked one Revoked. For TD 1.5 a TD out
+of date only because of its TDX module, whose current module (TEE_TCB_SVN2) is the newest, is
+TdRelaunchAdvised (:func:`relaunch`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from strongroom.attestation.claims import TCB_NO_MATCHING_LEVEL
-from strongroom.attestation.collateral import ModuleTcbLevel, QeIdentity, TcbInfo, TdxModuleIdentity
+from strongroom.attestation.collateral import (
+    ModuleTcbLevel,
+    QeIdentity,
+    TcbInfo,
+    TcbLevel,
+    TdxModuleIdentity,
+)
 
 UP_TO_DATE = "UpToDate"
 OUT_OF_DATE = "OutOfDate"
@@ -72,6 +80,14 @@ def _first_module_level(levels: tuple[ModuleTcbLevel, ...], svn: int) -> ModuleT
     return next((lv for lv in levels if svn >= lv.isvsvn), None)
 
 
+def _meets_sgx(level: TcbLevel, pck_components: tuple[int, ...], pck_pcesvn: int) -> bool:
+    """The PCK certificate's SGX components and PCESVN are each at least the level's."""
+    return (
+        all(p >= c for p, c in zip(pck_components, level.sgx_components, strict=True))
+        and pck_pcesvn >= level.pcesvn
+    )
+
+
 def _converge(platform: str, components: list[str]) -> str:
     status = platform
     if OUT_OF_DATE in components:
@@ -100,8 +116,7 @@ def evaluate(
         (
             level
             for level in tcb_info.tcb_levels
-            if all(p >= c for p, c in zip(pck_components, level.sgx_components, strict=True))
-            and pck_pcesvn >= level.pcesvn
+            if _meets_sgx(level, pck_components, pck_pcesvn)
             and all(tee_tcb_svn[i] >= level.tdx_components[i] for i in range(start, 16))
         ),
         None,
@@ -136,7 +151,10 @@ def evaluate(
                 (),
             )
         qe_status = qe_level.tcb_status
-        components.append(qe_level.tcb_status)
+        # Intel's QVL (EnclaveReportVerifier) reads a QE level that is neither UpToDate nor
+        # Revoked as "ISVSVN out of date", whatever its label (ConfigurationNeeded,
+        # OutOfDateConfigurationNeeded, SWHardeningNeeded, a status it does not know).
+        components.append(qe_status if qe_status in (UP_TO_DATE, REVOKED) else OUT_OF_DATE)
         dates.append(qe_level.tcb_date)
         advisories += qe_level.advisory_ids
     return TcbEvaluation(
@@ -149,15 +167,60 @@ def evaluate(
     )
 
 
-def relaunch(launch: str, current: str) -> str:
-    """Combines TD 1.5 launch-time and current statuses (Intel's TD relaunch check)."""
-    if launch in (OUT_OF_DATE, OUT_OF_DATE_CONFIG_NEEDED) and current in (
+def _sgx_level(
+    tcb_info: TcbInfo, pck_components: tuple[int, ...], pck_pcesvn: int
+) -> TcbLevel | None:
+    """The first level whose SGX components and PCESVN the PCK certificate meets (Intel's
+    ``sgxTcbLevel``: the TDX components are not looked at)."""
+    return next(
+        (lv for lv in tcb_info.tcb_levels if _meets_sgx(lv, pck_components, pck_pcesvn)), None
+    )
+
+
+def relaunch(
+    launch: TcbEvaluation,
+    *,
+    tcb_info: TcbInfo,
+    pck_components: tuple[int, ...],
+    pck_pcesvn: int,
+    tee_tcb_svn2: bytes,
+) -> str:
+    """The status of a TD 1.5 quote: Intel's TD relaunch check (QVL ``checkForRelaunch``) on the
+    launch-time evaluation ``launch`` (of TEE_TCB_SVN) and the current TEE_TCB_SVN2.
+
+    Relaunch is advised only when the TD is out of date *because of its TDX module* (module status
+    OutOfDate, the platform's SGX level not out of date, the QE neither out of date nor revoked)
+    and TEE_TCB_SVN2 meets the newest TCB level (module SVN and TEE_TCB_SVN2[2]); in every other
+    case the launch-time status stands. Judging TEE_TCB_SVN2 as a whole against any level instead
+    advised relaunch where Intel says OutOfDate (a module that was never out of date, a major-0
+    module, an SVN2 short of the newest level), which a policy accepting TdRelaunchAdvised let
+    through.
+    """
+    if launch.qe_status not in (None, UP_TO_DATE):  # Intel: any other QE status is not OK
+        return launch.status
+    if launch.module_status != OUT_OF_DATE:  # None (major 0) is Intel's STATUS_OK
+        return launch.status
+    sgx = _sgx_level(tcb_info, pck_components, pck_pcesvn)
+    if sgx is None or sgx.tcb_status not in (
         UP_TO_DATE,
         SW_HARDENING_NEEDED,
         CONFIGURATION_NEEDED,
         CONFIG_AND_SW_HARDENING_NEEDED,
     ):
-        if launch in _CONFIG_NEEDED or current in _CONFIG_NEEDED:
-            return TD_RELAUNCH_ADVISED_CONFIG_NEEDED
-        return TD_RELAUNCH_ADVISED
-    return launch
+        return launch.status
+    tdx_status = _converge(launch.platform_status, [OUT_OF_DATE])  # the module's, checked above
+    if tdx_status not in (OUT_OF_DATE, OUT_OF_DATE_CONFIG_NEEDED):
+        return launch.status
+    latest = tcb_info.tcb_levels[0]  # Intel publishes the levels newest first
+    if tee_tcb_svn2[1] == 0:
+        module_current = tee_tcb_svn2[0] >= latest.tdx_components[0]
+    else:
+        ident = module_identity(tcb_info, tee_tcb_svn2)
+        if ident is None or not ident.tcb_levels:
+            return TCB_NO_MATCHING_LEVEL  # Intel: TDX module mismatch / not supported
+        module_current = tee_tcb_svn2[0] >= ident.tcb_levels[0].isvsvn
+    if not (module_current and tee_tcb_svn2[2] >= latest.tdx_components[2]):
+        return launch.status
+    if sgx.tcb_status in _CONFIG_NEEDED or tdx_status in _CONFIG_NEEDED:
+        return TD_RELAUNCH_ADVISED_CONFIG_NEEDED
+    return TD_RELAUNCH_ADVISED

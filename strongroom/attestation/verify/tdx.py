@@ -482,9 +482,9 @@ def evaluate_tcb(
     """Step 4, TCB evaluation: the TCB status of the platform (PCK TCB), the TDX module
     (TEE_TCB_SVN) and the QE (ISVSVN) against verified collateral, for the policy to judge.
 
-    For a TD 1.5 body the current TEE_TCB_SVN2 is evaluated too and the two combine (Intel's TD
-    relaunch check); ``status`` is then the combined one while the other fields describe the
-    launch-time evaluation. Without TCB info the status is ``NotEvaluated``, which no policy
+    For a TD 1.5 body Intel's TD relaunch check follows (:func:`_tdx_tcb.relaunch`): a TD out of
+    date only because of its TDX module, now running the newest one (TEE_TCB_SVN2), is
+    TdRelaunchAdvised; the other fields describe the launch-time evaluation. Without TCB info the status is ``NotEvaluated``, which no policy
     accepts.
     """
     if tcb_info is None:
@@ -503,10 +503,14 @@ def evaluate_tcb(
     launch = at(body.tee_tcb_svn)
     if body.tee_tcb_svn2 is None or launch.status not in _tdx_tcb.INTEL_STATUSES:
         return launch
-    current = at(body.tee_tcb_svn2).status
-    if current in _tdx_tcb.INTEL_STATUSES:
-        return replace(launch, status=_tdx_tcb.relaunch(launch.status, current))
-    return replace(launch, status=current)
+    status = _tdx_tcb.relaunch(
+        launch,
+        tcb_info=tcb_info,
+        pck_components=pck.tcb_components,
+        pck_pcesvn=pck.pcesvn,
+        tee_tcb_svn2=body.tee_tcb_svn2,
+    )
+    return replace(launch, status=status)
 
 
 def _evaluation_number(tcb_info: TcbInfo | None, qe_identity: QeIdentity | None) -> int | None:
