@@ -41,6 +41,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.artifact import wipe
+from strongroom.artifact.keybinding import KEY_SIZE
 from strongroom.attestation.binding import report_data_for
 from strongroom.attesters import Attester
 from strongroom.client.remote import peer_reason
@@ -360,6 +362,15 @@ class KeyReleaseClient:
                 "the released key does not decrypt with our ephemeral key",
                 reason=Reason.RELEASED_KEY_INVALID,
             ) from None
+        if len(dek) != KEY_SIZE:
+            # Checked here, where the broker's answer is judged: further on, the body-key
+            # derivation would refuse it as an invalid argument of whoever asked for the load.
+            size = len(dek)
+            wipe(dek)
+            raise DataLoss(
+                f"the broker released a data key of {size} bytes; a data key is {KEY_SIZE} bytes",
+                reason=Reason.RELEASED_KEY_INVALID,
+            )
         log.info(
             "data key released",
             extra={"key_id": key_id, "decision_id": response.decision_id},

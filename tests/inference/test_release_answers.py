@@ -1,0 +1,128 @@
+"""What the key-release client accepts from the broker: only a complete, well-formed answer.
+
+The broker peer here is a real gRPC server whose servicer answers each release as the test says:
+what a broker with a bug, or a man in the middle holding a broker certificate, could send. The
+key in the answer is genuinely wrapped (RSA-OAEP) to the ephemeral key of the request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.attesters import EvidenceBundle, TeeType
+from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.errors import DataLoss
+from strongroom.reasons import Reason
+from tests.inference.fake_tee import fake_snp_report
+
+Answer = Callable[[pb.ReleaseKeyRequest], pb.ReleaseKeyResponse]
+WRAPPED = bytes(40)  # what the artifact's slot would carry; this broker never unwraps it
+#: The TLS key the report binds (this broker checks no binding).
+TLS_KEY = (
+    ec.generate_private_key(ec.SECP256R1())
+    .public_key()
+    .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+)
+
+
+class FakeTee:
+    """The TEE hardware (the one stand-in the suite allows): a report that binds REPORT_DATA."""
+
+    @property
+    def tee_type(self) -> TeeType:
+        return TeeType.SEV_SNP
+
+    def attest(self, report_data: bytes) -> EvidenceBundle:
+        return EvidenceBundle(TeeType.SEV_SNP, fake_snp_report(report_data), source="fake")
+
+
+class AnsweringBroker(pb_grpc.KeyBrokerServiceServicer):
+    """A broker peer whose ReleaseKey answer is whatever ``answer`` makes of the request."""
+
+    def __init__(self) -> None:
+        self.answer: Answer = lambda request: answer_with(request, os.urandom(32))
+
+    def GetChallenge(
+        self, request: pb.GetChallengeRequest, context: grpc.ServicerContext
+    ) -> pb.GetChallengeResponse:
+        return pb.GetChallengeResponse(nonce=os.urandom(32))
+
+    def ReleaseKey(
+        self, request: pb.ReleaseKeyRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseKeyResponse:
+        return self.answer(request)
+
+
+def answer_with(
+    request: pb.ReleaseKeyRequest,
+    key: bytes,
+    *,
+    decision_id: str = "0123456789abcdef0123456789abcdef",
+    policy_version: str = "v1",
+) -> pb.ReleaseKeyResponse:
+    """``key`` wrapped with RSA-OAEP-SHA-256 to the request's ephemeral key, as a broker does."""
+    public = serialization.load_der_public_key(request.ephemeral_public_key)
+    assert isinstance(public, rsa.RSAPublicKey)
+    wrapped = public.encrypt(
+        key,
+        padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None),
+    )
+    return pb.ReleaseKeyResponse(
+        wrapped_data_key=wrapped,
+        mechanism=pb.WRAP_MECHANISM_RSA_OAEP_SHA256,
+        decision_id=decision_id,
+        policy_version=policy_version,
+    )
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[tuple[AnsweringBroker, str]]:
+    servicer = AnsweringBroker()  # type: ignore[abstract]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_KeyBrokerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+@pytest.fixture
+def release(broker: tuple[AnsweringBroker, str]) -> Iterator[Callable[[Answer], object]]:
+    servicer, address = broker
+    channel = grpc.insecure_channel(address)
+    client = KeyReleaseClient(channel, FakeTee(), lambda: TLS_KEY)
+
+    def run(answer: Answer) -> object:
+        servicer.answer = answer
+        return client.release("models-kek", 1, WRAPPED)
+
+    yield run
+    client._keygen.shutdown(wait=True, cancel_futures=True)
+    channel.close()
+
+
+def test_a_well_formed_answer_gives_the_key(release: Callable[[Answer], object]) -> None:
+    key = os.urandom(32)
+    released = release(lambda request: answer_with(request, key))
+    assert released.dek == key  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("size", [0, 16, 31, 33, 64])
+def test_a_released_key_that_is_not_32_bytes_is_refused(
+    release: Callable[[Answer], object], size: int
+) -> None:
+    # A 16-byte key reached the body-key derivation, which refused it as INVALID_ARGUMENT
+    # DATA_KEY_INVALID: LoadModel's caller was blamed for the broker's answer.
+    with pytest.raises(DataLoss) as info:
+        release(lambda request: answer_with(request, os.urandom(size)))
+    assert info.value.reason == Reason.RELEASED_KEY_INVALID
+    assert f"{size} bytes" in info.value.message
