@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,6 +64,12 @@ MAX_EXCHANGES = 2
 RETRIED_REASONS = frozenset(
     {Reason.REPORT_DATA_MISMATCH, Reason.NONCE_INVALID, Reason.NONCE_EXPIRED}
 )
+#: A decision id as the broker's audit log writes them (it refuses any other).
+_DECISION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: The longest policy version the policy schema admits (``strongroom.attestation.policy``'s
+#: MAX_POLICY_VERSION_LENGTH, not imported: that module brings pydantic and every TEE's rules
+#: into the release client and the CLI for one number; a test holds the two equal).
+MAX_POLICY_VERSION_LENGTH = 256
 
 
 class _CredentialsLike(ChannelCredentials, Protocol):
@@ -345,6 +352,7 @@ class KeyReleaseClient:
                 "not offer",
                 reason=Reason.OAEP_MECHANISM_UNEXPECTED,
             )
+        _check_answer(response)
         oaep_hash = OaepHash.from_mechanism(response.mechanism)
         try:
             dek = bytearray(
@@ -377,4 +385,23 @@ class KeyReleaseClient:
         )
         return ReleasedDataKey(
             dek, response.mechanism, response.decision_id, response.policy_version
+        )
+
+
+def _check_answer(response: pb.ReleaseKeyResponse) -> None:
+    """Refuses a release answer whose decision id or policy version no broker writes (its audit
+    log's ids; 1-256 printable characters, as the policy schema requires): they go into this
+    server's log and LoadModel's answer, and from there to an operator's terminal."""
+    if not _DECISION_ID.fullmatch(response.decision_id):
+        raise DataLoss(
+            "the broker's release answer has a malformed decision id "
+            f"({len(response.decision_id)} characters)",
+            reason=Reason.RELEASE_ANSWER_MALFORMED,
+        )
+    policy = response.policy_version
+    if not policy or len(policy) > MAX_POLICY_VERSION_LENGTH or not policy.isprintable():
+        raise DataLoss(
+            "the broker's release answer has a malformed policy version "
+            f"({len(policy)} characters)",
+            reason=Reason.RELEASE_ANSWER_MALFORMED,
         )

@@ -126,3 +126,40 @@ def test_a_released_key_that_is_not_32_bytes_is_refused(
         release(lambda request: answer_with(request, os.urandom(size)))
     assert info.value.reason == Reason.RELEASED_KEY_INVALID
     assert f"{size} bytes" in info.value.message
+
+
+def test_the_policy_version_bound_is_the_policy_schemas() -> None:
+    # The release client keeps its own copy of the number rather than import the policy schema.
+    from strongroom.attestation.policy import MAX_POLICY_VERSION_LENGTH
+    from strongroom.client.keyrelease import MAX_POLICY_VERSION_LENGTH as RELEASE_BOUND
+
+    assert RELEASE_BOUND == MAX_POLICY_VERSION_LENGTH
+
+
+@pytest.mark.parametrize(
+    ("decision_id", "policy_version"),
+    [
+        ("", "v1"),
+        ("d" * 65, "v1"),
+        ("0123\nFORGED log line", "v1"),
+        ("décision", "v1"),
+        ("0123456789abcdef", ""),
+        ("0123456789abcdef", "v" * 257),
+        ("0123456789abcdef", "v1\x1b[2J"),
+    ],
+    ids=["no-id", "long-id", "newline-id", "non-ascii-id", "no-policy", "long-policy", "escape"],
+)
+def test_an_answer_whose_decision_or_policy_is_malformed_is_refused(
+    release: Callable[[Answer], object], decision_id: str, policy_version: str
+) -> None:
+    # They reached the log line of the release, LoadModel's answer and the caller's terminal as
+    # they came: a broker's decision ids are its audit log's ([A-Za-z0-9._-]{1,64}), and its
+    # policy versions the policy schema's (1-256 printable characters).
+    with pytest.raises(DataLoss) as info:
+        release(
+            lambda request: answer_with(
+                request, os.urandom(32), decision_id=decision_id, policy_version=policy_version
+            )
+        )
+    assert info.value.reason == Reason.RELEASE_ANSWER_MALFORMED
+    assert "\n" not in info.value.message and "\x1b" not in info.value.message
