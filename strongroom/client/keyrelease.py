@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
-from strongroom.artifact import wipe
+from strongroom.artifact import wipe, wipe_bytes
 from strongroom.artifact.keybinding import KEY_SIZE
 from strongroom.attestation.binding import report_data_for
 from strongroom.attesters import Attester
@@ -355,21 +355,25 @@ class KeyReleaseClient:
         _check_answer(response)
         oaep_hash = OaepHash.from_mechanism(response.mechanism)
         try:
-            dek = bytearray(
-                private.decrypt(
-                    response.wrapped_data_key,
-                    padding.OAEP(
-                        mgf=padding.MGF1(oaep_hash.algorithm),
-                        algorithm=oaep_hash.algorithm,
-                        label=None,
-                    ),
-                )
+            decrypted = private.decrypt(
+                response.wrapped_data_key,
+                padding.OAEP(
+                    mgf=padding.MGF1(oaep_hash.algorithm),
+                    algorithm=oaep_hash.algorithm,
+                    label=None,
+                ),
             )
         except ValueError:
             raise DataLoss(
                 "the released key does not decrypt with our ephemeral key",
                 reason=Reason.RELEASED_KEY_INVALID,
             ) from None
+        # cryptography returns the key as a new bytes object that only this frame holds: once
+        # copied into the bytearray the caller wipes, it is zeroed too, so no copy of the data key
+        # goes back to the allocator intact.
+        dek = bytearray(decrypted)
+        wipe_bytes(decrypted)
+        del decrypted
         if len(dek) != KEY_SIZE:
             # Checked here, where the broker's answer is judged: further on, the body-key
             # derivation would refuse it as an invalid argument of whoever asked for the load.

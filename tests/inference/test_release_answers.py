@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attesters import EvidenceBundle, TeeType
-from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.client import keyrelease
+from strongroom.client.keyrelease import EPHEMERAL_KEY_BITS, KeyReleaseClient
 from strongroom.errors import DataLoss
 from strongroom.reasons import Reason
 from tests.inference.fake_tee import fake_snp_report
@@ -163,3 +164,46 @@ def test_an_answer_whose_decision_or_policy_is_malformed_is_refused(
         )
     assert info.value.reason == Reason.RELEASE_ANSWER_MALFORMED
     assert "\n" not in info.value.message and "\x1b" not in info.value.message
+
+
+class RecordingKey:
+    """A real ephemeral RSA key that keeps each plaintext its decryption returned, to look at."""
+
+    def __init__(self) -> None:
+        self.inner = rsa.generate_private_key(public_exponent=65537, key_size=EPHEMERAL_KEY_BITS)
+        self.outputs: list[bytes] = []
+
+    def public_key(self) -> rsa.RSAPublicKey:
+        return self.inner.public_key()
+
+    def decrypt(self, ciphertext: bytes, scheme: padding.AsymmetricPadding) -> bytes:
+        plaintext = self.inner.decrypt(ciphertext, scheme)
+        self.outputs.append(plaintext)
+        return plaintext
+
+
+def test_no_intact_copy_of_the_released_key_is_left_behind(
+    broker: tuple[AnsweringBroker, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The key was copied out of cryptography's bytes object into the bytearray the loader wipes,
+    # and the bytes object went back to the allocator with the data key in it.
+    made: list[RecordingKey] = []
+
+    def new_key() -> RecordingKey:
+        made.append(RecordingKey())
+        return made[-1]
+
+    monkeypatch.setattr(keyrelease, "_new_ephemeral_key", new_key)
+    servicer, address = broker
+    key = os.urandom(32)
+    servicer.answer = lambda request: answer_with(request, key)
+    with grpc.insecure_channel(address) as channel:
+        client = KeyReleaseClient(channel, FakeTee(), lambda: TLS_KEY)
+        try:
+            released = client.release("models-kek", 1, WRAPPED)
+        finally:
+            client._keygen.shutdown(wait=True, cancel_futures=True)
+    assert released.dek == key
+    outputs = [plaintext for made_key in made for plaintext in made_key.outputs]
+    assert len(outputs) == 1
+    assert outputs[0] == bytes(32)
