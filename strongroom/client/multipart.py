@@ -45,6 +45,7 @@ from strongroom.client.publish import (
     ONNX_CONTENT_TYPE,
     UPLOAD_MESSAGE_BYTES,
     Progress,
+    check_generated,
     put_model,
 )
 from strongroom.errors import FailedPrecondition, InvalidArgument, StrongroomError
@@ -255,6 +256,7 @@ def publish_parts(
         kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
         timeout=30,
     )
+    check_generated(generated)
     # As publish_model does, before the key is copied out: the key slots must name the mechanism
     # the broker wrapped with (one a header cannot carry ends the publish), never a default that
     # would make every part unwrappable once stored.

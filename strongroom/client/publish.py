@@ -21,12 +21,15 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import encrypt_stream, wipe
+from strongroom.artifact.format import DEK_SIZE
 from strongroom.client.mechanisms import header_mechanism
 from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
 from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.reasons import Reason
 
 UPLOAD_MESSAGE_BYTES = 1024 * 1024
+#: AES-KWP (RFC 5649, the only wrapping a header carries) of a 32-byte key is 40 bytes.
+WRAPPED_DATA_KEY_BYTES = DEK_SIZE + 8
 ONNX_CONTENT_TYPE = "application/vnd.onnx"
 
 Progress = Callable[[int, int], None]
@@ -78,6 +81,7 @@ def publish_model(
             kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
             timeout=30,
         )
+        check_generated(generated)
         # Before the key is copied out: a mechanism the header cannot carry ends the publish.
         mechanism = header_mechanism(generated.mechanism)
         dek = bytearray(generated.data_key)
@@ -115,6 +119,33 @@ def publish_model(
             timeout=timeout,
         )
     return Published(response.model, time.perf_counter() - started)
+
+
+def check_generated(generated: kb_pb.GenerateDataKeyResponse) -> None:
+    """Refuses a GenerateDataKey answer that no key broker sends: a body key that is not 32 bytes,
+    a wrapped key that is not the AES-KWP wrapping of one (40 bytes), or no KEK version.
+
+    Judged here, before the key is used, and as the broker's: further on, the artifact writer
+    refused some of them as an invalid argument of the publisher (an empty wrapped key, a short
+    key), and took others (a wrapped key of another size) into a model no server could load,
+    reported as published.
+    """
+    problems = []
+    if len(generated.data_key) != DEK_SIZE:
+        problems.append(f"a data key of {len(generated.data_key)} bytes (not {DEK_SIZE})")
+    if len(generated.wrapped_data_key) != WRAPPED_DATA_KEY_BYTES:
+        problems.append(
+            f"a wrapped data key of {len(generated.wrapped_data_key)} bytes "
+            f"(not {WRAPPED_DATA_KEY_BYTES})"
+        )
+    if generated.key_version < 1:
+        problems.append("no KEK version")
+    if problems:
+        raise DataLoss(
+            f"the key broker answered GenerateDataKey with {' and '.join(problems)}; nothing was "
+            "published",
+            reason=Reason.GENERATED_KEY_INVALID,
+        )
 
 
 def put_model(

@@ -1,8 +1,10 @@
-"""What the key-release client accepts from the broker: only a complete, well-formed answer.
+"""What the key-release client and the publisher accept from the broker: only complete,
+well-formed answers.
 
-The broker peer here is a real gRPC server whose servicer answers each release as the test says:
-what a broker with a bug, or a man in the middle holding a broker certificate, could send. The
-key in the answer is genuinely wrapped (RSA-OAEP) to the ephemeral key of the request.
+The broker peer here is a real gRPC server whose servicer answers each release (or data-key
+generation) as the test says: what a broker with a bug, or a man in the middle holding a broker
+certificate, could send. The key in a release answer is genuinely wrapped (RSA-OAEP) to the
+ephemeral key of the request.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,9 +21,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.artifact.manifest import ManifestLayout
 from strongroom.attesters import EvidenceBundle, TeeType
 from strongroom.client import keyrelease
 from strongroom.client.keyrelease import EPHEMERAL_KEY_BITS, KeyReleaseClient
+from strongroom.client.multipart import PartFile, publish_parts
+from strongroom.client.publish import publish_model
 from strongroom.errors import DataLoss
 from strongroom.reasons import Reason
 from tests.inference.fake_tee import fake_snp_report
@@ -47,10 +53,12 @@ class FakeTee:
 
 
 class AnsweringBroker(pb_grpc.KeyBrokerServiceServicer):
-    """A broker peer whose ReleaseKey answer is whatever ``answer`` makes of the request."""
+    """A broker peer whose ReleaseKey answer is whatever ``answer`` makes of the request, and
+    whose GenerateDataKey answer is ``generated``."""
 
     def __init__(self) -> None:
         self.answer: Answer = lambda request: answer_with(request, os.urandom(32))
+        self.generated = pb.GenerateDataKeyResponse()
 
     def GetChallenge(
         self, request: pb.GetChallengeRequest, context: grpc.ServicerContext
@@ -61,6 +69,11 @@ class AnsweringBroker(pb_grpc.KeyBrokerServiceServicer):
         self, request: pb.ReleaseKeyRequest, context: grpc.ServicerContext
     ) -> pb.ReleaseKeyResponse:
         return self.answer(request)
+
+    def GenerateDataKey(
+        self, request: pb.GenerateDataKeyRequest, context: grpc.ServicerContext
+    ) -> pb.GenerateDataKeyResponse:
+        return self.generated
 
 
 def answer_with(
@@ -207,3 +220,69 @@ def test_no_intact_copy_of_the_released_key_is_left_behind(
     outputs = [plaintext for made_key in made for plaintext in made_key.outputs]
     assert len(outputs) == 1
     assert outputs[0] == bytes(32)
+
+
+# -- the publisher: GenerateDataKey's answer -------------------------------------------------
+
+
+def _generated(**changes: object) -> pb.GenerateDataKeyResponse:
+    fields: dict[str, object] = {
+        "data_key": os.urandom(32),
+        "wrapped_data_key": os.urandom(40),
+        "key_version": 3,
+        "mechanism": pb.WRAP_MECHANISM_AES_KEY_WRAP_PAD,
+    }
+    fields.update(changes)
+    return pb.GenerateDataKeyResponse(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _generated(data_key=os.urandom(16)),
+        _generated(data_key=b""),
+        _generated(wrapped_data_key=b""),
+        _generated(wrapped_data_key=os.urandom(48)),
+        _generated(key_version=0),
+    ],
+    ids=["short-key", "no-key", "no-wrapped-key", "wrapped-key-of-another-size", "no-kek-version"],
+)
+@pytest.mark.parametrize("multipart", [False, True], ids=["one-file", "parts"])
+def test_a_publish_refuses_a_generated_key_no_broker_sends(
+    broker: tuple[AnsweringBroker, str],
+    tmp_path: Path,
+    answer: pb.GenerateDataKeyResponse,
+    multipart: bool,
+) -> None:
+    # They failed as the publisher's invalid argument (INVALID_DEK_SIZE, INVALID_WRAPPED_DEK,
+    # INVALID_KEY_VERSION), or, for a wrapped key of another size, went on to publish a model
+    # that no server can load. The store is never reached: its channel leads nowhere.
+    servicer, address = broker
+    servicer.generated = answer
+    model = tmp_path / "model.onnx"
+    model.write_bytes(os.urandom(1000))
+    with (
+        grpc.insecure_channel(address) as channel,
+        grpc.insecure_channel("127.0.0.1:9") as nowhere,
+        pytest.raises(DataLoss) as info,
+    ):
+        if multipart:
+            publish_parts(
+                [PartFile("model.onnx", model, "application/vnd.onnx")],
+                name="acme/odd",
+                version="1",
+                key_id="models-kek",
+                broker=channel,
+                store=nowhere,
+                layout=ManifestLayout.FILES,
+            )
+        else:
+            publish_model(
+                model,
+                name="acme/odd",
+                version="1",
+                key_id="models-kek",
+                broker=channel,
+                store=nowhere,
+            )
+    assert info.value.reason == Reason.GENERATED_KEY_INVALID
