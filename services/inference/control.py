@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from strongroom.api.inference.v1 import model_control_pb2 as pb
@@ -33,11 +35,14 @@ class ModelControlServicer(pb_grpc.ModelControlServiceServicer):
         name = validate_name(request.name)
         version = validate_version(request.version)
         remaining = context.time_remaining()
-        # Retry brief unavailability, but answer before the caller's own deadline.
+        # Retry brief unavailability, but answer before the caller's own deadline; and stop the
+        # load itself at that deadline: nobody waits for it any more.
         within = self._retry_seconds
+        deadline = None
         if remaining is not None:
             within = min(within, remaining - 1)
-        result = self._loader.load_with_retry(name, version, within=within)
+            deadline = time.monotonic() + remaining
+        result = self._loader.load_with_retry(name, version, within=within, deadline=deadline)
         return pb.LoadModelResponse(timings=result.timings, decision_id=result.decision_id)
 
     def UnloadModel(

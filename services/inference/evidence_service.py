@@ -85,6 +85,13 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
                 self._buckets = {k: v for k, v in self._buckets.items() if v[1] > full}
             return True
 
+    def _refund(self, caller: str) -> None:
+        """Gives back the token of a request refused before it reached the hardware."""
+        with self._lock:
+            counted = self._buckets.get(caller)
+            if counted is not None:
+                self._buckets[caller] = (min(float(self._burst), counted[0] + 1.0), counted[1])
+
     def GetEvidence(
         self, request: pb.GetEvidenceRequest, context: grpc.ServicerContext
     ) -> pb.GetEvidenceResponse:
@@ -95,7 +102,8 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
                 f"nonce must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes, got {len(nonce)}",
                 reason=Reason.NONCE_LENGTH,
             )
-        if not self._take_token(peer_identity(context)):
+        caller = peer_identity(context)
+        if not self._take_token(caller):
             raise ResourceExhausted(
                 f"more than {self._burst} attestation requests at once, or more than "
                 f"{self._rate:g} a second after that, from this caller; retry later",
@@ -104,6 +112,9 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
         spki = self._tls_key()
         report_data = self._report_data(nonce, spki)
         if not self._slots.acquire(blocking=False):
+            # The hardware was not asked: the caller keeps its token, or other callers filling the
+            # slots would spend its rate for it (and it would then be ATTESTATION_RATE_LIMITED).
+            self._refund(caller)
             raise ResourceExhausted(
                 "too many attestation requests in progress; retry shortly",
                 reason=Reason.ATTESTATION_BUSY,

@@ -25,7 +25,8 @@ it is ``DATA_LOSS`` with the artifact reader's reason, like a failed authenticat
 (store, broker, HSM or collateral briefly unreachable) with exponential back-off until a deadline;
 nothing else is retried (a denied release or a damaged artifact needs an operator). Configured
 models retry without a deadline (see the server); LoadModel retries within
-:data:`LOAD_RETRY_SECONDS` or the caller's own deadline, whichever is sooner.
+:data:`LOAD_RETRY_SECONDS` or the caller's own deadline, whichever is sooner, and the caller's
+deadline also ends the load itself (its wait for another load of the model, its download).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class ModelLoader:
         self._pins = key_pins or KeyPins()
         self._max_model_bytes = max_model_bytes
         self._store = store_grpc.ModelStoreServiceStub(store_channel)
-        self._download = grpc_source(store_channel, timeout=timeout)
+        self._store_channel = store_channel
         self._release = key_release
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         self._threads = decrypt_threads
@@ -126,19 +127,41 @@ class ModelLoader:
         with self._locks_guard:
             return self._locks.setdefault(name, threading.Lock())
 
-    def load(self, name: str, version: str) -> LoadResult:
-        """Loads ``name``/``version`` and makes it the default version; raises on failure."""
-        with (
-            self._lock(name),
-            self._tracer.start_as_current_span(
-                "strongroom.inference.load_model",
-                attributes={"model.name": name, "model.version": version},
-            ) as span,
-        ):
+    def load(self, name: str, version: str, *, deadline: float | None = None) -> LoadResult:
+        """Loads ``name``/``version`` and makes it the default version; raises on failure.
+
+        ``deadline`` (``time.monotonic()``; a LoadModel caller's) bounds the wait for another
+        load of the model and every call to the store: once it passes, the download ends, the
+        load fails and a key that arrives later is wiped, rather than the work going on for a
+        caller that is no longer there (holding a server thread, up to the load timeout).
+        """
+        lock = self._lock(name)
+        # A caller without a deadline may still send one decades away: the lock takes at most
+        # TIMEOUT_MAX.
+        wait = -1 if deadline is None else min(max(0.0, _left(deadline)), threading.TIMEOUT_MAX)
+        if not lock.acquire(timeout=wait):
+            raise Unavailable(
+                f"model {name!r} is still being loaded by an earlier request",
+                reason=Reason.MODEL_LOAD_IN_PROGRESS,
+            )
+        try:
+            return self._load_locked(name, version, self._timeout_until(deadline))
+        finally:
+            lock.release()
+
+    def _timeout_until(self, deadline: float | None) -> float:
+        """The load's timeout for the store: the configured one, or less before ``deadline``."""
+        return self._timeout if deadline is None else max(0.0, min(self._timeout, _left(deadline)))
+
+    def _load_locked(self, name: str, version: str, timeout: float) -> LoadResult:
+        with self._tracer.start_as_current_span(
+            "strongroom.inference.load_model",
+            attributes={"model.name": name, "model.version": version},
+        ) as span:
             loading = self._repository.begin_load(name, version)
             started = time.perf_counter()
             try:
-                result = self._load(name, version, loading)
+                result = self._load(name, version, loading, timeout)
             except StrongroomError as exc:
                 MODEL_LOAD_DURATION.record(
                     time.perf_counter() - started, {"model": name, "outcome": exc.reason}
@@ -171,18 +194,20 @@ class ModelLoader:
             )
             return result
 
-    def _is_multipart(self, name: str, version: str) -> bool:
+    def _is_multipart(self, name: str, version: str, timeout: float) -> bool:
         """Whether the store holds a manifest for ``name``/``version`` (its claim; the fetch
         authenticates the manifest's header before trusting anything in it)."""
         try:
             info = self._store.StatModel(
-                store_pb.StatModelRequest(name=name, version=version), timeout=self._timeout
+                store_pb.StatModelRequest(name=name, version=version), timeout=timeout
             ).model
         except grpc.RpcError as exc:
             raise remote_error("fetch", exc) from None
         return is_manifest(info.content_type)
 
-    def _load_multipart(self, name: str, version: str, loading: VersionStatus) -> LoadResult:
+    def _load_multipart(
+        self, name: str, version: str, loading: VersionStatus, timeout: float
+    ) -> LoadResult:
         timings, decision_id = load_multipart(
             self._repository,
             self._fetcher,
@@ -191,6 +216,7 @@ class ModelLoader:
             signature=self._signature,
             loading=loading,
             fetching=self._release.deferring_key_generation(),
+            timeout=timeout,
         )
         return LoadResult(timings=timings, decision_id=decision_id)
 
@@ -200,12 +226,14 @@ class ModelLoader:
         version: str,
         *,
         within: float = LOAD_RETRY_SECONDS,
+        deadline: float | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> LoadResult:
         """:meth:`load`, retried with exponential back-off while it fails with ``Unavailable``,
         for at most ``within`` seconds; then (or for any other failure) the last error is raised.
-        An unload of the version during a back-off ends the retries: ``ModelUnloaded``."""
-        deadline = time.monotonic() + within
+        An unload of the version during a back-off ends the retries: ``ModelUnloaded``.
+        ``deadline`` bounds each load (see :meth:`load`)."""
+        retry_until = time.monotonic() + within
         delay = _RETRY_FIRST_DELAY
         retrying = False
         while True:
@@ -216,9 +244,9 @@ class ModelLoader:
                 )
             retrying = True
             try:
-                return self.load(name, version)
+                return self.load(name, version, deadline=deadline)
             except Unavailable as exc:
-                left = deadline - time.monotonic()
+                left = retry_until - time.monotonic()
                 if left <= delay:
                     raise
                 log.warning(
@@ -232,11 +260,11 @@ class ModelLoader:
                 sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_DELAY)
 
-    def _load(self, name: str, version: str, loading: VersionStatus) -> LoadResult:
+    def _load(self, name: str, version: str, loading: VersionStatus, timeout: float) -> LoadResult:
         try:
-            if self._is_multipart(name, version):
-                return self._load_multipart(name, version, loading)
-            return self._load_artifact(name, version, loading)
+            if self._is_multipart(name, version, timeout):
+                return self._load_multipart(name, version, loading, timeout)
+            return self._load_artifact(name, version, loading, timeout)
         except InvalidArtifact as exc:
             # The bytes came from the store (a single artifact, or a manifest and its parts): a
             # malformed artifact here is stored data gone bad, not an invalid LoadModel request.
@@ -244,7 +272,9 @@ class ModelLoader:
                 f"the stored artifact is damaged: {exc.message}", reason=exc.reason
             ) from None
 
-    def _load_artifact(self, name: str, version: str, loading: VersionStatus) -> LoadResult:
+    def _load_artifact(
+        self, name: str, version: str, loading: VersionStatus, timeout: float
+    ) -> LoadResult:
         def check_header(header: ArtifactHeader) -> None:
             if (header.model_name, header.model_version) != (name, version):
                 raise FailedPrecondition(
@@ -269,7 +299,7 @@ class ModelLoader:
         # (which keeps one core busy), not beside the download and decryption (both cores).
         with self._release.deferring_key_generation():
             artifact = decrypt_download(
-                self._download(name, version),
+                grpc_source(self._store_channel, timeout=timeout)(name, version),
                 release,
                 check_header=check_header,
                 threads=self._threads,
@@ -299,3 +329,7 @@ class ModelLoader:
             return self._release.release(key_id, key_version, wrapped)
         except grpc.RpcError as exc:
             raise remote_error("key release", exc) from None
+
+
+def _left(deadline: float) -> float:
+    return deadline - time.monotonic()

@@ -37,11 +37,13 @@ def load_multipart(
     signature: SignaturePolicy | None = None,
     loading: VersionStatus | None = None,
     fetching: AbstractContextManager[object] | None = None,
+    timeout: float | None = None,
 ) -> tuple[dict[str, float], str]:
     """Fetches, decrypts and loads ``name``/``version``; returns (timings, release decision id).
     ``loading`` is the load's status from ``repository.begin_load`` (see ModelRepository.load);
     ``fetching``, if given, is entered for the fetch alone (the loader defers the next ephemeral
-    key's generation with it).
+    key's generation with it); ``timeout`` (seconds), if given, bounds the fetch instead of the
+    fetcher's own.
 
     Raises DataLoss for a part that is not the one the manifest names, FailedPrecondition for a
     manifest whose layout is not an ONNX model (MODEL_LAYOUT_UNSUPPORTED), or the load's error.
@@ -54,7 +56,7 @@ def load_multipart(
             reason=Reason.MODEL_SIGNATURE_MISSING,
         )
     with fetching if fetching is not None else nullcontext():
-        fetched: DecryptedModel = fetcher.fetch(name, version)
+        fetched: DecryptedModel = fetcher.fetch(name, version, timeout=timeout)
     with fetched:
         if fetched.layout is not ManifestLayout.ONNX_EXTERNAL_DATA:
             raise FailedPrecondition(

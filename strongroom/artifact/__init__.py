@@ -12,7 +12,7 @@ The format is described in ``strongroom/artifact/ARTIFACT_FORMAT.md``. Modules:
 * :mod:`~strongroom.artifact.pipeline` — a download decrypted as it arrives, key obtained alongside.
 """
 
-from strongroom.artifact._memory import wipe
+from strongroom.artifact._memory import wipe, wipe_bytes
 from strongroom.artifact.errors import ArtifactTooLarge, DecryptionFailed, InvalidArtifact
 from strongroom.artifact.format import (
     FORMAT_V1,
@@ -75,5 +75,6 @@ __all__ = [
     "read_summary",
     "summarize",
     "wipe",
+    "wipe_bytes",
     "with_key_slot",
 ]

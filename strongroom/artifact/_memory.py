@@ -114,6 +114,24 @@ def wipe(buf: bytearray | memoryview) -> None:
     ctypes.memset(buffer_address(view), 0, size)
 
 
+def wipe_bytes(obj: bytes) -> None:
+    """Overwrites the contents of a ``bytes`` object with zeros, in place.
+
+    Only for a secret that a library hands back as a new ``bytes`` object nothing else refers to
+    (OpenSSL's RSA decryption through ``cryptography``, say): copied into a ``bytearray`` that is
+    wiped later, the object itself would otherwise go back to the allocator with the secret in it.
+    ``bytes`` are immutable to Python code, so one that may be shared must never be passed here;
+    CPython's shared empty and one-byte objects are left as they are.
+    """
+    if type(obj) is not bytes:
+        raise TypeError("wipe_bytes() needs a bytes object")
+    if len(obj) < 2:
+        return
+    if _BYTES_API is None:  # pragma: no cover - not CPython
+        raise NotImplementedError("wipe_bytes needs CPython")
+    ctypes.memset(_BYTES_API[1](obj), 0, len(obj))
+
+
 # -- pre-faulting a fresh output buffer ------------------------------------------------------------
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14

@@ -322,10 +322,14 @@ class ModelFetcher:
         self._pins = key_pins or KeyPins()
         self._max = max_model_bytes
 
-    def fetch(self, name: str, version: str) -> DecryptedModel:
-        """Decrypts ``name``/``version`` (single or multi-part) into memory; see the module doc."""
+    def fetch(self, name: str, version: str, *, timeout: float | None = None) -> DecryptedModel:
+        """Decrypts ``name``/``version`` (single or multi-part) into memory; see the module doc.
+
+        ``timeout`` (seconds) bounds this fetch instead of the fetcher's own (with a channel)."""
         started = time.perf_counter()
-        source = self._source_until(time.monotonic() + self._timeout)
+        source = self._source_until(
+            time.monotonic() + (self._timeout if timeout is None else timeout)
+        )
         first = _Stream(self._decryptor())
         dek: bytearray | None = None
         release_seconds = 0.0

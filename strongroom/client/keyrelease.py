@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +42,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.artifact import wipe, wipe_bytes
+from strongroom.artifact.keybinding import KEY_SIZE
 from strongroom.attestation.binding import report_data_for
 from strongroom.attesters import Attester
 from strongroom.client.remote import peer_reason
@@ -61,6 +64,12 @@ MAX_EXCHANGES = 2
 RETRIED_REASONS = frozenset(
     {Reason.REPORT_DATA_MISMATCH, Reason.NONCE_INVALID, Reason.NONCE_EXPIRED}
 )
+#: A decision id as the broker's audit log writes them (it refuses any other).
+_DECISION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: The longest policy version the policy schema admits (``strongroom.attestation.policy``'s
+#: MAX_POLICY_VERSION_LENGTH, not imported: that module brings pydantic and every TEE's rules
+#: into the release client and the CLI for one number; a test holds the two equal).
+MAX_POLICY_VERSION_LENGTH = 256
 
 
 class _CredentialsLike(ChannelCredentials, Protocol):
@@ -343,27 +352,60 @@ class KeyReleaseClient:
                 "not offer",
                 reason=Reason.OAEP_MECHANISM_UNEXPECTED,
             )
+        _check_answer(response)
         oaep_hash = OaepHash.from_mechanism(response.mechanism)
         try:
-            dek = bytearray(
-                private.decrypt(
-                    response.wrapped_data_key,
-                    padding.OAEP(
-                        mgf=padding.MGF1(oaep_hash.algorithm),
-                        algorithm=oaep_hash.algorithm,
-                        label=None,
-                    ),
-                )
+            decrypted = private.decrypt(
+                response.wrapped_data_key,
+                padding.OAEP(
+                    mgf=padding.MGF1(oaep_hash.algorithm),
+                    algorithm=oaep_hash.algorithm,
+                    label=None,
+                ),
             )
         except ValueError:
             raise DataLoss(
                 "the released key does not decrypt with our ephemeral key",
                 reason=Reason.RELEASED_KEY_INVALID,
             ) from None
+        # cryptography returns the key as a new bytes object that only this frame holds: once
+        # copied into the bytearray the caller wipes, it is zeroed too, so no copy of the data key
+        # goes back to the allocator intact.
+        dek = bytearray(decrypted)
+        wipe_bytes(decrypted)
+        del decrypted
+        if len(dek) != KEY_SIZE:
+            # Checked here, where the broker's answer is judged: further on, the body-key
+            # derivation would refuse it as an invalid argument of whoever asked for the load.
+            size = len(dek)
+            wipe(dek)
+            raise DataLoss(
+                f"the broker released a data key of {size} bytes; a data key is {KEY_SIZE} bytes",
+                reason=Reason.RELEASED_KEY_INVALID,
+            )
         log.info(
             "data key released",
             extra={"key_id": key_id, "decision_id": response.decision_id},
         )
         return ReleasedDataKey(
             dek, response.mechanism, response.decision_id, response.policy_version
+        )
+
+
+def _check_answer(response: pb.ReleaseKeyResponse) -> None:
+    """Refuses a release answer whose decision id or policy version no broker writes (its audit
+    log's ids; 1-256 printable characters, as the policy schema requires): they go into this
+    server's log and LoadModel's answer, and from there to an operator's terminal."""
+    if not _DECISION_ID.fullmatch(response.decision_id):
+        raise DataLoss(
+            "the broker's release answer has a malformed decision id "
+            f"({len(response.decision_id)} characters)",
+            reason=Reason.RELEASE_ANSWER_MALFORMED,
+        )
+    policy = response.policy_version
+    if not policy or len(policy) > MAX_POLICY_VERSION_LENGTH or not policy.isprintable():
+        raise DataLoss(
+            "the broker's release answer has a malformed policy version "
+            f"({len(policy)} characters)",
+            reason=Reason.RELEASE_ANSWER_MALFORMED,
         )

@@ -48,17 +48,3 @@ def header_mechanism(mechanism: kb_pb.WrapMechanism.ValueType | int) -> WrapMech
             reason=Reason.UNSUPPORTED_WRAP_MECHANISM,
         )
     return header
-
-
-def require_bound(generated: kb_pb.GenerateDataKeyResponse, name: str, version: str) -> None:
-    """Raises FailedPrecondition(DATA_KEY_NOT_BOUND) unless the broker says it bound the data key
-    to ``name``/``version``: a broker that does not bind (older than artifact format 3) returns the
-    wrapped key itself, and the format-3 artifact written with it would open for no reader."""
-    bound = (generated.bound_model_name, generated.bound_model_version)
-    if bound != (name, version):
-        raise FailedPrecondition(
-            f"the key broker did not bind the data key to {name}/{version} (it names "
-            f"{'/'.join(bound) if any(bound) else 'no model'}: a broker older than artifact "
-            "format 3?); nothing was published",
-            reason=Reason.DATA_KEY_NOT_BOUND,
-        )

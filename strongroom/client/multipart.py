@@ -40,11 +40,12 @@ from strongroom.artifact.manifest import (
     part_version,
     validate_part_name,
 )
-from strongroom.client.mechanisms import header_mechanism, require_bound
+from strongroom.client.mechanisms import header_mechanism
 from strongroom.client.publish import (
     ONNX_CONTENT_TYPE,
     UPLOAD_MESSAGE_BYTES,
     Progress,
+    check_generated,
     put_model,
 )
 from strongroom.errors import FailedPrecondition, InvalidArgument, StrongroomError
@@ -255,11 +256,11 @@ def publish_parts(
         kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
         timeout=30,
     )
+    check_generated(generated, name, version)
     # As publish_model does, before the key is copied out: the key slots must name the mechanism
     # the broker wrapped with (one a header cannot carry ends the publish), never a default that
     # would make every part unwrappable once stored.
     mechanism = header_mechanism(generated.mechanism)
-    require_bound(generated, name, version)
     dek = bytearray(generated.data_key)
     try:
         common: dict[str, Any] = {

@@ -21,12 +21,15 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import encrypt_stream, wipe
-from strongroom.client.mechanisms import header_mechanism, require_bound
+from strongroom.artifact.format import DEK_SIZE
+from strongroom.client.mechanisms import header_mechanism
 from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
 from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.reasons import Reason
 
 UPLOAD_MESSAGE_BYTES = 1024 * 1024
+#: AES-KWP (RFC 5649, the only wrapping a header carries) of a 32-byte key is 40 bytes.
+WRAPPED_DATA_KEY_BYTES = DEK_SIZE + 8
 ONNX_CONTENT_TYPE = "application/vnd.onnx"
 
 Progress = Callable[[int, int], None]
@@ -78,9 +81,9 @@ def publish_model(
             kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
             timeout=30,
         )
+        check_generated(generated, name, version)
         # Before the key is copied out: a mechanism the header cannot carry ends the publish.
         mechanism = header_mechanism(generated.mechanism)
-        require_bound(generated, name, version)
         dek = bytearray(generated.data_key)
         try:
             artifact = encrypt_stream(
@@ -116,6 +119,44 @@ def publish_model(
             timeout=timeout,
         )
     return Published(response.model, time.perf_counter() - started)
+
+
+def check_generated(generated: kb_pb.GenerateDataKeyResponse, name: str, version: str) -> None:
+    """Refuses a GenerateDataKey answer that no key broker sends: a body key that is not 32 bytes,
+    a wrapped key that is not the AES-KWP wrapping of one (40 bytes), or no KEK version
+    (DATA_LOSS GENERATED_KEY_INVALID); and a key not bound to ``name``/``version``
+    (FAILED_PRECONDITION DATA_KEY_NOT_BOUND: a broker older than artifact format 3 returns the
+    wrapped key itself, and the format-3 artifact written with it would open for no reader).
+
+    Judged here, before the key is used, and as the broker's: further on, the artifact writer
+    refused some of them as an invalid argument of the publisher (an empty wrapped key, a short
+    key), and took others (a wrapped key of another size) into a model no server could load,
+    reported as published.
+    """
+    problems = []
+    if len(generated.data_key) != DEK_SIZE:
+        problems.append(f"a data key of {len(generated.data_key)} bytes (not {DEK_SIZE})")
+    if len(generated.wrapped_data_key) != WRAPPED_DATA_KEY_BYTES:
+        problems.append(
+            f"a wrapped data key of {len(generated.wrapped_data_key)} bytes "
+            f"(not {WRAPPED_DATA_KEY_BYTES})"
+        )
+    if generated.key_version < 1:
+        problems.append("no KEK version")
+    if problems:
+        raise DataLoss(
+            f"the key broker answered GenerateDataKey with {' and '.join(problems)}; nothing was "
+            "published",
+            reason=Reason.GENERATED_KEY_INVALID,
+        )
+    bound = (generated.bound_model_name, generated.bound_model_version)
+    if bound != (name, version):
+        raise FailedPrecondition(
+            f"the key broker did not bind the data key to {name}/{version} (it names "
+            f"{'/'.join(bound) if any(bound) else 'no model'}: a broker older than artifact "
+            "format 3?); nothing was published",
+            reason=Reason.DATA_KEY_NOT_BOUND,
+        )
 
 
 def put_model(

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from strongroom.artifact import BufferedStreamDecryptor, DecryptionFailed
-from strongroom.artifact._memory import discard, output_bytes
+from strongroom.artifact._memory import discard, output_bytes, wipe_bytes
 
 CHUNK = 16384
 
@@ -23,6 +23,18 @@ def test_output_bytes_is_writable_storage_of_a_bytes_object() -> None:
     assert isinstance(obj, bytes) and obj == b"\xab" * 4096
     view[0] = 1
     assert obj[0] == 1
+
+
+def test_wipe_bytes_zeroes_a_new_bytes_object_and_never_a_shared_one() -> None:
+    secret = bytes(range(1, 33))
+    wipe_bytes(secret)
+    assert secret == bytes(32)
+    one = bytes([7])  # CPython's shared one-byte object: left alone
+    wipe_bytes(one)
+    assert bytes([7]) == b"\x07" and one == b"\x07"
+    wipe_bytes(b"")
+    with pytest.raises(TypeError):
+        wipe_bytes(bytearray(b"ab"))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("size", [0, 1, CHUNK - 33, CHUNK, 5 * CHUNK + 7, 3 << 20])

@@ -37,8 +37,9 @@ from strongroom.dev.devstack.model import train
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import DataLoss
+from strongroom.inference.control import ModelControlServicer
 from strongroom.inference.loader import ModelLoader
-from strongroom.inference.models import ModelRepository
+from strongroom.inference.models import ModelRepository, ModelState
 from strongroom.pki import WorkloadIdentity
 from tests.keybroker.helpers import bound, data_key_request
 
@@ -216,11 +217,13 @@ def _blob(env: Env, version: str) -> Path:
     return next(p for p in (storage.root / "blobs").rglob(record.artifact_sha256))
 
 
-def _loader(env: Env, store: grpc.Channel | None = None) -> ModelLoader:
+def _loader(
+    env: Env, store: grpc.Channel | None = None, repository: ModelRepository | None = None
+) -> ModelLoader:
     inference = env.stack.identity("inference")
     channels = PinnedChannels(inference, env.stack.address("keybroker"), server_name="keybroker")
     return ModelLoader(
-        ModelRepository(),
+        repository or ModelRepository(),
         store_channel=store or env.stack.channel(inference, "modelstore"),
         key_release=KeyReleaseClient(channels, env.attester()),
     )
@@ -285,6 +288,60 @@ def test_artifact_damaged_in_transit_is_data_loss(
             _loader(env, channel).load("faulty", version)
     finally:
         server.stop(0)
+
+
+class _StallingStore(_ServeBytes):
+    """A store peer that sends all but the last bytes of an artifact (its header among them: the
+    load asks for the key) and then nothing until the test lets it go on; it notes when its
+    caller ends."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.go_on = threading.Event()
+        self.call_ended = threading.Event()
+
+    def GetModel(
+        self, request: store_pb.GetModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[store_pb.GetModelResponse]:
+        context.add_callback(self.call_ended.set)
+        yield store_pb.GetModelResponse(data=self.data[:-64])
+        self.go_on.wait(60)
+        yield store_pb.GetModelResponse(data=self.data[-64:])
+
+
+def test_a_load_model_call_that_ends_stops_its_download(env: Env, model_path: Path) -> None:
+    """LoadModel's deadline bounded only its retries: past it, the load went on for nobody (up to
+    the 600 s load timeout, a server thread held), and loaded the model once the store answered."""
+    _publish(env, model_path, "stalled")
+    store = _StallingStore(_blob(env, "stalled").read_bytes())  # type: ignore[abstract]
+    servers = [grpc.server(futures.ThreadPoolExecutor(max_workers=4)) for _ in range(2)]
+    store_grpc.add_ModelStoreServiceServicer_to_server(store, servers[0])
+    store_port = servers[0].add_insecure_port("127.0.0.1:0")
+    repository = ModelRepository()
+    with grpc.insecure_channel(f"127.0.0.1:{store_port}") as store_channel:
+        loader = _loader(env, store_channel, repository)
+        control_grpc.add_ModelControlServiceServicer_to_server(
+            ModelControlServicer(loader, repository), servers[1]
+        )
+        control_port = servers[1].add_insecure_port("127.0.0.1:0")
+        for server in servers:
+            server.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{control_port}") as channel:
+                control = control_grpc.ModelControlServiceStub(channel)
+                with pytest.raises(grpc.RpcError) as info:
+                    control.LoadModel(
+                        control_pb.LoadModelRequest(name="faulty", version="stalled"), timeout=3
+                    )
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+            assert store.call_ended.wait(30)  # the download ended with the call
+        finally:
+            store.go_on.set()
+            for server in servers:
+                server.stop(None).wait(30)
+        assert loader._lock("faulty").acquire(timeout=30)  # the load's thread is done with it
+        # The abandoned load failed; it did not go on to serve the model.
+        assert repository.version_state("faulty", "stalled") is ModelState.FAILED
 
 
 def test_load_model_rpc_keeps_the_stores_status_and_reason(env: Env, model_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -21,6 +22,7 @@ import sys
 import tarfile
 import threading
 import time
+import tracemalloc
 import types
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -48,7 +50,7 @@ from strongroom.artifact.manifest import MANIFEST_CONTENT_TYPE, ManifestLayout
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.cli import models as cli_models
 from strongroom.cli.main import main as cli_main
-from strongroom.client.fetch import ModelFetcher
+from strongroom.client.fetch import DecryptedModel, DecryptedPart, ModelFetcher
 from strongroom.client.keyrelease import EPHEMERAL_KEY_BITS, KeyReleaseClient
 from strongroom.client.multipart import files_parts, onnx_parts, publish_parts
 from strongroom.dev.devstack import DevStack
@@ -564,6 +566,47 @@ def test_cli_publishes_a_directory_and_fetches_a_part_into_a_pipe(
         members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
     assert members == {n: (path.parent / n).read_bytes() for n in members}
     assert list(members) == ["model.onnx", "w1", "b1", "w2", "b2"]
+
+
+class _HashingSink:
+    """Standard output that keeps nothing: a digest of what it is given."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.digest.update(data)
+        return len(data)
+
+
+def test_cli_fetch_writes_each_part_straight_from_its_decrypted_buffer() -> None:
+    """The tar stream is written from the parts' own buffers: ``io.BytesIO`` over a part's view
+    copied the whole part (and tarfile's writer copied it again, block by block) into memory that
+    is freed without being wiped."""
+    size = 8 << 20
+    data = [os.urandom(size), os.urandom(1000)]
+    model = DecryptedModel(
+        NAME,
+        "1",
+        tuple(DecryptedPart(i, f"p{i}", "application/octet-stream", d) for i, d in enumerate(data)),
+        None,
+        "",
+    )
+    written = io.BytesIO()
+    cli_models._write_tar(model, written)  # type: ignore[arg-type]
+    with tarfile.open(fileobj=io.BytesIO(written.getvalue()), mode="r|") as tar:
+        members = [(m.name, m.mode, tar.extractfile(m).read()) for m in tar]  # type: ignore[union-attr]
+    assert members == [("p0", 0o400, data[0]), ("p1", 0o400, data[1])]
+    del written, members
+
+    sink = _HashingSink()
+    tracemalloc.start()
+    try:
+        cli_models._write_tar(model, sink)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < size // 16
 
 
 def test_cli_fetch_refuses_to_write_plaintext_into_a_file(

@@ -160,6 +160,33 @@ def test_concurrent_requests_beyond_the_limit_are_refused(start_server: Starter)
     assert running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(16))).report_data
 
 
+def test_a_request_refused_as_busy_costs_the_caller_no_token(start_server: Starter) -> None:
+    """ATTESTATION_BUSY was answered after the caller's token was taken: while other callers
+    filled the slots, each retry spent the caller's rate on reports it never got, and it was then
+    ATTESTATION_RATE_LIMITED once the hardware was free."""
+    attester = _BlockingAttester()
+    servicer = InferenceAttestationServicer(
+        attester, spki, max_concurrent=1, per_caller_rate=0.001, per_caller_burst=2
+    )
+    running = start_server(ModelRepository(), evidence=servicer)
+    other = grpc.insecure_channel(running.address)  # another caller holds the one slot
+    try:
+        first = pb_grpc.InferenceAttestationServiceStub(other).GetEvidence.future(
+            pb.GetEvidenceRequest(nonce=bytes(16))
+        )
+        assert attester.entered.wait(10)
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as info:
+                running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(16)))
+            assert reason_of(info.value) == "ATTESTATION_BUSY"
+        attester.release.set()
+        assert first.result(timeout=10).report_data
+    finally:
+        other.close()
+    for _ in range(2):  # its whole burst is still there
+        assert running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(16))).report_data
+
+
 def test_one_caller_cannot_keep_the_hardware_busy(
     start_server: Starter, simulated: SimulatedAttester
 ) -> None:
