@@ -96,6 +96,11 @@ def name_rule_matches(rule: str, name: str) -> bool:
     return name.startswith(rule) if rule.endswith("/") else name == rule
 
 
+def is_sha256_hex(digest: object) -> bool:
+    """Whether ``digest`` is 64 lower-case hex digits (a SHA-256 as Strongroom writes it)."""
+    return isinstance(digest, str) and bool(_SHA256_HEX.fullmatch(digest))
+
+
 def validate_sha256_hex(digest: str) -> str:
     """Returns ``digest`` if it is 64 lower-case hex digits, else InvalidArgument(INVALID_SHA256)."""
     if not _SHA256_HEX.fullmatch(digest):

@@ -8,17 +8,31 @@ from typing import ClassVar, Literal
 
 from strongroom.artifact import DEFAULT_DECRYPT_THREADS
 from strongroom.client.keypins import KeyPins
-from strongroom.identifiers import KEY_ID_PATTERN, is_name_rule
+from strongroom.identifiers import KEY_ID_PATTERN, is_name_rule, is_sha256_hex
 from strongroom.inference.oip import DEFAULT_MAX_TENSOR_BYTES, InferLimits
 from strongroom.runtime.config import ConfigError, EnvLocks, expected_server_id
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model version to load at start-up."""
+    """A model version to load at start-up; ``header_sha256`` (hex, optional) pins its artifact
+    (see ``ModelLoader.load``)."""
 
     name: str
     version: str
+    header_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.header_sha256 is not None and not is_sha256_hex(self.header_sha256):
+            raise ConfigError(
+                f"inference.models: header_sha256 of {self.name}/{self.version} must be 64 "
+                "lower-case hexadecimal digits"
+            )
+
+    @property
+    def pin(self) -> bytes | None:
+        """``header_sha256`` as bytes (None: not pinned)."""
+        return None if self.header_sha256 is None else bytes.fromhex(self.header_sha256)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,12 @@ from strongroom.artifact import DEFAULT_DECRYPT_THREADS, ArtifactHeader, decrypt
 from strongroom.artifact.errors import InvalidArtifact
 from strongroom.artifact.keybinding import body_key
 from strongroom.artifact.manifest import is_manifest
-from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS, ModelFetcher, grpc_source
+from strongroom.client.fetch import (
+    DEFAULT_PARALLEL_PARTS,
+    ModelFetcher,
+    check_header_pin,
+    grpc_source,
+)
 from strongroom.client.keypins import KeyPins
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.client.remote import remote_error
@@ -127,8 +132,20 @@ class ModelLoader:
         with self._locks_guard:
             return self._locks.setdefault(name, threading.Lock())
 
-    def load(self, name: str, version: str, *, deadline: float | None = None) -> LoadResult:
+    def load(
+        self,
+        name: str,
+        version: str,
+        *,
+        deadline: float | None = None,
+        header_sha256: bytes | None = None,
+    ) -> LoadResult:
         """Loads ``name``/``version`` and makes it the default version; raises on failure.
+
+        ``header_sha256`` pins the artifact: the SHA-256 of its authenticated header (a multi-part
+        model's manifest's), as ``model publish`` prints it. The header binds the creation time,
+        so another artifact of the same name and version (an older one, deleted and published
+        again) is refused (FAILED_PRECONDITION HEADER_PIN_MISMATCH) before its key is requested.
 
         ``deadline`` (``time.monotonic()``; a LoadModel caller's) bounds the wait for another
         load of the model and every call to the store: once it passes, the download ends, the
@@ -145,7 +162,7 @@ class ModelLoader:
                 reason=Reason.MODEL_LOAD_IN_PROGRESS,
             )
         try:
-            return self._load_locked(name, version, self._timeout_until(deadline))
+            return self._load_locked(name, version, self._timeout_until(deadline), header_sha256)
         finally:
             lock.release()
 
@@ -153,7 +170,9 @@ class ModelLoader:
         """The load's timeout for the store: the configured one, or less before ``deadline``."""
         return self._timeout if deadline is None else max(0.0, min(self._timeout, _left(deadline)))
 
-    def _load_locked(self, name: str, version: str, timeout: float) -> LoadResult:
+    def _load_locked(
+        self, name: str, version: str, timeout: float, pin: bytes | None
+    ) -> LoadResult:
         with self._tracer.start_as_current_span(
             "strongroom.inference.load_model",
             attributes={"model.name": name, "model.version": version},
@@ -161,7 +180,7 @@ class ModelLoader:
             loading = self._repository.begin_load(name, version)
             started = time.perf_counter()
             try:
-                result = self._load(name, version, loading, timeout)
+                result = self._load(name, version, loading, timeout, pin)
             except StrongroomError as exc:
                 MODEL_LOAD_DURATION.record(
                     time.perf_counter() - started, {"model": name, "outcome": exc.reason}
@@ -206,7 +225,7 @@ class ModelLoader:
         return is_manifest(info.content_type)
 
     def _load_multipart(
-        self, name: str, version: str, loading: VersionStatus, timeout: float
+        self, name: str, version: str, loading: VersionStatus, timeout: float, pin: bytes | None
     ) -> LoadResult:
         timings, decision_id = load_multipart(
             self._repository,
@@ -217,6 +236,7 @@ class ModelLoader:
             loading=loading,
             fetching=self._release.deferring_key_generation(),
             timeout=timeout,
+            header_sha256=pin,
         )
         return LoadResult(timings=timings, decision_id=decision_id)
 
@@ -227,12 +247,13 @@ class ModelLoader:
         *,
         within: float = LOAD_RETRY_SECONDS,
         deadline: float | None = None,
+        header_sha256: bytes | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> LoadResult:
         """:meth:`load`, retried with exponential back-off while it fails with ``Unavailable``,
         for at most ``within`` seconds; then (or for any other failure) the last error is raised.
         An unload of the version during a back-off ends the retries: ``ModelUnloaded``.
-        ``deadline`` bounds each load (see :meth:`load`)."""
+        ``deadline`` bounds each load and ``header_sha256`` pins its artifact (see :meth:`load`)."""
         retry_until = time.monotonic() + within
         delay = _RETRY_FIRST_DELAY
         retrying = False
@@ -244,7 +265,7 @@ class ModelLoader:
                 )
             retrying = True
             try:
-                return self.load(name, version, deadline=deadline)
+                return self.load(name, version, deadline=deadline, header_sha256=header_sha256)
             except Unavailable as exc:
                 left = retry_until - time.monotonic()
                 if left <= delay:
@@ -260,11 +281,13 @@ class ModelLoader:
                 sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_DELAY)
 
-    def _load(self, name: str, version: str, loading: VersionStatus, timeout: float) -> LoadResult:
+    def _load(
+        self, name: str, version: str, loading: VersionStatus, timeout: float, pin: bytes | None
+    ) -> LoadResult:
         try:
             if self._is_multipart(name, version, timeout):
-                return self._load_multipart(name, version, loading, timeout)
-            return self._load_artifact(name, version, loading, timeout)
+                return self._load_multipart(name, version, loading, timeout, pin)
+            return self._load_artifact(name, version, loading, timeout, pin)
         except InvalidArtifact as exc:
             # The bytes came from the store (a single artifact, or a manifest and its parts): a
             # malformed artifact here is stored data gone bad, not an invalid LoadModel request.
@@ -273,7 +296,7 @@ class ModelLoader:
             ) from None
 
     def _load_artifact(
-        self, name: str, version: str, loading: VersionStatus, timeout: float
+        self, name: str, version: str, loading: VersionStatus, timeout: float, pin: bytes | None
     ) -> LoadResult:
         def check_header(header: ArtifactHeader) -> None:
             if (header.model_name, header.model_version) != (name, version):
@@ -283,6 +306,7 @@ class ModelLoader:
                     reason=Reason.ARTIFACT_MISMATCH,
                 )
             self._pins.check(name, version, header.key_id)
+            check_header_pin(header, pin)
 
         def release(header: ArtifactHeader) -> ReleasedDataKey:
             released = self._release_key(header.key_id, header.key_version, header.wrapped_dek)

@@ -38,12 +38,13 @@ def load_multipart(
     loading: VersionStatus | None = None,
     fetching: AbstractContextManager[object] | None = None,
     timeout: float | None = None,
+    header_sha256: bytes | None = None,
 ) -> tuple[dict[str, float], str]:
     """Fetches, decrypts and loads ``name``/``version``; returns (timings, release decision id).
     ``loading`` is the load's status from ``repository.begin_load`` (see ModelRepository.load);
     ``fetching``, if given, is entered for the fetch alone (the loader defers the next ephemeral
     key's generation with it); ``timeout`` (seconds), if given, bounds the fetch instead of the
-    fetcher's own.
+    fetcher's own; ``header_sha256`` pins the manifest (see ModelFetcher.fetch).
 
     Raises DataLoss for a part that is not the one the manifest names, FailedPrecondition for a
     manifest whose layout is not an ONNX model (MODEL_LAYOUT_UNSUPPORTED), or the load's error.
@@ -56,7 +57,9 @@ def load_multipart(
             reason=Reason.MODEL_SIGNATURE_MISSING,
         )
     with fetching if fetching is not None else nullcontext():
-        fetched: DecryptedModel = fetcher.fetch(name, version, timeout=timeout)
+        fetched: DecryptedModel = fetcher.fetch(
+            name, version, timeout=timeout, header_sha256=header_sha256
+        )
     with fetched:
         if fetched.layout is not ManifestLayout.ONNX_EXTERNAL_DATA:
             raise FailedPrecondition(

@@ -138,7 +138,7 @@ class InferenceServer:
                         )
                         continue
                     try:
-                        self.loader.load(ref.name, ref.version)
+                        self.loader.load(ref.name, ref.version, header_sha256=ref.pin)
                     except Unavailable as exc:
                         log.warning(
                             "model %s/%s: %s; retrying in %.1fs", ref.name, ref.version, exc, delay

@@ -30,6 +30,7 @@ returned. Errors are :mod:`strongroom.errors` exceptions with a reason code.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -58,6 +59,7 @@ from strongroom.artifact.manifest import (
     PartMissing,
     check_part_digest,
     check_part_header,
+    header_digest,
     is_manifest,
     parse_manifest,
 )
@@ -272,6 +274,20 @@ class _Stream:
         return bytes(self._tail)
 
 
+def check_header_pin(header: ArtifactHeader, pin: bytes | None) -> None:
+    """FailedPrecondition(HEADER_PIN_MISMATCH) unless ``header``'s digest (SHA-256 of its
+    authenticated bytes, :func:`~strongroom.artifact.manifest.header_digest`) is ``pin`` (None:
+    not pinned). The header binds the creation time, so a pin refuses another artifact of the same
+    name and version, such as an older one the store serves again after a re-publish."""
+    if pin is None or hmac.compare_digest(header_digest(header), pin):
+        return
+    raise FailedPrecondition(
+        f"the store served an artifact of {header.model_name}/{header.model_version} whose header "
+        f"SHA-256 is {header_digest(header).hex()}, not the pinned {pin.hex()}",
+        reason=Reason.HEADER_PIN_MISMATCH,
+    )
+
+
 class ModelFetcher:
     """Fetches, attests for, releases and decrypts model versions into memory.
 
@@ -322,10 +338,19 @@ class ModelFetcher:
         self._pins = key_pins or KeyPins()
         self._max = max_model_bytes
 
-    def fetch(self, name: str, version: str, *, timeout: float | None = None) -> DecryptedModel:
+    def fetch(
+        self,
+        name: str,
+        version: str,
+        *,
+        timeout: float | None = None,
+        header_sha256: bytes | None = None,
+    ) -> DecryptedModel:
         """Decrypts ``name``/``version`` (single or multi-part) into memory; see the module doc.
 
-        ``timeout`` (seconds) bounds this fetch instead of the fetcher's own (with a channel)."""
+        ``timeout`` (seconds) bounds this fetch instead of the fetcher's own (with a channel).
+        ``header_sha256`` pins the artifact (a multi-part model's manifest): see
+        :func:`check_header_pin`."""
         started = time.perf_counter()
         source = self._source_until(
             time.monotonic() + (self._timeout if timeout is None else timeout)
@@ -341,6 +366,7 @@ class ModelFetcher:
                 header = first.decryptor.header
                 if header is not None and dek is None:
                     self._check_identity(header, name, version)
+                    check_header_pin(header, header_sha256)
                     t0 = time.perf_counter()
                     released = self._release(header.key_id, header.key_version, header.wrapped_dek)
                     try:

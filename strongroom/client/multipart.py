@@ -79,11 +79,13 @@ class PartFile:
 
 @dataclass(frozen=True)
 class PublishedParts:
-    """What the store recorded for the manifest and for each part, and the total time."""
+    """What the store recorded for the manifest and for each part, the total time, and the
+    SHA-256 (hex) of the manifest's authenticated header (what a reader pins the version with)."""
 
     manifest: store_pb.ModelInfo
     parts: tuple[store_pb.ModelInfo, ...]
     seconds: float
+    header_sha256: str
 
 
 def _unreadable(path: Path, exc: OSError) -> FailedPrecondition:
@@ -382,7 +384,12 @@ def publish_parts(
         "multi-part model published",
         extra={"model": name, "version": version, "parts": len(parts), "bytes": total},
     )
-    return PublishedParts(response.model, tuple(stored), time.perf_counter() - started)
+    return PublishedParts(
+        response.model,
+        tuple(stored),
+        time.perf_counter() - started,
+        header_digest(manifest_header).hex(),
+    )
 
 
 def _delete_best_effort(

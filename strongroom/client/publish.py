@@ -20,8 +20,9 @@ from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
-from strongroom.artifact import encrypt_stream, wipe
+from strongroom.artifact import ArtifactHeader, encrypt_stream, parse_header, wipe
 from strongroom.artifact.format import DEK_SIZE
+from strongroom.artifact.manifest import header_digest
 from strongroom.client.mechanisms import header_mechanism
 from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
 from strongroom.errors import DataLoss, FailedPrecondition
@@ -38,10 +39,12 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Published:
-    """What the store recorded, and how long the upload took."""
+    """What the store recorded, how long the upload took, and the SHA-256 (hex) of the artifact's
+    authenticated header: what a reader pins the version with (``LoadModelRequest.header_sha256``)."""
 
     model: store_pb.ModelInfo
     seconds: float
+    header_sha256: str
 
 
 def publish_model(
@@ -104,8 +107,12 @@ def publish_model(
         finally:
             wipe(dek)  # the encryptor holds only its derived key from here on
 
+        head: list[ArtifactHeader] = []
+
         def messages() -> Iterator[store_pb.PutModelRequest]:
             for piece in artifact:
+                if not head:  # the first piece is everything before the first chunk
+                    head.append(parse_header(piece))
                 if progress is not None:
                     progress(source.tell(), total)
                 for start in range(0, len(piece), UPLOAD_MESSAGE_BYTES):
@@ -118,7 +125,7 @@ def publish_model(
             version=version,
             timeout=timeout,
         )
-    return Published(response.model, time.perf_counter() - started)
+    return Published(response.model, time.perf_counter() - started, header_digest(head[0]).hex())
 
 
 def check_generated(generated: kb_pb.GenerateDataKeyResponse, name: str, version: str) -> None:

@@ -68,6 +68,7 @@ def test_operator_workflow(
     assert code == 0, out
     published = json.loads(out)
     assert published["key_version"] == 2 and len(published["artifact_sha256"]) == 64
+    assert len(published["header_sha256"]) == 64  # what LoadModel pins the version with
     # Publishing the same name/version again is refused; the first stays.
     code, _, err = run(
         capsys,

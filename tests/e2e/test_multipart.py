@@ -786,22 +786,24 @@ def _model_as(env: Env, layout: str, folder_name: str, seed: int) -> Path:
 
 def _publish_as(
     env: Env, layout: str, path: Path, name: str, version: str, broker: grpc.Channel
-) -> None:
+) -> str:
+    """Publishes ``path`` as ``name``/``version``; returns its header SHA-256 (hex)."""
     from strongroom.client.publish import publish_model
 
     store = env.stack.channel(env.publisher, "modelstore")
     if layout == "single":
-        publish_model(path, name=name, version=version, key_id=KEY, broker=broker, store=store)
-    else:
-        publish_parts(
-            onnx_parts(path),
-            name=name,
-            version=version,
-            key_id=KEY,
-            broker=broker,
-            store=store,
-            layout=ManifestLayout.ONNX_EXTERNAL_DATA,
-        )
+        return publish_model(
+            path, name=name, version=version, key_id=KEY, broker=broker, store=store
+        ).header_sha256
+    return publish_parts(
+        onnx_parts(path),
+        name=name,
+        version=version,
+        key_id=KEY,
+        broker=broker,
+        store=store,
+        layout=ManifestLayout.ONNX_EXTERNAL_DATA,
+    ).header_sha256
 
 
 class _KeyForAnotherModel(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
@@ -1000,3 +1002,49 @@ def test_a_data_key_the_broker_did_not_bind_to_the_model_is_not_published(
     stub = store_grpc.ModelStoreServiceStub(env.stack.channel(env.publisher, "modelstore"))
     listed = stub.ListModels(store_pb.ListModelsRequest(name_prefix=NAME), timeout=30).models
     assert not [m for m in listed if m.version.startswith(version)]
+
+
+def test_a_pinned_load_refuses_a_republished_version_it_was_not_pinned_to(env: Env) -> None:
+    """A version deleted and published again has two valid artifacts, and the store chooses
+    which it serves; the header digest (it binds the creation time) tells them apart."""
+    name = "replay/single"
+    path = _model_as(env, "single", "replay-single", seed=16)
+    broker = env.stack.channel(env.publisher, "keybroker")
+    old = _publish_as(env, "single", path, name, "1", broker)
+    admin_store = store_grpc.ModelStoreServiceStub(env.stack.channel(env.admin, "modelstore"))
+    admin_store.DeleteModel(store_pb.DeleteModelRequest(name=name, version="1"), timeout=30)
+    new = _publish_as(env, "single", path, name, "1", broker)
+    assert old != new
+    control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+    with pytest.raises(grpc.RpcError) as info:
+        control.LoadModel(control_pb.LoadModelRequest(name=name, version="1", header_sha256=old))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+    assert (info.value.details() or "").startswith("HEADER_PIN_MISMATCH: ")
+    with pytest.raises(grpc.RpcError) as malformed:
+        control.LoadModel(control_pb.LoadModelRequest(name=name, version="1", header_sha256="ab"))
+    assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    control.LoadModel(control_pb.LoadModelRequest(name=name, version="1", header_sha256=new))
+
+
+def test_a_pinned_multi_part_fetch_refuses_another_manifest(env: Env) -> None:
+    name = "replay/parts"
+    broker = env.stack.channel(env.publisher, "keybroker")
+    pins = {
+        v: _publish_as(
+            env, "parts", _model_as(env, "parts", f"replay-{v}", seed=17), name, v, broker
+        )
+        for v in ("1", "2")
+    }
+    with pytest.raises(StrongroomError) as info:
+        env.fetcher().fetch(name, "2", header_sha256=bytes.fromhex(pins["1"]))
+    assert (info.value.status_name, info.value.reason) == (
+        "FAILED_PRECONDITION",
+        "HEADER_PIN_MISMATCH",
+    )
+    env.fetcher().fetch(name, "2", header_sha256=bytes.fromhex(pins["2"])).close()
+    control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+    with pytest.raises(grpc.RpcError) as refused:
+        control.LoadModel(
+            control_pb.LoadModelRequest(name=name, version="2", header_sha256=pins["1"])
+        )
+    assert (refused.value.details() or "").startswith("HEADER_PIN_MISMATCH: ")

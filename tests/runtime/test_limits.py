@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from strongroom.inference.config import InferenceConfig, ModelKeys
+from strongroom.inference.config import InferenceConfig, ModelKeys, ModelRef
 from strongroom.inference.oip import InferLimits
 from strongroom.keybroker.policy_bounds import MAX_POLICY_BYTES
 from strongroom.keybroker.service import MESSAGE_LIMITS as BROKER
@@ -124,3 +124,11 @@ def test_malformed_model_keys_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         ModelKeys(key_id, names)
+
+
+def test_a_configured_model_may_pin_its_header() -> None:
+    assert ModelRef("a/m", "1").pin is None
+    assert ModelRef("a/m", "1", "ab" * 32).pin == bytes.fromhex("ab" * 32)
+    for bad in ("AB" * 32, "ab", "zz" * 32):
+        with pytest.raises(ConfigError, match="header_sha256 of a/m/1"):
+            ModelRef("a/m", "1", bad)
