@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,10 +141,10 @@ def test_a_configured_model_whose_load_crashes_does_not_stop_the_ones_after_it(
     try:
         real_load = inference.loader.load
 
-        def load(name: str, version: str) -> object:
+        def load(name: str, version: str, **kwargs: Any) -> object:
             if name == "crashes":
                 raise RuntimeError("a bug in one model's load")
-            return real_load(name, version)
+            return real_load(name, version, **kwargs)
 
         monkeypatch.setattr(inference.loader, "load", load)
         inference.load_configured_models(wait=True)
