@@ -23,7 +23,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
-from strongroom.artifact import encrypt_stream, read_summary, wipe
+from strongroom.artifact import read_summary
 from strongroom.attestation import Evidence, verify_evidence
 from strongroom.attestation.binding import check_report_data, client_report_data_for
 from strongroom.attestation.collateral_cache import CollateralCache
@@ -39,6 +39,7 @@ from strongroom.dev.demo import (
 )
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import TrainedModel, train
+from strongroom.dev.devstack.publishing import encrypted_pieces
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
@@ -235,21 +236,7 @@ def _substitute(
         kb_pb.GenerateDataKeyRequest(key_id=KEY_ID, model_name=MODEL, model_version="3"),
         timeout=30,
     )
-    dek = bytearray(key.data_key)
-    with model.path.open("rb") as source:
-        pieces = list(
-            encrypt_stream(
-                source,
-                dek,
-                model_name=MODEL,
-                model_version="4",
-                content_type="application/vnd.onnx",
-                key_id=KEY_ID,
-                key_version=key.key_version,
-                wrapped_dek=key.wrapped_data_key,
-            )
-        )
-    wipe(dek)
+    pieces = encrypted_pieces(model.path, MODEL, "4", KEY_ID, key)
     store.PutModel(iter(store_pb.PutModelRequest(data=p) for p in pieces), timeout=30)
     say.info(f"stored {MODEL}/4, written with the data key the broker generated for {MODEL}/3")
     why = _expect_failure(

@@ -8,9 +8,9 @@ from pathlib import Path
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
-from strongroom.artifact import encrypt_stream, wipe
 from strongroom.artifact.format import FORMAT_VERSION
 from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.publishing import encrypted_pieces
 
 
 def put_encrypted(
@@ -26,21 +26,6 @@ def put_encrypted(
     """Encrypts ``path`` under the data key ``key`` (or ``dek``, which it wipes) and stores it as
     ``name`` version 1 with ``key``'s wrapped key in its slot, as a publisher holding them would."""
     publisher = stack.identity("publisher")
-    dek = bytearray(key.data_key) if dek is None else dek
-    with path.open("rb") as source:
-        pieces = list(
-            encrypt_stream(
-                source,
-                dek,
-                model_name=name,
-                model_version="1",
-                content_type="application/vnd.onnx",
-                key_id=key_id,
-                key_version=key.key_version,
-                wrapped_dek=key.wrapped_data_key,
-                format_version=format_version,
-            )
-        )
-    wipe(dek)
+    pieces = encrypted_pieces(path, name, "1", key_id, key, format_version=format_version, dek=dek)
     store = store_grpc.ModelStoreServiceStub(stack.channel(publisher, "modelstore"))
     return store.PutModel(iter(store_pb.PutModelRequest(data=p) for p in pieces), timeout=30).model
