@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from datetime import UTC, datetime
 
 import pytest
 
@@ -235,15 +236,7 @@ def test_the_header_digest_covers_the_context_not_the_slot_or_the_salt() -> None
     # re-wrapped (other slot) or re-encrypted under another key with the same header fields keeps
     # its digest: check_part_header passes, and the body's commitment under the manifest's data
     # key is what refuses a part written under any other key.
-    when = build_header(
-        model_name="acme/big",
-        model_version="1",
-        content_type="application/octet-stream",
-        key_id="kek",
-        key_version=1,
-        wrapped_dek=WRAPPED,
-        plaintext_size=5,
-    ).created_at
+    when = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)  # one creation time for both
 
     def part(wrapped: bytes, fmt: int) -> ArtifactHeader:
         return build_header(
