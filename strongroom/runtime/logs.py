@@ -47,8 +47,16 @@ def _current_trace_id() -> str | None:
     return f"{ctx.trace_id:032x}" if ctx.is_valid else None
 
 
+# Libraries that log credentials at DEBUG: botocore writes each request's Authorization header
+# (the S3 access key id and the request's signature), its string to sign and, with temporary
+# credentials, the session token; urllib3 and s3transfer log the requests around it. They stay
+# at INFO whatever the service's level, so DEBUG can be turned on in production without leaking.
+QUIET_LIBRARIES = ("boto3", "botocore", "s3transfer", "urllib3")
+
+
 def configure_logging(config: LoggingConfig, service: str) -> None:
-    """Sends the root logger to stderr in the configured format and level."""
+    """Sends the root logger to stderr in the configured format and level (the libraries in
+    :data:`QUIET_LIBRARIES` never below INFO)."""
     handler = logging.StreamHandler(sys.stderr)
     if config.format == "json":
         handler.setFormatter(JsonFormatter(service))
@@ -59,3 +67,6 @@ def configure_logging(config: LoggingConfig, service: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
+    quiet = max(logging.INFO, root.level)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(quiet)
