@@ -10,6 +10,8 @@ from typing import Any
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from strongroom.cli.main import build_parser
 from strongroom.inference.config import InferenceConfig
@@ -447,6 +449,68 @@ def test_hsm_recycling_is_an_operator_value(helm: str, tmp_path: Path) -> None:
     _, section = load_service_config(path, "keybroker", KeybrokerConfig, environ={})
     assert isinstance(section, KeybrokerConfig)
     assert section.hsm_recycle_after_operations == 0
+
+
+def test_inference_trust_pins_are_operator_values(helm: str, tmp_path: Path) -> None:
+    """Header pins, model keys and model signing reach the inference configuration from Helm
+    values, under the names the service accepts (``tenant/`` names, ``+build`` versions)."""
+    public_pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "inference": {
+                    "models": [
+                        {
+                            "name": "tenant-a/fraud",
+                            "version": "1.4.0+b7",
+                            "header_sha256": "ab" * 32,
+                        }
+                    ],
+                    "modelKeys": [{"keyId": "tenant-a-kek", "modelNames": ["tenant-a/", "m"]}],
+                    "modelSigning": {"publicKey": public_pem, "requireSignature": True},
+                }
+            }
+        )
+    )
+    docs = render(helm, (DEPLOY / "helm" / "values-production.yaml", values))
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.31.0", strict=True)
+    path = tmp_path / "inference.yaml"
+    path.write_text(_configs(docs)["inference"])
+    _, section = load_service_config(path, "inference", InferenceConfig, environ={})
+    assert isinstance(section, InferenceConfig)
+    (model,) = section.models
+    assert (model.name, model.version, model.pin) == (
+        "tenant-a/fraud",
+        "1.4.0+b7",
+        bytes.fromhex("ab" * 32),
+    )
+    assert [(m.key_id, m.model_names) for m in section.model_keys] == [
+        ("tenant-a-kek", ("tenant-a/", "m"))
+    ]
+    assert section.require_model_signature is True
+    assert section.model_signing_public_key == Path("/etc/strongroom/model-signing-key.pem")
+    (cm,) = [
+        c
+        for c in kind(docs, "ConfigMap")
+        if "config.yaml" in c["data"]
+        and c["metadata"]["labels"]["app.kubernetes.io/component"] == "inference"
+    ]
+    assert cm["data"]["model-signing-key.pem"] == public_pem
+    (dep,) = [d for d in kind(docs, "Deployment") if component(d) == "inference"]
+    (main,) = [c for w, c in containers(dep) if w == "main"]
+    assert {
+        "name": "config",
+        "mountPath": "/etc/strongroom/model-signing-key.pem",
+        "subPath": "model-signing-key.pem",
+        "readOnly": True,
+    } in main["volumeMounts"]
 
 
 @pytest.mark.parametrize(
