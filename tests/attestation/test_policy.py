@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from strongroom.attestation.errors import (
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.reasons import Reason
+from tests.conftest import REPO
 
 CALLER = "spiffe://strongroom.test/inference"
 RD = hashlib.sha512(b"rd").digest()
@@ -824,3 +826,74 @@ def test_a_publisher_outside_the_trust_domain_is_refused_where_deployed() -> Non
         loaded.check_deployment(trust_domain="strongroom.test", production=False)
     assert info.value.reason == "POLICY_FOREIGN_TRUST_DOMAIN"
     assert "publishers" in info.value.message
+
+
+SINGLE_SOCKET, CXL_ALLOW, ALIAS_CHECK_COMPLETE, PLATFORM_SMT = 1 << 20, 1 << 21, 1 << 5, 1 << 0
+
+
+def test_snp_guest_policy_and_platform_flags_can_be_required_and_forbidden(
+    snp, sim_trust, now
+) -> None:  # type: ignore[no-untyped-def]
+    def claims(guest: int = 0, platform: int = PLATFORM_SMT):  # type: ignore[no-untyped-def]
+        return snp_claims(snp, sim_trust, now, policy=0x30000 | guest, platform_info=platform)
+
+    single = policy(sev_snp__required_guest_policy_flags=["single_socket"])
+    deny(Reason.GUEST_POLICY_FLAG_MISSING, single, claims())
+    single.evaluate(claims(SINGLE_SOCKET), CALLER)
+
+    no_cxl = policy(sev_snp__forbidden_guest_policy_flags=["cxl_allow"])
+    deny(Reason.GUEST_POLICY_FLAG_FORBIDDEN, no_cxl, claims(CXL_ALLOW))
+    no_cxl.evaluate(claims(), CALLER)
+
+    badram = policy(sev_snp__required_platform_flags=["alias_check_complete"])
+    deny(Reason.PLATFORM_FLAG_MISSING, badram, claims())
+    badram.evaluate(claims(platform=PLATFORM_SMT | ALIAS_CHECK_COMPLETE), CALLER)
+
+    no_smt = policy(sev_snp__forbidden_platform_flags=["smt_enabled"])
+    deny(Reason.PLATFORM_FLAG_FORBIDDEN, no_smt, claims())
+    no_smt.evaluate(claims(platform=ALIAS_CHECK_COMPLETE), CALLER)
+
+    # Unstated, the flags judge nothing: policies written before these keys keep their meaning.
+    policy().evaluate(claims(SINGLE_SOCKET | CXL_ALLOW, PLATFORM_SMT), CALLER)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        # debug, SMT and the migration agent have keys of their own; bit 17 is the verifier's.
+        ({"required_guest_policy_flags": ["debug"]}, Reason.POLICY_BAD_VALUE),
+        ({"forbidden_guest_policy_flags": ["reserved_1"]}, Reason.POLICY_BAD_VALUE),
+        ({"required_platform_flags": ["alias_check"]}, Reason.POLICY_BAD_VALUE),
+        ({"required_guest_policy_flags": []}, Reason.POLICY_EMPTY_ALLOW_LIST),
+        ({"forbidden_platform_flags": "smt_enabled"}, Reason.POLICY_BAD_TYPE),
+        (
+            {
+                "required_guest_policy_flags": ["single_socket", "cxl_allow"],
+                "forbidden_guest_policy_flags": ["cxl_allow"],
+            },
+            Reason.POLICY_BAD_VALUE,
+        ),
+        (
+            {
+                "required_platform_flags": ["tsme_enabled"],
+                "forbidden_platform_flags": ["tsme_enabled"],
+            },
+            Reason.POLICY_BAD_VALUE,
+        ),
+    ],
+)
+def test_snp_flag_rules_are_checked_when_the_policy_loads(
+    overrides: dict[str, object], reason: str
+) -> None:
+    prefixed: dict[str, Any] = {f"sev_snp__{k}": v for k, v in overrides.items()}
+    with pytest.raises(PolicyInvalid) as err:
+        policy(**prefixed)
+    assert err.value.reason == reason, str(err.value)
+
+
+def test_the_documented_example_policy_loads() -> None:
+    """POLICY.md's example is what operators copy: it must be a policy the broker accepts."""
+    doc = (REPO / "services" / "keybroker" / "POLICY.md").read_text()
+    (example,) = re.findall(r"## Example\n\n```yaml\n(.*?)```", doc, re.DOTALL)
+    loaded = ReleasePolicy.load(example)
+    assert loaded.version == "2026-03-01.1"

@@ -6,13 +6,19 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 
-from strongroom.attestation.abi.snp import PRODUCTS, TcbVersion
+from strongroom.attestation.abi.snp import PRODUCTS, PlatformInfo, SnpPolicy, TcbVersion
 from strongroom.attestation.claims import SnpClaims, VerifiedClaims
 from strongroom.attestation.errors import PolicyViolation
 from strongroom.attestation.rules import schema
 from strongroom.reasons import Reason
 
 SNP_SIGNING_KEYS = ("VCEK", "VLEK")
+# Guest-policy flags a policy may require or forbid by name. Debug, SMT and the migration agent
+# have keys of their own (allow_debug, allow_smt, allow_migrate_ma): one way to say each thing.
+# Bit 17 must be 1 and is the verifier's to check.
+_OWN_KEYS = frozenset({"debug", "smt", "migrate_ma", "reserved_1"})
+GUEST_POLICY_FLAGS = tuple(n for n in SnpPolicy(0).flags() if n not in _OWN_KEYS)
+PLATFORM_FLAGS = tuple(PlatformInfo(0).flags())
 ANY_TCB = "any"
 SECTION = "sev_snp"
 
@@ -81,6 +87,22 @@ def _check_tcb(
             )
 
 
+def _check_flags(
+    flags: dict[str, bool],
+    what: str,
+    required: frozenset[str] | None,
+    forbidden: frozenset[str] | None,
+    reasons: tuple[str, str],
+) -> None:
+    """Raises the first required flag clear, else the first forbidden flag set (by name)."""
+    missing = sorted(n for n in required or () if not flags[n])
+    if missing:
+        raise _deny(f"{what} does not set {', '.join(missing)}", reasons[0])
+    present = sorted(n for n in forbidden or () if flags[n])
+    if present:
+        raise _deny(f"{what} sets {', '.join(present)}", reasons[1])
+
+
 class SnpRules(schema.Section):
     """Rules for SEV-SNP evidence (the ``sev_snp`` section; see POLICY.md for each key)."""
 
@@ -104,6 +126,18 @@ class SnpRules(schema.Section):
     # minimum keeps what that firmware could leak even after a live update raises reported_tcb.
     min_launch_tcb: TcbMinimum | None = None
     host_data: schema.OptionalHex32 = None
+    # Guest policy: what the guest owner made the firmware enforce for the VM's whole life (a bit
+    # firmware does not know reads 0, so requiring it refuses older firmware: fail closed).
+    required_guest_policy_flags: Annotated[
+        frozenset[str] | None, schema.one_of(GUEST_POLICY_FLAGS)
+    ] = None
+    forbidden_guest_policy_flags: Annotated[
+        frozenset[str] | None, schema.one_of(GUEST_POLICY_FLAGS)
+    ] = None
+    # PLATFORM_INFO: the host's state when the report was made (alias_check_complete: the BadRAM
+    # check of the memory configuration, AMD-SB-3015).
+    required_platform_flags: Annotated[frozenset[str] | None, schema.one_of(PLATFORM_FLAGS)] = None
+    forbidden_platform_flags: Annotated[frozenset[str] | None, schema.one_of(PLATFORM_FLAGS)] = None
     allow_simulated: schema.Bool = False
 
     @field_validator("min_guest_svn")
@@ -115,6 +149,18 @@ class SnpRules(schema.Section):
                 Reason.POLICY_MISSING_KEY,
                 "needs id_key_digests or author_key_digests: the guest SVN is what the ID block "
                 "says, and whoever launches the VM can sign an ID block with a key of its own",
+            )
+        return value
+
+    @field_validator("forbidden_guest_policy_flags", "forbidden_platform_flags")
+    @classmethod
+    def _not_both(cls, value: frozenset[str] | None, info: ValidationInfo) -> frozenset[str] | None:
+        """A flag both required and forbidden would refuse every report: a policy error."""
+        required = info.data.get(str(info.field_name).replace("forbidden", "required")) or set()
+        both = sorted((value or set()) & required)
+        if both:
+            raise schema.invalid(
+                Reason.POLICY_BAD_VALUE, f"{both} are required too: no report could pass"
             )
         return value
 
@@ -142,6 +188,20 @@ class SnpRules(schema.Section):
             raise _deny("guest policy allows SMT", Reason.SMT_FORBIDDEN)
         if c.policy.migrate_ma and not self.allow_migrate_ma:
             raise _deny("guest policy allows a migration agent", Reason.MIGRATE_MA_FORBIDDEN)
+        _check_flags(
+            c.policy.flags(),
+            "guest policy",
+            self.required_guest_policy_flags,
+            self.forbidden_guest_policy_flags,
+            (Reason.GUEST_POLICY_FLAG_MISSING, Reason.GUEST_POLICY_FLAG_FORBIDDEN),
+        )
+        _check_flags(
+            c.platform_info.flags(),
+            "platform info",
+            self.required_platform_flags,
+            self.forbidden_platform_flags,
+            (Reason.PLATFORM_FLAG_MISSING, Reason.PLATFORM_FLAG_FORBIDDEN),
+        )
         if c.signing_key not in self.signing_keys:
             raise _deny(
                 f"{c.signing_key}-signed reports are not allowed", Reason.SIGNING_KEY_NOT_ALLOWED
