@@ -634,8 +634,10 @@ class SimulatedTdx:
         days: int = 30,
         evaluation_number: int = 17,
         issued: dt.datetime | None = None,
+        advisory_ids: tuple[str, ...] = (),
     ) -> bytes:
-        """A signed TCB info whose first level matches this platform with ``status``."""
+        """A signed TCB info whose first level matches this platform with ``status`` (and lists
+        ``advisory_ids``, as Intel's levels below UpToDate do)."""
         now = now or dt.datetime.now(_UTC)
         body = {
             "id": "TDX",
@@ -659,7 +661,8 @@ class SimulatedTdx:
                     tdx_components,
                     status,
                     "2024-03-13T00:00:00Z",
-                ),
+                )
+                | ({"advisoryIDs": list(advisory_ids)} if advisory_ids else {}),
                 _level((0,) * 16, 0, (0,) * 16, "OutOfDate", "2018-01-04T00:00:00Z"),
             ],
         }

@@ -897,3 +897,43 @@ def test_the_documented_example_policy_loads() -> None:
     (example,) = re.findall(r"## Example\n\n```yaml\n(.*?)```", doc, re.DOTALL)
     loaded = ReleasePolicy.load(example)
     assert loaded.version == "2026-03-01.1"
+
+
+def test_tdx_advisories_outside_the_accepted_list_are_refused(authority, sim_trust, now) -> None:  # type: ignore[no-untyped-def]
+    tdx = authority.tdx()
+
+    def claims(*advisories: str):  # type: ignore[no-untyped-def]
+        source = StaticCollateralSource(
+            tcb_infos=(tdx.tcb_info(now=now, status="SWHardeningNeeded", advisory_ids=advisories),),
+            qe_identity=tdx.qe_identity(now=now),
+            signing_chain=authority.tcb_signing_chain_pem(),
+            crl_list=tuple(authority.crl(i, now=now) for i in ("intel_root", "pck_ca")),
+        )
+        evidence = Evidence(TeeType.TDX, tdx.quote(RD, mrtd=MRTD))
+        return verify_evidence(evidence, trust=sim_trust, now=now, collateral=source)
+
+    hardening: dict[str, Any] = {"tdx__accepted_tcb_statuses": ["UpToDate", "SWHardeningNeeded"]}
+    reviewed = policy(**hardening, tdx__accepted_advisory_ids=["INTEL-SA-00615"])
+    reviewed.evaluate(claims("INTEL-SA-00615"), CALLER)
+    deny(Reason.ADVISORY_NOT_ACCEPTED, reviewed, claims("INTEL-SA-00615", "INTEL-SA-00828"))
+    # Without the list, the status alone decides (policies written before it keep their meaning).
+    policy(**hardening).evaluate(claims("INTEL-SA-00828"), CALLER)
+    assert claims("INTEL-SA-00828").advisory_ids == ("INTEL-SA-00828",)
+
+
+@pytest.mark.parametrize(
+    ("ids", "reason"),
+    [
+        ([], Reason.POLICY_EMPTY_ALLOW_LIST),
+        (["INTEL-SA-00615", "CVE-2023-1234"], Reason.POLICY_BAD_VALUE),
+        (["intel-sa-00615"], Reason.POLICY_BAD_VALUE),
+        ([615], Reason.POLICY_BAD_VALUE),
+        ("INTEL-SA-00615", Reason.POLICY_BAD_TYPE),
+    ],
+)
+def test_tdx_accepted_advisory_ids_are_checked_when_the_policy_loads(
+    ids: object, reason: str
+) -> None:
+    with pytest.raises(PolicyInvalid) as err:
+        policy(tdx__accepted_advisory_ids=ids)
+    assert err.value.reason == reason, str(err.value)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
+
+from pydantic import BeforeValidator
 
 from strongroom.attestation.abi import tdx as abi
 from strongroom.attestation.claims import TdxClaims, VerifiedClaims
@@ -22,6 +25,18 @@ ACCEPTABLE_TDX_STATUSES = (
     "TdRelaunchAdvisedConfigurationNeeded",
 )
 SECTION = "tdx"
+# Intel's advisory ids as TCB info lists them (INTEL-SA-00615, INTEL-DOC-...).
+_ADVISORY_ID = re.compile(r"\AINTEL-[A-Z]{2,8}-[0-9]{1,8}\Z")
+
+
+def _advisory_ids(value: Any) -> frozenset[str]:
+    items = schema.allow_list(value)
+    bad = [i for i in items if not isinstance(i, str) or not _ADVISORY_ID.match(i)]
+    if bad:
+        raise schema.invalid(
+            Reason.POLICY_BAD_VALUE, f"{bad[0]!r} is not an Intel advisory id (INTEL-SA-00615)"
+        )
+    return frozenset(items)
 
 
 def _deny(message: str, reason: str) -> PolicyViolation:
@@ -46,6 +61,9 @@ class TdxRules(schema.Section):
     accepted_tcb_statuses: Annotated[frozenset[str], schema.one_of(ACCEPTABLE_TDX_STATUSES)] = (
         frozenset({"UpToDate"})
     )
+    # Statuses below UpToDate come with the advisories that explain them: a fleet that reviewed
+    # some accepts those and refuses a platform whose level names any other.
+    accepted_advisory_ids: Annotated[frozenset[str] | None, BeforeValidator(_advisory_ids)] = None
     allow_debug: schema.Bool = False
     fmspcs: schema.OptionalHex6 = None
     allow_simulated: schema.Bool = False
@@ -98,6 +116,14 @@ class TdxRules(schema.Section):
             raise _deny(
                 f"TCB status {c.tcb_status} is not accepted", Reason.TCB_STATUS_NOT_ACCEPTED
             )
+        if self.accepted_advisory_ids is not None:
+            unreviewed = [a for a in c.advisory_ids if a not in self.accepted_advisory_ids]
+            if unreviewed:
+                raise _deny(
+                    f"TCB status {c.tcb_status} names advisories the policy does not accept: "
+                    f"{', '.join(unreviewed)}",
+                    Reason.ADVISORY_NOT_ACCEPTED,
+                )
         return c.mrtd
 
     def _check_launch_settings(self, c: TdxClaims) -> None:
