@@ -15,7 +15,7 @@ from strongroom.reasons import Reason
 SNP_SIGNING_KEYS = ("VCEK", "VLEK")
 # Guest-policy flags a policy may require or forbid by name. Debug, SMT and the migration agent
 # have keys of their own (allow_debug, allow_smt, allow_migrate_ma): one way to say each thing.
-# Bit 17 must be 1 and is the verifier's to check.
+# Bit 17 (reserved_1) is fixed at 1 by the ABI: firmware refuses to launch a guest without it.
 _OWN_KEYS = frozenset({"debug", "smt", "migrate_ma", "reserved_1"})
 GUEST_POLICY_FLAGS = tuple(n for n in SnpPolicy(0).flags() if n not in _OWN_KEYS)
 PLATFORM_FLAGS = tuple(PlatformInfo(0).flags())
