@@ -38,7 +38,7 @@ from strongroom.identifiers import (
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
 from strongroom.modelstore._blobs import BlobStore, TempBlob, digest_fd, io_error
 from strongroom.modelstore._index import Index
-from strongroom.modelstore._upload import Uploads, utcnow
+from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.errors import (
     KeySlotRejected,
     ModelNotFound,
@@ -255,8 +255,11 @@ class FilesystemStorage(Closing):
         chunks: Iterable[bytes],
         validator: StructureValidator,
         claims: UploadClaims | None = None,
+        *,
+        authorize: Authorize | None = None,
     ) -> ModelRecord:
-        """Stores the artifact made of ``chunks``; name and version come from ``validator``.
+        """Stores the artifact made of ``chunks``; name and version come from ``validator``, and
+        ``authorize`` (if given) is asked about them as soon as the header names them.
 
         Raises InvalidArgument (malformed artifact, EmptyUpload, UploadMismatch for a size or digest
         that disagrees with ``claims`` or the header), ModelExists, ArtifactTooLarge, StorageFull,
@@ -267,7 +270,7 @@ class FilesystemStorage(Closing):
             temp = self._blobs.new_temp()
         except OSError as exc:
             raise io_error(exc, "creating an upload file") from None
-        with self._uploads.begin(validator, claims) as upload:
+        with self._uploads.begin(validator, claims, authorize) as upload:
             try:
                 for chunk in upload.accept(chunks):
                     temp.write(chunk)

@@ -65,7 +65,7 @@ from strongroom.identifiers import (
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
 from strongroom.modelstore._index import from_micros, to_micros
-from strongroom.modelstore._upload import Uploads, utcnow
+from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.config import StorageConfig
 from strongroom.modelstore.errors import (
     KeySlotRejected,
@@ -693,8 +693,11 @@ class S3Storage(Closing):
         chunks: Iterable[bytes],
         validator: StructureValidator,
         claims: UploadClaims | None = None,
+        *,
+        authorize: Authorize | None = None,
     ) -> ModelRecord:
-        """Stores the artifact streamed as ``chunks`` (see the module docstring for the protocol).
+        """Stores the artifact streamed as ``chunks`` (see the module docstring for the protocol);
+        ``authorize`` (if given) is asked about its name and version once the header names them.
 
         Raises InvalidArgument subclasses, ModelExists, ArtifactTooLarge or StorageUnavailable
         (with an ``S3_*`` reason); on any failure nothing becomes visible.
@@ -702,7 +705,7 @@ class S3Storage(Closing):
         self._check_open()
         blob = self._new_blob()
         writer = _BlobWriter(self._client, self.bucket, self._full(blob), self.part_size)
-        with self._uploads.begin(validator, claims) as upload:
+        with self._uploads.begin(validator, claims, authorize) as upload:
             try:
                 for chunk in upload.accept(chunks):
                     writer.write(chunk)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from strongroom.artifact import StructureValidator
-from strongroom.errors import FailedPrecondition, InvalidArgument
+from strongroom.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from strongroom.modelstore._pagetoken import decode as decode_page_token
 from strongroom.modelstore.errors import (
     ArtifactTooLarge,
@@ -35,6 +35,7 @@ from strongroom.modelstore.errors import (
     StoredDataCorrupt,
     UploadMismatch,
 )
+from strongroom.modelstore.publishers import PublisherScopes
 from strongroom.modelstore.storage import (
     FilesystemStorage,
     IntegrityProblem,
@@ -250,6 +251,33 @@ def test_reservation_is_released_when_an_upload_fails(storage: AnyStorage) -> No
     with pytest.raises(UploadMismatch):
         storage.put(chunked(art), StructureValidator(), UploadClaims(sha256="0" * 64))
     assert storage.put(chunked(art), StructureValidator()).name == "m"
+
+
+def test_an_upload_its_authoriser_refuses_stops_at_the_header_and_stores_nothing(
+    storage: AnyStorage,
+) -> None:
+    asked: list[tuple[str, str]] = []
+    consumed = 0
+
+    def only_team_a(name: str, version: str) -> None:
+        asked.append((name, version))
+        PublisherScopes({"spiffe://t.test/p": ("team-a/",)}).check("spiffe://t.test/p", name)
+
+    def chunks(name: str) -> Iterator[bytes]:
+        nonlocal consumed
+        for c in chunked(make_artifact(name, "1", body(1_000_000)), 1024):
+            consumed += 1
+            yield c
+
+    with pytest.raises(PermissionDenied) as info:
+        storage.put(chunks("team-b/m"), StructureValidator(), authorize=only_team_a)
+    assert info.value.reason == "MODEL_NAME_NOT_ALLOWED"
+    # Asked with the header's name, once, before the body: the version was never reserved.
+    assert asked == [("team-b/m", "1")] and consumed == 1
+    assert storage.records() == ()
+    assert_clean(storage)
+    assert storage.put(chunks("team-b/m"), StructureValidator()).name == "team-b/m"
+    assert storage.put(chunks("team-a/m"), StructureValidator(), authorize=only_team_a).name
 
 
 @pytest.mark.parametrize(
