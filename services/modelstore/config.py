@@ -95,8 +95,9 @@ class StorageConfig:
     max_attempts: int = 3
     """Attempts per S3 request (botocore's standard retry mode: 5xx, throttling, timeouts)."""
     orphan_grace_seconds: int = 86_400
-    """Age after which an unreferenced blob or an unfinished multipart upload is removed by the
-    start-up sweep; must exceed the longest upload, since another replica may be running it."""
+    """Age after which the start-up sweep aborts an unfinished multipart upload and reports an
+    unreferenced blob (kept, never deleted); must exceed the longest upload, since another replica
+    may be running it."""
 
     def __post_init__(self) -> None:
         if self.backend != "s3":
