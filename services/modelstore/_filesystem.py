@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
-from strongroom.artifact import StructureValidator
+from strongroom.artifact import InvalidArtifact, StructureValidator, parse_header
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition
 from strongroom.identifiers import (
@@ -89,6 +89,8 @@ class SweepReport:
     """Digests of quarantined blobs moved back because an index row names them again."""
     quarantine_files: int = 0
     """Files in ``quarantine/`` after the sweep (each start logs them until they are dealt with)."""
+    formats_recorded: int = 0
+    """Rows stored before the index had an artifact format, given their blob's header format."""
 
 
 class FileRangeReader(Closing):
@@ -227,6 +229,7 @@ class FilesystemStorage(Closing):
         strays = temp_strays + blob_strays
         records, unreadable = self._index.readable_records()
         restored: list[str] = []
+        formats: list[tuple[ModelRecord, int]] = []
         missing: list[tuple[str, str]] = []
         damaged: list[tuple[str, str]] = []
         for r in records:
@@ -245,6 +248,9 @@ class FilesystemStorage(Closing):
                 missing.append((r.name, r.version))
             elif size != r.artifact_size:
                 damaged.append((r.name, r.version))
+            elif r.artifact_format == 0 and (found := self._header_format(r)) is not None:
+                formats.append((r, found))
+        self._index.set_artifact_formats(formats)
         quarantined, left = self._quarantine(present - self._index.referenced_digests())
         in_quarantine = self._blobs.quarantined()
         report = SweepReport(
@@ -257,6 +263,7 @@ class FilesystemStorage(Closing):
             orphan_blobs_left=tuple(left),
             restored_from_quarantine=tuple(restored),
             quarantine_files=len(in_quarantine),
+            formats_recorded=len(formats),
         )
         if temps:
             log.info("swept interrupted uploads", extra={"temp_files": temps})
@@ -276,6 +283,29 @@ class FilesystemStorage(Closing):
         for path in blob_strays:
             log.warning("unexpected file in the blob tree: %s", path)
         return report
+
+    def _header_format(self, record: ModelRecord) -> int | None:
+        """The format of ``record``'s artifact, read from its stored header (for a row from before
+        the index had the column); None, logged, if the header does not read."""
+        try:
+            fd = self._blobs.open_read(record.artifact_sha256)
+            try:
+                head = os.pread(fd, record.header_size, 0)
+            finally:
+                os.close(fd)
+            header = parse_header(head)
+        except (OSError, InvalidArtifact) as exc:
+            log.warning(
+                "cannot read the artifact format of %s %s from its header: %s",
+                record.name,
+                record.version,
+                exc,
+            )
+            return None
+        if header.header_size != record.header_size:
+            log.warning("the header of %s %s disagrees with its row", record.name, record.version)
+            return None
+        return header.format_version
 
     def _quarantine(self, orphans: set[str]) -> tuple[list[str], list[str]]:
         """Moves each unreferenced blob to the quarantine; returns the digests moved and those

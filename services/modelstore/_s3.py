@@ -60,7 +60,7 @@ import botocore.exceptions
 from botocore.config import Config
 
 from strongroom import jsonparse
-from strongroom.artifact import StructureValidator
+from strongroom.artifact import InvalidArtifact, StructureValidator, parse_header
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.identifiers import (
@@ -125,6 +125,8 @@ class S3SweepReport:
     unreadable_records: tuple[tuple[str, str], ...] = ()
     """(name, version) of index records that do not parse (reads of them fail with DATA_LOSS
     INDEX_CORRUPT); an orphan blob may be one of theirs."""
+    formats_recorded: int = 0
+    """Records written before they carried an artifact format, given their blob's header format."""
 
 
 def make_client(config: StorageConfig, *, single_secrets: bool = False) -> S3Client:
@@ -310,10 +312,20 @@ def _record_json(record: ModelRecord, blob: str) -> bytes:
             "header_size": record.header_size,
             "created_at_us": to_micros(record.created_at),
             "stored_at_us": to_micros(record.stored_at),
+            # Added without a new record format: a store older than it ignores the key, and a
+            # record written before it (or by such a store) reads as 0, not known.
+            "artifact_format": record.artifact_format,
         },
         sort_keys=True,
         separators=(",", ":"),
     ).encode()
+
+
+def _artifact_format(value: object) -> int:
+    """A record's ``artifact_format``: a small non-negative integer (0: not known)."""
+    if type(value) is not int or not 0 <= value < 2**32:
+        raise ValueError("artifact_format is not a format version")
+    return value
 
 
 def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, str]:
@@ -334,6 +346,7 @@ def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, st
             header_size=int(value["header_size"]),
             created_at=from_micros(int(value["created_at_us"])),
             stored_at=from_micros(int(value["stored_at_us"])),
+            artifact_format=_artifact_format(value.get("artifact_format", 0)),
         )
         blob = str(value["blob"])
         if (record.name, record.version) != (name, version) or not blob.startswith(BLOB_DIR):
@@ -1221,12 +1234,56 @@ class S3Storage(Closing):
             for b, r in referenced.items()
             if b in blobs and blobs[b] != r.artifact_size
         )
+        formats = sum(
+            self._record_format(e)
+            for e in entries
+            if e.record.artifact_format == 0 and blobs.get(e.blob) == e.record.artifact_size
+        )
         report = S3SweepReport(
-            aborted, tuple(orphans), tuple(missing), tuple(damaged), tuple(unreadable)
+            aborted,
+            tuple(orphans),
+            tuple(missing),
+            tuple(damaged),
+            tuple(unreadable),
+            formats_recorded=formats,
         )
         if missing or damaged or unreadable:
             log.error("storage sweep found damaged models: %s", report)
         return report
+
+    def _record_format(self, entry: _Indexed) -> bool:
+        """Rewrites a record written before records carried ``artifact_format`` with the format
+        its blob's header names (If-Match on the record read, so a record changed meanwhile, by a
+        re-wrap or another replica's sweep, is left alone); False, logged, if that fails."""
+        record = entry.record
+        where = f"{record.name} {record.version}"
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket,
+                Key=self._full(entry.blob),
+                Range=f"bytes=0-{record.header_size - 1}",
+            )
+            body = response["Body"]
+            try:
+                head = body.read(record.header_size)
+            finally:
+                body.close()
+            header = parse_header(head)
+            if header.header_size != record.header_size:
+                raise ValueError("the header disagrees with its record")
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=self._index_key(record.name, record.version),
+                Body=_record_json(
+                    dataclasses.replace(record, artifact_format=header.format_version), entry.blob
+                ),
+                ContentType="application/json",
+                IfMatch=entry.etag,
+            )
+        except (*_S3_FAILURES, InvalidArtifact, ValueError) as exc:
+            log.warning("cannot record the artifact format of %s: %r", where, exc)
+            return False
+        return True
 
     # Last in the class: below this definition, ``list`` in an annotation would mean this method.
     def list(

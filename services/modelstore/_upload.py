@@ -162,6 +162,7 @@ class Upload(Closing):
             header_size=summary.header_size,
             created_at=aware(summary.created_at),
             stored_at=aware(stored_at),
+            artifact_format=summary.format_version,
         )
 
     def _check_growth(self, size: int) -> None:

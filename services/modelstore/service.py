@@ -118,6 +118,7 @@ def model_info(record: ModelRecord) -> pb.ModelInfo:
         key_version=record.key_version,
         created_at=created,
         stored_at=stored,
+        artifact_format=record.artifact_format,
     )
 
 

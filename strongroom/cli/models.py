@@ -88,9 +88,18 @@ def register(sub: Any) -> None:
     )
     fetch.set_defaults(func=_fetch)
 
-    ls = actions.add_parser("ls", help="list stored models")
+    ls = actions.add_parser(
+        "ls",
+        help="list stored models: name, version, size, SHA-256, key id/version, artifact format",
+    )
     add_client_arguments(ls)
     ls.add_argument("prefix", nargs="?", default="")
+    ls.add_argument(
+        "--unbound",
+        action="store_true",
+        help="only the models to re-publish: artifact format 1 or 2, whose data key is not bound "
+        "to the model (and any whose format the store does not know)",
+    )
     ls.set_defaults(func=_ls)
 
     inspect = actions.add_parser("inspect", help="show an artifact's header (no key needed)")
@@ -279,12 +288,29 @@ def _fetch(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
     return 0
 
 
+def artifact_format_column(artifact_format: int) -> str:
+    """``model ls``'s format column: ``format 3``; formats before 3 marked ``unbound`` (their data
+    key opens any model: readers refuse them until they are re-published); 0 ``format unknown``
+    (a store older than the field, or a record it could not fill in)."""
+    if artifact_format == 0:
+        return "format unknown"
+    if artifact_format < FORMAT_V3:
+        return f"format {artifact_format} unbound"
+    return f"format {artifact_format}"
+
+
 def _ls(args: argparse.Namespace) -> int:
     with Client.from_args(args) as client:
         stub = pb_grpc.ModelStoreServiceStub(client.channel("modelstore"))
         for m in iter_models(stub, name_prefix=args.prefix, timeout=TIMEOUT):
+            # Unknown counts as unbound: the filter is for finding what to re-publish.
+            if args.unbound and m.artifact_format >= FORMAT_V3:
+                continue
             fields = (m.name, m.version, m.artifact_size, m.artifact_sha256, m.key_id)
-            print("\t".join(map(printable, fields)) + f"/v{m.key_version}")
+            print(
+                "\t".join(map(printable, fields))
+                + f"/v{m.key_version}\t{artifact_format_column(m.artifact_format)}"
+            )
         return 0
 
 

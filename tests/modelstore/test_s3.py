@@ -155,6 +155,23 @@ def test_a_lost_index_object_loses_no_blob(
     assert read_all(reopened, "m", "2") == lost_art
 
 
+def test_records_from_before_the_format_field_get_it_from_their_header_at_start(
+    s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    store = replica(s3_server.endpoint, s3_bucket)
+    store.put([make_artifact("legacy", "1", b"a", format_version=2)], StructureValidator())
+    key = "p/index/legacy!1"
+    record = json.loads(store._client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    assert record.pop("artifact_format") == 2
+    store._client.put_object(Bucket=s3_bucket, Key=key, Body=json.dumps(record).encode())
+    assert store.stat("legacy", "1").artifact_format == 0  # as an older store wrote it
+    reopened = replica(s3_server.endpoint, s3_bucket)
+    assert reopened.last_sweep is not None and reopened.last_sweep.formats_recorded == 1
+    assert reopened.stat("legacy", "1").artifact_format == 2
+    again = replica(s3_server.endpoint, s3_bucket)
+    assert again.last_sweep is not None and again.last_sweep.formats_recorded == 0
+
+
 def test_an_index_object_larger_than_any_record_is_not_read_whole(
     s3_server: s3server.MotoServer, s3_bucket: str
 ) -> None:

@@ -99,6 +99,37 @@ def test_put_stat_read_verify(storage: AnyStorage) -> None:
     assert_clean(storage)
 
 
+@pytest.mark.parametrize("artifact_format", [1, 2, 3])
+def test_the_artifact_format_is_recorded_from_the_header(
+    storage: AnyStorage, artifact_format: int
+) -> None:
+    art = make_artifact("m", "1", body(1000), format_version=artifact_format)
+    record = storage.put(chunked(art), StructureValidator())
+    assert record.artifact_format == artifact_format
+    assert storage.stat("m", "1") == record
+    assert storage.list().models == (record,)
+
+
+def test_rows_from_before_the_format_column_get_it_from_their_header_at_start(
+    store_root: Path,
+) -> None:
+    """An index an older store wrote has no artifact_format column: the column is added in place
+    (the older store can still use the index) and each row's format read from its blob's header."""
+    with FilesystemStorage(store_root) as s:
+        s.put([make_artifact("legacy", "1", b"a", format_version=1)], StructureValidator())
+        s.put([make_artifact("current", "1", b"b")], StructureValidator())
+    db = sqlite3.connect(store_root / "index.sqlite3")
+    db.execute("ALTER TABLE models DROP COLUMN artifact_format")
+    db.commit()
+    db.close()
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.formats_recorded == 2
+        assert {r.name: r.artifact_format for r in s.records()} == {"legacy": 1, "current": 3}
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.formats_recorded == 0
+        assert s.stat("legacy", "1").artifact_format == 1
+
+
 def test_record_survives_reopen(store_root: Path) -> None:
     art = make_artifact("m", "1", body(1000))
     with FilesystemStorage(store_root) as s:
