@@ -1,4 +1,4 @@
-"""``strongroom model publish | fetch | ls | inspect | rm``."""
+"""``strongroom model publish | upload | fetch | ls | inspect | rm``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from strongroom.client.fetch import DecryptedModel, ModelFetcher
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.listing import iter_models
 from strongroom.client.multipart import PartFile, files_parts, onnx_parts, publish_parts
-from strongroom.client.publish import ONNX_CONTENT_TYPE, publish_model
+from strongroom.client.publish import ONNX_CONTENT_TYPE, publish_model, upload_artifact
 from strongroom.errors import FailedPrecondition
 from strongroom.reasons import Reason
 
@@ -87,6 +87,15 @@ def register(sub: Any) -> None:
         "re-publishing such models",
     )
     fetch.set_defaults(func=_fetch)
+
+    upload = actions.add_parser(
+        "upload",
+        help="upload an already encrypted artifact file unchanged (e.g. one from the store's "
+        "quarantine); its name and version are its header's",
+    )
+    add_client_arguments(upload)
+    upload.add_argument("artifact", type=Path, help="a local artifact file")
+    upload.set_defaults(func=_upload)
 
     ls = actions.add_parser(
         "ls",
@@ -285,6 +294,28 @@ def _fetch(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
             else:
                 _write_tar(model, out)
             out.flush()
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    with Client.from_args(args) as client:
+        published = upload_artifact(args.artifact, store=client.channel("modelstore"))
+    info = published.model
+    print(
+        json.dumps(
+            {
+                "name": info.name,
+                "version": info.version,
+                "artifact_sha256": info.artifact_sha256,
+                "artifact_size": info.artifact_size,
+                "key_id": info.key_id,
+                "key_version": info.key_version,
+                "artifact_format": info.artifact_format,
+                "header_sha256": published.header_sha256,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -121,6 +121,20 @@ def test_operator_workflow(
     code, out, _ = run(capsys, "model", "rm", "cli-model", "1", "--client-config", admin)
     assert code == 0 and "deleted cli-model/1" in out
 
+    # A whole artifact file (as the store's quarantine keeps one) is uploaded again unchanged.
+    code, out, _ = run(capsys, "model", "upload", str(local), "--client-config", publisher)
+    assert code == 0, out
+    uploaded = json.loads(out)
+    assert (uploaded["name"], uploaded["version"], uploaded["artifact_format"]) == (
+        "cli-model",
+        "1",
+        3,
+    )
+    assert uploaded["artifact_sha256"] == published["artifact_sha256"]
+    assert uploaded["header_sha256"] == published["header_sha256"]
+    code, _, err = run(capsys, "model", "upload", str(model.path), "--client-config", publisher)
+    assert code == 1 and "BAD_MAGIC" in err  # refused before anything is sent
+
     audit = stack.root / "state" / "keybroker" / "audit.log"
     code, out, _ = run(
         capsys,
