@@ -4,11 +4,13 @@ Layout under the storage root::
 
     blobs/sha256/ab/abcdef…   one read-only file per distinct artifact, named by its SHA-256
     tmp/<random>.part         uploads in progress, in the same filesystem so rename is atomic
+    quarantine/abcdef…        blobs no index row pointed at when the store started (never served)
 
 A blob appears under its final name only by ``rename`` of a complete, fsynced temporary file,
 followed by an fsync of the directory, so a crash leaves either nothing or a whole blob. The upload
-files a crash leaves in ``tmp/`` (and any blob no index row points at) are swept at start-up; any
-other file there is left alone and logged.
+files a crash leaves in ``tmp/`` are removed at start-up; any other file there is left alone and
+logged. A blob no index row points at is moved to ``quarantine/``, never deleted: it may be a
+crash's leftover, or a model an index restored from an older backup no longer lists.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
 from strongroom.errors import FailedPrecondition
@@ -105,6 +108,8 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self._blobs = root / "blobs" / "sha256"
         self._tmp = root / "tmp"
+        self.quarantine_dir = root / "quarantine"
+        """Where the start-up sweep moves unreferenced blobs (made when first needed)."""
         for directory in (self._blobs, self._tmp):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         # An upload is published by rename(2) from tmp/ into blobs/, which cannot cross
@@ -162,6 +167,53 @@ class BlobStore:
         with contextlib.suppress(FileNotFoundError):
             target.unlink()
             fsync_dir(target.parent)
+
+    def quarantine(self, digest: str) -> Path:
+        """Moves the blob into the quarantine directory, durably, and returns its new path:
+        ``quarantine/<digest>``, or ``<digest>.<n>`` if one of that name is there already (the
+        same digest quarantined before; nothing there is overwritten). Raises OSError if it
+        cannot be moved (the blob then stays where it was)."""
+        source = self.path(digest)
+        if not self.quarantine_dir.is_dir():
+            self.quarantine_dir.mkdir(mode=0o700, exist_ok=True)
+            fsync_dir(self.quarantine_dir.parent)
+        target = self.quarantine_dir / digest
+        n = 0
+        while os.path.lexists(target):
+            n += 1
+            target = self.quarantine_dir / f"{digest}.{n}"
+        # rename(2) within the volume: nothing is copied, and it fails (EXDEV) rather than copy
+        # when the blob tree is elsewhere, leaving the blob in place.
+        os.rename(source, target)
+        fsync_dir(self.quarantine_dir)
+        fsync_dir(source.parent)
+        return target
+
+    def unquarantine(self, digest: str, size: int) -> bool:
+        """Moves ``quarantine/<digest>`` back to its content address if it is a regular file of
+        ``size`` bytes and no blob is there; True if it did (an index row names it again)."""
+        source = self.quarantine_dir / digest
+        try:
+            info = os.lstat(source)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size or self.size(digest) is not None:
+            return False
+        target = self.path(digest)
+        if not target.parent.is_dir():
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            fsync_dir(self._blobs)
+        os.rename(source, target)
+        fsync_dir(target.parent)
+        fsync_dir(self.quarantine_dir)
+        return True
+
+    def quarantined(self) -> list[str]:
+        """The names of the files in the quarantine directory, sorted (none if it does not exist)."""
+        try:
+            return sorted(entry.name for entry in self.quarantine_dir.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []  # a file in its place: every move fails, and each is logged
 
     def open_read(self, digest: str) -> int:
         """A read-only file descriptor on the blob (FileNotFoundError if missing)."""

@@ -10,9 +10,16 @@ upload is never visible):
 3. fsync the file, make it read-only, rename it to ``blobs/sha256/ab/abcdef…``, fsync the directory;
 4. insert the index row in its own transaction (the primary key makes (name, version) immutable).
 
-A crash before 4 leaves a temporary file or an unreferenced blob, both removed at the next start
-(the storage root is locked to one process, so nothing else can be writing then). Blobs are shared
-by identical content and deleted when the last row pointing at them is.
+A crash before 4 leaves a temporary file, removed at the next start (the storage root is locked to
+one process, so nothing else can be writing then), or an unreferenced blob. Blobs are shared by
+identical content and deleted when the last row pointing at them is.
+
+The start-up sweep never deletes a blob: one that no row points at is moved to ``quarantine/``
+(never served) and logged. It may be a crash's leftover, but it may as well be a model that an
+index restored from an older backup (or without its ``-wal`` file) no longer lists, and deleting
+it then would lose every model published since that backup. A row whose blob is missing gets it
+back from the quarantine (the newer index restored after all). README, "Operating it", says how
+an operator re-publishes or purges what stays there.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
-from strongroom.artifact import StructureValidator
+from strongroom.artifact import InvalidArtifact, StructureValidator, parse_header
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition
 from strongroom.identifiers import (
@@ -38,7 +45,7 @@ from strongroom.identifiers import (
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
 from strongroom.modelstore._blobs import BlobStore, TempBlob, digest_fd, io_error
 from strongroom.modelstore._index import Index
-from strongroom.modelstore._upload import Uploads, utcnow
+from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.errors import (
     KeySlotRejected,
     ModelNotFound,
@@ -62,8 +69,9 @@ class SweepReport:
 
     temp_files_removed: int
     """Interrupted uploads removed from ``tmp/``."""
-    orphan_blobs_removed: int
-    """Blobs no index row pointed at (a crash between rename and insert, or during a delete)."""
+    orphan_blobs_quarantined: tuple[str, ...]
+    """Digests of the blobs no index row pointed at (a crash between rename and insert or during
+    a delete, or an index restored from an older backup), moved to ``quarantine/``."""
     missing_blobs: tuple[tuple[str, str], ...]
     """(name, version) of rows whose blob is gone: reads of them fail with DATA_LOSS."""
     damaged_blobs: tuple[tuple[str, str], ...]
@@ -74,6 +82,15 @@ class SweepReport:
     unreadable_rows: tuple[tuple[str, str], ...] = ()
     """(name, version) of index rows this store cannot have written (edited or damaged on disk):
     reads of them fail with DATA_LOSS INDEX_CORRUPT; their blobs are kept."""
+    orphan_blobs_left: tuple[str, ...] = ()
+    """Digests of unreferenced blobs that could not be moved to ``quarantine/`` (logged): left
+    where they were (no row names them, so nothing serves them), tried again at the next start."""
+    restored_from_quarantine: tuple[str, ...] = ()
+    """Digests of quarantined blobs moved back because an index row names them again."""
+    quarantine_files: int = 0
+    """Files in ``quarantine/`` after the sweep (each start logs them until they are dealt with)."""
+    formats_recorded: int = 0
+    """Rows stored before the index had an artifact format, given their blob's header format."""
 
 
 class FileRangeReader(Closing):
@@ -187,8 +204,8 @@ class FilesystemStorage(Closing):
         """FailedPrecondition(INDEX_MISSING) if blobs exist but the index file does not.
 
         Every blob is written after the index exists, so that is a lost index (removed by hand, a
-        restore without it), not a crash: opening would create an empty index and the sweep would
-        delete every blob as an orphan, though each artifact names its model and could be restored.
+        restore without it), not a crash: opening would create an empty index, serve nothing and
+        move every blob to the quarantine as an orphan; the operator should restore the index.
         """
         if (self.root / _INDEX_FILE).exists():
             return
@@ -198,7 +215,7 @@ class FilesystemStorage(Closing):
             raise FailedPrecondition(
                 f"the storage root {self.root} holds {len(present)} blobs but no index "
                 f"({_INDEX_FILE}): restore the index (with its -wal file) or move blobs/ away; "
-                "starting would delete every blob",
+                "starting would serve none of them and quarantine them all",
                 reason=Reason.INDEX_MISSING,
             )
 
@@ -211,29 +228,51 @@ class FilesystemStorage(Closing):
         present, blob_strays = self._blobs.digests()
         strays = temp_strays + blob_strays
         records, unreadable = self._index.readable_records()
-        orphans = present - self._index.referenced_digests()
-        for digest in orphans:
-            self._blobs.remove(digest)
+        restored: list[str] = []
+        formats: list[tuple[ModelRecord, int]] = []
         missing: list[tuple[str, str]] = []
         damaged: list[tuple[str, str]] = []
         for r in records:
             size = self._blobs.size(r.artifact_sha256)
+            if size is None and self._blobs.unquarantine(r.artifact_sha256, r.artifact_size):
+                log.warning(
+                    "blob %s of model %s version %s restored from quarantine",
+                    r.artifact_sha256,
+                    r.name,
+                    r.version,
+                )
+                restored.append(r.artifact_sha256)
+                present.add(r.artifact_sha256)
+                size = r.artifact_size
             if size is None:
                 missing.append((r.name, r.version))
             elif size != r.artifact_size:
                 damaged.append((r.name, r.version))
+            elif r.artifact_format == 0 and (found := self._header_format(r)) is not None:
+                formats.append((r, found))
+        self._index.set_artifact_formats(formats)
+        quarantined, left = self._quarantine(present - self._index.referenced_digests())
+        in_quarantine = self._blobs.quarantined()
         report = SweepReport(
             temp_files_removed=temps,
-            orphan_blobs_removed=len(orphans),
+            orphan_blobs_quarantined=tuple(quarantined),
             missing_blobs=tuple(missing),
             damaged_blobs=tuple(damaged),
             stray_files=len(strays),
             unreadable_rows=tuple(unreadable),
+            orphan_blobs_left=tuple(left),
+            restored_from_quarantine=tuple(restored),
+            quarantine_files=len(in_quarantine),
+            formats_recorded=len(formats),
         )
-        if temps or orphans:
-            log.info(
-                "swept interrupted uploads",
-                extra={"temp_files": temps, "orphan_blobs": len(orphans)},
+        if temps:
+            log.info("swept interrupted uploads", extra={"temp_files": temps})
+        if in_quarantine:
+            log.warning(
+                "%d files in %s: blobs no index row pointed at when the store started; "
+                "re-publish or purge them (README, Operating it)",
+                len(in_quarantine),
+                self._blobs.quarantine_dir,
             )
         for name, version in missing:
             log.error("blob of model %s version %s is missing", name, version)
@@ -245,6 +284,55 @@ class FilesystemStorage(Closing):
             log.warning("unexpected file in the blob tree: %s", path)
         return report
 
+    def _header_format(self, record: ModelRecord) -> int | None:
+        """The format of ``record``'s artifact, read from its stored header (for a row from before
+        the index had the column); None, logged, if the header does not read."""
+        try:
+            fd = self._blobs.open_read(record.artifact_sha256)
+            try:
+                head = os.pread(fd, record.header_size, 0)
+            finally:
+                os.close(fd)
+            header = parse_header(head)
+        except (OSError, InvalidArtifact) as exc:
+            log.warning(
+                "cannot read the artifact format of %s %s from its header: %s",
+                record.name,
+                record.version,
+                exc,
+            )
+            return None
+        if header.header_size != record.header_size:
+            log.warning("the header of %s %s disagrees with its row", record.name, record.version)
+            return None
+        return header.format_version
+
+    def _quarantine(self, orphans: set[str]) -> tuple[list[str], list[str]]:
+        """Moves each unreferenced blob to the quarantine; returns the digests moved and those
+        left in place (their move failed: logged, kept, tried again at the next start)."""
+        moved: list[str] = []
+        left: list[str] = []
+        for digest in sorted(orphans):
+            try:
+                target = self._blobs.quarantine(digest)
+            except OSError as exc:
+                log.error(
+                    "blob %s is referenced by no index row and cannot be quarantined, left in "
+                    "place: %s",
+                    digest,
+                    exc,
+                )
+                left.append(digest)
+                continue
+            log.warning(
+                "blob %s is referenced by no index row: moved to %s (a crash's leftover, or a "
+                "model an index restored from an older backup does not list)",
+                digest,
+                target,
+            )
+            moved.append(digest)
+        return moved, left
+
     # -- writes --------------------------------------------------------------------------------
 
     def _exists(self, name: str, version: str) -> bool:
@@ -255,8 +343,11 @@ class FilesystemStorage(Closing):
         chunks: Iterable[bytes],
         validator: StructureValidator,
         claims: UploadClaims | None = None,
+        *,
+        authorize: Authorize | None = None,
     ) -> ModelRecord:
-        """Stores the artifact made of ``chunks``; name and version come from ``validator``.
+        """Stores the artifact made of ``chunks``; name and version come from ``validator``, and
+        ``authorize`` (if given) is asked about them as soon as the header names them.
 
         Raises InvalidArgument (malformed artifact, EmptyUpload, UploadMismatch for a size or digest
         that disagrees with ``claims`` or the header), ModelExists, ArtifactTooLarge, StorageFull,
@@ -267,7 +358,7 @@ class FilesystemStorage(Closing):
             temp = self._blobs.new_temp()
         except OSError as exc:
             raise io_error(exc, "creating an upload file") from None
-        with self._uploads.begin(validator, claims) as upload:
+        with self._uploads.begin(validator, claims, authorize) as upload:
             try:
                 for chunk in upload.accept(chunks):
                     temp.write(chunk)
@@ -412,7 +503,7 @@ class FilesystemStorage(Closing):
                 try:
                     self._blobs.remove(old.artifact_sha256)
                 except OSError as exc:
-                    # The row moved, so the re-wrap is done; the old blob is swept at next start.
+                    # The row moved, so the re-wrap is done; the old blob is quarantined at next start.
                     log.warning("cannot remove blob %s now: %s", old.artifact_sha256, exc)
 
     def delete(self, name: str, version: str) -> None:
@@ -429,7 +520,7 @@ class FilesystemStorage(Closing):
                 try:
                     self._blobs.remove(digest)
                 except OSError as exc:
-                    # The row is gone, so the model is deleted; the blob is swept at next start.
+                    # The row is gone, so the model is deleted; the blob is quarantined at next start.
                     log.warning("cannot remove blob %s now: %s", digest, exc)
         log.info("deleted model", extra={"model": name, "version": version})
 

@@ -54,13 +54,20 @@ CREATE TABLE IF NOT EXISTS models (
     header_size      INTEGER NOT NULL,
     created_at_us    INTEGER NOT NULL,
     stored_at_us     INTEGER NOT NULL,
+    artifact_format  INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (name, version)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS models_by_digest ON models (artifact_sha256);
 """
+# ``artifact_format`` came after schema version 1 and is added to an older index in place (ALTER
+# TABLE ... ADD COLUMN) without a new version: every statement names its columns, so a store
+# older than the column still reads and writes the index (its rows get 0, "not known", which the
+# next start of a newer store fills in from the stored header).
+_ADD_FORMAT = "ALTER TABLE models ADD COLUMN artifact_format INTEGER NOT NULL DEFAULT 0"
 
 _SELECT = """SELECT name, version, artifact_sha256, artifact_size, plaintext_size, plaintext_sha256,
-    content_type, key_id, key_version, header_size, created_at_us, stored_at_us FROM models"""
+    content_type, key_id, key_version, header_size, created_at_us, stored_at_us, artifact_format
+    FROM models"""
 _GET = _SELECT + " WHERE name = ? AND version = ?"
 _ALL = _SELECT + " ORDER BY name, version"
 # Every clause is always present (an empty prefix and an empty "after" key match everything), so
@@ -75,8 +82,8 @@ _PAGE = (
     " ORDER BY name, version LIMIT :limit"
 )
 _INSERT = """INSERT INTO models (name, version, artifact_sha256, artifact_size, plaintext_size,
-    plaintext_sha256, content_type, key_id, key_version, header_size, created_at_us, stored_at_us)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    plaintext_sha256, content_type, key_id, key_version, header_size, created_at_us, stored_at_us,
+    artifact_format) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Every name character sorts below DEL, so [prefix, prefix + DEL) holds exactly the names
@@ -123,7 +130,7 @@ def from_micros(micros: int) -> datetime:
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 # Column positions in _SELECT's rows.
-_INTEGER_COLUMNS = (3, 4, 8, 9, 10, 11)
+_INTEGER_COLUMNS = (3, 4, 8, 9, 10, 11, 12)
 _TEXT_COLUMNS = (0, 1, 2, 5, 6, 7)
 
 
@@ -146,6 +153,7 @@ def _record(row: Any) -> ModelRecord:
             and len(row[1]) <= MAX_VERSION_LENGTH
             and _SHA256_HEX.fullmatch(row[2])
             and _SHA256_HEX.fullmatch(row[5])
+            and 0 <= row[12] < 2**32
         ):
             raise ValueError("a name, version or digest outside its grammar")
         return ModelRecord(
@@ -161,6 +169,7 @@ def _record(row: Any) -> ModelRecord:
             header_size=row[9],
             created_at=from_micros(row[10]),
             stored_at=from_micros(row[11]),
+            artifact_format=row[12],
         )
     except (TypeError, ValueError, OverflowError) as exc:
         where = f"{str(row[0])[:256]!r} {str(row[1])[:256]!r}"
@@ -195,6 +204,9 @@ class Index:
             self._db.executescript(
                 f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
             )
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(models)")}
+            if "artifact_format" not in columns:
+                self._db.execute(_ADD_FORMAT)
         except sqlite3.Error as exc:
             log.error("cannot open index %s: %s", path, exc)
             if _volume_read_only(path.parent):
@@ -260,6 +272,7 @@ class Index:
             record.header_size,
             to_micros(record.created_at),
             to_micros(record.stored_at),
+            record.artifact_format,
         )
         try:
             with self._cursor() as cur:
@@ -378,6 +391,25 @@ class Index:
             except StoredDataCorrupt:
                 unreadable.append((str(row[0]), str(row[1])))
         return records, unreadable
+
+    def set_artifact_formats(self, formats: list[tuple[ModelRecord, int]]) -> None:
+        """Records the format of each record's artifact, in one transaction (one sync however
+        many rows an older index holds), where its row still has none and still points at the
+        same blob (a row a newer upload or a re-wrap changed meanwhile is left alone)."""
+        if not formats:
+            return
+        with self._cursor() as cur:
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.executemany(
+                    "UPDATE models SET artifact_format = ? WHERE name = ? AND version = ?"
+                    " AND artifact_sha256 = ? AND artifact_format = 0",
+                    [(f, r.name, r.version, r.artifact_sha256) for r, f in formats],
+                )
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
 
     def referenced_digests(self) -> set[str]:
         """The blob digest of every row, readable or not (a blob any row names is never an

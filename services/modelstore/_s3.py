@@ -26,16 +26,21 @@ may have taken effect: its answer was lost, or botocore retried it and the retry
 *because the first attempt had landed* (412 against our own object). The store then reads the
 index again: naming the new blob, the write took effect and the call succeeds; naming something
 the condition can no longer match, the blob is deleted; otherwise (the write may still land, or
-the index cannot be read) the blob is kept and left to the sweep, since deleting a blob an index
-object may come to name loses the model.
+the index cannot be read) the blob is kept, since deleting a blob an index object may come to
+name loses the model.
 
 Key-slot replacement writes a new blob the same way, then replaces the index object with
 ``If-Match: <the ETag it read>`` (compare-and-swap), and only then deletes the old blob (a read
 that looked the model up just before, and so finds that blob gone, looks again and reads the new
 one: the model was re-wrapped, not lost). A crash
 at any point leaves the index pointing at one whole blob; what it leaves behind (an unreferenced
-blob, an unfinished multipart upload) carries its creation time in its key and is removed by
-:meth:`S3Storage.sweep` once older than a grace period (any replica may run it; it is idempotent).
+blob, an unfinished multipart upload) carries its creation time in its key. :meth:`S3Storage.sweep`
+aborts such an upload once older than a grace period (any replica may run it; it is idempotent),
+but never deletes a blob: one no index record names after the grace period is reported and logged
+and stays where it is (nothing serves a blob no record names). It may be a crash's leftover, but
+it may as well be a model whose index object was lost or rolled back (a bucket restored from an
+older backup of ``index/``), and deleting it would lose that model for good; README, "Operating
+it", says how an operator re-publishes or purges it.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ import botocore.exceptions
 from botocore.config import Config
 
 from strongroom import jsonparse
-from strongroom.artifact import StructureValidator
+from strongroom.artifact import InvalidArtifact, StructureValidator, parse_header
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.identifiers import (
@@ -65,7 +70,7 @@ from strongroom.identifiers import (
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
 from strongroom.modelstore._index import from_micros, to_micros
-from strongroom.modelstore._upload import Uploads, utcnow
+from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.config import StorageConfig
 from strongroom.modelstore.errors import (
     KeySlotRejected,
@@ -106,19 +111,22 @@ _CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"}
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class S3SweepReport:
-    """What a sweep of the bucket found and removed."""
+    """What a sweep of the bucket found, and the unfinished uploads it aborted."""
 
     uploads_aborted: int
     """Unfinished multipart uploads older than the grace period (a crashed or killed replica)."""
-    orphan_blobs_removed: int
-    """Blobs older than the grace period that no index record points at."""
+    orphan_blobs: tuple[str, ...]
+    """Blobs (keys under the prefix) older than the grace period that no index record points at:
+    left in place (never served, never deleted by the store) and logged."""
     missing_blobs: tuple[tuple[str, str], ...]
     """(name, version) of records whose blob is gone: reads of them fail with DATA_LOSS."""
     damaged_blobs: tuple[tuple[str, str], ...]
     """(name, version) of records whose blob has the wrong size: reads fail with DATA_LOSS."""
     unreadable_records: tuple[tuple[str, str], ...] = ()
     """(name, version) of index records that do not parse (reads of them fail with DATA_LOSS
-    INDEX_CORRUPT). While there are any, no orphan blob is removed: one of them may be theirs."""
+    INDEX_CORRUPT); an orphan blob may be one of theirs."""
+    formats_recorded: int = 0
+    """Records written before they carried an artifact format, given their blob's header format."""
 
 
 def make_client(config: StorageConfig, *, single_secrets: bool = False) -> S3Client:
@@ -304,10 +312,20 @@ def _record_json(record: ModelRecord, blob: str) -> bytes:
             "header_size": record.header_size,
             "created_at_us": to_micros(record.created_at),
             "stored_at_us": to_micros(record.stored_at),
+            # Added without a new record format: a store older than it ignores the key, and a
+            # record written before it (or by such a store) reads as 0, not known.
+            "artifact_format": record.artifact_format,
         },
         sort_keys=True,
         separators=(",", ":"),
     ).encode()
+
+
+def _artifact_format(value: object) -> int:
+    """A record's ``artifact_format``: a small non-negative integer (0: not known)."""
+    if type(value) is not int or not 0 <= value < 2**32:
+        raise ValueError("artifact_format is not a format version")
+    return value
 
 
 def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, str]:
@@ -328,6 +346,7 @@ def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, st
             header_size=int(value["header_size"]),
             created_at=from_micros(int(value["created_at_us"])),
             stored_at=from_micros(int(value["stored_at_us"])),
+            artifact_format=_artifact_format(value.get("artifact_format", 0)),
         )
         blob = str(value["blob"])
         if (record.name, record.version) != (name, version) or not blob.startswith(BLOB_DIR):
@@ -362,8 +381,8 @@ class _NotIndexed(Exception):
     """An index write failed; ``error`` is what the caller hears.
 
     ``may_land``: the write's outcome is not known (it may still take effect), so the blob it
-    names must not be deleted; an unreferenced blob is removed by the sweep, an index naming a
-    deleted one is a lost model.
+    names must not be deleted; an unreferenced blob is only wasted space (the sweep reports it),
+    an index naming a deleted one is a lost model.
     """
 
     def __init__(self, error: StrongroomError, *, may_land: bool) -> None:
@@ -684,7 +703,7 @@ class S3Storage(Closing):
         try:
             self._client.delete_object(Bucket=self.bucket, Key=self._full(blob))
         except _S3_FAILURES as exc:
-            log.warning("cannot delete blob %s now (swept later): %r", blob, exc)
+            log.warning("cannot delete blob %s now (a sweep reports it): %r", blob, exc)
 
     # -- uploads -------------------------------------------------------------------------------
 
@@ -693,8 +712,11 @@ class S3Storage(Closing):
         chunks: Iterable[bytes],
         validator: StructureValidator,
         claims: UploadClaims | None = None,
+        *,
+        authorize: Authorize | None = None,
     ) -> ModelRecord:
-        """Stores the artifact streamed as ``chunks`` (see the module docstring for the protocol).
+        """Stores the artifact streamed as ``chunks`` (see the module docstring for the protocol);
+        ``authorize`` (if given) is asked about its name and version once the header names them.
 
         Raises InvalidArgument subclasses, ModelExists, ArtifactTooLarge or StorageUnavailable
         (with an ``S3_*`` reason); on any failure nothing becomes visible.
@@ -702,7 +724,7 @@ class S3Storage(Closing):
         self._check_open()
         blob = self._new_blob()
         writer = _BlobWriter(self._client, self.bucket, self._full(blob), self.part_size)
-        with self._uploads.begin(validator, claims) as upload:
+        with self._uploads.begin(validator, claims, authorize) as upload:
             try:
                 for chunk in upload.accept(chunks):
                     writer.write(chunk)
@@ -1173,16 +1195,18 @@ class S3Storage(Closing):
         return born is not None and now - born > self.orphan_grace
 
     def sweep(self) -> S3SweepReport:
-        """Removes what crashed uploads and re-wraps left behind, once older than the grace period.
+        """Aborts the multipart uploads crashes left, once older than the grace period; reports
+        (and logs) the blobs no record names, and the records whose blob is missing or damaged.
 
-        Any replica may run it at any time: a blob is removed only if no record points at it and
-        its key says it was created more than ``orphan_grace`` ago (so an upload still running on
-        another replica keeps its blob); deletes are idempotent.
+        Any replica may run it at any time: an upload is aborted only if its key says it was
+        created more than ``orphan_grace`` ago (so one still running on another replica goes on).
+        No blob is deleted: an unreferenced one may be a model whose index object was lost or
+        rolled back, and deleting it would lose that model (see the module docstring).
         """
         now = self._clock()
         blobs = self.blob_sizes()  # listed before the index: a blob published meanwhile is young
-        # One unreadable record (anyone who can write the bucket can put one) must neither stop
-        # the store from starting nor have its blob taken for an orphan.
+        # One unreadable record (anyone who can write the bucket can put one) must not stop the
+        # store from starting.
         entries, unreadable = self._readable_entries()
         referenced = {e.blob: e.record for e in entries}
         aborted = 0
@@ -1195,21 +1219,71 @@ class S3Storage(Closing):
                     aborted += 1
                 except _S3_FAILURES as exc:
                     log.warning("cannot abort upload %s: %r", key, exc)
-        removed = 0
-        for blob in blobs.keys() - referenced.keys() if not unreadable else ():
-            if self._expired(blob, now):
-                self._delete_blob(blob)
-                removed += 1
+        orphans = sorted(b for b in blobs.keys() - referenced.keys() if self._expired(b, now))
+        for blob in orphans:
+            log.warning(
+                "blob %s%s (%d bytes) is referenced by no index record: left in place, not "
+                "served (a crash's leftover, or a model whose index object was lost)",
+                self.prefix,
+                blob,
+                blobs[blob],
+            )
         missing = sorted((r.name, r.version) for b, r in referenced.items() if b not in blobs)
         damaged = sorted(
             (r.name, r.version)
             for b, r in referenced.items()
             if b in blobs and blobs[b] != r.artifact_size
         )
-        report = S3SweepReport(aborted, removed, tuple(missing), tuple(damaged), tuple(unreadable))
+        formats = sum(
+            self._record_format(e)
+            for e in entries
+            if e.record.artifact_format == 0 and blobs.get(e.blob) == e.record.artifact_size
+        )
+        report = S3SweepReport(
+            aborted,
+            tuple(orphans),
+            tuple(missing),
+            tuple(damaged),
+            tuple(unreadable),
+            formats_recorded=formats,
+        )
         if missing or damaged or unreadable:
             log.error("storage sweep found damaged models: %s", report)
         return report
+
+    def _record_format(self, entry: _Indexed) -> bool:
+        """Rewrites a record written before records carried ``artifact_format`` with the format
+        its blob's header names (If-Match on the record read, so a record changed meanwhile, by a
+        re-wrap or another replica's sweep, is left alone); False, logged, if that fails."""
+        record = entry.record
+        where = f"{record.name} {record.version}"
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket,
+                Key=self._full(entry.blob),
+                Range=f"bytes=0-{record.header_size - 1}",
+            )
+            body = response["Body"]
+            try:
+                head = body.read(record.header_size)
+            finally:
+                body.close()
+            header = parse_header(head)
+            if header.header_size != record.header_size:
+                raise ValueError("the header disagrees with its record")
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=self._index_key(record.name, record.version),
+                Body=_record_json(
+                    dataclasses.replace(record, artifact_format=header.format_version), entry.blob
+                ),
+                ContentType="application/json",
+                IfMatch=entry.etag,
+            )
+        except (*_S3_FAILURES, InvalidArtifact, ValueError) as exc:
+            log.warning("cannot record the artifact format of %s: %r", where, exc)
+            return False
+        return True
 
     # Last in the class: below this definition, ``list`` in an annotation would mean this method.
     def list(

@@ -21,6 +21,10 @@ from strongroom.modelstore.errors import ArtifactTooLarge, EmptyUpload, ModelExi
 from strongroom.modelstore.records import ModelRecord, UploadClaims
 from strongroom.reasons import Reason
 
+Authorize = Callable[[str, str], None]
+"""Asked with the (name, version) an artifact's header names, before the version is reserved or
+the body received; raises (PermissionDenied) to refuse the upload."""
+
 
 def utcnow() -> datetime:
     """The current time in UTC (the backends' default clock)."""
@@ -48,9 +52,15 @@ class Uploads:
         self._held: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def begin(self, validator: StructureValidator, claims: UploadClaims | None) -> Upload:
-        """A new upload checked by ``validator`` against ``claims`` (None: nothing announced)."""
-        return Upload(self, validator, claims)
+    def begin(
+        self,
+        validator: StructureValidator,
+        claims: UploadClaims | None,
+        authorize: Authorize | None = None,
+    ) -> Upload:
+        """A new upload checked by ``validator`` against ``claims`` (None: nothing announced) and,
+        once its header names the model, by ``authorize`` (None: any name)."""
+        return Upload(self, validator, claims, authorize)
 
     def hold(self, name: str, version: str) -> tuple[str, str]:
         """Reserves (name, version) and returns it; release it with :meth:`release`.
@@ -88,10 +98,15 @@ class Upload(Closing):
     """
 
     def __init__(
-        self, uploads: Uploads, validator: StructureValidator, claims: UploadClaims | None
+        self,
+        uploads: Uploads,
+        validator: StructureValidator,
+        claims: UploadClaims | None,
+        authorize: Authorize | None = None,
     ) -> None:
         self._uploads = uploads
         self._validator = validator
+        self._authorize = authorize
         self._claims = claims if claims is not None else UploadClaims()
         self._max = uploads.max_artifact_size
         self._hasher = hashlib.sha256()
@@ -109,6 +124,11 @@ class Upload(Closing):
             self._hasher.update(chunk)
             self.size += len(chunk)
             if self._reserved is None and (identity := self._validator.identity()) is not None:
+                # The name asked about is the header's, the one the record will carry (finish()
+                # checks the summary names the reserved one): no request field can differ from it.
+                # Asked before the reservation, so a refused caller cannot hold a version either.
+                if self._authorize is not None:
+                    self._authorize(*identity)
                 # Reserve as soon as the header names the model: a losing concurrent upload
                 # (or a re-upload of a stored version) fails here, not after its last byte.
                 self._reserved = self._uploads.hold(*identity)
@@ -142,6 +162,7 @@ class Upload(Closing):
             header_size=summary.header_size,
             created_at=aware(summary.created_at),
             stored_at=aware(stored_at),
+            artifact_format=summary.format_version,
         )
 
     def _check_growth(self, size: int) -> None:

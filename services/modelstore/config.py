@@ -12,10 +12,14 @@ import ipaddress
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from types import MappingProxyType
+from typing import ClassVar, Literal
 
+from strongroom.identifiers import is_name_rule
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE
-from strongroom.runtime.config import ConfigError
+from strongroom.modelstore.publishers import PublisherScopes
+from strongroom.runtime.config import ConfigError, EnvLocks
+from strongroom.spiffe import is_workload_id
 
 MIN_PART_SIZE = 5 * 1024 * 1024
 """S3's smallest multipart part (every part but the last)."""
@@ -91,8 +95,9 @@ class StorageConfig:
     max_attempts: int = 3
     """Attempts per S3 request (botocore's standard retry mode: 5xx, throttling, timeouts)."""
     orphan_grace_seconds: int = 86_400
-    """Age after which an unreferenced blob or an unfinished multipart upload is removed by the
-    start-up sweep; must exceed the longest upload, since another replica may be running it."""
+    """Age after which the start-up sweep aborts an unfinished multipart upload and reports an
+    unreferenced blob (kept, never deleted); must exceed the longest upload, since another replica
+    may be running it."""
 
     def __post_init__(self) -> None:
         if self.backend != "s3":
@@ -131,15 +136,52 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class PublisherScope:
+    """One publisher identity and the model names it may store: each a model name (that model)
+    or a name followed by ``/`` (every model under it), the key broker's ``publishers`` rules."""
+
+    spiffe_id: str
+    model_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not is_workload_id(self.spiffe_id):
+            raise ConfigError(f"modelstore.publishers: {self.spiffe_id!r} is not a SPIFFE ID")
+        if not self.model_names:
+            # An identity that may store nothing is one left out of the list (refused as
+            # PUBLISHER_NOT_ALLOWED); an empty list here is more likely a mistake.
+            raise ConfigError(f"modelstore.publishers: {self.spiffe_id!r} lists no model_names")
+        bad = [n for n in self.model_names if not is_name_rule(n)]
+        if bad:
+            raise ConfigError(
+                f"modelstore.publishers: {bad[0]!r} is not a model name, or a model name "
+                "followed by '/' (everything under it)"
+            )
+
+
+@dataclass(frozen=True)
 class ModelstoreConfig:
-    """Where artifacts are stored and how large one may be."""
+    """Where artifacts are stored, how large one may be, and who may store which model names."""
+
+    # Which publisher may store which names decides whose model a name is: in production it comes
+    # from the configuration file, never from an environment override (strongroom.runtime.config).
+    ENV_LOCKED_IN_PRODUCTION: ClassVar[EnvLocks] = {"publishers": ()}
 
     data_dir: Path | None = None
     """The filesystem backend's root (required with ``storage.backend: filesystem``)."""
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_SIZE
     storage: StorageConfig = field(default_factory=StorageConfig)
+    publishers: tuple[PublisherScope, ...] | None = None
+    """Which model names each publisher identity may store (PutModel). Absent (None): any
+    identity with the publisher role may store any name, as before the list existed; a list
+    (even an empty one) admits only the identities it names, each for its names."""
 
     def __post_init__(self) -> None:
+        if self.publishers is not None:
+            seen: set[str] = set()
+            for scope in self.publishers:
+                if scope.spiffe_id in seen:
+                    raise ConfigError(f"modelstore.publishers: {scope.spiffe_id!r} is listed twice")
+                seen.add(scope.spiffe_id)
         if self.max_artifact_bytes < 1024:
             raise ConfigError("modelstore.max_artifact_bytes must be at least 1024")
         if self.storage.backend == "filesystem" and self.data_dir is None:
@@ -153,3 +195,12 @@ class ModelstoreConfig:
             raise ConfigError(
                 "modelstore.max_artifact_bytes exceeds storage.part_size x 10000 (S3's part limit)"
             )
+
+    @property
+    def publisher_scopes(self) -> PublisherScopes | None:
+        """``publishers`` as the servicer checks them (None: no list, any name)."""
+        if self.publishers is None:
+            return None
+        return PublisherScopes(
+            MappingProxyType({p.spiffe_id: p.model_names for p in self.publishers})
+        )

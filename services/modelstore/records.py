@@ -25,6 +25,9 @@ class ModelRecord:
     """When the publisher created the artifact (from its header), timezone-aware UTC."""
     stored_at: datetime
     """When the store committed it, timezone-aware UTC."""
+    artifact_format: int = 0
+    """The artifact's format version, from its header (1 and 2 do not bind the data key to the
+    model; 3 does); 0: not known (an S3 index record written before the store recorded it)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -58,7 +58,17 @@ def build(
         "storage opened",
         extra={"backend": config.storage.backend, "sweep": str(storage.last_sweep)},
     )
-    servicer = ModelStoreServicer(storage)
+    if config.publishers is not None:
+        unroled = sorted(
+            p.spiffe_id for p in config.publishers if p.spiffe_id not in common.authz.publisher
+        )
+        if unroled:
+            # Harmless (the role is checked first) but likely a typo in one of the two lists.
+            log.warning(
+                "modelstore.publishers names identities without the publisher role: %s",
+                ", ".join(unroled),
+            )
+    servicer = ModelStoreServicer(storage, publishers=config.publisher_scopes)
     host = build_host(
         common,
         identity=identity,

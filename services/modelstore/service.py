@@ -17,16 +17,19 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
-from strongroom.errors import InvalidArgument, StrongroomError
+from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError
 from strongroom.identifiers import (
     validate_name,
     validate_prefix,
     validate_sha256_hex,
     validate_version,
 )
+from strongroom.modelstore._upload import Authorize
 from strongroom.modelstore.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from strongroom.modelstore.publishers import PublisherScopes
 from strongroom.modelstore.records import ModelRecord, UploadClaims
 from strongroom.modelstore.storage import Storage
+from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
 from strongroom.runtime.grpc_types import RpcMethodHandler
 from strongroom.runtime.metrics import KEY_SLOTS_REPLACED
@@ -115,6 +118,7 @@ def model_info(record: ModelRecord) -> pb.ModelInfo:
         key_version=record.key_version,
         created_at=created,
         stored_at=stored,
+        artifact_format=record.artifact_format,
     )
 
 
@@ -124,6 +128,7 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
     Each upload is checked by a fresh keyless :class:`~strongroom.artifact.StructureValidator`
     bounded by the storage's size limit, so an over-large header fails before the body; ``max_chunk``
     bounds the data in one upload message; ``download_chunk`` is the data per download message.
+    ``publishers`` (None: any name) says which model names each publisher identity may upload.
     """
 
     def __init__(
@@ -132,10 +137,12 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         *,
         max_chunk: int = DEFAULT_MAX_CHUNK,
         download_chunk: int = DEFAULT_DOWNLOAD_CHUNK,
+        publishers: PublisherScopes | None = None,
     ) -> None:
         if max_chunk <= 0 or download_chunk <= 0:
             raise ValueError("max_chunk and download_chunk must be positive")
         self._storage = storage
+        self._publishers = publishers
         self._max_chunk = max_chunk
         self._download_chunk = download_chunk
 
@@ -172,14 +179,41 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
     def PutModel(
         self, request_iterator: Iterator[pb.PutModelRequest], context: grpc.ServicerContext
     ) -> pb.PutModelResponse:
-        """Stores one artifact streamed in chunks; name and version come from its header."""
+        """Stores one artifact streamed in chunks; name and version come from its header, and
+        the caller must be allowed that name (``publishers``) before its body is received."""
         claims = UploadClaims()
         record = self._storage.put(
             self._upload_chunks(request_iterator, claims),
             StructureValidator(max_artifact_size=self._storage.max_artifact_size),
             claims,
+            authorize=self._authorizer(context),
         )
         return pb.PutModelResponse(model=model_info(record))
+
+    def _authorizer(self, context: grpc.ServicerContext) -> Authorize | None:
+        """The check of the header's name against the caller's ``publishers`` entry (None: no
+        list). The caller is the one the authorisation interceptor verified for this RPC."""
+        scopes = self._publishers
+        if scopes is None:
+            return None
+        caller = verified_caller(context)
+
+        def authorize(name: str, version: str) -> None:
+            try:
+                scopes.check(str(caller.spiffe_id), name)
+            except PermissionDenied as exc:
+                log.warning(
+                    "refused upload of model %s version %s by %s (serial %x): %s",
+                    name,
+                    version,
+                    caller.spiffe_id,
+                    caller.serial,
+                    exc.reason,
+                    extra={"model": name, "version": version, "reason": exc.reason},
+                )
+                raise
+
+        return authorize
 
     def GetModel(  # type: ignore[override]  # serialised messages: see add_to_server
         self, request: pb.GetModelRequest, context: grpc.ServicerContext

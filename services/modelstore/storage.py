@@ -23,6 +23,7 @@ from typing import Protocol, Self
 from strongroom.artifact import StructureValidator
 from strongroom.modelstore._filesystem import FileRangeReader, FilesystemStorage, SweepReport
 from strongroom.modelstore._s3 import S3RangeReader, S3Storage, S3SweepReport
+from strongroom.modelstore._upload import Authorize
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.modelstore.errors import ModelNotFound, StoredDataCorrupt
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
@@ -99,8 +100,14 @@ class Storage(Protocol):
         chunks: Iterable[bytes],
         validator: StructureValidator,
         claims: UploadClaims | None = None,
+        *,
+        authorize: Authorize | None = None,
     ) -> ModelRecord:
         """Stores the artifact streamed as ``chunks``, every byte of which is fed to ``validator``.
+
+        ``authorize`` (None: any name) is called with the header's name and version as soon as the
+        validator has parsed them, before the version is reserved and the body received; what it
+        raises (PermissionDenied) ends the upload with nothing stored.
 
         Name and version come from the header: the version is reserved as soon as the validator
         has parsed it, so a concurrent or repeated upload of it fails after its header. ``claims`` (client-announced size and

@@ -1,4 +1,4 @@
-"""``strongroom model publish | fetch | ls | inspect | rm``."""
+"""``strongroom model publish | upload | fetch | ls | inspect | rm``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from strongroom.client.fetch import DecryptedModel, ModelFetcher
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.listing import iter_models
 from strongroom.client.multipart import PartFile, files_parts, onnx_parts, publish_parts
-from strongroom.client.publish import ONNX_CONTENT_TYPE, publish_model
+from strongroom.client.publish import ONNX_CONTENT_TYPE, publish_model, upload_artifact
 from strongroom.errors import FailedPrecondition
 from strongroom.reasons import Reason
 
@@ -88,9 +88,27 @@ def register(sub: Any) -> None:
     )
     fetch.set_defaults(func=_fetch)
 
-    ls = actions.add_parser("ls", help="list stored models")
+    upload = actions.add_parser(
+        "upload",
+        help="upload an already encrypted artifact file unchanged (e.g. one from the store's "
+        "quarantine); its name and version are its header's",
+    )
+    add_client_arguments(upload)
+    upload.add_argument("artifact", type=Path, help="a local artifact file")
+    upload.set_defaults(func=_upload)
+
+    ls = actions.add_parser(
+        "ls",
+        help="list stored models: name, version, size, SHA-256, key id/version, artifact format",
+    )
     add_client_arguments(ls)
     ls.add_argument("prefix", nargs="?", default="")
+    ls.add_argument(
+        "--unbound",
+        action="store_true",
+        help="only the models to re-publish: artifact format 1 or 2, whose data key is not bound "
+        "to the model (and any whose format the store does not know)",
+    )
     ls.set_defaults(func=_ls)
 
     inspect = actions.add_parser("inspect", help="show an artifact's header (no key needed)")
@@ -279,12 +297,51 @@ def _fetch(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
     return 0
 
 
+def _upload(args: argparse.Namespace) -> int:
+    with Client.from_args(args) as client:
+        published = upload_artifact(args.artifact, store=client.channel("modelstore"))
+    info = published.model
+    print(
+        json.dumps(
+            {
+                "name": info.name,
+                "version": info.version,
+                "artifact_sha256": info.artifact_sha256,
+                "artifact_size": info.artifact_size,
+                "key_id": info.key_id,
+                "key_version": info.key_version,
+                "artifact_format": info.artifact_format,
+                "header_sha256": published.header_sha256,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def artifact_format_column(artifact_format: int) -> str:
+    """``model ls``'s format column: ``format 3``; formats before 3 marked ``unbound`` (their data
+    key opens any model: readers refuse them until they are re-published); 0 ``format unknown``
+    (a store older than the field, or a record it could not fill in)."""
+    if artifact_format == 0:
+        return "format unknown"
+    if artifact_format < FORMAT_V3:
+        return f"format {artifact_format} unbound"
+    return f"format {artifact_format}"
+
+
 def _ls(args: argparse.Namespace) -> int:
     with Client.from_args(args) as client:
         stub = pb_grpc.ModelStoreServiceStub(client.channel("modelstore"))
         for m in iter_models(stub, name_prefix=args.prefix, timeout=TIMEOUT):
+            # Unknown counts as unbound: the filter is for finding what to re-publish.
+            if args.unbound and m.artifact_format >= FORMAT_V3:
+                continue
             fields = (m.name, m.version, m.artifact_size, m.artifact_sha256, m.key_id)
-            print("\t".join(map(printable, fields)) + f"/v{m.key_version}")
+            print(
+                "\t".join(map(printable, fields))
+                + f"/v{m.key_version}\t{artifact_format_column(m.artifact_format)}"
+            )
         return 0
 
 

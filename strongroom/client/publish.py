@@ -7,6 +7,7 @@ key is wiped as soon as the encryptor has derived its own key from it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
-from strongroom.artifact import ArtifactHeader, encrypt_stream, parse_header, wipe
+from strongroom.artifact import ArtifactHeader, encrypt_stream, parse_header, read_summary, wipe
 from strongroom.artifact.format import DEK_SIZE
 from strongroom.artifact.manifest import header_digest
 from strongroom.client.mechanisms import header_mechanism
@@ -126,6 +127,48 @@ def publish_model(
             timeout=timeout,
         )
     return Published(response.model, time.perf_counter() - started, header_digest(head[0]).hex())
+
+
+def upload_artifact(path: Path, *, store: grpc.Channel, timeout: float = 3600.0) -> Published:
+    """Uploads an already encrypted artifact file unchanged (one the store's start-up sweep
+    quarantined, for instance); its name and version are its header's. No key is involved.
+
+    The file is checked first (header, footer, exact length: InvalidArtifact before anything is
+    sent); its size is announced and the SHA-256 of the bytes sent is checked by the store at the
+    end, so a file that changes during the upload is refused, not stored.
+    """
+    started = time.perf_counter()
+    try:
+        source = path.open("rb")
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"cannot read {path}: {exc.strerror}", reason=Reason.MODEL_FILE_UNREADABLE
+        ) from None
+    with source:
+        summary = read_summary(source)
+        source.seek(0)
+        head = parse_header(source.read(summary.header_size))
+        source.seek(0)
+
+        def messages() -> Iterator[store_pb.PutModelRequest]:
+            hasher = hashlib.sha256()
+            first = True
+            while data := source.read(UPLOAD_MESSAGE_BYTES):
+                hasher.update(data)
+                yield store_pb.PutModelRequest(
+                    data=data, artifact_size=summary.artifact_size if first else 0
+                )
+                first = False
+            yield store_pb.PutModelRequest(artifact_sha256=hasher.hexdigest())
+
+        response = put_model(
+            store_grpc.ModelStoreServiceStub(store),
+            messages(),
+            name=summary.name,
+            version=summary.version,
+            timeout=timeout,
+        )
+    return Published(response.model, time.perf_counter() - started, header_digest(head).hex())
 
 
 def check_generated(generated: kb_pb.GenerateDataKeyResponse, name: str, version: str) -> None:

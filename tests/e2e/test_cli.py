@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from strongroom.artifact import StructureValidator
 from strongroom.cli import models as cli_models
 from strongroom.cli.main import main
 from strongroom.dev.devstack import DevStack
@@ -18,6 +19,7 @@ from strongroom.errors import FailedPrecondition
 from strongroom.keybroker.config import KeybrokerConfig
 from strongroom.keybroker.server import build, trust_store
 from strongroom.runtime.config import load_service_config
+from tests.modelstore.artifacts import make_artifact
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -88,6 +90,14 @@ def test_operator_workflow(
     assert code == 1 and "ALREADY_EXISTS" in err
     code, out, _ = run(capsys, "model", "ls", "cli-", "--client-config", publisher)
     assert out.split("\t")[:2] == ["cli-model", "1"]
+    assert out.rstrip("\n").split("\t")[-1] == "format 3"
+    # A model still in an unbound format (stored before format 3) is marked, and --unbound finds
+    # exactly the models to re-publish.
+    store = stack.services["modelstore"].handle.storage
+    store.put([make_artifact("cli-legacy", "1", b"old", format_version=1)], StructureValidator())
+    code, out, _ = run(capsys, "model", "ls", "cli-", "--unbound", "--client-config", publisher)
+    assert code == 0 and [line.split("\t")[0] for line in out.splitlines()] == ["cli-legacy"]
+    assert out.rstrip("\n").split("\t")[-1] == "format 1 unbound"
 
     # inspect reads a local artifact's header without any key.
     artifact = stack.services["modelstore"].handle.storage.open("cli-model", "1")
@@ -110,6 +120,20 @@ def test_operator_workflow(
     assert code == 1 and "PERMISSION_DENIED" in err
     code, out, _ = run(capsys, "model", "rm", "cli-model", "1", "--client-config", admin)
     assert code == 0 and "deleted cli-model/1" in out
+
+    # A whole artifact file (as the store's quarantine keeps one) is uploaded again unchanged.
+    code, out, _ = run(capsys, "model", "upload", str(local), "--client-config", publisher)
+    assert code == 0, out
+    uploaded = json.loads(out)
+    assert (uploaded["name"], uploaded["version"], uploaded["artifact_format"]) == (
+        "cli-model",
+        "1",
+        3,
+    )
+    assert uploaded["artifact_sha256"] == published["artifact_sha256"]
+    assert uploaded["header_sha256"] == published["header_sha256"]
+    code, _, err = run(capsys, "model", "upload", str(model.path), "--client-config", publisher)
+    assert code == 1 and "BAD_MAGIC" in err  # refused before anything is sent
 
     audit = stack.root / "state" / "keybroker" / "audit.log"
     code, out, _ = run(

@@ -16,6 +16,7 @@ from typing import Any
 
 from strongroom.api.artifact.v1 import header_pb2
 from strongroom.artifact import ArtifactHeader, build_header, encrypt_bytes
+from strongroom.artifact.format import FORMAT_VERSION
 
 CREATED = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 """``created_at`` of every artifact unless a test passes its own."""
@@ -41,8 +42,10 @@ def header(
     key_id: str = KEY_ID,
     key_version: int = KEY_VERSION,
     content_type: str = CONTENT_TYPE,
+    format_version: int = FORMAT_VERSION,
 ) -> ArtifactHeader:
-    """A valid header (current format, so with a key slot) for ``plaintext_size`` bytes."""
+    """A valid header (current format unless told, so with a key slot) for ``plaintext_size``
+    bytes."""
     return build_header(
         model_name=name,
         model_version=version,
@@ -54,6 +57,7 @@ def header(
         ),  # never unwrapped
         plaintext_size=plaintext_size,
         created_at=created_at or CREATED,
+        format_version=format_version,
     )
 
 
@@ -66,8 +70,10 @@ def make_artifact(
     key_id: str = KEY_ID,
     key_version: int = KEY_VERSION,
     content_type: str = CONTENT_TYPE,
+    format_version: int = FORMAT_VERSION,
 ) -> bytes:
-    """A real artifact of model ``name`` ``version`` whose plaintext is ``payload``."""
+    """A real artifact of model ``name`` ``version`` whose plaintext is ``payload`` (in format
+    ``format_version``: the store cannot tell how its body key was derived, only the header)."""
     seed = hashlib.sha256(payload).digest()
     head = header(
         name,
@@ -78,6 +84,7 @@ def make_artifact(
         key_id=key_id,
         key_version=key_version,
         content_type=content_type,
+        format_version=format_version,
     )
     key = bytearray(_derive(b"dek", 32, name.encode(), version.encode(), seed))
     salt = _derive(b"salt", 24, name.encode(), version.encode(), seed)

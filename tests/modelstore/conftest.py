@@ -96,7 +96,7 @@ def serve(
     storage: AnyStorage,
     *,
     config: ServerConfig | None = None,
-    **servicer_options: int,
+    **servicer_options: Any,
 ) -> tuple[ServiceHost, grpc.Channel]:
     """Starts the servicer behind the runtime's real host (error mapping included), insecure."""
     servicer = ModelStoreServicer(storage, **servicer_options)

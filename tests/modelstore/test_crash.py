@@ -66,7 +66,7 @@ def test_sigkill_during_uploads_never_exposes_partial_state(tmp_path: Path) -> N
         assert proc.returncode == -signal.SIGKILL, (tmp_path / "worker.err").read_text()
         with FilesystemStorage(root) as storage:
             totals["temp_files_swept"] += storage.last_sweep.temp_files_removed
-            totals["orphans_swept"] += storage.last_sweep.orphan_blobs_removed
+            totals["orphans_swept"] += len(storage.last_sweep.orphan_blobs_quarantined)
             totals["max_visible"] = max(totals["max_visible"], check_consistent(storage))
             totals["real_seen"] += sum(r.name.startswith(REAL_PREFIX) for r in storage.records())
     # The kills must have landed in the middle of uploads, and uploads must have completed.
@@ -86,22 +86,26 @@ def run_until_dead(root: Path, point: str) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
 
 
-def test_kill_between_rename_and_insert_leaves_an_orphan_that_is_swept(tmp_path: Path) -> None:
+def test_kill_between_rename_and_insert_leaves_an_orphan_that_is_quarantined(
+    tmp_path: Path,
+) -> None:
     root = tmp_path / "store"
     run_until_dead(root, "before-insert")
     with FilesystemStorage(root) as storage:
-        assert storage.last_sweep.orphan_blobs_removed == 1
+        assert len(storage.last_sweep.orphan_blobs_quarantined) == 1
         assert storage.records() == ()
         assert check_consistent(storage) == 0
 
 
-def test_kill_between_delete_and_unlink_leaves_an_orphan_that_is_swept(tmp_path: Path) -> None:
+def test_kill_between_delete_and_unlink_leaves_an_orphan_that_is_quarantined(
+    tmp_path: Path,
+) -> None:
     root = tmp_path / "store"
     with FilesystemStorage(root) as storage:
         storage.put([make_artifact("victim", "1", b"v" * 100_000)], StructureValidator())
         storage.put([make_artifact("other", "1", b"o")], StructureValidator())
     run_until_dead(root, "before-unlink")
     with FilesystemStorage(root) as storage:
-        assert storage.last_sweep.orphan_blobs_removed == 1
+        assert len(storage.last_sweep.orphan_blobs_quarantined) == 1
         assert [r.name for r in storage.records()] == ["other"]
         assert check_consistent(storage) == 1

@@ -276,7 +276,7 @@ def test_survives_reopen(store_root: Path) -> None:
         _store(storage)
         _replace(storage, 1, 2)
     with FilesystemStorage(store_root) as storage:
-        assert storage.last_sweep.orphan_blobs_removed == 0
+        assert storage.last_sweep.orphan_blobs_quarantined == ()
         assert storage.stat("acme/m", "1").key_version == 2
         assert decrypt_stored(_read(storage)) == plaintext_of("acme/m", "1", SIZE)
 

@@ -81,6 +81,7 @@ def test_put_then_get_stat_list_delete(served: Served) -> None:
     assert info.content_type == "application/onnx"
     assert info.created_at.ToDatetime().year == 2026
     assert info.stored_at.seconds > 0
+    assert info.artifact_format == 3
 
     messages = get(served, "acme/model", "2.1.0")
     assert messages[0].model == info
@@ -105,6 +106,20 @@ def test_put_then_get_stat_list_delete(served: Served) -> None:
         served.stub.DeleteModel, pb.DeleteModelRequest(name="acme/model", version="2.1.0")
     )
     assert_status(err, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+
+
+def test_model_info_says_which_models_are_in_an_unbound_format(served: Served) -> None:
+    put(served, make_artifact("old/a", "1", b"a", format_version=1))
+    put(served, make_artifact("old/b", "1", b"b", format_version=2))
+    put(served, make_artifact("old/c", "1", b"c"))
+    listing = served.stub.ListModels(pb.ListModelsRequest(name_prefix="old/"))
+    assert [(m.name, m.artifact_format) for m in listing.models] == [
+        ("old/a", 1),
+        ("old/b", 2),
+        ("old/c", 3),
+    ]
+    stat = served.stub.StatModel(pb.StatModelRequest(name="old/a", version="1"))
+    assert stat.model.artifact_format == 1
 
 
 def test_range_reads_and_resume(served: Served) -> None:

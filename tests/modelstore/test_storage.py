@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
+import logging
 import shutil
 import sqlite3
 import stat
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from strongroom.artifact import StructureValidator
-from strongroom.errors import FailedPrecondition, InvalidArgument
+from strongroom.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from strongroom.modelstore._pagetoken import decode as decode_page_token
 from strongroom.modelstore.errors import (
     ArtifactTooLarge,
@@ -35,6 +37,7 @@ from strongroom.modelstore.errors import (
     StoredDataCorrupt,
     UploadMismatch,
 )
+from strongroom.modelstore.publishers import PublisherScopes
 from strongroom.modelstore.storage import (
     FilesystemStorage,
     IntegrityProblem,
@@ -96,6 +99,37 @@ def test_put_stat_read_verify(storage: AnyStorage) -> None:
     assert_clean(storage)
 
 
+@pytest.mark.parametrize("artifact_format", [1, 2, 3])
+def test_the_artifact_format_is_recorded_from_the_header(
+    storage: AnyStorage, artifact_format: int
+) -> None:
+    art = make_artifact("m", "1", body(1000), format_version=artifact_format)
+    record = storage.put(chunked(art), StructureValidator())
+    assert record.artifact_format == artifact_format
+    assert storage.stat("m", "1") == record
+    assert storage.list().models == (record,)
+
+
+def test_rows_from_before_the_format_column_get_it_from_their_header_at_start(
+    store_root: Path,
+) -> None:
+    """An index an older store wrote has no artifact_format column: the column is added in place
+    (the older store can still use the index) and each row's format read from its blob's header."""
+    with FilesystemStorage(store_root) as s:
+        s.put([make_artifact("legacy", "1", b"a", format_version=1)], StructureValidator())
+        s.put([make_artifact("current", "1", b"b")], StructureValidator())
+    db = sqlite3.connect(store_root / "index.sqlite3")
+    db.execute("ALTER TABLE models DROP COLUMN artifact_format")
+    db.commit()
+    db.close()
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.formats_recorded == 2
+        assert {r.name: r.artifact_format for r in s.records()} == {"legacy": 1, "current": 3}
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.formats_recorded == 0
+        assert s.stat("legacy", "1").artifact_format == 1
+
+
 def test_record_survives_reopen(store_root: Path) -> None:
     art = make_artifact("m", "1", body(1000))
     with FilesystemStorage(store_root) as s:
@@ -103,7 +137,7 @@ def test_record_survives_reopen(store_root: Path) -> None:
     with FilesystemStorage(store_root) as s:
         assert s.stat("m", "1") == record
         assert s.last_sweep.temp_files_removed == 0
-        assert s.last_sweep.orphan_blobs_removed == 0
+        assert s.last_sweep.orphan_blobs_quarantined == ()
         assert read_all(s, "m", "1") == art
 
 
@@ -250,6 +284,33 @@ def test_reservation_is_released_when_an_upload_fails(storage: AnyStorage) -> No
     with pytest.raises(UploadMismatch):
         storage.put(chunked(art), StructureValidator(), UploadClaims(sha256="0" * 64))
     assert storage.put(chunked(art), StructureValidator()).name == "m"
+
+
+def test_an_upload_its_authoriser_refuses_stops_at_the_header_and_stores_nothing(
+    storage: AnyStorage,
+) -> None:
+    asked: list[tuple[str, str]] = []
+    consumed = 0
+
+    def only_team_a(name: str, version: str) -> None:
+        asked.append((name, version))
+        PublisherScopes({"spiffe://t.test/p": ("team-a/",)}).check("spiffe://t.test/p", name)
+
+    def chunks(name: str) -> Iterator[bytes]:
+        nonlocal consumed
+        for c in chunked(make_artifact(name, "1", body(1_000_000)), 1024):
+            consumed += 1
+            yield c
+
+    with pytest.raises(PermissionDenied) as info:
+        storage.put(chunks("team-b/m"), StructureValidator(), authorize=only_team_a)
+    assert info.value.reason == "MODEL_NAME_NOT_ALLOWED"
+    # Asked with the header's name, once, before the body: the version was never reserved.
+    assert asked == [("team-b/m", "1")] and consumed == 1
+    assert storage.records() == ()
+    assert_clean(storage)
+    assert storage.put(chunks("team-b/m"), StructureValidator()).name == "team-b/m"
+    assert storage.put(chunks("team-a/m"), StructureValidator(), authorize=only_team_a).name
 
 
 @pytest.mark.parametrize(
@@ -528,7 +589,7 @@ def test_reads_detect_truncated_and_missing_blobs(storage: AnyStorage) -> None:
         assert reopened.last_sweep.damaged_blobs == (("t", "1"),)
 
 
-def test_startup_sweeps_temp_files_and_orphan_blobs(store_root: Path) -> None:
+def test_startup_sweeps_temp_files_and_quarantines_orphan_blobs(store_root: Path) -> None:
     with FilesystemStorage(store_root) as s:
         kept = s.put([make_artifact("m", "1", b"keep")], StructureValidator())
     (store_root / "tmp" / f"{'0f' * 16}.part").write_bytes(b"partial upload")
@@ -537,9 +598,86 @@ def test_startup_sweeps_temp_files_and_orphan_blobs(store_root: Path) -> None:
     (store_root / "blobs" / "sha256" / orphan[:2] / orphan).write_bytes(b"orphan")
     with FilesystemStorage(store_root) as s:
         assert s.last_sweep.temp_files_removed == 1
-        assert s.last_sweep.orphan_blobs_removed == 1
+        assert s.last_sweep.orphan_blobs_quarantined == (orphan,)
+        assert s.last_sweep.quarantine_files == 1
         assert s.blob_digests() == {kept.artifact_sha256}
         assert_clean(s)
+    assert (store_root / "quarantine" / orphan).read_bytes() == b"orphan"
+
+
+def _copy_index(source: Path, target: Path) -> None:
+    """The index files of a closed store root, as a backup or a restore copies them (a restore
+    replaces the -wal file too, or removes it when the backup has none)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        src, dst = source / f"index.sqlite3{suffix}", target / f"index.sqlite3{suffix}"
+        dst.unlink(missing_ok=True)
+        if src.exists():
+            shutil.copy2(src, dst)
+
+
+def test_an_index_restored_from_an_older_backup_loses_no_blob(
+    store_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start-up sweep deleted every blob the index did not name: an index restored from an
+    older backup (or without its -wal file) made every model published since an orphan, and the
+    next start deleted them all. Now they are moved to quarantine/ (never served, logged with
+    their digests), the store serves the rows it has, the same bytes can be published again, and
+    restoring the newer index brings the quarantined blob back."""
+    old_art = make_artifact("m", "1", body(5000, 1))
+    new_art = make_artifact("m", "2", body(5000, 2))
+    with FilesystemStorage(store_root) as s:
+        old = s.put(chunked(old_art), StructureValidator())
+    _copy_index(store_root, tmp_path / "backup")
+    with FilesystemStorage(store_root) as s:
+        new = s.put(chunked(new_art), StructureValidator())
+    _copy_index(store_root, tmp_path / "newer")
+    _copy_index(tmp_path / "backup", store_root)
+
+    with caplog.at_level(logging.WARNING), FilesystemStorage(store_root) as s:
+        assert s.last_sweep.orphan_blobs_quarantined == (new.artifact_sha256,)
+        assert s.last_sweep.quarantine_files == 1
+        assert [(r.name, r.version) for r in s.records()] == [("m", "1")]
+        assert read_all(s, "m", "1") == old_art
+        with pytest.raises(ModelNotFound):
+            s.stat("m", "2")
+    assert new.artifact_sha256 in caplog.text
+    assert (store_root / "quarantine" / new.artifact_sha256).read_bytes() == new_art
+    assert old.artifact_sha256 != new.artifact_sha256
+
+    # The newer index found after all: its row gets the quarantined blob back.
+    _copy_index(tmp_path / "newer", store_root)
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.restored_from_quarantine == (new.artifact_sha256,)
+        assert s.last_sweep.missing_blobs == () and s.last_sweep.quarantine_files == 0
+        assert read_all(s, "m", "2") == new_art
+        assert_clean(s)
+
+    # Or, without it, the quarantined artifact published again as it is.
+    _copy_index(tmp_path / "backup", store_root)
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.orphan_blobs_quarantined == (new.artifact_sha256,)
+        assert s.put(chunked(new_art), StructureValidator()) == dataclasses.replace(
+            new, stored_at=s.stat("m", "2").stored_at
+        )
+        assert read_all(s, "m", "2") == new_art
+        assert_clean(s)
+    assert (store_root / "quarantine" / new.artifact_sha256).exists()  # the operator purges it
+
+
+def test_an_orphan_that_cannot_be_quarantined_is_left_in_place(store_root: Path) -> None:
+    with FilesystemStorage(store_root) as s:
+        s.put([make_artifact("m", "1", b"keep")], StructureValidator())
+    orphan = hashlib.sha256(b"orphan").hexdigest()
+    blob = store_root / "blobs" / "sha256" / orphan[:2] / orphan
+    blob.parent.mkdir(exist_ok=True)
+    blob.write_bytes(b"orphan")
+    (store_root / "quarantine").write_bytes(b"not a directory")  # the move cannot happen
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.orphan_blobs_quarantined == ()
+        assert s.last_sweep.orphan_blobs_left == (orphan,)
+        assert [r.name for r in s.records()] == ["m"]
+    assert blob.read_bytes() == b"orphan"
 
 
 def test_startup_sweep_removes_only_the_stores_own_temp_files(
@@ -578,7 +716,7 @@ def test_startup_sweep_removes_nothing_through_a_symlinked_blob_directory(
     foreign = elsewhere / (digest[:2] + "f" * 62)
     foreign.write_bytes(b"another store's blob")
     with FilesystemStorage(store_root) as s:
-        assert s.last_sweep.orphan_blobs_removed == 0
+        assert s.last_sweep.orphan_blobs_quarantined == ()
         assert s.last_sweep.stray_files == 1
         assert read_all(s, "m", "1") == read_blob(s, kept)  # type: ignore[arg-type]
     assert foreign.read_bytes() == b"another store's blob"
@@ -747,7 +885,7 @@ def test_an_edited_index_row_is_stored_data_corrupt(
         db.execute(f"UPDATE models SET {column} = ? WHERE name = 'acme/bad'", (value,))
     with FilesystemStorage(store_root) as storage:
         assert storage.last_sweep.unreadable_rows == (("acme/bad", "1"),)
-        assert storage.last_sweep.orphan_blobs_removed == 0
+        assert storage.last_sweep.orphan_blobs_quarantined == ()
         with pytest.raises(StoredDataCorrupt) as info:
             storage.stat("acme/bad", "1")
         assert info.value.reason == "INDEX_CORRUPT"

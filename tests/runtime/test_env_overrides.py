@@ -18,6 +18,7 @@ import pytest
 
 from strongroom.inference.config import InferenceConfig
 from strongroom.keybroker.config import KeybrokerConfig
+from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.runtime.config import ConfigError, load_service_config
 
 IDENTITY = """
@@ -43,9 +44,14 @@ inference:
   model_store: modelstore:7443
   key_broker: keybroker:7443
 """
+MODELSTORE = """
+modelstore:
+  data_dir: /var/lib/strongroom/models
+"""
 SECTIONS: dict[str, tuple[str, type[Any]]] = {
     "keybroker": (KEYBROKER, KeybrokerConfig),
     "inference": (INFERENCE, InferenceConfig),
+    "modelstore": (MODELSTORE, ModelstoreConfig),
 }
 
 
@@ -86,6 +92,8 @@ LOCKED = [
     # Models any holder of an old (unbound) data key could have written for any name.
     ("inference", "STRONGROOM__INFERENCE__ACCEPT_UNBOUND_ARTIFACTS", "true", "inference.accept_unbound_artifacts"),
     ("inference", "STRONGROOM__INFERENCE__MODEL_KEYS", "[{key_id: x, model_names: [a/]}]", "inference.model_keys"),
+    # Whose names a publisher may take: one more entry lets an identity squat any version.
+    ("modelstore", "STRONGROOM__MODELSTORE__PUBLISHERS", "[{spiffe_id: spiffe://strongroom.test/x, model_names: [a/]}]", "modelstore.publishers"),
 ]  # fmt: skip
 
 

@@ -1,0 +1,41 @@
+"""Which model names each publisher may store: the store's half of the key broker's ``publishers``
+rule (services/keybroker/POLICY.md), with the same name rules (:func:`~strongroom.identifiers.
+name_rule_matches`).
+
+The broker decides which names a publisher may get data keys for; since a data key opens only its
+own model (artifact format 3), an upload under a name the publisher has no key for cannot be
+loaded, but it would still occupy that name and version in the store (the rightful publisher then
+gets ALREADY_EXISTS). This check keeps it out: the store asks it as soon as the artifact's header
+names the model, before the version is reserved and before the body is received.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from strongroom.errors import PermissionDenied
+from strongroom.identifiers import name_rule_matches
+from strongroom.reasons import Reason
+
+
+@dataclasses.dataclass(frozen=True)
+class PublisherScopes:
+    """SPIFFE ID → the model-name rules that identity may store under."""
+
+    rules: Mapping[str, tuple[str, ...]]
+
+    def check(self, spiffe_id: str, name: str) -> None:
+        """Raises PermissionDenied unless ``spiffe_id`` may store model ``name``
+        (``PUBLISHER_NOT_ALLOWED``: not listed; ``MODEL_NAME_NOT_ALLOWED``: listed, not for it)."""
+        names = self.rules.get(spiffe_id)
+        if names is None:
+            raise PermissionDenied(
+                f"publisher {spiffe_id} may not store models in this store",
+                reason=Reason.PUBLISHER_NOT_ALLOWED,
+            )
+        if not any(name_rule_matches(rule, name) for rule in names):
+            raise PermissionDenied(
+                f"publisher {spiffe_id} may not store model {name}",
+                reason=Reason.MODEL_NAME_NOT_ALLOWED,
+            )
