@@ -109,3 +109,26 @@ def parses(text: str) -> bool:
 @pytest.mark.parametrize("text", SPIFFE_IDS)
 def test_spiffe_ids_are_the_services_grammar(text: str) -> None:
     assert admits("spiffeId", text) is parses(text)
+
+
+def test_no_grammar_is_written_twice() -> None:
+    """Model names, versions, key ids and SPIFFE IDs are named by ``$ref`` to the definitions
+    above, never spelt again (a second spelling is how the chart's grammars came to drift)."""
+    found: list[str] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            pattern = node.get("pattern")
+            spelt = isinstance(pattern, str) and (
+                "spiffe://" in pattern or "[A-Za-z0-9][A-Za-z0-9._" in pattern
+            )
+            if spelt and not where.startswith("#/definitions/"):
+                found.append(f"{where}: {pattern}")
+            for key, value in node.items():
+                walk(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}/{i}")
+
+    walk(SCHEMA, "#")
+    assert found == []
