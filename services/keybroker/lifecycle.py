@@ -7,6 +7,8 @@ without a transport.
 
 from __future__ import annotations
 
+import threading
+
 from strongroom.errors import StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
 from strongroom.keybroker.keys import (
@@ -31,6 +33,14 @@ class KeyService:
         self._keys = keys
         self._policies = policies
         self._audit = audit
+        # key_id -> the lock a policy change of that key holds from its record to its file (one per
+        # existing key: a lock is made only once the key was found in the HSM).
+        self._policy_locks: dict[str, threading.Lock] = {}
+        self._policy_locks_guard = threading.Lock()
+
+    def _policy_lock(self, key_id: str) -> threading.Lock:
+        with self._policy_locks_guard:
+            return self._policy_locks.setdefault(key_id, threading.Lock())
 
     def _record(
         self,
@@ -86,24 +96,31 @@ class KeyService:
         moment its file is written, so a change whose record failed would be live unrecorded);
         should storing it fail after that, a ``DENIED`` record with the same decision id follows:
         a decision's last record is its outcome, as for key releases.
+
+        Two changes of one key's policy are serialised from the record to the written file: run
+        side by side, the later record could precede the other's file, so the log's last change
+        named a policy that was not the live one. The lock is this process's: replicas sharing a
+        policy directory each keep their own log, in which each change is still recorded before
+        it is written.
         """
         self._keys.describe_key(key_id)  # NotFound for a key that does not exist
         stored = self._policies.check(key_id, document)
         version = stored.policy.version
-        record = self._record(caller, "set_release_policy", key_id, policy_version=version)
-        try:
-            return self._policies.write(key_id, stored)
-        except StrongroomError as exc:
-            self._record(
-                caller,
-                "set_release_policy",
-                key_id,
-                reason=exc.reason,
-                decision=Decision.DENIED,
-                policy_version=version,
-                decision_id=record.decision_id,
-            )
-            raise
+        with self._policy_lock(key_id):
+            record = self._record(caller, "set_release_policy", key_id, policy_version=version)
+            try:
+                return self._policies.write(key_id, stored)
+            except StrongroomError as exc:
+                self._record(
+                    caller,
+                    "set_release_policy",
+                    key_id,
+                    reason=exc.reason,
+                    decision=Decision.DENIED,
+                    policy_version=version,
+                    decision_id=record.decision_id,
+                )
+                raise
 
     def get_policy(self, key_id: str) -> StoredPolicy:
         """The key's stored release policy (FailedPrecondition when it has none)."""

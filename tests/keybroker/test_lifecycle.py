@@ -7,6 +7,7 @@ record cannot be written never leaves (and is wiped).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -153,6 +154,42 @@ def test_a_policy_that_cannot_be_stored_after_its_record_is_recorded_as_refused(
     assert denied["reason"] == "POLICY_STORE_READ_ONLY"
     assert denied["decision_id"] == allowed["decision_id"]
     assert keys.policy_version("k1") == ""
+
+
+def test_concurrent_policy_changes_leave_the_last_record_naming_the_live_policy(
+    service, monkeypatch
+) -> None:
+    """Two SetReleasePolicy calls on one key: the first recorded, then (a slow disk) written
+    after the second had recorded and written its own, so the log's last change named "p-b"
+    while "p-a" was live."""
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+    real_write = keys._policies.write
+    first_writing = threading.Event()
+    second_written = threading.Event()
+
+    def write(key_id, stored):
+        if stored.policy.version == "p-a":
+            first_writing.set()
+            # Gives the second change every chance to record and write first; serialised, it
+            # cannot record until this write is done.
+            second_written.wait(timeout=1.0)
+        written = real_write(key_id, stored)
+        if stored.policy.version == "p-b":
+            second_written.set()
+        return written
+
+    monkeypatch.setattr(keys._policies, "write", write)
+    first = threading.Thread(
+        target=keys.set_policy, args=(ADMIN, "k1", POLICY.replace('"p1"', '"p-a"'))
+    )
+    first.start()
+    assert first_writing.wait(timeout=30)
+    keys.set_policy(ADMIN, "k1", POLICY.replace('"p1"', '"p-b"'))
+    first.join()
+    changes = [r for r in _records(log) if r["action"] == "set_release_policy"]
+    assert [r["policy_version"] for r in changes] == ["p-a", "p-b"]
+    assert keys.policy_version("k1") == changes[-1]["policy_version"]
 
 
 @pytest.mark.parametrize("change", ["create_key", "rotate_key", "disable_key"])
