@@ -7,11 +7,13 @@ without a transport.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from strongroom.errors import StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
 from strongroom.keybroker.keys import (
+    ChangeGate,
     DataKey,
     KeyInfo,
     KeyManager,
@@ -24,6 +26,8 @@ from strongroom.keybroker.policies import PolicyStore, StoredPolicy
 from strongroom.keybroker.release import Caller
 from strongroom.reasons import Reason
 from strongroom.runtime.metrics import DATA_KEYS_REWRAPPED
+
+_log = logging.getLogger(__name__)
 
 
 class KeyService:
@@ -67,27 +71,61 @@ class KeyService:
         """The version of the key's release policy, or "" when it has none."""
         return self._policies.version(key_id)
 
+    def _gate(self, caller: Caller, action: str, key_id: str) -> ChangeGate:
+        """The gate a key change passes on the HSM worker: its record is written there, right
+        before the token is changed (a change whose record fails is not made, and one that
+        outlives its caller's wait is recorded or not made at all); a change that then fails is
+        recorded as refused under the same decision id."""
+        decision: list[str] = []
+        version: list[int | None] = []
+
+        def before(changed: int | None) -> None:
+            record = self._record(caller, action, key_id, key_version=changed)
+            decision.append(record.decision_id)
+            version.append(changed)
+
+        def failed(exc: BaseException) -> None:
+            reason = exc.reason if isinstance(exc, StrongroomError) else Reason.HSM_OPERATION_FAILED
+            try:
+                self._record(
+                    caller,
+                    action,
+                    key_id,
+                    reason=reason,
+                    decision=Decision.DENIED,
+                    key_version=version[0],
+                    decision_id=decision[0],
+                )
+            except StrongroomError as audit_error:  # the change's own error is what is raised
+                _log.error(
+                    "the refusal of a recorded key change could not be recorded",
+                    extra={"key_id": key_id, "action": action, "reason": audit_error.reason},
+                )
+
+        return ChangeGate(before, failed)
+
     def create_key(self, caller: Caller, key_id: str) -> KeyInfo:
-        """Creates a KEK (version 1) in the HSM."""
-        info = self._keys.create_key(key_id)
-        self._record(caller, "create_key", info.key_id, key_version=info.current_version)
-        return info
+        """Creates a KEK (version 1) in the HSM, recorded as it is published."""
+        validate_key_id(key_id)
+        return self._keys.create_key(key_id, gate=self._gate(caller, "create_key", key_id))
 
     def list_keys(self) -> list[KeyInfo]:
         """Every key and its versions."""
         return self._keys.list_keys()
 
     def rotate_key(self, caller: Caller, key_id: str) -> KeyInfo:
-        """Adds a new current version; older versions keep unwrapping."""
-        info = self._keys.rotate_key(key_id)
-        self._record(caller, "rotate_key", info.key_id, key_version=info.current_version)
-        return info
+        """Adds a new current version; older versions keep unwrapping. Recorded with the new
+        version as it is published."""
+        validate_key_id(key_id)
+        return self._keys.rotate_key(key_id, gate=self._gate(caller, "rotate_key", key_id))
 
     def disable_key(self, caller: Caller, key_id: str, version: int | None) -> KeyInfo:
-        """Disables one version, or every version when ``version`` is None."""
-        info = self._keys.disable_key(key_id, version or "all")
-        self._record(caller, "disable_key", info.key_id, key_version=version)
-        return info
+        """Disables one version, or every version when ``version`` is None; recorded before the
+        token is changed."""
+        validate_key_id(key_id)
+        return self._keys.disable_key(
+            key_id, version or "all", gate=self._gate(caller, "disable_key", key_id)
+        )
 
     def set_policy(self, caller: Caller, key_id: str, document: str) -> StoredPolicy:
         """Validates and stores the release policy of an existing key.

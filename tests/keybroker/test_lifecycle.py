@@ -21,6 +21,7 @@ from strongroom.errors import (
     PermissionDenied,
     StrongroomError,
 )
+from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.keybroker.keys import KeyManager, KeyState
@@ -234,6 +235,134 @@ def test_a_key_change_that_outlives_the_hsm_deadline_is_awaited_and_audited(
     assert [v.state for v in info.versions] == states
     last = _records(tmp_path / "audit.log")[-1]
     assert (last["action"], last["decision"], last["key"]["id"]) == (change, "allowed", "k1")
+
+
+def _slow_service(
+    softhsm_token, open_hsm, tmp_path, timeout: float
+) -> tuple[KeyManager, KeyService, AuditLog]:
+    """A KeyService whose HSM calls time out after ``timeout`` seconds, with key "k1" created
+    (given all the time it needs, recorded as KeyService records it)."""
+    km = KeyManager(open_hsm(make_config(softhsm_token, operation_timeout=timeout)))
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit)
+    km.create_key("k1", timeout=30, gate=keys._gate(ADMIN, "create_key", "k1"))
+    return km, keys, audit
+
+
+def _change(keys: KeyService, change: str) -> None:
+    if change == "rotate_key":
+        keys.rotate_key(ADMIN, "k1")
+    else:
+        keys.disable_key(ADMIN, "k1", 1)
+
+
+@pytest.mark.parametrize("change", ["rotate_key", "disable_key"])
+def test_a_key_change_whose_caller_gave_up_before_it_took_effect_is_not_made(
+    softhsm_token, open_hsm, tmp_path, monkeypatch, change: str
+) -> None:
+    """An HSM that hangs past both waits (the deadline, then one more) answered HSM_TIMEOUT, and
+    the worker then made the change anyway: a rotation or a disable live in the token that no
+    audit record shows."""
+    km, keys, audit = _slow_service(softhsm_token, open_hsm, tmp_path, 0.2)
+    gave_up = threading.Event()
+    real = km._all_objects
+    held: list[bool] = []
+
+    def hang_until_the_caller_gave_up(hs, key_id):
+        if not held:
+            held.append(True)
+            gave_up.wait(timeout=30)
+        return real(hs, key_id)
+
+    monkeypatch.setattr(km, "_all_objects", hang_until_the_caller_gave_up)
+    try:
+        with pytest.raises(StrongroomError) as info:
+            _change(keys, change)
+        gave_up.set()
+        assert info.value.reason == "HSM_TIMEOUT"
+        assert "not made" in info.value.message
+        monkeypatch.undo()
+        # The worker runs one operation at a time: this one runs after the abandoned change.
+        versions = km.describe_key("k1", timeout=30).versions
+    finally:
+        gave_up.set()
+        audit.close()
+    assert held
+    assert [v.state for v in versions] == [KeyState.ENABLED]
+    assert [r["action"] for r in _records(tmp_path / "audit.log")] == ["create_key"]
+
+
+def test_a_key_change_recorded_before_its_caller_gave_up_completes_recorded(
+    softhsm_token, open_hsm, tmp_path, monkeypatch
+) -> None:
+    # Long enough for the lookup and the record before the gate, on a busy machine too: the
+    # change then waits inside its token write until its caller has given up (two timeouts).
+    km, keys, audit = _slow_service(softhsm_token, open_hsm, tmp_path, 1.0)
+    gave_up = threading.Event()
+    real = keys_module._set_flag
+
+    def hang_until_the_caller_gave_up(kek, attribute, value):
+        gave_up.wait(timeout=30)
+        real(kek, attribute, value)
+
+    monkeypatch.setattr(keys_module, "_set_flag", hang_until_the_caller_gave_up)
+    try:
+        with pytest.raises(StrongroomError) as info:
+            keys.disable_key(ADMIN, "k1", 1)
+        gave_up.set()
+        assert info.value.reason == "HSM_TIMEOUT"
+        assert "recorded and may still complete" in info.value.message
+        versions = km.describe_key("k1", timeout=30).versions
+    finally:
+        gave_up.set()
+        audit.close()
+    assert [v.state for v in versions] == [KeyState.DISABLED]
+    last = _records(tmp_path / "audit.log")[-1]
+    assert (last["action"], last["decision"], last["key"]["version"]) == (
+        "disable_key",
+        "allowed",
+        1,
+    )
+
+
+@pytest.mark.parametrize("change", ["rotate_key", "disable_key"])
+def test_a_key_change_whose_record_fails_is_not_made(service, monkeypatch, change: str) -> None:
+    """The change was made first and recorded after: a full or failing audit log left a
+    rotation or a disable live with no record, its caller told the request failed."""
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+
+    def refuse(event):
+        raise AuditUnavailable("disk full")
+
+    monkeypatch.setattr(keys._audit, "append", refuse)
+    with pytest.raises(AuditUnavailable):
+        _change(keys, change)
+    monkeypatch.undo()
+    info = keys._keys.describe_key("k1")
+    assert [v.state for v in info.versions] == [KeyState.ENABLED]
+    assert [r["action"] for r in _records(log)] == ["create_key"]
+
+
+def test_a_recorded_key_change_that_fails_in_the_hsm_is_recorded_as_refused(
+    service, monkeypatch
+) -> None:
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+
+    def fail(kek, attribute, value):
+        raise FailedPrecondition("the token refused", reason="HSM_ERROR")
+
+    monkeypatch.setattr(keys_module, "_set_flag", fail)
+    with pytest.raises(FailedPrecondition):
+        keys.disable_key(ADMIN, "k1", 1)
+    allowed, denied = _records(log)[1:]
+    assert (allowed["decision"], denied["decision"], denied["reason"]) == (
+        "allowed",
+        "denied",
+        "HSM_ERROR",
+    )
+    assert denied["decision_id"] == allowed["decision_id"]
 
 
 def test_a_data_key_is_audited_with_the_model_it_is_bound_to(service) -> None:
