@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
+from typing import NoReturn
 
-from strongroom.errors import StrongroomError
+from strongroom.errors import ResourceExhausted, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
 from strongroom.keybroker.keys import (
     ChangeGate,
@@ -26,17 +29,43 @@ from strongroom.keybroker.policies import PolicyStore, StoredPolicy
 from strongroom.keybroker.release import Caller
 from strongroom.reasons import Reason
 from strongroom.runtime.metrics import DATA_KEYS_REWRAPPED
+from strongroom.runtime.ratelimit import CallerBuckets
 
 _log = logging.getLogger(__name__)
+
+
+REWRAP_REFUSAL_BURST = 64
+"""Refused re-wraps one caller may have recorded at once, then :data:`REWRAP_REFUSAL_RATE` a
+second: each is an fsync'd audit record that costs its caller nothing (not even a valid key id),
+so without a bound one publisher could grow the log until ``audit_max_bytes`` refused every
+decision (key releases included) with AUDIT_LOG_FULL."""
+REWRAP_REFUSAL_RATE = 1.0
+REWRAP_LIMITED_RECORD_SECONDS = 60.0
+"""A caller over its refusal rate is refused without the HSM and recorded at most this often
+(the record counts the refusals left unrecorded since the last)."""
 
 
 class KeyService:
     """Creates, rotates and disables keys, sets policies and issues data keys, auditing each."""
 
-    def __init__(self, keys: KeyManager, policies: PolicyStore, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        keys: KeyManager,
+        policies: PolicyStore,
+        audit: AuditLog,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._keys = keys
         self._policies = policies
         self._audit = audit
+        self._clock = clock
+        self._rewrap_refusals = CallerBuckets(
+            REWRAP_REFUSAL_RATE, REWRAP_REFUSAL_BURST, clock=clock
+        )
+        # caller -> (when its last rate-limited refusal was recorded, refusals unrecorded since)
+        self._rewrap_limited: dict[str, tuple[float, int]] = {}
+        self._rewrap_limited_lock = threading.Lock()
         # key_id -> the lock a policy change of that key holds from its record to its file (one per
         # existing key: a lock is made only once the key was found in the HSM).
         self._policy_locks: dict[str, threading.Lock] = {}
@@ -223,13 +252,19 @@ class KeyService:
         """Moves a wrapped data key to the key's current KEK version, inside the HSM.
 
         Every re-wrap is audited with the versions it moved between (never the key); so is every
-        refusal, since a burst of failed unwraps is what a forged key slot looks like.
+        refusal, since a burst of failed unwraps is what a forged key slot looks like, up to
+        :data:`REWRAP_REFUSAL_BURST` per caller and then :data:`REWRAP_REFUSAL_RATE` a second.
+        Beyond that the caller is refused at once, ResourceExhausted(REWRAP_REFUSALS_RATE_LIMITED),
+        recorded once per :data:`REWRAP_LIMITED_RECORD_SECONDS` with how many went unrecorded.
         """
+        # A malformed id is the caller's: recorded as none (it would invalidate the record).
+        recorded = recordable_key_id(key_id)
+        if not self._rewrap_refusals.available(caller.spiffe_id):
+            self._rewrap_rate_limited(caller, recorded, version)
         try:
             rewrapped = self._keys.rewrap(key_id, version, wrapped)
         except StrongroomError as exc:
-            # A malformed id is the caller's: recorded as none (it would invalidate the record).
-            recorded = recordable_key_id(key_id)
+            self._rewrap_refusals.take(caller.spiffe_id)
             self._record(
                 caller,
                 "rewrap",
@@ -255,3 +290,39 @@ class KeyService:
         )
         DATA_KEYS_REWRAPPED.add(1, {"key_id": key_id, "outcome": "rewrapped"})
         return rewrapped
+
+    def _rewrap_rate_limited(self, caller: Caller, key_id: str | None, version: int) -> NoReturn:
+        refusal = ResourceExhausted(
+            f"more than {REWRAP_REFUSAL_BURST} refused re-wraps at once, or more than "
+            f"{REWRAP_REFUSAL_RATE:g} a second after that, from this caller; retry later",
+            reason=Reason.REWRAP_REFUSALS_RATE_LIMITED,
+        )
+        now = self._clock()
+        with self._rewrap_limited_lock:
+            entry = self._rewrap_limited.get(caller.spiffe_id)
+            due = entry is None or now - entry[0] >= REWRAP_LIMITED_RECORD_SECONDS
+            unrecorded = 0 if entry is None else entry[1]
+            self._rewrap_limited[caller.spiffe_id] = (
+                (now, 0) if due or entry is None else (entry[0], unrecorded + 1)
+            )
+            if len(self._rewrap_limited) > 1024:  # callers no longer limited are forgotten
+                cutoff = now - REWRAP_LIMITED_RECORD_SECONDS
+                self._rewrap_limited = {
+                    k: v for k, v in self._rewrap_limited.items() if v[0] > cutoff
+                }
+        if due:
+            _log.warning(
+                "re-wrap refusals rate-limited",
+                extra={"caller": caller.spiffe_id, "unrecorded": unrecorded},
+            )
+            self._record(
+                caller,
+                "rewrap",
+                key_id,
+                reason=refusal.reason,
+                decision=Decision.DENIED,
+                claims={"from_key_version": version, "refusals_unrecorded": unrecorded},
+            )
+        known = key_id if key_id is not None and self._keys.known(key_id) else None
+        DATA_KEYS_REWRAPPED.add(1, {"key_id": known or "", "outcome": refusal.reason})
+        raise refusal

@@ -22,6 +22,7 @@ from strongroom.errors import (
     StrongroomError,
 )
 from strongroom.keybroker import keys as keys_module
+from strongroom.keybroker import lifecycle as lifecycle_module
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.keybroker.keys import KeyManager, KeyState
@@ -446,3 +447,40 @@ def test_a_key_without_a_policy_admits_every_publisher(service) -> None:
     keys, _ = service
     keys.create_key(ADMIN, "k1")
     keys.generate_data_key(PUBLISHER, "k1", "any/model", "1").wipe()
+
+
+def test_refused_rewraps_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> None:
+    """Each refused ReWrap was an fsync'd audit record costing its caller nothing (a blob of the
+    wrong length is refused before the HSM): one publisher could grow the log until its size cap
+    refused every decision, key releases included, with AUDIT_LOG_FULL."""
+    now = [1000.0]
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit, clock=lambda: now[0])
+    keys.create_key(ADMIN, "k1")
+    other = Caller("spiffe://strongroom.test/publisher-b", 0x21, b"")
+
+    def refused(caller: Caller = PUBLISHER) -> str:
+        with pytest.raises(StrongroomError) as info:
+            keys.rewrap(caller, "k1", 1, b"\x01")
+        return info.value.reason
+
+    try:
+        assert {refused() for _ in range(lifecycle_module.REWRAP_REFUSAL_BURST)} == {
+            "WRAPPED_KEY_INVALID"
+        }
+        assert {refused() for _ in range(10)} == {"REWRAP_REFUSALS_RATE_LIMITED"}
+        assert refused(other) == "WRAPPED_KEY_INVALID"  # per caller
+        # A minute later the bucket has refilled (and is spent again); the next limited refusal
+        # is recorded with the count of those left unrecorded.
+        now[0] += lifecycle_module.REWRAP_LIMITED_RECORD_SECONDS
+        while refused() != "REWRAP_REFUSALS_RATE_LIMITED":
+            pass
+    finally:
+        audit.close()
+    rewraps = [r for r in _records(tmp_path / "audit.log") if r["action"] == "rewrap"]
+    limited = [r for r in rewraps if r["reason"] == "REWRAP_REFUSALS_RATE_LIMITED"]
+    assert [(r["decision"], r["claims"]["refusals_unrecorded"]) for r in limited] == [
+        ("denied", 0),
+        ("denied", 9),
+    ]
+    assert len(rewraps) == lifecycle_module.REWRAP_REFUSAL_BURST + 1 + 60 + 1 + 1
