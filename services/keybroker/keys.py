@@ -670,14 +670,17 @@ class KeyManager:
         # entry the lookup runs now, and the operation reuses it if its session is the same.
         looked: tuple[int, list[_kek.KekVersion]] | None = None
         versions = self._fresh_versions(key_id)
-        if versions is None:
-            looked = self._call(
-                key_id,
-                lambda hs: (hs.serial, self._cached_versions(hs, key_id)),
-                timeout,
-                "key lookup",
-                creates_objects=False,
-            )
+        stale = versions is not None and not any(v.version == version for v in versions)
+        if versions is None or stale:
+            # A version the cached lookup does not hold may have been made since, by a rotation
+            # on another replica: the token is asked before the caller is told there is none.
+
+            def lookup(hs: HsmSession) -> tuple[int, list[_kek.KekVersion]]:
+                if stale:
+                    self._forget(key_id)
+                return hs.serial, self._cached_versions(hs, key_id)
+
+            looked = self._call(key_id, lookup, timeout, "key lookup", creates_objects=False)
             versions = looked[1]
         _require_enabled(_pick(key_id, versions, version))
 
