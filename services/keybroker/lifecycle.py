@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import NoReturn
+from collections.abc import Callable, Mapping
 
 from strongroom.errors import ResourceExhausted, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
@@ -34,15 +33,65 @@ from strongroom.runtime.ratelimit import CallerBuckets
 _log = logging.getLogger(__name__)
 
 
-REWRAP_REFUSAL_BURST = 64
-"""Refused re-wraps one caller may have recorded at once, then :data:`REWRAP_REFUSAL_RATE` a
-second: each is an fsync'd audit record that costs its caller nothing (not even a valid key id),
-so without a bound one publisher could grow the log until ``audit_max_bytes`` refused every
-decision (key releases included) with AUDIT_LOG_FULL."""
-REWRAP_REFUSAL_RATE = 1.0
-REWRAP_LIMITED_RECORD_SECONDS = 60.0
+REFUSAL_BURST = 64
+"""Audited refusals of one kind (ReWrap; GenerateDataKey's policy refusals) one caller may have
+recorded at once, then :data:`REFUSAL_RATE` a second: each is an fsync'd audit record that costs
+its caller nothing (no valid key id or blob, no HSM call), so without a bound one publisher could
+grow the log until ``audit_max_bytes`` refused every decision (key releases included) with
+AUDIT_LOG_FULL."""
+REFUSAL_RATE = 1.0
+LIMITED_RECORD_SECONDS = 60.0
 """A caller over its refusal rate is refused without the HSM and recorded at most this often
 (the record counts the refusals left unrecorded since the last)."""
+
+
+class _RefusalBudget:
+    """How many audited refusals of one kind each caller may have (:data:`REFUSAL_BURST`)."""
+
+    def __init__(self, what: str, reason: Reason, clock: Callable[[], float]) -> None:
+        self._what = what
+        self._reason = reason
+        self._clock = clock
+        self._buckets = CallerBuckets(REFUSAL_RATE, REFUSAL_BURST, clock=clock)
+        # caller -> (when its last rate-limited refusal was recorded, refusals unrecorded since)
+        self._limited: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def spend(self, caller: Caller) -> None:
+        """Counts one recorded refusal of ``caller``."""
+        self._buckets.take(caller.spiffe_id)
+
+    def over(self, caller: Caller) -> tuple[ResourceExhausted, int | None] | None:
+        """None while ``caller`` may still be refused on the record; else the refusal to raise
+        and, when it is due to be recorded, how many went unrecorded since the last record."""
+        if self._buckets.available(caller.spiffe_id):
+            return None
+        refusal = ResourceExhausted(
+            f"more than {REFUSAL_BURST} refused {self._what} at once, or more than "
+            f"{REFUSAL_RATE:g} a second after that, from this caller; retry later",
+            reason=self._reason,
+        )
+        now = self._clock()
+        with self._lock:
+            entry = self._limited.get(caller.spiffe_id)
+            due = entry is None or now - entry[0] >= LIMITED_RECORD_SECONDS
+            unrecorded = 0 if entry is None else entry[1]
+            self._limited[caller.spiffe_id] = (
+                (now, 0) if due or entry is None else (entry[0], unrecorded + 1)
+            )
+            if len(self._limited) > 1024:  # callers no longer limited are forgotten
+                cutoff = now - LIMITED_RECORD_SECONDS
+                self._limited = {k: v for k, v in self._limited.items() if v[0] > cutoff}
+        if due:
+            _log.warning(
+                "audited refusals rate-limited",
+                extra={
+                    "caller": caller.spiffe_id,
+                    "reason": self._reason,
+                    "unrecorded": unrecorded,
+                },
+            )
+        return refusal, (unrecorded if due else None)
 
 
 class KeyService:
@@ -59,13 +108,12 @@ class KeyService:
         self._keys = keys
         self._policies = policies
         self._audit = audit
-        self._clock = clock
-        self._rewrap_refusals = CallerBuckets(
-            REWRAP_REFUSAL_RATE, REWRAP_REFUSAL_BURST, clock=clock
+        self._rewrap_refusals = _RefusalBudget(
+            "re-wraps", Reason.REWRAP_REFUSALS_RATE_LIMITED, clock
         )
-        # caller -> (when its last rate-limited refusal was recorded, refusals unrecorded since)
-        self._rewrap_limited: dict[str, tuple[float, int]] = {}
-        self._rewrap_limited_lock = threading.Lock()
+        self._data_key_refusals = _RefusalBudget(
+            "data keys", Reason.DATA_KEY_REFUSALS_RATE_LIMITED, clock
+        )
         # key_id -> the lock a policy change of that key holds from its record to its file (one per
         # existing key: a lock is made only once the key was found in the HSM).
         self._policy_locks: dict[str, threading.Lock] = {}
@@ -226,6 +274,19 @@ class KeyService:
         # about a well-formed request.
         validate_key_id(key_id)
         require_model(model_name, model_version)
+        claims = {"model_name": model_name, "model_version": model_version}
+        limited = self._data_key_refusals.over(caller)
+        if limited is not None:
+            over, unrecorded = limited
+            if unrecorded is not None:
+                self._refused_on_record(
+                    caller,
+                    "generate_data_key",
+                    key_id,
+                    over,
+                    {**claims, "refusals_unrecorded": unrecorded},
+                )
+            raise over
         try:
             stored = self._policies.get(key_id)
         except StrongroomError as exc:
@@ -238,14 +299,8 @@ class KeyService:
                 return
             except StrongroomError as exc:
                 refusal = exc
-        self._record(
-            caller,
-            "generate_data_key",
-            key_id,
-            reason=refusal.reason,
-            decision=Decision.DENIED,
-            claims={"model_name": model_name, "model_version": model_version},
-        )
+        self._data_key_refusals.spend(caller)
+        self._refused_on_record(caller, "generate_data_key", key_id, refusal, claims)
         raise refusal
 
     def rewrap(self, caller: Caller, key_id: str, version: int, wrapped: bytes) -> Rewrapped:
@@ -253,18 +308,30 @@ class KeyService:
 
         Every re-wrap is audited with the versions it moved between (never the key); so is every
         refusal, since a burst of failed unwraps is what a forged key slot looks like, up to
-        :data:`REWRAP_REFUSAL_BURST` per caller and then :data:`REWRAP_REFUSAL_RATE` a second.
-        Beyond that the caller is refused at once, ResourceExhausted(REWRAP_REFUSALS_RATE_LIMITED),
-        recorded once per :data:`REWRAP_LIMITED_RECORD_SECONDS` with how many went unrecorded.
+        :data:`REFUSAL_BURST` per caller and then :data:`REFUSAL_RATE` a second. Beyond that
+        the caller is refused at once, ResourceExhausted(REWRAP_REFUSALS_RATE_LIMITED), recorded
+        once per :data:`LIMITED_RECORD_SECONDS` with how many went unrecorded.
         """
         # A malformed id is the caller's: recorded as none (it would invalidate the record).
         recorded = recordable_key_id(key_id)
-        if not self._rewrap_refusals.available(caller.spiffe_id):
-            self._rewrap_rate_limited(caller, recorded, version)
+        limited = self._rewrap_refusals.over(caller)
+        if limited is not None:
+            refusal, unrecorded = limited
+            if unrecorded is not None:
+                self._refused_on_record(
+                    caller,
+                    "rewrap",
+                    recorded,
+                    refusal,
+                    {"from_key_version": version, "refusals_unrecorded": unrecorded},
+                )
+            known = recorded if recorded is not None and self._keys.known(recorded) else None
+            DATA_KEYS_REWRAPPED.add(1, {"key_id": known or "", "outcome": refusal.reason})
+            raise refusal
         try:
             rewrapped = self._keys.rewrap(key_id, version, wrapped)
         except StrongroomError as exc:
-            self._rewrap_refusals.take(caller.spiffe_id)
+            self._rewrap_refusals.spend(caller)
             self._record(
                 caller,
                 "rewrap",
@@ -291,38 +358,14 @@ class KeyService:
         DATA_KEYS_REWRAPPED.add(1, {"key_id": key_id, "outcome": "rewrapped"})
         return rewrapped
 
-    def _rewrap_rate_limited(self, caller: Caller, key_id: str | None, version: int) -> NoReturn:
-        refusal = ResourceExhausted(
-            f"more than {REWRAP_REFUSAL_BURST} refused re-wraps at once, or more than "
-            f"{REWRAP_REFUSAL_RATE:g} a second after that, from this caller; retry later",
-            reason=Reason.REWRAP_REFUSALS_RATE_LIMITED,
+    def _refused_on_record(
+        self,
+        caller: Caller,
+        action: str,
+        key_id: str | None,
+        refusal: StrongroomError,
+        claims: Mapping[str, object],
+    ) -> None:
+        self._record(
+            caller, action, key_id, reason=refusal.reason, decision=Decision.DENIED, claims=claims
         )
-        now = self._clock()
-        with self._rewrap_limited_lock:
-            entry = self._rewrap_limited.get(caller.spiffe_id)
-            due = entry is None or now - entry[0] >= REWRAP_LIMITED_RECORD_SECONDS
-            unrecorded = 0 if entry is None else entry[1]
-            self._rewrap_limited[caller.spiffe_id] = (
-                (now, 0) if due or entry is None else (entry[0], unrecorded + 1)
-            )
-            if len(self._rewrap_limited) > 1024:  # callers no longer limited are forgotten
-                cutoff = now - REWRAP_LIMITED_RECORD_SECONDS
-                self._rewrap_limited = {
-                    k: v for k, v in self._rewrap_limited.items() if v[0] > cutoff
-                }
-        if due:
-            _log.warning(
-                "re-wrap refusals rate-limited",
-                extra={"caller": caller.spiffe_id, "unrecorded": unrecorded},
-            )
-            self._record(
-                caller,
-                "rewrap",
-                key_id,
-                reason=refusal.reason,
-                decision=Decision.DENIED,
-                claims={"from_key_version": version, "refusals_unrecorded": unrecorded},
-            )
-        known = key_id if key_id is not None and self._keys.known(key_id) else None
-        DATA_KEYS_REWRAPPED.add(1, {"key_id": known or "", "outcome": refusal.reason})
-        raise refusal

@@ -465,14 +465,12 @@ def test_refused_rewraps_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> N
         return info.value.reason
 
     try:
-        assert {refused() for _ in range(lifecycle_module.REWRAP_REFUSAL_BURST)} == {
-            "WRAPPED_KEY_INVALID"
-        }
+        assert {refused() for _ in range(lifecycle_module.REFUSAL_BURST)} == {"WRAPPED_KEY_INVALID"}
         assert {refused() for _ in range(10)} == {"REWRAP_REFUSALS_RATE_LIMITED"}
         assert refused(other) == "WRAPPED_KEY_INVALID"  # per caller
         # A minute later the bucket has refilled (and is spent again); the next limited refusal
         # is recorded with the count of those left unrecorded.
-        now[0] += lifecycle_module.REWRAP_LIMITED_RECORD_SECONDS
+        now[0] += lifecycle_module.LIMITED_RECORD_SECONDS
         while refused() != "REWRAP_REFUSALS_RATE_LIMITED":
             pass
     finally:
@@ -483,4 +481,31 @@ def test_refused_rewraps_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> N
         ("denied", 0),
         ("denied", 9),
     ]
-    assert len(rewraps) == lifecycle_module.REWRAP_REFUSAL_BURST + 1 + 60 + 1 + 1
+    assert len(rewraps) == lifecycle_module.REFUSAL_BURST + 1 + 60 + 1 + 1
+
+
+def test_refused_data_keys_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> None:
+    """A publisher a key's policy does not name got an fsync'd refusal record per call, with no
+    HSM work: the same unbounded growth of the log as refused re-wraps."""
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit, clock=lambda: 1000.0)
+    _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
+    other = Caller("spiffe://strongroom.test/publisher-b", 0x21, b"")
+    reasons = []
+    try:
+        for _ in range(lifecycle_module.REFUSAL_BURST + 5):
+            with pytest.raises(StrongroomError) as info:
+                keys.generate_data_key(other, "k1", "tenant-a/model", "1")
+            reasons.append(info.value.reason)
+        keys.generate_data_key(PUBLISHER, "k1", "tenant-a/model", "1").wipe()  # per caller
+    finally:
+        audit.close()
+    assert (
+        reasons
+        == ["PUBLISHER_NOT_ALLOWED"] * lifecycle_module.REFUSAL_BURST
+        + ["DATA_KEY_REFUSALS_RATE_LIMITED"] * 5
+    )
+    data_keys = [r for r in _records(tmp_path / "audit.log") if r["action"] == "generate_data_key"]
+    assert len(data_keys) == lifecycle_module.REFUSAL_BURST + 1 + 1
+    assert data_keys[-2]["reason"] == "DATA_KEY_REFUSALS_RATE_LIMITED"
+    assert data_keys[-2]["claims"]["refusals_unrecorded"] == 0
