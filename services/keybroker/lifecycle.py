@@ -7,12 +7,13 @@ without a transport.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 
-from strongroom.errors import ResourceExhausted, StrongroomError
+from strongroom.errors import FailedPrecondition, ResourceExhausted, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
 from strongroom.keybroker.keys import (
     ChangeGate,
@@ -217,12 +218,23 @@ class KeyService:
         named a policy that was not the live one. The lock is this process's: replicas sharing a
         policy directory each keep their own log, in which each change is still recorded before
         it is written.
+
+        A new document must carry a new version: release records name the policy that judged
+        them only by its version, so a policy loosened under the version it had (or any other
+        edit) would make every record of that version ambiguous. The same document again is
+        accepted (a retry); another one under the live version is refused,
+        FailedPrecondition(POLICY_VERSION_REUSED), unrecorded like any refused change. Each
+        record also carries the document's SHA-256 (``claims.policy_sha256``).
         """
         self._keys.describe_key(key_id)  # NotFound for a key that does not exist
         stored = self._policies.check(key_id, document)
         version = stored.policy.version
+        claims = {"policy_sha256": hashlib.sha256(document.encode()).hexdigest()}
         with self._policy_lock(key_id):
-            record = self._record(caller, "set_release_policy", key_id, policy_version=version)
+            self._refuse_reused_version(key_id, stored)
+            record = self._record(
+                caller, "set_release_policy", key_id, policy_version=version, claims=claims
+            )
             try:
                 return self._policies.write(key_id, stored)
             except StrongroomError as exc:
@@ -234,8 +246,22 @@ class KeyService:
                     decision=Decision.DENIED,
                     policy_version=version,
                     decision_id=record.decision_id,
+                    claims=claims,
                 )
                 raise
+
+    def _refuse_reused_version(self, key_id: str, new: StoredPolicy) -> None:
+        try:
+            live = self._policies.get(key_id)
+        except StrongroomError:
+            return  # none, or one that does not read or load: nothing a release could name
+        if live.policy.version == new.policy.version and live.document != new.document:
+            raise FailedPrecondition(
+                f"the release policy of {key_id!r} is already at version "
+                f"{new.policy.version!r} with another document: give the new document a version "
+                "of its own (release records name a policy by its version)",
+                reason=Reason.POLICY_VERSION_REUSED,
+            )
 
     def get_policy(self, key_id: str) -> StoredPolicy:
         """The key's stored release policy (FailedPrecondition when it has none)."""

@@ -6,6 +6,7 @@ record cannot be written never leaves (and is wiped).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -121,6 +122,26 @@ def test_a_refused_rewrap_of_a_malformed_key_id_is_audited(service, key_id: str)
     )
     assert record["key"]["id"] is None
     assert record["caller"]["spiffe_id"] == PUBLISHER.spiffe_id
+
+
+def test_another_document_under_the_live_policy_version_is_refused(service) -> None:
+    """Release records name the policy that judged them by its version only: a policy loosened
+    (another measurement, another caller) under the version it had was accepted, and every
+    record of that version then named two policies."""
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+    keys.set_policy(ADMIN, "k1", POLICY)
+    loosened = POLICY.replace('"ab" * 48', '"cd" * 48').replace("ab" * 48, "cd" * 48)
+    assert loosened != POLICY
+    with pytest.raises(FailedPrecondition) as info:
+        keys.set_policy(ADMIN, "k1", loosened)
+    assert info.value.reason == "POLICY_VERSION_REUSED"
+    assert keys.get_policy("k1").document == POLICY
+    keys.set_policy(ADMIN, "k1", POLICY)  # the same document again: a retry
+    keys.set_policy(ADMIN, "k1", loosened.replace('"p1"', '"p2"'))  # a version of its own
+    changes = [r for r in _records(log) if r["action"] == "set_release_policy"]
+    assert [r["policy_version"] for r in changes] == ["p1", "p1", "p2"]
+    assert changes[0]["claims"]["policy_sha256"] == hashlib.sha256(POLICY.encode()).hexdigest()
 
 
 def test_a_policy_change_whose_record_fails_does_not_take_effect(service, monkeypatch) -> None:
