@@ -264,8 +264,15 @@ class KeyService:
             )
 
     def get_policy(self, key_id: str) -> StoredPolicy:
-        """The key's stored release policy (FailedPrecondition when it has none)."""
-        return self._policies.get(key_id)
+        """The key's stored release policy: FailedPrecondition(NO_RELEASE_POLICY) when the key
+        has none, NotFound(KEY_NOT_FOUND) when there is no such key (it answered "no policy" for
+        a key that does not exist, which an admin reads as a key waiting for one)."""
+        try:
+            return self._policies.get(key_id)
+        except StrongroomError as exc:
+            if exc.reason == Reason.NO_RELEASE_POLICY:
+                self._keys.describe_key(key_id)
+            raise
 
     def generate_data_key(
         self, caller: Caller, key_id: str, model_name: str, model_version: str

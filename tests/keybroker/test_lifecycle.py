@@ -84,6 +84,17 @@ def test_a_policy_for_a_missing_key_is_refused_and_not_audited(service) -> None:
     assert keys.policy_version("nope") == ""
 
 
+def test_the_policy_of_a_missing_key_is_not_found_not_absent(service) -> None:
+    keys, _ = service
+    keys.create_key(ADMIN, "k1")
+    with pytest.raises(FailedPrecondition) as absent:
+        keys.get_policy("k1")
+    assert absent.value.reason == "NO_RELEASE_POLICY"
+    with pytest.raises(NotFound) as missing:
+        keys.get_policy("nope")
+    assert missing.value.reason == "KEY_NOT_FOUND"
+
+
 def test_a_data_key_that_cannot_be_audited_never_leaves(service, monkeypatch) -> None:
     keys, _ = service
     keys.create_key(ADMIN, "k1")
