@@ -13,8 +13,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from strongroom.errors import FailedPrecondition, ResourceExhausted, StrongroomError
+from strongroom.errors import (
+    DataLoss,
+    FailedPrecondition,
+    Internal,
+    ResourceExhausted,
+    StrongroomError,
+    Unavailable,
+)
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
+from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.keybroker.keys import (
     ChangeGate,
     DataKey,
@@ -44,6 +52,15 @@ REFUSAL_RATE = 1.0
 LIMITED_RECORD_SECONDS = 60.0
 """A caller over its refusal rate is refused without the HSM and recorded at most this often
 (the record counts the refusals left unrecorded since the last)."""
+
+
+def _callers_fault(refusal: StrongroomError) -> bool:
+    """Whether a refusal counts against its caller's budget: not when the broker failed (an HSM
+    or audit outage, a damaged key, a stored policy that does not read or load), or an outage
+    would turn every caller's real reason into a rate limit after a burst."""
+    return not isinstance(
+        refusal, Unavailable | Internal | DataLoss | PolicyUnreadable | StoredPolicyInvalid
+    )
 
 
 class _RefusalBudget:
@@ -332,7 +349,8 @@ class KeyService:
                 return
             except StrongroomError as exc:
                 refusal = exc
-        self._data_key_refusals.spend(caller)
+        if _callers_fault(refusal):
+            self._data_key_refusals.spend(caller)
         self._refused_on_record(caller, "generate_data_key", key_id, refusal, claims)
         raise refusal
 
@@ -364,7 +382,8 @@ class KeyService:
         try:
             rewrapped = self._keys.rewrap(key_id, version, wrapped)
         except StrongroomError as exc:
-            self._rewrap_refusals.spend(caller)
+            if _callers_fault(exc):
+                self._rewrap_refusals.spend(caller)
             self._record(
                 caller,
                 "rewrap",

@@ -541,3 +541,24 @@ def test_refused_data_keys_are_recorded_up_to_a_rate_per_caller(km, tmp_path) ->
     assert len(data_keys) == lifecycle_module.REFUSAL_BURST + 1 + 1
     assert data_keys[-2]["reason"] == "DATA_KEY_REFUSALS_RATE_LIMITED"
     assert data_keys[-2]["claims"]["refusals_unrecorded"] == 0
+
+
+def test_the_brokers_own_failures_do_not_spend_a_callers_refusal_budget(
+    km, tmp_path, service
+) -> None:
+    """An HSM outage or a policy file that does not read refuses every call, recorded with its
+    reason; counted against the callers, they turned into a rate limit after 64 calls."""
+    keys, log = service
+    _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
+    next((log.parent / "policies").iterdir()).write_text("version: [", encoding="utf-8")
+    km.hsm.close()
+    reasons = set()
+    for _ in range(lifecycle_module.REFUSAL_BURST + 2):
+        for call in (
+            lambda: keys.rewrap(PUBLISHER, "k1", 1, b"\x01" * 40),
+            lambda: keys.generate_data_key(PUBLISHER, "k1", "tenant-a/model", "1"),
+        ):
+            with pytest.raises(StrongroomError) as info:
+                call()
+            reasons.add(info.value.reason)
+    assert reasons == {"HSM_CLOSED", "POLICY_SYNTAX"}
