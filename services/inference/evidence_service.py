@@ -23,6 +23,7 @@ from strongroom.attestation import binding
 from strongroom.attesters import Attester
 from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.reasons import Reason
+from strongroom.runtime.ratelimit import CallerBuckets
 from strongroom.runtime.streams import peer_identity
 
 log = logging.getLogger(__name__)
@@ -65,32 +66,7 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._rate = per_caller_rate
         self._burst = per_caller_burst
-        self._clock = clock
-        self._lock = threading.Lock()
-        # Caller -> (tokens left, when counted). Full buckets are dropped, so it holds only the
-        # callers of the last burst / rate seconds.
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def _take_token(self, caller: str) -> bool:
-        now = self._clock()
-        with self._lock:
-            tokens, then = self._buckets.get(caller, (float(self._burst), now))
-            tokens = min(float(self._burst), tokens + (now - then) * self._rate)
-            if tokens < 1.0:
-                self._buckets[caller] = (tokens, now)
-                return False
-            self._buckets[caller] = (tokens - 1.0, now)
-            if len(self._buckets) > 1024:
-                full = now - self._burst / self._rate
-                self._buckets = {k: v for k, v in self._buckets.items() if v[1] > full}
-            return True
-
-    def _refund(self, caller: str) -> None:
-        """Gives back the token of a request refused before it reached the hardware."""
-        with self._lock:
-            counted = self._buckets.get(caller)
-            if counted is not None:
-                self._buckets[caller] = (min(float(self._burst), counted[0] + 1.0), counted[1])
+        self._buckets = CallerBuckets(per_caller_rate, per_caller_burst, clock=clock)
 
     def GetEvidence(
         self, request: pb.GetEvidenceRequest, context: grpc.ServicerContext
@@ -103,7 +79,7 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
                 reason=Reason.NONCE_LENGTH,
             )
         caller = peer_identity(context)
-        if not self._take_token(caller):
+        if not self._buckets.take(caller):
             raise ResourceExhausted(
                 f"more than {self._burst} attestation requests at once, or more than "
                 f"{self._rate:g} a second after that, from this caller; retry later",
@@ -114,7 +90,7 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
         if not self._slots.acquire(blocking=False):
             # The hardware was not asked: the caller keeps its token, or other callers filling the
             # slots would spend its rate for it (and it would then be ATTESTATION_RATE_LIMITED).
-            self._refund(caller)
+            self._buckets.refund(caller)
             raise ResourceExhausted(
                 "too many attestation requests in progress; retry shortly",
                 reason=Reason.ATTESTATION_BUSY,

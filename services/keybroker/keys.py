@@ -21,8 +21,11 @@ CKA_WRAP_WITH_TRUSTED; the protection is that the session object lives only insi
 
 All methods take ``timeout`` (seconds, default the HSM configuration's) and may raise
 ``HsmUnavailable`` (``Unavailable``) when the HSM cannot answer in time. A change to the token
-(create, rotate, enable, disable) that has started is waited for up to one more timeout: it is
-made whatever its caller does, and its caller must hear of it to audit it.
+(create, rotate, enable, disable) that has started is waited for up to one more timeout: the
+worker runs it to its end whatever its caller does. Each change passes a :class:`ChangeGate` on
+the worker right before it writes to the token, where its audit record is written; a change whose
+caller stopped waiting before it reached the gate is not made, so a change that outlives both
+timeouts is never made unrecorded.
 
 **A key the HSM cannot use.** When an operation on a key fails inside a token that still answers
 (SoftHSM2's ``CKR_GENERAL_ERROR`` for a damaged object file, an undecodable label, or a key this
@@ -219,11 +222,11 @@ class _KeyCall(Generic[T]):
         """``time.perf_counter()`` when the HSM finished it (None until then)."""
         return self._call.finished_at
 
-    def result(self, *, finish_started: bool = False) -> T:
-        """Waits for the operation; raises as the synchronous methods do. With
-        ``finish_started``, an operation whose deadline passed once it had started is waited for
-        to its end (:meth:`KeyManager._call`)."""
-        return self._manager._settle(self._key_id, self._call, self._ran_on, finish_started)
+    def result(self, *, change: ChangeGate | None = None) -> T:
+        """Waits for the operation; raises as the synchronous methods do. With ``change`` (a
+        key change's gate), an operation whose deadline passed once it had started is waited for
+        once more (:meth:`KeyManager._call`)."""
+        return self._manager._settle(self._key_id, self._call, self._ran_on, change)
 
 
 class PendingRelease:
@@ -263,6 +266,65 @@ class PendingRelease:
             raise self._error
         assert self._call is not None
         return self._call.result()
+
+
+class ChangeGate:
+    """The point where a key change (create, rotate, enable, disable) takes effect in the token.
+
+    The HSM worker passes it right before its first write to the token: ``before`` runs there
+    with the version the change makes or changes (None: every version) — the key broker writes
+    the change's audit record in it, so a change whose record cannot be written is not made —
+    and ``failed`` runs if that write then fails (the broker records the refusal under the same
+    decision, on the worker, so it is recorded even once the caller has stopped waiting).
+
+    A caller that stops waiting (the operation outlived its deadline twice) *abandons* the
+    change: if it had not reached the gate it is not made at all. Before this, a change that
+    outlived both waits was made in the token later, unaudited and unknown to its caller.
+    """
+
+    __slots__ = ("_before", "_failed", "_lock", "_state")
+
+    def __init__(
+        self,
+        before: Callable[[int | None], None] | None = None,
+        failed: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._before = before
+        self._failed = failed
+        self._lock = threading.Lock()
+        self._state = "open"  # -> "entered" (worker) or "abandoned" (caller), once
+
+    def enter(self, version: int | None) -> None:
+        """Worker: the change is about to take effect. Raises (and the change is not made) if
+        its caller has abandoned it, or if ``before`` raises."""
+        with self._lock:
+            if self._state == "abandoned":
+                # Unavailable, not HsmUnavailable: the connection is fine (no reconnect).
+                raise Unavailable(
+                    "the key change was abandoned by its caller after the HSM deadline; not made",
+                    reason=Reason.HSM_TIMEOUT,
+                )
+            self._state = "entered"
+        if self._before is not None:
+            self._before(version)
+
+    def write(self, version: int | None, change: Callable[[], None]) -> None:
+        """Worker: :meth:`enter`, then ``change``; ``failed`` is told if ``change`` raises."""
+        self.enter(version)
+        try:
+            change()
+        except BaseException as exc:
+            if self._failed is not None:
+                self._failed(exc)
+            raise
+
+    def abandon(self) -> bool:
+        """Caller: stops waiting. True if the change will not be made (it had not reached the
+        gate); False if it had (recorded, and made unless its write fails)."""
+        with self._lock:
+            if self._state == "open":
+                self._state = "abandoned"
+            return self._state == "abandoned"
 
 
 def recordable_key_id(key_id: object) -> str | None:
@@ -382,9 +444,13 @@ class KeyManager:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def create_key(self, key_id: str, *, timeout: float | None = None) -> KeyInfo:
-        """Creates ``key_id`` with version 1. AlreadyExists(KEY_ALREADY_EXISTS) if it exists."""
+    def create_key(
+        self, key_id: str, *, timeout: float | None = None, gate: ChangeGate | None = None
+    ) -> KeyInfo:
+        """Creates ``key_id`` with version 1. AlreadyExists(KEY_ALREADY_EXISTS) if it exists.
+        ``gate`` (every change takes one): see :class:`ChangeGate`."""
         validate_key_id(key_id)
+        gate = gate or ChangeGate()
 
         def first(existing: list[_kek.KekObject]) -> int:
             if any(not k.pending for k in existing):
@@ -392,16 +458,19 @@ class KeyManager:
             return 1
 
         def op(hs: HsmSession) -> KeyInfo:
-            self._create_version(hs, key_id, first)
+            self._create_version(hs, key_id, first, gate)
             return _info(key_id, self._versions(hs, key_id))
 
-        info = self._call(key_id, op, timeout, "create_key", change=True)
+        info = self._call(key_id, op, timeout, "create_key", change=gate)
         _log.info("key created", extra={"key_id": key_id, "key_version": 1})
         return info
 
-    def rotate_key(self, key_id: str, *, timeout: float | None = None) -> KeyInfo:
+    def rotate_key(
+        self, key_id: str, *, timeout: float | None = None, gate: ChangeGate | None = None
+    ) -> KeyInfo:
         """Adds a new version that becomes current; older versions keep unwrapping."""
         validate_key_id(key_id)
+        gate = gate or ChangeGate()
 
         def following(existing: list[_kek.KekObject]) -> int:
             published = [k.version for k in existing if not k.pending]
@@ -416,24 +485,34 @@ class KeyManager:
 
         def op(hs: HsmSession) -> KeyInfo:
             self._require_versions(hs, key_id)
-            self._create_version(hs, key_id, following)
+            self._create_version(hs, key_id, following, gate)
             return _info(key_id, self._versions(hs, key_id))
 
-        info = self._call(key_id, op, timeout, "rotate_key", change=True)
+        info = self._call(key_id, op, timeout, "rotate_key", change=gate)
         _log.info("key rotated", extra={"key_id": key_id, "key_version": info.current_version})
         return info
 
     def disable_key(
-        self, key_id: str, version: int | Literal["all"], *, timeout: float | None = None
+        self,
+        key_id: str,
+        version: int | Literal["all"],
+        *,
+        timeout: float | None = None,
+        gate: ChangeGate | None = None,
     ) -> KeyInfo:
         """Disables one version, or every version with ``ALL_VERSIONS``; idempotent."""
-        return self._set_state(key_id, version, enabled=False, timeout=timeout)
+        return self._set_state(key_id, version, enabled=False, timeout=timeout, gate=gate)
 
     def enable_key(
-        self, key_id: str, version: int | Literal["all"], *, timeout: float | None = None
+        self,
+        key_id: str,
+        version: int | Literal["all"],
+        *,
+        timeout: float | None = None,
+        gate: ChangeGate | None = None,
     ) -> KeyInfo:
         """Re-enables one version, or every version with ``ALL_VERSIONS``; idempotent."""
-        return self._set_state(key_id, version, enabled=True, timeout=timeout)
+        return self._set_state(key_id, version, enabled=True, timeout=timeout, gate=gate)
 
     def describe_key(self, key_id: str, *, timeout: float | None = None) -> KeyInfo:
         """The versions of ``key_id``; NotFound(KEY_NOT_FOUND) if there are none."""
@@ -591,14 +670,17 @@ class KeyManager:
         # entry the lookup runs now, and the operation reuses it if its session is the same.
         looked: tuple[int, list[_kek.KekVersion]] | None = None
         versions = self._fresh_versions(key_id)
-        if versions is None:
-            looked = self._call(
-                key_id,
-                lambda hs: (hs.serial, self._cached_versions(hs, key_id)),
-                timeout,
-                "key lookup",
-                creates_objects=False,
-            )
+        stale = versions is not None and not any(v.version == version for v in versions)
+        if versions is None or stale:
+            # A version the cached lookup does not hold may have been made since, by a rotation
+            # on another replica: the token is asked before the caller is told there is none.
+
+            def lookup(hs: HsmSession) -> tuple[int, list[_kek.KekVersion]]:
+                if stale:
+                    self._forget(key_id)
+                return hs.serial, self._cached_versions(hs, key_id)
+
+            looked = self._call(key_id, lookup, timeout, "key lookup", creates_objects=False)
             versions = looked[1]
         _require_enabled(_pick(key_id, versions, version))
 
@@ -680,20 +762,21 @@ class KeyManager:
         *,
         recheck: bool = False,
         creates_objects: bool = True,
-        change: bool = False,
+        change: ChangeGate | None = None,
     ) -> T:
         """Runs an operation on ``key_id``, tracking keys the HSM fails to use (module doc);
         ``creates_objects`` as for :meth:`Hsm.call`.
 
-        ``change`` marks an operation that changes the token (create, rotate, enable, disable).
-        The worker runs a started operation to its end even when its caller's deadline passes: a
-        change that answered ``HSM_TIMEOUT`` was made anyway, and its caller, told to retry,
-        never audited it (and a retried rotation made a second version). So once a change has
-        started, its caller waits for its outcome, up to one more timeout.
+        ``change`` marks an operation that changes the token (create, rotate, enable, disable)
+        with the gate it passes. The worker runs a started operation to its end even when its
+        caller's deadline passes: a change that answered ``HSM_TIMEOUT`` was made anyway, and
+        its caller, told to retry, never audited it (and a retried rotation made a second
+        version). So once a change has started, its caller waits for its outcome, up to one more
+        timeout; then it abandons the gate, so that a change still short of it is not made.
         """
         return self._submit(
             key_id, op, timeout, name, recheck=recheck, creates_objects=creates_objects
-        ).result(finish_started=change)
+        ).result(change=change)
 
     def _submit(
         self,
@@ -722,20 +805,29 @@ class KeyManager:
         return _KeyCall(self, key_id, call, ran_on)
 
     def _settle(
-        self, key_id: str, call: HsmCall[T], ran_on: list[int], finish_started: bool = False
+        self,
+        key_id: str,
+        call: HsmCall[T],
+        ran_on: list[int],
+        change: ChangeGate | None = None,
     ) -> T:
         """Waits for ``call`` and records whether ``key_id`` worked (module doc)."""
         try:
             try:
                 result = call.result()
             except HsmUnavailable as exc:
-                if not (finish_started and exc.reason == Reason.HSM_TIMEOUT and call.started):
+                if not (change is not None and exc.reason == Reason.HSM_TIMEOUT and call.started):
                     raise
                 _log.warning(
                     "key change outlived its HSM deadline; waiting for its outcome",
                     extra={"key_id": key_id},
                 )
-                result = call.finish()
+                try:
+                    result = call.finish()
+                except HsmUnavailable as late:
+                    if late.reason != Reason.HSM_TIMEOUT:
+                        raise
+                    raise _abandoned(key_id, change, late) from None
         except HsmUnavailable as exc:
             if exc.reason != Reason.HSM_OPERATION_FAILED or not ran_on:
                 raise
@@ -812,9 +904,14 @@ class KeyManager:
         return [kek for kek in _search(hs, template) if kek.key_id == key_id]
 
     def _create_version(
-        self, hs: HsmSession, key_id: str, choose: Callable[[list[_kek.KekObject]], int]
+        self,
+        hs: HsmSession,
+        key_id: str,
+        choose: Callable[[list[_kek.KekObject]], int],
+        gate: ChangeGate,
     ) -> None:
-        """Creates and publishes one version, backing off when another replica races us."""
+        """Creates and publishes one version, backing off when another replica races us; the
+        publication (the one write that makes it visible) passes ``gate``."""
         for attempt in range(_CREATE_ATTEMPTS):
             now_ms = int(self._clock() * 1000)
             existing = self._reap(self._all_objects(hs, key_id), now_ms)
@@ -834,7 +931,16 @@ class KeyManager:
                 if k.version == version and k.nonce != nonce
             ]
             if not rivals:
-                key[Attribute.LABEL] = _kek.label(key_id, version, now_ms, nonce, pending=False)
+                published = _kek.label(key_id, version, now_ms, nonce, pending=False)
+                try:
+                    gate.write(
+                        version, functools.partial(key.__setitem__, Attribute.LABEL, published)
+                    )
+                except BaseException:
+                    # Not published: nobody reads it, but it need not wait to be reaped either.
+                    with contextlib.suppress(p11x.PKCS11Error):
+                        key.destroy()
+                    raise
                 return
             key.destroy()
             _log.info(
@@ -866,11 +972,18 @@ class KeyManager:
         return alive
 
     def _set_state(
-        self, key_id: str, version: int | Literal["all"], *, enabled: bool, timeout: float | None
+        self,
+        key_id: str,
+        version: int | Literal["all"],
+        *,
+        enabled: bool,
+        timeout: float | None,
+        gate: ChangeGate | None,
     ) -> KeyInfo:
         validate_key_id(key_id)
         if version != ALL_VERSIONS:
             validate_version(version)
+        change = gate or ChangeGate()
 
         def op(hs: HsmSession) -> KeyInfo:
             versions = self._require_versions(hs, key_id)
@@ -881,20 +994,37 @@ class KeyManager:
                 if not enabled
                 else (Attribute.WRAP, Attribute.UNWRAP)
             )
-            for group in chosen:
-                for kek in group.candidates:
-                    for attribute in order:
-                        _set_flag(kek, attribute, enabled)
+
+            def flip() -> None:
+                for group in chosen:
+                    for kek in group.candidates:
+                        for attribute in order:
+                            _set_flag(kek, attribute, enabled)
+
+            change.write(None if version == ALL_VERSIONS else version, flip)
             return _info(key_id, self._versions(hs, key_id))
 
         info = self._call(
-            key_id, op, timeout, "enable_key" if enabled else "disable_key", change=True
+            key_id, op, timeout, "enable_key" if enabled else "disable_key", change=change
         )
         _log.info(
             "key version state changed",
             extra={"key_id": key_id, "key_version": version, "enabled": enabled},
         )
         return info
+
+
+def _abandoned(key_id: str, gate: ChangeGate, late: HsmUnavailable) -> HsmUnavailable:
+    """What the caller of a key change hears once it stops waiting for it."""
+    if gate.abandon():
+        _log.warning("key change abandoned before it took effect", extra={"key_id": key_id})
+        return HsmUnavailable(f"{late.message}; the change was not made", reason=Reason.HSM_TIMEOUT)
+    _log.warning("key change recorded but still running in the HSM", extra={"key_id": key_id})
+    return HsmUnavailable(
+        f"{late.message}; the change was recorded and may still complete: list the key before "
+        "retrying",
+        reason=Reason.HSM_TIMEOUT,
+    )
 
 
 def _search(hs: HsmSession, template: dict[Attribute, Any]) -> list[_kek.KekObject]:

@@ -7,9 +7,24 @@ without a transport.
 
 from __future__ import annotations
 
-from strongroom.errors import StrongroomError
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+from strongroom.errors import (
+    DataLoss,
+    FailedPrecondition,
+    Internal,
+    ResourceExhausted,
+    StrongroomError,
+    Unavailable,
+)
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
+from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.keybroker.keys import (
+    ChangeGate,
     DataKey,
     KeyInfo,
     KeyManager,
@@ -22,15 +37,109 @@ from strongroom.keybroker.policies import PolicyStore, StoredPolicy
 from strongroom.keybroker.release import Caller
 from strongroom.reasons import Reason
 from strongroom.runtime.metrics import DATA_KEYS_REWRAPPED
+from strongroom.runtime.ratelimit import CallerBuckets
+
+_log = logging.getLogger(__name__)
+
+
+REFUSAL_BURST = 64
+"""Audited refusals of one kind (ReWrap; GenerateDataKey's policy refusals) one caller may have
+recorded at once, then :data:`REFUSAL_RATE` a second: each is an fsync'd audit record that costs
+its caller nothing (no valid key id or blob, no HSM call), so without a bound one publisher could
+grow the log until ``audit_max_bytes`` refused every decision (key releases included) with
+AUDIT_LOG_FULL."""
+REFUSAL_RATE = 1.0
+LIMITED_RECORD_SECONDS = 60.0
+"""A caller over its refusal rate is refused without the HSM and recorded at most this often
+(the record counts the refusals left unrecorded since the last)."""
+
+
+def _callers_fault(refusal: StrongroomError) -> bool:
+    """Whether a refusal counts against its caller's budget: not when the broker failed (an HSM
+    or audit outage, a damaged key, a stored policy that does not read or load), or an outage
+    would turn every caller's real reason into a rate limit after a burst."""
+    return not isinstance(
+        refusal, Unavailable | Internal | DataLoss | PolicyUnreadable | StoredPolicyInvalid
+    )
+
+
+class _RefusalBudget:
+    """How many audited refusals of one kind each caller may have (:data:`REFUSAL_BURST`)."""
+
+    def __init__(self, what: str, reason: Reason, clock: Callable[[], float]) -> None:
+        self._what = what
+        self._reason = reason
+        self._clock = clock
+        self._buckets = CallerBuckets(REFUSAL_RATE, REFUSAL_BURST, clock=clock)
+        # caller -> (when its last rate-limited refusal was recorded, refusals unrecorded since)
+        self._limited: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def spend(self, caller: Caller) -> None:
+        """Counts one recorded refusal of ``caller``."""
+        self._buckets.take(caller.spiffe_id)
+
+    def over(self, caller: Caller) -> tuple[ResourceExhausted, int | None] | None:
+        """None while ``caller`` may still be refused on the record; else the refusal to raise
+        and, when it is due to be recorded, how many went unrecorded since the last record."""
+        if self._buckets.available(caller.spiffe_id):
+            return None
+        refusal = ResourceExhausted(
+            f"more than {REFUSAL_BURST} refused {self._what} at once, or more than "
+            f"{REFUSAL_RATE:g} a second after that, from this caller; retry later",
+            reason=self._reason,
+        )
+        now = self._clock()
+        with self._lock:
+            entry = self._limited.get(caller.spiffe_id)
+            due = entry is None or now - entry[0] >= LIMITED_RECORD_SECONDS
+            unrecorded = 0 if entry is None else entry[1]
+            self._limited[caller.spiffe_id] = (
+                (now, 0) if due or entry is None else (entry[0], unrecorded + 1)
+            )
+            if len(self._limited) > 1024:  # callers no longer limited are forgotten
+                cutoff = now - LIMITED_RECORD_SECONDS
+                self._limited = {k: v for k, v in self._limited.items() if v[0] > cutoff}
+        if due:
+            _log.warning(
+                "audited refusals rate-limited",
+                extra={
+                    "caller": caller.spiffe_id,
+                    "reason": self._reason,
+                    "unrecorded": unrecorded,
+                },
+            )
+        return refusal, (unrecorded if due else None)
 
 
 class KeyService:
     """Creates, rotates and disables keys, sets policies and issues data keys, auditing each."""
 
-    def __init__(self, keys: KeyManager, policies: PolicyStore, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        keys: KeyManager,
+        policies: PolicyStore,
+        audit: AuditLog,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._keys = keys
         self._policies = policies
         self._audit = audit
+        self._rewrap_refusals = _RefusalBudget(
+            "re-wraps", Reason.REWRAP_REFUSALS_RATE_LIMITED, clock
+        )
+        self._data_key_refusals = _RefusalBudget(
+            "data keys", Reason.DATA_KEY_REFUSALS_RATE_LIMITED, clock
+        )
+        # key_id -> the lock a policy change of that key holds from its record to its file (one per
+        # existing key: a lock is made only once the key was found in the HSM).
+        self._policy_locks: dict[str, threading.Lock] = {}
+        self._policy_locks_guard = threading.Lock()
+
+    def _policy_lock(self, key_id: str) -> threading.Lock:
+        with self._policy_locks_guard:
+            return self._policy_locks.setdefault(key_id, threading.Lock())
 
     def _record(
         self,
@@ -57,27 +166,61 @@ class KeyService:
         """The version of the key's release policy, or "" when it has none."""
         return self._policies.version(key_id)
 
+    def _gate(self, caller: Caller, action: str, key_id: str) -> ChangeGate:
+        """The gate a key change passes on the HSM worker: its record is written there, right
+        before the token is changed (a change whose record fails is not made, and one that
+        outlives its caller's wait is recorded or not made at all); a change that then fails is
+        recorded as refused under the same decision id."""
+        decision: list[str] = []
+        version: list[int | None] = []
+
+        def before(changed: int | None) -> None:
+            record = self._record(caller, action, key_id, key_version=changed)
+            decision.append(record.decision_id)
+            version.append(changed)
+
+        def failed(exc: BaseException) -> None:
+            reason = exc.reason if isinstance(exc, StrongroomError) else Reason.HSM_OPERATION_FAILED
+            try:
+                self._record(
+                    caller,
+                    action,
+                    key_id,
+                    reason=reason,
+                    decision=Decision.DENIED,
+                    key_version=version[0],
+                    decision_id=decision[0],
+                )
+            except StrongroomError as audit_error:  # the change's own error is what is raised
+                _log.error(
+                    "the refusal of a recorded key change could not be recorded",
+                    extra={"key_id": key_id, "action": action, "reason": audit_error.reason},
+                )
+
+        return ChangeGate(before, failed)
+
     def create_key(self, caller: Caller, key_id: str) -> KeyInfo:
-        """Creates a KEK (version 1) in the HSM."""
-        info = self._keys.create_key(key_id)
-        self._record(caller, "create_key", info.key_id, key_version=info.current_version)
-        return info
+        """Creates a KEK (version 1) in the HSM, recorded as it is published."""
+        validate_key_id(key_id)
+        return self._keys.create_key(key_id, gate=self._gate(caller, "create_key", key_id))
 
     def list_keys(self) -> list[KeyInfo]:
         """Every key and its versions."""
         return self._keys.list_keys()
 
     def rotate_key(self, caller: Caller, key_id: str) -> KeyInfo:
-        """Adds a new current version; older versions keep unwrapping."""
-        info = self._keys.rotate_key(key_id)
-        self._record(caller, "rotate_key", info.key_id, key_version=info.current_version)
-        return info
+        """Adds a new current version; older versions keep unwrapping. Recorded with the new
+        version as it is published."""
+        validate_key_id(key_id)
+        return self._keys.rotate_key(key_id, gate=self._gate(caller, "rotate_key", key_id))
 
     def disable_key(self, caller: Caller, key_id: str, version: int | None) -> KeyInfo:
-        """Disables one version, or every version when ``version`` is None."""
-        info = self._keys.disable_key(key_id, version or "all")
-        self._record(caller, "disable_key", info.key_id, key_version=version)
-        return info
+        """Disables one version, or every version when ``version`` is None; recorded before the
+        token is changed."""
+        validate_key_id(key_id)
+        return self._keys.disable_key(
+            key_id, version or "all", gate=self._gate(caller, "disable_key", key_id)
+        )
 
     def set_policy(self, caller: Caller, key_id: str, document: str) -> StoredPolicy:
         """Validates and stores the release policy of an existing key.
@@ -86,28 +229,67 @@ class KeyService:
         moment its file is written, so a change whose record failed would be live unrecorded);
         should storing it fail after that, a ``DENIED`` record with the same decision id follows:
         a decision's last record is its outcome, as for key releases.
+
+        Two changes of one key's policy are serialised from the record to the written file: run
+        side by side, the later record could precede the other's file, so the log's last change
+        named a policy that was not the live one. The lock is this process's: replicas sharing a
+        policy directory each keep their own log, in which each change is still recorded before
+        it is written.
+
+        A new document must carry a new version: release records name the policy that judged
+        them only by its version, so a policy loosened under the version it had (or any other
+        edit) would make every record of that version ambiguous. The same document again is
+        accepted (a retry); another one under the live version is refused,
+        FailedPrecondition(POLICY_VERSION_REUSED), unrecorded like any refused change. Each
+        record also carries the document's SHA-256 (``claims.policy_sha256``).
         """
         self._keys.describe_key(key_id)  # NotFound for a key that does not exist
         stored = self._policies.check(key_id, document)
         version = stored.policy.version
-        record = self._record(caller, "set_release_policy", key_id, policy_version=version)
-        try:
-            return self._policies.write(key_id, stored)
-        except StrongroomError as exc:
-            self._record(
-                caller,
-                "set_release_policy",
-                key_id,
-                reason=exc.reason,
-                decision=Decision.DENIED,
-                policy_version=version,
-                decision_id=record.decision_id,
+        claims = {"policy_sha256": hashlib.sha256(document.encode()).hexdigest()}
+        with self._policy_lock(key_id):
+            self._refuse_reused_version(key_id, stored)
+            record = self._record(
+                caller, "set_release_policy", key_id, policy_version=version, claims=claims
             )
-            raise
+            try:
+                return self._policies.write(key_id, stored)
+            except StrongroomError as exc:
+                self._record(
+                    caller,
+                    "set_release_policy",
+                    key_id,
+                    reason=exc.reason,
+                    decision=Decision.DENIED,
+                    policy_version=version,
+                    decision_id=record.decision_id,
+                    claims=claims,
+                )
+                raise
+
+    def _refuse_reused_version(self, key_id: str, new: StoredPolicy) -> None:
+        try:
+            live = self._policies.get(key_id)
+        except StrongroomError:
+            return  # none, or one that does not read or load: nothing a release could name
+        if live.policy.version == new.policy.version and live.document != new.document:
+            raise FailedPrecondition(
+                f"the release policy of {key_id!r} is already at version "
+                f"{new.policy.version!r} with another document: give the new document a version "
+                "of its own (release records name a policy by its version)",
+                reason=Reason.POLICY_VERSION_REUSED,
+            )
 
     def get_policy(self, key_id: str) -> StoredPolicy:
-        """The key's stored release policy (FailedPrecondition when it has none)."""
-        return self._policies.get(key_id)
+        """The key's stored release policy: FailedPrecondition(NO_RELEASE_POLICY) when the key
+        has none, NotFound(KEY_NOT_FOUND) when there is no such key (it answered "no policy" for
+        a key that does not exist, which an admin reads as a key waiting for one)."""
+        try:
+            return self._policies.get(key_id)
+        except StrongroomError as exc:
+            if exc.reason == Reason.NO_RELEASE_POLICY:
+                self._keys.describe_key(key_id)
+            raise
 
     def generate_data_key(
         self, caller: Caller, key_id: str, model_name: str, model_version: str
@@ -142,6 +324,19 @@ class KeyService:
         # about a well-formed request.
         validate_key_id(key_id)
         require_model(model_name, model_version)
+        claims = {"model_name": model_name, "model_version": model_version}
+        limited = self._data_key_refusals.over(caller)
+        if limited is not None:
+            over, unrecorded = limited
+            if unrecorded is not None:
+                self._refused_on_record(
+                    caller,
+                    "generate_data_key",
+                    key_id,
+                    over,
+                    {**claims, "refusals_unrecorded": unrecorded},
+                )
+            raise over
         try:
             stored = self._policies.get(key_id)
         except StrongroomError as exc:
@@ -154,27 +349,41 @@ class KeyService:
                 return
             except StrongroomError as exc:
                 refusal = exc
-        self._record(
-            caller,
-            "generate_data_key",
-            key_id,
-            reason=refusal.reason,
-            decision=Decision.DENIED,
-            claims={"model_name": model_name, "model_version": model_version},
-        )
+        if _callers_fault(refusal):
+            self._data_key_refusals.spend(caller)
+        self._refused_on_record(caller, "generate_data_key", key_id, refusal, claims)
         raise refusal
 
     def rewrap(self, caller: Caller, key_id: str, version: int, wrapped: bytes) -> Rewrapped:
         """Moves a wrapped data key to the key's current KEK version, inside the HSM.
 
         Every re-wrap is audited with the versions it moved between (never the key); so is every
-        refusal, since a burst of failed unwraps is what a forged key slot looks like.
+        refusal, since a burst of failed unwraps is what a forged key slot looks like, up to
+        :data:`REFUSAL_BURST` per caller and then :data:`REFUSAL_RATE` a second. Beyond that
+        the caller is refused at once, ResourceExhausted(REWRAP_REFUSALS_RATE_LIMITED), recorded
+        once per :data:`LIMITED_RECORD_SECONDS` with how many went unrecorded.
         """
+        # A malformed id is the caller's: recorded as none (it would invalidate the record).
+        recorded = recordable_key_id(key_id)
+        limited = self._rewrap_refusals.over(caller)
+        if limited is not None:
+            refusal, unrecorded = limited
+            if unrecorded is not None:
+                self._refused_on_record(
+                    caller,
+                    "rewrap",
+                    recorded,
+                    refusal,
+                    {"from_key_version": version, "refusals_unrecorded": unrecorded},
+                )
+            known = recorded if recorded is not None and self._keys.known(recorded) else None
+            DATA_KEYS_REWRAPPED.add(1, {"key_id": known or "", "outcome": refusal.reason})
+            raise refusal
         try:
             rewrapped = self._keys.rewrap(key_id, version, wrapped)
         except StrongroomError as exc:
-            # A malformed id is the caller's: recorded as none (it would invalidate the record).
-            recorded = recordable_key_id(key_id)
+            if _callers_fault(exc):
+                self._rewrap_refusals.spend(caller)
             self._record(
                 caller,
                 "rewrap",
@@ -200,3 +409,15 @@ class KeyService:
         )
         DATA_KEYS_REWRAPPED.add(1, {"key_id": key_id, "outcome": "rewrapped"})
         return rewrapped
+
+    def _refused_on_record(
+        self,
+        caller: Caller,
+        action: str,
+        key_id: str | None,
+        refusal: StrongroomError,
+        claims: Mapping[str, object],
+    ) -> None:
+        self._record(
+            caller, action, key_id, reason=refusal.reason, decision=Decision.DENIED, claims=claims
+        )

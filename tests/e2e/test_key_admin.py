@@ -265,3 +265,18 @@ def test_a_bad_key_page_request_is_invalid_argument(
     with pytest.raises(grpc.RpcError) as info:
         admin(stack).ListKeys(request_, timeout=30)
     assert outcome(info.value) == ("INVALID_ARGUMENT", reason)
+
+
+def test_a_publisher_flooding_refused_rewraps_is_rate_limited(stack: DevStack) -> None:
+    """Last in this module: it spends the publisher's refusal budget on this stack's broker."""
+    publisher = kb_grpc.KeyBrokerServiceStub(
+        stack.channel(stack.identity("publisher"), "keybroker")
+    )
+    request = kb.ReWrapRequest(key_id="flood", key_version=1, wrapped_data_key=b"\x01")
+    seen = []
+    for _ in range(lifecycle.REFUSAL_BURST + 2):
+        with pytest.raises(grpc.RpcError) as raised:
+            publisher.ReWrap(request, timeout=30)
+        seen.append(outcome(raised.value))
+    assert seen[0] == ("INVALID_ARGUMENT", "WRAPPED_KEY_INVALID")
+    assert seen[-1] == ("RESOURCE_EXHAUSTED", "REWRAP_REFUSALS_RATE_LIMITED")

@@ -6,7 +6,9 @@ record cannot be written never leaves (and is wiped).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 import time
 from typing import Any
 
@@ -20,6 +22,8 @@ from strongroom.errors import (
     PermissionDenied,
     StrongroomError,
 )
+from strongroom.keybroker import keys as keys_module
+from strongroom.keybroker import lifecycle as lifecycle_module
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.keybroker.keys import KeyManager, KeyState
@@ -80,6 +84,17 @@ def test_a_policy_for_a_missing_key_is_refused_and_not_audited(service) -> None:
     assert keys.policy_version("nope") == ""
 
 
+def test_the_policy_of_a_missing_key_is_not_found_not_absent(service) -> None:
+    keys, _ = service
+    keys.create_key(ADMIN, "k1")
+    with pytest.raises(FailedPrecondition) as absent:
+        keys.get_policy("k1")
+    assert absent.value.reason == "NO_RELEASE_POLICY"
+    with pytest.raises(NotFound) as missing:
+        keys.get_policy("nope")
+    assert missing.value.reason == "KEY_NOT_FOUND"
+
+
 def test_a_data_key_that_cannot_be_audited_never_leaves(service, monkeypatch) -> None:
     keys, _ = service
     keys.create_key(ADMIN, "k1")
@@ -120,6 +135,26 @@ def test_a_refused_rewrap_of_a_malformed_key_id_is_audited(service, key_id: str)
     assert record["caller"]["spiffe_id"] == PUBLISHER.spiffe_id
 
 
+def test_another_document_under_the_live_policy_version_is_refused(service) -> None:
+    """Release records name the policy that judged them by its version only: a policy loosened
+    (another measurement, another caller) under the version it had was accepted, and every
+    record of that version then named two policies."""
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+    keys.set_policy(ADMIN, "k1", POLICY)
+    loosened = POLICY.replace('"ab" * 48', '"cd" * 48').replace("ab" * 48, "cd" * 48)
+    assert loosened != POLICY
+    with pytest.raises(FailedPrecondition) as info:
+        keys.set_policy(ADMIN, "k1", loosened)
+    assert info.value.reason == "POLICY_VERSION_REUSED"
+    assert keys.get_policy("k1").document == POLICY
+    keys.set_policy(ADMIN, "k1", POLICY)  # the same document again: a retry
+    keys.set_policy(ADMIN, "k1", loosened.replace('"p1"', '"p2"'))  # a version of its own
+    changes = [r for r in _records(log) if r["action"] == "set_release_policy"]
+    assert [r["policy_version"] for r in changes] == ["p1", "p1", "p2"]
+    assert changes[0]["claims"]["policy_sha256"] == hashlib.sha256(POLICY.encode()).hexdigest()
+
+
 def test_a_policy_change_whose_record_fails_does_not_take_effect(service, monkeypatch) -> None:
     """A policy is live for every replica once its file is written: stored first and recorded
     after, a failed record left a (possibly looser) policy live with no record of it."""
@@ -153,6 +188,42 @@ def test_a_policy_that_cannot_be_stored_after_its_record_is_recorded_as_refused(
     assert denied["reason"] == "POLICY_STORE_READ_ONLY"
     assert denied["decision_id"] == allowed["decision_id"]
     assert keys.policy_version("k1") == ""
+
+
+def test_concurrent_policy_changes_leave_the_last_record_naming_the_live_policy(
+    service, monkeypatch
+) -> None:
+    """Two SetReleasePolicy calls on one key: the first recorded, then (a slow disk) written
+    after the second had recorded and written its own, so the log's last change named "p-b"
+    while "p-a" was live."""
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+    real_write = keys._policies.write
+    first_writing = threading.Event()
+    second_written = threading.Event()
+
+    def write(key_id, stored):
+        if stored.policy.version == "p-a":
+            first_writing.set()
+            # Gives the second change every chance to record and write first; serialised, it
+            # cannot record until this write is done.
+            second_written.wait(timeout=1.0)
+        written = real_write(key_id, stored)
+        if stored.policy.version == "p-b":
+            second_written.set()
+        return written
+
+    monkeypatch.setattr(keys._policies, "write", write)
+    first = threading.Thread(
+        target=keys.set_policy, args=(ADMIN, "k1", POLICY.replace('"p1"', '"p-a"'))
+    )
+    first.start()
+    assert first_writing.wait(timeout=30)
+    keys.set_policy(ADMIN, "k1", POLICY.replace('"p1"', '"p-b"'))
+    first.join()
+    changes = [r for r in _records(log) if r["action"] == "set_release_policy"]
+    assert [r["policy_version"] for r in changes] == ["p-a", "p-b"]
+    assert keys.policy_version("k1") == changes[-1]["policy_version"]
 
 
 @pytest.mark.parametrize("change", ["create_key", "rotate_key", "disable_key"])
@@ -197,6 +268,134 @@ def test_a_key_change_that_outlives_the_hsm_deadline_is_awaited_and_audited(
     assert [v.state for v in info.versions] == states
     last = _records(tmp_path / "audit.log")[-1]
     assert (last["action"], last["decision"], last["key"]["id"]) == (change, "allowed", "k1")
+
+
+def _slow_service(
+    softhsm_token, open_hsm, tmp_path, timeout: float
+) -> tuple[KeyManager, KeyService, AuditLog]:
+    """A KeyService whose HSM calls time out after ``timeout`` seconds, with key "k1" created
+    (given all the time it needs, recorded as KeyService records it)."""
+    km = KeyManager(open_hsm(make_config(softhsm_token, operation_timeout=timeout)))
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit)
+    km.create_key("k1", timeout=30, gate=keys._gate(ADMIN, "create_key", "k1"))
+    return km, keys, audit
+
+
+def _change(keys: KeyService, change: str) -> None:
+    if change == "rotate_key":
+        keys.rotate_key(ADMIN, "k1")
+    else:
+        keys.disable_key(ADMIN, "k1", 1)
+
+
+@pytest.mark.parametrize("change", ["rotate_key", "disable_key"])
+def test_a_key_change_whose_caller_gave_up_before_it_took_effect_is_not_made(
+    softhsm_token, open_hsm, tmp_path, monkeypatch, change: str
+) -> None:
+    """An HSM that hangs past both waits (the deadline, then one more) answered HSM_TIMEOUT, and
+    the worker then made the change anyway: a rotation or a disable live in the token that no
+    audit record shows."""
+    km, keys, audit = _slow_service(softhsm_token, open_hsm, tmp_path, 0.2)
+    gave_up = threading.Event()
+    real = km._all_objects
+    held: list[bool] = []
+
+    def hang_until_the_caller_gave_up(hs, key_id):
+        if not held:
+            held.append(True)
+            gave_up.wait(timeout=30)
+        return real(hs, key_id)
+
+    monkeypatch.setattr(km, "_all_objects", hang_until_the_caller_gave_up)
+    try:
+        with pytest.raises(StrongroomError) as info:
+            _change(keys, change)
+        gave_up.set()
+        assert info.value.reason == "HSM_TIMEOUT"
+        assert "not made" in info.value.message
+        monkeypatch.undo()
+        # The worker runs one operation at a time: this one runs after the abandoned change.
+        versions = km.describe_key("k1", timeout=30).versions
+    finally:
+        gave_up.set()
+        audit.close()
+    assert held
+    assert [v.state for v in versions] == [KeyState.ENABLED]
+    assert [r["action"] for r in _records(tmp_path / "audit.log")] == ["create_key"]
+
+
+def test_a_key_change_recorded_before_its_caller_gave_up_completes_recorded(
+    softhsm_token, open_hsm, tmp_path, monkeypatch
+) -> None:
+    # Long enough for the lookup and the record before the gate, on a busy machine too: the
+    # change then waits inside its token write until its caller has given up (two timeouts).
+    km, keys, audit = _slow_service(softhsm_token, open_hsm, tmp_path, 1.0)
+    gave_up = threading.Event()
+    real = keys_module._set_flag
+
+    def hang_until_the_caller_gave_up(kek, attribute, value):
+        gave_up.wait(timeout=30)
+        real(kek, attribute, value)
+
+    monkeypatch.setattr(keys_module, "_set_flag", hang_until_the_caller_gave_up)
+    try:
+        with pytest.raises(StrongroomError) as info:
+            keys.disable_key(ADMIN, "k1", 1)
+        gave_up.set()
+        assert info.value.reason == "HSM_TIMEOUT"
+        assert "recorded and may still complete" in info.value.message
+        versions = km.describe_key("k1", timeout=30).versions
+    finally:
+        gave_up.set()
+        audit.close()
+    assert [v.state for v in versions] == [KeyState.DISABLED]
+    last = _records(tmp_path / "audit.log")[-1]
+    assert (last["action"], last["decision"], last["key"]["version"]) == (
+        "disable_key",
+        "allowed",
+        1,
+    )
+
+
+@pytest.mark.parametrize("change", ["rotate_key", "disable_key"])
+def test_a_key_change_whose_record_fails_is_not_made(service, monkeypatch, change: str) -> None:
+    """The change was made first and recorded after: a full or failing audit log left a
+    rotation or a disable live with no record, its caller told the request failed."""
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+
+    def refuse(event):
+        raise AuditUnavailable("disk full")
+
+    monkeypatch.setattr(keys._audit, "append", refuse)
+    with pytest.raises(AuditUnavailable):
+        _change(keys, change)
+    monkeypatch.undo()
+    info = keys._keys.describe_key("k1")
+    assert [v.state for v in info.versions] == [KeyState.ENABLED]
+    assert [r["action"] for r in _records(log)] == ["create_key"]
+
+
+def test_a_recorded_key_change_that_fails_in_the_hsm_is_recorded_as_refused(
+    service, monkeypatch
+) -> None:
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+
+    def fail(kek, attribute, value):
+        raise FailedPrecondition("the token refused", reason="HSM_ERROR")
+
+    monkeypatch.setattr(keys_module, "_set_flag", fail)
+    with pytest.raises(FailedPrecondition):
+        keys.disable_key(ADMIN, "k1", 1)
+    allowed, denied = _records(log)[1:]
+    assert (allowed["decision"], denied["decision"], denied["reason"]) == (
+        "allowed",
+        "denied",
+        "HSM_ERROR",
+    )
+    assert denied["decision_id"] == allowed["decision_id"]
 
 
 def test_a_data_key_is_audited_with_the_model_it_is_bound_to(service) -> None:
@@ -280,3 +479,86 @@ def test_a_key_without_a_policy_admits_every_publisher(service) -> None:
     keys, _ = service
     keys.create_key(ADMIN, "k1")
     keys.generate_data_key(PUBLISHER, "k1", "any/model", "1").wipe()
+
+
+def test_refused_rewraps_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> None:
+    """Each refused ReWrap was an fsync'd audit record costing its caller nothing (a blob of the
+    wrong length is refused before the HSM): one publisher could grow the log until its size cap
+    refused every decision, key releases included, with AUDIT_LOG_FULL."""
+    now = [1000.0]
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit, clock=lambda: now[0])
+    keys.create_key(ADMIN, "k1")
+    other = Caller("spiffe://strongroom.test/publisher-b", 0x21, b"")
+
+    def refused(caller: Caller = PUBLISHER) -> str:
+        with pytest.raises(StrongroomError) as info:
+            keys.rewrap(caller, "k1", 1, b"\x01")
+        return info.value.reason
+
+    try:
+        assert {refused() for _ in range(lifecycle_module.REFUSAL_BURST)} == {"WRAPPED_KEY_INVALID"}
+        assert {refused() for _ in range(10)} == {"REWRAP_REFUSALS_RATE_LIMITED"}
+        assert refused(other) == "WRAPPED_KEY_INVALID"  # per caller
+        # A minute later the bucket has refilled (and is spent again); the next limited refusal
+        # is recorded with the count of those left unrecorded.
+        now[0] += lifecycle_module.LIMITED_RECORD_SECONDS
+        while refused() != "REWRAP_REFUSALS_RATE_LIMITED":
+            pass
+    finally:
+        audit.close()
+    rewraps = [r for r in _records(tmp_path / "audit.log") if r["action"] == "rewrap"]
+    limited = [r for r in rewraps if r["reason"] == "REWRAP_REFUSALS_RATE_LIMITED"]
+    assert [(r["decision"], r["claims"]["refusals_unrecorded"]) for r in limited] == [
+        ("denied", 0),
+        ("denied", 9),
+    ]
+    assert len(rewraps) == lifecycle_module.REFUSAL_BURST + 1 + 60 + 1 + 1
+
+
+def test_refused_data_keys_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> None:
+    """A publisher a key's policy does not name got an fsync'd refusal record per call, with no
+    HSM work: the same unbounded growth of the log as refused re-wraps."""
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit, clock=lambda: 1000.0)
+    _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
+    other = Caller("spiffe://strongroom.test/publisher-b", 0x21, b"")
+    reasons = []
+    try:
+        for _ in range(lifecycle_module.REFUSAL_BURST + 5):
+            with pytest.raises(StrongroomError) as info:
+                keys.generate_data_key(other, "k1", "tenant-a/model", "1")
+            reasons.append(info.value.reason)
+        keys.generate_data_key(PUBLISHER, "k1", "tenant-a/model", "1").wipe()  # per caller
+    finally:
+        audit.close()
+    assert (
+        reasons
+        == ["PUBLISHER_NOT_ALLOWED"] * lifecycle_module.REFUSAL_BURST
+        + ["DATA_KEY_REFUSALS_RATE_LIMITED"] * 5
+    )
+    data_keys = [r for r in _records(tmp_path / "audit.log") if r["action"] == "generate_data_key"]
+    assert len(data_keys) == lifecycle_module.REFUSAL_BURST + 1 + 1
+    assert data_keys[-2]["reason"] == "DATA_KEY_REFUSALS_RATE_LIMITED"
+    assert data_keys[-2]["claims"]["refusals_unrecorded"] == 0
+
+
+def test_the_brokers_own_failures_do_not_spend_a_callers_refusal_budget(
+    km, tmp_path, service
+) -> None:
+    """An HSM outage or a policy file that does not read refuses every call, recorded with its
+    reason; counted against the callers, they turned into a rate limit after 64 calls."""
+    keys, log = service
+    _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
+    next((log.parent / "policies").iterdir()).write_text("version: [", encoding="utf-8")
+    km.hsm.close()
+    reasons = set()
+    for _ in range(lifecycle_module.REFUSAL_BURST + 2):
+        for call in (
+            lambda: keys.rewrap(PUBLISHER, "k1", 1, b"\x01" * 40),
+            lambda: keys.generate_data_key(PUBLISHER, "k1", "tenant-a/model", "1"),
+        ):
+            with pytest.raises(StrongroomError) as info:
+                call()
+            reasons.add(info.value.reason)
+    assert reasons == {"HSM_CLOSED", "POLICY_SYNTAX"}

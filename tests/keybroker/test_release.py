@@ -335,6 +335,30 @@ def test_cached_lookups_still_see_a_disable_on_another_replica(
     assert bound(tee_key.decrypt(out, OAEP_SHA1)) == model_key.dek
 
 
+def test_a_version_made_on_another_replica_is_released_despite_the_lookup_cache(
+    softhsm_token: SoftHsmToken,
+    km: KeyManager,
+    model_key: DataKey,
+    open_hsm: Callable[..., Hsm],
+    tee_key: rsa.RSAPrivateKey,
+) -> None:
+    """A rotation on another replica, a model published under the new version and its release
+    within the lookup cache's lifetime: the cached versions did not hold it, and the release was
+    refused KEY_VERSION_NOT_FOUND for a version the HSM had."""
+    manager = KeyManager(km.hsm, lookup_cache_ttl=3600)
+    other = KeyManager(open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b"))))
+    target = spki(tee_key)
+    manager.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
+    other.rotate_key("model")
+    newer = other.generate_data_key("model", *MODEL)
+    assert newer.version == 2
+    out, _ = manager.release_to_ephemeral("model", 2, newer.wrapped, target, [OaepHash.SHA1])
+    assert bound(tee_key.decrypt(out, OAEP_SHA1)) == newer.dek
+    with pytest.raises(NotFound) as info:  # a version that does not exist is still refused
+        manager.release_to_ephemeral("model", 3, newer.wrapped, target, [OaepHash.SHA1])
+    assert info.value.reason == "KEY_VERSION_NOT_FOUND"
+
+
 @pytest.mark.parametrize("ttl", [0.0, 60.0])
 def test_a_release_looks_its_key_up_once(
     km: KeyManager,
