@@ -167,7 +167,12 @@ def build(
         )
     )
     try:
-        audit = AuditLog.open(config.audit_log, audit_key, max_bytes=config.audit_max_bytes)
+        audit = AuditLog.open(
+            config.audit_log,
+            audit_key,
+            max_bytes=config.audit_max_bytes,
+            rotate_bytes=config.audit_rotate_bytes,
+        )
     except BaseException:
         hsm.close()
         raise
