@@ -58,7 +58,16 @@ not a record this process cut back after a failed write (those, and whatever fol
 off again, since the decisions they describe never took effect). The process remembers those
 until a commit takes their position, which makes them unanchorable; if more pile up at one position
 than it keeps (256, while the disk stays full), it cuts off every unanchored record from that
-position instead of forgetting any. Anyone can compute a chained ``hash``; only the key holder
+position instead of forgetting any. That memory dies with the process, so the refusal is also
+made durable before the cut-back and before any caller hears of it: one more head generation,
+anchoring what the head did, names the refused batch in ``void`` (the first 32 hex digits of its
+first record's hash, the only one that can chain on the head; past three batches at one position,
+``void_all``). The repair at the next start then cuts off a refused batch whose lines survived the
+cut-back (or were put back) instead of anchoring it as the broker's own, while a batch a later
+crash leaves at the same position is still anchored; the next head that anchors more records
+drops the names (no extra work for a commit). If even that head cannot be written (a failing
+disk), the refusal holds until a restart, as before, and an error is logged. Anyone can compute a
+chained ``hash``; only the key holder
 can sign, so a correctly chained line appended by someone else, or more unanchored records than one
 commit writes, is *tampering*.
 
@@ -142,6 +151,8 @@ from strongroom.keybroker.audit_head import (
     FILE_BYTES,
     GENESIS_HASH,
     HEX64_RE,
+    VOID_MAX,
+    VOID_PREFIX,
     Head,
     HeadFile,
     ParsedHead,
@@ -218,7 +229,8 @@ class AuditVerification:
     CHAIN_BROKEN, HEAD_MISSING, HEAD_MALFORMED, HEAD_SIGNATURE_INVALID, TAIL_TRUNCATED,
     HEAD_MISMATCH (also: more records after the head than one commit writes), UNANCHORED_RECORDS
     (the broker's own records left by a crash, at most one batch: it anchors them on its next
-    write) or RECORD_FORGED (an unanchored record not signed by the broker's key; ``bad_record``
+    write), VOIDED_RECORDS (records of a batch the broker refused, which its head names: it cuts
+    them off on its next write) or RECORD_FORGED (an unanchored record not signed by the broker's key; ``bad_record``
     is the first such). Forged records and over-long unanchored tails are told apart only when a
     public key is given.
 
@@ -524,6 +536,11 @@ class AuditLog(Closing):
         # record is cut off, once more were refused there than _REVOKED_MAX (see _revoke).
         self._revoked: dict[str, int] = {}
         self._refused_from: int | None = None
+        # The same, durably, for the position the head is at: what its ``void`` names (the
+        # refused batches' first records) or, past VOID_MAX of them, everything (``void_all``).
+        # A restart forgets the above; the head does not (see _void_refused).
+        self._void: tuple[str, ...] = ()
+        self._void_all = False
 
     @classmethod
     def open(
@@ -815,6 +832,7 @@ class AuditLog(Closing):
                 ) from None
             raise
         self._count, self._last_hash = head.count, head.last_hash
+        self._void, self._void_all = (), False  # the new head anchors past the refused position
         self._size += len(data)
         self._forget_revoked()
         for pending, result in written:
@@ -858,11 +876,41 @@ class AuditLog(Closing):
         """
         self._revoke(revoked_hashes)
         self._stale = True
+        if revoked_hashes:
+            self._void_refused(revoked_hashes[0])
         try:
             os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
         except OSError as exc:
             _log.error("cannot cut failed audit records back off the log: %s", exc.strerror)
+
+    def _void_refused(self, first_hash: str) -> None:
+        """Makes the refusal of the batch whose first record is ``first_hash`` durable before its
+        lines are cut back and its callers told: one more head generation, anchoring what the head
+        did, that names it in ``void``. Only the first record matters: any other record chained
+        after the head starts with one. The memory of _revoke dies with the process; without
+        this, lines that survived the cut-back (or were put back) were anchored as the broker's
+        own at its next start. In place, like every head write, so a full disk does not stop
+        it; if it fails all the same, the refusal holds until a restart, as before (logged)."""
+        void, void_all = self._void, self._void_all
+        prefix = first_hash[:VOID_PREFIX]
+        if not void_all and prefix not in void:
+            if len(void) < VOID_MAX:
+                void = (*void, prefix)
+            else:
+                void, void_all = (), True  # refuse the position as a whole, as _revoke does
+        try:
+            self._head.write(
+                Head(self._count, self._last_hash, self._base), void=void, void_all=void_all
+            )
+        except (OSError, ValueError) as exc:
+            _log.error(
+                "cannot record the refusal of audit records in the head (%s): should their lines "
+                "survive the cut-back, a restarted broker would anchor them",
+                exc.strerror if isinstance(exc, OSError) else exc,
+            )
+            return
+        self._void, self._void_all = void, void_all
 
     def _revoke(self, hashes: list[str]) -> None:
         """Remembers a refused batch's records (from seq ``self._count``, where it was written).
@@ -890,7 +938,11 @@ class AuditLog(Closing):
 
     def _first_refused(self, first_seq: int, hashes: list[str]) -> int | None:
         """The index of the first of these unanchored records (from ``first_seq``) that this
-        process refused, or that sits at or after a position it refused as a whole."""
+        process refused, or that sits at or after a position it refused as a whole, or that the
+        head voids (the first only: the others chain on it)."""
+        # self._void is the head's that these records follow (read by the same resync).
+        if hashes and (self._void_all or hashes[0][:VOID_PREFIX] in self._void):
+            return 0
         for index, digest in enumerate(hashes):
             if digest in self._revoked or (
                 self._refused_from is not None and first_seq + index >= self._refused_from
@@ -927,6 +979,7 @@ class AuditLog(Closing):
                 return
             raise self._tampered("the audit log at the log's path is sealed after its rotation")
         head = None if parsed is None else parsed.head
+        self._void, self._void_all = (parsed.void, parsed.void_all) if parsed else ((), False)
         if head is not None and head.count < self._count:
             # Heads only grow: an older (signed) head and log put back while the broker runs.
             raise self._tampered(
@@ -1327,6 +1380,7 @@ class AuditLog(Closing):
         )
         anchored = Head(head.count + records, last_hash, head.base)
         self._write_head_or_fail(anchored)
+        self._void, self._void_all = (), False
         return anchored
 
     def _truncate(self, size: int) -> None:
@@ -1718,6 +1772,14 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
                     f"record {first_extra + foreign} is not one the broker wrote (missing or "
                     "invalid signature)",
                 )
+        if unanchored and parsed.voids(jsonparse.loads(unanchored[0])["hash"]):
+            return fail(
+                "VOIDED_RECORDS",
+                first_extra,
+                f"records {first_extra}..{count} are not covered by the signed head, which says "
+                "the broker refused them (their decisions never took effect): it cuts them off "
+                "on its next write",
+            )
         return fail(
             "UNANCHORED_RECORDS",
             first_extra,
