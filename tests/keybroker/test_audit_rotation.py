@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -31,9 +32,11 @@ from strongroom.keybroker.audit import (
     verify_audit_series,
 )
 from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.keybroker.server import rotate_audit_on_sighup
 
 from .test_audit import REPO, _signing_key_file, event, fill, lines
 from .test_audit_cli import _run
+from .test_audit_group_commit import _wait_until
 
 RECORD = 900  # a test record line is 842..861 bytes: N * RECORD holds N of them, not N + 1
 
@@ -116,6 +119,23 @@ def test_with_rotation_the_size_cap_counts_the_sealed_files(
         assert log.append(event(0)).seq == log.count - 1
     series = _series(log_path, key)
     assert series.intact and series.first_seq > 0 and "starts at seq" in series.message
+
+
+def test_sighup_rotates_the_brokers_audit_log(log_path: Path, key: Ed25519PrivateKey) -> None:
+    """An operator's rotation (before shipping the log, before draining a pod): `kill -HUP` to
+    the broker, whatever audit_rotate_bytes says."""
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        with AuditLog.open(log_path, key) as log:
+            fill(log, 2)
+            rotate_audit_on_sighup(log)
+            os.kill(os.getpid(), signal.SIGHUP)
+            _wait_until(lambda: log.first_seq == 2, "the rotation SIGHUP asked for")
+            assert log.append(event(2)).seq == 2
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    series = _series(log_path, key)
+    assert series.intact and [p.name for p, _ in series.files] == ["audit.log.0-1", "audit.log"]
 
 
 # --- a crash at every step of a rotation ------------------------------------------------------
