@@ -498,8 +498,8 @@ class AuditLog(Closing):
         self._max_batch = max_batch
         self._max_bytes = max_bytes
         self._rotate_bytes = rotate_bytes
-        # With rotation, the sealed files beside the log count against max_bytes (the volume
-        # holds them all until they are shipped and deleted); re-counted when the cap is reached.
+        # The sealed files beside the log count against max_bytes (the volume holds them all
+        # until they are shipped and deleted); re-counted when the cap is reached.
         self._sealed_bytes = 0
         self._path = path
         self._head_path = head_path(path)
@@ -562,8 +562,8 @@ class AuditLog(Closing):
         ``max_bytes`` (0: none) caps the log's size: a batch that would pass it is refused with
         ``AuditUnavailable(AUDIT_LOG_FULL)``, as on a full disk. It is for volumes whose limit is
         enforced otherwise than by ENOSPC: a Kubernetes emptyDir's ``sizeLimit`` evicts the pod,
-        losing the log and its head, and the next pod would start a new chain. With rotation on,
-        the sealed files beside the log count against it too.
+        losing the log and its head, and the next pod would start a new chain. Sealed files
+        beside the log (rotation) count against it too.
 
         ``rotate_bytes`` (0: never) seals the log and continues the chain in a new one before a
         commit that would take it past that size (see the module doc, *Rotation*); a rotation
@@ -650,6 +650,7 @@ class AuditLog(Closing):
                     self._resync()
                     if self._size == 0:
                         return None
+                    self._check_room_to_rotate()
                     return self._rotate()
                 except OSError as exc:
                     raise AuditUnavailable(
@@ -795,11 +796,11 @@ class AuditLog(Closing):
                 # Before any hook, rotation or write: refused as on a full disk.
                 raise AuditUnavailable(
                     f"the audit log has reached its size cap ({self._max_bytes} bytes"
-                    + (", sealed files included" if self._rotate_bytes else "")
+                    + (", sealed files included" if self._sealed_bytes else "")
                     + "): ship and archive "
                     + (
                         "the sealed files and delete them"
-                        if self._rotate_bytes
+                        if self._sealed_bytes or self._rotate_bytes
                         else "it, then start a new log"
                     )
                     + " (or raise the cap) to take decisions again",
@@ -1031,6 +1032,20 @@ class AuditLog(Closing):
 
     # --- rotation (called with self._lock and the log's flock held) ---------------------------
 
+    def _check_room_to_rotate(self) -> None:
+        """A rotation adds a head (FILE_BYTES) for the new log: refused like a commit past the
+        cap (AUDIT_LOG_FULL) if that takes the files past ``max_bytes``."""
+        if not self._max_bytes:
+            return
+        if self._sealed_bytes + self._size + FILE_BYTES > self._max_bytes:
+            self._count_sealed_bytes()
+            if self._sealed_bytes + self._size + FILE_BYTES > self._max_bytes:
+                raise AuditUnavailable(
+                    f"the audit log cannot be rotated within its size cap ({self._max_bytes} "
+                    "bytes, sealed files included): ship and delete sealed files first",
+                    reason=Reason.AUDIT_LOG_FULL,
+                )
+
     def _rotate(self) -> Path:
         """Seals this log (its last head, marked sealed, is the rotation's commit point) and
         continues the chain in a new one; returns the sealed log's path."""
@@ -1239,8 +1254,9 @@ class AuditLog(Closing):
             raise self._tampered(f"the sealed audit log {name} does not continue the one before")
 
     def _count_sealed_bytes(self) -> None:
-        """Re-counts the sealed logs and heads beside the log (only with rotation on)."""
-        if not self._rotate_bytes:
+        """Re-counts the sealed logs and heads beside the log (only with a cap: they count against
+        it, whether ``rotate_bytes`` or an operator's rotation made them)."""
+        if not self._max_bytes:
             return
         total = 0
         for _, _, name in _sealed_logs(self._dir_fd, self._path.name):

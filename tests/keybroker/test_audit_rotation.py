@@ -138,6 +138,25 @@ def test_sighup_rotates_the_brokers_audit_log(log_path: Path, key: Ed25519Privat
     assert series.intact and [p.name for p, _ in series.files] == ["audit.log.0-1", "audit.log"]
 
 
+def test_sealed_files_of_an_operators_rotation_count_against_the_cap_too(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """SIGHUP rotates without audit_rotate_bytes: its sealed files fill the volume all the same."""
+    with AuditLog.open(log_path, key, max_bytes=24 * 1024) as log:
+        with pytest.raises(AuditUnavailable) as info:
+            for n in range(100):
+                log.append(event(n))
+                if n % 3 == 2:
+                    log.rotate()  # refused too once its new head would pass the cap
+        assert info.value.reason == "AUDIT_LOG_FULL"
+        with pytest.raises(AuditUnavailable) as info:
+            for n in range(100):
+                log.append(event(n))
+        assert "sealed files included" in info.value.message
+    total = sum(p.stat().st_size for p in log_path.parent.iterdir())
+    assert total <= 24 * 1024 + 8192  # all but the active log's head count against the cap
+
+
 # --- a crash at every step of a rotation ------------------------------------------------------
 
 
