@@ -1873,7 +1873,8 @@ def verify_audit_series(
     if not paths:
         raise NotFound("no audit logs to verify", reason=Reason.AUDIT_LOG_NOT_FOUND)
     verdicts = [(Path(path), verify_audit_log(path, public_key=public_key)) for path in paths]
-    for path, verdict in verdicts:
+    # The earliest broken file in the chain's order (names sort 10-12 before 3-5).
+    for path, verdict in sorted(verdicts, key=lambda item: item[1].first_seq):
         if not verdict.intact:
             return SeriesVerification(
                 intact=False,

@@ -502,6 +502,17 @@ def test_a_tampered_file_in_a_series_is_named(series_dir: Path, key: Ed25519Priv
     assert (result.problem, result.bad_file, result.bad_record) == ("TAIL_TRUNCATED", sealed, 3)
 
 
+def test_of_several_tampered_files_the_earliest_in_the_chain_is_named(
+    series_dir: Path, key: Ed25519PrivateKey
+) -> None:
+    """By name, audit.log sorts before audit.log.6-8 (and .10-12 before .3-5)."""
+    for name in ("audit.log.6-8", "audit.log"):
+        path = series_dir / name
+        path.write_bytes(b"".join(lines(path)[:1]))
+    result = verify_audit_series(audit_files(series_dir), public_key=key.public_key())
+    assert (result.problem, result.bad_file) == ("TAIL_TRUNCATED", series_dir / "audit.log.6-8")
+
+
 def test_the_cli_verifies_a_directory_or_several_paths(
     series_dir: Path, key: Ed25519PrivateKey, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
