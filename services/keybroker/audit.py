@@ -58,7 +58,16 @@ not a record this process cut back after a failed write (those, and whatever fol
 off again, since the decisions they describe never took effect). The process remembers those
 until a commit takes their position, which makes them unanchorable; if more pile up at one position
 than it keeps (256, while the disk stays full), it cuts off every unanchored record from that
-position instead of forgetting any. Anyone can compute a chained ``hash``; only the key holder
+position instead of forgetting any. That memory dies with the process, so the refusal is also
+made durable before the cut-back and before any caller hears of it: one more head generation,
+anchoring what the head did, names the refused batch in ``void`` (the first 32 hex digits of its
+first record's hash, the only one that can chain on the head; past three batches at one position,
+``void_all``). The repair at the next start then cuts off a refused batch whose lines survived the
+cut-back (or were put back) instead of anchoring it as the broker's own, while a batch a later
+crash leaves at the same position is still anchored; the next head that anchors more records
+drops the names (no extra work for a commit). If even that head cannot be written (a failing
+disk), the refusal holds until a restart, as before, and an error is logged. Anyone can compute a
+chained ``hash``; only the key holder
 can sign, so a correctly chained line appended by someone else, or more unanchored records than one
 commit writes, is *tampering*.
 
@@ -67,6 +76,29 @@ commit writes, is *tampering*.
 latches: every later append is refused the same way (so no release can happen) and
 :attr:`AuditLog.tamper_problem` reports it for readiness, until an operator has looked at the files
 and restarted the broker.
+
+**Rotation.** With ``rotate_bytes`` (or :meth:`AuditLog.rotate`), before a commit that would take
+the log past that size the committer *seals* it and continues the chain in a new file, so that an
+operator can ship and delete old records without starting an unrelated chain. ``seq`` runs on
+across files. The steps, under the directory's ``flock`` (taken after the log's, never before):
+(1) the log's head gets one more generation, marked ``sealed``: the rotation's commit point; a
+sealed head is final (records after it are never anchored: tampering); (2) the log is renamed
+``<name>.<first seq>-<last seq>``; (3) its head is renamed after it (``<that>.head``); (4) an
+empty log and its first head are created at the log's path, the head carrying ``base`` (the new
+file's first ``seq``) = the sealed log's count, and ``last_hash`` = its last hash, which the new
+file's first record then takes as ``prev``. A file's head always says where it starts (``base``),
+so an emptied rotated log is tampering as before, and ``audit verify`` on a series of files finds
+a missing, reordered, renamed or substituted file by its first ``seq`` and ``prev``; files missing
+only at the start (shipped and deleted) are retention. The batch that triggered the rotation is
+then written to the new log as usual, so each caller is still answered only once its record is
+durable and covered by a signed head. Every step is read back from the directory, not from
+memory: a crash, a failed step or a restart at any point is finished by the next commit or open
+(a sealed head at the log's path: steps 2-4; the log's own file found under its sealed name with
+a sealed head: 3-4; no log, or an empty one, without a head beside sealed logs: 4, from the latest
+sealed log after checking its sealed head and last record), and another process sharing the log
+follows the rotation (through every sealed file since its own). A sealed log missing, altered or
+without its head is tampering. With a size cap, sealed files count against it until deleted;
+without rotation the cap means what it did.
 
 **Concurrency.** Within a process, one caller at a time commits (others queue, as above); across
 processes on the same host, ``flock`` on the log file serialises commits, and each commit re-reads
@@ -90,6 +122,7 @@ import errno
 import fcntl
 import hashlib
 import io
+import itertools
 import logging
 import os
 import re
@@ -118,6 +151,8 @@ from strongroom.keybroker.audit_head import (
     FILE_BYTES,
     GENESIS_HASH,
     HEX64_RE,
+    VOID_MAX,
+    VOID_PREFIX,
     Head,
     HeadFile,
     ParsedHead,
@@ -194,9 +229,15 @@ class AuditVerification:
     CHAIN_BROKEN, HEAD_MISSING, HEAD_MALFORMED, HEAD_SIGNATURE_INVALID, TAIL_TRUNCATED,
     HEAD_MISMATCH (also: more records after the head than one commit writes), UNANCHORED_RECORDS
     (the broker's own records left by a crash, at most one batch: it anchors them on its next
-    write) or RECORD_FORGED (an unanchored record not signed by the broker's key; ``bad_record``
+    write), VOIDED_RECORDS (records of a batch the broker refused, which its head names: it cuts
+    them off on its next write) or RECORD_FORGED (an unanchored record not signed by the broker's key; ``bad_record``
     is the first such). Forged records and over-long unanchored tails are told apart only when a
     public key is given.
+
+    ``records`` counts the file's records; ``first_seq`` is the ``seq`` of its first (0 unless
+    the log continues a sealed one), ``anchor`` the hash its chain starts from (the first
+    record's ``prev``; for a file without records, its head's hash) and ``sealed`` whether its
+    head seals it (rotation). :func:`verify_audit_series` links files by these.
     """
 
     intact: bool
@@ -206,6 +247,9 @@ class AuditVerification:
     problem: str | None = None
     bad_record: int | None = None
     message: str = ""
+    first_seq: int = 0
+    anchor: str = GENESIS_HASH
+    sealed: bool = False
 
 
 def record_hash(record_without_hash: Mapping[str, Any]) -> str:
@@ -448,10 +492,15 @@ class AuditLog(Closing):
         *,
         max_batch: int = MAX_BATCH_RECORDS,
         max_bytes: int = 0,
+        rotate_bytes: int = 0,
     ) -> None:
         """Internal: use :meth:`open`."""
         self._max_batch = max_batch
         self._max_bytes = max_bytes
+        self._rotate_bytes = rotate_bytes
+        # The sealed files beside the log count against max_bytes (the volume holds them all
+        # until they are shipped and deleted); re-counted when the cap is reached.
+        self._sealed_bytes = 0
         self._path = path
         self._head_path = head_path(path)
         self._key = signing_key
@@ -475,6 +524,7 @@ class AuditLog(Closing):
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._count = 0
         self._last_hash = GENESIS_HASH
+        self._base = 0  # the seq of this file's first record (the sealed predecessor's count)
         self._size = 0
         self._stale = True
         self._closed = False
@@ -486,6 +536,11 @@ class AuditLog(Closing):
         # record is cut off, once more were refused there than _REVOKED_MAX (see _revoke).
         self._revoked: dict[str, int] = {}
         self._refused_from: int | None = None
+        # The same, durably, for the position the head is at: what its ``void`` names (the
+        # refused batches' first records) or, past VOID_MAX of them, everything (``void_all``).
+        # A restart forgets the above; the head does not (see _void_refused).
+        self._void: tuple[str, ...] = ()
+        self._void_all = False
 
     @classmethod
     def open(
@@ -496,6 +551,7 @@ class AuditLog(Closing):
         clock: Callable[[], float] = time.time,
         max_batch: int = MAX_BATCH_RECORDS,
         max_bytes: int = 0,
+        rotate_bytes: int = 0,
     ) -> AuditLog:
         """Opens (creating if absent) the log at ``path`` and checks its tail against the head.
 
@@ -506,7 +562,12 @@ class AuditLog(Closing):
         ``max_bytes`` (0: none) caps the log's size: a batch that would pass it is refused with
         ``AuditUnavailable(AUDIT_LOG_FULL)``, as on a full disk. It is for volumes whose limit is
         enforced otherwise than by ENOSPC: a Kubernetes emptyDir's ``sizeLimit`` evicts the pod,
-        losing the log and its head, and the next pod would start a new chain.
+        losing the log and its head, and the next pod would start a new chain. Sealed files
+        beside the log (rotation) count against it too.
+
+        ``rotate_bytes`` (0: never) seals the log and continues the chain in a new one before a
+        commit that would take it past that size (see the module doc, *Rotation*); a rotation
+        that a crash interrupted is completed here.
 
         Raises ``AuditUnavailable`` if the files cannot be opened and ``DataLoss(AUDIT_LOG_TAMPERED)``
         if the head does not match the log beyond the crash repairs described in the module doc.
@@ -515,6 +576,8 @@ class AuditLog(Closing):
             raise ValueError(f"max_batch must be 1..{MAX_BATCH_RECORDS}")
         if isinstance(max_bytes, bool) or max_bytes < 0:
             raise ValueError("max_bytes must be 0 (no cap) or a size in bytes")
+        if isinstance(rotate_bytes, bool) or rotate_bytes < 0:
+            raise ValueError("rotate_bytes must be 0 (never) or a size in bytes")
         path = Path(path)
         try:
             dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -532,10 +595,20 @@ class AuditLog(Closing):
             os.close(fd)
             os.close(dir_fd)
             raise AuditUnavailable(f"the audit log {path} is not a regular file")
-        log = cls(path, signing_key, clock, fd, dir_fd, max_batch=max_batch, max_bytes=max_bytes)
+        log = cls(
+            path,
+            signing_key,
+            clock,
+            fd,
+            dir_fd,
+            max_batch=max_batch,
+            max_bytes=max_bytes,
+            rotate_bytes=rotate_bytes,
+        )
         try:
             with log._lock, log._flocked():
                 log._resync()
+                log._count_sealed_bytes()
         except BaseException:
             log.close()
             raise
@@ -553,6 +626,36 @@ class AuditLog(Closing):
     def count(self) -> int:
         """Records in the log as of this process's last append or open."""
         return self._count
+
+    @property
+    def first_seq(self) -> int:
+        """The ``seq`` of this file's first record: 0, or where the sealed predecessor ended."""
+        return self._base
+
+    def rotate(self) -> Path | None:
+        """Seals the log now and continues the chain in a new one (an operator's or a test's
+        rotation; with ``rotate_bytes`` the broker rotates by itself). Returns the sealed log's
+        new path, or None when the log holds no record yet (nothing to seal).
+
+        Raises ``AuditUnavailable`` if a step cannot be done (the next commit or open finishes
+        what was started) and ``DataLoss(AUDIT_LOG_TAMPERED)`` as :meth:`append` does.
+        """
+        with self._lock:
+            if self._closed:
+                raise AuditUnavailable("the audit log is closed")
+            if self._tamper is not None:
+                raise DataLoss(self._tamper, reason=Reason.AUDIT_LOG_TAMPERED)
+            with self._flocked():
+                try:
+                    self._resync()
+                    if self._size == 0:
+                        return None
+                    self._check_room_to_rotate()
+                    return self._rotate()
+                except OSError as exc:
+                    raise AuditUnavailable(
+                        f"the audit log cannot be rotated: {exc.strerror or exc}"
+                    ) from None
 
     @property
     def tamper_problem(self) -> str | None:
@@ -682,13 +785,33 @@ class AuditLog(Closing):
         if not lines:
             return
         data = b"".join(lines)
-        if self._max_bytes and self._size + len(data) > self._max_bytes:
-            # Before any hook or write: the batch's decisions are refused like on a full disk.
-            raise AuditUnavailable(
-                f"the audit log has reached its size cap ({self._max_bytes} bytes): ship and "
-                "archive it, then start a new log (or raise the cap) to take decisions again",
-                reason=Reason.AUDIT_LOG_FULL,
-            )
+        rotating = bool(self._rotate_bytes and self._size) and (
+            self._size + len(data) > self._rotate_bytes
+        )
+        # A rotation makes the log a sealed file and adds a head (FILE_BYTES) for the new one.
+        adding = len(data) + (FILE_BYTES if rotating else 0)
+        if self._max_bytes and self._sealed_bytes + self._size + adding > self._max_bytes:
+            self._count_sealed_bytes()  # the operator may have deleted shipped sealed files
+            if self._sealed_bytes + self._size + adding > self._max_bytes:
+                # Before any hook, rotation or write: refused as on a full disk.
+                raise AuditUnavailable(
+                    f"the audit log has reached its size cap ({self._max_bytes} bytes"
+                    + (", sealed files included" if self._sealed_bytes else "")
+                    + "): ship and archive "
+                    + (
+                        "the sealed files and delete them"
+                        if self._sealed_bytes or self._rotate_bytes
+                        else "it, then start a new log"
+                    )
+                    + " (or raise the cap) to take decisions again",
+                    reason=Reason.AUDIT_LOG_FULL,
+                )
+        if rotating:
+            start = (self._count, self._last_hash)
+            self._rotate()
+            if (self._count, self._last_hash) != start:  # not expected: the records chain anew
+                self._write_batch(batch)
+                return
         hashes = [record.hash for _, record in written]
         for pending, _ in written:
             if pending.on_written is not None:
@@ -698,7 +821,7 @@ class AuditLog(Closing):
                     # One caller's hook does not fail the batch: its work just does not overlap.
                     _log.exception("an audit append's on_written hook raised")
         self._write_records(data, hashes)
-        head = Head(seq, prev)
+        head = Head(seq, prev, self._base)
         try:
             self._write_head(head)
         except BaseException as exc:
@@ -710,6 +833,7 @@ class AuditLog(Closing):
                 ) from None
             raise
         self._count, self._last_hash = head.count, head.last_hash
+        self._void, self._void_all = (), False  # the new head anchors past the refused position
         self._size += len(data)
         self._forget_revoked()
         for pending, result in written:
@@ -753,11 +877,41 @@ class AuditLog(Closing):
         """
         self._revoke(revoked_hashes)
         self._stale = True
+        if revoked_hashes:
+            self._void_refused(revoked_hashes[0])
         try:
             os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
         except OSError as exc:
             _log.error("cannot cut failed audit records back off the log: %s", exc.strerror)
+
+    def _void_refused(self, first_hash: str) -> None:
+        """Makes the refusal of the batch whose first record is ``first_hash`` durable before its
+        lines are cut back and its callers told: one more head generation, anchoring what the head
+        did, that names it in ``void``. Only the first record matters: any other record chained
+        after the head starts with one. The memory of _revoke dies with the process; without
+        this, lines that survived the cut-back (or were put back) were anchored as the broker's
+        own at its next start. In place, like every head write, so a full disk does not stop
+        it; if it fails all the same, the refusal holds until a restart, as before (logged)."""
+        void, void_all = self._void, self._void_all
+        prefix = first_hash[:VOID_PREFIX]
+        if not void_all and prefix not in void:
+            if len(void) < VOID_MAX:
+                void = (*void, prefix)
+            else:
+                void, void_all = (), True  # refuse the position as a whole, as _revoke does
+        try:
+            self._head.write(
+                Head(self._count, self._last_hash, self._base), void=void, void_all=void_all
+            )
+        except (OSError, ValueError) as exc:
+            _log.error(
+                "cannot record the refusal of audit records in the head (%s): should their lines "
+                "survive the cut-back, a restarted broker would anchor them",
+                exc.strerror if isinstance(exc, OSError) else exc,
+            )
+            return
+        self._void, self._void_all = void, void_all
 
     def _revoke(self, hashes: list[str]) -> None:
         """Remembers a refused batch's records (from seq ``self._count``, where it was written).
@@ -785,7 +939,11 @@ class AuditLog(Closing):
 
     def _first_refused(self, first_seq: int, hashes: list[str]) -> int | None:
         """The index of the first of these unanchored records (from ``first_seq``) that this
-        process refused, or that sits at or after a position it refused as a whole."""
+        process refused, or that sits at or after a position it refused as a whole, or that the
+        head voids (the first only: the others chain on it)."""
+        # self._void is the head's that these records follow (read by the same resync).
+        if hashes and (self._void_all or hashes[0][:VOID_PREFIX] in self._void):
+            return 0
         for index, digest in enumerate(hashes):
             if digest in self._revoked or (
                 self._refused_from is not None and first_seq + index >= self._refused_from
@@ -796,39 +954,59 @@ class AuditLog(Closing):
     def _write_head(self, head: Head) -> None:
         self._head.write(head)
 
-    def _resync(self) -> None:
+    def _resync(self, *, finishing: bool = False) -> None:
         """Re-reads count and last hash if the file changed since we last wrote it, after checking
-        that the files at the log's path still continue the chain this process knows."""
+        that the files at the log's path still continue the chain this process knows (finishing
+        a rotation it finds sealed; ``finishing``: one was just finished)."""
         opened = os.fstat(self._fd)
-        self._check_same_file(opened)
+        if not self._at_path(opened):
+            # Not the file at the log's path: rotated (by this process before a failure, or by
+            # another one) when it now sits under its sealed name with a sealed head; otherwise
+            # _check_same_file calls it tampering.
+            self._finish_rotation()
+            opened = os.fstat(self._fd)
+            self._check_same_file(opened)
         size = opened.st_size
         if not self._stale and size == self._size and not self._head.changed():
             return
         data_end, tail = self._checked(_read_tail, self._fd, size, 1)
         last = self._checked(_tail_record, tail[-1][1]) if tail else None
         parsed = self._checked(_read_head, self._head)
+        if parsed is not None and parsed.sealed:
+            if not finishing:
+                # A rotation was sealed but not finished (a crash, a failed rename).
+                self._finish_rotation()
+                self._resync(finishing=True)
+                return
+            raise self._tampered("the audit log at the log's path is sealed after its rotation")
         head = None if parsed is None else parsed.head
+        self._void, self._void_all = (parsed.void, parsed.void_all) if parsed else ((), False)
         if head is not None and head.count < self._count:
             # Heads only grow: an older (signed) head and log put back while the broker runs.
             raise self._tampered(
                 f"the audit head went back from {self._count} to {head.count} records: an older "
                 "log and head were put back"
             )
+        new_log = head is None and last is None
+        if new_log:
+            # A new log's chain starts from a random value its first head anchors: records of
+            # another log signed with the same key (a staging broker's, one from before a
+            # reinstall) then never continue this one, and the crash repair cannot anchor them.
+            # Beside sealed logs it continues the latest of them instead (rotation).
+            head = self._new_anchor()
         if self._has_chain:
             self._check_continues(head, size)
         if last is None:
             # An empty log's chain starts where its head says (logs made before: all zeros).
-            count = 0
-            last_hash = head.last_hash if head is not None and head.count == 0 else GENESIS_HASH
+            count = 0 if head is None else head.base
+            last_hash = (
+                head.last_hash if head is not None and head.count == head.base else GENESIS_HASH
+            )
         else:
             count, last_hash = last["seq"] + 1, last["hash"]
-        if head is None and count == 0:
-            # A new log's chain starts from a random value its first head anchors: records of
-            # another log signed with the same key (a staging broker's, one from before a
-            # reinstall) then never continue this one, and the crash repair cannot anchor them.
-            head = Head(0, secrets.token_hex(32))
+        if new_log:
+            assert head is not None
             self._write_head_or_fail(head)
-            last_hash = head.last_hash
         if head is None:
             raise self._tampered("the audit head is missing")
         if count > head.count:
@@ -847,9 +1025,279 @@ class AuditLog(Closing):
             _log.info("converting the audit head to format 2 (two slots written in place)")
             self._write_head_or_fail(head)
         self._count, self._last_hash, self._size = head.count, head.last_hash, data_end
+        self._base = head.base
         self._stale = False
         self._has_chain = True
         self._forget_revoked()
+
+    # --- rotation (called with self._lock and the log's flock held) ---------------------------
+
+    def _check_room_to_rotate(self) -> None:
+        """A rotation adds a head (FILE_BYTES) for the new log: refused like a commit past the
+        cap (AUDIT_LOG_FULL) if that takes the files past ``max_bytes``."""
+        if not self._max_bytes:
+            return
+        if self._sealed_bytes + self._size + FILE_BYTES > self._max_bytes:
+            self._count_sealed_bytes()
+            if self._sealed_bytes + self._size + FILE_BYTES > self._max_bytes:
+                raise AuditUnavailable(
+                    f"the audit log cannot be rotated within its size cap ({self._max_bytes} "
+                    "bytes, sealed files included): ship and delete sealed files first",
+                    reason=Reason.AUDIT_LOG_FULL,
+                )
+
+    def _rotate(self) -> Path:
+        """Seals this log (its last head, marked sealed, is the rotation's commit point) and
+        continues the chain in a new one; returns the sealed log's path."""
+        sealed = Head(self._count, self._last_hash, self._base)
+        name = sealed_log_name(self._path.name, sealed.base, sealed.count - 1)
+        self._stale = True  # whatever happens next, the next commit re-reads the files
+        try:
+            with self._dir_locked():
+                try:
+                    self._head.write(sealed, sealed=True)
+                except OSError as exc:
+                    raise AuditUnavailable(
+                        f"cannot seal the audit log for its rotation: {exc.strerror}"
+                    ) from None
+                self._complete_renames()
+                self._prepare_new_log(sealed)
+            self._switch_to_new(sealed)
+            self._resync(finishing=True)
+        except OSError as exc:
+            raise AuditUnavailable(
+                f"cannot finish the audit log's rotation (the next commit goes on with it): "
+                f"{exc.strerror or exc}"
+            ) from None
+        return self._path.with_name(name)
+
+    def _finish_rotation(self) -> None:
+        """Completes a sealed rotation from whatever step it reached (a crash, a failed step, or
+        another process sharing the log rotated it), then writes to the new log.
+
+        The steps, all under the directory's ``flock``: seal the head in place; rename the log to
+        its sealed name; rename the head after it; create the new log and its first head, which
+        starts from the sealed log's count and last hash. Each is read back from the directory,
+        so whichever process comes next finishes what was started, and `audit verify`, which waits
+        for that lock before it checks again, never reads a rotation half-done.
+        """
+        with self._dir_locked():
+            self._complete_renames()
+            opened = os.fstat(self._fd)
+            if self._at_path(opened):
+                self._stale = True  # the log at the path (a new one): resync starts its chain
+                return
+            sealed = self._sealed_head_of(opened)
+            if sealed is None:
+                return  # not a rotation: _check_same_file reports it
+            if self._has_chain:
+                if sealed.count < self._count:
+                    raise self._tampered(
+                        f"the sealed audit log ends at {sealed.count} records, before the "
+                        f"{self._count} this broker wrote"
+                    )
+                self._check_continues(sealed, opened.st_size)
+            # Another process may have rotated again since: follow the chain to its last file.
+            latest = self._walk_sealed(sealed)
+            self._prepare_new_log(latest)
+        self._switch_to_new(latest)
+
+    def _walk_sealed(self, sealed: Head) -> Head:
+        """The last sealed log's head, each sealed log after the one ``sealed`` seals checked to
+        continue the one before it (first seq and ``prev``, sealed head, last record)."""
+        current = sealed
+        for base, last, name in _sealed_logs(self._dir_fd, self._path.name):
+            if base < current.count:
+                continue
+            head = self._sealed_head(name)
+            if base != current.count or (head.base, head.count) != (base, last + 1):
+                raise self._tampered(f"the sealed audit log {name} does not continue the chain")
+            self._check_sealed_log(name, head, after=current)
+            current = head
+        return current
+
+    def _complete_renames(self) -> None:
+        """With the directory locked: if the head at the log's path is sealed, moves the sealed
+        log (unless already moved) and then its head to their sealed names."""
+        head_name = self._head_path.name
+        try:
+            raw = self._read_in_dir(head_name, FILE_BYTES + 1)
+        except FileNotFoundError:
+            return
+        parsed = self._checked(_parse_own_head, raw, self._public, head_name)
+        if not parsed.sealed:
+            return
+        sealed = parsed.head
+        if sealed.count <= sealed.base:
+            raise self._tampered("the audit head seals a log without records")
+        name = sealed_log_name(self._path.name, sealed.base, sealed.count - 1)
+        active = _lstat_in(self._dir_fd, self._path.name)
+        if active is not None and active.st_size > 0:
+            if _lstat_in(self._dir_fd, name) is not None:
+                raise self._tampered(f"the sealed audit log {name} already exists")
+            self._check_sealed_log(self._path.name, sealed)
+            os.rename(self._path.name, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            os.fsync(self._dir_fd)
+        elif _lstat_in(self._dir_fd, name) is None:
+            raise self._tampered(f"the audit head at the log's path seals {name}, which is missing")
+        else:
+            self._check_sealed_log(name, sealed)
+        if _lstat_in(self._dir_fd, name + ".head") is not None:
+            raise self._tampered(f"the sealed audit head {name}.head already exists")
+        os.rename(head_name, name + ".head", src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        os.fsync(self._dir_fd)
+        _log.info("audit log rotated: %s sealed (seq %d..%d)", name, sealed.base, sealed.count - 1)
+
+    def _prepare_new_log(self, sealed: Head) -> None:
+        """With the directory locked, after the renames: the new log at the log's path (unless a
+        process opening it made it already) and, unless there is one, its first head, anchored
+        at the latest sealed log's end (its checks included: _new_anchor)."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        os.close(os.open(self._path.name, flags, 0o600, dir_fd=self._dir_fd))
+        if _lstat_in(self._dir_fd, self._head_path.name) is not None:
+            return  # another process finished the rotation; resync checks what it wrote
+        anchor = self._new_anchor_locked()
+        if (anchor.base, anchor.last_hash) != (sealed.count, sealed.last_hash):
+            raise self._tampered("a later sealed audit log appeared beside the one just sealed")
+        self._head.close()
+        self._head.read()  # none: the write below creates the file
+        self._head.write(anchor)
+        os.fsync(self._dir_fd)
+
+    def _switch_to_new(self, sealed: Head) -> None:
+        """Writes to the log at the log's path from now on, its chain to continue ``sealed``.
+        Its lock is taken after the directory's is released: a process committing to the new
+        log holds its lock and may wait for the directory's."""
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(self._path, flags, 0o600)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, f"the audit log {self._path} is not a regular file")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        old, self._fd = self._fd, fd
+        with contextlib.suppress(OSError):
+            os.close(old)  # releases the sealed file's lock
+        self._head.close()
+        self._count, self._last_hash = sealed.count, sealed.last_hash
+        self._base, self._size = sealed.count, 0
+        self._stale = True
+        self._count_sealed_bytes()
+
+    def _new_anchor(self) -> Head:
+        """Where a new log's chain starts (see _new_anchor_locked)."""
+        with self._dir_locked():
+            return self._new_anchor_locked()
+
+    def _new_anchor_locked(self) -> Head:
+        """With the directory locked: where a new log's chain starts. After the latest sealed log
+        beside it (checked: its head sealed and signed by this broker, its last record the one
+        that head anchors), or at a random value when there is none."""
+        sealed = _sealed_logs(self._dir_fd, self._path.name)
+        if not sealed:
+            return Head(0, secrets.token_hex(32))
+        base, last, name = sealed[-1]
+        head = self._sealed_head(name)
+        if (head.base, head.count) != (base, last + 1):
+            raise self._tampered(f"the sealed audit log {name} does not hold what it is named")
+        self._check_sealed_log(name, head)
+        _log.info("the new audit log continues %s (from seq %d)", name, head.count)
+        return Head(head.count, head.last_hash, head.count)
+
+    def _sealed_head_of(self, opened: os.stat_result) -> Head | None:
+        """The sealed head of the sealed log that is the file ``opened``; None if it is none."""
+        for _, _, name in _sealed_logs(self._dir_fd, self._path.name):
+            found = _lstat_in(self._dir_fd, name)
+            if found is not None and (found.st_dev, found.st_ino) == (
+                opened.st_dev,
+                opened.st_ino,
+            ):
+                if _lstat_in(self._dir_fd, name + ".head") is None:
+                    return None
+                return self._sealed_head(name)
+        return None
+
+    def _sealed_head(self, name: str) -> Head:
+        """The head of the sealed log ``name``: signed by this broker and sealed, or tampering."""
+        try:
+            raw = self._read_in_dir(name + ".head", FILE_BYTES + 1)
+        except FileNotFoundError:
+            raise self._tampered(f"the sealed audit log {name} has no head") from None
+        parsed = self._checked(_parse_own_head, raw, self._public, name + ".head")
+        if not parsed.sealed:
+            raise self._tampered(f"the head of {name} does not seal it")
+        return parsed.head
+
+    def _check_sealed_log(self, name: str, head: Head, *, after: Head | None = None) -> None:
+        """The log ``name`` (in the log's directory) ends with the record ``head`` seals, and
+        (with ``after``) its first record continues the chain ``after`` ends."""
+        fd = self._open_in_dir(name)
+        try:
+            size = os.fstat(fd).st_size
+            end, tail = self._checked(_read_tail, fd, size, 1)
+            last = self._checked(_tail_record, tail[-1][1]) if tail else None
+            line = _first_line(fd, size) if after is not None else None
+            first = self._checked(_tail_record, line) if line is not None else None
+        finally:
+            os.close(fd)
+        if (
+            last is None
+            or end != size
+            or (last["seq"] + 1, last["hash"]) != (head.count, head.last_hash)
+        ):
+            raise self._tampered(f"the sealed audit log {name} does not end where its head says")
+        if after is not None and (
+            first is None or (first["seq"], first["prev"]) != (after.count, after.last_hash)
+        ):
+            raise self._tampered(f"the sealed audit log {name} does not continue the one before")
+
+    def _count_sealed_bytes(self) -> None:
+        """Re-counts the sealed logs and heads beside the log (only with a cap: they count against
+        it, whether ``rotate_bytes`` or an operator's rotation made them)."""
+        if not self._max_bytes:
+            return
+        total = 0
+        for _, _, name in _sealed_logs(self._dir_fd, self._path.name):
+            for member in (name, name + ".head"):
+                found = _lstat_in(self._dir_fd, member)
+                total += found.st_size if found is not None else 0
+        self._sealed_bytes = total
+
+    @contextlib.contextmanager
+    def _dir_locked(self) -> Iterator[None]:
+        """The directory's ``flock``: renames and new chains of a rotation, one process at a time.
+        Taken after the log's lock, never before it."""
+        fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
+
+    def _open_in_dir(self, name: str) -> int:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd
+        )
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"{name} is not a regular file")
+        return fd
+
+    def _read_in_dir(self, name: str, limit: int) -> bytes:
+        fd = self._open_in_dir(name)
+        try:
+            return os.pread(fd, limit, 0)
+        finally:
+            os.close(fd)
+
+    def _at_path(self, opened: os.stat_result) -> bool:
+        try:
+            current = os.stat(self._path)
+        except FileNotFoundError:
+            return False
+        return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
 
     def _check_same_file(self, opened: os.stat_result) -> None:
         """The file at the log's path must be the one this process writes through ``self._fd``:
@@ -885,8 +1333,11 @@ class AuditLog(Closing):
         elif size > 0:
             first = _first_line(self._fd, size)
             ours = first is None or self._checked(_tail_record, first)["prev"] == self._last_hash
+            ours = ours and head.base == self._base
         else:
-            ours = head.count > 0 or head.last_hash == self._last_hash
+            ours = head.base == self._base and (
+                head.count > head.base or head.last_hash == self._last_hash
+            )
         if not ours:
             raise self._tampered(
                 "the audit log no longer continues the chain this broker wrote (its last record "
@@ -943,8 +1394,9 @@ class AuditLog(Closing):
             head.count,
             head.count + records - 1,
         )
-        anchored = Head(head.count + records, last_hash)
+        anchored = Head(head.count + records, last_hash, head.base)
         self._write_head_or_fail(anchored)
+        self._void, self._void_all = (), False
         return anchored
 
     def _truncate(self, size: int) -> None:
@@ -978,6 +1430,45 @@ class AuditLog(Closing):
             self._write_head(head)
         except OSError as exc:
             raise AuditUnavailable(f"cannot write the audit head: {exc.strerror}") from None
+
+
+def sealed_log_name(log_name: str, first_seq: int, last_seq: int) -> str:
+    """The name a rotation gives a sealed log: ``<log name>.<first seq>-<last seq>``."""
+    return f"{log_name}.{first_seq}-{last_seq}"
+
+
+def _sealed_name_re(log_name: str) -> re.Pattern[str]:
+    return re.compile(re.escape(log_name) + r"\.(0|[1-9][0-9]{0,18})-(0|[1-9][0-9]{0,18})")
+
+
+def _sealed_logs(dir_fd: int, log_name: str) -> list[tuple[int, int, str]]:
+    """The sealed logs named after ``log_name`` in the directory: (first seq, last seq, name),
+    in order."""
+    pattern = _sealed_name_re(log_name)
+    found = []
+    for name in os.listdir(dir_fd):
+        match = pattern.fullmatch(name)
+        if match is not None:
+            found.append((int(match[1]), int(match[2]), name))
+    return sorted(found)
+
+
+def _lstat_in(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _parse_own_head(raw: bytes, public_key: Ed25519PublicKey, name: str) -> ParsedHead:
+    """A head file's bytes verified with the broker's key; DataLoss if they do not verify."""
+    try:
+        return parse_head(raw, public_key)
+    except (ValueError, KeyError, TypeError, binascii.Error, InvalidSignature):
+        raise DataLoss(
+            f"the audit head {name} is malformed or not signed by this broker's key",
+            reason=Reason.AUDIT_LOG_TAMPERED,
+        ) from None
 
 
 def _read_tail(fd: int, size: int, lines: int) -> tuple[int, list[tuple[int, bytes]]]:
@@ -1122,14 +1613,42 @@ def verify_audit_log(
     Raises NotFound(AUDIT_LOG_NOT_FOUND) when neither the log nor its head exists, and
     ``AuditUnavailable`` naming the file when one cannot be read (permissions, a directory, I/O)
     or is not a regular file (a FIFO, socket or device: checked before reading, never waited on).
+
+    A log that does not verify, or is not there, is checked once more after any rotation under
+    way has ended (the broker renames and creates the files under the directory's ``flock``):
+    for a moment during one, the path holds the sealed log, or no log, or a log without its head.
     """
     path = Path(path)
     try:
+        try:
+            result = _verify_audit_log(path, public_key)
+        except NotFound:
+            if not _waited_for_rotation(path):
+                raise
+            return _verify_audit_log(path, public_key)
+        if result.intact or not _waited_for_rotation(path):
+            return result
         return _verify_audit_log(path, public_key)
     except OSError as exc:
         raise AuditUnavailable(
             f"cannot read {exc.filename or path}: {exc.strerror or type(exc).__name__}"
         ) from None
+
+
+def _waited_for_rotation(path: Path) -> bool:
+    """Waits until no rotation holds the directory of ``path`` (a shared ``flock``, held by
+    nothing else: nothing waits for it in turn); False if it cannot be locked."""
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # and with it the lock
+    return True
 
 
 def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditVerification:
@@ -1144,8 +1663,10 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
             raise NotFound(f"no audit log at {path}", reason=Reason.AUDIT_LOG_NOT_FOUND) from None
         stream, log_missing = io.BytesIO(), True
     checked = public_key is not None
-    prev = GENESIS_HASH
-    count = 0
+    prev = anchor = GENESIS_HASH
+    count = 0  # records read (lines)
+    base = 0  # the seq of the first record: where the file says it starts, checked on its head
+    sealed = False
     tail: collections.deque[bytes] = collections.deque(maxlen=MAX_BATCH_RECORDS)
 
     def fail(problem: str, number: int | None, message: str) -> AuditVerification:
@@ -1157,6 +1678,9 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
             problem=problem,
             bad_record=number,
             message=message,
+            first_seq=base,
+            anchor=anchor,
+            sealed=sealed,
         )
 
     with stream:
@@ -1182,16 +1706,18 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
                 or record_hash(record) != claimed
             ):
                 return fail("RECORD_MODIFIED", number, f"record {number} was modified")
-            if seq != count:
+            if count == 0 and isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+                base = seq  # checked against the head below
+            if seq != base + count:
                 return fail(
                     "SEQUENCE_BROKEN",
                     number,
                     # Not the value found: it is the file's to choose (any JSON, any text).
-                    f"record {number} does not have sequence number {count}: "
+                    f"record {number} does not have sequence number {base + count}: "
                     "records were inserted, deleted or reordered",
                 )
             if count == 0 and isinstance(back, str) and HEX64_RE.fullmatch(back):
-                prev = back  # the log's own start (all zeros, or the random one of newer logs)
+                prev = anchor = back  # the log's own start (zeros, random, or a sealed log's end)
             if back != prev:
                 return fail(
                     "CHAIN_BROKEN", number, f"record {number} does not follow record {count}"
@@ -1202,35 +1728,52 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
     if raw_head is None:
         return fail("HEAD_MISSING", None, f"the signed head {hpath.name} is missing")
     try:
-        head = parse_head(raw_head, public_key).head
+        parsed = parse_head(raw_head, public_key)
     except InvalidSignature:
         return fail("HEAD_SIGNATURE_INVALID", None, "the head's signature is not valid")
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         detail = f": {exc}" if isinstance(exc, ValueError) and str(exc) else ""
         return fail("HEAD_MALFORMED", None, f"the head is malformed{detail}")
+    head, sealed = parsed.head, parsed.sealed
     if count == 0:
-        prev = head.last_hash  # an empty log starts where its head says
-    if count < head.count:
+        base = head.base
+        prev = anchor = head.last_hash  # an empty log starts where its head says
+    elif base != head.base:
+        return fail(
+            "SEQUENCE_BROKEN",
+            1,
+            f"record 1 is not the first record of this file: its head says the file starts at "
+            f"seq {head.base} (records were removed from its start, or another file's put here)",
+        )
+    end = base + count
+    if end < head.count:
         return fail(
             "TAIL_TRUNCATED",
             count + 1,
-            f"the head anchors {head.count} records but the log has {count}: "
+            f"the head anchors {head.count - base} records but the log has {count}: "
             "records were removed from the end",
         )
-    if count > head.count:
-        extra = count - head.count
-        if public_key is not None and extra > MAX_BATCH_RECORDS:
+    if end > head.count:
+        extra = end - head.count
+        first_extra = head.count - base + 1  # its line number
+        if sealed or (public_key is not None and extra > MAX_BATCH_RECORDS):
             return fail(
                 "HEAD_MISMATCH",
-                head.count + 1,
-                f"records {head.count + 1}..{count} are not covered by the signed head: more "
-                f"than one commit writes ({MAX_BATCH_RECORDS}), so no crash left them (a head "
-                "rolled back, or records added)",
+                first_extra,
+                f"records {first_extra}..{count} are not covered by the signed head: "
+                + (
+                    "the head seals the file, so no commit added them"
+                    if sealed
+                    else f"more than one commit writes ({MAX_BATCH_RECORDS}), so no crash left "
+                    "them (a head rolled back, or records added)"
+                ),
             )
         unanchored = list(tail)[-extra:] if extra <= len(tail) else []
         if unanchored and jsonparse.loads(unanchored[0])["prev"] != head.last_hash:
             return fail(
-                "HEAD_MISMATCH", head.count or None, f"record {head.count} does not match the head"
+                "HEAD_MISMATCH",
+                (first_extra - 1) or None,
+                f"record {first_extra - 1} does not match the head",
             )
         if public_key is not None:
             foreign = next(
@@ -1240,15 +1783,23 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
             if foreign is not None:
                 return fail(
                     "RECORD_FORGED",
-                    head.count + foreign + 1,
-                    f"records {head.count + 1}..{count} are not covered by the signed head and "
-                    f"record {head.count + foreign + 1} is not one the broker wrote (missing or "
+                    first_extra + foreign,
+                    f"records {first_extra}..{count} are not covered by the signed head and "
+                    f"record {first_extra + foreign} is not one the broker wrote (missing or "
                     "invalid signature)",
                 )
+        if unanchored and parsed.voids(jsonparse.loads(unanchored[0])["hash"]):
+            return fail(
+                "VOIDED_RECORDS",
+                first_extra,
+                f"records {first_extra}..{count} are not covered by the signed head, which says "
+                "the broker refused them (their decisions never took effect): it cuts them off "
+                "on its next write",
+            )
         return fail(
             "UNANCHORED_RECORDS",
-            head.count + 1,
-            f"records {head.count + 1}..{count} are not covered by the signed head"
+            first_extra,
+            f"records {first_extra}..{count} are not covered by the signed head"
             + (
                 " (signed by the broker: a crash before the head update; the broker anchors them "
                 "on its next write)"
@@ -1258,11 +1809,147 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
         )
     if prev != head.last_hash:
         return fail("HEAD_MISMATCH", count or None, "the last record does not match the head")
+    span = f" (seq {base}..{end - 1})" if base and count else ""
     return AuditVerification(
         intact=True,
         records=count,
         last_hash=prev,
         signature_checked=checked,
-        message=f"{count} records, chain intact, head "
+        message=f"{count} records{span}, chain intact, "
+        + ("sealed, " if sealed else "")
+        + "head "
         + ("signature valid" if checked else "signature NOT checked (no public key given)"),
+        first_seq=base,
+        anchor=anchor,
+        sealed=sealed,
+    )
+
+
+@dataclass(frozen=True)
+class SeriesVerification:
+    """The outcome of :func:`verify_audit_series`: each file's verdict in chain order, and for the
+    series ``first_seq``/``end`` (seq of its first record, and one past its last), ``problem``
+    (a file's own, or SERIES_GAP, SERIES_OVERLAP, SERIES_LINK_BROKEN, SERIES_NOT_SEALED,
+    SERIES_NAME_MISMATCH) and ``bad_file`` (the file where the series breaks)."""
+
+    intact: bool
+    files: tuple[tuple[Path, AuditVerification], ...]
+    first_seq: int
+    end: int
+    problem: str | None = None
+    bad_file: Path | None = None
+    bad_record: int | None = None
+    message: str = ""
+
+
+def audit_files(directory: Path | str) -> list[Path]:
+    """The audit logs in ``directory``: each file with a ``.head`` beside it, each sealed-looking
+    name (``NAME.<first>-<last>``) and the log of each head whose log is gone (so that its
+    verdict says so). Hidden files (a head's temporary) are not logs."""
+    directory = Path(directory)
+    names = {p.name for p in directory.iterdir() if not p.name.startswith(".")}
+    found = set()
+    for name in names:
+        if name.endswith(".head"):
+            found.add(name[: -len(".head")])
+        elif name + ".head" in names or re.fullmatch(r".+\.[0-9]+-[0-9]+", name):
+            found.add(name)
+    return [directory / name for name in sorted(found)]
+
+
+def verify_audit_series(
+    paths: list[Path], *, public_key: Ed25519PublicKey | None = None
+) -> SeriesVerification:
+    """Verifies each log (:func:`verify_audit_log`), then that together they are one chain:
+    ordered by their first ``seq``, each continues the one before (its first record's ``prev`` is
+    that file's last hash, its first ``seq`` that file's end) and every file but the last is
+    sealed. A missing file in the middle, two files covering the same records, a file from
+    another chain, a file continued though not sealed, or a sealed file renamed to another range
+    breaks the series; a series that starts after seq 0 (older sealed files deleted: retention)
+    does not, and the message says where it starts.
+
+    Raises like :func:`verify_audit_log`, and NotFound(AUDIT_LOG_NOT_FOUND) for no paths.
+    """
+    if not paths:
+        raise NotFound("no audit logs to verify", reason=Reason.AUDIT_LOG_NOT_FOUND)
+    verdicts = [(Path(path), verify_audit_log(path, public_key=public_key)) for path in paths]
+    # The earliest broken file in the chain's order (names sort 10-12 before 3-5).
+    for path, verdict in sorted(verdicts, key=lambda item: item[1].first_seq):
+        if not verdict.intact:
+            return SeriesVerification(
+                intact=False,
+                files=tuple(verdicts),
+                first_seq=verdict.first_seq,
+                end=verdict.first_seq + verdict.records,
+                problem=verdict.problem,
+                bad_file=path,
+                bad_record=verdict.bad_record,
+                message=verdict.message,
+            )
+    ordered = sorted(verdicts, key=lambda item: (item[1].first_seq, item[1].records))
+    first = ordered[0][1].first_seq
+    end = ordered[-1][1].first_seq + ordered[-1][1].records
+
+    def broken(problem: str, path: Path, message: str) -> SeriesVerification:
+        return SeriesVerification(
+            intact=False,
+            files=tuple(ordered),
+            first_seq=first,
+            end=end,
+            problem=problem,
+            bad_file=path,
+            message=message,
+        )
+
+    for (before_path, before), (path, verdict) in itertools.pairwise(ordered):
+        before_end = before.first_seq + before.records
+        between = f"{before_path.name} (seq ..{before_end - 1}) and {path.name}"
+        if verdict.first_seq > before_end:
+            return broken(
+                "SERIES_GAP",
+                path,
+                f"records seq {before_end}..{verdict.first_seq - 1} are missing between "
+                f"{between}: a file in the middle was deleted",
+            )
+        if verdict.first_seq < before_end:
+            return broken(
+                "SERIES_OVERLAP",
+                path,
+                f"{between} both hold records from seq {verdict.first_seq}: a file was copied "
+                "or substituted",
+            )
+        if verdict.anchor != before.last_hash:
+            return broken(
+                "SERIES_LINK_BROKEN",
+                path,
+                f"{path.name} does not continue {before_path.name}: a file of another chain "
+                "was substituted",
+            )
+        if not before.sealed:
+            return broken(
+                "SERIES_NOT_SEALED",
+                before_path,
+                f"{before_path.name} is not sealed, yet {path.name} continues it",
+            )
+    for path, verdict in ordered:
+        match = re.fullmatch(r".+\.([0-9]+)-([0-9]+)", path.name)
+        span = (verdict.first_seq, verdict.first_seq + verdict.records - 1)
+        if match is not None and (int(match[1]), int(match[2])) != span:
+            return broken(
+                "SERIES_NAME_MISMATCH",
+                path,
+                f"{path.name} holds seq {span[0]}..{span[1]}: its name was changed",
+            )
+    checked = all(verdict.signature_checked for _, verdict in ordered)
+    return SeriesVerification(
+        intact=True,
+        files=tuple(ordered),
+        first_seq=first,
+        end=end,
+        message=f"{len(ordered)} files, "
+        + (f"records seq {first}..{end - 1}" if end > first else "no records")
+        + ", chain intact across them"
+        + (f"; starts at seq {first} (earlier files deleted)" if first else "")
+        + ("; the last file is sealed (no active log among them)" if ordered[-1][1].sealed else "")
+        + ("; head signatures valid" if checked else "; head signatures NOT checked"),
     )

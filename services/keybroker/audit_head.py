@@ -25,6 +25,17 @@ other, swapping them or zeroing one is caught. Putting back a whole older head f
 an older log is a rollback, not caught once the broker restarts (a running one notices: see
 :mod:`strongroom.keybroker.audit`), as with any head kept beside its log.
 
+**Rotation** (see :mod:`strongroom.keybroker.audit`) adds two members, written only when they
+apply, so a log never rotated keeps its heads' bytes: ``base``, the ``seq`` of the file's first
+record (its sealed predecessor's count; both slots must agree), and ``sealed: true`` on the last
+generation of a log that was sealed (the older slot is never sealed: nothing is written after a
+seal).
+
+**Refused batches** (see :mod:`strongroom.keybroker.audit`, *Durability and failure*): a head
+written after a batch was refused keeps its ``count`` and ``last_hash`` and adds ``void``, the
+first 32 hex digits of the hash of each refused batch's first record (at most :data:`VOID_MAX`),
+or ``void_all: true`` past that. The next head that anchors more records drops them.
+
 **Format 1**, one JSON line rewritten by rename on every commit, is still read; the broker converts
 it to format 2 when it opens the log (a new file, renamed into place). A new head file is written
 under a random temporary name, created exclusively and never through a symlink: the directory's
@@ -59,24 +70,46 @@ FILE_BYTES = 2 * SLOT_STRIDE
 HEAD_DOMAIN = b"strongroom-audit-head-v1\n"
 GENESIS_HASH = "0" * 64
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")  # a SHA-256 in lowercase hex
+# A head voids at most this many refused batches by their first record's hash (this prefix of
+# it); past that, every record after it that it does not anchor (``void_all``). Sized to fit a
+# slot beside the largest head.
+VOID_MAX = 3
+VOID_PREFIX = 32
+_VOID_RE = re.compile(r"^[0-9a-f]{32}$")
 _log = logging.getLogger("strongroom.keybroker.audit")
 
 
 @dataclass(frozen=True)
 class Head:
-    """What a head anchors: the number of records and the hash of the last one."""
+    """What a head anchors: the number of records and the hash of the last one.
+
+    ``count`` is the chain's length up to this file's end, and ``base`` the ``seq`` of the file's
+    first record: 0 for a log never rotated, the sealed predecessor's ``count`` for a log that
+    continues one (see the rotation section of :mod:`strongroom.keybroker.audit`).
+    """
 
     count: int
     last_hash: str
+    base: int = 0
 
 
 @dataclass(frozen=True)
 class ParsedHead:
-    """A head file read: the current head, its generation (None in format 1) and the format."""
+    """A head file read: the current head, its generation (None in format 1) and the format;
+    ``sealed`` when its current slot seals the log (no record is ever added to it again);
+    ``void``/``void_all``: the batches written after it that the broker refused (see
+    :meth:`HeadFile.write`)."""
 
     head: Head
     generation: int | None
     version: int
+    sealed: bool = False
+    void: tuple[str, ...] = ()
+    void_all: bool = False
+
+    def voids(self, record_hash: str) -> bool:
+        """Whether the record chained right after this head with ``record_hash`` was refused."""
+        return self.void_all or record_hash[:VOID_PREFIX] in self.void
 
 
 # One encoder for every call: json.dumps with non-default arguments builds a new one each time,
@@ -103,6 +136,19 @@ def _document(raw: bytes, public_key: Ed25519PublicKey | None) -> dict[str, Any]
         raise ValueError("bad count")
     if not isinstance(last_hash, str) or not HEX64_RE.match(last_hash):
         raise ValueError("bad last_hash")
+    # Written only when they differ from a log never rotated: such heads keep their bytes.
+    base = document.get("base", 0)
+    if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= count:
+        raise ValueError("bad base")
+    if document.get("sealed", True) is not True or document.get("void_all", True) is not True:
+        raise ValueError("bad sealed or void_all")
+    void = document.get("void", [])
+    if (
+        not isinstance(void, list)
+        or len(void) > VOID_MAX
+        or not all(isinstance(v, str) and _VOID_RE.match(v) for v in void)
+    ):
+        raise ValueError("bad void")
     if public_key is not None:
         public_key.verify(signature, HEAD_DOMAIN + canonical_json(document))
     return document
@@ -140,7 +186,9 @@ def parse(raw: bytes, public_key: Ed25519PublicKey | None) -> ParsedHead:
     if len(raw) != FILE_BYTES:
         if raw.startswith(b"{") and raw.endswith(b"\n") and raw.count(b"\n") == 1:
             document = _document(raw, public_key)
-            if document.get("v") != LEGACY_VERSION:
+            if document.get("v") != LEGACY_VERSION or {"base", "sealed", "void", "void_all"} & set(
+                document
+            ):
                 raise ValueError("a one-line head must be format 1")
             return ParsedHead(Head(document["count"], document["last_hash"]), None, LEGACY_VERSION)
         raise ValueError(f"a head file is {FILE_BYTES} bytes, not {len(raw)}")
@@ -159,13 +207,33 @@ def parse(raw: bytes, public_key: Ed25519PublicKey | None) -> ParsedHead:
             )
         if current["count"] < older["count"]:
             raise ValueError("the newer head anchors fewer records than the older one")
-    return ParsedHead(Head(current["count"], current["last_hash"]), current["gen"], VERSION)
+        if older.get("base", 0) != current.get("base", 0):
+            raise ValueError("the slots disagree on where the log starts")
+        if older.get("sealed"):
+            raise ValueError("a head was written after the log was sealed")
+    head = Head(current["count"], current["last_hash"], current.get("base", 0))
+    return ParsedHead(
+        head,
+        current["gen"],
+        VERSION,
+        bool(current.get("sealed")),
+        tuple(current.get("void", ())),
+        bool(current.get("void_all")),
+    )
 
 
 def _slot_bytes(
-    head: Head, generation: int, key: Ed25519PrivateKey, fingerprint: str, time_text: str
+    head: Head,
+    generation: int,
+    key: Ed25519PrivateKey,
+    fingerprint: str,
+    time_text: str,
+    *,
+    sealed: bool = False,
+    void: tuple[str, ...] = (),
+    void_all: bool = False,
 ) -> bytes:
-    body = {
+    body: dict[str, Any] = {
         "v": VERSION,
         "gen": generation,
         "count": head.count,
@@ -173,6 +241,14 @@ def _slot_bytes(
         "time": time_text,
         "key": fingerprint,
     }
+    if head.base:
+        body["base"] = head.base
+    if sealed:
+        body["sealed"] = True
+    if void:
+        body["void"] = list(void)
+    if void_all:
+        body["void_all"] = True
     signature = base64.b64encode(key.sign(HEAD_DOMAIN + canonical_json(body))).decode()
     document = canonical_json({**body, "sig": signature}) + b"\n"
     if len(document) > SLOT_BYTES:
@@ -244,14 +320,35 @@ class HeadFile:
         except OSError:
             return True
 
-    def write(self, head: Head) -> None:
+    def write(
+        self,
+        head: Head,
+        *,
+        sealed: bool = False,
+        void: tuple[str, ...] = (),
+        void_all: bool = False,
+    ) -> None:
         """Makes ``head`` the current head, durably: the next generation in place, or a new
-        format-2 file when there is none yet or it is in format 1. Raises OSError."""
+        format-2 file when there is none yet or it is in format 1. ``sealed`` marks it the log's
+        last head (rotation); ``void`` (hash prefixes, at most :data:`VOID_MAX`) names refused
+        batches by the first record they chained after it, ``void_all`` refuses every record
+        after it that it does not anchor. Raises OSError."""
         if self._fd is None or self._generation is None:
+            if sealed or void or void_all:
+                raise OSError(errno.EINVAL, "only a head in place can be sealed or void records")
             self._create(head)
             return
         generation = self._generation + 1
-        slot = _slot_bytes(head, generation, self._key, self._fingerprint, self._now_text())
+        slot = _slot_bytes(
+            head,
+            generation,
+            self._key,
+            self._fingerprint,
+            self._now_text(),
+            sealed=sealed,
+            void=void,
+            void_all=void_all,
+        )
         offset = (generation % 2) * SLOT_STRIDE
         before = self._raw[offset : offset + len(slot)]
         try:

@@ -53,6 +53,10 @@ class KeybrokerConfig:
     # (AUDIT_LOG_FULL) as on a full disk. Set it below a volume limit that is enforced by evicting
     # the pod (a Kubernetes emptyDir's sizeLimit) rather than by ENOSPC.
     audit_max_bytes: int = 0
+    # Seal the audit log and continue its chain in a new one before a commit would take it past
+    # this many bytes (0: never). Sealed files are named audit.log.<first seq>-<last seq> (with
+    # their .head) for an operator to ship and delete; with a cap, they count against it.
+    audit_rotate_bytes: int = 0
     # SoftHSM2 only: the softhsm2.conf naming the token directory.
     softhsm2_conf: Path | None = None
     challenge_lifetime_seconds: float = 60.0
@@ -103,5 +107,14 @@ class KeybrokerConfig:
             )
         if self.audit_max_bytes and self.audit_max_bytes < 1024 * 1024:
             raise ConfigError("keybroker.audit_max_bytes must be 0 (no cap) or at least 1 MiB")
+        if self.audit_rotate_bytes and self.audit_rotate_bytes < 1024 * 1024:
+            raise ConfigError(
+                "keybroker.audit_rotate_bytes must be 0 (no rotation) or at least 1 MiB"
+            )
+        # Otherwise the cap is reached with the first sealed file, or before one exists.
+        if self.audit_max_bytes and self.audit_rotate_bytes > self.audit_max_bytes // 2:
+            raise ConfigError(
+                "keybroker.audit_rotate_bytes must be at most half of keybroker.audit_max_bytes"
+            )
         if not 5 <= self.challenge_lifetime_seconds <= 600:
             raise ConfigError("keybroker.challenge_lifetime_seconds must be between 5 and 600")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -167,7 +168,12 @@ def build(
         )
     )
     try:
-        audit = AuditLog.open(config.audit_log, audit_key, max_bytes=config.audit_max_bytes)
+        audit = AuditLog.open(
+            config.audit_log,
+            audit_key,
+            max_bytes=config.audit_max_bytes,
+            rotate_bytes=config.audit_rotate_bytes,
+        )
     except BaseException:
         hsm.close()
         raise
@@ -245,11 +251,42 @@ def build(
     )
 
 
+def rotate_audit_on_sighup(audit: AuditLog) -> None:
+    """Makes SIGHUP seal the audit log and continue its chain in a new one (an operator's
+    rotation: before shipping the log, before draining a pod), with or without
+    ``audit_rotate_bytes``. Only who may signal the broker's process can ask: no RPC to guard.
+
+    The rotation runs in a thread of its own: a signal handler runs in the main thread between two
+    bytecodes, where waiting for the audit's commit lock could deadlock with the code it
+    interrupted. Call from the main thread (``signal.signal`` requires it)."""
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        threading.Thread(
+            target=_rotate_audit, args=(audit,), name="audit-rotate", daemon=True
+        ).start()
+
+    signal.signal(signal.SIGHUP, on_hup)
+
+
+def _rotate_audit(audit: AuditLog) -> None:
+    try:
+        sealed = audit.rotate()
+    except StrongroomError as exc:
+        log.error("audit log rotation (SIGHUP) failed (%s): %s", exc.reason, exc.message)
+        return
+    if sealed is None:
+        log.info("audit log rotation (SIGHUP): no record since the last one, nothing sealed")
+    else:
+        log.info("audit log rotation (SIGHUP): sealed as %s", sealed.name)
+
+
 def serve(config_path: Path | None) -> int:
-    """``strongroom serve keybroker``: runs until SIGTERM, then drains and exits."""
+    """``strongroom serve keybroker``: runs until SIGTERM, then drains and exits; SIGHUP rotates
+    the audit log."""
     return run_service(
         "keybroker",
         config_path,
         KeybrokerConfig,
         lambda common, config, identity: build(common, config, identity=identity),
+        after_start=lambda broker: rotate_audit_on_sighup(broker.audit),
     )

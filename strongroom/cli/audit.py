@@ -1,10 +1,18 @@
-"""``strongroom audit verify PATH [--public-key PEM]``: check an audit log for tampering.
+"""``strongroom audit verify PATH... [--public-key PEM]``: check audit logs for tampering.
 
-Exit status 0 when the log is intact (a one-line summary on stdout), 2 when it is not (the first
-bad record and the problem on stderr). Each is one line, non-printable characters shown escaped.
-Without ``--public-key`` the chain and the head's count are checked but not the head's signature,
-and the summary says so. A running broker's log can be
-checked in place: the check covers the log as it stood between two commits.
+One file: its records, chain and signed head (PATH.head). A directory, or several paths: every
+log in them (each file with a ``.head`` beside it, e.g. the sealed ``audit.log.<first>-<last>``
+files a rotating broker leaves and its active ``audit.log``) is checked alone, then as one chain:
+each file must continue the one before it (its first seq and first record's ``prev`` are that
+file's end and last hash) and be sealed if another follows. A file missing in the middle, a
+reordered, renamed or substituted file is reported as tampering, naming it; a series starting
+after seq 0 (older files deleted after shipping) is not, and the summary says where it starts.
+
+Exit status 0 when intact (a one-line summary on stdout), 2 when not (the first bad file or record
+and the problem on stderr). Each is one line, non-printable characters shown escaped. Without
+``--public-key`` the chain and the head's count are checked but not the head's signature, and the
+summary says so. A running broker's log can be checked in place: the check covers the log as it
+stood between two commits.
 """
 
 from __future__ import annotations
@@ -16,7 +24,12 @@ from typing import Any
 
 from strongroom.cli._text import printable
 from strongroom.errors import NotFound
-from strongroom.keybroker.audit import load_public_key, verify_audit_log
+from strongroom.keybroker.audit import (
+    audit_files,
+    load_public_key,
+    verify_audit_log,
+    verify_audit_series,
+)
 from strongroom.reasons import Reason
 
 EXIT_TAMPERED = 2
@@ -32,7 +45,12 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    verify.add_argument("path", type=Path, help="the audit log file (its head is PATH.head)")
+    verify.add_argument(
+        "path",
+        type=Path,
+        nargs="+",
+        help="an audit log file (its head is PATH.head), or a directory of them, or several",
+    )
     verify.add_argument(
         "--public-key",
         type=Path,
@@ -52,15 +70,39 @@ def _verify(args: argparse.Namespace) -> int:
                 f"cannot read {args.public_key}: {exc.strerror}", reason=Reason.AUDIT_KEY_NOT_FOUND
             ) from None
         key = load_public_key(pem)
-    result = verify_audit_log(args.path, public_key=key)
+    paths: list[Path] = args.path
+    if len(paths) > 1 or paths[0].is_dir():
+        return _verify_series(paths, key)
+    result = verify_audit_log(paths[0], public_key=key)
     # What the files hold is the other side's to choose: nothing read from them (nor the path)
     # reaches the auditor's terminal as a control sequence that could fake an "intact" line.
     if result.intact:
-        print(printable(f"{args.path}: intact: {result.message}; last hash {result.last_hash}"))
+        print(printable(f"{paths[0]}: intact: {result.message}; last hash {result.last_hash}"))
         return 0
     where = f"record {result.bad_record}" if result.bad_record is not None else "head"
     print(
-        printable(f"{args.path}: NOT intact: {result.problem} at {where}: {result.message}"),
+        printable(f"{paths[0]}: NOT intact: {result.problem} at {where}: {result.message}"),
+        file=sys.stderr,
+    )
+    return EXIT_TAMPERED
+
+
+def _verify_series(paths: list[Path], key: Any) -> int:
+    files: list[Path] = []
+    for path in paths:
+        files.extend(audit_files(path) if path.is_dir() else [path])
+    if not files:
+        raise NotFound(
+            f"no audit logs in {', '.join(map(str, paths))}", reason=Reason.AUDIT_LOG_NOT_FOUND
+        )
+    result = verify_audit_series(files, public_key=key)
+    if result.intact:
+        last = result.files[-1][1].last_hash
+        print(printable(f"intact: {result.message}; last hash {last}"))
+        return 0
+    where = f" record {result.bad_record}" if result.bad_record is not None else ""
+    print(
+        printable(f"{result.bad_file}{where}: NOT intact: {result.problem}: {result.message}"),
         file=sys.stderr,
     )
     return EXIT_TAMPERED

@@ -97,6 +97,21 @@ def test_the_largest_head_fits_one_slot(key: Ed25519PrivateKey) -> None:
         Head(2**63 - 1, "f" * 64), 2**63 - 1, key, "0" * 32, "2026-12-31T23:59:59.999999Z"
     )
     assert len(slot) == SLOT_BYTES
+    # With what rotation and refused batches add: a base, the seal, and the most voided batches.
+    for extra in (
+        {"sealed": True},
+        {"void": ("e" * audit_head.VOID_PREFIX,) * audit_head.VOID_MAX},
+        {"void_all": True},
+    ):
+        slot = audit_head._slot_bytes(
+            Head(2**63 - 1, "f" * 64, 2**63 - 2),
+            2**63 - 1,
+            key,
+            "0" * 32,
+            "2026-12-31T23:59:59.999999Z",
+            **extra,  # type: ignore[arg-type]
+        )
+        assert len(slot) == SLOT_BYTES
 
 
 # --- tampering with the slots ---------------------------------------------------------------
@@ -234,9 +249,11 @@ def test_a_failed_head_sync_puts_the_previous_generation_back(
         audit.append(_event(1))
     # Neither the refused record nor a head anchoring it stays behind; the previous generation is
     # put back durably (the log's cut-back is synced: a new slot over a shorter log after a power
-    # loss would read as tampering).
-    assert head_path(log_path).read_bytes() == before
-    assert synced[-1] == before and len(synced) == 2
+    # loss would read as tampering). Then one more generation, anchoring the same record, voids
+    # the refused one (durably: a restarted broker must not anchor it should its line survive).
+    assert synced[1] == before and len(synced) == 3
+    parsed = audit_head.parse(head_path(log_path).read_bytes(), key.public_key())
+    assert parsed.head.count == 1 and len(parsed.void) == 1 and not parsed.void_all
     assert verify_audit_log(log_path, public_key=key.public_key()).records == 1
     monkeypatch.undo()
     assert audit.append(_event(2)).seq == 1

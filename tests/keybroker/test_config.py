@@ -1,4 +1,5 @@
-"""The broker's own configuration section: the HSM recycle quota (issue 12 item 2)."""
+"""The broker's own configuration section: the HSM recycle quota (issue 12 item 2), the audit
+log's size cap and rotation."""
 
 from __future__ import annotations
 
@@ -63,4 +64,30 @@ def test_quota_out_of_range_or_not_an_integer_is_refused(
 ) -> None:
     with pytest.raises(ConfigError, match="hsm_recycle_after_operations") as info:
         _load(tmp_path, {ENV: value})
+    assert message in str(info.value)
+
+
+ROTATE_ENV = "STRONGROOM__KEYBROKER__AUDIT_ROTATE_BYTES"
+CAP_ENV = "STRONGROOM__KEYBROKER__AUDIT_MAX_BYTES"
+
+
+def test_audit_rotation_is_off_unless_configured(tmp_path: Path) -> None:
+    assert _load(tmp_path, {}).audit_rotate_bytes == 0
+    config = _load(tmp_path, {ROTATE_ENV: str(64 << 20), CAP_ENV: str(900 << 20)})
+    assert (config.audit_rotate_bytes, config.audit_max_bytes) == (64 << 20, 900 << 20)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({ROTATE_ENV: "1000"}, "at least 1 MiB"),
+        ({ROTATE_ENV: "-1"}, "at least 1 MiB"),
+        ({ROTATE_ENV: str(600 << 20), CAP_ENV: str(900 << 20)}, "at most half"),
+    ],
+)
+def test_audit_rotation_settings_out_of_range_are_refused(
+    tmp_path: Path, environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match="audit_rotate_bytes") as info:
+        _load(tmp_path, environ)
     assert message in str(info.value)

@@ -1,0 +1,536 @@
+"""Audit log rotation: sealed files, a chain that continues across them, crash recovery at every
+step of a rotation, and `audit verify` on a series of files.
+
+Before rotation the log only grew: with a size cap the broker refused every decision once it was
+full (AUDIT_LOG_FULL) until an operator archived it and started a new log by hand, whose chain
+had nothing to do with the old one. Crashes are simulated as the other audit tests do: by putting
+the files in the state a crash at that step leaves, then opening them with a new AuditLog.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from strongroom.errors import DataLoss
+from strongroom.keybroker import audit as audit_module
+from strongroom.keybroker.audit import (
+    AuditLog,
+    audit_files,
+    head_path,
+    verify_audit_log,
+    verify_audit_series,
+)
+from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.keybroker.server import rotate_audit_on_sighup
+
+from .test_audit import REPO, _signing_key_file, event, fill, lines
+from .test_audit_cli import _run
+from .test_audit_group_commit import _wait_until
+
+RECORD = 900  # a test record line is 842..861 bytes: N * RECORD holds N of them, not N + 1
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    (tmp_path / "audit").mkdir()
+    return tmp_path / "audit" / "audit.log"
+
+
+def _series(log_path: Path, key: Ed25519PrivateKey) -> audit_module.SeriesVerification:
+    return verify_audit_series(audit_files(log_path.parent), public_key=key.public_key())
+
+
+def _names(log_path: Path) -> list[str]:
+    return sorted(os.listdir(log_path.parent))
+
+
+def test_a_log_past_rotate_bytes_is_sealed_and_its_chain_goes_on(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with AuditLog.open(log_path, key, rotate_bytes=3 * RECORD) as log:
+        records = [log.append(event(n)) for n in range(8)]
+        assert [r.seq for r in records] == list(range(8))  # seq numbers run on across files
+        assert log.count == 8 and log.first_seq == 6
+    assert _names(log_path) == [
+        "audit.log",
+        "audit.log.0-2",
+        "audit.log.0-2.head",
+        "audit.log.3-5",
+        "audit.log.3-5.head",
+        "audit.log.head",
+    ]
+    sealed = verify_audit_log(log_path.with_name("audit.log.3-5"), public_key=key.public_key())
+    assert sealed.intact and sealed.sealed and (sealed.first_seq, sealed.records) == (3, 3)
+    active = verify_audit_log(log_path, public_key=key.public_key())
+    assert active.intact and not active.sealed and (active.first_seq, active.records) == (6, 2)
+    assert active.anchor == sealed.last_hash  # the new log's chain starts at the sealed end
+    series = _series(log_path, key)
+    assert series.intact and (series.first_seq, series.end) == (0, 8), series.message
+    with AuditLog.open(log_path, key, rotate_bytes=3 * RECORD) as log:  # a restart goes on
+        assert log.append(event(8)).seq == 8
+    assert _series(log_path, key).intact
+
+
+def test_rotate_on_demand_and_an_empty_log_is_not_sealed(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with AuditLog.open(log_path, key) as log:
+        assert log.rotate() is None  # nothing to seal
+        fill(log, 2)
+        assert log.rotate() == log_path.with_name("audit.log.0-1")
+        assert log.rotate() is None
+        assert log.append(event(2)).seq == 2
+    assert _series(log_path, key).intact
+
+
+def test_with_rotation_the_size_cap_counts_the_sealed_files(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """Rotation must not let the volume fill past the cap (a Kubernetes emptyDir evicts the pod
+    there): sealed files count until they are shipped and deleted, which makes room again."""
+    with AuditLog.open(log_path, key, rotate_bytes=2 * RECORD, max_bytes=32 * 1024) as log:
+        with pytest.raises(AuditUnavailable) as info:
+            for n in range(100):
+                log.append(event(n))
+        assert info.value.reason == "AUDIT_LOG_FULL"
+        total = sum(p.stat().st_size for p in log_path.parent.iterdir())
+        assert total <= 32 * 1024 + 8192  # all but the active log's head count against the cap
+        for path in audit_files(log_path.parent):  # shipped: the operator deletes the sealed
+            if path == log_path:
+                continue
+            path.unlink()
+            head_path(path).unlink()
+        assert log.append(event(0)).seq == log.count - 1
+    series = _series(log_path, key)
+    assert series.intact and series.first_seq > 0 and "starts at seq" in series.message
+
+
+def test_sighup_rotates_the_brokers_audit_log(log_path: Path, key: Ed25519PrivateKey) -> None:
+    """An operator's rotation (before shipping the log, before draining a pod): `kill -HUP` to
+    the broker, whatever audit_rotate_bytes says."""
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        with AuditLog.open(log_path, key) as log:
+            fill(log, 2)
+            rotate_audit_on_sighup(log)
+            os.kill(os.getpid(), signal.SIGHUP)
+            _wait_until(lambda: log.first_seq == 2, "the rotation SIGHUP asked for")
+            assert log.append(event(2)).seq == 2
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    series = _series(log_path, key)
+    assert series.intact and [p.name for p, _ in series.files] == ["audit.log.0-1", "audit.log"]
+
+
+def test_sealed_files_of_an_operators_rotation_count_against_the_cap_too(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """SIGHUP rotates without audit_rotate_bytes: its sealed files fill the volume all the same."""
+    with AuditLog.open(log_path, key, max_bytes=24 * 1024) as log:
+        with pytest.raises(AuditUnavailable) as info:
+            for n in range(100):
+                log.append(event(n))
+                if n % 3 == 2:
+                    log.rotate()  # refused too once its new head would pass the cap
+        assert info.value.reason == "AUDIT_LOG_FULL"
+        with pytest.raises(AuditUnavailable) as info:
+            for n in range(100):
+                log.append(event(n))
+        assert "sealed files included" in info.value.message
+    total = sum(p.stat().st_size for p in log_path.parent.iterdir())
+    assert total <= 24 * 1024 + 8192  # all but the active log's head count against the cap
+
+
+# --- a crash at every step of a rotation ------------------------------------------------------
+
+
+def _rotated(log_path: Path, key: Ed25519PrivateKey, records: int) -> dict[str, bytes]:
+    """Writes ``records`` and rotates (the new log stays empty); returns what the crash states
+    of _CRASHES need besides the files: the head as it was before the seal."""
+    with AuditLog.open(log_path, key) as log:
+        fill(log, records)
+        before_seal = head_path(log_path).read_bytes()
+        log.rotate()
+    return {"pre-seal head": before_seal}
+
+
+def _crash_after_seal(log_path: Path, saved: dict[str, bytes]) -> None:
+    sealed = log_path.with_name("audit.log.0-2")
+    os.replace(sealed, log_path)
+    os.replace(head_path(sealed), head_path(log_path))
+
+
+def _crash_before_seal_reached_the_disk(log_path: Path, saved: dict[str, bytes]) -> None:
+    _crash_after_seal(log_path, saved)
+    head_path(log_path).write_bytes(saved["pre-seal head"])
+
+
+def _crash_after_log_renamed(log_path: Path, saved: dict[str, bytes]) -> None:
+    log_path.unlink()
+    os.replace(head_path(log_path.with_name("audit.log.0-2")), head_path(log_path))
+
+
+def _crash_after_head_renamed(log_path: Path, saved: dict[str, bytes]) -> None:
+    log_path.unlink()
+    head_path(log_path).unlink()
+
+
+def _crash_after_new_log_created(log_path: Path, saved: dict[str, bytes]) -> None:
+    head_path(log_path).unlink()
+
+
+def _crash_after_new_head(log_path: Path, saved: dict[str, bytes]) -> None:
+    pass
+
+
+_CRASHES: dict[str, Callable[[Path, dict[str, bytes]], None]] = {
+    "seal-lost": _crash_before_seal_reached_the_disk,
+    "sealed": _crash_after_seal,
+    "log-renamed": _crash_after_log_renamed,
+    "head-renamed": _crash_after_head_renamed,
+    "new-log-created": _crash_after_new_log_created,
+    "new-head-written": _crash_after_new_head,
+}
+
+
+@pytest.mark.parametrize("crash", list(_CRASHES))
+def test_a_crash_at_any_step_of_a_rotation_is_recovered_at_the_next_open(
+    log_path: Path, key: Ed25519PrivateKey, crash: str
+) -> None:
+    saved = _rotated(log_path, key, 3)
+    _CRASHES[crash](log_path, saved)
+    with AuditLog.open(log_path, key) as log:
+        assert log.count == 3
+        assert log.first_seq == (0 if crash == "seal-lost" else 3)
+        assert log.append(event(3)).seq == 3
+        log.rotate()
+        assert log.append(event(4)).seq == 4
+    series = _series(log_path, key)
+    assert series.intact and (series.first_seq, series.end) == (0, 5), series.message
+    expected = ["audit.log.0-2"] if crash != "seal-lost" else ["audit.log.0-3"]
+    assert [p.name for p, _ in series.files][: len(expected)] == expected
+
+
+# The process dies (os._exit: no close, no cleanup) at a step of a rotation it started itself.
+_DIES_MID_ROTATION = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from strongroom.keybroker import audit, audit_head
+    from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
+    path, key = Path(sys.argv[1]), load_pem_private_key(Path(sys.argv[2]).read_bytes(), None)
+    step = sys.argv[3]
+    log = AuditLog.open(path, key, rotate_bytes=3000)  # three 875-byte records, not four
+    for n in range(3):
+        log.append(AuditEvent(decision=Decision.DENIED, reason="BEFORE", claims={"pad": "x" * 300}))
+    renames = []
+    real_rename = os.rename
+    def rename(*args, **kwargs):
+        renames.append(args)
+        if step == f"rename-{len(renames)}":
+            os._exit(70)
+        real_rename(*args, **kwargs)
+    def create(self, head):
+        os._exit(70)
+    audit.os.rename = rename
+    if step == "new-head":
+        audit_head.HeadFile._create = create
+    log.append(AuditEvent(decision=Decision.DENIED, reason="ROTATES", claims={"pad": "x" * 300}))
+    os._exit(0)
+    """
+)
+
+
+@pytest.mark.parametrize("step", ["rename-1", "rename-2", "new-head"])
+def test_a_process_killed_during_its_rotation_is_recovered_at_the_next_open(
+    tmp_path: Path, step: str
+) -> None:
+    """The same, with a real process dying before renaming the log (after the seal), before
+    renaming the head, and before writing the new log's head."""
+    key_file, key, _ = _signing_key_file(tmp_path)
+    path = tmp_path / "audit" / "audit.log"
+    path.parent.mkdir()
+    died = subprocess.run(
+        [sys.executable, "-c", _DIES_MID_ROTATION, str(path), str(key_file), step],
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+        check=False,  # it is meant to die
+    )
+    assert died.returncode == 70, died.stderr.decode()
+    with AuditLog.open(path, key) as log:
+        assert (log.count, log.first_seq) == (3, 3)
+        assert log.append(event(3, reason="AFTER")).seq == 3
+    series = _series(path, key)
+    assert series.intact and (series.first_seq, series.end) == (0, 4), series.message
+    assert b"ROTATES" not in b"".join(b"".join(lines(p)) for p, _ in series.files)
+
+
+def test_a_crash_before_the_first_head_of_the_new_log_is_repaired(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """The new log's first batch durable, its head not: the crash repair anchors it as usual."""
+    _rotated(log_path, key, 3)
+    anchor_head = head_path(log_path).read_bytes()
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 2)
+    head_path(log_path).write_bytes(anchor_head)
+    result = verify_audit_log(log_path, public_key=key.public_key())
+    assert (result.problem, result.bad_record) == ("UNANCHORED_RECORDS", 1)
+    with AuditLog.open(log_path, key) as log:
+        assert log.count == 5
+    assert _series(log_path, key).intact
+
+
+def test_a_failed_step_refuses_the_batch_and_the_next_commit_finishes_the_rotation(
+    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog.open(log_path, key, rotate_bytes=3 * RECORD)
+    fill(log, 3)
+    real_rename = os.rename
+    calls: list[str] = []
+
+    def rename(src: str, dst: str, **kwargs: int) -> None:
+        calls.append(src)
+        if len(calls) == 2:  # the head's rename, after the log's
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_rename(src, dst, **kwargs)
+
+    monkeypatch.setattr(audit_module.os, "rename", rename)
+    with pytest.raises(AuditUnavailable):
+        log.append(event(3, reason="REFUSED"))
+    monkeypatch.undo()
+    assert log.append(event(4)).seq == 3
+    log.close()
+    series = _series(log_path, key)
+    assert series.intact and series.end == 4
+    assert b"REFUSED" not in b"".join(b"".join(lines(p)) for p, _ in series.files)
+
+
+def test_another_process_sharing_the_log_follows_its_rotation(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with AuditLog.open(log_path, key) as first, AuditLog.open(log_path, key) as second:
+        fill(first, 2)
+        assert second.append(event(2)).seq == 2
+        first.rotate()
+        assert second.append(event(3)).seq == 3  # not taken for a log taken away
+        assert first.append(event(4)).seq == 4
+        second.rotate()
+        assert first.append(event(5)).seq == 5
+        first.rotate()  # twice while the other one is idle: it follows through both
+        assert first.append(event(6)).seq == 6
+        first.rotate()
+        assert second.append(event(7)).seq == 7
+        assert first.tamper_problem is None and second.tamper_problem is None
+    series = _series(log_path, key)
+    assert series.intact and series.end == 8 and len(series.files) == 5
+
+
+def test_verify_during_a_rotation_waits_for_it_instead_of_reporting_tampering(
+    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cron job's `audit verify` that reads the path half-way through a rotation (here: the
+    log renamed, its sealed head not yet) must not raise a tamper alarm: it checks again once
+    the broker, holding the directory's lock meanwhile, has finished."""
+    saved = _rotated(log_path, key, 3)
+    _crash_after_log_renamed(log_path, saved)
+    first = audit_module._verify_audit_log(log_path, key.public_key())
+    assert not first.intact  # what one look at the half-done rotation shows
+    real_wait = audit_module._waited_for_rotation
+
+    def broker_finishes_meanwhile(path: Path) -> bool:
+        AuditLog.open(log_path, key).close()
+        return real_wait(path)
+
+    monkeypatch.setattr(audit_module, "_waited_for_rotation", broker_finishes_meanwhile)
+    result = verify_audit_log(log_path, public_key=key.public_key())
+    assert result.intact and result.first_seq == 3
+
+
+# --- what a rotation must not accept --------------------------------------------------------
+
+
+def test_a_sealed_log_missing_under_a_sealed_head_is_tampering(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    saved = _rotated(log_path, key, 3)
+    _crash_after_log_renamed(log_path, saved)
+    log_path.with_name("audit.log.0-2").unlink()
+    with pytest.raises(DataLoss) as info:
+        AuditLog.open(log_path, key)
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+
+
+def test_records_added_to_a_sealed_log_are_never_anchored(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """A sealed head is final: the crash repair does not anchor records after it, even signed by
+    the broker and chained on the sealed end (here: the new log's first record, put back)."""
+    saved = _rotated(log_path, key, 3)
+    with AuditLog.open(log_path, key) as log:
+        log.append(event(3, reason="NEXT"))
+    (next_line,) = lines(log_path)
+    log_path.unlink()
+    head_path(log_path).unlink()
+    _crash_after_seal(log_path, saved)
+    with log_path.open("ab") as f:
+        f.write(next_line)
+    result = verify_audit_log(log_path, public_key=key.public_key())
+    assert (result.problem, result.bad_record) == ("HEAD_MISMATCH", 4)
+    with pytest.raises(DataLoss) as info:
+        AuditLog.open(log_path, key)
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+
+
+def test_a_new_log_does_not_continue_a_truncated_sealed_log(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    saved = _rotated(log_path, key, 3)
+    _crash_after_head_renamed(log_path, saved)
+    sealed = log_path.with_name("audit.log.0-2")
+    sealed.write_bytes(b"".join(lines(sealed)[:2]))
+    with pytest.raises(DataLoss) as info:
+        AuditLog.open(log_path, key)
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    assert not log_path.with_name("audit.log.head").exists()  # no new chain was started
+
+
+def test_a_sealed_log_without_its_head_is_tampering(log_path: Path, key: Ed25519PrivateKey) -> None:
+    saved = _rotated(log_path, key, 3)
+    _crash_after_head_renamed(log_path, saved)
+    head_path(log_path.with_name("audit.log.0-2")).unlink()
+    with pytest.raises(DataLoss):
+        AuditLog.open(log_path, key)
+
+
+# --- audit verify on a series -----------------------------------------------------------------
+
+
+@pytest.fixture
+def series_dir(log_path: Path, key: Ed25519PrivateKey) -> Path:
+    """Four files: audit.log.0-2, .3-5, .6-8 (sealed) and audit.log (9..10)."""
+    with AuditLog.open(log_path, key, rotate_bytes=3 * RECORD) as log:
+        fill(log, 11)
+    assert len(audit_files(log_path.parent)) == 4
+    return log_path.parent
+
+
+def _pair(directory: Path, name: str) -> tuple[Path, Path]:
+    return directory / name, directory / (name + ".head")
+
+
+def test_deleting_the_oldest_files_is_retention_not_tampering(
+    series_dir: Path, key: Ed25519PrivateKey
+) -> None:
+    for path in _pair(series_dir, "audit.log.0-2") + _pair(series_dir, "audit.log.3-5"):
+        path.unlink()
+    result = verify_audit_series(audit_files(series_dir), public_key=key.public_key())
+    assert result.intact and result.first_seq == 6 and "starts at seq 6" in result.message
+
+
+def test_a_file_missing_in_the_middle_is_a_gap(series_dir: Path, key: Ed25519PrivateKey) -> None:
+    for path in _pair(series_dir, "audit.log.3-5"):
+        path.unlink()
+    result = verify_audit_series(audit_files(series_dir), public_key=key.public_key())
+    assert (result.intact, result.problem) == (False, "SERIES_GAP")
+    assert result.bad_file == series_dir / "audit.log.6-8" and "seq 3..5" in result.message
+
+
+def test_a_file_of_another_chain_put_in_its_place_breaks_the_link(
+    series_dir: Path, key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """Another log signed with the same key, of the same range, substituted for a sealed file."""
+    other = tmp_path / "other" / "audit.log"
+    other.parent.mkdir()
+    with AuditLog.open(other, key, rotate_bytes=3 * RECORD) as log:
+        fill(log, 7)
+    for name in ("audit.log.3-5", "audit.log.3-5.head"):
+        shutil.copyfile(other.parent / name, series_dir / name)
+    result = verify_audit_series(audit_files(series_dir), public_key=key.public_key())
+    assert (result.problem, result.bad_file) == ("SERIES_LINK_BROKEN", series_dir / "audit.log.3-5")
+
+
+def test_files_swapped_by_name_are_reported(series_dir: Path, key: Ed25519PrivateKey) -> None:
+    a, b = series_dir / "audit.log.0-2", series_dir / "audit.log.3-5"
+    for suffix in ("", ".head"):
+        swap = series_dir / "swap"
+        os.replace(f"{a}{suffix}", swap)
+        os.replace(f"{b}{suffix}", f"{a}{suffix}")
+        os.replace(swap, f"{b}{suffix}")
+    result = verify_audit_series(audit_files(series_dir), public_key=key.public_key())
+    assert result.problem == "SERIES_NAME_MISMATCH"
+
+
+def test_an_unsealed_file_followed_by_another_is_reported(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """A sealed file whose head was put back as it was before the seal: records could then be
+    added to it and anchored, beside the file that continues it."""
+    saved = _rotated(log_path, key, 3)
+    with AuditLog.open(log_path, key) as log:
+        log.append(event(3))
+    head_path(log_path.with_name("audit.log.0-2")).write_bytes(saved["pre-seal head"])
+    result = _series(log_path, key)
+    assert (result.problem, result.bad_file) == (
+        "SERIES_NOT_SEALED",
+        log_path.with_name("audit.log.0-2"),
+    )
+
+
+def test_a_tampered_file_in_a_series_is_named(series_dir: Path, key: Ed25519PrivateKey) -> None:
+    sealed = series_dir / "audit.log.3-5"
+    sealed.write_bytes(b"".join(lines(sealed)[:2]))
+    result = verify_audit_series(audit_files(series_dir), public_key=key.public_key())
+    assert (result.problem, result.bad_file, result.bad_record) == ("TAIL_TRUNCATED", sealed, 3)
+
+
+def test_of_several_tampered_files_the_earliest_in_the_chain_is_named(
+    series_dir: Path, key: Ed25519PrivateKey
+) -> None:
+    """By name, audit.log sorts before audit.log.6-8 (and .10-12 before .3-5)."""
+    for name in ("audit.log.6-8", "audit.log"):
+        path = series_dir / name
+        path.write_bytes(b"".join(lines(path)[:1]))
+    result = verify_audit_series(audit_files(series_dir), public_key=key.public_key())
+    assert (result.problem, result.bad_file) == ("TAIL_TRUNCATED", series_dir / "audit.log.6-8")
+
+
+def test_the_cli_verifies_a_directory_or_several_paths(
+    series_dir: Path, key: Ed25519PrivateKey, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    public = tmp_path / "audit.pub"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    assert _run("audit", "verify", str(series_dir), "--public-key", str(public)) == 0
+    out = capsys.readouterr().out
+    assert "4 files" in out and "seq 0..10" in out and "signatures valid" in out
+    # One file alone verifies as before; several paths are a series.
+    assert _run("audit", "verify", str(series_dir / "audit.log.3-5")) == 0
+    assert "seq 3..5" in capsys.readouterr().out
+    paths = [str(series_dir / n) for n in ("audit.log.0-2", "audit.log.6-8", "audit.log")]
+    assert _run("audit", "verify", *paths) == 2
+    err = capsys.readouterr().err
+    assert "SERIES_GAP" in err and "audit.log.6-8" in err
