@@ -47,7 +47,7 @@ import grpc
 
 from strongroom.errors import ResourceExhausted
 from strongroom.reasons import Reason
-from strongroom.runtime.callers import caller_key
+from strongroom.runtime.callers import Identify, caller_key
 from strongroom.runtime.grpc_types import (
     HandlerInterceptor,
     RpcMethodHandler,
@@ -56,9 +56,6 @@ from strongroom.runtime.grpc_types import (
 )
 
 log = logging.getLogger(__name__)
-
-Identify = Callable[[grpc.ServicerContext], str]
-"""Names the caller of an RPC for per-identity accounting (default: :func:`caller_key`)."""
 
 
 @dataclass(frozen=True)

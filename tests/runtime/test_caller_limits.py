@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,12 +17,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strongroom.api.inference.v1 import attestation_pb2, attestation_pb2_grpc
 from strongroom.attesters import SevGuestAttester
+from strongroom.errors import StrongroomError
 from strongroom.inference.evidence_service import InferenceAttestationServicer
 from strongroom.inference.server import EVIDENCE_SERVICE
 from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.callers import UNVERIFIED
-from strongroom.runtime.config import ServerConfig
+from strongroom.runtime.config import ConfigError, ServerConfig
+from strongroom.runtime.interceptors import RefusalObserver
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
 from tests.inference.fake_tee import FakeSevGuest
 from tests.pki.helpers import TRUST_DOMAIN, enrol, sid
@@ -49,13 +51,35 @@ class Slow:
             self.release.wait(0.05)
 
     def spec(self) -> ServiceSpec:
+        def hold(request: bytes, context: grpc.ServicerContext) -> bytes:
+            self._hold(context)
+            return b"done"
+
         def hold_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
             yield b"held"
             self._hold(context)
 
+        def quick(request: bytes, context: grpc.ServicerContext) -> bytes:
+            return b"ok"
+
+        def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
+            raise RuntimeError("a bug in a handler")
+
+        def abort(request: bytes, context: grpc.ServicerContext) -> bytes:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "aborted by the handler")
+
+        def unary(behaviour: Callable[[bytes, grpc.ServicerContext], bytes]) -> Any:
+            return grpc.unary_unary_rpc_method_handler(behaviour, _raw, _raw)
+
         handler = grpc.method_handlers_generic_handler(
             SERVICE,
-            {"HoldStream": grpc.unary_stream_rpc_method_handler(hold_stream, _raw, _raw)},
+            {
+                "Hold": unary(hold),
+                "Quick": unary(quick),
+                "Fail": unary(fail),
+                "Abort": unary(abort),
+                "HoldStream": grpc.unary_stream_rpc_method_handler(hold_stream, _raw, _raw),
+            },
         )
         return ServiceSpec(SERVICE, lambda server: server.add_generic_rpc_handlers((handler,)))
 
@@ -106,7 +130,11 @@ def mesh(ca: StepCa, server_identity: WorkloadIdentity) -> Iterator[Callable[...
     publisher identities may call); stopped at the end of the test."""
     started: list[Mesh] = []
 
-    def start(*extra: ServiceSpec, **settings: Any) -> Mesh:
+    def start(
+        *extra: ServiceSpec,
+        observers: Mapping[str, RefusalObserver] | None = None,
+        **settings: Any,
+    ) -> Mesh:
         slow = Slow()
         services = [slow.spec(), *extra]
         callers = [sid("inference"), sid("publisher")]
@@ -118,6 +146,7 @@ def mesh(ca: StepCa, server_identity: WorkloadIdentity) -> Iterator[Callable[...
             credentials=server_identity.server_credentials(),
             services=services,
             interceptors=[authorizer],
+            refusal_observers=observers,
             config=ServerConfig(**settings),
         )
         host.start()
@@ -128,6 +157,14 @@ def mesh(ca: StepCa, server_identity: WorkloadIdentity) -> Iterator[Callable[...
     yield start
     for running in started:
         running.close()
+
+
+def settled(condition: Callable[[], bool]) -> bool:
+    """Waits (bounded) for ``condition``, which the server reaches on its own threads."""
+    deadline = time.monotonic() + 30
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
 
 
 def refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str | None]:
@@ -158,10 +195,7 @@ def test_certificates_of_one_spiffe_id_share_one_stream_bucket(mesh: Callable[..
     assert next(admitted) == b"held"
     for call in [*held, admitted]:
         call.cancel()
-    deadline = time.monotonic() + 30
-    while running.host.streams.open_streams(sid("inference")) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert running.host.streams.open_streams(sid("inference")) == 0
+    assert settled(lambda: running.host.streams.open_streams(sid("inference")) == 0)
 
 
 def test_certificates_without_a_usable_identity_share_one_bucket(
@@ -224,3 +258,68 @@ def test_certificates_of_one_spiffe_id_share_one_attestation_rate(
     )
     other = attestation_pb2_grpc.InferenceAttestationServiceStub(running.caller("publisher"))
     assert other.GetEvidence(request, timeout=30).report_data
+
+
+def test_one_identity_cannot_hold_every_worker_with_slow_unary_calls(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """Streams were capped per identity, unary calls not: one identity's slow calls (a release
+    waiting on the HSM, a Stat against a slow backend) could take every worker thread and queue
+    everyone else. Its calls beyond the cap are refused at once; another identity is served; a
+    method's refusal observer (the key broker audits refused releases) hears of the refusal."""
+    observed: list[tuple[str, str]] = []
+
+    def observer(exc: StrongroomError, context: grpc.ServicerContext) -> None:
+        observed.append((exc.status_name, exc.reason))
+
+    running = mesh(
+        observers={f"/{SERVICE}/Quick": observer}, max_workers=8, max_unary_calls_per_identity=2
+    )
+    first = running.caller("inference", ("a.example",))
+    second = running.caller("inference", ("b.example",))  # the same identity, another SAN
+    other = running.caller("publisher")
+    hold = first.unary_unary(f"/{SERVICE}/Hold", _raw, _raw)
+    held = [hold.future(b"", timeout=60) for _ in range(2)]
+    running.slow.wait_entered(2)
+    assert running.host.unary.running(sid("inference")) == 2
+    for channel in (first, second):
+        quick = channel.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+        assert refusal(lambda: quick(b"", timeout=30)) == (  # noqa: B023 (called at once)
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_UNARY_CALLS_PER_IDENTITY",
+        )
+    assert observed == [("RESOURCE_EXHAUSTED", "TOO_MANY_UNARY_CALLS_PER_IDENTITY")] * 2
+    assert other.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
+    running.slow.release.set()
+    assert [f.result(timeout=30) for f in held] == [b"done", b"done"]
+    assert running.host.unary.running(sid("inference")) == 0
+    assert first.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
+
+
+def test_a_unary_call_is_released_however_it_ends(mesh: Callable[..., Mesh]) -> None:
+    """An exception, an abort and a cancelled call each give the caller's slot back (with one
+    slot, a slot kept by any of them would refuse the call after it)."""
+    running = mesh(max_workers=4, max_unary_calls_per_identity=1)
+    channel = running.caller("inference")
+    quick = channel.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+    ends = {"Fail": grpc.StatusCode.INTERNAL, "Abort": grpc.StatusCode.FAILED_PRECONDITION}
+    for method, code in ends.items():
+        ending = channel.unary_unary(f"/{SERVICE}/{method}", _raw, _raw)
+        assert refusal(lambda: ending(b"", timeout=30))[0] == code  # noqa: B023 (called at once)
+        assert running.host.unary.running(sid("inference")) == 0
+        assert quick(b"", timeout=30) == b"ok"
+    held = channel.unary_unary(f"/{SERVICE}/Hold", _raw, _raw).future(b"", timeout=60)
+    running.slow.wait_entered(1)
+    assert refusal(lambda: quick(b"", timeout=30))[1] == "TOO_MANY_UNARY_CALLS_PER_IDENTITY"
+    held.cancel()  # the handler sees the cancellation and returns
+    assert settled(lambda: running.host.unary.running(sid("inference")) == 0)
+    assert quick(b"", timeout=30) == b"ok"
+
+
+def test_the_unary_cap_defaults_to_half_the_workers_and_leaves_one_for_others() -> None:
+    assert ServerConfig().unary_calls_per_identity == 16
+    assert ServerConfig(max_workers=1).unary_calls_per_identity == 1
+    assert ServerConfig(max_workers=8, max_unary_calls_per_identity=7).unary_calls_per_identity == 7
+    for value in (0, 8):
+        with pytest.raises(ConfigError, match="max_unary_calls_per_identity"):
+            ServerConfig(max_workers=8, max_unary_calls_per_identity=value)
