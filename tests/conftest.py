@@ -1,5 +1,5 @@
-"""Suite-wide fixtures: the repository root, the step-ca binary every real-CA test uses and the
-simulated TEE chain every local stack trusts."""
+"""Suite-wide fixtures: the repository root, the step-ca binary every real-CA test uses (and a
+real CA per module), and the simulated TEE chain every local stack trusts."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import datetime as dt
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.pki import StepCa
 from strongroom.pki.stepca import BINARY_ENV
+from tests.pki.helpers import new_ca
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -38,6 +41,16 @@ def step_ca_binary() -> Path:
         pytest.fail(f"step-ca could not be built: {result.stderr.strip()[-500:]}")
     os.environ[BINARY_ENV] = str(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def ca(step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StepCa]:
+    """A real step-ca with its own fresh CA (``tests.pki.helpers.new_ca``), shared by one module."""
+    running = new_ca(tmp_path_factory.mktemp("ca") / "ca", step_ca_binary)
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture(scope="session")

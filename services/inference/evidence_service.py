@@ -23,8 +23,8 @@ from strongroom.attestation import binding
 from strongroom.attesters import Attester
 from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.reasons import Reason
+from strongroom.runtime.callers import caller_key
 from strongroom.runtime.ratelimit import CallerBuckets
-from strongroom.runtime.streams import peer_identity
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
     SubjectPublicKeyInfo of the certificate the server currently presents (it changes on renewal).
     At most ``max_concurrent`` hardware requests run at once; more fail with ATTESTATION_BUSY.
 
-    Each caller (its certificate's identities) may ask for ``per_caller_burst`` reports at once
-    and ``per_caller_rate`` a second after that; beyond it, ATTESTATION_RATE_LIMITED. A report is a
+    Each caller (its verified SPIFFE ID: extra SANs in a certificate buy no second rate) may ask
+    for ``per_caller_burst`` reports at once and ``per_caller_rate`` a second after that; beyond it, ATTESTATION_RATE_LIMITED. A report is a
     guest request to the platform's firmware, which the host throttles; with /dev/sev-guest a
     request the host stalls long enough makes the guest driver disable the VM's channel to the
     firmware until the VM restarts, so no one caller may keep the hardware busy (a client needs
@@ -78,7 +78,7 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
                 f"nonce must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes, got {len(nonce)}",
                 reason=Reason.NONCE_LENGTH,
             )
-        caller = peer_identity(context)
+        caller = caller_key(context)
         if not self._buckets.take(caller):
             raise ResourceExhausted(
                 f"more than {self._burst} attestation requests at once, or more than "

@@ -22,11 +22,13 @@ artifact that arrives malformed (truncated, extended, bad framing) is stored dat
 it is ``DATA_LOSS`` with the artifact reader's reason, like a failed authentication.
 
 **Retries.** :meth:`ModelLoader.load_with_retry` retries a load that failed with ``UNAVAILABLE``
-(store, broker, HSM or collateral briefly unreachable) with exponential back-off until a deadline;
-nothing else is retried (a denied release or a damaged artifact needs an operator). Configured
-models retry without a deadline (see the server); LoadModel retries within
-:data:`LOAD_RETRY_SECONDS` or the caller's own deadline, whichever is sooner, and the caller's
-deadline also ends the load itself (its wait for another load of the model, its download).
+(store, broker, HSM or collateral briefly unreachable), or ``RESOURCE_EXHAUSTED``
+``TOO_MANY_UNARY_CALLS_PER_IDENTITY`` (the broker busy with this identity's other calls), with
+exponential back-off until a deadline; nothing else is retried (a denied release or a damaged
+artifact needs an operator). Configured models retry without a deadline (see the server);
+LoadModel retries within :data:`LOAD_RETRY_SECONDS` or the caller's own deadline, whichever is
+sooner, and the caller's deadline also ends the load itself (its wait for another load of the
+model, its download).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from strongroom.client.remote import remote_error
 from strongroom.errors import (
     DataLoss,
     FailedPrecondition,
+    ResourceExhausted,
     StrongroomError,
     Unavailable,
 )
@@ -73,6 +76,21 @@ log = logging.getLogger(__name__)
 #: Reasons used when a peer sent none (a peer that is not Strongroom, or a transport failure).
 #: How long LoadModel keeps retrying a load that failed with UNAVAILABLE (seconds).
 LOAD_RETRY_SECONDS = 30.0
+
+BUSY_REFUSALS = frozenset({Reason.TOO_MANY_UNARY_CALLS_PER_IDENTITY})
+"""RESOURCE_EXHAUSTED refusals that say "retry later" rather than "too large": the key broker had
+as many calls of this identity running as it admits (every replica of the inference service shares
+its SPIFFE ID, so a fleet's releases at once while collateral or the HSM is slow can reach it)."""
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a load that failed with ``exc`` may succeed if retried: a dependency unavailable,
+    or a peer busy with this identity's other calls (:data:`BUSY_REFUSALS`)."""
+    if isinstance(exc, ResourceExhausted):
+        return exc.reason in BUSY_REFUSALS
+    return isinstance(exc, Unavailable)
+
+
 _RETRY_FIRST_DELAY = 0.2
 _RETRY_MAX_DELAY = 5.0
 
@@ -250,8 +268,9 @@ class ModelLoader:
         header_sha256: bytes | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> LoadResult:
-        """:meth:`load`, retried with exponential back-off while it fails with ``Unavailable``,
-        for at most ``within`` seconds; then (or for any other failure) the last error is raised.
+        """:meth:`load`, retried with exponential back-off while it fails with ``Unavailable`` or a
+        peer is busy (:func:`transient`), for at most ``within`` seconds; then (or for any other
+        failure) the last error is raised.
         An unload of the version during a back-off ends the retries: ``ModelUnloaded``.
         ``deadline`` bounds each load and ``header_sha256`` pins its artifact (see :meth:`load`)."""
         retry_until = time.monotonic() + within
@@ -266,9 +285,9 @@ class ModelLoader:
             retrying = True
             try:
                 return self.load(name, version, deadline=deadline, header_sha256=header_sha256)
-            except Unavailable as exc:
+            except (Unavailable, ResourceExhausted) as exc:
                 left = retry_until - time.monotonic()
-                if left <= delay:
+                if not transient(exc) or left <= delay:
                     raise
                 log.warning(
                     "model %s/%s: %s; retrying in %.1fs",

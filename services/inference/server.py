@@ -22,11 +22,11 @@ from strongroom.attesters import (
     select_attester,
 )
 from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
-from strongroom.errors import StrongroomError, Unavailable
+from strongroom.errors import StrongroomError
 from strongroom.inference.config import InferenceConfig
 from strongroom.inference.control import CONTROL_SERVICE, ModelControlServicer
 from strongroom.inference.evidence_service import InferenceAttestationServicer
-from strongroom.inference.loader import ModelLoader
+from strongroom.inference.loader import ModelLoader, transient
 from strongroom.inference.models import ModelRepository, ModelState
 from strongroom.inference.oip import OipServicer
 from strongroom.inference.signature import SignaturePolicy
@@ -114,10 +114,11 @@ class InferenceServer:
     def load_configured_models(self, *, wait: bool = False) -> None:
         """Loads the configured models in the background.
 
-        A load that fails because a dependency is unavailable (store, broker, HSM, collateral) is
-        retried with exponential back-off, so start-up order does not matter; any other failure
-        (a denied release, a tampered artifact) leaves the model not ready with its reason, and
-        is not retried: it needs an operator. Neither is a model an operator unloaded meanwhile.
+        A load that fails because a dependency is unavailable (store, broker, HSM, collateral) or
+        busy (:func:`~strongroom.inference.loader.transient`) is retried with exponential
+        back-off, so start-up order does not matter; any other failure (a denied release, a
+        tampered artifact) leaves the model not ready with its reason, and is not retried: it
+        needs an operator. Neither is a model an operator unloaded meanwhile.
         """
 
         def still_failed(name: str, version: str) -> bool:
@@ -139,13 +140,14 @@ class InferenceServer:
                         continue
                     try:
                         self.loader.load(ref.name, ref.version, header_sha256=ref.pin)
-                    except Unavailable as exc:
+                    except StrongroomError as exc:
+                        if not transient(exc):
+                            log.error("model %s/%s not loaded: %s", ref.name, ref.version, exc)
+                            continue
                         log.warning(
                             "model %s/%s: %s; retrying in %.1fs", ref.name, ref.version, exc, delay
                         )
                         retry.append(ref)
-                    except StrongroomError as exc:
-                        log.error("model %s/%s not loaded: %s", ref.name, ref.version, exc)
                     except Exception:  # one model's bug must not leave the rest unloaded
                         log.exception(
                             "model %s/%s not loaded: unexpected error", ref.name, ref.version

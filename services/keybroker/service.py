@@ -145,7 +145,8 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
 
     def release_refused_unread(self, exc: StrongroomError, context: grpc.ServicerContext) -> None:
         """Audits a ReleaseKey refused before this servicer ran (the runtime's refusal observer):
-        an identity without the inference role, a request that does not decode. Every refusal
+        an identity without the inference role, a caller with too many calls running at once
+        (``server.max_unary_calls_per_identity``), a request that does not decode. Every refusal
         of a release is audited, and these were only logged: an inference identity could send
         any number of undecodable attempts the audit log never saw."""
         try:

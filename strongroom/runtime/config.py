@@ -146,6 +146,11 @@ class ServerConfig:
     grace_seconds: float = 20.0
     # Streams (uploads, downloads, health Watch) one caller may hold open at once.
     max_streams_per_identity: int = 8
+    # Unary calls one caller may have running at once (each holds a worker thread while its
+    # handler runs: a key release waiting on collateral or the HSM, a store call against a slow
+    # backend); None is half of max_workers, so that one caller never holds every thread and the
+    # others are not queued behind it. The excess is refused at once (RESOURCE_EXHAUSTED).
+    max_unary_calls_per_identity: int | None = None
     # Blocking streams (each holds a worker thread) open at once, all callers together; None is
     # half of max_workers, so that the other half always remains for unary RPCs.
     max_blocking_streams: int | None = None
@@ -176,6 +181,13 @@ class ServerConfig:
             raise ConfigError(
                 "server.max_blocking_streams must be at least 1 and below server.max_workers "
                 "(streams must never hold every worker thread)"
+            )
+        if self.max_unary_calls_per_identity is not None and not (
+            1 <= self.max_unary_calls_per_identity < self.max_workers
+        ):
+            raise ConfigError(
+                "server.max_unary_calls_per_identity must be at least 1 and below "
+                "server.max_workers (one caller must never hold every worker thread)"
             )
         if not 0.1 <= self.stream_idle_timeout_seconds <= 3600:
             raise ConfigError("server.stream_idle_timeout_seconds must be between 0.1 and 3600")
@@ -214,6 +226,13 @@ class ServerConfig:
         """The effective ``max_blocking_streams``."""
         if self.max_blocking_streams is not None:
             return self.max_blocking_streams
+        return max(1, self.max_workers // 2)
+
+    @property
+    def unary_calls_per_identity(self) -> int:
+        """The effective ``max_unary_calls_per_identity``."""
+        if self.max_unary_calls_per_identity is not None:
+            return self.max_unary_calls_per_identity
         return max(1, self.max_workers // 2)
 
     @property

@@ -10,8 +10,8 @@ gRPC's own ``INTERNAL "Exception deserializing request!"`` and a logged tracebac
 
 A service that must account for every refusal of a method (the key broker audits every refused
 release) is told of the refusals its own code never sees, those raised before its behaviour runs
-(by the authoriser, the stream guard, the request decoding), through a :data:`RefusalObserver`
-registered for the method with the error mapping.
+(by the authoriser, the stream and unary-call guards, the request decoding), through a
+:data:`RefusalObserver` registered for the method with the error mapping.
 """
 
 from __future__ import annotations

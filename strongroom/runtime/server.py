@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from strongroom.runtime.callers import UnaryGuard
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import ServerInterceptor
 from strongroom.runtime.health import HealthServicer
@@ -94,8 +95,8 @@ class ServiceHost:
     authoriser goes last); ``tracing`` (:func:`~strongroom.runtime.tracing.server_tracing_interceptor`)
     runs outside it, so that each server span records the status the caller got.
     ``refusal_observers`` (full method name -> observer) hear of the refusals of a method that its
-    behaviour never sees (authorisation, stream limits, a request that does not decode): see
-    :class:`~strongroom.runtime.interceptors.ErrorMappingInterceptor`.
+    behaviour never sees (authorisation, stream and unary-call limits, a request that does not
+    decode): see :class:`~strongroom.runtime.interceptors.ErrorMappingInterceptor`.
     """
 
     def __init__(
@@ -135,15 +136,17 @@ class ServiceHost:
                 min_bytes_per_second=config.stream_min_bytes_per_second,
             )
         )
+        self.unary = UnaryGuard(config.unary_calls_per_identity)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
             # Outermost first. Metrics read the final status; tracing comes next so that the error
             # mapping aborts through its span (which then records the status the caller gets, not
             # the raw exception) and logs inside the call's trace; error mapping is the one place
             # that turns any exception (an authoriser's or stream guard's refusal included) into a
-            # status and reason trailer; the stream guard counts verified callers only, so it
-            # follows the authoriser that the caller's `interceptors` end with. The chain wraps
-            # each method's handler once, not on every call.
+            # status and reason trailer; the stream and unary guards count verified callers
+            # only, so they follow the authoriser that the caller's `interceptors` end with, and
+            # come before the request decoding, so that a method's refusal observer hears of
+            # their refusals. The chain wraps each method's handler once, not on every call.
             interceptors=[
                 CachedChain(
                     [
@@ -152,6 +155,7 @@ class ServiceHost:
                         ErrorMappingInterceptor(refusal_observers),
                         *interceptors,
                         self.streams,
+                        self.unary,
                         RequestDecodingInterceptor(),
                     ]
                 )

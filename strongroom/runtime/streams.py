@@ -3,9 +3,11 @@
 A blocking streaming RPC (an upload, a download) holds one of the server's ``max_workers``
 threads for as long as it lasts. :class:`StreamGuard` admits a stream only while
 
-- its caller (the SPIFFE ID of the peer certificate) has fewer than ``max_streams_per_identity``
-  streams open, of any kind (non-blocking ones such as health ``Watch`` included: they hold no
-  thread, but they count against gRPC's ``maximum_concurrent_rpcs``), and
+- its caller (the SPIFFE ID the authoriser verified, :func:`~strongroom.runtime.callers.caller_key`,
+  not the certificate's SANs: extra DNS names buy no second bucket) has fewer than
+  ``max_streams_per_identity`` streams open, of any kind (non-blocking ones such as health
+  ``Watch`` included: they hold no thread, but they count against gRPC's
+  ``maximum_concurrent_rpcs``), and
 - fewer than ``max_blocking_streams`` blocking streams are open in total, so that some threads
   always remain for unary RPCs;
 
@@ -45,6 +47,7 @@ import grpc
 
 from strongroom.errors import ResourceExhausted
 from strongroom.reasons import Reason
+from strongroom.runtime.callers import Identify, caller_key
 from strongroom.runtime.grpc_types import (
     HandlerInterceptor,
     RpcMethodHandler,
@@ -53,17 +56,6 @@ from strongroom.runtime.grpc_types import (
 )
 
 log = logging.getLogger(__name__)
-
-Identify = Callable[[grpc.ServicerContext], str]
-"""Names the caller of an RPC for per-identity accounting."""
-
-
-def peer_identity(context: grpc.ServicerContext) -> str:
-    """The caller's certificate identities (its SANs) or, without a certificate, its address."""
-    identities = context.peer_identities()
-    if identities:
-        return ",".join(i.decode(errors="replace") for i in identities)
-    return f"peer:{context.peer()}"
 
 
 @dataclass(frozen=True)
@@ -80,7 +72,7 @@ class StreamLimits:
 class StreamGuard(HandlerInterceptor):
     """Admits streaming RPCs within :class:`StreamLimits`; unary RPCs pass untouched."""
 
-    def __init__(self, limits: StreamLimits, identify: Identify = peer_identity) -> None:
+    def __init__(self, limits: StreamLimits, identify: Identify = caller_key) -> None:
         self._limits = limits
         self._identify = identify
         self._lock = threading.Lock()

@@ -5,7 +5,9 @@ SoftHSM2, mutual TLS, loopback). The legitimate client (the inference identity) 
 GetChallenge, ListModels and health Check in a loop; its p50/p99 under each attack is reported as
 a ratio of its p50/p99 without attack, measured in the same run. The attacks are those of
 ``tests/abuse``: 200 health Watch streams, 64 stalled uploads, 32 concurrent 60 MB unary requests
-from an identity every RPC refuses, malformed frames, and nested policy YAML. The broker's memory
+from an identity every RPC refuses, malformed frames, and nested policy YAML; and a slow unary
+flood from one certified identity (64 GenerateDataKey calls from the publisher kept in flight,
+each waiting for the HSM: its statuses show how many the per-identity cap on unary calls refused). The broker's memory
 (VmRSS, and VmHWM for the peak) is read from /proc around the oversized requests.
 
 Client and servers share the machine's two cores, so an attack that costs CPU (malformed frames,
@@ -63,27 +65,33 @@ def _measure(stack: DevStack, who: Identities) -> tuple[float, float, int]:
 
 
 @contextmanager
-def _looping(action: Callable[[], object]) -> Iterator[Counter[str]]:
-    """Runs ``action`` in a loop on another thread (bounded by time) and counts outcomes."""
+def _looping(action: Callable[[], object], threads: int = 1) -> Iterator[Counter[str]]:
+    """Runs ``action`` in a loop on ``threads`` other threads (bounded by time) and counts
+    outcomes."""
     stop = threading.Event()
     counts: Counter[str] = Counter()
+    lock = threading.Lock()
 
     def loop() -> None:
         deadline = time.monotonic() + 300
         while not stop.is_set() and time.monotonic() < deadline:
             try:
                 action()
-                counts["OK"] += 1
+                key = "OK"
             except grpc.RpcError as exc:
-                counts["/".join(str(x) for x in outcome(exc))] += 1
+                key = "/".join(str(x) for x in outcome(exc))
+            with lock:  # Counter's += is not atomic across threads
+                counts[key] += 1
 
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
+    workers = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
     try:
         yield counts
     finally:
         stop.set()
-        thread.join(30)
+        for worker in workers:
+            worker.join(30)
 
 
 def run(results: dict[str, Any]) -> None:
@@ -164,3 +172,16 @@ def run(results: dict[str, Any]) -> None:
         with _looping(lambda: admin.SetReleasePolicy(request, timeout=30)) as counts:
             record("nested_yaml_loop")
         results["nested_yaml_loop"]["attack_statuses"] = dict(counts)
+
+        # A slow unary flood from one identity: the publisher keeps 64 GenerateDataKey calls in
+        # flight, each waiting for the broker's one HSM worker while it holds a gRPC worker
+        # thread; beyond server.max_unary_calls_per_identity (half the 32 workers) they are
+        # refused at once, so the other half stays for the legitimate client.
+        publisher = kb_grpc.KeyBrokerServiceStub(stack.channel(who.publisher, "keybroker"))
+        data_key = kb.GenerateDataKeyRequest(
+            key_id=KEY_ID, model_name="abuse/flood", model_version="1"
+        )
+        with _looping(lambda: publisher.GenerateDataKey(data_key, timeout=30), 64) as counts:
+            time.sleep(0.5)  # the flood is at full strength before the client is measured
+            record("slow_unary_flood_64")
+        results["slow_unary_flood_64"]["attack_statuses"] = dict(counts)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +37,7 @@ from strongroom.keybroker.audit import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.pki import WorkloadIdentity
 from strongroom.runtime.secrets import Secret
+from tests.conftest import stack_root
 from tests.keybroker.helpers import bound, data_key_request
 
 GOOD = bytes.fromhex("11" * 48)
@@ -73,7 +76,12 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(stack: DevStack) -> Iterator[World]:
+def world(stack: DevStack) -> World:
+    return make_world(stack)
+
+
+def make_world(stack: DevStack) -> World:
+    """A release key with :func:`policy` on ``stack``'s broker, and a data key under it."""
     admin_id = stack.identity("admin")
     publisher_id = stack.identity("publisher")
     inference_id = stack.identity("inference")
@@ -86,7 +94,7 @@ def world(stack: DevStack) -> Iterator[World]:
     publisher = pb_grpc.KeyBrokerServiceStub(stack.channel(publisher_id, "keybroker"))
     generated = publisher.GenerateDataKey(data_key_request(KEY), timeout=10)
     authority = SimulatedAuthority.load(stack.root / "simulated-tee")
-    yield World(
+    return World(
         stack=stack,
         admin=admin,
         publisher=publisher,
@@ -598,6 +606,63 @@ def test_a_release_by_an_identity_without_the_inference_role_is_audited(world: W
     added = audit_records(world)[before:]
     assert [(r["decision"], r["reason"]) for r in added] == [("denied", "PEER_NOT_ALLOWED")]
     assert added[0]["caller"]["spiffe_id"] == world.stack.spiffe_id("publisher")
+
+
+@pytest.fixture(scope="module")
+def narrow_world(
+    step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
+) -> Iterator[World]:
+    """A broker of its own with 4 workers (2 unary calls per identity) whose HSM operations may
+    wait a minute, so that a test can hold them for as long as it needs."""
+    root = stack_root(tmp_path_factory, "narrow", simulated_tee_dir)
+    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
+        section = {**dev.default_section("keybroker"), "hsm_operation_timeout_seconds": 60}
+        dev.start_in_process("keybroker", section, server={"max_workers": 4})
+        yield make_world(dev)
+
+
+def test_a_release_refused_for_too_many_calls_at_once_is_audited(narrow_world: World) -> None:
+    """Releases held at the HSM (its one worker busy with an operation of the test's) hold the
+    inference identity's unary slots; its next release is refused at once with
+    TOO_MANY_UNARY_CALLS_PER_IDENTITY and audited like every refused release, then the held ones
+    complete."""
+    world = narrow_world
+    broker = world.stack.services["keybroker"].handle
+    caller = world.stack.spiffe_id("inference")
+    slots = broker.host.unary  # 2: half of the 4 workers
+    attempts = [new_attempt(world) for _ in range(3)]
+    gate = threading.Event()
+    hold = broker.hsm.submit(lambda _session: gate.wait(60), timeout=60, name="test hold")
+    try:
+        assert wait_until(lambda: hold.started)
+        held = [world.broker.ReleaseKey.future(a.request, timeout=60) for a in attempts[:2]]
+        assert wait_until(lambda: slots.running(caller) == 2)
+        before = len(audit_records(world))
+        with pytest.raises(grpc.RpcError) as info:
+            world.broker.ReleaseKey(attempts[2].request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert ("strongroom-reason", "TOO_MANY_UNARY_CALLS_PER_IDENTITY") in tuple(
+            info.value.trailing_metadata()  # type: ignore[attr-defined]
+        )
+        refused = [
+            r
+            for r in audit_records(world)[before:]
+            if r["reason"] == "TOO_MANY_UNARY_CALLS_PER_IDENTITY"
+        ]
+        assert [(r["decision"], r["caller"]["spiffe_id"]) for r in refused] == [("denied", caller)]
+        assert refused[0]["key"]["id"] is None  # refused before the request was read
+    finally:
+        gate.set()
+    assert all(f.result(timeout=60).wrapped_data_key for f in held)
+    assert slots.running(caller) == 0
+
+
+def wait_until(condition: Callable[[], bool]) -> bool:
+    """Waits (bounded) for ``condition``, which the broker reaches on its own threads."""
+    deadline = time.monotonic() + 30
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
 
 
 def test_key_without_policy_releases_nothing(world: World) -> None:

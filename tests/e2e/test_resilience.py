@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -151,3 +153,85 @@ def test_a_configured_model_whose_load_crashes_does_not_stop_the_ones_after_it(
         assert inference.repository.is_ready("after", "1"), inference.repository.status("after")
     finally:
         stack.services.pop("inference").stop()
+
+
+def test_a_load_refused_while_the_broker_is_busy_with_its_identity_is_retried(
+    stack: DevStack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every inference replica has the one inference SPIFFE ID, and the broker runs at most
+    server.max_unary_calls_per_identity of its calls at once: a load refused that way
+    (RESOURCE_EXHAUSTED TOO_MANY_UNARY_CALLS_PER_IDENTITY, "retry later") failed for good, as
+    if the release had been denied, a configured model's as well as LoadModel's. Both are
+    retried like an unavailable broker now."""
+    stack.create_release_key(stack.identity("admin"), "busy", policy_version="1")
+    publisher = stack.identity("publisher")
+    model = train(tmp_path / "m.onnx").path
+    holders, configured, requested = ("busy-a", "busy-b"), "busy-c", "busy-d"
+    for name in (*holders, configured, requested):
+        publish_model(
+            model,
+            name=name,
+            version="1",
+            key_id="busy",
+            broker=stack.channel(publisher, "keybroker"),
+            store=stack.channel(publisher, "modelstore"),
+        )
+    for service in ("keybroker", "inference"):
+        earlier = stack.services.pop(service, None)
+        if earlier is not None:
+            earlier.stop()
+    # A broker admitting 2 calls per identity (half of 4 workers), whose HSM waits may last.
+    section = {**stack.default_section("keybroker"), "hsm_operation_timeout_seconds": 60}
+    broker = stack.start_in_process("keybroker", section, server={"max_workers": 4}).handle
+    inference = stack.start_in_process(
+        "inference",
+        {**stack.default_section("inference"), "models": [{"name": configured, "version": "1"}]},
+    ).handle
+    inference.retry_initial = inference.retry_max = 0.2
+    repository = inference.repository
+    gate = threading.Event()
+    loads: list[threading.Thread] = []
+    try:
+        # The HSM's one worker runs an operation of the test's: releases wait there.
+        hold = broker.hsm.submit(lambda _session: gate.wait(60), timeout=60, name="test hold")
+        assert wait_until(lambda: hold.started, 30)
+        loads = [
+            threading.Thread(target=inference.loader.load, args=(name, "1"), daemon=True)
+            for name in holders
+        ]
+        for load in loads:
+            load.start()
+        caller = stack.spiffe_id("inference")
+        assert wait_until(lambda: broker.host.unary.running(caller) == 2, 30)
+
+        def refused_busy() -> bool:
+            return any(
+                v.failure is not None and v.failure.reason == "TOO_MANY_UNARY_CALLS_PER_IDENTITY"
+                for v in repository.status(configured).versions
+            )
+
+        inference.load_configured_models()
+        assert wait_until(refused_busy, 30), repository.status(configured)
+        backed_off: list[float] = []
+
+        def back_off(seconds: float) -> None:
+            backed_off.append(seconds)
+            gate.set()  # the HSM frees up: the releases in flight complete
+
+        with caplog.at_level(logging.WARNING, logger="strongroom.inference.loader"):
+            inference.loader.load_with_retry(requested, "1", within=60, sleep=back_off)
+        retried = [
+            getattr(r, "reason", None)
+            for r in caplog.records
+            if r.name == "strongroom.inference.loader" and "retrying" in r.message
+        ]
+        assert retried == ["TOO_MANY_UNARY_CALLS_PER_IDENTITY"] * len(backed_off) != []
+        assert wait_until(lambda: repository.is_ready(configured, "1"), 30)
+        for load in loads:
+            load.join(60)
+        assert all(repository.is_ready(name, "1") for name in (*holders, requested))
+    finally:
+        gate.set()
+        stack.services.pop("inference").stop()
+        stack.services.pop("keybroker").stop()
+        stack.start_in_process("keybroker")  # as the module's other tests expect it

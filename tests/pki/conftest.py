@@ -1,4 +1,5 @@
-"""Fixtures for the PKI tests: the step-ca binary (built once), a real CA per module."""
+"""Fixtures for the PKI tests: a real CA per test, the broker's and the inference server's
+identities from the module's CA (``ca``, in ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,6 @@ import pytest
 
 from strongroom.pki import StepCa, WorkloadIdentity
 from tests.pki.helpers import enrol, new_ca
-
-
-@pytest.fixture(scope="module")
-def ca(step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StepCa]:
-    """A real step-ca with its own fresh CA, shared by one test module."""
-    running = new_ca(tmp_path_factory.mktemp("ca") / "ca", step_ca_binary)
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

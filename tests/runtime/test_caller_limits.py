@@ -1,0 +1,325 @@
+"""Per-identity limits over real mTLS (certificates from a real step-ca): every limit counts a
+caller by the SPIFFE ID the authoriser verified, so that no certified identity can take the
+server from the others."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from strongroom.api.inference.v1 import attestation_pb2, attestation_pb2_grpc
+from strongroom.attesters import SevGuestAttester
+from strongroom.errors import StrongroomError
+from strongroom.inference.evidence_service import InferenceAttestationServicer
+from strongroom.inference.server import EVIDENCE_SERVICE
+from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.runtime.callers import UNVERIFIED
+from strongroom.runtime.config import ConfigError, ServerConfig
+from strongroom.runtime.interceptors import RefusalObserver
+from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
+from tests.inference.fake_tee import FakeSevGuest
+from tests.pki.helpers import TRUST_DOMAIN, enrol, sid
+
+SERVICE = "test.Callers"
+
+
+def _raw(b: bytes) -> bytes:
+    return b
+
+
+@dataclass
+class Slow:
+    """A test-only servicer whose calls wait until released (or until their client cancels)."""
+
+    release: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+
+    def _hold(self, context: grpc.ServicerContext) -> None:
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)
+        self.entered.release()
+        while not (self.release.is_set() or cancelled.is_set()):
+            self.release.wait(0.05)
+
+    def spec(self) -> ServiceSpec:
+        def hold(request: bytes, context: grpc.ServicerContext) -> bytes:
+            self._hold(context)
+            return b"done"
+
+        def hold_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            yield b"held"
+            self._hold(context)
+
+        def quick(request: bytes, context: grpc.ServicerContext) -> bytes:
+            return b"ok"
+
+        def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
+            raise RuntimeError("a bug in a handler")
+
+        def abort(request: bytes, context: grpc.ServicerContext) -> bytes:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "aborted by the handler")
+
+        def unary(behaviour: Callable[[bytes, grpc.ServicerContext], bytes]) -> Any:
+            return grpc.unary_unary_rpc_method_handler(behaviour, _raw, _raw)
+
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Hold": unary(hold),
+                "Quick": unary(quick),
+                "Fail": unary(fail),
+                "Abort": unary(abort),
+                "HoldStream": grpc.unary_stream_rpc_method_handler(hold_stream, _raw, _raw),
+            },
+        )
+        return ServiceSpec(SERVICE, lambda server: server.add_generic_rpc_handlers((handler,)))
+
+    def wait_entered(self, count: int) -> None:
+        for _ in range(count):
+            assert self.entered.acquire(timeout=30)
+
+
+@dataclass
+class Mesh:
+    """A host over mTLS with the production interceptor chain, and callers with certificates."""
+
+    host: ServiceHost
+    slow: Slow
+    channels: list[grpc.Channel]
+    identities: list[WorkloadIdentity]
+    ca: StepCa
+
+    def caller(
+        self, name: str, dns: tuple[str, ...] = (), lifetime: timedelta = timedelta(minutes=10)
+    ) -> grpc.Channel:
+        """A channel from a fresh certificate for ``spiffe://…/name`` carrying ``dns`` names."""
+        identity = enrol(self.ca, name, dns, lifetime=lifetime, auto_renew=False)
+        self.identities.append(identity)
+        channel = identity.channel(f"localhost:{self.host.port}", server_id=sid("server"))
+        self.channels.append(channel)
+        return channel
+
+    def close(self) -> None:
+        self.slow.release.set()
+        for channel in self.channels:
+            channel.close()
+        self.host.stop(0)
+        for identity in self.identities:
+            identity.close()
+
+
+@pytest.fixture(scope="module")
+def server_identity(ca: StepCa) -> Iterator[WorkloadIdentity]:
+    identity = enrol(ca, "server", ["localhost"], auto_renew=False)
+    yield identity
+    identity.close()
+
+
+@pytest.fixture
+def mesh(ca: StepCa, server_identity: WorkloadIdentity) -> Iterator[Callable[..., Mesh]]:
+    """Starts a host with the given server settings and extra services (which the inference and
+    publisher identities may call); stopped at the end of the test."""
+    started: list[Mesh] = []
+
+    def start(
+        *extra: ServiceSpec,
+        observers: Mapping[str, RefusalObserver] | None = None,
+        **settings: Any,
+    ) -> Mesh:
+        slow = Slow()
+        services = [slow.spec(), *extra]
+        callers = [sid("inference"), sid("publisher")]
+        authorizer = SpiffeAuthorizer(
+            TRUST_DOMAIN, {spec.name: callers for spec in services}, public=(HEALTH_SERVICE,)
+        )
+        host = ServiceHost(
+            listen="127.0.0.1:0",
+            credentials=server_identity.server_credentials(),
+            services=services,
+            interceptors=[authorizer],
+            refusal_observers=observers,
+            config=ServerConfig(**settings),
+        )
+        host.start()
+        running = Mesh(host, slow, [], [], ca)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.close()
+
+
+def settled(condition: Callable[[], bool]) -> bool:
+    """Waits (bounded) for ``condition``, which the server reaches on its own threads."""
+    deadline = time.monotonic() + 30
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str | None]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    metadata: Any = info.value.trailing_metadata() or ()  # type: ignore[attr-defined]
+    return info.value.code(), dict(metadata).get(REASON_TRAILER)  # type: ignore[attr-defined]
+
+
+def test_certificates_of_one_spiffe_id_share_one_stream_bucket(mesh: Callable[..., Mesh]) -> None:
+    """Two certificates with the same SPIFFE ID and different DNS SANs (both issued by the real
+    step-ca): the stream limit keyed on all the SANs joined gave each its own bucket, so one
+    identity could hold twice its streams; it is keyed on the verified SPIFFE ID now."""
+    running = mesh(max_workers=8, max_streams_per_identity=2)
+    first = running.caller("inference", ("a.example",))
+    second = running.caller("inference", ("b.example",))
+    other = running.caller("publisher")
+    hold = [c.unary_stream(f"/{SERVICE}/HoldStream", _raw, _raw) for c in (first, second, other)]
+    held = [hold[0](b"", timeout=60) for _ in range(2)]
+    for call in held:
+        assert next(call) == b"held"
+    assert running.host.streams.open_streams(sid("inference")) == 2
+    assert refusal(lambda: next(hold[1](b"", timeout=60))) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_STREAMS_PER_IDENTITY",
+    )
+    admitted = hold[2](b"", timeout=60)  # another identity keeps its own bucket
+    assert next(admitted) == b"held"
+    for call in [*held, admitted]:
+        call.cancel()
+    assert settled(lambda: running.host.streams.open_streams(sid("inference")) == 0)
+
+
+def test_certificates_without_a_usable_identity_share_one_bucket(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """A connection outlives its certificate; public methods (health) still admit it, but no
+    identity can be verified. Such callers count in one shared bucket: keyed on their SANs, each
+    certificate (of any SPIFFE ID, with any DNS names) had a bucket of its own."""
+    running = mesh(max_workers=8, max_streams_per_identity=2)
+    stubs = [
+        health_pb2_grpc.HealthStub(running.caller(name, lifetime=timedelta(seconds=5)))
+        for name in ("inference", "publisher")
+    ]
+    request = health_pb2.HealthCheckRequest()
+    for stub in stubs:  # connected while the certificates are valid
+        stub.Check(request, timeout=30)
+    expiry = max(i.status().not_after for i in running.identities)
+    while datetime.now(UTC) <= expiry:
+        time.sleep(0.2)
+    watches = [stubs[0].Watch(request, timeout=60) for _ in range(2)]
+    for watch in watches:
+        next(watch)
+    assert running.host.streams.open_streams(UNVERIFIED) == 2
+    assert refusal(lambda: next(stubs[1].Watch(request, timeout=60))) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_STREAMS_PER_IDENTITY",
+    )
+    for watch in watches:
+        watch.cancel()
+
+
+def test_certificates_of_one_spiffe_id_share_one_attestation_rate(
+    mesh: Callable[..., Mesh], server_identity: WorkloadIdentity
+) -> None:
+    """GetEvidence's per-caller rate was keyed on the certificate's SANs as well: a second
+    certificate with another DNS name got a second burst of firmware requests."""
+    evidence = InferenceAttestationServicer(
+        SevGuestAttester(io=FakeSevGuest()),
+        server_identity.public_key_der,
+        per_caller_rate=1e-6,  # no token comes back during the test
+        per_caller_burst=2,
+    )
+    spec = ServiceSpec(
+        EVIDENCE_SERVICE,
+        lambda server: attestation_pb2_grpc.add_InferenceAttestationServiceServicer_to_server(
+            evidence, server
+        ),
+    )
+    running = mesh(spec)
+    stubs = [
+        attestation_pb2_grpc.InferenceAttestationServiceStub(running.caller(name, dns))
+        for name, dns in (("inference", ("a.example",)), ("inference", ("b.example",)))
+    ]
+    request = attestation_pb2.GetEvidenceRequest(nonce=bytes(16))
+    for _ in range(2):
+        assert stubs[0].GetEvidence(request, timeout=30).report_data
+    assert refusal(lambda: stubs[1].GetEvidence(request, timeout=30)) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "ATTESTATION_RATE_LIMITED",
+    )
+    other = attestation_pb2_grpc.InferenceAttestationServiceStub(running.caller("publisher"))
+    assert other.GetEvidence(request, timeout=30).report_data
+
+
+def test_one_identity_cannot_hold_every_worker_with_slow_unary_calls(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """Streams were capped per identity, unary calls not: one identity's slow calls (a release
+    waiting on the HSM, a Stat against a slow backend) could take every worker thread and queue
+    everyone else. Its calls beyond the cap are refused at once; another identity is served; a
+    method's refusal observer (the key broker audits refused releases) hears of the refusal."""
+    observed: list[tuple[str, str]] = []
+
+    def observer(exc: StrongroomError, context: grpc.ServicerContext) -> None:
+        observed.append((exc.status_name, exc.reason))
+
+    running = mesh(
+        observers={f"/{SERVICE}/Quick": observer}, max_workers=8, max_unary_calls_per_identity=2
+    )
+    first = running.caller("inference", ("a.example",))
+    second = running.caller("inference", ("b.example",))  # the same identity, another SAN
+    other = running.caller("publisher")
+    hold = first.unary_unary(f"/{SERVICE}/Hold", _raw, _raw)
+    held = [hold.future(b"", timeout=60) for _ in range(2)]
+    running.slow.wait_entered(2)
+    assert running.host.unary.running(sid("inference")) == 2
+    for channel in (first, second):
+        quick = channel.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+        assert refusal(lambda: quick(b"", timeout=30)) == (  # noqa: B023 (called at once)
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_UNARY_CALLS_PER_IDENTITY",
+        )
+    assert observed == [("RESOURCE_EXHAUSTED", "TOO_MANY_UNARY_CALLS_PER_IDENTITY")] * 2
+    assert other.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
+    running.slow.release.set()
+    assert [f.result(timeout=30) for f in held] == [b"done", b"done"]
+    assert running.host.unary.running(sid("inference")) == 0
+    assert first.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
+
+
+def test_a_unary_call_is_released_however_it_ends(mesh: Callable[..., Mesh]) -> None:
+    """An exception, an abort and a cancelled call each give the caller's slot back (with one
+    slot, a slot kept by any of them would refuse the call after it)."""
+    running = mesh(max_workers=4, max_unary_calls_per_identity=1)
+    channel = running.caller("inference")
+    quick = channel.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+    ends = {"Fail": grpc.StatusCode.INTERNAL, "Abort": grpc.StatusCode.FAILED_PRECONDITION}
+    for method, code in ends.items():
+        ending = channel.unary_unary(f"/{SERVICE}/{method}", _raw, _raw)
+        assert refusal(lambda: ending(b"", timeout=30))[0] == code  # noqa: B023 (called at once)
+        assert running.host.unary.running(sid("inference")) == 0
+        assert quick(b"", timeout=30) == b"ok"
+    held = channel.unary_unary(f"/{SERVICE}/Hold", _raw, _raw).future(b"", timeout=60)
+    running.slow.wait_entered(1)
+    assert refusal(lambda: quick(b"", timeout=30))[1] == "TOO_MANY_UNARY_CALLS_PER_IDENTITY"
+    held.cancel()  # the handler sees the cancellation and returns
+    assert settled(lambda: running.host.unary.running(sid("inference")) == 0)
+    assert quick(b"", timeout=30) == b"ok"
+
+
+def test_the_unary_cap_defaults_to_half_the_workers_and_leaves_one_for_others() -> None:
+    assert ServerConfig().unary_calls_per_identity == 16
+    assert ServerConfig(max_workers=1).unary_calls_per_identity == 1
+    assert ServerConfig(max_workers=8, max_unary_calls_per_identity=7).unary_calls_per_identity == 7
+    for value in (0, 8):
+        with pytest.raises(ConfigError, match="max_unary_calls_per_identity"):
+            ServerConfig(max_workers=8, max_unary_calls_per_identity=value)
