@@ -25,6 +25,7 @@ from strongroom.client.listing import iter_models
 from strongroom.client.multipart import PartFile, files_parts, onnx_parts, publish_parts
 from strongroom.client.publish import ONNX_CONTENT_TYPE, publish_model
 from strongroom.errors import FailedPrecondition
+from strongroom.identifiers import is_sha256_hex
 from strongroom.reasons import Reason
 
 TIMEOUT = 30.0
@@ -80,6 +81,14 @@ def register(sub: Any) -> None:
         help="how to obtain this VM's attestation report",
     )
     fetch.add_argument(
+        "--header-sha256",
+        type=_header_pin,
+        metavar="HEX",
+        help="pin the artifact (a multi-part model's manifest) by the header_sha256 `model "
+        "publish` printed: any other artifact the store serves for this name and version (an "
+        "older one published again) is refused with HEADER_PIN_MISMATCH before a key is released",
+    )
+    fetch.add_argument(
         "--accept-unbound",
         action="store_true",
         help="also accept a format-1 or -2 artifact, whose data key is not bound to its model "
@@ -102,6 +111,17 @@ def register(sub: Any) -> None:
     rm.add_argument("name")
     rm.add_argument("version")
     rm.set_defaults(func=_rm)
+
+
+def _header_pin(text: str) -> bytes:
+    """``--header-sha256``: 64 lower-case hex digits, as ``model publish`` prints them. Anything
+    else is a usage error here, rather than a pin that could never match (or a traceback)."""
+    if not is_sha256_hex(text):
+        raise argparse.ArgumentTypeError(
+            f"{text[:80]!r} is not a header SHA-256: 64 lower-case hexadecimal digits, as "
+            "`strongroom model publish` prints header_sha256"
+        )
+    return bytes.fromhex(text)
 
 
 class ProgressBar:
@@ -268,7 +288,7 @@ def _fetch(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
         fetcher = ModelFetcher(
             client.channel("modelstore"), release, accept_unbound=args.accept_unbound
         )
-        with fetcher.fetch(args.name, args.version) as model:
+        with fetcher.fetch(args.name, args.version, header_sha256=args.header_sha256) as model:
             if args.part is not None:
                 out.write(model.part(args.part).view)
             elif len(model.parts) == 1 and model.manifest is None:

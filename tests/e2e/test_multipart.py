@@ -1048,3 +1048,50 @@ def test_a_pinned_multi_part_fetch_refuses_another_manifest(env: Env) -> None:
             control_pb.LoadModelRequest(name=name, version="2", header_sha256=pins["1"])
         )
     assert (refused.value.details() or "").startswith("HEADER_PIN_MISMATCH: ")
+
+
+def test_cli_fetch_pins_the_header_digest_model_publish_printed(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`model fetch` could not pin a version (the library and LoadModel could): whatever artifact
+    the store served for the name and version was decrypted and written out. With
+    --header-sha256 another artifact is refused before any key is released, as the library
+    refuses it, and a malformed digest is a usage error."""
+    name = "replay/cli"
+    path = _model_as(env, "single", "replay-cli", seed=18)
+    publisher = str(env.stack.write_client_config("publisher"))
+    printed = {}
+    for version in ("1", "2"):
+        publish = ["model", "publish", str(path), "--name", name, "--version", version]
+        code = cli_main([*publish, "--key-id", KEY, "--no-progress", "--client-config", publisher])
+        assert code == 0, capsys.readouterr().err
+        printed[version] = json.loads(capsys.readouterr().out)["header_sha256"]
+    monkeypatch.setattr(
+        cli_models, "select_attester", lambda kind, production: env.key_release()._attester
+    )
+    fetch = ["model", "fetch", name, "2", "--to-memory", "--client-config"]
+    fetch.append(str(env.stack.write_client_config("inference")))
+    audit = env.stack.root / "state" / "keybroker" / "audit.log"
+    before = audit.read_text().count('"key_release"')
+
+    writer, received, thread = _pipe_stdout(monkeypatch)
+    code = cli_main([*fetch, "--header-sha256", printed["1"]])
+    writer.close()
+    thread.join(30)
+    err = capsys.readouterr().err
+    assert code == 1 and "HEADER_PIN_MISMATCH: " in err, err
+    assert received == [b""]  # nothing written
+    assert audit.read_text().count('"key_release"') == before  # no key was asked for
+
+    for malformed in (printed["2"].upper(), printed["2"][:-1], "not-hex"):
+        with pytest.raises(SystemExit) as usage:
+            cli_main([*fetch, "--header-sha256", malformed])
+        assert usage.value.code == 2
+        assert "64 lower-case hexadecimal digits" in capsys.readouterr().err
+
+    writer, received, thread = _pipe_stdout(monkeypatch)
+    code = cli_main([*fetch, "--header-sha256", printed["2"]])
+    writer.close()
+    thread.join(30)
+    assert code == 0, capsys.readouterr().err
+    assert received == [path.read_bytes()]
