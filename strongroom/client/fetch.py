@@ -30,6 +30,7 @@ returned. Errors are :mod:`strongroom.errors` exceptions with a reason code.
 
 from __future__ import annotations
 
+import contextvars
 import hmac
 import logging
 import threading
@@ -63,6 +64,7 @@ from strongroom.artifact.manifest import (
     is_manifest,
     parse_manifest,
 )
+from strongroom.client.cancel import current_scope
 from strongroom.client.keypins import KeyPins
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.client.remote import remote_error
@@ -126,7 +128,16 @@ def grpc_source(channel: grpc.Channel, *, timeout: float = 600.0) -> PartSource:
     )
 
     def source(name: str, version: str) -> Iterator[memoryview]:
-        call = get_model(store_pb.GetModelRequest(name=name, version=version), timeout=timeout)
+        # In a CallScope (a model load's) the download ends by the load's deadline and with its
+        # cancellation; through a traced channel the call here is a generator, and the scope
+        # reaches the real call from below the tracing (strongroom.client.cancel.scoped_channel).
+        scope = current_scope()
+        request = store_pb.GetModelRequest(name=name, version=version)
+        if scope is not None:
+            scope.raise_if_ended()
+        call = get_model(request, timeout=timeout if scope is None else scope.timeout(timeout))
+        if scope is not None and callable(getattr(call, "cancel", None)):
+            scope.track(call)
         try:
             for data in call:
                 if isinstance(data, WireError):
@@ -137,6 +148,8 @@ def grpc_source(channel: grpc.Channel, *, timeout: float = 600.0) -> PartSource:
                     )
                 yield data
         except grpc.RpcError as exc:
+            if scope is not None and scope.ended:
+                raise scope.error() from None
             raise remote_error("fetch", exc) from None
         finally:
             # A reader that stops early (a refused header, a failed part) ends the download; a
@@ -519,7 +532,11 @@ class ModelFetcher:
 
         workers = min(self._parallel, len(manifest.parts))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="part-fetch") as pool:
-            futures = [pool.submit(work, i) for i in range(len(manifest.parts))]
+            # Each part runs in a copy of this context: the caller's CallScope (and trace) too.
+            futures = [
+                pool.submit(contextvars.copy_context().run, work, i)
+                for i in range(len(manifest.parts))
+            ]
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             # The root cause, not the cancellations it caused in the other workers.

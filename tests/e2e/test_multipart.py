@@ -62,6 +62,7 @@ from strongroom.inference.models import ModelRepository
 from strongroom.inference.models._ort import ort
 from strongroom.pki import WorkloadIdentity
 from tests.e2e.publishing import put_encrypted
+from tests.e2e.stalling import StallOnce
 from tests.keybroker.helpers import data_key_request
 
 KEY = "multipart"
@@ -1095,3 +1096,33 @@ def test_cli_fetch_pins_the_header_digest_model_publish_printed(
     thread.join(30)
     assert code == 0, capsys.readouterr().err
     assert received == [path.read_bytes()]
+
+
+def test_a_cancelled_multi_part_load_stops_its_part_downloads(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for a single artifact (test_faults): a LoadModel cancelled while a part downloads stops
+    there, its parts' downloads (on the fetcher's threads) included, and frees the model."""
+    env.publish("serving-parts", seed=19)
+    env.publish("cancelled-parts", seed=20)
+    storage = env.stack.services["modelstore"].handle.storage
+    stall = StallOnce(storage, "cancelled-parts+part.2")
+    monkeypatch.setattr(storage, "open", stall)
+    inference = env.stack.services["inference"].handle
+    try:
+        env.load("serving-parts")
+        control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+        call = control.LoadModel.future(
+            control_pb.LoadModelRequest(name=NAME, version="cancelled-parts"), timeout=120
+        )
+        assert stall.stalled.wait(60)
+        call.cancel()
+        env.load("serving-parts")  # the model is free while the store still stalls that part
+        versions = {v.version: v for v in inference.repository.status(NAME).versions}
+        failure = versions["cancelled-parts"].failure
+        assert failure is not None and failure.reason == "LOAD_CANCELLED"
+        assert inference.repository.status(NAME).default_version == "serving-parts"
+    finally:
+        stall.go_on.set()
+    env.load("cancelled-parts")
+    assert env.ready("cancelled-parts")
