@@ -53,7 +53,7 @@ from strongroom.client.cancel import CallScope, call_unary, current_scope, scope
 from strongroom.client.fetch import (
     DEFAULT_PARALLEL_PARTS,
     ModelFetcher,
-    check_header_pin,
+    check_artifact_header,
     grpc_source,
 )
 from strongroom.client.keypins import KeyPins
@@ -62,7 +62,6 @@ from strongroom.client.remote import remote_error
 from strongroom.errors import (
     Cancelled,
     DataLoss,
-    FailedPrecondition,
     StrongroomError,
     Unavailable,
 )
@@ -318,14 +317,7 @@ class ModelLoader:
         self, name: str, version: str, loading: VersionStatus, timeout: float, pin: bytes | None
     ) -> LoadResult:
         def check_header(header: ArtifactHeader) -> None:
-            if (header.model_name, header.model_version) != (name, version):
-                raise FailedPrecondition(
-                    f"the store returned {header.model_name}/{header.model_version} for "
-                    f"{name}/{version}",
-                    reason=Reason.ARTIFACT_MISMATCH,
-                )
-            self._pins.check(name, version, header.key_id)
-            check_header_pin(header, pin)
+            check_artifact_header(header, name, version, key_pins=self._pins, header_sha256=pin)
 
         def release(header: ArtifactHeader) -> ReleasedDataKey:
             released = self._release_key(header.key_id, header.key_version, header.wrapped_dek)

@@ -87,6 +87,8 @@ __all__ = [
     "KeyRelease",
     "ModelFetcher",
     "PartSource",
+    "check_artifact_header",
+    "check_header_pin",
     "grpc_source",
     "remote_error",
 ]
@@ -301,6 +303,47 @@ def check_header_pin(header: ArtifactHeader, pin: bytes | None) -> None:
     )
 
 
+def check_artifact_header(
+    header: ArtifactHeader,
+    name: str,
+    version: str,
+    *,
+    key_pins: KeyPins,
+    header_sha256: bytes | None = None,
+) -> None:
+    """Checks the (not yet authenticated) header of the artifact the store served for
+    ``name``/``version``, before its key is requested: the one check of the inference loader and
+    of :class:`ModelFetcher` (two copies had drifted apart).
+
+    - another model's or version's header: DATA_LOSS ``MANIFEST_MISMATCH`` for a manifest,
+      FAILED_PRECONDITION ``ARTIFACT_MISMATCH`` otherwise;
+    - a key its name is not pinned to (``key_pins``): FAILED_PRECONDITION ``MODEL_KEY_NOT_ALLOWED``;
+    - a manifest declaring more than :data:`~strongroom.artifact.manifest.MAX_MANIFEST_SIZE`:
+      ``MANIFEST_TOO_LARGE`` (an InvalidArtifact: stored data gone bad, DATA_LOSS to a caller);
+    - a header other than the pinned one (``header_sha256``): FAILED_PRECONDITION
+      ``HEADER_PIN_MISMATCH`` (:func:`check_header_pin`).
+
+    The size cap (``max_model_bytes``) is the decryptor's, judged on the same header before the
+    key is requested; the format (a key not bound to its model) is judged with the key
+    (:func:`~strongroom.artifact.keybinding.body_key`).
+    """
+    manifest = is_manifest(header.content_type)
+    if (header.model_name, header.model_version) != (name, version):
+        message = (
+            f"the store returned {header.model_name}/{header.model_version} for {name}/{version}"
+        )
+        if manifest:
+            raise ManifestMismatch(message)
+        raise FailedPrecondition(message, reason=Reason.ARTIFACT_MISMATCH)
+    key_pins.check(name, version, header.key_id)
+    if manifest and header.plaintext_size > MAX_MANIFEST_SIZE:
+        raise InvalidArtifact(
+            f"the manifest declares {header.plaintext_size} bytes, more than {MAX_MANIFEST_SIZE}",
+            reason=Reason.MANIFEST_TOO_LARGE,
+        )
+    check_header_pin(header, header_sha256)
+
+
 class ModelFetcher:
     """Fetches, attests for, releases and decrypts model versions into memory.
 
@@ -378,8 +421,9 @@ class ModelFetcher:
                 first.feed(data)
                 header = first.decryptor.header
                 if header is not None and dek is None:
-                    self._check_identity(header, name, version)
-                    check_header_pin(header, header_sha256)
+                    check_artifact_header(
+                        header, name, version, key_pins=self._pins, header_sha256=header_sha256
+                    )
                     t0 = time.perf_counter()
                     released = self._release(header.key_id, header.key_version, header.wrapped_dek)
                     try:
@@ -451,23 +495,6 @@ class ModelFetcher:
                 f"{manifest.model_name}/{manifest.model_version} declares {total} bytes in "
                 f"{len(manifest.parts)} parts, more than the {self._max} this reader accepts"
             )
-
-    def _check_identity(self, header: ArtifactHeader, name: str, version: str) -> None:
-        if (header.model_name, header.model_version) == (name, version):
-            self._pins.check(name, version, header.key_id)
-            if is_manifest(header.content_type) and header.plaintext_size > MAX_MANIFEST_SIZE:
-                raise InvalidArtifact(
-                    f"the manifest declares {header.plaintext_size} bytes, more than "
-                    f"{MAX_MANIFEST_SIZE}",
-                    reason=Reason.MANIFEST_TOO_LARGE,
-                )
-            return
-        message = (
-            f"the store returned {header.model_name}/{header.model_version} for {name}/{version}"
-        )
-        if is_manifest(header.content_type):
-            raise ManifestMismatch(message)
-        raise FailedPrecondition(message, reason=Reason.ARTIFACT_MISMATCH)
 
     def _source_until(self, deadline: float) -> PartSource:
         """The store's downloads for one fetch, each given what is left until ``deadline``

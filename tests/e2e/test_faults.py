@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -311,39 +312,56 @@ class _StallingStore(_ServeBytes):
         yield store_pb.GetModelResponse(data=self.data[-64:])
 
 
+@contextlib.contextmanager
+def _control_service(
+    loader: ModelLoader, repository: ModelRepository
+) -> Iterator[control_grpc.ModelControlServiceStub]:
+    """ModelControlService over ``loader`` on a local port, and a stub to it."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    control_grpc.add_ModelControlServiceServicer_to_server(
+        ModelControlServicer(loader, repository), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield control_grpc.ModelControlServiceStub(channel)
+    finally:
+        server.stop(None).wait(30)
+
+
+def _load_past_its_deadline(
+    control: control_grpc.ModelControlServiceStub, version: str, timeout: float
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        control.LoadModel(
+            control_pb.LoadModelRequest(name="faulty", version=version), timeout=timeout
+        )
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+
+
 def test_a_load_model_call_that_ends_stops_its_download(env: Env, model_path: Path) -> None:
     """LoadModel's deadline bounded only its retries: past it, the load went on for nobody (up to
     the 600 s load timeout, a server thread held), and loaded the model once the store answered."""
     _publish(env, model_path, "stalled")
     store = _StallingStore(_blob(env, "stalled").read_bytes())  # type: ignore[abstract]
-    servers = [grpc.server(futures.ThreadPoolExecutor(max_workers=4)) for _ in range(2)]
-    store_grpc.add_ModelStoreServiceServicer_to_server(store, servers[0])
-    store_port = servers[0].add_insecure_port("127.0.0.1:0")
+    store_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    store_grpc.add_ModelStoreServiceServicer_to_server(store, store_server)
+    store_port = store_server.add_insecure_port("127.0.0.1:0")
+    store_server.start()
     repository = ModelRepository()
-    with grpc.insecure_channel(f"127.0.0.1:{store_port}") as store_channel:
-        loader = _loader(env, store_channel, repository)
-        control_grpc.add_ModelControlServiceServicer_to_server(
-            ModelControlServicer(loader, repository), servers[1]
-        )
-        control_port = servers[1].add_insecure_port("127.0.0.1:0")
-        for server in servers:
-            server.start()
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{control_port}") as channel:
-                control = control_grpc.ModelControlServiceStub(channel)
-                with pytest.raises(grpc.RpcError) as info:
-                    control.LoadModel(
-                        control_pb.LoadModelRequest(name="faulty", version="stalled"), timeout=3
-                    )
-            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
-            assert store.call_ended.wait(30)  # the download ended with the call
-        finally:
-            store.go_on.set()
-            for server in servers:
-                server.stop(None).wait(30)
-        assert loader._lock("faulty").acquire(CallScope(time.monotonic() + 30))  # the load is done
-        # The abandoned load failed; it did not go on to serve the model.
-        assert repository.version_state("faulty", "stalled") is ModelState.FAILED
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{store_port}") as store_channel:
+            loader = _loader(env, store_channel, repository)
+            with _control_service(loader, repository) as control:
+                _load_past_its_deadline(control, "stalled", timeout=3)
+                assert store.call_ended.wait(30)  # the download ended with the call
+    finally:
+        store.go_on.set()
+        store_server.stop(None).wait(30)
+    assert loader._lock("faulty").acquire(CallScope(time.monotonic() + 30))  # the load is done
+    # The abandoned load failed; it did not go on to serve the model.
+    assert repository.version_state("faulty", "stalled") is ModelState.FAILED
 
 
 def test_a_cancelled_load_model_stops_its_load_and_frees_the_model(
@@ -401,29 +419,15 @@ def test_a_key_release_ends_with_its_load_models_deadline(env: Env, model_path: 
         store_channel=env.stack.channel(inference, "modelstore"),
         key_release=KeyReleaseClient(channels, env.attester(hook=lambda: caller_gone.wait(60))),
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    control_grpc.add_ModelControlServiceServicer_to_server(
-        ModelControlServicer(loader, repository), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     decisions = len(env.audit())
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            control = control_grpc.ModelControlServiceStub(channel)
-            with pytest.raises(grpc.RpcError) as info:
-                control.LoadModel(
-                    control_pb.LoadModelRequest(name="faulty", version="late-key"), timeout=2
-                )
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
-        caller_gone.set()  # the hardware signs only now, after the caller has gone
-        ended = time.monotonic() + 60
-        while repository.version_state("faulty", "late-key") is ModelState.LOADING:
-            assert time.monotonic() < ended, "the load never ended"
-            time.sleep(0.05)
+        with _control_service(loader, repository) as control:
+            _load_past_its_deadline(control, "late-key", timeout=2)
+            caller_gone.set()  # the hardware signs only now, after the caller has gone
+            # The load ends (it lets go of the model) while its server still runs.
+            assert loader._lock("faulty").acquire(CallScope(time.monotonic() + 60))
     finally:
         caller_gone.set()
-        server.stop(None).wait(30)
     status = next(v for v in repository.status("faulty").versions if v.version == "late-key")
     assert status.failure is not None and status.failure.reason == "LOAD_DEADLINE_EXCEEDED"
     assert _decisions_since(env, decisions) == []  # no key was released for nobody

@@ -402,6 +402,45 @@ def test_the_client_library_reports_a_part_damaged_in_transit_as_data_loss(
     assert (info.value.status_name, info.value.reason) == ("DATA_LOSS", reason)
 
 
+class _ServeManifestAsSingle(_ServeChanged):
+    """A compromised store: it calls every version a single ONNX file and serves the manifest of
+    ``served`` for whatever version is asked for."""
+
+    def __init__(self, env: Env, served: str) -> None:
+        super().__init__(env)
+        self.served = served
+
+    def StatModel(
+        self, request: store_pb.StatModelRequest, context: grpc.ServicerContext
+    ) -> store_pb.StatModelResponse:
+        info = store_pb.ModelInfo(
+            name=request.name, version=request.version, content_type="application/onnx"
+        )
+        return store_pb.StatModelResponse(model=info)
+
+    def GetModel(
+        self, request: store_pb.GetModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[store_pb.GetModelResponse]:
+        yield store_pb.GetModelResponse(data=self.env.blob(self.served).read_bytes())
+
+
+def test_the_loader_and_the_client_library_judge_a_header_alike(env: Env, transit: str) -> None:
+    """The inference loader's single-file path and ModelFetcher checked a header with two copies
+    of one check, which had drifted: another version's manifest, served where a single artifact
+    was claimed, was FAILED_PRECONDITION ARTIFACT_MISMATCH to the loader and DATA_LOSS
+    MANIFEST_MISMATCH (the more precise) to the library. Both now run one check."""
+    with _serving(_ServeManifestAsSingle(env, transit)) as channel:  # type: ignore[abstract]
+        loader = ModelLoader(
+            ModelRepository(), store_channel=channel, key_release=env.key_release()
+        )
+        with pytest.raises(StrongroomError) as loaded:
+            loader.load(NAME, "asked")
+        with pytest.raises(StrongroomError) as fetched:
+            ModelFetcher(channel, env.key_release()).fetch(NAME, "asked")
+    judged = [(e.value.status_name, e.value.reason) for e in (loaded, fetched)]
+    assert judged == [("DATA_LOSS", "MANIFEST_MISMATCH")] * 2
+
+
 def test_a_store_slowing_every_part_cannot_stretch_a_load_past_its_timeout(
     env: Env, transit: str
 ) -> None:
