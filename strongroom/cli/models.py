@@ -17,6 +17,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import FORMAT_V3, read_summary
 from strongroom.artifact.manifest import ManifestLayout
 from strongroom.attesters import select_attester
+from strongroom.cli._pins import add_header_pin_argument
 from strongroom.cli._text import printable
 from strongroom.cli.client import Client, add_client_arguments
 from strongroom.client.fetch import DecryptedModel, ModelFetcher
@@ -25,7 +26,6 @@ from strongroom.client.listing import iter_models
 from strongroom.client.multipart import PartFile, files_parts, onnx_parts, publish_parts
 from strongroom.client.publish import ONNX_CONTENT_TYPE, publish_model
 from strongroom.errors import FailedPrecondition
-from strongroom.identifiers import is_sha256_hex
 from strongroom.reasons import Reason
 
 TIMEOUT = 30.0
@@ -80,14 +80,7 @@ def register(sub: Any) -> None:
         choices=("auto", "configfs-tsm", "sev-guest", "tdx-guest"),
         help="how to obtain this VM's attestation report",
     )
-    fetch.add_argument(
-        "--header-sha256",
-        type=_header_pin,
-        metavar="HEX",
-        help="pin the artifact (a multi-part model's manifest) by the header_sha256 `model "
-        "publish` printed: any other artifact the store serves for this name and version (an "
-        "older one published again) is refused with HEADER_PIN_MISMATCH before a key is released",
-    )
+    add_header_pin_argument(fetch, "this command")
     fetch.add_argument(
         "--accept-unbound",
         action="store_true",
@@ -111,17 +104,6 @@ def register(sub: Any) -> None:
     rm.add_argument("name")
     rm.add_argument("version")
     rm.set_defaults(func=_rm)
-
-
-def _header_pin(text: str) -> bytes:
-    """``--header-sha256``: 64 lower-case hex digits, as ``model publish`` prints them. Anything
-    else is a usage error here, rather than a pin that could never match (or a traceback)."""
-    if not is_sha256_hex(text):
-        raise argparse.ArgumentTypeError(
-            f"{text[:80]!r} is not a header SHA-256: 64 lower-case hexadecimal digits, as "
-            "`strongroom model publish` prints header_sha256"
-        )
-    return bytes.fromhex(text)
 
 
 class ProgressBar:

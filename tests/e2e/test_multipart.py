@@ -1090,13 +1090,13 @@ def test_a_pinned_multi_part_fetch_refuses_another_manifest(env: Env) -> None:
     assert (refused.value.details() or "").startswith("HEADER_PIN_MISMATCH: ")
 
 
-def test_cli_fetch_pins_the_header_digest_model_publish_printed(
+def test_cli_fetch_and_load_pin_the_header_digest_model_publish_printed(
     env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`model fetch` could not pin a version (the library and LoadModel could): whatever artifact
-    the store served for the name and version was decrypted and written out. With
-    --header-sha256 another artifact is refused before any key is released, as the library
-    refuses it, and a malformed digest is a usage error."""
+    """`model fetch` and `inference load` could not pin a version (the library and LoadModel
+    could): whatever artifact the store served for the name and version was decrypted and
+    written out, or served. With --header-sha256 another artifact is refused before any key is
+    released, as the library and LoadModel refuse it, and a malformed digest is a usage error."""
     name = "replay/cli"
     path = _model_as(env, "single", "replay-cli", seed=18)
     publisher = str(env.stack.write_client_config("publisher"))
@@ -1135,6 +1135,20 @@ def test_cli_fetch_pins_the_header_digest_model_publish_printed(
     thread.join(30)
     assert code == 0, capsys.readouterr().err
     assert received == [path.read_bytes()]
+
+    monkeypatch.undo()  # standard output as captured again, for the load's printed answer
+    load = ["inference", "load", name, "2", "--client-config"]
+    load.append(str(env.stack.write_client_config("admin")))
+    before = audit.read_text().count('"key_release"')
+    code = cli_main([*load, "--header-sha256", printed["1"]])
+    err = capsys.readouterr().err
+    assert code == 1 and "FAILED_PRECONDITION: HEADER_PIN_MISMATCH: " in err, err
+    assert audit.read_text().count('"key_release"') == before
+    with pytest.raises(SystemExit) as usage:
+        cli_main([*load, "--header-sha256", "not-hex"])
+    assert usage.value.code == 2 and "64 lower-case" in capsys.readouterr().err
+    assert cli_main([*load, "--header-sha256", printed["2"]]) == 0, capsys.readouterr().err
+    assert env.stack.services["inference"].handle.repository.is_ready(name, "2")
 
 
 def test_a_cancelled_multi_part_load_stops_its_part_downloads(
