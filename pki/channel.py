@@ -442,7 +442,11 @@ class _MultiCallable:
             raise
         if not future.add_callback(lease.release):
             lease.release()
-        return future
+        # Its failure reads as a blocking call's does (a handshake rejection named, not UNAVAILABLE).
+        translated = _TranslatedFuture(
+            future, lambda error: self._owner._translate(error, lease.slot)
+        )
+        return cast("grpc.CallFuture[Any]", translated)
 
     def _streaming(self, argument: Any, kwargs: dict[str, Any]) -> grpc.CallIterator[Any]:
         lease = self._owner._acquire()
@@ -587,6 +591,52 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
     ) -> grpc.CallIterator[Any]:
         options = _options(timeout, metadata, credentials, wait_for_ready, compression)
         return self._streaming(request_iterator, options)
+
+
+class _TranslatedFuture(grpc.Future):  # type: ignore[type-arg]
+    """A unary call's future whose failure is translated as a blocking call's is; every other
+    Call method is the call's own. A ``grpc.Future`` itself, so tracing still ends its span when
+    the call completes rather than at once."""
+
+    def __init__(self, future: Any, translate_error: Callable[[grpc.RpcError], grpc.RpcError]):
+        self._future = future
+        self._translate_error = translate_error
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return self._future.result(timeout)
+        except grpc.RpcError as error:
+            translated = self._translate_error(error)
+            if translated is error:
+                raise
+            raise translated from None
+
+    def exception(self, timeout: float | None = None) -> Exception | None:
+        # grpc's own futures take a timeout here too; its stubs leave it out.
+        error: Exception | None = self._future.exception(timeout)
+        return self._translate_error(error) if isinstance(error, grpc.RpcError) else error
+
+    def cancel(self) -> bool:
+        return bool(self._future.cancel())
+
+    def cancelled(self) -> bool:
+        return bool(self._future.cancelled())
+
+    def running(self) -> bool:
+        return bool(self._future.running())
+
+    def done(self) -> bool:
+        return bool(self._future.done())
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        return self._future.traceback(timeout)
+
+    def add_done_callback(self, fn: Callable[[grpc.Future[Any]], None]) -> None:
+        # The callback sees this future, so that its result() and exception() are translated.
+        self._future.add_done_callback(lambda _: fn(self))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._future, name)
 
 
 class _ResponseStream:

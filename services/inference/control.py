@@ -8,6 +8,7 @@ import grpc
 
 from strongroom.api.inference.v1 import model_control_pb2 as pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as pb_grpc
+from strongroom.client.cancel import CallScope
 from strongroom.errors import InvalidArgument
 from strongroom.identifiers import is_sha256_hex, validate_name, validate_version
 from strongroom.inference.loader import LOAD_RETRY_SECONDS, ModelLoader
@@ -44,16 +45,24 @@ class ModelControlServicer(pb_grpc.ModelControlServiceServicer):
                     reason=Reason.INVALID_SHA256,
                 )
             pin = bytes.fromhex(request.header_sha256)
+        # Read before the time remaining, so that this deadline falls at or before gRPC's own:
+        # when gRPC ends the call at its deadline, the scope has expired too (LOAD_DEADLINE_EXCEEDED,
+        # not LOAD_CANCELLED).
+        now = time.monotonic()
         remaining = context.time_remaining()
         # Retry brief unavailability, but answer before the caller's own deadline; and stop the
-        # load itself at that deadline: nobody waits for it any more.
+        # load itself at that deadline, or as soon as the caller cancels: nobody waits for it any
+        # more. gRPC reports the cancellation on a thread of its own, where the scope reaches
+        # every call the load has in flight (strongroom.client.cancel).
         within = self._retry_seconds
-        deadline = None
+        scope = CallScope()
         if remaining is not None:
             within = min(within, remaining - 1)
-            deadline = time.monotonic() + remaining
+            scope = CallScope(now + remaining)
+        if not context.add_callback(scope.cancel):
+            scope.cancel()  # the call has already ended
         result = self._loader.load_with_retry(
-            name, version, within=within, deadline=deadline, header_sha256=pin
+            name, version, within=within, scope=scope, header_sha256=pin
         )
         return pb.LoadModelResponse(timings=result.timings, decision_id=result.decision_id)
 

@@ -14,7 +14,8 @@ ModelReady/metadata and the logs.
 ``strongroom-reason`` trailer (never parsed out of the message text). The status is kept where it
 says something about the model or the dependency: ``DATA_LOSS`` (the store's ``BLOB_MISSING``,
 ``BLOB_SIZE_MISMATCH``, ...), ``UNAVAILABLE``/``DEADLINE_EXCEEDED``/``CANCELLED`` (as
-``UNAVAILABLE``: the loader never cancels its own calls, so a CANCELLED is a peer shutting down),
+``UNAVAILABLE``: the loader cancels its own calls only when its LoadModel caller has gone, and
+then reports that instead, so a CANCELLED is a peer shutting down),
 ``NOT_FOUND`` and ``RESOURCE_EXHAUSTED``. Any other refusal (the broker's ``PERMISSION_DENIED``
 for a VM outside the policy, ``FAILED_PRECONDITION`` for a disabled key, ...) becomes
 ``FAILED_PRECONDITION`` with the peer's reason: the LoadModel caller itself was not refused. An
@@ -27,8 +28,8 @@ it is ``DATA_LOSS`` with the artifact reader's reason, like a failed authenticat
 exponential back-off until a deadline; nothing else is retried (a denied release or a damaged
 artifact needs an operator). Configured models retry without a deadline (see the server);
 LoadModel retries within :data:`LOAD_RETRY_SECONDS` or the caller's own deadline, whichever is
-sooner, and the caller's deadline also ends the load itself (its wait for another load of the
-model, its download).
+sooner, and the caller's deadline or cancellation also ends the load itself (its wait for another
+load of the model, its download, its key release: :class:`~strongroom.client.cancel.CallScope`).
 """
 
 from __future__ import annotations
@@ -49,18 +50,19 @@ from strongroom.artifact import DEFAULT_DECRYPT_THREADS, ArtifactHeader, decrypt
 from strongroom.artifact.errors import InvalidArtifact
 from strongroom.artifact.keybinding import body_key
 from strongroom.artifact.manifest import is_manifest
+from strongroom.client.cancel import CallScope, call_unary, current_scope, scoped
 from strongroom.client.fetch import (
     DEFAULT_PARALLEL_PARTS,
     ModelFetcher,
-    check_header_pin,
+    check_artifact_header,
     grpc_source,
 )
 from strongroom.client.keypins import KeyPins
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.client.remote import remote_error
 from strongroom.errors import (
+    Cancelled,
     DataLoss,
-    FailedPrecondition,
     ResourceExhausted,
     StrongroomError,
     Unavailable,
@@ -143,19 +145,19 @@ class ModelLoader:
             key_pins=self._pins,
             max_model_bytes=max_model_bytes,
         )
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, ModelLock] = {}
         self._locks_guard = threading.Lock()
 
-    def _lock(self, name: str) -> threading.Lock:
+    def _lock(self, name: str) -> ModelLock:
         with self._locks_guard:
-            return self._locks.setdefault(name, threading.Lock())
+            return self._locks.setdefault(name, ModelLock())
 
     def load(
         self,
         name: str,
         version: str,
         *,
-        deadline: float | None = None,
+        scope: CallScope | None = None,
         header_sha256: bytes | None = None,
     ) -> LoadResult:
         """Loads ``name``/``version`` and makes it the default version; raises on failure.
@@ -165,31 +167,32 @@ class ModelLoader:
         so another artifact of the same name and version (an older one, deleted and published
         again) is refused (FAILED_PRECONDITION HEADER_PIN_MISMATCH) before its key is requested.
 
-        ``deadline`` (``time.monotonic()``; a LoadModel caller's) bounds the wait for another
-        load of the model and every call to the store: once it passes, the download ends, the
-        load fails and a key that arrives later is wiped, rather than the work going on for a
-        caller that is no longer there (holding a server thread, up to the load timeout).
+        ``scope`` (a LoadModel caller's: :class:`~strongroom.client.cancel.CallScope`) ends the
+        load when its caller cancels or its deadline passes: the wait for another load of the
+        model, the store's download and the key release stop where they are (every call to the
+        store and the broker is bounded by the deadline and cancelled with the scope), what was
+        decrypted is wiped, a key that arrives later is wiped too, the version is recorded FAILED
+        with ``LOAD_CANCELLED`` or ``LOAD_DEADLINE_EXCEEDED``, and any version already serving
+        goes on serving; rather than the work going on for a caller that is no longer there
+        (holding a server thread and the model's lock, up to the load timeout).
         """
+        scope = scope if scope is not None else CallScope()
         lock = self._lock(name)
-        # A caller without a deadline may still send one decades away: the lock takes at most
-        # TIMEOUT_MAX.
-        wait = -1 if deadline is None else min(max(0.0, _left(deadline)), threading.TIMEOUT_MAX)
-        if not lock.acquire(timeout=wait):
+        if not lock.acquire(scope):
+            if scope.cancelled:
+                raise scope.error()
             raise Unavailable(
                 f"model {name!r} is still being loaded by an earlier request",
                 reason=Reason.MODEL_LOAD_IN_PROGRESS,
             )
         try:
-            return self._load_locked(name, version, self._timeout_until(deadline), header_sha256)
+            with scoped(scope):
+                return self._load_locked(name, version, scope, header_sha256)
         finally:
             lock.release()
 
-    def _timeout_until(self, deadline: float | None) -> float:
-        """The load's timeout for the store: the configured one, or less before ``deadline``."""
-        return self._timeout if deadline is None else max(0.0, min(self._timeout, _left(deadline)))
-
     def _load_locked(
-        self, name: str, version: str, timeout: float, pin: bytes | None
+        self, name: str, version: str, scope: CallScope, pin: bytes | None
     ) -> LoadResult:
         with self._tracer.start_as_current_span(
             "strongroom.inference.load_model",
@@ -198,14 +201,21 @@ class ModelLoader:
             loading = self._repository.begin_load(name, version)
             started = time.perf_counter()
             try:
-                result = self._load(name, version, loading, timeout, pin)
-            except StrongroomError as exc:
+                scope.raise_if_ended()
+                result = self._load(name, version, loading, scope.timeout(self._timeout), pin)
+            except (StrongroomError, grpc.FutureCancelledError) as raised:
+                # A step that failed because the scope ended (its call cancelled, or timed out at
+                # the deadline) reports that, not the peer's UNAVAILABLE: it is not retried, and
+                # the version's state says why it stopped.
+                exc = _ended(scope, raised)
                 MODEL_LOAD_DURATION.record(
                     time.perf_counter() - started, {"model": name, "outcome": exc.reason}
                 )
                 span.set_attribute("error.reason", exc.reason)
                 self._repository.fail(name, version, exc, loading=loading)
-                raise
+                if exc is raised:
+                    raise
+                raise exc from None
             except Exception as exc:  # a bug must still leave the model not ready, with a reason
                 log.exception("model load crashed")
                 self._repository.fail(
@@ -235,8 +245,10 @@ class ModelLoader:
         """Whether the store holds a manifest for ``name``/``version`` (its claim; the fetch
         authenticates the manifest's header before trusting anything in it)."""
         try:
-            info = self._store.StatModel(
-                store_pb.StatModelRequest(name=name, version=version), timeout=timeout
+            info = call_unary(
+                self._store.StatModel,
+                store_pb.StatModelRequest(name=name, version=version),
+                timeout=timeout,
             ).model
         except grpc.RpcError as exc:
             raise remote_error("fetch", exc) from None
@@ -264,19 +276,24 @@ class ModelLoader:
         version: str,
         *,
         within: float = LOAD_RETRY_SECONDS,
-        deadline: float | None = None,
+        scope: CallScope | None = None,
         header_sha256: bytes | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> LoadResult:
         """:meth:`load`, retried with exponential back-off while it fails with ``Unavailable`` or a
         peer is busy (:func:`transient`), for at most ``within`` seconds; then (or for any other
         failure) the last error is raised.
         An unload of the version during a back-off ends the retries: ``ModelUnloaded``.
-        ``deadline`` bounds each load and ``header_sha256`` pins its artifact (see :meth:`load`)."""
+        ``scope`` ends each load and the back-off, and ``header_sha256`` pins its artifact (see
+        :meth:`load`); ``sleep`` replaces the back-off's wait (which a cancellation ends)."""
+        scope = scope if scope is not None else CallScope()
+        wait = sleep if sleep is not None else _cancellable_sleep(scope)
         retry_until = time.monotonic() + within
         delay = _RETRY_FIRST_DELAY
         retrying = False
         while True:
+            if retrying and scope.cancelled:
+                raise scope.error()
             if retrying and self._repository.version_state(name, version) is None:
                 raise ModelUnloaded(
                     f"model {name!r} version {version!r} was unloaded while its load waited to "
@@ -284,7 +301,7 @@ class ModelLoader:
                 )
             retrying = True
             try:
-                return self.load(name, version, deadline=deadline, header_sha256=header_sha256)
+                return self.load(name, version, scope=scope, header_sha256=header_sha256)
             except (Unavailable, ResourceExhausted) as exc:
                 left = retry_until - time.monotonic()
                 if not transient(exc) or left <= delay:
@@ -297,7 +314,7 @@ class ModelLoader:
                     delay,
                     extra={"reason": exc.reason},
                 )
-                sleep(delay)
+                wait(delay)
                 delay = min(delay * 2, _RETRY_MAX_DELAY)
 
     def _load(
@@ -318,14 +335,7 @@ class ModelLoader:
         self, name: str, version: str, loading: VersionStatus, timeout: float, pin: bytes | None
     ) -> LoadResult:
         def check_header(header: ArtifactHeader) -> None:
-            if (header.model_name, header.model_version) != (name, version):
-                raise FailedPrecondition(
-                    f"the store returned {header.model_name}/{header.model_version} for "
-                    f"{name}/{version}",
-                    reason=Reason.ARTIFACT_MISMATCH,
-                )
-            self._pins.check(name, version, header.key_id)
-            check_header_pin(header, pin)
+            check_artifact_header(header, name, version, key_pins=self._pins, header_sha256=pin)
 
         def release(header: ArtifactHeader) -> ReleasedDataKey:
             released = self._release_key(header.key_id, header.key_version, header.wrapped_dek)
@@ -371,8 +381,72 @@ class ModelLoader:
         try:
             return self._release.release(key_id, key_version, wrapped)
         except grpc.RpcError as exc:
+            scope = current_scope()
+            if scope is not None and scope.ended:
+                raise scope.error() from None
             raise remote_error("key release", exc) from None
 
 
-def _left(deadline: float) -> float:
-    return deadline - time.monotonic()
+class ModelLock:
+    """One model's load lock, whose wait a :class:`CallScope` ends: at its deadline (False) or
+    when it is cancelled (False, at once: a waiter is woken by the cancellation)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._held = False
+
+    @property
+    def locked(self) -> bool:
+        """Whether a load holds it."""
+        return self._held
+
+    def acquire(self, scope: CallScope | None = None) -> bool:
+        """Takes the lock; False if ``scope`` ended first (without a scope, waits for ever)."""
+        scope = scope if scope is not None else CallScope()
+        with self._condition:
+            remove = scope.on_cancel(self._wake)
+            try:
+                while self._held:
+                    left = scope.left()
+                    if scope.cancelled or left == 0.0:
+                        return False
+                    # A caller without a deadline may still send one decades away.
+                    self._condition.wait(None if left is None else min(left, threading.TIMEOUT_MAX))
+                if scope.cancelled:
+                    return False
+                self._held = True
+                return True
+            finally:
+                remove()
+
+    def release(self) -> None:
+        """Frees the lock for the next load."""
+        with self._condition:
+            self._held = False
+            self._condition.notify_all()
+
+    def _wake(self) -> None:
+        with self._condition:
+            self._condition.notify_all()
+
+
+def _ended(scope: CallScope, raised: BaseException) -> StrongroomError:
+    """``raised``, or the scope's own error if the scope ended and that is why the step failed
+    (its call cancelled: CANCELLED; timed out at the deadline: UNAVAILABLE)."""
+    if isinstance(raised, grpc.FutureCancelledError):
+        return scope.error()  # only the scope cancels a load's calls
+    assert isinstance(raised, StrongroomError)
+    if scope.ended and isinstance(raised, Unavailable | Cancelled):
+        return scope.error()
+    return raised
+
+
+def _cancellable_sleep(scope: CallScope) -> Callable[[float], None]:
+    """A back-off wait that the scope's cancellation ends at once."""
+    woken = threading.Event()
+    scope.on_cancel(woken.set)
+
+    def wait(seconds: float) -> None:
+        woken.wait(seconds)
+
+    return wait

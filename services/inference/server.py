@@ -21,6 +21,7 @@ from strongroom.attesters import (
     TeeType,
     select_attester,
 )
+from strongroom.client.cancel import scoped_channel
 from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
 from strongroom.errors import StrongroomError
 from strongroom.inference.config import InferenceConfig
@@ -183,9 +184,13 @@ def build(
     provider = tracer_provider or make_tracer_provider("inference", common.tracing)
     attester = attester or make_attester(common, config)
     store_id, broker_id = config.server_ids(identity.trust_domain)
+    # The scope interceptor sits below the tracing: a traced download is a generator that only
+    # the loading thread may close, and a cancelled LoadModel must end the real call beneath it.
     store_channel = traced_channel(
-        identity.channel(
-            config.model_store, server_name=config.model_store_server_name, server_id=store_id
+        scoped_channel(
+            identity.channel(
+                config.model_store, server_name=config.model_store_server_name, server_id=store_id
+            )
         ),
         provider,
     )

@@ -16,6 +16,7 @@ from strongroom.api.inference.v1 import model_control_pb2 as pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as pb_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
+from strongroom.cli._pins import add_header_pin_argument
 from strongroom.cli.client import Client, add_client_arguments
 
 TIMEOUT = 600.0
@@ -38,6 +39,8 @@ def register(sub: Any) -> None:
         add_client_arguments(parser)
         parser.add_argument("name")
         parser.add_argument("version", nargs="?" if name != "load" else None, default="")
+        if name == "load":
+            add_header_pin_argument(parser, "the inference server")
         parser.set_defaults(func=func)
     evidence = actions.add_parser(
         "evidence", help="fetch the server's attestation evidence bound to a fresh nonce"
@@ -49,8 +52,10 @@ def register(sub: Any) -> None:
 def _load(args: argparse.Namespace) -> int:
     with Client.from_args(args) as client:
         stub = pb_grpc.ModelControlServiceStub(client.channel("inference"))
+        pin = args.header_sha256.hex() if args.header_sha256 is not None else ""
         response = stub.LoadModel(
-            pb.LoadModelRequest(name=args.name, version=args.version), timeout=TIMEOUT
+            pb.LoadModelRequest(name=args.name, version=args.version, header_sha256=pin),
+            timeout=TIMEOUT,
         )
     print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
     return 0

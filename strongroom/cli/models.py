@@ -17,6 +17,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import FORMAT_V3, read_summary
 from strongroom.artifact.manifest import ManifestLayout
 from strongroom.attesters import select_attester
+from strongroom.cli._pins import add_header_pin_argument
 from strongroom.cli._text import printable
 from strongroom.cli.client import Client, add_client_arguments
 from strongroom.client.fetch import DecryptedModel, ModelFetcher
@@ -79,6 +80,7 @@ def register(sub: Any) -> None:
         choices=("auto", "configfs-tsm", "sev-guest", "tdx-guest"),
         help="how to obtain this VM's attestation report",
     )
+    add_header_pin_argument(fetch, "this command")
     fetch.add_argument(
         "--accept-unbound",
         action="store_true",
@@ -286,7 +288,7 @@ def _fetch(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
         fetcher = ModelFetcher(
             client.channel("modelstore"), release, accept_unbound=args.accept_unbound
         )
-        with fetcher.fetch(args.name, args.version) as model:
+        with fetcher.fetch(args.name, args.version, header_sha256=args.header_sha256) as model:
             if args.part is not None:
                 out.write(model.part(args.part).view)
             elif len(model.parts) == 1 and model.manifest is None:

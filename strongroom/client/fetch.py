@@ -30,6 +30,7 @@ returned. Errors are :mod:`strongroom.errors` exceptions with a reason code.
 
 from __future__ import annotations
 
+import contextvars
 import hmac
 import logging
 import threading
@@ -63,6 +64,7 @@ from strongroom.artifact.manifest import (
     is_manifest,
     parse_manifest,
 )
+from strongroom.client.cancel import current_scope
 from strongroom.client.keypins import KeyPins
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.client.remote import remote_error
@@ -85,6 +87,8 @@ __all__ = [
     "KeyRelease",
     "ModelFetcher",
     "PartSource",
+    "check_artifact_header",
+    "check_header_pin",
     "grpc_source",
     "remote_error",
 ]
@@ -126,7 +130,16 @@ def grpc_source(channel: grpc.Channel, *, timeout: float = 600.0) -> PartSource:
     )
 
     def source(name: str, version: str) -> Iterator[memoryview]:
-        call = get_model(store_pb.GetModelRequest(name=name, version=version), timeout=timeout)
+        # In a CallScope (a model load's) the download ends by the load's deadline and with its
+        # cancellation; through a traced channel the call here is a generator, and the scope
+        # reaches the real call from below the tracing (strongroom.client.cancel.scoped_channel).
+        scope = current_scope()
+        request = store_pb.GetModelRequest(name=name, version=version)
+        if scope is not None:
+            scope.raise_if_ended()
+        call = get_model(request, timeout=timeout if scope is None else scope.timeout(timeout))
+        if scope is not None and callable(getattr(call, "cancel", None)):
+            scope.track(call)
         try:
             for data in call:
                 if isinstance(data, WireError):
@@ -137,6 +150,8 @@ def grpc_source(channel: grpc.Channel, *, timeout: float = 600.0) -> PartSource:
                     )
                 yield data
         except grpc.RpcError as exc:
+            if scope is not None and scope.ended:
+                raise scope.error() from None
             raise remote_error("fetch", exc) from None
         finally:
             # A reader that stops early (a refused header, a failed part) ends the download; a
@@ -288,6 +303,47 @@ def check_header_pin(header: ArtifactHeader, pin: bytes | None) -> None:
     )
 
 
+def check_artifact_header(
+    header: ArtifactHeader,
+    name: str,
+    version: str,
+    *,
+    key_pins: KeyPins,
+    header_sha256: bytes | None = None,
+) -> None:
+    """Checks the (not yet authenticated) header of the artifact the store served for
+    ``name``/``version``, before its key is requested: the one check of the inference loader and
+    of :class:`ModelFetcher` (two copies had drifted apart).
+
+    - another model's or version's header: DATA_LOSS ``MANIFEST_MISMATCH`` for a manifest,
+      FAILED_PRECONDITION ``ARTIFACT_MISMATCH`` otherwise;
+    - a key its name is not pinned to (``key_pins``): FAILED_PRECONDITION ``MODEL_KEY_NOT_ALLOWED``;
+    - a manifest declaring more than :data:`~strongroom.artifact.manifest.MAX_MANIFEST_SIZE`:
+      ``MANIFEST_TOO_LARGE`` (an InvalidArtifact: stored data gone bad, DATA_LOSS to a caller);
+    - a header other than the pinned one (``header_sha256``): FAILED_PRECONDITION
+      ``HEADER_PIN_MISMATCH`` (:func:`check_header_pin`).
+
+    The size cap (``max_model_bytes``) is the decryptor's, judged on the same header before the
+    key is requested; the format (a key not bound to its model) is judged with the key
+    (:func:`~strongroom.artifact.keybinding.body_key`).
+    """
+    manifest = is_manifest(header.content_type)
+    if (header.model_name, header.model_version) != (name, version):
+        message = (
+            f"the store returned {header.model_name}/{header.model_version} for {name}/{version}"
+        )
+        if manifest:
+            raise ManifestMismatch(message)
+        raise FailedPrecondition(message, reason=Reason.ARTIFACT_MISMATCH)
+    key_pins.check(name, version, header.key_id)
+    if manifest and header.plaintext_size > MAX_MANIFEST_SIZE:
+        raise InvalidArtifact(
+            f"the manifest declares {header.plaintext_size} bytes, more than {MAX_MANIFEST_SIZE}",
+            reason=Reason.MANIFEST_TOO_LARGE,
+        )
+    check_header_pin(header, header_sha256)
+
+
 class ModelFetcher:
     """Fetches, attests for, releases and decrypts model versions into memory.
 
@@ -365,8 +421,9 @@ class ModelFetcher:
                 first.feed(data)
                 header = first.decryptor.header
                 if header is not None and dek is None:
-                    self._check_identity(header, name, version)
-                    check_header_pin(header, header_sha256)
+                    check_artifact_header(
+                        header, name, version, key_pins=self._pins, header_sha256=header_sha256
+                    )
                     t0 = time.perf_counter()
                     released = self._release(header.key_id, header.key_version, header.wrapped_dek)
                     try:
@@ -439,23 +496,6 @@ class ModelFetcher:
                 f"{len(manifest.parts)} parts, more than the {self._max} this reader accepts"
             )
 
-    def _check_identity(self, header: ArtifactHeader, name: str, version: str) -> None:
-        if (header.model_name, header.model_version) == (name, version):
-            self._pins.check(name, version, header.key_id)
-            if is_manifest(header.content_type) and header.plaintext_size > MAX_MANIFEST_SIZE:
-                raise InvalidArtifact(
-                    f"the manifest declares {header.plaintext_size} bytes, more than "
-                    f"{MAX_MANIFEST_SIZE}",
-                    reason=Reason.MANIFEST_TOO_LARGE,
-                )
-            return
-        message = (
-            f"the store returned {header.model_name}/{header.model_version} for {name}/{version}"
-        )
-        if is_manifest(header.content_type):
-            raise ManifestMismatch(message)
-        raise FailedPrecondition(message, reason=Reason.ARTIFACT_MISMATCH)
-
     def _source_until(self, deadline: float) -> PartSource:
         """The store's downloads for one fetch, each given what is left until ``deadline``
         (``time.monotonic()``): with a timeout per download, a store that made every part take
@@ -519,7 +559,11 @@ class ModelFetcher:
 
         workers = min(self._parallel, len(manifest.parts))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="part-fetch") as pool:
-            futures = [pool.submit(work, i) for i in range(len(manifest.parts))]
+            # Each part runs in a copy of this context: the caller's CallScope (and trace) too.
+            futures = [
+                pool.submit(contextvars.copy_context().run, work, i)
+                for i in range(len(manifest.parts))
+            ]
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             # The root cause, not the cancellations it caused in the other workers.

@@ -46,6 +46,7 @@ from strongroom.artifact import wipe, wipe_bytes
 from strongroom.artifact.keybinding import KEY_SIZE
 from strongroom.attestation.binding import report_data_for
 from strongroom.attesters import Attester
+from strongroom.client.cancel import call_unary
 from strongroom.client.remote import peer_reason
 from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.oaep import OaepHash
@@ -298,7 +299,10 @@ class KeyReleaseClient:
     def release(self, key_id: str, key_version: int, wrapped_data_key: bytes) -> ReleasedDataKey:
         """Runs the challenge → evidence → release exchange; raises grpc.RpcError on denial.
 
-        Refusals in :data:`RETRIED_REASONS` get one fresh exchange (module docstring).
+        Refusals in :data:`RETRIED_REASONS` get one fresh exchange (module docstring). In a
+        :class:`~strongroom.client.cancel.CallScope` (a model load's), each call's timeout ends by
+        the scope's deadline, and cancelling the scope cancels the call in flight: the scope's
+        error (CANCELLED ``LOAD_CANCELLED`` / ``LOAD_DEADLINE_EXCEEDED``) is raised instead.
         """
         for attempt in range(1, MAX_EXCHANGES + 1):
             try:
@@ -322,12 +326,15 @@ class KeyReleaseClient:
             )
             with self._bound() as bound:
                 stub = pb_grpc.KeyBrokerServiceStub(bound.channel)
-                challenge = stub.GetChallenge(
-                    pb.GetChallengeRequest(key_id=key_id), timeout=self._timeout
+                # Each call ends by the load's deadline and with its cancellation (a key that
+                # arrived for a caller already gone would only be wiped); none starts after it.
+                challenge = call_unary(
+                    stub.GetChallenge, pb.GetChallengeRequest(key_id=key_id), timeout=self._timeout
                 )
                 report_data = report_data_for(challenge.nonce, public_der, bound.tls_public_key_der)
                 evidence = self._attester.attest(report_data)
-                response = stub.ReleaseKey(
+                response = call_unary(
+                    stub.ReleaseKey,
                     pb.ReleaseKeyRequest(
                         key_id=key_id,
                         key_version=key_version,

@@ -6,9 +6,10 @@ text, and kept only if it is in the catalogue (:class:`~strongroom.reasons.Reaso
 metrics and load failures, and a peer (a compromised store, or one of another version) must not be
 able to grow that set; an unknown one gives way to the status's own reason, and the peer's message
 still says what happened. ``DATA_LOSS``, ``NOT_FOUND`` and ``RESOURCE_EXHAUSTED`` keep their status; ``UNAVAILABLE``,
-``DEADLINE_EXCEEDED`` and ``CANCELLED`` (a peer shutting down; our clients never cancel their own
-calls) become ``Unavailable``; any other refusal becomes ``FailedPrecondition`` with the peer's
-reason: the caller of the client was not itself refused.
+``DEADLINE_EXCEEDED`` and ``CANCELLED`` (a peer shutting down; a call our clients cancel
+themselves, when a load's caller has gone, is reported as that instead:
+:mod:`strongroom.client.cancel`) become ``Unavailable``; any other refusal becomes
+``FailedPrecondition`` with the peer's reason: the caller of the client was not itself refused.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ _KEPT: dict[grpc.StatusCode, type[StrongroomError]] = {
     grpc.StatusCode.DATA_LOSS: DataLoss,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
-    # Our clients never cancel their own calls: a CANCELLED they receive comes from a peer that is
-    # shutting down (gRPC answers calls arriving while a server drains that way).
+    # Our clients cancel their own calls only in a CallScope, which then reports its own error: a
+    # CANCELLED otherwise comes from a peer that is shutting down (gRPC answers calls arriving
+    # while a server drains that way).
     grpc.StatusCode.CANCELLED: Unavailable,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,

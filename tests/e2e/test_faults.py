@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -29,6 +30,7 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.attesters import EvidenceBundle, SimulatedAttester, TeeType
+from strongroom.client.cancel import CallScope
 from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
 from strongroom.client.publish import publish_model
 from strongroom.client.remote import peer_reason
@@ -41,6 +43,7 @@ from strongroom.inference.control import ModelControlServicer
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository, ModelState
 from strongroom.pki import WorkloadIdentity
+from tests.e2e.stalling import StallOnce
 from tests.keybroker.helpers import bound, data_key_request
 
 KEY = "faults"
@@ -309,39 +312,125 @@ class _StallingStore(_ServeBytes):
         yield store_pb.GetModelResponse(data=self.data[-64:])
 
 
+@contextlib.contextmanager
+def _control_service(
+    loader: ModelLoader, repository: ModelRepository
+) -> Iterator[control_grpc.ModelControlServiceStub]:
+    """ModelControlService over ``loader`` on a local port, and a stub to it."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    control_grpc.add_ModelControlServiceServicer_to_server(
+        ModelControlServicer(loader, repository), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield control_grpc.ModelControlServiceStub(channel)
+    finally:
+        server.stop(None).wait(30)
+
+
+def _load_past_its_deadline(
+    control: control_grpc.ModelControlServiceStub, version: str, timeout: float
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        control.LoadModel(
+            control_pb.LoadModelRequest(name="faulty", version=version), timeout=timeout
+        )
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+
+
 def test_a_load_model_call_that_ends_stops_its_download(env: Env, model_path: Path) -> None:
     """LoadModel's deadline bounded only its retries: past it, the load went on for nobody (up to
     the 600 s load timeout, a server thread held), and loaded the model once the store answered."""
     _publish(env, model_path, "stalled")
     store = _StallingStore(_blob(env, "stalled").read_bytes())  # type: ignore[abstract]
-    servers = [grpc.server(futures.ThreadPoolExecutor(max_workers=4)) for _ in range(2)]
-    store_grpc.add_ModelStoreServiceServicer_to_server(store, servers[0])
-    store_port = servers[0].add_insecure_port("127.0.0.1:0")
+    store_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    store_grpc.add_ModelStoreServiceServicer_to_server(store, store_server)
+    store_port = store_server.add_insecure_port("127.0.0.1:0")
+    store_server.start()
     repository = ModelRepository()
-    with grpc.insecure_channel(f"127.0.0.1:{store_port}") as store_channel:
-        loader = _loader(env, store_channel, repository)
-        control_grpc.add_ModelControlServiceServicer_to_server(
-            ModelControlServicer(loader, repository), servers[1]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{store_port}") as store_channel:
+            loader = _loader(env, store_channel, repository)
+            with _control_service(loader, repository) as control:
+                _load_past_its_deadline(control, "stalled", timeout=3)
+                assert store.call_ended.wait(30)  # the download ended with the call
+    finally:
+        store.go_on.set()
+        store_server.stop(None).wait(30)
+    assert loader._lock("faulty").acquire(CallScope(time.monotonic() + 30))  # the load is done
+    # The abandoned load failed; it did not go on to serve the model.
+    assert repository.version_state("faulty", "stalled") is ModelState.FAILED
+
+
+def test_a_cancelled_load_model_stops_its_load_and_frees_the_model(
+    env: Env, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LoadModel its client cancelled ran on to its end: gRPC reports the cancellation on a
+    thread of its own, from where the download (a generator inside the traced channel) could not
+    be reached, so the load held the model's lock for as long as the store took, and a later
+    LoadModel of the model waited behind it. The load now stops, records why, frees the model and
+    leaves the version that was serving in place."""
+    _publish(env, model_path, "serving")
+    _publish(env, model_path, "cancelled")
+    storage = env.stack.services["modelstore"].handle.storage
+    stall = StallOnce(storage, "cancelled")
+    monkeypatch.setattr(storage, "open", stall)
+    inference = env.stack.start_in_process("inference").handle
+    try:
+        control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+        control.LoadModel(control_pb.LoadModelRequest(name="faulty", version="serving"), timeout=60)
+        call = control.LoadModel.future(
+            control_pb.LoadModelRequest(name="faulty", version="cancelled"), timeout=120
         )
-        control_port = servers[1].add_insecure_port("127.0.0.1:0")
-        for server in servers:
-            server.start()
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{control_port}") as channel:
-                control = control_grpc.ModelControlServiceStub(channel)
-                with pytest.raises(grpc.RpcError) as info:
-                    control.LoadModel(
-                        control_pb.LoadModelRequest(name="faulty", version="stalled"), timeout=3
-                    )
-            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
-            assert store.call_ended.wait(30)  # the download ended with the call
-        finally:
-            store.go_on.set()
-            for server in servers:
-                server.stop(None).wait(30)
-        assert loader._lock("faulty").acquire(timeout=30)  # the load's thread is done with it
-        # The abandoned load failed; it did not go on to serve the model.
-        assert repository.version_state("faulty", "stalled") is ModelState.FAILED
+        assert stall.stalled.wait(60)  # mid-download: the store holds back the last bytes
+        call.cancel()
+        # The model is free: another load of it runs now, while the store still stalls the
+        # cancelled one's download (before, this waited behind it until its deadline).
+        control.LoadModel(control_pb.LoadModelRequest(name="faulty", version="serving"), timeout=30)
+        status = inference.repository.status("faulty")
+        cancelled = next(v for v in status.versions if v.version == "cancelled")
+        assert cancelled.state is ModelState.FAILED
+        assert cancelled.failure is not None and cancelled.failure.reason == "LOAD_CANCELLED"
+        assert status.default_version == "serving" and inference.repository.is_ready("faulty")
+        assert not inference.loader._lock("faulty").locked
+        # And the cancelled version loads on request, once asked again.
+        control.LoadModel(
+            control_pb.LoadModelRequest(name="faulty", version="cancelled"), timeout=60
+        )
+        assert inference.repository.is_ready("faulty", "cancelled")
+    finally:
+        stall.go_on.set()
+        env.stack.services.pop("inference").stop()
+
+
+def test_a_key_release_ends_with_its_load_models_deadline(env: Env, model_path: Path) -> None:
+    """The key release's calls took 15 s each whatever the LoadModel's deadline: a report signed
+    after the caller had gone still went to the broker, which released (and audited) the key, and
+    the load went on to serve the model for nobody. A release past the deadline is not asked for."""
+    _publish(env, model_path, "late-key")
+    caller_gone = threading.Event()
+    inference = env.stack.identity("inference")
+    channels = PinnedChannels(inference, env.stack.address("keybroker"), server_name="keybroker")
+    repository = ModelRepository()
+    loader = ModelLoader(
+        repository,
+        store_channel=env.stack.channel(inference, "modelstore"),
+        key_release=KeyReleaseClient(channels, env.attester(hook=lambda: caller_gone.wait(60))),
+    )
+    decisions = len(env.audit())
+    try:
+        with _control_service(loader, repository) as control:
+            _load_past_its_deadline(control, "late-key", timeout=2)
+            caller_gone.set()  # the hardware signs only now, after the caller has gone
+            # The load ends (it lets go of the model) while its server still runs.
+            assert loader._lock("faulty").acquire(CallScope(time.monotonic() + 60))
+    finally:
+        caller_gone.set()
+    status = next(v for v in repository.status("faulty").versions if v.version == "late-key")
+    assert status.failure is not None and status.failure.reason == "LOAD_DEADLINE_EXCEEDED"
+    assert _decisions_since(env, decisions) == []  # no key was released for nobody
 
 
 def test_load_model_rpc_keeps_the_stores_status_and_reason(env: Env, model_path: Path) -> None:

@@ -62,6 +62,7 @@ from strongroom.inference.models import ModelRepository
 from strongroom.inference.models._ort import ort
 from strongroom.pki import WorkloadIdentity
 from tests.e2e.publishing import put_encrypted
+from tests.e2e.stalling import StallOnce
 from tests.keybroker.helpers import data_key_request
 
 KEY = "multipart"
@@ -399,6 +400,45 @@ def test_the_client_library_reports_a_part_damaged_in_transit_as_data_loss(
         with pytest.raises(StrongroomError) as info:
             fetcher.fetch(NAME, transit)
     assert (info.value.status_name, info.value.reason) == ("DATA_LOSS", reason)
+
+
+class _ServeManifestAsSingle(_ServeChanged):
+    """A compromised store: it calls every version a single ONNX file and serves the manifest of
+    ``served`` for whatever version is asked for."""
+
+    def __init__(self, env: Env, served: str) -> None:
+        super().__init__(env)
+        self.served = served
+
+    def StatModel(
+        self, request: store_pb.StatModelRequest, context: grpc.ServicerContext
+    ) -> store_pb.StatModelResponse:
+        info = store_pb.ModelInfo(
+            name=request.name, version=request.version, content_type="application/onnx"
+        )
+        return store_pb.StatModelResponse(model=info)
+
+    def GetModel(
+        self, request: store_pb.GetModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[store_pb.GetModelResponse]:
+        yield store_pb.GetModelResponse(data=self.env.blob(self.served).read_bytes())
+
+
+def test_the_loader_and_the_client_library_judge_a_header_alike(env: Env, transit: str) -> None:
+    """The inference loader's single-file path and ModelFetcher checked a header with two copies
+    of one check, which had drifted: another version's manifest, served where a single artifact
+    was claimed, was FAILED_PRECONDITION ARTIFACT_MISMATCH to the loader and DATA_LOSS
+    MANIFEST_MISMATCH (the more precise) to the library. Both now run one check."""
+    with _serving(_ServeManifestAsSingle(env, transit)) as channel:  # type: ignore[abstract]
+        loader = ModelLoader(
+            ModelRepository(), store_channel=channel, key_release=env.key_release()
+        )
+        with pytest.raises(StrongroomError) as loaded:
+            loader.load(NAME, "asked")
+        with pytest.raises(StrongroomError) as fetched:
+            ModelFetcher(channel, env.key_release()).fetch(NAME, "asked")
+    judged = [(e.value.status_name, e.value.reason) for e in (loaded, fetched)]
+    assert judged == [("DATA_LOSS", "MANIFEST_MISMATCH")] * 2
 
 
 def test_a_store_slowing_every_part_cannot_stretch_a_load_past_its_timeout(
@@ -1048,3 +1088,94 @@ def test_a_pinned_multi_part_fetch_refuses_another_manifest(env: Env) -> None:
             control_pb.LoadModelRequest(name=name, version="2", header_sha256=pins["1"])
         )
     assert (refused.value.details() or "").startswith("HEADER_PIN_MISMATCH: ")
+
+
+def test_cli_fetch_and_load_pin_the_header_digest_model_publish_printed(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`model fetch` and `inference load` could not pin a version (the library and LoadModel
+    could): whatever artifact the store served for the name and version was decrypted and
+    written out, or served. With --header-sha256 another artifact is refused before any key is
+    released, as the library and LoadModel refuse it, and a malformed digest is a usage error."""
+    name = "replay/cli"
+    path = _model_as(env, "single", "replay-cli", seed=18)
+    publisher = str(env.stack.write_client_config("publisher"))
+    printed = {}
+    for version in ("1", "2"):
+        publish = ["model", "publish", str(path), "--name", name, "--version", version]
+        code = cli_main([*publish, "--key-id", KEY, "--no-progress", "--client-config", publisher])
+        assert code == 0, capsys.readouterr().err
+        printed[version] = json.loads(capsys.readouterr().out)["header_sha256"]
+    monkeypatch.setattr(
+        cli_models, "select_attester", lambda kind, production: env.key_release()._attester
+    )
+    fetch = ["model", "fetch", name, "2", "--to-memory", "--client-config"]
+    fetch.append(str(env.stack.write_client_config("inference")))
+    audit = env.stack.root / "state" / "keybroker" / "audit.log"
+    before = audit.read_text().count('"key_release"')
+
+    writer, received, thread = _pipe_stdout(monkeypatch)
+    code = cli_main([*fetch, "--header-sha256", printed["1"]])
+    writer.close()
+    thread.join(30)
+    err = capsys.readouterr().err
+    assert code == 1 and "HEADER_PIN_MISMATCH: " in err, err
+    assert received == [b""]  # nothing written
+    assert audit.read_text().count('"key_release"') == before  # no key was asked for
+
+    for malformed in (printed["2"].upper(), printed["2"][:-1], "not-hex"):
+        with pytest.raises(SystemExit) as usage:
+            cli_main([*fetch, "--header-sha256", malformed])
+        assert usage.value.code == 2
+        assert "64 lower-case hexadecimal digits" in capsys.readouterr().err
+
+    writer, received, thread = _pipe_stdout(monkeypatch)
+    code = cli_main([*fetch, "--header-sha256", printed["2"]])
+    writer.close()
+    thread.join(30)
+    assert code == 0, capsys.readouterr().err
+    assert received == [path.read_bytes()]
+
+    monkeypatch.undo()  # standard output as captured again, for the load's printed answer
+    load = ["inference", "load", name, "2", "--client-config"]
+    load.append(str(env.stack.write_client_config("admin")))
+    before = audit.read_text().count('"key_release"')
+    code = cli_main([*load, "--header-sha256", printed["1"]])
+    err = capsys.readouterr().err
+    assert code == 1 and "FAILED_PRECONDITION: HEADER_PIN_MISMATCH: " in err, err
+    assert audit.read_text().count('"key_release"') == before
+    with pytest.raises(SystemExit) as usage:
+        cli_main([*load, "--header-sha256", "not-hex"])
+    assert usage.value.code == 2 and "64 lower-case" in capsys.readouterr().err
+    assert cli_main([*load, "--header-sha256", printed["2"]]) == 0, capsys.readouterr().err
+    assert env.stack.services["inference"].handle.repository.is_ready(name, "2")
+
+
+def test_a_cancelled_multi_part_load_stops_its_part_downloads(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for a single artifact (test_faults): a LoadModel cancelled while a part downloads stops
+    there, its parts' downloads (on the fetcher's threads) included, and frees the model."""
+    env.publish("serving-parts", seed=19)
+    env.publish("cancelled-parts", seed=20)
+    storage = env.stack.services["modelstore"].handle.storage
+    stall = StallOnce(storage, "cancelled-parts+part.2")
+    monkeypatch.setattr(storage, "open", stall)
+    inference = env.stack.services["inference"].handle
+    try:
+        env.load("serving-parts")
+        control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+        call = control.LoadModel.future(
+            control_pb.LoadModelRequest(name=NAME, version="cancelled-parts"), timeout=120
+        )
+        assert stall.stalled.wait(60)
+        call.cancel()
+        env.load("serving-parts")  # the model is free while the store still stalls that part
+        versions = {v.version: v for v in inference.repository.status(NAME).versions}
+        failure = versions["cancelled-parts"].failure
+        assert failure is not None and failure.reason == "LOAD_CANCELLED"
+        assert inference.repository.status(NAME).default_version == "serving-parts"
+    finally:
+        stall.go_on.set()
+    env.load("cancelled-parts")
+    assert env.ready("cancelled-parts")

@@ -190,6 +190,58 @@ def test_failed_new_version_leaves_the_old_one_serving() -> None:
     assert repo.server_ready()
 
 
+def _failed(repo: ModelRepository) -> list[tuple[str, str]]:
+    return [
+        (name, v.version)
+        for name in repo.names()
+        for v in repo.status(name).versions
+        if v.state is ModelState.FAILED
+    ]
+
+
+def test_failed_loads_are_kept_within_a_cap_oldest_dropped_first() -> None:
+    """Every failed load stayed listed for ever: version after version of names that do not
+    exist (LoadModel is admin-only, but a script can) grew the model table without limit."""
+    from strongroom.inference.models._repository import MAX_FAILED_LOADS
+
+    repo = ModelRepository(["configured"])
+    repo.load("m", "1", onnx_models.adder(1.0))
+    error = ModelLoadFailed("the store has no such model", reason="MODEL_NOT_IN_STORE")
+    repo.fail("configured", "1", error)
+    attempts = [(f"typo/{i}", "1") for i in range(2 * MAX_FAILED_LOADS)]
+    for name, version in attempts:
+        repo.fail(name, version, error)
+    kept = _failed(repo)
+    assert len(kept) == MAX_FAILED_LOADS
+    assert sorted(kept) == sorted(attempts[-MAX_FAILED_LOADS:])  # the newest, oldest dropped
+    # A model with nothing left to show is no longer listed; a configured one, and a serving
+    # version, stay.
+    assert "typo/0" not in repo.names() and "configured" in repo.names()
+    assert repo.is_ready("m", "1") and not repo.server_ready()
+
+
+def test_a_failed_load_is_replaced_by_the_next_attempt_and_removed_by_unload() -> None:
+    repo = ModelRepository(max_failed=2)
+    error = ModelLoadFailed("refused", reason="KEY_RELEASE_DENIED")
+    repo.fail("m", "1", error)
+    repo.fail("m", "1", error)  # the same version again: one entry, now the newest
+    repo.fail("m", "2", error)
+    assert _failed(repo) == [("m", "1"), ("m", "2")]
+    repo.fail("m", "1", error)  # the retry of 1 makes 2 the oldest
+    repo.fail("m", "3", error)
+    assert sorted(_failed(repo)) == [("m", "1"), ("m", "3")]
+    loading = repo.begin_load("m", "3")  # an attempt replaces the failure while it runs
+    assert repo.version_state("m", "3") is ModelState.LOADING
+    repo.fail("m", "3", error, loading=loading)
+    repo.unload("m", "1")
+    assert _failed(repo) == [("m", "3")]
+    repo.fail("n", "1", error)
+    repo.fail("o", "1", error)  # the cap counts across models: m/3 goes, and m with it
+    assert _failed(repo) == [("n", "1"), ("o", "1")] and "m" not in repo.names()
+    repo.unload("n")
+    assert repo.names() == ("o",)
+
+
 def test_unknown_models_and_versions() -> None:
     repo = ModelRepository()
     repo.load("m", "1", onnx_models.adder(1.0))

@@ -107,9 +107,15 @@ def _assert_handshake_rejection(
             _Static(leaf, ca.root_pem), server.target, server_name="keybroker"
         ) as channel:
             error = _ping(channel)
-        assert isinstance(error, ClientCertificateRejected)
-        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert expected in str(error.details())
+            # And as a future (what a load's cancellable key release makes): the same error,
+            # not gRPC's opaque UNAVAILABLE.
+            with pytest.raises(grpc.RpcError) as caught:
+                channel.unary_unary(f"/{ECHO}/Ping", None, None).future(b"hi", timeout=5).result()
+            as_future = caught.value
+        for refused in (error, as_future):
+            assert isinstance(refused, ClientCertificateRejected)
+            assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert expected in str(refused.details())
     assert server.calls.total() == before
 
 

@@ -5,6 +5,14 @@ build a new table under a lock and swap it in. A request that already holds a mo
 after a newer version is published — the old session lives until its last in-flight request
 returns — so a swap never fails a request. A version whose load failed is recorded with its
 reason and is never ready; if an older version is serving, it keeps serving.
+
+**Failed loads are kept, but not for ever.** A failed version stays listed (with its reason, for
+ModelReady/metadata and :meth:`ModelRepository.status`) until the next attempt to load that version
+replaces it, an unload of the version (or of the model) removes it, or it is among the oldest
+beyond :data:`MAX_FAILED_LOADS` failed versions kept across all models: each failure beyond the
+cap drops the oldest one (then a model with nothing else to show, and not configured, is no
+longer listed). LoadModel is admin-only, but an admin script asking for version after version of
+names that do not exist grew the table without limit.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import enum
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
@@ -28,6 +37,9 @@ from strongroom.inference.models._loaded import LoadedModel, ModelBuffer, Runtim
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
+
+MAX_FAILED_LOADS = 64
+"""Failed versions kept across all models; beyond it the oldest failure is dropped."""
 
 
 class ModelNotFound(NotFound):
@@ -110,10 +122,21 @@ _EMPTY = _Entry(MappingProxyType({}), None, MappingProxyType({}))
 class ModelRepository:
     """Models by name and version; ``expected`` names make the server unready until they load."""
 
-    def __init__(self, expected: Iterable[str] = (), *, retain_versions: int = 1) -> None:
+    def __init__(
+        self,
+        expected: Iterable[str] = (),
+        *,
+        retain_versions: int = 1,
+        max_failed: int = MAX_FAILED_LOADS,
+    ) -> None:
         if retain_versions < 1:
             raise ValueError("retain_versions must be at least 1")
+        if max_failed < 1:
+            raise ValueError("max_failed must be at least 1")
         self._retain = retain_versions
+        self._max_failed = max_failed
+        # Every FAILED version, oldest failure first (module docstring: the cap drops from here).
+        self._failed: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
         self._expected: frozenset[str] = frozenset()
         self._entries: Mapping[str, _Entry] = MappingProxyType({})
@@ -179,6 +202,7 @@ class ModelRepository:
             while len(ready) > self._retain:
                 del ready[next(iter(ready))]
             pending = {v: s for v, s in entry.pending.items() if v != version}
+            self._failed.pop((name, version), None)
             self._put(name, _Entry(MappingProxyType(ready), version, MappingProxyType(pending)))
         log.info("model version serving", extra={"model": name, "version": version})
 
@@ -231,13 +255,12 @@ class ModelRepository:
             else:
                 ready = {v: m for v, m in entry.ready.items() if v != version}
                 pending = {v: s for v, s in entry.pending.items() if v != version}
+            for gone in set(entry.pending) - set(pending):
+                self._failed.pop((name, gone), None)
             default = entry.default if entry.default in ready else next(reversed(ready), None)
-            if not ready and not pending and name not in self._expected:
-                entries = dict(self._entries)
-                del entries[name]
-                self._entries = MappingProxyType(entries)
-                return
-            self._put(name, _Entry(MappingProxyType(ready), default, MappingProxyType(pending)))
+            self._put_or_drop(
+                name, _Entry(MappingProxyType(ready), default, MappingProxyType(pending))
+            )
 
     # -- readers (lock-free) ------------------------------------------------------------------
     def get(self, name: str, version: str = "") -> LoadedModel:
@@ -325,11 +348,38 @@ class ModelRepository:
             pending[version] = status
             ready = entry.ready
             default = entry.default
+            # The next attempt replaces a failure (and its place in the cap's order).
+            self._failed.pop((name, version), None)
             if status.state is ModelState.FAILED and version in ready:
                 # A reload of a serving version failed: the served session is still good.
                 del pending[version]
+            elif status.state is ModelState.FAILED:
+                self._failed[(name, version)] = None
             self._put(name, _Entry(ready, default, MappingProxyType(pending)))
+            while len(self._failed) > self._max_failed:
+                self._drop_oldest_failure()
         return True
+
+    def _drop_oldest_failure(self) -> None:
+        """Forgets the oldest failed version (the lock is held)."""
+        (name, version), _ = self._failed.popitem(last=False)
+        entry = self._entries[name]
+        pending = {v: s for v, s in entry.pending.items() if v != version}
+        self._put_or_drop(name, _Entry(entry.ready, entry.default, MappingProxyType(pending)))
+        log.info(
+            "failed load record dropped: %d failed versions are kept",
+            self._max_failed,
+            extra={"model": name, "version": version},
+        )
+
+    def _put_or_drop(self, name: str, entry: _Entry) -> None:
+        """Stores ``entry``, or forgets ``name`` if it has nothing to show and is not configured."""
+        if entry.ready or entry.pending or name in self._expected:
+            self._put(name, entry)
+            return
+        entries = dict(self._entries)
+        del entries[name]
+        self._entries = MappingProxyType(entries)
 
     def _current(self, name: str, version: str, loading: VersionStatus) -> bool:
         """Whether ``loading`` (from :meth:`begin_load`) is still ``version``'s pending status."""
