@@ -34,24 +34,12 @@ from strongroom.keybroker.keys import (
     validate_key_id,
 )
 from strongroom.keybroker.policies import PolicyStore, StoredPolicy
+from strongroom.keybroker.refusals import REFUSAL_BURST, REFUSAL_RATE, RefusalRecords
 from strongroom.keybroker.release import Caller
 from strongroom.reasons import Reason
 from strongroom.runtime.metrics import DATA_KEYS_REWRAPPED
-from strongroom.runtime.ratelimit import CallerBuckets
 
 _log = logging.getLogger(__name__)
-
-
-REFUSAL_BURST = 64
-"""Audited refusals of one kind (ReWrap; GenerateDataKey's policy refusals) one caller may have
-recorded at once, then :data:`REFUSAL_RATE` a second: each is an fsync'd audit record that costs
-its caller nothing (no valid key id or blob, no HSM call), so without a bound one publisher could
-grow the log until ``audit_max_bytes`` refused every decision (key releases included) with
-AUDIT_LOG_FULL."""
-REFUSAL_RATE = 1.0
-LIMITED_RECORD_SECONDS = 60.0
-"""A caller over its refusal rate is refused without the HSM and recorded at most this often
-(the record counts the refusals left unrecorded since the last)."""
 
 
 def _callers_fault(refusal: StrongroomError) -> bool:
@@ -64,52 +52,29 @@ def _callers_fault(refusal: StrongroomError) -> bool:
 
 
 class _RefusalBudget:
-    """How many audited refusals of one kind each caller may have (:data:`REFUSAL_BURST`)."""
+    """The refusals of one RPC a caller may have recorded (:class:`RefusalRecords`), and the
+    refusal past them."""
 
     def __init__(self, what: str, reason: Reason, clock: Callable[[], float]) -> None:
         self._what = what
         self._reason = reason
-        self._clock = clock
-        self._buckets = CallerBuckets(REFUSAL_RATE, REFUSAL_BURST, clock=clock)
-        # caller -> (when its last rate-limited refusal was recorded, refusals unrecorded since)
-        self._limited: dict[str, tuple[float, int]] = {}
-        self._lock = threading.Lock()
+        self._records = RefusalRecords(what, clock)
 
     def spend(self, caller: Caller) -> None:
         """Counts one recorded refusal of ``caller``."""
-        self._buckets.take(caller.spiffe_id)
+        self._records.spend(caller.spiffe_id)
 
     def over(self, caller: Caller) -> tuple[ResourceExhausted, int | None] | None:
         """None while ``caller`` may still be refused on the record; else the refusal to raise
         and, when it is due to be recorded, how many went unrecorded since the last record."""
-        if self._buckets.available(caller.spiffe_id):
+        if self._records.available(caller.spiffe_id):
             return None
         refusal = ResourceExhausted(
             f"more than {REFUSAL_BURST} refused {self._what} at once, or more than "
             f"{REFUSAL_RATE:g} a second after that, from this caller; retry later",
             reason=self._reason,
         )
-        now = self._clock()
-        with self._lock:
-            entry = self._limited.get(caller.spiffe_id)
-            due = entry is None or now - entry[0] >= LIMITED_RECORD_SECONDS
-            unrecorded = 0 if entry is None else entry[1]
-            self._limited[caller.spiffe_id] = (
-                (now, 0) if due or entry is None else (entry[0], unrecorded + 1)
-            )
-            if len(self._limited) > 1024:  # callers no longer limited are forgotten
-                cutoff = now - LIMITED_RECORD_SECONDS
-                self._limited = {k: v for k, v in self._limited.items() if v[0] > cutoff}
-        if due:
-            _log.warning(
-                "audited refusals rate-limited",
-                extra={
-                    "caller": caller.spiffe_id,
-                    "reason": self._reason,
-                    "unrecorded": unrecorded,
-                },
-            )
-        return refusal, (unrecorded if due else None)
+        return refusal, self._records.unrecorded_if_due(caller.spiffe_id, self._reason)
 
 
 class KeyService:

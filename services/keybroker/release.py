@@ -42,8 +42,10 @@ from strongroom.keybroker.keys import (
     validate_version,
 )
 from strongroom.keybroker.policies import PolicyStore, StoredPolicy
+from strongroom.keybroker.refusals import RefusalRecords
 from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
+from strongroom.runtime.callers import UNVERIFIED
 from strongroom.runtime.metrics import KEY_RELEASES
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,7 @@ class ReleaseEngine:
         collateral_grace: timedelta = timedelta(0),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         hsm_timeout: float = 5.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._keys = keys
         self._challenges = challenges
@@ -139,6 +142,7 @@ class ReleaseEngine:
         self._collateral_grace = collateral_grace
         self._clock = clock
         self._hsm_timeout = hsm_timeout
+        self._unread_refusals = RefusalRecords("key releases refused unread", monotonic)
 
     def challenge(self, key_id: str, caller: Caller) -> Challenge:
         """A nonce for releasing ``key_id`` to ``caller``."""
@@ -160,13 +164,27 @@ class ReleaseEngine:
 
     def deny_unread(self, exc: StrongroomError, caller: Caller | None) -> None:
         """Audits a release refused before its request was read: by the authoriser (an identity
-        without the role), or because it does not decode. The record has who asked, as far as
-        the certificate says (None when it says nothing usable), and why; no request field."""
+        without the role), the per-identity cap, or because it does not decode. The record has
+        who asked, as far as the certificate says (None when it says nothing usable), and why;
+        no request field.
+
+        These cost the caller nothing, so each caller has 64 of them recorded one by one and then
+        one a second (:mod:`strongroom.keybroker.refusals`); past that they are counted, and a record once a minute carries the count
+        (``claims.refusals_unrecorded``). A caller with the role whose request was read is
+        recorded every time, whatever its evidence."""
         context: dict[str, Any] = {}
         if caller is not None:
             context["caller_spiffe_id"] = caller.spiffe_id
             context["caller_cert_serial"] = f"{caller.serial:x}"
-        self._audit_denial(exc, context)
+        who = caller.spiffe_id if caller is not None else UNVERIFIED
+        if self._unread_refusals.spend(who):
+            self._audit_denial(exc, context)
+            return
+        unrecorded = self._unread_refusals.unrecorded_if_due(who, exc.reason)
+        if unrecorded is None:
+            KEY_RELEASES.add(1, {"outcome": "denied", "reason": exc.reason})
+            return
+        self._audit_denial(exc, {**context, "claims": {"refusals_unrecorded": unrecorded}})
 
     def release(self, request: ReleaseRequest, caller: Caller) -> ReleaseOutcome:
         """Releases the data key to the attested caller, or raises and audits why not.

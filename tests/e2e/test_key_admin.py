@@ -18,7 +18,7 @@ from strongroom.api.keybroker.v1 import keybroker_pb2 as kb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.cli.main import main
 from strongroom.dev.devstack import DevStack
-from strongroom.keybroker import lifecycle
+from strongroom.keybroker import lifecycle, refusals
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 
 
@@ -274,7 +274,7 @@ def test_a_publisher_flooding_refused_rewraps_is_rate_limited(stack: DevStack) -
     )
     request = kb.ReWrapRequest(key_id="flood", key_version=1, wrapped_data_key=b"\x01")
     seen = []
-    for _ in range(lifecycle.REFUSAL_BURST + 2):
+    for _ in range(refusals.REFUSAL_BURST + 2):
         with pytest.raises(grpc.RpcError) as raised:
             publisher.ReWrap(request, timeout=30)
         seen.append(outcome(raised.value))

@@ -23,7 +23,7 @@ from strongroom.errors import (
     StrongroomError,
 )
 from strongroom.keybroker import keys as keys_module
-from strongroom.keybroker import lifecycle as lifecycle_module
+from strongroom.keybroker import refusals
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.keybroker.keys import KeyManager, KeyState
@@ -497,12 +497,12 @@ def test_refused_rewraps_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> N
         return info.value.reason
 
     try:
-        assert {refused() for _ in range(lifecycle_module.REFUSAL_BURST)} == {"WRAPPED_KEY_INVALID"}
+        assert {refused() for _ in range(refusals.REFUSAL_BURST)} == {"WRAPPED_KEY_INVALID"}
         assert {refused() for _ in range(10)} == {"REWRAP_REFUSALS_RATE_LIMITED"}
         assert refused(other) == "WRAPPED_KEY_INVALID"  # per caller
         # A minute later the bucket has refilled (and is spent again); the next limited refusal
         # is recorded with the count of those left unrecorded.
-        now[0] += lifecycle_module.LIMITED_RECORD_SECONDS
+        now[0] += refusals.LIMITED_RECORD_SECONDS
         while refused() != "REWRAP_REFUSALS_RATE_LIMITED":
             pass
     finally:
@@ -513,7 +513,7 @@ def test_refused_rewraps_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> N
         ("denied", 0),
         ("denied", 9),
     ]
-    assert len(rewraps) == lifecycle_module.REFUSAL_BURST + 1 + 60 + 1 + 1
+    assert len(rewraps) == refusals.REFUSAL_BURST + 1 + 60 + 1 + 1
 
 
 def test_refused_data_keys_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> None:
@@ -525,7 +525,7 @@ def test_refused_data_keys_are_recorded_up_to_a_rate_per_caller(km, tmp_path) ->
     other = Caller("spiffe://strongroom.test/publisher-b", 0x21, b"")
     reasons = []
     try:
-        for _ in range(lifecycle_module.REFUSAL_BURST + 5):
+        for _ in range(refusals.REFUSAL_BURST + 5):
             with pytest.raises(StrongroomError) as info:
                 keys.generate_data_key(other, "k1", "tenant-a/model", "1")
             reasons.append(info.value.reason)
@@ -534,11 +534,11 @@ def test_refused_data_keys_are_recorded_up_to_a_rate_per_caller(km, tmp_path) ->
         audit.close()
     assert (
         reasons
-        == ["PUBLISHER_NOT_ALLOWED"] * lifecycle_module.REFUSAL_BURST
+        == ["PUBLISHER_NOT_ALLOWED"] * refusals.REFUSAL_BURST
         + ["DATA_KEY_REFUSALS_RATE_LIMITED"] * 5
     )
     data_keys = [r for r in _records(tmp_path / "audit.log") if r["action"] == "generate_data_key"]
-    assert len(data_keys) == lifecycle_module.REFUSAL_BURST + 1 + 1
+    assert len(data_keys) == refusals.REFUSAL_BURST + 1 + 1
     assert data_keys[-2]["reason"] == "DATA_KEY_REFUSALS_RATE_LIMITED"
     assert data_keys[-2]["claims"]["refusals_unrecorded"] == 0
 
@@ -553,7 +553,7 @@ def test_the_brokers_own_failures_do_not_spend_a_callers_refusal_budget(
     next((log.parent / "policies").iterdir()).write_text("version: [", encoding="utf-8")
     km.hsm.close()
     reasons = set()
-    for _ in range(lifecycle_module.REFUSAL_BURST + 2):
+    for _ in range(refusals.REFUSAL_BURST + 2):
         for call in (
             lambda: keys.rewrap(PUBLISHER, "k1", 1, b"\x01" * 40),
             lambda: keys.generate_data_key(PUBLISHER, "k1", "tenant-a/model", "1"),

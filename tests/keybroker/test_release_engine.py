@@ -33,6 +33,7 @@ from strongroom.keybroker.keys import ReleasedKey
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
+from strongroom.pki.errors import PeerNotAllowed
 from strongroom.runtime.secrets import Secret
 from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve, replace_keeping_mtime
 
@@ -399,7 +400,7 @@ def test_a_release_under_a_policy_that_is_not_utf8_is_refused_with_its_reason(
     ]
 
 
-def _real_audit_engine(authority, tmp_path) -> tuple[ReleaseEngine, Path]:
+def _real_audit_engine(authority, tmp_path, **engine_args) -> tuple[ReleaseEngine, Path]:
     policies = PolicyStore(tmp_path / "policies", production=False)
     policies.put("k1", POLICY)
     audit = AuditLog.open(tmp_path / "audit.log", Ed25519PrivateKey.generate())
@@ -410,6 +411,7 @@ def _real_audit_engine(authority, tmp_path) -> tuple[ReleaseEngine, Path]:
         trust=authority.trust_store(),
         audit=audit,
         collateral=authority.collateral_source(),
+        **engine_args,
     )
     return engine, tmp_path / "audit.log"
 
@@ -457,3 +459,37 @@ def test_a_release_refused_before_it_was_read_is_audited_with_who_asked(
     assert first["caller"]["spiffe_id"] == CALLER.spiffe_id
     assert first["key"]["id"] is None and first["evidence_sha256"] is None
     assert (second["reason"], second["caller"]["spiffe_id"]) == ("PEER_CERT_EXPIRED", None)
+
+
+def test_refusals_before_the_request_is_read_cannot_fill_the_audit_log(authority, tmp_path) -> None:
+    """An identity without the inference role (any holder of a CA certificate) sending ReleaseKey
+    in a loop had every refusal fsync'd into the log: about 460 KB/s from one client, the Helm
+    log limit in half an hour, and then every release refused AUDIT_LOG_FULL. Past 64 per caller,
+    then one a second, they are counted and recorded once a minute with the count."""
+    now = [1000.0]
+    engine, log = _real_audit_engine(authority, tmp_path, monotonic=lambda: now[0])
+    stranger = Caller("spiffe://strongroom.test/stranger", 7, b"der")
+
+    def refuse(times: int) -> None:
+        for _ in range(times):
+            engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+
+    refuse(64 + 10)
+    now[0] += 60.0  # the bucket refills 60, and a counting record is due again
+    refuse(60 + 1)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {(r["reason"], r["caller"]["spiffe_id"]) for r in records} == {
+        ("PEER_NOT_ALLOWED", stranger.spiffe_id)
+    }
+    counted = [r["claims"].get("refusals_unrecorded") for r in records]
+    # 64 one by one; the 65th says none went unrecorded before it, 9 then do; 60 one by one
+    # after the refill; the next carries the 9.
+    assert counted == [None] * 64 + [0] + [None] * 60 + [9]
+    # Another caller has its own budget; a caller with the role whose request was read is
+    # recorded every time (engine.deny), whatever it sent.
+    engine.deny_unread(PeerNotAllowed("no inference role"), None)
+    for _ in range(70):
+        engine.deny(
+            InvalidArgument("bad", reason="EVIDENCE_MALFORMED"), CALLER, key_id="k1", report=b""
+        )
+    assert len(log.read_text().splitlines()) == len(records) + 1 + 70

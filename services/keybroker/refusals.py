@@ -1,0 +1,72 @@
+"""How many refusals of one kind each caller has recorded one by one in the audit log.
+
+A refusal that costs its caller nothing (no valid key id, blob or evidence, no HSM call; an
+identity without the role asking for a key) is still an fsync'd audit record: unbounded, one
+certified caller could grow the log until ``audit_max_bytes`` refused every decision, key
+releases included, with ``AUDIT_LOG_FULL``. So each caller has :data:`REFUSAL_BURST` records at
+once, then :data:`REFUSAL_RATE` a second; past that its refusals of that kind are counted, and one
+record per :data:`LIMITED_RECORD_SECONDS` says how many went unrecorded since the last. The log
+still accounts for every refusal, by number where not one by one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from strongroom.runtime.ratelimit import CallerBuckets
+
+_log = logging.getLogger(__name__)
+
+REFUSAL_BURST = 64
+"""Refusals of one kind one caller may have recorded at once, then :data:`REFUSAL_RATE` a second."""
+REFUSAL_RATE = 1.0
+LIMITED_RECORD_SECONDS = 60.0
+"""How often a caller over its rate has a record counting the refusals left unrecorded."""
+_MAX_LIMITED = 1024
+
+
+class RefusalRecords:
+    """The per-caller record budget of one kind of refusal (``what``, for the log)."""
+
+    def __init__(self, what: str, clock: Callable[[], float]) -> None:
+        self._what = what
+        self._clock = clock
+        self._buckets = CallerBuckets(REFUSAL_RATE, REFUSAL_BURST, clock=clock)
+        # caller -> (when its last counting record was due, refusals unrecorded since)
+        self._limited: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def available(self, caller: str) -> bool:
+        """Whether ``caller``'s next refusal of this kind may be recorded on its own."""
+        return self._buckets.available(caller)
+
+    def spend(self, caller: str) -> bool:
+        """Counts one refusal recorded on its own; False (nothing counted) past the budget."""
+        return self._buckets.take(caller)
+
+    def unrecorded_if_due(self, caller: str, reason: str) -> int | None:
+        """For a refusal past the budget: how many went unrecorded before it when a counting
+        record is due now (the caller records it), else None (it is counted for the next)."""
+        now = self._clock()
+        with self._lock:
+            entry = self._limited.get(caller)
+            due = entry is None or now - entry[0] >= LIMITED_RECORD_SECONDS
+            unrecorded = 0 if entry is None else entry[1]
+            self._limited[caller] = (now, 0) if due or entry is None else (entry[0], unrecorded + 1)
+            if len(self._limited) > _MAX_LIMITED:  # callers no longer limited are forgotten
+                cutoff = now - LIMITED_RECORD_SECONDS
+                self._limited = {k: v for k, v in self._limited.items() if v[0] > cutoff}
+        if not due:
+            return None
+        _log.warning(
+            "audited refusals rate-limited",
+            extra={
+                "what": self._what,
+                "caller": caller,
+                "reason": reason,
+                "unrecorded": unrecorded,
+            },
+        )
+        return unrecorded
