@@ -24,12 +24,8 @@ from typing import Any
 
 from strongroom.cli._text import printable
 from strongroom.errors import NotFound
-from strongroom.keybroker.audit import (
-    audit_files,
-    load_public_key,
-    verify_audit_log,
-    verify_audit_series,
-)
+from strongroom.keybroker.audit import load_public_key
+from strongroom.keybroker.audit_verify import audit_files, verify_audit_log, verify_audit_series
 from strongroom.reasons import Reason
 
 EXIT_TAMPERED = 2

@@ -53,7 +53,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from strongroom.dev.devstack import DevStack
-from strongroom.keybroker.audit import load_public_key, verify_audit_log
+from strongroom.keybroker.audit import load_public_key
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.config import KeybrokerConfig
 from tests.bench import _memprobe
 from tests.bench._proc import process_env

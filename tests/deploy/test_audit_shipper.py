@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision, verify_audit_log
+from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
+from strongroom.keybroker.audit_verify import verify_audit_log
 from tests.deploy.conftest import DEPLOY, ROOT, kind, render
 
 AUDIT_DIR = "/var/lib/strongroom/audit/"

@@ -20,12 +20,8 @@ from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.keybroker.audit import (
-    canonical_json,
-    load_public_key,
-    record_hash,
-    verify_audit_log,
-)
+from strongroom.keybroker.audit import canonical_json, load_public_key, record_hash
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.service import KEYBROKER_SERVICE
 from tests.keybroker.helpers import bound, data_key_request
 

@@ -33,7 +33,7 @@ from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.simulated import SimulatedAuthority, SimulatedSnp
-from strongroom.keybroker.audit import verify_audit_log
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.pki import WorkloadIdentity
 from strongroom.runtime.secrets import Secret

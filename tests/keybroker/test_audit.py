@@ -36,9 +36,9 @@ from strongroom.keybroker.audit import (
     new_signing_key,
     record_hash,
     record_signed_by,
-    verify_audit_log,
 )
 from strongroom.keybroker.audit_head import HEAD_DOMAIN
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.runtime.secrets import Secret
 from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve

@@ -35,8 +35,8 @@ from strongroom.keybroker.audit import (
     canonical_json,
     head_path,
     record_hash,
-    verify_audit_log,
 )
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.errors import AuditUnavailable
 
 from .test_audit import _append_forged, event, fill, lines

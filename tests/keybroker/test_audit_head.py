@@ -20,14 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.errors import DataLoss
 from strongroom.keybroker import audit_head
-from strongroom.keybroker.audit import (
-    AuditEvent,
-    AuditLog,
-    Decision,
-    canonical_json,
-    head_path,
-    verify_audit_log,
-)
+from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision, canonical_json, head_path
 from strongroom.keybroker.audit_head import (
     FILE_BYTES,
     HEAD_DOMAIN,
@@ -36,6 +29,7 @@ from strongroom.keybroker.audit_head import (
     Head,
     parse,
 )
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.errors import AuditUnavailable
 
 

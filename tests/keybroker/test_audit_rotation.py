@@ -24,13 +24,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.errors import DataLoss
 from strongroom.keybroker import audit as audit_module
-from strongroom.keybroker.audit import (
-    AuditLog,
-    audit_files,
-    head_path,
-    verify_audit_log,
-    verify_audit_series,
-)
+from strongroom.keybroker import audit_verify
+from strongroom.keybroker.audit import AuditLog, head_path
+from strongroom.keybroker.audit_verify import audit_files, verify_audit_log, verify_audit_series
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.keybroker.server import rotate_audit_on_sighup
 
@@ -52,7 +48,7 @@ def log_path(tmp_path: Path) -> Path:
     return tmp_path / "audit" / "audit.log"
 
 
-def _series(log_path: Path, key: Ed25519PrivateKey) -> audit_module.SeriesVerification:
+def _series(log_path: Path, key: Ed25519PrivateKey) -> audit_verify.SeriesVerification:
     return verify_audit_series(audit_files(log_path.parent), public_key=key.public_key())
 
 
@@ -352,15 +348,15 @@ def test_verify_during_a_rotation_waits_for_it_instead_of_reporting_tampering(
     the broker, holding the directory's lock meanwhile, has finished."""
     saved = _rotated(log_path, key, 3)
     _crash_after_log_renamed(log_path, saved)
-    first = audit_module._verify_audit_log(log_path, key.public_key())
+    first = audit_verify._verify_audit_log(log_path, key.public_key())
     assert not first.intact  # what one look at the half-done rotation shows
-    real_wait = audit_module._waited_for_rotation
+    real_wait = audit_verify._waited_for_rotation
 
     def broker_finishes_meanwhile(path: Path) -> bool:
         AuditLog.open(log_path, key).close()
         return real_wait(path)
 
-    monkeypatch.setattr(audit_module, "_waited_for_rotation", broker_finishes_meanwhile)
+    monkeypatch.setattr(audit_verify, "_waited_for_rotation", broker_finishes_meanwhile)
     result = verify_audit_log(log_path, public_key=key.public_key())
     assert result.intact and result.first_seq == 3
 

@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker import audit_head
-from strongroom.keybroker.audit import AuditLog, head_path, verify_audit_log
+from strongroom.keybroker.audit import AuditLog, head_path
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.errors import AuditUnavailable
 
 from .test_audit import _reasons, _refuse, event, fill, lines

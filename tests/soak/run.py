@@ -60,7 +60,8 @@ from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import FEATURES, train
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.keybroker.audit import load_public_key, verify_audit_log
+from strongroom.keybroker.audit import load_public_key
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.pki._state import STATE_FILE
 from strongroom.pki.stepca import BINARY_ENV
 from tests.bench import _memprobe

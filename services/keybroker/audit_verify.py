@@ -1,0 +1,463 @@
+"""Checking an audit log, or a series of rotated ones, as an auditor does: every record, the
+chain, the signed head and, in a series, that each file continues the one before it.
+
+The log's format and the guarantees these checks rest on are in :mod:`strongroom.keybroker.audit`;
+``strongroom audit verify`` is the command over these functions.
+"""
+
+from __future__ import annotations
+
+import binascii
+import collections
+import contextlib
+import errno
+import fcntl
+import io
+import itertools
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from strongroom import jsonparse
+from strongroom.errors import NotFound
+from strongroom.files import shared_flock
+from strongroom.keybroker.audit import (
+    MAX_BATCH_RECORDS,
+    MAX_RECORD_BYTES,
+    head_path,
+    record_hash,
+    record_signed_by,
+)
+from strongroom.keybroker.audit_head import FILE_BYTES, GENESIS_HASH, HEX64_RE, canonical_json
+from strongroom.keybroker.audit_head import parse as parse_head
+from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.reasons import Reason
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    """The outcome of :func:`verify_audit_log`.
+
+    ``bad_record`` is the 1-based number of the first record (= line) found wrong, ``problem`` a
+    stable code: RECORD_MALFORMED, RECORD_TRUNCATED, RECORD_MODIFIED, SEQUENCE_BROKEN,
+    CHAIN_BROKEN, HEAD_MISSING, HEAD_MALFORMED, HEAD_SIGNATURE_INVALID, TAIL_TRUNCATED,
+    HEAD_MISMATCH (also: more records after the head than one commit writes), UNANCHORED_RECORDS
+    (the broker's own records left by a crash, at most one batch: it anchors them on its next
+    write), VOIDED_RECORDS (records of a batch the broker refused, which its head names: it cuts
+    them off on its next write) or RECORD_FORGED (an unanchored record not signed by the broker's key; ``bad_record``
+    is the first such). Forged records and over-long unanchored tails are told apart only when a
+    public key is given.
+
+    ``records`` counts the file's records; ``first_seq`` is the ``seq`` of its first (0 unless
+    the log continues a sealed one), ``anchor`` the hash its chain starts from (the first
+    record's ``prev``; for a file without records, its head's hash) and ``sealed`` whether its
+    head seals it (rotation). :func:`verify_audit_series` links files by these.
+    """
+
+    intact: bool
+    records: int
+    last_hash: str
+    signature_checked: bool
+    problem: str | None = None
+    bad_record: int | None = None
+    message: str = ""
+    first_seq: int = 0
+    anchor: str = GENESIS_HASH
+    sealed: bool = False
+
+
+def _snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:
+    """The head's bytes (None if there is no head file) and the length of the log open as ``fd``
+    (None: there is no log file), read between two commits: under a shared ``flock`` of the log,
+    which every commit holds exclusively.
+
+    A commit in progress is waited for (a writer stuck inside one, on a hung disk, holds this up
+    too).
+    """
+    with shared_flock(fd) if fd is not None else contextlib.nullcontext():
+        try:
+            head = _open_regular(hpath)
+        except FileNotFoundError:
+            return None, 0 if fd is None else os.fstat(fd).st_size
+        try:
+            # Bounded: the writer waits while this lock is held, whatever sits in the file.
+            raw_head = os.pread(head, FILE_BYTES + 1, 0)
+        finally:
+            os.close(head)
+        return raw_head, 0 if fd is None else os.fstat(fd).st_size
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file; OSError naming it otherwise.
+
+    Opened with O_NONBLOCK so that open() itself never waits: a FIFO put in the file's place would
+    block a plain open until some writer came, and the head is opened while holding the log's
+    shared ``flock``, which every commit waits for.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def verify_audit_log(
+    path: Path | str, *, public_key: Ed25519PublicKey | None = None
+) -> AuditVerification:
+    """Checks every record, the chain, and the head (its signature only with ``public_key``).
+
+    Raises NotFound(AUDIT_LOG_NOT_FOUND) when neither the log nor its head exists, and
+    ``AuditUnavailable`` naming the file when one cannot be read (permissions, a directory, I/O)
+    or is not a regular file (a FIFO, socket or device: checked before reading, never waited on).
+
+    A log that does not verify, or is not there, is checked once more after any rotation under
+    way has ended (the broker renames and creates the files under the directory's ``flock``):
+    for a moment during one, the path holds the sealed log, or no log, or a log without its head.
+    """
+    path = Path(path)
+    try:
+        try:
+            result = _verify_audit_log(path, public_key)
+        except NotFound:
+            if not _waited_for_rotation(path):
+                raise
+            return _verify_audit_log(path, public_key)
+        if result.intact or not _waited_for_rotation(path):
+            return result
+        return _verify_audit_log(path, public_key)
+    except OSError as exc:
+        raise AuditUnavailable(
+            f"cannot read {exc.filename or path}: {exc.strerror or type(exc).__name__}"
+        ) from None
+
+
+def _waited_for_rotation(path: Path) -> bool:
+    """Waits until no rotation holds the directory of ``path`` (a shared ``flock``, held by
+    nothing else: nothing waits for it in turn); False if it cannot be locked."""
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # and with it the lock
+    return True
+
+
+def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditVerification:
+    hpath = head_path(path)
+    stream: BinaryIO
+    log_missing = False
+    try:
+        # A regular file before it is locked or read (see _open_regular).
+        stream = os.fdopen(_open_regular(path), "rb")
+    except FileNotFoundError:
+        if not hpath.exists():
+            raise NotFound(f"no audit log at {path}", reason=Reason.AUDIT_LOG_NOT_FOUND) from None
+        stream, log_missing = io.BytesIO(), True
+    checked = public_key is not None
+    prev = anchor = GENESIS_HASH
+    count = 0  # records read (lines)
+    base = 0  # the seq of the first record: where the file says it starts, checked on its head
+    sealed = False
+    tail: collections.deque[bytes] = collections.deque(maxlen=MAX_BATCH_RECORDS)
+
+    def fail(problem: str, number: int | None, message: str) -> AuditVerification:
+        return AuditVerification(
+            intact=False,
+            records=count,
+            last_hash=prev,
+            signature_checked=checked,
+            problem=problem,
+            bad_record=number,
+            message=message,
+            first_seq=base,
+            anchor=anchor,
+            sealed=sealed,
+        )
+
+    with stream:
+        raw_head, remaining = _snapshot(None if log_missing else stream.fileno(), hpath)
+        while remaining > 0 and (raw := stream.readline(min(MAX_RECORD_BYTES + 1, remaining))):
+            remaining -= len(raw)
+            number = count + 1
+            if not raw.endswith(b"\n"):
+                if len(raw) > MAX_RECORD_BYTES:
+                    return fail("RECORD_MALFORMED", number, f"record {number} is too long")
+                return fail("RECORD_TRUNCATED", number, f"record {number} is cut off mid-line")
+            line = raw[:-1]
+            try:
+                record = jsonparse.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+                claimed = record.pop("hash")
+                seq, back = record["seq"], record["prev"]
+            except (ValueError, KeyError, TypeError):
+                return fail("RECORD_MALFORMED", number, f"record {number} is not a valid record")
+            if (
+                canonical_json({**record, "hash": claimed}) != line
+                or record_hash(record) != claimed
+            ):
+                return fail("RECORD_MODIFIED", number, f"record {number} was modified")
+            if count == 0 and isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+                base = seq  # checked against the head below
+            if seq != base + count:
+                return fail(
+                    "SEQUENCE_BROKEN",
+                    number,
+                    # Not the value found: it is the file's to choose (any JSON, any text).
+                    f"record {number} does not have sequence number {base + count}: "
+                    "records were inserted, deleted or reordered",
+                )
+            if count == 0 and isinstance(back, str) and HEX64_RE.fullmatch(back):
+                prev = anchor = back  # the log's own start (zeros, random, or a sealed log's end)
+            if back != prev:
+                return fail(
+                    "CHAIN_BROKEN", number, f"record {number} does not follow record {count}"
+                )
+            prev = claimed
+            count += 1
+            tail.append(line)
+    if raw_head is None:
+        return fail("HEAD_MISSING", None, f"the signed head {hpath.name} is missing")
+    try:
+        parsed = parse_head(raw_head, public_key)
+    except InvalidSignature:
+        return fail("HEAD_SIGNATURE_INVALID", None, "the head's signature is not valid")
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        detail = f": {exc}" if isinstance(exc, ValueError) and str(exc) else ""
+        return fail("HEAD_MALFORMED", None, f"the head is malformed{detail}")
+    head, sealed = parsed.head, parsed.sealed
+    if count == 0:
+        base = head.base
+        prev = anchor = head.last_hash  # an empty log starts where its head says
+    elif base != head.base:
+        return fail(
+            "SEQUENCE_BROKEN",
+            1,
+            f"record 1 is not the first record of this file: its head says the file starts at "
+            f"seq {head.base} (records were removed from its start, or another file's put here)",
+        )
+    end = base + count
+    if end < head.count:
+        return fail(
+            "TAIL_TRUNCATED",
+            count + 1,
+            f"the head anchors {head.count - base} records but the log has {count}: "
+            "records were removed from the end",
+        )
+    if end > head.count:
+        extra = end - head.count
+        first_extra = head.count - base + 1  # its line number
+        if sealed or (public_key is not None and extra > MAX_BATCH_RECORDS):
+            return fail(
+                "HEAD_MISMATCH",
+                first_extra,
+                f"records {first_extra}..{count} are not covered by the signed head: "
+                + (
+                    "the head seals the file, so no commit added them"
+                    if sealed
+                    else f"more than one commit writes ({MAX_BATCH_RECORDS}), so no crash left "
+                    "them (a head rolled back, or records added)"
+                ),
+            )
+        unanchored = list(tail)[-extra:] if extra <= len(tail) else []
+        if unanchored and jsonparse.loads(unanchored[0])["prev"] != head.last_hash:
+            return fail(
+                "HEAD_MISMATCH",
+                (first_extra - 1) or None,
+                f"record {first_extra - 1} does not match the head",
+            )
+        if public_key is not None:
+            foreign = next(
+                (i for i, line in enumerate(unanchored) if not record_signed_by(line, public_key)),
+                None,
+            )
+            if foreign is not None:
+                return fail(
+                    "RECORD_FORGED",
+                    first_extra + foreign,
+                    f"records {first_extra}..{count} are not covered by the signed head and "
+                    f"record {first_extra + foreign} is not one the broker wrote (missing or "
+                    "invalid signature)",
+                )
+        if unanchored and parsed.voids(jsonparse.loads(unanchored[0])["hash"]):
+            return fail(
+                "VOIDED_RECORDS",
+                first_extra,
+                f"records {first_extra}..{count} are not covered by the signed head, which says "
+                "the broker refused them (their decisions never took effect): it cuts them off "
+                "on its next write",
+            )
+        return fail(
+            "UNANCHORED_RECORDS",
+            first_extra,
+            f"records {first_extra}..{count} are not covered by the signed head"
+            + (
+                " (signed by the broker: a crash before the head update; the broker anchors them "
+                "on its next write)"
+                if public_key is not None
+                else ""
+            ),
+        )
+    if prev != head.last_hash:
+        return fail("HEAD_MISMATCH", count or None, "the last record does not match the head")
+    span = f" (seq {base}..{end - 1})" if base and count else ""
+    return AuditVerification(
+        intact=True,
+        records=count,
+        last_hash=prev,
+        signature_checked=checked,
+        message=f"{count} records{span}, chain intact, "
+        + ("sealed, " if sealed else "")
+        + "head "
+        + ("signature valid" if checked else "signature NOT checked (no public key given)"),
+        first_seq=base,
+        anchor=anchor,
+        sealed=sealed,
+    )
+
+
+@dataclass(frozen=True)
+class SeriesVerification:
+    """The outcome of :func:`verify_audit_series`: each file's verdict in chain order, and for the
+    series ``first_seq``/``end`` (seq of its first record, and one past its last), ``problem``
+    (a file's own, or SERIES_GAP, SERIES_OVERLAP, SERIES_LINK_BROKEN, SERIES_NOT_SEALED,
+    SERIES_NAME_MISMATCH) and ``bad_file`` (the file where the series breaks)."""
+
+    intact: bool
+    files: tuple[tuple[Path, AuditVerification], ...]
+    first_seq: int
+    end: int
+    problem: str | None = None
+    bad_file: Path | None = None
+    bad_record: int | None = None
+    message: str = ""
+
+
+def audit_files(directory: Path | str) -> list[Path]:
+    """The audit logs in ``directory``: each file with a ``.head`` beside it, each sealed-looking
+    name (``NAME.<first>-<last>``) and the log of each head whose log is gone (so that its
+    verdict says so). Hidden files (a head's temporary) are not logs."""
+    directory = Path(directory)
+    names = {p.name for p in directory.iterdir() if not p.name.startswith(".")}
+    found = set()
+    for name in names:
+        if name.endswith(".head"):
+            found.add(name[: -len(".head")])
+        elif name + ".head" in names or re.fullmatch(r".+\.[0-9]+-[0-9]+", name):
+            found.add(name)
+    return [directory / name for name in sorted(found)]
+
+
+def verify_audit_series(
+    paths: list[Path], *, public_key: Ed25519PublicKey | None = None
+) -> SeriesVerification:
+    """Verifies each log (:func:`verify_audit_log`), then that together they are one chain:
+    ordered by their first ``seq``, each continues the one before (its first record's ``prev`` is
+    that file's last hash, its first ``seq`` that file's end) and every file but the last is
+    sealed. A missing file in the middle, two files covering the same records, a file from
+    another chain, a file continued though not sealed, or a sealed file renamed to another range
+    breaks the series; a series that starts after seq 0 (older sealed files deleted: retention)
+    does not, and the message says where it starts.
+
+    Raises like :func:`verify_audit_log`, and NotFound(AUDIT_LOG_NOT_FOUND) for no paths.
+    """
+    if not paths:
+        raise NotFound("no audit logs to verify", reason=Reason.AUDIT_LOG_NOT_FOUND)
+    verdicts = [(Path(path), verify_audit_log(path, public_key=public_key)) for path in paths]
+    # The earliest broken file in the chain's order (names sort 10-12 before 3-5).
+    for path, verdict in sorted(verdicts, key=lambda item: item[1].first_seq):
+        if not verdict.intact:
+            return SeriesVerification(
+                intact=False,
+                files=tuple(verdicts),
+                first_seq=verdict.first_seq,
+                end=verdict.first_seq + verdict.records,
+                problem=verdict.problem,
+                bad_file=path,
+                bad_record=verdict.bad_record,
+                message=verdict.message,
+            )
+    ordered = sorted(verdicts, key=lambda item: (item[1].first_seq, item[1].records))
+    first = ordered[0][1].first_seq
+    end = ordered[-1][1].first_seq + ordered[-1][1].records
+
+    def broken(problem: str, path: Path, message: str) -> SeriesVerification:
+        return SeriesVerification(
+            intact=False,
+            files=tuple(ordered),
+            first_seq=first,
+            end=end,
+            problem=problem,
+            bad_file=path,
+            message=message,
+        )
+
+    for (before_path, before), (path, verdict) in itertools.pairwise(ordered):
+        before_end = before.first_seq + before.records
+        between = f"{before_path.name} (seq ..{before_end - 1}) and {path.name}"
+        if verdict.first_seq > before_end:
+            return broken(
+                "SERIES_GAP",
+                path,
+                f"records seq {before_end}..{verdict.first_seq - 1} are missing between "
+                f"{between}: a file in the middle was deleted",
+            )
+        if verdict.first_seq < before_end:
+            return broken(
+                "SERIES_OVERLAP",
+                path,
+                f"{between} both hold records from seq {verdict.first_seq}: a file was copied "
+                "or substituted",
+            )
+        if verdict.anchor != before.last_hash:
+            return broken(
+                "SERIES_LINK_BROKEN",
+                path,
+                f"{path.name} does not continue {before_path.name}: a file of another chain "
+                "was substituted",
+            )
+        if not before.sealed:
+            return broken(
+                "SERIES_NOT_SEALED",
+                before_path,
+                f"{before_path.name} is not sealed, yet {path.name} continues it",
+            )
+    for path, verdict in ordered:
+        match = re.fullmatch(r".+\.([0-9]+)-([0-9]+)", path.name)
+        span = (verdict.first_seq, verdict.first_seq + verdict.records - 1)
+        if match is not None and (int(match[1]), int(match[2])) != span:
+            return broken(
+                "SERIES_NAME_MISMATCH",
+                path,
+                f"{path.name} holds seq {span[0]}..{span[1]}: its name was changed",
+            )
+    checked = all(verdict.signature_checked for _, verdict in ordered)
+    return SeriesVerification(
+        intact=True,
+        files=tuple(ordered),
+        first_seq=first,
+        end=end,
+        message=f"{len(ordered)} files, "
+        + (f"records seq {first}..{end - 1}" if end > first else "no records")
+        + ", chain intact across them"
+        + (f"; starts at seq {first} (earlier files deleted)" if first else "")
+        + ("; the last file is sealed (no active log among them)" if ordered[-1][1].sealed else "")
+        + ("; head signatures valid" if checked else "; head signatures NOT checked"),
+    )
