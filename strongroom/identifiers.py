@@ -11,6 +11,7 @@ and listings sort the same way in every backend.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from strongroom.errors import InvalidArgument
 from strongroom.reasons import Reason
@@ -88,6 +89,14 @@ def is_name_rule(rule: object) -> bool:
         return False
     name = rule[:-1] if rule.endswith("/") else rule
     return 0 < len(name) <= MAX_NAME_LENGTH and bool(_NAME.fullmatch(name))
+
+
+def name_rule_problem(rules: Iterable[object]) -> str | None:
+    """Why ``rules`` are not all model-name rules (naming the first that is not), else None."""
+    for rule in rules:
+        if not is_name_rule(rule):
+            return f"{rule!r} is not a model name, or a model name followed by '/' (everything under it)"
+    return None
 
 
 def name_rule_matches(rule: str, name: str) -> bool:

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 
 from strongroom.artifact import DEFAULT_DECRYPT_THREADS
 from strongroom.client.keypins import KeyPins
-from strongroom.identifiers import KEY_ID_PATTERN, is_name_rule, is_sha256_hex
+from strongroom.identifiers import KEY_ID_PATTERN, is_sha256_hex, name_rule_problem
 from strongroom.inference.oip import DEFAULT_MAX_TENSOR_BYTES, InferLimits
 from strongroom.runtime.config import ConfigError, EnvLocks, expected_server_id
 
@@ -48,12 +48,9 @@ class ModelKeys:
             raise ConfigError(f"inference.model_keys: {self.key_id!r} is not a key id")
         if not self.model_names:
             raise ConfigError(f"inference.model_keys: {self.key_id!r} lists no model_names")
-        bad = [n for n in self.model_names if not is_name_rule(n)]
-        if bad:
-            raise ConfigError(
-                f"inference.model_keys: {bad[0]!r} is not a model name, or a model name "
-                "followed by '/' (everything under it)"
-            )
+        problem = name_rule_problem(self.model_names)
+        if problem:
+            raise ConfigError(f"inference.model_keys: {problem}")
 
 
 DEFAULT_MAX_MODEL_BYTES = 64 * 1024**3

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import ClassVar, Literal
 
-from strongroom.identifiers import is_name_rule
+from strongroom.identifiers import name_rule_problem
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE
 from strongroom.modelstore.publishers import PublisherScopes
 from strongroom.runtime.config import ConfigError, EnvLocks
@@ -150,12 +150,9 @@ class PublisherScope:
             # An identity that may store nothing is one left out of the list (refused as
             # PUBLISHER_NOT_ALLOWED); an empty list here is more likely a mistake.
             raise ConfigError(f"modelstore.publishers: {self.spiffe_id!r} lists no model_names")
-        bad = [n for n in self.model_names if not is_name_rule(n)]
-        if bad:
-            raise ConfigError(
-                f"modelstore.publishers: {bad[0]!r} is not a model name, or a model name "
-                "followed by '/' (everything under it)"
-            )
+        problem = name_rule_problem(self.model_names)
+        if problem:
+            raise ConfigError(f"modelstore.publishers: {problem}")
 
 
 @dataclass(frozen=True)

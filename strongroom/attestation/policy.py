@@ -25,7 +25,7 @@ from strongroom.attestation.claims import VerifiedClaims
 from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
 from strongroom.attestation.evidence import TeeType
 from strongroom.attestation.rules import schema
-from strongroom.identifiers import is_name_rule, name_rule_matches
+from strongroom.identifiers import name_rule_matches, name_rule_problem
 from strongroom.reasons import Reason
 from strongroom.spiffe import is_workload_id
 
@@ -61,11 +61,9 @@ def _callers(value: Any) -> frozenset[str]:
 
 def _model_name_rule(entry: Any) -> str:
     """One ``model_names`` entry: a model name, or a name followed by ``/`` (everything under it)."""
-    if not is_name_rule(entry):
-        raise schema.invalid(
-            Reason.POLICY_BAD_VALUE,
-            f"{entry!r} is not a model name, or a model name followed by '/' (everything under it)",
-        )
+    problem = name_rule_problem([entry])
+    if problem:
+        raise schema.invalid(Reason.POLICY_BAD_VALUE, problem)
     return str(entry)
 
 

@@ -24,7 +24,12 @@ from strongroom.client.fetch import DecryptedModel, ModelFetcher
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.listing import iter_models
 from strongroom.client.multipart import PartFile, files_parts, onnx_parts, publish_parts
-from strongroom.client.publish import ONNX_CONTENT_TYPE, publish_model, upload_artifact
+from strongroom.client.publish import (
+    ONNX_CONTENT_TYPE,
+    Published,
+    publish_model,
+    upload_artifact,
+)
 from strongroom.errors import FailedPrecondition
 from strongroom.reasons import Reason
 
@@ -230,22 +235,7 @@ def _publish(args: argparse.Namespace) -> int:
         )
     if bar is not None:
         bar.done()
-    info = published.model
-    print(
-        json.dumps(
-            {
-                "name": info.name,
-                "version": info.version,
-                "artifact_sha256": info.artifact_sha256,
-                "artifact_size": info.artifact_size,
-                "key_id": info.key_id,
-                "key_version": info.key_version,
-                "header_sha256": published.header_sha256,
-                "seconds": round(published.seconds, 3),
-            },
-            indent=2,
-        )
-    )
+    _print_stored(published, seconds=round(published.seconds, 3))
     return 0
 
 
@@ -302,23 +292,22 @@ def _fetch(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
 def _upload(args: argparse.Namespace) -> int:
     with Client.from_args(args) as client:
         published = upload_artifact(args.artifact, store=client.channel("modelstore"))
-    info = published.model
-    print(
-        json.dumps(
-            {
-                "name": info.name,
-                "version": info.version,
-                "artifact_sha256": info.artifact_sha256,
-                "artifact_size": info.artifact_size,
-                "key_id": info.key_id,
-                "key_version": info.key_version,
-                "artifact_format": info.artifact_format,
-                "header_sha256": published.header_sha256,
-            },
-            indent=2,
-        )
-    )
+    _print_stored(published, artifact_format=published.model.artifact_format)
     return 0
+
+
+def _print_stored(published: Published, **extra: object) -> None:
+    """What the store recorded for a published artifact, and the digest readers pin it with."""
+    info = published.model
+    fields: dict[str, object] = {
+        "name": info.name,
+        "version": info.version,
+        "artifact_sha256": info.artifact_sha256,
+        "artifact_size": info.artifact_size,
+        "key_id": info.key_id,
+        "key_version": info.key_version,
+    }
+    print(json.dumps({**fields, **extra, "header_sha256": published.header_sha256}, indent=2))
 
 
 def artifact_format_column(artifact_format: int) -> str:

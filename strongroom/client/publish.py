@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 
@@ -72,13 +73,7 @@ def publish_model(
     started = time.perf_counter()
     # The file first: a publish that cannot read it asks the broker for no data key (each one is
     # a broker decision, audited) and signs nothing.
-    try:
-        source = path.open("rb")
-    except OSError as exc:
-        raise FailedPrecondition(
-            f"cannot read {path}: {exc.strerror}", reason=Reason.MODEL_FILE_UNREADABLE
-        ) from None
-    with source:
+    with _open_readable(path) as source:
         total = os.fstat(source.fileno()).st_size
         bundle = sign_model(path, signing_key) if signing_key is not None else b""
         generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
@@ -138,13 +133,7 @@ def upload_artifact(path: Path, *, store: grpc.Channel, timeout: float = 3600.0)
     end, so a file that changes during the upload is refused, not stored.
     """
     started = time.perf_counter()
-    try:
-        source = path.open("rb")
-    except OSError as exc:
-        raise FailedPrecondition(
-            f"cannot read {path}: {exc.strerror}", reason=Reason.MODEL_FILE_UNREADABLE
-        ) from None
-    with source:
+    with _open_readable(path) as source:
         summary = read_summary(source)
         source.seek(0)
         head = parse_header(source.read(summary.header_size))
@@ -264,3 +253,13 @@ def _check_answer(model: store_pb.ModelInfo, name: str, version: str, size: int)
             f"{version!r} ({size} bytes sent)",
             reason=Reason.STORE_ANSWER_MISMATCH,
         )
+
+
+def _open_readable(path: Path) -> BinaryIO:
+    """``path`` opened for reading; FailedPrecondition(MODEL_FILE_UNREADABLE) naming it if not."""
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"cannot read {path}: {exc.strerror}", reason=Reason.MODEL_FILE_UNREADABLE
+        ) from None
