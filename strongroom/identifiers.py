@@ -28,6 +28,9 @@ MODEL_VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 #: with a letter or digit, so it is also a file name (its policy) and a PKCS#11 label segment. The
 #: artifact format admits a wider grammar (other key managers' ids); this broker issues only these.
 KEY_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+#: A key broker's decision id (use with ``fullmatch``): what its audit records and release answers
+#: carry, 1-64 characters of ``[A-Za-z0-9._-]`` (a UUID, as the broker makes them).
+DECISION_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The highest key version a broker numbers (versions start at 1; a signed 32-bit field).
 MAX_KEY_VERSION = 2**31 - 1
 _NAME = MODEL_NAME_PATTERN

@@ -143,7 +143,7 @@ from strongroom import jsonparse
 from strongroom.closing import Closing
 from strongroom.cryptoparse import KEY_PARSE_ERRORS
 from strongroom.errors import DataLoss, InvalidArgument, StrongroomError
-from strongroom.identifiers import KEY_ID_PATTERN
+from strongroom.identifiers import DECISION_ID_PATTERN, KEY_ID_PATTERN
 from strongroom.keybroker.audit_head import (
     FILE_BYTES,
     GENESIS_HASH,
@@ -174,7 +174,6 @@ _MAX_CLAIMS_DEPTH = 16
 MAX_RECORD_BYTES = 64 * 1024
 _REASON_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _SERIAL_RE = re.compile(r"^[0-9a-f]{1,64}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
@@ -384,7 +383,7 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
     for name, pattern in (
         ("caller_cert_serial", _SERIAL_RE),
         ("evidence_sha256", HEX64_RE),
-        ("decision_id", _ID_RE),
+        ("decision_id", DECISION_ID_PATTERN),
         ("key_id", KEY_ID_PATTERN),
     ):
         value = getattr(event, name)

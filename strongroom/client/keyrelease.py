@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,6 +48,7 @@ from strongroom.attesters import Attester
 from strongroom.client.cancel import call_unary
 from strongroom.client.remote import peer_reason
 from strongroom.errors import DataLoss, FailedPrecondition
+from strongroom.identifiers import DECISION_ID_PATTERN
 from strongroom.oaep import OaepHash
 from strongroom.pki.channel import ChannelCredentials, CredentialSource, RotatingChannel
 from strongroom.reasons import Reason
@@ -66,7 +66,6 @@ RETRIED_REASONS = frozenset(
     {Reason.REPORT_DATA_MISMATCH, Reason.NONCE_INVALID, Reason.NONCE_EXPIRED}
 )
 #: A decision id as the broker's audit log writes them (it refuses any other).
-_DECISION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The longest policy version the policy schema admits (``strongroom.attestation.policy``'s
 #: MAX_POLICY_VERSION_LENGTH, not imported: that module brings pydantic and every TEE's rules
 #: into the release client and the CLI for one number; a test holds the two equal).
@@ -403,7 +402,7 @@ def _check_answer(response: pb.ReleaseKeyResponse) -> None:
     """Refuses a release answer whose decision id or policy version no broker writes (its audit
     log's ids; 1-256 printable characters, as the policy schema requires): they go into this
     server's log and LoadModel's answer, and from there to an operator's terminal."""
-    if not _DECISION_ID.fullmatch(response.decision_id):
+    if not DECISION_ID_PATTERN.fullmatch(response.decision_id):
         raise DataLoss(
             "the broker's release answer has a malformed decision id "
             f"({len(response.decision_id)} characters)",
