@@ -25,6 +25,10 @@ class PublisherScopes:
 
     rules: Mapping[str, tuple[str, ...]]
 
+    def covers(self, spiffe_id: str, name: str) -> bool:
+        """Whether ``spiffe_id`` is listed with a rule that covers model ``name``."""
+        return any(name_rule_matches(rule, name) for rule in self.rules.get(spiffe_id, ()))
+
     def check(self, spiffe_id: str, name: str) -> None:
         """Raises PermissionDenied unless ``spiffe_id`` may store model ``name``
         (``PUBLISHER_NOT_ALLOWED``: not listed; ``MODEL_NAME_NOT_ALLOWED``: listed, not for it)."""

@@ -68,7 +68,11 @@ def build(
                 "modelstore.publishers names identities without the publisher role: %s",
                 ", ".join(unroled),
             )
-    servicer = ModelStoreServicer(storage, publishers=config.publisher_scopes)
+    servicer = ModelStoreServicer(
+        storage,
+        publishers=config.publisher_scopes,
+        unscoped_readers=common.authz.ids("inference", "admin"),
+    )
     host = build_host(
         common,
         identity=identity,

@@ -17,13 +17,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
-from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError
+from strongroom.errors import InvalidArgument, PermissionDenied, ResourceExhausted, StrongroomError
 from strongroom.identifiers import (
     validate_name,
     validate_prefix,
     validate_sha256_hex,
     validate_version,
 )
+from strongroom.modelstore import _pagetoken
 from strongroom.modelstore._upload import Authorize
 from strongroom.modelstore.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.publishers import PublisherScopes
@@ -64,6 +65,10 @@ METHOD_ROLES: Mapping[str, str] = MappingProxyType(
 
 DEFAULT_MAX_CHUNK = 4 * 1024 * 1024
 """Largest ``data`` accepted in one PutModel message."""
+
+MAX_SKIPPED_PER_PAGE = 10 * MAX_PAGE_SIZE
+"""Models of other publishers one page of a scoped reader's listing skips at most (a publisher
+listing a store of other tenants' models makes the store read them, not send them)."""
 
 DEFAULT_DOWNLOAD_CHUNK = 512 * 1024
 """``data`` bytes per GetModel message.
@@ -128,7 +133,10 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
     Each upload is checked by a fresh keyless :class:`~strongroom.artifact.StructureValidator`
     bounded by the storage's size limit, so an over-large header fails before the body; ``max_chunk``
     bounds the data in one upload message; ``download_chunk`` is the data per download message.
-    ``publishers`` (None: any name) says which model names each publisher identity may upload.
+    ``publishers`` (None: any name) says which model names each publisher identity may upload,
+    and read: a caller whose reads are not scoped (``unscoped_readers``: inference servers and
+    admins) reads every model; any other reader (a publisher) only the names its rules cover, so
+    one tenant's publisher neither downloads, stats nor lists another tenant's models.
     """
 
     def __init__(
@@ -138,11 +146,13 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         max_chunk: int = DEFAULT_MAX_CHUNK,
         download_chunk: int = DEFAULT_DOWNLOAD_CHUNK,
         publishers: PublisherScopes | None = None,
+        unscoped_readers: frozenset[str] = frozenset(),
     ) -> None:
         if max_chunk <= 0 or download_chunk <= 0:
             raise ValueError("max_chunk and download_chunk must be positive")
         self._storage = storage
         self._publishers = publishers
+        self._unscoped_readers = unscoped_readers
         self._max_chunk = max_chunk
         self._download_chunk = download_chunk
 
@@ -215,6 +225,22 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
 
         return authorize
 
+    def _read_scope(self, context: grpc.ServicerContext) -> tuple[PublisherScopes, str] | None:
+        """The publisher rules and caller that limit what this caller reads; None: unlimited
+        (no ``publishers`` list, or an inference server or admin)."""
+        if self._publishers is None:
+            return None
+        caller = str(verified_caller(context).spiffe_id)
+        return None if caller in self._unscoped_readers else (self._publishers, caller)
+
+    def _check_read(self, context: grpc.ServicerContext, name: str) -> None:
+        """PermissionDenied unless this caller may read model ``name``: the same answer whether
+        or not the model exists, so another tenant's names cannot be probed."""
+        scope = self._read_scope(context)
+        if scope is not None:
+            scopes, caller = scope
+            scopes.check(caller, name)
+
     def GetModel(  # type: ignore[override]  # serialised messages: see add_to_server
         self, request: pb.GetModelRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
@@ -224,6 +250,7 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         is copied once, into the message, instead of into a protobuf object and out again.
         """
         name, version = validate_name(request.name), validate_version(request.version)
+        self._check_read(context, name)
         with self._storage.open(
             name, version, offset=request.offset, length=request.length or None
         ) as reader:
@@ -244,8 +271,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         self, request: pb.StatModelRequest, context: grpc.ServicerContext
     ) -> pb.StatModelResponse:
         """Describes one stored model."""
-        record = self._storage.stat(validate_name(request.name), validate_version(request.version))
-        return pb.StatModelResponse(model=model_info(record))
+        name, version = validate_name(request.name), validate_version(request.version)
+        self._check_read(context, name)
+        return pb.StatModelResponse(model=model_info(self._storage.stat(name, version)))
 
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
@@ -254,14 +282,51 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative", reason=Reason.INVALID_PAGE_SIZE)
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        page = self._storage.list(
-            prefix=validate_prefix(request.name_prefix),
-            page_size=page_size,
-            page_token=request.page_token,
-        )
-        return pb.ListModelsResponse(
-            models=[model_info(r) for r in page.models], next_page_token=page.next_page_token
-        )
+        prefix = validate_prefix(request.name_prefix)
+        scope = self._read_scope(context)
+        if scope is None:
+            page = self._storage.list(
+                prefix=prefix, page_size=page_size, page_token=request.page_token
+            )
+            return pb.ListModelsResponse(
+                models=[model_info(r) for r in page.models], next_page_token=page.next_page_token
+            )
+        models, token = self._scoped_page(prefix, page_size, request.page_token, *scope)
+        return pb.ListModelsResponse(models=[model_info(r) for r in models], next_page_token=token)
+
+    def _scoped_page(
+        self, prefix: str, page_size: int, token: str, scopes: PublisherScopes, caller: str
+    ) -> tuple[list[ModelRecord], str]:
+        """One page of the models ``caller`` may read, and the token after its last one.
+
+        A token names the last model returned, so it is made from the caller's own last model,
+        never from another tenant's it skipped; the next page skips those again. The skipping is
+        bounded (:data:`MAX_SKIPPED_PER_PAGE`): past it, with nothing to show, the caller is told
+        to narrow the listing to its own names rather than be handed a token naming another's.
+        """
+        models: list[ModelRecord] = []
+        skipped = 0
+        while True:
+            page = self._storage.list(prefix=prefix, page_size=MAX_PAGE_SIZE, page_token=token)
+            for record in page.models:
+                if scopes.covers(caller, record.name):
+                    models.append(record)
+                    if len(models) == page_size:
+                        return models, _pagetoken.encode(prefix, record.name, record.version)
+                    continue
+                skipped += 1
+                if skipped > MAX_SKIPPED_PER_PAGE:
+                    if models:
+                        last = models[-1]
+                        return models, _pagetoken.encode(prefix, last.name, last.version)
+                    raise ResourceExhausted(
+                        f"more than {MAX_SKIPPED_PER_PAGE} models of other publishers lie "
+                        "here; list with a name_prefix within your own model names",
+                        reason=Reason.LISTING_TOO_SPARSE,
+                    )
+            if not page.next_page_token:
+                return models, ""
+            token = page.next_page_token
 
     def DeleteModel(
         self, request: pb.DeleteModelRequest, context: grpc.ServicerContext

@@ -20,6 +20,8 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.errors import PermissionDenied
+from strongroom.modelstore import _pagetoken
+from strongroom.modelstore import service as service_module
 from strongroom.modelstore.config import ModelstoreConfig, PublisherScope
 from strongroom.modelstore.server import ModelStore, build
 from strongroom.pki import WorkloadIdentity
@@ -43,19 +45,26 @@ def stack(
 
 @pytest.fixture(scope="module")
 def store(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelStore]:
-    """The store as ``strongroom serve modelstore`` builds it: two identities with the publisher
-    role, one of them listed for ``team-a/`` and ``shared/m``."""
+    """The store as ``strongroom serve modelstore`` builds it: three identities with the
+    publisher role, one listed for ``team-a/`` and ``shared/m``, one for ``team-b/``, one not."""
     identity, common = enrolled_svc(stack)
     common = dataclasses.replace(
         common,
         authz=AuthzConfig(
-            publisher=(stack.spiffe_id("publisher"), stack.spiffe_id("publisher-b")),
+            publisher=(
+                stack.spiffe_id("publisher"),
+                stack.spiffe_id("publisher-b"),
+                stack.spiffe_id("publisher-c"),
+            ),
             admin=(stack.spiffe_id("admin"),),
         ),
     )
     config = ModelstoreConfig(
         data_dir=tmp_path_factory.mktemp("store"),
-        publishers=(PublisherScope(stack.spiffe_id("publisher"), ("team-a/", "shared/m")),),
+        publishers=(
+            PublisherScope(stack.spiffe_id("publisher"), ("team-a/", "shared/m")),
+            PublisherScope(stack.spiffe_id("publisher-c"), ("team-b/",)),
+        ),
     )
     running = build(common, config, identity=identity)
     running.host.start()
@@ -152,3 +161,90 @@ def test_without_a_publishers_list_any_name_and_with_an_empty_one_none() -> None
     assert scopes is not None
     with pytest.raises(PermissionDenied):
         scopes.check("spiffe://t.test/p", "m")
+
+
+def _list_all(caller: WorkloadIdentity, store: ModelStore, page_size: int) -> list[str]:
+    """Every name a caller's listing shows, page by page; each page token must name a model the
+    caller was shown (a token is readable: it would leak the name it carries)."""
+    names: list[str] = []
+    token = ""
+    with caller.channel(f"localhost:{store.host.port}") as channel:
+        stub = pb_grpc.ModelStoreServiceStub(channel)
+        while True:
+            page = stub.ListModels(
+                pb.ListModelsRequest(page_size=page_size, page_token=token), timeout=30
+            )
+            names += [m.name for m in page.models]
+            token = page.next_page_token
+            if not token:
+                return names
+            assert _pagetoken.decode(token, "")[0] in names
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 1000])
+def test_a_scoped_publisher_lists_only_the_names_its_rules_cover(
+    stack: DevStack, store: ModelStore, page_size: int
+) -> None:
+    """One tenant's publisher listed every other tenant's models (names, versions, sizes, key
+    ids): a listing shows a scoped reader only its own, its tokens name only those, and
+    inference servers and admins still see everything."""
+    other_tenant = stack.foreign_identity(stack.spiffe_id("publisher-c"))
+    stored = {m.name for m in store.storage.records()}
+    for caller, name in [
+        (other_tenant, "team-b/a"),
+        (stack.identity("publisher"), "team-a/listed"),
+        (other_tenant, "team-b/z"),
+        (stack.identity("publisher"), "shared/m"),
+    ]:
+        if name not in stored:
+            put(stack, store, caller, name)
+    everything = {m.name for m in store.storage.records()}
+    listed = _list_all(stack.identity("publisher"), store, page_size)
+    assert {"team-a/listed", "shared/m"} <= set(listed)
+    assert all(n.startswith("team-a/") or n == "shared/m" for n in listed)
+    assert set(_list_all(other_tenant, store, page_size)) == {
+        n for n in everything if n.startswith("team-b/")
+    }
+    unlisted = stack.foreign_identity(stack.spiffe_id("publisher-b"))
+    assert _list_all(unlisted, store, page_size) == []
+    assert set(_list_all(stack.identity("admin"), store, page_size)) == everything
+
+
+@pytest.mark.parametrize("name", ["team-b/a", "team-b/never-stored"])
+def test_a_scoped_publisher_cannot_stat_or_download_another_tenants_model(
+    stack: DevStack, store: ModelStore, name: str
+) -> None:
+    """The same refusal whether or not the model exists: another tenant's names cannot be
+    probed."""
+    if name == "team-b/a" and all(m.name != name for m in store.storage.records()):
+        put(stack, store, stack.foreign_identity(stack.spiffe_id("publisher-c")), name)
+    with stack.identity("publisher").channel(f"localhost:{store.host.port}") as channel:
+        stub = pb_grpc.ModelStoreServiceStub(channel)
+        for call in (
+            lambda: stub.StatModel(pb.StatModelRequest(name=name, version="1"), timeout=30),
+            lambda: list(stub.GetModel(pb.GetModelRequest(name=name, version="1"), timeout=30)),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+            assert peer_reason(info.value) == "MODEL_NAME_NOT_ALLOWED"
+
+
+def test_a_listing_of_mostly_other_tenants_stops_instead_of_naming_them(
+    stack: DevStack, store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Skipping other tenants' models is bounded; with none of its own in reach the caller is
+    told to narrow the listing (a token would have to name a model it may not see)."""
+    other_tenant = stack.foreign_identity(stack.spiffe_id("publisher-c"))
+    for name in ("team-b/s1", "team-b/s2", "team-b/s3"):
+        if all(m.name != name for m in store.storage.records()):
+            put(stack, store, other_tenant, name)
+    monkeypatch.setattr(service_module, "MAX_SKIPPED_PER_PAGE", 2)
+    with stack.identity("publisher").channel(f"localhost:{store.host.port}") as channel:
+        stub = pb_grpc.ModelStoreServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListModels(pb.ListModelsRequest(name_prefix="team-b/"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert peer_reason(info.value) == "LISTING_TOO_SPARSE"
+        own = stub.ListModels(pb.ListModelsRequest(name_prefix="team-a/"), timeout=30)
+        assert all(m.name.startswith("team-a/") for m in own.models)
