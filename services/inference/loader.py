@@ -79,10 +79,17 @@ log = logging.getLogger(__name__)
 #: How long LoadModel keeps retrying a load that failed with UNAVAILABLE (seconds).
 LOAD_RETRY_SECONDS = 30.0
 
-BUSY_REFUSALS = frozenset({Reason.TOO_MANY_UNARY_CALLS_PER_IDENTITY})
+BUSY_REFUSALS = frozenset(
+    {
+        Reason.TOO_MANY_UNARY_CALLS_PER_IDENTITY,
+        Reason.TOO_MANY_STREAMS_PER_IDENTITY,
+        Reason.TOO_MANY_STREAMS,
+    }
+)
 """RESOURCE_EXHAUSTED refusals that say "retry later" rather than "too large": the key broker had
-as many calls of this identity running as it admits (every replica of the inference service shares
-its SPIFFE ID, so a fleet's releases at once while collateral or the HSM is slow can reach it)."""
+as many calls of this identity running as it admits, or the store as many of its streams (or
+blocking streams in all). Every replica of the inference service shares its SPIFFE ID, so a fleet's
+releases at once while collateral or the HSM is slow, or its downloads at once, reach them."""
 
 
 def transient(exc: BaseException) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
@@ -235,3 +238,61 @@ def test_a_load_refused_while_the_broker_is_busy_with_its_identity_is_retried(
         stack.services.pop("inference").stop()
         stack.services.pop("keybroker").stop()
         stack.start_in_process("keybroker")  # as the module's other tests expect it
+
+
+def test_a_load_refused_while_the_store_streams_to_its_identity_is_retried(
+    stack: DevStack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store admits server.max_streams_per_identity streams per SPIFFE ID, and every
+    inference replica has the one inference ID: a fleet downloading at once (or one replica's
+    multi-part load) meets RESOURCE_EXHAUSTED TOO_MANY_STREAMS_PER_IDENTITY, "retry later", and
+    the load failed for good as if the artifact were refused. It is retried now."""
+    stack.create_release_key(stack.identity("admin"), "streams", policy_version="1")
+    publisher = stack.identity("publisher")
+    model = train(tmp_path / "m.onnx").path
+    # Large enough that its download waits on flow control and holds its stream open.
+    large = tmp_path / "large.bin"
+    large.write_bytes(os.urandom(32 * 1024 * 1024))
+    for name, path in (("held", large), ("wanted", model)):
+        publish_model(
+            path,
+            name=name,
+            version="1",
+            key_id="streams",
+            broker=stack.channel(publisher, "keybroker"),
+            store=stack.channel(publisher, "modelstore"),
+        )
+    for service in ("modelstore", "inference"):
+        earlier = stack.services.pop(service, None)
+        if earlier is not None:
+            earlier.stop()
+    stack.start_in_process("modelstore", server={"max_streams_per_identity": 1})
+    inference = stack.start_in_process("inference").handle
+    held_channel = stack.channel(stack.identity("inference"), "modelstore")
+    download = pb_grpc.ModelStoreServiceStub(held_channel).GetModel(
+        pb.GetModelRequest(name="held", version="1"), timeout=60
+    )
+    try:
+        next(download)  # the stream is open, and counts against the inference identity
+        backed_off: list[float] = []
+
+        def back_off(seconds: float) -> None:
+            backed_off.append(seconds)
+            download.cancel()  # the other download ends: the identity has a stream again
+
+        with caplog.at_level(logging.WARNING, logger="strongroom.inference.loader"):
+            inference.loader.load_with_retry("wanted", "1", within=60, sleep=back_off)
+        retried = [
+            getattr(r, "reason", None)
+            for r in caplog.records
+            if r.name == "strongroom.inference.loader" and "retrying" in r.message
+        ]
+        assert retried and set(retried) == {"TOO_MANY_STREAMS_PER_IDENTITY"}
+        assert inference.repository.is_ready("wanted", "1")
+    finally:
+        download.cancel()
+        held_channel.close()
+        for service in ("inference", "modelstore"):
+            stack.services.pop(service).stop()
+        stack.start_in_process("modelstore")  # as the module's other tests expect them
+        stack.start_in_process("inference")
