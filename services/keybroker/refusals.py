@@ -5,8 +5,10 @@ identity without the role asking for a key) is still an fsync'd audit record: un
 certified caller could grow the log until ``audit_max_bytes`` refused every decision, key
 releases included, with ``AUDIT_LOG_FULL``. So each caller has :data:`REFUSAL_BURST` records at
 once, then :data:`REFUSAL_RATE` a second; past that its refusals of that kind are counted, and one
-record per :data:`LIMITED_RECORD_SECONDS` says how many went unrecorded since the last. The log
-still accounts for every refusal, by number where not one by one.
+record per :data:`LIMITED_RECORD_SECONDS` says how many went unrecorded since the last; so does the
+caller's next refusal recorded on its own (once its budget refilled), so that a caller slowing down
+below the rate does not leave its count unwritten for ever. The log still accounts for every
+refusal, by number where not one by one (save those of a caller never refused again).
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ class RefusalRecords:
     def spend(self, caller: str) -> bool:
         """Counts one refusal recorded on its own; False (nothing counted) past the budget."""
         return self._buckets.take(caller)
+
+    def take_unrecorded(self, caller: str) -> int | None:
+        """For a refusal recorded on its own: how many of ``caller``'s refusals went unrecorded
+        since its last counting record (this record carries them), or None when none did."""
+        with self._lock:
+            entry = self._limited.get(caller)
+            if entry is None or entry[1] == 0:
+                return None
+            # The next counting record stays due when it was: only the count moves to this one.
+            self._limited[caller] = (entry[0], 0)
+            return entry[1]
 
     def unrecorded_if_due(self, caller: str, reason: str) -> int | None:
         """For a refusal past the budget: how many went unrecorded before it when a counting
