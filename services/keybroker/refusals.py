@@ -68,9 +68,13 @@ class RefusalRecords:
             due = entry is None or now - entry[0] >= LIMITED_RECORD_SECONDS
             unrecorded = 0 if entry is None else entry[1]
             self._limited[caller] = (now, 0) if due or entry is None else (entry[0], unrecorded + 1)
-            if len(self._limited) > _MAX_LIMITED:  # callers no longer limited are forgotten
+            if len(self._limited) > _MAX_LIMITED:
+                # Callers no longer limited are forgotten, but not a count not yet recorded:
+                # dropping it would leave those refusals out of the log.
                 cutoff = now - LIMITED_RECORD_SECONDS
-                self._limited = {k: v for k, v in self._limited.items() if v[0] > cutoff}
+                self._limited = {
+                    k: v for k, v in self._limited.items() if v[0] > cutoff or v[1] > 0
+                }
         if not due:
             return None
         _log.warning(
