@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from strongroom.cli import audit as audit_cli
 from strongroom.errors import DataLoss
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker import audit_verify
@@ -530,3 +531,34 @@ def test_the_cli_verifies_a_directory_or_several_paths(
     assert _run("audit", "verify", *paths) == 2
     err = capsys.readouterr().err
     assert "SERIES_GAP" in err and "audit.log.6-8" in err
+
+
+def test_the_cli_checks_a_directory_again_when_a_rotation_came_between_listing_and_check(
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`kill -HUP` then `audit verify DIR` races the broker's rotation (it runs in a thread of
+    its own): listed before it, the active log was under a sealed name the listing lacked when
+    checked, reported SERIES_GAP (a file deleted from the middle: tampering) for an intact log."""
+    listing = audit_verify.audit_files
+    log = AuditLog.open(log_path, key)
+    try:
+        fill(log, 3)
+        log.rotate()
+        fill(log, 2)
+
+        def listed_then_rotated(directory: Path | str) -> list[Path]:
+            found = listing(directory)
+            if log.count == 5:
+                log.rotate()  # right after the listing, as a broker's SIGHUP thread may
+                log.append(event(5))
+            return found
+
+        monkeypatch.setattr(audit_verify, "audit_files", listed_then_rotated)
+        monkeypatch.setattr(audit_cli, "audit_files", listed_then_rotated, raising=False)
+        assert _run("audit", "verify", str(log_path.parent)) == 0, capsys.readouterr().err
+        assert "seq 0..5" in capsys.readouterr().out
+    finally:
+        log.close()
