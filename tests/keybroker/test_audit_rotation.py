@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -133,6 +134,35 @@ def test_sighup_rotates_the_brokers_audit_log(log_path: Path, key: Ed25519Privat
         signal.signal(signal.SIGHUP, previous)
     series = _series(log_path, key)
     assert series.intact and [p.name for p, _ in series.files] == ["audit.log.0-1", "audit.log"]
+
+
+def test_a_sighup_storm_makes_at_most_two_rotation_threads(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """Each SIGHUP started a thread of its own, which waited for the audit's lock: a storm of
+    them while a commit was stuck on a slow disk piled up threads until the process could start
+    no more (and the handler's error then surfaced in the main thread). Signals while a rotation
+    has not started yet are now one request; the one under way and one after it remain."""
+    previous = signal.getsignal(signal.SIGHUP)
+
+    def rotating() -> int:
+        return sum(t.name == "audit-rotate" for t in threading.enumerate())
+
+    try:
+        with AuditLog.open(log_path, key) as log:
+            fill(log, 2)
+            rotate_audit_on_sighup(log)
+            with log._lock:  # a commit stuck on the disk
+                for _ in range(20):
+                    os.kill(os.getpid(), signal.SIGHUP)
+                _wait_until(lambda: rotating() >= 2, "the rotation threads")
+                assert rotating() == 2
+            _wait_until(lambda: rotating() == 0, "the rotations")
+            assert log.first_seq == 2  # sealed once; the second found nothing new to seal
+            assert log.append(event(2)).seq == 2
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert _series(log_path, key).intact
 
 
 def test_sealed_files_of_an_operators_rotation_count_against_the_cap_too(
