@@ -165,6 +165,40 @@ def test_a_sighup_storm_makes_at_most_two_rotation_threads(
     assert _series(log_path, key).intact
 
 
+def test_a_process_sharing_the_log_follows_rotations_whose_sealed_file_was_shipped(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """A process sharing the log that was idle across another's rotation finds the file it
+    writes under its sealed name; once retention had shipped and deleted that file (and its
+    head) it found it nowhere and latched tampering (AUDIT_LOG_TAMPERED: every decision refused
+    until a restart). It now follows the chain from the file's end, which the next file must
+    continue; an active log deleted under it is still tampering."""
+    first = AuditLog.open(log_path, key)
+    second = AuditLog.open(log_path, key)
+    try:
+        fill(first, 3)
+        assert second.append(event(3)).seq == 3  # then idle
+        first.rotate()
+        fill(first, 2)
+        first.rotate()
+        assert first.append(event(6)).seq == 6
+        for name in ("audit.log.0-3", "audit.log.0-3.head"):  # shipped
+            (log_path.parent / name).unlink()
+        assert second.append(event(7)).seq == 7
+        assert first.append(event(8)).seq == 8
+        series = _series(log_path, key)
+        assert series.intact and (series.first_seq, series.end) == (4, 9), series.message
+        # The active log and its head deleted under both: nothing continues it.
+        log_path.unlink()
+        head_path(log_path).unlink()
+        with pytest.raises(DataLoss) as info:
+            second.append(event(9))
+        assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    finally:
+        first.close()
+        second.close()
+
+
 def test_sealed_files_of_an_operators_rotation_count_against_the_cap_too(
     log_path: Path, key: Ed25519PrivateKey
 ) -> None:
