@@ -96,8 +96,9 @@ memory: a crash, a failed step or a restart at any point is finished by the next
 (a sealed head at the log's path: steps 2-4; the log's own file found under its sealed name with
 a sealed head: 3-4; no log, or an empty one, without a head beside sealed logs: 4, from the latest
 sealed log after checking its sealed head and last record), and another process sharing the log
-follows the rotation (through every sealed file since its own). A sealed log missing, altered or
-without its head is tampering. With a size cap, sealed files count against it until deleted;
+follows the rotation (through every sealed file since its own; if its own was shipped and deleted
+meanwhile, from that file's end, which the next file must continue). A sealed log missing,
+altered or without its head is tampering. With a size cap, sealed files count against it until deleted;
 without rotation the cap means what it did.
 
 **Concurrency.** Within a process, one caller at a time commits (others queue, as above); across
@@ -1051,7 +1052,7 @@ class AuditLog(Closing):
             if self._at_path(opened):
                 self._stale = True  # the log at the path (a new one): resync starts its chain
                 return
-            sealed = self._sealed_head_of(opened)
+            sealed = self._sealed_head_of(opened) or self._shipped_end(opened)
             if sealed is None:
                 return  # not a rotation: _check_same_file reports it
             if self._has_chain:
@@ -1182,6 +1183,38 @@ class AuditLog(Closing):
                     return None
                 return self._sealed_head(name)
         return None
+
+    def _shipped_end(self, opened: os.stat_result) -> Head | None:
+        """Where the file this process writes through ``self._fd`` (``opened``) ends, when another
+        process sharing the log sealed it and it was then shipped and deleted, head and all,
+        before this one followed; None when that is not the case.
+
+        Only when the file was deleted (not renamed: that is a sealed log, or tampering) and a
+        file continues it exactly: a sealed log, or the log at the path, whose head starts at its
+        end (the chain's link itself is checked by the walk, or by the resync that follows). Only
+        the broker's rotation of this very file makes such a head, so a deleted active log stays
+        tampering; without this, a process idle across a rotation whose sealed file was shipped
+        and deleted in the meantime (retention, as ``audit verify`` calls it) latched tampering.
+        """
+        if not self._has_chain or opened.st_nlink != 0:
+            return None
+        end, tail = self._checked(_read_tail, self._fd, opened.st_size, 1)
+        if not tail or end != opened.st_size:
+            return None  # a sealed log holds whole records only
+        last = self._checked(_tail_record, tail[-1][1])
+        shipped = Head(last["seq"] + 1, last["hash"], self._base)
+        if not any(
+            base == shipped.count for base, _, _ in _sealed_logs(self._dir_fd, self._path.name)
+        ):
+            at_path = self._checked(_read_head, self._head)
+            if at_path is None or at_path.sealed or at_path.head.base != shipped.count:
+                return None
+        _log.info(
+            "following the audit log's rotation: the sealed log this process last wrote "
+            "(seq ..%d) was shipped and deleted",
+            shipped.count - 1,
+        )
+        return shipped
 
     def _sealed_head(self, name: str) -> Head:
         """The head of the sealed log ``name``: signed by this broker and sealed, or tampering."""

@@ -144,10 +144,15 @@ def verify_audit_log(
 
 
 def _waited_for_rotation(path: Path) -> bool:
-    """Waits until no rotation holds the directory of ``path`` (a shared ``flock``, held by
-    nothing else: nothing waits for it in turn); False if it cannot be locked."""
+    """Waits until no rotation holds the directory of ``path``; False if it cannot be locked."""
+    return _waited_for_directory(path.parent)
+
+
+def _waited_for_directory(directory: Path) -> bool:
+    """Waits until no rotation holds ``directory`` (a shared ``flock``, held by nothing else:
+    nothing waits for it in turn); False if it cannot be locked."""
     try:
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
@@ -363,6 +368,53 @@ def audit_files(directory: Path | str) -> list[Path]:
         elif name + ".head" in names or re.fullmatch(r".+\.[0-9]+-[0-9]+", name):
             found.add(name)
     return [directory / name for name in sorted(found)]
+
+
+_RELISTINGS = 3
+"""How many times a broken series of listed directories is listed and checked again (each after
+the rotation under way, if any, has ended) while the listing keeps changing."""
+
+
+def verify_audit_paths(
+    paths: list[Path], *, public_key: Ed25519PublicKey | None = None
+) -> SeriesVerification:
+    """Verifies the logs at ``paths`` (a directory stands for :func:`audit_files` in it) as one
+    series (:func:`verify_audit_series`).
+
+    A directory is listed before its files are checked, and a running broker may rotate in
+    between (SIGHUP's rotation runs in a thread of its own, so ``kill -HUP`` then ``audit verify``
+    races it): its active log is then under a sealed name the listing lacks, which read as a file
+    deleted from the middle of the chain. So a broken series of listed directories is checked
+    again, once any rotation under way has ended, if listing them again finds other files.
+
+    Raises NotFound(AUDIT_LOG_NOT_FOUND) when the directories hold no log, and like
+    :func:`verify_audit_log`.
+    """
+    directories = [path for path in paths if path.is_dir()]
+
+    def listed() -> list[Path]:
+        files: list[Path] = []
+        for path in paths:
+            files.extend(audit_files(path) if path in directories else [path])
+        return files
+
+    files = listed()
+    if not files:
+        raise NotFound(
+            f"no audit logs in {', '.join(map(str, paths))}", reason=Reason.AUDIT_LOG_NOT_FOUND
+        )
+    result = verify_audit_series(files, public_key=public_key)
+    for _ in range(_RELISTINGS):
+        if result.intact or not directories:
+            break
+        for directory in directories:
+            _waited_for_directory(directory)
+        again = listed()
+        if again == files:
+            break
+        files = again
+        result = verify_audit_series(files, public_key=public_key)
+    return result
 
 
 def verify_audit_series(

@@ -64,6 +64,12 @@ class _RefusalBudget:
         """Counts one recorded refusal of ``caller``."""
         self._records.spend(caller.spiffe_id)
 
+    def with_unrecorded(self, caller: Caller, claims: Mapping[str, object]) -> dict[str, object]:
+        """``claims`` for a refusal of ``caller`` recorded on its own, with the count of those
+        that went unrecorded since its last counting record, if any (they go on this one)."""
+        pending = self._records.take_unrecorded(caller.spiffe_id)
+        return dict(claims) if pending is None else {**claims, "refusals_unrecorded": pending}
+
     def over(self, caller: Caller) -> tuple[ResourceExhausted, int | None] | None:
         """None while ``caller`` may still be refused on the record; else the refusal to raise
         and, when it is due to be recorded, how many went unrecorded since the last record."""
@@ -316,7 +322,13 @@ class KeyService:
                 refusal = exc
         if _callers_fault(refusal):
             self._data_key_refusals.spend(caller)
-        self._refused_on_record(caller, "generate_data_key", key_id, refusal, claims)
+        self._refused_on_record(
+            caller,
+            "generate_data_key",
+            key_id,
+            refusal,
+            self._data_key_refusals.with_unrecorded(caller, claims),
+        )
         raise refusal
 
     def rewrap(self, caller: Caller, key_id: str, version: int, wrapped: bytes) -> Rewrapped:
@@ -355,7 +367,7 @@ class KeyService:
                 recorded,
                 reason=exc.reason,
                 decision=Decision.DENIED,
-                claims={"from_key_version": version},
+                claims=self._rewrap_refusals.with_unrecorded(caller, {"from_key_version": version}),
             )
             # Only a key known to exist is a label: any number of made-up ids would push the real
             # keys' series into the SDK's overflow bucket. Not "any reason but KEY_NOT_FOUND": a

@@ -5,8 +5,10 @@ identity without the role asking for a key) is still an fsync'd audit record: un
 certified caller could grow the log until ``audit_max_bytes`` refused every decision, key
 releases included, with ``AUDIT_LOG_FULL``. So each caller has :data:`REFUSAL_BURST` records at
 once, then :data:`REFUSAL_RATE` a second; past that its refusals of that kind are counted, and one
-record per :data:`LIMITED_RECORD_SECONDS` says how many went unrecorded since the last. The log
-still accounts for every refusal, by number where not one by one.
+record per :data:`LIMITED_RECORD_SECONDS` says how many went unrecorded since the last; so does the
+caller's next refusal recorded on its own (once its budget refilled), so that a caller slowing down
+below the rate does not leave its count unwritten for ever. The log still accounts for every
+refusal, by number where not one by one (save those of a caller never refused again).
 """
 
 from __future__ import annotations
@@ -46,6 +48,17 @@ class RefusalRecords:
         """Counts one refusal recorded on its own; False (nothing counted) past the budget."""
         return self._buckets.take(caller)
 
+    def take_unrecorded(self, caller: str) -> int | None:
+        """For a refusal recorded on its own: how many of ``caller``'s refusals went unrecorded
+        since its last counting record (this record carries them), or None when none did."""
+        with self._lock:
+            entry = self._limited.get(caller)
+            if entry is None or entry[1] == 0:
+                return None
+            # The next counting record stays due when it was: only the count moves to this one.
+            self._limited[caller] = (entry[0], 0)
+            return entry[1]
+
     def unrecorded_if_due(self, caller: str, reason: str) -> int | None:
         """For a refusal past the budget: how many went unrecorded before it when a counting
         record is due now (the caller records it), else None (it is counted for the next)."""
@@ -55,9 +68,13 @@ class RefusalRecords:
             due = entry is None or now - entry[0] >= LIMITED_RECORD_SECONDS
             unrecorded = 0 if entry is None else entry[1]
             self._limited[caller] = (now, 0) if due or entry is None else (entry[0], unrecorded + 1)
-            if len(self._limited) > _MAX_LIMITED:  # callers no longer limited are forgotten
+            if len(self._limited) > _MAX_LIMITED:
+                # Callers no longer limited are forgotten, but not a count not yet recorded:
+                # dropping it would leave those refusals out of the log.
                 cutoff = now - LIMITED_RECORD_SECONDS
-                self._limited = {k: v for k, v in self._limited.items() if v[0] > cutoff}
+                self._limited = {
+                    k: v for k, v in self._limited.items() if v[0] > cutoff or v[1] > 0
+                }
         if not due:
             return None
         _log.warning(

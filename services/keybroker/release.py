@@ -178,6 +178,10 @@ class ReleaseEngine:
             context["caller_cert_serial"] = f"{caller.serial:x}"
         who = caller.spiffe_id if caller is not None else UNVERIFIED
         if self._unread_refusals.spend(who):
+            # Refusals counted while the caller was over its budget go on its next record.
+            pending = self._unread_refusals.take_unrecorded(who)
+            if pending is not None:
+                context["claims"] = {"refusals_unrecorded": pending}
             self._audit_denial(exc, context)
             return
         unrecorded = self._unread_refusals.unrecorded_if_due(who, exc.reason)

@@ -258,17 +258,39 @@ def rotate_audit_on_sighup(audit: AuditLog) -> None:
 
     The rotation runs in a thread of its own: a signal handler runs in the main thread between two
     bytecodes, where waiting for the audit's commit lock could deadlock with the code it
-    interrupted. Call from the main thread (``signal.signal`` requires it)."""
+    interrupted. Signals that come while a rotation is still waiting to start are one request:
+    every SIGHUP is followed by a rotation that starts after it, and a storm of them (while a
+    commit or a rotation is stuck on a slow disk) makes at most two threads, not one each until
+    the process can start no more. Call from the main thread (``signal.signal`` requires it)."""
+    # Held from a request until its thread starts rotating: taken without blocking by the handler
+    # (it must never wait), released by the thread once the rotation before it has ended.
+    pending = threading.Lock()
+    running = threading.Lock()
 
     def on_hup(_signum: int, _frame: object) -> None:
-        threading.Thread(
-            target=_rotate_audit, args=(audit,), name="audit-rotate", daemon=True
-        ).start()
+        if not pending.acquire(blocking=False):
+            return  # a rotation that has not started yet will seal what this signal asks for
+        try:
+            threading.Thread(
+                target=_rotate_audit,
+                args=(audit, pending, running),
+                name="audit-rotate",
+                daemon=True,
+            ).start()
+        except RuntimeError as exc:  # no thread to be had: the next SIGHUP may try again
+            pending.release()
+            log.error("audit log rotation (SIGHUP) could not start: %s", exc)
 
     signal.signal(signal.SIGHUP, on_hup)
 
 
-def _rotate_audit(audit: AuditLog) -> None:
+def _rotate_audit(audit: AuditLog, pending: threading.Lock, running: threading.Lock) -> None:
+    with running:
+        pending.release()  # a signal from now on needs another rotation after this one
+        _rotate_audit_now(audit)
+
+
+def _rotate_audit_now(audit: AuditLog) -> None:
     try:
         sealed = audit.rotate()
     except StrongroomError as exc:

@@ -12,7 +12,9 @@ Exit status 0 when intact (a one-line summary on stdout), 2 when not (the first 
 and the problem on stderr). Each is one line, non-printable characters shown escaped. Without
 ``--public-key`` the chain and the head's count are checked but not the head's signature, and the
 summary says so. A running broker's log can be checked in place: the check covers the log as it
-stood between two commits.
+stood between two commits, and a directory whose series does not verify is listed and checked
+again once a rotation under way has ended (one may come between the listing and the check:
+SIGHUP's runs in a thread of its own).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 from strongroom.cli._text import printable
 from strongroom.errors import NotFound
 from strongroom.keybroker.audit import load_public_key
-from strongroom.keybroker.audit_verify import audit_files, verify_audit_log, verify_audit_series
+from strongroom.keybroker.audit_verify import verify_audit_log, verify_audit_paths
 from strongroom.reasons import Reason
 
 EXIT_TAMPERED = 2
@@ -84,14 +86,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _verify_series(paths: list[Path], key: Any) -> int:
-    files: list[Path] = []
-    for path in paths:
-        files.extend(audit_files(path) if path.is_dir() else [path])
-    if not files:
-        raise NotFound(
-            f"no audit logs in {', '.join(map(str, paths))}", reason=Reason.AUDIT_LOG_NOT_FOUND
-        )
-    result = verify_audit_series(files, public_key=key)
+    result = verify_audit_paths(paths, public_key=key)
     if result.intact:
         last = result.files[-1][1].last_hash
         print(printable(f"intact: {result.message}; last hash {last}"))

@@ -16,12 +16,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from strongroom.cli import audit as audit_cli
 from strongroom.errors import DataLoss
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker import audit_verify
@@ -132,6 +134,69 @@ def test_sighup_rotates_the_brokers_audit_log(log_path: Path, key: Ed25519Privat
         signal.signal(signal.SIGHUP, previous)
     series = _series(log_path, key)
     assert series.intact and [p.name for p, _ in series.files] == ["audit.log.0-1", "audit.log"]
+
+
+def test_a_sighup_storm_makes_at_most_two_rotation_threads(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """Each SIGHUP started a thread of its own, which waited for the audit's lock: a storm of
+    them while a commit was stuck on a slow disk piled up threads until the process could start
+    no more (and the handler's error then surfaced in the main thread). Signals while a rotation
+    has not started yet are now one request; the one under way and one after it remain."""
+    previous = signal.getsignal(signal.SIGHUP)
+
+    def rotating() -> int:
+        return sum(t.name == "audit-rotate" for t in threading.enumerate())
+
+    try:
+        with AuditLog.open(log_path, key) as log:
+            fill(log, 2)
+            rotate_audit_on_sighup(log)
+            with log._lock:  # a commit stuck on the disk
+                for _ in range(20):
+                    os.kill(os.getpid(), signal.SIGHUP)
+                _wait_until(lambda: rotating() >= 2, "the rotation threads")
+                assert rotating() == 2
+            _wait_until(lambda: rotating() == 0, "the rotations")
+            assert log.first_seq == 2  # sealed once; the second found nothing new to seal
+            assert log.append(event(2)).seq == 2
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert _series(log_path, key).intact
+
+
+def test_a_process_sharing_the_log_follows_rotations_whose_sealed_file_was_shipped(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """A process sharing the log that was idle across another's rotation finds the file it
+    writes under its sealed name; once retention had shipped and deleted that file (and its
+    head) it found it nowhere and latched tampering (AUDIT_LOG_TAMPERED: every decision refused
+    until a restart). It now follows the chain from the file's end, which the next file must
+    continue; an active log deleted under it is still tampering."""
+    first = AuditLog.open(log_path, key)
+    second = AuditLog.open(log_path, key)
+    try:
+        fill(first, 3)
+        assert second.append(event(3)).seq == 3  # then idle
+        first.rotate()
+        fill(first, 2)
+        first.rotate()
+        assert first.append(event(6)).seq == 6
+        for name in ("audit.log.0-3", "audit.log.0-3.head"):  # shipped
+            (log_path.parent / name).unlink()
+        assert second.append(event(7)).seq == 7
+        assert first.append(event(8)).seq == 8
+        series = _series(log_path, key)
+        assert series.intact and (series.first_seq, series.end) == (4, 9), series.message
+        # The active log and its head deleted under both: nothing continues it.
+        log_path.unlink()
+        head_path(log_path).unlink()
+        with pytest.raises(DataLoss) as info:
+            second.append(event(9))
+        assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    finally:
+        first.close()
+        second.close()
 
 
 def test_sealed_files_of_an_operators_rotation_count_against_the_cap_too(
@@ -530,3 +595,34 @@ def test_the_cli_verifies_a_directory_or_several_paths(
     assert _run("audit", "verify", *paths) == 2
     err = capsys.readouterr().err
     assert "SERIES_GAP" in err and "audit.log.6-8" in err
+
+
+def test_the_cli_checks_a_directory_again_when_a_rotation_came_between_listing_and_check(
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`kill -HUP` then `audit verify DIR` races the broker's rotation (it runs in a thread of
+    its own): listed before it, the active log was under a sealed name the listing lacked when
+    checked, reported SERIES_GAP (a file deleted from the middle: tampering) for an intact log."""
+    listing = audit_verify.audit_files
+    log = AuditLog.open(log_path, key)
+    try:
+        fill(log, 3)
+        log.rotate()
+        fill(log, 2)
+
+        def listed_then_rotated(directory: Path | str) -> list[Path]:
+            found = listing(directory)
+            if log.count == 5:
+                log.rotate()  # right after the listing, as a broker's SIGHUP thread may
+                log.append(event(5))
+            return found
+
+        monkeypatch.setattr(audit_verify, "audit_files", listed_then_rotated)
+        monkeypatch.setattr(audit_cli, "audit_files", listed_then_rotated, raising=False)
+        assert _run("audit", "verify", str(log_path.parent)) == 0, capsys.readouterr().err
+        assert "seq 0..5" in capsys.readouterr().out
+    finally:
+        log.close()

@@ -508,10 +508,17 @@ def test_refused_rewraps_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> N
     finally:
         audit.close()
     rewraps = [r for r in _records(tmp_path / "audit.log") if r["action"] == "rewrap"]
-    limited = [r for r in rewraps if r["reason"] == "REWRAP_REFUSALS_RATE_LIMITED"]
-    assert [(r["decision"], r["claims"]["refusals_unrecorded"]) for r in limited] == [
-        ("denied", 0),
-        ("denied", 9),
+    counted = [
+        (r["reason"], r["claims"]["refusals_unrecorded"])
+        for r in rewraps
+        if "refusals_unrecorded" in r["claims"]
+    ]
+    # The 9 left unrecorded go on the caller's next refusal recorded on its own (after the
+    # refill); the next limited one is a counting record again, with none since.
+    assert counted == [
+        ("REWRAP_REFUSALS_RATE_LIMITED", 0),
+        ("WRAPPED_KEY_INVALID", 9),
+        ("REWRAP_REFUSALS_RATE_LIMITED", 0),
     ]
     assert len(rewraps) == refusals.REFUSAL_BURST + 1 + 60 + 1 + 1
 
@@ -541,6 +548,32 @@ def test_refused_data_keys_are_recorded_up_to_a_rate_per_caller(km, tmp_path) ->
     assert len(data_keys) == refusals.REFUSAL_BURST + 1 + 1
     assert data_keys[-2]["reason"] == "DATA_KEY_REFUSALS_RATE_LIMITED"
     assert data_keys[-2]["claims"]["refusals_unrecorded"] == 0
+
+
+def test_refused_data_keys_counted_past_the_budget_reach_the_log_once_it_refills(
+    km, tmp_path
+) -> None:
+    """The refusals counted past the budget were written only by a later counting record, due
+    only while the caller stays over its rate: a publisher back within it left them out of the
+    log. Its next refusal recorded on its own carries them now."""
+    now = [1000.0]
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit, clock=lambda: now[0])
+    _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
+    other = Caller("spiffe://strongroom.test/publisher-b", 0x21, b"")
+    try:
+        for _ in range(refusals.REFUSAL_BURST + 1 + 4):  # the burst, a counting record, 4 counted
+            with pytest.raises(StrongroomError):
+                keys.generate_data_key(other, "k1", "tenant-a/model", "1")
+        now[0] += 5.0  # back within the rate, before the next counting record is due
+        for _ in range(2):
+            with pytest.raises(StrongroomError) as info:
+                keys.generate_data_key(other, "k1", "tenant-a/model", "1")
+            assert info.value.reason == "PUBLISHER_NOT_ALLOWED"
+    finally:
+        audit.close()
+    data_keys = [r for r in _records(tmp_path / "audit.log") if r["action"] == "generate_data_key"]
+    assert [r["claims"].get("refusals_unrecorded") for r in data_keys[-3:]] == [0, 4, None]
 
 
 def test_the_brokers_own_failures_do_not_spend_a_callers_refusal_budget(

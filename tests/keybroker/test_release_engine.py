@@ -461,6 +461,28 @@ def test_a_release_refused_before_it_was_read_is_audited_with_who_asked(
     assert (second["reason"], second["caller"]["spiffe_id"]) == ("PEER_CERT_EXPIRED", None)
 
 
+def test_refusals_counted_past_the_budget_reach_the_log_when_the_caller_slows_down(
+    authority, tmp_path
+) -> None:
+    """Refusals counted past a caller's budget were written only by its next counting record,
+    which comes only while it stays over its rate: a caller that slowed down to within it (its
+    refusals recorded one by one again) left those counted ones out of the log for ever. Its next
+    refusal recorded on its own now carries the count."""
+    now = [1000.0]
+    engine, log = _real_audit_engine(authority, tmp_path, monotonic=lambda: now[0])
+    stranger = Caller("spiffe://strongroom.test/stranger", 7, b"der")
+    for _ in range(64 + 1 + 5):  # the burst, a counting record, 5 counted
+        engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+    now[0] += 10.0  # within the rate again: recorded one by one, before any counting is due
+    for _ in range(3):
+        engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+    counted = [
+        json.loads(line)["claims"].get("refusals_unrecorded")
+        for line in log.read_text().splitlines()
+    ]
+    assert counted == [None] * 64 + [0] + [5, None, None]
+
+
 def test_refusals_before_the_request_is_read_cannot_fill_the_audit_log(authority, tmp_path) -> None:
     """An identity without the inference role (any holder of a CA certificate) sending ReleaseKey
     in a loop had every refusal fsync'd into the log: about 460 KB/s from one client, the Helm
@@ -483,8 +505,8 @@ def test_refusals_before_the_request_is_read_cannot_fill_the_audit_log(authority
     }
     counted = [r["claims"].get("refusals_unrecorded") for r in records]
     # 64 one by one; the 65th says none went unrecorded before it, 9 then do; 60 one by one
-    # after the refill; the next carries the 9.
-    assert counted == [None] * 64 + [0] + [None] * 60 + [9]
+    # after the refill, the first carrying the 9; the next is a counting record again (none since).
+    assert counted == [None] * 64 + [0] + [9] + [None] * 59 + [0]
     # Another caller has its own budget; a caller with the role whose request was read is
     # recorded every time (engine.deny), whatever it sent.
     engine.deny_unread(PeerNotAllowed("no inference role"), None)
