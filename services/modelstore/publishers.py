@@ -29,6 +29,14 @@ class PublisherScopes:
         """Whether ``spiffe_id`` is listed with a rule that covers model ``name``."""
         return any(name_rule_matches(rule, name) for rule in self.rules.get(spiffe_id, ()))
 
+    def reaches(self, spiffe_id: str, prefix: str) -> bool:
+        """Whether some name ``spiffe_id``'s rules cover could start with ``prefix`` (a listing
+        of any other prefix holds none of its models, and need not look)."""
+        return any(
+            rule.startswith(prefix) or (rule.endswith("/") and prefix.startswith(rule))
+            for rule in self.rules.get(spiffe_id, ())
+        )
+
     def check(self, spiffe_id: str, name: str) -> None:
         """Raises PermissionDenied unless ``spiffe_id`` may store model ``name``
         (``PUBLISHER_NOT_ALLOWED``: not listed; ``MODEL_NAME_NOT_ALLOWED``: listed, not for it)."""

@@ -303,7 +303,21 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         never from another tenant's it skipped; the next page skips those again. The skipping is
         bounded (:data:`MAX_SKIPPED_PER_PAGE`): past it, with nothing to show, the caller is told
         to narrow the listing to its own names rather than be handed a token naming another's.
+
+        What the skipping answers must not tell one tenant about another's names either: a prefix
+        that none of the caller's names can have is answered empty at once (else an error or an
+        empty page would say whether more than the bound of others' models lie under a prefix the
+        caller chose, and prefix by prefix spell their names), and a token must name a name the
+        caller's rules cover, as every token it was given does (else a forged one would start the
+        count anywhere).
         """
+        if not scopes.reaches(caller, prefix):
+            return [], ""
+        if token and not scopes.covers(caller, _pagetoken.decode(token, prefix)[0]):
+            raise InvalidArgument(
+                "page_token does not come from a listing of your models",
+                reason=Reason.INVALID_PAGE_TOKEN,
+            )
         models: list[ModelRecord] = []
         skipped = 0
         while True:

@@ -242,9 +242,55 @@ def test_a_listing_of_mostly_other_tenants_stops_instead_of_naming_them(
     monkeypatch.setattr(service_module, "MAX_SKIPPED_PER_PAGE", 2)
     with stack.identity("publisher").channel(f"localhost:{store.host.port}") as channel:
         stub = pb_grpc.ModelStoreServiceStub(channel)
+        # Resuming after the last name team-a/ can hold: only other tenants' models follow.
+        after_own = _pagetoken.encode("team-", "team-a/zzz", "1")
         with pytest.raises(grpc.RpcError) as info:
-            stub.ListModels(pb.ListModelsRequest(name_prefix="team-b/"), timeout=30)
+            stub.ListModels(
+                pb.ListModelsRequest(name_prefix="team-", page_token=after_own), timeout=30
+            )
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
         assert peer_reason(info.value) == "LISTING_TOO_SPARSE"
         own = stub.ListModels(pb.ListModelsRequest(name_prefix="team-a/"), timeout=30)
         assert all(m.name.startswith("team-a/") for m in own.models)
+
+
+def test_a_scoped_listing_does_not_tell_how_many_models_another_tenant_has_under_a_prefix(
+    stack: DevStack, store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publisher listing a prefix of another tenant's got LISTING_TOO_SPARSE where more than
+    the bound of that tenant's models lay under it, and an empty page where fewer did; prefix
+    by prefix (or with forged page tokens placed anywhere) it spelt the other tenant's names.
+    Now a prefix none of the caller's names can have is an empty page whatever lies under it,
+    and a token naming a name outside the caller's rules is INVALID_PAGE_TOKEN."""
+    other_tenant = stack.foreign_identity(stack.spiffe_id("publisher-c"))
+    for name in ("team-b/s1", "team-b/s2", "team-b/s3"):
+        if all(m.name != name for m in store.storage.records()):
+            put(stack, store, other_tenant, name)
+    monkeypatch.setattr(service_module, "MAX_SKIPPED_PER_PAGE", 2)
+    with stack.identity("publisher").channel(f"localhost:{store.host.port}") as channel:
+        stub = pb_grpc.ModelStoreServiceStub(channel)
+        for prefix in ("team-b/", "team-b/s", "team-b/nothing-here"):
+            page = stub.ListModels(pb.ListModelsRequest(name_prefix=prefix), timeout=30)
+            assert (list(page.models), page.next_page_token) == ([], "")
+        forged = _pagetoken.encode("team-", "team-b/a", "1")
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListModels(
+                pb.ListModelsRequest(name_prefix="team-", page_token=forged), timeout=30
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert peer_reason(info.value) == "INVALID_PAGE_TOKEN"
+        # Its own listings are unchanged, tokens included.
+        assert all(n.startswith("team-a/") for n in _list_all_prefix(stub, "team-a/"))
+
+
+def _list_all_prefix(stub: pb_grpc.ModelStoreServiceStub, prefix: str) -> list[str]:
+    names: list[str] = []
+    token = ""
+    while True:
+        page = stub.ListModels(
+            pb.ListModelsRequest(name_prefix=prefix, page_size=1, page_token=token), timeout=30
+        )
+        names += [m.name for m in page.models]
+        token = page.next_page_token
+        if not token:
+            return names
