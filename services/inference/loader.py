@@ -288,6 +288,22 @@ class ModelLoader:
         :meth:`load`); ``sleep`` replaces the back-off's wait (which a cancellation ends)."""
         scope = scope if scope is not None else CallScope()
         wait = sleep if sleep is not None else _cancellable_sleep(scope)
+        # Its failure stays listed while it waits (the cap would make it read as unloaded).
+        with self._repository.retrying(name, version):
+            return self._retry_loop(
+                name, version, scope=scope, header_sha256=header_sha256, within=within, wait=wait
+            )
+
+    def _retry_loop(
+        self,
+        name: str,
+        version: str,
+        *,
+        scope: CallScope,
+        header_sha256: bytes | None,
+        within: float,
+        wait: Callable[[float], None],
+    ) -> LoadResult:
         retry_until = time.monotonic() + within
         delay = _RETRY_FIRST_DELAY
         retrying = False
