@@ -149,8 +149,24 @@ class ModelLoader:
         self._locks_guard = threading.Lock()
 
     def _lock(self, name: str) -> ModelLock:
+        """``name``'s lock, counted as in use until :meth:`_done_with` (the table keeps a lock
+        only while a load holds or waits for it: one per name ever asked for, the names of
+        models that do not exist included, grew it without limit)."""
         with self._locks_guard:
-            return self._locks.setdefault(name, ModelLock())
+            lock = self._locks.setdefault(name, ModelLock())
+            lock.users += 1
+            return lock
+
+    def _done_with(self, name: str, lock: ModelLock) -> None:
+        with self._locks_guard:
+            lock.users -= 1
+            if lock.users <= 0 and self._locks.get(name) is lock:
+                del self._locks[name]
+
+    def lock_names(self) -> tuple[str, ...]:
+        """The models whose load lock a load holds or waits for now."""
+        with self._locks_guard:
+            return tuple(self._locks)
 
     def load(
         self,
@@ -178,18 +194,21 @@ class ModelLoader:
         """
         scope = scope if scope is not None else CallScope()
         lock = self._lock(name)
-        if not lock.acquire(scope):
-            if scope.cancelled:
-                raise scope.error()
-            raise Unavailable(
-                f"model {name!r} is still being loaded by an earlier request",
-                reason=Reason.MODEL_LOAD_IN_PROGRESS,
-            )
         try:
-            with scoped(scope):
-                return self._load_locked(name, version, scope, header_sha256)
+            if not lock.acquire(scope):
+                if scope.cancelled:
+                    raise scope.error()
+                raise Unavailable(
+                    f"model {name!r} is still being loaded by an earlier request",
+                    reason=Reason.MODEL_LOAD_IN_PROGRESS,
+                )
+            try:
+                with scoped(scope):
+                    return self._load_locked(name, version, scope, header_sha256)
+            finally:
+                lock.release()
         finally:
-            lock.release()
+            self._done_with(name, lock)
 
     def _load_locked(
         self, name: str, version: str, scope: CallScope, pin: bytes | None
@@ -410,6 +429,8 @@ class ModelLock:
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._held = False
+        self.users = 0
+        """Loads holding or waiting for it (the loader's to count, under its table's guard)."""
 
     @property
     def locked(self) -> bool:

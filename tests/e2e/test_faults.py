@@ -38,7 +38,7 @@ from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import DataLoss
+from strongroom.errors import Cancelled, DataLoss, NotFound
 from strongroom.inference.control import ModelControlServicer
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository, ModelState
@@ -550,3 +550,25 @@ def test_a_download_refused_on_its_header_ends_where_it_was_refused(
     gc.collect()  # finalises anything the refusal left behind
     assert not [r for r in caplog.records if "Failed to detach context" in r.getMessage()]
     compile("x = (1, 2)", "<probe>", "exec")  # the interpreter's recursion accounting is intact
+
+
+def test_the_load_lock_table_keeps_only_the_locks_in_use(env: Env) -> None:
+    """A load lock was made for every model name ever asked for and never forgotten: LoadModel
+    of name after name the store does not hold (or that a typo made) grew the table without
+    limit, as the failed-load table did. Now a lock lives while a load holds or waits for it."""
+    loader = _loader(env)
+    for i in range(3):
+        with pytest.raises(NotFound):
+            loader.load(f"typo/{i}", "1")
+    assert loader.lock_names() == ()
+    # One held (a load running), one waited for: both kept until their loads end.
+    held = loader._lock("busy")
+    assert held.acquire()
+    waiter = CallScope()
+    threading.Timer(0, waiter.cancel).start()
+    with pytest.raises(Cancelled):
+        loader.load("busy", "1", scope=waiter)
+    assert loader.lock_names() == ("busy",)
+    held.release()
+    loader._done_with("busy", held)
+    assert loader.lock_names() == ()
