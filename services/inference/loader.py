@@ -385,15 +385,29 @@ class ModelLoader:
 
         # The next ephemeral key is made once the download is in, beside ONNX Runtime's load
         # (which keeps one core busy), not beside the download and decryption (both cores).
-        with self._release.deferring_key_generation():
-            artifact = decrypt_download(
-                grpc_source(self._store_channel, timeout=timeout)(name, version),
-                release,
-                check_header=check_header,
-                threads=self._threads,
-                # Judged on the header, before the key is released or the buffer reserved.
-                max_artifact_size=self._max_model_bytes,
-            )
+        # The key release runs on a thread of its own while the download goes on: a download
+        # that fails meanwhile (the store's error, a damaged stream) cancels it in this scope of
+        # its own, so that no key is released (and audited as released) for a load already
+        # failed. The load's scope (its caller's cancellation and deadline) ends it too.
+        load_scope = current_scope()
+        attempt = CallScope(load_scope.deadline if load_scope is not None else None)
+        detach = load_scope.on_cancel(attempt.cancel) if load_scope is not None else None
+        try:
+            with self._release.deferring_key_generation(), scoped(attempt):
+                artifact = decrypt_download(
+                    grpc_source(self._store_channel, timeout=timeout)(name, version),
+                    release,
+                    check_header=check_header,
+                    threads=self._threads,
+                    # Judged on the header, before the key is released or the buffer reserved.
+                    max_artifact_size=self._max_model_bytes,
+                )
+        except BaseException:
+            attempt.cancel()
+            raise
+        finally:
+            if detach is not None:
+                detach()
         # The plaintext lives only in the artifact's buffer, which ONNX Runtime loads from (bytes,
         # no copy) and which reads as zeros once this block is left (its pages are dropped).
         with artifact:

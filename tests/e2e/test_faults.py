@@ -572,3 +572,52 @@ def test_the_load_lock_table_keeps_only_the_locks_in_use(env: Env) -> None:
     held.release()
     loader._done_with("busy", held)
     assert loader.lock_names() == ()
+
+
+class _FailingStore(_ServeBytes):
+    """A store peer that sends an artifact's first bytes (its header among them: the load asks
+    for the key) and then fails the download."""
+
+    def GetModel(
+        self, request: store_pb.GetModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[store_pb.GetModelResponse]:
+        yield store_pb.GetModelResponse(data=self.data[: 16 * 1024])
+        context.abort(grpc.StatusCode.DATA_LOSS, "the disk under the blob failed")
+
+
+def test_a_download_that_fails_stops_its_key_release(env: Env, model_path: Path) -> None:
+    """The key release ran on to its end after the download it was for had failed: the broker
+    released (and audited) a key for a load that had already failed. A failed download now
+    cancels its release; here the release is still attesting when the download fails."""
+    _publish(env, model_path, "failed-download")
+    store = _FailingStore(_blob(env, "failed-download").read_bytes())  # type: ignore[abstract]
+    store_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    store_grpc.add_ModelStoreServiceServicer_to_server(store, store_server)
+    store_port = store_server.add_insecure_port("127.0.0.1:0")
+    store_server.start()
+    load_failed = threading.Event()
+    inference = env.stack.identity("inference")
+    channels = PinnedChannels(inference, env.stack.address("keybroker"), server_name="keybroker")
+    repository = ModelRepository()
+    decisions = len(env.audit())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{store_port}") as store_channel:
+            loader = ModelLoader(
+                repository,
+                store_channel=store_channel,
+                key_release=KeyReleaseClient(
+                    channels, env.attester(hook=lambda: load_failed.wait(60))
+                ),
+            )
+            with pytest.raises(DataLoss):
+                loader.load("faulty", "failed-download")
+            load_failed.set()  # the hardware signs only now, after the load has failed
+            for thread in threading.enumerate():
+                if thread.name == "artifact-key-release":
+                    thread.join(60)
+    finally:
+        load_failed.set()
+        store_server.stop(None).wait(30)
+    assert _decisions_since(env, decisions) == []  # no key was released for a failed load
+    status = repository.status("faulty").versions[-1]
+    assert status.failure is not None and status.failure.reason != "LOAD_CANCELLED"
