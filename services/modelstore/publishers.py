@@ -29,13 +29,17 @@ class PublisherScopes:
         """Whether ``spiffe_id`` is listed with a rule that covers model ``name``."""
         return any(name_rule_matches(rule, name) for rule in self.rules.get(spiffe_id, ()))
 
-    def reaches(self, spiffe_id: str, prefix: str) -> bool:
-        """Whether some name ``spiffe_id``'s rules cover could start with ``prefix`` (a listing
-        of any other prefix holds none of its models, and need not look)."""
-        return any(
-            rule.startswith(prefix) or (rule.endswith("/") and prefix.startswith(rule))
-            for rule in self.rules.get(spiffe_id, ())
-        )
+    def listing_prefixes(self, spiffe_id: str, prefix: str) -> list[str]:
+        """The name prefixes whose models hold every model ``spiffe_id`` may read under
+        ``prefix``, sorted, none a prefix of another (so their ranges are disjoint and in
+        listing order); none if no name its rules cover can start with ``prefix``."""
+        found: set[str] = set()
+        for rule in self.rules.get(spiffe_id, ()):
+            if rule.startswith(prefix):
+                found.add(rule)
+            elif rule.endswith("/") and prefix.startswith(rule):
+                found.add(prefix)
+        return sorted(p for p in found if not any(p != q and p.startswith(q) for q in found))
 
     def check(self, spiffe_id: str, name: str) -> None:
         """Raises PermissionDenied unless ``spiffe_id`` may store model ``name``
