@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from strongroom.errors import FailedPrecondition
@@ -229,15 +230,15 @@ class BlobStore:
             return True
         return False
 
-    def _quarantined_copies(self, digest: str) -> list[Path]:
-        """``quarantine/<digest>`` and ``<digest>.<n>`` (in that order) that exist."""
-        copies = [self.quarantine_dir / digest]
-        suffixed = re.compile(rf"{digest}\.[1-9][0-9]*")
-        copies += sorted(
-            (self.quarantine_dir / name for name in self.quarantined() if suffixed.fullmatch(name)),
-            key=lambda path: int(path.name.rsplit(".", 1)[1]),
-        )
-        return copies
+    def _quarantined_copies(self, digest: str) -> Iterator[Path]:
+        """``quarantine/<digest>``, then ``<digest>.1``, ``<digest>.2``, ... while they exist
+        (the names :meth:`quarantine` gives; probed one by one rather than by listing the
+        directory once per missing blob)."""
+        yield self.quarantine_dir / digest
+        n = 1
+        while os.path.lexists(copy := self.quarantine_dir / f"{digest}.{n}"):
+            yield copy
+            n += 1
 
     def quarantined(self) -> list[str]:
         """The names of the files in the quarantine directory, sorted (none if it does not exist)."""
