@@ -156,8 +156,24 @@ class ModelLoader:
         self._locks_guard = threading.Lock()
 
     def _lock(self, name: str) -> ModelLock:
+        """``name``'s lock, counted as in use until :meth:`_done_with` (the table keeps a lock
+        only while a load holds or waits for it: one per name ever asked for, the names of
+        models that do not exist included, grew it without limit)."""
         with self._locks_guard:
-            return self._locks.setdefault(name, ModelLock())
+            lock = self._locks.setdefault(name, ModelLock())
+            lock.users += 1
+            return lock
+
+    def _done_with(self, name: str, lock: ModelLock) -> None:
+        with self._locks_guard:
+            lock.users -= 1
+            if lock.users <= 0 and self._locks.get(name) is lock:
+                del self._locks[name]
+
+    def lock_names(self) -> tuple[str, ...]:
+        """The models whose load lock a load holds or waits for now."""
+        with self._locks_guard:
+            return tuple(self._locks)
 
     def load(
         self,
@@ -185,18 +201,21 @@ class ModelLoader:
         """
         scope = scope if scope is not None else CallScope()
         lock = self._lock(name)
-        if not lock.acquire(scope):
-            if scope.cancelled:
-                raise scope.error()
-            raise Unavailable(
-                f"model {name!r} is still being loaded by an earlier request",
-                reason=Reason.MODEL_LOAD_IN_PROGRESS,
-            )
         try:
-            with scoped(scope):
-                return self._load_locked(name, version, scope, header_sha256)
+            if not lock.acquire(scope):
+                if scope.cancelled:
+                    raise scope.error()
+                raise Unavailable(
+                    f"model {name!r} is still being loaded by an earlier request",
+                    reason=Reason.MODEL_LOAD_IN_PROGRESS,
+                )
+            try:
+                with scoped(scope):
+                    return self._load_locked(name, version, scope, header_sha256)
+            finally:
+                lock.release()
         finally:
-            lock.release()
+            self._done_with(name, lock)
 
     def _load_locked(
         self, name: str, version: str, scope: CallScope, pin: bytes | None
@@ -295,6 +314,22 @@ class ModelLoader:
         :meth:`load`); ``sleep`` replaces the back-off's wait (which a cancellation ends)."""
         scope = scope if scope is not None else CallScope()
         wait = sleep if sleep is not None else _cancellable_sleep(scope)
+        # Its failure stays listed while it waits (the cap would make it read as unloaded).
+        with self._repository.retrying(name, version):
+            return self._retry_loop(
+                name, version, scope=scope, header_sha256=header_sha256, within=within, wait=wait
+            )
+
+    def _retry_loop(
+        self,
+        name: str,
+        version: str,
+        *,
+        scope: CallScope,
+        header_sha256: bytes | None,
+        within: float,
+        wait: Callable[[float], None],
+    ) -> LoadResult:
         retry_until = time.monotonic() + within
         delay = _RETRY_FIRST_DELAY
         retrying = False
@@ -357,15 +392,29 @@ class ModelLoader:
 
         # The next ephemeral key is made once the download is in, beside ONNX Runtime's load
         # (which keeps one core busy), not beside the download and decryption (both cores).
-        with self._release.deferring_key_generation():
-            artifact = decrypt_download(
-                grpc_source(self._store_channel, timeout=timeout)(name, version),
-                release,
-                check_header=check_header,
-                threads=self._threads,
-                # Judged on the header, before the key is released or the buffer reserved.
-                max_artifact_size=self._max_model_bytes,
-            )
+        # The key release runs on a thread of its own while the download goes on: a download
+        # that fails meanwhile (the store's error, a damaged stream) cancels it in this scope of
+        # its own, so that no key is released (and audited as released) for a load already
+        # failed. The load's scope (its caller's cancellation and deadline) ends it too.
+        load_scope = current_scope()
+        attempt = CallScope(load_scope.deadline if load_scope is not None else None)
+        detach = load_scope.on_cancel(attempt.cancel) if load_scope is not None else None
+        try:
+            with self._release.deferring_key_generation(), scoped(attempt):
+                artifact = decrypt_download(
+                    grpc_source(self._store_channel, timeout=timeout)(name, version),
+                    release,
+                    check_header=check_header,
+                    threads=self._threads,
+                    # Judged on the header, before the key is released or the buffer reserved.
+                    max_artifact_size=self._max_model_bytes,
+                )
+        except BaseException:
+            attempt.cancel()
+            raise
+        finally:
+            if detach is not None:
+                detach()
         # The plaintext lives only in the artifact's buffer, which ONNX Runtime loads from (bytes,
         # no copy) and which reads as zeros once this block is left (its pages are dropped).
         with artifact:
@@ -401,6 +450,8 @@ class ModelLock:
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._held = False
+        self.users = 0
+        """Loads holding or waiting for it (the loader's to count, under its table's guard)."""
 
     @property
     def locked(self) -> bool:

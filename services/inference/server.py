@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import threading
@@ -126,6 +127,13 @@ class InferenceServer:
             return self.repository.version_state(name, version) is ModelState.FAILED
 
         def run() -> None:
+            # Their failures stay listed while retried (the cap would make them read as unloaded).
+            with contextlib.ExitStack() as retried:
+                for ref in self.config.models:
+                    retried.enter_context(self.repository.retrying(ref.name, ref.version))
+                retry_all()
+
+        def retry_all() -> None:
             pending = list(self.config.models)
             delay = self.retry_initial
             first = True

@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from strongroom.errors import FailedPrecondition
@@ -190,23 +191,54 @@ class BlobStore:
         return target
 
     def unquarantine(self, digest: str, size: int) -> bool:
-        """Moves ``quarantine/<digest>`` back to its content address if it is a regular file of
-        ``size`` bytes and no blob is there; True if it did (an index row names it again)."""
-        source = self.quarantine_dir / digest
-        try:
-            info = os.lstat(source)
-        except FileNotFoundError:
+        """Moves a quarantined copy of the blob back to its content address if no blob is there;
+        True if it did (an index row names it again).
+
+        The candidates are ``quarantine/<digest>`` and its ``<digest>.<n>`` siblings (see
+        :meth:`quarantine`); the first regular file of ``size`` bytes whose content has this
+        SHA-256 is moved back. Name and size alone are not enough: a file put there by hand, or
+        damaged while it waited, would be served as the model under its digest's name.
+        """
+        if self.size(digest) is not None:
             return False
-        if not stat.S_ISREG(info.st_mode) or info.st_size != size or self.size(digest) is not None:
-            return False
-        target = self.path(digest)
-        if not target.parent.is_dir():
-            target.parent.mkdir(mode=0o700, exist_ok=True)
-            fsync_dir(self._blobs)
-        os.rename(source, target)
-        fsync_dir(target.parent)
-        fsync_dir(self.quarantine_dir)
-        return True
+        for source in self._quarantined_copies(digest):
+            try:
+                fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+                    continue
+                found, length = digest_fd(fd)
+            finally:
+                os.close(fd)
+            if found != digest or length != size:
+                log.error(
+                    "quarantined file %s is not the blob its name says (SHA-256 %s): left there",
+                    source.name,
+                    found,
+                )
+                continue
+            target = self.path(digest)
+            if not target.parent.is_dir():
+                target.parent.mkdir(mode=0o700, exist_ok=True)
+                fsync_dir(self._blobs)
+            os.rename(source, target)
+            fsync_dir(target.parent)
+            fsync_dir(self.quarantine_dir)
+            return True
+        return False
+
+    def _quarantined_copies(self, digest: str) -> Iterator[Path]:
+        """``quarantine/<digest>``, then ``<digest>.1``, ``<digest>.2``, ... while they exist
+        (the names :meth:`quarantine` gives; probed one by one rather than by listing the
+        directory once per missing blob)."""
+        yield self.quarantine_dir / digest
+        n = 1
+        while os.path.lexists(copy := self.quarantine_dir / f"{digest}.{n}"):
+            yield copy
+            n += 1
 
     def quarantined(self) -> list[str]:
         """The names of the files in the quarantine directory, sorted (none if it does not exist)."""

@@ -49,7 +49,10 @@ from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.errors import (
     KeySlotRejected,
     ModelNotFound,
+    StorageFull,
     StorageLocked,
+    StorageReadOnly,
+    StorageUnavailable,
     StoredDataCorrupt,
 )
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE
@@ -250,7 +253,13 @@ class FilesystemStorage(Closing):
                 damaged.append((r.name, r.version))
             elif r.artifact_format == 0 and (found := self._header_format(r)) is not None:
                 formats.append((r, found))
-        self._index.set_artifact_formats(formats)
+        try:
+            self._index.set_artifact_formats(formats)
+        except (StorageFull, StorageReadOnly, StorageUnavailable) as exc:
+            # Only what ModelInfo.artifact_format shows: a volume too full (or read-only) for it
+            # must not keep the store from serving; the next start tries again.
+            log.warning("cannot record the artifact format of %d rows: %s", len(formats), exc)
+            formats = []
         quarantined, left = self._quarantine(present - self._index.referenced_digests())
         in_quarantine = self._blobs.quarantined()
         report = SweepReport(

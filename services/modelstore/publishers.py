@@ -29,6 +29,18 @@ class PublisherScopes:
         """Whether ``spiffe_id`` is listed with a rule that covers model ``name``."""
         return any(name_rule_matches(rule, name) for rule in self.rules.get(spiffe_id, ()))
 
+    def listing_prefixes(self, spiffe_id: str, prefix: str) -> list[str]:
+        """The name prefixes whose models hold every model ``spiffe_id`` may read under
+        ``prefix``, sorted, none a prefix of another (so their ranges are disjoint and in
+        listing order); none if no name its rules cover can start with ``prefix``."""
+        found: set[str] = set()
+        for rule in self.rules.get(spiffe_id, ()):
+            if rule.startswith(prefix):
+                found.add(rule)
+            elif rule.endswith("/") and prefix.startswith(rule):
+                found.add(prefix)
+        return sorted(p for p in found if not any(p != q and p.startswith(q) for q in found))
+
     def check(self, spiffe_id: str, name: str) -> None:
         """Raises PermissionDenied unless ``spiffe_id`` may store model ``name``
         (``PUBLISHER_NOT_ALLOWED``: not listed; ``MODEL_NAME_NOT_ALLOWED``: listed, not for it)."""

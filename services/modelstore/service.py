@@ -299,34 +299,59 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
     ) -> tuple[list[ModelRecord], str]:
         """One page of the models ``caller`` may read, and the token after its last one.
 
-        A token names the last model returned, so it is made from the caller's own last model,
-        never from another tenant's it skipped; the next page skips those again. The skipping is
-        bounded (:data:`MAX_SKIPPED_PER_PAGE`): past it, with nothing to show, the caller is told
-        to narrow the listing to its own names rather than be handed a token naming another's.
+        Only the key ranges its rules name are read (:meth:`PublisherScopes.listing_prefixes`,
+        in order), not the whole listing with other tenants' models filtered out: a publisher
+        whose names lie among many others' saw its listing stop, and made the store read every
+        other model under the prefix on each page. Within those ranges (an exact name's also
+        holds longer names) others' models are still skipped, boundedly
+        (:data:`MAX_SKIPPED_PER_PAGE`): past it, with nothing to show, the caller is told to
+        narrow the listing rather than be handed a token naming another's.
+
+        A token names the last model returned, the caller's own; one naming a name outside the
+        caller's rules is refused (forged, it would start the skipping anywhere), and a prefix
+        none of its names can have is an empty page at once, so that neither answer says how
+        many of another tenant's models lie where.
         """
+        ranges = scopes.listing_prefixes(caller, prefix)
+        if not ranges:
+            return [], ""
+        after = _pagetoken.decode(token, prefix) if token else None
+        if after is not None and not scopes.covers(caller, after[0]):
+            raise InvalidArgument(
+                "page_token does not come from a listing of your models",
+                reason=Reason.INVALID_PAGE_TOKEN,
+            )
         models: list[ModelRecord] = []
         skipped = 0
-        while True:
-            page = self._storage.list(prefix=prefix, page_size=MAX_PAGE_SIZE, page_token=token)
-            for record in page.models:
-                if scopes.covers(caller, record.name):
-                    models.append(record)
-                    if len(models) == page_size:
-                        return models, _pagetoken.encode(prefix, record.name, record.version)
-                    continue
-                skipped += 1
-                if skipped > MAX_SKIPPED_PER_PAGE:
-                    if models:
-                        last = models[-1]
-                        return models, _pagetoken.encode(prefix, last.name, last.version)
-                    raise ResourceExhausted(
-                        f"more than {MAX_SKIPPED_PER_PAGE} models of other publishers lie "
-                        "here; list with a name_prefix within your own model names",
-                        reason=Reason.LISTING_TOO_SPARSE,
-                    )
-            if not page.next_page_token:
-                return models, ""
-            token = page.next_page_token
+        for sub in ranges:
+            sub_token = ""
+            if after is not None:
+                if after[0].startswith(sub):
+                    sub_token = _pagetoken.encode(sub, *after)
+                elif after[0] > sub:
+                    continue  # the whole range lies before the token's model
+            while True:
+                page = self._storage.list(prefix=sub, page_size=MAX_PAGE_SIZE, page_token=sub_token)
+                for record in page.models:
+                    if scopes.covers(caller, record.name):
+                        models.append(record)
+                        if len(models) == page_size:
+                            return models, _pagetoken.encode(prefix, record.name, record.version)
+                        continue
+                    skipped += 1
+                    if skipped > MAX_SKIPPED_PER_PAGE:
+                        if models:
+                            last = models[-1]
+                            return models, _pagetoken.encode(prefix, last.name, last.version)
+                        raise ResourceExhausted(
+                            f"more than {MAX_SKIPPED_PER_PAGE} models of other publishers lie "
+                            "here; list with a name_prefix within your own model names",
+                            reason=Reason.LISTING_TOO_SPARSE,
+                        )
+                if not page.next_page_token:
+                    break
+                sub_token = page.next_page_token
+        return models, ""
 
     def DeleteModel(
         self, request: pb.DeleteModelRequest, context: grpc.ServicerContext

@@ -102,6 +102,7 @@ def register(sub: Any) -> None:
     )
     add_client_arguments(upload)
     upload.add_argument("artifact", type=Path, help="a local artifact file")
+    upload.add_argument("--no-progress", action="store_true")
     upload.set_defaults(func=_upload)
 
     ls = actions.add_parser(
@@ -290,8 +291,11 @@ def _fetch(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
+    bar = None if args.no_progress else ProgressBar()
     with Client.from_args(args) as client:
-        published = upload_artifact(args.artifact, store=client.channel("modelstore"))
+        published = upload_artifact(args.artifact, store=client.channel("modelstore"), progress=bar)
+    if bar is not None:
+        bar.done()
     _print_stored(published, artifact_format=published.model.artifact_format)
     return 0
 

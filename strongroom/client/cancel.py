@@ -40,6 +40,11 @@ __all__ = [
 
 T = TypeVar("T")
 
+DEADLINE_SLACK = 0.5
+"""A cancellation this close to the deadline (seconds) is the deadline's: a client whose
+deadline passes cancels the call itself, and that cancellation can reach the server just before
+the server's copy of the deadline passes (gRPC says nothing else about why a call ended)."""
+
 
 class _Cancellable(Protocol):
     def cancel(self) -> bool: ...
@@ -53,6 +58,7 @@ class CallScope:
         self.deadline = deadline
         self._lock = threading.Lock()
         self._cancelled = False
+        self._cancelled_at: float | None = None
         self._callbacks: dict[int, Callable[[], object]] = {}
         self._next = 0
 
@@ -84,9 +90,13 @@ class CallScope:
         return default if left is None else min(default, left)
 
     def error(self) -> StrongroomError:
-        """What the operation ended with: CANCELLED ``LOAD_DEADLINE_EXCEEDED`` once the deadline
-        has passed (gRPC also cancels a call at its deadline), else ``LOAD_CANCELLED``."""
-        if self.expired:
+        """What the operation ended with: CANCELLED ``LOAD_DEADLINE_EXCEEDED`` if the deadline
+        ended it (gRPC also cancels a call at its deadline: a cancellation within
+        :data:`DEADLINE_SLACK` of it counts as the deadline), else ``LOAD_CANCELLED``.
+
+        Judged by when the scope was cancelled, not when this is asked: a step that notices a
+        cancellation only after the deadline has passed still reports the cancellation."""
+        if self._by_deadline():
             return Cancelled(
                 "the load's caller's deadline passed: its download and key release were stopped",
                 reason=Reason.LOAD_DEADLINE_EXCEEDED,
@@ -95,6 +105,14 @@ class CallScope:
             "the load was cancelled by its caller: its download and key release were stopped",
             reason=Reason.LOAD_CANCELLED,
         )
+
+    def _by_deadline(self) -> bool:
+        if self.deadline is None:
+            return False
+        cancelled_at = self._cancelled_at
+        if cancelled_at is None:
+            return time.monotonic() >= self.deadline
+        return cancelled_at >= self.deadline - DEADLINE_SLACK
 
     def raise_if_ended(self) -> None:
         """Raises :meth:`error` if the scope has ended; a step that starts work checks it first."""
@@ -132,6 +150,7 @@ class CallScope:
         with self._lock:
             if self._cancelled:
                 return
+            self._cancelled_at = time.monotonic()
             self._cancelled = True
             callbacks, self._callbacks = list(self._callbacks.values()), {}
         for callback in callbacks:

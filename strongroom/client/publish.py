@@ -124,13 +124,20 @@ def publish_model(
     return Published(response.model, time.perf_counter() - started, header_digest(head[0]).hex())
 
 
-def upload_artifact(path: Path, *, store: grpc.Channel, timeout: float = 3600.0) -> Published:
+def upload_artifact(
+    path: Path,
+    *,
+    store: grpc.Channel,
+    timeout: float = 3600.0,
+    progress: Progress | None = None,
+) -> Published:
     """Uploads an already encrypted artifact file unchanged (one the store's start-up sweep
     quarantined, for instance); its name and version are its header's. No key is involved.
 
     The file is checked first (header, footer, exact length: InvalidArtifact before anything is
-    sent); its size is announced and the SHA-256 of the bytes sent is checked by the store at the
-    end, so a file that changes during the upload is refused, not stored.
+    sent) and hashed; its size and that SHA-256 are announced with the first message and checked
+    by the store against what it receives, so a file that changes after it was hashed (rewritten
+    in place, or grown) is refused, not stored. ``progress`` is called with (bytes sent, total).
     """
     started = time.perf_counter()
     with _open_readable(path) as source:
@@ -138,17 +145,24 @@ def upload_artifact(path: Path, *, store: grpc.Channel, timeout: float = 3600.0)
         source.seek(0)
         head = parse_header(source.read(summary.header_size))
         source.seek(0)
+        hasher = hashlib.sha256()
+        while data := source.read(UPLOAD_MESSAGE_BYTES):
+            hasher.update(data)
+        digest = hasher.hexdigest()
+        source.seek(0)
 
         def messages() -> Iterator[store_pb.PutModelRequest]:
-            hasher = hashlib.sha256()
             first = True
             while data := source.read(UPLOAD_MESSAGE_BYTES):
-                hasher.update(data)
-                yield store_pb.PutModelRequest(
-                    data=data, artifact_size=summary.artifact_size if first else 0
-                )
-                first = False
-            yield store_pb.PutModelRequest(artifact_sha256=hasher.hexdigest())
+                if first:
+                    yield store_pb.PutModelRequest(
+                        data=data, artifact_size=summary.artifact_size, artifact_sha256=digest
+                    )
+                    first = False
+                else:
+                    yield store_pb.PutModelRequest(data=data)
+                if progress is not None:
+                    progress(source.tell(), summary.artifact_size)
 
         response = put_model(
             store_grpc.ModelStoreServiceStub(store),

@@ -244,6 +244,58 @@ def test_a_model_file_growing_during_publish_is_one_clear_line(
     assert code == 0 and out == ""
 
 
+def test_an_artifact_file_rewritten_during_upload_is_refused(
+    stack: DevStack,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``model upload`` announced the SHA-256 of the bytes it had sent, after sending them, so
+    the store's check could never fail: a file rewritten in place while it was read (a copy still
+    being made, another process) was stored with bytes no reader can decrypt, and reported as
+    uploaded. The digest is now taken before the upload and announced with its first message."""
+    stack.create_release_key(stack.identity("admin"), "rewrite-key", policy_version="rw-1")
+    model = tmp_path / "model.bin"
+    model.write_bytes(bytes(3 << 20))
+    publisher = str(stack.write_client_config("publisher"))
+    admin = str(stack.write_client_config("admin"))
+    code, out, err = run(
+        capsys,
+        *("model", "publish", str(model), "--name", "rewritten", "--version", "1"),
+        *("--key-id", "rewrite-key", "--client-config", publisher, "--no-progress"),
+    )
+    assert code == 0, err
+    local = tmp_path / "rewritten.artifact"
+    with stack.services["modelstore"].handle.storage.open("rewritten", "1") as reader:
+        local.write_bytes(b"".join(reader.chunks(1 << 20)))
+    code, _, err = run(capsys, "model", "rm", "rewritten", "1", "--client-config", admin)
+    assert code == 0, err
+
+    class Rewriting:
+        """Stands in for the progress bar: the first call changes a byte not yet sent."""
+
+        def __init__(self) -> None:
+            self.rewritten = False
+
+        def __call__(self, done: int, total: int) -> None:
+            if not self.rewritten:
+                self.rewritten = True
+                with local.open("r+b") as f:
+                    f.seek(total - (1 << 20))
+                    byte = f.read(1)
+                    f.seek(total - (1 << 20))
+                    f.write(bytes([byte[0] ^ 1]))
+
+        def done(self) -> None:
+            pass
+
+    monkeypatch.setattr(cli_models, "ProgressBar", Rewriting)
+    code, out, err = run(capsys, "model", "upload", str(local), "--client-config", publisher)
+    assert code == 1 and out == "" and "DIGEST_MISMATCH" in err, (out, err)
+    code, out, _ = run(capsys, "model", "ls", "rewritten", "--client-config", publisher)
+    assert code == 0 and out == ""
+
+
 @pytest.mark.parametrize("kind", ["rsa", "ed25519"])
 def test_a_signing_key_that_is_not_ec_is_one_clear_line(
     stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str

@@ -38,7 +38,7 @@ from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import DataLoss
+from strongroom.errors import Cancelled, DataLoss, NotFound
 from strongroom.inference.control import ModelControlServicer
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository, ModelState
@@ -550,3 +550,74 @@ def test_a_download_refused_on_its_header_ends_where_it_was_refused(
     gc.collect()  # finalises anything the refusal left behind
     assert not [r for r in caplog.records if "Failed to detach context" in r.getMessage()]
     compile("x = (1, 2)", "<probe>", "exec")  # the interpreter's recursion accounting is intact
+
+
+def test_the_load_lock_table_keeps_only_the_locks_in_use(env: Env) -> None:
+    """A load lock was made for every model name ever asked for and never forgotten: LoadModel
+    of name after name the store does not hold (or that a typo made) grew the table without
+    limit, as the failed-load table did. Now a lock lives while a load holds or waits for it."""
+    loader = _loader(env)
+    for i in range(3):
+        with pytest.raises(NotFound):
+            loader.load(f"typo/{i}", "1")
+    assert loader.lock_names() == ()
+    # One held (a load running), one waited for: both kept until their loads end.
+    held = loader._lock("busy")
+    assert held.acquire()
+    waiter = CallScope()
+    threading.Timer(0, waiter.cancel).start()
+    with pytest.raises(Cancelled):
+        loader.load("busy", "1", scope=waiter)
+    assert loader.lock_names() == ("busy",)
+    held.release()
+    loader._done_with("busy", held)
+    assert loader.lock_names() == ()
+
+
+class _FailingStore(_ServeBytes):
+    """A store peer that sends an artifact's first bytes (its header among them: the load asks
+    for the key) and then fails the download."""
+
+    def GetModel(
+        self, request: store_pb.GetModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[store_pb.GetModelResponse]:
+        yield store_pb.GetModelResponse(data=self.data[: 16 * 1024])
+        context.abort(grpc.StatusCode.DATA_LOSS, "the disk under the blob failed")
+
+
+def test_a_download_that_fails_stops_its_key_release(env: Env, model_path: Path) -> None:
+    """The key release ran on to its end after the download it was for had failed: the broker
+    released (and audited) a key for a load that had already failed. A failed download now
+    cancels its release; here the release is still attesting when the download fails."""
+    _publish(env, model_path, "failed-download")
+    store = _FailingStore(_blob(env, "failed-download").read_bytes())  # type: ignore[abstract]
+    store_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    store_grpc.add_ModelStoreServiceServicer_to_server(store, store_server)
+    store_port = store_server.add_insecure_port("127.0.0.1:0")
+    store_server.start()
+    load_failed = threading.Event()
+    inference = env.stack.identity("inference")
+    channels = PinnedChannels(inference, env.stack.address("keybroker"), server_name="keybroker")
+    repository = ModelRepository()
+    decisions = len(env.audit())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{store_port}") as store_channel:
+            loader = ModelLoader(
+                repository,
+                store_channel=store_channel,
+                key_release=KeyReleaseClient(
+                    channels, env.attester(hook=lambda: load_failed.wait(60))
+                ),
+            )
+            with pytest.raises(DataLoss):
+                loader.load("faulty", "failed-download")
+            load_failed.set()  # the hardware signs only now, after the load has failed
+            for thread in threading.enumerate():
+                if thread.name == "artifact-key-release":
+                    thread.join(60)
+    finally:
+        load_failed.set()
+        store_server.stop(None).wait(30)
+    assert _decisions_since(env, decisions) == []  # no key was released for a failed load
+    status = repository.status("faulty").versions[-1]
+    assert status.failure is not None and status.failure.reason != "LOAD_CANCELLED"

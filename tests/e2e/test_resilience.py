@@ -16,7 +16,13 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
-from strongroom.inference.models import ModelUnloaded
+from strongroom.inference.models import (
+    ModelLoadFailed,
+    ModelRepository,
+    ModelState,
+    ModelUnloaded,
+)
+from strongroom.inference.models._repository import MAX_FAILED_LOADS
 
 
 def wait_until(predicate: object, timeout: float) -> bool:
@@ -97,6 +103,58 @@ def test_a_configured_model_unloaded_while_it_waits_to_be_retried_stays_unloaded
         assert repository.status("dropped").versions == ()
     finally:
         stack.services.pop("inference").stop()
+
+
+def _fail_many_other_loads(repository: ModelRepository) -> None:
+    """More failed loads of other names than the repository keeps (an admin's LoadModel of
+    names the store does not hold, say)."""
+    error = ModelLoadFailed("the store has no such model", reason="MODEL_NOT_FOUND")
+    for i in range(MAX_FAILED_LOADS + 1):
+        repository.fail(f"typo/{i}", "1", error)
+
+
+def test_retried_loads_outlast_the_cap_on_failed_loads(stack: DevStack, tmp_path: Path) -> None:
+    """The cap on failed loads dropped the oldest failure even while its load waited to be
+    retried, and both retry loops read a version no longer listed as one an operator unloaded:
+    a configured model was never retried again (the server stayed unready) and a LoadModel in
+    its back-off failed MODEL_UNLOADED. A failure a retry waits for is now kept."""
+    _publish(stack, tmp_path, "capped")
+    _publish(stack, tmp_path, "capped-rpc")
+    stack.services.pop("keybroker").stop()
+    earlier = stack.services.pop("inference", None)
+    if earlier is not None:
+        earlier.stop()
+    section = {**stack.default_section("inference"), "models": [{"name": "capped", "version": "1"}]}
+    inference = stack.start_in_process("inference", section).handle
+    try:
+        inference.retry_initial = 0.2
+        inference.load_configured_models()
+        repository = inference.repository
+        assert wait_until(lambda: repository.version_state("capped", "1") is ModelState.FAILED, 30)
+
+        def back_off(seconds: float) -> None:
+            # Other loads fail meanwhile, past the cap; then the broker returns.
+            if "keybroker" not in stack.services:
+                _fail_many_other_loads(repository)
+                stack.start_in_process("keybroker")
+
+        inference.loader.load_with_retry("capped-rpc", "1", within=60, sleep=back_off)
+        assert repository.is_ready("capped-rpc", "1")
+        assert wait_until(lambda: repository.is_ready("capped", "1"), 30), repository.status(
+            "capped"
+        )
+        assert len(_failed_versions(repository)) <= MAX_FAILED_LOADS  # the cap holds again
+    finally:
+        stack.services.pop("inference").stop()
+
+
+def _failed_versions(repository: ModelRepository) -> list[tuple[str, str]]:
+    return [
+        (name, v.version)
+        for name in repository.names()
+        for v in repository.status(name).versions
+        if v.state is ModelState.FAILED
+    ]
 
 
 def test_load_model_retrying_an_unavailable_broker_stops_when_the_version_is_unloaded(

@@ -17,6 +17,7 @@ import pytest
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
+from strongroom.artifact import StructureValidator
 from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.errors import PermissionDenied
@@ -230,11 +231,68 @@ def test_a_scoped_publisher_cannot_stat_or_download_another_tenants_model(
             assert peer_reason(info.value) == "MODEL_NAME_NOT_ALLOWED"
 
 
+def _store_unscoped(store: ModelStore, *names: str) -> None:
+    """Models stored outside any publisher's rules (before the list existed, say)."""
+    for name in names:
+        if all(m.name != name for m in store.storage.records()):
+            store.storage.put(chunked(make_artifact(name, "1", b"w")), StructureValidator())
+
+
 def test_a_listing_of_mostly_other_tenants_stops_instead_of_naming_them(
     stack: DevStack, store: ModelStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Skipping other tenants' models is bounded; with none of its own in reach the caller is
-    told to narrow the listing (a token would have to name a model it may not see)."""
+    told to narrow the listing (a token would have to name a model it may not see). Only an
+    exact-name rule's range can hold others' models (longer names)."""
+    if all(m.name != "shared/m" for m in store.storage.records()):
+        put(stack, store, stack.identity("publisher"), "shared/m")
+    _store_unscoped(store, "shared/m1", "shared/m2", "shared/m3")
+    monkeypatch.setattr(service_module, "MAX_SKIPPED_PER_PAGE", 2)
+    with stack.identity("publisher").channel(f"localhost:{store.host.port}") as channel:
+        stub = pb_grpc.ModelStoreServiceStub(channel)
+        after_own = _pagetoken.encode("shared/", "shared/m", "1")
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListModels(
+                pb.ListModelsRequest(name_prefix="shared/", page_token=after_own), timeout=30
+            )
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert peer_reason(info.value) == "LISTING_TOO_SPARSE"
+        own = stub.ListModels(pb.ListModelsRequest(name_prefix="team-a/"), timeout=30)
+        assert all(m.name.startswith("team-a/") for m in own.models)
+
+
+def test_a_scoped_listing_reads_only_the_ranges_the_callers_rules_name(
+    stack: DevStack, store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scoped listing read every model under the prefix and filtered others' out: a
+    publisher whose names had more than the skip bound of others' between them (here
+    ``shared/n*`` between ``shared/m`` and ``team-a/``) saw its listing stop with
+    LISTING_TOO_SPARSE, and each page made the store read all of them. Now only the ranges its
+    rules name are read, in order, with tokens as before."""
+    for name in ("shared/m", "team-a/listed"):
+        if all(m.name != name for m in store.storage.records()):
+            put(stack, store, stack.identity("publisher"), name)
+    # (An exact rule's range holds longer names: shared/m1-3, if an earlier test stored them.)
+    _store_unscoped(store, "shared/n1", "shared/n2", "shared/n3", "shared/n4", "other/x")
+    monkeypatch.setattr(service_module, "MAX_SKIPPED_PER_PAGE", 3)
+    own = sorted(
+        (m.name, m.version)
+        for m in store.storage.records()
+        if m.name == "shared/m" or m.name.startswith("team-a/")
+    )
+    for page_size in (1, 1000):
+        listed = _list_all(stack.identity("publisher"), store, page_size)
+        assert listed == [name for name, _ in own]
+
+
+def test_a_scoped_listing_does_not_tell_how_many_models_another_tenant_has_under_a_prefix(
+    stack: DevStack, store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publisher listing a prefix of another tenant's got LISTING_TOO_SPARSE where more than
+    the bound of that tenant's models lay under it, and an empty page where fewer did; prefix
+    by prefix (or with forged page tokens placed anywhere) it spelt the other tenant's names.
+    Now a prefix none of the caller's names can have is an empty page whatever lies under it,
+    and a token naming a name outside the caller's rules is INVALID_PAGE_TOKEN."""
     other_tenant = stack.foreign_identity(stack.spiffe_id("publisher-c"))
     for name in ("team-b/s1", "team-b/s2", "team-b/s3"):
         if all(m.name != name for m in store.storage.records()):
@@ -242,9 +300,28 @@ def test_a_listing_of_mostly_other_tenants_stops_instead_of_naming_them(
     monkeypatch.setattr(service_module, "MAX_SKIPPED_PER_PAGE", 2)
     with stack.identity("publisher").channel(f"localhost:{store.host.port}") as channel:
         stub = pb_grpc.ModelStoreServiceStub(channel)
+        for prefix in ("team-b/", "team-b/s", "team-b/nothing-here"):
+            page = stub.ListModels(pb.ListModelsRequest(name_prefix=prefix), timeout=30)
+            assert (list(page.models), page.next_page_token) == ([], "")
+        forged = _pagetoken.encode("team-", "team-b/a", "1")
         with pytest.raises(grpc.RpcError) as info:
-            stub.ListModels(pb.ListModelsRequest(name_prefix="team-b/"), timeout=30)
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
-        assert peer_reason(info.value) == "LISTING_TOO_SPARSE"
-        own = stub.ListModels(pb.ListModelsRequest(name_prefix="team-a/"), timeout=30)
-        assert all(m.name.startswith("team-a/") for m in own.models)
+            stub.ListModels(
+                pb.ListModelsRequest(name_prefix="team-", page_token=forged), timeout=30
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert peer_reason(info.value) == "INVALID_PAGE_TOKEN"
+        # Its own listings are unchanged, tokens included.
+        assert all(n.startswith("team-a/") for n in _list_all_prefix(stub, "team-a/"))
+
+
+def _list_all_prefix(stub: pb_grpc.ModelStoreServiceStub, prefix: str) -> list[str]:
+    names: list[str] = []
+    token = ""
+    while True:
+        page = stub.ListModels(
+            pb.ListModelsRequest(name_prefix=prefix, page_size=1, page_token=token), timeout=30
+        )
+        names += [m.name for m in page.models]
+        token = page.next_page_token
+        if not token:
+            return names

@@ -78,3 +78,17 @@ def test_a_start_on_a_read_only_volume_says_so() -> None:
     root' (retry, it suggests), with EROFS only in the log line before it."""
     seen = on_small_volume("start-on-a-read-only-volume")
     assert seen == {"start": "StorageReadOnly STORAGE_READ_ONLY"}
+
+
+def test_a_start_with_too_little_room_to_record_artifact_formats_still_serves() -> None:
+    """The first start on an index from before ModelInfo.artifact_format rewrites every row's
+    format in one transaction; on a volume with room to open the index but not for that, the
+    store refused to start (STORAGE_FULL) for a column only listings show. Now it starts with
+    the formats unknown and records them at a start with room."""
+    seen = on_small_volume("format-backfill-on-a-nearly-full-volume")
+    assert seen == {
+        "start": "ok",
+        "formats_recorded": 0,
+        "stat": "ok",
+        "formats_recorded_after_room": 60,
+    }

@@ -665,6 +665,38 @@ def test_an_index_restored_from_an_older_backup_loses_no_blob(
     assert (store_root / "quarantine" / new.artifact_sha256).exists()  # the operator purges it
 
 
+def test_a_quarantined_file_is_restored_only_if_its_content_has_its_digest(
+    store_root: Path,
+) -> None:
+    """A quarantined file went back to the blob tree if its name was the row's digest and its
+    size the row's size: a file of that name and size put there by hand (or damaged while it
+    waited) became the model's blob and was served. Now its SHA-256 must be the digest; another
+    copy of the same digest (``<digest>.1``) is taken if it is the right one."""
+    art = make_artifact("m", "1", body(3000, 7))
+    with FilesystemStorage(store_root) as s:
+        record = s.put(chunked(art), StructureValidator())
+    blob = store_root / "blobs" / "sha256" / record.artifact_sha256[:2] / record.artifact_sha256
+    quarantine = store_root / "quarantine"
+    quarantine.mkdir()
+    forged = quarantine / record.artifact_sha256
+    forged.write_bytes(bytes(len(art)))  # the right name and size, other bytes
+    blob.chmod(0o600)
+    blob.unlink()
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.restored_from_quarantine == ()
+        assert s.last_sweep.missing_blobs == (("m", "1"),)
+        assert s.last_sweep.quarantine_files == 1
+    assert forged.read_bytes() == bytes(len(art)) and not blob.exists()
+
+    (quarantine / f"{record.artifact_sha256}.1").write_bytes(art)
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.restored_from_quarantine == (record.artifact_sha256,)
+        assert s.last_sweep.missing_blobs == () and s.last_sweep.quarantine_files == 1
+        assert read_all(s, "m", "1") == art
+        assert_clean(s)
+    assert forged.exists()
+
+
 def test_an_orphan_that_cannot_be_quarantined_is_left_in_place(store_root: Path) -> None:
     with FilesystemStorage(store_root) as s:
         s.put([make_artifact("m", "1", b"keep")], StructureValidator())

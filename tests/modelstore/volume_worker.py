@@ -8,10 +8,12 @@ object of what it saw. Each failure is recorded as ``"<class> <reason>"``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -91,7 +93,56 @@ def start_on_a_read_only_volume(volume: Path) -> dict[str, Any]:
     return {"start": outcome(lambda: FilesystemStorage(root).close())}
 
 
+ROWS = 60
+"""Rows of the older index: enough pages that rewriting them needs more room than opening."""
+
+
+def _without_wal(root: Path) -> None:
+    for suffix in ("-wal", "-shm"):
+        (root / f"index.sqlite3{suffix}").unlink(missing_ok=True)
+
+
+def format_backfill_on_a_nearly_full_volume(volume: Path) -> dict[str, Any]:
+    """An index from before ModelInfo.artifact_format (its rows' formats 0) opened on a volume
+    with room to open the index but not to rewrite its rows."""
+    seen: dict[str, Any] = {}
+    root = volume / "store"
+    with FilesystemStorage(root) as storage:
+        for i in range(ROWS):
+            storage.put([make_artifact(f"m{i:03}", "1", b"w" * 64)], StructureValidator())
+    index = root / "index.sqlite3"
+    recorded = index.read_bytes()
+    with contextlib.closing(sqlite3.connect(index)) as db:
+        db.execute("UPDATE models SET artifact_format = 0")
+        db.commit()
+    _without_wal(root)
+    older = index.read_bytes()
+    assert len(older) == len(recorded)
+    filler = fill(volume)
+    size = filler.stat().st_size
+    # The least room in which the store starts when it has nothing to record.
+    for pages in range(1, 256):
+        os.truncate(filler, size - pages * 4096)
+        index.write_bytes(recorded)
+        _without_wal(root)
+        if outcome(lambda: FilesystemStorage(root).close()) == "ok":
+            break
+    index.write_bytes(older)
+    _without_wal(root)
+    opened: list[FilesystemStorage] = []
+    seen["start"] = outcome(lambda: opened.append(FilesystemStorage(root)))
+    for started in opened:
+        seen["formats_recorded"] = started.last_sweep.formats_recorded
+        seen["stat"] = outcome(lambda: started.stat("m000", "1"))  # noqa: B023
+        started.close()
+    filler.unlink()
+    with FilesystemStorage(root) as storage:
+        seen["formats_recorded_after_room"] = storage.last_sweep.formats_recorded
+    return seen
+
+
 SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "format-backfill-on-a-nearly-full-volume": format_backfill_on_a_nearly_full_volume,
     "index-on-a-full-volume": index_on_a_full_volume,
     "start-on-a-full-volume": start_on_a_full_volume,
     "start-on-a-read-only-volume": start_on_a_read_only_volume,

@@ -11,19 +11,22 @@ ModelReady/metadata and :meth:`ModelRepository.status`) until the next attempt t
 replaces it, an unload of the version (or of the model) removes it, or it is among the oldest
 beyond :data:`MAX_FAILED_LOADS` failed versions kept across all models: each failure beyond the
 cap drops the oldest one (then a model with nothing else to show, and not configured, is no
-longer listed). LoadModel is admin-only, but an admin script asking for version after version of
+longer listed), except a failure whose load waits to be retried (:meth:`ModelRepository.retrying`:
+a configured model's, or a LoadModel's in its back-off): the retry takes a version that is no
+longer listed for one an operator unloaded, and would stop for good. LoadModel is admin-only, but an admin script asking for version after version of
 names that do not exist grew the table without limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 
 from strongroom.errors import (
@@ -137,6 +140,8 @@ class ModelRepository:
         self._max_failed = max_failed
         # Every FAILED version, oldest failure first (module docstring: the cap drops from here).
         self._failed: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # Versions whose loads wait to be retried (retrying()): their failures are not dropped.
+        self._retrying: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
         self._expected: frozenset[str] = frozenset()
         self._entries: Mapping[str, _Entry] = MappingProxyType({})
@@ -183,6 +188,24 @@ class ModelRepository:
                 "detail": error.message[:2000],
             },
         )
+
+    @contextlib.contextmanager
+    def retrying(self, name: str, version: str) -> Iterator[None]:
+        """Keeps ``version``'s failure listed, whatever the cap, while the block runs: a load
+        that retries it decides from :meth:`version_state` whether an operator unloaded it
+        meanwhile, and a failure dropped by the cap would read the same (the model would then
+        never be loaded). An unload still removes it."""
+        key = (validate_name(name), validate_version(version))
+        with self._lock:
+            self._retrying[key] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._retrying[key] -= 1
+                if self._retrying[key] <= 0:
+                    del self._retrying[key]
+                self._enforce_cap()
 
     def publish(self, model: LoadedModel, *, loading: VersionStatus | None = None) -> None:
         """Makes ``model`` its name's default version, atomically; older versions beyond
@@ -356,13 +379,21 @@ class ModelRepository:
             elif status.state is ModelState.FAILED:
                 self._failed[(name, version)] = None
             self._put(name, _Entry(ready, default, MappingProxyType(pending)))
-            while len(self._failed) > self._max_failed:
-                self._drop_oldest_failure()
+            self._enforce_cap()
         return True
 
-    def _drop_oldest_failure(self) -> None:
-        """Forgets the oldest failed version (the lock is held)."""
-        (name, version), _ = self._failed.popitem(last=False)
+    def _enforce_cap(self) -> None:
+        """Drops the oldest failures beyond the cap that no retry waits for (the lock is held);
+        those a retry waits for may exceed it, one per retrying load at most."""
+        excess = len(self._failed) - self._max_failed
+        if excess <= 0:
+            return
+        for key in [k for k in self._failed if k not in self._retrying][:excess]:
+            self._drop_failure(*key)
+
+    def _drop_failure(self, name: str, version: str) -> None:
+        """Forgets one failed version (the lock is held)."""
+        del self._failed[(name, version)]
         entry = self._entries[name]
         pending = {v: s for v, s in entry.pending.items() if v != version}
         self._put_or_drop(name, _Entry(entry.ready, entry.default, MappingProxyType(pending)))
