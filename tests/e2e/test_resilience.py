@@ -37,15 +37,7 @@ def wait_until(predicate: object, timeout: float) -> bool:
 def _publish(stack: DevStack, tmp_path: Path, name: str) -> None:
     """Publishes ``name`` version 1 under a release key of the same name."""
     stack.create_release_key(stack.identity("admin"), name, policy_version="1")
-    publisher = stack.identity("publisher")
-    publish_model(
-        train(tmp_path / "m.onnx").path,
-        name=name,
-        version="1",
-        key_id=name,
-        broker=stack.channel(publisher, "keybroker"),
-        store=stack.channel(publisher, "modelstore"),
-    )
+    _publish_files(stack, name, {name: train(tmp_path / "m.onnx").path})
 
 
 def test_model_loads_after_the_broker_comes_back(stack: DevStack, tmp_path: Path) -> None:
@@ -225,22 +217,10 @@ def test_a_load_refused_while_the_broker_is_busy_with_its_identity_is_retried(
     if the release had been denied, a configured model's as well as LoadModel's. Both are
     retried like an unavailable broker now."""
     stack.create_release_key(stack.identity("admin"), "busy", policy_version="1")
-    publisher = stack.identity("publisher")
     model = train(tmp_path / "m.onnx").path
     holders, configured, requested = ("busy-a", "busy-b"), "busy-c", "busy-d"
-    for name in (*holders, configured, requested):
-        publish_model(
-            model,
-            name=name,
-            version="1",
-            key_id="busy",
-            broker=stack.channel(publisher, "keybroker"),
-            store=stack.channel(publisher, "modelstore"),
-        )
-    for service in ("keybroker", "inference"):
-        earlier = stack.services.pop(service, None)
-        if earlier is not None:
-            earlier.stop()
+    _publish_files(stack, "busy", {name: model for name in (*holders, configured, requested)})
+    _stop(stack, "keybroker", "inference")
     # A broker admitting 2 calls per identity (half of 4 workers), whose HSM waits may last.
     section = {**stack.default_section("keybroker"), "hsm_operation_timeout_seconds": 60}
     broker = stack.start_in_process("keybroker", section, server={"max_workers": 4}).handle
@@ -306,24 +286,11 @@ def test_a_load_refused_while_the_store_streams_to_its_identity_is_retried(
     multi-part load) meets RESOURCE_EXHAUSTED TOO_MANY_STREAMS_PER_IDENTITY, "retry later", and
     the load failed for good as if the artifact were refused. It is retried now."""
     stack.create_release_key(stack.identity("admin"), "streams", policy_version="1")
-    publisher = stack.identity("publisher")
-    model = train(tmp_path / "m.onnx").path
     # Large enough that its download waits on flow control and holds its stream open.
     large = tmp_path / "large.bin"
     large.write_bytes(os.urandom(32 * 1024 * 1024))
-    for name, path in (("held", large), ("wanted", model)):
-        publish_model(
-            path,
-            name=name,
-            version="1",
-            key_id="streams",
-            broker=stack.channel(publisher, "keybroker"),
-            store=stack.channel(publisher, "modelstore"),
-        )
-    for service in ("modelstore", "inference"):
-        earlier = stack.services.pop(service, None)
-        if earlier is not None:
-            earlier.stop()
+    _publish_files(stack, "streams", {"held": large, "wanted": train(tmp_path / "m.onnx").path})
+    _stop(stack, "modelstore", "inference")
     stack.start_in_process("modelstore", server={"max_streams_per_identity": 1})
     inference = stack.start_in_process("inference").handle
     held_channel = stack.channel(stack.identity("inference"), "modelstore")
@@ -354,3 +321,25 @@ def test_a_load_refused_while_the_store_streams_to_its_identity_is_retried(
             stack.services.pop(service).stop()
         stack.start_in_process("modelstore")  # as the module's other tests expect them
         stack.start_in_process("inference")
+
+
+def _publish_files(stack: DevStack, key_id: str, files: dict[str, Path]) -> None:
+    """Publishes each file as version 1 of its name, under ``key_id``, as the publisher."""
+    publisher = stack.identity("publisher")
+    for name, path in files.items():
+        publish_model(
+            path,
+            name=name,
+            version="1",
+            key_id=key_id,
+            broker=stack.channel(publisher, "keybroker"),
+            store=stack.channel(publisher, "modelstore"),
+        )
+
+
+def _stop(stack: DevStack, *services: str) -> None:
+    """Stops these services of the stack, if running (a test then starts its own)."""
+    for service in services:
+        earlier = stack.services.pop(service, None)
+        if earlier is not None:
+            earlier.stop()
