@@ -169,7 +169,8 @@ class ReleaseEngine:
         no request field.
 
         These cost the caller nothing, so each caller has 64 of them recorded one by one and then
-        one a second (:mod:`strongroom.keybroker.refusals`); past that they are counted, and a record once a minute carries the count
+        one a second (:mod:`strongroom.keybroker.refusals`); past that they are counted, and a
+        record once a minute, or the caller's next one recorded on its own, carries the count
         (``claims.refusals_unrecorded``). A caller with the role whose request was read is
         recorded every time, whatever its evidence."""
         context: dict[str, Any] = {}
