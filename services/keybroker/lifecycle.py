@@ -34,7 +34,12 @@ from strongroom.keybroker.keys import (
     validate_key_id,
 )
 from strongroom.keybroker.policies import PolicyStore, StoredPolicy
-from strongroom.keybroker.refusals import REFUSAL_BURST, REFUSAL_RATE, RefusalRecords
+from strongroom.keybroker.refusals import (
+    REFUSAL_BURST,
+    REFUSAL_RATE,
+    RefusalRecords,
+    record_counts,
+)
 from strongroom.keybroker.release import Caller
 from strongroom.reasons import Reason
 from strongroom.runtime.metrics import DATA_KEYS_REWRAPPED
@@ -69,6 +74,10 @@ class _RefusalBudget:
         that went unrecorded since its last counting record, if any (they go on this one)."""
         pending = self._records.take_unrecorded(caller.spiffe_id)
         return dict(claims) if pending is None else {**claims, "refusals_unrecorded": pending}
+
+    def record_counts(self, audit: AuditLog, action: str, *, every: bool) -> None:
+        """Records the due counts of callers that stopped while over this budget."""
+        record_counts(audit, self._records, action, every=every)
 
     def over(self, caller: Caller) -> tuple[ResourceExhausted, int | None] | None:
         """None while ``caller`` may still be refused on the record; else the refusal to raise
@@ -132,6 +141,12 @@ class KeyService:
                 **extra,  # type: ignore[arg-type]
             )
         )
+
+    def record_counted_refusals(self, *, every: bool = False) -> None:
+        """Records the due counts of refused ReWrap and GenerateDataKey calls past their callers'
+        budgets (all with ``every``, at shutdown)."""
+        self._rewrap_refusals.record_counts(self._audit, "rewrap", every=every)
+        self._data_key_refusals.record_counts(self._audit, "generate_data_key", every=every)
 
     def policy_version(self, key_id: str) -> str:
         """The version of the key's release policy, or "" when it has none."""

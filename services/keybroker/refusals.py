@@ -8,7 +8,9 @@ once, then :data:`REFUSAL_RATE` a second; past that its refusals of that kind ar
 record per :data:`LIMITED_RECORD_SECONDS` says how many went unrecorded since the last; so does the
 caller's next refusal recorded on its own (once its budget refilled), so that a caller slowing down
 below the rate does not leave its count unwritten for ever. The log still accounts for every
-refusal, by number where not one by one (save those of a caller never refused again).
+refusal, by number where not one by one: the counts of a caller that stopped while over its
+budget are recorded by the broker's own pass once a minute (:meth:`RefusalRecords.take_counts`)
+and at shutdown; only a crash loses the last minute's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import logging
 import threading
 from collections.abc import Callable
 
+from strongroom.errors import StrongroomError
+from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
+from strongroom.reasons import Reason
 from strongroom.runtime.ratelimit import CallerBuckets
+from strongroom.spiffe import is_workload_id
 
 _log = logging.getLogger(__name__)
 
@@ -59,6 +65,20 @@ class RefusalRecords:
             self._limited[caller] = (entry[0], 0)
             return entry[1]
 
+    def take_counts(self, *, every: bool = False) -> list[tuple[str, int]]:
+        """The callers whose counted refusals are due to be recorded, with their counts, which
+        are taken: a counting record is due :data:`LIMITED_RECORD_SECONDS` after the last (or at
+        once with ``every``, at shutdown). For callers that stopped while over their budget,
+        whose counts no refusal of theirs would ever carry."""
+        now = self._clock()
+        taken: list[tuple[str, int]] = []
+        with self._lock:
+            for caller, (since, count) in list(self._limited.items()):
+                if count and (every or now - since >= LIMITED_RECORD_SECONDS):
+                    taken.append((caller, count))
+                    self._limited[caller] = (now, 0)
+        return taken
+
     def unrecorded_if_due(self, caller: str, reason: str) -> int | None:
         """For a refusal past the budget: how many went unrecorded before it when a counting
         record is due now (the caller records it), else None (it is counted for the next)."""
@@ -87,3 +107,27 @@ class RefusalRecords:
             },
         )
         return unrecorded
+
+
+def record_counts(
+    audit: AuditLog, records: RefusalRecords, action: str, *, every: bool = False
+) -> None:
+    """Writes one ``REFUSALS_COUNTED`` record for each caller whose counted refusals of this kind
+    are due (:meth:`RefusalRecords.take_counts`), its count in ``claims.refusals_unrecorded``. A
+    record that cannot be written is logged with its count (the audit log is failing)."""
+    for caller, count in records.take_counts(every=every):
+        try:
+            audit.append(
+                AuditEvent(
+                    decision=Decision.DENIED,
+                    reason=Reason.REFUSALS_COUNTED,
+                    action=action,
+                    caller_spiffe_id=caller if is_workload_id(caller) else None,
+                    claims={"refusals_unrecorded": count},
+                )
+            )
+        except StrongroomError as exc:
+            _log.error(
+                "cannot record counted refusals",
+                extra={"what": action, "caller": caller, "unrecorded": count, "reason": exc.reason},
+            )

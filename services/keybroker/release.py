@@ -42,7 +42,7 @@ from strongroom.keybroker.keys import (
     validate_version,
 )
 from strongroom.keybroker.policies import PolicyStore, StoredPolicy
-from strongroom.keybroker.refusals import RefusalRecords
+from strongroom.keybroker.refusals import RefusalRecords, record_counts
 from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
 from strongroom.runtime.callers import UNVERIFIED
@@ -190,6 +190,11 @@ class ReleaseEngine:
             KEY_RELEASES.add(1, {"outcome": "denied", "reason": exc.reason})
             return
         self._audit_denial(exc, {**context, "claims": {"refusals_unrecorded": unrecorded}})
+
+    def record_counted_refusals(self, *, every: bool = False) -> None:
+        """Records the counts of unread refusals past their callers' budgets that are due (all
+        with ``every``, at shutdown): those of a caller that stopped while over its budget."""
+        record_counts(self._audit, self._unread_refusals, "key_release", every=every)
 
     def release(self, request: ReleaseRequest, caller: Caller) -> ReleaseOutcome:
         """Releases the data key to the attested caller, or raises and audits why not.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +24,7 @@ from strongroom.keybroker.hsm import Hsm, HsmConfig
 from strongroom.keybroker.keys import KeyManager
 from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.policies import PolicyStore
+from strongroom.keybroker.refusals import LIMITED_RECORD_SECONDS
 from strongroom.keybroker.release import ReleaseEngine
 from strongroom.keybroker.service import (
     KEYADMIN_SERVICE,
@@ -91,25 +93,29 @@ def collateral_service(config: KeybrokerConfig, trust: TrustStore) -> Collateral
     )
 
 
-class _Refresher:
-    """Re-fetches due collateral every interval until stopped (a daemon thread)."""
+class _Periodic:
+    """Runs ``work`` every ``interval`` seconds until stopped (a daemon thread named ``name``);
+    a pass that raises is logged and the next one tries again."""
 
-    def __init__(self, service: CollateralService, interval: float) -> None:
-        self._service = service
+    def __init__(self, work: Callable[[], None], interval: float, name: str) -> None:
+        self._work = work
         self._interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="collateral-refresh", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                self._service.refresh_due()
-            except Exception:  # logged; the next pass tries again, the cache keeps serving
-                log.exception("collateral refresh pass failed")
+                self._work()
+            except Exception:
+                log.exception("%s pass failed", self._thread.name)
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = False) -> None:
+        """Ends the loop (a pass under way completes; ``wait``: waits for it)."""
         self._stop.set()
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
 
 
 @dataclass
@@ -121,18 +127,30 @@ class KeyBroker:
     audit: AuditLog
     keys: KeyManager
     engine: ReleaseEngine
+    key_service: KeyService
     identity: WorkloadIdentity | None = None
-    refresher: _Refresher | None = None
+    refresher: _Periodic | None = None
+    counter: _Periodic | None = None
     _closed: bool = field(default=False, repr=False)
 
+    def record_counted_refusals(self, *, every: bool = False) -> None:
+        """Records the counts of refusals past their callers' budgets that no refusal of theirs
+        carried (callers that stopped while over): the due ones, or ``every`` one."""
+        self.engine.record_counted_refusals(every=every)
+        self.key_service.record_counted_refusals(every=every)
+
     def close(self, grace: float | None = 0) -> None:
-        """Stops serving, then closes the audit log and the HSM."""
+        """Stops serving, records every refusal count still held, then closes the audit log and
+        the HSM."""
         if self._closed:
             return
         self._closed = True
         if self.refresher is not None:
-            self.refresher.stop()
+            self.refresher.stop()  # a fetch under way is not waited for
+        if self.counter is not None:
+            self.counter.stop(wait=True)  # its records go before the log closes
         self.host.stop(grace)
+        self.record_counted_refusals(every=True)
         self.audit.close()
         self.hsm.close()
 
@@ -236,19 +254,28 @@ def build(
         refusal_observers={RELEASE_KEY: broker_servicer.release_refused_unread},
     )
     refresher = (
-        _Refresher(collateral, config.collateral_refresh_interval_seconds)
+        _Periodic(
+            collateral.refresh_due,
+            config.collateral_refresh_interval_seconds,
+            "collateral-refresh",
+        )
         if collateral is not None and config.collateral_fetch and not config.collateral_read_only
         else None
     )
-    return KeyBroker(
+    broker = KeyBroker(
         host=host,
         hsm=hsm,
         audit=audit,
         keys=keys,
         engine=engine,
+        key_service=key_service,
         identity=identity,
         refresher=refresher,
     )
+    broker.counter = _Periodic(
+        broker.record_counted_refusals, LIMITED_RECORD_SECONDS, "refusal-counts"
+    )
+    return broker
 
 
 def rotate_audit_on_sighup(audit: AuditLog) -> None:

@@ -909,3 +909,27 @@ def test_any_mutated_evidence_gets_a_typed_refusal_and_one_audit_record(
     code, reason, added = _refused(a)
     assert code != grpc.StatusCode.INTERNAL and reason and reason != "INTERNAL"
     assert added == 1
+
+
+def test_refusals_counted_past_a_budget_are_recorded_when_the_broker_stops(
+    step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
+) -> None:
+    """A caller without the role refused 70 times: 64 records one by one, one counting record,
+    and 5 only counted, which no later refusal of its carries. Stopping the broker records them."""
+    root = stack_root(tmp_path_factory, "counted", simulated_tee_dir)
+    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
+        broker = dev.start_in_process("keybroker").handle
+        release = dev.channel(dev.identity("publisher"), "keybroker").unary_unary(
+            RELEASE_KEY,
+            request_serializer=None,
+            response_deserializer=pb.ReleaseKeyResponse.FromString,
+        )
+        for _ in range(64 + 1 + 5):
+            with pytest.raises(grpc.RpcError):
+                release(b"", timeout=30)
+        broker.close()
+        audit_path = dev.root / "state" / "keybroker" / "audit.log"
+        records = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    refused = [r for r in records if r["caller"]["spiffe_id"] == dev.spiffe_id("publisher")]
+    assert [r["reason"] for r in refused] == ["PEER_NOT_ALLOWED"] * 65 + ["REFUSALS_COUNTED"]
+    assert refused[-1]["claims"] == {"refusals_unrecorded": 5}

@@ -515,3 +515,38 @@ def test_refusals_before_the_request_is_read_cannot_fill_the_audit_log(authority
             InvalidArgument("bad", reason="EVIDENCE_MALFORMED"), CALLER, key_id="k1", report=b""
         )
     assert len(log.read_text().splitlines()) == len(records) + 1 + 70
+
+
+def test_a_caller_that_stops_while_over_its_budget_has_its_count_recorded(
+    authority, tmp_path
+) -> None:
+    """Refusals counted past a caller's budget were written only by that caller's later
+    refusals: one that flooded and stopped (up to a minute of refusals at any rate) left its
+    count out of the log for good. The broker's pass records due counts once a minute, and every
+    count at shutdown."""
+    now = [1000.0]
+    engine, log = _real_audit_engine(authority, tmp_path, monotonic=lambda: now[0])
+    stranger = Caller("spiffe://strongroom.test/stranger", 7, b"der")
+    for _ in range(64 + 1 + 500):  # the budget, the counting record, then 500 only counted
+        engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+
+    def counts() -> list[tuple[str, int]]:
+        return [
+            (r["reason"], r["claims"]["refusals_unrecorded"])
+            for r in map(json.loads, log.read_text().splitlines())
+            if r["reason"] == "REFUSALS_COUNTED"
+        ]
+
+    engine.record_counted_refusals()  # the periodic pass: not a minute since the last record
+    assert counts() == []
+    now[0] += 60.0
+    engine.record_counted_refusals()
+    assert counts() == [("REFUSALS_COUNTED", 500)]
+    for _ in range(60 + 3):  # the minute's refill, recorded one by one, then 3 counted again
+        engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+    engine.record_counted_refusals(every=True)  # shutdown
+    assert counts()[-1] == ("REFUSALS_COUNTED", 3)
+    record = json.loads(log.read_text().splitlines()[-1])
+    assert (record["decision"], record["caller"]["spiffe_id"]) == ("denied", stranger.spiffe_id)
+    engine.record_counted_refusals(every=True)
+    assert len(counts()) == 2  # nothing left to record
