@@ -605,22 +605,17 @@ class AuditLog(Closing):
         Raises ``AuditUnavailable`` if a step cannot be done (the next commit or open finishes
         what was started) and ``DataLoss(AUDIT_LOG_TAMPERED)`` as :meth:`append` does.
         """
-        with self._lock:
-            if self._closed:
-                raise AuditUnavailable("the audit log is closed")
-            if self._tamper is not None:
-                raise DataLoss(self._tamper, reason=Reason.AUDIT_LOG_TAMPERED)
-            with self._flocked():
-                try:
-                    self._resync()
-                    if self._size == 0:
-                        return None
-                    self._check_room_to_rotate()
-                    return self._rotate()
-                except OSError as exc:
-                    raise AuditUnavailable(
-                        f"the audit log cannot be rotated: {exc.strerror or exc}"
-                    ) from None
+        with self._writing():
+            try:
+                self._resync()
+                if self._size == 0:
+                    return None
+                self._check_room_to_rotate()
+                return self._rotate()
+            except OSError as exc:
+                raise AuditUnavailable(
+                    f"the audit log cannot be rotated: {exc.strerror or exc}"
+                ) from None
 
     @property
     def tamper_problem(self) -> str | None:
@@ -709,14 +704,9 @@ class AuditLog(Closing):
         """Writes the batch's records with one write, one fsync and one signed head, and sets each
         pending caller's outcome; a failure fails every caller of the batch."""
         try:
-            with self._lock:
-                if self._closed:
-                    raise AuditUnavailable("the audit log is closed")
-                if self._tamper is not None:
-                    raise DataLoss(self._tamper, reason=Reason.AUDIT_LOG_TAMPERED)
-                with self._flocked():
-                    self._resync()
-                    self._write_batch(batch)
+            with self._writing():
+                self._resync()
+                self._write_batch(batch)
         except OSError as exc:
             # Reading the state back (the tail, the head) failed: nothing of the batch was
             # written, and its callers hear what a failed write tells them.
@@ -805,6 +795,18 @@ class AuditLog(Closing):
             pending.result = result
 
     # --- internals (called with self._lock and the flock held) -------------------------------
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The commit lock and the log's ``flock``, for a process that may still write: the log
+        open and not found tampered with (else AuditUnavailable, or the latched DataLoss)."""
+        with self._lock:
+            if self._closed:
+                raise AuditUnavailable("the audit log is closed")
+            if self._tamper is not None:
+                raise DataLoss(self._tamper, reason=Reason.AUDIT_LOG_TAMPERED)
+            with self._flocked():
+                yield
 
     @contextlib.contextmanager
     def _flocked(self) -> Iterator[None]:
