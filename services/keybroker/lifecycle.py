@@ -311,17 +311,10 @@ class KeyService:
         validate_key_id(key_id)
         require_model(model_name, model_version)
         claims = {"model_name": model_name, "model_version": model_version}
-        limited = self._data_key_refusals.over(caller)
-        if limited is not None:
-            over, unrecorded = limited
-            if unrecorded is not None:
-                self._refused_on_record(
-                    caller,
-                    "generate_data_key",
-                    key_id,
-                    over,
-                    {**claims, "refusals_unrecorded": unrecorded},
-                )
+        over = self._over_budget(
+            self._data_key_refusals, caller, "generate_data_key", key_id, claims
+        )
+        if over is not None:
             raise over
         try:
             stored = self._policies.get(key_id)
@@ -357,17 +350,10 @@ class KeyService:
         """
         # A malformed id is the caller's: recorded as none (it would invalidate the record).
         recorded = recordable_key_id(key_id)
-        limited = self._rewrap_refusals.over(caller)
-        if limited is not None:
-            refusal, unrecorded = limited
-            if unrecorded is not None:
-                self._refused_on_record(
-                    caller,
-                    "rewrap",
-                    recorded,
-                    refusal,
-                    {"from_key_version": version, "refusals_unrecorded": unrecorded},
-                )
+        refusal = self._over_budget(
+            self._rewrap_refusals, caller, "rewrap", recorded, {"from_key_version": version}
+        )
+        if refusal is not None:
             known = recorded if recorded is not None and self._keys.known(recorded) else None
             DATA_KEYS_REWRAPPED.add(1, {"key_id": known or "", "outcome": refusal.reason})
             raise refusal
@@ -401,6 +387,26 @@ class KeyService:
         )
         DATA_KEYS_REWRAPPED.add(1, {"key_id": key_id, "outcome": "rewrapped"})
         return rewrapped
+
+    def _over_budget(
+        self,
+        budget: _RefusalBudget,
+        caller: Caller,
+        action: str,
+        key_id: str | None,
+        claims: Mapping[str, object],
+    ) -> ResourceExhausted | None:
+        """The refusal for a caller past ``budget`` (None while within it), recorded when a
+        counting record is due, with the count of those left unrecorded since the last."""
+        limited = budget.over(caller)
+        if limited is None:
+            return None
+        refusal, unrecorded = limited
+        if unrecorded is not None:
+            self._refused_on_record(
+                caller, action, key_id, refusal, {**claims, "refusals_unrecorded": unrecorded}
+            )
+        return refusal
 
     def _refused_on_record(
         self,
