@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,17 @@ def rendered(request: pytest.FixtureRequest, helm: str) -> tuple[str, list[dict[
     """(values set name, rendered documents) for each of the chart's values sets."""
     name: str = request.param
     return name, render(helm, VALUES_SETS[name])
+
+
+def schema_nodes(node: Any, where: str = "#") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every object in a JSON schema (or any JSON value), depth first, with its JSON pointer."""
+    if isinstance(node, dict):
+        yield where, node
+        for key, value in node.items():
+            yield from schema_nodes(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from schema_nodes(value, f"{where}/{i}")
 
 
 def kind(docs: list[dict[str, Any]], k: str) -> list[dict[str, Any]]:

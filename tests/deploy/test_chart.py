@@ -20,7 +20,15 @@ from strongroom.keybroker.config import KeybrokerConfig
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.runtime.config import SERVICES, load_service_config
 from strongroom.runtime.secrets import Secret
-from tests.deploy.conftest import CHART, DEPLOY, VALUES_SETS, kind, render, run_helm_template
+from tests.deploy.conftest import (
+    CHART,
+    DEPLOY,
+    VALUES_SETS,
+    kind,
+    render,
+    run_helm_template,
+    schema_nodes,
+)
 
 SECTION_CLASSES: dict[str, type[Any]] = {
     "keybroker": KeybrokerConfig,
@@ -362,18 +370,9 @@ def test_invalid_values_files_are_rejected_for_their_stated_reason(helm: str) ->
 def test_schema_is_strict_everywhere() -> None:
     # Every object in the schema either closes its properties or constrains its values.
     schema = yaml.safe_load((CHART / "values.schema.json").read_text())
-
-    def walk(node: Any, where: str) -> None:
-        if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node:
-                assert node.get("additionalProperties") is False, where
-            for k, v in node.items():
-                walk(v, f"{where}/{k}")
-        elif isinstance(node, list):
-            for i, v in enumerate(node):
-                walk(v, f"{where}/{i}")
-
-    walk(schema, "#")
+    for where, node in schema_nodes(schema):
+        if node.get("type") == "object" and "properties" in node:
+            assert node.get("additionalProperties") is False, where
 
 
 @pytest.mark.parametrize("override", ["keybroker.hsm.softhsm.persistence.existingClaim=hsm-pvc"])

@@ -23,7 +23,7 @@ from strongroom.identifiers import (
     is_name_rule,
 )
 from strongroom.spiffe import SpiffeId
-from tests.deploy.conftest import CHART
+from tests.deploy.conftest import CHART, schema_nodes
 
 SCHEMA: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
 DEFINITIONS: dict[str, Any] = SCHEMA["definitions"]
@@ -114,21 +114,11 @@ def test_spiffe_ids_are_the_services_grammar(text: str) -> None:
 def test_no_grammar_is_written_twice() -> None:
     """Model names, versions, key ids and SPIFFE IDs are named by ``$ref`` to the definitions
     above, never spelt again (a second spelling is how the chart's grammars came to drift)."""
-    found: list[str] = []
-
-    def walk(node: Any, where: str) -> None:
-        if isinstance(node, dict):
-            pattern = node.get("pattern")
-            spelt = isinstance(pattern, str) and (
-                "spiffe://" in pattern or "[A-Za-z0-9][A-Za-z0-9._" in pattern
-            )
-            if spelt and not where.startswith("#/definitions/"):
-                found.append(f"{where}: {pattern}")
-            for key, value in node.items():
-                walk(value, f"{where}/{key}")
-        elif isinstance(node, list):
-            for i, value in enumerate(node):
-                walk(value, f"{where}/{i}")
-
-    walk(SCHEMA, "#")
+    found = [
+        f"{where}: {node['pattern']}"
+        for where, node in schema_nodes(SCHEMA)
+        if isinstance(node.get("pattern"), str)
+        and ("spiffe://" in node["pattern"] or "[A-Za-z0-9][A-Za-z0-9._" in node["pattern"])
+        and not where.startswith("#/definitions/")
+    ]
     assert found == []
