@@ -282,15 +282,8 @@ def test_artifact_damaged_in_transit_is_data_loss(
 ) -> None:
     _publish(env, model_path, version)
     genuine = _blob(env, version).read_bytes()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    store_grpc.add_ModelStoreServiceServicer_to_server(_ServeBytes(change(genuine)), server)  # type: ignore[abstract]
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(DataLoss):
-            _loader(env, channel).load("faulty", version)
-    finally:
-        server.stop(0)
+    with _store_peer(_ServeBytes(change(genuine))) as channel, pytest.raises(DataLoss):  # type: ignore[abstract]
+        _loader(env, channel).load("faulty", version)
 
 
 class _StallingStore(_ServeBytes):
@@ -310,6 +303,21 @@ class _StallingStore(_ServeBytes):
         yield store_pb.GetModelResponse(data=self.data[:-64])
         self.go_on.wait(60)
         yield store_pb.GetModelResponse(data=self.data[-64:])
+
+
+@contextlib.contextmanager
+def _store_peer(store: _ServeBytes, workers: int = 2) -> Iterator[grpc.Channel]:
+    """``store`` served on a local port (plaintext, as a store peer the test controls), and a
+    channel to it; the server stops, cancelling what is in flight, when the block ends."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    store_grpc.add_ModelStoreServiceServicer_to_server(store, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        server.stop(None).wait(30)
 
 
 @contextlib.contextmanager
@@ -345,20 +353,15 @@ def test_a_load_model_call_that_ends_stops_its_download(env: Env, model_path: Pa
     the 600 s load timeout, a server thread held), and loaded the model once the store answered."""
     _publish(env, model_path, "stalled")
     store = _StallingStore(_blob(env, "stalled").read_bytes())  # type: ignore[abstract]
-    store_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    store_grpc.add_ModelStoreServiceServicer_to_server(store, store_server)
-    store_port = store_server.add_insecure_port("127.0.0.1:0")
-    store_server.start()
     repository = ModelRepository()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{store_port}") as store_channel:
+    with _store_peer(store, workers=4) as store_channel:
+        try:
             loader = _loader(env, store_channel, repository)
             with _control_service(loader, repository) as control:
                 _load_past_its_deadline(control, "stalled", timeout=3)
                 assert store.call_ended.wait(30)  # the download ended with the call
-    finally:
-        store.go_on.set()
-        store_server.stop(None).wait(30)
+        finally:
+            store.go_on.set()
     assert loader._lock("faulty").acquire(CallScope(time.monotonic() + 30))  # the load is done
     # The abandoned load failed; it did not go on to serve the model.
     assert repository.version_state("faulty", "stalled") is ModelState.FAILED
@@ -591,17 +594,13 @@ def test_a_download_that_fails_stops_its_key_release(env: Env, model_path: Path)
     cancels its release; here the release is still attesting when the download fails."""
     _publish(env, model_path, "failed-download")
     store = _FailingStore(_blob(env, "failed-download").read_bytes())  # type: ignore[abstract]
-    store_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    store_grpc.add_ModelStoreServiceServicer_to_server(store, store_server)
-    store_port = store_server.add_insecure_port("127.0.0.1:0")
-    store_server.start()
     load_failed = threading.Event()
     inference = env.stack.identity("inference")
     channels = PinnedChannels(inference, env.stack.address("keybroker"), server_name="keybroker")
     repository = ModelRepository()
     decisions = len(env.audit())
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{store_port}") as store_channel:
+    with _store_peer(store) as store_channel:
+        try:
             loader = ModelLoader(
                 repository,
                 store_channel=store_channel,
@@ -615,9 +614,8 @@ def test_a_download_that_fails_stops_its_key_release(env: Env, model_path: Path)
             for thread in threading.enumerate():
                 if thread.name == "artifact-key-release":
                     thread.join(60)
-    finally:
-        load_failed.set()
-        store_server.stop(None).wait(30)
+        finally:
+            load_failed.set()
     assert _decisions_since(env, decisions) == []  # no key was released for a failed load
     status = repository.status("faulty").versions[-1]
     assert status.failure is not None and status.failure.reason != "LOAD_CANCELLED"
