@@ -200,6 +200,7 @@ class AuditEvent:
     evidence_sha256: str | None = None
     claims: Mapping[str, Any] = field(default_factory=dict)
     policy_version: str | None = None
+    policy_sha256: str | None = None
     key_id: str | None = None
     key_version: int | None = None
     oaep_mechanism: str | None = None
@@ -384,6 +385,7 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
     for name, pattern in (
         ("caller_cert_serial", _SERIAL_RE),
         ("evidence_sha256", HEX64_RE),
+        ("policy_sha256", HEX64_RE),
         ("decision_id", DECISION_ID_PATTERN),
         ("key_id", KEY_ID_PATTERN),
     ):
@@ -414,6 +416,7 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
             "caller": {"spiffe_id": spiffe, "cert_serial": event.caller_cert_serial},
             "evidence_sha256": event.evidence_sha256,
             "policy_version": event.policy_version,
+            "policy_sha256": event.policy_sha256,
             "key": {"id": event.key_id, "version": version},
             "oaep_mechanism": event.oaep_mechanism,
             "decision_id": decision_id,

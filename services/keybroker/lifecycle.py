@@ -7,7 +7,6 @@ without a transport.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -227,16 +226,19 @@ class KeyService:
         edit) would make every record of that version ambiguous. The same document again is
         accepted (a retry); another one under the live version is refused,
         FailedPrecondition(POLICY_VERSION_REUSED), unrecorded like any refused change. Each
-        record also carries the document's SHA-256 (``claims.policy_sha256``).
+        record also carries the document's SHA-256 (``policy_sha256``, as release records do).
         """
         self._keys.describe_key(key_id)  # NotFound for a key that does not exist
         stored = self._policies.check(key_id, document)
         version = stored.policy.version
-        claims = {"policy_sha256": hashlib.sha256(document.encode()).hexdigest()}
         with self._policy_lock(key_id):
             self._refuse_reused_version(key_id, stored)
             record = self._record(
-                caller, "set_release_policy", key_id, policy_version=version, claims=claims
+                caller,
+                "set_release_policy",
+                key_id,
+                policy_version=version,
+                policy_sha256=stored.sha256,
             )
             try:
                 return self._policies.write(key_id, stored)
@@ -248,8 +250,8 @@ class KeyService:
                     reason=exc.reason,
                     decision=Decision.DENIED,
                     policy_version=version,
+                    policy_sha256=stored.sha256,
                     decision_id=record.decision_id,
-                    claims=claims,
                 )
                 raise
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.files import atomic_write
+from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.keybroker.keys import validate_key_id
 from strongroom.keybroker.policy_bounds import check_policy_bounds
@@ -21,10 +23,15 @@ _log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StoredPolicy:
-    """A key's policy: the document as written and its parsed form."""
+    """A key's policy: the document as written, its parsed form, and the SHA-256 (hex) of the
+    document's UTF-8 bytes, which names it in audit records beside its version."""
 
     document: str
     policy: ReleasePolicy
+    sha256: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha256", hashlib.sha256(self.document.encode()).hexdigest())
 
 
 _Stamp = tuple[int, int, int, int, int]
@@ -63,16 +70,34 @@ class PolicyStore:
 
     Several broker replicas can share the directory (a ConfigMap, a volume): nothing here keeps
     state a request depends on beyond the file itself.
+
+    With an ``audit`` log, each document this process starts judging a key by is recorded
+    (``policy_in_force``, with its version and SHA-256, and the one it replaces) before anything
+    is decided under it. Changes made through ``SetReleasePolicy`` were already recorded; a
+    policy edited by hand in the directory, written by another replica, or put there by
+    deployment tooling was not, and a hand edit that kept the version made every record of
+    that version ambiguous: the log now says which document judged each decision.
     """
 
     def __init__(
-        self, directory: Path, *, trust_domain: str | None = None, production: bool = True
+        self,
+        directory: Path,
+        *,
+        trust_domain: str | None = None,
+        production: bool = True,
+        audit: AuditLog | None = None,
     ) -> None:
         self._dir = os.fspath(directory)
         self._trust_domain = trust_domain
         self._production = production
+        self._audit = audit
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[_Stamp, StoredPolicy]] = {}
+        # key id -> (SHA-256, version) of the document last recorded in force. Its own lock,
+        # held across the record's fsync, so that two requests meeting a new file record it
+        # once; rare (a policy change), unlike the cache's.
+        self._in_force: dict[str, tuple[str, str]] = {}
+        self._in_force_lock = threading.Lock()
 
     def _path(self, key_id: str) -> str:
         # A str, not a Path: pathlib interns each part, and a per-request string that is interned
@@ -109,9 +134,40 @@ class PolicyStore:
                 f"the stored release policy of {key_id!r} does not load: {exc.message}",
                 reason=exc.reason,
             ) from None
+        # Recorded before it is cached: a record that fails (an audit outage) leaves the
+        # document unused here, and the next request tries again.
+        self._record_in_force(key_id, stored)
         with self._lock:
             self._cache[key_id] = (stamp, stored)
         return stored
+
+    def _record_in_force(self, key_id: str, stored: StoredPolicy) -> None:
+        """Records ``stored`` as the key's policy in force unless it already is."""
+        if self._audit is None:
+            return
+        with self._in_force_lock:
+            previous = self._in_force.get(key_id)
+            if previous is not None and previous[0] == stored.sha256:
+                return
+            version = stored.policy.version
+            if previous is not None and previous[1] == version:
+                _log.warning(
+                    "a release policy changed on disk under the version it had: records of that "
+                    "version now name two documents (their policy_sha256 tells them apart)",
+                    extra={"key_id": key_id, "policy_version": version},
+                )
+            self._audit.append(
+                AuditEvent(
+                    decision=Decision.ALLOWED,
+                    reason=Reason.POLICY_IN_FORCE,
+                    action="policy_in_force",
+                    key_id=key_id,
+                    policy_version=version,
+                    policy_sha256=stored.sha256,
+                    claims={} if previous is None else {"previous_policy_sha256": previous[0]},
+                )
+            )
+            self._in_force[key_id] = (stored.sha256, version)
 
     def _load(self, document: str) -> ReleasePolicy:
         """Bounds, parses and validates a document, also against where this broker runs."""

@@ -300,6 +300,8 @@ class ReleaseEngine:
         load error. The refusal's real reason is audited."""
         try:
             stored = self._policies.get(key_id)
+        except AuditUnavailable:
+            raise  # recording the document in force failed: an outage, not this key's policy
         except StrongroomError as exc:
             if exc.reason != Reason.NO_RELEASE_POLICY:
                 # The broker's configuration, not the caller: the operator must fix it.
@@ -309,6 +311,7 @@ class ReleaseEngine:
                 )
             raise ReleaseNotPermitted(key_id, exc) from None
         context["policy_version"] = stored.policy.version
+        context["policy_sha256"] = stored.sha256
         try:
             stored.policy.check_caller(caller.spiffe_id)
         except StrongroomError as exc:

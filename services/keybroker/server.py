@@ -197,7 +197,10 @@ def build(
         raise
     keys = KeyManager(hsm)
     policies = PolicyStore(
-        config.policies_dir, trust_domain=identity.trust_domain, production=common.production
+        config.policies_dir,
+        trust_domain=identity.trust_domain,
+        production=common.production,
+        audit=audit,
     )
     collateral = collateral_service(config, trust)
     engine = ReleaseEngine(

@@ -8,6 +8,7 @@ nothing.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import threading
@@ -133,6 +134,13 @@ def test_simulated_vm_gets_the_publishers_data_key(world: World) -> None:
     assert record["claims"]["measurement"] == GOOD.hex()
     assert record["oaep_mechanism"] == "RSA-OAEP/SHA-1/MGF1-SHA-1"
     assert record["policy_version"] == "test-1"
+    # The document that judged it, by digest, recorded in force before the first decision
+    # under it (the broker's wiring gives its policy store the audit log).
+    document = (world.stack.root / "state" / "keybroker" / "policies" / f"{KEY}.yaml").read_bytes()
+    assert record["policy_sha256"] == hashlib.sha256(document).hexdigest()
+    in_force = [r for r in audit_records(world) if r["action"] == "policy_in_force"]
+    assert [r["policy_sha256"] for r in in_force][-1] == record["policy_sha256"]
+    assert in_force[-1]["seq"] < record["seq"]
 
 
 def test_audit_log_verifies(world: World) -> None:

@@ -152,7 +152,7 @@ def test_another_document_under_the_live_policy_version_is_refused(service) -> N
     keys.set_policy(ADMIN, "k1", loosened.replace('"p1"', '"p2"'))  # a version of its own
     changes = [r for r in _records(log) if r["action"] == "set_release_policy"]
     assert [r["policy_version"] for r in changes] == ["p1", "p1", "p2"]
-    assert changes[0]["claims"]["policy_sha256"] == hashlib.sha256(POLICY.encode()).hexdigest()
+    assert changes[0]["policy_sha256"] == hashlib.sha256(POLICY.encode()).hexdigest()
 
 
 def test_a_policy_change_whose_record_fails_does_not_take_effect(service, monkeypatch) -> None:

@@ -11,6 +11,7 @@ same decision.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from strongroom.attestation.binding import report_data_for
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, parse_ephemeral_public_key
 from strongroom.keybroker.errors import AuditUnavailable, HsmUnavailable
@@ -550,3 +552,66 @@ def test_a_caller_that_stops_while_over_its_budget_has_its_count_recorded(
     assert (record["decision"], record["caller"]["spiffe_id"]) == ("denied", stranger.spiffe_id)
     engine.record_counted_refusals(every=True)
     assert len(counts()) == 2  # nothing left to record
+
+
+def test_each_decision_names_its_policy_document_and_a_hand_edit_is_recorded_before_use(
+    authority, tmp_path, monkeypatch
+) -> None:
+    """Records named the judging policy only by its version, and a document edited by hand in
+    the policy directory was never recorded: an edit that kept the version (here the caller
+    replaced, same size and mtime as rsync -a leaves it) made every record of that version name two
+    documents. Each document is now recorded in force before its first decision, and each
+    decision carries its SHA-256; a record that fails leaves the document unused."""
+    audit_key = Ed25519PrivateKey.generate()
+    audit = AuditLog.open(tmp_path / "audit.log", audit_key)
+    policies = PolicyStore(tmp_path / "policies", production=False, audit=audit)
+    policies.put("k1", POLICY)  # stored, not yet judged by: nothing recorded
+    engine = ReleaseEngine(
+        keys=FakeKeys([]),  # type: ignore[arg-type]
+        challenges=ChallengeIssuer(Secret(os.urandom(32))),
+        policies=policies,
+        trust=authority.trust_store(),
+        audit=audit,
+        collateral=authority.collateral_source(),
+    )
+
+    def records() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+
+    first = hashlib.sha256(POLICY.encode()).hexdigest()
+    engine.release(_request(engine, authority), CALLER)
+    engine.release(_request(engine, authority), CALLER)
+    assert [(r["action"], r["reason"], r["policy_sha256"]) for r in records()] == [
+        ("policy_in_force", "POLICY_IN_FORCE", first),
+        ("key_release", "RELEASED", first),
+        ("key_release", "RELEASED", first),
+    ]
+    assert records()[0]["claims"] == {} and records()[0]["policy_version"] == "p1"
+
+    edited = POLICY.replace("strongroom.test/inference", "strongroom.test/inferenz2")
+    assert len(edited) == len(POLICY)
+    replace_keeping_mtime(tmp_path / "policies" / "k1.yaml", edited)
+    second = hashlib.sha256(edited.encode()).hexdigest()
+    real_append = audit.append
+
+    def failing_append(event: AuditEvent, **kwargs: Any) -> AuditRecord:
+        if event.action == "policy_in_force":
+            raise AuditUnavailable("the audit disk is gone")
+        return real_append(event, **kwargs)
+
+    monkeypatch.setattr(audit, "append", failing_append)
+    with pytest.raises(AuditUnavailable):  # an outage, said as one: not "not permitted"
+        engine.release(_request(engine, authority), CALLER)
+    monkeypatch.setattr(audit, "append", real_append)
+    with pytest.raises(PermissionDenied) as info:
+        engine.release(_request(engine, authority), CALLER)  # now judged by the edit
+    assert info.value.reason == "CALLER_NOT_ALLOWED"
+    tail = records()[3:]
+    # Nothing was decided under the edit while its record failed (the outage's refusal is not
+    # recorded either: the log is what failed).
+    assert [(r["action"], r["reason"], r["policy_sha256"]) for r in tail] == [
+        ("policy_in_force", "POLICY_IN_FORCE", second),
+        ("key_release", "CALLER_NOT_ALLOWED", second),
+    ]
+    assert tail[0]["claims"] == {"previous_policy_sha256": first}
+    assert verify_audit_log(tmp_path / "audit.log", public_key=audit_key.public_key()).intact
