@@ -47,7 +47,8 @@ def load_multipart(
     fetcher's own; ``header_sha256`` pins the manifest (see ModelFetcher.fetch).
 
     Raises DataLoss for a part that is not the one the manifest names, FailedPrecondition for a
-    manifest whose layout is not an ONNX model (MODEL_LAYOUT_UNSUPPORTED), or the load's error.
+    manifest whose layout is not an ONNX model (MODEL_LAYOUT_UNSUPPORTED, before any part is
+    downloaded), or the load's error.
     """
     if signature is not None and signature.required:
         # Signatures cover one file; a multi-part model carries none (yet), so it cannot satisfy
@@ -57,16 +58,15 @@ def load_multipart(
             reason=Reason.MODEL_SIGNATURE_MISSING,
         )
     with fetching if fetching is not None else nullcontext():
+        # Another layout is refused once the manifest is read, before its parts are downloaded.
         fetched: DecryptedModel = fetcher.fetch(
-            name, version, timeout=timeout, header_sha256=header_sha256
+            name,
+            version,
+            timeout=timeout,
+            header_sha256=header_sha256,
+            layouts=(ManifestLayout.ONNX_EXTERNAL_DATA,),
         )
     with fetched:
-        if fetched.layout is not ManifestLayout.ONNX_EXTERNAL_DATA:
-            raise FailedPrecondition(
-                f"{name}/{version} is not an ONNX model with external data "
-                "(fetch it with strongroom.client.fetch instead)",
-                reason=Reason.MODEL_LAYOUT_UNSUPPORTED,
-            )
         graph, *data = fetched.parts
         started = time.perf_counter()
         repository.load(

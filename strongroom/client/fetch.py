@@ -35,7 +35,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -344,6 +344,25 @@ def check_artifact_header(
     check_header_pin(header, header_sha256)
 
 
+def _check_layout(
+    name: str,
+    version: str,
+    layout: ManifestLayout | None,
+    accepted: Collection[ManifestLayout] | None,
+) -> None:
+    """FailedPrecondition(MODEL_LAYOUT_UNSUPPORTED) unless ``layout`` (None: a single artifact)
+    is ``accepted`` (None: any)."""
+    if accepted is None or (layout is not None and layout in accepted):
+        return
+    what = "a single artifact" if layout is None else f"laid out as {layout.name}"
+    wanted = ", ".join(sorted(each.name for each in accepted))
+    raise FailedPrecondition(
+        f"{name}/{version} is {what}; this reader takes only multi-part models laid out as "
+        f"{wanted}",
+        reason=Reason.MODEL_LAYOUT_UNSUPPORTED,
+    )
+
+
 class ModelFetcher:
     """Fetches, attests for, releases and decrypts model versions into memory.
 
@@ -401,12 +420,15 @@ class ModelFetcher:
         *,
         timeout: float | None = None,
         header_sha256: bytes | None = None,
+        layouts: Collection[ManifestLayout] | None = None,
     ) -> DecryptedModel:
         """Decrypts ``name``/``version`` (single or multi-part) into memory; see the module doc.
 
         ``timeout`` (seconds) bounds this fetch instead of the fetcher's own (with a channel).
         ``header_sha256`` pins the artifact (a multi-part model's manifest): see
-        :func:`check_header_pin`."""
+        :func:`check_header_pin`. ``layouts``, if given, are the multi-part layouts the caller
+        can use: any other model (a single artifact included) is FailedPrecondition
+        ``MODEL_LAYOUT_UNSUPPORTED``, a manifest's before any of its parts is downloaded."""
         started = time.perf_counter()
         source = self._source_until(
             time.monotonic() + (self._timeout if timeout is None else timeout)
@@ -445,6 +467,7 @@ class ModelFetcher:
             header = first.decryptor.header
             assert header is not None
             if not is_manifest(header.content_type):
+                _check_layout(name, version, None, layouts)
                 parts: tuple[DecryptedPart, ...] = (
                     DecryptedPart(0, _default_part_name(name), header.content_type, plaintext),
                 )
@@ -453,6 +476,7 @@ class ModelFetcher:
                 manifest = parse_manifest(plaintext, header=header)
                 first.decryptor.wipe_output()  # the manifest is parsed; its plaintext can go
                 done.clear()
+                _check_layout(name, version, manifest.layout, layouts)
                 self._check_total(manifest)
                 parts = self._fetch_parts(manifest, dek, done, source)
         except BaseException as exc:

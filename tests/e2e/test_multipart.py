@@ -301,6 +301,34 @@ def test_a_dropped_part_is_refused(env: Env) -> None:
     _refused(env, "drop", "PART_MISSING")
 
 
+def test_a_model_of_another_layout_is_refused_before_its_parts_are_downloaded(env: Env) -> None:
+    """The inference server serves ONNX models only; a FILES model (safetensors shards for
+    another runtime) was refused once every part had been downloaded and decrypted. With a part
+    gone from the store that was a PART_MISSING DATA_LOSS: the parts are now never asked for."""
+    folder = env.models / "files-layout"
+    folder.mkdir()
+    for index in range(2):
+        (folder / f"shard-{index}.bin").write_bytes(os.urandom(4096))
+    publish_parts(
+        files_parts([folder]),
+        name=NAME,
+        version="files",
+        key_id=KEY,
+        broker=env.stack.channel(env.publisher, "keybroker"),
+        store=env.stack.channel(env.publisher, "modelstore"),
+        layout=ManifestLayout.FILES,
+    )
+    store = store_grpc.ModelStoreServiceStub(env.stack.channel(env.admin, "modelstore"))
+    store.DeleteModel(store_pb.DeleteModelRequest(name=NAME, version="files+part.1"), timeout=10)
+    with pytest.raises(grpc.RpcError) as info:
+        env.load("files")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+    details = info.value.details() or ""
+    assert details.startswith("MODEL_LAYOUT_UNSUPPORTED: "), details
+    assert "laid out as FILES" in details and "ONNX_EXTERNAL_DATA" in details
+    assert not env.ready("files")
+
+
 def test_a_manifest_from_another_version_is_refused(env: Env) -> None:
     env.publish("mix1", seed=6)
     env.publish("mix2", seed=7)
