@@ -274,11 +274,13 @@ class DevStack:
         *,
         instance: str | None = None,
         server: dict[str, Any] | None = None,
+        roles: Mapping[str, Sequence[str]] | None = None,
     ) -> Path:
         """Writes the service's configuration file and its one-time enrolment token.
 
         ``instance`` names a second copy of a service (its own ports, state and files; the same
-        SPIFFE ID); ``server`` sets keys of the ``server:`` section (limits).
+        SPIFFE ID); ``server`` sets keys of the ``server:`` section (limits); ``roles`` gives
+        more names (as :meth:`identity` takes them) a role, besides the role's own name.
         """
         instance = instance or service
         ca = self.start_ca()
@@ -304,7 +306,10 @@ class DevStack:
                 "state_dir": str(state / "identity"),
             },
             "logging": {"level": "INFO", "format": "text"},
-            "authz": {role: [self.spiffe_id(role)] for role in ROLES},
+            "authz": {
+                role: [self.spiffe_id(name) for name in (role, *(roles or {}).get(role, ()))]
+                for role in ROLES
+            },
             service: section if section is not None else self.default_section(service),
         }
         if server:
@@ -382,9 +387,12 @@ class DevStack:
         *,
         tracer_provider: TracerProvider | None = None,
         server: dict[str, Any] | None = None,
+        roles: Mapping[str, Sequence[str]] | None = None,
+        build_args: Mapping[str, Any] | None = None,
     ) -> RunningService:
         """Starts ``service`` in this process from its configuration file (for tests);
-        ``server`` sets keys of its ``server:`` section."""
+        ``server`` sets keys of its ``server:`` section, ``roles`` gives more names a role
+        (:meth:`write_config`), ``build_args`` go to the service's ``build`` (a test's clock)."""
         import importlib
 
         module = importlib.import_module(f"strongroom.{service}.server")
@@ -395,12 +403,18 @@ class DevStack:
         }[service]
         module_name, cls_name = config_cls.split(":")
         cls = getattr(importlib.import_module(module_name), cls_name)
-        path = self.write_config(service, section, server=server)
+        path = self.write_config(service, section, server=server, roles=roles)
         common, config = load_service_config(path, service, cls, environ={})
         from strongroom.runtime.bootstrap import open_identity
 
         identity = open_identity(common.identity)
-        handle = module.build(common, config, identity=identity, tracer_provider=tracer_provider)
+        handle = module.build(
+            common,
+            config,
+            identity=identity,
+            tracer_provider=tracer_provider,
+            **(build_args or {}),
+        )
         handle.host.start()
 
         def stop() -> None:

@@ -13,15 +13,11 @@ import time
 from collections.abc import Callable, Mapping
 
 from strongroom.errors import (
-    DataLoss,
     FailedPrecondition,
-    Internal,
     ResourceExhausted,
     StrongroomError,
-    Unavailable,
 )
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
-from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.keybroker.keys import (
     ChangeGate,
     DataKey,
@@ -37,6 +33,7 @@ from strongroom.keybroker.refusals import (
     REFUSAL_BURST,
     REFUSAL_RATE,
     RefusalRecords,
+    callers_fault,
     record_counts,
 )
 from strongroom.keybroker.release import Caller
@@ -44,15 +41,6 @@ from strongroom.reasons import Reason
 from strongroom.runtime.metrics import DATA_KEYS_REWRAPPED
 
 _log = logging.getLogger(__name__)
-
-
-def _callers_fault(refusal: StrongroomError) -> bool:
-    """Whether a refusal counts against its caller's budget: not when the broker failed (an HSM
-    or audit outage, a damaged key, a stored policy that does not read or load), or an outage
-    would turn every caller's real reason into a rate limit after a burst."""
-    return not isinstance(
-        refusal, Unavailable | Internal | DataLoss | PolicyUnreadable | StoredPolicyInvalid
-    )
 
 
 class _RefusalBudget:
@@ -330,7 +318,7 @@ class KeyService:
                 return
             except StrongroomError as exc:
                 refusal = exc
-        if _callers_fault(refusal):
+        if callers_fault(refusal):
             self._data_key_refusals.spend(caller)
         self._refused_on_record(
             caller,
@@ -362,7 +350,7 @@ class KeyService:
         try:
             rewrapped = self._keys.rewrap(key_id, version, wrapped)
         except StrongroomError as exc:
-            if _callers_fault(exc):
+            if callers_fault(exc):
                 self._rewrap_refusals.spend(caller)
             self._record(
                 caller,

@@ -11,6 +11,16 @@ below the rate does not leave its count unwritten for ever. The log still accoun
 refusal, by number where not one by one: the counts of a caller that stopped while over its
 budget are recorded by the broker's own pass once a minute (:meth:`RefusalRecords.take_counts`)
 and at shutdown; only a crash loses the last minute's.
+
+A budget is per caller, or per caller and reason (``per_reason``: refused key releases whose
+request was read, where an operator needs the first records of each reason in full and then a
+count per reason, and where one flood of one reason must not leave another reason unrecorded).
+Per reason, a caller's refusals of all reasons together also stay within
+:data:`REASONS_PER_CALLER` reasons' budgets; past that they are counted per reason, and the first
+refusal of a reason past its caller's budget is still recorded in full (with the count, 0): every
+reason a caller provokes has its first refusal in full, and one a minute while it goes on.
+Refusals the broker caused (:func:`callers_fault`) are never budgeted: their callers did nothing
+wrong, and each is what an operator must see.
 """
 
 from __future__ import annotations
@@ -19,8 +29,9 @@ import logging
 import threading
 from collections.abc import Callable
 
-from strongroom.errors import StrongroomError
+from strongroom.errors import DataLoss, Internal, StrongroomError, Unavailable
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
+from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.reasons import Reason
 from strongroom.runtime.ratelimit import CallerBuckets
 from strongroom.spiffe import is_workload_id
@@ -32,62 +43,109 @@ REFUSAL_BURST = 64
 REFUSAL_RATE = 1.0
 LIMITED_RECORD_SECONDS = 60.0
 """How often a caller over its rate has a record counting the refusals left unrecorded."""
+REASONS_PER_CALLER = 4
+"""With a budget per reason, how many reasons' budgets one caller's refusals of every reason have
+together (256 at once, then 4 a second): a caller cycling through the catalogue's reasons would
+otherwise have each reason's budget, over a hundred records a second."""
 _MAX_LIMITED = 1024
 
 
-class RefusalRecords:
-    """The per-caller record budget of one kind of refusal (``what``, for the log)."""
+def callers_fault(refusal: StrongroomError) -> bool:
+    """Whether a refusal counts against its caller's budget: not when the broker failed (an HSM
+    or audit outage, collateral it cannot fetch, a damaged key, a stored policy that does not
+    read or load), or an outage would turn every caller's real reason into a rate limit after a
+    burst, or leave the broker's own failures counted instead of recorded."""
+    return not isinstance(
+        refusal, Unavailable | Internal | DataLoss | PolicyUnreadable | StoredPolicyInvalid
+    )
 
-    def __init__(self, what: str, clock: Callable[[], float]) -> None:
+
+class RefusalRecords:
+    """The per-caller record budget of one kind of refusal (``what``, for the log); with
+    ``per_reason``, one budget per caller and reason."""
+
+    def __init__(self, what: str, clock: Callable[[], float], *, per_reason: bool = False) -> None:
         self._what = what
         self._clock = clock
+        self._per_reason = per_reason
         self._buckets = CallerBuckets(REFUSAL_RATE, REFUSAL_BURST, clock=clock)
-        # caller -> (when its last counting record was due, refusals unrecorded since)
-        self._limited: dict[str, tuple[float, int]] = {}
+        # Per reason, every reason of a caller together too (see REASONS_PER_CALLER).
+        self._callers = (
+            CallerBuckets(
+                REFUSAL_RATE * REASONS_PER_CALLER, REFUSAL_BURST * REASONS_PER_CALLER, clock=clock
+            )
+            if per_reason
+            else None
+        )
+        # (caller, reason or "") -> (when its last counting record was due, refusals unrecorded
+        # since)
+        self._limited: dict[tuple[str, str], tuple[float, int]] = {}
         self._lock = threading.Lock()
 
-    def available(self, caller: str) -> bool:
-        """Whether ``caller``'s next refusal of this kind may be recorded on its own."""
-        return self._buckets.available(caller)
+    def _key(self, caller: str, reason: str) -> tuple[str, str]:
+        return (caller, reason if self._per_reason else "")
 
-    def spend(self, caller: str) -> bool:
+    def _bucket(self, caller: str, reason: str) -> str:
+        # A space is in neither a SPIFFE ID nor a reason code: the pair cannot collide.
+        return f"{caller} {reason}" if self._per_reason else caller
+
+    def available(self, caller: str, reason: str = "") -> bool:
+        """Whether ``caller``'s next refusal of this kind (and ``reason``, per reason) may be
+        recorded on its own."""
+        return self._buckets.available(self._bucket(caller, reason)) and (
+            self._callers is None or self._callers.available(caller)
+        )
+
+    def spend(self, caller: str, reason: str = "") -> bool:
         """Counts one refusal recorded on its own; False (nothing counted) past the budget."""
-        return self._buckets.take(caller)
+        bucket = self._bucket(caller, reason)
+        if self._callers is None:
+            return self._buckets.take(bucket)
+        if not self._callers.available(caller) or not self._buckets.take(bucket):
+            return False
+        if not self._callers.take(caller):  # another refusal of the caller took the last one
+            self._buckets.refund(bucket)
+            return False
+        return True
 
-    def take_unrecorded(self, caller: str) -> int | None:
-        """For a refusal recorded on its own: how many of ``caller``'s refusals went unrecorded
-        since its last counting record (this record carries them), or None when none did."""
+    def take_unrecorded(self, caller: str, reason: str = "") -> int | None:
+        """For a refusal recorded on its own: how many of ``caller``'s refusals (of ``reason``,
+        per reason) went unrecorded since its last counting record (this record carries them),
+        or None when none did."""
+        key = self._key(caller, reason)
         with self._lock:
-            entry = self._limited.get(caller)
+            entry = self._limited.get(key)
             if entry is None or entry[1] == 0:
                 return None
             # The next counting record stays due when it was: only the count moves to this one.
-            self._limited[caller] = (entry[0], 0)
+            self._limited[key] = (entry[0], 0)
             return entry[1]
 
-    def take_counts(self, *, every: bool = False) -> list[tuple[str, int]]:
-        """The callers whose counted refusals are due to be recorded, with their counts, which
-        are taken: a counting record is due :data:`LIMITED_RECORD_SECONDS` after the last (or at
-        once with ``every``, at shutdown). For callers that stopped while over their budget,
-        whose counts no refusal of theirs would ever carry."""
+    def take_counts(self, *, every: bool = False) -> list[tuple[str, str | None, int]]:
+        """The callers whose counted refusals are due to be recorded, each with the reason
+        counted (per reason; else None) and the count, which is taken: a counting record is due
+        :data:`LIMITED_RECORD_SECONDS` after the last (or at once with ``every``, at shutdown).
+        For callers that stopped while over their budget, whose counts no refusal of theirs
+        would ever carry."""
         now = self._clock()
-        taken: list[tuple[str, int]] = []
+        taken: list[tuple[str, str | None, int]] = []
         with self._lock:
-            for caller, (since, count) in list(self._limited.items()):
+            for (caller, reason), (since, count) in list(self._limited.items()):
                 if count and (every or now - since >= LIMITED_RECORD_SECONDS):
-                    taken.append((caller, count))
-                    self._limited[caller] = (now, 0)
+                    taken.append((caller, reason if self._per_reason else None, count))
+                    self._limited[(caller, reason)] = (now, 0)
         return taken
 
     def unrecorded_if_due(self, caller: str, reason: str) -> int | None:
         """For a refusal past the budget: how many went unrecorded before it when a counting
         record is due now (the caller records it), else None (it is counted for the next)."""
         now = self._clock()
+        key = self._key(caller, reason)
         with self._lock:
-            entry = self._limited.get(caller)
+            entry = self._limited.get(key)
             due = entry is None or now - entry[0] >= LIMITED_RECORD_SECONDS
             unrecorded = 0 if entry is None else entry[1]
-            self._limited[caller] = (now, 0) if due or entry is None else (entry[0], unrecorded + 1)
+            self._limited[key] = (now, 0) if due or entry is None else (entry[0], unrecorded + 1)
             if len(self._limited) > _MAX_LIMITED:
                 # Callers no longer limited are forgotten, but not a count not yet recorded:
                 # dropping it would leave those refusals out of the log.
@@ -112,10 +170,15 @@ class RefusalRecords:
 def record_counts(
     audit: AuditLog, records: RefusalRecords, action: str, *, every: bool = False
 ) -> None:
-    """Writes one ``REFUSALS_COUNTED`` record for each caller whose counted refusals of this kind
-    are due (:meth:`RefusalRecords.take_counts`), its count in ``claims.refusals_unrecorded``. A
-    record that cannot be written is logged with its count (the audit log is failing)."""
-    for caller, count in records.take_counts(every=every):
+    """Writes one ``REFUSALS_COUNTED`` record for each caller (and reason, per reason) whose
+    counted refusals of this kind are due (:meth:`RefusalRecords.take_counts`), its count in
+    ``claims.refusals_unrecorded`` and, per reason, the reason counted in
+    ``claims.counted_reason``. A record that cannot be written is logged with its count (the
+    audit log is failing)."""
+    for caller, counted, count in records.take_counts(every=every):
+        claims: dict[str, object] = {"refusals_unrecorded": count}
+        if counted is not None:
+            claims["counted_reason"] = counted
         try:
             audit.append(
                 AuditEvent(
@@ -123,11 +186,17 @@ def record_counts(
                     reason=Reason.REFUSALS_COUNTED,
                     action=action,
                     caller_spiffe_id=caller if is_workload_id(caller) else None,
-                    claims={"refusals_unrecorded": count},
+                    claims=claims,
                 )
             )
         except StrongroomError as exc:
             _log.error(
                 "cannot record counted refusals",
-                extra={"what": action, "caller": caller, "unrecorded": count, "reason": exc.reason},
+                extra={
+                    "what": action,
+                    "caller": caller,
+                    "counted_reason": counted,
+                    "unrecorded": count,
+                    "reason": exc.reason,
+                },
             )

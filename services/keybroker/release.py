@@ -42,7 +42,7 @@ from strongroom.keybroker.keys import (
     validate_version,
 )
 from strongroom.keybroker.policies import PolicyStore, StoredPolicy
-from strongroom.keybroker.refusals import RefusalRecords, record_counts
+from strongroom.keybroker.refusals import RefusalRecords, callers_fault, record_counts
 from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
 from strongroom.runtime.callers import UNVERIFIED
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 # What a refusal's record keeps when the rest of its context is not recordable: who asked (from
 # the verified certificate) and a digest of what they sent.
 _CALLER_FIELDS = ("caller_spiffe_id", "caller_cert_serial", "evidence_sha256")
+# The claim of a record carrying the count of its caller's refusals left unrecorded before it.
+_COUNT = "refusals_unrecorded"
 
 MAX_REPORT_BYTES = 16 * 1024
 MAX_CERTIFICATES = 8
@@ -91,6 +93,11 @@ class ReleaseOutcome:
     decision_id: str
     policy_version: str
     timings: dict[str, float]
+
+
+def _counting(context: dict[str, Any], unrecorded: int) -> dict[str, Any]:
+    """``context`` for a record that also carries how many refusals went unrecorded before it."""
+    return {**context, "claims": {**context.get("claims", {}), _COUNT: unrecorded}}
 
 
 def _check_evidence_sizes(evidence: Evidence) -> None:
@@ -143,6 +150,7 @@ class ReleaseEngine:
         self._clock = clock
         self._hsm_timeout = hsm_timeout
         self._unread_refusals = RefusalRecords("key releases refused unread", monotonic)
+        self._read_refusals = RefusalRecords("key releases refused", monotonic, per_reason=True)
 
     def challenge(self, key_id: str, caller: Caller) -> Challenge:
         """A nonce for releasing ``key_id`` to ``caller``."""
@@ -157,10 +165,11 @@ class ReleaseEngine:
         }
 
     def deny(self, exc: Exception, caller: Caller, *, key_id: str, report: bytes) -> None:
-        """Audits a release refused before it reached :meth:`release` (e.g. unparseable fields)."""
+        """Audits a release refused before it reached :meth:`release` (e.g. unparseable fields),
+        under the caller's record budget for that reason, as :meth:`release` does."""
         context = self._context(caller, report)
         context["key_id"] = recordable_key_id(key_id)
-        self._audit_denial(exc, context)
+        self._refused(exc, context)
 
     def deny_unread(self, exc: StrongroomError, caller: Caller | None) -> None:
         """Audits a release refused before its request was read: by the authoriser (an identity
@@ -171,42 +180,83 @@ class ReleaseEngine:
         These cost the caller nothing, so each caller has 64 of them recorded one by one and then
         one a second (:mod:`strongroom.keybroker.refusals`); past that they are counted, and a
         record once a minute, or the caller's next one recorded on its own, carries the count
-        (``claims.refusals_unrecorded``). A caller with the role whose request was read is
-        recorded every time, whatever its evidence."""
+        (``claims.refusals_unrecorded``). Refusals of a request that was read have a budget per
+        caller and reason (:meth:`release`)."""
         context: dict[str, Any] = {}
         if caller is not None:
             context["caller_spiffe_id"] = caller.spiffe_id
             context["caller_cert_serial"] = f"{caller.serial:x}"
         who = caller.spiffe_id if caller is not None else UNVERIFIED
-        if self._unread_refusals.spend(who):
-            # Refusals counted while the caller was over its budget go on its next record.
-            pending = self._unread_refusals.take_unrecorded(who)
-            if pending is not None:
-                context["claims"] = {"refusals_unrecorded": pending}
+        self._within_budget(self._unread_refusals, who, exc, exc, context)
+
+    def _refused(self, exc: Exception, context: dict[str, Any]) -> None:
+        """Audits a refusal of a request that was read: under the caller's budget for its
+        recorded reason when the caller caused it; one by one when the broker did (or a bug), and
+        when an ``ALLOWED`` record of this decision was written (a decision's last record is its
+        outcome: it is never left out)."""
+        refusal = exc.cause if isinstance(exc, ReleaseNotPermitted) else exc
+        if (
+            isinstance(refusal, StrongroomError)
+            and callers_fault(refusal)
+            and "decision_id" not in context
+        ):
+            who = context["caller_spiffe_id"]
+            self._within_budget(self._read_refusals, who, refusal, exc, context)
+        else:
             self._audit_denial(exc, context)
+
+    def _within_budget(
+        self,
+        records: RefusalRecords,
+        who: str,
+        refusal: StrongroomError,
+        exc: Exception,
+        context: dict[str, Any],
+    ) -> None:
+        """Audits ``exc`` (whose recorded reason is ``refusal``'s) on its own while ``who`` has
+        budget left in ``records``; past it, counts it, and records it with the count of those
+        left unrecorded when a counting record is due. Only the record is budgeted: the caller is
+        answered with its own refusal either way."""
+        reason = refusal.reason
+        if records.spend(who, reason):
+            # Refusals counted while the caller was over its budget go on its next record.
+            pending = records.take_unrecorded(who, reason)
+            self._audit_denial(exc, context if pending is None else _counting(context, pending))
             return
-        unrecorded = self._unread_refusals.unrecorded_if_due(who, exc.reason)
+        unrecorded = records.unrecorded_if_due(who, reason)
         if unrecorded is None:
-            KEY_RELEASES.add(1, {"outcome": "denied", "reason": exc.reason})
+            KEY_RELEASES.add(1, {"outcome": "denied", "reason": reason})
             return
-        self._audit_denial(exc, {**context, "claims": {"refusals_unrecorded": unrecorded}})
+        self._audit_denial(exc, _counting(context, unrecorded))
 
     def record_counted_refusals(self, *, every: bool = False) -> None:
-        """Records the counts of unread refusals past their callers' budgets that are due (all
-        with ``every``, at shutdown): those of a caller that stopped while over its budget."""
+        """Records the counts of refusals past their callers' budgets that are due (all with
+        ``every``, at shutdown): those of a caller that stopped while over its budget."""
         record_counts(self._audit, self._unread_refusals, "key_release", every=every)
+        record_counts(self._audit, self._read_refusals, "key_release", every=every)
 
     def release(self, request: ReleaseRequest, caller: Caller) -> ReleaseOutcome:
         """Releases the data key to the attested caller, or raises and audits why not.
 
         Every refusal is audited, whatever raised it: an unexpected error is recorded with
         reason ``INTERNAL`` before it reaches the error interceptor.
+
+        Refusals the caller caused (bad or stale evidence, a wrong nonce, an unknown key, a
+        policy that does not admit it) are recorded one by one up to a budget per caller and
+        recorded reason (:mod:`strongroom.keybroker.refusals`: 64 at once, then 1 a second; 256
+        and 4 a second for all of a caller's reasons together), then counted: the first past it
+        is still recorded, then a record with ``claims.refusals_unrecorded`` (that reason's
+        count) once a minute, on the caller's next record of that reason, or as
+        ``REFUSALS_COUNTED`` (with ``claims.counted_reason``) from the broker's pass. The
+        caller's answer never depends on the budget: a fleet of replicas often shares one SPIFFE
+        ID, and one bad replica must not get the others refused. Refusals the broker caused, and
+        a denial following its decision's ``ALLOWED`` record, are always recorded one by one.
         """
         context = self._context(caller, request.evidence.report)
         try:
             outcome = self._decide(request, caller, context)
         except Exception as exc:
-            self._audit_denial(exc, context)
+            self._refused(exc, context)
             raise
         return outcome
 
@@ -348,11 +398,14 @@ class ReleaseEngine:
             return
         except StrongroomError:
             pass  # a field the log does not take: the refusal is recorded without the request's
+        # A count this record carries must reach the log with it: those refusals have no other.
+        counted = context.get("claims", {}).get(_COUNT)
         try:
             self._audit.append(
                 AuditEvent(
                     decision=Decision.DENIED,
                     reason=reason,
+                    claims={} if counted is None else {_COUNT: counted},
                     **{k: context[k] for k in _CALLER_FIELDS if k in context},
                 )
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -161,8 +162,11 @@ def build(
     *,
     identity: WorkloadIdentity,
     tracer_provider: TracerProvider | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> KeyBroker:
-    """Opens the HSM and audit log and builds the (not yet started) host."""
+    """Opens the HSM and audit log and builds the (not yet started) host. ``monotonic`` is the
+    clock the callers' refusal record budgets refill by (a test's, to refill them without
+    waiting)."""
     trust = trust_store(common, config)
     single = common.production  # one source per secret in production (Secret.load)
     nonce_key = Secret.load(
@@ -212,8 +216,9 @@ def build(
         collateral=collateral,
         collateral_grace=timedelta(seconds=config.collateral_grace_seconds),
         hsm_timeout=config.hsm_operation_timeout_seconds,
+        monotonic=monotonic,
     )
-    key_service = KeyService(keys, policies, audit)
+    key_service = KeyService(keys, policies, audit, clock=monotonic)
     broker_servicer = KeyBrokerServicer(engine, keys, key_service)
     admin_servicer = KeyAdminServicer(key_service)
 

@@ -884,6 +884,7 @@ def _refused_or_none(a: Attempt) -> tuple[grpc.StatusCode | None, str, int]:
     return None, "", len(audit_records(a.world)) - before
 
 
+# 40 examples stay within the caller's 64 records per reason: each refusal is recorded.
 @settings(
     max_examples=40,
     deadline=None,
@@ -941,3 +942,94 @@ def test_refusals_counted_past_a_budget_are_recorded_when_the_broker_stops(
     refused = [r for r in records if r["caller"]["spiffe_id"] == dev.spiffe_id("publisher")]
     assert [r["reason"] for r in refused] == ["PEER_NOT_ALLOWED"] * 65 + ["REFUSALS_COUNTED"]
     assert refused[-1]["claims"] == {"refusals_unrecorded": 5}
+
+
+def test_refused_releases_of_a_caller_with_the_role_are_recorded_up_to_a_budget_per_reason(
+    step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
+) -> None:
+    """A caller holding the inference role got an fsync'd record for every refused release whose
+    request was read (stale nonce, bad signature, ...): one compromised replica could grow the
+    log to ``audit_max_bytes``, after which every decision is refused AUDIT_LOG_FULL. Now each
+    caller has 64 records per reason, then 1 a second, then counts; every refusal is still
+    answered with its own status and reason. The broker's own failures, and ALLOWED releases, are
+    recorded one by one whatever the budget."""
+    now = [1000.0]  # the broker's refusal budgets refill by this clock, not by the test's pace
+    root = stack_root(tmp_path_factory, "release-budget", simulated_tee_dir)
+    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
+        broker = dev.start_in_process(
+            "keybroker",
+            roles={"inference": ["inference-b"]},
+            build_args={"monotonic": lambda: now[0]},
+        ).handle
+        world = make_world(dev)
+        other_id = dev.identity("inference-b")
+        other = pb_grpc.KeyBrokerServiceStub(dev.channel(other_id, "keybroker"))
+        inference = dev.spiffe_id("inference")
+        past = datetime.now(UTC).timestamp() - 3600
+
+        def refused(
+            stub: pb_grpc.KeyBrokerServiceStub, request: pb.ReleaseKeyRequest
+        ) -> tuple[str, str]:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ReleaseKey(request, timeout=30)
+            trailers: dict[str, Any] = dict(info.value.trailing_metadata() or ())  # type: ignore[attr-defined,arg-type]
+            return info.value.code().name, trailers["strongroom-reason"]  # type: ignore[attr-defined]
+
+        def stale(caller: str) -> pb.ReleaseKeyRequest:
+            a = new_attempt(world)
+            a.request.nonce = nonce_from(world, caller=caller, clock=lambda: past)
+            return a.request
+
+        stale_request = stale(inference)
+        answers = {refused(world.broker, stale_request) for _ in range(64 + 1 + 5)}
+        now[0] += 60.0  # refilled: 60 more one by one; the broker's pass writes the 5 counted
+        broker.record_counted_refusals()
+        answers |= {refused(world.broker, stale_request) for _ in range(60 + 3)}
+        assert answers == {("FAILED_PRECONDITION", "NONCE_EXPIRED")}  # never the budget's
+        # Another reason of the same caller, and another caller with the role, have their own.
+        forged = new_attempt(world)
+        forged.set_report(flip(forged.request.evidence.report, 0x2A0 + 5))
+        assert refused(world.broker, forged.request) == (
+            "PERMISSION_DENIED",
+            "REPORT_SIGNATURE_INVALID",
+        )
+        other_stale = stale(dev.spiffe_id("inference-b"))
+        for _ in range(3):
+            assert refused(other, other_stale) == ("FAILED_PRECONDITION", "NONCE_EXPIRED")
+        # A policy the broker cannot read is its own failure: recorded every time.
+        policy_file = dev.root / "state" / "keybroker" / "policies" / f"{KEY}.yaml"
+        document = policy_file.read_bytes()
+        policy_file.write_bytes(document + b'description: "caf\xe9"\n')
+        for _ in range(64 + 2):
+            a = new_attempt(world)
+            assert refused(world.broker, a.request) == ("PERMISSION_DENIED", "CALLER_NOT_ALLOWED")
+        policy_file.write_bytes(document)
+        allowed = world.broker.ReleaseKey(new_attempt(world).request, timeout=30)
+        broker.close()  # writes the counts still held
+        records = audit_records(world)
+    releases = [r for r in records if r["action"] == "key_release"]
+    mine = [
+        (r["reason"], r["claims"].get("refusals_unrecorded"), r["claims"].get("counted_reason"))
+        for r in releases
+        if r["caller"]["spiffe_id"] == inference and r["decision"] == "denied"
+    ]
+    stale_records = [m for m in mine if "NONCE_EXPIRED" in (m[0], m[2])]
+    assert stale_records == (
+        [("NONCE_EXPIRED", None, None)] * 64
+        + [("NONCE_EXPIRED", 0, None)]  # the first past the budget: a counting record
+        + [("REFUSALS_COUNTED", 5, "NONCE_EXPIRED")]  # the broker's pass
+        + [("NONCE_EXPIRED", None, None)] * 60
+        + [("REFUSALS_COUNTED", 3, "NONCE_EXPIRED")]  # at close
+    )
+    assert ("REPORT_SIGNATURE_INVALID", None, None) in mine
+    assert [m for m in mine if m[0] == "POLICY_UNREADABLE"] == [
+        ("POLICY_UNREADABLE", None, None)
+    ] * (64 + 2)
+    assert [
+        r["reason"] for r in releases if r["caller"]["spiffe_id"] == dev.spiffe_id("inference-b")
+    ] == ["NONCE_EXPIRED"] * 3
+    [last] = [r for r in releases if r["decision_id"] == allowed.decision_id]
+    assert (last["decision"], last["reason"]) == ("allowed", "RELEASED")
+    # The stale records name the caller and what it sent, as every record of a refusal does.
+    first = next(r for r in releases if r["reason"] == "NONCE_EXPIRED")
+    assert first["key"]["id"] == KEY and first["evidence_sha256"]

@@ -509,14 +509,14 @@ def test_refusals_before_the_request_is_read_cannot_fill_the_audit_log(authority
     # 64 one by one; the 65th says none went unrecorded before it, 9 then do; 60 one by one
     # after the refill, the first carrying the 9; the next is a counting record again (none since).
     assert counted == [None] * 64 + [0] + [9] + [None] * 59 + [0]
-    # Another caller has its own budget; a caller with the role whose request was read is
-    # recorded every time (engine.deny), whatever it sent.
+    # Another caller has its own budget; so do the refusals of a request that was read
+    # (engine.deny), per reason: 64 one by one, then a counting record.
     engine.deny_unread(PeerNotAllowed("no inference role"), None)
     for _ in range(70):
         engine.deny(
             InvalidArgument("bad", reason="EVIDENCE_MALFORMED"), CALLER, key_id="k1", report=b""
         )
-    assert len(log.read_text().splitlines()) == len(records) + 1 + 70
+    assert len(log.read_text().splitlines()) == len(records) + 1 + 64 + 1
 
 
 def test_a_caller_that_stops_while_over_its_budget_has_its_count_recorded(
@@ -615,3 +615,38 @@ def test_each_decision_names_its_policy_document_and_a_hand_edit_is_recorded_bef
     ]
     assert tail[0]["claims"] == {"previous_policy_sha256": first}
     assert verify_audit_log(tmp_path / "audit.log", public_key=audit_key.public_key()).intact
+
+
+def test_refusals_the_budget_never_leaves_out(authority, tmp_path) -> None:
+    """Past a caller's budget for a reason its refusals are counted, but not the broker's own
+    failures (here a bug, recorded INTERNAL, and an HSM outage), nor the denial that follows a
+    decision's ALLOWED record (its outcome); a count whose record the log refuses in full is
+    still written, on the record of who asked."""
+    now = [1000.0]
+    engine, log = _real_audit_engine(authority, tmp_path, monotonic=lambda: now[0])
+    context = {**ReleaseEngine._context(CALLER, b"report"), "key_id": "k1"}
+    for _ in range(64 + 1 + 2):  # the budget, a counting record, 2 counted
+        engine._refused(InvalidArgument("bad", reason="NONCE_EXPIRED"), context)
+    for _ in range(66):
+        engine._refused(RuntimeError("bug"), context)
+        engine._refused(HsmUnavailable("the token went away"), context)
+        engine._refused(
+            InvalidArgument("bad", reason="NONCE_EXPIRED"), {**context, "decision_id": "d1"}
+        )
+    now[0] += 60.0  # refilled: the next is recorded on its own, with the 2 counted
+    engine._refused(
+        InvalidArgument("bad", reason="NONCE_EXPIRED"), {**context, "policy_version": "v" * 300}
+    )
+    engine.record_counted_refusals(every=True)  # nothing left to count
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    reasons = [(r["reason"], r["decision_id"] == "d1") for r in records]
+    assert reasons.count(("INTERNAL", False)) == 66
+    assert reasons.count(("HSM_UNAVAILABLE", False)) == 66
+    assert reasons.count(("NONCE_EXPIRED", True)) == 66
+    assert [r["claims"] for r in records if r["reason"] in ("NONCE_EXPIRED", "REFUSALS_COUNTED")][
+        64:
+    ] == [{"refusals_unrecorded": 0}, *[{}] * 66, {"refusals_unrecorded": 2}]
+    assert (records[-1]["policy_version"], records[-1]["caller"]["spiffe_id"]) == (
+        None,
+        CALLER.spiffe_id,
+    )
