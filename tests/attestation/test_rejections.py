@@ -32,6 +32,7 @@ from strongroom.attestation.abi.snp import TcbVersion
 from strongroom.attestation.encoding import detect_evidence
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
+from strongroom.keybroker.refusals import callers_fault
 from strongroom.reasons import Reason
 from tests.attestation.test_vectors import NEW_TCB_SIGNING
 
@@ -413,6 +414,30 @@ def test_tdx_expired_collateral(vectors, spr, production) -> None:
         Reason.COLLATERAL_STALE,
         lambda: tdx_verify(spr, production, when, collateral),
     )
+
+
+def test_tdx_collateral_not_yet_valid_is_the_verifiers_problem(vectors, spr, production) -> None:
+    """Collateral issued after the verification time says the verifier's clock (or its own
+    collateral source) is wrong, not the evidence: it was PERMISSION_DENIED, the verdict on a
+    caller's evidence, so the broker counted it against the caller's refusal budget instead of
+    recording the broker's own fault one by one. It is UNAVAILABLE, as stale collateral is."""
+    collateral = [
+        Collateral(
+            CollateralKind.TCB_SIGNING_CHAIN,
+            (vectors / "roots/intel/intel_tcb_signing_chain.pem").read_bytes(),
+        ),
+        Collateral(
+            CollateralKind.TDX_TCB_INFO,
+            (vectors / "tdx/tcbinfo_50806f000000_gotdxguest.json").read_bytes(),
+        ),
+    ]
+    when = dt.datetime(2023, 6, 18, 8, 0, tzinfo=UTC)  # 43 minutes before its issueDate
+    refused = expect(
+        CollateralUnavailable,
+        Reason.COLLATERAL_NOT_YET_VALID,
+        lambda: tdx_verify(spr, production, when, collateral),
+    )
+    assert not callers_fault(refused)
 
 
 def test_tdx_expired_crl(vectors, spr, production) -> None:

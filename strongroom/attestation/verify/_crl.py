@@ -64,8 +64,11 @@ def check_fresh(
     issuer vouches for it, and treating it as current would make it current forever.
     """
     if issued > now:
-        raise VerificationFailed(
-            f"{what} is not valid yet at {now.isoformat()} (issued {issued.isoformat()})",
+        # The verifier's clock or its own collateral source is wrong, not the evidence:
+        # UNAVAILABLE (retry once fixed), as stale collateral is, not a verdict on the caller.
+        raise CollateralUnavailable(
+            f"{what} is not valid yet at {now.isoformat()} (issued {issued.isoformat()}): is "
+            "this verifier's clock behind?",
             reason=Reason.COLLATERAL_NOT_YET_VALID,
         )
     if next_update is None:
