@@ -178,6 +178,9 @@ def release(say: Narrator, stack: DevStack, client: Any, root: Path) -> Any:
     )
     say.check(f"decision {record['decision_id']} is in the hash-chained audit log")
     say.check(
+        "inference verified the broker's release signature (Ed25519 over its nonce, ephemeral key, key slot, wrapped key and decision) before unwrapping"
+    )
+    say.check(
         "artifact decrypted into memory as it arrived and loaded into ONNX Runtime from bytes; key and buffers wiped"
     )
     return oip

@@ -11,8 +11,9 @@
 #    STRONGROOM_TOKEN_LIFETIME; the SPIFFE ID and DNS SANs come from the identity's config file, so the
 #    token always matches the CSR the service will send.
 # 3. Key broker secrets (DEVELOPMENT only, kept on the keybroker-secrets volume): HSM user PIN, the
-#    32-byte nonce key and the audit log's Ed25519 head-signing key (its public half beside it, for
-#    `strongroom audit verify`), created once and never overwritten (the PIN protects the token).
+#    32-byte nonce key, the audit log's Ed25519 head-signing key (its public half beside it, for
+#    `strongroom audit verify`) and the Ed25519 release-signing key (its public half also published
+#    to pki-public, for inference), created once and never overwritten (the PIN protects the token).
 # 4. DEVELOPMENT HSM: initialise the SoftHSM2 token unless it exists; the SO PIN is random, used once
 #    and discarded (a development token never needs SO operations again).
 # 5. Simulated TEE (development mode only): the fake AMD/Intel chain the simulated attester signs with
@@ -103,24 +104,33 @@ init_broker_secrets() {
     head -c 32 /dev/urandom | write_atomic "$secrets_dir/nonce-key"
     log "generated the nonce key"
   fi
-  if [ ! -s "$secrets_dir/audit-key" ]; then
-    python3 - "$secrets_dir" <<'PY'
+  local name
+  for name in audit-key release-signing-key; do
+    if [ ! -s "$secrets_dir/$name" ]; then
+      python3 - "$secrets_dir" "$name" <<'PY'
 import os
 import sys
 
 from strongroom.keybroker.audit import new_signing_key
 
 private_pem, public_pem = new_signing_key()
-for name, data, mode in (("audit-key.pub.pem", public_pem, 0o644), ("audit-key", private_pem, 0o600)):
-    path = os.path.join(sys.argv[1], name)
+name = sys.argv[2]
+for file, data, mode in ((f"{name}.pub.pem", public_pem, 0o644), (name, private_pem, 0o600)):
+    path = os.path.join(sys.argv[1], file)
     fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.chmod(path + ".tmp", mode)
     os.replace(path + ".tmp", path)
 PY
-    log "generated the audit signing key"
-  fi
+      log "generated the $name (Ed25519) and its public half"
+    fi
+  done
+  # The release-signing key's public half is what inference verifies the broker's release answers
+  # with: published beside the root certificate, on the volume every service reads (never the
+  # broker's secrets volume).
+  write_atomic "$pki_public/release-signing-key.pub.pem" 0644 \
+    <"$secrets_dir/release-signing-key.pub.pem"
 }
 
 init_simulated_tee() {

@@ -21,6 +21,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from strongroom.attestation.release_signature import ReleaseVerifier
 from strongroom.errors import FailedPrecondition, Unavailable
 from strongroom.pki import StepCa, WorkloadIdentity, init_ca, mint_token
 from strongroom.pki.identity import RenewalPolicy
@@ -240,15 +241,26 @@ class DevStack:
         return directory
 
     def init_secrets(self) -> None:
-        """The broker's nonce key and audit signing key (once)."""
+        """The broker's nonce key, audit signing key and release-signing key (once)."""
         from strongroom.keybroker.audit import new_signing_key
 
         if not (self.secrets_dir / "nonce-key").exists():
             _write_secret(self.secrets_dir / "nonce-key", os.urandom(32))
-        if not (self.secrets_dir / "audit-key.pem").exists():
-            private_pem, public_pem = new_signing_key()
-            _write_secret(self.secrets_dir / "audit-key.pem", private_pem)
-            (self.secrets_dir / "audit-key.pub.pem").write_bytes(public_pem)
+        for name in ("audit-key", "release-signing-key"):
+            if not (self.secrets_dir / f"{name}.pem").exists():
+                private_pem, public_pem = new_signing_key()
+                _write_secret(self.secrets_dir / f"{name}.pem", private_pem)
+                (self.secrets_dir / f"{name}.pub.pem").write_bytes(public_pem)
+
+    @property
+    def release_public_key(self) -> Path:
+        """The broker's release-signing public key (PEM), made with the broker's secrets."""
+        self.init_secrets()
+        return self.secrets_dir / "release-signing-key.pub.pem"
+
+    def release_verifier(self) -> ReleaseVerifier:
+        """What verifies this stack's broker's release answers (for a KeyReleaseClient)."""
+        return ReleaseVerifier.from_files([self.release_public_key])
 
     # ------------------------------------------------------------------ configuration
 
@@ -338,6 +350,8 @@ class DevStack:
                 service: self.address(service)
                 for service in ("keybroker", "modelstore", "inference")
             },
+            # What `model fetch` verifies the broker's release answers with.
+            "keybroker_release_signing_public_keys": [str(self.release_public_key)],
         }
         path = self.root / "config" / f"client-{role}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -357,6 +371,7 @@ class DevStack:
                 "pin_file": str(self.secrets_dir / "hsm-pin"),
                 "nonce_key_file": str(self.secrets_dir / "nonce-key"),
                 "audit_key_file": str(self.secrets_dir / "audit-key.pem"),
+                "release_signing_key_file": str(self.secrets_dir / "release-signing-key.pem"),
                 "audit_log": str(self.root / "state" / "keybroker" / "audit.log"),
                 "policies_dir": str(self.root / "state" / "keybroker" / "policies"),
                 "allow_simulated_tee": True,
@@ -374,6 +389,7 @@ class DevStack:
                 "attester": "simulated",
                 "simulated_tee_dir": str(self.init_simulated_tee()),
                 "simulated_measurement": DEMO_MEASUREMENT,
+                "release_signing_public_keys": [str(self.release_public_key)],
                 "models": [],
             }
         raise FailedPrecondition(f"no default configuration for {service}")

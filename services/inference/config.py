@@ -76,6 +76,8 @@ class InferenceConfig:
         "require_model_signature": (True,),
         "accept_unbound_artifacts": (False,),
         "model_keys": (),
+        "release_signing_public_keys": (),
+        "allow_unsigned_releases": (False,),
     }
 
     model_store: str
@@ -119,6 +121,14 @@ class InferenceConfig:
     # set, a model whose name no entry covers, or stored under another key, is refused before a
     # key is requested: the store chooses the artifact, and with it the key it names.
     model_keys: tuple[ModelKeys, ...] = ()
+    # The key broker's release-signing public keys (PEM files, each one or more Ed25519 keys;
+    # list the old and the new while the broker's key is rotated). Every release answer must be
+    # signed by one of them over its request, or the load fails before anything is decrypted.
+    # Required: without it the service refuses to start (RELEASE_SIGNING_KEY_MISSING).
+    release_signing_public_keys: tuple[Path, ...] = ()
+    # Development only (refused in production): accept an answer that carries no signature at all
+    # (a broker older than release signing). A signed answer is still verified when keys are set.
+    allow_unsigned_releases: bool = False
 
     def __post_init__(self) -> None:
         if self.attester == "simulated":

@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.api.inference.v1 import attestation_pb2_grpc, model_control_pb2_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
+from strongroom.attestation.release_signature import ReleaseVerifier
 from strongroom.attesters import (
     Attester,
     AttesterNotConfigured,
@@ -24,7 +25,7 @@ from strongroom.attesters import (
 )
 from strongroom.client.cancel import scoped_channel
 from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
-from strongroom.errors import StrongroomError
+from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.inference.config import InferenceConfig
 from strongroom.inference.control import CONTROL_SERVICE, ModelControlServicer
 from strongroom.inference.evidence_service import InferenceAttestationServicer
@@ -180,6 +181,39 @@ class InferenceServer:
             close()
 
 
+def release_verifier(common: CommonConfig, config: InferenceConfig) -> ReleaseVerifier:
+    """What verifies the key broker's release answers: its release-signing public keys, and
+    unsigned answers only where a development configuration says so."""
+    if config.allow_unsigned_releases and common.production:
+        raise FailedPrecondition(
+            "inference.allow_unsigned_releases is set in production mode: refusing to accept "
+            "key-release answers the key broker has not signed (configure "
+            "inference.release_signing_public_keys; use mode: development for local testing)",
+            reason=Reason.UNSIGNED_RELEASES_IN_PRODUCTION,
+        )
+    if not config.release_signing_public_keys and not config.allow_unsigned_releases:
+        raise FailedPrecondition(
+            "inference.release_signing_public_keys is not set: this server would have no way to "
+            "tell the key broker's release answers from those of any peer holding a broker "
+            "certificate. Configure the broker's release-signing public key (the public half of "
+            "keybroker.release_signing_key_file, e.g. release-signing-key.pub.pem)"
+            + (
+                ""
+                if common.production
+                else ", or, in development only, inference.allow_unsigned_releases: true"
+            ),
+            reason=Reason.RELEASE_SIGNING_KEY_MISSING,
+        )
+    if config.allow_unsigned_releases:
+        log.warning(
+            "DEVELOPMENT MODE: key-release answers without a signature are accepted "
+            "(inference.allow_unsigned_releases)"
+        )
+    return ReleaseVerifier.from_files(
+        config.release_signing_public_keys, allow_unsigned=config.allow_unsigned_releases
+    )
+
+
 def build(
     common: CommonConfig,
     config: InferenceConfig,
@@ -189,6 +223,7 @@ def build(
     attester: Attester | None = None,
 ) -> InferenceServer:
     """Builds the (not yet started) inference service and its loader."""
+    verifier = release_verifier(common, config)
     provider = tracer_provider or make_tracer_provider("inference", common.tracing)
     attester = attester or make_attester(common, config)
     store_id, broker_id = config.server_ids(identity.trust_domain)
@@ -214,7 +249,7 @@ def build(
     loader = ModelLoader(
         repository,
         store_channel=store_channel,
-        key_release=KeyReleaseClient(broker_channels, attester),
+        key_release=KeyReleaseClient(broker_channels, attester, verifier=verifier),
         tracer_provider=provider,
         decrypt_threads=config.decrypt_threads,
         timeout=config.load_timeout_seconds,

@@ -11,6 +11,7 @@ from strongroom.runtime.config import ConfigError, EnvLocks
 PIN_ENV = "STRONGROOM_HSM_PIN"
 NONCE_KEY_ENV = "STRONGROOM_NONCE_KEY"
 AUDIT_KEY_ENV = "STRONGROOM_AUDIT_KEY"
+RELEASE_SIGNING_KEY_ENV = "STRONGROOM_RELEASE_SIGNING_KEY"
 #: The largest ``hsm_recycle_after_operations`` (about 4 GB of SoftHSM2 objects at 0.4 KB each)
 MAX_RECYCLE_AFTER_OPERATIONS = 10_000_000
 
@@ -49,6 +50,9 @@ class KeybrokerConfig:
     pin_file: Path | None = None
     nonce_key_file: Path | None = None
     audit_key_file: Path | None = None
+    # Ed25519 (PKCS#8 PEM) signing every granted release answer over its request; inference
+    # servers verify it with the public half (inference.release_signing_public_keys).
+    release_signing_key_file: Path | None = None
     # The most bytes the audit log may hold (0: no cap); past it every decision is refused
     # (AUDIT_LOG_FULL) as on a full disk. Set it below a volume limit that is enforced by evicting
     # the pod (a Kubernetes emptyDir's sizeLimit) rather than by ENOSPC.

@@ -29,6 +29,7 @@ from typing import Any
 from strongroom.attestation import Evidence, TrustStore, VerifiedClaims, verify_evidence
 from strongroom.attestation.binding import check_report_data, report_data_for
 from strongroom.attestation.collateral import CollateralSource
+from strongroom.attestation.release_signature import ReleaseSigner, ReleaseStatement
 from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.challenge import Challenge, ChallengeIssuer
@@ -93,6 +94,9 @@ class ReleaseOutcome:
     decision_id: str
     policy_version: str
     timings: dict[str, float]
+    # The release-signing key's signature over the answer bound to its request, and its key id.
+    signature: bytes = b""
+    signing_key_id: bytes = b""
 
 
 def _counting(context: dict[str, Any], unrecorded: int) -> dict[str, Any]:
@@ -133,6 +137,7 @@ class ReleaseEngine:
         trust: TrustStore,
         audit: AuditLog,
         collateral: CollateralSource | None,
+        signer: ReleaseSigner,
         collateral_grace: timedelta = timedelta(0),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         hsm_timeout: float = 5.0,
@@ -143,6 +148,9 @@ class ReleaseEngine:
         self._policies = policies
         self._trust = trust
         self._audit = audit
+        # Signs each granted answer over its request (nonce, ephemeral key, key slot): a peer
+        # holding only a broker certificate cannot answer a release for the broker.
+        self._signer = signer
         # The broker's own collateral (CRLs, TCB info, QE identity); evidence-carried collateral
         # is never consulted. None means nothing can verify: every release fails closed.
         self._collateral = collateral
@@ -327,11 +335,26 @@ class ReleaseEngine:
                 "mechanism": released.mechanism.mechanism_label,
             },
         )
+        signed = self._signer.sign(
+            ReleaseStatement(
+                nonce=request.nonce,
+                ephemeral_public_key_der=ephemeral_der,
+                key_id=key_id,
+                key_version=version,
+                request_wrapped_key=request.wrapped_data_key,
+                mechanism=released.mechanism.mechanism,
+                released_wrapped_key=released.wrapped,
+                decision_id=record.decision_id,
+                policy_version=stored.policy.version,
+            )
+        )
         return ReleaseOutcome(
             wrapped_data_key=released.wrapped,
             mechanism=released.mechanism,
             decision_id=record.decision_id,
             policy_version=stored.policy.version,
+            signature=signed.signature,
+            signing_key_id=signed.key_id,
             timings={
                 "checks": verify_started - started,
                 "verify": verified - verify_started,

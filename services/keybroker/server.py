@@ -17,10 +17,18 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation import TrustStore
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
+from strongroom.attestation.release_signature import ReleaseSigner
+from strongroom.attestation.release_signature import load_signing_key as load_release_key
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.keybroker.audit import AuditLog, load_signing_key
 from strongroom.keybroker.challenge import ChallengeIssuer
-from strongroom.keybroker.config import AUDIT_KEY_ENV, NONCE_KEY_ENV, PIN_ENV, KeybrokerConfig
+from strongroom.keybroker.config import (
+    AUDIT_KEY_ENV,
+    NONCE_KEY_ENV,
+    PIN_ENV,
+    RELEASE_SIGNING_KEY_ENV,
+    KeybrokerConfig,
+)
 from strongroom.keybroker.hsm import Hsm, HsmConfig
 from strongroom.keybroker.keys import KeyManager
 from strongroom.keybroker.lifecycle import KeyService
@@ -177,6 +185,20 @@ def build(
             file=config.audit_key_file, env=AUDIT_KEY_ENV, what="audit signing key", single=single
         )
     )
+    # A file key, as the audit key, not an HSM object: it protects the binding of an answer to its
+    # request, not the data key, and whoever can use the broker's HSM session (its PIN is a file
+    # or variable beside this one) could have the HSM sign as well; one HSM call per release stays
+    # one (the release runs on the HSM's single worker).
+    release_signer = ReleaseSigner(
+        load_release_key(
+            Secret.load(
+                file=config.release_signing_key_file,
+                env=RELEASE_SIGNING_KEY_ENV,
+                what="release-signing key",
+                single=single,
+            ).reveal()
+        )
+    )
     pin = Secret.load(file=config.pin_file, env=PIN_ENV, what="HSM PIN", single=single)
     module_env = {"SOFTHSM2_CONF": str(config.softhsm2_conf)} if config.softhsm2_conf else {}
     hsm = Hsm.open(
@@ -214,6 +236,7 @@ def build(
         trust=trust,
         audit=audit,
         collateral=collateral,
+        signer=release_signer,
         collateral_grace=timedelta(seconds=config.collateral_grace_seconds),
         hsm_timeout=config.hsm_operation_timeout_seconds,
         monotonic=monotonic,

@@ -141,6 +141,8 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
             mechanism=pb.WrapMechanism.ValueType(outcome.mechanism.mechanism),
             decision_id=outcome.decision_id,
             policy_version=outcome.policy_version,
+            release_signature=outcome.signature,
+            release_signing_key_id=outcome.signing_key_id,
         )
 
     def release_refused_unread(self, exc: StrongroomError, context: grpc.ServicerContext) -> None:

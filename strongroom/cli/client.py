@@ -9,6 +9,7 @@ services' addresses::
     keybroker: keybroker.example:7443
     modelstore: modelstore.example:7443
     inference: inference.example:7443
+    keybroker_release_signing_public_keys: [release-signing-key.pub.pem]   # for `model fetch`
 
 Every channel checks that the server it reaches presents the SPIFFE ID expected there:
 ``spiffe://<trust domain>/<service>`` unless ``<service>_spiffe_id`` says otherwise.
@@ -54,6 +55,9 @@ class ClientConfig:
     keybroker_spiffe_id: str | None = None
     modelstore_spiffe_id: str | None = None
     inference_spiffe_id: str | None = None
+    # The key broker's release-signing public keys (PEM files): what `model fetch` verifies the
+    # broker's release answers with (it refuses to run without them).
+    keybroker_release_signing_public_keys: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         for service in ("keybroker", "modelstore", "inference"):

@@ -16,6 +16,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import FORMAT_V3, read_summary
 from strongroom.artifact.manifest import ManifestLayout
+from strongroom.attestation.release_signature import ReleaseVerifier
 from strongroom.attesters import select_attester
 from strongroom.cli._pins import add_header_pin_argument
 from strongroom.cli._text import printable
@@ -272,9 +273,21 @@ def _fetch(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
     out = out if out is not None else sys.stdout.buffer
     _check_pipe(out)
     with Client.from_args(args) as client:
+        keys = client.config.keybroker_release_signing_public_keys
+        if not keys:
+            raise FailedPrecondition(
+                "the client configuration has no keybroker_release_signing_public_keys: the key "
+                "broker's release answer could not be told from any peer's holding a broker "
+                "certificate (list the broker's release-signing-key.pub.pem)",
+                reason=Reason.RELEASE_SIGNING_KEY_MISSING,
+            )
+        verifier = ReleaseVerifier.from_files(keys)
         attester = select_attester(args.attester, production=True)
         release = KeyReleaseClient(
-            client.channel("keybroker"), attester, client.identity.public_key_der
+            client.channel("keybroker"),
+            attester,
+            client.identity.public_key_der,
+            verifier=verifier,
         )
         fetcher = ModelFetcher(
             client.channel("modelstore"), release, accept_unbound=args.accept_unbound

@@ -9,13 +9,15 @@ are fetched and decrypted in parallel), and :meth:`DecryptedModel.close` zeroes 
 
 Example (inside the VM, with the workload's identity and its TEE)::
 
+    from strongroom.attestation.release_signature import ReleaseVerifier
     from strongroom.attesters import select_attester
     from strongroom.client.fetch import ModelFetcher
     from strongroom.client.keyrelease import KeyReleaseClient
     import safetensors.numpy
 
     release = KeyReleaseClient(broker_channel, select_attester("auto", production=True),
-                               identity.public_key_der)
+                               identity.public_key_der,
+                               verifier=ReleaseVerifier.from_files([Path("release-signing-key.pub.pem")]))
     with ModelFetcher(store_channel, release).fetch("acme/llm", "3") as model:
         for part in model.parts:                     # in manifest order
             weights = safetensors.numpy.load(part.as_bytes())   # copies into numpy arrays

@@ -44,10 +44,11 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.artifact import wipe, wipe_bytes
 from strongroom.artifact.keybinding import KEY_SIZE
 from strongroom.attestation.binding import report_data_for
+from strongroom.attestation.release_signature import ReleaseStatement, ReleaseVerifier
 from strongroom.attesters import Attester
 from strongroom.client.cancel import call_unary
 from strongroom.client.remote import peer_reason
-from strongroom.errors import DataLoss, FailedPrecondition
+from strongroom.errors import DataLoss, FailedPrecondition, StrongroomError
 from strongroom.identifiers import DECISION_ID_PATTERN
 from strongroom.oaep import OaepHash
 from strongroom.pki.channel import ChannelCredentials, CredentialSource, RotatingChannel
@@ -220,12 +221,15 @@ class KeyReleaseClient:
         attester: Attester,
         tls_public_key: Callable[[], bytes] | None = None,
         *,
+        verifier: ReleaseVerifier,
         mechanisms: Sequence[pb.WrapMechanism.ValueType] = DEFAULT_MECHANISMS,
         timeout: float = 15.0,
     ) -> None:
         """``channel`` is either :class:`PinnedChannels` (the TLS key comes with each channel) or
         a plain channel plus ``tls_public_key``, read at bind time: then a renewal between bind
-        and send costs one retry (see the module docstring)."""
+        and send costs one retry (see the module docstring). ``verifier`` holds the broker's
+        release-signing public keys: an answer they do not verify is refused before anything is
+        decrypted (:mod:`strongroom.attestation.release_signature`)."""
         if isinstance(channel, PinnedChannels):
             self._pinned: PinnedChannels | None = channel
             self._plain: grpc.Channel | None = None
@@ -235,6 +239,7 @@ class KeyReleaseClient:
             self._pinned, self._plain = None, channel
         self._attester = attester
         self._tls_public_key = tls_public_key
+        self._verifier = verifier
         self._mechanisms = tuple(mechanisms)
         self._timeout = timeout
         # RSA-3072 key generation takes 0.1-0.3 s of CPU; the next ephemeral key is made in the
@@ -345,13 +350,28 @@ class KeyReleaseClient:
                     ),
                     timeout=self._timeout,
                 )
-            return self._unwrap(private, response, key_id)
+            statement = ReleaseStatement(
+                nonce=challenge.nonce,
+                ephemeral_public_key_der=public_der,
+                key_id=key_id,
+                key_version=key_version,
+                request_wrapped_key=wrapped_data_key,
+                mechanism=response.mechanism,
+                released_wrapped_key=response.wrapped_data_key,
+                decision_id=response.decision_id,
+                policy_version=response.policy_version,
+            )
+            return self._unwrap(private, response, statement)
         finally:
             del private  # the ephemeral private key lives only for this exchange
 
     def _unwrap(
-        self, private: rsa.RSAPrivateKey, response: pb.ReleaseKeyResponse, key_id: str
+        self,
+        private: rsa.RSAPrivateKey,
+        response: pb.ReleaseKeyResponse,
+        statement: ReleaseStatement,
     ) -> ReleasedDataKey:
+        key_id = statement.key_id
         if response.mechanism not in self._mechanisms:
             raise FailedPrecondition(
                 f"the broker wrapped the key with mechanism {response.mechanism}, which we did "
@@ -359,6 +379,28 @@ class KeyReleaseClient:
                 reason=Reason.OAEP_MECHANISM_UNEXPECTED,
             )
         _check_answer(response)
+        # Before anything is decrypted: an answer not signed over this very request (its nonce,
+        # our ephemeral key, the key slot we sent) may come from a peer that only holds a broker
+        # certificate, with a data key of its own choosing.
+        try:
+            signed = self._verifier.verify(
+                statement, response.release_signature, response.release_signing_key_id
+            )
+        except StrongroomError as exc:
+            # Not a refusal by the broker: an answer the broker did not make for this request
+            # (an impersonating peer, or a broker signing with a key not configured here).
+            log.error(
+                "key broker's release answer refused, nothing decrypted: %s",
+                exc.message,
+                extra={"key_id": key_id, "reason": exc.reason},
+            )
+            raise
+        if not signed:
+            log.warning(
+                "the key broker's release answer is not signed and was accepted "
+                "(inference.allow_unsigned_releases: development only)",
+                extra={"key_id": key_id, "decision_id": response.decision_id},
+            )
         oaep_hash = OaepHash.from_mechanism(response.mechanism)
         try:
             decrypted = private.decrypt(

@@ -81,6 +81,7 @@ def _grpc(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _secure(spec: dict[str, Any]) -> dict[str, Any]:
+    from strongroom.attestation.release_signature import ReleaseVerifier
     from strongroom.attesters import SimulatedAttester, TeeType
     from strongroom.cli.client import Client
     from strongroom.client.keyrelease import KeyReleaseClient
@@ -100,7 +101,12 @@ def _secure(spec: dict[str, Any]) -> dict[str, Any]:
         repository,
         store_channel=client.channel("modelstore"),
         key_release=KeyReleaseClient(
-            client.channel("keybroker"), attester, client.identity.public_key_der
+            client.channel("keybroker"),
+            attester,
+            client.identity.public_key_der,
+            verifier=ReleaseVerifier.from_files(
+                client.config.keybroker_release_signing_public_keys
+            ),
         ),
         parallel_parts=spec["parallel"],
     )

@@ -290,7 +290,10 @@ def measure(
         try:
             for _ in range(repeats):
                 key_release = KeyReleaseClient(
-                    stack.channel(identity, "keybroker"), attester, identity.public_key_der
+                    stack.channel(identity, "keybroker"),
+                    attester,
+                    identity.public_key_der,
+                    verifier=stack.release_verifier(),
                 )
                 # A server makes its client at startup, and its first ephemeral RSA key meanwhile
                 # (0.1 s of CPU): a load does not start microseconds after. Fresh channels, though:

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from strongroom.attestation.release_signature import ReleaseVerifier, signing_key_id
+from strongroom.attestation.release_signature import load_signing_key as load_release_key
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.keybroker.audit import load_signing_key
 from strongroom.runtime.secrets import Secret
@@ -123,6 +125,15 @@ def test_bootstrap_prepares_everything_and_is_idempotent(
     key = load_signing_key(Secret(audit_key.read_bytes()))
     public = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     assert (tmp_path / "secrets" / "audit-key.pub.pem").read_bytes() == public
+    # The release-signing key: private 0600 for the broker, public on pki-public for inference.
+    release_key = tmp_path / "secrets" / "release-signing-key"
+    assert mode(release_key) == 0o600
+    release_public = tmp_path / "pki" / "release-signing-key.pub.pem"
+    assert mode(release_public) == 0o644
+    signer = load_release_key(release_key.read_bytes())
+    assert ReleaseVerifier.from_files([release_public]).key_ids == (
+        signing_key_id(signer.public_key()),
+    )
 
     # The simulated TEE chain (development): loadable by the simulated attester, roots for the broker.
     tee = tmp_path / "simulated-tee"
@@ -130,7 +141,8 @@ def test_bootstrap_prepares_everything_and_is_idempotent(
     SimulatedAuthority.load(tee)
 
     def state() -> tuple[bytes, ...]:
-        files = (pin, nonce_key, root, audit_key, tee / "amd_trust.pem", tee / "ark.key")
+        files = [pin, nonce_key, root, audit_key, release_key, release_public]
+        files += [tee / "amd_trust.pem", tee / "ark.key"]
         return tuple(f.read_bytes() for f in files)
 
     saved = state()

@@ -12,7 +12,10 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from strongroom.attestation.release_signature import ReleaseVerifier, signing_key_id
+from strongroom.attestation.release_signature import load_signing_key as load_release_key
 from strongroom.cli.main import build_parser
 from strongroom.inference.config import InferenceConfig
 from strongroom.keybroker.audit import load_signing_key
@@ -150,16 +153,25 @@ def test_no_secret_in_plain_environment_values(rendered: tuple[str, list[dict[st
             assert not c.get("envFrom"), "envFrom would import a whole Secret or ConfigMap"
 
 
-def test_generated_secret_values_appear_nowhere_else(helm: str) -> None:
+def test_generated_secret_values_appear_nowhere_else(helm: str, tmp_path: Path) -> None:
     docs = render(helm)
     (secret,) = [s for s in kind(docs, "Secret")]
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
-    assert set(data) == {"hsm-pin", "hsm-so-pin", "nonce-key", "audit-key"}
+    assert set(data) == {"hsm-pin", "hsm-so-pin", "nonce-key", "audit-key", "release-signing-key"}
     assert len(data["nonce-key"]) == 32
     assert len(data["hsm-pin"]) >= 16
     # The broker's own loader accepts the generated audit signing key.
     load_signing_key(Secret(data["audit-key"]))
+    # And the release-signing key, whose public half inference reads from a ConfigMap of its own
+    # (a certificate over it: Helm cannot print a public key), never from the broker's Secret.
+    release_key = load_release_key(data["release-signing-key"])
+    (public,) = [
+        c for c in kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-release-signing")
+    ]
+    path = tmp_path / "release-signing-keys.pem"
+    path.write_text(public["data"]["release-signing-keys.pem"])
+    assert ReleaseVerifier.from_files([path]).key_ids == (signing_key_id(release_key.public_key()),)
     others = yaml.safe_dump_all([d for d in docs if d is not secret])
     for value in secret["data"].values():
         assert value not in others
@@ -208,6 +220,14 @@ def test_each_pod_mounts_only_its_own_provisioner_secret(
             assert provisioners == {own[component(dep)]}, component(dep)
         else:
             assert not provisioners, component(dep)
+
+
+def test_an_operators_secret_needs_the_release_signing_public_key(helm: str) -> None:
+    """With the operator's Secret the chart cannot know the release-signing key's public half:
+    inference would refuse every release answer (or, before, verify none)."""
+    result = run_helm_template(helm, set_args=("keybroker.secrets.existingSecret=kb-secrets",))
+    assert result.returncode != 0
+    assert "inference.releaseSigning.publicKeys is required" in result.stderr
 
 
 def test_services_sharing_a_provisioner_secret_are_refused(helm: str) -> None:
@@ -264,11 +284,20 @@ def test_rendered_configs_load_with_the_service_runtime(
             assert section.attester == ("simulated" if values_set == "development" else "auto")
             assert section.key_broker == "keybroker:7443"
             assert section.key_broker_server_name == "keybroker"
+            named_keys = [str(p) for p in section.release_signing_public_keys]
+            assert named_keys == ["/etc/strongroom/release-signing/release-signing-keys.pem"]
         # Every path the configuration names is in the image (/usr) or on one of the pod's mounts.
         (dep,) = [d for d in kind(docs, "Deployment") if component(d) == service]
         (main,) = [c for w, c in containers(dep) if w == "main" and c["name"] == service]
         mounts = [m["mountPath"] for m in main["volumeMounts"]]
         named = [str(v) for v in vars(section).values() if isinstance(v, Path)]
+        named += [
+            str(p)
+            for v in vars(section).values()
+            if isinstance(v, tuple)
+            for p in v
+            if isinstance(p, Path)
+        ]
         for where in named:
             assert where.startswith("/usr/") or any(
                 where == m or where.startswith(m.rstrip("/") + "/") for m in mounts
@@ -386,6 +415,13 @@ def test_existing_claims_are_used_instead_of_new_ones(helm: str, override: str) 
     assert vols["softhsm-tokens"]["persistentVolumeClaim"]["claimName"] == "hsm-pvc"
 
 
+#: The public half of an operator's release-signing key (with keybroker.secrets.existingSecret).
+RELEASE_PUBLIC_PEM = (
+    Ed25519PrivateKey.generate()
+    .public_key()
+    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
 OPTION_SETS = {
     "external-ca": (
         "stepCa.enabled=false",
@@ -398,6 +434,7 @@ OPTION_SETS = {
         "keybroker.hsm.pkcs11.modulePath=/opt/hsm/libvendor.so",
         "keybroker.hsm.pkcs11.library.hostPath=/opt/vendor-hsm",
         "keybroker.secrets.existingSecret=broker-secrets",
+        f"inference.releaseSigning.publicKeys={RELEASE_PUBLIC_PEM}",
         "keybroker.replicas=2",
     ),
     "tracing-and-exposure": (
@@ -429,6 +466,10 @@ def test_option_combinations_render_valid_manifests(helm: str, option_set: str) 
         assert lib["hostPath"] == {"path": "/opt/vendor-hsm", "type": "Directory"}
         assert deps["keybroker"]["spec"]["strategy"]["type"] == "RollingUpdate"
         assert not [c for c in pod["initContainers"] if c["name"] == "softhsm-init"]
+        (public,) = [
+            c for c in kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-release-signing")
+        ]
+        assert public["data"]["release-signing-keys.pem"].strip() == RELEASE_PUBLIC_PEM.strip()
     if option_set == "tracing-and-exposure":
         pod = deps["inference"]["spec"]["template"]["spec"]
         assert pod["runtimeClassName"] == "kata-qemu-tdx"

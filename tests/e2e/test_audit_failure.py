@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent(
         inference = stack.identity("inference")
         attester = SimulatedAttester(SimulatedAuthority.load(stack.root / "simulated-tee").snp(),
             TeeType.SEV_SNP, production=False, claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)})
-        client = KeyReleaseClient(stack.channel(inference, "keybroker"), attester, inference.public_key_der)
+        client = KeyReleaseClient(stack.channel(inference, "keybroker"), attester, inference.public_key_der, verifier=stack.release_verifier())
         out["before"] = bind_data_key(client.release("k", generated.key_version, generated.wrapped_data_key).dek, "m", "1") == generated.data_key
         audit = stack.root / "state" / "keybroker" / "audit.log"
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)

@@ -49,7 +49,10 @@ def test_forged_tail_record_refuses_releases_until_repaired(stack: DevStack) -> 
         claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
     )
     client = KeyReleaseClient(
-        stack.channel(inference, "keybroker"), attester, inference.public_key_der
+        stack.channel(inference, "keybroker"),
+        attester,
+        inference.public_key_der,
+        verifier=stack.release_verifier(),
     )
 
     def release() -> bytes:

@@ -85,6 +85,7 @@ def test_demo_runs_every_step_writes_privately_and_stops_everything_on_sigterm(
         for step in range(8):
             assert f"=== {step}." in out
         assert "MEASUREMENT_NOT_ALLOWED" in out
+        assert "inference verified the broker's release signature" in out
         assert "DATA_LOSS DECRYPTION_FAILED" in out
         assert "loading a model written under another model's data key: DATA_LOSS" in out
         assert "Demo complete" in out

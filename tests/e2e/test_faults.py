@@ -125,7 +125,7 @@ def test_renewal_during_a_release_with_pinned_channels(env: Env) -> None:
     channels = PinnedChannels(inference, env.stack.address("keybroker"), server_name="keybroker")
     before = inference.generation
     attester = env.attester(hook=inference.renew_now)
-    client = KeyReleaseClient(channels, attester)
+    client = KeyReleaseClient(channels, attester, verifier=env.stack.release_verifier())
     start = len(env.audit())
     try:
         released = client.release(KEY, env.version, env.wrapped)
@@ -145,7 +145,10 @@ def test_renewal_during_a_release_on_a_plain_channel_is_retried_once(env: Env) -
     inference = env.stack.identity("inference")
     attester = env.attester(hook=inference.renew_now)
     client = KeyReleaseClient(
-        env.stack.channel(inference, "keybroker"), attester, inference.public_key_der
+        env.stack.channel(inference, "keybroker"),
+        attester,
+        inference.public_key_der,
+        verifier=env.stack.release_verifier(),
     )
     start = len(env.audit())
     released = client.release(KEY, env.version, env.wrapped)
@@ -161,7 +164,10 @@ def test_other_refusals_are_not_retried(env: Env) -> None:
     inference = env.stack.identity("inference")
     attester = env.attester()
     client = KeyReleaseClient(
-        env.stack.channel(inference, "keybroker"), attester, inference.public_key_der
+        env.stack.channel(inference, "keybroker"),
+        attester,
+        inference.public_key_der,
+        verifier=env.stack.release_verifier(),
     )
     with pytest.raises(grpc.RpcError) as info:
         client.release(KEY, env.version + 99, env.wrapped)
@@ -185,7 +191,9 @@ def test_challenge_issued_under_the_previous_nonce_key_is_retried(env: Env) -> N
     channels = PinnedChannels(inference, env.stack.address("keybroker"), server_name="keybroker")
     start = len(env.audit())
     try:
-        released = KeyReleaseClient(channels, attester).release(KEY, env.version, env.wrapped)
+        released = KeyReleaseClient(
+            channels, attester, verifier=env.stack.release_verifier()
+        ).release(KEY, env.version, env.wrapped)
     finally:
         channels.close()
     assert bound(released.dek) == env.data_key
@@ -228,7 +236,9 @@ def _loader(
     return ModelLoader(
         repository or ModelRepository(),
         store_channel=store or env.stack.channel(inference, "modelstore"),
-        key_release=KeyReleaseClient(channels, env.attester()),
+        key_release=KeyReleaseClient(
+            channels, env.attester(), verifier=env.stack.release_verifier()
+        ),
     )
 
 
@@ -420,7 +430,11 @@ def test_a_key_release_ends_with_its_load_models_deadline(env: Env, model_path: 
     loader = ModelLoader(
         repository,
         store_channel=env.stack.channel(inference, "modelstore"),
-        key_release=KeyReleaseClient(channels, env.attester(hook=lambda: caller_gone.wait(60))),
+        key_release=KeyReleaseClient(
+            channels,
+            env.attester(hook=lambda: caller_gone.wait(60)),
+            verifier=env.stack.release_verifier(),
+        ),
     )
     decisions = len(env.audit())
     try:
@@ -605,7 +619,9 @@ def test_a_download_that_fails_stops_its_key_release(env: Env, model_path: Path)
                 repository,
                 store_channel=store_channel,
                 key_release=KeyReleaseClient(
-                    channels, env.attester(hook=lambda: load_failed.wait(60))
+                    channels,
+                    env.attester(hook=lambda: load_failed.wait(60)),
+                    verifier=env.stack.release_verifier(),
                 ),
             )
             with pytest.raises(DataLoss):

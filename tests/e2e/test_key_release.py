@@ -122,6 +122,7 @@ def test_simulated_vm_gets_the_publishers_data_key(world: World) -> None:
         world.stack.channel(world.inference_id, "keybroker"),
         attester,
         world.inference_id.public_key_der,
+        verifier=world.stack.release_verifier(),
     )
     released = client.release(KEY, world.version, world.wrapped)
     assert bound(released.dek) == world.data_key
@@ -795,6 +796,7 @@ def test_each_release_uses_a_fresh_ephemeral_key(world: World) -> None:
         world.stack.channel(world.inference_id, "keybroker"),
         attester,
         world.inference_id.public_key_der,
+        verifier=world.stack.release_verifier(),
     )
     keys = {client._take_key().public_key().public_numbers().n for _ in range(3)}
     assert len(keys) == 3

@@ -223,7 +223,10 @@ def other_vm_loader(life: Lifecycle, **claims: object) -> ModelLoader:
         ModelRepository(),
         store_channel=life.stack.channel(identity, "modelstore"),
         key_release=KeyReleaseClient(
-            life.stack.channel(identity, "keybroker"), attester, identity.public_key_der
+            life.stack.channel(identity, "keybroker"),
+            attester,
+            identity.public_key_der,
+            verifier=life.stack.release_verifier(),
         ),
     )
 
@@ -479,7 +482,10 @@ def test_signed_model_loads_only_with_a_valid_signature(life: Lifecycle, tmp_pat
             ModelRepository(),
             store_channel=life.stack.channel(identity, "modelstore"),
             key_release=KeyReleaseClient(
-                life.stack.channel(identity, "keybroker"), attester, identity.public_key_der
+                life.stack.channel(identity, "keybroker"),
+                attester,
+                identity.public_key_der,
+                verifier=life.stack.release_verifier(),
             ),
             signature=policy,
         )

@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 import pytest
 import safetensors.numpy
+import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from strongroom.api.inference.v1 import model_control_pb2 as control_pb
@@ -192,6 +193,7 @@ class Env:
             self.stack.channel(self.inference, "keybroker"),
             attester,
             self.inference.public_key_der,
+            verifier=self.stack.release_verifier(),
         )
 
 
@@ -688,6 +690,25 @@ def test_cli_fetch_refuses_to_write_plaintext_into_a_file(
     assert code == 1
     assert "OUTPUT_NOT_A_PIPE" in capsys.readouterr().err
     assert (tmp_path / "leak.bin").read_bytes() == b""
+
+
+def test_cli_fetch_refuses_to_run_without_the_brokers_release_signing_key(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A client configuration from before release signing: the broker's answer could not be told
+    from that of any peer holding a broker certificate."""
+    document = yaml.safe_load(env.stack.write_client_config("inference").read_text())
+    del document["keybroker_release_signing_public_keys"]
+    older = tmp_path / "client-inference.yaml"
+    older.write_text(yaml.safe_dump(document))
+    writer, received, thread = _pipe_stdout(monkeypatch)
+    code = cli_main(["model", "fetch", NAME, "1", "--to-memory", "--client-config", str(older)])
+    writer.close()
+    thread.join(30)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "RELEASE_SIGNING_KEY_MISSING" in err and "keybroker_release_signing_public_keys" in err
+    assert received in ([], [b""])
 
 
 def test_cli_plans_single_files_onnx_folders_and_shards(tmp_path: Path) -> None:

@@ -57,7 +57,10 @@ def release(stack: DevStack, key_id: str, key_version: int, wrapped: bytes) -> R
         authority.snp(), TeeType.SEV_SNP, production=False, claims={"measurement": measurement}
     )
     client = KeyReleaseClient(
-        stack.channel(inference, "keybroker"), attester, inference.public_key_der
+        stack.channel(inference, "keybroker"),
+        attester,
+        inference.public_key_der,
+        verifier=stack.release_verifier(),
     )
     return client.release(key_id, key_version, wrapped)
 

@@ -12,13 +12,19 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from strongroom.attestation.release_signature import ReleaseVerifier
 from strongroom.client.keyrelease import EPHEMERAL_KEY_BITS, KeyReleaseClient
 
 
 @pytest.fixture
 def client() -> Iterator[KeyReleaseClient]:
     channel = grpc.insecure_channel("127.0.0.1:9")  # never called: no RPC in these tests
-    made = KeyReleaseClient(channel, attester=None, tls_public_key=lambda: b"")  # type: ignore[arg-type]
+    made = KeyReleaseClient(
+        channel,
+        attester=None,  # type: ignore[arg-type]
+        tls_public_key=lambda: b"",
+        verifier=ReleaseVerifier([], allow_unsigned=True),
+    )
     yield made
     made._keygen.shutdown(wait=True, cancel_futures=True)
     channel.close()

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.artifact.manifest import ManifestLayout
+from strongroom.attestation.release_signature import ReleaseVerifier
 from strongroom.attesters import EvidenceBundle, TeeType
 from strongroom.client import keyrelease
 from strongroom.client.keyrelease import EPHEMERAL_KEY_BITS, KeyReleaseClient
@@ -31,6 +32,9 @@ from strongroom.errors import DataLoss
 from strongroom.reasons import Reason
 from tests.inference.fake_tee import fake_snp_report
 
+#: This broker peer signs nothing: what is judged here is everything but the signature (a signed
+#: answer is tests/e2e/test_release_signature.py's).
+UNSIGNED_OK = ReleaseVerifier([], allow_unsigned=True)
 Answer = Callable[[pb.ReleaseKeyRequest], pb.ReleaseKeyResponse]
 WRAPPED = bytes(40)  # what the artifact's slot would carry; this broker never unwraps it
 #: The TLS key the report binds (this broker checks no binding).
@@ -113,7 +117,7 @@ def broker() -> Iterator[tuple[AnsweringBroker, str]]:
 def release(broker: tuple[AnsweringBroker, str]) -> Iterator[Callable[[Answer], object]]:
     servicer, address = broker
     channel = grpc.insecure_channel(address)
-    client = KeyReleaseClient(channel, FakeTee(), lambda: TLS_KEY)
+    client = KeyReleaseClient(channel, FakeTee(), lambda: TLS_KEY, verifier=UNSIGNED_OK)
 
     def run(answer: Answer) -> object:
         servicer.answer = answer
@@ -211,7 +215,7 @@ def test_no_intact_copy_of_the_released_key_is_left_behind(
     key = os.urandom(32)
     servicer.answer = lambda request: answer_with(request, key)
     with grpc.insecure_channel(address) as channel:
-        client = KeyReleaseClient(channel, FakeTee(), lambda: TLS_KEY)
+        client = KeyReleaseClient(channel, FakeTee(), lambda: TLS_KEY, verifier=UNSIGNED_OK)
         try:
             released = client.release("models-kek", 1, WRAPPED)
         finally:

@@ -24,6 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.attestation.binding import report_data_for
+from strongroom.attestation.release_signature import (
+    ReleaseSigner,
+    ReleaseStatement,
+    ReleaseVerifier,
+)
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
@@ -113,6 +118,9 @@ class FakeAudit:
         )
 
 
+SIGNING_KEY = Ed25519PrivateKey.generate()
+
+
 @pytest.fixture(scope="module")
 def authority(sim_authority: SimulatedAuthority) -> SimulatedAuthority:
     return sim_authority
@@ -131,6 +139,7 @@ def world(authority, tmp_path):
         trust=authority.trust_store(),
         audit=audit,  # type: ignore[arg-type]
         collateral=authority.collateral_source(),
+        signer=ReleaseSigner(SIGNING_KEY),
     )
     return engine, keys, audit
 
@@ -190,6 +199,39 @@ def test_an_allowed_release_reaches_the_hsm_once_and_is_audited_first(world, aut
     assert outcome.decision_id == "d1"
     # The re-wrap starts only once the record has its place in the log (it overlaps the syncs).
     assert audit.trace == ["written ALLOWED", "hsm"]
+
+
+def test_an_allowed_release_is_signed_over_its_request(world, authority) -> None:
+    """The answer was bound to nothing: a peer with a broker certificate could answer for it."""
+    engine, _, _ = world
+    request = _request(engine, authority)
+    outcome = engine.release(request, CALLER)
+    statement = ReleaseStatement(
+        nonce=request.nonce,
+        ephemeral_public_key_der=EPHEMERAL,
+        key_id="k1",
+        key_version=1,
+        request_wrapped_key=request.wrapped_data_key,
+        mechanism=OaepHash.SHA1.mechanism,
+        released_wrapped_key=b"wrapped-to-ephemeral",
+        decision_id=outcome.decision_id,
+        policy_version="p1",
+    )
+    verifier = ReleaseVerifier([SIGNING_KEY.public_key()])
+    assert verifier.verify(statement, outcome.signature, outcome.signing_key_id)
+    for changed in (
+        {"nonce": engine.challenge("k1", CALLER).nonce},
+        {"released_wrapped_key": b"another key"},
+        {"ephemeral_public_key_der": _ephemeral()},
+        {"request_wrapped_key": b"\x02" * 40},
+    ):
+        with pytest.raises(StrongroomError) as info:
+            verifier.verify(
+                dataclasses.replace(statement, **changed),
+                outcome.signature,
+                outcome.signing_key_id,
+            )
+        assert info.value.reason == "RELEASE_SIGNATURE_INVALID"
 
 
 def test_before_the_hsm_first_connects_the_release_waits_for_the_rewrap(world, authority) -> None:
@@ -413,6 +455,7 @@ def _real_audit_engine(authority, tmp_path, **engine_args) -> tuple[ReleaseEngin
         trust=authority.trust_store(),
         audit=audit,
         collateral=authority.collateral_source(),
+        signer=ReleaseSigner(SIGNING_KEY),
         **engine_args,
     )
     return engine, tmp_path / "audit.log"

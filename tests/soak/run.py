@@ -303,7 +303,9 @@ class Soak:
         channels = PinnedChannels(
             identity, self.stack.address("keybroker"), server_name="keybroker"
         )
-        client = KeyReleaseClient(channels, self._attester(), timeout=10)
+        client = KeyReleaseClient(
+            channels, self._attester(), timeout=10, verifier=self.stack.release_verifier()
+        )
         # RSA-3072 generation (0.1-0.3 s a key) would bound the release rate far below what the
         # broker serves; the broker does not care whether an ephemeral key is fresh, so this
         # load generator reuses one key per thread. (Production clients never do: each key is

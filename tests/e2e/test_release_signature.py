@@ -1,0 +1,349 @@
+"""The broker's release answer is signed over its request, and only a signed one is used.
+
+Before, a peer holding a certificate with the broker's SPIFFE ID (mis-issued or stolen) could
+answer an inference server's release with a data key of its own choosing wrapped to the server's
+ephemeral key. Here such a peer is a real gRPC server over real mTLS with a broker certificate
+from the stack's CA, placed between the release client and the real broker (real SoftHSM2): it
+forwards each exchange (so it holds genuine, signed answers) and alters what it sends back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+import yaml
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.attestation.release_signature import (
+    ReleaseSigner,
+    ReleaseStatement,
+    ReleaseVerifier,
+)
+from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.client.publish import publish_model
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.model import train
+from strongroom.errors import FailedPrecondition, StrongroomError
+from strongroom.inference.config import InferenceConfig
+from strongroom.inference.loader import ModelLoader
+from strongroom.inference.models import ModelRepository
+from strongroom.inference.server import build as build_inference
+from strongroom.inference.server import release_verifier
+from strongroom.pki import WorkloadIdentity
+from strongroom.pki.identity import RenewalPolicy
+from strongroom.runtime.config import CommonConfig, load_service_config
+from tests.e2e.test_key_release import GOOD, KEY, World, make_world
+from tests.keybroker.helpers import MODEL, bound
+
+Tamper = Callable[[pb.ReleaseKeyRequest, pb.ReleaseKeyResponse], pb.ReleaseKeyResponse]
+
+
+class ImpersonatingBroker(pb_grpc.KeyBrokerServiceServicer):
+    """A peer with a broker certificate: forwards each exchange to the real broker, then sends
+    back what ``tamper`` makes of the genuine answer (and records the answers it saw)."""
+
+    def __init__(self, upstream: pb_grpc.KeyBrokerServiceStub) -> None:
+        self.upstream = upstream
+        self.tamper: Tamper = lambda request, response: response
+        self.seen: list[pb.ReleaseKeyResponse] = []
+
+    def GetChallenge(
+        self, request: pb.GetChallengeRequest, context: grpc.ServicerContext
+    ) -> pb.GetChallengeResponse:
+        return self.upstream.GetChallenge(request, timeout=10)  # type: ignore[no-any-return]
+
+    def ReleaseKey(
+        self, request: pb.ReleaseKeyRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseKeyResponse:
+        genuine: pb.ReleaseKeyResponse = self.upstream.ReleaseKey(request, timeout=30)
+        self.seen.append(genuine)
+        return self.tamper(request, genuine)
+
+
+@dataclasses.dataclass
+class Peer:
+    world: World
+    servicer: ImpersonatingBroker
+    client: KeyReleaseClient
+
+    def release(self, tamper: Tamper) -> bytes:
+        self.servicer.tamper = tamper
+        released = self.client.release(KEY, self.world.version, self.world.wrapped)
+        return bound(released.dek)
+
+    def refused(self, tamper: Tamper) -> StrongroomError:
+        with pytest.raises(StrongroomError) as info:
+            self.release(tamper)
+        return info.value
+
+
+@pytest.fixture(scope="module")
+def world(stack: DevStack) -> World:
+    return make_world(stack)
+
+
+@pytest.fixture(scope="module")
+def peer(world: World) -> Iterator[Peer]:
+    stack = world.stack
+    ca = stack.start_ca()
+    # A certificate with the broker's SPIFFE ID and names, from the broker fleet's own CA.
+    broker_cert = WorkloadIdentity.enrol(
+        ca.client(), stack.token("keybroker", ["keybroker", "localhost"]), policy=RenewalPolicy()
+    )
+    # The peer reaches the real broker over a channel presenting the release client's TLS key:
+    # the evidence binds it, and the broker checks the connection it arrives on.
+    servicer = ImpersonatingBroker(world.broker)  # type: ignore[abstract]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_KeyBrokerServiceServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", broker_cert.server_credentials())
+    server.start()
+    channel = world.inference_id.channel(
+        f"127.0.0.1:{port}", server_name="keybroker", server_id=stack.spiffe_id("keybroker")
+    )
+    attester = SimulatedAttester(
+        world.platform, TeeType.SEV_SNP, production=False, claims={"measurement": GOOD}
+    )
+    client = KeyReleaseClient(
+        channel, attester, world.inference_id.public_key_der, verifier=stack.release_verifier()
+    )
+    try:
+        yield Peer(world, servicer, client)
+    finally:
+        client._keygen.shutdown(wait=True, cancel_futures=True)
+        channel.close()
+        server.stop(None).wait(30)
+        broker_cert.close()
+
+
+def _wrap_to_request(request: pb.ReleaseKeyRequest, key: bytes) -> bytes:
+    """``key`` wrapped as the broker would (RSA-OAEP-SHA-1: SoftHSM2's) to the request's key."""
+    public = serialization.load_der_public_key(request.ephemeral_public_key)
+    assert isinstance(public, rsa.RSAPublicKey)
+    return public.encrypt(
+        key, padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+    )
+
+
+def _statement(request: pb.ReleaseKeyRequest, response: pb.ReleaseKeyResponse) -> ReleaseStatement:
+    return ReleaseStatement(
+        nonce=request.nonce,
+        ephemeral_public_key_der=request.ephemeral_public_key,
+        key_id=request.key_id,
+        key_version=request.key_version,
+        request_wrapped_key=request.wrapped_data_key,
+        mechanism=response.mechanism,
+        released_wrapped_key=response.wrapped_data_key,
+        decision_id=response.decision_id,
+        policy_version=response.policy_version,
+    )
+
+
+def _swapped(
+    request: pb.ReleaseKeyRequest, response: pb.ReleaseKeyResponse
+) -> pb.ReleaseKeyResponse:
+    forged = pb.ReleaseKeyResponse()
+    forged.CopyFrom(response)
+    forged.wrapped_data_key = _wrap_to_request(request, os.urandom(32))
+    return forged
+
+
+def test_a_genuine_answer_passed_on_unchanged_verifies(peer: Peer) -> None:
+    assert peer.release(lambda request, response: response) == peer.world.data_key
+    answer = peer.servicer.seen[-1]
+    assert len(answer.release_signature) == 64
+    assert answer.release_signing_key_id in peer.world.stack.release_verifier().key_ids
+
+
+def test_a_data_key_of_the_peers_choosing_is_refused(
+    peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attack: the peer's own key, wrapped to our ephemeral key, under the broker's signature."""
+    with caplog.at_level(logging.ERROR, logger="strongroom.client.keyrelease"):
+        refused = peer.refused(_swapped)
+    assert refused.reason == "RELEASE_SIGNATURE_INVALID"
+    assert refused.status_name == "UNAUTHENTICATED"
+    # The operator hears of it: an answer no broker made for this request.
+    (record,) = [r for r in caplog.records if r.name == "strongroom.client.keyrelease"]
+    assert record.levelno == logging.ERROR and "nothing decrypted" in record.getMessage()
+    assert record.reason == "RELEASE_SIGNATURE_INVALID"  # type: ignore[attr-defined]
+
+
+def test_an_answer_re_signed_with_the_peers_own_key_is_refused(peer: Peer) -> None:
+    own = ReleaseSigner(Ed25519PrivateKey.generate())
+
+    def re_signed(
+        request: pb.ReleaseKeyRequest, response: pb.ReleaseKeyResponse
+    ) -> pb.ReleaseKeyResponse:
+        forged = _swapped(request, response)
+        signed = own.sign(_statement(request, forged))
+        forged.release_signature, forged.release_signing_key_id = signed.signature, signed.key_id
+        return forged
+
+    assert peer.refused(re_signed).reason == "RELEASE_SIGNING_KEY_UNKNOWN"
+
+    def claiming_the_brokers_key(
+        request: pb.ReleaseKeyRequest, response: pb.ReleaseKeyResponse
+    ) -> pb.ReleaseKeyResponse:
+        forged = re_signed(request, response)
+        forged.release_signing_key_id = response.release_signing_key_id
+        return forged
+
+    assert peer.refused(claiming_the_brokers_key).reason == "RELEASE_SIGNATURE_INVALID"
+
+
+def test_a_model_load_over_a_forged_answer_fails_closed(
+    peer: Peer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Through the inference service's loader: the load of a published model fails with the
+    precise reason, and the model is not served; the same load over the genuine answer works."""
+    world = peer.world
+    publisher = world.stack.identity("publisher")
+    publish_model(
+        train(tmp_path_factory.mktemp("model") / "model.onnx").path,
+        name=MODEL[0],
+        version=MODEL[1],
+        key_id=KEY,
+        broker=world.stack.channel(publisher, "keybroker"),
+        store=world.stack.channel(publisher, "modelstore"),
+    )
+    repository = ModelRepository()
+    loader = ModelLoader(
+        repository,
+        store_channel=world.stack.channel(world.inference_id, "modelstore"),
+        key_release=peer.client,
+    )
+    peer.servicer.tamper = _swapped
+    with pytest.raises(StrongroomError) as info:
+        loader.load(*MODEL)
+    assert (info.value.status_name, info.value.reason) == (
+        "UNAUTHENTICATED",
+        "RELEASE_SIGNATURE_INVALID",
+    )
+    assert not repository.is_ready(*MODEL)
+    peer.servicer.tamper = lambda request, response: response
+    loader.load(*MODEL)
+    assert repository.is_ready(*MODEL)
+
+
+def test_a_genuine_answer_to_another_exchange_is_refused(peer: Peer) -> None:
+    """Another nonce and ephemeral key: an old signed answer replayed does not verify."""
+    peer.release(lambda request, response: response)
+    earlier = peer.servicer.seen[-1]
+    refused = peer.refused(lambda request, response: earlier)
+    assert refused.reason == "RELEASE_SIGNATURE_INVALID"
+
+
+def test_an_unsigned_answer_is_refused(peer: Peer) -> None:
+    def unsigned(
+        request: pb.ReleaseKeyRequest, response: pb.ReleaseKeyResponse
+    ) -> pb.ReleaseKeyResponse:
+        forged = _swapped(request, response)
+        forged.ClearField("release_signature")
+        forged.ClearField("release_signing_key_id")
+        return forged
+
+    refused = peer.refused(unsigned)
+    assert refused.reason == "RELEASE_UNSIGNED"
+    assert "not signed" in refused.message
+
+
+def test_keys_being_rotated_verify_with_either(
+    peer: Peer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A server trusting the next key and the current one still verifies the broker's answers."""
+    directory = tmp_path_factory.mktemp("rotation")
+    bundle = directory / "release-keys.pem"
+    following = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    bundle.write_bytes(following + peer.world.stack.release_public_key.read_bytes())
+    verifier = ReleaseVerifier.from_files([bundle])
+    assert len(verifier.key_ids) == 2
+    peer.client._verifier = verifier
+    try:
+        assert peer.release(lambda request, response: response) == peer.world.data_key
+    finally:
+        peer.client._verifier = peer.world.stack.release_verifier()
+
+
+def _inference_config(
+    stack: DevStack, mode: str, **section: object
+) -> tuple[CommonConfig, InferenceConfig]:
+    """The stack's inference configuration, without its release-signing keys (an inference
+    configuration written before them), with ``section`` on top, loaded in ``mode``."""
+    settings = {**stack.default_section("inference"), **section}
+    del settings["release_signing_public_keys"]
+    path = stack.write_config("inference", settings)
+    document = yaml.safe_load(path.read_text())
+    document["identity"]["dns_names"] = ["inference"]  # production refuses loopback names
+    path.write_text(yaml.safe_dump(document))
+    return load_service_config(
+        path, "inference", InferenceConfig, environ={"STRONGROOM__MODE": mode}
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "section", "reason", "says"),
+    [
+        (
+            "production",
+            {},
+            "RELEASE_SIGNING_KEY_MISSING",
+            "inference.release_signing_public_keys is not set",
+        ),
+        (
+            "development",
+            {},
+            "RELEASE_SIGNING_KEY_MISSING",
+            "inference.allow_unsigned_releases: true",
+        ),
+        (
+            "production",
+            {"allow_unsigned_releases": True},
+            "UNSIGNED_RELEASES_IN_PRODUCTION",
+            "inference.allow_unsigned_releases is set in production mode",
+        ),
+    ],
+)
+def test_an_inference_server_without_the_brokers_key_refuses_to_start(
+    world: World, mode: str, section: dict[str, object], reason: str, says: str
+) -> None:
+    common, config = _inference_config(world.stack, mode, **section)
+    with pytest.raises(FailedPrecondition) as info:
+        build_inference(common, config, identity=world.inference_id)
+    assert info.value.reason == reason
+    assert says in info.value.message
+
+
+def test_unsigned_answers_pass_only_where_a_development_configuration_says_so(peer: Peer) -> None:
+    common, config = _inference_config(
+        peer.world.stack, "development", allow_unsigned_releases=True
+    )
+    verifier = release_verifier(common, config)
+    assert verifier.allow_unsigned and not verifier.key_ids
+    peer.client._verifier = verifier
+    try:
+        released = peer.release(
+            lambda request, response: pb.ReleaseKeyResponse(
+                wrapped_data_key=response.wrapped_data_key,
+                mechanism=response.mechanism,
+                decision_id=response.decision_id,
+                policy_version=response.policy_version,
+            )
+        )
+        assert released == peer.world.data_key
+    finally:
+        peer.client._verifier = peer.world.stack.release_verifier()
