@@ -616,6 +616,7 @@ def test_each_decision_names_its_policy_document_and_a_hand_edit_is_recorded_bef
         trust=authority.trust_store(),
         audit=audit,
         collateral=authority.collateral_source(),
+        signer=ReleaseSigner(SIGNING_KEY),
     )
 
     def records() -> list[dict[str, Any]]:
