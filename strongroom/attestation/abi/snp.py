@@ -392,6 +392,11 @@ def parse_snp_report(data: bytes) -> SnpReport:
         raise MalformedEvidence(
             "SNP report key-info reserved bits are set", reason=Reason.BAD_FIELD
         )
+    if (key_info >> 2) & 0x7 not in _SIGNING_KEY_NAMES:
+        raise MalformedEvidence(
+            f"SNP report SIGNING_KEY {(key_info >> 2) & 0x7} is reserved (0 VCEK, 1 VLEK, 7 none)",
+            reason=Reason.BAD_FIELD,
+        )
     _mbz(data, 0x4C, 0x50, "RESERVED0")
     if version >= 3:
         fam, mod, step = data[0x188], data[0x189], data[0x18A]
