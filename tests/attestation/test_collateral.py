@@ -251,6 +251,43 @@ def test_kds_layout_vcek_and_crl(authority, sim_trust, server, tmp_path, now) ->
     assert "/vcek/v1/Milan/crl" in server.requests
 
 
+def test_a_vlek_or_unsigned_report_fetches_no_vcek(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, now
+) -> None:
+    """KDS publishes VCEKs only. A VLEK-signed report whose evidence lacks the VLEK (the host can
+    strip it from the certificate table) made the broker fetch this chip's VCEK on every release
+    (one that does not verify is not remembered) and then call the report forged
+    (REPORT_SIGNATURE_INVALID); an unsigned report (SIGNING_KEY none) likewise. Now neither asks
+    KDS, and each is named; a reserved SIGNING_KEY value is malformed."""
+    vlek = authority.snp(signing_key="VLEK")
+    vcek = authority.snp(chip_id=vlek.chip_id)  # the same chip's VCEK, as KDS would serve it
+    server.vcek("Milan", vlek.chip_id, vlek.tcb.components(), vcek.certificate_der)
+    for scope in ("vcek", "vlek"):
+        server.amd_crl("Milan", authority.crl("ark", now=now), scope=scope)
+    service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+
+    def verify(report: bytes, *certs: bytes) -> Any:
+        ev = Evidence(TeeType.SEV_SNP, report, certs)
+        return verify_evidence(ev, trust=sim_trust, now=now, collateral=service)
+
+    with pytest.raises(MalformedEvidence) as bare:
+        verify(vlek.report(RD, measurement=MEAS))
+    assert bare.value.reason == Reason.VLEK_CERTIFICATE_MISSING
+    unsigned = bytearray(vcek.report(RD, measurement=MEAS, signing_key_field=7))
+    unsigned[0x2A0:0x330] = bytes(0x90)  # MASK_CHIP_KEY: the firmware signs nothing
+    for certs in ((), (vcek.certificate_der,)):
+        with pytest.raises(VerificationFailed) as none:
+            verify(bytes(unsigned), *certs)
+        assert none.value.reason == Reason.REPORT_UNSIGNED
+    assert not [r for r in server.requests if r.startswith("/vcek/v1/Milan/") and "crl" not in r]
+    with pytest.raises(MalformedEvidence) as reserved:
+        verify(vcek.report(RD, measurement=MEAS, signing_key_field=3), vcek.certificate_der)
+    assert reserved.value.reason == Reason.BAD_FIELD
+    # With its VLEK the report verifies, and a VCEK-signed one without a certificate is fetched.
+    assert verify(vlek.report(RD, measurement=MEAS), vlek.certificate_der).collateral_complete
+    assert verify(vcek.report(RD, measurement=MEAS)).collateral_complete
+
+
 def _vcek_files(directory: Path) -> list[str]:
     return sorted(p.stem for p in (directory / "amd" / "vcek").glob("*.der"))
 

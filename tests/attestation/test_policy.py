@@ -744,6 +744,92 @@ def test_a_minimum_without_fmc_refuses_turin_and_keeps_serving_milan(
     policy(sev_snp=section).evaluate(snp_claims(snp, sim_trust, now), CALLER)  # Milan: served
 
 
+# Current SPLs of real platforms (tests/data/attestation: Azure Milan and Genoa, 2025): each
+# product numbers its own, so Milan's microcode 219 and Genoa's 84 are both current.
+MILAN_TCB = {"bootloader": 4, "tee": 0, "snp": 24, "microcode": 219}
+GENOA_TCB = {"bootloader": 10, "tee": 0, "snp": 23, "microcode": 84}
+
+
+@pytest.fixture(scope="module")
+def genoa(now: dt.datetime) -> SimulatedAuthority:
+    return SimulatedAuthority.generate(product="Genoa", now=now)
+
+
+def test_snp_minimum_by_product(  # type: ignore[no-untyped-def]
+    authority: SimulatedAuthority, genoa: SimulatedAuthority, turin: SimulatedAuthority, now
+) -> None:
+    """One minimum judged every product by the same numbers, though each numbers its own SPLs: a
+    fleet of current Milan and Genoa hosts could only be served by the lower of each component
+    (bootloader 4, snp 23, microcode 84), which admitted Milan microcode 209, ten patch levels
+    behind. A minimum per product judges each by its own numbers; a product it states none for is
+    refused (TCB_MINIMUM_INCOMPLETE), as is Turin without fmc."""
+
+    def by(minimum: dict[str, Any], **more: Any) -> ReleasePolicy:
+        section = {"measurements": [MEAS.hex()], "allow_simulated": True}
+        return policy(sev_snp={**section, "min_reported_tcb": minimum, **more})
+
+    def claims(auth: SimulatedAuthority, **tcb: int) -> Any:
+        platform = auth.snp(tcb=TcbVersion.from_components(**tcb))
+        return snp_claims(platform, auth.trust_store(), now, version=5 if "fmc" in tcb else 3)
+
+    old_milan = claims(authority, **{**MILAN_TCB, "microcode": 209})
+    lowest = {k: min(MILAN_TCB[k], GENOA_TCB[k]) for k in MILAN_TCB}
+    policy(sev_snp__min_reported_tcb=lowest).evaluate(old_milan, CALLER)  # what one minimum did
+    by_product = {"Milan": MILAN_TCB, "Genoa": GENOA_TCB}
+    fleet = by(by_product)
+    deny(Reason.TCB_TOO_OLD, fleet, old_milan)
+    fleet.evaluate(claims(authority, **MILAN_TCB), CALLER)
+    fleet.evaluate(claims(genoa, **GENOA_TCB), CALLER)
+    deny(Reason.TCB_TOO_OLD, fleet, claims(genoa, **{**GENOA_TCB, "bootloader": 9}))
+    current_turin = claims(turin, fmc=1, bootloader=1, tee=1, snp=4, microcode=81)
+    with pytest.raises(PolicyViolation) as err:
+        fleet.evaluate(current_turin, CALLER)
+    assert err.value.reason == Reason.TCB_MINIMUM_INCOMPLETE
+    assert "min_reported_tcb states no minimum for Turin" in str(err.value)
+    turin_min = {"fmc": 1, "bootloader": 1, "tee": 1, "snp": 4, "microcode": 81}
+    by({**by_product, "Turin": turin_min}).evaluate(current_turin, CALLER)
+    # The launch and committed TCBs are judged by the product's minimum too; a by-product
+    # min_launch_tcb without the product leaves it to min_reported_tcb's.
+    launched_old = snp_claims(
+        genoa.snp(tcb=TcbVersion.from_components(**GENOA_TCB)), genoa.trust_store(), now,
+        launch_tcb=TcbVersion.from_components(**{**GENOA_TCB, "snp": 22}),
+    )  # fmt: skip
+    deny(Reason.LAUNCH_TCB_TOO_OLD, fleet, launched_old)
+    lenient = {"Genoa": {**GENOA_TCB, "snp": 22}}
+    by(by_product, min_launch_tcb=lenient).evaluate(launched_old, CALLER)
+    deny(
+        Reason.LAUNCH_TCB_TOO_OLD, by(by_product, min_launch_tcb={"Milan": MILAN_TCB}), launched_old
+    )
+    provisional = snp_claims(
+        genoa.snp(tcb=TcbVersion.from_components(**GENOA_TCB)), genoa.trust_store(), now,
+        committed_tcb=TcbVersion.from_components(**{**GENOA_TCB, "microcode": 80}),
+    )  # fmt: skip
+    deny(Reason.COMMITTED_TCB_TOO_OLD, fleet, provisional)
+
+
+@pytest.mark.parametrize(
+    ("minimum", "extra", "reason", "words"),
+    [
+        ({"Milan": MILAN_TCB, "Genoa": {**GENOA_TCB, "snp": 256}}, {}, Reason.POLICY_BAD_VALUE,
+         "sev_snp.min_reported_tcb.Genoa.snp: must be an integer 0..255"),
+        ({"Milan": MILAN_TCB, "Turin": MILAN_TCB}, {}, Reason.POLICY_MISSING_KEY,
+         "Turin: fmc is required"),
+        ({"Genoa": {**GENOA_TCB, "fmc": 1}}, {}, Reason.POLICY_BAD_VALUE, "Genoa: fmc is Turin only"),
+        ({"Milan": MILAN_TCB, "snp": 3}, {}, Reason.POLICY_UNKNOWN_KEY,
+         "sev_snp.min_reported_tcb.snp: is not a known key"),
+        ({"Milan": MILAN_TCB}, {"products": ["Milan", "Genoa"]}, Reason.POLICY_MISSING_KEY,
+         "states no minimum for Genoa, which products lists"),
+    ],
+)  # fmt: skip
+def test_snp_minimum_by_product_is_checked_when_loaded(
+    minimum: dict[str, Any], extra: dict[str, Any], reason: str, words: str
+) -> None:
+    section = {"measurements": [MEAS.hex()], "min_reported_tcb": minimum, **extra}
+    with pytest.raises(PolicyInvalid) as err:
+        policy(sev_snp=section)
+    assert err.value.reason == reason and words in str(err.value), str(err.value)
+
+
 # -- publishers: who may get data keys under the key, for which model names ---------------------
 
 PUBLISHER = "spiffe://strongroom.test/publisher"

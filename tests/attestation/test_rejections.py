@@ -639,6 +639,43 @@ def test_vlek_presented_as_vcek(authority, sim_trust, now) -> None:
     )
 
 
+def test_snp_host_requested_report(authority, sim_trust, now) -> None:
+    """A report the hypervisor asked for (SNP_HV_REPORT_REQ, ABI 1.57: VMPL 0xFFFFFFFF, REPORT_DATA
+    the firmware's zeros) is genuine but attests no guest: the verifier returned claims for it
+    (``attest verify`` said it verified; a release was refused only as a REPORT_DATA mismatch).
+    A VMPL no firmware writes (4 .. 0xFFFFFFFE) is malformed."""
+    snp = authority.snp()
+    source = authority.collateral_source(now=now)
+    host = snp.evidence(bytes(64), measurement=MEAS, vmpl=0xFFFFFFFF)
+    expect(
+        VerificationFailed,
+        Reason.HOST_REQUESTED_REPORT,
+        lambda: verify_evidence(host, trust=sim_trust, now=now, collateral=source),
+    )
+    # Forged, it is named forged.
+    rogue = ec.generate_private_key(ec.SECP384R1())
+    forged = Evidence(
+        TeeType.SEV_SNP,
+        snp.report(bytes(64), measurement=MEAS, vmpl=0xFFFFFFFF, sign_with=rogue),
+        (snp.certificate_der,),
+    )
+    expect(
+        VerificationFailed,
+        Reason.REPORT_SIGNATURE_INVALID,
+        lambda: verify_evidence(forged, trust=sim_trust, now=now, collateral=source),
+    )
+    for vmpl in (4, 0xFFFFFFFE):
+        odd = snp.evidence(RD, measurement=MEAS, vmpl=vmpl)
+        expect(
+            MalformedEvidence,
+            Reason.BAD_FIELD,
+            lambda: verify_evidence(odd, trust=sim_trust, now=now, collateral=source),  # noqa: B023
+        )
+    for vmpl in range(4):  # every guest VMPL still verifies
+        ok = snp.evidence(RD, measurement=MEAS, vmpl=vmpl)
+        assert verify_evidence(ok, trust=sim_trust, now=now, collateral=source).vmpl == vmpl  # type: ignore[attr-defined]
+
+
 def test_wrong_product_cpuid(authority, sim_trust, now) -> None:
     snp = authority.snp()
     ev = Evidence(

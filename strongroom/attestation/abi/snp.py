@@ -44,6 +44,12 @@ CPU_FAMILY_BY_PRODUCT = {"Milan": _FAMILY_ZEN3_4, "Genoa": _FAMILY_ZEN3_4, "Turi
 # a bit a newer firmware defines is refused until this verifier knows what it lets the host do.
 GUEST_POLICY_RESERVED_SHIFT = 26
 
+# VMPL: 0-3 for a report the guest asked for (MSG_REPORT_REQ); the firmware writes 0xFFFFFFFF in
+# one the hypervisor asked for (SNP_HV_REPORT_REQ, ABI 1.57), whose REPORT_DATA the guest never
+# chose. No other value is defined.
+MAX_GUEST_VMPL = 3
+VMPL_HOST_REQUESTED = 0xFFFFFFFF
+
 SIGNING_KEY_VCEK = 0
 SIGNING_KEY_VLEK = 1
 SIGNING_KEY_NONE = 7
@@ -288,6 +294,11 @@ class SnpReport:
         """The hardware ID as AMD KDS and the VCEK ``hwID`` extension use it (8 bytes on Turin)."""
         return self.chip_id[:8] if self.turin_layout else self.chip_id
 
+    @property
+    def host_requested(self) -> bool:
+        """True when the hypervisor, not the guest, asked for the report (VMPL 0xFFFFFFFF)."""
+        return self.vmpl == VMPL_HOST_REQUESTED
+
     def __repr__(self) -> str:
         return (
             f"SnpReport(version={self.version}, vmpl={self.vmpl}, "
@@ -370,10 +381,21 @@ def parse_snp_report(data: bytes) -> SnpReport:
             f"{', '.join(map(str, bits))}, which no SEV-SNP ABI this verifier knows defines",
             reason=Reason.BAD_FIELD,
         )
+    vmpl = _u32(data, 0x30)
+    if MAX_GUEST_VMPL < vmpl < VMPL_HOST_REQUESTED:
+        raise MalformedEvidence(
+            f"SNP report VMPL {vmpl} is neither a guest VMPL (0-3) nor a host request (0xFFFFFFFF)",
+            reason=Reason.BAD_FIELD,
+        )
     key_info = _u32(data, 0x48)
     if key_info >> 5:
         raise MalformedEvidence(
             "SNP report key-info reserved bits are set", reason=Reason.BAD_FIELD
+        )
+    if (key_info >> 2) & 0x7 not in _SIGNING_KEY_NAMES:
+        raise MalformedEvidence(
+            f"SNP report SIGNING_KEY {(key_info >> 2) & 0x7} is reserved (0 VCEK, 1 VLEK, 7 none)",
+            reason=Reason.BAD_FIELD,
         )
     _mbz(data, 0x4C, 0x50, "RESERVED0")
     if version >= 3:
@@ -409,7 +431,7 @@ def parse_snp_report(data: bytes) -> SnpReport:
         policy=SnpPolicy(policy),
         family_id=data[0x10:0x20],
         image_id=data[0x20:0x30],
-        vmpl=_u32(data, 0x30),
+        vmpl=vmpl,
         signature_algo=sig_algo,
         current_tcb=tcb(0x38),
         platform_info=PlatformInfo(_u64(data, 0x40)),

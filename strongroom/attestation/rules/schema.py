@@ -26,6 +26,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+_TAG_MARK = "\x00"
+
+
+def tag(name: str) -> str:
+    """A tag for one form of a discriminated union. pydantic puts the tag in an error's location;
+    :func:`load` leaves it out, so the path names only the document's keys."""
+    return _TAG_MARK + name
+
+
 def invalid(reason: str, message: str) -> PydanticCustomError:
     """The error a field validator raises; ``reason`` is a ``Reason.POLICY_*`` code."""
     return PydanticCustomError(reason, message)
@@ -115,7 +124,8 @@ def load(model: type[S], where: str, value: Any, **context: Any) -> S:
         errors = exc.errors(include_url=False)
         # Unknown keys first: a misspelt key ("ucode") must not read as a missing one.
         error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-        path = ".".join([where, *(str(p) for p in error["loc"])]).lstrip(".")
+        loc = (str(p) for p in error["loc"] if not str(p).startswith(_TAG_MARK))
+        path = ".".join([where, *loc]).lstrip(".")
         reason, message = _BUILT_IN.get(error["type"], (error["type"], error["msg"]))
         if reason not in Reason.__members__:  # an error type nobody mapped: say what pydantic said
             reason = Reason.POLICY_BAD_VALUE

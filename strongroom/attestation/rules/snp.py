@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
+from pydantic import (
+    BeforeValidator,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from strongroom.attestation.abi.snp import PRODUCTS, PlatformInfo, SnpPolicy, TcbVersion
 from strongroom.attestation.claims import SnpClaims, VerifiedClaims
@@ -42,6 +50,70 @@ class TcbMinimum(schema.Section):
         out = {"bootloader": self.bootloader, "tee": self.tee, "snp": self.snp}
         out["microcode"] = self.microcode
         return out if self.fmc is None else {"fmc": self.fmc, **out}
+
+
+class ProductTcbMinimums(schema.Section):
+    """A minimum TCB per product. SPL numbers are each product's own (a current Milan reports
+    microcode 219, a current Genoa 84), so one minimum for several products can only be the lower
+    of their numbers, which admits each product's out-of-date firmware; with a minimum per product
+    each is judged by its own numbers, and a product without one is refused
+    (``TCB_MINIMUM_INCOMPLETE``). Turin's needs ``fmc``; Milan's and Genoa's cannot have one."""
+
+    Milan: TcbMinimum | None = None
+    Genoa: TcbMinimum | None = None
+    Turin: TcbMinimum | None = None
+
+    @model_validator(mode="after")
+    def _fmc_where_the_product_has_one(self) -> ProductTcbMinimums:
+        """At least one product; ``fmc`` stated exactly for Turin (the only product with one)."""
+        if not self.stated():
+            raise schema.invalid(
+                Reason.POLICY_EMPTY_ALLOW_LIST,
+                "states no product's minimum, which would allow none",
+            )
+        for product, minimum in self.stated().items():
+            if (minimum.fmc is None) != (product != "Turin"):
+                raise schema.invalid(
+                    Reason.POLICY_MISSING_KEY if product == "Turin" else Reason.POLICY_BAD_VALUE,
+                    f"{product}: fmc is {'required' if product == 'Turin' else 'Turin only'}",
+                )
+        return self
+
+    def stated(self) -> dict[str, TcbMinimum]:
+        """The stated minima by product."""
+        return {p: m for p in PRODUCTS if (m := getattr(self, p)) is not None}
+
+
+def _tcb_form(value: Any) -> str:
+    """Which form a minimum is written in: by product (its keys name products) or one for all."""
+    if isinstance(value, ProductTcbMinimums) or (
+        isinstance(value, dict) and any(k in PRODUCTS for k in value)
+    ):
+        return schema.tag("by_product")
+    return schema.tag("one")
+
+
+TcbMinimumSpec = Annotated[
+    Annotated[TcbMinimum, Tag(schema.tag("one"))]
+    | Annotated[ProductTcbMinimums, Tag(schema.tag("by_product"))],
+    Discriminator(_tcb_form),
+]
+"""A minimum TCB for every product, or one per product (:class:`ProductTcbMinimums`)."""
+
+
+def _for_product(
+    minimum: TcbMinimum | ProductTcbMinimums | None, product: str, key: str
+) -> TcbMinimum | None:
+    """The minimum that judges ``product``'s TCB (None: no minimum, a development ``any``)."""
+    if not isinstance(minimum, ProductTcbMinimums):
+        return minimum
+    stated = minimum.stated().get(product)
+    if stated is None:
+        raise _deny(
+            f"the policy's {key} states no minimum for {product}: add one to accept {product}",
+            Reason.TCB_MINIMUM_INCOMPLETE,
+        )
+    return stated
 
 
 _REQUIRED = object()
@@ -119,12 +191,13 @@ class SnpRules(schema.Section):
     author_key_digests: schema.OptionalHex48 = None
     min_guest_svn: schema.U32 = 0
     # None only for an explicit development "any".
-    min_reported_tcb: Annotated[TcbMinimum | None, BeforeValidator(_min_tcb)] = Field(
+    min_reported_tcb: Annotated[TcbMinimumSpec | None, BeforeValidator(_min_tcb)] = Field(
         default=_REQUIRED, validate_default=True
     )
     # Absent: min_reported_tcb applies to the launch TCB too. A VM launched on firmware below the
     # minimum keeps what that firmware could leak even after a live update raises reported_tcb.
-    min_launch_tcb: TcbMinimum | None = None
+    # By product, a product it states no minimum for takes min_reported_tcb's.
+    min_launch_tcb: TcbMinimumSpec | None = None
     host_data: schema.OptionalHex32 = None
     # Guest policy: what the guest owner made the firmware enforce for the VM's whole life (a bit
     # firmware does not know reads 0, so requiring it refuses older firmware: fail closed).
@@ -151,6 +224,20 @@ class SnpRules(schema.Section):
                 "says, and whoever launches the VM can sign an ID block with a key of its own",
             )
         return value
+
+    @model_validator(mode="after")
+    def _a_minimum_for_every_listed_product(self) -> SnpRules:
+        """A product listed in ``products`` that a by-product ``min_reported_tcb`` states no
+        minimum for could never pass: a policy error, not a silent refusal."""
+        if isinstance(self.min_reported_tcb, ProductTcbMinimums) and self.products is not None:
+            missing = sorted(self.products - set(self.min_reported_tcb.stated()))
+            if missing:
+                raise schema.invalid(
+                    Reason.POLICY_MISSING_KEY,
+                    f"min_reported_tcb states no minimum for {', '.join(missing)}, which products "
+                    "lists: no report of it could pass",
+                )
+        return self
 
     @field_validator("forbidden_guest_policy_flags", "forbidden_platform_flags")
     @classmethod
@@ -220,11 +307,17 @@ class SnpRules(schema.Section):
             )
         if c.guest_svn < self.min_guest_svn:
             raise _deny(f"guest SVN {c.guest_svn} < {self.min_guest_svn}", Reason.GUEST_SVN_TOO_OLD)
-        if self.min_reported_tcb is not None:
-            _check_tcb(c.reported_tcb, self.min_reported_tcb, "reported TCB", Reason.TCB_TOO_OLD)
-        launch_minimum = self.min_launch_tcb or self.min_reported_tcb
+        reported_minimum = _for_product(self.min_reported_tcb, c.product, "min_reported_tcb")
+        if reported_minimum is not None:
+            _check_tcb(c.reported_tcb, reported_minimum, "reported TCB", Reason.TCB_TOO_OLD)
+        launch_minimum, source = reported_minimum, "min_reported_tcb"
+        if self.min_launch_tcb is not None and (
+            not isinstance(self.min_launch_tcb, ProductTcbMinimums)
+            or c.product in self.min_launch_tcb.stated()
+        ):
+            launch_minimum = _for_product(self.min_launch_tcb, c.product, "min_launch_tcb")
+            source = "min_launch_tcb"
         if launch_minimum is not None:
-            source = "min_launch_tcb" if self.min_launch_tcb else "min_reported_tcb"
             _check_tcb(
                 c.launch_tcb,
                 launch_minimum,
@@ -232,13 +325,13 @@ class SnpRules(schema.Section):
                 Reason.LAUNCH_TCB_TOO_OLD,
                 f" ({source}): the VM was started on older firmware; relaunch it",
             )
-        if self.min_reported_tcb is not None:
+        if reported_minimum is not None:
             # Firmware updated live stays provisional until committed, and the host may roll it
             # back to the committed version under the running VM (after the key was released):
             # what it can go back to must meet the minimum too.
             _check_tcb(
                 c.committed_tcb,
-                self.min_reported_tcb,
+                reported_minimum,
                 "committed TCB",
                 Reason.COMMITTED_TCB_TOO_OLD,
                 " (min_reported_tcb): the platform runs provisional firmware that the host can "

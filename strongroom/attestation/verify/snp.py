@@ -1,10 +1,13 @@
 """AMD SEV-SNP report verification.
 
-Checks, in order: the VCEK/VLEK chains to a pinned ASK/ASVK and ARK (RSASSA-PSS, SHA-384, salt 48)
+Checks, in order: the report is signed (SIGNING_KEY not none, ``REPORT_UNSIGNED``); a
+VLEK-signed report carries its VLEK (KDS serves VCEKs only, ``VLEK_CERTIFICATE_MISSING``); the
+VCEK/VLEK chains to a pinned ASK/ASVK and ARK (RSASSA-PSS, SHA-384, salt 48)
 and every certificate is valid at ``now``; supplied ASK/ARK certificates are byte-identical to the
 pinned ones; the report's ECDSA P-384 signature verifies with the VCEK/VLEK; the bindings between
 report and certificate: signing-key type, product, reported TCB (VCEK TCB extensions), and the
-chip id (VCEK ``hwID``); finally the ARK's CRL for the chain (KDS ``/vcek|vlek/v1/<product>/crl``)
+chip id (VCEK ``hwID``); a report the hypervisor requested (VMPL 0xFFFFFFFF, SNP_HV_REPORT_REQ) is
+refused, since it attests no guest (``HOST_REQUESTED_REPORT``); finally the ARK's CRL for the chain (KDS ``/vcek|vlek/v1/<product>/crl``)
 from the verifier's collateral source must be current and must not revoke the ASK/ASVK. CRLs the
 evidence carries are ignored: the party being judged cannot choose its judge.
 
@@ -38,6 +41,7 @@ from strongroom.attestation.abi.certs import (
 )
 from strongroom.attestation.abi.snp import (
     CPU_FAMILY_BY_PRODUCT,
+    SIGNING_KEY_NONE,
     SIGNING_KEY_VCEK,
     SIGNING_KEY_VLEK,
     SnpReport,
@@ -239,9 +243,25 @@ def verify_snp(
 ) -> SnpClaims:
     """Verifies SEV-SNP evidence and returns its claims (see the module docstring)."""
     report = parse_snp_report(evidence.report)
+    if report.signing_key == SIGNING_KEY_NONE:
+        # MASK_CHIP_KEY: the firmware signed nothing (the signature is zeros), so no key can
+        # verify it; said as such, and before a VCEK is fetched for it.
+        raise VerificationFailed(
+            "SNP report is unsigned (SIGNING_KEY none: the platform masks its chip key)",
+            reason=Reason.REPORT_UNSIGNED,
+        )
     keys = _split_certificates(evidence, trust)
     if keys:
         key_der = keys[0]
+    elif report.signing_key == SIGNING_KEY_VLEK:
+        # AMD KDS publishes VCEKs only: fetching one for a VLEK-signed report cost a KDS round
+        # trip on every such release (a fetched VCEK that does not verify is not remembered) and
+        # then named the report forged (REPORT_SIGNATURE_INVALID).
+        raise MalformedEvidence(
+            "the SNP report is VLEK-signed and the evidence carries no VLEK certificate (AMD KDS "
+            "does not publish VLEKs: the attester must send the one from its certificate table)",
+            reason=Reason.VLEK_CERTIFICATE_MISSING,
+        )
     else:
         fetched = collateral.snp_key_certificate(report) if collateral is not None else None
         if fetched is None:
@@ -252,6 +272,16 @@ def verify_snp(
             )
         key_der = certificates_from_bytes(fetched)[0]
     key = verify_report_key(report, key_der, trust, now)
+    if report.host_requested:
+        # Genuine, but the hypervisor asked for it (SNP_HV_REPORT_REQ): the guest chose nothing
+        # in it (REPORT_DATA is the firmware's zeros), so it attests no guest. Named as such
+        # rather than as a REPORT_DATA or VMPL mismatch; judged after the signature so that a
+        # forged one is named forged.
+        raise VerificationFailed(
+            "SNP report was requested by the hypervisor (VMPL 0xFFFFFFFF, SNP_HV_REPORT_REQ), "
+            "not by the guest: it attests no guest",
+            reason=Reason.HOST_REQUESTED_REPORT,
+        )
     # Revocation comes last so that a forged or mismatched report is named as such; only the
     # verifier's own CRL counts (evidence-carried CRLs are never read).
     signer, ark = key.chain[1], key.chain[2]
