@@ -312,3 +312,23 @@ topologySpreadConstraints:
         {{- include "strongroom.selectorLabels" . | nindent 8 }}
 {{- end }}
 {{- end -}}
+
+{{/* Values checks the schema cannot word precisely ----------------------------------------- */}}
+
+{{/*
+Refuses values that would render a deployment which cannot work, with a message naming the ways
+out (a JSON-schema rule would only say which property failed). Included by keybroker.yaml.
+
+The broker's collateral: with fetch on (and a writable cache), the broker's egress policy must
+let it reach pcsUrl/kdsUrl. The chart cannot pick those addresses (the vendors' services sit behind
+CDNs whose addresses change; most clusters reach them through a PCCS or mirror of their own), so an
+empty list is a choice left open, not a safe default: every release would be refused
+COLLATERAL_MISSING until someone found the cause. Without the chart's policies (networkPolicy
+.enabled: false) the chart cannot see the egress rules, so it does not guess.
+*/}}
+{{- define "strongroom.checkValues" -}}
+{{- $c := .Values.keybroker.collateral -}}
+{{- if and .Values.networkPolicy.enabled $c.fetch (not $c.readOnly) (not $c.egress) -}}
+{{- fail (printf "keybroker.collateral: the broker fetches attestation collateral (collateral.fetch: true) but collateral.egress is empty, so the broker's NetworkPolicy would block every fetch from pcsUrl (%s) and kdsUrl (%s) and every key release would be refused COLLATERAL_MISSING. Choose one: (1) set keybroker.collateral.egress to the addresses and port of pcsUrl and kdsUrl (a PCCS / KDS mirror or proxy in your network, or the vendors' endpoints), e.g. [{cidr: 10.20.0.20/32, port: 443}] (deploy/helm/values-minimal.yaml shows it); or (2) set keybroker.collateral.fetch: false and fill the cache with `strongroom attest collateral import` (air-gapped; deploy/README.md, \"Attestation collateral\")" $c.pcsUrl $c.kdsUrl) -}}
+{{- end -}}
+{{- end -}}
