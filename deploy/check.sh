@@ -5,7 +5,8 @@
 #
 #  1. docker-compose config -q on the compose stack (and with the confidential-VM override)
 #  2. helm lint --strict and helm template for the minimal, development and production values (the
-#     bare defaults must be REFUSED: they leave open where the broker's collateral comes from)
+#     bare defaults must be REFUSED: they leave open where the broker's collateral comes from; and
+#     production without the chart's network policies, unless acknowledged as externally enforced)
 #  3. kubernetes-validate --strict on every rendered manifest (Kubernetes $KUBE_VERSION schemas, offline)
 #  4. every values file under deploy/helm/tests/ must be REJECTED by values.schema.json, with the
 #     error its "# expect:" line names
@@ -85,6 +86,9 @@ refused_at_render() { # refused_at_render EXPECT [helm args...]: helm must fail 
 }
 check "helm refuses the bare defaults (no collateral egress: every release COLLATERAL_MISSING)" \
   refused_at_render "keybroker.collateral: the broker fetches attestation collateral"
+check "helm refuses production without network policies unless externally enforced" \
+  refused_at_render "networkPolicy.enabled is false in production mode" \
+  -f deploy/helm/values-minimal.yaml --set networkPolicy.enabled=false
 
 rejected() { # rejected FILE EXPECT: helm must fail on the schema, for the stated reason
   local out="$work/rejected.out"

@@ -103,3 +103,39 @@ def test_the_deploy_instructions_pass_a_values_file_to_every_install(helm: str) 
         assert re.search(r"(?:^|\s)-f\s", command), command
     assert "-f deploy/helm/values-minimal.yaml" in text
     assert render(helm, MINIMAL)
+
+
+NO_POLICIES_REFUSAL = "networkPolicy.enabled is false in production mode"
+
+
+def test_production_without_the_charts_network_policies_needs_an_acknowledgement(
+    helm: str,
+) -> None:
+    """networkPolicy.enabled: false in production was accepted silently: no policy at all, so any
+    pod could reach the broker and the store, and the broker could connect anywhere."""
+    result = run_helm_template(helm, set_args=("networkPolicy.enabled=false",))
+    assert result.returncode != 0, "production rendered without any NetworkPolicy"
+    assert NO_POLICIES_REFUSAL in result.stderr, result.stderr
+    assert "networkPolicy.externallyEnforced: true" in result.stderr
+    assert "networkPolicy.enabled: true" in result.stderr
+
+
+def test_an_acknowledged_external_enforcement_renders_no_policy(helm: str) -> None:
+    acknowledged = ("networkPolicy.enabled=false", "networkPolicy.externallyEnforced=true")
+    assert not kind(render(helm, set_args=acknowledged), "NetworkPolicy")
+    # Whoever enforces the flows also decides the broker's egress: the chart cannot check it.
+    assert run_helm_template(helm, (), acknowledged).returncode == 0
+
+
+def test_development_may_turn_the_policies_off_without_acknowledgement(helm: str) -> None:
+    """kind and minikube often enforce no NetworkPolicy; development mode is no deployment."""
+    docs = render(helm, DEVELOPMENT, ("networkPolicy.enabled=false",))
+    assert not kind(docs, "NetworkPolicy")
+
+
+def test_the_acknowledgement_is_a_boolean(helm: str) -> None:
+    result = run_helm_template(
+        helm, set_args=("networkPolicy.enabled=false", "networkPolicy.externallyEnforced=yes")
+    )
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr

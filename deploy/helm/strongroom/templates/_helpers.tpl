@@ -325,8 +325,16 @@ CDNs whose addresses change; most clusters reach them through a PCCS or mirror o
 empty list is a choice left open, not a safe default: every release would be refused
 COLLATERAL_MISSING until someone found the cause. Without the chart's policies (networkPolicy
 .enabled: false) the chart cannot see the egress rules, so it does not guess.
+
+Turning the chart's policies off in production: only with networkPolicy.externallyEnforced, the
+operator's statement that something else enforces the documented flows (otherwise nothing would,
+and nothing would say so).
 */}}
 {{- define "strongroom.checkValues" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- if and (eq .Values.mode "production") (not $np.enabled) (not $np.externallyEnforced) -}}
+{{- fail "networkPolicy.enabled is false in production mode: the chart would render no NetworkPolicy, so nothing would limit who reaches the key broker and the model store or where Strongroom's pods connect (the design relies on default deny in both directions, deploy/README.md \"Network flows\"). Set networkPolicy.enabled: true, or, if the cluster enforces those flows by other means (cluster-wide CNI policies, a service mesh's authorization), acknowledge it with networkPolicy.externallyEnforced: true" -}}
+{{- end -}}
 {{- $c := .Values.keybroker.collateral -}}
 {{- if and .Values.networkPolicy.enabled $c.fetch (not $c.readOnly) (not $c.egress) -}}
 {{- fail (printf "keybroker.collateral: the broker fetches attestation collateral (collateral.fetch: true) but collateral.egress is empty, so the broker's NetworkPolicy would block every fetch from pcsUrl (%s) and kdsUrl (%s) and every key release would be refused COLLATERAL_MISSING. Choose one: (1) set keybroker.collateral.egress to the addresses and port of pcsUrl and kdsUrl (a PCCS / KDS mirror or proxy in your network, or the vendors' endpoints), e.g. [{cidr: 10.20.0.20/32, port: 443}] (deploy/helm/values-minimal.yaml shows it); or (2) set keybroker.collateral.fetch: false and fill the cache with `strongroom attest collateral import` (air-gapped; deploy/README.md, \"Attestation collateral\")" $c.pcsUrl $c.kdsUrl) -}}
