@@ -1,18 +1,22 @@
 """The chart's defaults deploy something that works, or refuse clearly.
 
 Values that would render a deployment which cannot work (a broker whose NetworkPolicy blocks its
-collateral fetches) are refused at render time with a message naming the ways out; the documented
-ways out render.
+collateral fetches, production without network policies nobody enforces, store limits the store
+refuses) are refused at render time with a message naming the ways out; the documented ways out
+render, and the store's per-identity limits follow the size of the inference fleet.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from strongroom.modelstore.config import ModelstoreConfig
+from strongroom.runtime.config import ServerConfig, load_service_config
 from tests.deploy.conftest import (
     DEPLOY,
     MINIMAL,
@@ -137,5 +141,93 @@ def test_the_acknowledgement_is_a_boolean(helm: str) -> None:
     result = run_helm_template(
         helm, set_args=("networkPolicy.enabled=false", "networkPolicy.externallyEnforced=yes")
     )
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+
+
+def _store_server(helm: str, tmp_path: Path, *set_args: str) -> ServerConfig:
+    """The model store's server section as the store itself loads it from the rendered chart."""
+    docs = render(helm, set_args=set_args)
+    (cm,) = [
+        c
+        for c in kind(docs, "ConfigMap")
+        if _component(c) == "modelstore" and "config.yaml" in c.get("data", {})
+    ]
+    path = tmp_path / "modelstore.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    common, _ = load_service_config(path, "modelstore", ModelstoreConfig, environ={})
+    return common.server
+
+
+@pytest.mark.parametrize("replicas", [1, 3, 10, 40, 500])
+def test_store_limits_scale_with_the_inference_fleet(
+    helm: str, tmp_path: Path, replicas: int
+) -> None:
+    """Every inference replica has the one inference SPIFFE ID, so the store's per-identity stream
+    cap (a fixed 8) was the whole fleet's: a large fleet cold-starting queued behind it."""
+    server = _store_server(helm, tmp_path, f"inference.replicas={replicas}")
+    assert server.max_streams_per_identity >= 2 * replicas
+    assert server.unary_calls_per_identity >= 2 * replicas
+    # The fleet never takes every blocking stream (publishers keep some), nor streams every worker.
+    assert server.blocking_streams >= server.max_streams_per_identity + 8
+    assert server.blocking_streams < server.max_workers
+    assert server.unary_calls_per_identity < server.max_workers
+    if replicas == 1:  # one replica: exactly the service's own defaults
+        defaults = ServerConfig()
+        assert (server.max_streams_per_identity, server.blocking_streams) == (
+            defaults.max_streams_per_identity,
+            defaults.blocking_streams,
+        )
+        assert (server.unary_calls_per_identity, server.max_workers) == (
+            defaults.unary_calls_per_identity,
+            defaults.max_workers,
+        )
+
+
+def test_store_limits_are_operator_values(helm: str, tmp_path: Path) -> None:
+    server = _store_server(
+        helm,
+        tmp_path,
+        "inference.replicas=3",
+        "modelstore.server.maxStreamsPerIdentity=24",
+        "modelstore.server.maxUnaryCallsPerIdentity=12",
+    )
+    assert (server.max_streams_per_identity, server.unary_calls_per_identity) == (24, 12)
+    # What was left null still derives, from the values given.
+    assert (server.blocking_streams, server.max_workers) == (32, 48)
+    server = _store_server(
+        helm, tmp_path, "modelstore.server.maxBlockingStreams=40", "modelstore.server.maxWorkers=64"
+    )
+    assert (server.blocking_streams, server.max_workers) == (40, 64)
+
+
+@pytest.mark.parametrize(
+    ("set_args", "message"),
+    [
+        (
+            ("modelstore.server.maxWorkers=16",),
+            "modelstore.server.maxBlockingStreams (16) must be below maxWorkers (16)",
+        ),
+        (
+            ("modelstore.server.maxUnaryCallsPerIdentity=40", "modelstore.server.maxWorkers=40"),
+            "modelstore.server.maxUnaryCallsPerIdentity (40) must be below maxWorkers (40)",
+        ),
+        (
+            ("modelstore.server.maxStreamsPerIdentity=1020",),
+            "but the store allows at most 1024",
+        ),
+    ],
+)
+def test_store_limits_the_store_would_refuse_are_refused_at_render(
+    helm: str, set_args: tuple[str, ...], message: str
+) -> None:
+    result = run_helm_template(helm, set_args=set_args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "many", "1025"])
+def test_store_limits_are_schema_typed(helm: str, value: str) -> None:
+    result = run_helm_template(helm, set_args=(f"modelstore.server.maxWorkers={value}",))
     assert result.returncode != 0
     assert "values don't meet the specifications of the schema" in result.stderr

@@ -313,6 +313,32 @@ topologySpreadConstraints:
 {{- end }}
 {{- end -}}
 
+{{/*
+The model store's gRPC limits (its configuration's server section), as JSON: each value the
+operator left null is derived from inference.replicas (R). Every inference replica has the one
+inference SPIFFE ID, so the per-identity limits are the whole fleet's; the totals grow with them so
+that the fleet cannot take every blocking stream or every worker (values.yaml, modelstore.server).
+Refuses what the store would refuse at start (strongroom.runtime.config.ServerConfig).
+*/}}
+{{- define "strongroom.modelstoreServer" -}}
+{{- $s := .Values.modelstore.server -}}
+{{- $fleet := mul 2 (int .Values.inference.replicas) -}}
+{{- $streams := int (default (max 8 $fleet) $s.maxStreamsPerIdentity) -}}
+{{- $unary := int (default (max 16 $fleet) $s.maxUnaryCallsPerIdentity) -}}
+{{- $blocking := int (default (max 16 (add $streams 8)) $s.maxBlockingStreams) -}}
+{{- $workers := int (default (max 32 (add $blocking 16) (add $unary 1)) $s.maxWorkers) -}}
+{{- if gt $workers 1024 -}}
+{{- fail (printf "modelstore.server: %d worker threads needed (maxBlockingStreams %d + 16, maxUnaryCallsPerIdentity %d + 1; derived from inference.replicas %d where not set) but the store allows at most 1024: set modelstore.server.maxStreamsPerIdentity / maxUnaryCallsPerIdentity lower, or run more model store replicas and set them per replica" $workers $blocking $unary (int .Values.inference.replicas)) -}}
+{{- end -}}
+{{- if not (lt $blocking $workers) -}}
+{{- fail (printf "modelstore.server.maxBlockingStreams (%d) must be below maxWorkers (%d): streams must never hold every worker thread" $blocking $workers) -}}
+{{- end -}}
+{{- if not (lt $unary $workers) -}}
+{{- fail (printf "modelstore.server.maxUnaryCallsPerIdentity (%d) must be below maxWorkers (%d): one caller must never hold every worker thread" $unary $workers) -}}
+{{- end -}}
+{{- toJson (dict "max_workers" $workers "max_blocking_streams" $blocking "max_streams_per_identity" $streams "max_unary_calls_per_identity" $unary) -}}
+{{- end -}}
+
 {{/* Values checks the schema cannot word precisely ----------------------------------------- */}}
 
 {{/*
