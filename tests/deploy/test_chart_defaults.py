@@ -231,3 +231,18 @@ def test_store_limits_are_schema_typed(helm: str, value: str) -> None:
     result = run_helm_template(helm, set_args=(f"modelstore.server.maxWorkers={value}",))
     assert result.returncode != 0
     assert "values don't meet the specifications of the schema" in result.stderr
+
+
+def test_an_external_ca_without_egress_is_refused(helm: str) -> None:
+    """With an external CA and no pki.externalCAEgress, the policies blocked every service's
+    connection to the CA: no pod could enrol, and the chart rendered it."""
+    external = ("stepCa.enabled=false", "pki.caURL=https://ca.example.internal")
+    result = run_helm_template(helm, set_args=external)
+    assert result.returncode != 0
+    assert "pki.externalCAEgress is empty" in result.stderr, result.stderr
+    assert "https://ca.example.internal" in result.stderr
+    opened = (*external, "pki.externalCAEgress[0].cidr=192.0.2.10/32")
+    assert render(helm, set_args=(*opened, "pki.externalCAEgress[0].port=9000"))
+    # Without the chart's policies there is nothing of the chart's to block it.
+    unpoliced = ("networkPolicy.enabled=false", "networkPolicy.externallyEnforced=true")
+    assert render(helm, set_args=(*external, *unpoliced))

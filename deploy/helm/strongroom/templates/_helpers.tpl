@@ -352,6 +352,9 @@ empty list is a choice left open, not a safe default: every release would be ref
 COLLATERAL_MISSING until someone found the cause. Without the chart's policies (networkPolicy
 .enabled: false) the chart cannot see the egress rules, so it does not guess.
 
+An external CA (stepCa.enabled: false) is reached only through pki.externalCAEgress: empty, no
+service could enrol (every pod stuck in its start-up, each logging the same connection error).
+
 Turning the chart's policies off in production: only with networkPolicy.externallyEnforced, the
 operator's statement that something else enforces the documented flows (otherwise nothing would,
 and nothing would say so).
@@ -360,6 +363,9 @@ and nothing would say so).
 {{- $np := .Values.networkPolicy -}}
 {{- if and (eq .Values.mode "production") (not $np.enabled) (not $np.externallyEnforced) -}}
 {{- fail "networkPolicy.enabled is false in production mode: the chart would render no NetworkPolicy, so nothing would limit who reaches the key broker and the model store or where Strongroom's pods connect (the design relies on default deny in both directions, deploy/README.md \"Network flows\"). Set networkPolicy.enabled: true, or, if the cluster enforces those flows by other means (cluster-wide CNI policies, a service mesh's authorization), acknowledge it with networkPolicy.externallyEnforced: true" -}}
+{{- end -}}
+{{- if and $np.enabled (not .Values.stepCa.enabled) (not .Values.pki.externalCAEgress) -}}
+{{- fail (printf "pki.externalCAEgress is empty while the chart's NetworkPolicies are on and the CA is external (stepCa.enabled: false, pki.caURL %s): the policies would block every service's connection to the CA, so no pod could enrol or renew its certificate. List the CA's addresses and port, e.g. pki.externalCAEgress: [{cidr: 10.20.0.10/32, port: 9000}]" .Values.pki.caURL) -}}
 {{- end -}}
 {{- $c := .Values.keybroker.collateral -}}
 {{- if and .Values.networkPolicy.enabled $c.fetch (not $c.readOnly) (not $c.egress) -}}
