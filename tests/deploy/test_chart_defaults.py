@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from strongroom.attestation.collateral_fetch import FetchSettings
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.runtime.config import ServerConfig, load_service_config
 from tests.deploy.conftest import (
@@ -66,8 +67,25 @@ def test_bare_defaults_are_refused_naming_both_ways_out(helm: str, mode: str) ->
     for way_out in ("keybroker.collateral.egress", "keybroker.collateral.fetch: false"):
         assert way_out in message, message
     assert "COLLATERAL_MISSING" in message
-    assert "https://kdsintf.amd.com" in message  # names the sources it could not reach
+    # Names the sources it could not reach: with Intel's PCS the root CA CRL is a third host.
+    for source in (
+        "https://kdsintf.amd.com",
+        "https://api.trustedservices.intel.com",
+        "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der",
+    ):
+        assert source in message, message
     assert "goroutine" not in message and "panic" not in message
+
+
+@pytest.mark.parametrize(
+    "pcs_url", ["https://api.trustedservices.intel.com", "https://pccs.internal/"]
+)
+def test_the_refusal_names_the_root_ca_crl_the_broker_would_fetch(helm: str, pcs_url: str) -> None:
+    """The chart derives the root CA CRL's location as the broker does (another host with
+    Intel's PCS, the PCCS itself otherwise)."""
+    result = run_helm_template(helm, (), (f"keybroker.collateral.pcsUrl={pcs_url}",))
+    expected = FetchSettings(pcs_url=pcs_url).root_crl_url
+    assert f"the root CA CRL ({expected})" in result.stderr, result.stderr
 
 
 def test_the_minimal_values_open_the_brokers_egress_to_its_collateral_source(helm: str) -> None:

@@ -369,6 +369,12 @@ and nothing would say so).
 {{- end -}}
 {{- $c := .Values.keybroker.collateral -}}
 {{- if and .Values.networkPolicy.enabled $c.fetch (not $c.readOnly) (not $c.egress) -}}
-{{- fail (printf "keybroker.collateral: the broker fetches attestation collateral (collateral.fetch: true) but collateral.egress is empty, so the broker's NetworkPolicy would block every fetch from pcsUrl (%s) and kdsUrl (%s) and every key release would be refused COLLATERAL_MISSING. Choose one: (1) set keybroker.collateral.egress to the addresses and port of pcsUrl and kdsUrl (a PCCS / KDS mirror or proxy in your network, or the vendors' endpoints), e.g. [{cidr: 10.20.0.20/32, port: 443}] (deploy/helm/values-minimal.yaml shows it); or (2) set keybroker.collateral.fetch: false and fill the cache with `strongroom attest collateral import` (air-gapped; deploy/README.md, \"Attestation collateral\")" $c.pcsUrl $c.kdsUrl) -}}
+{{- /* The root CA CRL's location as the broker derives it (FetchSettings.root_crl_url): with
+Intel's PCS it is another host, which the egress list must cover too. */ -}}
+{{- $rootCrl := $c.rootCaCrlUrl -}}
+{{- if not $rootCrl -}}
+{{- $rootCrl = ternary "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der" (printf "%s/sgx/certification/v4/rootcacrl" (trimSuffix "/" $c.pcsUrl)) (eq (trimSuffix "/" $c.pcsUrl) "https://api.trustedservices.intel.com") -}}
+{{- end -}}
+{{- fail (printf "keybroker.collateral: the broker fetches attestation collateral (collateral.fetch: true) but collateral.egress is empty, so the broker's NetworkPolicy would block every fetch from pcsUrl (%s), kdsUrl (%s) and the root CA CRL (%s) and every key release would be refused COLLATERAL_MISSING. Choose one: (1) set keybroker.collateral.egress to the addresses and port of those three (a PCCS / KDS mirror or proxy in your network, or the vendors' endpoints), e.g. [{cidr: 10.20.0.20/32, port: 443}] (deploy/helm/values-minimal.yaml shows it); or (2) set keybroker.collateral.fetch: false and fill the cache with `strongroom attest collateral import` (air-gapped; deploy/README.md, \"Attestation collateral\")" $c.pcsUrl $c.kdsUrl $rootCrl) -}}
 {{- end -}}
 {{- end -}}
