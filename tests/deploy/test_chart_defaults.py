@@ -103,7 +103,10 @@ def test_the_minimal_values_open_the_brokers_egress_to_its_collateral_source(hel
         # Air-gapped: no fetches, the cache is filled with `attest collateral import`.
         ("keybroker.collateral.fetch=false",),
         # Replicas reading a cache another writer fills fetch nothing themselves.
-        ("keybroker.collateral.readOnly=true",),
+        (
+            "keybroker.collateral.readOnly=true",
+            "keybroker.collateral.persistence.existingClaim=collateral",
+        ),
     ],
 )
 def test_a_broker_that_fetches_nothing_needs_no_collateral_egress(
@@ -264,3 +267,24 @@ def test_an_external_ca_without_egress_is_refused(helm: str) -> None:
     # Without the chart's policies there is nothing of the chart's to block it.
     unpoliced = ("networkPolicy.enabled=false", "networkPolicy.externallyEnforced=true")
     assert render(helm, set_args=(*external, *unpoliced))
+
+
+def test_a_read_only_cache_must_be_a_shared_claim(helm: str) -> None:
+    """collateral.readOnly with the default per-pod emptyDir rendered a broker reading a cache that
+    starts empty and that nothing can fill: every release refused COLLATERAL_MISSING."""
+    result = run_helm_template(helm, set_args=("keybroker.collateral.readOnly=true",))
+    assert result.returncode != 0
+    assert "keybroker.collateral.readOnly is true but" in result.stderr, result.stderr
+    assert "collateral.persistence.existingClaim" in result.stderr
+    docs = render(
+        helm,
+        set_args=(
+            "keybroker.collateral.readOnly=true",
+            "keybroker.collateral.persistence.existingClaim=collateral",
+        ),
+    )
+    (broker,) = [d for d in kind(docs, "Deployment") if _component(d) == "keybroker"]
+    (volume,) = [
+        v for v in broker["spec"]["template"]["spec"]["volumes"] if v["name"] == "collateral"
+    ]
+    assert volume["persistentVolumeClaim"] == {"claimName": "collateral", "readOnly": True}

@@ -80,7 +80,11 @@ def test_development_fills_the_brokers_cache_with_the_simulated_collateral(
     "set_args",
     [
         (),  # production: no simulated chain at all
-        ("keybroker.collateral.readOnly=true",),  # another writer fills a shared cache
+        # Another writer fills a shared cache.
+        (
+            "keybroker.collateral.readOnly=true",
+            "keybroker.collateral.persistence.existingClaim=collateral",
+        ),
     ],
 )
 def test_only_a_development_broker_with_its_own_cache_fills_it(

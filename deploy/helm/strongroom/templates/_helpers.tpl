@@ -352,6 +352,9 @@ empty list is a choice left open, not a safe default: every release would be ref
 COLLATERAL_MISSING until someone found the cause. Without the chart's policies (networkPolicy
 .enabled: false) the chart cannot see the egress rules, so it does not guess.
 
+A read-only cache (collateral.readOnly) is another writer's: only a shared claim can be that; a
+read-only per-pod emptyDir stays empty for ever.
+
 An external CA (stepCa.enabled: false) is reached only through pki.externalCAEgress: empty, no
 service could enrol (every pod stuck in its start-up, each logging the same connection error).
 
@@ -368,6 +371,9 @@ and nothing would say so).
 {{- fail (printf "pki.externalCAEgress is empty while the chart's NetworkPolicies are on and the CA is external (stepCa.enabled: false, pki.caURL %s): the policies would block every service's connection to the CA, so no pod could enrol or renew its certificate. List the CA's addresses and port, e.g. pki.externalCAEgress: [{cidr: 10.20.0.10/32, port: 9000}]" .Values.pki.caURL) -}}
 {{- end -}}
 {{- $c := .Values.keybroker.collateral -}}
+{{- if and $c.readOnly (not $c.persistence.existingClaim) -}}
+{{- fail "keybroker.collateral.readOnly is true but collateral.persistence.existingClaim is empty: the cache would be the pod's own emptyDir, which starts empty and which no other writer can fill, so every key release would be refused COLLATERAL_MISSING. Name the shared PVC another writer (a fetching broker, or `strongroom attest collateral import`) fills in collateral.persistence.existingClaim, or set readOnly: false" -}}
+{{- end -}}
 {{- if and .Values.networkPolicy.enabled $c.fetch (not $c.readOnly) (not $c.egress) -}}
 {{- /* The root CA CRL's location as the broker derives it (FetchSettings.root_crl_url): with
 Intel's PCS it is another host, which the egress list must cover too. */ -}}
