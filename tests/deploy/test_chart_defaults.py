@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from strongroom.attestation.collateral_fetch import FetchSettings
+from strongroom.keybroker.config import KeybrokerConfig
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.runtime.config import ServerConfig, load_service_config
 from tests.deploy.conftest import (
@@ -166,18 +167,27 @@ def test_the_acknowledgement_is_a_boolean(helm: str) -> None:
     assert "values don't meet the specifications of the schema" in result.stderr
 
 
-def _store_server(helm: str, tmp_path: Path, *set_args: str) -> ServerConfig:
-    """The model store's server section as the store itself loads it from the rendered chart."""
+SECTIONS: dict[str, type[Any]] = {"modelstore": ModelstoreConfig, "keybroker": KeybrokerConfig}
+
+
+def _server(helm: str, tmp_path: Path, service: str, *set_args: str) -> ServerConfig:
+    """A service's server section as the service itself loads it from the rendered chart."""
     docs = render(helm, set_args=set_args)
     (cm,) = [
         c
         for c in kind(docs, "ConfigMap")
-        if _component(c) == "modelstore" and "config.yaml" in c.get("data", {})
+        if _component(c) == service
+        and c["metadata"]["name"].endswith(service)
+        and "config.yaml" in c.get("data", {})
     ]
-    path = tmp_path / "modelstore.yaml"
+    path = tmp_path / f"{service}.yaml"
     path.write_text(cm["data"]["config.yaml"])
-    common, _ = load_service_config(path, "modelstore", ModelstoreConfig, environ={})
+    common, _ = load_service_config(path, service, SECTIONS[service], environ={})
     return common.server
+
+
+def _store_server(helm: str, tmp_path: Path, *set_args: str) -> ServerConfig:
+    return _server(helm, tmp_path, "modelstore", *set_args)
 
 
 @pytest.mark.parametrize("replicas", [1, 3, 10, 40, 500])
@@ -288,3 +298,29 @@ def test_a_read_only_cache_must_be_a_shared_claim(helm: str) -> None:
         v for v in broker["spec"]["template"]["spec"]["volumes"] if v["name"] == "collateral"
     ]
     assert volume["persistentVolumeClaim"] == {"claimName": "collateral", "readOnly": True}
+
+
+@pytest.mark.parametrize("replicas", [1, 8, 40, 500])
+def test_broker_unary_limit_scales_with_the_inference_fleet(
+    helm: str, tmp_path: Path, replicas: int
+) -> None:
+    """Each inference replica asks the broker a challenge, then a release, per model it loads: the
+    fixed 16 unary calls of the one inference identity refused a large fleet's cold start
+    (TOO_MANY_UNARY_CALLS_PER_IDENTITY, each refusal audited) until it backed off."""
+    server = _server(helm, tmp_path, "keybroker", f"inference.replicas={replicas}")
+    assert server.unary_calls_per_identity >= 2 * replicas
+    assert server.max_workers - server.unary_calls_per_identity >= 16  # threads for the others
+    if replicas == 1:
+        defaults = ServerConfig()
+        assert (server.unary_calls_per_identity, server.max_workers) == (
+            defaults.unary_calls_per_identity,
+            defaults.max_workers,
+        )
+    overridden = _server(
+        helm, tmp_path, "keybroker", "keybroker.server.maxUnaryCallsPerIdentity=20"
+    )
+    assert (overridden.unary_calls_per_identity, overridden.max_workers) == (20, 36)
+    refused = run_helm_template(helm, set_args=("keybroker.server.maxWorkers=16",))
+    assert "keybroker.server.maxUnaryCallsPerIdentity (16) must be below maxWorkers (16)" in (
+        refused.stderr
+    )

@@ -339,6 +339,24 @@ Refuses what the store would refuse at start (strongroom.runtime.config.ServerCo
 {{- toJson (dict "max_workers" $workers "max_blocking_streams" $blocking "max_streams_per_identity" $streams "max_unary_calls_per_identity" $unary) -}}
 {{- end -}}
 
+{{/*
+The key broker's gRPC limits, as JSON, likewise: every inference replica's releases (a challenge,
+then the release, for each model it loads at once) are calls of the one inference identity.
+Streams keep the service's defaults (the broker's only stream is health Watch).
+*/}}
+{{- define "strongroom.keybrokerServer" -}}
+{{- $s := .Values.keybroker.server -}}
+{{- $unary := int (default (max 16 (mul 2 (int .Values.inference.replicas))) $s.maxUnaryCallsPerIdentity) -}}
+{{- $workers := int (default (max 32 (add $unary 16)) $s.maxWorkers) -}}
+{{- if gt $workers 1024 -}}
+{{- fail (printf "keybroker.server: %d worker threads needed (maxUnaryCallsPerIdentity %d + 16) but the broker allows at most 1024: set keybroker.server.maxUnaryCallsPerIdentity lower" $workers $unary) -}}
+{{- end -}}
+{{- if not (lt $unary $workers) -}}
+{{- fail (printf "keybroker.server.maxUnaryCallsPerIdentity (%d) must be below maxWorkers (%d): one caller must never hold every worker thread" $unary $workers) -}}
+{{- end -}}
+{{- toJson (dict "max_workers" $workers "max_unary_calls_per_identity" $unary) -}}
+{{- end -}}
+
 {{/* Values checks the schema cannot word precisely ----------------------------------------- */}}
 
 {{/*
