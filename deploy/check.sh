@@ -4,7 +4,9 @@
 #   deploy/check.sh            (from anywhere; tools come from .build/tools and .venv, see deploy/dev/setup.sh)
 #
 #  1. docker-compose config -q on the compose stack (and with the confidential-VM override)
-#  2. helm lint --strict and helm template for the default, development and production values
+#  2. helm lint --strict and helm template for the minimal, development and production values (the
+#     bare defaults must be REFUSED: they leave open where the broker's collateral comes from; and
+#     production without the chart's network policies, unless acknowledged as externally enforced)
 #  3. kubernetes-validate --strict on every rendered manifest (Kubernetes $KUBE_VERSION schemas, offline)
 #  4. every values file under deploy/helm/tests/ must be REJECTED by values.schema.json, with the
 #     error its "# expect:" line names
@@ -69,9 +71,24 @@ render() { # render NAME [helm args...]: lint, template, kubernetes-validate
   check "kubernetes-validate --strict, k8s $KUBE_VERSION ($name)" \
     "$KUBE_VALIDATE" --strict --quiet -k "$KUBE_VERSION" "$work/$name.yaml"
 }
-render default
+render minimal -f deploy/helm/values-minimal.yaml
 render development -f deploy/helm/values-development.yaml
 render production -f deploy/helm/values-production.yaml
+
+refused_at_render() { # refused_at_render EXPECT [helm args...]: helm must fail while rendering, for that reason
+  local expect=$1 out="$work/refused.out"
+  shift
+  if template_to /dev/null "$@" 2>"$out"; then
+    echo "helm rendered values it must refuse: $*"
+    return 1
+  fi
+  grep -qF -- "$expect" "$out" || { cat "$out"; echo "expected: $expect"; return 1; }
+}
+check "helm refuses the bare defaults (no collateral egress: every release COLLATERAL_MISSING)" \
+  refused_at_render "keybroker.collateral: the broker fetches attestation collateral"
+check "helm refuses production without network policies unless externally enforced" \
+  refused_at_render "networkPolicy.enabled is false in production mode" \
+  -f deploy/helm/values-minimal.yaml --set networkPolicy.enabled=false
 
 rejected() { # rejected FILE EXPECT: helm must fail on the schema, for the stated reason
   local out="$work/rejected.out"

@@ -16,7 +16,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation import TrustStore
 from strongroom.attestation.collateral_cache import CollateralCache
-from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
+from strongroom.attestation.collateral_fetch import (
+    CollateralService,
+    FetchSettings,
+    unreachable_sources,
+)
 from strongroom.attestation.release_signature import ReleaseSigner
 from strongroom.attestation.release_signature import load_signing_key as load_release_key
 from strongroom.errors import FailedPrecondition, StrongroomError
@@ -95,11 +99,37 @@ def collateral_service(config: KeybrokerConfig, trust: TrustStore) -> Collateral
         if config.collateral_fetch and not config.collateral_read_only
         else None
     )
+    if settings is not None:
+        # In the background: a source an egress policy drops costs a connect timeout, and the
+        # broker serves what its cache holds meanwhile.
+        threading.Thread(
+            target=log_unreachable_collateral,
+            args=(settings,),
+            name="collateral-probe",
+            daemon=True,
+        ).start()
     return CollateralService(
         cache,
         settings,
         refresh_before=timedelta(seconds=config.collateral_refresh_before_seconds),
     )
+
+
+def log_unreachable_collateral(settings: FetchSettings) -> None:
+    """Logs a WARNING for each collateral source the broker cannot connect to (at start).
+
+    The broker stays ready without them (what the cache holds still serves releases, and an outage
+    upstream must not take every replica out of service), so without this line a broker whose
+    egress blocks its sources showed nothing until a release was refused COLLATERAL_MISSING."""
+    for url, error in unreachable_sources(settings):
+        log.warning(
+            "collateral source unreachable: %s (%s); a key release that needs a document the "
+            "cache does not hold will be refused COLLATERAL_MISSING: check the broker's egress "
+            "(Helm: keybroker.collateral.egress) and that the name resolves",
+            url,
+            error,
+            extra={"url": url, "error": error, "reason": Reason.COLLATERAL_FETCH_FAILED},
+        )
 
 
 class _Periodic:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import http.client
 import logging
 import random
+import socket
 import threading
 import time
 import urllib.error
@@ -104,6 +105,41 @@ class FetchSettings:
         if self.pcs_url.rstrip("/") == INTEL_PCS_URL:
             return INTEL_ROOT_CA_CRL_URL
         return f"{self.pcs_url.rstrip('/')}/sgx/certification/v4/rootcacrl"
+
+
+def unreachable_sources(settings: FetchSettings) -> list[tuple[str, str]]:
+    """The collateral URLs (PCS/PCCS, KDS, the root CA CRL) this process cannot open a TCP
+    connection for, each with the error; a URL urllib would reach through a proxy
+    (``https_proxy``, ``no_proxy``) is judged by a connection to that proxy.
+
+    A connection, not a request: nothing is asked of the vendors' services, which rate-limit, and
+    what a blocked egress or an unresolvable name looks like (a timeout, a refusal, a DNS error)
+    shows at this step. Takes up to ``timeout_seconds`` per source that does not answer."""
+    proxies = urllib.request.getproxies()
+    problems: list[tuple[str, str]] = []
+    tried: dict[tuple[str, int], str | None] = {}
+    for url in dict.fromkeys((settings.pcs_url, settings.kds_url, settings.root_crl_url)):
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:
+            problems.append((url, f"bad port: {exc}"))
+            continue
+        proxy = proxies.get(parts.scheme)
+        if proxy and not urllib.request.proxy_bypass(host):
+            via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            host, port = via.hostname or "", via.port or 80
+        if (host, port) not in tried:
+            try:
+                with socket.create_connection((host, port), timeout=settings.timeout_seconds):
+                    tried[(host, port)] = None
+            except OSError as exc:  # refused, timed out, no route, name not resolved
+                tried[(host, port)] = f"{host}:{port}: {type(exc).__name__} ({exc})"
+        error = tried[(host, port)]
+        if error is not None:
+            problems.append((url, error))
+    return problems
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,13 @@ NAMESPACE = "strongroom"
 RELEASE = "sr"
 KUBE_VERSION = "1.31.0"
 
+# The chart's defaults plus the one choice they leave open (where the broker's collateral comes
+# from): the chart refuses to render its bare defaults, so "the defaults" are rendered with this.
+MINIMAL = (DEPLOY / "helm" / "values-minimal.yaml",)
+
 # Values sets the chart is rendered with: name -> extra values files.
 VALUES_SETS = {
-    "default": (),
+    "minimal": MINIMAL,
     "development": (DEPLOY / "helm" / "values-development.yaml",),
     "production": (DEPLOY / "helm" / "values-production.yaml",),
 }
@@ -50,9 +54,12 @@ def helm() -> str:
 
 
 def run_helm_template(
-    helm: str, values_files: tuple[Path, ...] = (), set_args: tuple[str, ...] = ()
+    helm: str, values_files: tuple[Path, ...] | None = None, set_args: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """Runs ``helm template`` and returns the completed process (not checked)."""
+    """Runs ``helm template`` and returns the completed process (not checked); ``values_files``
+    None is :data:`MINIMAL` (``()`` is the chart's bare defaults)."""
+    if values_files is None:
+        values_files = MINIMAL
     cmd = [
         helm,
         "template",
@@ -79,10 +86,12 @@ def _render_cached(helm: str, values_files: tuple[Path, ...], set_args: tuple[st
 
 
 def render(
-    helm: str, values_files: tuple[Path, ...] = (), set_args: tuple[str, ...] = ()
+    helm: str, values_files: tuple[Path, ...] | None = None, set_args: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:
-    """Renders the chart and returns its documents (fresh copies: tests may mutate them)."""
-    text = _render_cached(helm, tuple(values_files), tuple(set_args))
+    """Renders the chart and returns its documents (fresh copies: tests may mutate them);
+    ``values_files`` None is :data:`MINIMAL`."""
+    files = MINIMAL if values_files is None else tuple(values_files)
+    text = _render_cached(helm, files, tuple(set_args))
     return [d for d in yaml.safe_load_all(text) if d]
 
 

@@ -26,6 +26,7 @@ from strongroom.runtime.secrets import Secret
 from tests.deploy.conftest import (
     CHART,
     DEPLOY,
+    MINIMAL,
     VALUES_SETS,
     kind,
     render,
@@ -406,7 +407,7 @@ def test_schema_is_strict_everywhere() -> None:
 
 @pytest.mark.parametrize("override", ["keybroker.hsm.softhsm.persistence.existingClaim=hsm-pvc"])
 def test_existing_claims_are_used_instead_of_new_ones(helm: str, override: str) -> None:
-    docs = render(helm, (), (override,))
+    docs = render(helm, set_args=(override,))
     assert "sr-strongroom-softhsm" not in {
         p["metadata"]["name"] for p in kind(docs, "PersistentVolumeClaim")
     }
@@ -451,7 +452,7 @@ OPTION_SETS = {
 
 @pytest.mark.parametrize("option_set", sorted(OPTION_SETS))
 def test_option_combinations_render_valid_manifests(helm: str, option_set: str) -> None:
-    docs = render(helm, (), OPTION_SETS[option_set])
+    docs = render(helm, set_args=OPTION_SETS[option_set])
     for doc in docs:
         kubernetes_validate.validate(doc, "1.31.0", strict=True)
     deps = {component(d): d for d in kind(docs, "Deployment")}
@@ -617,7 +618,7 @@ def test_production_values_refuse_a_policy_that_allows_the_simulated_tee(
                 {"mode": mode, "keybroker": {"policies": {"k.yaml": POLICY_HEAD + line}}}
             )
         )
-        extra = (DEPLOY / "helm" / "values-development.yaml",) if mode == "development" else ()
+        extra = (DEPLOY / "helm" / "values-development.yaml",) if mode == "development" else MINIMAL
         result = run_helm_template(helm, (*extra, values))
         if refused and mode == "production":
             assert result.returncode != 0

@@ -301,3 +301,24 @@ def test_development_policy_releases_to_the_simulated_guest_only() -> None:
     assert isinstance(snp, SnpRules) and snp.allow_simulated
     measurements = {m.hex() if isinstance(m, bytes) else str(m) for m in snp.measurements}
     assert measurements == {inference["simulated_measurement"]}
+
+
+def test_the_confidential_broker_can_get_real_collateral(compose: dict[str, Any]) -> None:
+    """In production the bootstrap fills no collateral and config/keybroker.yaml fetches none, on a
+    network with no route off the host: the confidential override's broker refused every real
+    release COLLATERAL_MISSING. It now fetches, through a network of its own that leaves the host."""
+    override = yaml.safe_load((COMPOSE_DIR / "docker-compose.confidential.yml").read_text())
+    broker = override["services"]["keybroker"]
+    environ = {str(k): str(v) for k, v in broker["environment"].items()}
+    _, section = load_service_config(
+        _config_file(compose, "keybroker"), "keybroker", KeybrokerConfig, environ=environ
+    )
+    assert isinstance(section, KeybrokerConfig)
+    assert section.collateral_fetch is True and not section.collateral_read_only
+    networks = {**compose["networks"], **override["networks"]}
+    exits = [n for n in broker["networks"] if not (networks[n] or {}).get("internal")]
+    assert exits == ["collateral"] and "backend" in broker["networks"]
+    # Only the broker leaves the host that way.
+    joined = [n for n, s in override["services"].items() if "collateral" in s.get("networks", [])]
+    assert joined == ["keybroker"]
+    assert compose["networks"]["backend"]["internal"] is True

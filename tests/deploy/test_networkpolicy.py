@@ -93,6 +93,7 @@ def parties_for(values_set: str, docs: list[dict[str, Any]]) -> list[Party]:
         parties += [
             pod("publisher", "10.244.1.50", NAMESPACE, **{"strongroom.io/role": "publisher"}),
             pod("client", "10.244.1.51", NAMESPACE, **{"strongroom.io/role": "client"}),
+            Party("collateral-mirror", "192.0.2.20"),  # values-minimal.yaml's collateral egress
         ]
     return parties
 
@@ -114,6 +115,8 @@ DOCUMENTED_DEFAULT: set[Flow] = {
     },
     *dns(*SERVICES),
 }
+# The minimal values fetch collateral from a mirror; development fetches none (simulated chain).
+DOCUMENTED_MINIMAL: set[Flow] = DOCUMENTED_DEFAULT | {("keybroker", "collateral-mirror", "443/TCP")}
 DOCUMENTED_PRODUCTION: set[Flow] = {
     ("inference", "modelstore", "7443/TCP"),
     ("inference", "keybroker", "7443/TCP"),
@@ -128,7 +131,7 @@ DOCUMENTED_PRODUCTION: set[Flow] = {
     *dns(*SERVICES),
 }
 DOCUMENTED = {
-    "default": DOCUMENTED_DEFAULT,
+    "minimal": DOCUMENTED_MINIMAL,
     "development": DOCUMENTED_DEFAULT,
     "production": DOCUMENTED_PRODUCTION,
 }
@@ -178,7 +181,7 @@ def _mutated(helm: str, mutate: Any) -> set[Flow]:
     docs = copy.deepcopy(render(helm))
     for p in kind(docs, "NetworkPolicy"):
         mutate(p)
-    return compute("default", docs)
+    return compute("minimal", docs)
 
 
 def test_evaluator_sees_a_missing_policy(helm: str) -> None:
@@ -187,7 +190,7 @@ def test_evaluator_sees_a_missing_policy(helm: str) -> None:
         for d in render(helm)
         if not (d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-keybroker"))
     ]
-    extra = compute("default", docs) - DOCUMENTED_DEFAULT
+    extra = compute("minimal", docs) - DOCUMENTED_MINIMAL
     assert ("stranger", "keybroker", "7443/TCP") in extra
     assert ("keybroker", "internet", "443/TCP") in extra
 
@@ -198,7 +201,7 @@ def test_evaluator_sees_a_rule_without_ports(helm: str) -> None:
             for rule in p["spec"]["ingress"]:
                 rule.pop("ports", None)
 
-    extra = _mutated(helm, drop_ports) - DOCUMENTED_DEFAULT
+    extra = _mutated(helm, drop_ports) - DOCUMENTED_MINIMAL
     assert (
         "inference",
         "modelstore",
@@ -212,7 +215,7 @@ def test_evaluator_sees_a_namespace_wide_peer(helm: str) -> None:
         if p["metadata"]["name"].endswith("-inference"):
             p["spec"]["ingress"][0]["from"] = [{"namespaceSelector": {}}]
 
-    extra = _mutated(helm, open_clients) - DOCUMENTED_DEFAULT
+    extra = _mutated(helm, open_clients) - DOCUMENTED_MINIMAL
     assert ("stranger-other-ns", "inference", "7443/TCP") in extra
 
 
@@ -221,7 +224,7 @@ def test_evaluator_sees_a_missing_flow(helm: str) -> None:
         if p["metadata"]["name"].endswith("-inference"):
             p["spec"]["egress"] = p["spec"]["egress"][1:]
 
-    missing = DOCUMENTED_DEFAULT - _mutated(helm, drop_dns)
+    missing = DOCUMENTED_MINIMAL - _mutated(helm, drop_dns)
     assert missing == {("inference", "kube-dns", "53/UDP"), ("inference", "kube-dns", "53/TCP")}
 
 

@@ -312,3 +312,93 @@ topologySpreadConstraints:
         {{- include "strongroom.selectorLabels" . | nindent 8 }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The model store's gRPC limits (its configuration's server section), as JSON: each value the
+operator left null is derived from inference.replicas (R). Every inference replica has the one
+inference SPIFFE ID, so the per-identity limits are the whole fleet's; the totals grow with them so
+that the fleet cannot take every blocking stream or every worker (values.yaml, modelstore.server).
+Refuses what the store would refuse at start (strongroom.runtime.config.ServerConfig).
+*/}}
+{{- define "strongroom.modelstoreServer" -}}
+{{- $s := .Values.modelstore.server -}}
+{{- $fleet := mul 2 (int .Values.inference.replicas) -}}
+{{- $streams := int (default (max 8 $fleet) $s.maxStreamsPerIdentity) -}}
+{{- $unary := int (default (max 16 $fleet) $s.maxUnaryCallsPerIdentity) -}}
+{{- $blocking := int (default (max 16 (add $streams 8)) $s.maxBlockingStreams) -}}
+{{- $workers := int (default (max 32 (add $blocking 16) (add $unary 1)) $s.maxWorkers) -}}
+{{- if gt $workers 1024 -}}
+{{- fail (printf "modelstore.server: %d worker threads needed (maxBlockingStreams %d + 16, maxUnaryCallsPerIdentity %d + 1; derived from inference.replicas %d where not set) but the store allows at most 1024: set modelstore.server.maxStreamsPerIdentity / maxUnaryCallsPerIdentity lower, or run more model store replicas and set them per replica" $workers $blocking $unary (int .Values.inference.replicas)) -}}
+{{- end -}}
+{{- if not (lt $blocking $workers) -}}
+{{- fail (printf "modelstore.server.maxBlockingStreams (%d) must be below maxWorkers (%d): streams must never hold every worker thread" $blocking $workers) -}}
+{{- end -}}
+{{- if not (lt $unary $workers) -}}
+{{- fail (printf "modelstore.server.maxUnaryCallsPerIdentity (%d) must be below maxWorkers (%d): one caller must never hold every worker thread" $unary $workers) -}}
+{{- end -}}
+{{- toJson (dict "max_workers" $workers "max_blocking_streams" $blocking "max_streams_per_identity" $streams "max_unary_calls_per_identity" $unary) -}}
+{{- end -}}
+
+{{/*
+The key broker's gRPC limits, as JSON, likewise: every inference replica's releases (a challenge,
+then the release, for each model it loads at once) are calls of the one inference identity.
+Streams keep the service's defaults (the broker's only stream is health Watch).
+*/}}
+{{- define "strongroom.keybrokerServer" -}}
+{{- $s := .Values.keybroker.server -}}
+{{- $unary := int (default (max 16 (mul 2 (int .Values.inference.replicas))) $s.maxUnaryCallsPerIdentity) -}}
+{{- $workers := int (default (max 32 (add $unary 16)) $s.maxWorkers) -}}
+{{- if gt $workers 1024 -}}
+{{- fail (printf "keybroker.server: %d worker threads needed (maxUnaryCallsPerIdentity %d + 16) but the broker allows at most 1024: set keybroker.server.maxUnaryCallsPerIdentity lower" $workers $unary) -}}
+{{- end -}}
+{{- if not (lt $unary $workers) -}}
+{{- fail (printf "keybroker.server.maxUnaryCallsPerIdentity (%d) must be below maxWorkers (%d): one caller must never hold every worker thread" $unary $workers) -}}
+{{- end -}}
+{{- toJson (dict "max_workers" $workers "max_unary_calls_per_identity" $unary) -}}
+{{- end -}}
+
+{{/* Values checks the schema cannot word precisely ----------------------------------------- */}}
+
+{{/*
+Refuses values that would render a deployment which cannot work, with a message naming the ways
+out (a JSON-schema rule would only say which property failed). Included by keybroker.yaml.
+
+The broker's collateral: with fetch on (and a writable cache), the broker's egress policy must
+let it reach pcsUrl/kdsUrl. The chart cannot pick those addresses (the vendors' services sit behind
+CDNs whose addresses change; most clusters reach them through a PCCS or mirror of their own), so an
+empty list is a choice left open, not a safe default: every release would be refused
+COLLATERAL_MISSING until someone found the cause. Without the chart's policies (networkPolicy
+.enabled: false) the chart cannot see the egress rules, so it does not guess.
+
+A read-only cache (collateral.readOnly) is another writer's: only a shared claim can be that; a
+read-only per-pod emptyDir stays empty for ever.
+
+An external CA (stepCa.enabled: false) is reached only through pki.externalCAEgress: empty, no
+service could enrol (every pod stuck in its start-up, each logging the same connection error).
+
+Turning the chart's policies off in production: only with networkPolicy.externallyEnforced, the
+operator's statement that something else enforces the documented flows (otherwise nothing would,
+and nothing would say so).
+*/}}
+{{- define "strongroom.checkValues" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- if and (eq .Values.mode "production") (not $np.enabled) (not $np.externallyEnforced) -}}
+{{- fail "networkPolicy.enabled is false in production mode: the chart would render no NetworkPolicy, so nothing would limit who reaches the key broker and the model store or where Strongroom's pods connect (the design relies on default deny in both directions, deploy/README.md \"Network flows\"). Set networkPolicy.enabled: true, or, if the cluster enforces those flows by other means (cluster-wide CNI policies, a service mesh's authorization), acknowledge it with networkPolicy.externallyEnforced: true" -}}
+{{- end -}}
+{{- if and $np.enabled (not .Values.stepCa.enabled) (not .Values.pki.externalCAEgress) -}}
+{{- fail (printf "pki.externalCAEgress is empty while the chart's NetworkPolicies are on and the CA is external (stepCa.enabled: false, pki.caURL %s): the policies would block every service's connection to the CA, so no pod could enrol or renew its certificate. List the CA's addresses and port, e.g. pki.externalCAEgress: [{cidr: 10.20.0.10/32, port: 9000}]" .Values.pki.caURL) -}}
+{{- end -}}
+{{- $c := .Values.keybroker.collateral -}}
+{{- if and $c.readOnly (not $c.persistence.existingClaim) -}}
+{{- fail "keybroker.collateral.readOnly is true but collateral.persistence.existingClaim is empty: the cache would be the pod's own emptyDir, which starts empty and which no other writer can fill, so every key release would be refused COLLATERAL_MISSING. Name the shared PVC another writer (a fetching broker, or `strongroom attest collateral import`) fills in collateral.persistence.existingClaim, or set readOnly: false" -}}
+{{- end -}}
+{{- if and .Values.networkPolicy.enabled $c.fetch (not $c.readOnly) (not $c.egress) -}}
+{{- /* The root CA CRL's location as the broker derives it (FetchSettings.root_crl_url): with
+Intel's PCS it is another host, which the egress list must cover too. */ -}}
+{{- $rootCrl := $c.rootCaCrlUrl -}}
+{{- if not $rootCrl -}}
+{{- $rootCrl = ternary "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der" (printf "%s/sgx/certification/v4/rootcacrl" (trimSuffix "/" $c.pcsUrl)) (eq (trimSuffix "/" $c.pcsUrl) "https://api.trustedservices.intel.com") -}}
+{{- end -}}
+{{- fail (printf "keybroker.collateral: the broker fetches attestation collateral (collateral.fetch: true) but collateral.egress is empty, so the broker's NetworkPolicy would block every fetch from pcsUrl (%s), kdsUrl (%s) and the root CA CRL (%s) and every key release would be refused COLLATERAL_MISSING. Choose one: (1) set keybroker.collateral.egress to the addresses and port of those three (a PCCS / KDS mirror or proxy in your network, or the vendors' endpoints), e.g. [{cidr: 10.20.0.20/32, port: 443}] (deploy/helm/values-minimal.yaml shows it); or (2) set keybroker.collateral.fetch: false and fill the cache with `strongroom attest collateral import` (air-gapped; deploy/README.md, \"Attestation collateral\")" $c.pcsUrl $c.kdsUrl $rootCrl) -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,326 @@
+"""The chart's defaults deploy something that works, or refuse clearly.
+
+Values that would render a deployment which cannot work (a broker whose NetworkPolicy blocks its
+collateral fetches, production without network policies nobody enforces, store limits the store
+refuses) are refused at render time with a message naming the ways out; the documented ways out
+render, and the store's per-identity limits follow the size of the inference fleet.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from strongroom.attestation.collateral_fetch import FetchSettings
+from strongroom.keybroker.config import KeybrokerConfig
+from strongroom.modelstore.config import ModelstoreConfig
+from strongroom.runtime.config import ServerConfig, load_service_config
+from tests.deploy.conftest import (
+    DEPLOY,
+    MINIMAL,
+    kind,
+    render,
+    run_helm_template,
+)
+
+DEVELOPMENT = (DEPLOY / "helm" / "values-development.yaml",)
+COLLATERAL_REFUSAL = "keybroker.collateral: the broker fetches attestation collateral"
+
+
+def _component(doc: dict[str, Any]) -> str:
+    return str(doc["metadata"]["labels"]["app.kubernetes.io/component"])
+
+
+def _broker_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (cm,) = [
+        c
+        for c in kind(docs, "ConfigMap")
+        if _component(c) == "keybroker" and "config.yaml" in c.get("data", {})
+    ]
+    section: dict[str, Any] = yaml.safe_load(cm["data"]["config.yaml"])["keybroker"]
+    return section
+
+
+def _broker_egress_cidrs(docs: list[dict[str, Any]]) -> set[str]:
+    (policy,) = [p for p in kind(docs, "NetworkPolicy") if _component(p) == "keybroker"]
+    return {
+        peer["ipBlock"]["cidr"]
+        for rule in policy["spec"]["egress"]
+        for peer in rule.get("to", [])
+        if "ipBlock" in peer
+    }
+
+
+@pytest.mark.parametrize("mode", ["production", "development"])
+def test_bare_defaults_are_refused_naming_both_ways_out(helm: str, mode: str) -> None:
+    """The defaults fetch collateral (AMD KDS, Intel PCS) with no egress for it: the chart rendered
+    a broker whose every release was refused COLLATERAL_MISSING, with nothing saying why."""
+    files = () if mode == "production" else DEVELOPMENT
+    set_args = () if mode == "production" else ("keybroker.collateral.fetch=true",)
+    result = run_helm_template(helm, files, set_args)
+    assert result.returncode != 0, "the chart rendered a broker that cannot fetch its collateral"
+    message = result.stderr
+    assert COLLATERAL_REFUSAL in message, message
+    for way_out in ("keybroker.collateral.egress", "keybroker.collateral.fetch: false"):
+        assert way_out in message, message
+    assert "COLLATERAL_MISSING" in message
+    # Names the sources it could not reach: with Intel's PCS the root CA CRL is a third host.
+    for source in (
+        "https://kdsintf.amd.com",
+        "https://api.trustedservices.intel.com",
+        "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der",
+    ):
+        assert source in message, message
+    assert "goroutine" not in message and "panic" not in message
+
+
+@pytest.mark.parametrize(
+    "pcs_url", ["https://api.trustedservices.intel.com", "https://pccs.internal/"]
+)
+def test_the_refusal_names_the_root_ca_crl_the_broker_would_fetch(helm: str, pcs_url: str) -> None:
+    """The chart derives the root CA CRL's location as the broker does (another host with
+    Intel's PCS, the PCCS itself otherwise)."""
+    result = run_helm_template(helm, (), (f"keybroker.collateral.pcsUrl={pcs_url}",))
+    expected = FetchSettings(pcs_url=pcs_url).root_crl_url
+    assert f"the root CA CRL ({expected})" in result.stderr, result.stderr
+
+
+def test_the_minimal_values_open_the_brokers_egress_to_its_collateral_source(helm: str) -> None:
+    docs = render(helm, MINIMAL)
+    minimal = yaml.safe_load(MINIMAL[0].read_text())["keybroker"]["collateral"]
+    assert _broker_egress_cidrs(docs) >= {e["cidr"] for e in minimal["egress"]}
+    config = _broker_config(docs)
+    assert config["collateral_fetch"] is True
+    assert (config["pcs_url"], config["kds_url"]) == (minimal["pcsUrl"], minimal["kdsUrl"])
+
+
+@pytest.mark.parametrize(
+    "way_out",
+    [
+        # Air-gapped: no fetches, the cache is filled with `attest collateral import`.
+        ("keybroker.collateral.fetch=false",),
+        # Replicas reading a cache another writer fills fetch nothing themselves.
+        (
+            "keybroker.collateral.readOnly=true",
+            "keybroker.collateral.persistence.existingClaim=collateral",
+        ),
+    ],
+)
+def test_a_broker_that_fetches_nothing_needs_no_collateral_egress(
+    helm: str, way_out: tuple[str, ...]
+) -> None:
+    docs = render(helm, (), way_out)
+    assert not _broker_egress_cidrs(docs)
+    config = _broker_config(docs)
+    assert config["collateral_fetch"] is False or config["collateral_read_only"] is True
+
+
+def test_the_deploy_instructions_pass_a_values_file_to_every_install(helm: str) -> None:
+    """The README's `helm install` commands must not be the bare defaults the chart refuses; the
+    quick start's values file must render."""
+    text = (DEPLOY / "README.md").read_text()
+    commands = re.findall(r"helm (?:upgrade --install|install) (?:[^\n]*\\\n)*[^\n]*", text)
+    assert commands
+    for command in commands:
+        assert re.search(r"(?:^|\s)-f\s", command), command
+    assert "-f deploy/helm/values-minimal.yaml" in text
+    assert render(helm, MINIMAL)
+
+
+NO_POLICIES_REFUSAL = "networkPolicy.enabled is false in production mode"
+
+
+def test_production_without_the_charts_network_policies_needs_an_acknowledgement(
+    helm: str,
+) -> None:
+    """networkPolicy.enabled: false in production was accepted silently: no policy at all, so any
+    pod could reach the broker and the store, and the broker could connect anywhere."""
+    result = run_helm_template(helm, set_args=("networkPolicy.enabled=false",))
+    assert result.returncode != 0, "production rendered without any NetworkPolicy"
+    assert NO_POLICIES_REFUSAL in result.stderr, result.stderr
+    assert "networkPolicy.externallyEnforced: true" in result.stderr
+    assert "networkPolicy.enabled: true" in result.stderr
+
+
+def test_an_acknowledged_external_enforcement_renders_no_policy(helm: str) -> None:
+    acknowledged = ("networkPolicy.enabled=false", "networkPolicy.externallyEnforced=true")
+    assert not kind(render(helm, set_args=acknowledged), "NetworkPolicy")
+    # Whoever enforces the flows also decides the broker's egress: the chart cannot check it.
+    assert run_helm_template(helm, (), acknowledged).returncode == 0
+
+
+def test_development_may_turn_the_policies_off_without_acknowledgement(helm: str) -> None:
+    """kind and minikube often enforce no NetworkPolicy; development mode is no deployment."""
+    docs = render(helm, DEVELOPMENT, ("networkPolicy.enabled=false",))
+    assert not kind(docs, "NetworkPolicy")
+
+
+def test_the_acknowledgement_is_a_boolean(helm: str) -> None:
+    result = run_helm_template(
+        helm, set_args=("networkPolicy.enabled=false", "networkPolicy.externallyEnforced=yes")
+    )
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+
+
+SECTIONS: dict[str, type[Any]] = {"modelstore": ModelstoreConfig, "keybroker": KeybrokerConfig}
+
+
+def _server(helm: str, tmp_path: Path, service: str, *set_args: str) -> ServerConfig:
+    """A service's server section as the service itself loads it from the rendered chart."""
+    docs = render(helm, set_args=set_args)
+    (cm,) = [
+        c
+        for c in kind(docs, "ConfigMap")
+        if _component(c) == service
+        and c["metadata"]["name"].endswith(service)
+        and "config.yaml" in c.get("data", {})
+    ]
+    path = tmp_path / f"{service}.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    common, _ = load_service_config(path, service, SECTIONS[service], environ={})
+    return common.server
+
+
+def _store_server(helm: str, tmp_path: Path, *set_args: str) -> ServerConfig:
+    return _server(helm, tmp_path, "modelstore", *set_args)
+
+
+@pytest.mark.parametrize("replicas", [1, 3, 10, 40, 500])
+def test_store_limits_scale_with_the_inference_fleet(
+    helm: str, tmp_path: Path, replicas: int
+) -> None:
+    """Every inference replica has the one inference SPIFFE ID, so the store's per-identity stream
+    cap (a fixed 8) was the whole fleet's: a large fleet cold-starting queued behind it."""
+    server = _store_server(helm, tmp_path, f"inference.replicas={replicas}")
+    assert server.max_streams_per_identity >= 2 * replicas
+    assert server.unary_calls_per_identity >= 2 * replicas
+    # The fleet never takes every blocking stream (publishers keep some), nor streams every worker.
+    assert server.blocking_streams >= server.max_streams_per_identity + 8
+    assert server.blocking_streams < server.max_workers
+    assert server.unary_calls_per_identity < server.max_workers
+    if replicas == 1:  # one replica: exactly the service's own defaults
+        defaults = ServerConfig()
+        assert (server.max_streams_per_identity, server.blocking_streams) == (
+            defaults.max_streams_per_identity,
+            defaults.blocking_streams,
+        )
+        assert (server.unary_calls_per_identity, server.max_workers) == (
+            defaults.unary_calls_per_identity,
+            defaults.max_workers,
+        )
+
+
+def test_store_limits_are_operator_values(helm: str, tmp_path: Path) -> None:
+    server = _store_server(
+        helm,
+        tmp_path,
+        "inference.replicas=3",
+        "modelstore.server.maxStreamsPerIdentity=24",
+        "modelstore.server.maxUnaryCallsPerIdentity=12",
+    )
+    assert (server.max_streams_per_identity, server.unary_calls_per_identity) == (24, 12)
+    # What was left null still derives, from the values given.
+    assert (server.blocking_streams, server.max_workers) == (32, 48)
+    server = _store_server(
+        helm, tmp_path, "modelstore.server.maxBlockingStreams=40", "modelstore.server.maxWorkers=64"
+    )
+    assert (server.blocking_streams, server.max_workers) == (40, 64)
+
+
+@pytest.mark.parametrize(
+    ("set_args", "message"),
+    [
+        (
+            ("modelstore.server.maxWorkers=16",),
+            "modelstore.server.maxBlockingStreams (16) must be below maxWorkers (16)",
+        ),
+        (
+            ("modelstore.server.maxUnaryCallsPerIdentity=40", "modelstore.server.maxWorkers=40"),
+            "modelstore.server.maxUnaryCallsPerIdentity (40) must be below maxWorkers (40)",
+        ),
+        (
+            ("modelstore.server.maxStreamsPerIdentity=1020",),
+            "but the store allows at most 1024",
+        ),
+    ],
+)
+def test_store_limits_the_store_would_refuse_are_refused_at_render(
+    helm: str, set_args: tuple[str, ...], message: str
+) -> None:
+    result = run_helm_template(helm, set_args=set_args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "many", "1025"])
+def test_store_limits_are_schema_typed(helm: str, value: str) -> None:
+    result = run_helm_template(helm, set_args=(f"modelstore.server.maxWorkers={value}",))
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+
+
+def test_an_external_ca_without_egress_is_refused(helm: str) -> None:
+    """With an external CA and no pki.externalCAEgress, the policies blocked every service's
+    connection to the CA: no pod could enrol, and the chart rendered it."""
+    external = ("stepCa.enabled=false", "pki.caURL=https://ca.example.internal")
+    result = run_helm_template(helm, set_args=external)
+    assert result.returncode != 0
+    assert "pki.externalCAEgress is empty" in result.stderr, result.stderr
+    assert "https://ca.example.internal" in result.stderr
+    opened = (*external, "pki.externalCAEgress[0].cidr=192.0.2.10/32")
+    assert render(helm, set_args=(*opened, "pki.externalCAEgress[0].port=9000"))
+    # Without the chart's policies there is nothing of the chart's to block it.
+    unpoliced = ("networkPolicy.enabled=false", "networkPolicy.externallyEnforced=true")
+    assert render(helm, set_args=(*external, *unpoliced))
+
+
+def test_a_read_only_cache_must_be_a_shared_claim(helm: str) -> None:
+    """collateral.readOnly with the default per-pod emptyDir rendered a broker reading a cache that
+    starts empty and that nothing can fill: every release refused COLLATERAL_MISSING."""
+    result = run_helm_template(helm, set_args=("keybroker.collateral.readOnly=true",))
+    assert result.returncode != 0
+    assert "keybroker.collateral.readOnly is true but" in result.stderr, result.stderr
+    assert "collateral.persistence.existingClaim" in result.stderr
+    docs = render(
+        helm,
+        set_args=(
+            "keybroker.collateral.readOnly=true",
+            "keybroker.collateral.persistence.existingClaim=collateral",
+        ),
+    )
+    (broker,) = [d for d in kind(docs, "Deployment") if _component(d) == "keybroker"]
+    (volume,) = [
+        v for v in broker["spec"]["template"]["spec"]["volumes"] if v["name"] == "collateral"
+    ]
+    assert volume["persistentVolumeClaim"] == {"claimName": "collateral", "readOnly": True}
+
+
+@pytest.mark.parametrize("replicas", [1, 8, 40, 500])
+def test_broker_unary_limit_scales_with_the_inference_fleet(
+    helm: str, tmp_path: Path, replicas: int
+) -> None:
+    """Each inference replica asks the broker a challenge, then a release, per model it loads: the
+    fixed 16 unary calls of the one inference identity refused a large fleet's cold start
+    (TOO_MANY_UNARY_CALLS_PER_IDENTITY, each refusal audited) until it backed off."""
+    server = _server(helm, tmp_path, "keybroker", f"inference.replicas={replicas}")
+    assert server.unary_calls_per_identity >= 2 * replicas
+    assert server.max_workers - server.unary_calls_per_identity >= 16  # threads for the others
+    if replicas == 1:
+        defaults = ServerConfig()
+        assert (server.unary_calls_per_identity, server.max_workers) == (
+            defaults.unary_calls_per_identity,
+            defaults.max_workers,
+        )
+    overridden = _server(
+        helm, tmp_path, "keybroker", "keybroker.server.maxUnaryCallsPerIdentity=20"
+    )
+    assert (overridden.unary_calls_per_identity, overridden.max_workers) == (20, 36)
+    refused = run_helm_template(helm, set_args=("keybroker.server.maxWorkers=16",))
+    assert "keybroker.server.maxUnaryCallsPerIdentity (16) must be below maxWorkers (16)" in (
+        refused.stderr
+    )
