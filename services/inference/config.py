@@ -89,6 +89,10 @@ class InferenceConfig:
     model_store_spiffe_id: str | None = None
     key_broker_spiffe_id: str | None = None
     attester: Literal["auto", "configfs-tsm", "sev-guest", "tdx-guest", "simulated"] = "auto"
+    # SEV-SNP: the VMPL (0-3) reports are requested at, for a guest that runs above VMPL 0 (under
+    # an SVSM or paravisor, whose kernel refuses a lower one); None leaves the kernel's default.
+    # The broker's policy decides which VMPL it accepts (POLICY.md).
+    attester_privlevel: int | None = None
     simulated_tee_dir: Path | None = None
     simulated_tee_type: Literal["SEV_SNP", "TDX"] = "SEV_SNP"
     simulated_measurement: str | None = None
@@ -143,6 +147,11 @@ class InferenceConfig:
                 raise ConfigError(
                     "inference.simulated_measurement must be 96 hex characters"
                 ) from None
+        if self.attester_privlevel is not None and not 0 <= self.attester_privlevel <= 3:
+            raise ConfigError(
+                f"inference.attester_privlevel must be between 0 and 3 (a VMPL), got "
+                f"{self.attester_privlevel}"
+            )
         if self.require_model_signature and self.model_signing_public_key is None:
             raise ConfigError("inference.require_model_signature needs model_signing_public_key")
         if not 0 <= self.load_retry_seconds <= 3600:

@@ -73,7 +73,9 @@ def _load_simulator(directory: Path) -> Any:
 def make_attester(common: CommonConfig, config: InferenceConfig) -> Attester:
     """The configured attester; the simulated one only in development mode."""
     if config.attester != "simulated":
-        return select_attester(config.attester, production=common.production)
+        return select_attester(
+            config.attester, production=common.production, privlevel=config.attester_privlevel
+        )
     if common.production:
         raise AttesterNotConfigured(
             "the simulated attester cannot be used in production mode",

@@ -8,13 +8,39 @@ broker replicas sharing the HSM agree with no other shared state:
   ``C_FindObjects`` returns a key's versions.
 - ``CKA_LABEL`` = ``strongroom/kek/<key_id>/v<version>/<created_at_ms>/<nonce16hex>`` — the version
   and creation time; the random nonce tells apart two replicas racing to create the same version.
-  A version being created carries the suffix ``/pending`` and is invisible to readers until its
-  creator has checked that no rival object claims the same version and renamed it (publication is one
-  ``C_SetAttributeValue`` on ``CKA_LABEL``). A pending object older than :data:`PENDING_TTL_MS` is an
-  abandoned attempt (its creator crashed) and may be destroyed by anyone.
-- state    = ``CKA_WRAP`` and ``CKA_UNWRAP``: both true is *enabled*; disabling clears both, so the
-  HSM itself refuses a disabled version (``CKR_KEY_FUNCTION_NOT_PERMITTED``) even if a replica's
-  check raced with the change.
+
+**A KEK is immutable** (``CKA_MODIFIABLE=false``, ``CKA_COPYABLE=false``, checked after creation with
+``CKA_SENSITIVE=true`` and ``CKA_EXTRACTABLE=false``): nobody holding the token PIN can later turn on
+an extra use, rename it into another key's identity or copy it. Nothing the broker does modifies one:
+
+- *Creating a version* (claim/check/publish). A replica first makes the version's **enabler**: a
+  small generic-secret object (no capability at all) with the version's label, its own nonce and the
+  suffix ``/enabled``; until a KEK of that version exists it is only a claim, invisible to readers.
+  If no rival object (another nonce's enabler or KEK) claims the same version, it generates the KEK
+  with its final label — that generation is the publication, the one write that makes the version
+  visible, and it passes the change's audit gate; otherwise it destroys its enabler and backs off.
+  An enabler older than :data:`PENDING_TTL_MS` whose version has no KEK is an abandoned attempt (its
+  creator crashed) and may be destroyed by anyone. An AES object with the suffix ``/pending`` is the
+  claim of a broker before this (whose pending object was the KEK itself, renamed on publication):
+  a rival, and reaped the same way.
+- *State*: a version with an immutable KEK is enabled while an enabler of it exists (and every
+  candidate's ``CKA_WRAP`` and ``CKA_UNWRAP`` are set, as they always are for one). Disabling
+  destroys its enablers, enabling makes one. The HSM cannot refuse an immutable KEK, so every release
+  reads an attribute of the version's enabler through the handle it holds (one
+  ``C_GetAttributeValue``): an enabler that another replica destroyed answers
+  ``CKR_OBJECT_HANDLE_INVALID`` at once — SoftHSM2 too, across instances — and the release looks the
+  key up again and is refused, whatever its lookup cache holds. (A disable *marker* object would not
+  do that: a replica learns of a new object only by searching, which the cache exists to avoid.)
+- *KEKs created before* (``CKA_MODIFIABLE=true``) keep working: disabling also clears their
+  ``CKA_WRAP``/``CKA_UNWRAP`` as before (so the HSM itself refuses them), enabling sets them again.
+  PKCS#11 cannot make them immutable in place (SoftHSM2 refuses ``CKA_MODIFIABLE`` in
+  ``C_SetAttributeValue``, and they are not copyable); :func:`modifiable` names them, the broker
+  warns about them at start, and a rotation replaces them (rotate, re-wrap, disable the old version).
+
+Every object the broker uses shares the key's ``CKA_ID``, so one ``C_FindObjects`` returns the key's
+versions and enablers. KEKs stay destroyable (``CKA_DESTROYABLE`` unset: true): destroying a
+KEK is how an operator shreds every model under it, and a PIN holder who would destroy one could
+unwrap its data keys anyway; the broker itself never destroys a published version.
 
 **Duplicates are tolerated, not assumed away.** Nothing in PKCS#11 makes a label unique, and two
 SoftHSM2 instances sharing a token do not even see each other's objects reliably: measured here, when
@@ -26,15 +52,17 @@ the only one used to wrap; unwrapping tries the winner first and then the others
 integrity check tells which candidate a blob was wrapped under — so a data key wrapped under a
 losing candidate stays usable by every replica that can see that candidate. Disabling a version
 disables every candidate. With SoftHSM2, a replica that missed a concurrent creation cannot use data
-keys wrapped under the object it missed until it reconnects; rotate on one replica at a time there.
-A network HSM with one object store does not have this gap.
+keys wrapped under the object it missed until it reconnects; rotate on one replica at a time there
+(such a replica also takes the version's enabler for an abandoned attempt once it is a minute old,
+and reaps it: the version then reads disabled everywhere until it is enabled again — closed, not
+open). A network HSM with one object store does not have this gap.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
@@ -44,12 +72,14 @@ from strongroom.reasons import Reason
 
 PREFIX = "strongroom/kek/"
 PENDING_SUFFIX = "/pending"
+ENABLED_SUFFIX = "/enabled"
+MARKER_BITS = 128
 PENDING_TTL_MS = 60_000
 KEK_BITS = 256
 
 _LABEL_RE = re.compile(
     rf"^strongroom/kek/(?P<key>{KEY_ID_PATTERN.pattern})/v(?P<version>[1-9][0-9]{{0,9}})"
-    r"/(?P<ms>[0-9]{1,15})/(?P<nonce>[0-9a-f]{16})(?P<pending>/pending)?$"
+    r"/(?P<ms>[0-9]{1,15})/(?P<nonce>[0-9a-f]{16})(?P<suffix>/pending|/enabled)?$"
 )
 
 #: Attributes of a KEK version at creation (python-pkcs11 adds CLASS, KEY_TYPE and VALUE_LEN).
@@ -58,7 +88,7 @@ KEK_TEMPLATE: dict[Attribute, Any] = {
     Attribute.PRIVATE: True,
     Attribute.SENSITIVE: True,
     Attribute.EXTRACTABLE: False,
-    Attribute.MODIFIABLE: True,
+    Attribute.MODIFIABLE: False,
     Attribute.COPYABLE: False,
     Attribute.WRAP: True,
     Attribute.UNWRAP: True,
@@ -68,6 +98,33 @@ KEK_TEMPLATE: dict[Attribute, Any] = {
     Attribute.VERIFY: False,
     Attribute.DERIVE: False,
     Attribute.ALLOWED_MECHANISMS: [Mechanism.AES_KEY_WRAP_PAD],
+}
+
+#: What a new KEK must read back as (a token that silently ignored part of the template is refused).
+KEK_REQUIRED: dict[Attribute, bool] = {
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.MODIFIABLE: False,
+    Attribute.NEVER_EXTRACTABLE: True,
+}
+#: Read back too where the token knows the attribute (PKCS#11 2.40).
+KEK_REQUIRED_IF_SUPPORTED: dict[Attribute, bool] = {Attribute.COPYABLE: False}
+
+#: An enabler: a generic secret nothing can use, immutable, destroyable.
+MARKER_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.MODIFIABLE: False,
+    Attribute.COPYABLE: False,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: False,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.DERIVE: False,
 }
 
 #: A data key unwrapped for re-wrapping: a session object nobody can read, only wrap.
@@ -92,12 +149,17 @@ RETURNED_DEK_TEMPLATE: dict[Attribute, Any] = {
 }
 
 #: Attributes read to describe a candidate object.
-DESCRIBE_ATTRIBUTES = [Attribute.LABEL, Attribute.WRAP, Attribute.UNWRAP, Attribute.KEY_TYPE]
+DESCRIBE_ATTRIBUTES = [
+    Attribute.LABEL,
+    Attribute.WRAP,
+    Attribute.UNWRAP,
+    Attribute.KEY_TYPE,
+    Attribute.MODIFIABLE,
+]
 
-#: The search template for every KEK object in the token.
+#: The search template for every KEK object (and enabler) in the token.
 ALL_KEKS: dict[Attribute, Any] = {
     Attribute.CLASS: ObjectClass.SECRET_KEY,
-    Attribute.KEY_TYPE: KeyType.AES,
     Attribute.TOKEN: True,
 }
 
@@ -107,9 +169,19 @@ def object_id(key_id: str) -> bytes:
     return (PREFIX + key_id).encode("ascii")
 
 
-def label(key_id: str, version: int, created_at_ms: int, nonce: str, *, pending: bool) -> str:
-    """The CKA_LABEL of a version (see the module docstring)."""
+def label(
+    key_id: str,
+    version: int,
+    created_at_ms: int,
+    nonce: str,
+    *,
+    pending: bool,
+    enabler: bool = False,
+) -> str:
+    """The CKA_LABEL of a version (``pending``: an older broker's claim on one) or its enabler."""
     base = f"{PREFIX}{key_id}/v{version}/{created_at_ms}/{nonce}"
+    if enabler:
+        return base + ENABLED_SUFFIX
     return base + PENDING_SUFFIX if pending else base
 
 
@@ -125,11 +197,20 @@ class KekObject:
     pending: bool
     wrap: bool
     unwrap: bool
+    #: ``kek`` (a version's key, or an older broker's pending one) or ``enabler``.
+    kind: Literal["kek", "enabler"] = "kek"
+    #: CKA_MODIFIABLE: true only for KEKs made before they were created immutable.
+    modifiable: bool = False
 
     @property
     def enabled(self) -> bool:
         """Both wrap and unwrap are permitted."""
         return self.wrap and self.unwrap
+
+    @property
+    def published(self) -> bool:
+        """A version's key that readers use (not a pending object or an enabler)."""
+        return self.kind == "kek" and not self.pending
 
 
 @dataclass
@@ -139,6 +220,8 @@ class KekVersion:
     key_id: str
     version: int
     candidates: list[KekObject]
+    #: The version's enablers (see the module docstring).
+    enablers: list[KekObject] = field(default_factory=list)
 
     @property
     def winner(self) -> KekObject:
@@ -146,25 +229,44 @@ class KekVersion:
         return self.candidates[0]
 
     @property
+    def needs_enabler(self) -> bool:
+        """Whether an enabler decides its state: a candidate is immutable (one made modifiable
+        before, alone, is enabled and disabled by its flags)."""
+        return any(not c.modifiable for c in self.candidates)
+
+    @property
     def enabled(self) -> bool:
-        """True only if every candidate is enabled (a half-disabled version counts as disabled)."""
+        """True only with every candidate enabled (a half-disabled version counts as disabled)
+        and, when it needs one, an enabler."""
+        if self.needs_enabler and not self.enablers:
+            return False
         return all(c.enabled for c in self.candidates)
 
 
 def group_versions(objects: list[KekObject]) -> list[KekVersion]:
-    """Groups published objects of one key by version, ascending, each with its winner first."""
+    """Groups published objects of one key by version, ascending, each with its winner first and
+    its enablers."""
     by_version: dict[int, list[KekObject]] = {}
+    enablers: dict[int, list[KekObject]] = {}
     for obj in objects:
-        if not obj.pending:
+        if obj.published:
             by_version.setdefault(obj.version, []).append(obj)
+        elif obj.kind == "enabler":
+            enablers.setdefault(obj.version, []).append(obj)
     return [
         KekVersion(
             key_id=candidates[0].key_id,
             version=version,
             candidates=sorted(candidates, key=lambda c: (c.created_at_ms, c.nonce)),
+            enablers=enablers.get(version, []),
         )
         for version, candidates in sorted(by_version.items())
     ]
+
+
+def modifiable(versions: list[KekVersion]) -> list[int]:
+    """The versions with a candidate created modifiable (before KEKs were made immutable)."""
+    return [v.version for v in versions if any(c.modifiable for c in v.candidates)]
 
 
 def describe(key: Any) -> KekObject | None:
@@ -178,10 +280,19 @@ def describe(key: Any) -> KekObject | None:
             reason=Reason.HSM_OPERATION_FAILED,
         ) from None
     text = attrs.get(Attribute.LABEL)
-    if attrs.get(Attribute.KEY_TYPE) != KeyType.AES or not isinstance(text, str):
+    key_type = attrs.get(Attribute.KEY_TYPE)
+    if not isinstance(text, str):
         return None
     match = _LABEL_RE.match(text)
     if match is None:
+        return None
+    suffix = match["suffix"]
+    kind: Literal["kek", "enabler"]
+    if key_type == KeyType.AES and suffix != ENABLED_SUFFIX:
+        kind = "kek"  # a version's key, or (/pending) an older broker's pending one
+    elif key_type == KeyType.GENERIC_SECRET and suffix == ENABLED_SUFFIX:
+        kind = "enabler"
+    else:
         return None
     return KekObject(
         key=key,
@@ -189,7 +300,9 @@ def describe(key: Any) -> KekObject | None:
         version=int(match["version"]),
         created_at_ms=int(match["ms"]),
         nonce=match["nonce"],
-        pending=match["pending"] is not None,
-        wrap=bool(attrs.get(Attribute.WRAP)),
-        unwrap=bool(attrs.get(Attribute.UNWRAP)),
+        pending=suffix == PENDING_SUFFIX,
+        wrap=kind == "kek" and bool(attrs.get(Attribute.WRAP)),
+        unwrap=kind == "kek" and bool(attrs.get(Attribute.UNWRAP)),
+        kind=kind,
+        modifiable=bool(attrs.get(Attribute.MODIFIABLE)),
     )

@@ -252,6 +252,7 @@ def build(
         hsm.close()
         raise
     keys = KeyManager(hsm)
+    keys.warn_modifiable_versions(timeout=config.hsm_operation_timeout_seconds)
     policies = PolicyStore(
         config.policies_dir,
         trust_domain=identity.trust_domain,

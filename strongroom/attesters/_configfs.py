@@ -7,6 +7,20 @@ service); ``auxblob`` holds SNP's certificate table; ``generation`` counts every
 Entries can be shared by any process with access, so after reading the blobs we re-read
 ``generation``: if it is not the number of writes we made, someone else wrote into the entry between
 our write and our read, the blobs may not be ours, and we start again with a fresh entry.
+
+**Entries are removed on every exit path.** Each attestation removes its entry in ``finally``; a
+removal that fails is retried before the next attestation. A process that dies mid-attestation
+(SIGKILL, OOM) cannot, so entries are named ``strongroom-<pid namespace>-<pid>-<random>`` and a new
+attester removes, when it starts, the ones of its own pid namespace whose process is gone (or that
+are its own process's but no attester of it holds): a leftover's inblob and report are nobody's
+business, and configfs keeps them until the VM restarts. It never touches another name, nor an entry
+of another pid namespace (a container beside it), whose process it cannot see; names of the form
+before this (``strongroom-<pid>-<random>``, no namespace) are left alone for the same reason.
+
+**privlevel** (SEV-SNP only): the VMPL the report is requested at, 0-3, written before ``inblob``;
+the kernel refuses one below ``privlevel_floor`` (the VMPL the guest runs at, e.g. 2 under an SVSM),
+so the attester checks it against the floor when it starts (``TSM_PRIVLEVEL_BELOW_FLOOR``) rather
+than failing every report. TDX has no such attribute: a privlevel given there is ignored, logged.
 """
 
 from __future__ import annotations
@@ -14,7 +28,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import secrets
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +50,30 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TSM_REPORT_ROOT = Path("/sys/kernel/config/tsm/report")
 PROVIDERS: dict[str, TeeType] = {"sev_guest": TeeType.SEV_SNP, "tdx_guest": TeeType.TDX}
+ENTRY_PREFIX = "strongroom-"
+_ENTRY_RE = re.compile(r"^strongroom-(?P<ns>[0-9]+)-(?P<pid>[0-9]+)-[0-9a-f]{16}$")
+# Entries this process's attesters hold right now (a sweep by another attester of this process
+# must not remove them), by name.
+_HELD: set[str] = set()
+_HELD_LOCK = threading.Lock()
+
+
+def _pid_namespace() -> int:
+    """This process's pid namespace (its inode number; 0 where /proc does not tell)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class TsmFs(Protocol):
@@ -57,6 +97,10 @@ class TsmFs(Protocol):
 
     def exists(self, path: Path) -> bool:
         """Whether a path exists (attributes a provider hides do not)."""
+        ...
+
+    def listdir(self, path: Path) -> list[str]:
+        """The names in a directory (the report entries under the root)."""
         ...
 
 
@@ -87,6 +131,10 @@ class OsTsmFs:
         """Whether a path exists."""
         return path.exists()
 
+    def listdir(self, path: Path) -> list[str]:
+        """The names in a directory."""
+        return os.listdir(path)
+
 
 class _Raced(Exception):
     """Another writer touched our report entry."""
@@ -111,8 +159,76 @@ class ConfigfsTsmAttester:
         self._fs: TsmFs = fs or OsTsmFs()
         self._privlevel = privlevel
         self._max_attempts = max_attempts
+        self._namespace = _pid_namespace()
+        # Entries whose removal failed: retried before the next attestation.
+        self._leftovers: list[Path] = []
+        self._leftovers_lock = threading.Lock()
         self._provider = self._probe_provider()
         self._tee_type = PROVIDERS[self._provider]
+        self.remove_stale_entries()
+        if privlevel is not None:
+            self._check_privlevel(privlevel)
+
+    def remove_stale_entries(self) -> list[str]:
+        """Removes the report entries a dead process of this pid namespace left (see the module
+        docstring); returns their names. Never fails: a sweep that cannot list or remove logs it."""
+        try:
+            names = self._fs.listdir(self._root)
+        except OSError as exc:
+            log.warning(
+                "could not list configfs-tsm report entries to remove stale ones",
+                extra={"errno": errno.errorcode.get(exc.errno or 0, "?")},
+            )
+            return []
+        removed = []
+        for name in sorted(names):
+            match = _ENTRY_RE.match(name)
+            if match is None or int(match["ns"]) != self._namespace:
+                continue
+            pid = int(match["pid"])
+            if pid == os.getpid():
+                with _HELD_LOCK:
+                    if name in _HELD:
+                        continue
+            elif _process_exists(pid):
+                continue
+            if self._remove(self._root / name, retry=False):
+                removed.append(name)
+        if removed:
+            log.warning(
+                "removed configfs-tsm report entries left by a process that died",
+                extra={"entries": removed},
+            )
+        return removed
+
+    def _check_privlevel(self, privlevel: int) -> None:
+        if self._tee_type is not TeeType.SEV_SNP:
+            log.warning(
+                "configfs-tsm privlevel applies to SEV-SNP only; ignored for this TEE",
+                extra={"provider": self._provider, "privlevel": privlevel},
+            )
+            self._privlevel = None
+            return
+        entry = self._new_entry()
+        try:
+            floor_path = entry / "privlevel_floor"
+            text = self._read_text(floor_path) if self._fs.exists(floor_path) else "0"
+        finally:
+            self._remove(entry)
+        try:
+            floor = int(text)
+        except ValueError:
+            raise AttestationUnavailable(
+                f"configfs-tsm privlevel_floor is not a number: {text[:20]!r}",
+                reason=Reason.TSM_IO_ERROR,
+            ) from None
+        if privlevel < floor:
+            raise AttestationUnavailable(
+                f"configfs-tsm privlevel {privlevel} is below this guest's privlevel_floor "
+                f"{floor} (the VMPL it runs at): the kernel would refuse every report; configure "
+                f"a privlevel between {floor} and 3",
+                reason=Reason.TSM_PRIVLEVEL_BELOW_FLOOR,
+            )
 
     def __repr__(self) -> str:
         return f"ConfigfsTsmAttester(root={str(self._root)!r}, provider={self._provider!r})"
@@ -172,6 +288,10 @@ class ConfigfsTsmAttester:
         return provider
 
     def _attest_once(self, data: bytes) -> EvidenceBundle:
+        with self._leftovers_lock:
+            leftovers, self._leftovers = self._leftovers, []
+        for leftover in leftovers:
+            self._remove(leftover)  # kept again if it still fails
         entry = self._new_entry()
         try:
             writes = 0
@@ -208,22 +328,39 @@ class ConfigfsTsmAttester:
         )
 
     def _new_entry(self) -> Path:
-        entry = self._root / f"strongroom-{os.getpid()}-{secrets.token_hex(8)}"
+        name = f"{ENTRY_PREFIX}{self._namespace}-{os.getpid()}-{secrets.token_hex(8)}"
+        entry = self._root / name
+        with _HELD_LOCK:
+            _HELD.add(name)
         try:
             self._fs.mkdir(entry)
         except OSError as exc:
+            with _HELD_LOCK:
+                _HELD.discard(name)
             raise _io_error("create a report entry in", self._root, exc) from None
         return entry
 
-    def _remove(self, entry: Path) -> None:
+    def _remove(self, entry: Path, *, retry: bool = True) -> bool:
+        """Removes ``entry``; True once it is gone. A failure is logged (and, with ``retry``, the
+        entry is kept to be removed before the next attestation), never raised."""
+        with _HELD_LOCK:
+            _HELD.discard(entry.name)
         try:
             self._fs.rmdir(entry)
+        except FileNotFoundError:
+            return True
         except OSError as exc:
-            # A leftover entry costs a little kernel memory; it must not hide the real outcome.
+            # A leftover entry keeps its inblob and report in kernel memory; it must not hide the
+            # real outcome, and the next attestation tries again.
             log.error(
                 "could not remove configfs-tsm report entry",
                 extra={"entry": str(entry), "errno": errno.errorcode.get(exc.errno or 0, "?")},
             )
+            if retry:
+                with self._leftovers_lock:
+                    self._leftovers.append(entry)
+            return False
+        return True
 
     def _check_generation(self, entry: Path, expected: int) -> None:
         text = self._read_text(entry / "generation")

@@ -36,14 +36,19 @@ def select_attester(
     simulator: SimulatedTee | None = None,
     simulator_tee_type: TeeType | None = None,
     simulator_claims: Mapping[str, Any] | None = None,
+    privlevel: int | None = None,
 ) -> Attester:
     """Returns the attester for ``kind``.
 
     ``auto`` tries configfs-tsm (with a registered provider), then ``/dev/sev-guest``, then
     ``/dev/tdx_guest``, and fails with NO_ATTESTER when none exists: it never falls back to the
     simulator. ``simulated`` needs ``simulator``, ``simulator_tee_type`` and ``simulator_claims``
-    (see :class:`SimulatedAttester`) and is refused when ``production`` is true.
+    (see :class:`SimulatedAttester`) and is refused when ``production`` is true. ``privlevel``
+    (0-3; SEV-SNP) is the VMPL reports are requested at: configfs-tsm's ``privlevel`` attribute,
+    ``/dev/sev-guest``'s ``vmpl`` (default: the kernel's, 0 for the device).
     """
+    if privlevel is not None and not 0 <= privlevel <= 3:
+        raise ValueError("privlevel must be between 0 and 3")
     io = io or OsDeviceIo()
     if kind == "simulated":
         if simulator is None or simulator_tee_type is None:
@@ -55,14 +60,14 @@ def select_attester(
             simulator, simulator_tee_type, production=production, claims=simulator_claims
         )
     if kind == "configfs-tsm":
-        return ConfigfsTsmAttester(configfs_root, fs=fs)
+        return ConfigfsTsmAttester(configfs_root, fs=fs, privlevel=privlevel)
     if kind == "sev-guest":
         if not io.exists(sev_guest_device):
             raise AttesterNotConfigured(
                 f"{sev_guest_device} does not exist", reason=Reason.NO_ATTESTER
             )
         check_openable(io, sev_guest_device)
-        return SevGuestAttester(sev_guest_device, io=io)
+        return SevGuestAttester(sev_guest_device, io=io, vmpl=privlevel or 0)
     if kind == "tdx-guest":
         for device in tdx_guest_devices:
             if io.exists(device):
@@ -78,7 +83,7 @@ def select_attester(
         )
     tried: list[str] = []
     try:
-        attester: Attester = ConfigfsTsmAttester(configfs_root, fs=fs)
+        attester: Attester = ConfigfsTsmAttester(configfs_root, fs=fs, privlevel=privlevel)
     except AttesterNotConfigured as exc:
         tried.append(f"configfs-tsm ({exc.reason})")
     else:
@@ -89,7 +94,7 @@ def select_attester(
     if io.exists(sev_guest_device):
         check_openable(io, sev_guest_device)
         log.info("attester selected", extra={"attester": "sev-guest"})
-        return SevGuestAttester(sev_guest_device, io=io)
+        return SevGuestAttester(sev_guest_device, io=io, vmpl=privlevel or 0)
     tried.append(sev_guest_device)
     for device in tdx_guest_devices:
         if io.exists(device):

@@ -40,6 +40,9 @@ ENV_LOCKED_IN_PRODUCTION: EnvLocks = {
     "identity.spiffe_id": (),
     "identity.ca_url": (),
     "identity.ca_root_file": (),
+    # Where telemetry goes and whom the exporter trusts to receive it.
+    "tracing.otlp_insecure": (False,),
+    "tracing.otlp_ca_file": (),
 }
 
 
@@ -102,10 +105,91 @@ class LoggingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TracingConfig:
-    """OpenTelemetry tracing; spans are exported over OTLP/gRPC when an endpoint is set."""
+    """OpenTelemetry tracing and metrics, exported over OTLP/gRPC when an endpoint is set.
+
+    The export is TLS unless ``otlp_insecure`` says otherwise: spans and metrics carry key ids,
+    model names, SPIFFE IDs and refusal reasons, which an on-path observer must not read and a
+    spoofed collector must not collect. The collector's certificate is checked against
+    ``otlp_ca_file`` (default: the deployment's own root, ``identity.ca_root_file``, filled in by
+    :class:`CommonConfig`); a collector that asks for client certificates gets
+    ``otlp_client_cert_file`` and ``otlp_client_key_file`` (both or neither). ``otlp_insecure:
+    true`` (plaintext) is for development, and for a collector on the loopback interface in
+    production (:func:`check_tracing_for_production`).
+    """
 
     otlp_endpoint: str | None = None
-    otlp_insecure: bool = True
+    otlp_insecure: bool = False
+    otlp_ca_file: Path | None = None
+    otlp_client_cert_file: Path | None = None
+    otlp_client_key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.otlp_client_cert_file is None) != (self.otlp_client_key_file is None):
+            raise ConfigError(
+                "tracing.otlp_client_cert_file and tracing.otlp_client_key_file go together: "
+                "set both (mutual TLS to the collector) or neither"
+            )
+        endpoint = self.otlp_endpoint
+        if endpoint is None:
+            return
+        if not endpoint or any(c.isspace() for c in endpoint):
+            raise ConfigError(f"tracing.otlp_endpoint: not an endpoint: {endpoint!r}")
+        scheme, sep, rest = endpoint.partition("://")
+        if sep and scheme not in ("http", "https"):
+            raise ConfigError(
+                f"tracing.otlp_endpoint: scheme {scheme!r} is not OTLP/gRPC's (use host:port, "
+                "https://host:port, or http://host:port with tracing.otlp_insecure: true)"
+            )
+        if not (rest if sep else endpoint):
+            raise ConfigError(f"tracing.otlp_endpoint: no host in {endpoint!r}")
+        if scheme == "http" and sep and not self.otlp_insecure:
+            raise ConfigError(
+                "tracing.otlp_endpoint: http:// is plaintext; use https:// (or host:port) for "
+                "TLS, or set tracing.otlp_insecure: true to export in plaintext"
+            )
+        if scheme == "https" and sep and self.otlp_insecure:
+            raise ConfigError(
+                "tracing.otlp_insecure: true contradicts the https:// endpoint; drop one"
+            )
+        if self.otlp_insecure and (
+            self.otlp_ca_file is not None or self.otlp_client_cert_file is not None
+        ):
+            raise ConfigError(
+                "tracing.otlp_insecure: true exports in plaintext, so tracing.otlp_ca_file and "
+                "the client certificate would be ignored: drop them, or drop otlp_insecure"
+            )
+
+    @property
+    def otlp_host(self) -> str | None:
+        """The endpoint's host (no scheme, port or brackets); None without an endpoint."""
+        if self.otlp_endpoint is None:
+            return None
+        authority = self.otlp_endpoint.partition("://")[2] or self.otlp_endpoint
+        authority = authority.split("/", 1)[0]
+        if authority.startswith("["):
+            return authority[1:].split("]", 1)[0]
+        return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
+def check_tracing_for_production(tracing: TracingConfig) -> None:
+    """Refuses plaintext export in production, except to a collector on the loopback interface.
+
+    Refused rather than warned about: a warning is one log line among many, and a production
+    deployment exporting its telemetry in plaintext across the network is a configuration error
+    (the spans name keys, models and callers). A sidecar collector on 127.0.0.1 is allowed: that
+    traffic never leaves the pod's (or host's) network namespace.
+    """
+    if (
+        tracing.otlp_endpoint is not None
+        and tracing.otlp_insecure
+        and tracing.otlp_host not in LOOPBACK_NAMES
+    ):
+        raise ConfigError(
+            "tracing.otlp_insecure: plaintext export is refused in production mode (spans and "
+            f"metrics name keys, models and callers), except to a loopback collector; "
+            f"{tracing.otlp_endpoint!r} is not loopback: export over TLS (drop otlp_insecure; "
+            "tracing.otlp_ca_file names the collector's CA)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,7 +546,14 @@ class CommonConfig:
         return self.mode == "production"
 
     def __post_init__(self) -> None:
+        tracing = self.tracing
+        if tracing.otlp_endpoint and not tracing.otlp_insecure and tracing.otlp_ca_file is None:
+            # The deployment's own root: a collector inside the trust domain gets its
+            # certificate from the same CA as the services.
+            tracing = dataclasses.replace(tracing, otlp_ca_file=self.identity.ca_root_file)
+            object.__setattr__(self, "tracing", tracing)
         if self.production:
+            check_tracing_for_production(self.tracing)
             loopback = sorted(set(self.identity.dns_names) & LOOPBACK_NAMES)
             if loopback:
                 raise ConfigError(

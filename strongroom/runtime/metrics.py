@@ -19,6 +19,7 @@ from opentelemetry.sdk.resources import Resource
 
 from strongroom.runtime.config import TracingConfig
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
+from strongroom.runtime.tracing import otlp_exporter_options
 
 _meter = metrics.get_meter("strongroom")
 
@@ -54,9 +55,7 @@ def install_meter_provider(
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
         readers.append(
-            PeriodicExportingMetricReader(
-                OTLPMetricExporter(endpoint=config.otlp_endpoint, insecure=config.otlp_insecure)
-            )
+            PeriodicExportingMetricReader(OTLPMetricExporter(**otlp_exporter_options(config)))
         )
     if not readers:
         return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextvars import Token
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,7 +29,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
 
-from strongroom.runtime.config import TracingConfig
+from strongroom.runtime.config import ConfigError, TracingConfig
 from strongroom.runtime.grpc_types import (
     HandlerInterceptor,
     RpcMethodHandler,
@@ -73,11 +74,50 @@ def make_tracer_provider(
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(
-            BatchSpanProcessor(
-                OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=config.otlp_insecure)
-            )
+            BatchSpanProcessor(OTLPSpanExporter(**otlp_exporter_options(config)))
         )
     return provider
+
+
+def otlp_exporter_options(config: TracingConfig) -> dict[str, Any]:
+    """The OTLP/gRPC exporter's ``endpoint``, ``insecure`` and ``credentials`` for ``config``.
+
+    TLS unless ``otlp_insecure``: the collector's certificate checked against ``otlp_ca_file``
+    (which :class:`~strongroom.runtime.config.CommonConfig` defaults to the deployment's root),
+    with the configured client certificate for mutual TLS. The files are read now, so a missing
+    or unreadable one fails the start (ConfigError naming it) rather than every export later.
+    Explicit credentials also keep the exporter from picking up ``OTEL_EXPORTER_OTLP_*``
+    certificate variables or the system's roots behind the configuration's back.
+    """
+    assert config.otlp_endpoint is not None
+    endpoint = config.otlp_endpoint.partition("://")[2] or config.otlp_endpoint
+    if config.otlp_insecure:
+        return {"endpoint": endpoint, "insecure": True}
+    if config.otlp_ca_file is None:
+        raise ConfigError(
+            "tracing.otlp_ca_file: required for a TLS export (the collector's CA); a service "
+            "configuration defaults it to identity.ca_root_file"
+        )
+    client: dict[str, bytes] = {}
+    if config.otlp_client_cert_file is not None and config.otlp_client_key_file is not None:
+        client = {
+            "certificate_chain": _read("otlp_client_cert_file", config.otlp_client_cert_file),
+            "private_key": _read("otlp_client_key_file", config.otlp_client_key_file),
+        }
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read("otlp_ca_file", config.otlp_ca_file), **client
+    )
+    return {"endpoint": endpoint, "insecure": False, "credentials": credentials}
+
+
+def _read(key: str, path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"tracing.{key}: cannot read {path}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"tracing.{key}: {path} holds no PEM block")
+    return data
 
 
 def server_tracing_interceptor(provider: TracerProvider) -> ServerInterceptor:

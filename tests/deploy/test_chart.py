@@ -439,7 +439,7 @@ OPTION_SETS = {
         "keybroker.replicas=2",
     ),
     "tracing-and-exposure": (
-        "observability.otlpEndpoint=http://collector.obs:4317",
+        "observability.otlpEndpoint=https://collector.obs:4317",
         "observability.collector.podSelector.matchLabels.app=collector",
         "inference.service.type=LoadBalancer",
         "inference.service.loadBalancerSourceRanges[0]=10.0.0.0/8",

@@ -94,6 +94,7 @@ class EmulatedConfigfs(OsTsmFs):
     before_outblob: Callable[[Path], None] | None = None
     snp_report: Callable[[bytes, int], bytes] = fake_snp_report
     tdx_quote: Callable[[bytes], bytes] = fake_tdx_quote
+    privlevel_floor: int = 0
     entries: dict[Path, _Entry] = field(default_factory=dict)
     generated: int = 0
     # The kernel takes tsm_rwsem around every attribute store and report generation.
@@ -138,11 +139,14 @@ class EmulatedConfigfs(OsTsmFs):
         for name in self._attributes():
             (path / name).write_bytes(b"")
         (path / "provider").write_text(f"{self.provider}\n")
+        if self.provider == "sev_guest":
+            (path / "privlevel_floor").write_text(f"{self.privlevel_floor}\n")
         (path / "generation").write_text("0\n")
 
     def rmdir(self, path: Path) -> None:
         with self.lock:
-            self.entries.pop(path)
+            # Any entry, this emulation's or one another process made in the same tree.
+            self.entries.pop(path, None)
             shutil.rmtree(path)
 
     def write(self, path: Path, data: bytes) -> None:
@@ -158,7 +162,10 @@ class EmulatedConfigfs(OsTsmFs):
                 raise OSError(errno.EFBIG, "inblob too large")
             entry.inblob = data
         elif path.name == "privlevel":
-            entry.privlevel = int(data)
+            level = int(data)
+            if not self.privlevel_floor <= level <= 3:  # the kernel's tsm_report_privlevel_store
+                raise OSError(errno.EINVAL, "privlevel out of range")
+            entry.privlevel = level
         else:
             raise OSError(errno.EACCES, f"{path.name} is read-only")
         super().write(path, data)

@@ -49,7 +49,11 @@ def _kek_objects(hsm: Hsm, key_id: str) -> list[Any]:
     def op(hs: HsmSession) -> list[Any]:
         return list(
             hs.session.get_objects(
-                {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: _kek.object_id(key_id)}
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: KeyType.AES,  # KEKs, not their enablers or claims
+                    Attribute.ID: _kek.object_id(key_id),
+                }
             )
         )
 
@@ -180,8 +184,10 @@ def test_kek_value_cannot_be_read_or_extracted(hsm: Hsm, km: KeyManager) -> None
     outcome = hsm.call(attempts)
     assert outcome["read value"] is p11x.AttributeSensitive
     assert outcome["wrap with another key"] is p11x.KeyUnextractable
-    assert outcome["make extractable"] is p11x.AttributeReadOnly
-    assert outcome["make non-sensitive"] is p11x.AttributeReadOnly
+    # An immutable KEK: SoftHSM2 answers CKR_ACTION_PROHIBITED (0x1b, which python-pkcs11 does not
+    # name) where a modifiable one answered CKR_ATTRIBUTE_READ_ONLY.
+    assert outcome["make extractable"] in (p11x.AttributeReadOnly, p11x.PKCS11Error)
+    assert outcome["make non-sensitive"] in (p11x.AttributeReadOnly, p11x.PKCS11Error)
     assert outcome["copy as extractable"] is not None
     assert outcome["copy"] is not None  # CKA_COPYABLE is false
 
@@ -258,12 +264,15 @@ def test_unknown_version(km: KeyManager) -> None:
     assert info.value.reason == "KEY_VERSION_NOT_FOUND"
 
 
-def test_disabled_version_is_refused_by_the_hsm_itself(hsm: Hsm, km: KeyManager) -> None:
-    """Even a caller that skips the broker's state check cannot use a disabled version."""
+def test_disabled_legacy_version_is_refused_by_the_hsm_itself(hsm: Hsm, km: KeyManager) -> None:
+    """A KEK made modifiable (by a broker before KEKs were immutable) is still disabled through its
+    flags too: even a caller that skips the broker's state check cannot use it."""
     km.create_key("hard")
-    _, wrapped, _ = km.generate_data_key("hard", *MODEL)
-    km.disable_key("hard", 1)
-    (kek,) = _kek_objects(hsm, "hard")
+    _raw_version(hsm, "hard", 2, int(T0 * 1000) + 1, "ab" * 8, pending=False, modifiable=True)
+    _, wrapped, version = km.generate_data_key("hard", *MODEL)
+    assert version == 2
+    km.disable_key("hard", 2)
+    kek = next(o for o in _kek_objects(hsm, "hard") if o.label.endswith("/" + "ab" * 8))
 
     def raw_unwrap(_hs: HsmSession) -> str:
         # python-pkcs11 gives an object without CKA_UNWRAP no unwrap_key(); call C_UnwrapKey anyway.
@@ -281,6 +290,9 @@ def test_disabled_version_is_refused_by_the_hsm_itself(hsm: Hsm, km: KeyManager)
         return "unwrapped"
 
     assert "0x68" in hsm.call(raw_unwrap)  # CKR_KEY_FUNCTION_NOT_PERMITTED
+    km.enable_key("hard", 2)
+    assert _flags(hsm, kek) == (True, True)
+    assert km.rewrap("hard", 2, wrapped).version == 2
 
 
 def test_metadata_lives_in_the_hsm(
@@ -323,9 +335,17 @@ def test_concurrent_rotations_on_one_replica(km: KeyManager) -> None:
 
 
 def _raw_version(
-    hsm: Hsm, key_id: str, version: int, created_ms: int, nonce: str, *, pending: bool
+    hsm: Hsm,
+    key_id: str,
+    version: int,
+    created_ms: int,
+    nonce: str,
+    *,
+    pending: bool,
+    modifiable: bool = False,
 ) -> Any:
-    """Creates a KEK object directly, as another replica would."""
+    """Creates a KEK object directly, as another replica would (``modifiable``: as a broker did
+    before KEKs were made immutable, which is also how its pending objects were made)."""
 
     def op(hs: HsmSession) -> Any:
         return hs.session.generate_key(
@@ -334,7 +354,7 @@ def _raw_version(
             id=_kek.object_id(key_id),
             label=_kek.label(key_id, version, created_ms, nonce, pending=pending),
             store=True,
-            template=_kek.KEK_TEMPLATE,
+            template={**_kek.KEK_TEMPLATE, Attribute.MODIFIABLE: modifiable or pending},
         )
 
     return hsm.call(op)
@@ -382,7 +402,7 @@ def test_duplicate_published_versions_are_tolerated(hsm: Hsm, tee_key: rsa.RSAPr
     assert fresh.version == 2
     assert km.rewrap("dup", 2, wrapped_by_loser).version == 2
     km.disable_key("dup", 2)
-    assert _flags(hsm, late) == (False, False)  # every candidate is disabled
+    assert km.describe_key("dup").versions[1].state is KeyState.DISABLED  # every candidate
     with pytest.raises(FailedPrecondition):
         km.release_to_ephemeral("dup", 2, fresh.wrapped, spki(tee_key), [OaepHash.SHA1])
 

@@ -1,0 +1,189 @@
+"""KEKs are immutable in the token (CKA_MODIFIABLE false): nobody holding the PIN can change their
+attributes; disabling, enabling and rotating still work (enablers, claims), and KEKs made
+modifiable before are named at start and still disabled through their flags."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import pkcs11.exceptions as p11x
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pkcs11 import Attribute, KeyType, ObjectClass
+
+from strongroom.errors import FailedPrecondition, Unavailable
+from strongroom.keybroker import _kek
+from strongroom.keybroker import _pkcs11_errors as errs
+from strongroom.keybroker.hsm import Hsm, HsmSession
+from strongroom.keybroker.keys import ALL_VERSIONS, KeyManager, KeyState
+from strongroom.oaep import OaepHash
+from tests.keybroker.helpers import MODEL, spki
+
+CKR_ATTRIBUTE_READ_ONLY = 0x10
+CKR_ACTION_PROHIBITED = 0x1B  # SoftHSM2's answer for an object with CKA_MODIFIABLE false
+
+
+def _objects(hsm: Hsm, key_id: str) -> list[Any]:
+    def op(hs: HsmSession) -> list[Any]:
+        return list(
+            hs.session.get_objects(
+                {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: _kek.object_id(key_id)}
+            )
+        )
+
+    return hsm.call(op)
+
+
+def _keks(hsm: Hsm, key_id: str) -> list[Any]:
+    def op(hs: HsmSession) -> list[Any]:
+        return [o for o in _objects_in(hs, key_id) if o[Attribute.KEY_TYPE] == KeyType.AES]
+
+    return hsm.call(op)
+
+
+def _objects_in(hs: HsmSession, key_id: str) -> list[Any]:
+    template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: _kek.object_id(key_id)}
+    return list(hs.session.get_objects(template))
+
+
+def _set_attribute(hsm: Hsm, obj: Any, attribute: Attribute, value: Any) -> int | None:
+    """C_SetAttributeValue as a PIN holder would call it: the return code, None if it worked."""
+
+    def op(_hs: HsmSession) -> int | None:
+        try:
+            obj[attribute] = value
+        except p11x.PKCS11Error as exc:
+            return errs.return_code(exc) or CKR_ATTRIBUTE_READ_ONLY  # mapped: read-only
+        return None
+
+    return hsm.call(op)
+
+
+def _protection(_hs: HsmSession, kek: Any) -> dict[Attribute, Any]:
+    return dict(
+        kek.get_attributes(
+            [
+                Attribute.MODIFIABLE,
+                Attribute.COPYABLE,
+                Attribute.SENSITIVE,
+                Attribute.EXTRACTABLE,
+                Attribute.DESTROYABLE,
+            ]
+        )
+    )
+
+
+def test_new_keks_are_immutable(hsm: Hsm, km: KeyManager) -> None:
+    km.create_key("locked")
+    km.rotate_key("locked")
+    keks = _keks(hsm, "locked")
+    assert len(keks) == 2  # no claim is left behind
+    for kek in keks:
+        attrs = hsm.call(functools.partial(_protection, kek=kek))
+        assert attrs == {
+            Attribute.MODIFIABLE: False,
+            Attribute.COPYABLE: False,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.DESTROYABLE: True,
+        }
+        for attribute, value in [
+            (Attribute.LABEL, _kek.label("other", 1, 0, "00" * 8, pending=False)),  # identity swap
+            (Attribute.ID, _kek.object_id("other")),
+            (Attribute.WRAP, False),
+            (Attribute.ENCRYPT, True),
+            (Attribute.DECRYPT, True),
+            (Attribute.EXTRACTABLE, True),
+        ]:
+            assert _set_attribute(hsm, kek, attribute, value) in (
+                CKR_ATTRIBUTE_READ_ONLY,
+                CKR_ACTION_PROHIBITED,
+            ), attribute
+    assert km.modifiable_versions() == {}
+
+
+def test_disable_enable_and_rotate_work_on_immutable_keks(
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
+) -> None:
+    km.create_key("life")
+    _, wrapped, _ = km.generate_data_key("life", *MODEL)
+    km.disable_key("life", 1)
+    replica = KeyManager(hsm)  # another broker: the state is in the token, not in km
+    for manager in (km, replica):
+        assert [v.state for v in manager.describe_key("life").versions] == [KeyState.DISABLED]
+        with pytest.raises(FailedPrecondition) as info:
+            manager.release_to_ephemeral("life", 1, wrapped, spki(tee_key), [OaepHash.SHA1])
+        assert info.value.reason == "KEY_DISABLED"
+        with pytest.raises(FailedPrecondition):
+            manager.generate_data_key("life", *MODEL)
+    km.disable_key("life", 1)  # idempotent
+    assert len(_objects(hsm, "life")) == 1  # the KEK; its enabler is gone
+    rotated = km.rotate_key("life")
+    assert [v.state for v in rotated.versions] == [KeyState.DISABLED, KeyState.ENABLED]
+    with pytest.raises(FailedPrecondition):
+        km.rewrap("life", 1, wrapped)
+    km.enable_key("life", ALL_VERSIONS)
+    assert len(_objects(hsm, "life")) == 4  # two KEKs, an enabler each
+    assert km.rewrap("life", 1, wrapped).version == 2
+    out, _ = replica.release_to_ephemeral("life", 1, wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert len(out) == 384
+    assert [v.state for v in km.list_keys()[0].versions] == [KeyState.ENABLED] * 2
+
+
+def test_an_attempt_left_by_a_crashed_rotation_is_invisible_then_reaped(hs_clock: Any) -> None:
+    hsm, km, now = hs_clock
+    km.create_key("crash")
+
+    def leave_enabler(hs: HsmSession) -> None:  # its KEK was never generated
+        hs.session.generate_key(
+            KeyType.GENERIC_SECRET,
+            _kek.MARKER_BITS,
+            id=_kek.object_id("crash"),
+            label=_kek.label("crash", 2, int(now[0] * 1000), "00" * 8, pending=False, enabler=True),
+            store=True,
+            template=_kek.MARKER_TEMPLATE,
+        )
+
+    hsm.call(leave_enabler)
+    assert km.describe_key("crash").current_version == 1
+    with pytest.raises(Unavailable) as info:  # a fresh attempt: another replica's, in flight
+        km.rotate_key("crash")
+    assert info.value.reason == "KEY_VERSION_CONFLICT"
+    now[0] += _kek.PENDING_TTL_MS / 1000 + 1
+    assert km.rotate_key("crash").current_version == 2
+    assert len(_objects(hsm, "crash")) == 4  # two KEKs, an enabler each: the attempt was reaped
+
+
+@pytest.fixture
+def hs_clock(hsm: Hsm) -> tuple[Hsm, KeyManager, list[float]]:
+    """A key manager whose clock the test sets."""
+    now = [1_767_225_600.0]
+    return hsm, KeyManager(hsm, clock=lambda: now[0]), now
+
+
+def test_keks_made_modifiable_before_are_named_and_still_disabled_by_their_flags(
+    hsm: Hsm, km: KeyManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    def legacy(hs: HsmSession) -> Any:  # as a broker made them before
+        return hs.session.generate_key(
+            KeyType.AES,
+            256,
+            id=_kek.object_id("old"),
+            label=_kek.label("old", 1, 1_700_000_000_000, "cd" * 8, pending=False),
+            store=True,
+            template={**_kek.KEK_TEMPLATE, Attribute.MODIFIABLE: True},
+        )
+
+    old = hsm.call(legacy)
+    km.rotate_key("old")
+    with caplog.at_level(logging.WARNING, logger="strongroom.keybroker.keys"):
+        assert km.warn_modifiable_versions() == {"old": [1]}
+    (record,) = [r for r in caplog.records if getattr(r, "key_id", None) == "old"]
+    assert record.key_versions == [1]  # type: ignore[attr-defined]
+    km.disable_key("old", 1)
+    assert hsm.call(lambda _hs: (old[Attribute.WRAP], old[Attribute.UNWRAP])) == (False, False)
+    km.enable_key("old", 1)
+    assert hsm.call(lambda _hs: (old[Attribute.WRAP], old[Attribute.UNWRAP])) == (True, True)
+    assert [v.state for v in km.describe_key("old").versions] == [KeyState.ENABLED] * 2

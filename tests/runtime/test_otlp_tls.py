@@ -1,0 +1,158 @@
+"""OTLP export is TLS by default: config validation (precise errors), the production refusal of
+plaintext, and the exporters built with TLS credentials from the configured files."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from strongroom.runtime.config import ConfigError, TracingConfig, load_service_config
+from strongroom.runtime.tracing import make_tracer_provider, otlp_exporter_options
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    limit: int = 1
+
+
+BASE = """
+service: modelstore
+mode: {mode}
+listen: 127.0.0.1:7443
+identity:
+  trust_domain: strongroom.test
+  spiffe_id: spiffe://strongroom.test/modelstore
+  ca_url: https://127.0.0.1:9000
+  ca_root_file: /etc/strongroom/root.pem
+tracing: {tracing}
+"""
+
+
+def _load(
+    tmp_path: Path, tracing: str, *, mode: str = "production", env: dict[str, str] | None = None
+) -> TracingConfig:
+    path = tmp_path / "config.yaml"
+    path.write_text(BASE.format(mode=mode, tracing=tracing))
+    common, _ = load_service_config(path, "modelstore", Section, environ=env or {})
+    return common.tracing
+
+
+def _pem_pair(tmp_path: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "collector-ca")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "ca.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_is_the_default_and_the_ca_defaults_to_the_deployment_root(tmp_path: Path) -> None:
+    tracing = _load(tmp_path, "{otlp_endpoint: 'collector.obs:4317'}")
+    assert tracing.otlp_insecure is False
+    assert tracing.otlp_ca_file == Path("/etc/strongroom/root.pem")
+    # Its own CA when one is named.
+    tracing = _load(tmp_path, "{otlp_endpoint: 'https://c:4317', otlp_ca_file: /etc/c.pem}")
+    assert tracing.otlp_ca_file == Path("/etc/c.pem")
+
+
+@pytest.mark.parametrize(
+    ("tracing", "message"),
+    [
+        ("{otlp_endpoint: 'http://c:4317'}", "http:// is plaintext"),
+        ("{otlp_endpoint: 'https://c:4317', otlp_insecure: true}", "contradicts the https://"),
+        ("{otlp_endpoint: 'grpc://c:4317'}", "scheme 'grpc' is not OTLP/gRPC's"),
+        ("{otlp_endpoint: 'https://'}", "no host"),
+        ("{otlp_endpoint: 'c:4317', otlp_client_cert_file: /c.pem}", "go together"),
+        ("{otlp_endpoint: 'c:4317', otlp_insecure: true, otlp_ca_file: /c.pem}", "ignored"),
+    ],
+)
+def test_contradictions_are_refused_precisely(tmp_path: Path, tracing: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, tracing, mode="development")
+
+
+def test_production_refuses_plaintext_except_to_loopback(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"refused in production mode.*'c.obs:4317' is not loopback"
+    ):
+        _load(tmp_path, "{otlp_endpoint: 'c.obs:4317', otlp_insecure: true}")
+    for loopback in ("127.0.0.1:4317", "http://localhost:4317", "http://[::1]:4317"):
+        assert _load(
+            tmp_path, f"{{otlp_endpoint: '{loopback}', otlp_insecure: true}}"
+        ).otlp_insecure
+    dev = _load(
+        tmp_path, "{otlp_endpoint: 'http://c:4317', otlp_insecure: true}", mode="development"
+    )
+    assert dev.otlp_insecure
+
+
+def test_production_environment_cannot_turn_tls_off(tmp_path: Path) -> None:
+    env = {"STRONGROOM__TRACING__OTLP_INSECURE": "true"}
+    with pytest.raises(
+        ConfigError, match=r"tracing.otlp_insecure cannot be set by the environment"
+    ):
+        _load(tmp_path, "{otlp_endpoint: '127.0.0.1:4317'}", env=env)
+
+
+def test_exporters_get_tls_credentials_from_the_configured_files(tmp_path: Path) -> None:
+    ca, key = _pem_pair(tmp_path)
+    config = TracingConfig(
+        otlp_endpoint="https://collector.obs:4317",
+        otlp_ca_file=ca,
+        otlp_client_cert_file=ca,
+        otlp_client_key_file=key,
+    )
+    options = otlp_exporter_options(config)
+    assert options["insecure"] is False
+    assert options["endpoint"] == "collector.obs:4317"
+    assert isinstance(options["credentials"], grpc.ChannelCredentials)
+    provider = make_tracer_provider("test", config)
+    try:
+        (processor,) = provider._active_span_processor._span_processors  # type: ignore[attr-defined]
+        exporter = processor.span_exporter
+        assert exporter._insecure is False
+        assert isinstance(exporter._credentials, grpc.ChannelCredentials)
+    finally:
+        provider.shutdown()
+
+
+def test_an_unreadable_ca_fails_the_start_naming_it(tmp_path: Path) -> None:
+    missing = TracingConfig(otlp_endpoint="c:4317", otlp_ca_file=tmp_path / "none.pem")
+    with pytest.raises(ConfigError, match=r"tracing.otlp_ca_file: cannot read .*none.pem"):
+        otlp_exporter_options(missing)
+    (tmp_path / "empty.pem").write_text("not a certificate")
+    empty = TracingConfig(otlp_endpoint="c:4317", otlp_ca_file=tmp_path / "empty.pem")
+    with pytest.raises(ConfigError, match="holds no PEM block"):
+        otlp_exporter_options(empty)
+
+
+def test_plaintext_only_when_asked() -> None:
+    options = otlp_exporter_options(
+        TracingConfig(otlp_endpoint="http://127.0.0.1:4317", otlp_insecure=True)
+    )
+    assert options == {"endpoint": "127.0.0.1:4317", "insecure": True}
