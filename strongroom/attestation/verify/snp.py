@@ -6,10 +6,11 @@ VCEK/VLEK chains to a pinned ASK/ASVK and ARK (RSASSA-PSS, SHA-384, salt 48)
 and every certificate is valid at ``now``; supplied ASK/ARK certificates are byte-identical to the
 pinned ones; the report's ECDSA P-384 signature verifies with the VCEK/VLEK; the bindings between
 report and certificate: signing-key type, product, reported TCB (VCEK TCB extensions), and the
-chip id (VCEK ``hwID``); a report the hypervisor requested (VMPL 0xFFFFFFFF, SNP_HV_REPORT_REQ) is
-refused, since it attests no guest (``HOST_REQUESTED_REPORT``); finally the ARK's CRL for the chain (KDS ``/vcek|vlek/v1/<product>/crl``)
-from the verifier's collateral source must be current and must not revoke the ASK/ASVK. CRLs the
-evidence carries are ignored: the party being judged cannot choose its judge.
+chip id (VCEK ``hwID``); the ARK's CRL for the chain (KDS ``/vcek|vlek/v1/<product>/crl``) from
+the verifier's collateral source must be current and must not revoke the ASK/ASVK (CRLs the
+evidence carries are ignored: the party being judged cannot choose its judge); finally a report
+the hypervisor requested (VMPL 0xFFFFFFFF, SNP_HV_REPORT_REQ) is refused, since it attests no
+guest (``HOST_REQUESTED_REPORT``): that is said only of a report known genuine.
 
 Verified chains are cached in the trust store keyed by the certificate bytes and used only inside
 their validity window, so repeated verification costs one ECDSA verify.
@@ -272,18 +273,8 @@ def verify_snp(
             )
         key_der = certificates_from_bytes(fetched)[0]
     key = verify_report_key(report, key_der, trust, now)
-    if report.host_requested:
-        # Genuine, but the hypervisor asked for it (SNP_HV_REPORT_REQ): the guest chose nothing
-        # in it (REPORT_DATA is the firmware's zeros), so it attests no guest. Named as such
-        # rather than as a REPORT_DATA or VMPL mismatch; judged after the signature so that a
-        # forged one is named forged.
-        raise VerificationFailed(
-            "SNP report was requested by the hypervisor (VMPL 0xFFFFFFFF, SNP_HV_REPORT_REQ), "
-            "not by the guest: it attests no guest",
-            reason=Reason.HOST_REQUESTED_REPORT,
-        )
-    # Revocation comes last so that a forged or mismatched report is named as such; only the
-    # verifier's own CRL counts (evidence-carried CRLs are never read).
+    # Revocation comes after the signature and bindings so that a forged or mismatched report is
+    # named as such; only the verifier's own CRL counts (evidence-carried CRLs are never read).
     signer, ark = key.chain[1], key.chain[2]
     scope = key.info.kind.lower()
     crl = collateral.crl(ark, scope) if collateral is not None else None
@@ -294,6 +285,18 @@ def verify_snp(
         # The ARK's CRL speaks for what the ARK issued, the ASK/ASVK; AMD publishes no CRL for
         # VCEKs/VLEKs.
         _crl.check_revocation(crl, ark, (signer,), now, grace=grace, what=f"ARK-{key.product}")
+    if report.host_requested:
+        # Genuine, but the hypervisor asked for it (SNP_HV_REPORT_REQ): the guest chose nothing
+        # in it (REPORT_DATA is the firmware's zeros), so it attests no guest. Named as such
+        # rather than as a REPORT_DATA or VMPL mismatch, and only once the report is known
+        # genuine: after the signature (a forged one is named forged) and after revocation (one
+        # signed under a revoked ASK/ASVK, whose key its holder can sign anything with, is named
+        # revoked: the forger does not choose the audited reason by setting VMPL 0xFFFFFFFF).
+        raise VerificationFailed(
+            "SNP report was requested by the hypervisor (VMPL 0xFFFFFFFF, SNP_HV_REPORT_REQ), "
+            "not by the guest: it attests no guest",
+            reason=Reason.HOST_REQUESTED_REPORT,
+        )
     return SnpClaims(
         version=report.version,
         product=key.product,
