@@ -819,6 +819,14 @@ def test_snp_minimum_by_product(  # type: ignore[no-untyped-def]
          "sev_snp.min_reported_tcb.snp: is not a known key"),
         ({"Milan": MILAN_TCB}, {"products": ["Milan", "Genoa"]}, Reason.POLICY_MISSING_KEY,
          "states no minimum for Genoa, which products lists"),
+        # An explicit null loaded as an absent minimum: its author may have meant "no minimum"
+        # (min_reported_tcb then refused the product; min_launch_tcb used min_reported_tcb's).
+        ({"Milan": None, "Genoa": GENOA_TCB}, {}, Reason.POLICY_BAD_TYPE,
+         "sev_snp.min_reported_tcb.Milan: must be a mapping, not null"),
+        ({"Milan": MILAN_TCB}, {"min_launch_tcb": {"Milan": None, "Genoa": GENOA_TCB}},
+         Reason.POLICY_BAD_TYPE, "sev_snp.min_launch_tcb.Milan: must be a mapping, not null"),
+        ({"Milan": MILAN_TCB}, {"min_launch_tcb": None}, Reason.POLICY_BAD_TYPE,
+         "sev_snp.min_launch_tcb: must be a mapping, not null"),
     ],
 )  # fmt: skip
 def test_snp_minimum_by_product_is_checked_when_loaded(
