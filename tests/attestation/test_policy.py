@@ -704,6 +704,24 @@ def test_snp_fmc_minimum_is_optional_without_turin() -> None:
                         "min_reported_tcb": no_fmc, "min_launch_tcb": no_fmc})  # fmt: skip
 
 
+@pytest.mark.parametrize("field", ["min_reported_tcb", "min_launch_tcb"])
+def test_snp_a_minimum_without_fmc_with_turin_listed_is_a_load_error(field: str) -> None:
+    """A minimum with no fmc refuses every Turin report (TCB_MINIMUM_INCOMPLETE). Loaded with
+    Turin listed in products, such a policy could never pass a Turin report and said so only
+    at each refused release (as a by-product minimum with no Turin entry did not: it was
+    POLICY_MISSING_KEY at load)."""
+    no_fmc = {"bootloader": 4, "tee": 0, "snp": 24, "microcode": 219}
+    section = {"measurements": [MEAS.hex()], "min_reported_tcb": ZERO_TCB, field: no_fmc}
+    for products in (["Turin"], ["Milan", "Turin"]):
+        with pytest.raises(PolicyInvalid) as err:
+            policy(sev_snp={**section, "products": products})
+        assert err.value.reason == Reason.POLICY_MISSING_KEY, str(err.value)
+        assert f"{field} states no fmc (Turin's FMC SPL), and products lists Turin" in str(
+            err.value
+        )
+    policy(sev_snp={**section, "products": ["Milan"]})
+
+
 @pytest.fixture(scope="module")
 def turin(now: dt.datetime) -> SimulatedAuthority:
     return SimulatedAuthority.generate(product="Turin", now=now)

@@ -247,7 +247,9 @@ class SnpRules(schema.Section):
     @model_validator(mode="after")
     def _a_minimum_for_every_listed_product(self) -> SnpRules:
         """A product listed in ``products`` that a by-product ``min_reported_tcb`` states no
-        minimum for could never pass: a policy error, not a silent refusal."""
+        minimum for, or Turin listed with a single minimum that states no ``fmc``, could never
+        pass: a policy error, not a silent refusal. (Without ``products`` a minimum with no
+        ``fmc`` still loads: policies written before Turin keep serving Milan and Genoa.)"""
         if isinstance(self.min_reported_tcb, ProductTcbMinimums) and self.products is not None:
             missing = sorted(self.products - set(self.min_reported_tcb.stated()))
             if missing:
@@ -256,6 +258,15 @@ class SnpRules(schema.Section):
                     f"min_reported_tcb states no minimum for {', '.join(missing)}, which products "
                     "lists: no report of it could pass",
                 )
+        if self.products is not None and "Turin" in self.products:
+            for key in ("min_reported_tcb", "min_launch_tcb"):
+                minimum = getattr(self, key)
+                if isinstance(minimum, TcbMinimum) and minimum.fmc is None:
+                    raise schema.invalid(
+                        Reason.POLICY_MISSING_KEY,
+                        f"{key} states no fmc (Turin's FMC SPL), and products lists Turin: no "
+                        "Turin report could pass",
+                    )
         return self
 
     @field_validator("forbidden_guest_policy_flags", "forbidden_platform_flags")
