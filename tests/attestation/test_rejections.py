@@ -597,7 +597,9 @@ def test_tcb_mismatch_vs_vcek(authority, sim_trust, now) -> None:
 def test_hwid_mismatch(authority, sim_trust, now) -> None:
     snp = authority.snp()
     ev = Evidence(
-        TeeType.SEV_SNP, snp.report(RD, measurement=MEAS, chip_id=bytes(64)), (snp.certificate_der,)
+        TeeType.SEV_SNP,
+        snp.report(RD, measurement=MEAS, chip_id=bytes(range(64))),
+        (snp.certificate_der,),
     )
     expect(
         VerificationFailed,
