@@ -288,6 +288,28 @@ def test_a_vlek_or_unsigned_report_fetches_no_vcek(  # type: ignore[no-untyped-d
     assert verify(vcek.report(RD, measurement=MEAS)).collateral_complete
 
 
+def test_a_vcek_report_with_a_masked_chip_id_fetches_no_vcek(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, now
+) -> None:
+    """A platform that masks its chip id (MASK_CHIP_ID: CHIP_ID zeros, as the AWS VLEK report in
+    tests/data has it) and signs with its VCEK: without the VCEK in the evidence the broker asked
+    KDS for chip 00..00, which has none, and refused UNAVAILABLE COLLATERAL_MISSING, the broker's
+    own failure (recorded outside the caller's budget, whoever sent it); with it, HWID_MISMATCH.
+    Both are now CHIP_ID_MASKED, with no KDS request."""
+    snp = authority.snp()
+    server.amd_crl("Milan", authority.crl("ark", now=now))
+    service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    masked = snp.report(RD, measurement=MEAS, chip_id=bytes(64))
+    for certs in ((), (snp.certificate_der,)):
+        with pytest.raises(VerificationFailed) as err:
+            verify_evidence(
+                Evidence(TeeType.SEV_SNP, masked, certs), trust=sim_trust, now=now,
+                collateral=service,
+            )  # fmt: skip
+        assert err.value.reason == Reason.CHIP_ID_MASKED, str(err.value)
+    assert not [r for r in server.requests if r.startswith("/vcek/v1/Milan/") and "crl" not in r]
+
+
 def _vcek_files(directory: Path) -> list[str]:
     return sorted(p.stem for p in (directory / "amd" / "vcek").glob("*.der"))
 

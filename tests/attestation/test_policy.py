@@ -704,6 +704,24 @@ def test_snp_fmc_minimum_is_optional_without_turin() -> None:
                         "min_reported_tcb": no_fmc, "min_launch_tcb": no_fmc})  # fmt: skip
 
 
+@pytest.mark.parametrize("field", ["min_reported_tcb", "min_launch_tcb"])
+def test_snp_a_minimum_without_fmc_with_turin_listed_is_a_load_error(field: str) -> None:
+    """A minimum with no fmc refuses every Turin report (TCB_MINIMUM_INCOMPLETE). Loaded with
+    Turin listed in products, such a policy could never pass a Turin report and said so only
+    at each refused release (as a by-product minimum with no Turin entry did not: it was
+    POLICY_MISSING_KEY at load)."""
+    no_fmc = {"bootloader": 4, "tee": 0, "snp": 24, "microcode": 219}
+    section = {"measurements": [MEAS.hex()], "min_reported_tcb": ZERO_TCB, field: no_fmc}
+    for products in (["Turin"], ["Milan", "Turin"]):
+        with pytest.raises(PolicyInvalid) as err:
+            policy(sev_snp={**section, "products": products})
+        assert err.value.reason == Reason.POLICY_MISSING_KEY, str(err.value)
+        assert f"{field} states no fmc (Turin's FMC SPL), and products lists Turin" in str(
+            err.value
+        )
+    policy(sev_snp={**section, "products": ["Milan"]})
+
+
 @pytest.fixture(scope="module")
 def turin(now: dt.datetime) -> SimulatedAuthority:
     return SimulatedAuthority.generate(product="Turin", now=now)
@@ -819,6 +837,14 @@ def test_snp_minimum_by_product(  # type: ignore[no-untyped-def]
          "sev_snp.min_reported_tcb.snp: is not a known key"),
         ({"Milan": MILAN_TCB}, {"products": ["Milan", "Genoa"]}, Reason.POLICY_MISSING_KEY,
          "states no minimum for Genoa, which products lists"),
+        # An explicit null loaded as an absent minimum: its author may have meant "no minimum"
+        # (min_reported_tcb then refused the product; min_launch_tcb used min_reported_tcb's).
+        ({"Milan": None, "Genoa": GENOA_TCB}, {}, Reason.POLICY_BAD_TYPE,
+         "sev_snp.min_reported_tcb.Milan: must be a mapping, not null"),
+        ({"Milan": MILAN_TCB}, {"min_launch_tcb": {"Milan": None, "Genoa": GENOA_TCB}},
+         Reason.POLICY_BAD_TYPE, "sev_snp.min_launch_tcb.Milan: must be a mapping, not null"),
+        ({"Milan": MILAN_TCB}, {"min_launch_tcb": None}, Reason.POLICY_BAD_TYPE,
+         "sev_snp.min_launch_tcb: must be a mapping, not null"),
     ],
 )  # fmt: skip
 def test_snp_minimum_by_product_is_checked_when_loaded(

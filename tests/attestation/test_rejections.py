@@ -597,7 +597,9 @@ def test_tcb_mismatch_vs_vcek(authority, sim_trust, now) -> None:
 def test_hwid_mismatch(authority, sim_trust, now) -> None:
     snp = authority.snp()
     ev = Evidence(
-        TeeType.SEV_SNP, snp.report(RD, measurement=MEAS, chip_id=bytes(64)), (snp.certificate_der,)
+        TeeType.SEV_SNP,
+        snp.report(RD, measurement=MEAS, chip_id=bytes(range(64))),
+        (snp.certificate_der,),
     )
     expect(
         VerificationFailed,
@@ -674,6 +676,29 @@ def test_snp_host_requested_report(authority, sim_trust, now) -> None:
     for vmpl in range(4):  # every guest VMPL still verifies
         ok = snp.evidence(RD, measurement=MEAS, vmpl=vmpl)
         assert verify_evidence(ok, trust=sim_trust, now=now, collateral=source).vmpl == vmpl  # type: ignore[attr-defined]
+
+
+def test_snp_host_requested_report_under_a_revoked_ask_is_revoked(
+    authority, sim_trust, now
+) -> None:
+    """HOST_REQUESTED_REPORT says the report is genuine. It was judged before revocation, so a
+    report signed under a revoked ASK (whose keys' holder can sign anything) that set VMPL
+    0xFFFFFFFF was audited as a hypervisor's genuine request instead of CERT_REVOKED: the
+    forger chose the reason. Revocation is judged first."""
+    snp = authority.snp()
+    revoked = authority.collateral_source(now=now, revoked={"ark": [authority.ask.serial_number]})
+    host = snp.evidence(bytes(64), measurement=MEAS, vmpl=0xFFFFFFFF)
+    expect(
+        VerificationFailed,
+        Reason.CERT_REVOKED,
+        lambda: verify_evidence(host, trust=sim_trust, now=now, collateral=revoked),
+    )
+    # Without the CRL it cannot be known genuine either: the broker's failure, as for any report.
+    expect(
+        CollateralUnavailable,
+        Reason.COLLATERAL_MISSING,
+        lambda: verify_evidence(host, trust=sim_trust, now=now, collateral=None),
+    )
 
 
 def test_wrong_product_cpuid(authority, sim_trust, now) -> None:

@@ -295,6 +295,11 @@ class SnpReport:
         return self.chip_id[:8] if self.turin_layout else self.chip_id
 
     @property
+    def chip_id_masked(self) -> bool:
+        """True when the firmware zeroed CHIP_ID (the platform's MASK_CHIP_ID is set)."""
+        return not any(self.chip_id)
+
+    @property
     def host_requested(self) -> bool:
         """True when the hypervisor, not the guest, asked for the report (VMPL 0xFFFFFFFF)."""
         return self.vmpl == VMPL_HOST_REQUESTED

@@ -52,6 +52,21 @@ class TcbMinimum(schema.Section):
         return out if self.fmc is None else {"fmc": self.fmc, **out}
 
 
+def _not_null(absent: str) -> BeforeValidator:
+    """A minimum that, when present, must be a mapping: an explicit ``null`` reads as "no
+    minimum" to one author and as the key's absent meaning to another, so it is refused, the
+    message ending with ``absent`` (what leaving the key out does, or "instead")."""
+
+    def check(value: Any) -> Any:
+        if value is None:
+            raise schema.invalid(
+                Reason.POLICY_BAD_TYPE, f"must be a mapping, not null: leave the key out {absent}"
+            )
+        return value
+
+    return BeforeValidator(check)
+
+
 class ProductTcbMinimums(schema.Section):
     """A minimum TCB per product. SPL numbers are each product's own (a current Milan reports
     microcode 219, a current Genoa 84), so one minimum for several products can only be the lower
@@ -59,9 +74,11 @@ class ProductTcbMinimums(schema.Section):
     each is judged by its own numbers, and a product without one is refused
     (``TCB_MINIMUM_INCOMPLETE``). Turin's needs ``fmc``; Milan's and Genoa's cannot have one."""
 
-    Milan: TcbMinimum | None = None
-    Genoa: TcbMinimum | None = None
-    Turin: TcbMinimum | None = None
+    # Absent: refused (min_reported_tcb) or judged by min_reported_tcb's (min_launch_tcb). An
+    # explicit null is an error, never read as absent: its author may have meant "no minimum".
+    Milan: Annotated[TcbMinimum | None, _not_null("instead")] = None
+    Genoa: Annotated[TcbMinimum | None, _not_null("instead")] = None
+    Turin: Annotated[TcbMinimum | None, _not_null("instead")] = None
 
     @model_validator(mode="after")
     def _fmc_where_the_product_has_one(self) -> ProductTcbMinimums:
@@ -197,7 +214,9 @@ class SnpRules(schema.Section):
     # Absent: min_reported_tcb applies to the launch TCB too. A VM launched on firmware below the
     # minimum keeps what that firmware could leak even after a live update raises reported_tcb.
     # By product, a product it states no minimum for takes min_reported_tcb's.
-    min_launch_tcb: TcbMinimumSpec | None = None
+    min_launch_tcb: Annotated[
+        TcbMinimumSpec | None, _not_null("to judge the launch TCB by min_reported_tcb")
+    ] = None
     host_data: schema.OptionalHex32 = None
     # Guest policy: what the guest owner made the firmware enforce for the VM's whole life (a bit
     # firmware does not know reads 0, so requiring it refuses older firmware: fail closed).
@@ -228,7 +247,9 @@ class SnpRules(schema.Section):
     @model_validator(mode="after")
     def _a_minimum_for_every_listed_product(self) -> SnpRules:
         """A product listed in ``products`` that a by-product ``min_reported_tcb`` states no
-        minimum for could never pass: a policy error, not a silent refusal."""
+        minimum for, or Turin listed with a single minimum that states no ``fmc``, could never
+        pass: a policy error, not a silent refusal. (Without ``products`` a minimum with no
+        ``fmc`` still loads: policies written before Turin keep serving Milan and Genoa.)"""
         if isinstance(self.min_reported_tcb, ProductTcbMinimums) and self.products is not None:
             missing = sorted(self.products - set(self.min_reported_tcb.stated()))
             if missing:
@@ -237,6 +258,15 @@ class SnpRules(schema.Section):
                     f"min_reported_tcb states no minimum for {', '.join(missing)}, which products "
                     "lists: no report of it could pass",
                 )
+        if self.products is not None and "Turin" in self.products:
+            for key in ("min_reported_tcb", "min_launch_tcb"):
+                minimum = getattr(self, key)
+                if isinstance(minimum, TcbMinimum) and minimum.fmc is None:
+                    raise schema.invalid(
+                        Reason.POLICY_MISSING_KEY,
+                        f"{key} states no fmc (Turin's FMC SPL), and products lists Turin: no "
+                        "Turin report could pass",
+                    )
         return self
 
     @field_validator("forbidden_guest_policy_flags", "forbidden_platform_flags")

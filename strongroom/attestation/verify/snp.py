@@ -1,15 +1,18 @@
 """AMD SEV-SNP report verification.
 
 Checks, in order: the report is signed (SIGNING_KEY not none, ``REPORT_UNSIGNED``); a
-VLEK-signed report carries its VLEK (KDS serves VCEKs only, ``VLEK_CERTIFICATE_MISSING``); the
-VCEK/VLEK chains to a pinned ASK/ASVK and ARK (RSASSA-PSS, SHA-384, salt 48)
-and every certificate is valid at ``now``; supplied ASK/ARK certificates are byte-identical to the
-pinned ones; the report's ECDSA P-384 signature verifies with the VCEK/VLEK; the bindings between
-report and certificate: signing-key type, product, reported TCB (VCEK TCB extensions), and the
-chip id (VCEK ``hwID``); a report the hypervisor requested (VMPL 0xFFFFFFFF, SNP_HV_REPORT_REQ) is
-refused, since it attests no guest (``HOST_REQUESTED_REPORT``); finally the ARK's CRL for the chain (KDS ``/vcek|vlek/v1/<product>/crl``)
-from the verifier's collateral source must be current and must not revoke the ASK/ASVK. CRLs the
-evidence carries are ignored: the party being judged cannot choose its judge.
+VLEK-signed report carries its VLEK (KDS serves VCEKs only, ``VLEK_CERTIFICATE_MISSING``); a
+VCEK-signed report without its VCEK names its chip (KDS serves VCEKs by chip id: a masked
+CHIP_ID is ``CHIP_ID_MASKED``, with no KDS fetch); the VCEK/VLEK chains to a pinned ASK/ASVK and
+ARK (RSASSA-PSS, SHA-384, salt 48) and every certificate is valid at ``now``; supplied ASK/ARK
+certificates are byte-identical to the pinned ones; the report's ECDSA P-384 signature verifies
+with the VCEK/VLEK; the bindings between report and certificate: signing-key type, product,
+reported TCB (VCEK TCB extensions), and the chip id (VCEK ``hwID``; ``CHIP_ID_MASKED`` when the
+report's is masked); the ARK's CRL for the chain (KDS ``/vcek|vlek/v1/<product>/crl``) from the
+verifier's collateral source must be current and must not revoke the ASK/ASVK (CRLs the evidence
+carries are ignored: the party being judged cannot choose its judge); finally a report the
+hypervisor requested (VMPL 0xFFFFFFFF, SNP_HV_REPORT_REQ) is refused, since it attests no guest
+(``HOST_REQUESTED_REPORT``): that is said only of a report known genuine.
 
 Verified chains are cached in the trust store keyed by the certificate bytes and used only inside
 their validity window, so repeated verification costs one ECDSA verify.
@@ -184,9 +187,21 @@ def _check_bindings(report: SnpReport, key: _VerifiedKey) -> None:
             reason=Reason.TCB_MISMATCH,
         )
     if key.info.kind == "VCEK" and key.info.hwid != report.chip_id_for_kds():
+        if report.chip_id_masked:
+            raise _chip_id_masked("its VCEK cannot be bound to the chip (hwID)")
         raise VerificationFailed(
             "report chip id does not match the VCEK's hwID", reason=Reason.HWID_MISMATCH
         )
+
+
+def _chip_id_masked(consequence: str) -> VerificationFailed:
+    """A VCEK-signed report whose CHIP_ID the firmware zeroed (the platform's MASK_CHIP_ID): the
+    chip id is what binds a VCEK to its chip and what AMD KDS serves VCEKs by."""
+    return VerificationFailed(
+        f"the VCEK-signed SNP report masks its chip id (MASK_CHIP_ID: CHIP_ID is zeros), so "
+        f"{consequence}; a platform that masks its chip id must sign with a VLEK",
+        reason=Reason.CHIP_ID_MASKED,
+    )
 
 
 def _check_crl_scope(crl: bytes, scope: str, product: str) -> None:
@@ -262,6 +277,11 @@ def verify_snp(
             "does not publish VLEKs: the attester must send the one from its certificate table)",
             reason=Reason.VLEK_CERTIFICATE_MISSING,
         )
+    elif report.chip_id_masked:
+        # AMD KDS serves a VCEK by chip id: a fetch for zeros cannot succeed, and cost a KDS
+        # round trip (on every release once the failure was forgotten) before the refusal was
+        # named the broker's own (COLLATERAL_MISSING, UNAVAILABLE: outside the caller's budget).
+        raise _chip_id_masked("AMD KDS cannot serve its VCEK")
     else:
         fetched = collateral.snp_key_certificate(report) if collateral is not None else None
         if fetched is None:
@@ -272,18 +292,8 @@ def verify_snp(
             )
         key_der = certificates_from_bytes(fetched)[0]
     key = verify_report_key(report, key_der, trust, now)
-    if report.host_requested:
-        # Genuine, but the hypervisor asked for it (SNP_HV_REPORT_REQ): the guest chose nothing
-        # in it (REPORT_DATA is the firmware's zeros), so it attests no guest. Named as such
-        # rather than as a REPORT_DATA or VMPL mismatch; judged after the signature so that a
-        # forged one is named forged.
-        raise VerificationFailed(
-            "SNP report was requested by the hypervisor (VMPL 0xFFFFFFFF, SNP_HV_REPORT_REQ), "
-            "not by the guest: it attests no guest",
-            reason=Reason.HOST_REQUESTED_REPORT,
-        )
-    # Revocation comes last so that a forged or mismatched report is named as such; only the
-    # verifier's own CRL counts (evidence-carried CRLs are never read).
+    # Revocation comes after the signature and bindings so that a forged or mismatched report is
+    # named as such; only the verifier's own CRL counts (evidence-carried CRLs are never read).
     signer, ark = key.chain[1], key.chain[2]
     scope = key.info.kind.lower()
     crl = collateral.crl(ark, scope) if collateral is not None else None
@@ -294,6 +304,18 @@ def verify_snp(
         # The ARK's CRL speaks for what the ARK issued, the ASK/ASVK; AMD publishes no CRL for
         # VCEKs/VLEKs.
         _crl.check_revocation(crl, ark, (signer,), now, grace=grace, what=f"ARK-{key.product}")
+    if report.host_requested:
+        # Genuine, but the hypervisor asked for it (SNP_HV_REPORT_REQ): the guest chose nothing
+        # in it (REPORT_DATA is the firmware's zeros), so it attests no guest. Named as such
+        # rather than as a REPORT_DATA or VMPL mismatch, and only once the report is known
+        # genuine: after the signature (a forged one is named forged) and after revocation (one
+        # signed under a revoked ASK/ASVK, whose key its holder can sign anything with, is named
+        # revoked: the forger does not choose the audited reason by setting VMPL 0xFFFFFFFF).
+        raise VerificationFailed(
+            "SNP report was requested by the hypervisor (VMPL 0xFFFFFFFF, SNP_HV_REPORT_REQ), "
+            "not by the guest: it attests no guest",
+            reason=Reason.HOST_REQUESTED_REPORT,
+        )
     return SnpClaims(
         version=report.version,
         product=key.product,
