@@ -27,7 +27,9 @@ while the upstream is down — until they are stale past the grace, when the ver
 A VCEK is fetched for a report that has not been verified yet (it is what verifies it), so the
 fetch is all an unsigned report can cause: the answer is kept only once the report verifies with it
 (:meth:`CollateralCache.put_vcek`), and a failed fetch or a 404 is remembered per product, chip id
-and TCB, so the same request is not sent again for ``retry_after_seconds``. Those memories are
+and TCB, so the same request is not sent again for ``retry_after_seconds``. A 404, fresh or
+remembered, refuses the report (``VCEK_NOT_FOUND``, PERMISSION_DENIED: the evidence names a chip
+and TCB AMD does not know), where an outage is ``UNAVAILABLE``. Those memories are
 bounded (:data:`MAX_FAILURES`, the oldest forgotten first). A report can name any chip id, and each
 new one is a fetch on the request's thread: one runs per chip and at most
 :data:`MAX_VCEK_FETCHES` at once; more are refused at once (``COLLATERAL_FETCH_BUSY``,
@@ -56,7 +58,7 @@ from strongroom.attestation.abi.certs import common_name
 from strongroom.attestation.abi.snp import SnpReport
 from strongroom.attestation.collateral import INTEL_CA_BY_CN, SignedDocument
 from strongroom.attestation.collateral_cache import CacheEntry, CollateralCache, vcek_key
-from strongroom.attestation.errors import CollateralUnavailable
+from strongroom.attestation.errors import CollateralUnavailable, VerificationFailed
 from strongroom.errors import StrongroomError
 from strongroom.reasons import Reason
 
@@ -277,6 +279,18 @@ class KdsClient:
         return resp.body if resp else None
 
 
+def _no_such_vcek(product: str) -> VerificationFailed:
+    """KDS answered 404 for the chip id and TCB a report names: the report's fault, not an
+    outage. As ``COLLATERAL_MISSING`` (UNAVAILABLE, the broker's own failure) it was recorded one
+    by one outside the caller's refusal budget, so reports naming a made-up chip filled the
+    audit log (each fetched once, then refused from memory)."""
+    return VerificationFailed(
+        f"AMD KDS has no {product} VCEK for the chip id and TCB the SNP report names (a report "
+        "not made by that AMD processor, or a KDS URL that serves no VCEKs)",
+        reason=Reason.VCEK_NOT_FOUND,
+    )
+
+
 class CollateralService:
     """The broker's collateral source: the cache, filled and refreshed from KDS and PCS/PCCS."""
 
@@ -297,6 +311,8 @@ class CollateralService:
         self._clock = clock
         self._lock = threading.Lock()
         self._failed: dict[str, float] = {}  # what -> monotonic time of the last failure
+        # The keys of _failed whose failure was KDS's 404 (it has no such VCEK), not an outage.
+        self._absent: set[str] = set()
         self._running: set[str] = set()
         self._vcek_fetching: set[str] = set()  # product:chip id of each VCEK fetch in flight
 
@@ -346,6 +362,8 @@ class CollateralService:
         tcb = report.reported_tcb.components()
         key = f"vcek:{product}:{vcek_key(report.chip_id_for_kds(), tcb)}"
         if not self._may_try(key):
+            if key in self._absent:
+                raise _no_such_vcek(product)
             return None
         chip = f"{product}:{report.chip_id_for_kds().hex()}"
         self._claim_vcek_fetch(chip)
@@ -358,8 +376,8 @@ class CollateralService:
             with self._lock:
                 self._vcek_fetching.discard(chip)
         if der is None:  # KDS has no such VCEK: do not ask again for every report naming it
-            self._note_failure(key)
-            return None
+            self._note_failure(key, absent=True)
+            raise _no_such_vcek(product)
         try:
             self.cache.put_vcek(der, report)
         except StrongroomError as exc:
@@ -479,12 +497,17 @@ class CollateralService:
             f"{problem}; retry shortly", reason=Reason.COLLATERAL_FETCH_BUSY
         )
 
-    def _note_failure(self, key: str) -> None:
+    def _note_failure(self, key: str, *, absent: bool = False) -> None:
         with self._lock:
             self._failed.pop(key, None)  # re-inserted as the newest
             self._failed[key] = time.monotonic()
+            if absent:
+                self._absent.add(key)
+            else:
+                self._absent.discard(key)
             while len(self._failed) > MAX_FAILURES:
-                del self._failed[next(iter(self._failed))]
+                self._absent.discard(oldest := next(iter(self._failed)))
+                del self._failed[oldest]
 
     def _refresh(self, key: str, missing: bool, due: bool, fetch: Callable[[], object]) -> None:
         """Fetches now when missing; in the background when merely due; never hammers a failing

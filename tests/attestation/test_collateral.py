@@ -43,6 +43,7 @@ from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
+from strongroom.keybroker.refusals import callers_fault
 from strongroom.reasons import Reason
 from tests.attestation.collateral_server import FakeCollateralServer, serve
 
@@ -393,17 +394,21 @@ def test_a_kds_404_is_remembered_per_chip_and_tcb(  # type: ignore[no-untyped-de
     authority, sim_trust, server, tmp_path, now, monkeypatch
 ) -> None:
     """A 404 (KDS has no such VCEK) was asked again for every report naming the chip; now it is
-    backed off like an error, keyed by product, chip id and TCB, in a bounded memory."""
+    backed off like an error, keyed by product, chip id and TCB, in a bounded memory. Fresh or
+    remembered, it refuses the report as the evidence's fault (VCEK_NOT_FOUND): as
+    COLLATERAL_MISSING, the broker's own failure, each refusal was recorded outside the caller's
+    budget, so reports naming a made-up chip filled the audit log."""
     service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
     snp = authority.snp()
 
     def fetches_for(report: bytes) -> int:
         before = len(server.requests)
-        with pytest.raises(CollateralUnavailable) as err:
+        with pytest.raises(VerificationFailed) as err:
             verify_evidence(
                 Evidence(TeeType.SEV_SNP, report), trust=sim_trust, now=now, collateral=service
             )
-        assert err.value.reason == Reason.COLLATERAL_MISSING
+        assert (err.value.reason, err.value.status_name) == ("VCEK_NOT_FOUND", "PERMISSION_DENIED")
+        assert callers_fault(err.value)
         return len(server.requests) - before
 
     report = snp.report(RD, measurement=MEAS)

@@ -21,7 +21,7 @@ from strongroom.attestation import collateral_fetch
 from strongroom.attestation.abi.snp import TcbVersion, parse_snp_report
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
-from strongroom.attestation.errors import CollateralUnavailable
+from strongroom.errors import StrongroomError
 from strongroom.reasons import Reason
 from tests.attestation.collateral_server import FakeCollateralServer, serve
 
@@ -43,8 +43,8 @@ def _service(server: FakeCollateralServer, tmp_path, sim_trust) -> CollateralSer
 
 
 def _together(service: CollateralService, reports: list[bytes]) -> list[str]:
-    """Asks for the VCEK of each report at once, one thread each: what each got ("none" for a
-    KDS 404, else the refusal's reason)."""
+    """Asks for the VCEK of each report at once, one thread each: what each got (the refusal's
+    reason; a KDS 404 is VCEK_NOT_FOUND)."""
     barrier = threading.Barrier(len(reports))
     outcomes = [""] * len(reports)
 
@@ -53,7 +53,7 @@ def _together(service: CollateralService, reports: list[bytes]) -> list[str]:
         barrier.wait()
         try:
             outcomes[i] = "none" if service.snp_key_certificate(report) is None else "vcek"
-        except CollateralUnavailable as exc:
+        except StrongroomError as exc:
             outcomes[i] = exc.reason
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(reports))]
@@ -73,12 +73,14 @@ def test_made_up_chip_ids_get_a_few_kds_fetches_at_once_and_are_refused_beyond( 
     snp = authority.snp()
     reports = [snp.report(RD, measurement=MEAS, chip_id=bytes([i + 1]) * 64) for i in range(6)]
     outcomes = _together(service, reports)
-    assert outcomes == [Reason.COLLATERAL_FETCH_BUSY] * 4 + ["none"] * 2
+    assert outcomes == [Reason.COLLATERAL_FETCH_BUSY] * 4 + [Reason.VCEK_NOT_FOUND] * 2
     assert len(server.requests) == 2
     # The slots are free again once the fetches are done.
     server.delay = 0
     another = snp.report(RD, measurement=MEAS, chip_id=b"\x63" * 64)
-    assert service.snp_key_certificate(parse_snp_report(another)) is None
+    with pytest.raises(StrongroomError) as refused:
+        service.snp_key_certificate(parse_snp_report(another))
+    assert refused.value.reason == Reason.VCEK_NOT_FOUND
     assert len(server.requests) == 3
 
 
@@ -100,5 +102,5 @@ def test_one_fetch_per_chip_at_once_whatever_the_tcb(  # type: ignore[no-untyped
         )
         for i in range(3)
     ]
-    assert _together(service, reports) == ["COLLATERAL_FETCH_BUSY"] * 2 + ["none"]
+    assert _together(service, reports) == ["COLLATERAL_FETCH_BUSY"] * 2 + ["VCEK_NOT_FOUND"]
     assert len(server.requests) == 1
