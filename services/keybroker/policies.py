@@ -55,9 +55,13 @@ def _unreadable(key_id: str, problem: str) -> PolicyUnreadable:
 
 def _read_text(path: str, key_id: str) -> str:
     """The policy file's text; :class:`PolicyUnreadable` when it cannot be read as UTF-8 (a
-    hand edit saved in Latin-1 or UTF-16 was a bare UnicodeDecodeError, INTERNAL)."""
+    hand edit saved in Latin-1 or UTF-16 was a bare UnicodeDecodeError, INTERNAL).
+
+    Read as stored (``newline=""``): universal newlines turned a CRLF document into its LF form,
+    so the document judged, shown and hashed (``policy_sha256``) was not the file's bytes nor the
+    document SetReleasePolicy recorded, and a retry of that document was POLICY_VERSION_REUSED."""
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8", newline="") as file:
             return file.read()
     except OSError as exc:
         raise _unreadable(key_id, exc.strerror or type(exc).__name__) from None

@@ -155,6 +155,32 @@ def test_another_document_under_the_live_policy_version_is_refused(service) -> N
     assert changes[0]["policy_sha256"] == hashlib.sha256(POLICY.encode()).hexdigest()
 
 
+def test_a_policy_with_crlf_line_ends_is_named_by_the_bytes_it_was_stored_as(km, tmp_path) -> None:
+    """A policy file was read with universal newlines: a document written with CRLF line ends
+    (a policy edited on Windows, sent as it is) was judged, shown and hashed as its LF form, so
+    the set_release_policy record's policy_sha256 named other bytes than the policy_in_force and
+    release records (and the file itself), GetReleasePolicy returned another document, and the
+    same document sent again (a retry) was refused POLICY_VERSION_REUSED."""
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    policies = PolicyStore(tmp_path / "policies", audit=audit)
+    keys = KeyService(km, policies, audit)
+    try:
+        keys.create_key(ADMIN, "k1")
+        crlf = POLICY.replace("\n", "\r\n")
+        keys.set_policy(ADMIN, "k1", crlf)
+        assert keys.get_policy("k1").document == crlf
+        keys.set_policy(ADMIN, "k1", crlf)  # the same document again: a retry
+        on_disk = hashlib.sha256((tmp_path / "policies" / "k1.yaml").read_bytes()).hexdigest()
+        named = {
+            (r["action"], r["policy_sha256"])
+            for r in _records(tmp_path / "audit.log")
+            if r["policy_sha256"] is not None
+        }
+        assert named == {("set_release_policy", on_disk), ("policy_in_force", on_disk)}
+    finally:
+        audit.close()
+
+
 def test_a_policy_change_whose_record_fails_does_not_take_effect(service, monkeypatch) -> None:
     """A policy is live for every replica once its file is written: stored first and recorded
     after, a failed record left a (possibly looser) policy live with no record of it."""
