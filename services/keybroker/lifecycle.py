@@ -56,11 +56,14 @@ class _RefusalBudget:
         """Counts one recorded refusal of ``caller``."""
         self._records.spend(caller.spiffe_id)
 
-    def with_unrecorded(self, caller: Caller, claims: Mapping[str, object]) -> dict[str, object]:
-        """``claims`` for a refusal of ``caller`` recorded on its own, with the count of those
-        that went unrecorded since its last counting record, if any (they go on this one)."""
-        pending = self._records.take_unrecorded(caller.spiffe_id)
-        return dict(claims) if pending is None else {**claims, "refusals_unrecorded": pending}
+    def take_unrecorded(self, caller: Caller) -> int | None:
+        """For a refusal of ``caller`` recorded on its own: the count of those that went
+        unrecorded since its last counting record, if any (they go on this one)."""
+        return self._records.take_unrecorded(caller.spiffe_id)
+
+    def count_unrecorded(self, caller: Caller, count: int) -> None:
+        """Counts again ``count`` refusals whose record the audit log refused."""
+        self._records.count_unrecorded(caller.spiffe_id, count=count)
 
     def record_counts(self, audit: AuditLog, action: str, *, every: bool) -> None:
         """Records the due counts of callers that stopped while over this budget."""
@@ -318,14 +321,17 @@ class KeyService:
                 return
             except StrongroomError as exc:
                 refusal = exc
-        if callers_fault(refusal):
+        budgeted = callers_fault(refusal)
+        if budgeted:
             self._data_key_refusals.spend(caller)
-        self._refused_on_record(
+        self._record_refusal(
+            self._data_key_refusals,
             caller,
             "generate_data_key",
-            key_id,
-            refusal,
-            self._data_key_refusals.with_unrecorded(caller, claims),
+            key_id=key_id,
+            refusal=refusal,
+            claims=claims,
+            budgeted=budgeted,
         )
         raise refusal
 
@@ -350,15 +356,17 @@ class KeyService:
         try:
             rewrapped = self._keys.rewrap(key_id, version, wrapped)
         except StrongroomError as exc:
-            if callers_fault(exc):
+            budgeted = callers_fault(exc)
+            if budgeted:
                 self._rewrap_refusals.spend(caller)
-            self._record(
+            self._record_refusal(
+                self._rewrap_refusals,
                 caller,
                 "rewrap",
-                recorded,
-                reason=exc.reason,
-                decision=Decision.DENIED,
-                claims=self._rewrap_refusals.with_unrecorded(caller, {"from_key_version": version}),
+                key_id=recorded,
+                refusal=exc,
+                claims={"from_key_version": version},
+                budgeted=budgeted,
             )
             # Only a key known to exist is a label: any number of made-up ids would push the real
             # keys' series into the SDK's overflow bucket. Not "any reason but KEY_NOT_FOUND": a
@@ -393,10 +401,43 @@ class KeyService:
             return None
         refusal, unrecorded = limited
         if unrecorded is not None:
-            self._refused_on_record(
-                caller, action, key_id, refusal, {**claims, "refusals_unrecorded": unrecorded}
-            )
+            try:
+                self._refused_on_record(
+                    caller, action, key_id, refusal, {**claims, "refusals_unrecorded": unrecorded}
+                )
+            except StrongroomError:
+                # The log refused it: this refusal and its count are counted again.
+                budget.count_unrecorded(caller, unrecorded + 1)
+                raise
         return refusal
+
+    def _record_refusal(
+        self,
+        budget: _RefusalBudget,
+        caller: Caller,
+        action: str,
+        *,
+        key_id: str | None,
+        refusal: StrongroomError,
+        claims: Mapping[str, object],
+        budgeted: bool,
+    ) -> None:
+        """Records ``refusal`` on its own, with the count of ``caller``'s refusals left
+        unrecorded since its last counting record; should the log refuse the record, that count
+        (and this refusal, when ``budgeted``) is counted again, not lost, and the log's error
+        raised."""
+        pending = budget.take_unrecorded(caller)
+        try:
+            self._refused_on_record(
+                caller,
+                action,
+                key_id,
+                refusal,
+                claims if pending is None else {**claims, "refusals_unrecorded": pending},
+            )
+        except StrongroomError:
+            budget.count_unrecorded(caller, (pending or 0) + (1 if budgeted else 0))
+            raise
 
     def _refused_on_record(
         self,

@@ -549,6 +549,47 @@ def test_refused_rewraps_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> N
     assert len(rewraps) == refusals.REFUSAL_BURST + 1 + 60 + 1 + 1
 
 
+def test_refused_rewraps_whose_record_the_log_refuses_are_counted_not_lost(
+    km, tmp_path, monkeypatch
+) -> None:
+    """A refused ReWrap's count was taken before its record was written: when the audit log
+    refused it (full: what a flood of refusals brings about), the count and the refusal were
+    gone. They are counted again and reach the log once it takes records."""
+    now = [1000.0]
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit, clock=lambda: now[0])
+    keys.create_key(ADMIN, "k1")
+
+    def refused() -> str:
+        with pytest.raises(StrongroomError) as info:
+            keys.rewrap(PUBLISHER, "k1", 1, b"\x01")
+        return info.value.reason
+
+    def full(event, **kwargs):
+        raise AuditUnavailable("the audit log is full", reason="AUDIT_LOG_FULL")
+
+    real_append = audit.append
+    try:
+        for _ in range(refusals.REFUSAL_BURST + 1 + 9):  # the burst, a counting record, 9 counted
+            refused()
+        monkeypatch.setattr(audit, "append", full)
+        now[0] += 1.0  # one token: recorded on its own with the 9, and the log refuses it
+        assert refused() == "AUDIT_LOG_FULL"
+        now[0] += refusals.LIMITED_RECORD_SECONDS  # refilled, then over again: a counting record
+        for _ in range(60):
+            assert refused() == "AUDIT_LOG_FULL"
+        assert refused() == "AUDIT_LOG_FULL"
+        monkeypatch.setattr(audit, "append", real_append)
+        keys.record_counted_refusals(every=True)
+    finally:
+        audit.close()
+    last = _records(tmp_path / "audit.log")[-1]
+    assert (last["reason"], last["claims"]["refusals_unrecorded"]) == (
+        "REFUSALS_COUNTED",
+        9 + 1 + 60 + 1,
+    )
+
+
 def test_refused_data_keys_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> None:
     """A publisher a key's policy does not name got an fsync'd refusal record per call, with no
     HSM work: the same unbounded growth of the log as refused re-wraps."""
