@@ -248,7 +248,7 @@ class KeyService:
 
     def _refuse_reused_version(self, key_id: str, new: StoredPolicy) -> None:
         try:
-            live = self._policies.get(key_id)
+            live = self._policies.get(key_id, judge=False)
         except StrongroomError:
             return  # none, or one that does not read or load: nothing a release could name
         if live.policy.version == new.policy.version and live.document != new.document:
@@ -264,7 +264,7 @@ class KeyService:
         has none, NotFound(KEY_NOT_FOUND) when there is no such key (it answered "no policy" for
         a key that does not exist, which an admin reads as a key waiting for one)."""
         try:
-            return self._policies.get(key_id)
+            return self._policies.get(key_id, judge=False)  # shown, not judged by
         except StrongroomError as exc:
             if exc.reason == Reason.NO_RELEASE_POLICY:
                 self._keys.describe_key(key_id)

@@ -170,6 +170,7 @@ def test_a_policy_with_crlf_line_ends_is_named_by_the_bytes_it_was_stored_as(km,
         keys.set_policy(ADMIN, "k1", crlf)
         assert keys.get_policy("k1").document == crlf
         keys.set_policy(ADMIN, "k1", crlf)  # the same document again: a retry
+        policies.get("k1")  # a decision's read: recorded in force
         on_disk = hashlib.sha256((tmp_path / "policies" / "k1.yaml").read_bytes()).hexdigest()
         named = {
             (r["action"], r["policy_sha256"])
@@ -179,6 +180,44 @@ def test_a_policy_with_crlf_line_ends_is_named_by_the_bytes_it_was_stored_as(km,
         assert named == {("set_release_policy", on_disk), ("policy_in_force", on_disk)}
     finally:
         audit.close()
+
+
+def test_a_keys_policy_is_described_during_an_audit_outage_and_recorded_before_judging(
+    km, tmp_path, monkeypatch
+) -> None:
+    """Describing a key (ListKeys, CreateKey/RotateKey/DisableKey answers) and GetReleasePolicy
+    read the policy through the path that records a new document in force: during an audit
+    outage a key whose policy had changed on disk was described as having none (version "",
+    logged as a policy that "does not load") and GetReleasePolicy was UNAVAILABLE. Nothing is
+    decided by describing: the document is read without being recorded, and is
+    recorded in force before the first decision under it, as before."""
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    policies = PolicyStore(tmp_path / "policies", audit=audit)
+    keys = KeyService(km, policies, audit)
+
+    def full(event, **kwargs):
+        raise AuditUnavailable("the audit log is full", reason="AUDIT_LOG_FULL")
+
+    try:
+        keys.create_key(ADMIN, "k1")
+        keys.set_policy(ADMIN, "k1", POLICY)
+        policies.get("k1")  # judged by: recorded in force
+        edited = POLICY.replace('"p1"', '"p2"')
+        (tmp_path / "policies" / "k1.yaml").write_text(edited)  # a hand edit
+        real_append = audit.append
+        monkeypatch.setattr(audit, "append", full)
+        assert keys.policy_version("k1") == "p2"
+        assert keys.get_policy("k1").document == edited
+        monkeypatch.setattr(audit, "append", real_append)
+        assert policies.get("k1").policy.version == "p2"  # a decision's read
+    finally:
+        audit.close()
+    in_force = [
+        r["policy_version"]
+        for r in _records(tmp_path / "audit.log")
+        if r["action"] == "policy_in_force"
+    ]
+    assert in_force == ["p1", "p2"]
 
 
 def test_a_policy_change_whose_record_fails_does_not_take_effect(service, monkeypatch) -> None:
