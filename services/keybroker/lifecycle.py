@@ -43,6 +43,13 @@ from strongroom.runtime.metrics import DATA_KEYS_REWRAPPED
 _log = logging.getLogger(__name__)
 
 
+def _naming(policy: StoredPolicy | None) -> dict[str, object]:
+    """The fields naming the policy document that judged a decision (none when none did)."""
+    if policy is None:
+        return {}
+    return {"policy_version": policy.policy.version, "policy_sha256": policy.sha256}
+
+
 class _RefusalBudget:
     """The refusals of one RPC a caller may have recorded (:class:`RefusalRecords`), and the
     refusal past them."""
@@ -280,7 +287,7 @@ class KeyService:
         it, each for its model names; a refusal is audited (PermissionDenied). A key without a
         policy (nothing can be released under it yet) or a policy without ``publishers``
         admits every publisher; a policy that cannot be read admits none."""
-        self._check_publisher(caller, key_id, model_name, model_version)
+        judged_by = self._check_publisher(caller, key_id, model_name, model_version)
         data_key = self._keys.generate_data_key(key_id, model_name, model_version)
         try:
             self._record(
@@ -290,6 +297,8 @@ class KeyService:
                 reason=Reason.DATA_KEY_GENERATED,
                 key_version=data_key.version,
                 claims={"model_name": model_name, "model_version": model_version},
+                policy_version=None if judged_by is None else judged_by.policy.version,
+                policy_sha256=None if judged_by is None else judged_by.sha256,
             )
         except BaseException:
             data_key.wipe()
@@ -298,7 +307,9 @@ class KeyService:
 
     def _check_publisher(
         self, caller: Caller, key_id: str, model_name: str, model_version: str
-    ) -> None:
+    ) -> StoredPolicy | None:
+        """The policy that admitted ``caller`` (None: the key has none), or the refusal, recorded
+        naming the policy that refused it."""
         # What the caller got wrong is answered as before, unaudited: the policy is asked only
         # about a well-formed request.
         validate_key_id(key_id)
@@ -309,16 +320,17 @@ class KeyService:
         )
         if over is not None:
             raise over
+        judged_by: StoredPolicy | None = None
         try:
-            stored = self._policies.get(key_id)
+            judged_by = self._policies.get(key_id)
         except StrongroomError as exc:
             if exc.reason == Reason.NO_RELEASE_POLICY:
-                return
+                return None
             refusal: StrongroomError = exc
         else:
             try:
-                stored.policy.check_publisher(caller.spiffe_id, model_name)
-                return
+                judged_by.policy.check_publisher(caller.spiffe_id, model_name)
+                return judged_by
             except StrongroomError as exc:
                 refusal = exc
         budgeted = callers_fault(refusal)
@@ -332,6 +344,7 @@ class KeyService:
             refusal=refusal,
             claims=claims,
             budgeted=budgeted,
+            **_naming(judged_by),
         )
         raise refusal
 
@@ -421,11 +434,12 @@ class KeyService:
         refusal: StrongroomError,
         claims: Mapping[str, object],
         budgeted: bool,
+        **extra: object,
     ) -> None:
-        """Records ``refusal`` on its own, with the count of ``caller``'s refusals left
-        unrecorded since its last counting record; should the log refuse the record, that count
-        (and this refusal, when ``budgeted``) is counted again, not lost, and the log's error
-        raised."""
+        """Records ``refusal`` on its own (with ``extra`` fields), with the count of
+        ``caller``'s refusals left unrecorded since its last counting record; should the log
+        refuse the record, that count (and this refusal, when ``budgeted``) is counted again, not
+        lost, and the log's error raised."""
         pending = budget.take_unrecorded(caller)
         try:
             self._refused_on_record(
@@ -434,6 +448,7 @@ class KeyService:
                 key_id,
                 refusal,
                 claims if pending is None else {**claims, "refusals_unrecorded": pending},
+                **extra,
             )
         except StrongroomError:
             budget.count_unrecorded(caller, (pending or 0) + (1 if budgeted else 0))
@@ -446,7 +461,14 @@ class KeyService:
         key_id: str | None,
         refusal: StrongroomError,
         claims: Mapping[str, object],
+        **extra: object,
     ) -> None:
         self._record(
-            caller, action, key_id, reason=refusal.reason, decision=Decision.DENIED, claims=claims
+            caller,
+            action,
+            key_id,
+            reason=refusal.reason,
+            decision=Decision.DENIED,
+            claims=claims,
+            **extra,
         )

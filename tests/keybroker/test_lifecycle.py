@@ -529,6 +529,27 @@ def test_a_policy_naming_publishers_admits_each_to_its_model_names(service) -> N
     assert [r["decision"] for r in allowed] == ["allowed", "denied", "denied"]
 
 
+def test_a_data_key_decision_names_the_policy_document_that_judged_it(service) -> None:
+    """A policy's publishers list decides who gets a data key for which name, but the
+    generate_data_key records (granted or refused) named no policy at all: a publishers list
+    loosened by hand under the version it had could not be told from the one before by any of
+    them. Each now names the document by version and SHA-256, as release records do."""
+    keys, log = service
+    _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
+    keys.generate_data_key(PUBLISHER, "k1", "tenant-a/model", "1").wipe()
+    with pytest.raises(PermissionDenied):
+        keys.generate_data_key(PUBLISHER, "k1", "tenant-b/model", "1")
+    on_disk = hashlib.sha256((log.parent / "policies" / "k1.yaml").read_bytes()).hexdigest()
+    decisions = [r for r in _records(log) if r["action"] == "generate_data_key"]
+    assert [(r["decision"], r["policy_version"], r["policy_sha256"]) for r in decisions] == [
+        ("allowed", "p1", on_disk),
+        ("denied", "p1", on_disk),
+    ]
+    keys.create_key(ADMIN, "k2")  # no policy: nothing judged the data key, none is named
+    keys.generate_data_key(PUBLISHER, "k2", "tenant-b/model", "1").wipe()
+    assert (_records(log)[-1]["policy_version"], _records(log)[-1]["policy_sha256"]) == (None, None)
+
+
 def test_a_policy_that_does_not_read_admits_no_publisher(service) -> None:
     keys, log = service
     _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
