@@ -131,7 +131,8 @@ class InferenceConfig:
     # Required: without it the service refuses to start (RELEASE_SIGNING_KEY_MISSING).
     release_signing_public_keys: tuple[Path, ...] = ()
     # Development only (refused in production): accept an answer that carries no signature at all
-    # (a broker older than release signing). A signed answer is still verified when keys are set.
+    # (a broker older than release signing), and, when no key is set, a signed one unverified.
+    # A signed answer is still verified when keys are set.
     allow_unsigned_releases: bool = False
 
     def __post_init__(self) -> None:

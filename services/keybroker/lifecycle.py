@@ -43,6 +43,13 @@ from strongroom.runtime.metrics import DATA_KEYS_REWRAPPED
 _log = logging.getLogger(__name__)
 
 
+def _naming(policy: StoredPolicy | None) -> dict[str, object]:
+    """The fields naming the policy document that judged a decision (none when none did)."""
+    if policy is None:
+        return {}
+    return {"policy_version": policy.policy.version, "policy_sha256": policy.sha256}
+
+
 class _RefusalBudget:
     """The refusals of one RPC a caller may have recorded (:class:`RefusalRecords`), and the
     refusal past them."""
@@ -56,11 +63,14 @@ class _RefusalBudget:
         """Counts one recorded refusal of ``caller``."""
         self._records.spend(caller.spiffe_id)
 
-    def with_unrecorded(self, caller: Caller, claims: Mapping[str, object]) -> dict[str, object]:
-        """``claims`` for a refusal of ``caller`` recorded on its own, with the count of those
-        that went unrecorded since its last counting record, if any (they go on this one)."""
-        pending = self._records.take_unrecorded(caller.spiffe_id)
-        return dict(claims) if pending is None else {**claims, "refusals_unrecorded": pending}
+    def take_unrecorded(self, caller: Caller) -> int | None:
+        """For a refusal of ``caller`` recorded on its own: the count of those that went
+        unrecorded since its last counting record, if any (they go on this one)."""
+        return self._records.take_unrecorded(caller.spiffe_id)
+
+    def count_unrecorded(self, caller: Caller, count: int) -> None:
+        """Counts again ``count`` refusals whose record the audit log refused."""
+        self._records.count_unrecorded(caller.spiffe_id, count=count)
 
     def record_counts(self, audit: AuditLog, action: str, *, every: bool) -> None:
         """Records the due counts of callers that stopped while over this budget."""
@@ -245,7 +255,7 @@ class KeyService:
 
     def _refuse_reused_version(self, key_id: str, new: StoredPolicy) -> None:
         try:
-            live = self._policies.get(key_id)
+            live = self._policies.get(key_id, judge=False)
         except StrongroomError:
             return  # none, or one that does not read or load: nothing a release could name
         if live.policy.version == new.policy.version and live.document != new.document:
@@ -261,7 +271,7 @@ class KeyService:
         has none, NotFound(KEY_NOT_FOUND) when there is no such key (it answered "no policy" for
         a key that does not exist, which an admin reads as a key waiting for one)."""
         try:
-            return self._policies.get(key_id)
+            return self._policies.get(key_id, judge=False)  # shown, not judged by
         except StrongroomError as exc:
             if exc.reason == Reason.NO_RELEASE_POLICY:
                 self._keys.describe_key(key_id)
@@ -277,7 +287,7 @@ class KeyService:
         it, each for its model names; a refusal is audited (PermissionDenied). A key without a
         policy (nothing can be released under it yet) or a policy without ``publishers``
         admits every publisher; a policy that cannot be read admits none."""
-        self._check_publisher(caller, key_id, model_name, model_version)
+        judged_by = self._check_publisher(caller, key_id, model_name, model_version)
         data_key = self._keys.generate_data_key(key_id, model_name, model_version)
         try:
             self._record(
@@ -287,6 +297,8 @@ class KeyService:
                 reason=Reason.DATA_KEY_GENERATED,
                 key_version=data_key.version,
                 claims={"model_name": model_name, "model_version": model_version},
+                policy_version=None if judged_by is None else judged_by.policy.version,
+                policy_sha256=None if judged_by is None else judged_by.sha256,
             )
         except BaseException:
             data_key.wipe()
@@ -295,7 +307,9 @@ class KeyService:
 
     def _check_publisher(
         self, caller: Caller, key_id: str, model_name: str, model_version: str
-    ) -> None:
+    ) -> StoredPolicy | None:
+        """The policy that admitted ``caller`` (None: the key has none), or the refusal, recorded
+        naming the policy that refused it."""
         # What the caller got wrong is answered as before, unaudited: the policy is asked only
         # about a well-formed request.
         validate_key_id(key_id)
@@ -306,26 +320,31 @@ class KeyService:
         )
         if over is not None:
             raise over
+        judged_by: StoredPolicy | None = None
         try:
-            stored = self._policies.get(key_id)
+            judged_by = self._policies.get(key_id)
         except StrongroomError as exc:
             if exc.reason == Reason.NO_RELEASE_POLICY:
-                return
+                return None
             refusal: StrongroomError = exc
         else:
             try:
-                stored.policy.check_publisher(caller.spiffe_id, model_name)
-                return
+                judged_by.policy.check_publisher(caller.spiffe_id, model_name)
+                return judged_by
             except StrongroomError as exc:
                 refusal = exc
-        if callers_fault(refusal):
+        budgeted = callers_fault(refusal)
+        if budgeted:
             self._data_key_refusals.spend(caller)
-        self._refused_on_record(
+        self._record_refusal(
+            self._data_key_refusals,
             caller,
             "generate_data_key",
-            key_id,
-            refusal,
-            self._data_key_refusals.with_unrecorded(caller, claims),
+            key_id=key_id,
+            refusal=refusal,
+            claims=claims,
+            budgeted=budgeted,
+            **_naming(judged_by),
         )
         raise refusal
 
@@ -350,15 +369,17 @@ class KeyService:
         try:
             rewrapped = self._keys.rewrap(key_id, version, wrapped)
         except StrongroomError as exc:
-            if callers_fault(exc):
+            budgeted = callers_fault(exc)
+            if budgeted:
                 self._rewrap_refusals.spend(caller)
-            self._record(
+            self._record_refusal(
+                self._rewrap_refusals,
                 caller,
                 "rewrap",
-                recorded,
-                reason=exc.reason,
-                decision=Decision.DENIED,
-                claims=self._rewrap_refusals.with_unrecorded(caller, {"from_key_version": version}),
+                key_id=recorded,
+                refusal=exc,
+                claims={"from_key_version": version},
+                budgeted=budgeted,
             )
             # Only a key known to exist is a label: any number of made-up ids would push the real
             # keys' series into the SDK's overflow bucket. Not "any reason but KEY_NOT_FOUND": a
@@ -393,10 +414,45 @@ class KeyService:
             return None
         refusal, unrecorded = limited
         if unrecorded is not None:
-            self._refused_on_record(
-                caller, action, key_id, refusal, {**claims, "refusals_unrecorded": unrecorded}
-            )
+            try:
+                self._refused_on_record(
+                    caller, action, key_id, refusal, {**claims, "refusals_unrecorded": unrecorded}
+                )
+            except StrongroomError:
+                # The log refused it: this refusal and its count are counted again.
+                budget.count_unrecorded(caller, unrecorded + 1)
+                raise
         return refusal
+
+    def _record_refusal(
+        self,
+        budget: _RefusalBudget,
+        caller: Caller,
+        action: str,
+        *,
+        key_id: str | None,
+        refusal: StrongroomError,
+        claims: Mapping[str, object],
+        budgeted: bool,
+        **extra: object,
+    ) -> None:
+        """Records ``refusal`` on its own (with ``extra`` fields), with the count of
+        ``caller``'s refusals left unrecorded since its last counting record; should the log
+        refuse the record, that count (and this refusal, when ``budgeted``) is counted again, not
+        lost, and the log's error raised."""
+        pending = budget.take_unrecorded(caller)
+        try:
+            self._refused_on_record(
+                caller,
+                action,
+                key_id,
+                refusal,
+                claims if pending is None else {**claims, "refusals_unrecorded": pending},
+                **extra,
+            )
+        except StrongroomError:
+            budget.count_unrecorded(caller, (pending or 0) + (1 if budgeted else 0))
+            raise
 
     def _refused_on_record(
         self,
@@ -405,7 +461,14 @@ class KeyService:
         key_id: str | None,
         refusal: StrongroomError,
         claims: Mapping[str, object],
+        **extra: object,
     ) -> None:
         self._record(
-            caller, action, key_id, reason=refusal.reason, decision=Decision.DENIED, claims=claims
+            caller,
+            action,
+            key_id,
+            reason=refusal.reason,
+            decision=Decision.DENIED,
+            claims=claims,
+            **extra,
         )

@@ -55,9 +55,13 @@ def _unreadable(key_id: str, problem: str) -> PolicyUnreadable:
 
 def _read_text(path: str, key_id: str) -> str:
     """The policy file's text; :class:`PolicyUnreadable` when it cannot be read as UTF-8 (a
-    hand edit saved in Latin-1 or UTF-16 was a bare UnicodeDecodeError, INTERNAL)."""
+    hand edit saved in Latin-1 or UTF-16 was a bare UnicodeDecodeError, INTERNAL).
+
+    Read as stored (``newline=""``): universal newlines turned a CRLF document into its LF form,
+    so the document judged, shown and hashed (``policy_sha256``) was not the file's bytes nor the
+    document SetReleasePolicy recorded, and a retry of that document was POLICY_VERSION_REUSED."""
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8", newline="") as file:
             return file.read()
     except OSError as exc:
         raise _unreadable(key_id, exc.strerror or type(exc).__name__) from None
@@ -105,10 +109,16 @@ class PolicyStore:
         # saw grow and get rebuilt one size up (+0.9 MB) after ~10,000 releases.
         return os.path.join(self._dir, f"{validate_key_id(key_id)}.yaml")
 
-    def get(self, key_id: str) -> StoredPolicy:
+    def get(self, key_id: str, *, judge: bool = True) -> StoredPolicy:
         """The key's current policy; FailedPrecondition(NO_RELEASE_POLICY) when it has none,
         :class:`PolicyUnreadable` when its file cannot be read, :class:`StoredPolicyInvalid`
-        when it does not load."""
+        when it does not load.
+
+        ``judge``: something is decided under it, so a document not yet recorded in force is
+        recorded first (:class:`~strongroom.keybroker.errors.AuditUnavailable` when that fails).
+        Without it (describing a key, showing its policy) nothing is decided: a new document is
+        read (and cached) but not recorded, so that an audit outage does not make a key look as
+        if it had no policy; the first decision under it records it."""
         path = self._path(key_id)
         try:
             st = os.stat(path)
@@ -122,28 +132,33 @@ class PolicyStore:
         stamp = _stamp(st)
         with self._lock:
             cached = self._cache.get(key_id)
-            if cached and cached[0] == stamp:
-                return cached[1]
-        text = _read_text(path, key_id)
-        try:
-            stored = StoredPolicy(text, self._load(text))
-        except StrongroomError as exc:
-            # A stored policy that no longer loads is the broker's configuration error (not an
-            # INVALID_ARGUMENT of whoever asked); fail closed, with the loader's reason.
-            raise StoredPolicyInvalid(
-                f"the stored release policy of {key_id!r} does not load: {exc.message}",
-                reason=exc.reason,
-            ) from None
-        # Recorded before it is cached: a record that fails (an audit outage) leaves the
-        # document unused here, and the next request tries again.
-        self._record_in_force(key_id, stored)
-        with self._lock:
-            self._cache[key_id] = (stamp, stored)
+        if cached and cached[0] == stamp:
+            stored = cached[1]
+        else:
+            text = _read_text(path, key_id)
+            try:
+                stored = StoredPolicy(text, self._load(text))
+            except StrongroomError as exc:
+                # A stored policy that no longer loads is the broker's configuration error (not
+                # an INVALID_ARGUMENT of whoever asked); fail closed, with the loader's reason.
+                raise StoredPolicyInvalid(
+                    f"the stored release policy of {key_id!r} does not load: {exc.message}",
+                    reason=exc.reason,
+                ) from None
+            with self._lock:
+                self._cache[key_id] = (stamp, stored)
+        if judge:
+            # Cached or not, recorded before anything is judged by it: a record that fails (an
+            # audit outage) leaves the document unused, and the next request tries again.
+            self._record_in_force(key_id, stored)
         return stored
 
     def _record_in_force(self, key_id: str, stored: StoredPolicy) -> None:
         """Records ``stored`` as the key's policy in force unless it already is."""
         if self._audit is None:
+            return
+        recorded = self._in_force.get(key_id)  # every request's path: no lock once recorded
+        if recorded is not None and recorded[0] == stored.sha256:
             return
         with self._in_force_lock:
             previous = self._in_force.get(key_id)
@@ -189,7 +204,7 @@ class PolicyStore:
         every key unlistable. It is logged instead, and releases report it.
         """
         try:
-            return self.get(key_id).policy.version
+            return self.get(key_id, judge=False).policy.version
         except StrongroomError as exc:
             if exc.reason != Reason.NO_RELEASE_POLICY:
                 _log.warning(

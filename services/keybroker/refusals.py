@@ -10,7 +10,9 @@ caller's next refusal recorded on its own (once its budget refilled), so that a 
 below the rate does not leave its count unwritten for ever. The log still accounts for every
 refusal, by number where not one by one: the counts of a caller that stopped while over its
 budget are recorded by the broker's own pass once a minute (:meth:`RefusalRecords.take_counts`)
-and at shutdown; only a crash loses the last minute's.
+and at shutdown; only a crash loses the last minute's. A record the audit log refuses (full,
+failing) does not lose the count it carried, nor its refusal when budgeted: they are counted again
+(:meth:`RefusalRecords.count_unrecorded`) for the caller's next counting record.
 
 A budget is per caller, or per caller and reason (``per_reason``: refused key releases whose
 request was read, where an operator needs the first records of each reason in full and then a
@@ -121,6 +123,17 @@ class RefusalRecords:
             self._limited[key] = (entry[0], 0)
             return entry[1]
 
+    def count_unrecorded(self, caller: str, reason: str = "", count: int = 1) -> None:
+        """Counts ``count`` refusals of ``caller`` (of ``reason``, per reason) that a record the
+        audit log refused was to carry, or to be: they go on the caller's next counting record
+        instead of being lost (a full log, a failing disk: what a flood brings about)."""
+        if count <= 0:
+            return
+        key = self._key(caller, reason)
+        with self._lock:
+            since, unrecorded = self._limited.get(key, (self._clock(), 0))
+            self._limited[key] = (since, unrecorded + count)
+
     def take_counts(self, *, every: bool = False) -> list[tuple[str, str | None, int]]:
         """The callers whose counted refusals are due to be recorded, each with the reason
         counted (per reason; else None) and the count, which is taken: a counting record is due
@@ -173,8 +186,8 @@ def record_counts(
     """Writes one ``REFUSALS_COUNTED`` record for each caller (and reason, per reason) whose
     counted refusals of this kind are due (:meth:`RefusalRecords.take_counts`), its count in
     ``claims.refusals_unrecorded`` and, per reason, the reason counted in
-    ``claims.counted_reason``. A record that cannot be written is logged with its count (the
-    audit log is failing)."""
+    ``claims.counted_reason``. A record that cannot be written (the audit log is failing) is
+    logged, and its count kept for a later pass."""
     for caller, counted, count in records.take_counts(every=every):
         claims: dict[str, object] = {"refusals_unrecorded": count}
         if counted is not None:
@@ -190,8 +203,10 @@ def record_counts(
                 )
             )
         except StrongroomError as exc:
+            # Taken before the record was written: kept, or those refusals would leave no trace.
+            records.count_unrecorded(caller, counted or "", count)
             _log.error(
-                "cannot record counted refusals",
+                "cannot record counted refusals; kept for a later pass",
                 extra={
                     "what": action,
                     "caller": caller,

@@ -229,13 +229,18 @@ class ReleaseEngine:
         if records.spend(who, reason):
             # Refusals counted while the caller was over its budget go on its next record.
             pending = records.take_unrecorded(who, reason)
-            self._audit_denial(exc, context if pending is None else _counting(context, pending))
+            if not self._audit_denial(
+                exc, context if pending is None else _counting(context, pending)
+            ):
+                # The log refused it: this refusal and the count it carried are counted again.
+                records.count_unrecorded(who, reason, 1 + (pending or 0))
             return
         unrecorded = records.unrecorded_if_due(who, reason)
         if unrecorded is None:
             KEY_RELEASES.add(1, {"outcome": "denied", "reason": reason})
             return
-        self._audit_denial(exc, _counting(context, unrecorded))
+        if not self._audit_denial(exc, _counting(context, unrecorded)):
+            records.count_unrecorded(who, reason, 1 + unrecorded)
 
     def record_counted_refusals(self, *, every: bool = False) -> None:
         """Records the counts of refusals past their callers' budgets that are due (all with
@@ -391,7 +396,8 @@ class ReleaseEngine:
             raise ReleaseNotPermitted(key_id, exc) from None
         return stored
 
-    def _audit_denial(self, exc: Exception, context: dict[str, Any]) -> None:
+    def _audit_denial(self, exc: Exception, context: dict[str, Any]) -> bool:
+        """Records a denial; False when the audit log refused the record (it is logged)."""
         if isinstance(exc, ReleaseNotPermitted):
             exc = exc.cause  # what the caller was not told is what the record keeps
         if isinstance(exc, StrongroomError):
@@ -412,13 +418,13 @@ class ReleaseEngine:
             },
         )
         if isinstance(exc, AuditUnavailable):
-            return  # the failure to audit is itself what is being reported
+            return False  # the failure to audit is itself what is being reported
         try:
             self._audit.append(AuditEvent(decision=Decision.DENIED, reason=reason, **context))
-            return
+            return True
         except AuditUnavailable:
             log.error("could not audit a denied key release", extra={"reason": reason})
-            return
+            return False
         except StrongroomError:
             pass  # a field the log does not take: the refusal is recorded without the request's
         # A count this record carries must reach the log with it: those refusals have no other.
@@ -434,3 +440,5 @@ class ReleaseEngine:
             )
         except StrongroomError:
             log.error("could not audit a denied key release", extra={"reason": reason})
+            return False
+        return True

@@ -21,7 +21,7 @@ from strongroom.attestation.collateral_fetch import (
     FetchSettings,
     unreachable_sources,
 )
-from strongroom.attestation.release_signature import ReleaseSigner
+from strongroom.attestation.release_signature import ReleaseSigner, signing_key_id
 from strongroom.attestation.release_signature import load_signing_key as load_release_key
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.keybroker.audit import AuditLog, load_signing_key
@@ -219,16 +219,24 @@ def build(
     # request, not the data key, and whoever can use the broker's HSM session (its PIN is a file
     # or variable beside this one) could have the HSM sign as well; one HSM call per release stays
     # one (the release runs on the HSM's single worker).
-    release_signer = ReleaseSigner(
-        load_release_key(
-            Secret.load(
-                file=config.release_signing_key_file,
-                env=RELEASE_SIGNING_KEY_ENV,
-                what="release-signing key",
-                single=single,
-            ).reveal()
-        )
+    release_key = load_release_key(
+        Secret.load(
+            file=config.release_signing_key_file,
+            env=RELEASE_SIGNING_KEY_ENV,
+            what="release-signing key",
+            single=single,
+        ).reveal()
     )
+    # One key for both would make the audit key, whose public half auditors hold, also what
+    # inference servers trust for a release answer: whoever obtained it for one could do both
+    # (forge the log, have a data key of its choosing used), and neither could be rotated alone.
+    if signing_key_id(release_key.public_key()) == signing_key_id(audit_key.public_key()):
+        raise FailedPrecondition(
+            "the release-signing key is the audit signing key: give keybroker."
+            "release_signing_key_file (or $STRONGROOM_RELEASE_SIGNING_KEY) a key of its own",
+            reason=Reason.RELEASE_SIGNING_KEY_REUSED,
+        )
+    release_signer = ReleaseSigner(release_key)
     pin = Secret.load(file=config.pin_file, env=PIN_ENV, what="HSM PIN", single=single)
     module_env = {"SOFTHSM2_CONF": str(config.softhsm2_conf)} if config.softhsm2_conf else {}
     hsm = Hsm.open(

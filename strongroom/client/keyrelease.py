@@ -397,8 +397,9 @@ class KeyReleaseClient:
             raise
         if not signed:
             log.warning(
-                "the key broker's release answer is not signed and was accepted "
-                "(inference.allow_unsigned_releases: development only)",
+                "the key broker's release answer was accepted unverified (unsigned, or no "
+                "release-signing key configured; inference.allow_unsigned_releases: development "
+                "only)",
                 extra={"key_id": key_id, "decision_id": response.decision_id},
             )
         oaep_hash = OaepHash.from_mechanism(response.mechanism)

@@ -193,6 +193,34 @@ def test_a_production_broker_refuses_a_secret_given_as_file_and_variable(
     assert variable in info.value.message and "from-the-environment" not in info.value.message
 
 
+@pytest.mark.parametrize("mode", ["production", "development"])
+def test_a_broker_refuses_its_audit_key_as_its_release_signing_key(
+    stack: DevStack, mode: str
+) -> None:
+    """Both are Ed25519 file keys in the same formats, so one file served as both: the audit
+    key, whose public half auditors hold, then also made every release answer an inference server
+    trusts, and whoever took it for one could do both (forge the log and have a data key of its
+    choosing used). The broker now refuses to start with one key for both."""
+    common, config = load_service_config(
+        stack.config_path("keybroker"),
+        "keybroker",
+        KeybrokerConfig,
+        environ={
+            "STRONGROOM__MODE": mode,
+            "STRONGROOM__IDENTITY__DNS_NAMES": "[keybroker]",
+            "STRONGROOM__KEYBROKER__ALLOW_SIMULATED_TEE": "false",
+            "STRONGROOM__KEYBROKER__RELEASE_SIGNING_KEY_FILE": str(
+                stack.secrets_dir / "audit-key.pem"
+            ),
+        },
+    )
+    assert config.release_signing_key_file == config.audit_key_file
+    with pytest.raises(FailedPrecondition) as info:
+        build(common, config, identity=None)  # type: ignore[arg-type]  # refused before its use
+    assert info.value.reason == "RELEASE_SIGNING_KEY_REUSED"
+    assert "audit" in info.value.message
+
+
 def test_missing_client_config_is_a_clear_error(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

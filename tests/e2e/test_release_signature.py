@@ -347,3 +347,28 @@ def test_unsigned_answers_pass_only_where_a_development_configuration_says_so(pe
         assert released == peer.world.data_key
     finally:
         peer.client._verifier = peer.world.stack.release_verifier()
+
+
+def test_a_development_server_without_keys_takes_the_brokers_signed_answers(peer: Peer) -> None:
+    """The startup error of a development server without keys offers
+    inference.allow_unsigned_releases, whose documentation says a signed answer is verified
+    "when keys are set"; but with none set every answer of a current broker (all signed) was
+    refused RELEASE_SIGNING_KEY_UNKNOWN, so the advice left a server that loaded nothing. Without
+    keys a development server now takes a signed answer as it takes an unsigned one (it could
+    not verify either); with keys set, one they do not verify is still refused."""
+    common, config = _inference_config(
+        peer.world.stack, "development", allow_unsigned_releases=True
+    )
+    peer.client._verifier = release_verifier(common, config)
+    try:
+        assert peer.release(lambda request, response: response) == peer.world.data_key
+    finally:
+        peer.client._verifier = peer.world.stack.release_verifier()
+    with_keys = ReleaseVerifier([Ed25519PrivateKey.generate().public_key()], allow_unsigned=True)
+    peer.client._verifier = with_keys
+    try:
+        assert peer.refused(lambda request, response: response).reason == (
+            "RELEASE_SIGNING_KEY_UNKNOWN"
+        )
+    finally:
+        peer.client._verifier = peer.world.stack.release_verifier()

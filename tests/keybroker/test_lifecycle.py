@@ -155,6 +155,71 @@ def test_another_document_under_the_live_policy_version_is_refused(service) -> N
     assert changes[0]["policy_sha256"] == hashlib.sha256(POLICY.encode()).hexdigest()
 
 
+def test_a_policy_with_crlf_line_ends_is_named_by_the_bytes_it_was_stored_as(km, tmp_path) -> None:
+    """A policy file was read with universal newlines: a document written with CRLF line ends
+    (a policy edited on Windows, sent as it is) was judged, shown and hashed as its LF form, so
+    the set_release_policy record's policy_sha256 named other bytes than the policy_in_force and
+    release records (and the file itself), GetReleasePolicy returned another document, and the
+    same document sent again (a retry) was refused POLICY_VERSION_REUSED."""
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    policies = PolicyStore(tmp_path / "policies", audit=audit)
+    keys = KeyService(km, policies, audit)
+    try:
+        keys.create_key(ADMIN, "k1")
+        crlf = POLICY.replace("\n", "\r\n")
+        keys.set_policy(ADMIN, "k1", crlf)
+        assert keys.get_policy("k1").document == crlf
+        keys.set_policy(ADMIN, "k1", crlf)  # the same document again: a retry
+        policies.get("k1")  # a decision's read: recorded in force
+        on_disk = hashlib.sha256((tmp_path / "policies" / "k1.yaml").read_bytes()).hexdigest()
+        named = {
+            (r["action"], r["policy_sha256"])
+            for r in _records(tmp_path / "audit.log")
+            if r["policy_sha256"] is not None
+        }
+        assert named == {("set_release_policy", on_disk), ("policy_in_force", on_disk)}
+    finally:
+        audit.close()
+
+
+def test_a_keys_policy_is_described_during_an_audit_outage_and_recorded_before_judging(
+    km, tmp_path, monkeypatch
+) -> None:
+    """Describing a key (ListKeys, CreateKey/RotateKey/DisableKey answers) and GetReleasePolicy
+    read the policy through the path that records a new document in force: during an audit
+    outage a key whose policy had changed on disk was described as having none (version "",
+    logged as a policy that "does not load") and GetReleasePolicy was UNAVAILABLE. Nothing is
+    decided by describing: the document is read without being recorded, and is
+    recorded in force before the first decision under it, as before."""
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    policies = PolicyStore(tmp_path / "policies", audit=audit)
+    keys = KeyService(km, policies, audit)
+
+    def full(event, **kwargs):
+        raise AuditUnavailable("the audit log is full", reason="AUDIT_LOG_FULL")
+
+    try:
+        keys.create_key(ADMIN, "k1")
+        keys.set_policy(ADMIN, "k1", POLICY)
+        policies.get("k1")  # judged by: recorded in force
+        edited = POLICY.replace('"p1"', '"p2"')
+        (tmp_path / "policies" / "k1.yaml").write_text(edited)  # a hand edit
+        real_append = audit.append
+        monkeypatch.setattr(audit, "append", full)
+        assert keys.policy_version("k1") == "p2"
+        assert keys.get_policy("k1").document == edited
+        monkeypatch.setattr(audit, "append", real_append)
+        assert policies.get("k1").policy.version == "p2"  # a decision's read
+    finally:
+        audit.close()
+    in_force = [
+        r["policy_version"]
+        for r in _records(tmp_path / "audit.log")
+        if r["action"] == "policy_in_force"
+    ]
+    assert in_force == ["p1", "p2"]
+
+
 def test_a_policy_change_whose_record_fails_does_not_take_effect(service, monkeypatch) -> None:
     """A policy is live for every replica once its file is written: stored first and recorded
     after, a failed record left a (possibly looser) policy live with no record of it."""
@@ -467,6 +532,27 @@ def test_a_policy_naming_publishers_admits_each_to_its_model_names(service) -> N
     assert [r["decision"] for r in allowed] == ["allowed", "denied", "denied"]
 
 
+def test_a_data_key_decision_names_the_policy_document_that_judged_it(service) -> None:
+    """A policy's publishers list decides who gets a data key for which name, but the
+    generate_data_key records (granted or refused) named no policy at all: a publishers list
+    loosened by hand under the version it had could not be told from the one before by any of
+    them. Each now names the document by version and SHA-256, as release records do."""
+    keys, log = service
+    _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
+    keys.generate_data_key(PUBLISHER, "k1", "tenant-a/model", "1").wipe()
+    with pytest.raises(PermissionDenied):
+        keys.generate_data_key(PUBLISHER, "k1", "tenant-b/model", "1")
+    on_disk = hashlib.sha256((log.parent / "policies" / "k1.yaml").read_bytes()).hexdigest()
+    decisions = [r for r in _records(log) if r["action"] == "generate_data_key"]
+    assert [(r["decision"], r["policy_version"], r["policy_sha256"]) for r in decisions] == [
+        ("allowed", "p1", on_disk),
+        ("denied", "p1", on_disk),
+    ]
+    keys.create_key(ADMIN, "k2")  # no policy: nothing judged the data key, none is named
+    keys.generate_data_key(PUBLISHER, "k2", "tenant-b/model", "1").wipe()
+    assert (_records(log)[-1]["policy_version"], _records(log)[-1]["policy_sha256"]) == (None, None)
+
+
 def test_a_policy_that_does_not_read_admits_no_publisher(service) -> None:
     keys, log = service
     _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
@@ -524,6 +610,47 @@ def test_refused_rewraps_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> N
         ("REWRAP_REFUSALS_RATE_LIMITED", 0),
     ]
     assert len(rewraps) == refusals.REFUSAL_BURST + 1 + 60 + 1 + 1
+
+
+def test_refused_rewraps_whose_record_the_log_refuses_are_counted_not_lost(
+    km, tmp_path, monkeypatch
+) -> None:
+    """A refused ReWrap's count was taken before its record was written: when the audit log
+    refused it (full: what a flood of refusals brings about), the count and the refusal were
+    gone. They are counted again and reach the log once it takes records."""
+    now = [1000.0]
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit, clock=lambda: now[0])
+    keys.create_key(ADMIN, "k1")
+
+    def refused() -> str:
+        with pytest.raises(StrongroomError) as info:
+            keys.rewrap(PUBLISHER, "k1", 1, b"\x01")
+        return info.value.reason
+
+    def full(event, **kwargs):
+        raise AuditUnavailable("the audit log is full", reason="AUDIT_LOG_FULL")
+
+    real_append = audit.append
+    try:
+        for _ in range(refusals.REFUSAL_BURST + 1 + 9):  # the burst, a counting record, 9 counted
+            refused()
+        monkeypatch.setattr(audit, "append", full)
+        now[0] += 1.0  # one token: recorded on its own with the 9, and the log refuses it
+        assert refused() == "AUDIT_LOG_FULL"
+        now[0] += refusals.LIMITED_RECORD_SECONDS  # refilled, then over again: a counting record
+        for _ in range(60):
+            assert refused() == "AUDIT_LOG_FULL"
+        assert refused() == "AUDIT_LOG_FULL"
+        monkeypatch.setattr(audit, "append", real_append)
+        keys.record_counted_refusals(every=True)
+    finally:
+        audit.close()
+    last = _records(tmp_path / "audit.log")[-1]
+    assert (last["reason"], last["claims"]["refusals_unrecorded"]) == (
+        "REFUSALS_COUNTED",
+        9 + 1 + 60 + 1,
+    )
 
 
 def test_refused_data_keys_are_recorded_up_to_a_rate_per_caller(km, tmp_path) -> None:

@@ -597,6 +597,49 @@ def test_a_caller_that_stops_while_over_its_budget_has_its_count_recorded(
     assert len(counts()) == 2  # nothing left to record
 
 
+def test_counts_whose_record_the_audit_log_refuses_are_kept_for_a_later_record(
+    authority, tmp_path, monkeypatch
+) -> None:
+    """A count was taken from the table before its record was written: when the audit log
+    refused that record (full, its disk failing: what a flood of refusals brings about), the
+    broker's pass only logged the count and a caller's counting record lost it without a word,
+    and a budgeted refusal whose own record failed was neither recorded nor counted. Such counts
+    and refusals are now counted again, and reach the log once it takes records again."""
+    now = [1000.0]
+    engine, log = _real_audit_engine(authority, tmp_path, monotonic=lambda: now[0])
+    stranger = Caller("spiffe://strongroom.test/stranger", 7, b"der")
+    context = {**ReleaseEngine._context(CALLER, b"report"), "key_id": "k1"}
+    for _ in range(64 + 1 + 500):  # the budget, the counting record, then 500 only counted
+        engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+    for _ in range(64 + 1 + 7):
+        engine._refused(InvalidArgument("bad", reason="NONCE_EXPIRED"), context)
+    written = len(log.read_text().splitlines())
+    real_append = engine._audit.append
+
+    def full(event: AuditEvent, **kwargs: Any) -> AuditRecord:
+        raise AuditUnavailable("the audit log is full", reason="AUDIT_LOG_FULL")
+
+    monkeypatch.setattr(engine._audit, "append", full)
+    now[0] += 60.0
+    engine.record_counted_refusals()  # both counts are due: their records fail
+    now[0] += 1.0  # a token each: these records are due one by one, with no count left
+    engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+    engine._refused(InvalidArgument("bad", reason="NONCE_EXPIRED"), context)
+    monkeypatch.setattr(engine._audit, "append", real_append)
+    assert len(log.read_text().splitlines()) == written  # nothing reached the log meanwhile
+    engine.record_counted_refusals(every=True)
+    counted = {
+        (r["caller"]["spiffe_id"], r["claims"].get("counted_reason")): r["claims"][
+            "refusals_unrecorded"
+        ]
+        for r in map(json.loads, log.read_text().splitlines()[written:])
+    }
+    assert counted == {
+        (stranger.spiffe_id, None): 500 + 1,
+        (CALLER.spiffe_id, "NONCE_EXPIRED"): 7 + 1,
+    }
+
+
 def test_each_decision_names_its_policy_document_and_a_hand_edit_is_recorded_before_use(
     authority, tmp_path, monkeypatch
 ) -> None:
