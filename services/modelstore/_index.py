@@ -207,7 +207,14 @@ class Index:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(models)")}
             if "artifact_format" not in columns:
                 self._db.execute(_ADD_FORMAT)
-        except sqlite3.Error as exc:
+        except BaseException as exc:
+            # Closed now: left to the collector (the exception's traceback holds this frame),
+            # a failed open kept its file descriptors and its -shm mapping for an unknown time,
+            # and the next open of the same index in this process could fail on their account.
+            if hasattr(self, "_db"):
+                self._db.close()
+            if not isinstance(exc, sqlite3.Error):
+                raise
             log.error("cannot open index %s: %s", path, exc)
             if _volume_read_only(path.parent):
                 raise StorageReadOnly(
