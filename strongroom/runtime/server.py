@@ -44,6 +44,10 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_connection_idle_ms", 15 * 60_000),
 )
 
+HANDLER_DRAIN_SECONDS = 15.0
+"""How long :meth:`ServiceHost.stop` waits, after gRPC's own grace, for handlers of cancelled
+calls that are still running (each bounded by its own timeouts: HSM operations, collateral
+fetches, storage calls)."""
 HEALTH_SERVICE = "grpc.health.v1.Health"
 HEALTH_MAX_REQUEST_BYTES = 1024
 """The largest request the plaintext health port reads (a HealthCheckRequest is a service name)."""
@@ -137,8 +141,11 @@ class ServiceHost:
             )
         )
         self.unary = UnaryGuard(config.unary_calls_per_identity)
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=config.max_workers, thread_name_prefix="rpc"
+        )
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
+            self._pool,
             # Outermost first. Metrics read the final status; tracing comes next so that the error
             # mapping aborts through its span (which then records the status the caller gets, not
             # the raw exception) and logs inside the call's trace; error mapping is the one place
@@ -246,9 +253,32 @@ class ServiceHost:
         self._health.enter_graceful_shutdown()
         grace = self._config.grace_seconds if grace is None else grace
         self._server.stop(grace).wait()
+        self._drain_handlers()
         if self._health_server is not None:
             self._health_server.stop(0).wait()
         log.info("stopped")
+
+    def _drain_handlers(self) -> None:
+        """Waits, up to :data:`HANDLER_DRAIN_SECONDS`, for handlers still running.
+
+        gRPC's stop cancels the calls still in flight after the grace, but a cancelled call's
+        handler runs on until it returns: what a service does once stopped (the key broker's last
+        audit records, then closing its log) ran beside handlers still deciding, whose records
+        then met a closed log. A handler stuck past the bound (a hung HSM) is left behind, logged.
+        """
+        waiter = threading.Thread(
+            target=self._pool.shutdown,
+            kwargs={"wait": True, "cancel_futures": True},
+            name="rpc-drain",
+            daemon=True,
+        )
+        waiter.start()
+        waiter.join(HANDLER_DRAIN_SECONDS)
+        if waiter.is_alive():
+            log.warning(
+                "handlers still running %.0f s after the server stopped; stopping without them",
+                HANDLER_DRAIN_SECONDS,
+            )
 
     def wait(self) -> None:
         """Blocks until :meth:`stop` is called (for instance by SIGTERM)."""

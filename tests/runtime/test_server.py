@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -249,6 +250,31 @@ def test_graceful_stop_drains_in_flight_calls(
     t.join(10)
     stopper.join(10)
     assert result["slow"] == b"ok:slow"
+
+
+def test_stop_returns_only_once_cancelled_calls_handlers_have_returned(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+) -> None:
+    """gRPC's stop cancels the calls in flight after the grace, and returned while their
+    handlers still ran: what a service does once stopped (the key broker's last audit records,
+    then closing its log) raced handlers still deciding. stop now waits for them (bounded)."""
+    h, behaviour, channel = host
+    t = threading.Thread(target=_call_quietly, args=(channel, b"slow"))
+    t.start()
+    assert behaviour.started.wait(5)
+    stopper = threading.Thread(target=h.stop, kwargs={"grace": 0})
+    stopper.start()
+    stopper.join(1.0)
+    assert stopper.is_alive()  # the handler is still running: stop has not returned
+    behaviour.release.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    t.join(10)
+
+
+def _call_quietly(channel: grpc.Channel, payload: bytes) -> None:
+    with contextlib.suppress(grpc.RpcError):
+        call(channel, payload)
 
 
 def _refused(channel: grpc.Channel) -> bool:
