@@ -44,10 +44,11 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_connection_idle_ms", 15 * 60_000),
 )
 
-HANDLER_DRAIN_SECONDS = 15.0
+HANDLER_DRAIN_SECONDS = 5.0
 """How long :meth:`ServiceHost.stop` waits, after gRPC's own grace, for handlers of cancelled
 calls that are still running (each bounded by its own timeouts: HSM operations, collateral
-fetches, storage calls)."""
+fetches, storage calls). The default grace (20 s) plus this stays inside the chart's 30 s
+``terminationGracePeriodSeconds``, with time left for what a service does once stopped."""
 HEALTH_SERVICE = "grpc.health.v1.Health"
 HEALTH_MAX_REQUEST_BYTES = 1024
 """The largest request the plaintext health port reads (a HealthCheckRequest is a service name)."""
