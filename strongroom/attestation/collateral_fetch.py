@@ -58,7 +58,11 @@ from strongroom.attestation.abi.certs import common_name
 from strongroom.attestation.abi.snp import SnpReport
 from strongroom.attestation.collateral import INTEL_CA_BY_CN, SignedDocument
 from strongroom.attestation.collateral_cache import CacheEntry, CollateralCache, vcek_key
-from strongroom.attestation.errors import CollateralUnavailable, VerificationFailed
+from strongroom.attestation.errors import (
+    CollateralUnavailable,
+    MalformedEvidence,
+    VerificationFailed,
+)
 from strongroom.errors import StrongroomError
 from strongroom.reasons import Reason
 
@@ -356,7 +360,14 @@ class CollateralService:
             return held
         product = report.product
         if product is None:
-            return None
+            # Which KDS product to ask cannot be known: the report's fault, not an outage. As a
+            # COLLATERAL_MISSING (the broker's own failure) each was an audit record outside the
+            # caller's refusal budget.
+            raise MalformedEvidence(
+                "the SNP report does not name its product (version 2, or a CPU family AMD KDS "
+                "does not serve), so its VCEK cannot be fetched: the evidence must carry it",
+                reason=Reason.VCEK_CERTIFICATE_MISSING,
+            )
         # Keyed by exactly what is requested: a 404 for one TCB says nothing of another, and a
         # key by chip id alone would let a forged report for a real chip hold its fetch back.
         tcb = report.reported_tcb.components()

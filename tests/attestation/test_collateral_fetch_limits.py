@@ -22,6 +22,7 @@ from strongroom.attestation.abi.snp import TcbVersion, parse_snp_report
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
 from strongroom.errors import StrongroomError
+from strongroom.keybroker.refusals import callers_fault
 from strongroom.reasons import Reason
 from tests.attestation.collateral_server import FakeCollateralServer, serve
 
@@ -54,7 +55,9 @@ def _together(service: CollateralService, reports: list[bytes]) -> list[str]:
         try:
             outcomes[i] = "none" if service.snp_key_certificate(report) is None else "vcek"
         except StrongroomError as exc:
-            outcomes[i] = exc.reason
+            # Every refusal here is brought on by the requests (made-up chips): its audit record
+            # must count against the caller's budget, or such reports fill the log unbounded.
+            outcomes[i] = exc.reason if callers_fault(exc) else f"{exc.reason} (unbudgeted)"
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(reports))]
     for thread in threads:
@@ -104,3 +107,22 @@ def test_one_fetch_per_chip_at_once_whatever_the_tcb(  # type: ignore[no-untyped
     ]
     assert _together(service, reports) == ["COLLATERAL_FETCH_BUSY"] * 2 + ["VCEK_NOT_FOUND"]
     assert len(server.requests) == 1
+
+
+def test_a_report_that_does_not_name_its_product_is_refused_without_a_fetch(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path
+) -> None:
+    """A version-2 report without its VCEK cannot say which product's KDS endpoint serves it: it
+    was COLLATERAL_MISSING, the broker's own failure, so each one was an audit record outside the
+    caller's refusal budget. It is the evidence's fault: VCEK_CERTIFICATE_MISSING."""
+    service = _service(server, tmp_path, sim_trust)
+    report = parse_snp_report(authority.snp().report(RD, measurement=MEAS, version=2))
+    assert report.product is None
+    with pytest.raises(StrongroomError) as refused:
+        service.snp_key_certificate(report)
+    assert (refused.value.reason, refused.value.status_name) == (
+        "VCEK_CERTIFICATE_MISSING",
+        "INVALID_ARGUMENT",
+    )
+    assert callers_fault(refused.value)
+    assert server.requests == []
