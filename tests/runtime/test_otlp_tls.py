@@ -156,3 +156,48 @@ def test_plaintext_only_when_asked() -> None:
         TracingConfig(otlp_endpoint="http://127.0.0.1:4317", otlp_insecure=True)
     )
     assert options == {"endpoint": "127.0.0.1:4317", "insecure": True}
+
+
+def test_a_ca_or_client_pair_that_does_not_parse_fails_the_start_naming_it(tmp_path: Path) -> None:
+    """A collector CA with PEM armour but no certificate in it (damaged, or the key file named by
+    mistake), or a client certificate and key that are not a pair, passed the start: gRPC read
+    them only at the first export, which then failed forever with "connection refused"-like
+    transient errors while the service ran and answered healthy."""
+    ca, key = _pem_pair(tmp_path)
+    damaged = tmp_path / "damaged.pem"
+    damaged.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    (tmp_path / "other").mkdir()
+    _, other_key = _pem_pair(tmp_path / "other")
+    for bad, message in [
+        (TracingConfig(otlp_endpoint="c:4317", otlp_ca_file=damaged), r"otlp_ca_file: .*damaged"),
+        (TracingConfig(otlp_endpoint="c:4317", otlp_ca_file=key), r"otlp_ca_file: .*key.pem"),
+        (
+            TracingConfig(
+                otlp_endpoint="c:4317",
+                otlp_ca_file=ca,
+                otlp_client_cert_file=key,
+                otlp_client_key_file=key,
+            ),
+            r"otlp_client_cert_file: .*key.pem",
+        ),
+        (
+            TracingConfig(
+                otlp_endpoint="c:4317",
+                otlp_ca_file=ca,
+                otlp_client_cert_file=ca,
+                otlp_client_key_file=ca,
+            ),
+            r"otlp_client_key_file: .*ca.pem",
+        ),
+        (
+            TracingConfig(
+                otlp_endpoint="c:4317",
+                otlp_ca_file=ca,
+                otlp_client_cert_file=ca,
+                otlp_client_key_file=other_key,
+            ),
+            r"otlp_client_key_file: .*other.*does not match",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            otlp_exporter_options(bad)
