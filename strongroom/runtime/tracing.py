@@ -82,8 +82,13 @@ def make_tracer_provider(
     return provider
 
 
+#: gRPC channel options that turn its HTTP CONNECT proxy support off.
+_NO_PROXY = (("grpc.enable_http_proxy", 0),)
+
+
 def otlp_exporter_options(config: TracingConfig) -> dict[str, Any]:
-    """The OTLP/gRPC exporter's ``endpoint``, ``insecure`` and ``credentials`` for ``config``.
+    """The OTLP/gRPC exporter's ``endpoint``, ``insecure`` and ``credentials`` (plaintext:
+    ``channel_options``, no proxy) for ``config``.
 
     TLS unless ``otlp_insecure``: the collector's certificate checked against ``otlp_ca_file``
     (which :class:`~strongroom.runtime.config.CommonConfig` defaults to the deployment's root),
@@ -95,7 +100,11 @@ def otlp_exporter_options(config: TracingConfig) -> dict[str, Any]:
     assert config.otlp_endpoint is not None
     endpoint = config.otlp_endpoint.partition("://")[2] or config.otlp_endpoint
     if config.otlp_insecure:
-        return {"endpoint": endpoint, "insecure": True}
+        # Never through a proxy (gRPC takes one from grpc_proxy, https_proxy or http_proxy, as
+        # the broker's collateral fetches do): the proxy would read the export in clear, and
+        # production allows plaintext only because a loopback collector's traffic stays on the
+        # host (the proxy's own loopback is not this pod's sidecar either).
+        return {"endpoint": endpoint, "insecure": True, "channel_options": _NO_PROXY}
     if config.otlp_ca_file is None:
         raise ConfigError(
             "tracing.otlp_ca_file: required for a TLS export (the collector's CA); a service "
