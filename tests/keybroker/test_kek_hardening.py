@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pkcs11.exceptions as p11x
@@ -18,13 +19,15 @@ from cryptography.hazmat.primitives.keywrap import (
 )
 from pkcs11 import Attribute, KeyType, ObjectClass
 
+from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.errors import FailedPrecondition, InvalidArgument, Unavailable
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
+from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import ALL_VERSIONS, KeyManager, KeyState
 from strongroom.oaep import OaepHash
-from tests.keybroker.helpers import MODEL, spki
+from tests.keybroker.helpers import MODEL, make_config, spki
 
 CKR_ATTRIBUTE_READ_ONLY = 0x10
 CKR_ACTION_PROHIBITED = 0x1B  # SoftHSM2's answer for an object with CKA_MODIFIABLE false
@@ -247,3 +250,32 @@ def test_a_kek_whose_value_left_or_came_from_outside_the_token_is_never_used(
     assert info.value.reason == "WRAPPED_KEY_INVALID"
     assert km.rotate_key("planted").current_version == 2  # its own version 2, not the planted one
     assert km.generate_data_key("planted", *MODEL).version == 2
+
+
+def test_a_disable_that_lands_while_the_hsm_rewraps_refuses_the_release(
+    softhsm_token: SoftHsmToken,
+    km: KeyManager,
+    open_hsm: Callable[..., Hsm],
+    tee_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The release read the enabler *before* the re-wrap: a disable on another replica that
+    returned while the HSM re-wrapped (after that read) still had its release answered, so a
+    version was released after `keys disable` had said it was disabled. A flag-disabled KEK was
+    refused by the HSM inside the re-wrap itself."""
+    km.create_key("race")
+    key = km.generate_data_key("race", *MODEL)
+    other = KeyManager(open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b"))))
+    real = keys_module._release_with
+    disabled: list[Any] = []
+
+    def disabled_meanwhile(*args: Any) -> bytes:
+        if not disabled:  # once: the retry after the stale enabler runs as it is
+            disabled.append(other.disable_key("race", 1))
+        return real(*args)
+
+    monkeypatch.setattr(keys_module, "_release_with", disabled_meanwhile)
+    with pytest.raises(FailedPrecondition) as info:
+        km.release_to_ephemeral("race", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert info.value.reason == "KEY_DISABLED"
+    assert disabled[0].versions[0].state is KeyState.DISABLED
