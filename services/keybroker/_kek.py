@@ -27,7 +27,8 @@ an extra use, rename it into another key's identity or copy it. Nothing the brok
   candidate's ``CKA_WRAP`` and ``CKA_UNWRAP`` are set, as they always are for one). Disabling
   destroys its enablers, enabling makes one. The HSM cannot refuse an immutable KEK, so every release
   reads an attribute of the version's enabler through the handle it holds (one
-  ``C_GetAttributeValue``): an enabler that another replica destroyed answers
+  ``C_GetAttributeValue``, after the re-wrap, so that a disable landing during it refuses the
+  release too): an enabler that another replica destroyed answers
   ``CKR_OBJECT_HANDLE_INVALID`` at once — SoftHSM2 too, across instances — and the release looks the
   key up again and is refused, whatever its lookup cache holds. (A disable *marker* object would not
   do that: a replica learns of a new object only by searching, which the cache exists to avoid.)
@@ -36,6 +37,16 @@ an extra use, rename it into another key's identity or copy it. Nothing the brok
   PKCS#11 cannot make them immutable in place (SoftHSM2 refuses ``CKA_MODIFIABLE`` in
   ``C_SetAttributeValue``, and they are not copyable); :func:`modifiable` names them, the broker
   warns about them at start, and a rotation replaces them (rotate, re-wrap, disable the old version).
+
+**A KEK's value never left the token** (``CKA_LOCAL``, ``CKA_ALWAYS_SENSITIVE`` and
+``CKA_NEVER_EXTRACTABLE`` all true, read with every lookup): nobody can relabel a KEK, but a PIN
+holder can still *create* an object under a key's labels — a value of their choosing
+(``C_CreateObject``, ``C_UnwrapKey``) as the winner of the current version, or a key generated
+readable as the next one, with its enabler. Every replica would then wrap new data keys under a
+value the attacker knows, and every model published afterwards would open without the HSM, long
+after the PIN was changed. Such an object is not a KEK: :func:`describe` ignores it (it is no
+candidate, no rival, no version) and logs an ERROR naming it, once per process. Every KEK a broker
+made, modifiable or not, was generated in the token as sensitive and unextractable.
 
 Every object the broker uses shares the key's ``CKA_ID``, so one ``C_FindObjects`` returns the key's
 versions and enablers. KEKs stay destroyable (``CKA_DESTROYABLE`` unset: true): destroying a
@@ -60,7 +71,9 @@ open). A network HSM with one object store does not have this gap.
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -69,6 +82,8 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from strongroom.identifiers import KEY_ID_PATTERN
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.reasons import Reason
+
+_log = logging.getLogger(__name__)
 
 PREFIX = "strongroom/kek/"
 PENDING_SUFFIX = "/pending"
@@ -148,6 +163,9 @@ RETURNED_DEK_TEMPLATE: dict[Attribute, Any] = {
     Attribute.SENSITIVE: False,
 }
 
+#: What a KEK must read as true: generated in the token, never readable (module docstring).
+PROVENANCE = [Attribute.LOCAL, Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE]
+
 #: Attributes read to describe a candidate object.
 DESCRIBE_ATTRIBUTES = [
     Attribute.LABEL,
@@ -155,7 +173,13 @@ DESCRIBE_ATTRIBUTES = [
     Attribute.UNWRAP,
     Attribute.KEY_TYPE,
     Attribute.MODIFIABLE,
+    *PROVENANCE,
 ]
+
+#: Labels of objects refused as KEKs (:func:`describe`) already logged by this process, bounded.
+_REFUSED_LOGGED: set[str] = set()
+_REFUSED_LOGGED_MAX = 1024
+_REFUSED_LOCK = threading.Lock()
 
 #: The search template for every KEK object (and enabler) in the token.
 ALL_KEKS: dict[Attribute, Any] = {
@@ -294,6 +318,9 @@ def describe(key: Any) -> KekObject | None:
         kind = "enabler"
     else:
         return None
+    if kind == "kek" and not all(attrs.get(a) is True for a in PROVENANCE):
+        _refused(text, match, {a: attrs.get(a) for a in PROVENANCE})
+        return None
     return KekObject(
         key=key,
         key_id=match["key"],
@@ -305,4 +332,24 @@ def describe(key: Any) -> KekObject | None:
         unwrap=kind == "kek" and bool(attrs.get(Attribute.UNWRAP)),
         kind=kind,
         modifiable=bool(attrs.get(Attribute.MODIFIABLE)),
+    )
+
+
+def _refused(text: str, match: re.Match[str], provenance: dict[Attribute, Any]) -> None:
+    """Logs, once per label and process, an object with a KEK's label whose value did not stay in
+    the token (see the module docstring)."""
+    with _REFUSED_LOCK:
+        if text in _REFUSED_LOGGED or len(_REFUSED_LOGGED) >= _REFUSED_LOGGED_MAX:
+            return
+        _REFUSED_LOGGED.add(text)
+    _log.error(
+        "an object labelled as a KEK version was not generated in the token as a never-readable "
+        "key (someone holding the token PIN created, imported or unwrapped it): it is ignored, "
+        "never used to wrap or unwrap; destroy it and find out who made it",
+        extra={
+            "key_id": match["key"],
+            "key_version": int(match["version"]),
+            "label": text,
+            "provenance": {a.name: v for a, v in provenance.items()},
+        },
     )

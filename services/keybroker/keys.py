@@ -744,11 +744,14 @@ class KeyManager:
         ) -> ReleasedKey:
             kek = _pick(key_id, versions, version)
             _require_enabled(kek)
+            out = _release_with(hs, kek, blob, ephemeral, choice)
             if kek.needs_enabler:
                 # The HSM cannot refuse an immutable KEK: its enabler, destroyed by a disable on
                 # any replica, fails this read (a stale handle: looked up again, then refused).
+                # Read after the re-wrap, not before, so that a disable landing while the HSM
+                # re-wraps refuses this release (its output is dropped): one answered was wholly
+                # before the disable, as the HSM's own flag check made it for a modifiable KEK.
                 _ = kek.enablers[0].key[Attribute.CLASS]
-            out = _release_with(hs, kek, blob, ephemeral, choice)
             if len(out) != len(ephemeral.modulus):
                 raise Internal(
                     "the HSM returned an OAEP block of the wrong size", reason=Reason.HSM_ERROR

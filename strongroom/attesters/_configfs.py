@@ -15,7 +15,9 @@ attester removes, when it starts, the ones of its own pid namespace whose proces
 are its own process's but no attester of it holds): a leftover's inblob and report are nobody's
 business, and configfs keeps them until the VM restarts. It never touches another name, nor an entry
 of another pid namespace (a container beside it), whose process it cannot see; names of the form
-before this (``strongroom-<pid>-<random>``, no namespace) are left alone for the same reason.
+before this (``strongroom-<pid>-<random>``, no namespace) are left alone for the same reason. A
+process that cannot tell its pid namespace (no ``/proc``) names its entries with namespace 0, as any
+other such process does in any container, so it removes none: it cannot tell whose they are.
 
 **privlevel** (SEV-SNP only): the VMPL the report is requested at, 0-3, written before ``inblob``;
 the kernel refuses one below ``privlevel_floor`` (the VMPL the guest runs at, e.g. 2 under an SVSM),
@@ -172,6 +174,14 @@ class ConfigfsTsmAttester:
     def remove_stale_entries(self) -> list[str]:
         """Removes the report entries a dead process of this pid namespace left (see the module
         docstring); returns their names. Never fails: a sweep that cannot list or remove logs it."""
+        if self._namespace == 0:
+            # Namespace 0 is every process's that cannot read /proc, in any container: a pid in
+            # such a name means nothing here, and a live one elsewhere would look dead.
+            log.warning(
+                "configfs-tsm: this process's pid namespace is unknown (/proc/self/ns/pid not "
+                "readable), so entries left by processes that died are not removed"
+            )
+            return []
         try:
             names = self._fs.listdir(self._root)
         except OSError as exc:

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from opentelemetry import context as otel_context
 from opentelemetry.instrumentation.grpc import client_interceptor, grpcext, server_interceptor
 from opentelemetry.propagate import extract
@@ -79,8 +82,13 @@ def make_tracer_provider(
     return provider
 
 
+#: gRPC channel options that turn its HTTP CONNECT proxy support off.
+_NO_PROXY = (("grpc.enable_http_proxy", 0),)
+
+
 def otlp_exporter_options(config: TracingConfig) -> dict[str, Any]:
-    """The OTLP/gRPC exporter's ``endpoint``, ``insecure`` and ``credentials`` for ``config``.
+    """The OTLP/gRPC exporter's ``endpoint``, ``insecure`` and ``credentials`` (plaintext:
+    ``channel_options``, no proxy) for ``config``.
 
     TLS unless ``otlp_insecure``: the collector's certificate checked against ``otlp_ca_file``
     (which :class:`~strongroom.runtime.config.CommonConfig` defaults to the deployment's root),
@@ -92,7 +100,11 @@ def otlp_exporter_options(config: TracingConfig) -> dict[str, Any]:
     assert config.otlp_endpoint is not None
     endpoint = config.otlp_endpoint.partition("://")[2] or config.otlp_endpoint
     if config.otlp_insecure:
-        return {"endpoint": endpoint, "insecure": True}
+        # Never through a proxy (gRPC takes one from grpc_proxy, https_proxy or http_proxy, as
+        # the broker's collateral fetches do): the proxy would read the export in clear, and
+        # production allows plaintext only because a loopback collector's traffic stays on the
+        # host (the proxy's own loopback is not this pod's sidecar either).
+        return {"endpoint": endpoint, "insecure": True, "channel_options": _NO_PROXY}
     if config.otlp_ca_file is None:
         raise ConfigError(
             "tracing.otlp_ca_file: required for a TLS export (the collector's CA); a service "
@@ -100,13 +112,13 @@ def otlp_exporter_options(config: TracingConfig) -> dict[str, Any]:
         )
     client: dict[str, bytes] = {}
     if config.otlp_client_cert_file is not None and config.otlp_client_key_file is not None:
-        client = {
-            "certificate_chain": _read("otlp_client_cert_file", config.otlp_client_cert_file),
-            "private_key": _read("otlp_client_key_file", config.otlp_client_key_file),
-        }
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read("otlp_ca_file", config.otlp_ca_file), **client
-    )
+        chain = _read("otlp_client_cert_file", config.otlp_client_cert_file)
+        key = _read("otlp_client_key_file", config.otlp_client_key_file)
+        _check_pair(chain, config.otlp_client_cert_file, key, config.otlp_client_key_file)
+        client = {"certificate_chain": chain, "private_key": key}
+    roots = _read("otlp_ca_file", config.otlp_ca_file)
+    _certificates("otlp_ca_file", config.otlp_ca_file, roots)
+    credentials = grpc.ssl_channel_credentials(root_certificates=roots, **client)
     return {"endpoint": endpoint, "insecure": False, "credentials": credentials}
 
 
@@ -118,6 +130,41 @@ def _read(key: str, path: Path) -> bytes:
     if b"-----BEGIN " not in data:
         raise ConfigError(f"tracing.{key}: {path} holds no PEM block")
     return data
+
+
+def _certificates(key: str, path: Path, pem: bytes) -> list[x509.Certificate]:
+    """The certificates in ``pem``; ConfigError naming the file when there is none that parses.
+
+    gRPC reads its credentials only when the channel first connects, so a damaged file (or a key
+    named in a certificate's place) would pass the start and fail every export afterwards, as
+    transient connection errors, while the service answers healthy.
+    """
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise ConfigError(f"tracing.{key}: {path} holds no certificate that parses")
+    return certificates
+
+
+def _check_pair(chain: bytes, chain_path: Path, key: bytes, key_path: Path) -> None:
+    """The client certificate's first certificate is for the client key (see
+    :func:`_certificates`); the key's parse error is not repeated: it may quote the key."""
+    leaf = _certificates("otlp_client_cert_file", chain_path, chain)[0]
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(
+            f"tracing.otlp_client_key_file: {key_path} holds no unencrypted private key that parses"
+        ) from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if private.public_key().public_bytes(der, spki) != leaf.public_key().public_bytes(der, spki):
+        raise ConfigError(
+            f"tracing.otlp_client_key_file: {key_path} does not match the certificate in "
+            f"tracing.otlp_client_cert_file ({chain_path})"
+        )
 
 
 def server_tracing_interceptor(provider: TracerProvider) -> ServerInterceptor:

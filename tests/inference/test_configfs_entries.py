@@ -180,3 +180,19 @@ def test_the_privlevel_setting_is_validated(value: int) -> None:
         build(InferenceConfig, {**section, "attester_privlevel": 3}, "inference").attester_privlevel
         == 3
     )
+
+
+def test_a_process_that_cannot_tell_its_pid_namespace_removes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without /proc a process names its entries with namespace 0, as does every other process
+    without /proc, in any container: the sweep judged their pids in its own namespace and removed
+    a live entry of another container mid-report (its attestation then failed)."""
+    fs = EmulatedConfigfs(tmp_path / "report")
+    another_container = f"strongroom-0-{_dead_pid()}-{'ab' * 8}"  # its pid means nothing here
+    fs.mkdir(fs.root / another_container)
+    monkeypatch.setattr(_configfs, "_pid_namespace", lambda: 0)
+    attester = ConfigfsTsmAttester(fs.root, fs=fs)
+    assert attester.remove_stale_entries() == []
+    assert attester.attest(RD).report
+    assert os.listdir(fs.root) == [another_container]

@@ -6,20 +6,28 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pkcs11.exceptions as p11x
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.keywrap import (
+    InvalidUnwrap,
+    aes_key_unwrap_with_padding,
+    aes_key_wrap_with_padding,
+)
 from pkcs11 import Attribute, KeyType, ObjectClass
 
-from strongroom.errors import FailedPrecondition, Unavailable
+from strongroom.dev.softhsm import SoftHsmToken
+from strongroom.errors import FailedPrecondition, InvalidArgument, Unavailable
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
+from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import ALL_VERSIONS, KeyManager, KeyState
 from strongroom.oaep import OaepHash
-from tests.keybroker.helpers import MODEL, spki
+from tests.keybroker.helpers import MODEL, make_config, spki
 
 CKR_ATTRIBUTE_READ_ONLY = 0x10
 CKR_ACTION_PROHIBITED = 0x1B  # SoftHSM2's answer for an object with CKA_MODIFIABLE false
@@ -187,3 +195,87 @@ def test_keks_made_modifiable_before_are_named_and_still_disabled_by_their_flags
     km.enable_key("old", 1)
     assert hsm.call(lambda _hs: (old[Attribute.WRAP], old[Attribute.UNWRAP])) == (True, True)
     assert [v.state for v in km.describe_key("old").versions] == [KeyState.ENABLED] * 2
+
+
+def test_a_kek_whose_value_left_or_came_from_outside_the_token_is_never_used(
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PIN holder cannot relabel a KEK, but could *create* one under a key's labels: a value they
+    chose (C_CreateObject) as the winner of the current version, or one generated readable as the
+    next version with its enabler. Every replica then wrapped new data keys under a key whose
+    value they know: every model published later opened without the HSM, the PIN long changed."""
+    km.create_key("planted")
+    known = bytes(range(32))
+
+    def plant(hs: HsmSession) -> None:
+        hs.session.create_object(
+            {
+                **_kek.KEK_TEMPLATE,
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: KeyType.AES,
+                Attribute.VALUE: known,
+                Attribute.ID: _kek.object_id("planted"),
+                # created at 0: the winner of version 1, ahead of the broker's own KEK
+                Attribute.LABEL: _kek.label("planted", 1, 0, "00" * 8, pending=False),
+            }
+        )
+        hs.session.generate_key(  # generated in the token, but readable: the next version
+            KeyType.AES,
+            256,
+            id=_kek.object_id("planted"),
+            label=_kek.label("planted", 2, 1, "11" * 8, pending=False),
+            store=True,
+            template={**_kek.KEK_TEMPLATE, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
+        )
+        hs.session.generate_key(
+            KeyType.GENERIC_SECRET,
+            _kek.MARKER_BITS,
+            id=_kek.object_id("planted"),
+            label=_kek.label("planted", 2, 1, "11" * 8, pending=False, enabler=True),
+            store=True,
+            template=_kek.MARKER_TEMPLATE,
+        )
+
+    hsm.call(plant)
+    with caplog.at_level(logging.ERROR, logger="strongroom.keybroker._kek"):
+        assert [v.version for v in km.describe_key("planted").versions] == [1]
+    assert {getattr(r, "key_version", None) for r in caplog.records} == {1, 2}
+    key = km.generate_data_key("planted", *MODEL)
+    assert key.version == 1
+    with pytest.raises(InvalidUnwrap):
+        aes_key_unwrap_with_padding(known, key.wrapped)  # wrapped under the broker's own KEK
+    planted_blob = aes_key_wrap_with_padding(known, bytes(32))
+    with pytest.raises(InvalidArgument) as info:  # nor does the planted one unwrap anything
+        km.release_to_ephemeral("planted", 1, planted_blob, spki(tee_key), [OaepHash.SHA1])
+    assert info.value.reason == "WRAPPED_KEY_INVALID"
+    assert km.rotate_key("planted").current_version == 2  # its own version 2, not the planted one
+    assert km.generate_data_key("planted", *MODEL).version == 2
+
+
+def test_a_disable_that_lands_while_the_hsm_rewraps_refuses_the_release(
+    softhsm_token: SoftHsmToken,
+    km: KeyManager,
+    open_hsm: Callable[..., Hsm],
+    tee_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The release read the enabler *before* the re-wrap: a disable on another replica that
+    returned while the HSM re-wrapped (after that read) still had its release answered, so a
+    version was released after `keys disable` had said it was disabled. A flag-disabled KEK was
+    refused by the HSM inside the re-wrap itself."""
+    km.create_key("race")
+    key = km.generate_data_key("race", *MODEL)
+    other = KeyManager(open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b"))))
+    real = keys_module._release_with
+    disabled: list[Any] = []
+
+    def disabled_meanwhile(*args: Any) -> bytes:
+        if not disabled:  # once: the retry after the stale enabler runs as it is
+            disabled.append(other.disable_key("race", 1))
+        return real(*args)
+
+    monkeypatch.setattr(keys_module, "_release_with", disabled_meanwhile)
+    with pytest.raises(FailedPrecondition) as info:
+        km.release_to_ephemeral("race", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert info.value.reason == "KEY_DISABLED"
+    assert disabled[0].versions[0].state is KeyState.DISABLED

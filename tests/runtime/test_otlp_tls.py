@@ -3,8 +3,11 @@ plaintext, and the exporters built with TLS credentials from the configured file
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import socket
+import threading
 from pathlib import Path
 
 import grpc
@@ -155,4 +158,100 @@ def test_plaintext_only_when_asked() -> None:
     options = otlp_exporter_options(
         TracingConfig(otlp_endpoint="http://127.0.0.1:4317", otlp_insecure=True)
     )
-    assert options == {"endpoint": "127.0.0.1:4317", "insecure": True}
+    assert options == {
+        "endpoint": "127.0.0.1:4317",
+        "insecure": True,
+        "channel_options": (("grpc.enable_http_proxy", 0),),
+    }
+
+
+def test_a_ca_or_client_pair_that_does_not_parse_fails_the_start_naming_it(tmp_path: Path) -> None:
+    """A collector CA with PEM armour but no certificate in it (damaged, or the key file named by
+    mistake), or a client certificate and key that are not a pair, passed the start: gRPC read
+    them only at the first export, which then failed forever with "connection refused"-like
+    transient errors while the service ran and answered healthy."""
+    ca, key = _pem_pair(tmp_path)
+    damaged = tmp_path / "damaged.pem"
+    damaged.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    (tmp_path / "other").mkdir()
+    _, other_key = _pem_pair(tmp_path / "other")
+    for bad, message in [
+        (TracingConfig(otlp_endpoint="c:4317", otlp_ca_file=damaged), r"otlp_ca_file: .*damaged"),
+        (TracingConfig(otlp_endpoint="c:4317", otlp_ca_file=key), r"otlp_ca_file: .*key.pem"),
+        (
+            TracingConfig(
+                otlp_endpoint="c:4317",
+                otlp_ca_file=ca,
+                otlp_client_cert_file=key,
+                otlp_client_key_file=key,
+            ),
+            r"otlp_client_cert_file: .*key.pem",
+        ),
+        (
+            TracingConfig(
+                otlp_endpoint="c:4317",
+                otlp_ca_file=ca,
+                otlp_client_cert_file=ca,
+                otlp_client_key_file=ca,
+            ),
+            r"otlp_client_key_file: .*ca.pem",
+        ),
+        (
+            TracingConfig(
+                otlp_endpoint="c:4317",
+                otlp_ca_file=ca,
+                otlp_client_cert_file=ca,
+                otlp_client_key_file=other_key,
+            ),
+            r"otlp_client_key_file: .*other.*does not match",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            otlp_exporter_options(bad)
+
+
+def _listener(name: str, seen: list[str], connected: threading.Event) -> socket.socket:
+    """A loopback TCP listener that notes ``name`` in ``seen`` when something connects to it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = server.accept()
+            seen.append(name)
+            connected.set()
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server
+
+
+def test_plaintext_export_to_loopback_never_goes_through_a_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Production allows plaintext only to a loopback collector, because that traffic never leaves
+    the host; but gRPC sends a channel through ``https_proxy`` (which the broker is documented to
+    use for its collateral fetches), so the spans went in clear to the proxy, and to the proxy's
+    own loopback rather than the sidecar."""
+    seen: list[str] = []
+    connected = threading.Event()
+    proxy = _listener("proxy", seen, connected)
+    collector = _listener("collector", seen, connected)
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_grpc_proxy", raising=False)
+    config = TracingConfig(
+        otlp_endpoint=f"http://127.0.0.1:{collector.getsockname()[1]}", otlp_insecure=True
+    )
+    provider = make_tracer_provider("test", config)
+    try:
+        (processor,) = provider._active_span_processor._span_processors  # type: ignore[attr-defined]
+        grpc.channel_ready_future(processor.span_exporter._channel)  # starts connecting
+        assert connected.wait(timeout=30)
+        assert seen[0] == "collector"
+    finally:
+        provider.shutdown()
+        proxy.close()
+        collector.close()
