@@ -57,10 +57,11 @@ def callers_fault(refusal: StrongroomError) -> bool:
     or audit outage, collateral it cannot fetch, a damaged key, a stored policy that does not
     read or load), or an outage would turn every caller's real reason into a rate limit after a
     burst, or leave the broker's own failures counted instead of recorded."""
-    if refusal.reason == Reason.COLLATERAL_FETCH_BUSY:
+    if refusal.reason in (Reason.COLLATERAL_FETCH_BUSY, Reason.COLLATERAL_FETCH_RATE_LIMITED):
         # Unavailable, but brought on by requests: reports naming made-up chips, each a KDS
-        # fetch, keep the fetch slots busy, and every refusal beyond them was an audit record
-        # outside any budget. The answer stays UNAVAILABLE (retry); only its recording is budgeted.
+        # fetch, use up the fetch slots or the caller's fetch budget, and every refusal beyond
+        # them was an audit record outside any budget. The answer stays UNAVAILABLE (retry);
+        # only its recording is budgeted.
         return True
     return not isinstance(
         refusal, Unavailable | Internal | DataLoss | PolicyUnreadable | StoredPolicyInvalid

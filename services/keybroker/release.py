@@ -35,6 +35,7 @@ from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.challenge import Challenge, ChallengeIssuer
 from strongroom.keybroker.ephemeral import ReleaseTarget
 from strongroom.keybroker.errors import AuditUnavailable, ReleaseNotPermitted
+from strongroom.keybroker.fetch_budget import fetching_for
 from strongroom.keybroker.keys import (
     KeyManager,
     WrappedDataKey,
@@ -294,14 +295,15 @@ class ReleaseEngine:
         stored = self._policy_naming(caller, key_id, context)
         # 4. Evidence: signatures and chains to the pinned roots, as of now.
         verify_started = time.perf_counter()
-        claims: VerifiedClaims = verify_evidence(
-            request.evidence,
-            trust=self._trust,
-            now=self._clock(),
-            collateral=self._collateral,
-            require_collateral=True,
-            collateral_grace=self._collateral_grace,
-        )
+        with fetching_for(caller.spiffe_id):  # its VCEK fetches count against its budget
+            claims: VerifiedClaims = verify_evidence(
+                request.evidence,
+                trust=self._trust,
+                now=self._clock(),
+                collateral=self._collateral,
+                require_collateral=True,
+                collateral_grace=self._collateral_grace,
+            )
         context["claims"] = claims.as_dict()
         # 5. Binding: REPORT_DATA must be exactly H(nonce, ephemeral key, caller's TLS key).
         expected = report_data_for(request.nonce, ephemeral_der, caller.tls_public_key_der)

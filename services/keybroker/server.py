@@ -33,6 +33,7 @@ from strongroom.keybroker.config import (
     RELEASE_SIGNING_KEY_ENV,
     KeybrokerConfig,
 )
+from strongroom.keybroker.fetch_budget import VcekFetchBudget
 from strongroom.keybroker.hsm import Hsm, HsmConfig
 from strongroom.keybroker.keys import KeyManager
 from strongroom.keybroker.lifecycle import KeyService
@@ -79,8 +80,13 @@ def trust_store(common: CommonConfig, config: KeybrokerConfig) -> TrustStore:
     )
 
 
-def collateral_service(config: KeybrokerConfig, trust: TrustStore) -> CollateralService | None:
-    """The broker's collateral: its cache directory, fetching from KDS/PCS when enabled."""
+def collateral_service(
+    config: KeybrokerConfig,
+    trust: TrustStore,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> CollateralService | None:
+    """The broker's collateral: its cache directory, fetching from KDS/PCS when enabled, each
+    caller's VCEK fetches budgeted (:mod:`strongroom.keybroker.fetch_budget`)."""
     if config.collateral_dir is None:
         log.error(
             "keybroker.collateral_dir is not set: every key release will be refused "
@@ -112,6 +118,7 @@ def collateral_service(config: KeybrokerConfig, trust: TrustStore) -> Collateral
         cache,
         settings,
         refresh_before=timedelta(seconds=config.collateral_refresh_before_seconds),
+        vcek_fetch_gate=VcekFetchBudget(monotonic),
     )
 
 
@@ -267,7 +274,7 @@ def build(
         production=common.production,
         audit=audit,
     )
-    collateral = collateral_service(config, trust)
+    collateral = collateral_service(config, trust, monotonic)
     engine = ReleaseEngine(
         keys=keys,
         challenges=ChallengeIssuer(nonce_key, lifetime=config.challenge_lifetime_seconds),

@@ -34,7 +34,8 @@ bounded (:data:`MAX_FAILURES`, the oldest forgotten first). A report can name an
 new one is a fetch on the request's thread: one runs per chip and at most
 :data:`MAX_VCEK_FETCHES` at once; more are refused at once (``COLLATERAL_FETCH_BUSY``,
 UNAVAILABLE), so that made-up chip ids can neither hold every request thread nor get the broker
-rate-limited by KDS.
+rate-limited by KDS; and a caller's fetches are budgeted by the broker (``vcek_fetch_gate``), so
+that they are bounded in rate too, not only in number at once.
 """
 
 from __future__ import annotations
@@ -306,8 +307,13 @@ class CollateralService:
         refresh_before: timedelta = timedelta(days=1),
         retry_after_seconds: float = 60.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        vcek_fetch_gate: Callable[[], bool] | None = None,
     ) -> None:
+        """``vcek_fetch_gate``, if given, is asked before each VCEK fetch from KDS and refuses it
+        by returning False (``COLLATERAL_FETCH_RATE_LIMITED``): the key broker's budget of
+        fetches per caller (:mod:`strongroom.keybroker.fetch_budget`)."""
         self.cache = cache
+        self._vcek_fetch_gate = vcek_fetch_gate
         self._pcs = PcsClient(settings) if settings is not None else None
         self._kds = KdsClient(settings) if settings is not None else None
         self._refresh_before = refresh_before
@@ -376,6 +382,11 @@ class CollateralService:
             if key in self._absent:
                 raise _no_such_vcek(product)
             return None
+        if self._vcek_fetch_gate is not None and not self._vcek_fetch_gate():
+            raise CollateralUnavailable(
+                "too many VCEK fetches from AMD KDS for this caller's reports; retry shortly",
+                reason=Reason.COLLATERAL_FETCH_RATE_LIMITED,
+            )
         chip = f"{product}:{report.chip_id_for_kds().hex()}"
         self._claim_vcek_fetch(chip)
         try:

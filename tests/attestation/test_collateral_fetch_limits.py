@@ -11,6 +11,7 @@ runs per chip and a few at once overall; further requests are refused UNAVAILABL
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from strongroom.attestation.abi.snp import TcbVersion, parse_snp_report
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
 from strongroom.errors import StrongroomError
+from strongroom.keybroker import fetch_budget
 from strongroom.keybroker.refusals import callers_fault
 from strongroom.reasons import Reason
 from tests.attestation.collateral_server import FakeCollateralServer, serve
@@ -126,3 +128,45 @@ def test_a_report_that_does_not_name_its_product_is_refused_without_a_fetch(  # 
     )
     assert callers_fault(refused.value)
     assert server.requests == []
+
+
+def test_a_callers_vcek_fetches_are_budgeted_in_rate_not_only_in_number_at_once(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, monkeypatch
+) -> None:
+    """Fetches at once were bounded (COLLATERAL_FETCH_BUSY) and each failure remembered for a
+    minute, but a caller naming a new made-up chip in every report had KDS asked at its own pace.
+    Each caller now has a budget of fetches (burst, then a rate), refused past it with no request;
+    another caller, and fetches outside any caller's verification, are not held back."""
+    monkeypatch.setattr(fetch_budget, "VCEK_FETCH_BURST", 3)
+    now = [0.0]
+    settings = FetchSettings(kds_url=server.url, pcs_url=server.url, retries=0)
+    service = CollateralService(
+        CollateralCache(tmp_path, sim_trust),
+        settings,
+        vcek_fetch_gate=fetch_budget.VcekFetchBudget(lambda: now[0]),
+    )
+    snp = authority.snp()
+    chips = iter(bytes([i + 1]) * 64 for i in range(100))
+
+    def ask(caller: str | None) -> str:
+        report = parse_snp_report(snp.report(RD, measurement=MEAS, chip_id=next(chips)))
+        with fetch_budget.fetching_for(caller) if caller else contextlib.nullcontext():
+            try:
+                service.snp_key_certificate(report)
+            except StrongroomError as exc:
+                assert callers_fault(exc)  # recorded against the caller's budget
+                return exc.reason
+        return "vcek"
+
+    assert [ask("spiffe://t/a") for _ in range(5)] == ["VCEK_NOT_FOUND"] * 3 + [
+        "COLLATERAL_FETCH_RATE_LIMITED"
+    ] * 2
+    assert len(server.requests) == 3  # the refused ones asked KDS nothing
+    assert ask("spiffe://t/b") == "VCEK_NOT_FOUND"  # another caller has its own budget
+    assert ask(None) == "VCEK_NOT_FOUND"  # not a caller's verification: not budgeted
+    now[0] += 1.0 / fetch_budget.VCEK_FETCH_RATE  # one more a second
+    assert [ask("spiffe://t/a") for _ in range(2)] == [
+        "VCEK_NOT_FOUND",
+        "COLLATERAL_FETCH_RATE_LIMITED",
+    ]
+    assert len(server.requests) == 6
