@@ -751,9 +751,7 @@ class KeyManager:
                 # Read after the re-wrap, not before, so that a disable landing while the HSM
                 # re-wraps refuses this release (its output is dropped): one answered was wholly
                 # before the disable, as the HSM's own flag check made it for a modifiable KEK.
-                # Read straight through the module (python-pkcs11's attribute read made this
-                # ~60 us of each release's HSM job; this is a few).
-                hs.direct.read_into(kek.enablers[0].key.handle, Attribute.CLASS, bytearray(8))
+                _ = kek.enablers[0].key[Attribute.CLASS]
             if len(out) != len(ephemeral.modulus):
                 raise Internal(
                     "the HSM returned an OAEP block of the wrong size", reason=Reason.HSM_ERROR
