@@ -10,12 +10,18 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+import textwrap
 from collections.abc import Iterator
 
 import pytest
+import yaml
 
 from strongroom.cli.main import build_parser
+from strongroom.inference.config import InferenceConfig
+from strongroom.keybroker.config import KeybrokerConfig
+from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.reasons import Reason
+from strongroom.runtime.config import build
 from tests.conftest import REPO
 
 DOCS = (
@@ -207,3 +213,22 @@ def test_every_reason_code_the_docs_name_is_catalogued(doc: str) -> None:
         ):
             unknown |= {w for w in words if w not in known}
     assert sorted(unknown) == []
+
+
+def test_the_service_configuration_examples_load() -> None:
+    """A ```yaml block of the docs with a service's section (README's S3 store, say) builds with
+    that service's real configuration class: an unknown or mistyped key is an error there."""
+    sections: dict[str, type] = {
+        "keybroker": KeybrokerConfig,
+        "modelstore": ModelstoreConfig,
+        "inference": InferenceConfig,
+    }
+    loaded = 0
+    for doc in DOCS:
+        for block in re.findall(r"```ya?ml\n(.*?)```", _doc(doc), flags=re.S):
+            data = yaml.safe_load(textwrap.dedent(block))
+            for name, section in data.items() if isinstance(data, dict) else ():
+                if name in sections:
+                    build(sections[name], section, f"{doc}: {name}")
+                    loaded += 1
+    assert loaded >= 1
