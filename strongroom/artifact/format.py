@@ -339,7 +339,7 @@ def check_prefix(data: bytes | bytearray | memoryview) -> int | None:
 
 
 def _check_ascii(
-    value: str, pattern: re.Pattern[str], max_len: int, reason: str, what: str
+    value: str, pattern: re.Pattern[str], max_len: int, reason: Reason, what: str
 ) -> None:
     if not value:
         raise _invalid(reason, f"{what} is empty")
@@ -356,7 +356,7 @@ def _check_key_fields(
     wrapped: bytes,
 ) -> None:
     """The rules shared by the format-1 header fields 4-7 and the key slot (formats 2 and 3)."""
-    _check_ascii(key_id, _KEY_ID, MAX_KEY_ID_LENGTH, "INVALID_KEY_ID", "key id")
+    _check_ascii(key_id, _KEY_ID, MAX_KEY_ID_LENGTH, Reason.INVALID_KEY_ID, "key id")
     if key_version < 1:
         raise _invalid(Reason.INVALID_KEY_VERSION, "key version must be at least 1")
     if wrap_mechanism not in HEADER_WRAP_MECHANISMS:
@@ -374,21 +374,25 @@ def _check_key_fields(
 
 
 def _validate(msg: header_pb2.ArtifactHeader, format_version: int) -> None:
-    _check_ascii(msg.model_name, _NAME, MAX_NAME_LENGTH, "INVALID_MODEL_NAME", "model name")
+    _check_ascii(msg.model_name, _NAME, MAX_NAME_LENGTH, Reason.INVALID_MODEL_NAME, "model name")
     _check_ascii(
-        msg.model_version, _VERSION, MAX_VERSION_LENGTH, "INVALID_MODEL_VERSION", "model version"
+        msg.model_version,
+        _VERSION,
+        MAX_VERSION_LENGTH,
+        Reason.INVALID_MODEL_VERSION,
+        "model version",
     )
     _check_ascii(
         msg.content_type,
         _MEDIA_TYPE,
         MAX_CONTENT_TYPE_LENGTH,
-        "INVALID_CONTENT_TYPE",
+        Reason.INVALID_CONTENT_TYPE,
         "content type",
     )
     if format_version == FORMAT_V1:
         _check_key_fields(msg.key_id, msg.key_version, msg.wrap_mechanism, msg.wrapped_data_key)
     else:
-        _check_ascii(msg.key_id, _KEY_ID, MAX_KEY_ID_LENGTH, "INVALID_KEY_ID", "key id")
+        _check_ascii(msg.key_id, _KEY_ID, MAX_KEY_ID_LENGTH, Reason.INVALID_KEY_ID, "key id")
         # One place for the wrapped key: a key-slot header that also carried one would leave a
         # reader to choose between a bound copy and a replaceable one.
         if msg.key_version or msg.wrapped_data_key or msg.wrap_mechanism:
@@ -418,7 +422,7 @@ def _validate(msg: header_pb2.ArtifactHeader, format_version: int) -> None:
             msg.signature_bundle_media_type,
             _MEDIA_TYPE,
             MAX_MEDIA_TYPE_LENGTH,
-            "INVALID_SIGNATURE_BUNDLE",
+            Reason.INVALID_SIGNATURE_BUNDLE,
             "signature bundle media type",
         )
     elif msg.signature_bundle_media_type:
