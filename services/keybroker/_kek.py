@@ -25,12 +25,12 @@ an extra use, rename it into another key's identity or copy it. Nothing the brok
   a rival, and reaped the same way.
 - *State*: a version with an immutable KEK is enabled while an enabler of it exists (and every
   candidate's ``CKA_WRAP`` and ``CKA_UNWRAP`` are set, as they always are for one). Disabling
-  destroys its enablers, enabling makes one. The HSM cannot refuse an immutable KEK, so every release
-  reads an attribute of the version's enabler through the handle it holds (one
-  ``C_GetAttributeValue``, after the re-wrap, so that a disable landing during it refuses the
-  release too): an enabler that another replica destroyed answers
-  ``CKR_OBJECT_HANDLE_INVALID`` at once — SoftHSM2 too, across instances — and the release looks the
-  key up again and is refused, whatever its lookup cache holds. (A disable *marker* object would not
+  destroys its enablers, enabling makes one. The HSM cannot refuse an immutable KEK, so every release,
+  re-wrap and new data key reads an attribute of the version's enabler through the handle it holds
+  (one ``C_GetAttributeValue`` per version used, *after* the HSM used it, so that a disable landing
+  during the HSM call refuses the operation too): an enabler that another replica destroyed answers
+  ``CKR_OBJECT_HANDLE_INVALID`` at once — SoftHSM2 too, across instances — and the operation looks
+  the key up again and is refused (``KEY_DISABLED``), whatever its lookup cache holds. (A disable *marker* object would not
   do that: a replica learns of a new object only by searching, which the cache exists to avoid.)
 - *KEKs created before* (``CKA_MODIFIABLE=true``) keep working: disabling also clears their
   ``CKA_WRAP``/``CKA_UNWRAP`` as before (so the HSM itself refuses them), enabling sets them again.

@@ -252,10 +252,45 @@ def test_a_kek_whose_value_left_or_came_from_outside_the_token_is_never_used(
     assert km.generate_data_key("planted", *MODEL).version == 2
 
 
+@pytest.fixture
+def replica(softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]) -> Callable[[], KeyManager]:
+    """Opens another broker's key manager on the test's token (its own SoftHSM2 instance, as a
+    replica on another host), once the test has made the objects it should see."""
+    return lambda: KeyManager(
+        open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b")))
+    )
+
+
+def _disable_during(
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+    other: KeyManager,
+    key_id: str,
+    version: int,
+    *,
+    after: bool = False,
+) -> list[Any]:
+    """Has ``other`` disable ``version`` once, while this replica's operation is in its HSM call
+    ``step`` (a function of :mod:`keys`): right before it (``after``: once the HSM's own checks
+    are behind it, right after it). Returns the list that receives the disable's answer."""
+    real = getattr(keys_module, step)
+    disabled: list[Any] = []
+
+    def disabled_meanwhile(*args: Any) -> Any:
+        if not disabled and not after:  # once: the retry after the stale enabler runs as it is
+            disabled.append(other.disable_key(key_id, version))
+        out = real(*args)
+        if not disabled and after:
+            disabled.append(other.disable_key(key_id, version))
+        return out
+
+    monkeypatch.setattr(keys_module, step, disabled_meanwhile)
+    return disabled
+
+
 def test_a_disable_that_lands_while_the_hsm_rewraps_refuses_the_release(
-    softhsm_token: SoftHsmToken,
     km: KeyManager,
-    open_hsm: Callable[..., Hsm],
+    replica: Callable[[], KeyManager],
     tee_key: rsa.RSAPrivateKey,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -265,17 +300,52 @@ def test_a_disable_that_lands_while_the_hsm_rewraps_refuses_the_release(
     refused by the HSM inside the re-wrap itself."""
     km.create_key("race")
     key = km.generate_data_key("race", *MODEL)
-    other = KeyManager(open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b"))))
-    real = keys_module._release_with
-    disabled: list[Any] = []
-
-    def disabled_meanwhile(*args: Any) -> bytes:
-        if not disabled:  # once: the retry after the stale enabler runs as it is
-            disabled.append(other.disable_key("race", 1))
-        return real(*args)
-
-    monkeypatch.setattr(keys_module, "_release_with", disabled_meanwhile)
+    disabled = _disable_during(monkeypatch, "_release_with", replica(), "race", 1)
     with pytest.raises(FailedPrecondition) as info:
         km.release_to_ephemeral("race", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
     assert info.value.reason == "KEY_DISABLED"
     assert disabled[0].versions[0].state is KeyState.DISABLED
+
+
+def test_a_disable_that_lands_while_the_hsm_wraps_a_new_data_key_refuses_it(
+    km: KeyManager, replica: Callable[[], KeyManager], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """generate_data_key read the enabler before the HSM wrapped the new data key: a disable on
+    another replica that returned meanwhile still had a data key wrapped under the disabled
+    version handed to a publisher (its model published under a version `keys disable` had
+    retired). It is refused KEY_DISABLED, and the stale enabler does not count against the key."""
+    km.create_key("gen")
+    other = replica()
+    disabled = _disable_during(monkeypatch, "_wrap", other, "gen", 1)
+    with pytest.raises(FailedPrecondition) as info:
+        km.generate_data_key("gen", *MODEL)
+    assert info.value.reason == "KEY_DISABLED"
+    assert disabled[0].versions[0].state is KeyState.DISABLED
+    monkeypatch.undo()
+    assert km.unusable_keys() == {}
+    other.enable_key("gen", 1)
+    assert km.generate_data_key("gen", *MODEL).version == 1
+
+
+@pytest.mark.parametrize("version", [1, 2], ids=["from-version", "to-version"])
+def test_a_disable_of_either_version_that_lands_during_a_rewrap_refuses_it(
+    km: KeyManager, replica: Callable[[], KeyManager], monkeypatch: pytest.MonkeyPatch, version: int
+) -> None:
+    """ReWrap read both versions' enablers before the HSM unwrapped and wrapped: a disable that
+    returned on another replica meanwhile still had the key unwrapped under a disabled version
+    (as a release would be refused) or wrapped *to* one (a model stored under a retired
+    version). Injected between the unwrap and the wrap, it is refused KEY_DISABLED."""
+    km.create_key("move")
+    key = km.generate_data_key("move", *MODEL)
+    km.rotate_key("move")
+    other = replica()
+    disabled = _disable_during(monkeypatch, "_wrap", other, "move", version)
+    with pytest.raises(FailedPrecondition) as info:
+        km.rewrap("move", 1, key.wrapped)
+    assert info.value.reason == "KEY_DISABLED"
+    assert f"version {version} is disabled" in info.value.message
+    assert disabled[0].versions[version - 1].state is KeyState.DISABLED
+    monkeypatch.undo()
+    assert km.unusable_keys() == {}
+    other.enable_key("move", version)
+    assert km.rewrap("move", 1, key.wrapped).version == 2
