@@ -34,6 +34,9 @@ an extra use, rename it into another key's identity or copy it. Nothing the brok
   do that: a replica learns of a new object only by searching, which the cache exists to avoid.)
 - *KEKs created before* (``CKA_MODIFIABLE=true``) keep working: disabling also clears their
   ``CKA_WRAP``/``CKA_UNWRAP`` as before (so the HSM itself refuses them), enabling sets them again.
+  A version with only such KEKs has no enabler: its winner's ``CKA_UNWRAP`` (the first flag a
+  disable clears) is read after each operation instead, so a disable landing after the HSM's own
+  check, before the answer, refuses it too.
   PKCS#11 cannot make them immutable in place (SoftHSM2 refuses ``CKA_MODIFIABLE`` in
   ``C_SetAttributeValue``, and they are not copyable); :func:`modifiable` names them, the broker
   warns about them at start, and a rotation replaces them (rotate, re-wrap, disable the old version).

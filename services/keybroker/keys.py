@@ -1059,7 +1059,8 @@ class KeyManager:
         def op(hs: HsmSession) -> KeyInfo:
             versions = self._require_versions(hs, key_id)
             chosen = versions if version == ALL_VERSIONS else [_pick(key_id, versions, version)]
-            # Unwrap first when disabling so a half-done change errs on the side of refusal.
+            # Unwrap first when disabling so a half-done change errs on the side of refusal (and
+            # the winner's CKA_UNWRAP, the first flag cleared, is what _still_enabled reads).
             order = (
                 (Attribute.UNWRAP, Attribute.WRAP)
                 if not enabled
@@ -1152,14 +1153,25 @@ def _pick(key_id: str, versions: list[_kek.KekVersion], version: int) -> _kek.Ke
 
 
 def _still_enabled(hs: HsmSession, version: _kek.KekVersion) -> None:
-    """Called once the HSM has used ``version`` (and ``_require_enabled`` passed before): a read
-    of its enabler through its handle, which raises a stale-handle error if a disable on any
-    replica destroyed it meanwhile (the caller looks the key up again, and is refused). The HSM
-    cannot refuse an immutable KEK itself; reading before the HSM call instead would miss a
-    disable that lands during it. Straight through the module: python-pkcs11's attribute read
-    costs ~60 us, this a few."""
+    """Called once the HSM has used ``version`` (and ``_require_enabled`` passed before): one
+    attribute read that fails if a disable on any replica returned meanwhile, so the answer is
+    dropped. Straight through the module: python-pkcs11's attribute read costs ~60 us, this a few.
+
+    - With an immutable KEK, its enabler, read through its handle: a stale-handle error if a
+      disable destroyed it (the caller looks the key up again, and is refused). The HSM cannot
+      refuse an immutable KEK itself; reading before the HSM call would miss a disable that
+      lands during it.
+    - With only KEKs made modifiable before, the winner's ``CKA_UNWRAP``: the HSM refused a
+      disabled one inside its call, but not one whose disable landed between its check and this
+      answer. A disable clears that flag first (``KeyManager._set_state``), so a disable that
+      returned has cleared it: KEY_DISABLED."""
     if version.needs_enabler:
         hs.direct.read_into(version.enablers[0].key.handle, Attribute.CLASS, bytearray(8))
+        return
+    flag = bytearray(1)  # CK_BBOOL
+    hs.direct.read_into(version.winner.key.handle, Attribute.UNWRAP, flag)
+    if not flag[0]:
+        raise _disabled_error(version.key_id, version.version)
 
 
 def _disabled_error(key_id: str, version: int) -> FailedPrecondition:

@@ -174,17 +174,7 @@ def hs_clock(hsm: Hsm) -> tuple[Hsm, KeyManager, list[float]]:
 def test_keks_made_modifiable_before_are_named_and_still_disabled_by_their_flags(
     hsm: Hsm, km: KeyManager, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def legacy(hs: HsmSession) -> Any:  # as a broker made them before
-        return hs.session.generate_key(
-            KeyType.AES,
-            256,
-            id=_kek.object_id("old"),
-            label=_kek.label("old", 1, 1_700_000_000_000, "cd" * 8, pending=False),
-            store=True,
-            template={**_kek.KEK_TEMPLATE, Attribute.MODIFIABLE: True},
-        )
-
-    old = hsm.call(legacy)
+    old = hsm.call(functools.partial(_legacy_kek, key_id="old"))
     km.rotate_key("old")
     with caplog.at_level(logging.WARNING, logger="strongroom.keybroker.keys"):
         assert km.warn_modifiable_versions() == {"old": [1]}
@@ -250,6 +240,18 @@ def test_a_kek_whose_value_left_or_came_from_outside_the_token_is_never_used(
     assert info.value.reason == "WRAPPED_KEY_INVALID"
     assert km.rotate_key("planted").current_version == 2  # its own version 2, not the planted one
     assert km.generate_data_key("planted", *MODEL).version == 2
+
+
+def _legacy_kek(hs: HsmSession, key_id: str) -> Any:
+    """Version 1 of ``key_id`` as a broker made it before KEKs were immutable (no enabler)."""
+    return hs.session.generate_key(
+        KeyType.AES,
+        256,
+        id=_kek.object_id(key_id),
+        label=_kek.label(key_id, 1, 1_700_000_000_000, "cd" * 8, pending=False),
+        store=True,
+        template={**_kek.KEK_TEMPLATE, Attribute.MODIFIABLE: True},
+    )
 
 
 @pytest.fixture
@@ -349,3 +351,35 @@ def test_a_disable_of_either_version_that_lands_during_a_rewrap_refuses_it(
     assert km.unusable_keys() == {}
     other.enable_key("move", version)
     assert km.rewrap("move", 1, key.wrapped).version == 2
+
+
+@pytest.mark.parametrize("operation", ["release", "generate_data_key", "rewrap"])
+def test_a_disable_that_returns_right_after_the_hsm_used_a_modifiable_kek_refuses_the_answer(
+    hsm: Hsm,
+    km: KeyManager,
+    replica: Callable[[], KeyManager],
+    tee_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    operation: str,
+) -> None:
+    """A KEK made modifiable before is refused by the HSM itself once disabled (its flags), but
+    only inside the call: a disable that returned on another replica after the unwrap or wrap and
+    before the answer still had it answered. Its flag is read after the HSM call, as an
+    enabler is."""
+    hsm.call(functools.partial(_legacy_kek, key_id="old"))
+    key = km.generate_data_key("old", *MODEL)
+    if operation == "rewrap":
+        km.rotate_key("old")  # from the modifiable version 1 to an immutable version 2
+    other = replica()
+    step = "_release_with" if operation == "release" else "_wrap"
+    disabled = _disable_during(monkeypatch, step, other, "old", 1, after=True)
+    with pytest.raises(FailedPrecondition) as info:
+        if operation == "release":
+            km.release_to_ephemeral("old", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
+        elif operation == "generate_data_key":
+            km.generate_data_key("old", *MODEL)
+        else:
+            km.rewrap("old", 1, key.wrapped)
+    assert info.value.reason == "KEY_DISABLED"
+    assert disabled[0].versions[0].state is KeyState.DISABLED
+    assert km.unusable_keys() == {}
