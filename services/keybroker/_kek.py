@@ -65,7 +65,12 @@ the same version despite the pending/check/publish protocol. So a version may ha
 the only one used to wrap; unwrapping tries the winner first and then the others — RFC 5649's
 integrity check tells which candidate a blob was wrapped under — so a data key wrapped under a
 losing candidate stays usable by every replica that can see that candidate. Disabling a version
-disables every candidate. With SoftHSM2, a replica that missed a concurrent creation cannot use data
+disables every candidate and destroys every enabler: two replicas enabling a version at once each
+make one, and the instance that wrote its own last, without a search in between, never sees the
+other's (SoftHSM2 re-reads the token only when another instance wrote to it since its own last
+write), so a disable re-initialises the module before its search (:meth:`Hsm.call`'s
+``reread_token``, ~4 ms); before, it destroyed only the enabler it saw and answered DISABLED while
+the other kept the version enabled on every other replica. With SoftHSM2, a replica that missed a concurrent creation cannot use data
 keys wrapped under the object it missed until it reconnects; rotate on one replica at a time there
 (such a replica also takes the version's enabler for an abandoned attempt once it is a minute old,
 and reaps it: the version then reads disabled everywhere until it is enabled again — closed, not

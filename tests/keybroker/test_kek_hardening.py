@@ -174,16 +174,16 @@ def hs_clock(hsm: Hsm) -> tuple[Hsm, KeyManager, list[float]]:
 def test_keks_made_modifiable_before_are_named_and_still_disabled_by_their_flags(
     hsm: Hsm, km: KeyManager, caplog: pytest.LogCaptureFixture
 ) -> None:
-    old = hsm.call(functools.partial(_legacy_kek, key_id="old"))
+    hsm.call(functools.partial(_legacy_kek, key_id="old"))
     km.rotate_key("old")
     with caplog.at_level(logging.WARNING, logger="strongroom.keybroker.keys"):
         assert km.warn_modifiable_versions() == {"old": [1]}
     (record,) = [r for r in caplog.records if getattr(r, "key_id", None) == "old"]
     assert record.key_versions == [1]  # type: ignore[attr-defined]
     km.disable_key("old", 1)
-    assert hsm.call(lambda _hs: (old[Attribute.WRAP], old[Attribute.UNWRAP])) == (False, False)
+    assert _legacy_flags(hsm, "old") == (False, False)
     km.enable_key("old", 1)
-    assert hsm.call(lambda _hs: (old[Attribute.WRAP], old[Attribute.UNWRAP])) == (True, True)
+    assert _legacy_flags(hsm, "old") == (True, True)
     assert [v.state for v in km.describe_key("old").versions] == [KeyState.ENABLED] * 2
 
 
@@ -240,6 +240,17 @@ def test_a_kek_whose_value_left_or_came_from_outside_the_token_is_never_used(
     assert info.value.reason == "WRAPPED_KEY_INVALID"
     assert km.rotate_key("planted").current_version == 2  # its own version 2, not the planted one
     assert km.generate_data_key("planted", *MODEL).version == 2
+
+
+def _legacy_flags(hsm: Hsm, key_id: str) -> tuple[bool, bool]:
+    """CKA_WRAP and CKA_UNWRAP of the one modifiable KEK of ``key_id``, found afresh (a disable
+    re-initialises the module, which voids the handles found before)."""
+
+    def op(hs: HsmSession) -> tuple[bool, bool]:
+        (kek,) = [o for o in _objects_in(hs, key_id) if o[Attribute.MODIFIABLE]]
+        return kek[Attribute.WRAP], kek[Attribute.UNWRAP]
+
+    return hsm.call(op)
 
 
 def _legacy_kek(hs: HsmSession, key_id: str) -> Any:
@@ -383,3 +394,43 @@ def test_a_disable_that_returns_right_after_the_hsm_used_a_modifiable_kek_refuse
     assert info.value.reason == "KEY_DISABLED"
     assert disabled[0].versions[0].state is KeyState.DISABLED
     assert km.unusable_keys() == {}
+
+
+def test_a_disable_destroys_an_enabler_another_replica_made_at_the_same_moment(
+    hsm: Hsm,
+    km: KeyManager,
+    replica: Callable[[], KeyManager],
+    tee_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two replicas enabling a version at the same moment each make an enabler, and a SoftHSM2
+    instance that wrote its own after the other's, without searching in between, never sees
+    the other's (it re-reads the token only when another instance changed it since its last
+    write). A disable on that replica destroyed only the enabler it saw and answered DISABLED,
+    while every other replica kept releasing under the version."""
+    km.create_key("twice")
+    key = km.generate_data_key("twice", *MODEL)
+    km.disable_key("twice", 1)
+    other = replica()
+    real = keys_module._create_enabler
+    raced: list[Any] = []
+
+    def enabled_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        if not raced:  # km's enable lands between other's search and other's enabler
+            raced.append(None)
+            raced[0] = km.enable_key("twice", 1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(keys_module, "_create_enabler", enabled_meanwhile)
+    other.enable_key("twice", 1)
+    monkeypatch.undo()
+    assert raced[0].versions[0].state is KeyState.ENABLED
+    assert len(_objects(hsm, "twice")) == 3  # the KEK and two enablers
+    answer = other.disable_key("twice", 1)
+    assert answer.versions[0].state is KeyState.DISABLED
+    assert len(_objects(hsm, "twice")) == 1  # the KEK: both enablers went
+    for manager in (km, other):
+        assert manager.describe_key("twice").versions[0].state is KeyState.DISABLED
+        with pytest.raises(FailedPrecondition) as info:
+            manager.release_to_ephemeral("twice", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
+        assert info.value.reason == "KEY_DISABLED"
