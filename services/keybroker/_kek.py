@@ -25,15 +25,18 @@ an extra use, rename it into another key's identity or copy it. Nothing the brok
   a rival, and reaped the same way.
 - *State*: a version with an immutable KEK is enabled while an enabler of it exists (and every
   candidate's ``CKA_WRAP`` and ``CKA_UNWRAP`` are set, as they always are for one). Disabling
-  destroys its enablers, enabling makes one. The HSM cannot refuse an immutable KEK, so every release
-  reads an attribute of the version's enabler through the handle it holds (one
-  ``C_GetAttributeValue``, after the re-wrap, so that a disable landing during it refuses the
-  release too): an enabler that another replica destroyed answers
-  ``CKR_OBJECT_HANDLE_INVALID`` at once — SoftHSM2 too, across instances — and the release looks the
-  key up again and is refused, whatever its lookup cache holds. (A disable *marker* object would not
+  destroys its enablers, enabling makes one. The HSM cannot refuse an immutable KEK, so every release,
+  re-wrap and new data key reads an attribute of the version's enabler through the handle it holds
+  (one ``C_GetAttributeValue`` per version used, *after* the HSM used it, so that a disable landing
+  during the HSM call refuses the operation too): an enabler that another replica destroyed answers
+  ``CKR_OBJECT_HANDLE_INVALID`` at once — SoftHSM2 too, across instances — and the operation looks
+  the key up again and is refused (``KEY_DISABLED``), whatever its lookup cache holds. (A disable *marker* object would not
   do that: a replica learns of a new object only by searching, which the cache exists to avoid.)
 - *KEKs created before* (``CKA_MODIFIABLE=true``) keep working: disabling also clears their
   ``CKA_WRAP``/``CKA_UNWRAP`` as before (so the HSM itself refuses them), enabling sets them again.
+  A version with only such KEKs has no enabler: its winner's ``CKA_UNWRAP`` (the first flag a
+  disable clears) is read after each operation instead, so a disable landing after the HSM's own
+  check, before the answer, refuses it too.
   PKCS#11 cannot make them immutable in place (SoftHSM2 refuses ``CKA_MODIFIABLE`` in
   ``C_SetAttributeValue``, and they are not copyable); :func:`modifiable` names them, the broker
   warns about them at start, and a rotation replaces them (rotate, re-wrap, disable the old version).
@@ -62,7 +65,12 @@ the same version despite the pending/check/publish protocol. So a version may ha
 the only one used to wrap; unwrapping tries the winner first and then the others — RFC 5649's
 integrity check tells which candidate a blob was wrapped under — so a data key wrapped under a
 losing candidate stays usable by every replica that can see that candidate. Disabling a version
-disables every candidate. With SoftHSM2, a replica that missed a concurrent creation cannot use data
+disables every candidate and destroys every enabler: two replicas enabling a version at once each
+make one, and the instance that wrote its own last, without a search in between, never sees the
+other's (SoftHSM2 re-reads the token only when another instance wrote to it since its own last
+write), so a disable re-initialises the module before its search (:meth:`Hsm.call`'s
+``reread_token``, ~4 ms); before, it destroyed only the enabler it saw and answered DISABLED while
+the other kept the version enabled on every other replica. With SoftHSM2, a replica that missed a concurrent creation cannot use data
 keys wrapped under the object it missed until it reconnects; rotate on one replica at a time there
 (such a replica also takes the version's enabler for an abandoned attempt once it is a minute old,
 and reaps it: the version then reads disabled everywhere until it is enabled again — closed, not

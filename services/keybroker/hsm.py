@@ -284,6 +284,7 @@ class _Job:
     deadline: float
     name: str
     creates_objects: bool = True  # counts toward ``recycle_after_operations``
+    reread_token: bool = False  # re-initialise the module first (:meth:`Hsm.submit`)
 
 
 class _WorkSessions:
@@ -541,17 +542,29 @@ class Hsm(Closing):
         timeout: float | None = None,
         name: str = "operation",
         creates_objects: bool = True,
+        reread_token: bool = False,
     ) -> T:
         """Runs ``op`` on the worker thread with the logged-in session; returns its result.
 
         ``creates_objects`` False marks an operation that creates no PKCS#11 objects (a health
-        check): it does not count toward the recycle quota (module doc).
+        check): it does not count toward the recycle quota (module doc). ``reread_token`` re-
+        initialises the module before ``op`` (a few milliseconds, as a recycle), so that its
+        searches find every object in the token: a SoftHSM2 instance re-reads the token's object
+        files only when initialised or when another instance has written to the token since its
+        own last write, so it can miss, for good, an object another instance made just before it
+        wrote one itself (measured: two replicas enabling a version at once).
 
         Raises ``HsmUnavailable`` when the HSM cannot serve it (``HSM_TIMEOUT`` once ``timeout``
         seconds, default ``config.operation_timeout``, have passed), a ``StrongroomError`` raised by
         ``op`` unchanged, and ``Internal(HSM_ERROR)`` for any other PKCS#11 error.
         """
-        return self.submit(op, timeout=timeout, name=name, creates_objects=creates_objects).result()
+        return self.submit(
+            op,
+            timeout=timeout,
+            name=name,
+            creates_objects=creates_objects,
+            reread_token=reread_token,
+        ).result()
 
     def submit(
         self,
@@ -560,6 +573,7 @@ class Hsm(Closing):
         timeout: float | None = None,
         name: str = "operation",
         creates_objects: bool = True,
+        reread_token: bool = False,
     ) -> HsmCall[T]:
         """Queues ``op`` as :meth:`call` does and returns at once; :meth:`HsmCall.result` waits
         for it, so the caller can do other work (the key broker's audit commit) meanwhile."""
@@ -570,7 +584,7 @@ class Hsm(Closing):
             raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED)
         deadline = time.monotonic() + limit
         call: HsmCall[T] = HsmCall(name, limit, deadline)
-        self._queue.put(_Job(op, call, deadline, name, creates_objects))
+        self._queue.put(_Job(op, call, deadline, name, creates_objects, reread_token))
         return call
 
     def check_health(self, *, timeout: float | None = None) -> None:
@@ -617,6 +631,8 @@ class Hsm(Closing):
             raise HsmUnavailable(
                 f"{job.name} waited past its deadline for the HSM", reason=Reason.HSM_TIMEOUT
             )
+        if job.reread_token and self._conn is not None:
+            self._reread_token(job.name)
         conn = self._ensure_connected()
         try:
             hs = conn.sessions.acquire()
@@ -654,6 +670,18 @@ class Hsm(Closing):
         _log.info(
             "HSM connection recycled to free the module's session objects",
             extra={"token": self._config.token_label, "recycles": self._recycles},
+        )
+
+    def _reread_token(self, name: str) -> None:
+        """Closes the connection so that the next operation's re-initialisation re-reads every
+        object of the token (:meth:`call`'s ``reread_token``); planned, as a recycle is."""
+        assert self._conn is not None
+        self._conn.close()
+        self._conn = None
+        self._recycling = True
+        _log.info(
+            "HSM connection re-initialised to re-read the token's objects",
+            extra={"token": self._config.token_label, "operation": name},
         )
 
     def _translate(self, exc: p11x.PKCS11Error, conn: _Connection, name: str) -> StrongroomError:

@@ -174,26 +174,16 @@ def hs_clock(hsm: Hsm) -> tuple[Hsm, KeyManager, list[float]]:
 def test_keks_made_modifiable_before_are_named_and_still_disabled_by_their_flags(
     hsm: Hsm, km: KeyManager, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def legacy(hs: HsmSession) -> Any:  # as a broker made them before
-        return hs.session.generate_key(
-            KeyType.AES,
-            256,
-            id=_kek.object_id("old"),
-            label=_kek.label("old", 1, 1_700_000_000_000, "cd" * 8, pending=False),
-            store=True,
-            template={**_kek.KEK_TEMPLATE, Attribute.MODIFIABLE: True},
-        )
-
-    old = hsm.call(legacy)
+    hsm.call(functools.partial(_legacy_kek, key_id="old"))
     km.rotate_key("old")
     with caplog.at_level(logging.WARNING, logger="strongroom.keybroker.keys"):
         assert km.warn_modifiable_versions() == {"old": [1]}
     (record,) = [r for r in caplog.records if getattr(r, "key_id", None) == "old"]
     assert record.key_versions == [1]  # type: ignore[attr-defined]
     km.disable_key("old", 1)
-    assert hsm.call(lambda _hs: (old[Attribute.WRAP], old[Attribute.UNWRAP])) == (False, False)
+    assert _legacy_flags(hsm, "old") == (False, False)
     km.enable_key("old", 1)
-    assert hsm.call(lambda _hs: (old[Attribute.WRAP], old[Attribute.UNWRAP])) == (True, True)
+    assert _legacy_flags(hsm, "old") == (True, True)
     assert [v.state for v in km.describe_key("old").versions] == [KeyState.ENABLED] * 2
 
 
@@ -252,10 +242,68 @@ def test_a_kek_whose_value_left_or_came_from_outside_the_token_is_never_used(
     assert km.generate_data_key("planted", *MODEL).version == 2
 
 
+def _legacy_flags(hsm: Hsm, key_id: str) -> tuple[bool, bool]:
+    """CKA_WRAP and CKA_UNWRAP of the one modifiable KEK of ``key_id``, found afresh (a disable
+    re-initialises the module, which voids the handles found before)."""
+
+    def op(hs: HsmSession) -> tuple[bool, bool]:
+        (kek,) = [o for o in _objects_in(hs, key_id) if o[Attribute.MODIFIABLE]]
+        return kek[Attribute.WRAP], kek[Attribute.UNWRAP]
+
+    return hsm.call(op)
+
+
+def _legacy_kek(hs: HsmSession, key_id: str) -> Any:
+    """Version 1 of ``key_id`` as a broker made it before KEKs were immutable (no enabler)."""
+    return hs.session.generate_key(
+        KeyType.AES,
+        256,
+        id=_kek.object_id(key_id),
+        label=_kek.label(key_id, 1, 1_700_000_000_000, "cd" * 8, pending=False),
+        store=True,
+        template={**_kek.KEK_TEMPLATE, Attribute.MODIFIABLE: True},
+    )
+
+
+@pytest.fixture
+def replica(softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]) -> Callable[[], KeyManager]:
+    """Opens another broker's key manager on the test's token (its own SoftHSM2 instance, as a
+    replica on another host), once the test has made the objects it should see."""
+    return lambda: KeyManager(
+        open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b")))
+    )
+
+
+def _disable_during(
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+    other: KeyManager,
+    key_id: str,
+    version: int,
+    *,
+    after: bool = False,
+) -> list[Any]:
+    """Has ``other`` disable ``version`` once, while this replica's operation is in its HSM call
+    ``step`` (a function of :mod:`keys`): right before it (``after``: once the HSM's own checks
+    are behind it, right after it). Returns the list that receives the disable's answer."""
+    real = getattr(keys_module, step)
+    disabled: list[Any] = []
+
+    def disabled_meanwhile(*args: Any) -> Any:
+        if not disabled and not after:  # once: the retry after the stale enabler runs as it is
+            disabled.append(other.disable_key(key_id, version))
+        out = real(*args)
+        if not disabled and after:
+            disabled.append(other.disable_key(key_id, version))
+        return out
+
+    monkeypatch.setattr(keys_module, step, disabled_meanwhile)
+    return disabled
+
+
 def test_a_disable_that_lands_while_the_hsm_rewraps_refuses_the_release(
-    softhsm_token: SoftHsmToken,
     km: KeyManager,
-    open_hsm: Callable[..., Hsm],
+    replica: Callable[[], KeyManager],
     tee_key: rsa.RSAPrivateKey,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -265,17 +313,124 @@ def test_a_disable_that_lands_while_the_hsm_rewraps_refuses_the_release(
     refused by the HSM inside the re-wrap itself."""
     km.create_key("race")
     key = km.generate_data_key("race", *MODEL)
-    other = KeyManager(open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b"))))
-    real = keys_module._release_with
-    disabled: list[Any] = []
-
-    def disabled_meanwhile(*args: Any) -> bytes:
-        if not disabled:  # once: the retry after the stale enabler runs as it is
-            disabled.append(other.disable_key("race", 1))
-        return real(*args)
-
-    monkeypatch.setattr(keys_module, "_release_with", disabled_meanwhile)
+    disabled = _disable_during(monkeypatch, "_release_with", replica(), "race", 1)
     with pytest.raises(FailedPrecondition) as info:
         km.release_to_ephemeral("race", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
     assert info.value.reason == "KEY_DISABLED"
     assert disabled[0].versions[0].state is KeyState.DISABLED
+
+
+def test_a_disable_that_lands_while_the_hsm_wraps_a_new_data_key_refuses_it(
+    km: KeyManager, replica: Callable[[], KeyManager], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """generate_data_key read the enabler before the HSM wrapped the new data key: a disable on
+    another replica that returned meanwhile still had a data key wrapped under the disabled
+    version handed to a publisher (its model published under a version `keys disable` had
+    retired). It is refused KEY_DISABLED, and the stale enabler does not count against the key."""
+    km.create_key("gen")
+    other = replica()
+    disabled = _disable_during(monkeypatch, "_wrap", other, "gen", 1)
+    with pytest.raises(FailedPrecondition) as info:
+        km.generate_data_key("gen", *MODEL)
+    assert info.value.reason == "KEY_DISABLED"
+    assert disabled[0].versions[0].state is KeyState.DISABLED
+    monkeypatch.undo()
+    assert km.unusable_keys() == {}
+    other.enable_key("gen", 1)
+    assert km.generate_data_key("gen", *MODEL).version == 1
+
+
+@pytest.mark.parametrize("version", [1, 2], ids=["from-version", "to-version"])
+def test_a_disable_of_either_version_that_lands_during_a_rewrap_refuses_it(
+    km: KeyManager, replica: Callable[[], KeyManager], monkeypatch: pytest.MonkeyPatch, version: int
+) -> None:
+    """ReWrap read both versions' enablers before the HSM unwrapped and wrapped: a disable that
+    returned on another replica meanwhile still had the key unwrapped under a disabled version
+    (as a release would be refused) or wrapped *to* one (a model stored under a retired
+    version). Injected between the unwrap and the wrap, it is refused KEY_DISABLED."""
+    km.create_key("move")
+    key = km.generate_data_key("move", *MODEL)
+    km.rotate_key("move")
+    other = replica()
+    disabled = _disable_during(monkeypatch, "_wrap", other, "move", version)
+    with pytest.raises(FailedPrecondition) as info:
+        km.rewrap("move", 1, key.wrapped)
+    assert info.value.reason == "KEY_DISABLED"
+    assert f"version {version} is disabled" in info.value.message
+    assert disabled[0].versions[version - 1].state is KeyState.DISABLED
+    monkeypatch.undo()
+    assert km.unusable_keys() == {}
+    other.enable_key("move", version)
+    assert km.rewrap("move", 1, key.wrapped).version == 2
+
+
+@pytest.mark.parametrize("operation", ["release", "generate_data_key", "rewrap"])
+def test_a_disable_that_returns_right_after_the_hsm_used_a_modifiable_kek_refuses_the_answer(
+    hsm: Hsm,
+    km: KeyManager,
+    replica: Callable[[], KeyManager],
+    tee_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    operation: str,
+) -> None:
+    """A KEK made modifiable before is refused by the HSM itself once disabled (its flags), but
+    only inside the call: a disable that returned on another replica after the unwrap or wrap and
+    before the answer still had it answered. Its flag is read after the HSM call, as an
+    enabler is."""
+    hsm.call(functools.partial(_legacy_kek, key_id="old"))
+    key = km.generate_data_key("old", *MODEL)
+    if operation == "rewrap":
+        km.rotate_key("old")  # from the modifiable version 1 to an immutable version 2
+    other = replica()
+    step = "_release_with" if operation == "release" else "_wrap"
+    disabled = _disable_during(monkeypatch, step, other, "old", 1, after=True)
+    with pytest.raises(FailedPrecondition) as info:
+        if operation == "release":
+            km.release_to_ephemeral("old", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
+        elif operation == "generate_data_key":
+            km.generate_data_key("old", *MODEL)
+        else:
+            km.rewrap("old", 1, key.wrapped)
+    assert info.value.reason == "KEY_DISABLED"
+    assert disabled[0].versions[0].state is KeyState.DISABLED
+    assert km.unusable_keys() == {}
+
+
+def test_a_disable_destroys_an_enabler_another_replica_made_at_the_same_moment(
+    hsm: Hsm,
+    km: KeyManager,
+    replica: Callable[[], KeyManager],
+    tee_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two replicas enabling a version at the same moment each make an enabler, and a SoftHSM2
+    instance that wrote its own after the other's, without searching in between, never sees
+    the other's (it re-reads the token only when another instance changed it since its last
+    write). A disable on that replica destroyed only the enabler it saw and answered DISABLED,
+    while every other replica kept releasing under the version."""
+    km.create_key("twice")
+    key = km.generate_data_key("twice", *MODEL)
+    km.disable_key("twice", 1)
+    other = replica()
+    real = keys_module._create_enabler
+    raced: list[Any] = []
+
+    def enabled_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        if not raced:  # km's enable lands between other's search and other's enabler
+            raced.append(None)
+            raced[0] = km.enable_key("twice", 1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(keys_module, "_create_enabler", enabled_meanwhile)
+    other.enable_key("twice", 1)
+    monkeypatch.undo()
+    assert raced[0].versions[0].state is KeyState.ENABLED
+    assert len(_objects(hsm, "twice")) == 3  # the KEK and two enablers
+    answer = other.disable_key("twice", 1)
+    assert answer.versions[0].state is KeyState.DISABLED
+    assert len(_objects(hsm, "twice")) == 1  # the KEK: both enablers went
+    for manager in (km, other):
+        assert manager.describe_key("twice").versions[0].state is KeyState.DISABLED
+        with pytest.raises(FailedPrecondition) as info:
+            manager.release_to_ephemeral("twice", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
+        assert info.value.reason == "KEY_DISABLED"
