@@ -281,14 +281,33 @@ class KeyService:
         self, caller: Caller, key_id: str, model_name: str, model_version: str
     ) -> DataKey:
         """A fresh data key bound to ``model_name``/``model_version`` and its wrapped form; the
-        caller must wipe it. Audited first, with the model it was bound to.
+        caller must wipe it. Audited first, with the model it was bound to; so is a refusal, the
+        HSM side's (KEY_NOT_FOUND, KEY_DISABLED, ...) as the policy's.
 
         When the key's release policy lists ``publishers``, only those may get data keys under
         it, each for its model names; a refusal is audited (PermissionDenied). A key without a
         policy (nothing can be released under it yet) or a policy without ``publishers``
         admits every publisher; a policy that cannot be read admits none."""
         judged_by = self._check_publisher(caller, key_id, model_name, model_version)
-        data_key = self._keys.generate_data_key(key_id, model_name, model_version)
+        try:
+            data_key = self._keys.generate_data_key(key_id, model_name, model_version)
+        except StrongroomError as exc:
+            # The HSM side's refusals (no such key, a disabled current version, the HSM down)
+            # were raised unrecorded: only the policy's were in the log.
+            budgeted = callers_fault(exc)
+            if budgeted:
+                self._data_key_refusals.spend(caller)
+            self._record_refusal(
+                self._data_key_refusals,
+                caller,
+                "generate_data_key",
+                key_id=key_id,
+                refusal=exc,
+                claims={"model_name": model_name, "model_version": model_version},
+                budgeted=budgeted,
+                **_naming(judged_by),
+            )
+            raise
         try:
             self._record(
                 caller,

@@ -476,6 +476,27 @@ def test_a_data_key_is_audited_with_the_model_it_is_bound_to(service) -> None:
     assert record["claims"] == {"model_name": "acme/fraud-detector", "model_version": "1.4.0"}
 
 
+def test_a_data_key_the_hsm_side_refuses_is_audited_with_its_reason(service) -> None:
+    """Only the release policy's refusals of GenerateDataKey were recorded: a key that does not
+    exist or whose current version is disabled was refused with no trace in the log."""
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+    keys.disable_key(ADMIN, "k1", 1)
+    for key_id, reason in (("k1", "KEY_DISABLED"), ("nope", "KEY_NOT_FOUND")):
+        with pytest.raises(StrongroomError) as info:
+            keys.generate_data_key(PUBLISHER, key_id, "acme/m", "1")
+        assert info.value.reason == reason
+        record = _records(log)[-1]
+        assert (record["action"], record["decision"], record["reason"]) == (
+            "generate_data_key",
+            "denied",
+            reason,
+        )
+        assert record["key"]["id"] == key_id
+        assert record["caller"]["spiffe_id"] == PUBLISHER.spiffe_id
+        assert record["claims"]["model_name"] == "acme/m"
+
+
 @pytest.mark.parametrize(
     ("name", "version", "reason"),
     [
