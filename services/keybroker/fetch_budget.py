@@ -9,8 +9,9 @@ the broker's address and hold back the genuine first verifications of new machin
 
 Each caller (its verified SPIFFE ID) has :data:`VCEK_FETCH_BURST` fetches at once, then
 :data:`VCEK_FETCH_RATE` a second; past that a release whose report needs a fetch is refused
-``UNAVAILABLE`` ``COLLATERAL_FETCH_RATE_LIMITED`` (retry later) without asking KDS. Releases
-whose VCEK is cached or carried in the evidence are never counted. The burst is sized for a
+``UNAVAILABLE`` ``COLLATERAL_FETCH_RATE_LIMITED`` (retry later) without asking KDS. Only a request
+that goes to KDS is counted: not a release whose VCEK is cached or carried in the evidence, nor
+one refused ``COLLATERAL_FETCH_BUSY`` (the budget is asked once a fetch slot is taken). The burst is sized for a
 fleet, whose replicas share one SPIFFE ID: 64 machines new to the broker (or after a TCB update,
 which needs each chip's new VCEK) fetch at once, the next one a second.
 """

@@ -382,13 +382,19 @@ class CollateralService:
             if key in self._absent:
                 raise _no_such_vcek(product)
             return None
+        chip = f"{product}:{report.chip_id_for_kds().hex()}"
+        self._claim_vcek_fetch(chip)
+        # The caller's budget is asked only once this request will really go to KDS: asked
+        # before the slot, every COLLATERAL_FETCH_BUSY (another VM on the same chip being
+        # fetched, the slots taken by others) spent a fetch that never happened, and a fleet's
+        # cold start ran out of its burst on refusals.
         if self._vcek_fetch_gate is not None and not self._vcek_fetch_gate():
+            with self._lock:
+                self._vcek_fetching.discard(chip)
             raise CollateralUnavailable(
                 "too many VCEK fetches from AMD KDS for this caller's reports; retry shortly",
                 reason=Reason.COLLATERAL_FETCH_RATE_LIMITED,
             )
-        chip = f"{product}:{report.chip_id_for_kds().hex()}"
-        self._claim_vcek_fetch(chip)
         try:
             der = self._kds.vcek(product, report)
         except CollateralUnavailable:

@@ -2,7 +2,8 @@
 
 It serves whatever documents a test puts in :attr:`FakeCollateralServer.docs` under the exact URL
 paths and issuer-chain headers of the real services, and can be told to fail (``status``), to be
-slow (``delay``) or to send another chain. It records every path it was asked for.
+slow (``delay``), to hold its answers until released (``hold``) or to send another chain. It
+records every path it was asked for.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class FakeCollateralServer:
         self.requests: list[str] = []
         self.status: int | None = None  # answer every request with this status
         self.delay = 0.0
+        # While set, each request waits for this event (at most 30 s) before it is answered;
+        # ``arrived`` is released once per request held, so a test knows a fetch is in flight.
+        self.hold: threading.Event | None = None
+        self.arrived = threading.Semaphore(0)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,6 +48,10 @@ class FakeCollateralServer:
                 server.requests.append(self.path)
                 if server.delay:
                     time.sleep(server.delay)
+                hold = server.hold
+                if hold is not None:
+                    server.arrived.release()
+                    hold.wait(30)
                 if server.status is not None:
                     self.send_response(server.status)
                     self.end_headers()

@@ -170,3 +170,49 @@ def test_a_callers_vcek_fetches_are_budgeted_in_rate_not_only_in_number_at_once(
         "COLLATERAL_FETCH_RATE_LIMITED",
     ]
     assert len(server.requests) == 6
+
+
+def test_a_fetch_refused_busy_spends_none_of_the_callers_budget(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, monkeypatch
+) -> None:
+    """The budget was asked before a fetch slot was taken, so every COLLATERAL_FETCH_BUSY spent a
+    fetch that never happened: the VMs of one host (one chip) starting together, or a fleet's
+    machines past the slots, used up the fleet's burst on refusals and were then refused
+    COLLATERAL_FETCH_RATE_LIMITED at 1 a second. Only a request that goes to KDS is counted."""
+    monkeypatch.setattr(fetch_budget, "VCEK_FETCH_BURST", 2)
+    settings = FetchSettings(kds_url=server.url, pcs_url=server.url, retries=0)
+    service = CollateralService(
+        CollateralCache(tmp_path, sim_trust),
+        settings,
+        vcek_fetch_gate=fetch_budget.VcekFetchBudget(lambda: 0.0),  # no refill meanwhile
+    )
+    snp = authority.snp()
+    fleet = "spiffe://t/fleet"
+
+    def ask(chip: bytes) -> str:
+        report = parse_snp_report(snp.report(RD, measurement=MEAS, chip_id=chip))
+        with fetch_budget.fetching_for(fleet):
+            try:
+                service.snp_key_certificate(report)
+            except StrongroomError as exc:
+                return exc.reason
+        return "vcek"
+
+    host = b"\x11" * 64
+    server.hold = threading.Event()
+    first: list[str] = []
+    fetching = threading.Thread(target=lambda: first.append(ask(host)))
+    fetching.start()
+    try:
+        assert server.arrived.acquire(timeout=30)  # the first VM's fetch is at KDS
+        # The host's other VMs, while its chip's VCEK is being fetched: refused, nothing spent.
+        assert [ask(host) for _ in range(3)] == ["COLLATERAL_FETCH_BUSY"] * 3
+    finally:
+        server.hold.set()
+        fetching.join(30)
+    assert first == ["VCEK_NOT_FOUND"]
+    server.hold = None
+    # The budget still has the fetch the refusals did not make (before: RATE_LIMITED).
+    assert ask(b"\x22" * 64) == "VCEK_NOT_FOUND"
+    assert ask(b"\x33" * 64) == "COLLATERAL_FETCH_RATE_LIMITED"
+    assert len(server.requests) == 2
