@@ -294,9 +294,6 @@ class KeyService:
         except StrongroomError as exc:
             # The HSM side's refusals (no such key, a disabled current version, the HSM down)
             # were raised unrecorded: only the policy's were in the log.
-            budgeted = callers_fault(exc)
-            if budgeted:
-                self._data_key_refusals.spend(caller)
             self._record_refusal(
                 self._data_key_refusals,
                 caller,
@@ -304,7 +301,6 @@ class KeyService:
                 key_id=key_id,
                 refusal=exc,
                 claims={"model_name": model_name, "model_version": model_version},
-                budgeted=budgeted,
                 **_naming(judged_by),
             )
             raise
@@ -352,9 +348,6 @@ class KeyService:
                 return judged_by
             except StrongroomError as exc:
                 refusal = exc
-        budgeted = callers_fault(refusal)
-        if budgeted:
-            self._data_key_refusals.spend(caller)
         self._record_refusal(
             self._data_key_refusals,
             caller,
@@ -362,7 +355,6 @@ class KeyService:
             key_id=key_id,
             refusal=refusal,
             claims=claims,
-            budgeted=budgeted,
             **_naming(judged_by),
         )
         raise refusal
@@ -388,9 +380,6 @@ class KeyService:
         try:
             rewrapped = self._keys.rewrap(key_id, version, wrapped)
         except StrongroomError as exc:
-            budgeted = callers_fault(exc)
-            if budgeted:
-                self._rewrap_refusals.spend(caller)
             self._record_refusal(
                 self._rewrap_refusals,
                 caller,
@@ -398,7 +387,6 @@ class KeyService:
                 key_id=recorded,
                 refusal=exc,
                 claims={"from_key_version": version},
-                budgeted=budgeted,
             )
             # Only a key known to exist is a label: any number of made-up ids would push the real
             # keys' series into the SDK's overflow bucket. Not "any reason but KEY_NOT_FOUND": a
@@ -452,13 +440,16 @@ class KeyService:
         key_id: str | None,
         refusal: StrongroomError,
         claims: Mapping[str, object],
-        budgeted: bool,
         **extra: object,
     ) -> None:
-        """Records ``refusal`` on its own (with ``extra`` fields), with the count of
-        ``caller``'s refusals left unrecorded since its last counting record; should the log
-        refuse the record, that count (and this refusal, when ``budgeted``) is counted again, not
-        lost, and the log's error raised."""
+        """Records ``refusal`` on its own (with ``extra`` fields), spending one of ``caller``'s
+        budget when the refusal is its own (:func:`callers_fault`), with the count of its
+        refusals left unrecorded since its last counting record; should the log refuse the
+        record, that count (and this refusal, when budgeted) is counted again, not lost, and the
+        log's error raised."""
+        budgeted = callers_fault(refusal)
+        if budgeted:
+            budget.spend(caller)
         pending = budget.take_unrecorded(caller)
         try:
             self._refused_on_record(

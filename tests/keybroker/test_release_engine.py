@@ -444,10 +444,21 @@ def test_a_release_under_a_policy_that_is_not_utf8_is_refused_with_its_reason(
     ]
 
 
-def _real_audit_engine(authority, tmp_path, **engine_args) -> tuple[ReleaseEngine, Path]:
-    policies = PolicyStore(tmp_path / "policies", production=False)
+def _real_audit_engine(
+    authority,
+    tmp_path,
+    *,
+    audit_key: Ed25519PrivateKey | None = None,
+    policies_audited: bool = False,
+    **engine_args,
+) -> tuple[ReleaseEngine, Path]:
+    """An engine with a real audit log (its policy store recording documents in force into it
+    with ``policies_audited``)."""
+    audit = AuditLog.open(tmp_path / "audit.log", audit_key or Ed25519PrivateKey.generate())
+    policies = PolicyStore(
+        tmp_path / "policies", production=False, audit=audit if policies_audited else None
+    )
     policies.put("k1", POLICY)
-    audit = AuditLog.open(tmp_path / "audit.log", Ed25519PrivateKey.generate())
     engine = ReleaseEngine(
         keys=FakeKeys([]),  # type: ignore[arg-type]
         challenges=ChallengeIssuer(Secret(os.urandom(32))),
@@ -649,18 +660,9 @@ def test_each_decision_names_its_policy_document_and_a_hand_edit_is_recorded_bef
     documents. Each document is now recorded in force before its first decision, and each
     decision carries its SHA-256; a record that fails leaves the document unused."""
     audit_key = Ed25519PrivateKey.generate()
-    audit = AuditLog.open(tmp_path / "audit.log", audit_key)
-    policies = PolicyStore(tmp_path / "policies", production=False, audit=audit)
-    policies.put("k1", POLICY)  # stored, not yet judged by: nothing recorded
-    engine = ReleaseEngine(
-        keys=FakeKeys([]),  # type: ignore[arg-type]
-        challenges=ChallengeIssuer(Secret(os.urandom(32))),
-        policies=policies,
-        trust=authority.trust_store(),
-        audit=audit,
-        collateral=authority.collateral_source(),
-        signer=ReleaseSigner(SIGNING_KEY),
-    )
+    # The policy is stored, not yet judged by: nothing recorded.
+    engine, _ = _real_audit_engine(authority, tmp_path, audit_key=audit_key, policies_audited=True)
+    audit = engine._audit
 
     def records() -> list[dict[str, Any]]:
         return [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
