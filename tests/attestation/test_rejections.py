@@ -397,8 +397,10 @@ def test_tdx_pck_chain_signature_flip(spr, production) -> None:
     )
 
 
-def test_tdx_expired_collateral(vectors, spr, production) -> None:
-    collateral = [
+def _spr_tcb_info(vectors) -> list[Collateral]:
+    """The SPR vector's TCB info (issued 2023-06-18T08:42:58Z, next update 2023-07-18) and the
+    chain that signed it."""
+    return [
         Collateral(
             CollateralKind.TCB_SIGNING_CHAIN,
             (vectors / "roots/intel/intel_tcb_signing_chain.pem").read_bytes(),
@@ -408,6 +410,10 @@ def test_tdx_expired_collateral(vectors, spr, production) -> None:
             (vectors / "tdx/tcbinfo_50806f000000_gotdxguest.json").read_bytes(),
         ),
     ]
+
+
+def test_tdx_expired_collateral(vectors, spr, production) -> None:
+    collateral = _spr_tcb_info(vectors)
     when = dt.datetime(2023, 8, 1, tzinfo=UTC)
     expect(
         CollateralUnavailable,
@@ -421,16 +427,7 @@ def test_tdx_collateral_not_yet_valid_is_the_verifiers_problem(vectors, spr, pro
     collateral source) is wrong, not the evidence: it was PERMISSION_DENIED, the verdict on a
     caller's evidence, so the broker counted it against the caller's refusal budget instead of
     recording the broker's own fault one by one. It is UNAVAILABLE, as stale collateral is."""
-    collateral = [
-        Collateral(
-            CollateralKind.TCB_SIGNING_CHAIN,
-            (vectors / "roots/intel/intel_tcb_signing_chain.pem").read_bytes(),
-        ),
-        Collateral(
-            CollateralKind.TDX_TCB_INFO,
-            (vectors / "tdx/tcbinfo_50806f000000_gotdxguest.json").read_bytes(),
-        ),
-    ]
+    collateral = _spr_tcb_info(vectors)
     when = dt.datetime(2023, 6, 18, 8, 0, tzinfo=UTC)  # 43 minutes before its issueDate
     refused = expect(
         CollateralUnavailable,
