@@ -142,7 +142,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from strongroom import jsonparse
 from strongroom.closing import Closing
-from strongroom.cryptoparse import KEY_PARSE_ERRORS
+from strongroom.cryptoparse import KEY_PARSE_ERRORS, ed25519_private_key
 from strongroom.errors import DataLoss, InvalidArgument, StrongroomError
 from strongroom.identifiers import DECISION_ID_PATTERN, KEY_ID_PATTERN
 from strongroom.keybroker.audit_head import (
@@ -298,19 +298,8 @@ def new_signing_key() -> tuple[bytes, bytes]:
 
 def load_signing_key(secret: Secret) -> Ed25519PrivateKey:
     """Reads an Ed25519 private key from a Secret holding PKCS#8 PEM or 32 raw bytes."""
-    raw = secret.reveal()
-    try:
-        if raw.lstrip().startswith(b"-----BEGIN"):
-            key = serialization.load_pem_private_key(raw, password=None)
-        elif len(raw) == 32:
-            key = Ed25519PrivateKey.from_private_bytes(raw)
-        else:
-            raise ValueError("unrecognised")
-    except KEY_PARSE_ERRORS:
-        raise InvalidArgument(
-            "the audit signing key is not an Ed25519 private key", reason=Reason.AUDIT_KEY_INVALID
-        ) from None
-    if not isinstance(key, Ed25519PrivateKey):
+    key = ed25519_private_key(secret.reveal())
+    if key is None:
         raise InvalidArgument(
             "the audit signing key is not an Ed25519 private key", reason=Reason.AUDIT_KEY_INVALID
         )

@@ -40,7 +40,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from strongroom.cryptoparse import KEY_PARSE_ERRORS, X509_PARSE_ERRORS
+from strongroom.cryptoparse import KEY_PARSE_ERRORS, X509_PARSE_ERRORS, ed25519_private_key
 from strongroom.errors import InvalidArgument, Unauthenticated
 from strongroom.reasons import Reason
 
@@ -120,16 +120,8 @@ class ReleaseSigner:
 
 def load_signing_key(raw: bytes) -> Ed25519PrivateKey:
     """An Ed25519 private key from PKCS#8 PEM or its 32 raw bytes (a file or variable's value)."""
-    try:
-        if raw.lstrip().startswith(b"-----BEGIN"):
-            key = serialization.load_pem_private_key(raw, password=None)
-        elif len(raw) == 32:
-            key = Ed25519PrivateKey.from_private_bytes(raw)
-        else:
-            raise ValueError("unrecognised")
-    except KEY_PARSE_ERRORS:
-        key = None
-    if not isinstance(key, Ed25519PrivateKey):
+    key = ed25519_private_key(raw)
+    if key is None:
         raise InvalidArgument(
             "the release-signing key is not an Ed25519 private key (PKCS#8 PEM or 32 raw bytes)",
             reason=Reason.RELEASE_SIGNING_KEY_INVALID,
