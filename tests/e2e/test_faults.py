@@ -44,6 +44,7 @@ from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository, ModelState
 from strongroom.pki import WorkloadIdentity
 from tests.e2e.stalling import StallOnce
+from tests.e2e.storepeer import store_peer
 from tests.keybroker.helpers import bound, data_key_request
 
 KEY = "faults"
@@ -292,7 +293,7 @@ def test_artifact_damaged_in_transit_is_data_loss(
 ) -> None:
     _publish(env, model_path, version)
     genuine = _blob(env, version).read_bytes()
-    with _store_peer(_ServeBytes(change(genuine))) as channel, pytest.raises(DataLoss):  # type: ignore[abstract]
+    with store_peer(_ServeBytes(change(genuine))) as channel, pytest.raises(DataLoss):  # type: ignore[abstract]
         _loader(env, channel).load("faulty", version)
 
 
@@ -313,21 +314,6 @@ class _StallingStore(_ServeBytes):
         yield store_pb.GetModelResponse(data=self.data[:-64])
         self.go_on.wait(60)
         yield store_pb.GetModelResponse(data=self.data[-64:])
-
-
-@contextlib.contextmanager
-def _store_peer(store: _ServeBytes, workers: int = 2) -> Iterator[grpc.Channel]:
-    """``store`` served on a local port (plaintext, as a store peer the test controls), and a
-    channel to it; the server stops, cancelling what is in flight, when the block ends."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    store_grpc.add_ModelStoreServiceServicer_to_server(store, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel
-    finally:
-        server.stop(None).wait(30)
 
 
 @contextlib.contextmanager
@@ -364,7 +350,7 @@ def test_a_load_model_call_that_ends_stops_its_download(env: Env, model_path: Pa
     _publish(env, model_path, "stalled")
     store = _StallingStore(_blob(env, "stalled").read_bytes())  # type: ignore[abstract]
     repository = ModelRepository()
-    with _store_peer(store, workers=4) as store_channel:
+    with store_peer(store, workers=4) as store_channel:
         try:
             loader = _loader(env, store_channel, repository)
             with _control_service(loader, repository) as control:
@@ -613,7 +599,7 @@ def test_a_download_that_fails_stops_its_key_release(env: Env, model_path: Path)
     channels = PinnedChannels(inference, env.stack.address("keybroker"), server_name="keybroker")
     repository = ModelRepository()
     decisions = len(env.audit())
-    with _store_peer(store) as store_channel:
+    with store_peer(store) as store_channel:
         try:
             loader = ModelLoader(
                 repository,

@@ -12,7 +12,6 @@ returns safetensors shards equal to the plaintext files.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -25,7 +24,6 @@ import time
 import tracemalloc
 import types
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +62,7 @@ from strongroom.inference.models._ort import ort
 from strongroom.pki import WorkloadIdentity
 from tests.e2e.publishing import put_encrypted
 from tests.e2e.stalling import StallOnce
+from tests.e2e.storepeer import store_peer
 from tests.keybroker.helpers import data_key_request
 
 KEY = "multipart"
@@ -410,7 +409,7 @@ def test_a_part_damaged_in_transit_is_data_loss(
     or longer than its header implies served damaged stored data (DATA_LOSS), it was not sent an
     invalid LoadModel request (INVALID_ARGUMENT)."""
     repository = ModelRepository()
-    with _serving(_ServeChanged(env, changed, change)) as channel:  # type: ignore[abstract]
+    with store_peer(_ServeChanged(env, changed, change), workers=4) as channel:  # type: ignore[abstract]
         loader = ModelLoader(repository, store_channel=channel, key_release=env.key_release())
         with pytest.raises(StrongroomError) as info:
             loader.load(NAME, transit)
@@ -425,7 +424,7 @@ def test_the_client_library_reports_a_part_damaged_in_transit_as_data_loss(
     """The service mapped it, but ModelFetcher itself raised INVALID_ARGUMENT for a part (or a
     manifest) the store streamed short or long: a library caller was told its request was wrong
     when the store's data was."""
-    with _serving(_ServeChanged(env, changed, change)) as channel:  # type: ignore[abstract]
+    with store_peer(_ServeChanged(env, changed, change), workers=4) as channel:  # type: ignore[abstract]
         fetcher = ModelFetcher(channel, env.key_release(), parallel=3)
         with pytest.raises(StrongroomError) as info:
             fetcher.fetch(NAME, transit)
@@ -459,7 +458,7 @@ def test_the_loader_and_the_client_library_judge_a_header_alike(env: Env, transi
     of one check, which had drifted: another version's manifest, served where a single artifact
     was claimed, was FAILED_PRECONDITION ARTIFACT_MISMATCH to the loader and DATA_LOSS
     MANIFEST_MISMATCH (the more precise) to the library. Both now run one check."""
-    with _serving(_ServeManifestAsSingle(env, transit)) as channel:  # type: ignore[abstract]
+    with store_peer(_ServeManifestAsSingle(env, transit), workers=4) as channel:  # type: ignore[abstract]
         loader = ModelLoader(
             ModelRepository(), store_channel=channel, key_release=env.key_release()
         )
@@ -480,7 +479,7 @@ def test_a_store_slowing_every_part_cannot_stretch_a_load_past_its_timeout(
     N / parallel timeouts (hours for a model of a hundred parts at the default 600 s)."""
     timeout = 3.0
     repository = ModelRepository()
-    with _serving(_ServeChanged(env, delay=1.5)) as channel:  # type: ignore[abstract]
+    with store_peer(_ServeChanged(env, delay=1.5), workers=4) as channel:  # type: ignore[abstract]
         loader = ModelLoader(
             repository,
             store_channel=channel,
@@ -495,20 +494,6 @@ def test_a_store_slowing_every_part_cannot_stretch_a_load_past_its_timeout(
     assert (info.value.status_name, info.value.reason) == ("UNAVAILABLE", "FETCH_UNAVAILABLE")
     assert elapsed < 6 * 1.5  # less than the six delays: only the whole-fetch deadline ends it
     assert not repository.is_ready(NAME, transit)
-
-
-@contextlib.contextmanager
-def _serving(store: store_grpc.ModelStoreServiceServicer) -> Iterator[grpc.Channel]:
-    """``store`` served on a local port, and a channel to it."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    store_grpc.add_ModelStoreServiceServicer_to_server(store, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel
-    finally:
-        server.stop(0)
 
 
 def test_the_client_library_returns_safetensors_shards_equal_to_the_files(env: Env) -> None:
