@@ -225,13 +225,7 @@ class ConfigfsTsmAttester:
             text = self._read_text(floor_path) if self._fs.exists(floor_path) else "0"
         finally:
             self._remove(entry)
-        try:
-            floor = int(text)
-        except ValueError:
-            raise AttestationUnavailable(
-                f"configfs-tsm privlevel_floor is not a number: {text[:20]!r}",
-                reason=Reason.TSM_IO_ERROR,
-            ) from None
+        floor = _number(text, "privlevel_floor", Reason.TSM_IO_ERROR)
         if privlevel < floor:
             raise AttestationUnavailable(
                 f"configfs-tsm privlevel {privlevel} is below this guest's privlevel_floor "
@@ -373,14 +367,9 @@ class ConfigfsTsmAttester:
         return True
 
     def _check_generation(self, entry: Path, expected: int) -> None:
-        text = self._read_text(entry / "generation")
-        try:
-            generation = int(text)
-        except ValueError:
-            raise AttestationUnavailable(
-                f"configfs-tsm generation is not a number: {text[:20]!r}",
-                reason=Reason.TSM_GENERATION_MALFORMED,
-            ) from None
+        generation = _number(
+            self._read_text(entry / "generation"), "generation", Reason.TSM_GENERATION_MALFORMED
+        )
         if generation != expected:
             raise _Raced(f"generation {generation}, expected {expected}")
 
@@ -398,6 +387,17 @@ class ConfigfsTsmAttester:
             self._fs.write(path, data)
         except OSError as exc:
             raise _io_error("write", path, exc) from None
+
+
+def _number(text: str, what: str, reason: Reason) -> int:
+    """``text`` (an attribute file's content) as an integer; AttestationUnavailable naming ``what``
+    with ``reason`` when it is not one."""
+    try:
+        return int(text)
+    except ValueError:
+        raise AttestationUnavailable(
+            f"configfs-tsm {what} is not a number: {text[:20]!r}", reason=reason
+        ) from None
 
 
 def _io_error(
