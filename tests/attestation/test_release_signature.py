@@ -5,15 +5,12 @@ tests/e2e/test_release_signature.py's.)"""
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.x509.oid import NameOID
 
 from strongroom.attestation.release_signature import (
     ReleaseSigner,
@@ -24,6 +21,7 @@ from strongroom.attestation.release_signature import (
     signing_key_id,
 )
 from strongroom.errors import StrongroomError
+from tests.certs import self_signed_pem
 
 STATEMENT = ReleaseStatement(
     nonce=b"n" * 89,
@@ -44,23 +42,6 @@ def _pem(key: Ed25519PrivateKey) -> bytes:
     )
 
 
-def _certificate(key: Ed25519PrivateKey) -> bytes:
-    """A self-signed certificate over ``key``: what the Helm chart publishes."""
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "release-signing")])
-    now = dt.datetime.now(dt.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, None)
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM)
-
-
 def test_each_field_is_length_prefixed_under_its_own_label() -> None:
     message = STATEMENT.message()
     assert message.startswith(b"strongroom/keybroker/release-response/v1\x00")
@@ -74,7 +55,7 @@ def test_each_field_is_length_prefixed_under_its_own_label() -> None:
 def test_a_bundle_of_keys_and_certificates_is_read_whole(tmp_path: Path) -> None:
     old, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     bundle = tmp_path / "keys.pem"
-    bundle.write_bytes(_pem(old) + _certificate(new))
+    bundle.write_bytes(_pem(old) + self_signed_pem(new, "release-signing"))
     verifier = ReleaseVerifier.from_files([bundle])
     assert verifier.key_ids == (
         signing_key_id(old.public_key()),

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import socket
 import threading
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from strongroom.runtime.config import ConfigError, TracingConfig, load_service_config
 from strongroom.runtime.tracing import make_tracer_provider, otlp_exporter_options
+from tests.certs import self_signed_pem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,20 +48,8 @@ def _load(
 
 def _pem_pair(tmp_path: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "collector-ca")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
     cert_path, key_path = tmp_path / "ca.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(self_signed_pem(key, "collector-ca"))
     key_path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,

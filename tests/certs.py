@@ -1,0 +1,29 @@
+"""Self-signed certificates for tests that need a certificate over a key and nothing more."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+
+
+def self_signed_pem(key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey, common_name: str) -> bytes:
+    """A PEM certificate over ``key``, signed by it, valid from now for a day."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        # Ed25519 signs without a separate digest.
+        .sign(key, None if isinstance(key, Ed25519PrivateKey) else hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
