@@ -226,7 +226,9 @@ def build(
 ) -> InferenceServer:
     """Builds the (not yet started) inference service and its loader."""
     verifier = release_verifier(common, config)
-    provider = tracer_provider or make_tracer_provider("inference", common.tracing)
+    provider = tracer_provider or make_tracer_provider(
+        "inference", common.tracing, identity=lambda: identity.credentials
+    )
     attester = attester or make_attester(common, config)
     store_id, broker_id = config.server_ids(identity.trust_domain)
     # The scope interceptor sits below the tracing: a traced download is a generator that only

@@ -308,7 +308,9 @@ def build(
             return None
         return "keys the HSM cannot use: " + ", ".join(sorted(unusable))
 
-    provider = tracer_provider or make_tracer_provider("keybroker", common.tracing)
+    provider = tracer_provider or make_tracer_provider(
+        "keybroker", common.tracing, identity=lambda: identity.credentials
+    )
     host = build_host(
         common,
         identity=identity,

@@ -78,7 +78,10 @@ def build(
         identity=identity,
         services=[ServiceSpec(SERVICE_NAME, lambda s: add_to_server(servicer, s))],
         roles=RoleTable(ROLE_RULES),
-        tracer_provider=tracer_provider or make_tracer_provider("modelstore", common.tracing),
+        tracer_provider=tracer_provider
+        or make_tracer_provider(
+            "modelstore", common.tracing, identity=lambda: identity.credentials
+        ),
         message_limits=message_limits(),
     )
     return ModelStore(host=host, storage=storage)

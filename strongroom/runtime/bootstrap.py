@@ -165,9 +165,9 @@ def run_service(
     """``strongroom serve SERVICE``: configure, enrol, build, serve until SIGTERM, drain, close."""
     common, section = load_service_config(config_path, service, section_cls)
     configure_logging(common.logging, service)
-    install_meter_provider(service, common.tracing)
     identity = open_identity(common.identity)
     try:
+        install_meter_provider(service, common.tracing, identity=lambda: identity.credentials)
         if common.production:
             refuse_loopback_names(identity)
         running = build(common, section, identity)

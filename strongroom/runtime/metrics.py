@@ -14,12 +14,24 @@ from typing import Any
 import grpc
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 
+from strongroom.pki.credentials import Credentials
 from strongroom.runtime.config import TracingConfig
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
-from strongroom.runtime.tracing import otlp_exporter_options
+from strongroom.runtime.tracing import (
+    ClientIdentity,
+    Following,
+    follows_identity,
+    otlp_exporter_options,
+)
 
 _meter = metrics.get_meter("strongroom")
 
@@ -45,18 +57,30 @@ MODEL_LOAD_DURATION = _meter.create_histogram(
 
 
 def install_meter_provider(
-    service: str, config: TracingConfig, *, reader: MetricReader | None = None
+    service: str,
+    config: TracingConfig,
+    *,
+    reader: MetricReader | None = None,
+    identity: ClientIdentity | None = None,
 ) -> MeterProvider | None:
-    """Installs the process's meter provider (OTLP when an endpoint is configured)."""
+    """Installs the process's meter provider (OTLP when an endpoint is configured; ``identity``
+    as in :func:`~strongroom.runtime.tracing.make_tracer_provider`)."""
     readers: list[MetricReader] = []
     if reader is not None:
         readers.append(reader)
     elif config.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
-        readers.append(
-            PeriodicExportingMetricReader(OTLPMetricExporter(**otlp_exporter_options(config)))
-        )
+        def build(client: Credentials | None) -> OTLPMetricExporter:
+            return OTLPMetricExporter(**otlp_exporter_options(config, client))
+
+        exporter: MetricExporter
+        if follows_identity(config, identity):
+            assert identity is not None
+            exporter = FollowingMetricExporter(Following(build, identity))
+        else:
+            exporter = build(None)
+        readers.append(PeriodicExportingMetricReader(exporter))
     if not readers:
         return None
     provider = MeterProvider(
@@ -64,6 +88,33 @@ def install_meter_provider(
     )
     metrics.set_meter_provider(provider)
     return provider
+
+
+class FollowingMetricExporter(MetricExporter):
+    """A metric exporter that follows the workload's certificate
+    (:class:`~strongroom.runtime.tracing.Following`)."""
+
+    def __init__(self, following: Following[MetricExporter]) -> None:
+        first = following.current
+        super().__init__(
+            preferred_temporality=first._preferred_temporality,
+            preferred_aggregation=first._preferred_aggregation,
+        )
+        self._following = following
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        """Exports through the exporter for the current certificate."""
+        return self._following.fresh().export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        """Flushes the current exporter."""
+        return self._following.current.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        """Shuts the current exporter down."""
+        self._following.current.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
 class MetricsInterceptor(HandlerInterceptor):

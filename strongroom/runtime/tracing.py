@@ -15,10 +15,11 @@ the "not sampled" flag and leave no span of its calls (:data:`SERVER_SAMPLER`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import Token
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from cryptography import x509
@@ -28,10 +29,16 @@ from opentelemetry import context as otel_context
 from opentelemetry.instrumentation.grpc import client_interceptor, grpcext, server_interceptor
 from opentelemetry.propagate import extract
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
 
+from strongroom.pki.credentials import Credentials
 from strongroom.runtime.config import ConfigError, TracingConfig
 from strongroom.runtime.grpc_types import (
     HandlerInterceptor,
@@ -63,10 +70,26 @@ parent is not sampled still is not (the SDK's rule, unchanged).
 """
 
 
+class _Exporter(Protocol):
+    def shutdown(self) -> None: ...
+
+
+E = TypeVar("E", bound=_Exporter)
+
+#: The workload's current TLS credentials (``WorkloadIdentity.credentials``, read at each export).
+ClientIdentity = Callable[[], Credentials]
+
+
 def make_tracer_provider(
-    service: str, config: TracingConfig, *, exporter: SpanExporter | None = None
+    service: str,
+    config: TracingConfig,
+    *,
+    exporter: SpanExporter | None = None,
+    identity: ClientIdentity | None = None,
 ) -> TracerProvider:
-    """A provider exporting to ``exporter`` (tests) or to the configured OTLP endpoint, if any."""
+    """A provider exporting to ``exporter`` (tests) or to the configured OTLP endpoint, if any;
+    ``identity`` is the client certificate of a TLS export without one configured (see
+    :func:`otlp_exporter_options`)."""
     provider = ServiceTracerProvider(
         resource=Resource.create({"service.name": f"strongroom-{service}"}),
         sampler=SERVER_SAMPLER,
@@ -76,23 +99,93 @@ def make_tracer_provider(
     elif config.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(**otlp_exporter_options(config)))
-        )
+        def build(client: Credentials | None) -> OTLPSpanExporter:
+            return OTLPSpanExporter(**otlp_exporter_options(config, client))
+
+        span_exporter: SpanExporter
+        if follows_identity(config, identity):
+            assert identity is not None
+            span_exporter = FollowingSpanExporter(Following(build, identity))
+        else:
+            span_exporter = build(None)
+        provider.add_span_processor(BatchSpanProcessor(span_exporter))
     return provider
+
+
+def follows_identity(config: TracingConfig, identity: ClientIdentity | None) -> bool:
+    """Whether the OTLP export presents the workload's own certificate: a TLS export with no
+    client certificate files configured, in a service that has an identity."""
+    return (
+        identity is not None
+        and not config.otlp_insecure
+        and config.otlp_client_cert_file is None
+        and config.otlp_client_key_file is None
+    )
+
+
+class Following(Generic[E]):
+    """An OTLP exporter for the workload's current certificate, built again after a renewal.
+
+    gRPC fixes a channel's client certificate when the credentials are made, and OpenTelemetry's
+    exporters make theirs once: with step-ca's short-lived certificates, a collector that checks
+    client certificates would refuse every export once the first one expired. The generation is
+    compared at each export (on the exporting thread: the processors export from one thread), so
+    the exporter never holds a certificate older than the last renewal by more than one export.
+    """
+
+    def __init__(self, build: Callable[[Credentials], E], identity: ClientIdentity) -> None:
+        self._build = build
+        self._identity = identity
+        self._lock = threading.Lock()
+        credentials = identity()
+        self._generation = credentials.generation
+        self.current: E = build(credentials)
+
+    def fresh(self) -> E:
+        """The exporter for the current certificate; the previous one, if replaced, shut down."""
+        credentials = self._identity()
+        with self._lock:
+            if credentials.generation == self._generation:
+                return self.current
+            stale, self.current = self.current, self._build(credentials)
+            self._generation = credentials.generation
+        stale.shutdown()
+        return self.current
+
+
+class FollowingSpanExporter(SpanExporter):
+    """A span exporter that follows the workload's certificate (see :class:`Following`)."""
+
+    def __init__(self, following: Following[SpanExporter]) -> None:
+        self._following = following
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Exports through the exporter for the current certificate."""
+        return self._following.fresh().export(spans)
+
+    def shutdown(self) -> None:
+        """Shuts the current exporter down."""
+        self._following.current.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Flushes the current exporter."""
+        return self._following.current.force_flush(timeout_millis)
 
 
 #: gRPC channel options that turn its HTTP CONNECT proxy support off.
 _NO_PROXY = (("grpc.enable_http_proxy", 0),)
 
 
-def otlp_exporter_options(config: TracingConfig) -> dict[str, Any]:
+def otlp_exporter_options(
+    config: TracingConfig, client: Credentials | None = None
+) -> dict[str, Any]:
     """The OTLP/gRPC exporter's ``endpoint``, ``insecure`` and ``credentials`` (plaintext:
     ``channel_options``, no proxy) for ``config``.
 
     TLS unless ``otlp_insecure``: the collector's certificate checked against ``otlp_ca_file``
     (which :class:`~strongroom.runtime.config.CommonConfig` defaults to the deployment's root),
-    with the configured client certificate for mutual TLS. The files are read now, so a missing
+    with the configured client certificate for mutual TLS, or else ``client`` (the workload's
+    own, see :class:`Following`). The files are read now, so a missing
     or unreadable one fails the start (ConfigError naming it) rather than every export later.
     Explicit credentials also keep the exporter from picking up ``OTEL_EXPORTER_OTLP_*``
     certificate variables or the system's roots behind the configuration's back.
@@ -110,15 +203,17 @@ def otlp_exporter_options(config: TracingConfig) -> dict[str, Any]:
             "tracing.otlp_ca_file: required for a TLS export (the collector's CA); a service "
             "configuration defaults it to identity.ca_root_file"
         )
-    client: dict[str, bytes] = {}
+    client_pair: dict[str, bytes] = {}
     if config.otlp_client_cert_file is not None and config.otlp_client_key_file is not None:
         chain = _read("otlp_client_cert_file", config.otlp_client_cert_file)
         key = _read("otlp_client_key_file", config.otlp_client_key_file)
         _check_pair(chain, config.otlp_client_cert_file, key, config.otlp_client_key_file)
-        client = {"certificate_chain": chain, "private_key": key}
+        client_pair = {"certificate_chain": chain, "private_key": key}
+    elif client is not None:
+        client_pair = {"certificate_chain": client.chain_pem, "private_key": client.key_pem}
     roots = _read("otlp_ca_file", config.otlp_ca_file)
     _certificates("otlp_ca_file", config.otlp_ca_file, roots)
-    credentials = grpc.ssl_channel_credentials(root_certificates=roots, **client)
+    credentials = grpc.ssl_channel_credentials(root_certificates=roots, **client_pair)
     return {"endpoint": endpoint, "insecure": False, "credentials": credentials}
 
 

@@ -26,7 +26,7 @@ def test_an_os_error_that_stops_a_service_is_logged_with_its_traceback(
     common = SimpleNamespace(production=False, logging=None, tracing=None, identity=None)
     monkeypatch.setattr(bootstrap, "load_service_config", lambda *a: (common, object()))
     monkeypatch.setattr(bootstrap, "configure_logging", lambda *a: None)
-    monkeypatch.setattr(bootstrap, "install_meter_provider", lambda *a: None)
+    monkeypatch.setattr(bootstrap, "install_meter_provider", lambda *a, **k: None)
     monkeypatch.setattr(bootstrap, "open_identity", lambda *a: identity)
 
     def build(*args: Any) -> Any:
