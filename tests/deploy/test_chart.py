@@ -492,6 +492,20 @@ def test_hsm_recycling_is_an_operator_value(helm: str, tmp_path: Path) -> None:
     assert section.hsm_recycle_after_operations == 0
 
 
+@pytest.mark.parametrize(("value", "expected"), [(None, None), ("0", 0), ("2", 2)])
+def test_the_attester_privlevel_is_an_operator_value(
+    helm: str, tmp_path: Path, value: str | None, expected: int | None
+) -> None:
+    """``inference.attesterPrivlevel`` reaches ``inference.attester_privlevel`` (null: unset,
+    the kernel's default; 0 is a level, not "unset")."""
+    set_args = () if value is None else (f"inference.attesterPrivlevel={value}",)
+    path = tmp_path / "inference.yaml"
+    path.write_text(_configs(render(helm, set_args=set_args))["inference"])
+    _, section = load_service_config(path, "inference", InferenceConfig, environ={})
+    assert isinstance(section, InferenceConfig)
+    assert section.attester_privlevel == expected
+
+
 def test_inference_trust_pins_are_operator_values(helm: str, tmp_path: Path) -> None:
     """Header pins, model keys and model signing reach the inference configuration from Helm
     values, under the names the service accepts (``tenant/`` names, ``+build`` versions)."""
