@@ -89,6 +89,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from strongroom.identifiers import KEY_ID_PATTERN
 from strongroom.keybroker.errors import HsmUnavailable
+from strongroom.keybroker.p11direct import AttributeQuery, DirectSession, Template
 from strongroom.reasons import Reason
 
 _log = logging.getLogger(__name__)
@@ -99,6 +100,13 @@ ENABLED_SUFFIX = "/enabled"
 MARKER_BITS = 128
 PENDING_TTL_MS = 60_000
 KEK_BITS = 256
+
+#: The longest label :data:`_LABEL_RE` accepts: the prefix, a 63-character key id, a 10-digit
+#: version, a 15-digit creation time, the nonce and a suffix. A label is read into a buffer of
+#: this size: a longer one is no KEK's (and no enabler's).
+LABEL_MAX_BYTES = (
+    len(PREFIX) + 63 + len("/v") + 10 + len("/") + 15 + len("/") + 16 + len(PENDING_SUFFIX)
+)
 
 _LABEL_RE = re.compile(
     rf"^strongroom/kek/(?P<key>{KEY_ID_PATTERN.pattern})/v(?P<version>[1-9][0-9]{{0,9}})"
@@ -174,15 +182,17 @@ RETURNED_DEK_TEMPLATE: dict[Attribute, Any] = {
 #: What a KEK must read as true: generated in the token, never readable (module docstring).
 PROVENANCE = [Attribute.LOCAL, Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE]
 
-#: Attributes read to describe a candidate object.
-DESCRIBE_ATTRIBUTES = [
-    Attribute.LABEL,
-    Attribute.WRAP,
-    Attribute.UNWRAP,
-    Attribute.KEY_TYPE,
-    Attribute.MODIFIABLE,
-    *PROVENANCE,
-]
+#: Attributes read to describe a candidate object, in one ``C_GetAttributeValue``.
+DESCRIBE_ATTRIBUTES = AttributeQuery(
+    [
+        (Attribute.LABEL, LABEL_MAX_BYTES),
+        (Attribute.WRAP, "bool"),
+        (Attribute.UNWRAP, "bool"),
+        (Attribute.KEY_TYPE, "ulong"),
+        (Attribute.MODIFIABLE, "bool"),
+        *((a, "bool") for a in PROVENANCE),
+    ]
+)
 
 #: Labels of objects refused as KEKs (:func:`describe`) already logged by this process, bounded.
 _REFUSED_LOGGED: set[str] = set()
@@ -190,15 +200,21 @@ _REFUSED_LOGGED_MAX = 1024
 _REFUSED_LOCK = threading.Lock()
 
 #: The search template for every KEK object (and enabler) in the token.
-ALL_KEKS: dict[Attribute, Any] = {
-    Attribute.CLASS: ObjectClass.SECRET_KEY,
-    Attribute.TOKEN: True,
-}
+ALL_KEKS = Template([(Attribute.CLASS, ObjectClass.SECRET_KEY), (Attribute.TOKEN, True)])
+# The search template for one key's objects, its CKA_ID filled in by key_objects.
+_KEY_OBJECTS = Template(
+    [(Attribute.CLASS, ObjectClass.SECRET_KEY), (Attribute.TOKEN, True), (Attribute.ID, b"")]
+)
 
 
 def object_id(key_id: str) -> bytes:
     """The CKA_ID shared by every version of ``key_id``."""
     return (PREFIX + key_id).encode("ascii")
+
+
+def key_objects(key_id: str) -> Template:
+    """The search template for every object of ``key_id`` (its versions and enablers)."""
+    return _KEY_OBJECTS.with_bytes({Attribute.ID: object_id(key_id)})
 
 
 def label(
@@ -221,7 +237,8 @@ def label(
 class KekObject:
     """One KEK version found in the token, with the handle to use it."""
 
-    key: Any  # python-pkcs11 SecretKey
+    #: The object's handle in the work session that found it (:mod:`p11direct` calls take it).
+    handle: int
     key_id: str
     version: int
     created_at_ms: int
@@ -301,20 +318,24 @@ def modifiable(versions: list[KekVersion]) -> list[int]:
     return [v.version for v in versions if any(c.modifiable for c in v.candidates)]
 
 
-def describe(key: Any) -> KekObject | None:
-    """Parses a candidate object; None when it is not a Strongroom KEK version."""
+def describe(direct: DirectSession, handle: int) -> KekObject | None:
+    """Parses the candidate object ``handle`` (one ``C_GetAttributeValue`` of
+    :data:`DESCRIBE_ATTRIBUTES`); None when it is not a Strongroom KEK version. A label longer
+    than :data:`LABEL_MAX_BYTES` is not one: the token does not return it, and it is no KEK's."""
+    attrs = direct.read_attributes(handle, DESCRIBE_ATTRIBUTES)
+    raw = attrs.get(Attribute.LABEL)
+    key_type = attrs.get(Attribute.KEY_TYPE)
+    if not isinstance(raw, bytes):
+        return None
     try:
-        attrs = key.get_attributes(DESCRIBE_ATTRIBUTES)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        # python-pkcs11 decodes CKA_LABEL as UTF-8: a damaged object file gives garbage.
+        # SoftHSM2 stores a private object's label encrypted: a damaged object file decrypts to
+        # garbage. Not "no KEK here": the key would read as missing while its object is broken.
         raise HsmUnavailable(
             "a key object in the token has an unreadable label (damaged object?)",
             reason=Reason.HSM_OPERATION_FAILED,
         ) from None
-    text = attrs.get(Attribute.LABEL)
-    key_type = attrs.get(Attribute.KEY_TYPE)
-    if not isinstance(text, str):
-        return None
     match = _LABEL_RE.match(text)
     if match is None:
         return None
@@ -330,7 +351,7 @@ def describe(key: Any) -> KekObject | None:
         _refused(text, match, {a: attrs.get(a) for a in PROVENANCE})
         return None
     return KekObject(
-        key=key,
+        handle=handle,
         key_id=match["key"],
         version=int(match["version"]),
         created_at_ms=int(match["ms"]),
