@@ -83,6 +83,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
@@ -107,6 +108,14 @@ KEK_BITS = 256
 LABEL_MAX_BYTES = (
     len(PREFIX) + 63 + len("/v") + 10 + len("/") + 15 + len("/") + 16 + len(PENDING_SUFFIX)
 )
+
+#: The last millisecond a version's creation time can name (the end of year 9999, the last
+#: a ``datetime`` holds). The label grammar allows 15 digits, up to year 33658: a label beyond
+#: this is no broker's (each writes its own clock's time) and is not a KEK. Parsed as one, it
+#: failed every list of keys, and every look at its key, with a bare ValueError (INTERNAL).
+MAX_CREATED_AT_MS = (
+    datetime.max.replace(tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+) // timedelta(milliseconds=1)  # exact: through a float timestamp it rounds up into year 10000
 
 _LABEL_RE = re.compile(
     rf"^strongroom/kek/(?P<key>{KEY_ID_PATTERN.pattern})/v(?P<version>[1-9][0-9]{{0,9}})"
@@ -337,7 +346,7 @@ def describe(direct: DirectSession, handle: int) -> KekObject | None:
             reason=Reason.HSM_OPERATION_FAILED,
         ) from None
     match = _LABEL_RE.match(text)
-    if match is None:
+    if match is None or int(match["ms"]) > MAX_CREATED_AT_MS:
         return None
     suffix = match["suffix"]
     kind: Literal["kek", "enabler"]

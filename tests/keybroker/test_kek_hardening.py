@@ -317,6 +317,31 @@ def test_the_longest_kek_label_is_read_whole(hsm: Hsm, km: KeyManager) -> None:
     ]
 
 
+def test_a_kek_label_dated_beyond_year_9999_is_not_a_kek(hsm: Hsm, km: KeyManager) -> None:
+    """The label grammar takes 15 digits of milliseconds (up to year 33658). One such KEK, which
+    a PIN holder can generate in the token, made every list of keys and every look at its key
+    fail with a bare ValueError (INTERNAL): a rotation even made its version, then failed."""
+    km.create_key("far")
+    km.create_key("near")
+
+    def plant(hs: HsmSession) -> None:
+        for ms in (253_402_300_800_000, 999_999_999_999_999):  # year 10000 on
+            hs.session.generate_key(
+                KeyType.AES,
+                _kek.KEK_BITS,
+                id=_kek.object_id("far"),
+                label=_kek.label("far", 2, ms, "ab" * 8, pending=False),
+                store=True,
+                template=_kek.KEK_TEMPLATE,
+            )
+
+    hsm.call(plant)
+    assert [k.key_id for k in km.list_keys()] == ["far", "near"]
+    assert [v.version for v in km.describe_key("far").versions] == [1]
+    assert km.rotate_key("far").current_version == 2  # its own version 2
+    assert km.generate_data_key("far", *MODEL).version == 2
+
+
 def _legacy_flags(hsm: Hsm, key_id: str) -> tuple[bool, bool]:
     """CKA_WRAP and CKA_UNWRAP of the one modifiable KEK of ``key_id``, found afresh (a disable
     re-initialises the module, which voids the handles found before)."""
