@@ -191,9 +191,13 @@ RETURNED_DEK_TEMPLATE: dict[Attribute, Any] = {
 #: What a KEK must read as true: generated in the token, never readable (module docstring).
 PROVENANCE = [Attribute.LOCAL, Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE]
 
+#: The longest CKA_ID of a key's objects (:func:`object_id` of a 63-character key id).
+ID_MAX_BYTES = len(PREFIX) + 63
+
 #: Attributes read to describe a candidate object, in one ``C_GetAttributeValue``.
 DESCRIBE_ATTRIBUTES = AttributeQuery(
     [
+        (Attribute.ID, ID_MAX_BYTES),
         (Attribute.LABEL, LABEL_MAX_BYTES),
         (Attribute.WRAP, "bool"),
         (Attribute.UNWRAP, "bool"),
@@ -214,6 +218,9 @@ ALL_KEKS = Template([(Attribute.CLASS, ObjectClass.SECRET_KEY), (Attribute.TOKEN
 _KEY_OBJECTS = Template(
     [(Attribute.CLASS, ObjectClass.SECRET_KEY), (Attribute.TOKEN, True), (Attribute.ID, b"")]
 )
+
+
+_ID_PREFIX = PREFIX.encode("ascii")
 
 
 def object_id(key_id: str) -> bytes:
@@ -329,11 +336,20 @@ def modifiable(versions: list[KekVersion]) -> list[int]:
 
 def describe(direct: DirectSession, handle: int) -> KekObject | None:
     """Parses the candidate object ``handle`` (one ``C_GetAttributeValue`` of
-    :data:`DESCRIBE_ATTRIBUTES`); None when it is not a Strongroom KEK version. A label longer
-    than :data:`LABEL_MAX_BYTES` is not one: the token does not return it, and it is no KEK's."""
+    :data:`DESCRIBE_ATTRIBUTES`); None when it is not a Strongroom KEK version: its CKA_ID is not
+    the :func:`object_id` of the key its label names, or its label is longer than
+    :data:`LABEL_MAX_BYTES` (the token does not return it, and it is no KEK's) or outside the
+    grammar. A label under one of our CKA_IDs that is not UTF-8 is a damaged object
+    (``HsmUnavailable``, HSM_OPERATION_FAILED)."""
     attrs = direct.read_attributes(handle, DESCRIBE_ATTRIBUTES)
+    identity = attrs.get(Attribute.ID)
     raw = attrs.get(Attribute.LABEL)
     key_type = attrs.get(Attribute.KEY_TYPE)
+    # Another application's object in a shared token (list_keys finds every secret key) is none
+    # of ours whatever its label holds: its binary label made every list of keys fail, and drop
+    # the session, as a damaged object.
+    if not isinstance(identity, bytes) or not identity.startswith(_ID_PREFIX):
+        return None
     if not isinstance(raw, bytes):
         return None
     try:
@@ -348,6 +364,8 @@ def describe(direct: DirectSession, handle: int) -> KekObject | None:
     match = _LABEL_RE.match(text)
     if match is None or int(match["ms"]) > MAX_CREATED_AT_MS:
         return None
+    if identity != object_id(match["key"]):
+        return None  # labelled as one key, filed under another: neither's (every search agrees)
     suffix = match["suffix"]
     kind: Literal["kek", "enabler"]
     if key_type == KeyType.AES and suffix != ENABLED_SUFFIX:

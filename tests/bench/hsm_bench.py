@@ -158,6 +158,7 @@ def _measure_audit(directory: Path, results: dict[str, Any]) -> None:
 
 #: The attributes a lookup read of each object through python-pkcs11 (``_kek.describe``'s).
 _DESCRIBED = [
+    Attribute.ID,
     Attribute.LABEL,
     Attribute.WRAP,
     Attribute.UNWRAP,

@@ -244,15 +244,15 @@ def test_a_kek_whose_value_left_or_came_from_outside_the_token_is_never_used(
     assert km.generate_data_key("planted", *MODEL).version == 2
 
 
-def _plant_secret(hsm: Hsm, key_id: str, label: bytes) -> None:
-    """Creates a token secret under ``key_id``'s CKA_ID with the raw ``label`` (python-pkcs11
-    only writes labels that are text)."""
+def _plant_secret(hsm: Hsm, key_id: str, label: bytes, object_id: bytes | None = None) -> None:
+    """Creates a token secret under ``key_id``'s CKA_ID (or ``object_id``) with the raw ``label``
+    (python-pkcs11 only writes labels that are text)."""
     template = Template(
         [
             (Attribute.CLASS, ObjectClass.SECRET_KEY),
             (Attribute.KEY_TYPE, KeyType.GENERIC_SECRET),
             (Attribute.TOKEN, True),
-            (Attribute.ID, _kek.object_id(key_id)),
+            (Attribute.ID, object_id or _kek.object_id(key_id)),
             (Attribute.LABEL, label),
             (Attribute.VALUE, bytes(16)),
         ]
@@ -271,6 +271,32 @@ def test_a_label_that_is_not_utf8_is_a_damaged_object_not_a_missing_key(
         km.describe_key("mangled")
     assert info.value.reason == "HSM_OPERATION_FAILED"
     assert "unreadable label" in info.value.message
+
+
+def test_another_applications_objects_do_not_break_or_join_the_list_of_keys(
+    hsm: Hsm, km: KeyManager
+) -> None:
+    """A token shared with another application: its secret key with a binary label made every
+    list of keys (and the start's check for modifiable KEKs) fail as a damaged object, dropping
+    the session each time; an object labelled as one key but filed under another's CKA_ID was
+    listed as a version by list_keys and not by describe_key."""
+    km.create_key("good")
+    _plant_secret(hsm, "good", b"\xff\xfe binary", object_id=b"\x01\x02")
+
+    def misfiled(hs: HsmSession) -> None:
+        hs.session.generate_key(
+            KeyType.AES,
+            _kek.KEK_BITS,
+            id=_kek.object_id("elsewhere"),
+            label=_kek.label("good", 2, 1, "ab" * 8, pending=False),
+            store=True,
+            template=_kek.KEK_TEMPLATE,
+        )
+
+    hsm.call(misfiled)
+    assert [(k.key_id, [v.version for v in k.versions]) for k in km.list_keys()] == [("good", [1])]
+    assert [v.version for v in km.describe_key("good").versions] == [1]
+    assert km.modifiable_versions() == {}
 
 
 def test_a_label_longer_than_any_kek_label_is_not_a_kek(hsm: Hsm, km: KeyManager) -> None:
