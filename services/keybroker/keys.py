@@ -20,8 +20,9 @@ the body key derived from it for the one model version it named (artifact format
 unwrapped into a *session* object that is sensitive (unreadable) and extractable only by wrapping,
 re-wrapped, and destroyed in ``finally``: its plaintext never exists in the broker's memory. These
 calls go straight to the module (:mod:`strongroom.keybroker.p11direct`), and so do a key's lookup
-(finding its objects, reading their attributes) and the lifecycle's destroys and flag changes; the
-rest (login, generating keys) goes through python-pkcs11.
+(finding its objects, reading their attributes), generating a data key or a probe's scratch key,
+and the lifecycle's destroys and flag changes; the rest (login, generating KEKs and enablers) goes
+through python-pkcs11.
 SoftHSM2 only lets an SO session set CKA_TRUSTED, so the unwrapped key cannot use
 CKA_WRAP_WITH_TRUSTED; the protection is that the session object lives only inside one HSM call.
 
@@ -110,6 +111,27 @@ SESSION_DEK_UNWRAP = Template(
         *_kek.SESSION_DEK_TEMPLATE.items(),
     ]
 )
+
+
+def _session_aes_key(template: dict[Attribute, Any]) -> Template:
+    # What python-pkcs11's generate_key(KeyType.AES, 256, store=False, template=template) asked
+    # the token for (its defaults: class, empty CKA_ID and CKA_LABEL, CKA_VALUE_LEN), made
+    # directly: through python-pkcs11 every key generated left its class behind (cyclic garbage).
+    return Template(
+        [
+            (Attribute.CLASS, ObjectClass.SECRET_KEY),
+            (Attribute.ID, b""),
+            (Attribute.LABEL, b""),
+            (Attribute.VALUE_LEN, DEK_BYTES),
+            *template.items(),
+        ]
+    )
+
+
+#: A new data key (readable: its value is read once, to derive the body key), built once.
+NEW_DATA_KEY = _session_aes_key(_kek.RETURNED_DEK_TEMPLATE)
+#: A throw-away key a probe wraps to see whether a KEK still works (sensitive), built once.
+SCRATCH_KEY = _session_aes_key(_kek.SESSION_DEK_TEMPLATE)
 #: An imported ephemeral key: a session object that can wrap and do nothing else (its modulus and
 #: exponent are filled in per release with ``with_bytes``).
 EPHEMERAL_KEY_IMPORT = Template(
@@ -598,19 +620,17 @@ class KeyManager:
             current = versions[-1]
             _require_enabled(current)
             kek = current.winner
-            dek = hs.session.generate_key(
-                KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.RETURNED_DEK_TEMPLATE
-            )
+            dek = hs.direct.generate_aes_key(NEW_DATA_KEY)
             # The token writes the value straight into one buffer, wiped here once the body key
             # is derived: read through python-pkcs11 it also left an immutable bytes copy (and
             # that library's own buffer) in freed memory, where no wipe reaches.
             value = bytearray(DEK_BYTES)
             try:
                 try:
-                    wrapped = _wrap(hs, kek, dek.handle)
-                    length = hs.direct.read_into(dek.handle, Attribute.VALUE, value)
+                    wrapped = _wrap(hs, kek, dek)
+                    length = hs.direct.read_into(dek, Attribute.VALUE, value)
                 finally:
-                    _destroy_data_key(dek.destroy)
+                    _destroy_data_key(functools.partial(hs.direct.destroy, dek))
                 if length != DEK_BYTES or len(wrapped) != WRAPPED_DEK_BYTES:
                     raise Internal(
                         "the HSM returned a data key of the wrong size", reason=Reason.HSM_ERROR
@@ -802,15 +822,13 @@ class KeyManager:
     def _probe(self, hs: HsmSession, key_id: str) -> None:
         """Uses the current version of ``key_id`` once (wraps a throw-away session key)."""
         kek = self._require_versions(hs, key_id)[-1].winner
-        scratch = hs.session.generate_key(
-            KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.SESSION_DEK_TEMPLATE
-        )
+        scratch = hs.direct.generate_aes_key(SCRATCH_KEY)
         try:
-            _wrap(hs, kek, scratch.handle)
+            _wrap(hs, kek, scratch)
         except FailedPrecondition:
             pass  # disabled: usable as far as the HSM is concerned
         finally:
-            scratch.destroy()
+            hs.direct.destroy(scratch)
 
     def _call(
         self,
@@ -1425,15 +1443,13 @@ def _unwrap_refused(hs: HsmSession, kek: _kek.KekObject, exc: p11x.PKCS11Error) 
 
 def _can_wrap(hs: HsmSession, kek: _kek.KekObject) -> bool:
     """Whether ``kek`` still wraps a throw-away session key (False: the HSM fails to use it)."""
-    scratch = hs.session.generate_key(
-        KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.SESSION_DEK_TEMPLATE
-    )
+    scratch = hs.direct.generate_aes_key(SCRATCH_KEY)
     try:
-        _wrap(hs, kek, scratch.handle)
+        _wrap(hs, kek, scratch)
     except FailedPrecondition:
         return True  # disabled meanwhile: the object itself is fine
     except errs.AMBIGUOUS:
         return False
     finally:
-        scratch.destroy()
+        hs.direct.destroy(scratch)
     return True

@@ -19,7 +19,7 @@ package: the lock is given up once for the whole sequence (never *held* through 
 an HSM that hangs must not freeze the broker's other threads). :meth:`DirectSession.rewrap_oaep`
 calls it with the same templates and mechanisms the single calls take.
 
-**Finding KEKs.** A key lookup (``keys._search``) finds a key's objects and reads eight attributes
+**Finding KEKs.** A key lookup (``keys._search``) finds a key's objects and reads nine attributes
 of each. Through python-pkcs11 every object found left its manufactured class behind (cyclic
 garbage, freed only by a collection: six objects per lookup of a KEK and its enabler) and cost
 thirteen ``C_GetAttributeValue`` calls; here (:meth:`DirectSession.find_objects`, bounded batches
@@ -31,9 +31,10 @@ without a CKA_ID to compare: it scans every object).
 
 Only what the data-key path and the lookups need is here: unwrap (``CKM_AES_KEY_WRAP_PAD`` into a
 session object), wrap (the same mechanism, or ``CKM_RSA_PKCS_OAEP``), import an RSA public key,
-read an integer attribute or a fixed set of them, set attributes, find objects, create an object,
-destroy, and the session's state (is the user still logged in). Everything else — connecting,
-logging in, generating keys (KEKs, their enablers, data keys) — stays with python-pkcs11. Failures
+read an integer attribute or a fixed set of them, set attributes, find objects, generate an AES
+session key (a new data key, a probe's scratch key), create an object, destroy, and the session's
+state (is the user still logged in). Everything else — connecting, logging in, generating KEKs and
+their enablers (lifecycle changes) — stays with python-pkcs11. Failures
 raise python-pkcs11's own exception classes, mapped from the return code exactly as python-pkcs11
 maps them (a test checks the table against the installed python-pkcs11), so
 :mod:`strongroom.keybroker._pkcs11_errors` classifies them alike; an unmapped code is a
@@ -268,6 +269,9 @@ _PROTOTYPES = {
     "C_FindObjectsInit": ctypes.CFUNCTYPE(_ULONG, _ULONG, _P(_Attribute), _ULONG),
     "C_FindObjects": ctypes.CFUNCTYPE(_ULONG, _ULONG, _P(_ULONG), _ULONG, _P(_ULONG)),
     "C_FindObjectsFinal": ctypes.CFUNCTYPE(_ULONG, _ULONG),
+    "C_GenerateKey": ctypes.CFUNCTYPE(
+        _ULONG, _ULONG, _P(_Mechanism), _P(_Attribute), _ULONG, _P(_ULONG)
+    ),
     "C_WrapKey": ctypes.CFUNCTYPE(
         _ULONG, _ULONG, _P(_Mechanism), _ULONG, _ULONG, ctypes.c_char_p, _P(_ULONG)
     ),
@@ -464,7 +468,7 @@ class AttributeQuery:
     """A fixed set of attributes read from an object in one ``C_GetAttributeValue``
     (:meth:`DirectSession.read_attributes`).
 
-    Built once, at import: the two ctypes classes a read needs (a structure with one field per
+    Built once (the broker's at import): the two ctypes classes a read needs (a structure with one field per
     value, and the attribute array pointing into it) are made here, never per read (a ctypes
     class is cyclic garbage once dropped, see :func:`_attribute_array`). ``spec`` pairs each
     attribute with its :data:`AttributeKind`; a byte string longer than its maximum reads as
@@ -506,6 +510,7 @@ def _mechanism(mechanism: Mechanism, parameter: ctypes.Structure | None = None) 
 
 
 _AES_KWP = _mechanism(Mechanism.AES_KEY_WRAP_PAD)
+_AES_KEY_GEN = _mechanism(Mechanism.AES_KEY_GEN)
 #: The OAEP hash and MGF1 hash python-pkcs11 names for each choice (the same hash for both).
 OAEP_HASHES: dict[OaepHash, tuple[Mechanism, MGF]] = {
     OaepHash.SHA1: (Mechanism.SHA_1, MGF.SHA1),
@@ -544,6 +549,7 @@ class DirectModule:
         self.find_objects_init = _PROTOTYPES["C_FindObjectsInit"](table.C_FindObjectsInit)
         self.find_objects = _PROTOTYPES["C_FindObjects"](table.C_FindObjects)
         self.find_objects_final = _PROTOTYPES["C_FindObjectsFinal"](table.C_FindObjectsFinal)
+        self.generate_key = _PROTOTYPES["C_GenerateKey"](table.C_GenerateKey)
         self.get_session_info = _PROTOTYPES["C_GetSessionInfo"](table.C_GetSessionInfo)
         self.wrap_key = _PROTOTYPES["C_WrapKey"](table.C_WrapKey)
         self.unwrap_key = _PROTOTYPES["C_UnwrapKey"](table.C_UnwrapKey)
@@ -677,6 +683,20 @@ class DirectSession:
             )
         )
         return out.raw[: length.value]
+
+    def generate_aes_key(self, template: Template) -> int:
+        """``C_GenerateKey`` with ``CKM_AES_KEY_GEN`` and ``template``; the new key's handle."""
+        key = _ULONG()
+        _check(
+            self._module.generate_key(
+                self._handle,
+                ctypes.byref(_AES_KEY_GEN),
+                template.array,
+                template.count,
+                ctypes.byref(key),
+            )
+        )
+        return key.value
 
     def create_object(self, template: Template) -> int:
         """``C_CreateObject`` with ``template``; the new object's handle."""

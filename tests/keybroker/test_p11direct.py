@@ -26,7 +26,13 @@ from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmSession
-from strongroom.keybroker.keys import EPHEMERAL_KEY_IMPORT, SESSION_DEK_UNWRAP, KeyManager
+from strongroom.keybroker.keys import (
+    EPHEMERAL_KEY_IMPORT,
+    NEW_DATA_KEY,
+    SCRATCH_KEY,
+    SESSION_DEK_UNWRAP,
+    KeyManager,
+)
 from strongroom.keybroker.p11direct import (
     _ENTRY_POINTS,
     RETURN_CODES,
@@ -392,7 +398,7 @@ _CKR_ARGUMENTS_BAD = 0x7
 
 
 def test_a_data_key_that_cannot_be_destroyed_closes_its_session(
-    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
 ) -> None:
     # C_DestroyObject refuses (with a code that is neither a device failure nor a stale handle):
     # the unwrapped data key, and the imported key of a release, stay in the session. They used
@@ -412,13 +418,6 @@ def test_a_data_key_that_cannot_be_destroyed_closes_its_session(
             )
         with pytest.raises(HsmUnavailable):
             km.rewrap("model", 1, data_key.wrapped)
-    assert session_objects(hsm) == before
-
-    def refused(self: object) -> None:
-        raise p11x.ArgumentsBad()
-
-    with monkeypatch.context() as patch:
-        patch.setattr(pkcs11._pkcs11.Object, "destroy", refused)
         with pytest.raises(HsmUnavailable):
             km.generate_data_key("model", *MODEL)  # its data key is not even sensitive
     assert session_objects(hsm) == before
@@ -540,3 +539,56 @@ def test_an_attribute_query_takes_only_the_kinds_it_knows() -> None:
     for kind in (0, -1, True, "bytes"):
         with pytest.raises(ValueError, match="not an attribute kind"):
             AttributeQuery([(Attribute.LABEL, kind)])  # type: ignore[list-item]
+
+
+#: What a generated session key must read back as, whichever way it was generated.
+_GENERATED = AttributeQuery(
+    [
+        (Attribute.CLASS, "ulong"),
+        (Attribute.KEY_TYPE, "ulong"),
+        (Attribute.VALUE_LEN, "ulong"),
+        (Attribute.ID, 8),
+        (Attribute.LABEL, 8),
+        *(
+            (attribute, "bool")
+            for attribute in (
+                Attribute.TOKEN,
+                Attribute.PRIVATE,
+                Attribute.SENSITIVE,
+                Attribute.EXTRACTABLE,
+                Attribute.ENCRYPT,
+                Attribute.DECRYPT,
+                Attribute.WRAP,
+                Attribute.UNWRAP,
+                Attribute.SIGN,
+                Attribute.VERIFY,
+                Attribute.DERIVE,
+                Attribute.LOCAL,
+                Attribute.ALWAYS_SENSITIVE,
+                Attribute.NEVER_EXTRACTABLE,
+            )
+        ),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("direct_template", "their_template"),
+    [(NEW_DATA_KEY, _kek.RETURNED_DEK_TEMPLATE), (SCRATCH_KEY, _kek.SESSION_DEK_TEMPLATE)],
+    ids=["data-key", "scratch-key"],
+)
+def test_a_direct_session_key_is_the_one_python_pkcs11_generated(
+    hsm: Hsm, direct_template: Template, their_template: dict[Attribute, Any]
+) -> None:
+    def op(hs: HsmSession) -> None:
+        theirs = hs.session.generate_key(
+            KeyType.AES, 256, store=False, template=their_template
+        ).handle
+        ours = hs.direct.generate_aes_key(direct_template)
+        read = [hs.direct.read_attributes(h, _GENERATED) for h in (theirs, ours)]
+        assert read[0] == read[1]
+        assert read[1][Attribute.KEY_TYPE] == KeyType.AES and read[1][Attribute.VALUE_LEN] == 32
+        for handle in (theirs, ours):
+            hs.direct.destroy(handle)
+
+    hsm.call(op, name="test")

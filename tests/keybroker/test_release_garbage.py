@@ -12,7 +12,7 @@ per call.
 Looking a key's objects up (every release after ``lookup_cache_ttl``, every cache miss, every
 lifecycle call) went through python-pkcs11's search too, and left two such classes per object
 found; it now finds and reads them directly as well, so these tests look the key up on every
-release (``lookup_cache_ttl=0``)."""
+release (``lookup_cache_ttl=0``). A new data key (GenerateDataKey) is generated directly too."""
 
 from __future__ import annotations
 
@@ -93,3 +93,14 @@ def test_a_lookup_makes_no_class(hsm: Hsm) -> None:
                 lookup()
     _assert_none(garbage)
     assert _classes() == before  # none kept either
+
+
+def test_a_new_data_key_leaves_no_cyclic_garbage(hsm: Hsm) -> None:
+    """Each GenerateDataKey generated its data key through python-pkcs11: two classes left."""
+    km = KeyManager(hsm, lookup_cache_ttl=0)
+    km.create_key("fresh")
+    km.generate_data_key("fresh", *MODEL)  # warm caches
+    with _cyclic_garbage() as garbage:
+        for _ in range(10):
+            km.generate_data_key("fresh", *MODEL).wipe()
+    _assert_none(garbage)
