@@ -83,12 +83,14 @@ import logging
 import re
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from strongroom.identifiers import KEY_ID_PATTERN
 from strongroom.keybroker.errors import HsmUnavailable
+from strongroom.keybroker.p11direct import AttributeQuery, DirectSession, Template
 from strongroom.reasons import Reason
 
 _log = logging.getLogger(__name__)
@@ -99,6 +101,21 @@ ENABLED_SUFFIX = "/enabled"
 MARKER_BITS = 128
 PENDING_TTL_MS = 60_000
 KEK_BITS = 256
+
+#: The longest label :data:`_LABEL_RE` accepts: the prefix, a 63-character key id, a 10-digit
+#: version, a 15-digit creation time, the nonce and a suffix. A label is read into a buffer of
+#: this size: a longer one is no KEK's (and no enabler's).
+LABEL_MAX_BYTES = (
+    len(PREFIX) + 63 + len("/v") + 10 + len("/") + 15 + len("/") + 16 + len(PENDING_SUFFIX)
+)
+
+#: The last millisecond a version's creation time can name (the end of year 9999, the last
+#: a ``datetime`` holds). The label grammar allows 15 digits, up to year 33658: a label beyond
+#: this is no broker's (each writes its own clock's time) and is not a KEK. Parsed as one, it
+#: failed every list of keys, and every look at its key, with a bare ValueError (INTERNAL).
+MAX_CREATED_AT_MS = (
+    datetime.max.replace(tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+) // timedelta(milliseconds=1)  # exact: through a float timestamp it rounds up into year 10000
 
 _LABEL_RE = re.compile(
     rf"^strongroom/kek/(?P<key>{KEY_ID_PATTERN.pattern})/v(?P<version>[1-9][0-9]{{0,9}})"
@@ -174,15 +191,21 @@ RETURNED_DEK_TEMPLATE: dict[Attribute, Any] = {
 #: What a KEK must read as true: generated in the token, never readable (module docstring).
 PROVENANCE = [Attribute.LOCAL, Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE]
 
-#: Attributes read to describe a candidate object.
-DESCRIBE_ATTRIBUTES = [
-    Attribute.LABEL,
-    Attribute.WRAP,
-    Attribute.UNWRAP,
-    Attribute.KEY_TYPE,
-    Attribute.MODIFIABLE,
-    *PROVENANCE,
-]
+#: The longest CKA_ID of a key's objects (:func:`object_id` of a 63-character key id).
+ID_MAX_BYTES = len(PREFIX) + 63
+
+#: Attributes read to describe a candidate object, in one ``C_GetAttributeValue``.
+DESCRIBE_ATTRIBUTES = AttributeQuery(
+    [
+        (Attribute.ID, ID_MAX_BYTES),
+        (Attribute.LABEL, LABEL_MAX_BYTES),
+        (Attribute.WRAP, "bool"),
+        (Attribute.UNWRAP, "bool"),
+        (Attribute.KEY_TYPE, "ulong"),
+        (Attribute.MODIFIABLE, "bool"),
+        *((a, "bool") for a in PROVENANCE),
+    ]
+)
 
 #: Labels of objects refused as KEKs (:func:`describe`) already logged by this process, bounded.
 _REFUSED_LOGGED: set[str] = set()
@@ -190,15 +213,24 @@ _REFUSED_LOGGED_MAX = 1024
 _REFUSED_LOCK = threading.Lock()
 
 #: The search template for every KEK object (and enabler) in the token.
-ALL_KEKS: dict[Attribute, Any] = {
-    Attribute.CLASS: ObjectClass.SECRET_KEY,
-    Attribute.TOKEN: True,
-}
+ALL_KEKS = Template([(Attribute.CLASS, ObjectClass.SECRET_KEY), (Attribute.TOKEN, True)])
+# The search template for one key's objects, its CKA_ID filled in by key_objects.
+_KEY_OBJECTS = Template(
+    [(Attribute.CLASS, ObjectClass.SECRET_KEY), (Attribute.TOKEN, True), (Attribute.ID, b"")]
+)
+
+
+_ID_PREFIX = PREFIX.encode("ascii")
 
 
 def object_id(key_id: str) -> bytes:
     """The CKA_ID shared by every version of ``key_id``."""
     return (PREFIX + key_id).encode("ascii")
+
+
+def key_objects(key_id: str) -> Template:
+    """The search template for every object of ``key_id`` (its versions and enablers)."""
+    return _KEY_OBJECTS.with_bytes({Attribute.ID: object_id(key_id)})
 
 
 def label(
@@ -221,7 +253,8 @@ def label(
 class KekObject:
     """One KEK version found in the token, with the handle to use it."""
 
-    key: Any  # python-pkcs11 SecretKey
+    #: The object's handle in the work session that found it (:mod:`p11direct` calls take it).
+    handle: int
     key_id: str
     version: int
     created_at_ms: int
@@ -301,23 +334,38 @@ def modifiable(versions: list[KekVersion]) -> list[int]:
     return [v.version for v in versions if any(c.modifiable for c in v.candidates)]
 
 
-def describe(key: Any) -> KekObject | None:
-    """Parses a candidate object; None when it is not a Strongroom KEK version."""
+def describe(direct: DirectSession, handle: int) -> KekObject | None:
+    """Parses the candidate object ``handle`` (one ``C_GetAttributeValue`` of
+    :data:`DESCRIBE_ATTRIBUTES`); None when it is not a Strongroom KEK version: its CKA_ID is not
+    the :func:`object_id` of the key its label names, or its label is longer than
+    :data:`LABEL_MAX_BYTES` (the token does not return it, and it is no KEK's) or outside the
+    grammar. A label under one of our CKA_IDs that is not UTF-8 is a damaged object
+    (``HsmUnavailable``, HSM_OPERATION_FAILED)."""
+    attrs = direct.read_attributes(handle, DESCRIBE_ATTRIBUTES)
+    identity = attrs.get(Attribute.ID)
+    raw = attrs.get(Attribute.LABEL)
+    key_type = attrs.get(Attribute.KEY_TYPE)
+    # Another application's object in a shared token (list_keys finds every secret key) is none
+    # of ours whatever its label holds: its binary label made every list of keys fail, and drop
+    # the session, as a damaged object.
+    if not isinstance(identity, bytes) or not identity.startswith(_ID_PREFIX):
+        return None
+    if not isinstance(raw, bytes):
+        return None
     try:
-        attrs = key.get_attributes(DESCRIBE_ATTRIBUTES)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        # python-pkcs11 decodes CKA_LABEL as UTF-8: a damaged object file gives garbage.
+        # SoftHSM2 stores a private object's label encrypted: a damaged object file decrypts to
+        # garbage. Not "no KEK here": the key would read as missing while its object is broken.
         raise HsmUnavailable(
             "a key object in the token has an unreadable label (damaged object?)",
             reason=Reason.HSM_OPERATION_FAILED,
         ) from None
-    text = attrs.get(Attribute.LABEL)
-    key_type = attrs.get(Attribute.KEY_TYPE)
-    if not isinstance(text, str):
-        return None
     match = _LABEL_RE.match(text)
-    if match is None:
+    if match is None or int(match["ms"]) > MAX_CREATED_AT_MS:
         return None
+    if identity != object_id(match["key"]):
+        return None  # labelled as one key, filed under another: neither's (every search agrees)
     suffix = match["suffix"]
     kind: Literal["kek", "enabler"]
     if key_type == KeyType.AES and suffix != ENABLED_SUFFIX:
@@ -330,7 +378,7 @@ def describe(key: Any) -> KekObject | None:
         _refused(text, match, {a: attrs.get(a) for a in PROVENANCE})
         return None
     return KekObject(
-        key=key,
+        handle=handle,
         key_id=match["key"],
         version=int(match["version"]),
         created_at_ms=int(match["ms"]),

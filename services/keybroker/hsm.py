@@ -237,7 +237,7 @@ class HsmSession:
         self._token = token
         #: the python-pkcs11 ``Session`` (R/W; the user is logged in through the login session)
         self.session = session
-        #: the same session for direct calls (the release's data-key path, see ``p11direct``)
+        #: the same session for direct calls (the data-key path and key lookups, see ``p11direct``)
         self.direct: DirectSession = direct.session(session.handle)
         #: increases with every (re)connection
         self.generation = generation

@@ -19,8 +19,10 @@ wrapped data key is exactly :data:`WRAPPED_DEK_BYTES` bytes. A publisher never r
 the body key derived from it for the one model version it named (artifact format 3). For re-wrap and release the data key is
 unwrapped into a *session* object that is sensitive (unreadable) and extractable only by wrapping,
 re-wrapped, and destroyed in ``finally``: its plaintext never exists in the broker's memory. These
-calls go straight to the module (:mod:`strongroom.keybroker.p11direct`), the rest through
-python-pkcs11.
+calls go straight to the module (:mod:`strongroom.keybroker.p11direct`), and so do a key's lookup
+(finding its objects, reading their attributes), generating a data key or a probe's scratch key,
+and the lifecycle's destroys and flag changes; the rest (login, generating KEKs and enablers) goes
+through python-pkcs11.
 SoftHSM2 only lets an SO session set CKA_TRUSTED, so the unwrapped key cannot use
 CKA_WRAP_WITH_TRUSTED; the protection is that the session object lives only inside one HSM call.
 
@@ -109,6 +111,27 @@ SESSION_DEK_UNWRAP = Template(
         *_kek.SESSION_DEK_TEMPLATE.items(),
     ]
 )
+
+
+def _session_aes_key(template: dict[Attribute, Any]) -> Template:
+    # What python-pkcs11's generate_key(KeyType.AES, 256, store=False, template=template) asked
+    # the token for (its defaults: class, empty CKA_ID and CKA_LABEL, CKA_VALUE_LEN), made
+    # directly: through python-pkcs11 every key generated left its class behind (cyclic garbage).
+    return Template(
+        [
+            (Attribute.CLASS, ObjectClass.SECRET_KEY),
+            (Attribute.ID, b""),
+            (Attribute.LABEL, b""),
+            (Attribute.VALUE_LEN, DEK_BYTES),
+            *template.items(),
+        ]
+    )
+
+
+#: A new data key (readable: its value is read once, to derive the body key), built once.
+NEW_DATA_KEY = _session_aes_key(_kek.RETURNED_DEK_TEMPLATE)
+#: A throw-away key a probe wraps to see whether a KEK still works (sensitive), built once.
+SCRATCH_KEY = _session_aes_key(_kek.SESSION_DEK_TEMPLATE)
 #: An imported ephemeral key: a session object that can wrap and do nothing else (its modulus and
 #: exponent are filled in per release with ``with_bytes``).
 EPHEMERAL_KEY_IMPORT = Template(
@@ -415,7 +438,8 @@ class KeyManager:
     ) -> None:
         """``lookup_cache_ttl`` (seconds; 0 disables) bounds how long the release path reuses the
         object handles it found for a key. Finding objects is the costliest step in SoftHSM2
-        (it scans every object: ~0.4 ms with 20 keys). Staleness is harmless for refusals — a
+        (it scans every object: ~0.35 ms of a ~0.42 ms lookup with 20 keys, see
+        :mod:`strongroom.keybroker.p11direct`). Staleness is harmless for refusals — a
         version disabled by any replica is refused at once, by the HSM itself or through its
         enabler's handle (:mod:`strongroom.keybroker._kek`) — and delays an *enable* made on
         another replica by at most the TTL. Lifecycle operations always read the
@@ -596,19 +620,17 @@ class KeyManager:
             current = versions[-1]
             _require_enabled(current)
             kek = current.winner
-            dek = hs.session.generate_key(
-                KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.RETURNED_DEK_TEMPLATE
-            )
+            dek = hs.direct.generate_aes_key(NEW_DATA_KEY)
             # The token writes the value straight into one buffer, wiped here once the body key
             # is derived: read through python-pkcs11 it also left an immutable bytes copy (and
             # that library's own buffer) in freed memory, where no wipe reaches.
             value = bytearray(DEK_BYTES)
             try:
                 try:
-                    wrapped = _wrap(hs, kek, dek.handle)
-                    length = hs.direct.read_into(dek.handle, Attribute.VALUE, value)
+                    wrapped = _wrap(hs, kek, dek)
+                    length = hs.direct.read_into(dek, Attribute.VALUE, value)
                 finally:
-                    _destroy_data_key(dek.destroy)
+                    _destroy_data_key(functools.partial(hs.direct.destroy, dek))
                 if length != DEK_BYTES or len(wrapped) != WRAPPED_DEK_BYTES:
                     raise Internal(
                         "the HSM returned a data key of the wrong size", reason=Reason.HSM_ERROR
@@ -800,15 +822,13 @@ class KeyManager:
     def _probe(self, hs: HsmSession, key_id: str) -> None:
         """Uses the current version of ``key_id`` once (wraps a throw-away session key)."""
         kek = self._require_versions(hs, key_id)[-1].winner
-        scratch = hs.session.generate_key(
-            KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.SESSION_DEK_TEMPLATE
-        )
+        scratch = hs.direct.generate_aes_key(SCRATCH_KEY)
         try:
-            _wrap(hs, kek, scratch.handle)
+            _wrap(hs, kek, scratch)
         except FailedPrecondition:
             pass  # disabled: usable as far as the HSM is concerned
         finally:
-            scratch.destroy()
+            hs.direct.destroy(scratch)
 
     def _call(
         self,
@@ -983,12 +1003,7 @@ class KeyManager:
 
     @staticmethod
     def _all_objects(hs: HsmSession, key_id: str) -> list[_kek.KekObject]:
-        template = {
-            Attribute.CLASS: ObjectClass.SECRET_KEY,
-            Attribute.TOKEN: True,
-            Attribute.ID: _kek.object_id(key_id),
-        }
-        return [kek for kek in _search(hs, template) if kek.key_id == key_id]
+        return [kek for kek in _search(hs, _kek.key_objects(key_id)) if kek.key_id == key_id]
 
     def _create_version(
         self,
@@ -1002,7 +1017,7 @@ class KeyManager:
         ``gate``."""
         for attempt in range(_CREATE_ATTEMPTS):
             now_ms = int(self._clock() * 1000)
-            existing = self._reap(self._all_objects(hs, key_id), now_ms)
+            existing = self._reap(hs, self._all_objects(hs, key_id), now_ms)
             version = choose(existing)
             nonce = secrets.token_hex(8)
             enabler = _create_enabler(hs, key_id, version, now_ms, nonce)
@@ -1010,7 +1025,7 @@ class KeyManager:
             try:
                 rivals = [
                     k
-                    for k in self._reap(self._all_objects(hs, key_id), now_ms)
+                    for k in self._reap(hs, self._all_objects(hs, key_id), now_ms)
                     if k.version == version and k.nonce != nonce
                 ]
                 if not rivals:
@@ -1034,7 +1049,7 @@ class KeyManager:
         )
 
     @staticmethod
-    def _reap(objects: list[_kek.KekObject], now_ms: int) -> list[_kek.KekObject]:
+    def _reap(hs: HsmSession, objects: list[_kek.KekObject], now_ms: int) -> list[_kek.KekObject]:
         """Destroys abandoned attempts (an older broker's pending objects; enablers of a version
         with no KEK); returns the rest."""
         published = {k.version for k in objects if k.published}
@@ -1047,7 +1062,7 @@ class KeyManager:
                     extra={"key_id": k.key_id, "key_version": k.version},
                 )
                 try:
-                    k.key.destroy()
+                    hs.direct.destroy(k.handle)
                 except p11x.PKCS11Error as exc:
                     if not errs.is_stale_handle(exc):  # another replica reaped it first
                         raise
@@ -1089,11 +1104,11 @@ class KeyManager:
                 for group in chosen:
                     if not enabled:
                         for enabler in group.enablers:
-                            _destroy_enabler(enabler)
+                            _destroy_enabler(hs, enabler)
                     for kek in group.candidates:
                         if kek.modifiable:
                             for attribute in order:
-                                _set_flag(kek, attribute, enabled)
+                                _set_flag(hs, kek, attribute, enabled)
                     if enabled and group.needs_enabler and not group.enablers:
                         _create_enabler(hs, key_id, group.version, now_ms)
 
@@ -1131,7 +1146,7 @@ def _abandoned(key_id: str, gate: ChangeGate, late: HsmUnavailable) -> HsmUnavai
     )
 
 
-def _search(hs: HsmSession, template: dict[Attribute, Any]) -> list[_kek.KekObject]:
+def _search(hs: HsmSession, template: Template) -> list[_kek.KekObject]:
     """The KEK objects matching ``template``. An object another replica destroys while we read it
     (an abandoned or losing pending version) invalidates its handle mid-search: search again."""
     for _ in range(_SEARCH_ATTEMPTS - 1):
@@ -1143,10 +1158,13 @@ def _search(hs: HsmSession, template: dict[Attribute, Any]) -> list[_kek.KekObje
     return _search_once(hs, template)
 
 
-def _search_once(hs: HsmSession, template: dict[Attribute, Any]) -> list[_kek.KekObject]:
+def _search_once(hs: HsmSession, template: Template) -> list[_kek.KekObject]:
+    # Straight through the module (p11direct): plain handles and one attribute read per object.
+    # python-pkcs11 made a class per object found (cyclic garbage, freed only by a collection)
+    # and thirteen attribute reads where describe needs one.
     found = []
-    for obj in list(hs.session.get_objects(template)):
-        kek = _kek.describe(obj)
+    for handle in hs.direct.find_objects(template):
+        kek = _kek.describe(hs.direct, handle)
         if kek is not None:
             found.append(kek)
     return found
@@ -1188,10 +1206,10 @@ def _still_enabled(hs: HsmSession, version: _kek.KekVersion) -> None:
       answer. A disable clears that flag first (``KeyManager._set_state``), so a disable that
       returned has cleared it: KEY_DISABLED."""
     if version.needs_enabler:
-        hs.direct.read_into(version.enablers[0].key.handle, Attribute.CLASS, bytearray(8))
+        hs.direct.read_into(version.enablers[0].handle, Attribute.CLASS, bytearray(8))
         return
     flag = bytearray(1)  # CK_BBOOL
-    hs.direct.read_into(version.winner.key.handle, Attribute.UNWRAP, flag)
+    hs.direct.read_into(version.winner.handle, Attribute.UNWRAP, flag)
     if not flag[0]:
         raise _disabled_error(version.key_id, version.version)
 
@@ -1263,17 +1281,17 @@ def _create_enabler(
     )
 
 
-def _destroy_enabler(enabler: _kek.KekObject) -> None:
+def _destroy_enabler(hs: HsmSession, enabler: _kek.KekObject) -> None:
     try:
-        enabler.key.destroy()
+        hs.direct.destroy(enabler.handle)
     except p11x.PKCS11Error as exc:
         if not errs.is_stale_handle(exc):  # another replica disabled it first
             raise
 
 
-def _set_flag(kek: _kek.KekObject, attribute: Attribute, value: bool) -> None:
+def _set_flag(hs: HsmSession, kek: _kek.KekObject, attribute: Attribute, value: bool) -> None:
     try:
-        kek.key[attribute] = value
+        hs.direct.set_attributes(kek.handle, Template([(attribute, value)]))
     except p11x.PKCS11Error as exc:
         if not errs.is_stale_handle(exc):
             raise
@@ -1282,7 +1300,7 @@ def _set_flag(kek: _kek.KekObject, attribute: Attribute, value: bool) -> None:
 def _wrap(hs: HsmSession, kek: _kek.KekObject, key: int) -> bytes:
     """``key`` (an object handle) wrapped under ``kek`` with ``CKM_AES_KEY_WRAP_PAD``."""
     try:
-        out = hs.direct.wrap_aes_kwp(kek.key.handle, key, WRAPPED_DEK_BYTES)
+        out = hs.direct.wrap_aes_kwp(kek.handle, key, WRAPPED_DEK_BYTES)
     except p11x.PKCS11Error as exc:
         if errs.is_function_not_permitted(exc):  # disabled by another replica just now
             raise _disabled_error(kek.key_id, kek.version) from None
@@ -1317,7 +1335,7 @@ def _release_with(
     for kek in version.candidates:
         try:
             out = hs.direct.rewrap_oaep(
-                kek.key.handle,
+                kek.handle,
                 blob,
                 key_template=SESSION_DEK_UNWRAP,
                 key_length=DEK_BYTES,
@@ -1380,7 +1398,7 @@ def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> int | None
     """The unwrapped session object's handle, or None when ``blob`` was not wrapped under
     ``kek``."""
     try:
-        dek = hs.direct.unwrap_aes_kwp(kek.key.handle, blob, SESSION_DEK_UNWRAP)
+        dek = hs.direct.unwrap_aes_kwp(kek.handle, blob, SESSION_DEK_UNWRAP)
     except p11x.PKCS11Error as exc:
         _unwrap_refused(hs, kek, exc)
         return None
@@ -1425,15 +1443,13 @@ def _unwrap_refused(hs: HsmSession, kek: _kek.KekObject, exc: p11x.PKCS11Error) 
 
 def _can_wrap(hs: HsmSession, kek: _kek.KekObject) -> bool:
     """Whether ``kek`` still wraps a throw-away session key (False: the HSM fails to use it)."""
-    scratch = hs.session.generate_key(
-        KeyType.AES, DEK_BYTES * 8, store=False, template=_kek.SESSION_DEK_TEMPLATE
-    )
+    scratch = hs.direct.generate_aes_key(SCRATCH_KEY)
     try:
-        _wrap(hs, kek, scratch.handle)
+        _wrap(hs, kek, scratch)
     except FailedPrecondition:
         return True  # disabled meanwhile: the object itself is fine
     except errs.AMBIGUOUS:
         return False
     finally:
-        scratch.destroy()
+        hs.direct.destroy(scratch)
     return True

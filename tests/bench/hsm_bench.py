@@ -6,6 +6,11 @@ Figures (latency p50/p99 in microseconds, throughput in ops/s) for:
   object, import of the TEE's RSA-3072 key, C_WrapKey with OAEP, destruction), 1 and 16 threads;
 - ``release_no_cache``: the same with the key lookup done every time (``lookup_cache_ttl=0``);
 - ``generate_data_key``: one thread;
+- ``lookup_us``: one key lookup (``KeyManager._all_objects``: find the key's objects and describe
+  each, its KEK and enabler), timed inside the worker, against
+  ``baseline_lookup_through_python_pkcs11`` (the same search and attribute reads through
+  python-pkcs11's objects, as lookups were made before ``p11direct`` found them); and
+  ``describe_key`` and ``list_keys`` end to end, one thread;
 - baselines measured in the same run: ``hsm_noop`` (a round trip to the HSM worker thread),
   ``c_encrypt_32`` (one bare C_Encrypt of 32 bytes, AES-ECB, inside the module),
   ``pkcs11_calls_of_a_release`` (a release's own PKCS#11 calls made directly inside the worker, on
@@ -39,10 +44,11 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_unwrap_with_padding,
     aes_key_wrap_with_padding,
 )
-from pkcs11 import Attribute, KeyType, Mechanism
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from strongroom.artifact.keybinding import bind_data_key
 from strongroom.dev.softhsm import init_softhsm_token
+from strongroom.keybroker import _kek
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import (
@@ -146,6 +152,55 @@ def _measure_audit(directory: Path, results: dict[str, Any]) -> None:
             "ratio_audit_append_p50_over_write_fsync": round(
                 appended["p50_us"] / bare["p50_us"], 2
             ),
+        }
+    )
+
+
+#: The attributes a lookup read of each object through python-pkcs11 (``_kek.describe``'s).
+_DESCRIBED = [
+    Attribute.ID,
+    Attribute.LABEL,
+    Attribute.WRAP,
+    Attribute.UNWRAP,
+    Attribute.KEY_TYPE,
+    Attribute.MODIFIABLE,
+    Attribute.LOCAL,
+    Attribute.ALWAYS_SENSITIVE,
+    Attribute.NEVER_EXTRACTABLE,
+]
+
+
+def _measure_lookups(hsm: Hsm, km: KeyManager, results: dict[str, Any]) -> None:
+    """``lookup_us`` against its python-pkcs11 baseline, ``describe_key`` and ``list_keys``
+    (module docstring); ``km``'s token holds :data:`OTHER_KEYS` keys besides ``bench``."""
+
+    def time_lookups(hs: HsmSession) -> tuple[list[float], list[float]]:
+        template = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.TOKEN: True,
+            Attribute.ID: _kek.object_id("bench"),
+        }
+
+        def through_python_pkcs11() -> list[dict[Attribute, Any]]:
+            return [o.get_attributes(_DESCRIBED) for o in list(hs.session.get_objects(template))]
+
+        assert len(through_python_pkcs11()) == len(km._all_objects(hs, "bench"))
+        return (
+            _latencies(lambda: km._all_objects(hs, "bench"), SINGLE_OPS),
+            _latencies(through_python_pkcs11, SINGLE_OPS),
+        )
+
+    direct, through = hsm.call(time_lookups, timeout=60)
+    lookup, baseline = _summary(direct), _summary(through)
+    results.update(
+        {
+            "lookup_us": lookup,
+            "baseline_lookup_through_python_pkcs11": baseline,
+            "ratio_lookup_p50_over_python_pkcs11": round(lookup["p50_us"] / baseline["p50_us"], 2),
+            "describe_key_1_thread": _summary(
+                _latencies(lambda: km.describe_key("bench"), SINGLE_OPS // 3)
+            ),
+            "list_keys_1_thread": _summary(_latencies(km.list_keys, SINGLE_OPS // 10)),
         }
     )
 
@@ -269,6 +324,7 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
     )
     threaded = _threaded(release, THREADS, OPS_PER_THREAD)
     generate = _summary(_latencies(lambda: km.generate_data_key("bench", *MODEL), SINGLE_OPS // 3))
+    _measure_lookups(hsm, km, results)
 
     results.update(
         {

@@ -20,12 +20,14 @@ from cryptography.hazmat.primitives.keywrap import (
 from pkcs11 import Attribute, KeyType, ObjectClass
 
 from strongroom.dev.softhsm import SoftHsmToken
-from strongroom.errors import FailedPrecondition, InvalidArgument, Unavailable
+from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker import keys as keys_module
+from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import ALL_VERSIONS, KeyManager, KeyState
+from strongroom.keybroker.p11direct import Template
 from strongroom.oaep import OaepHash
 from tests.keybroker.helpers import MODEL, make_config, spki
 
@@ -240,6 +242,130 @@ def test_a_kek_whose_value_left_or_came_from_outside_the_token_is_never_used(
     assert info.value.reason == "WRAPPED_KEY_INVALID"
     assert km.rotate_key("planted").current_version == 2  # its own version 2, not the planted one
     assert km.generate_data_key("planted", *MODEL).version == 2
+
+
+def _plant_secret(hsm: Hsm, key_id: str, label: bytes, object_id: bytes | None = None) -> None:
+    """Creates a token secret under ``key_id``'s CKA_ID (or ``object_id``) with the raw ``label``
+    (python-pkcs11 only writes labels that are text)."""
+    template = Template(
+        [
+            (Attribute.CLASS, ObjectClass.SECRET_KEY),
+            (Attribute.KEY_TYPE, KeyType.GENERIC_SECRET),
+            (Attribute.TOKEN, True),
+            (Attribute.ID, object_id or _kek.object_id(key_id)),
+            (Attribute.LABEL, label),
+            (Attribute.VALUE, bytes(16)),
+        ]
+    )
+    hsm.call(lambda hs: hs.direct.create_object(template))
+
+
+def test_a_label_that_is_not_utf8_is_a_damaged_object_not_a_missing_key(
+    hsm: Hsm, km: KeyManager
+) -> None:
+    # What a damaged object file reads as (SoftHSM2 decrypts a private object's label to garbage;
+    # test_hsm_faults damages one): the key's lookup fails as the HSM's, never as NOT_FOUND.
+    km.create_key("mangled")
+    _plant_secret(hsm, "mangled", b"strongroom/kek/mangled/v1/\xff\xfe")
+    with pytest.raises(HsmUnavailable) as info:
+        km.describe_key("mangled")
+    assert info.value.reason == "HSM_OPERATION_FAILED"
+    assert "unreadable label" in info.value.message
+
+
+def test_another_applications_objects_do_not_break_or_join_the_list_of_keys(
+    hsm: Hsm, km: KeyManager
+) -> None:
+    """A token shared with another application: its secret key with a binary label made every
+    list of keys (and the start's check for modifiable KEKs) fail as a damaged object, dropping
+    the session each time; an object labelled as one key but filed under another's CKA_ID was
+    listed as a version by list_keys and not by describe_key."""
+    km.create_key("good")
+    _plant_secret(hsm, "good", b"\xff\xfe binary", object_id=b"\x01\x02")
+
+    def misfiled(hs: HsmSession) -> None:
+        hs.session.generate_key(
+            KeyType.AES,
+            _kek.KEK_BITS,
+            id=_kek.object_id("elsewhere"),
+            label=_kek.label("good", 2, 1, "ab" * 8, pending=False),
+            store=True,
+            template=_kek.KEK_TEMPLATE,
+        )
+
+    hsm.call(misfiled)
+    assert [(k.key_id, [v.version for v in k.versions]) for k in km.list_keys()] == [("good", [1])]
+    assert [v.version for v in km.describe_key("good").versions] == [1]
+    assert km.modifiable_versions() == {}
+
+
+def test_a_label_longer_than_any_kek_label_is_not_a_kek(hsm: Hsm, km: KeyManager) -> None:
+    km.create_key("long")
+    real = _kek.label("long", 1, 0, "00" * 8, pending=False)
+    for label in (real.encode() + b"/" + b"x" * 4000, b"\xff" * (_kek.LABEL_MAX_BYTES + 1)):
+        _plant_secret(hsm, "long", label)  # read as absent: no KEK, no rival, no error
+    assert [(v.version, v.state) for v in km.describe_key("long").versions] == [
+        (1, KeyState.ENABLED)
+    ]
+    _plant_secret(hsm, "only-long", b"strongroom/kek/only-long/v1/" + b"0" * 4000)
+    with pytest.raises(NotFound):
+        km.describe_key("only-long")
+
+
+def test_the_longest_kek_label_is_read_whole(hsm: Hsm, km: KeyManager) -> None:
+    # 15 digits of milliseconds, still within a datetime (the last millisecond of year 9999)
+    key_id, version, created = "k" * 63, 9_999_999_999, 253_402_300_799_999
+    longest = _kek.label(key_id, version, created, "f" * 16, pending=False, enabler=True)
+    assert len(longest) == _kek.LABEL_MAX_BYTES
+
+    def plant(hs: HsmSession) -> None:
+        hs.session.generate_key(
+            KeyType.AES,
+            _kek.KEK_BITS,
+            id=_kek.object_id(key_id),
+            label=_kek.label(key_id, version, created, "f" * 16, pending=False),
+            store=True,
+            template=_kek.KEK_TEMPLATE,
+        )
+        hs.session.generate_key(
+            KeyType.GENERIC_SECRET,
+            _kek.MARKER_BITS,
+            id=_kek.object_id(key_id),
+            label=longest,
+            store=True,
+            template=_kek.MARKER_TEMPLATE,
+        )
+
+    hsm.call(plant)
+    # Enabled: its enabler, under the longest label there is, was found and parsed.
+    assert [(v.version, v.state) for v in km.describe_key(key_id).versions] == [
+        (version, KeyState.ENABLED)
+    ]
+
+
+def test_a_kek_label_dated_beyond_year_9999_is_not_a_kek(hsm: Hsm, km: KeyManager) -> None:
+    """The label grammar takes 15 digits of milliseconds (up to year 33658). One such KEK, which
+    a PIN holder can generate in the token, made every list of keys and every look at its key
+    fail with a bare ValueError (INTERNAL): a rotation even made its version, then failed."""
+    km.create_key("far")
+    km.create_key("near")
+
+    def plant(hs: HsmSession) -> None:
+        for ms in (253_402_300_800_000, 999_999_999_999_999):  # year 10000 on
+            hs.session.generate_key(
+                KeyType.AES,
+                _kek.KEK_BITS,
+                id=_kek.object_id("far"),
+                label=_kek.label("far", 2, ms, "ab" * 8, pending=False),
+                store=True,
+                template=_kek.KEK_TEMPLATE,
+            )
+
+    hsm.call(plant)
+    assert [k.key_id for k in km.list_keys()] == ["far", "near"]
+    assert [v.version for v in km.describe_key("far").versions] == [1]
+    assert km.rotate_key("far").current_version == 2  # its own version 2
+    assert km.generate_data_key("far", *MODEL).version == 2
 
 
 def _legacy_flags(hsm: Hsm, key_id: str) -> tuple[bool, bool]:

@@ -401,9 +401,9 @@ def test_a_key_change_recorded_before_its_caller_gave_up_completes_recorded(
     gave_up = threading.Event()
     real = keys_module._destroy_enabler
 
-    def hang_until_the_caller_gave_up(enabler):
+    def hang_until_the_caller_gave_up(hs, enabler):
         gave_up.wait(timeout=30)
-        real(enabler)
+        real(hs, enabler)
 
     # The disable's token write: destroying its enabler (a KEK is immutable).
     monkeypatch.setattr(keys_module, "_destroy_enabler", hang_until_the_caller_gave_up)
@@ -451,7 +451,7 @@ def test_a_recorded_key_change_that_fails_in_the_hsm_is_recorded_as_refused(
     keys, log = service
     keys.create_key(ADMIN, "k1")
 
-    def fail(enabler):
+    def fail(hs, enabler):
         raise FailedPrecondition("the token refused", reason="HSM_ERROR")
 
     monkeypatch.setattr(keys_module, "_destroy_enabler", fail)

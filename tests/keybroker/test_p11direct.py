@@ -26,10 +26,17 @@ from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmSession
-from strongroom.keybroker.keys import EPHEMERAL_KEY_IMPORT, SESSION_DEK_UNWRAP, KeyManager
+from strongroom.keybroker.keys import (
+    EPHEMERAL_KEY_IMPORT,
+    NEW_DATA_KEY,
+    SCRATCH_KEY,
+    SESSION_DEK_UNWRAP,
+    KeyManager,
+)
 from strongroom.keybroker.p11direct import (
     _ENTRY_POINTS,
     RETURN_CODES,
+    AttributeQuery,
     TargetRefused,
     Template,
     UnwrapFailed,
@@ -391,7 +398,7 @@ _CKR_ARGUMENTS_BAD = 0x7
 
 
 def test_a_data_key_that_cannot_be_destroyed_closes_its_session(
-    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
 ) -> None:
     # C_DestroyObject refuses (with a code that is neither a device failure nor a stale handle):
     # the unwrapped data key, and the imported key of a release, stay in the session. They used
@@ -411,13 +418,177 @@ def test_a_data_key_that_cannot_be_destroyed_closes_its_session(
             )
         with pytest.raises(HsmUnavailable):
             km.rewrap("model", 1, data_key.wrapped)
-    assert session_objects(hsm) == before
-
-    def refused(self: object) -> None:
-        raise p11x.ArgumentsBad()
-
-    with monkeypatch.context() as patch:
-        patch.setattr(pkcs11._pkcs11.Object, "destroy", refused)
         with pytest.raises(HsmUnavailable):
             km.generate_data_key("model", *MODEL)  # its data key is not even sensitive
     assert session_objects(hsm) == before
+
+
+_FIND_MARK = b"strongroom-test/find"
+#: A read of every kind: a byte string (up to 8 bytes), a CK_ULONG and CK_BBOOLs.
+_QUERY = AttributeQuery(
+    [
+        (Attribute.LABEL, 8),
+        (Attribute.KEY_TYPE, "ulong"),
+        (Attribute.SENSITIVE, "bool"),
+        (Attribute.DERIVE, "bool"),
+        (Attribute.VALUE, 64),
+    ]
+)
+
+
+def _secret(hs: HsmSession, label: bytes, *, sensitive: bool) -> int:
+    """A session generic secret under :data:`_FIND_MARK`."""
+    return hs.direct.create_object(
+        Template(
+            [
+                (Attribute.CLASS, ObjectClass.SECRET_KEY),
+                (Attribute.KEY_TYPE, KeyType.GENERIC_SECRET),
+                (Attribute.TOKEN, False),
+                (Attribute.ID, _FIND_MARK),
+                (Attribute.LABEL, label),
+                (Attribute.SENSITIVE, sensitive),
+                (Attribute.EXTRACTABLE, True),
+                (Attribute.DERIVE, False),
+                (Attribute.VALUE, bytes(range(16))),
+            ]
+        )
+    )
+
+
+def test_find_objects_returns_every_batch_and_always_ends_its_search(hsm: Hsm) -> None:
+    search = Template([(Attribute.TOKEN, False), (Attribute.ID, _FIND_MARK)])
+
+    def device_error(session: int, handles: int, most: int, count: int) -> int:
+        return _CKR_DEVICE_REMOVED
+
+    failing = ctypes.CFUNCTYPE(
+        ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p
+    )(device_error)
+    direct = hsm._direct
+    assert direct is not None
+
+    def op(hs: HsmSession) -> None:
+        made = {_secret(hs, b"n", sensitive=False) for _ in range(150)}  # more than two batches
+        found = hs.direct.find_objects(search)
+        assert len(found) == 150 and set(found) == made
+        theirs = {o.handle for o in hs.session.get_objects({Attribute.ID: _FIND_MARK})}
+        assert theirs == made
+        real = direct.find_objects
+        direct.find_objects = failing
+        try:
+            with pytest.raises(p11x.DeviceRemoved):
+                hs.direct.find_objects(search)
+        finally:
+            direct.find_objects = real
+        # The failed search was ended: a search left open makes the next CKR_OPERATION_ACTIVE.
+        assert set(hs.direct.find_objects(search)) == made
+        for handle in made:
+            hs.direct.destroy(handle)
+        assert hs.direct.find_objects(search) == []
+
+    hsm.call(op, name="test")
+
+
+def test_read_attributes_returns_each_kind_and_leaves_out_what_the_token_withholds(
+    hsm: Hsm,
+) -> None:
+    def op(hs: HsmSession) -> None:
+        readable = _secret(hs, b"a\x00b", sensitive=False)
+        secret = _secret(hs, b"12345678", sensitive=True)
+        too_long = _secret(hs, b"123456789", sensitive=False)
+        assert hs.direct.read_attributes(readable, _QUERY) == {
+            Attribute.LABEL: b"a\x00b",  # whole: not cut at its NUL
+            Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+            Attribute.SENSITIVE: False,
+            Attribute.DERIVE: False,
+            Attribute.VALUE: bytes(range(16)),
+        }
+        # CKR_ATTRIBUTE_SENSITIVE for the value, the rest still read (a label of exactly 8 fits).
+        assert hs.direct.read_attributes(secret, _QUERY) == {
+            Attribute.LABEL: b"12345678",
+            Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+            Attribute.SENSITIVE: True,
+            Attribute.DERIVE: False,
+        }
+        # CKR_BUFFER_TOO_SMALL for the label: absent, never cut short.
+        assert Attribute.LABEL not in hs.direct.read_attributes(too_long, _QUERY)
+        for handle in (readable, secret, too_long):
+            hs.direct.destroy(handle)
+        with pytest.raises(p11x.ObjectHandleInvalid) as stale:
+            hs.direct.read_attributes(readable, _QUERY)
+        assert errs.is_stale_handle(stale.value)  # so a lookup searches again
+
+    hsm.call(op, name="test")
+
+
+def test_set_attributes_sets_and_maps_a_refusal(hsm: Hsm) -> None:
+    def op(hs: HsmSession) -> None:
+        handle = _secret(hs, b"flags", sensitive=False)
+        hs.direct.set_attributes(handle, Template([(Attribute.DERIVE, True)]))
+        assert hs.direct.read_attributes(handle, _QUERY)[Attribute.DERIVE] is True
+        with pytest.raises(p11x.PKCS11Error):
+            # CKA_SENSITIVE cannot go back to false once set (PKCS#11): refused, not ignored.
+            hs.direct.set_attributes(handle, Template([(Attribute.SENSITIVE, True)]))
+            hs.direct.set_attributes(handle, Template([(Attribute.SENSITIVE, False)]))
+        hs.direct.destroy(handle)
+
+    hsm.call(op, name="test")
+
+
+def test_an_attribute_query_takes_only_the_kinds_it_knows() -> None:
+    for kind in (0, -1, True, "bytes"):
+        with pytest.raises(ValueError, match="not an attribute kind"):
+            AttributeQuery([(Attribute.LABEL, kind)])  # type: ignore[list-item]
+
+
+#: What a generated session key must read back as, whichever way it was generated.
+_GENERATED = AttributeQuery(
+    [
+        (Attribute.CLASS, "ulong"),
+        (Attribute.KEY_TYPE, "ulong"),
+        (Attribute.VALUE_LEN, "ulong"),
+        (Attribute.ID, 8),
+        (Attribute.LABEL, 8),
+        *(
+            (attribute, "bool")
+            for attribute in (
+                Attribute.TOKEN,
+                Attribute.PRIVATE,
+                Attribute.SENSITIVE,
+                Attribute.EXTRACTABLE,
+                Attribute.ENCRYPT,
+                Attribute.DECRYPT,
+                Attribute.WRAP,
+                Attribute.UNWRAP,
+                Attribute.SIGN,
+                Attribute.VERIFY,
+                Attribute.DERIVE,
+                Attribute.LOCAL,
+                Attribute.ALWAYS_SENSITIVE,
+                Attribute.NEVER_EXTRACTABLE,
+            )
+        ),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("direct_template", "their_template"),
+    [(NEW_DATA_KEY, _kek.RETURNED_DEK_TEMPLATE), (SCRATCH_KEY, _kek.SESSION_DEK_TEMPLATE)],
+    ids=["data-key", "scratch-key"],
+)
+def test_a_direct_session_key_is_the_one_python_pkcs11_generated(
+    hsm: Hsm, direct_template: Template, their_template: dict[Attribute, Any]
+) -> None:
+    def op(hs: HsmSession) -> None:
+        theirs = hs.session.generate_key(
+            KeyType.AES, 256, store=False, template=their_template
+        ).handle
+        ours = hs.direct.generate_aes_key(direct_template)
+        read = [hs.direct.read_attributes(h, _GENERATED) for h in (theirs, ours)]
+        assert read[0] == read[1]
+        assert read[1][Attribute.KEY_TYPE] == KeyType.AES and read[1][Attribute.VALUE_LEN] == 32
+        for handle in (theirs, ours):
+            hs.direct.destroy(handle)
+
+    hsm.call(op, name="test")
