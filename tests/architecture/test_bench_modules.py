@@ -1,7 +1,8 @@
 """Every benchmark area ``make bench`` runs imports, and has the entry point the runner calls.
 
-Benchmarks are not run by the test suite, so a benchmark importing a name a refactor removed would
-otherwise break only the next ``make bench`` (as ``audit_bench`` did once).
+A benchmark importing a name a refactor removed would otherwise break only the next ``make bench``
+(as ``audit_bench`` did once); ``tests/bench/test_bench_smoke.py`` then runs every area, at tiny
+sizes.
 """
 
 from __future__ import annotations

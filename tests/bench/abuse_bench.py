@@ -58,9 +58,9 @@ def _memory_mib(pid: int) -> dict[str, float]:
     return {key: round(fields[key] / 1024, 1) for key in ("VmRSS", "VmHWM")}
 
 
-def _measure(stack: DevStack, who: Identities) -> tuple[float, float, int]:
+def _measure(stack: DevStack, who: Identities, rounds: int) -> tuple[float, float, int]:
     client = LegitClient(stack, who.legit)
-    client.run(rounds=ROUNDS)
+    client.run(rounds=rounds)
     return _pct(client.latencies, 0.5), _pct(client.latencies, 0.99), len(client.failures)
 
 
@@ -94,8 +94,9 @@ def _looping(action: Callable[[], object], threads: int = 1) -> Iterator[Counter
             worker.join(30)
 
 
-def run(results: dict[str, Any]) -> None:
-    """Measures the legitimate client without attack, then under each attack."""
+def run(results: dict[str, Any], *, rounds: int = ROUNDS) -> None:
+    """Measures the legitimate client without attack, then under each attack (``rounds``
+    legitimate rounds each)."""
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
         broker = stack.start_process("keybroker")
         stack.start_process("modelstore")
@@ -104,8 +105,8 @@ def run(results: dict[str, Any]) -> None:
         assert broker.process is not None
         pid = broker.process.pid
 
-        _measure(stack, who)  # warm-up: channels, connections, caches
-        base_p50, base_p99, base_failures = _measure(stack, who)
+        _measure(stack, who, rounds)  # warm-up: channels, connections, caches
+        base_p50, base_p99, base_failures = _measure(stack, who, rounds)
         results["baseline"] = {
             "p50_ms": round(base_p50 * 1000, 2),
             "p99_ms": round(base_p99 * 1000, 2),
@@ -113,7 +114,7 @@ def run(results: dict[str, Any]) -> None:
         }
 
         def record(name: str, extra: dict[str, Any] | None = None) -> None:
-            p50, p99, failures = _measure(stack, who)
+            p50, p99, failures = _measure(stack, who, rounds)
             results[name] = {
                 "p50_ratio": round(p50 / base_p50, 2),
                 "p99_ratio": round(p99 / base_p99, 2),

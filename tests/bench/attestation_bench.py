@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from strongroom.attestation import StaticCollateralSource, verify_evidence
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.dev.simulated import SimulatedAuthority
+from tests.bench._scale import scaled
 
 
 def _per_call(fn: Callable[[], Any], *, min_seconds: float = 0.5, min_calls: int = 50) -> float:
@@ -41,23 +42,57 @@ def _per_call(fn: Callable[[], Any], *, min_seconds: float = 0.5, min_calls: int
             return elapsed / calls
 
 
-def _bare_ecdsa(curve: ec.EllipticCurve, hash_alg: hashes.HashAlgorithm, size: int) -> float:
+def _bare_ecdsa(
+    curve: ec.EllipticCurve,
+    hash_alg: hashes.HashAlgorithm,
+    size: int,
+    per_call: Callable[[Callable[[], Any]], float],
+) -> float:
     key = ec.generate_private_key(curve)
     msg = b"\x5a" * size
     sig = key.sign(msg, ec.ECDSA(hash_alg))
     pub = key.public_key()
-    return _per_call(lambda: pub.verify(sig, msg, ec.ECDSA(hash_alg)))
+    return per_call(lambda: pub.verify(sig, msg, ec.ECDSA(hash_alg)))
 
 
-def run(results: dict[str, Any]) -> None:
-    """Records per-verification times (µs) and ratios against bare ECDSA verifies."""
-    now = dt.datetime.now(dt.UTC)
-    authority = SimulatedAuthority.generate(now=now)
+def run(
+    results: dict[str, Any],
+    *,
+    scale: float = 1.0,
+    authority: SimulatedAuthority | None = None,
+    now: dt.datetime | None = None,
+) -> None:
+    """Records per-verification times (µs) and ratios against bare ECDSA verifies.
+
+    ``scale`` shortens every measurement (:mod:`tests.bench._scale`); ``authority`` (issued at
+    ``now``) saves generating a simulated TEE authority.
+    """
+
+    def per_call(fn: Callable[[], Any], *, min_calls: int = 50) -> float:
+        return _per_call(fn, min_seconds=0.5 * scale, min_calls=scaled(min_calls, scale))
+
+    if authority is None:
+        now = dt.datetime.now(dt.UTC)
+        authority = SimulatedAuthority.generate(now=now)
+    elif now is None:
+        raise ValueError("pass the time the authority was generated at with it")
+    # A temporary directory, not mkdtemp: every test run (the smoke test's) would leave one.
+    with tempfile.TemporaryDirectory(prefix="bench-collateral-") as collateral:
+        _measure(results, authority, now, per_call, Path(collateral))
+
+
+def _measure(
+    results: dict[str, Any],
+    authority: SimulatedAuthority,
+    now: dt.datetime,
+    per_call: Callable[..., float],
+    collateral: Path,
+) -> None:
     trust = authority.trust_store()
     report_data = hashlib.sha512(b"bench").digest()
 
     tdx = authority.tdx()
-    cache = CollateralCache(Path(tempfile.mkdtemp(prefix="bench-collateral-")), trust)
+    cache = CollateralCache(collateral, trust)
     authority.fill_cache(cache, tdx=[tdx], now=now)
     before_tdx = StaticCollateralSource(
         tcb_infos=(tdx.tcb_info(now=now),),
@@ -75,16 +110,16 @@ def run(results: dict[str, Any]) -> None:
         return verify_evidence(snp_ev, trust=trust, now=now, require_collateral=False)
 
     snp_new()
-    snp_us = _per_call(snp_new) * 1e6
-    snp_before_us = _per_call(snp_before) * 1e6
-    snp_us = min(snp_us, _per_call(snp_new) * 1e6)  # interleaved: both see the same machine
+    snp_us = per_call(snp_new) * 1e6
+    snp_before_us = per_call(snp_before) * 1e6
+    snp_us = min(snp_us, per_call(snp_new) * 1e6)  # interleaved: both see the same machine
 
     def cold() -> None:
         trust.cache.clear()
         snp_new()
 
-    snp_cold_us = _per_call(cold, min_calls=20) * 1e6
-    p384_us = _bare_ecdsa(ec.SECP384R1(), hashes.SHA384(), 0x2A0) * 1e6
+    snp_cold_us = per_call(cold, min_calls=20) * 1e6
+    p384_us = _bare_ecdsa(ec.SECP384R1(), hashes.SHA384(), 0x2A0, per_call) * 1e6
 
     from strongroom.attestation import Evidence, TeeType
 
@@ -99,10 +134,10 @@ def run(results: dict[str, Any]) -> None:
         )
 
     tdx_new()
-    tdx_us = _per_call(tdx_new) * 1e6
-    tdx_before_us = _per_call(tdx_before) * 1e6
-    tdx_us = min(tdx_us, _per_call(tdx_new) * 1e6)
-    p256_us = _bare_ecdsa(ec.SECP256R1(), hashes.SHA256(), 632) * 1e6
+    tdx_us = per_call(tdx_new) * 1e6
+    tdx_before_us = per_call(tdx_before) * 1e6
+    tdx_us = min(tdx_us, per_call(tdx_new) * 1e6)
+    p256_us = _bare_ecdsa(ec.SECP256R1(), hashes.SHA256(), 632, per_call) * 1e6
 
     results["snp_verify_with_cache_us"] = round(snp_us, 1)
     results["snp_verify_before_us"] = round(snp_before_us, 1)

@@ -46,6 +46,7 @@ from strongroom.keybroker.audit import (
     _event_members,
     _record_line,
 )
+from tests.bench._scale import scaled
 
 PER_THREAD_16 = 25  # appends per thread with 16 threads, per round
 SINGLE = 200  # appends with 1 thread, per round
@@ -120,14 +121,14 @@ def _audit_log(directory: Path, name: str, key: Ed25519PrivateKey, max_batch: in
 
 
 def _measure_log(
-    directory: Path, name: str, key: Ed25519PrivateKey, max_batch: int, threads: int
+    directory: Path, name: str, key: Ed25519PrivateKey, max_batch: int, threads: int, scale: float
 ) -> dict[str, Any]:
     with _audit_log(directory, name, key, max_batch) as log:
         before = log.batch_sizes
         if threads == 1:
-            out = _threads(1, SINGLE, lambda: log.append(EVENT))
+            out = _threads(1, scaled(SINGLE, scale), lambda: log.append(EVENT))
         else:
-            out = _threads(threads, PER_THREAD_16, lambda: log.append(EVENT))
+            out = _threads(threads, scaled(PER_THREAD_16, scale), lambda: log.append(EVENT))
         after = log.batch_sizes
     sizes = {size: after[size] - before.get(size, 0) for size in after}
     out["batch_size"] = _batch_summary({s: n for s, n in sizes.items() if n})
@@ -141,7 +142,9 @@ def _best(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return best | {"rounds_appends_per_s": [r["appends_per_s"] for r in rounds]}
 
 
-def _measure_write_fsync(directory: Path, name: str, line: bytes, threads: int) -> dict[str, Any]:
+def _measure_write_fsync(
+    directory: Path, name: str, line: bytes, threads: int, scale: float
+) -> dict[str, Any]:
     fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
 
@@ -149,12 +152,13 @@ def _measure_write_fsync(directory: Path, name: str, line: bytes, threads: int) 
             os.write(fd, line)
             os.fsync(fd)
 
-        return _threads(threads, SINGLE if threads == 1 else PER_THREAD_16, write_fsync)
+        per_thread = SINGLE if threads == 1 else PER_THREAD_16
+        return _threads(threads, scaled(per_thread, scale), write_fsync)
     finally:
         os.close(fd)
 
 
-def _under_gil_contention(directory: Path, key: Ed25519PrivateKey) -> dict[str, Any]:
+def _under_gil_contention(directory: Path, key: Ed25519PrivateKey, scale: float) -> dict[str, Any]:
     stop = threading.Event()
 
     def burn() -> None:
@@ -168,11 +172,13 @@ def _under_gil_contention(directory: Path, key: Ed25519PrivateKey) -> dict[str, 
     try:
         out: dict[str, Any] = {"cpu_bound_threads": len(burners)}
         with _audit_log(directory, "contended-group-1", key, MAX_BATCH_RECORDS) as single:
-            out["group_commit_1_thread"] = _threads(1, 30, lambda: single.append(EVENT))
+            out["group_commit_1_thread"] = _threads(
+                1, scaled(30, scale), lambda: single.append(EVENT)
+            )
         for name, max_batch in (("group_commit", MAX_BATCH_RECORDS), ("per_record_commit", 1)):
             with _audit_log(directory, f"contended-{name}-16", key, max_batch) as log:
                 before = log.batch_sizes
-                figures = _threads(16, 5, functools.partial(log.append, EVENT))
+                figures = _threads(16, scaled(5, scale), functools.partial(log.append, EVENT))
                 after = log.batch_sizes
             sizes = {s: after[s] - before.get(s, 0) for s in after}
             figures["batch_size"] = _batch_summary({s: n for s, n in sizes.items() if n})
@@ -189,20 +195,22 @@ def _under_gil_contention(directory: Path, key: Ed25519PrivateKey) -> dict[str, 
     return out
 
 
-def _committer_cpu_us(key: Ed25519PrivateKey) -> float:
+def _committer_cpu_us(key: Ed25519PrivateKey, scale: float) -> float:
     """The per-record CPU of a commit (the committer's record building), p50 over many records."""
     _, members = _event_members(EVENT)
     times = []
     prev = "0" * 64
-    for seq in range(2000):
+    for seq in range(scaled(2000, scale)):
         t0 = time.perf_counter()
         _, prev = _record_line(members, seq, prev, "2026-12-02T00:00:00.000000Z", key)
         times.append(time.perf_counter() - t0)
     return round(statistics.median(times) * 1e6, 1)
 
 
-def run(results: dict[str, Any]) -> None:
-    """Measures group commit, one commit per record and bare write+fsync in the same run."""
+def run(results: dict[str, Any], *, scale: float = 1.0) -> None:
+    """Measures group commit, one commit per record and bare write+fsync in the same run
+    (``scale``: :mod:`tests.bench._scale`)."""
+    rounds = scaled(ROUNDS, scale)
     key = Ed25519PrivateKey.generate()
     group: dict[str, list[dict[str, Any]]] = {"1_thread": [], "16_threads": []}
     per_record: dict[str, list[dict[str, Any]]] = {"1_thread": [], "16_threads": []}
@@ -213,26 +221,28 @@ def run(results: dict[str, Any]) -> None:
             pass
         line = (directory / "sample").read_bytes().splitlines(keepends=True)[-1]
         # Interleaved rounds, so that a burst of load from other jobs hits all three alike.
-        for n in range(ROUNDS):
+        for n in range(rounds):
             for threads, label in ((1, "1_thread"), (16, "16_threads")):
                 group[label].append(
-                    _measure_log(directory, f"group-{label}-{n}", key, MAX_BATCH_RECORDS, threads)
+                    _measure_log(
+                        directory, f"group-{label}-{n}", key, MAX_BATCH_RECORDS, threads, scale
+                    )
                 )
                 per_record[label].append(
-                    _measure_log(directory, f"per-record-{label}-{n}", key, 1, threads)
+                    _measure_log(directory, f"per-record-{label}-{n}", key, 1, threads, scale)
                 )
                 bare[label].append(
-                    _measure_write_fsync(directory, f"plain-{label}-{n}", line, threads)
+                    _measure_write_fsync(directory, f"plain-{label}-{n}", line, threads, scale)
                 )
-        contended = _under_gil_contention(directory, key)
+        contended = _under_gil_contention(directory, key, scale)
     results["record_bytes"] = len(line)
     results["max_batch_records"] = MAX_BATCH_RECORDS
-    results["rounds"] = ROUNDS
+    results["rounds"] = rounds
     results["group_commit"] = {label: _best(rounds) for label, rounds in group.items()}
     results["per_record_commit"] = {label: _best(rounds) for label, rounds in per_record.items()}
     results["baseline_write_fsync"] = {label: _best(rounds) for label, rounds in bare.items()}
     results["under_gil_contention"] = contended
-    results["committer_cpu_per_record_us"] = _committer_cpu_us(key)
+    results["committer_cpu_per_record_us"] = _committer_cpu_us(key, scale)
 
     def rate(figures: str, threads: str) -> float:
         return float(results[figures][threads]["appends_per_s"])

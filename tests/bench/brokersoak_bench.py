@@ -135,6 +135,7 @@ def soak(
     sample_every: int = SAMPLE_EVERY,
     trace_releases: int = 0,
     step_ca_binary: Path | None = None,
+    shared_ephemeral_key: bool = False,
 ) -> dict[str, Any]:
     """One configuration on a fresh stack under ``root``; returns the raw samples and outcomes.
 
@@ -158,7 +159,7 @@ def soak(
         )
         assert broker.process is not None
         shipped_env = process_env(broker.process.pid)
-        make_caller = caller_factory(stack)
+        make_caller = caller_factory(stack, shared_ephemeral_key=shared_ephemeral_key)
         vms = [make_caller() for _ in range(callers)]
         samples: list[dict[str, Any]] = [
             {"releases": 0, "load1": os.getloadavg()[0], **_memprobe.ask(probe, "sample")}
@@ -343,16 +344,33 @@ class _Config(NamedTuple):
     trace: int = 0
 
 
-def run(results: dict[str, Any], releases: int | None = None) -> None:
-    """Measures and records the figures described in the module docstring into ``results``."""
+def run(
+    results: dict[str, Any],
+    releases: int | None = None,
+    *,
+    callers: int = CALLERS,
+    sample_every: int = SAMPLE_EVERY,
+    trace_releases: int = TRACE_RELEASES,
+    shipped_recycle: int | None = None,
+    shared_ephemeral_key: bool = False,
+) -> None:
+    """Measures and records the figures described in the module docstring into ``results``.
+
+    The keyword arguments shorten the soak (the CI smoke test's): ``callers`` concurrent
+    releasers, a sample every ``sample_every`` releases, ``trace_releases`` under tracemalloc,
+    and ``shipped_recycle`` the HSM recycle quota of the configurations that otherwise keep the
+    broker's default (the slopes take one sample per recycle); ``shared_ephemeral_key``:
+    :func:`~tests.bench.keybroker_bench.caller_factory`'s.
+    """
     releases = releases or int(os.environ.get(RELEASES_ENV, RELEASES))
     configs = [
-        _Config("shipped", trace=TRACE_RELEASES),
-        _Config("eventengine_endpoints", env={"GRPC_EXPERIMENTS": ""}),
+        _Config("shipped", recycle=shipped_recycle, trace=trace_releases),
+        _Config("eventengine_endpoints", recycle=shipped_recycle, env={"GRPC_EXPERIMENTS": ""}),
         _Config("recycling_off", recycle=0),
     ]
     for env in _extra_envs():
-        configs.append(_Config("shipped_" + "_".join(f"{k}={v}" for k, v in env.items()), env=env))
+        label = "shipped_" + "_".join(f"{k}={v}" for k, v in env.items())
+        configs.append(_Config(label, recycle=shipped_recycle, env=env))
     started = time.perf_counter()
     measured: dict[str, Any] = {}
     for config in configs:
@@ -363,7 +381,10 @@ def run(results: dict[str, Any], releases: int | None = None) -> None:
                 releases=releases,
                 recycle_after_operations=config.recycle,
                 env=config.env,
+                callers=callers,
+                sample_every=sample_every,
                 trace_releases=config.trace,
+                shared_ephemeral_key=shared_ephemeral_key,
             )
         measured[label] = figures(raw) | ({"env": config.env} if config.env else {})
         shown = {k: measured[label][k] for k in ("rss_kib_per_1000_releases", "rss_kib_every_10k")}
@@ -374,7 +395,7 @@ def run(results: dict[str, Any], releases: int | None = None) -> None:
     results.update(
         {
             "releases_per_configuration": releases,
-            "callers": CALLERS,
+            "callers": callers,
             "hsm_recycle_after_operations_default": DEFAULT_RECYCLE,
             **measured,
             "slope_ratio_recycling_off_over_shipped": (

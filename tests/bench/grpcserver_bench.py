@@ -33,6 +33,7 @@ from strongroom.pki import WorkloadIdentity
 from strongroom.runtime.process import SERVICE_ENV
 from tests.bench import _server_model
 from tests.bench._proc import cpu_seconds
+from tests.bench._scale import scaled
 from tests.bench._stream_server import StreamServer
 
 REQUEST_BYTES = 3000  # a ReleaseKeyRequest with an SNP report, its VCEK and an RSA-3072 key
@@ -110,8 +111,9 @@ def _round(
     }
 
 
-def run(results: dict[str, Any], *, calls: int = 1600) -> None:
-    """Both models, both workloads, 1 and 16 callers (module doc)."""
+def run(results: dict[str, Any], *, calls: int = 1600, scale: float = 1.0) -> None:
+    """Both models, both workloads, 1 and 16 callers (module doc); ``scale``:
+    :mod:`tests.bench._scale`."""
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
         ca = stack.start_ca()
         root_pem = Path(tmp) / "root.pem"
@@ -130,35 +132,41 @@ def run(results: dict[str, Any], *, calls: int = 1600) -> None:
                 for model in _server_model.MODELS
             }
             try:
-                results[work] = _compare(servers, client, calls)
+                results[work] = _compare(servers, client, calls, scale)
             finally:
                 for server in servers.values():
                     server.stop()
         results["note"] = (
             "one process per model, callers in the bench process on the same cores; best of "
-            f"{ROUNDS} alternated rounds; {REQUEST_BYTES}-byte requests, {RESPONSE_BYTES}-byte "
-            "answers"
+            f"{scaled(ROUNDS, scale)} alternated rounds; {REQUEST_BYTES}-byte requests, "
+            f"{RESPONSE_BYTES}-byte answers"
         )
 
 
 def _compare(
-    servers: dict[str, StreamServer], client: WorkloadIdentity, calls: int
+    servers: dict[str, StreamServer], client: WorkloadIdentity, calls: int, scale: float
 ) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for n in CALLERS:
-        per_caller = max(calls // n, 50) if n > 1 else calls // 2
+        per_caller = max(calls // n, scaled(50, scale)) if n > 1 else max(calls // 2, 1)
         callers = {model: _calls(client, server.port, n) for model, server in servers.items()}
         for model, server in servers.items():
-            _round(server, callers[model], 20)  # connections, warm-up
+            _round(server, callers[model], scaled(20, scale))  # connections, warm-up
         rounds: dict[str, list[dict[str, float]]] = {model: [] for model in servers}
-        for _ in range(ROUNDS):
+        for _ in range(scaled(ROUNDS, scale)):
             for model, server in servers.items():
                 rounds[model].append(_round(server, callers[model], per_caller))
         best = {model: max(r, key=lambda x: x["calls_per_s"]) for model, r in rounds.items()}
         figures[f"{n}_callers"] = best | {
             "ratio_aio_over_threaded": {
-                figure: round(best["aio"][figure] / best["threaded"][figure], 3)
+                figure: _ratio(best["aio"][figure], best["threaded"][figure])
                 for figure in ("calls_per_s", "p50_ms", "server_cpu_us_per_call")
             }
         }
     return figures
+
+
+def _ratio(aio: float, threaded: float) -> float | None:
+    """aio over threaded; None when the threaded figure is 0 (a server's CPU over a few calls
+    can be less than one clock tick of ``/proc/PID/stat``)."""
+    return round(aio / threaded, 3) if threaded else None

@@ -59,6 +59,7 @@ from strongroom.keybroker.keys import (
 )
 from strongroom.oaep import OaepHash
 from strongroom.runtime.secrets import Secret
+from tests.bench._scale import scaled
 from tests.bench.audit_bench import EVENT
 from tests.keybroker.helpers import MODEL
 
@@ -110,8 +111,9 @@ def _threaded(fn: Callable[[], object], threads: int, per_thread: int) -> dict[s
     return _summary(latencies, time.perf_counter() - start)
 
 
-def run(results: dict[str, Any]) -> None:
-    """Measures and records the figures described in the module docstring into ``results``."""
+def run(results: dict[str, Any], *, scale: float = 1.0) -> None:
+    """Measures and records the figures described in the module docstring into ``results``
+    (``scale``: :mod:`tests.bench._scale`)."""
     pin = Secret(b"bench-user-pin")
     with tempfile.TemporaryDirectory(prefix="strongroom-hsm-bench-") as tmp:
         token = init_softhsm_token(
@@ -125,15 +127,15 @@ def run(results: dict[str, Any]) -> None:
             operation_timeout=30.0,
         )
         with Hsm.open(config) as hsm:
-            _measure(hsm, results)
-        _measure_audit(Path(tmp), results)
+            _measure(hsm, results, scale)
+        _measure_audit(Path(tmp), results, scaled(AUDIT_OPS, scale))
 
 
-def _measure_audit(directory: Path, results: dict[str, Any]) -> None:
+def _measure_audit(directory: Path, results: dict[str, Any], ops: int) -> None:
     key = Ed25519PrivateKey.generate()
     with AuditLog.open(directory / "audit.jsonl", key) as log:
         log.append(EVENT)
-        appended = _summary(_latencies(lambda: log.append(EVENT), AUDIT_OPS))
+        appended = _summary(_latencies(lambda: log.append(EVENT), ops))
     line = (directory / "audit.jsonl").read_bytes().splitlines(keepends=True)[-1]
     fd = os.open(directory / "plain.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
@@ -142,7 +144,7 @@ def _measure_audit(directory: Path, results: dict[str, Any]) -> None:
             os.write(fd, line)
             os.fsync(fd)
 
-        bare = _summary(_latencies(write_fsync, AUDIT_OPS))
+        bare = _summary(_latencies(write_fsync, ops))
     finally:
         os.close(fd)
     results.update(
@@ -170,7 +172,7 @@ _DESCRIBED = [
 ]
 
 
-def _measure_lookups(hsm: Hsm, km: KeyManager, results: dict[str, Any]) -> None:
+def _measure_lookups(hsm: Hsm, km: KeyManager, results: dict[str, Any], single_ops: int) -> None:
     """``lookup_us`` against its python-pkcs11 baseline, ``describe_key`` and ``list_keys``
     (module docstring); ``km``'s token holds :data:`OTHER_KEYS` keys besides ``bench``."""
 
@@ -186,8 +188,8 @@ def _measure_lookups(hsm: Hsm, km: KeyManager, results: dict[str, Any]) -> None:
 
         assert len(through_python_pkcs11()) == len(km._all_objects(hs, "bench"))
         return (
-            _latencies(lambda: km._all_objects(hs, "bench"), SINGLE_OPS),
-            _latencies(through_python_pkcs11, SINGLE_OPS),
+            _latencies(lambda: km._all_objects(hs, "bench"), single_ops),
+            _latencies(through_python_pkcs11, single_ops),
         )
 
     direct, through = hsm.call(time_lookups, timeout=60)
@@ -198,16 +200,17 @@ def _measure_lookups(hsm: Hsm, km: KeyManager, results: dict[str, Any]) -> None:
             "baseline_lookup_through_python_pkcs11": baseline,
             "ratio_lookup_p50_over_python_pkcs11": round(lookup["p50_us"] / baseline["p50_us"], 2),
             "describe_key_1_thread": _summary(
-                _latencies(lambda: km.describe_key("bench"), SINGLE_OPS // 3)
+                _latencies(lambda: km.describe_key("bench"), single_ops // 3 or 1)
             ),
-            "list_keys_1_thread": _summary(_latencies(km.list_keys, SINGLE_OPS // 10)),
+            "list_keys_1_thread": _summary(_latencies(km.list_keys, single_ops // 10 or 1)),
         }
     )
 
 
-def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
+def _measure(hsm: Hsm, results: dict[str, Any], scale: float) -> None:
+    single_ops = scaled(SINGLE_OPS, scale)
     km = KeyManager(hsm)
-    for n in range(OTHER_KEYS):
+    for n in range(scaled(OTHER_KEYS, scale)):
         km.create_key(f"other-{n}")
     km.create_key("bench")
     dek, wrapped, version = km.generate_data_key("bench", *MODEL)
@@ -227,7 +230,7 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
     assert bind_data_key(tee.decrypt(out, oaep), *MODEL) == dek
 
     # Baseline 1: a round trip through the worker thread that does nothing in the HSM.
-    noop = _summary(_latencies(lambda: hsm.call(lambda _s: None), SINGLE_OPS))
+    noop = _summary(_latencies(lambda: hsm.call(lambda _s: None), single_ops))
 
     # Baseline 2: one bare C_Encrypt of 32 bytes, timed inside the worker (no hand-off).
     def time_encrypt(hs: HsmSession) -> list[float]:
@@ -239,7 +242,7 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
         )
         try:
             data = bytes(32)
-            return _latencies(lambda: key.encrypt(data, mechanism=Mechanism.AES_ECB), SINGLE_OPS)
+            return _latencies(lambda: key.encrypt(data, mechanism=Mechanism.AES_ECB), single_ops)
         finally:
             key.destroy()
 
@@ -295,7 +298,7 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
             )
 
         try:
-            return _latencies(calls, SINGLE_OPS), _latencies(one_call, SINGLE_OPS)
+            return _latencies(calls, single_ops), _latencies(one_call, single_ops)
         finally:
             session_dek.destroy()
             session_kek.destroy()
@@ -312,19 +315,21 @@ def _measure(hsm: Hsm, results: dict[str, Any]) -> None:
         key = aes_key_unwrap_with_padding(kek, soft_wrapped)
         return tee_public.encrypt(key, oaep)
 
-    soft = _summary(_latencies(software, SINGLE_OPS))
+    soft = _summary(_latencies(software, single_ops))
 
-    single = _summary(_latencies(release, SINGLE_OPS))
+    single = _summary(_latencies(release, single_ops))
     uncached = KeyManager(hsm, lookup_cache_ttl=0)
     no_cache = _summary(
         _latencies(
             lambda: uncached.release_to_ephemeral("bench", version, wrapped, tee_der, accepted),
-            SINGLE_OPS // 3,
+            single_ops // 3 or 1,
         )
     )
-    threaded = _threaded(release, THREADS, OPS_PER_THREAD)
-    generate = _summary(_latencies(lambda: km.generate_data_key("bench", *MODEL), SINGLE_OPS // 3))
-    _measure_lookups(hsm, km, results)
+    threaded = _threaded(release, THREADS, scaled(OPS_PER_THREAD, scale))
+    generate = _summary(
+        _latencies(lambda: km.generate_data_key("bench", *MODEL), single_ops // 3 or 1)
+    )
+    _measure_lookups(hsm, km, results, single_ops)
 
     results.update(
         {

@@ -76,7 +76,7 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _run_together(quotas: list[int], releases: int) -> list[dict[str, Any]]:
+def _run_together(quotas: list[int], releases: int, sample_every: int) -> list[dict[str, Any]]:
     """Runs one child per quota at the same time, so that both see the same machine load."""
     with tempfile.TemporaryDirectory(prefix="strongroom-hsmsoak-") as tmp:
         children = []
@@ -84,7 +84,7 @@ def _run_together(quotas: list[int], releases: int) -> list[dict[str, Any]]:
             directory = Path(tmp, str(n))
             directory.mkdir()
             argv = [sys.executable, "-c", _CHILD, str(directory), str(releases)]
-            argv += [str(SAMPLE_EVERY), str(quota)]
+            argv += [str(sample_every), str(quota)]
             children.append(
                 subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             )
@@ -97,7 +97,7 @@ def _run_together(quotas: list[int], releases: int) -> list[dict[str, Any]]:
     return outputs
 
 
-def _figures(raw: dict[str, Any]) -> dict[str, Any]:
+def _figures(raw: dict[str, Any], sample_every: int) -> dict[str, Any]:
     samples = raw["samples"]
     kept = samples[int(len(samples) * WARMUP) :]
     x = np.array([n for n, _ in kept], dtype=float) / 10_000
@@ -107,14 +107,17 @@ def _figures(raw: dict[str, Any]) -> dict[str, Any]:
         "rss_slope_kib_per_10k_releases": round(slope, 1),
         "rss_first_kib": samples[0][1],
         "rss_last_kib": samples[-1][1],
-        "releases_per_s": round(len(samples) * SAMPLE_EVERY / raw["seconds"], 1),
+        "releases_per_s": round(len(samples) * sample_every / raw["seconds"], 1),
         "recycles": raw["recycles"],
         "rss_kib_every_5k_releases": [r for n, r in samples if n % 5_000 == 0],
     }
 
 
-def run(results: dict[str, Any], releases: int = RELEASES) -> None:
-    """Measures and records the figures described in the module docstring into ``results``."""
+def run(
+    results: dict[str, Any], releases: int = RELEASES, *, sample_every: int = SAMPLE_EVERY
+) -> None:
+    """Measures and records the figures described in the module docstring into ``results``,
+    sampling RSS every ``sample_every`` releases."""
     import dataclasses
 
     from strongroom.keybroker.hsm import HsmConfig
@@ -123,8 +126,9 @@ def run(results: dict[str, Any], releases: int = RELEASES) -> None:
     default_quota = fields["recycle_after_operations"].default
     assert isinstance(default_quota, int)
     started = time.perf_counter()
-    recycled_raw, baseline_raw = _run_together([default_quota, _NEVER], releases)
-    recycled, baseline = _figures(recycled_raw), _figures(baseline_raw)
+    recycled_raw, baseline_raw = _run_together([default_quota, _NEVER], releases, sample_every)
+    recycled = _figures(recycled_raw, sample_every)
+    baseline = _figures(baseline_raw, sample_every)
     results.update(
         {
             "releases": releases,

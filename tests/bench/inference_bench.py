@@ -38,6 +38,7 @@ from strongroom.inference.models._ort import ort
 from strongroom.inference.oip import InferLimits, OipServicer
 from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from tests.bench._proc import rss_kib
+from tests.bench._scale import scaled
 from tests.inference import onnx_models
 
 SEQUENTIAL_REQUESTS = 2000
@@ -52,9 +53,11 @@ def run(
     server_credentials: grpc.ServerCredentials | None = None,
     channel_factory: Callable[[str], grpc.Channel] | None = None,
     load_sizes_mb: Sequence[int] = (100, 500),
+    scale: float = 1.0,
 ) -> None:
-    """Runs the benchmarks and stores their figures in ``results``."""
-    results["oip_infer"] = _bench_infer(server_credentials, channel_factory)
+    """Runs the benchmarks and stores their figures in ``results`` (``scale``:
+    :mod:`tests.bench._scale`)."""
+    results["oip_infer"] = _bench_infer(server_credentials, channel_factory, scale)
     if load_sizes_mb:
         results["model_load"] = {f"{mb}MB": _bench_load(mb) for mb in load_sizes_mb}
 
@@ -82,7 +85,9 @@ def _timed(call: Callable[[], object], count: int) -> tuple[list[int], float]:
 def _bench_infer(
     server_credentials: grpc.ServerCredentials | None,
     channel_factory: Callable[[str], grpc.Channel] | None,
+    scale: float,
 ) -> dict[str, Any]:
+    sequential_requests = scaled(SEQUENTIAL_REQUESTS, scale)
     repo = ModelRepository(["classifier"])
     model = repo.load("classifier", "1", onnx_models.classifier())
     limits = InferLimits()
@@ -108,20 +113,20 @@ def _bench_infer(
         request.raw_input_contents.append(x.tobytes())
         live = pb.ServerLiveRequest()
 
-        for _ in range(WARMUP):
+        for _ in range(scaled(WARMUP, scale)):
             stub.ModelInfer(request)
             stub.ServerLive(live)
             model.infer({"x": x})
 
-        direct = _stats(*_timed(lambda: model.infer({"x": x}), SEQUENTIAL_REQUESTS))
-        empty = _stats(*_timed(lambda: stub.ServerLive(live), SEQUENTIAL_REQUESTS))
-        sequential = _stats(*_timed(lambda: stub.ModelInfer(request), SEQUENTIAL_REQUESTS))
+        direct = _stats(*_timed(lambda: model.infer({"x": x}), sequential_requests))
+        empty = _stats(*_timed(lambda: stub.ServerLive(live), sequential_requests))
+        sequential = _stats(*_timed(lambda: stub.ModelInfer(request), sequential_requests))
 
         latencies: list[int] = []
         lock = threading.Lock()
 
         def client() -> None:
-            mine, _ = _timed(lambda: stub.ModelInfer(request), CONCURRENT_REQUESTS)
+            mine, _ = _timed(lambda: stub.ModelInfer(request), scaled(CONCURRENT_REQUESTS, scale))
             with lock:
                 latencies.extend(mine)
 

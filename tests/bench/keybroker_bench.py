@@ -71,6 +71,7 @@ from strongroom.keybroker.ephemeral import ReleaseTarget
 from strongroom.oaep import OaepHash
 from tests.bench._child import child_main, run_in_child
 from tests.bench._proc import thread_cpu_seconds
+from tests.bench._scale import scaled
 from tests.keybroker.helpers import data_key_request
 
 KEY = "bench"
@@ -82,21 +83,33 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def ephemeral_key() -> bytes:
+    """A fresh RSA-3072 public key (DER SubjectPublicKeyInfo), as a VM makes for its release."""
+    key = rsa.generate_private_key(65537, 3072)
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 class _Caller:
-    """One simulated VM with its own channel and pre-generated ephemeral key."""
+    """One simulated VM with its own channel and pre-generated ephemeral key (``ephemeral``: one
+    made beforehand, shared with other callers; the broker's work per release is the same)."""
 
     def __init__(
-        self, stack: DevStack, platform: Any, identity: Any, wrapped: bytes, version: int
+        self,
+        stack: DevStack,
+        platform: Any,
+        identity: Any,
+        wrapped: bytes,
+        version: int,
+        ephemeral: bytes | None = None,
     ) -> None:
         self.stub = pb_grpc.KeyBrokerServiceStub(stack.channel(identity, "keybroker"))
         self.platform = platform
         self.identity = identity
         self.wrapped = wrapped
         self.version = version
-        key = rsa.generate_private_key(65537, 3072)
-        self.ephemeral = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        self.ephemeral = ephemeral if ephemeral is not None else ephemeral_key()
         self.measurement = bytes.fromhex(DEMO_MEASUREMENT)
 
     def release(self) -> tuple[float, float]:
@@ -129,9 +142,11 @@ class _Caller:
         return (t1 - t0) + (t3 - t2), t2 - t1
 
 
-def caller_factory(stack: DevStack) -> Callable[[], _Caller]:
+def caller_factory(stack: DevStack, *, shared_ephemeral_key: bool = False) -> Callable[[], _Caller]:
     """Creates the bench's release key on ``stack``'s running broker and a data key under it;
-    returns a maker of callers (simulated SNP VMs) that release that data key."""
+    returns a maker of callers (simulated SNP VMs) that release that data key, each with an
+    ephemeral key of its own or, with ``shared_ephemeral_key``, all with one (a key costs a
+    quarter of a second of CPU to make: the smoke test's many short phases save that)."""
     stack.create_release_key(stack.identity("admin"), KEY, policy_version="bench")
     publisher = pb_grpc.KeyBrokerServiceStub(
         stack.channel(stack.identity("publisher"), "keybroker")
@@ -139,8 +154,9 @@ def caller_factory(stack: DevStack) -> Callable[[], _Caller]:
     generated = publisher.GenerateDataKey(data_key_request(KEY), timeout=30)
     platform = SimulatedAuthority.load(stack.root / "simulated-tee").snp()
     identity = stack.identity("inference")
+    shared = ephemeral_key() if shared_ephemeral_key else None
     return lambda: _Caller(
-        stack, platform, identity, generated.wrapped_data_key, generated.key_version
+        stack, platform, identity, generated.wrapped_data_key, generated.key_version, shared
     )
 
 
@@ -319,7 +335,12 @@ def _alternated(
 
 
 def _overlap_ab(
-    engine: Any, callers: list[_Caller], per_caller: int, *, hsm_delay_ms: float = 0.0
+    engine: Any,
+    callers: list[_Caller],
+    per_caller: int,
+    *,
+    hsm_delay_ms: float = 0.0,
+    rounds: int = 3,
 ) -> dict[str, Any]:
     """``callers``' release p50 and releases/s with the HSM re-wrap overlapping the audit's syncs
     (as shipped) and with it done before the audit (as before 2026-12-05: the engine's pending
@@ -349,32 +370,50 @@ def _overlap_ab(
     try:
         if hsm_delay_ms:
             keys._hsm.submit = slower
-        rounds = _alternated(
+        measured = _alternated(
             {"sequential": use(sequential), "overlapped": use(begin)},
             lambda: _run_callers(callers, per_caller),
-            3,
+            rounds,
         )
     finally:
         keys.begin_release = begin
         keys._hsm.submit = submit
-    p50 = {label: min(r["p50_ms"] for r in runs) for label, runs in rounds.items()}
-    rate = {label: max(r["releases_per_s"] for r in runs) for label, runs in rounds.items()}
+    p50 = {label: min(r["p50_ms"] for r in runs) for label, runs in measured.items()}
+    rate = {label: max(r["releases_per_s"] for r in runs) for label, runs in measured.items()}
     return {
         "p50_ms": p50,
         "releases_per_s": rate,
-        "rounds_p50_ms": {label: [r["p50_ms"] for r in runs] for label, runs in rounds.items()},
+        "rounds_p50_ms": {label: [r["p50_ms"] for r in runs] for label, runs in measured.items()},
         "ratio_sequential_over_overlapped_p50": round(p50["sequential"] / p50["overlapped"], 3),
         "ratio_overlapped_over_sequential_rate": round(rate["overlapped"] / rate["sequential"], 3),
     }
 
 
-def run(results: dict[str, Any], *, releases: int = 400) -> None:
-    """Measures releases in a child process with the key broker's process environment."""
-    results.update(run_in_child(__name__, "keybroker", {"releases": releases}))
+def run(
+    results: dict[str, Any],
+    *,
+    releases: int = 400,
+    scale: float = 1.0,
+    shared_ephemeral_key: bool = False,
+) -> None:
+    """Measures releases in a child process with the key broker's process environment
+    (``scale``: :mod:`tests.bench._scale`; ``shared_ephemeral_key``: :func:`caller_factory`)."""
+    options = {"releases": releases, "scale": scale, "shared_ephemeral_key": shared_ephemeral_key}
+    results.update(run_in_child(__name__, "keybroker", options))
 
 
-def measure(results: dict[str, Any], *, releases: int = 400) -> None:
+def measure(
+    results: dict[str, Any],
+    *,
+    releases: int = 400,
+    scale: float = 1.0,
+    shared_ephemeral_key: bool = False,
+) -> None:
     """Measures releases over mTLS; writes latency, throughput, breakdown and ratios."""
+
+    def n(count: int) -> int:
+        return scaled(count, scale)
+
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
         broker = stack.start_in_process("keybroker")
         stack.create_release_key(stack.identity("admin"), KEY, policy_version="bench")
@@ -385,6 +424,7 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
         authority = SimulatedAuthority.load(stack.root / "simulated-tee")
         platform = authority.snp()
         identity = stack.identity("inference")
+        shared = ephemeral_key() if shared_ephemeral_key else None
 
         # Server-side breakdown, recorded by wrapping the engine's release.
         engine = broker.handle.engine
@@ -401,16 +441,21 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
         def callers(n: int) -> list[_Caller]:
             return [
                 _Caller(
-                    stack, platform, identity, generated.wrapped_data_key, generated.key_version
+                    stack,
+                    platform,
+                    identity,
+                    generated.wrapped_data_key,
+                    generated.key_version,
+                    shared,
                 )
                 for _ in range(n)
             ]
 
         single = callers(1)
-        for _ in range(20):  # warm-up: connections, caches
+        for _ in range(n(20)):  # warm-up: connections, caches
             single[0].release()
         server_timings.clear()
-        hardware = [single[0].release()[1] for _ in range(50)]
+        hardware = [single[0].release()[1] for _ in range(n(50))]
         server_timings.clear()
         one = _run_callers(single, releases)
         breakdown = {
@@ -425,7 +470,7 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
         sixteen: dict[str, Any] = {}
 
         def sixteen_run() -> int:
-            sixteen.update(_run_callers(sixteen_callers, max(releases // 16, 20)))
+            sixteen.update(_run_callers(sixteen_callers, max(releases // 16, n(20))))
             return int(sixteen["releases"])
 
         thread_cpu = _cpu_us_per_op(sixteen_run)
@@ -446,8 +491,8 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
             label: [r["releases_per_s"] for r in runs]
             for label, runs in _alternated(
                 {"per_record_commit": max_batch(1), "group_commit": max_batch(MAX_BATCH_RECORDS)},
-                lambda: _run_callers(ab_callers, max(releases // 16, 20)),
-                2,
+                lambda: _run_callers(ab_callers, max(releases // 16, n(20))),
+                n(2),
             ).items()
         }
         audit_log._max_batch = MAX_BATCH_RECORDS
@@ -458,19 +503,24 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
             ),
         }
 
-        lone = max(releases // 4, 50)
+        lone = max(releases // 4, n(50))
+        rounds = n(3)
         results["overlap_ab"] = {
-            "1_caller": _overlap_ab(engine, single, lone),
-            "1_caller_2ms_more_hsm_latency": _overlap_ab(engine, single, lone, hsm_delay_ms=2),
-            "16_callers": _overlap_ab(engine, ab_callers, max(releases // 32, 10)),
+            "1_caller": _overlap_ab(engine, single, lone, rounds=rounds),
+            "1_caller_2ms_more_hsm_latency": _overlap_ab(
+                engine, single, lone, hsm_delay_ms=2, rounds=rounds
+            ),
+            "16_callers": _overlap_ab(
+                engine, ab_callers, max(releases // 32, n(10)), rounds=rounds
+            ),
         }
 
         # Baseline: a bare unary RPC over the same mTLS port and channel kind.
         health = health_pb2_grpc.HealthStub(stack.channel(identity, "keybroker"))
-        for _ in range(50):
+        for _ in range(n(50)):
             health.Check(health_pb2.HealthCheckRequest(), timeout=10)
         bare = []
-        for _ in range(500):
+        for _ in range(n(500)):
             t0 = time.perf_counter()
             health.Check(health_pb2.HealthCheckRequest(), timeout=10)
             bare.append(time.perf_counter() - t0)
@@ -481,7 +531,7 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
         bare_calls(health_stubs, 1)  # connections
         results["cpu_us_by_thread_16_callers"] = {
             "per_release": thread_cpu,
-            "per_bare_rpc": _cpu_us_per_op(lambda: bare_calls(health_stubs, 250)),
+            "per_bare_rpc": _cpu_us_per_op(lambda: bare_calls(health_stubs, n(250))),
         }
         hw_ms = statistics.median(hardware) * 1000
         record_bytes = round(audit_log.path.stat().st_size / audit_log.count)
@@ -491,10 +541,10 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
             # other work takes longer here than one right after another.
             release = single[0].release
             sync_ms = {
-                "write_fsync_back_to_back": _p50_ms(syncs.append, 200),
-                "write_fsync_after_a_release": _p50_ms(syncs.append, 100, after=release),
-                "with_head_back_to_back": _p50_ms(syncs.commit, 200),
-                "with_head_after_a_release": _p50_ms(syncs.commit, 100, after=release),
+                "write_fsync_back_to_back": _p50_ms(syncs.append, n(200)),
+                "write_fsync_after_a_release": _p50_ms(syncs.append, n(100), after=release),
+                "with_head_back_to_back": _p50_ms(syncs.commit, n(200)),
+                "with_head_after_a_release": _p50_ms(syncs.commit, n(100), after=release),
             }
         finally:
             syncs.close()
@@ -503,13 +553,13 @@ def measure(results: dict[str, Any], *, releases: int = 400) -> None:
         )
         floors = {
             "two_bare_rpcs": round(2 * bare_p50, 3),
-            "p384_verify": round(_p50_ms(p384_verify(), 300), 3),
+            "p384_verify": round(_p50_ms(p384_verify(), n(300)), 3),
             "hsm_rewrap": round(
                 _p50_ms(
                     lambda: broker.handle.keys.release_to_ephemeral(
                         KEY, generated.key_version, generated.wrapped_data_key, target
                     ),
-                    200,
+                    n(200),
                 ),
                 3,
             ),

@@ -16,10 +16,15 @@ import grpc
 from strongroom.dev.devstack import DevStack
 from strongroom.pki import WorkloadIdentity
 from tests.bench import inference_bench, modelstore_bench
+from tests.bench._scale import scaled
 
 
-def run(results: dict[str, Any], *, size: int = modelstore_bench.DEFAULT_SIZE) -> None:
-    """Store upload/download and OIP inference, each with and without mTLS, in one run."""
+def run(
+    results: dict[str, Any], *, size: int = modelstore_bench.DEFAULT_SIZE, scale: float = 1.0
+) -> None:
+    """Store upload/download and OIP inference, each with and without mTLS, in one run
+    (``scale``: :mod:`tests.bench._scale`)."""
+    repeats = scaled(2, scale)
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
         ca = stack.start_ca()
         server = WorkloadIdentity.enrol(ca.client(), stack.token("server", ["localhost"]))
@@ -30,23 +35,24 @@ def run(results: dict[str, Any], *, size: int = modelstore_bench.DEFAULT_SIZE) -
                 return client.channel(target, options=modelstore_bench._CHANNEL_OPTIONS)
 
             store: dict[str, Any] = {}
-            modelstore_bench.run(store, size=size, repeats=2)
+            modelstore_bench.run(store, size=size, repeats=repeats)
             modelstore_bench.run(
                 store,
                 size=size,
-                repeats=2,
+                repeats=repeats,
                 server_credentials=server.server_credentials,
                 channel_factory=channel,
             )
             results["modelstore"] = store
             infer: dict[str, Any] = {}
-            inference_bench.run(infer, load_sizes_mb=())
+            inference_bench.run(infer, load_sizes_mb=(), scale=scale)
             plain = infer.pop("oip_infer")
             inference_bench.run(
                 infer,
                 server_credentials=server.server_credentials(),
                 channel_factory=channel,
                 load_sizes_mb=(),
+                scale=scale,
             )
             results["inference"] = {"no_tls": plain, "mtls": infer["oip_infer"]}
             results["inference"]["ratio_mtls_to_no_tls_throughput"] = _ratio(

@@ -53,6 +53,7 @@ from strongroom.dev.devstack import DevStack
 from strongroom.keybroker.ephemeral import ReleaseTarget
 from strongroom.oaep import OaepHash
 from tests.bench._proc import context_switches, cpu_seconds
+from tests.bench._scale import scaled
 from tests.bench.keybroker_bench import (
     KEY,
     MECHANISMS,
@@ -82,7 +83,14 @@ def _load() -> str:
 class _Broker:
     """A broker process in a fresh DevStack, with a release key and callers ready to release."""
 
-    def __init__(self, stack: DevStack, launcher: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self,
+        stack: DevStack,
+        launcher: tuple[str, ...] | None = None,
+        *,
+        warmup: int = 5,
+        shared_ephemeral_key: bool = False,
+    ) -> None:
         self.running = (
             stack.start_process("keybroker", launcher=launcher)
             if launcher
@@ -90,13 +98,14 @@ class _Broker:
         )
         assert self.running.process is not None
         self.pid = self.running.process.pid
-        self._make = caller_factory(stack)
+        self._make = caller_factory(stack, shared_ephemeral_key=shared_ephemeral_key)
+        self._warmup = warmup
 
     def callers(self, n: int) -> list[_Caller]:
         """``n`` callers, each with its own channel, warmed up (connection, caches)."""
         made = [self._make() for _ in range(n)]
         for caller in made:
-            for _ in range(5):
+            for _ in range(self._warmup):
                 caller.release()
         return made
 
@@ -119,14 +128,14 @@ class _Broker:
         return figures
 
     def bare_rpc_cost(
-        self, stack: DevStack, callers: int, per_caller: int
+        self, stack: DevStack, callers: int, per_caller: int, rounds: int = BARE_RPC_ROUNDS
     ) -> tuple[float, dict[str, float]]:
         """The broker's CPU (µs) and context switches per bare unary RPC (Health/Check) from
         ``callers`` concurrent callers: the median of :data:`BARE_RPC_ROUNDS` measurements, each
         on channels of its own, closed after it (one measurement swung from 215 to 345 µs)."""
         identity = stack.identity("inference")
         measured: list[tuple[float, dict[str, float]]] = []
-        for _ in range(BARE_RPC_ROUNDS):
+        for _ in range(rounds):
             channels = [stack.channel(identity, "keybroker") for _ in range(callers)]
             try:
                 stubs = [health_pb2_grpc.HealthStub(channel) for channel in channels]
@@ -161,40 +170,44 @@ def _cpu_us(fn: Callable[[], object], n: int, clock: Callable[[], float]) -> flo
     return (clock() - started) / n * 1e6
 
 
-def _rewrap_and_sync_cpu_us(record_bytes: int) -> tuple[float, float]:
+def _rewrap_and_sync_cpu_us(
+    record_bytes: int, calls: int, shared_ephemeral_key: bool
+) -> tuple[float, float]:
     """CPU of one HSM re-wrap (a broker in this process, on its own DevStack) and of one write +
     fsync of a ``record_bytes`` line, in µs."""
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
         broker = stack.start_in_process("keybroker")
-        caller = caller_factory(stack)()
+        caller = caller_factory(stack, shared_ephemeral_key=shared_ephemeral_key)()
         keys = broker.handle.keys
         target = ReleaseTarget.parse(
             caller.ephemeral, [OaepHash.from_mechanism(m) for m in MECHANISMS]
         )
         rewrap = _cpu_us(
             lambda: keys.release_to_ephemeral(KEY, caller.version, caller.wrapped, target),
-            300,
+            calls,
             time.process_time,
         )
         syncs = _BareSyncs(Path(tmp), record_bytes)
         try:
-            sync = _cpu_us(syncs.append, 300, time.process_time)
+            sync = _cpu_us(syncs.append, calls, time.process_time)
         finally:
             syncs.close()
     return rewrap, sync
 
 
-def _measure(releases: int) -> dict[str, Any]:
+def _measure(releases: int, scale: float, shared_key: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
-        broker = _Broker(stack)
+        broker = _Broker(stack, warmup=scaled(5, scale), shared_ephemeral_key=shared_key)
         single = broker.callers(1)
         one = broker.phase(single, releases)
-        sixteen = broker.phase(broker.callers(16), max(2 * releases // 16, 20))
-        bare_rpc, bare_rpc_switches = broker.bare_rpc_cost(stack, 16, 250)
-    rewrap, sync = _rewrap_and_sync_cpu_us(RECORD_BYTES)
+        sixteen = broker.phase(broker.callers(16), max(2 * releases // 16, scaled(20, scale)))
+        bare_rpc, bare_rpc_switches = broker.bare_rpc_cost(
+            stack, 16, scaled(250, scale), scaled(BARE_RPC_ROUNDS, scale)
+        )
+    rewrap, sync = _rewrap_and_sync_cpu_us(RECORD_BYTES, scaled(300, scale), shared_key)
     floor = {
         "two_bare_rpcs": round(2 * bare_rpc, 1),
-        "p384_verify": round(_cpu_us(p384_verify(), 500, time.thread_time), 1),
+        "p384_verify": round(_cpu_us(p384_verify(), scaled(500, scale), time.thread_time), 1),
         "hsm_rewrap": round(rewrap, 1),
         "record_write_fsync": round(sync, 1),
     }
@@ -209,20 +222,22 @@ def _measure(releases: int) -> dict[str, Any]:
     }
 
 
-def _one_call_ab(releases: int) -> dict[str, Any]:
+def _one_call_ab(releases: int, scale: float, shared_key: bool) -> dict[str, Any]:
     """The one-call re-wrap against six calls (module doc), each on fresh brokers."""
     variants: dict[str, tuple[str, ...] | None] = {
         "one_call": None,
         "six_calls": (sys.executable, "-m", "tests.bench._six_call_service"),
     }
     rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in variants}
-    for round_number in range(AB_ROUNDS):
+    for round_number in range(scaled(AB_ROUNDS, scale)):
         order = list(variants.items())
         for label, launcher in order if round_number % 2 == 0 else reversed(order):
             with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
-                broker = _Broker(stack, launcher)
-                one = broker.phase(broker.callers(1), releases // 2)
-                sixteen = broker.phase(broker.callers(16), max(releases // 16, 20))
+                broker = _Broker(
+                    stack, launcher, warmup=scaled(5, scale), shared_ephemeral_key=shared_key
+                )
+                one = broker.phase(broker.callers(1), max(releases // 2, 1))
+                sixteen = broker.phase(broker.callers(16), max(releases // 16, scaled(20, scale)))
             rounds[label].append(
                 {
                     "p50_ms_1_caller": one["p50_ms"],
@@ -246,15 +261,15 @@ def _one_call_ab(releases: int) -> dict[str, Any]:
     }
 
 
-def _profile(releases: int) -> dict[str, Any]:
+def _profile(releases: int, scale: float, shared_key: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
         out = Path(tmp) / "profile.json"
         launcher = (sys.executable, "-m", "tests.bench._profiled_service", "--profile", str(out))
-        broker = _Broker(stack, launcher)
+        broker = _Broker(stack, launcher, warmup=scaled(5, scale), shared_ephemeral_key=shared_key)
         callers = broker.callers(16)
         os.kill(broker.pid, signal.SIGUSR1)
         time.sleep(0.5)  # the handler runs in the broker's main thread
-        figures = _run_callers(callers, max(releases // 16, 10))
+        figures = _run_callers(callers, max(releases // 16, scaled(10, scale)))
         os.kill(broker.pid, signal.SIGUSR2)
         deadline = time.monotonic() + 60
         while not out.exists():
@@ -289,7 +304,7 @@ def _short(where: str) -> str:
     return where
 
 
-def _write_profile_md(profile: dict[str, Any], measured: dict[str, Any]) -> None:
+def _write_profile_md(profile: dict[str, Any], measured: dict[str, Any], path: Path) -> None:
     lines = [
         "# Key broker profile: releases at 16 concurrent callers",
         "",
@@ -314,24 +329,33 @@ def _write_profile_md(profile: dict[str, Any], measured: dict[str, Any]) -> None
             f"| {i} | `{entry['function']}` | {entry['calls_per_release']} | "
             f"{entry['own_us_per_release']} | {entry['own_share']:.1%} |"
         )
-    (HERE / "PROFILE.md").write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
 
 
-def run(results: dict[str, Any], *, releases: int = 400, profile: bool = False) -> None:
-    """Measures the broker's CPU per release (and, with ``profile``, writes PROFILE.md)."""
-    measured = _measure(releases)
+def run(
+    results: dict[str, Any],
+    *,
+    releases: int = 400,
+    profile: bool = False,
+    scale: float = 1.0,
+    profile_md: Path = HERE / "PROFILE.md",
+    shared_ephemeral_key: bool = False,
+) -> None:
+    """Measures the broker's CPU per release (and, with ``profile``, writes ``profile_md``);
+    ``scale``: :mod:`tests.bench._scale`; ``shared_ephemeral_key``: ``caller_factory``'s."""
+    measured = _measure(releases, scale, shared_ephemeral_key)
     results.update(measured)
-    results["one_call_ab"] = _one_call_ab(releases)
+    results["one_call_ab"] = _one_call_ab(releases, scale, shared_ephemeral_key)
     results["note"] = (
         "broker in its own process; callers in the bench process share the "
         f"{os.cpu_count()} cores; CPU from /proc/PID/stat"
     )
     if profile:
-        profiled = _profile(releases)
+        profiled = _profile(releases, scale, shared_ephemeral_key)
         results["profile_16_callers"] = {k: v for k, v in profiled.items() if k != "top"} | {
             "top5": [e["function"] for e in profiled["top"][:5]]
         }
-        _write_profile_md(profiled, measured)
+        _write_profile_md(profiled, measured, profile_md)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Each benchmark module ``tests/bench/<area>_bench.py`` exposes ``run(results: dict) -> None`` and
 records its figures under its own key, always with the baseline it was measured against in the same
-run. Usage: ``make bench`` or ``python -m tests.bench.run [--profile] [AREA ...]``.
+run. Usage: ``make bench`` or ``python -m tests.bench.run [--profile] [--out JSON] [--markdown MD]
+[AREA ...]``. ``tests/bench/test_bench_smoke.py`` runs every area through :func:`run_area` at
+tiny sizes in the test suite.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("areas", nargs="*", default=list(AREAS))
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--markdown", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -64,21 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: no benchmark for {area}", file=sys.stderr)
             continue
         print(f"bench: {area} ...", flush=True)
-        started = time.monotonic()
-        area_results: dict[str, Any] = {}
         try:
             if args.profile and getattr(module, "SUPPORTS_PROFILE", False):
-                module.run(area_results, profile=True)
+                results[area] = run_area(area, profile=True)
             else:
-                module.run(area_results)
+                results[area] = run_area(area)
         except Exception:
             traceback.print_exc()
             failed.append(area)
-            continue
-        area_results["_seconds"] = round(time.monotonic() - started, 1)
-        area_results["_measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        area_results["_vm"] = vm_state()
-        results[area] = area_results
     document = {
         "machine": {
             "cpus": __import__("os").cpu_count(),
@@ -88,9 +84,22 @@ def main(argv: list[str] | None = None) -> int:
         "areas": results,
     }
     args.out.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    (HERE / "RESULTS.md").write_text(render_markdown(document))
-    print(f"bench: wrote {args.out} and RESULTS.md")
+    args.markdown.write_text(render_markdown(document))
+    print(f"bench: wrote {args.out} and {args.markdown}")
     return 1 if failed else 0
+
+
+def run_area(area: str, **options: Any) -> dict[str, Any]:
+    """One area's figures: its module's ``run(results, **options)`` (any exception propagates),
+    then how long it took, when, and the VM's settings (:func:`vm_state`)."""
+    module = importlib.import_module(f"tests.bench.{area}_bench")
+    started = time.monotonic()
+    area_results: dict[str, Any] = {}
+    module.run(area_results, **options)
+    area_results["_seconds"] = round(time.monotonic() - started, 1)
+    area_results["_measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    area_results["_vm"] = vm_state()
+    return area_results
 
 
 def render_markdown(document: dict[str, Any]) -> str:

@@ -1,0 +1,202 @@
+"""Every benchmark area ``make bench`` runs, at the smallest sizes that still run its code paths.
+
+Nothing else runs the benchmarks, so an area could break unnoticed until the next ``make bench``
+(``hsm`` failed on every one for several landings). Each area's ``run`` is called through
+:func:`tests.bench.run.run_area` with :data:`SMOKE`'s options (tiny sizes, counts and
+``scale``, :mod:`tests.bench._scale`); checked is only that it completes and records the figures
+the committed ``results.json`` (what ``RESULTS.md`` and the README quote) has for it: every key,
+numbers where it has numbers (finite), and every failure counter 0. No figure's value is judged:
+these runs measure nothing. The areas write only to temporary paths; ``results.json``,
+``RESULTS.md`` and ``PROFILE.md`` stay as they are (checked).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from strongroom.dev.simulated import SimulatedAuthority
+from tests.bench import run as bench_run
+
+MiB = 1 << 20
+HERE = Path(bench_run.__file__).resolve().parent
+WRITTEN_BY_MAKE_BENCH = ("results.json", "RESULTS.md", "PROFILE.md")
+
+#: Each area's options: the smallest run that still goes through all of its phases.
+SMOKE: dict[str, dict[str, Any]] = {
+    "artifact": {"size_mib": 1, "stream_mib": 16},
+    "anchors": {"size_mib": 1},
+    "attestation": {"scale": 0.01},
+    "audit": {"scale": 0.05},
+    "hsm": {"scale": 0.01},
+    "hsmsoak": {"releases": 60, "sample_every": 10},
+    # A recycle every 4 releases and a sample every 4: each slope window has samples enough.
+    "brokersoak": {
+        "releases": 48,
+        "callers": 4,
+        "sample_every": 4,
+        "trace_releases": 4,
+        "shipped_recycle": 4,
+        "shared_ephemeral_key": True,
+    },
+    "keybroker": {"releases": 16, "scale": 0.02, "shared_ephemeral_key": True},
+    "releasecpu": {"releases": 16, "scale": 0.02, "profile": True, "shared_ephemeral_key": True},
+    "grpcserver": {"calls": 8, "scale": 0.05},
+    "modelstore": {"size": 2 * MiB, "repeats": 1},
+    # 32 MB loads: the load-time ratios divide by times rounded to the millisecond (1 MB: 2 ms).
+    "inference": {"load_sizes_mb": (32,), "scale": 0.01},
+    "mtls": {"size": 2 * MiB, "scale": 0.01},
+    # 16 MB: a ratio divides by the machine's CPU time of the bare mTLS stream, counted in 10 ms
+    # ticks (3 of them at 4 MB).
+    "coldstart": {"size_mb": 16, "repeats": 1},
+    "multipart": {"tensors": 2, "tensor_mb": 1, "parallel": 2, "repeats": 1},
+    "s3": {"size": 1 * MiB, "repeats": 1},
+    "abuse": {"rounds": 5},
+}
+
+#: Where the reference's keys are data rather than figure names (status counts, one key per
+#: model size measured): their contents are not compared.
+OPAQUE: dict[str, tuple[str, ...]] = {
+    "abuse": ("streams", "uploads", "statuses", "attack_statuses"),
+    "inference": ("model_load",),
+}
+
+#: Figures that are None when a run is too short to have them (documented as such by the area).
+MAY_BE_NONE: dict[str, tuple[str, ...]] = {
+    "brokersoak": (
+        "rss_at_2k_kib",
+        "rss_at_30k_kib",
+        # None unless the shipped slope is positive, which a few dozen releases need not show.
+        "slope_ratio_recycling_off_over_shipped",
+    ),
+    # None when the threaded server's CPU over a phase is under one clock tick of /proc.
+    "grpcserver": ("server_cpu_us_per_call",),
+}
+
+FAILURE_COUNTERS = ("failed", "failures", "legit_failures")
+MUST_BE_TRUE = ("audit_intact", "secure_output_equals_plaintext")
+
+
+def _digests() -> dict[str, str | None]:
+    return {
+        name: hashlib.sha256((HERE / name).read_bytes()).hexdigest()
+        if (HERE / name).exists()
+        else None
+        for name in WRITTEN_BY_MAKE_BENCH
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _committed_results_untouched() -> Iterator[None]:
+    before = _digests()
+    yield
+    assert _digests() == before, "a smoke run wrote tests/bench's committed results"
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    """The committed figures of every area (``make bench``'s last run)."""
+    areas: dict[str, Any] = json.loads((HERE / "results.json").read_text())["areas"]
+    return areas
+
+
+def test_every_area_has_smoke_options() -> None:
+    assert set(SMOKE) == set(bench_run.AREAS)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _mismatches(area: str, reference: Any, measured: Any, path: str = "") -> Iterator[str]:
+    """How ``measured`` falls short of ``reference``'s keys and kinds of value."""
+    name = path.rsplit(".", 1)[-1]
+    if isinstance(reference, dict):
+        if not isinstance(measured, dict):
+            yield f"{path}: {measured!r} is not a mapping"
+            return
+        if name in OPAQUE.get(area, ()):
+            return
+        for key, value in reference.items():
+            if key.startswith("_"):
+                continue  # run_area's own (_seconds, _measured_at, _vm)
+            where = f"{path}.{key}".lstrip(".")
+            if key not in measured:
+                yield f"{where}: missing"
+            else:
+                yield from _mismatches(area, value, measured[key], where)
+    elif _is_number(reference):
+        if measured is None and name in MAY_BE_NONE.get(area, ()):
+            return
+        if not _is_number(measured) or not math.isfinite(measured):
+            yield f"{path}: {measured!r} is not a finite number"
+    elif isinstance(reference, bool | str | list) and not isinstance(measured, type(reference)):
+        yield f"{path}: {measured!r} is not a {type(reference).__name__}"
+
+
+def _failures(figures: Any, path: str = "") -> Iterator[str]:
+    """Every failure counter that is not 0 and every check that is not true, anywhere."""
+    if not isinstance(figures, dict):
+        return
+    for key, value in figures.items():
+        where = f"{path}.{key}".lstrip(".")
+        failed = key in FAILURE_COUNTERS and value not in (0, [], {})
+        if failed or (key in MUST_BE_TRUE and value is not True):
+            yield f"{where} = {value!r}"
+        else:
+            yield from _failures(value, where)
+
+
+@pytest.mark.parametrize("area", bench_run.AREAS)
+def test_area_runs_and_records_its_figures(
+    area: str, reference: dict[str, Any], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    options = dict(SMOKE[area])
+    if area == "attestation":  # the suite's simulated authority saves generating one
+        authority: SimulatedAuthority = request.getfixturevalue("sim_authority")
+        now: dt.datetime = request.getfixturevalue("sim_now")
+        options |= {"authority": authority, "now": now}
+    if area == "releasecpu":
+        options["profile_md"] = tmp_path / "PROFILE.md"
+    figures = bench_run.run_area(area, **options)
+    json.dumps(figures, allow_nan=False)  # results.json takes them as they are
+    missing = list(_mismatches(area, reference[area], figures))
+    # A figure dropped on purpose leaves results.json with the next `make bench`.
+    assert missing == [], f"{area} no longer records what results.json has: {missing}"
+    assert list(_failures(figures)) == []
+    if area == "releasecpu":
+        assert "| 1 |" in options["profile_md"].read_text()
+
+
+def test_runner_writes_where_it_is_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STRONGROOM_BENCH_ARTIFACT_MIB", "1")
+    monkeypatch.setenv("STRONGROOM_BENCH_ARTIFACT_STREAM_MIB", "16")
+    out, markdown = tmp_path / "results.json", tmp_path / "RESULTS.md"
+    argv = ["artifact", "--out", str(out), "--markdown", str(markdown)]
+    assert bench_run.main(argv) == 0
+    assert set(json.loads(out.read_text())["areas"]) == {"artifact"}
+    assert "| throughput.sha256_gbps |" in markdown.read_text()
+
+
+def test_the_checks_catch_what_they_are_for() -> None:
+    reference = {"a": {"n": 1.5, "ok": True, "_seconds": 3}, "counts": {"OK": 3}, "s": "x"}
+    assert list(_mismatches("abuse", reference, {"a": {"n": 2, "ok": True}, "s": "y"})) == [
+        "counts: missing"
+    ]
+    measured = {"a": {"n": None, "ok": 1}, "counts": {"OK": 1}, "s": "y"}
+    assert list(_mismatches("abuse", reference, measured)) == [
+        "a.n: None is not a finite number",
+        "a.ok: 1 is not a bool",
+    ]
+    assert list(_mismatches("x", {"n": 1}, {"n": math.nan})) == ["n: nan is not a finite number"]
+    # Status counts are data: whichever statuses a run saw.
+    assert list(_mismatches("abuse", {"statuses": {"OK": 3}}, {"statuses": {}})) == []
+    figures = {"failed": 0, "x": {"legit_failures": 2, "audit_intact": False}, "failures": []}
+    assert list(_failures(figures)) == ["x.legit_failures = 2", "x.audit_intact = False"]
