@@ -6,6 +6,7 @@ import struct
 import threading
 import tracemalloc
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -14,7 +15,12 @@ import pytest
 
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.errors import InvalidArgument, ResourceExhausted
-from strongroom.inference.models import ModelRepository, RuntimeOptions, session_options
+from strongroom.inference.models import (
+    LoadedModel,
+    ModelRepository,
+    RuntimeOptions,
+    session_options,
+)
 from strongroom.inference.oip import ATTESTATION_EXTENSION, InferLimits
 from strongroom.inference.oip._codec import BYTES_ELEMENT_COST, decode_inputs
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
@@ -647,6 +653,32 @@ def test_bytes_elements_are_charged_before_they_are_decoded(
     fits = np.full((100_000, 3), b"ok", dtype=object)
     response = running.oip.ModelInfer(raw_request("identity_bytes", {"x": ("BYTES", fits)}))
     assert (from_raw(response.raw_output_contents[0], "BYTES", [100_000, 3]) == fits).all()
+
+
+def _refusal_peak(request: pb.ModelInferRequest, model: LoadedModel, limits: InferLimits) -> Any:
+    """The error ``decode_inputs`` refuses ``request`` with, and the bytes it allocated to."""
+    tracemalloc.start()
+    try:
+        with pytest.raises((InvalidArgument, ResourceExhausted)) as info:
+            decode_inputs(request, model, limits)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return info.value, peak
+
+
+def test_a_rank_beyond_the_limit_is_refused_before_its_dimensions_are_read(
+    shared: tuple[ModelRepository, Running],
+) -> None:
+    """A packed shape of zeros is one byte a dimension: a request inside the size limit carried
+    60 million of them, and the server made a tuple of them all (seconds of CPU under the GIL,
+    half a gigabyte) before refusing the rank."""
+    model = shared[0].get("identity_fp32")
+    request = pb.ModelInferRequest(model_name="identity_fp32", raw_input_contents=[b""])
+    request.inputs.add(name="x", datatype="FP32").shape.extend(np.zeros(1 << 20, np.int64))
+    error, peak = _refusal_peak(request, model, InferLimits())
+    assert (error.reason, peak < 64 << 10) == ("SHAPE_INVALID", True), peak
+    assert f"rank {1 << 20}" in error.message
 
 
 def test_inputs_that_clash_inside_the_graph_are_the_callers_error(start_server: Starter) -> None:

@@ -310,12 +310,16 @@ def _datatype(name: str, spec: TensorSpec) -> DataType:
 
 
 def _shape(dims: Sequence[int], spec: TensorSpec, limits: InferLimits) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in dims)
-    if len(shape) > limits.max_rank:
+    # The rank is read off the field before any dimension becomes a Python int: a packed shape
+    # of zeros is one byte a dimension, so a request inside the size limit carried 60 million of
+    # them, and building their tuple took seconds of CPU under the GIL (and half a gigabyte) only
+    # to refuse the rank.
+    if len(dims) > limits.max_rank:
         raise InvalidArgument(
-            f"input {spec.name!r} has rank {len(shape)}, above {limits.max_rank}",
+            f"input {spec.name!r} has rank {len(dims)}, above {limits.max_rank}",
             reason=Reason.SHAPE_INVALID,
         )
+    shape = tuple(int(d) for d in dims)
     if any(d < 0 for d in shape):
         raise InvalidArgument(
             f"input {spec.name!r} shape {list(shape)} has a negative dimension",
