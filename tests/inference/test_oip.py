@@ -681,6 +681,30 @@ def test_a_rank_beyond_the_limit_is_refused_before_its_dimensions_are_read(
     assert f"rank {1 << 20}" in error.message
 
 
+def test_typed_integers_are_charged_their_decoded_size_before_they_are_decoded(
+    shared: tuple[ModelRepository, Running],
+) -> None:
+    """Typed integers are varints: an INT64 zero is one byte on the wire and eight in its array,
+    so a request of zeros inside the byte limit was decoded (eight times the limit for a 64 MiB
+    request) before its size was found too large."""
+    model = shared[0].get("identity_int64")
+    request = pb.ModelInferRequest(model_name="identity_int64")
+    tensor = request.inputs.add(name="x", datatype="INT64", shape=[1 << 19, 3])
+    tensor.contents.int64_contents.extend(np.zeros(3 << 19, np.int64))
+    assert request.ByteSize() < 2 << 20
+    error, peak = _refusal_peak(request, model, InferLimits(max_input_bytes=4 << 20))
+    assert (error.reason, peak < 64 << 10) == ("REQUEST_TOO_LARGE", True), peak
+    # At the limit it is decoded and served as before.
+    small = pb.ModelInferRequest(model_name="identity_int64")
+    small.inputs.add(name="x", datatype="INT64", shape=[2, 3]).contents.int64_contents.extend(
+        [0, -1, 2, 3, 4, 5]
+    )
+    arrays, _ = decode_inputs(small, model, InferLimits(max_input_bytes=48))
+    assert arrays["x"].tolist() == [[0, -1, 2], [3, 4, 5]]
+    with pytest.raises(ResourceExhausted):
+        decode_inputs(small, model, InferLimits(max_input_bytes=47))
+
+
 def test_inputs_that_clash_inside_the_graph_are_the_callers_error(start_server: Starter) -> None:
     """Two variable dimensions that must agree inside the graph pass every check of the
     advertised shapes; ONNX Runtime's failure is then the caller's (INVALID_ARGUMENT), not the

@@ -161,6 +161,16 @@ def decode_inputs(
                 f"BYTES elements count {BYTES_ELEMENT_COST} bytes each beyond their data)",
                 reason=Reason.REQUEST_TOO_LARGE,
             )
+        # A fixed-width tensor's size follows from its shape, and is checked before it is decoded:
+        # typed integers are varints, so an INT64 zero is one byte on the wire and eight in its
+        # array, and a request inside the limit used to decode to eight times it before the check.
+        fixed = count * datatype.itemsize  # 0 for BYTES: their data is counted as it is parsed
+        if total + fixed > limits.max_input_bytes:
+            raise ResourceExhausted(
+                f"inputs exceed {limits.max_input_bytes} bytes (input {spec.name!r}: shape "
+                f"{list(shape)} of {datatype.name} is {fixed} bytes)",
+                reason=Reason.REQUEST_TOO_LARGE,
+            )
         has_contents = tensor.HasField("contents") and _has_any(tensor.contents)
         if use_raw:
             if has_contents:
