@@ -24,6 +24,7 @@ from strongroom.inference.models import (
 from strongroom.inference.oip import ATTESTATION_EXTENSION, InferLimits
 from strongroom.inference.oip._codec import BYTES_ELEMENT_COST, decode_inputs
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.wire import append_bytes_field
 from tests.inference import onnx_models
 from tests.inference.conftest import Running, Starter, start, stop
 
@@ -703,6 +704,140 @@ def test_typed_integers_are_charged_their_decoded_size_before_they_are_decoded(
     assert arrays["x"].tolist() == [[0, -1, 2], [3, 4, 5]]
     with pytest.raises(ResourceExhausted):
         decode_inputs(small, model, InferLimits(max_input_bytes=47))
+
+
+def _peak_rss() -> int:
+    """The process's peak resident set since the last :func:`_reset_peak_rss` (bytes)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) << 10
+
+
+def _reset_peak_rss() -> int:
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current resident set (Linux 4.0+)
+    return _peak_rss()
+
+
+def _infer_bytes(running: Running, data: bytes) -> object:
+    """A ModelInfer call that sends ``data`` as the serialised request, whatever it holds."""
+    call = running.channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=lambda raw: raw,
+        response_deserializer=pb.ModelInferResponse.FromString,
+    )
+    return lambda: call(data)
+
+
+_INPUTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["inputs"].number
+
+
+def test_inputs_beyond_the_limit_are_refused_before_the_request_is_parsed(
+    running: Running,
+) -> None:
+    """An empty ``inputs`` entry is two bytes on the wire and a message object once parsed: 16 MiB
+    of them made the server build ~0.7 GB before it counted 65 inputs and refused them."""
+    data = b"\n\x0aclassifier" + append_bytes_field(b"", _INPUTS, b"") * (8 << 20)
+    assert len(data) > 16 << 20
+    before = _reset_peak_rss()
+    expect_error(_infer_bytes(running, data), grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_INPUTS")
+    grown = _peak_rss() - before
+    assert grown < 8 * len(data), f"{grown >> 20} MiB to refuse a {len(data) >> 20} MiB request"
+
+
+def _classifier_request(parameters: int = 0, where: str = "request") -> pb.ModelInferRequest:
+    request = raw_request("classifier", {"x": ("FP32", X)})
+    request.outputs.add(name="label")
+    holder = {"request": request, "input": request.inputs[0], "output": request.outputs[0]}[where]
+    for i in range(parameters):
+        holder.parameters[f"p{i}"].int64_param = i
+    return request
+
+
+def _unpacked_shape(dimensions: int) -> bytes:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32")
+    shape = _INPUT_SHAPE << 3  # a varint field: one dimension an occurrence
+    data = tensor.SerializeToString() + bytes([shape, 1]) * dimensions
+    return append_bytes_field(b"\n\x0aclassifier", _INPUTS, data)
+
+
+_INPUT_SHAPE = pb.ModelInferRequest.InferInputTensor.DESCRIPTOR.fields_by_name["shape"].number
+_SERIALISED = pb.ModelInferRequest.SerializeToString
+WIRE_LIMIT_CASES: list[tuple[str, object, grpc.StatusCode, str]] = [
+    *(
+        (
+            f"{where} parameters",
+            lambda where=where: _SERIALISED(_classifier_request(65, where)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_PARAMETERS",
+        )
+        for where in ("request", "input", "output")
+    ),
+    (
+        "fields repeated",
+        lambda: _SERIALISED(_classifier_request()) + b"\n\x0aclassifier" * 64,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_FIELDS",
+    ),
+    (
+        "outputs",
+        lambda: b"\n\x0aclassifier" + b"\x32\x00" * 65,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_OUTPUTS",
+    ),
+    (
+        "raw contents",
+        lambda: b"\n\x0aclassifier" + b"\x3a\x00" * 65,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_INPUTS",
+    ),
+    (
+        "unpacked dimensions",
+        lambda: _unpacked_shape(17),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SHAPE_INVALID",
+    ),
+    (
+        "packed dimensions",
+        lambda: _SERIALISED(_with(_classifier_request(), shape=[1] * 17)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SHAPE_INVALID",
+    ),
+    (
+        "not a message",
+        lambda: b"\n\x0aclassifier\x2a\x05ab",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MALFORMED_REQUEST",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "build", "code", "reason"), WIRE_LIMIT_CASES, ids=[c[0] for c in WIRE_LIMIT_CASES]
+)
+def test_repeated_fields_are_counted_on_the_wire(
+    running: Running, case: str, build: object, code: grpc.StatusCode, reason: str
+) -> None:
+    """Each field a request repeats by design is limited before the request is parsed: the
+    parameters of one map (any number used to be parsed, and accepted), the fields besides them."""
+    expect_error(_infer_bytes(running, build()), code, reason)  # type: ignore[operator]
+
+
+def test_requests_at_the_wire_limits_are_served(running: Running) -> None:
+    for where in ("request", "input", "output"):
+        response = running.oip.ModelInfer(_classifier_request(64, where))
+        assert [o.name for o in response.outputs] == ["label"]
+    # A shape written unpacked (one field a dimension) is as good as a packed one.
+    dimensions = b"".join(bytes([_INPUT_SHAPE << 3, d]) for d in X.shape)
+    data = append_bytes_field(
+        b"\n\x0aclassifier",
+        _INPUTS,
+        pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32").SerializeToString()
+        + dimensions,
+    )
+    raw = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+    response = _infer_bytes(running, append_bytes_field(data, raw, raw_bytes(X, "FP32")))()
+    assert len(response.outputs) == 3  # type: ignore[attr-defined]
 
 
 def test_inputs_that_clash_inside_the_graph_are_the_callers_error(start_server: Starter) -> None:

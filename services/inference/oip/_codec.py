@@ -68,6 +68,7 @@ class InferLimits:
 
     max_inputs: int = 64
     max_outputs: int = 64
+    max_parameters: int = 64
     max_rank: int = 16
     max_tensor_elements: int = 1 << 27
     max_input_bytes: int = DEFAULT_MAX_TENSOR_BYTES

@@ -26,8 +26,12 @@ from strongroom.inference.oip._codec import (
     encode_outputs,
     requested_outputs,
 )
+from strongroom.inference.oip._wire import parse_infer_request
 from strongroom.reasons import Reason
+from strongroom.runtime.grpc_types import HandlerCollector
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+"""The OIP service's gRPC name (``inference.GRPCInferenceService``)."""
 SERVER_NAME = "strongroom-inference"
 ATTESTATION_EXTENSION = "strongroom_attestation"
 """Advertised in ServerMetadata: the server answers ``InferenceAttestationService.GetEvidence``."""
@@ -119,6 +123,22 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         encode_outputs(response, model, names, arrays, raw=used_raw, limits=self._limits)
         return response
+
+
+def add_to_server(servicer: OipServicer, server: grpc.Server) -> None:
+    """Registers ``servicer`` like ``add_GRPCInferenceServiceServicer_to_server``, except that
+    ModelInfer's requests are counted on the wire before the protobuf runtime builds them
+    (:mod:`strongroom.inference.oip._wire`): every server of this servicer registers it so."""
+    collector = HandlerCollector()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, collector)  # type: ignore[arg-type]
+    handlers = dict(collector.handlers)
+    limits = servicer.limits
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=lambda data: parse_infer_request(data, limits),
+        response_serializer=pb.ModelInferResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 def _stopped_with(context: grpc.ServicerContext) -> ort.RunOptions:
