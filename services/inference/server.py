@@ -268,7 +268,12 @@ def build(
         ),
     )
     limits = config.limits
-    oip = OipServicer(repository, limits=limits)
+    oip = OipServicer(
+        repository,
+        limits=limits,
+        clients=config.client_scopes,
+        unscoped=common.authz.ids("admin"),
+    )
     evidence = InferenceAttestationServicer(attester, identity.public_key_der)
     control = ModelControlServicer(loader, repository, retry_seconds=config.load_retry_seconds)
 
