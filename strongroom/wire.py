@@ -21,8 +21,8 @@ them), so whatever the protobuf runtime accepts yields the same data here (teste
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
+from typing import NamedTuple
 
 _VARINT, _I64, _LEN, _START_GROUP, _END_GROUP, _I32 = 0, 1, 2, 3, 4, 5
 _MAX_VARINT_BYTES = 10
@@ -85,8 +85,7 @@ def bytes_field_view(message: bytes, field_number: int) -> memoryview:
     return found
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Field:
+class Field(NamedTuple):
     """One field as :func:`fields` finds it: its number, its wire type, the bytes of a
     length-delimited one (None for the other wire types), and how many groups enclose it."""
 
@@ -112,21 +111,34 @@ def fields(message: bytes | memoryview) -> Iterator[Field]:
     buf = memoryview(message).cast("B")
     pos, end = 0, len(buf)
     groups: list[int] = []  # the field numbers of the enclosing groups, innermost last
+    # One-byte varints (tags of fields 1-15, lengths below 128, small values) are read inline:
+    # a caller may walk hundreds of thousands of fields (a tensor's BYTES elements).
     while pos < end:
-        key, pos = _read_varint(buf, pos)
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _read_varint(buf, pos)
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise WireError("field number 0")
         payload = None
         depth = len(groups)
         if wire_type == _VARINT:
-            _, pos = _read_varint(buf, pos)
+            if pos < end and buf[pos] < 0x80:
+                pos += 1
+            else:
+                _, pos = _read_varint(buf, pos)
         elif wire_type == _I64:
             pos += 8
         elif wire_type == _I32:
             pos += 4
         elif wire_type == _LEN:
-            size, pos = _read_varint(buf, pos)
+            if pos < end and buf[pos] < 0x80:
+                size = buf[pos]
+                pos += 1
+            else:
+                size, pos = _read_varint(buf, pos)
             if size > end - pos:
                 raise WireError("length-delimited field runs past the message")
             payload = buf[pos : pos + size]

@@ -23,6 +23,7 @@ from strongroom.inference.models import (
 )
 from strongroom.inference.oip import ATTESTATION_EXTENSION, InferLimits
 from strongroom.inference.oip._codec import BYTES_ELEMENT_COST, decode_inputs
+from strongroom.inference.oip._wire import check_infer_request
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.wire import append_bytes_field
 from tests.inference import onnx_models
@@ -743,6 +744,66 @@ def test_inputs_beyond_the_limit_are_refused_before_the_request_is_parsed(
     expect_error(_infer_bytes(running, data), grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_INPUTS")
     grown = _peak_rss() - before
     assert grown < 8 * len(data), f"{grown >> 20} MiB to refuse a {len(data) >> 20} MiB request"
+
+
+def _with_contents(model: str, datatype: str, shape: list[int], contents: bytes) -> bytes:
+    """A serialised request of one input whose contents are ``contents`` as they are."""
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype=datatype, shape=shape)
+    head = pb.ModelInferRequest(model_name=model).SerializeToString()
+    return append_bytes_field(
+        head, _INPUTS, append_bytes_field(tensor.SerializeToString(), 5, contents)
+    )
+
+
+def _typed_field(name: str) -> int:
+    return pb.InferTensorContents.DESCRIPTOR.fields_by_name[name].number
+
+
+@pytest.mark.parametrize(
+    ("model", "datatype", "contents"),
+    [
+        # INT64 zeros: one byte each on the wire, eight parsed and decoded.
+        ("identity_int64", "INT64", append_bytes_field(b"", 3, bytes(24 << 20))),
+        # Empty BYTES elements: two bytes each on the wire, a 16-byte slot each parsed.
+        ("identity_bytes", "BYTES", b"\x42\x00" * (12 << 20)),
+    ],
+    ids=["int64 zeros", "empty BYTES"],
+)
+def test_typed_contents_beyond_the_limit_are_refused_before_the_request_is_parsed(
+    running: Running, model: str, datatype: str, contents: bytes
+) -> None:
+    """Typed contents parse to up to eight times their wire size: 24 MiB of them made the server
+    build ~0.3-0.4 GB before the servicer found them past the 64 MiB limit."""
+    data = _with_contents(model, datatype, [8 << 20, 3], contents)
+    before = _reset_peak_rss()
+    expect_error(
+        _infer_bytes(running, data), grpc.StatusCode.RESOURCE_EXHAUSTED, "REQUEST_TOO_LARGE"
+    )
+    grown = _peak_rss() - before
+    assert grown < 8 * len(data), f"{grown >> 20} MiB to refuse a {len(data) >> 20} MiB request"
+
+
+def test_contents_count_no_more_than_the_servicer_would_charge() -> None:
+    """The wire count is a lower bound of the servicer's: a request it refuses is one the servicer
+    would refuse too; values written one field each are walked only so far."""
+    limits = InferLimits(max_input_bytes=1 << 20)  # contents over 128 KiB are counted
+    int8 = _typed_field("int_contents")  # carries INT8: one byte a value decoded
+    fp32 = _typed_field("fp32_contents")
+    for field, values, width in ((int8, 1 << 20, 1), (fp32, 1 << 18, 4)):
+        fits = append_bytes_field(b"", field, b"\x01" * values if width == 1 else bytes(values * 4))
+        check_infer_request(_with_contents("m", "T", [values], fits), limits)
+        over = fits + append_bytes_field(b"", field, b"\x01" * width)
+        with pytest.raises(ResourceExhausted) as info:
+            check_infer_request(_with_contents("m", "T", [values + 1], over), limits)
+        assert info.value.reason == "REQUEST_TOO_LARGE"
+    text = b"".join(append_bytes_field(b"", 8, b"ten bytes!") for _ in range(12_000))
+    with pytest.raises(ResourceExhausted) as info:  # 12,000 x (128 + 10) bytes
+        check_infer_request(_with_contents("m", "BYTES", [12_000], text), limits)
+    assert info.value.reason == "REQUEST_TOO_LARGE"
+    unpacked = bytes([_typed_field("bool_contents") << 3, 1]) * 70_000
+    with pytest.raises(ResourceExhausted) as info:
+        check_infer_request(_with_contents("m", "BOOL", [70_000], unpacked), limits)
+    assert info.value.reason == "TOO_MANY_FIELDS"
 
 
 def _classifier_request(parameters: int = 0, where: str = "request") -> pb.ModelInferRequest:

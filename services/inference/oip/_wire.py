@@ -14,16 +14,28 @@ inputs, outputs or raw contents than ``max_inputs``/``max_outputs``, more parame
 than ``max_parameters``, more shape dimensions than ``max_rank`` are refused with the servicer's
 own reasons, and a message with more than :data:`MAX_OTHER_FIELDS` other fields (its name, its
 datatype, unknown fields: each given once by every client) with ``TOO_MANY_FIELDS``, before
-anything is parsed. Tensor contents are not walked (each is one field, or one per BYTES element):
-the servicer bounds them from the shape before decoding, and their parsed form is at most eight
-times their wire size (a varint zero decoded to an INT64).
+anything is parsed.
+
+Typed contents are counted too once they could parse to more than the byte limit (their parsed
+form is up to eight times their wire size: an INT64 zero is one byte on the wire and eight parsed,
+an empty BYTES element two and a 16-byte slot): each value counts the least the servicer would
+charge for it (its field's narrowest datatype: one byte for ``int_contents``, which carries INT8;
+``BYTES_ELEMENT_COST`` and its data for a BYTES element), so a request refused here is one the
+servicer would refuse, ``REQUEST_TOO_LARGE``, after parsing and decoding it. A packed array is one
+field, counted without a loop; values written one field each (protobuf's unpacked form, which no
+proto3 encoder emits for numbers) are walked at most ``max_input_bytes / BYTES_ELEMENT_COST``
+(524,288 for 64 MiB) to a tensor, beyond which they are ``TOO_MANY_FIELDS``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
+
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.errors import InvalidArgument, ResourceExhausted
-from strongroom.inference.oip._codec import InferLimits
+from strongroom.inference.oip._codec import BYTES_ELEMENT_COST, InferLimits
 from strongroom.reasons import Reason
 from strongroom.wire import Field, fields
 
@@ -39,6 +51,24 @@ _REQUEST_PARAMETERS = _REQUEST["parameters"].number
 _INPUT = pb.ModelInferRequest.InferInputTensor.DESCRIPTOR.fields_by_name
 _SHAPE = _INPUT["shape"].number
 _INPUT_PARAMETERS = _INPUT["parameters"].number
+_CONTENTS = _INPUT["contents"].number
+_TYPED = pb.InferTensorContents.DESCRIPTOR.fields_by_name
+_BYTES = _TYPED["bytes_contents"].number
+# The least one value of each numeric field counts against max_input_bytes once decoded: the
+# width of the narrowest datatype the field carries (int_contents carries INT8 and INT16 too).
+_LEAST_COST = {
+    _TYPED["bool_contents"].number: 1,
+    _TYPED["int_contents"].number: 1,
+    _TYPED["int64_contents"].number: 8,
+    _TYPED["uint_contents"].number: 1,
+    _TYPED["uint64_contents"].number: 8,
+    _TYPED["fp32_contents"].number: 4,
+    _TYPED["fp64_contents"].number: 8,
+}
+# Packed floats are fixed-width; every other packed number is a varint.
+_FIXED_WIDTH = {_TYPED["fp32_contents"].number: 4, _TYPED["fp64_contents"].number: 8}
+# How much larger than its wire size typed contents can parse (an INT64 zero: one byte, then 8).
+_PARSED_PER_WIRE_BYTE = 8
 _OUTPUT_PARAMETERS = pb.ModelInferRequest.InferRequestedOutputTensor.DESCRIPTOR.fields_by_name[
     "parameters"
 ].number
@@ -59,6 +89,7 @@ def check_infer_request(data: bytes | memoryview, limits: InferLimits) -> None:
     further than the first limit passed.
     """
     inputs = outputs = raw = parameters = other = 0
+    contents = _Contents(limits)
     for field in fields(data):
         number = field.number if not field.depth else 0
         if number == _INPUTS:
@@ -67,7 +98,7 @@ def check_infer_request(data: bytes | memoryview, limits: InferLimits) -> None:
                 raise ResourceExhausted(
                     f"more than {limits.max_inputs} inputs", reason=Reason.TOO_MANY_INPUTS
                 )
-            _check_input(field, limits)
+            _check_input(field, limits, contents)
         elif number == _OUTPUTS:
             outputs += 1
             if outputs > limits.max_outputs:
@@ -90,13 +121,66 @@ def check_infer_request(data: bytes | memoryview, limits: InferLimits) -> None:
             other = _count_other(other, "the request")
 
 
-def _check_input(tensor: Field, limits: InferLimits) -> None:
+@dataclasses.dataclass
+class _Contents:
+    """The typed contents of one request: what their values count at least (bytes), and the
+    wire size of those not counted (small enough together that parsing them cannot matter)."""
+
+    limits: InferLimits
+    counted: int = 0
+    uncounted: int = 0
+
+    def add(self, payload: memoryview) -> None:
+        """Counts one ``contents`` field (a tensor's contents, or part of them)."""
+        budget = self.limits.max_input_bytes
+        if (self.uncounted + len(payload)) * _PARSED_PER_WIRE_BYTE <= budget:
+            self.uncounted += len(payload)
+            return
+        most = budget // BYTES_ELEMENT_COST + MAX_OTHER_FIELDS
+        for walked, field in enumerate(fields(payload), 1):
+            if walked > most:
+                raise ResourceExhausted(
+                    f"an input's contents have more than {most} fields (numbers are expected "
+                    "packed)",
+                    reason=Reason.TOO_MANY_FIELDS,
+                )
+            self.counted += _least_cost(field)
+            if self.counted > budget:
+                raise ResourceExhausted(
+                    f"inputs exceed {budget} bytes: their typed contents hold more values than "
+                    "that decodes to",
+                    reason=Reason.REQUEST_TOO_LARGE,
+                )
+
+
+def _least_cost(field: Field) -> int:
+    """What the values of one field of typed contents count at least once decoded."""
+    if field.depth:
+        return 0  # inside an unknown group: kept as it is, not decoded
+    if field.number == _BYTES:
+        return BYTES_ELEMENT_COST + (len(field.payload) if field.payload is not None else 0)
+    least = _LEAST_COST.get(field.number)
+    if least is None:
+        return 0  # an unknown field: kept as it is, not decoded
+    if field.payload is None:
+        return least  # one value, unpacked
+    width = _FIXED_WIDTH.get(field.number)
+    if width is not None:
+        return len(field.payload) // width * least
+    octets = np.frombuffer(field.payload, dtype=np.uint8)
+    return int(np.count_nonzero(octets < 0x80)) * least  # each varint ends with such a byte
+
+
+def _check_input(tensor: Field, limits: InferLimits, contents: _Contents) -> None:
     if tensor.payload is None:
         return  # not a message: the protobuf runtime refuses it
     dimensions = parameters = other = 0
     for field in fields(tensor.payload):
         number = field.number if not field.depth else 0
-        if number == _SHAPE:
+        if number == _CONTENTS and field.payload is not None:
+            contents.add(field.payload)
+            other = _count_other(other, "an input")
+        elif number == _SHAPE:
             dimensions += _dimensions(field, limits)
             if dimensions > limits.max_rank:
                 raise InvalidArgument(
