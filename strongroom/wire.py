@@ -12,11 +12,17 @@ interoperate with any protobuf implementation; tests compare both ways) but:
 - :func:`bytes_field_view` finds the field in a received message and returns a ``memoryview``
   into it (no copy), after walking and checking every field of the message.
 
+:func:`fields` is the walk itself: each field's number, wire type and bytes, without parsing any of
+them, so that a server can count what a message holds before the protobuf runtime builds it.
+
 Every wire type is walked (unknown fields and deprecated groups are skipped as protobuf skips
 them), so whatever the protobuf runtime accepts yields the same data here (tested against it).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
 
 _VARINT, _I64, _LEN, _START_GROUP, _END_GROUP, _I32 = 0, 1, 2, 3, 4, 5
 _MAX_VARINT_BYTES = 10
@@ -72,27 +78,70 @@ def bytes_field_view(message: bytes, field_number: int) -> memoryview:
     Every field is walked and bounds-checked, so a truncated or malformed message raises
     :class:`WireError`; as protobuf specifies, the last occurrence of the field wins.
     """
-    buf = memoryview(message)
+    found = memoryview(message)[0:0]
+    for field in fields(message):
+        if field.number == field_number and field.payload is not None and not field.depth:
+            found = field.payload
+    return found
+
+
+class Field(NamedTuple):
+    """One field as :func:`fields` finds it: its number, its wire type, the bytes of a
+    length-delimited one (None for the other wire types), and how many groups enclose it."""
+
+    number: int
+    wire_type: int
+    payload: memoryview | None
+    depth: int
+
+    @property
+    def length_delimited(self) -> bool:
+        """Whether it is a length-delimited field (a string, bytes, message or packed array)."""
+        return self.wire_type == _LEN
+
+
+def fields(message: bytes | memoryview) -> Iterator[Field]:
+    """Each field of ``message``, in order, without parsing any field's contents.
+
+    The fields of (deprecated) groups are yielded too, with their depth, so that a caller that
+    counts fields counts every one protobuf would read; a field of the message itself has depth 0.
+    A truncated or malformed message raises :class:`WireError` when the walk reaches the fault, so
+    a caller that stops early (a limit reached) reads no further than it needs.
+    """
+    buf = memoryview(message).cast("B")
     pos, end = 0, len(buf)
-    found = buf[0:0]
-    groups: list[int] = []  # the field numbers of the groups being skipped, innermost last
+    groups: list[int] = []  # the field numbers of the enclosing groups, innermost last
+    # One-byte varints (tags of fields 1-15, lengths below 128, small values) are read inline:
+    # a caller may walk hundreds of thousands of fields (a tensor's BYTES elements).
     while pos < end:
-        key, pos = _read_varint(buf, pos)
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _read_varint(buf, pos)
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise WireError("field number 0")
+        payload = None
+        depth = len(groups)
         if wire_type == _VARINT:
-            _, pos = _read_varint(buf, pos)
+            if pos < end and buf[pos] < 0x80:
+                pos += 1
+            else:
+                _, pos = _read_varint(buf, pos)
         elif wire_type == _I64:
             pos += 8
         elif wire_type == _I32:
             pos += 4
         elif wire_type == _LEN:
-            size, pos = _read_varint(buf, pos)
+            if pos < end and buf[pos] < 0x80:
+                size = buf[pos]
+                pos += 1
+            else:
+                size, pos = _read_varint(buf, pos)
             if size > end - pos:
                 raise WireError("length-delimited field runs past the message")
-            if number == field_number and not groups:
-                found = buf[pos : pos + size]
+            payload = buf[pos : pos + size]
             pos += size
         elif wire_type == _START_GROUP:
             if len(groups) >= _MAX_GROUP_DEPTH:
@@ -101,10 +150,11 @@ def bytes_field_view(message: bytes, field_number: int) -> memoryview:
         elif wire_type == _END_GROUP:
             if not groups or groups.pop() != number:
                 raise WireError("unmatched end of group")
+            depth = len(groups)
         else:
             raise WireError(f"invalid wire type {wire_type}")
         if pos > end:
             raise WireError("message ends inside a field")
+        yield Field(number, wire_type, payload, depth)
     if groups:
         raise WireError("message ends inside a group")
-    return found

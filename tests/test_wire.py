@@ -14,6 +14,7 @@ from strongroom.wire import (
     bytes_field_view,
     encode_varint,
 )
+from strongroom.wire import fields as wire_fields
 
 DATA = pb.GetModelResponse.DESCRIPTOR.fields_by_name["data"].number
 
@@ -86,6 +87,28 @@ def test_the_last_occurrence_wins_and_unknown_fields_are_skipped() -> None:
     raw = append_bytes_field(append_bytes_field(unknown, DATA, b"first"), DATA, b"second")
     assert pb.GetModelResponse.FromString(raw).data == b"second"
     assert bytes(bytes_field_view(raw, DATA)) == b"second"
+
+
+def test_fields_are_walked_with_the_groups_they_sit_in() -> None:
+    """``fields`` yields every field protobuf reads, those inside groups with their depth (a
+    caller that counts fields counts them too), and parses no payload."""
+    group = encode_varint(10 << 3 | 3) + b"\x1a\x01z" + encode_varint(10 << 3 | 4)
+    raw = append_bytes_field(group + encode_varint(7 << 3) + b"\x01", DATA, b"data")
+    walked = [
+        (f.number, f.wire_type, None if f.payload is None else bytes(f.payload), f.depth)
+        for f in wire_fields(raw)
+    ]
+    assert walked == [
+        (10, 3, None, 0),
+        (3, 2, b"z", 1),
+        (10, 4, None, 0),
+        (7, 0, None, 0),
+        (DATA, 2, b"data", 0),
+    ]
+    walk = wire_fields(b"\x08\x01\x1a\x05abc")  # a varint, then a field cut short
+    assert next(walk).number == 1  # what lies before a fault is read before the fault is found
+    with pytest.raises(WireError, match="runs past"):
+        next(walk)
 
 
 def test_no_copy_is_made() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import ClassVar, Literal
 
 from strongroom.artifact import DEFAULT_DECRYPT_THREADS
@@ -11,6 +13,7 @@ from strongroom.client.keypins import KeyPins
 from strongroom.identifiers import KEY_ID_PATTERN, is_sha256_hex, name_rule_problem
 from strongroom.inference.oip import DEFAULT_MAX_TENSOR_BYTES, InferLimits
 from strongroom.runtime.config import ConfigError, EnvLocks, expected_server_id
+from strongroom.spiffe import is_workload_id
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,26 @@ class ModelKeys:
             raise ConfigError(f"inference.model_keys: {problem}")
 
 
+@dataclass(frozen=True)
+class ClientScope:
+    """A client identity and the model names it may use over OIP (infer, metadata, readiness):
+    each a model name, or a name followed by ``/`` (every model under it)."""
+
+    spiffe_id: str
+    model_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not is_workload_id(self.spiffe_id):
+            raise ConfigError(f"inference.clients: {self.spiffe_id!r} is not a SPIFFE ID")
+        if not self.model_names:
+            # A client that may use nothing is one left out of the list; an empty list here is
+            # more likely a mistake.
+            raise ConfigError(f"inference.clients: {self.spiffe_id!r} lists no model_names")
+        problem = name_rule_problem(self.model_names)
+        if problem:
+            raise ConfigError(f"inference.clients: {problem}")
+
+
 DEFAULT_MAX_MODEL_BYTES = 64 * 1024**3
 
 
@@ -78,6 +101,7 @@ class InferenceConfig:
         "model_keys": (),
         "release_signing_public_keys": (),
         "allow_unsigned_releases": (False,),
+        "clients": (),
     }
 
     model_store: str
@@ -134,8 +158,19 @@ class InferenceConfig:
     # (a broker older than release signing), and, when no key is set, a signed one unverified.
     # A signed answer is still verified when keys are set.
     allow_unsigned_releases: bool = False
+    # Which models each client identity may use over OIP (ModelInfer, ModelMetadata, ModelReady).
+    # Absent (None): every identity with the client role uses every model served, as before the
+    # list existed; a list (even an empty one) admits only the identities it names, each to its
+    # names. Admins are not scoped by it.
+    clients: tuple[ClientScope, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.clients is not None:
+            seen: set[str] = set()
+            for scope in self.clients:
+                if scope.spiffe_id in seen:
+                    raise ConfigError(f"inference.clients: {scope.spiffe_id!r} is listed twice")
+                seen.add(scope.spiffe_id)
         if self.attester == "simulated":
             if self.simulated_tee_dir is None or self.simulated_measurement is None:
                 raise ConfigError(
@@ -181,6 +216,13 @@ class InferenceConfig:
     def key_pins(self) -> KeyPins:
         """``model_keys`` as the loader checks them."""
         return KeyPins(tuple((n, m.key_id) for m in self.model_keys for n in m.model_names))
+
+    @property
+    def client_scopes(self) -> Mapping[str, tuple[str, ...]] | None:
+        """``clients`` as the OIP servicer checks them: SPIFFE ID -> name rules (None: no list)."""
+        if self.clients is None:
+            return None
+        return MappingProxyType({c.spiffe_id: c.model_names for c in self.clients})
 
     @property
     def limits(self) -> InferLimits:

@@ -14,7 +14,6 @@ from typing import Any
 from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.api.inference.v1 import attestation_pb2_grpc, model_control_pb2_grpc
-from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.attestation.release_signature import ReleaseVerifier
 from strongroom.attesters import (
     Attester,
@@ -31,7 +30,9 @@ from strongroom.inference.control import CONTROL_SERVICE, ModelControlServicer
 from strongroom.inference.evidence_service import InferenceAttestationServicer
 from strongroom.inference.loader import ModelLoader, transient
 from strongroom.inference.models import ModelRepository, ModelState
+from strongroom.inference.oip import SERVICE_NAME as OIP_SERVICE
 from strongroom.inference.oip import OipServicer
+from strongroom.inference.oip import add_to_server as add_oip_to_server
 from strongroom.inference.signature import SignaturePolicy
 from strongroom.pki.identity import WorkloadIdentity
 
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 SIMULATOR_GROUP = "strongroom.simulators"
 
-OIP_SERVICE = "inference.GRPCInferenceService"
 EVIDENCE_SERVICE = "strongroom.api.inference.v1.InferenceAttestationService"
 ROLE_RULES: dict[str, tuple[str, ...]] = {
     OIP_SERVICE: ("client", "admin"),
@@ -270,7 +270,12 @@ def build(
         ),
     )
     limits = config.limits
-    oip = OipServicer(repository, limits=limits)
+    oip = OipServicer(
+        repository,
+        limits=limits,
+        clients=config.client_scopes,
+        unscoped=common.authz.ids("admin"),
+    )
     evidence = InferenceAttestationServicer(attester, identity.public_key_der)
     control = ModelControlServicer(loader, repository, retry_seconds=config.load_retry_seconds)
 
@@ -283,7 +288,7 @@ def build(
         services=[
             ServiceSpec(
                 OIP_SERVICE,
-                lambda s: oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, s),
+                lambda s: add_oip_to_server(oip, s),
                 (models_ready,),
             ),
             ServiceSpec(

@@ -32,7 +32,7 @@ from strongroom.modelstore.records import ModelRecord, UploadClaims
 from strongroom.modelstore.storage import Storage
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
-from strongroom.runtime.grpc_types import RpcMethodHandler
+from strongroom.runtime.grpc_types import HandlerCollector
 from strongroom.runtime.metrics import KEY_SLOTS_REPLACED
 from strongroom.runtime.server import MessageLimits
 from strongroom.wire import append_bytes_field
@@ -385,22 +385,6 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         return pb.ReplaceKeySlotResponse(model=model_info(record), replaced=replaced)
 
 
-class _HandlerCollector:
-    """Stands in for a server to catch the handlers the generated registration function builds."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        """Ignored: the same handlers also come through ``add_registered_method_handlers``."""
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: Mapping[str, RpcMethodHandler]
-    ) -> None:
-        """Keeps the per-method handlers."""
-        self.handlers.update(handlers)
-
-
 def _pass_through(message: bytes) -> bytes:
     return message
 
@@ -412,7 +396,7 @@ def add_to_server(servicer: ModelStoreServicer, server: grpc.Server) -> None:
     Every server of this servicer must register it this way: the generated function would hand
     GetModel's bytes to ``GetModelResponse.SerializeToString``, which rejects them.
     """
-    collector = _HandlerCollector()
+    collector = HandlerCollector()
     pb_grpc.add_ModelStoreServiceServicer_to_server(servicer, collector)  # type: ignore[arg-type]
     handlers = dict(collector.handlers)
     handlers["GetModel"] = grpc.unary_stream_rpc_method_handler(

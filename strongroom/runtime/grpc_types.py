@@ -6,7 +6,7 @@ annotations; at run time they are the plain grpc classes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
@@ -121,3 +121,20 @@ def _stream_or_non_blocking(
 
     carry_attributes(non_blocking, behaviour)
     return non_blocking
+
+
+class HandlerCollector:
+    """Stands in for a server to catch the handlers a generated registration function builds, so
+    that a service can register them with one replaced (its own serialiser or deserialiser)."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        """Ignored: the same handlers also come through ``add_registered_method_handlers``."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, RpcMethodHandler]
+    ) -> None:
+        """Keeps the per-method handlers."""
+        self.handlers.update(handlers)

@@ -7,6 +7,8 @@ logged with a reference id and the caller gets INTERNAL with only that id, never
 A request that does not deserialise (garbage bytes, invalid UTF-8 in a string field) would get
 gRPC's own ``INTERNAL "Exception deserializing request!"`` and a logged traceback; here it becomes
 ``INVALID_ARGUMENT`` (``MALFORMED_REQUEST``) with one WARNING line naming the method and the peer.
+A deserialiser that refuses a request with a :class:`~strongroom.errors.StrongroomError` (a limit
+it checks on the wire before the protobuf runtime builds the message) has that refusal answered.
 
 A service that must account for every refusal of a method (the key broker audits every refused
 release) is told of the refusals its own code never sees, those raised before its behaviour runs
@@ -80,12 +82,14 @@ def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> N
 
 
 class _Malformed:
-    """Stands for a request message that did not deserialise (gRPC treats None as a failure)."""
+    """Stands for a request message that did not deserialise (gRPC treats None as a failure), or
+    that its deserialiser refused (``error``: a limit it checks on the wire, before the parse)."""
 
-    __slots__ = ("problem",)
+    __slots__ = ("error", "problem")
 
-    def __init__(self, problem: str) -> None:
+    def __init__(self, problem: str, error: StrongroomError | None = None) -> None:
         self.problem = problem
+        self.error = error
 
 
 def _safe_deserializer(
@@ -97,13 +101,17 @@ def _safe_deserializer(
     def safe(data: bytes) -> Any:
         try:
             return deserialize(data)
+        except StrongroomError as exc:
+            return _Malformed(type(exc).__name__, exc)
         except (DecodeError, UnicodeDecodeError, ValueError) as exc:
             return _Malformed(type(exc).__name__)
 
     return safe
 
 
-def _malformed(request: _Malformed, context: grpc.ServicerContext, method: str) -> InvalidArgument:
+def _malformed(request: _Malformed, context: grpc.ServicerContext, method: str) -> StrongroomError:
+    if request.error is not None:
+        return request.error  # the refusal the deserialiser chose (its status, its reason)
     log.warning(
         "malformed request",
         extra={"method": method, "peer": context.peer(), "problem": request.problem},

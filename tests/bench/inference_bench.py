@@ -35,7 +35,7 @@ from strongroom.inference.models import (
     session_options,
 )
 from strongroom.inference.models._ort import ort
-from strongroom.inference.oip import InferLimits, OipServicer
+from strongroom.inference.oip import InferLimits, OipServicer, add_to_server
 from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from tests.bench._proc import rss_kib
 from tests.bench._scale import scaled
@@ -96,7 +96,7 @@ def _bench_infer(
         interceptors=[ErrorMappingInterceptor(), RequestDecodingInterceptor()],
         options=limits.grpc_server_options(),
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(repo, limits=limits), server)
+    add_to_server(OipServicer(repo, limits=limits), server)
     if server_credentials is not None:
         port = server.add_secure_port("127.0.0.1:0", server_credentials)
         address = f"localhost:{port}"

@@ -507,8 +507,8 @@ def test_the_attester_privlevel_is_an_operator_value(
 
 
 def test_inference_trust_pins_are_operator_values(helm: str, tmp_path: Path) -> None:
-    """Header pins, model keys and model signing reach the inference configuration from Helm
-    values, under the names the service accepts (``tenant/`` names, ``+build`` versions)."""
+    """Header pins, model keys, client scopes and model signing reach the inference
+    configuration from Helm values, under the names the service accepts (``tenant/`` names, ``+build`` versions)."""
     public_pem = (
         ec.generate_private_key(ec.SECP256R1())
         .public_key()
@@ -528,6 +528,12 @@ def test_inference_trust_pins_are_operator_values(helm: str, tmp_path: Path) -> 
                         }
                     ],
                     "modelKeys": [{"keyId": "tenant-a-kek", "modelNames": ["tenant-a/", "m"]}],
+                    "clientModels": [
+                        {
+                            "spiffeId": "spiffe://example.org/tenant-a-app",
+                            "modelNames": ["tenant-a/"],
+                        }
+                    ],
                     "modelSigning": {"publicKey": public_pem, "requireSignature": True},
                 }
             }
@@ -549,6 +555,7 @@ def test_inference_trust_pins_are_operator_values(helm: str, tmp_path: Path) -> 
     assert [(m.key_id, m.model_names) for m in section.model_keys] == [
         ("tenant-a-kek", ("tenant-a/", "m"))
     ]
+    assert section.client_scopes == {"spiffe://example.org/tenant-a-app": ("tenant-a/",)}
     assert section.require_model_signature is True
     assert section.model_signing_public_key == Path("/etc/strongroom/model-signing-key.pem")
     (cm,) = [

@@ -14,7 +14,7 @@ from strongroom.api.inference.v1 import attestation_pb2_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.inference.evidence_service import InferenceAttestationServicer
 from strongroom.inference.models import ModelRepository
-from strongroom.inference.oip import InferLimits, OipServicer
+from strongroom.inference.oip import InferLimits, OipServicer, add_to_server
 from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 
 
@@ -46,9 +46,7 @@ def start(
         interceptors=[ErrorMappingInterceptor(), RequestDecodingInterceptor()],
         options=limits.grpc_server_options(),
     )
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-        OipServicer(repository, limits=limits, server_version="9.9.9-test"), server
-    )
+    add_to_server(OipServicer(repository, limits=limits, server_version="9.9.9-test"), server)
     if evidence is not None:
         attestation_pb2_grpc.add_InferenceAttestationServiceServicer_to_server(evidence, server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -258,6 +258,21 @@ def test_unknown_models_and_versions() -> None:
         repo.begin_load("m", "")
 
 
+def test_unloading_a_version_that_is_not_held_says_so_and_changes_nothing() -> None:
+    """An unload of a version the server does not hold (a typo of the version to retire, or one
+    already gone) answered as if it had unloaded it, while the version meant kept serving."""
+    repo = ModelRepository()
+    repo.load("m", "1.0.0", onnx_models.adder(1.0))
+    with pytest.raises(ModelNotFound) as info:
+        repo.unload("m", "1.0")
+    assert info.value.reason == "MODEL_VERSION_NOT_FOUND"
+    assert "nothing was unloaded" in info.value.message
+    assert repo.get("m").version == "1.0.0"
+    repo.unload("m", "1.0.0")
+    with pytest.raises(ModelNotFound):
+        repo.unload("m", "1.0.0")  # gone now: the second unload finds nothing either
+
+
 def test_publishing_swaps_the_default_and_retires_old_versions() -> None:
     repo = ModelRepository(retain_versions=2)
     for v in ("1", "2", "3"):

@@ -6,6 +6,7 @@ import struct
 import threading
 import tracemalloc
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -14,10 +15,17 @@ import pytest
 
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.errors import InvalidArgument, ResourceExhausted
-from strongroom.inference.models import ModelRepository, RuntimeOptions, session_options
+from strongroom.inference.models import (
+    LoadedModel,
+    ModelRepository,
+    RuntimeOptions,
+    session_options,
+)
 from strongroom.inference.oip import ATTESTATION_EXTENSION, InferLimits
 from strongroom.inference.oip._codec import BYTES_ELEMENT_COST, decode_inputs
+from strongroom.inference.oip._wire import check_infer_request
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.wire import append_bytes_field
 from tests.inference import onnx_models
 from tests.inference.conftest import Running, Starter, start, stop
 
@@ -647,6 +655,250 @@ def test_bytes_elements_are_charged_before_they_are_decoded(
     fits = np.full((100_000, 3), b"ok", dtype=object)
     response = running.oip.ModelInfer(raw_request("identity_bytes", {"x": ("BYTES", fits)}))
     assert (from_raw(response.raw_output_contents[0], "BYTES", [100_000, 3]) == fits).all()
+
+
+def _refusal_peak(request: pb.ModelInferRequest, model: LoadedModel, limits: InferLimits) -> Any:
+    """The error ``decode_inputs`` refuses ``request`` with, and the bytes it allocated to."""
+    tracemalloc.start()
+    try:
+        with pytest.raises((InvalidArgument, ResourceExhausted)) as info:
+            decode_inputs(request, model, limits)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return info.value, peak
+
+
+def test_a_rank_beyond_the_limit_is_refused_before_its_dimensions_are_read(
+    shared: tuple[ModelRepository, Running],
+) -> None:
+    """A packed shape of zeros is one byte a dimension: a request inside the size limit carried
+    60 million of them, and the server made a tuple of them all (seconds of CPU under the GIL,
+    half a gigabyte) before refusing the rank."""
+    model = shared[0].get("identity_fp32")
+    request = pb.ModelInferRequest(model_name="identity_fp32", raw_input_contents=[b""])
+    request.inputs.add(name="x", datatype="FP32").shape.extend(np.zeros(1 << 20, np.int64))
+    error, peak = _refusal_peak(request, model, InferLimits())
+    assert (error.reason, peak < 64 << 10) == ("SHAPE_INVALID", True), peak
+    assert f"rank {1 << 20}" in error.message
+
+
+def test_typed_integers_are_charged_their_decoded_size_before_they_are_decoded(
+    shared: tuple[ModelRepository, Running],
+) -> None:
+    """Typed integers are varints: an INT64 zero is one byte on the wire and eight in its array,
+    so a request of zeros inside the byte limit was decoded (eight times the limit for a 64 MiB
+    request) before its size was found too large."""
+    model = shared[0].get("identity_int64")
+    request = pb.ModelInferRequest(model_name="identity_int64")
+    tensor = request.inputs.add(name="x", datatype="INT64", shape=[1 << 19, 3])
+    tensor.contents.int64_contents.extend(np.zeros(3 << 19, np.int64))
+    assert request.ByteSize() < 2 << 20
+    error, peak = _refusal_peak(request, model, InferLimits(max_input_bytes=4 << 20))
+    assert (error.reason, peak < 64 << 10) == ("REQUEST_TOO_LARGE", True), peak
+    # At the limit it is decoded and served as before.
+    small = pb.ModelInferRequest(model_name="identity_int64")
+    small.inputs.add(name="x", datatype="INT64", shape=[2, 3]).contents.int64_contents.extend(
+        [0, -1, 2, 3, 4, 5]
+    )
+    arrays, _ = decode_inputs(small, model, InferLimits(max_input_bytes=48))
+    assert arrays["x"].tolist() == [[0, -1, 2], [3, 4, 5]]
+    with pytest.raises(ResourceExhausted):
+        decode_inputs(small, model, InferLimits(max_input_bytes=47))
+
+
+def _peak_rss() -> int:
+    """The process's peak resident set since the last :func:`_reset_peak_rss` (bytes)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) << 10
+
+
+def _reset_peak_rss() -> int:
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current resident set (Linux 4.0+)
+    return _peak_rss()
+
+
+def _infer_bytes(running: Running, data: bytes) -> object:
+    """A ModelInfer call that sends ``data`` as the serialised request, whatever it holds."""
+    call = running.channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=lambda raw: raw,
+        response_deserializer=pb.ModelInferResponse.FromString,
+    )
+    return lambda: call(data)
+
+
+_INPUTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["inputs"].number
+
+
+def test_inputs_beyond_the_limit_are_refused_before_the_request_is_parsed(
+    running: Running,
+) -> None:
+    """An empty ``inputs`` entry is two bytes on the wire and a message object once parsed: 16 MiB
+    of them made the server build ~0.7 GB before it counted 65 inputs and refused them."""
+    data = b"\n\x0aclassifier" + append_bytes_field(b"", _INPUTS, b"") * (8 << 20)
+    assert len(data) > 16 << 20
+    before = _reset_peak_rss()
+    expect_error(_infer_bytes(running, data), grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_INPUTS")
+    grown = _peak_rss() - before
+    assert grown < 8 * len(data), f"{grown >> 20} MiB to refuse a {len(data) >> 20} MiB request"
+
+
+def _with_contents(model: str, datatype: str, shape: list[int], contents: bytes) -> bytes:
+    """A serialised request of one input whose contents are ``contents`` as they are."""
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype=datatype, shape=shape)
+    head = pb.ModelInferRequest(model_name=model).SerializeToString()
+    return append_bytes_field(
+        head, _INPUTS, append_bytes_field(tensor.SerializeToString(), 5, contents)
+    )
+
+
+def _typed_field(name: str) -> int:
+    return pb.InferTensorContents.DESCRIPTOR.fields_by_name[name].number
+
+
+@pytest.mark.parametrize(
+    ("model", "datatype", "contents"),
+    [
+        # INT64 zeros: one byte each on the wire, eight parsed and decoded.
+        ("identity_int64", "INT64", append_bytes_field(b"", 3, bytes(24 << 20))),
+        # Empty BYTES elements: two bytes each on the wire, a 16-byte slot each parsed.
+        ("identity_bytes", "BYTES", b"\x42\x00" * (12 << 20)),
+    ],
+    ids=["int64 zeros", "empty BYTES"],
+)
+def test_typed_contents_beyond_the_limit_are_refused_before_the_request_is_parsed(
+    running: Running, model: str, datatype: str, contents: bytes
+) -> None:
+    """Typed contents parse to up to eight times their wire size: 24 MiB of them made the server
+    build ~0.3-0.4 GB before the servicer found them past the 64 MiB limit."""
+    data = _with_contents(model, datatype, [8 << 20, 3], contents)
+    before = _reset_peak_rss()
+    expect_error(
+        _infer_bytes(running, data), grpc.StatusCode.RESOURCE_EXHAUSTED, "REQUEST_TOO_LARGE"
+    )
+    grown = _peak_rss() - before
+    assert grown < 8 * len(data), f"{grown >> 20} MiB to refuse a {len(data) >> 20} MiB request"
+
+
+def test_contents_count_no_more_than_the_servicer_would_charge() -> None:
+    """The wire count is a lower bound of the servicer's: a request it refuses is one the servicer
+    would refuse too; values written one field each are walked only so far."""
+    limits = InferLimits(max_input_bytes=1 << 20)  # contents over 128 KiB are counted
+    int8 = _typed_field("int_contents")  # carries INT8: one byte a value decoded
+    fp32 = _typed_field("fp32_contents")
+    for field, values, width in ((int8, 1 << 20, 1), (fp32, 1 << 18, 4)):
+        fits = append_bytes_field(b"", field, b"\x01" * values if width == 1 else bytes(values * 4))
+        check_infer_request(_with_contents("m", "T", [values], fits), limits)
+        over = fits + append_bytes_field(b"", field, b"\x01" * width)
+        with pytest.raises(ResourceExhausted) as info:
+            check_infer_request(_with_contents("m", "T", [values + 1], over), limits)
+        assert info.value.reason == "REQUEST_TOO_LARGE"
+    text = b"".join(append_bytes_field(b"", 8, b"ten bytes!") for _ in range(12_000))
+    with pytest.raises(ResourceExhausted) as info:  # 12,000 x (128 + 10) bytes
+        check_infer_request(_with_contents("m", "BYTES", [12_000], text), limits)
+    assert info.value.reason == "REQUEST_TOO_LARGE"
+    unpacked = bytes([_typed_field("bool_contents") << 3, 1]) * 70_000
+    with pytest.raises(ResourceExhausted) as info:
+        check_infer_request(_with_contents("m", "BOOL", [70_000], unpacked), limits)
+    assert info.value.reason == "TOO_MANY_FIELDS"
+
+
+def _classifier_request(parameters: int = 0, where: str = "request") -> pb.ModelInferRequest:
+    request = raw_request("classifier", {"x": ("FP32", X)})
+    request.outputs.add(name="label")
+    holder = {"request": request, "input": request.inputs[0], "output": request.outputs[0]}[where]
+    for i in range(parameters):
+        holder.parameters[f"p{i}"].int64_param = i
+    return request
+
+
+def _unpacked_shape(dimensions: int) -> bytes:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32")
+    shape = _INPUT_SHAPE << 3  # a varint field: one dimension an occurrence
+    data = tensor.SerializeToString() + bytes([shape, 1]) * dimensions
+    return append_bytes_field(b"\n\x0aclassifier", _INPUTS, data)
+
+
+_INPUT_SHAPE = pb.ModelInferRequest.InferInputTensor.DESCRIPTOR.fields_by_name["shape"].number
+_SERIALISED = pb.ModelInferRequest.SerializeToString
+WIRE_LIMIT_CASES: list[tuple[str, object, grpc.StatusCode, str]] = [
+    *(
+        (
+            f"{where} parameters",
+            lambda where=where: _SERIALISED(_classifier_request(65, where)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_PARAMETERS",
+        )
+        for where in ("request", "input", "output")
+    ),
+    (
+        "fields repeated",
+        lambda: _SERIALISED(_classifier_request()) + b"\n\x0aclassifier" * 64,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_FIELDS",
+    ),
+    (
+        "outputs",
+        lambda: b"\n\x0aclassifier" + b"\x32\x00" * 65,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_OUTPUTS",
+    ),
+    (
+        "raw contents",
+        lambda: b"\n\x0aclassifier" + b"\x3a\x00" * 65,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_INPUTS",
+    ),
+    (
+        "unpacked dimensions",
+        lambda: _unpacked_shape(17),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SHAPE_INVALID",
+    ),
+    (
+        "packed dimensions",
+        lambda: _SERIALISED(_with(_classifier_request(), shape=[1] * 17)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SHAPE_INVALID",
+    ),
+    (
+        "not a message",
+        lambda: b"\n\x0aclassifier\x2a\x05ab",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MALFORMED_REQUEST",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "build", "code", "reason"), WIRE_LIMIT_CASES, ids=[c[0] for c in WIRE_LIMIT_CASES]
+)
+def test_repeated_fields_are_counted_on_the_wire(
+    running: Running, case: str, build: object, code: grpc.StatusCode, reason: str
+) -> None:
+    """Each field a request repeats by design is limited before the request is parsed: the
+    parameters of one map (any number used to be parsed, and accepted), the fields besides them."""
+    expect_error(_infer_bytes(running, build()), code, reason)  # type: ignore[operator]
+
+
+def test_requests_at_the_wire_limits_are_served(running: Running) -> None:
+    for where in ("request", "input", "output"):
+        response = running.oip.ModelInfer(_classifier_request(64, where))
+        assert [o.name for o in response.outputs] == ["label"]
+    # A shape written unpacked (one field a dimension) is as good as a packed one.
+    dimensions = b"".join(bytes([_INPUT_SHAPE << 3, d]) for d in X.shape)
+    data = append_bytes_field(
+        b"\n\x0aclassifier",
+        _INPUTS,
+        pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32").SerializeToString()
+        + dimensions,
+    )
+    raw = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+    response = _infer_bytes(running, append_bytes_field(data, raw, raw_bytes(X, "FP32")))()
+    assert len(response.outputs) == 3  # type: ignore[attr-defined]
 
 
 def test_inputs_that_clash_inside_the_graph_are_the_callers_error(start_server: Starter) -> None:

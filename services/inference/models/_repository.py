@@ -267,11 +267,19 @@ class ModelRepository:
         return loaded
 
     def unload(self, name: str, version: str | None = None) -> None:
-        """Stops serving one version (or all); an expected model becomes unready."""
+        """Stops serving one version (or all); an expected model becomes unready. A version the
+        repository does not hold (not ready, loading or failed) is ModelNotFound: nothing to
+        unload, and the caller must not be told it was (a mistyped version of one to retire)."""
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
                 raise ModelNotFound(f"unknown model {name!r}")
+            if version is not None and version not in entry.ready and version not in entry.pending:
+                raise ModelNotFound(
+                    f"model {name!r} has no version {version[:64]!r} (ready, loading or failed): "
+                    "nothing was unloaded",
+                    reason=Reason.MODEL_VERSION_NOT_FOUND,
+                )
             if version is None:
                 ready: dict[str, LoadedModel] = {}
                 pending: dict[str, VersionStatus] = {}

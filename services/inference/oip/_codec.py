@@ -68,6 +68,7 @@ class InferLimits:
 
     max_inputs: int = 64
     max_outputs: int = 64
+    max_parameters: int = 64
     max_rank: int = 16
     max_tensor_elements: int = 1 << 27
     max_input_bytes: int = DEFAULT_MAX_TENSOR_BYTES
@@ -159,6 +160,16 @@ def decode_inputs(
             raise ResourceExhausted(
                 f"inputs exceed {limits.max_input_bytes} bytes (input {spec.name!r}: {count} "
                 f"BYTES elements count {BYTES_ELEMENT_COST} bytes each beyond their data)",
+                reason=Reason.REQUEST_TOO_LARGE,
+            )
+        # A fixed-width tensor's size follows from its shape, and is checked before it is decoded:
+        # typed integers are varints, so an INT64 zero is one byte on the wire and eight in its
+        # array, and a request inside the limit used to decode to eight times it before the check.
+        fixed = count * datatype.itemsize  # 0 for BYTES: their data is counted as it is parsed
+        if total + fixed > limits.max_input_bytes:
+            raise ResourceExhausted(
+                f"inputs exceed {limits.max_input_bytes} bytes (input {spec.name!r}: shape "
+                f"{list(shape)} of {datatype.name} is {fixed} bytes)",
                 reason=Reason.REQUEST_TOO_LARGE,
             )
         has_contents = tensor.HasField("contents") and _has_any(tensor.contents)
@@ -310,12 +321,16 @@ def _datatype(name: str, spec: TensorSpec) -> DataType:
 
 
 def _shape(dims: Sequence[int], spec: TensorSpec, limits: InferLimits) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in dims)
-    if len(shape) > limits.max_rank:
+    # The rank is read off the field before any dimension becomes a Python int: a packed shape
+    # of zeros is one byte a dimension, so a request inside the size limit carried 60 million of
+    # them, and building their tuple took seconds of CPU under the GIL (and half a gigabyte) only
+    # to refuse the rank.
+    if len(dims) > limits.max_rank:
         raise InvalidArgument(
-            f"input {spec.name!r} has rank {len(shape)}, above {limits.max_rank}",
+            f"input {spec.name!r} has rank {len(dims)}, above {limits.max_rank}",
             reason=Reason.SHAPE_INVALID,
         )
+    shape = tuple(int(d) for d in dims)
     if any(d < 0 for d in shape):
         raise InvalidArgument(
             f"input {spec.name!r} shape {list(shape)} has a negative dimension",

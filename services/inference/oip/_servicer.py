@@ -10,13 +10,15 @@ RESOURCE_EXHAUSTED).
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as pb_grpc
-from strongroom.errors import InvalidArgument
+from strongroom.errors import InvalidArgument, PermissionDenied
+from strongroom.identifiers import name_rule_matches
 from strongroom.inference.models import ModelRepository, TensorSpec
 from strongroom.inference.models._ort import ort
 from strongroom.inference.oip._codec import (
@@ -26,8 +28,15 @@ from strongroom.inference.oip._codec import (
     encode_outputs,
     requested_outputs,
 )
+from strongroom.inference.oip._wire import parse_infer_request
+from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
+from strongroom.runtime.grpc_types import HandlerCollector
 
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+"""The OIP service's gRPC name (``inference.GRPCInferenceService``)."""
 SERVER_NAME = "strongroom-inference"
 ATTESTATION_EXTENSION = "strongroom_attestation"
 """Advertised in ServerMetadata: the server answers ``InferenceAttestationService.GetEvidence``."""
@@ -41,7 +50,12 @@ def _package_version() -> str:
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Serves the models of a :class:`ModelRepository` over OIP v2."""
+    """Serves the models of a :class:`ModelRepository` over OIP v2.
+
+    ``clients`` (SPIFFE ID -> model-name rules; None: any caller, any model) scopes what each
+    caller may infer, describe and ask the readiness of; callers in ``unscoped`` (admins) are not
+    scoped. Server-wide answers (liveness, readiness, metadata) are everyone's.
+    """
 
     def __init__(
         self,
@@ -51,12 +65,16 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         extensions: Sequence[str] = (ATTESTATION_EXTENSION,),
         limits: InferLimits | None = None,
         live: Callable[[], bool] | None = None,
+        clients: Mapping[str, tuple[str, ...]] | None = None,
+        unscoped: frozenset[str] = frozenset(),
     ) -> None:
         self._repository = repository
         self._version = server_version or _package_version()
         self._extensions = tuple(extensions)
         self._limits = limits or InferLimits()
         self._live = live or (lambda: True)
+        self._clients = clients
+        self._unscoped = unscoped
 
     @property
     def limits(self) -> InferLimits:
@@ -80,6 +98,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         """Whether the model (version) can serve; an unknown model is simply not ready (as Triton)."""
         _require_name(request.name)
+        self._check_client(context, request.name)
         return pb.ModelReadyResponse(ready=self._repository.is_ready(request.name, request.version))
 
     def ServerMetadata(
@@ -95,6 +114,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         """Inputs, outputs, platform and ready versions of a servable model."""
         _require_name(request.name)
+        self._check_client(context, request.name)
         model = self._repository.get(request.name, request.version)
         return pb.ModelMetadataResponse(
             name=model.name,
@@ -109,6 +129,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         """Runs one inference; outputs come back raw when the inputs did (or must: FP16)."""
         _require_name(request.model_name)
+        self._check_client(context, request.model_name)
         model = self._repository.get(request.model_name, request.model_version)
         check_request_parameters(request)
         inputs, used_raw = decode_inputs(request, model, self._limits)
@@ -119,6 +140,44 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         encode_outputs(response, model, names, arrays, raw=used_raw, limits=self._limits)
         return response
+
+    def _check_client(self, context: grpc.ServicerContext, name: str) -> None:
+        """PermissionDenied unless this caller may use model ``name`` (``clients``): the same
+        answer whether or not the model exists or is loaded, so that no client learns another
+        tenant's model names, metadata or readiness, nor runs its model."""
+        if self._clients is None:
+            return
+        caller = str(verified_caller(context).spiffe_id)
+        if caller in self._unscoped:
+            return
+        if any(name_rule_matches(rule, name) for rule in self._clients.get(caller, ())):
+            return
+        log.warning(
+            "refused model %s to client %s",
+            name[:128],
+            caller,
+            extra={"model": name[:128], "reason": Reason.MODEL_NAME_NOT_ALLOWED},
+        )
+        raise PermissionDenied(
+            f"this client may not use model {name[:128]!r}",
+            reason=Reason.MODEL_NAME_NOT_ALLOWED,
+        )
+
+
+def add_to_server(servicer: OipServicer, server: grpc.Server) -> None:
+    """Registers ``servicer`` like ``add_GRPCInferenceServiceServicer_to_server``, except that
+    ModelInfer's requests are counted on the wire before the protobuf runtime builds them
+    (:mod:`strongroom.inference.oip._wire`): every server of this servicer registers it so."""
+    collector = HandlerCollector()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, collector)  # type: ignore[arg-type]
+    handlers = dict(collector.handlers)
+    limits = servicer.limits
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=lambda data: parse_infer_request(data, limits),
+        response_serializer=pb.ModelInferResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 def _stopped_with(context: grpc.ServicerContext) -> ort.RunOptions:

@@ -1,0 +1,208 @@
+"""``inference.clients``: which models each client identity may use over OIP, over real mTLS.
+
+Without it every identity with the client role ran every model the server held, read its
+metadata (inputs, outputs, versions) and probed which names were loaded: one tenant's client
+could query another tenant's model, however the store and the broker kept their publishers apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from strongroom.api.oip.v2 import grpc_service_pb2 as pb
+from strongroom.api.oip.v2 import grpc_service_pb2_grpc as pb_grpc
+from strongroom.client.remote import peer_reason
+from strongroom.dev.devstack import DevStack
+from strongroom.inference.config import ClientScope, InferenceConfig
+from strongroom.inference.models import ModelRepository
+from strongroom.inference.oip import SERVICE_NAME, InferLimits, OipServicer, add_to_server
+from strongroom.inference.server import ROLE_RULES
+from strongroom.pki import WorkloadIdentity
+from strongroom.runtime.bootstrap import RoleTable, build_host
+from strongroom.runtime.config import AuthzConfig, ConfigError
+from strongroom.runtime.server import ServiceHost, ServiceSpec
+from strongroom.runtime.tracing import make_tracer_provider
+from tests.conftest import stack_root
+from tests.e2e.svc import enrolled_svc
+from tests.inference import onnx_models
+
+MODELS = ("team-a/m", "team-b/m", "shared/m")
+
+
+@pytest.fixture(scope="module")
+def stack(
+    step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
+) -> Iterator[DevStack]:
+    """Only the CA: the OIP service under test is hosted here, over its models in memory."""
+    root = stack_root(tmp_path_factory, "clients", simulated_tee_dir)
+    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
+        yield dev
+
+
+@pytest.fixture(scope="module")
+def host(stack: DevStack) -> Iterator[ServiceHost]:
+    """The OIP service as ``serve inference`` hosts it (mTLS, SPIFFE roles, error mapping), with
+    three client identities: one listed for ``team-a/`` and ``shared/m``, one for ``team-b/``, one
+    not listed; and the admin."""
+    identity, common = enrolled_svc(stack)
+    clients = ("client", "client-b", "client-c")
+    common = dataclasses.replace(
+        common,
+        authz=AuthzConfig(
+            client=tuple(stack.spiffe_id(c) for c in clients),
+            admin=(stack.spiffe_id("admin"),),
+        ),
+    )
+    config = InferenceConfig(
+        model_store="localhost:1",
+        key_broker="localhost:1",
+        clients=(
+            ClientScope(stack.spiffe_id("client"), ("team-a/", "shared/m")),
+            ClientScope(stack.spiffe_id("client-b"), ("team-b/",)),
+        ),
+    )
+    repository = ModelRepository()
+    for name in MODELS:
+        repository.load(name, "1", onnx_models.identity("FP32"))
+    oip = OipServicer(
+        repository,
+        limits=InferLimits(),
+        clients=config.client_scopes,
+        unscoped=common.authz.ids("admin"),
+    )
+    served = build_host(
+        common,
+        identity=identity,
+        services=[ServiceSpec(SERVICE_NAME, lambda server: add_to_server(oip, server))],
+        roles=RoleTable(ROLE_RULES),
+        tracer_provider=make_tracer_provider("test", common.tracing),
+        message_limits=InferLimits().message_limits,
+    )
+    served.start()
+    try:
+        yield served
+    finally:
+        served.stop(0)
+        identity.close()
+
+
+@pytest.fixture(scope="module")
+def callers(stack: DevStack) -> dict[str, WorkloadIdentity]:
+    return {
+        "client": stack.identity("client"),
+        "client-b": stack.foreign_identity(stack.spiffe_id("client-b")),
+        "client-c": stack.foreign_identity(stack.spiffe_id("client-c")),
+        "admin": stack.identity("admin"),
+    }
+
+
+X = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+
+def _infer(name: str) -> Callable[[pb_grpc.GRPCInferenceServiceStub], object]:
+    request = pb.ModelInferRequest(model_name=name)
+    request.inputs.add(name="x", datatype="FP32", shape=[2, 3])
+    request.raw_input_contents.append(X.tobytes())
+    return lambda oip: oip.ModelInfer(request, timeout=10)
+
+
+CALLS: dict[str, Callable[[str], Callable[[pb_grpc.GRPCInferenceServiceStub], object]]] = {
+    "infer": _infer,
+    "metadata": lambda name: (
+        lambda oip: oip.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=10)
+    ),
+    "ready": lambda name: lambda oip: oip.ModelReady(pb.ModelReadyRequest(name=name), timeout=10),
+}
+
+
+def call(host: ServiceHost, caller: WorkloadIdentity, what: str, name: str) -> object:
+    with caller.channel(f"localhost:{host.port}") as channel:
+        return CALLS[what](name)(pb_grpc.GRPCInferenceServiceStub(channel))
+
+
+@pytest.mark.parametrize("what", list(CALLS))
+@pytest.mark.parametrize(
+    ("who", "name"),
+    [
+        ("client", "team-a/m"),
+        ("client", "shared/m"),
+        ("client-b", "team-b/m"),
+        ("admin", "team-b/m"),  # admins are not scoped
+    ],
+)
+def test_a_listed_client_uses_the_models_its_rules_cover(
+    host: ServiceHost, callers: dict[str, WorkloadIdentity], what: str, who: str, name: str
+) -> None:
+    answer = call(host, callers[who], what, name)
+    if what == "infer":
+        out = np.frombuffer(answer.raw_output_contents[0], np.float32)  # type: ignore[attr-defined]
+        assert out.tolist() == X.reshape(-1).tolist()
+    elif what == "metadata":
+        assert answer.name == name  # type: ignore[attr-defined]
+    else:
+        assert answer.ready is True  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("what", list(CALLS))
+@pytest.mark.parametrize(
+    ("who", "name"),
+    [
+        ("client", "team-b/m"),  # another tenant's model
+        ("client", "team-b/absent"),  # ... the same answer whether or not it exists
+        ("client", "team-a"),  # team-a/ covers what is under it, not the name itself
+        ("client-b", "shared/m"),
+        ("client-c", "team-a/m"),  # a client the list does not name uses nothing
+    ],
+)
+def test_a_model_outside_the_callers_rules_is_refused_whether_or_not_it_exists(
+    host: ServiceHost,
+    callers: dict[str, WorkloadIdentity],
+    caplog: pytest.LogCaptureFixture,
+    what: str,
+    who: str,
+    name: str,
+) -> None:
+    with caplog.at_level(logging.WARNING), pytest.raises(grpc.RpcError) as info:
+        call(host, callers[who], what, name)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert peer_reason(info.value) == "MODEL_NAME_NOT_ALLOWED"
+    details = info.value.details() or ""  # type: ignore[attr-defined]
+    assert "FP32" not in details and "version" not in details
+    refusals = [r.getMessage() for r in caplog.records if "refused model" in r.getMessage()]
+    assert refusals and name in refusals[-1] and str(callers[who].spiffe_id) in refusals[-1]
+
+
+def test_server_wide_answers_stay_everyones(
+    host: ServiceHost, callers: dict[str, WorkloadIdentity]
+) -> None:
+    with callers["client-c"].channel(f"localhost:{host.port}") as channel:
+        oip = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert oip.ServerReady(pb.ServerReadyRequest(), timeout=10).ready is True
+        assert oip.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).name
+
+
+@pytest.mark.parametrize(
+    ("clients", "problem"),
+    [
+        ([("spiffe://x.example/c", ())], "lists no model_names"),
+        ([("not-an-id", ("m",))], "is not a SPIFFE ID"),
+        ([("spiffe://x.example/c", ("bad name!",))], "is not a model name"),
+        ([("spiffe://x.example/c", ("m",)), ("spiffe://x.example/c", ("n",))], "listed twice"),
+    ],
+)
+def test_the_list_is_checked_when_the_configuration_loads(
+    clients: list[tuple[str, tuple[str, ...]]], problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        InferenceConfig(
+            model_store="localhost:1",
+            key_broker="localhost:1",
+            clients=tuple(ClientScope(s, n) for s, n in clients),
+        )
