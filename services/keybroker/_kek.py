@@ -88,7 +88,7 @@ from typing import Any, Literal
 
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from strongroom.identifiers import KEY_ID_PATTERN
+from strongroom.identifiers import KEY_ID_PATTERN, MAX_KEY_VERSION
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.p11direct import AttributeQuery, DirectSession, Template
 from strongroom.reasons import Reason
@@ -338,8 +338,9 @@ def describe(direct: DirectSession, handle: int) -> KekObject | None:
     """Parses the candidate object ``handle`` (one ``C_GetAttributeValue`` of
     :data:`DESCRIBE_ATTRIBUTES`); None when it is not a Strongroom KEK version: its CKA_ID is not
     the :func:`object_id` of the key its label names, or its label is longer than
-    :data:`LABEL_MAX_BYTES` (the token does not return it, and it is no KEK's) or outside the
-    grammar. A label under one of our CKA_IDs that is not UTF-8 is a damaged object
+    :data:`LABEL_MAX_BYTES` (the token does not return it, and it is no KEK's), outside the
+    grammar, or naming a version beyond ``MAX_KEY_VERSION`` or a time beyond
+    :data:`MAX_CREATED_AT_MS`. A label under one of our CKA_IDs that is not UTF-8 is a damaged object
     (``HsmUnavailable``, HSM_OPERATION_FAILED)."""
     attrs = direct.read_attributes(handle, DESCRIBE_ATTRIBUTES)
     identity = attrs.get(Attribute.ID)
@@ -362,7 +363,14 @@ def describe(direct: DirectSession, handle: int) -> KekObject | None:
             reason=Reason.HSM_OPERATION_FAILED,
         ) from None
     match = _LABEL_RE.match(text)
-    if match is None or int(match["ms"]) > MAX_CREATED_AT_MS:
+    if (
+        match is None
+        or int(match["ms"]) > MAX_CREATED_AT_MS
+        or int(match["version"]) > MAX_KEY_VERSION
+    ):
+        # No broker writes either (it numbers versions 1..MAX_KEY_VERSION and dates them with
+        # its clock): a PIN holder's KEK generated in the token as version 2**31 was every
+        # key's current version, its data keys unreleasable (KEY_VERSION_INVALID).
         return None
     if identity != object_id(match["key"]):
         return None  # labelled as one key, filed under another: neither's (every search agrees)

@@ -21,6 +21,7 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 
 from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from strongroom.identifiers import MAX_KEY_VERSION
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker import keys as keys_module
@@ -314,7 +315,7 @@ def test_a_label_longer_than_any_kek_label_is_not_a_kek(hsm: Hsm, km: KeyManager
 
 def test_the_longest_kek_label_is_read_whole(hsm: Hsm, km: KeyManager) -> None:
     # 15 digits of milliseconds, still within a datetime (the last millisecond of year 9999)
-    key_id, version, created = "k" * 63, 9_999_999_999, 253_402_300_799_999
+    key_id, version, created = "k" * 63, MAX_KEY_VERSION, 253_402_300_799_999
     longest = _kek.label(key_id, version, created, "f" * 16, pending=False, enabler=True)
     assert len(longest) == _kek.LABEL_MAX_BYTES
 
@@ -366,6 +367,44 @@ def test_a_kek_label_dated_beyond_year_9999_is_not_a_kek(hsm: Hsm, km: KeyManage
     assert [v.version for v in km.describe_key("far").versions] == [1]
     assert km.rotate_key("far").current_version == 2  # its own version 2
     assert km.generate_data_key("far", *MODEL).version == 2
+
+
+def test_a_kek_version_beyond_the_highest_a_broker_numbers_is_not_a_kek(
+    hsm: Hsm, km: KeyManager
+) -> None:
+    """The label grammar takes 10 digits of version; a broker numbers 1..2**31-1. A PIN holder's
+    KEK generated in the token as version 2**31 (with its enabler) became every key's current
+    version: new data keys were wrapped under it, and a release of it is refused
+    KEY_VERSION_INVALID, so every model published afterwards could never be released; one past
+    2**32-1 made every ListKeys fail (the version does not fit the answer's uint32)."""
+    km.create_key("beyond")
+    for version in (MAX_KEY_VERSION + 1, 9_999_999_999):
+        _generated_version(hsm, "beyond", version)
+    assert [v.version for v in km.describe_key("beyond").versions] == [1]
+    assert [[v.version for v in k.versions] for k in km.list_keys()] == [[1]]
+    assert km.generate_data_key("beyond", *MODEL).version == 1
+    assert km.rotate_key("beyond").current_version == 2
+
+
+def _generated_version(hsm: Hsm, key_id: str, version: int) -> None:
+    """A KEK of ``key_id`` generated in the token as ``version``, with its enabler, as a PIN
+    holder can make one (it passes every provenance check)."""
+
+    def plant(hs: HsmSession) -> None:
+        for key_type, bits, template, enabler in (
+            (KeyType.AES, _kek.KEK_BITS, _kek.KEK_TEMPLATE, False),
+            (KeyType.GENERIC_SECRET, _kek.MARKER_BITS, _kek.MARKER_TEMPLATE, True),
+        ):
+            hs.session.generate_key(
+                key_type,
+                bits,
+                id=_kek.object_id(key_id),
+                label=_kek.label(key_id, version, 1, "ab" * 8, pending=False, enabler=enabler),
+                store=True,
+                template=template,
+            )
+
+    hsm.call(plant)
 
 
 def _legacy_flags(hsm: Hsm, key_id: str) -> tuple[bool, bool]:
