@@ -41,8 +41,11 @@ an extra use, rename it into another key's identity or copy it. Nothing the brok
   ``C_SetAttributeValue``, and they are not copyable); :func:`modifiable` names them, the broker
   warns about them at start, and a rotation replaces them (rotate, re-wrap, disable the old version).
 
-**A KEK's value never left the token** (``CKA_LOCAL``, ``CKA_ALWAYS_SENSITIVE`` and
-``CKA_NEVER_EXTRACTABLE`` all true, read with every lookup): nobody can relabel a KEK, but a PIN
+**A KEK's value never left the token** (``CKA_LOCAL``, ``CKA_ALWAYS_SENSITIVE``,
+``CKA_NEVER_EXTRACTABLE`` and ``CKA_PRIVATE`` all true, read with every lookup — a public object
+is usable by any session without the PIN, and SoftHSM2 keeps its value in clear in the token's
+files; an enabler, too, must be private, or a session without the PIN could enable a version a
+disable retired): nobody can relabel a KEK, but a PIN
 holder can still *create* an object under a key's labels — a value of their choosing
 (``C_CreateObject``, ``C_UnwrapKey``) as the winner of the current version, or a key generated
 readable as the next one, with its enabler. Every replica would then wrap new data keys under a
@@ -188,8 +191,15 @@ RETURNED_DEK_TEMPLATE: dict[Attribute, Any] = {
     Attribute.SENSITIVE: False,
 }
 
-#: What a KEK must read as true: generated in the token, never readable (module docstring).
-PROVENANCE = [Attribute.LOCAL, Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE]
+#: What a KEK must read as true: generated in the token, never readable (module docstring), and
+#: private: a public object is usable by any session of the token without the PIN, and SoftHSM2
+#: keeps a public object's value in clear in its token files.
+PROVENANCE = [
+    Attribute.LOCAL,
+    Attribute.ALWAYS_SENSITIVE,
+    Attribute.NEVER_EXTRACTABLE,
+    Attribute.PRIVATE,
+]
 
 #: The longest CKA_ID of a key's objects (:func:`object_id` of a 63-character key id).
 ID_MAX_BYTES = len(PREFIX) + 63
@@ -385,6 +395,11 @@ def describe(direct: DirectSession, handle: int) -> KekObject | None:
     if kind == "kek" and not all(attrs.get(a) is True for a in PROVENANCE):
         _refused(text, match, {a: attrs.get(a) for a in PROVENANCE})
         return None
+    if kind == "enabler" and attrs.get(Attribute.PRIVATE) is not True:
+        # Every broker's enabler is private: a public one is made without the PIN (any session
+        # of the token can create one) and would enable a version a disable retired.
+        _refused(text, match, {Attribute.PRIVATE: attrs.get(Attribute.PRIVATE)})
+        return None
     return KekObject(
         handle=handle,
         key_id=match["key"],
@@ -407,9 +422,10 @@ def _refused(text: str, match: re.Match[str], provenance: dict[Attribute, Any]) 
             return
         _REFUSED_LOGGED.add(text)
     _log.error(
-        "an object labelled as a KEK version was not generated in the token as a never-readable "
-        "key (someone holding the token PIN created, imported or unwrapped it): it is ignored, "
-        "never used to wrap or unwrap; destroy it and find out who made it",
+        "an object labelled as a KEK version (or its enabler) was not generated in the token as "
+        "a private, never-readable key (someone holding the token PIN created, imported or "
+        "unwrapped it, or made it public): it is ignored, never used to wrap or unwrap nor to "
+        "enable a version; destroy it and find out who made it",
         extra={
             "key_id": match["key"],
             "key_version": int(match["version"]),

@@ -167,6 +167,7 @@ _DESCRIBED = [
     Attribute.LOCAL,
     Attribute.ALWAYS_SENSITIVE,
     Attribute.NEVER_EXTRACTABLE,
+    Attribute.PRIVATE,
 ]
 
 

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import pkcs11
 import pkcs11.exceptions as p11x
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -243,6 +244,69 @@ def test_a_kek_whose_value_left_or_came_from_outside_the_token_is_never_used(
     assert info.value.reason == "WRAPPED_KEY_INVALID"
     assert km.rotate_key("planted").current_version == 2  # its own version 2, not the planted one
     assert km.generate_data_key("planted", *MODEL).version == 2
+
+
+def test_a_public_kek_or_enabler_is_never_used(
+    hsm: Hsm,
+    km: KeyManager,
+    softhsm_token: SoftHsmToken,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A public object (CKA_PRIVATE false) is usable by any session of the token without the PIN,
+    and SoftHSM2 keeps its value in clear in the token's files. A PIN holder's KEK generated in
+    the token as public passed every provenance check: as the winner of the current version it
+    had every replica wrap new data keys under a value any copy of the token files reads, long
+    after the PIN was changed. And an application sharing the token without the PIN re-enabled a
+    disabled version by creating a public enabler in a session it never logged in."""
+    km.create_key("public")
+
+    def plant(hs: HsmSession) -> Any:
+        return hs.session.generate_key(  # created at 0: the winner of version 1
+            KeyType.AES,
+            _kek.KEK_BITS,
+            id=_kek.object_id("public"),
+            label=_kek.label("public", 1, 0, "00" * 8, pending=False),
+            store=True,
+            template={**_kek.KEK_TEMPLATE, Attribute.PRIVATE: False},
+        )
+
+    planted = hsm.call(plant)
+    with caplog.at_level(logging.ERROR, logger="strongroom.keybroker._kek"):
+        key = km.generate_data_key("public", *MODEL)
+    assert [getattr(r, "key_version", None) for r in caplog.records] == [1]
+
+    def unwrap_with_planted(_hs: HsmSession) -> type[p11x.PKCS11Error] | None:
+        try:
+            planted.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.AES,
+                key.wrapped,
+                template=_kek.SESSION_DEK_TEMPLATE,
+            )
+        except p11x.PKCS11Error as exc:
+            return type(exc)
+        return None
+
+    assert hsm.call(unwrap_with_planted) is not None  # wrapped under the broker's own KEK
+    km.disable_key("public", 1)
+    # Another application of the token, which never logs in (a session without the PIN).
+    monkeypatch.setenv("SOFTHSM2_CONF", str(softhsm_token.conf_path))
+    other = softhsm_token.replica_module("no-pin")
+    try:
+        session = pkcs11.lib(str(other)).get_token(token_label=softhsm_token.label).open(rw=True)
+        with session:
+            session.generate_key(
+                KeyType.GENERIC_SECRET,
+                _kek.MARKER_BITS,
+                id=_kek.object_id("public"),
+                label=_kek.label("public", 1, 1, "11" * 8, pending=False, enabler=True),
+                store=True,
+                template={**_kek.MARKER_TEMPLATE, Attribute.PRIVATE: False},
+            )
+    finally:
+        pkcs11.unload(str(other))
+    assert [v.state for v in km.describe_key("public").versions] == [KeyState.DISABLED]
 
 
 def _plant_secret(hsm: Hsm, key_id: str, label: bytes, object_id: bytes | None = None) -> None:
