@@ -44,6 +44,7 @@ NOT_REASONS = frozenset(
         "CKA_ALWAYS_SENSITIVE",
         "CKA_LOCAL",
         "CKA_NEVER_EXTRACTABLE",
+        "CKA_PRIVATE",
         "CKA_UNWRAP",
         "CKA_WRAP",
         "CKR_GENERAL_ERROR",

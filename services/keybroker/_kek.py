@@ -41,8 +41,11 @@ an extra use, rename it into another key's identity or copy it. Nothing the brok
   ``C_SetAttributeValue``, and they are not copyable); :func:`modifiable` names them, the broker
   warns about them at start, and a rotation replaces them (rotate, re-wrap, disable the old version).
 
-**A KEK's value never left the token** (``CKA_LOCAL``, ``CKA_ALWAYS_SENSITIVE`` and
-``CKA_NEVER_EXTRACTABLE`` all true, read with every lookup): nobody can relabel a KEK, but a PIN
+**A KEK's value never left the token** (``CKA_LOCAL``, ``CKA_ALWAYS_SENSITIVE``,
+``CKA_NEVER_EXTRACTABLE`` and ``CKA_PRIVATE`` all true, read with every lookup — a public object
+is usable by any session without the PIN, and SoftHSM2 keeps its value in clear in the token's
+files; an enabler, too, must be private, or a session without the PIN could enable a version a
+disable retired): nobody can relabel a KEK, but a PIN
 holder can still *create* an object under a key's labels — a value of their choosing
 (``C_CreateObject``, ``C_UnwrapKey``) as the winner of the current version, or a key generated
 readable as the next one, with its enabler. Every replica would then wrap new data keys under a
@@ -88,7 +91,7 @@ from typing import Any, Literal
 
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from strongroom.identifiers import KEY_ID_PATTERN
+from strongroom.identifiers import KEY_ID_PATTERN, MAX_KEY_VERSION
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.p11direct import AttributeQuery, DirectSession, Template
 from strongroom.reasons import Reason
@@ -188,8 +191,15 @@ RETURNED_DEK_TEMPLATE: dict[Attribute, Any] = {
     Attribute.SENSITIVE: False,
 }
 
-#: What a KEK must read as true: generated in the token, never readable (module docstring).
-PROVENANCE = [Attribute.LOCAL, Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE]
+#: What a KEK must read as true: generated in the token, never readable (module docstring), and
+#: private: a public object is usable by any session of the token without the PIN, and SoftHSM2
+#: keeps a public object's value in clear in its token files.
+PROVENANCE = [
+    Attribute.LOCAL,
+    Attribute.ALWAYS_SENSITIVE,
+    Attribute.NEVER_EXTRACTABLE,
+    Attribute.PRIVATE,
+]
 
 #: The longest CKA_ID of a key's objects (:func:`object_id` of a 63-character key id).
 ID_MAX_BYTES = len(PREFIX) + 63
@@ -338,8 +348,9 @@ def describe(direct: DirectSession, handle: int) -> KekObject | None:
     """Parses the candidate object ``handle`` (one ``C_GetAttributeValue`` of
     :data:`DESCRIBE_ATTRIBUTES`); None when it is not a Strongroom KEK version: its CKA_ID is not
     the :func:`object_id` of the key its label names, or its label is longer than
-    :data:`LABEL_MAX_BYTES` (the token does not return it, and it is no KEK's) or outside the
-    grammar. A label under one of our CKA_IDs that is not UTF-8 is a damaged object
+    :data:`LABEL_MAX_BYTES` (the token does not return it, and it is no KEK's), outside the
+    grammar, or naming a version beyond ``MAX_KEY_VERSION`` or a time beyond
+    :data:`MAX_CREATED_AT_MS`. A label under one of our CKA_IDs that is not UTF-8 is a damaged object
     (``HsmUnavailable``, HSM_OPERATION_FAILED)."""
     attrs = direct.read_attributes(handle, DESCRIBE_ATTRIBUTES)
     identity = attrs.get(Attribute.ID)
@@ -362,7 +373,14 @@ def describe(direct: DirectSession, handle: int) -> KekObject | None:
             reason=Reason.HSM_OPERATION_FAILED,
         ) from None
     match = _LABEL_RE.match(text)
-    if match is None or int(match["ms"]) > MAX_CREATED_AT_MS:
+    if (
+        match is None
+        or int(match["ms"]) > MAX_CREATED_AT_MS
+        or int(match["version"]) > MAX_KEY_VERSION
+    ):
+        # No broker writes either (it numbers versions 1..MAX_KEY_VERSION and dates them with
+        # its clock): a PIN holder's KEK generated in the token as version 2**31 was every
+        # key's current version, its data keys unreleasable (KEY_VERSION_INVALID).
         return None
     if identity != object_id(match["key"]):
         return None  # labelled as one key, filed under another: neither's (every search agrees)
@@ -376,6 +394,11 @@ def describe(direct: DirectSession, handle: int) -> KekObject | None:
         return None
     if kind == "kek" and not all(attrs.get(a) is True for a in PROVENANCE):
         _refused(text, match, {a: attrs.get(a) for a in PROVENANCE})
+        return None
+    if kind == "enabler" and attrs.get(Attribute.PRIVATE) is not True:
+        # Every broker's enabler is private: a public one is made without the PIN (any session
+        # of the token can create one) and would enable a version a disable retired.
+        _refused(text, match, {Attribute.PRIVATE: attrs.get(Attribute.PRIVATE)})
         return None
     return KekObject(
         handle=handle,
@@ -399,9 +422,10 @@ def _refused(text: str, match: re.Match[str], provenance: dict[Attribute, Any]) 
             return
         _REFUSED_LOGGED.add(text)
     _log.error(
-        "an object labelled as a KEK version was not generated in the token as a never-readable "
-        "key (someone holding the token PIN created, imported or unwrapped it): it is ignored, "
-        "never used to wrap or unwrap; destroy it and find out who made it",
+        "an object labelled as a KEK version (or its enabler) was not generated in the token as "
+        "a private, never-readable key (someone holding the token PIN created, imported or "
+        "unwrapped it, or made it public): it is ignored, never used to wrap or unwrap nor to "
+        "enable a version; destroy it and find out who made it",
         extra={
             "key_id": match["key"],
             "key_version": int(match["version"]),

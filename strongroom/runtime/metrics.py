@@ -113,8 +113,10 @@ class FollowingMetricExporter(MetricExporter):
         return self._following.current.force_flush(timeout_millis)
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        """Shuts the current exporter down."""
-        self._following.current.shutdown(timeout_millis=timeout_millis, **kwargs)
+        """Shuts the current exporter down; nothing exports afterwards."""
+        current = self._following.close()
+        if current is not None:
+            current.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
 class MetricsInterceptor(HandlerInterceptor):

@@ -129,28 +129,50 @@ class Following(Generic[E]):
     gRPC fixes a channel's client certificate when the credentials are made, and OpenTelemetry's
     exporters make theirs once: with step-ca's short-lived certificates, a collector that checks
     client certificates would refuse every export once the first one expired. The generation is
-    compared at each export (on the exporting thread: the processors export from one thread), so
-    the exporter never holds a certificate older than the last renewal by more than one export.
+    compared at each export, so the exporter never holds a certificate older than the last
+    renewal by more than one export.
+
+    Once :meth:`close` has been called nothing is built any more: :meth:`fresh` hands back the
+    exporter that was shut down, whose exports fail. Before, an export after the shutdown (a
+    meter provider's ``force_flush`` after its ``shutdown``, or a processor's last export still
+    running when its shutdown gave up waiting) that followed a renewal built a new exporter,
+    exported through it, and left its gRPC channel open for good.
     """
 
     def __init__(self, build: Callable[[Credentials], E], identity: ClientIdentity) -> None:
         self._build = build
         self._identity = identity
         self._lock = threading.Lock()
+        self._closed = False
         credentials = identity()
         self._generation = credentials.generation
         self.current: E = build(credentials)
 
     def fresh(self) -> E:
-        """The exporter for the current certificate; the previous one, if replaced, shut down."""
-        credentials = self._identity()
+        """The exporter for the current certificate (the previous one, if replaced, shut down);
+        after :meth:`close`, the exporter that was shut down."""
+        stale: E | None = None
         with self._lock:
-            if credentials.generation == self._generation:
-                return self.current
-            stale, self.current = self.current, self._build(credentials)
-            self._generation = credentials.generation
-        stale.shutdown()
-        return self.current
+            current = self.current
+            if not self._closed:
+                # Read under the lock: two exports racing a renewal cannot put back the older
+                # certificate after the newer one was built.
+                credentials = self._identity()
+                if credentials.generation != self._generation:
+                    stale, current = current, self._build(credentials)
+                    self.current, self._generation = current, credentials.generation
+        if stale is not None:
+            stale.shutdown()
+        return current
+
+    def close(self) -> E | None:
+        """Stops following (no exporter is built afterwards) and returns the exporter for the
+        caller to shut down; None when already closed (it was shut down then)."""
+        with self._lock:
+            if self._closed:
+                return None
+            self._closed = True
+            return self.current
 
 
 class FollowingSpanExporter(SpanExporter):
@@ -164,8 +186,10 @@ class FollowingSpanExporter(SpanExporter):
         return self._following.fresh().export(spans)
 
     def shutdown(self) -> None:
-        """Shuts the current exporter down."""
-        self._following.current.shutdown()
+        """Shuts the current exporter down; nothing exports afterwards."""
+        current = self._following.close()
+        if current is not None:
+            current.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Flushes the current exporter."""

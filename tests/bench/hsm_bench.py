@@ -169,6 +169,7 @@ _DESCRIBED = [
     Attribute.LOCAL,
     Attribute.ALWAYS_SENSITIVE,
     Attribute.NEVER_EXTRACTABLE,
+    Attribute.PRIVATE,
 ]
 
 

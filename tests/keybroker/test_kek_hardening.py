@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import pkcs11
 import pkcs11.exceptions as p11x
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -21,6 +22,7 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 
 from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from strongroom.identifiers import MAX_KEY_VERSION
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker import keys as keys_module
@@ -244,6 +246,69 @@ def test_a_kek_whose_value_left_or_came_from_outside_the_token_is_never_used(
     assert km.generate_data_key("planted", *MODEL).version == 2
 
 
+def test_a_public_kek_or_enabler_is_never_used(
+    hsm: Hsm,
+    km: KeyManager,
+    softhsm_token: SoftHsmToken,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A public object (CKA_PRIVATE false) is usable by any session of the token without the PIN,
+    and SoftHSM2 keeps its value in clear in the token's files. A PIN holder's KEK generated in
+    the token as public passed every provenance check: as the winner of the current version it
+    had every replica wrap new data keys under a value any copy of the token files reads, long
+    after the PIN was changed. And an application sharing the token without the PIN re-enabled a
+    disabled version by creating a public enabler in a session it never logged in."""
+    km.create_key("public")
+
+    def plant(hs: HsmSession) -> Any:
+        return hs.session.generate_key(  # created at 0: the winner of version 1
+            KeyType.AES,
+            _kek.KEK_BITS,
+            id=_kek.object_id("public"),
+            label=_kek.label("public", 1, 0, "00" * 8, pending=False),
+            store=True,
+            template={**_kek.KEK_TEMPLATE, Attribute.PRIVATE: False},
+        )
+
+    planted = hsm.call(plant)
+    with caplog.at_level(logging.ERROR, logger="strongroom.keybroker._kek"):
+        key = km.generate_data_key("public", *MODEL)
+    assert [getattr(r, "key_version", None) for r in caplog.records] == [1]
+
+    def unwrap_with_planted(_hs: HsmSession) -> type[p11x.PKCS11Error] | None:
+        try:
+            planted.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.AES,
+                key.wrapped,
+                template=_kek.SESSION_DEK_TEMPLATE,
+            )
+        except p11x.PKCS11Error as exc:
+            return type(exc)
+        return None
+
+    assert hsm.call(unwrap_with_planted) is not None  # wrapped under the broker's own KEK
+    km.disable_key("public", 1)
+    # Another application of the token, which never logs in (a session without the PIN).
+    monkeypatch.setenv("SOFTHSM2_CONF", str(softhsm_token.conf_path))
+    other = softhsm_token.replica_module("no-pin")
+    try:
+        session = pkcs11.lib(str(other)).get_token(token_label=softhsm_token.label).open(rw=True)
+        with session:
+            session.generate_key(
+                KeyType.GENERIC_SECRET,
+                _kek.MARKER_BITS,
+                id=_kek.object_id("public"),
+                label=_kek.label("public", 1, 1, "11" * 8, pending=False, enabler=True),
+                store=True,
+                template={**_kek.MARKER_TEMPLATE, Attribute.PRIVATE: False},
+            )
+    finally:
+        pkcs11.unload(str(other))
+    assert [v.state for v in km.describe_key("public").versions] == [KeyState.DISABLED]
+
+
 def _plant_secret(hsm: Hsm, key_id: str, label: bytes, object_id: bytes | None = None) -> None:
     """Creates a token secret under ``key_id``'s CKA_ID (or ``object_id``) with the raw ``label``
     (python-pkcs11 only writes labels that are text)."""
@@ -314,7 +379,7 @@ def test_a_label_longer_than_any_kek_label_is_not_a_kek(hsm: Hsm, km: KeyManager
 
 def test_the_longest_kek_label_is_read_whole(hsm: Hsm, km: KeyManager) -> None:
     # 15 digits of milliseconds, still within a datetime (the last millisecond of year 9999)
-    key_id, version, created = "k" * 63, 9_999_999_999, 253_402_300_799_999
+    key_id, version, created = "k" * 63, MAX_KEY_VERSION, 253_402_300_799_999
     longest = _kek.label(key_id, version, created, "f" * 16, pending=False, enabler=True)
     assert len(longest) == _kek.LABEL_MAX_BYTES
 
@@ -366,6 +431,44 @@ def test_a_kek_label_dated_beyond_year_9999_is_not_a_kek(hsm: Hsm, km: KeyManage
     assert [v.version for v in km.describe_key("far").versions] == [1]
     assert km.rotate_key("far").current_version == 2  # its own version 2
     assert km.generate_data_key("far", *MODEL).version == 2
+
+
+def test_a_kek_version_beyond_the_highest_a_broker_numbers_is_not_a_kek(
+    hsm: Hsm, km: KeyManager
+) -> None:
+    """The label grammar takes 10 digits of version; a broker numbers 1..2**31-1. A PIN holder's
+    KEK generated in the token as version 2**31 (with its enabler) became every key's current
+    version: new data keys were wrapped under it, and a release of it is refused
+    KEY_VERSION_INVALID, so every model published afterwards could never be released; one past
+    2**32-1 made every ListKeys fail (the version does not fit the answer's uint32)."""
+    km.create_key("beyond")
+    for version in (MAX_KEY_VERSION + 1, 9_999_999_999):
+        _generated_version(hsm, "beyond", version)
+    assert [v.version for v in km.describe_key("beyond").versions] == [1]
+    assert [[v.version for v in k.versions] for k in km.list_keys()] == [[1]]
+    assert km.generate_data_key("beyond", *MODEL).version == 1
+    assert km.rotate_key("beyond").current_version == 2
+
+
+def _generated_version(hsm: Hsm, key_id: str, version: int) -> None:
+    """A KEK of ``key_id`` generated in the token as ``version``, with its enabler, as a PIN
+    holder can make one (it passes every provenance check)."""
+
+    def plant(hs: HsmSession) -> None:
+        for key_type, bits, template, enabler in (
+            (KeyType.AES, _kek.KEK_BITS, _kek.KEK_TEMPLATE, False),
+            (KeyType.GENERIC_SECRET, _kek.MARKER_BITS, _kek.MARKER_TEMPLATE, True),
+        ):
+            hs.session.generate_key(
+                key_type,
+                bits,
+                id=_kek.object_id(key_id),
+                label=_kek.label(key_id, version, 1, "ab" * 8, pending=False, enabler=enabler),
+                store=True,
+                template=template,
+            )
+
+    hsm.call(plant)
 
 
 def _legacy_flags(hsm: Hsm, key_id: str) -> tuple[bool, bool]:

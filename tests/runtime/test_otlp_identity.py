@@ -18,6 +18,7 @@ import grpc
 import pytest
 from cryptography import x509
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2,
     metrics_service_pb2_grpc,
@@ -25,6 +26,7 @@ from opentelemetry.proto.collector.metrics.v1 import (
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.trace.export import SpanExportResult
 
 from strongroom.pki import StepCa, WorkloadIdentity
 from strongroom.pki.credentials import Credentials
@@ -32,6 +34,7 @@ from strongroom.runtime.config import TracingConfig
 from strongroom.runtime.metrics import FollowingMetricExporter
 from strongroom.runtime.tracing import (
     Following,
+    FollowingSpanExporter,
     follows_identity,
     make_tracer_provider,
     otlp_exporter_options,
@@ -151,6 +154,43 @@ def test_metric_export_follows_renewal(
     # The reader's shutdown exports once more, with the renewed certificate too.
     assert seen.serials[:2] == [first, renewed]
     assert set(seen.serials[1:]) == {renewed}
+
+
+def test_nothing_is_built_or_exported_after_shutdown(
+    ca: StepCa, tmp_path: Path, collector: tuple[_Collector, int], workload: WorkloadIdentity
+) -> None:
+    """An export after the shutdown that followed a renewal (a meter provider's force_flush after
+    its shutdown) built a new exporter, exported through it and left its channel open for good."""
+    seen, port = collector
+    config = _config(ca, tmp_path, port)
+    built: list[OTLPMetricExporter] = []
+
+    def build(client: Credentials) -> OTLPMetricExporter:
+        built.append(OTLPMetricExporter(**otlp_exporter_options(config, client)))
+        return built[-1]
+
+    exporter = FollowingMetricExporter(Following(build, lambda: workload.credentials))
+    provider = MeterProvider(
+        metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)]
+    )
+    counter = provider.get_meter("test").create_counter("strongroom.test.exports")
+    span_exporter = FollowingSpanExporter(
+        Following(
+            lambda client: OTLPSpanExporter(**otlp_exporter_options(config, client)),
+            lambda: workload.credentials,
+        )
+    )
+    counter.add(1)
+    provider.shutdown()
+    span_exporter.shutdown()
+    seen.serials.clear()
+    workload.renew_now()
+    counter.add(1)
+    provider.force_flush(10_000)
+    assert span_exporter.export([]) is SpanExportResult.FAILURE
+    assert seen.serials == []
+    assert len(built) == 1  # the one shut down
+    exporter.shutdown()  # again: nothing to do
 
 
 def test_configured_files_or_plaintext_do_not_follow_the_identity(tmp_path: Path) -> None:
