@@ -1113,11 +1113,21 @@ class S3Storage(Closing):
             kwargs["ContinuationToken"] = response["NextContinuationToken"]
 
     def _split_index_key(self, key: str) -> tuple[str, str] | None:
+        """The (name, version) an index key names, or None for a key that is no record of this
+        store: no separator (a "folder" an S3 console made), or a name or version outside the
+        grammar (``index/acme/m!old/``, ``index/acme/m b!1``), which no call of this store can
+        write or look up. Read as records, the first failed every listing that met it with
+        DATA_LOSS, and the second was listed under a name clients refuse, with a page token
+        naming it that the next page refused (INVALID_PAGE_TOKEN): either stopped the rotation
+        client's walk, and ``keys disable``'s check, at that key."""
         rest = key[len(self.prefix) + len(INDEX_DIR) :]
         name, sep, version = rest.rpartition(_SEPARATOR)
         if not sep:
             return None
-        return name, version
+        try:
+            return validate_name(name), validate_version(version)
+        except InvalidArgument:
+            return None
 
     def _fetch_records(self, keys: list[tuple[str, str]]) -> list[_Indexed | None]:
         return _each(keys, lambda k: self._get_index(*k))

@@ -611,6 +611,36 @@ def test_objects_under_the_index_that_are_not_records_do_not_end_a_listing(
     assert listed == [(name, "1") for name in names]
 
 
+@pytest.mark.parametrize("page_size", [1, 2, 3])
+def test_index_keys_outside_the_name_grammar_are_not_records(
+    s3_server: s3server.MotoServer, s3_bucket: str, page_size: int
+) -> None:
+    """Index keys this store cannot have written, since their name or version is outside the
+    grammar: a "folder" whose name has a ``!`` (``index/acme/m1!old/``) was read as the record of
+    version ``old/`` and failed every listing that met it with DATA_LOSS; a record copied under a
+    name no client accepts (``acme/m b``) was listed, and the next page refused the token naming
+    it (INVALID_PAGE_TOKEN). Both stopped the walk there (the rotation client's too)."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    names = [f"acme/m{i}" for i in range(4)]
+    for name in names:
+        store.put([make_artifact(name, "1", b"x")], StructureValidator())
+    store._client.put_object(Bucket=s3_bucket, Key="p/index/acme/m1!old/", Body=b"")
+    record = json.loads(
+        store._client.get_object(Bucket=s3_bucket, Key="p/index/acme/m1!1")["Body"].read()
+    )
+    record["name"] = "acme/m b"
+    store._client.put_object(
+        Bucket=s3_bucket, Key="p/index/acme/m b!1", Body=json.dumps(record).encode()
+    )
+    host, channel = serve(store)
+    try:
+        listed = _list_rpc(pb_grpc.ModelStoreServiceStub(channel), page_size)
+    finally:
+        channel.close()
+        host.stop(0)
+    assert listed == [(name, "1") for name in names]
+
+
 def _blob_commit(method: str, path: str) -> bool:
     """The request that makes a blob exist: its PutObject, or CompleteMultipartUpload."""
     blob = "/p/blobs/" in path
