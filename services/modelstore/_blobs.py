@@ -139,18 +139,18 @@ class BlobStore:
             return None
 
     def install(self, temp: TempBlob, digest: str) -> bool:
-        """Moves a sealed temporary file to its content address.
+        """Moves a sealed temporary file to its content address, replacing whatever file is there.
 
-        Returns True if the blob is new, False if an intact blob with this digest was already there
-        (the temporary file is then discarded). A same-named blob of the wrong size is damaged: it is
-        replaced, since the new bytes are verified.
+        Returns True if the blob is new, False if a file with this digest's name was already there.
+        That file is replaced even if it has the right size: the new bytes were just verified
+        against the digest, the old ones never were since (an unreferenced blob whose removal or
+        quarantine failed, left in place and damaged meanwhile, was kept and the verified upload
+        discarded, so the re-published model failed verification). Replacing costs one rename;
+        a reader holding the old file open keeps reading it.
         """
         target = self.path(digest)
         existing = self.size(digest)
-        if existing == temp.size:
-            temp.discard()
-            return False
-        if existing is not None:
+        if existing is not None and existing != temp.size:
             log.error(
                 "replacing damaged blob %s (size %d, expected %d)", digest, existing, temp.size
             )

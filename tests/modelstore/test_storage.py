@@ -712,6 +712,27 @@ def test_an_orphan_that_cannot_be_quarantined_is_left_in_place(store_root: Path)
     assert blob.read_bytes() == b"orphan"
 
 
+def test_a_damaged_file_under_an_uploads_digest_gives_way_to_the_verified_upload(
+    store_root: Path,
+) -> None:
+    """An unreferenced blob left in place (its removal or quarantine failed) and damaged there,
+    without changing its size: publishing the same artifact again kept that file, since it had
+    the upload's size, and discarded the verified upload, so the model failed verification as
+    soon as it was stored. The verified upload replaces it now."""
+    art = make_artifact("m", "1", body(10_000))
+    with FilesystemStorage(store_root) as s:
+        record = s.put([art], StructureValidator())
+        s.delete("m", "1")
+        damaged = bytearray(art)
+        damaged[-1] ^= 1
+        blob = store_root / "blobs" / "sha256" / record.artifact_sha256[:2] / record.artifact_sha256
+        blob.write_bytes(damaged)
+        s.put([art], StructureValidator())
+        s.verify("m", "1")
+        assert read_all(s, "m", "1") == art
+        assert_clean(s)
+
+
 def test_startup_sweep_removes_only_the_stores_own_temp_files(
     store_root: Path, tmp_path: Path
 ) -> None:
