@@ -4,6 +4,7 @@ Layout under the configured key prefix::
 
     index/<name>!<version>     a small JSON record per model (the index; see below)
     blobs/<yyyymmddThhmmssZ>-<random>   one artifact's bytes, written once, never modified
+    probes/<yyyymmddThhmmssZ>-<random>  the start-up check of conditional writes (removed again)
 
 ``!`` sorts below every character a model name may contain, so the bucket's own key order is the
 (name, version) order the API lists in, and a name prefix is a key prefix: a listing is one
@@ -91,6 +92,9 @@ log = logging.getLogger(__name__)
 
 INDEX_DIR = "index/"
 BLOB_DIR = "blobs/"
+PROBE_DIR = "probes/"
+"""Where the start-up check of conditional writes puts (and removes) its one empty object."""
+_NO_SUCH_ETAG = '"00000000000000000000000000000000"'
 _SEPARATOR = "!"  # sorts below every model-name character ('-' is the lowest)
 _RECORD_FORMAT = 1
 _STAMP = "%Y%m%dT%H%M%SZ"
@@ -575,6 +579,7 @@ class S3Storage(Closing):
         orphan_grace: timedelta = timedelta(days=1),
         clock: Callable[[], datetime] = utcnow,
         sweep: bool = True,
+        check_conditional_writes: bool = True,
     ) -> None:
         if max_artifact_size <= 0 or part_size <= 0:
             raise ValueError("max_artifact_size and part_size must be positive")
@@ -600,7 +605,53 @@ class S3Storage(Closing):
             raise s3_error(exc, "opening the storage bucket") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "opening the storage bucket") from None
+        if check_conditional_writes:
+            self._check_conditional_writes()
         self.last_sweep: S3SweepReport | None = self.sweep() if sweep else None
+
+    def _check_conditional_writes(self) -> None:
+        """FailedPrecondition(S3_CONDITIONAL_WRITES_IGNORED) unless the bucket refuses a
+        create-only write (``If-None-Match: *``) of an existing object and a write conditioned on
+        an ETag it does not have (``If-Match``), as every model's immutability and every re-wrap's
+        compare-and-swap assume.
+
+        A server that ignores either header (an older or partial S3 implementation, a gateway
+        that drops them) answered every such write with success: two uploads of one version on
+        two replicas both succeeded and the later silently replaced the earlier, and a re-wrap
+        that raced a delete and re-publish put the old artifact back under that version. The
+        deployment guide required the support; nothing checked it. One empty object under
+        ``probes/`` is written and removed (a store needs PutObject and DeleteObject anyway).
+        """
+        key = f"{self._full(PROBE_DIR)}{self._clock().astimezone(UTC).strftime(_STAMP)}-" + (
+            secrets.token_hex(16)
+        )
+        ignored: list[str] = []
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=b"", IfNoneMatch="*")
+            for condition in ({"IfNoneMatch": "*"}, {"IfMatch": _NO_SUCH_ETAG}):
+                try:
+                    self._client.put_object(Bucket=self.bucket, Key=key, Body=b"", **condition)
+                except botocore.exceptions.ClientError as exc:
+                    if not _is_conflict(exc):
+                        raise
+                else:
+                    ignored.append("If-None-Match" if "IfNoneMatch" in condition else "If-Match")
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "checking the bucket's conditional writes") from None
+        finally:
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+            except _S3_FAILURES as exc:
+                log.warning("cannot delete the probe object %s: %r", key, exc)
+        if ignored:
+            log.error("the object store ignores conditional writes: %s", ", ".join(ignored))
+            raise FailedPrecondition(
+                f"the object store ignores {' and '.join(ignored)} on PutObject: without "
+                "conditional writes two uploads of one version could both succeed (the later "
+                "replacing the earlier) and a re-wrap could overwrite a newer artifact; use an "
+                "object store that supports them (deploy/README.md, Why replicas are safe)",
+                reason=Reason.S3_CONDITIONAL_WRITES_IGNORED,
+            )
 
     @classmethod
     def from_config(

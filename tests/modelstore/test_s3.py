@@ -21,7 +21,7 @@ import pytest
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
-from strongroom.errors import InvalidArgument
+from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.modelstore.config import MAX_S3_PREFIX_BYTES, ModelstoreConfig, StorageConfig
 from strongroom.modelstore.errors import ModelExists, StorageUnavailable, StoredDataCorrupt
 from strongroom.modelstore.storage import S3Storage, open_storage
@@ -694,6 +694,33 @@ def test_a_lost_answer_to_a_delete_deletes_the_model_and_its_blob(
     assert fault.hits == 1
     assert store.records() == ()
     assert store.blob_sizes() == {}
+
+
+@pytest.mark.parametrize(
+    "ignored", [("If-None-Match",), ("If-Match",), ("If-None-Match", "If-Match")]
+)
+def test_an_object_store_that_ignores_conditional_writes_is_refused_at_start(
+    s3_server: s3server.MotoServer, s3_bucket: str, ignored: tuple[str, ...]
+) -> None:
+    """Immutability of a version across replicas is the bucket's create-only write, a re-wrap's
+    safety its If-Match: a server that ignored either (here a proxy that drops the header)
+    answered those writes with success, so racing uploads both "won" (the later replacing the
+    earlier) and a re-wrap could overwrite a re-published artifact. The store started on it
+    all the same; it now refuses to, naming what is ignored, and leaves nothing in the bucket."""
+    proxy = s3server.FaultProxy(
+        s3_server.port, ignored_headers=frozenset(h.lower() for h in ignored)
+    )
+    try:
+        with pytest.raises(FailedPrecondition) as info:
+            replica(proxy.endpoint, s3_bucket)
+    finally:
+        proxy.close()
+    assert info.value.reason == "S3_CONDITIONAL_WRITES_IGNORED"
+    assert all(h in str(info.value) for h in ignored)
+    assert "Contents" not in s3server.client(s3_server.endpoint).list_objects_v2(Bucket=s3_bucket)
+    # A conforming server passes the check, and its probe leaves nothing either.
+    replica(s3_server.endpoint, s3_bucket)
+    assert "Contents" not in s3server.client(s3_server.endpoint).list_objects_v2(Bucket=s3_bucket)
 
 
 def test_a_missing_bucket_at_start_up_is_named(s3_server: s3server.MotoServer) -> None:
