@@ -24,6 +24,8 @@ from strongroom.artifact import StructureValidator
 from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.modelstore.config import MAX_S3_PREFIX_BYTES, ModelstoreConfig, StorageConfig
 from strongroom.modelstore.errors import ModelExists, StorageUnavailable, StoredDataCorrupt
+from strongroom.modelstore.publishers import PublisherScopes
+from strongroom.modelstore.service import ModelStoreServicer
 from strongroom.modelstore.storage import S3Storage, open_storage
 from strongroom.runtime.config import ConfigError, build
 from tests.modelstore import rewrap_case, s3server
@@ -639,6 +641,37 @@ def test_index_keys_outside_the_name_grammar_are_not_records(
         channel.close()
         host.stop(0)
     assert listed == [(name, "1") for name in names]
+
+
+def test_a_scoped_page_reads_the_records_it_needs_not_a_thousand(
+    proxy: s3server.FaultProxy, s3_bucket: str
+) -> None:
+    """A publisher's page of its own models (a publisher whose reads ``modelstore.publishers``
+    scopes) asked the backend for pages of 1,000 records whatever its size: on S3 each record
+    is a GET, so a page of 2 read all 40 here (up to 1,000), and ``model ls``'s default page of
+    100 ten times the records it showed. It reads what the page needs, in order, tokens as
+    before; skipped models of others still count, and are read in growing pages."""
+    store = replica(proxy.endpoint, s3_bucket)
+    caller = "spiffe://t.test/publisher"
+    scopes = PublisherScopes({caller: ("team-a/", "shared/m")})
+    names = [f"team-a/m{i:02}" for i in range(40)]
+    for name in (*names, "shared/m", "shared/m-other", "shared/n"):
+        store.put([make_artifact(name, "1", b"x")], StructureValidator())
+    servicer = ModelStoreServicer(store, publishers=scopes)
+
+    def record_gets() -> int:
+        return sum(1 for m, p in proxy.requests if m == "GET" and "/p/index/" in p)
+
+    listed: list[str] = []
+    token = ""
+    while True:
+        before = record_gets()
+        models, token = servicer._scoped_page("", 2, token, scopes, caller)
+        assert record_gets() - before <= 4  # two records, and the one other skipped at most
+        listed += [m.name for m in models]
+        if not token:
+            break
+    assert listed == ["shared/m", *names]
 
 
 def _blob_commit(method: str, path: str) -> bool:
