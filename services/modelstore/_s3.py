@@ -626,16 +626,25 @@ class S3Storage(Closing):
             secrets.token_hex(16)
         )
         ignored: list[str] = []
+
+        def put(condition: dict[str, str], header: str, *, refused: bool) -> None:
+            """One conditional write; ``refused``: the condition does not hold."""
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=b"", **condition)
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) == "NotImplemented" or _status(exc) == 501:
+                    ignored.append(header)  # said outright: the same for the store
+                elif not (refused and (_is_conflict(exc) or _is_missing(exc))):
+                    raise  # (a 404: the If-Match on an object the refused create never made)
+            else:
+                if refused:
+                    ignored.append(header)
+
         try:
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=b"", IfNoneMatch="*")
-            for condition in ({"IfNoneMatch": "*"}, {"IfMatch": _NO_SUCH_ETAG}):
-                try:
-                    self._client.put_object(Bucket=self.bucket, Key=key, Body=b"", **condition)
-                except botocore.exceptions.ClientError as exc:
-                    if not _is_conflict(exc):
-                        raise
-                else:
-                    ignored.append("If-None-Match" if "IfNoneMatch" in condition else "If-Match")
+            put({"IfNoneMatch": "*"}, "If-None-Match", refused=False)
+            if not ignored:
+                put({"IfNoneMatch": "*"}, "If-None-Match", refused=True)
+            put({"IfMatch": _NO_SUCH_ETAG}, "If-Match", refused=True)
         except _S3_FAILURES as exc:
             raise s3_error(exc, "checking the bucket's conditional writes") from None
         finally:
@@ -644,9 +653,9 @@ class S3Storage(Closing):
             except _S3_FAILURES as exc:
                 log.warning("cannot delete the probe object %s: %r", key, exc)
         if ignored:
-            log.error("the object store ignores conditional writes: %s", ", ".join(ignored))
+            log.error("the object store does not honour conditional writes: %s", ", ".join(ignored))
             raise FailedPrecondition(
-                f"the object store ignores {' and '.join(ignored)} on PutObject: without "
+                f"the object store does not honour {' and '.join(ignored)} on PutObject: without "
                 "conditional writes two uploads of one version could both succeed (the later "
                 "replacing the earlier) and a re-wrap could overwrite a newer artifact; use an "
                 "object store that supports them (deploy/README.md, Why replicas are safe)",

@@ -756,6 +756,21 @@ def test_an_object_store_that_ignores_conditional_writes_is_refused_at_start(
     assert "Contents" not in s3server.client(s3_server.endpoint).list_objects_v2(Bucket=s3_bucket)
 
 
+def test_an_object_store_that_refuses_conditional_writes_outright_is_named(
+    proxy: s3server.FaultProxy, s3_bucket: str
+) -> None:
+    """A server that answers a conditional write 501 NotImplemented says what one that ignores
+    it hides: the start fails with the same reason, not as an unexplained S3_ERROR."""
+    proxy.inject(
+        s3server.Fault(
+            lambda m, p: m == "PUT" and "/p/probes/" in p, status=501, code="NotImplemented"
+        )
+    )
+    with pytest.raises(FailedPrecondition) as info:
+        replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    assert info.value.reason == "S3_CONDITIONAL_WRITES_IGNORED"
+
+
 def test_a_missing_bucket_at_start_up_is_named(s3_server: s3server.MotoServer) -> None:
     """The start-up check (HeadBucket) of a bucket that does not exist -- a typo in the
     configuration, or a bucket not created yet -- failed with S3_ERROR ("the object store refused
