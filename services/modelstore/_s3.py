@@ -1289,6 +1289,14 @@ class S3Storage(Closing):
                     aborted += 1
                 except _S3_FAILURES as exc:
                     log.warning("cannot abort upload %s: %r", key, exc)
+        # A record read after the blob listing may name a blob made since (an upload, or a
+        # re-wrap, on another replica meanwhile): each such blob is looked up on its own before
+        # its model is called missing. Reported from the listing alone, every start during an
+        # upload or a rotation run logged a model as lost that was not.
+        for blob in referenced.keys() - blobs.keys():
+            size = self._blob_size(blob)
+            if size is not None:
+                blobs[blob] = size
         orphans = sorted(b for b in blobs.keys() - referenced.keys() if self._expired(b, now))
         for blob in orphans:
             log.warning(
@@ -1320,6 +1328,20 @@ class S3Storage(Closing):
         if missing or damaged or unreadable:
             log.error("storage sweep found damaged models: %s", report)
         return report
+
+    def _blob_size(self, blob: str) -> int | None:
+        """The size of ``blob`` (key relative to the prefix), or None if it does not exist or
+        cannot be looked up (logged)."""
+        try:
+            response = self._client.head_object(Bucket=self.bucket, Key=self._full(blob))
+        except botocore.exceptions.ClientError as exc:
+            if not _is_missing(exc):
+                log.warning("cannot look up blob %s: %r", blob, exc)
+            return None
+        except _S3_FAILURES as exc:
+            log.warning("cannot look up blob %s: %r", blob, exc)
+            return None
+        return int(response["ContentLength"])
 
     def _record_format(self, entry: _Indexed) -> bool:
         """Rewrites a record written before records carried ``artifact_format`` with the format
