@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import shutil
 import sqlite3
 import stat
@@ -731,6 +732,40 @@ def test_a_damaged_file_under_an_uploads_digest_gives_way_to_the_verified_upload
         s.verify("m", "1")
         assert read_all(s, "m", "1") == art
         assert_clean(s)
+
+
+def test_a_blob_that_is_not_a_regular_file_is_never_followed_nor_waited_on(
+    store_root: Path, tmp_path: Path
+) -> None:
+    """Whoever could write the blob tree could put a symlink at a blob's name: the store followed
+    it, and GetModel served whatever file of the recorded size the store could read (here a
+    stand-in for its TLS key). A FIFO there blocked the open for ever under the commit lock,
+    hanging every call of the store (here a writer is held open so the old code fails instead of
+    hanging). Both are DATA_LOSS BLOB_NOT_A_FILE now, and the other models are served."""
+    art = make_artifact("m", "1", body(5000))
+    secret = tmp_path / "tls.key"
+    secret.write_bytes(b"k" * len(art))
+    with FilesystemStorage(store_root) as s:
+        record = s.put([art], StructureValidator())
+        other = make_artifact("o", "1", body(100))
+        s.put([other], StructureValidator())
+        blob = store_root / "blobs" / "sha256" / record.artifact_sha256[:2] / record.artifact_sha256
+        blob.unlink()
+        blob.symlink_to(secret)
+        for call in (lambda: read_all(s, "m", "1"), lambda: s.verify("m", "1")):
+            with pytest.raises(StoredDataCorrupt) as info:
+                call()
+            assert info.value.reason == "BLOB_NOT_A_FILE"
+        blob.unlink()
+        os.mkfifo(blob)
+        writer = os.open(blob, os.O_RDWR | os.O_NONBLOCK)
+        try:
+            with pytest.raises(StoredDataCorrupt) as info:
+                read_all(s, "m", "1")
+            assert info.value.reason == "BLOB_NOT_A_FILE"
+        finally:
+            os.close(writer)
+        assert read_all(s, "o", "1") == other
 
 
 def test_startup_sweep_removes_only_the_stores_own_temp_files(
