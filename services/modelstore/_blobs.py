@@ -136,11 +136,14 @@ class BlobStore:
         return TempBlob(self._tmp)
 
     def size(self, digest: str) -> int | None:
-        """The blob's size in bytes, or None if it does not exist."""
+        """The blob's size in bytes, None if it does not exist, -1 if its name holds anything but
+        a regular file (never followed: a symlink to a file of the recorded size passed the
+        start-up sweep as an intact blob)."""
         try:
-            return self.path(digest).stat().st_size
+            info = os.lstat(self.path(digest))
         except FileNotFoundError:
             return None
+        return info.st_size if stat.S_ISREG(info.st_mode) else -1
 
     def install(self, temp: TempBlob, digest: str) -> bool:
         """Moves a sealed temporary file to its content address, replacing whatever file is there.

@@ -768,6 +768,23 @@ def test_a_blob_that_is_not_a_regular_file_is_never_followed_nor_waited_on(
         assert read_all(s, "o", "1") == other
 
 
+def test_the_sweep_reports_a_symlinked_blob_as_damaged(store_root: Path, tmp_path: Path) -> None:
+    """A symlink at a blob's name, to a file of the recorded size, passed the start-up sweep as
+    an intact blob (its size was the target's): nothing said the model could no longer be read.
+    It is reported (and logged) as damaged now."""
+    art = make_artifact("m", "1", body(3000))
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"z" * len(art))
+    with FilesystemStorage(store_root) as s:
+        digest = s.put([art], StructureValidator()).artifact_sha256
+    blob = store_root / "blobs" / "sha256" / digest[:2] / digest
+    blob.unlink()
+    blob.symlink_to(target)
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.damaged_blobs == (("m", "1"),)
+        assert s.last_sweep.missing_blobs == ()
+
+
 def test_startup_sweep_removes_only_the_stores_own_temp_files(
     store_root: Path, tmp_path: Path
 ) -> None:
