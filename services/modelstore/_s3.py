@@ -52,6 +52,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -369,6 +370,46 @@ def _each(keys: list[tuple[str, str]], read: Callable[[tuple[str, str]], T]) -> 
         return [read(k) for k in keys]
     with concurrent.futures.ThreadPoolExecutor(min(_LIST_WORKERS, len(keys))) as pool:
         return list(pool.map(read, keys))
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+
+
+def _answered_total(response: dict[str, Any], offset: int, length: int, size: int) -> int:
+    """The object's total size from the answer to a GET of ``length`` bytes at ``offset`` of an
+    object recorded as ``size`` bytes; StorageUnavailable(S3_RANGE_IGNORED) if the answer holds
+    other bytes than those asked for of an object of that size (one of another size is cut
+    short, or damaged: the caller's DATA_LOSS).
+
+    An HTTP server or proxy may answer a range with the whole object (200, no Content-Range:
+    RFC 9110, 14.2). That was read as a size of -1, so every download through such a server was
+    DATA_LOSS "wrong size" (an operator would re-publish or delete models that were intact), and
+    a 206 of another range than asked was served as if it were the one asked. The whole object
+    serves a read from offset 0 (the reader stops after ``length``); any other mismatch is the
+    server's failure, not the stored data's.
+    """
+    content_range = response.get("ContentRange")
+    if content_range is None:
+        whole = int(response.get("ContentLength", -1))
+        if offset == 0 or whole != size:
+            return whole
+        log.error("the object store answered a ranged read with the whole object")
+        raise StorageUnavailable(
+            "the object store (or a proxy before it) ignored the byte range asked for",
+            reason=Reason.S3_RANGE_IGNORED,
+        )
+    match = _CONTENT_RANGE.fullmatch(str(content_range))
+    if match is not None and int(match[3]) != size:
+        return int(match[3])  # the stored object's size is wrong: the caller's DATA_LOSS
+    if match is None or (int(match[1]), int(match[2])) != (offset, offset + length - 1):
+        log.error(
+            "the object store answered range %r for bytes %d+%d", content_range, offset, length
+        )
+        raise StorageUnavailable(
+            "the object store answered another byte range than the one asked for",
+            reason=Reason.S3_RANGE_IGNORED,
+        )
+    return int(match[3])
 
 
 def _deleted_during_rewrap(name: str, version: str) -> ModelNotFound:
@@ -1063,7 +1104,11 @@ class S3Storage(Closing):
                     Range=f"bytes={offset}-{offset + length - 1}",
                 )
                 body = response["Body"]
-                total = int(str(response.get("ContentRange", "/-1")).rsplit("/", 1)[1])
+                try:
+                    total = _answered_total(response, offset, length, record.artifact_size)
+                except StorageUnavailable:
+                    body.close()
+                    raise
         except botocore.exceptions.ClientError as exc:
             if _code(exc) == "InvalidRange" or _status(exc) == 416:
                 raise self._size_mismatch(record) from None

@@ -798,6 +798,30 @@ def test_a_model_published_while_another_replica_sweeps_is_not_reported_missing(
     assert replica(s3_server.endpoint, s3_bucket).last_sweep.missing_blobs == (("m", "1"),)  # type: ignore[union-attr]
 
 
+def test_a_server_that_answers_a_range_with_the_whole_object_is_not_data_loss(
+    s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """HTTP lets a server or proxy answer a byte range with the whole object (200, no
+    Content-Range; here a proxy drops the Range header). The store read that as a size of -1:
+    every download was DATA_LOSS "wrong size" though nothing was damaged. A download from the
+    start is served from the whole object now; a range elsewhere is the server's failure,
+    UNAVAILABLE S3_RANGE_IGNORED, never DATA_LOSS."""
+    proxy = s3server.FaultProxy(s3_server.port, ignored_headers=frozenset({"range"}))
+    try:
+        store = replica(proxy.endpoint, s3_bucket)
+        art = make_artifact("m", "1", body(3000))
+        store.put([art], StructureValidator())
+        assert read_all(store, "m", "1") == art
+        with store.open("m", "1", length=100) as reader:
+            assert b"".join(reader.chunks(64)) == art[:100]
+        store.verify("m", "1")
+        with pytest.raises(StorageUnavailable) as info:
+            store.open("m", "1", offset=10)
+        assert info.value.reason == "S3_RANGE_IGNORED"
+    finally:
+        proxy.close()
+
+
 def test_a_missing_bucket_at_start_up_is_named(s3_server: s3server.MotoServer) -> None:
     """The start-up check (HeadBucket) of a bucket that does not exist -- a typo in the
     configuration, or a bucket not created yet -- failed with S3_ERROR ("the object store refused
