@@ -62,6 +62,10 @@ def digest_fd(fd: int, *, buffer_size: int = 1 << 20) -> tuple[str, int]:
     return hasher.hexdigest(), position
 
 
+class NotABlobFile(OSError):
+    """A blob's name holds something other than a regular file (a symlink, a FIFO, a directory)."""
+
+
 class TempBlob:
     """A temporary file receiving an upload; it never becomes visible unless installed."""
 
@@ -132,25 +136,28 @@ class BlobStore:
         return TempBlob(self._tmp)
 
     def size(self, digest: str) -> int | None:
-        """The blob's size in bytes, or None if it does not exist."""
+        """The blob's size in bytes, None if it does not exist, -1 if its name holds anything but
+        a regular file (never followed: a symlink to a file of the recorded size passed the
+        start-up sweep as an intact blob)."""
         try:
-            return self.path(digest).stat().st_size
+            info = os.lstat(self.path(digest))
         except FileNotFoundError:
             return None
+        return info.st_size if stat.S_ISREG(info.st_mode) else -1
 
     def install(self, temp: TempBlob, digest: str) -> bool:
-        """Moves a sealed temporary file to its content address.
+        """Moves a sealed temporary file to its content address, replacing whatever file is there.
 
-        Returns True if the blob is new, False if an intact blob with this digest was already there
-        (the temporary file is then discarded). A same-named blob of the wrong size is damaged: it is
-        replaced, since the new bytes are verified.
+        Returns True if the blob is new, False if a file with this digest's name was already there.
+        That file is replaced even if it has the right size: the new bytes were just verified
+        against the digest, the old ones never were since (an unreferenced blob whose removal or
+        quarantine failed, left in place and damaged meanwhile, was kept and the verified upload
+        discarded, so the re-published model failed verification). Replacing costs one rename;
+        a reader holding the old file open keeps reading it.
         """
         target = self.path(digest)
         existing = self.size(digest)
-        if existing == temp.size:
-            temp.discard()
-            return False
-        if existing is not None:
+        if existing is not None and existing != temp.size:
             log.error(
                 "replacing damaged blob %s (size %d, expected %d)", digest, existing, temp.size
             )
@@ -203,7 +210,8 @@ class BlobStore:
             return False
         for source in self._quarantined_copies(digest):
             try:
-                fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                # O_NONBLOCK: a FIFO under a quarantined blob's name would block the start.
+                fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError:
                 continue
             try:
@@ -248,8 +256,32 @@ class BlobStore:
             return []  # a file in its place: every move fails, and each is logged
 
     def open_read(self, digest: str) -> int:
-        """A read-only file descriptor on the blob (FileNotFoundError if missing)."""
-        return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        """A read-only file descriptor on the blob: FileNotFoundError if missing, NotABlobFile if
+        its name holds anything but a regular file.
+
+        The store makes only regular files there. A symlink was followed: whoever could write the
+        blob tree had GetModel serve any file the store can read, of the recorded size (its TLS
+        key, its S3 credentials). A FIFO blocked the open for ever, under the commit lock, so
+        every read, upload and delete of the store hung with it. Neither is followed or waited
+        on now (O_NOFOLLOW, O_NONBLOCK, which a regular file's reads ignore).
+        """
+        try:
+            fd = os.open(
+                self.path(digest), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+            )
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NotABlobFile(f"blob {digest} is a symbolic link") from None
+            raise
+        try:
+            mode = os.fstat(fd).st_mode
+        except BaseException:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise NotABlobFile(f"blob {digest} is not a regular file")
+        return fd
 
     def sweep_temps(self) -> tuple[int, list[Path]]:
         """Removes every leftover temporary file of an upload; returns how many, and the entries

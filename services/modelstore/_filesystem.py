@@ -43,7 +43,7 @@ from strongroom.identifiers import (
     validate_version,
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
-from strongroom.modelstore._blobs import BlobStore, TempBlob, digest_fd, io_error
+from strongroom.modelstore._blobs import BlobStore, NotABlobFile, TempBlob, digest_fd, io_error
 from strongroom.modelstore._index import Index
 from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.errors import (
@@ -563,6 +563,12 @@ class FilesystemStorage(Closing):
                 log.error("blob %s of %s %s is missing", record.artifact_sha256, name, version)
                 raise StoredDataCorrupt(
                     f"stored artifact {name} {version} is missing", reason=Reason.BLOB_MISSING
+                ) from None
+            except NotABlobFile as exc:
+                log.error("%s (model %s version %s): not served", exc, name, version)
+                raise StoredDataCorrupt(
+                    f"stored artifact {name} {version} is not a file the store wrote",
+                    reason=Reason.BLOB_NOT_A_FILE,
                 ) from None
             except OSError as exc:
                 raise io_error(exc, "opening an artifact") from None

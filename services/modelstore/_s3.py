@@ -4,6 +4,7 @@ Layout under the configured key prefix::
 
     index/<name>!<version>     a small JSON record per model (the index; see below)
     blobs/<yyyymmddThhmmssZ>-<random>   one artifact's bytes, written once, never modified
+    probes/<yyyymmddThhmmssZ>-<random>  the start-up check of conditional writes (removed again)
 
 ``!`` sorts below every character a model name may contain, so the bucket's own key order is the
 (name, version) order the API lists in, and a name prefix is a key prefix: a listing is one
@@ -51,6 +52,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -91,6 +93,9 @@ log = logging.getLogger(__name__)
 
 INDEX_DIR = "index/"
 BLOB_DIR = "blobs/"
+PROBE_DIR = "probes/"
+"""Where the start-up check of conditional writes puts (and removes) its one empty object."""
+_NO_SUCH_ETAG = '"00000000000000000000000000000000"'
 _SEPARATOR = "!"  # sorts below every model-name character ('-' is the lowest)
 _RECORD_FORMAT = 1
 _STAMP = "%Y%m%dT%H%M%SZ"
@@ -367,6 +372,46 @@ def _each(keys: list[tuple[str, str]], read: Callable[[tuple[str, str]], T]) -> 
         return list(pool.map(read, keys))
 
 
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+
+
+def _answered_total(response: dict[str, Any], offset: int, length: int, size: int) -> int:
+    """The object's total size from the answer to a GET of ``length`` bytes at ``offset`` of an
+    object recorded as ``size`` bytes; StorageUnavailable(S3_RANGE_IGNORED) if the answer holds
+    other bytes than those asked for of an object of that size (one of another size is cut
+    short, or damaged: the caller's DATA_LOSS).
+
+    An HTTP server or proxy may answer a range with the whole object (200, no Content-Range:
+    RFC 9110, 14.2). That was read as a size of -1, so every download through such a server was
+    DATA_LOSS "wrong size" (an operator would re-publish or delete models that were intact), and
+    a 206 of another range than asked was served as if it were the one asked. The whole object
+    serves a read from offset 0 (the reader stops after ``length``); any other mismatch is the
+    server's failure, not the stored data's.
+    """
+    content_range = response.get("ContentRange")
+    if content_range is None:
+        whole = int(response.get("ContentLength", -1))
+        if offset == 0 or whole != size:
+            return whole
+        log.error("the object store answered a ranged read with the whole object")
+        raise StorageUnavailable(
+            "the object store (or a proxy before it) ignored the byte range asked for",
+            reason=Reason.S3_RANGE_IGNORED,
+        )
+    match = _CONTENT_RANGE.fullmatch(str(content_range))
+    if match is not None and int(match[3]) != size:
+        return int(match[3])  # the stored object's size is wrong: the caller's DATA_LOSS
+    if match is None or (int(match[1]), int(match[2])) != (offset, offset + length - 1):
+        log.error(
+            "the object store answered range %r for bytes %d+%d", content_range, offset, length
+        )
+        raise StorageUnavailable(
+            "the object store answered another byte range than the one asked for",
+            reason=Reason.S3_RANGE_IGNORED,
+        )
+    return int(match[3])
+
+
 def _deleted_during_rewrap(name: str, version: str) -> ModelNotFound:
     # Not KEY_SLOT_CHANGED: the rotation client reports a model deleted meanwhile as gone, not
     # as a failure (a delete during the copy of a large model is an ordinary race).
@@ -575,6 +620,7 @@ class S3Storage(Closing):
         orphan_grace: timedelta = timedelta(days=1),
         clock: Callable[[], datetime] = utcnow,
         sweep: bool = True,
+        check_conditional_writes: bool = True,
     ) -> None:
         if max_artifact_size <= 0 or part_size <= 0:
             raise ValueError("max_artifact_size and part_size must be positive")
@@ -600,7 +646,62 @@ class S3Storage(Closing):
             raise s3_error(exc, "opening the storage bucket") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "opening the storage bucket") from None
+        if check_conditional_writes:
+            self._check_conditional_writes()
         self.last_sweep: S3SweepReport | None = self.sweep() if sweep else None
+
+    def _check_conditional_writes(self) -> None:
+        """FailedPrecondition(S3_CONDITIONAL_WRITES_IGNORED) unless the bucket refuses a
+        create-only write (``If-None-Match: *``) of an existing object and a write conditioned on
+        an ETag it does not have (``If-Match``), as every model's immutability and every re-wrap's
+        compare-and-swap assume.
+
+        A server that ignores either header (an older or partial S3 implementation, a gateway
+        that drops them) answered every such write with success: two uploads of one version on
+        two replicas both succeeded and the later silently replaced the earlier, and a re-wrap
+        that raced a delete and re-publish put the old artifact back under that version. The
+        deployment guide required the support; nothing checked it. One empty object under
+        ``probes/`` is written and removed (a store needs PutObject and DeleteObject anyway).
+        """
+        key = f"{self._full(PROBE_DIR)}{self._clock().astimezone(UTC).strftime(_STAMP)}-" + (
+            secrets.token_hex(16)
+        )
+        ignored: list[str] = []
+
+        def put(condition: dict[str, str], header: str, *, refused: bool) -> None:
+            """One conditional write; ``refused``: the condition does not hold."""
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=b"", **condition)
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) == "NotImplemented" or _status(exc) == 501:
+                    ignored.append(header)  # said outright: the same for the store
+                elif not (refused and (_is_conflict(exc) or _is_missing(exc))):
+                    raise  # (a 404: the If-Match on an object the refused create never made)
+            else:
+                if refused:
+                    ignored.append(header)
+
+        try:
+            put({"IfNoneMatch": "*"}, "If-None-Match", refused=False)
+            if not ignored:
+                put({"IfNoneMatch": "*"}, "If-None-Match", refused=True)
+            put({"IfMatch": _NO_SUCH_ETAG}, "If-Match", refused=True)
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "checking the bucket's conditional writes") from None
+        finally:
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+            except _S3_FAILURES as exc:
+                log.warning("cannot delete the probe object %s: %r", key, exc)
+        if ignored:
+            log.error("the object store does not honour conditional writes: %s", ", ".join(ignored))
+            raise FailedPrecondition(
+                f"the object store does not honour {' and '.join(ignored)} on PutObject: without "
+                "conditional writes two uploads of one version could both succeed (the later "
+                "replacing the earlier) and a re-wrap could overwrite a newer artifact; use an "
+                "object store that supports them (deploy/README.md, Why replicas are safe)",
+                reason=Reason.S3_CONDITIONAL_WRITES_IGNORED,
+            )
 
     @classmethod
     def from_config(
@@ -1003,7 +1104,11 @@ class S3Storage(Closing):
                     Range=f"bytes={offset}-{offset + length - 1}",
                 )
                 body = response["Body"]
-                total = int(str(response.get("ContentRange", "/-1")).rsplit("/", 1)[1])
+                try:
+                    total = _answered_total(response, offset, length, record.artifact_size)
+                except StorageUnavailable:
+                    body.close()
+                    raise
         except botocore.exceptions.ClientError as exc:
             if _code(exc) == "InvalidRange" or _status(exc) == 416:
                 raise self._size_mismatch(record) from None
@@ -1113,11 +1218,21 @@ class S3Storage(Closing):
             kwargs["ContinuationToken"] = response["NextContinuationToken"]
 
     def _split_index_key(self, key: str) -> tuple[str, str] | None:
+        """The (name, version) an index key names, or None for a key that is no record of this
+        store: no separator (a "folder" an S3 console made), or a name or version outside the
+        grammar (``index/acme/m!old/``, ``index/acme/m b!1``), which no call of this store can
+        write or look up. Read as records, the first failed every listing that met it with
+        DATA_LOSS, and the second was listed under a name clients refuse, with a page token
+        naming it that the next page refused (INVALID_PAGE_TOKEN): either stopped the rotation
+        client's walk, and ``keys disable``'s check, at that key."""
         rest = key[len(self.prefix) + len(INDEX_DIR) :]
         name, sep, version = rest.rpartition(_SEPARATOR)
         if not sep:
             return None
-        return name, version
+        try:
+            return validate_name(name), validate_version(version)
+        except InvalidArgument:
+            return None
 
     def _fetch_records(self, keys: list[tuple[str, str]]) -> list[_Indexed | None]:
         return _each(keys, lambda k: self._get_index(*k))
@@ -1219,6 +1334,14 @@ class S3Storage(Closing):
                     aborted += 1
                 except _S3_FAILURES as exc:
                     log.warning("cannot abort upload %s: %r", key, exc)
+        # A record read after the blob listing may name a blob made since (an upload, or a
+        # re-wrap, on another replica meanwhile): each such blob is looked up on its own before
+        # its model is called missing. Reported from the listing alone, every start during an
+        # upload or a rotation run logged a model as lost that was not.
+        for blob in referenced.keys() - blobs.keys():
+            size = self._blob_size(blob)
+            if size is not None:
+                blobs[blob] = size
         orphans = sorted(b for b in blobs.keys() - referenced.keys() if self._expired(b, now))
         for blob in orphans:
             log.warning(
@@ -1250,6 +1373,20 @@ class S3Storage(Closing):
         if missing or damaged or unreadable:
             log.error("storage sweep found damaged models: %s", report)
         return report
+
+    def _blob_size(self, blob: str) -> int | None:
+        """The size of ``blob`` (key relative to the prefix), or None if it does not exist or
+        cannot be looked up (logged)."""
+        try:
+            response = self._client.head_object(Bucket=self.bucket, Key=self._full(blob))
+        except botocore.exceptions.ClientError as exc:
+            if not _is_missing(exc):
+                log.warning("cannot look up blob %s: %r", blob, exc)
+            return None
+        except _S3_FAILURES as exc:
+            log.warning("cannot look up blob %s: %r", blob, exc)
+            return None
+        return int(response["ContentLength"])
 
     def _record_format(self, entry: _Indexed) -> bool:
         """Rewrites a record written before records carried ``artifact_format`` with the format

@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from strongroom.errors import PermissionDenied
-from strongroom.identifiers import name_rule_matches
+from strongroom.identifiers import MAX_NAME_LENGTH, name_rule_matches
 from strongroom.reasons import Reason
 
 
@@ -35,6 +35,11 @@ class PublisherScopes:
         listing order); none if no name its rules cover can start with ``prefix``."""
         found: set[str] = set()
         for rule in self.rules.get(spiffe_id, ()):
+            if rule.endswith("/") and len(rule) >= MAX_NAME_LENGTH:
+                # No name fits under it (a 128-character name and its "/"): as a range it is a
+                # prefix longer than any listing accepts, which failed the caller's whole listing
+                # with INVALID_NAME_PREFIX whatever prefix it asked for.
+                continue
             if rule.startswith(prefix):
                 found.add(rule)
             elif rule.endswith("/") and prefix.startswith(rule):

@@ -331,7 +331,12 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                 elif after[0] > sub:
                     continue  # the whole range lies before the token's model
             while True:
-                page = self._storage.list(prefix=sub, page_size=MAX_PAGE_SIZE, page_token=sub_token)
+                # As many records as the page still needs, plus as many as were skipped so far (so
+                # a range dense with others' models is read in growing pages): always a full
+                # MAX_PAGE_SIZE made the S3 backend read up to 1,000 index records (a GET each)
+                # for a page of one, ten times the records of a default page.
+                wanted = min(MAX_PAGE_SIZE, page_size - len(models) + skipped)
+                page = self._storage.list(prefix=sub, page_size=wanted, page_token=sub_token)
                 for record in page.models:
                     if scopes.covers(caller, record.name):
                         models.append(record)

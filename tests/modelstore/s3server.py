@@ -155,6 +155,8 @@ class FaultProxy:
     upstream_port: int
     faults: list[Fault] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    ignored_headers: frozenset[str] = frozenset()
+    """Request headers (lower case) not passed on: a server that does not implement them."""
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -198,7 +200,11 @@ class FaultProxy:
                         return
                 upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
                 try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                    headers = {
+                        k: v
+                        for k, v in self.headers.items()
+                        if k.lower() != "connection" and k.lower() not in proxy.ignored_headers
+                    }
                     upstream.request(self.command, self.path, body=body, headers=headers)
                     response = upstream.getresponse()
                     data = response.read()

@@ -21,9 +21,11 @@ import pytest
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
-from strongroom.errors import InvalidArgument
+from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.modelstore.config import MAX_S3_PREFIX_BYTES, ModelstoreConfig, StorageConfig
 from strongroom.modelstore.errors import ModelExists, StorageUnavailable, StoredDataCorrupt
+from strongroom.modelstore.publishers import PublisherScopes
+from strongroom.modelstore.service import ModelStoreServicer
 from strongroom.modelstore.storage import S3Storage, open_storage
 from strongroom.runtime.config import ConfigError, build
 from tests.modelstore import rewrap_case, s3server
@@ -611,6 +613,67 @@ def test_objects_under_the_index_that_are_not_records_do_not_end_a_listing(
     assert listed == [(name, "1") for name in names]
 
 
+@pytest.mark.parametrize("page_size", [1, 2, 3])
+def test_index_keys_outside_the_name_grammar_are_not_records(
+    s3_server: s3server.MotoServer, s3_bucket: str, page_size: int
+) -> None:
+    """Index keys this store cannot have written, since their name or version is outside the
+    grammar: a "folder" whose name has a ``!`` (``index/acme/m1!old/``) was read as the record of
+    version ``old/`` and failed every listing that met it with DATA_LOSS; a record copied under a
+    name no client accepts (``acme/m b``) was listed, and the next page refused the token naming
+    it (INVALID_PAGE_TOKEN). Both stopped the walk there (the rotation client's too)."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    names = [f"acme/m{i}" for i in range(4)]
+    for name in names:
+        store.put([make_artifact(name, "1", b"x")], StructureValidator())
+    store._client.put_object(Bucket=s3_bucket, Key="p/index/acme/m1!old/", Body=b"")
+    record = json.loads(
+        store._client.get_object(Bucket=s3_bucket, Key="p/index/acme/m1!1")["Body"].read()
+    )
+    record["name"] = "acme/m b"
+    store._client.put_object(
+        Bucket=s3_bucket, Key="p/index/acme/m b!1", Body=json.dumps(record).encode()
+    )
+    host, channel = serve(store)
+    try:
+        listed = _list_rpc(pb_grpc.ModelStoreServiceStub(channel), page_size)
+    finally:
+        channel.close()
+        host.stop(0)
+    assert listed == [(name, "1") for name in names]
+
+
+def test_a_scoped_page_reads_the_records_it_needs_not_a_thousand(
+    proxy: s3server.FaultProxy, s3_bucket: str
+) -> None:
+    """A publisher's page of its own models (a publisher whose reads ``modelstore.publishers``
+    scopes) asked the backend for pages of 1,000 records whatever its size: on S3 each record
+    is a GET, so a page of 2 read all 40 here (up to 1,000), and ``model ls``'s default page of
+    100 ten times the records it showed. It reads what the page needs, in order, tokens as
+    before; skipped models of others still count, and are read in growing pages."""
+    store = replica(proxy.endpoint, s3_bucket)
+    caller = "spiffe://t.test/publisher"
+    scopes = PublisherScopes({caller: ("team-a/", "shared/m")})
+    names = [f"team-a/m{i:02}" for i in range(40)]
+    for name in (*names, "shared/m", "shared/m-other", "shared/n"):
+        store.put([make_artifact(name, "1", b"x")], StructureValidator())
+    servicer = ModelStoreServicer(store, publishers=scopes)
+
+    def record_gets() -> int:
+        return sum(1 for m, p in proxy.requests if m == "GET" and "/p/index/" in p)
+
+    listed: list[str] = []
+    token = ""
+    while True:
+        before = record_gets()
+        models, token = servicer._scoped_page("", 2, token, scopes, caller)
+        assert record_gets() - before <= 4  # two records, and the one other skipped at most
+        listed += [m.name for m in models]
+        if not token:
+            break
+    assert listed == ["shared/m", *names]
+
+
 def _blob_commit(method: str, path: str) -> bool:
     """The request that makes a blob exist: its PutObject, or CompleteMultipartUpload."""
     blob = "/p/blobs/" in path
@@ -664,6 +727,99 @@ def test_a_lost_answer_to_a_delete_deletes_the_model_and_its_blob(
     assert fault.hits == 1
     assert store.records() == ()
     assert store.blob_sizes() == {}
+
+
+@pytest.mark.parametrize(
+    "ignored", [("If-None-Match",), ("If-Match",), ("If-None-Match", "If-Match")]
+)
+def test_an_object_store_that_ignores_conditional_writes_is_refused_at_start(
+    s3_server: s3server.MotoServer, s3_bucket: str, ignored: tuple[str, ...]
+) -> None:
+    """Immutability of a version across replicas is the bucket's create-only write, a re-wrap's
+    safety its If-Match: a server that ignored either (here a proxy that drops the header)
+    answered those writes with success, so racing uploads both "won" (the later replacing the
+    earlier) and a re-wrap could overwrite a re-published artifact. The store started on it
+    all the same; it now refuses to, naming what is ignored, and leaves nothing in the bucket."""
+    proxy = s3server.FaultProxy(
+        s3_server.port, ignored_headers=frozenset(h.lower() for h in ignored)
+    )
+    try:
+        with pytest.raises(FailedPrecondition) as info:
+            replica(proxy.endpoint, s3_bucket)
+    finally:
+        proxy.close()
+    assert info.value.reason == "S3_CONDITIONAL_WRITES_IGNORED"
+    assert all(h in str(info.value) for h in ignored)
+    assert "Contents" not in s3server.client(s3_server.endpoint).list_objects_v2(Bucket=s3_bucket)
+    # A conforming server passes the check, and its probe leaves nothing either.
+    replica(s3_server.endpoint, s3_bucket)
+    assert "Contents" not in s3server.client(s3_server.endpoint).list_objects_v2(Bucket=s3_bucket)
+
+
+def test_an_object_store_that_refuses_conditional_writes_outright_is_named(
+    proxy: s3server.FaultProxy, s3_bucket: str
+) -> None:
+    """A server that answers a conditional write 501 NotImplemented says what one that ignores
+    it hides: the start fails with the same reason, not as an unexplained S3_ERROR."""
+    proxy.inject(
+        s3server.Fault(
+            lambda m, p: m == "PUT" and "/p/probes/" in p, status=501, code="NotImplemented"
+        )
+    )
+    with pytest.raises(FailedPrecondition) as info:
+        replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    assert info.value.reason == "S3_CONDITIONAL_WRITES_IGNORED"
+
+
+def test_a_model_published_while_another_replica_sweeps_is_not_reported_missing(
+    proxy: s3server.FaultProxy, s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """The start-up sweep lists the blobs, then reads the index: a model published in between
+    (by another replica) has a record naming a blob the listing did not have, and was reported
+    as a missing blob (logged as a damaged model) though nothing was lost. It is looked up on
+    its own now; a blob that is really gone is still reported."""
+    other = replica(s3_server.endpoint, s3_bucket)
+    other.put([make_artifact("m", "1", b"x")], StructureValidator())
+
+    def publish_between(method: str, path: str) -> bool:
+        listing_the_index = method == "GET" and "list-type=2" in path and "index" in path
+        if listing_the_index and all(r.name != "late" for r in other.records()):
+            other.put([make_artifact("late", "1", b"y")], StructureValidator())
+        return False
+
+    proxy.inject(s3server.Fault(publish_between))
+    sweep = replica(proxy.endpoint, s3_bucket).last_sweep
+    assert sweep is not None
+    assert (sweep.missing_blobs, sweep.damaged_blobs) == ((), ())
+    assert [r.name for r in other.records()] == ["late", "m"]
+    for blob, record in other.referenced_blobs().items():
+        if record.name == "m":
+            other._client.delete_object(Bucket=s3_bucket, Key=other.prefix + blob)
+    assert replica(s3_server.endpoint, s3_bucket).last_sweep.missing_blobs == (("m", "1"),)  # type: ignore[union-attr]
+
+
+def test_a_server_that_answers_a_range_with_the_whole_object_is_not_data_loss(
+    s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """HTTP lets a server or proxy answer a byte range with the whole object (200, no
+    Content-Range; here a proxy drops the Range header). The store read that as a size of -1:
+    every download was DATA_LOSS "wrong size" though nothing was damaged. A download from the
+    start is served from the whole object now; a range elsewhere is the server's failure,
+    UNAVAILABLE S3_RANGE_IGNORED, never DATA_LOSS."""
+    proxy = s3server.FaultProxy(s3_server.port, ignored_headers=frozenset({"range"}))
+    try:
+        store = replica(proxy.endpoint, s3_bucket)
+        art = make_artifact("m", "1", body(3000))
+        store.put([art], StructureValidator())
+        assert read_all(store, "m", "1") == art
+        with store.open("m", "1", length=100) as reader:
+            assert b"".join(reader.chunks(64)) == art[:100]
+        store.verify("m", "1")
+        with pytest.raises(StorageUnavailable) as info:
+            store.open("m", "1", offset=10)
+        assert info.value.reason == "S3_RANGE_IGNORED"
+    finally:
+        proxy.close()
 
 
 def test_a_missing_bucket_at_start_up_is_named(s3_server: s3server.MotoServer) -> None:

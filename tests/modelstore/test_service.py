@@ -16,6 +16,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
 from strongroom.modelstore.limits import MAX_PAGE_SIZE
+from strongroom.modelstore.publishers import PublisherScopes
 from strongroom.modelstore.service import (
     MAX_MODEL_INFO_BYTES,
     METHOD_ROLES,
@@ -23,6 +24,7 @@ from strongroom.modelstore.service import (
     ROLE_PUBLISHER,
     ROLE_READER,
     SERVICE_NAME,
+    ModelStoreServicer,
 )
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
@@ -447,6 +449,21 @@ def test_corrupt_blob_is_data_loss(served: Served) -> None:
     overwrite_blob(served.storage, served.storage.stat("m", "1"), art[:-1])
     err = rpc_error(served.stub.GetModel, pb.GetModelRequest(name="m", version="1"))
     assert_status(err, grpc.StatusCode.DATA_LOSS, "BLOB_SIZE_MISMATCH")
+
+
+def test_a_rule_no_name_fits_under_does_not_fail_the_publishers_listing(
+    fs_storage: FilesystemStorage,
+) -> None:
+    """A publishers rule of a 128-character name and "/" (accepted: the name is valid) covers no
+    name, but its range was a 129-character prefix, which the storage's listing refuses: every
+    listing of that publisher failed with INVALID_NAME_PREFIX, its own models unlisted."""
+    caller = "spiffe://t.test/publisher"
+    scopes = PublisherScopes({caller: ("team-a/", "x" * 128 + "/")})
+    servicer = ModelStoreServicer(fs_storage, publishers=scopes)
+    fs_storage.put([make_artifact("team-a/m", "1", b"w")], StructureValidator())
+    for prefix in ("", "x" * 128):
+        models, token = servicer._scoped_page(prefix, 10, "", scopes, caller)
+        assert ([m.name for m in models], token) == (["team-a/m"] if not prefix else [], "")
 
 
 def test_method_roles_cover_every_rpc() -> None:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import shutil
 import sqlite3
 import stat
@@ -710,6 +711,78 @@ def test_an_orphan_that_cannot_be_quarantined_is_left_in_place(store_root: Path)
         assert s.last_sweep.orphan_blobs_left == (orphan,)
         assert [r.name for r in s.records()] == ["m"]
     assert blob.read_bytes() == b"orphan"
+
+
+def test_a_damaged_file_under_an_uploads_digest_gives_way_to_the_verified_upload(
+    store_root: Path,
+) -> None:
+    """An unreferenced blob left in place (its removal or quarantine failed) and damaged there,
+    without changing its size: publishing the same artifact again kept that file, since it had
+    the upload's size, and discarded the verified upload, so the model failed verification as
+    soon as it was stored. The verified upload replaces it now."""
+    art = make_artifact("m", "1", body(10_000))
+    with FilesystemStorage(store_root) as s:
+        record = s.put([art], StructureValidator())
+        s.delete("m", "1")
+        damaged = bytearray(art)
+        damaged[-1] ^= 1
+        blob = store_root / "blobs" / "sha256" / record.artifact_sha256[:2] / record.artifact_sha256
+        blob.write_bytes(damaged)
+        s.put([art], StructureValidator())
+        s.verify("m", "1")
+        assert read_all(s, "m", "1") == art
+        assert_clean(s)
+
+
+def test_a_blob_that_is_not_a_regular_file_is_never_followed_nor_waited_on(
+    store_root: Path, tmp_path: Path
+) -> None:
+    """Whoever could write the blob tree could put a symlink at a blob's name: the store followed
+    it, and GetModel served whatever file of the recorded size the store could read (here a
+    stand-in for its TLS key). A FIFO there blocked the open for ever under the commit lock,
+    hanging every call of the store (here a writer is held open so the old code fails instead of
+    hanging). Both are DATA_LOSS BLOB_NOT_A_FILE now, and the other models are served."""
+    art = make_artifact("m", "1", body(5000))
+    secret = tmp_path / "tls.key"
+    secret.write_bytes(b"k" * len(art))
+    with FilesystemStorage(store_root) as s:
+        record = s.put([art], StructureValidator())
+        other = make_artifact("o", "1", body(100))
+        s.put([other], StructureValidator())
+        blob = store_root / "blobs" / "sha256" / record.artifact_sha256[:2] / record.artifact_sha256
+        blob.unlink()
+        blob.symlink_to(secret)
+        for call in (lambda: read_all(s, "m", "1"), lambda: s.verify("m", "1")):
+            with pytest.raises(StoredDataCorrupt) as info:
+                call()
+            assert info.value.reason == "BLOB_NOT_A_FILE"
+        blob.unlink()
+        os.mkfifo(blob)
+        writer = os.open(blob, os.O_RDWR | os.O_NONBLOCK)
+        try:
+            with pytest.raises(StoredDataCorrupt) as info:
+                read_all(s, "m", "1")
+            assert info.value.reason == "BLOB_NOT_A_FILE"
+        finally:
+            os.close(writer)
+        assert read_all(s, "o", "1") == other
+
+
+def test_the_sweep_reports_a_symlinked_blob_as_damaged(store_root: Path, tmp_path: Path) -> None:
+    """A symlink at a blob's name, to a file of the recorded size, passed the start-up sweep as
+    an intact blob (its size was the target's): nothing said the model could no longer be read.
+    It is reported (and logged) as damaged now."""
+    art = make_artifact("m", "1", body(3000))
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"z" * len(art))
+    with FilesystemStorage(store_root) as s:
+        digest = s.put([art], StructureValidator()).artifact_sha256
+    blob = store_root / "blobs" / "sha256" / digest[:2] / digest
+    blob.unlink()
+    blob.symlink_to(target)
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.damaged_blobs == (("m", "1"),)
+        assert s.last_sweep.missing_blobs == ()
 
 
 def test_startup_sweep_removes_only_the_stores_own_temp_files(
