@@ -213,14 +213,17 @@ DESCRIBE_ATTRIBUTES = AttributeQuery(
         (Attribute.UNWRAP, "bool"),
         (Attribute.KEY_TYPE, "ulong"),
         (Attribute.MODIFIABLE, "bool"),
+        (Attribute.VALUE_LEN, "ulong"),
         *((a, "bool") for a in PROVENANCE),
     ]
 )
 
-#: Labels of objects refused as KEKs (:func:`describe`) already logged by this process, bounded.
+#: Labels of objects refused as KEKs (:func:`describe`) already logged by this process, bounded;
+#: past the bound, refusals of labels not logged are counted (``_REFUSED_UNLOGGED[0]``).
 _REFUSED_LOGGED: set[str] = set()
 _REFUSED_LOGGED_MAX = 1024
 _REFUSED_LOCK = threading.Lock()
+_REFUSED_UNLOGGED = [0]
 
 #: The search template for every KEK object (and enabler) in the token.
 ALL_KEKS = Template([(Attribute.CLASS, ObjectClass.SECRET_KEY), (Attribute.TOKEN, True)])
@@ -395,6 +398,12 @@ def describe(direct: DirectSession, handle: int) -> KekObject | None:
     if kind == "kek" and not all(attrs.get(a) is True for a in PROVENANCE):
         _refused(text, match, {a: attrs.get(a) for a in PROVENANCE})
         return None
+    if kind == "kek" and attrs.get(Attribute.VALUE_LEN) != KEK_BITS // 8:
+        # Every broker generates 256-bit KEKs: a PIN holder's AES-128 one generated in the token
+        # (private, never readable) would otherwise win a version and wrap data keys at half
+        # the strength the artifact format promises.
+        _refused(text, match, {Attribute.VALUE_LEN: attrs.get(Attribute.VALUE_LEN)})
+        return None
     if kind == "enabler" and attrs.get(Attribute.PRIVATE) is not True:
         # Every broker's enabler is private: a public one is made without the PIN (any session
         # of the token can create one) and would enable a version a disable retired.
@@ -418,9 +427,24 @@ def _refused(text: str, match: re.Match[str], provenance: dict[Attribute, Any]) 
     """Logs, once per label and process, an object with a KEK's label whose value did not stay in
     the token (see the module docstring)."""
     with _REFUSED_LOCK:
-        if text in _REFUSED_LOGGED or len(_REFUSED_LOGGED) >= _REFUSED_LOGGED_MAX:
+        if text in _REFUSED_LOGGED:
             return
-        _REFUSED_LOGGED.add(text)
+        if len(_REFUSED_LOGGED) >= _REFUSED_LOGGED_MAX:
+            # Planting 1,024 objects must not hide the next one: past the bound each refusal is
+            # counted (each lookup meets them again), and a line at each power of two says so.
+            _REFUSED_UNLOGGED[0] += 1
+            unlogged = _REFUSED_UNLOGGED[0]
+        else:
+            _REFUSED_LOGGED.add(text)
+            unlogged = 0
+    if unlogged:
+        if unlogged & (unlogged - 1) == 0:
+            _log.error(
+                "more objects labelled as KEK versions were ignored than are logged one by one "
+                "(the latest named here): the token holds objects someone with its PIN made",
+                extra={"refusals_unlogged": unlogged, "key_id": match["key"], "label": text},
+            )
+        return
     _log.error(
         "an object labelled as a KEK version (or its enabler) was not generated in the token as "
         "a private, never-readable key (someone holding the token PIN created, imported or "

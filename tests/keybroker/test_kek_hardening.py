@@ -309,6 +309,78 @@ def test_a_public_kek_or_enabler_is_never_used(
     assert [v.state for v in km.describe_key("public").versions] == [KeyState.DISABLED]
 
 
+def test_a_kek_of_another_length_is_never_used(
+    hsm: Hsm, km: KeyManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every broker generates 256-bit KEKs. A PIN holder's AES-128 KEK generated in the token
+    (private, sensitive, never extractable: every provenance check passed) created at 0 won
+    version 1, and new data keys were wrapped under half the strength the format promises."""
+    km.create_key("short")
+
+    def plant(hs: HsmSession) -> Any:
+        return hs.session.generate_key(
+            KeyType.AES,
+            128,
+            id=_kek.object_id("short"),
+            label=_kek.label("short", 1, 0, "00" * 8, pending=False),
+            store=True,
+            template=_kek.KEK_TEMPLATE,
+        )
+
+    planted = hsm.call(plant)
+    with caplog.at_level(logging.ERROR, logger="strongroom.keybroker._kek"):
+        key = km.generate_data_key("short", *MODEL)
+    refused = [r for r in caplog.records if getattr(r, "key_version", None) == 1]
+    assert len(refused) == 1
+    assert refused[0].provenance == {"VALUE_LEN": 16}  # type: ignore[attr-defined]
+
+    def unwrap_with_planted(_hs: HsmSession) -> type[p11x.PKCS11Error] | None:
+        try:
+            planted.unwrap_key(
+                ObjectClass.SECRET_KEY, KeyType.AES, key.wrapped, template=_kek.SESSION_DEK_TEMPLATE
+            )
+        except p11x.PKCS11Error as exc:
+            return type(exc)
+        return None
+
+    assert hsm.call(unwrap_with_planted) is not None  # wrapped under the broker's own KEK
+
+
+def test_refusals_past_the_logged_bound_are_still_reported(
+    hsm: Hsm, km: KeyManager, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused objects were logged once per label up to 1,024 labels and then never: planting
+    that many first hid every later one. Past the bound they are counted, with a line at each
+    power of two naming the latest."""
+    monkeypatch.setattr(_kek, "_REFUSED_LOGGED", set())
+    monkeypatch.setattr(_kek, "_REFUSED_LOGGED_MAX", 1)
+    monkeypatch.setattr(_kek, "_REFUSED_UNLOGGED", [0], raising=False)
+    km.create_key("hidden")
+
+    def plant(created_at_ms: int) -> Callable[[HsmSession], Any]:
+        def op(hs: HsmSession) -> Any:
+            return hs.session.generate_key(
+                KeyType.AES,
+                _kek.KEK_BITS,
+                id=_kek.object_id("hidden"),
+                label=_kek.label("hidden", 1, created_at_ms, "00" * 8, pending=False),
+                store=True,
+                template={**_kek.KEK_TEMPLATE, Attribute.PRIVATE: False},
+            )
+
+        return op
+
+    hsm.call(plant(0))
+    with caplog.at_level(logging.ERROR, logger="strongroom.keybroker._kek"):
+        km.describe_key("hidden")
+        hsm.call(plant(1))
+        km.describe_key("hidden")
+    counted = [r for r in caplog.records if hasattr(r, "refusals_unlogged")]
+    assert [r.label for r in counted] == [  # type: ignore[attr-defined]
+        _kek.label("hidden", 1, 1, "00" * 8, pending=False)
+    ]
+
+
 def _plant_secret(hsm: Hsm, key_id: str, label: bytes, object_id: bytes | None = None) -> None:
     """Creates a token secret under ``key_id``'s CKA_ID (or ``object_id``) with the raw ``label``
     (python-pkcs11 only writes labels that are text)."""
