@@ -24,7 +24,8 @@ it is ``DATA_LOSS`` with the artifact reader's reason, like a failed authenticat
 
 **Retries.** :meth:`ModelLoader.load_with_retry` retries a load that failed with ``UNAVAILABLE``
 (store, broker, HSM or collateral briefly unreachable), or ``RESOURCE_EXHAUSTED``
-``TOO_MANY_UNARY_CALLS_PER_IDENTITY`` (the broker busy with this identity's other calls), with
+``TOO_MANY_UNARY_CALLS_PER_IDENTITY`` (the broker busy with this identity's other calls) or
+``DATA_PLANE_WORKERS_BUSY`` (a peer's data-plane workers all busy), with
 exponential back-off until a deadline; nothing else is retried (a denied release or a damaged
 artifact needs an operator). Configured models retry without a deadline (see the server);
 LoadModel retries within :data:`LOAD_RETRY_SECONDS` or the caller's own deadline, whichever is
@@ -84,12 +85,14 @@ BUSY_REFUSALS = frozenset(
         Reason.TOO_MANY_UNARY_CALLS_PER_IDENTITY,
         Reason.TOO_MANY_STREAMS_PER_IDENTITY,
         Reason.TOO_MANY_STREAMS,
+        Reason.DATA_PLANE_WORKERS_BUSY,
     }
 )
 """RESOURCE_EXHAUSTED refusals that say "retry later" rather than "too large": the key broker had
 as many calls of this identity running as it admits, or the store as many of its streams (or
-blocking streams in all). Every replica of the inference service shares its SPIFFE ID, so a fleet's
-releases at once while collateral or the HSM is slow, or its downloads at once, reach them."""
+blocking streams in all), or either had every data-plane worker busy. Every replica of the
+inference service shares its SPIFFE ID, so a fleet's releases at once while collateral or the HSM
+is slow, or its downloads at once, reach them."""
 
 
 def transient(exc: BaseException) -> bool:

@@ -53,6 +53,10 @@ ROLE_RULES: dict[str, tuple[str, ...]] = {
     EVIDENCE_SERVICE: ("client", "admin"),
     CONTROL_SERVICE: ("admin",),
 }
+CONTROL_PLANE: tuple[str, ...] = (CONTROL_SERVICE, EVIDENCE_SERVICE)
+"""The inference service's control plane: model control (the admin's LoadModel/UnloadModel) and
+attestation evidence (a client's check before it trusts the server, at most 4 in flight), which
+may use the workers reserved from inference calls (``server.control_plane_workers``)."""
 
 
 def _load_simulator(directory: Path) -> Any:
@@ -307,6 +311,7 @@ def build(
         roles=RoleTable(ROLE_RULES),
         tracer_provider=provider,
         message_limits=limits.message_limits,
+        control_plane=CONTROL_PLANE,
     )
     return InferenceServer(
         host=host,

@@ -182,9 +182,9 @@ class ReleaseEngine:
 
     def deny_unread(self, exc: StrongroomError, caller: Caller | None) -> None:
         """Audits a release refused before its request was read: by the authoriser (an identity
-        without the role), the per-identity cap, or because it does not decode. The record has
-        who asked, as far as the certificate says (None when it says nothing usable), and why;
-        no request field.
+        without the role), the per-identity cap, a busy data plane, or because it does not
+        decode. The record has who asked, as far as the certificate says (None when it says
+        nothing usable), and why; no request field.
 
         These cost the caller nothing, so each caller has 64 of them recorded one by one and then
         one a second (:mod:`strongroom.keybroker.refusals`); past that they are counted, and a

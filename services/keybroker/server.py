@@ -41,6 +41,7 @@ from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.refusals import LIMITED_RECORD_SECONDS
 from strongroom.keybroker.release import ReleaseEngine
 from strongroom.keybroker.service import (
+    CONTROL_PLANE,
     KEYADMIN_SERVICE,
     KEYBROKER_SERVICE,
     MESSAGE_LIMITS,
@@ -331,6 +332,7 @@ def build(
         message_limits=MESSAGE_LIMITS,
         # Refusals of a release the servicer never sees are audited too.
         refusal_observers={RELEASE_KEY: broker_servicer.release_refused_unread},
+        control_plane=CONTROL_PLANE,
     )
     refresher = (
         _Periodic(

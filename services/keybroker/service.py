@@ -39,6 +39,12 @@ ROLE_RULES: dict[str, tuple[str, ...]] = {
     KEYADMIN_SERVICE: ("admin",),
 }
 
+CONTROL_PLANE: tuple[str, ...] = (KEYADMIN_SERVICE,)
+"""The broker's control plane: key administration and release policies (the admin role's), which
+may use the workers reserved from releases, data keys and re-wraps
+(``server.control_plane_workers``), so that an operator can still disable a key while the fleet's
+releases hold every other worker."""
+
 DEFAULT_LIST_KEYS_PAGE = 500
 MAX_LIST_KEYS_PAGE = 1000
 LIST_KEYS_PAGE_BYTES = 192 * 1024
@@ -148,7 +154,8 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
     def release_refused_unread(self, exc: StrongroomError, context: grpc.ServicerContext) -> None:
         """Audits a ReleaseKey refused before this servicer ran (the runtime's refusal observer):
         an identity without the inference role, a caller with too many calls running at once
-        (``server.max_unary_calls_per_identity``), a request that does not decode. Every refusal
+        (``server.max_unary_calls_per_identity``), every data-plane worker busy
+        (``DATA_PLANE_WORKERS_BUSY``), a request that does not decode. Every refusal
         of a release is audited, and these were only logged: an inference identity could send
         any number of undecodable attempts the audit log never saw."""
         try:

@@ -10,6 +10,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.modelstore.service import (
+    CONTROL_PLANE,
     METHOD_ROLES,
     ROLE_READER,
     SERVICE_NAME,
@@ -83,6 +84,7 @@ def build(
             "modelstore", common.tracing, identity=lambda: identity.credentials
         ),
         message_limits=message_limits(),
+        control_plane=CONTROL_PLANE,
     )
     return ModelStore(host=host, storage=storage)
 

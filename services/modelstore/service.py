@@ -63,6 +63,11 @@ METHOD_ROLES: Mapping[str, str] = MappingProxyType(
 )
 """The role each full method name requires (the authorisation interceptor's table)."""
 
+CONTROL_PLANE: tuple[str, ...] = tuple(m for m, role in METHOD_ROLES.items() if role == ROLE_ADMIN)
+"""The store's control plane, the admin role's methods (deletes, key-slot replacement): they may
+use the workers reserved from uploads, downloads and reads (``server.control_plane_workers``), so
+that an operator can still delete a model while readers hold every other worker."""
+
 DEFAULT_MAX_CHUNK = 4 * 1024 * 1024
 """Largest ``data`` accepted in one PutModel message."""
 

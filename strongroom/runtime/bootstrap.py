@@ -112,11 +112,13 @@ def build_host(
     tracer_provider: TracerProvider,
     message_limits: MessageLimits,
     refusal_observers: Mapping[str, RefusalObserver] | None = None,
+    control_plane: Iterable[str] = (),
 ) -> ServiceHost:
     """The service's gRPC host: mTLS with hot-swapped certificates, tracing, SPIFFE authorisation.
 
-    ``refusal_observers`` hear of the refusals of a method raised before its behaviour runs
-    (see :class:`~strongroom.runtime.server.ServiceHost`)."""
+    ``refusal_observers`` hear of the refusals of a method raised before its behaviour runs, and
+    ``control_plane`` names the methods and services that may use the workers reserved from
+    data-plane calls (see :class:`~strongroom.runtime.server.ServiceHost`)."""
     specs = list(services)
     # Reflection is a stream that holds a worker thread: public, two certificates of any role
     # (even none) filled every blocking-stream slot and refused the store's model transfers. The
@@ -135,6 +137,7 @@ def build_host(
         tracing=server_tracing_interceptor(tracer_provider),
         interceptors=[authorizer],
         refusal_observers=refusal_observers,
+        control_plane=control_plane,
         health_listen=common.health_listen,
         config=common.server,
         message_limits=message_limits,

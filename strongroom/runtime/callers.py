@@ -13,6 +13,16 @@ only while its caller has fewer than ``max_per_identity`` running; the excess fa
 caller behind it. A call counts from the moment its handler starts until the handler returns,
 however it ends (an answer, an error, an abort); a call its client cancelled counts until its
 handler returns too, since gRPC cannot stop the thread that runs it.
+
+Two identities at that cap could still hold every worker together, and queue everyone else, the
+operator included. So the workers are split (:class:`WorkerShares`): a reserve that only the
+service's *control-plane* methods may use (model control, key administration, deletes, health:
+each service names its own), and the rest, which *data-plane* calls (unary calls and blocking
+streams of every other method) hold all callers together; a data-plane call beyond it fails at once
+with ``RESOURCE_EXHAUSTED`` (``DATA_PLANE_WORKERS_BUSY``). The per-identity cap defaults to just
+under half the data-plane workers, so that two callers at their cap leave a worker for a third.
+Control-plane calls count against their caller's cap only: an operator's calls are few, and
+health checks are answered at once.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
@@ -56,20 +66,83 @@ def caller_key(context: grpc.ServicerContext) -> str:
         return UNVERIFIED
 
 
+class WorkerShares:
+    """The split of a server's workers between data-plane and control-plane calls.
+
+    ``data_plane`` workers at most are held by data-plane calls, all callers together: unary
+    calls (:class:`UnaryGuard`) and blocking streams (:class:`~strongroom.runtime.streams.StreamGuard`)
+    of every method not in ``control_plane``, a set of full method names (``/pkg.Service/Method``)
+    and service names (all of its methods). The rest of the workers stay free for control-plane
+    calls. :attr:`lock` also guards :class:`UnaryGuard`'s own counts, so that a unary call is
+    admitted under one lock.
+    """
+
+    def __init__(self, data_plane: int, control_plane: Iterable[str] = ()) -> None:
+        if data_plane < 1:
+            raise ValueError("data_plane must be at least 1")
+        self.data_plane = data_plane
+        self._control = frozenset(control_plane)
+        self.lock = threading.Lock()
+        self.held = 0
+        """Data-plane workers held now (read and written under :attr:`lock`)."""
+
+    def is_control_plane(self, method: str) -> bool:
+        """Whether ``method`` (a full method name) may use the control-plane reserve."""
+        service = method[1:].split("/", 1)[0]
+        return method in self._control or service in self._control
+
+    def busy(self, method: str) -> ResourceExhausted:
+        """The refusal of a data-plane call of ``method`` while every data-plane worker is held."""
+        return ResourceExhausted(
+            f"all {self.data_plane} data-plane workers are busy (server.max_workers less "
+            "server.control_plane_workers, which only control-plane calls use); "
+            f"{method} refused, retry later",
+            reason=Reason.DATA_PLANE_WORKERS_BUSY,
+        )
+
+    def take(self, method: str) -> None:
+        """Holds a data-plane worker for a blocking stream of ``method``; raises
+        ``ResourceExhausted`` (``DATA_PLANE_WORKERS_BUSY``) when none is left."""
+        with self.lock:
+            if self.held < self.data_plane:
+                self.held += 1
+                return
+        raise self.busy(method)
+
+    def give(self) -> None:
+        """Gives back a worker :meth:`take` held."""
+        with self.lock:
+            self.held -= 1
+
+    def held_now(self) -> int:
+        """Data-plane workers held now."""
+        with self.lock:
+            return self.held
+
+
 class UnaryGuard(HandlerInterceptor):
-    """Admits a unary-unary RPC while its caller runs fewer than ``max_per_identity``; streams
-    pass untouched (:class:`~strongroom.runtime.streams.StreamGuard` limits them).
+    """Admits a unary-unary RPC while its caller runs fewer than ``max_per_identity`` and, for a
+    data-plane method, while a data-plane worker of ``shares`` is free; streams pass untouched
+    (:class:`~strongroom.runtime.streams.StreamGuard` limits them).
 
     It goes after the authoriser (it counts verified callers, and a caller refused there holds no
     thread) and inside the error mapping, which answers its refusal and tells a method's refusal
     observer of it (the key broker audits a refused release)."""
 
-    def __init__(self, max_per_identity: int, identify: Identify = caller_key) -> None:
+    def __init__(
+        self,
+        max_per_identity: int,
+        identify: Identify = caller_key,
+        shares: WorkerShares | None = None,
+    ) -> None:
         if max_per_identity < 1:
             raise ValueError("max_per_identity must be at least 1")
         self._max = max_per_identity
         self._identify = identify
-        self._lock = threading.Lock()
+        # Without shares (a guard on its own), every method is data-plane and only the
+        # per-identity cap binds.
+        self.shares = shares or WorkerShares(1 << 30)
+        self._lock = self.shares.lock
         self._running: Counter[str] = Counter()
 
     def running(self, identity: str) -> int:
@@ -77,47 +150,56 @@ class UnaryGuard(HandlerInterceptor):
         with self._lock:
             return self._running[identity]
 
-    def _enter(self, identity: str, method: str, context: grpc.ServicerContext) -> None:
+    def _enter(self, identity: str, method: str, context: grpc.ServicerContext, data: bool) -> None:
+        shares = self.shares
         with self._lock:
-            if self._running[identity] < self._max:
+            # The caller's own cap first: a caller over it is told so, whatever the others hold.
+            over = self._running[identity] >= self._max
+            if not over and not (data and shares.held >= shares.data_plane):
                 self._running[identity] += 1
+                if data:
+                    shares.held += 1
                 return
+        exc = (
+            ResourceExhausted(
+                f"{identity} already has {self._max} calls running "
+                f"(server.max_unary_calls_per_identity); {method} refused, retry later",
+                reason=Reason.TOO_MANY_UNARY_CALLS_PER_IDENTITY,
+            )
+            if over
+            else shares.busy(method)
+        )
         log.warning(
             "unary call refused",
-            extra={
-                "method": method,
-                "peer": context.peer(),
-                "reason": Reason.TOO_MANY_UNARY_CALLS_PER_IDENTITY,
-            },
+            extra={"method": method, "peer": context.peer(), "reason": exc.reason},
         )
-        raise ResourceExhausted(
-            f"{identity} already has {self._max} calls running "
-            f"(server.max_unary_calls_per_identity); {method} refused, retry later",
-            reason=Reason.TOO_MANY_UNARY_CALLS_PER_IDENTITY,
-        )
+        raise exc
 
-    def _leave(self, identity: str) -> None:
+    def _leave(self, identity: str, data: bool) -> None:
         with self._lock:
             self._running[identity] -= 1
             if self._running[identity] <= 0:
                 del self._running[identity]
+            if data:
+                self.shares.held -= 1
 
     def wrap_handler(
         self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> RpcMethodHandler:
-        """A unary-unary ``handler`` admitted within the limit; any other as it is."""
+        """A unary-unary ``handler`` admitted within the limits; any other as it is."""
         behaviour = handler.unary_unary
         if behaviour is None:
             return handler
         method = details.method
+        data = not self.shares.is_control_plane(method)  # decided once per method
 
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             identity = self._identify(context)
-            self._enter(identity, method, context)
+            self._enter(identity, method, context, data)
             try:
                 return behaviour(request, context)
             finally:
-                self._leave(identity)
+                self._leave(identity, data)
 
         return grpc.unary_unary_rpc_method_handler(
             call,

@@ -230,10 +230,20 @@ class ServerConfig:
     grace_seconds: float = 20.0
     # Streams (uploads, downloads, health Watch) one caller may hold open at once.
     max_streams_per_identity: int = 8
+    # Worker threads only the service's control-plane methods may use (model control and
+    # attestation evidence on inference, key administration on the broker, deletes and key-slot
+    # replacement on the store, health and reflection everywhere): data-plane calls (unary calls
+    # and blocking streams of every other method, all callers together) hold at most the other
+    # max_workers - control_plane_workers, and the excess is refused at once (RESOURCE_EXHAUSTED
+    # DATA_PLANE_WORKERS_BUSY), so that a flood of data-plane calls never queues an operator's
+    # call. None is an eighth of max_workers (at least 1, at most 16; none with a single worker);
+    # 0 reserves nothing.
+    control_plane_workers: int | None = None
     # Unary calls one caller may have running at once (each holds a worker thread while its
     # handler runs: a key release waiting on collateral or the HSM, a store call against a slow
-    # backend); None is half of max_workers, so that one caller never holds every thread and the
-    # others are not queued behind it. The excess is refused at once (RESOURCE_EXHAUSTED).
+    # backend); None is just under half the data-plane workers, so that two callers at their cap
+    # still leave a worker for a third, and nobody is queued behind them. The excess is refused at
+    # once (RESOURCE_EXHAUSTED TOO_MANY_UNARY_CALLS_PER_IDENTITY).
     max_unary_calls_per_identity: int | None = None
     # Blocking streams (each holds a worker thread) open at once, all callers together; None is
     # half of max_workers, so that the other half always remains for unary RPCs.
@@ -266,12 +276,24 @@ class ServerConfig:
                 "server.max_blocking_streams must be at least 1 and below server.max_workers "
                 "(streams must never hold every worker thread)"
             )
-        if self.max_unary_calls_per_identity is not None and not (
-            1 <= self.max_unary_calls_per_identity < self.max_workers
+        if self.control_plane_workers is not None and not (
+            0 <= self.control_plane_workers < self.max_workers
         ):
             raise ConfigError(
-                "server.max_unary_calls_per_identity must be at least 1 and below "
-                "server.max_workers (one caller must never hold every worker thread)"
+                f"server.control_plane_workers must be between 0 (no reserve) and "
+                f"server.max_workers - 1 ({self.max_workers - 1}): data-plane calls need a worker "
+                f"too, got {self.control_plane_workers}"
+            )
+        data_plane = self.data_plane_workers
+        if self.max_unary_calls_per_identity is not None and not (
+            self.max_unary_calls_per_identity == 1
+            or 1 < self.max_unary_calls_per_identity < data_plane
+        ):
+            raise ConfigError(
+                "server.max_unary_calls_per_identity must be at least 1 and below the data-plane "
+                f"workers (server.max_workers {self.max_workers} - server.control_plane_workers "
+                f"{self.control_plane_reserve} = {data_plane}): one caller must never hold every "
+                f"data-plane worker, got {self.max_unary_calls_per_identity}"
             )
         if not 0.1 <= self.stream_idle_timeout_seconds <= 3600:
             raise ConfigError("server.stream_idle_timeout_seconds must be between 0.1 and 3600")
@@ -313,11 +335,27 @@ class ServerConfig:
         return max(1, self.max_workers // 2)
 
     @property
+    def control_plane_reserve(self) -> int:
+        """The effective ``control_plane_workers``: an eighth of the workers by default (at
+        least 1, at most 16: control-plane calls are an operator's, few at a time; none with a
+        single worker, which data-plane calls need)."""
+        if self.control_plane_workers is not None:
+            return self.control_plane_workers
+        return min(max(1, min(16, self.max_workers // 8)), self.max_workers - 1)
+
+    @property
+    def data_plane_workers(self) -> int:
+        """The workers data-plane calls (unary and blocking streams) may hold, all callers
+        together: ``max_workers`` less the control-plane reserve."""
+        return self.max_workers - self.control_plane_reserve
+
+    @property
     def unary_calls_per_identity(self) -> int:
-        """The effective ``max_unary_calls_per_identity``."""
+        """The effective ``max_unary_calls_per_identity``: by default just under half the
+        data-plane workers, so that two callers at their cap leave at least one for a third."""
         if self.max_unary_calls_per_identity is not None:
             return self.max_unary_calls_per_identity
-        return max(1, self.max_workers // 2)
+        return max(1, (self.data_plane_workers - 1) // 2)
 
     @property
     def max_concurrent_rpcs(self) -> int:

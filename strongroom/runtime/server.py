@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from strongroom.runtime.callers import UnaryGuard
+from strongroom.runtime.callers import UnaryGuard, WorkerShares
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import ServerInterceptor
 from strongroom.runtime.health import HealthServicer
@@ -102,6 +102,10 @@ class ServiceHost:
     ``refusal_observers`` (full method name -> observer) hear of the refusals of a method that its
     behaviour never sees (authorisation, stream and unary-call limits, a request that does not
     decode): see :class:`~strongroom.runtime.interceptors.ErrorMappingInterceptor`.
+    ``control_plane`` names the methods (``/pkg.Service/Method``) and services (``pkg.Service``)
+    that may use the workers reserved from data-plane calls (``server.control_plane_workers``;
+    :class:`~strongroom.runtime.callers.WorkerShares`): an operator's calls, which a flood of
+    data-plane calls must not queue. Health and reflection always are.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class ServiceHost:
         interceptors: Sequence[ServerInterceptor] = (),
         tracing: ServerInterceptor | None = None,
         refusal_observers: Mapping[str, RefusalObserver] | None = None,
+        control_plane: Iterable[str] = (),
         health_listen: str | None = None,
         config: ServerConfig | None = None,
         message_limits: MessageLimits = DEFAULT_MESSAGE_LIMITS,
@@ -133,15 +138,21 @@ class ServiceHost:
             *KEEPALIVE_OPTIONS,
             *config.connection_age_options,
         ]
+        # Probes and an operator's look at the server are answered however busy its data plane.
+        self.shares = WorkerShares(
+            config.data_plane_workers,
+            {HEALTH_SERVICE, reflection.SERVICE_NAME, *control_plane},
+        )
         self.streams = StreamGuard(
             StreamLimits(
                 max_streams_per_identity=config.max_streams_per_identity,
                 max_blocking_streams=config.blocking_streams,
                 idle_timeout=config.stream_idle_timeout_seconds,
                 min_bytes_per_second=config.stream_min_bytes_per_second,
-            )
+            ),
+            shares=self.shares,
         )
-        self.unary = UnaryGuard(config.unary_calls_per_identity)
+        self.unary = UnaryGuard(config.unary_calls_per_identity, shares=self.shares)
         self._pool = futures.ThreadPoolExecutor(
             max_workers=config.max_workers, thread_name_prefix="rpc"
         )

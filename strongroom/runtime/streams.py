@@ -9,7 +9,10 @@ threads for as long as it lasts. :class:`StreamGuard` admits a stream only while
   ``Watch`` included: they hold no thread, but they count against gRPC's
   ``maximum_concurrent_rpcs``), and
 - fewer than ``max_blocking_streams`` blocking streams are open in total, so that some threads
-  always remain for unary RPCs;
+  always remain for unary RPCs, and
+- a blocking stream of a data-plane method (any method the service does not name control-plane)
+  finds a data-plane worker free (:class:`~strongroom.runtime.callers.WorkerShares`, which
+  data-plane unary calls share): the control-plane reserve is never a stream's;
 
 otherwise the stream fails at once with ``RESOURCE_EXHAUSTED`` and a reason. A request stream that
 sends nothing for ``idle_timeout`` seconds fails with ``RESOURCE_EXHAUSTED``
@@ -47,7 +50,7 @@ import grpc
 
 from strongroom.errors import ResourceExhausted
 from strongroom.reasons import Reason
-from strongroom.runtime.callers import Identify, caller_key
+from strongroom.runtime.callers import Identify, WorkerShares, caller_key
 from strongroom.runtime.grpc_types import (
     HandlerInterceptor,
     RpcMethodHandler,
@@ -72,9 +75,15 @@ class StreamLimits:
 class StreamGuard(HandlerInterceptor):
     """Admits streaming RPCs within :class:`StreamLimits`; unary RPCs pass untouched."""
 
-    def __init__(self, limits: StreamLimits, identify: Identify = caller_key) -> None:
+    def __init__(
+        self,
+        limits: StreamLimits,
+        identify: Identify = caller_key,
+        shares: WorkerShares | None = None,
+    ) -> None:
         self._limits = limits
         self._identify = identify
+        self._shares = shares
         self._lock = threading.Lock()
         self._per_identity: Counter[str] = Counter()
         self._blocking = 0
@@ -121,8 +130,9 @@ class StreamGuard(HandlerInterceptor):
         with self._lock:
             return self._per_identity[identity] if identity is not None else self._blocking
 
-    def _admit(self, identity: str, blocking: bool, method: str) -> Callable[[], None]:
+    def _admit(self, identity: str, blocking: bool, method: str, data: bool) -> Callable[[], None]:
         limits = self._limits
+        shares = self._shares if blocking and data else None
         with self._lock:
             if self._per_identity[identity] >= limits.max_streams_per_identity:
                 raise ResourceExhausted(
@@ -136,6 +146,8 @@ class StreamGuard(HandlerInterceptor):
                     f"(server.max_blocking_streams); {method} refused, retry later",
                     reason=Reason.TOO_MANY_STREAMS,
                 )
+            if shares is not None:
+                shares.take(method)  # raises when every data-plane worker is held
             self._per_identity[identity] += 1
             if blocking:
                 self._blocking += 1
@@ -151,6 +163,8 @@ class StreamGuard(HandlerInterceptor):
                     del self._per_identity[identity]
                 if blocking:
                     self._blocking -= 1
+                if shares is not None:
+                    shares.give()
 
         return release
 
@@ -162,13 +176,14 @@ class StreamGuard(HandlerInterceptor):
             return handler
         method = details.method
         blocking = not is_non_blocking(handler)
+        data = self._shares is None or not self._shares.is_control_plane(method)
         idle = self._limits.idle_timeout if handler.request_streaming and blocking else None
         limits = self._limits
         metered = blocking and limits.min_bytes_per_second > 0
 
         def enter(context: grpc.ServicerContext) -> Callable[[], None]:
             try:
-                release = self._admit(self._identify(context), blocking, method)
+                release = self._admit(self._identify(context), blocking, method, data)
             except ResourceExhausted as exc:
                 log.warning(
                     "stream refused",

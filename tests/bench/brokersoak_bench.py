@@ -58,7 +58,7 @@ from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.config import KeybrokerConfig
 from tests.bench import _memprobe
 from tests.bench._proc import process_env
-from tests.bench.keybroker_bench import _Caller, caller_factory
+from tests.bench.keybroker_bench import FLEET_SERVER, _Caller, caller_factory
 
 RELEASES = 100_000
 CALLERS = 16
@@ -150,6 +150,7 @@ def soak(
         broker = stack.start_process(
             "keybroker",
             section,
+            server=FLEET_SERVER,
             env={
                 _memprobe.ENV: str(probe),
                 "PYTHONPATH": os.pathsep.join(filter(None, (_REPO, os.environ.get("PYTHONPATH")))),

@@ -75,6 +75,11 @@ from tests.bench._scale import scaled
 from tests.keybroker.helpers import data_key_request
 
 KEY = "bench"
+FLEET_SERVER: dict[str, Any] = {"max_unary_calls_per_identity": 16}
+"""The broker's ``server:`` settings for 16 concurrent callers of the one inference identity, as a
+deployment whose fleet releases that many at once sets them (the Helm chart derives them from
+``inference.replicas``): the default, 13 of the 28 data-plane workers, keeps room for a third
+identity beside two busy ones and would refuse some of the 16."""
 MECHANISMS = [pb.WRAP_MECHANISM_RSA_OAEP_SHA256, pb.WRAP_MECHANISM_RSA_OAEP_SHA1]
 
 
@@ -415,7 +420,7 @@ def measure(
         return scaled(count, scale)
 
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
-        broker = stack.start_in_process("keybroker")
+        broker = stack.start_in_process("keybroker", server=FLEET_SERVER)
         stack.create_release_key(stack.identity("admin"), KEY, policy_version="bench")
         publisher = pb_grpc.KeyBrokerServiceStub(
             stack.channel(stack.identity("publisher"), "keybroker")

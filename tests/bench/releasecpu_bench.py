@@ -55,6 +55,7 @@ from strongroom.oaep import OaepHash
 from tests.bench._proc import context_switches, cpu_seconds
 from tests.bench._scale import scaled
 from tests.bench.keybroker_bench import (
+    FLEET_SERVER,
     KEY,
     MECHANISMS,
     _BareSyncs,
@@ -92,9 +93,9 @@ class _Broker:
         shared_ephemeral_key: bool = False,
     ) -> None:
         self.running = (
-            stack.start_process("keybroker", launcher=launcher)
+            stack.start_process("keybroker", launcher=launcher, server=FLEET_SERVER)
             if launcher
-            else stack.start_process("keybroker")
+            else stack.start_process("keybroker", server=FLEET_SERVER)
         )
         assert self.running.process is not None
         self.pid = self.running.process.pid
@@ -176,7 +177,7 @@ def _rewrap_and_sync_cpu_us(
     """CPU of one HSM re-wrap (a broker in this process, on its own DevStack) and of one write +
     fsync of a ``record_bytes`` line, in µs."""
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
-        broker = stack.start_in_process("keybroker")
+        broker = stack.start_in_process("keybroker", server=FLEET_SERVER)
         caller = caller_factory(stack, shared_ephemeral_key=shared_ephemeral_key)()
         keys = broker.handle.keys
         target = ReleaseTarget.parse(

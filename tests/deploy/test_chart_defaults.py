@@ -202,7 +202,10 @@ def test_store_limits_scale_with_the_inference_fleet(
     # The fleet never takes every blocking stream (publishers keep some), nor streams every worker.
     assert server.blocking_streams >= server.max_streams_per_identity + 8
     assert server.blocking_streams < server.max_workers
-    assert server.unary_calls_per_identity < server.max_workers
+    assert server.unary_calls_per_identity < server.data_plane_workers
+    # The fleet's streams or unary calls at their caps leave data-plane workers to the others.
+    assert server.data_plane_workers - server.blocking_streams >= 12
+    assert server.data_plane_workers - server.unary_calls_per_identity >= 15
     if replicas == 1:  # one replica: exactly the service's own defaults
         defaults = ServerConfig()
         assert (server.max_streams_per_identity, server.blocking_streams) == (
@@ -213,6 +216,7 @@ def test_store_limits_scale_with_the_inference_fleet(
             defaults.unary_calls_per_identity,
             defaults.max_workers,
         )
+        assert server.control_plane_reserve == defaults.control_plane_reserve
 
 
 def test_store_limits_are_operator_values(helm: str, tmp_path: Path) -> None:
@@ -227,9 +231,14 @@ def test_store_limits_are_operator_values(helm: str, tmp_path: Path) -> None:
     # What was left null still derives, from the values given.
     assert (server.blocking_streams, server.max_workers) == (32, 48)
     server = _store_server(
-        helm, tmp_path, "modelstore.server.maxBlockingStreams=40", "modelstore.server.maxWorkers=64"
+        helm,
+        tmp_path,
+        "modelstore.server.maxBlockingStreams=40",
+        "modelstore.server.maxWorkers=64",
+        "modelstore.server.controlPlaneWorkers=0",
     )
     assert (server.blocking_streams, server.max_workers) == (40, 64)
+    assert server.control_plane_reserve == 0  # 0 is a value, not "derive"
 
 
 @pytest.mark.parametrize(
@@ -241,7 +250,12 @@ def test_store_limits_are_operator_values(helm: str, tmp_path: Path) -> None:
         ),
         (
             ("modelstore.server.maxUnaryCallsPerIdentity=40", "modelstore.server.maxWorkers=40"),
-            "modelstore.server.maxUnaryCallsPerIdentity (40) must be below maxWorkers (40)",
+            "modelstore.server.maxUnaryCallsPerIdentity (40) must be below the data-plane workers "
+            "(maxWorkers 40 - controlPlaneWorkers 4 = 36)",
+        ),
+        (
+            ("modelstore.server.controlPlaneWorkers=40", "modelstore.server.maxWorkers=40"),
+            "modelstore.server.controlPlaneWorkers (40) must be below maxWorkers (40)",
         ),
         (
             ("modelstore.server.maxStreamsPerIdentity=1020",),
@@ -309,7 +323,9 @@ def test_broker_unary_limit_scales_with_the_inference_fleet(
     (TOO_MANY_UNARY_CALLS_PER_IDENTITY, each refusal audited) until it backed off."""
     server = _server(helm, tmp_path, "keybroker", f"inference.replicas={replicas}")
     assert server.unary_calls_per_identity >= 2 * replicas
-    assert server.max_workers - server.unary_calls_per_identity >= 16  # threads for the others
+    # Threads for the others, and the reserve for key administration beside them.
+    assert server.data_plane_workers - server.unary_calls_per_identity >= 15
+    assert server.control_plane_reserve == 4
     if replicas == 1:
         defaults = ServerConfig()
         assert (server.unary_calls_per_identity, server.max_workers) == (
@@ -319,8 +335,9 @@ def test_broker_unary_limit_scales_with_the_inference_fleet(
     overridden = _server(
         helm, tmp_path, "keybroker", "keybroker.server.maxUnaryCallsPerIdentity=20"
     )
-    assert (overridden.unary_calls_per_identity, overridden.max_workers) == (20, 36)
+    assert (overridden.unary_calls_per_identity, overridden.max_workers) == (20, 39)
     refused = run_helm_template(helm, set_args=("keybroker.server.maxWorkers=16",))
-    assert "keybroker.server.maxUnaryCallsPerIdentity (16) must be below maxWorkers (16)" in (
-        refused.stderr
-    )
+    assert (
+        "keybroker.server.maxUnaryCallsPerIdentity (13) must be below the data-plane workers "
+        "(maxWorkers 16 - controlPlaneWorkers 4 = 12)"
+    ) in refused.stderr

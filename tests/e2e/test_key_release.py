@@ -621,12 +621,14 @@ def test_a_release_by_an_identity_without_the_inference_role_is_audited(world: W
 def narrow_world(
     step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
 ) -> Iterator[World]:
-    """A broker of its own with 4 workers (2 unary calls per identity) whose HSM operations may
-    wait a minute, so that a test can hold them for as long as it needs."""
+    """A broker of its own with 4 workers (1 reserved for key administration, 3 for the data
+    plane, 2 unary calls per identity) whose HSM operations may wait a minute, so that a test can
+    hold them for as long as it needs."""
     root = stack_root(tmp_path_factory, "narrow", simulated_tee_dir)
     with DevStack(root, step_ca_binary=step_ca_binary) as dev:
         section = {**dev.default_section("keybroker"), "hsm_operation_timeout_seconds": 60}
-        dev.start_in_process("keybroker", section, server={"max_workers": 4})
+        server = {"max_workers": 4, "max_unary_calls_per_identity": 2}
+        dev.start_in_process("keybroker", section, server=server)
         yield make_world(dev)
 
 
@@ -638,7 +640,7 @@ def test_a_release_refused_for_too_many_calls_at_once_is_audited(narrow_world: W
     world = narrow_world
     broker = world.stack.services["keybroker"].handle
     caller = world.stack.spiffe_id("inference")
-    slots = broker.host.unary  # 2: half of the 4 workers
+    slots = broker.host.unary  # 2 per identity (the narrow broker's setting)
     attempts = [new_attempt(world) for _ in range(3)]
     gate = threading.Event()
     hold = broker.hsm.submit(lambda _session: gate.wait(60), timeout=60, name="test hold")
@@ -664,6 +666,49 @@ def test_a_release_refused_for_too_many_calls_at_once_is_audited(narrow_world: W
         gate.set()
     assert all(f.result(timeout=60).wrapped_data_key for f in held)
     assert slots.running(caller) == 0
+
+
+def test_a_release_refused_for_a_busy_data_plane_is_audited(narrow_world: World) -> None:
+    """A publisher's data keys and one release, all held at the HSM, hold every data-plane worker
+    (the fourth is key administration's): the inference identity's next release, within its own
+    cap, is refused at once with DATA_PLANE_WORKERS_BUSY and audited like every refused release;
+    the held calls then complete and give their workers back."""
+    world = narrow_world
+    broker = world.stack.services["keybroker"].handle
+    caller = world.stack.spiffe_id("inference")
+    shares = broker.host.shares
+    assert shares.data_plane == 3
+    assert shares.is_control_plane("/strongroom.api.keybroker.v1.KeyAdminService/DisableKey")
+    assert not shares.is_control_plane("/strongroom.api.keybroker.v1.KeyBrokerService/ReleaseKey")
+    attempts = [new_attempt(world) for _ in range(2)]
+    gate = threading.Event()
+    hold = broker.hsm.submit(lambda _session: gate.wait(60), timeout=60, name="test hold")
+    try:
+        assert wait_until(lambda: hold.started)
+        held: list[grpc.Future[Any]] = [
+            world.publisher.GenerateDataKey.future(
+                data_key_request(KEY, (f"busy/{i}", "1")), timeout=60
+            )
+            for i in range(2)
+        ]
+        held.append(world.broker.ReleaseKey.future(attempts[0].request, timeout=60))
+        assert wait_until(lambda: shares.held_now() == 3)
+        before = len(audit_records(world))
+        with pytest.raises(grpc.RpcError) as info:
+            world.broker.ReleaseKey(attempts[1].request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert ("strongroom-reason", "DATA_PLANE_WORKERS_BUSY") in tuple(
+            info.value.trailing_metadata()  # type: ignore[attr-defined]
+        )
+        refused = [
+            r for r in audit_records(world)[before:] if r["reason"] == "DATA_PLANE_WORKERS_BUSY"
+        ]
+        assert [(r["decision"], r["caller"]["spiffe_id"]) for r in refused] == [("denied", caller)]
+        assert refused[0]["key"]["id"] is None  # refused before the request was read
+    finally:
+        gate.set()
+    assert all(f.result(timeout=60).wrapped_data_key for f in held)
+    assert wait_until(lambda: shares.held_now() == 0)
 
 
 def wait_until(condition: Callable[[], bool]) -> bool:

@@ -16,6 +16,8 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
+from strongroom.errors import ResourceExhausted
+from strongroom.inference.loader import transient
 from strongroom.inference.models import (
     ModelLoadFailed,
     ModelRepository,
@@ -23,6 +25,7 @@ from strongroom.inference.models import (
     ModelUnloaded,
 )
 from strongroom.inference.models._repository import MAX_FAILED_LOADS
+from strongroom.reasons import Reason
 
 
 def wait_until(predicate: object, timeout: float) -> bool:
@@ -221,14 +224,25 @@ def test_a_load_refused_while_the_broker_is_busy_with_its_identity_is_retried(
     holders, configured, requested = ("busy-a", "busy-b"), "busy-c", "busy-d"
     _publish_files(stack, "busy", {name: model for name in (*holders, configured, requested)})
     _stop(stack, "keybroker", "inference")
-    # A broker admitting 2 calls per identity (half of 4 workers), whose HSM waits may last.
+    # A broker admitting 2 calls per identity (of 4 workers, 3 for the data plane), whose HSM
+    # waits may last.
     section = {**stack.default_section("keybroker"), "hsm_operation_timeout_seconds": 60}
-    broker = stack.start_in_process("keybroker", section, server={"max_workers": 4}).handle
+    server = {"max_workers": 4, "max_unary_calls_per_identity": 2}
+    broker = stack.start_in_process("keybroker", section, server=server).handle
     inference = stack.start_in_process(
         "inference",
         {**stack.default_section("inference"), "models": [{"name": configured, "version": "1"}]},
     ).handle
     inference.retry_initial = inference.retry_max = 0.2
+    # Each service names its control plane, which a busy data plane (like this one) cannot queue.
+    control = inference.host.shares.is_control_plane
+    assert control("/strongroom.api.inference.v1.ModelControlService/LoadModel")
+    assert control("/strongroom.api.inference.v1.InferenceAttestationService/GetEvidence")
+    assert not control("/inference.GRPCInferenceService/ModelInfer")
+    store = stack.services["modelstore"].handle.host.shares.is_control_plane
+    assert store("/strongroom.api.modelstore.v1.ModelStoreService/DeleteModel")
+    assert store("/strongroom.api.modelstore.v1.ModelStoreService/ReplaceKeySlot")
+    assert not store("/strongroom.api.modelstore.v1.ModelStoreService/GetModel")
     repository = inference.repository
     gate = threading.Event()
     loads: list[threading.Thread] = []
@@ -276,6 +290,14 @@ def test_a_load_refused_while_the_broker_is_busy_with_its_identity_is_retried(
         stack.services.pop("inference").stop()
         stack.services.pop("keybroker").stop()
         stack.start_in_process("keybroker")  # as the module's other tests expect it
+
+
+def test_a_load_refused_for_a_busy_data_plane_is_retried() -> None:
+    """A broker or store whose data-plane workers are all busy (the rest are the control plane's)
+    answers RESOURCE_EXHAUSTED DATA_PLANE_WORKERS_BUSY, "retry later": a load refused so is
+    retried like one refused for its identity's calls, not failed as if the release were denied."""
+    assert transient(ResourceExhausted("busy", reason=Reason.DATA_PLANE_WORKERS_BUSY))
+    assert not transient(ResourceExhausted("too large", reason=Reason.ARTIFACT_TOO_LARGE))
 
 
 def test_a_load_refused_while_the_store_streams_to_its_identity_is_retried(

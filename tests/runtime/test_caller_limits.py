@@ -30,6 +30,8 @@ from tests.inference.fake_tee import FakeSevGuest
 from tests.pki.helpers import TRUST_DOMAIN, enrol, sid
 
 SERVICE = "test.Callers"
+CONTROL = f"/{SERVICE}/Admin"
+"""The mesh's one control-plane method (a service names its own: model control, key admin)."""
 
 
 def _raw(b: bytes) -> bytes:
@@ -62,6 +64,9 @@ class Slow:
         def quick(request: bytes, context: grpc.ServicerContext) -> bytes:
             return b"ok"
 
+        def admin(request: bytes, context: grpc.ServicerContext) -> bytes:
+            return b"admin"
+
         def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
             raise RuntimeError("a bug in a handler")
 
@@ -76,6 +81,7 @@ class Slow:
             {
                 "Hold": unary(hold),
                 "Quick": unary(quick),
+                "Admin": unary(admin),  # the mesh's control plane
                 "Fail": unary(fail),
                 "Abort": unary(abort),
                 "HoldStream": grpc.unary_stream_rpc_method_handler(hold_stream, _raw, _raw),
@@ -137,7 +143,7 @@ def mesh(ca: StepCa, server_identity: WorkloadIdentity) -> Iterator[Callable[...
     ) -> Mesh:
         slow = Slow()
         services = [slow.spec(), *extra]
-        callers = [sid("inference"), sid("publisher")]
+        callers = [sid(name) for name in ("inference", "publisher", "client", "admin")]
         authorizer = SpiffeAuthorizer(
             TRUST_DOMAIN, {spec.name: callers for spec in services}, public=(HEALTH_SERVICE,)
         )
@@ -147,6 +153,7 @@ def mesh(ca: StepCa, server_identity: WorkloadIdentity) -> Iterator[Callable[...
             services=services,
             interceptors=[authorizer],
             refusal_observers=observers,
+            control_plane=(CONTROL,),
             config=ServerConfig(**settings),
         )
         host.start()
@@ -316,10 +323,102 @@ def test_a_unary_call_is_released_however_it_ends(mesh: Callable[..., Mesh]) -> 
     assert quick(b"", timeout=30) == b"ok"
 
 
-def test_the_unary_cap_defaults_to_half_the_workers_and_leaves_one_for_others() -> None:
-    assert ServerConfig().unary_calls_per_identity == 16
-    assert ServerConfig(max_workers=1).unary_calls_per_identity == 1
-    assert ServerConfig(max_workers=8, max_unary_calls_per_identity=7).unary_calls_per_identity == 7
-    for value in (0, 8):
-        with pytest.raises(ConfigError, match="max_unary_calls_per_identity"):
+def flood(running: Mesh, *names: str, calls: int = 8) -> list[grpc.Future[Any]]:
+    """Each of ``names`` sends ``calls`` slow data-plane calls at once; returns their futures
+    once every one was either admitted (its handler holds a worker) or refused. Whatever the
+    flooders hold must leave their refusals (and everyone else) a worker, or they never settle."""
+    held: list[grpc.Future[Any]] = [
+        running.caller(name).unary_unary(f"/{SERVICE}/Hold", _raw, _raw).future(b"", timeout=60)
+        for name in names
+        for _ in range(calls)
+    ]
+    cap = running.host.unary.running
+    assert settled(
+        lambda: sum(f.done() for f in held) + sum(cap(sid(n)) for n in names) == len(held)
+    ), f"the flood did not settle: {sum(f.done() for f in held)} of {len(held)} answered"
+    return held
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "answer"),
+    [("client", f"/{SERVICE}/Quick", b"ok"), ("admin", CONTROL, b"admin")],
+    ids=["third-identity", "control-plane"],
+)
+def test_two_identities_flooding_cannot_stop_a_third_or_the_control_plane(
+    mesh: Callable[..., Mesh], name: str, method: str, answer: bytes
+) -> None:
+    """Two identities each at the per-identity cap (then half the workers) held every worker
+    between them: a third identity's call, and the operator's (model control, key
+    administration), queued until a flooder let go. Now each identity stops just under half the
+    data-plane workers and a reserve is kept for the control plane, so both are served (and
+    health checks too) while the flood holds all it may."""
+    running = mesh(max_workers=8)  # defaults: 1 worker reserved, 7 data-plane, 3 per identity
+    held = flood(running, "inference", "publisher")
+    assert [running.host.unary.running(sid(n)) for n in ("inference", "publisher")] == [3, 3]
+    refused = [f for f in held if f.done()]
+    assert {refusal(f.result)[1] for f in refused} == {"TOO_MANY_UNARY_CALLS_PER_IDENTITY"}
+    channel = running.caller(name)
+    assert channel.unary_unary(method, _raw, _raw)(b"", timeout=30) == answer
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    running.slow.release.set()
+    assert [f.result(timeout=30) for f in held if f not in refused] == [b"done"] * 6
+
+
+def test_data_plane_calls_beyond_their_share_are_refused_at_once(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """With every data-plane worker held (three identities' slow calls), a fourth identity's
+    data-plane call, unary or a blocking stream, is refused at once with
+    DATA_PLANE_WORKERS_BUSY, and a method's refusal observer hears of it (the key broker audits
+    a release refused so); the reserved worker still serves a control-plane call, and every
+    worker comes back once the calls end."""
+    observed: list[tuple[str, str]] = []
+
+    def observer(exc: StrongroomError, context: grpc.ServicerContext) -> None:
+        observed.append((exc.status_name, exc.reason))
+
+    running = mesh(observers={f"/{SERVICE}/Quick": observer}, max_workers=8)
+    held = [f for f in flood(running, "inference", "publisher", "client", calls=3) if not f.done()]
+    assert len(held) == running.host.shares.held_now() == 7  # 3 + 3 + 1: the data plane is full
+    late = running.caller("admin")
+    quick = late.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+    assert refusal(lambda: quick(b"", timeout=30)) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "DATA_PLANE_WORKERS_BUSY",
+    )
+    assert observed == [("RESOURCE_EXHAUSTED", "DATA_PLANE_WORKERS_BUSY")]
+    stream = late.unary_stream(f"/{SERVICE}/HoldStream", _raw, _raw)
+    assert refusal(lambda: next(stream(b"", timeout=30)))[1] == "DATA_PLANE_WORKERS_BUSY"
+    assert running.host.streams.open_streams(sid("admin")) == 0  # its refusal took nothing
+    assert late.unary_unary(CONTROL, _raw, _raw)(b"", timeout=30) == b"admin"
+    running.slow.release.set()
+    assert [f.result(timeout=30) for f in held] == [b"done"] * 7
+    assert settled(lambda: running.host.shares.held_now() == 0)
+    assert quick(b"", timeout=30) == b"ok"
+
+
+def test_worker_shares_default_from_the_workers_and_refuse_contradictions() -> None:
+    """An eighth of the workers (1 to 16; none with one worker) is the control plane's; the
+    per-identity cap is just under half the rest, so that two callers at it leave a third one."""
+    defaults = ServerConfig()
+    assert (defaults.control_plane_reserve, defaults.data_plane_workers) == (4, 28)
+    assert defaults.unary_calls_per_identity == 13
+    assert ServerConfig(max_workers=1024).control_plane_reserve == 16
+    one = ServerConfig(max_workers=1)
+    assert (one.control_plane_reserve, one.data_plane_workers, one.unary_calls_per_identity) == (
+        0,
+        1,
+        1,
+    )
+    assert ServerConfig(max_workers=8).unary_calls_per_identity == 3
+    assert ServerConfig(max_workers=8, control_plane_workers=0).data_plane_workers == 8
+    custom = ServerConfig(max_workers=8, control_plane_workers=2, max_unary_calls_per_identity=5)
+    assert (custom.data_plane_workers, custom.unary_calls_per_identity) == (6, 5)
+    assert ServerConfig(max_workers=2, max_unary_calls_per_identity=1).data_plane_workers == 1
+    for value in (0, 7, 8):  # 7: one caller would hold every data-plane worker
+        with pytest.raises(ConfigError, match=r"max_unary_calls_per_identity.*data-plane"):
             ServerConfig(max_workers=8, max_unary_calls_per_identity=value)
+    for reserve in (-1, 8):
+        with pytest.raises(ConfigError, match="control_plane_workers"):
+            ServerConfig(max_workers=8, control_plane_workers=reserve)

@@ -317,26 +317,27 @@ topologySpreadConstraints:
 The model store's gRPC limits (its configuration's server section), as JSON: each value the
 operator left null is derived from inference.replicas (R). Every inference replica has the one
 inference SPIFFE ID, so the per-identity limits are the whole fleet's; the totals grow with them so
-that the fleet cannot take every blocking stream or every worker (values.yaml, modelstore.server).
-Refuses what the store would refuse at start (strongroom.runtime.config.ServerConfig).
+that the fleet cannot take every blocking stream or every data-plane worker, and the workers
+reserved for the control plane (deletes, key-slot replacement, health) stay out of everyone's
+reach (values.yaml, modelstore.server). Refuses what the store would refuse at start
+(strongroom.runtime.config.ServerConfig).
 */}}
 {{- define "strongroom.modelstoreServer" -}}
 {{- $s := .Values.modelstore.server -}}
 {{- $fleet := mul 2 (int .Values.inference.replicas) -}}
+{{- $reserve := include "strongroom.controlPlaneWorkers" $s | int -}}
 {{- $streams := int (default (max 8 $fleet) $s.maxStreamsPerIdentity) -}}
-{{- $unary := int (default (max 16 $fleet) $s.maxUnaryCallsPerIdentity) -}}
+{{- $unary := int (default (max 13 $fleet) $s.maxUnaryCallsPerIdentity) -}}
 {{- $blocking := int (default (max 16 (add $streams 8)) $s.maxBlockingStreams) -}}
-{{- $workers := int (default (max 32 (add $blocking 16) (add $unary 1)) $s.maxWorkers) -}}
+{{- $workers := int (default (max 32 (add $blocking $reserve 12) (add $unary $reserve 15)) $s.maxWorkers) -}}
 {{- if gt $workers 1024 -}}
-{{- fail (printf "modelstore.server: %d worker threads needed (maxBlockingStreams %d + 16, maxUnaryCallsPerIdentity %d + 1; derived from inference.replicas %d where not set) but the store allows at most 1024: set modelstore.server.maxStreamsPerIdentity / maxUnaryCallsPerIdentity lower, or run more model store replicas and set them per replica" $workers $blocking $unary (int .Values.inference.replicas)) -}}
+{{- fail (printf "modelstore.server: %d worker threads needed (maxBlockingStreams %d + controlPlaneWorkers %d + 12, maxUnaryCallsPerIdentity %d + controlPlaneWorkers + 15; derived from inference.replicas %d where not set) but the store allows at most 1024: set modelstore.server.maxStreamsPerIdentity / maxUnaryCallsPerIdentity lower, or run more model store replicas and set them per replica" $workers $blocking $reserve $unary (int .Values.inference.replicas)) -}}
 {{- end -}}
 {{- if not (lt $blocking $workers) -}}
 {{- fail (printf "modelstore.server.maxBlockingStreams (%d) must be below maxWorkers (%d): streams must never hold every worker thread" $blocking $workers) -}}
 {{- end -}}
-{{- if not (lt $unary $workers) -}}
-{{- fail (printf "modelstore.server.maxUnaryCallsPerIdentity (%d) must be below maxWorkers (%d): one caller must never hold every worker thread" $unary $workers) -}}
-{{- end -}}
-{{- toJson (dict "max_workers" $workers "max_blocking_streams" $blocking "max_streams_per_identity" $streams "max_unary_calls_per_identity" $unary) -}}
+{{- include "strongroom.checkWorkerShares" (list "modelstore" $workers $reserve $unary) -}}
+{{- toJson (dict "max_workers" $workers "control_plane_workers" $reserve "max_blocking_streams" $blocking "max_streams_per_identity" $streams "max_unary_calls_per_identity" $unary) -}}
 {{- end -}}
 
 {{/*
@@ -346,15 +347,39 @@ Streams keep the service's defaults (the broker's only stream is health Watch).
 */}}
 {{- define "strongroom.keybrokerServer" -}}
 {{- $s := .Values.keybroker.server -}}
-{{- $unary := int (default (max 16 (mul 2 (int .Values.inference.replicas))) $s.maxUnaryCallsPerIdentity) -}}
-{{- $workers := int (default (max 32 (add $unary 16)) $s.maxWorkers) -}}
+{{- $reserve := include "strongroom.controlPlaneWorkers" $s | int -}}
+{{- $unary := int (default (max 13 (mul 2 (int .Values.inference.replicas))) $s.maxUnaryCallsPerIdentity) -}}
+{{- $workers := int (default (max 32 (add $unary $reserve 15)) $s.maxWorkers) -}}
 {{- if gt $workers 1024 -}}
-{{- fail (printf "keybroker.server: %d worker threads needed (maxUnaryCallsPerIdentity %d + 16) but the broker allows at most 1024: set keybroker.server.maxUnaryCallsPerIdentity lower" $workers $unary) -}}
+{{- fail (printf "keybroker.server: %d worker threads needed (maxUnaryCallsPerIdentity %d + controlPlaneWorkers %d + 15) but the broker allows at most 1024: set keybroker.server.maxUnaryCallsPerIdentity lower" $workers $unary $reserve) -}}
 {{- end -}}
-{{- if not (lt $unary $workers) -}}
-{{- fail (printf "keybroker.server.maxUnaryCallsPerIdentity (%d) must be below maxWorkers (%d): one caller must never hold every worker thread" $unary $workers) -}}
+{{- include "strongroom.checkWorkerShares" (list "keybroker" $workers $reserve $unary) -}}
+{{- toJson (dict "max_workers" $workers "control_plane_workers" $reserve "max_unary_calls_per_identity" $unary) -}}
 {{- end -}}
-{{- toJson (dict "max_workers" $workers "max_unary_calls_per_identity" $unary) -}}
+
+{{/*
+A server section's controlPlaneWorkers: the workers only control-plane calls may use (null: 4, the
+service's own default at 32 workers; 0 is a value, not null, so `default` cannot read it).
+*/}}
+{{- define "strongroom.controlPlaneWorkers" -}}
+{{- if kindIs "invalid" .controlPlaneWorkers -}}4{{- else -}}{{ int .controlPlaneWorkers }}{{- end -}}
+{{- end -}}
+
+{{/*
+Refuses worker shares the service would refuse at start: (service workers reserve unary).
+*/}}
+{{- define "strongroom.checkWorkerShares" -}}
+{{- $service := index . 0 -}}
+{{- $workers := index . 1 -}}
+{{- $reserve := index . 2 -}}
+{{- $unary := index . 3 -}}
+{{- if not (lt $reserve $workers) -}}
+{{- fail (printf "%s.server.controlPlaneWorkers (%d) must be below maxWorkers (%d): data-plane calls need a worker too" $service $reserve $workers) -}}
+{{- end -}}
+{{- $data := sub $workers $reserve -}}
+{{- if not (or (eq $unary 1) (lt $unary $data)) -}}
+{{- fail (printf "%s.server.maxUnaryCallsPerIdentity (%d) must be below the data-plane workers (maxWorkers %d - controlPlaneWorkers %d = %d): one caller must never hold every data-plane worker thread" $service $unary $workers $reserve $data) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Values checks the schema cannot word precisely ----------------------------------------- */}}
