@@ -822,6 +822,14 @@ def _unpacked_shape(dimensions: int) -> bytes:
     return append_bytes_field(b"\n\x0aclassifier", _INPUTS, data)
 
 
+def _empty_packed_shapes(occurrences: int) -> bytes:
+    """An input whose shape is ``occurrences`` empty packed arrays: no dimension, two bytes each
+    (60 MiB of them were 30 million fields for the wire check to walk, the parse to skip)."""
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32")
+    data = tensor.SerializeToString() + append_bytes_field(b"", _INPUT_SHAPE, b"") * occurrences
+    return append_bytes_field(b"\n\x0aclassifier", _INPUTS, data)
+
+
 _INPUT_SHAPE = pb.ModelInferRequest.InferInputTensor.DESCRIPTOR.fields_by_name["shape"].number
 _SERIALISED = pb.ModelInferRequest.SerializeToString
 WIRE_LIMIT_CASES: list[tuple[str, object, grpc.StatusCode, str]] = [
@@ -855,6 +863,12 @@ WIRE_LIMIT_CASES: list[tuple[str, object, grpc.StatusCode, str]] = [
     (
         "unpacked dimensions",
         lambda: _unpacked_shape(17),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SHAPE_INVALID",
+    ),
+    (
+        "empty packed dimensions",
+        lambda: _empty_packed_shapes(17),
         grpc.StatusCode.INVALID_ARGUMENT,
         "SHAPE_INVALID",
     ),
