@@ -806,6 +806,35 @@ def test_contents_count_no_more_than_the_servicer_would_charge() -> None:
     assert info.value.reason == "TOO_MANY_FIELDS"
 
 
+def test_contents_are_walked_only_so_far_in_all_of_a_request() -> None:
+    """The fields of counted contents are walked a bounded number of times per request, not per
+    occurrence: a tensor may repeat ``contents`` (protobuf merges them) and a request holds 64
+    tensors, so 60 MiB of fields that count nothing (empty packed arrays, unknown fields) in
+    occurrences each under the bound took the check a minute of CPU."""
+    limits = InferLimits(max_input_bytes=1 << 20)  # contents over 128 KiB are counted
+    most = limits.max_input_bytes // BYTES_ELEMENT_COST + 64
+    nothing = append_bytes_field(b"", _typed_field("int64_contents"), b"")  # packed, no value
+    unknown = bytes([15 << 3, 0])  # a varint field InferTensorContents does not have
+    fields = (nothing + unknown) * (most // 2 - 1)  # just under the bound, 2 bytes a field
+    uncounted = (limits.max_input_bytes // 8) // len(fields)  # occurrences before any is walked
+
+    def tensor(occurrences: int) -> bytes:
+        head = pb.ModelInferRequest.InferInputTensor(name="x", datatype="INT64", shape=[0])
+        return head.SerializeToString() + append_bytes_field(b"", 5, fields) * occurrences
+
+    def request(*tensors: bytes) -> bytes:
+        data = b"\n\x01m"
+        for one in tensors:
+            data = append_bytes_field(data, _INPUTS, one)
+        return data
+
+    check_infer_request(request(tensor(uncounted + 1)), limits)  # one occurrence walked
+    for data in (request(tensor(uncounted + 2)), request(tensor(uncounted + 1), tensor(1))):
+        with pytest.raises(ResourceExhausted) as info:
+            check_infer_request(data, limits)
+        assert info.value.reason == "TOO_MANY_FIELDS"
+
+
 def _classifier_request(parameters: int = 0, where: str = "request") -> pb.ModelInferRequest:
     request = raw_request("classifier", {"x": ("FP32", X)})
     request.outputs.add(name="label")

@@ -23,8 +23,9 @@ charge for it (its field's narrowest datatype: one byte for ``int_contents``, wh
 ``BYTES_ELEMENT_COST`` and its data for a BYTES element), so a request refused here is one the
 servicer would refuse, ``REQUEST_TOO_LARGE``, after parsing and decoding it. A packed array is one
 field, counted without a loop; values written one field each (protobuf's unpacked form, which no
-proto3 encoder emits for numbers) are walked at most ``max_input_bytes / BYTES_ELEMENT_COST``
-(524,288 for 64 MiB) to a tensor, beyond which they are ``TOO_MANY_FIELDS``.
+proto3 encoder emits for numbers) and any other field are walked at most ``max_input_bytes /
+BYTES_ELEMENT_COST`` (524,288 for 64 MiB) in all the request's counted contents together, beyond
+which they are ``TOO_MANY_FIELDS``.
 """
 
 from __future__ import annotations
@@ -129,6 +130,11 @@ class _Contents:
     limits: InferLimits
     counted: int = 0
     uncounted: int = 0
+    # Fields walked so far, in every counted ``contents`` of the request together: a tensor may
+    # repeat its contents (protobuf merges them) and a request holds 64 tensors, so a bound on
+    # one occurrence let 60 MiB of fields that count nothing (unknown ones, empty packed arrays)
+    # be walked whole, a minute of CPU under the interpreter lock.
+    walked: int = 0
 
     def add(self, payload: memoryview) -> None:
         """Counts one ``contents`` field (a tensor's contents, or part of them)."""
@@ -137,10 +143,11 @@ class _Contents:
             self.uncounted += len(payload)
             return
         most = budget // BYTES_ELEMENT_COST + MAX_OTHER_FIELDS
-        for walked, field in enumerate(fields(payload), 1):
-            if walked > most:
+        for field in fields(payload):
+            self.walked += 1
+            if self.walked > most:
                 raise ResourceExhausted(
-                    f"an input's contents have more than {most} fields (numbers are expected "
+                    f"the inputs' contents have more than {most} fields (numbers are expected "
                     "packed)",
                     reason=Reason.TOO_MANY_FIELDS,
                 )
