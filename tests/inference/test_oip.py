@@ -707,6 +707,34 @@ def test_typed_integers_are_charged_their_decoded_size_before_they_are_decoded(
         decode_inputs(small, model, InferLimits(max_input_bytes=47))
 
 
+def test_typed_narrow_integers_are_charged_their_fields_width(
+    shared: tuple[ModelRepository, Running],
+) -> None:
+    """Typed INT8 (INT16, UINT8, UINT16) travel in 32-bit fields, which the protobuf runtime parses
+    to four bytes a value and the decode reads at that width before narrowing: charged one byte a
+    value, 62 MiB of INT8 zeros passed every count and parsed to 0.5 GB. Raw, they count their own
+    width."""
+    model = shared[0].get("identity_int8")
+    typed = pb.ModelInferRequest(model_name="identity_int8")
+    typed.inputs.add(name="x", datatype="INT8", shape=[2, 3]).contents.int_contents.extend(
+        [0, -1, 2, 3, 4, -128]
+    )
+    arrays, _ = decode_inputs(typed, model, InferLimits(max_input_bytes=24))
+    assert arrays["x"].tolist() == [[0, -1, 2], [3, 4, -128]]
+    with pytest.raises(ResourceExhausted) as info:
+        decode_inputs(typed, model, InferLimits(max_input_bytes=23))
+    assert info.value.reason == "REQUEST_TOO_LARGE"
+    raw = raw_request("identity_int8", {"x": ("INT8", np.zeros((2, 3), np.int8))})
+    assert decode_inputs(raw, model, InferLimits(max_input_bytes=6))[0]["x"].shape == (2, 3)
+    # On the wire, before the parse, at the same rate.
+    limits = InferLimits(max_input_bytes=1 << 20)
+    for field in (_typed_field("int_contents"), _typed_field("uint_contents")):
+        zeros = append_bytes_field(b"", field, bytes((1 << 18) + 1))
+        with pytest.raises(ResourceExhausted) as info:
+            check_infer_request(_with_contents("m", "INT8", [(1 << 18) + 1], zeros), limits)
+        assert info.value.reason == "REQUEST_TOO_LARGE"
+
+
 def _peak_rss() -> int:
     """The process's peak resident set since the last :func:`_reset_peak_rss` (bytes)."""
     with open("/proc/self/status") as status:
@@ -766,8 +794,10 @@ def _typed_field(name: str) -> int:
         ("identity_int64", "INT64", append_bytes_field(b"", 3, bytes(24 << 20))),
         # Empty BYTES elements: two bytes each on the wire, a 16-byte slot each parsed.
         ("identity_bytes", "BYTES", b"\x42\x00" * (12 << 20)),
+        # INT8 zeros: one byte each on the wire, four parsed (int32) and decoded before narrowing.
+        ("identity_int8", "INT8", append_bytes_field(b"", 2, bytes(24 << 20))),
     ],
-    ids=["int64 zeros", "empty BYTES"],
+    ids=["int64 zeros", "empty BYTES", "int8 zeros"],
 )
 def test_typed_contents_beyond_the_limit_are_refused_before_the_request_is_parsed(
     running: Running, model: str, datatype: str, contents: bytes
@@ -787,12 +817,14 @@ def test_contents_count_no_more_than_the_servicer_would_charge() -> None:
     """The wire count is a lower bound of the servicer's: a request it refuses is one the servicer
     would refuse too; values written one field each are walked only so far."""
     limits = InferLimits(max_input_bytes=1 << 20)  # contents over 128 KiB are counted
-    int8 = _typed_field("int_contents")  # carries INT8: one byte a value decoded
+    boolean = _typed_field("bool_contents")  # one byte a value decoded
+    int8 = _typed_field("int_contents")  # INT8 too: charged its 32-bit field's width
     fp32 = _typed_field("fp32_contents")
-    for field, values, width in ((int8, 1 << 20, 1), (fp32, 1 << 18, 4)):
-        fits = append_bytes_field(b"", field, b"\x01" * values if width == 1 else bytes(values * 4))
+    cases = [(boolean, 1 << 20, b"\x01"), (int8, 1 << 18, b"\x01"), (fp32, 1 << 18, bytes(4))]
+    for field, values, value in cases:
+        fits = append_bytes_field(b"", field, value * values)
         check_infer_request(_with_contents("m", "T", [values], fits), limits)
-        over = fits + append_bytes_field(b"", field, b"\x01" * width)
+        over = fits + append_bytes_field(b"", field, value)
         with pytest.raises(ResourceExhausted) as info:
             check_infer_request(_with_contents("m", "T", [values + 1], over), limits)
         assert info.value.reason == "REQUEST_TOO_LARGE"

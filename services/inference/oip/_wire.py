@@ -19,7 +19,8 @@ anything is parsed.
 Typed contents are counted too once they could parse to more than the byte limit (their parsed
 form is up to eight times their wire size: an INT64 zero is one byte on the wire and eight parsed,
 an empty BYTES element two and a 16-byte slot): each value counts the least the servicer would
-charge for it (its field's narrowest datatype: one byte for ``int_contents``, which carries INT8;
+charge for it (its field's narrowest datatype: one byte for ``bool_contents``, four for
+``int_contents``, whose INT8 is charged its 32-bit field's width as the protobuf runtime parses it;
 ``BYTES_ELEMENT_COST`` and its data for a BYTES element), so a request refused here is one the
 servicer would refuse, ``REQUEST_TOO_LARGE``, after parsing and decoding it. A packed array is one
 field, counted without a loop; values written one field each (protobuf's unpacked form, which no
@@ -36,7 +37,7 @@ import numpy as np
 
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.errors import InvalidArgument, ResourceExhausted
-from strongroom.inference.oip._codec import BYTES_ELEMENT_COST, InferLimits
+from strongroom.inference.oip._codec import BYTES_ELEMENT_COST, TYPED_NARROW_WIDTH, InferLimits
 from strongroom.reasons import Reason
 from strongroom.wire import Field, fields
 
@@ -56,12 +57,14 @@ _CONTENTS = _INPUT["contents"].number
 _TYPED = pb.InferTensorContents.DESCRIPTOR.fields_by_name
 _BYTES = _TYPED["bytes_contents"].number
 # The least one value of each numeric field counts against max_input_bytes once decoded: the
-# width of the narrowest datatype the field carries (int_contents carries INT8 and INT16 too).
+# width of the narrowest datatype the field carries. int_contents carries INT8 and INT16 too, but
+# the servicer charges them the field's 32 bits (what the parse holds): counted at one byte, 62 MiB
+# of zeros in it passed here and parsed to 0.5 GB.
 _LEAST_COST = {
     _TYPED["bool_contents"].number: 1,
-    _TYPED["int_contents"].number: 1,
+    _TYPED["int_contents"].number: TYPED_NARROW_WIDTH,
     _TYPED["int64_contents"].number: 8,
-    _TYPED["uint_contents"].number: 1,
+    _TYPED["uint_contents"].number: TYPED_NARROW_WIDTH,
     _TYPED["uint64_contents"].number: 8,
     _TYPED["fp32_contents"].number: 4,
     _TYPED["fp64_contents"].number: 8,
