@@ -838,6 +838,30 @@ def test_contents_count_no_more_than_the_servicer_would_charge() -> None:
     assert info.value.reason == "TOO_MANY_FIELDS"
 
 
+def test_contents_are_counted_together_once_they_could_parse_past_the_limit() -> None:
+    """Once a request's contents could parse past the limit, those before the one that crossed it
+    are counted too: counting only that one and those after left an eighth of the limit on the
+    wire beside a full limit counted (16 MiB of INT64 zeros in two tensors parsed to ~250 MiB)."""
+    limits = InferLimits(max_input_bytes=1 << 20)  # contents over 128 KiB are counted
+    int64 = _typed_field("int64_contents")
+    values = 1 << 17  # eight bytes each decoded: the whole limit
+    head = b"\n\x01m"
+    # The limit's worth of values, in two tensors: the first alone under the threshold.
+    first, second = (
+        append_bytes_field(b"", int64, bytes(n)) for n in (1 << 16, values - (1 << 16))
+    )
+    fits = head
+    for contents in (first, second):
+        fits = append_bytes_field(fits, _INPUTS, append_bytes_field(b"", 5, contents))
+    check_infer_request(fits, limits)
+    for over in (append_bytes_field(b"", int64, bytes(values)), first + second + b"\x18\x00"):
+        data = append_bytes_field(head, _INPUTS, append_bytes_field(b"", 5, first))
+        data = append_bytes_field(data, _INPUTS, append_bytes_field(b"", 5, over))
+        with pytest.raises(ResourceExhausted) as info:
+            check_infer_request(data, limits)
+        assert info.value.reason == "REQUEST_TOO_LARGE"
+
+
 def test_contents_are_walked_only_so_far_in_all_of_a_request() -> None:
     """The fields of counted contents are walked a bounded number of times per request, not per
     occurrence: a tensor may repeat ``contents`` (protobuf merges them) and a request holds 64
@@ -847,8 +871,8 @@ def test_contents_are_walked_only_so_far_in_all_of_a_request() -> None:
     most = limits.max_input_bytes // BYTES_ELEMENT_COST + 64
     nothing = append_bytes_field(b"", _typed_field("int64_contents"), b"")  # packed, no value
     unknown = bytes([15 << 3, 0])  # a varint field InferTensorContents does not have
-    fields = (nothing + unknown) * (most // 2 - 1)  # just under the bound, 2 bytes a field
-    uncounted = (limits.max_input_bytes // 8) // len(fields)  # occurrences before any is walked
+    padding = append_bytes_field(b"", 15, bytes(limits.max_input_bytes // 8))  # counted at once
+    fields = padding + (nothing + unknown) * (most // 2 - 1)  # just under the bound
 
     def tensor(occurrences: int) -> bytes:
         head = pb.ModelInferRequest.InferInputTensor(name="x", datatype="INT64", shape=[0])
@@ -860,8 +884,8 @@ def test_contents_are_walked_only_so_far_in_all_of_a_request() -> None:
             data = append_bytes_field(data, _INPUTS, one)
         return data
 
-    check_infer_request(request(tensor(uncounted + 1)), limits)  # one occurrence walked
-    for data in (request(tensor(uncounted + 2)), request(tensor(uncounted + 1), tensor(1))):
+    check_infer_request(request(tensor(1)), limits)
+    for data in (request(tensor(2)), request(tensor(1), tensor(1))):
         with pytest.raises(ResourceExhausted) as info:
             check_infer_request(data, limits)
         assert info.value.reason == "TOO_MANY_FIELDS"

@@ -16,9 +16,9 @@ own reasons, and a message with more than :data:`MAX_OTHER_FIELDS` other fields 
 datatype, unknown fields: each given once by every client) with ``TOO_MANY_FIELDS``, before
 anything is parsed.
 
-Typed contents are counted too once they could parse to more than the byte limit (their parsed
-form is up to eight times their wire size: an INT64 zero is one byte on the wire and eight parsed,
-an empty BYTES element two and a 16-byte slot): each value counts the least the servicer would
+Typed contents are counted too, all of a request's, once together they could parse to more than
+the byte limit (their parsed form is up to eight times their wire size: an INT64 zero is one byte
+on the wire and eight parsed, an empty BYTES element two and a 16-byte slot): each value counts the least the servicer would
 charge for it (its field's narrowest datatype: one byte for ``bool_contents``, four for
 ``int_contents``, whose INT8 is charged its 32-bit field's width as the protobuf runtime parses it;
 ``BYTES_ELEMENT_COST`` and its data for a BYTES element), so a request refused here is one the
@@ -127,12 +127,18 @@ def check_infer_request(data: bytes | memoryview, limits: InferLimits) -> None:
 
 @dataclasses.dataclass
 class _Contents:
-    """The typed contents of one request: what their values count at least (bytes), and the
-    wire size of those not counted (small enough together that parsing them cannot matter)."""
+    """The typed contents of one request: what their values count at least (bytes), and, until
+    they are counted, those not yet counted (small enough together that parsing them cannot
+    matter: every one is counted once the request's contents together could)."""
 
     limits: InferLimits
     counted: int = 0
-    uncounted: int = 0
+    uncounted: int = 0  # the wire size of every contents seen while none is counted
+    # The contents not counted yet (None once they are counted, and every later one with them).
+    # Counting only those past the threshold left up to an eighth of the limit on the wire
+    # uncounted beside a full limit counted: 16 MiB of INT64 zeros in two tensors passed the
+    # count and parsed to ~250 MiB, twice the values the servicer would allow.
+    pending: list[memoryview] | None = dataclasses.field(default_factory=list)
     # Fields walked so far, in every counted ``contents`` of the request together: a tensor may
     # repeat its contents (protobuf merges them) and a request holds 64 tensors, so a bound on
     # one occurrence let 60 MiB of fields that count nothing (unknown ones, empty packed arrays)
@@ -141,10 +147,18 @@ class _Contents:
 
     def add(self, payload: memoryview) -> None:
         """Counts one ``contents`` field (a tensor's contents, or part of them)."""
-        budget = self.limits.max_input_bytes
-        if (self.uncounted + len(payload)) * _PARSED_PER_WIRE_BYTE <= budget:
+        if self.pending is not None:
             self.uncounted += len(payload)
-            return
+            if self.uncounted * _PARSED_PER_WIRE_BYTE <= self.limits.max_input_bytes:
+                self.pending.append(payload)
+                return
+            earlier, self.pending = self.pending, None  # from now on every contents is counted
+            for one in earlier:
+                self._count(one)
+        self._count(payload)
+
+    def _count(self, payload: memoryview) -> None:
+        budget = self.limits.max_input_bytes
         most = budget // BYTES_ELEMENT_COST + MAX_OTHER_FIELDS
         for field in fields(payload):
             self.walked += 1
