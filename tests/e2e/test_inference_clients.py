@@ -23,6 +23,8 @@ from strongroom.dev.devstack import DevStack
 from strongroom.inference.config import ClientScope, InferenceConfig
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.oip import SERVICE_NAME, InferLimits, OipServicer, add_to_server
+from strongroom.inference.oip import _servicer as oip_servicer
+from strongroom.inference.oip._wire import parse_infer_request
 from strongroom.inference.server import ROLE_RULES
 from strongroom.pki import WorkloadIdentity
 from strongroom.runtime.bootstrap import RoleTable, build_host
@@ -177,6 +179,32 @@ def test_a_model_outside_the_callers_rules_is_refused_whether_or_not_it_exists(
     assert "FP32" not in details and "version" not in details
     refusals = [r.getMessage() for r in caplog.records if "refused model" in r.getMessage()]
     assert refusals and name in refusals[-1] and str(callers[who].spiffe_id) in refusals[-1]
+
+
+def test_a_caller_without_the_role_has_no_request_counted_or_parsed(
+    host: ServiceHost,
+    stack: DevStack,
+    callers: dict[str, WorkloadIdentity],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ModelInfer's wire count and parse ran as gRPC's deserialiser, which gRPC calls before any
+    interceptor's behaviour: any certificate of the CA, with no role here, had the server count
+    and parse its requests (up to a second of CPU and several times their size each), outside
+    the per-caller cap on unary calls. They run in the handler now, after both."""
+    parsed: list[int] = []
+
+    def counted(data: bytes, limits: InferLimits) -> pb.ModelInferRequest:
+        parsed.append(len(data))
+        return parse_infer_request(data, limits)
+
+    monkeypatch.setattr(oip_servicer, "parse_infer_request", counted)
+    stranger = stack.foreign_identity(stack.spiffe_id("no-role"))
+    with pytest.raises(grpc.RpcError) as info:
+        call(host, stranger, "infer", "team-a/m")
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert parsed == []
+    call(host, callers["client"], "infer", "team-a/m")
+    assert len(parsed) == 1
 
 
 def test_server_wide_answers_stay_everyones(

@@ -707,6 +707,34 @@ def test_typed_integers_are_charged_their_decoded_size_before_they_are_decoded(
         decode_inputs(small, model, InferLimits(max_input_bytes=47))
 
 
+def test_typed_narrow_integers_are_charged_their_fields_width(
+    shared: tuple[ModelRepository, Running],
+) -> None:
+    """Typed INT8 (INT16, UINT8, UINT16) travel in 32-bit fields, which the protobuf runtime parses
+    to four bytes a value and the decode reads at that width before narrowing: charged one byte a
+    value, 62 MiB of INT8 zeros passed every count and parsed to 0.5 GB. Raw, they count their own
+    width."""
+    model = shared[0].get("identity_int8")
+    typed = pb.ModelInferRequest(model_name="identity_int8")
+    typed.inputs.add(name="x", datatype="INT8", shape=[2, 3]).contents.int_contents.extend(
+        [0, -1, 2, 3, 4, -128]
+    )
+    arrays, _ = decode_inputs(typed, model, InferLimits(max_input_bytes=24))
+    assert arrays["x"].tolist() == [[0, -1, 2], [3, 4, -128]]
+    with pytest.raises(ResourceExhausted) as info:
+        decode_inputs(typed, model, InferLimits(max_input_bytes=23))
+    assert info.value.reason == "REQUEST_TOO_LARGE"
+    raw = raw_request("identity_int8", {"x": ("INT8", np.zeros((2, 3), np.int8))})
+    assert decode_inputs(raw, model, InferLimits(max_input_bytes=6))[0]["x"].shape == (2, 3)
+    # On the wire, before the parse, at the same rate.
+    limits = InferLimits(max_input_bytes=1 << 20)
+    for field in (_typed_field("int_contents"), _typed_field("uint_contents")):
+        zeros = append_bytes_field(b"", field, bytes((1 << 18) + 1))
+        with pytest.raises(ResourceExhausted) as info:
+            check_infer_request(_with_contents("m", "INT8", [(1 << 18) + 1], zeros), limits)
+        assert info.value.reason == "REQUEST_TOO_LARGE"
+
+
 def _peak_rss() -> int:
     """The process's peak resident set since the last :func:`_reset_peak_rss` (bytes)."""
     with open("/proc/self/status") as status:
@@ -766,8 +794,10 @@ def _typed_field(name: str) -> int:
         ("identity_int64", "INT64", append_bytes_field(b"", 3, bytes(24 << 20))),
         # Empty BYTES elements: two bytes each on the wire, a 16-byte slot each parsed.
         ("identity_bytes", "BYTES", b"\x42\x00" * (12 << 20)),
+        # INT8 zeros: one byte each on the wire, four parsed (int32) and decoded before narrowing.
+        ("identity_int8", "INT8", append_bytes_field(b"", 2, bytes(24 << 20))),
     ],
-    ids=["int64 zeros", "empty BYTES"],
+    ids=["int64 zeros", "empty BYTES", "int8 zeros"],
 )
 def test_typed_contents_beyond_the_limit_are_refused_before_the_request_is_parsed(
     running: Running, model: str, datatype: str, contents: bytes
@@ -787,12 +817,14 @@ def test_contents_count_no_more_than_the_servicer_would_charge() -> None:
     """The wire count is a lower bound of the servicer's: a request it refuses is one the servicer
     would refuse too; values written one field each are walked only so far."""
     limits = InferLimits(max_input_bytes=1 << 20)  # contents over 128 KiB are counted
-    int8 = _typed_field("int_contents")  # carries INT8: one byte a value decoded
+    boolean = _typed_field("bool_contents")  # one byte a value decoded
+    int8 = _typed_field("int_contents")  # INT8 too: charged its 32-bit field's width
     fp32 = _typed_field("fp32_contents")
-    for field, values, width in ((int8, 1 << 20, 1), (fp32, 1 << 18, 4)):
-        fits = append_bytes_field(b"", field, b"\x01" * values if width == 1 else bytes(values * 4))
+    cases = [(boolean, 1 << 20, b"\x01"), (int8, 1 << 18, b"\x01"), (fp32, 1 << 18, bytes(4))]
+    for field, values, value in cases:
+        fits = append_bytes_field(b"", field, value * values)
         check_infer_request(_with_contents("m", "T", [values], fits), limits)
-        over = fits + append_bytes_field(b"", field, b"\x01" * width)
+        over = fits + append_bytes_field(b"", field, value)
         with pytest.raises(ResourceExhausted) as info:
             check_infer_request(_with_contents("m", "T", [values + 1], over), limits)
         assert info.value.reason == "REQUEST_TOO_LARGE"
@@ -804,6 +836,59 @@ def test_contents_count_no_more_than_the_servicer_would_charge() -> None:
     with pytest.raises(ResourceExhausted) as info:
         check_infer_request(_with_contents("m", "BOOL", [70_000], unpacked), limits)
     assert info.value.reason == "TOO_MANY_FIELDS"
+
+
+def test_contents_are_counted_together_once_they_could_parse_past_the_limit() -> None:
+    """Once a request's contents could parse past the limit, those before the one that crossed it
+    are counted too: counting only that one and those after left an eighth of the limit on the
+    wire beside a full limit counted (16 MiB of INT64 zeros in two tensors parsed to ~250 MiB)."""
+    limits = InferLimits(max_input_bytes=1 << 20)  # contents over 128 KiB are counted
+    int64 = _typed_field("int64_contents")
+    values = 1 << 17  # eight bytes each decoded: the whole limit
+    head = b"\n\x01m"
+    # The limit's worth of values, in two tensors: the first alone under the threshold.
+    first, second = (
+        append_bytes_field(b"", int64, bytes(n)) for n in (1 << 16, values - (1 << 16))
+    )
+    fits = head
+    for contents in (first, second):
+        fits = append_bytes_field(fits, _INPUTS, append_bytes_field(b"", 5, contents))
+    check_infer_request(fits, limits)
+    for over in (append_bytes_field(b"", int64, bytes(values)), first + second + b"\x18\x00"):
+        data = append_bytes_field(head, _INPUTS, append_bytes_field(b"", 5, first))
+        data = append_bytes_field(data, _INPUTS, append_bytes_field(b"", 5, over))
+        with pytest.raises(ResourceExhausted) as info:
+            check_infer_request(data, limits)
+        assert info.value.reason == "REQUEST_TOO_LARGE"
+
+
+def test_contents_are_walked_only_so_far_in_all_of_a_request() -> None:
+    """The fields of counted contents are walked a bounded number of times per request, not per
+    occurrence: a tensor may repeat ``contents`` (protobuf merges them) and a request holds 64
+    tensors, so 60 MiB of fields that count nothing (empty packed arrays, unknown fields) in
+    occurrences each under the bound took the check a minute of CPU."""
+    limits = InferLimits(max_input_bytes=1 << 20)  # contents over 128 KiB are counted
+    most = limits.max_input_bytes // BYTES_ELEMENT_COST + 64
+    nothing = append_bytes_field(b"", _typed_field("int64_contents"), b"")  # packed, no value
+    unknown = bytes([15 << 3, 0])  # a varint field InferTensorContents does not have
+    padding = append_bytes_field(b"", 15, bytes(limits.max_input_bytes // 8))  # counted at once
+    fields = padding + (nothing + unknown) * (most // 2 - 1)  # just under the bound
+
+    def tensor(occurrences: int) -> bytes:
+        head = pb.ModelInferRequest.InferInputTensor(name="x", datatype="INT64", shape=[0])
+        return head.SerializeToString() + append_bytes_field(b"", 5, fields) * occurrences
+
+    def request(*tensors: bytes) -> bytes:
+        data = b"\n\x01m"
+        for one in tensors:
+            data = append_bytes_field(data, _INPUTS, one)
+        return data
+
+    check_infer_request(request(tensor(1)), limits)
+    for data in (request(tensor(2)), request(tensor(1), tensor(1))):
+        with pytest.raises(ResourceExhausted) as info:
+            check_infer_request(data, limits)
+        assert info.value.reason == "TOO_MANY_FIELDS"
 
 
 def _classifier_request(parameters: int = 0, where: str = "request") -> pb.ModelInferRequest:
@@ -819,6 +904,14 @@ def _unpacked_shape(dimensions: int) -> bytes:
     tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32")
     shape = _INPUT_SHAPE << 3  # a varint field: one dimension an occurrence
     data = tensor.SerializeToString() + bytes([shape, 1]) * dimensions
+    return append_bytes_field(b"\n\x0aclassifier", _INPUTS, data)
+
+
+def _empty_packed_shapes(occurrences: int) -> bytes:
+    """An input whose shape is ``occurrences`` empty packed arrays: no dimension, two bytes each
+    (60 MiB of them were 30 million fields for the wire check to walk, the parse to skip)."""
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32")
+    data = tensor.SerializeToString() + append_bytes_field(b"", _INPUT_SHAPE, b"") * occurrences
     return append_bytes_field(b"\n\x0aclassifier", _INPUTS, data)
 
 
@@ -855,6 +948,12 @@ WIRE_LIMIT_CASES: list[tuple[str, object, grpc.StatusCode, str]] = [
     (
         "unpacked dimensions",
         lambda: _unpacked_shape(17),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SHAPE_INVALID",
+    ),
+    (
+        "empty packed dimensions",
+        lambda: _empty_packed_shapes(17),
         grpc.StatusCode.INVALID_ARGUMENT,
         "SHAPE_INVALID",
     ),

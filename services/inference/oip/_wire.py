@@ -16,28 +16,34 @@ own reasons, and a message with more than :data:`MAX_OTHER_FIELDS` other fields 
 datatype, unknown fields: each given once by every client) with ``TOO_MANY_FIELDS``, before
 anything is parsed.
 
-Typed contents are counted too once they could parse to more than the byte limit (their parsed
-form is up to eight times their wire size: an INT64 zero is one byte on the wire and eight parsed,
-an empty BYTES element two and a 16-byte slot): each value counts the least the servicer would
-charge for it (its field's narrowest datatype: one byte for ``int_contents``, which carries INT8;
+Typed contents are counted too, all of a request's, once together they could parse to more than
+the byte limit (their parsed form is up to eight times their wire size: an INT64 zero is one byte
+on the wire and eight parsed, an empty BYTES element two and a 16-byte slot): each value counts the least the servicer would
+charge for it (its field's narrowest datatype: one byte for ``bool_contents``, four for
+``int_contents``, whose INT8 is charged its 32-bit field's width as the protobuf runtime parses it;
 ``BYTES_ELEMENT_COST`` and its data for a BYTES element), so a request refused here is one the
 servicer would refuse, ``REQUEST_TOO_LARGE``, after parsing and decoding it. A packed array is one
 field, counted without a loop; values written one field each (protobuf's unpacked form, which no
-proto3 encoder emits for numbers) are walked at most ``max_input_bytes / BYTES_ELEMENT_COST``
-(524,288 for 64 MiB) to a tensor, beyond which they are ``TOO_MANY_FIELDS``.
+proto3 encoder emits for numbers) and any other field are walked at most ``max_input_bytes /
+BYTES_ELEMENT_COST`` (524,288 for 64 MiB) in all the request's counted contents together, beyond
+which they are ``TOO_MANY_FIELDS``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.errors import InvalidArgument, ResourceExhausted
-from strongroom.inference.oip._codec import BYTES_ELEMENT_COST, InferLimits
+from strongroom.inference.oip._codec import BYTES_ELEMENT_COST, TYPED_NARROW_WIDTH, InferLimits
 from strongroom.reasons import Reason
 from strongroom.wire import Field, fields
+
+log = logging.getLogger(__name__)
 
 MAX_OTHER_FIELDS = 64
 """Fields of one message (the request, an input, a requested output) beyond those it repeats by
@@ -55,12 +61,14 @@ _CONTENTS = _INPUT["contents"].number
 _TYPED = pb.InferTensorContents.DESCRIPTOR.fields_by_name
 _BYTES = _TYPED["bytes_contents"].number
 # The least one value of each numeric field counts against max_input_bytes once decoded: the
-# width of the narrowest datatype the field carries (int_contents carries INT8 and INT16 too).
+# width of the narrowest datatype the field carries. int_contents carries INT8 and INT16 too, but
+# the servicer charges them the field's 32 bits (what the parse holds): counted at one byte, 62 MiB
+# of zeros in it passed here and parsed to 0.5 GB.
 _LEAST_COST = {
     _TYPED["bool_contents"].number: 1,
-    _TYPED["int_contents"].number: 1,
+    _TYPED["int_contents"].number: TYPED_NARROW_WIDTH,
     _TYPED["int64_contents"].number: 8,
-    _TYPED["uint_contents"].number: 1,
+    _TYPED["uint_contents"].number: TYPED_NARROW_WIDTH,
     _TYPED["uint64_contents"].number: 8,
     _TYPED["fp32_contents"].number: 4,
     _TYPED["fp64_contents"].number: 8,
@@ -76,9 +84,18 @@ _MAX_VARINT_BYTES = 10
 
 
 def parse_infer_request(data: bytes, limits: InferLimits) -> pb.ModelInferRequest:
-    """``data`` as a ModelInferRequest, once :func:`check_infer_request` has passed it."""
-    check_infer_request(data, limits)
-    return pb.ModelInferRequest.FromString(data)
+    """``data`` as a ModelInferRequest, once :func:`check_infer_request` has passed it; bytes
+    that are not one are InvalidArgument ``MALFORMED_REQUEST``, as the service runtime answers a
+    request that does not deserialise."""
+    try:
+        check_infer_request(data, limits)
+        return pb.ModelInferRequest.FromString(data)
+    except (DecodeError, ValueError) as exc:  # WireError is a ValueError
+        log.warning("malformed ModelInfer request", extra={"problem": type(exc).__name__})
+        raise InvalidArgument(
+            "ModelInfer: the request message is not a valid protobuf encoding",
+            reason=Reason.MALFORMED_REQUEST,
+        ) from None
 
 
 def check_infer_request(data: bytes | memoryview, limits: InferLimits) -> None:
@@ -123,24 +140,44 @@ def check_infer_request(data: bytes | memoryview, limits: InferLimits) -> None:
 
 @dataclasses.dataclass
 class _Contents:
-    """The typed contents of one request: what their values count at least (bytes), and the
-    wire size of those not counted (small enough together that parsing them cannot matter)."""
+    """The typed contents of one request: what their values count at least (bytes), and, until
+    they are counted, those not yet counted (small enough together that parsing them cannot
+    matter: every one is counted once the request's contents together could)."""
 
     limits: InferLimits
     counted: int = 0
-    uncounted: int = 0
+    uncounted: int = 0  # the wire size of every contents seen while none is counted
+    # The contents not counted yet (None once they are counted, and every later one with them).
+    # Counting only those past the threshold left up to an eighth of the limit on the wire
+    # uncounted beside a full limit counted: 16 MiB of INT64 zeros in two tensors passed the
+    # count and parsed to ~250 MiB, twice the values the servicer would allow.
+    pending: list[memoryview] | None = dataclasses.field(default_factory=list)
+    # Fields walked so far, in every counted ``contents`` of the request together: a tensor may
+    # repeat its contents (protobuf merges them) and a request holds 64 tensors, so a bound on
+    # one occurrence let 60 MiB of fields that count nothing (unknown ones, empty packed arrays)
+    # be walked whole, a minute of CPU under the interpreter lock.
+    walked: int = 0
 
     def add(self, payload: memoryview) -> None:
         """Counts one ``contents`` field (a tensor's contents, or part of them)."""
-        budget = self.limits.max_input_bytes
-        if (self.uncounted + len(payload)) * _PARSED_PER_WIRE_BYTE <= budget:
+        if self.pending is not None:
             self.uncounted += len(payload)
-            return
+            if self.uncounted * _PARSED_PER_WIRE_BYTE <= self.limits.max_input_bytes:
+                self.pending.append(payload)
+                return
+            earlier, self.pending = self.pending, None  # from now on every contents is counted
+            for one in earlier:
+                self._count(one)
+        self._count(payload)
+
+    def _count(self, payload: memoryview) -> None:
+        budget = self.limits.max_input_bytes
         most = budget // BYTES_ELEMENT_COST + MAX_OTHER_FIELDS
-        for walked, field in enumerate(fields(payload), 1):
-            if walked > most:
+        for field in fields(payload):
+            self.walked += 1
+            if self.walked > most:
                 raise ResourceExhausted(
-                    f"an input's contents have more than {most} fields (numbers are expected "
+                    f"the inputs' contents have more than {most} fields (numbers are expected "
                     "packed)",
                     reason=Reason.TOO_MANY_FIELDS,
                 )
@@ -184,7 +221,8 @@ def _check_input(tensor: Field, limits: InferLimits, contents: _Contents) -> Non
             dimensions += _dimensions(field, limits)
             if dimensions > limits.max_rank:
                 raise InvalidArgument(
-                    f"an input's shape has more than {limits.max_rank} dimensions",
+                    f"an input's shape has more than {limits.max_rank} dimensions (each "
+                    "occurrence of the field counts one at least)",
                     reason=Reason.SHAPE_INVALID,
                 )
         elif number == _INPUT_PARAMETERS:
@@ -206,13 +244,19 @@ def _check_output(output: Field, limits: InferLimits) -> None:
 
 
 def _dimensions(field: Field, limits: InferLimits) -> int:
-    """The dimensions one occurrence of ``shape`` holds: one, or a packed array's varints (each
-    ends with a byte below 0x80); beyond the rank's worth of bytes, more than the limit at once."""
+    """The dimensions one occurrence of ``shape`` counts: one, or a packed array's varints (each
+    ends with a byte below 0x80); beyond the rank's worth of bytes, more than the limit at once.
+
+    An occurrence counts one at least: an empty packed array (two bytes, which no encoder writes:
+    an empty shape is left out) holds no dimension, and counting it as none let a request of them
+    walk tens of millions of fields here (60 MiB took 30 s of CPU under the interpreter lock)
+    that the protobuf runtime then skips in a fraction of a second.
+    """
     if field.payload is None:
         return 1
     if len(field.payload) > limits.max_rank * _MAX_VARINT_BYTES:
         return limits.max_rank + 1
-    return sum(1 for byte in field.payload if byte < 0x80)
+    return max(1, sum(1 for byte in field.payload if byte < 0x80))
 
 
 def _count_parameter(count: int, limits: InferLimits, where: str) -> int:
