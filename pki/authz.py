@@ -7,8 +7,15 @@ it has exactly one URI SAN, a SPIFFE ID in our trust domain; it is not a CA's (C
 cRLSign: the handshake accepts those as leaves); the connection negotiated TLS 1.3; and
 the method's rule lists that ID. Failures raise :class:`PeerUnauthenticated` (UNAUTHENTICATED: no
 usable identity) or :class:`PeerNotAllowed` (PERMISSION_DENIED: known identity, not allowed), naming
-the identity and the method, before the handler runs or any request is read. The authoriser only
-raises: the service runtime's error mapping, its outermost interceptor, reports the status and reason.
+the identity and the method, before the method's behaviour runs. The authoriser only raises: the
+service runtime's error mapping, its outermost interceptor, reports the status and reason.
+
+By then gRPC has received a unary request's message (up to the server's receive limit), and it
+has called the handler's ``request_deserializer`` on it before any interceptor ran: the check
+cannot keep a request from being *parsed*. The service runtime does
+(:class:`~strongroom.runtime.interceptors.RequestDecodingInterceptor` registers every unary-request
+method without a deserialiser and parses the bytes after this check and the admission checks); a
+request stream's messages are deserialised as the behaviour reads them, after this check.
 
 The authoriser reads the connection's auth context once per RPC and hands the identity it verified
 to the handler (:func:`verified_caller`), which need not parse it again.
@@ -334,7 +341,9 @@ class SpiffeAuthorizer(_InterceptorBase):
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """Wraps the method's handler so the check runs before it (and before any request is read)."""
+        """Wraps the method's handler so the check runs before its behaviour (a unary request
+        has been received by then, and parsed unless its deserialiser is deferred: see the
+        module's documentation)."""
         handler = continuation(handler_call_details)
         if handler is None:
             return None

@@ -10,6 +10,16 @@ gRPC's own ``INTERNAL "Exception deserializing request!"`` and a logged tracebac
 A deserialiser that refuses a request with a :class:`~strongroom.errors.StrongroomError` (a limit
 it checks on the wire before the protobuf runtime builds the message) has that refusal answered.
 
+No unary request is parsed before its caller is authorised and admitted. gRPC calls a handler's
+``request_deserializer`` on a unary request before any interceptor's behaviour runs, so a service's
+own deserialiser would parse every request (up to the message limit) of any holder of a
+certificate of the CA, role or not, and outside the per-caller and data-plane admission.
+:class:`RequestDecodingInterceptor` (innermost) therefore registers every unary-request method with
+no deserialiser, so that gRPC hands over the bytes as received, and calls the method's own
+deserialiser on them once the authoriser and the guards have let the call through, inside the
+error mapping. The bytes are parsed once, as gRPC would have: no copy is added. Request streams
+are deserialised as the handler reads them, after all of that already.
+
 A service that must account for every refusal of a method (the key broker audits every refused
 release) is told of the refusals its own code never sees, those raised before its behaviour runs
 (by the authoriser, the stream and unary-call guards, the request decoding), through a
@@ -109,7 +119,9 @@ def _safe_deserializer(
     return safe
 
 
-def _malformed(request: _Malformed, context: grpc.ServicerContext, method: str) -> StrongroomError:
+def _malformed(
+    request: _Malformed, context: grpc.ServicerContext, method: str, detail: str = ""
+) -> StrongroomError:
     if request.error is not None:
         return request.error  # the refusal the deserialiser chose (its status, its reason)
     log.warning(
@@ -117,9 +129,17 @@ def _malformed(request: _Malformed, context: grpc.ServicerContext, method: str) 
         extra={"method": method, "peer": context.peer(), "problem": request.problem},
     )
     return InvalidArgument(
-        f"{method}: the request message is not a valid protobuf encoding",
+        f"{method}: the request message is not a valid protobuf encoding{detail}",
         reason=Reason.MALFORMED_REQUEST,
     )
+
+
+def _message_type(deserialize: Callable[[bytes], Any]) -> str:
+    """The full name of the message ``deserialize`` parses when it is a generated message class's
+    ``FromString`` (what the generated registration passes), else ''."""
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", None)
+    return name if isinstance(name, str) else ""
 
 
 def _checked(requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> Iterator[Any]:
@@ -161,8 +181,9 @@ def _observe(
 def _wrap_handler(
     handler: RpcMethodHandler, method: str, observer: RefusalObserver | None = None
 ) -> RpcMethodHandler:
-    # Undecodable requests become a marker here (where gRPC deserialises them) and are refused by
-    # RequestDecodingInterceptor, innermost: authorisation and stream limits come first.
+    # Undecodable messages of a request stream become a marker here (where gRPC deserialises
+    # them) and are refused by RequestDecodingInterceptor, innermost: authorisation and stream
+    # limits come first. Unary requests reach this as bytes, parsed by that interceptor.
     #
     # The failure is handled after its except block, not in it: the exception gRPC's abort raises
     # then chains nothing, and the tracing span around this (OpenTelemetry's records whatever
@@ -222,18 +243,75 @@ def _observed(
     return wrap
 
 
-class RequestDecodingInterceptor(HandlerInterceptor):
-    """Refuses a request that did not deserialise (INVALID_ARGUMENT MALFORMED_REQUEST).
+def _decoded(
+    deserialize: Callable[[bytes], Any],
+    data: bytes,
+    context: grpc.ServicerContext,
+    method: str,
+    message_type: str,
+) -> Any:
+    """``data`` parsed by the method's own deserialiser: where every unary request is parsed,
+    once its caller is authorised and admitted (:class:`RequestDecodingInterceptor`)."""
+    try:
+        return deserialize(data)
+    except StrongroomError:
+        raise  # the refusal the deserialiser chose (a limit it checks on the wire)
+    except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+        problem = type(exc).__name__
+    detail = f" of {message_type}" if message_type else ""
+    # Raised outside the except block: the refusal chains no parser exception to the caller.
+    raise _malformed(_Malformed(problem), context, method, f"{detail} ({len(data)} bytes)")
 
-    It goes innermost, after the authoriser: a caller who may not call the method learns that
-    first, whatever bytes it sent. Needs :class:`ErrorMappingInterceptor` further out.
+
+class RequestDecodingInterceptor(HandlerInterceptor):
+    """Parses a unary request, and refuses a request that does not deserialise (INVALID_ARGUMENT
+    MALFORMED_REQUEST, or the refusal its deserialiser raised).
+
+    It goes innermost, after the authoriser and the stream and unary-call guards: a caller who may
+    not call the method, or who is over its limits, learns that first, whatever bytes it sent,
+    and its request is never parsed. A unary-request method is registered with gRPC without a
+    deserialiser (gRPC would otherwise parse the request before any interceptor runs) and its
+    own deserialiser runs here. Needs :class:`ErrorMappingInterceptor` further out.
     """
 
     def wrap_handler(
         self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> RpcMethodHandler:
-        """``handler`` refusing an undecodable request before its behaviour runs."""
+        """``handler`` parsing its unary request, or refusing an undecodable message of its
+        request stream, before its behaviour runs."""
         method = details.method
+        if handler.request_streaming:
+            return self._as_received(handler, method)
+        deserialize = handler.request_deserializer
+        if deserialize is None:
+            return self._as_received(handler, method)  # the behaviour takes the bytes
+        message_type = _message_type(deserialize)  # for the refusal's message, found once
+
+        def unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+            def call(data: bytes, context: grpc.ServicerContext) -> Any:
+                request = _decoded(deserialize, data, context, method, message_type)
+                observed = _OBSERVED.get()
+                if observed is not None:
+                    observed.reached = True  # the service's own refusals are its own to report
+                return fn(request, context)
+
+            return call
+
+        def stream(
+            fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+        ) -> Callable[..., Any]:
+            def call(data: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
+                request = _decoded(deserialize, data, context, method, message_type)
+                yield from fn(request, context)
+
+            return call
+
+        return rewrap_handler(handler, unary, stream, raw_requests=True)
+
+    @staticmethod
+    def _as_received(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
+        # Messages deserialised by gRPC as the behaviour reads them (a marker for those that did
+        # not decode), or a unary request the behaviour takes as bytes.
         request_streaming = handler.request_streaming
 
         def arguments(argument: Any, context: grpc.ServicerContext) -> Any:

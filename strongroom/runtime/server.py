@@ -165,7 +165,8 @@ class ServiceHost:
             # status and reason trailer; the stream and unary guards count verified callers
             # only, so they follow the authoriser that the caller's `interceptors` end with, and
             # come before the request decoding, so that a method's refusal observer hears of
-            # their refusals. The chain wraps each method's handler once, not on every call.
+            # their refusals and a unary request is parsed (there, not by gRPC) only for a caller
+            # they let through. The chain wraps each method's handler once, not on every call.
             interceptors=[
                 CachedChain(
                     [

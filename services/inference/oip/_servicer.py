@@ -169,23 +169,18 @@ def add_to_server(servicer: OipServicer, server: grpc.Server) -> None:
     ModelInfer's requests are counted on the wire before the protobuf runtime builds them
     (:mod:`strongroom.inference.oip._wire`): every server of this servicer registers it so.
 
-    The count and the parse run in the handler, not as gRPC's deserialiser: gRPC deserialises a
-    request before any interceptor's behaviour runs, so there they ran for callers the authoriser
-    then refused (any holder of a certificate of the CA, no role needed) and outside the per-caller
-    cap on unary calls, as many at once as there are workers. In the handler they run only for a
-    caller with the role, within its cap.
+    The count and the parse are ModelInfer's deserialiser, which the service runtime calls after
+    the authoriser and the admission checks, like every unary request's
+    (:class:`~strongroom.runtime.interceptors.RequestDecodingInterceptor`): gRPC itself would call
+    it before any interceptor, for callers the authoriser then refuses.
     """
     collector = HandlerCollector()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, collector)  # type: ignore[arg-type]
     handlers = dict(collector.handlers)
     limits = servicer.limits
-
-    def infer(data: bytes, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        return servicer.ModelInfer(parse_infer_request(data, limits), context)
-
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
-        infer,
-        request_deserializer=None,  # the bytes as they came
+        servicer.ModelInfer,
+        request_deserializer=lambda data: parse_infer_request(data, limits),
         response_serializer=pb.ModelInferResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
