@@ -675,6 +675,11 @@ class S3Storage(Closing):
             except botocore.exceptions.ClientError as exc:
                 if _code(exc) == "NotImplemented" or _status(exc) == 501:
                     ignored.append(header)  # said outright: the same for the store
+                elif not refused and _is_conflict(exc) and not _refused_at_once(exc):
+                    # botocore's retry of the create was refused because an earlier attempt,
+                    # whose answer was lost, made the object (its key is fresh and random):
+                    # the condition was honoured. Raised, a healthy store failed its start.
+                    pass
                 elif not (refused and (_is_conflict(exc) or _is_missing(exc))):
                     raise  # (a 404: the If-Match on an object the refused create never made)
             else:

@@ -771,6 +771,28 @@ def test_an_object_store_that_refuses_conditional_writes_outright_is_named(
     assert info.value.reason == "S3_CONDITIONAL_WRITES_IGNORED"
 
 
+@pytest.mark.parametrize("how", ["dropped", "503"])
+def test_a_lost_answer_to_the_probes_create_does_not_stop_the_start(
+    proxy: s3server.FaultProxy, s3_bucket: str, how: str
+) -> None:
+    """The start-up check's first write (a create-only PutObject of a fresh probe key) took
+    effect but its answer was lost; botocore's retry got 412, made by that very write. The check
+    re-raised it: a healthy store refused to start (UNAVAILABLE S3_ERROR, "the object store
+    refused a request") on one dropped answer. The retry's refusal is the create it expects."""
+    fault = proxy.inject(
+        s3server.Fault(
+            lambda m, p: m == "PUT" and "/p/probes/" in p,
+            after_upstream=True,
+            drop=how == "dropped",
+            status=503 if how == "503" else None,
+            times=1,
+        )
+    )
+    replica(proxy.endpoint, s3_bucket)
+    assert fault.hits == 1
+    assert "Contents" not in s3server.client(proxy.endpoint).list_objects_v2(Bucket=s3_bucket)
+
+
 def test_a_model_published_while_another_replica_sweeps_is_not_reported_missing(
     proxy: s3server.FaultProxy, s3_server: s3server.MotoServer, s3_bucket: str
 ) -> None:
