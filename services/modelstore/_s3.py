@@ -4,7 +4,8 @@ Layout under the configured key prefix::
 
     index/<name>!<version>     a small JSON record per model (the index; see below)
     blobs/<yyyymmddThhmmssZ>-<random>   one artifact's bytes, written once, never modified
-    probes/<yyyymmddThhmmssZ>-<random>  the start-up check of conditional writes (removed again)
+    probes/<yyyymmddThhmmssZ>-<random>  the start-up check of conditional writes (removed again;
+                                        the sweep deletes one a killed start left, once a day old)
 
 ``!`` sorts below every character a model name may contain, so the bucket's own key order is the
 (name, version) order the API lists in, and a name prefix is a key prefix: a listing is one
@@ -96,6 +97,11 @@ BLOB_DIR = "blobs/"
 PROBE_DIR = "probes/"
 """Where the start-up check of conditional writes puts (and removes) its one empty object."""
 _NO_SUCH_ETAG = '"00000000000000000000000000000000"'
+_PROBE_NAME = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{32}")
+PROBE_MAX_AGE = timedelta(days=1)
+"""Age past which a sweep deletes a probe object: far longer than any start-up check takes, so
+another replica's check under way never loses its probe (with it gone, its next create-only
+write would succeed and a healthy store would be refused), whatever ``orphan_grace`` is."""
 _SEPARATOR = "!"  # sorts below every model-name character ('-' is the lowest)
 _RECORD_FORMAT = 1
 _STAMP = "%Y%m%dT%H%M%SZ"
@@ -132,6 +138,9 @@ class S3SweepReport:
     INDEX_CORRUPT); an orphan blob may be one of theirs."""
     formats_recorded: int = 0
     """Records written before they carried an artifact format, given their blob's header format."""
+    probes_removed: int = 0
+    """Probe objects of the start-up check older than :data:`PROBE_MAX_AGE`, deleted: a start
+    that crashed (or could not delete) between writing and removing its probe left them."""
 
 
 def make_client(config: StorageConfig, *, single_secrets: bool = False) -> S3Client:
@@ -410,6 +419,15 @@ def _answered_total(response: dict[str, Any], offset: int, length: int, size: in
             reason=Reason.S3_RANGE_IGNORED,
         )
     return int(match[3])
+
+
+def _key_time(rest: str) -> datetime | None:
+    """The creation time a blob or probe key carries (the part after its directory:
+    ``<yyyymmddThhmmssZ>-<random>``), None if it carries none."""
+    try:
+        return datetime.strptime(rest.split("-", 1)[0], _STAMP).replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def _deleted_during_rewrap(name: str, version: str) -> ModelNotFound:
@@ -1304,11 +1322,30 @@ class S3Storage(Closing):
         return found
 
     def _blob_time(self, blob: str) -> datetime | None:
-        stamp = blob[len(BLOB_DIR) :].split("-", 1)[0]
-        try:
-            return datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC)
-        except ValueError:
-            return None
+        return _key_time(blob[len(BLOB_DIR) :])
+
+    def _remove_old_probes(self, now: datetime) -> int:
+        """Deletes the start-up check's probe objects older than :data:`PROBE_MAX_AGE`; returns
+        how many. Each start writes one and removes it; a start killed in between (or whose
+        delete failed, logged) left it, and nothing else ever removed it. Keys under ``probes/``
+        that this store does not make are left alone."""
+        directory = self._full(PROBE_DIR)
+        removed = 0
+        for item in self._list_keys(directory, None, None):
+            key = str(item["Key"])
+            name = key[len(directory) :]
+            born = _key_time(name) if _PROBE_NAME.fullmatch(name) else None
+            if born is None or now - born <= PROBE_MAX_AGE:
+                continue
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+            except _S3_FAILURES as exc:
+                log.warning("cannot delete the old probe object %s: %r", key, exc)
+                continue
+            removed += 1
+        if removed:
+            log.info("removed probe objects left by interrupted starts", extra={"probes": removed})
+        return removed
 
     def _expired(self, blob: str, now: datetime) -> bool:
         born = self._blob_time(blob)
@@ -1316,7 +1353,8 @@ class S3Storage(Closing):
 
     def sweep(self) -> S3SweepReport:
         """Aborts the multipart uploads crashes left, once older than the grace period; reports
-        (and logs) the blobs no record names, and the records whose blob is missing or damaged.
+        (and logs) the blobs no record names, and the records whose blob is missing or damaged;
+        deletes the probe objects killed starts left (:meth:`_remove_old_probes`).
 
         Any replica may run it at any time: an upload is aborted only if its key says it was
         created more than ``orphan_grace`` ago (so one still running on another replica goes on).
@@ -1374,6 +1412,7 @@ class S3Storage(Closing):
             tuple(damaged),
             tuple(unreadable),
             formats_recorded=formats,
+            probes_removed=self._remove_old_probes(now),
         )
         if missing or damaged or unreadable:
             log.error("storage sweep found damaged models: %s", report)

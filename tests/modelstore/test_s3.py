@@ -756,6 +756,25 @@ def test_an_object_store_that_ignores_conditional_writes_is_refused_at_start(
     assert "Contents" not in s3server.client(s3_server.endpoint).list_objects_v2(Bucket=s3_bucket)
 
 
+def test_probe_objects_left_by_interrupted_starts_are_removed(
+    s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """Each start writes a probe object and removes it; a start killed in between (or whose
+    delete failed) left it in the bucket, and nothing ever removed it: one more per crash loop.
+    The start-up sweep now deletes those older than a day; a younger one (another replica's
+    check under way) and keys the store does not make stay."""
+    client = s3server.client(s3_server.endpoint)
+    old = f"p/probes/20200101T000000Z-{'a' * 32}"
+    young = f"p/probes/{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{'b' * 32}"
+    foreign = "p/probes/20200101T000000Z-not-the-stores"
+    for key in (old, young, foreign):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"")
+    sweep = replica(s3_server.endpoint, s3_bucket).last_sweep
+    assert sweep is not None and sweep.probes_removed == 1
+    listed = client.list_objects_v2(Bucket=s3_bucket)["Contents"]
+    assert sorted(item["Key"] for item in listed) == sorted([young, foreign])
+
+
 def test_an_object_store_that_refuses_conditional_writes_outright_is_named(
     proxy: s3server.FaultProxy, s3_bucket: str
 ) -> None:
