@@ -651,6 +651,10 @@ class S3Storage(Closing):
         self._clock = clock
         self._uploads = Uploads(max_artifact_size, self._exists)
         self._closed = False
+        self.conditional_deletes = True
+        """Whether deletes carry ``If-Match`` (False when the start-up check found the object
+        store ignores it on DeleteObject, or does not implement it: see
+        :meth:`_check_conditional_writes`)."""
         try:
             self._client.head_bucket(Bucket=bucket)
         except botocore.exceptions.ClientError as exc:
@@ -672,7 +676,8 @@ class S3Storage(Closing):
         """FailedPrecondition(S3_CONDITIONAL_WRITES_IGNORED) unless the bucket refuses a
         create-only write (``If-None-Match: *``) of an existing object and a write conditioned on
         an ETag it does not have (``If-Match``), as every model's immutability and every re-wrap's
-        compare-and-swap assume.
+        compare-and-swap assume; then whether it refuses a delete so conditioned, as deletes
+        assume (:attr:`conditional_deletes`, a WARNING if not).
 
         A server that ignores either header (an older or partial S3 implementation, a gateway
         that drops them) answered every such write with success: two uploads of one version on
@@ -680,18 +685,30 @@ class S3Storage(Closing):
         that raced a delete and re-publish put the old artifact back under that version. The
         deployment guide required the support; nothing checked it. One empty object under
         ``probes/`` is written and removed (a store needs PutObject and DeleteObject anyway).
+
+        If-Match on DeleteObject came later than on PutObject (AWS: September 2025; it answered
+        501 before, and MinIO ignores it): on a server that answers it 501 every delete failed,
+        and on one that ignores it a delete that raced a re-wrap removed the re-wrapped record
+        and then the blob it had read, leaving the re-wrapped copy of the deleted model's
+        artifact in the bucket (an unreferenced blob, which the store never deletes), and nothing
+        said so. The probe's removal checks it first. Neither stops the start (no model can be
+        lost or replaced that way, and such servers are common): the store logs a WARNING and
+        deletes without the header (:attr:`conditional_deletes`).
         """
         key = f"{self._full(PROBE_DIR)}{self._clock().astimezone(UTC).strftime(_STAMP)}-" + (
             secrets.token_hex(16)
         )
         ignored: list[str] = []
 
+        def not_implemented(exc: botocore.exceptions.ClientError) -> bool:
+            return _code(exc) == "NotImplemented" or _status(exc) == 501
+
         def put(condition: dict[str, str], header: str, *, refused: bool) -> None:
             """One conditional write; ``refused``: the condition does not hold."""
             try:
                 self._client.put_object(Bucket=self.bucket, Key=key, Body=b"", **condition)
             except botocore.exceptions.ClientError as exc:
-                if _code(exc) == "NotImplemented" or _status(exc) == 501:
+                if not_implemented(exc):
                     ignored.append(header)  # said outright: the same for the store
                 elif not refused and _is_conflict(exc) and not _refused_at_once(exc):
                     # botocore's retry of the create was refused because an earlier attempt,
@@ -704,11 +721,26 @@ class S3Storage(Closing):
                 if refused:
                     ignored.append(header)
 
+        def delete_refused() -> str | None:
+            """A delete of the probe (which exists) on an ETag it does not have: refused (None),
+            else how the server failed the condition."""
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key, IfMatch=_NO_SUCH_ETAG)
+            except botocore.exceptions.ClientError as exc:
+                if not_implemented(exc):
+                    return "does not implement"
+                if not _is_conflict(exc):
+                    raise
+                return None
+            return "ignores"
+
         try:
-            put({"IfNoneMatch": "*"}, "If-None-Match", refused=False)
-            if not ignored:
-                put({"IfNoneMatch": "*"}, "If-None-Match", refused=True)
-            put({"IfMatch": _NO_SUCH_ETAG}, "If-Match", refused=True)
+            put({"IfNoneMatch": "*"}, "If-None-Match on PutObject", refused=False)
+            created = not ignored
+            if created:
+                put({"IfNoneMatch": "*"}, "If-None-Match on PutObject", refused=True)
+            put({"IfMatch": _NO_SUCH_ETAG}, "If-Match on PutObject", refused=True)
+            delete_failure = delete_refused() if created and not ignored else None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "checking the bucket's conditional writes") from None
         finally:
@@ -719,11 +751,20 @@ class S3Storage(Closing):
         if ignored:
             log.error("the object store does not honour conditional writes: %s", ", ".join(ignored))
             raise FailedPrecondition(
-                f"the object store does not honour {' and '.join(ignored)} on PutObject: without "
-                "conditional writes two uploads of one version could both succeed (the later "
-                "replacing the earlier) and a re-wrap could overwrite a newer artifact; use an "
-                "object store that supports them (deploy/README.md, Why replicas are safe)",
+                f"the object store does not honour {' and '.join(ignored)}: without conditional "
+                "writes two uploads of one version could both succeed (the later replacing the "
+                "earlier) and a re-wrap could overwrite a newer artifact; use an object store "
+                "that supports them (deploy/README.md, Why replicas are safe)",
                 reason=Reason.S3_CONDITIONAL_WRITES_IGNORED,
+            )
+        if delete_failure is not None:
+            self.conditional_deletes = False
+            log.warning(
+                "the object store %s If-Match on DeleteObject: deletes are sent without it, so a "
+                "delete that races a re-wrap of the same model can leave the re-wrapped artifact "
+                "in the bucket (reported by the sweep as an unreferenced blob once past the "
+                "grace period)",
+                delete_failure,
             )
 
     @classmethod
@@ -1068,7 +1109,8 @@ class S3Storage(Closing):
         """Removes the model, then its blob; ModelNotFound if absent.
 
         The index object is deleted with ``If-Match`` on the ETag just read, so the blob deleted
-        next is the one the deleted record named. A record changed in between by another replica
+        next is the one the deleted record named (unless the object store does not honour it:
+        :attr:`conditional_deletes`). A record changed in between by another replica
         (a re-wrap, or a delete and re-publish) is read again and the delete retried: the call
         removes the version as it then is, like the filesystem backend's atomic delete, and
         never answers NOT_FOUND for a version still stored. A blob left by a crash between the two
@@ -1077,8 +1119,11 @@ class S3Storage(Closing):
         for _ in range(_OPEN_ATTEMPTS):
             entry = self._require(name, version)
             try:
+                # Without If-Match (a server that does not implement it answers 501 to every
+                # delete), the record deleted may be one changed since it was read.
+                condition = {"IfMatch": entry.etag} if self.conditional_deletes else {}
                 self._client.delete_object(
-                    Bucket=self.bucket, Key=self._index_key(name, version), IfMatch=entry.etag
+                    Bucket=self.bucket, Key=self._index_key(name, version), **condition
                 )
             except botocore.exceptions.ClientError as exc:
                 if _is_conflict(exc):

@@ -756,6 +756,40 @@ def test_an_object_store_that_ignores_conditional_writes_is_refused_at_start(
     assert "Contents" not in s3server.client(s3_server.endpoint).list_objects_v2(Bucket=s3_bucket)
 
 
+@pytest.mark.parametrize("answer", ["ignored", "501"])
+def test_an_object_store_without_if_match_on_delete_is_named_and_still_deletes(
+    proxy: s3server.FaultProxy,
+    s3_server: s3server.MotoServer,
+    s3_bucket: str,
+    answer: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A delete removes the index object on the ETag it read (If-Match), then the blob that
+    record named. The start-up check tried If-Match on PutObject only: a server that answers it
+    501 on DeleteObject (AWS did until September 2025) started, and then every delete failed
+    (UNAVAILABLE S3_SERVER_ERROR); one that ignores it there (MinIO) started without a word,
+    though a delete racing a re-wrap then leaves the re-wrapped artifact behind. Both are
+    named at start now (a WARNING: no model can be lost or replaced that way), and deletes are
+    sent without the header, so they work."""
+    if answer == "ignored":
+        proxy.ignored_headers = frozenset({"if-match"})
+        proxy.ignored_on = frozenset({"DELETE"})
+    else:
+        proxy.not_implemented = frozenset({("DELETE", "if-match")})
+    with caplog.at_level(logging.WARNING, logger="strongroom.modelstore._s3"):
+        store = replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    store.put([make_artifact("m", "1", body(1000))], StructureValidator())
+    store.delete("m", "1")
+    assert "Contents" not in s3server.client(s3_server.endpoint).list_objects_v2(Bucket=s3_bucket)
+    assert any("If-Match on DeleteObject" in r.getMessage() for r in caplog.records)
+    assert store.conditional_deletes is False
+    # A server that honours it is used as before, without a word.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="strongroom.modelstore._s3"):
+        assert replica(s3_server.endpoint, s3_bucket).conditional_deletes is True
+    assert not any("DeleteObject" in r.getMessage() for r in caplog.records)
+
+
 def test_probe_objects_left_by_interrupted_starts_are_removed(
     s3_server: s3server.MotoServer, s3_bucket: str
 ) -> None:
