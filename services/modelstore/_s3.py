@@ -50,6 +50,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import dataclasses
+import enum
 import hashlib
 import json
 import logging
@@ -138,6 +139,9 @@ class S3SweepReport:
     INDEX_CORRUPT); an orphan blob may be one of theirs."""
     formats_recorded: int = 0
     """Records written before they carried an artifact format, given their blob's header format."""
+    unchecked_blobs: tuple[tuple[str, str], ...] = ()
+    """(name, version) of records whose blob the listing lacked (made since, or gone) and whose
+    own lookup failed (logged): neither reported missing nor known intact by this sweep."""
     probes_removed: int = 0
     """Probe objects of the start-up check older than :data:`PROBE_MAX_AGE`, deleted: a start
     that crashed (or could not delete) between writing and removing its probe left them."""
@@ -419,6 +423,14 @@ def _answered_total(response: dict[str, Any], offset: int, length: int, size: in
             reason=Reason.S3_RANGE_IGNORED,
         )
     return int(match[3])
+
+
+class _Unknown(enum.Enum):
+    UNKNOWN = enum.auto()
+
+
+_UNKNOWN = _Unknown.UNKNOWN
+"""What a lookup that failed (rather than found nothing) answers."""
 
 
 def _key_time(rest: str) -> datetime | None:
@@ -1426,9 +1438,14 @@ class S3Storage(Closing):
         # re-wrap, on another replica meanwhile): each such blob is looked up on its own before
         # its model is called missing. Reported from the listing alone, every start during an
         # upload or a rotation run logged a model as lost that was not.
+        # A lookup that failed (throttled, a 5xx after botocore's retries) says nothing: such a
+        # model was reported missing, a lost model, on one transient answer at start.
+        unchecked: set[str] = set()
         for blob in referenced.keys() - blobs.keys():
             size = self._blob_size(blob)
-            if size is not None:
+            if size is _UNKNOWN:
+                unchecked.add(blob)
+            elif size is not None:
                 blobs[blob] = size
         orphans = sorted(b for b in blobs.keys() - referenced.keys() if self._expired(b, now))
         for blob in orphans:
@@ -1439,7 +1456,11 @@ class S3Storage(Closing):
                 blob,
                 blobs[blob],
             )
-        missing = sorted((r.name, r.version) for b, r in referenced.items() if b not in blobs)
+        missing = sorted(
+            (r.name, r.version)
+            for b, r in referenced.items()
+            if b not in blobs and b not in unchecked
+        )
         damaged = sorted(
             (r.name, r.version)
             for b, r in referenced.items()
@@ -1458,23 +1479,27 @@ class S3Storage(Closing):
             tuple(unreadable),
             formats_recorded=formats,
             probes_removed=self._remove_old_probes(now),
+            unchecked_blobs=tuple(
+                sorted((r.name, r.version) for b, r in referenced.items() if b in unchecked)
+            ),
         )
         if missing or damaged or unreadable:
             log.error("storage sweep found damaged models: %s", report)
         return report
 
-    def _blob_size(self, blob: str) -> int | None:
-        """The size of ``blob`` (key relative to the prefix), or None if it does not exist or
-        cannot be looked up (logged)."""
+    def _blob_size(self, blob: str) -> int | _Unknown | None:
+        """The size of ``blob`` (key relative to the prefix), None if it does not exist,
+        :data:`_UNKNOWN` if it cannot be looked up (logged)."""
         try:
             response = self._client.head_object(Bucket=self.bucket, Key=self._full(blob))
         except botocore.exceptions.ClientError as exc:
-            if not _is_missing(exc):
-                log.warning("cannot look up blob %s: %r", blob, exc)
-            return None
+            if _is_missing(exc):
+                return None
+            log.warning("cannot look up blob %s: %r", blob, exc)
+            return _UNKNOWN
         except _S3_FAILURES as exc:
             log.warning("cannot look up blob %s: %r", blob, exc)
-            return None
+            return _UNKNOWN
         return int(response["ContentLength"])
 
     def _record_format(self, entry: _Indexed) -> bool:
