@@ -255,6 +255,14 @@ class BlobStore:
         except (FileNotFoundError, NotADirectoryError):
             return []  # a file in its place: every move fails, and each is logged
 
+    def _holds_a_non_file(self, digest: str) -> bool:
+        """Whether the blob's name holds something other than a regular file (not followed;
+        False if that cannot be told: the caller's own error is then the answer)."""
+        try:
+            return not stat.S_ISREG(os.lstat(self.path(digest)).st_mode)
+        except OSError:
+            return False
+
     def open_read(self, digest: str) -> int:
         """A read-only file descriptor on the blob: FileNotFoundError if missing, NotABlobFile if
         its name holds anything but a regular file.
@@ -272,6 +280,11 @@ class BlobStore:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise NotABlobFile(f"blob {digest} is a symbolic link") from None
+            # A socket (ENXIO) or a device node with no driver behind it fails the open itself:
+            # that is what the name holds, not a failing volume (an UNAVAILABLE, retried for
+            # ever by every loader), so it is named like any other non-file.
+            if exc.errno != errno.ENOENT and self._holds_a_non_file(digest):
+                raise NotABlobFile(f"blob {digest} is not a regular file") from None
             raise
         try:
             mode = os.fstat(fd).st_mode

@@ -4,7 +4,8 @@ Layout under the configured key prefix::
 
     index/<name>!<version>     a small JSON record per model (the index; see below)
     blobs/<yyyymmddThhmmssZ>-<random>   one artifact's bytes, written once, never modified
-    probes/<yyyymmddThhmmssZ>-<random>  the start-up check of conditional writes (removed again)
+    probes/<yyyymmddThhmmssZ>-<random>  the start-up check of conditional writes (removed again;
+                                        the sweep deletes one a killed start left, once a day old)
 
 ``!`` sorts below every character a model name may contain, so the bucket's own key order is the
 (name, version) order the API lists in, and a name prefix is a key prefix: a listing is one
@@ -49,6 +50,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import dataclasses
+import enum
 import hashlib
 import json
 import logging
@@ -96,6 +98,11 @@ BLOB_DIR = "blobs/"
 PROBE_DIR = "probes/"
 """Where the start-up check of conditional writes puts (and removes) its one empty object."""
 _NO_SUCH_ETAG = '"00000000000000000000000000000000"'
+_PROBE_NAME = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{32}")
+PROBE_MAX_AGE = timedelta(days=1)
+"""Age past which a sweep deletes a probe object: far longer than any start-up check takes, so
+another replica's check under way never loses its probe (with it gone, its next create-only
+write would succeed and a healthy store would be refused), whatever ``orphan_grace`` is."""
 _SEPARATOR = "!"  # sorts below every model-name character ('-' is the lowest)
 _RECORD_FORMAT = 1
 _STAMP = "%Y%m%dT%H%M%SZ"
@@ -132,6 +139,12 @@ class S3SweepReport:
     INDEX_CORRUPT); an orphan blob may be one of theirs."""
     formats_recorded: int = 0
     """Records written before they carried an artifact format, given their blob's header format."""
+    unchecked_blobs: tuple[tuple[str, str], ...] = ()
+    """(name, version) of records whose blob the listing lacked (made since, or gone) and whose
+    own lookup failed (logged): neither reported missing nor known intact by this sweep."""
+    probes_removed: int = 0
+    """Probe objects of the start-up check older than :data:`PROBE_MAX_AGE`, deleted: a start
+    that crashed (or could not delete) between writing and removing its probe left them."""
 
 
 def make_client(config: StorageConfig, *, single_secrets: bool = False) -> S3Client:
@@ -412,6 +425,23 @@ def _answered_total(response: dict[str, Any], offset: int, length: int, size: in
     return int(match[3])
 
 
+class _Unknown(enum.Enum):
+    UNKNOWN = enum.auto()
+
+
+_UNKNOWN = _Unknown.UNKNOWN
+"""What a lookup that failed (rather than found nothing) answers."""
+
+
+def _key_time(rest: str) -> datetime | None:
+    """The creation time a blob or probe key carries (the part after its directory:
+    ``<yyyymmddThhmmssZ>-<random>``), None if it carries none."""
+    try:
+        return datetime.strptime(rest.split("-", 1)[0], _STAMP).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
 def _deleted_during_rewrap(name: str, version: str) -> ModelNotFound:
     # Not KEY_SLOT_CHANGED: the rotation client reports a model deleted meanwhile as gone, not
     # as a failure (a delete during the copy of a large model is an ordinary race).
@@ -633,6 +663,10 @@ class S3Storage(Closing):
         self._clock = clock
         self._uploads = Uploads(max_artifact_size, self._exists)
         self._closed = False
+        self.conditional_deletes = True
+        """Whether deletes carry ``If-Match`` (False when the start-up check found the object
+        store ignores it on DeleteObject, or does not implement it: see
+        :meth:`_check_conditional_writes`)."""
         try:
             self._client.head_bucket(Bucket=bucket)
         except botocore.exceptions.ClientError as exc:
@@ -654,7 +688,8 @@ class S3Storage(Closing):
         """FailedPrecondition(S3_CONDITIONAL_WRITES_IGNORED) unless the bucket refuses a
         create-only write (``If-None-Match: *``) of an existing object and a write conditioned on
         an ETag it does not have (``If-Match``), as every model's immutability and every re-wrap's
-        compare-and-swap assume.
+        compare-and-swap assume; then whether it refuses a delete so conditioned, as deletes
+        assume (:attr:`conditional_deletes`, a WARNING if not).
 
         A server that ignores either header (an older or partial S3 implementation, a gateway
         that drops them) answered every such write with success: two uploads of one version on
@@ -662,30 +697,62 @@ class S3Storage(Closing):
         that raced a delete and re-publish put the old artifact back under that version. The
         deployment guide required the support; nothing checked it. One empty object under
         ``probes/`` is written and removed (a store needs PutObject and DeleteObject anyway).
+
+        If-Match on DeleteObject came later than on PutObject (AWS: September 2025; it answered
+        501 before, and MinIO ignores it): on a server that answers it 501 every delete failed,
+        and on one that ignores it a delete that raced a re-wrap removed the re-wrapped record
+        and then the blob it had read, leaving the re-wrapped copy of the deleted model's
+        artifact in the bucket (an unreferenced blob, which the store never deletes), and nothing
+        said so. The probe's removal checks it first. Neither stops the start (no model can be
+        lost or replaced that way, and such servers are common): the store logs a WARNING and
+        deletes without the header (:attr:`conditional_deletes`).
         """
         key = f"{self._full(PROBE_DIR)}{self._clock().astimezone(UTC).strftime(_STAMP)}-" + (
             secrets.token_hex(16)
         )
         ignored: list[str] = []
 
+        def not_implemented(exc: botocore.exceptions.ClientError) -> bool:
+            return _code(exc) == "NotImplemented" or _status(exc) == 501
+
         def put(condition: dict[str, str], header: str, *, refused: bool) -> None:
             """One conditional write; ``refused``: the condition does not hold."""
             try:
                 self._client.put_object(Bucket=self.bucket, Key=key, Body=b"", **condition)
             except botocore.exceptions.ClientError as exc:
-                if _code(exc) == "NotImplemented" or _status(exc) == 501:
+                if not_implemented(exc):
                     ignored.append(header)  # said outright: the same for the store
+                elif not refused and _is_conflict(exc) and not _refused_at_once(exc):
+                    # botocore's retry of the create was refused because an earlier attempt,
+                    # whose answer was lost, made the object (its key is fresh and random):
+                    # the condition was honoured. Raised, a healthy store failed its start.
+                    pass
                 elif not (refused and (_is_conflict(exc) or _is_missing(exc))):
                     raise  # (a 404: the If-Match on an object the refused create never made)
             else:
                 if refused:
                     ignored.append(header)
 
+        def delete_refused() -> str | None:
+            """A delete of the probe (which exists) on an ETag it does not have: refused (None),
+            else how the server failed the condition."""
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key, IfMatch=_NO_SUCH_ETAG)
+            except botocore.exceptions.ClientError as exc:
+                if not_implemented(exc):
+                    return "does not implement"
+                if not _is_conflict(exc):
+                    raise
+                return None
+            return "ignores"
+
         try:
-            put({"IfNoneMatch": "*"}, "If-None-Match", refused=False)
-            if not ignored:
-                put({"IfNoneMatch": "*"}, "If-None-Match", refused=True)
-            put({"IfMatch": _NO_SUCH_ETAG}, "If-Match", refused=True)
+            put({"IfNoneMatch": "*"}, "If-None-Match on PutObject", refused=False)
+            created = not ignored
+            if created:
+                put({"IfNoneMatch": "*"}, "If-None-Match on PutObject", refused=True)
+            put({"IfMatch": _NO_SUCH_ETAG}, "If-Match on PutObject", refused=True)
+            delete_failure = delete_refused() if created and not ignored else None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "checking the bucket's conditional writes") from None
         finally:
@@ -696,11 +763,20 @@ class S3Storage(Closing):
         if ignored:
             log.error("the object store does not honour conditional writes: %s", ", ".join(ignored))
             raise FailedPrecondition(
-                f"the object store does not honour {' and '.join(ignored)} on PutObject: without "
-                "conditional writes two uploads of one version could both succeed (the later "
-                "replacing the earlier) and a re-wrap could overwrite a newer artifact; use an "
-                "object store that supports them (deploy/README.md, Why replicas are safe)",
+                f"the object store does not honour {' and '.join(ignored)}: without conditional "
+                "writes two uploads of one version could both succeed (the later replacing the "
+                "earlier) and a re-wrap could overwrite a newer artifact; use an object store "
+                "that supports them (deploy/README.md, Why replicas are safe)",
                 reason=Reason.S3_CONDITIONAL_WRITES_IGNORED,
+            )
+        if delete_failure is not None:
+            self.conditional_deletes = False
+            log.warning(
+                "the object store %s If-Match on DeleteObject: deletes are sent without it, so a "
+                "delete that races a re-wrap of the same model can leave the re-wrapped artifact "
+                "in the bucket (reported by the sweep as an unreferenced blob once past the "
+                "grace period)",
+                delete_failure,
             )
 
     @classmethod
@@ -1045,7 +1121,8 @@ class S3Storage(Closing):
         """Removes the model, then its blob; ModelNotFound if absent.
 
         The index object is deleted with ``If-Match`` on the ETag just read, so the blob deleted
-        next is the one the deleted record named. A record changed in between by another replica
+        next is the one the deleted record named (unless the object store does not honour it:
+        :attr:`conditional_deletes`). A record changed in between by another replica
         (a re-wrap, or a delete and re-publish) is read again and the delete retried: the call
         removes the version as it then is, like the filesystem backend's atomic delete, and
         never answers NOT_FOUND for a version still stored. A blob left by a crash between the two
@@ -1054,8 +1131,11 @@ class S3Storage(Closing):
         for _ in range(_OPEN_ATTEMPTS):
             entry = self._require(name, version)
             try:
+                # Without If-Match (a server that does not implement it answers 501 to every
+                # delete), the record deleted may be one changed since it was read.
+                condition = {"IfMatch": entry.etag} if self.conditional_deletes else {}
                 self._client.delete_object(
-                    Bucket=self.bucket, Key=self._index_key(name, version), IfMatch=entry.etag
+                    Bucket=self.bucket, Key=self._index_key(name, version), **condition
                 )
             except botocore.exceptions.ClientError as exc:
                 if _is_conflict(exc):
@@ -1299,11 +1379,30 @@ class S3Storage(Closing):
         return found
 
     def _blob_time(self, blob: str) -> datetime | None:
-        stamp = blob[len(BLOB_DIR) :].split("-", 1)[0]
-        try:
-            return datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC)
-        except ValueError:
-            return None
+        return _key_time(blob[len(BLOB_DIR) :])
+
+    def _remove_old_probes(self, now: datetime) -> int:
+        """Deletes the start-up check's probe objects older than :data:`PROBE_MAX_AGE`; returns
+        how many. Each start writes one and removes it; a start killed in between (or whose
+        delete failed, logged) left it, and nothing else ever removed it. Keys under ``probes/``
+        that this store does not make are left alone."""
+        directory = self._full(PROBE_DIR)
+        removed = 0
+        for item in self._list_keys(directory, None, None):
+            key = str(item["Key"])
+            name = key[len(directory) :]
+            born = _key_time(name) if _PROBE_NAME.fullmatch(name) else None
+            if born is None or now - born <= PROBE_MAX_AGE:
+                continue
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+            except _S3_FAILURES as exc:
+                log.warning("cannot delete the old probe object %s: %r", key, exc)
+                continue
+            removed += 1
+        if removed:
+            log.info("removed probe objects left by interrupted starts", extra={"probes": removed})
+        return removed
 
     def _expired(self, blob: str, now: datetime) -> bool:
         born = self._blob_time(blob)
@@ -1311,7 +1410,8 @@ class S3Storage(Closing):
 
     def sweep(self) -> S3SweepReport:
         """Aborts the multipart uploads crashes left, once older than the grace period; reports
-        (and logs) the blobs no record names, and the records whose blob is missing or damaged.
+        (and logs) the blobs no record names, and the records whose blob is missing or damaged;
+        deletes the probe objects killed starts left (:meth:`_remove_old_probes`).
 
         Any replica may run it at any time: an upload is aborted only if its key says it was
         created more than ``orphan_grace`` ago (so one still running on another replica goes on).
@@ -1338,9 +1438,14 @@ class S3Storage(Closing):
         # re-wrap, on another replica meanwhile): each such blob is looked up on its own before
         # its model is called missing. Reported from the listing alone, every start during an
         # upload or a rotation run logged a model as lost that was not.
+        # A lookup that failed (throttled, a 5xx after botocore's retries) says nothing: such a
+        # model was reported missing, a lost model, on one transient answer at start.
+        unchecked: set[str] = set()
         for blob in referenced.keys() - blobs.keys():
             size = self._blob_size(blob)
-            if size is not None:
+            if size is _UNKNOWN:
+                unchecked.add(blob)
+            elif size is not None:
                 blobs[blob] = size
         orphans = sorted(b for b in blobs.keys() - referenced.keys() if self._expired(b, now))
         for blob in orphans:
@@ -1351,7 +1456,11 @@ class S3Storage(Closing):
                 blob,
                 blobs[blob],
             )
-        missing = sorted((r.name, r.version) for b, r in referenced.items() if b not in blobs)
+        missing = sorted(
+            (r.name, r.version)
+            for b, r in referenced.items()
+            if b not in blobs and b not in unchecked
+        )
         damaged = sorted(
             (r.name, r.version)
             for b, r in referenced.items()
@@ -1369,23 +1478,28 @@ class S3Storage(Closing):
             tuple(damaged),
             tuple(unreadable),
             formats_recorded=formats,
+            probes_removed=self._remove_old_probes(now),
+            unchecked_blobs=tuple(
+                sorted((r.name, r.version) for b, r in referenced.items() if b in unchecked)
+            ),
         )
         if missing or damaged or unreadable:
             log.error("storage sweep found damaged models: %s", report)
         return report
 
-    def _blob_size(self, blob: str) -> int | None:
-        """The size of ``blob`` (key relative to the prefix), or None if it does not exist or
-        cannot be looked up (logged)."""
+    def _blob_size(self, blob: str) -> int | _Unknown | None:
+        """The size of ``blob`` (key relative to the prefix), None if it does not exist,
+        :data:`_UNKNOWN` if it cannot be looked up (logged)."""
         try:
             response = self._client.head_object(Bucket=self.bucket, Key=self._full(blob))
         except botocore.exceptions.ClientError as exc:
-            if not _is_missing(exc):
-                log.warning("cannot look up blob %s: %r", blob, exc)
-            return None
+            if _is_missing(exc):
+                return None
+            log.warning("cannot look up blob %s: %r", blob, exc)
+            return _UNKNOWN
         except _S3_FAILURES as exc:
             log.warning("cannot look up blob %s: %r", blob, exc)
-            return None
+            return _UNKNOWN
         return int(response["ContentLength"])
 
     def _record_format(self, entry: _Indexed) -> bool:

@@ -157,6 +157,12 @@ class FaultProxy:
     requests: list[tuple[str, str]] = field(default_factory=list)
     ignored_headers: frozenset[str] = frozenset()
     """Request headers (lower case) not passed on: a server that does not implement them."""
+    ignored_on: frozenset[str] = frozenset()
+    """The methods whose ``ignored_headers`` are not passed on (empty: every method): a server
+    that implements a header on some requests only (If-Match on PutObject, not DeleteObject)."""
+    not_implemented: frozenset[tuple[str, str]] = frozenset()
+    """(method, request header in lower case) answered 501 NotImplemented when the request
+    carries that header: a server that refuses it outright (AWS's DeleteObject If-Match once)."""
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -172,6 +178,11 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 fault = proxy._fault(self.command, self.path)
+                if any(
+                    method == self.command and header in self.headers
+                    for method, header in proxy.not_implemented
+                ):
+                    fault = Fault(lambda m, p: True, status=501, code="NotImplemented")
                 if fault is not None and fault.after_upstream:
                     proxy._forward(self.command, self.path, body, dict(self.headers.items()))
                 if fault is not None:
@@ -203,7 +214,11 @@ class FaultProxy:
                     headers = {
                         k: v
                         for k, v in self.headers.items()
-                        if k.lower() != "connection" and k.lower() not in proxy.ignored_headers
+                        if k.lower() != "connection"
+                        and not (
+                            k.lower() in proxy.ignored_headers
+                            and (not proxy.ignored_on or self.command in proxy.ignored_on)
+                        )
                     }
                     upstream.request(self.command, self.path, body=body, headers=headers)
                     response = upstream.getresponse()

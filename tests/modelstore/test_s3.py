@@ -756,6 +756,59 @@ def test_an_object_store_that_ignores_conditional_writes_is_refused_at_start(
     assert "Contents" not in s3server.client(s3_server.endpoint).list_objects_v2(Bucket=s3_bucket)
 
 
+@pytest.mark.parametrize("answer", ["ignored", "501"])
+def test_an_object_store_without_if_match_on_delete_is_named_and_still_deletes(
+    proxy: s3server.FaultProxy,
+    s3_server: s3server.MotoServer,
+    s3_bucket: str,
+    answer: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A delete removes the index object on the ETag it read (If-Match), then the blob that
+    record named. The start-up check tried If-Match on PutObject only: a server that answers it
+    501 on DeleteObject (AWS did until September 2025) started, and then every delete failed
+    (UNAVAILABLE S3_SERVER_ERROR); one that ignores it there (MinIO) started without a word,
+    though a delete racing a re-wrap then leaves the re-wrapped artifact behind. Both are
+    named at start now (a WARNING: no model can be lost or replaced that way), and deletes are
+    sent without the header, so they work."""
+    if answer == "ignored":
+        proxy.ignored_headers = frozenset({"if-match"})
+        proxy.ignored_on = frozenset({"DELETE"})
+    else:
+        proxy.not_implemented = frozenset({("DELETE", "if-match")})
+    with caplog.at_level(logging.WARNING, logger="strongroom.modelstore._s3"):
+        store = replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    store.put([make_artifact("m", "1", body(1000))], StructureValidator())
+    store.delete("m", "1")
+    assert "Contents" not in s3server.client(s3_server.endpoint).list_objects_v2(Bucket=s3_bucket)
+    assert any("If-Match on DeleteObject" in r.getMessage() for r in caplog.records)
+    assert store.conditional_deletes is False
+    # A server that honours it is used as before, without a word.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="strongroom.modelstore._s3"):
+        assert replica(s3_server.endpoint, s3_bucket).conditional_deletes is True
+    assert not any("DeleteObject" in r.getMessage() for r in caplog.records)
+
+
+def test_probe_objects_left_by_interrupted_starts_are_removed(
+    s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """Each start writes a probe object and removes it; a start killed in between (or whose
+    delete failed) left it in the bucket, and nothing ever removed it: one more per crash loop.
+    The start-up sweep now deletes those older than a day; a younger one (another replica's
+    check under way) and keys the store does not make stay."""
+    client = s3server.client(s3_server.endpoint)
+    old = f"p/probes/20200101T000000Z-{'a' * 32}"
+    young = f"p/probes/{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{'b' * 32}"
+    foreign = "p/probes/20200101T000000Z-not-the-stores"
+    for key in (old, young, foreign):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"")
+    sweep = replica(s3_server.endpoint, s3_bucket).last_sweep
+    assert sweep is not None and sweep.probes_removed == 1
+    listed = client.list_objects_v2(Bucket=s3_bucket)["Contents"]
+    assert sorted(item["Key"] for item in listed) == sorted([young, foreign])
+
+
 def test_an_object_store_that_refuses_conditional_writes_outright_is_named(
     proxy: s3server.FaultProxy, s3_bucket: str
 ) -> None:
@@ -769,6 +822,28 @@ def test_an_object_store_that_refuses_conditional_writes_outright_is_named(
     with pytest.raises(FailedPrecondition) as info:
         replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
     assert info.value.reason == "S3_CONDITIONAL_WRITES_IGNORED"
+
+
+@pytest.mark.parametrize("how", ["dropped", "503"])
+def test_a_lost_answer_to_the_probes_create_does_not_stop_the_start(
+    proxy: s3server.FaultProxy, s3_bucket: str, how: str
+) -> None:
+    """The start-up check's first write (a create-only PutObject of a fresh probe key) took
+    effect but its answer was lost; botocore's retry got 412, made by that very write. The check
+    re-raised it: a healthy store refused to start (UNAVAILABLE S3_ERROR, "the object store
+    refused a request") on one dropped answer. The retry's refusal is the create it expects."""
+    fault = proxy.inject(
+        s3server.Fault(
+            lambda m, p: m == "PUT" and "/p/probes/" in p,
+            after_upstream=True,
+            drop=how == "dropped",
+            status=503 if how == "503" else None,
+            times=1,
+        )
+    )
+    replica(proxy.endpoint, s3_bucket)
+    assert fault.hits == 1
+    assert "Contents" not in s3server.client(proxy.endpoint).list_objects_v2(Bucket=s3_bucket)
 
 
 def test_a_model_published_while_another_replica_sweeps_is_not_reported_missing(
@@ -796,6 +871,29 @@ def test_a_model_published_while_another_replica_sweeps_is_not_reported_missing(
         if record.name == "m":
             other._client.delete_object(Bucket=s3_bucket, Key=other.prefix + blob)
     assert replica(s3_server.endpoint, s3_bucket).last_sweep.missing_blobs == (("m", "1"),)  # type: ignore[union-attr]
+
+
+def test_a_failed_lookup_of_a_blob_the_sweep_did_not_list_is_not_a_missing_model(
+    proxy: s3server.FaultProxy, s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """A model published between the sweep's blob listing and its index read has its blob
+    looked up on its own; a lookup that failed (throttled, a 5xx after the retries) was taken
+    for a missing blob, and the model reported lost at start on one transient answer. It is
+    reported as not checked now, and only a blob really gone is missing."""
+    other = replica(s3_server.endpoint, s3_bucket)
+
+    def publish_between(method: str, path: str) -> bool:
+        listing_the_index = method == "GET" and "list-type=2" in path and "index" in path
+        if listing_the_index and not other.records():
+            other.put([make_artifact("late", "1", b"y")], StructureValidator())
+        return False
+
+    proxy.inject(s3server.Fault(publish_between))
+    proxy.inject(s3server.Fault(lambda m, p: m == "HEAD" and "/p/blobs/" in p, status=503))
+    sweep = replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1}).last_sweep
+    assert sweep is not None
+    assert sweep.missing_blobs == ()
+    assert sweep.unchecked_blobs == (("late", "1"),)
 
 
 def test_a_server_that_answers_a_range_with_the_whole_object_is_not_data_loss(
