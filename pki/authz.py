@@ -14,7 +14,8 @@ By then gRPC has received a unary request's message (up to the server's receive 
 has called the handler's ``request_deserializer`` on it before any interceptor ran: the check
 cannot keep a request from being *parsed*. The service runtime does
 (:class:`~strongroom.runtime.interceptors.RequestDecodingInterceptor` registers every unary-request
-method without a deserialiser and parses the bytes after this check and the admission checks); a
+method with a deserialiser that only boxes the bytes, and parses them after this check and the
+admission checks); a
 request stream's messages are deserialised as the behaviour reads them, after this check.
 
 The authoriser reads the connection's auth context once per RPC and hands the identity it verified

@@ -79,20 +79,16 @@ def rewrap_handler(
     stream: Callable[[StreamBehaviour], StreamBehaviour],
     *,
     request_deserializer: Callable[[bytes], Any] | None = None,
-    raw_requests: bool = False,
 ) -> RpcMethodHandler:
     """The same handler with its behaviour wrapped: ``unary`` for handlers returning one response
     (unary-unary, stream-unary), ``stream`` for those returning a stream.
 
     A non-blocking behaviour (it returns at once and sends responses through the callback gRPC
     passes as a third argument) is wrapped with ``unary`` around the synchronous part, and stays
-    non-blocking. ``request_deserializer`` replaces the handler's own when given; with
-    ``raw_requests`` there is none (gRPC hands the behaviour the request's bytes as received).
+    non-blocking. ``request_deserializer`` replaces the handler's own when given.
     """
     kwargs = {
-        "request_deserializer": None
-        if raw_requests
-        else request_deserializer or handler.request_deserializer,
+        "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:

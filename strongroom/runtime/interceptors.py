@@ -15,9 +15,10 @@ No unary request is parsed before its caller is authorised and admitted. gRPC ca
 own deserialiser would parse every request (up to the message limit) of any holder of a
 certificate of the CA, role or not, and outside the per-caller and data-plane admission.
 :class:`RequestDecodingInterceptor` (innermost) therefore registers every unary-request method with
-no deserialiser, so that gRPC hands over the bytes as received, and calls the method's own
-deserialiser on them once the authoriser and the guards have let the call through, inside the
-error mapping. The bytes are parsed once, as gRPC would have: no copy is added. Request streams
+a deserialiser that only boxes the bytes as received (:class:`_Received`), and calls the method's
+own deserialiser on them once the authoriser and the guards have let the call through, inside the
+error mapping. The bytes are parsed once, as gRPC would have: no copy is added, and they are freed
+once parsed (the box, which every interceptor's frame keeps, is emptied). Request streams
 are deserialised as the handler reads them, after all of that already.
 
 A service that must account for every refusal of a method (the key broker audits every refused
@@ -183,7 +184,7 @@ def _wrap_handler(
 ) -> RpcMethodHandler:
     # Undecodable messages of a request stream become a marker here (where gRPC deserialises
     # them) and are refused by RequestDecodingInterceptor, innermost: authorisation and stream
-    # limits come first. Unary requests reach this as bytes, parsed by that interceptor.
+    # limits come first. Unary requests reach this boxed, parsed by that interceptor.
     #
     # The failure is handled after its except block, not in it: the exception gRPC's abort raises
     # then chains nothing, and the tracing span around this (OpenTelemetry's records whatever
@@ -243,24 +244,51 @@ def _observed(
     return wrap
 
 
+class _Received:
+    """A unary request's bytes as gRPC received them, boxed until the request decoding takes them.
+
+    gRPC hands a behaviour its request, and every interceptor's frame around the call keeps that
+    argument until the call returns: were it the bytes themselves, each unary call would hold its
+    encoding beside the message parsed from it (the protobuf runtime copies what it parses) for as
+    long as its handler runs, a ModelInfer its whole inference. The box is what they keep; the
+    decoding empties it, so the bytes are freed once parsed."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data: bytes | None = data
+
+    def take(self) -> bytes:
+        """The bytes, which the box no longer holds (a second take is a bug: it raises)."""
+        data = self.data
+        if data is None:
+            raise RuntimeError("a unary request's bytes were taken twice")
+        self.data = None
+        return data
+
+
 def _decoded(
     deserialize: Callable[[bytes], Any],
-    data: bytes,
+    received: _Received,
     context: grpc.ServicerContext,
     method: str,
     message_type: str,
 ) -> Any:
-    """``data`` parsed by the method's own deserialiser: where every unary request is parsed,
-    once its caller is authorised and admitted (:class:`RequestDecodingInterceptor`)."""
+    """The received bytes parsed by the method's own deserialiser: where every unary request is
+    parsed, once its caller is authorised and admitted (:class:`RequestDecodingInterceptor`). The
+    bytes are referenced from nowhere else once this returns."""
+    data = received.take()
     try:
         return deserialize(data)
     except StrongroomError:
         raise  # the refusal the deserialiser chose (a limit it checks on the wire)
     except (DecodeError, UnicodeDecodeError, ValueError) as exc:
         problem = type(exc).__name__
+    size = len(data)
+    del data  # the refusal's traceback keeps this frame: not the bytes with it
     detail = f" of {message_type}" if message_type else ""
     # Raised outside the except block: the refusal chains no parser exception to the caller.
-    raise _malformed(_Malformed(problem), context, method, f"{detail} ({len(data)} bytes)")
+    raise _malformed(_Malformed(problem), context, method, f"{detail} ({size} bytes)")
 
 
 class RequestDecodingInterceptor(HandlerInterceptor):
@@ -269,9 +297,9 @@ class RequestDecodingInterceptor(HandlerInterceptor):
 
     It goes innermost, after the authoriser and the stream and unary-call guards: a caller who may
     not call the method, or who is over its limits, learns that first, whatever bytes it sent,
-    and its request is never parsed. A unary-request method is registered with gRPC without a
-    deserialiser (gRPC would otherwise parse the request before any interceptor runs) and its
-    own deserialiser runs here. Needs :class:`ErrorMappingInterceptor` further out.
+    and its request is never parsed. A unary-request method is registered with gRPC with a
+    deserialiser that only boxes the bytes (gRPC would otherwise parse the request before any
+    interceptor runs) and its own deserialiser runs here, on the bytes it takes from the box. Needs :class:`ErrorMappingInterceptor` further out.
     """
 
     def wrap_handler(
@@ -288,8 +316,8 @@ class RequestDecodingInterceptor(HandlerInterceptor):
         message_type = _message_type(deserialize)  # for the refusal's message, found once
 
         def unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
-            def call(data: bytes, context: grpc.ServicerContext) -> Any:
-                request = _decoded(deserialize, data, context, method, message_type)
+            def call(received: _Received, context: grpc.ServicerContext) -> Any:
+                request = _decoded(deserialize, received, context, method, message_type)
                 observed = _OBSERVED.get()
                 if observed is not None:
                     observed.reached = True  # the service's own refusals are its own to report
@@ -300,13 +328,13 @@ class RequestDecodingInterceptor(HandlerInterceptor):
         def stream(
             fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
         ) -> Callable[..., Any]:
-            def call(data: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
-                request = _decoded(deserialize, data, context, method, message_type)
+            def call(received: _Received, context: grpc.ServicerContext) -> Iterator[Any]:
+                request = _decoded(deserialize, received, context, method, message_type)
                 yield from fn(request, context)
 
             return call
 
-        return rewrap_handler(handler, unary, stream, raw_requests=True)
+        return rewrap_handler(handler, unary, stream, request_deserializer=_Received)
 
     @staticmethod
     def _as_received(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +20,7 @@ from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime import health as health_module
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
 from strongroom.runtime.health import MAX_SERVICE_NAME
-from strongroom.runtime.server import ServiceHost, ServiceSpec
+from strongroom.runtime.server import MessageLimits, ServiceHost, ServiceSpec
 
 SERVICE = "test.Echo"
 
@@ -427,3 +429,63 @@ def test_refusals_before_the_behaviour_runs_are_observed_and_only_those() -> Non
         ("PEER_NOT_ALLOWED", "PERMISSION_DENIED"),
         ("MALFORMED_REQUEST", "INVALID_ARGUMENT"),
     ]
+
+
+def test_a_unary_requests_bytes_are_freed_once_parsed() -> None:
+    """The runtime parses a unary request itself (after the authoriser and the admission), and
+    every interceptor's frame keeps the argument gRPC passed until the call returns: were that
+    the bytes, every call would hold its encoding beside the parsed message (which the protobuf
+    runtime copies) while its handler runs, a ModelInfer's tens of MiB for its whole inference.
+    Measured with tracemalloc (gRPC makes the request's bytes object in Python's allocator)."""
+    payload = bytes(8 << 20)
+    held: dict[str, int] = {}
+    baseline = 0
+
+    def parse(data: bytes) -> int:
+        return len(data)  # a message far smaller than its encoding
+
+    def unary(request: int, context: grpc.ServicerContext) -> bytes:
+        gc.collect()
+        held["Unary"] = tracemalloc.get_traced_memory()[0] - baseline
+        return b"%d" % request
+
+    def stream(request: int, context: grpc.ServicerContext) -> Iterator[bytes]:
+        gc.collect()
+        held["Stream"] = tracemalloc.get_traced_memory()[0] - baseline
+        yield b"%d" % request
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary, parse, _identity),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream, parse, _identity),
+        },
+    )
+    host = ServiceHost(
+        listen="127.0.0.1:0",
+        credentials=None,
+        services=[ServiceSpec(SERVICE, lambda server: server.add_generic_rpc_handlers((handler,)))],
+        message_limits=MessageLimits(receive=16 << 20, send=1 << 20),
+    )
+    host.start()
+    tracemalloc.start()
+    try:
+        with grpc.insecure_channel(
+            f"127.0.0.1:{host.port}", options=[("grpc.max_send_message_length", 16 << 20)]
+        ) as channel:
+            baseline = tracemalloc.get_traced_memory()[0]
+            assert channel.unary_unary(f"/{SERVICE}/Unary", _identity, _identity)(
+                payload, timeout=30
+            ) == b"%d" % len(payload)
+            baseline = tracemalloc.get_traced_memory()[0]
+            assert list(
+                channel.unary_stream(f"/{SERVICE}/Stream", _identity, _identity)(
+                    payload, timeout=30
+                )
+            ) == [b"%d" % len(payload)]
+    finally:
+        tracemalloc.stop()
+        host.stop(0)
+    # The bytes (8 MiB) are gone by the time the behaviour runs; a few KiB of other allocations.
+    assert held["Unary"] < len(payload) // 4, held
+    assert held["Stream"] < len(payload) // 4, held

@@ -180,10 +180,25 @@ def add_to_server(servicer: OipServicer, server: grpc.Server) -> None:
     limits = servicer.limits
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer,
-        request_deserializer=lambda data: parse_infer_request(data, limits),
+        request_deserializer=_InferRequestParser(limits).parse,
         response_serializer=pb.ModelInferResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+class _InferRequestParser:
+    """ModelInfer's deserialiser (:meth:`parse`: the wire count, then the parse). Its
+    ``DESCRIPTOR`` names the message in the runtime's refusal of bytes that are not one, as a
+    generated message class's ``FromString`` does."""
+
+    DESCRIPTOR = pb.ModelInferRequest.DESCRIPTOR
+
+    def __init__(self, limits: InferLimits) -> None:
+        self._limits = limits
+
+    def parse(self, data: bytes) -> pb.ModelInferRequest:
+        """``data`` counted on the wire, then parsed (:func:`parse_infer_request`)."""
+        return parse_infer_request(data, self._limits)
 
 
 def _stopped_with(context: grpc.ServicerContext) -> ort.RunOptions:

@@ -32,18 +32,14 @@ which they are ``TOO_MANY_FIELDS``.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.inference.oip._codec import BYTES_ELEMENT_COST, TYPED_NARROW_WIDTH, InferLimits
 from strongroom.reasons import Reason
 from strongroom.wire import Field, fields
-
-log = logging.getLogger(__name__)
 
 MAX_OTHER_FIELDS = 64
 """Fields of one message (the request, an input, a requested output) beyond those it repeats by
@@ -84,18 +80,14 @@ _MAX_VARINT_BYTES = 10
 
 
 def parse_infer_request(data: bytes, limits: InferLimits) -> pb.ModelInferRequest:
-    """``data`` as a ModelInferRequest, once :func:`check_infer_request` has passed it; bytes
-    that are not one are InvalidArgument ``MALFORMED_REQUEST``, as the service runtime answers a
-    request that does not deserialise."""
-    try:
-        check_infer_request(data, limits)
-        return pb.ModelInferRequest.FromString(data)
-    except (DecodeError, ValueError) as exc:  # WireError is a ValueError
-        log.warning("malformed ModelInfer request", extra={"problem": type(exc).__name__})
-        raise InvalidArgument(
-            "ModelInfer: the request message is not a valid protobuf encoding",
-            reason=Reason.MALFORMED_REQUEST,
-        ) from None
+    """``data`` as a ModelInferRequest, once :func:`check_infer_request` has passed it.
+
+    Bytes that are not one raise :class:`WireError` (a ValueError) or the protobuf runtime's
+    DecodeError, as any deserialiser does: the service runtime answers them InvalidArgument
+    ``MALFORMED_REQUEST`` naming the method, the message and its size, and logs the peer that
+    sent them (answered here, the log line named neither the method nor the peer)."""
+    check_infer_request(data, limits)
+    return pb.ModelInferRequest.FromString(data)
 
 
 def check_infer_request(data: bytes | memoryview, limits: InferLimits) -> None:
