@@ -489,3 +489,53 @@ def test_a_cancelled_stream_counts_until_its_handler_returns(
     assert settled(lambda: running.host.shares.held_now() == 0)
     assert running.host.streams.open_streams() == 0
     assert quick(b"", timeout=30) == b"ok"
+
+
+def test_a_caller_that_never_sends_its_request_holds_no_worker_it_was_not_given(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """gRPC read a unary call's request on the call's worker before any interceptor ran: a peer
+    that sent a call's headers and never its message held a worker for as long as it liked,
+    before the authoriser and every limit, and as many such calls as workers held them all (any
+    certificate of the CA: health is public), the control plane's reserve included. The message
+    is read now once the authoriser and the limits admitted the call: a caller without the role
+    is refused at once, and one allowed to call waits within its cap and the data-plane share
+    (each caller has one wait for a control-plane or health request outside them)."""
+    running = mesh(max_workers=8)  # 1 worker reserved, 7 data-plane, 3 unary calls per identity
+    stranger = running.caller("stranger")  # a certificate of the CA, and no role at all
+    gate = threading.Event()
+
+    def never() -> Iterator[bytes]:  # the call's headers go; its message never does
+        gate.wait(60)
+        yield from ()
+
+    def stall(method: str) -> grpc.Future[Any]:
+        return stranger.stream_unary(method, _raw, _raw).future(never(), timeout=60)
+
+    denied = [stall(f"/{SERVICE}/Quick") for _ in range(8)]
+    for call in denied:
+        assert refusal(lambda: call.result(timeout=30))[0] == (  # noqa: B023 (called at once)
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+    checks = [stall(f"/{HEALTH_SERVICE}/Check") for _ in range(8)]
+    # Three wait (the caller's cap): one outside the counts, two as data-plane calls.
+    assert settled(lambda: sum(f.done() for f in checks) == 5)
+    assert {refusal(f.result)[1] for f in checks if f.done()} == {
+        "TOO_MANY_UNARY_CALLS_PER_IDENTITY"
+    }
+    assert running.host.shares.held_now() == 2
+    admin = running.caller("admin")
+    assert admin.unary_unary(CONTROL, _raw, _raw)(b"", timeout=30) == b"admin"
+    health = health_pb2_grpc.HealthStub(admin).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    client = running.caller("client")
+    assert client.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
+    gate.set()  # the stalled calls end without a message
+    for call in checks:
+        if call not in [f for f in checks if f.done()]:
+            assert refusal(lambda: call.result(timeout=30)) == (  # noqa: B023 (called at once)
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "MALFORMED_REQUEST",
+            )
+    assert settled(lambda: running.host.shares.held_now() == 0)
+    assert client.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
