@@ -31,7 +31,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -144,6 +144,7 @@ class UnaryGuard(HandlerInterceptor):
         self.shares = shares or WorkerShares(1 << 30)
         self._lock = self.shares.lock
         self._running: Counter[str] = Counter()
+        self._waiting: set[str] = set()  # callers whose one wait for a request is outside counts
 
     def running(self, identity: str) -> int:
         """Unary calls of ``identity`` whose handlers run now."""
@@ -160,6 +161,11 @@ class UnaryGuard(HandlerInterceptor):
                 if data:
                     shares.held += 1
                 return
+        self._refuse(identity, method, context, over, "unary call refused")
+
+    def _refuse(
+        self, identity: str, method: str, context: grpc.ServicerContext, over: bool, what: str
+    ) -> NoReturn:
         exc = (
             ResourceExhausted(
                 f"{identity} already has {self._max} calls running "
@@ -167,13 +173,49 @@ class UnaryGuard(HandlerInterceptor):
                 reason=Reason.TOO_MANY_UNARY_CALLS_PER_IDENTITY,
             )
             if over
-            else shares.busy(method)
+            else self.shares.busy(method)
         )
-        log.warning(
-            "unary call refused",
-            extra={"method": method, "peer": context.peer(), "reason": exc.reason},
-        )
+        log.warning(what, extra={"method": method, "peer": context.peer(), "reason": exc.reason})
         raise exc
+
+    def wait_for_request(
+        self, context: grpc.ServicerContext, method: str, read: Callable[[], Any]
+    ) -> Any:
+        """Returns ``read()``, the request message of a call that holds no data-plane worker (a
+        control-plane call, a non-blocking stream), waited for within the caller's bounds.
+
+        The message is read by the call's worker once the authoriser and the limits admitted it
+        (:class:`~strongroom.runtime.interceptors.DeferredRequests`); a data-plane call waits
+        within the data-plane worker it holds. These others hold none: each caller has one such
+        wait outside the data plane (an operator's call is never refused because the data plane
+        is full; a message sent with the call's headers is there at once), and each further wait
+        of the caller at the same time holds a data-plane worker while it lasts, or is refused at
+        once with ``DATA_PLANE_WORKERS_BUSY``. The call itself already counts against its
+        caller's cap (unary calls here, streams in
+        :class:`~strongroom.runtime.streams.StreamGuard`). A caller that never sends its message
+        (health is public: any certificate) therefore holds one worker beyond the data plane.
+        """
+        identity = self._identify(context)
+        shares = self.shares
+        own: bool | None  # None: refused
+        with self._lock:
+            own = identity not in self._waiting
+            if own:
+                self._waiting.add(identity)
+            elif shares.held < shares.data_plane:
+                shares.held += 1
+            else:
+                own = None  # refused
+        if own is None:
+            self._refuse(identity, method, context, False, "call refused waiting for its request")
+        try:
+            return read()
+        finally:
+            with self._lock:
+                if own:
+                    self._waiting.discard(identity)
+                else:
+                    shares.held -= 1
 
     def _leave(self, identity: str, data: bool) -> None:
         with self._lock:

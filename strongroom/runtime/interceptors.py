@@ -21,6 +21,15 @@ error mapping. The bytes are parsed once, as gRPC would have: no copy is added, 
 once parsed (the box, which every interceptor's frame keeps, is emptied). Request streams
 are deserialised as the handler reads them, after all of that already.
 
+gRPC's threaded server reads a unary request on the call's worker thread before any interceptor's
+behaviour runs: a peer that sent a call's headers and never its message held a worker for as long
+as it liked, before the authoriser and every limit (any certificate of the CA sufficed: health is
+public), and as many as there are workers held them all. :class:`DeferredRequests` (outermost)
+hands gRPC every unary-request method as a request stream, so that its behaviour starts at once,
+and the message (the box of its bytes) is read innermost, by :class:`RequestDecodingInterceptor`,
+once the authoriser and the limits admitted the call (a caller refused there holds nothing; an admitted one waits within
+its limits: :meth:`~strongroom.runtime.callers.UnaryGuard.wait_for_request`).
+
 A service that must account for every refusal of a method (the key broker audits every refused
 release) is told of the refusals its own code never sees, those raised before its behaviour runs
 (by the authoriser, the stream and unary-call guards, the request decoding), through a
@@ -39,13 +48,15 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
-from strongroom.errors import InvalidArgument, StrongroomError
+from strongroom.errors import Cancelled, InvalidArgument, StrongroomError
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
 from strongroom.runtime.grpc_types import (
     HandlerInterceptor,
     RpcMethodHandler,
     ServerInterceptor,
+    carry_attributes,
+    is_non_blocking,
     rewrap_handler,
 )
 
@@ -269,15 +280,17 @@ class _Received:
 
 def _decoded(
     deserialize: Callable[[bytes], Any],
-    received: _Received,
+    received: _Received | PendingRequest,
     context: grpc.ServicerContext,
     method: str,
     message_type: str,
 ) -> Any:
     """The received bytes parsed by the method's own deserialiser: where every unary request is
-    parsed, once its caller is authorised and admitted (:class:`RequestDecodingInterceptor`). The
-    bytes are referenced from nowhere else once this returns."""
-    data = received.take()
+    read (:class:`DeferredRequests`) and parsed, once its caller is authorised and admitted
+    (:class:`RequestDecodingInterceptor`). The bytes are referenced from nowhere else once this
+    returns."""
+    box: _Received = received.read(context) if isinstance(received, PendingRequest) else received
+    data = box.take()
     try:
         return deserialize(data)
     except StrongroomError:
@@ -316,7 +329,7 @@ class RequestDecodingInterceptor(HandlerInterceptor):
         message_type = _message_type(deserialize)  # for the refusal's message, found once
 
         def unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
-            def call(received: _Received, context: grpc.ServicerContext) -> Any:
+            def call(received: _Received | PendingRequest, context: grpc.ServicerContext) -> Any:
                 request = _decoded(deserialize, received, context, method, message_type)
                 observed = _OBSERVED.get()
                 if observed is not None:
@@ -328,7 +341,9 @@ class RequestDecodingInterceptor(HandlerInterceptor):
         def stream(
             fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
         ) -> Callable[..., Any]:
-            def call(received: _Received, context: grpc.ServicerContext) -> Iterator[Any]:
+            def call(
+                received: _Received | PendingRequest, context: grpc.ServicerContext
+            ) -> Iterator[Any]:
                 request = _decoded(deserialize, received, context, method, message_type)
                 yield from fn(request, context)
 
@@ -345,6 +360,8 @@ class RequestDecodingInterceptor(HandlerInterceptor):
         def arguments(argument: Any, context: grpc.ServicerContext) -> Any:
             if request_streaming:
                 return _checked(argument, context, method)
+            if isinstance(argument, PendingRequest):
+                argument = argument.read(context)  # authorised and admitted: now it may wait
             if isinstance(argument, _Malformed):
                 raise _malformed(argument, context, method)
             return argument
@@ -415,3 +432,120 @@ class CachedChain(HandlerInterceptor):
             return lambda d: interceptor.intercept_service(at(index + 1), d)
 
         return at(0)(details)
+
+
+RequestWait = Callable[[grpc.ServicerContext, str, Callable[[], Any]], Any]
+"""Runs a read of a call's request message (``read``) for ``method`` within the caller's bounds:
+:meth:`~strongroom.runtime.callers.UnaryGuard.wait_for_request`."""
+
+
+class PendingRequest:
+    """The request message of a unary-request call, not read yet: gRPC hands the call's request
+    stream over at once (:class:`DeferredRequests`), and :class:`RequestDecodingInterceptor`
+    (innermost, after the authoriser and the limits) reads its one message."""
+
+    __slots__ = ("_method", "_requests", "_wait")
+
+    def __init__(self, requests: Iterator[Any], method: str, wait: RequestWait | None) -> None:
+        self._requests = requests
+        self._method = method
+        self._wait = wait
+
+    def read(self, context: grpc.ServicerContext) -> Any:
+        """The request message (decoded, or the marker of one that did not decode); waits for it
+        within the caller's bounds when the call holds no data-plane worker already."""
+        if self._wait is None:
+            return self._next()
+        return self._wait(context, self._method, self._next)
+
+    def _next(self) -> Any:
+        try:
+            return next(self._requests)
+        except StopIteration:
+            raise InvalidArgument(
+                f"{self._method} requires exactly one request message; the caller sent none",
+                reason=Reason.MALFORMED_REQUEST,
+            ) from None
+        except grpc.RpcError:  # the RPC ended before its message was read
+            raise Cancelled(
+                f"{self._method}: the call ended before its request message was read (cancelled, "
+                "past its deadline, or the message refused by gRPC: larger than the limit)"
+            ) from None
+
+
+class DeferredRequests(HandlerInterceptor):
+    """Serves every unary-request method as a request stream whose one message is read inside the
+    chain (:class:`PendingRequest`), so that no worker waits for a request before the authoriser
+    and the limits; it goes outermost, around the chain that ends with
+    :class:`RequestDecodingInterceptor`, which reads it. Every interceptor inside still sees the
+    method as unary.
+
+    ``counted(method, non_blocking)`` says whether a call of the method already holds a
+    data-plane worker while its request is read (a data-plane unary call or blocking stream);
+    the others read it through ``wait``
+    (:meth:`~strongroom.runtime.callers.UnaryGuard.wait_for_request`).
+    The converted handler is built once per method and handler, like :class:`CachedChain`'s.
+    """
+
+    def __init__(
+        self,
+        counted: Callable[[str, bool], bool],
+        wait: RequestWait,
+        *,
+        max_methods: int = 512,
+    ) -> None:
+        self._counted = counted
+        self._wait = wait
+        self._max = max_methods
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[RpcMethodHandler, RpcMethodHandler]] = {}
+
+    def wrap_handler(
+        self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> RpcMethodHandler:
+        """``handler`` as a request-stream handler when its request is one message."""
+        if handler.request_streaming:
+            return handler
+        method = details.method
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        converted = self._convert(handler, method)
+        with self._lock:
+            if len(self._cache) < self._max or method in self._cache:
+                self._cache[method] = (handler, converted)
+        return converted
+
+    def _convert(self, handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
+        non_blocking = is_non_blocking(handler)
+        wait = None if self._counted(method, non_blocking) else self._wait
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            def one(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                return unary(PendingRequest(requests, method, wait), context)
+
+            carry_attributes(one, unary)  # gRPC reads them (its thread pool) from the behaviour
+            return grpc.stream_unary_rpc_method_handler(one, **kwargs)
+        streaming = handler.unary_stream
+        if streaming is None:
+            return handler
+        behaviour: Any = streaming
+        if non_blocking:
+
+            def sends(requests: Iterator[Any], context: grpc.ServicerContext, send: Any) -> Any:
+                return behaviour(PendingRequest(requests, method, wait), context, send)
+
+            carry_attributes(sends, behaviour)
+            return grpc.stream_stream_rpc_method_handler(sends, **kwargs)
+
+        def many(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            pending = PendingRequest(requests, method, wait)
+            return behaviour(pending, context)  # type: ignore[no-any-return]
+
+        carry_attributes(many, behaviour)
+        return grpc.stream_stream_rpc_method_handler(many, **kwargs)

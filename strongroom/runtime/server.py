@@ -26,6 +26,7 @@ from strongroom.runtime.grpc_types import ServerInterceptor
 from strongroom.runtime.health import HealthServicer
 from strongroom.runtime.interceptors import (
     CachedChain,
+    DeferredRequests,
     ErrorMappingInterceptor,
     RefusalObserver,
     RequestDecodingInterceptor,
@@ -153,6 +154,12 @@ class ServiceHost:
             shares=self.shares,
         )
         self.unary = UnaryGuard(config.unary_calls_per_identity, shares=self.shares)
+        shares = self.shares
+
+        def counted(method: str, non_blocking: bool) -> bool:
+            # Data-plane unary calls and blocking streams hold a data-plane worker already.
+            return not non_blocking and not shares.is_control_plane(method)
+
         self._pool = futures.ThreadPoolExecutor(
             max_workers=config.max_workers, thread_name_prefix="rpc"
         )
@@ -167,7 +174,11 @@ class ServiceHost:
             # come before the request decoding, so that a method's refusal observer hears of
             # their refusals and a unary request is parsed (there, not by gRPC) only for a caller
             # they let through. The chain wraps each method's handler once, not on every call.
+            # Outside it all, a unary request is read by the request decoding too, not by gRPC
+            # before any of them: a peer that never sends its message then holds no worker
+            # unless the authoriser and the limits admitted it (DeferredRequests).
             interceptors=[
+                DeferredRequests(counted, self.unary.wait_for_request),
                 CachedChain(
                     [
                         MetricsInterceptor(),
@@ -178,7 +189,7 @@ class ServiceHost:
                         self.unary,
                         RequestDecodingInterceptor(),
                     ]
-                )
+                ),
             ],
             options=options,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,

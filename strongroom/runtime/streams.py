@@ -14,7 +14,12 @@ threads for as long as it lasts. :class:`StreamGuard` admits a stream only while
   finds a data-plane worker free (:class:`~strongroom.runtime.callers.WorkerShares`, which
   data-plane unary calls share): the control-plane reserve is never a stream's;
 
-otherwise the stream fails at once with ``RESOURCE_EXHAUSTED`` and a reason. A request stream that
+otherwise the stream fails at once with ``RESOURCE_EXHAUSTED`` and a reason. A blocking stream
+counts until its handler is done with its thread, not until its RPC ends: a client that cancels
+ends the RPC at once, while the handler (a read or write against a slow backend) runs on until it
+returns or yields, which gRPC cannot hasten (a non-blocking one counts until its RPC ends).
+
+A request stream that
 sends nothing for ``idle_timeout`` seconds fails with ``RESOURCE_EXHAUSTED``
 (``STREAM_IDLE_TIMEOUT``), which frees its thread (the model store then removes the partial upload,
 as it does on cancel). A response stream whose client stops reading (gRPC's send waits for flow
@@ -183,16 +188,13 @@ class StreamGuard(HandlerInterceptor):
 
         def enter(context: grpc.ServicerContext) -> Callable[[], None]:
             try:
-                release = self._admit(self._identify(context), blocking, method, data)
+                return self._admit(self._identify(context), blocking, method, data)
             except ResourceExhausted as exc:
                 log.warning(
                     "stream refused",
                     extra={"method": method, "peer": context.peer(), "reason": exc.reason},
                 )
                 raise  # the runtime's error mapping (outermost) answers it
-            if not context.add_callback(release):
-                release()  # the RPC has already ended
-            return release
 
         def meter(context: grpc.ServicerContext) -> _RateFloor | None:
             if not metered:
@@ -208,9 +210,15 @@ class StreamGuard(HandlerInterceptor):
             def call(argument: Any, context: grpc.ServicerContext) -> Any:
                 release = enter(context)
                 if not blocking:
-                    return fn(argument, context)  # released when the RPC ends
-                argument = requests(argument, meter(context))
+                    # It holds no thread: it counts until the RPC ends.
+                    if not context.add_callback(release):
+                        release()  # the RPC has already ended
+                    return fn(argument, context)
+                # A blocking stream counts until its handler returns, never at the RPC's end: a
+                # client that cancels ends the RPC at once, while the handler (a write to a slow
+                # backend) holds its thread until it returns, which gRPC cannot hasten.
                 try:
+                    argument = requests(argument, meter(context))
                     return fn(argument, context)
                 finally:
                     _close(argument)
@@ -220,18 +228,30 @@ class StreamGuard(HandlerInterceptor):
 
         def stream(fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
             def call(argument: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                release = enter(context)
-                floor = meter(context)
-                argument = requests(argument, floor)
+                # The stream counts while its handler's code runs, which the RPC's end does not
+                # stop (a client that cancels while the handler reads a slow backend ends the RPC
+                # at once, and the worker stays busy until the handler yields or returns): it is
+                # released when the generator is done, or at the RPC's end while it waits at a
+                # yield (the thread is then gRPC's, whose send fails at once), so that a generator
+                # gRPC let go of without closing it holds nothing either.
+                release = _WhileRunning(enter(context))
+                if not context.add_callback(release.rpc_ended):
+                    release.rpc_ended()  # the RPC has already ended: released once suspended
                 responses: Iterator[Any] | None = None
                 try:
+                    floor = meter(context)
+                    argument = requests(argument, floor)
                     responses = fn(argument, context)
                     for response in responses:
                         size = _size(response) if floor is not None else 0
                         # gRPC resumes this generator once the client took the message.
                         self._sending_started(context)
                         since = time.monotonic()
-                        yield response
+                        release.suspend()
+                        try:
+                            yield response
+                        finally:
+                            release.resume()
                         self._sending_done(context)
                         if floor is not None:
                             floor.add(time.monotonic() - since, size)
@@ -240,7 +260,7 @@ class StreamGuard(HandlerInterceptor):
                     if responses is not None:
                         _close_responses(responses)
                     _close(argument)
-                    release()
+                    release.done()
 
             return call
 
@@ -252,6 +272,46 @@ class StreamGuard(HandlerInterceptor):
             stream,
             request_deserializer=_sized(handler.request_deserializer) if idle is not None else None,
         )
+
+
+class _WhileRunning:
+    """Releases a response stream's counts once its handler no longer runs on a worker: when the
+    generator is done, or when the RPC ends while the generator waits at a yield (gRPC does not
+    resume it then). An RPC that ends while the handler runs is released when it next yields or
+    returns."""
+
+    __slots__ = ("_ended", "_lock", "_release", "_running")
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release  # idempotent (StreamGuard._admit)
+        self._lock = threading.Lock()
+        self._running = True
+        self._ended = False
+
+    def suspend(self) -> None:
+        """The generator yields: until it resumes, the thread is gRPC's sending."""
+        with self._lock:
+            self._running = False
+            ended = self._ended
+        if ended:
+            self._release()
+
+    def resume(self) -> None:
+        """The generator runs again."""
+        with self._lock:
+            self._running = True
+
+    def rpc_ended(self) -> None:
+        """The RPC ended (answered, cancelled, expired): released now unless the handler runs."""
+        with self._lock:
+            self._ended = True
+            running = self._running
+        if not running:
+            self._release()
+
+    def done(self) -> None:
+        """The generator finished, however: released."""
+        self._release()
 
 
 class _RateFloor:

@@ -44,6 +44,8 @@ class Slow:
 
     release: threading.Event = field(default_factory=threading.Event)
     entered: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+    # Signalled when a stuck call (one that runs on after its client cancelled) sees its RPC end.
+    ended: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
 
     def _hold(self, context: grpc.ServicerContext) -> None:
         cancelled = threading.Event()
@@ -51,6 +53,12 @@ class Slow:
         self.entered.release()
         while not (self.release.is_set() or cancelled.is_set()):
             self.release.wait(0.05)
+
+    def _stuck(self, context: grpc.ServicerContext) -> None:
+        """Like a handler blocked on a slow backend: its RPC's end does not stop it."""
+        context.add_callback(self.ended.release)  # after the runtime's own callbacks
+        self.entered.release()
+        self.release.wait(60)
 
     def spec(self) -> ServiceSpec:
         def hold(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -60,6 +68,16 @@ class Slow:
         def hold_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
             yield b"held"
             self._hold(context)
+
+        def stuck_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            yield b"held"
+            self._stuck(context)
+            yield b"late"
+
+        def stuck_upload(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+            next(requests)
+            self._stuck(context)
+            return b"late"
 
         def quick(request: bytes, context: grpc.ServicerContext) -> bytes:
             return b"ok"
@@ -85,6 +103,8 @@ class Slow:
                 "Fail": unary(fail),
                 "Abort": unary(abort),
                 "HoldStream": grpc.unary_stream_rpc_method_handler(hold_stream, _raw, _raw),
+                "StuckStream": grpc.unary_stream_rpc_method_handler(stuck_stream, _raw, _raw),
+                "StuckUpload": grpc.stream_unary_rpc_method_handler(stuck_upload, _raw, _raw),
             },
         )
         return ServiceSpec(SERVICE, lambda server: server.add_generic_rpc_handlers((handler,)))
@@ -422,3 +442,100 @@ def test_worker_shares_default_from_the_workers_and_refuse_contradictions() -> N
     for reserve in (-1, 8):
         with pytest.raises(ConfigError, match="control_plane_workers"):
             ServerConfig(max_workers=8, control_plane_workers=reserve)
+
+
+@pytest.mark.parametrize("method", ["StuckStream", "StuckUpload"])
+def test_a_cancelled_stream_counts_until_its_handler_returns(
+    mesh: Callable[..., Mesh], method: str
+) -> None:
+    """A blocking stream's worker was given back when its RPC ended, though a cancelled call's
+    handler runs on (a download reading, an upload writing to a slow backend): a caller opening
+    and cancelling such streams held ever more workers while the data plane read as free, until
+    no worker was left, the control plane's reserve included. A stream now counts until its
+    handler returns: beyond the data plane, calls are refused and the reserve stays free."""
+    running = mesh(max_workers=8, max_blocking_streams=7)  # 7 data-plane workers, 1 reserved
+    channel = running.caller("inference")
+    gate = threading.Event()  # an upload's client sends one message and then waits
+
+    def upload() -> Iterator[bytes]:
+        yield b"part"
+        gate.wait(60)
+
+    calls: list[Any] = []
+    for _ in range(7):
+        if method == "StuckStream":
+            stream = channel.unary_stream(f"/{SERVICE}/{method}", _raw, _raw)(b"", timeout=60)
+            assert next(stream) == b"held"
+            calls.append(stream)
+        else:
+            stub = channel.stream_unary(f"/{SERVICE}/{method}", _raw, _raw)
+            calls.append(stub.future(upload(), timeout=60))
+    running.slow.wait_entered(7)
+    for call in calls:
+        call.cancel()
+    for _ in range(7):  # every RPC has ended; every handler still holds its worker
+        assert running.slow.ended.acquire(timeout=30)
+    assert running.host.shares.held_now() == 7
+    assert running.host.streams.open_streams() == 7
+    quick = channel.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+    assert refusal(lambda: quick(b"", timeout=30)) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "DATA_PLANE_WORKERS_BUSY",
+    )
+    admin = running.caller("admin")
+    assert admin.unary_unary(CONTROL, _raw, _raw)(b"", timeout=30) == b"admin"
+    running.slow.release.set()
+    gate.set()
+    assert settled(lambda: running.host.shares.held_now() == 0)
+    assert running.host.streams.open_streams() == 0
+    assert quick(b"", timeout=30) == b"ok"
+
+
+def test_a_caller_that_never_sends_its_request_holds_no_worker_it_was_not_given(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """gRPC read a unary call's request on the call's worker before any interceptor ran: a peer
+    that sent a call's headers and never its message held a worker for as long as it liked,
+    before the authoriser and every limit, and as many such calls as workers held them all (any
+    certificate of the CA: health is public), the control plane's reserve included. The message
+    is read now once the authoriser and the limits admitted the call: a caller without the role
+    is refused at once, and one allowed to call waits within its cap and the data-plane share
+    (each caller has one wait for a control-plane or health request outside them)."""
+    running = mesh(max_workers=8)  # 1 worker reserved, 7 data-plane, 3 unary calls per identity
+    stranger = running.caller("stranger")  # a certificate of the CA, and no role at all
+    gate = threading.Event()
+
+    def never() -> Iterator[bytes]:  # the call's headers go; its message never does
+        gate.wait(60)
+        yield from ()
+
+    def stall(method: str) -> grpc.Future[Any]:
+        return stranger.stream_unary(method, _raw, _raw).future(never(), timeout=60)
+
+    denied = [stall(f"/{SERVICE}/Quick") for _ in range(8)]
+    for call in denied:
+        assert refusal(lambda: call.result(timeout=30))[0] == (  # noqa: B023 (called at once)
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+    checks = [stall(f"/{HEALTH_SERVICE}/Check") for _ in range(8)]
+    # Three wait (the caller's cap): one outside the counts, two as data-plane calls.
+    assert settled(lambda: sum(f.done() for f in checks) == 5)
+    assert {refusal(f.result)[1] for f in checks if f.done()} == {
+        "TOO_MANY_UNARY_CALLS_PER_IDENTITY"
+    }
+    assert running.host.shares.held_now() == 2
+    admin = running.caller("admin")
+    assert admin.unary_unary(CONTROL, _raw, _raw)(b"", timeout=30) == b"admin"
+    health = health_pb2_grpc.HealthStub(admin).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    client = running.caller("client")
+    assert client.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
+    gate.set()  # the stalled calls end without a message
+    for call in checks:
+        if call not in [f for f in checks if f.done()]:
+            assert refusal(lambda: call.result(timeout=30)) == (  # noqa: B023 (called at once)
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "MALFORMED_REQUEST",
+            )
+    assert settled(lambda: running.host.shares.held_now() == 0)
+    assert client.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
