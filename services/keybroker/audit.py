@@ -134,6 +134,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import repeat
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -355,12 +356,15 @@ def _check_claims_shape(claims: Mapping[str, Any]) -> None:
         if depth > _MAX_CLAIMS_DEPTH:
             raise ValueError("nested too deeply")
         if isinstance(value, dict):
-            if not all(isinstance(k, str) for k in value):
+            # map and a list comprehension, not generator expressions: no generator frame to
+            # resume per key and per value (the same checks, in the same order).
+            if not all(map(isinstance, value, repeat(str))):
                 raise ValueError("non-string key")
             items = value.values()
         else:
             items = value
-        pending.extend((v, depth + 1) for v in items if isinstance(v, _CONTAINERS))
+        depth += 1
+        pending += [(v, depth) for v in items if isinstance(v, _CONTAINERS)]
 
 
 def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
