@@ -116,6 +116,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import collections
 import contextlib
 import enum
@@ -133,6 +134,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import repeat
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -167,6 +169,7 @@ T = TypeVar("T")
 RECORD_VERSION = 2  # records carry ``sig``; version-1 records (no ``sig``) still verify
 _RECORD_DOMAIN = b"strongroom-audit-record-v1\n"
 _RECORD_SIG_DOMAIN = b"strongroom-audit-record-sig-v1\n"
+_VERSION_JSON = b"%d" % RECORD_VERSION
 # The most records one commit writes, and so the most a crash can leave after the signed head.
 MAX_BATCH_RECORDS = 64
 # The most refused records' hashes kept at once; past it their position is refused as a whole.
@@ -223,20 +226,14 @@ def record_hash(record_without_hash: Mapping[str, Any]) -> str:
     return hashlib.sha256(_RECORD_DOMAIN + canonical_json(record_without_hash)).hexdigest()
 
 
-def _encoded_members(fields: Mapping[str, Any]) -> dict[str, bytes]:
-    """Each member's value in canonical JSON, keyed by member name (see :func:`_assemble`)."""
-    return {name: canonical_json(value) for name, value in fields.items()}
-
-
-def _assemble(members: Mapping[str, bytes]) -> bytes:
-    """``canonical_json`` of the object whose members' values are already canonical JSON.
-
-    The same bytes as encoding the whole object (canonical JSON sorts every object's keys, so a
-    member's value encodes alike on its own and inside the record); the committer uses it to
-    write a record's three forms (signed, hashed, written) without encoding the decision fields
-    three times under the commit lock. Member names are the record's fixed ASCII identifiers.
-    """
-    return b"{" + b",".join(b'"%s":%s' % (k.encode(), members[k]) for k in sorted(members)) + b"}"
+def _scalar(value: str | int | None) -> bytes:
+    """``canonical_json`` of a checked scalar member (a ``str``, a non-bool ``int`` or None)
+    without a JSON encoder per value: the record's small objects are built from these."""
+    if value is None:
+        return b"null"
+    if isinstance(value, str):
+        return canonical_json(value)
+    return int.__repr__(value).encode()  # what the encoder writes for an int (bools excluded)
 
 
 def _record_line(
@@ -244,16 +241,31 @@ def _record_line(
 ) -> tuple[bytes, str]:
     """A record's log line (with its newline) and hash: the caller's encoded ``members`` with
     ``v``, ``seq``, ``time`` and ``prev``, signed (``sig``) and hashed (``hash``). ``seq`` and
-    ``prev`` are part of what is signed, so only the committer, who assigns them, can sign."""
+    ``prev`` are part of what is signed, so only the committer, who assigns them, can sign.
+
+    ``members`` holds each member's value already in canonical JSON, so the record's canonical
+    JSON is ``{`` + its ``"name":value`` members in sorted order + ``}`` (canonical JSON sorts every
+    object's keys, so a value encodes alike on its own and inside the record): the committer
+    writes the three forms (signed: without ``hash`` and ``sig``; hashed: without ``hash``;
+    written: whole) without encoding the decision fields under the commit lock, sorting and
+    formatting the members once and inserting ``sig`` and ``hash`` at their sorted places
+    (``members`` never carries those two: only the committer has them)."""
     record = {
         **members,
-        **_encoded_members({"v": RECORD_VERSION, "seq": seq, "time": time_text, "prev": prev}),
+        "v": _VERSION_JSON,
+        "seq": _scalar(seq),
+        "time": canonical_json(time_text),
+        "prev": canonical_json(prev),
     }
-    signature = key.sign(_RECORD_SIG_DOMAIN + _assemble(record))
-    record["sig"] = canonical_json(base64.b64encode(signature).decode())
-    digest = hashlib.sha256(_RECORD_DOMAIN + _assemble(record)).hexdigest()
-    record["hash"] = canonical_json(digest)
-    return _assemble(record) + b"\n", digest
+    names = sorted(record)
+    parts = [b'"%s":%s' % (name.encode(), record[name]) for name in names]
+    signature = key.sign(_RECORD_SIG_DOMAIN + b"{" + b",".join(parts) + b"}")
+    at = bisect.bisect(names, "sig")
+    names.insert(at, "sig")
+    parts.insert(at, b'"sig":' + canonical_json(base64.b64encode(signature).decode()))
+    digest = hashlib.sha256(_RECORD_DOMAIN + b"{" + b",".join(parts) + b"}").hexdigest()
+    parts.insert(bisect.bisect(names, "hash"), b'"hash":' + canonical_json(digest))
+    return b"{" + b",".join(parts) + b"}\n", digest
 
 
 def _record_signed_bytes(record: Mapping[str, Any]) -> bytes:
@@ -344,12 +356,15 @@ def _check_claims_shape(claims: Mapping[str, Any]) -> None:
         if depth > _MAX_CLAIMS_DEPTH:
             raise ValueError("nested too deeply")
         if isinstance(value, dict):
-            if not all(isinstance(k, str) for k in value):
+            # map and a list comprehension, not generator expressions: no generator frame to
+            # resume per key and per value (the same checks, in the same order).
+            if not all(map(isinstance, value, repeat(str))):
                 raise ValueError("non-string key")
             items = value.values()
         else:
             items = value
-        pending.extend((v, depth + 1) for v in items if isinstance(v, _CONTAINERS))
+        depth += 1
+        pending += [(v, depth) for v in items if isinstance(v, _CONTAINERS)]
 
 
 def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
@@ -397,21 +412,22 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
     except (TypeError, ValueError, RecursionError) as exc:
         raise bad(f"claims: {exc}") from None
     decision_id = event.decision_id or uuid.uuid4().hex
-    members = _encoded_members(
-        {
-            "action": event.action,
-            "decision": event.decision.value,
-            "reason": event.reason,
-            "caller": {"spiffe_id": spiffe, "cert_serial": event.caller_cert_serial},
-            "evidence_sha256": event.evidence_sha256,
-            "policy_version": event.policy_version,
-            "policy_sha256": event.policy_sha256,
-            "key": {"id": event.key_id, "version": version},
-            "oaep_mechanism": event.oaep_mechanism,
-            "decision_id": decision_id,
-        }
-    )
-    members["claims"] = encoded_claims
+    # Every value was checked above to be a str, None or (the version) a non-bool int: each is
+    # encoded as canonical_json would, the two small objects with their keys in sorted order.
+    members = {
+        "action": canonical_json(event.action),
+        "decision": canonical_json(event.decision.value),
+        "reason": canonical_json(event.reason),
+        "caller": b'{"cert_serial":%s,"spiffe_id":%s}'
+        % (_scalar(event.caller_cert_serial), _scalar(spiffe)),
+        "evidence_sha256": _scalar(event.evidence_sha256),
+        "policy_version": _scalar(event.policy_version),
+        "policy_sha256": _scalar(event.policy_sha256),
+        "key": b'{"id":%s,"version":%s}' % (_scalar(event.key_id), _scalar(version)),
+        "oaep_mechanism": _scalar(event.oaep_mechanism),
+        "decision_id": canonical_json(decision_id),
+        "claims": encoded_claims,
+    }
     return decision_id, members
 
 

@@ -149,6 +149,73 @@ def test_records_with_awkward_claims_are_canonical_and_signed(
     assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
 
 
+# A record's bytes for fixed inputs (Ed25519 signs deterministically): the encoder may change
+# how it builds them, never what it writes, signs or hashes.
+_PINNED_RECORDS = [
+    (
+        AuditEvent(
+            decision=Decision.ALLOWED,
+            reason="RELEASED",
+            caller_spiffe_id="spiffe://strongroom.test/inference",
+            caller_cert_serial="1f00",
+            evidence_sha256="e" * 64,
+            claims={
+                "z": {"b": [1, 2.5, None, True], "a": 'é"\\'},
+                "a": ("x", {"y": -0.0}),
+                "m": {},
+            },
+            policy_version="v1",
+            policy_sha256="b" * 64,
+            key_id="model-a",
+            key_version=3,
+            oaep_mechanism="CKM_RSA_PKCS_OAEP/SHA-256",
+            decision_id="req-1",
+        ),
+        7,
+        "ab" * 32,
+        "2026-12-06T12:00:00.000000Z",
+        b'{"action":"key_release","caller":{"cert_serial":"1f00","spiffe_id":'
+        b'"spiffe://strongroom.test/inference"},"claims":{"a":["x",{"y":-0.0}],"m":{},'
+        b'"z":{"a":"\\u00e9\\"\\\\","b":[1,2.5,null,true]}},"decision":"allowed",'
+        b'"decision_id":"req-1","evidence_sha256":"' + b"e" * 64 + b'","hash":'
+        b'"aeed3f80bfe75f88392a6d4439a9c8ba0b043c71bb4e75d43737974423a90aec",'
+        b'"key":{"id":"model-a","version":3},"oaep_mechanism":"CKM_RSA_PKCS_OAEP/SHA-256",'
+        b'"policy_sha256":"' + b"b" * 64 + b'","policy_version":"v1","prev":"' + b"ab" * 32 + b'",'
+        b'"reason":"RELEASED","seq":7,"sig":"mPjCNYgwYpxaPv8wd8pB3j+E+P5BoSDdvqaXD0GlDXBsYBvytHQ9'
+        b'Ul2BhfD2z1x5xdxaOKZE45wwfKOj/vASDQ==","time":"2026-12-06T12:00:00.000000Z","v":2}\n',
+        "aeed3f80bfe75f88392a6d4439a9c8ba0b043c71bb4e75d43737974423a90aec",
+    ),
+    (
+        AuditEvent(decision=Decision.DENIED, reason="NO_RELEASE_POLICY", decision_id="req-2"),
+        0,
+        "0" * 64,
+        "2026-12-06T12:00:00.000001Z",
+        b'{"action":"key_release","caller":{"cert_serial":null,"spiffe_id":null},"claims":{},'
+        b'"decision":"denied","decision_id":"req-2","evidence_sha256":null,"hash":'
+        b'"1b8f8758fc66c9d299cbbe65a8ed2a96daee485a98d5c3b5b3f8acdad8609486",'
+        b'"key":{"id":null,"version":null},"oaep_mechanism":null,"policy_sha256":null,'
+        b'"policy_version":null,"prev":"' + b"0" * 64 + b'","reason":"NO_RELEASE_POLICY",'
+        b'"seq":0,"sig":"VUENFeCOlT2cSipQFA5lkilLyCknxq75Fp5w+jb1BNiGj9ukt7W0IL1LKaHsrRaW5xEK+'
+        b'fFxeqC0D9IWaA6WCg==","time":"2026-12-06T12:00:00.000001Z","v":2}\n',
+        "1b8f8758fc66c9d299cbbe65a8ed2a96daee485a98d5c3b5b3f8acdad8609486",
+    ),
+]
+
+
+@pytest.mark.parametrize(("event_", "seq", "prev", "time_text", "line", "digest"), _PINNED_RECORDS)
+def test_a_records_bytes_are_pinned(
+    event_: AuditEvent, seq: int, prev: str, time_text: str, line: bytes, digest: str
+) -> None:
+    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    decision_id, members = audit_module._event_members(event_)
+    assert decision_id == event_.decision_id
+    assert audit_module._record_line(members, seq, prev, time_text, key) == (line, digest)
+    record = json.loads(line)
+    assert canonical_json(record) + b"\n" == line
+    assert record_hash({k: v for k, v in record.items() if k != "hash"}) == digest
+    assert record_signed_by(line.rstrip(b"\n"), key.public_key())
+
+
 def test_empty_log_verifies(audit: AuditLog, log_path: Path) -> None:
     result = verify_audit_log(log_path)
     assert result.intact and result.records == 0 and not result.signature_checked
