@@ -328,28 +328,10 @@ class RequestDecodingInterceptor(HandlerInterceptor):
             return self._as_received(handler, method)  # the behaviour takes the bytes
         message_type = _message_type(deserialize)  # for the refusal's message, found once
 
-        def unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
-            def call(received: _Received | PendingRequest, context: grpc.ServicerContext) -> Any:
-                request = _decoded(deserialize, received, context, method, message_type)
-                observed = _OBSERVED.get()
-                if observed is not None:
-                    observed.reached = True  # the service's own refusals are its own to report
-                return fn(request, context)
+        def decode(received: _Received | PendingRequest, context: grpc.ServicerContext) -> Any:
+            return _decoded(deserialize, received, context, method, message_type)
 
-            return call
-
-        def stream(
-            fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
-        ) -> Callable[..., Any]:
-            def call(
-                received: _Received | PendingRequest, context: grpc.ServicerContext
-            ) -> Iterator[Any]:
-                request = _decoded(deserialize, received, context, method, message_type)
-                yield from fn(request, context)
-
-            return call
-
-        return rewrap_handler(handler, unary, stream, request_deserializer=_Received)
+        return _decoding(handler, decode, request_deserializer=_Received)
 
     @staticmethod
     def _as_received(handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
@@ -366,25 +348,34 @@ class RequestDecodingInterceptor(HandlerInterceptor):
                 raise _malformed(argument, context, method)
             return argument
 
-        def unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
-            def call(request: Any, context: grpc.ServicerContext) -> Any:
-                request = arguments(request, context)
-                observed = _OBSERVED.get()
-                if observed is not None:
-                    observed.reached = True  # the service's own refusals are its own to report
-                return fn(request, context)
+        return _decoding(handler, arguments)
 
-            return call
 
-        def stream(
-            fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
-        ) -> Callable[..., Any]:
-            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                yield from fn(arguments(request, context), context)
+def _decoding(
+    handler: RpcMethodHandler,
+    decode: Callable[[Any, grpc.ServicerContext], Any],
+    **replace: Any,
+) -> RpcMethodHandler:
+    """``handler`` whose behaviour gets ``decode(argument, context)`` for the argument gRPC hands
+    it; ``replace`` goes to :func:`rewrap_handler` (the deserialiser gRPC is given)."""
 
-            return call
+    def unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+        def call(argument: Any, context: grpc.ServicerContext) -> Any:
+            request = decode(argument, context)
+            observed = _OBSERVED.get()
+            if observed is not None:
+                observed.reached = True  # the service's own refusals are its own to report
+            return fn(request, context)
 
-        return rewrap_handler(handler, unary, stream)
+        return call
+
+    def stream(fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
+        def call(argument: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            yield from fn(decode(argument, context), context)
+
+        return call
+
+    return rewrap_handler(handler, unary, stream, **replace)
 
 
 class CachedChain(HandlerInterceptor):
