@@ -12,8 +12,7 @@ from strongroom.artifact import DEFAULT_DECRYPT_THREADS
 from strongroom.client.keypins import KeyPins
 from strongroom.identifiers import KEY_ID_PATTERN, is_sha256_hex, name_rule_problem
 from strongroom.inference.oip import DEFAULT_MAX_TENSOR_BYTES, InferLimits
-from strongroom.runtime.config import ConfigError, EnvLocks, expected_server_id
-from strongroom.spiffe import is_workload_id
+from strongroom.runtime.config import ConfigError, EnvLocks, ModelNameRules, expected_server_id
 
 
 @dataclass(frozen=True)
@@ -57,23 +56,10 @@ class ModelKeys:
 
 
 @dataclass(frozen=True)
-class ClientScope:
-    """A client identity and the model names it may use over OIP (infer, metadata, readiness):
-    each a model name, or a name followed by ``/`` (every model under it)."""
+class ClientScope(ModelNameRules):
+    """A client identity and the model names it may use over OIP (infer, metadata, readiness)."""
 
-    spiffe_id: str
-    model_names: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if not is_workload_id(self.spiffe_id):
-            raise ConfigError(f"inference.clients: {self.spiffe_id!r} is not a SPIFFE ID")
-        if not self.model_names:
-            # A client that may use nothing is one left out of the list; an empty list here is
-            # more likely a mistake.
-            raise ConfigError(f"inference.clients: {self.spiffe_id!r} lists no model_names")
-        problem = name_rule_problem(self.model_names)
-        if problem:
-            raise ConfigError(f"inference.clients: {problem}")
+    where: ClassVar[str] = "inference.clients"
 
 
 DEFAULT_MAX_MODEL_BYTES = 64 * 1024**3

@@ -15,11 +15,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import ClassVar, Literal
 
-from strongroom.identifiers import name_rule_problem
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE
 from strongroom.modelstore.publishers import PublisherScopes
-from strongroom.runtime.config import ConfigError, EnvLocks
-from strongroom.spiffe import is_workload_id
+from strongroom.runtime.config import ConfigError, EnvLocks, ModelNameRules
 
 MIN_PART_SIZE = 5 * 1024 * 1024
 """S3's smallest multipart part (every part but the last)."""
@@ -136,23 +134,11 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
-class PublisherScope:
-    """One publisher identity and the model names it may store: each a model name (that model)
-    or a name followed by ``/`` (every model under it), the key broker's ``publishers`` rules."""
+class PublisherScope(ModelNameRules):
+    """One publisher identity and the model names it may store (the key broker's ``publishers``
+    rules); an identity left out of the list is refused PUBLISHER_NOT_ALLOWED."""
 
-    spiffe_id: str
-    model_names: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if not is_workload_id(self.spiffe_id):
-            raise ConfigError(f"modelstore.publishers: {self.spiffe_id!r} is not a SPIFFE ID")
-        if not self.model_names:
-            # An identity that may store nothing is one left out of the list (refused as
-            # PUBLISHER_NOT_ALLOWED); an empty list here is more likely a mistake.
-            raise ConfigError(f"modelstore.publishers: {self.spiffe_id!r} lists no model_names")
-        problem = name_rule_problem(self.model_names)
-        if problem:
-            raise ConfigError(f"modelstore.publishers: {problem}")
+    where: ClassVar[str] = "modelstore.publishers"
 
 
 @dataclass(frozen=True)

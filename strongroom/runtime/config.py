@@ -15,11 +15,12 @@ import types
 import typing
 from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
 from strongroom.errors import InvalidArgument
+from strongroom.identifiers import name_rule_problem
 from strongroom.reasons import Reason
 from strongroom.spiffe import is_workload_id
 
@@ -50,6 +51,28 @@ class ConfigError(InvalidArgument):
     """The configuration is invalid; the message names the offending key."""
 
     default_reason = Reason.CONFIG_INVALID
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelNameRules:
+    """An identity and the model names it may use: each a model name, or a name followed by
+    ``/`` (every model under it). A subclass names the configuration key it is read from
+    (``where``), which every error names."""
+
+    where: ClassVar[str] = "model name rules"
+    spiffe_id: str
+    model_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not is_workload_id(self.spiffe_id):
+            raise ConfigError(f"{self.where}: {self.spiffe_id!r} is not a SPIFFE ID")
+        if not self.model_names:
+            # An identity that may use nothing is one left out of the list; an empty list here
+            # is more likely a mistake.
+            raise ConfigError(f"{self.where}: {self.spiffe_id!r} lists no model_names")
+        problem = name_rule_problem(self.model_names)
+        if problem:
+            raise ConfigError(f"{self.where}: {problem}")
 
 
 @dataclasses.dataclass(frozen=True)
