@@ -43,7 +43,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from typing import Any, NoReturn
+from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -378,6 +378,31 @@ def _decoding(
     return rewrap_handler(handler, unary, stream, **replace)
 
 
+W = TypeVar("W")
+
+
+class _PerMethod(Generic[W]):
+    """What an interceptor built from a method's handler, kept per method for as long as the
+    service's handler is the same object; at most ``max_methods`` methods (a service registers
+    far fewer), so callers naming methods cannot grow it."""
+
+    def __init__(self, max_methods: int) -> None:
+        self._max = max_methods
+        self._lock = threading.Lock()
+        self._built: dict[str, tuple[RpcMethodHandler, W]] = {}
+
+    def get(self, method: str, handler: RpcMethodHandler, build: Callable[[], W]) -> W:
+        """The value kept for ``method`` and ``handler``, or ``build()``, kept if there is room."""
+        kept = self._built.get(method)
+        if kept is not None and kept[0] is handler:
+            return kept[1]
+        built = build()
+        with self._lock:
+            if len(self._built) < self._max or method in self._built:
+                self._built[method] = (handler, built)
+        return built
+
+
 class CachedChain(HandlerInterceptor):
     """Runs ``interceptors`` (outermost first) once per method and reuses the wrapped handler.
 
@@ -394,24 +419,13 @@ class CachedChain(HandlerInterceptor):
         self, interceptors: Sequence[ServerInterceptor], *, max_methods: int = 512
     ) -> None:
         self._interceptors = tuple(interceptors)
-        self._max = max_methods
-        self._lock = threading.Lock()
-        # method -> (the service's handler, the handler wrapped by every interceptor)
-        self._cache: dict[str, tuple[RpcMethodHandler, RpcMethodHandler | None]] = {}
+        self._wrapped: _PerMethod[RpcMethodHandler | None] = _PerMethod(max_methods)
 
     def wrap_handler(
         self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> RpcMethodHandler | None:
         """``handler`` wrapped by every interceptor, built once per method and handler."""
-        method = details.method
-        cached = self._cache.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, details)
-        with self._lock:
-            if len(self._cache) < self._max or method in self._cache:
-                self._cache[method] = (handler, wrapped)
-        return wrapped
+        return self._wrapped.get(details.method, handler, lambda: self._wrap(handler, details))
 
     def _wrap(
         self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
@@ -487,9 +501,7 @@ class DeferredRequests(HandlerInterceptor):
     ) -> None:
         self._counted = counted
         self._wait = wait
-        self._max = max_methods
-        self._lock = threading.Lock()
-        self._cache: dict[str, tuple[RpcMethodHandler, RpcMethodHandler]] = {}
+        self._converted: _PerMethod[RpcMethodHandler] = _PerMethod(max_methods)
 
     def wrap_handler(
         self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
@@ -498,14 +510,7 @@ class DeferredRequests(HandlerInterceptor):
         if handler.request_streaming:
             return handler
         method = details.method
-        cached = self._cache.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        converted = self._convert(handler, method)
-        with self._lock:
-            if len(self._cache) < self._max or method in self._cache:
-                self._cache[method] = (handler, converted)
-        return converted
+        return self._converted.get(method, handler, lambda: self._convert(handler, method))
 
     def _convert(self, handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
         non_blocking = is_non_blocking(handler)
