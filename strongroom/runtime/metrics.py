@@ -23,15 +23,9 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
-from strongroom.pki.credentials import Credentials
 from strongroom.runtime.config import TracingConfig
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
-from strongroom.runtime.tracing import (
-    ClientIdentity,
-    Following,
-    follows_identity,
-    otlp_exporter_options,
-)
+from strongroom.runtime.tracing import ClientIdentity, Following, otlp_exporter
 
 _meter = metrics.get_meter("strongroom")
 
@@ -71,15 +65,9 @@ def install_meter_provider(
     elif config.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
-        def build(client: Credentials | None) -> OTLPMetricExporter:
-            return OTLPMetricExporter(**otlp_exporter_options(config, client))
-
-        exporter: MetricExporter
-        if follows_identity(config, identity):
-            assert identity is not None
-            exporter = FollowingMetricExporter(Following(build, identity))
-        else:
-            exporter = build(None)
+        exporter: MetricExporter = otlp_exporter(
+            config, identity, OTLPMetricExporter, FollowingMetricExporter
+        )
         readers.append(PeriodicExportingMetricReader(exporter))
     if not readers:
         return None

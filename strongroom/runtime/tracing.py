@@ -99,17 +99,29 @@ def make_tracer_provider(
     elif config.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        def build(client: Credentials | None) -> OTLPSpanExporter:
-            return OTLPSpanExporter(**otlp_exporter_options(config, client))
-
-        span_exporter: SpanExporter
-        if follows_identity(config, identity):
-            assert identity is not None
-            span_exporter = FollowingSpanExporter(Following(build, identity))
-        else:
-            span_exporter = build(None)
+        span_exporter: SpanExporter = otlp_exporter(
+            config, identity, OTLPSpanExporter, FollowingSpanExporter
+        )
         provider.add_span_processor(BatchSpanProcessor(span_exporter))
     return provider
+
+
+def otlp_exporter(
+    config: TracingConfig,
+    identity: ClientIdentity | None,
+    make: Callable[..., E],
+    follow: Callable[[Following[E]], E],
+) -> E:
+    """The OTLP exporter ``make`` builds for ``config`` (:func:`otlp_exporter_options`), or,
+    when the export presents the workload's certificate (:func:`follows_identity`), ``follow``
+    around the exporters built for each of its renewals."""
+
+    def build(client: Credentials | None) -> E:
+        return make(**otlp_exporter_options(config, client))
+
+    if identity is not None and follows_identity(config, identity):
+        return follow(Following(build, identity))
+    return build(None)
 
 
 def follows_identity(config: TracingConfig, identity: ClientIdentity | None) -> bool:
