@@ -171,35 +171,3 @@ def _wait_denied(root: Path, timeout: float = 60.0) -> dict[str, Any]:
             return denied[-1]
         time.sleep(0.2)
     raise StrongroomError("no denied release was audited")
-
-
-def _server_tls_key(stack: Any, client: Any) -> bytes:
-    """The public key of the certificate the inference server presents on our mTLS connection."""
-    import socket
-    import ssl
-    import tempfile
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    context = ssl.create_default_context(cadata=stack.ca.root_pem.decode())
-    credentials = client.credentials
-    with tempfile.TemporaryDirectory() as tmp:
-        # The client's own TLS key, briefly, in a private temporary file: ssl needs a path.
-        path = Path(tmp) / "client.pem"
-        path.touch(mode=0o600)
-        path.write_bytes(credentials.chain_pem + credentials.key_pem)
-        context.load_cert_chain(path)
-    context.set_alpn_protocols(["h2"])
-    host, port = stack.address("inference").rsplit(":", 1)
-    with (
-        socket.create_connection((host, int(port)), timeout=10) as sock,
-        context.wrap_socket(sock, server_hostname="inference") as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return (
-        x509.load_der_x509_certificate(der)
-        .public_key()
-        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )

@@ -7,14 +7,11 @@ check raises AssertionError or a StrongroomError / grpc.RpcError, which the demo
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from strongroom.api.inference.v1 import attestation_pb2 as att_pb
-from strongroom.api.inference.v1 import attestation_pb2_grpc as att_grpc
 from strongroom.api.inference.v1 import model_control_pb2 as control_pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
@@ -24,17 +21,16 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.artifact import read_summary
-from strongroom.attestation import Evidence, verify_evidence
-from strongroom.attestation.binding import check_report_data, client_report_data_for
 from strongroom.attestation.collateral_cache import CollateralCache
+from strongroom.attestation.policy import ReleasePolicy
 from strongroom.client.publish import publish_model
+from strongroom.client.server_evidence import server_tls_public_key, verify_inference_server
 from strongroom.dev.demo import (
     KEY_ID,
     MODEL,
     Narrator,
     _expect_failure,
     _last_release,
-    _server_tls_key,
     _wait_denied,
 )
 from strongroom.dev.devstack import DevStack
@@ -189,26 +185,33 @@ def release(say: Narrator, stack: DevStack, client: Any, root: Path) -> Any:
 def serve(say: Narrator, stack: DevStack, client: Any, oip: Any, model: TrainedModel) -> None:
     """6. A client verifies the server's evidence, then runs inference over mTLS."""
     say.step("6", "Serve: a client checks what it talks to, then runs inference over mTLS")
-    nonce = np.random.default_rng().bytes(32)
-    evidence_response = att_grpc.InferenceAttestationServiceStub(
-        stack.channel(client, "inference")
-    ).GetEvidence(att_pb.GetEvidenceRequest(nonce=nonce), timeout=30)
     authority = SimulatedAuthority.load(stack.root / "simulated-tee")
     trust = authority.trust_store()
-    claims = verify_evidence(
-        Evidence.from_proto(evidence_response.evidence),
+    credentials = client.credentials
+    tls_key = server_tls_public_key(
+        stack.address("inference"),
+        server_name="inference",
+        root_pem=client.root_pem,
+        chain_pem=credentials.chain_pem,
+        key_pem=credentials.key_pem,
+    )
+    verified = verify_inference_server(
+        stack.channel(client, "inference"),
+        tls_public_key_der=tls_key,
         trust=trust,
-        now=datetime.now(UTC),
         # The verifier's own collateral (the simulated chain's CRLs), from the same cache the
         # broker uses; never what the server sends.
         collateral=CollateralCache(stack.root / "collateral", trust, writable=False),
+        # The very policy the model's key is released under.
+        policy=ReleasePolicy.load(stack.simulated_policy("demo-1"), production=False),
+        server_spiffe_id=stack.spiffe_id("inference"),
     )
     say.check(
-        f"server evidence verifies (simulated chain, development trust only): measurement {claims.as_dict()['measurement'][:16]}…"
+        f"server evidence verifies (simulated chain, development trust only): measurement {verified.claims.as_dict()['measurement'][:16]}…, policy demo-1 holds"
     )
-    tls_key = _server_tls_key(stack, client)
-    check_report_data(claims.report_data, client_report_data_for(nonce, tls_key))
-    say.check("its REPORT_DATA binds our nonce and the TLS key of the very connection we are using")
+    say.check(
+        "its REPORT_DATA binds our nonce and the TLS key the server presents to us (`strongroom inference evidence --verify` does the same)"
+    )
     x = model.sample
     response = oip.ModelInfer(
         oip_pb.ModelInferRequest(

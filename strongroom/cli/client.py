@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from strongroom.client.server_evidence import server_tls_public_key
 from strongroom.closing import Closing
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.runtime.bootstrap import open_identity
@@ -112,6 +113,21 @@ class Client(Closing):
         )
         self._channels.append(channel)
         return channel
+
+    def server_tls_public_key(self, service: str) -> bytes:
+        """The DER SubjectPublicKeyInfo of the certificate ``service`` presents to this client
+        (a TLS handshake of its own: gRPC does not show it)."""
+        address = getattr(self.config, service)
+        if not address:
+            raise ConfigError(f"the client configuration has no address for {service}")
+        credentials = self.identity.credentials
+        return server_tls_public_key(
+            address,
+            server_name=getattr(self.config, f"{service}_server_name"),
+            root_pem=self.identity.root_pem,
+            chain_pem=credentials.chain_pem,
+            key_pem=credentials.key_pem,
+        )
 
     def close(self) -> None:
         """Closes the channels and stops the identity's renewal."""

@@ -1,10 +1,18 @@
-"""``strongroom inference load | unload | status | evidence``."""
+"""``strongroom inference load | unload | status | evidence``.
+
+``evidence --verify COLLATERAL_DIR`` is what a client should do before sending a server data
+(:mod:`strongroom.client.server_evidence`): fresh evidence, bound to our nonce and to the key the
+server presents to us, verified against the pinned roots with our own collateral and, with
+``--policy``, held to a release policy.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -16,8 +24,13 @@ from strongroom.api.inference.v1 import model_control_pb2 as pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as pb_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
+from strongroom.attestation import TrustStore
+from strongroom.attestation.collateral_cache import CollateralCache
+from strongroom.attestation.policy import ReleasePolicy
 from strongroom.cli._pins import add_header_pin_argument
 from strongroom.cli.client import Client, add_client_arguments
+from strongroom.client.server_evidence import verify_inference_server
+from strongroom.files import read_file
 
 TIMEOUT = 600.0
 
@@ -43,10 +56,32 @@ def register(sub: Any) -> None:
             add_header_pin_argument(parser, "the inference server")
         parser.set_defaults(func=func)
     evidence = actions.add_parser(
-        "evidence", help="fetch the server's attestation evidence bound to a fresh nonce"
+        "evidence",
+        help="fetch the server's attestation evidence bound to a fresh nonce and, with --verify, "
+        "check it",
     )
     add_client_arguments(evidence)
-    evidence.set_defaults(func=_evidence)
+    evidence.add_argument(
+        "--verify",
+        type=Path,
+        metavar="COLLATERAL_DIR",
+        help="verify the evidence against the pinned AMD/Intel roots, judged with the collateral "
+        "cache in COLLATERAL_DIR (`strongroom attest collateral fetch`), and check that it binds "
+        "our nonce and the TLS key the server presents to us",
+    )
+    evidence.add_argument(
+        "--policy",
+        type=Path,
+        help="with --verify: a release policy (YAML) the server must satisfy for its SPIFFE ID, "
+        "e.g. the one its model's key is released under",
+    )
+    evidence.add_argument(
+        "--simulated-tee-dir",
+        type=Path,
+        help="with --verify, development only: also trust the simulated TEE chain in this "
+        "directory (a policy must then be a development policy)",
+    )
+    evidence.set_defaults(func=_evidence, parser=evidence)
 
 
 def _load(args: argparse.Namespace) -> int:
@@ -86,6 +121,42 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _evidence(args: argparse.Namespace) -> int:
+    if args.verify is None:
+        if args.policy is not None or args.simulated_tee_dir is not None:
+            args.parser.error("--policy and --simulated-tee-dir need --verify COLLATERAL_DIR")
+        return _print_evidence(args)
+    development = args.simulated_tee_dir is not None
+    trust = TrustStore.production()
+    if development:
+        trust = trust.with_simulated_roots(
+            amd=[read_file(args.simulated_tee_dir / "amd_trust.pem")],
+            intel=[read_file(args.simulated_tee_dir / "intel_root.pem")],
+        )
+    policy = None
+    if args.policy is not None:
+        policy = ReleasePolicy.load(read_file(args.policy), production=not development)
+    with Client.from_args(args) as client:
+        verified = verify_inference_server(
+            client.channel("inference"),
+            tls_public_key_der=client.server_tls_public_key("inference"),
+            trust=trust,
+            collateral=CollateralCache(args.verify, trust, writable=False),
+            policy=policy,
+            server_spiffe_id=client.config.server_id("inference"),
+            timeout=60,
+        )
+    out = {
+        "nonce": verified.nonce.hex(),
+        "tls_public_key_sha256": verified.tls_public_key_sha256.hex(),
+        "trust": "development: simulated TEE chain trusted" if development else "production",
+        "claims": verified.claims.as_dict(),
+        "policy": verified.decision.as_dict() if verified.decision is not None else None,
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _print_evidence(args: argparse.Namespace) -> int:
     nonce = os.urandom(32)
     with Client.from_args(args) as client:
         stub = att_grpc.InferenceAttestationServiceStub(client.channel("inference"))
@@ -98,8 +169,12 @@ def _evidence(args: argparse.Namespace) -> int:
                 "report": response.evidence.report.hex(),
                 "report_data": response.report_data.hex(),
                 "tls_public_key_sha256": response.tls_public_key_sha256.hex(),
+                "verified": False,
             },
             indent=2,
         )
+    )
+    print(
+        "strongroom: the evidence is NOT verified (pass --verify COLLATERAL_DIR)", file=sys.stderr
     )
     return 0

@@ -1,0 +1,155 @@
+"""Checking what an inference server is before sending it data.
+
+:func:`verify_inference_server` asks the server for evidence bound to a fresh nonce of ours
+(``InferenceAttestationService.GetEvidence``) and accepts it only if
+
+1. the evidence verifies against the roots in ``trust``, judged with collateral (CRLs, TCB info,
+   QE identity) from the caller's own source, never from the server;
+2. its REPORT_DATA is exactly ``binding.client_report_data_for(nonce, key)`` where ``key`` is the
+   public key of the certificate the server presented to *us* (:func:`server_tls_public_key`), so
+   evidence fetched by someone else, or relayed from another machine, does not pass;
+3. when a release policy is given, the claims satisfy it for the server's SPIFFE ID — the same
+   document the key broker releases the model's key under, so a client can hold the server to
+   exactly the measurement, TCB and platform rules the model's owner set.
+
+gRPC Python shows a client nothing of the server's certificate, so the key comes from a TLS
+handshake of its own to the same address under the same client identity (the same server
+presents the same certificate). A renewal of the server's certificate between that handshake and
+the evidence makes the two disagree: that is refused (``SERVER_TLS_KEY_CHANGED``), and asking again
+succeeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import socket
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from strongroom.api.inference.v1 import attestation_pb2 as pb
+from strongroom.api.inference.v1 import attestation_pb2_grpc as pb_grpc
+from strongroom.attestation import (
+    CollateralSource,
+    Evidence,
+    TrustStore,
+    VerifiedClaims,
+    verify_evidence,
+)
+from strongroom.attestation.binding import check_report_data, client_report_data_for
+from strongroom.attestation.policy import PolicyDecision, ReleasePolicy
+from strongroom.errors import FailedPrecondition, Unavailable
+from strongroom.reasons import Reason
+
+NONCE_BYTES = 32
+
+
+@dataclass(frozen=True)
+class VerifiedServer:
+    """What :func:`verify_inference_server` established about the server."""
+
+    claims: VerifiedClaims
+    #: The policy's decision (its version and the measurement it matched), or None without one.
+    decision: PolicyDecision | None
+    nonce: bytes
+    #: SHA-256 of the DER SubjectPublicKeyInfo of the server's TLS certificate.
+    tls_public_key_sha256: bytes
+
+
+def server_tls_public_key(
+    address: str,
+    *,
+    server_name: str,
+    root_pem: bytes,
+    chain_pem: bytes,
+    key_pem: bytes,
+    timeout: float = 10.0,
+) -> bytes:
+    """The DER SubjectPublicKeyInfo of the certificate the server at ``address`` presents to a
+    client holding ``chain_pem``/``key_pem`` (a TLS handshake of its own, verified against
+    ``root_pem`` for ``server_name``). The client key goes to OpenSSL through an in-memory file:
+    never on disk."""
+    context = ssl.create_default_context(cadata=root_pem.decode())
+    context.set_alpn_protocols(["h2"])
+    descriptor = os.memfd_create("strongroom-client-identity", os.MFD_CLOEXEC)
+    try:
+        os.write(descriptor, chain_pem + key_pem)
+        context.load_cert_chain(f"/proc/self/fd/{descriptor}")
+    finally:
+        os.close(descriptor)
+    host, _, port = address.rpartition(":")
+    try:
+        with (
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock,
+            context.wrap_socket(sock, server_hostname=server_name) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except (OSError, ValueError) as exc:
+        raise Unavailable(
+            f"cannot reach {address} to read the certificate it presents: {exc}",
+            reason=Reason.SERVER_UNREACHABLE,
+        ) from None
+    if der is None:  # pragma: no cover - a verified handshake always has a peer certificate
+        raise Unavailable(f"{address} presented no certificate", reason=Reason.SERVER_UNREACHABLE)
+    return (
+        x509.load_der_x509_certificate(der)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+
+def verify_inference_server(
+    channel: grpc.Channel,
+    *,
+    tls_public_key_der: bytes,
+    trust: TrustStore,
+    collateral: CollateralSource,
+    policy: ReleasePolicy | None = None,
+    server_spiffe_id: str | None = None,
+    now: datetime | None = None,
+    timeout: float = 30.0,
+) -> VerifiedServer:
+    """Fetches the server's evidence over ``channel`` for a fresh nonce and verifies it (see the
+    module doc); ``tls_public_key_der`` is what :func:`server_tls_public_key` read. With a
+    ``policy``, ``server_spiffe_id`` is the identity the policy's ``callers`` must list (the one
+    the channel checks the server presents).
+
+    Raises the verifier's errors (``MalformedEvidence``, ``VerificationFailed``,
+    ``CollateralUnavailable``; ``VerificationFailed(REPORT_DATA_MISMATCH)`` for evidence bound to
+    another nonce or key, ``FailedPrecondition(SERVER_TLS_KEY_CHANGED)`` when the server's
+    certificate changed since the handshake, ``PolicyViolation`` for claims the policy refuses,
+    and ``grpc.RpcError`` from the call itself.
+    """
+    if policy is not None and not server_spiffe_id:
+        raise ValueError("a policy is checked against the server's SPIFFE ID: pass it")
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    response = pb_grpc.InferenceAttestationServiceStub(channel).GetEvidence(
+        pb.GetEvidenceRequest(nonce=nonce), timeout=timeout
+    )
+    observed = hashlib.sha256(tls_public_key_der).digest()
+    if not secrets.compare_digest(response.tls_public_key_sha256, observed):
+        # Only a clearer message: the REPORT_DATA check below would refuse it too.
+        raise FailedPrecondition(
+            "the server's evidence is bound to a TLS key other than the one it presented to us "
+            "(its certificate was renewed between the two connections, or the evidence is "
+            "relayed): ask again",
+            reason=Reason.SERVER_TLS_KEY_CHANGED,
+        )
+    claims = verify_evidence(
+        Evidence.from_proto(response.evidence),
+        trust=trust,
+        now=now or datetime.now(UTC),
+        collateral=collateral,
+    )
+    check_report_data(claims.report_data, client_report_data_for(nonce, tls_public_key_der))
+    decision = None
+    if policy is not None:
+        assert server_spiffe_id is not None
+        decision = policy.evaluate(claims, server_spiffe_id)
+    return VerifiedServer(claims, decision, nonce, observed)

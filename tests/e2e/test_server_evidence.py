@@ -1,0 +1,206 @@
+"""A client checks an inference server before sending it data: `strongroom inference evidence
+--verify` and :func:`strongroom.client.server_evidence.verify_inference_server`, against a real
+inference server (simulated TEE) over mTLS."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from strongroom.api.inference.v1 import attestation_pb2 as pb
+from strongroom.attestation import VerificationFailed
+from strongroom.attestation.collateral_cache import CollateralCache
+from strongroom.attestation.errors import PolicyViolation
+from strongroom.attestation.policy import ReleasePolicy
+from strongroom.cli.main import main
+from strongroom.client.server_evidence import server_tls_public_key, verify_inference_server
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
+from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.errors import FailedPrecondition
+from strongroom.pki.identity import WorkloadIdentity
+from strongroom.reasons import Reason
+
+
+@pytest.fixture(scope="module")
+def served(stack: DevStack) -> Iterator[DevStack]:
+    stack.start_in_process("inference")
+    yield stack
+
+
+@pytest.fixture(scope="module")
+def client(served: DevStack) -> WorkloadIdentity:
+    return served.identity("client")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _policy_file(stack: DevStack, tmp_path: Path, measurement: str = DEMO_MEASUREMENT) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(stack.simulated_policy("server-check-1", measurement))
+    return path
+
+
+def test_the_cli_verifies_the_server_against_its_models_release_policy(
+    served: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(served.write_client_config("client"))
+    code, out, _ = run(
+        capsys, "inference", "evidence", "--client-config", config,
+        "--verify", str(served.init_collateral()),
+        "--simulated-tee-dir", str(served.init_simulated_tee()),
+        "--policy", str(_policy_file(served, tmp_path)),
+    )  # fmt: skip
+    assert code == 0
+    verified = json.loads(out)
+    assert verified["claims"]["measurement"] == DEMO_MEASUREMENT
+    assert verified["policy"]["policy_version"] == "server-check-1"
+    assert verified["trust"].startswith("development")
+    assert len(bytes.fromhex(verified["nonce"])) == 32
+
+
+def test_the_cli_refuses_a_server_outside_the_policy(
+    served: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(served.write_client_config("client"))
+    code, out, err = run(
+        capsys, "inference", "evidence", "--client-config", config,
+        "--verify", str(served.init_collateral()),
+        "--simulated-tee-dir", str(served.init_simulated_tee()),
+        "--policy", str(_policy_file(served, tmp_path, "ab" * 48)),
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert "MEASUREMENT_NOT_ALLOWED" in err and "Traceback" not in err
+
+
+def test_the_cli_refuses_the_simulated_chain_unless_told_to_trust_it(
+    served: DevStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(served.write_client_config("client"))
+    code, out, err = run(
+        capsys, "inference", "evidence", "--client-config", config,
+        "--verify", str(served.init_collateral()),
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert "ROOT_NOT_TRUSTED" in err and "Traceback" not in err
+
+
+def test_unverified_evidence_says_so(served: DevStack, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(served.write_client_config("client"))
+    code, out, err = run(capsys, "inference", "evidence", "--client-config", config)
+    assert code == 0 and json.loads(out)["verified"] is False
+    assert "NOT verified" in err
+    with pytest.raises(SystemExit) as exited:
+        main(["inference", "evidence", "--client-config", config, "--policy", "p.yaml"])
+    assert exited.value.code == 2
+
+
+# ------------------------------------------------------------------ the library, attacked
+
+
+class _Rewrite(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """What a relaying or lying server controls: every field of its GetEvidence answer."""
+
+    def __init__(self, change: Callable[[pb.GetEvidenceResponse], None]) -> None:
+        self._change = change
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        outcome = continuation(details, request)
+        self._change(outcome.result())  # the message the caller will read
+        return outcome
+
+
+def _verify(
+    stack: DevStack,
+    client: WorkloadIdentity,
+    *,
+    tls_key_of: str = "inference",
+    change: Callable[[pb.GetEvidenceResponse], None] | None = None,
+    policy: ReleasePolicy | None = None,
+) -> Any:
+    authority = SimulatedAuthority.load(stack.init_simulated_tee())
+    trust = authority.trust_store()
+    credentials = client.credentials
+    key = server_tls_public_key(
+        stack.address(tls_key_of),
+        server_name=tls_key_of,
+        root_pem=client.root_pem,
+        chain_pem=credentials.chain_pem,
+        key_pem=credentials.key_pem,
+    )
+    channel = stack.channel(client, "inference")
+    if change is not None:
+        channel = grpc.intercept_channel(channel, _Rewrite(change))
+    return verify_inference_server(
+        channel,
+        tls_public_key_der=key,
+        trust=trust,
+        collateral=CollateralCache(stack.init_collateral(), trust, writable=False),
+        policy=policy,
+        server_spiffe_id=stack.spiffe_id("inference"),
+    )
+
+
+def test_genuine_evidence_passes(served: DevStack, client: WorkloadIdentity) -> None:
+    verified = _verify(served, client)
+    assert verified.claims.report_data != bytes(64) and verified.decision is None
+
+
+def test_evidence_bound_to_another_servers_key_is_refused(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """The key we saw is the key broker's (a relay in front of the inference server)."""
+    with pytest.raises(FailedPrecondition) as refused:
+        _verify(served, client, tls_key_of="keybroker")
+    assert refused.value.reason == Reason.SERVER_TLS_KEY_CHANGED
+
+
+def test_a_relay_that_also_lies_about_the_key_hash_is_refused_by_the_binding(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    import hashlib
+
+    credentials = client.credentials
+    broker_key = server_tls_public_key(
+        served.address("keybroker"),
+        server_name="keybroker",
+        root_pem=client.root_pem,
+        chain_pem=credentials.chain_pem,
+        key_pem=credentials.key_pem,
+    )
+
+    def claim_the_seen_key(response: pb.GetEvidenceResponse) -> None:
+        response.tls_public_key_sha256 = hashlib.sha256(broker_key).digest()
+
+    with pytest.raises(VerificationFailed) as refused:
+        _verify(served, client, tls_key_of="keybroker", change=claim_the_seen_key)
+    assert refused.value.reason == Reason.REPORT_DATA_MISMATCH
+
+
+def test_a_tampered_report_is_refused(served: DevStack, client: WorkloadIdentity) -> None:
+    def flip(response: pb.GetEvidenceResponse) -> None:
+        report = bytearray(response.evidence.report)
+        report[0x90] ^= 1  # the measurement
+        response.evidence.report = bytes(report)
+
+    with pytest.raises(VerificationFailed):
+        _verify(served, client, change=flip)
+
+
+def test_a_policy_for_another_identity_is_refused(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    text = served.simulated_policy("other-1").replace(
+        served.spiffe_id("inference"), served.spiffe_id("publisher")
+    )
+    with pytest.raises(PolicyViolation):
+        _verify(served, client, policy=ReleasePolicy.load(text, production=False))
