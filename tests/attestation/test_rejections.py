@@ -624,6 +624,36 @@ def test_snp_guest_policy_reserved_bits_are_refused(authority, sim_trust, now, b
     )
 
 
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"policy": 0x10000}, "clears bit 17"),  # GUEST_POLICY bit 17: reserved, must be one
+        ({"platform_info": 0x1 | 1 << 8}, "PLATFORM_INFO 0x101 sets reserved bit(s) 8"),
+        ({"platform_info": 1 << 63}, "reserved bit(s) 63"),
+        ({"launch_tcb": TcbVersion.decode(0x08 << 24, turin_layout=False)}, "LAUNCH_TCB"),
+        ({"committed_tcb": TcbVersion.decode(0x01 << 40, turin_layout=False)}, "COMMITTED_TCB"),
+    ],
+    ids=["policy-bit-17-clear", "platform-info-bit-8", "platform-info-bit-63", "launch", "commit"],
+)
+def test_snp_must_be_one_and_reserved_fields_are_refused(
+    authority, sim_trust, now, fields: dict[str, Any], says: str
+) -> None:
+    """The ABI's must-be-one GUEST_POLICY bit 17, PLATFORM_INFO's reserved bits 8-63 and the
+    reserved bytes of the firmware's TCB_VERSION fields: a well-signed report that broke them was
+    accepted (only GUEST_POLICY 26-63, KEY_INFO and the RESERVED areas were checked)."""
+    snp = authority.snp()
+    ev = snp.evidence(RD, measurement=MEAS, **fields)
+    err = expect(
+        MalformedEvidence, Reason.BAD_FIELD, lambda: verify_evidence(ev, trust=sim_trust, now=now)
+    )
+    assert says in err.message
+    # Every PLATFORM_INFO bit genuine firmware sets (0-7: bit 6 on Turin) still parses.
+    ok = snp.evidence(RD, measurement=MEAS, platform_info=0xFF)
+    source = authority.collateral_source(now=now)
+    claims: Any = verify_evidence(ok, trust=sim_trust, now=now, collateral=source)
+    assert claims.platform_info.raw == 0xFF
+
+
 def test_vlek_presented_as_vcek(authority, sim_trust, now) -> None:
     vlek = authority.snp(signing_key="VLEK")
     ev = Evidence(
@@ -700,9 +730,12 @@ def test_snp_host_requested_report_under_a_revoked_ask_is_revoked(
 
 def test_wrong_product_cpuid(authority, sim_trust, now) -> None:
     snp = authority.snp()
+    # A Turin report carries Turin-layout TCBs (a Milan layout read as Turin's sets its reserved
+    # bytes, BAD_FIELD at parse): the product is what is wrong here.
+    turin_tcb = TcbVersion.from_components(fmc=0, **snp.tcb.components())
     ev = Evidence(
         TeeType.SEV_SNP,
-        snp.report(RD, measurement=MEAS, cpuid=(0x1A, 0x02, 0x01)),
+        snp.report(RD, measurement=MEAS, cpuid=(0x1A, 0x02, 0x01), reported_tcb=turin_tcb),
         (snp.certificate_der,),
     )
     expect(
