@@ -745,6 +745,28 @@ def test_wrong_product_cpuid(authority, sim_trust, now) -> None:
     )
 
 
+def test_cpuid_model_of_another_product_under_the_chain(authority, sim_trust, now) -> None:
+    """Milan and Genoa share CPUID family 0x19 and differ by model: a report whose CPUID says
+    Genoa (model 0x11) signed under a Milan chain was accepted on the family alone and judged
+    as Milan. A version-2 report (no CPUID fields) is judged by its chain, as before."""
+    snp = authority.snp()
+    assert authority.product == "Milan"
+    genoa = snp.evidence(RD, measurement=MEAS, cpuid=(0x19, 0x11, 0x01))
+    err = expect(
+        VerificationFailed,
+        Reason.PRODUCT_MISMATCH,
+        lambda: verify_evidence(genoa, trust=sim_trust, now=now),
+    )
+    assert "Genoa processor" in err.message and "ARK-Milan" in err.message
+    source = authority.collateral_source(now=now)
+    for ok in (
+        snp.evidence(RD, measurement=MEAS, cpuid=(0x19, 0x01, 0x02)),  # Milan-X stepping
+        snp.evidence(RD, measurement=MEAS, version=2),
+    ):
+        claims: Any = verify_evidence(ok, trust=sim_trust, now=now, collateral=source)
+        assert claims.product == "Milan"
+
+
 def test_snp_signed_by_other_key(authority, sim_trust, now) -> None:
     snp = authority.snp()
     rogue = ec.generate_private_key(ec.SECP384R1())
