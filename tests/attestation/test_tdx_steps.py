@@ -332,16 +332,26 @@ def _level(platform, tdx_components: tuple[int, ...], status: str) -> dict[str, 
     }
 
 
-def _td15_tcb_info(authority: SimulatedAuthority, platform, now, newest_svn2: int) -> bytes:  # type: ignore[no-untyped-def]
+def _td15_tcb_info(  # type: ignore[no-untyped-def]
+    authority: SimulatedAuthority,
+    platform,
+    now,
+    newest_svn2: int,
+    *,
+    oldest_level_first: bool = False,
+    module_levels: list[dict[str, object]] | None = None,
+) -> bytes:
     """A signed TCB info with a TDX_01 module identity (SVN 3 up to date, below out of date) and
     platform levels newest first: TEE_TCB_SVN[0..2] of (3, 0, ``newest_svn2``) up to date, then
-    (3, 0, 5) SWHardeningNeeded when the newest asks for more, then a 2018 level out of date."""
+    (3, 0, 5) SWHardeningNeeded when the newest asks for more, then a 2018 level out of date
+    (listed first with ``oldest_level_first``)."""
     ident = {"mrsigner": "00" * 48, "attributes": "00" * 8, "attributesMask": "ff" * 8}
     levels = [_level(platform, (3, 0, newest_svn2) + (0,) * 13, "UpToDate")]
     if newest_svn2 > 5:
         levels.append(_level(platform, (3, 0, 5) + (0,) * 13, "SWHardeningNeeded"))
-    levels.append({**_level(platform, (0,) * 16, "OutOfDate"), "tcbDate": "2018-01-04T00:00:00Z"})
-    module_levels = [
+    oldest = {**_level(platform, (0,) * 16, "OutOfDate"), "tcbDate": "2018-01-04T00:00:00Z"}
+    levels = [oldest, *levels] if oldest_level_first else [*levels, oldest]
+    module_levels = module_levels or [
         {"tcb": {"isvsvn": 3}, "tcbDate": "2024-03-13T00:00:00Z", "tcbStatus": "UpToDate"},
         {"tcb": {"isvsvn": 0}, "tcbDate": "2018-01-04T00:00:00Z", "tcbStatus": "OutOfDate"},
     ]
@@ -394,6 +404,60 @@ def test_td15_relaunch_is_advised_only_as_intel_advises_it(  # type: ignore[no-u
     )
     selected = tdx.select_collateral(verified, source, sim_trust, now, dt.timedelta(0), True)
     assert _evaluate(verified, selected).status == status
+
+
+@pytest.mark.parametrize(
+    ("tcb_info_kwargs", "says"),
+    [
+        ({"oldest_level_first": True}, "tcbInfo.tcbLevels are not newest first"),
+        (
+            {
+                "module_levels": [
+                    {
+                        "tcb": {"isvsvn": 0},
+                        "tcbDate": "2024-03-13T00:00:00Z",
+                        "tcbStatus": "OutOfDate",
+                    },
+                    {
+                        "tcb": {"isvsvn": 3},
+                        "tcbDate": "2024-03-13T00:00:00Z",
+                        "tcbStatus": "UpToDate",
+                    },
+                ]
+            },
+            "not highest ISVSVN first",
+        ),
+    ],
+    ids=["platform-levels-oldest-first", "module-levels-lowest-svn-first"],
+)
+def test_tcb_levels_out_of_intels_order_are_refused(  # type: ignore[no-untyped-def]
+    authority: SimulatedAuthority, sim_trust: TrustStore, now, tcb_info_kwargs, says: str
+) -> None:
+    """Levels were evaluated in document order (the first one met judges), so the status
+    depended on an order Intel's PCS specifies (newest first) but the verifier never checked: a
+    document with its 2018 level first judged an up-to-date TD by it. Out of order, the document
+    is refused (BAD_COLLATERAL) rather than re-sorted (see collateral._check_newest_first)."""
+    platform = authority.tdx()
+    quote = platform.quote(
+        RD, mrtd=MRTD, version=5, body_type=3,
+        tee_tcb_svn=bytes((3, 1, 5)) + bytes(13), tee_tcb_svn2=bytes((3, 1, 5)) + bytes(13),
+    )  # fmt: skip
+    verified = tdx.verify_quote(Evidence(TeeType.TDX, quote), sim_trust, now)
+    source = StaticCollateralSource(
+        tcb_infos=(_td15_tcb_info(authority, platform, now, 5, **tcb_info_kwargs),),
+        qe_identity=platform.qe_identity(now=now),
+        signing_chain=authority.tcb_signing_chain_pem(),
+    )
+    with pytest.raises(MalformedEvidence) as err:
+        tdx.select_collateral(verified, source, sim_trust, now, dt.timedelta(0), True)
+    assert err.value.reason == Reason.BAD_COLLATERAL and says in err.value.message
+    in_order = StaticCollateralSource(
+        tcb_infos=(_td15_tcb_info(authority, platform, now, 5),),
+        qe_identity=platform.qe_identity(now=now),
+        signing_chain=authority.tcb_signing_chain_pem(),
+    )
+    selected = tdx.select_collateral(verified, in_order, sim_trust, now, dt.timedelta(0), True)
+    assert _evaluate(verified, selected).status == "UpToDate"
 
 
 @pytest.mark.parametrize(
