@@ -269,6 +269,11 @@ def parse_tcb_info(data: bytes) -> TcbInfo:
     w = "tcbInfo"
     if body.get("id") != "TDX" or body.get("version") != 3:
         raise _bad("tcbInfo must have id 'TDX' and version 3")
+    # tcbType names how levels compare (Intel PCS: "type of TCB level composition that determines
+    # TCB level comparison logic"); 0, component by component, is the only one Intel defines and
+    # the one evaluated here. A document of another type would be judged by the wrong logic.
+    if _get(body, "tcbType", int, w) != 0:
+        raise _bad(f"tcbInfo.tcbType {body['tcbType']} is not 0, the only comparison logic known")
     module = _get(body, "tdxModule", dict, w)
     base = TdxModuleIdentity(
         id="",

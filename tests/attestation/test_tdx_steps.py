@@ -341,6 +341,7 @@ def _td15_tcb_info(  # type: ignore[no-untyped-def]
     *,
     oldest_level_first: bool = False,
     module_levels: list[dict[str, object]] | None = None,
+    tcb_type: int = 0,
 ) -> bytes:
     """A signed TCB info with a TDX_01 module identity (SVN 3 up to date, below out of date) and
     platform levels newest first: TEE_TCB_SVN[0..2] of (3, 0, ``newest_svn2``) up to date, then
@@ -363,7 +364,7 @@ def _td15_tcb_info(  # type: ignore[no-untyped-def]
         "nextUpdate": (now + dt.timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "fmspc": platform.fmspc.hex(),
         "pceId": "0000",
-        "tcbType": 0,
+        "tcbType": tcb_type,
         "tcbEvaluationDataNumber": 17,
         "tdxModule": ident,
         "tdxModuleIdentities": [{"id": "TDX_01", **ident, "tcbLevels": module_levels}],
@@ -459,6 +460,25 @@ def test_tcb_levels_out_of_intels_order_are_refused(  # type: ignore[no-untyped-
     )
     selected = tdx.select_collateral(verified, in_order, sim_trust, now, dt.timedelta(0), True)
     assert _evaluate(verified, selected).status == "UpToDate"
+
+
+def test_a_tcb_info_of_another_tcb_type_is_refused(  # type: ignore[no-untyped-def]
+    authority: SimulatedAuthority, sim_trust: TrustStore, now
+) -> None:
+    """tcbType says how TCB levels compare; only 0 (component by component, what the evaluation
+    does) is defined. It was not read, so a document of another type was judged as type 0."""
+    platform = authority.tdx()
+    verified = tdx.verify_quote(
+        Evidence(TeeType.TDX, platform.quote(RD, mrtd=MRTD)), sim_trust, now
+    )
+    source = StaticCollateralSource(
+        tcb_infos=(_td15_tcb_info(authority, platform, now, 5, tcb_type=1),),
+        qe_identity=platform.qe_identity(now=now),
+        signing_chain=authority.tcb_signing_chain_pem(),
+    )
+    with pytest.raises(MalformedEvidence) as err:
+        tdx.select_collateral(verified, source, sim_trust, now, dt.timedelta(0), True)
+    assert err.value.reason == Reason.BAD_COLLATERAL and "tcbType 1" in err.value.message
 
 
 @pytest.mark.parametrize(
