@@ -12,6 +12,7 @@ getters are interchangeable; :class:`StaticCollateralSource` serves fixed docume
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import urllib.parse
 from collections.abc import Mapping
@@ -211,6 +212,21 @@ class QeIdentity:
     tcb_evaluation_data_number: int | None = None
 
 
+def _check_newest_first(levels: list[Mapping[str, Any]], where: str) -> None:
+    """Intel publishes TCB levels sorted newest first (``tcbDate`` descending; levels of one date,
+    e.g. UpToDate and ConfigurationNeeded of one recovery, in Intel's order) and the evaluation
+    takes the first level the platform meets, so the order decides the status. The verifier does
+    not re-sort: a date alone does not order levels of one date, and no other key is Intel's. A
+    document out of order is not as Intel publishes it and is refused; it judges nothing."""
+    dates = [_time(level, "tcbDate", f"{where}.tcbLevels") for level in levels]
+    for i, (newer, older) in enumerate(itertools.pairwise(dates)):
+        if older > newer:
+            raise _bad(
+                f"{where}.tcbLevels are not newest first: level {i + 1} is dated "
+                f"{older.isoformat()}, after level {i}'s {newer.isoformat()}"
+            )
+
+
 def _module_levels(items: Any, where: str) -> tuple[ModuleTcbLevel, ...]:
     if not isinstance(items, list) or not items:
         raise _bad(f"{where}.tcbLevels must be a non-empty list")
@@ -227,6 +243,15 @@ def _module_levels(items: Any, where: str) -> tuple[ModuleTcbLevel, ...]:
                 advisory_ids=_advisories(level, where),
             )
         )
+    _check_newest_first(items, where)
+    # The first level whose ISVSVN the module or QE meets judges it: a higher SVN listed after a
+    # lower one would never be reached.
+    for i, (newer, older) in enumerate(itertools.pairwise(out)):
+        if older.isvsvn > newer.isvsvn:
+            raise _bad(
+                f"{where}.tcbLevels are not highest ISVSVN first: level {i + 1} has ISVSVN "
+                f"{older.isvsvn}, above level {i}'s {newer.isvsvn}"
+            )
     return tuple(out)
 
 
@@ -244,6 +269,11 @@ def parse_tcb_info(data: bytes) -> TcbInfo:
     w = "tcbInfo"
     if body.get("id") != "TDX" or body.get("version") != 3:
         raise _bad("tcbInfo must have id 'TDX' and version 3")
+    # tcbType names how levels compare (Intel PCS: "type of TCB level composition that determines
+    # TCB level comparison logic"); 0, component by component, is the only one Intel defines and
+    # the one evaluated here. A document of another type would be judged by the wrong logic.
+    if _get(body, "tcbType", int, w) != 0:
+        raise _bad(f"tcbInfo.tcbType {body['tcbType']} is not 0, the only comparison logic known")
     module = _get(body, "tdxModule", dict, w)
     base = TdxModuleIdentity(
         id="",
@@ -287,6 +317,7 @@ def parse_tcb_info(data: bytes) -> TcbInfo:
                 advisory_ids=_advisories(level, w + ".tcbLevels"),
             )
         )
+    _check_newest_first(raw_levels, w)
     return TcbInfo(
         raw_body=raw,
         signature=signature,

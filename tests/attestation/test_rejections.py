@@ -34,10 +34,12 @@ from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
 from strongroom.keybroker.refusals import callers_fault
 from strongroom.reasons import Reason
+from tests.attestation.conftest import SPR, read_vector
 from tests.attestation.test_vectors import NEW_TCB_SIGNING
 
 UTC = dt.UTC
 SNP_TIME = dt.datetime(2026, 3, 1, tzinfo=UTC)
+SPR_TIME = dt.datetime(2023, 6, 20, tzinfo=UTC)
 RD = hashlib.sha512(b"report data").digest()
 MEAS = bytes(range(48))
 
@@ -65,7 +67,7 @@ def milan(vectors: Path) -> tuple[bytes, bytes]:
 
 @pytest.fixture(scope="module")
 def spr(vectors: Path) -> bytes:
-    return (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes()
+    return read_vector(vectors, SPR)
 
 
 def snp_verify(
@@ -198,6 +200,25 @@ def test_tdx_wrong_certification_data_type(spr, production) -> None:
 def test_tdx_sig_data_length_past_end(spr, production) -> None:
     bad = spr[:632] + struct.pack("<I", 10_000) + spr[636:]
     expect(MalformedEvidence, Reason.TRUNCATED, lambda: tdx_verify(bad, production, SNP_TIME))
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [b"\x01", bytes(70) + b"\xff", b"\x00" * 3 + b"extra"],
+    ids=["one", "70-zeros-ff", "text"],
+)
+def test_tdx_bytes_after_the_signature_data(spr, production, tail: bytes) -> None:
+    """A quote is its declared length: bytes after the signature data were accepted unread, so a
+    quote could carry anything its signature does not cover. Zero padding (the fixed-size buffer
+    real quotes arrive in) is still accepted; anything else is TRAILING_DATA."""
+    err = expect(
+        MalformedEvidence,
+        Reason.TRAILING_DATA,
+        lambda: tdx_verify(spr + tail, production, SPR_TIME),
+    )
+    assert f"{len(tail)} bytes after its declared signature data" in err.message
+    padded = tdx_verify(spr + bytes(70), production, SPR_TIME)
+    assert padded.report_data == tdx_verify(spr, production, SPR_TIME).report_data
 
 
 def test_tdx_v5_body_type_sgx(vectors, production) -> None:
@@ -624,6 +645,36 @@ def test_snp_guest_policy_reserved_bits_are_refused(authority, sim_trust, now, b
     )
 
 
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"policy": 0x10000}, "clears bit 17"),  # GUEST_POLICY bit 17: reserved, must be one
+        ({"platform_info": 0x1 | 1 << 8}, "PLATFORM_INFO 0x101 sets reserved bit(s) 8"),
+        ({"platform_info": 1 << 63}, "reserved bit(s) 63"),
+        ({"launch_tcb": TcbVersion.decode(0x08 << 24, turin_layout=False)}, "LAUNCH_TCB"),
+        ({"committed_tcb": TcbVersion.decode(0x01 << 40, turin_layout=False)}, "COMMITTED_TCB"),
+    ],
+    ids=["policy-bit-17-clear", "platform-info-bit-8", "platform-info-bit-63", "launch", "commit"],
+)
+def test_snp_must_be_one_and_reserved_fields_are_refused(
+    authority, sim_trust, now, fields: dict[str, Any], says: str
+) -> None:
+    """The ABI's must-be-one GUEST_POLICY bit 17, PLATFORM_INFO's reserved bits 8-63 and the
+    reserved bytes of the firmware's TCB_VERSION fields: a well-signed report that broke them was
+    accepted (only GUEST_POLICY 26-63, KEY_INFO and the RESERVED areas were checked)."""
+    snp = authority.snp()
+    ev = snp.evidence(RD, measurement=MEAS, **fields)
+    err = expect(
+        MalformedEvidence, Reason.BAD_FIELD, lambda: verify_evidence(ev, trust=sim_trust, now=now)
+    )
+    assert says in err.message
+    # Every PLATFORM_INFO bit genuine firmware sets (0-7: bit 6 on Turin) still parses.
+    ok = snp.evidence(RD, measurement=MEAS, platform_info=0xFF)
+    source = authority.collateral_source(now=now)
+    claims: Any = verify_evidence(ok, trust=sim_trust, now=now, collateral=source)
+    assert claims.platform_info.raw == 0xFF
+
+
 def test_vlek_presented_as_vcek(authority, sim_trust, now) -> None:
     vlek = authority.snp(signing_key="VLEK")
     ev = Evidence(
@@ -700,9 +751,12 @@ def test_snp_host_requested_report_under_a_revoked_ask_is_revoked(
 
 def test_wrong_product_cpuid(authority, sim_trust, now) -> None:
     snp = authority.snp()
+    # A Turin report carries Turin-layout TCBs (a Milan layout read as Turin's sets its reserved
+    # bytes, BAD_FIELD at parse): the product is what is wrong here.
+    turin_tcb = TcbVersion.from_components(fmc=0, **snp.tcb.components())
     ev = Evidence(
         TeeType.SEV_SNP,
-        snp.report(RD, measurement=MEAS, cpuid=(0x1A, 0x02, 0x01)),
+        snp.report(RD, measurement=MEAS, cpuid=(0x1A, 0x02, 0x01), reported_tcb=turin_tcb),
         (snp.certificate_der,),
     )
     expect(
@@ -710,6 +764,28 @@ def test_wrong_product_cpuid(authority, sim_trust, now) -> None:
         Reason.PRODUCT_MISMATCH,
         lambda: verify_evidence(ev, trust=sim_trust, now=now),
     )
+
+
+def test_cpuid_model_of_another_product_under_the_chain(authority, sim_trust, now) -> None:
+    """Milan and Genoa share CPUID family 0x19 and differ by model: a report whose CPUID says
+    Genoa (model 0x11) signed under a Milan chain was accepted on the family alone and judged
+    as Milan. A version-2 report (no CPUID fields) is judged by its chain, as before."""
+    snp = authority.snp()
+    assert authority.product == "Milan"
+    genoa = snp.evidence(RD, measurement=MEAS, cpuid=(0x19, 0x11, 0x01))
+    err = expect(
+        VerificationFailed,
+        Reason.PRODUCT_MISMATCH,
+        lambda: verify_evidence(genoa, trust=sim_trust, now=now),
+    )
+    assert "Genoa processor" in err.message and "ARK-Milan" in err.message
+    source = authority.collateral_source(now=now)
+    for ok in (
+        snp.evidence(RD, measurement=MEAS, cpuid=(0x19, 0x01, 0x02)),  # Milan-X stepping
+        snp.evidence(RD, measurement=MEAS, version=2),
+    ):
+        claims: Any = verify_evidence(ok, trust=sim_trust, now=now, collateral=source)
+        assert claims.product == "Milan"
 
 
 def test_snp_signed_by_other_key(authority, sim_trust, now) -> None:

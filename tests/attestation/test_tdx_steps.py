@@ -25,6 +25,7 @@ from strongroom.attestation.errors import (
 from strongroom.attestation.verify import _crl, tdx
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.reasons import Reason
+from tests.attestation.conftest import SPR, read_vector
 from tests.attestation.test_vectors import NEW_TCB_SIGNING, SOURCES
 
 UTC = dt.UTC
@@ -39,7 +40,7 @@ MRTD = bytes(range(48))
 
 
 def _real(vectors: Path, name: str) -> Evidence:
-    return Evidence(TeeType.TDX, (vectors / name).read_bytes())
+    return Evidence(TeeType.TDX, read_vector(vectors, name))
 
 
 def _gnr_collateral(vectors: Path) -> StaticCollateralSource:
@@ -53,9 +54,9 @@ def _gnr_collateral(vectors: Path) -> StaticCollateralSource:
 # --- step 1: the PCK chain --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["tdx/v4_spr_gotdxguest.dat", GNR, TD15])
+@pytest.mark.parametrize("name", [SPR, GNR, TD15])
 def test_chain_of_a_real_quote(vectors: Path, production: TrustStore, name: str) -> None:
-    pem = parse_tdx_quote((vectors / name).read_bytes()).signature_data.pck_chain_pem
+    pem = parse_tdx_quote(read_vector(vectors, name)).signature_data.pck_chain_pem
     pck = tdx.verify_pck_chain(pem, TrustStore.production(), TDX_TIME)
     assert common_name(pck.chain[0]) == tdx.PCK_LEAF_CN
     assert common_name(pck.chain[1]) in tdx.PCK_CA_CNS
@@ -232,7 +233,7 @@ def test_a_crl_cannot_vouch_for_a_certificate_its_issuer_did_not_issue(
 ) -> None:
     """The real root CA CRL lists serials of the root's certificates only: the real PCK leaf
     (issued by the Platform CA) used to be skipped silently, i.e. reported checked unchecked."""
-    pem = parse_tdx_quote((vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes())
+    pem = parse_tdx_quote(read_vector(vectors, SPR))
     pck = tdx.verify_pck_chain(pem.signature_data.pck_chain_pem, production, SPR_TIME)
     leaf, ca, root = pck.chain
     root_crl = (vectors / "roots/intel/intel_sgx_root_ca_crl.der").read_bytes()
@@ -285,7 +286,7 @@ def test_tcb_of_real_quotes(vectors: Path, production: TrustStore) -> None:
     )
     chosen = tdx.select_collateral(td15, source, production, TD15_TIME, dt.timedelta(0), False)
     assert _evaluate(td15, chosen).status == "UpToDate"
-    spr = tdx.verify_quote(_real(vectors, "tdx/v4_spr_gotdxguest.dat"), production, SPR_TIME)
+    spr = tdx.verify_quote(_real(vectors, SPR), production, SPR_TIME)
     source = StaticCollateralSource(
         tcb_infos=((vectors / "tdx/tcbinfo_50806f000000_gotdxguest.json").read_bytes(),),
         signing_chain=(vectors / "roots/intel/intel_tcb_signing_chain.pem").read_bytes(),
@@ -332,16 +333,27 @@ def _level(platform, tdx_components: tuple[int, ...], status: str) -> dict[str, 
     }
 
 
-def _td15_tcb_info(authority: SimulatedAuthority, platform, now, newest_svn2: int) -> bytes:  # type: ignore[no-untyped-def]
+def _td15_tcb_info(  # type: ignore[no-untyped-def]
+    authority: SimulatedAuthority,
+    platform,
+    now,
+    newest_svn2: int,
+    *,
+    oldest_level_first: bool = False,
+    module_levels: list[dict[str, object]] | None = None,
+    tcb_type: int = 0,
+) -> bytes:
     """A signed TCB info with a TDX_01 module identity (SVN 3 up to date, below out of date) and
     platform levels newest first: TEE_TCB_SVN[0..2] of (3, 0, ``newest_svn2``) up to date, then
-    (3, 0, 5) SWHardeningNeeded when the newest asks for more, then a 2018 level out of date."""
+    (3, 0, 5) SWHardeningNeeded when the newest asks for more, then a 2018 level out of date
+    (listed first with ``oldest_level_first``)."""
     ident = {"mrsigner": "00" * 48, "attributes": "00" * 8, "attributesMask": "ff" * 8}
     levels = [_level(platform, (3, 0, newest_svn2) + (0,) * 13, "UpToDate")]
     if newest_svn2 > 5:
         levels.append(_level(platform, (3, 0, 5) + (0,) * 13, "SWHardeningNeeded"))
-    levels.append({**_level(platform, (0,) * 16, "OutOfDate"), "tcbDate": "2018-01-04T00:00:00Z"})
-    module_levels = [
+    oldest = {**_level(platform, (0,) * 16, "OutOfDate"), "tcbDate": "2018-01-04T00:00:00Z"}
+    levels = [oldest, *levels] if oldest_level_first else [*levels, oldest]
+    module_levels = module_levels or [
         {"tcb": {"isvsvn": 3}, "tcbDate": "2024-03-13T00:00:00Z", "tcbStatus": "UpToDate"},
         {"tcb": {"isvsvn": 0}, "tcbDate": "2018-01-04T00:00:00Z", "tcbStatus": "OutOfDate"},
     ]
@@ -352,7 +364,7 @@ def _td15_tcb_info(authority: SimulatedAuthority, platform, now, newest_svn2: in
         "nextUpdate": (now + dt.timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "fmspc": platform.fmspc.hex(),
         "pceId": "0000",
-        "tcbType": 0,
+        "tcbType": tcb_type,
         "tcbEvaluationDataNumber": 17,
         "tdxModule": ident,
         "tdxModuleIdentities": [{"id": "TDX_01", **ident, "tcbLevels": module_levels}],
@@ -394,6 +406,79 @@ def test_td15_relaunch_is_advised_only_as_intel_advises_it(  # type: ignore[no-u
     )
     selected = tdx.select_collateral(verified, source, sim_trust, now, dt.timedelta(0), True)
     assert _evaluate(verified, selected).status == status
+
+
+@pytest.mark.parametrize(
+    ("tcb_info_kwargs", "says"),
+    [
+        ({"oldest_level_first": True}, "tcbInfo.tcbLevels are not newest first"),
+        (
+            {
+                "module_levels": [
+                    {
+                        "tcb": {"isvsvn": 0},
+                        "tcbDate": "2024-03-13T00:00:00Z",
+                        "tcbStatus": "OutOfDate",
+                    },
+                    {
+                        "tcb": {"isvsvn": 3},
+                        "tcbDate": "2024-03-13T00:00:00Z",
+                        "tcbStatus": "UpToDate",
+                    },
+                ]
+            },
+            "not highest ISVSVN first",
+        ),
+    ],
+    ids=["platform-levels-oldest-first", "module-levels-lowest-svn-first"],
+)
+def test_tcb_levels_out_of_intels_order_are_refused(  # type: ignore[no-untyped-def]
+    authority: SimulatedAuthority, sim_trust: TrustStore, now, tcb_info_kwargs, says: str
+) -> None:
+    """Levels were evaluated in document order (the first one met judges), so the status
+    depended on an order Intel's PCS specifies (newest first) but the verifier never checked: a
+    document with its 2018 level first judged an up-to-date TD by it. Out of order, the document
+    is refused (BAD_COLLATERAL) rather than re-sorted (see collateral._check_newest_first)."""
+    platform = authority.tdx()
+    quote = platform.quote(
+        RD, mrtd=MRTD, version=5, body_type=3,
+        tee_tcb_svn=bytes((3, 1, 5)) + bytes(13), tee_tcb_svn2=bytes((3, 1, 5)) + bytes(13),
+    )  # fmt: skip
+    verified = tdx.verify_quote(Evidence(TeeType.TDX, quote), sim_trust, now)
+    source = StaticCollateralSource(
+        tcb_infos=(_td15_tcb_info(authority, platform, now, 5, **tcb_info_kwargs),),
+        qe_identity=platform.qe_identity(now=now),
+        signing_chain=authority.tcb_signing_chain_pem(),
+    )
+    with pytest.raises(MalformedEvidence) as err:
+        tdx.select_collateral(verified, source, sim_trust, now, dt.timedelta(0), True)
+    assert err.value.reason == Reason.BAD_COLLATERAL and says in err.value.message
+    in_order = StaticCollateralSource(
+        tcb_infos=(_td15_tcb_info(authority, platform, now, 5),),
+        qe_identity=platform.qe_identity(now=now),
+        signing_chain=authority.tcb_signing_chain_pem(),
+    )
+    selected = tdx.select_collateral(verified, in_order, sim_trust, now, dt.timedelta(0), True)
+    assert _evaluate(verified, selected).status == "UpToDate"
+
+
+def test_a_tcb_info_of_another_tcb_type_is_refused(  # type: ignore[no-untyped-def]
+    authority: SimulatedAuthority, sim_trust: TrustStore, now
+) -> None:
+    """tcbType says how TCB levels compare; only 0 (component by component, what the evaluation
+    does) is defined. It was not read, so a document of another type was judged as type 0."""
+    platform = authority.tdx()
+    verified = tdx.verify_quote(
+        Evidence(TeeType.TDX, platform.quote(RD, mrtd=MRTD)), sim_trust, now
+    )
+    source = StaticCollateralSource(
+        tcb_infos=(_td15_tcb_info(authority, platform, now, 5, tcb_type=1),),
+        qe_identity=platform.qe_identity(now=now),
+        signing_chain=authority.tcb_signing_chain_pem(),
+    )
+    with pytest.raises(MalformedEvidence) as err:
+        tdx.select_collateral(verified, source, sim_trust, now, dt.timedelta(0), True)
+    assert err.value.reason == Reason.BAD_COLLATERAL and "tcbType 1" in err.value.message
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,13 @@ CPU_FAMILY_BY_PRODUCT = {"Milan": _FAMILY_ZEN3_4, "Genoa": _FAMILY_ZEN3_4, "Turi
 # ABI defines). The policy is what the guest owner allowed the host (debug, a migration agent):
 # a bit a newer firmware defines is refused until this verifier knows what it lets the host do.
 GUEST_POLICY_RESERVED_SHIFT = 26
+# GUEST_POLICY bit 17 is reserved and must be one: the firmware refuses to launch a guest whose
+# policy clears it, so a report that clears it was not written by SEV-SNP firmware.
+GUEST_POLICY_MUST_BE_ONE_BIT = 17
+
+# PLATFORM_INFO bits 8-63 are reserved, must be zero. Bits 0-5 and 7 are the ABI's named flags;
+# bit 6 is set by genuine Turin firmware (the Azure Turin vector), so it is accepted unnamed.
+PLATFORM_INFO_RESERVED_SHIFT = 8
 
 # VMPL: 0-3 for a report the guest asked for (MSG_REPORT_REQ); the firmware writes 0xFFFFFFFF in
 # one the hypervisor asked for (SNP_HV_REPORT_REQ, ABI 1.57), whose REPORT_DATA the guest never
@@ -386,6 +393,20 @@ def parse_snp_report(data: bytes) -> SnpReport:
             f"{', '.join(map(str, bits))}, which no SEV-SNP ABI this verifier knows defines",
             reason=Reason.BAD_FIELD,
         )
+    if not (policy >> GUEST_POLICY_MUST_BE_ONE_BIT) & 1:
+        raise MalformedEvidence(
+            f"SNP report guest policy 0x{policy:x} clears bit {GUEST_POLICY_MUST_BE_ONE_BIT}, "
+            "which the SEV-SNP ABI requires to be one (no firmware launches such a guest)",
+            reason=Reason.BAD_FIELD,
+        )
+    platform_info = _u64(data, 0x40)
+    if platform_info >> PLATFORM_INFO_RESERVED_SHIFT:
+        bits = [b for b in range(PLATFORM_INFO_RESERVED_SHIFT, 64) if (platform_info >> b) & 1]
+        raise MalformedEvidence(
+            f"SNP report PLATFORM_INFO 0x{platform_info:x} sets reserved bit(s) "
+            f"{', '.join(map(str, bits))}, which no SEV-SNP ABI this verifier knows defines",
+            reason=Reason.BAD_FIELD,
+        )
     vmpl = _u32(data, 0x30)
     if MAX_GUEST_VMPL < vmpl < VMPL_HOST_REQUESTED:
         raise MalformedEvidence(
@@ -429,6 +450,14 @@ def parse_snp_report(data: bytes) -> SnpReport:
     def tcb(off: int) -> TcbVersion:
         return TcbVersion.decode(_u64(data, off), turin_layout=turin)
 
+    # The reserved bytes of the firmware's TCB_VERSION fields must be zero as well. REPORTED_TCB's
+    # are judged with the VCEK's TCB (TCB_MISMATCH, verify.snp), the others here.
+    for off, what in ((0x38, "CURRENT_TCB"), (0x1E0, "COMMITTED_TCB"), (0x1F0, "LAUNCH_TCB")):
+        if not tcb(off).reserved_bytes_zero():
+            raise MalformedEvidence(
+                f"SNP report {what} (0x{off:03X}) sets its reserved bytes", reason=Reason.BAD_FIELD
+            )
+
     return SnpReport(
         raw=data,
         version=version,
@@ -439,7 +468,7 @@ def parse_snp_report(data: bytes) -> SnpReport:
         vmpl=vmpl,
         signature_algo=sig_algo,
         current_tcb=tcb(0x38),
-        platform_info=PlatformInfo(_u64(data, 0x40)),
+        platform_info=PlatformInfo(platform_info),
         author_key_en=bool(key_info & 1),
         mask_chip_key=bool((key_info >> 1) & 1),
         signing_key=(key_info >> 2) & 0x7,

@@ -155,6 +155,16 @@ def _check_bindings(report: SnpReport, key: _VerifiedKey) -> None:
             f"report CPUID family 0x{report.cpuid_fam_id:02X} does not match product {key.product}",
             reason=Reason.PRODUCT_MISMATCH,
         )
+    if report.product is not None and report.product != key.product:
+        # Milan and Genoa share family 0x19 and differ by model (Genoa from 0x10): a report whose
+        # CPUID names one under the other's chain was accepted on the family alone, and then
+        # judged (TCB minimums, `products`) as the chain's product.
+        raise VerificationFailed(
+            f"report CPUID family 0x{report.cpuid_fam_id:02X} model 0x{report.cpuid_mod_id:02X} "
+            f"is a {report.product} processor but its {key.info.kind} chains to "
+            f"ARK-{key.product}",
+            reason=Reason.PRODUCT_MISMATCH,
+        )
     if report.cpuid_fam_id is None and key.product == "Turin":
         raise VerificationFailed(
             "a version-2 report cannot come from a Turin processor", reason=Reason.PRODUCT_MISMATCH
