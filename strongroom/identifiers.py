@@ -57,6 +57,25 @@ def validate_name(name: str) -> str:
     return name
 
 
+def validate_key_version(version: object) -> int:
+    """Returns ``version`` if it is a key version a broker numbers (an int in
+    1..:data:`MAX_KEY_VERSION`), else raises InvalidArgument(KEY_VERSION_INVALID).
+
+    The one rule for every entry point that takes a KEK version: the broker's key administration
+    and the store's key-slot replacement (whose wire field is 32 bits unsigned, twice the range).
+    """
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or not 1 <= version <= MAX_KEY_VERSION
+    ):
+        raise InvalidArgument(
+            f"a key version is an integer in 1..{MAX_KEY_VERSION}",
+            reason=Reason.KEY_VERSION_INVALID,
+        )
+    return version
+
+
 def validate_version(version: str) -> str:
     """Returns ``version`` if valid, else raises InvalidArgument(INVALID_MODEL_VERSION)."""
     if not version:

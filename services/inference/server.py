@@ -53,10 +53,15 @@ ROLE_RULES: dict[str, tuple[str, ...]] = {
     EVIDENCE_SERVICE: ("client", "admin"),
     CONTROL_SERVICE: ("admin",),
 }
-CONTROL_PLANE: tuple[str, ...] = (CONTROL_SERVICE, EVIDENCE_SERVICE)
-"""The inference service's control plane: model control (the admin's LoadModel/UnloadModel) and
-attestation evidence (a client's check before it trusts the server, at most 4 in flight), which
-may use the workers reserved from inference calls (``server.control_plane_workers``)."""
+CONTROL_PLANE: tuple[str, ...] = (CONTROL_SERVICE,)
+"""The inference service's control plane: model control (the admin's LoadModel/UnloadModel), which
+may use the workers reserved from inference calls (``server.control_plane_workers``).
+
+GetEvidence is data plane, like the inference it precedes: its requests wait on the platform's
+firmware, which the host may stall, and as many of them run at once (4) as the default reserve
+holds workers (4 of 32), so clients attesting at once would fill the reserve and queue the
+operator's LoadModel/UnloadModel behind them. Counted in the data plane they cannot, whatever
+either number is configured to."""
 
 
 def _load_simulator(directory: Path) -> Any:

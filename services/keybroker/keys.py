@@ -74,7 +74,12 @@ from strongroom.errors import (
     StrongroomError,
     Unavailable,
 )
-from strongroom.identifiers import KEY_ID_PATTERN, MAX_KEY_VERSION, validate_name
+from strongroom.identifiers import (
+    KEY_ID_PATTERN,
+    MAX_KEY_VERSION,
+    validate_key_version,
+    validate_name,
+)
 from strongroom.identifiers import validate_version as validate_model_version
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
@@ -384,20 +389,6 @@ def require_model(model_name: str, model_version: str) -> None:
     validate_model_version(model_version)
 
 
-def validate_version(version: object) -> int:
-    """Returns ``version`` if it is an int in 1..2**31-1, else InvalidArgument."""
-    if (
-        isinstance(version, bool)
-        or not isinstance(version, int)
-        or not 1 <= version <= MAX_KEY_VERSION
-    ):
-        raise InvalidArgument(
-            f"a key version is an integer in 1..{MAX_KEY_VERSION}",
-            reason=Reason.KEY_VERSION_INVALID,
-        )
-    return version
-
-
 class WrappedDataKey(bytes):
     """A wrapped data key of the one valid length (:data:`WRAPPED_DEK_BYTES`), checked when it is
     made: ``WrappedDataKey(raw)`` raises InvalidArgument(WRAPPED_KEY_INVALID) for anything else.
@@ -660,7 +651,7 @@ class KeyManager:
 
         A :class:`WrappedDataKey` is taken as it is; raw bytes are checked first."""
         validate_key_id(key_id)
-        validate_version(version)
+        validate_key_version(version)
         blob = WrappedDataKey(wrapped)
 
         def attempt(hs: HsmSession, versions: list[_kek.KekVersion]) -> Rewrapped:
@@ -729,7 +720,7 @@ class KeyManager:
         fails (``Unavailable(HSM_UNAVAILABLE)``) rather than use another hash than announced.
         """
         validate_key_id(key_id)
-        validate_version(version)
+        validate_key_version(version)
         blob = WrappedDataKey(wrapped_dek)
         if isinstance(target, ReleaseTarget):
             if accepted_mechanisms:
@@ -1081,7 +1072,7 @@ class KeyManager:
     ) -> KeyInfo:
         validate_key_id(key_id)
         if version != ALL_VERSIONS:
-            validate_version(version)
+            validate_key_version(version)
         change = gate or ChangeGate()
 
         def op(hs: HsmSession) -> KeyInfo:

@@ -31,6 +31,7 @@ from strongroom.attestation.binding import check_report_data, report_data_for
 from strongroom.attestation.collateral import CollateralSource
 from strongroom.attestation.release_signature import ReleaseSigner, ReleaseStatement
 from strongroom.errors import InvalidArgument, StrongroomError
+from strongroom.identifiers import validate_key_version
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.challenge import Challenge, ChallengeIssuer
 from strongroom.keybroker.ephemeral import ReleaseTarget
@@ -41,7 +42,6 @@ from strongroom.keybroker.keys import (
     WrappedDataKey,
     recordable_key_id,
     validate_key_id,
-    validate_version,
 )
 from strongroom.keybroker.policies import PolicyStore, StoredPolicy
 from strongroom.keybroker.refusals import RefusalRecords, callers_fault, record_counts
@@ -282,7 +282,7 @@ class ReleaseEngine:
         # values are typed, and the HSM layer takes them as they are.
         key_id = validate_key_id(request.key_id)
         context["key_id"] = key_id
-        version = validate_version(request.key_version)
+        version = validate_key_version(request.key_version)
         context["key_version"] = version
         wrapped = WrappedDataKey(request.wrapped_data_key)
         ephemeral_der = request.ephemeral_public_key_der

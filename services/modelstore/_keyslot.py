@@ -13,7 +13,13 @@ undecryptable (DATA_LOSS on load, never plaintext), and never change what the mo
   model deleted and published again at the same version and KEK version while it was being
   re-wrapped does not receive the data key of the artifact it replaced;
 * the KEK version only moves forward: the store cannot be used to roll a model back to an older,
-  possibly retired, KEK version.
+  possibly retired, KEK version;
+* the new KEK version is one a broker numbers (1..``MAX_KEY_VERSION``, the rule the broker applies;
+  the wire field is 32 bits unsigned): a slot at 2**31 or above names a version no broker can
+  release, and would stop every later forward re-wrap;
+* the new wrapped data key is not the stored one: AES-KWP under another KEK version never gives
+  the same bytes, so the same key again as a "new" version was not re-wrapped, and the slot would
+  name a KEK that does not unwrap it.
 
 Replaying the same replacement (a second run after a crash) is a no-op, not an error; so is the
 same replacement made by another call while this one copied the artifact (two rotation runs: the
@@ -30,6 +36,8 @@ from strongroom.artifact import (
     with_key_slot,
 )
 from strongroom.artifact.format import KEY_SLOT_FORMATS
+from strongroom.errors import InvalidArgument
+from strongroom.identifiers import validate_key_version
 from strongroom.modelstore.errors import KeySlotRejected, StoredDataCorrupt
 from strongroom.modelstore.records import ModelRecord
 from strongroom.reasons import Reason
@@ -48,9 +56,12 @@ def plan(
 
     ``head`` is the stored artifact's first ``record.header_size`` bytes; ``expected_wrapped_dek``
     (empty: not checked) is the wrapped data key the caller read from the slot and re-wrapped. Raises KeySlotRejected
-    (KEY_SLOT_CHANGED, KEY_VERSION_NOT_NEWER, KEY_SLOT_NOT_REPLACEABLE), InvalidArtifact for a slot
-    outside the format's limits, StoredDataCorrupt if the stored head does not parse.
+    (KEY_SLOT_CHANGED, KEY_VERSION_NOT_NEWER, KEY_SLOT_NOT_REPLACEABLE), InvalidArgument for a
+    KEK version no broker numbers (KEY_VERSION_INVALID) or a wrapped key that is the stored one
+    under a new version (KEY_SLOT_NOT_REWRAPPED), InvalidArtifact for a slot outside the format's
+    limits, StoredDataCorrupt if the stored head does not parse.
     """
+    validate_key_version(new_key_version)
     try:
         current = parse_header(head)
     except InvalidArtifact:
@@ -88,5 +99,11 @@ def plan(
         raise KeySlotRejected(
             f"KEK version {new_key_version} is not newer than the stored {current.key_version}",
             reason=Reason.KEY_VERSION_NOT_NEWER,
+        )
+    if bytes(new_wrapped_dek) == current.wrapped_dek:
+        raise InvalidArgument(
+            f"the wrapped data key for KEK version {new_key_version} is the one stored under "
+            f"version {current.key_version}: it was not re-wrapped (KeyBrokerService.ReWrap)",
+            reason=Reason.KEY_SLOT_NOT_REWRAPPED,
         )
     return with_key_slot(current, KeySlot(current.key_id, new_key_version, bytes(new_wrapped_dek)))

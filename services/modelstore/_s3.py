@@ -388,11 +388,12 @@ def _each(keys: list[tuple[str, str]], read: Callable[[tuple[str, str]], T]) -> 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
 
-def _answered_total(response: dict[str, Any], offset: int, length: int, size: int) -> int:
+def _answered_total(response: dict[str, Any], offset: int, length: int, size: int) -> int | None:
     """The object's total size from the answer to a GET of ``length`` bytes at ``offset`` of an
-    object recorded as ``size`` bytes; StorageUnavailable(S3_RANGE_IGNORED) if the answer holds
-    other bytes than those asked for of an object of that size (one of another size is cut
-    short, or damaged: the caller's DATA_LOSS).
+    object recorded as ``size`` bytes, or None when the answer is the whole object of a size it
+    does not state; StorageUnavailable(S3_RANGE_IGNORED) if the answer holds other bytes than
+    those asked for of an object of that size (one of another size is cut short, or damaged:
+    the caller's DATA_LOSS).
 
     An HTTP server or proxy may answer a range with the whole object (200, no Content-Range:
     RFC 9110, 14.2). That was read as a size of -1, so every download through such a server was
@@ -400,11 +401,19 @@ def _answered_total(response: dict[str, Any], offset: int, length: int, size: in
     a 206 of another range than asked was served as if it were the one asked. The whole object
     serves a read from offset 0 (the reader stops after ``length``); any other mismatch is the
     server's failure, not the stored data's.
+
+    A whole object sent in the chunked transfer coding has no Content-Length either (RFC 9112,
+    6.1: legitimate HTTP/1.1), and its absence read as a size of -1 was DATA_LOSS too. Its size
+    is then known only by reading it: None, and the reader checks that the body ends where the
+    record says (:class:`S3RangeReader`).
     """
     content_range = response.get("ContentRange")
     if content_range is None:
-        whole = int(response.get("ContentLength", -1))
-        if offset == 0 or whole != size:
+        stated = response.get("ContentLength")
+        if stated is None and offset == 0:
+            return None
+        whole = -1 if stated is None else int(stated)
+        if offset == 0 or (stated is not None and whole != size):
             return whole
         log.error("the object store answered a ranged read with the whole object")
         raise StorageUnavailable(
@@ -586,13 +595,23 @@ class _BlobWriter:
 
 
 class S3RangeReader(Closing):
-    """An open byte range of one stored artifact, streamed from one ranged GET."""
+    """An open byte range of one stored artifact, streamed from one ranged GET.
 
-    def __init__(self, body: Any, record: ModelRecord, offset: int, length: int) -> None:
+    ``check_end``: the answer did not state the object's size (a whole object in the chunked
+    transfer coding), so the reader checks it itself: a body that goes on past the record's size
+    is DATA_LOSS (BLOB_SIZE_MISMATCH), found before the range's last piece is handed out. It is
+    set when the range ends where the record does; a shorter range from the start reads no
+    further than it needs.
+    """
+
+    def __init__(
+        self, body: Any, record: ModelRecord, offset: int, length: int, *, check_end: bool = False
+    ) -> None:
         self._body = body
         self.record = record
         self.offset = offset
         self.length = length
+        self._check_end = check_end
 
     def chunks(self, chunk_size: int) -> Iterator[bytes]:
         """Yields the range in pieces of ``chunk_size`` bytes (the last may be shorter)."""
@@ -602,23 +621,30 @@ class S3RangeReader(Closing):
         while remaining > 0:
             if self._body is None:
                 raise FailedPrecondition("the reader is closed", reason=Reason.READER_CLOSED)
-            try:
-                data = self._body.read(min(chunk_size, remaining))
-            except _S3_FAILURES as exc:
-                raise s3_error(exc, "reading an artifact") from None
-            except OSError as exc:
-                log.error("S3 read failed: %r", exc)
-                raise StorageUnavailable(
-                    "the object store connection broke while reading an artifact",
-                    reason=Reason.S3_UNREACHABLE,
-                ) from None
+            data = self._read(min(chunk_size, remaining))
             if not data:
                 raise StoredDataCorrupt(
                     f"stored artifact {self.record.name} {self.record.version} is truncated",
                     reason=Reason.BLOB_TRUNCATED,
                 )
             remaining -= len(data)
+            if remaining == 0 and self._check_end and self._read(1):
+                raise S3Storage._size_mismatch(self.record)
             yield data
+
+    def _read(self, size: int) -> bytes:
+        """Up to ``size`` more bytes of the body; StorageUnavailable if the connection fails."""
+        try:
+            data: bytes = self._body.read(size)
+            return data
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "reading an artifact") from None
+        except OSError as exc:
+            log.error("S3 read failed: %r", exc)
+            raise StorageUnavailable(
+                "the object store connection broke while reading an artifact",
+                reason=Reason.S3_UNREACHABLE,
+            ) from None
 
     def close(self) -> None:
         """Releases the connection (idempotent)."""
@@ -1172,6 +1198,7 @@ class S3Storage(Closing):
 
     def _open_blob(self, entry: _Indexed, offset: int, length: int) -> S3RangeReader:
         record = entry.record
+        total: int | None
         try:
             if length == 0:
                 response = self._client.head_object(Bucket=self.bucket, Key=self._full(entry.blob))
@@ -1209,6 +1236,9 @@ class S3Storage(Closing):
             raise s3_error(exc, "opening an artifact") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "opening an artifact") from None
+        if total is None:  # the whole object, its size unstated: the reader checks its end
+            end = offset + length == record.artifact_size
+            return S3RangeReader(body, record, offset, length, check_end=end)
         reader = S3RangeReader(body, record, offset, length)
         if total != record.artifact_size:
             reader.close()

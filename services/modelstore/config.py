@@ -147,7 +147,12 @@ class ModelstoreConfig:
 
     # Which publisher may store which names decides whose model a name is: in production it comes
     # from the configuration file, never from an environment override (strongroom.runtime.config).
-    ENV_LOCKED_IN_PRODUCTION: ClassVar[EnvLocks] = {"publishers": ()}
+    # Accepting unbound uploads lets a holder of a pre-format-3 data key publish under any name:
+    # in production only the configuration file may switch it on, never an environment override.
+    ENV_LOCKED_IN_PRODUCTION: ClassVar[EnvLocks] = {
+        "publishers": (),
+        "accept_unbound_uploads": (False,),
+    }
 
     data_dir: Path | None = None
     """The filesystem backend's root (required with ``storage.backend: filesystem``)."""
@@ -157,6 +162,12 @@ class ModelstoreConfig:
     """Which model names each publisher identity may store (PutModel). Absent (None): any
     identity with the publisher role may store any name, as before the list existed; a list
     (even an empty one) admits only the identities it names, each for its names."""
+    accept_unbound_uploads: bool = False
+    """Whether PutModel takes artifacts in formats 1 and 2, whose body key is not bound to the
+    model (ARTIFACT_FORMAT.md, section 10): whoever ever held such a data key could publish a
+    loadable model under another tenant's name. Off: new uploads must be format 3
+    (``FAILED_PRECONDITION`` ``ARTIFACT_KEY_UNBOUND``); on only for a migration window. Stored
+    artifacts of every format are served either way."""
 
     def __post_init__(self) -> None:
         if self.publishers is not None:

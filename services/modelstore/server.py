@@ -73,6 +73,7 @@ def build(
         storage,
         publishers=config.publisher_scopes,
         unscoped_readers=common.authz.ids("inference", "admin"),
+        accept_unbound=config.accept_unbound_uploads,
     )
     host = build_host(
         common,

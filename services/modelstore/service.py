@@ -17,7 +17,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
-from strongroom.errors import InvalidArgument, PermissionDenied, ResourceExhausted, StrongroomError
+from strongroom.artifact.format import FORMAT_V3
+from strongroom.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    StrongroomError,
+)
 from strongroom.identifiers import (
     validate_name,
     validate_prefix,
@@ -32,6 +39,7 @@ from strongroom.modelstore.records import ModelRecord, UploadClaims
 from strongroom.modelstore.storage import Storage
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
+from strongroom.runtime.callers import caller_key
 from strongroom.runtime.grpc_types import HandlerCollector
 from strongroom.runtime.metrics import KEY_SLOTS_REPLACED
 from strongroom.runtime.server import MessageLimits
@@ -142,6 +150,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
     and read: a caller whose reads are not scoped (``unscoped_readers``: inference servers and
     admins) reads every model; any other reader (a publisher) only the names its rules cover, so
     one tenant's publisher neither downloads, stats nor lists another tenant's models.
+    New uploads must be format 3 (the body key bound to the model) unless ``accept_unbound``
+    (``modelstore.accept_unbound_uploads``, a migration window); stored artifacts of every format
+    stay readable.
     """
 
     def __init__(
@@ -152,11 +163,13 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         download_chunk: int = DEFAULT_DOWNLOAD_CHUNK,
         publishers: PublisherScopes | None = None,
         unscoped_readers: frozenset[str] = frozenset(),
+        accept_unbound: bool = False,
     ) -> None:
         if max_chunk <= 0 or download_chunk <= 0:
             raise ValueError("max_chunk and download_chunk must be positive")
         self._storage = storage
         self._publishers = publishers
+        self._accept_unbound = accept_unbound
         self._unscoped_readers = unscoped_readers
         self._max_chunk = max_chunk
         self._download_chunk = download_chunk
@@ -195,38 +208,70 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         self, request_iterator: Iterator[pb.PutModelRequest], context: grpc.ServicerContext
     ) -> pb.PutModelResponse:
         """Stores one artifact streamed in chunks; name and version come from its header, and
-        the caller must be allowed that name (``publishers``) before its body is received."""
+        the caller must be allowed that name (``publishers``), and the artifact be format 3
+        (unless unbound uploads are accepted), before its body is received."""
         claims = UploadClaims()
+        validator = StructureValidator(max_artifact_size=self._storage.max_artifact_size)
         record = self._storage.put(
             self._upload_chunks(request_iterator, claims),
-            StructureValidator(max_artifact_size=self._storage.max_artifact_size),
+            validator,
             claims,
-            authorize=self._authorizer(context),
+            authorize=self._authorizer(context, validator),
         )
         return pb.PutModelResponse(model=model_info(record))
 
-    def _authorizer(self, context: grpc.ServicerContext) -> Authorize | None:
-        """The check of the header's name against the caller's ``publishers`` entry (None: no
-        list). The caller is the one the authorisation interceptor verified for this RPC."""
+    def _authorizer(
+        self, context: grpc.ServicerContext, validator: StructureValidator
+    ) -> Authorize | None:
+        """The checks once ``validator`` has parsed the header: its name against the caller's
+        ``publishers`` entry (no list: any name), then its format (None: neither applies). The
+        caller is the one the authorisation interceptor verified for this RPC.
+
+        A format-1 or -2 body is under the slot key itself, so whoever ever held a data key of
+        its KEK (every publisher before format 3) could write one for any name, another
+        tenant's included, and a reader accepting unbound artifacts would load it
+        (ARTIFACT_FORMAT.md, section 10). Refused here before the version is reserved."""
         scopes = self._publishers
-        if scopes is None:
+        if scopes is None and self._accept_unbound:
             return None
-        caller = verified_caller(context)
+        accept_unbound = self._accept_unbound
 
         def authorize(name: str, version: str) -> None:
-            try:
-                scopes.check(str(caller.spiffe_id), name)
-            except PermissionDenied as exc:
-                log.warning(
-                    "refused upload of model %s version %s by %s (serial %x): %s",
-                    name,
-                    version,
-                    caller.spiffe_id,
-                    caller.serial,
-                    exc.reason,
-                    extra={"model": name, "version": version, "reason": exc.reason},
-                )
-                raise
+            if scopes is not None:
+                caller = verified_caller(context)
+                try:
+                    scopes.check(str(caller.spiffe_id), name)
+                except PermissionDenied as exc:
+                    log.warning(
+                        "refused upload of model %s version %s by %s (serial %x): %s",
+                        name,
+                        version,
+                        caller.spiffe_id,
+                        caller.serial,
+                        exc.reason,
+                        extra={"model": name, "version": version, "reason": exc.reason},
+                    )
+                    raise
+            header = validator.header  # parsed: it named the model
+            if accept_unbound or (header is not None and header.format_version == FORMAT_V3):
+                return
+            fmt = "unknown" if header is None else header.format_version
+            refused = FailedPrecondition(
+                f"{name}/{version} is a format-{fmt} artifact, whose data key is not bound to its "
+                "model: the store takes new uploads in format 3 only (publish with a current "
+                "client), unless modelstore.accept_unbound_uploads is set for a migration",
+                reason=Reason.ARTIFACT_KEY_UNBOUND,
+            )
+            log.warning(
+                "refused upload of model %s version %s by %s: format %s, %s",
+                name,
+                version,
+                caller_key(context),
+                fmt,
+                refused.reason,
+                extra={"model": name, "version": version, "reason": refused.reason},
+            )
+            raise refused
 
         return authorize
 

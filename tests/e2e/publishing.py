@@ -8,9 +8,11 @@ from pathlib import Path
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
+from strongroom.artifact import StructureValidator
 from strongroom.artifact.format import FORMAT_VERSION
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.publishing import encrypted_pieces
+from strongroom.modelstore.service import model_info
 
 
 def put_encrypted(
@@ -24,8 +26,15 @@ def put_encrypted(
     dek: bytearray | None = None,
 ) -> store_pb.ModelInfo:
     """Encrypts ``path`` under the data key ``key`` (or ``dek``, which it wipes) and stores it as
-    ``name`` version 1 with ``key``'s wrapped key in its slot, as a publisher holding them would."""
+    ``name`` version 1 with ``key``'s wrapped key in its slot, as a publisher holding them would.
+
+    An older (unbound) ``format_version`` is one stored before format 3, which PutModel no longer
+    takes (modelstore.accept_unbound_uploads): it goes into the store's storage directly, as the
+    store it was uploaded to kept it."""
     publisher = stack.identity("publisher")
     pieces = encrypted_pieces(path, name, "1", key_id, key, format_version=format_version, dek=dek)
+    if format_version != FORMAT_VERSION:
+        storage = stack.services["modelstore"].handle.storage
+        return model_info(storage.put(pieces, StructureValidator()))
     store = store_grpc.ModelStoreServiceStub(stack.channel(publisher, "modelstore"))
     return store.PutModel(iter(store_pb.PutModelRequest(data=p) for p in pieces), timeout=30).model

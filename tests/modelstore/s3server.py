@@ -163,6 +163,9 @@ class FaultProxy:
     not_implemented: frozenset[tuple[str, str]] = frozenset()
     """(method, request header in lower case) answered 501 NotImplemented when the request
     carries that header: a server that refuses it outright (AWS's DeleteObject If-Match once)."""
+    chunked: bool = False
+    """Answer every GET's body in the chunked transfer coding, without Content-Length (legitimate
+    HTTP/1.1: a server or proxy that streams what it does not measure first)."""
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -227,6 +230,14 @@ class FaultProxy:
                     for key, value in response.getheaders():
                         if key.lower() not in ("connection", "transfer-encoding", "content-length"):
                             self.send_header(key, value)
+                    if proxy.chunked and self.command == "GET":
+                        self.send_header("Transfer-Encoding", "chunked")
+                        self.end_headers()
+                        for start in range(0, len(data), 1000):
+                            piece = data[start : start + 1000]
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                        self.wfile.write(b"0\r\n\r\n")
+                        return
                     # A HEAD answer has no body: its Content-Length is the object's size.
                     size = response.getheader("Content-Length") if self.command == "HEAD" else None
                     self.send_header("Content-Length", size or str(len(data)))

@@ -10,6 +10,8 @@ import pytest
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.artifact import InvalidArtifact, StructureValidator, parse_header
+from strongroom.errors import InvalidArgument
+from strongroom.identifiers import MAX_KEY_VERSION
 from strongroom.modelstore.errors import KeySlotRejected, ModelNotFound, StoredDataCorrupt
 from strongroom.modelstore.service import METHOD_ROLES, ROLE_ADMIN, SERVICE_NAME, model_info
 from strongroom.modelstore.storage import FilesystemStorage
@@ -79,7 +81,6 @@ def test_replaying_a_replacement_is_a_no_op(storage: AnyStorage) -> None:
     [
         (2, 3, "KEY_SLOT_CHANGED"),  # the caller's view is stale
         (1, 1, "KEY_VERSION_NOT_NEWER"),  # same version, another wrapped key
-        (1, 0, "KEY_VERSION_NOT_NEWER"),
     ],
 )
 def test_refused_replacements_leave_the_model_intact(
@@ -100,6 +101,35 @@ def test_no_rollback_to_an_older_kek_version(storage: AnyStorage) -> None:
     with pytest.raises(KeySlotRejected) as info:
         _replace(storage, 3, 2)
     assert info.value.reason == "KEY_VERSION_NOT_NEWER"
+
+
+@pytest.mark.parametrize(
+    ("new", "reason"),
+    [
+        (0, "KEY_VERSION_INVALID"),  # versions start at 1
+        (MAX_KEY_VERSION + 1, "KEY_VERSION_INVALID"),  # the wire field is 32 bits unsigned
+        (2**32 - 1, "KEY_VERSION_INVALID"),
+        (2, "KEY_SLOT_NOT_REWRAPPED"),  # the stored wrapped key again, as a "new" version
+    ],
+)
+def test_a_version_no_broker_numbers_or_a_key_not_rewrapped_is_refused(
+    storage: AnyStorage, new: int, reason: str
+) -> None:
+    """A KEK version up to 2**32-1 was accepted (the broker numbers 1..2**31-1: the model could
+    not be released under it, nor re-wrapped forward past it), and so was the stored wrapped key
+    offered again under a newer version (it is not wrapped under that KEK: the model would not
+    load). Both are INVALID_ARGUMENT now, the stored model untouched."""
+    original = _store(storage)
+    record = storage.stat("acme/m", "1")
+    stored = parse_header(original).wrapped_dek
+    offered = wrapped("acme/m", "1", new) if reason == "KEY_VERSION_INVALID" else stored
+    with pytest.raises(InvalidArgument) as info:
+        _replace(storage, 1, new, wrapped_dek=offered)
+    assert info.value.reason == reason
+    assert storage.stat("acme/m", "1") == record
+    assert _read(storage) == original
+    assert_clean(storage)
+    assert _replace(storage, 1, MAX_KEY_VERSION).key_version == MAX_KEY_VERSION  # type: ignore[attr-defined]
 
 
 def test_format_1_is_not_replaceable(storage: AnyStorage) -> None:
@@ -262,6 +292,12 @@ def test_replace_over_grpc(storage: AnyStorage) -> None:
             served.stub.ReplaceKeySlot(request, timeout=30)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert ("strongroom-reason", "KEY_SLOT_CHANGED") in tuple(info.value.trailing_metadata())  # type: ignore[attr-defined]
+        request.expected_key_version, request.key_version = 2, 2**31
+        with pytest.raises(grpc.RpcError) as info:
+            served.stub.ReplaceKeySlot(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ("strongroom-reason", "KEY_VERSION_INVALID") in tuple(info.value.trailing_metadata())  # type: ignore[attr-defined]
+        assert storage.stat("acme/m", "1").key_version == 2  # untouched
         request.name = "acme/missing"
         with pytest.raises(grpc.RpcError) as info:
             served.stub.ReplaceKeySlot(request, timeout=30)

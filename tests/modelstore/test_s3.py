@@ -30,7 +30,7 @@ from strongroom.modelstore.storage import S3Storage, open_storage
 from strongroom.runtime.config import ConfigError, build
 from tests.modelstore import rewrap_case, s3server
 from tests.modelstore.artifacts import chunked, make_artifact
-from tests.modelstore.backends import assert_clean
+from tests.modelstore.backends import assert_clean, overwrite_blob
 from tests.modelstore.conftest import S3_TEST_PART_SIZE, serve
 
 BIG = 2 * S3_TEST_PART_SIZE + 12345  # three parts
@@ -916,6 +916,46 @@ def test_a_server_that_answers_a_range_with_the_whole_object_is_not_data_loss(
         with pytest.raises(StorageUnavailable) as info:
             store.open("m", "1", offset=10)
         assert info.value.reason == "S3_RANGE_IGNORED"
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("ranges", ["honoured", "ignored"])
+def test_a_chunked_answer_without_content_length_is_read_within_the_record(
+    s3_server: s3server.MotoServer, s3_bucket: str, ranges: str
+) -> None:
+    """A 200 in the chunked transfer coding has no Content-Length (legitimate HTTP/1.1). The store
+    read its absent length as a size of -1: every download through such a server or proxy was
+    DATA_LOSS "wrong size", the models intact. It reads the body now, no further than the index
+    record's size: more bytes than the record says are DATA_LOSS as before, fewer are truncated,
+    and a range elsewhere answered with the whole object is S3_RANGE_IGNORED."""
+    ignored = frozenset({"range"}) if ranges == "ignored" else frozenset()
+    proxy = s3server.FaultProxy(s3_server.port, ignored_headers=ignored, chunked=True)
+    try:
+        store = replica(proxy.endpoint, s3_bucket)
+        art = make_artifact(f"chunked-{ranges}", "1", body(5000))
+        store.put([art], StructureValidator())
+        name = f"chunked-{ranges}"
+        assert read_all(store, name, "1") == art
+        with store.open(name, "1", length=100) as reader:
+            assert b"".join(reader.chunks(64)) == art[:100]
+        assert store.verify(name, "1") == store.stat(name, "1")
+        if ranges == "ignored":
+            with pytest.raises(StorageUnavailable) as unavailable:
+                store.open(name, "1", offset=10)
+            assert unavailable.value.reason == "S3_RANGE_IGNORED"
+        else:
+            with store.open(name, "1", offset=10, length=90) as reader:
+                assert b"".join(reader.chunks(64)) == art[10:100]
+        record = store.stat(name, "1")
+        # A 206 names the object's size in its Content-Range; a whole-object 200 has only its body.
+        short = "BLOB_TRUNCATED" if ranges == "ignored" else "BLOB_SIZE_MISMATCH"
+        for stored, reason in ((art + b"x", "BLOB_SIZE_MISMATCH"), (art[:-1], short)):
+            overwrite_blob(store, record, stored)
+            with pytest.raises(StoredDataCorrupt) as info:
+                read_all(store, name, "1")
+            assert info.value.reason == reason
+            assert store.stat(name, "1") == record
     finally:
         proxy.close()
 

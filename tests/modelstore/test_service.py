@@ -6,6 +6,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
+from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.modelstore.limits import MAX_PAGE_SIZE
 from strongroom.modelstore.publishers import PublisherScopes
 from strongroom.modelstore.service import (
@@ -28,7 +30,7 @@ from strongroom.modelstore.service import (
 )
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
-from strongroom.runtime.config import ServerConfig
+from strongroom.runtime.config import ConfigError, ServerConfig, build
 from tests.modelstore.artifacts import chunked, make_artifact, with_header
 from tests.modelstore.backends import assert_clean, blob_count, overwrite_blob
 from tests.modelstore.conftest import Served, serve
@@ -110,9 +112,49 @@ def test_put_then_get_stat_list_delete(served: Served) -> None:
     assert_status(err, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
 
 
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_new_unbound_uploads_are_refused_unless_accepted_for_a_migration(
+    served: Served, fmt: int
+) -> None:
+    """PutModel took format-1 and -2 artifacts, whose body is under the slot key itself: with no
+    ``publishers`` list, anyone who held a data key from before format 3 could publish a
+    loadable model (for readers accepting unbound artifacts) under another tenant's name. New
+    uploads must be format 3 now, refused on the header before the version is reserved or the
+    body received; ``accept_unbound`` (modelstore.accept_unbound_uploads) opens a migration
+    window."""
+    art = make_artifact("tenant-b/m", "1", body(50_000), format_version=fmt)
+    err = rpc_error(served.stub.PutModel, requests(art))
+    assert_status(err, grpc.StatusCode.FAILED_PRECONDITION, "ARTIFACT_KEY_UNBOUND")
+    assert "modelstore.accept_unbound_uploads" in err.details()  # type: ignore[attr-defined]
+    assert served.storage.records() == ()
+    assert_clean(served.storage)
+    assert put(served, make_artifact("tenant-b/m", "1", b"bound")).artifact_format == 3
+    host, channel = serve(served.storage, accept_unbound=True)
+    try:
+        stub = pb_grpc.ModelStoreServiceStub(channel)
+        art = make_artifact("tenant-b/m", "2", body(5000), format_version=fmt)
+        info = stub.PutModel(requests(art), timeout=30).model
+        assert (info.version, info.artifact_format) == ("2", fmt)
+    finally:
+        channel.close()
+        host.stop(0)
+
+
+def test_unbound_uploads_are_off_unless_configured() -> None:
+    """The migration window is a validated boolean, off by default."""
+    assert ModelstoreConfig(data_dir=Path("/x")).accept_unbound_uploads is False
+    config = build(ModelstoreConfig, {"data_dir": "/x", "accept_unbound_uploads": True})
+    assert config.accept_unbound_uploads is True
+    with pytest.raises(ConfigError, match="accept_unbound_uploads"):
+        build(ModelstoreConfig, {"data_dir": "/x", "accept_unbound_uploads": "yes"})
+
+
 def test_model_info_says_which_models_are_in_an_unbound_format(served: Served) -> None:
-    put(served, make_artifact("old/a", "1", b"a", format_version=1))
-    put(served, make_artifact("old/b", "1", b"b", format_version=2))
+    # Stored before format 3 (new unbound uploads are refused): served as they are.
+    for name, fmt in (("old/a", 1), ("old/b", 2)):
+        art = make_artifact(name, "1", fmt.to_bytes() * 3, format_version=fmt)
+        served.storage.put([art], StructureValidator())
+        assert b"".join(r.data for r in get(served, name, "1")) == art
     put(served, make_artifact("old/c", "1", b"c"))
     listing = served.stub.ListModels(pb.ListModelsRequest(name_prefix="old/"))
     assert [(m.name, m.artifact_format) for m in listing.models] == [

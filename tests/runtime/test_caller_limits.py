@@ -9,16 +9,25 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from strongroom.api.inference.v1 import attestation_pb2, attestation_pb2_grpc
+from strongroom.api.inference.v1 import (
+    attestation_pb2,
+    attestation_pb2_grpc,
+    model_control_pb2,
+    model_control_pb2_grpc,
+)
 from strongroom.attesters import SevGuestAttester
 from strongroom.errors import StrongroomError
+from strongroom.inference.control import CONTROL_SERVICE, ModelControlServicer
 from strongroom.inference.evidence_service import InferenceAttestationServicer
+from strongroom.inference.loader import ModelLoader
+from strongroom.inference.models import ModelRepository
+from strongroom.inference.server import CONTROL_PLANE as INFERENCE_CONTROL_PLANE
 from strongroom.inference.server import EVIDENCE_SERVICE
 from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
@@ -26,7 +35,7 @@ from strongroom.runtime.callers import UNVERIFIED
 from strongroom.runtime.config import ConfigError, ServerConfig
 from strongroom.runtime.interceptors import RefusalObserver
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
-from tests.inference.fake_tee import FakeSevGuest
+from tests.inference.fake_tee import FakeSevGuest, fake_snp_report
 from tests.pki.helpers import TRUST_DOMAIN, enrol, sid
 
 SERVICE = "test.Callers"
@@ -153,12 +162,14 @@ def server_identity(ca: StepCa) -> Iterator[WorkloadIdentity]:
 @pytest.fixture
 def mesh(ca: StepCa, server_identity: WorkloadIdentity) -> Iterator[Callable[..., Mesh]]:
     """Starts a host with the given server settings and extra services (which the inference and
-    publisher identities may call); stopped at the end of the test."""
+    publisher identities may call) and their control-plane methods or services; stopped at the
+    end of the test."""
     started: list[Mesh] = []
 
     def start(
         *extra: ServiceSpec,
         observers: Mapping[str, RefusalObserver] | None = None,
+        control_plane: tuple[str, ...] = (),
         **settings: Any,
     ) -> Mesh:
         slow = Slow()
@@ -173,7 +184,7 @@ def mesh(ca: StepCa, server_identity: WorkloadIdentity) -> Iterator[Callable[...
             services=services,
             interceptors=[authorizer],
             refusal_observers=observers,
-            control_plane=(CONTROL,),
+            control_plane=(CONTROL, *control_plane),
             config=ServerConfig(**settings),
         )
         host.start()
@@ -416,6 +427,67 @@ def test_data_plane_calls_beyond_their_share_are_refused_at_once(
     assert [f.result(timeout=30) for f in held] == [b"done"] * 7
     assert settled(lambda: running.host.shares.held_now() == 0)
     assert quick(b"", timeout=30) == b"ok"
+
+
+def test_attesting_clients_cannot_take_the_model_control_reserve(
+    mesh: Callable[..., Mesh], server_identity: WorkloadIdentity
+) -> None:
+    """GetEvidence was in the inference service's control plane, whose reserve (4 of the default
+    32 workers) equals the evidence requests it lets run at once (4): clients attesting while
+    the firmware was slow held the whole reserve, and with the data plane full an operator's
+    LoadModel/UnloadModel queued behind them. GetEvidence is data plane now: its slow requests
+    hold data-plane workers, and the reserve stays for model control however they pile up."""
+    gate, entered = threading.Event(), threading.Semaphore(0)
+
+    def slow_report(report_data: bytes, vmpl: int) -> bytes:
+        entered.release()
+        gate.wait(60)  # the host stalling the guest's firmware request
+        return fake_snp_report(report_data, vmpl)
+
+    evidence = InferenceAttestationServicer(
+        SevGuestAttester(io=FakeSevGuest(snp_report=slow_report)), server_identity.public_key_der
+    )
+    repository = ModelRepository(expected=["m"])
+    control = ModelControlServicer(cast(ModelLoader, None), repository)  # unloads need no loader
+    running = mesh(
+        ServiceSpec(
+            EVIDENCE_SERVICE,
+            lambda server: attestation_pb2_grpc.add_InferenceAttestationServiceServicer_to_server(
+                evidence, server
+            ),
+        ),
+        ServiceSpec(
+            CONTROL_SERVICE,
+            lambda server: model_control_pb2_grpc.add_ModelControlServiceServicer_to_server(
+                control, server
+            ),
+        ),
+        control_plane=INFERENCE_CONTROL_PLANE,
+        max_unary_calls_per_identity=14,  # two flooders can ask for every data-plane worker
+    )
+    assert running.host.shares.data_plane == 28  # the defaults: 4 of 32 workers reserved
+    attest = attestation_pb2_grpc.InferenceAttestationServiceStub(running.caller("client"))
+    request = attestation_pb2.GetEvidenceRequest(nonce=bytes(16))
+    try:
+        attesting = [attest.GetEvidence.future(request, timeout=60) for _ in range(4)]
+        for _ in attesting:  # every evidence slot is taken by a stalled firmware request
+            assert entered.acquire(timeout=30)
+        held = [f for f in flood(running, "inference", "publisher", calls=14) if not f.done()]
+        assert running.host.shares.held_now() == 28  # the data plane is full
+        admin = running.caller("admin")
+        unload = model_control_pb2_grpc.ModelControlServiceStub(admin).UnloadModel
+        assert unload(model_control_pb2.UnloadModelRequest(name="m"), timeout=30) is not None
+        assert len(held) == 24  # 4 attesting + 24 inference calls hold the data plane
+        more = attestation_pb2_grpc.InferenceAttestationServiceStub(admin)
+        assert refusal(lambda: more.GetEvidence(request, timeout=30)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "DATA_PLANE_WORKERS_BUSY",
+        )
+    finally:
+        gate.set()
+        running.slow.release.set()
+    assert all(f.result(timeout=30).report_data for f in attesting)
+    assert [f.result(timeout=30) for f in held] == [b"done"] * 24
 
 
 def test_worker_shares_default_from_the_workers_and_refuse_contradictions() -> None:

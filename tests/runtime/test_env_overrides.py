@@ -94,6 +94,8 @@ LOCKED = [
     ("inference", "STRONGROOM__INFERENCE__MODEL_KEYS", "[{key_id: x, model_names: [a/]}]", "inference.model_keys"),
     # Whose names a publisher may take: one more entry lets an identity squat any version.
     ("modelstore", "STRONGROOM__MODELSTORE__PUBLISHERS", "[{spiffe_id: spiffe://strongroom.test/x, model_names: [a/]}]", "modelstore.publishers"),
+    # New unbound uploads: a holder of an old data key publishes under another tenant's name.
+    ("modelstore", "STRONGROOM__MODELSTORE__ACCEPT_UNBOUND_UPLOADS", "true", "modelstore.accept_unbound_uploads"),
 ]  # fmt: skip
 
 
