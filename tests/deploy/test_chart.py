@@ -506,6 +506,20 @@ def test_the_attester_privlevel_is_an_operator_value(
     assert section.attester_privlevel == expected
 
 
+@pytest.mark.parametrize(("value", "expected"), [(None, False), ("false", False), ("true", True)])
+def test_the_unbound_upload_window_is_an_operator_value(
+    helm: str, tmp_path: Path, value: str | None, expected: bool
+) -> None:
+    """``modelstore.acceptUnboundUploads`` reaches ``modelstore.accept_unbound_uploads`` (off
+    unless set: a migration window)."""
+    set_args = () if value is None else (f"modelstore.acceptUnboundUploads={value}",)
+    path = tmp_path / "modelstore.yaml"
+    path.write_text(_configs(render(helm, set_args=set_args))["modelstore"])
+    _, section = load_service_config(path, "modelstore", ModelstoreConfig, environ={})
+    assert isinstance(section, ModelstoreConfig)
+    assert section.accept_unbound_uploads is expected
+
+
 def test_inference_trust_pins_are_operator_values(helm: str, tmp_path: Path) -> None:
     """Header pins, model keys, client scopes and model signing reach the inference
     configuration from Helm values, under the names the service accepts (``tenant/`` names, ``+build`` versions)."""
