@@ -10,7 +10,9 @@
    evidence fetched by someone else, or relayed from another machine, does not pass;
 3. when a release policy is given, the claims satisfy it for the server's SPIFFE ID — the same
    document the key broker releases the model's key under, so a client can hold the server to
-   exactly the measurement, TCB and platform rules the model's owner set.
+   exactly the measurement, TCB and platform rules the model's owner set. As on a production
+   broker, a policy allowing debug VMs or the simulated TEE is refused unless ``trust`` includes
+   the simulated roots (development).
 
 gRPC Python shows a client nothing of the server's certificate, so the key comes from a TLS
 handshake of its own to the same address under the same client identity (the same server
@@ -118,7 +120,9 @@ def verify_inference_server(
     """Fetches the server's evidence over ``channel`` for a fresh nonce and verifies it (see the
     module doc); ``tls_public_key_der`` is what :func:`server_tls_public_key` read. With a
     ``policy``, ``server_spiffe_id`` is the identity the policy's ``callers`` must list (the one
-    the channel checks the server presents).
+    the channel checks the server presents); with a ``trust`` store that does not include the
+    simulated roots (production), a policy that allows debug VMs or the simulated TEE is refused
+    (``PolicyInvalid``, as a production key broker refuses it) before the server is asked.
 
     Raises the verifier's errors (``MalformedEvidence``, ``VerificationFailed``,
     ``CollateralUnavailable``; ``VerificationFailed(REPORT_DATA_MISMATCH)`` for evidence bound to
@@ -128,6 +132,11 @@ def verify_inference_server(
     """
     if policy is not None and not server_spiffe_id:
         raise ValueError("a policy is checked against the server's SPIFFE ID: pass it")
+    if policy is not None:
+        # What a production broker refuses to release a key under (a debuggable VM, whose memory
+        # the host reads; the simulated TEE) must not pass a production client's check either:
+        # "production" is a trust store without the simulated roots. Before any call.
+        policy.check_deployment(trust_domain=None, production=not trust.includes_simulated)
     nonce = secrets.token_bytes(NONCE_BYTES)
     response = pb_grpc.InferenceAttestationServiceStub(channel).GetEvidence(
         pb.GetEvidenceRequest(nonce=nonce), timeout=timeout

@@ -94,6 +94,28 @@ def test_the_cli_refuses_the_simulated_chain_unless_told_to_trust_it(
     assert "ROOT_NOT_TRUSTED" in err and "Traceback" not in err
 
 
+def test_a_production_check_refuses_a_policy_that_allows_a_debug_vm(
+    served: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A production broker refuses such a policy; a production client used to accept it."""
+    policy = tmp_path / "debug.yaml"
+    policy.write_text(
+        served.simulated_policy("debug-1")
+        .replace("allow_simulated: true", "allow_debug: true")
+        .replace(
+            "min_reported_tcb: any",
+            "min_reported_tcb: {bootloader: 0, tee: 0, snp: 0, microcode: 0}",
+        )
+    )
+    config = str(served.write_client_config("client"))
+    code, out, err = run(
+        capsys, "inference", "evidence", "--client-config", config,
+        "--verify", str(served.init_collateral()), "--policy", str(policy),
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert "POLICY_DEBUG_IN_PRODUCTION" in err and "Traceback" not in err
+
+
 def test_unverified_evidence_says_so(served: DevStack, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(served.write_client_config("client"))
     code, out, err = run(capsys, "inference", "evidence", "--client-config", config)
