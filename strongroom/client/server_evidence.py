@@ -47,6 +47,7 @@ from strongroom.attestation import (
 from strongroom.attestation.binding import check_report_data, client_report_data_for
 from strongroom.attestation.policy import PolicyDecision, ReleasePolicy
 from strongroom.errors import FailedPrecondition, Unavailable
+from strongroom.pki.handshake import host_port
 from strongroom.reasons import Reason
 
 NONCE_BYTES = 32
@@ -85,10 +86,18 @@ def server_tls_public_key(
         context.load_cert_chain(f"/proc/self/fd/{descriptor}")
     finally:
         os.close(descriptor)
-    host, _, port = address.rpartition(":")
+    # The same target forms the gRPC channel to it accepts (``dns:///host:port``, ``ipv4:``,
+    # ``ipv6:``, ``[v6]:port``): the key must come from the server that channel reaches.
+    target = host_port(address)
+    if target is None:
+        raise Unavailable(
+            f"cannot read the certificate {address} presents: not a host:port target",
+            reason=Reason.SERVER_UNREACHABLE,
+        )
+    host, port = target
     try:
         with (
-            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock,
+            socket.create_connection((host, port), timeout=timeout) as sock,
             context.wrap_socket(sock, server_hostname=server_name) as tls,
         ):
             der = tls.getpeercert(binary_form=True)

@@ -177,6 +177,26 @@ def test_genuine_evidence_passes(served: DevStack, client: WorkloadIdentity) -> 
     assert verified.claims.report_data != bytes(64) and verified.decision is None
 
 
+def test_the_key_is_read_from_any_target_form_the_channel_accepts(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """A client configuration's ``dns:///host:port`` (or ``ipv4:``) reached the server over gRPC
+    but not in the key's handshake (SERVER_UNREACHABLE: "Name or service not known")."""
+    credentials = client.credentials
+
+    def key(address: str) -> bytes:
+        return server_tls_public_key(
+            address,
+            server_name="inference",
+            root_pem=client.root_pem,
+            chain_pem=credentials.chain_pem,
+            key_pem=credentials.key_pem,
+        )
+
+    address = served.address("inference")
+    assert key(f"dns:///{address}") == key(f"ipv4:{address}") == key(address)
+
+
 def test_evidence_bound_to_another_servers_key_is_refused(
     served: DevStack, client: WorkloadIdentity
 ) -> None:
