@@ -191,6 +191,7 @@ def serve(say: Narrator, stack: DevStack, client: Any, oip: Any, model: TrainedM
     tls_key = server_tls_public_key(
         stack.address("inference"),
         server_name="inference",
+        server_id=stack.spiffe_id("inference"),
         root_pem=client.root_pem,
         chain_pem=credentials.chain_pem,
         key_pem=credentials.key_pem,

@@ -116,7 +116,8 @@ class Client(Closing):
 
     def server_tls_public_key(self, service: str) -> bytes:
         """The DER SubjectPublicKeyInfo of the certificate ``service`` presents to this client
-        (a TLS handshake of its own: gRPC does not show it)."""
+        (a TLS handshake of its own: gRPC does not show it), which must carry the SPIFFE ID
+        expected there (:meth:`ClientConfig.server_id`)."""
         address = getattr(self.config, service)
         if not address:
             raise ConfigError(f"the client configuration has no address for {service}")
@@ -124,6 +125,8 @@ class Client(Closing):
         return server_tls_public_key(
             address,
             server_name=getattr(self.config, f"{service}_server_name"),
+            # The identity the channel expects there, and a policy is judged for.
+            server_id=self.config.server_id(service),
             root_pem=self.identity.root_pem,
             chain_pem=credentials.chain_pem,
             key_pem=credentials.key_pem,

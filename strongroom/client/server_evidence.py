@@ -24,7 +24,6 @@ succeeds.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import socket
 import ssl
@@ -47,7 +46,14 @@ from strongroom.attestation import (
 from strongroom.attestation.binding import check_report_data, client_report_data_for
 from strongroom.attestation.policy import PolicyDecision, ReleasePolicy
 from strongroom.errors import FailedPrecondition, Unavailable
-from strongroom.pki.handshake import host_port
+from strongroom.pki.handshake import (
+    ServerIdentityMismatch,
+    TlsPresentation,
+    client_context,
+    host_port,
+    require_server_id,
+    workload_spiffe_ids,
+)
 from strongroom.reasons import Reason
 
 NONCE_BYTES = 32
@@ -69,6 +75,7 @@ def server_tls_public_key(
     address: str,
     *,
     server_name: str,
+    server_id: str,
     root_pem: bytes,
     chain_pem: bytes,
     key_pem: bytes,
@@ -76,16 +83,9 @@ def server_tls_public_key(
 ) -> bytes:
     """The DER SubjectPublicKeyInfo of the certificate the server at ``address`` presents to a
     client holding ``chain_pem``/``key_pem`` (a TLS handshake of its own, verified against
-    ``root_pem`` for ``server_name``). The client key goes to OpenSSL through an in-memory file:
-    never on disk."""
-    context = ssl.create_default_context(cadata=root_pem.decode())
-    context.set_alpn_protocols(["h2"])
-    descriptor = os.memfd_create("strongroom-client-identity", os.MFD_CLOEXEC)
-    try:
-        os.write(descriptor, chain_pem + key_pem)
-        context.load_cert_chain(f"/proc/self/fd/{descriptor}")
-    finally:
-        os.close(descriptor)
+    ``root_pem`` for ``server_name``), which must be a workload certificate carrying exactly the
+    SPIFFE ID ``server_id`` (else :class:`~strongroom.pki.handshake.ServerIdentityMismatch`,
+    UNAUTHENTICATED). The client key goes to OpenSSL through an in-memory file: never on disk."""
     # The same target forms the gRPC channel to it accepts (``dns:///host:port``, ``ipv4:``,
     # ``ipv6:``, ``[v6]:port``): the key must come from the server that channel reaches.
     target = host_port(address)
@@ -95,12 +95,19 @@ def server_tls_public_key(
             reason=Reason.SERVER_UNREACHABLE,
         )
     host, port = target
+    context = client_context(TlsPresentation(root_pem, key_pem, chain_pem))
     try:
         with (
             socket.create_connection((host, port), timeout=timeout) as sock,
             context.wrap_socket(sock, server_hostname=server_name) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
+    except ssl.SSLCertVerificationError as exc:
+        # Reached, but not a server of our CA under that name: not an outage.
+        raise ServerIdentityMismatch(
+            f"the server at {address} presented a certificate we do not accept for "
+            f"{server_name!r} ({exc.verify_message})"
+        ) from None
     except (OSError, ValueError) as exc:
         raise Unavailable(
             f"cannot reach {address} to read the certificate it presents: {exc}",
@@ -108,10 +115,13 @@ def server_tls_public_key(
         ) from None
     if der is None:  # pragma: no cover - a verified handshake always has a peer certificate
         raise Unavailable(f"{address} presented no certificate", reason=Reason.SERVER_UNREACHABLE)
-    return (
-        x509.load_der_x509_certificate(der)
-        .public_key()
-        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    certificate = x509.load_der_x509_certificate(der)
+    # The policy is judged for ``server_id`` and the evidence is bound to this key: the two must
+    # be one workload's. Host names are shared (every dev service is ``localhost``), and the
+    # channel's own SPIFFE check is another handshake, which may reach another server.
+    require_server_id(address, workload_spiffe_ids(address, certificate), server_id)
+    return certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 

@@ -23,6 +23,7 @@ from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import FailedPrecondition
+from strongroom.pki.handshake import ServerIdentityMismatch
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.reasons import Reason
 
@@ -155,6 +156,10 @@ def _verify(
     key = server_tls_public_key(
         stack.address(tls_key_of),
         server_name=tls_key_of,
+        # A relay showing another server's valid certificate is refused right here (see
+        # test_the_key_must_be_that_of_the_identity_checked); these tests go past that check to
+        # the binding's.
+        server_id=stack.spiffe_id(tls_key_of),
         root_pem=client.root_pem,
         chain_pem=credentials.chain_pem,
         key_pem=credentials.key_pem,
@@ -188,6 +193,7 @@ def test_the_key_is_read_from_any_target_form_the_channel_accepts(
         return server_tls_public_key(
             address,
             server_name="inference",
+            server_id=served.spiffe_id("inference"),
             root_pem=client.root_pem,
             chain_pem=credentials.chain_pem,
             key_pem=credentials.key_pem,
@@ -195,6 +201,26 @@ def test_the_key_is_read_from_any_target_form_the_channel_accepts(
 
     address = served.address("inference")
     assert key(f"dns:///{address}") == key(f"ipv4:{address}") == key(address)
+
+
+def test_the_key_must_be_that_of_the_identity_checked(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """The handshake that reads the key checked only the host name, which workloads share (every
+    dev service is ``localhost``): the key of another workload passed, and the policy was then
+    judged for the identity the client expected, not for that workload's."""
+    credentials = client.credentials
+    with pytest.raises(ServerIdentityMismatch) as refused:
+        server_tls_public_key(
+            served.address("keybroker"),
+            server_name="localhost",
+            server_id=served.spiffe_id("inference"),
+            root_pem=client.root_pem,
+            chain_pem=credentials.chain_pem,
+            key_pem=credentials.key_pem,
+        )
+    assert refused.value.reason == Reason.SERVER_IDENTITY_MISMATCH
+    assert served.spiffe_id("keybroker") in str(refused.value)
 
 
 def test_evidence_bound_to_another_servers_key_is_refused(
@@ -215,6 +241,7 @@ def test_a_relay_that_also_lies_about_the_key_hash_is_refused_by_the_binding(
     broker_key = server_tls_public_key(
         served.address("keybroker"),
         server_name="keybroker",
+        server_id=served.spiffe_id("keybroker"),
         root_pem=client.root_pem,
         chain_pem=credentials.chain_pem,
         key_pem=credentials.key_pem,
