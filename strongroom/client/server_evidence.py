@@ -140,8 +140,9 @@ def verify_inference_server(
     module doc); ``tls_public_key_der`` is what :func:`server_tls_public_key` read. With a
     ``policy``, ``server_spiffe_id`` is the identity the policy's ``callers`` must list (the one
     the channel checks the server presents); with a ``trust`` store that does not include the
-    simulated roots (production), a policy that allows debug VMs or the simulated TEE is refused
-    (``PolicyInvalid``, as a production key broker refuses it) before the server is asked.
+    simulated roots (production), a policy that allows debug VMs or the simulated TEE, or was
+    loaded with ``production=False``, is refused (``PolicyInvalid``, as a production key broker
+    refuses it) before the server is asked.
 
     Raises the verifier's errors (``MalformedEvidence``, ``VerificationFailed``,
     ``CollateralUnavailable``; ``VerificationFailed(REPORT_DATA_MISMATCH)`` for evidence bound to
@@ -153,8 +154,9 @@ def verify_inference_server(
         raise ValueError("a policy is checked against the server's SPIFFE ID: pass it")
     if policy is not None:
         # What a production broker refuses to release a key under (a debuggable VM, whose memory
-        # the host reads; the simulated TEE) must not pass a production client's check either:
-        # "production" is a trust store without the simulated roots. Before any call.
+        # the host reads; the simulated TEE; a policy loaded in development mode, which may state
+        # no TCB minimum) must not pass a production client's check either: "production" is a
+        # trust store without the simulated roots. Before any call.
         policy.check_deployment(trust_domain=None, production=not trust.includes_simulated)
     nonce = secrets.token_bytes(NONCE_BYTES)
     response = pb_grpc.InferenceAttestationServiceStub(channel).GetEvidence(

@@ -929,6 +929,19 @@ def test_an_explicit_null_publishers_is_not_an_absent_one() -> None:
     assert info.value.reason == "POLICY_BAD_TYPE"
 
 
+def test_a_policy_loaded_in_development_mode_is_refused_where_deployed_in_production() -> None:
+    loaded = policy(
+        production=False, sev_snp__allow_simulated=False, tdx=None, tee_types=["SEV_SNP"]
+    )
+    loaded.check_deployment(trust_domain="strongroom.test", production=False)
+    with pytest.raises(PolicyInvalid) as info:
+        loaded.check_deployment(trust_domain="strongroom.test", production=True)
+    assert info.value.reason == "POLICY_DEVELOPMENT_MODE"
+    policy(sev_snp__allow_simulated=False, tdx=None, tee_types=["SEV_SNP"]).check_deployment(
+        trust_domain="strongroom.test", production=True
+    )
+
+
 def test_a_publisher_outside_the_trust_domain_is_refused_where_deployed() -> None:
     loaded = policy(
         production=False,

@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from strongroom.api.inference.v1 import attestation_pb2 as pb
-from strongroom.attestation import VerificationFailed
+from strongroom.attestation import TrustStore, VerificationFailed
 from strongroom.attestation.collateral_cache import CollateralCache
-from strongroom.attestation.errors import PolicyViolation
+from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.cli.main import main
 from strongroom.client.server_evidence import server_tls_public_key, verify_inference_server
@@ -263,6 +263,38 @@ def test_a_tampered_report_is_refused(served: DevStack, client: WorkloadIdentity
 
     with pytest.raises(VerificationFailed):
         _verify(served, client, change=flip)
+
+
+def test_a_policy_loaded_in_development_mode_is_refused_under_production_trust(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """Loaded with production=False, a policy may state no TCB minimum (``any``): a backend with
+    production trust held servers to less than a production broker releases keys under."""
+    development = ReleasePolicy.load(
+        served.simulated_policy("dev-1").replace("  allow_simulated: true\n", ""), production=False
+    )
+    authority = SimulatedAuthority.load(served.init_simulated_tee())
+    credentials = client.credentials
+    key = server_tls_public_key(
+        served.address("inference"),
+        server_name="inference",
+        server_id=served.spiffe_id("inference"),
+        root_pem=client.root_pem,
+        chain_pem=credentials.chain_pem,
+        key_pem=credentials.key_pem,
+    )
+    with pytest.raises(PolicyInvalid) as refused:
+        verify_inference_server(
+            served.channel(client, "inference"),
+            tls_public_key_der=key,
+            trust=TrustStore.production(),
+            collateral=CollateralCache(
+                served.init_collateral(), authority.trust_store(), writable=False
+            ),
+            policy=development,
+            server_spiffe_id=served.spiffe_id("inference"),
+        )
+    assert refused.value.reason == Reason.POLICY_DEVELOPMENT_MODE
 
 
 def test_a_policy_for_another_identity_is_refused(
