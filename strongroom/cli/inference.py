@@ -30,7 +30,9 @@ from strongroom.attestation.policy import ReleasePolicy
 from strongroom.cli._pins import add_header_pin_argument
 from strongroom.cli.client import Client, add_client_arguments
 from strongroom.client.server_evidence import verify_inference_server
+from strongroom.errors import InvalidArgument
 from strongroom.files import read_file
+from strongroom.reasons import Reason
 
 TIMEOUT = 600.0
 
@@ -128,10 +130,7 @@ def _evidence(args: argparse.Namespace) -> int:
     development = args.simulated_tee_dir is not None
     trust = TrustStore.production()
     if development:
-        trust = trust.with_simulated_roots(
-            amd=[read_file(args.simulated_tee_dir / "amd_trust.pem")],
-            intel=[read_file(args.simulated_tee_dir / "intel_root.pem")],
-        )
+        trust = _with_simulated_roots(trust, args.simulated_tee_dir)
     policy = None
     if args.policy is not None:
         policy = ReleasePolicy.load(read_file(args.policy), production=not development)
@@ -154,6 +153,20 @@ def _evidence(args: argparse.Namespace) -> int:
     }
     print(json.dumps(out, indent=2))
     return 0
+
+
+def _with_simulated_roots(trust: TrustStore, directory: Path) -> TrustStore:
+    try:
+        return trust.with_simulated_roots(
+            amd=[read_file(directory / "amd_trust.pem")],
+            intel=[read_file(directory / "intel_root.pem")],
+        )
+    except ValueError as exc:
+        # A certificate without the simulated-TEE marking (a real root, another directory): the
+        # operator's mistake, one line, not a traceback.
+        raise InvalidArgument(
+            f"--simulated-tee-dir {directory}: {exc}", reason=Reason.BAD_CERTIFICATE
+        ) from None
 
 
 def _print_evidence(args: argparse.Namespace) -> int:

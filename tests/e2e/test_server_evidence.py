@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+import strongroom.attestation.trust
 from strongroom.api.inference.v1 import attestation_pb2 as pb
 from strongroom.attestation import TrustStore, VerificationFailed
 from strongroom.attestation.collateral_cache import CollateralCache
@@ -115,6 +116,22 @@ def test_a_production_check_refuses_a_policy_that_allows_a_debug_vm(
     )  # fmt: skip
     assert (code, out) == (1, "")
     assert "POLICY_DEBUG_IN_PRODUCTION" in err and "Traceback" not in err
+
+
+def test_the_cli_refuses_a_real_root_offered_as_the_simulated_chain(
+    served: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--simulated-tee-dir naming a directory of real roots ended in a ValueError traceback."""
+    trust_dir = Path(strongroom.attestation.trust.__file__).parent
+    (tmp_path / "amd_trust.pem").write_bytes((trust_dir / "ark_milan.pem").read_bytes())
+    (tmp_path / "intel_root.pem").write_bytes((trust_dir / "intel_sgx_root_ca.pem").read_bytes())
+    config = str(served.write_client_config("client"))
+    code, out, err = run(
+        capsys, "inference", "evidence", "--client-config", config,
+        "--verify", str(served.init_collateral()), "--simulated-tee-dir", str(tmp_path),
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert "BAD_CERTIFICATE" in err and "not marked as a simulated-TEE" in err
 
 
 def test_unverified_evidence_says_so(served: DevStack, capsys: pytest.CaptureFixture[str]) -> None:
