@@ -26,12 +26,14 @@ from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.attestation import TrustStore
 from strongroom.attestation.collateral_cache import CollateralCache
+from strongroom.attestation.errors import PolicyInvalid
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.cli._pins import add_header_pin_argument
 from strongroom.cli.client import Client, add_client_arguments
 from strongroom.client.server_evidence import verify_inference_server
 from strongroom.errors import InvalidArgument
 from strongroom.files import read_file
+from strongroom.keybroker.policy_bounds import check_policy_bounds
 from strongroom.reasons import Reason
 
 TIMEOUT = 600.0
@@ -133,7 +135,7 @@ def _evidence(args: argparse.Namespace) -> int:
         trust = _with_simulated_roots(trust, args.simulated_tee_dir)
     policy = None
     if args.policy is not None:
-        policy = ReleasePolicy.load(read_file(args.policy), production=not development)
+        policy = _load_policy(args.policy, production=not development)
     with Client.from_args(args) as client:
         verified = verify_inference_server(
             client.channel("inference"),
@@ -153,6 +155,17 @@ def _evidence(args: argparse.Namespace) -> int:
     }
     print(json.dumps(out, indent=2))
     return 0
+
+
+def _load_policy(path: Path, *, production: bool) -> ReleasePolicy:
+    try:
+        document = read_file(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyInvalid(f"{path} is not UTF-8 text", reason=Reason.POLICY_SYNTAX) from None
+    # The key broker's bounds, before the loader: a document nested thousands deep made PyYAML
+    # recurse until RecursionError (a traceback here), and costs time quadratic in its depth.
+    check_policy_bounds(document)
+    return ReleasePolicy.load(document, production=production)
 
 
 def _with_simulated_roots(trust: TrustStore, directory: Path) -> TrustStore:

@@ -134,6 +134,22 @@ def test_the_cli_refuses_a_real_root_offered_as_the_simulated_chain(
     assert "BAD_CERTIFICATE" in err and "not marked as a simulated-TEE" in err
 
 
+def test_the_cli_refuses_a_deeply_nested_policy_file_in_one_line(
+    served: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --policy document nested thousands deep made PyYAML recurse into a RecursionError
+    traceback (the key broker bounds a document before loading it; the command did not)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("[" * 20_000 + "]" * 20_000)
+    config = str(served.write_client_config("client"))
+    code, out, err = run(
+        capsys, "inference", "evidence", "--client-config", config,
+        "--verify", str(served.init_collateral()), "--policy", str(policy),
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert "POLICY_TOO_DEEP" in err and "Traceback" not in err
+
+
 def test_unverified_evidence_says_so(served: DevStack, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(served.write_client_config("client"))
     code, out, err = run(capsys, "inference", "evidence", "--client-config", config)
