@@ -70,6 +70,21 @@ def test_the_cli_verifies_the_server_against_its_models_release_policy(
     assert len(bytes.fromhex(verified["nonce"])) == 32
 
 
+def test_the_cli_says_what_it_did_not_check_without_a_policy(
+    served: DevStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --policy any genuine confidential VM passes, a debug one or one running anyone's
+    software; the command printed a verified result with "policy": null and said nothing."""
+    config = str(served.write_client_config("client"))
+    code, out, err = run(
+        capsys, "inference", "evidence", "--client-config", config,
+        "--verify", str(served.init_collateral()),
+        "--simulated-tee-dir", str(served.init_simulated_tee()),
+    )  # fmt: skip
+    assert code == 0 and json.loads(out)["policy"] is None
+    assert "no --policy" in err and "NOT checked" in err
+
+
 def test_the_cli_refuses_a_server_outside_the_policy(
     served: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
