@@ -196,10 +196,16 @@ class ServerIdentityMismatch(_RefusedBeforeTheCall):
 
 
 def server_spiffe_ids(
-    target: str, presentation: TlsPresentation, *, timeout: float = 2.0
+    target: str,
+    presentation: TlsPresentation,
+    *,
+    server_name: str | None = None,
+    timeout: float = 2.0,
 ) -> list[str] | None:
     """The URI SANs of the certificate the server at ``target`` presents, its chain verified
-    against our root; None when the server cannot be reached.
+    against our root; None when the server cannot be reached. The handshake names the server as
+    gRPC's does (SNI ``server_name``, else the target's host), so a server choosing its
+    certificate by name shows this check the one it shows the channel.
 
     Raises :class:`ServerIdentityMismatch` when the server's certificate does not chain to our
     root or is a CA's (CA:TRUE, keyCertSign or cRLSign). The host name is not checked here: gRPC checks it on its own connection.
@@ -213,7 +219,9 @@ def server_spiffe_ids(
     try:
         with (
             socket.create_connection((host, port), timeout=timeout) as raw,
-            context.wrap_socket(raw) as tls,
+            # No SNI at all (as before) let a server select another certificate for this check
+            # than for gRPC's connection, which sends ssl_target_name_override or the host.
+            context.wrap_socket(raw, server_hostname=server_name or host) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
     except ssl.SSLCertVerificationError as exc:
@@ -257,14 +265,20 @@ def require_server_id(target: str, presented: list[str], expected: str) -> None:
 
 
 def check_server_identity(
-    target: str, presentation: TlsPresentation, expected: str, *, timeout: float = 2.0
+    target: str,
+    presentation: TlsPresentation,
+    expected: str,
+    *,
+    server_name: str | None = None,
+    timeout: float = 2.0,
 ) -> bool:
-    """Checks that the server at ``target`` presents exactly the SPIFFE ID ``expected``.
+    """Checks that the server at ``target`` presents exactly the SPIFFE ID ``expected`` (to a
+    handshake naming it ``server_name``, as the channel's does).
 
     Returns False when the server cannot be reached (nothing was checked); raises
     :class:`ServerIdentityMismatch` naming both identities when it presents another one.
     """
-    presented = server_spiffe_ids(target, presentation, timeout=timeout)
+    presented = server_spiffe_ids(target, presentation, server_name=server_name, timeout=timeout)
     if presented is None:
         return False
     require_server_id(target, presented, expected)
