@@ -178,6 +178,13 @@ class ReleasePolicy:
             raise PolicyInvalid(
                 f"policy is not valid YAML/JSON: {exc}", reason=Reason.POLICY_SYNTAX
             ) from None
+        except RecursionError:
+            # PyYAML composes recursively: ``"[" * 20000`` exhausts the stack. The key broker
+            # bounds a document before it gets here; any other caller (a backend loading the
+            # policy it holds a server to) got a RecursionError traceback.
+            raise PolicyInvalid(
+                "policy nests too deeply to read", reason=Reason.POLICY_TOO_DEEP
+            ) from None
         except (ValueError, TypeError, LookupError, AttributeError) as exc:
             # PyYAML's constructors raise these, not YAMLError, for a node they resolve but cannot
             # build: an unquoted impossible date (``version: 2026-02-30``: ValueError), an integer

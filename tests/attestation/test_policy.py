@@ -942,6 +942,14 @@ def test_a_policy_loaded_in_development_mode_is_refused_where_deployed_in_produc
     )
 
 
+@pytest.mark.parametrize("text", ["[" * 20_000 + "]" * 20_000, "a: " + "{b: " * 5_000 + "1"])
+def test_a_policy_nested_too_deeply_for_the_yaml_reader_is_invalid(text: str) -> None:
+    """Outside the key broker (which bounds documents first) this was a RecursionError."""
+    with pytest.raises(PolicyInvalid) as info:
+        ReleasePolicy.load(text)
+    assert info.value.reason == "POLICY_TOO_DEEP"
+
+
 def test_a_publisher_outside_the_trust_domain_is_refused_where_deployed() -> None:
     loaded = policy(
         production=False,
