@@ -136,10 +136,11 @@ def _evidence(args: argparse.Namespace) -> int:
     policy = None
     if args.policy is not None:
         policy = _load_policy(args.policy, production=not development)
-    with Client.from_args(args) as client:
+    with Client.from_args(args) as client, client.server_connection("inference") as connection:
+        # The evidence travels over the very connection whose key it must bind.
         verified = verify_inference_server(
-            client.channel("inference"),
-            tls_public_key_der=client.server_tls_public_key("inference"),
+            connection.channel,
+            tls_public_key_der=connection.tls_public_key_der,
             trust=trust,
             collateral=CollateralCache(args.verify, trust, writable=False),
             policy=policy,

@@ -4,28 +4,38 @@ inference server (simulated TEE) over mTLS."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 
 import strongroom.attestation.trust
 from strongroom.api.inference.v1 import attestation_pb2 as pb
+from strongroom.api.inference.v1 import attestation_pb2_grpc as att_grpc
 from strongroom.attestation import TrustStore, VerificationFailed
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.cli.main import main
-from strongroom.client.server_evidence import server_tls_public_key, verify_inference_server
+from strongroom.client.server_evidence import (
+    ServerConnection,
+    server_tls_public_key,
+    verify_inference_server,
+)
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import FailedPrecondition
+from strongroom.errors import FailedPrecondition, Unavailable
 from strongroom.pki.handshake import ServerIdentityMismatch
-from strongroom.pki.identity import WorkloadIdentity
+from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.reasons import Reason
 
 
@@ -175,6 +185,95 @@ def test_unverified_evidence_says_so(served: DevStack, capsys: pytest.CaptureFix
     assert exited.value.code == 2
 
 
+class _Router:
+    """What a machine in front of a genuine server can do: send the first connection to it and
+    every later one to ``others``."""
+
+    def __init__(self, first: str, others: str) -> None:
+        self._targets = [first, others]
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                downstream, _ = self._listener.accept()
+                host, port = self._targets[min(len(self._sockets), 1)].rsplit(":", 1)
+                upstream = socket.create_connection((host, int(port)))
+                self._sockets += [downstream, upstream]
+                for a, b in ((downstream, upstream), (upstream, downstream)):
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+
+class _RelayingServer(att_grpc.InferenceAttestationServiceServicer):
+    """Not the attested server: any machine holding a certificate for the inference SPIFFE ID,
+    passing GetEvidence on to the genuine server (which binds the client's nonce and its own
+    key), to then receive what the client sends next."""
+
+    def __init__(self, genuine: grpc.Channel) -> None:
+        self._genuine = att_grpc.InferenceAttestationServiceStub(genuine)
+        self.calls = 0
+
+    def GetEvidence(self, request: Any, context: Any) -> Any:
+        self.calls += 1
+        return self._genuine.GetEvidence(request, timeout=30)
+
+
+def test_the_evidence_comes_over_the_connection_whose_key_it_binds(
+    served: DevStack,
+    client: WorkloadIdentity,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The key was read over a handshake of its own: routing that one to the genuine server and
+    the gRPC channel to a relay (a certificate for the same SPIFFE ID, e.g. from a leaked
+    enrolment token) passed the check, and the data went to the relay."""
+    ca = served.start_ca()
+    impostor = WorkloadIdentity.enrol(
+        ca.client(), served.token("inference", dns=["inference"]), policy=RenewalPolicy()
+    )
+    relay = _RelayingServer(served.channel(client, "inference"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    att_grpc.add_InferenceAttestationServiceServicer_to_server(relay, server)
+    port = server.add_secure_port("127.0.0.1:0", impostor.server_credentials())
+    server.start()
+    router = _Router(served.address("inference"), f"127.0.0.1:{port}")
+    config = yaml.safe_load(served.write_client_config("client").read_text())
+    config["inference"] = router.address
+    routed = tmp_path / "routed.yaml"
+    routed.write_text(yaml.safe_dump(config))
+    try:
+        code, out, err = run(
+            capsys, "inference", "evidence", "--client-config", str(routed),
+            "--verify", str(served.init_collateral()),
+            "--simulated-tee-dir", str(served.init_simulated_tee()),
+            "--policy", str(_policy_file(served, tmp_path)),
+        )  # fmt: skip
+    finally:
+        router.close()
+        server.stop(grace=None).wait()
+        impostor.close()
+    assert relay.calls == 0, "the evidence went over another connection than the checked one"
+    assert code == 0, err
+    assert json.loads(out)["policy"]["policy_version"] == "server-check-1"
+
+
 # ------------------------------------------------------------------ the library, attacked
 
 
@@ -269,6 +368,37 @@ def test_the_key_must_be_that_of_the_identity_checked(
         )
     assert refused.value.reason == Reason.SERVER_IDENTITY_MISMATCH
     assert served.spiffe_id("keybroker") in str(refused.value)
+    with pytest.raises(ServerIdentityMismatch) as misnamed:  # no DNS name "inference" on it
+        ServerConnection(
+            served.address("keybroker"),
+            server_name="inference",
+            server_id=served.spiffe_id("inference"),
+            root_pem=client.root_pem,
+            chain_pem=credentials.chain_pem,
+            key_pem=credentials.key_pem,
+        )
+    assert "'inference'" in str(misnamed.value)
+
+
+def test_a_server_that_never_answers_the_handshake_is_unavailable(
+    client: WorkloadIdentity,
+) -> None:
+    credentials = client.credentials
+    with (
+        socket.create_server(("127.0.0.1", 0)) as silent,  # connects, never speaks TLS
+        pytest.raises(Unavailable) as refused,
+    ):
+        ServerConnection(
+            f"127.0.0.1:{silent.getsockname()[1]}",
+            server_name="inference",
+            server_id="spiffe://strongroom.test/inference",
+            root_pem=client.root_pem,
+            chain_pem=credentials.chain_pem,
+            key_pem=credentials.key_pem,
+            timeout=0.5,
+        )
+    assert refused.value.reason == Reason.SERVER_UNREACHABLE
+    assert "within 0.5 s" in refused.value.message
 
 
 def test_evidence_bound_to_another_servers_key_is_refused(
