@@ -129,6 +129,14 @@ def _evidence(args: argparse.Namespace) -> int:
         if args.policy is not None or args.simulated_tee_dir is not None:
             args.parser.error("--policy and --simulated-tee-dir need --verify COLLATERAL_DIR")
         return _print_evidence(args)
+    if not args.verify.is_dir():
+        # A cache that does not exist reads as an empty one: every check would then fail
+        # COLLATERAL_MISSING naming a CRL, not the mistyped path.
+        raise InvalidArgument(
+            f"--verify {args.verify}: no such collateral directory (make one with `strongroom "
+            "attest collateral fetch` or `import`)",
+            reason=Reason.COLLATERAL_MISSING,
+        )
     development = args.simulated_tee_dir is not None
     trust = TrustStore.production()
     if development:

@@ -6,8 +6,9 @@
 1. the evidence verifies against the roots in ``trust``, judged with collateral (CRLs, TCB info,
    QE identity) from the caller's own source, never from the server;
 2. its REPORT_DATA is exactly ``binding.client_report_data_for(nonce, key)`` where ``key`` is the
-   public key of the certificate the server presented to *us* (:func:`server_tls_public_key`), so
-   evidence fetched by someone else, or relayed from another machine, does not pass;
+   public key of the certificate the server presented to *us* on the connection the evidence
+   came over (:class:`ServerConnection`), so evidence fetched by someone else, or relayed from
+   another machine, does not pass;
 3. when a release policy is given, the claims satisfy it for the server's SPIFFE ID — the same
    document the key broker releases the model's key under, so a client can hold the server to
    exactly the measurement, TCB and platform rules the model's owner set. As on a production
@@ -292,9 +293,9 @@ def verify_inference_server(
     timeout: float = 30.0,
 ) -> VerifiedServer:
     """Fetches the server's evidence over ``channel`` for a fresh nonce and verifies it (see the
-    module doc); ``tls_public_key_der`` is what :func:`server_tls_public_key` read. With a
-    ``policy``, ``server_spiffe_id`` is the identity the policy's ``callers`` must list (the one
-    the channel checks the server presents); with a ``trust`` store that does not include the
+    module doc); ``channel`` and ``tls_public_key_der`` are a :class:`ServerConnection`'s. With
+    a ``policy``, ``server_spiffe_id`` is the identity the policy's ``callers`` must list (the
+    ``server_id`` the connection checked); with a ``trust`` store that does not include the
     simulated roots (production), a policy that allows debug VMs or the simulated TEE, or was
     loaded with ``production=False``, is refused (``PolicyInvalid``, as a production key broker
     refuses it) before the server is asked.

@@ -175,6 +175,20 @@ def test_the_cli_refuses_a_deeply_nested_policy_file_in_one_line(
     assert "POLICY_TOO_DEEP" in err and "Traceback" not in err
 
 
+def test_the_cli_names_a_collateral_directory_that_does_not_exist(
+    served: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It read as an empty cache: "no CRL of ARK-Milan in the verifier's collateral"."""
+    config = str(served.write_client_config("client"))
+    missing = tmp_path / "colateral"
+    code, out, err = run(
+        capsys, "inference", "evidence", "--client-config", config, "--verify", str(missing),
+        "--simulated-tee-dir", str(served.init_simulated_tee()),
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert str(missing) in err and "Traceback" not in err
+
+
 def test_unverified_evidence_says_so(served: DevStack, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(served.write_client_config("client"))
     code, out, err = run(capsys, "inference", "evidence", "--client-config", config)
