@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         store = lifecycle.store(say, stack, publisher, model, root)
         lifecycle.deploy(say, stack)
         oip = lifecycle.release(say, stack, client, root)
-        lifecycle.serve(say, stack, client, oip, model)
+        lifecycle.serve(say, stack, client, model)
         lifecycle.refusals(
             say,
             stack,

@@ -24,7 +24,7 @@ from strongroom.artifact import read_summary
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.client.publish import publish_model
-from strongroom.client.server_evidence import server_tls_public_key, verify_inference_server
+from strongroom.client.server_evidence import ServerConnection, verify_inference_server
 from strongroom.dev.demo import (
     KEY_ID,
     MODEL,
@@ -182,55 +182,57 @@ def release(say: Narrator, stack: DevStack, client: Any, root: Path) -> Any:
     return oip
 
 
-def serve(say: Narrator, stack: DevStack, client: Any, oip: Any, model: TrainedModel) -> None:
-    """6. A client verifies the server's evidence, then runs inference over mTLS."""
+def serve(say: Narrator, stack: DevStack, client: Any, model: TrainedModel) -> None:
+    """6. A client verifies the server's evidence, then runs inference over mTLS, both over the one
+    connection whose TLS key the evidence binds."""
     say.step("6", "Serve: a client checks what it talks to, then runs inference over mTLS")
     authority = SimulatedAuthority.load(stack.root / "simulated-tee")
     trust = authority.trust_store()
     credentials = client.credentials
-    tls_key = server_tls_public_key(
+    with ServerConnection(
         stack.address("inference"),
         server_name="inference",
+        server_id=stack.spiffe_id("inference"),
         root_pem=client.root_pem,
         chain_pem=credentials.chain_pem,
         key_pem=credentials.key_pem,
-    )
-    verified = verify_inference_server(
-        stack.channel(client, "inference"),
-        tls_public_key_der=tls_key,
-        trust=trust,
-        # The verifier's own collateral (the simulated chain's CRLs), from the same cache the
-        # broker uses; never what the server sends.
-        collateral=CollateralCache(stack.root / "collateral", trust, writable=False),
-        # The very policy the model's key is released under.
-        policy=ReleasePolicy.load(stack.simulated_policy("demo-1"), production=False),
-        server_spiffe_id=stack.spiffe_id("inference"),
-    )
-    say.check(
-        f"server evidence verifies (simulated chain, development trust only): measurement {verified.claims.as_dict()['measurement'][:16]}…, policy demo-1 holds"
-    )
-    say.check(
-        "its REPORT_DATA binds our nonce and the TLS key the server presents to us (`strongroom inference evidence --verify` does the same)"
-    )
-    x = model.sample
-    response = oip.ModelInfer(
-        oip_pb.ModelInferRequest(
-            model_name=MODEL,
-            inputs=[
-                oip_pb.ModelInferRequest.InferInputTensor(
-                    name="input", datatype="FP32", shape=list(x.shape)
-                )
-            ],
-            raw_input_contents=[x.astype("<f4").tobytes()],
-        ),
-        timeout=30,
-    )
+    ) as connection:
+        verified = verify_inference_server(
+            connection.channel,
+            tls_public_key_der=connection.tls_public_key_der,
+            trust=trust,
+            # The verifier's own collateral (the simulated chain's CRLs), from the same cache the
+            # broker uses; never what the server sends.
+            collateral=CollateralCache(stack.root / "collateral", trust, writable=False),
+            # The very policy the model's key is released under.
+            policy=ReleasePolicy.load(stack.simulated_policy("demo-1"), production=False),
+            server_spiffe_id=stack.spiffe_id("inference"),
+        )
+        say.check(
+            f"server evidence verifies (simulated chain, development trust only): measurement {verified.claims.as_dict()['measurement'][:16]}…, policy demo-1 holds"
+        )
+        say.check(
+            "its REPORT_DATA binds our nonce and the TLS key of the very connection it came over (`strongroom inference evidence --verify` does the same)"
+        )
+        x = model.sample
+        response = oip_grpc.GRPCInferenceServiceStub(connection.channel).ModelInfer(
+            oip_pb.ModelInferRequest(
+                model_name=MODEL,
+                inputs=[
+                    oip_pb.ModelInferRequest.InferInputTensor(
+                        name="input", datatype="FP32", shape=list(x.shape)
+                    )
+                ],
+                raw_input_contents=[x.astype("<f4").tobytes()],
+            ),
+            timeout=30,
+        )
     out = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(
         tuple(response.outputs[0].shape)
     )
     np.testing.assert_allclose(out, model.predict(x), rtol=1e-5, atol=1e-6)
     say.check(
-        f"ModelInfer over mTLS: classes {out.argmax(axis=1).tolist()} — identical to the plaintext model's output"
+        f"ModelInfer over that same mTLS connection: classes {out.argmax(axis=1).tolist()} — identical to the plaintext model's output"
     )
 
 

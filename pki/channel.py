@@ -177,7 +177,9 @@ class RotatingChannel(grpc.Channel):
                 return
             # An unreachable server is not verified: the call then fails on its own (UNAVAILABLE),
             # and the next call checks again.
-            slot.verified = check_server_identity(self._target, slot.presentation, self._server_id)
+            slot.verified = check_server_identity(
+                self._target, slot.presentation, self._server_id, server_name=self._server_name
+            )
 
     def _acquire(self) -> _Lease:
         generation = self._source.credentials.generation

@@ -73,6 +73,19 @@ class TlsPresentation:
         return "TlsPresentation(<redacted>)"
 
 
+def client_context(presentation: TlsPresentation) -> ssl.SSLContext:
+    """A TLS 1.2+ client context offering ALPN ``h2`` that trusts only ``presentation``'s root
+    and presents its certificate (the key handed to OpenSSL through an in-memory file, never a
+    file on disk); it checks the server's host name unless the caller turns that off."""
+    context = ssl.create_default_context(cadata=presentation.root_pem.decode())
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    if presentation.key_pem is not None and presentation.chain_pem is not None:
+        with memory_file(presentation.chain_pem + presentation.key_pem, "tls-client") as path:
+            context.load_cert_chain(path)
+    return context
+
+
 def host_port(target: str) -> tuple[str, int] | None:
     """Host and port of a gRPC target (``host:port``, ``dns:///host:port``, ``ipv4:``, ``ipv6:``)."""
     for prefix in ("dns:///", "dns:", "ipv4:", "ipv6:"):
@@ -102,12 +115,7 @@ def probe_rejection(
     if address is None:
         return False
     host, port = address
-    context = ssl.create_default_context(cadata=presentation.root_pem.decode())
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["h2"])
-    if presentation.key_pem is not None and presentation.chain_pem is not None:
-        with memory_file(presentation.chain_pem + presentation.key_pem, "tls-probe") as path:
-            context.load_cert_chain(path)
+    context = client_context(presentation)
     try:
         with (
             socket.create_connection((host, port), timeout=timeout) as raw,
@@ -188,10 +196,16 @@ class ServerIdentityMismatch(_RefusedBeforeTheCall):
 
 
 def server_spiffe_ids(
-    target: str, presentation: TlsPresentation, *, timeout: float = 2.0
+    target: str,
+    presentation: TlsPresentation,
+    *,
+    server_name: str | None = None,
+    timeout: float = 2.0,
 ) -> list[str] | None:
     """The URI SANs of the certificate the server at ``target`` presents, its chain verified
-    against our root; None when the server cannot be reached.
+    against our root; None when the server cannot be reached. The handshake names the server as
+    gRPC's does (SNI ``server_name``, else the target's host), so a server choosing its
+    certificate by name shows this check the one it shows the channel.
 
     Raises :class:`ServerIdentityMismatch` when the server's certificate does not chain to our
     root or is a CA's (CA:TRUE, keyCertSign or cRLSign). The host name is not checked here: gRPC checks it on its own connection.
@@ -200,17 +214,14 @@ def server_spiffe_ids(
     if address is None:
         return None
     host, port = address
-    context = ssl.create_default_context(cadata=presentation.root_pem.decode())
+    context = client_context(presentation)
     context.check_hostname = False  # the SPIFFE ID is what we check; gRPC checks the name
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["h2"])
-    if presentation.key_pem is not None and presentation.chain_pem is not None:
-        with memory_file(presentation.chain_pem + presentation.key_pem, "tls-probe") as path:
-            context.load_cert_chain(path)
     try:
         with (
             socket.create_connection((host, port), timeout=timeout) as raw,
-            context.wrap_socket(raw) as tls,
+            # No SNI at all (as before) let a server select another certificate for this check
+            # than for gRPC's connection, which sends ssl_target_name_override or the host.
+            context.wrap_socket(raw, server_hostname=server_name or host) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
     except ssl.SSLCertVerificationError as exc:
@@ -222,7 +233,13 @@ def server_spiffe_ids(
         return None
     if der is None:
         return None
-    cert = x509.load_der_x509_certificate(der)
+    return workload_spiffe_ids(target, x509.load_der_x509_certificate(der))
+
+
+def workload_spiffe_ids(target: str, cert: x509.Certificate) -> list[str]:
+    """The URI SANs of the certificate the server at ``target`` presented (chain already
+    verified); raises :class:`ServerIdentityMismatch` when it is a CA's (CA:TRUE, keyCertSign or
+    cRLSign)."""
     problem = signing_capability(cert)
     if problem is not None:
         # TLS takes a CA certificate as a server's leaf; no workload's certificate is one.
@@ -236,21 +253,33 @@ def server_spiffe_ids(
     return list(san.get_values_for_type(x509.UniformResourceIdentifier))
 
 
-def check_server_identity(
-    target: str, presentation: TlsPresentation, expected: str, *, timeout: float = 2.0
-) -> bool:
-    """Checks that the server at ``target`` presents exactly the SPIFFE ID ``expected``.
-
-    Returns False when the server cannot be reached (nothing was checked); raises
-    :class:`ServerIdentityMismatch` naming both identities when it presents another one.
-    """
-    presented = server_spiffe_ids(target, presentation, timeout=timeout)
-    if presented is None:
-        return False
+def require_server_id(target: str, presented: list[str], expected: str) -> None:
+    """Raises :class:`ServerIdentityMismatch` naming both identities unless ``presented`` (the
+    server's URI SANs) is exactly ``expected``."""
     if presented != [expected]:
         shown = ", ".join(presented) if presented else "no SPIFFE ID"
         raise ServerIdentityMismatch(
             f"the server at {target} is {shown}, but this client expects {expected} there "
             "(a misrouted address, or another workload answering on that port)"
         )
+
+
+def check_server_identity(
+    target: str,
+    presentation: TlsPresentation,
+    expected: str,
+    *,
+    server_name: str | None = None,
+    timeout: float = 2.0,
+) -> bool:
+    """Checks that the server at ``target`` presents exactly the SPIFFE ID ``expected`` (to a
+    handshake naming it ``server_name``, as the channel's does).
+
+    Returns False when the server cannot be reached (nothing was checked); raises
+    :class:`ServerIdentityMismatch` naming both identities when it presents another one.
+    """
+    presented = server_spiffe_ids(target, presentation, server_name=server_name, timeout=timeout)
+    if presented is None:
+        return False
+    require_server_id(target, presented, expected)
     return True

@@ -161,6 +161,9 @@ class ReleasePolicy:
     #: Publisher SPIFFE ID → the model names it may get data keys for (None: any publisher, any
     #: name). An entry ending in ``/`` covers every name under it.
     publishers: Mapping[str, tuple[str, ...]] | None = None
+    #: The mode it was loaded in: False admitted development-only values (an SNP
+    #: ``min_reported_tcb: any``), which :meth:`check_deployment` refuses in production.
+    production: bool = True
 
     @classmethod
     def load(cls, text: str | bytes, *, production: bool = True) -> ReleasePolicy:
@@ -174,6 +177,13 @@ class ReleasePolicy:
         except yaml.YAMLError as exc:
             raise PolicyInvalid(
                 f"policy is not valid YAML/JSON: {exc}", reason=Reason.POLICY_SYNTAX
+            ) from None
+        except RecursionError:
+            # PyYAML composes recursively: ``"[" * 20000`` exhausts the stack. The key broker
+            # bounds a document before it gets here; any other caller (a backend loading the
+            # policy it holds a server to) got a RecursionError traceback.
+            raise PolicyInvalid(
+                "policy nests too deeply to read", reason=Reason.POLICY_TOO_DEEP
             ) from None
         except (ValueError, TypeError, LookupError, AttributeError) as exc:
             # PyYAML's constructors raise these, not YAMLError, for a node they resolve but cannot
@@ -221,6 +231,7 @@ class ReleasePolicy:
                 for tee, module in tees.items()
                 if tee in allowed
             },
+            production=production,
         )
 
     def check_deployment(self, *, trust_domain: str | None, production: bool) -> None:
@@ -230,7 +241,8 @@ class ReleasePolicy:
         broker authenticates only its own trust domain), so it is always an error (not judged
         when the trust domain is not known: None); ``allow_debug`` releases keys to a VM whose
         memory the host can read, so production refuses it, and ``allow_simulated`` too, whether
-        or not the trust domain is known.
+        or not the trust domain is known, and a policy loaded in development mode (it may hold
+        development-only values, such as no TCB minimum).
         """
         for field, ids in (
             ("allowed_spiffe_ids", self.allowed_spiffe_ids),
@@ -248,6 +260,15 @@ class ReleasePolicy:
                     "can never match a caller",
                     Reason.POLICY_FOREIGN_TRUST_DOMAIN,
                 )
+        if production and not self.production:
+            # Loaded with production=False, it may state no TCB minimum at all: a client checking
+            # a server with production trust must not hold it to less than a production broker.
+            raise _fail(
+                "document",
+                "was loaded in development mode (which admits development-only values such as "
+                "min_reported_tcb: any): load it in production mode",
+                Reason.POLICY_DEVELOPMENT_MODE,
+            )
         if production:
             tees = tee_rules.registered()
             for tee, rules in self.rules.items():

@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from strongroom.client.server_evidence import server_tls_public_key
+from strongroom.client.server_evidence import ServerConnection
 from strongroom.closing import Closing
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.runtime.bootstrap import open_identity
@@ -114,16 +114,19 @@ class Client(Closing):
         self._channels.append(channel)
         return channel
 
-    def server_tls_public_key(self, service: str) -> bytes:
-        """The DER SubjectPublicKeyInfo of the certificate ``service`` presents to this client
-        (a TLS handshake of its own: gRPC does not show it)."""
+    def server_connection(self, service: str) -> ServerConnection:
+        """One mTLS connection to ``service`` carrying a gRPC channel, with the key of the
+        certificate the server presented on it (gRPC's own channels do not show it); the
+        certificate must carry the SPIFFE ID expected there (:meth:`ClientConfig.server_id`).
+        Close it when done."""
         address = getattr(self.config, service)
         if not address:
             raise ConfigError(f"the client configuration has no address for {service}")
         credentials = self.identity.credentials
-        return server_tls_public_key(
+        return ServerConnection(
             address,
             server_name=getattr(self.config, f"{service}_server_name"),
+            server_id=self.config.server_id(service),
             root_pem=self.identity.root_pem,
             chain_pem=credentials.chain_pem,
             key_pem=credentials.key_pem,

@@ -26,11 +26,15 @@ from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.attestation import TrustStore
 from strongroom.attestation.collateral_cache import CollateralCache
+from strongroom.attestation.errors import PolicyInvalid
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.cli._pins import add_header_pin_argument
 from strongroom.cli.client import Client, add_client_arguments
 from strongroom.client.server_evidence import verify_inference_server
+from strongroom.errors import InvalidArgument
 from strongroom.files import read_file
+from strongroom.keybroker.policy_bounds import check_policy_bounds
+from strongroom.reasons import Reason
 
 TIMEOUT = 600.0
 
@@ -125,20 +129,26 @@ def _evidence(args: argparse.Namespace) -> int:
         if args.policy is not None or args.simulated_tee_dir is not None:
             args.parser.error("--policy and --simulated-tee-dir need --verify COLLATERAL_DIR")
         return _print_evidence(args)
+    if not args.verify.is_dir():
+        # A cache that does not exist reads as an empty one: every check would then fail
+        # COLLATERAL_MISSING naming a CRL, not the mistyped path.
+        raise InvalidArgument(
+            f"--verify {args.verify}: no such collateral directory (make one with `strongroom "
+            "attest collateral fetch` or `import`)",
+            reason=Reason.COLLATERAL_MISSING,
+        )
     development = args.simulated_tee_dir is not None
     trust = TrustStore.production()
     if development:
-        trust = trust.with_simulated_roots(
-            amd=[read_file(args.simulated_tee_dir / "amd_trust.pem")],
-            intel=[read_file(args.simulated_tee_dir / "intel_root.pem")],
-        )
+        trust = _with_simulated_roots(trust, args.simulated_tee_dir)
     policy = None
     if args.policy is not None:
-        policy = ReleasePolicy.load(read_file(args.policy), production=not development)
-    with Client.from_args(args) as client:
+        policy = _load_policy(args.policy, production=not development)
+    with Client.from_args(args) as client, client.server_connection("inference") as connection:
+        # The evidence travels over the very connection whose key it must bind.
         verified = verify_inference_server(
-            client.channel("inference"),
-            tls_public_key_der=client.server_tls_public_key("inference"),
+            connection.channel,
+            tls_public_key_der=connection.tls_public_key_der,
             trust=trust,
             collateral=CollateralCache(args.verify, trust, writable=False),
             policy=policy,
@@ -153,7 +163,41 @@ def _evidence(args: argparse.Namespace) -> int:
         "policy": verified.decision.as_dict() if verified.decision is not None else None,
     }
     print(json.dumps(out, indent=2))
+    if policy is None:
+        # Any genuine confidential VM passes without one, a debuggable one (whose memory the
+        # host reads) or one running software of anyone's choosing among them.
+        print(
+            "strongroom: warning: no --policy: the server runs in a genuine TEE, but what it runs "
+            "(measurement, debug, TCB) was NOT checked; pass the policy its model's key is "
+            "released under",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _load_policy(path: Path, *, production: bool) -> ReleasePolicy:
+    try:
+        document = read_file(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyInvalid(f"{path} is not UTF-8 text", reason=Reason.POLICY_SYNTAX) from None
+    # The key broker's bounds, before the loader: a document nested thousands deep made PyYAML
+    # recurse until RecursionError (a traceback here), and costs time quadratic in its depth.
+    check_policy_bounds(document)
+    return ReleasePolicy.load(document, production=production)
+
+
+def _with_simulated_roots(trust: TrustStore, directory: Path) -> TrustStore:
+    try:
+        return trust.with_simulated_roots(
+            amd=[read_file(directory / "amd_trust.pem")],
+            intel=[read_file(directory / "intel_root.pem")],
+        )
+    except ValueError as exc:
+        # A certificate without the simulated-TEE marking (a real root, another directory): the
+        # operator's mistake, one line, not a traceback.
+        raise InvalidArgument(
+            f"--simulated-tee-dir {directory}: {exc}", reason=Reason.BAD_CERTIFICATE
+        ) from None
 
 
 def _print_evidence(args: argparse.Namespace) -> int:

@@ -6,28 +6,41 @@
 1. the evidence verifies against the roots in ``trust``, judged with collateral (CRLs, TCB info,
    QE identity) from the caller's own source, never from the server;
 2. its REPORT_DATA is exactly ``binding.client_report_data_for(nonce, key)`` where ``key`` is the
-   public key of the certificate the server presented to *us* (:func:`server_tls_public_key`), so
-   evidence fetched by someone else, or relayed from another machine, does not pass;
+   public key of the certificate the server presented to *us* on the connection the evidence
+   came over (:class:`ServerConnection`), so evidence fetched by someone else, or relayed from
+   another machine, does not pass;
 3. when a release policy is given, the claims satisfy it for the server's SPIFFE ID — the same
    document the key broker releases the model's key under, so a client can hold the server to
-   exactly the measurement, TCB and platform rules the model's owner set.
+   exactly the measurement, TCB and platform rules the model's owner set. As on a production
+   broker, a policy allowing debug VMs or the simulated TEE is refused unless ``trust`` includes
+   the simulated roots (development).
 
-gRPC Python shows a client nothing of the server's certificate, so the key comes from a TLS
-handshake of its own to the same address under the same client identity (the same server
-presents the same certificate). A renewal of the server's certificate between that handshake and
-the evidence makes the two disagree: that is refused (``SERVER_TLS_KEY_CHANGED``), and asking again
-succeeds.
+gRPC Python shows a client nothing of the server's certificate. :class:`ServerConnection` makes
+the TLS connection itself, reads the key from it and carries a gRPC channel over that very
+connection (through a private Unix socket), so the evidence, and whatever the caller sends after
+it, go over the connection whose key the evidence is checked against. :func:`server_tls_public_key`
+reads the key over a handshake of its own instead, which only holds if the server presents the
+same certificate on every connection: a machine in front of a genuine server that routes that one
+handshake to it and answers the gRPC channel itself (with any certificate valid for the same
+SPIFFE ID, relaying GetEvidence) passes it. A renewal of the server's certificate between the
+connection and the evidence makes the two disagree: that is refused (``SERVER_TLS_KEY_CHANGED``),
+and asking again on a new connection succeeds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-import os
 import secrets
-import socket
+import shutil
 import ssl
+import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -44,7 +57,16 @@ from strongroom.attestation import (
 )
 from strongroom.attestation.binding import check_report_data, client_report_data_for
 from strongroom.attestation.policy import PolicyDecision, ReleasePolicy
+from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Unavailable
+from strongroom.pki.handshake import (
+    ServerIdentityMismatch,
+    TlsPresentation,
+    client_context,
+    host_port,
+    require_server_id,
+    workload_spiffe_ids,
+)
 from strongroom.reasons import Reason
 
 NONCE_BYTES = 32
@@ -66,42 +88,197 @@ def server_tls_public_key(
     address: str,
     *,
     server_name: str,
+    server_id: str,
     root_pem: bytes,
     chain_pem: bytes,
     key_pem: bytes,
     timeout: float = 10.0,
 ) -> bytes:
-    """The DER SubjectPublicKeyInfo of the certificate the server at ``address`` presents to a
-    client holding ``chain_pem``/``key_pem`` (a TLS handshake of its own, verified against
-    ``root_pem`` for ``server_name``). The client key goes to OpenSSL through an in-memory file:
-    never on disk."""
-    context = ssl.create_default_context(cadata=root_pem.decode())
-    context.set_alpn_protocols(["h2"])
-    descriptor = os.memfd_create("strongroom-client-identity", os.MFD_CLOEXEC)
-    try:
-        os.write(descriptor, chain_pem + key_pem)
-        context.load_cert_chain(f"/proc/self/fd/{descriptor}")
-    finally:
-        os.close(descriptor)
-    host, _, port = address.rpartition(":")
-    try:
-        with (
-            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock,
-            context.wrap_socket(sock, server_hostname=server_name) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-    except (OSError, ValueError) as exc:
-        raise Unavailable(
-            f"cannot reach {address} to read the certificate it presents: {exc}",
-            reason=Reason.SERVER_UNREACHABLE,
-        ) from None
-    if der is None:  # pragma: no cover - a verified handshake always has a peer certificate
-        raise Unavailable(f"{address} presented no certificate", reason=Reason.SERVER_UNREACHABLE)
-    return (
-        x509.load_der_x509_certificate(der)
-        .public_key()
-        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    """The DER SubjectPublicKeyInfo of the certificate the server at ``address`` presents on a
+    connection of its own (see :class:`ServerConnection` for the checks and errors), which is
+    then closed. Evidence fetched over any other connection is checked against it only as far
+    as the server presents one certificate on every connection: prefer a
+    :class:`ServerConnection` and its channel."""
+    with ServerConnection(
+        address,
+        server_name=server_name,
+        server_id=server_id,
+        root_pem=root_pem,
+        chain_pem=chain_pem,
+        key_pem=key_pem,
+        timeout=timeout,
+    ) as connection:
+        return connection.tls_public_key_der
+
+
+def _spki_of(address: str, der: bytes, server_id: str) -> bytes:
+    certificate = x509.load_der_x509_certificate(der)
+    # The policy is judged for ``server_id`` and the evidence is bound to this key: the two must
+    # be one workload's. Host names are shared (every dev service is ``localhost``).
+    require_server_id(address, workload_spiffe_ids(address, certificate), server_id)
+    return certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+class ServerConnection(Closing):
+    """One mutual-TLS connection to the server at ``address`` (verified against ``root_pem`` for
+    ``server_name``, its certificate carrying exactly ``server_id``), with a gRPC
+    :attr:`channel` over that connection and :attr:`tls_public_key_der`, the key of the
+    certificate it presented on it: what :func:`verify_inference_server` needs, from one
+    connection. The channel never reconnects: when the connection ends, its calls fail
+    UNAVAILABLE (a new connection would be an unchecked one); open a new ServerConnection.
+
+    The client key goes to OpenSSL through an in-memory file, never on disk; gRPC reaches the
+    connection through a Unix socket in a private (0700) temporary directory, accepted once.
+    Close it when done (a context manager).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        server_name: str,
+        server_id: str,
+        root_pem: bytes,
+        chain_pem: bytes,
+        key_pem: bytes,
+        timeout: float = 10.0,
+    ) -> None:
+        target = host_port(address)
+        if target is None:
+            raise Unavailable(
+                f"cannot connect to {address}: not a host:port target",
+                reason=Reason.SERVER_UNREACHABLE,
+            )
+        context = client_context(TlsPresentation(root_pem, key_pem, chain_pem))
+        self._directory = Path(tempfile.mkdtemp(prefix="strongroom-connection-"))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="strongroom-server-connection", daemon=True
+        )
+        self._thread.start()
+        self._upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._listener: asyncio.Server | None = None
+        self._accepted = False
+        self._writers: list[asyncio.StreamWriter] = []
+        self._closed = False
+        self._channel: grpc.Channel | None = None
+        socket_path = self._directory / "grpc.sock"
+        try:
+            der = self._run(self._open(target, context, server_name, socket_path), timeout=timeout)
+            self.tls_public_key_der = _spki_of(address, der, server_id)
+        except ssl.SSLCertVerificationError as exc:
+            self.close()
+            raise ServerIdentityMismatch(
+                f"the server at {address} presented a certificate we do not accept for "
+                f"{server_name!r} ({exc.verify_message})"
+            ) from None
+        except TimeoutError:
+            self.close()
+            raise Unavailable(
+                f"no TLS connection to {address} within {timeout:g} s",
+                reason=Reason.SERVER_UNREACHABLE,
+            ) from None
+        except (OSError, ValueError) as exc:
+            self.close()
+            raise Unavailable(
+                f"cannot connect to {address}: {exc}", reason=Reason.SERVER_UNREACHABLE
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+        self._channel = grpc.insecure_channel(
+            f"unix:{socket_path}",
+            # Its own connection, never shared with another channel to the same path.
+            options=[("grpc.use_local_subchannel_pool", 1)],
+        )
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The gRPC channel over this connection."""
+        if self._channel is None or self._closed:
+            raise ValueError("the connection is closed")
+        return self._channel
+
+    def _run(self, coroutine: Any, *, timeout: float) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    async def _open(
+        self, target: tuple[str, int], context: ssl.SSLContext, server_name: str, path: Path
+    ) -> bytes:
+        host, port = target
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=context, server_hostname=server_name
+        )
+        self._upstream = (reader, writer)
+        self._writers.append(writer)
+        tls = writer.get_extra_info("ssl_object")
+        der: bytes | None = tls.getpeercert(binary_form=True) if tls is not None else None
+        if der is None:  # pragma: no cover - a verified handshake always has a peer certificate
+            raise ValueError("the server presented no certificate")
+        self._listener = await asyncio.start_unix_server(self._carry, path=str(path))
+        return der
+
+    async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        if self._accepted or self._upstream is None:
+            writer.transport.abort()  # one connection: a second would not be the checked one
+            return
+        self._accepted = True
+        if self._listener is not None:
+            self._listener.close()
+        upstream_reader, upstream_writer = self._upstream
+        await asyncio.gather(_pump(reader, upstream_writer), _pump(upstream_reader, writer))
+
+    def close(self) -> None:
+        """Closes the channel and the connection; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._channel is not None:
+            self._channel.close()
+        if self._loop.is_running():
+            with contextlib.suppress(Exception):
+                self._run(self._shutdown(), timeout=5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        if not self._loop.is_running():
+            self._loop.close()
+        shutil.rmtree(self._directory, ignore_errors=True)
+
+    async def _shutdown(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        # Aborted, not closed: a TLS close waits for the peer's close_notify, and nothing more
+        # is to be said on this connection.
+        for writer in self._writers:
+            writer.transport.abort()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # lets the aborted transports' connection_lost run
+
+    def __repr__(self) -> str:
+        return f"ServerConnection(closed={self._closed})"
+
+
+async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(256 * 1024):
+            sink.write(data)
+            await sink.drain()
+    except (OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        # Either side ending ends both: gRPC then sees the connection gone.
+        sink.close()
 
 
 def verify_inference_server(
@@ -116,9 +293,12 @@ def verify_inference_server(
     timeout: float = 30.0,
 ) -> VerifiedServer:
     """Fetches the server's evidence over ``channel`` for a fresh nonce and verifies it (see the
-    module doc); ``tls_public_key_der`` is what :func:`server_tls_public_key` read. With a
-    ``policy``, ``server_spiffe_id`` is the identity the policy's ``callers`` must list (the one
-    the channel checks the server presents).
+    module doc); ``channel`` and ``tls_public_key_der`` are a :class:`ServerConnection`'s. With
+    a ``policy``, ``server_spiffe_id`` is the identity the policy's ``callers`` must list (the
+    ``server_id`` the connection checked); with a ``trust`` store that does not include the
+    simulated roots (production), a policy that allows debug VMs or the simulated TEE, or was
+    loaded with ``production=False``, is refused (``PolicyInvalid``, as a production key broker
+    refuses it) before the server is asked.
 
     Raises the verifier's errors (``MalformedEvidence``, ``VerificationFailed``,
     ``CollateralUnavailable``; ``VerificationFailed(REPORT_DATA_MISMATCH)`` for evidence bound to
@@ -128,6 +308,12 @@ def verify_inference_server(
     """
     if policy is not None and not server_spiffe_id:
         raise ValueError("a policy is checked against the server's SPIFFE ID: pass it")
+    if policy is not None:
+        # What a production broker refuses to release a key under (a debuggable VM, whose memory
+        # the host reads; the simulated TEE; a policy loaded in development mode, which may state
+        # no TCB minimum) must not pass a production client's check either: "production" is a
+        # trust store without the simulated roots. Before any call.
+        policy.check_deployment(trust_domain=None, production=not trust.includes_simulated)
     nonce = secrets.token_bytes(NONCE_BYTES)
     response = pb_grpc.InferenceAttestationServiceStub(channel).GetEvidence(
         pb.GetEvidenceRequest(nonce=nonce), timeout=timeout

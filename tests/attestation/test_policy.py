@@ -930,6 +930,27 @@ def test_an_explicit_null_publishers_is_not_an_absent_one() -> None:
     assert info.value.reason == "POLICY_BAD_TYPE"
 
 
+def test_a_policy_loaded_in_development_mode_is_refused_where_deployed_in_production() -> None:
+    loaded = policy(
+        production=False, sev_snp__allow_simulated=False, tdx=None, tee_types=["SEV_SNP"]
+    )
+    loaded.check_deployment(trust_domain="strongroom.test", production=False)
+    with pytest.raises(PolicyInvalid) as info:
+        loaded.check_deployment(trust_domain="strongroom.test", production=True)
+    assert info.value.reason == "POLICY_DEVELOPMENT_MODE"
+    policy(sev_snp__allow_simulated=False, tdx=None, tee_types=["SEV_SNP"]).check_deployment(
+        trust_domain="strongroom.test", production=True
+    )
+
+
+@pytest.mark.parametrize("text", ["[" * 20_000 + "]" * 20_000, "a: " + "{b: " * 5_000 + "1"])
+def test_a_policy_nested_too_deeply_for_the_yaml_reader_is_invalid(text: str) -> None:
+    """Outside the key broker (which bounds documents first) this was a RecursionError."""
+    with pytest.raises(PolicyInvalid) as info:
+        ReleasePolicy.load(text)
+    assert info.value.reason == "POLICY_TOO_DEEP"
+
+
 def test_a_publisher_outside_the_trust_domain_is_refused_where_deployed() -> None:
     loaded = policy(
         production=False,

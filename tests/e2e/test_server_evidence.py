@@ -4,26 +4,38 @@ inference server (simulated TEE) over mTLS."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 
+import strongroom.attestation.trust
 from strongroom.api.inference.v1 import attestation_pb2 as pb
-from strongroom.attestation import VerificationFailed
+from strongroom.api.inference.v1 import attestation_pb2_grpc as att_grpc
+from strongroom.attestation import TrustStore, VerificationFailed
 from strongroom.attestation.collateral_cache import CollateralCache
-from strongroom.attestation.errors import PolicyViolation
+from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.cli.main import main
-from strongroom.client.server_evidence import server_tls_public_key, verify_inference_server
+from strongroom.client.server_evidence import (
+    ServerConnection,
+    server_tls_public_key,
+    verify_inference_server,
+)
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import FailedPrecondition
-from strongroom.pki.identity import WorkloadIdentity
+from strongroom.errors import FailedPrecondition, Unavailable
+from strongroom.pki.handshake import ServerIdentityMismatch
+from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.reasons import Reason
 
 
@@ -68,6 +80,21 @@ def test_the_cli_verifies_the_server_against_its_models_release_policy(
     assert len(bytes.fromhex(verified["nonce"])) == 32
 
 
+def test_the_cli_says_what_it_did_not_check_without_a_policy(
+    served: DevStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --policy any genuine confidential VM passes, a debug one or one running anyone's
+    software; the command printed a verified result with "policy": null and said nothing."""
+    config = str(served.write_client_config("client"))
+    code, out, err = run(
+        capsys, "inference", "evidence", "--client-config", config,
+        "--verify", str(served.init_collateral()),
+        "--simulated-tee-dir", str(served.init_simulated_tee()),
+    )  # fmt: skip
+    assert code == 0 and json.loads(out)["policy"] is None
+    assert "no --policy" in err and "NOT checked" in err
+
+
 def test_the_cli_refuses_a_server_outside_the_policy(
     served: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -94,6 +121,74 @@ def test_the_cli_refuses_the_simulated_chain_unless_told_to_trust_it(
     assert "ROOT_NOT_TRUSTED" in err and "Traceback" not in err
 
 
+def test_a_production_check_refuses_a_policy_that_allows_a_debug_vm(
+    served: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A production broker refuses such a policy; a production client used to accept it."""
+    policy = tmp_path / "debug.yaml"
+    policy.write_text(
+        served.simulated_policy("debug-1")
+        .replace("allow_simulated: true", "allow_debug: true")
+        .replace(
+            "min_reported_tcb: any",
+            "min_reported_tcb: {bootloader: 0, tee: 0, snp: 0, microcode: 0}",
+        )
+    )
+    config = str(served.write_client_config("client"))
+    code, out, err = run(
+        capsys, "inference", "evidence", "--client-config", config,
+        "--verify", str(served.init_collateral()), "--policy", str(policy),
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert "POLICY_DEBUG_IN_PRODUCTION" in err and "Traceback" not in err
+
+
+def test_the_cli_refuses_a_real_root_offered_as_the_simulated_chain(
+    served: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--simulated-tee-dir naming a directory of real roots ended in a ValueError traceback."""
+    trust_dir = Path(strongroom.attestation.trust.__file__).parent
+    (tmp_path / "amd_trust.pem").write_bytes((trust_dir / "ark_milan.pem").read_bytes())
+    (tmp_path / "intel_root.pem").write_bytes((trust_dir / "intel_sgx_root_ca.pem").read_bytes())
+    config = str(served.write_client_config("client"))
+    code, out, err = run(
+        capsys, "inference", "evidence", "--client-config", config,
+        "--verify", str(served.init_collateral()), "--simulated-tee-dir", str(tmp_path),
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert "BAD_CERTIFICATE" in err and "not marked as a simulated-TEE" in err
+
+
+def test_the_cli_refuses_a_deeply_nested_policy_file_in_one_line(
+    served: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --policy document nested thousands deep made PyYAML recurse into a RecursionError
+    traceback (the key broker bounds a document before loading it; the command did not)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("[" * 20_000 + "]" * 20_000)
+    config = str(served.write_client_config("client"))
+    code, out, err = run(
+        capsys, "inference", "evidence", "--client-config", config,
+        "--verify", str(served.init_collateral()), "--policy", str(policy),
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert "POLICY_TOO_DEEP" in err and "Traceback" not in err
+
+
+def test_the_cli_names_a_collateral_directory_that_does_not_exist(
+    served: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It read as an empty cache: "no CRL of ARK-Milan in the verifier's collateral"."""
+    config = str(served.write_client_config("client"))
+    missing = tmp_path / "colateral"
+    code, out, err = run(
+        capsys, "inference", "evidence", "--client-config", config, "--verify", str(missing),
+        "--simulated-tee-dir", str(served.init_simulated_tee()),
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert str(missing) in err and "Traceback" not in err
+
+
 def test_unverified_evidence_says_so(served: DevStack, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(served.write_client_config("client"))
     code, out, err = run(capsys, "inference", "evidence", "--client-config", config)
@@ -102,6 +197,95 @@ def test_unverified_evidence_says_so(served: DevStack, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit) as exited:
         main(["inference", "evidence", "--client-config", config, "--policy", "p.yaml"])
     assert exited.value.code == 2
+
+
+class _Router:
+    """What a machine in front of a genuine server can do: send the first connection to it and
+    every later one to ``others``."""
+
+    def __init__(self, first: str, others: str) -> None:
+        self._targets = [first, others]
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                downstream, _ = self._listener.accept()
+                host, port = self._targets[min(len(self._sockets), 1)].rsplit(":", 1)
+                upstream = socket.create_connection((host, int(port)))
+                self._sockets += [downstream, upstream]
+                for a, b in ((downstream, upstream), (upstream, downstream)):
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+
+class _RelayingServer(att_grpc.InferenceAttestationServiceServicer):
+    """Not the attested server: any machine holding a certificate for the inference SPIFFE ID,
+    passing GetEvidence on to the genuine server (which binds the client's nonce and its own
+    key), to then receive what the client sends next."""
+
+    def __init__(self, genuine: grpc.Channel) -> None:
+        self._genuine = att_grpc.InferenceAttestationServiceStub(genuine)
+        self.calls = 0
+
+    def GetEvidence(self, request: Any, context: Any) -> Any:
+        self.calls += 1
+        return self._genuine.GetEvidence(request, timeout=30)
+
+
+def test_the_evidence_comes_over_the_connection_whose_key_it_binds(
+    served: DevStack,
+    client: WorkloadIdentity,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The key was read over a handshake of its own: routing that one to the genuine server and
+    the gRPC channel to a relay (a certificate for the same SPIFFE ID, e.g. from a leaked
+    enrolment token) passed the check, and the data went to the relay."""
+    ca = served.start_ca()
+    impostor = WorkloadIdentity.enrol(
+        ca.client(), served.token("inference", dns=["inference"]), policy=RenewalPolicy()
+    )
+    relay = _RelayingServer(served.channel(client, "inference"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    att_grpc.add_InferenceAttestationServiceServicer_to_server(relay, server)
+    port = server.add_secure_port("127.0.0.1:0", impostor.server_credentials())
+    server.start()
+    router = _Router(served.address("inference"), f"127.0.0.1:{port}")
+    config = yaml.safe_load(served.write_client_config("client").read_text())
+    config["inference"] = router.address
+    routed = tmp_path / "routed.yaml"
+    routed.write_text(yaml.safe_dump(config))
+    try:
+        code, out, err = run(
+            capsys, "inference", "evidence", "--client-config", str(routed),
+            "--verify", str(served.init_collateral()),
+            "--simulated-tee-dir", str(served.init_simulated_tee()),
+            "--policy", str(_policy_file(served, tmp_path)),
+        )  # fmt: skip
+    finally:
+        router.close()
+        server.stop(grace=None).wait()
+        impostor.close()
+    assert relay.calls == 0, "the evidence went over another connection than the checked one"
+    assert code == 0, err
+    assert json.loads(out)["policy"]["policy_version"] == "server-check-1"
 
 
 # ------------------------------------------------------------------ the library, attacked
@@ -133,6 +317,10 @@ def _verify(
     key = server_tls_public_key(
         stack.address(tls_key_of),
         server_name=tls_key_of,
+        # A relay showing another server's valid certificate is refused right here (see
+        # test_the_key_must_be_that_of_the_identity_checked); these tests go past that check to
+        # the binding's.
+        server_id=stack.spiffe_id(tls_key_of),
         root_pem=client.root_pem,
         chain_pem=credentials.chain_pem,
         key_pem=credentials.key_pem,
@@ -155,6 +343,78 @@ def test_genuine_evidence_passes(served: DevStack, client: WorkloadIdentity) -> 
     assert verified.claims.report_data != bytes(64) and verified.decision is None
 
 
+def test_the_key_is_read_from_any_target_form_the_channel_accepts(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """A client configuration's ``dns:///host:port`` (or ``ipv4:``) reached the server over gRPC
+    but not in the key's handshake (SERVER_UNREACHABLE: "Name or service not known")."""
+    credentials = client.credentials
+
+    def key(address: str) -> bytes:
+        return server_tls_public_key(
+            address,
+            server_name="inference",
+            server_id=served.spiffe_id("inference"),
+            root_pem=client.root_pem,
+            chain_pem=credentials.chain_pem,
+            key_pem=credentials.key_pem,
+        )
+
+    address = served.address("inference")
+    assert key(f"dns:///{address}") == key(f"ipv4:{address}") == key(address)
+
+
+def test_the_key_must_be_that_of_the_identity_checked(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """The handshake that reads the key checked only the host name, which workloads share (every
+    dev service is ``localhost``): the key of another workload passed, and the policy was then
+    judged for the identity the client expected, not for that workload's."""
+    credentials = client.credentials
+    with pytest.raises(ServerIdentityMismatch) as refused:
+        server_tls_public_key(
+            served.address("keybroker"),
+            server_name="localhost",
+            server_id=served.spiffe_id("inference"),
+            root_pem=client.root_pem,
+            chain_pem=credentials.chain_pem,
+            key_pem=credentials.key_pem,
+        )
+    assert refused.value.reason == Reason.SERVER_IDENTITY_MISMATCH
+    assert served.spiffe_id("keybroker") in str(refused.value)
+    with pytest.raises(ServerIdentityMismatch) as misnamed:  # no DNS name "inference" on it
+        ServerConnection(
+            served.address("keybroker"),
+            server_name="inference",
+            server_id=served.spiffe_id("inference"),
+            root_pem=client.root_pem,
+            chain_pem=credentials.chain_pem,
+            key_pem=credentials.key_pem,
+        )
+    assert "'inference'" in str(misnamed.value)
+
+
+def test_a_server_that_never_answers_the_handshake_is_unavailable(
+    client: WorkloadIdentity,
+) -> None:
+    credentials = client.credentials
+    with (
+        socket.create_server(("127.0.0.1", 0)) as silent,  # connects, never speaks TLS
+        pytest.raises(Unavailable) as refused,
+    ):
+        ServerConnection(
+            f"127.0.0.1:{silent.getsockname()[1]}",
+            server_name="inference",
+            server_id="spiffe://strongroom.test/inference",
+            root_pem=client.root_pem,
+            chain_pem=credentials.chain_pem,
+            key_pem=credentials.key_pem,
+            timeout=0.5,
+        )
+    assert refused.value.reason == Reason.SERVER_UNREACHABLE
+    assert "within 0.5 s" in refused.value.message
+
+
 def test_evidence_bound_to_another_servers_key_is_refused(
     served: DevStack, client: WorkloadIdentity
 ) -> None:
@@ -173,6 +433,7 @@ def test_a_relay_that_also_lies_about_the_key_hash_is_refused_by_the_binding(
     broker_key = server_tls_public_key(
         served.address("keybroker"),
         server_name="keybroker",
+        server_id=served.spiffe_id("keybroker"),
         root_pem=client.root_pem,
         chain_pem=credentials.chain_pem,
         key_pem=credentials.key_pem,
@@ -194,6 +455,38 @@ def test_a_tampered_report_is_refused(served: DevStack, client: WorkloadIdentity
 
     with pytest.raises(VerificationFailed):
         _verify(served, client, change=flip)
+
+
+def test_a_policy_loaded_in_development_mode_is_refused_under_production_trust(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """Loaded with production=False, a policy may state no TCB minimum (``any``): a backend with
+    production trust held servers to less than a production broker releases keys under."""
+    development = ReleasePolicy.load(
+        served.simulated_policy("dev-1").replace("  allow_simulated: true\n", ""), production=False
+    )
+    authority = SimulatedAuthority.load(served.init_simulated_tee())
+    credentials = client.credentials
+    key = server_tls_public_key(
+        served.address("inference"),
+        server_name="inference",
+        server_id=served.spiffe_id("inference"),
+        root_pem=client.root_pem,
+        chain_pem=credentials.chain_pem,
+        key_pem=credentials.key_pem,
+    )
+    with pytest.raises(PolicyInvalid) as refused:
+        verify_inference_server(
+            served.channel(client, "inference"),
+            tls_public_key_der=key,
+            trust=TrustStore.production(),
+            collateral=CollateralCache(
+                served.init_collateral(), authority.trust_store(), writable=False
+            ),
+            policy=development,
+            server_spiffe_id=served.spiffe_id("inference"),
+        )
+    assert refused.value.reason == Reason.POLICY_DEVELOPMENT_MODE
 
 
 def test_a_policy_for_another_identity_is_refused(

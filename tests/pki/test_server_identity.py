@@ -7,6 +7,9 @@ broker). A channel configured with the SPIFFE ID expected at its target refuses 
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -18,8 +21,9 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from strongroom.pki import StepCa, WorkloadIdentity
+from strongroom.pki._files import memory_file
 from strongroom.pki.channel import _close_channel, _Slot
-from strongroom.pki.handshake import ServerIdentityMismatch
+from strongroom.pki.handshake import ServerIdentityMismatch, TlsPresentation, check_server_identity
 from strongroom.runtime.config import ConfigError, IdentityConfig
 from tests.pki.helpers import TRUST_DOMAIN, Server, enrol, make_leaf, serve, sid
 
@@ -228,3 +232,64 @@ def test_a_watched_channel_is_closed_only_after_grpcs_poller_has_stopped() -> No
     while not polling_when_closed and time.monotonic() < deadline:
         time.sleep(0.05)
     assert polling_when_closed == [False]
+
+
+def _context_of(identity: WorkloadIdentity) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    credentials = identity.credentials
+    with memory_file(credentials.chain_pem + credentials.key_pem) as path:
+        context.load_cert_chain(path)
+    return context
+
+
+def test_the_identity_check_names_the_server_as_grpc_does(
+    ca: StepCa, store_identity: WorkloadIdentity, client_identity: WorkloadIdentity
+) -> None:
+    """A server that chooses its certificate by SNI (a TLS front end for several services): gRPC's
+    connection names it (``ssl_target_name_override``), but the SPIFFE check's handshake sent no
+    name and was judged on the default certificate, another workload's than gRPC then used."""
+    broker = enrol(ca, "keybroker", ["keybroker", "localhost"], auto_renew=False)
+    default, by_name = _context_of(broker), _context_of(store_identity)
+
+    def choose(tls: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        if name == "modelstore":
+            tls.context = by_name
+
+    default.sni_callback = choose  # type: ignore[assignment]
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with raw, contextlib.suppress(OSError):
+                default.wrap_socket(raw, server_side=True).close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    target = f"127.0.0.1:{listener.getsockname()[1]}"
+    credentials = client_identity.credentials
+    presentation = TlsPresentation(
+        client_identity.root_pem, credentials.key_pem, credentials.chain_pem
+    )
+    try:
+        # What a channel runs before its first call on a connection.
+        with client_identity.channel(
+            target, server_name="modelstore", server_id=sid("modelstore")
+        ) as channel:
+            channel._verify(channel._slot)
+            assert channel._slot.verified
+        assert check_server_identity(
+            target, presentation, sid("modelstore"), server_name="modelstore"
+        )
+        with pytest.raises(ServerIdentityMismatch):
+            check_server_identity(target, presentation, sid("modelstore"))
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+        broker.close()
