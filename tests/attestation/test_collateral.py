@@ -476,6 +476,35 @@ def test_a_kds_404_is_remembered_per_chip_and_tcb(  # type: ignore[no-untyped-de
     assert fetches_for(report) == 1
 
 
+@pytest.mark.parametrize(
+    "answer", [b"<html>proxy sign-in</html>", b"\x30\x82\x05\x00\x30"], ids=["page", "cut-der"]
+)
+def test_a_kds_answer_that_is_no_certificate_is_a_failed_fetch(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, now, answer: bytes
+) -> None:
+    """KDS (or whatever answers at its address) sending something that is no certificate at all
+    for a genuine report's VCEK was handed to the verifier, which refused the report
+    BAD_CERTIFICATE: INVALID_ARGUMENT, the caller's fault (never retried by the inference loader),
+    and the fetch was not remembered, every release asking again. It is a failed fetch now:
+    UNAVAILABLE COLLATERAL_FETCH_FAILED, then backed off like an outage (COLLATERAL_MISSING)."""
+    snp = authority.snp()
+    server.vcek("Milan", snp.chip_id, snp.tcb.components(), answer)
+    server.amd_crl("Milan", authority.crl("ark", now=now))
+    service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    genuine = Evidence(TeeType.SEV_SNP, snp.report(RD, measurement=MEAS))
+    path = f"/vcek/v1/Milan/{snp.chip_id.hex()}?"
+    for reason in (Reason.COLLATERAL_FETCH_FAILED, Reason.COLLATERAL_MISSING):
+        with pytest.raises(CollateralUnavailable) as err:
+            verify_evidence(genuine, trust=sim_trust, now=now, collateral=service)
+        assert err.value.reason == reason
+        assert err.value.status_name == "UNAVAILABLE" and not callers_fault(err.value)
+        assert len([r for r in server.requests if r.startswith(path)]) == 1
+    assert _vcek_files(tmp_path) == []
+    server.vcek("Milan", snp.chip_id, snp.tcb.components(), snp.certificate_der)
+    fixed = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    assert verify_evidence(genuine, trust=sim_trust, now=now, collateral=fixed).collateral_complete
+
+
 def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path) -> None:  # type: ignore[no-untyped-def]
     cache = CollateralCache(tmp_path, sim_trust, max_vceks=2)
     platforms = [authority.snp() for _ in range(3)]
