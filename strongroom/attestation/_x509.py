@@ -126,8 +126,13 @@ def parse_crl(data: bytes) -> x509.CertificateRevocationList:
     """A DER or PEM CRL (structure only); what ``cryptography`` raises for anything else."""
     raw = bytes(data)
     if raw.lstrip().startswith(b"-----BEGIN"):
-        return x509.load_pem_x509_crl(raw)
-    return x509.load_der_x509_crl(raw)
+        crl = x509.load_pem_x509_crl(raw)
+    else:
+        crl = x509.load_der_x509_crl(raw)
+    # The issuer name is parsed only when first read: read here, so that a name that does not
+    # parse is this parse's ValueError, not one raised where the CRL is first matched to its CA.
+    _ = crl.issuer
+    return crl
 
 
 def verify_crl_signature(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:

@@ -29,7 +29,8 @@ fetch is all an unsigned report can cause: the answer is kept only once the repo
 (:meth:`CollateralCache.put_vcek`), and a failed fetch or a 404 is remembered per product, chip id
 and TCB, so the same request is not sent again for ``retry_after_seconds``. A 404, fresh or
 remembered, refuses the report (``VCEK_NOT_FOUND``, PERMISSION_DENIED: the evidence names a chip
-and TCB AMD does not know), where an outage is ``UNAVAILABLE``. Those memories are
+and TCB AMD does not know), where an outage is ``UNAVAILABLE``, as is an answer that is no VCEK
+certificate at all (``COLLATERAL_FETCH_FAILED``, remembered like an outage). Those memories are
 bounded (:data:`MAX_FAILURES`, the oldest forgotten first). A report can name any chip id, and each
 new one is a fetch on the request's thread: one runs per chip and at most
 :data:`MAX_VCEK_FETCHES` at once; more are refused at once (``COLLATERAL_FETCH_BUSY``,
@@ -408,6 +409,22 @@ class CollateralService:
             raise _no_such_vcek(product)
         try:
             self.cache.put_vcek(der, report)
+        except MalformedEvidence as exc:
+            # What KDS answered is no VCEK certificate at all (a proxy's page, a cut body): the
+            # upstream failed, whatever the report is. Handed to the verifier it was the caller's
+            # BAD_CERTIFICATE (INVALID_ARGUMENT: never retried by the inference loader), and
+            # fetched again for every release. A VCEK that parses but does not verify the report
+            # still serves the verification, which names why.
+            self._note_failure(key)
+            log.warning(
+                "AMD KDS answered a VCEK request with no VCEK certificate",
+                extra={"what": key, "reason": exc.reason, "detail": exc.message},
+            )
+            raise CollateralUnavailable(
+                f"AMD KDS answered the {product} VCEK request with something that is not a VCEK "
+                f"certificate ({exc.message})",
+                reason=Reason.COLLATERAL_FETCH_FAILED,
+            ) from None
         except StrongroomError as exc:
             # Not stored: the verifier, which checks the same, names why (or the cache cannot be
             # written: COLLATERAL_STORE_FAILED). Not remembered as a failure either: the answer may

@@ -202,6 +202,59 @@ def test_an_upstream_that_does_not_speak_http_is_a_failed_fetch(
         assert vcek.value.reason == Reason.COLLATERAL_FETCH_FAILED
 
 
+def _unparseable_name(der: bytes, value: bytes) -> bytes:
+    """``der`` with the first byte of the name attribute ``value`` (the DER string's content)
+    made 0xFF: the certificate or CRL still loads, its name no longer parses."""
+    assert der.count(value) >= 1
+    return der.replace(value, b"\xff" + value[1:], 1)
+
+
+def test_an_upstream_document_whose_names_do_not_parse_is_a_failed_fetch(
+    vectors, production, server, tmp_path, authority, sim_trust, now
+) -> None:  # type: ignore[no-untyped-def]
+    """``cryptography`` parses a certificate's or CRL's names only when first read. A PCK CRL from
+    PCS/PCCS whose issuer name does not parse (its CN a UTF8String that is not UTF-8) raised
+    ValueError out of the cache's checks, past the fetcher (which handles typed refusals only),
+    into the verifier's safety net: the release was refused INVALID_ARGUMENT UNPARSEABLE_INPUT,
+    the caller's fault for its broker's upstream, and the failure was not remembered, so every
+    release fetched it again. The document is now malformed where it is parsed: not cached,
+    COLLATERAL_MISSING (the broker's), backed off. A quote's PCK chain with such a name is
+    BAD_CERTIFICATE, no longer a parser safety-net catch."""
+    real_intel(server, vectors)
+    chain = (vectors / "roots/intel/intel_pck_platform_ca_chain.pem").read_bytes()
+    crl = (vectors / "roots/intel/intel_pck_platform_ca_crl.der").read_bytes()
+    bad = _unparseable_name(crl, b"Intel SGX PCK Platform CA")
+    server.pck_crl("platform", bad, chain)
+    service = CollateralService(
+        CollateralCache(tmp_path, production), fast(server), clock=lambda: SPR_TIME
+    )
+    quote = Evidence(TeeType.TDX, read_vector(vectors, SPR))
+    path = "/sgx/certification/v4/pckcrl?ca=platform&encoding=der"
+    for _ in range(2):
+        with pytest.raises(CollateralUnavailable) as err:
+            verify_evidence(quote, trust=production, now=SPR_TIME, collateral=service)
+        assert err.value.reason == Reason.COLLATERAL_MISSING
+        assert not callers_fault(err.value)
+        assert server.requests.count(path) == 1  # fetched once, then backed off
+    with pytest.raises(MalformedEvidence) as stored:
+        service.cache.put_crl(bad, issuer_chain=chain)
+    assert stored.value.reason == Reason.BAD_COLLATERAL
+
+    tdx = authority.tdx()
+    ca = authority.pck_ca.public_bytes(serialization.Encoding.DER)
+    root_cn = authority.intel_root.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    weird = _unparseable_name(ca, str(root_cn[0].value).encode())  # the CA's issuer name
+    pem = tdx.pck.public_bytes(serialization.Encoding.PEM) + x509.load_der_x509_certificate(
+        weird
+    ).public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(MalformedEvidence) as pck:
+        verify_evidence(
+            Evidence(TeeType.TDX, tdx.quote(RD, mrtd=MEAS, pck_chain_pem=pem)), trust=sim_trust,
+            now=now, collateral=authority.collateral_source(tdx=[tdx], now=now),
+        )  # fmt: skip
+    assert pck.value.reason == Reason.BAD_CERTIFICATE
+
+
 def test_slow_upstream_times_out(vectors, production, server, tmp_path) -> None:  # type: ignore[no-untyped-def]
     real_intel(server, vectors)
     server.delay = 1.0
@@ -421,6 +474,35 @@ def test_a_kds_404_is_remembered_per_chip_and_tcb(  # type: ignore[no-untyped-de
     for chip in (b"\x01" * 64, b"\x02" * 64):  # two more: the first 404 is forgotten
         assert fetches_for(snp.report(RD, measurement=MEAS, chip_id=chip)) == 1
     assert fetches_for(report) == 1
+
+
+@pytest.mark.parametrize(
+    "answer", [b"<html>proxy sign-in</html>", b"\x30\x82\x05\x00\x30"], ids=["page", "cut-der"]
+)
+def test_a_kds_answer_that_is_no_certificate_is_a_failed_fetch(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, now, answer: bytes
+) -> None:
+    """KDS (or whatever answers at its address) sending something that is no certificate at all
+    for a genuine report's VCEK was handed to the verifier, which refused the report
+    BAD_CERTIFICATE: INVALID_ARGUMENT, the caller's fault (never retried by the inference loader),
+    and the fetch was not remembered, every release asking again. It is a failed fetch now:
+    UNAVAILABLE COLLATERAL_FETCH_FAILED, then backed off like an outage (COLLATERAL_MISSING)."""
+    snp = authority.snp()
+    server.vcek("Milan", snp.chip_id, snp.tcb.components(), answer)
+    server.amd_crl("Milan", authority.crl("ark", now=now))
+    service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    genuine = Evidence(TeeType.SEV_SNP, snp.report(RD, measurement=MEAS))
+    path = f"/vcek/v1/Milan/{snp.chip_id.hex()}?"
+    for reason in (Reason.COLLATERAL_FETCH_FAILED, Reason.COLLATERAL_MISSING):
+        with pytest.raises(CollateralUnavailable) as err:
+            verify_evidence(genuine, trust=sim_trust, now=now, collateral=service)
+        assert err.value.reason == reason
+        assert err.value.status_name == "UNAVAILABLE" and not callers_fault(err.value)
+        assert len([r for r in server.requests if r.startswith(path)]) == 1
+    assert _vcek_files(tmp_path) == []
+    server.vcek("Milan", snp.chip_id, snp.tcb.components(), snp.certificate_der)
+    fixed = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    assert verify_evidence(genuine, trust=sim_trust, now=now, collateral=fixed).collateral_complete
 
 
 def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -65,8 +65,15 @@ def load_certificate(data: bytes) -> x509.Certificate:
                     "ignore", message=message, category=CryptographyDeprecationWarning
                 )
             if data.lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(data)
-            return x509.load_der_x509_certificate(data)
+                cert = x509.load_pem_x509_certificate(data)
+            else:
+                cert = x509.load_der_x509_certificate(data)
+            # ``cryptography`` parses names only when first read: a subject or issuer that does
+            # not parse (a UTF8String that is not UTF-8) raised ValueError wherever the chain was
+            # first compared, past every handler of malformed input (the verifier's safety net;
+            # the collateral fetcher, which then neither named the upstream's fault nor backed off).
+            _ = cert.subject, cert.issuer
+            return cert
     except X509_PARSE_ERRORS as exc:
         raise MalformedEvidence(
             f"cannot parse certificate: {exc}", reason=Reason.BAD_CERTIFICATE
