@@ -1202,7 +1202,12 @@ class S3Storage(Closing):
         try:
             if length == 0:
                 response = self._client.head_object(Bucket=self.bucket, Key=self._full(entry.blob))
-                total = int(response["ContentLength"])
+                # A HEAD answer may leave the size out (RFC 9110, 9.3.2: a server that streams
+                # its GETs chunked need not know it); read as response["ContentLength"], that was
+                # a KeyError, INTERNAL. The blob is there and none of it is served: nothing to
+                # check (None), as for a chunked 200 that ends nowhere near the range.
+                stated = response.get("ContentLength")
+                total = None if stated is None else int(stated)
                 body = None
             else:
                 response = self._client.get_object(
@@ -1236,7 +1241,7 @@ class S3Storage(Closing):
             raise s3_error(exc, "opening an artifact") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "opening an artifact") from None
-        if total is None:  # the whole object, its size unstated: the reader checks its end
+        if total is None:  # size unstated (chunked 200, sizeless HEAD): the reader checks its end
             end = offset + length == record.artifact_size
             return S3RangeReader(body, record, offset, length, check_end=end)
         reader = S3RangeReader(body, record, offset, length)
@@ -1530,7 +1535,14 @@ class S3Storage(Closing):
         except _S3_FAILURES as exc:
             log.warning("cannot look up blob %s: %r", blob, exc)
             return _UNKNOWN
-        return int(response["ContentLength"])
+        stated = response.get("ContentLength")
+        if stated is None:
+            # A HEAD answer may leave the size out (RFC 9110, 9.3.2): the blob is there, its size
+            # unknown, so the model is neither missing nor known intact (a KeyError here stopped
+            # the store's start).
+            log.warning("cannot look up blob %s: the object store did not state its size", blob)
+            return _UNKNOWN
+        return int(stated)
 
     def _record_format(self, entry: _Indexed) -> bool:
         """Rewrites a record written before records carried ``artifact_format`` with the format

@@ -960,6 +960,45 @@ def test_a_chunked_answer_without_content_length_is_read_within_the_record(
         proxy.close()
 
 
+def test_a_head_answer_without_content_length_is_not_an_internal_error(
+    s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """HTTP lets a HEAD answer leave out Content-Length (RFC 9110, 9.3.2; a server or proxy that
+    streams its GETs chunked need not know the size). The store read it as
+    ``response["ContentLength"]``: a KeyError, so a GetModel at the artifact's end (offset =
+    size, which any reader of the model may send) was INTERNAL, and a start-up sweep that looked
+    up a blob published during its listing crashed the store's start. The end of an artifact
+    is read as nothing now (the blob is there, and nothing of it is served), and the sweep
+    reports such a blob as not checked, as it does one whose lookup failed."""
+    other = replica(s3_server.endpoint, s3_bucket)
+    proxy = s3server.FaultProxy(s3_server.port, head_without_length=True)
+    try:
+        store = replica(proxy.endpoint, s3_bucket)
+        art = make_artifact("headless", "1", body(3000))
+        store.put([art], StructureValidator())
+        with store.open("headless", "1", offset=len(art)) as reader:
+            assert b"".join(reader.chunks(64)) == b""
+        assert read_all(store, "headless", "1") == art
+
+        published: list[bool] = []
+
+        def publish_between(method: str, path: str) -> bool:
+            listing_the_index = method == "GET" and "list-type=2" in path and "index" in path
+            if listing_the_index and not published:
+                published.append(True)
+                other.put([make_artifact("late", "1", b"y")], StructureValidator())
+            return False
+
+        proxy.inject(s3server.Fault(publish_between))
+        sweep = replica(proxy.endpoint, s3_bucket).last_sweep
+        assert sweep is not None
+        assert sweep.missing_blobs == ()
+        assert sweep.damaged_blobs == ()
+        assert sweep.unchecked_blobs == (("late", "1"),)
+    finally:
+        proxy.close()
+
+
 def test_a_missing_bucket_at_start_up_is_named(s3_server: s3server.MotoServer) -> None:
     """The start-up check (HeadBucket) of a bucket that does not exist -- a typo in the
     configuration, or a bucket not created yet -- failed with S3_ERROR ("the object store refused
