@@ -68,6 +68,7 @@ from strongroom.artifact import InvalidArtifact, StructureValidator, parse_heade
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.identifiers import (
+    validate_key_version,
     validate_name,
     validate_sha256_hex,
     validate_version,
@@ -346,6 +347,15 @@ def _artifact_format(value: object) -> int:
     return value
 
 
+def _size(value: Any) -> int:
+    """A record's size field: what ``ModelInfo``'s uint64 holds (anything else, written into the
+    bucket by hand, was INTERNAL for every call that answered with the record)."""
+    size = int(value)
+    if not 0 <= size < 2**64:
+        raise ValueError("a size out of range")
+    return size
+
+
 def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, str]:
     try:
         value = jsonparse.loads(data)
@@ -355,13 +365,15 @@ def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, st
             name=str(value["name"]),
             version=str(value["version"]),
             artifact_sha256=validate_sha256_hex(str(value["artifact_sha256"])),
-            artifact_size=int(value["artifact_size"]),
-            plaintext_size=int(value["plaintext_size"]),
+            artifact_size=_size(value["artifact_size"]),
+            plaintext_size=_size(value["plaintext_size"]),
             plaintext_sha256=str(value["plaintext_sha256"]),
             content_type=str(value["content_type"]),
             key_id=str(value["key_id"]),
-            key_version=int(value["key_version"]),
-            header_size=int(value["header_size"]),
+            # The one rule for KEK versions (the broker's): the store writes only versions its
+            # artifacts' headers name, which the format holds to it.
+            key_version=validate_key_version(int(value["key_version"])),
+            header_size=_size(value["header_size"]),
             created_at=from_micros(int(value["created_at_us"])),
             stored_at=from_micros(int(value["stored_at_us"])),
             artifact_format=_artifact_format(value.get("artifact_format", 0)),

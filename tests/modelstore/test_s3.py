@@ -79,20 +79,44 @@ def test_multipart_round_trip_and_layout(s3_server: s3server.MotoServer, s3_buck
 
 @pytest.mark.parametrize(
     "damage",
-    [b"not json", b"{}", b"[" * 5_000 + b"]" * 5_000, b"time out of range"],
-    ids=["garbage", "empty-object", "nested-past-the-recursion-limit", "time-out-of-range"],
+    [
+        b"not json",
+        b"{}",
+        b"[" * 5_000 + b"]" * 5_000,
+        b"time out of range",
+        b"key_version=2147483648",
+        b"key_version=4294967296",
+        b"artifact_size=-1",
+        b"plaintext_size=18446744073709551616",
+    ],
+    ids=[
+        "garbage",
+        "empty-object",
+        "nested-past-the-recursion-limit",
+        "time-out-of-range",
+        "kek-version-no-broker-numbers",
+        "kek-version-past-the-field",
+        "negative-size",
+        "size-past-the-field",
+    ],
 )
 def test_an_unreadable_index_record_is_stored_data_corrupt(
     s3_server: s3server.MotoServer, s3_bucket: str, damage: bytes
 ) -> None:
     """A record nested past json's recursion limit raised RecursionError (not a ValueError) and
-    escaped as an untyped error instead of DATA_LOSS INDEX_CORRUPT."""
+    escaped as an untyped error instead of DATA_LOSS INDEX_CORRUPT. Its numbers were taken as
+    they were: a KEK version no broker numbers (no header names one) was listed as the model's,
+    and one or a size that ModelInfo cannot hold made every answer naming the record (GetModel,
+    a ListModels page) INTERNAL."""
     store = replica(s3_server.endpoint, s3_bucket)
     store.put([make_artifact("acme/m", "1", b"x")], StructureValidator())
+    key = "p/index/acme/m!1"
+    record = json.loads(store._client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
     if damage == b"time out of range":  # a date datetime cannot hold: OverflowError
-        key = "p/index/acme/m!1"
-        record = json.loads(store._client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
         damage = json.dumps(record | {"stored_at_us": 10**20}).encode()
+    elif b"=" in damage:  # one field out of its range, the rest of the record intact
+        field, number = damage.decode().split("=")
+        damage = json.dumps(record | {field: int(number)}).encode()
     store._client.put_object(Bucket=s3_bucket, Key="p/index/acme/m!1", Body=damage)
     with pytest.raises(StoredDataCorrupt) as info:
         store.stat("acme/m", "1")
