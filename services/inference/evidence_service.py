@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import grpc
@@ -36,6 +37,11 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
     """GetEvidence over an :class:`Attester`; ``tls_public_key_provider`` returns the DER
     SubjectPublicKeyInfo of the certificate the server currently presents (it changes on renewal).
     At most ``max_concurrent`` hardware requests run at once; more fail with ATTESTATION_BUSY.
+    One caller holds at most ``max_per_caller`` of them (default: just under half, at least 1, so
+    that two callers at their share leave a request for a third); more of its own fail with
+    TOO_MANY_ATTESTATIONS_PER_IDENTITY. Without that share, one client whose requests the
+    firmware answered slowly (the host throttles them) held every slot at its own rate, and
+    every other tenant's check of the server was ATTESTATION_BUSY for as long as it kept them.
 
     Each caller (its verified SPIFFE ID: extra SANs in a certificate buy no second rate) may ask
     for ``per_caller_burst`` reports at once and ``per_caller_rate`` a second after that; beyond it, ATTESTATION_RATE_LIMITED. A report is a
@@ -51,6 +57,7 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
         tls_public_key_provider: Callable[[], bytes],
         *,
         max_concurrent: int = 4,
+        max_per_caller: int | None = None,
         per_caller_rate: float = 4.0,
         per_caller_burst: int = 32,
         clock: Callable[[], float] = time.monotonic,
@@ -58,12 +65,19 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
+        if max_per_caller is None:
+            max_per_caller = max(1, (max_concurrent - 1) // 2)
+        if not 1 <= max_per_caller <= max_concurrent:
+            raise ValueError("max_per_caller must be between 1 and max_concurrent")
         if per_caller_rate <= 0 or per_caller_burst < 1:
             raise ValueError("per_caller_rate must be positive and per_caller_burst at least 1")
         self._attester = attester
         self._tls_key = tls_public_key_provider
         self._report_data = report_data_fn
-        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._max = max_concurrent
+        self._per_caller = max_per_caller
+        self._lock = threading.Lock()
+        self._in_flight: Counter[str] = Counter()  # hardware requests running, per caller
         self._rate = per_caller_rate
         self._burst = per_caller_burst
         self._buckets = CallerBuckets(per_caller_rate, per_caller_burst, clock=clock)
@@ -87,18 +101,16 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
             )
         spki = self._tls_key()
         report_data = self._report_data(nonce, spki)
-        if not self._slots.acquire(blocking=False):
+        refused = self._enter(caller)
+        if refused is not None:
             # The hardware was not asked: the caller keeps its token, or other callers filling the
             # slots would spend its rate for it (and it would then be ATTESTATION_RATE_LIMITED).
             self._buckets.refund(caller)
-            raise ResourceExhausted(
-                "too many attestation requests in progress; retry shortly",
-                reason=Reason.ATTESTATION_BUSY,
-            )
+            raise refused
         try:
             bundle = self._attester.attest(report_data)
         finally:
-            self._slots.release()
+            self._leave(caller)
         log.info(
             "evidence issued",
             extra={"tee_type": bundle.tee_type.name, "source": bundle.source},
@@ -108,3 +120,29 @@ class InferenceAttestationServicer(pb_grpc.InferenceAttestationServiceServicer):
             report_data=report_data,
             tls_public_key_sha256=hashlib.sha256(spki).digest(),
         )
+
+    def _enter(self, caller: str) -> ResourceExhausted | None:
+        """Takes a hardware request slot for ``caller``; the refusal (nothing taken) if it holds
+        its share already or every slot is taken. The caller's own share is judged first: a
+        caller over it is told so, whatever the others hold."""
+        with self._lock:
+            own = self._in_flight[caller] >= self._per_caller
+            if not own and self._in_flight.total() < self._max:
+                self._in_flight[caller] += 1
+                return None
+        if own:
+            return ResourceExhausted(
+                f"this caller already has {self._per_caller} attestation requests in progress "
+                f"(of {self._max} the server runs at once); retry when one is answered",
+                reason=Reason.TOO_MANY_ATTESTATIONS_PER_IDENTITY,
+            )
+        return ResourceExhausted(
+            "too many attestation requests in progress; retry shortly",
+            reason=Reason.ATTESTATION_BUSY,
+        )
+
+    def _leave(self, caller: str) -> None:
+        with self._lock:
+            self._in_flight[caller] -= 1
+            if self._in_flight[caller] <= 0:
+                del self._in_flight[caller]  # only callers with requests running are kept

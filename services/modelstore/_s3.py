@@ -68,6 +68,7 @@ from strongroom.artifact import InvalidArtifact, StructureValidator, parse_heade
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.identifiers import (
+    validate_key_version,
     validate_name,
     validate_sha256_hex,
     validate_version,
@@ -346,6 +347,15 @@ def _artifact_format(value: object) -> int:
     return value
 
 
+def _size(value: Any) -> int:
+    """A record's size field: what ``ModelInfo``'s uint64 holds (anything else, written into the
+    bucket by hand, was INTERNAL for every call that answered with the record)."""
+    size = int(value)
+    if not 0 <= size < 2**64:
+        raise ValueError("a size out of range")
+    return size
+
+
 def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, str]:
     try:
         value = jsonparse.loads(data)
@@ -355,13 +365,15 @@ def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, st
             name=str(value["name"]),
             version=str(value["version"]),
             artifact_sha256=validate_sha256_hex(str(value["artifact_sha256"])),
-            artifact_size=int(value["artifact_size"]),
-            plaintext_size=int(value["plaintext_size"]),
+            artifact_size=_size(value["artifact_size"]),
+            plaintext_size=_size(value["plaintext_size"]),
             plaintext_sha256=str(value["plaintext_sha256"]),
             content_type=str(value["content_type"]),
             key_id=str(value["key_id"]),
-            key_version=int(value["key_version"]),
-            header_size=int(value["header_size"]),
+            # The one rule for KEK versions (the broker's): the store writes only versions its
+            # artifacts' headers name, which the format holds to it.
+            key_version=validate_key_version(int(value["key_version"])),
+            header_size=_size(value["header_size"]),
             created_at=from_micros(int(value["created_at_us"])),
             stored_at=from_micros(int(value["stored_at_us"])),
             artifact_format=_artifact_format(value.get("artifact_format", 0)),
@@ -1202,7 +1214,12 @@ class S3Storage(Closing):
         try:
             if length == 0:
                 response = self._client.head_object(Bucket=self.bucket, Key=self._full(entry.blob))
-                total = int(response["ContentLength"])
+                # A HEAD answer may leave the size out (RFC 9110, 9.3.2: a server that streams
+                # its GETs chunked need not know it); read as response["ContentLength"], that was
+                # a KeyError, INTERNAL. The blob is there and none of it is served: nothing to
+                # check (None), as for a chunked 200 that ends nowhere near the range.
+                stated = response.get("ContentLength")
+                total = None if stated is None else int(stated)
                 body = None
             else:
                 response = self._client.get_object(
@@ -1236,7 +1253,7 @@ class S3Storage(Closing):
             raise s3_error(exc, "opening an artifact") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "opening an artifact") from None
-        if total is None:  # the whole object, its size unstated: the reader checks its end
+        if total is None:  # size unstated (chunked 200, sizeless HEAD): the reader checks its end
             end = offset + length == record.artifact_size
             return S3RangeReader(body, record, offset, length, check_end=end)
         reader = S3RangeReader(body, record, offset, length)
@@ -1530,7 +1547,14 @@ class S3Storage(Closing):
         except _S3_FAILURES as exc:
             log.warning("cannot look up blob %s: %r", blob, exc)
             return _UNKNOWN
-        return int(response["ContentLength"])
+        stated = response.get("ContentLength")
+        if stated is None:
+            # A HEAD answer may leave the size out (RFC 9110, 9.3.2): the blob is there, its size
+            # unknown, so the model is neither missing nor known intact (a KeyError here stopped
+            # the store's start).
+            log.warning("cannot look up blob %s: the object store did not state its size", blob)
+            return _UNKNOWN
+        return int(stated)
 
     def _record_format(self, entry: _Indexed) -> bool:
         """Rewrites a record written before records carried ``artifact_format`` with the format

@@ -35,11 +35,14 @@ from google.protobuf.message import DecodeError
 from strongroom.api.artifact.v1 import header_pb2
 from strongroom.artifact import c2sp
 from strongroom.artifact.errors import InvalidArtifact
+from strongroom.errors import InvalidArgument
 from strongroom.identifiers import (
+    MAX_KEY_VERSION,
     MAX_NAME_LENGTH,
     MAX_VERSION_LENGTH,
     MODEL_NAME_PATTERN,
     MODEL_VERSION_PATTERN,
+    validate_key_version,
 )
 from strongroom.reasons import Reason
 
@@ -357,8 +360,16 @@ def _check_key_fields(
 ) -> None:
     """The rules shared by the format-1 header fields 4-7 and the key slot (formats 2 and 3)."""
     _check_ascii(key_id, _KEY_ID, MAX_KEY_ID_LENGTH, Reason.INVALID_KEY_ID, "key id")
-    if key_version < 1:
-        raise _invalid(Reason.INVALID_KEY_VERSION, "key version must be at least 1")
+    # The broker's rule (identifiers.validate_key_version), not the field's 32 bits: a header or
+    # slot naming 2**31 or above was stored and listed like any model, yet no broker releases or
+    # re-wraps under it (every load a refused release, and a key rotation called it current).
+    try:
+        validate_key_version(key_version)
+    except InvalidArgument:
+        raise _invalid(
+            Reason.INVALID_KEY_VERSION,
+            f"key version must be 1..{MAX_KEY_VERSION}, the versions a key broker numbers",
+        ) from None
     if wrap_mechanism not in HEADER_WRAP_MECHANISMS:
         raise _invalid(
             Reason.UNSUPPORTED_WRAP_MECHANISM,

@@ -28,6 +28,7 @@ from strongroom.artifact.manifest import header_digest
 from strongroom.client.mechanisms import header_mechanism
 from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
 from strongroom.errors import DataLoss, FailedPrecondition
+from strongroom.identifiers import MAX_KEY_VERSION
 from strongroom.reasons import Reason
 
 UPLOAD_MESSAGE_BYTES = 1024 * 1024
@@ -176,8 +177,8 @@ def upload_artifact(
 
 def check_generated(generated: kb_pb.GenerateDataKeyResponse, name: str, version: str) -> None:
     """Refuses a GenerateDataKey answer that no key broker sends: a body key that is not 32 bytes,
-    a wrapped key that is not the AES-KWP wrapping of one (40 bytes), or no KEK version
-    (DATA_LOSS GENERATED_KEY_INVALID); and a key not bound to ``name``/``version``
+    a wrapped key that is not the AES-KWP wrapping of one (40 bytes), or no KEK version or one
+    no broker numbers (DATA_LOSS GENERATED_KEY_INVALID); and a key not bound to ``name``/``version``
     (FAILED_PRECONDITION DATA_KEY_NOT_BOUND: a broker older than artifact format 3 returns the
     wrapped key itself, and the format-3 artifact written with it would open for no reader).
 
@@ -196,6 +197,10 @@ def check_generated(generated: kb_pb.GenerateDataKeyResponse, name: str, version
         )
     if generated.key_version < 1:
         problems.append("no KEK version")
+    elif generated.key_version > MAX_KEY_VERSION:  # the wire field has twice the range
+        problems.append(
+            f"KEK version {generated.key_version} (a broker numbers 1..{MAX_KEY_VERSION})"
+        )
     if problems:
         raise DataLoss(
             f"the key broker answered GenerateDataKey with {' and '.join(problems)}; nothing was "

@@ -213,7 +213,7 @@ GOOD_LIMITS: list[dict[str, Any]] = [
     {"model_version": "1.4.0+build.7"},
     {"content_type": "application/vnd.dev.sigstore.bundle.v0.3+json"},
     {"key_id": "kms:eu-1/models_kek.v2"},
-    {"key_version": 0xFFFF_FFFF},
+    {"key_version": 2**31 - 1},  # the highest a broker numbers (the field holds 32 bits)
     {"wrapped_dek": b"\x01" * 16},
     {"wrapped_dek": b"\x01" * 1024},
     {"plaintext_size": 1 << 40},
@@ -250,6 +250,9 @@ BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"key_id": "k" * 129}, "INVALID_KEY_ID"),
     ({"key_id": "key id"}, "INVALID_KEY_ID"),
     ({"key_version": 0}, "INVALID_KEY_VERSION"),
+    # Above the versions a broker numbers (2**31-1), though the field holds 32 bits.
+    ({"key_version": 2**31}, "INVALID_KEY_VERSION"),
+    ({"key_version": 2**32 - 1}, "INVALID_KEY_VERSION"),
     ({"wrapped_data_key": b""}, "INVALID_WRAPPED_DEK"),
     ({"wrapped_data_key": b"\x01" * 8}, "INVALID_WRAPPED_DEK"),
     ({"wrapped_data_key": b"\x01" * 41}, "INVALID_WRAPPED_DEK"),

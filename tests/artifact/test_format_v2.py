@@ -28,6 +28,7 @@ from strongroom.artifact import (
     with_key_slot,
 )
 from strongroom.artifact.format import MAX_KEY_SLOT_SIZE, PREFIX_SIZE
+from strongroom.identifiers import MAX_KEY_VERSION
 
 from .conftest import CHUNK, header_for, kek, unwrap_for, wrap
 
@@ -168,6 +169,9 @@ def test_a_format_2_body_cannot_pass_as_format_1(case: dict[str, Any]) -> None:
     ("fields", "reason"),
     [
         ({"key_version": 0}, "INVALID_KEY_VERSION"),
+        # A slot at 2**31 or above was stored like any other: no broker releases under it.
+        ({"key_version": 2**31}, "INVALID_KEY_VERSION"),
+        ({"key_version": 2**32 - 1}, "INVALID_KEY_VERSION"),
         ({"wrap_mechanism": 0}, "UNSUPPORTED_WRAP_MECHANISM"),
         ({"wrap_mechanism": 2}, "UNSUPPORTED_WRAP_MECHANISM"),
         ({"wrapped_data_key": bytes(8)}, "INVALID_WRAPPED_DEK"),
@@ -178,6 +182,11 @@ def test_a_format_2_body_cannot_pass_as_format_1(case: dict[str, Any]) -> None:
 )
 def test_slot_limits(case: dict[str, Any], fields: dict[str, Any], reason: str) -> None:
     assert _reason(_with_raw_slot(case, _slot(**fields))) == reason
+
+
+def test_the_slot_takes_every_version_a_broker_numbers(case: dict[str, Any]) -> None:
+    top = _with_raw_slot(case, _slot(key_version=MAX_KEY_VERSION))
+    assert parse_header(top).key_version == MAX_KEY_VERSION
 
 
 def test_slot_encoding_rules(case: dict[str, Any]) -> None:

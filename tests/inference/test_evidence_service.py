@@ -6,6 +6,7 @@ import datetime as dt
 import errno
 import hashlib
 import threading
+from typing import Any
 
 import grpc
 import pytest
@@ -131,6 +132,7 @@ class _BlockingAttester:
 
     def __init__(self) -> None:
         self.entered = threading.Event()
+        self.entries = threading.Semaphore(0)  # one per request that reached the hardware
         self.release = threading.Event()
         self.inner = SevGuestAttester(io=FakeSevGuest())
 
@@ -140,7 +142,8 @@ class _BlockingAttester:
 
     def attest(self, report_data: bytes) -> EvidenceBundle:
         self.entered.set()
-        assert self.release.wait(10)
+        self.entries.release()
+        assert self.release.wait(30)
         return self.inner.attest(report_data)
 
 
@@ -150,8 +153,14 @@ def test_concurrent_requests_beyond_the_limit_are_refused(start_server: Starter)
     running = start_server(ModelRepository(), evidence=servicer)
     first = running.evidence.GetEvidence.future(pb.GetEvidenceRequest(nonce=bytes(16)))
     assert attester.entered.wait(10)
-    with pytest.raises(grpc.RpcError) as info:
-        running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(16)))
+    other = grpc.insecure_channel(running.address)  # another caller: the slots are all taken
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.InferenceAttestationServiceStub(other).GetEvidence(
+                pb.GetEvidenceRequest(nonce=bytes(16))
+            )
+    finally:
+        other.close()
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert reason_of(info.value) == "ATTESTATION_BUSY"
     attester.release.set()
@@ -185,6 +194,49 @@ def test_a_request_refused_as_busy_costs_the_caller_no_token(start_server: Start
         other.close()
     for _ in range(2):  # its whole burst is still there
         assert running.evidence.GetEvidence(pb.GetEvidenceRequest(nonce=bytes(16))).report_data
+
+
+def test_one_caller_cannot_hold_every_hardware_request(start_server: Starter) -> None:
+    """The 4 hardware requests GetEvidence runs at once were first come, first served: one
+    client whose reports the firmware answered slowly (the host throttles guest requests) held
+    all 4 at its own rate, and every other tenant checking the server was ATTESTATION_BUSY for
+    as long as it kept them. A caller now holds just under half of them (1 of 4); more of its
+    own are refused at once, TOO_MANY_ATTESTATIONS_PER_IDENTITY (its rate untouched), and the
+    other callers' requests reach the hardware."""
+    attester = _BlockingAttester()
+    servicer = InferenceAttestationServicer(
+        attester, spki, per_caller_rate=0.001, per_caller_burst=2
+    )
+    running = start_server(ModelRepository(), evidence=servicer)
+    request = pb.GetEvidenceRequest(nonce=bytes(16))
+
+    def started(call: grpc.Future[Any]) -> None:
+        """Returns once ``call`` holds the hardware or was answered."""
+        while not call.done() and not attester.entries.acquire(timeout=0.05):
+            pass
+
+    flood = []
+    for _ in range(4):  # the whole default capacity, asked for by one caller
+        flood.append(running.evidence.GetEvidence.future(request))
+        started(flood[-1])
+    refused = [call for call in flood if call.done()]
+    errors = [e for e in (call.exception() for call in refused) if isinstance(e, grpc.RpcError)]
+    assert [reason_of(e) for e in errors] == ["TOO_MANY_ATTESTATIONS_PER_IDENTITY"] * 3
+    assert {e.code() for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    other = grpc.insecure_channel(running.address)  # another tenant checks the server meanwhile
+    try:
+        theirs = pb_grpc.InferenceAttestationServiceStub(other).GetEvidence.future(request)
+        started(theirs)
+        attester.release.set()
+        assert len(theirs.result(timeout=30).report_data) == 64
+    finally:
+        other.close()
+    assert [len(c.result(timeout=30).report_data) for c in flood if c not in refused] == [64]
+    # The refused requests cost the flooding caller none of its burst (2): one report is left.
+    assert running.evidence.GetEvidence(request).report_data
+    with pytest.raises(grpc.RpcError) as info:
+        running.evidence.GetEvidence(request)
+    assert reason_of(info.value) == "ATTESTATION_RATE_LIMITED"
 
 
 def test_one_caller_cannot_keep_the_hardware_busy(

@@ -248,8 +248,16 @@ def _generated(**changes: object) -> pb.GenerateDataKeyResponse:
         _generated(wrapped_data_key=b""),
         _generated(wrapped_data_key=os.urandom(48)),
         _generated(key_version=0),
+        _generated(key_version=2**31),
     ],
-    ids=["short-key", "no-key", "no-wrapped-key", "wrapped-key-of-another-size", "no-kek-version"],
+    ids=[
+        "short-key",
+        "no-key",
+        "no-wrapped-key",
+        "wrapped-key-of-another-size",
+        "no-kek-version",
+        "kek-version-no-broker-numbers",
+    ],
 )
 @pytest.mark.parametrize("multipart", [False, True], ids=["one-file", "parts"])
 def test_a_publish_refuses_a_generated_key_no_broker_sends(

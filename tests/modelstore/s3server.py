@@ -166,6 +166,9 @@ class FaultProxy:
     chunked: bool = False
     """Answer every GET's body in the chunked transfer coding, without Content-Length (legitimate
     HTTP/1.1: a server or proxy that streams what it does not measure first)."""
+    head_without_length: bool = False
+    """Answer every HEAD without Content-Length (RFC 9110, 9.3.2 lets a server leave it out: the
+    size of a body it would stream chunked is not known before it is sent)."""
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -240,7 +243,8 @@ class FaultProxy:
                         return
                     # A HEAD answer has no body: its Content-Length is the object's size.
                     size = response.getheader("Content-Length") if self.command == "HEAD" else None
-                    self.send_header("Content-Length", size or str(len(data)))
+                    if not (proxy.head_without_length and self.command == "HEAD"):
+                        self.send_header("Content-Length", size or str(len(data)))
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(data)

@@ -79,20 +79,44 @@ def test_multipart_round_trip_and_layout(s3_server: s3server.MotoServer, s3_buck
 
 @pytest.mark.parametrize(
     "damage",
-    [b"not json", b"{}", b"[" * 5_000 + b"]" * 5_000, b"time out of range"],
-    ids=["garbage", "empty-object", "nested-past-the-recursion-limit", "time-out-of-range"],
+    [
+        b"not json",
+        b"{}",
+        b"[" * 5_000 + b"]" * 5_000,
+        b"time out of range",
+        b"key_version=2147483648",
+        b"key_version=4294967296",
+        b"artifact_size=-1",
+        b"plaintext_size=18446744073709551616",
+    ],
+    ids=[
+        "garbage",
+        "empty-object",
+        "nested-past-the-recursion-limit",
+        "time-out-of-range",
+        "kek-version-no-broker-numbers",
+        "kek-version-past-the-field",
+        "negative-size",
+        "size-past-the-field",
+    ],
 )
 def test_an_unreadable_index_record_is_stored_data_corrupt(
     s3_server: s3server.MotoServer, s3_bucket: str, damage: bytes
 ) -> None:
     """A record nested past json's recursion limit raised RecursionError (not a ValueError) and
-    escaped as an untyped error instead of DATA_LOSS INDEX_CORRUPT."""
+    escaped as an untyped error instead of DATA_LOSS INDEX_CORRUPT. Its numbers were taken as
+    they were: a KEK version no broker numbers (no header names one) was listed as the model's,
+    and one or a size that ModelInfo cannot hold made every answer naming the record (GetModel,
+    a ListModels page) INTERNAL."""
     store = replica(s3_server.endpoint, s3_bucket)
     store.put([make_artifact("acme/m", "1", b"x")], StructureValidator())
+    key = "p/index/acme/m!1"
+    record = json.loads(store._client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
     if damage == b"time out of range":  # a date datetime cannot hold: OverflowError
-        key = "p/index/acme/m!1"
-        record = json.loads(store._client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
         damage = json.dumps(record | {"stored_at_us": 10**20}).encode()
+    elif b"=" in damage:  # one field out of its range, the rest of the record intact
+        field, number = damage.decode().split("=")
+        damage = json.dumps(record | {field: int(number)}).encode()
     store._client.put_object(Bucket=s3_bucket, Key="p/index/acme/m!1", Body=damage)
     with pytest.raises(StoredDataCorrupt) as info:
         store.stat("acme/m", "1")
@@ -956,6 +980,45 @@ def test_a_chunked_answer_without_content_length_is_read_within_the_record(
                 read_all(store, name, "1")
             assert info.value.reason == reason
             assert store.stat(name, "1") == record
+    finally:
+        proxy.close()
+
+
+def test_a_head_answer_without_content_length_is_not_an_internal_error(
+    s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """HTTP lets a HEAD answer leave out Content-Length (RFC 9110, 9.3.2; a server or proxy that
+    streams its GETs chunked need not know the size). The store read it as
+    ``response["ContentLength"]``: a KeyError, so a GetModel at the artifact's end (offset =
+    size, which any reader of the model may send) was INTERNAL, and a start-up sweep that looked
+    up a blob published during its listing crashed the store's start. The end of an artifact
+    is read as nothing now (the blob is there, and nothing of it is served), and the sweep
+    reports such a blob as not checked, as it does one whose lookup failed."""
+    other = replica(s3_server.endpoint, s3_bucket)
+    proxy = s3server.FaultProxy(s3_server.port, head_without_length=True)
+    try:
+        store = replica(proxy.endpoint, s3_bucket)
+        art = make_artifact("headless", "1", body(3000))
+        store.put([art], StructureValidator())
+        with store.open("headless", "1", offset=len(art)) as reader:
+            assert b"".join(reader.chunks(64)) == b""
+        assert read_all(store, "headless", "1") == art
+
+        published: list[bool] = []
+
+        def publish_between(method: str, path: str) -> bool:
+            listing_the_index = method == "GET" and "list-type=2" in path and "index" in path
+            if listing_the_index and not published:
+                published.append(True)
+                other.put([make_artifact("late", "1", b"y")], StructureValidator())
+            return False
+
+        proxy.inject(s3server.Fault(publish_between))
+        sweep = replica(proxy.endpoint, s3_bucket).last_sweep
+        assert sweep is not None
+        assert sweep.missing_blobs == ()
+        assert sweep.damaged_blobs == ()
+        assert sweep.unchecked_blobs == (("late", "1"),)
     finally:
         proxy.close()
 

@@ -445,7 +445,9 @@ def test_attesting_clients_cannot_take_the_model_control_reserve(
         return fake_snp_report(report_data, vmpl)
 
     evidence = InferenceAttestationServicer(
-        SevGuestAttester(io=FakeSevGuest(snp_report=slow_report)), server_identity.public_key_der
+        SevGuestAttester(io=FakeSevGuest(snp_report=slow_report)),
+        server_identity.public_key_der,
+        max_per_caller=4,  # one client stands for several here, each with its share
     )
     repository = ModelRepository(expected=["m"])
     control = ModelControlServicer(cast(ModelLoader, None), repository)  # unloads need no loader
