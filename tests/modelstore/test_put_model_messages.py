@@ -1,15 +1,23 @@
 """PutModel's messages are read without protobuf's copy of each chunk, and read as protobuf reads
-them: the store's own reading of a data-only message, and protobuf's of everything else."""
+them: the store's own reading of a data-only message, and protobuf's of everything else; the
+publishing client sends them without protobuf's copies, in protobuf's bytes."""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf.message import DecodeError
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
+from strongroom.client.publish import (
+    UPLOAD_MESSAGE_BYTES,
+    _serialize_upload,
+    upload_artifact,
+    upload_pieces,
+)
 from strongroom.modelstore.service import SERVICE_NAME, _put_model_request
 from strongroom.wire import append_bytes_field, encode_varint
 from tests.modelstore.artifacts import chunked, make_artifact
@@ -96,3 +104,26 @@ def test_an_upload_of_mixed_messages_stores_what_protobuf_reads(fs_served: Serve
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith("MALFORMED_REQUEST: ")
     assert [r.version for r in fs_served.storage.records()] == ["1"]
+
+
+def test_the_publishers_messages_are_views_sent_as_protobuf_would() -> None:
+    """The publishing client sends each chunk as a view of the artifact's piece, framed as
+    protobuf frames PutModelRequest(data=...), without protobuf's copies in and out."""
+    piece = hashlib.shake_256(b"piece").digest(2 * UPLOAD_MESSAGE_BYTES + 12345)
+    views = list(upload_pieces(piece))
+    assert [len(v) for v in views] == [UPLOAD_MESSAGE_BYTES, UPLOAD_MESSAGE_BYTES, 12345]
+    assert all(isinstance(v, memoryview) and v.obj is piece for v in views)
+    for view in views:
+        assert _serialize_upload(view) == pb.PutModelRequest(data=bytes(view)).SerializeToString()
+    claims = pb.PutModelRequest(data=b"head", artifact_size=9, artifact_sha256="ab" * 32)
+    assert _serialize_upload(claims) == claims.SerializeToString()
+
+
+def test_an_artifact_file_uploads_through_the_views(fs_served: Served, tmp_path: Path) -> None:
+    artifact = make_artifact("m", "1", hashlib.shake_256(b"file").digest(3 * UPLOAD_MESSAGE_BYTES))
+    path = tmp_path / "m.artifact"
+    path.write_bytes(artifact)
+    published = upload_artifact(path, store=fs_served.channel, timeout=30)
+    assert published.model.artifact_sha256 == hashlib.sha256(artifact).hexdigest()
+    with fs_served.storage.open("m", "1") as reader:
+        assert b"".join(reader.chunks(65536)) == artifact
