@@ -61,6 +61,12 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     raise WireError("varint longer than 10 bytes")
 
 
+def read_varint(message: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` of ``message`` and the position after it (:class:`WireError` if it
+    is cut short, longer than 10 bytes or above 2**64 - 1, as protobuf refuses it)."""
+    return _read_varint(memoryview(message), pos)
+
+
 def append_bytes_field(head: bytes, field_number: int, data: bytes | memoryview) -> bytes:
     """The message ``head`` (serialised, without ``field_number``) with ``data`` as that field.
 

@@ -76,7 +76,7 @@ class TempBlob:
         )
         self.size = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Appends ``data``."""
         assert self._fd is not None
         view = memoryview(data)

@@ -349,7 +349,7 @@ class FilesystemStorage(Closing):
 
     def put(
         self,
-        chunks: Iterable[bytes],
+        chunks: Iterable[bytes | memoryview],
         validator: StructureValidator,
         claims: UploadClaims | None = None,
         *,

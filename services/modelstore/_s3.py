@@ -924,7 +924,7 @@ class S3Storage(Closing):
 
     def put(
         self,
-        chunks: Iterable[bytes],
+        chunks: Iterable[bytes | memoryview],
         validator: StructureValidator,
         claims: UploadClaims | None = None,
         *,

@@ -114,7 +114,7 @@ class Upload(Closing):
         self.size = 0
         """Bytes accepted so far."""
 
-    def accept(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    def accept(self, chunks: Iterable[bytes | memoryview]) -> Iterator[bytes | memoryview]:
         """Yields each non-empty chunk once it has been checked, validated and hashed."""
         for chunk in chunks:
             if not chunk:

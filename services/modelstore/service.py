@@ -43,11 +43,13 @@ from strongroom.runtime.callers import caller_key
 from strongroom.runtime.grpc_types import HandlerCollector
 from strongroom.runtime.metrics import KEY_SLOTS_REPLACED
 from strongroom.runtime.server import MessageLimits
-from strongroom.wire import append_bytes_field
+from strongroom.wire import WireError, append_bytes_field, read_varint
 
 log = logging.getLogger(__name__)
 
 _DATA_FIELD = pb.GetModelResponse.DESCRIPTOR.fields_by_name["data"].number
+# The key (field 1, length-delimited) that starts a PutModelRequest serialised with data first.
+_PUT_DATA_KEY = pb.PutModelRequest.DESCRIPTOR.fields_by_name["data"].number << 3 | 2
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelStoreService"].full_name
 """``strongroom.api.modelstore.v1.ModelStoreService``."""
@@ -175,8 +177,8 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         self._download_chunk = download_chunk
 
     def _upload_chunks(
-        self, requests: Iterator[pb.PutModelRequest], claims: UploadClaims
-    ) -> Iterator[bytes]:
+        self, requests: Iterator[pb.PutModelRequest | _DataOnly], claims: UploadClaims
+    ) -> Iterator[bytes | memoryview]:
         first = True
         for request in requests:
             if request.artifact_size:
@@ -194,7 +196,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                         reason=Reason.CONFLICTING_SHA256,
                     )
                 claims.sha256 = digest
-            data = request.data  # each access to a bytes field copies it: read it once
+            # Each access to a parsed message's bytes field copies it: read it once (a _DataOnly's
+            # is a view of the received message, see _put_model_request).
+            data = request.data
             if len(data) > self._max_chunk:
                 raise InvalidArgument(
                     f"a message carries more than {self._max_chunk} bytes of data",
@@ -205,7 +209,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                 yield data
 
     def PutModel(
-        self, request_iterator: Iterator[pb.PutModelRequest], context: grpc.ServicerContext
+        self,
+        request_iterator: Iterator[pb.PutModelRequest | _DataOnly],
+        context: grpc.ServicerContext,
     ) -> pb.PutModelResponse:
         """Stores one artifact streamed in chunks; name and version come from its header, and
         the caller must be allowed that name (``publishers``), and the artifact be format 3
@@ -444,9 +450,40 @@ def _pass_through(message: bytes) -> bytes:
     return message
 
 
+class _DataOnly:
+    """A PutModelRequest that holds nothing but ``data``: a view of the received message."""
+
+    __slots__ = ("data",)
+
+    artifact_size = 0
+    artifact_sha256 = ""
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+
+
+def _put_model_request(message: bytes) -> pb.PutModelRequest | _DataOnly:
+    """A PutModel message, parsed; one that is exactly its ``data`` field (every message but an
+    upload's first, as protobuf serialises them) as a view of its bytes, without a copy.
+
+    Through the protobuf runtime each chunk was copied out of the message again when the
+    servicer read ``data`` (the field hands out a new ``bytes`` on each access). Anything else
+    (other fields, several data fields, unknown fields, a malformed message) is parsed by
+    protobuf, so the result is what protobuf reads, and what it refuses is refused."""
+    if message[:1] == bytes((_PUT_DATA_KEY,)):
+        try:
+            length, start = read_varint(message, 1)
+        except WireError:
+            length, start = -1, 0
+        if start + length == len(message):
+            return _DataOnly(memoryview(message)[start:])
+    return pb.PutModelRequest.FromString(message)
+
+
 def add_to_server(servicer: ModelStoreServicer, server: grpc.Server) -> None:
     """Registers ``servicer`` like ``add_ModelStoreServiceServicer_to_server``, except that
-    GetModel's responses, which it serialises itself, pass through unchanged.
+    GetModel's responses, which it serialises itself, pass through unchanged, and PutModel's
+    messages are read by :func:`_put_model_request` (each chunk a view, not a copy).
 
     Every server of this servicer must register it this way: the generated function would hand
     GetModel's bytes to ``GetModelResponse.SerializeToString``, which rejects them.
@@ -454,6 +491,11 @@ def add_to_server(servicer: ModelStoreServicer, server: grpc.Server) -> None:
     collector = HandlerCollector()
     pb_grpc.add_ModelStoreServiceServicer_to_server(servicer, collector)  # type: ignore[arg-type]
     handlers = dict(collector.handlers)
+    handlers["PutModel"] = grpc.stream_unary_rpc_method_handler(
+        servicer.PutModel,
+        request_deserializer=_put_model_request,
+        response_serializer=pb.PutModelResponse.SerializeToString,
+    )
     handlers["GetModel"] = grpc.unary_stream_rpc_method_handler(
         servicer.GetModel,
         request_deserializer=pb.GetModelRequest.FromString,

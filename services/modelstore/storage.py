@@ -97,7 +97,7 @@ class Storage(Protocol):
 
     def put(
         self,
-        chunks: Iterable[bytes],
+        chunks: Iterable[bytes | memoryview],
         validator: StructureValidator,
         claims: UploadClaims | None = None,
         *,

@@ -45,8 +45,10 @@ from strongroom.client.publish import (
     ONNX_CONTENT_TYPE,
     UPLOAD_MESSAGE_BYTES,
     Progress,
+    UploadMessage,
     check_generated,
     put_model,
+    upload_pieces,
 )
 from strongroom.errors import FailedPrecondition, InvalidArgument, StrongroomError
 from strongroom.reasons import Reason
@@ -208,11 +210,10 @@ class _Planned:
     writer: ArtifactWriter
 
 
-def _messages(pieces: Iterator[bytes], on_piece: Any) -> Iterator[store_pb.PutModelRequest]:
+def _messages(pieces: Iterator[bytes], on_piece: Any) -> Iterator[UploadMessage]:
     for piece in pieces:
         on_piece(piece)
-        for start in range(0, len(piece), UPLOAD_MESSAGE_BYTES):
-            yield store_pb.PutModelRequest(data=piece[start : start + UPLOAD_MESSAGE_BYTES])
+        yield from upload_pieces(piece)
 
 
 def publish_parts(
@@ -334,7 +335,7 @@ def publish_parts(
 
                 pieces = plan.writer.stream(source, block_size=UPLOAD_MESSAGE_BYTES)
                 response = put_model(
-                    stub,
+                    store,
                     _messages(pieces, on_piece),
                     name=plan.header.model_name,
                     version=plan.header.model_version,
@@ -365,7 +366,7 @@ def publish_parts(
             (manifest_writer.start(), manifest_writer.write(encoded), manifest_writer.finish())
         )
         response = put_model(
-            stub,
+            store,
             _messages(iter([artifact]), lambda _piece: None),
             name=name,
             version=version,

@@ -21,7 +21,6 @@ import grpc
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
-from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import ArtifactHeader, encrypt_stream, parse_header, read_summary, wipe
 from strongroom.artifact.format import DEK_SIZE
 from strongroom.artifact.manifest import header_digest
@@ -30,6 +29,7 @@ from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
 from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.identifiers import MAX_KEY_VERSION
 from strongroom.reasons import Reason
+from strongroom.wire import append_bytes_field
 
 UPLOAD_MESSAGE_BYTES = 1024 * 1024
 #: AES-KWP (RFC 5649, the only wrapping a header carries) of a 32-byte key is 40 bytes.
@@ -106,17 +106,16 @@ def publish_model(
 
         head: list[ArtifactHeader] = []
 
-        def messages() -> Iterator[store_pb.PutModelRequest]:
+        def messages() -> Iterator[UploadMessage]:
             for piece in artifact:
                 if not head:  # the first piece is everything before the first chunk
                     head.append(parse_header(piece))
                 if progress is not None:
                     progress(source.tell(), total)
-                for start in range(0, len(piece), UPLOAD_MESSAGE_BYTES):
-                    yield store_pb.PutModelRequest(data=piece[start : start + UPLOAD_MESSAGE_BYTES])
+                yield from upload_pieces(piece)
 
         response = put_model(
-            store_grpc.ModelStoreServiceStub(store),
+            store,
             messages(),
             name=name,
             version=version,
@@ -152,7 +151,7 @@ def upload_artifact(
         digest = hasher.hexdigest()
         source.seek(0)
 
-        def messages() -> Iterator[store_pb.PutModelRequest]:
+        def messages() -> Iterator[UploadMessage]:
             first = True
             while data := source.read(UPLOAD_MESSAGE_BYTES):
                 if first:
@@ -161,12 +160,12 @@ def upload_artifact(
                     )
                     first = False
                 else:
-                    yield store_pb.PutModelRequest(data=data)
+                    yield data
                 if progress is not None:
                     progress(source.tell(), summary.artifact_size)
 
         response = put_model(
-            store_grpc.ModelStoreServiceStub(store),
+            store,
             messages(),
             name=summary.name,
             version=summary.version,
@@ -217,16 +216,43 @@ def check_generated(generated: kb_pb.GenerateDataKeyResponse, name: str, version
         )
 
 
+UploadMessage = store_pb.PutModelRequest | bytes | memoryview
+"""One PutModel message as :func:`put_model` takes it: a request, or the bytes of its ``data``
+alone (every message but one carrying claims), sent as that request without protobuf's copies."""
+
+_PUT_MODEL = "/{}/PutModel".format(
+    store_pb.DESCRIPTOR.services_by_name["ModelStoreService"].full_name
+)
+_PUT_DATA_FIELD = store_pb.PutModelRequest.DESCRIPTOR.fields_by_name["data"].number
+
+
+def upload_pieces(piece: bytes) -> Iterator[memoryview]:
+    """``piece`` in views of at most :data:`UPLOAD_MESSAGE_BYTES` (no slice copies), each the
+    ``data`` of one PutModel message."""
+    view = memoryview(piece)
+    for start in range(0, len(view), UPLOAD_MESSAGE_BYTES):
+        yield view[start : start + UPLOAD_MESSAGE_BYTES]
+
+
+def _serialize_upload(message: UploadMessage) -> bytes:
+    # The bytes protobuf would send for PutModelRequest(data=message), copied once: through a
+    # protobuf message each chunk was copied into it and out again as its serialisation.
+    if isinstance(message, store_pb.PutModelRequest):
+        return message.SerializeToString()
+    return append_bytes_field(b"", _PUT_DATA_FIELD, message)
+
+
 def put_model(
-    stub: store_grpc.ModelStoreServiceStub,
-    requests: Iterator[store_pb.PutModelRequest],
+    store: grpc.Channel,
+    requests: Iterator[UploadMessage],
     *,
     name: str,
     version: str,
     timeout: float,
 ) -> store_pb.PutModelResponse:
-    """Streams ``requests`` to ``PutModel``; a failure while producing them (the plaintext file
-    unreadable, or changing size under the encryptor: PLAINTEXT_SIZE_MISMATCH) is raised as it is.
+    """Streams ``requests`` to ``PutModel`` over ``store``; a failure while producing them (the
+    plaintext file unreadable, or changing size under the encryptor: PLAINTEXT_SIZE_MISMATCH) is
+    raised as it is.
 
     gRPC answers an exception raised by a request iterator with UNKNOWN "Exception iterating
     requests!" and logs its traceback, which hid the cause from the publisher and put a traceback
@@ -242,16 +268,22 @@ def put_model(
     failure: list[Exception] = []
     sent = [0]
 
-    def guarded() -> Iterator[store_pb.PutModelRequest]:
+    def guarded() -> Iterator[UploadMessage]:
         try:
             for request in requests:
-                sent[0] += len(request.data)
+                data = request.data if isinstance(request, store_pb.PutModelRequest) else request
+                sent[0] += len(data)
                 yield request
         except Exception as exc:
             failure.append(exc)
 
+    upload = store.stream_unary(
+        _PUT_MODEL,
+        request_serializer=_serialize_upload,
+        response_deserializer=store_pb.PutModelResponse.FromString,
+    )
     try:
-        response: store_pb.PutModelResponse = stub.PutModel(guarded(), timeout=timeout)
+        response: store_pb.PutModelResponse = upload(guarded(), timeout=timeout)
     except grpc.RpcError:
         if failure:
             raise failure[0] from None
