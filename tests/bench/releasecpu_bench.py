@@ -25,7 +25,10 @@ over that sum: where a machine's cores are the limit, releases/s follow CPU per 
 one at a time (``_six_call_service``, the broker before 2026-12-05), a fresh broker per variant
 and round, :data:`AB_ROUNDS` rounds with the order alternated: each variant's releases/s, CPU
 and voluntary context switches per release with 16 callers and p50 with 1, every round listed,
-and the ratios of the medians.
+and the ratios of the medians. :func:`alternated_ab` is that machinery for any variants (each a
+launcher of the broker), for a change's own A/B; ``python -m tests.bench.releasecpu_bench
+--ab-against REV [--rounds N] [--releases N]`` runs it for this checkout against ``REV``'s
+``services/keybroker`` (:func:`snapshot_launcher`: e.g. ``HEAD``, for an uncommitted change).
 
 With ``profile=True`` (``python -m tests.bench.run releasecpu --profile``) a second broker runs
 under yappi (CPU clock, every thread, builtins included) for a 16-caller phase, and the top
@@ -36,11 +39,15 @@ times over: its shares matter, not its absolute times.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -67,6 +74,7 @@ from tests.bench.keybroker_bench import (
 )
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 PROFILE_TOP = 15
 SUPPORTS_PROFILE = True
 #: Where to keep yappi's raw statistics too (``--raw PATH`` when run as a script), for digging.
@@ -223,14 +231,21 @@ def _measure(releases: int, scale: float, shared_key: bool) -> dict[str, Any]:
     }
 
 
-def _one_call_ab(releases: int, scale: float, shared_key: bool) -> dict[str, Any]:
-    """The one-call re-wrap against six calls (module doc), each on fresh brokers."""
-    variants: dict[str, tuple[str, ...] | None] = {
-        "one_call": None,
-        "six_calls": (sys.executable, "-m", "tests.bench._six_call_service"),
-    }
+def alternated_ab(
+    variants: dict[str, tuple[str, ...] | None],
+    releases: int,
+    scale: float,
+    shared_key: bool,
+    *,
+    baseline: str,
+    rounds_wanted: int = AB_ROUNDS,
+) -> dict[str, Any]:
+    """Each of ``variants`` (label -> the broker's launcher, None: as shipped) on fresh brokers,
+    ``rounds_wanted`` rounds with the order alternated (A B, B A, ...): each variant's
+    releases/s, CPU and context switches per release with 16 callers and p50 (and switches) with
+    1, every round listed, each variant's medians and their ratios to ``baseline``'s."""
     rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in variants}
-    for round_number in range(scaled(AB_ROUNDS, scale)):
+    for round_number in range(scaled(rounds_wanted, scale)):
         order = list(variants.items())
         for label, launcher in order if round_number % 2 == 0 else reversed(order):
             with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
@@ -247,6 +262,12 @@ def _one_call_ab(releases: int, scale: float, shared_key: bool) -> dict[str, Any
                     "voluntary_switches_per_release_16_callers": sixteen[
                         "broker_context_switches_per_release"
                     ]["voluntary"],
+                    "involuntary_switches_per_release_16_callers": sixteen[
+                        "broker_context_switches_per_release"
+                    ]["involuntary"],
+                    "voluntary_switches_per_release_1_caller": one[
+                        "broker_context_switches_per_release"
+                    ]["voluntary"],
                 }
             )
 
@@ -255,10 +276,77 @@ def _one_call_ab(releases: int, scale: float, shared_key: bool) -> dict[str, Any
 
     return {
         "rounds": rounds,
-        "ratio_one_call_over_six_calls_medians": {
-            figure: round(median("one_call", figure) / median("six_calls", figure), 3)
-            for figure in rounds["one_call"][0]
+        "medians": {
+            label: {figure: median(label, figure) for figure in rounds[label][0]}
+            for label in variants
         },
+        **{
+            f"ratio_{label}_over_{baseline}_medians": {
+                figure: round(median(label, figure) / (median(baseline, figure) or 1), 3)
+                for figure in rounds[label][0]
+            }
+            for label in variants
+            if label != baseline
+        },
+    }
+
+
+def snapshot_launcher(revision: str, into: Path) -> tuple[str, ...]:
+    """A launcher of the broker with ``revision``'s ``strongroom.keybroker`` (``git archive`` of its
+    ``services/keybroker`` into ``into``; everything else is this checkout's): the reference side
+    of an A/B of a change to the broker's package. Its C release calls are this checkout's build
+    when their source is the same, else built with ``cc``."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", revision, "services/keybroker"],
+        stdout=subprocess.PIPE,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    package = into / "services" / "keybroker"
+    here = REPO / "services" / "keybroker"
+    source = "_p11release.c"
+    built = next(here.glob("_p11release.*.so"))
+    if (package / source).read_bytes() == (here / source).read_bytes():
+        shutil.copy2(built, package / built.name)
+    else:
+        subprocess.run(
+            ["cc", "-O2", "-shared", "-fPIC", "-o", str(package / built.name), source],
+            cwd=package,
+            check=True,
+        )
+    return (sys.executable, "-m", "tests.bench._snapshot_service", str(package))
+
+
+def ab_against(revision: str, releases: int, rounds: int) -> dict[str, Any]:
+    """:func:`alternated_ab` of this checkout's broker against ``revision``'s package."""
+    with tempfile.TemporaryDirectory() as tmp:
+        launcher = snapshot_launcher(revision, Path(tmp))
+        return alternated_ab(
+            {revision: launcher, "checkout": None},
+            releases,
+            1.0,
+            False,
+            baseline=revision,
+            rounds_wanted=rounds,
+        )
+
+
+def _one_call_ab(releases: int, scale: float, shared_key: bool) -> dict[str, Any]:
+    """The one-call re-wrap against six calls (module doc), each on fresh brokers."""
+    ab = alternated_ab(
+        {
+            "one_call": None,
+            "six_calls": (sys.executable, "-m", "tests.bench._six_call_service"),
+        },
+        releases,
+        scale,
+        shared_key,
+        baseline="six_calls",
+    )
+    return {
+        "rounds": ab["rounds"],
+        "ratio_one_call_over_six_calls_medians": ab["ratio_one_call_over_six_calls_medians"],
     }
 
 
@@ -359,8 +447,18 @@ def run(
         _write_profile_md(profiled, measured, profile_md)
 
 
+def _option(name: str, default: int) -> int:
+    return int(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
 if __name__ == "__main__":
     out: dict[str, Any] = {}
+    if "--ab-against" in sys.argv:
+        # e.g. --ab-against HEAD --rounds 8 --releases 1600: this checkout's uncommitted change
+        revision = sys.argv[sys.argv.index("--ab-against") + 1]
+        ab = ab_against(revision, _option("--releases", 1600), _option("--rounds", 2 * AB_ROUNDS))
+        print(json.dumps(ab, indent=2))
+        sys.exit(0)
     if "--raw" in sys.argv:
         RAW_PROFILE = Path(sys.argv[sys.argv.index("--raw") + 1])
     run(out, profile="--profile" in sys.argv or RAW_PROFILE is not None)

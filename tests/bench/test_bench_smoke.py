@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from strongroom.dev.simulated import SimulatedAuthority
+from tests.bench import releasecpu_bench
 from tests.bench import run as bench_run
 
 MiB = 1 << 20
@@ -200,3 +202,19 @@ def test_the_checks_catch_what_they_are_for() -> None:
     assert list(_mismatches("abuse", {"statuses": {"OK": 3}}, {"statuses": {}})) == []
     figures = {"failed": 0, "x": {"legit_failures": 2, "audit_intact": False}, "failures": []}
     assert list(_failures(figures)) == ["x.legit_failures = 2", "x.audit_intact = False"]
+
+
+def test_the_snapshot_launcher_serves_another_revisions_broker_package(tmp_path: Path) -> None:
+    """``releasecpu``'s A/B against a revision runs that revision's ``strongroom.keybroker``
+    (extracted with ``git archive``, its C release calls alongside), the rest from this checkout."""
+    launcher = releasecpu_bench.snapshot_launcher("HEAD", tmp_path)
+    package = tmp_path / "services" / "keybroker"
+    assert launcher[-1] == str(package)
+    assert list(package.glob("_p11release.*.so"))
+    # Marks the extracted package, to see that the launched broker imports it, not this checkout's.
+    with (package / "__init__.py").open("a") as init:
+        init.write('\nprint("keybroker from the snapshot")\n')
+    shown = subprocess.run(
+        [*launcher, "--help"], stdout=subprocess.PIPE, text=True, check=True, timeout=120
+    )
+    assert "keybroker from the snapshot" in shown.stdout
