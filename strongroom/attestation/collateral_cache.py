@@ -188,6 +188,7 @@ class CollateralCache:
         self._tcb: dict[bytes, tuple[SignedDocument, TcbInfo, CacheEntry]] = {}
         self._qe: tuple[SignedDocument, QeIdentity, CacheEntry] | None = None
         self._vceks: dict[str, bytes] = {}
+        self._refused: dict[Path, str] = {}
         if writable:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
         self._load()
@@ -219,6 +220,7 @@ class CollateralCache:
             self._generation = gen_path.read_bytes()
         except OSError:
             self._generation = None
+        refused: dict[Path, str] = {}
         crls: dict[str, _CachedCrl] = {}
         for path in sorted((self.directory / "crl").glob("*.der")):
             try:
@@ -230,6 +232,7 @@ class CollateralCache:
                 crls[path.stem] = _CachedCrl(data, issuer, entry)
             except (OSError, IndexError, StrongroomError) as exc:
                 log.warning("skipping cached CRL %s: %s", path, exc)
+                refused[path] = str(exc)
         tcb: dict[bytes, tuple[SignedDocument, TcbInfo, CacheEntry]] = {}
         for path in sorted((self.directory / "tdx" / "tcbinfo").glob("*.json")):
             try:
@@ -241,6 +244,7 @@ class CollateralCache:
                 tcb[info.fmspc] = (signed, info, self._entry(info, path))
             except (OSError, StrongroomError) as exc:
                 log.warning("skipping cached TCB info %s: %s", path, exc)
+                refused[path] = str(exc)
         qe = None
         qe_path = self.directory / "tdx" / "qe_identity.json"
         if qe_path.exists():
@@ -253,6 +257,7 @@ class CollateralCache:
                 qe = (signed, ident, self._entry(ident, qe_path))
             except (OSError, StrongroomError) as exc:
                 log.warning("skipping cached QE identity %s: %s", qe_path, exc)
+                refused[qe_path] = str(exc)
         vceks: dict[str, bytes] = {}
         # The newest only, should the directory hold more (a writer with a larger bound).
         for path in _oldest_first(self._vcek_dir().glob("*.der"))[-self._max_vceks :]:
@@ -260,6 +265,7 @@ class CollateralCache:
                 vceks[path.stem] = path.read_bytes()
         with self._lock:
             self._crls, self._tcb, self._qe, self._vceks = crls, tcb, qe, vceks
+            self._refused = refused
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -304,6 +310,14 @@ class CollateralCache:
         if self._qe is not None:
             out.append(self._qe[2])
         return sorted(out, key=lambda e: (e.kind, e.key))
+
+    def refused(self) -> dict[Path, str]:
+        """Documents in the directory that the last read skipped, with why (an older broker's
+        document a stricter parser refuses, a damaged or foreign file): a release needing one is
+        refused ``COLLATERAL_MISSING`` although the file is there, so ``collateral ls`` shows them."""
+        self._maybe_reload()
+        with self._lock:
+            return dict(self._refused)
 
     def held_crl_issuers(self) -> list[tuple[x509.Certificate, str]]:
         """(issuer, scope) of every held CRL (what a refresher re-fetches)."""

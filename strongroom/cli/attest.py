@@ -97,7 +97,9 @@ def register(subparsers: Any) -> None:
     imp.add_argument("source", type=Path, help="directory to import (e.g. carried in)")
     imp.add_argument("--dir", type=Path, required=True, help="the collateral cache directory")
     imp.set_defaults(func=_collateral_import)
-    ls = csub.add_parser("ls", help="list what a cache holds and until when")
+    ls = csub.add_parser(
+        "ls", help="list what a cache holds and until when, and the files it refuses (and why)"
+    )
     ls.add_argument("--dir", type=Path, required=True, help="the collateral cache directory")
     ls.set_defaults(func=_collateral_ls)
 
@@ -265,5 +267,9 @@ def _collateral_ls(args: argparse.Namespace) -> int:
         row = entry.as_dict()
         row["current"] = entry.next_update is None or now <= entry.next_update
         rows.append(row)
+    # Files the cache skipped: a release needing one is refused COLLATERAL_MISSING although the
+    # file is there, and this is where an operator sees why.
+    for path, why in sorted(cache.refused().items()):
+        rows.append({"path": str(path), "refused": why, "current": False})
     print(json.dumps(rows, indent=2))
     return 0

@@ -152,3 +152,28 @@ def test_tdx_format_errors_have_precise_reasons(
 def test_tdx_without_collateral_fails_closed(spr_file: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run(capsys, str(spr_file), "--at", "2023-06-20T00:00:00Z")
     assert code == 2 and "COLLATERAL_MISSING" in err
+
+
+def test_collateral_ls_shows_the_files_the_cache_refuses(
+    vectors: Path, tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """A file the cache skips (damaged, foreign, or refused by a stricter parser) left a release
+    COLLATERAL_MISSING while the file sat in the directory, and `ls` did not show it."""
+    chain = (vectors / "roots/intel/intel_tcb_signing_chain.pem").read_bytes()
+    tcb = tmp_path / "tdx" / "tcbinfo"
+    tcb.mkdir(parents=True)
+    (tcb / "50806f000000.json").write_bytes(
+        (vectors / "tdx/tcbinfo_50806f000000_gotdxguest.json").read_bytes()
+    )
+    (tcb / "50806f000000.chain.pem").write_bytes(chain)
+    crl = tmp_path / "crl"
+    crl.mkdir()
+    (crl / "0123456789abcdef-ca.der").write_bytes(b"\x30\x03not a CRL")
+    code = main(["attest", "collateral", "ls", "--dir", str(tmp_path)])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["kind"] for r in rows if "kind" in r] == ["tdx-tcb-info"]
+    (refused,) = [r for r in rows if "refused" in r]
+    assert refused["path"] == str(crl / "0123456789abcdef-ca.der") and refused["current"] is False
+    assert refused["refused"]  # the reason, as the broker logged it when skipping the file
