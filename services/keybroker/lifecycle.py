@@ -50,6 +50,16 @@ def _naming(policy: StoredPolicy | None) -> dict[str, object]:
     return {"policy_version": policy.policy.version, "policy_sha256": policy.sha256}
 
 
+def _unrecorded_refusal(action: str, refusal: StrongroomError, failure: StrongroomError) -> None:
+    """Logs a refusal the audit log would not take (full, failing, tampered with): its caller
+    still hears the refusal itself, and the record's count is carried by the next one."""
+    _log.error(
+        "could not audit a refused %s",
+        action,
+        extra={"reason": refusal.reason, "audit_failure": failure.reason},
+    )
+
+
 class _RefusalBudget:
     """The refusals of one RPC a caller may have recorded (:class:`RefusalRecords`), and the
     refusal past them."""
@@ -425,10 +435,10 @@ class KeyService:
                 self._refused_on_record(
                     caller, action, key_id, refusal, {**claims, "refusals_unrecorded": unrecorded}
                 )
-            except StrongroomError:
+            except StrongroomError as exc:
                 # The log refused it: this refusal and its count are counted again.
                 budget.count_unrecorded(caller, unrecorded + 1)
-                raise
+                _unrecorded_refusal(action, refusal, exc)
         return refusal
 
     def _record_refusal(
@@ -446,7 +456,8 @@ class KeyService:
         budget when the refusal is its own (:func:`callers_fault`), with the count of its
         refusals left unrecorded since its last counting record; should the log refuse the
         record, that count (and this refusal, when budgeted) is counted again, not lost, and the
-        log's error raised."""
+        failure logged: the caller is answered with its refusal either way, as a refused key
+        release is (one rule for every refusal the broker audits)."""
         budgeted = callers_fault(refusal)
         if budgeted:
             budget.spend(caller)
@@ -460,9 +471,9 @@ class KeyService:
                 claims if pending is None else {**claims, "refusals_unrecorded": pending},
                 **extra,
             )
-        except StrongroomError:
+        except StrongroomError as exc:
             budget.count_unrecorded(caller, (pending or 0) + (1 if budgeted else 0))
-            raise
+            _unrecorded_refusal(action, refusal, exc)
 
     def _refused_on_record(
         self,

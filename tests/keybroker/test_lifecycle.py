@@ -658,11 +658,13 @@ def test_refused_rewraps_whose_record_the_log_refuses_are_counted_not_lost(
             refused()
         monkeypatch.setattr(audit, "append", full)
         now[0] += 1.0  # one token: recorded on its own with the 9, and the log refuses it
-        assert refused() == "AUDIT_LOG_FULL"
+        # The caller hears its own refusal either way (as a refused key release does); the
+        # record the log would not take is counted.
+        assert refused() == "WRAPPED_KEY_INVALID"
         now[0] += refusals.LIMITED_RECORD_SECONDS  # refilled, then over again: a counting record
         for _ in range(60):
-            assert refused() == "AUDIT_LOG_FULL"
-        assert refused() == "AUDIT_LOG_FULL"
+            assert refused() == "WRAPPED_KEY_INVALID"
+        assert refused() == "REWRAP_REFUSALS_RATE_LIMITED"
         monkeypatch.setattr(audit, "append", real_append)
         keys.record_counted_refusals(every=True)
     finally:
@@ -671,6 +673,35 @@ def test_refused_rewraps_whose_record_the_log_refuses_are_counted_not_lost(
     assert (last["reason"], last["claims"]["refusals_unrecorded"]) == (
         "REFUSALS_COUNTED",
         9 + 1 + 60 + 1,
+    )
+
+
+def test_a_refused_data_key_whose_record_the_log_refuses_is_answered_with_its_refusal(
+    km, tmp_path, monkeypatch, caplog
+) -> None:
+    """GenerateDataKey answered the log's error (AUDIT_LOG_FULL) for a refusal the log would not
+    take, while a refused key release answers its own refusal: one rule now, the refusal, with
+    the failure to record it logged at ERROR (and counted for the next record)."""
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit, clock=lambda: 1000.0)
+    _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
+
+    def full(event, **kwargs):
+        raise AuditUnavailable("the audit log is full", reason="AUDIT_LOG_FULL")
+
+    monkeypatch.setattr(audit, "append", full)
+    try:
+        with pytest.raises(StrongroomError) as info:
+            keys.generate_data_key(PUBLISHER, "k1", "tenant-b/model", "1")
+        assert info.value.reason == "MODEL_NAME_NOT_ALLOWED"
+        # A key that would be granted is still never handed out unrecorded.
+        with pytest.raises(AuditUnavailable):
+            keys.generate_data_key(PUBLISHER, "k1", "tenant-a/model", "1")
+    finally:
+        audit.close()
+    assert any(
+        r.levelname == "ERROR" and "could not audit a refused generate_data_key" in r.getMessage()
+        for r in caplog.records
     )
 
 
