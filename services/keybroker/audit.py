@@ -9,7 +9,11 @@ of the record without ``hash``. ``sig`` (records of version 2) is the broker's E
 ``"strongroom-audit-record-sig-v1\\n"`` + the canonical JSON of the record without ``hash`` and
 ``sig``: it is how the broker recognises a record as one it wrote itself (see crash repair below).
 Editing, reordering, inserting or deleting a record breaks the chain, and a line that is not
-byte-for-byte canonical counts as edited. A decision has one record, with one exception: a key
+byte-for-byte canonical counts as edited. The record of a granted key release also names the
+release-signing key that signed its answer (``release_signing_key_id``: the SHA-256 of its raw
+public key, as the answer carries it), so that across a rotation of that key the log says which
+key vouched for which release; records without it (every other record, and releases recorded
+before it was added) are unchanged and verify as before. A decision has one record, with one exception: a key
 release whose HSM re-wrap fails after its ``ALLOWED`` record was committed (see
 :mod:`strongroom.keybroker.release`) gets a second, ``DENIED`` record with the same
 ``decision_id``; a decision's last record is its outcome.
@@ -194,6 +198,9 @@ class AuditEvent:
 
     ``claims`` holds the verified claims the decision rested on (JSON types only: str, int, finite
     float, bool, None, lists, and dicts with str keys). ``decision_id`` is generated when None.
+    ``release_signing_key_id`` (64 hex digits: the SHA-256 of the raw public key, the
+    ``release_signing_key_id`` the answer carries) names the key that signs a granted release's
+    answer; the record has the member only when it is set, so other records keep their bytes.
     """
 
     decision: Decision
@@ -209,6 +216,7 @@ class AuditEvent:
     oaep_mechanism: str | None = None
     action: str = "key_release"
     decision_id: str | None = None
+    release_signing_key_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -392,6 +400,7 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
         ("policy_sha256", HEX64_RE),
         ("decision_id", DECISION_ID_PATTERN),
         ("key_id", KEY_ID_PATTERN),
+        ("release_signing_key_id", HEX64_RE),
     ):
         value = getattr(event, name)
         if value is not None and (not isinstance(value, str) or not pattern.fullmatch(value)):
@@ -428,6 +437,10 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
         "decision_id": canonical_json(decision_id),
         "claims": encoded_claims,
     }
+    if event.release_signing_key_id is not None:
+        # Only on records that have one (a granted release): every record written before, and
+        # every other record, keeps its bytes.
+        members["release_signing_key_id"] = canonical_json(event.release_signing_key_id)
     return decision_id, members
 
 
