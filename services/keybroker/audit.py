@@ -3,7 +3,8 @@
 **Records.** Each line is the canonical JSON (sorted keys, no spaces, ASCII) of one record:
 ``seq`` (0, 1, 2, ...), ``prev`` (the previous record's hash; for the first, a random value the
 log's first head anchored, so that no other log's records continue this one; 64 zeros in logs made
-before that), the decision
+before that, except that a log made before that and still without a record gets a random start,
+one more head generation, when a broker opens it), the decision
 fields, ``sig`` and ``hash`` = SHA-256 over ``"strongroom-audit-record-v1\\n"`` + the canonical JSON
 of the record without ``hash``. ``sig`` (records of version 2) is the broker's Ed25519 signature over
 ``"strongroom-audit-record-sig-v1\\n"`` + the canonical JSON of the record without ``hash`` and
@@ -982,6 +983,22 @@ class AuditLog(Closing):
             # reinstall) then never continue this one, and the crash repair cannot anchor them.
             # Beside sealed logs it continues the latest of them instead (rotation).
             head = self._new_anchor()
+        elif (
+            last is None
+            and not self._has_chain
+            and head is not None
+            and (head.base, head.count, head.last_hash) == (0, 0, GENESIS_HASH)
+        ):
+            # A log made before random anchors that has no record yet: its head anchors the
+            # all-zeros hash every such log shares, so it names no log, and the first records of
+            # any other such log signed with the same key (another replica's) were a valid
+            # unanchored tail for it, which the crash repair anchored as this broker's own. It
+            # gets a start of its own now, before any record can follow it (one more head
+            # generation: the old head still verifies, and nothing it anchored changes).
+            _log.info("giving an empty audit log made before random anchors a start of its own")
+            head = Head(0, secrets.token_hex(32))
+            self._write_head_or_fail(head)
+            self._void, self._void_all = (), False  # what it named chained on the zeros
         if self._has_chain:
             self._check_continues(head, size)
         if last is None:

@@ -1314,3 +1314,35 @@ def test_verify_refuses_a_release_signing_key_id_that_is_not_a_sha256(
     _forge_head(log_path, 1, record["hash"], signing_key)
     result = verify_audit_log(log_path, public_key=signing_key.public_key())
     assert (result.intact, result.problem, result.bad_record) == (False, "RECORD_MALFORMED", 1)
+
+
+def test_an_empty_log_made_before_random_anchors_gets_a_start_of_its_own(
+    log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """A log made before random anchors and still without a record has a head anchoring the
+    all-zeros hash every such log shares: it names no log. The first records of another such log
+    signed with the same key (another replica's, written by a broker of that time) were a valid
+    unanchored tail for it: copied in, `audit verify` called them the broker's own crash leftovers
+    and the broker anchored them. Opened now, the log gets a random start first, so they are not."""
+    log_path.parent.mkdir()
+    log_path.write_bytes(b"")
+    _forge_head(log_path, 0, GENESIS_HASH, signing_key)  # as such a log's head was
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
+    AuditLog.open(log_path, signing_key).close()  # the upgraded broker starts
+    upgraded = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert upgraded.intact and upgraded.records == 0 and upgraded.anchor != GENESIS_HASH
+    # Another replica's first records, as a broker of that time wrote them: chained on the zeros
+    # and signed with the key the replicas share.
+    foreign, prev = [], GENESIS_HASH
+    for n in range(3):
+        _, members = audit_module._event_members(event(n, reason="FOREIGN"))
+        line, prev = audit_module._record_line(
+            members, n, prev, "2026-01-01T00:00:00.000000Z", signing_key
+        )
+        foreign.append(line)
+    log_path.write_bytes(b"".join(foreign))
+    result = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert (result.intact, result.problem) == (False, "HEAD_MISMATCH")
+    with pytest.raises(DataLoss) as info:
+        AuditLog.open(log_path, signing_key)
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
