@@ -3,13 +3,18 @@
 **Records.** Each line is the canonical JSON (sorted keys, no spaces, ASCII) of one record:
 ``seq`` (0, 1, 2, ...), ``prev`` (the previous record's hash; for the first, a random value the
 log's first head anchored, so that no other log's records continue this one; 64 zeros in logs made
-before that), the decision
+before that, except that a log made before that and still without a record gets a random start,
+one more head generation, when a broker opens it), the decision
 fields, ``sig`` and ``hash`` = SHA-256 over ``"strongroom-audit-record-v1\\n"`` + the canonical JSON
 of the record without ``hash``. ``sig`` (records of version 2) is the broker's Ed25519 signature over
 ``"strongroom-audit-record-sig-v1\\n"`` + the canonical JSON of the record without ``hash`` and
 ``sig``: it is how the broker recognises a record as one it wrote itself (see crash repair below).
 Editing, reordering, inserting or deleting a record breaks the chain, and a line that is not
-byte-for-byte canonical counts as edited. A decision has one record, with one exception: a key
+byte-for-byte canonical counts as edited. The record of a granted key release also names the
+release-signing key that signed its answer (``release_signing_key_id``: the SHA-256 of its raw
+public key, as the answer carries it), so that across a rotation of that key the log says which
+key vouched for which release; records without it (every other record, and releases recorded
+before it was added) are unchanged and verify as before. A decision has one record, with one exception: a key
 release whose HSM re-wrap fails after its ``ALLOWED`` record was committed (see
 :mod:`strongroom.keybroker.release`) gets a second, ``DENIED`` record with the same
 ``decision_id``; a decision's last record is its outcome.
@@ -194,6 +199,9 @@ class AuditEvent:
 
     ``claims`` holds the verified claims the decision rested on (JSON types only: str, int, finite
     float, bool, None, lists, and dicts with str keys). ``decision_id`` is generated when None.
+    ``release_signing_key_id`` (64 hex digits: the SHA-256 of the raw public key, the
+    ``release_signing_key_id`` the answer carries) names the key that signs a granted release's
+    answer; the record has the member only when it is set, so other records keep their bytes.
     """
 
     decision: Decision
@@ -209,6 +217,7 @@ class AuditEvent:
     oaep_mechanism: str | None = None
     action: str = "key_release"
     decision_id: str | None = None
+    release_signing_key_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -392,6 +401,7 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
         ("policy_sha256", HEX64_RE),
         ("decision_id", DECISION_ID_PATTERN),
         ("key_id", KEY_ID_PATTERN),
+        ("release_signing_key_id", HEX64_RE),
     ):
         value = getattr(event, name)
         if value is not None and (not isinstance(value, str) or not pattern.fullmatch(value)):
@@ -428,6 +438,10 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
         "decision_id": canonical_json(decision_id),
         "claims": encoded_claims,
     }
+    if event.release_signing_key_id is not None:
+        # Only on records that have one (a granted release): every record written before, and
+        # every other record, keeps its bytes.
+        members["release_signing_key_id"] = canonical_json(event.release_signing_key_id)
     return decision_id, members
 
 
@@ -969,6 +983,22 @@ class AuditLog(Closing):
             # reinstall) then never continue this one, and the crash repair cannot anchor them.
             # Beside sealed logs it continues the latest of them instead (rotation).
             head = self._new_anchor()
+        elif (
+            last is None
+            and not self._has_chain
+            and head is not None
+            and (head.base, head.count, head.last_hash) == (0, 0, GENESIS_HASH)
+        ):
+            # A log made before random anchors that has no record yet: its head anchors the
+            # all-zeros hash every such log shares, so it names no log, and the first records of
+            # any other such log signed with the same key (another replica's) were a valid
+            # unanchored tail for it, which the crash repair anchored as this broker's own. It
+            # gets a start of its own now, before any record can follow it (one more head
+            # generation: the old head still verifies, and nothing it anchored changes).
+            _log.info("giving an empty audit log made before random anchors a start of its own")
+            head = Head(0, secrets.token_hex(32))
+            self._write_head_or_fail(head)
+            self._void, self._void_all = (), False  # what it named chained on the zeros
         if self._has_chain:
             self._check_continues(head, size)
         if last is None:

@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -58,6 +59,11 @@ class AuditVerification:
     the log continues a sealed one), ``anchor`` the hash its chain starts from (the first
     record's ``prev``; for a file without records, its head's hash) and ``sealed`` whether its
     head seals it (rotation). :func:`verify_audit_series` links files by these.
+
+    ``release_signing_keys`` counts the granted key releases by the release-signing key their
+    record names (``release_signing_key_id``, in hex), in order of first appearance; ``""``
+    counts those that name none (recorded before records carried it). Across a rotation of that
+    key it tells the auditor which key vouched for how many releases.
     """
 
     intact: bool
@@ -70,6 +76,24 @@ class AuditVerification:
     first_seq: int = 0
     anchor: str = GENESIS_HASH
     sealed: bool = False
+    release_signing_keys: tuple[tuple[str, int], ...] = ()
+
+
+def _is_granted_release(record: dict[str, object]) -> bool:
+    return record.get("action") == "key_release" and record.get("decision") == "allowed"
+
+
+def signing_key_summary(counts: Mapping[str, int]) -> str:
+    """``counts`` (release-signing key id -> granted releases, as in
+    :attr:`AuditVerification.release_signing_keys`) as text for a verdict's message: each key
+    by the first 16 hex digits of its id, which is how the inference side's errors name it."""
+    if not counts:
+        return ""
+    named = [
+        f"{key_id[:16]}: {count}" if key_id else f"not named: {count}"
+        for key_id, count in counts.items()
+    ]
+    return "; granted releases by release-signing key: " + ", ".join(named)
 
 
 def _snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:
@@ -181,6 +205,7 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
     base = 0  # the seq of the first record: where the file says it starts, checked on its head
     sealed = False
     tail: collections.deque[bytes] = collections.deque(maxlen=MAX_BATCH_RECORDS)
+    signing_keys: collections.Counter[str] = collections.Counter()
 
     def fail(problem: str, number: int | None, message: str) -> AuditVerification:
         return AuditVerification(
@@ -235,6 +260,15 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
                 return fail(
                     "CHAIN_BROKEN", number, f"record {number} does not follow record {count}"
                 )
+            signer = record.get("release_signing_key_id")
+            if signer is not None and not (isinstance(signer, str) and HEX64_RE.fullmatch(signer)):
+                return fail(
+                    "RECORD_MALFORMED",
+                    number,
+                    f"record {number} does not name its release-signing key by a SHA-256",
+                )
+            if signer is not None or _is_granted_release(record):
+                signing_keys[signer or ""] += 1
             prev = claimed
             count += 1
             tail.append(line)
@@ -331,10 +365,12 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
         message=f"{count} records{span}, chain intact, "
         + ("sealed, " if sealed else "")
         + "head "
-        + ("signature valid" if checked else "signature NOT checked (no public key given)"),
+        + ("signature valid" if checked else "signature NOT checked (no public key given)")
+        + signing_key_summary(signing_keys),
         first_seq=base,
         anchor=anchor,
         sealed=sealed,
+        release_signing_keys=tuple(signing_keys.items()),
     )
 
 
@@ -501,6 +537,9 @@ def verify_audit_series(
                 f"{path.name} holds seq {span[0]}..{span[1]}: its name was changed",
             )
     checked = all(verdict.signature_checked for _, verdict in ordered)
+    signing_keys: collections.Counter[str] = collections.Counter()
+    for _, verdict in ordered:
+        signing_keys.update(dict(verdict.release_signing_keys))
     return SeriesVerification(
         intact=True,
         files=tuple(ordered),
@@ -511,5 +550,6 @@ def verify_audit_series(
         + ", chain intact across them"
         + (f"; starts at seq {first} (earlier files deleted)" if first else "")
         + ("; the last file is sealed (no active log among them)" if ordered[-1][1].sealed else "")
-        + ("; head signatures valid" if checked else "; head signatures NOT checked"),
+        + ("; head signatures valid" if checked else "; head signatures NOT checked")
+        + signing_key_summary(signing_keys),
     )

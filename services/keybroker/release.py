@@ -321,9 +321,16 @@ class ReleaseEngine:
         mechanism = pending.mechanism or pending.result().mechanism
         context["oaep_mechanism"] = mechanism.mechanism_label
         # 8. Audit before answering; without a durable record there is no release (the re-wrap's
-        # result is dropped unread).
+        # result is dropped unread). The record names the key that signs the answer below (the
+        # id the answer carries): across a rotation of that key, the log says which one vouched.
+        # Not in ``context``: a denial after this record signed nothing.
         record = self._audit.append(
-            AuditEvent(decision=Decision.ALLOWED, reason=Reason.RELEASED, **context),
+            AuditEvent(
+                decision=Decision.ALLOWED,
+                reason=Reason.RELEASED,
+                release_signing_key_id=self._signer.key_id.hex(),
+                **context,
+            ),
             on_written=pending.start,
         )
         audited = time.perf_counter()

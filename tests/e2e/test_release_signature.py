@@ -10,6 +10,7 @@ forwards each exchange (so it holds genuine, signed answers) and alters what it 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.server import build as build_inference
 from strongroom.inference.server import release_verifier
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.pki import WorkloadIdentity
 from strongroom.pki.identity import RenewalPolicy
 from strongroom.runtime.config import CommonConfig, load_service_config
@@ -277,6 +279,25 @@ def test_keys_being_rotated_verify_with_either(
         assert peer.release(lambda request, response: response) == peer.world.data_key
     finally:
         peer.client._verifier = peer.world.stack.release_verifier()
+
+
+def test_the_audit_record_names_the_key_that_signed_each_release(peer: Peer) -> None:
+    """With several release-signing keys trusted at once (a rotation), the audit log did not say
+    which key vouched for which release: the granted release's record names the key id the
+    answer carries, and ``audit verify`` counts the releases per key."""
+    assert peer.release(lambda request, response: response) == peer.world.data_key
+    answer = peer.servicer.seen[-1]
+    assert len(answer.release_signing_key_id) == 32
+    records = [json.loads(line) for line in peer.world.audit_path.read_text().splitlines()]
+    [record] = [r for r in records if r["decision_id"] == answer.decision_id]
+    assert record["decision"] == "allowed"
+    assert record["release_signing_key_id"] == answer.release_signing_key_id.hex()
+    named = sum(
+        r.get("release_signing_key_id") == record["release_signing_key_id"] for r in records
+    )
+    verdict = verify_audit_log(peer.world.audit_path)
+    assert verdict.intact
+    assert dict(verdict.release_signing_keys)[record["release_signing_key_id"]] == named
 
 
 def _inference_config(

@@ -150,9 +150,63 @@ def test_records_with_awkward_claims_are_canonical_and_signed(
 
 
 # A record's bytes for fixed inputs (Ed25519 signs deterministically): the encoder may change
-# how it builds them, never what it writes, signs or hashes.
+# how it builds them, never what it writes, signs or hashes. The granted release's record changed
+# once, deliberately: it now names the release-signing key that signed the answer
+# (``release_signing_key_id``, placed by the canonical sort between ``reason`` and ``seq``); the
+# same event without it, as releases were recorded before, keeps its bytes (the last case), as
+# does every other record.
 _PINNED_RECORDS = [
     (
+        AuditEvent(
+            decision=Decision.ALLOWED,
+            reason="RELEASED",
+            caller_spiffe_id="spiffe://strongroom.test/inference",
+            caller_cert_serial="1f00",
+            evidence_sha256="e" * 64,
+            claims={
+                "z": {"b": [1, 2.5, None, True], "a": 'é"\\'},
+                "a": ("x", {"y": -0.0}),
+                "m": {},
+            },
+            policy_version="v1",
+            policy_sha256="b" * 64,
+            key_id="model-a",
+            key_version=3,
+            oaep_mechanism="CKM_RSA_PKCS_OAEP/SHA-256",
+            decision_id="req-1",
+            release_signing_key_id="c" * 64,
+        ),
+        7,
+        "ab" * 32,
+        "2026-12-06T12:00:00.000000Z",
+        b'{"action":"key_release","caller":{"cert_serial":"1f00","spiffe_id":'
+        b'"spiffe://strongroom.test/inference"},"claims":{"a":["x",{"y":-0.0}],"m":{},'
+        b'"z":{"a":"\\u00e9\\"\\\\","b":[1,2.5,null,true]}},"decision":"allowed",'
+        b'"decision_id":"req-1","evidence_sha256":"' + b"e" * 64 + b'","hash":'
+        b'"e0cb049eddb68afa7187868e41a025736faa385b44dbf9ec15b66f2142c7595d",'
+        b'"key":{"id":"model-a","version":3},"oaep_mechanism":"CKM_RSA_PKCS_OAEP/SHA-256",'
+        b'"policy_sha256":"' + b"b" * 64 + b'","policy_version":"v1","prev":"' + b"ab" * 32 + b'",'
+        b'"reason":"RELEASED","release_signing_key_id":"' + b"c" * 64 + b'",'
+        b'"seq":7,"sig":"m53eH6JASz2y9Px4ddOv6ZE59bfntiDykVfH1LFyU4KE1ad42QrAOArS4pTnZrSVABArtcvd'
+        b'iNk6D/+9k76oCQ==","time":"2026-12-06T12:00:00.000000Z","v":2}\n',
+        "e0cb049eddb68afa7187868e41a025736faa385b44dbf9ec15b66f2142c7595d",
+    ),
+    (
+        AuditEvent(decision=Decision.DENIED, reason="NO_RELEASE_POLICY", decision_id="req-2"),
+        0,
+        "0" * 64,
+        "2026-12-06T12:00:00.000001Z",
+        b'{"action":"key_release","caller":{"cert_serial":null,"spiffe_id":null},"claims":{},'
+        b'"decision":"denied","decision_id":"req-2","evidence_sha256":null,"hash":'
+        b'"1b8f8758fc66c9d299cbbe65a8ed2a96daee485a98d5c3b5b3f8acdad8609486",'
+        b'"key":{"id":null,"version":null},"oaep_mechanism":null,"policy_sha256":null,'
+        b'"policy_version":null,"prev":"' + b"0" * 64 + b'","reason":"NO_RELEASE_POLICY",'
+        b'"seq":0,"sig":"VUENFeCOlT2cSipQFA5lkilLyCknxq75Fp5w+jb1BNiGj9ukt7W0IL1LKaHsrRaW5xEK+'
+        b'fFxeqC0D9IWaA6WCg==","time":"2026-12-06T12:00:00.000001Z","v":2}\n',
+        "1b8f8758fc66c9d299cbbe65a8ed2a96daee485a98d5c3b5b3f8acdad8609486",
+    ),
+    (
+        # Recorded before records named the release-signing key: unchanged.
         AuditEvent(
             decision=Decision.ALLOWED,
             reason="RELEASED",
@@ -184,20 +238,6 @@ _PINNED_RECORDS = [
         b'"reason":"RELEASED","seq":7,"sig":"mPjCNYgwYpxaPv8wd8pB3j+E+P5BoSDdvqaXD0GlDXBsYBvytHQ9'
         b'Ul2BhfD2z1x5xdxaOKZE45wwfKOj/vASDQ==","time":"2026-12-06T12:00:00.000000Z","v":2}\n',
         "aeed3f80bfe75f88392a6d4439a9c8ba0b043c71bb4e75d43737974423a90aec",
-    ),
-    (
-        AuditEvent(decision=Decision.DENIED, reason="NO_RELEASE_POLICY", decision_id="req-2"),
-        0,
-        "0" * 64,
-        "2026-12-06T12:00:00.000001Z",
-        b'{"action":"key_release","caller":{"cert_serial":null,"spiffe_id":null},"claims":{},'
-        b'"decision":"denied","decision_id":"req-2","evidence_sha256":null,"hash":'
-        b'"1b8f8758fc66c9d299cbbe65a8ed2a96daee485a98d5c3b5b3f8acdad8609486",'
-        b'"key":{"id":null,"version":null},"oaep_mechanism":null,"policy_sha256":null,'
-        b'"policy_version":null,"prev":"' + b"0" * 64 + b'","reason":"NO_RELEASE_POLICY",'
-        b'"seq":0,"sig":"VUENFeCOlT2cSipQFA5lkilLyCknxq75Fp5w+jb1BNiGj9ukt7W0IL1LKaHsrRaW5xEK+'
-        b'fFxeqC0D9IWaA6WCg==","time":"2026-12-06T12:00:00.000001Z","v":2}\n',
-        "1b8f8758fc66c9d299cbbe65a8ed2a96daee485a98d5c3b5b3f8acdad8609486",
     ),
 ]
 
@@ -804,6 +844,9 @@ def test_claims_nested_to_the_limit_are_recorded(audit: AuditLog, log_path: Path
         {"claims": ["not", "a", "mapping"]},
         {"policy_version": "x" * 300},
         {"claims": {"big": "x" * 70_000}},
+        {"release_signing_key_id": "AB" * 32},
+        {"release_signing_key_id": "ab" * 16},
+        {"release_signing_key_id": bytes(32)},
     ],
 )
 def test_malformed_events(audit: AuditLog, log_path: Path, overrides: dict[str, Any]) -> None:
@@ -1017,7 +1060,13 @@ def test_records_are_signed_by_the_broker(
 
 
 @pytest.mark.parametrize(
-    "field", [{"key_id": "k1\n"}, {"reason": "DENIED\n"}, {"decision_id": "d1\n"}]
+    "field",
+    [
+        {"key_id": "k1\n"},
+        {"reason": "DENIED\n"},
+        {"decision_id": "d1\n"},
+        {"release_signing_key_id": "ab" * 32 + "\n"},
+    ],
 )
 def test_a_field_with_a_trailing_newline_is_malformed(tmp_path, field) -> None:
     """The field patterns end in ``$``, which also matches before a final newline."""
@@ -1220,3 +1269,80 @@ def test_a_verdicts_message_carries_no_value_read_from_a_record(
     result = verify_audit_log(log_path)
     assert result.problem == "SEQUENCE_BROKEN" and result.bad_record == 2
     assert "forged" not in result.message and "\x1b" not in result.message
+
+
+def test_a_granted_releases_record_names_its_release_signing_key_and_verify_counts_them(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """Across a rotation of the release-signing key (the inference side trusting old and new at
+    once) the log did not say which key vouched for which release: the granted release's record
+    now names it, records written before (which do not) still verify, and ``audit verify``
+    counts the releases each key signed."""
+    old_key, new_key = "a1" * 32, "b2" * 32
+    audit.append(event(0, reason="RELEASED"))  # a release recorded before: no key named
+    for n, key_id in enumerate((old_key, old_key, new_key), start=1):
+        audit.append(event(2 * n, reason="RELEASED", release_signing_key_id=key_id))
+    audit.append(event(1))  # a denial signs nothing
+    records = [json.loads(line) for line in lines(log_path)]
+    assert [r.get("release_signing_key_id") for r in records] == [
+        None,
+        old_key,
+        old_key,
+        new_key,
+        None,
+    ]
+    assert "release_signing_key_id" not in records[0] and "release_signing_key_id" not in records[4]
+    result = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert result.intact and result.records == 5
+    assert result.release_signing_keys == (("", 1), (old_key, 2), (new_key, 1))
+    assert result.message.endswith(
+        "; granted releases by release-signing key: not named: 1, a1a1a1a1a1a1a1a1: 2, "
+        "b2b2b2b2b2b2b2b2: 1"
+    )
+
+
+def test_verify_refuses_a_release_signing_key_id_that_is_not_a_sha256(
+    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    audit.append(event(0, reason="RELEASED", release_signing_key_id="c" * 64))
+    audit.close()
+    [record] = [json.loads(line) for line in lines(log_path)]
+    record["release_signing_key_id"] = "C" * 64  # chained and under a head the key holder signed
+    record.pop("hash")
+    record["hash"] = record_hash(record)
+    log_path.write_bytes(canonical_json(record) + b"\n")
+    _forge_head(log_path, 1, record["hash"], signing_key)
+    result = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert (result.intact, result.problem, result.bad_record) == (False, "RECORD_MALFORMED", 1)
+
+
+def test_an_empty_log_made_before_random_anchors_gets_a_start_of_its_own(
+    log_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """A log made before random anchors and still without a record has a head anchoring the
+    all-zeros hash every such log shares: it names no log. The first records of another such log
+    signed with the same key (another replica's, written by a broker of that time) were a valid
+    unanchored tail for it: copied in, `audit verify` called them the broker's own crash leftovers
+    and the broker anchored them. Opened now, the log gets a random start first, so they are not."""
+    log_path.parent.mkdir()
+    log_path.write_bytes(b"")
+    _forge_head(log_path, 0, GENESIS_HASH, signing_key)  # as such a log's head was
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
+    AuditLog.open(log_path, signing_key).close()  # the upgraded broker starts
+    upgraded = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert upgraded.intact and upgraded.records == 0 and upgraded.anchor != GENESIS_HASH
+    # Another replica's first records, as a broker of that time wrote them: chained on the zeros
+    # and signed with the key the replicas share.
+    foreign, prev = [], GENESIS_HASH
+    for n in range(3):
+        _, members = audit_module._event_members(event(n, reason="FOREIGN"))
+        line, prev = audit_module._record_line(
+            members, n, prev, "2026-01-01T00:00:00.000000Z", signing_key
+        )
+        foreign.append(line)
+    log_path.write_bytes(b"".join(foreign))
+    result = verify_audit_log(log_path, public_key=signing_key.public_key())
+    assert (result.intact, result.problem) == (False, "HEAD_MISMATCH")
+    with pytest.raises(DataLoss) as info:
+        AuditLog.open(log_path, signing_key)
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"

@@ -196,6 +196,9 @@ def test_an_allowed_release_reaches_the_hsm_once_and_is_audited_first(world, aut
     assert (event.decision, event.reason, event.key_id) == (Decision.ALLOWED, "RELEASED", "k1")
     assert event.claims["measurement"] == MEASUREMENT.hex()
     assert event.oaep_mechanism == OaepHash.SHA1.mechanism_label
+    # The record names the key that signed the answer, as the answer does.
+    assert event.release_signing_key_id == outcome.signing_key_id.hex()
+    assert outcome.signing_key_id == ReleaseSigner(SIGNING_KEY).key_id
     assert outcome.decision_id == "d1"
     # The re-wrap starts only once the record has its place in the log (it overlaps the syncs).
     assert audit.trace == ["written ALLOWED", "hsm"]
@@ -370,6 +373,8 @@ def test_a_rewrap_failing_after_the_allowed_record_is_recorded_under_the_same_de
     assert denied.reason == "HSM_UNAVAILABLE"
     assert denied.decision_id == "d1"  # the ALLOWED record's id: the last record is the outcome
     assert denied.key_id == "k1" and denied.claims == allowed.claims
+    # Nothing was signed for the denial: only the ALLOWED record names a release-signing key.
+    assert allowed.release_signing_key_id is not None and denied.release_signing_key_id is None
 
 
 def test_an_unexpected_error_is_audited_as_internal(world, authority) -> None:
