@@ -11,26 +11,6 @@ from strongroom.attestation.trust import TrustStore
 from strongroom.dev.simulated import SimulatedAuthority
 from tests.conftest import DATA
 
-SPR = "tdx/v4_spr_gotdxguest.dat"
-# go-tdx-guest appended 39 non-zero bytes to this hardware quote "only for testing purpose"
-# (SOURCES.md). A quote is judged as exactly its declared length (zero padding aside), so the tests
-# use the quote itself; test_vectors checks that the file as vendored is refused TRAILING_DATA.
-APPENDED_TEST_BYTES = {SPR: 39}
-
-
-def read_vector(vectors: Path, name: str) -> bytes:
-    """The vendored vector ``name``, less any bytes its source appended for its own tests."""
-    raw = (vectors / name).read_bytes()
-    return raw[: len(raw) - APPENDED_TEST_BYTES.get(name, 0)]
-
-
-@pytest.fixture(scope="session")
-def spr_file(vectors: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The SPR quote (:data:`SPR`, without go-tdx-guest's test bytes) as a file, for the CLI."""
-    path = tmp_path_factory.mktemp("vectors") / "v4_spr.dat"
-    path.write_bytes(read_vector(vectors, SPR))
-    return path
-
 
 @pytest.fixture(scope="session")
 def vectors() -> Path:

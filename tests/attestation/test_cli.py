@@ -10,7 +10,6 @@ import pytest
 
 import strongroom.cli.main as cli_main
 from strongroom.cli.main import main
-from tests.attestation.conftest import SPR, read_vector
 from tests.attestation.test_vectors import NEW_TCB_SIGNING
 
 
@@ -81,9 +80,9 @@ def test_verify_tdx_with_collateral(vectors: Path, capsys) -> None:  # type: ign
     assert claims["tcb_status"] == "OutOfDate" and claims["fmspc"] == "00a06d080000"
 
 
-def test_verify_tdx_with_crls(vectors: Path, spr_file: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_verify_tdx_with_crls(vectors: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run(
-        capsys, str(spr_file),
+        capsys, str(vectors / "tdx/v4_spr_gotdxguest.dat"),
         "--collateral", str(vectors / "roots/intel/intel_pck_platform_ca_crl.der"),
         "--collateral", str(vectors / "roots/intel/intel_sgx_root_ca_crl.der"),
         "--collateral", str(vectors / "tdx/tcbinfo_50806f000000_gotdxguest.json"),
@@ -141,7 +140,7 @@ def test_snp_format_errors_have_precise_reasons(
 def test_tdx_format_errors_have_precise_reasons(
     vectors: Path, tmp_path: Path, capsys, offset, value, reason
 ) -> None:  # type: ignore[no-untyped-def]
-    raw = bytearray(read_vector(vectors, SPR))
+    raw = bytearray((vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes())
     raw[offset : offset + len(value)] = value
     bad = tmp_path / "quote.dat"
     bad.write_bytes(bytes(raw))
@@ -149,8 +148,10 @@ def test_tdx_format_errors_have_precise_reasons(
     assert code == 2 and reason in err
 
 
-def test_tdx_without_collateral_fails_closed(spr_file: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    code, _, err = run(capsys, str(spr_file), "--at", "2023-06-20T00:00:00Z")
+def test_tdx_without_collateral_fails_closed(vectors: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run(
+        capsys, str(vectors / "tdx/v4_spr_gotdxguest.dat"), "--at", "2023-06-20T00:00:00Z"
+    )
     assert code == 2 and "COLLATERAL_MISSING" in err
 
 

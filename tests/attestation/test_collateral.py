@@ -46,7 +46,6 @@ from strongroom.errors import StrongroomError
 from strongroom.keybroker.refusals import callers_fault
 from strongroom.reasons import Reason
 from tests.attestation.collateral_server import FakeCollateralServer, serve
-from tests.attestation.conftest import SPR, read_vector
 
 UTC = dt.UTC
 RD = hashlib.sha512(b"collateral").digest()
@@ -91,7 +90,7 @@ def test_real_tdx_quote_verifies_with_fetched_collateral(
     service = CollateralService(
         CollateralCache(tmp_path, production), fast(server), clock=lambda: SPR_TIME
     )
-    quote = read_vector(vectors, SPR)
+    quote = (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes()
     claims = verify_evidence(
         Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
     )
@@ -116,7 +115,7 @@ def test_cache_survives_restart_and_outage(vectors, production, server, tmp_path
     )
     server.status = 503  # upstream down: the reopened cache still serves
     service = CollateralService(CollateralCache(tmp_path, production), fast(server))
-    quote = read_vector(vectors, SPR)
+    quote = (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes()
     verify_evidence(
         Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
     )
@@ -127,7 +126,7 @@ def test_outage_with_empty_cache_fails_closed_after_bounded_retries(
 ) -> None:  # type: ignore[no-untyped-def]
     server.status = 503
     service = CollateralService(CollateralCache(tmp_path, production), fast(server, retries=2))
-    quote = read_vector(vectors, SPR)
+    quote = (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes()
     with pytest.raises(CollateralUnavailable) as err:
         verify_evidence(
             Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
@@ -188,7 +187,7 @@ def test_an_upstream_that_does_not_speak_http_is_a_failed_fetch(
             pcs_url=url, kds_url=url, retries=1, backoff_seconds=0.01, timeout_seconds=2.0
         )
         service = CollateralService(CollateralCache(tmp_path / "tdx", production), settings)
-        quote = Evidence(TeeType.TDX, read_vector(vectors, SPR))
+        quote = Evidence(TeeType.TDX, (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes())
         for _ in range(2):
             with pytest.raises(CollateralUnavailable) as err:
                 verify_evidence(quote, trust=production, now=SPR_TIME, collateral=service)
@@ -228,7 +227,7 @@ def test_an_upstream_document_whose_names_do_not_parse_is_a_failed_fetch(
     service = CollateralService(
         CollateralCache(tmp_path, production), fast(server), clock=lambda: SPR_TIME
     )
-    quote = Evidence(TeeType.TDX, read_vector(vectors, SPR))
+    quote = Evidence(TeeType.TDX, (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes())
     path = "/sgx/certification/v4/pckcrl?ca=platform&encoding=der"
     for _ in range(2):
         with pytest.raises(CollateralUnavailable) as err:

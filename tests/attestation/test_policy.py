@@ -30,7 +30,6 @@ from strongroom.attestation.errors import (
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.reasons import Reason
-from tests.attestation.conftest import read_vector
 from tests.conftest import REPO
 
 CALLER = "spiffe://strongroom.test/inference"
@@ -559,7 +558,7 @@ def test_real_tdx_vectors_launch_settings(vectors: Path, production: TrustStore)
     when = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 
     def real(name: str) -> TdxClaims:
-        ev = Evidence(TeeType.TDX, read_vector(vectors, f"tdx/{name}"))
+        ev = Evidence(TeeType.TDX, (vectors / "tdx" / name).read_bytes())
         claims = verify_evidence(ev, trust=production, now=when, require_collateral=False)
         assert isinstance(claims, TdxClaims)
         return completed(claims)  # type: ignore[no-any-return]

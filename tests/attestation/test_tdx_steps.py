@@ -25,7 +25,6 @@ from strongroom.attestation.errors import (
 from strongroom.attestation.verify import _crl, tdx
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.reasons import Reason
-from tests.attestation.conftest import SPR, read_vector
 from tests.attestation.test_vectors import NEW_TCB_SIGNING, SOURCES
 
 UTC = dt.UTC
@@ -40,7 +39,7 @@ MRTD = bytes(range(48))
 
 
 def _real(vectors: Path, name: str) -> Evidence:
-    return Evidence(TeeType.TDX, read_vector(vectors, name))
+    return Evidence(TeeType.TDX, (vectors / name).read_bytes())
 
 
 def _gnr_collateral(vectors: Path) -> StaticCollateralSource:
@@ -54,9 +53,9 @@ def _gnr_collateral(vectors: Path) -> StaticCollateralSource:
 # --- step 1: the PCK chain --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [SPR, GNR, TD15])
+@pytest.mark.parametrize("name", ["tdx/v4_spr_gotdxguest.dat", GNR, TD15])
 def test_chain_of_a_real_quote(vectors: Path, production: TrustStore, name: str) -> None:
-    pem = parse_tdx_quote(read_vector(vectors, name)).signature_data.pck_chain_pem
+    pem = parse_tdx_quote((vectors / name).read_bytes()).signature_data.pck_chain_pem
     pck = tdx.verify_pck_chain(pem, TrustStore.production(), TDX_TIME)
     assert common_name(pck.chain[0]) == tdx.PCK_LEAF_CN
     assert common_name(pck.chain[1]) in tdx.PCK_CA_CNS
@@ -233,7 +232,7 @@ def test_a_crl_cannot_vouch_for_a_certificate_its_issuer_did_not_issue(
 ) -> None:
     """The real root CA CRL lists serials of the root's certificates only: the real PCK leaf
     (issued by the Platform CA) used to be skipped silently, i.e. reported checked unchecked."""
-    pem = parse_tdx_quote(read_vector(vectors, SPR))
+    pem = parse_tdx_quote((vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes())
     pck = tdx.verify_pck_chain(pem.signature_data.pck_chain_pem, production, SPR_TIME)
     leaf, ca, root = pck.chain
     root_crl = (vectors / "roots/intel/intel_sgx_root_ca_crl.der").read_bytes()
@@ -286,7 +285,7 @@ def test_tcb_of_real_quotes(vectors: Path, production: TrustStore) -> None:
     )
     chosen = tdx.select_collateral(td15, source, production, TD15_TIME, dt.timedelta(0), False)
     assert _evaluate(td15, chosen).status == "UpToDate"
-    spr = tdx.verify_quote(_real(vectors, SPR), production, SPR_TIME)
+    spr = tdx.verify_quote(_real(vectors, "tdx/v4_spr_gotdxguest.dat"), production, SPR_TIME)
     source = StaticCollateralSource(
         tcb_infos=((vectors / "tdx/tcbinfo_50806f000000_gotdxguest.json").read_bytes(),),
         signing_chain=(vectors / "roots/intel/intel_tcb_signing_chain.pem").read_bytes(),

@@ -11,14 +11,8 @@ Structure only. Layout (little-endian):
   QE report (384), QE report signature (64), QE auth data (u16 length + bytes), and nested
   certification data type 5 = PEM PCK chain).
 
-Every declared length is honoured: nested structures must fill their container exactly, and a quote
-is exactly its declared length. Zero bytes after the signature data are accepted as the padding of
-the fixed-size buffer some quote interfaces deliver a quote in (real quotes in
-``tests/data/attestation`` come padded to 8000 bytes, or with 70 zero bytes) and are not part of
-the quote; any non-zero byte there is
-``TRAILING_DATA``: bytes no signature covers and no parser reads, which the quote's producer
-did not write as padding. (Intel's QVL refuses even zero padding; accepting it judges nothing
-differently, since zeros carry nothing.)
+Every declared length is honoured: nested structures must fill their container exactly; bytes after
+the signature data (zero padding, or test bytes) are ignored.
 """
 
 from __future__ import annotations
@@ -198,7 +192,7 @@ class TdxQuote:
     body: TdQuoteBody
     signed_length: int
     signature_data: QuoteSignatureData
-    trailing_bytes: int  # zero padding after the signature data (any other byte is refused)
+    trailing_bytes: int
 
     @property
     def signed_bytes(self) -> bytes:
@@ -317,7 +311,7 @@ def _parse_signature_data(c: _Cursor) -> QuoteSignatureData:
 
 
 def parse_tdx_quote(data: bytes) -> TdxQuote:
-    """Parses a TDX DCAP quote (v4 or v5); after the signature data only zero padding may follow."""
+    """Parses a TDX DCAP quote (v4 or v5). Trailing bytes after the signature data are ignored."""
     data = bytes(data)
     c = _Cursor(data, 0, len(data), "header")
     version = c.u16()
@@ -373,12 +367,6 @@ def parse_tdx_quote(data: bytes) -> TdxQuote:
     sig_cursor = _Cursor(data, c.pos, c.pos + sig_len, "signature data")
     c.take(sig_len)
     signature_data = _parse_signature_data(sig_cursor)
-    if any(data[c.pos :]):
-        raise MalformedEvidence(
-            f"TDX quote has {len(data) - c.pos} bytes after its declared signature data "
-            f"({sig_len} bytes) that are not zero padding",
-            reason=Reason.TRAILING_DATA,
-        )
     return TdxQuote(
         raw=data,
         header=header,
