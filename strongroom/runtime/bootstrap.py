@@ -124,7 +124,8 @@ def build_host(
     # (even none) filled every blocking-stream slot and refused the store's model transfers. The
     # operator (admin) is who lists a service's methods.
     rules = RoleTable({**roles.rules, REFLECTION_SERVICE: ("admin",)}).resolve(common)
-    authorizer = SpiffeAuthorizer(identity.trust_domain, rules, public=(HEALTH_SERVICE,))
+    public = (HEALTH_SERVICE,)  # any certificate of the CA may call it
+    authorizer = SpiffeAuthorizer(identity.trust_domain, rules, public=public)
     for spec in specs:
         spec.checks = (
             *spec.checks,
@@ -138,6 +139,7 @@ def build_host(
         interceptors=[authorizer],
         refusal_observers=refusal_observers,
         control_plane=control_plane,
+        public=public,
         health_listen=common.health_listen,
         config=common.server,
         message_limits=message_limits,

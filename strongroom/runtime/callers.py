@@ -22,7 +22,9 @@ streams of every other method) hold all callers together; a data-plane call beyo
 with ``RESOURCE_EXHAUSTED`` (``DATA_PLANE_WORKERS_BUSY``). The per-identity cap defaults to just
 under half the data-plane workers, so that two callers at their cap leave a worker for a third.
 Control-plane calls count against their caller's cap only: an operator's calls are few, and
-health checks are answered at once.
+health checks are answered at once. Only the wait for a call's request message tells public
+control-plane methods (health) from the operator's: a public one waits within the data plane
+(:meth:`UnaryGuard.wait_for_request`), since any certificate may call it.
 """
 
 from __future__ import annotations
@@ -73,23 +75,33 @@ class WorkerShares:
     calls (:class:`UnaryGuard`) and blocking streams (:class:`~strongroom.runtime.streams.StreamGuard`)
     of every method not in ``control_plane``, a set of full method names (``/pkg.Service/Method``)
     and service names (all of its methods). The rest of the workers stay free for control-plane
-    calls. :attr:`lock` also guards :class:`UnaryGuard`'s own counts, so that a unary call is
-    admitted under one lock.
+    calls. ``public`` names (the same way) the methods any certified caller may call (health):
+    a wait for the request message of one of them is a data-plane wait even when the method is
+    control plane, so that callers who never send their message cannot hold the reserve.
+    :attr:`lock` also guards :class:`UnaryGuard`'s own counts, so that a unary call is admitted
+    under one lock.
     """
 
-    def __init__(self, data_plane: int, control_plane: Iterable[str] = ()) -> None:
+    def __init__(
+        self, data_plane: int, control_plane: Iterable[str] = (), public: Iterable[str] = ()
+    ) -> None:
         if data_plane < 1:
             raise ValueError("data_plane must be at least 1")
         self.data_plane = data_plane
         self._control = frozenset(control_plane)
+        self._public = frozenset(public)
         self.lock = threading.Lock()
         self.held = 0
         """Data-plane workers held now (read and written under :attr:`lock`)."""
 
     def is_control_plane(self, method: str) -> bool:
         """Whether ``method`` (a full method name) may use the control-plane reserve."""
-        service = method[1:].split("/", 1)[0]
-        return method in self._control or service in self._control
+        return _named(method, self._control)
+
+    def is_public(self, method: str) -> bool:
+        """Whether anyone may call ``method`` (health): its wait for its request message never
+        comes out of the control-plane reserve (:meth:`UnaryGuard.wait_for_request`)."""
+        return _named(method, self._public)
 
     def busy(self, method: str) -> ResourceExhausted:
         """The refusal of a data-plane call of ``method`` while every data-plane worker is held."""
@@ -118,6 +130,12 @@ class WorkerShares:
         """Data-plane workers held now."""
         with self.lock:
             return self.held
+
+
+def _named(method: str, names: frozenset[str]) -> bool:
+    """Whether ``names`` holds the full method name ``method`` or the name of its service."""
+    service = method[1:].split("/", 1)[0]
+    return method in names or service in names
 
 
 class UnaryGuard(HandlerInterceptor):
@@ -187,19 +205,22 @@ class UnaryGuard(HandlerInterceptor):
         The message is read by the call's worker once the authoriser and the limits admitted it
         (:class:`~strongroom.runtime.interceptors.DeferredRequests`); a data-plane call waits
         within the data-plane worker it holds. These others hold none: each caller has one such
-        wait outside the data plane (an operator's call is never refused because the data plane
-        is full; a message sent with the call's headers is there at once), and each further wait
-        of the caller at the same time holds a data-plane worker while it lasts, or is refused at
-        once with ``DATA_PLANE_WORKERS_BUSY``. The call itself already counts against its
-        caller's cap (unary calls here, streams in
-        :class:`~strongroom.runtime.streams.StreamGuard`). A caller that never sends its message
-        (health is public: any certificate) therefore holds one worker beyond the data plane.
+        wait outside the data plane for a method only authorised callers may call (an operator's
+        call is never refused because the data plane is full; a message sent with the call's
+        headers is there at once), and each further wait of the caller at the same time holds a
+        data-plane worker while it lasts, or is refused at once with ``DATA_PLANE_WORKERS_BUSY``.
+        A wait for a public method's message (health: any certificate of the CA, however many
+        identities one holder has) is always such a data-plane wait: one wait per identity
+        outside the data plane let N identities that never send their message hold N workers of
+        the control-plane reserve, and with the data plane full the operator's calls queued
+        behind them. The call itself already counts against its caller's cap (unary calls here,
+        streams in :class:`~strongroom.runtime.streams.StreamGuard`).
         """
         identity = self._identify(context)
         shares = self.shares
         own: bool | None  # None: refused
         with self._lock:
-            own = identity not in self._waiting
+            own = identity not in self._waiting and not shares.is_public(method)
             if own:
                 self._waiting.add(identity)
             elif shares.held < shares.data_plane:

@@ -253,9 +253,10 @@ class ServerConfig:
     grace_seconds: float = 20.0
     # Streams (uploads, downloads, health Watch) one caller may hold open at once.
     max_streams_per_identity: int = 8
-    # Worker threads only the service's control-plane methods may use (model control and
-    # attestation evidence on inference, key administration on the broker, deletes and key-slot
-    # replacement on the store, health and reflection everywhere): data-plane calls (unary calls
+    # Worker threads only the service's control-plane methods may use (model control on
+    # inference, key administration on the broker, deletes and key-slot replacement on the store,
+    # health and reflection everywhere; a health call waits for its request message within the
+    # data plane, since any certificate may call it): data-plane calls (unary calls
     # and blocking streams of every other method, all callers together) hold at most the other
     # max_workers - control_plane_workers, and the excess is refused at once (RESOURCE_EXHAUSTED
     # DATA_PLANE_WORKERS_BUSY), so that a flood of data-plane calls never queues an operator's

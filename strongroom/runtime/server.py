@@ -106,7 +106,9 @@ class ServiceHost:
     ``control_plane`` names the methods (``/pkg.Service/Method``) and services (``pkg.Service``)
     that may use the workers reserved from data-plane calls (``server.control_plane_workers``;
     :class:`~strongroom.runtime.callers.WorkerShares`): an operator's calls, which a flood of
-    data-plane calls must not queue. Health and reflection always are.
+    data-plane calls must not queue. Health and reflection always are. ``public`` names the
+    methods and services the authoriser lets any certified caller call (health always is): the
+    wait for one of their request messages is a data-plane wait, never the reserve's.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class ServiceHost:
         tracing: ServerInterceptor | None = None,
         refusal_observers: Mapping[str, RefusalObserver] | None = None,
         control_plane: Iterable[str] = (),
+        public: Iterable[str] = (),
         health_listen: str | None = None,
         config: ServerConfig | None = None,
         message_limits: MessageLimits = DEFAULT_MESSAGE_LIMITS,
@@ -139,10 +142,14 @@ class ServiceHost:
             *KEEPALIVE_OPTIONS,
             *config.connection_age_options,
         ]
-        # Probes and an operator's look at the server are answered however busy its data plane.
+        # An operator's look at the server is answered however busy its data plane. Health is
+        # too once its request is read, but that wait is a data-plane one: any certificate may
+        # call health, and the reserve is for the callers the authoriser restricts (the
+        # kubelet's probes use the plaintext health port).
         self.shares = WorkerShares(
             config.data_plane_workers,
             {HEALTH_SERVICE, reflection.SERVICE_NAME, *control_plane},
+            public={HEALTH_SERVICE, *public},
         )
         self.streams = StreamGuard(
             StreamLimits(

@@ -711,6 +711,60 @@ def test_a_release_refused_for_a_busy_data_plane_is_audited(narrow_world: World)
     assert wait_until(lambda: shares.held_now() == 0)
 
 
+def test_callers_never_sending_a_health_request_leave_key_administration_its_reserve(
+    narrow_world: World,
+) -> None:
+    """With every data-plane worker held (data keys and a release held at the HSM), identities
+    without any role on the broker opened health Checks over mTLS and never sent the message:
+    each had one wait outside the data plane, so they held the worker reserved for key
+    administration and the admin's call queued behind them. A health request is awaited within
+    the data plane now: such calls are refused at once and key administration is answered."""
+    world = narrow_world
+    broker = world.stack.services["keybroker"].handle
+    shares = broker.host.shares
+    gate, silent = threading.Event(), threading.Event()
+
+    def never() -> Iterator[bytes]:  # the call's headers go; its message never does
+        silent.wait(60)
+        yield from ()
+
+    check = "/grpc.health.v1.Health/Check"
+    strangers = [
+        world.stack.channel(world.stack.identity(name), "keybroker")
+        for name in ("client", "stranger-1", "stranger-2")
+    ]
+    hold = broker.hsm.submit(lambda _session: gate.wait(60), timeout=60, name="test hold")
+    try:
+        assert wait_until(lambda: hold.started)
+        held: list[grpc.Future[Any]] = [
+            world.publisher.GenerateDataKey.future(
+                data_key_request(KEY, (f"reserve/{i}", "1")), timeout=60
+            )
+            for i in range(2)
+        ]
+        held.append(world.broker.ReleaseKey.future(new_attempt(world).request, timeout=60))
+        assert wait_until(lambda: shares.held_now() == 3)  # the data plane is full
+        stalled = [
+            c.stream_unary(check, bytes, bytes).future(never(), timeout=60) for c in strangers
+        ]
+        for call in stalled:
+            with pytest.raises(grpc.RpcError) as info:
+                call.result(timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            assert ("strongroom-reason", "DATA_PLANE_WORKERS_BUSY") in tuple(
+                info.value.trailing_metadata()  # type: ignore[attr-defined]
+            )
+        policy = world.admin.GetReleasePolicy(pb.GetReleasePolicyRequest(key_id=KEY), timeout=30)
+        assert policy.policy_document
+    finally:
+        silent.set()
+        gate.set()
+        for channel in strangers:
+            channel.close()
+    assert all(f.result(timeout=60).wrapped_data_key for f in held)
+    assert wait_until(lambda: shares.held_now() == 0)
+
+
 def wait_until(condition: Callable[[], bool]) -> bool:
     """Waits (bounded) for ``condition``, which the broker reaches on its own threads."""
     deadline = time.monotonic() + 30

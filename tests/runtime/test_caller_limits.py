@@ -574,7 +574,7 @@ def test_a_caller_that_never_sends_its_request_holds_no_worker_it_was_not_given(
     certificate of the CA: health is public), the control plane's reserve included. The message
     is read now once the authoriser and the limits admitted the call: a caller without the role
     is refused at once, and one allowed to call waits within its cap and the data-plane share
-    (each caller has one wait for a control-plane or health request outside them)."""
+    (a public method's request, health's, is always awaited within them)."""
     running = mesh(max_workers=8)  # 1 worker reserved, 7 data-plane, 3 unary calls per identity
     stranger = running.caller("stranger")  # a certificate of the CA, and no role at all
     gate = threading.Event()
@@ -592,12 +592,12 @@ def test_a_caller_that_never_sends_its_request_holds_no_worker_it_was_not_given(
             grpc.StatusCode.PERMISSION_DENIED
         )
     checks = [stall(f"/{HEALTH_SERVICE}/Check") for _ in range(8)]
-    # Three wait (the caller's cap): one outside the counts, two as data-plane calls.
+    # Three wait (the caller's cap), each as a data-plane call.
     assert settled(lambda: sum(f.done() for f in checks) == 5)
     assert {refusal(f.result)[1] for f in checks if f.done()} == {
         "TOO_MANY_UNARY_CALLS_PER_IDENTITY"
     }
-    assert running.host.shares.held_now() == 2
+    assert running.host.shares.held_now() == 3
     admin = running.caller("admin")
     assert admin.unary_unary(CONTROL, _raw, _raw)(b"", timeout=30) == b"admin"
     health = health_pb2_grpc.HealthStub(admin).Check(health_pb2.HealthCheckRequest(), timeout=30)
@@ -613,3 +613,59 @@ def test_a_caller_that_never_sends_its_request_holds_no_worker_it_was_not_given(
             )
     assert settled(lambda: running.host.shares.held_now() == 0)
     assert client.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
+
+
+def test_callers_that_never_send_a_health_request_cannot_take_the_control_plane_reserve(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """Each identity had one wait for its request outside the data plane, health included, and
+    health is public: with the data plane full, identities (any certificates of the CA) that
+    opened a health Check or Watch and never sent its message held a reserved worker each, and
+    the operator's UnloadModel queued behind them until their connections aged out. A public
+    method's request is awaited within the data plane now: under a full data plane such calls
+    are refused at once, and the reserve serves the admin; once the data plane has room they
+    wait within it, and give it back when they end."""
+    repository = ModelRepository(expected=["m"])
+    control = ModelControlServicer(cast(ModelLoader, None), repository)  # unloads need no loader
+    running = mesh(
+        ServiceSpec(
+            CONTROL_SERVICE,
+            lambda server: model_control_pb2_grpc.add_ModelControlServiceServicer_to_server(
+                control, server
+            ),
+        ),
+        control_plane=INFERENCE_CONTROL_PLANE,
+        max_workers=8,
+        control_plane_workers=2,  # 6 data-plane workers, 2 unary calls per identity
+    )
+    held = [f for f in flood(running, "inference", "publisher", "client", calls=2) if not f.done()]
+    assert len(held) == running.host.shares.held_now() == 6  # the data plane is full
+    gate = threading.Event()
+
+    def never() -> Iterator[bytes]:  # the call's headers go; its message never does
+        gate.wait(60)
+        yield from ()
+
+    strangers = [running.caller(f"stranger-{n}") for n in range(3)]  # no role at all
+    check, watch = f"/{HEALTH_SERVICE}/Check", f"/{HEALTH_SERVICE}/Watch"
+    stalled = [c.stream_unary(check, _raw, _raw).future(never(), timeout=60) for c in strangers]
+    for call in stalled:
+        assert refusal(lambda: call.result(timeout=30)) == (  # noqa: B023 (called at once)
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "DATA_PLANE_WORKERS_BUSY",
+        )
+    watching = strangers[0].stream_stream(watch, _raw, _raw)(never(), timeout=60)
+    assert refusal(lambda: next(watching))[1] == "DATA_PLANE_WORKERS_BUSY"
+    unload = model_control_pb2_grpc.ModelControlServiceStub(running.caller("admin")).UnloadModel
+    assert unload(model_control_pb2.UnloadModelRequest(name="m"), timeout=30) is not None
+    running.slow.release.set()
+    assert [f.result(timeout=30) for f in held] == [b"done"] * 6
+    assert settled(lambda: running.host.shares.held_now() == 0)
+    waiting = strangers[1].stream_unary(check, _raw, _raw).future(never(), timeout=60)
+    assert settled(lambda: running.host.shares.held_now() == 1)  # it waits in the data plane
+    gate.set()
+    assert refusal(lambda: waiting.result(timeout=30)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MALFORMED_REQUEST",
+    )
+    assert settled(lambda: running.host.shares.held_now() == 0)

@@ -123,13 +123,17 @@ def test_watch_streams_hold_no_worker_thread(
     small: tuple[ServiceHost, Gate, grpc.Channel],
 ) -> None:
     """32 Watch streams on a 4-thread host, through tracing and the authoriser: unary calls
-    still answer (before the fix, each Watch held a thread and every other call timed out)."""
+    still answer (before the fix, each Watch held a thread and every other call timed out).
+    Each is opened once the one before it answered: a Watch's wait for its request message
+    holds a data-plane worker (health is public), and 32 opened at once would ask for more
+    than this host's 3."""
     _host, _gate, channel = small
     stub = health_pb2_grpc.HealthStub(channel)
-    watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(32)]
+    watches = []
     try:
-        for watch in watches[:4]:
-            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        for _ in range(32):
+            watches.append(stub.Watch(health_pb2.HealthCheckRequest(), timeout=30))
+            assert next(watches[-1]).status == health_pb2.HealthCheckResponse.SERVING
         assert [unary(channel, timeout=5) for _ in range(10)] == [b"ok"] * 10
         assert all(not w.done() for w in watches)
     finally:
@@ -369,7 +373,9 @@ def test_watchers_leaving_while_the_status_flaps_do_not_deadlock_the_server() ->
         listen="127.0.0.1:0",
         credentials=None,
         services=[spec],
-        config=ServerConfig(max_workers=8, max_streams_per_identity=1000),
+        # 28 data-plane workers: each of the 20 Watches opened at once holds one while it waits
+        # for its request message (health is public, so its wait is never the reserve's).
+        config=ServerConfig(max_workers=32, max_streams_per_identity=1000),
         check_interval=0.001,
     )
     host.start()
