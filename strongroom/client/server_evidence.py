@@ -234,7 +234,10 @@ class ServerConnection(Closing):
         if self._listener is not None:
             self._listener.close()
         upstream_reader, upstream_writer = self._upstream
-        await asyncio.gather(_pump(reader, upstream_writer), _pump(upstream_reader, writer))
+        # close() cancels the pumps: the end of this connection, not an error. Raised, asyncio
+        # logs it (a traceback on stderr) as an unexpected exception of a connection task.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(_pump(reader, upstream_writer), _pump(upstream_reader, writer))
 
     def close(self) -> None:
         """Closes the channel and the connection; idempotent."""
