@@ -129,6 +129,8 @@ class ServerConnection(Closing):
     connection. The channel never reconnects: when the connection ends, its calls fail
     UNAVAILABLE (a new connection would be an unchecked one); open a new ServerConnection.
 
+    The connection is TLS 1.3 (as every mesh server requires; ``Unavailable(TLS_VERSION)``
+    otherwise) with HTTP/2 agreed by ALPN ``h2`` (as gRPC's own channels require).
     The client key goes to OpenSSL through an in-memory file, never on disk; gRPC reaches the
     connection through a Unix socket in a private (0700) temporary directory, accepted once.
     Close it when done (a context manager).
@@ -152,6 +154,9 @@ class ServerConnection(Closing):
                 reason=Reason.SERVER_UNREACHABLE,
             )
         context = client_context(TlsPresentation(root_pem, key_pem, chain_pem))
+        # As every mesh server requires (and TLS 1.2's renegotiation could show another
+        # certificate on this connection after its key was read): TLS 1.3 only.
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
         self._directory = Path(tempfile.mkdtemp(prefix="strongroom-connection-"))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -166,7 +171,17 @@ class ServerConnection(Closing):
         self._channel: grpc.Channel | None = None
         socket_path = self._directory / "grpc.sock"
         try:
-            der = self._run(self._open(target, context, server_name, socket_path), timeout=timeout)
+            der, alpn = self._run(
+                self._open(target, context, server_name, socket_path), timeout=timeout
+            )
+            if alpn != "h2":
+                # gRPC's own channels refuse it too: the server did not agree to speak HTTP/2
+                # on this connection, so it is not a gRPC server's (or a protocol confusion).
+                raise Unavailable(
+                    f"the server at {address} did not agree to HTTP/2 (ALPN h2) on the TLS "
+                    f"connection (it selected {alpn or 'no protocol'})",
+                    reason=Reason.SERVER_UNREACHABLE,
+                )
             self.tls_public_key_der = _spki_of(address, der, server_id)
         except ssl.SSLCertVerificationError as exc:
             self.close()
@@ -179,6 +194,17 @@ class ServerConnection(Closing):
             raise Unavailable(
                 f"no TLS connection to {address} within {timeout:g} s",
                 reason=Reason.SERVER_UNREACHABLE,
+            ) from None
+        except ssl.SSLError as exc:
+            self.close()
+            if "VERSION" in (exc.reason or "").upper():
+                raise Unavailable(
+                    f"the server at {address} does not speak TLS 1.3, which the mesh requires "
+                    f"({exc.reason})",
+                    reason=Reason.TLS_VERSION,
+                ) from None
+            raise Unavailable(
+                f"cannot connect to {address}: {exc}", reason=Reason.SERVER_UNREACHABLE
             ) from None
         except (OSError, ValueError) as exc:
             self.close()
@@ -211,7 +237,8 @@ class ServerConnection(Closing):
 
     async def _open(
         self, target: tuple[str, int], context: ssl.SSLContext, server_name: str, path: Path
-    ) -> bytes:
+    ) -> tuple[bytes, str | None]:
+        """Connects; returns the server's certificate (DER) and the protocol ALPN selected."""
         host, port = target
         reader, writer = await asyncio.open_connection(
             host, port, ssl=context, server_hostname=server_name
@@ -222,8 +249,11 @@ class ServerConnection(Closing):
         der: bytes | None = tls.getpeercert(binary_form=True) if tls is not None else None
         if der is None:  # pragma: no cover - a verified handshake always has a peer certificate
             raise ValueError("the server presented no certificate")
+        alpn: str | None = tls.selected_alpn_protocol()
+        if alpn != "h2":
+            return der, alpn  # refused by the caller, before gRPC could connect
         self._listener = await asyncio.start_unix_server(self._carry, path=str(path))
-        return der
+        return der, alpn
 
     async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -558,3 +559,71 @@ def test_connections_close_cleanly_and_leave_nothing_behind(
     assert code == 0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def impostor(served: DevStack) -> Iterator[WorkloadIdentity]:
+    """A certificate for the inference server's SPIFFE ID and name, held by another program."""
+    identity = WorkloadIdentity.enrol(
+        served.start_ca().client(),
+        served.token("inference", dns=["inference"]),
+        policy=RenewalPolicy(),
+    )
+    yield identity
+    identity.close()
+
+
+@contextlib.contextmanager
+def _tls_server(
+    identity: WorkloadIdentity, tmp_path: Path, *, newest: ssl.TLSVersion, alpn: list[str]
+) -> Iterator[str]:
+    """A TLS server (not gRPC) with ``identity``'s certificate, TLS up to ``newest``, offering
+    ``alpn``: it completes handshakes and holds the connections open."""
+    credentials = identity.credentials
+    (tmp_path / "server.pem").write_bytes(credentials.chain_pem + credentials.key_pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.maximum_version = newest
+    context.load_cert_chain(tmp_path / "server.pem")
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    held: list[socket.socket] = []
+
+    def serve(listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                raw, _ = listener.accept()
+                with contextlib.suppress(OSError):
+                    held.append(context.wrap_socket(raw, server_side=True))
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=serve, args=(listener,), daemon=True).start()
+        try:
+            yield f"127.0.0.1:{listener.getsockname()[1]}"
+        finally:
+            listener.shutdown(socket.SHUT_RDWR)
+            for held_socket in held:
+                held_socket.close()
+
+
+def test_the_connection_requires_tls_13_and_http2_as_the_mesh_does(
+    served: DevStack, client: WorkloadIdentity, impostor: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """A server offering only TLS 1.2 (which allows renegotiation: another certificate on the
+    same connection after its key was read) or not agreeing to HTTP/2 by ALPN was accepted:
+    every mesh server requires TLS 1.3 and gRPC's own channels require ALPN h2."""
+    with (
+        _tls_server(impostor, tmp_path, newest=ssl.TLSVersion.TLSv1_2, alpn=["h2"]) as old,
+        pytest.raises(Unavailable) as refused,
+    ):
+        _connect(served, client, old)
+    assert refused.value.reason == Reason.TLS_VERSION
+    assert "TLS 1.3" in refused.value.message
+    with (
+        _tls_server(impostor, tmp_path, newest=ssl.TLSVersion.TLSv1_3, alpn=[]) as plain,
+        pytest.raises(Unavailable) as refused,
+    ):
+        _connect(served, client, plain)
+    assert refused.value.reason == Reason.SERVER_UNREACHABLE
+    assert "ALPN" in refused.value.message and "h2" in refused.value.message
+    with _tls_server(impostor, tmp_path, newest=ssl.TLSVersion.TLSv1_3, alpn=["h2"]) as both:
+        _connect(served, client, both).close()  # the same server with both: accepted
