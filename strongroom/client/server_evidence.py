@@ -8,8 +8,10 @@
 2. its REPORT_DATA is exactly ``binding.client_report_data_for(nonce, key)`` where ``key`` is the
    public key of the certificate the server presented to *us* on the connection the evidence
    came over (:class:`ServerConnection`), so evidence fetched by someone else, or relayed from
-   another machine, does not pass;
-3. when a release policy is given, the claims satisfy it for the server's SPIFFE ID — the same
+   another machine, does not pass. It takes the connection, not a channel and a key: a key read
+   over another connection (:func:`server_tls_public_key`) proves nothing about the channel;
+3. when a release policy is given, the claims satisfy it for the SPIFFE ID the connection checked
+   the server's certificate for (:attr:`ServerConnection.server_id`) — the same
    document the key broker releases the model's key under, so a client can hold the server to
    exactly the measurement, TCB and platform rules the model's owner set. As on a production
    broker, a policy allowing debug VMs or the simulated TEE is refused unless ``trust`` includes
@@ -18,11 +20,12 @@
 gRPC Python shows a client nothing of the server's certificate. :class:`ServerConnection` makes
 the TLS connection itself, reads the key from it and carries a gRPC channel over that very
 connection (through a private Unix socket), so the evidence, and whatever the caller sends after
-it, go over the connection whose key the evidence is checked against. :func:`server_tls_public_key`
-reads the key over a handshake of its own instead, which only holds if the server presents the
-same certificate on every connection: a machine in front of a genuine server that routes that one
+it, go over the connection whose key the evidence is checked against. A key read over a handshake
+of its own (:func:`server_tls_public_key`) would only hold if the server presented the same
+certificate on every connection: a machine in front of a genuine server that routes that one
 handshake to it and answers the gRPC channel itself (with any certificate valid for the same
-SPIFFE ID, relaying GetEvidence) passes it. A renewal of the server's certificate between the
+SPIFFE ID, relaying GetEvidence) would pass, which is why :func:`verify_inference_server` takes
+the connection and not a channel and a key. A renewal of the server's certificate between the
 connection and the evidence makes the two disagree: that is refused (``SERVER_TLS_KEY_CHANGED``),
 and asking again on a new connection succeeds.
 """
@@ -96,9 +99,8 @@ def server_tls_public_key(
 ) -> bytes:
     """The DER SubjectPublicKeyInfo of the certificate the server at ``address`` presents on a
     connection of its own (see :class:`ServerConnection` for the checks and errors), which is
-    then closed. Evidence fetched over any other connection is checked against it only as far
-    as the server presents one certificate on every connection: prefer a
-    :class:`ServerConnection` and its channel."""
+    then closed. It says nothing about any other connection to that address:
+    :func:`verify_inference_server` takes a :class:`ServerConnection`, never this key."""
     with ServerConnection(
         address,
         server_name=server_name,
@@ -169,6 +171,8 @@ class ServerConnection(Closing):
         self._writers: list[asyncio.StreamWriter] = []
         self._closed = False
         self._channel: grpc.Channel | None = None
+        #: The SPIFFE ID the server's certificate carries (checked on this connection).
+        self.server_id = server_id
         socket_path = self._directory / "grpc.sock"
         try:
             der, alpn = self._run(
@@ -315,23 +319,21 @@ async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> Non
 
 
 def verify_inference_server(
-    channel: grpc.Channel,
+    connection: ServerConnection,
     *,
-    tls_public_key_der: bytes,
     trust: TrustStore,
     collateral: CollateralSource,
     policy: ReleasePolicy | None = None,
-    server_spiffe_id: str | None = None,
     now: datetime | None = None,
     timeout: float = 30.0,
 ) -> VerifiedServer:
-    """Fetches the server's evidence over ``channel`` for a fresh nonce and verifies it (see the
-    module doc); ``channel`` and ``tls_public_key_der`` are a :class:`ServerConnection`'s. With
-    a ``policy``, ``server_spiffe_id`` is the identity the policy's ``callers`` must list (the
-    ``server_id`` the connection checked); with a ``trust`` store that does not include the
-    simulated roots (production), a policy that allows debug VMs or the simulated TEE, or was
-    loaded with ``production=False``, is refused (``PolicyInvalid``, as a production key broker
-    refuses it) before the server is asked.
+    """Fetches the server's evidence over ``connection``'s channel for a fresh nonce and verifies
+    it against the key the server presented on that connection (see the module doc); send the
+    data over the same ``connection.channel`` afterwards. With a ``policy``, the identity its
+    ``callers`` must list is ``connection.server_id``; with a ``trust`` store that does not
+    include the simulated roots (production), a policy that allows debug VMs or the simulated
+    TEE, or was loaded with ``production=False``, is refused (``PolicyInvalid``, as a production
+    key broker refuses it) before the server is asked.
 
     Raises the verifier's errors (``MalformedEvidence``, ``VerificationFailed``,
     ``CollateralUnavailable``; ``VerificationFailed(REPORT_DATA_MISMATCH)`` for evidence bound to
@@ -339,8 +341,16 @@ def verify_inference_server(
     certificate changed since the handshake, ``PolicyViolation`` for claims the policy refuses,
     and ``grpc.RpcError`` from the call itself.
     """
-    if policy is not None and not server_spiffe_id:
-        raise ValueError("a policy is checked against the server's SPIFFE ID: pass it")
+    if not isinstance(connection, ServerConnection):
+        # A channel with a key read elsewhere was accepted: nothing tied the two to one
+        # connection, so a relay answering the channel passed (see the module doc).
+        raise TypeError(
+            "verify_inference_server needs the ServerConnection the evidence comes over (not a "
+            "channel and a key read over another connection), got "
+            f"{type(connection).__name__}"
+        )
+    channel = connection.channel
+    tls_public_key_der = connection.tls_public_key_der
     if policy is not None:
         # What a production broker refuses to release a key under (a debuggable VM, whose memory
         # the host reads; the simulated TEE; a policy loaded in development mode, which may state
@@ -369,6 +379,5 @@ def verify_inference_server(
     check_report_data(claims.report_data, client_report_data_for(nonce, tls_public_key_der))
     decision = None
     if policy is not None:
-        assert server_spiffe_id is not None
-        decision = policy.evaluate(claims, server_spiffe_id)
+        decision = policy.evaluate(claims, connection.server_id)
     return VerifiedServer(claims, decision, nonce, observed)

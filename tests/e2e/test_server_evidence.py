@@ -68,6 +68,25 @@ def _policy_file(stack: DevStack, tmp_path: Path, measurement: str = DEMO_MEASUR
     return path
 
 
+def _connect(
+    stack: DevStack,
+    client: WorkloadIdentity,
+    address: str | None = None,
+    *,
+    kind: type[ServerConnection] = ServerConnection,
+) -> Any:
+    """A connection from ``client`` to the inference server (at ``address``, else its own)."""
+    credentials = client.credentials
+    return kind(
+        address or stack.address("inference"),
+        server_name="inference",
+        server_id=stack.spiffe_id("inference"),
+        root_pem=client.root_pem,
+        chain_pem=credentials.chain_pem,
+        key_pem=credentials.key_pem,
+    )
+
+
 def test_the_cli_verifies_the_server_against_its_models_release_policy(
     served: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -309,6 +328,23 @@ class _Rewrite(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
         return outcome
 
 
+class _Tampered(ServerConnection):
+    """A connection whose GetEvidence answers pass through :attr:`change` (what a relaying or
+    lying server controls)."""
+
+    change: Callable[[pb.GetEvidenceResponse], None] | None = None
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The connection's channel, its answers rewritten by :attr:`change`."""
+        channel = super().channel
+        return (
+            channel
+            if self.change is None
+            else grpc.intercept_channel(channel, _Rewrite(self.change))
+        )
+
+
 def _verify(
     stack: DevStack,
     client: WorkloadIdentity,
@@ -319,28 +355,29 @@ def _verify(
 ) -> Any:
     authority = SimulatedAuthority.load(stack.init_simulated_tee())
     trust = authority.trust_store()
+    with _connect(stack, client, kind=_Tampered) as connection:
+        connection.change = change
+        if tls_key_of != "inference":
+            # What a relay in front of the inference server would show us: another server's
+            # certificate on the connection, the inference server's evidence over it.
+            connection.tls_public_key_der = _key_of(stack, client, tls_key_of)
+        return verify_inference_server(
+            connection,
+            trust=trust,
+            collateral=CollateralCache(stack.init_collateral(), trust, writable=False),
+            policy=policy,
+        )
+
+
+def _key_of(stack: DevStack, client: WorkloadIdentity, service: str) -> bytes:
     credentials = client.credentials
-    key = server_tls_public_key(
-        stack.address(tls_key_of),
-        server_name=tls_key_of,
-        # A relay showing another server's valid certificate is refused right here (see
-        # test_the_key_must_be_that_of_the_identity_checked); these tests go past that check to
-        # the binding's.
-        server_id=stack.spiffe_id(tls_key_of),
+    return server_tls_public_key(
+        stack.address(service),
+        server_name=service,
+        server_id=stack.spiffe_id(service),
         root_pem=client.root_pem,
         chain_pem=credentials.chain_pem,
         key_pem=credentials.key_pem,
-    )
-    channel = stack.channel(client, "inference")
-    if change is not None:
-        channel = grpc.intercept_channel(channel, _Rewrite(change))
-    return verify_inference_server(
-        channel,
-        tls_public_key_der=key,
-        trust=trust,
-        collateral=CollateralCache(stack.init_collateral(), trust, writable=False),
-        policy=policy,
-        server_spiffe_id=stack.spiffe_id("inference"),
     )
 
 
@@ -435,15 +472,7 @@ def test_a_relay_that_also_lies_about_the_key_hash_is_refused_by_the_binding(
 ) -> None:
     import hashlib
 
-    credentials = client.credentials
-    broker_key = server_tls_public_key(
-        served.address("keybroker"),
-        server_name="keybroker",
-        server_id=served.spiffe_id("keybroker"),
-        root_pem=client.root_pem,
-        chain_pem=credentials.chain_pem,
-        key_pem=credentials.key_pem,
-    )
+    broker_key = _key_of(served, client, "keybroker")
 
     def claim_the_seen_key(response: pb.GetEvidenceResponse) -> None:
         response.tls_public_key_sha256 = hashlib.sha256(broker_key).digest()
@@ -472,25 +501,14 @@ def test_a_policy_loaded_in_development_mode_is_refused_under_production_trust(
         served.simulated_policy("dev-1").replace("  allow_simulated: true\n", ""), production=False
     )
     authority = SimulatedAuthority.load(served.init_simulated_tee())
-    credentials = client.credentials
-    key = server_tls_public_key(
-        served.address("inference"),
-        server_name="inference",
-        server_id=served.spiffe_id("inference"),
-        root_pem=client.root_pem,
-        chain_pem=credentials.chain_pem,
-        key_pem=credentials.key_pem,
-    )
-    with pytest.raises(PolicyInvalid) as refused:
+    with _connect(served, client) as connection, pytest.raises(PolicyInvalid) as refused:
         verify_inference_server(
-            served.channel(client, "inference"),
-            tls_public_key_der=key,
+            connection,
             trust=TrustStore.production(),
             collateral=CollateralCache(
                 served.init_collateral(), authority.trust_store(), writable=False
             ),
             policy=development,
-            server_spiffe_id=served.spiffe_id("inference"),
         )
     assert refused.value.reason == Reason.POLICY_DEVELOPMENT_MODE
 
@@ -506,18 +524,6 @@ def test_a_policy_for_another_identity_is_refused(
 
 
 # ------------------------------------------------------------------ the connection itself
-
-
-def _connect(stack: DevStack, client: WorkloadIdentity, address: str | None = None) -> Any:
-    credentials = client.credentials
-    return ServerConnection(
-        address or stack.address("inference"),
-        server_name="inference",
-        server_id=stack.spiffe_id("inference"),
-        root_pem=client.root_pem,
-        chain_pem=credentials.chain_pem,
-        key_pem=credentials.key_pem,
-    )
 
 
 def _live(connection: ServerConnection) -> bool:
@@ -627,3 +633,30 @@ def test_the_connection_requires_tls_13_and_http2_as_the_mesh_does(
     assert "ALPN" in refused.value.message and "h2" in refused.value.message
     with _tls_server(impostor, tmp_path, newest=ssl.TLSVersion.TLSv1_3, alpn=["h2"]) as both:
         _connect(served, client, both).close()  # the same server with both: accepted
+
+
+def test_the_evidence_cannot_be_checked_against_a_key_read_over_another_connection(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """verify_inference_server took any channel and any key: pairing a key read over a handshake
+    of its own (server_tls_public_key) with a channel of one's own, as this module's own tests
+    did, passed the relay that the CLI's single connection defeats, without a word."""
+    authority = SimulatedAuthority.load(served.init_simulated_tee())
+    trust = authority.trust_store()
+    with pytest.raises(TypeError) as refused:
+        verify_inference_server(
+            # There is no place for a key read elsewhere any more; a channel alone is refused.
+            served.channel(client, "inference"),  # type: ignore[arg-type]
+            trust=trust,
+            collateral=CollateralCache(served.init_collateral(), trust, writable=False),
+        )
+    assert "ServerConnection" in str(refused.value)
+    with _connect(served, client) as connection:
+        verified = verify_inference_server(
+            connection,
+            trust=trust,
+            collateral=CollateralCache(served.init_collateral(), trust, writable=False),
+            policy=ReleasePolicy.load(served.simulated_policy("same-1"), production=False),
+        )
+        assert verified.decision is not None  # held to the policy for connection.server_id
+        assert connection.server_id == served.spiffe_id("inference")
