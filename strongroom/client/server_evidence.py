@@ -35,9 +35,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import secrets
 import shutil
+import socket
 import ssl
+import struct
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -134,7 +137,8 @@ class ServerConnection(Closing):
     The connection is TLS 1.3 (as every mesh server requires; ``Unavailable(TLS_VERSION)``
     otherwise) with HTTP/2 agreed by ALPN ``h2`` (as gRPC's own channels require).
     The client key goes to OpenSSL through an in-memory file, never on disk; gRPC reaches the
-    connection through a Unix socket in a private (0700) temporary directory, accepted once.
+    connection through a Unix socket in a private (0700) temporary directory, accepted once and
+    only from this process (another process of the same user is refused).
     Close it when done (a context manager).
     """
 
@@ -260,10 +264,18 @@ class ServerConnection(Closing):
         return der, alpn
 
     async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
+        if not _from_this_process(writer):
+            # gRPC connects only at the first call: until then another process of this user
+            # (which cannot read our memory, nor so the client key, under Yama) could take the
+            # connection, authenticated as us. Refused, and the socket waits for gRPC's.
+            writer.transport.abort()
+            return
         if self._accepted or self._upstream is None:
             writer.transport.abort()  # one connection: a second would not be the checked one
             return
+        # Only the accepted one is kept for close(): refused ones are aborted already, and
+        # kept they would pile up for as long as another process keeps connecting.
+        self._writers.append(writer)
         self._accepted = True
         if self._listener is not None:
             self._listener.close()
@@ -304,6 +316,16 @@ class ServerConnection(Closing):
 
     def __repr__(self) -> str:
         return f"ServerConnection(closed={self._closed})"
+
+
+def _from_this_process(writer: asyncio.StreamWriter) -> bool:
+    """Whether the peer of an accepted Unix connection is this process (its gRPC channel), by
+    the kernel's record of who connected (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:  # pragma: no cover - an accepted Unix stream always has its socket
+        return False
+    pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return bool(pid == os.getpid())
 
 
 async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:

@@ -10,6 +10,8 @@ import logging
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -660,3 +662,42 @@ def test_the_evidence_cannot_be_checked_against_a_key_read_over_another_connecti
         )
         assert verified.decision is not None  # held to the policy for connection.server_id
         assert connection.server_id == served.spiffe_id("inference")
+
+
+_FIRST_TO_CONNECT = """
+import socket, sys
+with socket.socket(socket.AF_UNIX) as s:
+    s.settimeout(10)
+    s.connect(sys.argv[1])
+    try:
+        s.sendall(bytes.fromhex(sys.argv[2]))
+        print(len(s.recv(65536)))
+    except OSError:
+        print(0)
+"""
+
+
+def test_another_process_of_the_same_user_cannot_take_the_connection(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """The Unix socket accepted whichever process connected first, and gRPC connects only at the
+    first call: another process of the same user (which cannot read this one's memory, nor so
+    the client key, under Yama ptrace_scope >= 1) that found the socket in /tmp got the
+    connection, authenticated as this client, to the checked server, and the client's calls
+    failed UNAVAILABLE."""
+    with _connect(served, client) as connection:
+        [path] = [
+            p
+            for p in Path(tempfile.gettempdir()).glob("strongroom-connection-*/grpc.sock")
+            if p.parent == connection._directory
+        ]
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+        other = subprocess.run(
+            [sys.executable, "-c", _FIRST_TO_CONNECT, str(path), preface.hex()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert other.stdout.strip() == "0", "another process spoke to the server"
+        assert _live(connection)
