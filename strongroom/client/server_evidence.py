@@ -43,6 +43,7 @@ import ssl
 import struct
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,10 +67,13 @@ from strongroom.attestation.policy import PolicyDecision, ReleasePolicy
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Unavailable
 from strongroom.pki.handshake import (
+    ClientCertificateRejected,
     ServerIdentityMismatch,
     TlsPresentation,
     client_context,
+    describe_rejection,
     host_port,
+    leaf_of,
     require_server_id,
     workload_spiffe_ids,
 )
@@ -135,7 +139,11 @@ class ServerConnection(Closing):
     UNAVAILABLE (a new connection would be an unchecked one); open a new ServerConnection.
 
     The connection is TLS 1.3 (as every mesh server requires; ``Unavailable(TLS_VERSION)``
-    otherwise) with HTTP/2 agreed by ALPN ``h2`` (as gRPC's own channels require).
+    otherwise) with HTTP/2 agreed by ALPN ``h2`` (as gRPC's own channels require). The channel
+    connects before the constructor returns: a server that ends the connection without a byte
+    has rejected our certificate (:class:`~strongroom.pki.handshake.ClientCertificateRejected`,
+    as the mesh's other clients say), one that does not answer HTTP/2 within ``timeout`` is
+    ``Unavailable``.
     The client key goes to OpenSSL through an in-memory file, never on disk; gRPC reaches the
     connection through a Unix socket in a private (0700) temporary directory, accepted once and
     only from this process (another process of the same user is refused).
@@ -173,6 +181,12 @@ class ServerConnection(Closing):
         self._listener: asyncio.Server | None = None
         self._accepted = False
         self._writers: list[asyncio.StreamWriter] = []
+        # Bytes the server sent on the connection, and set when that direction ends: a server
+        # that ends it without one has rejected our certificate (TLS 1.3: after the handshake).
+        self._from_server = 0
+        self._server_ended = False
+        self._client_ended = False
+        self._settled = threading.Event()
         self._closed = False
         self._channel: grpc.Channel | None = None
         #: The SPIFFE ID the server's certificate carries (checked on this connection).
@@ -226,6 +240,34 @@ class ServerConnection(Closing):
             f"unix:{socket_path}",
             # Its own connection, never shared with another channel to the same path.
             options=[("grpc.use_local_subchannel_pool", 1)],
+        )
+        self._await_http2(address, chain_pem, timeout)
+
+    def _await_http2(self, address: str, chain_pem: bytes, timeout: float) -> None:
+        """Connects the channel now (gRPC would at the first call) and waits for the server's
+        HTTP/2 answer: a refusal then names the server and its cause, not gRPC's Unix socket."""
+        assert self._channel is not None
+        # grpc.channel_ready_future would poll from a thread of gRPC's that raises (a traceback
+        # on stderr) when the channel closes under it; the core channel's own request to
+        # connect has no thread. Our pumps then say when the server answered, or ended.
+        connect = getattr(
+            getattr(self._channel, "_channel", None), "check_connectivity_state", None
+        )
+        if connect is None:  # pragma: no cover - another gRPC: it connects at the first call
+            return
+        connect(True)
+        self._settled.wait(timeout)
+        if self._from_server > 0:
+            return
+        # Judged before close(), whose ending of the connection would read as the server's.
+        rejected = self._server_ended
+        self.close()
+        if rejected:
+            raise ClientCertificateRejected(describe_rejection(address, leaf_of(chain_pem)))
+        raise Unavailable(
+            f"the server at {address} did not answer HTTP/2 on the TLS connection within "
+            f"{timeout:g} s",
+            reason=Reason.SERVER_UNREACHABLE,
         )
 
     @property
@@ -283,7 +325,24 @@ class ServerConnection(Closing):
         # close() cancels the pumps: the end of this connection, not an error. Raised, asyncio
         # logs it (a traceback on stderr) as an unexpected exception of a connection task.
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(_pump(reader, upstream_writer), _pump(upstream_reader, writer))
+            await asyncio.gather(
+                _pump(reader, upstream_writer, self._sent),
+                _pump(upstream_reader, writer, self._heard),
+            )
+
+    def _heard(self, size: int | None) -> None:
+        if size is not None:
+            self._from_server += size
+            self._settled.set()
+            return
+        # Only when it ended first: gRPC ending its side ends this one too.
+        self._server_ended = not self._client_ended
+        self._settled.set()
+
+    def _sent(self, size: int | None) -> None:
+        if size is None:
+            self._client_ended = not self._server_ended
+            self._settled.set()
 
     def close(self) -> None:
         """Closes the channel and the connection; idempotent."""
@@ -328,9 +387,17 @@ def _from_this_process(writer: asyncio.StreamWriter) -> bool:
     return bool(pid == os.getpid())
 
 
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def _pump(
+    source: asyncio.StreamReader,
+    sink: asyncio.StreamWriter,
+    heard: Callable[[int | None], None] | None = None,
+) -> None:
+    """Copies ``source`` to ``sink`` until either ends; ``heard`` is told each chunk's size
+    and, at the end, None."""
     try:
         while data := await source.read(256 * 1024):
+            if heard is not None:
+                heard(len(data))
             sink.write(data)
             await sink.drain()
     except (OSError, asyncio.IncompleteReadError):
@@ -338,6 +405,8 @@ async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> Non
     finally:
         # Either side ending ends both: gRPC then sees the connection gone.
         sink.close()
+        if heard is not None:
+            heard(None)
 
 
 def verify_inference_server(

@@ -22,6 +22,8 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import strongroom.attestation.trust
 from strongroom.api.inference.v1 import attestation_pb2 as pb
@@ -42,9 +44,10 @@ from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import FailedPrecondition, Unavailable
-from strongroom.pki.handshake import ServerIdentityMismatch
+from strongroom.pki.handshake import ClientCertificateRejected, ServerIdentityMismatch
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.reasons import Reason
+from tests.certs import self_signed_pem
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +79,7 @@ def _connect(
     address: str | None = None,
     *,
     kind: type[ServerConnection] = ServerConnection,
+    timeout: float = 10.0,
 ) -> Any:
     """A connection from ``client`` to the inference server (at ``address``, else its own)."""
     credentials = client.credentials
@@ -86,6 +90,7 @@ def _connect(
         root_pem=client.root_pem,
         chain_pem=credentials.chain_pem,
         key_pem=credentials.key_pem,
+        timeout=timeout,
     )
 
 
@@ -633,8 +638,14 @@ def test_the_connection_requires_tls_13_and_http2_as_the_mesh_does(
         _connect(served, client, plain)
     assert refused.value.reason == Reason.SERVER_UNREACHABLE
     assert "ALPN" in refused.value.message and "h2" in refused.value.message
-    with _tls_server(impostor, tmp_path, newest=ssl.TLSVersion.TLSv1_3, alpn=["h2"]) as both:
-        _connect(served, client, both).close()  # the same server with both: accepted
+    with (
+        _tls_server(impostor, tmp_path, newest=ssl.TLSVersion.TLSv1_3, alpn=["h2"]) as both,
+        pytest.raises(Unavailable) as refused,
+    ):
+        _connect(served, client, both, timeout=0.5)
+    # Past both checks: it is then refused only for never answering HTTP/2.
+    assert refused.value.reason == Reason.SERVER_UNREACHABLE
+    assert "did not answer HTTP/2" in refused.value.message
 
 
 def test_the_evidence_cannot_be_checked_against_a_key_read_over_another_connection(
@@ -668,8 +679,8 @@ _FIRST_TO_CONNECT = """
 import socket, sys
 with socket.socket(socket.AF_UNIX) as s:
     s.settimeout(10)
-    s.connect(sys.argv[1])
     try:
+        s.connect(sys.argv[1])
         s.sendall(bytes.fromhex(sys.argv[2]))
         print(len(s.recv(65536)))
     except OSError:
@@ -701,3 +712,29 @@ def test_another_process_of_the_same_user_cannot_take_the_connection(
         )
         assert other.stdout.strip() == "0", "another process spoke to the server"
         assert _live(connection)
+
+
+def test_a_client_certificate_the_server_rejects_is_named_at_the_connection(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """The server closing the connection right after the handshake (our certificate is not from
+    its CA) showed only at the first call, as "UNAVAILABLE: failed to connect to all addresses;
+    ... unix:/tmp/strongroom-connection-.../grpc.sock: Socket closed": neither the server nor the
+    cause. Every other client of the mesh says CLIENT_CERTIFICATE_REJECTED."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(ClientCertificateRejected) as refused:
+        ServerConnection(
+            served.address("inference"),
+            server_name="inference",
+            server_id=served.spiffe_id("inference"),
+            root_pem=client.root_pem,
+            chain_pem=self_signed_pem(key, "intruder"),
+            key_pem=key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+    assert refused.value.reason == Reason.CLIENT_CERTIFICATE_REJECTED
+    assert served.address("inference") in str(refused.value)
+    assert "strongroom-connection" not in str(refused.value)
