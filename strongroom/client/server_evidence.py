@@ -19,7 +19,7 @@
 
 gRPC Python shows a client nothing of the server's certificate. :class:`ServerConnection` makes
 the TLS connection itself, reads the key from it and carries a gRPC channel over that very
-connection (through a private Unix socket), so the evidence, and whatever the caller sends after
+connection (through an abstract Unix socket only this process may use), so the evidence, and whatever the caller sends after
 it, go over the connection whose key the evidence is checked against. A key read over a handshake
 of its own (:func:`server_tls_public_key`) would only hold if the server presented the same
 certificate on every connection: a machine in front of a genuine server that routes that one
@@ -37,16 +37,13 @@ import contextlib
 import hashlib
 import os
 import secrets
-import shutil
 import socket
 import ssl
 import struct
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -145,8 +142,9 @@ class ServerConnection(Closing):
     as the mesh's other clients say), one that does not answer HTTP/2 within ``timeout`` is
     ``Unavailable``.
     The client key goes to OpenSSL through an in-memory file, never on disk; gRPC reaches the
-    connection through a Unix socket in a private (0700) temporary directory, accepted once and
-    only from this process (another process of the same user is refused).
+    connection through an abstract Unix socket with a random name, held until close (nothing on
+    disk another process could replace), accepted once and only from this process (another
+    process, of any user, is refused).
     Close it when done (a context manager).
     """
 
@@ -171,7 +169,10 @@ class ServerConnection(Closing):
         # As every mesh server requires (and TLS 1.2's renegotiation could show another
         # certificate on this connection after its key was read): TLS 1.3 only.
         context.minimum_version = ssl.TLSVersion.TLSv1_3
-        self._directory = Path(tempfile.mkdtemp(prefix="strongroom-connection-"))
+        # An abstract Unix socket: a name no process can take while we hold it bound (until
+        # close), where a file in a private directory could be replaced by another process of
+        # this user once the connection ended and gRPC reconnected to its path.
+        self._socket_name = f"strongroom-connection-{secrets.token_hex(16)}"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="strongroom-server-connection", daemon=True
@@ -191,11 +192,8 @@ class ServerConnection(Closing):
         self._channel: grpc.Channel | None = None
         #: The SPIFFE ID the server's certificate carries (checked on this connection).
         self.server_id = server_id
-        socket_path = self._directory / "grpc.sock"
         try:
-            der, alpn = self._run(
-                self._open(target, context, server_name, socket_path), timeout=timeout
-            )
+            der, alpn = self._run(self._open(target, context, server_name), timeout=timeout)
             if alpn != "h2":
                 # gRPC's own channels refuse it too: the server did not agree to speak HTTP/2
                 # on this connection, so it is not a gRPC server's (or a protocol confusion).
@@ -237,7 +235,7 @@ class ServerConnection(Closing):
             self.close()
             raise
         self._channel = grpc.insecure_channel(
-            f"unix:{socket_path}",
+            f"unix-abstract:{self._socket_name}",
             # Its own connection, never shared with another channel to the same path.
             options=[("grpc.use_local_subchannel_pool", 1)],
         )
@@ -286,7 +284,7 @@ class ServerConnection(Closing):
             raise
 
     async def _open(
-        self, target: tuple[str, int], context: ssl.SSLContext, server_name: str, path: Path
+        self, target: tuple[str, int], context: ssl.SSLContext, server_name: str
     ) -> tuple[bytes, str | None]:
         """Connects; returns the server's certificate (DER) and the protocol ALPN selected."""
         host, port = target
@@ -302,7 +300,7 @@ class ServerConnection(Closing):
         alpn: str | None = tls.selected_alpn_protocol()
         if alpn != "h2":
             return der, alpn  # refused by the caller, before gRPC could connect
-        self._listener = await asyncio.start_unix_server(self._carry, path=str(path))
+        self._listener = await asyncio.start_unix_server(self._carry, path="\0" + self._socket_name)
         return der, alpn
 
     async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -319,8 +317,8 @@ class ServerConnection(Closing):
         # kept they would pile up for as long as another process keeps connecting.
         self._writers.append(writer)
         self._accepted = True
-        if self._listener is not None:
-            self._listener.close()
+        # The listener stays bound until close(): the name stays ours, and a reconnect by gRPC
+        # comes here, to be refused, and never to a socket of anyone else's.
         upstream_reader, upstream_writer = self._upstream
         # close() cancels the pumps: the end of this connection, not an error. Raised, asyncio
         # logs it (a traceback on stderr) as an unexpected exception of a connection task.
@@ -358,7 +356,6 @@ class ServerConnection(Closing):
             self._thread.join(timeout=5)
         if not self._loop.is_running():
             self._loop.close()
-        shutil.rmtree(self._directory, ignore_errors=True)
 
     async def _shutdown(self) -> None:
         if self._listener is not None:

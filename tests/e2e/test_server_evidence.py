@@ -680,7 +680,7 @@ import socket, sys
 with socket.socket(socket.AF_UNIX) as s:
     s.settimeout(10)
     try:
-        s.connect(sys.argv[1])
+        s.connect(bytes.fromhex(sys.argv[1]))
         s.sendall(bytes.fromhex(sys.argv[2]))
         print(len(s.recv(65536)))
     except OSError:
@@ -697,14 +697,13 @@ def test_another_process_of_the_same_user_cannot_take_the_connection(
     connection, authenticated as this client, to the checked server, and the client's calls
     failed UNAVAILABLE."""
     with _connect(served, client) as connection:
-        [path] = [
-            p
-            for p in Path(tempfile.gettempdir()).glob("strongroom-connection-*/grpc.sock")
-            if p.parent == connection._directory
-        ]
+        # Where gRPC connects (the socket's name is random: another process finds it by
+        # listing /proc/net/unix, or a directory).
+        kind, _, name = connection._channel._channel.target().decode().partition(":")
+        path = name if kind == "unix" else "\0" + name
         preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
         other = subprocess.run(
-            [sys.executable, "-c", _FIRST_TO_CONNECT, str(path), preface.hex()],
+            [sys.executable, "-c", _FIRST_TO_CONNECT, path.encode().hex(), preface.hex()],
             capture_output=True,
             text=True,
             timeout=60,
@@ -738,3 +737,44 @@ def test_a_client_certificate_the_server_rejects_is_named_at_the_connection(
     assert refused.value.reason == Reason.CLIENT_CERTIFICATE_REJECTED
     assert served.address("inference") in str(refused.value)
     assert "strongroom-connection" not in str(refused.value)
+
+
+def test_a_reconnect_cannot_reach_a_socket_another_process_put_in_its_place(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """When the connection ended (the server's GOAWAY at max_connection_age, a network cut),
+    gRPC reconnected to the Unix socket's path at the next call, and another process of the
+    same user (who owns the private directory as much as we do) could have replaced that file
+    with a socket of its own: the calls, data included, then went to it over no checked
+    connection at all."""
+    router = _Router(served.address("inference"), served.address("inference"))
+    taken: list[socket.socket] = []
+    try:
+        with _connect(served, client, router.address) as connection:
+            assert _live(connection)
+            target = connection._channel._channel.target().decode()
+            kind, _, name = target.partition(":")
+            attacker = socket.socket(socket.AF_UNIX)
+            taken.append(attacker)
+            with contextlib.suppress(OSError):  # the place is not free: nothing to replace
+                if kind == "unix":
+                    Path(name).unlink()
+                    attacker.bind(name)
+                else:
+                    attacker.bind("\0" + name)
+                attacker.listen()
+            attacker.setblocking(False)
+            router.close()  # the connection ends
+            stub = oip_grpc.GRPCInferenceServiceStub(connection.channel)
+            codes = set()
+            for _ in range(20):  # gRPC connects anew at a call once it has seen the end
+                with pytest.raises(grpc.RpcError) as failed:
+                    stub.ServerLive(oip_pb.ServerLiveRequest(), timeout=2)
+                codes.add(failed.value.code())  # type: ignore[attr-defined]
+            with pytest.raises(OSError):  # nothing connected to it (nor could it listen)
+                taken.append(attacker.accept()[0])
+            assert codes == {grpc.StatusCode.UNAVAILABLE}
+    finally:
+        router.close()
+        for sock in taken:
+            sock.close()
