@@ -127,13 +127,65 @@ def _spki_of(address: str, der: bytes, server_id: str) -> bytes:
     )
 
 
+class ConnectionEnded(Unavailable, grpc.RpcError):
+    """A call on a :class:`ServerConnection` whose connection has ended (the server closed it or
+    sent GOAWAY, or the network cut it): it never reconnects, a new connection would be an
+    unchecked one. Also a ``grpc.RpcError`` whose ``code()`` is UNAVAILABLE, so generated-stub
+    callers handle it like any RPC error."""
+
+    default_reason = Reason.SERVER_CONNECTION_ENDED
+
+    def code(self) -> grpc.StatusCode:
+        """Always UNAVAILABLE."""
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        """The explanation."""
+        return str(self)
+
+    def initial_metadata(self) -> tuple[Any, ...]:
+        """None was received."""
+        return ()
+
+    def trailing_metadata(self) -> tuple[Any, ...]:
+        """None was received."""
+        return ()
+
+
+class _SayWhenEnded(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Turns a blocking call's UNAVAILABLE after the connection ended, which names gRPC's Unix
+    socket, into :class:`ConnectionEnded`, which names the server and what to do."""
+
+    def __init__(self, address: str, ended: Callable[[], bool]) -> None:
+        self._address = address
+        self._ended = ended
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        """Makes the call; see the class doc."""
+        outcome = continuation(details, request)
+        # A blocking call's failure comes back as the error itself (a future's is not done yet,
+        # and is left as gRPC's).
+        if (
+            isinstance(outcome, grpc.RpcError)
+            and outcome.code() == grpc.StatusCode.UNAVAILABLE
+            and self._ended()
+        ):
+            raise ConnectionEnded(
+                f"the connection to {self._address} has ended (the server closed it or sent "
+                "GOAWAY, or the network cut it) and is never made again (it would be an "
+                "unchecked one): open a new ServerConnection, and verify the server again"
+            )
+        return outcome
+
+
 class ServerConnection(Closing):
     """One mutual-TLS connection to the server at ``address`` (verified against ``root_pem`` for
     ``server_name``, its certificate carrying exactly ``server_id``), with a gRPC
     :attr:`channel` over that connection and :attr:`tls_public_key_der`, the key of the
     certificate it presented on it: what :func:`verify_inference_server` needs, from one
     connection. The channel never reconnects: when the connection ends, its calls fail
-    UNAVAILABLE (a new connection would be an unchecked one); open a new ServerConnection.
+    UNAVAILABLE (:class:`ConnectionEnded` for blocking unary calls; a new connection would be
+    an unchecked one); open a new ServerConnection.
 
     The connection is TLS 1.3 (as every mesh server requires; ``Unavailable(TLS_VERSION)``
     otherwise) with HTTP/2 agreed by ALPN ``h2`` (as gRPC's own channels require). The channel
@@ -239,6 +291,9 @@ class ServerConnection(Closing):
             # Its own connection, never shared with another channel to the same path.
             options=[("grpc.use_local_subchannel_pool", 1)],
         )
+        self._public_channel = grpc.intercept_channel(
+            self._channel, _SayWhenEnded(address, lambda: self._server_ended or self._client_ended)
+        )
         self._await_http2(address, chain_pem, timeout)
 
     def _await_http2(self, address: str, chain_pem: bytes, timeout: float) -> None:
@@ -273,7 +328,7 @@ class ServerConnection(Closing):
         """The gRPC channel over this connection."""
         if self._channel is None or self._closed:
             raise ValueError("the connection is closed")
-        return self._channel
+        return self._public_channel
 
     def _run(self, coroutine: Any, *, timeout: float) -> Any:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
