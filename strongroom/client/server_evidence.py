@@ -77,6 +77,10 @@ from strongroom.pki.handshake import (
 from strongroom.reasons import Reason
 
 NONCE_BYTES = 32
+# OpenSSL's reasons for a handshake with a server that does not offer TLS 1.3.
+_OLDER_TLS = frozenset(
+    {"TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE"}
+)
 
 
 @dataclass(frozen=True)
@@ -269,7 +273,9 @@ class ServerConnection(Closing):
             ) from None
         except ssl.SSLError as exc:
             self.close()
-            if "VERSION" in (exc.reason or "").upper():
+            # A TLS 1.2 server's alert, or our own refusal of its ServerHello; not
+            # WRONG_VERSION_NUMBER, which is an answer that is no TLS at all.
+            if (exc.reason or "").upper() in _OLDER_TLS:
                 raise Unavailable(
                     f"the server at {address} does not speak TLS 1.3, which the mesh requires "
                     f"({exc.reason})",

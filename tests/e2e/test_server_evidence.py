@@ -533,6 +533,19 @@ def test_a_policy_for_another_identity_is_refused(
 # ------------------------------------------------------------------ the connection itself
 
 
+def _connect_to(client: WorkloadIdentity, address: str) -> ServerConnection:
+    """A connection from ``client`` to whatever listens at ``address``."""
+    credentials = client.credentials
+    return ServerConnection(
+        address,
+        server_name="inference",
+        server_id="spiffe://strongroom.test/inference",
+        root_pem=client.root_pem,
+        chain_pem=credentials.chain_pem,
+        key_pem=credentials.key_pem,
+    )
+
+
 def _live(connection: ServerConnection) -> bool:
     stub = oip_grpc.GRPCInferenceServiceStub(connection.channel)
     return bool(stub.ServerLive(oip_pb.ServerLiveRequest(), timeout=10).live)
@@ -806,3 +819,24 @@ def test_a_call_after_the_connection_ended_says_so(
     assert isinstance(error, Unavailable) and error.reason == Reason.SERVER_CONNECTION_ENDED
     assert router.address in error.message and "new ServerConnection" in error.message
     assert "strongroom-connection" not in error.message
+
+
+def test_a_server_that_does_not_speak_tls_is_not_said_to_lack_tls_13(
+    client: WorkloadIdentity,
+) -> None:
+    """Its answer (here plain HTTP) fails OpenSSL with WRONG_VERSION_NUMBER, which the check for
+    TLS 1.3 took for a server speaking an older TLS."""
+    with socket.create_server(("127.0.0.1", 0)) as plain:
+
+        def answer() -> None:
+            with contextlib.suppress(OSError):
+                peer, _ = plain.accept()
+                with peer:
+                    peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                    peer.recv(65536)
+
+        threading.Thread(target=answer, daemon=True).start()
+        with pytest.raises(Unavailable) as refused:
+            _connect_to(client, f"127.0.0.1:{plain.getsockname()[1]}")
+    assert refused.value.reason == Reason.SERVER_UNREACHABLE
+    assert "TLS 1.3" not in refused.value.message
