@@ -198,15 +198,13 @@ def serve(say: Narrator, stack: DevStack, client: Any, model: TrainedModel) -> N
         key_pem=credentials.key_pem,
     ) as connection:
         verified = verify_inference_server(
-            connection.channel,
-            tls_public_key_der=connection.tls_public_key_der,
+            connection,
             trust=trust,
             # The verifier's own collateral (the simulated chain's CRLs), from the same cache the
             # broker uses; never what the server sends.
             collateral=CollateralCache(stack.root / "collateral", trust, writable=False),
             # The very policy the model's key is released under.
             policy=ReleasePolicy.load(stack.simulated_policy("demo-1"), production=False),
-            server_spiffe_id=stack.spiffe_id("inference"),
         )
         say.check(
             f"server evidence verifies (simulated chain, development trust only): measurement {verified.claims.as_dict()['measurement'][:16]}…, policy demo-1 holds"

@@ -175,12 +175,14 @@ def translate(
         return error
     if not probe_rejection(target, presentation, server_name=server_name):
         return error
-    leaf_pem = None
-    if presentation.chain_pem is not None:
-        leaf_pem = presentation.chain_pem.split(b"-----END CERTIFICATE-----")[0] + (
-            b"-----END CERTIFICATE-----\n"
-        )
-    return ClientCertificateRejected(describe_rejection(target, leaf_pem))
+    return ClientCertificateRejected(describe_rejection(target, leaf_of(presentation.chain_pem)))
+
+
+def leaf_of(chain_pem: bytes | None) -> bytes | None:
+    """The first certificate (ours) of a PEM chain, None without one."""
+    if chain_pem is None:
+        return None
+    return chain_pem.split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n"
 
 
 class ServerIdentityMismatch(_RefusedBeforeTheCall):

@@ -147,12 +147,10 @@ def _evidence(args: argparse.Namespace) -> int:
     with Client.from_args(args) as client, client.server_connection("inference") as connection:
         # The evidence travels over the very connection whose key it must bind.
         verified = verify_inference_server(
-            connection.channel,
-            tls_public_key_der=connection.tls_public_key_der,
+            connection,
             trust=trust,
             collateral=CollateralCache(args.verify, trust, writable=False),
             policy=policy,
-            server_spiffe_id=client.config.server_id("inference"),
             timeout=60,
         )
     out = {

@@ -8,8 +8,10 @@
 2. its REPORT_DATA is exactly ``binding.client_report_data_for(nonce, key)`` where ``key`` is the
    public key of the certificate the server presented to *us* on the connection the evidence
    came over (:class:`ServerConnection`), so evidence fetched by someone else, or relayed from
-   another machine, does not pass;
-3. when a release policy is given, the claims satisfy it for the server's SPIFFE ID — the same
+   another machine, does not pass. It takes the connection, not a channel and a key: a key read
+   over another connection (:func:`server_tls_public_key`) proves nothing about the channel;
+3. when a release policy is given, the claims satisfy it for the SPIFFE ID the connection checked
+   the server's certificate for (:attr:`ServerConnection.server_id`) — the same
    document the key broker releases the model's key under, so a client can hold the server to
    exactly the measurement, TCB and platform rules the model's owner set. As on a production
    broker, a policy allowing debug VMs or the simulated TEE is refused unless ``trust`` includes
@@ -17,12 +19,13 @@
 
 gRPC Python shows a client nothing of the server's certificate. :class:`ServerConnection` makes
 the TLS connection itself, reads the key from it and carries a gRPC channel over that very
-connection (through a private Unix socket), so the evidence, and whatever the caller sends after
-it, go over the connection whose key the evidence is checked against. :func:`server_tls_public_key`
-reads the key over a handshake of its own instead, which only holds if the server presents the
-same certificate on every connection: a machine in front of a genuine server that routes that one
+connection (through an abstract Unix socket only this process may use), so the evidence, and whatever the caller sends after
+it, go over the connection whose key the evidence is checked against. A key read over a handshake
+of its own (:func:`server_tls_public_key`) would only hold if the server presented the same
+certificate on every connection: a machine in front of a genuine server that routes that one
 handshake to it and answers the gRPC channel itself (with any certificate valid for the same
-SPIFFE ID, relaying GetEvidence) passes it. A renewal of the server's certificate between the
+SPIFFE ID, relaying GetEvidence) would pass, which is why :func:`verify_inference_server` takes
+the connection and not a channel and a key. A renewal of the server's certificate between the
 connection and the evidence makes the two disagree: that is refused (``SERVER_TLS_KEY_CHANGED``),
 and asking again on a new connection succeeds.
 """
@@ -32,14 +35,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import secrets
-import shutil
+import socket
 import ssl
-import tempfile
+import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -60,16 +64,23 @@ from strongroom.attestation.policy import PolicyDecision, ReleasePolicy
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Unavailable
 from strongroom.pki.handshake import (
+    ClientCertificateRejected,
     ServerIdentityMismatch,
     TlsPresentation,
     client_context,
+    describe_rejection,
     host_port,
+    leaf_of,
     require_server_id,
     workload_spiffe_ids,
 )
 from strongroom.reasons import Reason
 
 NONCE_BYTES = 32
+# OpenSSL's reasons for a handshake with a server that does not offer TLS 1.3.
+_OLDER_TLS = frozenset(
+    {"TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE"}
+)
 
 
 @dataclass(frozen=True)
@@ -96,9 +107,8 @@ def server_tls_public_key(
 ) -> bytes:
     """The DER SubjectPublicKeyInfo of the certificate the server at ``address`` presents on a
     connection of its own (see :class:`ServerConnection` for the checks and errors), which is
-    then closed. Evidence fetched over any other connection is checked against it only as far
-    as the server presents one certificate on every connection: prefer a
-    :class:`ServerConnection` and its channel."""
+    then closed. It says nothing about any other connection to that address:
+    :func:`verify_inference_server` takes a :class:`ServerConnection`, never this key."""
     with ServerConnection(
         address,
         server_name=server_name,
@@ -121,16 +131,76 @@ def _spki_of(address: str, der: bytes, server_id: str) -> bytes:
     )
 
 
+class ConnectionEnded(Unavailable, grpc.RpcError):
+    """A call on a :class:`ServerConnection` whose connection has ended (the server closed it or
+    sent GOAWAY, or the network cut it): it never reconnects, a new connection would be an
+    unchecked one. Also a ``grpc.RpcError`` whose ``code()`` is UNAVAILABLE, so generated-stub
+    callers handle it like any RPC error."""
+
+    default_reason = Reason.SERVER_CONNECTION_ENDED
+
+    def code(self) -> grpc.StatusCode:
+        """Always UNAVAILABLE."""
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        """The explanation."""
+        return str(self)
+
+    def initial_metadata(self) -> tuple[Any, ...]:
+        """None was received."""
+        return ()
+
+    def trailing_metadata(self) -> tuple[Any, ...]:
+        """None was received."""
+        return ()
+
+
+class _SayWhenEnded(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Turns a blocking call's UNAVAILABLE after the connection ended, which names gRPC's Unix
+    socket, into :class:`ConnectionEnded`, which names the server and what to do."""
+
+    def __init__(self, address: str, ended: Callable[[], bool]) -> None:
+        self._address = address
+        self._ended = ended
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        """Makes the call; see the class doc."""
+        outcome = continuation(details, request)
+        # A blocking call's failure comes back as the error itself (a future's is not done yet,
+        # and is left as gRPC's).
+        if (
+            isinstance(outcome, grpc.RpcError)
+            and outcome.code() == grpc.StatusCode.UNAVAILABLE
+            and self._ended()
+        ):
+            raise ConnectionEnded(
+                f"the connection to {self._address} has ended (the server closed it or sent "
+                "GOAWAY, or the network cut it) and is never made again (it would be an "
+                "unchecked one): open a new ServerConnection, and verify the server again"
+            )
+        return outcome
+
+
 class ServerConnection(Closing):
     """One mutual-TLS connection to the server at ``address`` (verified against ``root_pem`` for
     ``server_name``, its certificate carrying exactly ``server_id``), with a gRPC
     :attr:`channel` over that connection and :attr:`tls_public_key_der`, the key of the
     certificate it presented on it: what :func:`verify_inference_server` needs, from one
     connection. The channel never reconnects: when the connection ends, its calls fail
-    UNAVAILABLE (a new connection would be an unchecked one); open a new ServerConnection.
+    UNAVAILABLE (:class:`ConnectionEnded` for blocking unary calls; a new connection would be
+    an unchecked one); open a new ServerConnection.
 
+    The connection is TLS 1.3 (as every mesh server requires; ``Unavailable(TLS_VERSION)``
+    otherwise) with HTTP/2 agreed by ALPN ``h2`` (as gRPC's own channels require). The channel
+    connects before the constructor returns: a server that ends the connection without a byte
+    has rejected our certificate (:class:`~strongroom.pki.handshake.ClientCertificateRejected`,
+    as the mesh's other clients say), one that does not answer HTTP/2 within ``timeout`` is
+    ``Unavailable``.
     The client key goes to OpenSSL through an in-memory file, never on disk; gRPC reaches the
-    connection through a Unix socket in a private (0700) temporary directory, accepted once.
+    connection through an abstract Unix socket with a random name, held until close (nothing on
+    disk another process could replace), accepted once and only from this process (another
+    process, of any user, is refused).
     Close it when done (a context manager).
     """
 
@@ -152,7 +222,13 @@ class ServerConnection(Closing):
                 reason=Reason.SERVER_UNREACHABLE,
             )
         context = client_context(TlsPresentation(root_pem, key_pem, chain_pem))
-        self._directory = Path(tempfile.mkdtemp(prefix="strongroom-connection-"))
+        # As every mesh server requires (and TLS 1.2's renegotiation could show another
+        # certificate on this connection after its key was read): TLS 1.3 only.
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        # An abstract Unix socket: a name no process can take while we hold it bound (until
+        # close), where a file in a private directory could be replaced by another process of
+        # this user once the connection ended and gRPC reconnected to its path.
+        self._socket_name = f"strongroom-connection-{secrets.token_hex(16)}"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="strongroom-server-connection", daemon=True
@@ -162,11 +238,26 @@ class ServerConnection(Closing):
         self._listener: asyncio.Server | None = None
         self._accepted = False
         self._writers: list[asyncio.StreamWriter] = []
+        # Bytes the server sent on the connection, and set when that direction ends: a server
+        # that ends it without one has rejected our certificate (TLS 1.3: after the handshake).
+        self._from_server = 0
+        self._server_ended = False
+        self._client_ended = False
+        self._settled = threading.Event()
         self._closed = False
         self._channel: grpc.Channel | None = None
-        socket_path = self._directory / "grpc.sock"
+        #: The SPIFFE ID the server's certificate carries (checked on this connection).
+        self.server_id = server_id
         try:
-            der = self._run(self._open(target, context, server_name, socket_path), timeout=timeout)
+            der, alpn = self._run(self._open(target, context, server_name), timeout=timeout)
+            if alpn != "h2":
+                # gRPC's own channels refuse it too: the server did not agree to speak HTTP/2
+                # on this connection, so it is not a gRPC server's (or a protocol confusion).
+                raise Unavailable(
+                    f"the server at {address} did not agree to HTTP/2 (ALPN h2) on the TLS "
+                    f"connection (it selected {alpn or 'no protocol'})",
+                    reason=Reason.SERVER_UNREACHABLE,
+                )
             self.tls_public_key_der = _spki_of(address, der, server_id)
         except ssl.SSLCertVerificationError as exc:
             self.close()
@@ -180,6 +271,19 @@ class ServerConnection(Closing):
                 f"no TLS connection to {address} within {timeout:g} s",
                 reason=Reason.SERVER_UNREACHABLE,
             ) from None
+        except ssl.SSLError as exc:
+            self.close()
+            # A TLS 1.2 server's alert, or our own refusal of its ServerHello; not
+            # WRONG_VERSION_NUMBER, which is an answer that is no TLS at all.
+            if (exc.reason or "").upper() in _OLDER_TLS:
+                raise Unavailable(
+                    f"the server at {address} does not speak TLS 1.3, which the mesh requires "
+                    f"({exc.reason})",
+                    reason=Reason.TLS_VERSION,
+                ) from None
+            raise Unavailable(
+                f"cannot connect to {address}: {exc}", reason=Reason.SERVER_UNREACHABLE
+            ) from None
         except (OSError, ValueError) as exc:
             self.close()
             raise Unavailable(
@@ -189,9 +293,40 @@ class ServerConnection(Closing):
             self.close()
             raise
         self._channel = grpc.insecure_channel(
-            f"unix:{socket_path}",
+            f"unix-abstract:{self._socket_name}",
             # Its own connection, never shared with another channel to the same path.
             options=[("grpc.use_local_subchannel_pool", 1)],
+        )
+        self._public_channel = grpc.intercept_channel(
+            self._channel, _SayWhenEnded(address, lambda: self._server_ended or self._client_ended)
+        )
+        self._await_http2(address, chain_pem, timeout)
+
+    def _await_http2(self, address: str, chain_pem: bytes, timeout: float) -> None:
+        """Connects the channel now (gRPC would at the first call) and waits for the server's
+        HTTP/2 answer: a refusal then names the server and its cause, not gRPC's Unix socket."""
+        assert self._channel is not None
+        # grpc.channel_ready_future would poll from a thread of gRPC's that raises (a traceback
+        # on stderr) when the channel closes under it; the core channel's own request to
+        # connect has no thread. Our pumps then say when the server answered, or ended.
+        connect = getattr(
+            getattr(self._channel, "_channel", None), "check_connectivity_state", None
+        )
+        if connect is None:  # pragma: no cover - another gRPC: it connects at the first call
+            return
+        connect(True)
+        self._settled.wait(timeout)
+        if self._from_server > 0:
+            return
+        # Judged before close(), whose ending of the connection would read as the server's.
+        rejected = self._server_ended
+        self.close()
+        if rejected:
+            raise ClientCertificateRejected(describe_rejection(address, leaf_of(chain_pem)))
+        raise Unavailable(
+            f"the server at {address} did not answer HTTP/2 on the TLS connection within "
+            f"{timeout:g} s",
+            reason=Reason.SERVER_UNREACHABLE,
         )
 
     @property
@@ -199,7 +334,7 @@ class ServerConnection(Closing):
         """The gRPC channel over this connection."""
         if self._channel is None or self._closed:
             raise ValueError("the connection is closed")
-        return self._channel
+        return self._public_channel
 
     def _run(self, coroutine: Any, *, timeout: float) -> Any:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -210,8 +345,9 @@ class ServerConnection(Closing):
             raise
 
     async def _open(
-        self, target: tuple[str, int], context: ssl.SSLContext, server_name: str, path: Path
-    ) -> bytes:
+        self, target: tuple[str, int], context: ssl.SSLContext, server_name: str
+    ) -> tuple[bytes, str | None]:
+        """Connects; returns the server's certificate (DER) and the protocol ALPN selected."""
         host, port = target
         reader, writer = await asyncio.open_connection(
             host, port, ssl=context, server_hostname=server_name
@@ -222,19 +358,50 @@ class ServerConnection(Closing):
         der: bytes | None = tls.getpeercert(binary_form=True) if tls is not None else None
         if der is None:  # pragma: no cover - a verified handshake always has a peer certificate
             raise ValueError("the server presented no certificate")
-        self._listener = await asyncio.start_unix_server(self._carry, path=str(path))
-        return der
+        alpn: str | None = tls.selected_alpn_protocol()
+        if alpn != "h2":
+            return der, alpn  # refused by the caller, before gRPC could connect
+        self._listener = await asyncio.start_unix_server(self._carry, path="\0" + self._socket_name)
+        return der, alpn
 
     async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
+        if not _from_this_process(writer):
+            # gRPC connects only at the first call: until then another process of this user
+            # (which cannot read our memory, nor so the client key, under Yama) could take the
+            # connection, authenticated as us. Refused, and the socket waits for gRPC's.
+            writer.transport.abort()
+            return
         if self._accepted or self._upstream is None:
             writer.transport.abort()  # one connection: a second would not be the checked one
             return
+        # Only the accepted one is kept for close(): refused ones are aborted already, and
+        # kept they would pile up for as long as another process keeps connecting.
+        self._writers.append(writer)
         self._accepted = True
-        if self._listener is not None:
-            self._listener.close()
+        # The listener stays bound until close(): the name stays ours, and a reconnect by gRPC
+        # comes here, to be refused, and never to a socket of anyone else's.
         upstream_reader, upstream_writer = self._upstream
-        await asyncio.gather(_pump(reader, upstream_writer), _pump(upstream_reader, writer))
+        # close() cancels the pumps: the end of this connection, not an error. Raised, asyncio
+        # logs it (a traceback on stderr) as an unexpected exception of a connection task.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(
+                _pump(reader, upstream_writer, self._sent),
+                _pump(upstream_reader, writer, self._heard),
+            )
+
+    def _heard(self, size: int | None) -> None:
+        if size is not None:
+            self._from_server += size
+            self._settled.set()
+            return
+        # Only when it ended first: gRPC ending its side ends this one too.
+        self._server_ended = not self._client_ended
+        self._settled.set()
+
+    def _sent(self, size: int | None) -> None:
+        if size is None:
+            self._client_ended = not self._server_ended
+            self._settled.set()
 
     def close(self) -> None:
         """Closes the channel and the connection; idempotent."""
@@ -250,7 +417,6 @@ class ServerConnection(Closing):
             self._thread.join(timeout=5)
         if not self._loop.is_running():
             self._loop.close()
-        shutil.rmtree(self._directory, ignore_errors=True)
 
     async def _shutdown(self) -> None:
         if self._listener is not None:
@@ -269,9 +435,27 @@ class ServerConnection(Closing):
         return f"ServerConnection(closed={self._closed})"
 
 
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+def _from_this_process(writer: asyncio.StreamWriter) -> bool:
+    """Whether the peer of an accepted Unix connection is this process (its gRPC channel), by
+    the kernel's record of who connected (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:  # pragma: no cover - an accepted Unix stream always has its socket
+        return False
+    pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return bool(pid == os.getpid())
+
+
+async def _pump(
+    source: asyncio.StreamReader,
+    sink: asyncio.StreamWriter,
+    heard: Callable[[int | None], None] | None = None,
+) -> None:
+    """Copies ``source`` to ``sink`` until either ends; ``heard`` is told each chunk's size
+    and, at the end, None."""
     try:
         while data := await source.read(256 * 1024):
+            if heard is not None:
+                heard(len(data))
             sink.write(data)
             await sink.drain()
     except (OSError, asyncio.IncompleteReadError):
@@ -279,26 +463,26 @@ async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> Non
     finally:
         # Either side ending ends both: gRPC then sees the connection gone.
         sink.close()
+        if heard is not None:
+            heard(None)
 
 
 def verify_inference_server(
-    channel: grpc.Channel,
+    connection: ServerConnection,
     *,
-    tls_public_key_der: bytes,
     trust: TrustStore,
     collateral: CollateralSource,
     policy: ReleasePolicy | None = None,
-    server_spiffe_id: str | None = None,
     now: datetime | None = None,
     timeout: float = 30.0,
 ) -> VerifiedServer:
-    """Fetches the server's evidence over ``channel`` for a fresh nonce and verifies it (see the
-    module doc); ``channel`` and ``tls_public_key_der`` are a :class:`ServerConnection`'s. With
-    a ``policy``, ``server_spiffe_id`` is the identity the policy's ``callers`` must list (the
-    ``server_id`` the connection checked); with a ``trust`` store that does not include the
-    simulated roots (production), a policy that allows debug VMs or the simulated TEE, or was
-    loaded with ``production=False``, is refused (``PolicyInvalid``, as a production key broker
-    refuses it) before the server is asked.
+    """Fetches the server's evidence over ``connection``'s channel for a fresh nonce and verifies
+    it against the key the server presented on that connection (see the module doc); send the
+    data over the same ``connection.channel`` afterwards. With a ``policy``, the identity its
+    ``callers`` must list is ``connection.server_id``; with a ``trust`` store that does not
+    include the simulated roots (production), a policy that allows debug VMs or the simulated
+    TEE, or was loaded with ``production=False``, is refused (``PolicyInvalid``, as a production
+    key broker refuses it) before the server is asked.
 
     Raises the verifier's errors (``MalformedEvidence``, ``VerificationFailed``,
     ``CollateralUnavailable``; ``VerificationFailed(REPORT_DATA_MISMATCH)`` for evidence bound to
@@ -306,8 +490,16 @@ def verify_inference_server(
     certificate changed since the handshake, ``PolicyViolation`` for claims the policy refuses,
     and ``grpc.RpcError`` from the call itself.
     """
-    if policy is not None and not server_spiffe_id:
-        raise ValueError("a policy is checked against the server's SPIFFE ID: pass it")
+    if not isinstance(connection, ServerConnection):
+        # A channel with a key read elsewhere was accepted: nothing tied the two to one
+        # connection, so a relay answering the channel passed (see the module doc).
+        raise TypeError(
+            "verify_inference_server needs the ServerConnection the evidence comes over (not a "
+            "channel and a key read over another connection), got "
+            f"{type(connection).__name__}"
+        )
+    channel = connection.channel
+    tls_public_key_der = connection.tls_public_key_der
     if policy is not None:
         # What a production broker refuses to release a key under (a debuggable VM, whose memory
         # the host reads; the simulated TEE; a policy loaded in development mode, which may state
@@ -336,6 +528,5 @@ def verify_inference_server(
     check_report_data(claims.report_data, client_report_data_for(nonce, tls_public_key_der))
     decision = None
     if policy is not None:
-        assert server_spiffe_id is not None
-        decision = policy.evaluate(claims, server_spiffe_id)
+        decision = policy.evaluate(claims, connection.server_id)
     return VerifiedServer(claims, decision, nonce, observed)

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import socket
+import ssl
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -16,10 +22,14 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import strongroom.attestation.trust
 from strongroom.api.inference.v1 import attestation_pb2 as pb
 from strongroom.api.inference.v1 import attestation_pb2_grpc as att_grpc
+from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
+from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.attestation import TrustStore, VerificationFailed
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.errors import PolicyInvalid, PolicyViolation
@@ -34,9 +44,10 @@ from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import FailedPrecondition, Unavailable
-from strongroom.pki.handshake import ServerIdentityMismatch
+from strongroom.pki.handshake import ClientCertificateRejected, ServerIdentityMismatch
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.reasons import Reason
+from tests.certs import self_signed_pem
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +71,27 @@ def _policy_file(stack: DevStack, tmp_path: Path, measurement: str = DEMO_MEASUR
     path = tmp_path / "policy.yaml"
     path.write_text(stack.simulated_policy("server-check-1", measurement))
     return path
+
+
+def _connect(
+    stack: DevStack,
+    client: WorkloadIdentity,
+    address: str | None = None,
+    *,
+    kind: type[ServerConnection] = ServerConnection,
+    timeout: float = 10.0,
+) -> Any:
+    """A connection from ``client`` to the inference server (at ``address``, else its own)."""
+    credentials = client.credentials
+    return kind(
+        address or stack.address("inference"),
+        server_name="inference",
+        server_id=stack.spiffe_id("inference"),
+        root_pem=client.root_pem,
+        chain_pem=credentials.chain_pem,
+        key_pem=credentials.key_pem,
+        timeout=timeout,
+    )
 
 
 def test_the_cli_verifies_the_server_against_its_models_release_policy(
@@ -303,6 +335,23 @@ class _Rewrite(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
         return outcome
 
 
+class _Tampered(ServerConnection):
+    """A connection whose GetEvidence answers pass through :attr:`change` (what a relaying or
+    lying server controls)."""
+
+    change: Callable[[pb.GetEvidenceResponse], None] | None = None
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The connection's channel, its answers rewritten by :attr:`change`."""
+        channel = super().channel
+        return (
+            channel
+            if self.change is None
+            else grpc.intercept_channel(channel, _Rewrite(self.change))
+        )
+
+
 def _verify(
     stack: DevStack,
     client: WorkloadIdentity,
@@ -313,28 +362,29 @@ def _verify(
 ) -> Any:
     authority = SimulatedAuthority.load(stack.init_simulated_tee())
     trust = authority.trust_store()
+    with _connect(stack, client, kind=_Tampered) as connection:
+        connection.change = change
+        if tls_key_of != "inference":
+            # What a relay in front of the inference server would show us: another server's
+            # certificate on the connection, the inference server's evidence over it.
+            connection.tls_public_key_der = _key_of(stack, client, tls_key_of)
+        return verify_inference_server(
+            connection,
+            trust=trust,
+            collateral=CollateralCache(stack.init_collateral(), trust, writable=False),
+            policy=policy,
+        )
+
+
+def _key_of(stack: DevStack, client: WorkloadIdentity, service: str) -> bytes:
     credentials = client.credentials
-    key = server_tls_public_key(
-        stack.address(tls_key_of),
-        server_name=tls_key_of,
-        # A relay showing another server's valid certificate is refused right here (see
-        # test_the_key_must_be_that_of_the_identity_checked); these tests go past that check to
-        # the binding's.
-        server_id=stack.spiffe_id(tls_key_of),
+    return server_tls_public_key(
+        stack.address(service),
+        server_name=service,
+        server_id=stack.spiffe_id(service),
         root_pem=client.root_pem,
         chain_pem=credentials.chain_pem,
         key_pem=credentials.key_pem,
-    )
-    channel = stack.channel(client, "inference")
-    if change is not None:
-        channel = grpc.intercept_channel(channel, _Rewrite(change))
-    return verify_inference_server(
-        channel,
-        tls_public_key_der=key,
-        trust=trust,
-        collateral=CollateralCache(stack.init_collateral(), trust, writable=False),
-        policy=policy,
-        server_spiffe_id=stack.spiffe_id("inference"),
     )
 
 
@@ -429,15 +479,7 @@ def test_a_relay_that_also_lies_about_the_key_hash_is_refused_by_the_binding(
 ) -> None:
     import hashlib
 
-    credentials = client.credentials
-    broker_key = server_tls_public_key(
-        served.address("keybroker"),
-        server_name="keybroker",
-        server_id=served.spiffe_id("keybroker"),
-        root_pem=client.root_pem,
-        chain_pem=credentials.chain_pem,
-        key_pem=credentials.key_pem,
-    )
+    broker_key = _key_of(served, client, "keybroker")
 
     def claim_the_seen_key(response: pb.GetEvidenceResponse) -> None:
         response.tls_public_key_sha256 = hashlib.sha256(broker_key).digest()
@@ -466,25 +508,14 @@ def test_a_policy_loaded_in_development_mode_is_refused_under_production_trust(
         served.simulated_policy("dev-1").replace("  allow_simulated: true\n", ""), production=False
     )
     authority = SimulatedAuthority.load(served.init_simulated_tee())
-    credentials = client.credentials
-    key = server_tls_public_key(
-        served.address("inference"),
-        server_name="inference",
-        server_id=served.spiffe_id("inference"),
-        root_pem=client.root_pem,
-        chain_pem=credentials.chain_pem,
-        key_pem=credentials.key_pem,
-    )
-    with pytest.raises(PolicyInvalid) as refused:
+    with _connect(served, client) as connection, pytest.raises(PolicyInvalid) as refused:
         verify_inference_server(
-            served.channel(client, "inference"),
-            tls_public_key_der=key,
+            connection,
             trust=TrustStore.production(),
             collateral=CollateralCache(
                 served.init_collateral(), authority.trust_store(), writable=False
             ),
             policy=development,
-            server_spiffe_id=served.spiffe_id("inference"),
         )
     assert refused.value.reason == Reason.POLICY_DEVELOPMENT_MODE
 
@@ -497,3 +528,315 @@ def test_a_policy_for_another_identity_is_refused(
     )
     with pytest.raises(PolicyViolation):
         _verify(served, client, policy=ReleasePolicy.load(text, production=False))
+
+
+# ------------------------------------------------------------------ the connection itself
+
+
+def _connect_to(client: WorkloadIdentity, address: str) -> ServerConnection:
+    """A connection from ``client`` to whatever listens at ``address``."""
+    credentials = client.credentials
+    return ServerConnection(
+        address,
+        server_name="inference",
+        server_id="spiffe://strongroom.test/inference",
+        root_pem=client.root_pem,
+        chain_pem=credentials.chain_pem,
+        key_pem=credentials.key_pem,
+    )
+
+
+def _live(connection: ServerConnection) -> bool:
+    stub = oip_grpc.GRPCInferenceServiceStub(connection.channel)
+    return bool(stub.ServerLive(oip_pb.ServerLiveRequest(), timeout=10).live)
+
+
+def _held() -> tuple[int, set[threading.Thread], int]:
+    """This process's open fds and threads, and the connections' temporary directories."""
+    directories = list(Path(tempfile.gettempdir()).glob("strongroom-connection-*"))
+    return len(os.listdir("/proc/self/fd")), set(threading.enumerate()), len(directories)
+
+
+def test_connections_close_cleanly_and_leave_nothing_behind(
+    served: DevStack,
+    client: WorkloadIdentity,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every close() logged "ERROR asyncio: Exception in callback ..." with a CancelledError
+    traceback (the cancelled connection task), which `strongroom inference evidence --verify`
+    printed on stderr after a successful check."""
+    with _connect(served, client, f"localhost:{served.port('inference')}") as first:
+        assert _live(first)  # the name resolved by asyncio: its executor's threads too
+    before = _held()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(50):
+            with _connect(served, client) as connection:
+                assert _live(connection)
+    fds, threads, directories = _held()
+    # Other parts of the process may end threads or close files meanwhile, never add any.
+    assert fds <= before[0] and threads <= before[1] and directories <= before[2]
+    assert [r.getMessage() for r in caplog.records] == []
+    config = str(served.write_client_config("client"))
+    code, _, err = run(
+        capsys, "inference", "evidence", "--client-config", config,
+        "--verify", str(served.init_collateral()),
+        "--simulated-tee-dir", str(served.init_simulated_tee()),
+    )  # fmt: skip
+    assert code == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def impostor(served: DevStack) -> Iterator[WorkloadIdentity]:
+    """A certificate for the inference server's SPIFFE ID and name, held by another program."""
+    identity = WorkloadIdentity.enrol(
+        served.start_ca().client(),
+        served.token("inference", dns=["inference"]),
+        policy=RenewalPolicy(),
+    )
+    yield identity
+    identity.close()
+
+
+@contextlib.contextmanager
+def _tls_server(
+    identity: WorkloadIdentity, tmp_path: Path, *, newest: ssl.TLSVersion, alpn: list[str]
+) -> Iterator[str]:
+    """A TLS server (not gRPC) with ``identity``'s certificate, TLS up to ``newest``, offering
+    ``alpn``: it completes handshakes and holds the connections open."""
+    credentials = identity.credentials
+    (tmp_path / "server.pem").write_bytes(credentials.chain_pem + credentials.key_pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.maximum_version = newest
+    context.load_cert_chain(tmp_path / "server.pem")
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    held: list[socket.socket] = []
+
+    def serve(listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                raw, _ = listener.accept()
+                with contextlib.suppress(OSError):
+                    held.append(context.wrap_socket(raw, server_side=True))
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=serve, args=(listener,), daemon=True).start()
+        try:
+            yield f"127.0.0.1:{listener.getsockname()[1]}"
+        finally:
+            listener.shutdown(socket.SHUT_RDWR)
+            for held_socket in held:
+                held_socket.close()
+
+
+def test_the_connection_requires_tls_13_and_http2_as_the_mesh_does(
+    served: DevStack, client: WorkloadIdentity, impostor: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """A server offering only TLS 1.2 (which allows renegotiation: another certificate on the
+    same connection after its key was read) or not agreeing to HTTP/2 by ALPN was accepted:
+    every mesh server requires TLS 1.3 and gRPC's own channels require ALPN h2."""
+    with (
+        _tls_server(impostor, tmp_path, newest=ssl.TLSVersion.TLSv1_2, alpn=["h2"]) as old,
+        pytest.raises(Unavailable) as refused,
+    ):
+        _connect(served, client, old)
+    assert refused.value.reason == Reason.TLS_VERSION
+    assert "TLS 1.3" in refused.value.message
+    with (
+        _tls_server(impostor, tmp_path, newest=ssl.TLSVersion.TLSv1_3, alpn=[]) as plain,
+        pytest.raises(Unavailable) as refused,
+    ):
+        _connect(served, client, plain)
+    assert refused.value.reason == Reason.SERVER_UNREACHABLE
+    assert "ALPN" in refused.value.message and "h2" in refused.value.message
+    with (
+        _tls_server(impostor, tmp_path, newest=ssl.TLSVersion.TLSv1_3, alpn=["h2"]) as both,
+        pytest.raises(Unavailable) as refused,
+    ):
+        _connect(served, client, both, timeout=0.5)
+    # Past both checks: it is then refused only for never answering HTTP/2.
+    assert refused.value.reason == Reason.SERVER_UNREACHABLE
+    assert "did not answer HTTP/2" in refused.value.message
+
+
+def test_the_evidence_cannot_be_checked_against_a_key_read_over_another_connection(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """verify_inference_server took any channel and any key: pairing a key read over a handshake
+    of its own (server_tls_public_key) with a channel of one's own, as this module's own tests
+    did, passed the relay that the CLI's single connection defeats, without a word."""
+    authority = SimulatedAuthority.load(served.init_simulated_tee())
+    trust = authority.trust_store()
+    with pytest.raises(TypeError) as refused:
+        verify_inference_server(
+            # There is no place for a key read elsewhere any more; a channel alone is refused.
+            served.channel(client, "inference"),  # type: ignore[arg-type]
+            trust=trust,
+            collateral=CollateralCache(served.init_collateral(), trust, writable=False),
+        )
+    assert "ServerConnection" in str(refused.value)
+    with _connect(served, client) as connection:
+        verified = verify_inference_server(
+            connection,
+            trust=trust,
+            collateral=CollateralCache(served.init_collateral(), trust, writable=False),
+            policy=ReleasePolicy.load(served.simulated_policy("same-1"), production=False),
+        )
+        assert verified.decision is not None  # held to the policy for connection.server_id
+        assert connection.server_id == served.spiffe_id("inference")
+
+
+_FIRST_TO_CONNECT = """
+import socket, sys
+with socket.socket(socket.AF_UNIX) as s:
+    s.settimeout(10)
+    try:
+        s.connect(bytes.fromhex(sys.argv[1]))
+        s.sendall(bytes.fromhex(sys.argv[2]))
+        print(len(s.recv(65536)))
+    except OSError:
+        print(0)
+"""
+
+
+def test_another_process_of_the_same_user_cannot_take_the_connection(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """The Unix socket accepted whichever process connected first, and gRPC connects only at the
+    first call: another process of the same user (which cannot read this one's memory, nor so
+    the client key, under Yama ptrace_scope >= 1) that found the socket in /tmp got the
+    connection, authenticated as this client, to the checked server, and the client's calls
+    failed UNAVAILABLE."""
+    with _connect(served, client) as connection:
+        # Where gRPC connects (the socket's name is random: another process finds it by
+        # listing /proc/net/unix, or a directory).
+        kind, _, name = connection._channel._channel.target().decode().partition(":")
+        path = name if kind == "unix" else "\0" + name
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+        other = subprocess.run(
+            [sys.executable, "-c", _FIRST_TO_CONNECT, path.encode().hex(), preface.hex()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert other.stdout.strip() == "0", "another process spoke to the server"
+        assert _live(connection)
+
+
+def test_a_client_certificate_the_server_rejects_is_named_at_the_connection(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """The server closing the connection right after the handshake (our certificate is not from
+    its CA) showed only at the first call, as "UNAVAILABLE: failed to connect to all addresses;
+    ... unix:/tmp/strongroom-connection-.../grpc.sock: Socket closed": neither the server nor the
+    cause. Every other client of the mesh says CLIENT_CERTIFICATE_REJECTED."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(ClientCertificateRejected) as refused:
+        ServerConnection(
+            served.address("inference"),
+            server_name="inference",
+            server_id=served.spiffe_id("inference"),
+            root_pem=client.root_pem,
+            chain_pem=self_signed_pem(key, "intruder"),
+            key_pem=key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+    assert refused.value.reason == Reason.CLIENT_CERTIFICATE_REJECTED
+    assert served.address("inference") in str(refused.value)
+    assert "strongroom-connection" not in str(refused.value)
+
+
+def test_a_reconnect_cannot_reach_a_socket_another_process_put_in_its_place(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """When the connection ended (the server's GOAWAY at max_connection_age, a network cut),
+    gRPC reconnected to the Unix socket's path at the next call, and another process of the
+    same user (who owns the private directory as much as we do) could have replaced that file
+    with a socket of its own: the calls, data included, then went to it over no checked
+    connection at all."""
+    router = _Router(served.address("inference"), served.address("inference"))
+    taken: list[socket.socket] = []
+    try:
+        with _connect(served, client, router.address) as connection:
+            assert _live(connection)
+            target = connection._channel._channel.target().decode()
+            kind, _, name = target.partition(":")
+            attacker = socket.socket(socket.AF_UNIX)
+            taken.append(attacker)
+            with contextlib.suppress(OSError):  # the place is not free: nothing to replace
+                if kind == "unix":
+                    Path(name).unlink()
+                    attacker.bind(name)
+                else:
+                    attacker.bind("\0" + name)
+                attacker.listen()
+            attacker.setblocking(False)
+            router.close()  # the connection ends
+            stub = oip_grpc.GRPCInferenceServiceStub(connection.channel)
+            codes = set()
+            for _ in range(20):  # gRPC connects anew at a call once it has seen the end
+                with pytest.raises(grpc.RpcError) as failed:
+                    stub.ServerLive(oip_pb.ServerLiveRequest(), timeout=2)
+                codes.add(failed.value.code())  # type: ignore[attr-defined]
+            with pytest.raises(OSError):  # nothing connected to it (nor could it listen)
+                taken.append(attacker.accept()[0])
+            assert codes == {grpc.StatusCode.UNAVAILABLE}
+    finally:
+        router.close()
+        for sock in taken:
+            sock.close()
+
+
+def test_a_call_after_the_connection_ended_says_so(
+    served: DevStack, client: WorkloadIdentity
+) -> None:
+    """After the connection ended (GOAWAY, a cut) every call failed "UNAVAILABLE: failed to
+    connect to all addresses; last error: ... unix:/tmp/strongroom-connection-.../grpc.sock:
+    ...": a socket the caller never heard of, and no word that this connection is over for good
+    and a new one must be opened (and checked again)."""
+    router = _Router(served.address("inference"), served.address("inference"))
+    try:
+        with _connect(served, client, router.address) as connection:
+            assert _live(connection)
+            router.close()
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in range(50):  # until the pumps have seen the end
+                    with contextlib.suppress(grpc.RpcError):
+                        _live(connection)
+                    _live(connection)
+    finally:
+        router.close()
+    error = ended.value
+    assert error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert isinstance(error, Unavailable) and error.reason == Reason.SERVER_CONNECTION_ENDED
+    assert router.address in error.message and "new ServerConnection" in error.message
+    assert "strongroom-connection" not in error.message
+
+
+def test_a_server_that_does_not_speak_tls_is_not_said_to_lack_tls_13(
+    client: WorkloadIdentity,
+) -> None:
+    """Its answer (here plain HTTP) fails OpenSSL with WRONG_VERSION_NUMBER, which the check for
+    TLS 1.3 took for a server speaking an older TLS."""
+    with socket.create_server(("127.0.0.1", 0)) as plain:
+
+        def answer() -> None:
+            with contextlib.suppress(OSError):
+                peer, _ = plain.accept()
+                with peer:
+                    peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                    peer.recv(65536)
+
+        threading.Thread(target=answer, daemon=True).start()
+        with pytest.raises(Unavailable) as refused:
+            _connect_to(client, f"127.0.0.1:{plain.getsockname()[1]}")
+    assert refused.value.reason == Reason.SERVER_UNREACHABLE
+    assert "TLS 1.3" not in refused.value.message
