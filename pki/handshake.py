@@ -29,13 +29,16 @@ _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("0000000400000
 _HINTS = ("socket closed", "handshake", "ssl", "connection reset", "broken pipe")
 
 
-class _RefusedBeforeTheCall(PeerUnauthenticated, grpc.RpcError):
-    """A refusal the channel raises before any RPC: a domain error and a ``grpc.RpcError`` whose
-    ``code()`` is UNAUTHENTICATED, so generated-stub callers handle it like any RPC error."""
+class RaisedAsRpcError(grpc.RpcError):
+    """Mixed into a domain error that a channel raises in place of an RPC's own error: it is also
+    a ``grpc.RpcError`` whose ``code()`` is :attr:`status`, so generated-stub callers handle it
+    like any RPC error. Nothing was received: no metadata."""
+
+    status: grpc.StatusCode
 
     def code(self) -> grpc.StatusCode:
-        """Always UNAUTHENTICATED."""
-        return grpc.StatusCode.UNAUTHENTICATED
+        """The status the error stands for."""
+        return self.status
 
     def details(self) -> str:
         """The explanation (never key material)."""
@@ -48,6 +51,12 @@ class _RefusedBeforeTheCall(PeerUnauthenticated, grpc.RpcError):
     def trailing_metadata(self) -> tuple[Any, ...]:
         """None was received."""
         return ()
+
+
+class _RefusedBeforeTheCall(PeerUnauthenticated, RaisedAsRpcError):
+    """A refusal the channel raises before any RPC."""
+
+    status = grpc.StatusCode.UNAUTHENTICATED
 
 
 class ClientCertificateRejected(_RefusedBeforeTheCall):

@@ -65,6 +65,7 @@ from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Unavailable
 from strongroom.pki.handshake import (
     ClientCertificateRejected,
+    RaisedAsRpcError,
     ServerIdentityMismatch,
     TlsPresentation,
     client_context,
@@ -131,29 +132,14 @@ def _spki_of(address: str, der: bytes, server_id: str) -> bytes:
     )
 
 
-class ConnectionEnded(Unavailable, grpc.RpcError):
+class ConnectionEnded(Unavailable, RaisedAsRpcError):
     """A call on a :class:`ServerConnection` whose connection has ended (the server closed it or
     sent GOAWAY, or the network cut it): it never reconnects, a new connection would be an
     unchecked one. Also a ``grpc.RpcError`` whose ``code()`` is UNAVAILABLE, so generated-stub
     callers handle it like any RPC error."""
 
     default_reason = Reason.SERVER_CONNECTION_ENDED
-
-    def code(self) -> grpc.StatusCode:
-        """Always UNAVAILABLE."""
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self) -> str:
-        """The explanation."""
-        return str(self)
-
-    def initial_metadata(self) -> tuple[Any, ...]:
-        """None was received."""
-        return ()
-
-    def trailing_metadata(self) -> tuple[Any, ...]:
-        """None was received."""
-        return ()
+    status = grpc.StatusCode.UNAVAILABLE
 
 
 class _SayWhenEnded(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
