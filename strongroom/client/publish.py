@@ -239,6 +239,8 @@ def _serialize_upload(message: UploadMessage) -> bytes:
     # protobuf message each chunk was copied into it and out again as its serialisation.
     if isinstance(message, store_pb.PutModelRequest):
         return message.SerializeToString()
+    if not len(message):
+        return b""  # protobuf sends no field for empty (proto3) data, not an empty one
     return append_bytes_field(b"", _PUT_DATA_FIELD, message)
 
 
