@@ -75,7 +75,9 @@ def append_bytes_field(head: bytes, field_number: int, data: bytes | memoryview)
     if not 1 <= field_number < 1 << 29:
         raise ValueError("field number out of range")
     tag = encode_varint(field_number << 3 | _LEN)
-    return b"".join((head, tag, encode_varint(len(data)), data))
+    # nbytes, not len(): a view of another format (array('I')) has len() items, not bytes.
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    return b"".join((head, tag, encode_varint(size), data))
 
 
 def bytes_field_view(message: bytes, field_number: int) -> memoryview:

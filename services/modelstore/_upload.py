@@ -115,8 +115,13 @@ class Upload(Closing):
         """Bytes accepted so far."""
 
     def accept(self, chunks: Iterable[bytes | memoryview]) -> Iterator[bytes | memoryview]:
-        """Yields each non-empty chunk once it has been checked, validated and hashed."""
-        for chunk in chunks:
+        """Yields each non-empty chunk once it has been checked, validated and hashed (a
+        memoryview as a view of its bytes; TypeError for one that is not C-contiguous)."""
+        for given in chunks:
+            # len() of a view of another format (array('I')) counts items: the size limits, the
+            # record's size and the backends' counts are in bytes, as the hash and the validator
+            # (and the bytes written) are.
+            chunk = given.cast("B") if isinstance(given, memoryview) else given
             if not chunk:
                 continue
             self._check_growth(self.size + len(chunk))

@@ -59,8 +59,11 @@ class StructureValidator:
         """Checks the next bytes; raises InvalidArtifact (or ArtifactTooLarge) as soon as possible."""
         if self._error is not None:
             raise self._error
+        # As bytes: a view of another format (array('H')) slices in items while the head's
+        # reading steps in bytes, and never reached the header's end (a loop without end).
+        view = memoryview(data).cast("B")
         try:
-            self._feed(memoryview(data))
+            self._feed(view)
         except (InvalidArtifact, ArtifactTooLarge) as exc:
             self._error = exc
             raise

@@ -218,7 +218,9 @@ def check_generated(generated: kb_pb.GenerateDataKeyResponse, name: str, version
 
 UploadMessage = store_pb.PutModelRequest | bytes | memoryview
 """One PutModel message as :func:`put_model` takes it: a request, or the bytes of its ``data``
-alone (every message but one carrying claims), sent as that request without protobuf's copies."""
+alone (every message but one carrying claims), sent as that request without protobuf's copies. A
+memoryview is sent (and counted) as the bytes it spans, whatever its format; it must be
+C-contiguous (TypeError otherwise, before anything of it is sent)."""
 
 _PUT_MODEL = "/{}/PutModel".format(
     store_pb.DESCRIPTOR.services_by_name["ModelStoreService"].full_name
@@ -226,12 +228,20 @@ _PUT_MODEL = "/{}/PutModel".format(
 _PUT_DATA_FIELD = store_pb.PutModelRequest.DESCRIPTOR.fields_by_name["data"].number
 
 
-def upload_pieces(piece: bytes) -> Iterator[memoryview]:
-    """``piece`` in views of at most :data:`UPLOAD_MESSAGE_BYTES` (no slice copies), each the
-    ``data`` of one PutModel message."""
-    view = memoryview(piece)
+def upload_pieces(piece: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+    """``piece`` in views of at most :data:`UPLOAD_MESSAGE_BYTES` bytes (no slice copies), each
+    the ``data`` of one PutModel message; TypeError for a view that is not C-contiguous."""
+    view = _byte_view(piece)
     for start in range(0, len(view), UPLOAD_MESSAGE_BYTES):
         yield view[start : start + UPLOAD_MESSAGE_BYTES]
+
+
+def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    # A view of another format (array('I'), a typed buffer) counts and slices items, not bytes:
+    # framed by its len() it would announce fewer bytes than it carries, and the store would read
+    # the rest as further fields. cast() also refuses a non-contiguous view (TypeError), which
+    # gRPC's serialisation would have met as INTERNAL "Exception serializing request!".
+    return memoryview(data).cast("B")
 
 
 def _serialize_upload(message: UploadMessage) -> bytes:
@@ -239,6 +249,8 @@ def _serialize_upload(message: UploadMessage) -> bytes:
     # protobuf message each chunk was copied into it and out again as its serialisation.
     if isinstance(message, store_pb.PutModelRequest):
         return message.SerializeToString()
+    if not len(message):
+        return b""  # protobuf sends no field for empty (proto3) data, not an empty one
     return append_bytes_field(b"", _PUT_DATA_FIELD, message)
 
 
@@ -271,9 +283,13 @@ def put_model(
     def guarded() -> Iterator[UploadMessage]:
         try:
             for request in requests:
-                data = request.data if isinstance(request, store_pb.PutModelRequest) else request
-                sent[0] += len(data)
-                yield request
+                if isinstance(request, store_pb.PutModelRequest):
+                    sent[0] += len(request.data)
+                    yield request
+                else:
+                    view = _byte_view(request)  # counted and framed in bytes
+                    sent[0] += len(view)
+                    yield view
         except Exception as exc:
             failure.append(exc)
 
