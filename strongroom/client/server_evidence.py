@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import secrets
 import socket
@@ -76,6 +77,8 @@ from strongroom.pki.handshake import (
     workload_spiffe_ids,
 )
 from strongroom.reasons import Reason
+
+log = logging.getLogger(__name__)
 
 NONCE_BYTES = 32
 # OpenSSL's reasons for a handshake with a server that does not offer TLS 1.3.
@@ -486,7 +489,16 @@ def verify_inference_server(
         )
     channel = connection.channel
     tls_public_key_der = connection.tls_public_key_der
-    if policy is not None:
+    if policy is None:
+        # Any genuine confidential VM passes without one: a debuggable one (whose memory the host
+        # reads), or one running software of anyone's choosing.
+        log.warning(
+            "inference server checked without a release policy: its TEE is genuine, but what it "
+            "runs (measurement, debug, TCB) was NOT checked; pass the policy its model's key is "
+            "released under",
+            extra={"server_id": connection.server_id},
+        )
+    else:
         # What a production broker refuses to release a key under (a debuggable VM, whose memory
         # the host reads; the simulated TEE; a policy loaded in development mode, which may state
         # no TCB minimum) must not pass a production client's check either: "production" is a
