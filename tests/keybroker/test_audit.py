@@ -149,6 +149,27 @@ def test_records_with_awkward_claims_are_canonical_and_signed(
     assert verify_audit_log(log_path, public_key=signing_key.public_key()).intact
 
 
+# The granted release the first and last pinned records describe (with and without the key).
+_RELEASE: dict[str, Any] = dict(
+    decision=Decision.ALLOWED,
+    reason="RELEASED",
+    caller_spiffe_id="spiffe://strongroom.test/inference",
+    caller_cert_serial="1f00",
+    evidence_sha256="e" * 64,
+    claims={
+        "z": {"b": [1, 2.5, None, True], "a": 'é"\\'},
+        "a": ("x", {"y": -0.0}),
+        "m": {},
+    },
+    policy_version="v1",
+    policy_sha256="b" * 64,
+    key_id="model-a",
+    key_version=3,
+    oaep_mechanism="CKM_RSA_PKCS_OAEP/SHA-256",
+    decision_id="req-1",
+)
+
+
 # A record's bytes for fixed inputs (Ed25519 signs deterministically): the encoder may change
 # how it builds them, never what it writes, signs or hashes. The granted release's record changed
 # once, deliberately: it now names the release-signing key that signed the answer
@@ -157,25 +178,7 @@ def test_records_with_awkward_claims_are_canonical_and_signed(
 # does every other record.
 _PINNED_RECORDS = [
     (
-        AuditEvent(
-            decision=Decision.ALLOWED,
-            reason="RELEASED",
-            caller_spiffe_id="spiffe://strongroom.test/inference",
-            caller_cert_serial="1f00",
-            evidence_sha256="e" * 64,
-            claims={
-                "z": {"b": [1, 2.5, None, True], "a": 'é"\\'},
-                "a": ("x", {"y": -0.0}),
-                "m": {},
-            },
-            policy_version="v1",
-            policy_sha256="b" * 64,
-            key_id="model-a",
-            key_version=3,
-            oaep_mechanism="CKM_RSA_PKCS_OAEP/SHA-256",
-            decision_id="req-1",
-            release_signing_key_id="c" * 64,
-        ),
+        AuditEvent(**_RELEASE, release_signing_key_id="c" * 64),
         7,
         "ab" * 32,
         "2026-12-06T12:00:00.000000Z",
@@ -207,24 +210,7 @@ _PINNED_RECORDS = [
     ),
     (
         # Recorded before records named the release-signing key: unchanged.
-        AuditEvent(
-            decision=Decision.ALLOWED,
-            reason="RELEASED",
-            caller_spiffe_id="spiffe://strongroom.test/inference",
-            caller_cert_serial="1f00",
-            evidence_sha256="e" * 64,
-            claims={
-                "z": {"b": [1, 2.5, None, True], "a": 'é"\\'},
-                "a": ("x", {"y": -0.0}),
-                "m": {},
-            },
-            policy_version="v1",
-            policy_sha256="b" * 64,
-            key_id="model-a",
-            key_version=3,
-            oaep_mechanism="CKM_RSA_PKCS_OAEP/SHA-256",
-            decision_id="req-1",
-        ),
+        AuditEvent(**_RELEASE),
         7,
         "ab" * 32,
         "2026-12-06T12:00:00.000000Z",
