@@ -188,14 +188,11 @@ def serve(say: Narrator, stack: DevStack, client: Any, model: TrainedModel) -> N
     say.step("6", "Serve: a client checks what it talks to, then runs inference over mTLS")
     authority = SimulatedAuthority.load(stack.root / "simulated-tee")
     trust = authority.trust_store()
-    credentials = client.credentials
-    with ServerConnection(
+    with ServerConnection.of_identity(
+        client,
         stack.address("inference"),
         server_name="inference",
         server_id=stack.spiffe_id("inference"),
-        root_pem=client.root_pem,
-        chain_pem=credentials.chain_pem,
-        key_pem=credentials.key_pem,
     ) as connection:
         verified = verify_inference_server(
             connection,

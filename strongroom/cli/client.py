@@ -122,14 +122,11 @@ class Client(Closing):
         address = getattr(self.config, service)
         if not address:
             raise ConfigError(f"the client configuration has no address for {service}")
-        credentials = self.identity.credentials
-        return ServerConnection(
+        return ServerConnection.of_identity(
+            self.identity,
             address,
             server_name=getattr(self.config, f"{service}_server_name"),
             server_id=self.config.server_id(service),
-            root_pem=self.identity.root_pem,
-            chain_pem=credentials.chain_pem,
-            key_pem=credentials.key_pem,
         )
 
     def close(self) -> None:

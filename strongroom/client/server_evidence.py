@@ -45,7 +45,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 from cryptography import x509
@@ -77,6 +77,9 @@ from strongroom.pki.handshake import (
     workload_spiffe_ids,
 )
 from strongroom.reasons import Reason
+
+if TYPE_CHECKING:
+    from strongroom.pki.identity import WorkloadIdentity
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +319,29 @@ class ServerConnection(Closing):
             f"the server at {address} did not answer HTTP/2 on the TLS connection within "
             f"{timeout:g} s",
             reason=Reason.SERVER_UNREACHABLE,
+        )
+
+    @classmethod
+    def of_identity(
+        cls,
+        identity: WorkloadIdentity,
+        address: str,
+        *,
+        server_name: str,
+        server_id: str,
+        timeout: float = 10.0,
+    ) -> Self:
+        """A connection presenting ``identity``'s current certificate (chain and key from one
+        snapshot, so a renewal in between cannot pair a new chain with an old key)."""
+        credentials = identity.credentials
+        return cls(
+            address,
+            server_name=server_name,
+            server_id=server_id,
+            root_pem=identity.root_pem,
+            chain_pem=credentials.chain_pem,
+            key_pem=credentials.key_pem,
+            timeout=timeout,
         )
 
     @property

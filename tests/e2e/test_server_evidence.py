@@ -98,14 +98,11 @@ def _connect(
     timeout: float = 10.0,
 ) -> Any:
     """A connection from ``client`` to the inference server (at ``address``, else its own)."""
-    credentials = client.credentials
-    return kind(
+    return kind.of_identity(
+        client,
         address or stack.address("inference"),
         server_name="inference",
         server_id=stack.spiffe_id("inference"),
-        root_pem=client.root_pem,
-        chain_pem=credentials.chain_pem,
-        key_pem=credentials.key_pem,
         timeout=timeout,
     )
 
@@ -549,14 +546,8 @@ def test_a_policy_for_another_identity_is_refused(
 
 def _connect_to(client: WorkloadIdentity, address: str) -> ServerConnection:
     """A connection from ``client`` to whatever listens at ``address``."""
-    credentials = client.credentials
-    return ServerConnection(
-        address,
-        server_name="inference",
-        server_id="spiffe://strongroom.test/inference",
-        root_pem=client.root_pem,
-        chain_pem=credentials.chain_pem,
-        key_pem=credentials.key_pem,
+    return ServerConnection.of_identity(
+        client, address, server_name="inference", server_id="spiffe://strongroom.test/inference"
     )
 
 
