@@ -336,6 +336,18 @@ def _mbz(data: bytes, start: int, end: int, what: str) -> None:
         )
 
 
+def _no_reserved_bits(what: str, value: int, first_reserved: int) -> None:
+    """MalformedEvidence(BAD_FIELD) naming the bits of ``value`` from ``first_reserved`` up
+    that are set: reserved by every SEV-SNP ABI this verifier knows."""
+    if value >> first_reserved:
+        bits = [b for b in range(first_reserved, 64) if (value >> b) & 1]
+        raise MalformedEvidence(
+            f"SNP report {what} 0x{value:x} sets reserved bit(s) "
+            f"{', '.join(map(str, bits))}, which no SEV-SNP ABI this verifier knows defines",
+            reason=Reason.BAD_FIELD,
+        )
+
+
 def unwrap_azure_hcl(data: bytes) -> bytes:
     """Returns the 1184-byte SNP report inside an Azure vTPM HCL report (``HCLA``, report at 0x20)."""
     if data[:4] != HCL_MAGIC:
@@ -386,13 +398,7 @@ def parse_snp_report(data: bytes) -> SnpReport:
             reason=Reason.UNSUPPORTED_SIGNATURE_ALGORITHM,
         )
     policy = _u64(data, 0x08)
-    if policy >> GUEST_POLICY_RESERVED_SHIFT:
-        bits = [b for b in range(GUEST_POLICY_RESERVED_SHIFT, 64) if (policy >> b) & 1]
-        raise MalformedEvidence(
-            f"SNP report guest policy 0x{policy:x} sets reserved bit(s) "
-            f"{', '.join(map(str, bits))}, which no SEV-SNP ABI this verifier knows defines",
-            reason=Reason.BAD_FIELD,
-        )
+    _no_reserved_bits("guest policy", policy, GUEST_POLICY_RESERVED_SHIFT)
     if not (policy >> GUEST_POLICY_MUST_BE_ONE_BIT) & 1:
         raise MalformedEvidence(
             f"SNP report guest policy 0x{policy:x} clears bit {GUEST_POLICY_MUST_BE_ONE_BIT}, "
@@ -400,13 +406,7 @@ def parse_snp_report(data: bytes) -> SnpReport:
             reason=Reason.BAD_FIELD,
         )
     platform_info = _u64(data, 0x40)
-    if platform_info >> PLATFORM_INFO_RESERVED_SHIFT:
-        bits = [b for b in range(PLATFORM_INFO_RESERVED_SHIFT, 64) if (platform_info >> b) & 1]
-        raise MalformedEvidence(
-            f"SNP report PLATFORM_INFO 0x{platform_info:x} sets reserved bit(s) "
-            f"{', '.join(map(str, bits))}, which no SEV-SNP ABI this verifier knows defines",
-            reason=Reason.BAD_FIELD,
-        )
+    _no_reserved_bits("PLATFORM_INFO", platform_info, PLATFORM_INFO_RESERVED_SHIFT)
     vmpl = _u32(data, 0x30)
     if MAX_GUEST_VMPL < vmpl < VMPL_HOST_REQUESTED:
         raise MalformedEvidence(
