@@ -101,8 +101,12 @@ def test_the_minimal_values_open_the_brokers_egress_to_its_collateral_source(hel
 @pytest.mark.parametrize(
     "way_out",
     [
-        # Air-gapped: no fetches, the cache is filled with `attest collateral import`.
-        ("keybroker.collateral.fetch=false",),
+        # Air-gapped: no fetches, the cache (a claim that outlives the pods) is filled with
+        # `attest collateral import`.
+        (
+            "keybroker.collateral.fetch=false",
+            "keybroker.collateral.persistence.existingClaim=collateral",
+        ),
         # Replicas reading a cache another writer fills fetch nothing themselves.
         (
             "keybroker.collateral.readOnly=true",
@@ -312,6 +316,29 @@ def test_a_read_only_cache_must_be_a_shared_claim(helm: str) -> None:
         v for v in broker["spec"]["template"]["spec"]["volumes"] if v["name"] == "collateral"
     ]
     assert volume["persistentVolumeClaim"] == {"claimName": "collateral", "readOnly": True}
+
+
+def test_an_air_gapped_cache_must_outlive_the_pod(helm: str) -> None:
+    """collateral.fetch false with the default per-pod emptyDir rendered a broker whose imported
+    collateral vanished at every pod start: after each restart every release was refused
+    COLLATERAL_MISSING until someone imported it into that pod again. (Development installs, whose
+    init container refills the simulated chain's collateral at every start, are not affected.)"""
+    result = run_helm_template(helm, set_args=("keybroker.collateral.fetch=false",))
+    assert result.returncode != 0
+    assert "keybroker.collateral.fetch is false but" in result.stderr, result.stderr
+    assert "collateral.persistence.existingClaim" in result.stderr
+    docs = render(
+        helm,
+        set_args=(
+            "keybroker.collateral.fetch=false",
+            "keybroker.collateral.persistence.existingClaim=collateral",
+        ),
+    )
+    (broker,) = [d for d in kind(docs, "Deployment") if _component(d) == "keybroker"]
+    (volume,) = [
+        v for v in broker["spec"]["template"]["spec"]["volumes"] if v["name"] == "collateral"
+    ]
+    assert volume["persistentVolumeClaim"]["claimName"] == "collateral"
 
 
 @pytest.mark.parametrize("replicas", [1, 8, 40, 500])

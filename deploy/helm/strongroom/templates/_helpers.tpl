@@ -417,6 +417,9 @@ and nothing would say so).
 {{- if and $c.readOnly (not $c.persistence.existingClaim) -}}
 {{- fail "keybroker.collateral.readOnly is true but collateral.persistence.existingClaim is empty: the cache would be the pod's own emptyDir, which starts empty and which no other writer can fill, so every key release would be refused COLLATERAL_MISSING. Name the shared PVC another writer (a fetching broker, or `strongroom attest collateral import`) fills in collateral.persistence.existingClaim, or set readOnly: false" -}}
 {{- end -}}
+{{- if and (not $c.fetch) (not $c.readOnly) (not $c.persistence.existingClaim) (not .Values.keybroker.allowSimulatedTee) -}}
+{{- fail "keybroker.collateral.fetch is false but collateral.persistence.existingClaim is empty: the cache would be each broker pod's own emptyDir, which starts empty at every pod start, so after every restart, reschedule or upgrade every key release would be refused COLLATERAL_MISSING until someone ran `strongroom attest collateral import` in that pod again. Name a PVC that keeps the imported collateral in collateral.persistence.existingClaim (deploy/README.md, \"Attestation collateral\")" -}}
+{{- end -}}
 {{- if and .Values.networkPolicy.enabled $c.fetch (not $c.readOnly) (not $c.egress) -}}
 {{- /* The root CA CRL's location as the broker derives it (FetchSettings.root_crl_url): with
 Intel's PCS it is another host, which the egress list must cover too. */ -}}
