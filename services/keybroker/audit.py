@@ -41,7 +41,10 @@ the same key copied over with its head (however long), is tampering (below), not
 first of them commits everything queued (at most :data:`MAX_BATCH_RECORDS`, in arrival order) as
 one batch: it assigns consecutive ``seq`` and chains ``prev``, signs each record, writes all lines
 with one write and one fsync, then writes one signed head whose ``count``/``last_hash`` cover the
-whole batch. Nobody waits for company: a lone caller commits at once, a batch of one. Every caller
+whole batch. Nobody waits for company: a lone caller commits at once, a batch of one. When a
+commit ends, its committer wakes exactly the callers of its batch and the first caller still
+queued, which leads the next batch; the others sleep on (waking every waiter, as before, made most
+of 16 concurrent callers wake, find their record not yet committed and sleep again). Every caller
 returns only after its own record is fsync'd *and* covered by a signed head (written and
 ``fdatasync``'d), so the guarantee is the same as with one record per commit; what the batch shares is
 the write, the two syncs and the head's signature. :attr:`AuditLog.batch_sizes` counts
@@ -448,7 +451,7 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
 class _Pending:
     """One caller's event waiting for a commit; the committer fills in the outcome."""
 
-    __slots__ = ("decision_id", "done", "error", "members", "on_written", "result")
+    __slots__ = ("decision_id", "done", "error", "members", "on_written", "result", "wakeup")
 
     def __init__(self, event: AuditEvent, on_written: Callable[[], None] | None) -> None:
         # Validated and encoded by the caller's thread, outside the commit.
@@ -457,6 +460,15 @@ class _Pending:
         self.done = False
         self.result: AuditRecord | None = None
         self.error: StrongroomError | None = None
+        # While the caller sleeps: a lock it holds and blocks on again, which whoever wakes it
+        # releases (once, under the queue's lock). None while it runs.
+        self.wakeup: threading.Lock | None = None
+
+    def wake(self) -> None:
+        """Wakes the caller if it sleeps (called with the queue's lock held)."""
+        wakeup, self.wakeup = self.wakeup, None
+        if wakeup is not None:
+            wakeup.release()
 
     def outcome(self) -> AuditRecord:
         if self.error is not None:
@@ -505,7 +517,7 @@ class AuditLog(Closing):
         # Held by the one committer while it touches the files (and by open and close).
         self._lock = threading.Lock()
         # Guards the queue of callers waiting for a commit and whether a commit is under way.
-        self._queue_cond = threading.Condition(threading.Lock())
+        self._queue_lock = threading.Lock()
         self._queue: collections.deque[_Pending] = collections.deque()
         self._committing = False
         self._batch_sizes: collections.Counter[int] = collections.Counter()
@@ -647,14 +659,14 @@ class AuditLog(Closing):
     @property
     def queued(self) -> int:
         """Callers waiting for the next commit (not counting those of the commit under way)."""
-        with self._queue_cond:
+        with self._queue_lock:
             return len(self._queue)
 
     @property
     def batch_sizes(self) -> dict[int, int]:
         """How many commits took how many callers' records: ``{batch size: commits}``, counting
         every batch formed since the log was opened (including batches that then failed)."""
-        with self._queue_cond:
+        with self._queue_lock:
             return dict(self._batch_sizes)
 
     def close(self) -> None:
@@ -688,39 +700,69 @@ class AuditLog(Closing):
         was found tampered with — in each case the decision must not take effect.
         """
         mine = _Pending(event, on_written)
-        with self._queue_cond:
-            self._queue.append(mine)
-            while not mine.done:
-                if self._committing:
-                    self._queue_cond.wait()
-                    continue
-                # Nobody is committing: this caller commits everything queued so far (itself
-                # included, unless more than a batch is ahead of it; then it loops).
-                batch = [
-                    self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))
-                ]
-                self._batch_sizes[len(batch)] += 1
-                self._committing = True
-                self._queue_cond.release()
+        queue_lock = self._queue_lock
+        queue_lock.acquire()
+        self._queue.append(mine)
+        while not mine.done:  # the queue's lock is held at the top of each pass
+            if self._committing:
+                # Sleep until the committer wakes this caller alone: its record's batch ended,
+                # or it is first in the queue and leads the next one (see _committed).
+                wakeup = threading.Lock()
+                wakeup.acquire()
+                mine.wakeup = wakeup
+                queue_lock.release()
                 try:
-                    self._commit(batch)
-                except BaseException:
+                    wakeup.acquire()
+                except BaseException:  # interrupted (a signal's handler raised in this thread)
+                    with queue_lock:
+                        self._abandon(mine)
+                    raise
+                if mine.done:
+                    # Set before the wake-up, under the queue's lock: no need to take it again.
+                    return mine.outcome()
+                queue_lock.acquire()
+                continue
+            # Nobody is committing: this caller commits everything queued so far (itself
+            # included, unless more than a batch is ahead of it; then it loops).
+            batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+            self._batch_sizes[len(batch)] += 1
+            self._committing = True
+            queue_lock.release()
+            try:
+                self._commit(batch)
+            except BaseException:
+                with queue_lock:
                     # Raised to this caller: its own record, if still queued behind the batch,
                     # must not be committed by whoever commits next.
-                    with self._queue_cond:
-                        if mine in self._queue:
-                            self._queue.remove(mine)
-                    raise
-                finally:
-                    self._queue_cond.acquire()
-                    self._committing = False
-                    for pending in batch:
-                        if pending.result is None and pending.error is None:
-                            # Only after an unexpected exception, which the committer re-raises.
-                            pending.error = AuditUnavailable("the audit commit failed")
-                        pending.done = True
-                    self._queue_cond.notify_all()
+                    self._abandon(mine)
+                    self._committed(batch)
+                raise
+            queue_lock.acquire()
+            self._committed(batch)
+        queue_lock.release()
         return mine.outcome()
+
+    def _committed(self, batch: list[_Pending]) -> None:
+        """Ends a commit (with the queue's lock held): every caller of ``batch`` has its outcome
+        and is woken, and so is the first caller still queued, which leads the next batch. Nobody
+        else is woken: a caller wakes once its record is committed, or to commit."""
+        self._committing = False
+        for pending in batch:
+            if pending.result is None and pending.error is None:
+                # Only after an unexpected exception, which the committer re-raises.
+                pending.error = AuditUnavailable("the audit commit failed")
+            pending.done = True
+            pending.wake()
+        if self._queue:
+            self._queue[0].wake()  # a no-op when that is the committer itself: it loops
+
+    def _abandon(self, mine: _Pending) -> None:
+        """Takes the record of a caller that raises out of the queue (the queue's lock held);
+        if it was to lead the next batch, the next in line leads instead."""
+        if mine in self._queue:
+            self._queue.remove(mine)
+        if not self._committing and self._queue:
+            self._queue[0].wake()
 
     def _commit(self, batch: list[_Pending]) -> None:
         """Writes the batch's records with one write, one fsync and one signed head, and sets each

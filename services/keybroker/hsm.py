@@ -59,7 +59,6 @@ user), so opening a second one on the same module file raises ``FailedPreconditi
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import ctypes
 import functools
@@ -388,46 +387,80 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
                     os.environ[k] = v
 
 
-class HsmCall(Generic[T]):
-    """An operation queued by :meth:`Hsm.submit`."""
+# An HsmCall's states: queued, taken by the worker, ended (result or exception), cancelled.
+_QUEUED, _RUNNING, _ENDED, _CANCELLED = range(4)
 
-    __slots__ = ("_deadline", "_future", "_limit", "_name", "finished_at")
+
+class HsmCall(Generic[T]):
+    """An operation queued by :meth:`Hsm.submit`.
+
+    The caller blocks on a lock of its own that the call holds until it ends (or is cancelled)
+    and the worker releases then: one hand-off per operation, the worker waking the caller once.
+    (A ``concurrent.futures.Future`` woke it under the future's condition lock, which the caller
+    then had to take back, often while the worker still held it: a second sleep and wake-up.)
+    """
+
+    __slots__ = (
+        "_deadline",
+        "_ended",
+        "_error",
+        "_limit",
+        "_name",
+        "_result",
+        "_state",
+        "_state_lock",
+        "finished_at",
+    )
 
     def __init__(self, name: str, limit: float, deadline: float) -> None:
         self._name = name
         self._limit = limit
         self._deadline = deadline
-        self._future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._state = _QUEUED
+        # Orders the worker taking the call against its caller (or close) cancelling it.
+        self._state_lock = threading.Lock()
+        # Held until the call ends or is cancelled; whoever ends it releases it, once.
+        self._ended = threading.Lock()
+        self._ended.acquire()
+        self._result: T | None = None
+        self._error: BaseException | None = None
         #: ``time.perf_counter()`` when the worker finished the operation (None until then).
         self.finished_at: float | None = None
 
-    # The worker's side. (Not a done-callback on the future: the bound method would make
-    # call -> future -> callback -> call a reference cycle, one per release, left to the
-    # garbage collector.)
+    # The worker's side.
 
     def _begin(self) -> bool:
-        return self._future.set_running_or_notify_cancel()
+        """Marks the call taken by the worker; False if it was cancelled first (then skip it)."""
+        with self._state_lock:
+            if self._state != _QUEUED:
+                return False
+            self._state = _RUNNING
+            return True
 
     def _complete(self, produce: Callable[[], T]) -> None:
         """Runs ``produce`` and hands its result, or what it raised, to the waiting caller."""
         try:
-            result = produce()
+            self._result = produce()
         except BaseException as exc:
-            self.finished_at = time.perf_counter()
-            self._future.set_exception(exc)
-        else:
-            self.finished_at = time.perf_counter()
-            self._future.set_result(result)
+            self._error = exc
+        self.finished_at = time.perf_counter()
+        # Only the worker moves a running call on, so no state lock: the release publishes it.
+        self._state = _ENDED
+        self._ended.release()
 
     def _cancel(self) -> None:
-        self._future.cancel()
+        """Cancels the call unless the worker took it (then a no-op)."""
+        with self._state_lock:
+            if self._state != _QUEUED:
+                return
+            self._state = _CANCELLED
+        self._ended.release()
 
     @property
     def started(self) -> bool:
         """Whether the worker took the operation before it could be cancelled: it then runs to its
         end (or refuses it as past its deadline) whatever its caller does."""
-        future = self._future
-        return not future.cancelled() and (future.running() or future.done())
+        return self._state in (_RUNNING, _ENDED)
 
     def finish(self) -> T:
         """After :meth:`result` raised ``HSM_TIMEOUT`` for an operation that had already started
@@ -440,16 +473,18 @@ class HsmCall(Generic[T]):
         return self._wait(max(0.0, self._deadline - time.monotonic()), self._limit)
 
     def _wait(self, timeout: float, waited: float) -> T:
-        try:
-            return self._future.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            self._future.cancel()  # a no-op once the worker has started it
+        if not self._ended.acquire(timeout=timeout):
+            self._cancel()  # a no-op once the worker has started it
             raise HsmUnavailable(
                 f"the HSM did not complete {self._name} within {waited:.3f}s",
                 reason=Reason.HSM_TIMEOUT,
-            ) from None
-        except concurrent.futures.CancelledError:
-            raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED) from None
+            )
+        self._ended.release()  # ended for good: a later wait returns at once
+        if self._state == _CANCELLED:
+            raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED)
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
 
 
 class Hsm(Closing):

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -92,13 +94,15 @@ def _batched(
     monkeypatch: pytest.MonkeyPatch,
     followers: list[AuditEvent],
     first: AuditEvent | None = None,
-) -> tuple[_Gate, Future[AuditRecord], list[Future[AuditRecord]]]:
-    """One caller commits ``first`` alone while ``followers`` queue; they form the next batch."""
+    append: Callable[[AuditEvent], Any] | None = None,
+) -> tuple[_Gate, Future[AuditRecord], list[Future[Any]]]:
+    """One caller commits ``first`` alone while ``followers`` queue (each calling ``append``,
+    default ``log.append``); they form the next batch."""
     gate = _Gate(log, monkeypatch, len(followers))
     pool = ThreadPoolExecutor(len(followers) + 1)
     leader = pool.submit(log.append, first or event(0, reason="LEADER"))
     assert gate.entered.wait(30)
-    rest = [pool.submit(log.append, e) for e in followers]
+    rest = [pool.submit(append or log.append, e) for e in followers]
     pool.shutdown(wait=True)
     return gate, leader, rest
 
@@ -495,6 +499,46 @@ def test_max_batch_one_commits_each_record_alone(
         assert all(f.exception() is None for f in [leader, *rest])
         assert log.batch_sizes == {1: 4}
     assert verify_audit_log(log_path, public_key=signing_key.public_key()).records == 4
+
+
+def _voluntary_switches() -> int:
+    """How often the calling thread has slept so far (its kernel's count of voluntary context
+    switches: each wait on a lock, the interpreter lock or I/O)."""
+    for line in Path("/proc/thread-self/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc/thread-self/status")
+
+
+def test_a_queued_caller_is_woken_for_its_own_batch_not_for_each_commit_ahead(
+    log_path: Path, signing_key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one record per batch, 16 callers queue behind a held commit and commit one by one.
+    Each is woken when it is first in line (to commit) or its batch ended, never by a commit of
+    others' records: how often a caller sleeps does not grow with its place in the queue. When
+    every commit woke every waiter, the last in line slept again after each of the 15 commits
+    ahead of it."""
+    log_path.parent.mkdir()
+    waiting = 16
+
+    def append(log: AuditLog, e: AuditEvent) -> tuple[int, int]:
+        before = _voluntary_switches()
+        record = log.append(e)
+        return record.seq, _voluntary_switches() - before
+
+    with AuditLog.open(log_path, signing_key, max_batch=1) as log:
+        followers = [event(n) for n in range(1, waiting + 1)]
+        _, leader, rest = _batched(
+            log, monkeypatch, followers, append=functools.partial(append, log)
+        )
+        assert leader.result().seq == 0
+        assert log.batch_sizes == {1: waiting + 1}
+    slept = [switches for _, switches in sorted(f.result() for f in rest)]
+    # Each caller also sleeps for its own commit's syncs, its locks and the interpreter lock: a
+    # few times, whatever its place. Woken by each commit ahead, the last four in line slept at
+    # least 12 times more than the first four (measured: medians 45 against 13; now ~7 each).
+    assert statistics.median(slept[-4:]) < statistics.median(slept[:4]) + waiting, slept
+    assert verify_audit_log(log_path, public_key=signing_key.public_key()).records == waiting + 1
 
 
 @pytest.mark.parametrize("bad", [0, MAX_BATCH_RECORDS + 1, True])
