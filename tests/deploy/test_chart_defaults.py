@@ -297,48 +297,36 @@ def test_an_external_ca_without_egress_is_refused(helm: str) -> None:
     assert render(helm, set_args=(*external, *unpoliced))
 
 
-def test_a_read_only_cache_must_be_a_shared_claim(helm: str) -> None:
-    """collateral.readOnly with the default per-pod emptyDir rendered a broker reading a cache that
-    starts empty and that nothing can fill: every release refused COLLATERAL_MISSING."""
-    result = run_helm_template(helm, set_args=("keybroker.collateral.readOnly=true",))
+@pytest.mark.parametrize(
+    ("setting", "refusal", "read_only"),
+    [
+        # Reading a cache that starts empty and that nothing can fill: every release refused
+        # COLLATERAL_MISSING.
+        ("keybroker.collateral.readOnly=true", "keybroker.collateral.readOnly is true but", True),
+        # Air-gapped, the imported collateral vanished at every pod start: after each restart
+        # every release was refused COLLATERAL_MISSING until someone imported it into that pod
+        # again. (Development installs, whose init container refills the simulated chain's
+        # collateral at every start, are not affected.)
+        ("keybroker.collateral.fetch=false", "keybroker.collateral.fetch is false but", False),
+    ],
+)
+def test_a_cache_nothing_refills_must_be_a_claim_that_outlives_the_pod(
+    helm: str, setting: str, refusal: str, read_only: bool
+) -> None:
+    """A collateral cache that the broker does not fill itself, left the default per-pod
+    emptyDir, rendered a broker that refused every release after each pod start."""
+    result = run_helm_template(helm, set_args=(setting,))
     assert result.returncode != 0
-    assert "keybroker.collateral.readOnly is true but" in result.stderr, result.stderr
+    assert refusal in result.stderr, result.stderr
     assert "collateral.persistence.existingClaim" in result.stderr
     docs = render(
-        helm,
-        set_args=(
-            "keybroker.collateral.readOnly=true",
-            "keybroker.collateral.persistence.existingClaim=collateral",
-        ),
+        helm, set_args=(setting, "keybroker.collateral.persistence.existingClaim=collateral")
     )
     (broker,) = [d for d in kind(docs, "Deployment") if _component(d) == "keybroker"]
     (volume,) = [
         v for v in broker["spec"]["template"]["spec"]["volumes"] if v["name"] == "collateral"
     ]
-    assert volume["persistentVolumeClaim"] == {"claimName": "collateral", "readOnly": True}
-
-
-def test_an_air_gapped_cache_must_outlive_the_pod(helm: str) -> None:
-    """collateral.fetch false with the default per-pod emptyDir rendered a broker whose imported
-    collateral vanished at every pod start: after each restart every release was refused
-    COLLATERAL_MISSING until someone imported it into that pod again. (Development installs, whose
-    init container refills the simulated chain's collateral at every start, are not affected.)"""
-    result = run_helm_template(helm, set_args=("keybroker.collateral.fetch=false",))
-    assert result.returncode != 0
-    assert "keybroker.collateral.fetch is false but" in result.stderr, result.stderr
-    assert "collateral.persistence.existingClaim" in result.stderr
-    docs = render(
-        helm,
-        set_args=(
-            "keybroker.collateral.fetch=false",
-            "keybroker.collateral.persistence.existingClaim=collateral",
-        ),
-    )
-    (broker,) = [d for d in kind(docs, "Deployment") if _component(d) == "keybroker"]
-    (volume,) = [
-        v for v in broker["spec"]["template"]["spec"]["volumes"] if v["name"] == "collateral"
-    ]
-    assert volume["persistentVolumeClaim"]["claimName"] == "collateral"
+    assert volume["persistentVolumeClaim"] == {"claimName": "collateral", "readOnly": read_only}
 
 
 @pytest.mark.parametrize("replicas", [1, 8, 40, 500])
