@@ -45,6 +45,8 @@ class SnpClaims:
     committed_version: FirmwareVersion
     simulated: bool
     revocation_checked: bool = False
+    # The cloud a VLEK was issued to (its CSP_ID extension); None for a VCEK.
+    vlek_csp_id: str | None = None
 
     tee_type = TeeType.SEV_SNP
 
@@ -90,6 +92,7 @@ class SnpClaims:
             "committed_firmware": str(self.committed_version),
             "simulated": self.simulated,
             "revocation_checked": self.revocation_checked,
+            **({"vlek_csp_id": self.vlek_csp_id} if self.vlek_csp_id is not None else {}),
         }
 
 

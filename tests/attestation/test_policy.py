@@ -697,6 +697,57 @@ def test_real_snp_vectors_pass_their_own_minimum_at_launch(
         deny(Reason.TCB_TOO_OLD, policy(sev_snp={**section, "min_reported_tcb": above}), claims)
 
 
+AWS_CSP = "CN=cc-us-east-2.amazonaws.com"
+
+
+def test_a_vlek_policy_can_pin_the_cloud_its_vlek_was_issued_to(
+    vectors: Path, production: TrustStore
+) -> None:
+    """Every cloud's VLEK chains to AMD's ASVK: a policy that allowed VLEK-signed reports trusted
+    every cloud AMD issued a VLEK to, with nothing to say which. ``vlek_csp_ids`` pins the CSP_ID
+    of the VLEK (here the real AWS report's); VCEK-signed reports are not affected."""
+    snp = vectors / "snp"
+    ev = Evidence(
+        TeeType.SEV_SNP,
+        (snp / "milan_v3_vlek_aws_trustee.bin").read_bytes(),
+        ((snp / "milan_v3_vlek_aws_trustee_vlek.der").read_bytes(),),
+    )
+    when = dt.datetime(2025, 3, 1, tzinfo=dt.UTC)  # AWS's VLEK (a 1-year cert) expired 2025-12
+    claims = completed(verify_evidence(ev, trust=production, now=when, require_collateral=False))
+    assert claims.as_dict()["vlek_csp_id"] == AWS_CSP
+    section = {
+        "measurements": [claims.measurement.hex()],
+        "vmpl": claims.vmpl,
+        "signing_keys": ["VCEK", "VLEK"],
+        "min_reported_tcb": {"fmc": 0, **claims.reported_tcb.components()},
+    }
+    policy(sev_snp=section).evaluate(claims, CALLER)  # no pin: any cloud
+    policy(sev_snp={**section, "vlek_csp_ids": [AWS_CSP]}).evaluate(claims, CALLER)
+    other = policy(sev_snp={**section, "vlek_csp_ids": ["CN=cloud.example"]})
+    deny_message(Reason.VLEK_CSP_NOT_ALLOWED, other, claims, AWS_CSP, "vlek_csp_ids")
+    # A VLEK without the extension matches no pin.
+    deny(Reason.VLEK_CSP_NOT_ALLOWED, other, dataclasses.replace(claims, vlek_csp_id=None))
+
+
+@pytest.mark.parametrize(
+    ("section", "words"),
+    [
+        ({"vlek_csp_ids": [AWS_CSP]}, "signing_keys does not allow VLEK"),
+        ({"signing_keys": ["VLEK"], "vlek_csp_ids": []}, "empty allow-list"),
+        ({"signing_keys": ["VLEK"], "vlek_csp_ids": [""]}, "non-empty printable ASCII"),
+        ({"signing_keys": ["VLEK"], "vlek_csp_ids": ["CN=a\nb"]}, "non-empty printable ASCII"),
+        ({"signing_keys": ["VLEK"], "vlek_csp_ids": AWS_CSP}, "must be a list"),
+    ],
+)
+def test_a_vlek_cloud_pin_that_could_never_match_is_a_load_error(
+    section: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(PolicyInvalid) as err:
+        policy(sev_snp={"measurements": [MEAS.hex()], "min_reported_tcb": ZERO_TCB, **section})
+    assert "sev_snp.vlek_csp_ids" in str(err.value), str(err.value)
+    assert words in str(err.value), str(err.value)
+
+
 def test_snp_fmc_minimum_is_optional_without_turin() -> None:
     no_fmc = {"bootloader": 4, "tee": 0, "snp": 24, "microcode": 219}
     for products in (["Milan"], ["Milan", "Genoa"]):

@@ -136,6 +136,23 @@ def _for_product(
 _REQUIRED = object()
 
 
+def _csp_ids(value: Any, info: ValidationInfo) -> frozenset[str]:
+    """``vlek_csp_ids``: the CSP_ID strings of allowed VLEKs, as their certificates carry them (the
+    AWS one reads ``CN=cc-us-east-2.amazonaws.com``); only with VLEK in ``signing_keys``, since
+    otherwise no report could use them (fields before it are validated)."""
+    items = schema.allow_list(value)
+    if not all(isinstance(i, str) and i and i.isascii() and i.isprintable() for i in items):
+        raise schema.invalid(
+            Reason.POLICY_BAD_VALUE, "entries must be non-empty printable ASCII strings"
+        )
+    if "VLEK" not in info.data.get("signing_keys", ()):
+        raise schema.invalid(
+            Reason.POLICY_BAD_VALUE,
+            "pins the clouds of VLEKs, but signing_keys does not allow VLEK-signed reports",
+        )
+    return frozenset(items)
+
+
 def _min_tcb(value: Any, info: ValidationInfo) -> Any:
     """Required, with a hint; ``"any"`` (None: no minimum) only on a development broker."""
     if value is _REQUIRED:
@@ -198,6 +215,9 @@ class SnpRules(schema.Section):
     measurements: schema.Hex48
     products: Annotated[frozenset[str] | None, schema.one_of(PRODUCTS)] = None
     signing_keys: Annotated[frozenset[str], schema.one_of(SNP_SIGNING_KEYS)] = frozenset({"VCEK"})
+    # Every cloud's VLEK chains to AMD's ASVK: without a pin, a policy that allows VLEKs trusts
+    # each cloud that AMD issued one to, not only the operator's.
+    vlek_csp_ids: Annotated[frozenset[str] | None, BeforeValidator(_csp_ids)] = None
     allow_debug: schema.Bool = False
     vmpl: Annotated[int, schema.uint(3)] = 0
     allow_smt: schema.Bool = True
@@ -322,6 +342,16 @@ class SnpRules(schema.Section):
         if c.signing_key not in self.signing_keys:
             raise _deny(
                 f"{c.signing_key}-signed reports are not allowed", Reason.SIGNING_KEY_NOT_ALLOWED
+            )
+        if (
+            c.signing_key == "VLEK"
+            and self.vlek_csp_ids is not None
+            and c.vlek_csp_id not in self.vlek_csp_ids
+        ):
+            raise _deny(
+                f"the report's VLEK was issued to cloud {c.vlek_csp_id!r}, not one of "
+                f"{sorted(self.vlek_csp_ids)} (sev_snp.vlek_csp_ids)",
+                Reason.VLEK_CSP_NOT_ALLOWED,
             )
         if self.products is not None and c.product not in self.products:
             raise _deny(f"product {c.product} is not allowed", Reason.PRODUCT_NOT_ALLOWED)

@@ -351,4 +351,5 @@ def verify_snp(
         committed_version=report.committed_version,
         simulated=key.simulated,
         revocation_checked=revocation_checked,
+        vlek_csp_id=key.info.csp_id if key.info.kind == "VLEK" else None,
     )
