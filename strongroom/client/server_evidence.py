@@ -63,7 +63,7 @@ from strongroom.attestation import (
 from strongroom.attestation.binding import check_report_data, client_report_data_for
 from strongroom.attestation.policy import PolicyDecision, ReleasePolicy
 from strongroom.closing import Closing
-from strongroom.errors import FailedPrecondition, Unavailable
+from strongroom.errors import FailedPrecondition, InvalidArgument, Unavailable
 from strongroom.pki.handshake import (
     ClientCertificateRejected,
     RaisedAsRpcError,
@@ -71,8 +71,8 @@ from strongroom.pki.handshake import (
     TlsPresentation,
     client_context,
     describe_rejection,
-    host_port,
     leaf_of,
+    parse_target,
     require_server_id,
     workload_spiffe_ids,
 )
@@ -207,12 +207,14 @@ class ServerConnection(Closing):
         key_pem: bytes,
         timeout: float = 10.0,
     ) -> None:
-        target = host_port(address)
-        if target is None:
-            raise Unavailable(
-                f"cannot connect to {address}: not a host:port target",
-                reason=Reason.SERVER_UNREACHABLE,
-            )
+        try:
+            target = parse_target(address)
+        except ValueError as exc:
+            # A misread target (dns://8.8.8.8/host:port read as host "//8.8.8.8/host") failed
+            # later as an unknown name, or reached another machine than gRPC would.
+            raise InvalidArgument(
+                f"cannot connect to {address}: {exc}", reason=Reason.SERVER_ADDRESS_INVALID
+            ) from None
         context = client_context(TlsPresentation(root_pem, key_pem, chain_pem))
         # As every mesh server requires (and TLS 1.2's renegotiation could show another
         # certificate on this connection after its key was read): TLS 1.3 only.

@@ -43,7 +43,7 @@ from strongroom.client.server_evidence import (
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import FailedPrecondition, Unavailable
+from strongroom.errors import FailedPrecondition, InvalidArgument, Unavailable
 from strongroom.pki.handshake import ClientCertificateRejected, ServerIdentityMismatch
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.reasons import Reason
@@ -423,6 +423,16 @@ def test_the_key_is_read_from_any_target_form_the_channel_accepts(
 
     address = served.address("inference")
     assert key(f"dns:///{address}") == key(f"ipv4:{address}") == key(address)
+
+
+def test_a_target_naming_a_dns_server_is_refused_saying_so(client: WorkloadIdentity) -> None:
+    """gRPC's ``dns://AUTHORITY/host:port`` (resolve host by asking AUTHORITY) was read as the
+    host ``//AUTHORITY/host``: "Name or service not known", SERVER_UNREACHABLE."""
+    with pytest.raises(InvalidArgument) as refused:
+        _connect_to(client, "dns://127.0.0.53/localhost:8443")
+    assert refused.value.reason == Reason.SERVER_ADDRESS_INVALID
+    assert "DNS server 127.0.0.53" in refused.value.message
+    assert "dns:///host:port" in refused.value.message
 
 
 def test_the_key_must_be_that_of_the_identity_checked(
