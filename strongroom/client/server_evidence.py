@@ -193,7 +193,9 @@ class ServerConnection(Closing):
     connection through an abstract Unix socket with a random name, held until close (nothing on
     disk another process could replace), accepted once and only from this process (another
     process, of any user, is refused).
-    Close it when done (a context manager).
+    Close it when done (a context manager). A constructor that fails, or is interrupted (a
+    KeyboardInterrupt while it waits for the server), closes all it opened first: its thread,
+    sockets and channel.
     """
 
     def __init__(
@@ -227,7 +229,6 @@ class ServerConnection(Closing):
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="strongroom-server-connection", daemon=True
         )
-        self._thread.start()
         self._upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._listener: asyncio.Server | None = None
         self._accepted = False
@@ -243,6 +244,35 @@ class ServerConnection(Closing):
         #: The SPIFFE ID the server's certificate carries (checked on this connection).
         self.server_id = server_id
         try:
+            self._connect(
+                address,
+                target,
+                context,
+                server_name=server_name,
+                chain_pem=chain_pem,
+                timeout=timeout,
+            )
+        except BaseException:
+            # Whatever ended the wait (a refusal, a KeyboardInterrupt, an error of our own), the
+            # loop thread, the sockets and the channel go with it: nothing else would close them
+            # before the process exits.
+            self.close()
+            raise
+
+    def _connect(
+        self,
+        address: str,
+        target: tuple[str, int],
+        context: ssl.SSLContext,
+        *,
+        server_name: str,
+        chain_pem: bytes,
+        timeout: float,
+    ) -> None:
+        """Makes the TLS connection, checks it and connects the channel over it; raises the
+        refusals the class doc names (the caller closes what was opened)."""
+        self._thread.start()
+        try:
             der, alpn = self._run(self._open(target, context, server_name), timeout=timeout)
             if alpn != "h2":
                 # gRPC's own channels refuse it too: the server did not agree to speak HTTP/2
@@ -252,21 +282,18 @@ class ServerConnection(Closing):
                     f"connection (it selected {alpn or 'no protocol'})",
                     reason=Reason.SERVER_UNREACHABLE,
                 )
-            self.tls_public_key_der = _spki_of(address, der, server_id)
+            self.tls_public_key_der = _spki_of(address, der, self.server_id)
         except ssl.SSLCertVerificationError as exc:
-            self.close()
             raise ServerIdentityMismatch(
                 f"the server at {address} presented a certificate we do not accept for "
                 f"{server_name!r} ({exc.verify_message})"
             ) from None
         except TimeoutError:
-            self.close()
             raise Unavailable(
                 f"no TLS connection to {address} within {timeout:g} s",
                 reason=Reason.SERVER_UNREACHABLE,
             ) from None
         except ssl.SSLError as exc:
-            self.close()
             # A TLS 1.2 server's alert, or our own refusal of its ServerHello; not
             # WRONG_VERSION_NUMBER, which is an answer that is no TLS at all.
             if (exc.reason or "").upper() in _OLDER_TLS:
@@ -279,13 +306,9 @@ class ServerConnection(Closing):
                 f"cannot connect to {address}: {exc}", reason=Reason.SERVER_UNREACHABLE
             ) from None
         except (OSError, ValueError) as exc:
-            self.close()
             raise Unavailable(
                 f"cannot connect to {address}: {exc}", reason=Reason.SERVER_UNREACHABLE
             ) from None
-        except BaseException:
-            self.close()
-            raise
         self._channel = grpc.insecure_channel(
             f"unix-abstract:{self._socket_name}",
             # Its own connection, never shared with another channel to the same path.
@@ -312,10 +335,7 @@ class ServerConnection(Closing):
         self._settled.wait(timeout)
         if self._from_server > 0:
             return
-        # Judged before close(), whose ending of the connection would read as the server's.
-        rejected = self._server_ended
-        self.close()
-        if rejected:
+        if self._server_ended:
             raise ClientCertificateRejected(describe_rejection(address, leaf_of(chain_pem)))
         raise Unavailable(
             f"the server at {address} did not answer HTTP/2 on the TLS connection within "
@@ -427,12 +447,17 @@ class ServerConnection(Closing):
         self._closed = True
         if self._channel is not None:
             self._channel.close()
-        if self._loop.is_running():
-            with contextlib.suppress(Exception):
-                self._run(self._shutdown(), timeout=5)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
-        if not self._loop.is_running():
+        # Alive, not "running": a close() right after the thread started (an interrupt) finds
+        # the loop not yet running, and what is scheduled now runs once it is.
+        if self._thread.is_alive():
+            try:
+                with contextlib.suppress(Exception):
+                    self._run(self._shutdown(), timeout=5)
+            finally:
+                # Even when interrupted (a second Ctrl-C): the thread ends all the same.
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout=5)
+        if not self._thread.is_alive():
             self._loop.close()
 
     async def _shutdown(self) -> None:
