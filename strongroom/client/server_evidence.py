@@ -142,36 +142,219 @@ class ConnectionEnded(Unavailable, RaisedAsRpcError):
     """A call on a :class:`ServerConnection` whose connection has ended (the server closed it or
     sent GOAWAY, or the network cut it): it never reconnects, a new connection would be an
     unchecked one. Also a ``grpc.RpcError`` whose ``code()`` is UNAVAILABLE, so generated-stub
-    callers handle it like any RPC error."""
+    callers handle it like any RPC error: raised by a blocking call and by a response stream,
+    returned by a future's ``exception()``."""
 
     default_reason = Reason.SERVER_CONNECTION_ENDED
     status = grpc.StatusCode.UNAVAILABLE
 
 
-class _SayWhenEnded(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
-    """Turns a blocking call's UNAVAILABLE after the connection ended, which names gRPC's Unix
-    socket, into :class:`ConnectionEnded`, which names the server and what to do."""
+if TYPE_CHECKING:  # grpc-stubs makes the interceptor interfaces generic; at run time plain
+    _UnaryUnary = grpc.UnaryUnaryClientInterceptor[Any, Any]
+    _UnaryStream = grpc.UnaryStreamClientInterceptor[Any, Any]
+    _StreamUnary = grpc.StreamUnaryClientInterceptor[Any, Any]
+    _StreamStream = grpc.StreamStreamClientInterceptor[Any, Any]
+    _Future = grpc.Future[Any]
+else:
+    _UnaryUnary = grpc.UnaryUnaryClientInterceptor
+    _UnaryStream = grpc.UnaryStreamClientInterceptor
+    _StreamUnary = grpc.StreamUnaryClientInterceptor
+    _StreamStream = grpc.StreamStreamClientInterceptor
+    _Future = grpc.Future
 
-    def __init__(self, address: str, ended: Callable[[], bool]) -> None:
-        self._address = address
+
+class _SayWhenEnded(_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream):
+    """Every call on the connection's channel, of every kind, in one place: once the connection
+    has ended, a call fails :class:`ConnectionEnded` (naming the server and what to do) rather
+    than gRPC's UNAVAILABLE naming its Unix socket. A call made after the end is not started
+    (gRPC would only be refused by our socket, or wait for it with ``wait_for_ready``); one
+    that fails UNAVAILABLE while or after the connection ends reads the same."""
+
+    def __init__(
+        self, ended: Callable[[], ConnectionEnded | None], closed: Callable[[], bool]
+    ) -> None:
         self._ended = ended
+        self._closed = closed
+
+    def _call(self, continuation: Any, details: Any, request: Any) -> _Outcome:
+        if self._closed():
+            # Closed by its owner, not ended by the server: as gRPC's closed channels and
+            # ServerConnection.channel say.
+            raise ValueError("the connection is closed")
+        error = self._ended()
+        if error is not None:
+            return _Outcome(_Refused(error), self._ended)
+        return _Outcome(continuation(details, request), self._ended)
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        """Makes the call; see the class doc."""
-        outcome = continuation(details, request)
-        # A blocking call's failure comes back as the error itself (a future's is not done yet,
-        # and is left as gRPC's).
-        if (
-            isinstance(outcome, grpc.RpcError)
-            and outcome.code() == grpc.StatusCode.UNAVAILABLE
-            and self._ended()
-        ):
-            raise ConnectionEnded(
-                f"the connection to {self._address} has ended (the server closed it or sent "
-                "GOAWAY, or the network cut it) and is never made again (it would be an "
-                "unchecked one): open a new ServerConnection, and verify the server again"
-            )
-        return outcome
+        """A unary call (blocking, ``with_call`` or ``future``); see the class doc."""
+        return self._call(continuation, details, request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        """A response-streaming call; see the class doc."""
+        return self._call(continuation, details, request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        """A request-streaming call (blocking, ``with_call`` or ``future``); see the class doc."""
+        return self._call(continuation, details, requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        """A bidirectional call; see the class doc."""
+        return self._call(continuation, details, requests)
+
+
+class _Outcome(_Future):
+    """What gRPC's interceptor machinery hands the caller for every kind of call (a blocking
+    call's result or error, a future, a response stream), delegating to gRPC's own, with an
+    UNAVAILABLE once the connection has ended read as :class:`ConnectionEnded`: raised by
+    ``result()`` and by iteration, returned by ``exception()``, its message by ``details()``."""
+
+    def __init__(self, call: Any, ended: Callable[[], ConnectionEnded | None]) -> None:
+        self._call = call
+        self._ended = ended
+
+    def _instead(self, error: BaseException | None) -> ConnectionEnded | None:
+        if isinstance(error, ConnectionEnded):
+            return error
+        if isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNAVAILABLE:
+            return self._ended()
+        return None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The response, or the call's error (:class:`ConnectionEnded` once it ended)."""
+        try:
+            return self._call.result(timeout)
+        except grpc.RpcError as error:
+            ended = self._instead(error)
+            if ended is None:
+                raise
+            raise ended from None
+
+    def exception(self, timeout: float | None = None) -> Exception | None:
+        """The call's error, if any (:class:`ConnectionEnded` once it ended)."""
+        error: Exception | None = self._call.exception(timeout)
+        return self._instead(error) or error
+
+    def __iter__(self) -> _Outcome:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._call)
+        except grpc.RpcError as error:
+            ended = self._instead(error)
+            if ended is None:
+                raise
+            raise ended from None
+
+    def code(self) -> grpc.StatusCode:
+        """The call's status (UNAVAILABLE, as :class:`ConnectionEnded`'s, once it ended)."""
+        code: grpc.StatusCode = self._call.code()
+        return code
+
+    def details(self) -> str | None:
+        """The status message, :class:`ConnectionEnded`'s once it ended."""
+        ended = self._ended() if self.code() == grpc.StatusCode.UNAVAILABLE else None
+        return ended.details() if ended is not None else self._call.details()
+
+    def cancel(self) -> bool:
+        """Cancels the call."""
+        return bool(self._call.cancel())
+
+    def cancelled(self) -> bool:
+        """Whether the call was cancelled."""
+        return bool(self._call.cancelled())
+
+    def running(self) -> bool:
+        """Whether the call is still running."""
+        return bool(self._call.running())
+
+    def done(self) -> bool:
+        """Whether the call has ended."""
+        return bool(self._call.done())
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        """The traceback of the call's error."""
+        return self._call.traceback(timeout)
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        """Calls ``fn`` with this outcome (so that it reads the error as the caller does)."""
+        self._call.add_done_callback(lambda _: fn(self))
+
+    def __getattr__(self, name: str) -> Any:
+        # The rest of grpc.Call (metadata, is_active, time_remaining, add_callback).
+        return getattr(self._call, name)
+
+
+class _Refused(_Future):
+    """A call not started because the connection had ended: it failed at once, with
+    :class:`ConnectionEnded`."""
+
+    def __init__(self, error: ConnectionEnded) -> None:
+        self._error = error
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Raises the error."""
+        raise self._error
+
+    def exception(self, timeout: float | None = None) -> Exception | None:
+        """The error."""
+        return self._error
+
+    def __next__(self) -> Any:
+        raise self._error
+
+    def code(self) -> grpc.StatusCode:
+        """UNAVAILABLE."""
+        return self._error.code()
+
+    def details(self) -> str:
+        """The error's message."""
+        return self._error.details()
+
+    def initial_metadata(self) -> tuple[Any, ...]:
+        """None was received."""
+        return ()
+
+    def trailing_metadata(self) -> tuple[Any, ...]:
+        """None was received."""
+        return ()
+
+    def is_active(self) -> bool:
+        """Never started."""
+        return False
+
+    def time_remaining(self) -> float | None:
+        """No deadline runs."""
+        return None
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        """Already ended: not registered (as gRPC's own ended calls answer)."""
+        return False
+
+    def cancel(self) -> bool:
+        """Already ended."""
+        return False
+
+    def cancelled(self) -> bool:
+        """Not cancelled: failed."""
+        return False
+
+    def running(self) -> bool:
+        """Not running."""
+        return False
+
+    def done(self) -> bool:
+        """Done."""
+        return True
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        """None: it was never raised."""
+        return None
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        """Calls ``fn`` at once: the call is done."""
+        fn(self)
 
 
 class ServerConnection(Closing):
@@ -179,9 +362,11 @@ class ServerConnection(Closing):
     ``server_name``, its certificate carrying exactly ``server_id``), with a gRPC
     :attr:`channel` over that connection and :attr:`tls_public_key_der`, the key of the
     certificate it presented on it: what :func:`verify_inference_server` needs, from one
-    connection. The channel never reconnects: when the connection ends, its calls fail
-    UNAVAILABLE (:class:`ConnectionEnded` for blocking unary calls; a new connection would be
-    an unchecked one); open a new ServerConnection.
+    connection. The channel never reconnects (a new connection would be an unchecked one):
+    once the connection has ended, every call on it, of every kind (blocking, ``with_call``,
+    ``future``, streaming either way), fails :class:`ConnectionEnded` (UNAVAILABLE,
+    ``SERVER_CONNECTION_ENDED``, naming the server's SPIFFE ID and address); open a new
+    ServerConnection.
 
     The connection is TLS 1.3 (as every mesh server requires; ``Unavailable(TLS_VERSION)``
     otherwise) with HTTP/2 agreed by ALPN ``h2`` (as gRPC's own channels require). The channel
@@ -315,9 +500,25 @@ class ServerConnection(Closing):
             options=[("grpc.use_local_subchannel_pool", 1)],
         )
         self._public_channel = grpc.intercept_channel(
-            self._channel, _SayWhenEnded(address, lambda: self._server_ended or self._client_ended)
+            self._channel, _SayWhenEnded(lambda: self._ended_error(address), lambda: self._closed)
         )
         self._await_http2(address, chain_pem, timeout)
+
+    def _ended_error(self, address: str) -> ConnectionEnded | None:
+        """:class:`ConnectionEnded` naming the server, once the connection has ended."""
+        if self._closed:
+            return ConnectionEnded(
+                f"the connection to {self.server_id} at {address} was closed "
+                "(ServerConnection.close()): open a new ServerConnection, and verify the server "
+                "again"
+            )
+        if not (self._server_ended or self._client_ended):
+            return None
+        return ConnectionEnded(
+            f"the connection to {self.server_id} at {address} has ended (the server closed it "
+            "or sent GOAWAY, or the network cut it) and is never made again (it would be an "
+            "unchecked one): open a new ServerConnection, and verify the server again"
+        )
 
     def _await_http2(self, address: str, chain_pem: bytes, timeout: float) -> None:
         """Connects the channel now (gRPC would at the first call) and waits for the server's

@@ -870,13 +870,14 @@ def test_a_reconnect_cannot_reach_a_socket_another_process_put_in_its_place(
             sock.close()
 
 
-def test_a_call_after_the_connection_ended_says_so(
+def test_every_call_after_the_connection_ended_says_so(
     served: DevStack, client: WorkloadIdentity
 ) -> None:
     """After the connection ended (GOAWAY, a cut) every call failed "UNAVAILABLE: failed to
     connect to all addresses; last error: ... unix:/tmp/strongroom-connection-.../grpc.sock:
     ...": a socket the caller never heard of, and no word that this connection is over for good
-    and a new one must be opened (and checked again)."""
+    and a new one must be opened (and checked again). Blocking unary calls then said so, but
+    streaming calls and futures still failed gRPC's way."""
     router = _Router(served.address("inference"), served.address("inference"))
     try:
         with _connect(served, client, router.address) as connection:
@@ -887,13 +888,49 @@ def test_a_call_after_the_connection_ended_says_so(
                     with contextlib.suppress(grpc.RpcError):
                         _live(connection)
                     _live(connection)
+            calls = _every_kind_of_call(connection.channel)
+            stub = oip_grpc.GRPCInferenceServiceStub(connection.channel)
+        with pytest.raises(ValueError, match="the connection is closed"):
+            stub.ServerLive(oip_pb.ServerLiveRequest(), timeout=10)  # closed by us, not ended
     finally:
         router.close()
-    error = ended.value
-    assert error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-    assert isinstance(error, Unavailable) and error.reason == Reason.SERVER_CONNECTION_ENDED
-    assert router.address in error.message and "new ServerConnection" in error.message
-    assert "strongroom-connection" not in error.message
+    for kind, error in [("blocking unary", ended.value), *calls]:
+        assert isinstance(error, Unavailable), kind
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, kind  # type: ignore[attr-defined]
+        assert error.reason == Reason.SERVER_CONNECTION_ENDED, kind
+        assert served.spiffe_id("inference") in error.message, kind
+        assert router.address in error.message and "new ServerConnection" in error.message
+        assert "strongroom-connection" not in error.message, kind
+
+
+def _every_kind_of_call(channel: grpc.Channel) -> list[tuple[str, BaseException | None]]:
+    """The error each kind of call on ``channel`` fails with (None: it did not fail)."""
+    method = "/strongroom.test.Any/Method"  # never sent: the connection has ended
+    unary, requests = b"", lambda: iter([b""])
+    future = channel.unary_unary(method, None, None).future(unary, timeout=10)
+    stream_future = channel.stream_unary(method, None, None).future(requests(), timeout=10)
+    assert future.code() == stream_future.code() == grpc.StatusCode.UNAVAILABLE
+    assert "strongroom-connection" not in (future.details() or "")
+    attempts: list[tuple[str, Callable[[], object]]] = [
+        ("with_call", lambda: channel.unary_unary(method, None, None).with_call(unary, timeout=10)),
+        ("future", future.result),
+        ("unary-stream", lambda: list(channel.unary_stream(method, None, None)(unary, timeout=10))),
+        ("stream-unary", lambda: channel.stream_unary(method, None, None)(requests(), timeout=10)),
+        ("stream-unary future", stream_future.result),
+        (
+            "stream-stream",
+            lambda: list(channel.stream_stream(method, None, None)(requests(), timeout=10)),
+        ),
+    ]
+    failures: list[tuple[str, BaseException | None]] = [("future.exception", future.exception())]
+    for kind, attempt in attempts:
+        try:
+            attempt()
+        except grpc.RpcError as error:
+            failures.append((kind, error))
+        else:
+            failures.append((kind, None))
+    return failures
 
 
 def test_a_server_that_does_not_speak_tls_is_not_said_to_lack_tls_13(
