@@ -35,6 +35,7 @@ from strongroom.pki.handshake import (
     ServerIdentityMismatch,
     TlsPresentation,
     check_server_identity,
+    parse_target,
     translate,
 )
 
@@ -127,6 +128,15 @@ class RotatingChannel(grpc.Channel):
         server_id: str | None = None,
         options: Sequence[ChannelOption] = (),
     ) -> None:
+        if server_id is not None:
+            try:
+                parse_target(target)
+            except ValueError as exc:
+                # The SPIFFE check connects to the target's host and port: it would fail as
+                # unreachable before every call, and every call would go out unchecked.
+                raise ValueError(
+                    f"cannot check that the server at {target} is {server_id}: {exc}"
+                ) from None
         self._source = source
         self._target = target
         self._server_name = server_name

@@ -95,16 +95,78 @@ def client_context(presentation: TlsPresentation) -> ssl.SSLContext:
     return context
 
 
+# gRPC's resolvers (doc/naming.md) whose targets name no TCP host and port to connect to.
+_NOT_TCP = frozenset({"unix", "unix-abstract", "vsock", "xds", "google-c2p"})
+# What gRPC connects to when a dns:, ipv4: or ipv6: target names no port.
+_DEFAULT_PORT = 443
+
+
+def parse_target(target: str) -> tuple[str, int]:
+    """Host and port of a gRPC target, read as gRPC reads it (its doc/naming.md):
+    ``dns:[//authority/]host[:port]``, ``ipv4:address[:port][,...]``,
+    ``ipv6:address[:port][,...]`` (brackets around an address given with a port) and a target
+    of no known scheme, which gRPC takes as ``dns:///target``; the first of several addresses;
+    port 443 when none is named, as gRPC's.
+
+    Raises ``ValueError`` saying why for a target this process cannot connect to as gRPC would:
+    one naming a DNS server (``dns://8.8.8.8/host:port``: gRPC asks that server, the system's
+    resolver here might answer with another machine), a Unix socket, vsock or xDS one, a port
+    that is not a number."""
+    scheme, colon, rest = target.partition(":")
+    if colon and scheme in _NOT_TCP:
+        raise ValueError(f"a {scheme}: target names no TCP host and port")
+    if colon and scheme in ("ipv4", "ipv6"):
+        first = rest.split(",", maxsplit=1)[0]
+        if scheme == "ipv6" and not first.startswith("["):
+            # No brackets: the whole is the address (ipv6:::1), never address:port.
+            return _checked_host(first), _DEFAULT_PORT
+        return _split_host_port(first)
+    if colon and scheme == "dns":
+        if rest.startswith("//"):
+            authority, slash, rest = rest[2:].partition("/")
+            if not slash:
+                raise ValueError("a dns:// target needs a '/' before its host (dns:///host:port)")
+            if authority:
+                raise ValueError(
+                    f"it names the DNS server {authority} to resolve its host with, which this "
+                    "client cannot ask (its own resolver could name another machine than gRPC "
+                    "connects to): write dns:///host:port"
+                )
+        return _split_host_port(rest)
+    return _split_host_port(target)
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (gRPC's SplitHostPort); an IPv6
+    address without brackets is a host without a port."""
+    if text.startswith("["):
+        host, bracket, tail = text[1:].partition("]")
+        if not bracket or (tail and not tail.startswith(":")):
+            raise ValueError(f"{text!r} is not [address] or [address]:port")
+        port = tail[1:] if tail else None
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, None
+    if port is None:
+        return _checked_host(host), _DEFAULT_PORT
+    if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ValueError(f"its port {port!r} is not a number from 0 to 65535")
+    return _checked_host(host), int(port)
+
+
+def _checked_host(host: str) -> str:
+    if not host:
+        raise ValueError("it names no host")
+    return host
+
+
 def host_port(target: str) -> tuple[str, int] | None:
-    """Host and port of a gRPC target (``host:port``, ``dns:///host:port``, ``ipv4:``, ``ipv6:``)."""
-    for prefix in ("dns:///", "dns:", "ipv4:", "ipv6:"):
-        if target.startswith(prefix):
-            target = target[len(prefix) :].split(",", maxsplit=1)[0]
-            break
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
+    """:func:`parse_target`'s host and port, None for a target it refuses."""
+    try:
+        return parse_target(target)
+    except ValueError:
         return None
-    return host.strip("[]"), int(port)
 
 
 def looks_like_handshake_failure(error: grpc.RpcError) -> bool:

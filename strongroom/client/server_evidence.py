@@ -63,7 +63,7 @@ from strongroom.attestation import (
 from strongroom.attestation.binding import check_report_data, client_report_data_for
 from strongroom.attestation.policy import PolicyDecision, ReleasePolicy
 from strongroom.closing import Closing
-from strongroom.errors import FailedPrecondition, Unavailable
+from strongroom.errors import FailedPrecondition, InvalidArgument, Unavailable
 from strongroom.pki.handshake import (
     ClientCertificateRejected,
     RaisedAsRpcError,
@@ -71,8 +71,8 @@ from strongroom.pki.handshake import (
     TlsPresentation,
     client_context,
     describe_rejection,
-    host_port,
     leaf_of,
+    parse_target,
     require_server_id,
     workload_spiffe_ids,
 )
@@ -142,36 +142,219 @@ class ConnectionEnded(Unavailable, RaisedAsRpcError):
     """A call on a :class:`ServerConnection` whose connection has ended (the server closed it or
     sent GOAWAY, or the network cut it): it never reconnects, a new connection would be an
     unchecked one. Also a ``grpc.RpcError`` whose ``code()`` is UNAVAILABLE, so generated-stub
-    callers handle it like any RPC error."""
+    callers handle it like any RPC error: raised by a blocking call and by a response stream,
+    returned by a future's ``exception()``."""
 
     default_reason = Reason.SERVER_CONNECTION_ENDED
     status = grpc.StatusCode.UNAVAILABLE
 
 
-class _SayWhenEnded(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
-    """Turns a blocking call's UNAVAILABLE after the connection ended, which names gRPC's Unix
-    socket, into :class:`ConnectionEnded`, which names the server and what to do."""
+if TYPE_CHECKING:  # grpc-stubs makes the interceptor interfaces generic; at run time plain
+    _UnaryUnary = grpc.UnaryUnaryClientInterceptor[Any, Any]
+    _UnaryStream = grpc.UnaryStreamClientInterceptor[Any, Any]
+    _StreamUnary = grpc.StreamUnaryClientInterceptor[Any, Any]
+    _StreamStream = grpc.StreamStreamClientInterceptor[Any, Any]
+    _Future = grpc.Future[Any]
+else:
+    _UnaryUnary = grpc.UnaryUnaryClientInterceptor
+    _UnaryStream = grpc.UnaryStreamClientInterceptor
+    _StreamUnary = grpc.StreamUnaryClientInterceptor
+    _StreamStream = grpc.StreamStreamClientInterceptor
+    _Future = grpc.Future
 
-    def __init__(self, address: str, ended: Callable[[], bool]) -> None:
-        self._address = address
+
+class _SayWhenEnded(_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream):
+    """Every call on the connection's channel, of every kind, in one place: once the connection
+    has ended, a call fails :class:`ConnectionEnded` (naming the server and what to do) rather
+    than gRPC's UNAVAILABLE naming its Unix socket. A call made after the end is not started
+    (gRPC would only be refused by our socket, or wait for it with ``wait_for_ready``); one
+    that fails UNAVAILABLE while or after the connection ends reads the same."""
+
+    def __init__(
+        self, ended: Callable[[], ConnectionEnded | None], closed: Callable[[], bool]
+    ) -> None:
         self._ended = ended
+        self._closed = closed
+
+    def _call(self, continuation: Any, details: Any, request: Any) -> _Outcome:
+        if self._closed():
+            # Closed by its owner, not ended by the server: as gRPC's closed channels and
+            # ServerConnection.channel say.
+            raise ValueError("the connection is closed")
+        error = self._ended()
+        if error is not None:
+            return _Outcome(_Refused(error), self._ended)
+        return _Outcome(continuation(details, request), self._ended)
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        """Makes the call; see the class doc."""
-        outcome = continuation(details, request)
-        # A blocking call's failure comes back as the error itself (a future's is not done yet,
-        # and is left as gRPC's).
-        if (
-            isinstance(outcome, grpc.RpcError)
-            and outcome.code() == grpc.StatusCode.UNAVAILABLE
-            and self._ended()
-        ):
-            raise ConnectionEnded(
-                f"the connection to {self._address} has ended (the server closed it or sent "
-                "GOAWAY, or the network cut it) and is never made again (it would be an "
-                "unchecked one): open a new ServerConnection, and verify the server again"
-            )
-        return outcome
+        """A unary call (blocking, ``with_call`` or ``future``); see the class doc."""
+        return self._call(continuation, details, request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        """A response-streaming call; see the class doc."""
+        return self._call(continuation, details, request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        """A request-streaming call (blocking, ``with_call`` or ``future``); see the class doc."""
+        return self._call(continuation, details, requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        """A bidirectional call; see the class doc."""
+        return self._call(continuation, details, requests)
+
+
+class _Outcome(_Future):
+    """What gRPC's interceptor machinery hands the caller for every kind of call (a blocking
+    call's result or error, a future, a response stream), delegating to gRPC's own, with an
+    UNAVAILABLE once the connection has ended read as :class:`ConnectionEnded`: raised by
+    ``result()`` and by iteration, returned by ``exception()``, its message by ``details()``."""
+
+    def __init__(self, call: Any, ended: Callable[[], ConnectionEnded | None]) -> None:
+        self._call = call
+        self._ended = ended
+
+    def _instead(self, error: BaseException | None) -> ConnectionEnded | None:
+        if isinstance(error, ConnectionEnded):
+            return error
+        if isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNAVAILABLE:
+            return self._ended()
+        return None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The response, or the call's error (:class:`ConnectionEnded` once it ended)."""
+        try:
+            return self._call.result(timeout)
+        except grpc.RpcError as error:
+            ended = self._instead(error)
+            if ended is None:
+                raise
+            raise ended from None
+
+    def exception(self, timeout: float | None = None) -> Exception | None:
+        """The call's error, if any (:class:`ConnectionEnded` once it ended)."""
+        error: Exception | None = self._call.exception(timeout)
+        return self._instead(error) or error
+
+    def __iter__(self) -> _Outcome:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._call)
+        except grpc.RpcError as error:
+            ended = self._instead(error)
+            if ended is None:
+                raise
+            raise ended from None
+
+    def code(self) -> grpc.StatusCode:
+        """The call's status (UNAVAILABLE, as :class:`ConnectionEnded`'s, once it ended)."""
+        code: grpc.StatusCode = self._call.code()
+        return code
+
+    def details(self) -> str | None:
+        """The status message, :class:`ConnectionEnded`'s once it ended."""
+        ended = self._ended() if self.code() == grpc.StatusCode.UNAVAILABLE else None
+        return ended.details() if ended is not None else self._call.details()
+
+    def cancel(self) -> bool:
+        """Cancels the call."""
+        return bool(self._call.cancel())
+
+    def cancelled(self) -> bool:
+        """Whether the call was cancelled."""
+        return bool(self._call.cancelled())
+
+    def running(self) -> bool:
+        """Whether the call is still running."""
+        return bool(self._call.running())
+
+    def done(self) -> bool:
+        """Whether the call has ended."""
+        return bool(self._call.done())
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        """The traceback of the call's error."""
+        return self._call.traceback(timeout)
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        """Calls ``fn`` with this outcome (so that it reads the error as the caller does)."""
+        self._call.add_done_callback(lambda _: fn(self))
+
+    def __getattr__(self, name: str) -> Any:
+        # The rest of grpc.Call (metadata, is_active, time_remaining, add_callback).
+        return getattr(self._call, name)
+
+
+class _Refused(_Future):
+    """A call not started because the connection had ended: it failed at once, with
+    :class:`ConnectionEnded`."""
+
+    def __init__(self, error: ConnectionEnded) -> None:
+        self._error = error
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Raises the error."""
+        raise self._error
+
+    def exception(self, timeout: float | None = None) -> Exception | None:
+        """The error."""
+        return self._error
+
+    def __next__(self) -> Any:
+        raise self._error
+
+    def code(self) -> grpc.StatusCode:
+        """UNAVAILABLE."""
+        return self._error.code()
+
+    def details(self) -> str:
+        """The error's message."""
+        return self._error.details()
+
+    def initial_metadata(self) -> tuple[Any, ...]:
+        """None was received."""
+        return ()
+
+    def trailing_metadata(self) -> tuple[Any, ...]:
+        """None was received."""
+        return ()
+
+    def is_active(self) -> bool:
+        """Never started."""
+        return False
+
+    def time_remaining(self) -> float | None:
+        """No deadline runs."""
+        return None
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        """Already ended: not registered (as gRPC's own ended calls answer)."""
+        return False
+
+    def cancel(self) -> bool:
+        """Already ended."""
+        return False
+
+    def cancelled(self) -> bool:
+        """Not cancelled: failed."""
+        return False
+
+    def running(self) -> bool:
+        """Not running."""
+        return False
+
+    def done(self) -> bool:
+        """Done."""
+        return True
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        """None: it was never raised."""
+        return None
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        """Calls ``fn`` at once: the call is done."""
+        fn(self)
 
 
 class ServerConnection(Closing):
@@ -179,9 +362,11 @@ class ServerConnection(Closing):
     ``server_name``, its certificate carrying exactly ``server_id``), with a gRPC
     :attr:`channel` over that connection and :attr:`tls_public_key_der`, the key of the
     certificate it presented on it: what :func:`verify_inference_server` needs, from one
-    connection. The channel never reconnects: when the connection ends, its calls fail
-    UNAVAILABLE (:class:`ConnectionEnded` for blocking unary calls; a new connection would be
-    an unchecked one); open a new ServerConnection.
+    connection. The channel never reconnects (a new connection would be an unchecked one):
+    once the connection has ended, every call on it, of every kind (blocking, ``with_call``,
+    ``future``, streaming either way), fails :class:`ConnectionEnded` (UNAVAILABLE,
+    ``SERVER_CONNECTION_ENDED``, naming the server's SPIFFE ID and address); open a new
+    ServerConnection.
 
     The connection is TLS 1.3 (as every mesh server requires; ``Unavailable(TLS_VERSION)``
     otherwise) with HTTP/2 agreed by ALPN ``h2`` (as gRPC's own channels require). The channel
@@ -193,7 +378,9 @@ class ServerConnection(Closing):
     connection through an abstract Unix socket with a random name, held until close (nothing on
     disk another process could replace), accepted once and only from this process (another
     process, of any user, is refused).
-    Close it when done (a context manager).
+    Close it when done (a context manager). A constructor that fails, or is interrupted (a
+    KeyboardInterrupt while it waits for the server), closes all it opened first: its thread,
+    sockets and channel.
     """
 
     def __init__(
@@ -207,12 +394,14 @@ class ServerConnection(Closing):
         key_pem: bytes,
         timeout: float = 10.0,
     ) -> None:
-        target = host_port(address)
-        if target is None:
-            raise Unavailable(
-                f"cannot connect to {address}: not a host:port target",
-                reason=Reason.SERVER_UNREACHABLE,
-            )
+        try:
+            target = parse_target(address)
+        except ValueError as exc:
+            # A misread target (dns://8.8.8.8/host:port read as host "//8.8.8.8/host") failed
+            # later as an unknown name, or reached another machine than gRPC would.
+            raise InvalidArgument(
+                f"cannot connect to {address}: {exc}", reason=Reason.SERVER_ADDRESS_INVALID
+            ) from None
         context = client_context(TlsPresentation(root_pem, key_pem, chain_pem))
         # As every mesh server requires (and TLS 1.2's renegotiation could show another
         # certificate on this connection after its key was read): TLS 1.3 only.
@@ -225,7 +414,6 @@ class ServerConnection(Closing):
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="strongroom-server-connection", daemon=True
         )
-        self._thread.start()
         self._upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._listener: asyncio.Server | None = None
         self._accepted = False
@@ -241,6 +429,35 @@ class ServerConnection(Closing):
         #: The SPIFFE ID the server's certificate carries (checked on this connection).
         self.server_id = server_id
         try:
+            self._connect(
+                address,
+                target,
+                context,
+                server_name=server_name,
+                chain_pem=chain_pem,
+                timeout=timeout,
+            )
+        except BaseException:
+            # Whatever ended the wait (a refusal, a KeyboardInterrupt, an error of our own), the
+            # loop thread, the sockets and the channel go with it: nothing else would close them
+            # before the process exits.
+            self.close()
+            raise
+
+    def _connect(
+        self,
+        address: str,
+        target: tuple[str, int],
+        context: ssl.SSLContext,
+        *,
+        server_name: str,
+        chain_pem: bytes,
+        timeout: float,
+    ) -> None:
+        """Makes the TLS connection, checks it and connects the channel over it; raises the
+        refusals the class doc names (the caller closes what was opened)."""
+        self._thread.start()
+        try:
             der, alpn = self._run(self._open(target, context, server_name), timeout=timeout)
             if alpn != "h2":
                 # gRPC's own channels refuse it too: the server did not agree to speak HTTP/2
@@ -250,21 +467,18 @@ class ServerConnection(Closing):
                     f"connection (it selected {alpn or 'no protocol'})",
                     reason=Reason.SERVER_UNREACHABLE,
                 )
-            self.tls_public_key_der = _spki_of(address, der, server_id)
+            self.tls_public_key_der = _spki_of(address, der, self.server_id)
         except ssl.SSLCertVerificationError as exc:
-            self.close()
             raise ServerIdentityMismatch(
                 f"the server at {address} presented a certificate we do not accept for "
                 f"{server_name!r} ({exc.verify_message})"
             ) from None
         except TimeoutError:
-            self.close()
             raise Unavailable(
                 f"no TLS connection to {address} within {timeout:g} s",
                 reason=Reason.SERVER_UNREACHABLE,
             ) from None
         except ssl.SSLError as exc:
-            self.close()
             # A TLS 1.2 server's alert, or our own refusal of its ServerHello; not
             # WRONG_VERSION_NUMBER, which is an answer that is no TLS at all.
             if (exc.reason or "").upper() in _OLDER_TLS:
@@ -277,22 +491,34 @@ class ServerConnection(Closing):
                 f"cannot connect to {address}: {exc}", reason=Reason.SERVER_UNREACHABLE
             ) from None
         except (OSError, ValueError) as exc:
-            self.close()
             raise Unavailable(
                 f"cannot connect to {address}: {exc}", reason=Reason.SERVER_UNREACHABLE
             ) from None
-        except BaseException:
-            self.close()
-            raise
         self._channel = grpc.insecure_channel(
             f"unix-abstract:{self._socket_name}",
             # Its own connection, never shared with another channel to the same path.
             options=[("grpc.use_local_subchannel_pool", 1)],
         )
         self._public_channel = grpc.intercept_channel(
-            self._channel, _SayWhenEnded(address, lambda: self._server_ended or self._client_ended)
+            self._channel, _SayWhenEnded(lambda: self._ended_error(address), lambda: self._closed)
         )
         self._await_http2(address, chain_pem, timeout)
+
+    def _ended_error(self, address: str) -> ConnectionEnded | None:
+        """:class:`ConnectionEnded` naming the server, once the connection has ended."""
+        if self._closed:
+            return ConnectionEnded(
+                f"the connection to {self.server_id} at {address} was closed "
+                "(ServerConnection.close()): open a new ServerConnection, and verify the server "
+                "again"
+            )
+        if not (self._server_ended or self._client_ended):
+            return None
+        return ConnectionEnded(
+            f"the connection to {self.server_id} at {address} has ended (the server closed it "
+            "or sent GOAWAY, or the network cut it) and is never made again (it would be an "
+            "unchecked one): open a new ServerConnection, and verify the server again"
+        )
 
     def _await_http2(self, address: str, chain_pem: bytes, timeout: float) -> None:
         """Connects the channel now (gRPC would at the first call) and waits for the server's
@@ -310,10 +536,7 @@ class ServerConnection(Closing):
         self._settled.wait(timeout)
         if self._from_server > 0:
             return
-        # Judged before close(), whose ending of the connection would read as the server's.
-        rejected = self._server_ended
-        self.close()
-        if rejected:
+        if self._server_ended:
             raise ClientCertificateRejected(describe_rejection(address, leaf_of(chain_pem)))
         raise Unavailable(
             f"the server at {address} did not answer HTTP/2 on the TLS connection within "
@@ -425,12 +648,17 @@ class ServerConnection(Closing):
         self._closed = True
         if self._channel is not None:
             self._channel.close()
-        if self._loop.is_running():
-            with contextlib.suppress(Exception):
-                self._run(self._shutdown(), timeout=5)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
-        if not self._loop.is_running():
+        # Alive, not "running": a close() right after the thread started (an interrupt) finds
+        # the loop not yet running, and what is scheduled now runs once it is.
+        if self._thread.is_alive():
+            try:
+                with contextlib.suppress(Exception):
+                    self._run(self._shutdown(), timeout=5)
+            finally:
+                # Even when interrupted (a second Ctrl-C): the thread ends all the same.
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout=5)
+        if not self._thread.is_alive():
             self._loop.close()
 
     async def _shutdown(self) -> None:

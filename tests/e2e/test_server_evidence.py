@@ -8,11 +8,11 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -43,7 +43,7 @@ from strongroom.client.server_evidence import (
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import FailedPrecondition, Unavailable
+from strongroom.errors import FailedPrecondition, InvalidArgument, Unavailable
 from strongroom.pki.handshake import ClientCertificateRejected, ServerIdentityMismatch
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.reasons import Reason
@@ -425,6 +425,16 @@ def test_the_key_is_read_from_any_target_form_the_channel_accepts(
     assert key(f"dns:///{address}") == key(f"ipv4:{address}") == key(address)
 
 
+def test_a_target_naming_a_dns_server_is_refused_saying_so(client: WorkloadIdentity) -> None:
+    """gRPC's ``dns://AUTHORITY/host:port`` (resolve host by asking AUTHORITY) was read as the
+    host ``//AUTHORITY/host``: "Name or service not known", SERVER_UNREACHABLE."""
+    with pytest.raises(InvalidArgument) as refused:
+        _connect_to(client, "dns://127.0.0.53/localhost:8443")
+    assert refused.value.reason == Reason.SERVER_ADDRESS_INVALID
+    assert "DNS server 127.0.0.53" in refused.value.message
+    assert "dns:///host:port" in refused.value.message
+
+
 def test_the_key_must_be_that_of_the_identity_checked(
     served: DevStack, client: WorkloadIdentity
 ) -> None:
@@ -556,11 +566,28 @@ def _live(connection: ServerConnection) -> bool:
     return bool(stub.ServerLive(oip_pb.ServerLiveRequest(), timeout=10).live)
 
 
-def _held() -> tuple[int, int, int]:
-    """This process's open fds, the connections' loop threads, and their temporary directories."""
-    directories = list(Path(tempfile.gettempdir()).glob("strongroom-connection-*"))
+def _held(port: int) -> tuple[int, int]:
+    """What this process's ServerConnections hold: their fds (abstract Unix sockets of theirs,
+    TCP connections to ``port``, in-memory files of a client key) and their loop threads.
+    Counted by what they are, not in all: the in-process servers open and close their own."""
+    inodes = set()
+    for line in Path("/proc/self/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()  # Num RefCount Protocol Flags Type St Inode Path
+        if len(fields) > 7 and fields[7].startswith("@strongroom-connection-"):
+            inodes.add(fields[6])
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/self/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()  # sl local_address rem_address ... inode (the tenth)
+            if int(fields[2].rpartition(":")[2], 16) == port:
+                inodes.add(fields[9])
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("/memfd:tls-client") or link[len("socket:[") : -1] in inodes:
+                fds += 1
     loops = [t for t in threading.enumerate() if t.name == "strongroom-server-connection"]
-    return len(os.listdir("/proc/self/fd")), len(loops), len(directories)
+    return fds, len(loops)
 
 
 def test_connections_close_cleanly_and_leave_nothing_behind(
@@ -574,16 +601,17 @@ def test_connections_close_cleanly_and_leave_nothing_behind(
     printed on stderr after a successful check."""
     with _connect(served, client, f"localhost:{served.port('inference')}") as first:
         assert _live(first)  # the name resolved by asyncio: its executor's threads too
-    before = _held()
+    port = served.port("inference")
+    before = _held(port)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         for _ in range(50):
             with _connect(served, client) as connection:
                 assert _live(connection)
-    fds, loops, directories = _held()
-    # The servers in this process open and close files of their own meanwhile (connections,
-    # the CA's renewals): a leak of one per connection would be 50 more.
-    assert fds < before[0] + 10 and loops <= before[1] and directories <= before[2]
+                assert _held(port)[0] >= before[0] + 3  # its listener, its two connections
+    # Other clients of the server in this process may close theirs meanwhile, never open more.
+    fds, loops = _held(port)
+    assert fds <= before[0] and loops <= before[1]
     assert [r.getMessage() for r in caplog.records] == []
     code, _, err = evidence(
         capsys, served,
@@ -609,10 +637,16 @@ def impostor(served: DevStack) -> Iterator[WorkloadIdentity]:
 
 @contextlib.contextmanager
 def _tls_server(
-    identity: WorkloadIdentity, tmp_path: Path, *, newest: ssl.TLSVersion, alpn: list[str]
+    identity: WorkloadIdentity,
+    tmp_path: Path,
+    *,
+    newest: ssl.TLSVersion,
+    alpn: list[str],
+    on_connection: Callable[[ssl.SSLSocket], None] | None = None,
 ) -> Iterator[str]:
     """A TLS server (not gRPC) with ``identity``'s certificate, TLS up to ``newest``, offering
-    ``alpn``: it completes handshakes and holds the connections open."""
+    ``alpn``: it completes handshakes and holds the connections open, handing each to
+    ``on_connection`` on a thread of its own."""
     credentials = identity.credentials
     (tmp_path / "server.pem").write_bytes(credentials.chain_pem + credentials.key_pem)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -628,6 +662,10 @@ def _tls_server(
                 raw, _ = listener.accept()
                 with contextlib.suppress(OSError):
                     held.append(context.wrap_socket(raw, server_side=True))
+                    if on_connection is not None:
+                        threading.Thread(
+                            target=on_connection, args=(held[-1],), daemon=True
+                        ).start()
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
         threading.Thread(target=serve, args=(listener,), daemon=True).start()
@@ -667,6 +705,37 @@ def test_the_connection_requires_tls_13_and_http2_as_the_mesh_does(
     # Past both checks: it is then refused only for never answering HTTP/2.
     assert refused.value.reason == Reason.SERVER_UNREACHABLE
     assert "did not answer HTTP/2" in refused.value.message
+
+
+def test_an_interrupted_connection_leaves_nothing_behind(
+    served: DevStack, client: WorkloadIdentity, impostor: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """A KeyboardInterrupt while the constructor waited for the server's HTTP/2 answer left the
+    loop thread, the TLS connection and the Unix sockets open until the process exited."""
+    assert threading.current_thread() is threading.main_thread()  # where SIGINT is delivered
+    main_thread = threading.main_thread().ident
+    assert main_thread is not None
+
+    def interrupt_once_it_waits(tls: ssl.SSLSocket) -> None:
+        # gRPC's preface reaching the server: the constructor now waits for HTTP/2 (past every
+        # check of the connection; else it ended, and the test fails on its error).
+        with contextlib.suppress(OSError):
+            if tls.recv(24).startswith(b"PRI * HTTP/2.0"):
+                signal.pthread_kill(main_thread, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with _tls_server(
+            impostor, tmp_path, newest=ssl.TLSVersion.TLSv1_3, alpn=["h2"],
+            on_connection=interrupt_once_it_waits,
+        ) as silent:  # fmt: skip
+            port = int(silent.rpartition(":")[2])
+            before = _held(port)
+            with pytest.raises(KeyboardInterrupt):
+                _connect(served, client, silent)  # waits 10 s: the interrupt comes first
+            assert _held(port) == before
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_the_evidence_cannot_be_checked_against_a_key_read_over_another_connection(
@@ -801,13 +870,14 @@ def test_a_reconnect_cannot_reach_a_socket_another_process_put_in_its_place(
             sock.close()
 
 
-def test_a_call_after_the_connection_ended_says_so(
+def test_every_call_after_the_connection_ended_says_so(
     served: DevStack, client: WorkloadIdentity
 ) -> None:
     """After the connection ended (GOAWAY, a cut) every call failed "UNAVAILABLE: failed to
     connect to all addresses; last error: ... unix:/tmp/strongroom-connection-.../grpc.sock:
     ...": a socket the caller never heard of, and no word that this connection is over for good
-    and a new one must be opened (and checked again)."""
+    and a new one must be opened (and checked again). Blocking unary calls then said so, but
+    streaming calls and futures still failed gRPC's way."""
     router = _Router(served.address("inference"), served.address("inference"))
     try:
         with _connect(served, client, router.address) as connection:
@@ -818,13 +888,49 @@ def test_a_call_after_the_connection_ended_says_so(
                     with contextlib.suppress(grpc.RpcError):
                         _live(connection)
                     _live(connection)
+            calls = _every_kind_of_call(connection.channel)
+            stub = oip_grpc.GRPCInferenceServiceStub(connection.channel)
+        with pytest.raises(ValueError, match="the connection is closed"):
+            stub.ServerLive(oip_pb.ServerLiveRequest(), timeout=10)  # closed by us, not ended
     finally:
         router.close()
-    error = ended.value
-    assert error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-    assert isinstance(error, Unavailable) and error.reason == Reason.SERVER_CONNECTION_ENDED
-    assert router.address in error.message and "new ServerConnection" in error.message
-    assert "strongroom-connection" not in error.message
+    for kind, error in [("blocking unary", ended.value), *calls]:
+        assert isinstance(error, Unavailable), kind
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, kind  # type: ignore[attr-defined]
+        assert error.reason == Reason.SERVER_CONNECTION_ENDED, kind
+        assert served.spiffe_id("inference") in error.message, kind
+        assert router.address in error.message and "new ServerConnection" in error.message
+        assert "strongroom-connection" not in error.message, kind
+
+
+def _every_kind_of_call(channel: grpc.Channel) -> list[tuple[str, BaseException | None]]:
+    """The error each kind of call on ``channel`` fails with (None: it did not fail)."""
+    method = "/strongroom.test.Any/Method"  # never sent: the connection has ended
+    unary, requests = b"", lambda: iter([b""])
+    future = channel.unary_unary(method, None, None).future(unary, timeout=10)
+    stream_future = channel.stream_unary(method, None, None).future(requests(), timeout=10)
+    assert future.code() == stream_future.code() == grpc.StatusCode.UNAVAILABLE
+    assert "strongroom-connection" not in (future.details() or "")
+    attempts: list[tuple[str, Callable[[], object]]] = [
+        ("with_call", lambda: channel.unary_unary(method, None, None).with_call(unary, timeout=10)),
+        ("future", future.result),
+        ("unary-stream", lambda: list(channel.unary_stream(method, None, None)(unary, timeout=10))),
+        ("stream-unary", lambda: channel.stream_unary(method, None, None)(requests(), timeout=10)),
+        ("stream-unary future", stream_future.result),
+        (
+            "stream-stream",
+            lambda: list(channel.stream_stream(method, None, None)(requests(), timeout=10)),
+        ),
+    ]
+    failures: list[tuple[str, BaseException | None]] = [("future.exception", future.exception())]
+    for kind, attempt in attempts:
+        try:
+            attempt()
+        except grpc.RpcError as error:
+            failures.append((kind, error))
+        else:
+            failures.append((kind, None))
+    return failures
 
 
 def test_a_server_that_does_not_speak_tls_is_not_said_to_lack_tls_13(

@@ -23,7 +23,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from strongroom.pki import StepCa, WorkloadIdentity
 from strongroom.pki._files import memory_file
 from strongroom.pki.channel import _close_channel, _Slot
-from strongroom.pki.handshake import ServerIdentityMismatch, TlsPresentation, check_server_identity
+from strongroom.pki.handshake import (
+    ServerIdentityMismatch,
+    TlsPresentation,
+    check_server_identity,
+    parse_target,
+)
 from strongroom.runtime.config import ConfigError, IdentityConfig
 from tests.pki.helpers import TRUST_DOMAIN, Server, enrol, make_leaf, serve, sid
 
@@ -293,3 +298,50 @@ def test_the_identity_check_names_the_server_as_grpc_does(
         thread.join()
         listener.close()
         broker.close()
+
+
+@pytest.mark.parametrize(
+    ("target", "address"),
+    [
+        ("localhost:8443", ("localhost", 8443)),
+        ("localhost", ("localhost", 443)),  # gRPC's default port
+        ("dns:///localhost:8443", ("localhost", 8443)),
+        ("dns:localhost:8443", ("localhost", 8443)),
+        ("dns:///[::1]:8443", ("::1", 8443)),
+        ("ipv4:127.0.0.1:8443,127.0.0.2:8443", ("127.0.0.1", 8443)),
+        ("ipv6:[::1]:8443", ("::1", 8443)),
+        ("ipv6:::1", ("::1", 443)),  # no brackets: all of it is the address
+        ("[::1]:8443", ("::1", 8443)),
+    ],
+)
+def test_a_target_is_read_as_grpc_reads_it(target: str, address: tuple[str, int]) -> None:
+    assert parse_target(target) == address
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        # Read as host "//8.8.8.8/localhost", port 8443 (gRPC's naming: dns://authority/host).
+        ("dns://8.8.8.8/localhost:8443", "DNS server 8.8.8.8"),
+        ("dns://localhost:8443", "'/' before its host"),
+        ("unix-abstract:socket:8443", "no TCP host"),  # read as host "unix-abstract:socket"
+        ("unix:/run/socket", "no TCP host"),
+        ("localhost:https", "not a number"),
+        ("dns:///:8443", "no host"),
+    ],
+)
+def test_a_target_the_check_cannot_connect_to_as_grpc_would_is_refused_saying_why(
+    target: str, why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
+        parse_target(target)
+
+
+def test_a_channel_checking_the_id_refuses_a_target_it_cannot_check(
+    client_identity: WorkloadIdentity,
+) -> None:
+    """``dns://8.8.8.8/host:port`` was misread (host ``//8.8.8.8/host``): the SPIFFE check found
+    that "host" unreachable before every call, and every call went out unchecked."""
+    with pytest.raises(ValueError) as refused:
+        client_identity.channel("dns://8.8.8.8/keybroker:8443", server_id=sid("keybroker"))
+    assert "DNS server 8.8.8.8" in str(refused.value) and sid("keybroker") in str(refused.value)
