@@ -421,10 +421,13 @@ class SimulatedSnp:
         platform_info: int = 0x1,
         cpuid: tuple[int, int, int] | None = None,
         sign_with: ec.EllipticCurvePrivateKey | None = None,
+        patch: Mapping[int, bytes] | None = None,
     ) -> bytes:
         """A byte-exact 1184-byte report signed (ECDSA P-384/SHA-384) by this platform's key.
 
-        Every field can be overridden to build well-signed reports with bad content.
+        Every field can be overridden to build well-signed reports with bad content; ``patch``
+        writes bytes at offsets of the signed part before it is signed (a reserved byte set, say,
+        which no named field reaches).
         """
         if len(report_data) != 64 or len(measurement) != 48:
             raise ValueError("report_data must be 64 bytes and measurement 48")
@@ -463,6 +466,10 @@ class SimulatedSnp:
             "launch_tcb": launch_tcb or tcb,
         }
         buf = snp_abi.build_report_body(fields)
+        for offset, value in (patch or {}).items():
+            if not 0 <= offset <= snp_abi.SIGNED_LENGTH - len(value):
+                raise ValueError(f"patch at 0x{offset:03X} is outside the signed part")
+            buf[offset : offset + len(value)] = value
         der = (sign_with or self.key).sign(
             bytes(buf[: snp_abi.SIGNED_LENGTH]), ec.ECDSA(hashes.SHA384())
         )

@@ -28,7 +28,7 @@ from strongroom.attestation import (
     VerificationFailed,
     verify_evidence,
 )
-from strongroom.attestation.abi.snp import TcbVersion
+from strongroom.attestation.abi.snp import TcbVersion, parse_snp_report
 from strongroom.attestation.encoding import detect_evidence
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
@@ -136,13 +136,15 @@ def test_snp_too_long(milan, production) -> None:
     )
 
 
-def test_snp_unsupported_version(milan, production) -> None:
-    bad = struct.pack("<I", 4) + milan[0][4:]
-    expect(
+@pytest.mark.parametrize("version", [0, 1, 6, 0xFFFFFFFF])
+def test_snp_unsupported_version(milan, production, version: int) -> None:
+    bad = struct.pack("<I", version) + milan[0][4:]
+    err = expect(
         MalformedEvidence,
         Reason.UNSUPPORTED_VERSION,
         lambda: snp_verify(bad, [milan[1]], production),
     )
+    assert "(supported: 2, 3, 4, 5)" in err.message
 
 
 def test_snp_unsupported_signature_algorithm(milan, production) -> None:
@@ -765,6 +767,41 @@ def test_cpuid_model_of_another_product_under_the_chain(authority, sim_trust, no
     ):
         claims: Any = verify_evidence(ok, trust=sim_trust, now=now, collateral=source)
         assert claims.product == "Milan"
+
+
+def test_snp_version_4_is_read_with_the_version_3_layout(authority, sim_trust, now) -> None:
+    """Version 4 (seen on GCP Milan, firmware 1.55.31) was refused UNSUPPORTED_VERSION, where
+    go-sev-guest reads it as version 3: one layout, whose reserved bytes version 5 uses for its
+    mitigation vectors. No real version-4 report is public: this one is the simulated
+    attester's, signed by the test chain (not by AMD). It verifies with its CPUID judged against
+    the chain as for version 3, and every byte the version-3 layout reserves must stay zero."""
+    snp = authority.snp()
+    source = authority.collateral_source(now=now)
+    v4 = snp.report(RD, measurement=MEAS, version=4)
+    parsed = parse_snp_report(v4)
+    assert (parsed.version, parsed.product, parsed.cpuid_mod_id) == (4, "Milan", 0x01)
+    assert (parsed.launch_mit_vector, parsed.current_mit_vector) == (None, None)
+    ev = Evidence(TeeType.SEV_SNP, v4, (snp.certificate_der,))
+    claims: Any = verify_evidence(ev, trust=sim_trust, now=now, collateral=source)
+    assert (claims.version, claims.product, claims.measurement) == (4, "Milan", MEAS)
+    # RESERVED1 after the CPUID fields; RESERVED4, where version 5 has its mitigation vectors.
+    for offset in (0x18B, 0x19F, 0x1F8, 0x200, 0x208, 0x29F):
+        bad = snp.evidence(RD, measurement=MEAS, version=4, patch={offset: b"\x01"})
+        err = expect(
+            MalformedEvidence,
+            Reason.BAD_FIELD,
+            lambda: verify_evidence(bad, trust=sim_trust, now=now, collateral=source),  # noqa: B023
+        )
+        assert "reserved field RESERVED" in err.message
+    # The same bytes carry version 5's mitigation vectors.
+    v5 = snp.evidence(RD, measurement=MEAS, version=5, patch={0x1F8: b"\x01"})
+    assert verify_evidence(v5, trust=sim_trust, now=now, collateral=source).version == 5  # type: ignore[attr-defined]
+    genoa = snp.evidence(RD, measurement=MEAS, version=4, cpuid=(0x19, 0x11, 0x01))
+    expect(
+        VerificationFailed,
+        Reason.PRODUCT_MISMATCH,
+        lambda: verify_evidence(genoa, trust=sim_trust, now=now, collateral=source),
+    )
 
 
 def test_snp_signed_by_other_key(authority, sim_trust, now) -> None:

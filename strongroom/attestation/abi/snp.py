@@ -1,4 +1,4 @@
-"""AMD SEV-SNP ``ATTESTATION_REPORT`` parsing (SEV-SNP firmware ABI, report versions 2, 3 and 5).
+"""AMD SEV-SNP ``ATTESTATION_REPORT`` parsing (SEV-SNP firmware ABI, report versions 2, 3, 4 and 5).
 
 Structure only: the result is an immutable typed value; nothing here looks at the signature's
 validity. Layout (little-endian, 1184 bytes): the signed part is bytes ``0x000..0x29F``; the
@@ -8,6 +8,12 @@ reserved in the ABI must be zero: a report that sets them is from a format this 
 TCB_VERSION byte layout differs by product: Milan/Genoa ``[BL, TEE, rsvd x4, SNP, UCODE]``,
 Turin ``[FMC, BL, TEE, SNP, rsvd x3, UCODE]``. The product is known from the report's CPUID fields
 (version 3+); version-2 reports predate Turin.
+
+Versions 3 and 4 share one layout (version 4 is written by some firmware, e.g. Milan 1.55.31 on
+GCP; go-sev-guest reads it as version 3): CPUID fields at ``0x188..0x18A``, and ``0x1F8..0x29F``
+reserved, where version 5 puts its mitigation vectors. A version-4 report that sets any byte the
+version-3 layout calls reserved is refused like a version-3 one (``BAD_FIELD``): nothing written
+there is read until the ABI defines it for that version.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from strongroom.reasons import Reason
 
 REPORT_SIZE_BYTES = 0x4A0
 SIGNED_LENGTH = 0x2A0
-SUPPORTED_VERSIONS = (2, 3, 5)
+SUPPORTED_VERSIONS = (2, 3, 4, 5)
 SIG_ALGO_ECDSA_P384_SHA384 = 1
 HCL_MAGIC = b"HCLA"
 HCL_REPORT_OFFSET = 0x20
@@ -388,7 +394,8 @@ def parse_snp_report(data: bytes) -> SnpReport:
     version = _u32(data, 0x00)
     if version not in SUPPORTED_VERSIONS:
         raise MalformedEvidence(
-            f"SNP report version {version} is not supported (supported: 2, 3, 5)",
+            f"SNP report version {version} is not supported (supported: "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))})",
             reason=Reason.UNSUPPORTED_VERSION,
         )
     sig_algo = _u32(data, 0x34)
@@ -424,7 +431,7 @@ def parse_snp_report(data: bytes) -> SnpReport:
             reason=Reason.BAD_FIELD,
         )
     _mbz(data, 0x4C, 0x50, "RESERVED0")
-    if version >= 3:
+    if version >= 3:  # 3 and 4: one layout
         fam, mod, step = data[0x188], data[0x189], data[0x18A]
         cpuid: tuple[int | None, int | None, int | None] = (fam, mod, step)
         _mbz(data, 0x18B, 0x1A0, "RESERVED1")
@@ -433,7 +440,7 @@ def parse_snp_report(data: bytes) -> SnpReport:
         _mbz(data, 0x188, 0x1A0, "RESERVED1")
     _mbz(data, 0x1EB, 0x1EC, "RESERVED2")
     _mbz(data, 0x1EF, 0x1F0, "RESERVED3")
-    if version >= 5:
+    if version >= 5:  # the mitigation vectors; reserved (must be zero) in versions 2-4
         mit: tuple[int | None, int | None] = (_u64(data, 0x1F8), _u64(data, 0x200))
         _mbz(data, 0x208, SIGNED_LENGTH, "RESERVED4")
     else:
