@@ -12,6 +12,11 @@ was issued) and refused if they would roll back what the cache already holds:
 A CRL without ``nextUpdate`` is refused (``Reason.COLLATERAL_STALE``): the verifier never holds
 one current.
 
+A file in the directory that no longer passes these checks when read (stored by an older broker
+whose parser was laxer, damaged, foreign) is skipped with a WARNING and listed by :meth:`refused`;
+asked for the document it was, the cache raises ``COLLATERAL_MISSING`` naming the file and why,
+not "none held", so that the operator replaces it.
+
 The high-water marks live in ``state.json`` and survive restarts. Layout (stable, documented in
 ``services/keybroker/POLICY.md``; ``strongroom attest collateral import`` reads the same layout)::
 
@@ -280,22 +285,49 @@ class CollateralCache:
             self._load()
 
     def crl(self, issuer: x509.Certificate, scope: str = "") -> bytes | None:
-        """The held CRL of ``issuer`` (for ``scope``), or ``None``."""
+        """The held CRL of ``issuer`` (for ``scope``), or ``None``; a refused file in its place
+        is :class:`CollateralUnavailable` saying why (:meth:`_refused_in_place`)."""
         self._maybe_reload()
-        held = self._crls.get(_crl_key(issuer, scope))
+        key = _crl_key(issuer, scope)
+        held = self._crls.get(key)
+        if held is None:
+            self._refused_in_place(self.directory / "crl" / f"{key}.der")
         return held.data if held is not None else None
 
     def tdx_tcb_info(self, fmspc: bytes) -> SignedDocument | None:
-        """The held TCB info for the FMSPC, or ``None``."""
+        """The held TCB info for the FMSPC, or ``None``; a refused file in its place is
+        :class:`CollateralUnavailable` saying why."""
         self._maybe_reload()
         held = self._tcb.get(bytes(fmspc))
+        if held is None:
+            self._refused_in_place(
+                self.directory / "tdx" / "tcbinfo" / f"{bytes(fmspc).hex()}.json"
+            )
         return held[0] if held is not None else None
 
     def tdx_qe_identity(self) -> SignedDocument | None:
-        """The held TD_QE identity, or ``None``."""
+        """The held TD_QE identity, or ``None``; a refused file in its place is
+        :class:`CollateralUnavailable` saying why."""
         self._maybe_reload()
         held = self._qe
+        if held is None:
+            self._refused_in_place(self.directory / "tdx" / "qe_identity.json")
         return held[0] if held is not None else None
+
+    def _refused_in_place(self, path: Path) -> None:
+        """Raises COLLATERAL_MISSING naming ``path`` and why, if the last read refused the file
+        there (a document an older, laxer broker stored, a damaged or foreign file). Said as "the
+        collateral holds none", the operator looked for a fetch or import that had not happened,
+        while the document to replace sat in the directory, named only in a WARNING."""
+        with self._lock:
+            why = self._refused.get(path)
+        if why is not None:
+            raise CollateralUnavailable(
+                f"the cached {path} was refused when the collateral cache read it ({why}): "
+                "replace it (strongroom attest collateral fetch or import; `strongroom attest "
+                "collateral ls` lists every refused file)",
+                reason=Reason.COLLATERAL_MISSING,
+            )
 
     def snp_key_certificate(self, report: SnpReport) -> bytes | None:
         """The held VCEK for the report's chip id and reported TCB, or ``None``."""

@@ -53,6 +53,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from cryptography import x509
 
@@ -69,6 +70,7 @@ from strongroom.errors import StrongroomError
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
+_Doc = TypeVar("_Doc", bytes, SignedDocument)
 
 INTEL_PCS_URL = "https://api.trustedservices.intel.com"
 INTEL_ROOT_CA_CRL_URL = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
@@ -332,9 +334,20 @@ class CollateralService:
 
     # --------------------------------------------------------------- CollateralSource ----------
 
+    def _held(self, read: Callable[[], _Doc | None]) -> _Doc | None:
+        """What the cache holds; a cached file it refused (:class:`CollateralUnavailable`) is
+        missing when there is an upstream to fetch its replacement from (the refusal is raised
+        again, by the cache, if that fetch brings none)."""
+        try:
+            return read()
+        except CollateralUnavailable:
+            if self._pcs is None:
+                raise
+            return None
+
     def crl(self, issuer: x509.Certificate, scope: str = "") -> bytes | None:
         """The cached CRL of ``issuer``, fetched first if missing or due."""
-        held = self.cache.crl(issuer, scope)
+        held = self._held(lambda: self.cache.crl(issuer, scope))
         if self._pcs is None:  # nothing to fetch from (checked first: a release asks every time)
             return held
         self._refresh(f"crl:{common_name(issuer)}:{scope}", held is None, self._due_crl(issuer, scope),
@@ -343,7 +356,7 @@ class CollateralService:
 
     def tdx_tcb_info(self, fmspc: bytes) -> SignedDocument | None:
         """The cached TCB info for the FMSPC, fetched first if missing or due."""
-        held = self.cache.tdx_tcb_info(fmspc)
+        held = self._held(lambda: self.cache.tdx_tcb_info(fmspc))
         if self._pcs is None:
             return held
         due = self._due(lambda e: e.kind == "tdx-tcb-info" and e.key == fmspc.hex())
@@ -352,7 +365,7 @@ class CollateralService:
 
     def tdx_qe_identity(self) -> SignedDocument | None:
         """The cached QE identity, fetched first if missing or due."""
-        held = self.cache.tdx_qe_identity()
+        held = self._held(self.cache.tdx_qe_identity)
         if self._pcs is None:
             return held
         due = self._due(lambda e: e.kind == "tdx-qe-identity")
@@ -501,7 +514,7 @@ class CollateralService:
             self.crl(issuer, "" if scope == "ca" else scope)
         for fmspc in self.cache.held_fmspcs():
             self.tdx_tcb_info(fmspc)
-        if self.cache.tdx_qe_identity() is not None:
+        if self._held(self.cache.tdx_qe_identity) is not None:
             self.tdx_qe_identity()
 
     # --------------------------------------------------------------- refresh policy -----------

@@ -861,14 +861,18 @@ def test_a_crl_with_an_unknown_version_is_bad_collateral(  # type: ignore[no-unt
 def test_a_cached_crl_with_an_unknown_version_is_skipped_when_the_cache_opens(  # type: ignore[no-untyped-def]
     authority, sim_trust, now, tmp_path
 ) -> None:
-    """One such file in the cache directory stopped the cache (and so the broker) from opening."""
+    """One such file in the cache directory stopped the cache (and so the broker) from opening.
+    Skipped, it is named when its CRL is asked for (COLLATERAL_MISSING, the file and why)."""
     cache = CollateralCache(tmp_path, sim_trust)
     cache.put_crl(authority.crl("intel_root", now=now))
     (stored,) = (tmp_path / "crl").glob("*.der")
     cache.put_crl(authority.crl("pck_ca", now=now), issuer_chain=authority.pck_crl_chain_pem())
     stored.write_bytes(_with_crl_version(stored.read_bytes(), 2))
     reopened = CollateralCache(tmp_path, sim_trust)
-    assert reopened.crl(authority.intel_root) is None
+    with pytest.raises(CollateralUnavailable) as err:
+        reopened.crl(authority.intel_root)
+    assert err.value.reason == Reason.COLLATERAL_MISSING
+    assert f"the cached {stored} was refused" in err.value.message
     assert reopened.crl(authority.pck_ca) is not None
 
 
@@ -1143,3 +1147,53 @@ def test_an_import_that_would_import_nothing_or_cannot_read_says_so(  # type: ig
         CollateralCache(tmp_path / "cache", sim_trust).import_directory(source)
     assert (err.value.status_name, err.value.reason) == ("INVALID_ARGUMENT", "FILE_UNREADABLE")
     assert expected in err.value.message
+
+
+def test_a_cached_document_the_parser_now_refuses_is_named_in_the_refusal(  # type: ignore[no-untyped-def]
+    authority, sim_trust, now, tmp_path, server
+) -> None:
+    """A document an older (laxer) broker cached and this parser refuses is skipped with a
+    WARNING; the release it was needed for was refused COLLATERAL_MISSING saying the collateral
+    "holds none", so the operator looked for a fetch or import that never happened while the
+    file to replace sat in the directory. The refusal now names the file and why it was refused;
+    a fetching broker replaces it from upstream."""
+    tdx = authority.tdx()
+    body = json.loads(tdx.tcb_info(now=now))["tcbInfo"]
+    body["tcbLevels"].reverse()  # oldest first: stored before the parser required newest first
+    stale_parser_doc = authority.sign_collateral("tcbInfo", body)
+    chain = authority.tcb_signing_chain_pem()
+    path = tmp_path / "tdx" / "tcbinfo" / f"{tdx.fmspc.hex()}.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(stale_parser_doc)
+    path.with_suffix(".chain.pem").write_bytes(chain)
+    cache = CollateralCache(tmp_path, sim_trust)
+    authority.fill_cache(cache, now=now)  # the CRLs
+    cache.put_tdx_qe_identity(tdx.qe_identity(now=now), chain)
+    assert set(cache.refused()) == {path}
+    quote = Evidence(TeeType.TDX, tdx.quote(RD, mrtd=MEAS))
+    offline = CollateralService(CollateralCache(tmp_path, sim_trust, writable=False), None)
+    server.status = 503  # an upstream that cannot replace it
+    down = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server, retries=0))
+    for source in (cache, offline, down):
+        with pytest.raises(CollateralUnavailable) as err:
+            verify_evidence(quote, trust=sim_trust, now=now, collateral=source)
+        assert err.value.reason == Reason.COLLATERAL_MISSING and not callers_fault(err.value)
+        assert f"the cached {path} was refused" in err.value.message
+        assert "newest first" in err.value.message and "collateral ls" in err.value.message
+    # A CRL too (here one that is no CRL at all), for an SNP release.
+    snp = authority.snp()
+    ark_crl = tmp_path / "crl" / f"{collateral_cache.issuer_id(authority.ark)}-vcek.der"
+    ark_crl.write_bytes(b"\x30\x03not a CRL")
+    reread = CollateralCache(tmp_path, sim_trust)
+    with pytest.raises(CollateralUnavailable) as crl_err:
+        verify_evidence(
+            snp.evidence(RD, measurement=MEAS), trust=sim_trust, now=now, collateral=reread
+        )
+    assert crl_err.value.reason == Reason.COLLATERAL_MISSING
+    assert f"the cached {ark_crl} was refused" in crl_err.value.message
+    # A fetching broker whose upstream has the document replaces the refused file.
+    server.status = None
+    server.tcb_info(tdx.fmspc.hex(), tdx.tcb_info(now=now), chain)
+    fixed = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    claims = verify_evidence(quote, trust=sim_trust, now=now, collateral=fixed)
+    assert claims.collateral_complete and path not in fixed.cache.refused()
