@@ -576,17 +576,37 @@ class CollateralCache:
     def _vcek_dir(self) -> Path:
         return self.directory / "amd" / "vcek"
 
-    def put_vcek(self, data: bytes, report: SnpReport) -> None:
-        """Verifies and stores a VCEK fetched for ``report``, evicting the oldest beyond the bound.
+    def put_vcek(self, data: bytes, report: SnpReport, *, origin: str = "upstream") -> None:
+        """Verifies and stores a VCEK fetched (from ``origin``, for messages) for ``report``,
+        evicting the oldest beyond the bound.
 
         Stored only if ``report`` verifies with it (chain to the pinned ASK/ARK, signature, chip
-        id and TCB bindings), else the verifier's refusal is raised and nothing is written: the
-        file is shared with every replica and named after what the report claims.
+        id and TCB bindings), else nothing is written: the file is shared with every replica and
+        named after what the report claims. A certificate that does not chain to a pinned AMD
+        root is the fetch's failure, whatever the report: :class:`CollateralUnavailable`
+        (``VCEK_FETCHED_UNTRUSTED``, naming ``origin``); otherwise the verifier's refusal.
         """
-        from strongroom.attestation.verify.snp import verify_report_key
+        from strongroom.attestation.verify.snp import verify_key_chain, verify_report_key
 
         der = certificates_from_bytes(data)[0]
-        verify_report_key(report, der, self._trust, self._clock())
+        now = self._clock()
+        try:
+            verify_key_chain(der, self._trust, now)
+        except VerificationFailed as exc:
+            if exc.reason == Reason.CERT_NOT_VALID_AT_TIME:
+                # Judged at this cache's clock, not at the verification's time: the verifier,
+                # which checks the same at its own, names it.
+                raise
+            # AMD KDS serves only certificates of AMD's chain, for any chip id and TCB a report
+            # can name: one that is not is the broker's source (a kds_url that is not KDS, a
+            # proxy answering for it), never the caller's evidence (ROOT_NOT_TRUSTED, which
+            # spent the caller's refusal budget and told it to fix what it sent).
+            raise CollateralUnavailable(
+                f"the VCEK fetched from {origin} does not chain to a pinned AMD root "
+                f"({exc.reason}: {exc.message}): is the broker's kds_url AMD KDS?",
+                reason=Reason.VCEK_FETCHED_UNTRUSTED,
+            ) from None
+        verify_report_key(report, der, self._trust, now)
         key = vcek_key(report.chip_id_for_kds(), report.reported_tcb.components())
         path = self._vcek_dir() / f"{key}.der"
         with self._writing():

@@ -30,7 +30,9 @@ fetch is all an unsigned report can cause: the answer is kept only once the repo
 and TCB, so the same request is not sent again for ``retry_after_seconds``. A 404, fresh or
 remembered, refuses the report (``VCEK_NOT_FOUND``, PERMISSION_DENIED: the evidence names a chip
 and TCB AMD does not know), where an outage is ``UNAVAILABLE``, as is an answer that is no VCEK
-certificate at all (``COLLATERAL_FETCH_FAILED``, remembered like an outage). Those memories are
+certificate at all (``COLLATERAL_FETCH_FAILED``, remembered like an outage), and so is one that
+does not chain to a pinned AMD root (``VCEK_FETCHED_UNTRUSTED``, naming the URL: KDS serves no
+such certificate for any chip, so the broker's ``kds_url`` is wrong). Those memories are
 bounded (:data:`MAX_FAILURES`, the oldest forgotten first). A report can name any chip id, and each
 new one is a fetch on the request's thread: one runs per chip and at most
 :data:`MAX_VCEK_FETCHES` at once; more are refused at once (``COLLATERAL_FETCH_BUSY``,
@@ -264,16 +266,18 @@ class KdsClient:
         self._get = getter or HttpGetter(settings)
         self._base = settings.kds_url.rstrip("/")
 
-    def vcek(self, product: str, report: SnpReport) -> bytes | None:
-        """``GET /vcek/v1/<product>/<hwid>?blSPL=..`` (DER)."""
+    def vcek_url(self, product: str, report: SnpReport) -> str:
+        """Where the VCEK for the report's chip id and reported TCB is asked for."""
         tcb = report.reported_tcb.components()
         names = {"bootloader": "blSPL", "tee": "teeSPL", "snp": "snpSPL", "microcode": "ucodeSPL"}
         query = "&".join(f"{names[k]}={tcb[k]:02d}" for k in names)
         if "fmc" in tcb:
             query += f"&fmcSPL={tcb['fmc']:02d}"
-        resp = self._get.get(
-            f"{self._base}/vcek/v1/{product}/{report.chip_id_for_kds().hex()}?{query}"
-        )
+        return f"{self._base}/vcek/v1/{product}/{report.chip_id_for_kds().hex()}?{query}"
+
+    def vcek(self, product: str, report: SnpReport) -> bytes | None:
+        """``GET /vcek/v1/<product>/<hwid>?blSPL=..`` (DER)."""
+        resp = self._get.get(self.vcek_url(product, report))
         return resp.body if resp else None
 
     def cert_chain(self, product: str, scope: str = "vcek") -> bytes | None:
@@ -421,7 +425,24 @@ class CollateralService:
             self._note_failure(key, absent=True)
             raise _no_such_vcek(product)
         try:
-            self.cache.put_vcek(der, report)
+            self.cache.put_vcek(der, report, origin=self._kds.vcek_url(product, report))
+        except CollateralUnavailable as exc:
+            if exc.reason != Reason.VCEK_FETCHED_UNTRUSTED:
+                # The cache cannot be written (COLLATERAL_STORE_FAILED): the VCEK still serves.
+                log.info(
+                    "fetched VCEK not cached",
+                    extra={"what": key, "reason": exc.reason, "detail": exc.message},
+                )
+                return der
+            # A certificate of another chain: the broker's source is wrong (the message names
+            # the URL), not the caller's evidence. Backed off like an outage, since a kds_url
+            # that is not KDS answers every chip so.
+            self._note_failure(key)
+            log.warning(
+                "AMD KDS answered a VCEK request with a certificate of another chain",
+                extra={"what": key, "reason": exc.reason, "detail": exc.message},
+            )
+            raise
         except MalformedEvidence as exc:
             # What KDS answered is no VCEK certificate at all (a proxy's page, a cut body): the
             # upstream failed, whatever the report is. Handed to the verifier it was the caller's

@@ -504,6 +504,47 @@ def test_a_kds_answer_that_is_no_certificate_is_a_failed_fetch(  # type: ignore[
     assert verify_evidence(genuine, trust=sim_trust, now=now, collateral=fixed).collateral_complete
 
 
+@pytest.mark.parametrize("chain", ["same-names-other-keys", "unknown-issuer"])
+def test_a_fetched_vcek_of_another_chain_is_the_brokers_fault(  # type: ignore[no-untyped-def]
+    authority, other_authority, sim_trust, server, tmp_path, now, chain: str
+) -> None:
+    """A VCEK that KDS (or whatever answers at the broker's kds_url) sends and that parses but
+    does not chain to a pinned AMD root was handed to the verifier, which refused the report
+    as the caller's (ROOT_NOT_TRUSTED or CERT_CHAIN_INVALID, PERMISSION_DENIED: its refusal
+    budget spent) for the broker's own misconfigured source. It is the broker's now: UNAVAILABLE
+    VCEK_FETCHED_UNTRUSTED naming the URL, nothing cached, backed off like an outage. The same
+    VCEK supplied with the evidence stays the caller's fault."""
+    snp = authority.snp()
+    issuer = (
+        other_authority
+        if chain == "same-names-other-keys"
+        else SimulatedAuthority.generate(product="Genoa", now=now)
+    )
+    foreign = issuer.snp(chip_id=snp.chip_id, tcb=snp.tcb)
+    server.vcek("Milan", snp.chip_id, snp.tcb.components(), foreign.certificate_der)
+    server.amd_crl("Milan", authority.crl("ark", now=now))
+    service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    report = snp.report(RD, measurement=MEAS)
+    fetched = Evidence(TeeType.SEV_SNP, report)
+    url = f"{server.url}/vcek/v1/Milan/{snp.chip_id.hex()}?"
+    with pytest.raises(CollateralUnavailable) as err:
+        verify_evidence(fetched, trust=sim_trust, now=now, collateral=service)
+    assert (err.value.reason, err.value.status_name) == ("VCEK_FETCHED_UNTRUSTED", "UNAVAILABLE")
+    assert not callers_fault(err.value)
+    assert url in err.value.message and "kds_url" in err.value.message
+    wrong = "CERT_CHAIN_INVALID" if chain == "same-names-other-keys" else "ROOT_NOT_TRUSTED"
+    assert wrong in err.value.message
+    assert _vcek_files(tmp_path) == []
+    with pytest.raises(CollateralUnavailable) as again:  # backed off: not asked again at once
+        verify_evidence(fetched, trust=sim_trust, now=now, collateral=service)
+    assert again.value.reason == Reason.COLLATERAL_MISSING
+    assert len([r for r in server.requests if r.startswith(url.removeprefix(server.url))]) == 1
+    supplied = Evidence(TeeType.SEV_SNP, report, (foreign.certificate_der,))
+    with pytest.raises(VerificationFailed) as theirs:
+        verify_evidence(supplied, trust=sim_trust, now=now, collateral=service)
+    assert theirs.value.reason == wrong and callers_fault(theirs.value)
+
+
 def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path) -> None:  # type: ignore[no-untyped-def]
     cache = CollateralCache(tmp_path, sim_trust, max_vceks=2)
     platforms = [authority.snp() for _ in range(3)]

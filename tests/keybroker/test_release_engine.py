@@ -23,14 +23,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from strongroom.attestation.abi.snp import parse_snp_report
 from strongroom.attestation.binding import report_data_for
+from strongroom.attestation.collateral_cache import CollateralCache
+from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
 from strongroom.attestation.release_signature import (
     ReleaseSigner,
     ReleaseStatement,
     ReleaseVerifier,
 )
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError
+from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError, Unavailable
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
 from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
@@ -38,10 +41,12 @@ from strongroom.keybroker.ephemeral import EphemeralPublicKey, parse_ephemeral_p
 from strongroom.keybroker.errors import AuditUnavailable, HsmUnavailable
 from strongroom.keybroker.keys import ReleasedKey
 from strongroom.keybroker.policies import PolicyStore
+from strongroom.keybroker.refusals import callers_fault
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
 from strongroom.pki.errors import PeerNotAllowed
 from strongroom.runtime.secrets import Secret
+from tests.attestation.collateral_server import FakeCollateralServer
 from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve, replace_keeping_mtime
 
 MEASUREMENT = bytes.fromhex("5a" * 48)
@@ -470,9 +475,8 @@ def _real_audit_engine(
         policies=policies,
         trust=authority.trust_store(),
         audit=audit,
-        collateral=authority.collateral_source(),
         signer=ReleaseSigner(SIGNING_KEY),
-        **engine_args,
+        **{"collateral": authority.collateral_source(), **engine_args},
     )
     return engine, tmp_path / "audit.log"
 
@@ -744,3 +748,40 @@ def test_refusals_the_budget_never_leaves_out(authority, tmp_path) -> None:
         None,
         CALLER.spiffe_id,
     )
+
+
+def test_a_vcek_the_brokers_kds_url_serves_from_another_chain_is_audited_as_the_brokers(
+    authority, tmp_path
+) -> None:
+    """A release whose VCEK the broker fetched from a kds_url that is not AMD KDS (a certificate
+    of another chain) was refused ROOT_NOT_TRUSTED, the caller's fault, counted against its
+    budget. Its refusal is the broker's now (UNAVAILABLE VCEK_FETCHED_UNTRUSTED, naming the
+    URL), audited with that reason, and outside the caller's refusal budget."""
+    server = FakeCollateralServer()
+    try:
+        foreign = SimulatedAuthority.generate(product="Genoa").snp()
+        settings = FetchSettings(kds_url=server.url, pcs_url=server.url, retries=0)
+        service = CollateralService(
+            CollateralCache(tmp_path / "collateral", authority.trust_store()),
+            settings,
+            retry_after_seconds=0.0,  # every release asks again: each is the broker's failure
+        )
+        engine, log = _real_audit_engine(authority, tmp_path, collateral=service)
+        for _ in range(2):
+            request = _request(engine, authority)
+            platform_report = request.evidence.report
+            report = parse_snp_report(platform_report)
+            server.vcek("Milan", report.chip_id, report.reported_tcb.components(),
+                        foreign.certificate_der)  # fmt: skip
+            unsent = dataclasses.replace(request.evidence, certificates=())
+            with pytest.raises(Unavailable) as info:
+                engine.release(dataclasses.replace(request, evidence=unsent), CALLER)
+            assert info.value.reason == "VCEK_FETCHED_UNTRUSTED" and not callers_fault(info.value)
+            assert f"{server.url}/vcek/v1/Milan/" in info.value.message
+    finally:
+        server.close()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["reason"] for r in records] == ["VCEK_FETCHED_UNTRUSTED"] * 2
+    assert {(r["decision"], r["caller"]["spiffe_id"]) for r in records} == {
+        ("denied", CALLER.spiffe_id)
+    }

@@ -238,20 +238,28 @@ def _verify_signature(report: SnpReport, key: _VerifiedKey) -> None:
         ) from None
 
 
-def verify_report_key(
-    report: SnpReport, key_der: bytes, trust: TrustStore, now: datetime
-) -> _VerifiedKey:
-    """The VCEK/VLEK ``key_der`` verified for ``report``: its chain to a pinned ASK/ASVK and ARK
-    (cached in ``trust``), the report's signature with it, and the bindings between them.
-
-    Revocation is not part of it (see :func:`verify_snp`). The collateral cache calls this before
-    it stores a fetched VCEK, so that only one a genuine report was signed with is kept.
-    """
+def verify_key_chain(key_der: bytes, trust: TrustStore, now: datetime) -> _VerifiedKey:
+    """The VCEK/VLEK ``key_der`` chained to a pinned ASK/ASVK and ARK, every certificate valid at
+    ``now`` (cached in ``trust``). Nothing of a report is judged: a failure here says only that
+    the certificate is not AMD's, whoever supplied it."""
     cache_key = trust.cache.key("snp-key", key_der)
     key: _VerifiedKey | None = trust.cache.get(cache_key, now)
     if key is None:
         key = _verify_key_chain(key_der, trust, now)
         trust.cache.put(cache_key, validity_window(*key.chain), key)
+    return key
+
+
+def verify_report_key(
+    report: SnpReport, key_der: bytes, trust: TrustStore, now: datetime
+) -> _VerifiedKey:
+    """The VCEK/VLEK ``key_der`` verified for ``report``: its chain to a pinned ASK/ASVK and ARK
+    (:func:`verify_key_chain`), the report's signature with it, and the bindings between them.
+
+    Revocation is not part of it (see :func:`verify_snp`). The collateral cache calls this before
+    it stores a fetched VCEK, so that only one a genuine report was signed with is kept.
+    """
+    key = verify_key_chain(key_der, trust, now)
     _verify_signature(report, key)
     _check_bindings(report, key)
     return key
