@@ -43,3 +43,9 @@ def sim_trust(authority: SimulatedAuthority) -> TrustStore:
 def other_authority(now: dt.datetime) -> SimulatedAuthority:
     """A second, unrelated simulated PKI (a 'foreign' root)."""
     return SimulatedAuthority.generate(now=now)
+
+
+@pytest.fixture(scope="session")
+def genoa(now: dt.datetime) -> SimulatedAuthority:
+    """A simulated Genoa PKI (ARK-Genoa, SEV-Genoa), for the run."""
+    return SimulatedAuthority.generate(product="Genoa", now=now)

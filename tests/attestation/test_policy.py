@@ -819,11 +819,6 @@ MILAN_TCB = {"bootloader": 4, "tee": 0, "snp": 24, "microcode": 219}
 GENOA_TCB = {"bootloader": 10, "tee": 0, "snp": 23, "microcode": 84}
 
 
-@pytest.fixture(scope="module")
-def genoa(now: dt.datetime) -> SimulatedAuthority:
-    return SimulatedAuthority.generate(product="Genoa", now=now)
-
-
 def test_snp_minimum_by_product(  # type: ignore[no-untyped-def]
     authority: SimulatedAuthority, genoa: SimulatedAuthority, turin: SimulatedAuthority, now
 ) -> None:

@@ -769,6 +769,40 @@ def test_cpuid_model_of_another_product_under_the_chain(authority, sim_trust, no
         assert claims.product == "Milan"
 
 
+@pytest.mark.parametrize("model", [0xA0, 0xA1, 0xAF])
+def test_siena_is_judged_under_genoas_chain(  # type: ignore[no-untyped-def]
+    genoa, authority, sim_trust, now, model: int
+) -> None:
+    """AMD signs Siena (family 0x19, models 0xA0-0xAF, with Bergamo: the Zen 4c parts) under
+    Genoa's ARK and ASK, and KDS serves their VCEKs as Genoa's. Pinned: such a report is Genoa's
+    product (its chain, its KDS product, its TCB minimums and `products` entry) and verifies under
+    the Genoa chain; under Milan's it is PRODUCT_MISMATCH, whose message called it a Genoa
+    processor (an operator looked for a Genoa host): it now names Siena/Bergamo and its chain."""
+    cpuid = (0x19, model, 0x01)
+    siena = genoa.snp().evidence(RD, measurement=MEAS, cpuid=cpuid)
+    report = parse_snp_report(siena.report)
+    assert (report.product, report.processor, report.turin_layout) == (
+        "Genoa",
+        "Siena/Bergamo",
+        False,
+    )
+    source = genoa.collateral_source(now=now)
+    claims: Any = verify_evidence(siena, trust=genoa.trust_store(), now=now, collateral=source)
+    assert claims.product == "Genoa"
+    under_milan = authority.snp().evidence(RD, measurement=MEAS, cpuid=cpuid)
+    err = expect(
+        VerificationFailed,
+        Reason.PRODUCT_MISMATCH,
+        lambda: verify_evidence(under_milan, trust=sim_trust, now=now),
+    )
+    assert f"model 0x{model:02X} is a Siena/Bergamo processor (signed under ARK-Genoa)" in (
+        err.message
+    )
+    assert "chains to ARK-Milan" in err.message
+    # Genoa itself (model 0x11) is named Genoa, and Milan is the only other family-0x19 product.
+    assert parse_snp_report(genoa.snp().report(RD, measurement=MEAS)).processor == "Genoa"
+
+
 def test_snp_version_4_is_read_with_the_version_3_layout(authority, sim_trust, now) -> None:
     """Version 4 (seen on GCP Milan, firmware 1.55.31) was refused UNSUPPORTED_VERSION, where
     go-sev-guest reads it as version 3: one layout, whose reserved bytes version 5 uses for its

@@ -38,6 +38,9 @@ _HCL_REPORT_TYPE_SNP = 2
 _FAMILY_ZEN3_4 = 0x19
 _FAMILY_ZEN5 = 0x1A
 _FIRST_GENOA_MODEL = 0x10
+# Family 0x19 models 0xA0-0xAF are the Zen 4c parts (Siena, Bergamo): AMD signs them under
+# Genoa's ARK and ASK, and KDS serves their VCEKs as Genoa's, so their product is Genoa.
+_ZEN4C_MODELS = range(0xA0, 0xB0)
 
 PRODUCTS = ("Milan", "Genoa", "Turin")
 """The AMD product families this verifier knows, as AMD KDS and the ARK/ASK common names spell them."""
@@ -296,12 +299,22 @@ class SnpReport:
 
     @property
     def product(self) -> str | None:
-        """The product named by the report's CPUID fields, or None (version 2 or an unknown family)."""
+        """The product named by the report's CPUID fields, or None (version 2 or an unknown family):
+        the chain (ARK/ASK, KDS product) its VCEK/VLEK must come from. Family 0x19 below model 0x10
+        is Milan, from 0x10 Genoa (Siena and Bergamo, models 0xA0-0xAF, included); 0x1A Turin."""
         if self.cpuid_fam_id == _FAMILY_ZEN5:
             return "Turin"
         if self.cpuid_fam_id == _FAMILY_ZEN3_4:
             return "Genoa" if (self.cpuid_mod_id or 0) >= _FIRST_GENOA_MODEL else "Milan"
         return None
+
+    @property
+    def processor(self) -> str | None:
+        """The processor line the CPUID fields name, for messages: :attr:`product`, except
+        ``Siena/Bergamo`` for family 0x19 models 0xA0-0xAF, whose product (chain) is Genoa's."""
+        if self.product == "Genoa" and (self.cpuid_mod_id or 0) in _ZEN4C_MODELS:
+            return "Siena/Bergamo"
+        return self.product
 
     def chip_id_for_kds(self) -> bytes:
         """The hardware ID as AMD KDS and the VCEK ``hwID`` extension use it (8 bytes on Turin)."""

@@ -159,10 +159,16 @@ def _check_bindings(report: SnpReport, key: _VerifiedKey) -> None:
         # Milan and Genoa share family 0x19 and differ by model (Genoa from 0x10): a report whose
         # CPUID names one under the other's chain was accepted on the family alone, and then
         # judged (TCB minimums, `products`) as the chain's product.
+        # Siena/Bergamo is named as such (the operator looks for that host), with the chain
+        # AMD signs it under.
+        processor = report.processor
+        if processor != report.product:
+            processor = f"{processor} processor (signed under ARK-{report.product})"
+        else:
+            processor = f"{processor} processor"
         raise VerificationFailed(
             f"report CPUID family 0x{report.cpuid_fam_id:02X} model 0x{report.cpuid_mod_id:02X} "
-            f"is a {report.product} processor but its {key.info.kind} chains to "
-            f"ARK-{key.product}",
+            f"is a {processor} but its {key.info.kind} chains to ARK-{key.product}",
             reason=Reason.PRODUCT_MISMATCH,
         )
     if report.cpuid_fam_id is None and key.product == "Turin":
