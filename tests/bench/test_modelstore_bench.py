@@ -72,3 +72,15 @@ def test_the_mtls_store_is_the_production_host_and_the_client_the_products(
             )
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
         assert [(r.name, r.version) for r in storage.records()] == [("bench/model", "0")]
+
+
+def test_downloads_have_a_baseline_streaming_the_stored_bytes(tmp_path: Path) -> None:
+    """The bare download sends one cached chunk over and over; the store reads every byte from
+    memory. The second baseline streams the stored artifact itself, read as the storage reads it."""
+    with contextlib.ExitStack() as exits:
+        storage = FilesystemStorage(tmp_path / "store", max_artifact_size=SIZE)
+        exits.callback(storage.close)
+        harness = modelstore_bench._Harness(exits, storage, None)
+        size = harness.put(SIZE)
+        for chunk in modelstore_bench.DOWNLOAD_CHUNKS:
+            assert harness.bare_download_stored(chunk) == size == harness.get(chunk)
