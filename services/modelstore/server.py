@@ -75,7 +75,24 @@ def build(
         unscoped_readers=common.authz.ids("inference", "admin"),
         accept_unbound=config.accept_unbound_uploads,
     )
-    host = build_host(
+    host = serving_host(common, servicer, identity=identity, tracer_provider=tracer_provider)
+    return ModelStore(host=host, storage=storage)
+
+
+def serving_host(
+    common: CommonConfig,
+    servicer: ModelStoreServicer,
+    *,
+    identity: WorkloadIdentity,
+    tracer_provider: TracerProvider | None = None,
+) -> ServiceHost:
+    """The host ``strongroom serve modelstore`` serves ``servicer`` on: mTLS with ``identity``,
+    its roles, message limits (from the servicer's chunk sizes), control plane, and the runtime's
+    whole interceptor chain (:func:`~strongroom.runtime.bootstrap.build_host`). Not started.
+
+    :func:`build` uses it; so does ``tests/bench/modelstore_bench.py``, whose servers must be the
+    production ones to measure what a deployment serves."""
+    return build_host(
         common,
         identity=identity,
         services=[ServiceSpec(SERVICE_NAME, lambda s: add_to_server(servicer, s))],
@@ -84,10 +101,9 @@ def build(
         or make_tracer_provider(
             "modelstore", common.tracing, identity=lambda: identity.credentials
         ),
-        message_limits=message_limits(),
+        message_limits=message_limits(servicer.max_chunk, servicer.download_chunk),
         control_plane=CONTROL_PLANE,
     )
-    return ModelStore(host=host, storage=storage)
 
 
 def serve(config_path: Path | None) -> int:

@@ -176,6 +176,16 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         self._max_chunk = max_chunk
         self._download_chunk = download_chunk
 
+    @property
+    def max_chunk(self) -> int:
+        """The largest ``data`` accepted in one PutModel message."""
+        return self._max_chunk
+
+    @property
+    def download_chunk(self) -> int:
+        """The ``data`` bytes of each GetModel message."""
+        return self._download_chunk
+
     def _upload_chunks(
         self, requests: Iterator[pb.PutModelRequest | _DataOnly], claims: UploadClaims
     ) -> Iterator[bytes | memoryview]:

@@ -1,19 +1,39 @@
 """Model store throughput: PutModel / GetModel of one large artifact versus a bare gRPC byte stream.
 
-All servers run in this process with the same gRPC options, the same credentials and the same
-error-mapping interceptor; the baseline is a trivial generic-handler service that only counts the
-bytes it receives (upload) or sends one pre-built chunk over and over (download). Figures are
-MiB/s (best of ``repeats``) and ratios (model store / bare stream; 1.0 = no cost beyond gRPC
-itself). Each repetition measures every variant once, interleaved, so that load from other
-processes affects the store and its baseline alike.
+What is measured is what users run. Uploads go through the publishing client's own code
+(:func:`strongroom.client.publish.put_model` with the publisher's framing,
+:func:`~strongroom.client.publish.upload_pieces`: each chunk sent with one copy; a real artifact
+file through :func:`~strongroom.client.publish.upload_artifact`, which is ``strongroom model
+upload``: the file is checked and hashed, then sent) and downloads through the loader's
+(:func:`strongroom.client.fetch.grpc_source`, which the inference loader and
+:class:`~strongroom.client.fetch.ModelFetcher` read the store with: each chunk a view of the
+received message). The store is served as ``strongroom serve modelstore`` serves it: over mTLS,
+the host of :func:`strongroom.modelstore.server.serving_host` (the runtime's whole interceptor
+chain: deferred request reads, metrics, tracing, error mapping, SPIFFE authorisation, the stream
+and unary-call guards, request decoding; the service's message limits and worker shares). In
+plaintext (no peer certificate, so no caller to authorise) the same
+:class:`~strongroom.runtime.server.ServiceHost` runs without the authoriser, which is the only
+difference. Every server runs in this process (so the client's CPU and the server's share the
+interpreter and the two cores).
+
+The baseline is a trivial generic-handler service on a plain ``grpc.server`` with the same
+credentials (the same mTLS, or none) that only counts the bytes it receives (upload) or sends one
+pre-built chunk over and over (download), read by a bare client that keeps each message's bytes as
+gRPC hands them over. That chunk stays in the CPU's caches, while a download reads the artifact's
+bytes from memory (the page cache): so downloads have a second baseline, the same bare service
+streaming the stored artifact's own bytes as the storage reads them (``bare_download_stored``,
+``get_vs_bare_stored``: what the servicer, the host and the framing add to reading the bytes at
+all). Figures are MiB/s (best of ``repeats``) and ratios (model store / bare stream; 1.0 = no
+cost beyond gRPC itself). Each repetition measures every variant once,
+interleaved, so that load from other processes affects the store and its baseline alike.
 
 The store side includes everything a real upload does: structure validation, SHA-256, writing,
 fsync, rename, directory fsync, index insert; downloads read the blob just written (so usually
 from the page cache). ``storage_put_without_grpc`` is the storage alone, fed from memory.
 
-``run(results, server_credentials=..., channel_factory=...)`` measures over mTLS when given
-credentials (``channel_factory(target)`` must return a channel to ``target``, which is
-``localhost:PORT``); without them it measures plaintext and records the figures under ``no_tls``.
+``run(results)`` measures plaintext and records the figures under ``no_tls``; ``run(results,
+tls=StoreTls(...))`` measures over mTLS with the given workload identities and records them under
+``mtls``.
 """
 
 from __future__ import annotations
@@ -24,21 +44,30 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
-from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator, encrypt_stream
+from strongroom.client.fetch import grpc_source
+from strongroom.client.publish import UploadMessage, put_model, upload_artifact, upload_pieces
+from strongroom.modelstore.server import serving_host
 from strongroom.modelstore.service import (
+    CONTROL_PLANE,
     DEFAULT_DOWNLOAD_CHUNK,
+    SERVICE_NAME,
     ModelStoreServicer,
     add_to_server,
+    message_limits,
 )
 from strongroom.modelstore.storage import FilesystemStorage
+from strongroom.pki import WorkloadIdentity
+from strongroom.runtime.config import CommonConfig, TracingConfig
 from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
+from strongroom.runtime.server import ServiceHost, ServiceSpec
+from strongroom.runtime.tracing import make_tracer_provider, server_tracing_interceptor
 from tests.modelstore.artifacts import artifact_header, fit
 
 MiB = 1024 * 1024
@@ -51,8 +80,20 @@ _SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 64 * MiB),
 ]
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * MiB)]
+_TIMEOUT = 600.0
 
 ChannelFactory = Callable[[str], grpc.Channel]
+
+
+@dataclass(frozen=True)
+class StoreTls:
+    """What an mTLS run serves and calls with: the store's identity and its common configuration
+    (``authz`` must give the client's SPIFFE ID the publisher role, which also reads), and
+    ``channel(target)``, an mTLS channel from the client's identity to ``localhost:PORT``."""
+
+    server: WorkloadIdentity
+    common: CommonConfig
+    channel: ChannelFactory
 
 
 def _identity(data: bytes) -> bytes:
@@ -69,7 +110,7 @@ def _bytes(size: int, chunk: int) -> Iterator[bytes]:
         remaining -= n
 
 
-def _bare_handler(chunk: int) -> grpc.GenericRpcHandler[Any, Any]:
+def _bare_handler(chunk: int, storage: FilesystemStorage) -> grpc.GenericRpcHandler[Any, Any]:
     block = os.urandom(chunk)
 
     def upload(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
@@ -85,11 +126,20 @@ def _bare_handler(chunk: int) -> grpc.GenericRpcHandler[Any, Any]:
             yield block if n == chunk else block[:n]
             remaining -= n
 
+    def download_stored(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        # The stored artifact's own bytes, read as the store reads them, sent bare.
+        name, version = request.decode().split("\0")
+        with storage.open(name, version) as reader:
+            yield from reader.chunks(chunk)
+
     return grpc.method_handlers_generic_handler(
         _BARE_SERVICE,
         {
             "Upload": grpc.stream_unary_rpc_method_handler(upload, _identity, _identity),
             "Download": grpc.unary_stream_rpc_method_handler(download, _identity, _identity),
+            "DownloadStored": grpc.unary_stream_rpc_method_handler(
+                download_stored, _identity, _identity
+            ),
         },
     )
 
@@ -109,11 +159,11 @@ def _artifact_chunks(size: int, chunk: int, version: str) -> Iterator[bytes]:
     yield from _bytes(follow, chunk)
 
 
-def _artifact_requests(size: int, chunk: int, version: str) -> Iterator[pb.PutModelRequest]:
-    head, follow = _artifact(size, version)
-    yield pb.PutModelRequest(data=head, artifact_size=len(head) + follow)
-    for data in _bytes(follow, chunk):
-        yield pb.PutModelRequest(data=data)
+def _upload_messages(size: int, chunk: int, version: str) -> Iterator[UploadMessage]:
+    # As the publisher frames an artifact (publish_model): each piece in views of at most
+    # UPLOAD_MESSAGE_BYTES, sent as PutModelRequest.data without protobuf's copies.
+    for piece in _artifact_chunks(size, chunk, version):
+        yield from upload_pieces(piece)
 
 
 def _write_real_artifact(path: Path, size: int) -> None:
@@ -133,12 +183,6 @@ def _write_real_artifact(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         for piece in stream:
             f.write(piece)
-
-
-def _file_requests(path: Path) -> Iterator[pb.PutModelRequest]:
-    with open(path, "rb", buffering=0) as f:
-        while data := f.read(UPLOAD_CHUNK):
-            yield pb.PutModelRequest(data=data)
 
 
 def _timed(fn: Callable[[], int]) -> float:
@@ -165,54 +209,58 @@ class _Harness:
     """Every server the benchmark needs, started once; methods measure one transfer each."""
 
     def __init__(
-        self,
-        stack: contextlib.ExitStack,
-        storage: FilesystemStorage,
-        credentials: grpc.ServerCredentials | Callable[[], grpc.ServerCredentials] | None,
-        make_channel: ChannelFactory,
+        self, stack: contextlib.ExitStack, storage: FilesystemStorage, tls: StoreTls | None
     ) -> None:
-        self._stack, self._credentials, self._make_channel = stack, credentials, make_channel
+        self._stack, self._tls = stack, tls
         self.storage = storage
         self.bare = {chunk: self._channel(self._bare(chunk)) for chunk in DOWNLOAD_CHUNKS}
-        self.store = {
-            chunk: pb_grpc.ModelStoreServiceStub(self._channel(self._store(chunk)))
-            for chunk in DOWNLOAD_CHUNKS
-        }
-        self.real_store = pb_grpc.ModelStoreServiceStub(
-            self._channel(self._store(DEFAULT_DOWNLOAD_CHUNK))
-        )
+        self.store_ports = {chunk: self._store(chunk) for chunk in DOWNLOAD_CHUNKS}
+        self.store = {chunk: self._channel(port) for chunk, port in self.store_ports.items()}
         self._versions = iter(range(1_000_000))
 
-    def _server(self) -> tuple[grpc.Server, int]:
+    def _bare(self, chunk: int) -> int:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4),
             interceptors=[ErrorMappingInterceptor(), RequestDecodingInterceptor()],
             options=_SERVER_OPTIONS,
         )
-        if self._credentials is None:
+        server.add_generic_rpc_handlers((_bare_handler(chunk, self.storage),))
+        if self._tls is None:
             port = server.add_insecure_port("localhost:0")
         else:
-            # A factory gives each server its own credentials object (dynamic credentials, such as
-            # a rotating workload identity's, can back only one port).
-            credentials = self._credentials() if callable(self._credentials) else self._credentials
-            port = server.add_secure_port("localhost:0", credentials)
+            # Credentials of their own per server: a rotating identity's back one port each.
+            port = server.add_secure_port("localhost:0", self._tls.server.server_credentials())
         server.start()
         self._stack.callback(lambda: server.stop(0).wait())
-        return server, port
-
-    def _bare(self, chunk: int) -> int:
-        server, port = self._server()
-        server.add_generic_rpc_handlers((_bare_handler(chunk),))
         return port
 
     def _store(self, chunk: int) -> int:
-        server, port = self._server()
         servicer = ModelStoreServicer(self.storage, download_chunk=chunk)
-        add_to_server(servicer, server)
-        return port
+        host = self._host(servicer)
+        host.start()
+        self._stack.callback(host.stop, 0)
+        return host.port
+
+    def _host(self, servicer: ModelStoreServicer) -> ServiceHost:
+        if self._tls is not None:
+            # Exactly what `strongroom serve modelstore` serves on.
+            return serving_host(self._tls.common, servicer, identity=self._tls.server)
+        # No peer certificate, so no caller to authorise: the same host without the authoriser.
+        return ServiceHost(
+            listen="localhost:0",
+            credentials=None,
+            services=[ServiceSpec(SERVICE_NAME, lambda s: add_to_server(servicer, s))],
+            tracing=server_tracing_interceptor(make_tracer_provider("modelstore", TracingConfig())),
+            control_plane=CONTROL_PLANE,
+            message_limits=message_limits(servicer.max_chunk, servicer.download_chunk),
+        )
 
     def _channel(self, port: int) -> grpc.Channel:
-        channel = self._make_channel(f"localhost:{port}")
+        target = f"localhost:{port}"
+        if self._tls is None:
+            channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        else:
+            channel = self._tls.channel(target)
         self._stack.callback(channel.close)
         return channel
 
@@ -230,11 +278,28 @@ class _Harness:
         download = self.bare[chunk].unary_stream(f"/{_BARE_SERVICE}/Download", _identity, _identity)
         return sum(len(d) for d in download(size.to_bytes(8, "big")))
 
+    def bare_download_stored(self, chunk: int) -> int:
+        """The stored artifact's bytes as a bare stream: the storage's read, no store around it."""
+        (record,) = self.storage.records()
+        download = self.bare[chunk].unary_stream(
+            f"/{_BARE_SERVICE}/DownloadStored", _identity, _identity
+        )
+        return sum(len(d) for d in download(f"{record.name}\0{record.version}".encode()))
+
     def put(self, size: int) -> int:
-        """Replaces the stored artifact by a fresh ``size``-byte one, through gRPC."""
+        """Replaces the stored artifact by a fresh ``size``-byte one, through the publishing
+        client's upload (``put_model``, the publisher's framing)."""
         self._clear()
-        requests = _artifact_requests(size, UPLOAD_CHUNK, str(next(self._versions)))
-        return int(self.store[UPLOAD_CHUNK].PutModel(requests).model.artifact_size)
+        version = str(next(self._versions))
+        messages = _upload_messages(size, UPLOAD_CHUNK, version)
+        answer = put_model(
+            self.store[UPLOAD_CHUNK],
+            messages,
+            name="bench/model",
+            version=version,
+            timeout=_TIMEOUT,
+        )
+        return int(answer.model.artifact_size)
 
     def put_direct(self, size: int) -> int:
         """The storage alone: a fresh artifact from memory, no gRPC."""
@@ -243,14 +308,18 @@ class _Harness:
         return self.storage.put(chunks, StructureValidator()).artifact_size
 
     def put_real(self, path: Path) -> int:
-        """A real artifact read from ``path``, through the production validator."""
+        """A real artifact file, as ``strongroom model upload`` sends it (``upload_artifact``)."""
         self._clear()
-        return int(self.real_store.PutModel(_file_requests(path)).model.artifact_size)
+        published = upload_artifact(
+            path, store=self.store[DEFAULT_DOWNLOAD_CHUNK], timeout=_TIMEOUT
+        )
+        return int(published.model.artifact_size)
 
     def get(self, chunk: int) -> int:
+        """The stored artifact, read as the inference loader reads it (``grpc_source``)."""
         (record,) = self.storage.records()
-        request = pb.GetModelRequest(name=record.name, version=record.version)
-        return sum(len(m.data) for m in self.store[chunk].GetModel(request))
+        source = grpc_source(self.store[chunk], timeout=_TIMEOUT)
+        return sum(len(data) for data in source(record.name, record.version))
 
 
 def run(
@@ -258,21 +327,17 @@ def run(
     *,
     size: int = DEFAULT_SIZE,
     repeats: int = 3,
-    server_credentials: grpc.ServerCredentials | Callable[[], grpc.ServerCredentials] | None = None,
-    channel_factory: ChannelFactory | None = None,
+    tls: StoreTls | None = None,
     workdir: Path | None = None,
 ) -> None:
     """Measures upload and download throughput of a ``size``-byte artifact (2 GiB: 2 * 1024**3).
 
-    Writes ``results["no_tls" | "mtls"]``. Every upload goes through the production validator; the
-    main figures upload a real head followed by filler (no encryption in the timing), while
-    ``put_real_artifact_*`` uploads a real encrypted artifact read from a file. ``workdir`` holds the storage root (default: the system temp dir).
+    Writes ``results["no_tls"]``, or ``results["mtls"]`` with ``tls``. Every upload goes through
+    the production validator; the main figures upload a real head followed by filler (no
+    encryption in the timing), while ``put_real_artifact_*`` uploads a real encrypted artifact
+    file with ``upload_artifact`` (which reads and hashes it before sending it, as ``strongroom
+    model upload`` does). ``workdir`` holds the storage root (default: the system temp dir).
     """
-    if (server_credentials is None) != (channel_factory is None):
-        raise ValueError("pass both server_credentials and channel_factory, or neither")
-    make_channel: ChannelFactory = channel_factory or (
-        lambda target: grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
-    )
     best: dict[str, float] = {}
 
     def measure(key: str, fn: Callable[[], int]) -> None:
@@ -282,7 +347,7 @@ def run(
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=workdir)))
         storage = FilesystemStorage(tmp / "store", max_artifact_size=size)
         stack.callback(storage.close)
-        harness = _Harness(stack, storage, server_credentials, make_channel)
+        harness = _Harness(stack, storage, tls)
         real_file = tmp / "real.artifact"
         _write_real_artifact(real_file, size)
         for _ in range(repeats):
@@ -295,6 +360,7 @@ def run(
             for chunk in DOWNLOAD_CHUNKS:
                 measure(f"bare_download_{chunk}", lambda c=chunk: harness.bare_download(size, c))  # type: ignore[misc]
                 measure(f"get_{chunk}", lambda c=chunk: harness.get(c))  # type: ignore[misc]
+                measure(f"bare_stored_{chunk}", lambda c=chunk: harness.bare_download_stored(c))  # type: ignore[misc]
 
     default = DEFAULT_DOWNLOAD_CHUNK
     figures: dict[str, Any] = {
@@ -313,16 +379,22 @@ def run(
         "bare_download_mib_s": round(best[f"bare_download_{default}"], 1),
         "get_mib_s": round(best[f"get_{default}"], 1),
         "get_vs_bare": round(best[f"get_{default}"] / best[f"bare_download_{default}"], 3),
+        # The same bare stream sending the stored artifact's bytes as the storage reads them:
+        # what the store's servicer, host and framing add to reading the bytes at all.
+        "bare_download_stored_mib_s": round(best[f"bare_stored_{default}"], 1),
+        "get_vs_bare_stored": round(best[f"get_{default}"] / best[f"bare_stored_{default}"], 3),
         "download_chunk_sweep": {
             f"{chunk // 1024}KiB": {
                 "get_mib_s": round(best[f"get_{chunk}"], 1),
                 "bare_mib_s": round(best[f"bare_download_{chunk}"], 1),
                 "get_vs_bare": round(best[f"get_{chunk}"] / best[f"bare_download_{chunk}"], 3),
+                "bare_stored_mib_s": round(best[f"bare_stored_{chunk}"], 1),
+                "get_vs_bare_stored": round(best[f"get_{chunk}"] / best[f"bare_stored_{chunk}"], 3),
             }
             for chunk in DOWNLOAD_CHUNKS
         },
     }
-    results["mtls" if server_credentials is not None else "no_tls"] = figures
+    results["mtls" if tls is not None else "no_tls"] = figures
 
 
 if __name__ == "__main__":

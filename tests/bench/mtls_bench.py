@@ -14,7 +14,8 @@ from typing import Any
 import grpc
 
 from strongroom.dev.devstack import DevStack
-from strongroom.pki import WorkloadIdentity
+from strongroom.pki import StepCa, WorkloadIdentity
+from strongroom.runtime.config import AuthzConfig, CommonConfig, IdentityConfig
 from tests.bench import inference_bench, modelstore_bench
 from tests.bench._scale import scaled
 
@@ -36,13 +37,8 @@ def run(
 
             store: dict[str, Any] = {}
             modelstore_bench.run(store, size=size, repeats=repeats)
-            modelstore_bench.run(
-                store,
-                size=size,
-                repeats=repeats,
-                server_credentials=server.server_credentials,
-                channel_factory=channel,
-            )
+            tls = modelstore_bench.StoreTls(server, _store_config(stack, ca), channel)
+            modelstore_bench.run(store, size=size, repeats=repeats, tls=tls)
             results["modelstore"] = store
             infer: dict[str, Any] = {}
             inference_bench.run(infer, load_sizes_mb=(), scale=scale)
@@ -61,6 +57,26 @@ def run(
         finally:
             server.close()
             client.close()
+
+
+def _store_config(stack: DevStack, ca: StepCa) -> CommonConfig:
+    """The store's common configuration for ``server``'s identity, as a deployment's would be,
+    the benchmark's ``client`` holding the publisher role (which also reads)."""
+    return CommonConfig(
+        service="modelstore",
+        listen="localhost:0",
+        identity=IdentityConfig(
+            trust_domain=stack.trust_domain,
+            spiffe_id=stack.spiffe_id("server"),
+            ca_url=ca.url,
+            ca_root_file=ca.layout.root_cert_path,
+        ),
+        # An admin too, as a deployment has: with none, the host warns that its admin-only
+        # methods are denied to everyone.
+        authz=AuthzConfig(
+            publisher=(stack.spiffe_id("client"),), admin=(stack.spiffe_id("admin"),)
+        ),
+    )
 
 
 def _ratio(mtls: dict[str, Any], plain: dict[str, Any]) -> dict[str, float]:
