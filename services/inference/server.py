@@ -258,7 +258,7 @@ def build(
         server_id=broker_id,
         wrap=lambda channel: traced_channel(channel, provider),
     )
-    repository = ModelRepository(expected=[m.name for m in config.models])
+    repository = ModelRepository(expected=[m.name for m in config.models], options=config.runtime)
     loader = ModelLoader(
         repository,
         store_channel=store_channel,

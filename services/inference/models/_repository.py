@@ -123,7 +123,8 @@ _EMPTY = _Entry(MappingProxyType({}), None, MappingProxyType({}))
 
 
 class ModelRepository:
-    """Models by name and version; ``expected`` names make the server unready until they load."""
+    """Models by name and version; ``expected`` names make the server unready until they load.
+    ``options`` are the ONNX Runtime settings of the sessions :meth:`load` makes."""
 
     def __init__(
         self,
@@ -131,12 +132,14 @@ class ModelRepository:
         *,
         retain_versions: int = 1,
         max_failed: int = MAX_FAILED_LOADS,
+        options: RuntimeOptions | None = None,
     ) -> None:
         if retain_versions < 1:
             raise ValueError("retain_versions must be at least 1")
         if max_failed < 1:
             raise ValueError("max_failed must be at least 1")
         self._retain = retain_versions
+        self._options = options or RuntimeOptions()
         self._max_failed = max_failed
         # Every FAILED version, oldest failure first (module docstring: the cap drops from here).
         self._failed: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -251,7 +254,7 @@ class ModelRepository:
             raise _unloaded(name, version)
         try:
             loaded = LoadedModel.from_bytes(
-                name, version, model, external_data=external_data, options=options
+                name, version, model, external_data=external_data, options=options or self._options
             )
         except StrongroomError as exc:
             self.fail(name, version, exc, loading=loading)
