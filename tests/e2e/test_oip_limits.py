@@ -345,6 +345,35 @@ def test_a_rejected_index_does_not_reveal_the_models_inner_shapes(
     assert "Gather operator" in details  # the caller still learns which operator refused
 
 
+def test_a_refused_inference_is_logged_once_by_the_service_with_its_reason(
+    stack: DevStack, oip: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """A run ONNX Runtime refused was logged twice: ORT's own ERROR line (from its executor,
+    naming the node, on the service's standard error) and then the service's WARNING. ORT's run
+    logging is now off; the service's one line per refusal carries the reason (and, in JSON
+    logs, ORT's words)."""
+    log = stack.log_path("inference")
+    start = log.stat().st_size
+    rejected = pb.ModelInferRequest(model_name="vocab")
+    rejected.inputs.add(name="ids", datatype="INT64", shape=[1])
+    rejected.inputs[0].contents.int64_contents.append(99_999)
+    for request, expected in (
+        (rejected, "INFERENCE_INPUT_REJECTED"),
+        (_sized(512 << 20), "INFERENCE_MEMORY_EXHAUSTED"),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            oip.ModelInfer(request, timeout=120)
+        assert reason(info.value) == expected
+    with log.open("rb") as out:
+        out.seek(start)
+        lines = out.read().decode(errors="replace").splitlines()
+    assert not [line for line in lines if "onnxruntime:" in line], lines
+    for expected in ("INFERENCE_INPUT_REJECTED", "INFERENCE_MEMORY_EXHAUSTED"):
+        (line,) = [line for line in lines if expected in line]
+        assert "WARNING" in line
+    assert "emb/gather" not in "\n".join(lines)  # the node's name was ORT's line's
+
+
 @pytest.mark.parametrize(
     ("model", "warm"), [("wide", True), ("wide_cold", False)], ids=["warm", "first-run"]
 )

@@ -306,6 +306,10 @@ class LoadedModel:
         # Hand back, at the end of the run, the arena's regions no live tensor uses (a big
         # request's intermediates; its outputs once the caller drops them, at the next run).
         run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        # ORT's own line for a failed run (its executor's ERROR naming the node, on stderr, in
+        # no log format) doubled the service's, which logs every failure once with its reason
+        # and ORT's words. Only the run's logging: a session's (the model's load) stays on.
+        run_options.log_severity_level = _ORT_FATAL
         try:
             results = self._session.run(names, feeds, run_options)
         except Exception as exc:
@@ -325,7 +329,8 @@ class LoadedModel:
         the process could get): the caller's request, not the server's fault, so a WARNING."""
         cap = inference_memory_cap()
         log.warning(
-            "inference refused: it needs more memory than runs may use",
+            "inference refused (%s): it needs more memory than runs may use",
+            Reason.INFERENCE_MEMORY_EXHAUSTED,
             extra={
                 "model": self.name,
                 "version": self.version,
@@ -345,8 +350,14 @@ class LoadedModel:
         """Raises what a failed run means for its caller."""
         if not isinstance(exc, ort_state.InvalidArgument | ort_state.Fail):
             log.error(
-                "inference failed",
-                extra={"model": self.name, "version": self.version, "ort_error": str(exc)[:2000]},
+                "inference failed (%s)",
+                Reason.INFERENCE_FAILED,
+                extra={
+                    "model": self.name,
+                    "version": self.version,
+                    "reason": Reason.INFERENCE_FAILED,
+                    "ort_error": str(exc)[:2000],
+                },
             )
             raise Internal("inference failed", reason=Reason.INFERENCE_FAILED) from None
         if run_options.terminate:
@@ -366,8 +377,14 @@ class LoadedModel:
         # refused, never ORT's message: it states the model's internals (a Gather's message
         # gives its table's row count, e.g. a tokenizer's vocabulary size); the log keeps it.
         log.warning(
-            "inference refused its inputs",
-            extra={"model": self.name, "version": self.version, "ort_error": str(exc)[:2000]},
+            "inference refused its inputs (%s)",
+            Reason.INFERENCE_INPUT_REJECTED,
+            extra={
+                "model": self.name,
+                "version": self.version,
+                "reason": Reason.INFERENCE_INPUT_REJECTED,
+                "ort_error": str(exc)[:2000],
+            },
         )
         raise InvalidArgument(
             f"the model could not run on these inputs{_failed_operator(str(exc))}: their "
@@ -426,5 +443,7 @@ def _failed_operator(text: str) -> str:
     return f" (its {match.group(1)} operator failed)" if match else ""
 
 
+_ORT_FATAL = 4
+"""ONNX Runtime's log severity FATAL: the run logs nothing short of a crash."""
 _NODE_NAME = re.compile(r" ?Name:'[^']*'")
 _FAILED_OPERATOR = re.compile(r"while running ([A-Za-z0-9_]{1,64}) node")
