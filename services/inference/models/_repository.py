@@ -192,6 +192,17 @@ class ModelRepository:
             },
         )
 
+    def withdraw(self, name: str, version: str, loading: VersionStatus) -> None:
+        """Forgets a load that :meth:`begin_load` recorded but that will not run (it was aborted
+        before it began), if ``loading`` is still ``version``'s status: the version reads as if
+        the load had never been asked for."""
+        with self._lock:
+            if not self._current(name, version, loading):
+                return
+            entry = self._entries[name]
+            pending = {v: s for v, s in entry.pending.items() if v != version}
+            self._put_or_drop(name, _Entry(entry.ready, entry.default, MappingProxyType(pending)))
+
     @contextlib.contextmanager
     def retrying(self, name: str, version: str) -> Iterator[None]:
         """Keeps ``version``'s failure listed, whatever the cap, while the block runs: a load
