@@ -87,6 +87,13 @@ class Unavailable(StrongroomError):
     default_reason = Reason.UNAVAILABLE
 
 
+class Aborted(StrongroomError):
+    """The operation was called off by a conflicting one (an unload of what it was loading)."""
+
+    status_name = "ABORTED"
+    default_reason = Reason.ABORTED
+
+
 class Cancelled(StrongroomError):
     """The caller went away (it cancelled, or its deadline passed) and the work was stopped."""
 

@@ -11,6 +11,11 @@ from typing import ClassVar, Literal
 from strongroom.artifact import DEFAULT_DECRYPT_THREADS
 from strongroom.client.keypins import KeyPins
 from strongroom.identifiers import KEY_ID_PATTERN, is_sha256_hex, name_rule_problem
+from strongroom.inference.models import (
+    DEFAULT_MAX_INFERENCE_MEMORY_BYTES,
+    MIN_INFERENCE_MEMORY_BYTES,
+    RuntimeOptions,
+)
 from strongroom.inference.oip import DEFAULT_MAX_TENSOR_BYTES, InferLimits
 from strongroom.runtime.config import ConfigError, EnvLocks, ModelNameRules, expected_server_id
 
@@ -123,6 +128,12 @@ class InferenceConfig:
     # message limits are derived from them (nowhere else sets them).
     max_input_bytes: int = DEFAULT_MAX_TENSOR_BYTES
     max_output_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+    # What ONNX Runtime may hold for inference runs (inputs it copies, intermediates, outputs until
+    # they are sent), every model's running requests together: a run that would need more is
+    # RESOURCE_EXHAUSTED INFERENCE_MEMORY_EXHAUSTED, not the VM out of memory. A model's output
+    # size can come from an input's *value* (ConstantOfShape, Expand, Tile, Range), which no
+    # bound on the request's bytes limits. Keep it below the VM's memory less the models' own.
+    max_inference_memory_bytes: int = DEFAULT_MAX_INFERENCE_MEMORY_BYTES
     # OpenSSF model signing: the EC public key (PEM) models must be signed with, and whether an
     # unsigned model may load at all.
     model_signing_public_key: Path | None = None
@@ -180,6 +191,10 @@ class InferenceConfig:
             raise ConfigError("inference.load_retry_seconds must be between 0 and 3600")
         if self.max_model_bytes < 1024:
             raise ConfigError("inference.max_model_bytes must be at least 1024")
+        if self.max_inference_memory_bytes < MIN_INFERENCE_MEMORY_BYTES:
+            raise ConfigError(
+                f"inference.max_inference_memory_bytes must be at least {MIN_INFERENCE_MEMORY_BYTES}"
+            )
         if not 0 <= self.decrypt_threads <= 64:
             raise ConfigError("inference.decrypt_threads must be between 0 and 64")
         try:
@@ -209,6 +224,11 @@ class InferenceConfig:
         if self.clients is None:
             return None
         return MappingProxyType({c.spiffe_id: c.model_names for c in self.clients})
+
+    @property
+    def runtime(self) -> RuntimeOptions:
+        """The ONNX Runtime settings of every session the service makes."""
+        return RuntimeOptions(max_inference_memory_bytes=self.max_inference_memory_bytes)
 
     @property
     def limits(self) -> InferLimits:

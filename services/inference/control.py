@@ -12,7 +12,7 @@ from strongroom.client.cancel import CallScope
 from strongroom.errors import InvalidArgument
 from strongroom.identifiers import is_sha256_hex, validate_name, validate_version
 from strongroom.inference.loader import LOAD_RETRY_SECONDS, ModelLoader
-from strongroom.inference.models import ModelRepository
+from strongroom.inference.models import ModelNotFound, ModelRepository
 from strongroom.reasons import Reason
 
 CONTROL_SERVICE = "strongroom.api.inference.v1.ModelControlService"
@@ -69,7 +69,16 @@ class ModelControlServicer(pb_grpc.ModelControlServiceServicer):
     def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.ServicerContext
     ) -> pb.UnloadModelResponse:
+        """Stops serving the version (or every version) and aborts its loads not yet begun;
+        NOT_FOUND when there was neither."""
         name = validate_name(request.name)
         version = validate_version(request.version) if request.version else None
-        self._repository.unload(name, version)
+        # Loads of it still waiting for the model's lock are aborted first: one would otherwise
+        # load the version again as soon as the running load let go, after this call returned.
+        aborted = self._loader.abort_queued(name, version)
+        try:
+            self._repository.unload(name, version)
+        except ModelNotFound:
+            if not aborted:  # nothing held and nothing queued: there was nothing to unload
+                raise
         return pb.UnloadModelResponse()

@@ -62,6 +62,7 @@ from strongroom.client.keypins import KeyPins
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.client.remote import remote_error
 from strongroom.errors import (
+    Aborted,
     Cancelled,
     DataLoss,
     ResourceExhausted,
@@ -204,8 +205,11 @@ class ModelLoader:
         """
         scope = scope if scope is not None else CallScope()
         lock = self._lock(name)
+        ticket = lock.enter(version)
         try:
-            if not lock.acquire(scope):
+            if not lock.acquire(scope, ticket):
+                if ticket.aborted:
+                    raise _aborted(name, version)
                 if scope.cancelled:
                     raise scope.error()
                 raise Unavailable(
@@ -214,20 +218,44 @@ class ModelLoader:
                 )
             try:
                 with scoped(scope):
-                    return self._load_locked(name, version, scope, header_sha256)
+                    return self._load_locked(name, version, scope, header_sha256, ticket)
             finally:
                 lock.release()
         finally:
+            ticket.leave()
             self._done_with(name, lock)
 
+    def abort_queued(self, name: str, version: str | None = None) -> int:
+        """Aborts the loads of ``name`` (``version``, or every version) that have not begun yet:
+        those waiting for the model's lock behind another load, and one that has just taken it.
+        Each answers ABORTED ``LOAD_ABORTED_BY_UNLOAD`` and loads nothing. What UnloadModel does
+        before it unloads: otherwise a queued load, once the running one ended, loaded the
+        version again right after the unload had returned. (A load that has begun is the
+        repository's to stop: its unload makes it fail ``MODEL_UNLOADED``.) Returns how many."""
+        with self._locks_guard:
+            lock = self._locks.get(name)
+        return 0 if lock is None else lock.abort(version)
+
+    def queued(self, name: str) -> tuple[str, ...]:
+        """The versions of ``name`` whose loads wait for its lock or are about to begin."""
+        with self._locks_guard:
+            lock = self._locks.get(name)
+        return () if lock is None else lock.queued()
+
     def _load_locked(
-        self, name: str, version: str, scope: CallScope, pin: bytes | None
+        self, name: str, version: str, scope: CallScope, pin: bytes | None, ticket: _Ticket
     ) -> LoadResult:
         with self._tracer.start_as_current_span(
             "strongroom.inference.load_model",
             attributes={"model.name": name, "model.version": version},
         ) as span:
             loading = self._repository.begin_load(name, version)
+            # From here on an unload reaches this load through the repository (its begin_load
+            # is what the unload removes); one that came before it has marked the ticket.
+            ticket.leave()
+            if ticket.aborted:
+                self._repository.withdraw(name, version, loading)
+                raise _aborted(name, version)
             started = time.perf_counter()
             try:
                 scope.raise_if_ended()
@@ -453,6 +481,7 @@ class ModelLock:
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._held = False
+        self._tickets: list[_Ticket] = []
         self.users = 0
         """Loads holding or waiting for it (the loader's to count, under its table's guard)."""
 
@@ -461,19 +490,47 @@ class ModelLock:
         """Whether a load holds it."""
         return self._held
 
-    def acquire(self, scope: CallScope | None = None) -> bool:
-        """Takes the lock; False if ``scope`` ended first (without a scope, waits for ever)."""
+    def enter(self, version: str) -> _Ticket:
+        """Registers a load of ``version`` that has not begun: :meth:`abort` reaches it until
+        its :meth:`_Ticket.leave`."""
+        ticket = _Ticket(self, version)
+        with self._condition:
+            self._tickets.append(ticket)
+        return ticket
+
+    def abort(self, version: str | None) -> int:
+        """Marks the registered loads of ``version`` (None: all) aborted and wakes them."""
+        with self._condition:
+            hit = [t for t in self._tickets if version is None or t.version == version]
+            for ticket in hit:
+                ticket.aborted = True
+            self._condition.notify_all()
+        return len(hit)
+
+    def queued(self) -> tuple[str, ...]:
+        """The versions of the registered loads, in the order they came."""
+        with self._condition:
+            return tuple(t.version for t in self._tickets)
+
+    def _leave(self, ticket: _Ticket) -> None:
+        with self._condition:
+            if ticket in self._tickets:
+                self._tickets.remove(ticket)
+
+    def acquire(self, scope: CallScope | None = None, ticket: _Ticket | None = None) -> bool:
+        """Takes the lock; False if ``scope`` ended first (without a scope, waits for ever) or
+        ``ticket`` was aborted."""
         scope = scope if scope is not None else CallScope()
         with self._condition:
             remove = scope.on_cancel(self._wake)
             try:
                 while self._held:
                     left = scope.left()
-                    if scope.cancelled or left == 0.0:
+                    if scope.cancelled or left == 0.0 or (ticket is not None and ticket.aborted):
                         return False
                     # A caller without a deadline may still send one decades away.
                     self._condition.wait(None if left is None else min(left, threading.TIMEOUT_MAX))
-                if scope.cancelled:
+                if scope.cancelled or (ticket is not None and ticket.aborted):
                     return False
                 self._held = True
                 return True
@@ -489,6 +546,30 @@ class ModelLock:
     def _wake(self) -> None:
         with self._condition:
             self._condition.notify_all()
+
+
+class _Ticket:
+    """One load of a model that has not begun (it waits for the model's lock, or has just taken
+    it): what :meth:`ModelLock.abort` marks."""
+
+    __slots__ = ("_lock", "aborted", "version")
+
+    def __init__(self, lock: ModelLock, version: str) -> None:
+        self._lock = lock
+        self.version = version
+        self.aborted = False
+
+    def leave(self) -> None:
+        """The load has begun, or ended: an abort no longer reaches it (idempotent)."""
+        self._lock._leave(self)
+
+
+def _aborted(name: str, version: str) -> Aborted:
+    return Aborted(
+        f"the load of model {name!r} version {version!r} was aborted before it began: the "
+        "version (or the model) was unloaded while the load waited for another load of the model",
+        reason=Reason.LOAD_ABORTED_BY_UNLOAD,
+    )
 
 
 def _ended(scope: CallScope, raised: BaseException) -> StrongroomError:

@@ -22,9 +22,9 @@ from strongroom.attesters import (
     TeeType,
     select_attester,
 )
-from strongroom.client.cancel import scoped_channel
+from strongroom.client.cancel import CallScope, scoped_channel
 from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
-from strongroom.errors import FailedPrecondition, StrongroomError
+from strongroom.errors import Aborted, FailedPrecondition, StrongroomError
 from strongroom.inference.config import InferenceConfig
 from strongroom.inference.control import CONTROL_SERVICE, ModelControlServicer
 from strongroom.inference.evidence_service import InferenceAttestationServicer
@@ -123,6 +123,10 @@ class InferenceServer:
     retry_max: float = 60.0
     _threads: list[threading.Thread] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
+    # The configured models' loads: close() cancels it, which ends a load waiting for a model's
+    # lock, downloading or obtaining its key (it would otherwise run on, up to the load timeout,
+    # in a server that had stopped, and be audited as a release for nobody).
+    _loads: CallScope = field(default_factory=CallScope)
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def load_configured_models(self, *, wait: bool = False) -> None:
@@ -132,7 +136,8 @@ class InferenceServer:
         busy (:func:`~strongroom.inference.loader.transient`) is retried with exponential
         back-off, so start-up order does not matter; any other failure (a denied release, a
         tampered artifact) leaves the model not ready with its reason, and is not retried: it
-        needs an operator. Neither is a model an operator unloaded meanwhile.
+        needs an operator. Neither is a model an operator unloaded meanwhile (its load, if it
+        waited for the model's lock, is aborted). :meth:`close` stops these loads where they are.
         """
 
         def still_failed(name: str, version: str) -> bool:
@@ -160,8 +165,20 @@ class InferenceServer:
                         )
                         continue
                     try:
-                        self.loader.load(ref.name, ref.version, header_sha256=ref.pin)
+                        self.loader.load(
+                            ref.name, ref.version, header_sha256=ref.pin, scope=self._loads
+                        )
                     except StrongroomError as exc:
+                        if self._stopping.is_set():
+                            log.info(
+                                "model %s/%s: load stopped, the server is shutting down",
+                                ref.name,
+                                ref.version,
+                            )
+                            return
+                        if isinstance(exc, Aborted):
+                            log.info("model %s/%s not loaded: %s", ref.name, ref.version, exc)
+                            continue
                         if not transient(exc):
                             log.error("model %s/%s not loaded: %s", ref.name, ref.version, exc)
                             continue
@@ -185,8 +202,10 @@ class InferenceServer:
             thread.join()
 
     def close(self, grace: float | None = 0) -> None:
-        """Stops retrying loads and serving (draining for ``grace`` seconds)."""
+        """Stops the configured models' loads, then serving (draining for ``grace`` seconds:
+        a LoadModel still running ends with its call)."""
         self._stopping.set()
+        self._loads.cancel()
         self.host.stop(grace)
         for close in self._closers:
             close()
@@ -258,7 +277,7 @@ def build(
         server_id=broker_id,
         wrap=lambda channel: traced_channel(channel, provider),
     )
-    repository = ModelRepository(expected=[m.name for m in config.models])
+    repository = ModelRepository(expected=[m.name for m in config.models], options=config.runtime)
     loader = ModelLoader(
         repository,
         store_channel=store_channel,

@@ -508,6 +508,22 @@ def test_the_attester_privlevel_is_an_operator_value(
     assert section.attester_privlevel == expected
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, 2 << 30), ("17179869184", 16 << 30), ("16777216", 16 << 20)]
+)
+def test_the_inference_memory_cap_is_an_operator_value(
+    helm: str, tmp_path: Path, value: str | None, expected: int
+) -> None:
+    """``inference.maxInferenceMemoryBytes`` reaches ``inference.max_inference_memory_bytes``
+    (null: the service's default), without a float's rounding for large values."""
+    set_args = () if value is None else (f"inference.maxInferenceMemoryBytes={value}",)
+    path = tmp_path / "inference.yaml"
+    path.write_text(_configs(render(helm, set_args=set_args))["inference"])
+    _, section = load_service_config(path, "inference", InferenceConfig, environ={})
+    assert isinstance(section, InferenceConfig)
+    assert section.max_inference_memory_bytes == expected
+
+
 @pytest.mark.parametrize(("value", "expected"), [(None, False), ("false", False), ("true", True)])
 def test_the_unbound_upload_window_is_an_operator_value(
     helm: str, tmp_path: Path, value: str | None, expected: bool

@@ -111,6 +111,15 @@ def env(stack: DevStack) -> Iterator[Env]:
     )
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
 def _decisions_since(env: Env, count: int) -> list[tuple[str, str]]:
     return [
         (r["decision"], r["reason"]) for r in env.audit()[count:] if r["action"] == "key_release"
@@ -402,6 +411,101 @@ def test_a_cancelled_load_model_stops_its_load_and_frees_the_model(
     finally:
         stall.go_on.set()
         env.stack.services.pop("inference").stop()
+
+
+def _queued(inference: Any, version: str) -> bool:
+    return inference.loader.queued("faulty") == (version,)
+
+
+def test_an_unload_aborts_the_loads_queued_behind_the_models_running_load(
+    env: Env, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LoadModel waiting for the model's lock (another load of the model running) was not
+    reached by an UnloadModel: the unload returned, and once the running load ended the queued
+    one loaded the model again. (And an unload of only the queued version was NOT_FOUND.) The
+    unload now aborts the loads not yet begun: ABORTED LOAD_ABORTED_BY_UNLOAD, nothing loaded."""
+    for version in ("running", "queued", "queued-2"):
+        _publish(env, model_path, version)
+    storage = env.stack.services["modelstore"].handle.storage
+    inference = env.stack.start_in_process("inference").handle
+    try:
+        control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+
+        def load(version: str) -> Any:
+            request = control_pb.LoadModelRequest(name="faulty", version=version)
+            return control.LoadModel.future(request, timeout=120)
+
+        # The whole model unloaded: the running load fails MODEL_UNLOADED, the queued one aborts.
+        stall = StallOnce(storage, "running")
+        monkeypatch.setattr(storage, "open", stall)
+        running = load("running")
+        assert stall.stalled.wait(60)
+        queued = load("queued")
+        assert wait_until(lambda: _queued(inference, "queued"), 60)
+        control.UnloadModel(control_pb.UnloadModelRequest(name="faulty"), timeout=30)
+        with pytest.raises(grpc.RpcError) as info:
+            queued.result(timeout=60)
+        assert info.value.code() == grpc.StatusCode.ABORTED  # type: ignore[attr-defined]
+        assert peer_reason(info.value) == "LOAD_ABORTED_BY_UNLOAD"
+        stall.go_on.set()
+        with pytest.raises(grpc.RpcError) as info:
+            running.result(timeout=60)
+        assert peer_reason(info.value) == "MODEL_UNLOADED"
+        assert "faulty" not in inference.repository.names()
+
+        # Only the queued version unloaded (it is nowhere in the repository yet): the unload
+        # succeeds and aborts it; the running load goes on and serves.
+        stall = StallOnce(storage, "running")
+        monkeypatch.setattr(storage, "open", stall)
+        running = load("running")
+        assert stall.stalled.wait(60)
+        queued = load("queued-2")
+        assert wait_until(lambda: _queued(inference, "queued-2"), 60)
+        control.UnloadModel(
+            control_pb.UnloadModelRequest(name="faulty", version="queued-2"), timeout=30
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            queued.result(timeout=60)
+        assert peer_reason(info.value) == "LOAD_ABORTED_BY_UNLOAD"
+        stall.go_on.set()
+        running.result(timeout=60)
+        assert inference.repository.is_ready("faulty", "running")
+        assert inference.repository.version_state("faulty", "queued-2") is None
+        assert inference.loader.lock_names() == ()
+    finally:
+        stall.go_on.set()
+        env.stack.services.pop("inference").stop()
+
+
+def test_a_shutdown_stops_the_configured_models_loads(
+    env: Env, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing the server set a flag the start-up loader read only between loads: a configured
+    model's load under way (here a download the store stalls) ran on in the stopped server, up
+    to the load timeout, and could still obtain its key and load. Close now cancels it."""
+    _publish(env, model_path, "configured")
+    storage = env.stack.services["modelstore"].handle.storage
+    stall = StallOnce(storage, "configured")
+    monkeypatch.setattr(storage, "open", stall)
+    section = {
+        **env.stack.default_section("inference"),
+        "models": [{"name": "faulty", "version": "configured"}],
+    }
+    inference = env.stack.start_in_process("inference", section).handle
+    try:
+        inference.load_configured_models()
+        assert stall.stalled.wait(60)
+        (loader_thread,) = inference._threads
+        env.stack.services.pop("inference").stop()
+        # Before the store lets the download go on (it would after 60 s): the load has stopped.
+        loader_thread.join(45)
+        assert not loader_thread.is_alive(), "the configured load ran on after the shutdown"
+        assert not stall.go_on.is_set()
+        assert not inference.repository.is_ready("faulty", "configured")
+    finally:
+        stall.go_on.set()
+        if "inference" in env.stack.services:
+            env.stack.services.pop("inference").stop()
 
 
 def test_a_key_release_ends_with_its_load_models_deadline(env: Env, model_path: Path) -> None:

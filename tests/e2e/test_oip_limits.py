@@ -39,6 +39,7 @@ from tests.inference import onnx_models
 
 MiB = 1 << 20
 LIMIT = 4 * MiB  # inference.max_input_bytes and max_output_bytes: messages of 5 MiB
+RUN_MEMORY = 768 * MiB  # inference.max_inference_memory_bytes (the 'wide' model's runs fit)
 
 
 def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: list[Any]) -> bytes:
@@ -83,6 +84,24 @@ def slow(steps: int = 4000, size: int = 512) -> bytes:
     )
 
 
+def sized() -> bytes:
+    """``y = ConstantOfShape(n)``: a float vector as long as the *value* of its one INT64 input, so
+    an 8-byte request asks for any size (as ``Expand``, ``Tile`` or ``Range`` fed from an input)."""
+    return _model(
+        [
+            helper.make_node(
+                "ConstantOfShape",
+                ["n"],
+                ["y"],
+                value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
+            )
+        ],
+        [helper.make_tensor_value_info("n", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m"])],
+        [],
+    )
+
+
 MODELS: dict[str, Callable[[], bytes]] = {
     "classifier": onnx_models.classifier,
     "wide": lambda: onnx_models.classifier(hidden=256),
@@ -93,6 +112,7 @@ MODELS: dict[str, Callable[[], bytes]] = {
     "embed": lambda: embedding(128, 256),
     "vocab": lambda: embedding(30522, 4),
     "slow": slow,
+    "sized": sized,
 }
 
 
@@ -123,6 +143,7 @@ def served(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         **stack.default_section("inference"),
         "max_input_bytes": LIMIT,
         "max_output_bytes": LIMIT,
+        "max_inference_memory_bytes": RUN_MEMORY,
     }
     tunables = SERVICE_ENV["inference"]["GLIBC_TUNABLES"] + ":glibc.malloc.mmap_threshold=131072"
     running = stack.start_process("inference", section, env={"GLIBC_TUNABLES": tunables})
@@ -208,6 +229,46 @@ def test_an_output_over_the_bound_is_refused_before_it_is_converted(served: Serv
     )
 
 
+def _sized(n: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="sized")
+    request.inputs.add(name="n", datatype="INT64", shape=[1])
+    request.raw_input_contents.append(np.array([n], np.int64).tobytes())
+    return request
+
+
+def test_an_output_sized_by_an_input_value_is_bounded_by_the_run_memory_cap(
+    served: Served,
+) -> None:
+    """An 8-byte request to a model whose output length is its input's value made ONNX Runtime
+    allocate (and fill) whatever it asked for: 2 GiB here, any size in a request of the same 8
+    bytes, and the VM's out-of-memory killer took the service down for every client. ORT's runs
+    now allocate from one arena capped at inference.max_inference_memory_bytes: the run that
+    would pass it is refused before it allocates, and the service goes on serving."""
+    oip = served.oip
+    small = oip.ModelInfer(_sized(1000), timeout=60)
+    assert len(small.raw_output_contents[0]) == 4000
+    before = _status(served.pid, "VmRSS")
+    errors: list[grpc.RpcError] = []
+
+    def huge() -> None:
+        with pytest.raises(grpc.RpcError) as info:
+            oip.ModelInfer(_sized(512 << 20), timeout=120)
+        errors.append(info.value)
+
+    peak = peak_rss_during(served.pid, huge)
+    (error,) = errors
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert reason(error) == "INFERENCE_MEMORY_EXHAUSTED"
+    details = error.details() or ""  # type: ignore[attr-defined]
+    assert f"inference.max_inference_memory_bytes = {RUN_MEMORY} bytes" in details, details
+    assert peak < RUN_MEMORY // 4, f"{peak >> 20} MiB at peak for a refused run"
+    # The next requests are served, and nothing of the refused one stays.
+    again = oip.ModelInfer(_sized(1000), timeout=60)
+    assert again.raw_output_contents == small.raw_output_contents
+    kept = _status(served.pid, "VmRSS") - before
+    assert kept < 4 * LIMIT, f"{kept >> 20} MiB still resident after the refused call"
+
+
 def test_typed_contents_do_not_decode_to_ten_times_their_size(served: Served) -> None:
     """The codec's own bar (BYTES_ELEMENT_COST: requests must not 'decode to ten times the
     limit'). One million FP32 values typed (4 MB, within the 4 MiB bound) through an identity
@@ -282,6 +343,35 @@ def test_a_rejected_index_does_not_reveal_the_models_inner_shapes(
     details = error.details() or ""  # type: ignore[attr-defined]
     assert "30522" not in details and "30521" not in details, details
     assert "Gather operator" in details  # the caller still learns which operator refused
+
+
+def test_a_refused_inference_is_logged_once_by_the_service_with_its_reason(
+    stack: DevStack, oip: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """A run ONNX Runtime refused was logged twice: ORT's own ERROR line (from its executor,
+    naming the node, on the service's standard error) and then the service's WARNING. ORT's run
+    logging is now off; the service's one line per refusal carries the reason (and, in JSON
+    logs, ORT's words)."""
+    log = stack.log_path("inference")
+    start = log.stat().st_size
+    rejected = pb.ModelInferRequest(model_name="vocab")
+    rejected.inputs.add(name="ids", datatype="INT64", shape=[1])
+    rejected.inputs[0].contents.int64_contents.append(99_999)
+    for request, expected in (
+        (rejected, "INFERENCE_INPUT_REJECTED"),
+        (_sized(512 << 20), "INFERENCE_MEMORY_EXHAUSTED"),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            oip.ModelInfer(request, timeout=120)
+        assert reason(info.value) == expected
+    with log.open("rb") as out:
+        out.seek(start)
+        lines = out.read().decode(errors="replace").splitlines()
+    assert not [line for line in lines if "onnxruntime:" in line], lines
+    for expected in ("INFERENCE_INPUT_REJECTED", "INFERENCE_MEMORY_EXHAUSTED"):
+        (line,) = [line for line in lines if expected in line]
+        assert "WARNING" in line
+    assert "emb/gather" not in "\n".join(lines)  # the node's name was ORT's line's
 
 
 @pytest.mark.parametrize(

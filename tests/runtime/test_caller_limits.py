@@ -22,6 +22,7 @@ from strongroom.api.inference.v1 import (
     model_control_pb2_grpc,
 )
 from strongroom.attesters import SevGuestAttester
+from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.errors import StrongroomError
 from strongroom.inference.control import CONTROL_SERVICE, ModelControlServicer
 from strongroom.inference.evidence_service import InferenceAttestationServicer
@@ -429,6 +430,13 @@ def test_data_plane_calls_beyond_their_share_are_refused_at_once(
     assert quick(b"", timeout=30) == b"ok"
 
 
+def _idle_loader(repository: ModelRepository) -> ModelLoader:
+    """A loader these tests never load with (an unload asks it only for the loads it queues):
+    its store channel points nowhere and it has no key release."""
+    channel = grpc.insecure_channel("127.0.0.1:9")  # the discard port: nothing is ever sent
+    return ModelLoader(repository, store_channel=channel, key_release=cast(KeyReleaseClient, None))
+
+
 def test_attesting_clients_cannot_take_the_model_control_reserve(
     mesh: Callable[..., Mesh], server_identity: WorkloadIdentity
 ) -> None:
@@ -450,7 +458,7 @@ def test_attesting_clients_cannot_take_the_model_control_reserve(
         max_per_caller=4,  # one client stands for several here, each with its share
     )
     repository = ModelRepository(expected=["m"])
-    control = ModelControlServicer(cast(ModelLoader, None), repository)  # unloads need no loader
+    control = ModelControlServicer(_idle_loader(repository), repository)
     running = mesh(
         ServiceSpec(
             EVIDENCE_SERVICE,
@@ -626,7 +634,7 @@ def test_callers_that_never_send_a_health_request_cannot_take_the_control_plane_
     are refused at once, and the reserve serves the admin; once the data plane has room they
     wait within it, and give it back when they end."""
     repository = ModelRepository(expected=["m"])
-    control = ModelControlServicer(cast(ModelLoader, None), repository)  # unloads need no loader
+    control = ModelControlServicer(_idle_loader(repository), repository)
     running = mesh(
         ServiceSpec(
             CONTROL_SERVICE,

@@ -99,6 +99,15 @@ def test_decrypt_threads_default_to_the_receiving_thread_and_stay_bounded() -> N
             InferenceConfig(model_store="a:1", key_broker="b:1", decrypt_threads=value)
 
 
+def test_the_inference_memory_cap_has_a_floor_and_reaches_the_sessions() -> None:
+    config = InferenceConfig(
+        model_store="a:1", key_broker="b:1", max_inference_memory_bytes=1 << 30
+    )
+    assert config.runtime.max_inference_memory_bytes == 1 << 30
+    with pytest.raises(ConfigError, match="max_inference_memory_bytes must be at least"):
+        InferenceConfig(model_store="a:1", key_broker="b:1", max_inference_memory_bytes=1 << 20)
+
+
 def test_model_keys_pin_names_to_keys() -> None:
     config = InferenceConfig(
         model_store="a:1",

@@ -6,6 +6,8 @@ models by name and version, swaps versions atomically and remembers why a load f
 
 from strongroom.inference.models._datatypes import DATATYPES, DataType, datatype_of_array
 from strongroom.inference.models._loaded import (
+    DEFAULT_MAX_INFERENCE_MEMORY_BYTES,
+    MIN_INFERENCE_MEMORY_BYTES,
     PLATFORM,
     LoadedModel,
     ModelBuffer,
@@ -28,6 +30,8 @@ from strongroom.inference.models._repository import (
 
 __all__ = [
     "DATATYPES",
+    "DEFAULT_MAX_INFERENCE_MEMORY_BYTES",
+    "MIN_INFERENCE_MEMORY_BYTES",
     "PLATFORM",
     "DataType",
     "LoadFailure",

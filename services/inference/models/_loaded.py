@@ -18,13 +18,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
-from strongroom.errors import Cancelled, FailedPrecondition, Internal, InvalidArgument
+from strongroom.errors import (
+    Cancelled,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from strongroom.inference.models._datatypes import BY_ORT_TYPE, DATATYPES, DataType
 from strongroom.inference.models._ort import ort, ort_state
 from strongroom.reasons import Reason
@@ -47,6 +54,59 @@ _OPTIMIZATION_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
+DEFAULT_MAX_INFERENCE_MEMORY_BYTES = 2 << 30
+"""Default cap on what ONNX Runtime holds for inference runs, every session's together."""
+MIN_INFERENCE_MEMORY_BYTES = 16 << 20
+"""The least cap one may configure (below it no usual model runs)."""
+INFERENCE_MEMORY_SETTING = "inference.max_inference_memory_bytes"
+"""The configuration key of the cap, named in the refusal (the models layer has no config)."""
+
+# ORT's refusals when an allocation does not fit: the capped arena's, the arena's allocator's,
+# and the C++ runtime's (malloc itself failed).
+_ARENA_FULL = re.compile(
+    r"Available memory of \d+ is smaller than requested bytes of \d+"
+    r"|Failed to allocate memory for requested buffer of size \d+"
+    r"|std::bad_alloc"
+)
+
+
+# One capped CPU arena for every session (ORT's environment keeps it; registering another
+# replaces it for sessions created afterwards, while sessions created before keep theirs).
+class _Arena:
+    guard = threading.Lock()
+    cap: int | None = None
+
+
+def use_inference_memory_cap(max_bytes: int) -> None:
+    """Registers ONNX Runtime's shared CPU arena capped at ``max_bytes`` (process-wide; idempotent).
+
+    Every session made by :func:`session_options` allocates its runs' tensors (inputs it copies,
+    intermediates, outputs until the caller drops them) from this arena, and an allocation past
+    the cap fails that run only. Without it a model whose output size comes from an input *value*
+    (``ConstantOfShape``, ``Expand``, ``Tile``, ``Range``) let one small request allocate gigabytes
+    and the VM kill the process. The arena grows by exactly what is asked for (never by doubling
+    beyond the cap), and each run hands back the regions no tensor uses any more
+    (:meth:`LoadedModel.infer`), so a big request does not leave its peak held. Initializers (the
+    model's weights) are not counted: ORT places them outside this arena.
+    """
+    if max_bytes < MIN_INFERENCE_MEMORY_BYTES:
+        raise ValueError(f"the inference memory cap must be at least {MIN_INFERENCE_MEMORY_BYTES}")
+    with _Arena.guard:
+        if _Arena.cap == max_bytes:
+            return
+        config = ort.OrtArenaCfg({"max_mem": max_bytes, "arena_extend_strategy": 1})
+        memory = ort.OrtMemoryInfo(
+            "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+        )
+        ort.create_and_register_allocator(memory, config)
+        _Arena.cap = max_bytes
+
+
+def inference_memory_cap() -> int | None:
+    """The cap of the arena sessions made now use (None before any is registered)."""
+    return _Arena.cap
 
 
 class ModelLoadError(FailedPrecondition):
@@ -79,12 +139,18 @@ class RuntimeOptions:
     # Idle ORT worker threads spin by default; with several models sharing few cores that burns
     # the CPU other requests need, so spinning is off unless asked for.
     allow_spinning: bool = False
+    # What ORT may hold for runs, every session made with this value together (use_inference_memory_cap).
+    max_inference_memory_bytes: int = DEFAULT_MAX_INFERENCE_MEMORY_BYTES
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in _OPTIMIZATION_LEVELS:
             raise ValueError(f"graph_optimization must be one of {', '.join(_OPTIMIZATION_LEVELS)}")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ValueError("thread counts cannot be negative")
+        if self.max_inference_memory_bytes < MIN_INFERENCE_MEMORY_BYTES:
+            raise ValueError(
+                f"max_inference_memory_bytes must be at least {MIN_INFERENCE_MEMORY_BYTES}"
+            )
 
 
 def session_options(options: RuntimeOptions) -> ort.SessionOptions:
@@ -100,13 +166,13 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     so.intra_op_num_threads = options.intra_op_threads
     so.inter_op_num_threads = options.inter_op_threads
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # No CPU memory arena: ORT's arena keeps the most any run made the session allocate for the
-    # session's life (one 3.2 MB request through a 256-wide layer left ~220 MiB), so a caller
-    # could make every served model hold its peak. Arena shrinkage per run
-    # ("memory.enable_memory_arena_shrinkage") frees only regions added after the arena's first,
-    # and keeps it all when a big request is a session's first run. A probe of small models
-    # (2-row classifier, ~8 us a run) measured no difference in run time with or without the arena.
-    so.enable_cpu_mem_arena = False
+    # Runs allocate from the one capped arena of ORT's environment (use_inference_memory_cap),
+    # not from a per-session arena: a per-session arena has no cap ORT's Python API can set, and
+    # it kept the most any run made the session allocate for the session's life (one 3.2 MB
+    # request through a 256-wide layer left ~220 MiB). The shared arena grows by what is asked
+    # and each run shrinks it (LoadedModel.infer), so it holds what live tensors need.
+    use_inference_memory_cap(options.max_inference_memory_bytes)
+    so.add_session_config_entry("session.use_env_allocators", "1")
     spin = "1" if options.allow_spinning else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
@@ -236,40 +302,20 @@ class LoadedModel:
                 raise InvalidArgument(f"model has no input {name!r}", reason=Reason.INPUT_UNKNOWN)
             feeds[name] = _to_ort_strings(name, array) if spec.datatype == "BYTES" else array
         names = list(outputs) if outputs is not None else list(self._output_names)
+        run_options = run_options if run_options is not None else ort.RunOptions()
+        # Hand back, at the end of the run, the arena's regions no live tensor uses (a big
+        # request's intermediates; its outputs once the caller drops them, at the next run).
+        run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        # ORT's own line for a failed run (its executor's ERROR naming the node, on stderr, in
+        # no log format) doubled the service's, which logs every failure once with its reason
+        # and ORT's words. Only the run's logging: a session's (the model's load) stays on.
+        run_options.log_severity_level = _ORT_FATAL
         try:
             results = self._session.run(names, feeds, run_options)
-        except (ort_state.InvalidArgument, ort_state.Fail) as exc:
-            if run_options is not None and run_options.terminate:
-                log.info(
-                    "inference stopped: its call had ended",
-                    extra={"model": self.name, "version": self.version},
-                )
-                raise Cancelled(
-                    f"inference on {self.name} stopped: the call ended (cancelled, or its "
-                    "deadline passed)",
-                    reason=Reason.INFERENCE_CANCELLED,
-                ) from None
-            # Inputs that match the advertised shapes can still clash inside the graph (two
-            # variable dimensions that must agree, a Reshape that does not fit, an index past a
-            # Gather's table): ORT reports those as FAIL or INVALID_ARGUMENT. They are the caller's,
-            # not the server's, so no ERROR line per request. The caller learns which operator
-            # refused, never ORT's message: it states the model's internals (a Gather's message
-            # gives its table's row count, e.g. a tokenizer's vocabulary size); the log keeps it.
-            log.warning(
-                "inference refused its inputs",
-                extra={"model": self.name, "version": self.version, "ort_error": str(exc)[:2000]},
-            )
-            raise InvalidArgument(
-                f"the model could not run on these inputs{_failed_operator(str(exc))}: their "
-                "shapes or values do not fit the graph",
-                reason=Reason.INFERENCE_INPUT_REJECTED,
-            ) from None
         except Exception as exc:
-            log.error(
-                "inference failed",
-                extra={"model": self.name, "version": self.version, "ort_error": str(exc)[:2000]},
-            )
-            raise Internal("inference failed", reason=Reason.INFERENCE_FAILED) from None
+            if _ARENA_FULL.search(str(exc)):
+                raise self._out_of_memory(exc) from None
+            self._refused(exc, run_options)
         out: dict[str, np.ndarray] = {}
         for name, value in zip(names, results, strict=True):
             array = np.asarray(value)
@@ -277,6 +323,74 @@ class LoadedModel:
                 array = _from_ort_strings(array)
             out[name] = array
         return out
+
+    def _out_of_memory(self, exc: Exception) -> ResourceExhausted:
+        """The refusal of a run that needed more than ONNX Runtime may hold for runs (or than
+        the process could get): the caller's request, not the server's fault, so a WARNING."""
+        cap = inference_memory_cap()
+        log.warning(
+            "inference refused (%s): it needs more memory than runs may use",
+            Reason.INFERENCE_MEMORY_EXHAUSTED,
+            extra={
+                "model": self.name,
+                "version": self.version,
+                "reason": Reason.INFERENCE_MEMORY_EXHAUSTED,
+                "ort_error": str(exc)[:2000],
+            },
+        )
+        limit = f"{INFERENCE_MEMORY_SETTING} = {cap} bytes" if cap else INFERENCE_MEMORY_SETTING
+        return ResourceExhausted(
+            f"the inference on {self.name} needs more memory than the server lets ONNX Runtime "
+            f"hold for inference ({limit}, every request running at the moment together): "
+            "send smaller inputs or retry later",
+            reason=Reason.INFERENCE_MEMORY_EXHAUSTED,
+        )
+
+    def _refused(self, exc: Exception, run_options: ort.RunOptions) -> NoReturn:
+        """Raises what a failed run means for its caller."""
+        if not isinstance(exc, ort_state.InvalidArgument | ort_state.Fail):
+            log.error(
+                "inference failed (%s)",
+                Reason.INFERENCE_FAILED,
+                extra={
+                    "model": self.name,
+                    "version": self.version,
+                    "reason": Reason.INFERENCE_FAILED,
+                    "ort_error": str(exc)[:2000],
+                },
+            )
+            raise Internal("inference failed", reason=Reason.INFERENCE_FAILED) from None
+        if run_options.terminate:
+            log.info(
+                "inference stopped: its call had ended",
+                extra={"model": self.name, "version": self.version},
+            )
+            raise Cancelled(
+                f"inference on {self.name} stopped: the call ended (cancelled, or its "
+                "deadline passed)",
+                reason=Reason.INFERENCE_CANCELLED,
+            ) from None
+        # Inputs that match the advertised shapes can still clash inside the graph (two
+        # variable dimensions that must agree, a Reshape that does not fit, an index past a
+        # Gather's table): ORT reports those as FAIL or INVALID_ARGUMENT. They are the caller's,
+        # not the server's, so no ERROR line per request. The caller learns which operator
+        # refused, never ORT's message: it states the model's internals (a Gather's message
+        # gives its table's row count, e.g. a tokenizer's vocabulary size); the log keeps it.
+        log.warning(
+            "inference refused its inputs (%s)",
+            Reason.INFERENCE_INPUT_REJECTED,
+            extra={
+                "model": self.name,
+                "version": self.version,
+                "reason": Reason.INFERENCE_INPUT_REJECTED,
+                "ort_error": str(exc)[:2000],
+            },
+        )
+        raise InvalidArgument(
+            f"the model could not run on these inputs{_failed_operator(str(exc))}: their "
+            "shapes or values do not fit the graph",
+            reason=Reason.INFERENCE_INPUT_REJECTED,
+        ) from None
 
 
 def _spec(arg: Any, kind: str) -> TensorSpec:
@@ -329,5 +443,7 @@ def _failed_operator(text: str) -> str:
     return f" (its {match.group(1)} operator failed)" if match else ""
 
 
+_ORT_FATAL = 4
+"""ONNX Runtime's log severity FATAL: the run logs nothing short of a crash."""
 _NODE_NAME = re.compile(r" ?Name:'[^']*'")
 _FAILED_OPERATOR = re.compile(r"while running ([A-Za-z0-9_]{1,64}) node")

@@ -123,7 +123,8 @@ _EMPTY = _Entry(MappingProxyType({}), None, MappingProxyType({}))
 
 
 class ModelRepository:
-    """Models by name and version; ``expected`` names make the server unready until they load."""
+    """Models by name and version; ``expected`` names make the server unready until they load.
+    ``options`` are the ONNX Runtime settings of the sessions :meth:`load` makes."""
 
     def __init__(
         self,
@@ -131,12 +132,14 @@ class ModelRepository:
         *,
         retain_versions: int = 1,
         max_failed: int = MAX_FAILED_LOADS,
+        options: RuntimeOptions | None = None,
     ) -> None:
         if retain_versions < 1:
             raise ValueError("retain_versions must be at least 1")
         if max_failed < 1:
             raise ValueError("max_failed must be at least 1")
         self._retain = retain_versions
+        self._options = options or RuntimeOptions()
         self._max_failed = max_failed
         # Every FAILED version, oldest failure first (module docstring: the cap drops from here).
         self._failed: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -188,6 +191,17 @@ class ModelRepository:
                 "detail": error.message[:2000],
             },
         )
+
+    def withdraw(self, name: str, version: str, loading: VersionStatus) -> None:
+        """Forgets a load that :meth:`begin_load` recorded but that will not run (it was aborted
+        before it began), if ``loading`` is still ``version``'s status: the version reads as if
+        the load had never been asked for."""
+        with self._lock:
+            if not self._current(name, version, loading):
+                return
+            entry = self._entries[name]
+            pending = {v: s for v, s in entry.pending.items() if v != version}
+            self._put_or_drop(name, _Entry(entry.ready, entry.default, MappingProxyType(pending)))
 
     @contextlib.contextmanager
     def retrying(self, name: str, version: str) -> Iterator[None]:
@@ -251,7 +265,7 @@ class ModelRepository:
             raise _unloaded(name, version)
         try:
             loaded = LoadedModel.from_bytes(
-                name, version, model, external_data=external_data, options=options
+                name, version, model, external_data=external_data, options=options or self._options
             )
         except StrongroomError as exc:
             self.fail(name, version, exc, loading=loading)
