@@ -20,7 +20,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from strongroom.runtime.callers import UnaryGuard, WorkerShares
+from strongroom.pki.authz import SpiffeAuthorizer
+from strongroom.runtime.callers import UnaryGuard, WorkerShares, caller_key, identify_by_role
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import ServerInterceptor
 from strongroom.runtime.health import HealthServicer
@@ -151,6 +152,14 @@ class ServiceHost:
             {HEALTH_SERVICE, reflection.SERVICE_NAME, *control_plane},
             public={HEALTH_SERVICE, *public},
         )
+        # Callers the authoriser grants no role count as one (they may call health only): N
+        # certificates of the CA with no role buy no N buckets.
+        authorizers = [i for i in interceptors if isinstance(i, SpiffeAuthorizer)]
+        identify = (
+            identify_by_role(lambda spiffe_id: any(a.grants_any(spiffe_id) for a in authorizers))
+            if authorizers
+            else caller_key
+        )
         self.streams = StreamGuard(
             StreamLimits(
                 max_streams_per_identity=config.max_streams_per_identity,
@@ -158,9 +167,15 @@ class ServiceHost:
                 idle_timeout=config.stream_idle_timeout_seconds,
                 min_bytes_per_second=config.stream_min_bytes_per_second,
             ),
+            identify=identify,
             shares=self.shares,
         )
-        self.unary = UnaryGuard(config.unary_calls_per_identity, shares=self.shares)
+        self.unary = UnaryGuard(
+            config.unary_calls_per_identity,
+            identify=identify,
+            shares=self.shares,
+            max_roleless_waits=config.roleless_request_waits,
+        )
         shares = self.shares
 
         def counted(method: str, non_blocking: bool) -> bool:
