@@ -33,7 +33,11 @@ So every caller the authoriser grants no method that is not public (:data:`ROLEL
 unusable certificate joins) counts as one caller, and their waits for a request message, all
 together, are capped lower still (``server.max_roleless_request_waits``; ``ROLELESS_CALLERS_BUSY``).
 A cap on every public wait would not do: an authorised caller's burst of health ``Watch`` calls
-waits, each for milliseconds under load with its message already buffered, and was refused.
+waits, each for milliseconds under load with its message already buffered, and was refused. What
+a public method's wait may last is bounded instead (``server.health_request_wait_seconds``): a
+watchdog cancels the call past it (gRPC Python has no timed read, and a status cannot be set from
+another thread, so its caller sees ``CANCELLED``), where it held its worker until its deadline or
+its connection's age.
 """
 
 from __future__ import annotations
@@ -41,13 +45,14 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 import grpc
 
-from strongroom.errors import ResourceExhausted
+from strongroom.errors import Cancelled, ResourceExhausted
 from strongroom.pki.authz import verified_caller
 from strongroom.pki.errors import PeerUnauthenticated
 from strongroom.reasons import Reason
@@ -182,6 +187,7 @@ class UnaryGuard(HandlerInterceptor):
         identify: Identify = caller_key,
         shares: WorkerShares | None = None,
         max_roleless_waits: int | None = None,
+        public_wait: float | None = None,
     ) -> None:
         if max_per_identity < 1:
             raise ValueError("max_per_identity must be at least 1")
@@ -192,6 +198,12 @@ class UnaryGuard(HandlerInterceptor):
         # None: their per-identity cap alone.
         self._max_roleless_waits = max_roleless_waits
         self._roleless_waits = 0
+        # Seconds a public method's call may wait for its message before it is cancelled; None:
+        # until its deadline. Waits being timed: context -> when it is cancelled.
+        self._public_wait = public_wait
+        self._timed: dict[grpc.ServicerContext, float] = {}
+        self._late: set[grpc.ServicerContext] = set()  # cancelled by the watchdog
+        self._watchdog: threading.Thread | None = None
         self._identify = identify
         # Without shares (a guard on its own), every method is data-plane and only the
         # per-identity cap binds.
@@ -304,16 +316,65 @@ class UnaryGuard(HandlerInterceptor):
                 "call refused waiting for its request",
                 exc=refusal,
             )
+        timed = self._public_wait is not None and shares.is_public(method)
+        if timed:
+            self._time(context)
         try:
             return read()
+        except Cancelled:
+            with self._lock:
+                late = context in self._late
+            if not late:
+                raise
+            # The RPC is cancelled (its caller sees CANCELLED); this is what the logs and a
+            # refusal observer are told.
+            raise ResourceExhausted(
+                f"{method}: no request message within {self._public_wait:g}s "
+                "(server.health_request_wait_seconds); the call was cancelled",
+                reason=Reason.REQUEST_MESSAGE_TIMEOUT,
+            ) from None
         finally:
             with self._lock:
+                if timed:
+                    self._timed.pop(context, None)
+                    self._late.discard(context)
                 if roleless:
                     self._roleless_waits -= 1
                 if own:
                     self._waiting.discard(identity)
                 else:
                     shares.held -= 1
+
+    def _time(self, context: grpc.ServicerContext) -> None:
+        """Has the watchdog cancel ``context`` unless its wait ends within the bound."""
+        bound = self._public_wait or 0.0
+        with self._lock:
+            self._timed[context] = time.monotonic() + bound
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._watch_waits, args=(bound,), name="request-watchdog", daemon=True
+                )
+                self._watchdog.start()
+
+    def _watch_waits(self, bound: float) -> None:
+        # gRPC Python has no timed read; cancelling the RPC from another thread makes the blocked
+        # read raise (the caller sees CANCELLED: no status can be set from here).
+        period = max(0.05, bound / 4)
+        while True:
+            time.sleep(period)
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c, when in self._timed.items() if now >= when]
+                for context in late:
+                    del self._timed[context]
+                    self._late.add(context)
+            for context in late:
+                log.warning(
+                    "call cancelled: no request message",
+                    extra={"peer": context.peer(), "reason": Reason.REQUEST_MESSAGE_TIMEOUT},
+                )
+                cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
+                cancel()
 
     def _leave(self, identity: str, data: bool) -> None:
         with self._lock:

@@ -278,11 +278,12 @@ class ServerConfig:
     # Blocking streams (each holds a worker thread) open at once, all callers together; None is
     # half of max_workers, so that the other half always remains for unary RPCs.
     max_blocking_streams: int | None = None
-    # A call on the plaintext health port whose request message has not arrived this long after
-    # its headers is ended (RESOURCE_EXHAUSTED REQUEST_MESSAGE_TIMEOUT): the port needs no
-    # certificate, and what a stalled call costs must not last. A probe sends its message with
-    # the call, at once; waiting calls hold no thread either way.
-    health_port_request_wait_seconds: float = 5.0
+    # A health call whose request message has not arrived this long after its headers is ended:
+    # on the plaintext port (no certificate needed; such a wait holds no thread there) with
+    # RESOURCE_EXHAUSTED REQUEST_MESSAGE_TIMEOUT, on the mTLS port (any certificate of the CA;
+    # the wait holds a data-plane worker) cancelled, since gRPC cannot set a status from
+    # another thread. A probe sends its message with the call, at once.
+    health_request_wait_seconds: float = 5.0
     # A request stream that sends nothing for this long is ended (RESOURCE_EXHAUSTED).
     stream_idle_timeout_seconds: float = 30.0
     # A blocking stream (an upload, a download) that moves fewer bytes than this per second, over
@@ -338,8 +339,8 @@ class ServerConfig:
                 f"workers ({data_plane}): callers without a role must never hold every data-plane "
                 f"worker, got {self.max_roleless_request_waits}"
             )
-        if not 0.1 <= self.health_port_request_wait_seconds <= 60:
-            raise ConfigError("server.health_port_request_wait_seconds must be between 0.1 and 60")
+        if not 0.1 <= self.health_request_wait_seconds <= 60:
+            raise ConfigError("server.health_request_wait_seconds must be between 0.1 and 60")
         if not 0.1 <= self.stream_idle_timeout_seconds <= 3600:
             raise ConfigError("server.stream_idle_timeout_seconds must be between 0.1 and 3600")
         if not (

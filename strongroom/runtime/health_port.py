@@ -10,7 +10,7 @@ message (milliseconds) cannot be told from a stalled one before it ends.
 
 So the port is served by gRPC's asyncio server on a thread of its own: a call waiting for its
 message is a suspended coroutine, which holds no thread, and a probe is answered whatever number
-of calls wait. Each wait is bounded besides (``server.health_port_request_wait_seconds``): a call
+of calls wait. Each wait is bounded besides (``server.health_request_wait_seconds``): a call
 whose message has not arrived by then is ended with ``RESOURCE_EXHAUSTED``
 (``REQUEST_MESSAGE_TIMEOUT``, one WARNING with the peer), so that what stalled calls cost (a few
 KiB each in gRPC core) lasts seconds, not a connection's life. Every method is registered as a
@@ -149,7 +149,7 @@ class PlaintextHealthPort:
             )
             raise ResourceExhausted(
                 f"{method}: no request message within {self._wait:g}s "
-                "(server.health_port_request_wait_seconds); the call was ended",
+                "(server.health_request_wait_seconds); the call was ended",
                 reason=Reason.REQUEST_MESSAGE_TIMEOUT,
             ) from None
         except StopAsyncIteration:

@@ -176,6 +176,7 @@ class ServiceHost:
             identify=identify,
             shares=self.shares,
             max_roleless_waits=config.roleless_request_waits,
+            public_wait=config.health_request_wait_seconds,
         )
         shares = self.shares
 
@@ -238,7 +239,7 @@ class ServiceHost:
             # (strongroom.runtime.health_port). No cap on concurrent RPCs: open Watch streams
             # would then refuse the kubelet's probes.
             self._health_server = PlaintextHealthPort(
-                self._health, health_listen, config.health_port_request_wait_seconds
+                self._health, health_listen, config.health_request_wait_seconds
             )
             self.health_port = self._health_server.port
         self._set_all(NOT_SERVING)

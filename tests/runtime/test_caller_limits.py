@@ -766,3 +766,30 @@ def test_roleless_request_waits_default_to_an_eighth_of_the_data_plane() -> None
     for value in (0, 7):
         with pytest.raises(ConfigError, match="max_roleless_request_waits"):
             ServerConfig(max_workers=8, max_roleless_request_waits=value)
+
+
+def test_a_health_call_without_its_message_is_cancelled_after_the_wait_bound(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """A health call that never sent its message held its data-plane worker until its deadline
+    (none, if its caller set none) or its connection's age (30 min), whoever called: the wait
+    is bounded now (server.health_request_wait_seconds), and the call cancelled past it while
+    its caller still sends nothing; its worker comes back, and health answers as before."""
+    running = mesh(health_request_wait_seconds=0.2)
+    gate = threading.Event()
+    check, watch = f"/{HEALTH_SERVICE}/Check", f"/{HEALTH_SERVICE}/Watch"
+    try:
+        for name in ("stranger", "client"):  # role-less, and with a role
+            channel = running.caller(name)
+            stalled = channel.stream_unary(check, _raw, _raw).future(never_sent(gate), timeout=10)
+            assert refusal(stalled.result)[0] == grpc.StatusCode.CANCELLED
+            watching = channel.stream_stream(watch, _raw, _raw)(never_sent(gate), timeout=10)
+            assert refusal(lambda: next(watching))[0] == grpc.StatusCode.CANCELLED  # noqa: B023
+            assert not gate.is_set()
+            assert settled(lambda: running.host.shares.held_now() == 0)
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=30
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        gate.set()

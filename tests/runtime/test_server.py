@@ -552,7 +552,7 @@ def test_a_plaintext_health_call_without_its_message_is_ended_after_the_wait_bou
     method: str,
 ) -> None:
     """What a stalled call costs on the unauthenticated port lasts the bound
-    (server.health_port_request_wait_seconds), not the caller's deadline or its connection's
+    (server.health_request_wait_seconds), not the caller's deadline or its connection's
     life: it is ended with RESOURCE_EXHAUSTED REQUEST_MESSAGE_TIMEOUT while its caller still
     sends nothing."""
     host = ServiceHost(
@@ -560,7 +560,7 @@ def test_a_plaintext_health_call_without_its_message_is_ended_after_the_wait_bou
         credentials=None,
         services=[make_service(Behaviour())],
         health_listen="127.0.0.1:0",
-        config=ServerConfig(health_port_request_wait_seconds=0.2),
+        config=ServerConfig(health_request_wait_seconds=0.2),
     )
     host.start()
     gate = threading.Event()
