@@ -289,6 +289,7 @@ class SpiffeAuthorizer(_InterceptorBase):
             if key in self._rules:
                 raise InvalidPkiConfig(f"rule {pattern!r} appears twice")
             self._rules[key] = allowed
+        self._granted: frozenset[SpiffeId] = frozenset().union(*self._rules.values())
         self._public = frozenset(_normalise_pattern(p) for p in public)
         overlap = self._public & self._rules.keys()
         if overlap:
@@ -296,6 +297,12 @@ class SpiffeAuthorizer(_InterceptorBase):
 
     def _is_public(self, method: str) -> bool:
         return method in self._public or f"{_service_of(method)}*" in self._public
+
+    def grants_any(self, spiffe_id: SpiffeId) -> bool:
+        """Whether any rule lets ``spiffe_id`` call a method that is not public: an identity it
+        grants nothing (role-less) may call only what anyone may, and the service runtime counts
+        all such callers as one (:data:`~strongroom.runtime.callers.ROLELESS`)."""
+        return spiffe_id in self._granted
 
     def allowed(self, method: str) -> frozenset[SpiffeId] | None:
         """The IDs allowed to call ``method`` (None when unlisted, i.e. denied to everyone)."""

@@ -25,47 +25,81 @@ Control-plane calls count against their caller's cap only: an operator's calls a
 health checks are answered at once. Only the wait for a call's request message tells public
 control-plane methods (health) from the operator's: a public one waits within the data plane
 (:meth:`UnaryGuard.wait_for_request`), since any certificate may call it.
+
+Any certificate: the CA signs for SPIFFE IDs the services give no role, and a public method admits
+every one of them. Counted one by one, N such identities had N caps of health calls that never
+sent their message, each holding a data-plane worker, and three of them held the whole data plane.
+So every caller the authoriser grants no method that is not public (:data:`ROLELESS`, which an
+unusable certificate joins) counts as one caller, and their waits for a request message, all
+together, are capped lower still (``server.max_roleless_request_waits``; ``ROLELESS_CALLERS_BUSY``).
+A cap on every public wait would not do: an authorised caller's burst of health ``Watch`` calls
+waits, each for milliseconds under load with its message already buffered, and was refused. What
+a public method's wait may last is bounded instead (``server.health_request_wait_seconds``): a
+watchdog cancels the call past it (gRPC Python has no timed read, and a status cannot be set from
+another thread, so its caller sees ``CANCELLED``), where it held its worker until its deadline or
+its connection's age.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 import grpc
 
-from strongroom.errors import ResourceExhausted
+from strongroom.errors import Cancelled, ResourceExhausted
 from strongroom.pki.authz import verified_caller
 from strongroom.pki.errors import PeerUnauthenticated
 from strongroom.reasons import Reason
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler
+from strongroom.spiffe import SpiffeId
 
 log = logging.getLogger(__name__)
 
 UNVERIFIED = "unverified-certificate"
-"""The one bucket shared by every caller whose certificate yields no usable SPIFFE ID (only public
-methods admit them, such as health): a certified client cannot multiply its buckets by holding
-certificates the authoriser would refuse. It cannot collide with a SPIFFE ID (no ``spiffe://``)."""
+"""Who asked, for a caller whose certificate yields no usable SPIFFE ID (the key broker's budget of
+unread refusals keys such callers on it). It cannot collide with a SPIFFE ID (no ``spiffe://``)."""
+
+ROLELESS = "roleless-callers"
+"""The one bucket shared by every caller the authoriser grants no method that is not public: a
+certificate that yields no usable SPIFFE ID, and any SPIFFE ID no rule names (the CA signs for
+names the services give no role). Only public methods (health) admit them, so a holder of many
+such certificates cannot multiply its buckets. It cannot collide with a SPIFFE ID."""
 
 Identify = Callable[[grpc.ServicerContext], str]
 """Names the caller of an RPC for per-identity accounting (default: :func:`caller_key`)."""
 
+Grants = Callable[[SpiffeId], bool]
+"""Whether the authoriser grants a SPIFFE ID any method that is not public
+(:meth:`~strongroom.pki.authz.SpiffeAuthorizer.grants_any`)."""
 
-def caller_key(context: grpc.ServicerContext) -> str:
+
+def caller_key(context: grpc.ServicerContext, grants: Grants | None = None) -> str:
     """The caller of this RPC for per-identity accounting: its verified SPIFFE ID.
 
-    A caller without a usable identity counts in :data:`UNVERIFIED`; a peer without any client
-    certificate (a plaintext host, which only tests run) counts by its address.
+    A caller without a usable identity counts in :data:`ROLELESS`, and so does one whose SPIFFE ID
+    ``grants`` says has no role (without ``grants``, every SPIFFE ID counts on its own); a peer
+    without any client certificate (a plaintext host, which only tests run) counts by its address.
     """
     try:
-        return str(verified_caller(context).spiffe_id)
+        spiffe_id = verified_caller(context).spiffe_id
     except PeerUnauthenticated as exc:
         if exc.reason == Reason.NO_PEER_CERT:
             return f"peer:{context.peer()}"
-        return UNVERIFIED
+        return ROLELESS
+    if grants is not None and not grants(spiffe_id):
+        return ROLELESS
+    return str(spiffe_id)
+
+
+def identify_by_role(grants: Grants) -> Identify:
+    """:func:`caller_key` with role-less callers (per ``grants``) counted as one."""
+    return functools.partial(caller_key, grants=grants)
 
 
 class WorkerShares:
@@ -152,10 +186,24 @@ class UnaryGuard(HandlerInterceptor):
         max_per_identity: int,
         identify: Identify = caller_key,
         shares: WorkerShares | None = None,
+        max_roleless_waits: int | None = None,
+        public_wait: float | None = None,
     ) -> None:
         if max_per_identity < 1:
             raise ValueError("max_per_identity must be at least 1")
+        if max_roleless_waits is not None and max_roleless_waits < 1:
+            raise ValueError("max_roleless_waits must be at least 1")
         self._max = max_per_identity
+        # Waits for a request message that role-less callers (all together) may have at once;
+        # None: their per-identity cap alone.
+        self._max_roleless_waits = max_roleless_waits
+        self._roleless_waits = 0
+        # Seconds a public method's call may wait for its message before it is cancelled; None:
+        # until its deadline. Waits being timed: context -> when it is cancelled.
+        self._public_wait = public_wait
+        self._timed: dict[grpc.ServicerContext, float] = {}
+        self._late: set[grpc.ServicerContext] = set()  # cancelled by the watchdog
+        self._watchdog: threading.Thread | None = None
         self._identify = identify
         # Without shares (a guard on its own), every method is data-plane and only the
         # per-identity cap binds.
@@ -182,19 +230,32 @@ class UnaryGuard(HandlerInterceptor):
         self._refuse(identity, method, context, over, "unary call refused")
 
     def _refuse(
-        self, identity: str, method: str, context: grpc.ServicerContext, over: bool, what: str
+        self,
+        identity: str,
+        method: str,
+        context: grpc.ServicerContext,
+        over: bool,
+        what: str,
+        *,
+        exc: ResourceExhausted | None = None,
     ) -> NoReturn:
-        exc = (
-            ResourceExhausted(
-                f"{identity} already has {self._max} calls running "
-                f"(server.max_unary_calls_per_identity); {method} refused, retry later",
-                reason=Reason.TOO_MANY_UNARY_CALLS_PER_IDENTITY,
+        if exc is None:
+            exc = (
+                ResourceExhausted(
+                    f"{identity} already has {self._max} calls running "
+                    f"(server.max_unary_calls_per_identity); {method} refused, retry later",
+                    reason=Reason.TOO_MANY_UNARY_CALLS_PER_IDENTITY,
+                )
+                if over
+                else self.shares.busy(method)
             )
-            if over
-            else self.shares.busy(method)
-        )
         log.warning(what, extra={"method": method, "peer": context.peer(), "reason": exc.reason})
         raise exc
+
+    def roleless_waits(self) -> int:
+        """Waits for a request message that role-less callers (:data:`ROLELESS`) have now."""
+        with self._lock:
+            return self._roleless_waits
 
     def wait_for_request(
         self, context: grpc.ServicerContext, method: str, read: Callable[[], Any]
@@ -215,28 +276,105 @@ class UnaryGuard(HandlerInterceptor):
         the control-plane reserve, and with the data plane full the operator's calls queued
         behind them. The call itself already counts against its caller's cap (unary calls here,
         streams in :class:`~strongroom.runtime.streams.StreamGuard`).
+
+        Callers the authoriser grants no role (:data:`ROLELESS`: any SPIFFE ID the CA signs for,
+        however many) share one bucket, and their waits, all of them together, are capped at
+        ``max_roleless_waits`` besides: each role-less identity held its own cap of health calls
+        that never sent their message, so that two or three certificates held every data-plane
+        worker. Role-holding callers are not touched: a burst of their health ``Watch`` calls
+        waits (milliseconds, the message buffered) within their own cap and the data plane.
         """
         identity = self._identify(context)
         shares = self.shares
+        roleless = identity == ROLELESS and self._max_roleless_waits is not None
         own: bool | None  # None: refused
+        refusal: ResourceExhausted | None = None
         with self._lock:
             own = identity not in self._waiting and not shares.is_public(method)
-            if own:
+            if roleless and self._roleless_waits >= (self._max_roleless_waits or 0):
+                own = None
+                refusal = ResourceExhausted(
+                    f"callers without a role already wait for {self._max_roleless_waits} request "
+                    f"messages (server.max_roleless_request_waits); {method} refused, retry "
+                    "later or send the request message with the call",
+                    reason=Reason.ROLELESS_CALLERS_BUSY,
+                )
+            elif own:
                 self._waiting.add(identity)
             elif shares.held < shares.data_plane:
                 shares.held += 1
             else:
                 own = None  # refused
+            if own is not None and roleless:
+                self._roleless_waits += 1
         if own is None:
-            self._refuse(identity, method, context, False, "call refused waiting for its request")
+            self._refuse(
+                identity,
+                method,
+                context,
+                False,
+                "call refused waiting for its request",
+                exc=refusal,
+            )
+        timed = self._public_wait is not None and shares.is_public(method)
+        if timed:
+            self._time(context)
         try:
             return read()
+        except Cancelled:
+            with self._lock:
+                late = context in self._late
+            if not late:
+                raise
+            # The RPC is cancelled (its caller sees CANCELLED); this is what the logs and a
+            # refusal observer are told.
+            raise ResourceExhausted(
+                f"{method}: no request message within {self._public_wait:g}s "
+                "(server.health_request_wait_seconds); the call was cancelled",
+                reason=Reason.REQUEST_MESSAGE_TIMEOUT,
+            ) from None
         finally:
             with self._lock:
+                if timed:
+                    self._timed.pop(context, None)
+                    self._late.discard(context)
+                if roleless:
+                    self._roleless_waits -= 1
                 if own:
                     self._waiting.discard(identity)
                 else:
                     shares.held -= 1
+
+    def _time(self, context: grpc.ServicerContext) -> None:
+        """Has the watchdog cancel ``context`` unless its wait ends within the bound."""
+        bound = self._public_wait or 0.0
+        with self._lock:
+            self._timed[context] = time.monotonic() + bound
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._watch_waits, args=(bound,), name="request-watchdog", daemon=True
+                )
+                self._watchdog.start()
+
+    def _watch_waits(self, bound: float) -> None:
+        # gRPC Python has no timed read; cancelling the RPC from another thread makes the blocked
+        # read raise (the caller sees CANCELLED: no status can be set from here).
+        period = max(0.05, bound / 4)
+        while True:
+            time.sleep(period)
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c, when in self._timed.items() if now >= when]
+                for context in late:
+                    del self._timed[context]
+                    self._late.add(context)
+            for context in late:
+                log.warning(
+                    "call cancelled: no request message",
+                    extra={"peer": context.peer(), "reason": Reason.REQUEST_MESSAGE_TIMEOUT},
+                )
+                cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
+                cancel()
 
     def _leave(self, identity: str, data: bool) -> None:
         with self._lock:

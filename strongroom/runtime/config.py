@@ -269,9 +269,21 @@ class ServerConfig:
     # still leave a worker for a third, and nobody is queued behind them. The excess is refused at
     # once (RESOURCE_EXHAUSTED TOO_MANY_UNARY_CALLS_PER_IDENTITY).
     max_unary_calls_per_identity: int | None = None
+    # Waits for a request message that callers without a role (certificates the authoriser grants
+    # only public methods, health: any SPIFFE ID the CA signs for, all such callers together, which
+    # also share one per-identity bucket) may have at once; each holds a data-plane worker while
+    # it lasts. None is an eighth of the data-plane workers (at least 1): 3 of 28. The excess is
+    # refused at once (RESOURCE_EXHAUSTED ROLELESS_CALLERS_BUSY).
+    max_roleless_request_waits: int | None = None
     # Blocking streams (each holds a worker thread) open at once, all callers together; None is
     # half of max_workers, so that the other half always remains for unary RPCs.
     max_blocking_streams: int | None = None
+    # A health call whose request message has not arrived this long after its headers is ended:
+    # on the plaintext port (no certificate needed; such a wait holds no thread there) with
+    # RESOURCE_EXHAUSTED REQUEST_MESSAGE_TIMEOUT, on the mTLS port (any certificate of the CA;
+    # the wait holds a data-plane worker) cancelled, since gRPC cannot set a status from
+    # another thread. A probe sends its message with the call, at once.
+    health_request_wait_seconds: float = 5.0
     # A request stream that sends nothing for this long is ended (RESOURCE_EXHAUSTED).
     stream_idle_timeout_seconds: float = 30.0
     # A blocking stream (an upload, a download) that moves fewer bytes than this per second, over
@@ -319,6 +331,16 @@ class ServerConfig:
                 f"{self.control_plane_reserve} = {data_plane}): one caller must never hold every "
                 f"data-plane worker, got {self.max_unary_calls_per_identity}"
             )
+        if self.max_roleless_request_waits is not None and not (
+            self.max_roleless_request_waits == 1 or 1 < self.max_roleless_request_waits < data_plane
+        ):
+            raise ConfigError(
+                "server.max_roleless_request_waits must be at least 1 and below the data-plane "
+                f"workers ({data_plane}): callers without a role must never hold every data-plane "
+                f"worker, got {self.max_roleless_request_waits}"
+            )
+        if not 0.1 <= self.health_request_wait_seconds <= 60:
+            raise ConfigError("server.health_request_wait_seconds must be between 0.1 and 60")
         if not 0.1 <= self.stream_idle_timeout_seconds <= 3600:
             raise ConfigError("server.stream_idle_timeout_seconds must be between 0.1 and 3600")
         if not (
@@ -380,6 +402,15 @@ class ServerConfig:
         if self.max_unary_calls_per_identity is not None:
             return self.max_unary_calls_per_identity
         return max(1, (self.data_plane_workers - 1) // 2)
+
+    @property
+    def roleless_request_waits(self) -> int:
+        """The effective ``max_roleless_request_waits``: an eighth of the data-plane workers (at
+        least 1), so that role-less callers, however many certificates they hold, leave the data
+        plane to the callers the services give a role."""
+        if self.max_roleless_request_waits is not None:
+            return self.max_roleless_request_waits
+        return max(1, self.data_plane_workers // 8)
 
     @property
     def max_concurrent_rpcs(self) -> int:

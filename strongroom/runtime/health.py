@@ -7,6 +7,10 @@ waits for the lock: the server stops (grpc/grpc#43403). This subclass never send
 servicer's lock; each watcher has its own lock that orders its sends, and each send carries the
 service's status as it is at that moment, so a watcher never sees an older status after a newer
 one.
+
+The plaintext health port (:mod:`strongroom.runtime.health_port`, an asyncio server) serves the same
+statuses: :meth:`HealthServicer.status_of` for ``Check`` and :meth:`HealthServicer.watch` for
+``Watch``, whose bounds on names and watchers hold on both ports together.
 """
 
 from __future__ import annotations
@@ -74,17 +78,36 @@ class HealthServicer(health.HealthServicer):
         """Sends the service's status now and whenever it changes, until the caller leaves."""
         if send_response_callback is None:  # a server without non-blocking support
             return super().Watch(request, context)
-        if len(request.service) > MAX_SERVICE_NAME:
+        closed = self.watch(request.service, send_response_callback)
+        if closed is not None and not context.add_callback(closed):
+            closed()
+        return None
+
+    def status_of(self, service: str) -> int | None:
+        """The status set for ``service``, None when none was (``Check`` answers NOT_FOUND)."""
+        with self._lock:
+            status: int | None = self._server_status.get(service)
+        return status
+
+    def watch(self, service: str, send: _Send) -> Callable[[], None] | None:
+        """Starts watching ``service``: ``send`` gets its status now and whenever it changes, and
+        None once the watch ends. Returns what to call when the caller leaves, or None when the
+        watch was told the status and ended at once (a name too long, or ``MAX_WATCHERS``
+        watching). ``send`` must not wait on the caller for long: it is called with a
+        watcher's lock held."""
+        if len(service) > MAX_SERVICE_NAME:
             # No service has such a name, nor ever will: said once, and nothing kept.
-            return self._tell_and_end(request.service, send_response_callback)
-        watcher = _Watcher(request.service, send_response_callback)
+            self._tell_and_end(service, send)
+            return None
+        watcher = _Watcher(service, send)
         with self._lock:
             full = self._watching >= MAX_WATCHERS
             if not full:
                 self._watchers.setdefault(watcher.service, set()).add(watcher)
                 self._watching += 1
         if full:  # the caller may watch again later, or poll with Check
-            return self._tell_and_end(request.service, send_response_callback)
+            self._tell_and_end(service, send)
+            return None
 
         def closed() -> None:
             # Runs on gRPC's completion thread: take no lock a sender may hold while it waits.
@@ -96,13 +119,10 @@ class HealthServicer(health.HealthServicer):
                     self._watching -= 1
                     if not watching:  # else every name ever watched stays, by the caller's choice
                         del self._watchers[watcher.service]
-            send_response_callback(None)
+            send(None)
 
-        if not context.add_callback(closed):
-            closed()
-            return None
         self._update(watcher)
-        return None
+        return closed
 
     def _tell_and_end(self, service: str, send: _Send) -> None:
         send(health_pb2.HealthCheckResponse(status=self._status(service)))

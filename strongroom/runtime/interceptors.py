@@ -46,6 +46,7 @@ from contextvars import ContextVar
 from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
+import grpc.aio
 from google.protobuf.message import DecodeError
 
 from strongroom.errors import Cancelled, InvalidArgument, StrongroomError
@@ -101,6 +102,25 @@ def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> N
     log.error("unexpected error in %s (ref %s)", method, ref, exc_info=exc)
     context.set_trailing_metadata(((REASON_TRAILER, "INTERNAL"),))
     context.abort(grpc.StatusCode.INTERNAL, f"INTERNAL: internal error (ref {ref})")
+
+
+async def answer_aio(
+    context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str
+) -> NoReturn:
+    """What :func:`_handle` does, for a handler of gRPC's asyncio server (the plaintext health
+    port): a :class:`~strongroom.errors.StrongroomError` becomes its status, reason trailer and
+    message; anything else is logged with a reference and answered INTERNAL with only that."""
+    if isinstance(exc, StrongroomError):
+        log.info(
+            "rpc failed", extra={"method": method, "reason": exc.reason, "status": exc.status_name}
+        )
+        context.set_trailing_metadata(((REASON_TRAILER, exc.reason),))
+        await context.abort(grpc.StatusCode[exc.status_name], str(exc))
+    ref = uuid.uuid4().hex[:12]
+    log.error("unexpected error in %s (ref %s)", method, ref, exc_info=exc)
+    context.set_trailing_metadata(((REASON_TRAILER, Reason.INTERNAL),))
+    await context.abort(grpc.StatusCode.INTERNAL, f"INTERNAL: internal error (ref {ref})")
+    raise AssertionError("unreachable: abort raises")
 
 
 class _Malformed:

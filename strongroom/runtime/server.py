@@ -2,8 +2,9 @@
 
 It serves the service's RPCs over mutual TLS with the workload identity's hot-swapping credentials,
 behind tracing, SPIFFE authorisation and error mapping; gRPC health (also on an optional plaintext
-port that serves health only, for kubelet and compose probes) and reflection; sane message-size and
-keepalive limits; and a graceful stop that drains in-flight calls on SIGTERM.
+port that serves health only, for kubelet and compose probes, without worker threads:
+:mod:`strongroom.runtime.health_port`) and reflection; sane message-size and keepalive limits; and
+a graceful stop that drains in-flight calls on SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from strongroom.runtime.callers import UnaryGuard, WorkerShares
+from strongroom.pki.authz import SpiffeAuthorizer
+from strongroom.runtime.callers import UnaryGuard, WorkerShares, caller_key, identify_by_role
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import ServerInterceptor
 from strongroom.runtime.health import HealthServicer
+from strongroom.runtime.health_port import HEALTH_SERVICE as _HEALTH
+from strongroom.runtime.health_port import PlaintextHealthPort
 from strongroom.runtime.interceptors import (
     CachedChain,
     DeferredRequests,
@@ -50,9 +54,7 @@ HANDLER_DRAIN_SECONDS = 5.0
 calls that are still running (each bounded by its own timeouts: HSM operations, collateral
 fetches, storage calls). The default grace (20 s) plus this stays inside the chart's 30 s
 ``terminationGracePeriodSeconds``, with time left for what a service does once stopped."""
-HEALTH_SERVICE = "grpc.health.v1.Health"
-HEALTH_MAX_REQUEST_BYTES = 1024
-"""The largest request the plaintext health port reads (a HealthCheckRequest is a service name)."""
+HEALTH_SERVICE = _HEALTH
 # A health name that is SERVING for as long as the process serves at all, whatever its
 # dependencies say: for liveness probes, which must not restart a process waiting for its HSM.
 LIVENESS = "strongroom.Liveness"
@@ -151,6 +153,14 @@ class ServiceHost:
             {HEALTH_SERVICE, reflection.SERVICE_NAME, *control_plane},
             public={HEALTH_SERVICE, *public},
         )
+        # Callers the authoriser grants no role count as one (they may call health only): N
+        # certificates of the CA with no role buy no N buckets.
+        authorizers = [i for i in interceptors if isinstance(i, SpiffeAuthorizer)]
+        identify = (
+            identify_by_role(lambda spiffe_id: any(a.grants_any(spiffe_id) for a in authorizers))
+            if authorizers
+            else caller_key
+        )
         self.streams = StreamGuard(
             StreamLimits(
                 max_streams_per_identity=config.max_streams_per_identity,
@@ -158,9 +168,16 @@ class ServiceHost:
                 idle_timeout=config.stream_idle_timeout_seconds,
                 min_bytes_per_second=config.stream_min_bytes_per_second,
             ),
+            identify=identify,
             shares=self.shares,
         )
-        self.unary = UnaryGuard(config.unary_calls_per_identity, shares=self.shares)
+        self.unary = UnaryGuard(
+            config.unary_calls_per_identity,
+            identify=identify,
+            shares=self.shares,
+            max_roleless_waits=config.roleless_request_waits,
+            public_wait=config.health_request_wait_seconds,
+        )
         shares = self.shares
 
         def counted(method: str, non_blocking: bool) -> bool:
@@ -214,25 +231,17 @@ class ServiceHost:
             self.port = self._server.add_secure_port(listen, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
-        self._health_server: grpc.Server | None = None
+        self._health_server: PlaintextHealthPort | None = None
         self.health_port: int | None = None
         if health_listen:
-            # Plaintext and unauthenticated (probes): a request is a service name. (No cap on
-            # concurrent RPCs: open Watch streams would then refuse the kubelet's probes.) Errors
-            # are mapped here too: without it, anyone who reaches the port could make gRPC log an
-            # ERROR with a traceback per undecodable request, and be told INTERNAL.
-            self._health_server = grpc.server(
-                futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
-                interceptors=[
-                    CachedChain([ErrorMappingInterceptor(), RequestDecodingInterceptor()])
-                ],
-                options=[
-                    ("grpc.so_reuseport", 0),
-                    ("grpc.max_receive_message_length", HEALTH_MAX_REQUEST_BYTES),
-                ],
+            # Plaintext and unauthenticated (probes): served without worker threads, so that no
+            # number of calls that never send their message can keep a probe waiting
+            # (strongroom.runtime.health_port). No cap on concurrent RPCs: open Watch streams
+            # would then refuse the kubelet's probes.
+            self._health_server = PlaintextHealthPort(
+                self._health, health_listen, config.health_request_wait_seconds
             )
-            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
-            self.health_port = self._health_server.add_insecure_port(health_listen)
+            self.health_port = self._health_server.port
         self._set_all(NOT_SERVING)
 
     def _set_all(self, status: int) -> None:
@@ -286,7 +295,7 @@ class ServiceHost:
         self._server.stop(grace).wait()
         self._drain_handlers()
         if self._health_server is not None:
-            self._health_server.stop(0).wait()
+            self._health_server.stop()
         log.info("stopped")
 
     def _drain_handlers(self) -> None:

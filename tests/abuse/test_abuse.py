@@ -47,14 +47,16 @@ def test_200_watch_streams_starve_nobody(stack: DevStack, who: Identities) -> No
         outcomes = finish()
     assert legit.failures == []
     assert len(legit.latencies) >= 30
-    # Per identity and service, PER_IDENTITY streams stay open; the rest are refused at once.
-    admitted = 2 * 2 * PER_IDENTITY
-    assert outcomes == Counter(
-        {
-            ("OPEN", None): admitted,
-            ("RESOURCE_EXHAUSTED", "TOO_MANY_STREAMS_PER_IDENTITY"): 200 - admitted,
-        }
-    )
+    # Both attackers are role-less (a foreign trust domain, an ID no rule names): per service
+    # they share one bucket of PER_IDENTITY streams, and while a few of their Watches wait for
+    # the message (the role-less callers' cap) the others are refused; the rest at once too.
+    assert sum(outcomes.values()) == 200
+    assert 2 <= outcomes[("OPEN", None)] <= 2 * PER_IDENTITY
+    assert set(outcomes) <= {
+        ("OPEN", None),
+        ("RESOURCE_EXHAUSTED", "TOO_MANY_STREAMS_PER_IDENTITY"),
+        ("RESOURCE_EXHAUSTED", "ROLELESS_CALLERS_BUSY"),
+    }
 
 
 def test_64_stalled_uploads_are_refused_or_timed_out_and_leave_nothing(

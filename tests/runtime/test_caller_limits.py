@@ -32,7 +32,7 @@ from strongroom.inference.server import CONTROL_PLANE as INFERENCE_CONTROL_PLANE
 from strongroom.inference.server import EVIDENCE_SERVICE
 from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
-from strongroom.runtime.callers import UNVERIFIED
+from strongroom.runtime.callers import ROLELESS
 from strongroom.runtime.config import ConfigError, ServerConfig
 from strongroom.runtime.interceptors import RefusalObserver
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
@@ -254,10 +254,11 @@ def test_certificates_without_a_usable_identity_share_one_bucket(
     expiry = max(i.status().not_after for i in running.identities)
     while datetime.now(UTC) <= expiry:
         time.sleep(0.2)
-    watches = [stubs[0].Watch(request, timeout=60) for _ in range(2)]
-    for watch in watches:
-        next(watch)
-    assert running.host.streams.open_streams(UNVERIFIED) == 2
+    watches = []
+    for _ in range(2):  # one at a time: role-less callers wait for one message at once here
+        watches.append(stubs[0].Watch(request, timeout=60))
+        next(watches[-1])
+    assert running.host.streams.open_streams(ROLELESS) == 2
     assert refusal(lambda: next(stubs[1].Watch(request, timeout=60))) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "TOO_MANY_STREAMS_PER_IDENTITY",
@@ -582,7 +583,8 @@ def test_a_caller_that_never_sends_its_request_holds_no_worker_it_was_not_given(
     certificate of the CA: health is public), the control plane's reserve included. The message
     is read now once the authoriser and the limits admitted the call: a caller without the role
     is refused at once, and one allowed to call waits within its cap and the data-plane share
-    (a public method's request, health's, is always awaited within them)."""
+    (a public method's request, health's, is always awaited within them; a role-less caller's,
+    within the role-less callers' cap too)."""
     running = mesh(max_workers=8)  # 1 worker reserved, 7 data-plane, 3 unary calls per identity
     stranger = running.caller("stranger")  # a certificate of the CA, and no role at all
     gate = threading.Event()
@@ -600,12 +602,13 @@ def test_a_caller_that_never_sends_its_request_holds_no_worker_it_was_not_given(
             grpc.StatusCode.PERMISSION_DENIED
         )
     checks = [stall(f"/{HEALTH_SERVICE}/Check") for _ in range(8)]
-    # Three wait (the caller's cap), each as a data-plane call.
-    assert settled(lambda: sum(f.done() for f in checks) == 5)
-    assert {refusal(f.result)[1] for f in checks if f.done()} == {
-        "TOO_MANY_UNARY_CALLS_PER_IDENTITY"
+    # One waits (the role-less callers' one wait with 7 data-plane workers), as a data-plane call.
+    assert settled(lambda: sum(f.done() for f in checks) == 7)
+    assert {refusal(f.result)[1] for f in checks if f.done()} <= {
+        "TOO_MANY_UNARY_CALLS_PER_IDENTITY",
+        "ROLELESS_CALLERS_BUSY",
     }
-    assert running.host.shares.held_now() == 3
+    assert running.host.shares.held_now() == 1
     admin = running.caller("admin")
     assert admin.unary_unary(CONTROL, _raw, _raw)(b"", timeout=30) == b"admin"
     health = health_pb2_grpc.HealthStub(admin).Check(health_pb2.HealthCheckRequest(), timeout=30)
@@ -677,3 +680,124 @@ def test_callers_that_never_send_a_health_request_cannot_take_the_control_plane_
         "MALFORMED_REQUEST",
     )
     assert settled(lambda: running.host.shares.held_now() == 0)
+
+
+def never_sent(gate: threading.Event) -> Iterator[bytes]:
+    """A request stream whose call's headers go and whose message never does (until ``gate``)."""
+    gate.wait(60)
+    yield from ()
+
+
+def test_roleless_identities_stalling_health_calls_cannot_starve_the_data_plane(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """Any SPIFFE ID the CA signs for may call health, and each such identity, though the
+    authoriser grants it nothing, had a bucket of its own: its unary cap (13) of health Checks
+    and its streams (8) of Watches that never sent their message each held a data-plane worker,
+    so three certificates held all 28 and a client's call was refused DATA_PLANE_WORKERS_BUSY.
+    Role-less callers now share one bucket, and their waits for a message, all together, are
+    capped (3 of 28 by default): the others are refused at once, and the client is served."""
+    running = mesh()  # the defaults: 32 workers, 28 data-plane, 13 unary calls per identity
+    gate = threading.Event()
+    check, watch = f"/{HEALTH_SERVICE}/Check", f"/{HEALTH_SERVICE}/Watch"
+    stalled: list[Any] = []
+    for n in range(3):
+        stranger = running.caller(f"stranger-{n}")  # a certificate of the CA, and no role
+        checks = stranger.stream_unary(check, _raw, _raw)
+        stalled += [checks.future(never_sent(gate), timeout=60) for _ in range(13)]
+        watches = stranger.stream_stream(watch, _raw, _raw)
+        stalled += [watches(never_sent(gate), timeout=60) for _ in range(8)]
+    held = running.host.shares.held_now
+    assert settled(lambda: sum(call.done() for call in stalled) + held() == len(stalled))
+    client = running.caller("client")
+    assert client.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
+    assert held() == 3 == running.host.unary.roleless_waits()
+    reasons = {refusal(call.result)[1] for call in stalled if call.done()}
+    assert "ROLELESS_CALLERS_BUSY" in reasons  # the one bucket's caps, met at once, may add theirs
+    assert reasons <= {
+        "ROLELESS_CALLERS_BUSY",
+        "TOO_MANY_UNARY_CALLS_PER_IDENTITY",
+        "TOO_MANY_STREAMS_PER_IDENTITY",
+    }
+    hold = client.unary_unary(f"/{SERVICE}/Hold", _raw, _raw)
+    holding = [hold.future(b"", timeout=60) for _ in range(13)]  # the client's whole cap
+    running.slow.wait_entered(13)
+    gate.set()  # the stalled calls end without a message
+    running.slow.release.set()
+    assert [f.result(timeout=30) for f in holding] == [b"done"] * 13
+    assert settled(lambda: held() == 0 == running.host.unary.roleless_waits())
+    stub = health_pb2_grpc.HealthStub(running.caller("stranger-0"))
+    answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=30)  # its message sent at once
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_an_authorised_callers_health_bursts_pass_while_roleless_callers_stall(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """The role-less callers' cap is theirs alone: while they hold every wait it allows, a burst
+    of an authorised caller's health Watches (its stream cap) and Checks, each waiting for its
+    message within the caller's own bounds, is answered in full."""
+    running = mesh()
+    gate = threading.Event()
+    check = f"/{HEALTH_SERVICE}/Check"
+    strangers = [running.caller(f"stranger-{n}") for n in range(2)]
+    stalled = [
+        c.stream_unary(check, _raw, _raw).future(never_sent(gate), timeout=60)
+        for c in strangers
+        for _ in range(4)
+    ]
+    limit = running.host.unary.roleless_waits
+    assert settled(lambda: sum(f.done() for f in stalled) == len(stalled) - 3 and limit() == 3)
+    stub = health_pb2_grpc.HealthStub(running.caller("client"))
+    request = health_pb2.HealthCheckRequest()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    try:
+        for _ in range(3):
+            watches = [stub.Watch(request, timeout=60) for _ in range(8)]
+            checks = [stub.Check.future(request, timeout=30) for _ in range(13)]
+            assert [next(w).status for w in watches] == [serving] * 8
+            assert [f.result().status for f in checks] == [serving] * 13
+            for w in watches:
+                w.cancel()
+            assert settled(lambda: running.host.streams.open_streams(sid("client")) == 0)
+    finally:
+        gate.set()
+    assert settled(lambda: limit() == 0)
+
+
+def test_roleless_request_waits_default_to_an_eighth_of_the_data_plane() -> None:
+    """3 of the default 28 data-plane workers, at least 1; a setting that would let role-less
+    callers hold every data-plane worker is refused."""
+    assert ServerConfig().roleless_request_waits == 3
+    assert ServerConfig(max_workers=8).roleless_request_waits == 1
+    assert ServerConfig(max_workers=8, max_roleless_request_waits=6).roleless_request_waits == 6
+    for value in (0, 7):
+        with pytest.raises(ConfigError, match="max_roleless_request_waits"):
+            ServerConfig(max_workers=8, max_roleless_request_waits=value)
+
+
+def test_a_health_call_without_its_message_is_cancelled_after_the_wait_bound(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """A health call that never sent its message held its data-plane worker until its deadline
+    (none, if its caller set none) or its connection's age (30 min), whoever called: the wait
+    is bounded now (server.health_request_wait_seconds), and the call cancelled past it while
+    its caller still sends nothing; its worker comes back, and health answers as before."""
+    running = mesh(health_request_wait_seconds=0.2)
+    gate = threading.Event()
+    check, watch = f"/{HEALTH_SERVICE}/Check", f"/{HEALTH_SERVICE}/Watch"
+    try:
+        for name in ("stranger", "client"):  # role-less, and with a role
+            channel = running.caller(name)
+            stalled = channel.stream_unary(check, _raw, _raw).future(never_sent(gate), timeout=10)
+            assert refusal(stalled.result)[0] == grpc.StatusCode.CANCELLED
+            watching = channel.stream_stream(watch, _raw, _raw)(never_sent(gate), timeout=10)
+            assert refusal(lambda: next(watching))[0] == grpc.StatusCode.CANCELLED  # noqa: B023
+            assert not gate.is_set()
+            assert settled(lambda: running.host.shares.held_now() == 0)
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=30
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        gate.set()

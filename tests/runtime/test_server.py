@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strongroom import errors
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime import health as health_module
+from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
 from strongroom.runtime.health import MAX_SERVICE_NAME
 from strongroom.runtime.server import MessageLimits, ServiceHost, ServiceSpec
@@ -489,3 +490,98 @@ def test_a_unary_requests_bytes_are_freed_once_parsed() -> None:
     # The bytes (8 MiB) are gone by the time the behaviour runs; a few KiB of other allocations.
     assert held["Unary"] < len(payload) // 4, held
     assert held["Stream"] < len(payload) // 4, held
+
+
+def _stall(channel: grpc.Channel, method: str, gate: threading.Event) -> Any:
+    """A health call whose headers go and whose request message never does (until ``gate``)."""
+
+    def never() -> Iterator[bytes]:
+        gate.wait(60)
+        yield from ()
+
+    path = f"/grpc.health.v1.Health/{method}"
+    if method == "Check":
+        return channel.stream_unary(path, _identity, _identity).future(never(), timeout=60)
+    return channel.stream_stream(path, _identity, _identity)(never(), timeout=60)
+
+
+def _reason(call: Any) -> tuple[grpc.StatusCode, str | None]:
+    with pytest.raises(grpc.RpcError) as info:
+        call.result() if hasattr(call, "result") else list(call)
+    err: Any = info.value
+    return err.code(), dict(err.trailing_metadata() or ()).get(REASON_TRAILER)
+
+
+def test_calls_that_never_send_their_message_cannot_stall_the_plaintext_health_port(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+) -> None:
+    """The plaintext health port (no certificate needed: the kubelet's probes) had 2 worker
+    threads, and gRPC read a call's request on its worker: two Checks that sent their headers and
+    never their message held both, and every probe queued behind them (liveness failed, the pod
+    was restarted). A call waiting for its message holds no thread now: the probes are answered
+    however many such calls wait, on one connection or many."""
+    h = host[0]
+    assert h.health_port is not None
+    gate = threading.Event()
+    channels = [grpc.insecure_channel(f"127.0.0.1:{h.health_port}") for _ in range(4)]
+    try:
+        stalled = [_stall(c, m, gate) for c in channels for m in ("Check", "Watch") * 4]
+        port = h._health_server
+        assert port is not None
+        assert wait_for(lambda: port.waiting() == len(stalled), timeout=30)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for _ in range(5):
+            assert health_status(h.health_port) == serving
+        with grpc.insecure_channel(f"127.0.0.1:{h.health_port}") as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+            assert next(watch).status == serving
+            watch.cancel()
+        assert not any(call.done() for call in stalled)
+        gate.set()  # the stalled calls end without a message
+        assert {_reason(call) for call in stalled} == {
+            (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+        }
+    finally:
+        gate.set()
+        for channel in channels:
+            channel.close()
+
+
+@pytest.mark.parametrize("method", ["Check", "Watch"])
+def test_a_plaintext_health_call_without_its_message_is_ended_after_the_wait_bound(
+    method: str,
+) -> None:
+    """What a stalled call costs on the unauthenticated port lasts the bound
+    (server.health_request_wait_seconds), not the caller's deadline or its connection's
+    life: it is ended with RESOURCE_EXHAUSTED REQUEST_MESSAGE_TIMEOUT while its caller still
+    sends nothing."""
+    host = ServiceHost(
+        listen="127.0.0.1:0",
+        credentials=None,
+        services=[make_service(Behaviour())],
+        health_listen="127.0.0.1:0",
+        config=ServerConfig(health_request_wait_seconds=0.2),
+    )
+    host.start()
+    gate = threading.Event()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{host.health_port}") as channel:
+            assert _reason(_stall(channel, method, gate)) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "REQUEST_MESSAGE_TIMEOUT",
+            )
+            assert not gate.is_set()
+            assert health_status(host.health_port or 0) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        gate.set()
+        host.stop(0)
+
+
+@pytest.mark.parametrize("port_name", ["health_port", "port"])
+def test_a_service_health_knows_nothing_of_is_not_found_on_both_ports(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel], port_name: str
+) -> None:
+    """The plaintext port answers Check as grpcio-health-checking does on the mTLS port."""
+    with pytest.raises(grpc.RpcError) as info:
+        health_status(getattr(host[0], port_name), "no.such.Service")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
