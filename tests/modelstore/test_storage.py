@@ -835,6 +835,26 @@ def test_startup_sweep_removes_nothing_through_a_symlinked_blob_directory(
     assert foreign.read_bytes() == b"another store's blob"
 
 
+def test_the_sweep_neither_follows_nor_counts_a_symlink_at_a_blob_name(
+    store_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The blob listing followed a symlink at a blob's name: with no index, one such link (to any
+    file) refused the start as INDEX_MISSING, and with an index it was moved into the quarantine as
+    an orphan blob. It is a stray now: not followed, not counted, left where it is and logged."""
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"not a blob")
+    digest = "ab" + "c" * 62
+    fanout = store_root / "blobs" / "sha256" / digest[:2]
+    fanout.mkdir(parents=True)
+    (fanout / digest).symlink_to(target)
+    with caplog.at_level(logging.WARNING), FilesystemStorage(store_root) as s:
+        assert s.last_sweep.orphan_blobs_quarantined == ()
+        assert s.last_sweep.stray_files == 1
+        assert s.blob_digests() == set()
+    assert (fanout / digest).is_symlink() and target.read_bytes() == b"not a blob"
+    assert any("symbolic link in the blob tree" in r.getMessage() for r in caplog.records)
+
+
 def test_a_root_whose_uploads_and_blobs_are_on_two_volumes_is_refused_at_start(
     store_root: Path,
 ) -> None:
