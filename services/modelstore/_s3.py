@@ -68,13 +68,10 @@ from strongroom.artifact import InvalidArtifact, StructureValidator, parse_heade
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.identifiers import (
-    validate_key_version,
     validate_name,
-    validate_sha256_hex,
     validate_version,
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
-from strongroom.modelstore._index import from_micros, to_micros
 from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.config import StorageConfig
 from strongroom.modelstore.errors import (
@@ -85,7 +82,13 @@ from strongroom.modelstore.errors import (
     StoredDataCorrupt,
 )
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE
-from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
+from strongroom.modelstore.records import (
+    ModelPage,
+    ModelRecord,
+    UploadClaims,
+    stored_record,
+    to_micros,
+)
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
 
@@ -340,51 +343,25 @@ def _record_json(record: ModelRecord, blob: str) -> bytes:
     ).encode()
 
 
-def _artifact_format(value: object) -> int:
-    """A record's ``artifact_format``: a small non-negative integer (0: not known)."""
-    if type(value) is not int or not 0 <= value < 2**32:
-        raise ValueError("artifact_format is not a format version")
-    return value
-
-
-def _size(value: Any) -> int:
-    """A record's size field: what ``ModelInfo``'s uint64 holds (anything else, written into the
-    bucket by hand, was INTERNAL for every call that answered with the record)."""
-    size = int(value)
-    if not 0 <= size < 2**64:
-        raise ValueError("a size out of range")
-    return size
-
-
 def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, str]:
+    """The record and blob key of an index object; ``StoredDataCorrupt(INDEX_CORRUPT)``, naming
+    the model and what is wrong, for one this store cannot have written (every field held to
+    :func:`~strongroom.modelstore.records.stored_record`, which the filesystem index shares)."""
     try:
         value = jsonparse.loads(data)
         if not isinstance(value, dict) or value.get("format") != _RECORD_FORMAT:
             raise ValueError("unknown record format")
-        record = ModelRecord(
-            name=str(value["name"]),
-            version=str(value["version"]),
-            artifact_sha256=validate_sha256_hex(str(value["artifact_sha256"])),
-            artifact_size=_size(value["artifact_size"]),
-            plaintext_size=_size(value["plaintext_size"]),
-            plaintext_sha256=str(value["plaintext_sha256"]),
-            content_type=str(value["content_type"]),
-            key_id=str(value["key_id"]),
-            # The one rule for KEK versions (the broker's): the store writes only versions its
-            # artifacts' headers name, which the format holds to it.
-            key_version=validate_key_version(int(value["key_version"])),
-            header_size=_size(value["header_size"]),
-            created_at=from_micros(int(value["created_at_us"])),
-            stored_at=from_micros(int(value["stored_at_us"])),
-            artifact_format=_artifact_format(value.get("artifact_format", 0)),
-        )
-        blob = str(value["blob"])
-        if (record.name, record.version) != (name, version) or not blob.startswith(BLOB_DIR):
-            raise ValueError("record does not match its key")
-    except (ValueError, KeyError, TypeError, OverflowError, InvalidArgument):
-        log.error("index record of %s %s is unreadable", name, version)
+        record = stored_record(value)
+        blob = value.get("blob")
+        if not isinstance(blob, str) or not blob.startswith(BLOB_DIR):
+            raise ValueError("blob is not a blob key")
+        if (record.name, record.version) != (name, version):
+            raise ValueError("name and version are not its key's")
+    except ValueError as exc:
+        log.error("index record of %s %s is unreadable: %s", name, version, exc)
         raise StoredDataCorrupt(
-            f"the index record of {name} {version} is unreadable", reason=Reason.INDEX_CORRUPT
+            f"the index record of {name} {version} is unreadable: {exc}",
+            reason=Reason.INDEX_CORRUPT,
         ) from None
     return record, blob
 

@@ -88,6 +88,8 @@ def test_multipart_round_trip_and_layout(s3_server: s3server.MotoServer, s3_buck
         b"key_version=4294967296",
         b"artifact_size=-1",
         b"plaintext_size=18446744073709551616",
+        b"header_size=1000000",
+        b"plaintext_sha256=5",
     ],
     ids=[
         "garbage",
@@ -98,6 +100,8 @@ def test_multipart_round_trip_and_layout(s3_server: s3server.MotoServer, s3_buck
         "kek-version-past-the-field",
         "negative-size",
         "size-past-the-field",
+        "header-past-the-artifact",
+        "plaintext-digest-not-a-digest",
     ],
 )
 def test_an_unreadable_index_record_is_stored_data_corrupt(
@@ -112,8 +116,10 @@ def test_an_unreadable_index_record_is_stored_data_corrupt(
     store.put([make_artifact("acme/m", "1", b"x")], StructureValidator())
     key = "p/index/acme/m!1"
     record = json.loads(store._client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    field = ""  # the field the refusal names (a record that does not parse has none)
     if damage == b"time out of range":  # a date datetime cannot hold: OverflowError
         damage = json.dumps(record | {"stored_at_us": 10**20}).encode()
+        field = "stored_at_us"
     elif b"=" in damage:  # one field out of its range, the rest of the record intact
         field, number = damage.decode().split("=")
         damage = json.dumps(record | {field: int(number)}).encode()
@@ -121,6 +127,7 @@ def test_an_unreadable_index_record_is_stored_data_corrupt(
     with pytest.raises(StoredDataCorrupt) as info:
         store.stat("acme/m", "1")
     assert info.value.reason == "INDEX_CORRUPT"
+    assert "acme/m" in info.value.message and field in info.value.message
 
 
 def test_an_unreadable_index_record_neither_stops_the_store_nor_frees_its_blob(
