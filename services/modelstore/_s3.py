@@ -65,6 +65,12 @@ from botocore.config import Config
 
 from strongroom import jsonparse
 from strongroom.artifact import InvalidArtifact, StructureValidator, parse_header
+from strongroom.artifact.format import (
+    MAX_HEADER_SIZE,
+    MAX_KEY_SLOT_SIZE,
+    PREFIX_SIZE,
+    SLOT_LENGTH_SIZE,
+)
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.identifiers import (
@@ -115,6 +121,8 @@ _LIST_WORKERS = 8
 MAX_INDEX_RECORD_BYTES = 64 * 1024
 """The largest index object read; a record is about 1 KB, a bigger object is corrupt."""
 _READ_BLOCK = 1 << 20
+_MAX_HEAD = PREFIX_SIZE + MAX_HEADER_SIZE + SLOT_LENGTH_SIZE + MAX_KEY_SLOT_SIZE
+"""The largest head (prefix, header, key slot) an artifact may have."""
 # How many times a read follows a re-wrap that replaced the blob it had just looked up, or a
 # delete retries a record changed since it read it (each re-wrap rewrites the whole artifact, so
 # a second one in that window is already unlikely).
@@ -1132,6 +1140,63 @@ class S3Storage(Closing):
 
     # -- deletes -------------------------------------------------------------------------------
 
+    def _owns_blob(self, entry: _Indexed) -> bool:
+        """Whether ``entry``'s blob is its model's own, so that deleting the model may delete it.
+
+        An index object names its blob by key, and whoever can write the bucket can point one at
+        another model's blob: deleting (or re-wrapping) the edited model then deleted that other
+        model's artifact. The blob's own header names its model, which the upload checked and
+        recorded, so the binding is read there (one ranged GET of the head). True: the header
+        names this model. False: it cannot be told (the blob is gone, or its head does not
+        parse): the blob is kept, as a crash's leftover is (the sweep reports it). Raises
+        StoredDataCorrupt(BLOB_OF_ANOTHER_MODEL) if it names another model: nothing is deleted.
+        """
+        record = entry.record
+        # A head is at most a prefix, a 64 KiB header and a 2 KiB slot; a header size edited past
+        # that reads no further (the head then does not parse: kept).
+        size = min(record.header_size, _MAX_HEAD)
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self._full(entry.blob), Range=f"bytes=0-{size - 1}"
+            )
+            body = response["Body"]
+            try:
+                head = body.read(size)  # a server may ignore the range and send everything
+            finally:
+                body.close()
+        except botocore.exceptions.ClientError as exc:
+            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+                return False
+            raise s3_error(exc, "reading an artifact's header") from None
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "reading an artifact's header") from None
+        try:
+            header = parse_header(head)
+        except InvalidArtifact as exc:
+            log.warning(
+                "the header of blob %s of %s %s does not parse (%s): the blob is kept",
+                entry.blob,
+                record.name,
+                record.version,
+                exc.reason,
+            )
+            return False
+        if (header.model_name, header.model_version) != (record.name, record.version):
+            log.error(
+                "index record of %s %s names blob %s, an artifact of %s %s: refused",
+                record.name,
+                record.version,
+                entry.blob,
+                header.model_name,
+                header.model_version,
+            )
+            raise StoredDataCorrupt(
+                f"the index record of {record.name} {record.version} names another model's "
+                f"artifact ({header.model_name} {header.model_version}): nothing was deleted",
+                reason=Reason.BLOB_OF_ANOTHER_MODEL,
+            )
+        return True
+
     def delete(self, name: str, version: str) -> None:
         """Removes the model, then its blob; ModelNotFound if absent.
 
@@ -1145,6 +1210,7 @@ class S3Storage(Closing):
         """
         for _ in range(_OPEN_ATTEMPTS):
             entry = self._require(name, version)
+            owned = self._owns_blob(entry)
             try:
                 # Without If-Match (a server that does not implement it answers 501 to every
                 # delete), the record deleted may be one changed since it was read.
@@ -1157,7 +1223,7 @@ class S3Storage(Closing):
                     continue  # changed since it was read: read it again
                 if _is_missing(exc):
                     # The record read is gone, and its blob is its own (blobs are never shared).
-                    self._delete_blob(entry.blob)
+                    self._delete_owned_blob(entry, owned)
                     if _refused_at_once(exc):
                         raise ModelNotFound(
                             f"model {name} version {version} was deleted meanwhile"
@@ -1170,7 +1236,7 @@ class S3Storage(Closing):
                 raise s3_error(exc, "deleting a model") from None
             except _S3_FAILURES as exc:
                 raise s3_error(exc, "deleting a model") from None
-            self._delete_blob(entry.blob)
+            self._delete_owned_blob(entry, owned)
             log.info("deleted model", extra={"model": name, "version": version})
             return
         raise StorageUnavailable(
@@ -1178,6 +1244,19 @@ class S3Storage(Closing):
             "it is still stored: retry",
             reason=Reason.KEY_SLOT_CHANGED,
         )
+
+    def _delete_owned_blob(self, entry: _Indexed, owned: bool) -> None:
+        """Deletes a deleted record's blob if :meth:`_owns_blob` said it is its own; else keeps
+        it (logged; the sweep reports it once no record names it)."""
+        if owned:
+            self._delete_blob(entry.blob)
+        else:
+            log.warning(
+                "blob %s of deleted model %s %s kept: its header does not show it is that model's",
+                entry.blob,
+                entry.record.name,
+                entry.record.version,
+            )
 
     # -- reads ---------------------------------------------------------------------------------
 

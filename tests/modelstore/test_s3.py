@@ -23,14 +23,19 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
 from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.modelstore.config import MAX_S3_PREFIX_BYTES, ModelstoreConfig, StorageConfig
-from strongroom.modelstore.errors import ModelExists, StorageUnavailable, StoredDataCorrupt
+from strongroom.modelstore.errors import (
+    ModelExists,
+    ModelNotFound,
+    StorageUnavailable,
+    StoredDataCorrupt,
+)
 from strongroom.modelstore.publishers import PublisherScopes
 from strongroom.modelstore.service import ModelStoreServicer
 from strongroom.modelstore.storage import S3Storage, open_storage
 from strongroom.runtime.config import ConfigError, build
 from tests.modelstore import rewrap_case, s3server
 from tests.modelstore.artifacts import chunked, make_artifact
-from tests.modelstore.backends import assert_clean, overwrite_blob
+from tests.modelstore.backends import assert_clean, blob_count, overwrite_blob, point_at_blob_of
 from tests.modelstore.conftest import S3_TEST_PART_SIZE, serve
 
 BIG = 2 * S3_TEST_PART_SIZE + 12345  # three parts
@@ -128,6 +133,46 @@ def test_an_unreadable_index_record_is_stored_data_corrupt(
         store.stat("acme/m", "1")
     assert info.value.reason == "INDEX_CORRUPT"
     assert "acme/m" in info.value.message and field in info.value.message
+
+
+def test_deleting_a_record_that_names_another_models_blob_deletes_nothing(
+    s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """An index object names its blob by key: edited (by whoever can write the bucket) to name
+    another model's blob, deleting its model deleted that other model's artifact. The blob's own
+    header names its model: such a delete is DATA_LOSS BLOB_OF_ANOTHER_MODEL, nothing is deleted,
+    and the other model is still served."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    a = store.put([make_artifact("acme/a", "1", b"a" * 300)], StructureValidator())
+    victim = make_artifact("acme/b", "1", b"b" * 300)
+    b = store.put([victim], StructureValidator())
+    point_at_blob_of(store, a, b)
+    edited = store.stat("acme/a", "1")
+    with pytest.raises(StoredDataCorrupt) as info:
+        store.delete("acme/a", "1")
+    assert info.value.reason == "BLOB_OF_ANOTHER_MODEL"
+    assert info.value.status_name == "DATA_LOSS"
+    assert "acme/a" in info.value.message and "acme/b" in info.value.message
+    assert read_all(store, "acme/b", "1") == victim
+    assert store.stat("acme/a", "1") == edited
+    # A model's own delete still removes its own blob.
+    store.delete("acme/b", "1")
+    with pytest.raises(ModelNotFound):
+        store.stat("acme/b", "1")
+
+
+def test_deleting_a_model_whose_blob_header_does_not_parse_keeps_the_blob(
+    s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """When the blob's header cannot show whose it is, the model's record is deleted (an admin's
+    way to get rid of a damaged model) but its blob is kept, reported later as unreferenced."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    record = store.put([make_artifact("acme/a", "1", b"a" * 300)], StructureValidator())
+    overwrite_blob(store, record, b"\0" * record.artifact_size)
+    store.delete("acme/a", "1")
+    with pytest.raises(ModelNotFound):
+        store.stat("acme/a", "1")
+    assert blob_count(store) == 1
 
 
 def test_an_unreadable_index_record_neither_stops_the_store_nor_frees_its_blob(
