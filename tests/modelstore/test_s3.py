@@ -885,6 +885,35 @@ def test_probe_objects_left_by_interrupted_starts_are_removed(
     assert sorted(item["Key"] for item in listed) == sorted([young, foreign])
 
 
+def test_a_bucket_that_requires_conditional_deletes_gets_only_conditional_deletes(
+    proxy: s3server.FaultProxy, s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """A bucket policy may require If-Match on every DeleteObject (AWS's s3:if-match condition
+    key). The store sent it only on index deletes: its deletes of a deleted model's blob, of a
+    re-wrapped model's old blob and of its start-up probes were denied (each left behind, only
+    logged). Every delete of the store is conditional now, on the object's own ETag (moto, the
+    server here, refuses If-Match: *), and nothing is left."""
+    proxy.conditional_deletes_required = True
+    client = s3server.client(s3_server.endpoint)
+    old_probe = f"p/probes/20200101T000000Z-{'a' * 32}"
+    client.put_object(Bucket=s3_bucket, Key=old_probe, Body=b"")
+    store = replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    assert store.conditional_deletes is True
+    assert store.last_sweep is not None and store.last_sweep.probes_removed == 1
+    assert "Contents" not in client.list_objects_v2(Bucket=s3_bucket)
+    store.put([rewrap_case.artifact("acme/m", "1", 5000)], StructureValidator())
+    store.replace_key_slot(
+        "acme/m",
+        "1",
+        expected_key_version=1,
+        key_version=2,
+        wrapped_dek=rewrap_case.wrapped("acme/m", "1", 2),
+    )
+    assert blob_count(store) == 1
+    store.delete("acme/m", "1")
+    assert "Contents" not in client.list_objects_v2(Bucket=s3_bucket)
+
+
 def test_an_object_store_that_refuses_conditional_writes_outright_is_named(
     proxy: s3server.FaultProxy, s3_bucket: str
 ) -> None:
