@@ -317,7 +317,10 @@ class BlobStore:
         """The digests of all blobs present, and any file in the blob tree that is not a blob.
 
         A fan-out directory that is a symlink is not the store's (it makes real ones): it is a
-        stray and is not walked, so the orphan sweep never deletes what lives behind it."""
+        stray and is not walked, so the orphan sweep never deletes what lives behind it. So is a
+        symlink at a blob's name (the store makes only regular files there): followed, one to any
+        file made the store count it as a blob, refuse to start (INDEX_MISSING) over it alone, and
+        move it into the quarantine as an orphan."""
         found: set[str] = set()
         strays: list[Path] = []
         for fanout in self._blobs.iterdir():
@@ -326,7 +329,12 @@ class BlobStore:
                 continue
             for entry in fanout.iterdir():
                 name = entry.name
-                if _DIGEST_NAME.fullmatch(name) and name[:2] == fanout.name and entry.is_file():
+                if (
+                    _DIGEST_NAME.fullmatch(name)
+                    and name[:2] == fanout.name
+                    and not entry.is_symlink()
+                    and entry.is_file()
+                ):
                     found.add(name)
                 else:
                     strays.append(entry)

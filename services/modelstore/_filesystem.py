@@ -290,7 +290,10 @@ class FilesystemStorage(Closing):
         for path in temp_strays:
             log.warning("unexpected file in the upload directory, left alone: %s", path)
         for path in blob_strays:
-            log.warning("unexpected file in the blob tree: %s", path)
+            if path.is_symlink():
+                log.warning("symbolic link in the blob tree, not followed nor counted: %s", path)
+            else:
+                log.warning("unexpected file in the blob tree: %s", path)
         return report
 
     def _header_format(self, record: ModelRecord) -> int | None:

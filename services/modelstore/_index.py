@@ -12,20 +12,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sqlite3
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from strongroom.identifiers import (
-    MAX_NAME_LENGTH,
-    MAX_VERSION_LENGTH,
-    MODEL_NAME_PATTERN,
-    MODEL_VERSION_PATTERN,
-)
+from strongroom.identifiers import is_sha256_hex
 from strongroom.modelstore.errors import (
     ModelExists,
     StorageFull,
@@ -33,7 +26,12 @@ from strongroom.modelstore.errors import (
     StorageUnavailable,
     StoredDataCorrupt,
 )
-from strongroom.modelstore.records import ModelRecord
+from strongroom.modelstore.records import (
+    STORED_FIELDS,
+    ModelRecord,
+    stored_record,
+    to_micros,
+)
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -85,7 +83,6 @@ _INSERT = """INSERT INTO models (name, version, artifact_sha256, artifact_size, 
     plaintext_sha256, content_type, key_id, key_version, header_size, created_at_us, stored_at_us,
     artifact_format) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Every name character sorts below DEL, so [prefix, prefix + DEL) holds exactly the names
 # starting with prefix, and SQLite can answer it from the primary key.
 _PREFIX_END = "\x7f"
@@ -115,67 +112,24 @@ def _volume_read_only(directory: Path) -> bool:
         return False
 
 
-def to_micros(moment: datetime) -> int:
-    """Microseconds since the Unix epoch; a naive datetime is taken as UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - _EPOCH) // timedelta(microseconds=1)
-
-
-def from_micros(micros: int) -> datetime:
-    """The timezone-aware UTC datetime ``micros`` microseconds after the Unix epoch."""
-    return _EPOCH + timedelta(microseconds=micros)
-
-
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-# Column positions in _SELECT's rows.
-_INTEGER_COLUMNS = (3, 4, 8, 9, 10, 11, 12)
-_TEXT_COLUMNS = (0, 1, 2, 5, 6, 7)
+# _SELECT's columns, in order.
+_COLUMNS = STORED_FIELDS
 
 
 def _record(row: Any) -> ModelRecord:
-    """The record of one row; ``StoredDataCorrupt(INDEX_CORRUPT)`` for a row this store cannot
-    have written (edited or damaged on disk): SQLite keeps a text value in an INTEGER column as
-    text, and a time ``datetime`` cannot hold raises OverflowError, not a ValueError."""
+    """The record of one row; ``StoredDataCorrupt(INDEX_CORRUPT)``, naming the model and the
+    field, for a row this store cannot have written (edited or damaged on disk), held to the rules
+    of :func:`~strongroom.modelstore.records.stored_record`, which the S3 index shares. The digest
+    names the blob's file (joined to the blob directory) and the name and version reach every
+    caller of a listing: a row this store cannot have written must not make it read or delete a
+    file elsewhere, nor hand a client a name it would refuse."""
     try:
-        if not all(type(row[i]) is int for i in _INTEGER_COLUMNS) or not all(
-            type(row[i]) is str for i in _TEXT_COLUMNS
-        ):
-            raise TypeError("a column of the wrong type")
-        # The digest names the blob's file (joined to the blob directory) and the name and version
-        # reach every caller of a listing: a row this store cannot have written must not make it
-        # read or delete a file elsewhere, nor hand a client a name it would refuse.
-        if not (
-            MODEL_NAME_PATTERN.fullmatch(row[0])
-            and len(row[0]) <= MAX_NAME_LENGTH
-            and MODEL_VERSION_PATTERN.fullmatch(row[1])
-            and len(row[1]) <= MAX_VERSION_LENGTH
-            and _SHA256_HEX.fullmatch(row[2])
-            and _SHA256_HEX.fullmatch(row[5])
-            and 0 <= row[12] < 2**32
-        ):
-            raise ValueError("a name, version or digest outside its grammar")
-        return ModelRecord(
-            name=row[0],
-            version=row[1],
-            artifact_sha256=row[2],
-            artifact_size=row[3],
-            plaintext_size=row[4],
-            plaintext_sha256=row[5],
-            content_type=row[6],
-            key_id=row[7],
-            key_version=row[8],
-            header_size=row[9],
-            created_at=from_micros(row[10]),
-            stored_at=from_micros(row[11]),
-            artifact_format=row[12],
-        )
-    except (TypeError, ValueError, OverflowError) as exc:
+        return stored_record(dict(zip(_COLUMNS, row, strict=True)))
+    except ValueError as exc:
         where = f"{str(row[0])[:256]!r} {str(row[1])[:256]!r}"
         log.error("index row of %s is unreadable: %s", where, exc)
         raise StoredDataCorrupt(
-            f"the index row of {where} is unreadable", reason=Reason.INDEX_CORRUPT
+            f"the index row of {where} is unreadable: {exc}", reason=Reason.INDEX_CORRUPT
         ) from None
 
 
@@ -352,7 +306,7 @@ class Index:
                 cur.execute("ROLLBACK")
                 raise
             cur.execute("COMMIT")
-        digest = row[2] if isinstance(row[2], str) and _SHA256_HEX.fullmatch(row[2]) else None
+        digest = row[2] if is_sha256_hex(row[2]) else None
         return digest, int(remaining)
 
     def references(self, digest: str) -> int:

@@ -69,6 +69,14 @@ def plan(
             f"stored artifact {record.name} {record.version} has an unreadable header",
             reason=Reason.HEADER_CORRUPT,
         ) from None
+    if (current.model_name, current.model_version) != (record.name, record.version):
+        # The record was edited to name another model's blob: re-wrapping it would put that
+        # model's artifact under this record and then delete the other model's blob.
+        raise StoredDataCorrupt(
+            f"stored artifact {record.name} {record.version} is another model's "
+            f"({current.model_name} {current.model_version})",
+            reason=Reason.BLOB_OF_ANOTHER_MODEL,
+        )
     if current.header_size != record.header_size:
         raise StoredDataCorrupt(
             f"stored artifact {record.name} {record.version} disagrees with its record",

@@ -65,16 +65,19 @@ from botocore.config import Config
 
 from strongroom import jsonparse
 from strongroom.artifact import InvalidArtifact, StructureValidator, parse_header
+from strongroom.artifact.format import (
+    MAX_HEADER_SIZE,
+    MAX_KEY_SLOT_SIZE,
+    PREFIX_SIZE,
+    SLOT_LENGTH_SIZE,
+)
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.identifiers import (
-    validate_key_version,
     validate_name,
-    validate_sha256_hex,
     validate_version,
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
-from strongroom.modelstore._index import from_micros, to_micros
 from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.config import StorageConfig
 from strongroom.modelstore.errors import (
@@ -85,7 +88,13 @@ from strongroom.modelstore.errors import (
     StoredDataCorrupt,
 )
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE
-from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
+from strongroom.modelstore.records import (
+    ModelPage,
+    ModelRecord,
+    UploadClaims,
+    stored_record,
+    to_micros,
+)
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
 
@@ -112,6 +121,8 @@ _LIST_WORKERS = 8
 MAX_INDEX_RECORD_BYTES = 64 * 1024
 """The largest index object read; a record is about 1 KB, a bigger object is corrupt."""
 _READ_BLOCK = 1 << 20
+_MAX_HEAD = PREFIX_SIZE + MAX_HEADER_SIZE + SLOT_LENGTH_SIZE + MAX_KEY_SLOT_SIZE
+"""The largest head (prefix, header, key slot) an artifact may have."""
 # How many times a read follows a re-wrap that replaced the blob it had just looked up, or a
 # delete retries a record changed since it read it (each re-wrap rewrites the whole artifact, so
 # a second one in that window is already unlikely).
@@ -340,51 +351,25 @@ def _record_json(record: ModelRecord, blob: str) -> bytes:
     ).encode()
 
 
-def _artifact_format(value: object) -> int:
-    """A record's ``artifact_format``: a small non-negative integer (0: not known)."""
-    if type(value) is not int or not 0 <= value < 2**32:
-        raise ValueError("artifact_format is not a format version")
-    return value
-
-
-def _size(value: Any) -> int:
-    """A record's size field: what ``ModelInfo``'s uint64 holds (anything else, written into the
-    bucket by hand, was INTERNAL for every call that answered with the record)."""
-    size = int(value)
-    if not 0 <= size < 2**64:
-        raise ValueError("a size out of range")
-    return size
-
-
 def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, str]:
+    """The record and blob key of an index object; ``StoredDataCorrupt(INDEX_CORRUPT)``, naming
+    the model and what is wrong, for one this store cannot have written (every field held to
+    :func:`~strongroom.modelstore.records.stored_record`, which the filesystem index shares)."""
     try:
         value = jsonparse.loads(data)
         if not isinstance(value, dict) or value.get("format") != _RECORD_FORMAT:
             raise ValueError("unknown record format")
-        record = ModelRecord(
-            name=str(value["name"]),
-            version=str(value["version"]),
-            artifact_sha256=validate_sha256_hex(str(value["artifact_sha256"])),
-            artifact_size=_size(value["artifact_size"]),
-            plaintext_size=_size(value["plaintext_size"]),
-            plaintext_sha256=str(value["plaintext_sha256"]),
-            content_type=str(value["content_type"]),
-            key_id=str(value["key_id"]),
-            # The one rule for KEK versions (the broker's): the store writes only versions its
-            # artifacts' headers name, which the format holds to it.
-            key_version=validate_key_version(int(value["key_version"])),
-            header_size=_size(value["header_size"]),
-            created_at=from_micros(int(value["created_at_us"])),
-            stored_at=from_micros(int(value["stored_at_us"])),
-            artifact_format=_artifact_format(value.get("artifact_format", 0)),
-        )
-        blob = str(value["blob"])
-        if (record.name, record.version) != (name, version) or not blob.startswith(BLOB_DIR):
-            raise ValueError("record does not match its key")
-    except (ValueError, KeyError, TypeError, OverflowError, InvalidArgument):
-        log.error("index record of %s %s is unreadable", name, version)
+        record = stored_record(value)
+        blob = value.get("blob")
+        if not isinstance(blob, str) or not blob.startswith(BLOB_DIR):
+            raise ValueError("blob is not a blob key")
+        if (record.name, record.version) != (name, version):
+            raise ValueError("name and version are not its key's")
+    except ValueError as exc:
+        log.error("index record of %s %s is unreadable: %s", name, version, exc)
         raise StoredDataCorrupt(
-            f"the index record of {name} {version} is unreadable", reason=Reason.INDEX_CORRUPT
+            f"the index record of {name} {version} is unreadable: {exc}",
+            reason=Reason.INDEX_CORRUPT,
         ) from None
     return record, blob
 
@@ -749,6 +734,7 @@ class S3Storage(Closing):
             secrets.token_hex(16)
         )
         ignored: list[str] = []
+        delete_failure: str | None = "was not checked"
 
         def not_implemented(exc: botocore.exceptions.ClientError) -> bool:
             return _code(exc) == "NotImplemented" or _status(exc) == 501
@@ -795,7 +781,7 @@ class S3Storage(Closing):
             raise s3_error(exc, "checking the bucket's conditional writes") from None
         finally:
             try:
-                self._client.delete_object(Bucket=self.bucket, Key=key)
+                self._delete_object(key, conditional=delete_failure is None and not ignored)
             except _S3_FAILURES as exc:
                 log.warning("cannot delete the probe object %s: %r", key, exc)
         if ignored:
@@ -914,9 +900,40 @@ class S3Storage(Closing):
         else:
             writer.abort()
 
+    def _delete_object(
+        self, key: str, *, etag: str | None = None, conditional: bool | None = None
+    ) -> None:
+        """DeleteObject of ``key`` (a full key), with ``If-Match`` on its ETag while the bucket
+        honours conditional deletes (``conditional`` None: :attr:`conditional_deletes`).
+
+        A bucket policy may require every delete to be conditional (AWS's ``s3:if-match``
+        condition key), and it denied the store's own unconditional deletes of blobs and probes
+        (each left behind, logged). AWS documents ``If-Match: *`` (any ETag) on DeleteObject, but
+        moto, the S3 server the tests run, compares ``*`` as an ETag and refuses it (412), so the
+        object's own ETag is sent: ``etag`` when the caller has it (a listing), else read by a
+        HEAD (a blob or probe is never modified, so it cannot change in between). Raises the
+        client's errors; an object already gone is not one.
+        """
+        condition: dict[str, str] = {}
+        if self.conditional_deletes if conditional is None else conditional:
+            if etag is None:
+                try:
+                    etag = str(self._client.head_object(Bucket=self.bucket, Key=key)["ETag"])
+                except botocore.exceptions.ClientError as exc:
+                    if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+                        return
+                    raise
+            condition = {"IfMatch": etag}
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key, **condition)
+        except botocore.exceptions.ClientError as exc:
+            # Deleted meanwhile (a 404 to If-Match on a missing object): what was asked for.
+            if not (condition and _is_missing(exc) and _code(exc) != "NoSuchBucket"):
+                raise
+
     def _delete_blob(self, blob: str) -> None:
         try:
-            self._client.delete_object(Bucket=self.bucket, Key=self._full(blob))
+            self._delete_object(self._full(blob))
         except _S3_FAILURES as exc:
             log.warning("cannot delete blob %s now (a sweep reports it): %r", blob, exc)
 
@@ -1155,6 +1172,63 @@ class S3Storage(Closing):
 
     # -- deletes -------------------------------------------------------------------------------
 
+    def _owns_blob(self, entry: _Indexed) -> bool:
+        """Whether ``entry``'s blob is its model's own, so that deleting the model may delete it.
+
+        An index object names its blob by key, and whoever can write the bucket can point one at
+        another model's blob: deleting (or re-wrapping) the edited model then deleted that other
+        model's artifact. The blob's own header names its model, which the upload checked and
+        recorded, so the binding is read there (one ranged GET of the head). True: the header
+        names this model. False: it cannot be told (the blob is gone, or its head does not
+        parse): the blob is kept, as a crash's leftover is (the sweep reports it). Raises
+        StoredDataCorrupt(BLOB_OF_ANOTHER_MODEL) if it names another model: nothing is deleted.
+        """
+        record = entry.record
+        # A head is at most a prefix, a 64 KiB header and a 2 KiB slot; a header size edited past
+        # that reads no further (the head then does not parse: kept).
+        size = min(record.header_size, _MAX_HEAD)
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self._full(entry.blob), Range=f"bytes=0-{size - 1}"
+            )
+            body = response["Body"]
+            try:
+                head = body.read(size)  # a server may ignore the range and send everything
+            finally:
+                body.close()
+        except botocore.exceptions.ClientError as exc:
+            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+                return False
+            raise s3_error(exc, "reading an artifact's header") from None
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "reading an artifact's header") from None
+        try:
+            header = parse_header(head)
+        except InvalidArtifact as exc:
+            log.warning(
+                "the header of blob %s of %s %s does not parse (%s): the blob is kept",
+                entry.blob,
+                record.name,
+                record.version,
+                exc.reason,
+            )
+            return False
+        if (header.model_name, header.model_version) != (record.name, record.version):
+            log.error(
+                "index record of %s %s names blob %s, an artifact of %s %s: refused",
+                record.name,
+                record.version,
+                entry.blob,
+                header.model_name,
+                header.model_version,
+            )
+            raise StoredDataCorrupt(
+                f"the index record of {record.name} {record.version} names another model's "
+                f"artifact ({header.model_name} {header.model_version}): nothing was deleted",
+                reason=Reason.BLOB_OF_ANOTHER_MODEL,
+            )
+        return True
+
     def delete(self, name: str, version: str) -> None:
         """Removes the model, then its blob; ModelNotFound if absent.
 
@@ -1168,6 +1242,7 @@ class S3Storage(Closing):
         """
         for _ in range(_OPEN_ATTEMPTS):
             entry = self._require(name, version)
+            owned = self._owns_blob(entry)
             try:
                 # Without If-Match (a server that does not implement it answers 501 to every
                 # delete), the record deleted may be one changed since it was read.
@@ -1180,7 +1255,7 @@ class S3Storage(Closing):
                     continue  # changed since it was read: read it again
                 if _is_missing(exc):
                     # The record read is gone, and its blob is its own (blobs are never shared).
-                    self._delete_blob(entry.blob)
+                    self._delete_owned_blob(entry, owned)
                     if _refused_at_once(exc):
                         raise ModelNotFound(
                             f"model {name} version {version} was deleted meanwhile"
@@ -1193,7 +1268,7 @@ class S3Storage(Closing):
                 raise s3_error(exc, "deleting a model") from None
             except _S3_FAILURES as exc:
                 raise s3_error(exc, "deleting a model") from None
-            self._delete_blob(entry.blob)
+            self._delete_owned_blob(entry, owned)
             log.info("deleted model", extra={"model": name, "version": version})
             return
         raise StorageUnavailable(
@@ -1201,6 +1276,19 @@ class S3Storage(Closing):
             "it is still stored: retry",
             reason=Reason.KEY_SLOT_CHANGED,
         )
+
+    def _delete_owned_blob(self, entry: _Indexed, owned: bool) -> None:
+        """Deletes a deleted record's blob if :meth:`_owns_blob` said it is its own; else keeps
+        it (logged; the sweep reports it once no record names it)."""
+        if owned:
+            self._delete_blob(entry.blob)
+        else:
+            log.warning(
+                "blob %s of deleted model %s %s kept: its header does not show it is that model's",
+                entry.blob,
+                entry.record.name,
+                entry.record.version,
+            )
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -1442,7 +1530,7 @@ class S3Storage(Closing):
             if born is None or now - born <= PROBE_MAX_AGE:
                 continue
             try:
-                self._client.delete_object(Bucket=self.bucket, Key=key)
+                self._delete_object(key, etag=str(item["ETag"]) if item.get("ETag") else None)
             except _S3_FAILURES as exc:
                 log.warning("cannot delete the old probe object %s: %r", key, exc)
                 continue

@@ -3,7 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+
+from strongroom.artifact.format import check_content_type, check_key_id
+from strongroom.errors import InvalidArgument
+from strongroom.identifiers import (
+    is_sha256_hex,
+    validate_key_version,
+    validate_name,
+    validate_version,
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_UINT64 = 2**64
+_UINT32 = 2**32
+
+
+def to_micros(moment: datetime) -> int:
+    """Microseconds since the Unix epoch; a naive datetime is taken as UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(micros: int) -> datetime:
+    """The timezone-aware UTC datetime ``micros`` microseconds after the Unix epoch."""
+    return _EPOCH + timedelta(microseconds=micros)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -49,3 +75,111 @@ class UploadClaims:
 
     size: int | None = None
     sha256: str | None = None
+
+
+STORED_FIELDS = (
+    "name",
+    "version",
+    "artifact_sha256",
+    "artifact_size",
+    "plaintext_size",
+    "plaintext_sha256",
+    "content_type",
+    "key_id",
+    "key_version",
+    "header_size",
+    "created_at_us",
+    "stored_at_us",
+    "artifact_format",
+)
+"""The fields of a stored index entry (a filesystem index row's columns, an S3 index object's
+keys besides its ``format`` and ``blob``)."""
+
+
+def _text(fields: Mapping[str, object], field: str) -> str:
+    value = fields.get(field)
+    if type(value) is not str:
+        raise ValueError(f"{field} is not text")
+    return value
+
+
+def _integer(fields: Mapping[str, object], field: str, low: int, high: int) -> int:
+    """``fields[field]``: an int (not a bool, nor text SQLite kept in an INTEGER column) in
+    ``low``..``high - 1``."""
+    value = fields.get(field)
+    if type(value) is not int:
+        raise ValueError(f"{field} is not an integer")
+    if not low <= value < high:
+        raise ValueError(f"{field} is out of range")
+    return value
+
+
+def _time(fields: Mapping[str, object], field: str) -> datetime:
+    micros = _integer(fields, field, -(2**63), 2**63)
+    try:
+        return from_micros(micros)
+    except OverflowError:  # past what a datetime holds (not a ValueError)
+        raise ValueError(f"{field} is out of range") from None
+
+
+def stored_record(fields: Mapping[str, object]) -> ModelRecord:
+    """The record of one stored index entry, every field held to the rules a record the store
+    writes meets; ValueError naming the first field that breaks them.
+
+    The one validator of both backends' indexes (a filesystem index row, an S3 index object):
+    whoever can write the storage volume or the bucket can edit an entry, and a value the store
+    cannot have written (a KEK version no broker numbers, a size ModelInfo's uint64 cannot hold,
+    a header larger than its artifact, a content type no header may carry) surfaced later as an
+    INTERNAL answer, a crash of the start-up sweep or a wrong answer. ``artifact_format`` may be
+    absent (an S3 record written before the store recorded it): 0, not known.
+    """
+    for field in STORED_FIELDS[:-1]:
+        if field not in fields:
+            raise ValueError(f"{field} is missing")
+    name, version = _text(fields, "name"), _text(fields, "version")
+    try:
+        validate_name(name)
+    except InvalidArgument:
+        raise ValueError("name is outside the model-name grammar") from None
+    try:
+        validate_version(version)
+    except InvalidArgument:
+        raise ValueError("version is outside the model-version grammar") from None
+    for field in ("artifact_sha256", "plaintext_sha256"):
+        if not is_sha256_hex(_text(fields, field)):
+            raise ValueError(f"{field} is not a lower-case hex SHA-256")
+    artifact_size = _integer(fields, "artifact_size", 1, _UINT64)
+    content_type, key_id = _text(fields, "content_type"), _text(fields, "key_id")
+    try:
+        check_content_type(content_type)
+    except InvalidArgument:
+        raise ValueError("content_type is not one a header may carry") from None
+    try:
+        check_key_id(key_id)
+    except InvalidArgument:
+        raise ValueError("key_id is not one a header may carry") from None
+    try:
+        # The one rule for KEK versions (the broker's): the store records only versions its
+        # artifacts' headers name, which the format holds to it.
+        key_version = validate_key_version(fields.get("key_version"))
+    except InvalidArgument:
+        raise ValueError("key_version is not a KEK version a broker numbers") from None
+    return ModelRecord(
+        name=name,
+        version=version,
+        artifact_sha256=_text(fields, "artifact_sha256"),
+        artifact_size=artifact_size,
+        plaintext_size=_integer(fields, "plaintext_size", 0, _UINT64),
+        plaintext_sha256=_text(fields, "plaintext_sha256"),
+        content_type=content_type,
+        key_id=key_id,
+        key_version=key_version,
+        # Every artifact has a header and a body after it: a header size past the artifact's
+        # sent the sweep's header read (and a re-wrap's) past the blob's end.
+        header_size=_integer(fields, "header_size", 1, artifact_size),
+        created_at=_time(fields, "created_at_us"),
+        stored_at=_time(fields, "stored_at_us"),
+        artifact_format=(
+            _integer(fields, "artifact_format", 0, _UINT32) if "artifact_format" in fields else 0
+        ),
+    )

@@ -70,6 +70,8 @@ __all__ = [
     "WrapMechanism",
     "body_size",
     "build_header",
+    "check_content_type",
+    "check_key_id",
     "check_prefix",
     "head_length",
     "parse_header",
@@ -352,6 +354,20 @@ def _check_ascii(
         raise _invalid(reason, f"{what} has characters outside its allowed set")
 
 
+def check_content_type(value: str) -> None:
+    """InvalidArtifact(INVALID_CONTENT_TYPE) unless ``value`` is a content type a header may carry
+    (the one rule, for headers and for what a store records from them)."""
+    _check_ascii(
+        value, _MEDIA_TYPE, MAX_CONTENT_TYPE_LENGTH, Reason.INVALID_CONTENT_TYPE, "content type"
+    )
+
+
+def check_key_id(value: str) -> None:
+    """InvalidArtifact(INVALID_KEY_ID) unless ``value`` is a key id a header may carry (the one
+    rule, for headers and for what a store records from them)."""
+    _check_ascii(value, _KEY_ID, MAX_KEY_ID_LENGTH, Reason.INVALID_KEY_ID, "key id")
+
+
 def _check_key_fields(
     key_id: str,
     key_version: int,
@@ -359,7 +375,7 @@ def _check_key_fields(
     wrapped: bytes,
 ) -> None:
     """The rules shared by the format-1 header fields 4-7 and the key slot (formats 2 and 3)."""
-    _check_ascii(key_id, _KEY_ID, MAX_KEY_ID_LENGTH, Reason.INVALID_KEY_ID, "key id")
+    check_key_id(key_id)
     # The broker's rule (identifiers.validate_key_version), not the field's 32 bits: a header or
     # slot naming 2**31 or above was stored and listed like any model, yet no broker releases or
     # re-wraps under it (every load a refused release, and a key rotation called it current).
@@ -393,17 +409,11 @@ def _validate(msg: header_pb2.ArtifactHeader, format_version: int) -> None:
         Reason.INVALID_MODEL_VERSION,
         "model version",
     )
-    _check_ascii(
-        msg.content_type,
-        _MEDIA_TYPE,
-        MAX_CONTENT_TYPE_LENGTH,
-        Reason.INVALID_CONTENT_TYPE,
-        "content type",
-    )
+    check_content_type(msg.content_type)
     if format_version == FORMAT_V1:
         _check_key_fields(msg.key_id, msg.key_version, msg.wrap_mechanism, msg.wrapped_data_key)
     else:
-        _check_ascii(msg.key_id, _KEY_ID, MAX_KEY_ID_LENGTH, Reason.INVALID_KEY_ID, "key id")
+        check_key_id(msg.key_id)
         # One place for the wrapped key: a key-slot header that also carried one would leave a
         # reader to choose between a bound copy and a replaceable one.
         if msg.key_version or msg.wrapped_data_key or msg.wrap_mechanism:

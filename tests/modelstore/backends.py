@@ -7,7 +7,10 @@ nothing of a failed upload is left — in each backend's own terms.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sqlite3
 from typing import Any
 
 from strongroom.modelstore.records import ModelRecord
@@ -68,6 +71,31 @@ def remove_blob(storage: AnyStorage, record: ModelRecord) -> None:
         os.unlink(_fs_blob(storage, record))
         return
     _raw(storage).delete_object(Bucket=storage.bucket, Key=_s3_blob(storage, record))
+
+
+def point_at_blob_of(storage: AnyStorage, record: ModelRecord, other: ModelRecord) -> None:
+    """Edits ``record``'s index entry behind the store's back to name ``other``'s blob (with its
+    digest and sizes, so that nothing but the blob's own header tells the two apart)."""
+    fields = ("artifact_sha256", "artifact_size", "plaintext_size", "plaintext_sha256")
+    if isinstance(storage, FilesystemStorage):
+        with contextlib.closing(sqlite3.connect(storage.root / "index.sqlite3")) as db, db:
+            db.execute(
+                f"UPDATE models SET {', '.join(f'{f} = ?' for f in fields)}, header_size = ?"
+                " WHERE name = ? AND version = ?",
+                (
+                    *(getattr(other, f) for f in fields),
+                    other.header_size,
+                    record.name,
+                    record.version,
+                ),
+            )
+        return
+    key = f"{storage.prefix}index/{record.name}!{record.version}"
+    raw = _raw(storage)
+    entry = json.loads(raw.get_object(Bucket=storage.bucket, Key=key)["Body"].read())
+    entry |= {f: getattr(other, f) for f in (*fields, "header_size")}
+    entry["blob"] = _s3_blob(storage, other).removeprefix(storage.prefix)
+    raw.put_object(Bucket=storage.bucket, Key=key, Body=json.dumps(entry).encode())
 
 
 def _fs_blob(storage: FilesystemStorage, record: ModelRecord) -> Any:

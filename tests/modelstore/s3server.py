@@ -163,6 +163,10 @@ class FaultProxy:
     not_implemented: frozenset[tuple[str, str]] = frozenset()
     """(method, request header in lower case) answered 501 NotImplemented when the request
     carries that header: a server that refuses it outright (AWS's DeleteObject If-Match once)."""
+    conditional_deletes_required: bool = False
+    """Answer 403 AccessDenied to a DeleteObject without ``If-Match``: a bucket policy that
+    requires conditional deletes (AWS's ``s3:if-match`` condition key). An abort of a multipart
+    upload (DELETE with ``uploadId``) is another action and passes."""
     chunked: bool = False
     """Answer every GET's body in the chunked transfer coding, without Content-Length (legitimate
     HTTP/1.1: a server or proxy that streams what it does not measure first)."""
@@ -189,6 +193,13 @@ class FaultProxy:
                     for method, header in proxy.not_implemented
                 ):
                     fault = Fault(lambda m, p: True, status=501, code="NotImplemented")
+                if (
+                    proxy.conditional_deletes_required
+                    and self.command == "DELETE"
+                    and "uploadId=" not in self.path
+                    and "if-match" not in {k.lower() for k in self.headers}
+                ):
+                    fault = Fault(lambda m, p: True, status=403, code="AccessDenied")
                 if fault is not None and fault.after_upstream:
                     proxy._forward(self.command, self.path, body, dict(self.headers.items()))
                 if fault is not None:

@@ -16,7 +16,13 @@ from strongroom.modelstore.errors import KeySlotRejected, ModelNotFound, StoredD
 from strongroom.modelstore.service import METHOD_ROLES, ROLE_ADMIN, SERVICE_NAME, model_info
 from strongroom.modelstore.storage import FilesystemStorage
 from tests.modelstore.artifacts import chunked
-from tests.modelstore.backends import AnyStorage, assert_clean, blob_count, overwrite_blob
+from tests.modelstore.backends import (
+    AnyStorage,
+    assert_clean,
+    blob_count,
+    overwrite_blob,
+    point_at_blob_of,
+)
 from tests.modelstore.conftest import Served, serve
 from tests.modelstore.rewrap_case import (
     artifact,
@@ -66,6 +72,24 @@ def test_replace_moves_only_the_slot(storage: AnyStorage) -> None:
     # The old blob is gone; nothing left behind.
     assert blob_count(storage) == 1
     assert_clean(storage)
+
+
+def test_a_record_pointing_at_another_models_blob_is_not_re_wrapped(storage: AnyStorage) -> None:
+    """An index entry edited (by whoever can write the storage) to name another model's blob was
+    re-wrapped as if it were its own: the other model's artifact was copied under this record
+    and, on S3, the other model's blob deleted. The blob's header names its model; a re-wrap of a
+    record whose blob names another is DATA_LOSS BLOB_OF_ANOTHER_MODEL, and nothing changes."""
+    _store(storage)
+    other = _store(storage, "acme/o")
+    point_at_blob_of(storage, storage.stat("acme/m", "1"), storage.stat("acme/o", "1"))
+    edited = storage.stat("acme/m", "1")
+    with pytest.raises(StoredDataCorrupt) as info:
+        _replace(storage, 1, 2)
+    assert info.value.reason == "BLOB_OF_ANOTHER_MODEL"
+    assert info.value.status_name == "DATA_LOSS"
+    assert _read(storage, "acme/o") == other
+    assert storage.stat("acme/m", "1") == edited
+    assert blob_count(storage) == 2
 
 
 def test_replaying_a_replacement_is_a_no_op(storage: AnyStorage) -> None:

@@ -23,14 +23,19 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
 from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.modelstore.config import MAX_S3_PREFIX_BYTES, ModelstoreConfig, StorageConfig
-from strongroom.modelstore.errors import ModelExists, StorageUnavailable, StoredDataCorrupt
+from strongroom.modelstore.errors import (
+    ModelExists,
+    ModelNotFound,
+    StorageUnavailable,
+    StoredDataCorrupt,
+)
 from strongroom.modelstore.publishers import PublisherScopes
 from strongroom.modelstore.service import ModelStoreServicer
 from strongroom.modelstore.storage import S3Storage, open_storage
 from strongroom.runtime.config import ConfigError, build
 from tests.modelstore import rewrap_case, s3server
 from tests.modelstore.artifacts import chunked, make_artifact
-from tests.modelstore.backends import assert_clean, overwrite_blob
+from tests.modelstore.backends import assert_clean, blob_count, overwrite_blob, point_at_blob_of
 from tests.modelstore.conftest import S3_TEST_PART_SIZE, serve
 
 BIG = 2 * S3_TEST_PART_SIZE + 12345  # three parts
@@ -88,6 +93,8 @@ def test_multipart_round_trip_and_layout(s3_server: s3server.MotoServer, s3_buck
         b"key_version=4294967296",
         b"artifact_size=-1",
         b"plaintext_size=18446744073709551616",
+        b"header_size=1000000",
+        b"plaintext_sha256=5",
     ],
     ids=[
         "garbage",
@@ -98,6 +105,8 @@ def test_multipart_round_trip_and_layout(s3_server: s3server.MotoServer, s3_buck
         "kek-version-past-the-field",
         "negative-size",
         "size-past-the-field",
+        "header-past-the-artifact",
+        "plaintext-digest-not-a-digest",
     ],
 )
 def test_an_unreadable_index_record_is_stored_data_corrupt(
@@ -112,8 +121,10 @@ def test_an_unreadable_index_record_is_stored_data_corrupt(
     store.put([make_artifact("acme/m", "1", b"x")], StructureValidator())
     key = "p/index/acme/m!1"
     record = json.loads(store._client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    field = ""  # the field the refusal names (a record that does not parse has none)
     if damage == b"time out of range":  # a date datetime cannot hold: OverflowError
         damage = json.dumps(record | {"stored_at_us": 10**20}).encode()
+        field = "stored_at_us"
     elif b"=" in damage:  # one field out of its range, the rest of the record intact
         field, number = damage.decode().split("=")
         damage = json.dumps(record | {field: int(number)}).encode()
@@ -121,6 +132,47 @@ def test_an_unreadable_index_record_is_stored_data_corrupt(
     with pytest.raises(StoredDataCorrupt) as info:
         store.stat("acme/m", "1")
     assert info.value.reason == "INDEX_CORRUPT"
+    assert "acme/m" in info.value.message and field in info.value.message
+
+
+def test_deleting_a_record_that_names_another_models_blob_deletes_nothing(
+    s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """An index object names its blob by key: edited (by whoever can write the bucket) to name
+    another model's blob, deleting its model deleted that other model's artifact. The blob's own
+    header names its model: such a delete is DATA_LOSS BLOB_OF_ANOTHER_MODEL, nothing is deleted,
+    and the other model is still served."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    a = store.put([make_artifact("acme/a", "1", b"a" * 300)], StructureValidator())
+    victim = make_artifact("acme/b", "1", b"b" * 300)
+    b = store.put([victim], StructureValidator())
+    point_at_blob_of(store, a, b)
+    edited = store.stat("acme/a", "1")
+    with pytest.raises(StoredDataCorrupt) as info:
+        store.delete("acme/a", "1")
+    assert info.value.reason == "BLOB_OF_ANOTHER_MODEL"
+    assert info.value.status_name == "DATA_LOSS"
+    assert "acme/a" in info.value.message and "acme/b" in info.value.message
+    assert read_all(store, "acme/b", "1") == victim
+    assert store.stat("acme/a", "1") == edited
+    # A model's own delete still removes its own blob.
+    store.delete("acme/b", "1")
+    with pytest.raises(ModelNotFound):
+        store.stat("acme/b", "1")
+
+
+def test_deleting_a_model_whose_blob_header_does_not_parse_keeps_the_blob(
+    s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """When the blob's header cannot show whose it is, the model's record is deleted (an admin's
+    way to get rid of a damaged model) but its blob is kept, reported later as unreferenced."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    record = store.put([make_artifact("acme/a", "1", b"a" * 300)], StructureValidator())
+    overwrite_blob(store, record, b"\0" * record.artifact_size)
+    store.delete("acme/a", "1")
+    with pytest.raises(ModelNotFound):
+        store.stat("acme/a", "1")
+    assert blob_count(store) == 1
 
 
 def test_an_unreadable_index_record_neither_stops_the_store_nor_frees_its_blob(
@@ -831,6 +883,35 @@ def test_probe_objects_left_by_interrupted_starts_are_removed(
     assert sweep is not None and sweep.probes_removed == 1
     listed = client.list_objects_v2(Bucket=s3_bucket)["Contents"]
     assert sorted(item["Key"] for item in listed) == sorted([young, foreign])
+
+
+def test_a_bucket_that_requires_conditional_deletes_gets_only_conditional_deletes(
+    proxy: s3server.FaultProxy, s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """A bucket policy may require If-Match on every DeleteObject (AWS's s3:if-match condition
+    key). The store sent it only on index deletes: its deletes of a deleted model's blob, of a
+    re-wrapped model's old blob and of its start-up probes were denied (each left behind, only
+    logged). Every delete of the store is conditional now, on the object's own ETag (moto, the
+    server here, refuses If-Match: *), and nothing is left."""
+    proxy.conditional_deletes_required = True
+    client = s3server.client(s3_server.endpoint)
+    old_probe = f"p/probes/20200101T000000Z-{'a' * 32}"
+    client.put_object(Bucket=s3_bucket, Key=old_probe, Body=b"")
+    store = replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    assert store.conditional_deletes is True
+    assert store.last_sweep is not None and store.last_sweep.probes_removed == 1
+    assert "Contents" not in client.list_objects_v2(Bucket=s3_bucket)
+    store.put([rewrap_case.artifact("acme/m", "1", 5000)], StructureValidator())
+    store.replace_key_slot(
+        "acme/m",
+        "1",
+        expected_key_version=1,
+        key_version=2,
+        wrapped_dek=rewrap_case.wrapped("acme/m", "1", 2),
+    )
+    assert blob_count(store) == 1
+    store.delete("acme/m", "1")
+    assert "Contents" not in client.list_objects_v2(Bucket=s3_bucket)
 
 
 def test_an_object_store_that_refuses_conditional_writes_outright_is_named(

@@ -835,6 +835,26 @@ def test_startup_sweep_removes_nothing_through_a_symlinked_blob_directory(
     assert foreign.read_bytes() == b"another store's blob"
 
 
+def test_the_sweep_neither_follows_nor_counts_a_symlink_at_a_blob_name(
+    store_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The blob listing followed a symlink at a blob's name: with no index, one such link (to any
+    file) refused the start as INDEX_MISSING, and with an index it was moved into the quarantine as
+    an orphan blob. It is a stray now: not followed, not counted, left where it is and logged."""
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"not a blob")
+    digest = "ab" + "c" * 62
+    fanout = store_root / "blobs" / "sha256" / digest[:2]
+    fanout.mkdir(parents=True)
+    (fanout / digest).symlink_to(target)
+    with caplog.at_level(logging.WARNING), FilesystemStorage(store_root) as s:
+        assert s.last_sweep.orphan_blobs_quarantined == ()
+        assert s.last_sweep.stray_files == 1
+        assert s.blob_digests() == set()
+    assert (fanout / digest).is_symlink() and target.read_bytes() == b"not a blob"
+    assert any("symbolic link in the blob tree" in r.getMessage() for r in caplog.records)
+
+
 def test_a_root_whose_uploads_and_blobs_are_on_two_volumes_is_refused_at_start(
     store_root: Path,
 ) -> None:
@@ -981,30 +1001,63 @@ def test_a_lost_index_stops_the_start_instead_of_sweeping_every_blob(store_root:
         ("created_at_us", -(2**63)),
         ("artifact_size", "large"),  # SQLite keeps text in an INTEGER column (CHECK passes)
         ("key_version", "two"),
+        # Read unchecked before (the S3 index's rules were not applied to a row): a KEK version
+        # no broker numbers (or one ModelInfo's uint32 cannot hold: INTERNAL), a header past its artifact's end (the sweep's header read ran past the blob), a
+        # content type or key id no header may carry (a long one overflowed a ListModels page).
+        ("key_version", -1),
+        ("key_version", 2**32),
+        ("key_version", 0),
+        ("header_size", 10**9),
+        ("header_size", 0),
+        ("content_type", "x" * 5000),
+        ("key_id", ""),
     ],
-    ids=["time-too-late", "time-too-early", "text-size", "text-key-version"],
+    ids=[
+        "time-too-late",
+        "time-too-early",
+        "text-size",
+        "text-key-version",
+        "negative-key-version",
+        "key-version-past-uint32",
+        "key-version-zero",
+        "header-past-the-artifact",
+        "empty-header",
+        "content-type-too-long",
+        "empty-key-id",
+    ],
 )
 def test_an_edited_index_row_is_stored_data_corrupt(
     store_root: Path, column: str, value: object
 ) -> None:
     """A row this store cannot have written escaped as an untyped error (OverflowError from the
     time, TypeError later from a text size) instead of DATA_LOSS INDEX_CORRUPT, and the start-up
-    sweep raised it, so the store did not open at all. Now the store opens, names the row, keeps
-    its blob and serves the other models."""
+    sweep raised it, so the store did not open at all. Now the store opens, names the row and the
+    field, keeps the row and its blob, and serves the other models."""
     with FilesystemStorage(store_root) as storage:
-        put(storage, make_artifact("acme/bad", "1", b"x"))
+        bad = put(storage, make_artifact("acme/bad", "1", b"x"))
         put(storage, make_artifact("acme/good", "1", b"y"))
     with sqlite3.connect(store_root / "index.sqlite3") as db:
         db.execute(f"UPDATE models SET {column} = ? WHERE name = 'acme/bad'", (value,))
     with FilesystemStorage(store_root) as storage:
         assert storage.last_sweep.unreadable_rows == (("acme/bad", "1"),)
         assert storage.last_sweep.orphan_blobs_quarantined == ()
-        with pytest.raises(StoredDataCorrupt) as info:
-            storage.stat("acme/bad", "1")
-        assert info.value.reason == "INDEX_CORRUPT"
+        for call in (
+            lambda: storage.stat("acme/bad", "1"),
+            lambda: read_all(storage, "acme/bad", "1"),
+            lambda: storage.list(prefix="acme/"),
+        ):
+            with pytest.raises(StoredDataCorrupt) as info:
+                call()
+            assert info.value.reason == "INDEX_CORRUPT"
+            assert info.value.status_name == "DATA_LOSS"
+            assert "acme/bad" in info.value.message and column in info.value.message
         with pytest.raises(StoredDataCorrupt):
             storage.records()
         assert storage.stat("acme/good", "1").name == "acme/good"
+        assert bad.artifact_sha256 in storage.blob_digests()  # type: ignore[attr-defined]
+    with contextlib.closing(sqlite3.connect(store_root / "index.sqlite3")) as db:
+        kept = db.execute(f"SELECT {column} FROM models WHERE name = 'acme/bad'").fetchall()
+    assert kept == [(value,)]
 
 
 def test_deleting_an_unreadable_row_removes_it_and_its_blob_and_says_so(store_root: Path) -> None:
