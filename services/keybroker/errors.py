@@ -4,7 +4,8 @@ Every failure is one of the shared :mod:`strongroom.errors` classes (so the one 
 maps it to a gRPC status) with a reason from :class:`strongroom.reasons.Reason`. Two infrastructure failures get their
 own subclasses because callers branch on them: :class:`HsmUnavailable` and :class:`AuditUnavailable`;
 so do a stored policy the broker cannot read or load (:class:`PolicyUnreadable`,
-:class:`StoredPolicyInvalid`) and the one refusal a caller hears for every way it may not release a
+:class:`StoredPolicyInvalid`), a policy change whose expected version is no longer the live one
+(:class:`PolicyChanged`) and the one refusal a caller hears for every way it may not release a
 key (:class:`ReleaseNotPermitted`).
 """
 
@@ -43,6 +44,26 @@ class StoredPolicyInvalid(FailedPrecondition):
     a directory deployment configuration manages): the broker's configuration error, not the
     request's. Its reason is the loader's (``POLICY_BAD_VALUE``, ``POLICY_DEBUG_IN_PRODUCTION``,
     ...)."""
+
+
+class PolicyChanged(FailedPrecondition):
+    """A compare-and-swap policy change refused: the key's live policy is not at the version the
+    caller expected to replace (someone else changed it since the caller read it). Nothing was
+    stored; ``live_version`` is the live policy's version (None: the key has none, or one that
+    does not read or load)."""
+
+    default_reason = Reason.POLICY_CHANGED
+
+    def __init__(self, message: str, *, live_version: str | None) -> None:
+        super().__init__(message)
+        self.live_version = live_version
+
+
+class PolicyStoreBusy(Unavailable):
+    """The policy directory's change lock was not free in time: another replica (or this one) is
+    changing a policy, or one holding it is stuck; nothing was stored, and a retry may succeed."""
+
+    default_reason = Reason.POLICY_STORE_BUSY
 
 
 class ReleaseNotPermitted(PermissionDenied):

@@ -12,12 +12,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from strongroom.attestation.policy import MAX_POLICY_VERSION_LENGTH
 from strongroom.errors import (
-    FailedPrecondition,
+    InvalidArgument,
     ResourceExhausted,
     StrongroomError,
 )
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
+from strongroom.keybroker.errors import PolicyChanged
 from strongroom.keybroker.keys import (
     ChangeGate,
     DataKey,
@@ -58,6 +60,23 @@ def _unrecorded_refusal(action: str, refusal: StrongroomError, failure: Strongro
         action,
         extra={"reason": refusal.reason, "audit_failure": failure.reason},
     )
+
+
+def _check_expected_version(expected: str) -> None:
+    """A compare-and-swap's expected version, which its records carry: a policy version's rule."""
+    if len(expected) > MAX_POLICY_VERSION_LENGTH or not expected.isprintable():
+        raise InvalidArgument(
+            f"expected_policy_version: must be at most {MAX_POLICY_VERSION_LENGTH} printable "
+            "characters (a policy version)",
+            reason=Reason.POLICY_BAD_VALUE,
+        )
+
+
+def _with_live(claims: Mapping[str, object], refusal: StrongroomError) -> Mapping[str, object]:
+    """``claims`` and, for a refused compare-and-swap, the live version it met ("" for none)."""
+    if not isinstance(refusal, PolicyChanged):
+        return claims
+    return {**claims, "live_policy_version": refusal.live_version or ""}
 
 
 class _RefusalBudget:
@@ -215,7 +234,14 @@ class KeyService:
             key_id, version or "all", gate=self._gate(caller, "disable_key", key_id)
         )
 
-    def set_policy(self, caller: Caller, key_id: str, document: str) -> StoredPolicy:
+    def set_policy(
+        self,
+        caller: Caller,
+        key_id: str,
+        document: str,
+        *,
+        expected_version: str | None = None,
+    ) -> StoredPolicy:
         """Validates and stores the release policy of an existing key.
 
         The change is recorded before it takes effect (a policy is live for every replica the
@@ -225,31 +251,55 @@ class KeyService:
 
         Two changes of one key's policy are serialised from the record to the written file: run
         side by side, the later record could precede the other's file, so the log's last change
-        named a policy that was not the live one. The lock is this process's: replicas sharing a
-        policy directory each keep their own log, in which each change is still recorded before
-        it is written.
+        named a policy that was not the live one. That lock is this process's; the check of the
+        live policy and the write are also one critical section across every process sharing the
+        policy directory (:meth:`PolicyStore.write`), so the rules below hold across replicas,
+        each of which records the changes it makes in its own log before they are written.
+
+        ``expected_version`` makes the change a compare-and-swap: it is made only while the live
+        policy is at that version ("": while the key has none). Otherwise it is refused,
+        :class:`PolicyChanged` (FailedPrecondition, POLICY_CHANGED) naming the live version,
+        nothing is stored, and the refusal is recorded (``DENIED``, with the expected and live
+        versions in its claims): the attempt lost a race with another change, which an auditor
+        reconstructing who changed what needs to see. Refused before its record when the live
+        policy already differs, it has one ``DENIED`` record; refused by the check repeated
+        under the directory's lock (another replica's change in between), its ``ALLOWED``
+        record is followed by a ``DENIED`` one under the same decision id, as a failed write is.
 
         A new document must carry a new version: release records name the policy that judged
         them only by its version, so a policy loosened under the version it had (or any other
         edit) would make every record of that version ambiguous. The same document again is
         accepted (a retry); another one under the live version is refused,
-        FailedPrecondition(POLICY_VERSION_REUSED), unrecorded like any refused change. Each
-        record also carries the document's SHA-256 (``policy_sha256``, as release records do).
+        FailedPrecondition(POLICY_VERSION_REUSED), unrecorded like an invalid document (checked
+        again under the directory's lock: recorded then, after the change's record). Each record
+        also carries the document's SHA-256 (``policy_sha256``, as release records do).
         """
+        if expected_version:
+            _check_expected_version(expected_version)
         self._keys.describe_key(key_id)  # NotFound for a key that does not exist
         stored = self._policies.check(key_id, document)
         version = stored.policy.version
+        claims: dict[str, object] = (
+            {} if expected_version is None else {"expected_policy_version": expected_version}
+        )
         with self._policy_lock(key_id):
-            self._refuse_reused_version(key_id, stored)
+            try:
+                # Before the record, so that a change that is already stale is not recorded as
+                # allowed first; repeated under the directory's lock by the write.
+                self._policies.refuse_conflict(key_id, stored, expected_version)
+            except PolicyChanged as exc:
+                self._record_refused_change(caller, key_id, stored, exc, claims)
+                raise
             record = self._record(
                 caller,
                 "set_release_policy",
                 key_id,
                 policy_version=version,
                 policy_sha256=stored.sha256,
+                claims=claims,
             )
             try:
-                return self._policies.write(key_id, stored)
+                return self._policies.write(key_id, stored, expected_version=expected_version)
             except StrongroomError as exc:
                 self._record(
                     caller,
@@ -260,21 +310,33 @@ class KeyService:
                     policy_version=version,
                     policy_sha256=stored.sha256,
                     decision_id=record.decision_id,
+                    claims=_with_live(claims, exc),
                 )
                 raise
 
-    def _refuse_reused_version(self, key_id: str, new: StoredPolicy) -> None:
+    def _record_refused_change(
+        self,
+        caller: Caller,
+        key_id: str,
+        stored: StoredPolicy,
+        refusal: PolicyChanged,
+        claims: Mapping[str, object],
+    ) -> None:
+        """Records a compare-and-swap refused before its change was recorded; should the log
+        refuse the record, the caller still hears its refusal (as every audited refusal is)."""
         try:
-            live = self._policies.get(key_id, judge=False)
-        except StrongroomError:
-            return  # none, or one that does not read or load: nothing a release could name
-        if live.policy.version == new.policy.version and live.document != new.document:
-            raise FailedPrecondition(
-                f"the release policy of {key_id!r} is already at version "
-                f"{new.policy.version!r} with another document: give the new document a version "
-                "of its own (release records name a policy by its version)",
-                reason=Reason.POLICY_VERSION_REUSED,
+            self._record(
+                caller,
+                "set_release_policy",
+                key_id,
+                reason=refusal.reason,
+                decision=Decision.DENIED,
+                policy_version=stored.policy.version,
+                policy_sha256=stored.sha256,
+                claims=_with_live(claims, refusal),
             )
+        except StrongroomError as exc:
+            _unrecorded_refusal("set_release_policy", refusal, exc)
 
     def get_policy(self, key_id: str) -> StoredPolicy:
         """The key's stored release policy: FailedPrecondition(NO_RELEASE_POLICY) when the key

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import logging
 import os
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,12 +18,42 @@ from strongroom.attestation.policy import ReleasePolicy
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.files import atomic_write
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
-from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
+from strongroom.keybroker.errors import (
+    PolicyChanged,
+    PolicyStoreBusy,
+    PolicyUnreadable,
+    StoredPolicyInvalid,
+)
 from strongroom.keybroker.keys import validate_key_id
 from strongroom.keybroker.policy_bounds import check_policy_bounds
 from strongroom.reasons import Reason
 
 _log = logging.getLogger(__name__)
+
+LOCK_FILE = ".policy-changes.lock"
+"""The file in the policy directory whose POSIX record lock (``fcntl.lockf``) every broker process
+holds while it checks a key's live policy and writes the new one: the one critical section of a
+policy change across replicas sharing the directory. Its leading dot keeps it out of the key id
+grammar (no key's policy is named so)."""
+
+LOCK_WAIT = 10.0
+"""Seconds a policy change waits for the lock before it is refused ``POLICY_STORE_BUSY``. A holder
+only reads one policy file and writes another, so a lock held longer is a stuck holder (a hung
+NFS server, a stopped process), which must not hold an admin's call (and a worker) for ever."""
+
+_LOCK_POLL = 0.01
+
+# A POSIX record lock belongs to the process, not to the file descriptor: two threads of one
+# process would both "hold" it, and closing any descriptor of the file releases it. So the
+# threads of this process take turns first, per directory (two stores over one directory, as in
+# tests, share it).
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(directory: str) -> threading.Lock:
+    with _PROCESS_LOCKS_GUARD:
+        return _PROCESS_LOCKS.setdefault(os.path.realpath(directory), threading.Lock())
 
 
 @dataclass(frozen=True)
@@ -51,6 +86,30 @@ def _stamp(st: os.stat_result) -> _Stamp:
 def _unreadable(key_id: str, problem: str) -> PolicyUnreadable:
     # The problem, not the path: the message may reach a caller; the operator knows the directory.
     return PolicyUnreadable(f"the release policy of {key_id!r} cannot be read: {problem}")
+
+
+def _read_only(key_id: str, exc: OSError) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"cannot store the policy of {key_id!r}: {exc.strerror} (is the policy directory "
+        "read-only because policies are managed by deployment configuration?)",
+        reason=Reason.POLICY_STORE_READ_ONLY,
+    )
+
+
+def _unlockable(key_id: str, exc: OSError) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"cannot store the policy of {key_id!r}: the policy directory cannot be locked "
+        f"({exc.strerror}); its file system must support POSIX record locks (fcntl), as local "
+        "file systems and NFSv4 do, so that replicas sharing it change policies one at a time",
+        reason=Reason.POLICY_STORE_READ_ONLY,
+    )
+
+
+def _busy(key_id: str, wait: float) -> PolicyStoreBusy:
+    return PolicyStoreBusy(
+        f"cannot store the policy of {key_id!r}: another policy change held the policy "
+        f"directory's lock for more than {wait:g} s; nothing was stored, retry"
+    )
 
 
 def _read_text(path: str, key_id: str) -> str:
@@ -213,6 +272,74 @@ class PolicyStore:
                 )
             return ""
 
+    def live(self, key_id: str) -> StoredPolicy | None:
+        """The key's policy as the file holds it now, read past the cache (None: it has none):
+        what a change is checked against. The cache knows a file by its inode, size and times,
+        which a file replaced twice within the clock's tick by one of the same size on a reused
+        inode would not change, and a compare-and-swap must not take a stale version for the
+        live one. :class:`PolicyUnreadable` / :class:`StoredPolicyInvalid` as :meth:`get`."""
+        path = self._path(key_id)
+        try:
+            text = _read_text(path, key_id)
+        except PolicyUnreadable:
+            if not os.path.lexists(path):
+                return None
+            raise
+        with self._lock:
+            cached = self._cache.get(key_id)
+        if cached is not None and cached[1].document == text:
+            return cached[1]  # the same bytes parse to the same policy
+        try:
+            return StoredPolicy(text, self._load(text))
+        except StrongroomError as exc:
+            raise StoredPolicyInvalid(
+                f"the stored release policy of {key_id!r} does not load: {exc.message}",
+                reason=exc.reason,
+            ) from None
+
+    def refuse_conflict(
+        self, key_id: str, new: StoredPolicy, expected_version: str | None
+    ) -> StoredPolicy | None:
+        """Refuses replacing the key's live policy by ``new`` (and returns the live one).
+
+        With ``expected_version`` (a compare-and-swap; "" for "the key has no policy"), a live
+        policy at another version, none when one was expected, or one that does not read or
+        load (it has no version to compare) is :class:`PolicyChanged`, naming the live version.
+        Another document under the live version is FailedPrecondition(POLICY_VERSION_REUSED):
+        release records name a policy by its version. The same document again is a retry."""
+        expected = f"at version {expected_version!r}" if expected_version else "to have none"
+        try:
+            live = self.live(key_id)
+        except StrongroomError as exc:
+            if expected_version is None:
+                return None  # nothing a release could name: replacing it is the fix
+            raise PolicyChanged(
+                f"the release policy of {key_id!r} was expected {expected}, but the stored one "
+                f"does not read or load ({exc.reason}); replace it without an expected version",
+                live_version=None,
+            ) from None
+        live_version = None if live is None else live.policy.version
+        if expected_version is not None and (live_version or "") != expected_version:
+            now = f"is at version {live_version!r}" if live_version else "has none"
+            raise PolicyChanged(
+                f"the release policy of {key_id!r} was expected {expected}, but it {now} now "
+                "(changed since it was read): nothing was stored; read the live policy, apply "
+                "the change to it and set it again",
+                live_version=live_version,
+            )
+        if (
+            live is not None
+            and live_version == new.policy.version
+            and live.document != new.document
+        ):
+            raise FailedPrecondition(
+                f"the release policy of {key_id!r} is already at version "
+                f"{new.policy.version!r} with another document: give the new document a version "
+                "of its own (release records name a policy by its version)",
+                reason=Reason.POLICY_VERSION_REUSED,
+            )
+        return live
+
     def check(self, key_id: str, document: str) -> StoredPolicy:
         """Validates a policy for ``key_id`` as :meth:`put` would, without storing it."""
         self._path(key_id)  # the key id, before the document
@@ -222,15 +349,61 @@ class PolicyStore:
         """Validates and stores a policy atomically; the old one stays if anything fails."""
         return self.write(key_id, self.check(key_id, document))
 
-    def write(self, key_id: str, stored: StoredPolicy) -> StoredPolicy:
-        """Stores a policy :meth:`check` returned, atomically; the old one stays if this fails."""
+    def write(
+        self,
+        key_id: str,
+        stored: StoredPolicy,
+        *,
+        expected_version: str | None = None,
+        lock_wait: float = LOCK_WAIT,
+    ) -> StoredPolicy:
+        """Stores a policy :meth:`check` returned, atomically; the old one stays if this fails.
+
+        The live policy is checked (:meth:`refuse_conflict`, with ``expected_version``) and the
+        new one written under the directory's change lock (:data:`LOCK_FILE`), held by every
+        broker process sharing the directory for exactly that: of two changes expecting one
+        version, one is written and the other refused, on one replica or two. Nothing slow is
+        done under it (the document was validated before, the audit record is written before);
+        it is waited for at most ``lock_wait`` seconds (:class:`PolicyStoreBusy`)."""
         path = self._path(key_id)
-        try:
-            atomic_write(Path(path), stored.document.encode())
-        except OSError as exc:
-            raise FailedPrecondition(
-                f"cannot store the policy of {key_id!r}: {exc.strerror} (is the policy directory "
-                "read-only because policies are managed by deployment configuration?)",
-                reason=Reason.POLICY_STORE_READ_ONLY,
-            ) from None
+        with self._changing(key_id, lock_wait):
+            self.refuse_conflict(key_id, stored, expected_version)
+            try:
+                atomic_write(Path(path), stored.document.encode())
+            except OSError as exc:
+                raise _read_only(key_id, exc) from None
         return stored
+
+    @contextlib.contextmanager
+    def _changing(self, key_id: str, wait: float) -> Iterator[None]:
+        """Holds the directory's change lock: this process's turn, then the file's record lock."""
+        deadline = time.monotonic() + wait
+        turn = _process_lock(self._dir)
+        if not turn.acquire(timeout=wait):
+            raise _busy(key_id, wait)
+        try:
+            try:
+                os.makedirs(self._dir, exist_ok=True)
+                fd = os.open(
+                    os.path.join(self._dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+            except OSError as exc:
+                raise _read_only(key_id, exc) from None
+            try:
+                # Polled, not blocking: lockf cannot be given a deadline, and a holder that is
+                # stuck must not hold this admin call for ever.
+                while True:
+                    try:
+                        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except OSError as exc:
+                        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                            raise _unlockable(key_id, exc) from None
+                    if time.monotonic() >= deadline:
+                        raise _busy(key_id, wait)
+                    time.sleep(_LOCK_POLL)
+                yield
+            finally:
+                os.close(fd)  # releases the record lock
+        finally:
+            turn.release()

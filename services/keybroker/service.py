@@ -242,7 +242,15 @@ class KeyAdminServicer(pb_grpc.KeyAdminServiceServicer):
     def SetReleasePolicy(
         self, request: pb.SetReleasePolicyRequest, context: grpc.ServicerContext
     ) -> pb.SetReleasePolicyResponse:
-        stored = self._service.set_policy(_caller(context), request.key_id, request.policy_document)
+        stored = self._service.set_policy(
+            _caller(context),
+            request.key_id,
+            request.policy_document,
+            # Present (even ""): a compare-and-swap; "" expects the key to have no policy yet.
+            expected_version=request.expected_policy_version
+            if request.HasField("expected_policy_version")
+            else None,
+        )
         return pb.SetReleasePolicyResponse(policy_version=stored.policy.version)
 
     def GetReleasePolicy(

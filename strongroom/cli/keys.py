@@ -73,7 +73,30 @@ def register(sub: Any) -> None:
         "set-policy", "attach a release policy document (YAML or JSON)", _set_policy
     )
     set_policy.add_argument("policy_file", type=Path)
+    expected = set_policy.add_mutually_exclusive_group()
+    expected.add_argument(
+        "--if-version",
+        metavar="VERSION",
+        dest="if_version",
+        type=_expected_version,
+        help="replace the key's policy only while it is still at VERSION (the one get-policy "
+        "showed): refused POLICY_CHANGED, naming the live version, if it changed meanwhile",
+    )
+    expected.add_argument(
+        "--if-no-policy",
+        dest="if_version",
+        action="store_const",
+        const="",
+        help="set the key's policy only while it has none (refused POLICY_CHANGED otherwise)",
+    )
     action("get-policy", "print a key's release policy", _get_policy)
+
+
+def _expected_version(text: str) -> str:
+    """``--if-version``: a policy version is never empty; "no policy yet" is ``--if-no-policy``."""
+    if not text:
+        raise argparse.ArgumentTypeError("a policy version is not empty (use --if-no-policy)")
+    return text
 
 
 def _key_version(text: str) -> int:
@@ -255,6 +278,8 @@ def _set_policy(args: argparse.Namespace) -> int:
     client, stub = _admin(args)
     with client:
         request = pb.SetReleasePolicyRequest(key_id=args.key_id, policy_document=document)
+        if args.if_version is not None:  # "" (--if-no-policy) is a compare-and-swap too
+            request.expected_policy_version = args.if_version
         return _print(stub.SetReleasePolicy(request, timeout=TIMEOUT))
 
 

@@ -4,6 +4,7 @@ answers and the re-wrap metric, over real mTLS to a broker on a real SoftHSM2 to
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -280,3 +281,98 @@ def test_a_publisher_flooding_refused_rewraps_is_rate_limited(stack: DevStack) -
         seen.append(outcome(raised.value))
     assert seen[0] == ("INVALID_ARGUMENT", "WRAPPED_KEY_INVALID")
     assert seen[-1] == ("RESOURCE_EXHAUSTED", "REWRAP_REFUSALS_RATE_LIMITED")
+
+
+def _audit(stack: DevStack) -> list[dict[str, Any]]:
+    path = stack.root / "state" / "keybroker" / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_policy_change_expecting_a_version_replaces_only_that_version(stack: DevStack) -> None:
+    """Two admins both read version 1 and set their change: the second used to silently replace
+    the first's. With expected_policy_version the second is refused POLICY_CHANGED, naming the
+    live version, nothing is stored, and the refusal is in the audit log."""
+    stub = admin(stack)
+    stack.create_release_key(stack.identity("admin"), "cas-key", policy_version="1")
+    read = stub.GetReleasePolicy(kb.GetReleasePolicyRequest(key_id="cas-key"), timeout=30)
+    first = stack.simulated_policy("2-first")
+    stub.SetReleasePolicy(
+        kb.SetReleasePolicyRequest(
+            key_id="cas-key",
+            policy_document=first,
+            expected_policy_version=read.policy_version,
+        ),
+        timeout=30,
+    )
+    second = stack.simulated_policy("2-second")
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.SetReleasePolicy(
+            kb.SetReleasePolicyRequest(
+                key_id="cas-key",
+                policy_document=second,
+                expected_policy_version=read.policy_version,
+            ),
+            timeout=30,
+        )
+    assert outcome(raised.value) == ("FAILED_PRECONDITION", "POLICY_CHANGED")
+    assert "is at version '2-first' now" in (raised.value.details() or "")
+    live = stub.GetReleasePolicy(kb.GetReleasePolicyRequest(key_id="cas-key"), timeout=30)
+    assert (live.policy_version, live.policy_document) == ("2-first", first)
+    refused = _audit(stack)[-1]
+    assert (refused["action"], refused["decision"], refused["reason"]) == (
+        "set_release_policy",
+        "denied",
+        "POLICY_CHANGED",
+    )
+    assert refused["caller"]["spiffe_id"] == stack.spiffe_id("admin")
+    assert (refused["key"]["id"], refused["policy_version"]) == ("cas-key", "2-second")
+    assert refused["claims"] == {"expected_policy_version": "1", "live_policy_version": "2-first"}
+    # Present but empty: the key must have no policy yet.
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.SetReleasePolicy(
+            kb.SetReleasePolicyRequest(
+                key_id="cas-key", policy_document=second, expected_policy_version=""
+            ),
+            timeout=30,
+        )
+    assert outcome(raised.value) == ("FAILED_PRECONDITION", "POLICY_CHANGED")
+    stub.CreateKey(kb.CreateKeyRequest(key_id="cas-new"), timeout=30)
+    stub.SetReleasePolicy(
+        kb.SetReleasePolicyRequest(
+            key_id="cas-new", policy_document=first, expected_policy_version=""
+        ),
+        timeout=30,
+    )
+    # Unset: replaced whatever the live version (as before the field).
+    stub.SetReleasePolicy(
+        kb.SetReleasePolicyRequest(key_id="cas-key", policy_document=second), timeout=30
+    )
+    live = stub.GetReleasePolicy(kb.GetReleasePolicyRequest(key_id="cas-key"), timeout=30)
+    assert live.policy_version == "2-second"
+
+
+def test_keys_set_policy_if_version_refuses_a_policy_changed_meanwhile(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The workflow: get-policy, edit, set-policy --if-version (--if-no-policy for a new key)."""
+    config = str(stack.write_client_config("admin"))
+    assert main(["keys", "create", "cas-cli", "--client-config", config]) == 0
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(stack.simulated_policy("1"))
+    set_policy = ["keys", "set-policy", "cas-cli", str(policy), "--client-config", config]
+    assert main([*set_policy, "--if-no-policy"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "get-policy", "cas-cli", "--client-config", config]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("# policy version 1\n")
+    policy.write_text(shown.replace('"1"', '"2"'))  # the edit, on what get-policy printed
+    assert main([*set_policy, "--if-version", "1"]) == 0
+    capsys.readouterr()
+    policy.write_text(stack.simulated_policy("3"))
+    assert main([*set_policy, "--if-version", "1"]) == 1  # someone else's change is live
+    err = capsys.readouterr().err
+    assert "POLICY_CHANGED" in err and "is at version '2' now" in err
+    assert "Traceback" not in err
+    assert main([*set_policy, "--if-no-policy"]) == 1
+    assert "POLICY_CHANGED" in capsys.readouterr().err
+    assert main([*set_policy, "--if-version", "2"]) == 0

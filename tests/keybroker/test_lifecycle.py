@@ -25,7 +25,7 @@ from strongroom.errors import (
 from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker import refusals
 from strongroom.keybroker.audit import AuditLog
-from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.keybroker.errors import AuditUnavailable, PolicyChanged
 from strongroom.keybroker.keys import KeyManager, KeyState
 from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.policies import PolicyStore
@@ -242,7 +242,7 @@ def test_a_policy_that_cannot_be_stored_after_its_record_is_recorded_as_refused(
     keys, log = service
     keys.create_key(ADMIN, "k1")
 
-    def read_only(key_id, stored):
+    def read_only(key_id, stored, **_):
         raise FailedPrecondition("read-only", reason="POLICY_STORE_READ_ONLY")
 
     monkeypatch.setattr(keys._policies, "write", read_only)
@@ -267,13 +267,13 @@ def test_concurrent_policy_changes_leave_the_last_record_naming_the_live_policy(
     first_writing = threading.Event()
     second_written = threading.Event()
 
-    def write(key_id, stored):
+    def write(key_id, stored, **kwargs):
         if stored.policy.version == "p-a":
             first_writing.set()
             # Gives the second change every chance to record and write first; serialised, it
             # cannot record until this write is done.
             second_written.wait(timeout=1.0)
-        written = real_write(key_id, stored)
+        written = real_write(key_id, stored, **kwargs)
         if stored.policy.version == "p-b":
             second_written.set()
         return written
@@ -577,7 +577,7 @@ def test_a_data_key_decision_names_the_policy_document_that_judged_it(service) -
 def test_a_policy_that_does_not_read_admits_no_publisher(service) -> None:
     keys, log = service
     _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
-    stored = next((log.parent / "policies").iterdir())
+    stored = log.parent / "policies" / "k1.yaml"
     stored.write_text("version: [", encoding="utf-8")
     with pytest.raises(StrongroomError) as info:
         keys.generate_data_key(PUBLISHER, "k1", "tenant-a/model", "1")
@@ -765,7 +765,7 @@ def test_the_brokers_own_failures_do_not_spend_a_callers_refusal_budget(
     reason; counted against the callers, they turned into a rate limit after 64 calls."""
     keys, log = service
     _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
-    next((log.parent / "policies").iterdir()).write_text("version: [", encoding="utf-8")
+    (log.parent / "policies" / "k1.yaml").write_text("version: [", encoding="utf-8")
     km.hsm.close()
     reasons = set()
     for _ in range(refusals.REFUSAL_BURST + 2):
@@ -777,3 +777,75 @@ def test_the_brokers_own_failures_do_not_spend_a_callers_refusal_budget(
                 call()
             reasons.add(info.value.reason)
     assert reasons == {"HSM_CLOSED", "POLICY_SYNTAX"}
+
+
+def test_a_stale_compare_and_swap_is_refused_recorded_and_stores_nothing(service) -> None:
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+    keys.set_policy(ADMIN, "k1", POLICY, expected_version="")  # the key has none yet
+    p2 = POLICY.replace('"p1"', '"p2"')
+    keys.set_policy(ADMIN, "k1", p2, expected_version="p1")
+    stale = POLICY.replace('"p1"', '"p3"')
+    for expected in ("p1", ""):
+        with pytest.raises(PolicyChanged) as raised:
+            keys.set_policy(ADMIN, "k1", stale, expected_version=expected)
+        assert raised.value.reason == "POLICY_CHANGED"
+        assert "is at version 'p2' now" in raised.value.message
+        refused = _records(log)[-1]
+        assert (refused["action"], refused["decision"], refused["reason"]) == (
+            "set_release_policy",
+            "denied",
+            "POLICY_CHANGED",
+        )
+        assert refused["caller"]["spiffe_id"] == ADMIN.spiffe_id
+        assert refused["policy_version"] == "p3"
+        assert refused["policy_sha256"] == hashlib.sha256(stale.encode()).hexdigest()
+        assert refused["claims"] == {
+            "expected_policy_version": expected,
+            "live_policy_version": "p2",
+        }
+    assert keys.get_policy("k1").document == p2
+    changes = [r for r in _records(log) if r["action"] == "set_release_policy"]
+    assert [(r["decision"], r["claims"]) for r in changes[:2]] == [
+        ("allowed", {"expected_policy_version": ""}),
+        ("allowed", {"expected_policy_version": "p1"}),
+    ]
+
+
+def test_a_compare_and_swap_another_replica_overtook_after_its_record_is_recorded_refused(
+    service, tmp_path, monkeypatch
+) -> None:
+    """Another broker process sharing the policy directory changed the policy between this
+    change's check and its write: the check is repeated under the directory's lock, so this
+    change's ALLOWED record is followed by a DENIED one (same decision id) and the other stays."""
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+    keys.set_policy(ADMIN, "k1", POLICY)
+    replica = PolicyStore(tmp_path / "policies")
+    theirs = POLICY.replace('"p1"', '"theirs"')
+    real_write = keys._policies.write
+
+    def overtaken(key_id, stored, **kwargs):
+        replica.put(key_id, theirs)
+        return real_write(key_id, stored, **kwargs)
+
+    monkeypatch.setattr(keys._policies, "write", overtaken)
+    with pytest.raises(PolicyChanged):
+        keys.set_policy(ADMIN, "k1", POLICY.replace('"p1"', '"mine"'), expected_version="p1")
+    allowed, denied = _records(log)[-2:]
+    assert (allowed["decision"], denied["decision"]) == ("allowed", "denied")
+    assert denied["decision_id"] == allowed["decision_id"]
+    assert denied["reason"] == "POLICY_CHANGED"
+    assert denied["claims"]["live_policy_version"] == "theirs"
+    assert keys.get_policy("k1").document == theirs
+
+
+def test_an_expected_version_no_policy_could_have_is_invalid_argument(service) -> None:
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+    before = len(_records(log))
+    for expected in ("v" * 257, "1\n# approved"):
+        with pytest.raises(InvalidArgument) as raised:
+            keys.set_policy(ADMIN, "k1", POLICY, expected_version=expected)
+        assert raised.value.reason == "POLICY_BAD_VALUE"
+    assert len(_records(log)) == before and keys.policy_version("k1") == ""

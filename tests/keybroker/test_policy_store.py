@@ -4,15 +4,22 @@ beyond its bounds (issue 11, findings 4 and 7)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from strongroom.attestation.errors import PolicyInvalid
 from strongroom.attestation.evidence import TeeType
-from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
+from strongroom.keybroker.errors import (
+    PolicyChanged,
+    PolicyStoreBusy,
+    PolicyUnreadable,
+    StoredPolicyInvalid,
+)
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.policy_bounds import (
     MAX_POLICY_BYTES,
@@ -262,3 +269,120 @@ def test_a_policy_path_that_cannot_be_stat_ed_is_unreadable_and_has_no_version(
 
 def test_a_key_without_a_policy_file_has_no_version(tmp_path: Path) -> None:
     assert store(tmp_path, production=False).version("k1") == ""
+
+
+# --- compare-and-swap and the policy directory's change lock, across processes ---------------
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+class _Racer:
+    """Another broker process over the same policy directory (tests/keybroker/policy_racer.py)."""
+
+    def __init__(self, directory: Path, template: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.keybroker.policy_racer", str(directory), str(template)],
+            cwd=_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def answer(self) -> str:
+        assert self.process.stdout is not None
+        return self.process.stdout.readline().strip()
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        assert self.process.wait(timeout=60) == 0
+
+
+@pytest.fixture
+def racers(tmp_path: Path) -> Iterator[tuple[Path, list[_Racer]]]:
+    """Two processes over ``tmp_path/policies``; the template's version is ``"VERSION"``."""
+    template = tmp_path / "template.yaml"
+    template.write_text(document().replace('"1"', '"VERSION"'), encoding="utf-8")
+    directory = tmp_path / "policies"
+    started = [_Racer(directory, template) for _ in range(2)]
+    yield directory, started
+    for racer in started:
+        racer.close()
+
+
+def test_a_compare_and_swap_replaces_only_the_version_it_expects(tmp_path: Path) -> None:
+    policies = store(tmp_path, production=True)
+    first = policies.check("k1", document())
+    with pytest.raises(PolicyChanged) as raised:
+        policies.write("k1", first, expected_version="0")
+    assert raised.value.live_version is None and "has none" in raised.value.message
+    policies.write("k1", first, expected_version="")  # "no policy yet"
+    second = policies.check("k1", document().replace('"1"', '"2"'))
+    for stale in ("", "0"):
+        with pytest.raises(PolicyChanged) as raised:
+            policies.write("k1", second, expected_version=stale)
+        assert raised.value.reason == Reason.POLICY_CHANGED
+        assert raised.value.live_version == "1" and "at version '1'" in raised.value.message
+    assert policies.get("k1").document == document()  # nothing stored
+    policies.write("k1", second, expected_version="1")
+    assert policies.get("k1").policy.version == "2"
+
+
+def test_a_compare_and_swap_over_a_policy_that_does_not_load_is_refused(tmp_path: Path) -> None:
+    """It has no version to compare: refused, naming the loader's reason; a change without an
+    expected version (the fix) still replaces it."""
+    policies = store(tmp_path, production=True)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "k1.yaml").write_text("version: [", encoding="utf-8")
+    fixed = policies.check("k1", document())
+    with pytest.raises(PolicyChanged) as raised:
+        policies.write("k1", fixed, expected_version="1")
+    assert "does not read or load (POLICY_SYNTAX)" in raised.value.message
+    assert "expected at version '1'" in raised.value.message
+    policies.write("k1", fixed)
+    assert policies.get("k1").policy.version == "1"
+
+
+def test_a_change_waits_for_another_process_holding_the_directory_lock(
+    racers: tuple[Path, list[_Racer]],
+) -> None:
+    """The lock is the directory's, across processes: while another broker process checks and
+    writes, a change here neither checks nor writes (it read the version the other was about to
+    replace, and both changes were made, the last one silently winning)."""
+    directory, (other, _) = racers
+    policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    policies.write("k1", policies.check("k1", document()))
+    other.send("hold")
+    assert other.answer() == "held"
+    mine = policies.check("k1", document().replace('"1"', '"mine"'))
+    with pytest.raises(PolicyStoreBusy) as raised:
+        policies.write("k1", mine, expected_version="1", lock_wait=0)
+    assert raised.value.reason == Reason.POLICY_STORE_BUSY
+    assert "nothing was stored" in raised.value.message
+    other.send("release")
+    assert other.answer() == "released"
+    assert policies.get("k1").policy.version == "1"
+    policies.write("k1", mine, expected_version="1", lock_wait=0)  # free again
+    assert policies.get("k1").policy.version == "mine"
+
+
+def test_two_processes_expecting_one_version_never_both_replace_it(
+    racers: tuple[Path, list[_Racer]],
+) -> None:
+    """Each round, two broker processes replace the live version at once: exactly one change is
+    made, the other refused POLICY_CHANGED, and the live policy is the one that was."""
+    directory, pair = racers
+    policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    live = "-"
+    for round_ in range(25):
+        for name, racer in zip("ab", pair, strict=True):
+            racer.send(f"set {live} r{round_}-{name}")
+        answers = [racer.answer() for racer in pair]
+        assert sorted(answers) == ["POLICY_CHANGED", "ok"], answers
+        live = policies.get("k1").policy.version
+        assert live == f"r{round_}-{'ab'[answers.index('ok')]}"
