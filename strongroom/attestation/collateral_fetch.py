@@ -52,6 +52,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -87,6 +88,8 @@ MAX_FAILURES = 4096
 #: The most VCEK fetches in flight at once (each holds a request thread for up to its timeout and
 #: retries); a genuine platform needs one, once, before its VCEK is cached.
 MAX_VCEK_FETCHES = 4
+#: The most verified VCEKs held in memory because the cache volume would not take them.
+MAX_UNSTORED_VCEKS = 64
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,10 @@ class CollateralService:
         self._absent: set[str] = set()
         self._running: set[str] = set()
         self._vcek_fetching: set[str] = set()  # product:chip id of each VCEK fetch in flight
+        # VCEKs a report verified with that the cache could not store (a full or read-only
+        # volume), by what was fetched: without them every release of that platform fetched its
+        # VCEK again, each spending its caller's fetch budget. Public certificates; bounded.
+        self._unstored_vceks: OrderedDict[str, bytes] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"CollateralService({self.cache!r}, fetching={self._pcs is not None})"
@@ -396,6 +403,11 @@ class CollateralService:
         # key by chip id alone would let a forged report for a real chip hold its fetch back.
         tcb = report.reported_tcb.components()
         key = f"vcek:{product}:{vcek_key(report.chip_id_for_kds(), tcb)}"
+        with self._lock:
+            unstored = self._unstored_vceks.get(key)
+            if unstored is not None:
+                self._unstored_vceks.move_to_end(key)
+                return unstored
         if not self._may_try(key):
             if key in self._absent:
                 raise _no_such_vcek(product)
@@ -428,11 +440,16 @@ class CollateralService:
             self.cache.put_vcek(der, report, origin=self._kds.vcek_url(product, report))
         except CollateralUnavailable as exc:
             if exc.reason != Reason.VCEK_FETCHED_UNTRUSTED:
-                # The cache cannot be written (COLLATERAL_STORE_FAILED): the VCEK still serves.
+                # The cache cannot be written (COLLATERAL_STORE_FAILED): the VCEK, which the
+                # report verified with, still serves, and is held in memory until it can be.
                 log.info(
                     "fetched VCEK not cached",
                     extra={"what": key, "reason": exc.reason, "detail": exc.message},
                 )
+                with self._lock:
+                    self._unstored_vceks[key] = der
+                    while len(self._unstored_vceks) > MAX_UNSTORED_VCEKS:
+                        self._unstored_vceks.popitem(last=False)
                 return der
             # A certificate of another chain: the broker's source is wrong (the message names
             # the URL), not the caller's evidence. Backed off like an outage, since a kds_url

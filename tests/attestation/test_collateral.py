@@ -410,6 +410,11 @@ def test_a_fetched_vcek_is_cached_only_once_a_report_verifies_with_it(  # type: 
     assert replica.snp_key_certificate(parse_snp_report(genuine.report)) == snp.certificate_der
 
 
+def _disk_full(path: Path, data: bytes, **kw: Any) -> None:
+    """``atomic_write`` of a full cache volume."""
+    raise OSError(28, "No space left on device")
+
+
 def test_a_cache_that_cannot_be_written_is_no_internal_error(  # type: ignore[no-untyped-def]
     authority, sim_trust, server, tmp_path, now, monkeypatch
 ) -> None:
@@ -418,16 +423,14 @@ def test_a_cache_that_cannot_be_written_is_no_internal_error(  # type: ignore[no
     INTERNAL although the VCEK it needed had been fetched, and with a missing CRL nothing was
     backed off, each release fetching again. The fetched document still serves the verification
     that fetched it (the cache and the verifier check it either way); what could not be stored is
-    logged and backed off like a failed fetch."""
+    logged and backed off like a failed fetch. A VCEK the report verified with is held in memory
+    meanwhile: it was fetched again for every release (each spending its caller's fetch budget)."""
     snp = authority.snp()
     server.vcek("Milan", snp.chip_id, snp.tcb.components(), snp.certificate_der)
     server.amd_crl("Milan", authority.crl("ark", now=now))
     service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
 
-    def full(path: Path, data: bytes, **kw: Any) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(collateral_cache, "atomic_write", full)
+    monkeypatch.setattr(collateral_cache, "atomic_write", _disk_full)
     genuine = Evidence(TeeType.SEV_SNP, snp.report(RD, measurement=MEAS))
     with pytest.raises(CollateralUnavailable) as err:  # the VCEK served; the CRL could not be kept
         verify_evidence(genuine, trust=sim_trust, now=now, collateral=service)
@@ -435,12 +438,37 @@ def test_a_cache_that_cannot_be_written_is_no_internal_error(  # type: ignore[no
     count = len(server.requests)
     with pytest.raises(CollateralUnavailable):
         verify_evidence(genuine, trust=sim_trust, now=now, collateral=service)
-    assert len(server.requests) == count + 1  # the VCEK again (not stored), the CRL backed off
+    assert len(server.requests) == count  # the VCEK held in memory, the CRL backed off
     monkeypatch.undo()
     with_crl = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
     assert verify_evidence(
         genuine, trust=sim_trust, now=now, collateral=with_crl
     ).collateral_complete
+
+
+def test_vceks_held_in_memory_are_bounded(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, now, monkeypatch
+) -> None:
+    """The VCEKs a full cache volume could not take are held in memory up to a bound, oldest
+    dropped first (fetched again when next needed)."""
+    monkeypatch.setattr(collateral_fetch, "MAX_UNSTORED_VCEKS", 1)
+    platforms = [authority.snp(chip_id=bytes([n]) * 64) for n in (1, 2)]
+    for snp in platforms:
+        server.vcek("Milan", snp.chip_id, snp.tcb.components(), snp.certificate_der)
+    service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+
+    monkeypatch.setattr(collateral_cache, "atomic_write", _disk_full)
+
+    def fetches(snp: Any) -> int:
+        before = len(server.requests)
+        report = parse_snp_report(snp.report(RD, measurement=MEAS))
+        assert service.snp_key_certificate(report) == snp.certificate_der
+        return len([r for r in server.requests[before:] if r.startswith("/vcek/")])
+
+    first, second = platforms
+    assert [fetches(first), fetches(first)] == [1, 0]
+    assert [fetches(second), fetches(second)] == [1, 0]
+    assert fetches(first) == 1  # dropped for the second
 
 
 def test_a_kds_404_is_remembered_per_chip_and_tcb(  # type: ignore[no-untyped-def]
