@@ -53,6 +53,8 @@ _PRODUCT_CPUID = {
 }
 _PRODUCT_NAME = {"Milan": "Milan-B0", "Genoa": "Genoa-B1", "Turin": "Turin"}
 SIMULATED_QE_MRSIGNER = hashlib.sha256(b"strongroom simulated TD_QE signer").digest()
+SIMULATED_CSP_ID = b"strongroom-sim"
+"""The CSP_ID a simulated VLEK carries unless told otherwise (a real one names the cloud)."""
 SIMULATED_FMSPC = bytes.fromhex("00906ed50000")
 DEFAULT_SNP_POLICY = 0x30000  # SMT allowed, reserved bit 17 set, no debug, no migration agent
 
@@ -238,9 +240,13 @@ class SimulatedAuthority:
         chip_id: bytes | None = None,
         tcb: snp_abi.TcbVersion | None = None,
         now: dt.datetime | None = None,
+        csp_id: bytes | None = SIMULATED_CSP_ID,
     ) -> SimulatedSnp:
-        """A simulated SNP platform with its own VCEK (or a VLEK) for ``tcb``."""
-        return SimulatedSnp.create(self, signing_key=signing_key, chip_id=chip_id, tcb=tcb, now=now)
+        """A simulated SNP platform with its own VCEK (or a VLEK, whose CSP_ID extension holds
+        ``csp_id``, None for none) for ``tcb``."""
+        return SimulatedSnp.create(
+            self, signing_key=signing_key, chip_id=chip_id, tcb=tcb, now=now, csp_id=csp_id
+        )
 
     def tdx(
         self, *, now: dt.datetime | None = None, fmspc: bytes = SIMULATED_FMSPC
@@ -357,8 +363,10 @@ class SimulatedSnp:
         chip_id: bytes | None = None,
         tcb: snp_abi.TcbVersion | None = None,
         now: dt.datetime | None = None,
+        csp_id: bytes | None = SIMULATED_CSP_ID,
     ) -> SimulatedSnp:
-        """Issues a VCEK (bound to ``chip_id`` and ``tcb``) or a VLEK (bound to ``tcb``)."""
+        """Issues a VCEK (bound to ``chip_id`` and ``tcb``) or a VLEK (bound to ``tcb``, its
+        CSP_ID extension the IA5String with content ``csp_id``; None for none)."""
         now = now or dt.datetime.now(_UTC)
         turin = authority.product == "Turin"
         if tcb is None:
@@ -382,9 +390,8 @@ class SimulatedSnp:
             exts.append(_ext(oids.OID_AMD_HWID, chip[:8] if turin else chip))
             issuer, issuer_key = authority.ask, authority.ask_key
         elif signing_key == "VLEK":
-            exts.append(
-                _ext(oids.OID_AMD_CSP_ID, _der.encode(_der.TAG_IA5STRING, b"strongroom-sim"))
-            )
+            if csp_id is not None:
+                exts.append(_ext(oids.OID_AMD_CSP_ID, _der.encode(_der.TAG_IA5STRING, csp_id)))
             issuer, issuer_key = authority.asvk, authority.asvk_key
         else:
             raise ValueError("signing_key must be VCEK or VLEK")

@@ -584,14 +584,20 @@ class CollateralCache:
         id and TCB bindings), else nothing is written: the file is shared with every replica and
         named after what the report claims. A certificate that does not chain to a pinned AMD
         root is the fetch's failure, whatever the report: :class:`CollateralUnavailable`
-        (``VCEK_FETCHED_UNTRUSTED``, naming ``origin``); otherwise the verifier's refusal.
+        (``VCEK_FETCHED_UNTRUSTED``, naming ``origin``), and so is one of AMD's that is not the
+        VCEK asked for (another chip, TCB or product: ``VCEK_FETCHED_MISMATCH``); otherwise the
+        verifier's refusal.
         """
-        from strongroom.attestation.verify.snp import verify_key_chain, verify_report_key
+        from strongroom.attestation.verify.snp import (
+            fetched_vcek_mismatch,
+            verify_key_chain,
+            verify_report_key,
+        )
 
         der = certificates_from_bytes(data)[0]
         now = self._clock()
         try:
-            verify_key_chain(der, self._trust, now)
+            verified = verify_key_chain(der, self._trust, now)
         except VerificationFailed as exc:
             if exc.reason == Reason.CERT_NOT_VALID_AT_TIME:
                 # Judged at this cache's clock, not at the verification's time: the verifier,
@@ -606,6 +612,15 @@ class CollateralCache:
                 f"({exc.reason}: {exc.message}): is the broker's kds_url AMD KDS?",
                 reason=Reason.VCEK_FETCHED_UNTRUSTED,
             ) from None
+        # Before the report's signature: a VCEK of another chip or TCB does not verify a genuine
+        # report, which was then named forged (REPORT_SIGNATURE_INVALID, the caller's fault).
+        wrong = fetched_vcek_mismatch(report, verified)
+        if wrong is not None:
+            raise CollateralUnavailable(
+                f"the VCEK fetched from {origin} is not the one asked for ({wrong}): is the "
+                "broker's kds_url AMD KDS, or a proxy that answers for another request?",
+                reason=Reason.VCEK_FETCHED_MISMATCH,
+            )
         verify_report_key(report, der, self._trust, now)
         key = vcek_key(report.chip_id_for_kds(), report.reported_tcb.components())
         path = self._vcek_dir() / f"{key}.der"

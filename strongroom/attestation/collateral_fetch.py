@@ -32,7 +32,9 @@ remembered, refuses the report (``VCEK_NOT_FOUND``, PERMISSION_DENIED: the evide
 and TCB AMD does not know), where an outage is ``UNAVAILABLE``, as is an answer that is no VCEK
 certificate at all (``COLLATERAL_FETCH_FAILED``, remembered like an outage), and so is one that
 does not chain to a pinned AMD root (``VCEK_FETCHED_UNTRUSTED``, naming the URL: KDS serves no
-such certificate for any chip, so the broker's ``kds_url`` is wrong). Those memories are
+such certificate for any chip, so the broker's ``kds_url`` is wrong), or one of AMD's that is not
+the VCEK asked for, of another chip, TCB or product (``VCEK_FETCHED_MISMATCH``: KDS answers a
+request for exactly what it names, so a proxy or mirror answered wrongly). Those memories are
 bounded (:data:`MAX_FAILURES`, the oldest forgotten first). A report can name any chip id, and each
 new one is a fetch on the request's thread: one runs per chip and at most
 :data:`MAX_VCEK_FETCHES` at once; more are refused at once (``COLLATERAL_FETCH_BUSY``,
@@ -439,7 +441,7 @@ class CollateralService:
         try:
             self.cache.put_vcek(der, report, origin=self._kds.vcek_url(product, report))
         except CollateralUnavailable as exc:
-            if exc.reason != Reason.VCEK_FETCHED_UNTRUSTED:
+            if exc.reason not in (Reason.VCEK_FETCHED_UNTRUSTED, Reason.VCEK_FETCHED_MISMATCH):
                 # The cache cannot be written (COLLATERAL_STORE_FAILED): the VCEK, which the
                 # report verified with, still serves, and is held in memory until it can be.
                 log.info(
@@ -451,12 +453,13 @@ class CollateralService:
                     while len(self._unstored_vceks) > MAX_UNSTORED_VCEKS:
                         self._unstored_vceks.popitem(last=False)
                 return der
-            # A certificate of another chain: the broker's source is wrong (the message names
-            # the URL), not the caller's evidence. Backed off like an outage, since a kds_url
-            # that is not KDS answers every chip so.
+            # A certificate of another chain, or not the VCEK asked for: the broker's source is
+            # wrong (the message names the URL), not the caller's evidence. Backed off like an
+            # outage, since a kds_url that is not KDS answers every chip so.
             self._note_failure(key)
             log.warning(
-                "AMD KDS answered a VCEK request with a certificate of another chain",
+                "AMD KDS answered a VCEK request with a certificate of another chain, or not "
+                "the VCEK asked for",
                 extra={"what": key, "reason": exc.reason, "detail": exc.message},
             )
             raise

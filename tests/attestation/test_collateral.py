@@ -386,17 +386,26 @@ def test_a_fetched_vcek_is_cached_only_once_a_report_verifies_with_it(  # type: 
         )
     assert err.value.reason == Reason.REPORT_SIGNATURE_INVALID
     assert _vcek_files(tmp_path) == [] and not (tmp_path / "generation").exists()
-    # A report signed by this chip's key but naming another chip, for which KDS (wrongly, or
-    # through a forged request) answers with this chip's VCEK: the signature holds, the hwID not.
+    # A report signed by this chip's key but naming another chip, for which the source (wrongly:
+    # KDS answers for the chip asked) answers with this chip's VCEK: the signature holds, the
+    # hwID not. Not the VCEK asked for, so the source's failure (VCEK_FETCHED_MISMATCH).
     other_chip = bytes(range(64))
     server.vcek("Milan", other_chip, snp.tcb.components(), snp.certificate_der)
     misnamed = snp.report(RD, measurement=MEAS, chip_id=other_chip)
-    with pytest.raises(VerificationFailed) as mismatch:
+    with pytest.raises(CollateralUnavailable) as mismatch:
         verify_evidence(
             Evidence(TeeType.SEV_SNP, misnamed), trust=sim_trust, now=now, collateral=service
         )
-    assert mismatch.value.reason == Reason.HWID_MISMATCH
+    assert mismatch.value.reason == Reason.VCEK_FETCHED_MISMATCH
     assert _vcek_files(tmp_path) == []
+    with pytest.raises(VerificationFailed) as supplied:  # carried in the evidence: the caller's
+        verify_evidence(
+            Evidence(TeeType.SEV_SNP, misnamed, (snp.certificate_der,)),
+            trust=sim_trust,
+            now=now,
+            collateral=service,
+        )
+    assert supplied.value.reason == Reason.HWID_MISMATCH
     # The genuine report stores it, and its next verification fetches nothing.
     genuine = Evidence(TeeType.SEV_SNP, snp.report(RD, measurement=MEAS))
     assert verify_evidence(
@@ -573,6 +582,52 @@ def test_a_fetched_vcek_of_another_chain_is_the_brokers_fault(  # type: ignore[n
     assert theirs.value.reason == wrong and callers_fault(theirs.value)
 
 
+@pytest.mark.parametrize("answer", ["other-chip", "other-tcb", "other-product", "vlek"])
+def test_a_fetched_vcek_that_is_not_the_one_asked_for_is_the_brokers_fault(  # type: ignore[no-untyped-def]
+    authority, genoa, sim_trust, server, tmp_path, now, answer: str
+) -> None:
+    """KDS answers a request for a chip id and TCB with that VCEK or a 404, whatever the report.
+    A genuine AMD certificate of another chip, TCB or product (a proxy or mirror that ignores
+    the query, keyed wrongly) was judged with the report: a genuine report was then named forged,
+    REPORT_SIGNATURE_INVALID, the caller's fault for the broker's source. It is the broker's now:
+    UNAVAILABLE VCEK_FETCHED_MISMATCH naming the URL, nothing cached, backed off; the same
+    certificate supplied with the evidence stays the caller's."""
+    trust = genoa.trust_store(sim_trust)
+    if answer == "other-product":
+        snp = genoa.snp()
+        report = snp.report(RD, measurement=MEAS, cpuid=(0x19, 0x11, 0x01))
+        product = "Genoa"
+    else:
+        snp = authority.snp()
+        report = snp.report(RD, measurement=MEAS)
+        product = "Milan"
+    other_tcb = TcbVersion.from_components(bootloader=9, tee=0, snp=24, microcode=219)
+    served = {
+        "other-chip": lambda: authority.snp(tcb=snp.tcb),
+        "other-tcb": lambda: authority.snp(chip_id=snp.chip_id, tcb=other_tcb),
+        "other-product": lambda: authority.snp(chip_id=snp.chip_id, tcb=snp.tcb),
+        "vlek": lambda: authority.snp(signing_key="VLEK", tcb=snp.tcb),
+    }[answer]()
+    server.vcek(product, snp.chip_id, snp.tcb.components(), served.certificate_der)
+    service = CollateralService(CollateralCache(tmp_path, trust), fast(server))
+    fetched = Evidence(TeeType.SEV_SNP, report)
+    url = f"{server.url}/vcek/v1/{product}/{snp.chip_id.hex()}?"
+    with pytest.raises(CollateralUnavailable) as err:
+        verify_evidence(fetched, trust=trust, now=now, collateral=service)
+    assert (err.value.reason, err.value.status_name) == ("VCEK_FETCHED_MISMATCH", "UNAVAILABLE")
+    assert not callers_fault(err.value)
+    assert url in err.value.message and "not the one asked for" in err.value.message
+    assert _vcek_files(tmp_path) == []
+    with pytest.raises(CollateralUnavailable) as again:  # backed off: not asked again at once
+        verify_evidence(fetched, trust=trust, now=now, collateral=service)
+    assert again.value.reason == Reason.COLLATERAL_MISSING
+    assert len([r for r in server.requests if r.startswith(url.removeprefix(server.url))]) == 1
+    supplied = Evidence(TeeType.SEV_SNP, report, (served.certificate_der,))
+    with pytest.raises(VerificationFailed) as theirs:
+        verify_evidence(supplied, trust=trust, now=now, collateral=service)
+    assert callers_fault(theirs.value)
+
+
 def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path) -> None:  # type: ignore[no-untyped-def]
     cache = CollateralCache(tmp_path, sim_trust, max_vceks=2)
     platforms = [authority.snp() for _ in range(3)]
@@ -595,9 +650,9 @@ def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path)
         )
         == platforms[0].certificate_der
     )
-    with pytest.raises(VerificationFailed) as err:  # another chip's VCEK: refused, not stored
+    with pytest.raises(CollateralUnavailable) as err:  # another chip's VCEK: refused, not stored
         cache.put_vcek(platforms[2].certificate_der, reports[1])
-    assert err.value.reason == Reason.REPORT_SIGNATURE_INVALID
+    assert err.value.reason == Reason.VCEK_FETCHED_MISMATCH
     assert len(_vcek_files(tmp_path)) == 2
 
 

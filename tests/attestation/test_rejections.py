@@ -670,6 +670,34 @@ def test_vlek_presented_as_vcek(authority, sim_trust, now) -> None:
     )
 
 
+def test_a_vlek_csp_id_that_is_not_ia5_is_a_bad_certificate(authority, sim_trust, now) -> None:
+    """The CSP_ID extension is an IA5String (7-bit). One with other bytes was read with "replace"
+    decoding: the VLEK verified and its claims (and the release's audit record) showed U+FFFD for
+    each such byte, so different CSP_IDs read the same, and the value shown could never be
+    written as a ``vlek_csp_ids`` pin (ASCII only). It is malformed, as a productName that is not
+    IA5 is; a VLEK without the extension still verifies (with no CSP id: no pin admits it)."""
+    source = authority.collateral_source(now=now)
+    for csp in (b"CN=cloud\xff.example", b"CN=cloud\xfe.example"):
+        vlek = authority.snp(signing_key="VLEK", csp_id=csp)
+        expect(
+            MalformedEvidence,
+            Reason.BAD_CERTIFICATE,
+            lambda v=vlek: verify_evidence(  # type: ignore[misc]
+                v.evidence(RD, measurement=MEAS), trust=sim_trust, now=now, collateral=source
+            ),
+        )
+    bare = authority.snp(signing_key="VLEK", csp_id=None)
+    claims: Any = verify_evidence(
+        bare.evidence(RD, measurement=MEAS), trust=sim_trust, now=now, collateral=source
+    )
+    assert claims.signing_key == "VLEK" and claims.vlek_csp_id is None
+    named = authority.snp(signing_key="VLEK", csp_id=b"CN=cloud.example")
+    claims = verify_evidence(
+        named.evidence(RD, measurement=MEAS), trust=sim_trust, now=now, collateral=source
+    )
+    assert claims.vlek_csp_id == "CN=cloud.example"
+
+
 def test_snp_host_requested_report(authority, sim_trust, now) -> None:
     """A report the hypervisor asked for (SNP_HV_REPORT_REQ, ABI 1.57: VMPL 0xFFFFFFFF, REPORT_DATA
     the firmware's zeros) is genuine but attests no guest: the verifier returned claims for it

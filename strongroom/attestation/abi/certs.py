@@ -218,9 +218,18 @@ def parse_amd_key_cert(cert: x509.Certificate) -> AmdKeyCertInfo:
         ) from None
     hwid = ext.get(OID_AMD_HWID)
     csp_raw = ext.get(OID_AMD_CSP_ID)
-    csp_id = (
-        _der.read_one(csp_raw, _der.TAG_IA5STRING).decode("ascii", "replace") if csp_raw else None
-    )
+    try:
+        # Strict, as productName: "replace" decoding read different byte strings as one CSP id
+        # (U+FFFD for each byte past 7 bits), in the claims and the audit.
+        csp_id = (
+            _der.read_one(csp_raw, _der.TAG_IA5STRING).decode("ascii", "strict")
+            if csp_raw is not None
+            else None
+        )
+    except UnicodeDecodeError:
+        raise MalformedEvidence(
+            f"{kind} CSP_ID is not an ASCII (IA5) string", reason=Reason.BAD_CERTIFICATE
+        ) from None
     if kind == "VCEK" and hwid is None:
         raise MalformedEvidence(
             "VCEK certificate lacks the hwID extension", reason=Reason.BAD_CERTIFICATE

@@ -210,6 +210,34 @@ def _check_bindings(report: SnpReport, key: _VerifiedKey) -> None:
         )
 
 
+def fetched_vcek_mismatch(report: SnpReport, key: _VerifiedKey) -> str | None:
+    """How a VCEK fetched for ``report`` from KDS differs from the one requested (a VCEK, of the
+    report's product, for its chip id and reported TCB, exactly what the URL names), or None.
+
+    KDS answers a request with the VCEK of that chip and TCB or not at all, whatever the report:
+    a certificate for something else is the source's failure (a caching proxy that ignores the
+    query, a mirror keyed wrongly), not the caller's. Judged with the report, a VCEK of another
+    chip or TCB made a genuine report REPORT_SIGNATURE_INVALID (a forgery, the caller's)."""
+    asked = report.reported_tcb.components()
+    if key.info.kind != "VCEK":
+        return f"it is a {key.info.kind}, not a VCEK"
+    if report.product is not None and key.product != report.product:
+        return f"it is a {key.product} VCEK, not a {report.product} one"
+    if key.info.hwid != report.chip_id_for_kds():
+        return "its hwID is not the chip id asked for"
+    served = {
+        "fmc": key.info.fmc,
+        "bootloader": key.info.bootloader,
+        "tee": key.info.tee,
+        "snp": key.info.snp,
+        "microcode": key.info.microcode,
+    }
+    served = {name: served[name] for name in asked}
+    if served != asked:
+        return f"its TCB {served} is not the TCB asked for {asked}"
+    return None
+
+
 def _chip_id_masked(consequence: str) -> VerificationFailed:
     """A VCEK-signed report whose CHIP_ID the firmware zeroed (the platform's MASK_CHIP_ID): the
     chip id is what binds a VCEK to its chip and what AMD KDS serves VCEKs by."""
