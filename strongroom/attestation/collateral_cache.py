@@ -237,7 +237,7 @@ class CollateralCache:
                 crls[path.stem] = _CachedCrl(data, issuer, entry)
             except (OSError, IndexError, StrongroomError) as exc:
                 log.warning("skipping cached CRL %s: %s", path, exc)
-                refused[path] = str(exc)
+                refused[path] = _why(exc)
         tcb: dict[bytes, tuple[SignedDocument, TcbInfo, CacheEntry]] = {}
         for path in sorted((self.directory / "tdx" / "tcbinfo").glob("*.json")):
             try:
@@ -249,7 +249,7 @@ class CollateralCache:
                 tcb[info.fmspc] = (signed, info, self._entry(info, path))
             except (OSError, StrongroomError) as exc:
                 log.warning("skipping cached TCB info %s: %s", path, exc)
-                refused[path] = str(exc)
+                refused[path] = _why(exc)
         qe = None
         qe_path = self.directory / "tdx" / "qe_identity.json"
         if qe_path.exists():
@@ -262,7 +262,7 @@ class CollateralCache:
                 qe = (signed, ident, self._entry(ident, qe_path))
             except (OSError, StrongroomError) as exc:
                 log.warning("skipping cached QE identity %s: %s", qe_path, exc)
-                refused[qe_path] = str(exc)
+                refused[qe_path] = _why(exc)
         vceks: dict[str, bytes] = {}
         # The newest only, should the directory hold more (a writer with a larger bound).
         for path in _oldest_first(self._vcek_dir().glob("*.der"))[-self._max_vceks :]:
@@ -322,8 +322,12 @@ class CollateralCache:
         with self._lock:
             why = self._refused.get(path)
         if why is not None:
+            # Named within the cache, not by its absolute path: the message reaches the caller
+            # whose release needed it, to whom the broker's file system layout is none of its
+            # business; the operator knows the directory (and the WARNING names it).
             raise CollateralUnavailable(
-                f"the cached {path} was refused when the collateral cache read it ({why}): "
+                f"the cached {path.relative_to(self.directory)} was refused when the collateral "
+                f"cache read it ({why}): "
                 "replace it (strongroom attest collateral fetch or import; `strongroom attest "
                 "collateral ls` lists every refused file)",
                 reason=Reason.COLLATERAL_MISSING,
@@ -693,6 +697,14 @@ def _mtime_ns(path: Path) -> int:
 def _oldest_first(paths: Iterable[Path]) -> list[Path]:
     """``paths`` by modification time (then name), oldest first."""
     return sorted(paths, key=lambda p: (_mtime_ns(p), p.name))
+
+
+def _why(exc: Exception) -> str:
+    """Why a cached file was refused, without its path (an OSError's text names it absolutely;
+    the refusal reaches callers, and the file is named within the cache beside it)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc)
 
 
 def vcek_key(hwid: bytes, tcb: dict[str, int]) -> str:
