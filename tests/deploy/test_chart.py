@@ -525,6 +525,20 @@ def test_the_inference_memory_cap_is_an_operator_value(
 
 
 @pytest.mark.parametrize(("value", "expected"), [(None, False), ("false", False), ("true", True)])
+def test_uncapped_operators_are_an_operator_value(
+    helm: str, tmp_path: Path, value: str | None, expected: bool
+) -> None:
+    """``inference.allowUncappedOperators`` reaches ``inference.allow_uncapped_operators`` and,
+    through the service's settings, every session's options (off by default)."""
+    set_args = () if value is None else (f"inference.allowUncappedOperators={value}",)
+    path = tmp_path / "inference.yaml"
+    path.write_text(_configs(render(helm, set_args=set_args))["inference"])
+    _, section = load_service_config(path, "inference", InferenceConfig, environ={})
+    assert isinstance(section, InferenceConfig)
+    assert section.runtime.allow_uncapped_operators is expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, False), ("false", False), ("true", True)])
 def test_the_unbound_upload_window_is_an_operator_value(
     helm: str, tmp_path: Path, value: str | None, expected: bool
 ) -> None:

@@ -103,6 +103,29 @@ def test_unsupported_io_type_is_a_load_failure() -> None:
     assert info.value.reason == "MODEL_UNSUPPORTED_DATATYPE"
 
 
+@pytest.mark.parametrize(
+    ("operator", "where"),
+    [("NonZero", "graph"), ("Unique", "graph"), ("Unique", "subgraph"), ("NonZero", "function")],
+)
+def test_a_model_with_an_operator_that_allocates_outside_the_memory_cap_is_refused(
+    operator: str, where: str
+) -> None:
+    # Measured: under a 16 MiB cap, NonZero of 12 M ones held 104 MiB and Unique of 1.5 M
+    # 196 MiB outside the arena before the output's allocation was refused; at the 2 GiB
+    # default a request of one INT64 could ask for tens of GiB. Refused, wherever the node is.
+    model = onnx_models.sized_by_value(operator, where)
+    with pytest.raises(ModelLoadError) as info:
+        LoadedModel.from_bytes("sized", "1", model)
+    assert info.value.reason == "MODEL_OPERATOR_UNCAPPED"
+    assert operator in info.value.message
+    assert "inference.allow_uncapped_operators" in info.value.message
+    # An operator who knows no request can size it lets it load, and it runs.
+    allowed = LoadedModel.from_bytes(
+        "sized", "1", model, options=RuntimeOptions(allow_uncapped_operators=True)
+    )
+    assert allowed.infer({"n": np.array([3], np.int64)})["y"].size >= 1
+
+
 def test_ort_rejects_inputs_as_invalid_argument() -> None:
     model = LoadedModel.from_bytes("clf", "1", onnx_models.classifier())
     with pytest.raises(InvalidArgument) as info:
