@@ -126,6 +126,20 @@ def test_a_model_with_an_operator_that_allocates_outside_the_memory_cap_is_refus
     assert allowed.infer({"n": np.array([3], np.int64)})["y"].size >= 1
 
 
+def test_a_refused_run_logs_no_value_of_the_request(caplog: pytest.LogCaptureFixture) -> None:
+    # ORT's message states the index the request gave ("idx=987654321": a token id, say);
+    # the service logged it whole. The log keeps the operator and ORT's check, not the value.
+    model = LoadedModel.from_bytes(
+        "vocab", "1", onnx_models.lookup(np.arange(10, dtype=np.float32))
+    )
+    with caplog.at_level("WARNING"), pytest.raises(InvalidArgument):
+        model.infer({"indices": np.array([1, 987654321], np.int64)})
+    (record,) = [r for r in caplog.records if getattr(r, "ort_error", None)]
+    logged = record.ort_error
+    assert "Gather" in logged and "out of data bounds" in logged
+    assert "987654321" not in logged and "987654321" not in record.getMessage()
+
+
 def test_ort_rejects_inputs_as_invalid_argument() -> None:
     model = LoadedModel.from_bytes("clf", "1", onnx_models.classifier())
     with pytest.raises(InvalidArgument) as info:

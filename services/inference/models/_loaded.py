@@ -360,7 +360,7 @@ class LoadedModel:
                 "model": self.name,
                 "version": self.version,
                 "reason": Reason.INFERENCE_MEMORY_EXHAUSTED,
-                "ort_error": str(exc)[:2000],
+                "ort_error": _run_error(exc),
             },
         )
         limit = f"{INFERENCE_MEMORY_SETTING} = {cap} bytes" if cap else INFERENCE_MEMORY_SETTING
@@ -381,7 +381,7 @@ class LoadedModel:
                     "model": self.name,
                     "version": self.version,
                     "reason": Reason.INFERENCE_FAILED,
-                    "ort_error": str(exc)[:2000],
+                    "ort_error": _run_error(exc),
                 },
             )
             raise Internal("inference failed", reason=Reason.INFERENCE_FAILED) from None
@@ -408,7 +408,7 @@ class LoadedModel:
                 "model": self.name,
                 "version": self.version,
                 "reason": Reason.INFERENCE_INPUT_REJECTED,
-                "ort_error": str(exc)[:2000],
+                "ort_error": _run_error(exc),
             },
         )
         raise InvalidArgument(
@@ -523,6 +523,23 @@ def _from_ort_strings(array: np.ndarray) -> np.ndarray:
     return out
 
 
+def _run_error(exc: Exception) -> str:
+    """ORT's message about a failed run, for the log, with every number outside the node's name
+    masked: ORT puts the request's own values in it (a Gather's "idx=987654321", a token id; a
+    Reshape's requested shape, read from an input; the bytes a value-sized tensor asked for),
+    and what a client sent the confidential VM is not the log's to carry. The operator, the
+    node, ORT's check and status code stay."""
+    text = str(exc)[:2000]
+    parts: list[str] = []
+    last = 0
+    for name in _NODE_NAME.finditer(text):
+        parts.append(_NUMBER.sub("#", text[last : name.start()]))
+        parts.append(name.group(0))
+        last = name.end()
+    parts.append(_NUMBER.sub("#", text[last:]))
+    return "".join(parts)
+
+
 def _first_line(text: str, limit: int = 300) -> str:
     line = text.strip().splitlines()[0] if text.strip() else "no detail"
     # A node's name is the model's (often its layer path): not the caller's to read.
@@ -537,4 +554,6 @@ def _failed_operator(text: str) -> str:
 _ORT_FATAL = 4
 """ONNX Runtime's log severity FATAL: the run logs nothing short of a crash."""
 _NODE_NAME = re.compile(r" ?Name:'[^']*'")
+# A number not part of a word (int64, float16 and file names keep theirs).
+_NUMBER = re.compile(r"(?<![A-Za-z_])\d+")
 _FAILED_OPERATOR = re.compile(r"while running ([A-Za-z0-9_]{1,64}) node")
