@@ -224,3 +224,14 @@ def sized_by_value(operator: str, where: str = "graph") -> bytes:
     )
     model.ir_version = IR_VERSION
     return model.SerializeToString()
+
+
+def parse_numbers() -> bytes:
+    """``y = Cast(x, FP32)`` of a BYTES tensor: the text of each element parsed as a number."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+        "parse",
+        [helper.make_tensor_value_info("x", TensorProto.STRING, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+    )
+    return _model(graph).SerializeToString()

@@ -140,6 +140,21 @@ def test_a_refused_run_logs_no_value_of_the_request(caplog: pytest.LogCaptureFix
     assert "987654321" not in logged and "987654321" not in record.getMessage()
 
 
+@pytest.mark.parametrize("text", [b"not a number", b"1e999"])
+def test_text_a_cast_cannot_parse_is_the_callers_input_not_a_server_failure(
+    text: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ORT reports it as RUNTIME_EXCEPTION ("stod"): it was INTERNAL INFERENCE_FAILED and an
+    # ERROR line, which any client could make the server write at will.
+    model = LoadedModel.from_bytes("parse", "1", onnx_models.parse_numbers())
+    assert model.infer({"x": np.array([b"2.5"], dtype=object)})["y"].tolist() == [2.5]
+    with caplog.at_level("WARNING"), pytest.raises(InvalidArgument) as info:
+        model.infer({"x": np.array([b"1", text], dtype=object)})
+    assert info.value.reason == "INFERENCE_INPUT_REJECTED"
+    assert "Cast operator" in info.value.message
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
 def test_ort_rejects_inputs_as_invalid_argument() -> None:
     model = LoadedModel.from_bytes("clf", "1", onnx_models.classifier())
     with pytest.raises(InvalidArgument) as info:

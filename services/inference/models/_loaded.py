@@ -373,7 +373,8 @@ class LoadedModel:
 
     def _refused(self, exc: Exception, run_options: ort.RunOptions) -> NoReturn:
         """Raises what a failed run means for its caller."""
-        if not isinstance(exc, ort_state.InvalidArgument | ort_state.Fail):
+        rejected = isinstance(exc, ort_state.InvalidArgument | ort_state.Fail)
+        if not rejected and not _UNPARSABLE_TEXT.search(str(exc)):
             log.error(
                 "inference failed (%s)",
                 Reason.INFERENCE_FAILED,
@@ -397,7 +398,8 @@ class LoadedModel:
             ) from None
         # Inputs that match the advertised shapes can still clash inside the graph (two
         # variable dimensions that must agree, a Reshape that does not fit, an index past a
-        # Gather's table): ORT reports those as FAIL or INVALID_ARGUMENT. They are the caller's,
+        # Gather's table): ORT reports those as FAIL or INVALID_ARGUMENT (and text that does not
+        # parse as the number a Cast asks for as RUNTIME_EXCEPTION: _UNPARSABLE_TEXT). They are the caller's,
         # not the server's, so no ERROR line per request. The caller learns which operator
         # refused, never ORT's message: it states the model's internals (a Gather's message
         # gives its table's row count, e.g. a tokenizer's vocabulary size); the log keeps it.
@@ -556,4 +558,10 @@ _ORT_FATAL = 4
 _NODE_NAME = re.compile(r" ?Name:'[^']*'")
 # A number not part of a word (int64, float16 and file names keep theirs).
 _NUMBER = re.compile(r"(?<![A-Za-z_])\d+")
+# A Cast of a string tensor to a number whose text does not parse (or overflows): ORT reports
+# the C++ library's std::sto* exception, RUNTIME_EXCEPTION "... Status Message: stod", the
+# request's doing, not the server's (it was INTERNAL and an ERROR line per request).
+_UNPARSABLE_TEXT = re.compile(
+    r"while running Cast node\..*Status Message: sto(?:i|l|ll|ul|ull|f|d|ld)\s*$"
+)
 _FAILED_OPERATOR = re.compile(r"while running ([A-Za-z0-9_]{1,64}) node")
