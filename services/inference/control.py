@@ -81,4 +81,9 @@ class ModelControlServicer(pb_grpc.ModelControlServiceServicer):
         except ModelNotFound:
             if not aborted:  # nothing held and nothing queued: there was nothing to unload
                 raise
+        finally:
+            # And once more after: a retry registered between the two found its failure still
+            # listed (its check comes after its registration, so one registered later finds it
+            # gone), and only this reaches it.
+            self._loader.abort_queued(name, version)
         return pb.UnloadModelResponse()

@@ -186,8 +186,15 @@ class ModelLoader:
         *,
         scope: CallScope | None = None,
         header_sha256: bytes | None = None,
+        retry_of: Callable[[], bool] | None = None,
     ) -> LoadResult:
         """Loads ``name``/``version`` and makes it the default version; raises on failure.
+
+        ``retry_of`` marks a retry: whether the version still waits for it (its failure still
+        listed), asked once the load is registered where an unload aborts it; if not (an unload
+        came meanwhile), ModelUnloaded and nothing is loaded. Asked before registering, an unload
+        between the question and the registration reached neither, and the retry loaded the
+        version again after the unload had returned.
 
         ``header_sha256`` pins the artifact: the SHA-256 of its authenticated header (a multi-part
         model's manifest's), as ``model publish`` prints it. The header binds the creation time,
@@ -207,6 +214,11 @@ class ModelLoader:
         lock = self._lock(name)
         ticket = lock.enter(version)
         try:
+            if retry_of is not None and not retry_of():
+                raise ModelUnloaded(
+                    f"model {name!r} version {version!r} was unloaded (or loaded) while its load "
+                    "waited to be retried"
+                )
             if not lock.acquire(scope, ticket):
                 if ticket.aborted:
                     raise _aborted(name, version)
@@ -400,17 +412,19 @@ class ModelLoader:
         retry_until = time.monotonic() + within
         delay = _RETRY_FIRST_DELAY
         retrying = False
+
+        def still_wanted() -> bool:
+            return self._repository.version_state(name, version) is not None
+
         while True:
             if retrying and scope.cancelled:
                 raise scope.error()
-            if retrying and self._repository.version_state(name, version) is None:
-                raise ModelUnloaded(
-                    f"model {name!r} version {version!r} was unloaded while its load waited to "
-                    "be retried"
-                )
+            retry_of = still_wanted if retrying else None
             retrying = True
             try:
-                return self.load(name, version, scope=scope, header_sha256=header_sha256)
+                return self.load(
+                    name, version, scope=scope, header_sha256=header_sha256, retry_of=retry_of
+                )
             except (Unavailable, ResourceExhausted) as exc:
                 left = retry_until - time.monotonic()
                 if not transient(exc) or left <= delay:
