@@ -89,6 +89,7 @@ class InferenceConfig:
         "model_signing_public_key": (),
         "require_model_signature": (True,),
         "accept_unbound_artifacts": (False,),
+        "allow_uncapped_operators": (False,),
         "model_keys": (),
         "release_signing_public_keys": (),
         "allow_unsigned_releases": (False,),
@@ -134,6 +135,10 @@ class InferenceConfig:
     # size can come from an input's *value* (ConstantOfShape, Expand, Tile, Range), which no
     # bound on the request's bytes limits. Keep it below the VM's memory less the models' own.
     max_inference_memory_bytes: int = DEFAULT_MAX_INFERENCE_MEMORY_BYTES
+    # Whether models may use operators whose kernels allocate a multiple of their input outside
+    # that cap (NonZero, Unique: models.UNCAPPED_OPERATORS); refused at load otherwise
+    # (MODEL_OPERATOR_UNCAPPED). Only for models whose such inputs no request can size.
+    allow_uncapped_operators: bool = False
     # OpenSSF model signing: the EC public key (PEM) models must be signed with, and whether an
     # unsigned model may load at all.
     model_signing_public_key: Path | None = None
@@ -228,7 +233,10 @@ class InferenceConfig:
     @property
     def runtime(self) -> RuntimeOptions:
         """The ONNX Runtime settings of every session the service makes."""
-        return RuntimeOptions(max_inference_memory_bytes=self.max_inference_memory_bytes)
+        return RuntimeOptions(
+            max_inference_memory_bytes=self.max_inference_memory_bytes,
+            allow_uncapped_operators=self.allow_uncapped_operators,
+        )
 
     @property
     def limits(self) -> InferLimits:

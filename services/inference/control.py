@@ -69,8 +69,8 @@ class ModelControlServicer(pb_grpc.ModelControlServiceServicer):
     def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.ServicerContext
     ) -> pb.UnloadModelResponse:
-        """Stops serving the version (or every version) and aborts its loads not yet begun;
-        NOT_FOUND when there was neither."""
+        """Stops serving the version (or every version), aborts its loads not yet begun and stops
+        the one under way (MODEL_UNLOADED); NOT_FOUND when there was none of these."""
         name = validate_name(request.name)
         version = validate_version(request.version) if request.version else None
         # Loads of it still waiting for the model's lock are aborted first: one would otherwise
@@ -81,4 +81,9 @@ class ModelControlServicer(pb_grpc.ModelControlServiceServicer):
         except ModelNotFound:
             if not aborted:  # nothing held and nothing queued: there was nothing to unload
                 raise
+        finally:
+            # And once more after: a retry registered between the two found its failure still
+            # listed (its check comes after its registration, so one registered later finds it
+            # gone), and only this reaches it.
+            self._loader.abort_queued(name, version)
         return pb.UnloadModelResponse()

@@ -186,8 +186,15 @@ class ModelLoader:
         *,
         scope: CallScope | None = None,
         header_sha256: bytes | None = None,
+        retry_of: Callable[[], bool] | None = None,
     ) -> LoadResult:
         """Loads ``name``/``version`` and makes it the default version; raises on failure.
+
+        ``retry_of`` marks a retry: whether the version still waits for it (its failure still
+        listed), asked once the load is registered where an unload aborts it; if not (an unload
+        came meanwhile), ModelUnloaded and nothing is loaded. Asked before registering, an unload
+        between the question and the registration reached neither, and the retry loaded the
+        version again after the unload had returned.
 
         ``header_sha256`` pins the artifact: the SHA-256 of its authenticated header (a multi-part
         model's manifest's), as ``model publish`` prints it. The header binds the creation time,
@@ -207,6 +214,11 @@ class ModelLoader:
         lock = self._lock(name)
         ticket = lock.enter(version)
         try:
+            if retry_of is not None and not retry_of():
+                raise ModelUnloaded(
+                    f"model {name!r} version {version!r} was unloaded (or loaded) while its load "
+                    "waited to be retried"
+                )
             if not lock.acquire(scope, ticket):
                 if ticket.aborted:
                     raise _aborted(name, version)
@@ -230,8 +242,10 @@ class ModelLoader:
         those waiting for the model's lock behind another load, and one that has just taken it.
         Each answers ABORTED ``LOAD_ABORTED_BY_UNLOAD`` and loads nothing. What UnloadModel does
         before it unloads: otherwise a queued load, once the running one ended, loaded the
-        version again right after the unload had returned. (A load that has begun is the
-        repository's to stop: its unload makes it fail ``MODEL_UNLOADED``.) Returns how many."""
+        version again right after the unload had returned. A load of it that has begun is
+        stopped where it is (its download and key release cancelled, what it decrypted wiped)
+        and fails ``MODEL_UNLOADED``: it went on, released the key (audited) and decrypted the
+        model after the unload had returned, only to discard it. Returns how many had not begun."""
         with self._locks_guard:
             lock = self._locks.get(name)
         return 0 if lock is None else lock.abort(version)
@@ -251,52 +265,86 @@ class ModelLoader:
         ) as span:
             loading = self._repository.begin_load(name, version)
             # From here on an unload reaches this load through the repository (its begin_load
-            # is what the unload removes); one that came before it has marked the ticket.
-            ticket.leave()
-            if ticket.aborted:
-                self._repository.withdraw(name, version, loading)
-                raise _aborted(name, version)
-            started = time.perf_counter()
+            # is what the unload removes) and through the load's own scope, which it cancels:
+            # the download and key release stop where they are, rather than obtaining (and
+            # having audited) a key for a version nobody will serve. An unload that came before
+            # has marked the ticket.
+            caller, scope = scope, CallScope(scope.deadline)
+            detach = caller.on_cancel(scope.cancel)
             try:
-                scope.raise_if_ended()
-                result = self._load(name, version, loading, scope.timeout(self._timeout), pin)
-            except (StrongroomError, grpc.FutureCancelledError) as raised:
-                # A step that failed because the scope ended (its call cancelled, or timed out at
-                # the deadline) reports that, not the peer's UNAVAILABLE: it is not retried, and
-                # the version's state says why it stopped.
-                exc = _ended(scope, raised)
+                if not ticket.begin(scope):
+                    self._repository.withdraw(name, version, loading)
+                    raise _aborted(name, version)
+                with scoped(scope):
+                    return self._load_begun(
+                        name, version, loading, scope=scope, pin=pin, ticket=ticket, span=span
+                    )
+            finally:
+                detach()
+                ticket.leave()
+
+    def _load_begun(
+        self,
+        name: str,
+        version: str,
+        loading: VersionStatus,
+        *,
+        scope: CallScope,
+        pin: bytes | None,
+        ticket: _Ticket,
+        span: trace.Span,
+    ) -> LoadResult:
+        """The load once begun: download, key release, decryption, session (and its outcome)."""
+        started = time.perf_counter()
+        try:
+            scope.raise_if_ended()
+            result = self._load(name, version, loading, scope.timeout(self._timeout), pin)
+        except (StrongroomError, grpc.FutureCancelledError) as raised:
+            if ticket.unloaded:
+                # An unload stopped it (the repository has dropped, or is dropping, it).
                 MODEL_LOAD_DURATION.record(
-                    time.perf_counter() - started, {"model": name, "outcome": exc.reason}
+                    time.perf_counter() - started,
+                    {"model": name, "outcome": Reason.MODEL_UNLOADED},
                 )
-                span.set_attribute("error.reason", exc.reason)
-                self._repository.fail(name, version, exc, loading=loading)
-                if exc is raised:
-                    raise
-                raise exc from None
-            except Exception as exc:  # a bug must still leave the model not ready, with a reason
-                log.exception("model load crashed")
-                self._repository.fail(
-                    name,
-                    version,
-                    StrongroomError(f"internal error: {type(exc).__name__}"),
-                    loading=loading,
-                )
-                raise
+                span.set_attribute("error.reason", Reason.MODEL_UNLOADED)
+                self._repository.withdraw(name, version, loading)
+                raise _unloaded_while_loading(name, version) from None
+            # A step that failed because the scope ended (its call cancelled, or timed out at
+            # the deadline) reports that, not the peer's UNAVAILABLE: it is not retried, and
+            # the version's state says why it stopped.
+            exc = _ended(scope, raised)
             MODEL_LOAD_DURATION.record(
-                time.perf_counter() - started, {"model": name, "outcome": "loaded"}
+                time.perf_counter() - started, {"model": name, "outcome": exc.reason}
             )
-            for step, seconds in result.timings.items():
-                span.set_attribute(f"timing.{step}", seconds)
-            log.info(
-                "model loaded",
-                extra={
-                    "model": name,
-                    "version": version,
-                    "timings": result.timings,
-                    "decision_id": result.decision_id,
-                },
+            span.set_attribute("error.reason", exc.reason)
+            self._repository.fail(name, version, exc, loading=loading)
+            if exc is raised:
+                raise
+            raise exc from None
+        except Exception as exc:  # a bug must still leave the model not ready, with a reason
+            log.exception("model load crashed")
+            self._repository.fail(
+                name,
+                version,
+                StrongroomError(f"internal error: {type(exc).__name__}"),
+                loading=loading,
             )
-            return result
+            raise
+        MODEL_LOAD_DURATION.record(
+            time.perf_counter() - started, {"model": name, "outcome": "loaded"}
+        )
+        for step, seconds in result.timings.items():
+            span.set_attribute(f"timing.{step}", seconds)
+        log.info(
+            "model loaded",
+            extra={
+                "model": name,
+                "version": version,
+                "timings": result.timings,
+                "decision_id": result.decision_id,
+            },
+        )
+        return result
 
     def _is_multipart(self, name: str, version: str, timeout: float) -> bool:
         """Whether the store holds a manifest for ``name``/``version`` (its claim; the fetch
@@ -364,17 +412,19 @@ class ModelLoader:
         retry_until = time.monotonic() + within
         delay = _RETRY_FIRST_DELAY
         retrying = False
+
+        def still_wanted() -> bool:
+            return self._repository.version_state(name, version) is not None
+
         while True:
             if retrying and scope.cancelled:
                 raise scope.error()
-            if retrying and self._repository.version_state(name, version) is None:
-                raise ModelUnloaded(
-                    f"model {name!r} version {version!r} was unloaded while its load waited to "
-                    "be retried"
-                )
+            retry_of = still_wanted if retrying else None
             retrying = True
             try:
-                return self.load(name, version, scope=scope, header_sha256=header_sha256)
+                return self.load(
+                    name, version, scope=scope, header_sha256=header_sha256, retry_of=retry_of
+                )
             except (Unavailable, ResourceExhausted) as exc:
                 left = retry_until - time.monotonic()
                 if not transient(exc) or left <= delay:
@@ -482,6 +532,7 @@ class ModelLock:
         self._condition = threading.Condition()
         self._held = False
         self._tickets: list[_Ticket] = []
+        self._running: _Ticket | None = None  # the load that has begun (it holds the lock)
         self.users = 0
         """Loads holding or waiting for it (the loader's to count, under its table's guard)."""
 
@@ -504,7 +555,15 @@ class ModelLock:
             hit = [t for t in self._tickets if version is None or t.version == version]
             for ticket in hit:
                 ticket.aborted = True
+            running = self._running
+            stop = running is not None and (version is None or running.version == version)
+            if stop:
+                assert running is not None
+                running.unloaded = True
             self._condition.notify_all()
+        # Outside the condition: the scope's callbacks cancel calls and wake waiters.
+        if stop and running is not None and running.scope is not None:
+            running.scope.cancel()
         return len(hit)
 
     def queued(self) -> tuple[str, ...]:
@@ -516,6 +575,18 @@ class ModelLock:
         with self._condition:
             if ticket in self._tickets:
                 self._tickets.remove(ticket)
+            if self._running is ticket:
+                self._running = None
+
+    def _begin(self, ticket: _Ticket, scope: CallScope) -> bool:
+        with self._condition:
+            if ticket in self._tickets:
+                self._tickets.remove(ticket)
+            if ticket.aborted:
+                return False
+            ticket.scope = scope
+            self._running = ticket
+            return True
 
     def acquire(self, scope: CallScope | None = None, ticket: _Ticket | None = None) -> bool:
         """Takes the lock; False if ``scope`` ended first (without a scope, waits for ever) or
@@ -552,16 +623,31 @@ class _Ticket:
     """One load of a model that has not begun (it waits for the model's lock, or has just taken
     it): what :meth:`ModelLock.abort` marks."""
 
-    __slots__ = ("_lock", "aborted", "version")
+    __slots__ = ("_lock", "aborted", "scope", "unloaded", "version")
 
     def __init__(self, lock: ModelLock, version: str) -> None:
         self._lock = lock
         self.version = version
         self.aborted = False
+        self.unloaded = False
+        """An unload stopped the load after it had begun (its scope cancelled)."""
+        self.scope: CallScope | None = None
+
+    def begin(self, scope: CallScope) -> bool:
+        """The load begins under ``scope``, which an unload cancels from now on; False if an
+        unload aborted it first."""
+        return self._lock._begin(self, scope)
 
     def leave(self) -> None:
-        """The load has begun, or ended: an abort no longer reaches it (idempotent)."""
+        """The load has ended: no unload reaches it any more (idempotent)."""
         self._lock._leave(self)
+
+
+def _unloaded_while_loading(name: str, version: str) -> ModelUnloaded:
+    return ModelUnloaded(
+        f"model {name!r} version {version!r} was unloaded while it was loading: its download "
+        "and key release were stopped; it is not served"
+    )
 
 
 def _aborted(name: str, version: str) -> Aborted:

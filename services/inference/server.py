@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import logging
 import threading
@@ -29,7 +30,7 @@ from strongroom.inference.config import InferenceConfig
 from strongroom.inference.control import CONTROL_SERVICE, ModelControlServicer
 from strongroom.inference.evidence_service import InferenceAttestationServicer
 from strongroom.inference.loader import ModelLoader, transient
-from strongroom.inference.models import ModelRepository, ModelState
+from strongroom.inference.models import ModelRepository, ModelState, ModelUnloaded
 from strongroom.inference.oip import SERVICE_NAME as OIP_SERVICE
 from strongroom.inference.oip import OipServicer
 from strongroom.inference.oip import add_to_server as add_oip_to_server
@@ -157,17 +158,26 @@ class InferenceServer:
             while pending and not self._stopping.is_set():
                 retry = []
                 for ref in pending:
-                    if not first and not still_failed(ref.name, ref.version):
+                    # A retry asks whether the version still waits for it once registered where
+                    # an unload aborts it (ModelLoader.load's retry_of).
+                    retry_of = (
+                        None if first else functools.partial(still_failed, ref.name, ref.version)
+                    )
+                    try:
+                        self.loader.load(
+                            ref.name,
+                            ref.version,
+                            header_sha256=ref.pin,
+                            scope=self._loads,
+                            retry_of=retry_of,
+                        )
+                    except ModelUnloaded:
                         log.info(
                             "model %s/%s was unloaded or loaded meanwhile: no longer retried",
                             ref.name,
                             ref.version,
                         )
                         continue
-                    try:
-                        self.loader.load(
-                            ref.name, ref.version, header_sha256=ref.pin, scope=self._loads
-                        )
                     except StrongroomError as exc:
                         if self._stopping.is_set():
                             log.info(

@@ -515,13 +515,30 @@ def test_the_inference_memory_cap_is_an_operator_value(
     helm: str, tmp_path: Path, value: str | None, expected: int
 ) -> None:
     """``inference.maxInferenceMemoryBytes`` reaches ``inference.max_inference_memory_bytes``
-    (null: the service's default), without a float's rounding for large values."""
-    set_args = () if value is None else (f"inference.maxInferenceMemoryBytes={value}",)
+    (null: the service's default), without a float's rounding for large values (under a pod
+    memory limit that leaves room above it)."""
+    set_args: tuple[str, ...] = ("inference.resources.limits.memory=17Gi",)
+    if value is not None:
+        set_args += (f"inference.maxInferenceMemoryBytes={value}",)
     path = tmp_path / "inference.yaml"
     path.write_text(_configs(render(helm, set_args=set_args))["inference"])
     _, section = load_service_config(path, "inference", InferenceConfig, environ={})
     assert isinstance(section, InferenceConfig)
     assert section.max_inference_memory_bytes == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, False), ("false", False), ("true", True)])
+def test_uncapped_operators_are_an_operator_value(
+    helm: str, tmp_path: Path, value: str | None, expected: bool
+) -> None:
+    """``inference.allowUncappedOperators`` reaches ``inference.allow_uncapped_operators`` and,
+    through the service's settings, every session's options (off by default)."""
+    set_args = () if value is None else (f"inference.allowUncappedOperators={value}",)
+    path = tmp_path / "inference.yaml"
+    path.write_text(_configs(render(helm, set_args=set_args))["inference"])
+    _, section = load_service_config(path, "inference", InferenceConfig, environ={})
+    assert isinstance(section, InferenceConfig)
+    assert section.runtime.allow_uncapped_operators is expected
 
 
 @pytest.mark.parametrize(("value", "expected"), [(None, False), ("false", False), ("true", True)])

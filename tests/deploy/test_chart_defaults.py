@@ -356,3 +356,30 @@ def test_broker_unary_limit_scales_with_the_inference_fleet(
         "keybroker.server.maxUnaryCallsPerIdentity (13) must be below the data-plane workers "
         "(maxWorkers 16 - controlPlaneWorkers 4 = 12)"
     ) in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("memory", "cap", "refused"),
+    [
+        ("2Gi", None, True),  # the default cap (2 GiB) is the whole limit
+        ("2684354559", None, True),  # a byte short of the cap + 512 MiB
+        ("2.5Gi", None, False),
+        ("2Gi", "1073741824", False),
+    ],
+)
+def test_the_inference_memory_cap_must_fit_below_the_pods_memory_limit(
+    helm: str, memory: str, cap: str | None, refused: bool
+) -> None:
+    """ONNX Runtime's cap on what inference runs hold (default 2 GiB) rendered under any pod
+    memory limit, the development values' 2Gi included: the pod was OOM-killed by the request
+    the cap was meant to refuse. The chart now wants 512 MiB above the cap at least."""
+    set_args: tuple[str, ...] = (f"inference.resources.limits.memory={memory}",)
+    if cap is not None:
+        set_args += (f"inference.maxInferenceMemoryBytes={cap}",)
+    result = run_helm_template(helm, set_args=set_args)
+    if refused:
+        assert result.returncode != 0
+        assert "inference.resources.limits.memory" in result.stderr, result.stderr
+        assert "maxInferenceMemoryBytes" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr

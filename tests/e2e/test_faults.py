@@ -477,6 +477,39 @@ def test_an_unload_aborts_the_loads_queued_behind_the_models_running_load(
         env.stack.services.pop("inference").stop()
 
 
+def test_an_unload_stops_the_versions_load_under_way(
+    env: Env, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An UnloadModel of a version whose load had begun only took it out of the repository: the
+    load went on (download, key release, decryption, ONNX Runtime) after the unload had
+    returned, to fail MODEL_UNLOADED at its end, a key obtained and audited for nobody. The
+    unload now cancels the load where it is (here a download the store stalls)."""
+    _publish(env, model_path, "under-way")
+    storage = env.stack.services["modelstore"].handle.storage
+    stall = StallOnce(storage, "under-way")
+    monkeypatch.setattr(storage, "open", stall)
+    inference = env.stack.start_in_process("inference").handle
+    try:
+        control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+        running = control.LoadModel.future(
+            control_pb.LoadModelRequest(name="faulty", version="under-way"), timeout=120
+        )
+        assert stall.stalled.wait(60)
+        control.UnloadModel(
+            control_pb.UnloadModelRequest(name="faulty", version="under-way"), timeout=30
+        )
+        # Before the store lets the download go on (it would after 60 s): the load has stopped.
+        with pytest.raises(grpc.RpcError) as info:
+            running.result(timeout=45)
+        assert peer_reason(info.value) == "MODEL_UNLOADED"
+        assert not stall.go_on.is_set()
+        assert inference.repository.version_state("faulty", "under-way") is None
+        assert inference.loader.lock_names() == ()
+    finally:
+        stall.go_on.set()
+        env.stack.services.pop("inference").stop()
+
+
 def test_a_shutdown_stops_the_configured_models_loads(
     env: Env, model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 
+from strongroom.api.inference.v1 import model_control_pb2 as control_pb
+from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
-from strongroom.errors import ResourceExhausted
+from strongroom.errors import ResourceExhausted, StrongroomError
 from strongroom.inference.loader import transient
 from strongroom.inference.models import (
     ModelLoadFailed,
@@ -175,6 +177,52 @@ def test_load_model_retrying_an_unavailable_broker_stops_when_the_version_is_unl
             inference.loader.load_with_retry("retried", "1", within=60, sleep=back_off)
         assert repository.version_state("retried", "1") is None
         assert "retried" not in repository.names()
+    finally:
+        stack.services.pop("inference").stop()
+
+
+def test_an_unload_right_after_a_retrys_check_still_stops_the_retry(
+    stack: DevStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LoadModel's retry asked whether its version was still wanted (not unloaded) before it
+    registered where an UnloadModel aborts it: an unload between the two reached neither, and
+    the retry loaded the version again after the unload had returned. The question is now asked
+    once registered (and the unload aborts once more after it unloads)."""
+    _publish(stack, tmp_path, "raced")
+    stack.services.pop("keybroker").stop()
+    earlier = stack.services.pop("inference", None)
+    if earlier is not None:
+        earlier.stop()
+    inference = stack.start_in_process("inference", stack.default_section("inference")).handle
+    try:
+        repository = inference.repository
+        control = control_grpc.ModelControlServiceStub(
+            stack.channel(stack.identity("admin"), "inference")
+        )
+        armed = threading.Event()
+        real_state = repository.version_state
+
+        def version_state(name: str, version: str) -> ModelState | None:
+            # The operator's unload lands right after the retry's own question is answered.
+            state = real_state(name, version)
+            if name == "raced" and armed.is_set():
+                armed.clear()
+                request = control_pb.UnloadModelRequest(name="raced", version="1")
+                control.UnloadModel(request, timeout=30)
+            return state
+
+        def back_off(seconds: float) -> None:
+            if "keybroker" not in stack.services:  # the first back-off: the broker returns
+                stack.start_in_process("keybroker")
+                armed.set()
+
+        monkeypatch.setattr(repository, "version_state", version_state)
+        with pytest.raises(StrongroomError) as info:
+            inference.loader.load_with_retry("raced", "1", within=60, sleep=back_off)
+        assert info.value.reason in ("MODEL_UNLOADED", "LOAD_ABORTED_BY_UNLOAD")
+        assert not armed.is_set()  # the unload did happen
+        assert real_state("raced", "1") is None
+        assert "raced" not in repository.names()
     finally:
         stack.services.pop("inference").stop()
 

@@ -187,3 +187,51 @@ def lookup_external(table: np.ndarray, location: str = "weights.bin") -> tuple[b
         entry.key = key
         entry.value = value
     return model.SerializeToString(), data
+
+
+def sized_by_value(operator: str, where: str = "graph") -> bytes:
+    """``y = operator(ConstantOfShape(n))``: a request's value ``n`` sizes ``operator``'s input
+    (``NonZero`` or ``Unique`` on INT64 ones). ``where``: the node in the ``graph``, in an ``If``
+    branch (``subgraph``), or in a model-local ``function``."""
+    n = helper.make_tensor_value_info("n", TensorProto.INT64, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, None)
+    ones = helper.make_node(
+        "ConstantOfShape", ["n"], ["a"], value=helper.make_tensor("v", TensorProto.INT64, [1], [1])
+    )
+    node = helper.make_node(operator, ["a"], ["y"])
+    functions: list[onnx.FunctionProto] = []
+    if where == "graph":
+        nodes = [ones, node]
+    elif where == "subgraph":
+        branch = helper.make_graph([node], "branch", [], [y])
+        nodes = [
+            ones,
+            helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", 9, [], [True])),
+            helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch),
+        ]
+    else:
+        functions.append(
+            helper.make_function(
+                "local", "Sized", ["a"], ["y"], [node], [helper.make_opsetid("", OPSET)]
+            )
+        )
+        nodes = [ones, helper.make_node("Sized", ["a"], ["y"], domain="local")]
+    graph = helper.make_graph(nodes, "sized", [n], [y])
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("local", 1)],
+        functions=functions,
+    )
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()
+
+
+def parse_numbers() -> bytes:
+    """``y = Cast(x, FP32)`` of a BYTES tensor: the text of each element parsed as a number."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+        "parse",
+        [helper.make_tensor_value_info("x", TensorProto.STRING, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+    )
+    return _model(graph).SerializeToString()

@@ -103,6 +103,58 @@ def test_unsupported_io_type_is_a_load_failure() -> None:
     assert info.value.reason == "MODEL_UNSUPPORTED_DATATYPE"
 
 
+@pytest.mark.parametrize(
+    ("operator", "where"),
+    [("NonZero", "graph"), ("Unique", "graph"), ("Unique", "subgraph"), ("NonZero", "function")],
+)
+def test_a_model_with_an_operator_that_allocates_outside_the_memory_cap_is_refused(
+    operator: str, where: str
+) -> None:
+    # Measured: under a 16 MiB cap, NonZero of 12 M ones held 104 MiB and Unique of 1.5 M
+    # 196 MiB outside the arena before the output's allocation was refused; at the 2 GiB
+    # default a request of one INT64 could ask for tens of GiB. Refused, wherever the node is.
+    model = onnx_models.sized_by_value(operator, where)
+    with pytest.raises(ModelLoadError) as info:
+        LoadedModel.from_bytes("sized", "1", model)
+    assert info.value.reason == "MODEL_OPERATOR_UNCAPPED"
+    assert operator in info.value.message
+    assert "inference.allow_uncapped_operators" in info.value.message
+    # An operator who knows no request can size it lets it load, and it runs.
+    allowed = LoadedModel.from_bytes(
+        "sized", "1", model, options=RuntimeOptions(allow_uncapped_operators=True)
+    )
+    assert allowed.infer({"n": np.array([3], np.int64)})["y"].size >= 1
+
+
+def test_a_refused_run_logs_no_value_of_the_request(caplog: pytest.LogCaptureFixture) -> None:
+    # ORT's message states the index the request gave ("idx=987654321": a token id, say);
+    # the service logged it whole. The log keeps the operator and ORT's check, not the value.
+    model = LoadedModel.from_bytes(
+        "vocab", "1", onnx_models.lookup(np.arange(10, dtype=np.float32))
+    )
+    with caplog.at_level("WARNING"), pytest.raises(InvalidArgument):
+        model.infer({"indices": np.array([1, 987654321], np.int64)})
+    (record,) = [r for r in caplog.records if getattr(r, "ort_error", None)]
+    logged = record.ort_error
+    assert "Gather" in logged and "out of data bounds" in logged
+    assert "987654321" not in logged and "987654321" not in record.getMessage()
+
+
+@pytest.mark.parametrize("text", [b"not a number", b"1e999"])
+def test_text_a_cast_cannot_parse_is_the_callers_input_not_a_server_failure(
+    text: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ORT reports it as RUNTIME_EXCEPTION ("stod"): it was INTERNAL INFERENCE_FAILED and an
+    # ERROR line, which any client could make the server write at will.
+    model = LoadedModel.from_bytes("parse", "1", onnx_models.parse_numbers())
+    assert model.infer({"x": np.array([b"2.5"], dtype=object)})["y"].tolist() == [2.5]
+    with caplog.at_level("WARNING"), pytest.raises(InvalidArgument) as info:
+        model.infer({"x": np.array([b"1", text], dtype=object)})
+    assert info.value.reason == "INFERENCE_INPUT_REJECTED"
+    assert "Cast operator" in info.value.message
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
 def test_ort_rejects_inputs_as_invalid_argument() -> None:
     model = LoadedModel.from_bytes("clf", "1", onnx_models.classifier())
     with pytest.raises(InvalidArgument) as info:

@@ -35,6 +35,7 @@ from strongroom.errors import (
 from strongroom.inference.models._datatypes import BY_ORT_TYPE, DATATYPES, DataType
 from strongroom.inference.models._ort import ort, ort_state
 from strongroom.reasons import Reason
+from strongroom.wire import WireError, fields
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,25 @@ def inference_memory_cap() -> int | None:
     return _Arena.cap
 
 
+UNCAPPED_OPERATORS = frozenset({"NonZero", "Unique"})
+"""Standard operators whose CPU kernels build their result in memory of their own, outside the
+capped arena, before it is copied to an arena tensor: a multiple of their input's size (measured
+under a 16 MiB cap: ``NonZero`` of 12 M booleans held 104 MiB, 8 bytes a coordinate;
+``Unique`` of 1.5 M integers 196 MiB, ~130 bytes an element in its hash map). Their input can
+come from a request's *value* (``ConstantOfShape``, ``Range``), so the cap bounded them at
+several times itself. A model using one is refused unless :attr:`RuntimeOptions.allow_uncapped_operators`."""
+UNCAPPED_OPERATORS_SETTING = "inference.allow_uncapped_operators"
+"""The configuration key that lets models with :data:`UNCAPPED_OPERATORS` load."""
+
+# ONNX protobuf field numbers (onnx.proto3): ModelProto.graph and .functions, GraphProto.node,
+# FunctionProto.node, NodeProto.op_type, .domain and .attribute, AttributeProto.g and .graphs.
+_MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
+_GRAPH_NODE, _FUNCTION_NODE = 1, 7
+_NODE_OP_TYPE, _NODE_DOMAIN, _NODE_ATTRIBUTE = 4, 7, 5
+_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS = 6, 11
+_STANDARD_DOMAINS = ("", "ai.onnx")
+
+
 class ModelLoadError(FailedPrecondition):
     """ONNX Runtime could not load the model (malformed, unsupported, or needs files from disk)."""
 
@@ -141,6 +161,8 @@ class RuntimeOptions:
     allow_spinning: bool = False
     # What ORT may hold for runs, every session made with this value together (use_inference_memory_cap).
     max_inference_memory_bytes: int = DEFAULT_MAX_INFERENCE_MEMORY_BYTES
+    # Whether a model may use UNCAPPED_OPERATORS, whose kernels allocate outside that cap.
+    allow_uncapped_operators: bool = False
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in _OPTIMIZATION_LEVELS:
@@ -222,7 +244,10 @@ class LoadedModel:
         ``external_data`` maps the ``location`` names of the model's external initializers to
         their file contents in memory (ONNX external-data layout); ORT copies them while loading.
         """
-        so = session_options(options or RuntimeOptions())
+        options = options or RuntimeOptions()
+        if not options.allow_uncapped_operators:
+            _refuse_uncapped_operators(name, version, model)
+        so = session_options(options)
         if external_data:
             names = list(external_data)
             buffers = [memoryview(external_data[n]).cast("B") for n in names]
@@ -335,7 +360,7 @@ class LoadedModel:
                 "model": self.name,
                 "version": self.version,
                 "reason": Reason.INFERENCE_MEMORY_EXHAUSTED,
-                "ort_error": str(exc)[:2000],
+                "ort_error": _run_error(exc),
             },
         )
         limit = f"{INFERENCE_MEMORY_SETTING} = {cap} bytes" if cap else INFERENCE_MEMORY_SETTING
@@ -348,7 +373,8 @@ class LoadedModel:
 
     def _refused(self, exc: Exception, run_options: ort.RunOptions) -> NoReturn:
         """Raises what a failed run means for its caller."""
-        if not isinstance(exc, ort_state.InvalidArgument | ort_state.Fail):
+        rejected = isinstance(exc, ort_state.InvalidArgument | ort_state.Fail)
+        if not rejected and not _UNPARSABLE_TEXT.search(str(exc)):
             log.error(
                 "inference failed (%s)",
                 Reason.INFERENCE_FAILED,
@@ -356,7 +382,7 @@ class LoadedModel:
                     "model": self.name,
                     "version": self.version,
                     "reason": Reason.INFERENCE_FAILED,
-                    "ort_error": str(exc)[:2000],
+                    "ort_error": _run_error(exc),
                 },
             )
             raise Internal("inference failed", reason=Reason.INFERENCE_FAILED) from None
@@ -372,7 +398,8 @@ class LoadedModel:
             ) from None
         # Inputs that match the advertised shapes can still clash inside the graph (two
         # variable dimensions that must agree, a Reshape that does not fit, an index past a
-        # Gather's table): ORT reports those as FAIL or INVALID_ARGUMENT. They are the caller's,
+        # Gather's table): ORT reports those as FAIL or INVALID_ARGUMENT (and text that does not
+        # parse as the number a Cast asks for as RUNTIME_EXCEPTION: _UNPARSABLE_TEXT). They are the caller's,
         # not the server's, so no ERROR line per request. The caller learns which operator
         # refused, never ORT's message: it states the model's internals (a Gather's message
         # gives its table's row count, e.g. a tokenizer's vocabulary size); the log keeps it.
@@ -383,7 +410,7 @@ class LoadedModel:
                 "model": self.name,
                 "version": self.version,
                 "reason": Reason.INFERENCE_INPUT_REJECTED,
-                "ort_error": str(exc)[:2000],
+                "ort_error": _run_error(exc),
             },
         )
         raise InvalidArgument(
@@ -391,6 +418,72 @@ class LoadedModel:
             "shapes or values do not fit the graph",
             reason=Reason.INFERENCE_INPUT_REJECTED,
         ) from None
+
+
+def _refuse_uncapped_operators(name: str, version: str, model: ModelBuffer) -> None:
+    """Raises ModelLoadError if the model's graph, a subgraph (``If``, ``Loop``, ``Scan``) or a
+    model-local function uses one of :data:`UNCAPPED_OPERATORS`: a request could otherwise make
+    it allocate several times ``max_inference_memory_bytes`` outside the arena and the VM kill
+    the service. The protobuf is walked, not parsed: the weights are skipped, never copied."""
+    try:
+        found = sorted(_operators(model) & UNCAPPED_OPERATORS)
+    except WireError as exc:
+        raise ModelLoadError(
+            f"the model is not a valid ONNX protobuf ({exc})", reason=Reason.MODEL_INVALID
+        ) from None
+    if not found:
+        return
+    log.warning(
+        "model refused: it uses operators that allocate outside the inference memory cap",
+        extra={"model": name, "version": version, "operators": found},
+    )
+    raise ModelLoadError(
+        f"the model uses {', '.join(found)}, whose ONNX Runtime kernels allocate a multiple of "
+        "their input outside inference.max_inference_memory_bytes (a request could size it and "
+        f"exhaust the VM's memory); {UNCAPPED_OPERATORS_SETTING} lets such models load",
+        reason=Reason.MODEL_OPERATOR_UNCAPPED,
+    )
+
+
+def _operators(model: ModelBuffer) -> set[str]:
+    """The standard-domain operator types of every node of ``model``, subgraphs and functions
+    included (a stack, not recursion: subgraphs nest as deep as the protobuf allows)."""
+    graphs: list[memoryview] = []
+    nodes: list[memoryview] = []
+    for field in fields(memoryview(model)):
+        if field.payload is None or field.depth:
+            continue
+        if field.number == _MODEL_GRAPH:
+            graphs.append(field.payload)
+        elif field.number == _MODEL_FUNCTIONS:
+            nodes.extend(_repeated(field.payload, _FUNCTION_NODE))
+    found: set[str] = set()
+    while graphs or nodes:
+        if graphs:
+            nodes.extend(_repeated(graphs.pop(), _GRAPH_NODE))
+            continue
+        op_type, domain = b"", b""
+        for field in fields(nodes.pop()):
+            if field.payload is None or field.depth:
+                continue
+            if field.number == _NODE_OP_TYPE:
+                op_type = bytes(field.payload)
+            elif field.number == _NODE_DOMAIN:
+                domain = bytes(field.payload)
+            elif field.number == _NODE_ATTRIBUTE:
+                graphs.extend(_repeated(field.payload, _ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS))
+        if domain.decode("utf-8", "replace") in _STANDARD_DOMAINS:
+            found.add(op_type.decode("utf-8", "replace"))
+    return found
+
+
+def _repeated(message: memoryview, *numbers: int) -> list[memoryview]:
+    """The length-delimited fields ``numbers`` of ``message`` (not inside a group)."""
+    return [
+        f.payload
+        for f in fields(message)
+        if f.payload is not None and not f.depth and f.number in numbers
+    ]
 
 
 def _spec(arg: Any, kind: str) -> TensorSpec:
@@ -432,6 +525,23 @@ def _from_ort_strings(array: np.ndarray) -> np.ndarray:
     return out
 
 
+def _run_error(exc: Exception) -> str:
+    """ORT's message about a failed run, for the log, with every number outside the node's name
+    masked: ORT puts the request's own values in it (a Gather's "idx=987654321", a token id; a
+    Reshape's requested shape, read from an input; the bytes a value-sized tensor asked for),
+    and what a client sent the confidential VM is not the log's to carry. The operator, the
+    node, ORT's check and status code stay."""
+    text = str(exc)[:2000]
+    parts: list[str] = []
+    last = 0
+    for name in _NODE_NAME.finditer(text):
+        parts.append(_NUMBER.sub("#", text[last : name.start()]))
+        parts.append(name.group(0))
+        last = name.end()
+    parts.append(_NUMBER.sub("#", text[last:]))
+    return "".join(parts)
+
+
 def _first_line(text: str, limit: int = 300) -> str:
     line = text.strip().splitlines()[0] if text.strip() else "no detail"
     # A node's name is the model's (often its layer path): not the caller's to read.
@@ -446,4 +556,12 @@ def _failed_operator(text: str) -> str:
 _ORT_FATAL = 4
 """ONNX Runtime's log severity FATAL: the run logs nothing short of a crash."""
 _NODE_NAME = re.compile(r" ?Name:'[^']*'")
+# A number not part of a word (int64, float16 and file names keep theirs).
+_NUMBER = re.compile(r"(?<![A-Za-z_])\d+")
+# A Cast of a string tensor to a number whose text does not parse (or overflows): ORT reports
+# the C++ library's std::sto* exception, RUNTIME_EXCEPTION "... Status Message: stod", the
+# request's doing, not the server's (it was INTERNAL and an ERROR line per request).
+_UNPARSABLE_TEXT = re.compile(
+    r"while running Cast node\..*Status Message: sto(?:i|l|ll|ul|ull|f|d|ld)\s*$"
+)
 _FAILED_OPERATOR = re.compile(r"while running ([A-Za-z0-9_]{1,64}) node")

@@ -405,7 +405,34 @@ Turning the chart's policies off in production: only with networkPolicy.external
 operator's statement that something else enforces the documented flows (otherwise nothing would,
 and nothing would say so).
 */}}
+{{- /* A Kubernetes quantity (the schema's pattern: digits, an optional fraction, an optional
+suffix) as a float64 number of bytes. A number in YAML is a float64 already. */ -}}
+{{- define "strongroom.quantityBytes" -}}
+{{- if kindIs "string" . -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" . -}}
+{{- $suffix := trimPrefix $number . -}}
+{{- $scale := dict "" 1.0 "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 -}}
+{{- mulf (float64 $number) (get $scale $suffix) -}}
+{{- else -}}
+{{- float64 . -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "strongroom.checkValues" -}}
+{{- /* ONNX Runtime's cap on what inference runs hold (inference.maxInferenceMemoryBytes, null:
+the service's 2 GiB) only works below the pod's memory limit, with room for the process and its
+models: a limit at or under the cap gets the pod OOM-killed by a request the cap was meant to
+refuse (RESOURCE_EXHAUSTED INFERENCE_MEMORY_EXHAUSTED). 512 MiB is the least the process needs
+besides it (the models' own size comes on top, which the chart cannot know). */ -}}
+{{- $inf := .Values.inference -}}
+{{- $memory := get $inf.resources.limits "memory" -}}
+{{- if not (kindIs "invalid" $memory) -}}
+{{- $cap := ternary 2147483648.0 (float64 $inf.maxInferenceMemoryBytes) (kindIs "invalid" $inf.maxInferenceMemoryBytes) -}}
+{{- $limit := include "strongroom.quantityBytes" $memory | float64 -}}
+{{- if lt $limit (addf $cap 536870912.0) -}}
+{{- fail (printf "inference.resources.limits.memory (%v) leaves less than 512 MiB above inference.maxInferenceMemoryBytes (%.0f bytes%s): a request ONNX Runtime's cap should refuse (RESOURCE_EXHAUSTED INFERENCE_MEMORY_EXHAUSTED) would get the pod OOM-killed first. Raise the memory limit above the cap + the loaded models + ~0.5 GiB, or set inference.maxInferenceMemoryBytes lower (at least 16777216)" $memory $cap (ternary ", the service's default" "" (kindIs "invalid" $inf.maxInferenceMemoryBytes))) -}}
+{{- end -}}
+{{- end -}}
 {{- $np := .Values.networkPolicy -}}
 {{- if and (eq .Values.mode "production") (not $np.enabled) (not $np.externallyEnforced) -}}
 {{- fail "networkPolicy.enabled is false in production mode: the chart would render no NetworkPolicy, so nothing would limit who reaches the key broker and the model store or where Strongroom's pods connect (the design relies on default deny in both directions, deploy/README.md \"Network flows\"). Set networkPolicy.enabled: true, or, if the cluster enforces those flows by other means (cluster-wide CNI policies, a service mesh's authorization), acknowledge it with networkPolicy.externallyEnforced: true" -}}
