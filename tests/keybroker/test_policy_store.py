@@ -14,13 +14,14 @@ import pytest
 
 from strongroom.attestation.errors import PolicyInvalid
 from strongroom.attestation.evidence import TeeType
+from strongroom.keybroker import policies as policies_module
 from strongroom.keybroker.errors import (
     PolicyChanged,
     PolicyStoreBusy,
     PolicyUnreadable,
     StoredPolicyInvalid,
 )
-from strongroom.keybroker.policies import PolicyStore
+from strongroom.keybroker.policies import RACY_WINDOW_NS, PolicyStore, _stamp
 from strongroom.keybroker.policy_bounds import (
     MAX_POLICY_BYTES,
     MAX_POLICY_DEPTH,
@@ -221,6 +222,44 @@ def test_a_policy_rewritten_in_place_with_the_same_size_and_mtime_is_read_again(
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert os.stat(path).st_ino == before.st_ino
     assert policies.get("k1").policy.allowed_spiffe_ids == {f"spiffe://{DOMAIN}/inferenz2"}
+
+
+def _as_if_unchanged(policies: PolicyStore, path: Path) -> None:
+    """Makes the cached entry's stamp the file's current one: what a rewrite within the kernel's
+    clock tick (same inode, size and times) leaves, which a test cannot make the kernel do."""
+    cached = policies._cache["k1"]
+    policies._cache["k1"] = (_stamp(os.stat(path)), *cached[1:])  # type: ignore[assignment]
+
+
+def test_a_policy_rewritten_within_the_clock_tick_of_its_read_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache knew a file by its stamp alone: one rewritten (or replaced on a reused inode, at
+    the same size) within the tick of the kernel's coarse clock in which it was read kept every
+    time, and releases were judged by the replaced policy until the file next changed."""
+    path = tmp_path / "policies" / "k1.yaml"
+    now = [0]
+    policies = PolicyStore(
+        tmp_path / "policies", trust_domain=DOMAIN, production=False, clock=lambda: now[0]
+    )
+    policies.put("k1", document())
+    now[0] = os.stat(path).st_ctime_ns  # read in the tick it was written in
+    assert policies.get("k1").policy.allowed_spiffe_ids == {f"spiffe://{DOMAIN}/inference"}
+    path.write_text(document(callers=f"spiffe://{DOMAIN}/inferenz2"))  # same size, same inode
+    _as_if_unchanged(policies, path)
+    assert policies.get("k1").policy.allowed_spiffe_ids == {f"spiffe://{DOMAIN}/inferenz2"}
+    # Read once well after its change, the file is known by its stamp again: no read per use.
+    now[0] = os.stat(path).st_ctime_ns + RACY_WINDOW_NS
+    policies.get("k1")
+    reads: list[str] = []
+
+    def reading(path: str, key_id: str) -> str:
+        reads.append(path)
+        return ""
+
+    monkeypatch.setattr(policies_module, "_read_text", reading)
+    policies.get("k1")
+    assert reads == []
 
 
 @pytest.mark.parametrize(
