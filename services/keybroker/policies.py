@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -123,6 +124,15 @@ def _unlockable(key_id: str, exc: OSError) -> FailedPrecondition:
     )
 
 
+def _planted(key_id: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"cannot store the policy of {key_id!r}: the policy directory's lock file {LOCK_FILE} is "
+        "not a regular file (a symlink, directory or device was put there): nothing was "
+        "stored; remove it (the broker creates the file itself)",
+        reason=Reason.POLICY_STORE_READ_ONLY,
+    )
+
+
 def _busy(key_id: str, wait: float) -> PolicyStoreBusy:
     return PolicyStoreBusy(
         f"cannot store the policy of {key_id!r}: another policy change held the policy "
@@ -144,6 +154,36 @@ def _read_text(path: str, key_id: str) -> str:
         raise _unreadable(key_id, exc.strerror or type(exc).__name__) from None
     except UnicodeDecodeError:
         raise _unreadable(key_id, "it is not UTF-8 text") from None
+
+
+def _open_lock_file(directory: str, key_id: str) -> int:
+    """A descriptor of the directory's :data:`LOCK_FILE`, created if missing.
+
+    Never through a symlink, and only a regular file: whoever can write the directory could plant
+    a link there, and the broker opened (and, dangling, created) whatever it pointed to for
+    writing, wherever that was (another service's directory, a device whose opening acts)."""
+    path = os.path.join(directory, LOCK_FILE)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(
+            path,
+            # O_NONBLOCK: a FIFO planted there must not hang the open; it is refused below.
+            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+            0o600,
+        )
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR):  # a symlink (O_NOFOLLOW), a directory
+            raise _planted(key_id) from None
+        raise _read_only(key_id, exc) from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError as exc:
+        os.close(fd)
+        raise _read_only(key_id, exc) from None
+    if not regular:
+        os.close(fd)
+        raise _planted(key_id)
+    return fd
 
 
 class PolicyStore:
@@ -410,13 +450,7 @@ class PolicyStore:
         if not turn.acquire(timeout=wait):
             raise _busy(key_id, wait)
         try:
-            try:
-                os.makedirs(self._dir, exist_ok=True)
-                fd = os.open(
-                    os.path.join(self._dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-                )
-            except OSError as exc:
-                raise _read_only(key_id, exc) from None
+            fd = _open_lock_file(self._dir, key_id)
             try:
                 # Polled, not blocking: lockf cannot be given a deadline, and a holder that is
                 # stuck must not hold this admin call for ever.
