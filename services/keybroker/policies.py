@@ -439,8 +439,26 @@ class PolicyStore:
             try:
                 atomic_write(Path(path), stored.document.encode())
             except OSError as exc:
-                raise _read_only(key_id, exc) from None
+                if not self._holds(path, stored.document):
+                    raise _read_only(key_id, exc) from None
+                # The rename was made and only the directory's sync failed (EIO, a file system
+                # that refuses it): the document is live for every replica, so this change was
+                # made and its ALLOWED record is its outcome, not a refusal the caller retries.
+                _log.error(
+                    "a release policy was stored but its directory could not be synced: the "
+                    "change is live, but may not survive a crash of the host",
+                    extra={"key_id": key_id, "error": exc.strerror or type(exc).__name__},
+                )
         return stored
+
+    @staticmethod
+    def _holds(path: str, document: str) -> bool:
+        """Whether the policy file at ``path`` holds ``document`` now."""
+        try:
+            with open(path, encoding="utf-8", newline="") as file:
+                return file.read() == document
+        except (OSError, UnicodeDecodeError):
+            return False
 
     @contextlib.contextmanager
     def _changing(self, key_id: str, wait: float) -> Iterator[None]:
