@@ -28,7 +28,7 @@ from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker import policies as policies_module
 from strongroom.keybroker import refusals
 from strongroom.keybroker.audit import AuditLog
-from strongroom.keybroker.errors import AuditUnavailable, PolicyChanged
+from strongroom.keybroker.errors import AuditUnavailable, PolicyChanged, PolicyStoreBusy
 from strongroom.keybroker.keys import KeyManager, KeyState
 from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.policies import PolicyStore
@@ -888,3 +888,43 @@ def test_a_policy_written_whose_directory_sync_fails_is_recorded_made_not_refuse
     assert raised.value.reason == "POLICY_STORE_READ_ONLY"
     assert _records(log)[-1]["decision"] == "denied"
     assert keys.get_policy("k1").document == p2
+
+
+def test_a_change_queued_behind_a_stuck_change_of_the_key_is_refused_busy_in_bound(
+    km, tmp_path
+) -> None:
+    """A policy change waited for this process's other change of the key without a bound (the
+    directory's lock was bounded, its per-key turn was not): behind a holder stuck on a hung
+    file system (or a hung audit volume) each queued change added its own wait, and a few held
+    every control-plane worker. The whole wait is bounded now: refused POLICY_STORE_BUSY,
+    unrecorded (nothing was attempted), nothing stored."""
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit, policy_lock_wait=0)
+    try:
+        keys.create_key(ADMIN, "k1")
+        keys.set_policy(ADMIN, "k1", POLICY)
+        before = len(_records(tmp_path / "audit.log"))
+        stuck = keys._policy_lock("k1")
+        stuck.acquire()  # the stuck change, mid-way
+        outcome: list[BaseException | None] = []
+
+        def change() -> None:
+            try:
+                keys.set_policy(ADMIN, "k1", POLICY.replace('"p1"', '"p2"'), expected_version="p1")
+            except BaseException as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        queued = threading.Thread(target=change, daemon=True)
+        queued.start()
+        queued.join(120)  # a guard against the old unbounded wait, not a measurement
+        stuck.release()
+        queued.join()
+        [refusal] = outcome
+        assert isinstance(refusal, PolicyStoreBusy), refusal
+        assert refusal.reason == "POLICY_STORE_BUSY" and "nothing was stored" in refusal.message
+        assert len(_records(tmp_path / "audit.log")) == before
+        assert keys.get_policy("k1").policy.version == "p1"
+    finally:
+        audit.close()
