@@ -19,7 +19,7 @@ from strongroom.errors import (
     StrongroomError,
 )
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
-from strongroom.keybroker.errors import PolicyChanged
+from strongroom.keybroker.errors import PolicyChanged, PolicyStoreBusy
 from strongroom.keybroker.keys import (
     ChangeGate,
     DataKey,
@@ -30,7 +30,7 @@ from strongroom.keybroker.keys import (
     require_model,
     validate_key_id,
 )
-from strongroom.keybroker.policies import PolicyStore, StoredPolicy
+from strongroom.keybroker.policies import LOCK_WAIT, PolicyStore, StoredPolicy
 from strongroom.keybroker.refusals import (
     REFUSAL_BURST,
     REFUSAL_RATE,
@@ -128,6 +128,7 @@ class KeyService:
         audit: AuditLog,
         *,
         clock: Callable[[], float] = time.monotonic,
+        policy_lock_wait: float = LOCK_WAIT,
     ) -> None:
         self._keys = keys
         self._policies = policies
@@ -142,6 +143,8 @@ class KeyService:
         # existing key: a lock is made only once the key was found in the HSM).
         self._policy_locks: dict[str, threading.Lock] = {}
         self._policy_locks_guard = threading.Lock()
+        # The most a policy change waits for its turn, here and at the directory's lock.
+        self._policy_lock_wait = policy_lock_wait
 
     def _policy_lock(self, key_id: str) -> threading.Lock:
         with self._policy_locks_guard:
@@ -282,7 +285,17 @@ class KeyService:
         claims: dict[str, object] = (
             {} if expected_version is None else {"expected_policy_version": expected_version}
         )
-        with self._policy_lock(key_id):
+        # One bound for the whole wait, this process's other change of the key included: waited
+        # for unbounded, each change queued behind a holder stuck on the directory's lock added
+        # its own wait, and a few of them held every control-plane worker for minutes.
+        deadline = time.monotonic() + self._policy_lock_wait
+        lock = self._policy_lock(key_id)
+        if not lock.acquire(timeout=self._policy_lock_wait):
+            raise PolicyStoreBusy(
+                f"cannot store the policy of {key_id!r}: another change of it on this broker did "
+                f"not finish within {self._policy_lock_wait:g} s; nothing was stored, retry"
+            )
+        try:
             try:
                 # Before the record, so that a change that is already stale is not recorded as
                 # allowed first; repeated under the directory's lock by the write.
@@ -299,7 +312,12 @@ class KeyService:
                 claims=claims,
             )
             try:
-                return self._policies.write(key_id, stored, expected_version=expected_version)
+                return self._policies.write(
+                    key_id,
+                    stored,
+                    expected_version=expected_version,
+                    lock_wait=max(0.0, deadline - time.monotonic()),
+                )
             except StrongroomError as exc:
                 self._record(
                     caller,
@@ -313,6 +331,8 @@ class KeyService:
                     claims=_with_live(claims, exc),
                 )
                 raise
+        finally:
+            lock.release()
 
     def _record_refused_change(
         self,

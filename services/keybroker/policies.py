@@ -8,9 +8,10 @@ import fcntl
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,15 @@ class StoredPolicy:
 
 _Stamp = tuple[int, int, int, int, int]
 
+RACY_WINDOW_NS = 2_000_000_000
+"""How close (ns) to the moment a policy file was read its last change may be for the read to be
+trusted by its :func:`_stamp` alone. A change within the kernel's clock tick (~4 ms; a second on
+file systems with coarse timestamps; plus the skew of an NFS server's clock) of another leaves
+the same times, and a replacement of the same size on a reused inode the same stamp: a document
+read then is compared with the file again at every use until it was read this long after its
+last change (Git's racy-timestamp rule). The cost is a re-read of a small file for a few seconds
+after a change."""
+
 
 def _stamp(st: os.stat_result) -> _Stamp:
     """What identifies a version of a policy file without reading it.
@@ -78,9 +88,18 @@ def _stamp(st: os.stat_result) -> _Stamp:
     mtime and size alone miss a replacement by a file of the same size whose mtime a tool kept
     (rsync -a, cp -p, tar x): a revoked caller swapped for an ID of the same length kept its keys
     until a restart. A replaced file has another inode, and any change to a file sets its ctime,
-    which no tool can set.
+    which no tool can set. Not a change made within the tick of the clock that set the first
+    one's ctime: the store does not trust a stamp read that soon (:data:`RACY_WINDOW_NS`).
     """
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _racy(stamp: _Stamp, read_at: int) -> bool:
+    """Whether a read started at ``read_at`` (ns) came too soon after the file's last change
+    (:data:`RACY_WINDOW_NS`) for its stamp to tell it from a change made in the same tick."""
+    # The ctime: every change sets it to the kernel's now, whereas a tool can set the mtime
+    # anywhere (ahead, and every use would re-read the file until then).
+    return read_at - stamp[4] < RACY_WINDOW_NS
 
 
 def _unreadable(key_id: str, problem: str) -> PolicyUnreadable:
@@ -101,6 +120,15 @@ def _unlockable(key_id: str, exc: OSError) -> FailedPrecondition:
         f"cannot store the policy of {key_id!r}: the policy directory cannot be locked "
         f"({exc.strerror}); its file system must support POSIX record locks (fcntl), as local "
         "file systems and NFSv4 do, so that replicas sharing it change policies one at a time",
+        reason=Reason.POLICY_STORE_READ_ONLY,
+    )
+
+
+def _planted(key_id: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"cannot store the policy of {key_id!r}: the policy directory's lock file {LOCK_FILE} is "
+        "not a regular file (a symlink, directory or device was put there): nothing was "
+        "stored; remove it (the broker creates the file itself)",
         reason=Reason.POLICY_STORE_READ_ONLY,
     )
 
@@ -128,6 +156,36 @@ def _read_text(path: str, key_id: str) -> str:
         raise _unreadable(key_id, "it is not UTF-8 text") from None
 
 
+def _open_lock_file(directory: str, key_id: str) -> int:
+    """A descriptor of the directory's :data:`LOCK_FILE`, created if missing.
+
+    Never through a symlink, and only a regular file: whoever can write the directory could plant
+    a link there, and the broker opened (and, dangling, created) whatever it pointed to for
+    writing, wherever that was (another service's directory, a device whose opening acts)."""
+    path = os.path.join(directory, LOCK_FILE)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(
+            path,
+            # O_NONBLOCK: a FIFO planted there must not hang the open; it is refused below.
+            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+            0o600,
+        )
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR):  # a symlink (O_NOFOLLOW), a directory
+            raise _planted(key_id) from None
+        raise _read_only(key_id, exc) from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError as exc:
+        os.close(fd)
+        raise _read_only(key_id, exc) from None
+    if not regular:
+        os.close(fd)
+        raise _planted(key_id)
+    return fd
+
+
 class PolicyStore:
     """Reads ``<dir>/<key_id>.yaml``; reloads a file when it changes on disk.
 
@@ -149,13 +207,17 @@ class PolicyStore:
         trust_domain: str | None = None,
         production: bool = True,
         audit: AuditLog | None = None,
+        clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self._dir = os.fspath(directory)
         self._trust_domain = trust_domain
         self._production = production
         self._audit = audit
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[_Stamp, StoredPolicy]] = {}
+        # The wall clock (ns) the file system's times are compared with: the racy-timestamp rule.
+        self._clock = clock
+        # key id -> (stamp, document, when (clock) the read that gave it started).
+        self._cache: dict[str, tuple[_Stamp, StoredPolicy, int]] = {}
         # key id -> (SHA-256, version) of the document last recorded in force. Its own lock,
         # held across the record's fsync, so that two requests meeting a new file record it
         # once; rare (a policy change), unlike the cache's.
@@ -179,6 +241,7 @@ class PolicyStore:
         read (and cached) but not recorded, so that an audit outage does not make a key look as
         if it had no policy; the first decision under it records it."""
         path = self._path(key_id)
+        reading = self._clock()  # before the stat: a change after it cannot predate it
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -191,21 +254,25 @@ class PolicyStore:
         stamp = _stamp(st)
         with self._lock:
             cached = self._cache.get(key_id)
-        if cached and cached[0] == stamp:
+        if cached and cached[0] == stamp and not _racy(stamp, cached[2]):
             stored = cached[1]
         else:
             text = _read_text(path, key_id)
-            try:
-                stored = StoredPolicy(text, self._load(text))
-            except StrongroomError as exc:
-                # A stored policy that no longer loads is the broker's configuration error (not
-                # an INVALID_ARGUMENT of whoever asked); fail closed, with the loader's reason.
-                raise StoredPolicyInvalid(
-                    f"the stored release policy of {key_id!r} does not load: {exc.message}",
-                    reason=exc.reason,
-                ) from None
+            if cached and cached[0] == stamp and cached[1].document == text:
+                stored = cached[1]  # the same bytes parse to the same policy
+            else:
+                try:
+                    stored = StoredPolicy(text, self._load(text))
+                except StrongroomError as exc:
+                    # A stored policy that no longer loads is the broker's configuration error
+                    # (not an INVALID_ARGUMENT of whoever asked); fail closed, with the loader's
+                    # reason.
+                    raise StoredPolicyInvalid(
+                        f"the stored release policy of {key_id!r} does not load: {exc.message}",
+                        reason=exc.reason,
+                    ) from None
             with self._lock:
-                self._cache[key_id] = (stamp, stored)
+                self._cache[key_id] = (stamp, stored, reading)
         if judge:
             # Cached or not, recorded before anything is judged by it: a record that fails (an
             # audit outage) leaves the document unused, and the next request tries again.
@@ -277,7 +344,8 @@ class PolicyStore:
         what a change is checked against. The cache knows a file by its inode, size and times,
         which a file replaced twice within the clock's tick by one of the same size on a reused
         inode would not change, and a compare-and-swap must not take a stale version for the
-        live one. :class:`PolicyUnreadable` / :class:`StoredPolicyInvalid` as :meth:`get`."""
+        live one (the cache re-reads such a file, but trusts this process's clock against the file
+        system's). :class:`PolicyUnreadable` / :class:`StoredPolicyInvalid` as :meth:`get`."""
         path = self._path(key_id)
         try:
             text = _read_text(path, key_id)
@@ -371,8 +439,26 @@ class PolicyStore:
             try:
                 atomic_write(Path(path), stored.document.encode())
             except OSError as exc:
-                raise _read_only(key_id, exc) from None
+                if not self._holds(path, stored.document):
+                    raise _read_only(key_id, exc) from None
+                # The rename was made and only the directory's sync failed (EIO, a file system
+                # that refuses it): the document is live for every replica, so this change was
+                # made and its ALLOWED record is its outcome, not a refusal the caller retries.
+                _log.error(
+                    "a release policy was stored but its directory could not be synced: the "
+                    "change is live, but may not survive a crash of the host",
+                    extra={"key_id": key_id, "error": exc.strerror or type(exc).__name__},
+                )
         return stored
+
+    @staticmethod
+    def _holds(path: str, document: str) -> bool:
+        """Whether the policy file at ``path`` holds ``document`` now."""
+        try:
+            with open(path, encoding="utf-8", newline="") as file:
+                return file.read() == document
+        except (OSError, UnicodeDecodeError):
+            return False
 
     @contextlib.contextmanager
     def _changing(self, key_id: str, wait: float) -> Iterator[None]:
@@ -382,13 +468,7 @@ class PolicyStore:
         if not turn.acquire(timeout=wait):
             raise _busy(key_id, wait)
         try:
-            try:
-                os.makedirs(self._dir, exist_ok=True)
-                fd = os.open(
-                    os.path.join(self._dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-                )
-            except OSError as exc:
-                raise _read_only(key_id, exc) from None
+            fd = _open_lock_file(self._dir, key_id)
             try:
                 # Polled, not blocking: lockf cannot be given a deadline, and a holder that is
                 # stuck must not hold this admin call for ever.

@@ -6,6 +6,7 @@ record cannot be written never leaves (and is wiped).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from strongroom import files
 from strongroom.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -23,9 +25,10 @@ from strongroom.errors import (
     StrongroomError,
 )
 from strongroom.keybroker import keys as keys_module
+from strongroom.keybroker import policies as policies_module
 from strongroom.keybroker import refusals
 from strongroom.keybroker.audit import AuditLog
-from strongroom.keybroker.errors import AuditUnavailable, PolicyChanged
+from strongroom.keybroker.errors import AuditUnavailable, PolicyChanged, PolicyStoreBusy
 from strongroom.keybroker.keys import KeyManager, KeyState
 from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.policies import PolicyStore
@@ -849,3 +852,79 @@ def test_an_expected_version_no_policy_could_have_is_invalid_argument(service) -
             keys.set_policy(ADMIN, "k1", POLICY, expected_version=expected)
         assert raised.value.reason == "POLICY_BAD_VALUE"
     assert len(_records(log)) == before and keys.policy_version("k1") == ""
+
+
+def test_a_policy_written_whose_directory_sync_fails_is_recorded_made_not_refused(
+    service, monkeypatch
+) -> None:
+    """The write renamed the new policy into place, then the directory's fsync failed (EIO): the
+    change was live for every replica, yet recorded DENIED and answered POLICY_STORE_READ_ONLY,
+    so the log's outcome for the policy judging every release was "not made"."""
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+    keys.set_policy(ADMIN, "k1", POLICY)
+
+    def failing_sync(path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files, "fsync_dir", failing_sync)
+    p2 = POLICY.replace('"p1"', '"p2"')
+    assert keys.set_policy(ADMIN, "k1", p2, expected_version="p1").policy.version == "p2"
+    assert keys.get_policy("k1").document == p2
+    change = _records(log)[-1]
+    assert (change["action"], change["decision"], change["policy_version"]) == (
+        "set_release_policy",
+        "allowed",
+        "p2",
+    )
+
+    # A write that never reached the file is still refused, recorded DENIED, nothing stored.
+    def failing_write(path, data, **_) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(policies_module, "atomic_write", failing_write)
+    with pytest.raises(FailedPrecondition) as raised:
+        keys.set_policy(ADMIN, "k1", POLICY.replace('"p1"', '"p3"'), expected_version="p2")
+    assert raised.value.reason == "POLICY_STORE_READ_ONLY"
+    assert _records(log)[-1]["decision"] == "denied"
+    assert keys.get_policy("k1").document == p2
+
+
+def test_a_change_queued_behind_a_stuck_change_of_the_key_is_refused_busy_in_bound(
+    km, tmp_path
+) -> None:
+    """A policy change waited for this process's other change of the key without a bound (the
+    directory's lock was bounded, its per-key turn was not): behind a holder stuck on a hung
+    file system (or a hung audit volume) each queued change added its own wait, and a few held
+    every control-plane worker. The whole wait is bounded now: refused POLICY_STORE_BUSY,
+    unrecorded (nothing was attempted), nothing stored."""
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit, policy_lock_wait=0)
+    try:
+        keys.create_key(ADMIN, "k1")
+        keys.set_policy(ADMIN, "k1", POLICY)
+        before = len(_records(tmp_path / "audit.log"))
+        stuck = keys._policy_lock("k1")
+        stuck.acquire()  # the stuck change, mid-way
+        outcome: list[BaseException | None] = []
+
+        def change() -> None:
+            try:
+                keys.set_policy(ADMIN, "k1", POLICY.replace('"p1"', '"p2"'), expected_version="p1")
+            except BaseException as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        queued = threading.Thread(target=change, daemon=True)
+        queued.start()
+        queued.join(120)  # a guard against the old unbounded wait, not a measurement
+        stuck.release()
+        queued.join()
+        [refusal] = outcome
+        assert isinstance(refusal, PolicyStoreBusy), refusal
+        assert refusal.reason == "POLICY_STORE_BUSY" and "nothing was stored" in refusal.message
+        assert len(_records(tmp_path / "audit.log")) == before
+        assert keys.get_policy("k1").policy.version == "p1"
+    finally:
+        audit.close()

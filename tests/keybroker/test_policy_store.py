@@ -4,6 +4,7 @@ beyond its bounds (issue 11, findings 4 and 7)."""
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -14,13 +15,15 @@ import pytest
 
 from strongroom.attestation.errors import PolicyInvalid
 from strongroom.attestation.evidence import TeeType
+from strongroom.errors import FailedPrecondition
+from strongroom.keybroker import policies as policies_module
 from strongroom.keybroker.errors import (
     PolicyChanged,
     PolicyStoreBusy,
     PolicyUnreadable,
     StoredPolicyInvalid,
 )
-from strongroom.keybroker.policies import PolicyStore
+from strongroom.keybroker.policies import LOCK_FILE, RACY_WINDOW_NS, PolicyStore, _stamp
 from strongroom.keybroker.policy_bounds import (
     MAX_POLICY_BYTES,
     MAX_POLICY_DEPTH,
@@ -223,6 +226,44 @@ def test_a_policy_rewritten_in_place_with_the_same_size_and_mtime_is_read_again(
     assert policies.get("k1").policy.allowed_spiffe_ids == {f"spiffe://{DOMAIN}/inferenz2"}
 
 
+def _as_if_unchanged(policies: PolicyStore, path: Path) -> None:
+    """Makes the cached entry's stamp the file's current one: what a rewrite within the kernel's
+    clock tick (same inode, size and times) leaves, which a test cannot make the kernel do."""
+    cached = policies._cache["k1"]
+    policies._cache["k1"] = (_stamp(os.stat(path)), *cached[1:])  # type: ignore[assignment]
+
+
+def test_a_policy_rewritten_within_the_clock_tick_of_its_read_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache knew a file by its stamp alone: one rewritten (or replaced on a reused inode, at
+    the same size) within the tick of the kernel's coarse clock in which it was read kept every
+    time, and releases were judged by the replaced policy until the file next changed."""
+    path = tmp_path / "policies" / "k1.yaml"
+    now = [0]
+    policies = PolicyStore(
+        tmp_path / "policies", trust_domain=DOMAIN, production=False, clock=lambda: now[0]
+    )
+    policies.put("k1", document())
+    now[0] = os.stat(path).st_ctime_ns  # read in the tick it was written in
+    assert policies.get("k1").policy.allowed_spiffe_ids == {f"spiffe://{DOMAIN}/inference"}
+    path.write_text(document(callers=f"spiffe://{DOMAIN}/inferenz2"))  # same size, same inode
+    _as_if_unchanged(policies, path)
+    assert policies.get("k1").policy.allowed_spiffe_ids == {f"spiffe://{DOMAIN}/inferenz2"}
+    # Read once well after its change, the file is known by its stamp again: no read per use.
+    now[0] = os.stat(path).st_ctime_ns + RACY_WINDOW_NS
+    policies.get("k1")
+    reads: list[str] = []
+
+    def reading(path: str, key_id: str) -> str:
+        reads.append(path)
+        return ""
+
+    monkeypatch.setattr(policies_module, "_read_text", reading)
+    policies.get("k1")
+    assert reads == []
+
+
 @pytest.mark.parametrize(
     "content",
     [
@@ -386,3 +427,42 @@ def test_two_processes_expecting_one_version_never_both_replace_it(
         assert sorted(answers) == ["POLICY_CHANGED", "ok"], answers
         live = policies.get("k1").policy.version
         assert live == f"r{round_}-{'ab'[answers.index('ok')]}"
+
+
+@pytest.mark.parametrize("planted", ["symlink", "dangling symlink", "directory", "fifo"])
+def test_a_lock_file_planted_as_a_link_or_special_file_is_refused_and_never_followed(
+    tmp_path: Path, planted: str
+) -> None:
+    """Whoever can write the policy directory could plant .policy-changes.lock as a symlink: the
+    broker opened its target for writing (created it, when dangling) wherever it was, another
+    service's directory or a device that acts when opened. Refused now, nothing stored or made."""
+    policies = store(tmp_path, production=True)
+    policies.put("k1", document())
+    lock = tmp_path / "policies" / LOCK_FILE
+    lock.unlink()  # the broker's own, replaced by the planted one
+    target = tmp_path / "elsewhere"
+    if planted == "symlink":
+        target.write_bytes(b"someone else's\n")
+        lock.symlink_to(target)
+    elif planted == "dangling symlink":
+        lock.symlink_to(target)
+    elif planted == "directory":
+        lock.mkdir()
+    else:
+        os.mkfifo(lock)
+    new = policies.check("k1", document().replace('"1"', '"2"'))
+    with pytest.raises(FailedPrecondition) as raised:
+        policies.write("k1", new, expected_version="1")
+    assert raised.value.reason == Reason.POLICY_STORE_READ_ONLY
+    assert (
+        "not a regular file" in raised.value.message
+        and "nothing was stored" in raised.value.message
+    )
+    assert policies.get("k1").policy.version == "1"
+    if planted == "symlink":
+        assert target.read_bytes() == b"someone else's\n"
+    elif planted == "dangling symlink":
+        assert not target.exists()
+    lock.unlink() if planted != "directory" else lock.rmdir()
+    policies.write("k1", new, expected_version="1")  # the broker makes its own again
+    assert stat.S_ISREG(os.lstat(lock).st_mode)
