@@ -50,6 +50,7 @@ NOT_REASONS = frozenset(
         "CKR_GENERAL_ERROR",
         "DEADLINE_EXCEEDED",
         "DENIED",
+        "EIO",
         "ENOSPC",
         "FAILED",
         "FILES",
