@@ -131,6 +131,9 @@ _ACCESS_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 )
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+# Answers to a read of an object that exists but can never yield its bytes as they are: a range
+# past an empty object's end, an object in an archive storage class (restored only on request).
+_UNREADABLE_HEAD_CODES = frozenset({"InvalidRange", "InvalidObjectState"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1198,6 +1201,20 @@ class S3Storage(Closing):
                 body.close()
         except botocore.exceptions.ClientError as exc:
             if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+                return False
+            if _code(exc) in _UNREADABLE_HEAD_CODES or _status(exc) == 416:
+                # The object is there but holds no head to read: an empty blob (damaged, or
+                # emptied by whoever can write the bucket) answers a range from byte 0 with 416,
+                # an archived one (a lifecycle rule's Glacier class) InvalidObjectState, for
+                # good. Raised, the model could never be deleted; its blob cannot show whose
+                # it is, so it is kept like one whose head does not parse.
+                log.warning(
+                    "the head of blob %s of %s %s cannot be read (%s): the blob is kept",
+                    entry.blob,
+                    record.name,
+                    record.version,
+                    _code(exc) or _status(exc),
+                )
                 return False
             raise s3_error(exc, "reading an artifact's header") from None
         except _S3_FAILURES as exc:
