@@ -65,12 +65,7 @@ from botocore.config import Config
 
 from strongroom import jsonparse
 from strongroom.artifact import InvalidArtifact, StructureValidator, parse_header
-from strongroom.artifact.format import (
-    MAX_HEADER_SIZE,
-    MAX_KEY_SLOT_SIZE,
-    PREFIX_SIZE,
-    SLOT_LENGTH_SIZE,
-)
+from strongroom.artifact.format import MAX_HEAD_SIZE
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.identifiers import (
@@ -121,8 +116,6 @@ _LIST_WORKERS = 8
 MAX_INDEX_RECORD_BYTES = 64 * 1024
 """The largest index object read; a record is about 1 KB, a bigger object is corrupt."""
 _READ_BLOCK = 1 << 20
-_MAX_HEAD = PREFIX_SIZE + MAX_HEADER_SIZE + SLOT_LENGTH_SIZE + MAX_KEY_SLOT_SIZE
-"""The largest head (prefix, header, key slot) an artifact may have."""
 # How many times a read follows a re-wrap that replaced the blob it had just looked up, or a
 # delete retries a record changed since it read it (each re-wrap rewrites the whole artifact, so
 # a second one in that window is already unlikely).
@@ -1189,7 +1182,7 @@ class S3Storage(Closing):
         record = entry.record
         # A head is at most a prefix, a 64 KiB header and a 2 KiB slot; a header size edited past
         # that reads no further (the head then does not parse: kept).
-        size = min(record.header_size, _MAX_HEAD)
+        size = min(record.header_size, MAX_HEAD_SIZE)
         try:
             response = self._client.get_object(
                 Bucket=self.bucket, Key=self._full(entry.blob), Range=f"bytes=0-{size - 1}"
