@@ -200,6 +200,30 @@ def test_a_model_whose_blob_head_cannot_be_read_is_still_deletable(
     assert blob_count(store) == 1
 
 
+@pytest.mark.parametrize("damage", ["not-json", "kek-version-no-broker-numbers"])
+def test_an_unreadable_index_record_can_be_deleted(
+    s3_server: s3server.MotoServer, s3_bucket: str, damage: str
+) -> None:
+    """Every DeleteModel of a record that does not parse answered DATA_LOSS INDEX_CORRUPT, so on
+    S3 (unlike the filesystem backend, which deletes such a row) only an edit of the bucket could
+    remove it. It is deleted now; its blob goes too where the record still names one whose header
+    names this model, and is kept otherwise (the sweep reports it)."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    store.put([make_artifact("acme/m", "1", b"x")], StructureValidator())
+    key = "p/index/acme/m!1"
+    record = json.loads(store._client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    edited = b"not json" if damage == "not-json" else json.dumps(record | {"key_version": 0})
+    store._client.put_object(Bucket=s3_bucket, Key=key, Body=edited)
+    with pytest.raises(StoredDataCorrupt):
+        store.stat("acme/m", "1")
+    store.delete("acme/m", "1")
+    with pytest.raises(ModelNotFound):
+        store.stat("acme/m", "1")
+    assert blob_count(store) == (1 if damage == "not-json" else 0)
+    with pytest.raises(ModelNotFound):
+        store.delete("acme/m", "1")
+
+
 def test_an_unreadable_index_record_neither_stops_the_store_nor_frees_its_blob(
     s3_server: s3server.MotoServer, s3_bucket: str
 ) -> None:
