@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -97,6 +98,7 @@ def client_context(presentation: TlsPresentation) -> ssl.SSLContext:
 
 # gRPC's resolvers (doc/naming.md) whose targets name no TCP host and port to connect to.
 _NOT_TCP = frozenset({"unix", "unix-abstract", "vsock", "xds", "google-c2p"})
+_SCHEMES = _NOT_TCP | {"dns", "ipv4", "ipv6"}
 # What gRPC connects to when a dns:, ipv4: or ipv6: target names no port.
 _DEFAULT_PORT = 443
 
@@ -111,29 +113,49 @@ def parse_target(target: str) -> tuple[str, int]:
     Raises ``ValueError`` saying why for a target this process cannot connect to as gRPC would:
     one naming a DNS server (``dns://8.8.8.8/host:port``: gRPC asks that server, the system's
     resolver here might answer with another machine), a Unix socket, vsock or xDS one, a port
-    that is not a number."""
+    that is not a number.
+
+    Every part after the scheme (and authority) is percent-decoded first, as gRPC's URI parser
+    does (``ipv4:127.0.0%2E1:8443`` is 127.0.0.1, ``ipv6:[fe80::1%25eth0]:8443`` the zone
+    ``eth0``): read undecoded, such a target's host did not resolve, so the SPIFFE check found
+    the server unreachable and every call went out to it unchecked."""
     scheme, colon, rest = target.partition(":")
-    if colon and scheme in _NOT_TCP:
+    if not (colon and scheme in _SCHEMES):
+        # No scheme gRPC knows: it reads the target as dns:///TARGET.
+        scheme, rest = "dns", "///" + target
+    if scheme in _NOT_TCP:
         raise ValueError(f"a {scheme}: target names no TCP host and port")
-    if colon and scheme in ("ipv4", "ipv6"):
+    if scheme == "dns" and rest.startswith("//"):
+        authority, slash, rest = rest[2:].partition("/")
+        if not slash:
+            raise ValueError("a dns:// target needs a '/' before its host (dns:///host:port)")
+        if authority:
+            raise ValueError(
+                f"it names the DNS server {authority} to resolve its host with, which this "
+                "client cannot ask (its own resolver could name another machine than gRPC "
+                "connects to): write dns:///host:port"
+            )
+    rest = _percent_decoded(rest)  # the URI's path, as gRPC decodes it before reading it
+    if scheme in ("ipv4", "ipv6"):
         first = rest.split(",", maxsplit=1)[0]
         if scheme == "ipv6" and not first.startswith("["):
             # No brackets: the whole is the address (ipv6:::1), never address:port.
             return _checked_host(first), _DEFAULT_PORT
         return _split_host_port(first)
-    if colon and scheme == "dns":
-        if rest.startswith("//"):
-            authority, slash, rest = rest[2:].partition("/")
-            if not slash:
-                raise ValueError("a dns:// target needs a '/' before its host (dns:///host:port)")
-            if authority:
-                raise ValueError(
-                    f"it names the DNS server {authority} to resolve its host with, which this "
-                    "client cannot ask (its own resolver could name another machine than gRPC "
-                    "connects to): write dns:///host:port"
-                )
-        return _split_host_port(rest)
-    return _split_host_port(target)
+    return _split_host_port(rest)
+
+
+def _percent_decoded(text: str) -> str:
+    """``text`` with each ``%XX`` (two hex digits) decoded to its byte, as gRPC's URI parser
+    does (any other ``%`` kept as it is); ValueError if the bytes are not UTF-8 or decode to a
+    control character (``%00`` would end the host name in the resolver's C string)."""
+    try:
+        decoded = urllib.parse.unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError("its percent-encoded bytes are not UTF-8 text") from None
+    if not decoded.isprintable():
+        raise ValueError("it holds a control character")
+    return decoded
 
 
 def _split_host_port(text: str) -> tuple[str, int]:

@@ -312,6 +312,12 @@ def test_the_identity_check_names_the_server_as_grpc_does(
         ("ipv6:[::1]:8443", ("::1", 8443)),
         ("ipv6:::1", ("::1", 443)),  # no brackets: all of it is the address
         ("[::1]:8443", ("::1", 8443)),
+        # Percent-decoded as gRPC's URI parser does, whatever the scheme.
+        ("ipv4:127.0.0%2E1:8443", ("127.0.0.1", 8443)),
+        ("ipv6:[fe80::1%25eth0]:8443", ("fe80::1%eth0", 8443)),  # an IPv6 zone
+        ("dns:///local%68ost:8443", ("localhost", 8443)),
+        ("local%68ost:%38443", ("localhost", 8443)),
+        ("localhost%:8443", ("localhost%", 8443)),  # not an escape: kept
     ],
 )
 def test_a_target_is_read_as_grpc_reads_it(target: str, address: tuple[str, int]) -> None:
@@ -328,6 +334,8 @@ def test_a_target_is_read_as_grpc_reads_it(target: str, address: tuple[str, int]
         ("unix:/run/socket", "no TCP host"),
         ("localhost:https", "not a number"),
         ("dns:///:8443", "no host"),
+        ("local%00host:8443", "control character"),
+        ("local%FFhost:8443", "not UTF-8"),
     ],
 )
 def test_a_target_the_check_cannot_connect_to_as_grpc_would_is_refused_saying_why(
@@ -335,6 +343,22 @@ def test_a_target_the_check_cannot_connect_to_as_grpc_would_is_refused_saying_wh
 ) -> None:
     with pytest.raises(ValueError, match=why):
         parse_target(target)
+
+
+def test_a_percent_encoded_target_is_checked_like_any_other(
+    store: Server, client_identity: WorkloadIdentity
+) -> None:
+    """gRPC percent-decodes a target (``local%68ost`` is ``localhost``); the SPIFFE check did
+    not, found its host unresolvable, took the server for unreachable and let every call go out
+    to it unchecked: the model store answered a client expecting the key broker."""
+    encoded = f"local%68ost:{store.port}"
+    with client_identity.channel(encoded) as channel:  # gRPC reaches it
+        assert check(channel) == health_pb2.HealthCheckResponse.SERVING
+    with (
+        client_identity.channel(encoded, server_id=sid("keybroker")) as channel,
+        pytest.raises(ServerIdentityMismatch),
+    ):
+        check(channel)
 
 
 def test_a_channel_checking_the_id_refuses_a_target_it_cannot_check(
