@@ -104,11 +104,16 @@ _DEFAULT_PORT = 443
 
 
 def parse_target(target: str) -> tuple[str, int]:
-    """Host and port of a gRPC target, read as gRPC reads it (its doc/naming.md):
+    """The first of :func:`target_addresses`: host and port of a gRPC target."""
+    return target_addresses(target)[0]
+
+
+def target_addresses(target: str) -> list[tuple[str, int]]:
+    """Hosts and ports of a gRPC target, in gRPC's order, read as gRPC reads it (its doc/naming.md):
     ``dns:[//authority/]host[:port]``, ``ipv4:address[:port][,...]``,
     ``ipv6:address[:port][,...]`` (brackets around an address given with a port) and a target
-    of no known scheme, which gRPC takes as ``dns:///target``; the first of several addresses;
-    port 443 when none is named, as gRPC's.
+    of no known scheme, which gRPC takes as ``dns:///target``; each of several addresses (gRPC
+    connects to the first that answers); port 443 when none is named, as gRPC's.
 
     Raises ``ValueError`` saying why for a target this process cannot connect to as gRPC would:
     one naming a DNS server (``dns://8.8.8.8/host:port``: gRPC asks that server, the system's
@@ -137,12 +142,14 @@ def parse_target(target: str) -> tuple[str, int]:
             )
     rest = _percent_decoded(rest)  # the URI's path, as gRPC decodes it before reading it
     if scheme in ("ipv4", "ipv6"):
-        first = rest.split(",", maxsplit=1)[0]
-        if scheme == "ipv6" and not first.startswith("["):
+        return [
             # No brackets: the whole is the address (ipv6:::1), never address:port.
-            return _checked_host(first), _DEFAULT_PORT
-        return _split_host_port(first)
-    return _split_host_port(rest)
+            (_checked_host(one), _DEFAULT_PORT)
+            if scheme == "ipv6" and not one.startswith("[")
+            else _split_host_port(one)
+            for one in rest.split(",")
+        ]
+    return [_split_host_port(rest)]
 
 
 def _percent_decoded(text: str) -> str:
@@ -189,6 +196,14 @@ def host_port(target: str) -> tuple[str, int] | None:
         return parse_target(target)
     except ValueError:
         return None
+
+
+def _addresses(target: str) -> list[tuple[str, int]]:
+    """:func:`target_addresses`, none for a target it refuses."""
+    try:
+        return target_addresses(target)
+    except ValueError:
+        return []
 
 
 def looks_like_handshake_failure(error: grpc.RpcError) -> bool:
@@ -305,30 +320,31 @@ def server_spiffe_ids(
     Raises :class:`ServerIdentityMismatch` when the server's certificate does not chain to our
     root or is a CA's (CA:TRUE, keyCertSign or cRLSign). The host name is not checked here: gRPC checks it on its own connection.
     """
-    address = host_port(target)
-    if address is None:
-        return None
-    host, port = address
     context = client_context(presentation)
     context.check_hostname = False  # the SPIFFE ID is what we check; gRPC checks the name
-    try:
-        with (
-            socket.create_connection((host, port), timeout=timeout) as raw,
-            # No SNI at all (as before) let a server select another certificate for this check
-            # than for gRPC's connection, which sends ssl_target_name_override or the host.
-            context.wrap_socket(raw, server_hostname=server_name or host) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-    except ssl.SSLCertVerificationError as exc:
-        raise ServerIdentityMismatch(
-            f"the server at {target} presented a certificate that does not chain to our CA "
-            f"({exc.verify_message})"
-        ) from None
-    except OSError:
-        return None
-    if der is None:
-        return None
-    return workload_spiffe_ids(target, x509.load_der_x509_certificate(der))
+    # In gRPC's order, the first that answers: as gRPC's connection does. Only the first was
+    # tried, so with it down the check found the server unreachable and every call went out,
+    # unchecked, to the next address.
+    for host, port in _addresses(target):
+        try:
+            with (
+                socket.create_connection((host, port), timeout=timeout) as raw,
+                # No SNI at all (as before) let a server select another certificate for this
+                # check than for gRPC's connection, which sends ssl_target_name_override or the
+                # host.
+                context.wrap_socket(raw, server_hostname=server_name or host) as tls,
+            ):
+                der = tls.getpeercert(binary_form=True)
+        except ssl.SSLCertVerificationError as exc:
+            raise ServerIdentityMismatch(
+                f"the server at {target} presented a certificate that does not chain to our CA "
+                f"({exc.verify_message})"
+            ) from None
+        except OSError:
+            continue
+        if der is not None:
+            return workload_spiffe_ids(target, x509.load_der_x509_certificate(der))
+    return None
 
 
 def workload_spiffe_ids(target: str, cert: x509.Certificate) -> list[str]:

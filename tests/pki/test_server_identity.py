@@ -361,6 +361,28 @@ def test_a_percent_encoded_target_is_checked_like_any_other(
         check(channel)
 
 
+def test_a_target_of_several_addresses_is_checked_where_grpc_connects(
+    store: Server, client_identity: WorkloadIdentity
+) -> None:
+    """gRPC tries a target's addresses in order and connects to the first that answers; the
+    check connected to the first alone, found it down, took the server for unreachable and let
+    every call go out unchecked to the next one: the model store answered a client expecting the
+    key broker. The check now tries them in the same order."""
+    with socket.socket() as closed:  # a port nothing listens on: refused at once
+        closed.bind(("127.0.0.1", 0))
+        down = closed.getsockname()[1]
+    target = f"ipv4:127.0.0.1:{down},127.0.0.1:{store.port}"
+    with client_identity.channel(target, server_name="localhost") as channel:  # gRPC reaches it
+        assert check(channel) == health_pb2.HealthCheckResponse.SERVING
+    with (
+        client_identity.channel(
+            target, server_name="localhost", server_id=sid("keybroker")
+        ) as channel,
+        pytest.raises(ServerIdentityMismatch),
+    ):
+        check(channel)
+
+
 def test_a_channel_checking_the_id_refuses_a_target_it_cannot_check(
     client_identity: WorkloadIdentity,
 ) -> None:
