@@ -120,26 +120,39 @@ def target_addresses(target: str) -> list[tuple[str, int]]:
     resolver here might answer with another machine), a Unix socket, vsock or xDS one, a port
     that is not a number.
 
-    Every part after the scheme (and authority) is percent-decoded first, as gRPC's URI parser
-    does (``ipv4:127.0.0%2E1:8443`` is 127.0.0.1, ``ipv6:[fe80::1%25eth0]:8443`` the zone
+    The scheme is case-insensitive, a query or fragment is not part of the address, and the
+    path's leading '/' is dropped (``IPV4:a:p``, ``dns:/host:port``, ``ipv4:///a:p``, as gRPC
+    reads them: each was misread as an unresolvable host, its SPIFFE check found the server
+    unreachable and every call went out unchecked). Every part after the scheme (and authority)
+    is percent-decoded first, as gRPC's URI parser does (``ipv4:127.0.0%2E1:8443`` is 127.0.0.1, ``ipv6:[fe80::1%25eth0]:8443`` the zone
     ``eth0``): read undecoded, such a target's host did not resolve, so the SPIFFE check found
     the server unreachable and every call went out to it unchecked."""
     scheme, colon, rest = target.partition(":")
+    scheme = scheme.lower()  # a URI's scheme is case-insensitive (RFC 3986), as in gRPC
     if not (colon and scheme in _SCHEMES):
         # No scheme gRPC knows: it reads the target as dns:///TARGET.
         scheme, rest = "dns", "///" + target
     if scheme in _NOT_TCP:
         raise ValueError(f"a {scheme}: target names no TCP host and port")
-    if scheme == "dns" and rest.startswith("//"):
+    # The URI's query and fragment are not its path (gRPC's parser drops them).
+    rest = rest.partition("#")[0].partition("?")[0]
+    if rest.startswith("//"):
         authority, slash, rest = rest[2:].partition("/")
         if not slash:
-            raise ValueError("a dns:// target needs a '/' before its host (dns:///host:port)")
-        if authority:
+            raise ValueError(
+                f"a {scheme}:// target needs a '/' before its host ({scheme}:///host:port)"
+            )
+        if authority and scheme == "dns":
             raise ValueError(
                 f"it names the DNS server {authority} to resolve its host with, which this "
                 "client cannot ask (its own resolver could name another machine than gRPC "
                 "connects to): write dns:///host:port"
             )
+        if authority:
+            raise ValueError(f"an {scheme}: target names no authority ({authority})")
+    else:
+        # gRPC's resolvers drop the path's leading '/' (dns:/host:port, ipv4:/address:port).
+        rest = rest.removeprefix("/")
     rest = _percent_decoded(rest)  # the URI's path, as gRPC decodes it before reading it
     if scheme in ("ipv4", "ipv6"):
         return [

@@ -318,6 +318,13 @@ def test_the_identity_check_names_the_server_as_grpc_does(
         ("dns:///local%68ost:8443", ("localhost", 8443)),
         ("local%68ost:%38443", ("localhost", 8443)),
         ("localhost%:8443", ("localhost%", 8443)),  # not an escape: kept
+        # A scheme in any case, a leading '/' in the path, a query or fragment: as gRPC.
+        ("IPV4:127.0.0.1:8443", ("127.0.0.1", 8443)),
+        ("DNS:///localhost:8443", ("localhost", 8443)),
+        ("dns:/localhost:8443", ("localhost", 8443)),
+        ("ipv4:///127.0.0.1:8443", ("127.0.0.1", 8443)),
+        ("ipv4:/127.0.0.1:8443", ("127.0.0.1", 8443)),
+        ("localhost:8443?lb=x#y", ("localhost", 8443)),
     ],
 )
 def test_a_target_is_read_as_grpc_reads_it(target: str, address: tuple[str, int]) -> None:
@@ -335,6 +342,8 @@ def test_a_target_is_read_as_grpc_reads_it(target: str, address: tuple[str, int]
         ("localhost:https", "not a number"),
         ("dns:///:8443", "no host"),
         ("local%00host:8443", "control character"),
+        ("UNIX:/run/socket", "no TCP host"),
+        ("ipv4://authority/127.0.0.1:8443", "no authority"),
         ("local%FFhost:8443", "not UTF-8"),
     ],
 )
@@ -356,6 +365,27 @@ def test_a_percent_encoded_target_is_checked_like_any_other(
         assert check(channel) == health_pb2.HealthCheckResponse.SERVING
     with (
         client_identity.channel(encoded, server_id=sid("keybroker")) as channel,
+        pytest.raises(ServerIdentityMismatch),
+    ):
+        check(channel)
+
+
+@pytest.mark.parametrize(
+    "form", ["DNS:///localhost:{port}", "dns:/localhost:{port}", "IPv4:///127.0.0.1:{port}"]
+)
+def test_a_target_in_any_form_grpc_reads_is_checked(
+    store: Server, client_identity: WorkloadIdentity, form: str
+) -> None:
+    """gRPC reads a scheme in any case and drops the path's leading '/'; the check read such a
+    target as one unresolvable host, found the server unreachable and let every call go out
+    unchecked: the model store answered a client expecting the key broker."""
+    target = form.format(port=store.port)
+    with client_identity.channel(target, server_name="localhost") as channel:  # gRPC reaches it
+        assert check(channel) == health_pb2.HealthCheckResponse.SERVING
+    with (
+        client_identity.channel(
+            target, server_name="localhost", server_id=sid("keybroker")
+        ) as channel,
         pytest.raises(ServerIdentityMismatch),
     ):
         check(channel)
