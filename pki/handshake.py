@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -97,43 +98,84 @@ def client_context(presentation: TlsPresentation) -> ssl.SSLContext:
 
 # gRPC's resolvers (doc/naming.md) whose targets name no TCP host and port to connect to.
 _NOT_TCP = frozenset({"unix", "unix-abstract", "vsock", "xds", "google-c2p"})
+_SCHEMES = _NOT_TCP | {"dns", "ipv4", "ipv6"}
 # What gRPC connects to when a dns:, ipv4: or ipv6: target names no port.
 _DEFAULT_PORT = 443
 
 
 def parse_target(target: str) -> tuple[str, int]:
-    """Host and port of a gRPC target, read as gRPC reads it (its doc/naming.md):
+    """The first of :func:`target_addresses`: host and port of a gRPC target."""
+    return target_addresses(target)[0]
+
+
+def target_addresses(target: str) -> list[tuple[str, int]]:
+    """Hosts and ports of a gRPC target, in gRPC's order, read as gRPC reads it (its doc/naming.md):
     ``dns:[//authority/]host[:port]``, ``ipv4:address[:port][,...]``,
     ``ipv6:address[:port][,...]`` (brackets around an address given with a port) and a target
-    of no known scheme, which gRPC takes as ``dns:///target``; the first of several addresses;
-    port 443 when none is named, as gRPC's.
+    of no known scheme, which gRPC takes as ``dns:///target``; each of several addresses (gRPC
+    connects to the first that answers); port 443 when none is named, as gRPC's.
 
     Raises ``ValueError`` saying why for a target this process cannot connect to as gRPC would:
     one naming a DNS server (``dns://8.8.8.8/host:port``: gRPC asks that server, the system's
     resolver here might answer with another machine), a Unix socket, vsock or xDS one, a port
-    that is not a number."""
+    that is not a number.
+
+    The scheme is case-insensitive, a query or fragment is not part of the address, and the
+    path's leading '/' is dropped (``IPV4:a:p``, ``dns:/host:port``, ``ipv4:///a:p``, as gRPC
+    reads them: each was misread as an unresolvable host, its SPIFFE check found the server
+    unreachable and every call went out unchecked). Every part after the scheme (and authority)
+    is percent-decoded first, as gRPC's URI parser does (``ipv4:127.0.0%2E1:8443`` is 127.0.0.1, ``ipv6:[fe80::1%25eth0]:8443`` the zone
+    ``eth0``): read undecoded, such a target's host did not resolve, so the SPIFFE check found
+    the server unreachable and every call went out to it unchecked."""
     scheme, colon, rest = target.partition(":")
-    if colon and scheme in _NOT_TCP:
+    scheme = scheme.lower()  # a URI's scheme is case-insensitive (RFC 3986), as in gRPC
+    if not (colon and scheme in _SCHEMES):
+        # No scheme gRPC knows: it reads the target as dns:///TARGET.
+        scheme, rest = "dns", "///" + target
+    if scheme in _NOT_TCP:
         raise ValueError(f"a {scheme}: target names no TCP host and port")
-    if colon and scheme in ("ipv4", "ipv6"):
-        first = rest.split(",", maxsplit=1)[0]
-        if scheme == "ipv6" and not first.startswith("["):
+    # The URI's query and fragment are not its path (gRPC's parser drops them).
+    rest = rest.partition("#")[0].partition("?")[0]
+    if rest.startswith("//"):
+        authority, slash, rest = rest[2:].partition("/")
+        if not slash:
+            raise ValueError(
+                f"a {scheme}:// target needs a '/' before its host ({scheme}:///host:port)"
+            )
+        if authority and scheme == "dns":
+            raise ValueError(
+                f"it names the DNS server {authority} to resolve its host with, which this "
+                "client cannot ask (its own resolver could name another machine than gRPC "
+                "connects to): write dns:///host:port"
+            )
+        if authority:
+            raise ValueError(f"an {scheme}: target names no authority ({authority})")
+    else:
+        # gRPC's resolvers drop the path's leading '/' (dns:/host:port, ipv4:/address:port).
+        rest = rest.removeprefix("/")
+    rest = _percent_decoded(rest)  # the URI's path, as gRPC decodes it before reading it
+    if scheme in ("ipv4", "ipv6"):
+        return [
             # No brackets: the whole is the address (ipv6:::1), never address:port.
-            return _checked_host(first), _DEFAULT_PORT
-        return _split_host_port(first)
-    if colon and scheme == "dns":
-        if rest.startswith("//"):
-            authority, slash, rest = rest[2:].partition("/")
-            if not slash:
-                raise ValueError("a dns:// target needs a '/' before its host (dns:///host:port)")
-            if authority:
-                raise ValueError(
-                    f"it names the DNS server {authority} to resolve its host with, which this "
-                    "client cannot ask (its own resolver could name another machine than gRPC "
-                    "connects to): write dns:///host:port"
-                )
-        return _split_host_port(rest)
-    return _split_host_port(target)
+            (_checked_host(one), _DEFAULT_PORT)
+            if scheme == "ipv6" and not one.startswith("[")
+            else _split_host_port(one)
+            for one in rest.split(",")
+        ]
+    return [_split_host_port(rest)]
+
+
+def _percent_decoded(text: str) -> str:
+    """``text`` with each ``%XX`` (two hex digits) decoded to its byte, as gRPC's URI parser
+    does (any other ``%`` kept as it is); ValueError if the bytes are not UTF-8 or decode to a
+    control character (``%00`` would end the host name in the resolver's C string)."""
+    try:
+        decoded = urllib.parse.unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError("its percent-encoded bytes are not UTF-8 text") from None
+    if not decoded.isprintable():
+        raise ValueError("it holds a control character")
+    return decoded
 
 
 def _split_host_port(text: str) -> tuple[str, int]:
@@ -167,6 +209,14 @@ def host_port(target: str) -> tuple[str, int] | None:
         return parse_target(target)
     except ValueError:
         return None
+
+
+def _addresses(target: str) -> list[tuple[str, int]]:
+    """:func:`target_addresses`, none for a target it refuses."""
+    try:
+        return target_addresses(target)
+    except ValueError:
+        return []
 
 
 def looks_like_handshake_failure(error: grpc.RpcError) -> bool:
@@ -283,30 +333,31 @@ def server_spiffe_ids(
     Raises :class:`ServerIdentityMismatch` when the server's certificate does not chain to our
     root or is a CA's (CA:TRUE, keyCertSign or cRLSign). The host name is not checked here: gRPC checks it on its own connection.
     """
-    address = host_port(target)
-    if address is None:
-        return None
-    host, port = address
     context = client_context(presentation)
     context.check_hostname = False  # the SPIFFE ID is what we check; gRPC checks the name
-    try:
-        with (
-            socket.create_connection((host, port), timeout=timeout) as raw,
-            # No SNI at all (as before) let a server select another certificate for this check
-            # than for gRPC's connection, which sends ssl_target_name_override or the host.
-            context.wrap_socket(raw, server_hostname=server_name or host) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-    except ssl.SSLCertVerificationError as exc:
-        raise ServerIdentityMismatch(
-            f"the server at {target} presented a certificate that does not chain to our CA "
-            f"({exc.verify_message})"
-        ) from None
-    except OSError:
-        return None
-    if der is None:
-        return None
-    return workload_spiffe_ids(target, x509.load_der_x509_certificate(der))
+    # In gRPC's order, the first that answers: as gRPC's connection does. Only the first was
+    # tried, so with it down the check found the server unreachable and every call went out,
+    # unchecked, to the next address.
+    for host, port in _addresses(target):
+        try:
+            with (
+                socket.create_connection((host, port), timeout=timeout) as raw,
+                # No SNI at all (as before) let a server select another certificate for this
+                # check than for gRPC's connection, which sends ssl_target_name_override or the
+                # host.
+                context.wrap_socket(raw, server_hostname=server_name or host) as tls,
+            ):
+                der = tls.getpeercert(binary_form=True)
+        except ssl.SSLCertVerificationError as exc:
+            raise ServerIdentityMismatch(
+                f"the server at {target} presented a certificate that does not chain to our CA "
+                f"({exc.verify_message})"
+            ) from None
+        except OSError:
+            continue
+        if der is not None:
+            return workload_spiffe_ids(target, x509.load_der_x509_certificate(der))
+    return None
 
 
 def workload_spiffe_ids(target: str, cert: x509.Certificate) -> list[str]:

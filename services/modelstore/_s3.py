@@ -65,12 +65,7 @@ from botocore.config import Config
 
 from strongroom import jsonparse
 from strongroom.artifact import InvalidArtifact, StructureValidator, parse_header
-from strongroom.artifact.format import (
-    MAX_HEADER_SIZE,
-    MAX_KEY_SLOT_SIZE,
-    PREFIX_SIZE,
-    SLOT_LENGTH_SIZE,
-)
+from strongroom.artifact.format import MAX_HEAD_SIZE
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.identifiers import (
@@ -121,8 +116,6 @@ _LIST_WORKERS = 8
 MAX_INDEX_RECORD_BYTES = 64 * 1024
 """The largest index object read; a record is about 1 KB, a bigger object is corrupt."""
 _READ_BLOCK = 1 << 20
-_MAX_HEAD = PREFIX_SIZE + MAX_HEADER_SIZE + SLOT_LENGTH_SIZE + MAX_KEY_SLOT_SIZE
-"""The largest head (prefix, header, key slot) an artifact may have."""
 # How many times a read follows a re-wrap that replaced the blob it had just looked up, or a
 # delete retries a record changed since it read it (each re-wrap rewrites the whole artifact, so
 # a second one in that window is already unlikely).
@@ -131,6 +124,9 @@ _ACCESS_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 )
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+# Answers to a read of an object that exists but can never yield its bytes as they are: a range
+# past an empty object's end, an object in an archive storage class (restored only on request).
+_UNREADABLE_HEAD_CODES = frozenset({"InvalidRange", "InvalidObjectState"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -372,6 +368,31 @@ def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, st
             reason=Reason.INDEX_CORRUPT,
         ) from None
     return record, blob
+
+
+def _indexed(data: bytes, etag: str, name: str, version: str) -> _Indexed:
+    """The entry of index object bytes ``data`` (read by :meth:`S3Storage._read_index`);
+    ``StoredDataCorrupt(INDEX_CORRUPT)`` if it is larger than any record or does not parse."""
+    if len(data) > MAX_INDEX_RECORD_BYTES:
+        log.error("index record of %s %s is larger than any record", name, version)
+        raise StoredDataCorrupt(
+            f"the index record of {name} {version} is unreadable (over "
+            f"{MAX_INDEX_RECORD_BYTES} bytes)",
+            reason=Reason.INDEX_CORRUPT,
+        )
+    record, blob = _parse_record(data, name, version)
+    return _Indexed(record, blob, etag)
+
+
+def _blob_of_unreadable(data: bytes) -> str | None:
+    """The blob key an index object that does not parse as a record still names, if any."""
+    try:
+        value = jsonparse.loads(data)
+    except ValueError:
+        return None
+    blob = value.get("blob") if isinstance(value, dict) else None
+    # Any key under blobs/, as a readable record's (whose is decided by the blob's header).
+    return blob if isinstance(blob, str) and blob.startswith(BLOB_DIR) else None
 
 
 def _each(keys: list[tuple[str, str]], read: Callable[[tuple[str, str]], T]) -> list[T]:
@@ -846,7 +867,9 @@ class S3Storage(Closing):
 
     # -- index ---------------------------------------------------------------------------------
 
-    def _get_index(self, name: str, version: str) -> _Indexed | None:
+    def _read_index(self, name: str, version: str) -> tuple[bytes, str] | None:
+        """The index object's bytes (at most one past :data:`MAX_INDEX_RECORD_BYTES`) and its
+        ETag, None if there is none."""
         try:
             response = self._client.get_object(
                 Bucket=self.bucket, Key=self._index_key(name, version)
@@ -865,15 +888,11 @@ class S3Storage(Closing):
             raise s3_error(exc, "reading the model index") from None
         finally:
             body.close()
-        if len(data) > MAX_INDEX_RECORD_BYTES:
-            log.error("index record of %s %s is larger than any record", name, version)
-            raise StoredDataCorrupt(
-                f"the index record of {name} {version} is unreadable (over "
-                f"{MAX_INDEX_RECORD_BYTES} bytes)",
-                reason=Reason.INDEX_CORRUPT,
-            )
-        record, blob = _parse_record(data, name, version)
-        return _Indexed(record, blob, str(response["ETag"]))
+        return bytes(data), str(response["ETag"])
+
+    def _get_index(self, name: str, version: str) -> _Indexed | None:
+        read = self._read_index(name, version)
+        return None if read is None else _indexed(*read, name, version)
 
     def _require(self, name: str, version: str) -> _Indexed:
         self._check_open()
@@ -1172,8 +1191,10 @@ class S3Storage(Closing):
 
     # -- deletes -------------------------------------------------------------------------------
 
-    def _owns_blob(self, entry: _Indexed) -> bool:
-        """Whether ``entry``'s blob is its model's own, so that deleting the model may delete it.
+    def _owns_blob(self, blob: str, name: str, version: str, header_size: int) -> bool:
+        """Whether ``blob`` (the blob key an index entry of ``name`` ``version`` names, whose
+        head is ``header_size`` bytes) is its model's own, so that deleting the model may
+        delete it.
 
         An index object names its blob by key, and whoever can write the bucket can point one at
         another model's blob: deleting (or re-wrapping) the edited model then deleted that other
@@ -1183,13 +1204,11 @@ class S3Storage(Closing):
         parse): the blob is kept, as a crash's leftover is (the sweep reports it). Raises
         StoredDataCorrupt(BLOB_OF_ANOTHER_MODEL) if it names another model: nothing is deleted.
         """
-        record = entry.record
-        # A head is at most a prefix, a 64 KiB header and a 2 KiB slot; a header size edited past
-        # that reads no further (the head then does not parse: kept).
-        size = min(record.header_size, _MAX_HEAD)
+        # A head is at most a prefix, a 64 KiB header and a 2 KiB slot.
+        size = min(header_size, MAX_HEAD_SIZE)
         try:
             response = self._client.get_object(
-                Bucket=self.bucket, Key=self._full(entry.blob), Range=f"bytes=0-{size - 1}"
+                Bucket=self.bucket, Key=self._full(blob), Range=f"bytes=0-{size - 1}"
             )
             body = response["Body"]
             try:
@@ -1199,6 +1218,20 @@ class S3Storage(Closing):
         except botocore.exceptions.ClientError as exc:
             if _is_missing(exc) and _code(exc) != "NoSuchBucket":
                 return False
+            if _code(exc) in _UNREADABLE_HEAD_CODES or _status(exc) == 416:
+                # The object is there but holds no head to read: an empty blob (damaged, or
+                # emptied by whoever can write the bucket) answers a range from byte 0 with 416,
+                # an archived one (a lifecycle rule's Glacier class) InvalidObjectState, for
+                # good. Raised, the model could never be deleted; its blob cannot show whose
+                # it is, so it is kept like one whose head does not parse.
+                log.warning(
+                    "the head of blob %s of %s %s cannot be read (%s): the blob is kept",
+                    blob,
+                    name,
+                    version,
+                    _code(exc) or _status(exc),
+                )
+                return False
             raise s3_error(exc, "reading an artifact's header") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "reading an artifact's header") from None
@@ -1207,23 +1240,23 @@ class S3Storage(Closing):
         except InvalidArtifact as exc:
             log.warning(
                 "the header of blob %s of %s %s does not parse (%s): the blob is kept",
-                entry.blob,
-                record.name,
-                record.version,
+                blob,
+                name,
+                version,
                 exc.reason,
             )
             return False
-        if (header.model_name, header.model_version) != (record.name, record.version):
+        if (header.model_name, header.model_version) != (name, version):
             log.error(
                 "index record of %s %s names blob %s, an artifact of %s %s: refused",
-                record.name,
-                record.version,
-                entry.blob,
+                name,
+                version,
+                blob,
                 header.model_name,
                 header.model_version,
             )
             raise StoredDataCorrupt(
-                f"the index record of {record.name} {record.version} names another model's "
+                f"the index record of {name} {version} names another model's "
                 f"artifact ({header.model_name} {header.model_version}): nothing was deleted",
                 reason=Reason.BLOB_OF_ANOTHER_MODEL,
             )
@@ -1239,14 +1272,33 @@ class S3Storage(Closing):
         removes the version as it then is, like the filesystem backend's atomic delete, and
         never answers NOT_FOUND for a version still stored. A blob left by a crash between the two
         deletes is swept.
+
+        A record that does not parse (INDEX_CORRUPT) is deleted too, as the filesystem backend
+        deletes such a row: it is how an operator gets rid of it (before, every delete of it
+        answered INDEX_CORRUPT, so only an edit of the bucket could). The blob it still names is
+        deleted only if that blob's header names this model; else it is kept (the sweep reports
+        it).
         """
+        self._check_open()
+        validate_name(name)
+        validate_version(version)
         for _ in range(_OPEN_ATTEMPTS):
-            entry = self._require(name, version)
-            owned = self._owns_blob(entry)
+            read = self._read_index(name, version)
+            if read is None:
+                raise ModelNotFound(f"model {name} version {version} does not exist")
+            data, etag = read
+            blob: str | None
+            try:
+                entry = _indexed(data, etag, name, version)
+            except StoredDataCorrupt:  # logged; deleted all the same
+                blob, header_size = _blob_of_unreadable(data), MAX_HEAD_SIZE
+            else:
+                blob, header_size = entry.blob, entry.record.header_size
+            owned = blob is not None and self._owns_blob(blob, name, version, header_size)
             try:
                 # Without If-Match (a server that does not implement it answers 501 to every
                 # delete), the record deleted may be one changed since it was read.
-                condition = {"IfMatch": entry.etag} if self.conditional_deletes else {}
+                condition = {"IfMatch": etag} if self.conditional_deletes else {}
                 self._client.delete_object(
                     Bucket=self.bucket, Key=self._index_key(name, version), **condition
                 )
@@ -1255,7 +1307,7 @@ class S3Storage(Closing):
                     continue  # changed since it was read: read it again
                 if _is_missing(exc):
                     # The record read is gone, and its blob is its own (blobs are never shared).
-                    self._delete_owned_blob(entry, owned)
+                    self._delete_owned_blob(blob, name, version, owned)
                     if _refused_at_once(exc):
                         raise ModelNotFound(
                             f"model {name} version {version} was deleted meanwhile"
@@ -1268,7 +1320,7 @@ class S3Storage(Closing):
                 raise s3_error(exc, "deleting a model") from None
             except _S3_FAILURES as exc:
                 raise s3_error(exc, "deleting a model") from None
-            self._delete_owned_blob(entry, owned)
+            self._delete_owned_blob(blob, name, version, owned)
             log.info("deleted model", extra={"model": name, "version": version})
             return
         raise StorageUnavailable(
@@ -1277,17 +1329,17 @@ class S3Storage(Closing):
             reason=Reason.KEY_SLOT_CHANGED,
         )
 
-    def _delete_owned_blob(self, entry: _Indexed, owned: bool) -> None:
+    def _delete_owned_blob(self, blob: str | None, name: str, version: str, owned: bool) -> None:
         """Deletes a deleted record's blob if :meth:`_owns_blob` said it is its own; else keeps
         it (logged; the sweep reports it once no record names it)."""
-        if owned:
-            self._delete_blob(entry.blob)
-        else:
+        if blob is not None and owned:
+            self._delete_blob(blob)
+        elif blob is not None:
             log.warning(
                 "blob %s of deleted model %s %s kept: its header does not show it is that model's",
-                entry.blob,
-                entry.record.name,
-                entry.record.version,
+                blob,
+                name,
+                version,
             )
 
     # -- reads ---------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
-from strongroom.artifact.format import check_content_type, check_key_id
+from strongroom.artifact.format import MAX_HEAD_SIZE, check_content_type, check_key_id
 from strongroom.errors import InvalidArgument
 from strongroom.identifiers import (
     is_sha256_hex,
@@ -174,9 +174,12 @@ def stored_record(fields: Mapping[str, object]) -> ModelRecord:
         content_type=content_type,
         key_id=key_id,
         key_version=key_version,
-        # Every artifact has a header and a body after it: a header size past the artifact's
-        # sent the sweep's header read (and a re-wrap's) past the blob's end.
-        header_size=_integer(fields, "header_size", 1, artifact_size),
+        # Every artifact has a header and a body after it, and no head is larger than the format
+        # allows: a header size past the artifact's sent the sweep's header read (and a
+        # re-wrap's) past the blob's end, and one up to the artifact's made the start-up sweep
+        # (recording an older entry's format) and a re-wrap read that much into memory, an
+        # artifact's whole size (gigabytes), to parse a head of at most MAX_HEAD_SIZE bytes.
+        header_size=_integer(fields, "header_size", 1, min(artifact_size, MAX_HEAD_SIZE + 1)),
         created_at=_time(fields, "created_at_us"),
         stored_at=_time(fields, "stored_at_us"),
         artifact_format=(

@@ -57,6 +57,7 @@ __all__ = [
     "KEY_SLOT_FORMATS",
     "MAGIC",
     "MAX_HEADER_SIZE",
+    "MAX_HEAD_SIZE",
     "MAX_KEY_SLOT_SIZE",
     "MAX_PLAINTEXT_SIZE",
     "PREFIX_SIZE",
@@ -105,6 +106,8 @@ SLOT_LENGTH_SIZE = _SLOT_LENGTH.size
 """The key slot's length field (formats 2 and 3): 4 bytes."""
 MAX_KEY_SLOT_SIZE = 2048
 """Largest protobuf key slot accepted (bytes); a real one is about 60."""
+MAX_HEAD_SIZE = PREFIX_SIZE + MAX_HEADER_SIZE + SLOT_LENGTH_SIZE + MAX_KEY_SLOT_SIZE
+"""The most bytes before any artifact's body (prefix, header, key slot): the largest head."""
 DIGEST_SIZE = 32
 """SHA-256 digest length: appended to the encrypted message and repeated in the footer."""
 FOOTER_SIZE = DIGEST_SIZE

@@ -33,21 +33,13 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import InvalidArtifact, parse_header
-from strongroom.artifact.format import (
-    FORMAT_V1,
-    MAX_HEADER_SIZE,
-    MAX_KEY_SLOT_SIZE,
-    PREFIX_SIZE,
-    SLOT_LENGTH_SIZE,
-)
+from strongroom.artifact.format import FORMAT_V1, MAX_HEAD_SIZE
 from strongroom.client.listing import iter_models
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
 
 __all__ = ["MAX_HEAD_SIZE", "RewrapResult", "models_needing", "rewrap_models"]
 
-MAX_HEAD_SIZE = PREFIX_SIZE + MAX_HEADER_SIZE + SLOT_LENGTH_SIZE + MAX_KEY_SLOT_SIZE
-"""The most bytes before any artifact's body: what is read of each model."""
 
 PAGE_SIZE = 200
 

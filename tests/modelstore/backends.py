@@ -98,6 +98,23 @@ def point_at_blob_of(storage: AnyStorage, record: ModelRecord, other: ModelRecor
     raw.put_object(Bucket=storage.bucket, Key=key, Body=json.dumps(entry).encode())
 
 
+def edit_index_entry(storage: AnyStorage, record: ModelRecord, **values: object) -> None:
+    """Sets fields of ``record``'s index entry behind the store's back (names as in
+    ``records.STORED_FIELDS``: a filesystem row's columns, an S3 index object's keys)."""
+    if isinstance(storage, FilesystemStorage):
+        with contextlib.closing(sqlite3.connect(storage.root / "index.sqlite3")) as db, db:
+            db.execute(
+                f"UPDATE models SET {', '.join(f'{f} = ?' for f in values)}"
+                " WHERE name = ? AND version = ?",
+                (*values.values(), record.name, record.version),
+            )
+        return
+    key = f"{storage.prefix}index/{record.name}!{record.version}"
+    raw = _raw(storage)
+    entry = json.loads(raw.get_object(Bucket=storage.bucket, Key=key)["Body"].read())
+    raw.put_object(Bucket=storage.bucket, Key=key, Body=json.dumps(entry | values).encode())
+
+
 def _fs_blob(storage: FilesystemStorage, record: ModelRecord) -> Any:
     digest = record.artifact_sha256
     return storage.root / "blobs" / "sha256" / digest[:2] / digest

@@ -175,6 +175,55 @@ def test_deleting_a_model_whose_blob_header_does_not_parse_keeps_the_blob(
     assert blob_count(store) == 1
 
 
+@pytest.mark.parametrize("damage", ["emptied", "archived"])
+def test_a_model_whose_blob_head_cannot_be_read_is_still_deletable(
+    s3_server: s3server.MotoServer, s3_bucket: str, damage: str
+) -> None:
+    """The delete's read of the blob's head failed for good on a blob that exists but has no head
+    to read: an empty one (416 to a range from byte 0) or one a lifecycle rule archived
+    (InvalidObjectState); every DeleteModel answered UNAVAILABLE S3_ERROR or S3_ACCESS_DENIED, so
+    the model could never be deleted. Its record is deleted now and its blob kept, as for a head
+    that does not parse."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    art = make_artifact("acme/a", "1", b"a" * 300)
+    record = store.put([art], StructureValidator())
+    if damage == "emptied":
+        overwrite_blob(store, record, b"")
+    else:
+        (blob,) = store.referenced_blobs()
+        store._client.put_object(
+            Bucket=s3_bucket, Key=f"p/{blob}", Body=art, StorageClass="GLACIER"
+        )
+    store.delete("acme/a", "1")
+    with pytest.raises(ModelNotFound):
+        store.stat("acme/a", "1")
+    assert blob_count(store) == 1
+
+
+@pytest.mark.parametrize("damage", ["not-json", "kek-version-no-broker-numbers"])
+def test_an_unreadable_index_record_can_be_deleted(
+    s3_server: s3server.MotoServer, s3_bucket: str, damage: str
+) -> None:
+    """Every DeleteModel of a record that does not parse answered DATA_LOSS INDEX_CORRUPT, so on
+    S3 (unlike the filesystem backend, which deletes such a row) only an edit of the bucket could
+    remove it. It is deleted now; its blob goes too where the record still names one whose header
+    names this model, and is kept otherwise (the sweep reports it)."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    store.put([make_artifact("acme/m", "1", b"x")], StructureValidator())
+    key = "p/index/acme/m!1"
+    record = json.loads(store._client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    edited = b"not json" if damage == "not-json" else json.dumps(record | {"key_version": 0})
+    store._client.put_object(Bucket=s3_bucket, Key=key, Body=edited)
+    with pytest.raises(StoredDataCorrupt):
+        store.stat("acme/m", "1")
+    store.delete("acme/m", "1")
+    with pytest.raises(ModelNotFound):
+        store.stat("acme/m", "1")
+    assert blob_count(store) == (1 if damage == "not-json" else 0)
+    with pytest.raises(ModelNotFound):
+        store.delete("acme/m", "1")
+
+
 def test_an_unreadable_index_record_neither_stops_the_store_nor_frees_its_blob(
     s3_server: s3server.MotoServer, s3_bucket: str
 ) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from strongroom.artifact import StructureValidator
+from strongroom.artifact.format import MAX_HEAD_SIZE
 from strongroom.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from strongroom.modelstore._pagetoken import decode as decode_page_token
 from strongroom.modelstore.errors import (
@@ -52,6 +53,7 @@ from tests.modelstore.backends import (
     AnyStorage,
     assert_clean,
     blob_count,
+    edit_index_entry,
     overwrite_blob,
     read_blob,
     remove_blob,
@@ -1058,6 +1060,24 @@ def test_an_edited_index_row_is_stored_data_corrupt(
     with contextlib.closing(sqlite3.connect(store_root / "index.sqlite3")) as db:
         kept = db.execute(f"SELECT {column} FROM models WHERE name = 'acme/bad'").fetchall()
     assert kept == [(value,)]
+
+
+def test_a_header_size_larger_than_any_head_is_index_corrupt(storage: AnyStorage) -> None:
+    """A header size was only held below the artifact's size: an entry edited to name one up to
+    that (a 10 GiB model's: 10 GiB) made the start-up sweep, recording an older entry's format,
+    and every re-wrap read that many bytes into memory to parse a head of at most MAX_HEAD_SIZE
+    bytes (the store killed for memory at each start). Such an entry is now INDEX_CORRUPT, named
+    by its field, and no read of it is made."""
+    record = storage.put(
+        [make_artifact("acme/big-head", "1", body(MAX_HEAD_SIZE + 1000))], StructureValidator()
+    )
+    assert record.header_size < MAX_HEAD_SIZE < record.artifact_size - 1
+    edit_index_entry(storage, record, header_size=MAX_HEAD_SIZE + 1, artifact_format=0)
+    with pytest.raises(StoredDataCorrupt) as info:
+        storage.stat("acme/big-head", "1")
+    assert info.value.reason == "INDEX_CORRUPT" and "header_size" in info.value.message
+    edit_index_entry(storage, record, header_size=MAX_HEAD_SIZE)  # the largest head: readable
+    assert storage.stat("acme/big-head", "1").header_size == MAX_HEAD_SIZE
 
 
 def test_deleting_an_unreadable_row_removes_it_and_its_blob_and_says_so(store_root: Path) -> None:

@@ -312,6 +312,19 @@ def test_the_identity_check_names_the_server_as_grpc_does(
         ("ipv6:[::1]:8443", ("::1", 8443)),
         ("ipv6:::1", ("::1", 443)),  # no brackets: all of it is the address
         ("[::1]:8443", ("::1", 8443)),
+        # Percent-decoded as gRPC's URI parser does, whatever the scheme.
+        ("ipv4:127.0.0%2E1:8443", ("127.0.0.1", 8443)),
+        ("ipv6:[fe80::1%25eth0]:8443", ("fe80::1%eth0", 8443)),  # an IPv6 zone
+        ("dns:///local%68ost:8443", ("localhost", 8443)),
+        ("local%68ost:%38443", ("localhost", 8443)),
+        ("localhost%:8443", ("localhost%", 8443)),  # not an escape: kept
+        # A scheme in any case, a leading '/' in the path, a query or fragment: as gRPC.
+        ("IPV4:127.0.0.1:8443", ("127.0.0.1", 8443)),
+        ("DNS:///localhost:8443", ("localhost", 8443)),
+        ("dns:/localhost:8443", ("localhost", 8443)),
+        ("ipv4:///127.0.0.1:8443", ("127.0.0.1", 8443)),
+        ("ipv4:/127.0.0.1:8443", ("127.0.0.1", 8443)),
+        ("localhost:8443?lb=x#y", ("localhost", 8443)),
     ],
 )
 def test_a_target_is_read_as_grpc_reads_it(target: str, address: tuple[str, int]) -> None:
@@ -328,6 +341,10 @@ def test_a_target_is_read_as_grpc_reads_it(target: str, address: tuple[str, int]
         ("unix:/run/socket", "no TCP host"),
         ("localhost:https", "not a number"),
         ("dns:///:8443", "no host"),
+        ("local%00host:8443", "control character"),
+        ("UNIX:/run/socket", "no TCP host"),
+        ("ipv4://authority/127.0.0.1:8443", "no authority"),
+        ("local%FFhost:8443", "not UTF-8"),
     ],
 )
 def test_a_target_the_check_cannot_connect_to_as_grpc_would_is_refused_saying_why(
@@ -335,6 +352,65 @@ def test_a_target_the_check_cannot_connect_to_as_grpc_would_is_refused_saying_wh
 ) -> None:
     with pytest.raises(ValueError, match=why):
         parse_target(target)
+
+
+def test_a_percent_encoded_target_is_checked_like_any_other(
+    store: Server, client_identity: WorkloadIdentity
+) -> None:
+    """gRPC percent-decodes a target (``local%68ost`` is ``localhost``); the SPIFFE check did
+    not, found its host unresolvable, took the server for unreachable and let every call go out
+    to it unchecked: the model store answered a client expecting the key broker."""
+    encoded = f"local%68ost:{store.port}"
+    with client_identity.channel(encoded) as channel:  # gRPC reaches it
+        assert check(channel) == health_pb2.HealthCheckResponse.SERVING
+    with (
+        client_identity.channel(encoded, server_id=sid("keybroker")) as channel,
+        pytest.raises(ServerIdentityMismatch),
+    ):
+        check(channel)
+
+
+@pytest.mark.parametrize(
+    "form", ["DNS:///localhost:{port}", "dns:/localhost:{port}", "IPv4:///127.0.0.1:{port}"]
+)
+def test_a_target_in_any_form_grpc_reads_is_checked(
+    store: Server, client_identity: WorkloadIdentity, form: str
+) -> None:
+    """gRPC reads a scheme in any case and drops the path's leading '/'; the check read such a
+    target as one unresolvable host, found the server unreachable and let every call go out
+    unchecked: the model store answered a client expecting the key broker."""
+    target = form.format(port=store.port)
+    with client_identity.channel(target, server_name="localhost") as channel:  # gRPC reaches it
+        assert check(channel) == health_pb2.HealthCheckResponse.SERVING
+    with (
+        client_identity.channel(
+            target, server_name="localhost", server_id=sid("keybroker")
+        ) as channel,
+        pytest.raises(ServerIdentityMismatch),
+    ):
+        check(channel)
+
+
+def test_a_target_of_several_addresses_is_checked_where_grpc_connects(
+    store: Server, client_identity: WorkloadIdentity
+) -> None:
+    """gRPC tries a target's addresses in order and connects to the first that answers; the
+    check connected to the first alone, found it down, took the server for unreachable and let
+    every call go out unchecked to the next one: the model store answered a client expecting the
+    key broker. The check now tries them in the same order."""
+    with socket.socket() as closed:  # a port nothing listens on: refused at once
+        closed.bind(("127.0.0.1", 0))
+        down = closed.getsockname()[1]
+    target = f"ipv4:127.0.0.1:{down},127.0.0.1:{store.port}"
+    with client_identity.channel(target, server_name="localhost") as channel:  # gRPC reaches it
+        assert check(channel) == health_pb2.HealthCheckResponse.SERVING
+    with (
+        client_identity.channel(
+            target, server_name="localhost", server_id=sid("keybroker")
+        ) as channel,
+        pytest.raises(ServerIdentityMismatch),
+    ):
+        check(channel)
 
 
 def test_a_channel_checking_the_id_refuses_a_target_it_cannot_check(
