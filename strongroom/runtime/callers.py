@@ -204,6 +204,7 @@ class UnaryGuard(HandlerInterceptor):
         self._timed: dict[grpc.ServicerContext, float] = {}
         self._late: set[grpc.ServicerContext] = set()  # cancelled by the watchdog
         self._watchdog: threading.Thread | None = None
+        self._closed = threading.Event()  # the watchdog ends (close)
         self._identify = identify
         # Without shares (a guard on its own), every method is data-plane and only the
         # per-identity cap binds.
@@ -350,7 +351,7 @@ class UnaryGuard(HandlerInterceptor):
         bound = self._public_wait or 0.0
         with self._lock:
             self._timed[context] = time.monotonic() + bound
-            if self._watchdog is None:
+            if self._watchdog is None and not self._closed.is_set():
                 self._watchdog = threading.Thread(
                     target=self._watch_waits, args=(bound,), name="request-watchdog", daemon=True
                 )
@@ -360,8 +361,7 @@ class UnaryGuard(HandlerInterceptor):
         # gRPC Python has no timed read; cancelling the RPC from another thread makes the blocked
         # read raise (the caller sees CANCELLED: no status can be set from here).
         period = max(0.05, bound / 4)
-        while True:
-            time.sleep(period)
+        while not self._closed.wait(period):
             now = time.monotonic()
             with self._lock:
                 late = [c for c, when in self._timed.items() if now >= when]
@@ -375,6 +375,15 @@ class UnaryGuard(HandlerInterceptor):
                 )
                 cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
                 cancel()
+
+    def close(self) -> None:
+        """Ends the watchdog thread (the server stopped: no call waits any more). It ran for
+        the life of the process, each stopped server's guard leaving one behind, held with all it
+        references."""
+        self._closed.set()
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.join(10)
 
     def _leave(self, identity: str, data: bool) -> None:
         with self._lock:

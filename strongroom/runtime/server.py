@@ -294,6 +294,9 @@ class ServiceHost:
         grace = self._config.grace_seconds if grace is None else grace
         self._server.stop(grace).wait()
         self._drain_handlers()
+        # Their watchdogs' threads end with the server (each stopped host left two running).
+        self.unary.close()
+        self.streams.close()
         if self._health_server is not None:
             self._health_server.stop()
         log.info("stopped")

@@ -585,3 +585,29 @@ def test_a_service_health_knows_nothing_of_is_not_found_on_both_ports(
     with pytest.raises(grpc.RpcError) as info:
         health_status(getattr(host[0], port_name), "no.such.Service")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+def test_stopping_a_host_ends_its_watchdog_threads() -> None:
+    """The watchdogs of waits for a health call's message and of stalled response streams ran
+    for the life of the process: each host stopped left both threads behind (with its guards)."""
+    h = ServiceHost(listen="127.0.0.1:0", credentials=None, services=[make_service(Behaviour())])
+    h.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{h.port}") as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=30
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            responses = channel.unary_stream(f"/{SERVICE}/Stream", _identity, _identity)(
+                b"", timeout=30
+            )
+            assert next(responses) == b"first"
+            with pytest.raises(grpc.RpcError):
+                next(responses)
+    finally:
+        h.stop(0)
+    watchdogs = [h.unary._watchdog, h.streams._watchdog]
+    for thread in watchdogs:
+        assert thread is not None  # both ran
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in watchdogs if thread is not None)
