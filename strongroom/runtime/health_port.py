@@ -23,6 +23,13 @@ never set), and ``Watch`` goes through :meth:`~strongroom.runtime.health.HealthS
 (its bounds on names and watchers included), handed to this port's event loop without waiting.
 A request that does not decode is ``INVALID_ARGUMENT`` (``MALFORMED_REQUEST``) with one WARNING,
 never gRPC's traceback; a request over ``HEALTH_MAX_REQUEST_BYTES`` is refused by gRPC itself.
+
+What a refused call logs (its WARNING, its ``rpc failed`` line) is budgeted: anyone who reaches the
+port chose how many lines the service wrote (two per call: a flood of ``Check`` for a name never
+set, of undecodable requests, of calls without their message), each written by the event loop's
+one thread, which a slow log pipe then blocked, and the probes with it. At most
+:data:`LOG_LINES_PER_SECOND` such lines are written a second; the rest are counted and said in
+one WARNING (``refused health calls not logged``) once that second is over.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
@@ -49,8 +57,42 @@ log = logging.getLogger(__name__)
 HEALTH_SERVICE = "grpc.health.v1.Health"
 HEALTH_MAX_REQUEST_BYTES = 1024
 """The largest request the plaintext health port reads (a HealthCheckRequest is a service name)."""
+LOG_LINES_PER_SECOND = 20
+"""Log lines the port writes a second about refused calls; the rest are counted, said once."""
 
 T = TypeVar("T")
+
+
+class _LogBudget:
+    """At most ``per_second`` lines a second, the rest counted and said in one WARNING when the
+    second is over. Used on the event loop's thread only (no lock)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, per_second: int) -> None:
+        self._loop = loop
+        self._per_second = per_second
+        self._since = time.monotonic()
+        self._written = 0
+        self._dropped = 0
+
+    def allow(self) -> bool:
+        """Whether the next line may be written (if not, it is counted)."""
+        now = time.monotonic()
+        if now - self._since >= 1.0 and not self._dropped:
+            self._since, self._written = now, 0
+        if self._written < self._per_second:
+            self._written += 1
+            return True
+        if not self._dropped:  # said once this second is over, whether more calls come or not
+            self._loop.call_later(max(0.0, self._since + 1.0 - now), self._flush)
+        self._dropped += 1
+        return False
+
+    def _flush(self) -> None:
+        log.warning(
+            "refused health calls not logged",
+            extra={"lines": self._dropped, "limit_per_second": self._per_second},
+        )
+        self._since, self._written, self._dropped = time.monotonic(), 0, 0
 
 
 class PlaintextHealthPort:
@@ -64,6 +106,7 @@ class PlaintextHealthPort:
         self._wait = request_wait
         self._waiting = 0  # calls waiting for their message (changed on the loop's thread only)
         self._loop = asyncio.new_event_loop()
+        self._log = _LogBudget(self._loop, LOG_LINES_PER_SECOND)
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="health-port", daemon=True
         )
@@ -139,14 +182,15 @@ class PlaintextHealthPort:
         try:
             data = await asyncio.wait_for(anext(requests), self._wait)
         except TimeoutError:
-            log.warning(
-                "health call ended: no request message",
-                extra={
-                    "method": method,
-                    "peer": context.peer(),
-                    "reason": Reason.REQUEST_MESSAGE_TIMEOUT,
-                },
-            )
+            if self._log.allow():
+                log.warning(
+                    "health call ended: no request message",
+                    extra={
+                        "method": method,
+                        "peer": context.peer(),
+                        "reason": Reason.REQUEST_MESSAGE_TIMEOUT,
+                    },
+                )
             raise ResourceExhausted(
                 f"{method}: no request message within {self._wait:g}s "
                 "(server.health_request_wait_seconds); the call was ended",
@@ -163,10 +207,11 @@ class PlaintextHealthPort:
             return health_pb2.HealthCheckRequest.FromString(data)
         except (DecodeError, UnicodeDecodeError, ValueError) as exc:
             problem = type(exc).__name__
-        log.warning(
-            "malformed request",
-            extra={"method": method, "peer": context.peer(), "problem": problem},
-        )
+        if self._log.allow():
+            log.warning(
+                "malformed request",
+                extra={"method": method, "peer": context.peer(), "problem": problem},
+            )
         # Raised outside the except block: the refusal chains no parser exception.
         raise InvalidArgument(
             f"{method}: the request message is not a valid protobuf encoding of "
@@ -189,7 +234,7 @@ class PlaintextHealthPort:
         except Exception as exc:
             failure = exc
         # Answered outside the except block: the abort chains nothing.
-        await answer_aio(context, failure, method)
+        await answer_aio(context, failure, method, log_refusal=self._log.allow())
 
     async def _watch(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
@@ -203,7 +248,7 @@ class PlaintextHealthPort:
             async for response in self._statuses(request.service):
                 yield response
             return
-        await answer_aio(context, failure, method)
+        await answer_aio(context, failure, method, log_refusal=self._log.allow())
 
     async def _statuses(self, service: str) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         """``service``'s status now and whenever it changes, until the watch ends."""

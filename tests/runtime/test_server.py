@@ -21,6 +21,7 @@ from strongroom.runtime import health as health_module
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
 from strongroom.runtime.health import MAX_SERVICE_NAME
+from strongroom.runtime.health_port import LOG_LINES_PER_SECOND
 from strongroom.runtime.server import MessageLimits, ServiceHost, ServiceSpec
 
 SERVICE = "test.Echo"
@@ -611,3 +612,29 @@ def test_stopping_a_host_ends_its_watchdog_threads() -> None:
         assert thread is not None  # both ran
         thread.join(30)
     assert not any(thread.is_alive() for thread in watchdogs if thread is not None)
+
+
+def test_the_plaintext_health_port_logs_refused_calls_within_a_budget(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who reaches the plaintext port chose how many lines the service wrote (a Check for
+    a name never set: one line each), on the event loop's one thread. At most
+    LOG_LINES_PER_SECOND are written a second now, and the rest are counted in one WARNING."""
+    caplog.set_level(logging.INFO)
+    calls = 10 * LOG_LINES_PER_SECOND
+    with grpc.insecure_channel(f"127.0.0.1:{host[0].health_port}") as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        pending = [
+            check.future(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=30)
+            for _ in range(calls)
+        ]
+        for future in pending:
+            assert future.exception().code() == grpc.StatusCode.NOT_FOUND
+
+    def said() -> tuple[int, int]:
+        logged = [r for r in caplog.records if r.getMessage() == "rpc failed"]
+        counted = [r for r in caplog.records if r.getMessage() == "refused health calls not logged"]
+        return len(logged), sum(getattr(r, "lines", 0) for r in counted)
+
+    assert wait_for(lambda: sum(said()) == calls, timeout=30), said()
+    assert said()[0] < calls
