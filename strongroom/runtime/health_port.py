@@ -266,7 +266,7 @@ class PlaintextHealthPort:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(deliver, response)
 
-        closed = self._health.watch(service, send)
+        closed = self._health.watch(service, send, plaintext=True)
         try:
             while True:
                 await changed.wait()

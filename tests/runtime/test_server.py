@@ -217,7 +217,7 @@ def test_health_watch_streams_are_bounded(
     """Open Watch streams cost memory on the unauthenticated port, and nothing bounded how many a
     client kept (5,000 held ~250 MB). Past the bound a Watch is told the status and ended; Check
     (the probes) still answers."""
-    monkeypatch.setattr(health_module, "MAX_WATCHERS", 3)
+    monkeypatch.setattr(health_module, "MAX_WATCHERS", 6)  # 3 of them on the plaintext port
     h = host[0]
     assert h.health_port is not None
     serving = health_pb2.HealthCheckResponse.SERVING
@@ -638,3 +638,30 @@ def test_the_plaintext_health_port_logs_refused_calls_within_a_budget(
 
     assert wait_for(lambda: sum(said()) == calls, timeout=30), said()
     assert said()[0] < calls
+
+
+def test_the_plaintext_port_cannot_hold_every_watch_of_the_mtls_port(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ports' Watch streams shared one bound: anyone who reached the plaintext port (no
+    certificate) held it all, and every certified caller's Watch was told the status and ended.
+    The plaintext port's watchers hold half of it at most now."""
+    monkeypatch.setattr(health_module, "MAX_WATCHERS", 4)
+    h, _, channel = host
+    serving = health_pb2.HealthCheckResponse.SERVING
+    request = health_pb2.HealthCheckRequest(service="")
+    with grpc.insecure_channel(f"127.0.0.1:{h.health_port}") as plaintext:
+        stub = health_pb2_grpc.HealthStub(plaintext)
+        kept = []
+        for _ in range(4):  # every watcher the plaintext port may hold, and then some
+            watch = stub.Watch(request, timeout=30)
+            assert next(watch).status == serving
+            kept.append(watch)
+        assert wait_for(lambda: h._health._watching == 2)
+        assert [r.status for r in kept[2]] == []  # told once (above), then ended
+        watch = health_pb2_grpc.HealthStub(channel).Watch(request, timeout=30)
+        assert next(watch).status == serving
+        assert wait_for(lambda: h._health._watching == 3)  # kept open
+        for call in [*kept, watch]:
+            call.cancel()
+        assert wait_for(lambda: not h._health._watchers)
