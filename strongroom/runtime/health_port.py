@@ -39,7 +39,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -98,11 +98,19 @@ class _LogBudget:
 class PlaintextHealthPort:
     """gRPC health over plaintext on ``listen``, from ``health``'s statuses, on an asyncio server
     whose event loop runs on a thread of its own; a call's request message is awaited for at most
-    ``request_wait`` seconds. Bound at construction (:attr:`port`); :meth:`start`, then
+    ``request_wait`` seconds. ``options`` are gRPC channel arguments besides (the service port's
+    keepalive and connection age). Bound at construction (:attr:`port`); :meth:`start`, then
     :meth:`stop`."""
 
-    def __init__(self, health: HealthServicer, listen: str, request_wait: float) -> None:
+    def __init__(
+        self,
+        health: HealthServicer,
+        listen: str,
+        request_wait: float,
+        options: Sequence[tuple[str, int]] = (),
+    ) -> None:
         self._health = health
+        self._options = tuple(options)
         self._wait = request_wait
         self._waiting = 0  # calls waiting for their message (changed on the loop's thread only)
         self._loop = asyncio.new_event_loop()
@@ -125,6 +133,7 @@ class PlaintextHealthPort:
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", HEALTH_MAX_REQUEST_BYTES),
+                *self._options,
             ],
         )
         server.add_generic_rpc_handlers(
