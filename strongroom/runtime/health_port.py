@@ -13,9 +13,14 @@ message is a suspended coroutine, which holds no thread, and a probe is answered
 of calls wait. Each wait is bounded besides (``server.health_request_wait_seconds``): a call
 whose message has not arrived by then is ended with ``RESOURCE_EXHAUSTED``
 (``REQUEST_MESSAGE_TIMEOUT``, one WARNING with the peer), so that what stalled calls cost (a few
-KiB each in gRPC core) lasts seconds, not a connection's life. Every method is registered as a
-request stream to read its one message with that bound (the asyncio server reads a unary
-request before the handler runs, without one).
+KiB each in gRPC core) lasts seconds, not a connection's life. How many wait is bounded too
+(:data:`MAX_WAITING_CALLS`): calls opened faster than the bound ends them (thousands a second, on
+many connections) held ~25 KiB each, without limit, until the process ran out of memory. Past the
+bound the call that has waited longest is ended with ``RESOURCE_EXHAUSTED``
+(``TOO_MANY_WAITING_CALLS``), never the newest: a probe's message comes with its call and is read
+at once, before as many other calls as the bound could come in and end it. Every method is
+registered as a request stream to read its one message with that bound (the asyncio server reads
+a unary request before the handler runs, without one).
 
 Statuses come from the service's :class:`~strongroom.runtime.health.HealthServicer`, which the
 mTLS port serves too: ``Check`` answers as grpcio-health-checking's does (``NOT_FOUND`` for a name
@@ -57,6 +62,9 @@ log = logging.getLogger(__name__)
 HEALTH_SERVICE = "grpc.health.v1.Health"
 HEALTH_MAX_REQUEST_BYTES = 1024
 """The largest request the plaintext health port reads (a HealthCheckRequest is a service name)."""
+MAX_WAITING_CALLS = 1024
+"""Calls the port lets wait for their request message at once (each holds ~25 KiB of gRPC's and
+ours); past it, the call that has waited longest is ended (``TOO_MANY_WAITING_CALLS``)."""
 LOG_LINES_PER_SECOND = 20
 """Log lines the port writes a second about refused calls; the rest are counted, said once."""
 
@@ -112,7 +120,9 @@ class PlaintextHealthPort:
         self._health = health
         self._options = tuple(options)
         self._wait = request_wait
-        self._waiting = 0  # calls waiting for their message (changed on the loop's thread only)
+        # Calls waiting for their message, the longest-waiting first (the loop's thread only):
+        # each one's future, set when it is ended to make room.
+        self._waiting: dict[object, asyncio.Future[None]] = {}
         self._loop = asyncio.new_event_loop()
         self._log = _LogBudget(self._loop, LOG_LINES_PER_SECOND)
         self._thread = threading.Thread(
@@ -160,7 +170,7 @@ class PlaintextHealthPort:
         return self._run(self._count())
 
     async def _count(self) -> int:
-        return self._waiting
+        return len(self._waiting)
 
     def start(self) -> None:
         """Starts answering."""
@@ -187,9 +197,34 @@ class PlaintextHealthPort:
     ) -> health_pb2.HealthCheckRequest:
         """The call's one request message, awaited for at most the bound, then parsed; raises
         the refusal otherwise."""
-        self._waiting += 1
+        key = object()
+        evicted: asyncio.Future[None] = self._loop.create_future()
+        self._waiting[key] = evicted
+        if len(self._waiting) > MAX_WAITING_CALLS:  # the longest-waiting makes room
+            self._waiting.pop(next(iter(self._waiting))).set_result(None)
+        read = asyncio.ensure_future(anext(requests))
         try:
-            data = await asyncio.wait_for(anext(requests), self._wait)
+            done, _ = await asyncio.wait(
+                (read, evicted), timeout=self._wait, return_when=asyncio.FIRST_COMPLETED
+            )
+            if read not in done and evicted in done:
+                if self._log.allow():
+                    log.warning(
+                        "health call ended: too many calls wait for their message",
+                        extra={
+                            "method": method,
+                            "peer": context.peer(),
+                            "reason": Reason.TOO_MANY_WAITING_CALLS,
+                        },
+                    )
+                raise ResourceExhausted(
+                    f"{method}: {MAX_WAITING_CALLS} calls wait for their request message; this "
+                    "one, waiting longest, was ended to make room (send the message with the call)",
+                    reason=Reason.TOO_MANY_WAITING_CALLS,
+                )
+            if read not in done:
+                raise TimeoutError
+            data = read.result()
         except TimeoutError:
             if self._log.allow():
                 log.warning(
@@ -211,7 +246,8 @@ class PlaintextHealthPort:
                 reason=Reason.MALFORMED_REQUEST,
             ) from None
         finally:
-            self._waiting -= 1
+            self._waiting.pop(key, None)
+            read.cancel()  # nothing once it is done; else the read ends with the call
         try:
             return health_pb2.HealthCheckRequest.FromString(data)
         except (DecodeError, UnicodeDecodeError, ValueError) as exc:

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strongroom import errors
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime import health as health_module
+from strongroom.runtime import health_port as health_port_module
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
 from strongroom.runtime.health import MAX_SERVICE_NAME
@@ -665,3 +666,42 @@ def test_the_plaintext_port_cannot_hold_every_watch_of_the_mtls_port(
         for call in [*kept, watch]:
             call.cancel()
         assert wait_for(lambda: not h._health._watchers)
+
+
+def test_calls_waiting_on_the_plaintext_port_are_bounded_oldest_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each call waiting for its message on the plaintext port (no certificate needed) held
+    ~25 KiB, and nothing bounded how many waited: calls opened faster than the wait bound ends
+    them grew the process until it ran out of memory. Past MAX_WAITING_CALLS, the call that has
+    waited longest is ended (RESOURCE_EXHAUSTED TOO_MANY_WAITING_CALLS), and probes answer."""
+    monkeypatch.setattr(health_port_module, "MAX_WAITING_CALLS", 3)
+    host = ServiceHost(
+        listen="127.0.0.1:0",
+        credentials=None,
+        services=[make_service(Behaviour())],
+        health_listen="127.0.0.1:0",
+        config=ServerConfig(health_request_wait_seconds=60),  # only making room ends a wait
+    )
+    host.start()
+    port = host._health_server
+    assert port is not None and host.health_port is not None
+    gate = threading.Event()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{host.health_port}") as channel:
+            stalled = []
+            for n, method in enumerate(("Check", "Watch", "Check", "Watch", "Check")):
+                stalled.append(_stall(channel, method, gate))
+                assert wait_for(lambda: port.waiting() == min(n + 1, 3), timeout=30)  # noqa: B023
+                if n >= 3:  # the oldest still waiting made room
+                    assert _reason(stalled[n - 3]) == (
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "TOO_MANY_WAITING_CALLS",
+                    )
+            for _ in range(3):  # each probe makes room too, and is answered
+                assert health_status(host.health_port) == health_pb2.HealthCheckResponse.SERVING
+            assert port.waiting() <= 3
+            gate.set()
+    finally:
+        gate.set()
+        host.stop(0)
