@@ -318,9 +318,9 @@ class UnaryGuard(HandlerInterceptor):
                 exc=refusal,
             )
         timed = self._public_wait is not None and shares.is_public(method)
-        if timed:
-            self._time(context)
-        try:
+        try:  # whatever fails from here on gives back what was taken above
+            if timed:
+                self._time(context)
             return read()
         except Cancelled:
             with self._lock:
@@ -352,10 +352,11 @@ class UnaryGuard(HandlerInterceptor):
         with self._lock:
             self._timed[context] = time.monotonic() + bound
             if self._watchdog is None and not self._closed.is_set():
-                self._watchdog = threading.Thread(
+                watchdog = threading.Thread(
                     target=self._watch_waits, args=(bound,), name="request-watchdog", daemon=True
                 )
-                self._watchdog.start()
+                watchdog.start()  # may fail (no thread to be had): the next wait tries again
+                self._watchdog = watchdog
 
     def _watch_waits(self, bound: float) -> None:
         # gRPC Python has no timed read; cancelling the RPC from another thread makes the blocked

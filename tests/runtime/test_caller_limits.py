@@ -801,3 +801,33 @@ def test_a_health_call_without_its_message_is_cancelled_after_the_wait_bound(
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         gate.set()
+
+
+def test_a_health_wait_whose_watchdog_cannot_start_gives_back_its_worker(
+    mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog is started by the first health call that waits for its message; when no
+    thread could be had, that call's data-plane worker and role-less wait stayed taken for good
+    (the failure was raised before the wait's accounting could give them back), and no
+    watchdog ever ran again. The call now fails (INTERNAL) with nothing held, and the next
+    wait starts the watchdog."""
+    running = mesh(health_request_wait_seconds=0.2)
+    real = threading.Thread
+
+    class NoWatchdog(real):  # type: ignore[misc,valid-type]
+        def start(self) -> None:
+            if self.name == "request-watchdog":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    stub = health_pb2_grpc.HealthStub(running.caller("stranger"))  # role-less
+    monkeypatch.setattr(threading, "Thread", NoWatchdog)
+    code, _ = refusal(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=30))
+    monkeypatch.setattr(threading, "Thread", real)
+    assert code == grpc.StatusCode.INTERNAL
+    assert settled(lambda: running.host.shares.held_now() == 0)
+    assert running.host.unary.roleless_waits() == 0
+    answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    watchdog = running.host.unary._watchdog
+    assert watchdog is not None and watchdog.is_alive()
