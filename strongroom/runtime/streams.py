@@ -121,10 +121,11 @@ class StreamGuard(HandlerInterceptor):
         with self._lock:
             self._sending[context] = time.monotonic()
             if self._watchdog is None and not self._closed.is_set():
-                self._watchdog = threading.Thread(
+                watchdog = threading.Thread(
                     target=self._watch_sends, name="stream-watchdog", daemon=True
                 )
-                self._watchdog.start()
+                watchdog.start()  # may fail (no thread to be had): the next send tries again
+                self._watchdog = watchdog
 
     def close(self) -> None:
         """Ends the watchdog thread (the server stopped: no stream sends any more). It ran for

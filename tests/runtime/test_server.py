@@ -705,3 +705,30 @@ def test_calls_waiting_on_the_plaintext_port_are_bounded_oldest_first(
     finally:
         gate.set()
         host.stop(0)
+
+
+def test_a_stream_watchdog_that_could_not_start_is_started_by_the_next_send(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog of stalled response streams is started by the first send; when no thread
+    could be had, the never-started thread was kept: no stalled download was ever cancelled
+    again (and stopping the host failed joining it). The next send starts it now."""
+    h, _, channel = host
+    real = threading.Thread
+
+    class NoWatchdog(real):  # type: ignore[misc,valid-type]
+        def start(self) -> None:
+            if self.name == "stream-watchdog":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    stream = channel.unary_stream(f"/{SERVICE}/Stream", _identity, _identity)
+    monkeypatch.setattr(threading, "Thread", NoWatchdog)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stream(b"", timeout=30))
+    monkeypatch.setattr(threading, "Thread", real)
+    assert info.value.code() == grpc.StatusCode.INTERNAL  # type: ignore[attr-defined]
+    responses = stream(b"", timeout=30)
+    assert next(responses) == b"first"
+    watchdog = h.streams._watchdog
+    assert watchdog is not None and watchdog.is_alive()
