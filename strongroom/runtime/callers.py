@@ -371,11 +371,19 @@ class UnaryGuard(HandlerInterceptor):
                     self._late.add(context)
             for context in late:
                 log.warning(
-                    "call cancelled: no request message",
+                    "cancelling a call: no request message",
                     extra={"peer": context.peer(), "reason": Reason.REQUEST_MESSAGE_TIMEOUT},
                 )
-                cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
-                cancel()
+                # Only while it still waits: its message may have come since (the log line above
+                # can take long on a slow pipe), and the call, a Watch now serving its caller,
+                # runs on. Under the lock its wait's end takes, so it cannot end in between.
+                # (Cancelling only marks the call in gRPC core: its callbacks run on gRPC's
+                # thread later, none under this lock.)
+                with self._lock:
+                    if context not in self._late:
+                        continue
+                    cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
+                    cancel()
 
     def close(self) -> None:
         """Ends the watchdog thread (the server stopped: no call waits any more). It ran for
