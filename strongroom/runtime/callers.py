@@ -204,6 +204,7 @@ class UnaryGuard(HandlerInterceptor):
         self._timed: dict[grpc.ServicerContext, float] = {}
         self._late: set[grpc.ServicerContext] = set()  # cancelled by the watchdog
         self._watchdog: threading.Thread | None = None
+        self._closed = threading.Event()  # the watchdog ends (close)
         self._identify = identify
         # Without shares (a guard on its own), every method is data-plane and only the
         # per-identity cap binds.
@@ -317,9 +318,9 @@ class UnaryGuard(HandlerInterceptor):
                 exc=refusal,
             )
         timed = self._public_wait is not None and shares.is_public(method)
-        if timed:
-            self._time(context)
-        try:
+        try:  # whatever fails from here on gives back what was taken above
+            if timed:
+                self._time(context)
             return read()
         except Cancelled:
             with self._lock:
@@ -350,18 +351,18 @@ class UnaryGuard(HandlerInterceptor):
         bound = self._public_wait or 0.0
         with self._lock:
             self._timed[context] = time.monotonic() + bound
-            if self._watchdog is None:
-                self._watchdog = threading.Thread(
+            if self._watchdog is None and not self._closed.is_set():
+                watchdog = threading.Thread(
                     target=self._watch_waits, args=(bound,), name="request-watchdog", daemon=True
                 )
-                self._watchdog.start()
+                watchdog.start()  # may fail (no thread to be had): the next wait tries again
+                self._watchdog = watchdog
 
     def _watch_waits(self, bound: float) -> None:
         # gRPC Python has no timed read; cancelling the RPC from another thread makes the blocked
         # read raise (the caller sees CANCELLED: no status can be set from here).
         period = max(0.05, bound / 4)
-        while True:
-            time.sleep(period)
+        while not self._closed.wait(period):
             now = time.monotonic()
             with self._lock:
                 late = [c for c, when in self._timed.items() if now >= when]
@@ -370,11 +371,28 @@ class UnaryGuard(HandlerInterceptor):
                     self._late.add(context)
             for context in late:
                 log.warning(
-                    "call cancelled: no request message",
+                    "cancelling a call: no request message",
                     extra={"peer": context.peer(), "reason": Reason.REQUEST_MESSAGE_TIMEOUT},
                 )
-                cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
-                cancel()
+                # Only while it still waits: its message may have come since (the log line above
+                # can take long on a slow pipe), and the call, a Watch now serving its caller,
+                # runs on. Under the lock its wait's end takes, so it cannot end in between.
+                # (Cancelling only marks the call in gRPC core: its callbacks run on gRPC's
+                # thread later, none under this lock.)
+                with self._lock:
+                    if context not in self._late:
+                        continue
+                    cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
+                    cancel()
+
+    def close(self) -> None:
+        """Ends the watchdog thread (the server stopped: no call waits any more). It ran for
+        the life of the process, each stopped server's guard leaving one behind, held with all it
+        references."""
+        self._closed.set()
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.join(10)
 
     def _leave(self, identity: str, data: bool) -> None:
         with self._lock:

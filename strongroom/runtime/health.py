@@ -28,8 +28,10 @@ MAX_SERVICE_NAME = 256
 """The longest service name a Watch is kept for: ours are short, and each watched name is held
 for as long as its stream is open (the health port needs no certificate)."""
 MAX_WATCHERS = 1024
-"""Watch streams kept open at once; past it a Watch is told the status and ended (``Check``,
-which probes use, is never refused)."""
+"""Watch streams kept open at once, on both ports together; past it a Watch is told the status and
+ended (``Check``, which probes use, is never refused). The plaintext health port's watchers (no
+certificate needed) may hold half of them at most: holding them all, anyone who reached that port
+had every certified caller's Watch on the mTLS port told the status and ended."""
 
 
 class _Watcher:
@@ -52,6 +54,7 @@ class HealthServicer(health.HealthServicer):
         super().__init__(experimental_non_blocking=True)
         self._watchers: dict[str, set[_Watcher]] = {}
         self._watching = 0
+        self._watching_plaintext = 0  # of which on the plaintext health port
         self._shutting_down = False
 
     def _status(self, service: str) -> int:
@@ -89,22 +92,27 @@ class HealthServicer(health.HealthServicer):
             status: int | None = self._server_status.get(service)
         return status
 
-    def watch(self, service: str, send: _Send) -> Callable[[], None] | None:
+    def watch(
+        self, service: str, send: _Send, *, plaintext: bool = False
+    ) -> Callable[[], None] | None:
         """Starts watching ``service``: ``send`` gets its status now and whenever it changes, and
         None once the watch ends. Returns what to call when the caller leaves, or None when the
-        watch was told the status and ended at once (a name too long, or ``MAX_WATCHERS``
-        watching). ``send`` must not wait on the caller for long: it is called with a
-        watcher's lock held."""
+        watch was told the status and ended at once (a name too long, ``MAX_WATCHERS``
+        watching, or half of them on the plaintext port for a ``plaintext`` watch). ``send``
+        must not wait on the caller for long: it is called with a watcher's lock held."""
         if len(service) > MAX_SERVICE_NAME:
             # No service has such a name, nor ever will: said once, and nothing kept.
             self._tell_and_end(service, send)
             return None
         watcher = _Watcher(service, send)
         with self._lock:
-            full = self._watching >= MAX_WATCHERS
+            full = self._watching >= MAX_WATCHERS or (
+                plaintext and self._watching_plaintext >= MAX_WATCHERS // 2
+            )
             if not full:
                 self._watchers.setdefault(watcher.service, set()).add(watcher)
                 self._watching += 1
+                self._watching_plaintext += plaintext
         if full:  # the caller may watch again later, or poll with Check
             self._tell_and_end(service, send)
             return None
@@ -117,6 +125,7 @@ class HealthServicer(health.HealthServicer):
                 if watching is not None and watcher in watching:
                     watching.discard(watcher)
                     self._watching -= 1
+                    self._watching_plaintext -= plaintext
                     if not watching:  # else every name ever watched stays, by the caller's choice
                         del self._watchers[watcher.service]
             send(None)

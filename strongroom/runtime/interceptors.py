@@ -105,15 +105,22 @@ def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> N
 
 
 async def answer_aio(
-    context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str
+    context: grpc.aio.ServicerContext[Any, Any],
+    exc: BaseException,
+    method: str,
+    *,
+    log_refusal: bool = True,
 ) -> NoReturn:
     """What :func:`_handle` does, for a handler of gRPC's asyncio server (the plaintext health
     port): a :class:`~strongroom.errors.StrongroomError` becomes its status, reason trailer and
-    message; anything else is logged with a reference and answered INTERNAL with only that."""
+    message (logged unless ``log_refusal`` is false: the caller's log budget is spent); anything
+    else is logged with a reference and answered INTERNAL with only that."""
     if isinstance(exc, StrongroomError):
-        log.info(
-            "rpc failed", extra={"method": method, "reason": exc.reason, "status": exc.status_name}
-        )
+        if log_refusal:
+            log.info(
+                "rpc failed",
+                extra={"method": method, "reason": exc.reason, "status": exc.status_name},
+            )
         context.set_trailing_metadata(((REASON_TRAILER, exc.reason),))
         await context.abort(grpc.StatusCode[exc.status_name], str(exc))
     ref = uuid.uuid4().hex[:12]

@@ -237,9 +237,14 @@ class ServiceHost:
             # Plaintext and unauthenticated (probes): served without worker threads, so that no
             # number of calls that never send their message can keep a probe waiting
             # (strongroom.runtime.health_port). No cap on concurrent RPCs: open Watch streams
-            # would then refuse the kubelet's probes.
+            # would then refuse the kubelet's probes. Connections age and dead peers are found
+            # as on the service's port: a Watch of a peer that vanished (or of anyone who holds
+            # it) kept its connection and its watcher for the process's life.
             self._health_server = PlaintextHealthPort(
-                self._health, health_listen, config.health_request_wait_seconds
+                self._health,
+                health_listen,
+                config.health_request_wait_seconds,
+                options=(*KEEPALIVE_OPTIONS, *config.connection_age_options),
             )
             self.health_port = self._health_server.port
         self._set_all(NOT_SERVING)
@@ -294,6 +299,9 @@ class ServiceHost:
         grace = self._config.grace_seconds if grace is None else grace
         self._server.stop(grace).wait()
         self._drain_handlers()
+        # Their watchdogs' threads end with the server (each stopped host left two running).
+        self.unary.close()
+        self.streams.close()
         if self._health_server is not None:
             self._health_server.stop()
         log.info("stopped")

@@ -95,11 +95,11 @@ class StreamGuard(HandlerInterceptor):
         # Response streams waiting for their client to take a message: context -> since when.
         self._sending: dict[grpc.ServicerContext, float] = {}
         self._watchdog: threading.Thread | None = None
+        self._closed = threading.Event()  # the watchdog ends (close)
 
     def _watch_sends(self) -> None:
         period = max(0.05, self._limits.idle_timeout / 4)
-        while True:
-            time.sleep(period)
+        while not self._closed.wait(period):
             now = time.monotonic()
             with self._lock:
                 stalled = [
@@ -120,11 +120,20 @@ class StreamGuard(HandlerInterceptor):
     def _sending_started(self, context: grpc.ServicerContext) -> None:
         with self._lock:
             self._sending[context] = time.monotonic()
-            if self._watchdog is None:
-                self._watchdog = threading.Thread(
+            if self._watchdog is None and not self._closed.is_set():
+                watchdog = threading.Thread(
                     target=self._watch_sends, name="stream-watchdog", daemon=True
                 )
-                self._watchdog.start()
+                watchdog.start()  # may fail (no thread to be had): the next send tries again
+                self._watchdog = watchdog
+
+    def close(self) -> None:
+        """Ends the watchdog thread (the server stopped: no stream sends any more). It ran for
+        the life of the process, each stopped server's guard leaving one behind."""
+        self._closed.set()
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.join(10)
 
     def _sending_done(self, context: grpc.ServicerContext) -> None:
         with self._lock:

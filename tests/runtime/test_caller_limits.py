@@ -4,6 +4,7 @@ server from the others."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -801,3 +802,78 @@ def test_a_health_call_without_its_message_is_cancelled_after_the_wait_bound(
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         gate.set()
+
+
+def test_a_health_wait_whose_watchdog_cannot_start_gives_back_its_worker(
+    mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog is started by the first health call that waits for its message; when no
+    thread could be had, that call's data-plane worker and role-less wait stayed taken for good
+    (the failure was raised before the wait's accounting could give them back), and no
+    watchdog ever ran again. The call now fails (INTERNAL) with nothing held, and the next
+    wait starts the watchdog."""
+    running = mesh(health_request_wait_seconds=0.2)
+    real = threading.Thread
+
+    class NoWatchdog(real):  # type: ignore[misc,valid-type]
+        def start(self) -> None:
+            if self.name == "request-watchdog":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    stub = health_pb2_grpc.HealthStub(running.caller("stranger"))  # role-less
+    monkeypatch.setattr(threading, "Thread", NoWatchdog)
+    code, _ = refusal(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=30))
+    monkeypatch.setattr(threading, "Thread", real)
+    assert code == grpc.StatusCode.INTERNAL
+    assert settled(lambda: running.host.shares.held_now() == 0)
+    assert running.host.unary.roleless_waits() == 0
+    answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    watchdog = running.host.unary._watchdog
+    assert watchdog is not None and watchdog.is_alive()
+
+
+def test_a_health_call_whose_message_came_as_the_watchdog_fired_is_not_cancelled(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """The watchdog chose the calls past the bound, then logged and cancelled each outside its
+    lock: a call whose message came in between (the log line can take long on a slow pipe) was
+    cancelled though it ran, a Watch serving its caller cut. It is cancelled only while it still
+    waits now. (The log line is where this test lets the message in.)"""
+    running = mesh(health_request_wait_seconds=0.2)
+    channel = running.caller("client")
+    watch = f"/{HEALTH_SERVICE}/Watch"
+    let_in, let_go, stalled_gate = threading.Event(), threading.Event(), threading.Event()
+    held = running.host.shares.held_now
+
+    def sent_late() -> Iterator[bytes]:
+        let_in.wait(60)
+        yield health_pb2.HealthCheckRequest().SerializeToString()
+
+    class LetIn(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "no request message" in record.getMessage() and not let_in.is_set():
+                let_in.set()  # the message goes, and is read, while the watchdog is here
+                settled(lambda: held() == 0)
+                let_go.set()
+
+    hook = LetIn()
+    logger = logging.getLogger("strongroom.runtime.callers")
+    logger.addHandler(hook)
+    try:
+        late = channel.stream_stream(watch, _raw, _raw)(sent_late(), timeout=60)
+        assert settled(let_go.is_set)
+        # Another call past the bound is cancelled: the watchdog went on past the first.
+        stalled = channel.stream_stream(watch, _raw, _raw)(never_sent(stalled_gate), timeout=60)
+        assert refusal(lambda: next(stalled))[0] == grpc.StatusCode.CANCELLED
+    finally:
+        logger.removeHandler(hook)
+        stalled_gate.set()
+        let_in.set()
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    running.host._health.set("", not_serving)
+    for response in late:  # still watching (it was never cancelled): told of the change
+        if health_pb2.HealthCheckResponse.FromString(response).status == not_serving:
+            break
+    late.cancel()

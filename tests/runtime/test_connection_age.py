@@ -7,6 +7,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strongroom.runtime.config import ConfigError, ServerConfig
 from strongroom.runtime.server import ServiceHost, ServiceSpec
@@ -77,3 +78,28 @@ def test_the_default_recycles_connections_within_an_hour() -> None:
 def test_out_of_range_connection_ages_are_refused(settings: dict[str, float], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ServerConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_a_plaintext_health_watch_does_not_hold_its_connection_for_ever() -> None:
+    """The plaintext health port (no certificate needed) had neither connection age nor
+    keepalive: a Watch, of anyone or of a peer that vanished, held its connection and its watcher
+    for the process's life. Its connections age as the service port's do now."""
+    host = ServiceHost(
+        listen="127.0.0.1:0",
+        credentials=None,
+        services=[_peer_service()],
+        health_listen="127.0.0.1:0",
+        config=ServerConfig(max_connection_age_seconds=1, max_connection_age_grace_seconds=1),
+    )
+    host.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{host.health_port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(), timeout=30
+            )
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                next(watch)  # no further status: the stream ends with its connection
+            assert info.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    finally:
+        host.stop(0)

@@ -18,9 +18,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strongroom import errors
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime import health as health_module
+from strongroom.runtime import health_port as health_port_module
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
 from strongroom.runtime.health import MAX_SERVICE_NAME
+from strongroom.runtime.health_port import LOG_LINES_PER_SECOND
 from strongroom.runtime.server import MessageLimits, ServiceHost, ServiceSpec
 
 SERVICE = "test.Echo"
@@ -216,7 +218,7 @@ def test_health_watch_streams_are_bounded(
     """Open Watch streams cost memory on the unauthenticated port, and nothing bounded how many a
     client kept (5,000 held ~250 MB). Past the bound a Watch is told the status and ended; Check
     (the probes) still answers."""
-    monkeypatch.setattr(health_module, "MAX_WATCHERS", 3)
+    monkeypatch.setattr(health_module, "MAX_WATCHERS", 6)  # 3 of them on the plaintext port
     h = host[0]
     assert h.health_port is not None
     serving = health_pb2.HealthCheckResponse.SERVING
@@ -585,3 +587,148 @@ def test_a_service_health_knows_nothing_of_is_not_found_on_both_ports(
     with pytest.raises(grpc.RpcError) as info:
         health_status(getattr(host[0], port_name), "no.such.Service")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+def test_stopping_a_host_ends_its_watchdog_threads() -> None:
+    """The watchdogs of waits for a health call's message and of stalled response streams ran
+    for the life of the process: each host stopped left both threads behind (with its guards)."""
+    h = ServiceHost(listen="127.0.0.1:0", credentials=None, services=[make_service(Behaviour())])
+    h.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{h.port}") as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=30
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            responses = channel.unary_stream(f"/{SERVICE}/Stream", _identity, _identity)(
+                b"", timeout=30
+            )
+            assert next(responses) == b"first"
+            with pytest.raises(grpc.RpcError):
+                next(responses)
+    finally:
+        h.stop(0)
+    watchdogs = [h.unary._watchdog, h.streams._watchdog]
+    for thread in watchdogs:
+        assert thread is not None  # both ran
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in watchdogs if thread is not None)
+
+
+def test_the_plaintext_health_port_logs_refused_calls_within_a_budget(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who reaches the plaintext port chose how many lines the service wrote (a Check for
+    a name never set: one line each), on the event loop's one thread. At most
+    LOG_LINES_PER_SECOND are written a second now, and the rest are counted in one WARNING."""
+    caplog.set_level(logging.INFO)
+    calls = 10 * LOG_LINES_PER_SECOND
+    with grpc.insecure_channel(f"127.0.0.1:{host[0].health_port}") as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        pending = [
+            check.future(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=30)
+            for _ in range(calls)
+        ]
+        for future in pending:
+            assert future.exception().code() == grpc.StatusCode.NOT_FOUND
+
+    def said() -> tuple[int, int]:
+        logged = [r for r in caplog.records if r.getMessage() == "rpc failed"]
+        counted = [r for r in caplog.records if r.getMessage() == "refused health calls not logged"]
+        return len(logged), sum(getattr(r, "lines", 0) for r in counted)
+
+    assert wait_for(lambda: sum(said()) == calls, timeout=30), said()
+    assert said()[0] < calls
+
+
+def test_the_plaintext_port_cannot_hold_every_watch_of_the_mtls_port(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ports' Watch streams shared one bound: anyone who reached the plaintext port (no
+    certificate) held it all, and every certified caller's Watch was told the status and ended.
+    The plaintext port's watchers hold half of it at most now."""
+    monkeypatch.setattr(health_module, "MAX_WATCHERS", 4)
+    h, _, channel = host
+    serving = health_pb2.HealthCheckResponse.SERVING
+    request = health_pb2.HealthCheckRequest(service="")
+    with grpc.insecure_channel(f"127.0.0.1:{h.health_port}") as plaintext:
+        stub = health_pb2_grpc.HealthStub(plaintext)
+        kept = []
+        for _ in range(4):  # every watcher the plaintext port may hold, and then some
+            watch = stub.Watch(request, timeout=30)
+            assert next(watch).status == serving
+            kept.append(watch)
+        assert wait_for(lambda: h._health._watching == 2)
+        assert [r.status for r in kept[2]] == []  # told once (above), then ended
+        watch = health_pb2_grpc.HealthStub(channel).Watch(request, timeout=30)
+        assert next(watch).status == serving
+        assert wait_for(lambda: h._health._watching == 3)  # kept open
+        for call in [*kept, watch]:
+            call.cancel()
+        assert wait_for(lambda: not h._health._watchers)
+
+
+def test_calls_waiting_on_the_plaintext_port_are_bounded_oldest_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each call waiting for its message on the plaintext port (no certificate needed) held
+    ~25 KiB, and nothing bounded how many waited: calls opened faster than the wait bound ends
+    them grew the process until it ran out of memory. Past MAX_WAITING_CALLS, the call that has
+    waited longest is ended (RESOURCE_EXHAUSTED TOO_MANY_WAITING_CALLS), and probes answer."""
+    monkeypatch.setattr(health_port_module, "MAX_WAITING_CALLS", 3)
+    host = ServiceHost(
+        listen="127.0.0.1:0",
+        credentials=None,
+        services=[make_service(Behaviour())],
+        health_listen="127.0.0.1:0",
+        config=ServerConfig(health_request_wait_seconds=60),  # only making room ends a wait
+    )
+    host.start()
+    port = host._health_server
+    assert port is not None and host.health_port is not None
+    gate = threading.Event()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{host.health_port}") as channel:
+            stalled = []
+            for n, method in enumerate(("Check", "Watch", "Check", "Watch", "Check")):
+                stalled.append(_stall(channel, method, gate))
+                assert wait_for(lambda: port.waiting() == min(n + 1, 3), timeout=30)  # noqa: B023
+                if n >= 3:  # the oldest still waiting made room
+                    assert _reason(stalled[n - 3]) == (
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "TOO_MANY_WAITING_CALLS",
+                    )
+            for _ in range(3):  # each probe makes room too, and is answered
+                assert health_status(host.health_port) == health_pb2.HealthCheckResponse.SERVING
+            assert port.waiting() <= 3
+            gate.set()
+    finally:
+        gate.set()
+        host.stop(0)
+
+
+def test_a_stream_watchdog_that_could_not_start_is_started_by_the_next_send(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog of stalled response streams is started by the first send; when no thread
+    could be had, the never-started thread was kept: no stalled download was ever cancelled
+    again (and stopping the host failed joining it). The next send starts it now."""
+    h, _, channel = host
+    real = threading.Thread
+
+    class NoWatchdog(real):  # type: ignore[misc,valid-type]
+        def start(self) -> None:
+            if self.name == "stream-watchdog":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    stream = channel.unary_stream(f"/{SERVICE}/Stream", _identity, _identity)
+    monkeypatch.setattr(threading, "Thread", NoWatchdog)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stream(b"", timeout=30))
+    monkeypatch.setattr(threading, "Thread", real)
+    assert info.value.code() == grpc.StatusCode.INTERNAL  # type: ignore[attr-defined]
+    responses = stream(b"", timeout=30)
+    assert next(responses) == b"first"
+    watchdog = h.streams._watchdog
+    assert watchdog is not None and watchdog.is_alive()
