@@ -68,6 +68,7 @@ NOT_REASONS = frozenset(
         "MIGRATABLE",
         "MR_SERVICETD",
         "NET_BIND_SERVICE",
+        "OK",
         "ONNX_EXTERNAL_DATA",
         "RLIMIT_CORE",
         "SERVICE_ENV",
