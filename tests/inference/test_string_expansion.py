@@ -147,6 +147,29 @@ def test_the_repository_records_the_refusal_and_its_reason() -> None:
     assert allowed.is_ready("m")
 
 
+def test_nodes_listed_out_of_order_are_judged_in_the_order_they_run() -> None:
+    """ORT sorts a graph itself: an ``Expand`` listed before the ``Identity`` that gives it the
+    request's string ran (it repeated the string), and a walk in the listed order met it before
+    it knew its input was a string, so the model loaded."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Expand", ["y", "n"], ["z"]),
+            helper.make_node("Identity", ["s"], ["y"]),
+            helper.make_node("Size", ["z"], ["k"]),
+        ],
+        "unsorted",
+        [
+            helper.make_tensor_value_info("s", TensorProto.STRING, [1]),
+            helper.make_tensor_value_info("n", TensorProto.INT64, [1]),
+        ],
+        [helper.make_tensor_value_info("k", TensorProto.INT64, [])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_models.OPSET)])
+    model.ir_version = onnx_models.IR_VERSION
+    message = _refused(model.SerializeToString())
+    assert "Expand node" in message, message
+
+
 def test_a_model_in_ort_format_is_refused_not_let_past_the_check(tmp_path: Path) -> None:
     """ONNX Runtime also loads its own flatbuffer format, which the check (reading ONNX) cannot
     walk: the expanding model saved in it loaded past the check. Only ONNX models load now."""

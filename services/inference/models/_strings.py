@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
 import math
 from collections.abc import Mapping
 
@@ -271,9 +272,46 @@ def _graph(
             request = True
     if request:
         walk.held += walk.max_input_bytes
-    for node in graph.node:
+    for node in _in_order(graph):
         _node(walk, node, local_types, scope, where=where)
     return scope
+
+
+def _in_order(graph: GraphProto) -> list[NodeProto]:
+    """``graph``'s nodes, each after the nodes whose outputs it (or a subgraph of it) reads.
+    ORT sorts a graph itself and runs one listed out of order; a walk in the listed order would
+    reach a node before it knew its inputs were strings."""
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    waiting_on = [0] * len(nodes)
+    readers: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        for j in {producer[n] for n in _reads(node) if n in producer} - {i}:
+            waiting_on[i] += 1
+            readers[j].append(i)
+    ready = [i for i, count in enumerate(waiting_on) if count == 0]
+    heapq.heapify(ready)
+    order: list[NodeProto] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for k in readers[i]:
+            waiting_on[k] -= 1
+            if waiting_on[k] == 0:
+                heapq.heappush(ready, k)
+    if len(order) != len(nodes):
+        raise StringExpansion("its graph has a cycle, so the check cannot order it")
+    return order
+
+
+def _reads(node: NodeProto) -> set[str]:
+    """The names ``node`` reads, its subgraphs' (which may read the enclosing graph's) included."""
+    names = {n for n in node.input if n}
+    for attr in node.attribute:
+        for sub in (attr.g,) if attr.type == AttributeProto.GRAPH else attr.graphs:
+            for inner in sub.node:
+                names |= _reads(inner)
+    return names
 
 
 def _node(
