@@ -170,6 +170,46 @@ def test_nodes_listed_out_of_order_are_judged_in_the_order_they_run() -> None:
     assert "Expand node" in message, message
 
 
+def test_the_bodies_of_other_operators_with_subgraphs_are_checked() -> None:
+    """``SequenceMap`` runs its body on each element of a sequence: a body that ``Expand``s the
+    request's string was not walked (only If, Loop and Scan bodies were)."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Expand", ["element", "count"], ["many"]),
+            helper.make_node("Size", ["many"], ["size"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("element", TensorProto.STRING, [1]),
+            helper.make_tensor_value_info("count", TensorProto.INT64, [1]),
+        ],
+        [helper.make_tensor_value_info("size", TensorProto.INT64, [])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("SequenceConstruct", ["s"], ["seq"]),
+            helper.make_node("SequenceMap", ["seq", "n"], ["sizes"], body=body),
+        ],
+        "mapped",
+        [
+            helper.make_tensor_value_info("s", TensorProto.STRING, [1]),
+            helper.make_tensor_value_info("n", TensorProto.INT64, [1]),
+        ],
+        [
+            helper.make_value_info(
+                "sizes",
+                helper.make_sequence_type_proto(
+                    helper.make_tensor_type_proto(TensorProto.INT64, [])
+                ),
+            )
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_models.OPSET)])
+    model.ir_version = onnx_models.IR_VERSION
+    message = _refused(model.SerializeToString())
+    assert "Expand node in the body of SequenceMap node" in message, message
+
+
 def test_a_model_in_ort_format_is_refused_not_let_past_the_check(tmp_path: Path) -> None:
     """ONNX Runtime also loads its own flatbuffer format, which the check (reading ONNX) cannot
     walk: the expanding model saved in it loaded past the check. Only ONNX models load now."""

@@ -10,9 +10,9 @@ no session or run setting touches it). So a model that repeats a long string (``
 number of copies of a 1 MiB string: measured, a 1 MiB string expanded 300 times held ~600 MiB
 under a 64 MiB cap, and the VM's out-of-memory killer takes the service down for everyone.
 
-The check walks the graph (subgraphs of ``If``, ``Loop`` and ``Scan`` too, model-local functions
-inlined) and follows every string-typed value (tensors, and sequences, maps and optionals of
-strings) with two bounds:
+The check walks the graph (subgraphs of ``If``, ``Loop``, ``Scan`` and any other operator too,
+``SequenceMap``'s say, model-local functions inlined) and follows every string-typed value
+(tensors, and sequences, maps and optionals of strings) with two bounds:
 
 * its longest element: a request's strings have none (up to ``max_input_bytes``), a constant's
   (initializer, ``Constant``, an ML operator's labels) is its longest, a ``Cast`` from numbers is
@@ -327,6 +327,9 @@ def _node(
     if op in ("If", "Loop", "Scan"):
         _control_flow(walk, node, types, scope, op=op, label=label, where=where)
         return
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
+        _bodies(walk, node, types, scope, label=label, where=where)
+        return
     ins = [scope.get(name) if name else None for name in node.input]
     strings = [t for t in ins if t is not None]
     made = _attribute_strings(node)
@@ -436,3 +439,58 @@ def _control_flow(
         text = inner.get(value.name)
         if name and text is not None:
             scope[name] = text  # short (checked above): the arena counts it
+
+
+def _bodies(
+    walk: _Walk,
+    node: NodeProto,
+    types: Mapping[str, TypeProto],
+    scope: dict[str, _Text],
+    *,
+    label: str,
+    where: str,
+) -> None:
+    """Another operator with subgraphs (``SequenceMap``, another domain's): each body is assumed
+    to run any number of times on any of the node's strings, so it must return none that is long
+    (and is walked like any graph)."""
+    strings = [t for n in node.input if n and (t := scope.get(n)) is not None]
+    worst = (
+        None
+        if not strings
+        else _Text(
+            None
+            if any(t.longest is None for t in strings)
+            else max(t.longest or 0 for t in strings),
+            sum(t.chars for t in strings),
+        )
+    )
+    inner_where = f"the body of {label} in {where}"
+    outputs: list[_Text | None] = []
+    for attr in node.attribute:
+        for body in (attr.g,) if attr.type == AttributeProto.GRAPH else attr.graphs:
+            given = {} if worst is None else {value.name: worst for value in body.input}
+            inner = _graph(walk, body, types, scope, where=inner_where, inputs=given)
+            for value in body.output:
+                text = inner.get(value.name)
+                if text is not None and not text.short:
+                    raise StringExpansion(
+                        f"{label} in {where} returns string elements of "
+                        f"{'any length' if text.longest is None else f'up to {text.longest} bytes'}"
+                        " from a body it may run any number of times"
+                    )
+                outputs.append(text)
+    for name in node.output:
+        if not name:
+            continue
+        if name in types:
+            if not _is_string_type(types[name]):
+                continue
+        elif not strings and all(t is None for t in outputs):
+            continue  # untyped, with nothing that could make it a string
+        if node.domain not in ("", "ai.onnx"):
+            raise StringExpansion(
+                f"{label} in {where} makes string elements of any length (more than the "
+                f"{SHORT_STRING_BYTES} bytes the memory cap counts) from its body"
+            )
+        # SequenceMap's outputs are its body's, each short (checked above).
+        scope[name] = _Text(SHORT_STRING_BYTES, 0.0)
