@@ -351,3 +351,23 @@ def string_id_to_text() -> bytes:
         [_int64("ids", ["n"])],
         [_text("text", ["n"])],
     )
+
+
+def text_label_encoder(labels: dict[str, str]) -> bytes:
+    """``LabelEncoder`` (ai.onnx.ml) mapping request strings to labels from its table."""
+    return _strings_model(
+        [
+            helper.make_node(
+                "LabelEncoder",
+                ["text"],
+                ["label"],
+                domain="ai.onnx.ml",
+                keys_strings=list(labels),
+                values_strings=list(labels.values()),
+                default_string="other",
+            )
+        ],
+        [_text("text", ["n"])],
+        [_text("label", ["n"])],
+        ml=True,
+    )

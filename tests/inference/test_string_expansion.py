@@ -210,6 +210,17 @@ def test_the_bodies_of_other_operators_with_subgraphs_are_checked() -> None:
     assert "Expand node in the body of SequenceMap node" in message, message
 
 
+def test_request_text_mapped_to_short_labels_loads_and_long_labels_do_not() -> None:
+    """``LabelEncoder`` writes a value of its table for each element, never the element: a
+    request's long text mapped to short labels was refused as if the text were repeated."""
+    short = {"a long request string": "yes", "b": "no"}
+    model = LoadedModel.from_bytes("enc", "1", onnx_models.text_label_encoder(short))
+    out = model.infer({"text": np.array([b"a long request string", b"zz"], dtype=object)})
+    assert out["label"].tolist() == [b"yes", b"other"]
+    message = _refused(onnx_models.text_label_encoder({"b": "a label of 17 byte"}))
+    assert "LabelEncoder node" in message and "up to 18 bytes" in message, message
+
+
 def test_a_model_in_ort_format_is_refused_not_let_past_the_check(tmp_path: Path) -> None:
     """ONNX Runtime also loads its own flatbuffer format, which the check (reading ONNX) cannot
     walk: the expanding model saved in it loaded past the check. Only ONNX models load now."""

@@ -118,6 +118,16 @@ _NOT_STRING_OUTPUTS: Mapping[str, frozenset[int]] = {
 
 _ML_DOMAIN = "ai.onnx.ml"
 
+# ML operators that map each input element to a value of a table in their attributes: their string
+# outputs are the table's strings (a request's long text mapped to short labels stays short).
+# The attributes holding what they write (the keys they match inputs against are not written).
+_TABLE_LOOKUPS: Mapping[str, frozenset[str]] = {
+    f"{_ML_DOMAIN}.LabelEncoder": frozenset(
+        {"values_strings", "default_string", "values_tensor", "default_tensor"}
+    ),
+    f"{_ML_DOMAIN}.CategoryMapper": frozenset({"cats_strings", "default_string"}),
+}
+
 
 class StringExpansion(Exception):
     """Why a model could make a run hold string characters without bound (the message)."""
@@ -222,10 +232,13 @@ def _tensor_text(tensor: TensorProto) -> _Text | None:
     return _Text(max((len(s) for s in data), default=0), float(sum(len(s) for s in data)))
 
 
-def _attribute_strings(node: NodeProto) -> list[bytes]:
-    """Every string a node's attributes hold (labels, a Constant's value, ...), subgraphs not."""
+def _attribute_strings(node: NodeProto, names: frozenset[str] | None = None) -> list[bytes]:
+    """Every string a node's attributes (those ``names``, or all) hold: labels, a Constant's
+    value, ...; subgraphs not."""
     found: list[bytes] = []
     for attr in node.attribute:
+        if names is not None and attr.name not in names:
+            continue
         if attr.type == AttributeProto.STRING:
             found.append(attr.s)
         elif attr.type == AttributeProto.STRINGS:
@@ -374,6 +387,10 @@ def _cast_text(node: NodeProto, types: Mapping[str, TypeProto]) -> _Text:
 
 def _output_text(node: NodeProto, op: str, strings: list[_Text], made: list[bytes]) -> _Text:
     """The bounds of an output made from ``strings`` (inputs) and ``made`` (attributes)."""
+    if op in _TABLE_LOOKUPS:
+        # Each output element is one of the table's values (or its default), never an input's.
+        written = _attribute_strings(node, _TABLE_LOOKUPS[op])
+        return _Text(max((len(s) for s in written), default=0), float(sum(map(len, written))))
     known_domain = node.domain in ("", "ai.onnx", _ML_DOMAIN)
     longest: int | None
     if not known_domain or any(t.longest is None for t in strings):
