@@ -371,3 +371,50 @@ def text_label_encoder(labels: dict[str, str]) -> bytes:
         [_text("label", ["n"])],
         ml=True,
     )
+
+
+def text_vectorizer(pad_value: str = "#") -> bytes:
+    """What sklearn-onnx writes for a TfidfVectorizer: ``StringNormalizer`` (lower case), ORT's
+    ``Tokenizer`` (com.microsoft) splitting on spaces, ``TfIdfVectorizer`` counting known words."""
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "StringNormalizer",
+                ["text"],
+                ["lower"],
+                case_change_action="LOWER",
+                locale="C.UTF-8",  # the image has no en_US.UTF-8, the default
+            ),
+            helper.make_node(
+                "Tokenizer",
+                ["lower"],
+                ["tokens"],
+                domain="com.microsoft",
+                mark=0,
+                mincharnum=1,
+                pad_value=pad_value,
+                separators=[" "],
+            ),
+            helper.make_node(
+                "TfIdfVectorizer",
+                ["tokens"],
+                ["counts"],
+                mode="TF",
+                min_gram_length=1,
+                max_gram_length=1,
+                max_skip_count=0,
+                ngram_counts=[0],
+                ngram_indexes=[0, 1],
+                pool_strings=["good", "bad"],
+            ),
+        ],
+        "vectorizer",
+        [_text("text", ["n"])],
+        [helper.make_tensor_value_info("counts", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+    )
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()

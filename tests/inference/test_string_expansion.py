@@ -232,3 +232,15 @@ def test_a_model_in_ort_format_is_refused_not_let_past_the_check(tmp_path: Path)
     with pytest.raises(ModelLoadError) as info:
         LoadedModel.from_bytes("m", "1", saved.read_bytes())
     assert info.value.reason == "MODEL_INVALID"
+
+
+def test_a_text_vectorizer_loads_unless_it_pads_with_long_strings() -> None:
+    """sklearn-onnx's text vectorizers tokenize with ORT's ``Tokenizer`` (com.microsoft), whose
+    outputs, as any other domain's, counted as strings of any length it might repeat: every such
+    model was refused. Tokens are pieces of the request's strings, each placed once; only the
+    padding is the operator's own, so a long ``pad_value`` is still refused."""
+    model = LoadedModel.from_bytes("tfidf", "1", onnx_models.text_vectorizer())
+    out = model.infer({"text": np.array([b"Good good bad", b"meh"], dtype=object)})
+    assert out["counts"].tolist() == [[2.0, 1.0], [0.0, 0.0]]
+    message = _refused(onnx_models.text_vectorizer(pad_value="a padding of 17 b"))
+    assert "com.microsoft.Tokenizer node" in message, message

@@ -359,7 +359,7 @@ def _node(
         elif not strings and not made and not _casts_to_string(node):
             continue  # untyped, with nothing that could make it a string
         text = _cast_text(node, types) if from_numbers else _output_text(node, op, strings, made)
-        if not text.short and (op not in _PRESERVING or from_numbers):
+        if not text.short and (not _preserves(node, op) or from_numbers):
             limit = "any length" if text.longest is None else f"up to {text.longest} bytes"
             raise StringExpansion(
                 f"{label} in {where} makes string elements of {limit} (more than the "
@@ -367,6 +367,17 @@ def _node(
                 "or values it is given say"
             )
         scope[name] = walk.hold(text)
+
+
+def _preserves(node: NodeProto, op: str) -> bool:
+    """Whether ``node`` places each element of its string inputs at most once (:data:`_PRESERVING`)
+    and writes nothing long of its own. ORT's ``Tokenizer`` (what sklearn-onnx writes for a text
+    vectorizer) splits each string into tokens, pads each row to the longest with ``pad_value``:
+    preserving while that is short (the padding's count is the arena's to bound)."""
+    if op == "com.microsoft.Tokenizer":
+        padding = _attribute_strings(node, frozenset({"pad_value"}))
+        return all(len(p) <= SHORT_STRING_BYTES for p in padding)
+    return op in _PRESERVING
 
 
 def _casts_to_string(node: NodeProto) -> bool:
