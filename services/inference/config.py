@@ -94,6 +94,8 @@ class InferenceConfig:
         "release_signing_public_keys": (),
         "allow_unsigned_releases": (False,),
         "clients": (),
+        "string_expansion_models": (),
+        "allow_string_expansion": (False,),
     }
 
     model_store: str
@@ -139,6 +141,13 @@ class InferenceConfig:
     # that cap (NonZero, Unique: models.UNCAPPED_OPERATORS); refused at load otherwise
     # (MODEL_OPERATOR_UNCAPPED). Only for models whose such inputs no request can size.
     allow_uncapped_operators: bool = False
+    # The characters of strings longer than 15 bytes are outside that cap: a model that could
+    # repeat one by a runtime value (Expand, Tile, Gather, Where, a Loop's outputs, ...), or whose
+    # string values could together outgrow the cap, is refused at load (FAILED_PRECONDITION
+    # MODEL_STRING_EXPANSION) unless named here (a model name, or ``name/`` for everything under
+    # it) or allowed for every model: then its requests can hold memory nothing bounds.
+    string_expansion_models: tuple[str, ...] = ()
+    allow_string_expansion: bool = False
     # OpenSSF model signing: the EC public key (PEM) models must be signed with, and whether an
     # unsigned model may load at all.
     model_signing_public_key: Path | None = None
@@ -200,6 +209,9 @@ class InferenceConfig:
             raise ConfigError(
                 f"inference.max_inference_memory_bytes must be at least {MIN_INFERENCE_MEMORY_BYTES}"
             )
+        problem = name_rule_problem(self.string_expansion_models)
+        if problem:
+            raise ConfigError(f"inference.string_expansion_models: {problem}")
         if not 0 <= self.decrypt_threads <= 64:
             raise ConfigError("inference.decrypt_threads must be between 0 and 64")
         try:
@@ -236,6 +248,9 @@ class InferenceConfig:
         return RuntimeOptions(
             max_inference_memory_bytes=self.max_inference_memory_bytes,
             allow_uncapped_operators=self.allow_uncapped_operators,
+            max_input_bytes=self.max_input_bytes,
+            string_expansion_models=self.string_expansion_models,
+            allow_string_expansion=self.allow_string_expansion,
         )
 
     @property

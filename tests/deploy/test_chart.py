@@ -527,6 +527,27 @@ def test_the_inference_memory_cap_is_an_operator_value(
     assert section.max_inference_memory_bytes == expected
 
 
+@pytest.mark.parametrize(
+    ("set_args", "models", "everyone"),
+    [
+        ((), (), False),
+        (("inference.stringExpansionModels={tenant-a/,solo}",), ("tenant-a/", "solo"), False),
+        (("inference.allowStringExpansion=true",), (), True),
+    ],
+)
+def test_models_let_through_the_string_check_are_operator_values(
+    helm: str, tmp_path: Path, set_args: tuple[str, ...], models: tuple[str, ...], everyone: bool
+) -> None:
+    """``inference.stringExpansionModels`` and ``allowStringExpansion`` reach the service's
+    ``string_expansion_models`` and ``allow_string_expansion`` (by default: none, false)."""
+    path = tmp_path / "inference.yaml"
+    path.write_text(_configs(render(helm, set_args=set_args))["inference"])
+    _, section = load_service_config(path, "inference", InferenceConfig, environ={})
+    assert isinstance(section, InferenceConfig)
+    assert section.string_expansion_models == models
+    assert section.allow_string_expansion is everyone
+
+
 @pytest.mark.parametrize(("value", "expected"), [(None, False), ("false", False), ("true", True)])
 def test_uncapped_operators_are_an_operator_value(
     helm: str, tmp_path: Path, value: str | None, expected: bool

@@ -102,6 +102,13 @@ def sized() -> bytes:
     )
 
 
+# Published, not loaded by the fixture: the string check refuses the first, and the
+# configuration lets the second through (inference.string_expansion_models: trusted/).
+STRING_EXPANDERS: dict[str, Callable[[], bytes]] = {
+    "text-expander": onnx_models.string_expander,
+    "trusted/text-expander": onnx_models.string_expander,
+}
+
 MODELS: dict[str, Callable[[], bytes]] = {
     "classifier": onnx_models.classifier,
     "wide": lambda: onnx_models.classifier(hidden=256),
@@ -127,8 +134,8 @@ def served(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     admin, publisher, client = (stack.identity(n) for n in ("admin", "publisher", "client"))
     stack.create_release_key(admin, "oip-limits", policy_version="1")
     plain = tmp_path_factory.mktemp("plain")
-    for name, build in MODELS.items():
-        path = plain / f"{name}.onnx"
+    for name, build in {**MODELS, **STRING_EXPANDERS}.items():
+        path = plain / f"{name.replace('/', '--')}.onnx"
         path.write_bytes(build())
         publish_model(
             path,
@@ -144,6 +151,7 @@ def served(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "max_input_bytes": LIMIT,
         "max_output_bytes": LIMIT,
         "max_inference_memory_bytes": RUN_MEMORY,
+        "string_expansion_models": ["trusted/"],
     }
     tunables = SERVICE_ENV["inference"]["GLIBC_TUNABLES"] + ":glibc.malloc.mmap_threshold=131072"
     running = stack.start_process("inference", section, env={"GLIBC_TUNABLES": tunables})
@@ -267,6 +275,36 @@ def test_an_output_sized_by_an_input_value_is_bounded_by_the_run_memory_cap(
     assert again.raw_output_contents == small.raw_output_contents
     kept = _status(served.pid, "VmRSS") - before
     assert kept < 4 * LIMIT, f"{kept >> 20} MiB still resident after the refused call"
+
+
+def test_a_model_that_repeats_a_string_by_a_value_is_refused_at_load(
+    stack: DevStack, served: Served
+) -> None:
+    """A string's characters past 15 bytes are outside the run memory cap: a model that repeats a
+    request's string as many times as an input's value says (here Expand) held ~300 MiB for one
+    1 MiB string and n = 300 under a 64 MiB cap, unbounded by any setting. LoadModel now refuses
+    it, FAILED_PRECONDITION MODEL_STRING_EXPANSION; a model the operator listed loads and serves."""
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        control.LoadModel(
+            control_pb.LoadModelRequest(name="text-expander", version="1"), timeout=60
+        )
+    error = info.value
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert reason(error) == "MODEL_STRING_EXPANSION"
+    assert "Expand node" in (error.details() or "")  # type: ignore[attr-defined]
+    control.LoadModel(
+        control_pb.LoadModelRequest(name="trusted/text-expander", version="1"), timeout=60
+    )
+    request = pb.ModelInferRequest(model_name="trusted/text-expander")
+    request.inputs.add(name="s", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+        b"x" * 64
+    )
+    request.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(3)
+    answer = served.oip.ModelInfer(request, timeout=60)
+    assert answer.outputs[0].contents.int64_contents == [3]
 
 
 def test_typed_contents_do_not_decode_to_ten_times_their_size(served: Served) -> None:

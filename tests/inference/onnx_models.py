@@ -235,3 +235,234 @@ def parse_numbers() -> bytes:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
     )
     return _model(graph).SerializeToString()
+
+
+def _strings_model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    initializers: list[TensorProto] | None = None,
+    *,
+    opset: int = OPSET,
+    ml: bool = False,
+) -> bytes:
+    graph = helper.make_graph(nodes, "strings", inputs, outputs, initializers or [])
+    opsets = [helper.make_opsetid("", opset)]
+    if ml:
+        opsets.append(helper.make_opsetid("ai.onnx.ml", 3))
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _text(name: str, shape: list[int | str] | None = None) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.STRING, shape)
+
+
+def _int64(name: str, shape: list[int | str] | None = None) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.INT64, shape)
+
+
+def _labels(labels: list[str]) -> TensorProto:
+    return numpy_helper.from_array(np.array([s.encode() for s in labels], dtype=object), "labels")
+
+
+def string_expander(op: str = "Expand") -> bytes:
+    """A request's string ``s`` [1] repeated as many times as the *value* of ``n`` says (``Expand``
+    to shape ``n``, ``Tile`` by ``n``, ``Gather`` at ``n`` indices of 0, ``Where``'s broadcast
+    over ``n`` conditions); outputs only ``k``, the repeats' count, so no response carries them."""
+    repeat = {
+        "Expand": [helper.make_node("Expand", ["s", "n"], ["y"])],
+        "Tile": [helper.make_node("Tile", ["s", "n"], ["y"])],
+        "Gather": [
+            helper.make_node("ConstantOfShape", ["n"], ["zeros"], value=_zero_int64()),
+            helper.make_node("Gather", ["s", "zeros"], ["y"]),
+        ],
+        "Where": [
+            helper.make_node("ConstantOfShape", ["n"], ["conditions"], value=_true()),
+            helper.make_node("Where", ["conditions", "s", "s"], ["y"]),
+        ],
+    }[op]
+    return _strings_model(
+        [*repeat, helper.make_node("Size", ["y"], ["k"])],
+        [_text("s", [1]), _int64("n", [1])],
+        [_int64("k", [])],
+    )
+
+
+def _zero_int64() -> TensorProto:
+    return helper.make_tensor("zero", TensorProto.INT64, [1], [0])
+
+
+def _true() -> TensorProto:
+    return helper.make_tensor("true", TensorProto.BOOL, [1], [True])
+
+
+def string_doubler_loop() -> bytes:
+    """A ``Loop`` that doubles its string ``s`` (``Concat(c, c)``) ``n`` times: ``2**n`` copies."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Concat", ["c_in", "c_in"], ["c_out"], axis=0),
+            helper.make_node("Identity", ["cond"], ["cond_out"]),
+        ],
+        "double",
+        [
+            _int64("i", []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            _text("c_in"),
+        ],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _text("c_out")],
+    )
+    return _strings_model(
+        [helper.make_node("Loop", ["n", "", "s"], ["r"], body=body)],
+        [_text("s", ["k"]), _int64("n", [])],
+        [_text("r", ["m"])],
+    )
+
+
+def string_concat_chain(doublings: int) -> bytes:
+    """``s`` concatenated with itself ``doublings`` times over (a fixed ``2**doublings`` copies)."""
+    nodes = [
+        helper.make_node("Concat", [f"s{i}", f"s{i}"], [f"s{i + 1}"], axis=0)
+        for i in range(doublings)
+    ]
+    nodes.append(helper.make_node("Size", [f"s{doublings}"], ["k"]))
+    return _strings_model(nodes, [_text("s0", ["n"])], [_int64("k", [])])
+
+
+def string_equality() -> bytes:
+    """``same = Equal(a, b)`` over two request string tensors (opset 19 compares strings), and
+    ``a`` returned as is."""
+    return _strings_model(
+        [
+            helper.make_node("Equal", ["a", "b"], ["same"]),
+            helper.make_node("Identity", ["a"], ["a_copy"]),
+        ],
+        [_text("a", ["n"]), _text("b", ["n"])],
+        [helper.make_tensor_value_info("same", TensorProto.BOOL, ["n"]), _text("a_copy", ["n"])],
+        opset=19,
+    )
+
+
+def label_lookup(labels: list[str]) -> bytes:
+    """A classifier's label output: ``Gather(labels, ArgMax(x))`` from a fixed initializer."""
+    return _strings_model(
+        [
+            helper.make_node("ArgMax", ["x"], ["index"], axis=1, keepdims=0),
+            helper.make_node("Gather", ["labels", "index"], ["label"]),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", len(labels)])],
+        [_text("label", ["batch"])],
+        [_labels(labels)],
+    )
+
+
+def string_label_classifier(labels: list[str]) -> bytes:
+    """What sklearn-onnx writes for a linear classifier with string classes: ``LinearClassifier``
+    (ai.onnx.ml) naming each row's class from its ``classlabels_strings``, and ``ZipMap`` giving
+    each row's probabilities by class name (a sequence of maps, which OIP cannot carry)."""
+    features = 2
+    linear = helper.make_node(
+        "LinearClassifier",
+        ["x"],
+        ["label", "scores"],
+        domain="ai.onnx.ml",
+        classlabels_strings=labels,
+        coefficients=[float(i % 3) for i in range(features * len(labels))],
+        intercepts=[0.0] * len(labels),
+        post_transform="SOFTMAX",
+    )
+    zipmap = helper.make_node(
+        "ZipMap", ["scores"], ["probabilities"], domain="ai.onnx.ml", classlabels_strings=labels
+    )
+    probabilities = helper.make_value_info(
+        "probabilities",
+        helper.make_sequence_type_proto(
+            helper.make_map_type_proto(
+                TensorProto.STRING, helper.make_tensor_type_proto(TensorProto.FLOAT, [])
+            )
+        ),
+    )
+    return _strings_model(
+        [linear, zipmap],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [_text("label", ["batch"]), probabilities],
+        ml=True,
+    )
+
+
+def string_id_to_text() -> bytes:
+    """``Cast`` of INT64 ids to text: one string per number, up to 20 characters each."""
+    return _strings_model(
+        [helper.make_node("Cast", ["ids"], ["text"], to=TensorProto.STRING)],
+        [_int64("ids", ["n"])],
+        [_text("text", ["n"])],
+    )
+
+
+def text_label_encoder(labels: dict[str, str]) -> bytes:
+    """``LabelEncoder`` (ai.onnx.ml) mapping request strings to labels from its table."""
+    return _strings_model(
+        [
+            helper.make_node(
+                "LabelEncoder",
+                ["text"],
+                ["label"],
+                domain="ai.onnx.ml",
+                keys_strings=list(labels),
+                values_strings=list(labels.values()),
+                default_string="other",
+            )
+        ],
+        [_text("text", ["n"])],
+        [_text("label", ["n"])],
+        ml=True,
+    )
+
+
+def text_vectorizer(pad_value: str = "#") -> bytes:
+    """What sklearn-onnx writes for a TfidfVectorizer: ``StringNormalizer`` (lower case), ORT's
+    ``Tokenizer`` (com.microsoft) splitting on spaces, ``TfIdfVectorizer`` counting known words."""
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "StringNormalizer",
+                ["text"],
+                ["lower"],
+                case_change_action="LOWER",
+                locale="C.UTF-8",  # the image has no en_US.UTF-8, the default
+            ),
+            helper.make_node(
+                "Tokenizer",
+                ["lower"],
+                ["tokens"],
+                domain="com.microsoft",
+                mark=0,
+                mincharnum=1,
+                pad_value=pad_value,
+                separators=[" "],
+            ),
+            helper.make_node(
+                "TfIdfVectorizer",
+                ["tokens"],
+                ["counts"],
+                mode="TF",
+                min_gram_length=1,
+                max_gram_length=1,
+                max_skip_count=0,
+                ngram_counts=[0],
+                ngram_indexes=[0, 1],
+                pool_strings=["good", "bad"],
+            ),
+        ],
+        "vectorizer",
+        [_text("text", ["n"])],
+        [helper.make_tensor_value_info("counts", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+    )
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()

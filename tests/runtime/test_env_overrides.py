@@ -92,6 +92,9 @@ LOCKED = [
     # Models any holder of an old (unbound) data key could have written for any name.
     ("inference", "STRONGROOM__INFERENCE__ACCEPT_UNBOUND_ARTIFACTS", "true", "inference.accept_unbound_artifacts"),
     ("inference", "STRONGROOM__INFERENCE__MODEL_KEYS", "[{key_id: x, model_names: [a/]}]", "inference.model_keys"),
+    # Models whose strings escape the inference memory cap: one request could OOM the VM.
+    ("inference", "STRONGROOM__INFERENCE__ALLOW_STRING_EXPANSION", "true", "inference.allow_string_expansion"),
+    ("inference", "STRONGROOM__INFERENCE__STRING_EXPANSION_MODELS", "[a/]", "inference.string_expansion_models"),
     # Whose names a publisher may take: one more entry lets an identity squat any version.
     ("modelstore", "STRONGROOM__MODELSTORE__PUBLISHERS", "[{spiffe_id: spiffe://strongroom.test/x, model_names: [a/]}]", "modelstore.publishers"),
     # New unbound uploads: a holder of an old data key publishes under another tenant's name.

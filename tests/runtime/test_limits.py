@@ -108,6 +108,24 @@ def test_the_inference_memory_cap_has_a_floor_and_reaches_the_sessions() -> None
         InferenceConfig(model_store="a:1", key_broker="b:1", max_inference_memory_bytes=1 << 20)
 
 
+def test_models_let_through_the_string_check_are_name_rules_and_reach_the_sessions() -> None:
+    config = InferenceConfig(
+        model_store="a:1",
+        key_broker="b:1",
+        max_input_bytes=1 << 20,
+        string_expansion_models=("tenant-a/", "solo"),
+    )
+    runtime = config.runtime
+    assert runtime.max_input_bytes == 1 << 20  # what a request brings the string check
+    assert runtime.allows_string_expansion("tenant-a/m") and runtime.allows_string_expansion("solo")
+    assert not runtime.allows_string_expansion("tenant-ab/m")
+    assert not runtime.allows_string_expansion("solo2")
+    everyone = InferenceConfig(model_store="a:1", key_broker="b:1", allow_string_expansion=True)
+    assert everyone.runtime.allows_string_expansion("any")
+    with pytest.raises(ConfigError, match=r"string_expansion_models: '\.\./x' is not a model name"):
+        InferenceConfig(model_store="a:1", key_broker="b:1", string_expansion_models=("../x",))
+
+
 def test_model_keys_pin_names_to_keys() -> None:
     config = InferenceConfig(
         model_store="a:1",

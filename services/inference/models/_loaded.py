@@ -32,8 +32,10 @@ from strongroom.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
+from strongroom.identifiers import name_rule_matches
 from strongroom.inference.models._datatypes import BY_ORT_TYPE, DATATYPES, DataType
 from strongroom.inference.models._ort import ort, ort_state
+from strongroom.inference.models._strings import StringExpansion, check_string_expansion
 from strongroom.reasons import Reason
 from strongroom.wire import WireError, fields
 
@@ -63,6 +65,10 @@ MIN_INFERENCE_MEMORY_BYTES = 16 << 20
 """The least cap one may configure (below it no usual model runs)."""
 INFERENCE_MEMORY_SETTING = "inference.max_inference_memory_bytes"
 """The configuration key of the cap, named in the refusal (the models layer has no config)."""
+DEFAULT_MAX_REQUEST_BYTES = 64 << 20
+"""Default bound on a request's tensor bytes (``inference.max_input_bytes``'s default)."""
+STRING_EXPANSION_SETTINGS = "inference.string_expansion_models or inference.allow_string_expansion"
+"""The configuration keys that let a model through the string check, named in its refusal."""
 
 # ORT's refusals when an allocation does not fit: the capped arena's, the arena's allocator's,
 # and the C++ runtime's (malloc itself failed).
@@ -163,6 +169,13 @@ class RuntimeOptions:
     max_inference_memory_bytes: int = DEFAULT_MAX_INFERENCE_MEMORY_BYTES
     # Whether a model may use UNCAPPED_OPERATORS, whose kernels allocate outside that cap.
     allow_uncapped_operators: bool = False
+    # The most a request's tensors may bring (inference.max_input_bytes): the string characters
+    # a request gives a model, which the string check (models._strings) bounds the graph by.
+    max_input_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    # Models whose strings the arena does not bound are refused (MODEL_STRING_EXPANSION) unless
+    # named here (a model name, or ``name/`` for every model under it) or allowed for all.
+    string_expansion_models: tuple[str, ...] = ()
+    allow_string_expansion: bool = False
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in _OPTIMIZATION_LEVELS:
@@ -173,6 +186,14 @@ class RuntimeOptions:
             raise ValueError(
                 f"max_inference_memory_bytes must be at least {MIN_INFERENCE_MEMORY_BYTES}"
             )
+        if self.max_input_bytes < 1:
+            raise ValueError("max_input_bytes must be positive")
+
+    def allows_string_expansion(self, name: str) -> bool:
+        """Whether model ``name`` may load though its strings escape the memory cap."""
+        return self.allow_string_expansion or any(
+            name_rule_matches(rule, name) for rule in self.string_expansion_models
+        )
 
 
 def session_options(options: RuntimeOptions) -> ort.SessionOptions:
@@ -181,6 +202,9 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     so.optimized_model_filepath = ""  # never serialise the optimised graph (it holds the weights)
     so.enable_profiling = False
     so.add_session_config_entry("ep.context_enable", "0")
+    # ONNX protobuf only, never ORT's own flatbuffer format: the string check (models._strings)
+    # reads the graph as ONNX, and a model it cannot read must not load some other way.
+    so.add_session_config_entry("session.load_model_format", "ONNX")
     so.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", _NO_EXTERNAL_DATA_DIR
     )
@@ -257,7 +281,11 @@ class LoadedModel:
         serialized = model if isinstance(model, bytes) else bytes(model)
         started = time.perf_counter()
         try:
+            # Before ORT reads it: a refused model never gets a session.
+            _check_strings(name, version, serialized, options)
             session = ort.InferenceSession(serialized, so, providers=["CPUExecutionProvider"])
+        except ModelLoadError:
+            raise
         except Exception as exc:
             # ORT's message names nodes and initializers, never their values: fine for the log.
             log.error(
@@ -484,6 +512,38 @@ def _repeated(message: memoryview, *numbers: int) -> list[memoryview]:
         for f in fields(message)
         if f.payload is not None and not f.depth and f.number in numbers
     ]
+
+
+def _check_strings(name: str, version: str, model: bytes, options: RuntimeOptions) -> None:
+    """Refuses a model that could make runs hold string characters the arena does not count
+    (models._strings), unless the configuration lets it through."""
+    try:
+        check_string_expansion(
+            model,
+            max_input_bytes=options.max_input_bytes,
+            max_chars=options.max_inference_memory_bytes,
+        )
+    except ValueError:
+        raise ModelLoadError(
+            "the model is not a serialized ONNX model", reason=Reason.MODEL_INVALID
+        ) from None
+    except StringExpansion as exc:
+        if options.allows_string_expansion(name):
+            log.warning(
+                "model loaded though its strings escape the inference memory cap (allowed)",
+                extra={"model": name, "version": version, "detail": str(exc)},
+            )
+            return
+        log.warning(
+            "model refused: its strings escape the inference memory cap",
+            extra={"model": name, "version": version, "detail": str(exc)},
+        )
+        raise ModelLoadError(
+            f"the model could make ONNX Runtime hold string characters outside "
+            f"{INFERENCE_MEMORY_SETTING}: {exc}; a model trusted with that is named in "
+            f"{STRING_EXPANSION_SETTINGS}",
+            reason=Reason.MODEL_STRING_EXPANSION,
+        ) from None
 
 
 def _spec(arg: Any, kind: str) -> TensorSpec:
