@@ -24,8 +24,8 @@ it is ``DATA_LOSS`` with the artifact reader's reason, like a failed authenticat
 
 **Retries.** :meth:`ModelLoader.load_with_retry` retries a load that failed with ``UNAVAILABLE``
 (store, broker, HSM or collateral briefly unreachable), or ``RESOURCE_EXHAUSTED``
-``TOO_MANY_UNARY_CALLS_PER_IDENTITY`` (the broker busy with this identity's other calls) or
-``DATA_PLANE_WORKERS_BUSY`` (a peer's data-plane workers all busy), with
+``TOO_MANY_UNARY_CALLS_PER_IDENTITY`` or ``TOO_MANY_WORKERS_PER_IDENTITY`` (the broker or the
+store busy with this identity's other calls and streams) or ``DATA_PLANE_WORKERS_BUSY`` (a peer's data-plane workers all busy), with
 exponential back-off until a deadline; nothing else is retried (a denied release or a damaged
 artifact needs an operator). Configured models retry without a deadline (see the server);
 LoadModel retries within :data:`LOAD_RETRY_SECONDS` or the caller's own deadline, whichever is
@@ -84,6 +84,7 @@ LOAD_RETRY_SECONDS = 30.0
 BUSY_REFUSALS = frozenset(
     {
         Reason.TOO_MANY_UNARY_CALLS_PER_IDENTITY,
+        Reason.TOO_MANY_WORKERS_PER_IDENTITY,
         Reason.TOO_MANY_STREAMS_PER_IDENTITY,
         Reason.TOO_MANY_STREAMS,
         Reason.DATA_PLANE_WORKERS_BUSY,

@@ -154,9 +154,10 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
     def release_refused_unread(self, exc: StrongroomError, context: grpc.ServicerContext) -> None:
         """Audits a ReleaseKey refused before this servicer ran (the runtime's refusal observer):
         an identity without the inference role, a caller with too many calls running at once
-        (``server.max_unary_calls_per_identity``), every data-plane worker busy
-        (``DATA_PLANE_WORKERS_BUSY``), a request that does not decode. Every refusal
-        of a release is audited, and these were only logged: an inference identity could send
+        (``server.max_unary_calls_per_identity``) or too many data-plane workers held, calls,
+        streams and health waits together (``server.max_data_plane_workers_per_identity``),
+        every data-plane worker busy (``DATA_PLANE_WORKERS_BUSY``), a request that does not
+        decode. Every refusal of a release is audited, and these were only logged: an inference identity could send
         any number of undecodable attempts the audit log never saw."""
         try:
             ident = caller_identity(context)

@@ -19,12 +19,18 @@ operator included. So the workers are split (:class:`WorkerShares`): a reserve t
 service's *control-plane* methods may use (model control, key administration, deletes, health:
 each service names its own), and the rest, which *data-plane* calls (unary calls and blocking
 streams of every other method) hold all callers together; a data-plane call beyond it fails at once
-with ``RESOURCE_EXHAUSTED`` (``DATA_PLANE_WORKERS_BUSY``). The per-identity cap defaults to just
-under half the data-plane workers, so that two callers at their cap leave a worker for a third.
-Control-plane calls count against their caller's cap only: an operator's calls are few, and
-health checks are answered at once. Only the wait for a call's request message tells public
-control-plane methods (health) from the operator's: a public one waits within the data plane
-(:meth:`UnaryGuard.wait_for_request`), since any certificate may call it.
+with ``RESOURCE_EXHAUSTED`` (``DATA_PLANE_WORKERS_BUSY``).
+
+The per-kind caps (unary calls here, streams in the stream guard) each bound one kind: one caller
+at both held 13 unary calls + 8 blocking streams of the 28 data-plane workers, health calls that
+never sent their message beside them, and two callers held them all. So the shares also bound the
+data-plane workers each caller holds, every kind together (``per_identity``,
+``server.max_data_plane_workers_per_identity``; ``TOO_MANY_WORKERS_PER_IDENTITY``), which defaults
+to just under half the data-plane workers, so that two callers at their bound leave a worker for a
+third. Control-plane calls count against their caller's unary cap only: an operator's calls are
+few, and health checks are answered at once. Only the wait for a call's request message tells
+public control-plane methods (health) from the operator's: a public one waits within the data
+plane (:meth:`UnaryGuard.wait_for_request`), since any certificate may call it.
 
 Any certificate: the CA signs for SPIFFE IDs the services give no role, and a public method admits
 every one of them. Counted one by one, N such identities had N caps of health calls that never
@@ -38,6 +44,15 @@ a public method's wait may last is bounded instead (``server.health_request_wait
 watchdog cancels the call past it (gRPC Python has no timed read, and a status cannot be set from
 another thread, so its caller sees ``CANCELLED``), where it held its worker until its deadline or
 its connection's age.
+
+A wait for a request message counts in its caller's bound like any data-plane worker, from its
+start: counting it only once it had lasted would let stalled waits hold workers until then. At its
+bound, a caller's further wait is still admitted, on trust, while the data plane has room: a
+message sent with the call (what every gRPC client does) is read within milliseconds, and a burst
+of an authorised caller's health ``Watch`` calls is not refused for waits that end at once. A wait
+admitted so that still waits after :data:`TRUSTED_WAIT_SECONDS` is counted in the bound if it now
+fits there, or cancelled; its caller is then trusted no more for :data:`DISTRUST_SECONDS`, so that
+its waits beyond the bound are refused at once and stalled ones cannot be renewed past it.
 """
 
 from __future__ import annotations
@@ -71,6 +86,16 @@ certificate that yields no usable SPIFFE ID, and any SPIFFE ID no rule names (th
 names the services give no role). Only public methods (health) admit them, so a holder of many
 such certificates cannot multiply its buckets. It cannot collide with a SPIFFE ID."""
 
+TRUSTED_WAIT_SECONDS = 1.0
+"""How long a wait for a request message admitted beyond its caller's data-plane bound may last
+(:meth:`UnaryGuard.wait_for_request`): a message sent with the call is read within milliseconds."""
+
+DISTRUST_SECONDS = 60.0
+"""How long a caller one of whose waits admitted so proved stalled is trusted no more: each wait
+beyond its bound is then refused at once, so that stalled waits renewed cannot hold the workers."""
+
+_OWN, _COUNTED, _TRUSTED = "own", "counted", "trusted"  # how a wait for a request holds a worker
+
 Identify = Callable[[grpc.ServicerContext], str]
 """Names the caller of an RPC for per-identity accounting (default: :func:`caller_key`)."""
 
@@ -103,7 +128,8 @@ def identify_by_role(grants: Grants) -> Identify:
 
 
 class WorkerShares:
-    """The split of a server's workers between data-plane and control-plane calls.
+    """The split of a server's workers between data-plane and control-plane calls, and the
+    data-plane workers one caller may hold.
 
     ``data_plane`` workers at most are held by data-plane calls, all callers together: unary
     calls (:class:`UnaryGuard`) and blocking streams (:class:`~strongroom.runtime.streams.StreamGuard`)
@@ -112,21 +138,36 @@ class WorkerShares:
     calls. ``public`` names (the same way) the methods any certified caller may call (health):
     a wait for the request message of one of them is a data-plane wait even when the method is
     control plane, so that callers who never send their message cannot hold the reserve.
-    :attr:`lock` also guards :class:`UnaryGuard`'s own counts, so that a unary call is admitted
-    under one lock.
+
+    ``per_identity`` (default: no bound beyond ``data_plane``) is how many of them one caller
+    holds at most, whatever kinds they are: the per-kind caps (unary calls, streams) each bound
+    one kind only, so that a caller at both held their sum, and two callers the whole data plane.
+    :attr:`lock` also guards :class:`UnaryGuard`'s own counts, so that a call is admitted under
+    one lock.
     """
 
     def __init__(
-        self, data_plane: int, control_plane: Iterable[str] = (), public: Iterable[str] = ()
+        self,
+        data_plane: int,
+        control_plane: Iterable[str] = (),
+        public: Iterable[str] = (),
+        per_identity: int | None = None,
     ) -> None:
         if data_plane < 1:
             raise ValueError("data_plane must be at least 1")
+        if per_identity is not None and per_identity < 1:
+            raise ValueError("per_identity must be at least 1")
         self.data_plane = data_plane
+        self.per_identity = per_identity if per_identity is not None else data_plane
         self._control = frozenset(control_plane)
         self._public = frozenset(public)
         self.lock = threading.Lock()
         self.held = 0
         """Data-plane workers held now (read and written under :attr:`lock`)."""
+        self._mine: Counter[str] = Counter()  # counted workers per caller (under lock)
+        # Callers one of whose waits trusted beyond their bound proved stalled -> until when they
+        # are trusted no more (UnaryGuard.wait_for_request; under lock).
+        self.distrusted: dict[str, float] = {}
 
     def is_control_plane(self, method: str) -> bool:
         """Whether ``method`` (a full method name) may use the control-plane reserve."""
@@ -146,24 +187,59 @@ class WorkerShares:
             reason=Reason.DATA_PLANE_WORKERS_BUSY,
         )
 
-    def take(self, method: str) -> None:
-        """Holds a data-plane worker for a blocking stream of ``method``; raises
-        ``ResourceExhausted`` (``DATA_PLANE_WORKERS_BUSY``) when none is left."""
-        with self.lock:
-            if self.held < self.data_plane:
-                self.held += 1
-                return
-        raise self.busy(method)
+    def over_bound(self, identity: str, method: str) -> ResourceExhausted:
+        """The refusal of a data-plane call of ``method`` while ``identity`` holds its bound."""
+        return ResourceExhausted(
+            f"{identity} already holds {self.per_identity} data-plane workers "
+            "(server.max_data_plane_workers_per_identity: its unary calls, blocking streams and "
+            f"waits for a request message together); {method} refused, retry later",
+            reason=Reason.TOO_MANY_WORKERS_PER_IDENTITY,
+        )
 
-    def give(self) -> None:
+    def at_bound(self, identity: str) -> bool:
+        """Whether ``identity`` holds its bound already (call under :attr:`lock`)."""
+        return self._mine[identity] >= self.per_identity
+
+    def refusal(self, identity: str, method: str) -> ResourceExhausted | None:
+        """Why a data-plane worker cannot go to ``identity`` now (its bound first, then the data
+        plane), or None (call under :attr:`lock`)."""
+        if self.at_bound(identity):
+            return self.over_bound(identity, method)
+        if self.held >= self.data_plane:
+            return self.busy(method)
+        return None
+
+    def hold(self, identity: str) -> None:
+        """Counts a data-plane worker to ``identity`` (under :attr:`lock`, after :meth:`refusal`)."""
+        self.held += 1
+        self._mine[identity] += 1
+
+    def release(self, identity: str) -> None:
+        """Gives back a worker :meth:`hold` counted (under :attr:`lock`)."""
+        self.held -= 1
+        self._mine[identity] -= 1
+        if self._mine[identity] <= 0:
+            del self._mine[identity]
+
+    def take(self, method: str, identity: str) -> None:
+        """Holds a data-plane worker for ``identity``'s blocking stream of ``method``; raises
+        ``ResourceExhausted`` (``TOO_MANY_WORKERS_PER_IDENTITY``, ``DATA_PLANE_WORKERS_BUSY``)."""
+        with self.lock:
+            refusal = self.refusal(identity, method)
+            if refusal is None:
+                self.hold(identity)
+                return
+        raise refusal
+
+    def give(self, identity: str) -> None:
         """Gives back a worker :meth:`take` held."""
         with self.lock:
-            self.held -= 1
+            self.release(identity)
 
-    def held_now(self) -> int:
-        """Data-plane workers held now."""
+    def held_now(self, identity: str | None = None) -> int:
+        """Data-plane workers held now: all of them, or those counted to ``identity``."""
         with self.lock:
-            return self.held
+            return self.held if identity is None else self._mine[identity]
 
 
 def _named(method: str, names: frozenset[str]) -> bool:
@@ -212,6 +288,12 @@ class UnaryGuard(HandlerInterceptor):
         self._lock = self.shares.lock
         self._running: Counter[str] = Counter()
         self._waiting: set[str] = set()  # callers whose one wait for a request is outside counts
+        # Waits admitted beyond their caller's bound on trust: context -> (until when, caller);
+        # those counted in the bound since, and those cancelled for stalling.
+        self._trusted: dict[grpc.ServicerContext, tuple[float, str]] = {}
+        self._promoted: set[grpc.ServicerContext] = set()
+        self._stalled: set[grpc.ServicerContext] = set()
+        self._trust_watchdog: threading.Thread | None = None
 
     def running(self, identity: str) -> int:
         """Unary calls of ``identity`` whose handlers run now."""
@@ -220,15 +302,18 @@ class UnaryGuard(HandlerInterceptor):
 
     def _enter(self, identity: str, method: str, context: grpc.ServicerContext, data: bool) -> None:
         shares = self.shares
+        refusal: ResourceExhausted | None = None
         with self._lock:
-            # The caller's own cap first: a caller over it is told so, whatever the others hold.
+            # The caller's own caps first: a caller over one is told so, whatever the others hold.
             over = self._running[identity] >= self._max
-            if not over and not (data and shares.held >= shares.data_plane):
+            if not over and data:
+                refusal = shares.refusal(identity, method)
+            if not over and refusal is None:
                 self._running[identity] += 1
                 if data:
-                    shares.held += 1
+                    shares.hold(identity)
                 return
-        self._refuse(identity, method, context, over, "unary call refused")
+        self._refuse(identity, method, context, over, "unary call refused", exc=refusal)
 
     def _refuse(
         self,
@@ -284,31 +369,48 @@ class UnaryGuard(HandlerInterceptor):
         that never sent their message, so that two or three certificates held every data-plane
         worker. Role-holding callers are not touched: a burst of their health ``Watch`` calls
         waits (milliseconds, the message buffered) within their own cap and the data plane.
+
+        A data-plane wait counts in its caller's bound across kinds
+        (:attr:`WorkerShares.per_identity`) from its start. A caller at its bound has its further
+        waits admitted on trust while the data plane has room (a burst whose messages came with
+        the calls ends at once); the watchdog counts one still waiting after
+        :data:`TRUSTED_WAIT_SECONDS` in the bound if it fits there, or cancels it and trusts its
+        caller no more for :data:`DISTRUST_SECONDS` (``TOO_MANY_WORKERS_PER_IDENTITY``).
         """
         identity = self._identify(context)
         shares = self.shares
         roleless = identity == ROLELESS and self._max_roleless_waits is not None
-        own: bool | None  # None: refused
+        held: str | None = None  # _OWN, _COUNTED, _TRUSTED; None: refused
         refusal: ResourceExhausted | None = None
         with self._lock:
-            own = identity not in self._waiting and not shares.is_public(method)
             if roleless and self._roleless_waits >= (self._max_roleless_waits or 0):
-                own = None
                 refusal = ResourceExhausted(
                     f"callers without a role already wait for {self._max_roleless_waits} request "
                     f"messages (server.max_roleless_request_waits); {method} refused, retry "
                     "later or send the request message with the call",
                     reason=Reason.ROLELESS_CALLERS_BUSY,
                 )
-            elif own:
+            elif identity not in self._waiting and not shares.is_public(method):
+                held = _OWN
                 self._waiting.add(identity)
-            elif shares.held < shares.data_plane:
+            elif (refusal := shares.refusal(identity, method)) is None:
+                held = _COUNTED
+                shares.hold(identity)
+            elif (
+                shares.at_bound(identity)
+                and shares.held < shares.data_plane
+                and shares.distrusted.get(identity, 0.0) <= time.monotonic()
+            ):
+                # At its bound: trusted for a moment, since a message sent with the call (every
+                # gRPC client's) is read at once; a burst of health calls is not refused for it.
+                held = _TRUSTED
+                refusal = None
                 shares.held += 1
-            else:
-                own = None  # refused
-            if own is not None and roleless:
+                self._trusted[context] = (time.monotonic() + TRUSTED_WAIT_SECONDS, identity)
+                self._watch_trusted()
+            if held is not None and roleless:
                 self._roleless_waits += 1
-        if own is None:
+        if held is None:
             self._refuse(
                 identity,
                 method,
@@ -325,6 +427,14 @@ class UnaryGuard(HandlerInterceptor):
         except Cancelled:
             with self._lock:
                 late = context in self._late
+                stalled = context in self._stalled
+            if stalled:
+                raise ResourceExhausted(
+                    f"{method}: no request message within {TRUSTED_WAIT_SECONDS:g}s while "
+                    f"{identity} held {shares.per_identity} data-plane workers "
+                    "(server.max_data_plane_workers_per_identity); the call was cancelled",
+                    reason=Reason.TOO_MANY_WORKERS_PER_IDENTITY,
+                ) from None
             if not late:
                 raise
             # The RPC is cancelled (its caller sees CANCELLED); this is what the logs and a
@@ -341,10 +451,58 @@ class UnaryGuard(HandlerInterceptor):
                     self._late.discard(context)
                 if roleless:
                     self._roleless_waits -= 1
-                if own:
+                if held == _OWN:
                     self._waiting.discard(identity)
+                elif held == _COUNTED:
+                    shares.release(identity)
+                elif context in self._promoted:  # trusted, then counted once in its bound
+                    self._promoted.discard(context)
+                    shares.release(identity)
                 else:
+                    self._trusted.pop(context, None)
+                    self._stalled.discard(context)
                     shares.held -= 1
+
+    def _watch_trusted(self) -> None:
+        """Starts the watchdog of trusted waits (under the lock)."""
+        if self._trust_watchdog is None:
+            self._trust_watchdog = threading.Thread(
+                target=self._watch_trust, name="trusted-wait-watchdog", daemon=True
+            )
+            self._trust_watchdog.start()
+
+    def _watch_trust(self) -> None:
+        # A trusted wait still waiting once its moment is over is counted in its caller's bound
+        # if it now fits there; otherwise it is cancelled (gRPC Python has no timed read, and no
+        # status can be set from another thread: its caller sees CANCELLED) and its caller is
+        # trusted no more for DISTRUST_SECONDS, so that stalled waits cannot be renewed past the
+        # bound.
+        shares = self.shares
+        while True:
+            time.sleep(TRUSTED_WAIT_SECONDS / 4)
+            now = time.monotonic()
+            cancel: list[grpc.ServicerContext] = []
+            with self._lock:
+                for identity in [i for i, until in shares.distrusted.items() if until <= now]:
+                    del shares.distrusted[identity]
+                due = [(c, who) for c, (when, who) in self._trusted.items() if now >= when]
+                for context, identity in due:
+                    del self._trusted[context]
+                    if not shares.at_bound(identity):
+                        shares.held -= 1  # counted again, in its caller's bound, by hold()
+                        shares.hold(identity)
+                        self._promoted.add(context)
+                    else:
+                        shares.distrusted[identity] = now + DISTRUST_SECONDS
+                        self._stalled.add(context)
+                        cancel.append(context)
+            for context in cancel:
+                log.warning(
+                    "call cancelled: no request message while its caller holds its bound",
+                    extra={"peer": context.peer(), "reason": Reason.TOO_MANY_WORKERS_PER_IDENTITY},
+                )
+                stop: Callable[[], object] = context.cancel  # untyped in grpc-stubs
+                stop()
 
     def _time(self, context: grpc.ServicerContext) -> None:
         """Has the watchdog cancel ``context`` unless its wait ends within the bound."""
@@ -400,7 +558,7 @@ class UnaryGuard(HandlerInterceptor):
             if self._running[identity] <= 0:
                 del self._running[identity]
             if data:
-                self.shares.held -= 1
+                self.shares.release(identity)
 
     def wrap_handler(
         self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails

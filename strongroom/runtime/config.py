@@ -269,6 +269,13 @@ class ServerConfig:
     # still leave a worker for a third, and nobody is queued behind them. The excess is refused at
     # once (RESOURCE_EXHAUSTED TOO_MANY_UNARY_CALLS_PER_IDENTITY).
     max_unary_calls_per_identity: int | None = None
+    # Data-plane workers one caller may hold at once across every kind: unary calls, blocking
+    # streams and waits for a request message that hold one (health Watch and Check): the caps
+    # above bound each kind alone, so one caller held 13 unary calls + 8 streams (+ health
+    # waits) of the 28. None is just under half the data-plane workers (the unary cap when that
+    # is set higher), so that two callers at their bound leave a worker for a third. The excess
+    # is refused at once (RESOURCE_EXHAUSTED TOO_MANY_WORKERS_PER_IDENTITY).
+    max_data_plane_workers_per_identity: int | None = None
     # Waits for a request message that callers without a role (certificates the authoriser grants
     # only public methods, health: any SPIFFE ID the CA signs for, all such callers together, which
     # also share one per-identity bucket) may have at once; each holds a data-plane worker while
@@ -330,6 +337,13 @@ class ServerConfig:
                 f"workers (server.max_workers {self.max_workers} - server.control_plane_workers "
                 f"{self.control_plane_reserve} = {data_plane}): one caller must never hold every "
                 f"data-plane worker, got {self.max_unary_calls_per_identity}"
+            )
+        bound = self.max_data_plane_workers_per_identity
+        if bound is not None and not (bound == 1 or 1 < bound < data_plane):
+            raise ConfigError(
+                "server.max_data_plane_workers_per_identity must be at least 1 and below the "
+                f"data-plane workers ({data_plane}): one caller must never hold every data-plane "
+                f"worker, got {bound}"
             )
         if self.max_roleless_request_waits is not None and not (
             self.max_roleless_request_waits == 1 or 1 < self.max_roleless_request_waits < data_plane
@@ -402,6 +416,16 @@ class ServerConfig:
         if self.max_unary_calls_per_identity is not None:
             return self.max_unary_calls_per_identity
         return max(1, (self.data_plane_workers - 1) // 2)
+
+    @property
+    def data_plane_workers_per_identity(self) -> int:
+        """The effective ``max_data_plane_workers_per_identity``: by default just under half the
+        data-plane workers, so that two callers at their bound leave at least one for a third; an
+        explicit ``max_unary_calls_per_identity`` above that is the default instead (a unary cap
+        raised for a fleet that shares one identity is not lowered by this bound)."""
+        if self.max_data_plane_workers_per_identity is not None:
+            return self.max_data_plane_workers_per_identity
+        return max(self.unary_calls_per_identity, (self.data_plane_workers - 1) // 2, 1)
 
     @property
     def roleless_request_waits(self) -> int:

@@ -152,6 +152,7 @@ class ServiceHost:
             config.data_plane_workers,
             {HEALTH_SERVICE, reflection.SERVICE_NAME, *control_plane},
             public={HEALTH_SERVICE, *public},
+            per_identity=config.data_plane_workers_per_identity,
         )
         # Callers the authoriser grants no role count as one (they may call health only): N
         # certificates of the CA with no role buy no N buckets.

@@ -12,7 +12,9 @@ threads for as long as it lasts. :class:`StreamGuard` admits a stream only while
   always remain for unary RPCs, and
 - a blocking stream of a data-plane method (any method the service does not name control-plane)
   finds a data-plane worker free (:class:`~strongroom.runtime.callers.WorkerShares`, which
-  data-plane unary calls share): the control-plane reserve is never a stream's;
+  data-plane unary calls share), and its caller holds fewer than its bound of data-plane workers
+  (``max_data_plane_workers_per_identity``, unary calls and waits for a request message
+  included): the control-plane reserve is never a stream's;
 
 otherwise the stream fails at once with ``RESOURCE_EXHAUSTED`` and a reason. A blocking stream
 counts until its handler is done with its thread, not until its RPC ends: a client that cancels
@@ -161,7 +163,7 @@ class StreamGuard(HandlerInterceptor):
                     reason=Reason.TOO_MANY_STREAMS,
                 )
             if shares is not None:
-                shares.take(method)  # raises when every data-plane worker is held
+                shares.take(method, identity)  # raises at the caller's bound or a full data plane
             self._per_identity[identity] += 1
             if blocking:
                 self._blocking += 1
@@ -178,7 +180,7 @@ class StreamGuard(HandlerInterceptor):
                 if blocking:
                     self._blocking -= 1
                 if shares is not None:
-                    shares.give()
+                    shares.give(identity)
 
         return release
 

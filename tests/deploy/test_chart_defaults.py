@@ -210,8 +210,14 @@ def test_store_limits_scale_with_the_inference_fleet(
     # The fleet's streams or unary calls at their caps leave data-plane workers to the others.
     assert server.data_plane_workers - server.blocking_streams >= 12
     assert server.data_plane_workers - server.unary_calls_per_identity >= 15
+    # One identity's data-plane workers across kinds: the fleet's larger per-kind cap, and the
+    # others keep as many beside the fleet at that bound.
+    bound = server.data_plane_workers_per_identity
+    assert bound >= max(server.max_streams_per_identity, server.unary_calls_per_identity)
+    assert server.data_plane_workers - bound >= 15
     if replicas == 1:  # one replica: exactly the service's own defaults
         defaults = ServerConfig()
+        assert bound == defaults.data_plane_workers_per_identity
         assert (server.max_streams_per_identity, server.blocking_streams) == (
             defaults.max_streams_per_identity,
             defaults.blocking_streams,
@@ -232,8 +238,11 @@ def test_store_limits_are_operator_values(helm: str, tmp_path: Path) -> None:
         "modelstore.server.maxUnaryCallsPerIdentity=12",
     )
     assert (server.max_streams_per_identity, server.unary_calls_per_identity) == (24, 12)
-    # What was left null still derives, from the values given.
+    # What was left null still derives, from the values given: the bound across kinds from the
+    # larger cap (the service's own default, just under half the data plane, would be 21 and
+    # hold the fleet's 24 downloads back).
     assert (server.blocking_streams, server.max_workers) == (32, 48)
+    assert server.data_plane_workers_per_identity == 24
     server = _store_server(
         helm,
         tmp_path,
@@ -256,6 +265,14 @@ def test_store_limits_are_operator_values(helm: str, tmp_path: Path) -> None:
             ("modelstore.server.maxUnaryCallsPerIdentity=40", "modelstore.server.maxWorkers=40"),
             "modelstore.server.maxUnaryCallsPerIdentity (40) must be below the data-plane workers "
             "(maxWorkers 40 - controlPlaneWorkers 4 = 36)",
+        ),
+        (
+            (
+                "modelstore.server.maxDataPlaneWorkersPerIdentity=36",
+                "modelstore.server.maxWorkers=40",
+            ),
+            "modelstore.server.maxDataPlaneWorkersPerIdentity (36) must be below the data-plane "
+            "workers (maxWorkers 40 - controlPlaneWorkers 4 = 36)",
         ),
         (
             ("modelstore.server.controlPlaneWorkers=40", "modelstore.server.maxWorkers=40"),
@@ -338,6 +355,7 @@ def test_broker_unary_limit_scales_with_the_inference_fleet(
     (TOO_MANY_UNARY_CALLS_PER_IDENTITY, each refusal audited) until it backed off."""
     server = _server(helm, tmp_path, "keybroker", f"inference.replicas={replicas}")
     assert server.unary_calls_per_identity >= 2 * replicas
+    assert server.data_plane_workers_per_identity == server.unary_calls_per_identity
     # Threads for the others, and the reserve for key administration beside them.
     assert server.data_plane_workers - server.unary_calls_per_identity >= 15
     assert server.control_plane_reserve == 4

@@ -668,6 +668,58 @@ def test_a_release_refused_for_too_many_calls_at_once_is_audited(narrow_world: W
     assert slots.running(caller) == 0
 
 
+def test_a_release_refused_past_the_callers_bound_across_kinds_is_audited(
+    narrow_world: World,
+) -> None:
+    """A health Watch of the inference identity whose message has not come holds a data-plane
+    worker in that identity's bound across kinds (2 here), outside its unary cap, beside a
+    release held at the HSM: its next release, within its unary cap, is refused at once with
+    TOO_MANY_WORKERS_PER_IDENTITY and audited like every refused release."""
+    world = narrow_world
+    broker = world.stack.services["keybroker"].handle
+    caller = world.stack.spiffe_id("inference")
+    shares = broker.host.shares
+    assert shares.per_identity == 2
+    attempts = [new_attempt(world) for _ in range(2)]
+    gate, silent = threading.Event(), threading.Event()
+
+    def never() -> Iterator[bytes]:  # the call's headers go; its message never does
+        silent.wait(60)
+        yield from ()
+
+    channel = world.stack.channel(world.inference_id, "keybroker")
+    hold = broker.hsm.submit(lambda _session: gate.wait(60), timeout=60, name="test hold")
+    try:
+        assert wait_until(lambda: hold.started)
+        held = world.broker.ReleaseKey.future(attempts[0].request, timeout=60)
+        assert wait_until(lambda: broker.host.unary.running(caller) == 1)
+        watch = channel.stream_stream("/grpc.health.v1.Health/Watch", bytes, bytes)
+        stalled = watch(never(), timeout=60)
+        assert wait_until(lambda: shares.held_now(caller) == 2)
+        before = len(audit_records(world))
+        with pytest.raises(grpc.RpcError) as info:
+            world.broker.ReleaseKey(attempts[1].request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert ("strongroom-reason", "TOO_MANY_WORKERS_PER_IDENTITY") in tuple(
+            info.value.trailing_metadata()  # type: ignore[attr-defined]
+        )
+        assert "server.max_data_plane_workers_per_identity" in info.value.details()  # type: ignore[attr-defined]
+        refused = [
+            r
+            for r in audit_records(world)[before:]
+            if r["reason"] == "TOO_MANY_WORKERS_PER_IDENTITY"
+        ]
+        assert [(r["decision"], r["caller"]["spiffe_id"]) for r in refused] == [("denied", caller)]
+    finally:
+        silent.set()
+        gate.set()
+    with pytest.raises(grpc.RpcError):
+        next(stalled)  # it ended without a message
+    channel.close()
+    assert held.result(timeout=60).wrapped_data_key
+    assert wait_until(lambda: shares.held_now() == 0)
+
+
 def test_a_release_refused_for_a_busy_data_plane_is_audited(narrow_world: World) -> None:
     """A publisher's data keys and one release, all held at the HSM, hold every data-plane worker
     (the fourth is key administration's): the inference identity's next release, within its own

@@ -538,7 +538,8 @@ def test_a_cancelled_stream_counts_until_its_handler_returns(
     no worker was left, the control plane's reserve included. A stream now counts until its
     handler returns: beyond the data plane, calls are refused and the reserve stays free."""
     running = mesh(max_workers=8, max_blocking_streams=7)  # 7 data-plane workers, 1 reserved
-    channel = running.caller("inference")
+    # Three callers fill the data plane: one alone holds 3 at most (its bound across kinds).
+    channels = [running.caller(name) for name in ("inference", "publisher", "client")]
     gate = threading.Event()  # an upload's client sends one message and then waits
 
     def upload() -> Iterator[bytes]:
@@ -546,7 +547,8 @@ def test_a_cancelled_stream_counts_until_its_handler_returns(
         gate.wait(60)
 
     calls: list[Any] = []
-    for _ in range(7):
+    for n in range(7):
+        channel = channels[n % 3]
         if method == "StuckStream":
             stream = channel.unary_stream(f"/{SERVICE}/{method}", _raw, _raw)(b"", timeout=60)
             assert next(stream) == b"held"
@@ -561,7 +563,7 @@ def test_a_cancelled_stream_counts_until_its_handler_returns(
         assert running.slow.ended.acquire(timeout=30)
     assert running.host.shares.held_now() == 7
     assert running.host.streams.open_streams() == 7
-    quick = channel.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+    quick = channels[2].unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
     assert refusal(lambda: quick(b"", timeout=30)) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "DATA_PLANE_WORKERS_BUSY",
@@ -877,3 +879,112 @@ def test_a_health_call_whose_message_came_as_the_watchdog_fired_is_not_cancelled
         if health_pb2.HealthCheckResponse.FromString(response).status == not_serving:
             break
     late.cancel()
+
+
+def open_streams(channel: grpc.Channel, count: int) -> tuple[list[Any], list[str | None]]:
+    """``count`` slow blocking streams of ``channel``'s caller, opened one by one: those admitted
+    (each holds a data-plane worker until released) and the reasons the others were refused."""
+    hold = channel.unary_stream(f"/{SERVICE}/HoldStream", _raw, _raw)
+    admitted: list[Any] = []
+    refused: list[str | None] = []
+    for _ in range(count):
+        call = hold(b"", timeout=60)
+        try:
+            assert next(call) == b"held"
+            admitted.append(call)
+        except grpc.RpcError as exc:
+            metadata: Any = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+            refused.append(dict(metadata).get(REASON_TRAILER))
+    return admitted, refused
+
+
+def test_one_identity_holds_no_more_data_plane_workers_than_its_bound_across_kinds(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """The per-identity caps were per kind: one identity held 13 unary calls + 8 blocking
+    streams + health calls that never sent their message (each wait holds a data-plane worker
+    outside the unary cap), 21+ of the 28 data-plane workers, and two such identities held them
+    all. One bound (13 by default) now counts every kind together: its waits beyond it, admitted
+    for a moment on trust (a message sent with the call is read at once), are cancelled when
+    their message has not come, the caller is trusted no more, and its further data-plane calls
+    of any kind are refused TOO_MANY_WORKERS_PER_IDENTITY while another caller is served."""
+    running = mesh(health_request_wait_seconds=60)  # 28 data-plane workers, 13 per identity
+    shares = running.host.shares
+    channel = running.caller("inference")
+    hold = channel.unary_unary(f"/{SERVICE}/Hold", _raw, _raw)
+    held = [hold.future(b"", timeout=60) for _ in range(6)]
+    running.slow.wait_entered(6)
+    streams, refused = open_streams(channel, 5)
+    assert (len(streams), refused) == (5, [])
+    gate = threading.Event()
+    check, watch = f"/{HEALTH_SERVICE}/Check", f"/{HEALTH_SERVICE}/Watch"
+    try:
+        stalled: list[Any] = [
+            channel.stream_unary(check, _raw, _raw).future(never_sent(gate), timeout=60)
+            for _ in range(7)  # with the 6 calls, its unary cap
+        ]
+        stalled += [
+            channel.stream_stream(watch, _raw, _raw)(never_sent(gate), timeout=60) for _ in range(3)
+        ]
+        # 6 calls + 5 streams + 2 waits: the other 8 waits are cancelled, whatever their kind.
+        assert settled(lambda: sum(call.done() for call in stalled) == 8), (
+            f"{shares.held_now()} data-plane workers held by one identity"
+        )
+        # A cancelled call ends for its client before its handler gives its worker back.
+        assert settled(lambda: shares.held_now() == 13 == shares.held_now(sid("inference")))
+        assert {call.code() for call in stalled if call.done()} == {grpc.StatusCode.CANCELLED}
+        over = (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WORKERS_PER_IDENTITY")
+        quick = channel.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+        assert refusal(lambda: quick(b"", timeout=30)) == over
+        assert open_streams(channel, 1) == ([], ["TOO_MANY_WORKERS_PER_IDENTITY"])
+        late = channel.stream_unary(check, _raw, _raw).future(never_sent(gate), timeout=60)
+        assert refusal(lambda: late.result(timeout=30)) == over  # no more trust: at once
+        other = running.caller("client")
+        assert other.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
+    finally:
+        gate.set()
+    running.slow.release.set()
+    assert [f.result(timeout=30) for f in held] == [b"done"] * 6
+    assert settled(lambda: shares.held_now() == 0 == shares.held_now(sid("inference")))
+
+
+def test_a_third_caller_is_served_while_two_identities_sit_at_their_bound(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """Two identities each opening their unary cap (13) of slow calls and their stream cap (8)
+    of slow downloads held 21 + 7 of the 28 data-plane workers: a third caller's call and
+    download were refused DATA_PLANE_WORKERS_BUSY. Each stops at its bound across kinds now
+    (13), and the third is served."""
+    running = mesh()
+    held = flood(running, "inference", "publisher", calls=13)
+    streams: list[Any] = []
+    for name in ("inference", "publisher"):
+        admitted, refused = open_streams(running.caller(name), 8)
+        streams += admitted
+        assert set(refused) <= {"TOO_MANY_WORKERS_PER_IDENTITY"}
+    shares = running.host.shares
+    assert [shares.held_now(sid(n)) for n in ("inference", "publisher")] == [13, 13]
+    third = running.caller("client")
+    assert third.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
+    admitted, refused = open_streams(third, 1)
+    assert (len(admitted), refused) == (1, [])
+    running.slow.release.set()
+    assert [f.result(timeout=30) for f in held] == [b"done"] * 26
+    for call in [*streams, *admitted]:
+        call.cancel()
+    assert settled(lambda: shares.held_now() == 0)
+
+
+def test_the_bound_across_kinds_defaults_to_just_under_half_the_data_plane() -> None:
+    """(data-plane workers - 1) // 2, or an explicit unary cap above that (a cap raised for a
+    fleet sharing one identity is not lowered); a bound that lets one caller hold every
+    data-plane worker is refused."""
+    assert ServerConfig().data_plane_workers_per_identity == 13
+    assert ServerConfig(max_workers=8).data_plane_workers_per_identity == 3
+    assert ServerConfig(max_workers=1).data_plane_workers_per_identity == 1
+    raised = ServerConfig(max_unary_calls_per_identity=20)
+    assert raised.data_plane_workers_per_identity == 20
+    assert ServerConfig(max_data_plane_workers_per_identity=6).data_plane_workers_per_identity == 6
+    for value in (0, 28):
+        with pytest.raises(ConfigError, match="max_data_plane_workers_per_identity"):
+            ServerConfig(max_data_plane_workers_per_identity=value)

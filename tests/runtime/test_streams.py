@@ -172,8 +172,13 @@ def test_streams_beyond_the_per_identity_limit_are_refused() -> None:
 
 def test_blocking_streams_leave_threads_for_unary_calls() -> None:
     """With 4 workers at most 2 blocking streams run; the third is refused and unary calls
-    still answer while the two hold their threads."""
-    host, gate, channel = start(ServerConfig(max_workers=4, max_streams_per_identity=100))
+    still answer while the two hold their threads (one caller may hold 2 of the 3 data-plane
+    workers here, so the unary call is another caller's)."""
+    host, gate, channel = start(
+        ServerConfig(
+            max_workers=4, max_streams_per_identity=100, max_data_plane_workers_per_identity=2
+        )
+    )
     download = channel.unary_stream(f"/{SERVICE}/Download", _identity, _identity)
     try:
         held = [download(b"", timeout=30) for _ in range(2)]
@@ -183,7 +188,10 @@ def test_blocking_streams_leave_threads_for_unary_calls() -> None:
             next(download(b"", timeout=30))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
         assert reason_of(info.value) == "TOO_MANY_STREAMS"
-        assert unary(channel, timeout=5) == b"ok"
+        # Another caller: a connection of its own (gRPC shares subchannels by default).
+        local = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(f"127.0.0.1:{host.port}", options=local) as other:
+            assert unary(other, timeout=5) == b"ok"
     finally:
         gate.release.set()
         channel.close()

@@ -316,7 +316,13 @@ topologySpreadConstraints:
 {{/*
 The model store's gRPC limits (its configuration's server section), as JSON: each value the
 operator left null is derived from inference.replicas (R). Every inference replica has the one
-inference SPIFFE ID, so the per-identity limits are the whole fleet's; the totals grow with them so
+inference SPIFFE ID, so the per-identity limits are the whole fleet's. The bound on the data-plane
+workers one identity holds across kinds (maxDataPlaneWorkersPerIdentity) follows the larger of the
+fleet's two per-kind caps, not their sum: a fleet's downloads and its quick unary calls peak at
+different moments, and what exceeds it is refused TOO_MANY_WORKERS_PER_IDENTITY, which the
+inference loader retries; at R = 1 it is the service's own default (13 of 28, so two callers at it
+leave a worker for a third); past that the workers grow with it so that 15 data-plane workers
+remain beside the fleet at its bound; the totals grow with them so
 that the fleet cannot take every blocking stream or every data-plane worker, and the workers
 reserved for the control plane (deletes, key-slot replacement, health) stay out of everyone's
 reach (values.yaml, modelstore.server). Refuses what the store would refuse at start
@@ -328,33 +334,36 @@ reach (values.yaml, modelstore.server). Refuses what the store would refuse at s
 {{- $reserve := include "strongroom.controlPlaneWorkers" $s | int -}}
 {{- $streams := int (default (max 8 $fleet) $s.maxStreamsPerIdentity) -}}
 {{- $unary := int (default (max 13 $fleet) $s.maxUnaryCallsPerIdentity) -}}
+{{- $bound := int (default (max 13 $unary $streams) $s.maxDataPlaneWorkersPerIdentity) -}}
 {{- $blocking := int (default (max 16 (add $streams 8)) $s.maxBlockingStreams) -}}
-{{- $workers := int (default (max 32 (add $blocking $reserve 12) (add $unary $reserve 15)) $s.maxWorkers) -}}
+{{- $workers := int (default (max 32 (add $blocking $reserve 12) (add $bound $reserve 15)) $s.maxWorkers) -}}
 {{- if gt $workers 1024 -}}
-{{- fail (printf "modelstore.server: %d worker threads needed (maxBlockingStreams %d + controlPlaneWorkers %d + 12, maxUnaryCallsPerIdentity %d + controlPlaneWorkers + 15; derived from inference.replicas %d where not set) but the store allows at most 1024: set modelstore.server.maxStreamsPerIdentity / maxUnaryCallsPerIdentity lower, or run more model store replicas and set them per replica" $workers $blocking $reserve $unary (int .Values.inference.replicas)) -}}
+{{- fail (printf "modelstore.server: %d worker threads needed (maxBlockingStreams %d + controlPlaneWorkers %d + 12, maxDataPlaneWorkersPerIdentity %d + controlPlaneWorkers + 15; derived from inference.replicas %d where not set) but the store allows at most 1024: set modelstore.server.maxStreamsPerIdentity / maxUnaryCallsPerIdentity / maxDataPlaneWorkersPerIdentity lower, or run more model store replicas and set them per replica" $workers $blocking $reserve $bound (int .Values.inference.replicas)) -}}
 {{- end -}}
 {{- if not (lt $blocking $workers) -}}
 {{- fail (printf "modelstore.server.maxBlockingStreams (%d) must be below maxWorkers (%d): streams must never hold every worker thread" $blocking $workers) -}}
 {{- end -}}
-{{- include "strongroom.checkWorkerShares" (list "modelstore" $workers $reserve $unary) -}}
-{{- toJson (dict "max_workers" $workers "control_plane_workers" $reserve "max_blocking_streams" $blocking "max_streams_per_identity" $streams "max_unary_calls_per_identity" $unary) -}}
+{{- include "strongroom.checkWorkerShares" (list "modelstore" $workers $reserve $unary $bound) -}}
+{{- toJson (dict "max_workers" $workers "control_plane_workers" $reserve "max_blocking_streams" $blocking "max_streams_per_identity" $streams "max_unary_calls_per_identity" $unary "max_data_plane_workers_per_identity" $bound) -}}
 {{- end -}}
 
 {{/*
 The key broker's gRPC limits, as JSON, likewise: every inference replica's releases (a challenge,
 then the release, for each model it loads at once) are calls of the one inference identity.
-Streams keep the service's defaults (the broker's only stream is health Watch).
+Streams keep the service's defaults (the broker's only stream is health Watch, whose wait for its
+message is all that holds a worker), so the bound across kinds follows the unary cap.
 */}}
 {{- define "strongroom.keybrokerServer" -}}
 {{- $s := .Values.keybroker.server -}}
 {{- $reserve := include "strongroom.controlPlaneWorkers" $s | int -}}
 {{- $unary := int (default (max 13 (mul 2 (int .Values.inference.replicas))) $s.maxUnaryCallsPerIdentity) -}}
-{{- $workers := int (default (max 32 (add $unary $reserve 15)) $s.maxWorkers) -}}
+{{- $bound := int (default (max 13 $unary) $s.maxDataPlaneWorkersPerIdentity) -}}
+{{- $workers := int (default (max 32 (add $bound $reserve 15)) $s.maxWorkers) -}}
 {{- if gt $workers 1024 -}}
-{{- fail (printf "keybroker.server: %d worker threads needed (maxUnaryCallsPerIdentity %d + controlPlaneWorkers %d + 15) but the broker allows at most 1024: set keybroker.server.maxUnaryCallsPerIdentity lower" $workers $unary $reserve) -}}
+{{- fail (printf "keybroker.server: %d worker threads needed (maxDataPlaneWorkersPerIdentity %d + controlPlaneWorkers %d + 15) but the broker allows at most 1024: set keybroker.server.maxUnaryCallsPerIdentity / maxDataPlaneWorkersPerIdentity lower" $workers $bound $reserve) -}}
 {{- end -}}
-{{- include "strongroom.checkWorkerShares" (list "keybroker" $workers $reserve $unary) -}}
-{{- toJson (dict "max_workers" $workers "control_plane_workers" $reserve "max_unary_calls_per_identity" $unary) -}}
+{{- include "strongroom.checkWorkerShares" (list "keybroker" $workers $reserve $unary $bound) -}}
+{{- toJson (dict "max_workers" $workers "control_plane_workers" $reserve "max_unary_calls_per_identity" $unary "max_data_plane_workers_per_identity" $bound) -}}
 {{- end -}}
 
 {{/*
@@ -366,19 +375,23 @@ service's own default at 32 workers; 0 is a value, not null, so `default` cannot
 {{- end -}}
 
 {{/*
-Refuses worker shares the service would refuse at start: (service workers reserve unary).
+Refuses worker shares the service would refuse at start: (service workers reserve unary bound).
 */}}
 {{- define "strongroom.checkWorkerShares" -}}
 {{- $service := index . 0 -}}
 {{- $workers := index . 1 -}}
 {{- $reserve := index . 2 -}}
 {{- $unary := index . 3 -}}
+{{- $bound := index . 4 -}}
 {{- if not (lt $reserve $workers) -}}
 {{- fail (printf "%s.server.controlPlaneWorkers (%d) must be below maxWorkers (%d): data-plane calls need a worker too" $service $reserve $workers) -}}
 {{- end -}}
 {{- $data := sub $workers $reserve -}}
 {{- if not (or (eq $unary 1) (lt $unary $data)) -}}
 {{- fail (printf "%s.server.maxUnaryCallsPerIdentity (%d) must be below the data-plane workers (maxWorkers %d - controlPlaneWorkers %d = %d): one caller must never hold every data-plane worker thread" $service $unary $workers $reserve $data) -}}
+{{- end -}}
+{{- if not (or (eq $bound 1) (lt $bound $data)) -}}
+{{- fail (printf "%s.server.maxDataPlaneWorkersPerIdentity (%d) must be below the data-plane workers (maxWorkers %d - controlPlaneWorkers %d = %d): one caller must never hold every data-plane worker thread" $service $bound $workers $reserve $data) -}}
 {{- end -}}
 {{- end -}}
 
