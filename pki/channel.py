@@ -18,7 +18,10 @@ before the first call on each connection it verifies the SPIFFE ID in the server
 otherwise. gRPC Python has no hook into its own handshake's certificate check, so the check is a
 separate TLS handshake to the same address, repeated whenever the connection is re-established;
 gRPC's connection itself is bound to the service by its host-name check (``server_name``), which
-is why service certificates carry ``localhost`` only in development.
+is why service certificates carry ``localhost`` only in development. The check fails closed: when
+it cannot connect, the call is not sent
+(:class:`~strongroom.pki.handshake.ServerIdentityUnchecked`, UNAVAILABLE; a ``wait_for_ready``
+call re-checks with back-off until its deadline), since gRPC may reach a server the check did not.
 """
 
 from __future__ import annotations
@@ -33,13 +36,22 @@ import grpc
 
 from strongroom.pki.handshake import (
     ServerIdentityMismatch,
+    ServerIdentityUnchecked,
     TlsPresentation,
-    check_server_identity,
     parse_target,
     translate,
+    verify_server_identity,
 )
 
 ChannelOption = tuple[str, Any]
+
+#: How long one identity check may take to connect and shake hands (bounded by the call's deadline).
+_CHECK_TIMEOUT = 2.0
+#: A ``wait_for_ready`` call re-checks an unreachable server after this pause, doubling up to
+#: :data:`_RECHECK_MAX` (as gRPC's own reconnect back-off), until the server answers or its
+#: deadline passes.
+_RECHECK_FIRST = 0.1
+_RECHECK_MAX = 2.0
 
 # grpc-stubs makes the multi-callable interfaces generic; at run time they are plain classes.
 if TYPE_CHECKING:
@@ -77,6 +89,20 @@ class CredentialSource(Protocol):
     def root_pem(self) -> bytes: ...
 
 
+class _Check:
+    """One identity check in flight on a slot: calls arriving meanwhile wait for its outcome
+    instead of each running a check of their own."""
+
+    __slots__ = ("done", "epoch", "error")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch  # the connection epoch it was started in
+        self.done = threading.Event()
+        # ServerIdentityMismatch / ServerIdentityUnchecked; None once done: verified, or the
+        # check itself failed unexpectedly (the next call checks again).
+        self.error: ServerIdentityMismatch | ServerIdentityUnchecked | None = None
+
+
 class _Slot:
     """One underlying channel and the calls in flight on it."""
 
@@ -88,16 +114,56 @@ class _Slot:
         self.retired = False
         self.closed = False
         self.callables: dict[tuple[str, Any], Any] = {}
-        # Whether the server's SPIFFE ID was checked for the current connection.
-        self.verified = False
-        self.verify_lock = threading.Lock()
+        # The server's SPIFFE ID was checked for the connection of epoch ``verified_epoch``;
+        # ``epoch`` moves on whenever gRPC's connection may have changed (on_connectivity).
+        self.epoch = 0
+        self.verified_epoch: int | None = None
+        # Whether gRPC's connection was up (READY) when the verified check began: if not, the
+        # connection gRPC opens after it is checked again once up.
+        self.verified_ready = False
+        self.last_state: grpc.ChannelConnectivity | None = None
+        self.check: _Check | None = None
+        self.verify_lock = threading.Lock()  # guards epoch, verified_epoch and check
         # Whether on_connectivity is subscribed (from the slot's first call: see _acquire).
         self.watching = False
 
+    @property
+    def verified(self) -> bool:
+        """Whether the server was checked since gRPC's connection last changed."""
+        return self.verified_epoch == self.epoch
+
+    def current(self) -> bool:
+        """Whether calls may go out without a check: verified, and gRPC's connection is the one
+        the check saw (read now, without waiting for gRPC's connectivity callbacks, which run
+        late on a thread of their own): up then and up now, or not up yet (the first call's
+        connection is being made; it is checked again once up)."""
+        if not self.verified:
+            return False
+        ready = _ready(self.channel)
+        return ready is None or ready == self.verified_ready
+
+    def stale(self) -> None:
+        """Forgets a check that is no longer :meth:`current`, unless another was made meanwhile."""
+        with self.verify_lock:
+            if self.verified and not self.current():
+                self.verified_epoch = None
+
+    def invalidate(self) -> None:
+        """Forgets the check: the next call checks the server again."""
+        with self.verify_lock:
+            self.verified_epoch = None
+
     def on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        # A new connection may reach another server: check it again before the next call.
-        if state is not grpc.ChannelConnectivity.READY:
-            self.verified = False
+        # A new connection may reach another server: check it again before the next call. A
+        # check running now may have been made before that connection: it verifies only the
+        # epoch it began in.
+        with self.verify_lock:
+            first, self.last_state = self.last_state is None, state
+            # gRPC's first report of an idle channel: no connection was made yet.
+            if state is not grpc.ChannelConnectivity.READY and not (
+                first and state is grpc.ChannelConnectivity.IDLE
+            ):
+                self.epoch += 1
 
 
 class _Lease:
@@ -144,6 +210,7 @@ class RotatingChannel(grpc.Channel):
         self._options = list(options)
         self._lock = threading.Lock()
         self._closed = False
+        self._closing = threading.Event()  # wakes wait_for_ready calls waiting to re-check
         self._subscriptions: list[tuple[Callable[[grpc.ChannelConnectivity], None], bool]] = []
         self._slot = self._build()
         self._retired: set[_Slot] = set()
@@ -178,18 +245,97 @@ class RotatingChannel(grpc.Channel):
         """The SPIFFE ID the server must present (None: only gRPC's host-name check)."""
         return self._server_id
 
-    def _verify(self, slot: _Slot) -> None:
-        """Checks the server's SPIFFE ID once per connection (raises ServerIdentityMismatch)."""
-        if self._server_id is None or slot.verified:
-            return
-        with slot.verify_lock:
-            if slot.verified:
+    def _verify(
+        self, slot: _Slot, timeout: float | None = None, wait_for_ready: bool | None = None
+    ) -> None:
+        """Checks the server's SPIFFE ID once per connection, failing closed: raises
+        :class:`ServerIdentityMismatch` for another server and :class:`ServerIdentityUnchecked`
+        (UNAVAILABLE) when the check cannot connect, so that no call goes out to a server whose
+        identity was not checked. A ``wait_for_ready`` call re-checks with back-off until the
+        server answers or its ``timeout`` passes (DEADLINE_EXCEEDED then), as gRPC would wait
+        for the server."""
+        if self._server_id is None or slot.current():
+            return  # a verified connection: no lock, no handshake
+        slot.stale()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = _RECHECK_FIRST
+        while True:
+            unchecked = self._check_once(slot, deadline)
+            if unchecked is None:
                 return
-            # An unreachable server is not verified: the call then fails on its own (UNAVAILABLE),
-            # and the next call checks again.
-            slot.verified = check_server_identity(
-                self._target, slot.presentation, self._server_id, server_name=self._server_name
+            if not wait_for_ready:
+                raise unchecked
+            wait = pause if deadline is None else min(pause, deadline - time.monotonic())
+            if wait <= 0:
+                raise _timed_out(unchecked)
+            if self._closing.wait(wait):
+                raise ServerIdentityUnchecked(f"{unchecked.message}; the channel was closed")
+            pause = min(pause * 2, _RECHECK_MAX)
+
+    def _check_once(self, slot: _Slot, deadline: float | None) -> ServerIdentityUnchecked | None:
+        """Runs the slot's check, or waits for the one already running (one check per
+        connection); returns why it could not be checked, None once verified."""
+        assert self._server_id is not None
+        while True:
+            with slot.verify_lock:
+                if slot.verified:
+                    return None
+                check = slot.check
+                owner = check is None
+                if check is None:
+                    check = slot.check = _Check(slot.epoch)
+            if owner:
+                self._run_check(slot, check, deadline)
+            else:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not check.done.wait(left):
+                    raise ServerIdentityUnchecked(
+                        f"the server at {self._target} was not sent the call: its deadline "
+                        f"passed while its SPIFFE ID ({self._server_id}) was being checked",
+                        status=grpc.StatusCode.DEADLINE_EXCEEDED,
+                    )
+            error = check.error
+            if isinstance(error, ServerIdentityMismatch):
+                # A copy per call: one exception object raised on several threads at once
+                # would share (and garble) its traceback.
+                raise ServerIdentityMismatch(error.message, reason=error.reason)
+            if error is not None:
+                return ServerIdentityUnchecked(error.message, reason=error.reason)
+            # Verified (the loop returns), or the check failed unexpectedly or its connection
+            # changed meanwhile: check again.
+
+    def _run_check(self, slot: _Slot, check: _Check, deadline: float | None) -> None:
+        assert self._server_id is not None
+        verified = False
+        ready = _ready(slot.channel)  # before the handshake: a connection made later is newer
+        try:
+            timeout = _CHECK_TIMEOUT
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                check.error = ServerIdentityUnchecked(
+                    f"the server at {self._target} was not sent the call: its deadline passed "
+                    f"before its SPIFFE ID ({self._server_id}) could be checked",
+                    status=grpc.StatusCode.DEADLINE_EXCEEDED,
+                )
+                return
+            verify_server_identity(
+                self._target,
+                slot.presentation,
+                self._server_id,
+                server_name=self._server_name,
+                timeout=timeout,
             )
+            verified = True
+        except (ServerIdentityMismatch, ServerIdentityUnchecked) as error:
+            check.error = error
+        finally:
+            with slot.verify_lock:
+                if verified:
+                    slot.verified_epoch = check.epoch
+                    slot.verified_ready = ready is not False
+                slot.check = None
+            check.done.set()
 
     def _acquire(self) -> _Lease:
         generation = self._source.credentials.generation
@@ -243,11 +389,13 @@ class RotatingChannel(grpc.Channel):
     def _translate(self, error: grpc.RpcError, slot: _Slot) -> grpc.RpcError:
         if self._server_id is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
             # gRPC's host-name check failed, or the server changed under us: name the server.
-            slot.verified = False
+            slot.invalidate()
             try:
                 self._verify(slot)
             except ServerIdentityMismatch as mismatch:
                 return mismatch
+            except ServerIdentityUnchecked:
+                pass  # the call's own failure says more (and the next call checks again)
         return translate(error, self._target, slot.presentation, server_name=self._server_name)
 
     # ------------------------------------------------------------------ grpc.Channel
@@ -324,6 +472,7 @@ class RotatingChannel(grpc.Channel):
             if self._closed:
                 return
             self._closed = True
+            self._closing.set()
             slots = [self._slot, *self._retired]
             self._retired.clear()
             for slot in slots:
@@ -432,7 +581,7 @@ class _MultiCallable:
     def _blocking(self, attribute: str | None, argument: Any, kwargs: dict[str, Any]) -> Any:
         lease = self._owner._acquire()
         try:
-            self._owner._verify(lease.slot)
+            self._owner._verify(lease.slot, kwargs["timeout"], kwargs["wait_for_ready"])
             target = self._underlying(lease.slot)
             call = getattr(target, attribute) if attribute else target
             return call(argument, **kwargs)
@@ -447,7 +596,7 @@ class _MultiCallable:
     def _future(self, argument: Any, kwargs: dict[str, Any]) -> grpc.CallFuture[Any]:
         lease = self._owner._acquire()
         try:
-            self._owner._verify(lease.slot)
+            self._owner._verify(lease.slot, kwargs["timeout"], kwargs["wait_for_ready"])
             future: grpc.CallFuture[Any] = self._underlying(lease.slot).future(argument, **kwargs)
         except BaseException:
             lease.release()
@@ -463,7 +612,7 @@ class _MultiCallable:
     def _streaming(self, argument: Any, kwargs: dict[str, Any]) -> grpc.CallIterator[Any]:
         lease = self._owner._acquire()
         try:
-            self._owner._verify(lease.slot)
+            self._owner._verify(lease.slot, kwargs["timeout"], kwargs["wait_for_ready"])
             call = self._underlying(lease.slot)(argument, **kwargs)
         except BaseException:
             lease.release()
@@ -603,6 +752,32 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
     ) -> grpc.CallIterator[Any]:
         options = _options(timeout, metadata, credentials, wait_for_ready, compression)
         return self._streaming(request_iterator, options)
+
+
+def _ready(channel: grpc.Channel) -> bool | None:
+    """Whether gRPC's connection is up (READY) now, read synchronously (about a microsecond)
+    through grpc's private ``_channel``; None when that cannot be read (a grpc release changed it:
+    the connectivity callbacks alone then mark a reconnection, as late as they run)."""
+    core: Any = getattr(channel, "_channel", None)
+    read = getattr(core, "check_connectivity_state", None)
+    if read is None:
+        return None
+    try:
+        return bool(read(False) == _CORE_READY)
+    except ValueError:  # closed: the call itself fails
+        return None
+
+
+# grpc's core connectivity value for READY (cygrpc's ConnectivityState.ready).
+_CORE_READY = 2
+
+
+def _timed_out(unchecked: ServerIdentityUnchecked) -> ServerIdentityUnchecked:
+    """A ``wait_for_ready`` call's deadline passed with the server still unchecked."""
+    return ServerIdentityUnchecked(
+        f"{unchecked.message}; the call's deadline passed while it waited for the server",
+        status=grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
 
 
 class _TranslatedFuture(grpc.Future):  # type: ignore[type-arg]

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 
+from strongroom.errors import Unavailable
 from strongroom.pki._files import memory_file
 from strongroom.pki._x509 import signing_capability
 from strongroom.pki.errors import PeerUnauthenticated
@@ -318,23 +319,42 @@ class ServerIdentityMismatch(_RefusedBeforeTheCall):
     default_reason = Reason.SERVER_IDENTITY_MISMATCH
 
 
-def server_spiffe_ids(
-    target: str,
-    presentation: TlsPresentation,
-    *,
-    server_name: str | None = None,
-    timeout: float = 2.0,
-) -> list[str] | None:
-    """The URI SANs of the certificate the server at ``target`` presents, its chain verified
-    against our root; None when the server cannot be reached. The handshake names the server as
-    gRPC's does (SNI ``server_name``, else the target's host), so a server choosing its
-    certificate by name shows this check the one it shows the channel.
+class ServerIdentityUnchecked(Unavailable, RaisedAsRpcError):
+    """The SPIFFE ID of the server at a target could not be checked (its check could not connect),
+    so the call was not sent: gRPC's own connection may reach a server the check did not, and the
+    call would go to a server whose identity nobody checked.
 
-    Raises :class:`ServerIdentityMismatch` when the server's certificate does not chain to our
-    root or is a CA's (CA:TRUE, keyCertSign or cRLSign). The host name is not checked here: gRPC checks it on its own connection.
+    Raised by :class:`~strongroom.pki.channel.RotatingChannel` before a call; also a
+    ``grpc.RpcError`` whose ``code()`` is UNAVAILABLE (callers retry it like any unreachable
+    server; DEADLINE_EXCEEDED for a ``wait_for_ready`` call whose deadline passed while it
+    waited). Nothing was received, so it has no trailing metadata: a client step reporting an
+    unreachable peer (``remote_error``) keeps its own reason (``KEY_RELEASE_UNAVAILABLE``, ...)
+    and this one's message.
     """
+
+    default_reason = Reason.SERVER_IDENTITY_UNCHECKED
+    status = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        status: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.status = status
+
+
+def _server_certificate(
+    target: str, presentation: TlsPresentation, *, server_name: str | None, timeout: float
+) -> tuple[x509.Certificate | None, list[str]]:
+    """The certificate the server at ``target`` presents to a handshake naming it as gRPC does
+    (chain verified against our root, host name not checked), and why each address tried before
+    it could not be reached; None and every address's failure when none could."""
     context = client_context(presentation)
     context.check_hostname = False  # the SPIFFE ID is what we check; gRPC checks the name
+    failures: list[str] = []
     # In gRPC's order, the first that answers: as gRPC's connection does. Only the first was
     # tried, so with it down the check found the server unreachable and every call went out,
     # unchecked, to the next address.
@@ -353,11 +373,36 @@ def server_spiffe_ids(
                 f"the server at {target} presented a certificate that does not chain to our CA "
                 f"({exc.verify_message})"
             ) from None
-        except OSError:
+        except OSError as exc:
+            failures.append(f"{_joined(host, port)}: {exc or type(exc).__name__}")
             continue
         if der is not None:
-            return workload_spiffe_ids(target, x509.load_der_x509_certificate(der))
-    return None
+            return x509.load_der_x509_certificate(der), failures
+        failures.append(f"{_joined(host, port)}: no certificate presented")
+    return None, failures or ["the target names no address"]
+
+
+def _joined(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def server_spiffe_ids(
+    target: str,
+    presentation: TlsPresentation,
+    *,
+    server_name: str | None = None,
+    timeout: float = 2.0,
+) -> list[str] | None:
+    """The URI SANs of the certificate the server at ``target`` presents, its chain verified
+    against our root; None when the server cannot be reached. The handshake names the server as
+    gRPC's does (SNI ``server_name``, else the target's host), so a server choosing its
+    certificate by name shows this check the one it shows the channel.
+
+    Raises :class:`ServerIdentityMismatch` when the server's certificate does not chain to our
+    root or is a CA's (CA:TRUE, keyCertSign or cRLSign). The host name is not checked here: gRPC checks it on its own connection.
+    """
+    cert, _ = _server_certificate(target, presentation, server_name=server_name, timeout=timeout)
+    return None if cert is None else workload_spiffe_ids(target, cert)
 
 
 def workload_spiffe_ids(target: str, cert: x509.Certificate) -> list[str]:
@@ -407,3 +452,26 @@ def check_server_identity(
         return False
     require_server_id(target, presented, expected)
     return True
+
+
+def verify_server_identity(
+    target: str,
+    presentation: TlsPresentation,
+    expected: str,
+    *,
+    server_name: str | None = None,
+    timeout: float = 2.0,
+) -> None:
+    """Checks that the server at ``target`` presents exactly the SPIFFE ID ``expected``, failing
+    closed: raises :class:`ServerIdentityMismatch` when it presents another one and
+    :class:`ServerIdentityUnchecked`, naming the target and why, when no address of the target
+    could be reached (nothing was checked, so nothing may be sent)."""
+    cert, failures = _server_certificate(
+        target, presentation, server_name=server_name, timeout=timeout
+    )
+    if cert is None:
+        raise ServerIdentityUnchecked(
+            f"the server at {target} was not sent the call: its SPIFFE ID ({expected}) could not "
+            f"be checked, the check could not connect ({'; '.join(failures)})"
+        )
+    require_server_id(target, workload_spiffe_ids(target, cert), expected)

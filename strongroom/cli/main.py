@@ -62,13 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         code: int = args.func(args)
-    except StrongroomError as exc:
-        print(f"strongroom: error: {printable(exc)}", file=sys.stderr)
-        return 1
     except grpc.RpcError as exc:
-        # A service refused: its status and message (REASON: text) say why; no traceback.
+        # A service refused: its status and message (REASON: text) say why; no traceback. First:
+        # a channel's own refusal before the call (the server's identity unchecked or another's)
+        # is both, and its status (UNAVAILABLE: retry) matters as a service's does.
         status = exc.code()
         print(f"strongroom: error: {status.name}: {printable(exc.details())}", file=sys.stderr)
+        return 1
+    except StrongroomError as exc:
+        print(f"strongroom: error: {printable(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:
         # A file or directory the command needed (a mistyped path, permissions, a full disk):

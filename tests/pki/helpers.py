@@ -271,8 +271,10 @@ def serve(
     authorizer: SpiffeAuthorizer | None = None,
     *,
     extra: Callable[[grpc.Server], None] | None = None,
+    port: int = 0,
 ) -> Server:
-    """A real gRPC server on localhost with the identity's rotating mTLS credentials."""
+    """A real gRPC server on localhost with the identity's rotating mTLS credentials (on
+    ``port``, else a free one)."""
     calls = Calls()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16),
@@ -284,7 +286,7 @@ def serve(
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     if extra is not None:
         extra(server)
-    port = server.add_secure_port("127.0.0.1:0", identity.server_credentials())
+    port = server.add_secure_port(f"127.0.0.1:{port}", identity.server_credentials())
     server.start()
     return Server(server, port, calls, servicer)
 

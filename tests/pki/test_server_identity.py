@@ -12,25 +12,28 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from strongroom.pki import StepCa, WorkloadIdentity
+from strongroom.pki import channel as channel_module
 from strongroom.pki._files import memory_file
 from strongroom.pki.channel import _close_channel, _Slot
 from strongroom.pki.handshake import (
     ServerIdentityMismatch,
+    ServerIdentityUnchecked,
     TlsPresentation,
     check_server_identity,
     parse_target,
 )
 from strongroom.runtime.config import ConfigError, IdentityConfig
-from tests.pki.helpers import TRUST_DOMAIN, Server, enrol, make_leaf, serve, sid
+from tests.pki.helpers import ECHO, TRUST_DOMAIN, Server, enrol, make_leaf, serve, sid
 
 
 @pytest.fixture(scope="module")
@@ -421,3 +424,211 @@ def test_a_channel_checking_the_id_refuses_a_target_it_cannot_check(
     with pytest.raises(ValueError) as refused:
         client_identity.channel("dns://8.8.8.8/keybroker:8443", server_id=sid("keybroker"))
     assert "DNS server 8.8.8.8" in str(refused.value) and sid("keybroker") in str(refused.value)
+
+
+# ---------------------------------------------------------------- the check fails closed
+
+
+def ping(channel: grpc.Channel, **kwargs: Any) -> bytes:
+    answer: bytes = channel.unary_unary(f"/{ECHO}/Ping", None, None)(b"x", **kwargs)
+    return answer
+
+
+class _CheckConnects:
+    """Wraps the socket connect of the SPIFFE check to ``port`` (gRPC's C core never calls
+    Python's ``socket``; connects to other ports, other tests' threads', pass through): counts
+    them, refuses them while ``refusing``, else connects through ``real``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, port: int) -> None:
+        self.port = port
+        self.refusing = False
+        self.count = 0
+        self.plain: Callable[..., socket.socket] = socket.create_connection
+        self.real: Callable[..., socket.socket] = self.plain
+        monkeypatch.setattr(socket, "create_connection", self)
+
+    def __call__(self, address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        if address[1] != self.port:
+            return self.plain(address, *args, **kwargs)
+        self.count += 1
+        if self.refusing:
+            raise ConnectionRefusedError(111, "Connection refused (for the check only)")
+        return self.real(address, *args, **kwargs)
+
+
+def test_a_server_the_check_cannot_reach_gets_no_call(
+    store: Server, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check's handshake could not connect while gRPC's could (another resolver answer, a
+    connection dropped for the check alone, ...): the check reported "unreachable" and the call
+    went out unchecked, reaching the model store on a channel that expects the key broker. The
+    call now fails UNAVAILABLE saying so, and the next call checks again."""
+    connects = _CheckConnects(monkeypatch, store.port)
+    connects.refusing = True
+    before = store.calls.total()
+    with client_identity.channel(store.target, server_id=sid("keybroker")) as channel:
+        with pytest.raises(ServerIdentityUnchecked) as info:
+            ping(channel, timeout=10)
+        error = info.value
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert error.reason == "SERVER_IDENTITY_UNCHECKED"
+        assert store.target in error.details() and sid("keybroker") in error.details()
+        assert "Connection refused (for the check only)" in error.details()
+        assert store.calls.total() == before  # nothing reached the server
+        connects.refusing = False
+        with pytest.raises(ServerIdentityMismatch):  # checked again: the wrong server
+            ping(channel, timeout=10)
+    assert store.calls.total() == before
+    with client_identity.channel(store.target, server_id=sid("modelstore")) as channel:
+        connects.refusing = True
+        with pytest.raises(ServerIdentityUnchecked):
+            ping(channel, timeout=10)
+        connects.refusing = False
+        assert ping(channel, timeout=10) == b"x"  # the normal path
+        assert ping(channel, timeout=10) == b"x"
+
+
+def test_every_kind_of_call_fails_closed(
+    store: Server, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connects = _CheckConnects(monkeypatch, store.port)
+    connects.refusing = True
+    with client_identity.channel(store.target, server_id=sid("modelstore")) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(ServerIdentityUnchecked):
+            next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+        with pytest.raises(ServerIdentityUnchecked):
+            stub.Check.future(health_pb2.HealthCheckRequest(), timeout=10)
+        with pytest.raises(ServerIdentityUnchecked):
+            stub.Check.with_call(health_pb2.HealthCheckRequest(), timeout=10)
+
+
+def test_concurrent_first_calls_share_one_check(
+    store: Server, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls arriving while the connection's check runs wait for its outcome (here held until
+    every other call waits for it) instead of each making a handshake of its own."""
+    callers = 8
+    waiting = threading.Semaphore(0)
+
+    class CountedEvent(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waiting.release()
+            return super().wait(timeout)
+
+    class CountedCheck(channel_module._Check):
+        def __init__(self, epoch: int) -> None:
+            super().__init__(epoch)
+            self.done = CountedEvent()
+
+    monkeypatch.setattr(channel_module, "_Check", CountedCheck)
+    connects = _CheckConnects(monkeypatch, store.port)
+    real = connects.real
+
+    def held(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        for _ in range(callers - 1):  # every other caller waits for this check
+            assert waiting.acquire(timeout=30)
+        return real(address, *args, **kwargs)
+
+    connects.real = held
+    with (
+        client_identity.channel(store.target, server_id=sid("modelstore")) as channel,
+        futures.ThreadPoolExecutor(callers) as pool,
+    ):
+        answers = list(pool.map(lambda _: ping(channel, timeout=30), range(callers)))
+    assert answers == [b"x"] * callers
+    assert connects.count == 1
+
+
+def test_a_wait_for_ready_call_waits_for_a_server_that_comes_up_later(
+    store_identity: WorkloadIdentity,
+    client_identity: WorkloadIdentity,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Such a call waits for the server within its deadline (as gRPC's own), re-checking the
+    server's identity with back-off, rather than failing at the first check."""
+    with socket.socket() as closed:  # a port nothing listens on yet
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    connects = _CheckConnects(monkeypatch, port)
+    refused = threading.Event()
+    real = connects.real
+
+    def noting_refusals(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        try:
+            return real(address, *args, **kwargs)
+        except ConnectionRefusedError:
+            refused.set()
+            raise
+
+    connects.real = noting_refusals
+    with (
+        client_identity.channel(f"localhost:{port}", server_id=sid("modelstore")) as channel,
+        futures.ThreadPoolExecutor(1) as pool,
+    ):
+        with pytest.raises(ServerIdentityUnchecked) as info:  # without waiting: at once
+            ping(channel, timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        refused.clear()
+        waiting = pool.submit(ping, channel, timeout=60, wait_for_ready=True)
+        assert refused.wait(30)  # it found the server down, and waits
+        server = serve(store_identity, port=port)
+        try:
+            assert waiting.result(60) == b"x"
+        finally:
+            server.stop()
+
+
+def test_a_wait_for_ready_call_ends_at_its_deadline(
+    client_identity: WorkloadIdentity,
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with (
+        client_identity.channel(f"localhost:{port}", server_id=sid("modelstore")) as channel,
+        pytest.raises(ServerIdentityUnchecked) as info,
+    ):
+        ping(channel, timeout=0.5, wait_for_ready=True)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert info.value.reason == "SERVER_IDENTITY_UNCHECKED"
+    assert "deadline" in info.value.details()
+
+
+def test_a_reconnection_is_checked_before_a_call_goes_out(
+    ca: StepCa, store_identity: WorkloadIdentity, client_identity: WorkloadIdentity
+) -> None:
+    """gRPC reconnects on its own after the server went away, and another workload may answer
+    on that address by then. gRPC's connectivity callbacks, which forgot the check, run late on
+    a thread of their own (held here, as a poller starved of the interpreter lock is): the next
+    call went out on the new connection with the old check. The channel now also reads gRPC's
+    connection state at each call."""
+    first = serve(store_identity)
+    port = first.port
+    broker = enrol(ca, "keybroker", ["keybroker", "localhost"], auto_renew=False)
+    second: Server | None = None
+    try:
+        with client_identity.channel(f"localhost:{port}", server_id=sid("modelstore")) as channel:
+            assert ping(channel, timeout=10) == b"x"
+            assert ping(channel, timeout=10) == b"x"  # checked once more, with gRPC's up
+            grpc_channel = channel._slot.channel
+            with grpc_channel._connectivity_state.lock:  # type: ignore[attr-defined]
+                first.stop()
+                second = serve(broker, port=port)
+                with pytest.raises(ServerIdentityMismatch, match=sid("keybroker")):
+                    ping(channel, timeout=10)
+            assert second.calls.total() == 0
+    finally:
+        if second is not None:
+            second.stop()
+        broker.close()
+
+
+def test_the_connection_state_is_readable() -> None:
+    """The channel reads gRPC's connection state through grpc's private ``_channel``: a grpc
+    release that changes it must fail here, not silently leave reconnections to the callbacks."""
+    channel = grpc.insecure_channel("localhost:1")
+    try:
+        assert channel_module._ready(channel) is False
+    finally:
+        channel.close()
