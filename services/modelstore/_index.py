@@ -76,12 +76,16 @@ _ALL = _SELECT + " ORDER BY name, version"
 # SQLite seeks on only one lower bound of a column, and given two (or the row value) it picked
 # the prefix, so each later page scanned every row before its resume point (a page token near the
 # end of a large index read the whole index, under the index's lock).
+# The resume point is bound as the key's bytes and cast to TEXT (SQLite keeps the bytes): a row an
+# edit left with bytes that are not UTF-8 reads as text with surrogate escapes (:func:`_text`),
+# which cannot be bound as text, and a page must be able to end at it.
 # A row whose name or version has more bytes than any (only an edit of the index can make one) is
 # left out: a page token could not name it to resume after it, and a page of such rows could pass
 # the store's send limit. The start-up sweep names it (unreadable_rows).
 _PAGE = (
     _SELECT + " WHERE substr(name, 1, length(:prefix)) = :prefix"
-    " AND name >= :lower AND name < :prefix_end AND (name, version) > (:after_name, :after_version)"
+    " AND name >= CAST(:lower AS TEXT) AND name < :prefix_end"
+    " AND (name, version) > (CAST(:after_name AS TEXT), CAST(:after_version AS TEXT))"
     f" AND length(CAST(name AS BLOB)) <= {MAX_NAME_LENGTH}"
     f" AND length(CAST(version AS BLOB)) <= {MAX_VERSION_LENGTH}"
     " ORDER BY name, version LIMIT :limit"
@@ -121,6 +125,19 @@ def _volume_read_only(directory: Path) -> bool:
 
 # _SELECT's columns, in order.
 _COLUMNS = STORED_FIELDS
+
+
+def _text(value: bytes) -> str:
+    """A TEXT value as read (the connection's ``text_factory``): UTF-8, with any byte that is not
+    (an edit of the index, a damaged page) kept as a surrogate escape. The default factory raised
+    on such a row, which failed every read that met it, the start-up sweep's included: the store
+    did not start. The row is then unreadable by the index's rules (INDEX_CORRUPT), no more."""
+    return value.decode("utf-8", "surrogateescape")
+
+
+def key_bytes(text: str) -> bytes:
+    """The stored bytes of a key read by :func:`_text` (or of any str)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _entry(row: Any) -> ModelRecord | CorruptEntry:
@@ -165,6 +182,7 @@ class Index:
             self._db = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=10.0
             )
+            self._db.text_factory = _text
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StorageUnavailable(
@@ -349,10 +367,10 @@ class Index:
         params = {
             "prefix": prefix,
             "prefix_end": prefix + _PREFIX_END,
-            # Names are ASCII, so Python's string order is SQLite's BINARY order.
-            "lower": max(prefix, after_name),
-            "after_name": after_name,
-            "after_version": after_version,
+            # Compared as bytes, SQLite's BINARY order (a corrupt row's name need not be ASCII).
+            "lower": max(key_bytes(prefix), key_bytes(after_name)),
+            "after_name": key_bytes(after_name),
+            "after_version": key_bytes(after_version),
             "limit": limit,
         }
         with self._cursor() as cur:

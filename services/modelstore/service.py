@@ -145,10 +145,23 @@ def model_info(record: ModelRecord) -> pb.ModelInfo:
 def corrupt_entry_info(entry: CorruptEntry) -> pb.CorruptEntry:
     """The wire form of an unreadable index entry in a listing."""
     return pb.CorruptEntry(
-        name=entry.name,
-        version=entry.version,
+        name=_wire_text(entry.name),
+        version=_wire_text(entry.version),
         reason=Reason.INDEX_CORRUPT,
         problem=entry.problem,
+    )
+
+
+def _wire_text(text: str) -> str:
+    """``text`` as a protobuf string can carry it: a byte a filesystem index row holds that is not
+    UTF-8 (read as a surrogate escape) written as ``\\xff``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _key_order(entry: ModelRecord | CorruptEntry) -> tuple[bytes, bytes]:
+    """An entry's place in a listing: its key's bytes, the index's and the bucket's order."""
+    return entry.name.encode("utf-8", "surrogateescape"), entry.version.encode(
+        "utf-8", "surrogateescape"
     )
 
 
@@ -428,7 +441,7 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                 # The storage's page holds its records and corrupt entries apart; in key order
                 # again, so that the token names the last entry this page shows.
                 listed: list[ModelRecord | CorruptEntry] = [*page.models, *page.corrupt]
-                listed.sort(key=lambda e: (e.name, e.version))
+                listed.sort(key=_key_order)
                 for entry in listed:
                     if scopes.covers(caller, entry.name):
                         entries.append(entry)

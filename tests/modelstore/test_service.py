@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -529,6 +531,26 @@ def test_a_listing_names_a_corrupt_index_entry_and_answers_the_pages_around_it(
         name="\u00e9" * 64, version="v" * 64, reason="INDEX_CORRUPT", problem="p" * 200
     )
     assert pb.ListModelsResponse(corrupt_entries=[largest]).ByteSize() <= MAX_MODEL_INFO_BYTES
+
+
+def test_a_corrupt_entry_whose_name_is_not_utf8_is_listed_escaped(fs_served: Served) -> None:
+    """A filesystem index row whose name holds a byte that is not UTF-8 cannot go in a protobuf
+    string as it is: it is named with the byte escaped, and the walk goes on past it."""
+    for name in ("acme/a", "acme/b", "acme/c"):
+        put(fs_served, make_artifact(name, "1", body(100)))
+    root = fs_served.storage.root  # type: ignore[union-attr]
+    with contextlib.closing(sqlite3.connect(root / "index.sqlite3")) as db, db:
+        db.execute("UPDATE models SET name = CAST(X'61636d652f62ff' AS TEXT) WHERE name = 'acme/b'")
+    names: list[str] = []
+    corrupt: list[str] = []
+    token = ""
+    while True:
+        page = fs_served.stub.ListModels(pb.ListModelsRequest(page_size=1, page_token=token))
+        names += [m.name for m in page.models]
+        corrupt += [e.name for e in page.corrupt_entries]
+        if not (token := page.next_page_token):
+            break
+    assert (names, corrupt) == (["acme/a", "acme/c"], ["acme/b\\xff"])
 
 
 def test_corrupt_blob_is_data_loss(served: Served) -> None:

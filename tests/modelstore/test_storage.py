@@ -1094,6 +1094,28 @@ def test_a_corrupt_index_entry_is_named_by_the_listing_which_goes_on_past_it(
     assert verify_all(storage) == (IntegrityProblem("acme/m2", "1", "INDEX_CORRUPT"),)
 
 
+def test_an_index_row_that_is_not_utf8_is_corrupt_and_the_store_starts(store_root: Path) -> None:
+    """A row whose name (or any text) holds bytes that are not UTF-8 (an edit of the index, a
+    damaged page) raised from SQLite's text decoding on every read that met it: the start-up
+    sweep failed (INDEX_IO) and the store did not start at all. It starts now; the row is
+    unreadable (the sweep names it, reads of it are INDEX_CORRUPT) and listings go on past it."""
+    with FilesystemStorage(store_root) as storage:
+        for name in ("acme/a", "acme/b", "acme/c"):
+            put(storage, make_artifact(name, "1", b"x"))
+    with contextlib.closing(sqlite3.connect(store_root / "index.sqlite3")) as db, db:
+        db.execute("UPDATE models SET name = CAST(X'61636d652f62ff' AS TEXT) WHERE name = 'acme/b'")
+    with FilesystemStorage(store_root) as storage:
+        assert storage.last_sweep.unreadable_rows == (("acme/b\udcff", "1"),)
+        for page_size in (1, 10):
+            pages = [storage.list(prefix="acme/", page_size=page_size)]
+            while token := pages[-1].next_page_token:
+                pages.append(storage.list(prefix="acme/", page_size=page_size, page_token=token))
+            assert [m.name for p in pages for m in p.models] == ["acme/a", "acme/c"]
+            assert [e.name for p in pages for e in p.corrupt] == ["acme/b\udcff"]
+        with pytest.raises(ModelNotFound):
+            storage.stat("acme/b", "1")
+
+
 def test_a_header_size_larger_than_any_head_is_index_corrupt(storage: AnyStorage) -> None:
     """A header size was only held below the artifact's size: an entry edited to name one up to
     that (a 10 GiB model's: 10 GiB) made the start-up sweep, recording an older entry's format,
