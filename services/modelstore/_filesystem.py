@@ -635,18 +635,13 @@ class FilesystemStorage(Closing):
         """One page of models whose name starts with ``prefix``, ordered by (name, version).
 
         ``page_size`` must be between 1 and MAX_PAGE_SIZE; ``page_token`` is the previous page's
-        ``next_page_token`` for the same prefix (InvalidArgument otherwise).
+        ``next_page_token`` for the same prefix (InvalidArgument otherwise). A row the index
+        cannot read is in the page's ``corrupt``, not its models (reads of it stay DATA_LOSS).
         """
         self._check_open()
         after = _pagetoken.start(prefix, page_size, page_token)
         rows = self._index.page(prefix, after, page_size + 1)
-        if len(rows) > page_size:
-            last = rows[page_size - 1]
-            return ModelPage(
-                models=tuple(rows[:page_size]),
-                next_page_token=_pagetoken.encode(prefix, last.name, last.version),
-            )
-        return ModelPage(models=tuple(rows), next_page_token="")
+        return _pagetoken.page_of(prefix, rows[:page_size], more=len(rows) > page_size)
 
     def records(self) -> tuple[ModelRecord, ...]:
         """Every stored record, in (name, version) order (for checks and tests; unpaginated)."""

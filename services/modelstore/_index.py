@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from strongroom.identifiers import is_sha256_hex
+from strongroom.identifiers import MAX_NAME_LENGTH, MAX_VERSION_LENGTH, is_sha256_hex
 from strongroom.modelstore.errors import (
     ModelExists,
     StorageFull,
@@ -28,7 +28,9 @@ from strongroom.modelstore.errors import (
 )
 from strongroom.modelstore.records import (
     STORED_FIELDS,
+    CorruptEntry,
     ModelRecord,
+    problem_text,
     stored_record,
     to_micros,
 )
@@ -74,9 +76,18 @@ _ALL = _SELECT + " ORDER BY name, version"
 # SQLite seeks on only one lower bound of a column, and given two (or the row value) it picked
 # the prefix, so each later page scanned every row before its resume point (a page token near the
 # end of a large index read the whole index, under the index's lock).
+# The resume point is bound as the key's bytes and cast to TEXT (SQLite keeps the bytes): a row an
+# edit left with bytes that are not UTF-8 reads as text with surrogate escapes (:func:`_text`),
+# which cannot be bound as text, and a page must be able to end at it.
+# A row whose name or version has more bytes than any (only an edit of the index can make one) is
+# left out: a page token could not name it to resume after it, and a page of such rows could pass
+# the store's send limit. The start-up sweep names it (unreadable_rows).
 _PAGE = (
     _SELECT + " WHERE substr(name, 1, length(:prefix)) = :prefix"
-    " AND name >= :lower AND name < :prefix_end AND (name, version) > (:after_name, :after_version)"
+    " AND name >= CAST(:lower AS TEXT) AND name < :prefix_end"
+    " AND (name, version) > (CAST(:after_name AS TEXT), CAST(:after_version AS TEXT))"
+    f" AND length(CAST(name AS BLOB)) <= {MAX_NAME_LENGTH}"
+    f" AND length(CAST(version AS BLOB)) <= {MAX_VERSION_LENGTH}"
     " ORDER BY name, version LIMIT :limit"
 )
 _INSERT = """INSERT INTO models (name, version, artifact_sha256, artifact_size, plaintext_size,
@@ -116,21 +127,49 @@ def _volume_read_only(directory: Path) -> bool:
 _COLUMNS = STORED_FIELDS
 
 
-def _record(row: Any) -> ModelRecord:
-    """The record of one row; ``StoredDataCorrupt(INDEX_CORRUPT)``, naming the model and the
-    field, for a row this store cannot have written (edited or damaged on disk), held to the rules
-    of :func:`~strongroom.modelstore.records.stored_record`, which the S3 index shares. The digest
+def _text(value: bytes) -> str:
+    """A TEXT value as read (the connection's ``text_factory``): UTF-8, with any byte that is not
+    (an edit of the index, a damaged page) kept as a surrogate escape. The default factory raised
+    on such a row, which failed every read that met it, the start-up sweep's included: the store
+    did not start. The row is then unreadable by the index's rules (INDEX_CORRUPT), no more."""
+    return value.decode("utf-8", "surrogateescape")
+
+
+def key_bytes(text: str) -> bytes:
+    """The stored bytes of a key read by :func:`_text` (or of any str)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _entry(row: Any) -> ModelRecord | CorruptEntry:
+    """The record of one row, or, for a row this store cannot have written (edited or damaged on
+    disk), the entry naming it (logged) with the first field that breaks the rules of
+    :func:`~strongroom.modelstore.records.stored_record`, which the S3 index shares. The digest
     names the blob's file (joined to the blob directory) and the name and version reach every
     caller of a listing: a row this store cannot have written must not make it read or delete a
     file elsewhere, nor hand a client a name it would refuse."""
     try:
         return stored_record(dict(zip(_COLUMNS, row, strict=True)))
     except ValueError as exc:
-        where = f"{str(row[0])[:256]!r} {str(row[1])[:256]!r}"
-        log.error("index row of %s is unreadable: %s", where, exc)
+        log.error("index row of %s is unreadable: %s", _where(row), exc)
+        return CorruptEntry(str(row[0]), str(row[1]), problem_text(exc))
+
+
+def _where(row: Any) -> str:
+    """A row's name and version for a message: quoted, escaped and cut short (an edited row's
+    could hold line breaks or megabytes)."""
+    return f"{str(row[0])[:256]!r} {str(row[1])[:256]!r}"
+
+
+def _record(row: Any) -> ModelRecord:
+    """The record of one row; ``StoredDataCorrupt(INDEX_CORRUPT)``, naming the model and the
+    field, for a row this store cannot have written (:func:`_entry`)."""
+    entry = _entry(row)
+    if isinstance(entry, CorruptEntry):
         raise StoredDataCorrupt(
-            f"the index row of {where} is unreadable: {exc}", reason=Reason.INDEX_CORRUPT
-        ) from None
+            f"the index row of {_where(row)} is unreadable: {entry.problem}",
+            reason=Reason.INDEX_CORRUPT,
+        )
+    return entry
 
 
 class Index:
@@ -143,6 +182,7 @@ class Index:
             self._db = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=10.0
             )
+            self._db.text_factory = _text
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StorageUnavailable(
@@ -317,21 +357,25 @@ class Index:
             ).fetchone()[0]
         return int(count)
 
-    def page(self, prefix: str, after: tuple[str, str] | None, limit: int) -> list[ModelRecord]:
-        """Up to ``limit`` records whose name starts with ``prefix``, after ``after``, in key order."""
+    def page(
+        self, prefix: str, after: tuple[str, str] | None, limit: int
+    ) -> list[ModelRecord | CorruptEntry]:
+        """Up to ``limit`` entries whose name starts with ``prefix``, after ``after``, in key
+        order: a record for each readable row, a :class:`CorruptEntry` for each other (one
+        edited row failed every page that covered it)."""
         after_name, after_version = after if after else ("", "")
         params = {
             "prefix": prefix,
             "prefix_end": prefix + _PREFIX_END,
-            # Names are ASCII, so Python's string order is SQLite's BINARY order.
-            "lower": max(prefix, after_name),
-            "after_name": after_name,
-            "after_version": after_version,
+            # Compared as bytes, SQLite's BINARY order (a corrupt row's name need not be ASCII).
+            "lower": max(key_bytes(prefix), key_bytes(after_name)),
+            "after_name": key_bytes(after_name),
+            "after_version": key_bytes(after_version),
             "limit": limit,
         }
         with self._cursor() as cur:
             rows = cur.execute(_PAGE, params).fetchall()
-        return [_record(row) for row in rows]
+        return [_entry(row) for row in rows]
 
     def all_records(self) -> list[ModelRecord]:
         """Every record (for tests); ``StoredDataCorrupt`` if a row is unreadable."""

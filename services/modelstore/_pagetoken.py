@@ -3,6 +3,11 @@
 The token is not secret (it only names a model the caller has just been shown) and not signed: a
 forged token can only start a listing at another place the caller could ask for anyway. It is bound
 to the prefix so that reusing it with another listing is an error rather than a silent skip.
+
+Its name and version are a resume point, compared with the index's keys and never looked up, so
+they are held to the grammar's lengths only, not to its characters: a page may end at a corrupt
+filesystem index row whose name an edit put outside the grammar (``acme/m\n``), and the next page
+must resume after that row rather than fail or list it again.
 """
 
 from __future__ import annotations
@@ -10,15 +15,20 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Sequence
 
 from strongroom import jsonparse
 from strongroom.errors import InvalidArgument, StrongroomError
-from strongroom.identifiers import validate_name, validate_prefix, validate_version
+from strongroom.identifiers import MAX_NAME_LENGTH, MAX_VERSION_LENGTH, validate_prefix
 from strongroom.modelstore.limits import MAX_PAGE_SIZE
+from strongroom.modelstore.records import CorruptEntry, ModelPage, ModelRecord
 from strongroom.reasons import Reason
 
 _TAG = "ms1"
-MAX_TOKEN_LENGTH = 1024
+MAX_TOKEN_LENGTH = 4096
+"""Room for the longest key a listing can end at: a name of MAX_NAME_LENGTH and a version of
+MAX_VERSION_LENGTH characters outside ASCII (12 characters each in the token's escaped JSON) and
+the longest prefix, base64-encoded."""
 
 
 def encode(prefix: str, name: str, version: str) -> str:
@@ -43,8 +53,8 @@ def decode(token: str, prefix: str) -> tuple[str, str]:
             raise ValueError("bad structure")
         _, token_prefix, name, version = value
         validate_prefix(token_prefix)
-        validate_name(name)
-        validate_version(version)
+        if len(name) > MAX_NAME_LENGTH or len(version) > MAX_VERSION_LENGTH:
+            raise ValueError("key too long")
     except (ValueError, UnicodeError, binascii.Error, StrongroomError):
         raise InvalidArgument(
             "page_token is not a valid token", reason=Reason.INVALID_PAGE_TOKEN
@@ -69,3 +79,12 @@ def start(prefix: str, page_size: int, page_token: str) -> tuple[str, str] | Non
             f"page_size must be between 1 and {MAX_PAGE_SIZE}", reason=Reason.INVALID_PAGE_SIZE
         )
     return decode(page_token, prefix) if page_token else None
+
+
+def page_of(prefix: str, entries: Sequence[ModelRecord | CorruptEntry], *, more: bool) -> ModelPage:
+    """The page of ``entries`` (in key order; ``more``: others follow them), its token naming
+    the last entry, a corrupt one included (resuming before it would list it again)."""
+    models = tuple(e for e in entries if isinstance(e, ModelRecord))
+    corrupt = tuple(e for e in entries if isinstance(e, CorruptEntry))
+    token = encode(prefix, entries[-1].name, entries[-1].version) if more and entries else ""
+    return ModelPage(models=models, next_page_token=token, corrupt=corrupt)

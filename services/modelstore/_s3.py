@@ -84,9 +84,11 @@ from strongroom.modelstore.errors import (
 )
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE
 from strongroom.modelstore.records import (
+    CorruptEntry,
     ModelPage,
     ModelRecord,
     UploadClaims,
+    problem_text,
     stored_record,
     to_micros,
 )
@@ -347,11 +349,13 @@ def _record_json(record: ModelRecord, blob: str) -> bytes:
     ).encode()
 
 
-def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, str]:
-    """The record and blob key of an index object; ``StoredDataCorrupt(INDEX_CORRUPT)``, naming
-    the model and what is wrong, for one this store cannot have written (every field held to
-    :func:`~strongroom.modelstore.records.stored_record`, which the filesystem index shares)."""
+def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, str] | CorruptEntry:
+    """The record and blob key of an index object, or, for one this store cannot have written
+    (every field held to :func:`~strongroom.modelstore.records.stored_record`, which the
+    filesystem index shares), the entry naming the model and what is wrong (logged)."""
     try:
+        if len(data) > MAX_INDEX_RECORD_BYTES:
+            raise ValueError(f"over {MAX_INDEX_RECORD_BYTES} bytes")
         value = jsonparse.loads(data)
         if not isinstance(value, dict) or value.get("format") != _RECORD_FORMAT:
             raise ValueError("unknown record format")
@@ -363,25 +367,34 @@ def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, st
             raise ValueError("name and version are not its key's")
     except ValueError as exc:
         log.error("index record of %s %s is unreadable: %s", name, version, exc)
-        raise StoredDataCorrupt(
-            f"the index record of {name} {version} is unreadable: {exc}",
-            reason=Reason.INDEX_CORRUPT,
-        ) from None
+        return CorruptEntry(name, version, problem_text(exc))
     return record, blob
 
 
+def _entry(data: bytes, etag: str, name: str, version: str) -> _Indexed | CorruptEntry:
+    """The entry of index object bytes ``data`` (read by :meth:`S3Storage._read_index`, at most
+    one byte past any record's size), or the :class:`CorruptEntry` of one that does not parse."""
+    parsed = _parse_record(data, name, version)
+    if isinstance(parsed, CorruptEntry):
+        return parsed
+    return _Indexed(*parsed, etag)
+
+
+def _corrupt(entry: CorruptEntry) -> StoredDataCorrupt:
+    """The answer to a read of an unreadable index record: DATA_LOSS INDEX_CORRUPT, naming it."""
+    return StoredDataCorrupt(
+        f"the index record of {entry.name} {entry.version} is unreadable: {entry.problem}",
+        reason=Reason.INDEX_CORRUPT,
+    )
+
+
 def _indexed(data: bytes, etag: str, name: str, version: str) -> _Indexed:
-    """The entry of index object bytes ``data`` (read by :meth:`S3Storage._read_index`);
-    ``StoredDataCorrupt(INDEX_CORRUPT)`` if it is larger than any record or does not parse."""
-    if len(data) > MAX_INDEX_RECORD_BYTES:
-        log.error("index record of %s %s is larger than any record", name, version)
-        raise StoredDataCorrupt(
-            f"the index record of {name} {version} is unreadable (over "
-            f"{MAX_INDEX_RECORD_BYTES} bytes)",
-            reason=Reason.INDEX_CORRUPT,
-        )
-    record, blob = _parse_record(data, name, version)
-    return _Indexed(record, blob, etag)
+    """The entry of index object bytes ``data``; ``StoredDataCorrupt(INDEX_CORRUPT)`` if it is
+    larger than any record or does not parse."""
+    entry = _entry(data, etag, name, version)
+    if isinstance(entry, CorruptEntry):
+        raise _corrupt(entry)
+    return entry
 
 
 def _blob_of_unreadable(data: bytes) -> str | None:
@@ -1501,6 +1514,20 @@ class S3Storage(Closing):
         except InvalidArgument:
             return None
 
+    def _listed_entries(self, keys: list[tuple[str, str]]) -> list[ModelRecord | CorruptEntry]:
+        """The record of each key that still has one, or the :class:`CorruptEntry` of one that
+        does not parse (it failed the whole page: one edited record stopped every walk of the
+        store at it), in key order."""
+
+        def read(key: tuple[str, str]) -> ModelRecord | CorruptEntry | None:
+            found = self._read_index(*key)
+            if found is None:
+                return None
+            entry = _entry(*found, *key)
+            return entry if isinstance(entry, CorruptEntry) else entry.record
+
+        return [e for e in _each(keys, read) if e is not None]
+
     def _fetch_records(self, keys: list[tuple[str, str]]) -> list[_Indexed | None]:
         return _each(keys, lambda k: self._get_index(*k))
 
@@ -1737,7 +1764,8 @@ class S3Storage(Closing):
         """One page of models whose name starts with ``prefix``, ordered by (name, version).
 
         One ListObjectsV2 (the bucket's key order is the API's order) plus one GET per record,
-        eight at a time. A model deleted between the two is left out of the page.
+        eight at a time. A model deleted between the two is left out of the page; a record that
+        does not parse is in the page's ``corrupt``, not its models (reads of it stay DATA_LOSS).
         """
         self._check_open()
         after = _pagetoken.start(prefix, page_size, page_token)
@@ -1760,8 +1788,8 @@ class S3Storage(Closing):
             start = str(items[-1]["Key"])
         more = len(keys) > page_size
         keys = keys[:page_size]
-        entries = self._fetch_records(keys)
-        models = tuple(e.record for e in entries if e is not None)
-        if more:
-            return ModelPage(models=models, next_page_token=_pagetoken.encode(prefix, *keys[-1]))
-        return ModelPage(models=models, next_page_token="")
+        entries = self._listed_entries(keys)
+        page = _pagetoken.page_of(prefix, entries, more=more)
+        if more:  # the token names the last key, even if its record was deleted meanwhile
+            return dataclasses.replace(page, next_page_token=_pagetoken.encode(prefix, *keys[-1]))
+        return page

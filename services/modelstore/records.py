@@ -56,12 +56,43 @@ class ModelRecord:
     model; 3 does); 0: not known (an S3 index record written before the store recorded it)."""
 
 
+MAX_PROBLEM_LENGTH = 200
+"""The longest :attr:`CorruptEntry.problem` kept, in ASCII characters (so in bytes too: an
+entry's size in a ListModels page stays bounded)."""
+
+
+def problem_text(exc: ValueError) -> str:
+    """``exc``'s message as a :attr:`CorruptEntry.problem`: ASCII (anything else escaped) and at
+    most :data:`MAX_PROBLEM_LENGTH` characters."""
+    return str(exc).encode("ascii", "backslashreplace").decode("ascii")[:MAX_PROBLEM_LENGTH]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CorruptEntry:
+    """An index entry in a listing that the store cannot read (edited or damaged): it is named,
+    never served or judged by, and every read of it stays DATA_LOSS INDEX_CORRUPT."""
+
+    name: str
+    """The entry's model name as far as known (a filesystem row's name column, an S3 index
+    object's key), possibly outside the name grammar."""
+    version: str
+    """The entry's version, likewise."""
+    problem: str
+    """What is wrong: the first field that breaks the rules (at most MAX_PROBLEM_LENGTH)."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelPage:
-    """One page of a listing; ``next_page_token`` is empty on the last page."""
+    """One page of a listing; ``next_page_token`` is empty on the last page.
+
+    ``corrupt`` holds the unreadable index entries among the page's keys: one damaged or edited
+    entry failed every page that covered it (DATA_LOSS), which stopped every walk of the store,
+    ``keys rewrap-models`` and ``keys disable``'s check among them. An entry of either tuple
+    counts towards the page size, and the page token resumes after the last of both."""
 
     models: tuple[ModelRecord, ...]
     next_page_token: str
+    corrupt: tuple[CorruptEntry, ...] = ()
 
 
 @dataclasses.dataclass(slots=True)

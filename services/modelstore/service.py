@@ -35,7 +35,7 @@ from strongroom.modelstore import _pagetoken
 from strongroom.modelstore._upload import Authorize
 from strongroom.modelstore.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.publishers import PublisherScopes
-from strongroom.modelstore.records import ModelRecord, UploadClaims
+from strongroom.modelstore.records import CorruptEntry, ModelPage, ModelRecord, UploadClaims
 from strongroom.modelstore.storage import Storage
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
@@ -139,6 +139,37 @@ def model_info(record: ModelRecord) -> pb.ModelInfo:
         created_at=created,
         stored_at=stored,
         artifact_format=record.artifact_format,
+    )
+
+
+def corrupt_entry_info(entry: CorruptEntry) -> pb.CorruptEntry:
+    """The wire form of an unreadable index entry in a listing."""
+    return pb.CorruptEntry(
+        name=_wire_text(entry.name),
+        version=_wire_text(entry.version),
+        reason=Reason.INDEX_CORRUPT,
+        problem=entry.problem,
+    )
+
+
+def _wire_text(text: str) -> str:
+    """``text`` as a protobuf string can carry it: a byte a filesystem index row holds that is not
+    UTF-8 (read as a surrogate escape) written as ``\\xff``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _key_order(entry: ModelRecord | CorruptEntry) -> tuple[bytes, bytes]:
+    """An entry's place in a listing: its key's bytes, the index's and the bucket's order."""
+    return entry.name.encode("utf-8", "surrogateescape"), entry.version.encode(
+        "utf-8", "surrogateescape"
+    )
+
+
+def _list_response(page: ModelPage) -> pb.ListModelsResponse:
+    return pb.ListModelsResponse(
+        models=[model_info(r) for r in page.models],
+        next_page_token=page.next_page_token,
+        corrupt_entries=[corrupt_entry_info(e) for e in page.corrupt],
     )
 
 
@@ -344,26 +375,30 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
-        """Lists models by name prefix, a page at a time (page_size 0 = default, capped at max)."""
+        """Lists models by name prefix, a page at a time (page_size 0 = default, capped at max).
+
+        An index entry the store cannot read is named in ``corrupt_entries``, never in
+        ``models``: it failed every page that covered it (DATA_LOSS), so one edited or damaged
+        entry stopped every client that acts on every model (a re-wrap after a KEK rotation, the
+        check before a version is disabled). Reads of it stay DATA_LOSS INDEX_CORRUPT."""
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative", reason=Reason.INVALID_PAGE_SIZE)
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         prefix = validate_prefix(request.name_prefix)
         scope = self._read_scope(context)
         if scope is None:
-            page = self._storage.list(
-                prefix=prefix, page_size=page_size, page_token=request.page_token
+            return _list_response(
+                self._storage.list(
+                    prefix=prefix, page_size=page_size, page_token=request.page_token
+                )
             )
-            return pb.ListModelsResponse(
-                models=[model_info(r) for r in page.models], next_page_token=page.next_page_token
-            )
-        models, token = self._scoped_page(prefix, page_size, request.page_token, *scope)
-        return pb.ListModelsResponse(models=[model_info(r) for r in models], next_page_token=token)
+        return _list_response(self._scoped_page(prefix, page_size, request.page_token, *scope))
 
     def _scoped_page(
         self, prefix: str, page_size: int, token: str, scopes: PublisherScopes, caller: str
-    ) -> tuple[list[ModelRecord], str]:
-        """One page of the models ``caller`` may read, and the token after its last one.
+    ) -> ModelPage:
+        """One page of the models ``caller`` may read (and of the corrupt entries its rules
+        cover), its token after its last entry.
 
         Only the key ranges its rules name are read (:meth:`PublisherScopes.listing_prefixes`,
         in order), not the whole listing with other tenants' models filtered out: a publisher
@@ -380,14 +415,14 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         """
         ranges = scopes.listing_prefixes(caller, prefix)
         if not ranges:
-            return [], ""
+            return ModelPage(models=(), next_page_token="")
         after = _pagetoken.decode(token, prefix) if token else None
         if after is not None and not scopes.covers(caller, after[0]):
             raise InvalidArgument(
                 "page_token does not come from a listing of your models",
                 reason=Reason.INVALID_PAGE_TOKEN,
             )
-        models: list[ModelRecord] = []
+        entries: list[ModelRecord | CorruptEntry] = []
         skipped = 0
         for sub in ranges:
             sub_token = ""
@@ -401,19 +436,22 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                 # a range dense with others' models is read in growing pages): always a full
                 # MAX_PAGE_SIZE made the S3 backend read up to 1,000 index records (a GET each)
                 # for a page of one, ten times the records of a default page.
-                wanted = min(MAX_PAGE_SIZE, page_size - len(models) + skipped)
+                wanted = min(MAX_PAGE_SIZE, page_size - len(entries) + skipped)
                 page = self._storage.list(prefix=sub, page_size=wanted, page_token=sub_token)
-                for record in page.models:
-                    if scopes.covers(caller, record.name):
-                        models.append(record)
-                        if len(models) == page_size:
-                            return models, _pagetoken.encode(prefix, record.name, record.version)
+                # The storage's page holds its records and corrupt entries apart; in key order
+                # again, so that the token names the last entry this page shows.
+                listed: list[ModelRecord | CorruptEntry] = [*page.models, *page.corrupt]
+                listed.sort(key=_key_order)
+                for entry in listed:
+                    if scopes.covers(caller, entry.name):
+                        entries.append(entry)
+                        if len(entries) == page_size:
+                            return _pagetoken.page_of(prefix, entries, more=True)
                         continue
                     skipped += 1
                     if skipped > MAX_SKIPPED_PER_PAGE:
-                        if models:
-                            last = models[-1]
-                            return models, _pagetoken.encode(prefix, last.name, last.version)
+                        if entries:
+                            return _pagetoken.page_of(prefix, entries, more=True)
                         raise ResourceExhausted(
                             f"more than {MAX_SKIPPED_PER_PAGE} models of other publishers lie "
                             "here; list with a name_prefix within your own model names",
@@ -422,7 +460,7 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                 if not page.next_page_token:
                     break
                 sub_token = page.next_page_token
-        return models, ""
+        return _pagetoken.page_of(prefix, entries, more=False)
 
     def DeleteModel(
         self, request: pb.DeleteModelRequest, context: grpc.ServicerContext

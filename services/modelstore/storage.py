@@ -27,12 +27,14 @@ from strongroom.modelstore._upload import Authorize
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.modelstore.errors import ModelNotFound, StoredDataCorrupt
 from strongroom.modelstore.limits import DEFAULT_MAX_ARTIFACT_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
-from strongroom.modelstore.records import ModelPage, ModelRecord, UploadClaims
+from strongroom.modelstore.records import CorruptEntry, ModelPage, ModelRecord, UploadClaims
+from strongroom.reasons import Reason
 
 __all__ = [
     "DEFAULT_MAX_ARTIFACT_SIZE",
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE",
+    "CorruptEntry",
     "FileRangeReader",
     "FilesystemStorage",
     "IntegrityProblem",
@@ -133,7 +135,9 @@ class Storage(Protocol):
         """A page of models whose name starts with ``prefix``, in (name, version) order.
 
         ``page_size`` is 1..MAX_PAGE_SIZE; ``page_token`` is opaque (from the previous page with
-        the same prefix); an unusable one is InvalidArgument(INVALID_PAGE_TOKEN).
+        the same prefix); an unusable one is InvalidArgument(INVALID_PAGE_TOKEN). An index entry
+        that cannot be read is in the page's ``corrupt`` (counted in ``page_size``), never in
+        its models, and the listing goes on past it.
         """
         ...
 
@@ -181,7 +185,8 @@ class IntegrityProblem:
 
 
 def verify_all(storage: Storage, *, prefix: str = "") -> tuple[IntegrityProblem, ...]:
-    """Recomputes the digest of every stored model (under ``prefix``); returns those that fail.
+    """Recomputes the digest of every stored model (under ``prefix``); returns those that fail,
+    and every index entry the listing found unreadable (INDEX_CORRUPT).
 
     Reads every stored byte once; an empty result means everything verified. Other errors (I/O,
     a model deleted meanwhile) propagate or are skipped as noted.
@@ -190,6 +195,9 @@ def verify_all(storage: Storage, *, prefix: str = "") -> tuple[IntegrityProblem,
     token = ""
     while True:
         page = storage.list(prefix=prefix, page_size=MAX_PAGE_SIZE, page_token=token)
+        problems.extend(
+            IntegrityProblem(e.name, e.version, Reason.INDEX_CORRUPT) for e in page.corrupt
+        )
         for record in page.models:
             try:
                 storage.verify(record.name, record.version)

@@ -16,9 +16,10 @@ from google.protobuf.json_format import MessageToDict
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.cli._text import printable
 from strongroom.cli.client import Client, add_client_arguments
-from strongroom.client.rewrap import models_needing, rewrap_models
+from strongroom.client.rewrap import KeyVersionUse, models_needing, rewrap_models
 from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound
 from strongroom.identifiers import MAX_KEY_VERSION
 from strongroom.reasons import Reason
@@ -68,6 +69,12 @@ def register(sub: Any) -> None:
         action="store_true",
         help="disable without checking the model store (its models under that version can no "
         "longer be loaded)",
+    )
+    disable.add_argument(
+        "--ignore-corrupt",
+        action="store_true",
+        help="check the model store, but disable even though it lists index entries it cannot "
+        "read (INDEX_CORRUPT), once you have checked that none of them needs the version",
     )
     set_policy = action(
         "set-policy", "attach a release policy document (YAML or JSON)", _set_policy
@@ -172,8 +179,10 @@ def _rewrap_models(args: argparse.Namespace) -> int:
 
 def _rewrap(client: Client, key_id: str, current_version: int) -> int:
     """Streams one JSON line per stored model, then a summary; exit 1 if any model failed (one
-    deleted during the run is ``gone``, not a failure)."""
+    deleted during the run is ``gone``, not a failure) or the store listed index entries it
+    cannot read (``corrupt``, after every readable model: each may still need an old version)."""
     counts: Counter[str] = Counter()
+    corrupt: list[str] = []
     for result in rewrap_models(
         key_id,
         current_version=current_version,
@@ -181,16 +190,35 @@ def _rewrap(client: Client, key_id: str, current_version: int) -> int:
         store=client.channel("modelstore"),
     ):
         counts[result.outcome] += 1
-        print(json.dumps(dataclasses.asdict(result)), flush=True)
+        if result.outcome == "corrupt":
+            corrupt.append(f"{printable(result.name)} {printable(result.version)}")
+        line = dataclasses.asdict(result)
+        if not result.problem:
+            del line["problem"]  # only a corrupt entry has one: the other lines are as before
+        print(json.dumps(line), flush=True)
     print(json.dumps({"key_id": key_id, "current_version": current_version, **counts}))
-    return 1 if counts["failed"] else 0
+    if corrupt:
+        print(
+            f"strongroom: {_first_ten(corrupt)}: index entr{'y' if len(corrupt) == 1 else 'ies'} "
+            "the model store cannot read (INDEX_CORRUPT), not re-wrapped and possibly still "
+            "under an older version of the key; restore them from a backup or delete them "
+            "(strongroom model rm), then run strongroom keys rewrap-models again",
+            file=sys.stderr,
+        )
+    return 1 if counts["failed"] or counts["corrupt"] else 0
+
+
+def _first_ten(names: list[str]) -> str:
+    """The first ten of ``names`` for a message, and how many more."""
+    more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+    return ", ".join(names[:10]) + more
 
 
 def _disable(args: argparse.Namespace) -> int:
     client, stub = _admin(args)
     with client:
         if not args.force:
-            _check_unused(client, args.key_id, args.version)
+            _check_unused(client, args.key_id, args.version, ignore_corrupt=args.ignore_corrupt)
         request = pb.DisableKeyRequest(key_id=args.key_id, version=args.version)
         _print(stub.DisableKey(request, timeout=TIMEOUT).key)
         if not args.force:
@@ -202,65 +230,84 @@ def _disable(args: argparse.Namespace) -> int:
         return 0
 
 
-def _models_under(client: Client, key_id: str, version: int, unlisted: str) -> tuple[int, str]:
-    """How many stored models need ``version`` of ``key_id`` (any if 0), and the first ten named
-    for a message; ``unlisted`` goes to stderr if the store cannot be listed."""
+def _store_use(client: Client, key_id: str, version: int, unlisted: str) -> KeyVersionUse:
+    """What the model store holds that needs ``version`` of ``key_id`` (any if 0), corrupt
+    entries included; ``unlisted`` goes to stderr if the store cannot be listed."""
     try:
-        needing = models_needing(key_id, version, store=client.channel("modelstore"))
+        return models_needing(key_id, version, store=client.channel("modelstore"))
     except (grpc.RpcError, ConfigError):
         print(f"strongroom: {unlisted}", file=sys.stderr)
         raise
-    shown = ", ".join(
-        f"{printable(m.name)} {printable(m.version)} (version {m.key_version})"
-        for m in needing[:10]
+
+
+def _named_models(models: list[store_pb.ModelInfo]) -> str:
+    return _first_ten(
+        [f"{printable(m.name)} {printable(m.version)} (version {m.key_version})" for m in models]
     )
-    more = f" and {len(needing) - 10} more" if len(needing) > 10 else ""
-    return len(needing), shown + more
+
+
+def _named_corrupt(entries: list[store_pb.CorruptEntry]) -> str:
+    return _first_ten(
+        [f"{printable(e.name)} {printable(e.version)} ({printable(e.problem)})" for e in entries]
+    )
 
 
 def _check_disabled_unused(client: Client, key_id: str, version: int) -> None:
     """After a disable: FAILED_PRECONDITION (KEY_VERSION_IN_USE) naming the stored models that
     need the now disabled ``version`` of ``key_id`` (any version if 0)."""
     which = f"version {version} of {key_id}" if version else f"every version of {key_id}"
-    count, shown = _models_under(
+    use = _store_use(
         client,
         key_id,
         version,
         f"{which} is disabled, but the model store could not be listed again to check that no "
         "model was published under it meanwhile",
     )
-    if count:
+    if use.models:
         raise FailedPrecondition(
-            f"{which} is disabled, but {count} stored model(s) published under it while it was "
-            f"being disabled can no longer be loaded: {shown}; re-publish them",
+            f"{which} is disabled, but {len(use.models)} stored model(s) published under it "
+            f"while it was being disabled can no longer be loaded: {_named_models(use.models)}; "
+            "re-publish them",
             reason=Reason.KEY_VERSION_IN_USE,
         )
 
 
-def _check_unused(client: Client, key_id: str, version: int) -> None:
+def _check_unused(client: Client, key_id: str, version: int, *, ignore_corrupt: bool) -> None:
     """Refuses (FAILED_PRECONDITION, KEY_VERSION_IN_USE) while the model store holds models under
-    ``version`` of ``key_id`` (any version if 0): a disabled version cannot be enabled again."""
+    ``version`` of ``key_id`` (any version if 0), or, unless ``ignore_corrupt``, index entries it
+    cannot read (their key unknown, any may be under it): a disabled version cannot be enabled
+    again. The corrupt entries were a listing error before, which stopped this check; a store
+    that answers a listing around them must not let them pass unseen either."""
     which = f"version {version} of {key_id}" if version else f"a version of {key_id}"
-    count, shown = _models_under(
+    use = _store_use(
         client,
         key_id,
         version,
         f"cannot list the model store to check which models still need {which}; --force "
         "disables without the check",
     )
-    if not count:
-        return
-    remedy = (
-        f"re-wrap them first (strongroom keys rewrap-models {key_id}; format-1 models must be "
-        "re-published)"
-        if version
-        else "delete or re-publish them under another key first"
-    )
-    raise FailedPrecondition(
-        f"{count} stored model(s) still need {which} and could not be loaded once it is "
-        f"disabled: {shown}; {remedy}, or pass --force",
-        reason=Reason.KEY_VERSION_IN_USE,
-    )
+    if use.models:
+        remedy = (
+            f"re-wrap them first (strongroom keys rewrap-models {key_id}; format-1 models must be "
+            "re-published)"
+            if version
+            else "delete or re-publish them under another key first"
+        )
+        raise FailedPrecondition(
+            f"{len(use.models)} stored model(s) still need {which} and could not be loaded once "
+            f"it is disabled: {_named_models(use.models)}; {remedy}, or pass --force",
+            reason=Reason.KEY_VERSION_IN_USE,
+        )
+    if use.corrupt and not ignore_corrupt:
+        raise FailedPrecondition(
+            f"the model store lists {len(use.corrupt)} index entr"
+            f"{'y' if len(use.corrupt) == 1 else 'ies'} it cannot read (INDEX_CORRUPT), any of "
+            f"which might still need {which} and could not be loaded once it is disabled: "
+            f"{_named_corrupt(use.corrupt)}; restore them from a backup or delete them "
+            "(strongroom model rm) first, or pass --ignore-corrupt once you have checked that "
+            "none of them needs it",
+            reason=Reason.KEY_VERSION_IN_USE,
+        )
 
 
 def _set_policy(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from strongroom.cli._text import printable
 from strongroom.cli.client import Client, add_client_arguments
 from strongroom.client.fetch import DecryptedModel, ModelFetcher
 from strongroom.client.keyrelease import KeyReleaseClient
-from strongroom.client.listing import iter_models
+from strongroom.client.listing import iter_entries
 from strongroom.client.multipart import PartFile, files_parts, onnx_parts, publish_parts
 from strongroom.client.publish import (
     ONNX_CONTENT_TYPE,
@@ -339,9 +339,20 @@ def artifact_format_column(artifact_format: int) -> str:
 
 
 def _ls(args: argparse.Namespace) -> int:
+    """One line per model; an index entry the store cannot read is listed too, in the same
+    columns, marked ``CORRUPT`` (nothing but its name and version is known), and counted on
+    stderr. Its format unknown, it is listed with ``--unbound`` too."""
+    corrupt = 0
     with Client.from_args(args) as client:
         stub = pb_grpc.ModelStoreServiceStub(client.channel("modelstore"))
-        for m in iter_models(stub, name_prefix=args.prefix, timeout=TIMEOUT):
+        for m in iter_entries(stub, name_prefix=args.prefix, timeout=TIMEOUT):
+            if isinstance(m, pb.CorruptEntry):
+                corrupt += 1
+                print(
+                    f"{printable(m.name)}\t{printable(m.version)}\t-\t-\t-\t"
+                    f"CORRUPT {printable(m.reason)}: {printable(m.problem)}"
+                )
+                continue
             # Unknown counts as unbound: the filter is for finding what to re-publish.
             if args.unbound and m.artifact_format >= FORMAT_V3:
                 continue
@@ -350,7 +361,14 @@ def _ls(args: argparse.Namespace) -> int:
                 "\t".join(map(printable, fields))
                 + f"/v{m.key_version}\t{artifact_format_column(m.artifact_format)}"
             )
-        return 0
+    if corrupt:
+        print(
+            f"strongroom: {corrupt} index entr{'y' if corrupt == 1 else 'ies'} marked CORRUPT: "
+            "the store cannot read them (edited or damaged) and serves nothing from them; "
+            "restore them from a backup or delete them (strongroom model rm)",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:

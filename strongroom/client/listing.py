@@ -3,6 +3,10 @@
 The store chooses each ``next_page_token``; a broken or hostile store that repeats one (or never
 stops handing out new ones) would keep a caller's loop going for ever. Every walk here stops with
 an error when a token repeats or after :data:`MAX_PAGES` pages.
+
+A page also names the index entries the store cannot read (``corrupt_entries``): a tool acting
+on every model must walk them with :func:`iter_entries` and account for each as a model it could
+not judge; :func:`iter_models` leaves them out.
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ from strongroom.reasons import Reason
 MAX_PAGES = 100_000
 
 
-def iter_models(
+def iter_entries(
     store: store_grpc.ModelStoreServiceStub,
     *,
     name_prefix: str = "",
     page_size: int = 0,
     timeout: float,
     max_pages: int = MAX_PAGES,
-) -> Iterator[store_pb.ModelInfo]:
-    """Yields every model the store lists (``page_size`` 0: the store's default page).
+) -> Iterator[store_pb.ModelInfo | store_pb.CorruptEntry]:
+    """Yields every model the store lists (``page_size`` 0: the store's default page), and every
+    unreadable index entry it names, each page's models before its corrupt entries.
 
     Raises ``grpc.RpcError`` as the store answers, and ``FailedPrecondition(STORE_LISTING_LOOPS)``
     if a page token repeats or the walk passes ``max_pages`` pages.
@@ -43,6 +48,7 @@ def iter_models(
             timeout=timeout,
         )
         yield from page.models
+        yield from page.corrupt_entries
         token = page.next_page_token
         if not token:
             return
@@ -58,3 +64,20 @@ def iter_models(
         f"the model store's listing did not end within {max_pages} pages; stopped",
         reason=Reason.STORE_LISTING_LOOPS,
     )
+
+
+def iter_models(
+    store: store_grpc.ModelStoreServiceStub,
+    *,
+    name_prefix: str = "",
+    page_size: int = 0,
+    timeout: float,
+    max_pages: int = MAX_PAGES,
+) -> Iterator[store_pb.ModelInfo]:
+    """Yields every readable model the store lists (:func:`iter_entries` without the corrupt
+    entries: only for a caller that need not account for every model)."""
+    for entry in iter_entries(
+        store, name_prefix=name_prefix, page_size=page_size, timeout=timeout, max_pages=max_pages
+    ):
+        if isinstance(entry, store_pb.ModelInfo):
+            yield entry

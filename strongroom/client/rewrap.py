@@ -13,18 +13,21 @@ run (this process, the broker or the store killed at any point) leaves every art
 the old or the new slot, and running again finishes the job: artifacts already at the current
 version are reported as ``current``. Format-1 artifacts cannot be re-wrapped (their wrapped key is
 bound into the body) and are reported as ``format_1``; they keep needing the old KEK version until
-re-published.
+re-published. An index entry the store lists as corrupt (``corrupt_entries``: edited or damaged,
+its key and version unknown) is reported as ``corrupt`` after every readable model has been
+re-wrapped: it may need the old version, and nothing is judged by it.
 
 :func:`models_needing` lists the stored models that still need one KEK version (or any version of
-a key): ``strongroom keys disable`` refuses while there are any, since a disabled version cannot
-be enabled again and such a model could no longer be loaded (a model published with a data key
-generated before a rotation lands under the old version even after a re-wrap run has finished).
+a key), and the corrupt entries, which might: ``strongroom keys disable`` refuses while there are
+any, since a disabled version cannot be enabled again and such a model could no longer be loaded
+(a model published with a data key generated before a rotation lands under the old version even
+after a re-wrap run has finished).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -34,11 +37,11 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import InvalidArtifact, parse_header
 from strongroom.artifact.format import FORMAT_V1, MAX_HEAD_SIZE
-from strongroom.client.listing import iter_models
+from strongroom.client.listing import iter_entries
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
 
-__all__ = ["MAX_HEAD_SIZE", "RewrapResult", "models_needing", "rewrap_models"]
+__all__ = ["MAX_HEAD_SIZE", "KeyVersionUse", "RewrapResult", "models_needing", "rewrap_models"]
 
 
 PAGE_SIZE = 200
@@ -49,8 +52,10 @@ class RewrapResult:
     """What happened to one stored model.
 
     ``outcome``: ``rewrapped``, ``current`` (already at ``to_version`` or newer), ``format_1`` (not
-    re-wrappable), ``gone`` (deleted since it was listed: nothing to re-wrap) or ``failed``
-    (``reason`` says why; the model is unchanged).
+    re-wrappable), ``gone`` (deleted since it was listed: nothing to re-wrap), ``failed``
+    (``reason`` says why; the model is unchanged) or ``corrupt`` (an index entry the store cannot
+    read, reason INDEX_CORRUPT, ``problem`` what is wrong with it: not re-wrapped, its versions
+    0, not known).
     """
 
     name: str
@@ -59,6 +64,16 @@ class RewrapResult:
     from_version: int
     to_version: int
     reason: str = ""
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class KeyVersionUse:
+    """What the store holds that needs a KEK version: ``models`` under it, and ``corrupt``, the
+    entries the store cannot read (any of which might be under it)."""
+
+    models: list[store_pb.ModelInfo] = field(default_factory=list)
+    corrupt: list[store_pb.CorruptEntry] = field(default_factory=list)
 
 
 def _reason(exc: grpc.RpcError) -> str:
@@ -104,36 +119,51 @@ def rewrap_models(
     store: grpc.Channel,
     timeout: float = 60.0,
 ) -> Iterator[RewrapResult]:
-    """Re-wraps every stored model under ``key_id`` to ``current_version``; yields one result each.
+    """Re-wraps every stored model under ``key_id`` to ``current_version``; yields one result each,
+    then one ``corrupt`` result for each index entry the store listed as unreadable.
 
     Failures of one model (a refused unwrap, a concurrent change) are yielded and the run goes on;
     transport failures of the listing itself raise ``grpc.RpcError``.
     """
     store_stub = store_grpc.ModelStoreServiceStub(store)
     broker_stub = kb_grpc.KeyBrokerServiceStub(broker)
-    for model in _models_under(store_stub, key_id, timeout):
+    corrupt: list[store_pb.CorruptEntry] = []
+    for model in _models_under(store_stub, key_id, timeout, corrupt):
         yield _rewrap_one(store_stub, broker_stub, model, current_version, timeout)
+    for entry in corrupt:
+        yield RewrapResult(
+            entry.name, entry.version, "corrupt", 0, 0, Reason.INDEX_CORRUPT, entry.problem
+        )
 
 
 def models_needing(
     key_id: str, version: int, *, store: grpc.Channel, timeout: float = 60.0
-) -> list[store_pb.ModelInfo]:
+) -> KeyVersionUse:
     """The stored models whose data key is wrapped under ``version`` of ``key_id`` (under any of
-    its versions if ``version`` is 0), as the store lists them. Raises ``grpc.RpcError`` if the
-    store cannot be listed."""
+    its versions if ``version`` is 0), as the store lists them, and every corrupt entry it lists
+    (its key unknown, it might be). Raises ``grpc.RpcError`` if the store cannot be listed."""
     store_stub = store_grpc.ModelStoreServiceStub(store)
-    return [
+    use = KeyVersionUse()
+    use.models.extend(
         model
-        for model in _models_under(store_stub, key_id, timeout)
+        for model in _models_under(store_stub, key_id, timeout, use.corrupt)
         if version in (0, model.key_version)
-    ]
+    )
+    return use
 
 
 def _models_under(
-    store: store_grpc.ModelStoreServiceStub, key_id: str, timeout: float
+    store: store_grpc.ModelStoreServiceStub,
+    key_id: str,
+    timeout: float,
+    corrupt: list[store_pb.CorruptEntry],
 ) -> Iterator[store_pb.ModelInfo]:
-    models = iter_models(store, page_size=PAGE_SIZE, timeout=timeout)
-    yield from (model for model in models if model.key_id == key_id)
+    """The listed models under ``key_id``; the corrupt entries listed go to ``corrupt``."""
+    for entry in iter_entries(store, page_size=PAGE_SIZE, timeout=timeout):
+        if isinstance(entry, store_pb.CorruptEntry):
+            corrupt.append(entry)
+        elif entry.key_id == key_id:
+            yield entry
 
 
 # The slowest copy a store's ReplaceKeySlot is given time for: it rewrites the whole artifact

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import StructureValidator
@@ -13,6 +14,13 @@ from strongroom.artifact.format import FORMAT_VERSION
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.publishing import encrypted_pieces
 from strongroom.modelstore.service import model_info
+from tests.keybroker.helpers import data_key_request
+
+
+def data_key(stack: DevStack, key_id: str, name: str) -> kb_pb.GenerateDataKeyResponse:
+    """A data key for ``name`` version 1, as a publisher gets it."""
+    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(stack.identity("publisher"), "keybroker"))
+    return broker.GenerateDataKey(data_key_request(key_id, (name, "1")), timeout=30)
 
 
 def put_encrypted(

@@ -28,8 +28,7 @@ from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
-from tests.e2e.publishing import put_encrypted
-from tests.keybroker.helpers import data_key_request
+from tests.e2e.publishing import data_key, put_encrypted
 
 KEY = "rotation-kek"
 MODELS = ["rot/a", "rot/b", "rot/c"]
@@ -85,12 +84,6 @@ def load(stack: DevStack, name: str, key_id: str = KEY) -> bytes:
         wipe(dek)
     ort.InferenceSession(plaintext, providers=["CPUExecutionProvider"])
     return plaintext
-
-
-def data_key(stack: DevStack, key_id: str, name: str) -> kb_pb.GenerateDataKeyResponse:
-    """A data key for ``name`` version 1, as a publisher gets it."""
-    broker = kb_grpc.KeyBrokerServiceStub(stack.channel(stack.identity("publisher"), "keybroker"))
-    return broker.GenerateDataKey(data_key_request(key_id, (name, "1")), timeout=30)
 
 
 def publish_format_1(stack: DevStack, path: Path) -> None:
@@ -388,7 +381,7 @@ def test_a_model_published_while_its_version_is_disabled_is_reported(
         found = real(*args, **kwargs)  # type: ignore[arg-type]
         if not checks:  # the upload completes right after the check listed the store
             assert put_encrypted(stack, model.path, name, key_id, held).key_version == 1
-        checks.append(len(found))
+        checks.append(len(found.models))
         return found
 
     monkeypatch.setattr(cli_keys, "models_needing", check_then_upload_lands)

@@ -791,7 +791,8 @@ def test_a_scoped_page_reads_the_records_it_needs_not_a_thousand(
     token = ""
     while True:
         before = record_gets()
-        models, token = servicer._scoped_page("", 2, token, scopes, caller)
+        page = servicer._scoped_page("", 2, token, scopes, caller)
+        models, token = page.models, page.next_page_token
         assert record_gets() - before <= 4  # two records, and the one other skipped at most
         listed += [m.name for m in models]
         if not token:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -32,7 +34,7 @@ from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.config import ConfigError, ServerConfig, build
 from tests.modelstore.artifacts import chunked, make_artifact, with_header
-from tests.modelstore.backends import assert_clean, blob_count, overwrite_blob
+from tests.modelstore.backends import assert_clean, blob_count, edit_index_entry, overwrite_blob
 from tests.modelstore.conftest import Served, serve
 
 
@@ -485,6 +487,72 @@ def test_a_full_page_of_the_longest_records_is_sent(fs_served: Served) -> None:
     assert pb.ListModelsResponse(models=[longest]).ByteSize() <= MAX_MODEL_INFO_BYTES
 
 
+def test_a_listing_names_a_corrupt_index_entry_and_answers_the_pages_around_it(
+    served: Served,
+) -> None:
+    """ListModels failed with DATA_LOSS for every page covering one corrupt index entry, for
+    every caller. It answers now, naming the entry in ``corrupt_entries`` (never in ``models``),
+    for a publisher too when its rules cover the name; GetModel of it stays DATA_LOSS."""
+    for i in range(3):
+        put(served, make_artifact(f"team-a/m{i}", "1", body(100, i)))
+    put(served, make_artifact("team-b/m", "1", body(100)))
+    edit_index_entry(served.storage, served.storage.stat("team-a/m1", "1"), key_version=0)
+    seen: list[tuple[list[str], list[tuple[str, str, str]]]] = []
+    token = ""
+    while True:
+        page = served.stub.ListModels(pb.ListModelsRequest(page_size=2, page_token=token))
+        corrupt = [(e.name, e.reason, e.problem) for e in page.corrupt_entries]
+        seen.append(([m.name for m in page.models], corrupt))
+        if not (token := page.next_page_token):
+            break
+    problem = "key_version is not a KEK version a broker numbers"
+    assert seen == [
+        (["team-a/m0"], [("team-a/m1", "INDEX_CORRUPT", problem)]),
+        (["team-a/m2", "team-b/m"], []),
+    ]
+    err = rpc_error(served.stub.GetModel, pb.GetModelRequest(name="team-a/m1", version="1"))
+    assert_status(err, grpc.StatusCode.DATA_LOSS, "INDEX_CORRUPT")
+    caller = "spiffe://t.test/publisher"
+    scopes = PublisherScopes({caller: ("team-a/",)})
+    servicer = ModelStoreServicer(served.storage, publishers=scopes)
+    first = servicer._scoped_page("", 2, "", scopes, caller)
+    rest = servicer._scoped_page("", 2, first.next_page_token, scopes, caller)
+    assert [m.name for m in first.models] == ["team-a/m0"]
+    assert [e.name for e in first.corrupt] == ["team-a/m1"]
+    assert ([m.name for m in rest.models], rest.corrupt, rest.next_page_token) == (
+        ["team-a/m2"],
+        (),
+        "",
+    )
+    other = servicer._scoped_page("", 10, "", PublisherScopes({caller: ("team-b/",)}), caller)
+    assert (len(other.models), other.corrupt) == (1, ())
+    # A corrupt entry at its largest fits a page's per-record bound as a ModelInfo does.
+    largest = pb.CorruptEntry(
+        name="\u00e9" * 64, version="v" * 64, reason="INDEX_CORRUPT", problem="p" * 200
+    )
+    assert pb.ListModelsResponse(corrupt_entries=[largest]).ByteSize() <= MAX_MODEL_INFO_BYTES
+
+
+def test_a_corrupt_entry_whose_name_is_not_utf8_is_listed_escaped(fs_served: Served) -> None:
+    """A filesystem index row whose name holds a byte that is not UTF-8 cannot go in a protobuf
+    string as it is: it is named with the byte escaped, and the walk goes on past it."""
+    for name in ("acme/a", "acme/b", "acme/c"):
+        put(fs_served, make_artifact(name, "1", body(100)))
+    root = fs_served.storage.root  # type: ignore[union-attr]
+    with contextlib.closing(sqlite3.connect(root / "index.sqlite3")) as db, db:
+        db.execute("UPDATE models SET name = CAST(X'61636d652f62ff' AS TEXT) WHERE name = 'acme/b'")
+    names: list[str] = []
+    corrupt: list[str] = []
+    token = ""
+    while True:
+        page = fs_served.stub.ListModels(pb.ListModelsRequest(page_size=1, page_token=token))
+        names += [m.name for m in page.models]
+        corrupt += [e.name for e in page.corrupt_entries]
+        if not (token := page.next_page_token):
+            break
+    assert (names, corrupt) == (["acme/a", "acme/c"], ["acme/b\\xff"])
+
+
 def test_corrupt_blob_is_data_loss(served: Served) -> None:
     art = make_artifact("m", "1", body(10_000))
     put(served, art)
@@ -504,8 +572,11 @@ def test_a_rule_no_name_fits_under_does_not_fail_the_publishers_listing(
     servicer = ModelStoreServicer(fs_storage, publishers=scopes)
     fs_storage.put([make_artifact("team-a/m", "1", b"w")], StructureValidator())
     for prefix in ("", "x" * 128):
-        models, token = servicer._scoped_page(prefix, 10, "", scopes, caller)
-        assert ([m.name for m in models], token) == (["team-a/m"] if not prefix else [], "")
+        page = servicer._scoped_page(prefix, 10, "", scopes, caller)
+        assert ([m.name for m in page.models], page.next_page_token) == (
+            ["team-a/m"] if not prefix else [],
+            "",
+        )
 
 
 def test_method_roles_cover_every_rpc() -> None:

@@ -1034,7 +1034,8 @@ def test_an_edited_index_row_is_stored_data_corrupt(
     """A row this store cannot have written escaped as an untyped error (OverflowError from the
     time, TypeError later from a text size) instead of DATA_LOSS INDEX_CORRUPT, and the start-up
     sweep raised it, so the store did not open at all. Now the store opens, names the row and the
-    field, keeps the row and its blob, and serves the other models."""
+    field, keeps the row and its blob, and serves and lists the other models (the listing names
+    the row as corrupt)."""
     with FilesystemStorage(store_root) as storage:
         bad = put(storage, make_artifact("acme/bad", "1", b"x"))
         put(storage, make_artifact("acme/good", "1", b"y"))
@@ -1046,7 +1047,6 @@ def test_an_edited_index_row_is_stored_data_corrupt(
         for call in (
             lambda: storage.stat("acme/bad", "1"),
             lambda: read_all(storage, "acme/bad", "1"),
-            lambda: storage.list(prefix="acme/"),
         ):
             with pytest.raises(StoredDataCorrupt) as info:
                 call()
@@ -1056,10 +1056,64 @@ def test_an_edited_index_row_is_stored_data_corrupt(
         with pytest.raises(StoredDataCorrupt):
             storage.records()
         assert storage.stat("acme/good", "1").name == "acme/good"
+        page = storage.list(prefix="acme/")
+        assert [m.name for m in page.models] == ["acme/good"]
+        ((name, version, problem),) = [(e.name, e.version, e.problem) for e in page.corrupt]
+        assert (name, version) == ("acme/bad", "1") and column in problem
         assert bad.artifact_sha256 in storage.blob_digests()  # type: ignore[attr-defined]
     with contextlib.closing(sqlite3.connect(store_root / "index.sqlite3")) as db:
         kept = db.execute(f"SELECT {column} FROM models WHERE name = 'acme/bad'").fetchall()
     assert kept == [(value,)]
+
+
+def test_a_corrupt_index_entry_is_named_by_the_listing_which_goes_on_past_it(
+    storage: AnyStorage,
+) -> None:
+    """One edited or damaged index entry failed every page of a listing that covered it (DATA_LOSS
+    INDEX_CORRUPT), on both backends: ``keys rewrap-models`` and ``keys disable``'s check stopped
+    at it, so one planted record kept an operator from rotating. Every page is answered now, the
+    entry named in the page's ``corrupt`` (never among its models), each page size walking every
+    entry once; reads of the entry stay DATA_LOSS, and verify_all reports it."""
+    for i in range(5):
+        put(storage, make_artifact(f"acme/m{i}", "1", b"x"))
+    edit_index_entry(storage, storage.stat("acme/m2", "1"), key_version=0)
+    good = [f"acme/m{i}" for i in (0, 1, 3, 4)]
+    for page_size in (1, 2, 3, 1000):
+        pages = [storage.list(prefix="acme/", page_size=page_size)]
+        while token := pages[-1].next_page_token:
+            pages.append(storage.list(prefix="acme/", page_size=page_size, page_token=token))
+        assert [m.name for p in pages for m in p.models] == good
+        corrupt = [e for p in pages for e in p.corrupt]
+        assert [(e.name, e.version) for e in corrupt] == [("acme/m2", "1")]
+        assert "key_version" in corrupt[0].problem
+        assert all(len(p.models) + len(p.corrupt) <= page_size for p in pages)
+    for call in (lambda: storage.stat("acme/m2", "1"), lambda: read_all(storage, "acme/m2", "1")):
+        with pytest.raises(StoredDataCorrupt) as info:
+            call()
+        assert info.value.reason == "INDEX_CORRUPT"
+    assert verify_all(storage) == (IntegrityProblem("acme/m2", "1", "INDEX_CORRUPT"),)
+
+
+def test_an_index_row_that_is_not_utf8_is_corrupt_and_the_store_starts(store_root: Path) -> None:
+    """A row whose name (or any text) holds bytes that are not UTF-8 (an edit of the index, a
+    damaged page) raised from SQLite's text decoding on every read that met it: the start-up
+    sweep failed (INDEX_IO) and the store did not start at all. It starts now; the row is
+    unreadable (the sweep names it, reads of it are INDEX_CORRUPT) and listings go on past it."""
+    with FilesystemStorage(store_root) as storage:
+        for name in ("acme/a", "acme/b", "acme/c"):
+            put(storage, make_artifact(name, "1", b"x"))
+    with contextlib.closing(sqlite3.connect(store_root / "index.sqlite3")) as db, db:
+        db.execute("UPDATE models SET name = CAST(X'61636d652f62ff' AS TEXT) WHERE name = 'acme/b'")
+    with FilesystemStorage(store_root) as storage:
+        assert storage.last_sweep.unreadable_rows == (("acme/b\udcff", "1"),)
+        for page_size in (1, 10):
+            pages = [storage.list(prefix="acme/", page_size=page_size)]
+            while token := pages[-1].next_page_token:
+                pages.append(storage.list(prefix="acme/", page_size=page_size, page_token=token))
+            assert [m.name for p in pages for m in p.models] == ["acme/a", "acme/c"]
+            assert [e.name for p in pages for e in p.corrupt] == ["acme/b\udcff"]
+        with pytest.raises(ModelNotFound):
+            storage.stat("acme/b", "1")
 
 
 def test_a_header_size_larger_than_any_head_is_index_corrupt(storage: AnyStorage) -> None:
@@ -1102,7 +1156,8 @@ def test_an_index_row_naming_a_file_outside_the_store_is_index_corrupt(
     """A row's digest was joined to the blob directory unchecked: an edited (or restored, or
     damaged) index whose digest is a path gave readers that file's bytes and made a delete unlink
     it, anywhere the store's user may. A row whose digest, name or version this store cannot have
-    written is now DATA_LOSS INDEX_CORRUPT, and nothing outside the blob tree is read or removed."""
+    written is now DATA_LOSS INDEX_CORRUPT (a listing names it as corrupt), and nothing outside the
+    blob tree is read or removed."""
     with FilesystemStorage(store_root) as storage:
         bad = put(storage, make_artifact("acme/bad", "1", b"x"))
         put(storage, make_artifact("acme/good", "1", b"y"))
@@ -1113,9 +1168,13 @@ def test_an_index_row_naming_a_file_outside_the_store_is_index_corrupt(
         db.execute(f"UPDATE models SET {column} = ? WHERE name = 'acme/bad'", (edit,))
     with FilesystemStorage(store_root) as storage:
         assert len(storage.last_sweep.unreadable_rows) == 1
-        with pytest.raises(StoredDataCorrupt) as info:
-            storage.list(prefix="acme/")
-        assert info.value.reason == "INDEX_CORRUPT"
+        bad_name = "acme/bad" if column == "artifact_sha256" else edit
+        for page_size in (1, 10):  # a page that ends at the row (whatever its name), and one past
+            pages = [storage.list(prefix="acme/", page_size=page_size)]
+            while token := pages[-1].next_page_token:
+                pages.append(storage.list(prefix="acme/", page_size=page_size, page_token=token))
+            assert [m.name for p in pages for m in p.models] == ["acme/good"]
+            assert [e.name for p in pages for e in p.corrupt] == [bad_name]
         if column == "artifact_sha256":
             with pytest.raises(StoredDataCorrupt) as info:
                 read_all(storage, "acme/bad", "1")
