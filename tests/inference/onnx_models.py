@@ -42,9 +42,20 @@ NUMPY_TYPES: dict[str, type] = {
 }
 
 
-def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+def unchecked(graph: onnx.GraphProto) -> bytes:
+    """``graph`` as a serialized model, as written: not sorted, nor checked by onnx's checker
+    (a graph listed out of order is one ORT runs, and the checker refuses)."""
+    return _bare(graph).SerializeToString()
+
+
+def _bare(graph: onnx.GraphProto) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
+    return model
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = _bare(graph)
     onnx.checker.check_model(model)
     return model
 
@@ -464,5 +475,49 @@ def text_vectorizer(pad_value: str = "#") -> bytes:
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
     )
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()
+
+
+def expander_and_sized(where: str = "graph") -> bytes:
+    """:func:`string_expander`'s ``Expand`` of the request's string ``s`` by ``n`` (refused by the
+    string check) and a ``NonZero`` (refused by the operator check): a ``graph`` node after the
+    ``Expand``, in an ``If`` ``branch`` after it, in a ``cycle`` of the graph (which cannot be
+    ordered), in a model-local ``function`` nothing calls, or called as a model-local function of
+    ONNX's own domain named ``NonZero`` (a ``shadow``, which inlining replaces by its body)."""
+    ones = helper.make_node("ConstantOfShape", ["n"], ["ones"], value=_zero_int64())
+    sized = helper.make_node("NonZero", ["ones"], ["y"])
+    expand = [helper.make_node("Expand", ["s", "n"], ["e"]), helper.make_node("Size", ["e"], ["k"])]
+    functions: list[onnx.FunctionProto] = []
+    if where in ("graph", "shadow"):
+        nodes = [*expand, ones, sized]
+    elif where == "branch":
+        branch = helper.make_graph([sized], "branch", [], [_int64("y")])
+        flag = helper.make_tensor("c", TensorProto.BOOL, [], [True])
+        nodes = [
+            *expand,
+            ones,
+            helper.make_node("Constant", [], ["c"], value=flag),
+            helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch),
+        ]
+    elif where == "cycle":
+        nodes = [
+            *expand,
+            helper.make_node("NonZero", ["back"], ["y"]),
+            helper.make_node("Identity", ["y"], ["back"]),
+        ]
+    else:
+        nodes = [*expand, ones, helper.make_node("Identity", ["ones"], ["y"])]
+    opset = [helper.make_opsetid("", OPSET)]
+    if where == "function":
+        opset.append(helper.make_opsetid("local", 1))
+        functions.append(helper.make_function("local", "Unused", ["a"], ["b"], [sized], opset[:1]))
+    if where == "shadow":
+        body = [helper.make_node("Identity", ["a"], ["b"])]
+        functions.append(helper.make_function("", "NonZero", ["a"], ["b"], body, opset))
+    graph = helper.make_graph(
+        nodes, "both", [_text("s", [1]), _int64("n", [1])], [_int64("k", []), _int64("y")]
+    )
+    model = helper.make_model(graph, opset_imports=opset, functions=functions)
     model.ir_version = IR_VERSION
     return model.SerializeToString()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import NodeProto, TensorProto, ValueInfoProto, helper
 
 from strongroom.errors import FailedPrecondition
 from strongroom.inference.models import (
@@ -34,6 +34,19 @@ def _refused(model: bytes, name: str = "m", options: RuntimeOptions | None = Non
     assert isinstance(info.value, FailedPrecondition)
     assert info.value.reason == "MODEL_STRING_EXPANSION"
     return info.value.message
+
+
+def _refused_graph(
+    nodes: list[NodeProto], name: str, inputs: list[ValueInfoProto], output: ValueInfoProto
+) -> str:
+    """The refusal of a model of ``nodes`` (as listed) given the request's string ``s`` and
+    count ``n``, and ``inputs`` before them."""
+    request = [
+        helper.make_tensor_value_info("s", TensorProto.STRING, [1]),
+        helper.make_tensor_value_info("n", TensorProto.INT64, [1]),
+    ]
+    graph = helper.make_graph(nodes, name, [*inputs, *request], [output])
+    return _refused(onnx_models.unchecked(graph))
 
 
 @pytest.mark.parametrize("op", EXPANDING)
@@ -63,22 +76,15 @@ def test_the_check_reaches_into_branches_and_outer_scope_strings() -> None:
         [],
         [helper.make_tensor_value_info("z", TensorProto.STRING, None)],
     )
-    graph = helper.make_graph(
+    message = _refused_graph(
         [
             helper.make_node("If", ["c"], ["r"], then_branch=expand, else_branch=keep),
             helper.make_node("Size", ["r"], ["k"]),
         ],
         "branch",
-        [
-            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("s", TensorProto.STRING, [1]),
-            helper.make_tensor_value_info("n", TensorProto.INT64, [1]),
-        ],
-        [helper.make_tensor_value_info("k", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        helper.make_tensor_value_info("k", TensorProto.INT64, []),
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_models.OPSET)])
-    model.ir_version = onnx_models.IR_VERSION
-    message = _refused(model.SerializeToString())
     assert "Expand node in the body of If node" in message, message
 
 
@@ -151,22 +157,16 @@ def test_nodes_listed_out_of_order_are_judged_in_the_order_they_run() -> None:
     """ORT sorts a graph itself: an ``Expand`` listed before the ``Identity`` that gives it the
     request's string ran (it repeated the string), and a walk in the listed order met it before
     it knew its input was a string, so the model loaded."""
-    graph = helper.make_graph(
+    message = _refused_graph(
         [
             helper.make_node("Expand", ["y", "n"], ["z"]),
             helper.make_node("Identity", ["s"], ["y"]),
             helper.make_node("Size", ["z"], ["k"]),
         ],
         "unsorted",
-        [
-            helper.make_tensor_value_info("s", TensorProto.STRING, [1]),
-            helper.make_tensor_value_info("n", TensorProto.INT64, [1]),
-        ],
-        [helper.make_tensor_value_info("k", TensorProto.INT64, [])],
+        [],
+        helper.make_tensor_value_info("k", TensorProto.INT64, []),
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_models.OPSET)])
-    model.ir_version = onnx_models.IR_VERSION
-    message = _refused(model.SerializeToString())
     assert "Expand node" in message, message
 
 
@@ -185,28 +185,16 @@ def test_the_bodies_of_other_operators_with_subgraphs_are_checked() -> None:
         ],
         [helper.make_tensor_value_info("size", TensorProto.INT64, [])],
     )
-    graph = helper.make_graph(
+    sizes = helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.INT64, []))
+    message = _refused_graph(
         [
             helper.make_node("SequenceConstruct", ["s"], ["seq"]),
             helper.make_node("SequenceMap", ["seq", "n"], ["sizes"], body=body),
         ],
         "mapped",
-        [
-            helper.make_tensor_value_info("s", TensorProto.STRING, [1]),
-            helper.make_tensor_value_info("n", TensorProto.INT64, [1]),
-        ],
-        [
-            helper.make_value_info(
-                "sizes",
-                helper.make_sequence_type_proto(
-                    helper.make_tensor_type_proto(TensorProto.INT64, [])
-                ),
-            )
-        ],
+        [],
+        helper.make_value_info("sizes", sizes),
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_models.OPSET)])
-    model.ir_version = onnx_models.IR_VERSION
-    message = _refused(model.SerializeToString())
     assert "Expand node in the body of SequenceMap node" in message, message
 
 

@@ -34,10 +34,10 @@ from strongroom.errors import (
 )
 from strongroom.identifiers import name_rule_matches
 from strongroom.inference.models._datatypes import BY_ORT_TYPE, DATATYPES, DataType
+from strongroom.inference.models._graph import walk_model
 from strongroom.inference.models._ort import ort, ort_state
-from strongroom.inference.models._strings import StringExpansion, check_string_expansion
+from strongroom.inference.models._strings import StringBounds
 from strongroom.reasons import Reason
-from strongroom.wire import WireError, fields
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +126,6 @@ several times itself. A model using one is refused unless :attr:`RuntimeOptions.
 UNCAPPED_OPERATORS_SETTING = "inference.allow_uncapped_operators"
 """The configuration key that lets models with :data:`UNCAPPED_OPERATORS` load."""
 
-# ONNX protobuf field numbers (onnx.proto3): ModelProto.graph and .functions, GraphProto.node,
-# FunctionProto.node, NodeProto.op_type, .domain and .attribute, AttributeProto.g and .graphs.
-_MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
-_GRAPH_NODE, _FUNCTION_NODE = 1, 7
-_NODE_OP_TYPE, _NODE_DOMAIN, _NODE_ATTRIBUTE = 4, 7, 5
-_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS = 6, 11
-_STANDARD_DOMAINS = ("", "ai.onnx")
-
 
 class ModelLoadError(FailedPrecondition):
     """ONNX Runtime could not load the model (malformed, unsupported, or needs files from disk)."""
@@ -202,8 +194,8 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     so.optimized_model_filepath = ""  # never serialise the optimised graph (it holds the weights)
     so.enable_profiling = False
     so.add_session_config_entry("ep.context_enable", "0")
-    # ONNX protobuf only, never ORT's own flatbuffer format: the string check (models._strings)
-    # reads the graph as ONNX, and a model it cannot read must not load some other way.
+    # ONNX protobuf only, never ORT's own flatbuffer format: the graph checks (models._graph)
+    # read the graph as ONNX, and a model they cannot read must not load some other way.
     so.add_session_config_entry("session.load_model_format", "ONNX")
     so.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", _NO_EXTERNAL_DATA_DIR
@@ -269,33 +261,28 @@ class LoadedModel:
         their file contents in memory (ONNX external-data layout); ORT copies them while loading.
         """
         options = options or RuntimeOptions()
-        if not options.allow_uncapped_operators:
-            _refuse_uncapped_operators(name, version, model)
-        so = session_options(options)
-        if external_data:
-            names = list(external_data)
-            buffers = [memoryview(external_data[n]).cast("B") for n in names]
-            so.add_external_initializers_from_files_in_memory(
-                names, buffers, [b.nbytes for b in buffers]
-            )
         serialized = model if isinstance(model, bytes) else bytes(model)
         started = time.perf_counter()
         try:
-            # Before ORT reads it: a refused model never gets a session.
-            _check_strings(name, version, serialized, options)
-            session = ort.InferenceSession(serialized, so, providers=["CPUExecutionProvider"])
-        except ModelLoadError:
-            raise
-        except Exception as exc:
-            # ORT's message names nodes and initializers, never their values: fine for the log.
-            log.error(
-                "onnxruntime rejected the model",
-                extra={"model": name, "version": version, "ort_error": str(exc)[:2000]},
-            )
-            raise ModelLoadError(
-                f"ONNX Runtime rejected the model ({type(exc).__name__}): {_first_line(str(exc))}",
-                reason=Reason.MODEL_INVALID,
-            ) from None
+            try:
+                # Before ORT reads it (and before a session's options are made): a refused
+                # model never gets a session.
+                _check_graph(name, version, serialized, options)
+            except ModelLoadError:
+                raise
+            except Exception as exc:
+                raise _rejected(name, version, exc) from None
+            so = session_options(options)
+            if external_data:
+                names = list(external_data)
+                buffers = [memoryview(external_data[n]).cast("B") for n in names]
+                so.add_external_initializers_from_files_in_memory(
+                    names, buffers, [b.nbytes for b in buffers]
+                )
+            try:
+                session = ort.InferenceSession(serialized, so, providers=["CPUExecutionProvider"])
+            except Exception as exc:
+                raise _rejected(name, version, exc) from None
         finally:
             del serialized
         # The wrapper keeps the serialized model only to re-create the session when providers
@@ -448,17 +435,50 @@ class LoadedModel:
         ) from None
 
 
-def _refuse_uncapped_operators(name: str, version: str, model: ModelBuffer) -> None:
-    """Raises ModelLoadError if the model's graph, a subgraph (``If``, ``Loop``, ``Scan``) or a
-    model-local function uses one of :data:`UNCAPPED_OPERATORS`: a request could otherwise make
-    it allocate several times ``max_inference_memory_bytes`` outside the arena and the VM kill
-    the service. The protobuf is walked, not parsed: the weights are skipped, never copied."""
+def _rejected(name: str, version: str, exc: Exception) -> ModelLoadError:
+    """The load failure of a model ONNX Runtime (or the graph walk) could not read, logged."""
+    # ORT's message names nodes and initializers, never their values: fine for the log.
+    log.error(
+        "onnxruntime rejected the model",
+        extra={"model": name, "version": version, "ort_error": str(exc)[:2000]},
+    )
+    return ModelLoadError(
+        f"ONNX Runtime rejected the model ({type(exc).__name__}): {_first_line(str(exc))}",
+        reason=Reason.MODEL_INVALID,
+    )
+
+
+def _check_graph(name: str, version: str, model: bytes, options: RuntimeOptions) -> None:
+    """The load-time checks of the model's graph, both made on one walk of it (``models._graph``:
+    every node of the graph, its subgraphs and its model-local functions).
+
+    The operators first: a model using one of :data:`UNCAPPED_OPERATORS` is refused
+    ``MODEL_OPERATOR_UNCAPPED`` (unless :attr:`RuntimeOptions.allow_uncapped_operators`), even if
+    its strings would be refused too; then the strings, ``MODEL_STRING_EXPANSION`` (unless the
+    model is let through by name or all are). So a model that trips both is refused for its
+    operators whatever ``inference.string_expansion_models`` says, as it was when the operator
+    check ran first."""
+    strings = StringBounds(
+        max_input_bytes=options.max_input_bytes, max_chars=options.max_inference_memory_bytes
+    )
     try:
-        found = sorted(_operators(model) & UNCAPPED_OPERATORS)
-    except WireError as exc:
+        operators = walk_model(model, strings)
+    except ValueError:
         raise ModelLoadError(
-            f"the model is not a valid ONNX protobuf ({exc})", reason=Reason.MODEL_INVALID
+            "the model is not a serialized ONNX model", reason=Reason.MODEL_INVALID
         ) from None
+    if not options.allow_uncapped_operators:
+        _refuse_uncapped_operators(name, version, operators)
+    if strings.problem is not None:
+        _refuse_string_expansion(name, version, strings.problem, options)
+
+
+def _refuse_uncapped_operators(name: str, version: str, operators: frozenset[str]) -> None:
+    """Raises ModelLoadError if the model's graph, a subgraph (``If``, ``Loop``, ``Scan``) or a
+    model-local function uses one of :data:`UNCAPPED_OPERATORS` (``operators``: every standard
+    operator type it uses): a request could otherwise make it allocate several times
+    ``max_inference_memory_bytes`` outside the arena and the VM kill the service."""
+    found = sorted(operators & UNCAPPED_OPERATORS)
     if not found:
         return
     log.warning(
@@ -473,77 +493,27 @@ def _refuse_uncapped_operators(name: str, version: str, model: ModelBuffer) -> N
     )
 
 
-def _operators(model: ModelBuffer) -> set[str]:
-    """The standard-domain operator types of every node of ``model``, subgraphs and functions
-    included (a stack, not recursion: subgraphs nest as deep as the protobuf allows)."""
-    graphs: list[memoryview] = []
-    nodes: list[memoryview] = []
-    for field in fields(memoryview(model)):
-        if field.payload is None or field.depth:
-            continue
-        if field.number == _MODEL_GRAPH:
-            graphs.append(field.payload)
-        elif field.number == _MODEL_FUNCTIONS:
-            nodes.extend(_repeated(field.payload, _FUNCTION_NODE))
-    found: set[str] = set()
-    while graphs or nodes:
-        if graphs:
-            nodes.extend(_repeated(graphs.pop(), _GRAPH_NODE))
-            continue
-        op_type, domain = b"", b""
-        for field in fields(nodes.pop()):
-            if field.payload is None or field.depth:
-                continue
-            if field.number == _NODE_OP_TYPE:
-                op_type = bytes(field.payload)
-            elif field.number == _NODE_DOMAIN:
-                domain = bytes(field.payload)
-            elif field.number == _NODE_ATTRIBUTE:
-                graphs.extend(_repeated(field.payload, _ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS))
-        if domain.decode("utf-8", "replace") in _STANDARD_DOMAINS:
-            found.add(op_type.decode("utf-8", "replace"))
-    return found
-
-
-def _repeated(message: memoryview, *numbers: int) -> list[memoryview]:
-    """The length-delimited fields ``numbers`` of ``message`` (not inside a group)."""
-    return [
-        f.payload
-        for f in fields(message)
-        if f.payload is not None and not f.depth and f.number in numbers
-    ]
-
-
-def _check_strings(name: str, version: str, model: bytes, options: RuntimeOptions) -> None:
+def _refuse_string_expansion(
+    name: str, version: str, problem: str, options: RuntimeOptions
+) -> None:
     """Refuses a model that could make runs hold string characters the arena does not count
-    (models._strings), unless the configuration lets it through."""
-    try:
-        check_string_expansion(
-            model,
-            max_input_bytes=options.max_input_bytes,
-            max_chars=options.max_inference_memory_bytes,
-        )
-    except ValueError:
-        raise ModelLoadError(
-            "the model is not a serialized ONNX model", reason=Reason.MODEL_INVALID
-        ) from None
-    except StringExpansion as exc:
-        if options.allows_string_expansion(name):
-            log.warning(
-                "model loaded though its strings escape the inference memory cap (allowed)",
-                extra={"model": name, "version": version, "detail": str(exc)},
-            )
-            return
+    (``problem``, models._strings), unless the configuration lets it through."""
+    if options.allows_string_expansion(name):
         log.warning(
-            "model refused: its strings escape the inference memory cap",
-            extra={"model": name, "version": version, "detail": str(exc)},
+            "model loaded though its strings escape the inference memory cap (allowed)",
+            extra={"model": name, "version": version, "detail": problem},
         )
-        raise ModelLoadError(
-            f"the model could make ONNX Runtime hold string characters outside "
-            f"{INFERENCE_MEMORY_SETTING}: {exc}; a model trusted with that is named in "
-            f"{STRING_EXPANSION_SETTINGS}",
-            reason=Reason.MODEL_STRING_EXPANSION,
-        ) from None
+        return
+    log.warning(
+        "model refused: its strings escape the inference memory cap",
+        extra={"model": name, "version": version, "detail": problem},
+    )
+    raise ModelLoadError(
+        f"the model could make ONNX Runtime hold string characters outside "
+        f"{INFERENCE_MEMORY_SETTING}: {problem}; a model trusted with that is named in "
+        f"{STRING_EXPANSION_SETTINGS}",
+        reason=Reason.MODEL_STRING_EXPANSION,
+    )
 
 
 def _spec(arg: Any, kind: str) -> TensorSpec:

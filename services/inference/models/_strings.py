@@ -10,8 +10,9 @@ no session or run setting touches it). So a model that repeats a long string (``
 number of copies of a 1 MiB string: measured, a 1 MiB string expanded 300 times held ~600 MiB
 under a 64 MiB cap, and the VM's out-of-memory killer takes the service down for everyone.
 
-The check walks the graph (subgraphs of ``If``, ``Loop``, ``Scan`` and any other operator too,
-``SequenceMap``'s say, model-local functions inlined) and follows every string-typed value
+The check follows the one walk of the graph (``models._graph``: subgraphs of ``If``, ``Loop``,
+``Scan`` and any other operator too, ``SequenceMap``'s say, model-local functions inlined, nodes
+in the order ONNX Runtime runs them) as its :class:`Analysis`, and bounds every string-typed value
 (tensors, and sequences, maps and optionals of strings) with two bounds:
 
 * its longest element: a request's strings have none (up to ``max_input_bytes``), a constant's
@@ -33,14 +34,19 @@ closed: what the walk cannot bound or read, it refuses (the operator may still l
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import heapq
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-import onnx
-from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, TypeProto, inliner
+from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, TypeProto
+
+from strongroom.inference.models._graph import (
+    STANDARD_DOMAINS,
+    Finding,
+    InliningFailed,
+    Subgraph,
+    Unordered,
+)
 
 SHORT_STRING_BYTES = 15
 """The longest string ``std::string`` (libstdc++) keeps inside its 32-byte slot, which the arena
@@ -129,7 +135,7 @@ _TABLE_LOOKUPS: Mapping[str, frozenset[str]] = {
 }
 
 
-class StringExpansion(Exception):
+class StringExpansion(Finding):
     """Why a model could make a run hold string characters without bound (the message)."""
 
 
@@ -144,68 +150,309 @@ class _Text:
     def short(self) -> bool:
         return self.longest is not None and self.longest <= SHORT_STRING_BYTES
 
+    @property
+    def limit(self) -> str:
+        """Its longest element, in words."""
+        return "any length" if self.longest is None else f"up to {self.longest} bytes"
 
-class _Walk:
-    def __init__(self, max_input_bytes: int, max_chars: int) -> None:
+
+def _longest(texts: Sequence[_Text]) -> int | None:
+    """The longest element of any of ``texts`` (None: any length)."""
+    if any(t.longest is None for t in texts):
+        return None
+    return max(t.longest or 0 for t in texts)
+
+
+@dataclasses.dataclass
+class _Scope:
+    """A graph's string values' bounds (its outer scopes' included), value types, and where."""
+
+    texts: dict[str, _Text]
+    types: dict[str, TypeProto]
+    where: str
+
+
+class StringBounds:
+    """The string check, following the graph walk (``models._graph.Analysis``); :attr:`problem`
+    says why the model could make a run hold string characters past ``max_chars`` or repeat a
+    long string by a runtime value (None: it cannot)."""
+
+    def __init__(self, *, max_input_bytes: int, max_chars: int) -> None:
         self.max_input_bytes = max_input_bytes
         self.max_chars = max_chars
         self.held = 0.0  # the long string values' characters, all scopes together
+        self._problem: str | None = None
+        self._stopped = False
+
+    @property
+    def problem(self) -> str | None:
+        """The first reason the model is refused (after the walk), or None."""
+        if self._problem is None and not self._stopped and self.held > self.max_chars:
+            return (
+                f"its string values could hold {math.ceil(self.held)} bytes of characters in one "
+                f"run (the request's strings up to {self.max_input_bytes} bytes, and every string "
+                f"value the graph derives from them), more than the {self.max_chars} bytes runs "
+                "may hold"
+            )
+        return self._problem
 
     def hold(self, text: _Text) -> _Text:
         if not text.short:
             self.held += text.chars
         return text
 
+    def failed(self, exc: Exception) -> None:
+        """Fail closed: what the walk cannot bound or read, it refuses."""
+        self._stopped = True
+        if isinstance(exc, StringExpansion):
+            self._problem = str(exc)
+        elif isinstance(exc, InliningFailed):
+            self._problem = f"its model-local functions could not be inlined to be checked ({exc})"
+        elif isinstance(exc, Unordered):
+            self._problem = "its graph has a cycle, so the check cannot order it"
+        else:
+            # A node without the subgraph or attribute its operator needs: ORT refuses it too,
+            # but what the walk cannot read it does not pass.
+            self._problem = f"its graph could not be checked ({type(exc).__name__})"
 
-def check_string_expansion(model: bytes, *, max_input_bytes: int, max_chars: int) -> None:
-    """Raises :class:`StringExpansion` saying why ``model`` (serialized ONNX) could make a run
-    hold string characters past ``max_chars``, or repeat a long string by a runtime value;
-    ``ValueError`` if it is not an ONNX model at all."""
-    try:
-        proto = onnx.load_model_from_string(model)
-    except Exception:  # protobuf's DecodeError, or whatever else a parse of bad bytes raises
-        raise ValueError("not a serialized ONNX model") from None
-    # Only a string initializer's bytes matter here: drop the weights' before inference copies
-    # the model (a big model must not be held twice while the walk runs).
-    for init in proto.graph.initializer:
-        if init.data_type != TensorProto.STRING:
-            for name in _WEIGHT_FIELDS:
-                init.ClearField(name)
-    try:
-        if proto.functions:
-            proto = inliner.inline_local_functions(proto)
-    except Exception as exc:  # a model ORT may still read: the operator may let it through
-        raise StringExpansion(
-            f"its model-local functions could not be inlined to be checked ({type(exc).__name__})"
-        ) from None
-    # Strict off: an operator ONNX does not know leaves its outputs untyped, and the walk then
-    # assumes the worst of them; a graph its inference cannot read at all leaves every
-    # intermediate untyped (the inputs keep their declared types).
-    with contextlib.suppress(Exception):
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
-    walk = _Walk(max_input_bytes, max_chars)
-    try:
-        _graph(walk, proto.graph, {}, {}, where="the graph")
-    except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:
-        # A node without the subgraph or attribute its operator needs: ORT refuses it too, but
-        # what the walk cannot read it does not pass.
-        raise StringExpansion(f"its graph could not be checked ({type(exc).__name__})") from None
-    if walk.held > max_chars:
-        raise StringExpansion(
-            f"its string values could hold {math.ceil(walk.held)} bytes of characters in one run "
-            f"(the request's strings up to {max_input_bytes} bytes, and every string value the "
-            f"graph derives from them), more than the {max_chars} bytes runs may hold"
+    def main(self, graph: GraphProto) -> _Scope:
+        """The main graph's scope: its string inputs are the request's."""
+        return self.scope(graph, _Scope({}, {}, "the graph"), None)
+
+    def scope(
+        self, graph: GraphProto, outer: _Scope, inputs: Mapping[str, _Text] | None, where: str = ""
+    ) -> _Scope:
+        """The bounds ``graph`` starts with (its outer scope's included). ``inputs`` gives a
+        subgraph's inputs' bounds; the main graph's (None) are the request's."""
+        scope = _Scope(dict(outer.texts), dict(outer.types), where or outer.where)
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            if value.type.WhichOneof("value") is not None:
+                scope.types[value.name] = value.type
+        for init in graph.initializer:
+            text = _tensor_text(init)
+            if text is not None:
+                scope.texts[init.name] = self.hold(text)
+        request = False
+        for value in graph.input:
+            if value.name in scope.texts:
+                continue  # an initializer given as an input too (IR < 4): its default is known
+            if inputs is not None:
+                if value.name in inputs:
+                    scope.texts[value.name] = inputs[value.name]
+            elif value.name in scope.types and _is_string_type(scope.types[value.name]):
+                # Any one input may carry all of the request's bytes; all together no more.
+                scope.texts[value.name] = _Text(None, float(self.max_input_bytes))
+                request = True
+        if request:
+            self.held += self.max_input_bytes
+        return scope
+
+    def node(self, scope: _Scope, node: NodeProto, subgraphs: Sequence[Subgraph]) -> _Bodies | None:
+        """Bounds ``node``'s string outputs; the plan for its subgraphs, if it has any."""
+        op = node.op_type if node.domain in STANDARD_DOMAINS else f"{node.domain}.{node.op_type}"
+        label = f"{op} node {node.name!r}" if node.name else f"{op} node"
+        if op == "If":
+            return _Branches(self, scope, node, subgraphs, label)
+        if op in ("Loop", "Scan"):
+            return _Iterated(self, scope, node, subgraphs, label)
+        if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
+            return _AnyBodies(self, scope, node, subgraphs, label)
+        self._plain(scope, node, op, label)
+        return None
+
+    def _plain(self, scope: _Scope, node: NodeProto, op: str, label: str) -> None:
+        ins = [scope.texts.get(name) if name else None for name in node.input]
+        strings = [t for t in ins if t is not None]
+        made = _attribute_strings(node)
+        casting = op in ("Cast", "CastLike")
+        # A Cast from numbers makes one string per number, however many the input holds.
+        from_numbers = casting and (not ins or ins[0] is None)
+        never = _NOT_STRING_OUTPUTS.get(op, frozenset())
+        could = bool(strings or made or _casts_to_string(node))
+        for index, name in enumerate(node.output):
+            if index in never or not _may_be_string(name, scope, could):
+                continue
+            text = (
+                _cast_text(node, scope.types)
+                if from_numbers
+                else _output_text(node, op, strings, made)
+            )
+            if not text.short and (not _preserves(node, op) or from_numbers):
+                raise StringExpansion(
+                    f"{label} in {scope.where} makes string elements of {text.limit} (more than "
+                    f"the {SHORT_STRING_BYTES} bytes the memory cap counts) as many times as the "
+                    "shapes or values it is given say"
+                )
+            scope.texts[name] = self.hold(text)
+
+
+def _may_be_string(name: str, scope: _Scope, could: bool) -> bool:
+    """Whether output ``name`` may hold strings: its type says so, or, untyped, the node has
+    something that ``could`` make it one."""
+    if not name:
+        return False
+    if name in scope.types:
+        return _is_string_type(scope.types[name])
+    return could
+
+
+class _Bodies:
+    """A node's subgraphs, followed one after another (``models._graph.Bodies``)."""
+
+    def __init__(
+        self,
+        check: StringBounds,
+        scope: _Scope,
+        node: NodeProto,
+        subgraphs: Sequence[Subgraph],
+        label: str,
+    ) -> None:
+        self.check = check
+        self.scope = scope
+        self.node = node
+        self.subgraphs = subgraphs
+        self.label = label
+        self.where = f"the body of {label} in {scope.where}"
+        self.current: Subgraph | None = None
+        self.followed = 0
+        self.setup()
+
+    def setup(self) -> None:
+        """What the node's kind knows before its first body."""
+
+    def body(self, index: int) -> Subgraph | None:
+        """The ``index``-th subgraph to follow (None: no more)."""
+        raise NotImplementedError
+
+    def next(self) -> tuple[Subgraph, _Scope] | None:
+        self.current = self.body(self.followed)
+        if self.current is None:
+            return None
+        self.followed += 1
+        return self.current, self.start(self.current.graph)
+
+    def start(self, body: GraphProto) -> _Scope:
+        return self.check.scope(body, self.scope, {}, self.where)
+
+    def leave(self, inner: _Scope) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+    def named(self, name: str) -> Subgraph:
+        """The GRAPH attribute ``name`` (the last so named, as protobuf's map would); KeyError."""
+        for body in reversed(self.subgraphs):
+            if body.attribute == name and body.typed and body.single:
+                return body
+        raise KeyError(name)
+
+    def short_outputs(self, inner: _Scope, repeated: str) -> list[_Text | None]:
+        """The current body's outputs' bounds; a long one is refused: the node repeats it."""
+        assert self.current is not None
+        texts = [inner.texts.get(value.name) for value in self.current.graph.output]
+        for text in texts:
+            if text is not None and not text.short:
+                raise StringExpansion(
+                    f"{self.label} in {self.scope.where} returns string elements of {text.limit} "
+                    f"from {repeated}"
+                )
+        return texts
+
+
+class _Branches(_Bodies):
+    """``If``: either branch may run; an output is bounded by the larger of its two."""
+
+    def setup(self) -> None:
+        self.results: list[list[_Text | None]] = []
+
+    def body(self, index: int) -> Subgraph | None:
+        return self.named(("then_branch", "else_branch")[index]) if index < 2 else None
+
+    def leave(self, inner: _Scope) -> None:
+        assert self.current is not None
+        self.results.append([inner.texts.get(o.name) for o in self.current.graph.output])
+
+    def finish(self) -> None:
+        for index, name in enumerate(self.node.output):
+            texts = [t for r in self.results if index < len(r) and (t := r[index]) is not None]
+            if name and texts:
+                merged = _Text(_longest(texts), max(t.chars for t in texts))
+                self.scope.texts[name] = self.check.hold(merged)
+
+
+class _Iterated(_Bodies):
+    """``Loop``, ``Scan``: the body's outputs are repeated by the iteration count."""
+
+    def setup(self) -> None:
+        self.loop = self.node.op_type == "Loop"
+        self.outputs: list[_Text | None] = []
+
+    def body(self, index: int) -> Subgraph | None:
+        return self.named("body") if index == 0 else None
+
+    def start(self, body: GraphProto) -> _Scope:
+        # Loop's body takes (iteration, condition, carried...), Scan's (state..., scan slices...):
+        # the node's inputs after Loop's first two line up with the body's after its first two.
+        skip = 2 if self.loop else 0
+        given = [self.scope.texts.get(n) if n else None for n in self.node.input[skip:]]
+        body_inputs = {
+            value.name: text
+            for value, text in zip(body.input[skip:], given, strict=False)
+            if text is not None
+        }
+        return self.check.scope(body, self.scope, body_inputs, self.where)
+
+    def leave(self, inner: _Scope) -> None:
+        self.outputs = self.short_outputs(
+            inner, "its body, which it repeats as many times as it iterates"
         )
 
+    def finish(self) -> None:
+        for name, text in zip(
+            self.node.output, self.outputs[1 if self.loop else 0 :], strict=False
+        ):
+            if name and text is not None:
+                self.scope.texts[name] = text  # short (checked above): the arena counts it
 
-_WEIGHT_FIELDS = (
-    "raw_data",
-    "float_data",
-    "int32_data",
-    "int64_data",
-    "double_data",
-    "uint64_data",
-)
+
+class _AnyBodies(_Bodies):
+    """Another operator with subgraphs (``SequenceMap``, another domain's): each body is assumed
+    to run any number of times on any of the node's strings, so it must return none that is long
+    (and is walked like any graph)."""
+
+    def setup(self) -> None:
+        self.typed = [s for s in self.subgraphs if s.typed]
+        self.strings = [
+            t for n in self.node.input if n and (t := self.scope.texts.get(n)) is not None
+        ]
+        strings = self.strings
+        self.worst = _Text(_longest(strings), sum(t.chars for t in strings)) if strings else None
+        self.outputs: list[_Text | None] = []
+
+    def body(self, index: int) -> Subgraph | None:
+        return self.typed[index] if index < len(self.typed) else None
+
+    def start(self, body: GraphProto) -> _Scope:
+        given = {} if self.worst is None else {value.name: self.worst for value in body.input}
+        return self.check.scope(body, self.scope, given, self.where)
+
+    def leave(self, inner: _Scope) -> None:
+        self.outputs.extend(self.short_outputs(inner, "a body it may run any number of times"))
+
+    def finish(self) -> None:
+        could = bool(self.strings) or any(t is not None for t in self.outputs)
+        for name in self.node.output:
+            if not _may_be_string(name, self.scope, could):
+                continue
+            if self.node.domain not in STANDARD_DOMAINS:
+                raise StringExpansion(
+                    f"{self.label} in {self.scope.where} makes string elements of any length "
+                    f"(more than the {SHORT_STRING_BYTES} bytes the memory cap counts) from its "
+                    "body"
+                )
+            # SequenceMap's outputs are its body's, each short (checked above).
+            self.scope.texts[name] = _Text(SHORT_STRING_BYTES, 0.0)
 
 
 def _is_string_type(tp: TypeProto) -> bool:
@@ -250,123 +497,6 @@ def _attribute_strings(node: NodeProto, names: frozenset[str] | None = None) -> 
                 if t.data_type == TensorProto.STRING:
                     found.extend(t.string_data)
     return found
-
-
-def _graph(
-    walk: _Walk,
-    graph: GraphProto,
-    types: Mapping[str, TypeProto],
-    outer: Mapping[str, _Text],
-    *,
-    where: str,
-    inputs: Mapping[str, _Text] | None = None,
-) -> dict[str, _Text]:
-    """Walks ``graph``; returns the bounds of its string-typed values (outer scope's included).
-    ``inputs`` gives a subgraph's inputs' bounds; the main graph's (None) are the request's."""
-    scope: dict[str, _Text] = dict(outer)
-    local_types = dict(types)
-    for value in (*graph.input, *graph.output, *graph.value_info):
-        if value.type.WhichOneof("value") is not None:
-            local_types[value.name] = value.type
-    for init in graph.initializer:
-        text = _tensor_text(init)
-        if text is not None:
-            scope[init.name] = walk.hold(text)
-    request = False
-    for value in graph.input:
-        if value.name in scope:
-            continue  # an initializer given as an input too (IR < 4): its default is known
-        if inputs is not None:
-            if value.name in inputs:
-                scope[value.name] = inputs[value.name]
-        elif value.name in local_types and _is_string_type(local_types[value.name]):
-            # Any one input may carry all of the request's bytes; all together no more.
-            scope[value.name] = _Text(None, float(walk.max_input_bytes))
-            request = True
-    if request:
-        walk.held += walk.max_input_bytes
-    for node in _in_order(graph):
-        _node(walk, node, local_types, scope, where=where)
-    return scope
-
-
-def _in_order(graph: GraphProto) -> list[NodeProto]:
-    """``graph``'s nodes, each after the nodes whose outputs it (or a subgraph of it) reads.
-    ORT sorts a graph itself and runs one listed out of order; a walk in the listed order would
-    reach a node before it knew its inputs were strings."""
-    nodes = list(graph.node)
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    waiting_on = [0] * len(nodes)
-    readers: list[list[int]] = [[] for _ in nodes]
-    for i, node in enumerate(nodes):
-        for j in {producer[n] for n in _reads(node) if n in producer} - {i}:
-            waiting_on[i] += 1
-            readers[j].append(i)
-    ready = [i for i, count in enumerate(waiting_on) if count == 0]
-    heapq.heapify(ready)
-    order: list[NodeProto] = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(nodes[i])
-        for k in readers[i]:
-            waiting_on[k] -= 1
-            if waiting_on[k] == 0:
-                heapq.heappush(ready, k)
-    if len(order) != len(nodes):
-        raise StringExpansion("its graph has a cycle, so the check cannot order it")
-    return order
-
-
-def _reads(node: NodeProto) -> set[str]:
-    """The names ``node`` reads, its subgraphs' (which may read the enclosing graph's) included."""
-    names = {n for n in node.input if n}
-    for attr in node.attribute:
-        for sub in (attr.g,) if attr.type == AttributeProto.GRAPH else attr.graphs:
-            for inner in sub.node:
-                names |= _reads(inner)
-    return names
-
-
-def _node(
-    walk: _Walk,
-    node: NodeProto,
-    types: Mapping[str, TypeProto],
-    scope: dict[str, _Text],
-    *,
-    where: str,
-) -> None:
-    op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-    label = f"{op} node {node.name!r}" if node.name else f"{op} node"
-    if op in ("If", "Loop", "Scan"):
-        _control_flow(walk, node, types, scope, op=op, label=label, where=where)
-        return
-    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
-        _bodies(walk, node, types, scope, label=label, where=where)
-        return
-    ins = [scope.get(name) if name else None for name in node.input]
-    strings = [t for t in ins if t is not None]
-    made = _attribute_strings(node)
-    casting = op in ("Cast", "CastLike")
-    # A Cast from numbers makes one string per number, however many the input holds.
-    from_numbers = casting and (not ins or ins[0] is None)
-    never = _NOT_STRING_OUTPUTS.get(op, frozenset())
-    for index, name in enumerate(node.output):
-        if not name or index in never:
-            continue
-        if name in types:
-            if not _is_string_type(types[name]):
-                continue
-        elif not strings and not made and not _casts_to_string(node):
-            continue  # untyped, with nothing that could make it a string
-        text = _cast_text(node, types) if from_numbers else _output_text(node, op, strings, made)
-        if not text.short and (not _preserves(node, op) or from_numbers):
-            limit = "any length" if text.longest is None else f"up to {text.longest} bytes"
-            raise StringExpansion(
-                f"{label} in {where} makes string elements of {limit} (more than the "
-                f"{SHORT_STRING_BYTES} bytes the memory cap counts) as many times as the shapes "
-                "or values it is given say"
-            )
-        scope[name] = walk.hold(text)
 
 
 def _preserves(node: NodeProto, op: str) -> bool:
@@ -414,111 +544,3 @@ def _output_text(node: NodeProto, op: str, strings: list[_Text], made: list[byte
             longest = math.ceil(longest * _GROWTH[op])
     chars = sum(t.chars for t in strings) * _GROWTH.get(op, 1.0) + sum(len(s) for s in made)
     return _Text(longest, chars)
-
-
-def _control_flow(
-    walk: _Walk,
-    node: NodeProto,
-    types: Mapping[str, TypeProto],
-    scope: dict[str, _Text],
-    *,
-    op: str,
-    label: str,
-    where: str,
-) -> None:
-    graphs = {a.name: a.g for a in node.attribute if a.type == AttributeProto.GRAPH}
-    inner_where = f"the body of {label} in {where}"
-    if op == "If":
-        results: list[list[_Text | None]] = []
-        for key in ("then_branch", "else_branch"):
-            branch = graphs[key]
-            inner = _graph(walk, branch, types, scope, where=inner_where, inputs={})
-            results.append([inner.get(o.name) for o in branch.output])
-        for index, name in enumerate(node.output):
-            texts = [t for r in results if index < len(r) and (t := r[index]) is not None]
-            if name and texts:
-                longest = (
-                    None
-                    if any(t.longest is None for t in texts)
-                    else max(t.longest or 0 for t in texts)
-                )
-                scope[name] = walk.hold(_Text(longest, max(t.chars for t in texts)))
-        return
-    body = graphs["body"]
-    # Loop's body takes (iteration, condition, carried...), Scan's (state..., scan slices...): the
-    # node's inputs after Loop's first two line up with the body's inputs after its first two.
-    skip = 2 if op == "Loop" else 0
-    given = [scope.get(n) if n else None for n in node.input[skip:]]
-    body_inputs = {
-        value.name: text
-        for value, text in zip(body.input[skip:], given, strict=False)
-        if text is not None
-    }
-    inner = _graph(walk, body, types, scope, where=inner_where, inputs=body_inputs)
-    for value in body.output:
-        text = inner.get(value.name)
-        if text is not None and not text.short:
-            raise StringExpansion(
-                f"{label} in {where} returns string elements of "
-                f"{'any length' if text.longest is None else f'up to {text.longest} bytes'} from "
-                "its body, which it repeats as many times as it iterates"
-            )
-    for name, value in zip(node.output, body.output[1 if op == "Loop" else 0 :], strict=False):
-        text = inner.get(value.name)
-        if name and text is not None:
-            scope[name] = text  # short (checked above): the arena counts it
-
-
-def _bodies(
-    walk: _Walk,
-    node: NodeProto,
-    types: Mapping[str, TypeProto],
-    scope: dict[str, _Text],
-    *,
-    label: str,
-    where: str,
-) -> None:
-    """Another operator with subgraphs (``SequenceMap``, another domain's): each body is assumed
-    to run any number of times on any of the node's strings, so it must return none that is long
-    (and is walked like any graph)."""
-    strings = [t for n in node.input if n and (t := scope.get(n)) is not None]
-    worst = (
-        None
-        if not strings
-        else _Text(
-            None
-            if any(t.longest is None for t in strings)
-            else max(t.longest or 0 for t in strings),
-            sum(t.chars for t in strings),
-        )
-    )
-    inner_where = f"the body of {label} in {where}"
-    outputs: list[_Text | None] = []
-    for attr in node.attribute:
-        for body in (attr.g,) if attr.type == AttributeProto.GRAPH else attr.graphs:
-            given = {} if worst is None else {value.name: worst for value in body.input}
-            inner = _graph(walk, body, types, scope, where=inner_where, inputs=given)
-            for value in body.output:
-                text = inner.get(value.name)
-                if text is not None and not text.short:
-                    raise StringExpansion(
-                        f"{label} in {where} returns string elements of "
-                        f"{'any length' if text.longest is None else f'up to {text.longest} bytes'}"
-                        " from a body it may run any number of times"
-                    )
-                outputs.append(text)
-    for name in node.output:
-        if not name:
-            continue
-        if name in types:
-            if not _is_string_type(types[name]):
-                continue
-        elif not strings and all(t is None for t in outputs):
-            continue  # untyped, with nothing that could make it a string
-        if node.domain not in ("", "ai.onnx"):
-            raise StringExpansion(
-                f"{label} in {where} makes string elements of any length (more than the "
-                f"{SHORT_STRING_BYTES} bytes the memory cap counts) from its body"
-            )
-        # SequenceMap's outputs are its body's, each short (checked above).
-        scope[name] = _Text(SHORT_STRING_BYTES, 0.0)

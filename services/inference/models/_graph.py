@@ -1,0 +1,249 @@
+"""The one walk of a model's graph at load: every node of the graph, of its subgraphs and of its
+model-local functions is enumerated here, once, for both load-time checks that read the graph.
+
+* The operators: every standard-domain operator type the walk meets is collected (what
+  :data:`~strongroom.inference.models._loaded.UNCAPPED_OPERATORS` is looked up in).
+* The strings: an :class:`Analysis` (``models._strings``) follows the walk node by node, told of
+  each graph as it begins and of each node in the order ONNX Runtime runs it.
+
+The model is parsed once with onnx; the weights' bytes are dropped at once (only a string
+initializer's matter), before inlining and type inference copy the model, so a big model is
+not held twice while the walk runs. Model-local functions are inlined (the analysis follows
+their nodes where they are called); after the graph, the functions' bodies as declared are
+enumerated too (one nothing calls included, and all of them when inlining failed): their
+operators count wherever they stand. A function declared in ONNX's own domain stands for the
+operator it is named after (inlining replaces the calls to it), so its name counts too.
+
+The analysis stops at its first finding (or at what it cannot read); the walk goes on to the
+last node, so the operators are always all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import heapq
+from collections.abc import Callable, Sequence
+from typing import Generic, NamedTuple, Protocol, TypeVar
+
+import onnx
+from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, inliner
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+"""The domains of ONNX's standard operators (one name, two spellings)."""
+
+S = TypeVar("S")
+R = TypeVar("R")
+
+# What an analysis raises on a graph it cannot read (a node without the attribute or subgraph its
+# operator needs, a malformed type, ...): it stops, the walk goes on.
+_UNREADABLE = (KeyError, IndexError, AttributeError, TypeError, ValueError)
+
+# The fields of a tensor that hold numbers (the weights), dropped before the model is copied.
+_WEIGHT_FIELDS = (
+    "raw_data",
+    "float_data",
+    "int32_data",
+    "int64_data",
+    "double_data",
+    "uint64_data",
+)
+
+
+class Subgraph(NamedTuple):
+    """A graph a node holds: in attribute ``attribute`` (of ``attribute_type``), from its ``g``
+    field (``single``) or its ``graphs``; ``key`` tells it from the node's others."""
+
+    key: tuple[int, int]
+    attribute: str
+    attribute_type: int
+    single: bool
+    graph: GraphProto
+
+    @property
+    def typed(self) -> bool:
+        """Whether the attribute's type says it holds this graph (``g`` of a GRAPH, ``graphs``
+        of any other): the subgraphs ONNX Runtime reads and the analysis follows."""
+        return self.single == (self.attribute_type == AttributeProto.GRAPH)
+
+
+class Finding(Exception):
+    """An analysis's own reason to stop (the message): it refuses the model."""
+
+
+class Unordered(Exception):
+    """A graph whose nodes cannot be put in an order to run (a cycle)."""
+
+
+class InliningFailed(Exception):
+    """The model-local functions could not be inlined (the exception's type name is the text)."""
+
+
+class Bodies(Protocol[S]):
+    """An analysis's plan for a node with subgraphs: which to follow, in what order, with what."""
+
+    def next(self) -> tuple[Subgraph, S] | None:
+        """The next subgraph to follow and its scope's start, or None when done."""
+
+    def leave(self, scope: S) -> None:
+        """The subgraph just followed ended with ``scope``."""
+
+    def finish(self) -> None:
+        """Every subgraph followed: the node's own outputs."""
+
+
+class Analysis(Protocol[S]):
+    """What follows the walk; a :class:`Finding` or what it cannot read (``KeyError``,
+    ``IndexError``, ``AttributeError``, ``TypeError``, ``ValueError``) stops it (:meth:`failed`),
+    not the walk; anything else it raises ends the walk too."""
+
+    def main(self, graph: GraphProto) -> S:
+        """The scope the main graph starts with."""
+
+    def node(self, scope: S, node: NodeProto, subgraphs: Sequence[Subgraph]) -> Bodies[S] | None:
+        """``node``, its inputs known in ``scope``; a plan for its subgraphs, if it follows any."""
+
+    def failed(self, exc: Exception) -> None:
+        """The analysis could go no further (``exc``: its own finding, or what it or the walk
+        could not read: :class:`Unordered`, :class:`InliningFailed`, ``_UNREADABLE``)."""
+
+
+def walk_model(model: bytes, analysis: Analysis[S]) -> frozenset[str]:
+    """Walks every node of ``model`` (serialized ONNX) with ``analysis``; returns the operator
+    types of the standard-domain nodes. ``ValueError`` if ``model`` is not an ONNX model."""
+    try:
+        proto = onnx.load_model_from_string(model)
+    except Exception:  # protobuf's DecodeError, or whatever else a parse of bad bytes raises
+        raise ValueError("not a serialized ONNX model") from None
+    for init in proto.graph.initializer:
+        if init.data_type != TensorProto.STRING:
+            for name in _WEIGHT_FIELDS:
+                init.ClearField(name)
+    functions = list(proto.functions)  # inlining drops them, called or not
+    walk = _Walk(analysis)
+    # A function declared in a standard domain is called by nodes of that operator type, which
+    # inlining replaces with its body: its name counts as an operator (declared is enough).
+    walk.operators.update(f.name for f in functions if f.domain in STANDARD_DOMAINS)
+    try:
+        if proto.functions:
+            proto = inliner.inline_local_functions(proto)
+    except Exception as exc:  # a model ORT may still read: the analysis stops, the walk goes on
+        walk.stop(InliningFailed(type(exc).__name__))
+    else:
+        # Strict off: an operator ONNX does not know leaves its outputs untyped (the analysis
+        # assumes the worst of them); a graph inference cannot read leaves every intermediate so.
+        with contextlib.suppress(Exception):
+            proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    walk.graph(proto.graph, walk.run(lambda: analysis.main(proto.graph)))
+    walk.stop_following()
+    for function in functions:
+        for node in function.node:
+            walk.node(node, None)
+    return frozenset(walk.operators)
+
+
+class _Walk(Generic[S]):
+    def __init__(self, analysis: Analysis[S]) -> None:
+        self.analysis: Analysis[S] | None = analysis
+        self.operators: set[str] = set()
+
+    def stop(self, exc: Exception) -> None:
+        if self.analysis is not None:
+            self.analysis.failed(exc)
+        self.analysis = None
+
+    def stop_following(self) -> None:
+        """The analysis has followed the whole graph: what comes after (functions) is counted."""
+        self.analysis = None
+
+    def run(self, call: Callable[[], R]) -> R | None:
+        """``call`` into the analysis, unless it stopped; what it raises stops it."""
+        if self.analysis is None:
+            return None
+        try:
+            return call()
+        except (Finding, *_UNREADABLE) as exc:
+            self.stop(exc)
+            return None
+
+    def graph(self, graph: GraphProto, scope: S | None) -> S | None:
+        """Every node of ``graph`` (in ONNX Runtime's order while the analysis follows it)."""
+        nodes = list(graph.node)  # what the analysis does not follow is only counted: any order
+        if scope is not None:
+            try:
+                nodes = in_order(graph)
+            except Unordered as exc:
+                self.stop(exc)
+        for node in nodes:
+            self.node(node, scope if self.analysis is not None else None)
+        return scope
+
+    def node(self, node: NodeProto, scope: S | None) -> None:
+        """``node`` and every graph inside it."""
+        if node.domain in STANDARD_DOMAINS:
+            self.operators.add(node.op_type)
+        held = subgraphs(node)
+        followed: set[tuple[int, int]] = set()
+        analysis = self.analysis
+        if scope is not None and analysis is not None:
+            bodies = self.run(lambda: analysis.node(scope, node, held))
+            while bodies is not None and (step := self.run(bodies.next)) is not None:
+                body, inner = step
+                followed.add(body.key)
+                ended = self.graph(body.graph, inner)
+                if ended is not None:
+                    self.run(functools.partial(bodies.leave, ended))
+            if bodies is not None:
+                self.run(bodies.finish)
+        for body in held:
+            if body.key not in followed:
+                self.graph(body.graph, None)
+
+
+def subgraphs(node: NodeProto) -> list[Subgraph]:
+    """Every graph ``node``'s attributes hold, whatever their declared type."""
+    found: list[Subgraph] = []
+    for i, attr in enumerate(node.attribute):
+        if attr.HasField("g") or attr.type == AttributeProto.GRAPH:
+            found.append(Subgraph((i, -1), attr.name, attr.type, True, attr.g))
+        found.extend(
+            Subgraph((i, j), attr.name, attr.type, False, g) for j, g in enumerate(attr.graphs)
+        )
+    return found
+
+
+def in_order(graph: GraphProto) -> list[NodeProto]:
+    """``graph``'s nodes, each after the nodes whose outputs it (or a subgraph of it) reads.
+    ORT sorts a graph itself and runs one listed out of order; a walk in the listed order would
+    reach a node before it knew what its inputs were. :class:`Unordered` if there is a cycle."""
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    waiting_on = [0] * len(nodes)
+    readers: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        for j in {producer[n] for n in _reads(node) if n in producer} - {i}:
+            waiting_on[i] += 1
+            readers[j].append(i)
+    ready = [i for i, count in enumerate(waiting_on) if count == 0]
+    heapq.heapify(ready)
+    order: list[NodeProto] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for k in readers[i]:
+            waiting_on[k] -= 1
+            if waiting_on[k] == 0:
+                heapq.heappush(ready, k)
+    if len(order) != len(nodes):
+        raise Unordered("a cycle")
+    return order
+
+
+def _reads(node: NodeProto) -> set[str]:
+    """The names ``node`` reads, its subgraphs' (which may read the enclosing graph's) included."""
+    names = {n for n in node.input if n}
+    for body in subgraphs(node):
+        if body.typed:
+            for inner in body.graph.node:
+                names |= _reads(inner)
+    return names
