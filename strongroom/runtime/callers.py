@@ -280,7 +280,7 @@ class UnaryGuard(HandlerInterceptor):
         self._timed: dict[grpc.ServicerContext, float] = {}
         self._late: set[grpc.ServicerContext] = set()  # cancelled by the watchdog
         self._watchdog: threading.Thread | None = None
-        self._closed = threading.Event()  # the watchdog ends (close)
+        self._closed = threading.Event()  # the watchdogs end (close)
         self._identify = identify
         # Without shares (a guard on its own), every method is data-plane and only the
         # per-identity cap binds.
@@ -407,7 +407,6 @@ class UnaryGuard(HandlerInterceptor):
                 refusal = None
                 shares.held += 1
                 self._trusted[context] = (time.monotonic() + TRUSTED_WAIT_SECONDS, identity)
-                self._watch_trusted()
             if held is not None and roleless:
                 self._roleless_waits += 1
         if held is None:
@@ -421,6 +420,8 @@ class UnaryGuard(HandlerInterceptor):
             )
         timed = self._public_wait is not None and shares.is_public(method)
         try:  # whatever fails from here on gives back what was taken above
+            if held == _TRUSTED:
+                self._watch_trusted()
             if timed:
                 self._time(context)
             return read()
@@ -464,12 +465,17 @@ class UnaryGuard(HandlerInterceptor):
                     shares.held -= 1
 
     def _watch_trusted(self) -> None:
-        """Starts the watchdog of trusted waits (under the lock)."""
-        if self._trust_watchdog is None:
-            self._trust_watchdog = threading.Thread(
-                target=self._watch_trust, name="trusted-wait-watchdog", daemon=True
-            )
-            self._trust_watchdog.start()
+        """Starts the watchdog of trusted waits unless it runs or the server stopped.
+
+        Called within the wait's accounting, so that a thread that cannot be had fails the call
+        with nothing held; the thread is kept only once started, so the next wait tries again."""
+        with self._lock:
+            if self._trust_watchdog is None and not self._closed.is_set():
+                watchdog = threading.Thread(
+                    target=self._watch_trust, name="trusted-wait-watchdog", daemon=True
+                )
+                watchdog.start()  # may fail (no thread to be had): the next wait tries again
+                self._trust_watchdog = watchdog
 
     def _watch_trust(self) -> None:
         # A trusted wait still waiting once its moment is over is counted in its caller's bound
@@ -478,8 +484,7 @@ class UnaryGuard(HandlerInterceptor):
         # trusted no more for DISTRUST_SECONDS, so that stalled waits cannot be renewed past the
         # bound.
         shares = self.shares
-        while True:
-            time.sleep(TRUSTED_WAIT_SECONDS / 4)
+        while not self._closed.wait(TRUSTED_WAIT_SECONDS / 4):
             now = time.monotonic()
             cancel: list[grpc.ServicerContext] = []
             with self._lock:
@@ -544,13 +549,13 @@ class UnaryGuard(HandlerInterceptor):
                     cancel()
 
     def close(self) -> None:
-        """Ends the watchdog thread (the server stopped: no call waits any more). It ran for
-        the life of the process, each stopped server's guard leaving one behind, held with all it
-        references."""
+        """Ends the watchdog threads, of timed waits and of trusted ones (the server stopped: no
+        call waits any more). They ran for the life of the process, each stopped server's guard
+        leaving them behind, held with all they reference."""
         self._closed.set()
-        watchdog = self._watchdog
-        if watchdog is not None:
-            watchdog.join(10)
+        for watchdog in (self._watchdog, self._trust_watchdog):
+            if watchdog is not None:
+                watchdog.join(10)
 
     def _leave(self, identity: str, data: bool) -> None:
         with self._lock:

@@ -988,3 +988,53 @@ def test_the_bound_across_kinds_defaults_to_just_under_half_the_data_plane() -> 
     for value in (0, 28):
         with pytest.raises(ConfigError, match="max_data_plane_workers_per_identity"):
             ServerConfig(max_data_plane_workers_per_identity=value)
+
+
+def stall_watches(channel: grpc.Channel, gate: threading.Event, count: int) -> list[Any]:
+    """``count`` health Watches of ``channel``'s caller whose message never goes (until
+    ``gate``): each waits for it holding a data-plane worker."""
+    watch = channel.stream_stream(f"/{HEALTH_SERVICE}/Watch", _raw, _raw)
+    return [watch(never_sent(gate), timeout=60) for _ in range(count)]
+
+
+def test_a_trusted_wait_whose_watchdog_cannot_start_gives_back_its_worker_and_stop_ends_it(
+    mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog of waits admitted on trust beyond their caller's bound (merged beside the
+    request watchdog's fixes, without them) looped for the life of the process, a stopped
+    host's included, and when no thread could be had for it, the failure was raised before the
+    wait's accounting could give back its worker, which stayed taken for good, while the
+    never-started thread was kept, so no trusted wait was ever checked again. The call now fails
+    (INTERNAL) with nothing held, the next trusted wait starts the watchdog, and stop() ends it."""
+    running = mesh(max_workers=8, health_request_wait_seconds=60)  # 7 data-plane, 3 per identity
+    shares, client = running.host.shares, sid("client")
+    channel = running.caller("client")
+    real = threading.Thread
+
+    class NoWatchdog(real):  # type: ignore[misc,valid-type]
+        def start(self) -> None:
+            if self.name == "trusted-wait-watchdog":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    gate = threading.Event()
+    try:
+        counted = stall_watches(channel, gate, 3)
+        assert settled(lambda: shares.held_now(client) == 3 == shares.held_now())
+        monkeypatch.setattr(threading, "Thread", NoWatchdog)
+        (failed,) = stall_watches(channel, gate, 1)  # beyond the bound: on trust
+        assert refusal(lambda: next(failed))[0] == grpc.StatusCode.INTERNAL
+        monkeypatch.setattr(threading, "Thread", real)
+        assert settled(lambda: shares.held_now() == 3)
+        (trusted,) = stall_watches(channel, gate, 1)
+        # Past its moment of trust, the watchdog cancels it: the caller is at its bound.
+        assert refusal(lambda: next(trusted))[0] == grpc.StatusCode.CANCELLED
+        watchdog = running.host.unary._trust_watchdog
+        assert watchdog is not None and watchdog.is_alive()
+    finally:
+        gate.set()
+    for call in counted:
+        call.cancel()
+    running.close()
+    watchdog.join(30)
+    assert not watchdog.is_alive()
