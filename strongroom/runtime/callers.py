@@ -503,11 +503,18 @@ class UnaryGuard(HandlerInterceptor):
                         cancel.append(context)
             for context in cancel:
                 log.warning(
-                    "call cancelled: no request message while its caller holds its bound",
+                    "cancelling a call: no request message while its caller holds its bound",
                     extra={"peer": context.peer(), "reason": Reason.TOO_MANY_WORKERS_PER_IDENTITY},
                 )
-                stop: Callable[[], object] = context.cancel  # untyped in grpc-stubs
-                stop()
+                # Only while it still waits (as the request watchdog does): its message may have
+                # come since (the log line can take long on a slow pipe) and the call, a Watch
+                # now serving its caller, runs on. Its wait's end takes this lock to leave
+                # _stalled, so it cannot end in between.
+                with self._lock:
+                    if context not in self._stalled:
+                        continue
+                    stop: Callable[[], object] = context.cancel  # untyped in grpc-stubs
+                    stop()
 
     def _time(self, context: grpc.ServicerContext) -> None:
         """Has the watchdog cancel ``context`` unless its wait ends within the bound."""

@@ -1038,3 +1038,49 @@ def test_a_trusted_wait_whose_watchdog_cannot_start_gives_back_its_worker_and_st
     running.close()
     watchdog.join(30)
     assert not watchdog.is_alive()
+
+
+def test_a_trusted_wait_whose_message_came_as_the_watchdog_fired_is_not_cancelled(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """The watchdog of waits admitted on trust chose those still waiting, then logged and
+    cancelled each outside its lock (the request watchdog's fix was not applied to it): a call
+    whose message came in between was cancelled though it ran, a Watch serving its caller cut.
+    It is cancelled only while it still waits now. (The log line lets the message in.)"""
+    running = mesh(max_workers=8, health_request_wait_seconds=60)  # 7 data-plane, 3 per identity
+    shares, client = running.host.shares, sid("client")
+    channel = running.caller("client")
+    let_in, let_go, gate = threading.Event(), threading.Event(), threading.Event()
+
+    def sent_late() -> Iterator[bytes]:
+        let_in.wait(60)
+        yield health_pb2.HealthCheckRequest().SerializeToString()
+
+    class LetIn(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "while its caller holds its bound" in record.getMessage() and not let_in.is_set():
+                let_in.set()  # the message goes, and is read, while the watchdog is here
+                settled(lambda: shares.held_now() == 3)  # the trusted wait has ended
+                let_go.set()
+
+    hook = LetIn()
+    logger = logging.getLogger("strongroom.runtime.callers")
+    logger.addHandler(hook)
+    try:
+        counted = stall_watches(channel, gate, 3)
+        assert settled(lambda: shares.held_now(client) == 3 == shares.held_now())
+        late = channel.stream_stream(f"/{HEALTH_SERVICE}/Watch", _raw, _raw)(
+            sent_late(), timeout=60
+        )
+        assert settled(let_go.is_set)
+    finally:
+        logger.removeHandler(hook)
+        let_in.set()
+        gate.set()
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    running.host._health.set("", not_serving)
+    for response in late:  # still watching (it was never cancelled): told of the change
+        if health_pb2.HealthCheckResponse.FromString(response).status == not_serving:
+            break
+    for call in [late, *counted]:
+        call.cancel()
