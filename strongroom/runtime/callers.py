@@ -51,8 +51,10 @@ bound, a caller's further wait is still admitted, on trust, while the data plane
 message sent with the call (what every gRPC client does) is read within milliseconds, and a burst
 of an authorised caller's health ``Watch`` calls is not refused for waits that end at once. A wait
 admitted so that still waits after :data:`TRUSTED_WAIT_SECONDS` is counted in the bound if it now
-fits there, or cancelled; its caller is then trusted no more for :data:`DISTRUST_SECONDS`, so that
-its waits beyond the bound are refused at once and stalled ones cannot be renewed past it.
+fits there, or cancelled; either way its caller is then trusted no more for
+:data:`DISTRUST_SECONDS`, so that its waits beyond the bound are refused at once and stalled ones
+cannot be renewed past it (counted ones included: a caller that let its older waits go just before
+its trusted ones were due had them counted, then trusted new ones, and held twice its bound).
 """
 
 from __future__ import annotations
@@ -294,6 +296,8 @@ class UnaryGuard(HandlerInterceptor):
         self._promoted: set[grpc.ServicerContext] = set()
         self._stalled: set[grpc.ServicerContext] = set()
         self._trust_watchdog: threading.Thread | None = None
+        # How long a wait admitted on trust may last (a test moves it to time the watchdog).
+        self._trust_seconds = TRUSTED_WAIT_SECONDS
 
     def running(self, identity: str) -> int:
         """Unary calls of ``identity`` whose handlers run now."""
@@ -374,8 +378,8 @@ class UnaryGuard(HandlerInterceptor):
         (:attr:`WorkerShares.per_identity`) from its start. A caller at its bound has its further
         waits admitted on trust while the data plane has room (a burst whose messages came with
         the calls ends at once); the watchdog counts one still waiting after
-        :data:`TRUSTED_WAIT_SECONDS` in the bound if it fits there, or cancels it and trusts its
-        caller no more for :data:`DISTRUST_SECONDS` (``TOO_MANY_WORKERS_PER_IDENTITY``).
+        :data:`TRUSTED_WAIT_SECONDS` in the bound if it fits there, or cancels it, and either way
+        trusts its caller no more for :data:`DISTRUST_SECONDS` (``TOO_MANY_WORKERS_PER_IDENTITY``).
         """
         identity = self._identify(context)
         shares = self.shares
@@ -406,7 +410,7 @@ class UnaryGuard(HandlerInterceptor):
                 held = _TRUSTED
                 refusal = None
                 shares.held += 1
-                self._trusted[context] = (time.monotonic() + TRUSTED_WAIT_SECONDS, identity)
+                self._trusted[context] = (time.monotonic() + self._trust_seconds, identity)
             if held is not None and roleless:
                 self._roleless_waits += 1
         if held is None:
@@ -431,7 +435,7 @@ class UnaryGuard(HandlerInterceptor):
                 stalled = context in self._stalled
             if stalled:
                 raise ResourceExhausted(
-                    f"{method}: no request message within {TRUSTED_WAIT_SECONDS:g}s while "
+                    f"{method}: no request message within {self._trust_seconds:g}s while "
                     f"{identity} held {shares.per_identity} data-plane workers "
                     "(server.max_data_plane_workers_per_identity); the call was cancelled",
                     reason=Reason.TOO_MANY_WORKERS_PER_IDENTITY,
@@ -480,9 +484,9 @@ class UnaryGuard(HandlerInterceptor):
     def _watch_trust(self) -> None:
         # A trusted wait still waiting once its moment is over is counted in its caller's bound
         # if it now fits there; otherwise it is cancelled (gRPC Python has no timed read, and no
-        # status can be set from another thread: its caller sees CANCELLED) and its caller is
-        # trusted no more for DISTRUST_SECONDS, so that stalled waits cannot be renewed past the
-        # bound.
+        # status can be set from another thread: its caller sees CANCELLED). Either way its
+        # caller is trusted no more for DISTRUST_SECONDS, so that stalled waits cannot be
+        # renewed past the bound.
         shares = self.shares
         while not self._closed.wait(TRUSTED_WAIT_SECONDS / 4):
             now = time.monotonic()
@@ -493,12 +497,16 @@ class UnaryGuard(HandlerInterceptor):
                 due = [(c, who) for c, (when, who) in self._trusted.items() if now >= when]
                 for context, identity in due:
                     del self._trusted[context]
+                    # Distrusted even when its wait now fits the bound: a caller that let its
+                    # older waits go just before this moment had its stalled ones counted, and
+                    # its next ones trusted beyond the bound again, holding twice its bound
+                    # for as long as it kept that turn.
+                    shares.distrusted[identity] = now + DISTRUST_SECONDS
                     if not shares.at_bound(identity):
                         shares.held -= 1  # counted again, in its caller's bound, by hold()
                         shares.hold(identity)
                         self._promoted.add(context)
                     else:
-                        shares.distrusted[identity] = now + DISTRUST_SECONDS
                         self._stalled.add(context)
                         cancel.append(context)
             for context in cancel:

@@ -33,7 +33,7 @@ from strongroom.inference.server import CONTROL_PLANE as INFERENCE_CONTROL_PLANE
 from strongroom.inference.server import EVIDENCE_SERVICE
 from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
-from strongroom.runtime.callers import ROLELESS
+from strongroom.runtime.callers import ROLELESS, TRUSTED_WAIT_SECONDS
 from strongroom.runtime.config import ConfigError, ServerConfig
 from strongroom.runtime.interceptors import RefusalObserver
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
@@ -1084,3 +1084,43 @@ def test_a_trusted_wait_whose_message_came_as_the_watchdog_fired_is_not_cancelle
             break
     for call in [late, *counted]:
         call.cancel()
+
+
+def test_a_caller_whose_stalled_trusted_waits_were_counted_is_trusted_no_more(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """A trusted wait still waiting after its moment was counted when it then fitted the bound,
+    and only one that did not fit made its caller distrusted: a caller letting its older stalled
+    waits go just before its trusted ones were due had them counted, then was trusted again for
+    as many more, and so held twice its bound (nearly the whole data plane by default) as long as
+    it kept that turn. Its further waits beyond the bound are refused at once now."""
+    running = mesh(max_workers=8, health_request_wait_seconds=60)  # 7 data-plane, 3 per identity
+    shares, client, guard = running.host.shares, sid("client"), running.host.unary
+    channel = running.caller("client")
+    gate = threading.Event()
+    try:
+        older = stall_watches(channel, gate, 3)
+        assert settled(lambda: shares.held_now(client) == 3 == shares.held_now())
+        # Trusted until this test says (rather than for 1 s: no race with a loaded machine).
+        guard._trust_seconds = 3600
+        trusted = stall_watches(channel, gate, 2)  # beyond the bound: on trust
+        assert settled(lambda: shares.held_now() == 5)
+        for call in older[:2]:  # let two go before the trusted ones are due
+            call.cancel()
+        assert settled(lambda: shares.held_now() == 3 and shares.held_now(client) == 1)
+        with shares.lock:  # now due
+            guard._trusted = {context: (0.0, who) for context, (_, who) in guard._trusted.items()}
+        # Due, the trusted waits fit the bound again: counted in it, not cancelled.
+        assert settled(lambda: shares.held_now(client) == 3)
+        guard._trust_seconds = TRUSTED_WAIT_SECONDS
+        (again,) = stall_watches(channel, gate, 1)
+        assert refusal(lambda: next(again)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_WORKERS_PER_IDENTITY",
+        )
+        assert shares.held_now() == 3
+    finally:
+        gate.set()
+    for call in [*older, *trusted]:
+        call.cancel()
+    assert settled(lambda: shares.held_now() == 0)
