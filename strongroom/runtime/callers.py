@@ -51,7 +51,8 @@ bound, a caller's further wait is still admitted, on trust, while the data plane
 message sent with the call (what every gRPC client does) is read within milliseconds, and a burst
 of an authorised caller's health ``Watch`` calls is not refused for waits that end at once. A wait
 admitted so that still waits after :data:`TRUSTED_WAIT_SECONDS` is counted in the bound if it now
-fits there, or cancelled; either way its caller is then trusted no more for
+fits there, or cancelled; one that ends without its message before then (cancelled by its client
+or the wait bound) counts as stalled too; either way its caller is then trusted no more for
 :data:`DISTRUST_SECONDS`, so that its waits beyond the bound are refused at once and stalled ones
 cannot be renewed past it (counted ones included: a caller that let its older waits go just before
 its trusted ones were due had them counted, then trusted new ones, and held twice its bound).
@@ -423,12 +424,16 @@ class UnaryGuard(HandlerInterceptor):
                 exc=refusal,
             )
         timed = self._public_wait is not None and shares.is_public(method)
+        waited = read_one = False  # whether the wait began, and whether it ended with a message
         try:  # whatever fails from here on gives back what was taken above
             if held == _TRUSTED:
                 self._watch_trusted()
             if timed:
                 self._time(context)
-            return read()
+            waited = True
+            request = read()
+            read_one = True
+            return request
         except Cancelled:
             with self._lock:
                 late = context in self._late
@@ -467,6 +472,12 @@ class UnaryGuard(HandlerInterceptor):
                     self._trusted.pop(context, None)
                     self._stalled.discard(context)
                     shares.held -= 1
+                    if waited and not read_one:
+                        # Trusted, and ended without its message (its client cancelled it, the
+                        # request watchdog did, a shorter health_request_wait_seconds): only the
+                        # trust watchdog distrusted, so a caller ending each stalled wait before
+                        # it was due and opening another held workers beyond its bound for good.
+                        shares.distrusted[identity] = time.monotonic() + DISTRUST_SECONDS
 
     def _watch_trusted(self) -> None:
         """Starts the watchdog of trusted waits unless it runs or the server stopped.

@@ -1124,3 +1124,42 @@ def test_a_caller_whose_stalled_trusted_waits_were_counted_is_trusted_no_more(
     for call in [*older, *trusted]:
         call.cancel()
     assert settled(lambda: shares.held_now() == 0)
+
+
+@pytest.mark.parametrize("ended_by", ["client", "wait bound"])
+def test_a_caller_whose_trusted_wait_ended_without_its_message_is_trusted_no_more(
+    mesh: Callable[..., Mesh], ended_by: str
+) -> None:
+    """Only the watchdog of trusted waits, finding one still waiting when due, distrusted its
+    caller: a trusted wait its client cancelled before then, or that the request watchdog ended
+    first (server.health_request_wait_seconds below TRUSTED_WAIT_SECONDS), left its caller
+    trusted, so it could end each stalled wait beyond its bound just before it was due and open
+    another, holding the rest of the data plane for good. Such an end distrusts it now."""
+    wait = 0.2 if ended_by == "wait bound" else 60
+    running = mesh(max_workers=8, health_request_wait_seconds=wait)  # 7 data-plane, 3 per identity
+    shares, client, guard = running.host.shares, sid("client"), running.host.unary
+    guard._trust_seconds = 3600  # never due: only the wait's own end may distrust
+    channel = running.caller("client")
+    hold = channel.unary_unary(f"/{SERVICE}/Hold", _raw, _raw)
+    held = [hold.future(b"", timeout=60) for _ in range(3)]  # its bound
+    running.slow.wait_entered(3)
+    assert shares.held_now(client) == 3 == shares.held_now()
+    gate = threading.Event()
+    try:
+        (trusted,) = stall_watches(channel, gate, 1)  # beyond the bound: on trust
+        if ended_by == "client":
+            assert settled(lambda: shares.held_now() == 4)
+            trusted.cancel()
+        else:
+            assert refusal(lambda: next(trusted))[0] == grpc.StatusCode.CANCELLED
+        assert settled(lambda: shares.held_now() == 3)
+        (again,) = stall_watches(channel, gate, 1)
+        assert refusal(lambda: next(again)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_WORKERS_PER_IDENTITY",
+        )
+    finally:
+        gate.set()
+    running.slow.release.set()
+    assert [f.result(timeout=30) for f in held] == [b"done"] * 3
+    assert settled(lambda: shares.held_now() == 0)
