@@ -51,8 +51,11 @@ bound, a caller's further wait is still admitted, on trust, while the data plane
 message sent with the call (what every gRPC client does) is read within milliseconds, and a burst
 of an authorised caller's health ``Watch`` calls is not refused for waits that end at once. A wait
 admitted so that still waits after :data:`TRUSTED_WAIT_SECONDS` is counted in the bound if it now
-fits there, or cancelled; its caller is then trusted no more for :data:`DISTRUST_SECONDS`, so that
-its waits beyond the bound are refused at once and stalled ones cannot be renewed past it.
+fits there, or cancelled; one that ends without its message before then (cancelled by its client
+or the wait bound) counts as stalled too; either way its caller is then trusted no more for
+:data:`DISTRUST_SECONDS`, so that its waits beyond the bound are refused at once and stalled ones
+cannot be renewed past it (counted ones included: a caller that let its older waits go just before
+its trusted ones were due had them counted, then trusted new ones, and held twice its bound).
 """
 
 from __future__ import annotations
@@ -280,7 +283,7 @@ class UnaryGuard(HandlerInterceptor):
         self._timed: dict[grpc.ServicerContext, float] = {}
         self._late: set[grpc.ServicerContext] = set()  # cancelled by the watchdog
         self._watchdog: threading.Thread | None = None
-        self._closed = threading.Event()  # the watchdog ends (close)
+        self._closed = threading.Event()  # the watchdogs end (close)
         self._identify = identify
         # Without shares (a guard on its own), every method is data-plane and only the
         # per-identity cap binds.
@@ -294,6 +297,8 @@ class UnaryGuard(HandlerInterceptor):
         self._promoted: set[grpc.ServicerContext] = set()
         self._stalled: set[grpc.ServicerContext] = set()
         self._trust_watchdog: threading.Thread | None = None
+        # How long a wait admitted on trust may last (a test moves it to time the watchdog).
+        self._trust_seconds = TRUSTED_WAIT_SECONDS
 
     def running(self, identity: str) -> int:
         """Unary calls of ``identity`` whose handlers run now."""
@@ -374,8 +379,8 @@ class UnaryGuard(HandlerInterceptor):
         (:attr:`WorkerShares.per_identity`) from its start. A caller at its bound has its further
         waits admitted on trust while the data plane has room (a burst whose messages came with
         the calls ends at once); the watchdog counts one still waiting after
-        :data:`TRUSTED_WAIT_SECONDS` in the bound if it fits there, or cancels it and trusts its
-        caller no more for :data:`DISTRUST_SECONDS` (``TOO_MANY_WORKERS_PER_IDENTITY``).
+        :data:`TRUSTED_WAIT_SECONDS` in the bound if it fits there, or cancels it, and either way
+        trusts its caller no more for :data:`DISTRUST_SECONDS` (``TOO_MANY_WORKERS_PER_IDENTITY``).
         """
         identity = self._identify(context)
         shares = self.shares
@@ -406,8 +411,7 @@ class UnaryGuard(HandlerInterceptor):
                 held = _TRUSTED
                 refusal = None
                 shares.held += 1
-                self._trusted[context] = (time.monotonic() + TRUSTED_WAIT_SECONDS, identity)
-                self._watch_trusted()
+                self._trusted[context] = (time.monotonic() + self._trust_seconds, identity)
             if held is not None and roleless:
                 self._roleless_waits += 1
         if held is None:
@@ -420,17 +424,23 @@ class UnaryGuard(HandlerInterceptor):
                 exc=refusal,
             )
         timed = self._public_wait is not None and shares.is_public(method)
+        waited = read_one = False  # whether the wait began, and whether it ended with a message
         try:  # whatever fails from here on gives back what was taken above
+            if held == _TRUSTED:
+                self._watch_trusted()
             if timed:
                 self._time(context)
-            return read()
+            waited = True
+            request = read()
+            read_one = True
+            return request
         except Cancelled:
             with self._lock:
                 late = context in self._late
                 stalled = context in self._stalled
             if stalled:
                 raise ResourceExhausted(
-                    f"{method}: no request message within {TRUSTED_WAIT_SECONDS:g}s while "
+                    f"{method}: no request message within {self._trust_seconds:g}s while "
                     f"{identity} held {shares.per_identity} data-plane workers "
                     "(server.max_data_plane_workers_per_identity); the call was cancelled",
                     reason=Reason.TOO_MANY_WORKERS_PER_IDENTITY,
@@ -462,24 +472,34 @@ class UnaryGuard(HandlerInterceptor):
                     self._trusted.pop(context, None)
                     self._stalled.discard(context)
                     shares.held -= 1
+                    if waited and not read_one:
+                        # Trusted, and ended without its message (its client cancelled it, the
+                        # request watchdog did, a shorter health_request_wait_seconds): only the
+                        # trust watchdog distrusted, so a caller ending each stalled wait before
+                        # it was due and opening another held workers beyond its bound for good.
+                        shares.distrusted[identity] = time.monotonic() + DISTRUST_SECONDS
 
     def _watch_trusted(self) -> None:
-        """Starts the watchdog of trusted waits (under the lock)."""
-        if self._trust_watchdog is None:
-            self._trust_watchdog = threading.Thread(
-                target=self._watch_trust, name="trusted-wait-watchdog", daemon=True
-            )
-            self._trust_watchdog.start()
+        """Starts the watchdog of trusted waits unless it runs or the server stopped.
+
+        Called within the wait's accounting, so that a thread that cannot be had fails the call
+        with nothing held; the thread is kept only once started, so the next wait tries again."""
+        with self._lock:
+            if self._trust_watchdog is None and not self._closed.is_set():
+                watchdog = threading.Thread(
+                    target=self._watch_trust, name="trusted-wait-watchdog", daemon=True
+                )
+                watchdog.start()  # may fail (no thread to be had): the next wait tries again
+                self._trust_watchdog = watchdog
 
     def _watch_trust(self) -> None:
         # A trusted wait still waiting once its moment is over is counted in its caller's bound
         # if it now fits there; otherwise it is cancelled (gRPC Python has no timed read, and no
-        # status can be set from another thread: its caller sees CANCELLED) and its caller is
-        # trusted no more for DISTRUST_SECONDS, so that stalled waits cannot be renewed past the
-        # bound.
+        # status can be set from another thread: its caller sees CANCELLED). Either way its
+        # caller is trusted no more for DISTRUST_SECONDS, so that stalled waits cannot be
+        # renewed past the bound.
         shares = self.shares
-        while True:
-            time.sleep(TRUSTED_WAIT_SECONDS / 4)
+        while not self._closed.wait(TRUSTED_WAIT_SECONDS / 4):
             now = time.monotonic()
             cancel: list[grpc.ServicerContext] = []
             with self._lock:
@@ -488,21 +508,32 @@ class UnaryGuard(HandlerInterceptor):
                 due = [(c, who) for c, (when, who) in self._trusted.items() if now >= when]
                 for context, identity in due:
                     del self._trusted[context]
+                    # Distrusted even when its wait now fits the bound: a caller that let its
+                    # older waits go just before this moment had its stalled ones counted, and
+                    # its next ones trusted beyond the bound again, holding twice its bound
+                    # for as long as it kept that turn.
+                    shares.distrusted[identity] = now + DISTRUST_SECONDS
                     if not shares.at_bound(identity):
                         shares.held -= 1  # counted again, in its caller's bound, by hold()
                         shares.hold(identity)
                         self._promoted.add(context)
                     else:
-                        shares.distrusted[identity] = now + DISTRUST_SECONDS
                         self._stalled.add(context)
                         cancel.append(context)
             for context in cancel:
                 log.warning(
-                    "call cancelled: no request message while its caller holds its bound",
+                    "cancelling a call: no request message while its caller holds its bound",
                     extra={"peer": context.peer(), "reason": Reason.TOO_MANY_WORKERS_PER_IDENTITY},
                 )
-                stop: Callable[[], object] = context.cancel  # untyped in grpc-stubs
-                stop()
+                # Only while it still waits (as the request watchdog does): its message may have
+                # come since (the log line can take long on a slow pipe) and the call, a Watch
+                # now serving its caller, runs on. Its wait's end takes this lock to leave
+                # _stalled, so it cannot end in between.
+                with self._lock:
+                    if context not in self._stalled:
+                        continue
+                    stop: Callable[[], object] = context.cancel  # untyped in grpc-stubs
+                    stop()
 
     def _time(self, context: grpc.ServicerContext) -> None:
         """Has the watchdog cancel ``context`` unless its wait ends within the bound."""
@@ -544,13 +575,13 @@ class UnaryGuard(HandlerInterceptor):
                     cancel()
 
     def close(self) -> None:
-        """Ends the watchdog thread (the server stopped: no call waits any more). It ran for
-        the life of the process, each stopped server's guard leaving one behind, held with all it
-        references."""
+        """Ends the watchdog threads, of timed waits and of trusted ones (the server stopped: no
+        call waits any more). They ran for the life of the process, each stopped server's guard
+        leaving them behind, held with all they reference."""
         self._closed.set()
-        watchdog = self._watchdog
-        if watchdog is not None:
-            watchdog.join(10)
+        for watchdog in (self._watchdog, self._trust_watchdog):
+            if watchdog is not None:
+                watchdog.join(10)
 
     def _leave(self, identity: str, data: bool) -> None:
         with self._lock:

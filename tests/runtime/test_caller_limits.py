@@ -33,7 +33,7 @@ from strongroom.inference.server import CONTROL_PLANE as INFERENCE_CONTROL_PLANE
 from strongroom.inference.server import EVIDENCE_SERVICE
 from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
-from strongroom.runtime.callers import ROLELESS
+from strongroom.runtime.callers import ROLELESS, TRUSTED_WAIT_SECONDS
 from strongroom.runtime.config import ConfigError, ServerConfig
 from strongroom.runtime.interceptors import RefusalObserver
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
@@ -988,3 +988,178 @@ def test_the_bound_across_kinds_defaults_to_just_under_half_the_data_plane() -> 
     for value in (0, 28):
         with pytest.raises(ConfigError, match="max_data_plane_workers_per_identity"):
             ServerConfig(max_data_plane_workers_per_identity=value)
+
+
+def stall_watches(channel: grpc.Channel, gate: threading.Event, count: int) -> list[Any]:
+    """``count`` health Watches of ``channel``'s caller whose message never goes (until
+    ``gate``): each waits for it holding a data-plane worker."""
+    watch = channel.stream_stream(f"/{HEALTH_SERVICE}/Watch", _raw, _raw)
+    return [watch(never_sent(gate), timeout=60) for _ in range(count)]
+
+
+def test_a_trusted_wait_whose_watchdog_cannot_start_gives_back_its_worker_and_stop_ends_it(
+    mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog of waits admitted on trust beyond their caller's bound (merged beside the
+    request watchdog's fixes, without them) looped for the life of the process, a stopped
+    host's included, and when no thread could be had for it, the failure was raised before the
+    wait's accounting could give back its worker, which stayed taken for good, while the
+    never-started thread was kept, so no trusted wait was ever checked again. The call now fails
+    (INTERNAL) with nothing held, the next trusted wait starts the watchdog, and stop() ends it."""
+    running = mesh(max_workers=8, health_request_wait_seconds=60)  # 7 data-plane, 3 per identity
+    shares, client = running.host.shares, sid("client")
+    channel = running.caller("client")
+    real = threading.Thread
+
+    class NoWatchdog(real):  # type: ignore[misc,valid-type]
+        def start(self) -> None:
+            if self.name == "trusted-wait-watchdog":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    gate = threading.Event()
+    try:
+        counted = stall_watches(channel, gate, 3)
+        assert settled(lambda: shares.held_now(client) == 3 == shares.held_now())
+        monkeypatch.setattr(threading, "Thread", NoWatchdog)
+        (failed,) = stall_watches(channel, gate, 1)  # beyond the bound: on trust
+        assert refusal(lambda: next(failed))[0] == grpc.StatusCode.INTERNAL
+        monkeypatch.setattr(threading, "Thread", real)
+        assert settled(lambda: shares.held_now() == 3)
+        (trusted,) = stall_watches(channel, gate, 1)
+        # Past its moment of trust, the watchdog cancels it: the caller is at its bound.
+        assert refusal(lambda: next(trusted))[0] == grpc.StatusCode.CANCELLED
+        watchdog = running.host.unary._trust_watchdog
+        assert watchdog is not None and watchdog.is_alive()
+    finally:
+        gate.set()
+    for call in counted:
+        call.cancel()
+    running.close()
+    watchdog.join(30)
+    assert not watchdog.is_alive()
+
+
+def test_a_trusted_wait_whose_message_came_as_the_watchdog_fired_is_not_cancelled(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """The watchdog of waits admitted on trust chose those still waiting, then logged and
+    cancelled each outside its lock (the request watchdog's fix was not applied to it): a call
+    whose message came in between was cancelled though it ran, a Watch serving its caller cut.
+    It is cancelled only while it still waits now. (The log line lets the message in.)"""
+    running = mesh(max_workers=8, health_request_wait_seconds=60)  # 7 data-plane, 3 per identity
+    shares, client = running.host.shares, sid("client")
+    channel = running.caller("client")
+    let_in, let_go, gate = threading.Event(), threading.Event(), threading.Event()
+
+    def sent_late() -> Iterator[bytes]:
+        let_in.wait(60)
+        yield health_pb2.HealthCheckRequest().SerializeToString()
+
+    class LetIn(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "while its caller holds its bound" in record.getMessage() and not let_in.is_set():
+                let_in.set()  # the message goes, and is read, while the watchdog is here
+                settled(lambda: shares.held_now() == 3)  # the trusted wait has ended
+                let_go.set()
+
+    hook = LetIn()
+    logger = logging.getLogger("strongroom.runtime.callers")
+    logger.addHandler(hook)
+    try:
+        counted = stall_watches(channel, gate, 3)
+        assert settled(lambda: shares.held_now(client) == 3 == shares.held_now())
+        late = channel.stream_stream(f"/{HEALTH_SERVICE}/Watch", _raw, _raw)(
+            sent_late(), timeout=60
+        )
+        assert settled(let_go.is_set)
+    finally:
+        logger.removeHandler(hook)
+        let_in.set()
+        gate.set()
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    running.host._health.set("", not_serving)
+    for response in late:  # still watching (it was never cancelled): told of the change
+        if health_pb2.HealthCheckResponse.FromString(response).status == not_serving:
+            break
+    for call in [late, *counted]:
+        call.cancel()
+
+
+def test_a_caller_whose_stalled_trusted_waits_were_counted_is_trusted_no_more(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """A trusted wait still waiting after its moment was counted when it then fitted the bound,
+    and only one that did not fit made its caller distrusted: a caller letting its older stalled
+    waits go just before its trusted ones were due had them counted, then was trusted again for
+    as many more, and so held twice its bound (nearly the whole data plane by default) as long as
+    it kept that turn. Its further waits beyond the bound are refused at once now."""
+    running = mesh(max_workers=8, health_request_wait_seconds=60)  # 7 data-plane, 3 per identity
+    shares, client, guard = running.host.shares, sid("client"), running.host.unary
+    channel = running.caller("client")
+    gate = threading.Event()
+    try:
+        older = stall_watches(channel, gate, 3)
+        assert settled(lambda: shares.held_now(client) == 3 == shares.held_now())
+        # Trusted until this test says (rather than for 1 s: no race with a loaded machine).
+        guard._trust_seconds = 3600
+        trusted = stall_watches(channel, gate, 2)  # beyond the bound: on trust
+        assert settled(lambda: shares.held_now() == 5)
+        for call in older[:2]:  # let two go before the trusted ones are due
+            call.cancel()
+        assert settled(lambda: shares.held_now() == 3 and shares.held_now(client) == 1)
+        with shares.lock:  # now due
+            guard._trusted = {context: (0.0, who) for context, (_, who) in guard._trusted.items()}
+        # Due, the trusted waits fit the bound again: counted in it, not cancelled.
+        assert settled(lambda: shares.held_now(client) == 3)
+        guard._trust_seconds = TRUSTED_WAIT_SECONDS
+        (again,) = stall_watches(channel, gate, 1)
+        assert refusal(lambda: next(again)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_WORKERS_PER_IDENTITY",
+        )
+        assert shares.held_now() == 3
+    finally:
+        gate.set()
+    for call in [*older, *trusted]:
+        call.cancel()
+    assert settled(lambda: shares.held_now() == 0)
+
+
+@pytest.mark.parametrize("ended_by", ["client", "wait bound"])
+def test_a_caller_whose_trusted_wait_ended_without_its_message_is_trusted_no_more(
+    mesh: Callable[..., Mesh], ended_by: str
+) -> None:
+    """Only the watchdog of trusted waits, finding one still waiting when due, distrusted its
+    caller: a trusted wait its client cancelled before then, or that the request watchdog ended
+    first (server.health_request_wait_seconds below TRUSTED_WAIT_SECONDS), left its caller
+    trusted, so it could end each stalled wait beyond its bound just before it was due and open
+    another, holding the rest of the data plane for good. Such an end distrusts it now."""
+    wait = 0.2 if ended_by == "wait bound" else 60
+    running = mesh(max_workers=8, health_request_wait_seconds=wait)  # 7 data-plane, 3 per identity
+    shares, client, guard = running.host.shares, sid("client"), running.host.unary
+    guard._trust_seconds = 3600  # never due: only the wait's own end may distrust
+    channel = running.caller("client")
+    hold = channel.unary_unary(f"/{SERVICE}/Hold", _raw, _raw)
+    held = [hold.future(b"", timeout=60) for _ in range(3)]  # its bound
+    running.slow.wait_entered(3)
+    assert shares.held_now(client) == 3 == shares.held_now()
+    gate = threading.Event()
+    try:
+        (trusted,) = stall_watches(channel, gate, 1)  # beyond the bound: on trust
+        if ended_by == "client":
+            assert settled(lambda: shares.held_now() == 4)
+            trusted.cancel()
+        else:
+            assert refusal(lambda: next(trusted))[0] == grpc.StatusCode.CANCELLED
+        assert settled(lambda: shares.held_now() == 3)
+        (again,) = stall_watches(channel, gate, 1)
+        assert refusal(lambda: next(again)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_WORKERS_PER_IDENTITY",
+        )
+    finally:
+        gate.set()
+    running.slow.release.set()
+    assert [f.result(timeout=30) for f in held] == [b"done"] * 3
+    assert settled(lambda: shares.held_now() == 0)
