@@ -264,6 +264,8 @@ class RotatingChannel(grpc.Channel):
             if unchecked is None:
                 return
             if not wait_for_ready:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise _timed_out(unchecked)  # the check ran out of the call's time
                 raise unchecked
             wait = pause if deadline is None else min(pause, deadline - time.monotonic())
             if wait <= 0:
@@ -300,7 +302,9 @@ class RotatingChannel(grpc.Channel):
                 # would share (and garble) its traceback.
                 raise ServerIdentityMismatch(error.message, reason=error.reason)
             if error is not None:
-                return ServerIdentityUnchecked(error.message, reason=error.reason)
+                return ServerIdentityUnchecked(
+                    error.message, reason=error.reason, status=error.status
+                )
             # Verified (the loop returns), or the check failed unexpectedly or its connection
             # changed meanwhile: check again.
 
@@ -773,7 +777,9 @@ _CORE_READY = 2
 
 
 def _timed_out(unchecked: ServerIdentityUnchecked) -> ServerIdentityUnchecked:
-    """A ``wait_for_ready`` call's deadline passed with the server still unchecked."""
+    """A call's deadline passed with the server still unchecked (DEADLINE_EXCEEDED)."""
+    if unchecked.status == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return unchecked
     return ServerIdentityUnchecked(
         f"{unchecked.message}; the call's deadline passed while it waited for the server",
         status=grpc.StatusCode.DEADLINE_EXCEEDED,

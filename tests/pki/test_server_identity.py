@@ -632,3 +632,27 @@ def test_the_connection_state_is_readable() -> None:
         assert channel_module._ready(channel) is False
     finally:
         channel.close()
+
+
+def test_the_check_of_a_silent_server_ends_at_the_calls_deadline(
+    client_identity: WorkloadIdentity,
+) -> None:
+    """The check's time bound was per address and per step (connect, then handshake): a target
+    of several addresses, each accepting TCP and never answering TLS, held a call for two
+    bounds per address, well past its deadline. The call's deadline now bounds the whole check:
+    once it passed, no further address is tried, and the call ends DEADLINE_EXCEEDED."""
+    with socket.socket() as first, socket.socket() as second:
+        for silent in (first, second):  # listening, never accepting: TCP connects, TLS waits
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+        target = f"ipv4:127.0.0.1:{first.getsockname()[1]},127.0.0.1:{second.getsockname()[1]}"
+        with (
+            client_identity.channel(target, server_id=sid("modelstore")) as channel,
+            pytest.raises(ServerIdentityUnchecked) as info,
+        ):
+            ping(channel, timeout=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert info.value.reason == "SERVER_IDENTITY_UNCHECKED"
+        second.setblocking(False)
+        with pytest.raises(BlockingIOError):  # the deadline passed at the first: not tried
+            second.accept()
