@@ -132,15 +132,20 @@ class _Slot:
         """Whether the server was checked since gRPC's connection last changed."""
         return self.verified_epoch == self.epoch
 
-    def current(self) -> bool:
+    def current(self, wait_for_ready: bool | None = None) -> bool:
         """Whether calls may go out without a check: verified, and gRPC's connection is the one
         the check saw (read now, without waiting for gRPC's connectivity callbacks, which run
         late on a thread of their own): up then and up now, or not up yet (the first call's
-        connection is being made; it is checked again once up)."""
+        connection is being made; it is checked again once up). Not for a ``wait_for_ready``
+        call while gRPC's connection is down: gRPC would hold it for a connection made later."""
         if not self.verified:
             return False
         ready = _ready(self.channel)
-        return ready is None or ready == self.verified_ready
+        if ready is None:
+            return True
+        if wait_for_ready and not ready:
+            return False
+        return ready == self.verified_ready
 
     def stale(self) -> None:
         """Forgets a check that is no longer :meth:`current`, unless another was made meanwhile."""
@@ -254,7 +259,7 @@ class RotatingChannel(grpc.Channel):
         identity was not checked. A ``wait_for_ready`` call re-checks with back-off until the
         server answers or its ``timeout`` passes (DEADLINE_EXCEEDED then), as gRPC would wait
         for the server."""
-        if self._server_id is None or slot.current():
+        if self._server_id is None or slot.current(wait_for_ready):
             return  # a verified connection: no lock, no handshake
         slot.stale()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -262,7 +267,14 @@ class RotatingChannel(grpc.Channel):
         while True:
             unchecked = self._check_once(slot, deadline)
             if unchecked is None:
-                return
+                if not wait_for_ready or _ready(slot.channel) is not False:
+                    return
+                # gRPC's connection is down (between its attempts): gRPC would hold the call
+                # until its next attempt, up to its back-off later, and send it on that
+                # connection to whatever server answers then, which this check never saw. Wait
+                # for that connection, then check its server.
+                self._await_connection(slot, deadline)
+                continue
             if not wait_for_ready:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise _timed_out(unchecked)  # the check ran out of the call's time
@@ -273,6 +285,37 @@ class RotatingChannel(grpc.Channel):
             if self._closing.wait(wait):
                 raise ServerIdentityUnchecked(f"{unchecked.message}; the channel was closed")
             pause = min(pause * 2, _RECHECK_MAX)
+
+    def _await_connection(self, slot: _Slot, deadline: float | None) -> None:
+        """Waits (until ``deadline``) for gRPC's connection to come up, then forgets the check
+        made before it, unless one was made since: the connection is a new one."""
+        with slot.verify_lock:
+            epoch = slot.epoch
+        ready = grpc.channel_ready_future(slot.channel)  # asks gRPC to connect
+        try:
+            while True:
+                left = _RECHECK_MAX if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    raise ServerIdentityUnchecked(
+                        f"the server at {self._target} was not sent the call: its deadline "
+                        "passed while it waited for gRPC's connection, to check that "
+                        f"connection's server for its SPIFFE ID ({self._server_id})",
+                        status=grpc.StatusCode.DEADLINE_EXCEEDED,
+                    )
+                try:
+                    ready.result(timeout=min(left, _RECHECK_MAX))
+                    break
+                except grpc.FutureTimeoutError:
+                    if self._closing.is_set():
+                        raise ServerIdentityUnchecked(
+                            f"the server at {self._target} was not sent the call: the channel "
+                            "was closed while it waited for gRPC's connection"
+                        ) from None
+        finally:
+            ready.cancel()
+        with slot.verify_lock:
+            if slot.epoch == epoch:  # the callbacks did not mark the new connection (yet)
+                slot.epoch += 1
 
     def _check_once(self, slot: _Slot, deadline: float | None) -> ServerIdentityUnchecked | None:
         """Runs the slot's check, or waits for the one already running (one check per

@@ -656,3 +656,65 @@ def test_the_check_of_a_silent_server_ends_at_the_calls_deadline(
         second.setblocking(False)
         with pytest.raises(BlockingIOError):  # the deadline passed at the first: not tried
             second.accept()
+
+
+def test_a_wait_for_ready_call_is_not_sent_on_a_connection_made_after_its_check(
+    ca: StepCa,
+    store_identity: WorkloadIdentity,
+    client_identity: WorkloadIdentity,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A check that passed while gRPC's connection was down (between reconnection attempts) let
+    a ``wait_for_ready`` call go to gRPC, which held it until its next attempt, up to its
+    back-off (120 s by default) later, and then sent it on that connection, to whatever server
+    answered by then, unchecked. Such a call now waits for gRPC's connection to come up and
+    checks the server of that connection before it is sent."""
+    with socket.socket() as closed:  # a port nothing listens on yet
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    # gRPC's next attempt well after the check (4 s at least, with its jitter), which takes
+    # milliseconds.
+    backoff = [(f"grpc.{k}_reconnect_backoff_ms", 5000) for k in ("initial", "min", "max")]
+    checked = threading.Event()
+    real_verify = channel_module.verify_server_identity
+
+    def noting_checks(*args: Any, **kwargs: Any) -> None:
+        real_verify(*args, **kwargs)
+        checked.set()
+
+    monkeypatch.setattr(channel_module, "verify_server_identity", noting_checks)
+    states: list[grpc.ChannelConnectivity] = []
+    failed = threading.Event()
+
+    def on_state(state: grpc.ChannelConnectivity) -> None:
+        states.append(state)
+        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            failed.set()
+
+    broker = enrol(ca, "keybroker", ["keybroker", "localhost"], auto_renew=False)
+    first: Server | None = None
+    second: Server | None = None
+    try:
+        with (
+            client_identity.channel(
+                f"localhost:{port}", server_id=sid("modelstore"), options=backoff
+            ) as channel,
+            futures.ThreadPoolExecutor(1) as pool,
+        ):
+            channel.subscribe(on_state, try_to_connect=True)
+            assert failed.wait(30)  # gRPC found nothing there: it waits out its back-off
+            first = serve(store_identity, port=port)
+            waiting = pool.submit(ping, channel, timeout=60, wait_for_ready=True)
+            assert checked.wait(30)  # checked against the model store, gRPC still down
+            first.stop()
+            first = None
+            second = serve(broker, port=port)  # what gRPC's next attempt reaches
+            with pytest.raises(ServerIdentityMismatch, match=sid("keybroker")):
+                waiting.result(60)
+            channel.unsubscribe(on_state)
+        assert second.calls.total() == 0
+    finally:
+        for running in (first, second):
+            if running is not None:
+                running.stop()
+        broker.close()
