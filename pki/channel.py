@@ -208,6 +208,16 @@ class RotatingChannel(grpc.Channel):
                 raise ValueError(
                     f"cannot check that the server at {target} is {server_id}: {exc}"
                 ) from None
+            spreading = _spreading_option(options)
+            if spreading is not None:
+                # The check reaches one server, the first address that answers, as pick_first
+                # connects; another policy (round_robin) sends calls to every address while the
+                # channel, up on one of them, sees nothing to check again.
+                raise ValueError(
+                    f"cannot check that every server at {target} is {server_id}: channel option "
+                    f"{spreading} spreads calls over several servers, and only the first that "
+                    "answers is checked (a channel with a server_id uses pick_first)"
+                )
         self._source = source
         self._target = target
         self._server_name = server_name
@@ -234,6 +244,10 @@ class RotatingChannel(grpc.Channel):
         options: list[ChannelOption] = [*self._options, ("grpc.use_local_subchannel_pool", 1)]
         if self._server_name:
             options.append(("grpc.ssl_target_name_override", self._server_name))
+        if self._server_id is not None:
+            # A service config from DNS (TXT) could switch the channel to a policy that spreads
+            # calls over every address, of which only one is checked (see _spreading_option).
+            options.append(("grpc.service_config_disable_resolution", 1))
         channel = grpc.secure_channel(
             self._target,
             grpc.ssl_channel_credentials(
@@ -799,6 +813,17 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
     ) -> grpc.CallIterator[Any]:
         options = _options(timeout, metadata, credentials, wait_for_ready, compression)
         return self._streaming(request_iterator, options)
+
+
+def _spreading_option(options: Sequence[ChannelOption]) -> str | None:
+    """The first of ``options`` that may make gRPC use a load-balancing policy other than
+    pick_first (connected to one server at a time), None if none may."""
+    for name, value in options:
+        if name == "grpc.lb_policy_name" and value != "pick_first":
+            return f"{name}={value}"
+        if name == "grpc.service_config" and "loadbalancing" in str(value).lower():
+            return name  # any policy it names: refused rather than parsed
+    return None
 
 
 def _ready(channel: grpc.Channel) -> bool | None:

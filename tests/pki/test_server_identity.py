@@ -718,3 +718,25 @@ def test_a_wait_for_ready_call_is_not_sent_on_a_connection_made_after_its_check(
             if running is not None:
                 running.stop()
         broker.close()
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.service_config", '{"loadBalancingConfig": [{"round_robin": {}}]}'),
+    ],
+)
+def test_a_channel_checking_the_id_refuses_to_spread_calls_over_servers(
+    client_identity: WorkloadIdentity, option: tuple[str, str]
+) -> None:
+    """The check reaches one server, the first of the target's addresses that answers, as
+    gRPC's pick_first policy does; with another policy (round_robin) gRPC keeps a connection to
+    every address and sends calls to each, while the channel, up on one of them, saw nothing to
+    check again: every other address got calls unchecked. Such a channel is refused."""
+    with pytest.raises(ValueError) as refused:
+        client_identity.channel(
+            "ipv4:127.0.0.1:1,127.0.0.1:2", server_id=sid("modelstore"), options=[option]
+        )
+    assert "pick_first" in str(refused.value) and sid("modelstore") in str(refused.value)
+    client_identity.channel("ipv4:127.0.0.1:1", options=[option]).close()  # no check: allowed
