@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import grpc
 
 from strongroom.pki.handshake import (
+    RaisedAsRpcError,
     ServerIdentityMismatch,
     ServerIdentityUnchecked,
     TlsPresentation,
@@ -447,12 +448,25 @@ class RotatingChannel(grpc.Channel):
         if close:
             _close_channel(slot, ())
 
-    def _translate(self, error: grpc.RpcError, slot: _Slot) -> grpc.RpcError:
-        if self._server_id is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
+    def _translate(
+        self, error: grpc.RpcError, slot: _Slot, deadline: float | None = None
+    ) -> grpc.RpcError:
+        """``error`` as the call's caller should see it; ``deadline`` (monotonic) is the call's,
+        which bounds the check of the server made to name it."""
+        if isinstance(error, RaisedAsRpcError):
+            # The channel's own refusal before the call (the check could not connect): read as
+            # the call's UNAVAILABLE, it made a second check, past the call's deadline.
+            return error
+        left = None if deadline is None else deadline - time.monotonic()
+        if (
+            self._server_id is not None
+            and error.code() == grpc.StatusCode.UNAVAILABLE
+            and (left is None or left > 0)
+        ):
             # gRPC's host-name check failed, or the server changed under us: name the server.
             slot.invalidate()
             try:
-                self._verify(slot)
+                self._verify(slot, left)
             except ServerIdentityMismatch as mismatch:
                 return mismatch
             except ServerIdentityUnchecked:
@@ -640,6 +654,7 @@ class _MultiCallable:
         return callable_
 
     def _blocking(self, attribute: str | None, argument: Any, kwargs: dict[str, Any]) -> Any:
+        deadline = _deadline(kwargs["timeout"])
         lease = self._owner._acquire()
         try:
             self._owner._verify(lease.slot, kwargs["timeout"], kwargs["wait_for_ready"])
@@ -647,7 +662,7 @@ class _MultiCallable:
             call = getattr(target, attribute) if attribute else target
             return call(argument, **kwargs)
         except grpc.RpcError as error:
-            translated = self._owner._translate(error, lease.slot)
+            translated = self._owner._translate(error, lease.slot, deadline)
             if translated is error:
                 raise
             raise translated from None
@@ -655,6 +670,7 @@ class _MultiCallable:
             lease.release()
 
     def _future(self, argument: Any, kwargs: dict[str, Any]) -> grpc.CallFuture[Any]:
+        deadline = _deadline(kwargs["timeout"])
         lease = self._owner._acquire()
         try:
             self._owner._verify(lease.slot, kwargs["timeout"], kwargs["wait_for_ready"])
@@ -666,11 +682,12 @@ class _MultiCallable:
             lease.release()
         # Its failure reads as a blocking call's does (a handshake rejection named, not UNAVAILABLE).
         translated = _TranslatedFuture(
-            future, lambda error: self._owner._translate(error, lease.slot)
+            future, lambda error: self._owner._translate(error, lease.slot, deadline)
         )
         return cast("grpc.CallFuture[Any]", translated)
 
     def _streaming(self, argument: Any, kwargs: dict[str, Any]) -> grpc.CallIterator[Any]:
+        deadline = _deadline(kwargs["timeout"])
         lease = self._owner._acquire()
         try:
             self._owner._verify(lease.slot, kwargs["timeout"], kwargs["wait_for_ready"])
@@ -680,7 +697,9 @@ class _MultiCallable:
             raise
         if not call.add_callback(lease.release):
             lease.release()
-        stream = _ResponseStream(call, lambda error: self._owner._translate(error, lease.slot))
+        stream = _ResponseStream(
+            call, lambda error: self._owner._translate(error, lease.slot, deadline)
+        )
         # Duck-typed: iterates like the call and delegates every Call method to it.
         return cast("grpc.CallIterator[Any]", stream)
 
@@ -813,6 +832,11 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
     ) -> grpc.CallIterator[Any]:
         options = _options(timeout, metadata, credentials, wait_for_ready, compression)
         return self._streaming(request_iterator, options)
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """The monotonic time a call of ``timeout`` seconds ends at (None: no deadline)."""
+    return None if timeout is None else time.monotonic() + timeout
 
 
 def _spreading_option(options: Sequence[ChannelOption]) -> str | None:

@@ -740,3 +740,19 @@ def test_a_channel_checking_the_id_refuses_to_spread_calls_over_servers(
         )
     assert "pick_first" in str(refused.value) and sid("modelstore") in str(refused.value)
     client_identity.channel("ipv4:127.0.0.1:1", options=[option]).close()  # no check: allowed
+
+
+def test_a_call_whose_check_cannot_connect_checks_once(
+    store: Server, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal (UNAVAILABLE) was read as the call's own failure, which made the channel
+    check the server once more, unbounded by the call's deadline (2 s more for a silent one):
+    a blocking call's check now runs once, and the call ends with its refusal."""
+    connects = _CheckConnects(monkeypatch, store.port)
+    connects.refusing = True
+    with (
+        client_identity.channel(store.target, server_id=sid("modelstore")) as channel,
+        pytest.raises(ServerIdentityUnchecked),
+    ):
+        ping(channel, timeout=10)
+    assert connects.count == 1
