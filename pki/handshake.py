@@ -393,15 +393,30 @@ def _server_certificate(
 
 
 def _connect(host: str, port: int, end: float) -> socket.socket:
-    """A TCP connection to ``host``:``port`` whose timeout is what is left before ``end`` (the
-    monotonic time the check must be over by): the handshake gets what the connect left."""
-    sock = socket.create_connection((host, port), timeout=end - time.monotonic())
-    left = end - time.monotonic()
-    if left <= 0:
-        sock.close()
-        raise TimeoutError("the check's time ran out after connecting")
-    sock.settimeout(left)
-    return sock
+    """A TCP connection to ``host``:``port`` (each of its addresses in the resolver's order, the
+    first that connects) whose timeout is what is left before ``end`` (the monotonic time the
+    check must be over by): the handshake gets what the connect left. ``create_connection`` on
+    the name gave each of its addresses the whole timeout, so a name with an address that
+    drops connections took the call's deadline there and went on to the next, past it."""
+    error: OSError | None = None
+    for *_, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            sock = socket.create_connection((str(address[0]), int(address[1])), timeout=left)
+        except OSError as exc:
+            error = exc
+            continue
+        left = end - time.monotonic()
+        if left <= 0:
+            sock.close()
+            break
+        sock.settimeout(left)
+        return sock
+    if error is not None and end > time.monotonic():
+        raise error
+    raise TimeoutError("the check's time ran out") from error
 
 
 def _joined(host: str, port: int) -> str:

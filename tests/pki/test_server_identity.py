@@ -756,3 +756,42 @@ def test_a_call_whose_check_cannot_connect_checks_once(
     ):
         ping(channel, timeout=10)
     assert connects.count == 1
+
+
+def test_the_check_of_a_name_with_a_silent_address_ends_at_the_calls_deadline(
+    client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host name of several addresses (a DNS answer) was connected to by Python's
+    ``create_connection``, which gives each address the whole timeout: with the first dropping
+    connections (a full accept queue here), it waited out the call's deadline there and then
+    went on to the next address, past it. The name's addresses now share the check's time."""
+    name = "two-addresses.strongroom.test"  # resolved here to two loopback listeners
+    with socket.socket() as silent, socket.socket() as second:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)  # its queue full after one connection: later ones are dropped
+        filler = socket.create_connection(silent.getsockname(), timeout=10)
+        second.bind(("127.0.0.1", 0))
+        second.listen(8)
+        answers = [silent.getsockname(), second.getsockname()]
+        real_getaddrinfo = socket.getaddrinfo
+
+        def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+            if host != name:
+                return real_getaddrinfo(host, port, *args, **kwargs)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", a) for a in answers]
+
+        monkeypatch.setattr(socket, "getaddrinfo", resolve)
+        try:
+            with (
+                client_identity.channel(
+                    f"{name}:{answers[0][1]}", server_id=sid("modelstore")
+                ) as channel,
+                pytest.raises(ServerIdentityUnchecked) as info,
+            ):
+                ping(channel, timeout=0.5)
+        finally:
+            filler.close()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        second.setblocking(False)
+        with pytest.raises(BlockingIOError):  # the deadline passed at the first: not tried
+            second.accept()
