@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import grpc
 
 from strongroom.pki.handshake import (
+    RaisedAsRpcError,
     ServerIdentityMismatch,
     ServerIdentityUnchecked,
     TlsPresentation,
@@ -132,15 +133,20 @@ class _Slot:
         """Whether the server was checked since gRPC's connection last changed."""
         return self.verified_epoch == self.epoch
 
-    def current(self) -> bool:
+    def current(self, wait_for_ready: bool | None = None) -> bool:
         """Whether calls may go out without a check: verified, and gRPC's connection is the one
         the check saw (read now, without waiting for gRPC's connectivity callbacks, which run
         late on a thread of their own): up then and up now, or not up yet (the first call's
-        connection is being made; it is checked again once up)."""
+        connection is being made; it is checked again once up). Not for a ``wait_for_ready``
+        call while gRPC's connection is down: gRPC would hold it for a connection made later."""
         if not self.verified:
             return False
         ready = _ready(self.channel)
-        return ready is None or ready == self.verified_ready
+        if ready is None:
+            return True
+        if wait_for_ready and not ready:
+            return False
+        return ready == self.verified_ready
 
     def stale(self) -> None:
         """Forgets a check that is no longer :meth:`current`, unless another was made meanwhile."""
@@ -203,6 +209,16 @@ class RotatingChannel(grpc.Channel):
                 raise ValueError(
                     f"cannot check that the server at {target} is {server_id}: {exc}"
                 ) from None
+            spreading = _spreading_option(options)
+            if spreading is not None:
+                # The check reaches one server, the first address that answers, as pick_first
+                # connects; another policy (round_robin) sends calls to every address while the
+                # channel, up on one of them, sees nothing to check again.
+                raise ValueError(
+                    f"cannot check that every server at {target} is {server_id}: channel option "
+                    f"{spreading} spreads calls over several servers, and only the first that "
+                    "answers is checked (a channel with a server_id uses pick_first)"
+                )
         self._source = source
         self._target = target
         self._server_name = server_name
@@ -229,6 +245,10 @@ class RotatingChannel(grpc.Channel):
         options: list[ChannelOption] = [*self._options, ("grpc.use_local_subchannel_pool", 1)]
         if self._server_name:
             options.append(("grpc.ssl_target_name_override", self._server_name))
+        if self._server_id is not None:
+            # A service config from DNS (TXT) could switch the channel to a policy that spreads
+            # calls over every address, of which only one is checked (see _spreading_option).
+            options.append(("grpc.service_config_disable_resolution", 1))
         channel = grpc.secure_channel(
             self._target,
             grpc.ssl_channel_credentials(
@@ -254,7 +274,7 @@ class RotatingChannel(grpc.Channel):
         identity was not checked. A ``wait_for_ready`` call re-checks with back-off until the
         server answers or its ``timeout`` passes (DEADLINE_EXCEEDED then), as gRPC would wait
         for the server."""
-        if self._server_id is None or slot.current():
+        if self._server_id is None or slot.current(wait_for_ready):
             return  # a verified connection: no lock, no handshake
         slot.stale()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -262,8 +282,17 @@ class RotatingChannel(grpc.Channel):
         while True:
             unchecked = self._check_once(slot, deadline)
             if unchecked is None:
-                return
+                if not wait_for_ready or _ready(slot.channel) is not False:
+                    return
+                # gRPC's connection is down (between its attempts): gRPC would hold the call
+                # until its next attempt, up to its back-off later, and send it on that
+                # connection to whatever server answers then, which this check never saw. Wait
+                # for that connection, then check its server.
+                self._await_connection(slot, deadline)
+                continue
             if not wait_for_ready:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise _timed_out(unchecked)  # the check ran out of the call's time
                 raise unchecked
             wait = pause if deadline is None else min(pause, deadline - time.monotonic())
             if wait <= 0:
@@ -271,6 +300,37 @@ class RotatingChannel(grpc.Channel):
             if self._closing.wait(wait):
                 raise ServerIdentityUnchecked(f"{unchecked.message}; the channel was closed")
             pause = min(pause * 2, _RECHECK_MAX)
+
+    def _await_connection(self, slot: _Slot, deadline: float | None) -> None:
+        """Waits (until ``deadline``) for gRPC's connection to come up, then forgets the check
+        made before it, unless one was made since: the connection is a new one."""
+        with slot.verify_lock:
+            epoch = slot.epoch
+        ready = grpc.channel_ready_future(slot.channel)  # asks gRPC to connect
+        try:
+            while True:
+                left = _RECHECK_MAX if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    raise ServerIdentityUnchecked(
+                        f"the server at {self._target} was not sent the call: its deadline "
+                        "passed while it waited for gRPC's connection, to check that "
+                        f"connection's server for its SPIFFE ID ({self._server_id})",
+                        status=grpc.StatusCode.DEADLINE_EXCEEDED,
+                    )
+                try:
+                    ready.result(timeout=min(left, _RECHECK_MAX))
+                    break
+                except grpc.FutureTimeoutError:
+                    if self._closing.is_set():
+                        raise ServerIdentityUnchecked(
+                            f"the server at {self._target} was not sent the call: the channel "
+                            "was closed while it waited for gRPC's connection"
+                        ) from None
+        finally:
+            ready.cancel()
+        with slot.verify_lock:
+            if slot.epoch == epoch:  # the callbacks did not mark the new connection (yet)
+                slot.epoch += 1
 
     def _check_once(self, slot: _Slot, deadline: float | None) -> ServerIdentityUnchecked | None:
         """Runs the slot's check, or waits for the one already running (one check per
@@ -300,7 +360,9 @@ class RotatingChannel(grpc.Channel):
                 # would share (and garble) its traceback.
                 raise ServerIdentityMismatch(error.message, reason=error.reason)
             if error is not None:
-                return ServerIdentityUnchecked(error.message, reason=error.reason)
+                return ServerIdentityUnchecked(
+                    error.message, reason=error.reason, status=error.status
+                )
             # Verified (the loop returns), or the check failed unexpectedly or its connection
             # changed meanwhile: check again.
 
@@ -386,12 +448,25 @@ class RotatingChannel(grpc.Channel):
         if close:
             _close_channel(slot, ())
 
-    def _translate(self, error: grpc.RpcError, slot: _Slot) -> grpc.RpcError:
-        if self._server_id is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
+    def _translate(
+        self, error: grpc.RpcError, slot: _Slot, deadline: float | None = None
+    ) -> grpc.RpcError:
+        """``error`` as the call's caller should see it; ``deadline`` (monotonic) is the call's,
+        which bounds the check of the server made to name it."""
+        if isinstance(error, RaisedAsRpcError):
+            # The channel's own refusal before the call (the check could not connect): read as
+            # the call's UNAVAILABLE, it made a second check, past the call's deadline.
+            return error
+        left = None if deadline is None else deadline - time.monotonic()
+        if (
+            self._server_id is not None
+            and error.code() == grpc.StatusCode.UNAVAILABLE
+            and (left is None or left > 0)
+        ):
             # gRPC's host-name check failed, or the server changed under us: name the server.
             slot.invalidate()
             try:
-                self._verify(slot)
+                self._verify(slot, left)
             except ServerIdentityMismatch as mismatch:
                 return mismatch
             except ServerIdentityUnchecked:
@@ -579,6 +654,7 @@ class _MultiCallable:
         return callable_
 
     def _blocking(self, attribute: str | None, argument: Any, kwargs: dict[str, Any]) -> Any:
+        deadline = _deadline(kwargs["timeout"])
         lease = self._owner._acquire()
         try:
             self._owner._verify(lease.slot, kwargs["timeout"], kwargs["wait_for_ready"])
@@ -586,7 +662,7 @@ class _MultiCallable:
             call = getattr(target, attribute) if attribute else target
             return call(argument, **kwargs)
         except grpc.RpcError as error:
-            translated = self._owner._translate(error, lease.slot)
+            translated = self._owner._translate(error, lease.slot, deadline)
             if translated is error:
                 raise
             raise translated from None
@@ -594,6 +670,7 @@ class _MultiCallable:
             lease.release()
 
     def _future(self, argument: Any, kwargs: dict[str, Any]) -> grpc.CallFuture[Any]:
+        deadline = _deadline(kwargs["timeout"])
         lease = self._owner._acquire()
         try:
             self._owner._verify(lease.slot, kwargs["timeout"], kwargs["wait_for_ready"])
@@ -605,11 +682,12 @@ class _MultiCallable:
             lease.release()
         # Its failure reads as a blocking call's does (a handshake rejection named, not UNAVAILABLE).
         translated = _TranslatedFuture(
-            future, lambda error: self._owner._translate(error, lease.slot)
+            future, lambda error: self._owner._translate(error, lease.slot, deadline)
         )
         return cast("grpc.CallFuture[Any]", translated)
 
     def _streaming(self, argument: Any, kwargs: dict[str, Any]) -> grpc.CallIterator[Any]:
+        deadline = _deadline(kwargs["timeout"])
         lease = self._owner._acquire()
         try:
             self._owner._verify(lease.slot, kwargs["timeout"], kwargs["wait_for_ready"])
@@ -619,7 +697,9 @@ class _MultiCallable:
             raise
         if not call.add_callback(lease.release):
             lease.release()
-        stream = _ResponseStream(call, lambda error: self._owner._translate(error, lease.slot))
+        stream = _ResponseStream(
+            call, lambda error: self._owner._translate(error, lease.slot, deadline)
+        )
         # Duck-typed: iterates like the call and delegates every Call method to it.
         return cast("grpc.CallIterator[Any]", stream)
 
@@ -754,6 +834,22 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
         return self._streaming(request_iterator, options)
 
 
+def _deadline(timeout: float | None) -> float | None:
+    """The monotonic time a call of ``timeout`` seconds ends at (None: no deadline)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _spreading_option(options: Sequence[ChannelOption]) -> str | None:
+    """The first of ``options`` that may make gRPC use a load-balancing policy other than
+    pick_first (connected to one server at a time), None if none may."""
+    for name, value in options:
+        if name == "grpc.lb_policy_name" and value != "pick_first":
+            return f"{name}={value}"
+        if name == "grpc.service_config" and "loadbalancing" in str(value).lower():
+            return name  # any policy it names: refused rather than parsed
+    return None
+
+
 def _ready(channel: grpc.Channel) -> bool | None:
     """Whether gRPC's connection is up (READY) now, read synchronously (about a microsecond)
     through grpc's private ``_channel``; None when that cannot be read (a grpc release changed it:
@@ -773,7 +869,9 @@ _CORE_READY = 2
 
 
 def _timed_out(unchecked: ServerIdentityUnchecked) -> ServerIdentityUnchecked:
-    """A ``wait_for_ready`` call's deadline passed with the server still unchecked."""
+    """A call's deadline passed with the server still unchecked (DEADLINE_EXCEEDED)."""
+    if unchecked.status == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return unchecked
     return ServerIdentityUnchecked(
         f"{unchecked.message}; the call's deadline passed while it waited for the server",
         status=grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -355,13 +356,22 @@ def _server_certificate(
     context = client_context(presentation)
     context.check_hostname = False  # the SPIFFE ID is what we check; gRPC checks the name
     failures: list[str] = []
+    # ``timeout`` bounds the whole check, not each step: per address and per step (connect,
+    # then handshake), a target of several addresses that accept TCP and never answer TLS held
+    # the check, and the call waiting for it, for twice the bound per address, past the call's
+    # deadline. (A handshake's socket timeout is its total duration in CPython's ssl.)
+    end = time.monotonic() + timeout
     # In gRPC's order, the first that answers: as gRPC's connection does. Only the first was
     # tried, so with it down the check found the server unreachable and every call went out,
     # unchecked, to the next address.
     for host, port in _addresses(target):
+        left = end - time.monotonic()
+        if left <= 0:
+            failures.append(f"{_joined(host, port)}: not tried, the check's time ran out")
+            continue
         try:
             with (
-                socket.create_connection((host, port), timeout=timeout) as raw,
+                _connect(host, port, end) as raw,
                 # No SNI at all (as before) let a server select another certificate for this
                 # check than for gRPC's connection, which sends ssl_target_name_override or the
                 # host.
@@ -380,6 +390,33 @@ def _server_certificate(
             return x509.load_der_x509_certificate(der), failures
         failures.append(f"{_joined(host, port)}: no certificate presented")
     return None, failures or ["the target names no address"]
+
+
+def _connect(host: str, port: int, end: float) -> socket.socket:
+    """A TCP connection to ``host``:``port`` (each of its addresses in the resolver's order, the
+    first that connects) whose timeout is what is left before ``end`` (the monotonic time the
+    check must be over by): the handshake gets what the connect left. ``create_connection`` on
+    the name gave each of its addresses the whole timeout, so a name with an address that
+    drops connections took the call's deadline there and went on to the next, past it."""
+    error: OSError | None = None
+    for *_, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            sock = socket.create_connection((str(address[0]), int(address[1])), timeout=left)
+        except OSError as exc:
+            error = exc
+            continue
+        left = end - time.monotonic()
+        if left <= 0:
+            sock.close()
+            break
+        sock.settimeout(left)
+        return sock
+    if error is not None and end > time.monotonic():
+        raise error
+    raise TimeoutError("the check's time ran out") from error
 
 
 def _joined(host: str, port: int) -> str:

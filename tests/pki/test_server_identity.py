@@ -632,3 +632,166 @@ def test_the_connection_state_is_readable() -> None:
         assert channel_module._ready(channel) is False
     finally:
         channel.close()
+
+
+def test_the_check_of_a_silent_server_ends_at_the_calls_deadline(
+    client_identity: WorkloadIdentity,
+) -> None:
+    """The check's time bound was per address and per step (connect, then handshake): a target
+    of several addresses, each accepting TCP and never answering TLS, held a call for two
+    bounds per address, well past its deadline. The call's deadline now bounds the whole check:
+    once it passed, no further address is tried, and the call ends DEADLINE_EXCEEDED."""
+    with socket.socket() as first, socket.socket() as second:
+        for silent in (first, second):  # listening, never accepting: TCP connects, TLS waits
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+        target = f"ipv4:127.0.0.1:{first.getsockname()[1]},127.0.0.1:{second.getsockname()[1]}"
+        with (
+            client_identity.channel(target, server_id=sid("modelstore")) as channel,
+            pytest.raises(ServerIdentityUnchecked) as info,
+        ):
+            ping(channel, timeout=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert info.value.reason == "SERVER_IDENTITY_UNCHECKED"
+        second.setblocking(False)
+        with pytest.raises(BlockingIOError):  # the deadline passed at the first: not tried
+            second.accept()
+
+
+def test_a_wait_for_ready_call_is_not_sent_on_a_connection_made_after_its_check(
+    ca: StepCa,
+    store_identity: WorkloadIdentity,
+    client_identity: WorkloadIdentity,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A check that passed while gRPC's connection was down (between reconnection attempts) let
+    a ``wait_for_ready`` call go to gRPC, which held it until its next attempt, up to its
+    back-off (120 s by default) later, and then sent it on that connection, to whatever server
+    answered by then, unchecked. Such a call now waits for gRPC's connection to come up and
+    checks the server of that connection before it is sent."""
+    with socket.socket() as closed:  # a port nothing listens on yet
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    # gRPC's next attempt well after the check (4 s at least, with its jitter), which takes
+    # milliseconds.
+    backoff = [(f"grpc.{k}_reconnect_backoff_ms", 5000) for k in ("initial", "min", "max")]
+    checked = threading.Event()
+    real_verify = channel_module.verify_server_identity
+
+    def noting_checks(*args: Any, **kwargs: Any) -> None:
+        real_verify(*args, **kwargs)
+        checked.set()
+
+    monkeypatch.setattr(channel_module, "verify_server_identity", noting_checks)
+    states: list[grpc.ChannelConnectivity] = []
+    failed = threading.Event()
+
+    def on_state(state: grpc.ChannelConnectivity) -> None:
+        states.append(state)
+        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            failed.set()
+
+    broker = enrol(ca, "keybroker", ["keybroker", "localhost"], auto_renew=False)
+    first: Server | None = None
+    second: Server | None = None
+    try:
+        with (
+            client_identity.channel(
+                f"localhost:{port}", server_id=sid("modelstore"), options=backoff
+            ) as channel,
+            futures.ThreadPoolExecutor(1) as pool,
+        ):
+            channel.subscribe(on_state, try_to_connect=True)
+            assert failed.wait(30)  # gRPC found nothing there: it waits out its back-off
+            first = serve(store_identity, port=port)
+            waiting = pool.submit(ping, channel, timeout=60, wait_for_ready=True)
+            assert checked.wait(30)  # checked against the model store, gRPC still down
+            first.stop()
+            first = None
+            second = serve(broker, port=port)  # what gRPC's next attempt reaches
+            with pytest.raises(ServerIdentityMismatch, match=sid("keybroker")):
+                waiting.result(60)
+            channel.unsubscribe(on_state)
+        assert second.calls.total() == 0
+    finally:
+        for running in (first, second):
+            if running is not None:
+                running.stop()
+        broker.close()
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.service_config", '{"loadBalancingConfig": [{"round_robin": {}}]}'),
+    ],
+)
+def test_a_channel_checking_the_id_refuses_to_spread_calls_over_servers(
+    client_identity: WorkloadIdentity, option: tuple[str, str]
+) -> None:
+    """The check reaches one server, the first of the target's addresses that answers, as
+    gRPC's pick_first policy does; with another policy (round_robin) gRPC keeps a connection to
+    every address and sends calls to each, while the channel, up on one of them, saw nothing to
+    check again: every other address got calls unchecked. Such a channel is refused."""
+    with pytest.raises(ValueError) as refused:
+        client_identity.channel(
+            "ipv4:127.0.0.1:1,127.0.0.1:2", server_id=sid("modelstore"), options=[option]
+        )
+    assert "pick_first" in str(refused.value) and sid("modelstore") in str(refused.value)
+    client_identity.channel("ipv4:127.0.0.1:1", options=[option]).close()  # no check: allowed
+
+
+def test_a_call_whose_check_cannot_connect_checks_once(
+    store: Server, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal (UNAVAILABLE) was read as the call's own failure, which made the channel
+    check the server once more, unbounded by the call's deadline (2 s more for a silent one):
+    a blocking call's check now runs once, and the call ends with its refusal."""
+    connects = _CheckConnects(monkeypatch, store.port)
+    connects.refusing = True
+    with (
+        client_identity.channel(store.target, server_id=sid("modelstore")) as channel,
+        pytest.raises(ServerIdentityUnchecked),
+    ):
+        ping(channel, timeout=10)
+    assert connects.count == 1
+
+
+def test_the_check_of_a_name_with_a_silent_address_ends_at_the_calls_deadline(
+    client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host name of several addresses (a DNS answer) was connected to by Python's
+    ``create_connection``, which gives each address the whole timeout: with the first dropping
+    connections (a full accept queue here), it waited out the call's deadline there and then
+    went on to the next address, past it. The name's addresses now share the check's time."""
+    name = "two-addresses.strongroom.test"  # resolved here to two loopback listeners
+    with socket.socket() as silent, socket.socket() as second:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)  # its queue full after one connection: later ones are dropped
+        filler = socket.create_connection(silent.getsockname(), timeout=10)
+        second.bind(("127.0.0.1", 0))
+        second.listen(8)
+        answers = [silent.getsockname(), second.getsockname()]
+        real_getaddrinfo = socket.getaddrinfo
+
+        def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+            if host != name:
+                return real_getaddrinfo(host, port, *args, **kwargs)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", a) for a in answers]
+
+        monkeypatch.setattr(socket, "getaddrinfo", resolve)
+        try:
+            with (
+                client_identity.channel(
+                    f"{name}:{answers[0][1]}", server_id=sid("modelstore")
+                ) as channel,
+                pytest.raises(ServerIdentityUnchecked) as info,
+            ):
+                ping(channel, timeout=0.5)
+        finally:
+            filler.close()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        second.setblocking(False)
+        with pytest.raises(BlockingIOError):  # the deadline passed at the first: not tried
+            second.accept()
