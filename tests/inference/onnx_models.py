@@ -321,6 +321,35 @@ def string_doubler_loop() -> bytes:
     )
 
 
+def string_growing_loop(step: str = "StringConcat", seed: str = "abcdefg") -> bytes:
+    """A ``Loop`` carrying the short constant ``seed`` ``n`` times through ``step``:
+    ``StringConcat(c, c)`` doubles its length each iteration (``len(seed) * 2**n`` bytes in one
+    string), ``Identity`` keeps it as it is."""
+    body = helper.make_graph(
+        [
+            helper.make_node(
+                step, ["c_in", "c_in"] if step == "StringConcat" else ["c_in"], ["c_out"]
+            ),
+            helper.make_node("Identity", ["cond"], ["cond_out"]),
+        ],
+        "grow",
+        [
+            _int64("i", []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            _text("c_in"),
+        ],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _text("c_out")],
+    )
+    seed_tensor = numpy_helper.from_array(np.array([seed.encode()], dtype=object), "seed")
+    return _strings_model(
+        [helper.make_node("Loop", ["n", "", "seed"], ["r"], body=body)],
+        [_int64("n", [])],
+        [_text("r", [1])],
+        [seed_tensor],
+        opset=20,  # StringConcat
+    )
+
+
 def string_concat_chain(doublings: int) -> bytes:
     """``s`` concatenated with itself ``doublings`` times over (a fixed ``2**doublings`` copies)."""
     nodes = [

@@ -82,6 +82,21 @@ def test_the_check_reaches_into_branches_and_outer_scope_strings() -> None:
     assert "Expand node in the body of If node" in message, message
 
 
+def test_a_loop_lengthening_a_short_string_it_carries_is_refused() -> None:
+    """The body was walked once with the carried value's first bounds: ``StringConcat(c, c)`` of
+    a 7-byte constant looked like 14 bytes (short), yet each iteration doubles it (7 MiB after
+    20, one string outside the cap, for a request of one number)."""
+    growing = onnx_models.string_growing_loop("StringConcat")
+    trusted = RuntimeOptions(allow_string_expansion=True)
+    grown = LoadedModel.from_bytes("m", "1", growing, options=trusted)
+    assert len(grown.infer({"n": np.array(5, dtype=np.int64)})["r"][0]) == 7 * 2**5
+    message = _refused(growing)
+    assert "StringConcat node in the body of Loop node" in message, message
+    # Carrying a short string unchanged is fine.
+    kept = LoadedModel.from_bytes("m", "1", onnx_models.string_growing_loop("Identity"))
+    assert kept.infer({"n": np.array(3, dtype=np.int64)})["r"].tolist() == [b"abcdefg"]
+
+
 def test_copies_a_graph_makes_of_a_request_string_count_against_the_cap() -> None:
     """One ``Concat(s, s)`` is two copies; six in a row are 127 of up to 64 MiB each."""
     LoadedModel.from_bytes("m", "1", onnx_models.string_concat_chain(1))

@@ -23,8 +23,9 @@ A value whose elements are all at most 15 bytes costs only what the arena counts
 length. A longer one may only pass through an operator that places each element of its string
 inputs at most once (``Identity``, ``Reshape``, ``Slice``, ``Concat``, ``Scatter*``, the sequence
 operators, ...; :data:`_PRESERVING`), its characters then the sum of its inputs'. Any other
-operator yielding it, or a ``Loop``/``Scan`` body returning it (repeated by the iteration count),
-makes the model refused; so does a graph whose long string values together could hold more
+operator yielding it, or a ``Loop``/``Scan`` body returning it (repeated by the iteration count;
+a value the body carries is walked as the node's or anything short, what a previous iteration may
+have returned), makes the model refused; so does a graph whose long string values together could hold more
 characters than ``max_inference_memory_bytes`` (one run's: the inputs, each intermediate and
 output counted as if all were held at once). Another domain's operator whose output is a string
 (declared so, or untyped with string inputs) is assumed to make strings of any length. Fail
@@ -449,9 +450,14 @@ def _control_flow(
     # node's inputs after Loop's first two line up with the body's inputs after its first two.
     skip = 2 if op == "Loop" else 0
     given = [scope.get(n) if n else None for n in node.input[skip:]]
+    # The values a body carries from one iteration to the next (all of Loop's, Scan's state):
+    # the first iteration gets the node's, each later one what the last returned, which must be
+    # short (checked below). Walked once with the node's alone, a body that lengthens a short
+    # string (StringConcat(c, c): 7 bytes, 14, 28, ... 7 MiB after 20 iterations) passed.
+    carried = len(given) if op == "Loop" else len(given) - _int_attribute(node, "num_scan_inputs")
     body_inputs = {
-        value.name: text
-        for value, text in zip(body.input[skip:], given, strict=False)
+        value.name: _carried(text) if position < carried else text
+        for position, (value, text) in enumerate(zip(body.input[skip:], given, strict=False))
         if text is not None
     }
     inner = _graph(walk, body, types, scope, where=inner_where, inputs=body_inputs)
@@ -467,6 +473,20 @@ def _control_flow(
         text = inner.get(value.name)
         if name and text is not None:
             scope[name] = text  # short (checked above): the arena counts it
+
+
+def _int_attribute(node: NodeProto, name: str) -> int:
+    for attr in node.attribute:
+        if attr.name == name and attr.type == AttributeProto.INT:
+            return int(attr.i)
+    raise KeyError(name)  # ORT refuses the node too: the check says it cannot read it
+
+
+def _carried(text: _Text) -> _Text:
+    """A carried value's bounds over every iteration: the node's, or anything short a previous
+    iteration returned."""
+    longest = None if text.longest is None else max(text.longest, SHORT_STRING_BYTES)
+    return _Text(longest, text.chars)
 
 
 def _bodies(
