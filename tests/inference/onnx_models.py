@@ -350,6 +350,36 @@ def string_growing_loop(step: str = "StringConcat", seed: str = "abcdefg") -> by
     )
 
 
+def string_scatter_sum(op: str = "ScatterElements", reduction: str = "add") -> bytes:
+    """A 15-byte constant ``Expand``ed ``n`` times (short strings: the arena counts them), all
+    ``op``-scattered into one element with ``reduction`` (ORT's ``add`` concatenates strings:
+    one ``15 * n + 1``-byte string), that string then ``Expand``ed ``m`` times; outputs only
+    ``k``, the copies' count, and ``size``, the pieces ``StringSplit`` cuts ``joined`` into at
+    each "b" (its length here)."""
+    index_shape = ["n"] if op == "ScatterElements" else ["n_1"]
+    nodes = [
+        helper.make_node("Expand", ["b15", "n"], ["updates"]),
+        helper.make_node("Concat", ["n", "one"], ["n_1"], axis=0),
+        helper.make_node("ConstantOfShape", index_shape, ["indices"], value=_zero_int64()),
+        helper.make_node(op, ["a", "indices", "updates"], ["joined"], reduction=reduction),
+        helper.make_node("Expand", ["joined", "m"], ["copies"]),
+        helper.make_node("Size", ["copies"], ["k"]),
+        helper.make_node("StringSplit", ["joined"], ["pieces", "size"], delimiter="b"),
+    ]
+    constants = [
+        numpy_helper.from_array(np.array([b"b" * 15], dtype=object), "b15"),
+        numpy_helper.from_array(np.array([b"a"], dtype=object), "a"),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+    ]
+    return _strings_model(
+        nodes,
+        [_int64("n", [1]), _int64("m", [1])],
+        [_int64("k", []), _int64("size", [1])],
+        constants,
+        opset=20,  # StringSplit
+    )
+
+
 def string_concat_chain(doublings: int) -> bytes:
     """``s`` concatenated with itself ``doublings`` times over (a fixed ``2**doublings`` copies)."""
     nodes = [

@@ -97,6 +97,25 @@ def test_a_loop_lengthening_a_short_string_it_carries_is_refused() -> None:
     assert kept.infer({"n": np.array(3, dtype=np.int64)})["r"].tolist() == [b"abcdefg"]
 
 
+@pytest.mark.parametrize("op", ["ScatterElements", "ScatterND"])
+def test_a_scatter_adding_short_strings_into_one_long_one_is_refused(op: str) -> None:
+    """``Scatter*`` was taken to place each string once, but ORT's ``reduction="add"``
+    concatenates the updates aimed at one element: ``n`` short strings (counted by the arena)
+    became one ``15 * n``-byte string, which the check still took for short and let ``Expand``
+    repeat ``m`` times (``15 * n * m`` bytes outside the cap from two numbers)."""
+    model = onnx_models.string_scatter_sum(op)
+    trusted = RuntimeOptions(allow_string_expansion=True)
+    loaded = LoadedModel.from_bytes("m", "1", model, options=trusted)
+    feeds = {"n": np.array([5], dtype=np.int64), "m": np.array([3], dtype=np.int64)}
+    out = loaded.infer(feeds)
+    assert int(out["k"]) == 3 and out["size"].tolist() == [15 * 5 + 1]  # "a" + 75 "b"s
+    message = _refused(model)
+    assert f"{op} node" in message and "any length" in message, message
+    # Without a reduction it places each update once: the 15-byte string stays short.
+    placed = LoadedModel.from_bytes("m", "1", onnx_models.string_scatter_sum(op, "none"))
+    assert placed.infer(feeds)["size"].tolist() == [16]  # "b" * 15, cut at each "b"
+
+
 def test_copies_a_graph_makes_of_a_request_string_count_against_the_cap() -> None:
     """One ``Concat(s, s)`` is two copies; six in a row are 127 of up to 64 MiB each."""
     LoadedModel.from_bytes("m", "1", onnx_models.string_concat_chain(1))

@@ -21,7 +21,7 @@ The check walks the graph (subgraphs of ``If``, ``Loop``, ``Scan`` and any other
 
 A value whose elements are all at most 15 bytes costs only what the arena counts, whatever its
 length. A longer one may only pass through an operator that places each element of its string
-inputs at most once (``Identity``, ``Reshape``, ``Slice``, ``Concat``, ``Scatter*``, the sequence
+inputs at most once (``Identity``, ``Reshape``, ``Slice``, ``Concat``, ``Scatter*`` without a reduction, the sequence
 operators, ...; :data:`_PRESERVING`), its characters then the sum of its inputs'. Any other
 operator yielding it, or a ``Loop``/``Scan`` body returning it (repeated by the iteration count;
 a value the body carries is walked as the node's or anything short, what a previous iteration may
@@ -378,7 +378,16 @@ def _preserves(node: NodeProto, op: str) -> bool:
     if op == "com.microsoft.Tokenizer":
         padding = _attribute_strings(node, frozenset({"pad_value"}))
         return all(len(p) <= SHORT_STRING_BYTES for p in padding)
-    return op in _PRESERVING
+    return op in _PRESERVING and not _reduces(node, op)
+
+
+def _reduces(node: NodeProto, op: str) -> bool:
+    """Whether a ``ScatterElements``/``ScatterND`` combines the updates aimed at one element:
+    ORT's ``add`` on strings concatenates them, so short strings, as many as a runtime value
+    says, become one long string (15 bytes times n) that the op places once but no bound holds."""
+    return op in ("ScatterElements", "ScatterND") and any(
+        a.name == "reduction" and a.s not in (b"", b"none") for a in node.attribute
+    )
 
 
 def _casts_to_string(node: NodeProto) -> bool:
@@ -405,7 +414,7 @@ def _output_text(node: NodeProto, op: str, strings: list[_Text], made: list[byte
         return _Text(max((len(s) for s in written), default=0), float(sum(map(len, written))))
     known_domain = node.domain in ("", "ai.onnx", _ML_DOMAIN)
     longest: int | None
-    if not known_domain or any(t.longest is None for t in strings):
+    if not known_domain or any(t.longest is None for t in strings) or _reduces(node, op):
         longest = None  # another domain's operator may write strings of any length
     elif op == "StringConcat":
         longest = sum(t.longest or 0 for t in strings)
