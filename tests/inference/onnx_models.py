@@ -380,6 +380,36 @@ def string_scatter_sum(op: str = "ScatterElements", reduction: str = "add") -> b
     )
 
 
+def string_scan8_expander() -> bytes:
+    """A ``Scan`` of opset 8 (its first input ``sequence_lens``, left out) carrying the request's
+    string ``s`` as state ``a`` and an INT64 state ``b``, scanning the counts ``xs``: each
+    iteration ``Expand``s ``a`` to the count it is given; outputs ``ks``, the shapes made."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Expand", ["a", "x"], ["y"]),
+            helper.make_node("Shape", ["y"], ["k"]),
+            helper.make_node("Identity", ["a"], ["a_out"]),
+            helper.make_node("Identity", ["x"], ["b_out"]),
+        ],
+        "expand_each",
+        [_text("a", [1]), _int64("b", [1]), _int64("x", [1])],
+        [_text("a_out", [1]), _int64("b_out", [1]), _int64("k", [1])],
+    )
+    scan = helper.make_node(
+        "Scan", ["", "s", "b0", "xs"], ["r", "b_last", "ks"], body=body, num_scan_inputs=1
+    )
+    graph = helper.make_graph(
+        [scan],
+        "scan8",
+        [_text("s", [1, 1]), _int64("b0", [1, 1]), _int64("xs", [1, "n", 1])],
+        [_int64("ks", [1, "n", 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 4
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def string_concat_chain(doublings: int) -> bytes:
     """``s`` concatenated with itself ``doublings`` times over (a fixed ``2**doublings`` copies)."""
     nodes = [

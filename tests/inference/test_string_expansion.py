@@ -116,6 +116,23 @@ def test_a_scatter_adding_short_strings_into_one_long_one_is_refused(op: str) ->
     assert placed.infer(feeds)["size"].tolist() == [16]  # "b" * 15, cut at each "b"
 
 
+def test_an_opset_8_scan_body_repeating_its_string_state_is_refused() -> None:
+    """Scan-8's first input is ``sequence_lens``, which its body has no input for: the walk lined
+    the node's inputs up with the body's from the first, so the request's string went to the
+    body's INT64 state and its string state was untracked; ``Expand`` repeated it unchecked."""
+    model = onnx_models.string_scan8_expander()
+    trusted = RuntimeOptions(allow_string_expansion=True)
+    loaded = LoadedModel.from_bytes("m", "1", model, options=trusted)
+    feeds = {
+        "s": np.array([[b"x" * 64]], dtype=object),
+        "b0": np.array([[0]], dtype=np.int64),
+        "xs": np.array([[[5], [7]]], dtype=np.int64),
+    }
+    assert loaded.infer(feeds)["ks"].tolist() == [[[5], [7]]]  # 5, then 7 copies
+    message = _refused(model)
+    assert "Expand node in the body of Scan node" in message, message
+
+
 def test_copies_a_graph_makes_of_a_request_string_count_against_the_cap() -> None:
     """One ``Concat(s, s)`` is two copies; six in a row are 127 of up to 64 MiB each."""
     LoadedModel.from_bytes("m", "1", onnx_models.string_concat_chain(1))

@@ -458,7 +458,13 @@ def _control_flow(
     # Loop's body takes (iteration, condition, carried...), Scan's (state..., scan slices...): the
     # node's inputs after Loop's first two line up with the body's inputs after its first two.
     skip = 2 if op == "Loop" else 0
-    given = [scope.get(n) if n else None for n in node.input[skip:]]
+    # Scan-8 (opset 8) takes an optional sequence_lens first, which its body has no input for:
+    # lined up from the first, each of the node's inputs was taken for the body input before
+    # its own, so a string state reached the body untracked and the body could Expand it.
+    extra = 0 if op == "Loop" else len(node.input) - len(body.input)
+    if extra not in (0, 1):
+        raise StringExpansion(f"{label} in {where} has inputs its body does not line up with")
+    given = [scope.get(n) if n else None for n in node.input[skip + extra :]]
     # The values a body carries from one iteration to the next (all of Loop's, Scan's state):
     # the first iteration gets the node's, each later one what the last returned, which must be
     # short (checked below). Walked once with the node's alone, a body that lengthens a short
