@@ -410,6 +410,35 @@ def string_scan8_expander() -> bytes:
     return model.SerializeToString()
 
 
+def string_expander_named_identity(domain: str = "") -> bytes:
+    """``y = Expand(s, n)``, with a model-local function ``domain.Expand`` whose body is an
+    ``Identity`` of ``s``: ONNX's inliner puts the body in the node's place, ORT runs its own
+    ``Expand`` where the domain is ONNX's; outputs ``k``, the shape made."""
+    function = helper.make_function(
+        domain,
+        "Expand",
+        ["s", "n"],
+        ["y"],
+        [helper.make_node("Identity", ["s"], ["y"])],
+        [helper.make_opsetid("", OPSET)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Expand", ["s", "n"], ["y"], domain=domain),
+            helper.make_node("Shape", ["y"], ["k"]),
+        ],
+        "shadowed",
+        [_text("s", [1]), _int64("n", [1])],
+        [_int64("k", [1])],
+    )
+    opsets = [helper.make_opsetid("", OPSET)]
+    if domain:
+        opsets.append(helper.make_opsetid(domain, 1))
+    model = helper.make_model(graph, opset_imports=opsets, functions=[function])
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()
+
+
 def string_concat_chain(doublings: int) -> bytes:
     """``s`` concatenated with itself ``doublings`` times over (a fixed ``2**doublings`` copies)."""
     nodes = [

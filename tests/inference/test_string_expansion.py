@@ -133,6 +133,20 @@ def test_an_opset_8_scan_body_repeating_its_string_state_is_refused() -> None:
     assert "Expand node in the body of Scan node" in message, message
 
 
+def test_a_local_function_named_like_an_operator_ort_runs_is_refused() -> None:
+    """A model-local function ``Expand`` (ONNX's domain) whose body is an ``Identity``: the
+    check inlined and judged the body, ORT ran its own ``Expand`` and repeated the string."""
+    model = onnx_models.string_expander_named_identity()
+    trusted = RuntimeOptions(allow_string_expansion=True)
+    loaded = LoadedModel.from_bytes("m", "1", model, options=trusted)
+    feeds = {"s": np.array([b"x" * 64], dtype=object), "n": np.array([4], dtype=np.int64)}
+    assert loaded.infer(feeds)["k"].tolist() == [4]  # ORT's Expand ran: 4 copies
+    message = _refused(model)
+    assert "model-local function ai.onnx.Expand" in message, message
+    # The same function in the model's own domain is what ORT runs, and is judged as such.
+    LoadedModel.from_bytes("m", "1", onnx_models.string_expander_named_identity("local"))
+
+
 def test_copies_a_graph_makes_of_a_request_string_count_against_the_cap() -> None:
     """One ``Concat(s, s)`` is two copies; six in a row are 127 of up to 64 MiB each."""
     LoadedModel.from_bytes("m", "1", onnx_models.string_concat_chain(1))

@@ -172,6 +172,12 @@ def check_string_expansion(model: bytes, *, max_input_bytes: int, max_chars: int
         if init.data_type != TensorProto.STRING:
             for name in _WEIGHT_FIELDS:
                 init.ClearField(name)
+    for function in proto.functions:
+        if _runs_as_an_operator(function.domain, function.name):
+            raise StringExpansion(
+                f"its model-local function {function.domain or 'ai.onnx'}.{function.name} has the "
+                "name of an operator ONNX Runtime runs itself, not the function's body the check reads"
+            )
     try:
         if proto.functions:
             proto = inliner.inline_local_functions(proto)
@@ -197,6 +203,23 @@ def check_string_expansion(model: bytes, *, max_input_bytes: int, max_chars: int
             f"(the request's strings up to {max_input_bytes} bytes, and every string value the "
             f"graph derives from them), more than the {max_chars} bytes runs may hold"
         )
+
+
+# Domains whose operators ONNX Runtime implements itself (ONNX's, and its own contrib ones, which
+# ONNX cannot list): a node there runs ORT's kernel even where a local function has its name.
+_RUNTIME_DOMAIN_PREFIXES = ("com.microsoft", "com.ms.", "org.pytorch.")
+
+
+def _runs_as_an_operator(domain: str, name: str) -> bool:
+    """Whether ORT runs its own operator for a node calling model-local function ``name``: ONNX's
+    inliner puts the function's body in its place, so the check would judge a body ORT ignores
+    (an ``Identity`` named ``Expand`` that ORT runs as ``Expand``)."""
+    if domain.startswith(_RUNTIME_DOMAIN_PREFIXES):
+        return True
+    try:
+        return bool(onnx.defs.has(name, "" if domain == "ai.onnx" else domain))
+    except Exception:  # a domain ONNX does not know: nothing of its is built in
+        return False
 
 
 _WEIGHT_FIELDS = (
