@@ -152,6 +152,10 @@ def test_copies_a_graph_makes_of_a_request_string_count_against_the_cap() -> Non
     LoadedModel.from_bytes("m", "1", onnx_models.string_concat_chain(1))
     message = _refused(onnx_models.string_concat_chain(6))
     assert "more than the 2147483648 bytes runs may hold" in message, message
+    # 1100 doublings count past a float's range: refused for the same reason, not a crash
+    # of the check (OverflowError, reported as ORT rejecting the model, MODEL_INVALID).
+    message = _refused(onnx_models.string_concat_chain(1100))
+    assert "more than 2**1024 bytes of characters" in message, message
 
 
 def test_strings_used_harmlessly_still_load_and_run() -> None:

@@ -198,8 +198,10 @@ def check_string_expansion(model: bytes, *, max_input_bytes: int, max_chars: int
         # what the walk cannot read it does not pass.
         raise StringExpansion(f"its graph could not be checked ({type(exc).__name__})") from None
     if walk.held > max_chars:
+        # Copies of copies overflow a float to infinity (1024 doublings), which no int holds.
+        held = "more than 2**1024" if math.isinf(walk.held) else str(math.ceil(walk.held))
         raise StringExpansion(
-            f"its string values could hold {math.ceil(walk.held)} bytes of characters in one run "
+            f"its string values could hold {held} bytes of characters in one run "
             f"(the request's strings up to {max_input_bytes} bytes, and every string value the "
             f"graph derives from them), more than the {max_chars} bytes runs may hold"
         )
