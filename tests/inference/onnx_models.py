@@ -439,6 +439,58 @@ def string_expander_named_identity(domain: str = "") -> bytes:
     return model.SerializeToString()
 
 
+def string_columns(columns: list[int]) -> bytes:
+    """What sklearn-onnx writes to pick a ``ColumnTransformer``'s (or ``OneHotEncoder``'s) string
+    columns: ``ArrayFeatureExtractor`` (ai.onnx.ml) of the request's ``x`` [N, 3] at an INT64
+    initializer of column indices."""
+    indices = helper.make_tensor("column_indices", TensorProto.INT64, [len(columns)], columns)
+    return _strings_model(
+        [
+            helper.make_node(
+                "ArrayFeatureExtractor", ["x", "column_indices"], ["picked"], domain="ai.onnx.ml"
+            )
+        ],
+        [_text("x", ["n", 3])],
+        [_text("picked", ["n", len(columns)])],
+        [indices],
+        ml=True,
+    )
+
+
+def string_gather_shadowed_indices() -> bytes:
+    """``Gather(s, idx)`` at the distinct constant ``idx`` [0, 1], and in a ``Loop`` body whose
+    carried input is also named ``idx``: there the request's ``zeros`` (one copy of ``s[0]`` per
+    element); outputs ``ks``, the body's copy counts."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Gather", ["s", "idx"], ["picked"]),
+            helper.make_node("Size", ["picked"], ["k"]),
+            helper.make_node("Identity", ["cond"], ["cond_out"]),
+            helper.make_node("Identity", ["idx"], ["idx_out"]),
+        ],
+        "gather_carried",
+        [
+            _int64("i", []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            _int64("idx", ["m"]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            _int64("idx_out", ["m"]),
+            _int64("k", []),
+        ],
+    )
+    return _strings_model(
+        [
+            helper.make_node("Gather", ["s", "idx"], ["first"]),
+            helper.make_node("Loop", ["one", "", "zeros"], ["idx_last", "ks"], body=body),
+        ],
+        [_text("s", [2]), _int64("one", []), _int64("zeros", ["m"])],
+        [_int64("ks", [1]), _text("first", [2])],
+        [helper.make_tensor("idx", TensorProto.INT64, [2], [0, 1])],
+    )
+
+
 def string_concat_chain(doublings: int) -> bytes:
     """``s`` concatenated with itself ``doublings`` times over (a fixed ``2**doublings`` copies)."""
     nodes = [

@@ -147,6 +147,21 @@ def test_a_local_function_named_like_an_operator_ort_runs_is_refused() -> None:
     LoadedModel.from_bytes("m", "1", onnx_models.string_expander_named_identity("local"))
 
 
+def test_columns_picked_at_constant_distinct_indices_load() -> None:
+    """sklearn-onnx picks a ``ColumnTransformer``'s or ``OneHotEncoder``'s string columns with
+    ``ArrayFeatureExtractor`` at an INT64 initializer: the check took it to repeat the request's
+    strings by its indices and refused every such pipeline fed one string tensor."""
+    picked = LoadedModel.from_bytes("m", "1", onnx_models.string_columns([0, 2]))
+    x = np.array([[b"a" * 20, b"b", b"c" * 30]], dtype=object)
+    assert picked.infer({"x": x})["picked"].tolist() == [[b"a" * 20, b"c" * 30]]
+    # An index given twice repeats a column's strings: still refused.
+    message = _refused(onnx_models.string_columns([0, 0]))
+    assert "ArrayFeatureExtractor node" in message, message
+    # A Loop body's input named like the constant is the runtime value inside the body.
+    message = _refused(onnx_models.string_gather_shadowed_indices())
+    assert "Gather node in the body of Loop node" in message, message
+
+
 def test_copies_a_graph_makes_of_a_request_string_count_against_the_cap() -> None:
     """One ``Concat(s, s)`` is two copies; six in a row are 127 of up to 64 MiB each."""
     LoadedModel.from_bytes("m", "1", onnx_models.string_concat_chain(1))

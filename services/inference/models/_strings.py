@@ -22,7 +22,8 @@ The check walks the graph (subgraphs of ``If``, ``Loop``, ``Scan`` and any other
 A value whose elements are all at most 15 bytes costs only what the arena counts, whatever its
 length. A longer one may only pass through an operator that places each element of its string
 inputs at most once (``Identity``, ``Reshape``, ``Slice``, ``Concat``, ``Scatter*`` without a reduction, the sequence
-operators, ...; :data:`_PRESERVING`), its characters then the sum of its inputs'. Any other
+operators, ``Gather``/``ArrayFeatureExtractor`` at constant distinct indices, ...;
+:data:`_PRESERVING`), its characters then the sum of its inputs'. Any other
 operator yielding it, or a ``Loop``/``Scan`` body returning it (repeated by the iteration count;
 a value the body carries is walked as the node's or anything short, what a previous iteration may
 have returned), makes the model refused; so does a graph whose long string values together could hold more
@@ -41,7 +42,15 @@ import math
 from collections.abc import Mapping
 
 import onnx
-from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, TypeProto, inliner
+from onnx import (
+    AttributeProto,
+    GraphProto,
+    NodeProto,
+    TensorProto,
+    TypeProto,
+    inliner,
+    numpy_helper,
+)
 
 SHORT_STRING_BYTES = 15
 """The longest string ``std::string`` (libstdc++) keeps inside its 32-byte slot, which the arena
@@ -151,6 +160,9 @@ class _Walk:
         self.max_input_bytes = max_input_bytes
         self.max_chars = max_chars
         self.held = 0.0  # the long string values' characters, all scopes together
+        # Small integer constants (initializers no request can replace, Constant nodes), by
+        # name (unique across scopes: ORT refuses a graph that is not SSA): column indices.
+        self.indices: dict[str, list[int]] = {}
 
     def hold(self, text: _Text) -> _Text:
         if not text.short:
@@ -169,7 +181,7 @@ def check_string_expansion(model: bytes, *, max_input_bytes: int, max_chars: int
     # Only a string initializer's bytes matter here: drop the weights' before inference copies
     # the model (a big model must not be held twice while the walk runs).
     for init in proto.graph.initializer:
-        if init.data_type != TensorProto.STRING:
+        if init.data_type != TensorProto.STRING and not _small_indices(init):
             for name in _WEIGHT_FIELDS:
                 init.ClearField(name)
     for function in proto.functions:
@@ -294,10 +306,16 @@ def _graph(
     for value in (*graph.input, *graph.output, *graph.value_info):
         if value.type.WhichOneof("value") is not None:
             local_types[value.name] = value.type
+    replaceable = {value.name for value in graph.input}
+    # A body's input may have the name of an outer constant (ORT lets it): inside, that name is
+    # the runtime value, a Loop's carried indices say, until the body is walked.
+    shadowed = {name: walk.indices.pop(name) for name in replaceable if name in walk.indices}
     for init in graph.initializer:
         text = _tensor_text(init)
         if text is not None:
             scope[init.name] = walk.hold(text)
+        elif init.name not in replaceable and _small_indices(init):
+            walk.indices[init.name] = [int(i) for i in numpy_helper.to_array(init).flat]
     request = False
     for value in graph.input:
         if value.name in scope:
@@ -313,6 +331,7 @@ def _graph(
         walk.held += walk.max_input_bytes
     for node in _in_order(graph):
         _node(walk, node, local_types, scope, where=where)
+    walk.indices.update(shadowed)
     return scope
 
 
@@ -363,6 +382,12 @@ def _node(
 ) -> None:
     op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
     label = f"{op} node {node.name!r}" if node.name else f"{op} node"
+    if op == "Constant" and node.output:
+        for attr in node.attribute:
+            if attr.name == "value" and _small_indices(attr.t):
+                walk.indices[node.output[0]] = [int(i) for i in numpy_helper.to_array(attr.t).flat]
+            elif attr.name == "value_ints" and len(attr.ints) <= _MAX_INDICES:
+                walk.indices[node.output[0]] = [int(i) for i in attr.ints]
     if op in ("If", "Loop", "Scan"):
         _control_flow(walk, node, types, scope, op=op, label=label, where=where)
         return
@@ -385,7 +410,8 @@ def _node(
         elif not strings and not made and not _casts_to_string(node):
             continue  # untyped, with nothing that could make it a string
         text = _cast_text(node, types) if from_numbers else _output_text(node, op, strings, made)
-        if not text.short and (not _preserves(node, op) or from_numbers):
+        preserves = _preserves(node, op) or _selects_once(walk, node, op)
+        if not text.short and (not preserves or from_numbers):
             limit = "any length" if text.longest is None else f"up to {text.longest} bytes"
             raise StringExpansion(
                 f"{label} in {where} makes string elements of {limit} (more than the "
@@ -413,6 +439,32 @@ def _reduces(node: NodeProto, op: str) -> bool:
     return op in ("ScatterElements", "ScatterND") and any(
         a.name == "reduction" and a.s not in (b"", b"none") for a in node.attribute
     )
+
+
+_MAX_INDICES = 4096
+"""The most elements an integer constant may have to be read as indices (the rest are weights,
+dropped unread)."""
+
+
+def _small_indices(tensor: TensorProto) -> bool:
+    return (
+        tensor.data_type in (TensorProto.INT64, TensorProto.INT32)
+        and tensor.data_location != TensorProto.EXTERNAL
+        and math.prod(tensor.dims) <= _MAX_INDICES
+    )
+
+
+def _selects_once(walk: _Walk, node: NodeProto, op: str) -> bool:
+    """Whether ``node`` picks elements of its string input at constant, distinct indices, each
+    element so placed at most once: what sklearn-onnx writes to pick a ``ColumnTransformer``'s or
+    ``OneHotEncoder``'s columns (``ArrayFeatureExtractor`` by an INT64 initializer). Gather's
+    negative indices count from the end, so one of them and a non-negative one may be the same."""
+    if op not in (f"{_ML_DOMAIN}.ArrayFeatureExtractor", "Gather") or len(node.input) < 2:
+        return False
+    chosen = walk.indices.get(node.input[1])
+    if chosen is None or len(set(chosen)) != len(chosen):
+        return False
+    return all(i >= 0 for i in chosen) or all(i < 0 for i in chosen)
 
 
 def _casts_to_string(node: NodeProto) -> bool:
