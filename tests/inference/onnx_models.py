@@ -491,6 +491,26 @@ def string_gather_shadowed_indices() -> bytes:
     )
 
 
+def string_matches_constant(text: str, copies: bool = False) -> bytes:
+    """``same = Equal(s, c)`` of the request's ``s`` and a ``Constant`` node's string ``c``
+    (what an exporter writes instead of an initializer); ``copies``: ``c`` also ``Expand``ed to
+    the request's count ``n`` (output ``k``, the copies' count)."""
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value_strings=[text]),
+        helper.make_node("Equal", ["s", "c"], ["same"]),
+    ]
+    inputs = [_text("s", [1])]
+    outputs = [helper.make_tensor_value_info("same", TensorProto.BOOL, [1])]
+    if copies:
+        nodes += [
+            helper.make_node("Expand", ["c", "n"], ["many"]),
+            helper.make_node("Size", ["many"], ["k"]),
+        ]
+        inputs.append(_int64("n", [1]))
+        outputs.append(_int64("k", []))
+    return _strings_model(nodes, inputs, outputs, opset=20)  # Equal of strings: opset 19
+
+
 def string_concat_chain(doublings: int) -> bytes:
     """``s`` concatenated with itself ``doublings`` times over (a fixed ``2**doublings`` copies)."""
     nodes = [

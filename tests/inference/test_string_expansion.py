@@ -162,6 +162,17 @@ def test_columns_picked_at_constant_distinct_indices_load() -> None:
     assert "Gather node in the body of Loop node" in message, message
 
 
+def test_a_long_string_in_a_constant_node_loads_like_an_initializer() -> None:
+    """A ``Constant`` node holding a string longer than 15 bytes was refused as if it repeated
+    it (the same string as an initializer loaded): it holds it once; repeating it still counts."""
+    greeting = "a greeting longer than fifteen bytes"
+    model = LoadedModel.from_bytes("m", "1", onnx_models.string_matches_constant(greeting))
+    s = np.array([greeting.encode()], dtype=object)
+    assert model.infer({"s": s})["same"].tolist() == [True]
+    message = _refused(onnx_models.string_matches_constant(greeting, copies=True))
+    assert "Expand node" in message, message
+
+
 def test_copies_a_graph_makes_of_a_request_string_count_against_the_cap() -> None:
     """One ``Concat(s, s)`` is two copies; six in a row are 127 of up to 64 MiB each."""
     LoadedModel.from_bytes("m", "1", onnx_models.string_concat_chain(1))

@@ -21,16 +21,17 @@ The check walks the graph (subgraphs of ``If``, ``Loop``, ``Scan`` and any other
 
 A value whose elements are all at most 15 bytes costs only what the arena counts, whatever its
 length. A longer one may only pass through an operator that places each element of its string
-inputs at most once (``Identity``, ``Reshape``, ``Slice``, ``Concat``, ``Scatter*`` without a reduction, the sequence
-operators, ``Gather``/``ArrayFeatureExtractor`` at constant distinct indices, ...;
-:data:`_PRESERVING`), its characters then the sum of its inputs'. Any other
+inputs at most once (``Identity``, ``Reshape``, ``Slice``, ``Concat``, ``Scatter*`` without a
+reduction, the sequence operators, ``Gather``/``ArrayFeatureExtractor`` at constant distinct
+indices, ...; :data:`_PRESERVING`), its characters then the sum of its inputs'. Any other
 operator yielding it, or a ``Loop``/``Scan`` body returning it (repeated by the iteration count;
-a value the body carries is walked as the node's or anything short, what a previous iteration may
-have returned), makes the model refused; so does a graph whose long string values together could hold more
-characters than ``max_inference_memory_bytes`` (one run's: the inputs, each intermediate and
-output counted as if all were held at once). Another domain's operator whose output is a string
-(declared so, or untyped with string inputs) is assumed to make strings of any length. Fail
-closed: what the walk cannot bound or read, it refuses (the operator may still let it through).
+a value the body carries is walked as the node's or anything short, what a previous iteration
+may have returned), makes the model refused; so does a graph whose long string values together
+could hold more characters than ``max_inference_memory_bytes`` (one run's: the inputs, each
+intermediate and output counted as if all were held at once). Another domain's operator whose
+output is a string (declared so, or untyped with string inputs) is assumed to make strings of
+any length. Fail closed: what the walk cannot bound or read, it refuses (the operator may still
+let it through).
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def check_string_expansion(model: bytes, *, max_input_bytes: int, max_chars: int
         if _runs_as_an_operator(function.domain, function.name):
             raise StringExpansion(
                 f"its model-local function {function.domain or 'ai.onnx'}.{function.name} has the "
-                "name of an operator ONNX Runtime runs itself, not the function's body the check reads"
+                "name of an operator ONNX Runtime runs itself, not the body the check would read"
             )
     try:
         if proto.functions:
@@ -426,6 +427,9 @@ def _preserves(node: NodeProto, op: str) -> bool:
     and writes nothing long of its own. ORT's ``Tokenizer`` (what sklearn-onnx writes for a text
     vectorizer) splits each string into tokens, pads each row to the longest with ``pad_value``:
     preserving while that is short (the padding's count is the arena's to bound)."""
+    if op == "Constant":
+        # Its value, once (what an initializer is): a long one is counted, not refused.
+        return True
     if op == "com.microsoft.Tokenizer":
         padding = _attribute_strings(node, frozenset({"pad_value"}))
         return all(len(p) <= SHORT_STRING_BYTES for p in padding)
