@@ -332,6 +332,196 @@ def string_doubler_loop() -> bytes:
     )
 
 
+def string_growing_loop(step: str = "StringConcat", seed: str = "abcdefg") -> bytes:
+    """A ``Loop`` carrying the short constant ``seed`` ``n`` times through ``step``:
+    ``StringConcat(c, c)`` doubles its length each iteration (``len(seed) * 2**n`` bytes in one
+    string), ``Identity`` keeps it as it is."""
+    body = helper.make_graph(
+        [
+            helper.make_node(
+                step, ["c_in", "c_in"] if step == "StringConcat" else ["c_in"], ["c_out"]
+            ),
+            helper.make_node("Identity", ["cond"], ["cond_out"]),
+        ],
+        "grow",
+        [
+            _int64("i", []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            _text("c_in"),
+        ],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _text("c_out")],
+    )
+    seed_tensor = numpy_helper.from_array(np.array([seed.encode()], dtype=object), "seed")
+    return _strings_model(
+        [helper.make_node("Loop", ["n", "", "seed"], ["r"], body=body)],
+        [_int64("n", [])],
+        [_text("r", [1])],
+        [seed_tensor],
+        opset=20,  # StringConcat
+    )
+
+
+def string_scatter_sum(op: str = "ScatterElements", reduction: str = "add") -> bytes:
+    """A 15-byte constant ``Expand``ed ``n`` times (short strings: the arena counts them), all
+    ``op``-scattered into one element with ``reduction`` (ORT's ``add`` concatenates strings:
+    one ``15 * n + 1``-byte string), that string then ``Expand``ed ``m`` times; outputs only
+    ``k``, the copies' count, and ``size``, the pieces ``StringSplit`` cuts ``joined`` into at
+    each "b" (its length here)."""
+    index_shape = ["n"] if op == "ScatterElements" else ["n_1"]
+    nodes = [
+        helper.make_node("Expand", ["b15", "n"], ["updates"]),
+        helper.make_node("Concat", ["n", "one"], ["n_1"], axis=0),
+        helper.make_node("ConstantOfShape", index_shape, ["indices"], value=_zero_int64()),
+        helper.make_node(op, ["a", "indices", "updates"], ["joined"], reduction=reduction),
+        helper.make_node("Expand", ["joined", "m"], ["copies"]),
+        helper.make_node("Size", ["copies"], ["k"]),
+        helper.make_node("StringSplit", ["joined"], ["pieces", "size"], delimiter="b"),
+    ]
+    constants = [
+        numpy_helper.from_array(np.array([b"b" * 15], dtype=object), "b15"),
+        numpy_helper.from_array(np.array([b"a"], dtype=object), "a"),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+    ]
+    return _strings_model(
+        nodes,
+        [_int64("n", [1]), _int64("m", [1])],
+        [_int64("k", []), _int64("size", [1])],
+        constants,
+        opset=20,  # StringSplit
+    )
+
+
+def string_scan8_expander() -> bytes:
+    """A ``Scan`` of opset 8 (its first input ``sequence_lens``, left out) carrying the request's
+    string ``s`` as state ``a`` and an INT64 state ``b``, scanning the counts ``xs``: each
+    iteration ``Expand``s ``a`` to the count it is given; outputs ``ks``, the shapes made."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Expand", ["a", "x"], ["y"]),
+            helper.make_node("Shape", ["y"], ["k"]),
+            helper.make_node("Identity", ["a"], ["a_out"]),
+            helper.make_node("Identity", ["x"], ["b_out"]),
+        ],
+        "expand_each",
+        [_text("a", [1]), _int64("b", [1]), _int64("x", [1])],
+        [_text("a_out", [1]), _int64("b_out", [1]), _int64("k", [1])],
+    )
+    scan = helper.make_node(
+        "Scan", ["", "s", "b0", "xs"], ["r", "b_last", "ks"], body=body, num_scan_inputs=1
+    )
+    graph = helper.make_graph(
+        [scan],
+        "scan8",
+        [_text("s", [1, 1]), _int64("b0", [1, 1]), _int64("xs", [1, "n", 1])],
+        [_int64("ks", [1, "n", 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 4
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def string_expander_named_identity(domain: str = "") -> bytes:
+    """``y = Expand(s, n)``, with a model-local function ``domain.Expand`` whose body is an
+    ``Identity`` of ``s``: ONNX's inliner puts the body in the node's place, ORT runs its own
+    ``Expand`` where the domain is ONNX's; outputs ``k``, the shape made."""
+    function = helper.make_function(
+        domain,
+        "Expand",
+        ["s", "n"],
+        ["y"],
+        [helper.make_node("Identity", ["s"], ["y"])],
+        [helper.make_opsetid("", OPSET)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Expand", ["s", "n"], ["y"], domain=domain),
+            helper.make_node("Shape", ["y"], ["k"]),
+        ],
+        "shadowed",
+        [_text("s", [1]), _int64("n", [1])],
+        [_int64("k", [1])],
+    )
+    opsets = [helper.make_opsetid("", OPSET)]
+    if domain:
+        opsets.append(helper.make_opsetid(domain, 1))
+    model = helper.make_model(graph, opset_imports=opsets, functions=[function])
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()
+
+
+def string_columns(columns: list[int]) -> bytes:
+    """What sklearn-onnx writes to pick a ``ColumnTransformer``'s (or ``OneHotEncoder``'s) string
+    columns: ``ArrayFeatureExtractor`` (ai.onnx.ml) of the request's ``x`` [N, 3] at an INT64
+    initializer of column indices."""
+    indices = helper.make_tensor("column_indices", TensorProto.INT64, [len(columns)], columns)
+    return _strings_model(
+        [
+            helper.make_node(
+                "ArrayFeatureExtractor", ["x", "column_indices"], ["picked"], domain="ai.onnx.ml"
+            )
+        ],
+        [_text("x", ["n", 3])],
+        [_text("picked", ["n", len(columns)])],
+        [indices],
+        ml=True,
+    )
+
+
+def string_gather_shadowed_indices() -> bytes:
+    """``Gather(s, idx)`` at the distinct constant ``idx`` [0, 1], and in a ``Loop`` body whose
+    carried input is also named ``idx``: there the request's ``zeros`` (one copy of ``s[0]`` per
+    element); outputs ``ks``, the body's copy counts."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Gather", ["s", "idx"], ["picked"]),
+            helper.make_node("Size", ["picked"], ["k"]),
+            helper.make_node("Identity", ["cond"], ["cond_out"]),
+            helper.make_node("Identity", ["idx"], ["idx_out"]),
+        ],
+        "gather_carried",
+        [
+            _int64("i", []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            _int64("idx", ["m"]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            _int64("idx_out", ["m"]),
+            _int64("k", []),
+        ],
+    )
+    return _strings_model(
+        [
+            helper.make_node("Gather", ["s", "idx"], ["first"]),
+            helper.make_node("Loop", ["one", "", "zeros"], ["idx_last", "ks"], body=body),
+        ],
+        [_text("s", [2]), _int64("one", []), _int64("zeros", ["m"])],
+        [_int64("ks", [1]), _text("first", [2])],
+        [helper.make_tensor("idx", TensorProto.INT64, [2], [0, 1])],
+    )
+
+
+def string_matches_constant(text: str, copies: bool = False) -> bytes:
+    """``same = Equal(s, c)`` of the request's ``s`` and a ``Constant`` node's string ``c``
+    (what an exporter writes instead of an initializer); ``copies``: ``c`` also ``Expand``ed to
+    the request's count ``n`` (output ``k``, the copies' count)."""
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value_strings=[text]),
+        helper.make_node("Equal", ["s", "c"], ["same"]),
+    ]
+    inputs = [_text("s", [1])]
+    outputs = [helper.make_tensor_value_info("same", TensorProto.BOOL, [1])]
+    if copies:
+        nodes += [
+            helper.make_node("Expand", ["c", "n"], ["many"]),
+            helper.make_node("Size", ["many"], ["k"]),
+        ]
+        inputs.append(_int64("n", [1]))
+        outputs.append(_int64("k", []))
+    return _strings_model(nodes, inputs, outputs, opset=20)  # Equal of strings: opset 19
+
+
 def string_concat_chain(doublings: int) -> bytes:
     """``s`` concatenated with itself ``doublings`` times over (a fixed ``2**doublings`` copies)."""
     nodes = [

@@ -88,11 +88,106 @@ def test_the_check_reaches_into_branches_and_outer_scope_strings() -> None:
     assert "Expand node in the body of If node" in message, message
 
 
+def test_a_loop_lengthening_a_short_string_it_carries_is_refused() -> None:
+    """The body was walked once with the carried value's first bounds: ``StringConcat(c, c)`` of
+    a 7-byte constant looked like 14 bytes (short), yet each iteration doubles it (7 MiB after
+    20, one string outside the cap, for a request of one number)."""
+    growing = onnx_models.string_growing_loop("StringConcat")
+    trusted = RuntimeOptions(allow_string_expansion=True)
+    grown = LoadedModel.from_bytes("m", "1", growing, options=trusted)
+    assert len(grown.infer({"n": np.array(5, dtype=np.int64)})["r"][0]) == 7 * 2**5
+    message = _refused(growing)
+    assert "StringConcat node in the body of Loop node" in message, message
+    # Carrying a short string unchanged is fine.
+    kept = LoadedModel.from_bytes("m", "1", onnx_models.string_growing_loop("Identity"))
+    assert kept.infer({"n": np.array(3, dtype=np.int64)})["r"].tolist() == [b"abcdefg"]
+
+
+@pytest.mark.parametrize("op", ["ScatterElements", "ScatterND"])
+def test_a_scatter_adding_short_strings_into_one_long_one_is_refused(op: str) -> None:
+    """``Scatter*`` was taken to place each string once, but ORT's ``reduction="add"``
+    concatenates the updates aimed at one element: ``n`` short strings (counted by the arena)
+    became one ``15 * n``-byte string, which the check still took for short and let ``Expand``
+    repeat ``m`` times (``15 * n * m`` bytes outside the cap from two numbers)."""
+    model = onnx_models.string_scatter_sum(op)
+    trusted = RuntimeOptions(allow_string_expansion=True)
+    loaded = LoadedModel.from_bytes("m", "1", model, options=trusted)
+    feeds = {"n": np.array([5], dtype=np.int64), "m": np.array([3], dtype=np.int64)}
+    out = loaded.infer(feeds)
+    assert int(out["k"]) == 3 and out["size"].tolist() == [15 * 5 + 1]  # "a" + 75 "b"s
+    message = _refused(model)
+    assert f"{op} node" in message and "any length" in message, message
+    # Without a reduction it places each update once: the 15-byte string stays short.
+    placed = LoadedModel.from_bytes("m", "1", onnx_models.string_scatter_sum(op, "none"))
+    assert placed.infer(feeds)["size"].tolist() == [16]  # "b" * 15, cut at each "b"
+
+
+def test_an_opset_8_scan_body_repeating_its_string_state_is_refused() -> None:
+    """Scan-8's first input is ``sequence_lens``, which its body has no input for: the walk lined
+    the node's inputs up with the body's from the first, so the request's string went to the
+    body's INT64 state and its string state was untracked; ``Expand`` repeated it unchecked."""
+    model = onnx_models.string_scan8_expander()
+    trusted = RuntimeOptions(allow_string_expansion=True)
+    loaded = LoadedModel.from_bytes("m", "1", model, options=trusted)
+    feeds = {
+        "s": np.array([[b"x" * 64]], dtype=object),
+        "b0": np.array([[0]], dtype=np.int64),
+        "xs": np.array([[[5], [7]]], dtype=np.int64),
+    }
+    assert loaded.infer(feeds)["ks"].tolist() == [[[5], [7]]]  # 5, then 7 copies
+    message = _refused(model)
+    assert "Expand node in the body of Scan node" in message, message
+
+
+def test_a_local_function_named_like_an_operator_ort_runs_is_refused() -> None:
+    """A model-local function ``Expand`` (ONNX's domain) whose body is an ``Identity``: the
+    check inlined and judged the body, ORT ran its own ``Expand`` and repeated the string."""
+    model = onnx_models.string_expander_named_identity()
+    trusted = RuntimeOptions(allow_string_expansion=True)
+    loaded = LoadedModel.from_bytes("m", "1", model, options=trusted)
+    feeds = {"s": np.array([b"x" * 64], dtype=object), "n": np.array([4], dtype=np.int64)}
+    assert loaded.infer(feeds)["k"].tolist() == [4]  # ORT's Expand ran: 4 copies
+    message = _refused(model)
+    assert "model-local function ai.onnx.Expand" in message, message
+    # The same function in the model's own domain is what ORT runs, and is judged as such.
+    LoadedModel.from_bytes("m", "1", onnx_models.string_expander_named_identity("local"))
+
+
+def test_columns_picked_at_constant_distinct_indices_load() -> None:
+    """sklearn-onnx picks a ``ColumnTransformer``'s or ``OneHotEncoder``'s string columns with
+    ``ArrayFeatureExtractor`` at an INT64 initializer: the check took it to repeat the request's
+    strings by its indices and refused every such pipeline fed one string tensor."""
+    picked = LoadedModel.from_bytes("m", "1", onnx_models.string_columns([0, 2]))
+    x = np.array([[b"a" * 20, b"b", b"c" * 30]], dtype=object)
+    assert picked.infer({"x": x})["picked"].tolist() == [[b"a" * 20, b"c" * 30]]
+    # An index given twice repeats a column's strings: still refused.
+    message = _refused(onnx_models.string_columns([0, 0]))
+    assert "ArrayFeatureExtractor node" in message, message
+    # A Loop body's input named like the constant is the runtime value inside the body.
+    message = _refused(onnx_models.string_gather_shadowed_indices())
+    assert "Gather node in the body of Loop node" in message, message
+
+
+def test_a_long_string_in_a_constant_node_loads_like_an_initializer() -> None:
+    """A ``Constant`` node holding a string longer than 15 bytes was refused as if it repeated
+    it (the same string as an initializer loaded): it holds it once; repeating it still counts."""
+    greeting = "a greeting longer than fifteen bytes"
+    model = LoadedModel.from_bytes("m", "1", onnx_models.string_matches_constant(greeting))
+    s = np.array([greeting.encode()], dtype=object)
+    assert model.infer({"s": s})["same"].tolist() == [True]
+    message = _refused(onnx_models.string_matches_constant(greeting, copies=True))
+    assert "Expand node" in message, message
+
+
 def test_copies_a_graph_makes_of_a_request_string_count_against_the_cap() -> None:
     """One ``Concat(s, s)`` is two copies; six in a row are 127 of up to 64 MiB each."""
     LoadedModel.from_bytes("m", "1", onnx_models.string_concat_chain(1))
     message = _refused(onnx_models.string_concat_chain(6))
     assert "more than the 2147483648 bytes runs may hold" in message, message
+    # 1100 doublings count past a float's range: refused for the same reason, not a crash
+    # of the check (OverflowError, reported as ORT rejecting the model, MODEL_INVALID).
+    message = _refused(onnx_models.string_concat_chain(1100))
+    assert "more than 2**1024 bytes of characters" in message, message
 
 
 def test_strings_used_harmlessly_still_load_and_run() -> None:

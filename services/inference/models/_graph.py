@@ -7,8 +7,10 @@ model-local functions is enumerated here, once, for both load-time checks that r
   each graph as it begins and of each node in the order ONNX Runtime runs it.
 
 The model is parsed once with onnx; the weights' bytes are dropped at once (only a string
-initializer's matter), before inlining and type inference copy the model, so a big model is
-not held twice while the walk runs. Model-local functions are inlined (the analysis follows
+initializer's matter, and a small integer one's, which may be indices: :func:`small_integers`), before inlining and type inference copy the model, so a big model is
+not held twice while the walk runs. The analysis is shown the model-local functions as declared
+(:meth:`Analysis.declared`: ONNX Runtime runs its own operator for a call named like one it
+implements, whatever the function's body says), then they are inlined (the analysis follows
 their nodes where they are called); after the graph, the functions' bodies as declared are
 enumerated too (one nothing calls included, and all of them when inlining failed): their
 operators count wherever they stand. A function declared in ONNX's own domain stands for the
@@ -23,11 +25,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
+import math
 from collections.abc import Callable, Sequence
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 import onnx
-from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, inliner
+from onnx import AttributeProto, FunctionProto, GraphProto, NodeProto, TensorProto, inliner
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 """The domains of ONNX's standard operators (one name, two spellings)."""
@@ -48,6 +51,20 @@ _WEIGHT_FIELDS = (
     "double_data",
     "uint64_data",
 )
+
+
+SMALL_INTEGERS = 4096
+"""The most elements an integer initializer may have to be kept (read as indices); the rest are
+weights, dropped unread."""
+
+
+def small_integers(tensor: TensorProto) -> bool:
+    """Whether ``tensor`` is an integer constant small enough to be kept and read (indices)."""
+    return (
+        tensor.data_type in (TensorProto.INT64, TensorProto.INT32)
+        and tensor.data_location != TensorProto.EXTERNAL
+        and math.prod(tensor.dims) <= SMALL_INTEGERS
+    )
 
 
 class Subgraph(NamedTuple):
@@ -97,6 +114,9 @@ class Analysis(Protocol[S]):
     ``IndexError``, ``AttributeError``, ``TypeError``, ``ValueError``) stops it (:meth:`failed`),
     not the walk; anything else it raises ends the walk too."""
 
+    def declared(self, functions: Sequence[FunctionProto]) -> None:
+        """The model-local functions as declared, before they are inlined."""
+
     def main(self, graph: GraphProto) -> S:
         """The scope the main graph starts with."""
 
@@ -116,7 +136,7 @@ def walk_model(model: bytes, analysis: Analysis[S]) -> frozenset[str]:
     except Exception:  # protobuf's DecodeError, or whatever else a parse of bad bytes raises
         raise ValueError("not a serialized ONNX model") from None
     for init in proto.graph.initializer:
-        if init.data_type != TensorProto.STRING:
+        if init.data_type != TensorProto.STRING and not small_integers(init):
             for name in _WEIGHT_FIELDS:
                 init.ClearField(name)
     functions = list(proto.functions)  # inlining drops them, called or not
@@ -124,6 +144,7 @@ def walk_model(model: bytes, analysis: Analysis[S]) -> frozenset[str]:
     # A function declared in a standard domain is called by nodes of that operator type, which
     # inlining replaces with its body: its name counts as an operator (declared is enough).
     walk.operators.update(f.name for f in functions if f.domain in STANDARD_DOMAINS)
+    walk.run(lambda: analysis.declared(functions))
     try:
         if proto.functions:
             proto = inliner.inline_local_functions(proto)

@@ -22,14 +22,18 @@ in the order ONNX Runtime runs them) as its :class:`Analysis`, and bounds every 
 
 A value whose elements are all at most 15 bytes costs only what the arena counts, whatever its
 length. A longer one may only pass through an operator that places each element of its string
-inputs at most once (``Identity``, ``Reshape``, ``Slice``, ``Concat``, ``Scatter*``, the sequence
-operators, ...; :data:`_PRESERVING`), its characters then the sum of its inputs'. Any other
-operator yielding it, or a ``Loop``/``Scan`` body returning it (repeated by the iteration count),
-makes the model refused; so does a graph whose long string values together could hold more
-characters than ``max_inference_memory_bytes`` (one run's: the inputs, each intermediate and
-output counted as if all were held at once). Another domain's operator whose output is a string
-(declared so, or untyped with string inputs) is assumed to make strings of any length. Fail
-closed: what the walk cannot bound or read, it refuses (the operator may still let it through).
+inputs at most once (``Identity``, ``Reshape``, ``Slice``, ``Concat``, ``Scatter*`` without a
+reduction, the sequence operators, ``Gather``/``ArrayFeatureExtractor`` at constant distinct
+indices, a ``Constant``'s value, ...; :data:`_PRESERVING`), its characters then the sum of its
+inputs'. Any other operator yielding it, or a ``Loop``/``Scan`` body returning it (repeated by the
+iteration count; a value the body carries is walked as the node's or anything short, what a
+previous iteration may have returned), makes the model refused; so does a graph whose long string
+values together could hold more characters than ``max_inference_memory_bytes`` (one run's: the
+inputs, each intermediate and output counted as if all were held at once), and a model-local
+function named like an operator ONNX Runtime runs itself (it runs its operator, not the body the
+check would read). Another domain's operator whose output is a string (declared so, or untyped
+with string inputs) is assumed to make strings of any length. Fail closed: what the walk cannot
+bound or read, it refuses (the operator may still let it through).
 """
 
 from __future__ import annotations
@@ -38,14 +42,25 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
-from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, TypeProto
+import onnx
+from onnx import (
+    AttributeProto,
+    FunctionProto,
+    GraphProto,
+    NodeProto,
+    TensorProto,
+    TypeProto,
+    numpy_helper,
+)
 
 from strongroom.inference.models._graph import (
+    SMALL_INTEGERS,
     STANDARD_DOMAINS,
     Finding,
     InliningFailed,
     Subgraph,
     Unordered,
+    small_integers,
 )
 
 SHORT_STRING_BYTES = 15
@@ -165,11 +180,14 @@ def _longest(texts: Sequence[_Text]) -> int | None:
 
 @dataclasses.dataclass
 class _Scope:
-    """A graph's string values' bounds (its outer scopes' included), value types, and where."""
+    """A graph's string values' bounds (its outer scopes' included), value types, where, and its
+    small integer constants (initializers no request can replace, ``Constant`` nodes) by name:
+    what may be column indices."""
 
     texts: dict[str, _Text]
     types: dict[str, TypeProto]
     where: str
+    indices: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 class StringBounds:
@@ -188,8 +206,10 @@ class StringBounds:
     def problem(self) -> str | None:
         """The first reason the model is refused (after the walk), or None."""
         if self._problem is None and not self._stopped and self.held > self.max_chars:
+            # Copies of copies overflow a float to infinity (1024 doublings), which no int holds.
+            held = "more than 2**1024" if math.isinf(self.held) else str(math.ceil(self.held))
             return (
-                f"its string values could hold {math.ceil(self.held)} bytes of characters in one "
+                f"its string values could hold {held} bytes of characters in one "
                 f"run (the request's strings up to {self.max_input_bytes} bytes, and every string "
                 f"value the graph derives from them), more than the {self.max_chars} bytes runs "
                 "may hold"
@@ -215,6 +235,18 @@ class StringBounds:
             # but what the walk cannot read it does not pass.
             self._problem = f"its graph could not be checked ({type(exc).__name__})"
 
+    def declared(self, functions: Sequence[FunctionProto]) -> None:
+        """Refuses a model-local function ORT would not run: ONNX's inliner puts its body where
+        it is called, but ORT runs its own operator for a node named like one it implements, so
+        the check would judge a body ORT ignores (an ``Identity`` named ``Expand``)."""
+        for function in functions:
+            if _runs_as_an_operator(function.domain, function.name):
+                raise StringExpansion(
+                    f"its model-local function {function.domain or 'ai.onnx'}.{function.name} has "
+                    "the name of an operator ONNX Runtime runs itself, not the body the check "
+                    "would read"
+                )
+
     def main(self, graph: GraphProto) -> _Scope:
         """The main graph's scope: its string inputs are the request's."""
         return self.scope(graph, _Scope({}, {}, "the graph"), None)
@@ -224,7 +256,11 @@ class StringBounds:
     ) -> _Scope:
         """The bounds ``graph`` starts with (its outer scope's included). ``inputs`` gives a
         subgraph's inputs' bounds; the main graph's (None) are the request's."""
-        scope = _Scope(dict(outer.texts), dict(outer.types), where or outer.where)
+        replaceable = {value.name for value in graph.input}
+        # A body's input may have the name of an outer constant (ORT lets it): inside, that name
+        # is the runtime value (a Loop's carried indices, say), not the constant.
+        indices = {k: v for k, v in outer.indices.items() if k not in replaceable}
+        scope = _Scope(dict(outer.texts), dict(outer.types), where or outer.where, indices)
         for value in (*graph.input, *graph.output, *graph.value_info):
             if value.type.WhichOneof("value") is not None:
                 scope.types[value.name] = value.type
@@ -232,6 +268,8 @@ class StringBounds:
             text = _tensor_text(init)
             if text is not None:
                 scope.texts[init.name] = self.hold(text)
+            elif init.name not in replaceable and small_integers(init):
+                scope.indices[init.name] = [int(i) for i in numpy_helper.to_array(init).flat]
         request = False
         for value in graph.input:
             if value.name in scope.texts:
@@ -251,6 +289,13 @@ class StringBounds:
         """Bounds ``node``'s string outputs; the plan for its subgraphs, if it has any."""
         op = node.op_type if node.domain in STANDARD_DOMAINS else f"{node.domain}.{node.op_type}"
         label = f"{op} node {node.name!r}" if node.name else f"{op} node"
+        if op == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and small_integers(attr.t):
+                    values = [int(i) for i in numpy_helper.to_array(attr.t).flat]
+                    scope.indices[node.output[0]] = values
+                elif attr.name == "value_ints" and len(attr.ints) <= SMALL_INTEGERS:
+                    scope.indices[node.output[0]] = [int(i) for i in attr.ints]
         if op == "If":
             return _Branches(self, scope, node, subgraphs, label)
         if op in ("Loop", "Scan"):
@@ -277,7 +322,8 @@ class StringBounds:
                 if from_numbers
                 else _output_text(node, op, strings, made)
             )
-            if not text.short and (not _preserves(node, op) or from_numbers):
+            preserves = _preserves(node, op) or _selects_once(scope, node, op)
+            if not text.short and (not preserves or from_numbers):
                 raise StringExpansion(
                     f"{label} in {scope.where} makes string elements of {text.limit} (more than "
                     f"the {SHORT_STRING_BYTES} bytes the memory cap counts) as many times as the "
@@ -395,10 +441,26 @@ class _Iterated(_Bodies):
         # Loop's body takes (iteration, condition, carried...), Scan's (state..., scan slices...):
         # the node's inputs after Loop's first two line up with the body's after its first two.
         skip = 2 if self.loop else 0
-        given = [self.scope.texts.get(n) if n else None for n in self.node.input[skip:]]
+        # Scan-8 (opset 8) takes an optional sequence_lens first, which its body has no input
+        # for: lined up from the first, each of the node's inputs was taken for the body input
+        # before its own, so a string state reached the body untracked and the body could Expand it.
+        extra = 0 if self.loop else len(self.node.input) - len(body.input)
+        if extra not in (0, 1):
+            raise StringExpansion(
+                f"{self.label} in {self.scope.where} has inputs its body does not line up with"
+            )
+        inputs = self.node.input[skip + extra :]
+        given = [self.scope.texts.get(n) if n else None for n in inputs]
+        # The values a body carries from one iteration to the next (all of Loop's, Scan's state):
+        # the first iteration gets the node's, each later one what the last returned, which must
+        # be short (checked on leaving). Walked once with the node's alone, a body that lengthens
+        # a short string (StringConcat(c, c): 7 bytes, 14, 28, ... 7 MiB after 20) passed.
+        carried = (
+            len(given) if self.loop else len(given) - _int_attribute(self.node, "num_scan_inputs")
+        )
         body_inputs = {
-            value.name: text
-            for value, text in zip(body.input[skip:], given, strict=False)
+            value.name: _carried(text) if position < carried else text
+            for position, (value, text) in enumerate(zip(body.input[skip:], given, strict=False))
             if text is not None
         }
         return self.check.scope(body, self.scope, body_inputs, self.where)
@@ -504,10 +566,66 @@ def _preserves(node: NodeProto, op: str) -> bool:
     and writes nothing long of its own. ORT's ``Tokenizer`` (what sklearn-onnx writes for a text
     vectorizer) splits each string into tokens, pads each row to the longest with ``pad_value``:
     preserving while that is short (the padding's count is the arena's to bound)."""
+    if op == "Constant":
+        # Its value, once (what an initializer is): a long one is counted, not refused.
+        return True
     if op == "com.microsoft.Tokenizer":
         padding = _attribute_strings(node, frozenset({"pad_value"}))
         return all(len(p) <= SHORT_STRING_BYTES for p in padding)
-    return op in _PRESERVING
+    return op in _PRESERVING and not _reduces(node, op)
+
+
+def _reduces(node: NodeProto, op: str) -> bool:
+    """Whether a ``ScatterElements``/``ScatterND`` combines the updates aimed at one element:
+    ORT's ``add`` on strings concatenates them, so short strings, as many as a runtime value
+    says, become one long string (15 bytes times n) that the op places once but no bound holds."""
+    return op in ("ScatterElements", "ScatterND") and any(
+        a.name == "reduction" and a.s not in (b"", b"none") for a in node.attribute
+    )
+
+
+def _selects_once(scope: _Scope, node: NodeProto, op: str) -> bool:
+    """Whether ``node`` picks elements of its string input at constant, distinct indices, each
+    element so placed at most once: what sklearn-onnx writes to pick a ``ColumnTransformer``'s or
+    ``OneHotEncoder``'s columns (``ArrayFeatureExtractor`` by an INT64 initializer). Gather's
+    negative indices count from the end, so one of them and a non-negative one may be the same."""
+    if op not in (f"{_ML_DOMAIN}.ArrayFeatureExtractor", "Gather") or len(node.input) < 2:
+        return False
+    chosen = scope.indices.get(node.input[1])
+    if chosen is None or len(set(chosen)) != len(chosen):
+        return False
+    return all(i >= 0 for i in chosen) or all(i < 0 for i in chosen)
+
+
+# Domains whose operators ONNX Runtime implements itself (ONNX's, and its own contrib ones, which
+# ONNX cannot list): a node there runs ORT's kernel even where a local function has its name.
+_RUNTIME_DOMAIN_PREFIXES = ("com.microsoft", "com.ms.", "org.pytorch.")
+
+
+def _runs_as_an_operator(domain: str, name: str) -> bool:
+    """Whether ORT runs its own operator for a node calling model-local function ``name``."""
+    if domain.startswith(_RUNTIME_DOMAIN_PREFIXES):
+        return True
+    try:
+        return bool(onnx.defs.has(name, "" if domain == "ai.onnx" else domain))
+    except Exception:  # a domain ONNX does not know: nothing of its is built in
+        return False
+
+
+def _int_attribute(node: NodeProto, name: str) -> int:
+    """The INT attribute ``name`` of ``node``; KeyError (ORT refuses the node too: the check
+    says it cannot read it)."""
+    for attr in node.attribute:
+        if attr.name == name and attr.type == AttributeProto.INT:
+            return int(attr.i)
+    raise KeyError(name)
+
+
+def _carried(text: _Text) -> _Text:
+    """A carried value's bounds over every iteration: the node's, or anything short a previous
+    iteration returned."""
+    longest = None if text.longest is None else max(text.longest, SHORT_STRING_BYTES)
+    return _Text(longest, text.chars)
 
 
 def _casts_to_string(node: NodeProto) -> bool:
@@ -534,7 +652,7 @@ def _output_text(node: NodeProto, op: str, strings: list[_Text], made: list[byte
         return _Text(max((len(s) for s in written), default=0), float(sum(map(len, written))))
     known_domain = node.domain in ("", "ai.onnx", _ML_DOMAIN)
     longest: int | None
-    if not known_domain or any(t.longest is None for t in strings):
+    if not known_domain or any(t.longest is None for t in strings) or _reduces(node, op):
         longest = None  # another domain's operator may write strings of any length
     elif op == "StringConcat":
         longest = sum(t.longest or 0 for t in strings)
