@@ -507,7 +507,9 @@ def test_concurrent_first_calls_share_one_check(
     store: Server, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Calls arriving while the connection's check runs wait for its outcome (here held until
-    every other call waits for it) instead of each making a handshake of its own."""
+    every other call waits for it) instead of each making a handshake of its own. (The first
+    check ran before gRPC's connection was up, so once it is, a call may check that connection
+    once more, by design: that second check passes through unheld.)"""
     callers = 8
     waiting = threading.Semaphore(0)
 
@@ -525,9 +527,12 @@ def test_concurrent_first_calls_share_one_check(
     connects = _CheckConnects(monkeypatch, store.port)
     real = connects.real
 
+    first = threading.Lock()
+
     def held(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
-        for _ in range(callers - 1):  # every other caller waits for this check
-            assert waiting.acquire(timeout=30)
+        if first.acquire(blocking=False):
+            for _ in range(callers - 1):  # every other caller waits for this check
+                assert waiting.acquire(timeout=30)
         return real(address, *args, **kwargs)
 
     connects.real = held
@@ -537,7 +542,7 @@ def test_concurrent_first_calls_share_one_check(
     ):
         answers = list(pool.map(lambda _: ping(channel, timeout=30), range(callers)))
     assert answers == [b"x"] * callers
-    assert connects.count == 1
+    assert connects.count in (1, 2)  # the shared one, and perhaps that of gRPC's new connection
 
 
 def test_a_wait_for_ready_call_waits_for_a_server_that_comes_up_later(
