@@ -208,37 +208,25 @@ class PlaintextHealthPort:
                 (read, evicted), timeout=self._wait, return_when=asyncio.FIRST_COMPLETED
             )
             if read not in done and evicted in done:
-                if self._log.allow():
-                    log.warning(
-                        "health call ended: too many calls wait for their message",
-                        extra={
-                            "method": method,
-                            "peer": context.peer(),
-                            "reason": Reason.TOO_MANY_WAITING_CALLS,
-                        },
-                    )
-                raise ResourceExhausted(
+                raise self._ended(
+                    context,
+                    "health call ended: too many calls wait for their message",
                     f"{method}: {MAX_WAITING_CALLS} calls wait for their request message; this "
                     "one, waiting longest, was ended to make room (send the message with the call)",
-                    reason=Reason.TOO_MANY_WAITING_CALLS,
+                    Reason.TOO_MANY_WAITING_CALLS,
+                    method,
                 )
             if read not in done:
                 raise TimeoutError
             data = read.result()
         except TimeoutError:
-            if self._log.allow():
-                log.warning(
-                    "health call ended: no request message",
-                    extra={
-                        "method": method,
-                        "peer": context.peer(),
-                        "reason": Reason.REQUEST_MESSAGE_TIMEOUT,
-                    },
-                )
-            raise ResourceExhausted(
+            raise self._ended(
+                context,
+                "health call ended: no request message",
                 f"{method}: no request message within {self._wait:g}s "
                 "(server.health_request_wait_seconds); the call was ended",
-                reason=Reason.REQUEST_MESSAGE_TIMEOUT,
+                Reason.REQUEST_MESSAGE_TIMEOUT,
+                method,
             ) from None
         except StopAsyncIteration:
             raise InvalidArgument(
@@ -263,6 +251,20 @@ class PlaintextHealthPort:
             f"grpc.health.v1.HealthCheckRequest ({len(data)} bytes)",
             reason=Reason.MALFORMED_REQUEST,
         )
+
+    def _ended(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        line: str,
+        message: str,
+        reason: str,
+        method: str,
+    ) -> ResourceExhausted:
+        """The refusal of a call ended while it waited for its message, logged within the
+        port's log rate (anyone reaching the port decides how often this happens)."""
+        if self._log.allow():
+            log.warning(line, extra={"method": method, "peer": context.peer(), "reason": reason})
+        return ResourceExhausted(message, reason=reason)
 
     async def _check(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
