@@ -7,9 +7,14 @@ finding, the walk does not, so an operator after it is still found. Real ONNX Ru
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from strongroom.inference.models import LoadedModel, ModelLoadError, RuntimeOptions
+from strongroom.inference.models._graph import without_large_weights
+from strongroom.wire import WireError
 from tests.inference import onnx_models
 
 STRINGS_ALLOWED = RuntimeOptions(string_expansion_models=("m",))
@@ -45,3 +50,31 @@ def test_operators_are_found_wherever_they_stand_past_the_string_checks_finding(
     assert reason == "MODEL_OPERATOR_UNCAPPED" and "NonZero" in message, message
     reason, message = _reason(model, OPERATORS_ALLOWED)
     assert reason == "MODEL_STRING_EXPANSION", message
+
+
+def test_the_walk_parses_the_model_without_its_large_weights() -> None:
+    """Parsing a model to walk it copied every weight (a 512 MiB model took 0.2-0.4 s more to
+    load): the walk parses it without the raw bytes of initializers over KEPT_RAW_BYTES, every
+    other field as it was (small integer constants, which the string check reads, included)."""
+    big = numpy_helper.from_array(np.ones((300, 300), dtype=np.float32), "big")
+    small = numpy_helper.from_array(np.arange(10, dtype=np.int64), "cols")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "big"], ["h"]),
+            helper.make_node("Gather", ["h", "cols"], ["y"], axis=1),
+        ],
+        "weights",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 300])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [big, small],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    serialized = model.SerializeToString()
+    stripped = without_large_weights(serialized)
+    assert len(stripped) < len(serialized) - 300 * 300 * 4 + 1024
+    expected = onnx.load_model_from_string(serialized)
+    expected.graph.initializer[0].ClearField("raw_data")
+    assert onnx.load_model_from_string(stripped) == expected
+    assert without_large_weights(b"") == b""
+    with pytest.raises(WireError):
+        without_large_weights(b"\x0b")  # a group: no ONNX message has one

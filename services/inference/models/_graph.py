@@ -32,6 +32,8 @@ from typing import Generic, NamedTuple, Protocol, TypeVar
 import onnx
 from onnx import AttributeProto, FunctionProto, GraphProto, NodeProto, TensorProto, inliner
 
+from strongroom.wire import WireError, encode_varint, read_varint
+
 STANDARD_DOMAINS = ("", "ai.onnx")
 """The domains of ONNX's standard operators (one name, two spellings)."""
 
@@ -128,11 +130,88 @@ class Analysis(Protocol[S]):
         could not read: :class:`Unordered`, :class:`InliningFailed`, ``_UNREADABLE``)."""
 
 
+_MODEL_GRAPH = 7  # ModelProto.graph
+_GRAPH_INITIALIZER = 5  # GraphProto.initializer
+_TENSOR_RAW_DATA = 9  # TensorProto.raw_data
+KEPT_RAW_BYTES = 64 * 1024
+"""Raw initializer bytes :func:`without_large_weights` keeps: every tensor
+:func:`small_integers` reads (at most 4,096 64-bit integers) fits."""
+
+
+def without_large_weights(model: bytes) -> bytes:
+    """``model`` without the ``raw_data`` of its main graph's initializers larger than
+    :data:`KEPT_RAW_BYTES`, every other byte as it was: parsing a model copies its weights (a
+    512 MiB model took ~0.2-0.4 s more to check at load), and the walk never reads them.
+    :class:`~strongroom.wire.WireError` if the bytes do not scan as protobuf fields."""
+    buf = memoryview(model)
+    out = bytearray()
+    for start, end, number, payload in _scan(buf):
+        if number == _MODEL_GRAPH and payload is not None:
+            graph = bytearray()
+            for g_start, g_end, g_number, g_payload in _scan(payload):
+                if g_number == _GRAPH_INITIALIZER and g_payload is not None:
+                    graph += _length_delimited(g_number, _without_raw_data(g_payload))
+                else:
+                    graph += payload[g_start:g_end]
+            out += _length_delimited(number, graph)
+        else:
+            out += buf[start:end]
+    return bytes(out)
+
+
+def _without_raw_data(tensor: memoryview) -> bytearray | memoryview:
+    """A serialized TensorProto without a ``raw_data`` over :data:`KEPT_RAW_BYTES`."""
+    kept = bytearray()
+    dropped = False
+    for start, end, number, payload in _scan(tensor):
+        if number == _TENSOR_RAW_DATA and payload is not None and len(payload) > KEPT_RAW_BYTES:
+            dropped = True
+        else:
+            kept += tensor[start:end]
+    return kept if dropped else tensor
+
+
+def _length_delimited(number: int, payload: bytes | bytearray | memoryview) -> bytes:
+    return encode_varint(number << 3 | 2) + encode_varint(len(payload)) + bytes(payload)
+
+
+def _scan(message: memoryview) -> list[tuple[int, int, int, memoryview | None]]:
+    """Each field of ``message``: its start and end offsets, its number, and the contents of a
+    length-delimited one. Groups (which no ONNX message has) are a WireError."""
+    out: list[tuple[int, int, int, memoryview | None]] = []
+    pos, end = 0, len(message)
+    while pos < end:
+        start = pos
+        key, pos = read_varint(message, pos)
+        number, wire_type = key >> 3, key & 7
+        payload = None
+        if wire_type == 0:
+            _, pos = read_varint(message, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 2:
+            size, pos = read_varint(message, pos)
+            payload = message[pos : pos + size]
+            pos += size
+        else:
+            raise WireError(f"wire type {wire_type}")
+        if number == 0 or pos > end:
+            raise WireError("malformed field")
+        out.append((start, pos, number, payload))
+    return out
+
+
 def walk_model(model: bytes, analysis: Analysis[S]) -> frozenset[str]:
     """Walks every node of ``model`` (serialized ONNX) with ``analysis``; returns the operator
     types of the standard-domain nodes. ``ValueError`` if ``model`` is not an ONNX model."""
     try:
-        proto = onnx.load_model_from_string(model)
+        stripped = without_large_weights(model)
+    except WireError:  # not protobuf as far as the scan can tell: protobuf's parser judges it
+        stripped = model
+    try:
+        proto = onnx.load_model_from_string(stripped)
     except Exception:  # protobuf's DecodeError, or whatever else a parse of bad bytes raises
         raise ValueError("not a serialized ONNX model") from None
     for init in proto.graph.initializer:
