@@ -9,7 +9,7 @@ certificate.
 :class:`RotatingChannel` is a ``grpc.Channel``: generated stubs and ``grpc.intercept_channel`` work on
 it unchanged. A handshake rejection of our certificate surfaces as
 :class:`~strongroom.pki.handshake.ClientCertificateRejected` (UNAUTHENTICATED) instead of gRPC's
-opaque UNAVAILABLE; futures (``.future()``) are not translated.
+opaque UNAVAILABLE, for blocking, ``.future()`` and streaming calls alike.
 
 With ``server_id``, the channel checks that the server is the workload expected at the target:
 before the first call on each connection it verifies the SPIFFE ID in the server's certificate
