@@ -846,39 +846,65 @@ def test_a_health_call_whose_message_came_as_the_watchdog_fired_is_not_cancelled
     running = mesh(health_request_wait_seconds=0.2)
     channel = running.caller("client")
     watch = f"/{HEALTH_SERVICE}/Watch"
-    let_in, let_go, stalled_gate = threading.Event(), threading.Event(), threading.Event()
+    stalled_gate = threading.Event()
     held = running.host.shares.held_now
+    with _LateWatch("no request message", lambda: held() == 0) as late:
+        try:
+            call = late.start(channel)
+            # Another call past the bound is cancelled: the watchdog went on past the first.
+            stalled = channel.stream_stream(watch, _raw, _raw)(never_sent(stalled_gate), timeout=60)
+            assert refusal(lambda: next(stalled))[0] == grpc.StatusCode.CANCELLED
+        finally:
+            stalled_gate.set()
+    _told_of_not_serving(running, call)
+    call.cancel()
 
-    def sent_late() -> Iterator[bytes]:
-        let_in.wait(60)
+
+class _LateWatch(logging.Handler):
+    """A health ``Watch`` whose request message is sent from inside the callers' watchdog's log
+    call whose text holds ``line``: after the watchdog chose the calls to cancel and before it
+    cancels them. The log call returns once ``read`` holds (the message was read)."""
+
+    def __init__(self, line: str, read: Callable[[], bool]) -> None:
+        super().__init__()
+        self._line, self._read = line, read
+        self._let_in, self._let_go = threading.Event(), threading.Event()
+        self._logger = logging.getLogger("strongroom.runtime.callers")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._line in record.getMessage() and not self._let_in.is_set():
+            self._let_in.set()  # the message goes, and is read, while the watchdog is here
+            settled(self._read)
+            self._let_go.set()
+
+    def _sent_late(self) -> Iterator[bytes]:
+        self._let_in.wait(60)
         yield health_pb2.HealthCheckRequest().SerializeToString()
 
-    class LetIn(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "no request message" in record.getMessage() and not let_in.is_set():
-                let_in.set()  # the message goes, and is read, while the watchdog is here
-                settled(lambda: held() == 0)
-                let_go.set()
+    def start(self, channel: grpc.Channel) -> Any:
+        """The Watch, once the watchdog let its message in."""
+        call = channel.stream_stream(f"/{HEALTH_SERVICE}/Watch", _raw, _raw)(
+            self._sent_late(), timeout=60
+        )
+        assert settled(self._let_go.is_set)
+        return call
 
-    hook = LetIn()
-    logger = logging.getLogger("strongroom.runtime.callers")
-    logger.addHandler(hook)
-    try:
-        late = channel.stream_stream(watch, _raw, _raw)(sent_late(), timeout=60)
-        assert settled(let_go.is_set)
-        # Another call past the bound is cancelled: the watchdog went on past the first.
-        stalled = channel.stream_stream(watch, _raw, _raw)(never_sent(stalled_gate), timeout=60)
-        assert refusal(lambda: next(stalled))[0] == grpc.StatusCode.CANCELLED
-    finally:
-        logger.removeHandler(hook)
-        stalled_gate.set()
-        let_in.set()
+    def __enter__(self) -> _LateWatch:
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._let_in.set()
+
+
+def _told_of_not_serving(running: Mesh, call: Any) -> None:
+    """The Watch ``call`` is still watching (never cancelled): told when the server stops serving."""
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     running.host._health.set("", not_serving)
-    for response in late:  # still watching (it was never cancelled): told of the change
+    for response in call:
         if health_pb2.HealthCheckResponse.FromString(response).status == not_serving:
             break
-    late.cancel()
 
 
 def open_streams(channel: grpc.Channel, count: int) -> tuple[list[Any], list[str | None]]:
@@ -1050,40 +1076,18 @@ def test_a_trusted_wait_whose_message_came_as_the_watchdog_fired_is_not_cancelle
     running = mesh(max_workers=8, health_request_wait_seconds=60)  # 7 data-plane, 3 per identity
     shares, client = running.host.shares, sid("client")
     channel = running.caller("client")
-    let_in, let_go, gate = threading.Event(), threading.Event(), threading.Event()
-
-    def sent_late() -> Iterator[bytes]:
-        let_in.wait(60)
-        yield health_pb2.HealthCheckRequest().SerializeToString()
-
-    class LetIn(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "while its caller holds its bound" in record.getMessage() and not let_in.is_set():
-                let_in.set()  # the message goes, and is read, while the watchdog is here
-                settled(lambda: shares.held_now() == 3)  # the trusted wait has ended
-                let_go.set()
-
-    hook = LetIn()
-    logger = logging.getLogger("strongroom.runtime.callers")
-    logger.addHandler(hook)
-    try:
-        counted = stall_watches(channel, gate, 3)
-        assert settled(lambda: shares.held_now(client) == 3 == shares.held_now())
-        late = channel.stream_stream(f"/{HEALTH_SERVICE}/Watch", _raw, _raw)(
-            sent_late(), timeout=60
-        )
-        assert settled(let_go.is_set)
-    finally:
-        logger.removeHandler(hook)
-        let_in.set()
-        gate.set()
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    running.host._health.set("", not_serving)
-    for response in late:  # still watching (it was never cancelled): told of the change
-        if health_pb2.HealthCheckResponse.FromString(response).status == not_serving:
-            break
-    for call in [late, *counted]:
-        call.cancel()
+    gate = threading.Event()
+    # The log call returns once the trusted wait has ended (its message read).
+    with _LateWatch("while its caller holds its bound", lambda: shares.held_now() == 3) as late:
+        try:
+            counted = stall_watches(channel, gate, 3)
+            assert settled(lambda: shares.held_now(client) == 3 == shares.held_now())
+            call = late.start(channel)
+        finally:
+            gate.set()
+    _told_of_not_serving(running, call)
+    for each in [call, *counted]:
+        each.cancel()
 
 
 def test_a_caller_whose_stalled_trusted_waits_were_counted_is_trusted_no_more(
