@@ -218,6 +218,14 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train(tmp_path_factory.mktemp("model") / "model.onnx").path
 
 
+def _stall_download(env: Env, monkeypatch: pytest.MonkeyPatch, version: str) -> StallOnce:
+    """The store's next read of ``version``'s blob stalls (until ``go_on``, or 60 s)."""
+    storage = env.stack.services["modelstore"].handle.storage
+    stall = StallOnce(storage, version)
+    monkeypatch.setattr(storage, "open", stall)
+    return stall
+
+
 def _publish(env: Env, path: Path, version: str) -> None:
     publish_model(
         path,
@@ -382,9 +390,7 @@ def test_a_cancelled_load_model_stops_its_load_and_frees_the_model(
     leaves the version that was serving in place."""
     _publish(env, model_path, "serving")
     _publish(env, model_path, "cancelled")
-    storage = env.stack.services["modelstore"].handle.storage
-    stall = StallOnce(storage, "cancelled")
-    monkeypatch.setattr(storage, "open", stall)
+    stall = _stall_download(env, monkeypatch, "cancelled")
     inference = env.stack.start_in_process("inference").handle
     try:
         control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
@@ -426,7 +432,6 @@ def test_an_unload_aborts_the_loads_queued_behind_the_models_running_load(
     unload now aborts the loads not yet begun: ABORTED LOAD_ABORTED_BY_UNLOAD, nothing loaded."""
     for version in ("running", "queued", "queued-2"):
         _publish(env, model_path, version)
-    storage = env.stack.services["modelstore"].handle.storage
     inference = env.stack.start_in_process("inference").handle
     try:
         control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
@@ -436,8 +441,7 @@ def test_an_unload_aborts_the_loads_queued_behind_the_models_running_load(
             return control.LoadModel.future(request, timeout=120)
 
         # The whole model unloaded: the running load fails MODEL_UNLOADED, the queued one aborts.
-        stall = StallOnce(storage, "running")
-        monkeypatch.setattr(storage, "open", stall)
+        stall = _stall_download(env, monkeypatch, "running")
         running = load("running")
         assert stall.stalled.wait(60)
         queued = load("queued")
@@ -455,8 +459,7 @@ def test_an_unload_aborts_the_loads_queued_behind_the_models_running_load(
 
         # Only the queued version unloaded (it is nowhere in the repository yet): the unload
         # succeeds and aborts it; the running load goes on and serves.
-        stall = StallOnce(storage, "running")
-        monkeypatch.setattr(storage, "open", stall)
+        stall = _stall_download(env, monkeypatch, "running")
         running = load("running")
         assert stall.stalled.wait(60)
         queued = load("queued-2")
@@ -485,9 +488,7 @@ def test_an_unload_stops_the_versions_load_under_way(
     returned, to fail MODEL_UNLOADED at its end, a key obtained and audited for nobody. The
     unload now cancels the load where it is (here a download the store stalls)."""
     _publish(env, model_path, "under-way")
-    storage = env.stack.services["modelstore"].handle.storage
-    stall = StallOnce(storage, "under-way")
-    monkeypatch.setattr(storage, "open", stall)
+    stall = _stall_download(env, monkeypatch, "under-way")
     inference = env.stack.start_in_process("inference").handle
     try:
         control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
@@ -517,9 +518,7 @@ def test_a_shutdown_stops_the_configured_models_loads(
     model's load under way (here a download the store stalls) ran on in the stopped server, up
     to the load timeout, and could still obtain its key and load. Close now cancels it."""
     _publish(env, model_path, "configured")
-    storage = env.stack.services["modelstore"].handle.storage
-    stall = StallOnce(storage, "configured")
-    monkeypatch.setattr(storage, "open", stall)
+    stall = _stall_download(env, monkeypatch, "configured")
     section = {
         **env.stack.default_section("inference"),
         "models": [{"name": "faulty", "version": "configured"}],
