@@ -562,24 +562,39 @@ def test_a_fetched_vcek_of_another_chain_is_the_brokers_fault(  # type: ignore[n
     server.amd_crl("Milan", authority.crl("ark", now=now))
     service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
     report = snp.report(RD, measurement=MEAS)
-    fetched = Evidence(TeeType.SEV_SNP, report)
     url = f"{server.url}/vcek/v1/Milan/{snp.chip_id.hex()}?"
-    with pytest.raises(CollateralUnavailable) as err:
-        verify_evidence(fetched, trust=sim_trust, now=now, collateral=service)
-    assert (err.value.reason, err.value.status_name) == ("VCEK_FETCHED_UNTRUSTED", "UNAVAILABLE")
-    assert not callers_fault(err.value)
-    assert url in err.value.message and "kds_url" in err.value.message
+    message, theirs = _the_brokers_fetch_refused(
+        server, service, report, sim_trust, now, tmp_path, url, "VCEK_FETCHED_UNTRUSTED",
+        foreign.certificate_der,
+    )  # fmt: skip
     wrong = "CERT_CHAIN_INVALID" if chain == "same-names-other-keys" else "ROOT_NOT_TRUSTED"
-    assert wrong in err.value.message
+    assert "kds_url" in message and wrong in message
+    assert theirs == wrong
+
+
+def _the_brokers_fetch_refused(  # type: ignore[no-untyped-def]
+    server, service, report, trust, now, tmp_path, url: str, reason: str, served: bytes
+) -> tuple[str, str]:
+    """A genuine ``report`` whose VCEK, fetched from ``url``, is ``served``: refused UNAVAILABLE
+    ``reason``, the broker's fault, naming the URL, nothing cached, backed off like an outage (not
+    asked again at once); the same certificate supplied with the evidence is the caller's fault.
+    Returns the refusal's message and the supplied one's reason."""
+    fetched = Evidence(TeeType.SEV_SNP, report)
+    with pytest.raises(CollateralUnavailable) as err:
+        verify_evidence(fetched, trust=trust, now=now, collateral=service)
+    assert (err.value.reason, err.value.status_name) == (reason, "UNAVAILABLE")
+    assert not callers_fault(err.value)
+    assert url in err.value.message
     assert _vcek_files(tmp_path) == []
-    with pytest.raises(CollateralUnavailable) as again:  # backed off: not asked again at once
-        verify_evidence(fetched, trust=sim_trust, now=now, collateral=service)
+    with pytest.raises(CollateralUnavailable) as again:
+        verify_evidence(fetched, trust=trust, now=now, collateral=service)
     assert again.value.reason == Reason.COLLATERAL_MISSING
     assert len([r for r in server.requests if r.startswith(url.removeprefix(server.url))]) == 1
-    supplied = Evidence(TeeType.SEV_SNP, report, (foreign.certificate_der,))
+    supplied = Evidence(TeeType.SEV_SNP, report, (served,))
     with pytest.raises(VerificationFailed) as theirs:
-        verify_evidence(supplied, trust=sim_trust, now=now, collateral=service)
-    assert theirs.value.reason == wrong and callers_fault(theirs.value)
+        verify_evidence(supplied, trust=trust, now=now, collateral=service)
+    assert callers_fault(theirs.value)
+    return err.value.message, theirs.value.reason
 
 
 @pytest.mark.parametrize("answer", ["other-chip", "other-tcb", "other-product", "vlek"])
@@ -610,22 +625,12 @@ def test_a_fetched_vcek_that_is_not_the_one_asked_for_is_the_brokers_fault(  # t
     }[answer]()
     server.vcek(product, snp.chip_id, snp.tcb.components(), served.certificate_der)
     service = CollateralService(CollateralCache(tmp_path, trust), fast(server))
-    fetched = Evidence(TeeType.SEV_SNP, report)
     url = f"{server.url}/vcek/v1/{product}/{snp.chip_id.hex()}?"
-    with pytest.raises(CollateralUnavailable) as err:
-        verify_evidence(fetched, trust=trust, now=now, collateral=service)
-    assert (err.value.reason, err.value.status_name) == ("VCEK_FETCHED_MISMATCH", "UNAVAILABLE")
-    assert not callers_fault(err.value)
-    assert url in err.value.message and "not the one asked for" in err.value.message
-    assert _vcek_files(tmp_path) == []
-    with pytest.raises(CollateralUnavailable) as again:  # backed off: not asked again at once
-        verify_evidence(fetched, trust=trust, now=now, collateral=service)
-    assert again.value.reason == Reason.COLLATERAL_MISSING
-    assert len([r for r in server.requests if r.startswith(url.removeprefix(server.url))]) == 1
-    supplied = Evidence(TeeType.SEV_SNP, report, (served.certificate_der,))
-    with pytest.raises(VerificationFailed) as theirs:
-        verify_evidence(supplied, trust=trust, now=now, collateral=service)
-    assert callers_fault(theirs.value)
+    message, _ = _the_brokers_fetch_refused(
+        server, service, report, trust, now, tmp_path, url, "VCEK_FETCHED_MISMATCH",
+        served.certificate_der,
+    )  # fmt: skip
+    assert "not the one asked for" in message
 
 
 def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path) -> None:  # type: ignore[no-untyped-def]
