@@ -363,11 +363,18 @@ def test_a_percent_encoded_target_is_checked_like_any_other(
     """gRPC percent-decodes a target (``local%68ost`` is ``localhost``); the SPIFFE check did
     not, found its host unresolvable, took the server for unreachable and let every call go out
     to it unchecked: the model store answered a client expecting the key broker."""
-    encoded = f"local%68ost:{store.port}"
-    with client_identity.channel(encoded) as channel:  # gRPC reaches it
+    _reached_by_grpc_and_checked(client_identity, f"local%68ost:{store.port}")
+
+
+def _reached_by_grpc_and_checked(
+    identity: WorkloadIdentity, target: str, server_name: str | None = None
+) -> None:
+    """gRPC reaches the model store at ``target``; a channel expecting the key broker there is
+    refused ServerIdentityMismatch (the check reached the same server)."""
+    with identity.channel(target, server_name=server_name) as channel:
         assert check(channel) == health_pb2.HealthCheckResponse.SERVING
     with (
-        client_identity.channel(encoded, server_id=sid("keybroker")) as channel,
+        identity.channel(target, server_name=server_name, server_id=sid("keybroker")) as channel,
         pytest.raises(ServerIdentityMismatch),
     ):
         check(channel)
@@ -383,15 +390,7 @@ def test_a_target_in_any_form_grpc_reads_is_checked(
     target as one unresolvable host, found the server unreachable and let every call go out
     unchecked: the model store answered a client expecting the key broker."""
     target = form.format(port=store.port)
-    with client_identity.channel(target, server_name="localhost") as channel:  # gRPC reaches it
-        assert check(channel) == health_pb2.HealthCheckResponse.SERVING
-    with (
-        client_identity.channel(
-            target, server_name="localhost", server_id=sid("keybroker")
-        ) as channel,
-        pytest.raises(ServerIdentityMismatch),
-    ):
-        check(channel)
+    _reached_by_grpc_and_checked(client_identity, target, "localhost")
 
 
 def test_a_target_of_several_addresses_is_checked_where_grpc_connects(
@@ -405,15 +404,7 @@ def test_a_target_of_several_addresses_is_checked_where_grpc_connects(
         closed.bind(("127.0.0.1", 0))
         down = closed.getsockname()[1]
     target = f"ipv4:127.0.0.1:{down},127.0.0.1:{store.port}"
-    with client_identity.channel(target, server_name="localhost") as channel:  # gRPC reaches it
-        assert check(channel) == health_pb2.HealthCheckResponse.SERVING
-    with (
-        client_identity.channel(
-            target, server_name="localhost", server_id=sid("keybroker")
-        ) as channel,
-        pytest.raises(ServerIdentityMismatch),
-    ):
-        check(channel)
+    _reached_by_grpc_and_checked(client_identity, target, "localhost")
 
 
 def test_a_channel_checking_the_id_refuses_a_target_it_cannot_check(
