@@ -161,33 +161,22 @@ def test_deleting_a_record_that_names_another_models_blob_deletes_nothing(
         store.stat("acme/b", "1")
 
 
-def test_deleting_a_model_whose_blob_header_does_not_parse_keeps_the_blob(
-    s3_server: s3server.MotoServer, s3_bucket: str
-) -> None:
-    """When the blob's header cannot show whose it is, the model's record is deleted (an admin's
-    way to get rid of a damaged model) but its blob is kept, reported later as unreferenced."""
-    store = replica(s3_server.endpoint, s3_bucket)
-    record = store.put([make_artifact("acme/a", "1", b"a" * 300)], StructureValidator())
-    overwrite_blob(store, record, b"\0" * record.artifact_size)
-    store.delete("acme/a", "1")
-    with pytest.raises(ModelNotFound):
-        store.stat("acme/a", "1")
-    assert blob_count(store) == 1
-
-
-@pytest.mark.parametrize("damage", ["emptied", "archived"])
+@pytest.mark.parametrize("damage", ["unparseable", "emptied", "archived"])
 def test_a_model_whose_blob_head_cannot_be_read_is_still_deletable(
     s3_server: s3server.MotoServer, s3_bucket: str, damage: str
 ) -> None:
-    """The delete's read of the blob's head failed for good on a blob that exists but has no head
-    to read: an empty one (416 to a range from byte 0) or one a lifecycle rule archived
+    """When the blob's header cannot show whose it is, the model's record is deleted (an admin's
+    way to get rid of a damaged model) but its blob is kept, reported later as unreferenced. The
+    delete's read of the blob's head failed for good on a blob that exists but has no head to
+    read: an empty one (416 to a range from byte 0) or one a lifecycle rule archived
     (InvalidObjectState); every DeleteModel answered UNAVAILABLE S3_ERROR or S3_ACCESS_DENIED, so
-    the model could never be deleted. Its record is deleted now and its blob kept, as for a head
-    that does not parse."""
+    the model could never be deleted: now those are as a head that does not parse."""
     store = replica(s3_server.endpoint, s3_bucket)
     art = make_artifact("acme/a", "1", b"a" * 300)
     record = store.put([art], StructureValidator())
-    if damage == "emptied":
+    if damage == "unparseable":
+        overwrite_blob(store, record, b"\0" * record.artifact_size)
+    elif damage == "emptied":
         overwrite_blob(store, record, b"")
     else:
         (blob,) = store.referenced_blobs()
