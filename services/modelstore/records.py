@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 from strongroom.artifact.format import MAX_HEAD_SIZE, check_content_type, check_key_id
 from strongroom.errors import InvalidArgument
@@ -153,6 +154,18 @@ def _time(fields: Mapping[str, object], field: str) -> datetime:
         raise ValueError(f"{field} is out of range") from None
 
 
+T = TypeVar("T")
+
+
+def _holds(rule: Callable[[Any], T], value: Any, problem: str) -> T:
+    """``rule(value)``, its InvalidArgument (the rule a request is held to) as ``problem``: a
+    stored entry that breaks it is corrupt, not the caller's mistake."""
+    try:
+        return rule(value)
+    except InvalidArgument:
+        raise ValueError(problem) from None
+
+
 def stored_record(fields: Mapping[str, object]) -> ModelRecord:
     """The record of one stored index entry, every field held to the rules a record the store
     writes meets; ValueError naming the first field that breaks them.
@@ -168,33 +181,22 @@ def stored_record(fields: Mapping[str, object]) -> ModelRecord:
         if field not in fields:
             raise ValueError(f"{field} is missing")
     name, version = _text(fields, "name"), _text(fields, "version")
-    try:
-        validate_name(name)
-    except InvalidArgument:
-        raise ValueError("name is outside the model-name grammar") from None
-    try:
-        validate_version(version)
-    except InvalidArgument:
-        raise ValueError("version is outside the model-version grammar") from None
+    _holds(validate_name, name, "name is outside the model-name grammar")
+    _holds(validate_version, version, "version is outside the model-version grammar")
     for field in ("artifact_sha256", "plaintext_sha256"):
         if not is_sha256_hex(_text(fields, field)):
             raise ValueError(f"{field} is not a lower-case hex SHA-256")
     artifact_size = _integer(fields, "artifact_size", 1, _UINT64)
     content_type, key_id = _text(fields, "content_type"), _text(fields, "key_id")
-    try:
-        check_content_type(content_type)
-    except InvalidArgument:
-        raise ValueError("content_type is not one a header may carry") from None
-    try:
-        check_key_id(key_id)
-    except InvalidArgument:
-        raise ValueError("key_id is not one a header may carry") from None
-    try:
-        # The one rule for KEK versions (the broker's): the store records only versions its
-        # artifacts' headers name, which the format holds to it.
-        key_version = validate_key_version(fields.get("key_version"))
-    except InvalidArgument:
-        raise ValueError("key_version is not a KEK version a broker numbers") from None
+    _holds(check_content_type, content_type, "content_type is not one a header may carry")
+    _holds(check_key_id, key_id, "key_id is not one a header may carry")
+    # The one rule for KEK versions (the broker's): the store records only versions its
+    # artifacts' headers name, which the format holds to it.
+    key_version = _holds(
+        validate_key_version,
+        fields.get("key_version"),
+        "key_version is not a KEK version a broker numbers",
+    )
     return ModelRecord(
         name=name,
         version=version,
