@@ -26,10 +26,11 @@ an extra use, rename it into another key's identity or copy it. Nothing the brok
 - *State*: a version with an immutable KEK is enabled while an enabler of it exists (and every
   candidate's ``CKA_WRAP`` and ``CKA_UNWRAP`` are set, as they always are for one). Disabling
   destroys its enablers, enabling makes one. The HSM cannot refuse an immutable KEK, so every release,
-  re-wrap and new data key reads an attribute of the version's enabler through the handle it holds
+  re-wrap and new data key reads the label of the version's enabler through the handle it holds
   (one ``C_GetAttributeValue`` per version used, *after* the HSM used it, so that a disable landing
   during the HSM call refuses the operation too): an enabler that another replica destroyed answers
-  ``CKR_OBJECT_HANDLE_INVALID`` at once — SoftHSM2 too, across instances — and the operation looks
+  ``CKR_OBJECT_HANDLE_INVALID`` at once — SoftHSM2 too, across instances — or, on a token that gives
+  its handle to a new object, another object's label; either way the operation looks
   the key up again and is refused (``KEY_DISABLED``), whatever its lookup cache holds. (A disable *marker* object would not
   do that: a replica learns of a new object only by searching, which the cache exists to avoid.)
 - *KEKs created before* (``CKA_MODIFIABLE=true``) keep working: disabling also clears their
@@ -279,6 +280,9 @@ class KekObject:
     kind: Literal["kek", "enabler"] = "kek"
     #: CKA_MODIFIABLE: true only for KEKs made before they were created immutable.
     modifiable: bool = False
+    #: CKA_LABEL as the token returned it: unique to this object (version, time, nonce), so a read
+    #: of it through :attr:`handle` tells whether the handle still names this object.
+    label: bytes = b""
 
     @property
     def enabled(self) -> bool:
@@ -420,6 +424,7 @@ def describe(direct: DirectSession, handle: int) -> KekObject | None:
         unwrap=kind == "kek" and bool(attrs.get(Attribute.UNWRAP)),
         kind=kind,
         modifiable=bool(attrs.get(Attribute.MODIFIABLE)),
+        label=raw,
     )
 
 

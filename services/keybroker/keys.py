@@ -1182,22 +1182,39 @@ def _pick(key_id: str, versions: list[_kek.KekVersion], version: int) -> _kek.Ke
     raise NotFound(f"key {key_id!r} has no version {version}", reason=Reason.KEY_VERSION_NOT_FOUND)
 
 
+_CKR_BUFFER_TOO_SMALL = 0x150
+
+
 def _still_enabled(hs: HsmSession, version: _kek.KekVersion) -> None:
     """Called once the HSM has used ``version`` (and ``_require_enabled`` passed before): one
     attribute read that fails if a disable on any replica returned meanwhile, so the answer is
     dropped. Straight through the module: ~17 us measured with SoftHSM2 and 20 keys, where
     python-pkcs11's attribute read took ~30 us.
 
-    - With an immutable KEK, its enabler, read through its handle: a stale-handle error if a
-      disable destroyed it (the caller looks the key up again, and is refused). The HSM cannot
-      refuse an immutable KEK itself; reading before the HSM call would miss a disable that
-      lands during it.
+    - With an immutable KEK, its enabler's label, read through its handle: a stale-handle error
+      if a disable destroyed it (the caller looks the key up again, and is refused). The HSM
+      cannot refuse an immutable KEK itself; reading before the HSM call would miss a disable
+      that lands during it. The label, not any attribute: a token may give a destroyed object's
+      handle to a new one (PKCS#11 allows it; SoftHSM2 never does), and any read through the
+      reused handle would succeed; the label names one enabler only (version, time, nonce), so
+      another object's answers as a stale handle.
     - With only KEKs made modifiable before, the winner's ``CKA_UNWRAP``: the HSM refused a
       disabled one inside its call, but not one whose disable landed between its check and this
       answer. A disable clears that flag first (``KeyManager._set_state``), so a disable that
       returned has cleared it: KEY_DISABLED."""
     if version.needs_enabler:
-        hs.direct.read_into(version.enablers[0].handle, Attribute.CLASS, bytearray(8))
+        enabler = version.enablers[0]
+        read = bytearray(_kek.LABEL_MAX_BYTES)
+        try:
+            length = hs.direct.read_into(enabler.handle, Attribute.LABEL, read)
+        except (p11x.AttributeSensitive, p11x.AttributeTypeInvalid):
+            length = -1  # not an object of ours: no readable label
+        except p11x.PKCS11Error as exc:
+            if errs.return_code(exc) != _CKR_BUFFER_TOO_SMALL:
+                raise
+            length = -1  # a label longer than any of ours
+        if length < 0 or read[:length] != enabler.label:
+            raise p11x.ObjectHandleInvalid()  # another object now has the handle
         return
     flag = bytearray(1)  # CK_BBOOL
     hs.direct.read_into(version.winner.handle, Attribute.UNWRAP, flag)

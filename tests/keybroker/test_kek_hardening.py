@@ -621,6 +621,32 @@ def test_a_disable_that_lands_while_the_hsm_rewraps_refuses_the_release(
     assert disabled[0].versions[0].state is KeyState.DISABLED
 
 
+def test_a_disabled_versions_enabler_handle_given_to_another_object_refuses_the_release(
+    hsm: Hsm, replica: Callable[[], KeyManager], tee_key: rsa.RSAPrivateKey
+) -> None:
+    """A token may give a destroyed object's handle to a new object (PKCS#11 allows it; SoftHSM2
+    never does, so the cached handle is pointed at another live enabler, as such a token would
+    leave it). The check after the re-wrap read an attribute every object has through the cached
+    enabler handle, so a version another replica had disabled was still released until the
+    lookup cache expired. It reads the enabler's own label now: another object's is a stale
+    handle, the key is looked up afresh, and the release is refused."""
+    km = KeyManager(hsm, lookup_cache_ttl=3600)  # the cache outlives the test: no timing
+    km.create_key("reused")
+    km.create_key("bystander")
+    keys = {k: km.generate_data_key(k, *MODEL) for k in ("reused", "bystander")}
+    for key_id, key in keys.items():  # both keys' handles cached, as busy keys' are
+        km.release_to_ephemeral(key_id, 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    replica().disable_key("reused", 1)
+    cached = {k: km._cache[k][2][0] for k in keys}
+    assert cached["reused"].enabled  # the cache has not seen the disable
+    cached["reused"].enablers[0].handle = cached["bystander"].enablers[0].handle
+    with pytest.raises(FailedPrecondition) as info:
+        km.release_to_ephemeral("reused", 1, keys["reused"].wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert info.value.reason == "KEY_DISABLED"
+    bystander = keys["bystander"].wrapped  # the other key, whose enabler it is, still releases
+    km.release_to_ephemeral("bystander", 1, bystander, spki(tee_key), [OaepHash.SHA1])
+
+
 def test_a_disable_that_lands_while_the_hsm_wraps_a_new_data_key_refuses_it(
     km: KeyManager, replica: Callable[[], KeyManager], monkeypatch: pytest.MonkeyPatch
 ) -> None:
