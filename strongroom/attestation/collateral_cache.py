@@ -588,8 +588,9 @@ class CollateralCache:
         id and TCB bindings), else nothing is written: the file is shared with every replica and
         named after what the report claims. A certificate that does not chain to a pinned AMD
         root is the fetch's failure, whatever the report: :class:`CollateralUnavailable`
-        (``VCEK_FETCHED_UNTRUSTED``, naming ``origin``), and so is one of AMD's that is not the
-        VCEK asked for (another chip, TCB or product: ``VCEK_FETCHED_MISMATCH``); otherwise the
+        (``VCEK_FETCHED_UNTRUSTED``, naming ``origin``), and so is one outside its validity period
+        at this cache's clock (``VCEK_FETCHED_NOT_VALID``) and one of AMD's that is not the VCEK
+        asked for (another chip, TCB or product: ``VCEK_FETCHED_MISMATCH``); otherwise the
         verifier's refusal.
         """
         from strongroom.attestation.verify.snp import (
@@ -604,9 +605,16 @@ class CollateralCache:
             verified = verify_key_chain(der, self._trust, now)
         except VerificationFailed as exc:
             if exc.reason == Reason.CERT_NOT_VALID_AT_TIME:
-                # Judged at this cache's clock, not at the verification's time: the verifier,
-                # which checks the same at its own, names it.
-                raise
+                # AMD KDS serves each VCEK within its validity: one outside it (an old one a
+                # proxy or mirror kept) is the broker's source, not the caller's evidence. Handed
+                # on, the verifier refused the report CERT_NOT_VALID_AT_TIME, the caller's fault
+                # (PERMISSION_DENIED, its refusal budget spent) for the broker's own fetch.
+                raise CollateralUnavailable(
+                    f"the VCEK fetched from {origin} is outside its validity period "
+                    f"({exc.message}): is the broker's kds_url AMD KDS, or a proxy serving an "
+                    "old certificate?",
+                    reason=Reason.VCEK_FETCHED_NOT_VALID,
+                ) from None
             # AMD KDS serves only certificates of AMD's chain, for any chip id and TCB a report
             # can name: one that is not is the broker's source (a kds_url that is not KDS, a
             # proxy answering for it), never the caller's evidence (ROOT_NOT_TRUSTED, which

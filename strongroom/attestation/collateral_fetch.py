@@ -32,7 +32,8 @@ remembered, refuses the report (``VCEK_NOT_FOUND``, PERMISSION_DENIED: the evide
 and TCB AMD does not know), where an outage is ``UNAVAILABLE``, as is an answer that is no VCEK
 certificate at all (``COLLATERAL_FETCH_FAILED``, remembered like an outage), and so is one that
 does not chain to a pinned AMD root (``VCEK_FETCHED_UNTRUSTED``, naming the URL: KDS serves no
-such certificate for any chip, so the broker's ``kds_url`` is wrong), or one of AMD's that is not
+such certificate for any chip, so the broker's ``kds_url`` is wrong), one outside its validity
+period (``VCEK_FETCHED_NOT_VALID``: an old one a proxy or mirror kept), or one of AMD's that is not
 the VCEK asked for, of another chip, TCB or product (``VCEK_FETCHED_MISMATCH``: KDS answers a
 request for exactly what it names, so a proxy or mirror answered wrongly). Those memories are
 bounded (:data:`MAX_FAILURES`, the oldest forgotten first). A report can name any chip id, and each
@@ -92,6 +93,13 @@ MAX_FAILURES = 4096
 MAX_VCEK_FETCHES = 4
 #: The most verified VCEKs held in memory because the cache volume would not take them.
 MAX_UNSTORED_VCEKS = 64
+#: A fetched VCEK refused as the broker's source's fault (never the caller's evidence): not
+#: cached, and backed off like an outage.
+_FETCHED_WRONG = (
+    Reason.VCEK_FETCHED_MISMATCH,
+    Reason.VCEK_FETCHED_NOT_VALID,
+    Reason.VCEK_FETCHED_UNTRUSTED,
+)
 
 
 @dataclass(frozen=True)
@@ -441,7 +449,7 @@ class CollateralService:
         try:
             self.cache.put_vcek(der, report, origin=self._kds.vcek_url(product, report))
         except CollateralUnavailable as exc:
-            if exc.reason not in (Reason.VCEK_FETCHED_UNTRUSTED, Reason.VCEK_FETCHED_MISMATCH):
+            if exc.reason not in _FETCHED_WRONG:
                 # The cache cannot be written (COLLATERAL_STORE_FAILED): the VCEK, which the
                 # report verified with, still serves, and is held in memory until it can be.
                 log.info(
@@ -453,13 +461,13 @@ class CollateralService:
                     while len(self._unstored_vceks) > MAX_UNSTORED_VCEKS:
                         self._unstored_vceks.popitem(last=False)
                 return der
-            # A certificate of another chain, or not the VCEK asked for: the broker's source is
-            # wrong (the message names the URL), not the caller's evidence. Backed off like an
+            # A certificate of another chain, outside its validity, or not the VCEK asked for: the
+            # broker's source is wrong (the message names the URL), not the caller's evidence. Backed off like an
             # outage, since a kds_url that is not KDS answers every chip so.
             self._note_failure(key)
             log.warning(
-                "AMD KDS answered a VCEK request with a certificate of another chain, or not "
-                "the VCEK asked for",
+                "AMD KDS answered a VCEK request with a certificate of another chain, outside "
+                "its validity, or not the VCEK asked for",
                 extra={"what": key, "reason": exc.reason, "detail": exc.message},
             )
             raise

@@ -633,6 +633,32 @@ def test_a_fetched_vcek_that_is_not_the_one_asked_for_is_the_brokers_fault(  # t
     assert "not the one asked for" in message
 
 
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")  # the Azure VCEK's own serial
+def test_a_fetched_vcek_outside_its_validity_is_the_brokers_fault(  # type: ignore[no-untyped-def]
+    production, vectors, server, tmp_path
+) -> None:
+    """A real VCEK that KDS (or a proxy answering for it, serving an old one) sends outside its
+    validity period was handed to the verifier, which refused the genuine report as the caller's
+    CERT_NOT_VALID_AT_TIME (PERMISSION_DENIED: its refusal budget spent) for the broker's own
+    fetch. It is the broker's now: UNAVAILABLE VCEK_FETCHED_NOT_VALID, nothing cached, backed
+    off; the same certificate supplied with the evidence stays the caller's."""
+    report = (vectors / "snp/milan_v3_azure_ms.bin").read_bytes()
+    pem = (vectors / "snp/milan_v3_azure_ms_vcek.pem").read_bytes()
+    served = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    parsed = parse_snp_report(report)
+    server.vcek("Milan", parsed.chip_id_for_kds(), parsed.reported_tcb.components(), served)
+    expired = dt.datetime(2034, 1, 1, tzinfo=UTC)  # the VCEK's notAfter is 2033-02-05
+    cache = CollateralCache(tmp_path, production, clock=lambda: expired)
+    service = CollateralService(cache, fast(server), clock=lambda: expired)
+    url = f"{server.url}/vcek/v1/Milan/{parsed.chip_id_for_kds().hex()}?"
+    message, theirs = _the_brokers_fetch_refused(
+        server, service, report, production, expired, tmp_path, url, "VCEK_FETCHED_NOT_VALID",
+        served,
+    )  # fmt: skip
+    assert "outside its validity period" in message and "2033-02-05" in message
+    assert theirs == Reason.CERT_NOT_VALID_AT_TIME
+
+
 def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path) -> None:  # type: ignore[no-untyped-def]
     cache = CollateralCache(tmp_path, sim_trust, max_vceks=2)
     platforms = [authority.snp() for _ in range(3)]
