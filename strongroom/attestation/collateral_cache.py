@@ -291,7 +291,10 @@ class CollateralCache:
         key = _crl_key(issuer, scope)
         held = self._crls.get(key)
         if held is None:
-            self._refused_in_place(self.directory / "crl" / f"{key}.der")
+            self._refused_in_place(
+                self.directory / "crl" / f"{key}.der",
+                f"{scope or 'CA'} CRL of {common_name(issuer) or issuer.subject.rfc4514_string()!r}",
+            )
         return held.data if held is not None else None
 
     def tdx_tcb_info(self, fmspc: bytes) -> SignedDocument | None:
@@ -301,7 +304,8 @@ class CollateralCache:
         held = self._tcb.get(bytes(fmspc))
         if held is None:
             self._refused_in_place(
-                self.directory / "tdx" / "tcbinfo" / f"{bytes(fmspc).hex()}.json"
+                self.directory / "tdx" / "tcbinfo" / f"{bytes(fmspc).hex()}.json",
+                f"TDX TCB info for FMSPC {bytes(fmspc).hex()}",
             )
         return held[0] if held is not None else None
 
@@ -311,23 +315,23 @@ class CollateralCache:
         self._maybe_reload()
         held = self._qe
         if held is None:
-            self._refused_in_place(self.directory / "tdx" / "qe_identity.json")
+            self._refused_in_place(self.directory / "tdx" / "qe_identity.json", "TD_QE identity")
         return held[0] if held is not None else None
 
-    def _refused_in_place(self, path: Path) -> None:
-        """Raises COLLATERAL_MISSING naming ``path`` and why, if the last read refused the file
+    def _refused_in_place(self, path: Path, what: str) -> None:
+        """Raises COLLATERAL_MISSING naming the document ``what`` and why, if the last read refused the file
         there (a document an older, laxer broker stored, a damaged or foreign file). Said as "the
         collateral holds none", the operator looked for a fetch or import that had not happened,
         while the document to replace sat in the directory, named only in a WARNING."""
         with self._lock:
             why = self._refused.get(path)
         if why is not None:
-            # Named within the cache, not by its absolute path: the message reaches the caller
-            # whose release needed it, to whom the broker's file system layout is none of its
-            # business; the operator knows the directory (and the WARNING names it).
+            # Named as a document, not by its file: the message reaches the caller whose
+            # release needed it (the gRPC status) and the audit, to whom the broker's file system
+            # layout is none of their business; the operator finds the file in the WARNING the
+            # read logged and in `collateral ls`.
             raise CollateralUnavailable(
-                f"the cached {path.relative_to(self.directory)} was refused when the collateral "
-                f"cache read it ({why}): "
+                f"the cached {what} was refused when the collateral cache read it ({why}): "
                 "replace it (strongroom attest collateral fetch or import; `strongroom attest "
                 "collateral ls` lists every refused file)",
                 reason=Reason.COLLATERAL_MISSING,
@@ -580,16 +584,17 @@ class CollateralCache:
     def _vcek_dir(self) -> Path:
         return self.directory / "amd" / "vcek"
 
-    def put_vcek(self, data: bytes, report: SnpReport, *, origin: str = "upstream") -> None:
-        """Verifies and stores a VCEK fetched (from ``origin``, for messages) for ``report``,
+    def put_vcek(self, data: bytes, report: SnpReport) -> None:
+        """Verifies and stores a VCEK fetched for ``report``,
         evicting the oldest beyond the bound.
 
         Stored only if ``report`` verifies with it (chain to the pinned ASK/ARK, signature, chip
         id and TCB bindings), else nothing is written: the file is shared with every replica and
         named after what the report claims. A certificate that does not chain to a pinned AMD
         root is the fetch's failure, whatever the report: :class:`CollateralUnavailable`
-        (``VCEK_FETCHED_UNTRUSTED``, naming ``origin``), and so is one of AMD's that is not the
-        VCEK asked for (another chip, TCB or product: ``VCEK_FETCHED_MISMATCH``); otherwise the
+        (``VCEK_FETCHED_UNTRUSTED``), and so is one outside its validity period
+        at this cache's clock (``VCEK_FETCHED_NOT_VALID``) and one of AMD's that is not the VCEK
+        asked for (another chip, TCB or product: ``VCEK_FETCHED_MISMATCH``); otherwise the
         verifier's refusal.
         """
         from strongroom.attestation.verify.snp import (
@@ -604,15 +609,24 @@ class CollateralCache:
             verified = verify_key_chain(der, self._trust, now)
         except VerificationFailed as exc:
             if exc.reason == Reason.CERT_NOT_VALID_AT_TIME:
-                # Judged at this cache's clock, not at the verification's time: the verifier,
-                # which checks the same at its own, names it.
-                raise
+                # AMD KDS serves each VCEK within its validity: one outside it (an old one a
+                # proxy or mirror kept) is the broker's source, not the caller's evidence. Handed
+                # on, the verifier refused the report CERT_NOT_VALID_AT_TIME, the caller's fault
+                # (PERMISSION_DENIED, its refusal budget spent) for the broker's own fetch.
+                raise CollateralUnavailable(
+                    "the VCEK fetched from AMD KDS (the broker's kds_url) is outside its "
+                    "validity period "
+                    f"({exc.message}): is the broker's kds_url AMD KDS, or a proxy serving an "
+                    "old certificate?",
+                    reason=Reason.VCEK_FETCHED_NOT_VALID,
+                ) from None
             # AMD KDS serves only certificates of AMD's chain, for any chip id and TCB a report
             # can name: one that is not is the broker's source (a kds_url that is not KDS, a
             # proxy answering for it), never the caller's evidence (ROOT_NOT_TRUSTED, which
             # spent the caller's refusal budget and told it to fix what it sent).
             raise CollateralUnavailable(
-                f"the VCEK fetched from {origin} does not chain to a pinned AMD root "
+                "the VCEK fetched from AMD KDS (the broker's kds_url) does not chain to a "
+                "pinned AMD root "
                 f"({exc.reason}: {exc.message}): is the broker's kds_url AMD KDS?",
                 reason=Reason.VCEK_FETCHED_UNTRUSTED,
             ) from None
@@ -621,7 +635,8 @@ class CollateralCache:
         wrong = fetched_vcek_mismatch(report, verified)
         if wrong is not None:
             raise CollateralUnavailable(
-                f"the VCEK fetched from {origin} is not the one asked for ({wrong}): is the "
+                "the VCEK fetched from AMD KDS (the broker's kds_url) is not the one asked for "
+                f"({wrong}): is the "
                 "broker's kds_url AMD KDS, or a proxy that answers for another request?",
                 reason=Reason.VCEK_FETCHED_MISMATCH,
             )

@@ -31,8 +31,9 @@ and TCB, so the same request is not sent again for ``retry_after_seconds``. A 40
 remembered, refuses the report (``VCEK_NOT_FOUND``, PERMISSION_DENIED: the evidence names a chip
 and TCB AMD does not know), where an outage is ``UNAVAILABLE``, as is an answer that is no VCEK
 certificate at all (``COLLATERAL_FETCH_FAILED``, remembered like an outage), and so is one that
-does not chain to a pinned AMD root (``VCEK_FETCHED_UNTRUSTED``, naming the URL: KDS serves no
-such certificate for any chip, so the broker's ``kds_url`` is wrong), or one of AMD's that is not
+does not chain to a pinned AMD root (``VCEK_FETCHED_UNTRUSTED``: KDS serves no such certificate
+for any chip, so the broker's ``kds_url`` is wrong), one outside its validity
+period (``VCEK_FETCHED_NOT_VALID``: an old one a proxy or mirror kept), or one of AMD's that is not
 the VCEK asked for, of another chip, TCB or product (``VCEK_FETCHED_MISMATCH``: KDS answers a
 request for exactly what it names, so a proxy or mirror answered wrongly). Those memories are
 bounded (:data:`MAX_FAILURES`, the oldest forgotten first). A report can name any chip id, and each
@@ -41,6 +42,10 @@ new one is a fetch on the request's thread: one runs per chip and at most
 UNAVAILABLE), so that made-up chip ids can neither hold every request thread nor get the broker
 rate-limited by KDS; and a caller's fetches are budgeted by the broker (``vcek_fetch_gate``), so
 that they are bounded in rate too, not only in number at once.
+
+No refusal's message names a URL (``kds_url``, ``pcs_url``: the broker's internal endpoints) or a
+cache file: it reaches the caller (the gRPC status) and the audit, and says what was missing or
+wrong; the broker's log lines name the URL for its operators.
 """
 
 from __future__ import annotations
@@ -92,6 +97,13 @@ MAX_FAILURES = 4096
 MAX_VCEK_FETCHES = 4
 #: The most verified VCEKs held in memory because the cache volume would not take them.
 MAX_UNSTORED_VCEKS = 64
+#: A fetched VCEK refused as the broker's source's fault (never the caller's evidence): not
+#: cached, and backed off like an outage.
+_FETCHED_WRONG = (
+    Reason.VCEK_FETCHED_MISMATCH,
+    Reason.VCEK_FETCHED_NOT_VALID,
+    Reason.VCEK_FETCHED_UNTRUSTED,
+)
 
 
 @dataclass(frozen=True)
@@ -182,8 +194,12 @@ class HttpGetter:
         self._s = settings
         self._sleep = sleep
 
-    def get(self, url: str) -> Response | None:
-        """The response, ``None`` for 404, or :class:`CollateralUnavailable` after the retries."""
+    def get(self, url: str, what: str) -> Response | None:
+        """The response, ``None`` for 404, or :class:`CollateralUnavailable` after the retries.
+
+        Its message names ``what`` was asked for, never ``url``: it reaches the caller whose
+        release needed the document (the gRPC status) and the audit, to whom the broker's
+        internal endpoints (a PCCS, a KDS proxy) are none of their business; the log names it."""
         last = ""
         for attempt in range(self._s.retries + 1):
             if attempt:
@@ -196,8 +212,12 @@ class HttpGetter:
                 with urllib.request.urlopen(request, timeout=self._s.timeout_seconds) as resp:  # noqa: S310
                     body = resp.read(MAX_RESPONSE_BYTES + 1)
                     if len(body) > MAX_RESPONSE_BYTES:
+                        log.warning(
+                            "collateral response too large",
+                            extra={"url": url, "limit": MAX_RESPONSE_BYTES},
+                        )
                         raise CollateralUnavailable(
-                            f"{url}: response larger than {MAX_RESPONSE_BYTES} bytes",
+                            f"the answer for {what} is larger than {MAX_RESPONSE_BYTES} bytes",
                             reason=Reason.COLLATERAL_FETCH_FAILED,
                         )
                     headers = {k.lower(): v for k, v in resp.headers.items()}
@@ -217,8 +237,9 @@ class HttpGetter:
             log.info(
                 "collateral fetch failed", extra={"url": url, "attempt": attempt, "error": last}
             )
+        log.warning("collateral fetch gave up", extra={"url": url, "error": last})
         raise CollateralUnavailable(
-            f"fetching {url} failed: {last}", reason=Reason.COLLATERAL_FETCH_FAILED
+            f"fetching {what} failed: {last}", reason=Reason.COLLATERAL_FETCH_FAILED
         )
 
 
@@ -233,32 +254,39 @@ class PcsClient:
     def tdx_tcb_info(self, fmspc: bytes) -> SignedDocument | None:
         """``GET /tdx/certification/v4/tcb?fmspc=`` with its issuer chain."""
         url = f"{self._base}/tdx/certification/v4/tcb?fmspc={fmspc.hex().upper()}"
-        return self._signed(url, TCB_INFO_CHAIN_HEADER, TCB_INFO_CHAIN_HEADER_V3)
+        what = f"the TDX TCB info for FMSPC {fmspc.hex()} from Intel PCS/PCCS"
+        return self._signed(url, what, TCB_INFO_CHAIN_HEADER, TCB_INFO_CHAIN_HEADER_V3)
 
     def tdx_qe_identity(self) -> SignedDocument | None:
         """``GET /tdx/certification/v4/qe/identity`` with its issuer chain."""
         return self._signed(
-            f"{self._base}/tdx/certification/v4/qe/identity", QE_IDENTITY_CHAIN_HEADER
+            f"{self._base}/tdx/certification/v4/qe/identity",
+            "the TD_QE identity from Intel PCS/PCCS",
+            QE_IDENTITY_CHAIN_HEADER,
         )
 
     def pck_crl(self, ca: str) -> tuple[bytes, bytes | None] | None:
         """``GET /sgx/certification/v4/pckcrl?ca=<ca>&encoding=der``: (CRL, issuer chain)."""
-        resp = self._get.get(f"{self._base}/sgx/certification/v4/pckcrl?ca={ca}&encoding=der")
+        resp = self._get.get(
+            f"{self._base}/sgx/certification/v4/pckcrl?ca={ca}&encoding=der",
+            f"the PCK {ca} CA CRL from Intel PCS/PCCS",
+        )
         return (resp.body, resp.chain(PCK_CRL_CHAIN_HEADER)) if resp else None
 
     def root_ca_crl(self) -> bytes | None:
         """The Intel SGX Root CA CRL (DER; hex text from older PCCS is accepted by the cache)."""
-        resp = self._get.get(self._s.root_crl_url)
+        resp = self._get.get(self._s.root_crl_url, "the Intel SGX root CA CRL")
         return resp.body if resp else None
 
-    def _signed(self, url: str, *headers: str) -> SignedDocument | None:
-        resp = self._get.get(url)
+    def _signed(self, url: str, what: str, *headers: str) -> SignedDocument | None:
+        resp = self._get.get(url, what)
         if resp is None:
             return None
         chain = resp.chain(*headers)
         if chain is None:
+            log.warning("collateral response lacks its issuer chain", extra={"url": url})
             raise CollateralUnavailable(
-                f"{url}: response lacks the {headers[0]} header",
+                f"the answer for {what} lacks the {headers[0]} header",
                 reason=Reason.COLLATERAL_FETCH_FAILED,
             )
         return SignedDocument(resp.body, chain)
@@ -282,17 +310,23 @@ class KdsClient:
 
     def vcek(self, product: str, report: SnpReport) -> bytes | None:
         """``GET /vcek/v1/<product>/<hwid>?blSPL=..`` (DER)."""
-        resp = self._get.get(self.vcek_url(product, report))
+        resp = self._get.get(self.vcek_url(product, report), f"the {product} VCEK from AMD KDS")
         return resp.body if resp else None
 
     def cert_chain(self, product: str, scope: str = "vcek") -> bytes | None:
         """``GET /<scope>/v1/<product>/cert_chain`` (PEM ASK/ASVK + ARK)."""
-        resp = self._get.get(f"{self._base}/{scope}/v1/{product}/cert_chain")
+        resp = self._get.get(
+            f"{self._base}/{scope}/v1/{product}/cert_chain",
+            f"the {product} {scope.upper()} certificate chain from AMD KDS",
+        )
         return resp.body if resp else None
 
     def crl(self, product: str, scope: str = "vcek") -> bytes | None:
         """``GET /<scope>/v1/<product>/crl`` (DER, signed by the ARK)."""
-        resp = self._get.get(f"{self._base}/{scope}/v1/{product}/crl")
+        resp = self._get.get(
+            f"{self._base}/{scope}/v1/{product}/crl",
+            f"the {product} {scope.upper()} CRL from AMD KDS",
+        )
         return resp.body if resp else None
 
 
@@ -439,9 +473,9 @@ class CollateralService:
             self._note_failure(key, absent=True)
             raise _no_such_vcek(product)
         try:
-            self.cache.put_vcek(der, report, origin=self._kds.vcek_url(product, report))
+            self.cache.put_vcek(der, report)
         except CollateralUnavailable as exc:
-            if exc.reason not in (Reason.VCEK_FETCHED_UNTRUSTED, Reason.VCEK_FETCHED_MISMATCH):
+            if exc.reason not in _FETCHED_WRONG:
                 # The cache cannot be written (COLLATERAL_STORE_FAILED): the VCEK, which the
                 # report verified with, still serves, and is held in memory until it can be.
                 log.info(
@@ -453,14 +487,20 @@ class CollateralService:
                     while len(self._unstored_vceks) > MAX_UNSTORED_VCEKS:
                         self._unstored_vceks.popitem(last=False)
                 return der
-            # A certificate of another chain, or not the VCEK asked for: the broker's source is
-            # wrong (the message names the URL), not the caller's evidence. Backed off like an
-            # outage, since a kds_url that is not KDS answers every chip so.
+            # A certificate of another chain, outside its validity, or not the VCEK asked for: the
+            # broker's source is wrong (this log line names the URL; the caller's message does
+            # not), not the caller's evidence. Backed off like an outage, since a kds_url that is
+            # not KDS answers every chip so.
             self._note_failure(key)
             log.warning(
-                "AMD KDS answered a VCEK request with a certificate of another chain, or not "
-                "the VCEK asked for",
-                extra={"what": key, "reason": exc.reason, "detail": exc.message},
+                "AMD KDS answered a VCEK request with a certificate of another chain, outside "
+                "its validity, or not the VCEK asked for",
+                extra={
+                    "what": key,
+                    "url": self._kds.vcek_url(product, report),
+                    "reason": exc.reason,
+                    "detail": exc.message,
+                },
             )
             raise
         except MalformedEvidence as exc:

@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -199,6 +200,9 @@ def test_an_upstream_that_does_not_speak_http_is_a_failed_fetch(
         with pytest.raises(CollateralUnavailable) as vcek:
             verify_evidence(report, trust=sim_trust, now=now, collateral=snp)
         assert vcek.value.reason == Reason.COLLATERAL_FETCH_FAILED
+        # What was missing, not where the broker fetches it from (its internal endpoint).
+        assert "fetching the Milan VCEK from AMD KDS failed" in vcek.value.message
+        assert url.removeprefix("http://") not in vcek.value.message
 
 
 def _unparseable_name(der: bytes, value: bytes) -> bytes:
@@ -285,6 +289,7 @@ def test_missing_issuer_chain_header_is_refused(vectors, production, server, tmp
     with pytest.raises(CollateralUnavailable) as err:
         CollateralService(CollateralCache(tmp_path, production), fast(server)).fetch_qe_identity()
     assert err.value.reason == Reason.COLLATERAL_FETCH_FAILED
+    assert "TD_QE identity" in err.value.message and server.url not in err.value.message
 
 
 def test_kds_layout_vcek_and_crl(authority, sim_trust, server, tmp_path, now) -> None:  # type: ignore[no-untyped-def]
@@ -543,7 +548,7 @@ def test_a_kds_answer_that_is_no_certificate_is_a_failed_fetch(  # type: ignore[
 
 @pytest.mark.parametrize("chain", ["same-names-other-keys", "unknown-issuer"])
 def test_a_fetched_vcek_of_another_chain_is_the_brokers_fault(  # type: ignore[no-untyped-def]
-    authority, other_authority, sim_trust, server, tmp_path, now, chain: str
+    authority, other_authority, sim_trust, server, tmp_path, now, caplog, chain: str
 ) -> None:
     """A VCEK that KDS (or whatever answers at the broker's kds_url) sends and that parses but
     does not chain to a pinned AMD root was handed to the verifier, which refused the report
@@ -565,7 +570,7 @@ def test_a_fetched_vcek_of_another_chain_is_the_brokers_fault(  # type: ignore[n
     url = f"{server.url}/vcek/v1/Milan/{snp.chip_id.hex()}?"
     message, theirs = _the_brokers_fetch_refused(
         server, service, report, sim_trust, now, tmp_path, url, "VCEK_FETCHED_UNTRUSTED",
-        foreign.certificate_der,
+        foreign.certificate_der, caplog,
     )  # fmt: skip
     wrong = "CERT_CHAIN_INVALID" if chain == "same-names-other-keys" else "ROOT_NOT_TRUSTED"
     assert "kds_url" in message and wrong in message
@@ -573,18 +578,24 @@ def test_a_fetched_vcek_of_another_chain_is_the_brokers_fault(  # type: ignore[n
 
 
 def _the_brokers_fetch_refused(  # type: ignore[no-untyped-def]
-    server, service, report, trust, now, tmp_path, url: str, reason: str, served: bytes
+    server, service, report, trust, now, tmp_path, url: str, reason: str, served: bytes, caplog
 ) -> tuple[str, str]:
     """A genuine ``report`` whose VCEK, fetched from ``url``, is ``served``: refused UNAVAILABLE
-    ``reason``, the broker's fault, naming the URL, nothing cached, backed off like an outage (not
-    asked again at once); the same certificate supplied with the evidence is the caller's fault.
+    ``reason``, the broker's fault, nothing cached, backed off like an outage (not asked again at
+    once); the URL is in the broker's log line, never in the message (which reaches the caller
+    and the audit); the same certificate supplied with the evidence is the caller's fault.
     Returns the refusal's message and the supplied one's reason."""
     fetched = Evidence(TeeType.SEV_SNP, report)
-    with pytest.raises(CollateralUnavailable) as err:
+    with (
+        caplog.at_level(logging.WARNING, logger="strongroom.attestation.collateral_fetch"),
+        pytest.raises(CollateralUnavailable) as err,
+    ):
         verify_evidence(fetched, trust=trust, now=now, collateral=service)
     assert (err.value.reason, err.value.status_name) == (reason, "UNAVAILABLE")
     assert not callers_fault(err.value)
-    assert url in err.value.message
+    assert server.url.removeprefix("http://") not in err.value.message
+    assert "the broker's kds_url" in err.value.message
+    assert any(getattr(r, "url", "").startswith(url) for r in caplog.records)
     assert _vcek_files(tmp_path) == []
     with pytest.raises(CollateralUnavailable) as again:
         verify_evidence(fetched, trust=trust, now=now, collateral=service)
@@ -599,7 +610,7 @@ def _the_brokers_fetch_refused(  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("answer", ["other-chip", "other-tcb", "other-product", "vlek"])
 def test_a_fetched_vcek_that_is_not_the_one_asked_for_is_the_brokers_fault(  # type: ignore[no-untyped-def]
-    authority, genoa, sim_trust, server, tmp_path, now, answer: str
+    authority, genoa, sim_trust, server, tmp_path, now, caplog, answer: str
 ) -> None:
     """KDS answers a request for a chip id and TCB with that VCEK or a 404, whatever the report.
     A genuine AMD certificate of another chip, TCB or product (a proxy or mirror that ignores
@@ -628,9 +639,35 @@ def test_a_fetched_vcek_that_is_not_the_one_asked_for_is_the_brokers_fault(  # t
     url = f"{server.url}/vcek/v1/{product}/{snp.chip_id.hex()}?"
     message, _ = _the_brokers_fetch_refused(
         server, service, report, trust, now, tmp_path, url, "VCEK_FETCHED_MISMATCH",
-        served.certificate_der,
+        served.certificate_der, caplog,
     )  # fmt: skip
     assert "not the one asked for" in message
+
+
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")  # the Azure VCEK's own serial
+def test_a_fetched_vcek_outside_its_validity_is_the_brokers_fault(  # type: ignore[no-untyped-def]
+    production, vectors, server, tmp_path, caplog
+) -> None:
+    """A real VCEK that KDS (or a proxy answering for it, serving an old one) sends outside its
+    validity period was handed to the verifier, which refused the genuine report as the caller's
+    CERT_NOT_VALID_AT_TIME (PERMISSION_DENIED: its refusal budget spent) for the broker's own
+    fetch. It is the broker's now: UNAVAILABLE VCEK_FETCHED_NOT_VALID, nothing cached, backed
+    off; the same certificate supplied with the evidence stays the caller's."""
+    report = (vectors / "snp/milan_v3_azure_ms.bin").read_bytes()
+    pem = (vectors / "snp/milan_v3_azure_ms_vcek.pem").read_bytes()
+    served = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    parsed = parse_snp_report(report)
+    server.vcek("Milan", parsed.chip_id_for_kds(), parsed.reported_tcb.components(), served)
+    expired = dt.datetime(2034, 1, 1, tzinfo=UTC)  # the VCEK's notAfter is 2033-02-05
+    cache = CollateralCache(tmp_path, production, clock=lambda: expired)
+    service = CollateralService(cache, fast(server), clock=lambda: expired)
+    url = f"{server.url}/vcek/v1/Milan/{parsed.chip_id_for_kds().hex()}?"
+    message, theirs = _the_brokers_fetch_refused(
+        server, service, report, production, expired, tmp_path, url, "VCEK_FETCHED_NOT_VALID",
+        served, caplog,
+    )  # fmt: skip
+    assert "outside its validity period" in message and "2033-02-05" in message
+    assert theirs == Reason.CERT_NOT_VALID_AT_TIME
 
 
 def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -1001,8 +1038,9 @@ def test_a_cached_crl_with_an_unknown_version_is_skipped_when_the_cache_opens(  
     with pytest.raises(CollateralUnavailable) as err:
         reopened.crl(authority.intel_root)
     assert err.value.reason == Reason.COLLATERAL_MISSING
-    assert f"the cached {stored.relative_to(tmp_path)} was refused" in err.value.message
-    assert str(tmp_path) not in err.value.message  # the broker's layout is not the caller's
+    assert "the cached CA CRL of 'Intel SGX Root CA' was refused" in err.value.message
+    # The broker's file system layout is not the caller's (nor the audit's) business.
+    assert str(tmp_path) not in err.value.message and stored.name not in err.value.message
     assert reopened.crl(authority.pck_ca) is not None
 
 
@@ -1308,8 +1346,10 @@ def test_a_cached_document_the_parser_now_refuses_is_named_in_the_refusal(  # ty
         with pytest.raises(CollateralUnavailable) as err:
             verify_evidence(quote, trust=sim_trust, now=now, collateral=source)
         assert err.value.reason == Reason.COLLATERAL_MISSING and not callers_fault(err.value)
-        assert f"the cached {path.relative_to(tmp_path)} was refused" in err.value.message
-        assert str(tmp_path) not in err.value.message
+        assert f"the cached TDX TCB info for FMSPC {tdx.fmspc.hex()} was refused" in (
+            err.value.message
+        )
+        assert "tcbinfo/" not in err.value.message and str(tmp_path) not in err.value.message
         assert "newest first" in err.value.message and "collateral ls" in err.value.message
     # A CRL too (here one that is no CRL at all), for an SNP release.
     snp = authority.snp()
@@ -1321,7 +1361,8 @@ def test_a_cached_document_the_parser_now_refuses_is_named_in_the_refusal(  # ty
             snp.evidence(RD, measurement=MEAS), trust=sim_trust, now=now, collateral=reread
         )
     assert crl_err.value.reason == Reason.COLLATERAL_MISSING
-    assert f"the cached {ark_crl.relative_to(tmp_path)} was refused" in crl_err.value.message
+    assert "the cached vcek CRL of 'ARK-Milan' was refused" in crl_err.value.message
+    assert ark_crl.name not in crl_err.value.message
     # A fetching broker whose upstream has the document replaces the refused file.
     server.status = None
     server.tcb_info(tdx.fmspc.hex(), tdx.tcb_info(now=now), chain)

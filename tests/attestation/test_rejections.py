@@ -797,6 +797,34 @@ def test_cpuid_model_of_another_product_under_the_chain(authority, sim_trust, no
         assert claims.product == "Milan"
 
 
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")  # the Azure VCEK's own serial
+@pytest.mark.parametrize("model", [0x20, 0x21, 0x61, 0x9F, 0xB0, 0xFF])
+def test_a_family_0x19_model_of_no_sev_snp_part_is_refused(  # type: ignore[no-untyped-def]
+    vectors, production, model: int
+) -> None:
+    """Family 0x19 is Milan (models 0x00-0x0F), Genoa (0x10-0x1F) and Siena/Bergamo (0xA0-0xAF);
+    its other models are client parts with no SEV-SNP. Every model from 0x10 was read as Genoa,
+    so a report naming one was judged against Genoa's chain and TCB minimums (here the real Genoa
+    report with its model byte changed: refused only by its signature). It is refused by name
+    now, before any chain or fetch: INVALID_ARGUMENT UNSUPPORTED_PROCESSOR, the family and model
+    in the message."""
+    genuine = (vectors / "snp/genoa_v3_azure_ms.bin").read_bytes()
+    vcek = (vectors / "snp/genoa_v3_azure_ms_vcek.pem").read_bytes()
+    assert parse_snp_report(genuine).cpuid_mod_id == 0x11
+    report = genuine[:0x189] + bytes([model]) + genuine[0x18A:]
+    err = expect(
+        MalformedEvidence,
+        Reason.UNSUPPORTED_PROCESSOR,
+        lambda: snp_verify(report, [vcek], production),
+    )
+    assert f"family 0x19 model 0x{model:02X}" in err.message
+    assert err.status_name == "INVALID_ARGUMENT" and callers_fault(err)
+    for known, product in ((0x00, "Milan"), (0x0F, "Milan"), (0x10, "Genoa"), (0x1F, "Genoa")):
+        assert parse_snp_report(genuine[:0x189] + bytes([known]) + genuine[0x18A:]).product == (
+            product
+        )
+
+
 @pytest.mark.parametrize("model", [0xA0, 0xA1, 0xAF])
 def test_siena_is_judged_under_genoas_chain(  # type: ignore[no-untyped-def]
     genoa, authority, sim_trust, now, model: int

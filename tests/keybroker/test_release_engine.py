@@ -755,8 +755,9 @@ def test_a_vcek_the_brokers_kds_url_serves_from_another_chain_is_audited_as_the_
 ) -> None:
     """A release whose VCEK the broker fetched from a kds_url that is not AMD KDS (a certificate
     of another chain) was refused ROOT_NOT_TRUSTED, the caller's fault, counted against its
-    budget. Its refusal is the broker's now (UNAVAILABLE VCEK_FETCHED_UNTRUSTED, naming the
-    URL), audited with that reason, and outside the caller's refusal budget."""
+    budget. Its refusal is the broker's now (UNAVAILABLE VCEK_FETCHED_UNTRUSTED; the URL, the
+    broker's internal endpoint, is in its log line, not in the caller's message nor the audit),
+    audited with that reason, and outside the caller's refusal budget."""
     server = FakeCollateralServer()
     try:
         foreign = SimulatedAuthority.generate(product="Genoa").snp()
@@ -777,11 +778,15 @@ def test_a_vcek_the_brokers_kds_url_serves_from_another_chain_is_audited_as_the_
             with pytest.raises(Unavailable) as info:
                 engine.release(dataclasses.replace(request, evidence=unsent), CALLER)
             assert info.value.reason == "VCEK_FETCHED_UNTRUSTED" and not callers_fault(info.value)
-            assert f"{server.url}/vcek/v1/Milan/" in info.value.message
+            # The broker's internal endpoint is its operators' (the log line names it), never
+            # the caller's: the message is the gRPC status's.
+            assert server.url.removeprefix("http://") not in info.value.message
+            assert "the broker's kds_url" in info.value.message
     finally:
         server.close()
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["reason"] for r in records] == ["VCEK_FETCHED_UNTRUSTED"] * 2
+    assert server.url.removeprefix("http://") not in log.read_text()
     assert {(r["decision"], r["caller"]["spiffe_id"]) for r in records} == {
         ("denied", CALLER.spiffe_id)
     }

@@ -41,6 +41,14 @@ _FIRST_GENOA_MODEL = 0x10
 # Family 0x19 models 0xA0-0xAF are the Zen 4c parts (Siena, Bergamo): AMD signs them under
 # Genoa's ARK and ASK, and KDS serves their VCEKs as Genoa's, so their product is Genoa.
 _ZEN4C_MODELS = range(0xA0, 0xB0)
+# The family 0x19 models of the SEV-SNP server parts: Milan 0x00-0x0F, Genoa 0x10-0x1F and the
+# Zen 4c parts. The family's other models are client parts (Vermeer 0x21, Raphael 0x61, ...) that
+# have no SEV-SNP and no chain at AMD KDS: read as Genoa (every model from 0x10 was), a report
+# naming one was judged against Genoa's chain and TCB minimums as if it were a Genoa.
+_ZEN3_4_MODELS: dict[str, tuple[range, ...]] = {
+    "Milan": (range(0x00, _FIRST_GENOA_MODEL),),
+    "Genoa": (range(_FIRST_GENOA_MODEL, 0x20), _ZEN4C_MODELS),
+}
 
 PRODUCTS = ("Milan", "Genoa", "Turin")
 """The AMD product families this verifier knows, as AMD KDS and the ARK/ASK common names spell them."""
@@ -70,6 +78,13 @@ SIGNING_KEY_VCEK = 0
 SIGNING_KEY_VLEK = 1
 SIGNING_KEY_NONE = 7
 _SIGNING_KEY_NAMES = {SIGNING_KEY_VCEK: "VCEK", SIGNING_KEY_VLEK: "VLEK", SIGNING_KEY_NONE: "NONE"}
+
+
+def _zen3_4_product(model: int) -> str | None:
+    """The product (chain) of a family 0x19 model, or ``None`` for one that is no SEV-SNP part."""
+    return next(
+        (p for p, ranges in _ZEN3_4_MODELS.items() if any(model in r for r in ranges)), None
+    )
 
 
 @dataclass(frozen=True)
@@ -301,11 +316,12 @@ class SnpReport:
     def product(self) -> str | None:
         """The product named by the report's CPUID fields, or None (version 2 or an unknown family):
         the chain (ARK/ASK, KDS product) its VCEK/VLEK must come from. Family 0x19 below model 0x10
-        is Milan, from 0x10 Genoa (Siena and Bergamo, models 0xA0-0xAF, included); 0x1A Turin."""
+        is Milan, 0x10-0x1F Genoa, as are Siena and Bergamo (models 0xA0-0xAF; the parser refuses
+        the family's other models); 0x1A Turin."""
         if self.cpuid_fam_id == _FAMILY_ZEN5:
             return "Turin"
         if self.cpuid_fam_id == _FAMILY_ZEN3_4:
-            return "Genoa" if (self.cpuid_mod_id or 0) >= _FIRST_GENOA_MODEL else "Milan"
+            return _zen3_4_product(self.cpuid_mod_id or 0)
         return None
 
     @property
@@ -465,6 +481,13 @@ def parse_snp_report(data: bytes) -> SnpReport:
         raise MalformedEvidence(
             f"SNP report CPUID family 0x{cpuid[0]:02X} is not a known SEV-SNP processor",
             reason=Reason.BAD_FIELD,
+        )
+    if cpuid[0] == _FAMILY_ZEN3_4 and _zen3_4_product(cpuid[1] or 0) is None:
+        raise MalformedEvidence(
+            f"SNP report CPUID family 0x{cpuid[0]:02X} model 0x{cpuid[1] or 0:02X} is not an "
+            "SEV-SNP processor this verifier knows (family 0x19: Milan models 0x00-0x0F, Genoa "
+            "0x10-0x1F, Siena/Bergamo 0xA0-0xAF)",
+            reason=Reason.UNSUPPORTED_PROCESSOR,
         )
 
     def tcb(off: int) -> TcbVersion:
