@@ -54,7 +54,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     ``clients`` (SPIFFE ID -> model-name rules; None: any caller, any model) scopes what each
     caller may infer, describe and ask the readiness of; callers in ``unscoped`` (admins) are not
-    scoped. Server-wide answers (liveness, readiness, metadata) are everyone's.
+    scoped. The server's readiness is a scoped caller's own models' (another tenant's model not
+    ready yet is none of its business); liveness and metadata name no model and are everyone's.
     """
 
     def __init__(
@@ -90,8 +91,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.ServicerContext
     ) -> pb.ServerReadyResponse:
-        """Ready when every configured model has a ready version."""
-        return pb.ServerReadyResponse(ready=self._repository.server_ready())
+        """Ready when every configured model the caller may use has a ready version: the
+        answer over every tenant's models told any client whether another tenant's were
+        loaded yet (one listed as configured and failing kept it False for everyone)."""
+        return pb.ServerReadyResponse(
+            ready=self._repository.server_ready(self._visible_to(context))
+        )
 
     def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.ServicerContext
@@ -141,17 +146,24 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         encode_outputs(response, model, names, arrays, raw=used_raw, limits=self._limits)
         return response
 
+    def _visible_to(self, context: grpc.ServicerContext) -> Callable[[str], bool] | None:
+        """Which model names this caller may use (``clients``); None: every name."""
+        if self._clients is None:
+            return None
+        caller = str(verified_caller(context).spiffe_id)
+        if caller in self._unscoped:
+            return None
+        rules = self._clients.get(caller, ())
+        return lambda name: any(name_rule_matches(rule, name) for rule in rules)
+
     def _check_client(self, context: grpc.ServicerContext, name: str) -> None:
         """PermissionDenied unless this caller may use model ``name`` (``clients``): the same
         answer whether or not the model exists or is loaded, so that no client learns another
         tenant's model names, metadata or readiness, nor runs its model."""
-        if self._clients is None:
+        visible = self._visible_to(context)
+        if visible is None or visible(name):
             return
         caller = str(verified_caller(context).spiffe_id)
-        if caller in self._unscoped:
-            return
-        if any(name_rule_matches(rule, name) for rule in self._clients.get(caller, ())):
-            return
         log.warning(
             "refused model %s to client %s",
             name[:128],
