@@ -34,7 +34,11 @@ from strongroom.errors import (
 )
 from strongroom.identifiers import name_rule_matches
 from strongroom.inference.models._datatypes import BY_ORT_TYPE, DATATYPES, DataType
-from strongroom.inference.models._graph import walk_model
+from strongroom.inference.models._graph import (
+    DEFAULT_MAX_GRAPH_NODES,
+    GraphTooLarge,
+    walk_model,
+)
 from strongroom.inference.models._ort import ort, ort_state
 from strongroom.inference.models._strings import StringBounds
 from strongroom.reasons import Reason
@@ -67,6 +71,8 @@ INFERENCE_MEMORY_SETTING = "inference.max_inference_memory_bytes"
 """The configuration key of the cap, named in the refusal (the models layer has no config)."""
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20
 """Default bound on a request's tensor bytes (``inference.max_input_bytes``'s default)."""
+GRAPH_NODES_SETTING = "inference.max_graph_nodes"
+"""The configuration key of the node budget of a model's graph as inlined, named in the refusal."""
 STRING_EXPANSION_SETTINGS = "inference.string_expansion_models or inference.allow_string_expansion"
 """The configuration keys that let a model through the string check, named in its refusal."""
 
@@ -168,6 +174,10 @@ class RuntimeOptions:
     # named here (a model name, or ``name/`` for every model under it) or allowed for all.
     string_expansion_models: tuple[str, ...] = ()
     allow_string_expansion: bool = False
+    # The most nodes a model's graph may have once its model-local functions are inlined
+    # (models._graph.inlined_nodes): functions calling functions several times each inline to a
+    # number of nodes exponential in their depth, and ONNX Runtime took minutes to load one.
+    max_graph_nodes: int = DEFAULT_MAX_GRAPH_NODES
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in _OPTIMIZATION_LEVELS:
@@ -180,6 +190,8 @@ class RuntimeOptions:
             )
         if self.max_input_bytes < 1:
             raise ValueError("max_input_bytes must be positive")
+        if self.max_graph_nodes < 1:
+            raise ValueError("max_graph_nodes must be positive")
 
     def allows_string_expansion(self, name: str) -> bool:
         """Whether model ``name`` may load though its strings escape the memory cap."""
@@ -452,7 +464,9 @@ def _check_graph(name: str, version: str, model: bytes, options: RuntimeOptions)
     """The load-time checks of the model's graph, both made on one walk of it (``models._graph``:
     every node of the graph, its subgraphs and its model-local functions).
 
-    The operators first: a model using one of :data:`UNCAPPED_OPERATORS` is refused
+    A graph with more than :attr:`RuntimeOptions.max_graph_nodes` nodes once its functions are
+    inlined is refused ``MODEL_GRAPH_TOO_LARGE`` before either (the walk inlines them).
+    Then the operators: a model using one of :data:`UNCAPPED_OPERATORS` is refused
     ``MODEL_OPERATOR_UNCAPPED`` (unless :attr:`RuntimeOptions.allow_uncapped_operators`), even if
     its strings would be refused too; then the strings, ``MODEL_STRING_EXPANSION`` (unless the
     model is let through by name or all are). So a model that trips both is refused for its
@@ -462,7 +476,9 @@ def _check_graph(name: str, version: str, model: bytes, options: RuntimeOptions)
         max_input_bytes=options.max_input_bytes, max_chars=options.max_inference_memory_bytes
     )
     try:
-        operators = walk_model(model, strings)
+        operators = walk_model(model, strings, max_nodes=options.max_graph_nodes)
+    except GraphTooLarge as exc:
+        _refuse_graph_too_large(name, version, exc)
     except ValueError:
         raise ModelLoadError(
             "the model is not a serialized ONNX model", reason=Reason.MODEL_INVALID
@@ -471,6 +487,19 @@ def _check_graph(name: str, version: str, model: bytes, options: RuntimeOptions)
         _refuse_uncapped_operators(name, version, operators)
     if strings.problem is not None:
         _refuse_string_expansion(name, version, strings.problem, options)
+
+
+def _refuse_graph_too_large(name: str, version: str, exc: GraphTooLarge) -> NoReturn:
+    """Refuses a model whose graph, its functions inlined, is past the node budget: loading it
+    would keep a worker (the walk's inliner, then ONNX Runtime's) busy for minutes."""
+    log.warning(
+        "model refused: its graph is too large once its functions are inlined",
+        extra={"model": name, "version": version, "function": exc.function, "detail": str(exc)},
+    )
+    raise ModelLoadError(
+        f"the model is too large to load: {exc}; {GRAPH_NODES_SETTING} sets the budget",
+        reason=Reason.MODEL_GRAPH_TOO_LARGE,
+    )
 
 
 def _refuse_uncapped_operators(name: str, version: str, operators: frozenset[str]) -> None:
