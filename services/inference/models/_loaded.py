@@ -20,7 +20,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
@@ -131,6 +131,11 @@ come from a request's *value* (``ConstantOfShape``, ``Range``), so the cap bound
 several times itself. A model using one is refused unless :attr:`RuntimeOptions.allow_uncapped_operators`."""
 UNCAPPED_OPERATORS_SETTING = "inference.allow_uncapped_operators"
 """The configuration key that lets models with :data:`UNCAPPED_OPERATORS` load."""
+
+
+OutputCheck = Callable[[Mapping[str, tuple[int, ...]]], None]
+"""What :meth:`LoadedModel.infer` shows the outputs' shapes (by name) before it copies any: it
+raises to refuse them."""
 
 
 class ModelLoadError(FailedPrecondition):
@@ -339,20 +344,32 @@ class LoadedModel:
         outputs: Sequence[str] | None = None,
         *,
         run_options: ort.RunOptions | None = None,
+        check_shapes: OutputCheck | None = None,
     ) -> dict[str, np.ndarray]:
         """Runs the model; BYTES tensors are object arrays of ``bytes`` both ways.
 
         The caller validates names, datatypes and shapes against :attr:`inputs` (the OIP layer
         does); ORT still rejects what does not fit, as InvalidArgument. A run whose
         ``run_options.terminate`` is set (the OIP layer sets it when the call ends early) stops
-        at ORT's next check and raises Cancelled.
+        at ORT's next check and raises Cancelled. ``check_shapes`` is shown every output's
+        shape before any output is copied out of ONNX Runtime (the OIP layer refuses there a
+        response its bound cannot hold): a string output becomes a Python object per element,
+        several times what ORT holds of a short one, and an output refused after that copy
+        had cost it anyway. A model with a string input is run through ORT's ``run``, which
+        copies its string outputs before they can be seen (ORT's Python API makes no string
+        tensor of its own): for those the check comes before the ``bytes`` copy only.
         """
         feeds: dict[str, Any] = {}
+        strings_in = False
         for name, array in inputs.items():
             spec = self._inputs_by_name.get(name)
             if spec is None:
                 raise InvalidArgument(f"model has no input {name!r}", reason=Reason.INPUT_UNKNOWN)
-            feeds[name] = _to_ort_strings(name, array) if spec.datatype == "BYTES" else array
+            if spec.datatype == "BYTES":
+                strings_in = True
+                feeds[name] = _to_ort_strings(name, array)
+            else:
+                feeds[name] = array
         names = list(outputs) if outputs is not None else list(self._output_names)
         run_options = run_options if run_options is not None else ort.RunOptions()
         # Hand back, at the end of the run, the arena's regions no live tensor uses (a big
@@ -363,14 +380,27 @@ class LoadedModel:
         # and ORT's words. Only the run's logging: a session's (the model's load) stays on.
         run_options.log_severity_level = _ORT_FATAL
         try:
-            results = self._session.run(names, feeds, run_options)
+            if strings_in:
+                results: list[Any] = self._session.run(names, feeds, run_options)
+            else:
+                # The outputs stay ONNX Runtime's tensors (in the capped arena) until checked.
+                values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in feeds.items()}
+                results = self._session.run_with_ort_values(names, values, run_options)
         except Exception as exc:
             if _ARENA_FULL.search(str(exc)):
                 raise self._out_of_memory(exc) from None
             self._refused(exc, run_options)
+        if check_shapes is not None:
+            check_shapes(
+                {
+                    name: tuple(np.shape(r) if strings_in else r.shape())
+                    for name, r in zip(names, results, strict=True)
+                }
+            )
         out: dict[str, np.ndarray] = {}
         for name, value in zip(names, results, strict=True):
-            array = np.asarray(value)
+            # A numeric OrtValue's array is a view of ORT's tensor; a string one's, a copy.
+            array = np.asarray(value if strings_in else value.numpy())
             if self._outputs_by_name[name].datatype == "BYTES":
                 array = _from_ort_strings(array)
             out[name] = array

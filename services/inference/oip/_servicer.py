@@ -26,6 +26,7 @@ from strongroom.inference.oip._codec import (
     check_request_parameters,
     decode_inputs,
     encode_outputs,
+    output_shapes_check,
     requested_outputs,
 )
 from strongroom.inference.oip._wire import parse_infer_request
@@ -139,7 +140,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         check_request_parameters(request)
         inputs, used_raw = decode_inputs(request, model, self._limits)
         names = requested_outputs(request, model, self._limits)
-        arrays = model.infer(inputs, names, run_options=_stopped_with(context))
+        arrays = model.infer(
+            inputs,
+            names,
+            run_options=_stopped_with(context),
+            check_shapes=output_shapes_check(model, names, raw=used_raw, limits=self._limits),
+        )
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )
