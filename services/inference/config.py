@@ -12,6 +12,7 @@ from strongroom.artifact import DEFAULT_DECRYPT_THREADS
 from strongroom.client.keypins import KeyPins
 from strongroom.identifiers import KEY_ID_PATTERN, is_sha256_hex, name_rule_problem
 from strongroom.inference.models import (
+    DEFAULT_MAX_GRAPH_NODES,
     DEFAULT_MAX_INFERENCE_MEMORY_BYTES,
     MIN_INFERENCE_MEMORY_BYTES,
     RuntimeOptions,
@@ -148,6 +149,12 @@ class InferenceConfig:
     # it) or allowed for every model: then its requests can hold memory nothing bounds.
     string_expansion_models: tuple[str, ...] = ()
     allow_string_expansion: bool = False
+    # The most nodes a model's graph may have once its model-local functions are inlined (and
+    # its subgraphs counted): a model is refused at load past it (FAILED_PRECONDITION
+    # MODEL_GRAPH_TOO_LARGE), before ONNX Runtime reads it. Functions calling functions several
+    # times each inline to a number of nodes exponential in their depth: a model of a few
+    # kilobytes kept a loading worker busy for minutes. Real models have 10^2-10^4 nodes.
+    max_graph_nodes: int = DEFAULT_MAX_GRAPH_NODES
     # OpenSSF model signing: the EC public key (PEM) models must be signed with, and whether an
     # unsigned model may load at all.
     model_signing_public_key: Path | None = None
@@ -205,6 +212,8 @@ class InferenceConfig:
             raise ConfigError("inference.load_retry_seconds must be between 0 and 3600")
         if self.max_model_bytes < 1024:
             raise ConfigError("inference.max_model_bytes must be at least 1024")
+        if self.max_graph_nodes < 1:
+            raise ConfigError("inference.max_graph_nodes must be at least 1")
         if self.max_inference_memory_bytes < MIN_INFERENCE_MEMORY_BYTES:
             raise ConfigError(
                 f"inference.max_inference_memory_bytes must be at least {MIN_INFERENCE_MEMORY_BYTES}"
@@ -251,6 +260,7 @@ class InferenceConfig:
             max_input_bytes=self.max_input_bytes,
             string_expansion_models=self.string_expansion_models,
             allow_string_expansion=self.allow_string_expansion,
+            max_graph_nodes=self.max_graph_nodes,
         )
 
     @property

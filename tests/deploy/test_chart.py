@@ -562,6 +562,20 @@ def test_uncapped_operators_are_an_operator_value(
     assert section.runtime.allow_uncapped_operators is expected
 
 
+@pytest.mark.parametrize(("value", "expected"), [(None, 100_000), ("5000", 5000)])
+def test_the_graph_node_budget_is_an_operator_value(
+    helm: str, tmp_path: Path, value: str | None, expected: int
+) -> None:
+    """``inference.maxGraphNodes`` reaches ``inference.max_graph_nodes`` and every session's
+    options (the service's default when null)."""
+    set_args = () if value is None else (f"inference.maxGraphNodes={value}",)
+    path = tmp_path / "inference.yaml"
+    path.write_text(_configs(render(helm, set_args=set_args))["inference"])
+    _, section = load_service_config(path, "inference", InferenceConfig, environ={})
+    assert isinstance(section, InferenceConfig)
+    assert section.runtime.max_graph_nodes == expected
+
+
 @pytest.mark.parametrize(("value", "expected"), [(None, False), ("false", False), ("true", True)])
 def test_the_unbound_upload_window_is_an_operator_value(
     helm: str, tmp_path: Path, value: str | None, expected: bool

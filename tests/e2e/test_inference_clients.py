@@ -36,6 +36,8 @@ from tests.e2e.svc import enrolled_svc
 from tests.inference import onnx_models
 
 MODELS = ("team-a/m", "team-b/m", "shared/m")
+LATE = "team-b/late"
+"""A configured model of team b's that never loads: the server is not ready for team b."""
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def stack(
 def host(stack: DevStack) -> Iterator[ServiceHost]:
     """The OIP service as ``serve inference`` hosts it (mTLS, SPIFFE roles, error mapping), with
     three client identities: one listed for ``team-a/`` and ``shared/m``, one for ``team-b/``, one
-    not listed; and the admin."""
+    not listed; and the admin. ``team-b/late`` is configured but never loads."""
     identity, common = enrolled_svc(stack)
     clients = ("client", "client-b", "client-c")
     common = dataclasses.replace(
@@ -70,7 +72,7 @@ def host(stack: DevStack) -> Iterator[ServiceHost]:
             ClientScope(stack.spiffe_id("client-b"), ("team-b/",)),
         ),
     )
-    repository = ModelRepository()
+    repository = ModelRepository([LATE])
     for name in MODELS:
         repository.load(name, "1", onnx_models.identity("FP32"))
     oip = OipServicer(
@@ -207,12 +209,23 @@ def test_a_caller_without_the_role_has_no_request_counted_or_parsed(
     assert len(parsed) == 1
 
 
-def test_server_wide_answers_stay_everyones(
-    host: ServiceHost, callers: dict[str, WorkloadIdentity]
+@pytest.mark.parametrize(
+    ("who", "ready"),
+    [
+        ("client", True),  # team b's model not loaded is not team a's to learn
+        ("client-b", False),  # ... but team b's own
+        ("client-c", True),  # a client with no model waits for none
+        ("admin", False),  # admins see the whole server
+    ],
+)
+def test_server_readiness_is_the_callers_models_and_metadata_everyones(
+    host: ServiceHost, callers: dict[str, WorkloadIdentity], who: str, ready: bool
 ) -> None:
-    with callers["client-c"].channel(f"localhost:{host.port}") as channel:
+    """ServerReady answered over every tenant's configured models: any client learned whether
+    another tenant's model had loaded (and, a configured model failing, that it exists)."""
+    with callers[who].channel(f"localhost:{host.port}") as channel:
         oip = pb_grpc.GRPCInferenceServiceStub(channel)
-        assert oip.ServerReady(pb.ServerReadyRequest(), timeout=10).ready is True
+        assert oip.ServerReady(pb.ServerReadyRequest(), timeout=10).ready is ready
         assert oip.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).name
 
 

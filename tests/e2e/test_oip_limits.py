@@ -102,6 +102,22 @@ def sized() -> bytes:
     )
 
 
+def labels() -> bytes:
+    """``y = Expand(["ab"], n)``: as many 2-byte strings as the *value* of ``n`` says (short
+    strings sit in ORT's 32-byte slots, inside the run memory cap; the string check lets them
+    load)."""
+    label = numpy_helper.from_array(np.array([b"ab"], dtype=object), "label")
+    return _model(
+        [
+            helper.make_node("Constant", [], ["s"], value=label),
+            helper.make_node("Expand", ["s", "n"], ["y"]),
+        ],
+        [helper.make_tensor_value_info("n", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.STRING, ["m"])],
+        [],
+    )
+
+
 # Published, not loaded by the fixture: the string check refuses the first, and the
 # configuration lets the second through (inference.string_expansion_models: trusted/).
 STRING_EXPANDERS: dict[str, Callable[[], bytes]] = {
@@ -120,6 +136,7 @@ MODELS: dict[str, Callable[[], bytes]] = {
     "vocab": lambda: embedding(30522, 4),
     "slow": slow,
     "sized": sized,
+    "labels": labels,
 }
 
 
@@ -237,8 +254,43 @@ def test_an_output_over_the_bound_is_refused_before_it_is_converted(served: Serv
     )
 
 
-def _sized(n: int) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="sized")
+def test_string_outputs_are_charged_and_refused_by_shape_before_they_are_copied(
+    served: Served,
+) -> None:
+    """An 8-byte request makes the 'labels' model return 2 M two-byte strings: ORT holds them in
+    its capped arena (32 bytes each), but its Python API made a ``str`` of each (~59 bytes with
+    its slot) and the service a ``bytes`` (~43) before the output's size was checked, ~200 MiB
+    outside every cap to answer RESPONSE_TOO_LARGE. The shape is checked now before anything is
+    copied, each BYTES element charged BYTES_ELEMENT_COST beyond its wire size (as in a request):
+    500 K of them, 3 MB on the wire, inside the 4 MiB bound, held ~100 MiB of Python objects."""
+    oip = served.oip
+    strings = 2_000_000
+    errors: list[grpc.RpcError] = []
+
+    def call(n: int) -> Callable[[], None]:
+        def refused() -> None:
+            with pytest.raises(grpc.RpcError) as info:
+                oip.ModelInfer(_sized(n, "labels"), timeout=60)
+            errors.append(info.value)
+
+        return refused
+
+    peak = peak_rss_during(served.pid, call(strings))
+    assert reason(errors[-1]) == "RESPONSE_TOO_LARGE"
+    assert errors[-1].code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    arena = strings * 32
+    assert peak < arena + 2 * LIMIT, (
+        f"{peak >> 20} MiB at peak to refuse {strings} strings ORT holds in {arena >> 20} MiB"
+    )
+    call(500_000)()
+    assert reason(errors[-1]) == "RESPONSE_TOO_LARGE"
+    fits = LIMIT // (128 + 4 + 2)
+    response = oip.ModelInfer(_sized(fits, "labels"), timeout=60)
+    assert len(response.raw_output_contents[0]) == fits * 6
+
+
+def _sized(n: int, model: str = "sized") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="n", datatype="INT64", shape=[1])
     request.raw_input_contents.append(np.array([n], np.int64).tobytes())
     return request

@@ -12,8 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from strongroom.inference.config import InferenceConfig
 from strongroom.inference.models import LoadedModel, ModelLoadError, RuntimeOptions
 from strongroom.inference.models._graph import without_large_weights
+from strongroom.runtime.config import ConfigError
 from strongroom.wire import WireError
 from tests.inference import onnx_models
 
@@ -78,3 +80,44 @@ def test_the_walk_parses_the_model_without_its_large_weights() -> None:
     assert without_large_weights(b"") == b""
     with pytest.raises(WireError):
         without_large_weights(b"\x0b")  # a group: no ONNX message has one
+
+
+def test_functions_that_inline_past_the_node_budget_are_refused_before_onnx_runtime_reads_them() -> (
+    None
+):
+    """Model-local functions each calling the one before twice: 16 levels took the walk's
+    inliner ~1.4 s and ONNX Runtime 128 s to load (a loading worker held for minutes by a model
+    of a few kilobytes). Their nodes are counted as inlined, without inlining them, and the
+    model refused past ``max_graph_nodes``, naming the innermost function past it."""
+    # F_k counts 6 + 4 * F_(k-1) nodes (F0: 1): F4 = 766, F5 = 3070; the graph F4 + 1.
+    options = RuntimeOptions(max_graph_nodes=1000)
+    reason, message = _reason(onnx_models.nested_functions(8, 3), options)
+    assert reason == "MODEL_GRAPH_TOO_LARGE", message
+    assert "local.F5 inlines to more than 1000 nodes" in message, message
+    assert "inference.max_graph_nodes" in message, message
+    model = LoadedModel.from_bytes("m", "1", onnx_models.nested_functions(4, 3), options=options)
+    assert model.infer({"x": np.ones(1, np.float32)})["y"].tolist() == [-1.0]
+    # The graph's own node counts too: F4 fits 766, the graph calling it does not.
+    reason, message = _reason(
+        onnx_models.nested_functions(4, 3), RuntimeOptions(max_graph_nodes=766)
+    )
+    assert reason == "MODEL_GRAPH_TOO_LARGE", message
+    assert "the graph has more than 766 nodes" in message and "local.F4" in message, message
+    # The default budget: 16 levels (2 ** 16 nodes run), refused at once (counting is linear in
+    # the model's size), F_k counting 5 + 3 * F_(k-1): F9 = 68,888, F10 = 206,669.
+    reason, message = _reason(onnx_models.nested_functions(16, 2), RuntimeOptions())
+    assert reason == "MODEL_GRAPH_TOO_LARGE" and "local.F10 inlines" in message, message
+
+
+def test_a_function_calling_itself_is_refused_as_without_end() -> None:
+    reason, message = _reason(onnx_models.nested_functions(3, recursive=True), RuntimeOptions())
+    assert reason == "MODEL_GRAPH_TOO_LARGE", message
+    assert "calls itself (directly or through others)" in message, message
+
+
+def test_the_node_budget_is_a_setting() -> None:
+    assert InferenceConfig(model_store="s:1", key_broker="b:1").runtime.max_graph_nodes == 100_000
+    config = InferenceConfig(model_store="s:1", key_broker="b:1", max_graph_nodes=500)
+    assert config.runtime.max_graph_nodes == 500
+    with pytest.raises(ConfigError, match="max_graph_nodes"):
+        InferenceConfig(model_store="s:1", key_broker="b:1", max_graph_nodes=0)

@@ -5,6 +5,7 @@ models by name and version, swaps versions atomically and remembers why a load f
 """
 
 from strongroom.inference.models._datatypes import DATATYPES, DataType, datatype_of_array
+from strongroom.inference.models._graph import DEFAULT_MAX_GRAPH_NODES
 from strongroom.inference.models._loaded import (
     DEFAULT_MAX_INFERENCE_MEMORY_BYTES,
     MIN_INFERENCE_MEMORY_BYTES,
@@ -30,6 +31,7 @@ from strongroom.inference.models._repository import (
 
 __all__ = [
     "DATATYPES",
+    "DEFAULT_MAX_GRAPH_NODES",
     "DEFAULT_MAX_INFERENCE_MEMORY_BYTES",
     "MIN_INFERENCE_MEMORY_BYTES",
     "PLATFORM",

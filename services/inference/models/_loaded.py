@@ -20,7 +20,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
@@ -34,7 +34,11 @@ from strongroom.errors import (
 )
 from strongroom.identifiers import name_rule_matches
 from strongroom.inference.models._datatypes import BY_ORT_TYPE, DATATYPES, DataType
-from strongroom.inference.models._graph import walk_model
+from strongroom.inference.models._graph import (
+    DEFAULT_MAX_GRAPH_NODES,
+    GraphTooLarge,
+    walk_model,
+)
 from strongroom.inference.models._ort import ort, ort_state
 from strongroom.inference.models._strings import StringBounds
 from strongroom.reasons import Reason
@@ -67,6 +71,8 @@ INFERENCE_MEMORY_SETTING = "inference.max_inference_memory_bytes"
 """The configuration key of the cap, named in the refusal (the models layer has no config)."""
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20
 """Default bound on a request's tensor bytes (``inference.max_input_bytes``'s default)."""
+GRAPH_NODES_SETTING = "inference.max_graph_nodes"
+"""The configuration key of the node budget of a model's graph as inlined, named in the refusal."""
 STRING_EXPANSION_SETTINGS = "inference.string_expansion_models or inference.allow_string_expansion"
 """The configuration keys that let a model through the string check, named in its refusal."""
 
@@ -127,6 +133,11 @@ UNCAPPED_OPERATORS_SETTING = "inference.allow_uncapped_operators"
 """The configuration key that lets models with :data:`UNCAPPED_OPERATORS` load."""
 
 
+OutputCheck = Callable[[Mapping[str, tuple[int, ...]]], None]
+"""What :meth:`LoadedModel.infer` shows the outputs' shapes (by name) before it copies any: it
+raises to refuse them."""
+
+
 class ModelLoadError(FailedPrecondition):
     """ONNX Runtime could not load the model (malformed, unsupported, or needs files from disk)."""
 
@@ -168,6 +179,10 @@ class RuntimeOptions:
     # named here (a model name, or ``name/`` for every model under it) or allowed for all.
     string_expansion_models: tuple[str, ...] = ()
     allow_string_expansion: bool = False
+    # The most nodes a model's graph may have once its model-local functions are inlined
+    # (models._graph.inlined_nodes): functions calling functions several times each inline to a
+    # number of nodes exponential in their depth, and ONNX Runtime took minutes to load one.
+    max_graph_nodes: int = DEFAULT_MAX_GRAPH_NODES
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in _OPTIMIZATION_LEVELS:
@@ -180,6 +195,8 @@ class RuntimeOptions:
             )
         if self.max_input_bytes < 1:
             raise ValueError("max_input_bytes must be positive")
+        if self.max_graph_nodes < 1:
+            raise ValueError("max_graph_nodes must be positive")
 
     def allows_string_expansion(self, name: str) -> bool:
         """Whether model ``name`` may load though its strings escape the memory cap."""
@@ -327,20 +344,32 @@ class LoadedModel:
         outputs: Sequence[str] | None = None,
         *,
         run_options: ort.RunOptions | None = None,
+        check_shapes: OutputCheck | None = None,
     ) -> dict[str, np.ndarray]:
         """Runs the model; BYTES tensors are object arrays of ``bytes`` both ways.
 
         The caller validates names, datatypes and shapes against :attr:`inputs` (the OIP layer
         does); ORT still rejects what does not fit, as InvalidArgument. A run whose
         ``run_options.terminate`` is set (the OIP layer sets it when the call ends early) stops
-        at ORT's next check and raises Cancelled.
+        at ORT's next check and raises Cancelled. ``check_shapes`` is shown every output's
+        shape before any output is copied out of ONNX Runtime (the OIP layer refuses there a
+        response its bound cannot hold): a string output becomes a Python object per element,
+        several times what ORT holds of a short one, and an output refused after that copy
+        had cost it anyway. A model with a string input is run through ORT's ``run``, which
+        copies its string outputs before they can be seen (ORT's Python API makes no string
+        tensor of its own): for those the check comes before the ``bytes`` copy only.
         """
         feeds: dict[str, Any] = {}
+        strings_in = False
         for name, array in inputs.items():
             spec = self._inputs_by_name.get(name)
             if spec is None:
                 raise InvalidArgument(f"model has no input {name!r}", reason=Reason.INPUT_UNKNOWN)
-            feeds[name] = _to_ort_strings(name, array) if spec.datatype == "BYTES" else array
+            if spec.datatype == "BYTES":
+                strings_in = True
+                feeds[name] = _to_ort_strings(name, array)
+            else:
+                feeds[name] = array
         names = list(outputs) if outputs is not None else list(self._output_names)
         run_options = run_options if run_options is not None else ort.RunOptions()
         # Hand back, at the end of the run, the arena's regions no live tensor uses (a big
@@ -351,14 +380,27 @@ class LoadedModel:
         # and ORT's words. Only the run's logging: a session's (the model's load) stays on.
         run_options.log_severity_level = _ORT_FATAL
         try:
-            results = self._session.run(names, feeds, run_options)
+            if strings_in:
+                results: list[Any] = self._session.run(names, feeds, run_options)
+            else:
+                # The outputs stay ONNX Runtime's tensors (in the capped arena) until checked.
+                values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in feeds.items()}
+                results = self._session.run_with_ort_values(names, values, run_options)
         except Exception as exc:
             if _ARENA_FULL.search(str(exc)):
                 raise self._out_of_memory(exc) from None
             self._refused(exc, run_options)
+        if check_shapes is not None:
+            check_shapes(
+                {
+                    name: tuple(np.shape(r) if strings_in else r.shape())
+                    for name, r in zip(names, results, strict=True)
+                }
+            )
         out: dict[str, np.ndarray] = {}
         for name, value in zip(names, results, strict=True):
-            array = np.asarray(value)
+            # A numeric OrtValue's array is a view of ORT's tensor; a string one's, a copy.
+            array = np.asarray(value if strings_in else value.numpy())
             if self._outputs_by_name[name].datatype == "BYTES":
                 array = _from_ort_strings(array)
             out[name] = array
@@ -452,7 +494,9 @@ def _check_graph(name: str, version: str, model: bytes, options: RuntimeOptions)
     """The load-time checks of the model's graph, both made on one walk of it (``models._graph``:
     every node of the graph, its subgraphs and its model-local functions).
 
-    The operators first: a model using one of :data:`UNCAPPED_OPERATORS` is refused
+    A graph with more than :attr:`RuntimeOptions.max_graph_nodes` nodes once its functions are
+    inlined is refused ``MODEL_GRAPH_TOO_LARGE`` before either (the walk inlines them).
+    Then the operators: a model using one of :data:`UNCAPPED_OPERATORS` is refused
     ``MODEL_OPERATOR_UNCAPPED`` (unless :attr:`RuntimeOptions.allow_uncapped_operators`), even if
     its strings would be refused too; then the strings, ``MODEL_STRING_EXPANSION`` (unless the
     model is let through by name or all are). So a model that trips both is refused for its
@@ -462,7 +506,9 @@ def _check_graph(name: str, version: str, model: bytes, options: RuntimeOptions)
         max_input_bytes=options.max_input_bytes, max_chars=options.max_inference_memory_bytes
     )
     try:
-        operators = walk_model(model, strings)
+        operators = walk_model(model, strings, max_nodes=options.max_graph_nodes)
+    except GraphTooLarge as exc:
+        _refuse_graph_too_large(name, version, exc)
     except ValueError:
         raise ModelLoadError(
             "the model is not a serialized ONNX model", reason=Reason.MODEL_INVALID
@@ -471,6 +517,19 @@ def _check_graph(name: str, version: str, model: bytes, options: RuntimeOptions)
         _refuse_uncapped_operators(name, version, operators)
     if strings.problem is not None:
         _refuse_string_expansion(name, version, strings.problem, options)
+
+
+def _refuse_graph_too_large(name: str, version: str, exc: GraphTooLarge) -> NoReturn:
+    """Refuses a model whose graph, its functions inlined, is past the node budget: loading it
+    would keep a worker (the walk's inliner, then ONNX Runtime's) busy for minutes."""
+    log.warning(
+        "model refused: its graph is too large once its functions are inlined",
+        extra={"model": name, "version": version, "function": exc.function, "detail": str(exc)},
+    )
+    raise ModelLoadError(
+        f"the model is too large to load: {exc}; {GRAPH_NODES_SETTING} sets the budget",
+        reason=Reason.MODEL_GRAPH_TOO_LARGE,
+    )
 
 
 def _refuse_uncapped_operators(name: str, version: str, operators: frozenset[str]) -> None:

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 
 from strongroom.errors import (
@@ -367,10 +367,15 @@ class ModelRepository:
         status = entry.pending.get(version)
         return status.state if status is not None else None
 
-    def server_ready(self) -> bool:
-        """True when every expected model has a ready version."""
+    def server_ready(self, visible: Callable[[str], bool] | None = None) -> bool:
+        """True when every expected model has a ready version; with ``visible``, every expected
+        model it keeps (a caller's own: another tenant's readiness is not the caller's to learn)."""
         entries = self._entries
-        return all(entries[n].default is not None for n in self._expected if n in entries)
+        return all(
+            entries[n].default is not None
+            for n in self._expected
+            if n in entries and (visible is None or visible(n))
+        )
 
     # -- internals ----------------------------------------------------------------------------
     def _set_pending(

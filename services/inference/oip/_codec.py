@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -234,6 +234,44 @@ def requested_outputs(
     return names
 
 
+def output_shapes_check(
+    model: LoadedModel, names: Sequence[str], *, raw: bool, limits: InferLimits
+) -> Callable[[Mapping[str, tuple[int, ...]]], None]:
+    """The check :meth:`LoadedModel.infer` makes of the outputs' shapes before it copies any out
+    of ONNX Runtime: ResourceExhausted if the least they can cost (:func:`_least_cost`, which
+    :func:`encode_outputs` charges at least) already passes ``max_output_bytes``."""
+    specs = [_output_spec(model, n) for n in names]
+    use_raw = _responds_raw(specs, raw)
+
+    def check(shapes: Mapping[str, tuple[int, ...]]) -> None:
+        total = 0
+        for spec in specs:
+            total += _least_cost(math.prod(shapes[spec.name]), spec.type, raw=use_raw)
+        if total > limits.max_output_bytes:
+            raise ResourceExhausted(
+                f"outputs exceed {limits.max_output_bytes} bytes (their shapes alone: BYTES "
+                f"elements count {BYTES_ELEMENT_COST} bytes each beyond their data)",
+                reason=Reason.RESPONSE_TOO_LARGE,
+            )
+
+    return check
+
+
+def _responds_raw(specs: Sequence[TensorSpec], raw: bool) -> bool:
+    # FP16 has no typed field, and one response cannot mix raw and typed outputs.
+    return raw or any(not s.type.contents_field for s in specs)
+
+
+def _least_cost(count: int, datatype: DataType, *, raw: bool) -> int:
+    """The least :func:`_output_cost` of ``count`` elements of ``datatype``: exact for a fixed
+    width, and for BYTES their charge and an empty element's bytes on the wire."""
+    if datatype.name == "BYTES":
+        return count * (BYTES_ELEMENT_COST + (_LENGTH.size if raw else _length_delimited(0)))
+    if raw or datatype.name in ("BOOL", "FP32", "FP64"):
+        return count * int(datatype.itemsize)
+    return count  # a varint is one byte at least
+
+
 def encode_outputs(
     response: pb.ModelInferResponse,
     model: LoadedModel,
@@ -250,8 +288,7 @@ def encode_outputs(
     typed contents) would cost several times its size only to refuse it.
     """
     specs = [_output_spec(model, n) for n in names]
-    # FP16 has no typed field, and one response cannot mix raw and typed outputs.
-    use_raw = raw or any(not s.type.contents_field for s in specs)
+    use_raw = _responds_raw(specs, raw)
     total = 0
     for spec in specs:
         total += _output_cost(arrays[spec.name], spec.type, raw=use_raw)
@@ -270,14 +307,19 @@ def encode_outputs(
 
 def _output_cost(array: np.ndarray, datatype: DataType, *, raw: bool) -> int:
     """What an output counts against ``max_output_bytes``: its size in the response message,
-    computed without converting it (the send limit is the output bound plus MESSAGE_OVERHEAD)."""
+    computed without converting it (the send limit is the output bound plus MESSAGE_OVERHEAD),
+    and for BYTES :data:`BYTES_ELEMENT_COST` an element beyond it, as in a request: each element
+    is Python objects on its way out (ORT's ``str``, its ``bytes``, the raw or typed field's),
+    ~100 bytes for an empty one, so a response of short strings inside the bound held more than
+    ten times it (and one refused past it had cost that before it was refused)."""
     flat = array.reshape(-1)
     if datatype.name == "BYTES":
         # Raw: a 4-byte length before each element; typed: each element is a length-delimited
         # field (a tag byte and a varint length), so even empty elements cost bytes.
+        charge = flat.size * BYTES_ELEMENT_COST
         if raw:
-            return sum(_LENGTH.size + len(_as_bytes(item)) for item in flat)
-        return sum(_length_delimited(len(_as_bytes(item))) for item in flat)
+            return charge + sum(_LENGTH.size + len(_as_bytes(item)) for item in flat)
+        return charge + sum(_length_delimited(len(_as_bytes(item))) for item in flat)
     if raw or datatype.name in ("BOOL", "FP32", "FP64"):
         return int(array.nbytes)
     return _varints_size(flat)

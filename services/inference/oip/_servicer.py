@@ -26,6 +26,7 @@ from strongroom.inference.oip._codec import (
     check_request_parameters,
     decode_inputs,
     encode_outputs,
+    output_shapes_check,
     requested_outputs,
 )
 from strongroom.inference.oip._wire import parse_infer_request
@@ -54,7 +55,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     ``clients`` (SPIFFE ID -> model-name rules; None: any caller, any model) scopes what each
     caller may infer, describe and ask the readiness of; callers in ``unscoped`` (admins) are not
-    scoped. Server-wide answers (liveness, readiness, metadata) are everyone's.
+    scoped. The server's readiness is a scoped caller's own models' (another tenant's model not
+    ready yet is none of its business); liveness and metadata name no model and are everyone's.
     """
 
     def __init__(
@@ -90,8 +92,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.ServicerContext
     ) -> pb.ServerReadyResponse:
-        """Ready when every configured model has a ready version."""
-        return pb.ServerReadyResponse(ready=self._repository.server_ready())
+        """Ready when every configured model the caller may use has a ready version: the
+        answer over every tenant's models told any client whether another tenant's were
+        loaded yet (one listed as configured and failing kept it False for everyone)."""
+        return pb.ServerReadyResponse(
+            ready=self._repository.server_ready(self._visible_to(context))
+        )
 
     def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.ServicerContext
@@ -134,24 +140,36 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         check_request_parameters(request)
         inputs, used_raw = decode_inputs(request, model, self._limits)
         names = requested_outputs(request, model, self._limits)
-        arrays = model.infer(inputs, names, run_options=_stopped_with(context))
+        arrays = model.infer(
+            inputs,
+            names,
+            run_options=_stopped_with(context),
+            check_shapes=output_shapes_check(model, names, raw=used_raw, limits=self._limits),
+        )
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )
         encode_outputs(response, model, names, arrays, raw=used_raw, limits=self._limits)
         return response
 
+    def _visible_to(self, context: grpc.ServicerContext) -> Callable[[str], bool] | None:
+        """Which model names this caller may use (``clients``); None: every name."""
+        if self._clients is None:
+            return None
+        caller = str(verified_caller(context).spiffe_id)
+        if caller in self._unscoped:
+            return None
+        rules = self._clients.get(caller, ())
+        return lambda name: any(name_rule_matches(rule, name) for rule in rules)
+
     def _check_client(self, context: grpc.ServicerContext, name: str) -> None:
         """PermissionDenied unless this caller may use model ``name`` (``clients``): the same
         answer whether or not the model exists or is loaded, so that no client learns another
         tenant's model names, metadata or readiness, nor runs its model."""
-        if self._clients is None:
+        visible = self._visible_to(context)
+        if visible is None or visible(name):
             return
         caller = str(verified_caller(context).spiffe_id)
-        if caller in self._unscoped:
-            return
-        if any(name_rule_matches(rule, name) for rule in self._clients.get(caller, ())):
-            return
         log.warning(
             "refused model %s to client %s",
             name[:128],
