@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 
 from strongroom.modelstore._s3 import make_client
 from strongroom.modelstore.config import StorageConfig
 from strongroom.runtime.config import LoggingConfig
-from strongroom.runtime.logs import QUIET_LIBRARIES, configure_logging
+from strongroom.runtime.logs import configure_logging
 from tests.modelstore import s3server
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    levels = {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
-    yield
-    root.handlers[:], level = saved
-    root.setLevel(level)
-    for name, old in levels.items():
-        logging.getLogger(name).setLevel(old)
 
 
 def test_debug_logging_does_not_write_s3_request_signatures(
