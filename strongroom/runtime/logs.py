@@ -11,12 +11,18 @@ The calls not logged are counted per caller and reason, and said in one WARNING
 (``refused calls not logged``) at most every :data:`SUMMARY_SECONDS`, and when the log closes.
 Only the service's log lines are budgeted: the key broker's audit log is its own (every refused
 release is recorded there, or counted by its own budget, whatever this one does).
+
+No thread that logs waits for the log's destination (:class:`ServiceLog`): lines are queued, a
+bounded number, and written by one thread; past the bound they are dropped and counted, and the
+count written (``log lines dropped``) once the destination takes lines again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import queue
 import sys
 import threading
 import time
@@ -46,6 +52,11 @@ SUMMARY_SECONDS = 10.0
 SUMMARY_ENTRIES = 10
 """Callers and reasons a summary names one by one (the most refused first); the rest are summed."""
 _MAX_COUNTED = 1024  # callers and reasons counted between two summaries; the rest as one
+LOG_QUEUE_LINES = 4096
+"""Lines waiting to be written (a few hundred bytes each) before further ones are dropped, and
+counted: what the service's log holds while its destination is slow."""
+FLUSH_SECONDS = 5.0
+"""How long a flush or the handler's close waits for the queued lines to be written."""
 
 
 class _RpcLog:
@@ -98,7 +109,12 @@ class RefusalLines(logging.Filter):
         rpc = _RPC.get()
         if rpc is not None and rpc.verdict is not None:
             return rpc.verdict  # the call's other lines go with its first
-        caller = caller_key(rpc.context) if rpc is not None else "-"
+        caller = "-"
+        if rpc is not None:
+            try:
+                caller = caller_key(rpc.context)
+            except Exception:  # a line is written or counted, never an error at its call site
+                caller = "(unidentified)"
         reason = str(getattr(record, "reason", "") or "")
         key = f"{caller} {reason}"  # a space is in neither a SPIFFE ID nor a reason code
         # A caller past its own budget spends none of everyone's.
@@ -123,8 +139,10 @@ class RefusalLines(logging.Filter):
                 timer = threading.Timer(wait, self.summarise)
                 timer.daemon = True
                 timer.name = "refusal-log-summary"
-                self._timer = timer
-                timer.start()
+                # No thread to be had: the next refusal not logged tries again (the count stays).
+                with contextlib.suppress(RuntimeError):
+                    timer.start()
+                    self._timer = timer
 
     def summarise(self) -> None:
         """Says the refused calls not logged since the last summary, if any (one WARNING)."""
@@ -199,18 +217,92 @@ def _current_trace_id() -> str | None:
 QUIET_LIBRARIES = ("boto3", "botocore", "s3transfer", "urllib3")
 
 
-class ServiceLog(logging.StreamHandler):  # type: ignore[type-arg]
-    """The service's log handler: its stream, with refusal lines within their budget
-    (:attr:`refusals`, said once more when it closes)."""
+class ServiceLog(logging.Handler):
+    """The service's log handler: lines go to ``stream`` through a bounded queue that one thread
+    (``log-writer``) writes, refusal lines within their budget (:attr:`refusals`).
+
+    A line was written on the thread that logged it: with stderr to a collector that stopped
+    reading (a full pipe), a refused call's line blocked its request worker for good, and every
+    thread that logged after it queued on the handler's lock behind it. Now a line is formatted
+    where it is logged (its trace id, its arguments as they are then) and queued; past
+    :data:`LOG_QUEUE_LINES` lines waiting, it is dropped and counted, and the count is written
+    (``log lines dropped``, with ``lines``) before the next line that is. :meth:`flush` and
+    :meth:`close` (``logging.shutdown`` at exit calls both) wait up to :data:`FLUSH_SECONDS` for
+    the queue to be written."""
 
     def __init__(self, stream: Any, *, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(stream)
+        super().__init__()
+        self.stream = stream
         self.refusals = RefusalLines(clock=clock)
         self.addFilter(self.refusals)
+        self.queue_lines = LOG_QUEUE_LINES
+        self._lines: queue.Queue[str | None] = queue.Queue(self.queue_lines)  # None: stop
+        self._state = threading.Condition()
+        self._pending = 0  # lines queued and not written yet (under _state)
+        self._dropped = 0  # lines dropped since the last count written (under _state)
+        self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
+        self._writer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Queues ``record``'s line, or counts it dropped when the queue is full; never waits."""
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        with self._state:
+            try:
+                self._lines.put_nowait(line)
+            except queue.Full:
+                self._dropped += 1
+                return
+            self._pending += 1
+
+    def _write(self) -> None:
+        while (line := self._lines.get()) is not None:
+            with self._state:
+                dropped, self._dropped = self._dropped, 0
+            try:
+                if dropped:
+                    self.stream.write(self._dropped_line(dropped) + "\n")
+                self.stream.write(line + "\n")
+                if self._lines.empty():
+                    self.stream.flush()
+            except Exception:  # a closed or broken destination: nowhere to say it either
+                with self._state:
+                    self._dropped += 1
+            finally:
+                with self._state:
+                    self._pending -= 1
+                    self._state.notify_all()
+        with self._state:  # closing: a count no later line carried
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            with contextlib.suppress(Exception):
+                self.stream.write(self._dropped_line(dropped) + "\n")
+                self.stream.flush()
+
+    def _dropped_line(self, dropped: int) -> str:
+        record = logging.LogRecord(
+            __name__, logging.WARNING, __file__, 0, "log lines dropped", None, None
+        )
+        record.lines = dropped
+        record.queue_lines = self.queue_lines
+        return self.format(record)
+
+    def flush(self) -> None:
+        """Waits, up to :data:`FLUSH_SECONDS`, until every queued line is written."""
+        with self._state:
+            self._state.wait_for(lambda: self._pending == 0, FLUSH_SECONDS)
 
     def close(self) -> None:
-        """Writes the count of refused calls not logged yet, then closes."""
+        """Queues the count of refused calls not logged yet, writes what is queued (waiting up
+        to :data:`FLUSH_SECONDS`), and ends the writer."""
         self.refusals.close()
+        self.flush()
+        with contextlib.suppress(queue.Full):  # full: the writer is stuck on its destination
+            self._lines.put_nowait(None)
+        self._writer.join(FLUSH_SECONDS)
         super().close()
 
 

@@ -7,6 +7,7 @@ import gc
 import io
 import json
 import logging
+import os
 import threading
 import time
 import tracemalloc
@@ -22,6 +23,7 @@ from strongroom import errors
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime import health as health_module
 from strongroom.runtime import health_port as health_port_module
+from strongroom.runtime import logs as logs_module
 from strongroom.runtime.config import LoggingConfig, ServerConfig
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
 from strongroom.runtime.health import MAX_SERVICE_NAME
@@ -788,3 +790,59 @@ def test_refused_calls_on_the_service_port_log_within_a_budget_per_caller_and_fo
     (_, reason), calls = counted.most_common(1)[0]
     assert (reason, calls) == ("NAME_EMPTY", flood - REFUSED_CALLS_BURST)  # the flooding caller's
     assert any(r["msg"] == "other lines are not budgeted" for r in lines)
+
+
+def _full_pipe() -> tuple[int, Any]:
+    """A pipe whose buffer is full and that nobody reads (a log collector that stopped): its read
+    end, and its write end as a text stream, on which every write blocks."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    for size in (65536, 4096, 256, 1):
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(write_end, b"x" * size)
+    os.set_blocking(write_end, True)
+    return read_end, open(write_end, "w", buffering=1)
+
+
+def test_a_blocked_log_destination_holds_no_request_worker(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    """stderr to a pipe nobody reads: the handler wrote each line on the thread that logged it,
+    so a refused call's "rpc failed" blocked its worker, and every call that logged after it
+    queued on the handler's lock. Lines now go through a bounded queue that one thread writes:
+    calls are answered, lines past the queue are dropped and counted, and the count is written
+    once the destination takes lines again; nothing queued is lost at close."""
+    monkeypatch.setattr(logs_module, "LOG_QUEUE_LINES", 8)
+    read_end, stream = _full_pipe()
+    monkeypatch.setattr("sys.stderr", stream)
+    handler = configure_logging(LoggingConfig(format="json"), "test")
+    written: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: written.extend(iter(lambda: os.read(read_end, 65536), b""))
+    )
+    try:
+        for _ in range(3):  # logged: within the refusal budget
+            with pytest.raises(grpc.RpcError) as refused:
+                call(host[2], b"invalid", timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert call(host[2], b"legit", timeout=30) == b"ok:legit"
+        emitted = 50
+        for n in range(emitted):
+            logging.getLogger("strongroom.test").warning("line %d", n)
+    finally:
+        reader.start()  # the collector is back
+        handler.close()
+        stream.close()
+        reader.join(30)
+        os.close(read_end)
+    text = b"".join(written).decode().lstrip("x")  # what filled the pipe
+    lines = [json.loads(line) for line in text.splitlines()]
+    dropped = [r for r in lines if r["msg"] == "log lines dropped"]
+    kept = [r for r in lines if r["msg"] != "log lines dropped"]
+    assert [r["msg"] for r in kept].count("rpc failed") + len(
+        [r for r in kept if r["msg"].startswith("line ")]
+    ) + sum(r["lines"] for r in dropped) == 3 + emitted
+    assert dropped  # the queue's bound was reached, and said
