@@ -38,7 +38,7 @@ import grpc
 from cryptography import x509
 
 from strongroom.cryptoparse import X509_PARSE_ERRORS
-from strongroom.errors import StrongroomError
+from strongroom.errors import REFUSAL_LINE, StrongroomError
 from strongroom.pki._x509 import cert_spki_der, signing_capability, uri_sans
 from strongroom.pki.errors import (
     InvalidPkiConfig,
@@ -341,7 +341,9 @@ class SpiffeAuthorizer(_InterceptorBase):
             return self.authorize(method, context)
         except StrongroomError as exc:
             # Raised, not answered: the service runtime's error mapping (outermost) reports it.
-            _log.warning("denied RPC %s: %s", method, exc, extra={"reason": exc.reason})
+            _log.warning(
+                "denied RPC %s: %s", method, exc, extra={"reason": exc.reason, REFUSAL_LINE: True}
+            )
             raise
 
     def intercept_service(

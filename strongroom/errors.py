@@ -11,6 +11,12 @@ from __future__ import annotations
 
 from strongroom.reasons import Reason
 
+REFUSAL_LINE = "_strongroom_refusal"
+"""The logging ``extra`` key that marks a line saying why a caller's RPC was refused
+(``extra={"reason": ..., REFUSAL_LINE: True}``): the service's log writes such lines within a
+budget per caller and reason (:mod:`strongroom.runtime.logs`), since callers choose how many there
+are. Its leading underscore keeps it out of the JSON line."""
+
 
 class StrongroomError(Exception):
     """Base of every expected failure.

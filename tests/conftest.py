@@ -4,6 +4,7 @@ real CA per module), and the simulated TEE chain every local stack trusts."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.pki import StepCa
 from strongroom.pki.stepca import BINARY_ENV
+from strongroom.runtime.logs import QUIET_LIBRARIES
 from tests.pki.helpers import new_ca
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,3 +95,20 @@ def stack_root(
     root = tmp_path_factory.mktemp(name)
     shutil.copytree(simulated_tee_dir, root / "simulated-tee")  # copy2 keeps the keys' 0600
     return root
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Lets a test configure the process's logging (``configure_logging``): the handlers it
+    installed are closed afterwards, and the root logger's handlers and levels restored."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
+    yield
+    for handler in root.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    root.handlers[:], level = saved
+    root.setLevel(level)
+    for name, old in levels.items():
+        logging.getLogger(name).setLevel(old)

@@ -30,7 +30,7 @@ from strongroom.attestation import Evidence, TrustStore, VerifiedClaims, verify_
 from strongroom.attestation.binding import check_report_data, report_data_for
 from strongroom.attestation.collateral import CollateralSource
 from strongroom.attestation.release_signature import ReleaseSigner, ReleaseStatement
-from strongroom.errors import InvalidArgument, StrongroomError
+from strongroom.errors import REFUSAL_LINE, InvalidArgument, StrongroomError
 from strongroom.identifiers import validate_key_version
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.challenge import Challenge, ChallengeIssuer
@@ -424,6 +424,10 @@ class ReleaseEngine:
                 "detail": detail,
                 "caller": context.get("caller_spiffe_id"),
                 "key_id": context.get("key_id"),
+                # Within the log's budget when the caller chose it; the broker's own failures
+                # (an HSM or audit outage) are written every time. The audit record is not
+                # budgeted here either way.
+                REFUSAL_LINE: isinstance(exc, StrongroomError) and callers_fault(exc),
             },
         )
         if isinstance(exc, AuditUnavailable):

@@ -19,6 +19,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
 from strongroom.artifact.format import FORMAT_V3
 from strongroom.errors import (
+    REFUSAL_LINE,
     FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
@@ -296,7 +297,12 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                         caller.spiffe_id,
                         caller.serial,
                         exc.reason,
-                        extra={"model": name, "version": version, "reason": exc.reason},
+                        extra={
+                            "model": name,
+                            "version": version,
+                            "reason": exc.reason,
+                            REFUSAL_LINE: True,
+                        },
                     )
                     raise
             header = validator.header  # parsed: it named the model
@@ -316,7 +322,12 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                 caller_key(context),
                 fmt,
                 refused.reason,
-                extra={"model": name, "version": version, "reason": refused.reason},
+                extra={
+                    "model": name,
+                    "version": version,
+                    "reason": refused.reason,
+                    REFUSAL_LINE: True,
+                },
             )
             raise refused
 

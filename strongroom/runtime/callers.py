@@ -70,7 +70,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from strongroom.errors import Cancelled, ResourceExhausted
+from strongroom.errors import REFUSAL_LINE, Cancelled, ResourceExhausted
 from strongroom.pki.authz import verified_caller
 from strongroom.pki.errors import PeerUnauthenticated
 from strongroom.reasons import Reason
@@ -340,7 +340,15 @@ class UnaryGuard(HandlerInterceptor):
                 if over
                 else self.shares.busy(method)
             )
-        log.warning(what, extra={"method": method, "peer": context.peer(), "reason": exc.reason})
+        log.warning(
+            what,
+            extra={
+                "method": method,
+                "peer": context.peer(),
+                "reason": exc.reason,
+                REFUSAL_LINE: True,
+            },
+        )
         raise exc
 
     def roleless_waits(self) -> int:

@@ -38,6 +38,7 @@ release) is told of the refusals its own code never sees, those raised before it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
@@ -49,7 +50,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
-from strongroom.errors import Cancelled, InvalidArgument, StrongroomError
+from strongroom.errors import REFUSAL_LINE, Cancelled, InvalidArgument, StrongroomError
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
 from strongroom.runtime.grpc_types import (
@@ -60,6 +61,7 @@ from strongroom.runtime.grpc_types import (
     is_non_blocking,
     rewrap_handler,
 )
+from strongroom.runtime.logs import enter_rpc, leave_rpc
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,13 @@ def abort_with(context: grpc.ServicerContext, exc: StrongroomError) -> NoReturn:
 def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> NoReturn:
     if isinstance(exc, StrongroomError):
         log.info(
-            "rpc failed", extra={"method": method, "reason": exc.reason, "status": exc.status_name}
+            "rpc failed",
+            extra={
+                "method": method,
+                "reason": exc.reason,
+                "status": exc.status_name,
+                REFUSAL_LINE: True,
+            },
         )
         abort_with(context, exc)
     # context.abort() raises a bare Exception after recording the status: let it through.
@@ -165,7 +173,13 @@ def _malformed(
         return request.error  # the refusal the deserialiser chose (its status, its reason)
     log.warning(
         "malformed request",
-        extra={"method": method, "peer": context.peer(), "problem": request.problem},
+        extra={
+            "method": method,
+            "peer": context.peer(),
+            "problem": request.problem,
+            "reason": Reason.MALFORMED_REQUEST,
+            REFUSAL_LINE: True,
+        },
     )
     return InvalidArgument(
         f"{method}: the request message is not a valid protobuf encoding{detail}",
@@ -227,13 +241,20 @@ def _wrap_handler(
     # The failure is handled after its except block, not in it: the exception gRPC's abort raises
     # then chains nothing, and the tracing span around this (OpenTelemetry's records whatever
     # leaves it) gets neither the error's message nor its stack, only the status the caller got.
+    #
+    # Each call's refusal lines (the authoriser's, the limits', its own and the one here) are
+    # about its caller: enter_rpc says which call runs, for their budget (runtime.logs).
     def unary_result(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
+            rpc = enter_rpc(context)
             try:
-                return fn(request, context)
-            except Exception as exc:
-                failure = exc
-            _handle(failure, context, method)
+                try:
+                    return fn(request, context)
+                except Exception as exc:
+                    failure = exc
+                _handle(failure, context, method)
+            finally:
+                leave_rpc(rpc)
 
         return call
 
@@ -241,12 +262,18 @@ def _wrap_handler(
         fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
     ) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            rpc = enter_rpc(context)
             try:
-                yield from fn(request, context)
-                return
-            except Exception as exc:
-                failure = exc
-            _handle(failure, context, method)
+                try:
+                    yield from fn(request, context)
+                    return
+                except Exception as exc:
+                    failure = exc
+                _handle(failure, context, method)
+            finally:
+                # A generator closed by the collector ends in another context: nothing to undo.
+                with contextlib.suppress(ValueError):
+                    leave_rpc(rpc)
 
         return call
 
@@ -266,16 +293,20 @@ def _observed(
     def wrap(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             observed = _Call()
+            rpc = enter_rpc(context)
             token = _OBSERVED.set(observed)
             try:
-                return fn(request, context)
-            except Exception as exc:
-                failure = exc
+                try:
+                    return fn(request, context)
+                except Exception as exc:
+                    failure = exc
+                finally:
+                    _OBSERVED.reset(token)
+                if not observed.reached:
+                    _observe(observer, failure, context, method)
+                _handle(failure, context, method)
             finally:
-                _OBSERVED.reset(token)
-            if not observed.reached:
-                _observe(observer, failure, context, method)
-            _handle(failure, context, method)
+                leave_rpc(rpc)
 
         return call
 

@@ -1,14 +1,177 @@
-"""Structured logging: one JSON object a line, or plain text for people."""
+"""Structured logging: one JSON object a line, or plain text for people.
+
+Lines saying why a caller's RPC was refused (marked :data:`~strongroom.errors.REFUSAL_LINE`: the
+authoriser's denial, the error mapping's ``rpc failed``, a limit's refusal, a service's own refusal)
+are written within a budget (:class:`RefusalLines`): any certificate of the CA, a role-less one
+included, chose how many of them the service wrote, two or three per refused call. The budget is
+per refused *call*, so that a call's lines are written all or none: each caller and reason has
+:data:`REFUSED_CALLS_BURST` calls logged at once, then :data:`REFUSED_CALLS_PER_CALLER` a second, and
+all callers together :data:`REFUSED_CALLS_PER_SECOND` a second (many identities buy no more lines).
+The calls not logged are counted per caller and reason, and said in one WARNING
+(``refused calls not logged``) at most every :data:`SUMMARY_SECONDS`, and when the log closes.
+Only the service's log lines are budgeted: the key broker's audit log is its own (every refused
+release is recorded there, or counted by its own budget, whatever this one does).
+
+No thread that logs waits for the log's destination (:class:`ServiceLog`): lines are queued, a
+bounded number, and written by one thread; past the bound they are dropped and counted, and the
+count written (``log lines dropped``) once the destination takes lines again.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import queue
 import sys
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 from typing import Any
 
+import grpc
+
+from strongroom.errors import REFUSAL_LINE
+from strongroom.runtime.callers import caller_key
 from strongroom.runtime.config import LoggingConfig
+from strongroom.runtime.ratelimit import CallerBuckets
+
+log = logging.getLogger(__name__)
+
+REFUSED_CALLS_BURST = 5
+"""Refused calls of one caller and reason whose lines are written at once, then
+:data:`REFUSED_CALLS_PER_CALLER` a second."""
+REFUSED_CALLS_PER_CALLER = 1.0
+REFUSED_CALLS_PER_SECOND = 20
+"""Refused calls whose lines are written a second, all callers and reasons together (a call writes
+three lines at most): a holder of many certificates buys no more."""
+SUMMARY_SECONDS = 10.0
+"""How often, at most, the calls not logged are said (``refused calls not logged``)."""
+SUMMARY_ENTRIES = 10
+"""Callers and reasons a summary names one by one (the most refused first); the rest are summed."""
+_MAX_COUNTED = 1024  # callers and reasons counted between two summaries; the rest as one
+LOG_QUEUE_LINES = 4096
+"""Lines waiting to be written (a few hundred bytes each) before further ones are dropped, and
+counted: what the service's log holds while its destination is slow."""
+FLUSH_SECONDS = 5.0
+"""How long a flush or the handler's close waits for the queued lines to be written."""
+
+
+class _RpcLog:
+    """The RPC running on this thread, for its refusal lines: who called (found on its first
+    line) and whether its lines are written (decided by its first line)."""
+
+    __slots__ = ("context", "verdict")
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self.context = context
+        self.verdict: bool | None = None
+
+
+_RPC: ContextVar[_RpcLog | None] = ContextVar("strongroom_rpc_log", default=None)
+
+
+def enter_rpc(context: grpc.ServicerContext) -> Token[_RpcLog | None]:
+    """Marks the RPC of ``context`` as the one this thread's refusal lines are about (the error
+    mapping does, around each call); :func:`leave_rpc` with the token when it ends."""
+    return _RPC.set(_RpcLog(context))
+
+
+def leave_rpc(token: Token[_RpcLog | None]) -> None:
+    """Ends what :func:`enter_rpc` began."""
+    _RPC.reset(token)
+
+
+class RefusalLines(logging.Filter):
+    """Lets through every line but refusal lines (:data:`~strongroom.errors.REFUSAL_LINE`), which
+    are written within the budget the module describes, keyed on the RPC's caller (its verified
+    SPIFFE ID: :func:`~strongroom.runtime.callers.caller_key`) and the line's ``reason``; the rest
+    are counted and said in one WARNING per :data:`SUMMARY_SECONDS`. ``clock`` paces the budget."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        # The token buckets the key broker's audit budget and attestation limits use: one per
+        # caller and reason, and one for everyone (key "").
+        self._each = CallerBuckets(REFUSED_CALLS_PER_CALLER, REFUSED_CALLS_BURST, clock=clock)
+        self._all = CallerBuckets(REFUSED_CALLS_PER_SECOND, REFUSED_CALLS_PER_SECOND, clock=clock)
+        self._lock = threading.Lock()
+        self._counted: Counter[tuple[str, str]] = Counter()
+        self._since = time.monotonic()
+        self._timer: threading.Timer | None = None
+        self._closed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether ``record`` is written (a refusal line not written is counted)."""
+        if not getattr(record, REFUSAL_LINE, False):
+            return True
+        rpc = _RPC.get()
+        if rpc is not None and rpc.verdict is not None:
+            return rpc.verdict  # the call's other lines go with its first
+        caller = "-"
+        if rpc is not None:
+            try:
+                caller = caller_key(rpc.context)
+            except Exception:  # a line is written or counted, never an error at its call site
+                caller = "(unidentified)"
+        reason = str(getattr(record, "reason", "") or "")
+        key = f"{caller} {reason}"  # a space is in neither a SPIFFE ID nor a reason code
+        # A caller past its own budget spends none of everyone's.
+        verdict = self._each.available(key) and self._all.take("")
+        if verdict and not self._each.take(key):  # another thread took its last token
+            self._all.refund("")
+            verdict = False
+        if rpc is not None:
+            rpc.verdict = verdict
+        if not verdict:
+            self._count(caller, reason)
+        return verdict
+
+    def _count(self, caller: str, reason: str) -> None:
+        with self._lock:
+            key = (caller, reason)
+            if key not in self._counted and len(self._counted) >= _MAX_COUNTED:
+                key = ("(others)", "")
+            self._counted[key] += 1
+            if self._timer is None and not self._closed:
+                wait = max(0.0, self._since + SUMMARY_SECONDS - time.monotonic())
+                timer = threading.Timer(wait, self.summarise)
+                timer.daemon = True
+                timer.name = "refusal-log-summary"
+                # No thread to be had: the next refusal not logged tries again (the count stays).
+                with contextlib.suppress(RuntimeError):
+                    timer.start()
+                    self._timer = timer
+
+    def summarise(self) -> None:
+        """Says the refused calls not logged since the last summary, if any (one WARNING)."""
+        with self._lock:
+            counted, self._counted = self._counted, Counter()
+            now = time.monotonic()
+            seconds, self._since = now - self._since, now
+            if self._timer is not None:
+                self._timer.cancel()  # nothing once it runs (this may be it)
+                self._timer = None
+        if not counted:
+            return
+        named = counted.most_common(SUMMARY_ENTRIES)
+        log.warning(
+            "refused calls not logged",
+            extra={
+                "calls": sum(counted.values()),
+                "seconds": round(seconds, 1),
+                "by_caller_and_reason": [[c, r, n] for (c, r), n in named],
+                "others": sum(counted.values()) - sum(n for _, n in named),
+            },
+        )
+
+    def close(self) -> None:
+        """Says what is still counted; no summary is timed after this."""
+        with self._lock:
+            self._closed = True
+        self.summarise()
+
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -54,10 +217,102 @@ def _current_trace_id() -> str | None:
 QUIET_LIBRARIES = ("boto3", "botocore", "s3transfer", "urllib3")
 
 
-def configure_logging(config: LoggingConfig, service: str) -> None:
+class ServiceLog(logging.Handler):
+    """The service's log handler: lines go to ``stream`` through a bounded queue that one thread
+    (``log-writer``) writes, refusal lines within their budget (:attr:`refusals`).
+
+    A line was written on the thread that logged it: with stderr to a collector that stopped
+    reading (a full pipe), a refused call's line blocked its request worker for good, and every
+    thread that logged after it queued on the handler's lock behind it. Now a line is formatted
+    where it is logged (its trace id, its arguments as they are then) and queued; past
+    :data:`LOG_QUEUE_LINES` lines waiting, it is dropped and counted, and the count is written
+    (``log lines dropped``, with ``lines``) before the next line that is. :meth:`flush` and
+    :meth:`close` (``logging.shutdown`` at exit calls both) wait up to :data:`FLUSH_SECONDS` for
+    the queue to be written."""
+
+    def __init__(self, stream: Any, *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.stream = stream
+        self.refusals = RefusalLines(clock=clock)
+        self.addFilter(self.refusals)
+        self.queue_lines = LOG_QUEUE_LINES
+        self._lines: queue.Queue[str | None] = queue.Queue(self.queue_lines)  # None: stop
+        self._state = threading.Condition()
+        self._pending = 0  # lines queued and not written yet (under _state)
+        self._dropped = 0  # lines dropped since the last count written (under _state)
+        self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
+        self._writer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Queues ``record``'s line, or counts it dropped when the queue is full; never waits."""
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        with self._state:
+            try:
+                self._lines.put_nowait(line)
+            except queue.Full:
+                self._dropped += 1
+                return
+            self._pending += 1
+
+    def _write(self) -> None:
+        while (line := self._lines.get()) is not None:
+            with self._state:
+                dropped, self._dropped = self._dropped, 0
+            try:
+                if dropped:
+                    self.stream.write(self._dropped_line(dropped) + "\n")
+                self.stream.write(line + "\n")
+                if self._lines.empty():
+                    self.stream.flush()
+            except Exception:  # a closed or broken destination: nowhere to say it either
+                with self._state:
+                    self._dropped += 1
+            finally:
+                with self._state:
+                    self._pending -= 1
+                    self._state.notify_all()
+        with self._state:  # closing: a count no later line carried
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            with contextlib.suppress(Exception):
+                self.stream.write(self._dropped_line(dropped) + "\n")
+                self.stream.flush()
+
+    def _dropped_line(self, dropped: int) -> str:
+        record = logging.LogRecord(
+            __name__, logging.WARNING, __file__, 0, "log lines dropped", None, None
+        )
+        record.lines = dropped
+        record.queue_lines = self.queue_lines
+        return self.format(record)
+
+    def flush(self) -> None:
+        """Waits, up to :data:`FLUSH_SECONDS`, until every queued line is written."""
+        with self._state:
+            self._state.wait_for(lambda: self._pending == 0, FLUSH_SECONDS)
+
+    def close(self) -> None:
+        """Queues the count of refused calls not logged yet, writes what is queued (waiting up
+        to :data:`FLUSH_SECONDS`), and ends the writer."""
+        self.refusals.close()
+        self.flush()
+        with contextlib.suppress(queue.Full):  # full: the writer is stuck on its destination
+            self._lines.put_nowait(None)
+        self._writer.join(FLUSH_SECONDS)
+        super().close()
+
+
+def configure_logging(
+    config: LoggingConfig, service: str, *, clock: Callable[[], float] = time.monotonic
+) -> ServiceLog:
     """Sends the root logger to stderr in the configured format and level (the libraries in
-    :data:`QUIET_LIBRARIES` never below INFO)."""
-    handler = logging.StreamHandler(sys.stderr)
+    :data:`QUIET_LIBRARIES` never below INFO), refusal lines within their budget (paced by
+    ``clock``); returns the handler."""
+    handler = ServiceLog(sys.stderr, clock=clock)
     if config.format == "json":
         handler.setFormatter(JsonFormatter(service))
     else:
@@ -70,3 +325,4 @@ def configure_logging(config: LoggingConfig, service: str) -> None:
     quiet = max(logging.INFO, root.level)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(quiet)
+    return handler

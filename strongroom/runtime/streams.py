@@ -55,7 +55,7 @@ from typing import Any
 
 import grpc
 
-from strongroom.errors import ResourceExhausted
+from strongroom.errors import REFUSAL_LINE, ResourceExhausted
 from strongroom.reasons import Reason
 from strongroom.runtime.callers import Identify, WorkerShares, caller_key
 from strongroom.runtime.grpc_types import (
@@ -203,7 +203,12 @@ class StreamGuard(HandlerInterceptor):
             except ResourceExhausted as exc:
                 log.warning(
                     "stream refused",
-                    extra={"method": method, "peer": context.peer(), "reason": exc.reason},
+                    extra={
+                        "method": method,
+                        "peer": context.peer(),
+                        "reason": exc.reason,
+                        REFUSAL_LINE: True,
+                    },
                 )
                 raise  # the runtime's error mapping (outermost) answers it
 

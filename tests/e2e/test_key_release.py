@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import threading
@@ -37,6 +38,8 @@ from strongroom.dev.simulated import SimulatedAuthority, SimulatedSnp
 from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.pki import WorkloadIdentity
+from strongroom.runtime.config import LoggingConfig
+from strongroom.runtime.logs import REFUSED_CALLS_BURST, configure_logging
 from strongroom.runtime.secrets import Secret
 from tests.conftest import stack_root
 from tests.keybroker.helpers import bound, data_key_request
@@ -1095,6 +1098,61 @@ def test_refusals_counted_past_a_budget_are_recorded_when_the_broker_stops(
     refused = [r for r in records if r["caller"]["spiffe_id"] == dev.spiffe_id("publisher")]
     assert [r["reason"] for r in refused] == ["PEER_NOT_ALLOWED"] * 65 + ["REFUSALS_COUNTED"]
     assert refused[-1]["claims"] == {"refusals_unrecorded": 5}
+
+
+def test_a_flood_of_refused_releases_logs_a_bounded_number_of_lines_and_audits_every_one(
+    step_ca_binary: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    simulated_tee_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    """Two certificates our CA issued, one of a workload without the inference role and one no
+    rule names, each send 100 releases: each refused call wrote three lines (the authoriser's
+    denial, the broker's, the error mapping's), 600 lines a slow log pipe then held the workers
+    on. Each caller now has REFUSED_CALLS_BURST calls logged and the rest counted in the summary;
+    the audit log, which no log budget touches, still accounts for all 200."""
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    handler = configure_logging(LoggingConfig(format="json"), "keybroker", clock=lambda: 0.0)
+    root = stack_root(tmp_path_factory, "log-budget", simulated_tee_dir)
+    flood = 100
+    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
+        broker = dev.start_in_process("keybroker").handle
+        callers = {
+            dev.spiffe_id("publisher"): dev.identity("publisher"),
+            dev.spiffe_id("nobody"): dev.foreign_identity(dev.spiffe_id("nobody")),
+        }
+        for identity in callers.values():
+            release = dev.channel(identity, "keybroker").unary_unary(
+                RELEASE_KEY,
+                request_serializer=None,
+                response_deserializer=pb.ReleaseKeyResponse.FromString,
+            )
+            for _ in range(flood):
+                with pytest.raises(grpc.RpcError):
+                    release(b"", timeout=30)
+        broker.close()  # writes the audit counts still held
+        handler.close()  # writes the log's summary
+        records = [
+            json.loads(line)
+            for line in (dev.root / "state" / "keybroker" / "audit.log").read_text().splitlines()
+        ]
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    counted: dict[str, int] = {}
+    for summary in (r for r in lines if r["msg"] == "refused calls not logged"):
+        for caller, _reason, calls in summary["by_caller_and_reason"]:
+            counted[caller] = counted.get(caller, 0) + calls
+    for spiffe_id in callers:
+        denied = [r for r in lines if r["msg"].startswith("denied RPC") and spiffe_id in r["msg"]]
+        assert len(denied) == REFUSED_CALLS_BURST
+        assert counted[spiffe_id] == flood - REFUSED_CALLS_BURST
+        audited = [r for r in records if r["caller"]["spiffe_id"] == spiffe_id]
+        one_by_one = [r for r in audited if r["reason"] == "PEER_NOT_ALLOWED"]
+        by_count = sum(r["claims"].get("refusals_unrecorded", 0) for r in audited)
+        assert len(one_by_one) + by_count == flood
+    refusal_lines = {"rpc failed", "key release denied"}
+    assert len([r for r in lines if r["msg"] in refusal_lines]) == 2 * 2 * REFUSED_CALLS_BURST
 
 
 def test_refused_releases_of_a_caller_with_the_role_are_recorded_up_to_a_budget_per_reason(

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
+import json
 import logging
+import os
 import threading
 import time
 import tracemalloc
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,10 +23,16 @@ from strongroom import errors
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime import health as health_module
 from strongroom.runtime import health_port as health_port_module
-from strongroom.runtime.config import ServerConfig
+from strongroom.runtime import logs as logs_module
+from strongroom.runtime.config import LoggingConfig, ServerConfig
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
 from strongroom.runtime.health import MAX_SERVICE_NAME
 from strongroom.runtime.health_port import LOG_LINES_PER_SECOND
+from strongroom.runtime.logs import (
+    REFUSED_CALLS_BURST,
+    REFUSED_CALLS_PER_SECOND,
+    configure_logging,
+)
 from strongroom.runtime.server import MessageLimits, ServiceHost, ServiceSpec
 
 SERVICE = "test.Echo"
@@ -732,3 +742,107 @@ def test_a_stream_watchdog_that_could_not_start_is_started_by_the_next_send(
     assert next(responses) == b"first"
     watchdog = h.streams._watchdog
     assert watchdog is not None and watchdog.is_alive()
+
+
+def _service_log(monkeypatch: pytest.MonkeyPatch) -> tuple[logging.Handler, io.StringIO]:
+    """The service's JSON log configured as a service configures it, into a buffer, with its
+    refusal budget on a clock that never moves (no refill: the counts are exact)."""
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    return configure_logging(LoggingConfig(format="json"), "test", clock=lambda: 0.0), stream
+
+
+def test_refused_calls_on_the_service_port_log_within_a_budget_per_caller_and_for_everyone(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    """Every refused call on the service's port wrote its lines, however many a caller sent
+    (any certificate of the CA may call, a role-less one included). Now each caller and reason
+    has REFUSED_CALLS_BURST calls logged, everyone together REFUSED_CALLS_PER_SECOND (many
+    connections or identities buy no more), and the rest are counted in one summary, by caller
+    and reason, when the log closes (or every SUMMARY_SECONDS)."""
+    handler, stream = _service_log(monkeypatch)
+    flood = 3 * REFUSED_CALLS_BURST
+    others = 30
+    for _ in range(flood):
+        with pytest.raises(grpc.RpcError):
+            call(host[2], b"invalid")
+    # Each on a connection of its own: another caller (keyed by its address without a
+    # certificate, by its SPIFFE ID with one).
+    for _ in range(others):
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{host[0].port}", options=options) as channel,
+            pytest.raises(grpc.RpcError),
+        ):
+            call(channel, b"invalid")
+    logging.getLogger("strongroom.test").warning("other lines are not budgeted")
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    logged = [r for r in lines if r["msg"] == "rpc failed"]
+    summaries = [r for r in lines if r["msg"] == "refused calls not logged"]
+    assert len(logged) == REFUSED_CALLS_PER_SECOND
+    assert sum(s["calls"] for s in summaries) == flood + others - REFUSED_CALLS_PER_SECOND
+    counted = Counter[tuple[str, str]]()  # over every summary (one unless the run was slow)
+    for summary in summaries:
+        counted.update({(c, r): n for c, r, n in summary["by_caller_and_reason"]})
+    (_, reason), calls = counted.most_common(1)[0]
+    assert (reason, calls) == ("NAME_EMPTY", flood - REFUSED_CALLS_BURST)  # the flooding caller's
+    assert any(r["msg"] == "other lines are not budgeted" for r in lines)
+
+
+def _full_pipe() -> tuple[int, Any]:
+    """A pipe whose buffer is full and that nobody reads (a log collector that stopped): its read
+    end, and its write end as a text stream, on which every write blocks."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    for size in (65536, 4096, 256, 1):
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(write_end, b"x" * size)
+    os.set_blocking(write_end, True)
+    return read_end, open(write_end, "w", buffering=1)
+
+
+def test_a_blocked_log_destination_holds_no_request_worker(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    """stderr to a pipe nobody reads: the handler wrote each line on the thread that logged it,
+    so a refused call's "rpc failed" blocked its worker, and every call that logged after it
+    queued on the handler's lock. Lines now go through a bounded queue that one thread writes:
+    calls are answered, lines past the queue are dropped and counted, and the count is written
+    once the destination takes lines again; nothing queued is lost at close."""
+    monkeypatch.setattr(logs_module, "LOG_QUEUE_LINES", 8)
+    read_end, stream = _full_pipe()
+    monkeypatch.setattr("sys.stderr", stream)
+    handler = configure_logging(LoggingConfig(format="json"), "test")
+    written: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: written.extend(iter(lambda: os.read(read_end, 65536), b""))
+    )
+    try:
+        for _ in range(3):  # logged: within the refusal budget
+            with pytest.raises(grpc.RpcError) as refused:
+                call(host[2], b"invalid", timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert call(host[2], b"legit", timeout=30) == b"ok:legit"
+        emitted = 50
+        for n in range(emitted):
+            logging.getLogger("strongroom.test").warning("line %d", n)
+    finally:
+        reader.start()  # the collector is back
+        handler.close()
+        stream.close()
+        reader.join(30)
+        os.close(read_end)
+    text = b"".join(written).decode().lstrip("x")  # what filled the pipe
+    lines = [json.loads(line) for line in text.splitlines()]
+    dropped = [r for r in lines if r["msg"] == "log lines dropped"]
+    kept = [r for r in lines if r["msg"] != "log lines dropped"]
+    assert [r["msg"] for r in kept].count("rpc failed") + len(
+        [r for r in kept if r["msg"].startswith("line ")]
+    ) + sum(r["lines"] for r in dropped) == 3 + emitted
+    assert dropped  # the queue's bound was reached, and said

@@ -17,7 +17,7 @@ import grpc
 
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as pb_grpc
-from strongroom.errors import InvalidArgument, PermissionDenied
+from strongroom.errors import REFUSAL_LINE, InvalidArgument, PermissionDenied
 from strongroom.identifiers import name_rule_matches
 from strongroom.inference.models import ModelRepository, TensorSpec
 from strongroom.inference.models._ort import ort
@@ -174,7 +174,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             "refused model %s to client %s",
             name[:128],
             caller,
-            extra={"model": name[:128], "reason": Reason.MODEL_NAME_NOT_ALLOWED},
+            extra={
+                "model": name[:128],
+                "reason": Reason.MODEL_NAME_NOT_ALLOWED,
+                REFUSAL_LINE: True,
+            },
         )
         raise PermissionDenied(
             f"this client may not use model {name[:128]!r}",
