@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,10 +33,10 @@ from strongroom.reasons import Reason
 _log = logging.getLogger(__name__)
 
 LOCK_FILE = ".policy-changes.lock"
-"""The file in the policy directory whose POSIX record lock (``fcntl.lockf``) every broker process
-holds while it checks a key's live policy and writes the new one: the one critical section of a
-policy change across replicas sharing the directory. Its leading dot keeps it out of the key id
-grammar (no key's policy is named so)."""
+"""The file in the policy directory whose record lock (an open-file-description lock,
+``F_OFD_SETLK``) every change holds, in every broker process, while it checks a key's live policy
+and writes the new one: the one critical section of a policy change across replicas sharing the
+directory. Its leading dot keeps it out of the key id grammar (no key's policy is named so)."""
 
 LOCK_WAIT = 10.0
 """Seconds a policy change waits for the lock before it is refused ``POLICY_STORE_BUSY``. A holder
@@ -44,17 +45,17 @@ NFS server, a stopped process), which must not hold an admin's call (and a worke
 
 _LOCK_POLL = 0.01
 
-# A POSIX record lock belongs to the process, not to the file descriptor: two threads of one
-# process would both "hold" it, and closing any descriptor of the file releases it. So the
-# threads of this process take turns first, per directory (two stores over one directory, as in
-# tests, share it).
-_PROCESS_LOCKS: dict[str, threading.Lock] = {}
-_PROCESS_LOCKS_GUARD = threading.Lock()
-
-
-def _process_lock(directory: str) -> threading.Lock:
-    with _PROCESS_LOCKS_GUARD:
-        return _PROCESS_LOCKS.setdefault(os.path.realpath(directory), threading.Lock())
+# An open-file-description lock (Linux's F_OFD_SETLK), not a classic POSIX record lock (lockf),
+# which belongs to the process: two threads of one process both "held" that one, and closing any
+# descriptor of the file released it, so this process's threads took turns per directory path,
+# and two paths to one directory (two bind mounts of one share) in one broker did not exclude each
+# other. An OFD lock belongs to one open of the file: every change opens the file anew, so two in
+# one process exclude each other through the kernel like two in two processes, whatever path
+# reached the file. OFD and classic record locks on one file conflict with each other (an older
+# broker's lockf still excludes this one), and NFS carries both to the server.
+_WRITE_LOCK = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+"""A ``struct flock`` (Linux, 64-bit ``off_t``): a write lock on the whole file, ``l_pid`` 0 as
+OFD locks require."""
 
 
 @dataclass(frozen=True)
@@ -462,28 +463,22 @@ class PolicyStore:
 
     @contextlib.contextmanager
     def _changing(self, key_id: str, wait: float) -> Iterator[None]:
-        """Holds the directory's change lock: this process's turn, then the file's record lock."""
+        """Holds the directory's change lock: the lock file's open-file-description lock."""
         deadline = time.monotonic() + wait
-        turn = _process_lock(self._dir)
-        if not turn.acquire(timeout=wait):
-            raise _busy(key_id, wait)
+        fd = _open_lock_file(self._dir, key_id)
         try:
-            fd = _open_lock_file(self._dir, key_id)
-            try:
-                # Polled, not blocking: lockf cannot be given a deadline, and a holder that is
-                # stuck must not hold this admin call for ever.
-                while True:
-                    try:
-                        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except OSError as exc:
-                        if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                            raise _unlockable(key_id, exc) from None
-                    if time.monotonic() >= deadline:
-                        raise _busy(key_id, wait)
-                    time.sleep(_LOCK_POLL)
-                yield
-            finally:
-                os.close(fd)  # releases the record lock
+            # Polled, not blocking: a lock wait cannot be given a deadline, and a holder that is
+            # stuck must not hold this admin call for ever.
+            while True:
+                try:
+                    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WRITE_LOCK)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise _unlockable(key_id, exc) from None
+                if time.monotonic() >= deadline:
+                    raise _busy(key_id, wait)
+                time.sleep(_LOCK_POLL)
+            yield
         finally:
-            turn.release()
+            os.close(fd)  # the open's only descriptor: releases its lock

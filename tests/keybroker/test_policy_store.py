@@ -8,7 +8,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -320,9 +320,16 @@ _ROOT = Path(__file__).resolve().parents[2]
 class _Racer:
     """Another broker process over the same policy directory (tests/keybroker/policy_racer.py)."""
 
-    def __init__(self, directory: Path, template: Path) -> None:
+    def __init__(self, directory: Path, template: Path, *, wrapper: Sequence[str] = ()) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.keybroker.policy_racer", str(directory), str(template)],
+            [
+                *wrapper,
+                sys.executable,
+                "-m",
+                "tests.keybroker.policy_racer",
+                str(directory),
+                str(template),
+            ],
             cwd=_ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -344,11 +351,17 @@ class _Racer:
         assert self.process.wait(timeout=60) == 0
 
 
+def _template(tmp_path: Path) -> Path:
+    """The racers' policy template: :func:`document` at version ``"VERSION"``."""
+    template = tmp_path / "template.yaml"
+    template.write_text(document().replace('"1"', '"VERSION"'), encoding="utf-8")
+    return template
+
+
 @pytest.fixture
 def racers(tmp_path: Path) -> Iterator[tuple[Path, list[_Racer]]]:
     """Two processes over ``tmp_path/policies``; the template's version is ``"VERSION"``."""
-    template = tmp_path / "template.yaml"
-    template.write_text(document().replace('"1"', '"VERSION"'), encoding="utf-8")
+    template = _template(tmp_path)
     directory = tmp_path / "policies"
     started = [_Racer(directory, template) for _ in range(2)]
     yield directory, started
@@ -466,3 +479,38 @@ def test_a_lock_file_planted_as_a_link_or_special_file_is_refused_and_never_foll
     lock.unlink() if planted != "directory" else lock.rmdir()
     policies.write("k1", new, expected_version="1")  # the broker makes its own again
     assert stat.S_ISREG(os.lstat(lock).st_mode)
+
+
+def test_two_paths_to_one_directory_in_one_process_exclude_each_other(tmp_path: Path) -> None:
+    """The lock was a POSIX record lock, which a process holds once whatever descriptor took it,
+    and this process's threads took turns per directory *path* (its realpath): through two bind
+    mounts of one directory (two volumes of one pod naming one share) one broker process made two
+    changes at once, each compare-and-swap seeing the version the other was replacing. The lock
+    is now the open file's (``F_OFD_SETLK``): two opens exclude each other in one process too.
+    The second path is a bind mount in a user and mount namespace of the racer's own."""
+    probe = subprocess.run(["unshare", "-Urm", "true"], check=False, capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("unprivileged user and mount namespaces are not available (unshare -Urm)")
+    directory, alias = tmp_path / "policies", tmp_path / "alias"
+    alias.mkdir()
+    policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    policies.write("k1", policies.check("k1", document()))
+    mounted = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+    racer = _Racer(
+        directory,
+        _template(tmp_path),
+        wrapper=["unshare", "-Urm", "sh", "-c", mounted, "sh", str(directory), str(alias)],
+    )
+    try:
+        racer.send(f"hold {alias}")
+        assert racer.answer() == "held"
+        racer.send("set 1 mine 0")  # the same process, through the directory's other path
+        assert racer.answer() == "POLICY_STORE_BUSY"
+        assert policies.get("k1").policy.version == "1"
+        racer.send("release")
+        assert racer.answer() == "released"
+        racer.send("set 1 mine 0")
+        assert racer.answer() == "ok"
+    finally:
+        racer.close()
+    assert policies.get("k1").policy.version == "mine"
