@@ -187,6 +187,20 @@ def _open_lock_file(directory: str, key_id: str) -> int:
     return fd
 
 
+class _LockLost(Exception):
+    """The lock file a change locked is no longer the one at :data:`LOCK_FILE`'s path."""
+
+
+def _is_at(fd: int, path: str) -> bool:
+    """Whether the file open as ``fd`` is the one at ``path`` (same device and inode)."""
+    try:
+        there = os.lstat(path)
+    except OSError:  # deleted, and not made again yet
+        return False
+    held = os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
+
+
 class PolicyStore:
     """Reads ``<dir>/<key_id>.yaml``; reloads a file when it changes on disk.
 
@@ -435,22 +449,38 @@ class PolicyStore:
         done under it (the document was validated before, the audit record is written before);
         it is waited for at most ``lock_wait`` seconds (:class:`PolicyStoreBusy`)."""
         path = self._path(key_id)
-        with self._changing(key_id, lock_wait):
-            self.refuse_conflict(key_id, stored, expected_version)
-            try:
-                atomic_write(Path(path), stored.document.encode())
-            except OSError as exc:
-                if not self._holds(path, stored.document):
-                    raise _read_only(key_id, exc) from None
-                # The rename was made and only the directory's sync failed (EIO, a file system
-                # that refuses it): the document is live for every replica, so this change was
-                # made and its ALLOWED record is its outcome, not a refusal the caller retries.
-                _log.error(
-                    "a release policy was stored but its directory could not be synced: the "
-                    "change is live, but may not survive a crash of the host",
-                    extra={"key_id": key_id, "error": exc.strerror or type(exc).__name__},
-                )
-        return stored
+        deadline = time.monotonic() + lock_wait
+        while True:
+            with self._changing(key_id, max(0.0, deadline - time.monotonic())) as still_held:
+                self.refuse_conflict(key_id, stored, expected_version)
+                try:
+                    atomic_write(Path(path), stored.document.encode(), before_replace=still_held)
+                except _LockLost:
+                    # The lock file was deleted (or replaced) while this change held it: another
+                    # change may have locked a new one and gone ahead meanwhile. Nothing was
+                    # written: take the lock again and check the live policy again.
+                    _log.warning(
+                        "the policy directory's lock file was deleted or replaced while a change "
+                        "held it (sync or back-up tooling must leave it alone); the change is "
+                        "checked again under the new one",
+                        extra={"key_id": key_id},
+                    )
+                    if time.monotonic() >= deadline:
+                        raise _busy(key_id, lock_wait) from None
+                    continue
+                except OSError as exc:
+                    if not self._holds(path, stored.document):
+                        raise _read_only(key_id, exc) from None
+                    # The rename was made and only the directory's sync failed (EIO, a file
+                    # system that refuses it): the document is live for every replica, so this
+                    # change was made and its ALLOWED record is its outcome, not a refusal the
+                    # caller retries.
+                    _log.error(
+                        "a release policy was stored but its directory could not be synced: the "
+                        "change is live, but may not survive a crash of the host",
+                        extra={"key_id": key_id, "error": exc.strerror or type(exc).__name__},
+                    )
+            return stored
 
     @staticmethod
     def _holds(path: str, document: str) -> bool:
@@ -462,23 +492,50 @@ class PolicyStore:
             return False
 
     @contextlib.contextmanager
-    def _changing(self, key_id: str, wait: float) -> Iterator[None]:
-        """Holds the directory's change lock: the lock file's open-file-description lock."""
+    def _changing(self, key_id: str, wait: float) -> Iterator[Callable[[], None]]:
+        """Holds the directory's change lock: the lock file's open-file-description lock.
+
+        Yields a check that the file locked is still the one at :data:`LOCK_FILE`'s path
+        (:class:`_LockLost` otherwise), which the holder makes just before it writes: a lock on
+        a file that was deleted meanwhile excludes nobody who opens the path now."""
         deadline = time.monotonic() + wait
-        fd = _open_lock_file(self._dir, key_id)
+        lock_path = os.path.join(self._dir, LOCK_FILE)
+        while True:
+            fd = _open_lock_file(self._dir, key_id)
+            try:
+                self._take_lock(fd, key_id, wait, deadline)
+            except BaseException:
+                os.close(fd)
+                raise
+            if _is_at(fd, lock_path):
+                break
+            # Deleted or replaced while this waited for it (its holder's lock excluded only
+            # those that had opened it): the lock of the file now at the path is the one.
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise _busy(key_id, wait)
+
+        def still_held() -> None:
+            if not _is_at(fd, lock_path):
+                raise _LockLost
+
         try:
-            # Polled, not blocking: a lock wait cannot be given a deadline, and a holder that is
-            # stuck must not hold this admin call for ever.
-            while True:
-                try:
-                    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WRITE_LOCK)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise _unlockable(key_id, exc) from None
-                if time.monotonic() >= deadline:
-                    raise _busy(key_id, wait)
-                time.sleep(_LOCK_POLL)
-            yield
+            yield still_held
         finally:
             os.close(fd)  # the open's only descriptor: releases its lock
+
+    @staticmethod
+    def _take_lock(fd: int, key_id: str, wait: float, deadline: float) -> None:
+        """Takes ``fd``'s lock by ``deadline`` (:class:`PolicyStoreBusy`, naming ``wait``)."""
+        # Polled, not blocking: a lock wait cannot be given a deadline, and a holder that is
+        # stuck must not hold this admin call for ever.
+        while True:
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WRITE_LOCK)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise _unlockable(key_id, exc) from None
+            if time.monotonic() >= deadline:
+                raise _busy(key_id, wait)
+            time.sleep(_LOCK_POLL)

@@ -7,9 +7,11 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -514,3 +516,102 @@ def test_two_paths_to_one_directory_in_one_process_exclude_each_other(tmp_path: 
     finally:
         racer.close()
     assert policies.get("k1").policy.version == "mine"
+
+
+def test_a_change_waiting_on_a_deleted_lock_file_then_waits_for_the_file_made_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change waiting for the lock of a file that was deleted meanwhile (and made again by
+    another change, which holds the new one) got the old file's lock once its holder let it go,
+    and wrote beside the holder of the new one. It now checks that the file it locked is still
+    the one at the path, and waits for the lock of the one there."""
+    directory = tmp_path / "policies"
+    policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    policies.write("k1", policies.check("k1", document()))
+    take = PolicyStore._take_lock
+    takes: list[int] = []
+    waiting = threading.Event()
+
+    def counted(fd: int, key_id: str, wait: float, deadline: float) -> None:
+        takes.append(fd)
+        waiting.set()
+        take(fd, key_id, wait, deadline)
+
+    monkeypatch.setattr(policies, "_take_lock", counted)
+    mine = policies.check("k1", document().replace('"1"', '"mine"'))
+    changer = threading.Thread(target=policies.write, args=("k1", mine), kwargs={"lock_wait": 30})
+    other = _Racer(directory, _template(tmp_path))
+    third = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    try:
+        other.send("hold")
+        assert other.answer() == "held"
+        changer.start()
+        assert waiting.wait(30)  # it opened the held file and waits for its lock
+        (directory / LOCK_FILE).unlink()
+        with third._changing("k1", 30.0):  # makes the file again, and holds it
+            other.send("release")
+            assert other.answer() == "released"
+            for _ in range(1500):  # until it waits again, or (as it did) writes beside us
+                if len(takes) > 1 or policies.live("k1").policy.version != "1":  # type: ignore[union-attr]
+                    break
+                time.sleep(0.02)
+            assert policies.get("k1").policy.version == "1"
+            assert len(takes) == 2
+    finally:
+        other.close()
+        changer.join(30)
+    assert policies.get("k1").policy.version == "mine"
+
+
+def test_a_lock_file_deleted_while_a_change_holds_it_does_not_let_two_changes_both_win(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync tool pruning unknown files (rsync --delete, a GitOps sync) deleted the lock file
+    while a change held it: the next change created a new file, locked that one and went ahead,
+    and of two changes expecting version 1 both were written, the later silently replacing the
+    other. The holder now checks, just before its write, that the file it locked is still the one
+    at the path; it was not, so it takes the lock again and checks the live policy again: one
+    change is made, the other refused POLICY_CHANGED."""
+    directory = tmp_path / "policies"
+    policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    policies.write("k1", policies.check("k1", document()))
+    inside, go = threading.Event(), threading.Event()
+    checked = policies.refuse_conflict
+
+    def pausing(*args: Any, **kwargs: Any) -> Any:
+        live = checked(*args, **kwargs)
+        if not inside.is_set():  # the first check only: held, checked, about to write
+            inside.set()
+            go.wait(30)
+        return live
+
+    monkeypatch.setattr(policies, "refuse_conflict", pausing)
+    outcome: list[BaseException | None] = []
+
+    def mine() -> None:
+        try:
+            policies.write(
+                "k1",
+                policies.check("k1", document().replace('"1"', '"mine"')),
+                expected_version="1",
+            )
+        except BaseException as exc:  # the assertions below read it
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    changer = threading.Thread(target=mine)
+    changer.start()
+    other = _Racer(directory, _template(tmp_path))
+    try:
+        assert inside.wait(30)
+        (directory / LOCK_FILE).unlink()  # pruned while held
+        other.send("set 1 theirs 0")
+        assert other.answer() == "ok"  # a lock file of its own, which nobody held
+    finally:
+        go.set()
+        changer.join(30)
+        other.close()
+    assert isinstance(outcome[0], PolicyChanged), outcome
+    assert outcome[0].live_version == "theirs"
+    assert policies.get("k1").policy.version == "theirs"
