@@ -134,6 +134,16 @@ def _planted(key_id: str) -> FailedPrecondition:
     )
 
 
+def _lock_file_closed(key_id: str, exc: OSError) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"cannot store the policy of {key_id!r}: the policy directory's lock file {LOCK_FILE} "
+        f"cannot be opened ({exc.strerror}): it belongs to another user or its mode or "
+        "attributes were changed; the broker's user must be able to read and write it (the "
+        "broker creates it, mode 0600): nothing was stored",
+        reason=Reason.POLICY_STORE_READ_ONLY,
+    )
+
+
 def _busy(key_id: str, wait: float) -> PolicyStoreBusy:
     return PolicyStoreBusy(
         f"cannot store the policy of {key_id!r}: another policy change held the policy "
@@ -175,6 +185,10 @@ def _open_lock_file(directory: str, key_id: str) -> int:
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EISDIR):  # a symlink (O_NOFOLLOW), a directory
             raise _planted(key_id) from None
+        if exc.errno in (errno.EACCES, errno.EPERM) and os.path.lexists(path):
+            # The file is there but not this user's to open (another user's, its mode changed,
+            # immutable): not a read-only directory, which sent the operator to the wrong place.
+            raise _lock_file_closed(key_id, exc) from None
         raise _read_only(key_id, exc) from None
     try:
         regular = stat.S_ISREG(os.fstat(fd).st_mode)

@@ -7,6 +7,7 @@ and answers one line per command on stdin; ``TEMPLATE`` is a policy document who
 - ``set EXPECTED NEW [WAIT]``: writes the template at version ``NEW`` for key ``k1``, expecting
   the live version ``EXPECTED`` (``-`` for "no policy yet"), waiting at most ``WAIT`` seconds for
   the change lock (default: the store's); answers ``ok`` or the refusal's reason.
+  ``why EXPECTED NEW [WAIT]`` does the same and answers a refusal's reason and message.
 - ``hold [PATH]``: takes the directory's change lock on a thread of its own, through a second
   store over ``PATH`` when given (another path to the same directory, e.g. a bind mount), and
   answers ``held``; ``release`` lets it go (answers ``released``). Commands in between run
@@ -73,7 +74,7 @@ def main() -> None:
                 lock_wait=wait,
             )
         except StrongroomError as exc:
-            print(exc.reason, flush=True)
+            print(exc.reason if command[0] == "set" else f"{exc.reason} {exc.message}", flush=True)
         else:
             print("ok", flush=True)
     if held is not None:  # stdin closed while holding (a failed test): let it go, and exit

@@ -615,3 +615,37 @@ def test_a_lock_file_deleted_while_a_change_holds_it_does_not_let_two_changes_bo
     assert isinstance(outcome[0], PolicyChanged), outcome
     assert outcome[0].live_version == "theirs"
     assert policies.get("k1").policy.version == "theirs"
+
+
+def test_a_lock_file_the_broker_cannot_open_is_named_not_taken_for_a_read_only_directory(
+    tmp_path: Path,
+) -> None:
+    """A lock file the broker's user may not open (another user's, its mode changed) was
+    answered as a read-only directory "managed by deployment configuration", which sent the
+    operator to the wrong place. Its own message names the file and what it needs; nothing is
+    stored. As root the racer runs without the capabilities that bypass file modes."""
+    wrapper: list[str] = []
+    if os.geteuid() == 0:
+        wrapper = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+        if subprocess.run([*wrapper, "true"], check=False, capture_output=True).returncode != 0:
+            pytest.skip("cannot drop root's file-mode override (setpriv)")
+    directory = tmp_path / "policies"
+    store(tmp_path, production=True).put("k1", document())
+    (directory / LOCK_FILE).chmod(0)
+    other = _Racer(directory, _template(tmp_path), wrapper=wrapper)
+    try:
+        other.send("why 1 2 0")
+        reason, message = other.answer().split(" ", 1)
+        # Without the file, in a directory it may not write: that one is read-only, as before.
+        (directory / LOCK_FILE).unlink()
+        directory.chmod(0o500)
+        other.send("why 1 2 0")
+        unwritable = other.answer()
+    finally:
+        directory.chmod(0o700)
+        other.close()
+    assert reason == Reason.POLICY_STORE_READ_ONLY
+    assert f"lock file {LOCK_FILE} cannot be opened (Permission denied)" in message
+    assert "read-only" not in message and "nothing was stored" in message
+    assert unwritable.startswith("POLICY_STORE_READ_ONLY ") and "read-only" in unwritable
+    assert store(tmp_path, production=True).get("k1").policy.version == "1"
