@@ -453,6 +453,7 @@ class PolicyStore:
         *,
         expected_version: str | None = None,
         lock_wait: float = LOCK_WAIT,
+        still_wanted: Callable[[], None] | None = None,
     ) -> StoredPolicy:
         """Stores a policy :meth:`check` returned, atomically; the old one stays if this fails.
 
@@ -461,14 +462,27 @@ class PolicyStore:
         broker process sharing the directory for exactly that: of two changes expecting one
         version, one is written and the other refused, on one replica or two. Nothing slow is
         done under it (the document was validated before, the audit record is written before);
-        it is waited for at most ``lock_wait`` seconds (:class:`PolicyStoreBusy`)."""
+        it is waited for at most ``lock_wait`` seconds (:class:`PolicyStoreBusy`).
+
+        ``still_wanted`` runs under the lock just before the new file replaces the old one (and
+        between two tries of a lock that is held), and whatever it raises is the change's
+        outcome, nothing stored: whoever asked for the change may have given up while it waited
+        for the lock (its call's deadline passed), and a change nobody waits for any more must
+        not go live, nor keep a worker waiting."""
         path = self._path(key_id)
         deadline = time.monotonic() + lock_wait
         while True:
-            with self._changing(key_id, max(0.0, deadline - time.monotonic())) as still_held:
+            remaining = max(0.0, deadline - time.monotonic())
+            with self._changing(key_id, remaining, still_wanted) as still_held:
                 self.refuse_conflict(key_id, stored, expected_version)
+
+                def last_checks() -> None:
+                    still_held()
+                    if still_wanted is not None:
+                        still_wanted()
+
                 try:
-                    atomic_write(Path(path), stored.document.encode(), before_replace=still_held)
+                    atomic_write(Path(path), stored.document.encode(), before_replace=last_checks)
                 except _LockLost:
                     # The lock file was deleted (or replaced) while this change held it: another
                     # change may have locked a new one and gone ahead meanwhile. Nothing was
@@ -506,7 +520,9 @@ class PolicyStore:
             return False
 
     @contextlib.contextmanager
-    def _changing(self, key_id: str, wait: float) -> Iterator[Callable[[], None]]:
+    def _changing(
+        self, key_id: str, wait: float, still_wanted: Callable[[], None] | None = None
+    ) -> Iterator[Callable[[], None]]:
         """Holds the directory's change lock: the lock file's open-file-description lock.
 
         Yields a check that the file locked is still the one at :data:`LOCK_FILE`'s path
@@ -517,7 +533,7 @@ class PolicyStore:
         while True:
             fd = _open_lock_file(self._dir, key_id)
             try:
-                self._take_lock(fd, key_id, wait, deadline)
+                self._take_lock(fd, key_id, wait, deadline, still_wanted)
             except BaseException:
                 os.close(fd)
                 raise
@@ -539,8 +555,15 @@ class PolicyStore:
             os.close(fd)  # the open's only descriptor: releases its lock
 
     @staticmethod
-    def _take_lock(fd: int, key_id: str, wait: float, deadline: float) -> None:
-        """Takes ``fd``'s lock by ``deadline`` (:class:`PolicyStoreBusy`, naming ``wait``)."""
+    def _take_lock(
+        fd: int,
+        key_id: str,
+        wait: float,
+        deadline: float,
+        still_wanted: Callable[[], None] | None = None,
+    ) -> None:
+        """Takes ``fd``'s lock by ``deadline`` (:class:`PolicyStoreBusy`, naming ``wait``);
+        between two tries, ``still_wanted`` may call the wait off (what it raises)."""
         # Polled, not blocking: a lock wait cannot be given a deadline, and a holder that is
         # stuck must not hold this admin call for ever.
         while True:
@@ -550,6 +573,8 @@ class PolicyStore:
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise _unlockable(key_id, exc) from None
+            if still_wanted is not None:
+                still_wanted()  # a caller that gave up must not keep a worker waiting
             if time.monotonic() >= deadline:
                 raise _busy(key_id, wait)
             time.sleep(_LOCK_POLL)

@@ -532,10 +532,10 @@ def test_a_change_waiting_on_a_deleted_lock_file_then_waits_for_the_file_made_af
     takes: list[int] = []
     waiting = threading.Event()
 
-    def counted(fd: int, key_id: str, wait: float, deadline: float) -> None:
+    def counted(fd: int, *args: Any) -> None:
         takes.append(fd)
         waiting.set()
-        take(fd, key_id, wait, deadline)
+        take(fd, *args)
 
     monkeypatch.setattr(policies, "_take_lock", counted)
     mine = policies.check("k1", document().replace('"1"', '"mine"'))
