@@ -107,6 +107,13 @@ class Cancelled(StrongroomError):
     default_reason = Reason.CANCELLED
 
 
+class DeadlineExceeded(StrongroomError):
+    """The caller's deadline passed before the work took effect, and it was not done."""
+
+    status_name = "DEADLINE_EXCEEDED"
+    default_reason = Reason.DEADLINE_EXCEEDED
+
+
 class DataLoss(StrongroomError):
     """Stored data failed an integrity check."""
 

@@ -10,7 +10,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from strongroom.errors import InvalidArgument
@@ -26,8 +26,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Replaces ``path`` with ``data`` atomically and durably, the file created with ``mode``."""
+def atomic_write(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int = 0o600,
+    before_replace: Callable[[], None] | None = None,
+) -> None:
+    """Replaces ``path`` with ``data`` atomically and durably, the file created with ``mode``.
+
+    ``before_replace`` runs once the new file is durable, just before it replaces ``path``:
+    whatever it raises leaves ``path`` as it was (a last check of a lock, made as late as it can
+    be so that nothing slow comes between it and the rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -36,6 +46,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

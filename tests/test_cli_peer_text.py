@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
 import pytest
 
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import InvalidArtifact
+from strongroom.cli import keys as keys_cli
 from strongroom.cli._text import printable
 from strongroom.client.rewrap import MAX_HEAD_SIZE, _read_head
 
@@ -54,3 +59,40 @@ def test_a_rewrap_stops_reading_a_store_that_sends_more_than_asked() -> None:
                 _read_head(pb_grpc.ModelStoreServiceStub(channel), model, timeout=10)
     finally:
         server.stop(None)
+
+
+class _Forging(kb_grpc.KeyAdminServiceServicer):
+    """A broker whose policy answer carries terminal control sequences and forged lines."""
+
+    def GetReleasePolicy(
+        self, request: kb.GetReleasePolicyRequest, context: grpc.ServicerContext
+    ) -> kb.GetReleasePolicyResponse:
+        return kb.GetReleasePolicyResponse(
+            policy_version="7\x1b[2K\r\n# approved by security",
+            policy_document='version: "7"\r\nx: "\x1b]0;owned\x07\x9b2J"\n',
+        )
+
+
+def test_get_policy_prints_the_brokers_version_and_document_without_control_sequences(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`keys get-policy` printed the version a broker sent as it came: a broker that is not what
+    it should be could drive the operator's terminal or forge the line that names the version the
+    next `set-policy --if-version` is given. The document keeps every character a policy can hold
+    (its CRLF line ends included), so that what is printed can be edited and set again."""
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    kb_grpc.add_KeyAdminServiceServicer_to_server(_Forging(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = kb_grpc.KeyAdminServiceStub(channel)
+            monkeypatch.setattr(keys_cli, "_admin", lambda args: (contextlib.nullcontext(), stub))
+            assert keys_cli._get_policy(argparse.Namespace(key_id="k1")) == 0
+    finally:
+        server.stop(None)
+    out = capsys.readouterr().out
+    assert out.splitlines(keepends=True)[0] == (
+        "# policy version 7\\x1b[2K\\r\\n# approved by security\n"
+    )
+    assert out.split("\n", 1)[1] == 'version: "7"\r\nx: "\\x1b]0;owned\\x07\\x9b2J"\n\n'

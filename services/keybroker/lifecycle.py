@@ -244,6 +244,7 @@ class KeyService:
         document: str,
         *,
         expected_version: str | None = None,
+        still_wanted: Callable[[], None] | None = None,
     ) -> StoredPolicy:
         """Validates and stores the release policy of an existing key.
 
@@ -276,6 +277,11 @@ class KeyService:
         FailedPrecondition(POLICY_VERSION_REUSED), unrecorded like an invalid document (checked
         again under the directory's lock: recorded then, after the change's record). Each record
         also carries the document's SHA-256 (``policy_sha256``, as release records do).
+
+        ``still_wanted`` (the caller is still waiting: its call is active, its deadline not past)
+        is asked while the change waits for the directory's lock and, under it, just before the
+        write (:meth:`PolicyStore.write`); what it raises refuses the change, nothing stored,
+        recorded ``DENIED`` after its ``ALLOWED`` record as a failed write is.
         """
         if expected_version:
             _check_expected_version(expected_version)
@@ -317,6 +323,7 @@ class KeyService:
                     stored,
                     expected_version=expected_version,
                     lock_wait=max(0.0, deadline - time.monotonic()),
+                    still_wanted=still_wanted,
                 )
             except StrongroomError as exc:
                 self._record(

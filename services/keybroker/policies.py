@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,10 +33,10 @@ from strongroom.reasons import Reason
 _log = logging.getLogger(__name__)
 
 LOCK_FILE = ".policy-changes.lock"
-"""The file in the policy directory whose POSIX record lock (``fcntl.lockf``) every broker process
-holds while it checks a key's live policy and writes the new one: the one critical section of a
-policy change across replicas sharing the directory. Its leading dot keeps it out of the key id
-grammar (no key's policy is named so)."""
+"""The file in the policy directory whose record lock (an open-file-description lock,
+``F_OFD_SETLK``) every change holds, in every broker process, while it checks a key's live policy
+and writes the new one: the one critical section of a policy change across replicas sharing the
+directory. Its leading dot keeps it out of the key id grammar (no key's policy is named so)."""
 
 LOCK_WAIT = 10.0
 """Seconds a policy change waits for the lock before it is refused ``POLICY_STORE_BUSY``. A holder
@@ -44,17 +45,17 @@ NFS server, a stopped process), which must not hold an admin's call (and a worke
 
 _LOCK_POLL = 0.01
 
-# A POSIX record lock belongs to the process, not to the file descriptor: two threads of one
-# process would both "hold" it, and closing any descriptor of the file releases it. So the
-# threads of this process take turns first, per directory (two stores over one directory, as in
-# tests, share it).
-_PROCESS_LOCKS: dict[str, threading.Lock] = {}
-_PROCESS_LOCKS_GUARD = threading.Lock()
-
-
-def _process_lock(directory: str) -> threading.Lock:
-    with _PROCESS_LOCKS_GUARD:
-        return _PROCESS_LOCKS.setdefault(os.path.realpath(directory), threading.Lock())
+# An open-file-description lock (Linux's F_OFD_SETLK), not a classic POSIX record lock (lockf),
+# which belongs to the process: two threads of one process both "held" that one, and closing any
+# descriptor of the file released it, so this process's threads took turns per directory path,
+# and two paths to one directory (two bind mounts of one share) in one broker did not exclude each
+# other. An OFD lock belongs to one open of the file: every change opens the file anew, so two in
+# one process exclude each other through the kernel like two in two processes, whatever path
+# reached the file. OFD and classic record locks on one file conflict with each other (an older
+# broker's lockf still excludes this one), and NFS carries both to the server.
+_WRITE_LOCK = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+"""A ``struct flock`` (Linux, 64-bit ``off_t``): a write lock on the whole file, ``l_pid`` 0 as
+OFD locks require."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,16 @@ def _planted(key_id: str) -> FailedPrecondition:
     )
 
 
+def _lock_file_closed(key_id: str, exc: OSError) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"cannot store the policy of {key_id!r}: the policy directory's lock file {LOCK_FILE} "
+        f"cannot be opened ({exc.strerror}): it belongs to another user or its mode or "
+        "attributes were changed; the broker's user must be able to read and write it (the "
+        "broker creates it, mode 0600): nothing was stored",
+        reason=Reason.POLICY_STORE_READ_ONLY,
+    )
+
+
 def _busy(key_id: str, wait: float) -> PolicyStoreBusy:
     return PolicyStoreBusy(
         f"cannot store the policy of {key_id!r}: another policy change held the policy "
@@ -174,6 +185,10 @@ def _open_lock_file(directory: str, key_id: str) -> int:
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EISDIR):  # a symlink (O_NOFOLLOW), a directory
             raise _planted(key_id) from None
+        if exc.errno in (errno.EACCES, errno.EPERM) and os.path.lexists(path):
+            # The file is there but not this user's to open (another user's, its mode changed,
+            # immutable): not a read-only directory, which sent the operator to the wrong place.
+            raise _lock_file_closed(key_id, exc) from None
         raise _read_only(key_id, exc) from None
     try:
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
@@ -184,6 +199,20 @@ def _open_lock_file(directory: str, key_id: str) -> int:
         os.close(fd)
         raise _planted(key_id)
     return fd
+
+
+class _LockLost(Exception):
+    """The lock file a change locked is no longer the one at :data:`LOCK_FILE`'s path."""
+
+
+def _is_at(fd: int, path: str) -> bool:
+    """Whether the file open as ``fd`` is the one at ``path`` (same device and inode)."""
+    try:
+        there = os.lstat(path)
+    except OSError:  # deleted, and not made again yet
+        return False
+    held = os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
 
 class PolicyStore:
@@ -424,6 +453,7 @@ class PolicyStore:
         *,
         expected_version: str | None = None,
         lock_wait: float = LOCK_WAIT,
+        still_wanted: Callable[[], None] | None = None,
     ) -> StoredPolicy:
         """Stores a policy :meth:`check` returned, atomically; the old one stays if this fails.
 
@@ -432,24 +462,53 @@ class PolicyStore:
         broker process sharing the directory for exactly that: of two changes expecting one
         version, one is written and the other refused, on one replica or two. Nothing slow is
         done under it (the document was validated before, the audit record is written before);
-        it is waited for at most ``lock_wait`` seconds (:class:`PolicyStoreBusy`)."""
+        it is waited for at most ``lock_wait`` seconds (:class:`PolicyStoreBusy`).
+
+        ``still_wanted`` runs under the lock just before the new file replaces the old one (and
+        between two tries of a lock that is held), and whatever it raises is the change's
+        outcome, nothing stored: whoever asked for the change may have given up while it waited
+        for the lock (its call's deadline passed), and a change nobody waits for any more must
+        not go live, nor keep a worker waiting."""
         path = self._path(key_id)
-        with self._changing(key_id, lock_wait):
-            self.refuse_conflict(key_id, stored, expected_version)
-            try:
-                atomic_write(Path(path), stored.document.encode())
-            except OSError as exc:
-                if not self._holds(path, stored.document):
-                    raise _read_only(key_id, exc) from None
-                # The rename was made and only the directory's sync failed (EIO, a file system
-                # that refuses it): the document is live for every replica, so this change was
-                # made and its ALLOWED record is its outcome, not a refusal the caller retries.
-                _log.error(
-                    "a release policy was stored but its directory could not be synced: the "
-                    "change is live, but may not survive a crash of the host",
-                    extra={"key_id": key_id, "error": exc.strerror or type(exc).__name__},
-                )
-        return stored
+        deadline = time.monotonic() + lock_wait
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            with self._changing(key_id, remaining, still_wanted) as still_held:
+                self.refuse_conflict(key_id, stored, expected_version)
+
+                def last_checks() -> None:
+                    still_held()
+                    if still_wanted is not None:
+                        still_wanted()
+
+                try:
+                    atomic_write(Path(path), stored.document.encode(), before_replace=last_checks)
+                except _LockLost:
+                    # The lock file was deleted (or replaced) while this change held it: another
+                    # change may have locked a new one and gone ahead meanwhile. Nothing was
+                    # written: take the lock again and check the live policy again.
+                    _log.warning(
+                        "the policy directory's lock file was deleted or replaced while a change "
+                        "held it (sync or back-up tooling must leave it alone); the change is "
+                        "checked again under the new one",
+                        extra={"key_id": key_id},
+                    )
+                    if time.monotonic() >= deadline:
+                        raise _busy(key_id, lock_wait) from None
+                    continue
+                except OSError as exc:
+                    if not self._holds(path, stored.document):
+                        raise _read_only(key_id, exc) from None
+                    # The rename was made and only the directory's sync failed (EIO, a file
+                    # system that refuses it): the document is live for every replica, so this
+                    # change was made and its ALLOWED record is its outcome, not a refusal the
+                    # caller retries.
+                    _log.error(
+                        "a release policy was stored but its directory could not be synced: the "
+                        "change is live, but may not survive a crash of the host",
+                        extra={"key_id": key_id, "error": exc.strerror or type(exc).__name__},
+                    )
+            return stored
 
     @staticmethod
     def _holds(path: str, document: str) -> bool:
@@ -461,29 +520,61 @@ class PolicyStore:
             return False
 
     @contextlib.contextmanager
-    def _changing(self, key_id: str, wait: float) -> Iterator[None]:
-        """Holds the directory's change lock: this process's turn, then the file's record lock."""
+    def _changing(
+        self, key_id: str, wait: float, still_wanted: Callable[[], None] | None = None
+    ) -> Iterator[Callable[[], None]]:
+        """Holds the directory's change lock: the lock file's open-file-description lock.
+
+        Yields a check that the file locked is still the one at :data:`LOCK_FILE`'s path
+        (:class:`_LockLost` otherwise), which the holder makes just before it writes: a lock on
+        a file that was deleted meanwhile excludes nobody who opens the path now."""
         deadline = time.monotonic() + wait
-        turn = _process_lock(self._dir)
-        if not turn.acquire(timeout=wait):
-            raise _busy(key_id, wait)
-        try:
+        lock_path = os.path.join(self._dir, LOCK_FILE)
+        while True:
             fd = _open_lock_file(self._dir, key_id)
             try:
-                # Polled, not blocking: lockf cannot be given a deadline, and a holder that is
-                # stuck must not hold this admin call for ever.
-                while True:
-                    try:
-                        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except OSError as exc:
-                        if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                            raise _unlockable(key_id, exc) from None
-                    if time.monotonic() >= deadline:
-                        raise _busy(key_id, wait)
-                    time.sleep(_LOCK_POLL)
-                yield
-            finally:
-                os.close(fd)  # releases the record lock
+                self._take_lock(fd, key_id, wait, deadline, still_wanted)
+            except BaseException:
+                os.close(fd)
+                raise
+            if _is_at(fd, lock_path):
+                break
+            # Deleted or replaced while this waited for it (its holder's lock excluded only
+            # those that had opened it): the lock of the file now at the path is the one.
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise _busy(key_id, wait)
+
+        def still_held() -> None:
+            if not _is_at(fd, lock_path):
+                raise _LockLost
+
+        try:
+            yield still_held
         finally:
-            turn.release()
+            os.close(fd)  # the open's only descriptor: releases its lock
+
+    @staticmethod
+    def _take_lock(
+        fd: int,
+        key_id: str,
+        wait: float,
+        deadline: float,
+        still_wanted: Callable[[], None] | None = None,
+    ) -> None:
+        """Takes ``fd``'s lock by ``deadline`` (:class:`PolicyStoreBusy`, naming ``wait``);
+        between two tries, ``still_wanted`` may call the wait off (what it raises)."""
+        # Polled, not blocking: a lock wait cannot be given a deadline, and a holder that is
+        # stuck must not hold this admin call for ever.
+        while True:
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WRITE_LOCK)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise _unlockable(key_id, exc) from None
+            if still_wanted is not None:
+                still_wanted()  # a caller that gave up must not keep a worker waiting
+            if time.monotonic() >= deadline:
+                raise _busy(key_id, wait)
+            time.sleep(_LOCK_POLL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import grpc
@@ -10,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.attestation import Evidence
-from strongroom.errors import InvalidArgument, StrongroomError
+from strongroom.errors import Cancelled, DeadlineExceeded, InvalidArgument, StrongroomError
 from strongroom.identifiers import KEY_ID_PATTERN
 from strongroom.keybroker.keys import KeyInfo, KeyManager, KeyState
 from strongroom.keybroker.lifecycle import KeyService
@@ -77,6 +78,26 @@ _STATE = {KeyState.ENABLED: pb.KEY_STATE_ENABLED, KeyState.DISABLED: pb.KEY_STAT
 def _caller(context: grpc.ServicerContext) -> Caller:
     ident = verified_caller(context)
     return Caller(str(ident.spiffe_id), ident.serial, ident.public_key_der)
+
+
+def _still_waited_for(context: grpc.ServicerContext) -> Callable[[], None]:
+    """A check that the call is still waited for: DeadlineExceeded once its deadline has passed,
+    Cancelled once its caller cancelled it (or it ended otherwise). A change made after its
+    caller gave up went live while the caller had heard it failed."""
+
+    def check() -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(
+                "the call's deadline passed before the policy could be written (the policy "
+                "directory's lock was held): nothing was stored; retry with a longer deadline"
+            )
+        if not context.is_active():
+            raise Cancelled(
+                "the call was cancelled before the policy could be written: nothing was stored"
+            )
+
+    return check
 
 
 def _timestamp(when: datetime | float) -> Timestamp:
@@ -251,6 +272,7 @@ class KeyAdminServicer(pb_grpc.KeyAdminServiceServicer):
             expected_version=request.expected_policy_version
             if request.HasField("expected_policy_version")
             else None,
+            still_wanted=_still_waited_for(context),
         )
         return pb.SetReleasePolicyResponse(policy_version=stored.policy.version)
 

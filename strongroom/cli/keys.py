@@ -17,7 +17,7 @@ from google.protobuf.json_format import MessageToDict
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
-from strongroom.cli._text import printable
+from strongroom.cli._text import printable, printable_document
 from strongroom.cli.client import Client, add_client_arguments
 from strongroom.client.rewrap import KeyVersionUse, models_needing, rewrap_models
 from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -336,6 +336,8 @@ def _get_policy(args: argparse.Namespace) -> int:
         response = stub.GetReleasePolicy(
             pb.GetReleasePolicyRequest(key_id=args.key_id), timeout=TIMEOUT
         )
-        print(f"# policy version {response.policy_version}")
-        print(response.policy_document)
+        # Both are the broker's text: escaped, so that a broker that is not what it should be
+        # cannot drive the terminal nor forge the line naming the version --if-version is given.
+        print(f"# policy version {printable(response.policy_version)}")
+        print(printable_document(response.policy_document))
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.cli.main import main
 from strongroom.dev.devstack import DevStack
 from strongroom.keybroker import lifecycle, refusals
+from strongroom.keybroker.policies import PolicyStore
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 
 
@@ -376,3 +378,56 @@ def test_keys_set_policy_if_version_refuses_a_policy_changed_meanwhile(
     assert main([*set_policy, "--if-no-policy"]) == 1
     assert "POLICY_CHANGED" in capsys.readouterr().err
     assert main([*set_policy, "--if-version", "2"]) == 0
+
+
+@pytest.mark.parametrize("gave_up", ["DEADLINE_EXCEEDED", "CANCELLED"])
+def test_a_policy_change_whose_caller_gave_up_while_it_waited_for_the_lock_is_not_made(
+    stack: DevStack, gave_up: str
+) -> None:
+    """SetReleasePolicy waited for the policy directory's lock (another replica's change, a
+    holder stuck on NFS) past its caller's deadline and then wrote the policy anyway: the admin
+    saw DEADLINE_EXCEEDED, concluded nothing changed, and a change nobody was waiting for went
+    live. The broker now looks at the call while it waits for the lock and, once it holds it,
+    just before its write: the caller is gone (its deadline passed, or it cancelled the call), so nothing is stored and the
+    change's ALLOWED record is followed by a DENIED one, with that reason, under the same
+    decision id."""
+    stub = admin(stack)
+    key_id = f"gave-up-{gave_up.lower().replace('_', '-')}"
+    stack.create_release_key(stack.identity("admin"), key_id, policy_version="1")
+    holder = PolicyStore(stack.root / "state" / "keybroker" / "policies", production=False)
+
+    def changes() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in _audit(stack)
+            if r["action"] == "set_release_policy"
+            and r["key"]["id"] == key_id
+            and r["policy_version"] == "2"
+        ]
+
+    request = kb.SetReleasePolicyRequest(
+        key_id=key_id, policy_document=stack.simulated_policy("2"), expected_policy_version="1"
+    )
+    with holder._changing(key_id, 30.0):  # another change holds the directory's lock
+        call = stub.SetReleasePolicy.future(request, timeout=5)
+        while not changes() and not call.done():  # recorded: it now waits for the lock
+            time.sleep(0.02)
+        assert changes(), call.exception()
+        if gave_up == "CANCELLED":
+            assert call.cancel()
+        else:
+            assert isinstance(call.exception(), grpc.RpcError)  # its 5 s deadline passed
+        assert call.code() == grpc.StatusCode[gave_up]
+    for _ in range(1500):  # the broker takes the lock now: until its change's outcome is in
+        if len(changes()) > 1 or holder.get(key_id, judge=False).policy.version != "1":
+            break
+        time.sleep(0.02)
+    live = stub.GetReleasePolicy(kb.GetReleasePolicyRequest(key_id=key_id), timeout=30)
+    assert live.policy_version == "1"
+    allowed, refused = changes()
+    assert (allowed["decision"], refused["decision"], refused["reason"]) == (
+        "allowed",
+        "denied",
+        gave_up,
+    )
+    assert refused["decision_id"] == allowed["decision_id"]

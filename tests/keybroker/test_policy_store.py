@@ -7,9 +7,11 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -320,9 +322,16 @@ _ROOT = Path(__file__).resolve().parents[2]
 class _Racer:
     """Another broker process over the same policy directory (tests/keybroker/policy_racer.py)."""
 
-    def __init__(self, directory: Path, template: Path) -> None:
+    def __init__(self, directory: Path, template: Path, *, wrapper: Sequence[str] = ()) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.keybroker.policy_racer", str(directory), str(template)],
+            [
+                *wrapper,
+                sys.executable,
+                "-m",
+                "tests.keybroker.policy_racer",
+                str(directory),
+                str(template),
+            ],
             cwd=_ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -344,11 +353,17 @@ class _Racer:
         assert self.process.wait(timeout=60) == 0
 
 
+def _template(tmp_path: Path) -> Path:
+    """The racers' policy template: :func:`document` at version ``"VERSION"``."""
+    template = tmp_path / "template.yaml"
+    template.write_text(document().replace('"1"', '"VERSION"'), encoding="utf-8")
+    return template
+
+
 @pytest.fixture
 def racers(tmp_path: Path) -> Iterator[tuple[Path, list[_Racer]]]:
     """Two processes over ``tmp_path/policies``; the template's version is ``"VERSION"``."""
-    template = tmp_path / "template.yaml"
-    template.write_text(document().replace('"1"', '"VERSION"'), encoding="utf-8")
+    template = _template(tmp_path)
     directory = tmp_path / "policies"
     started = [_Racer(directory, template) for _ in range(2)]
     yield directory, started
@@ -466,3 +481,171 @@ def test_a_lock_file_planted_as_a_link_or_special_file_is_refused_and_never_foll
     lock.unlink() if planted != "directory" else lock.rmdir()
     policies.write("k1", new, expected_version="1")  # the broker makes its own again
     assert stat.S_ISREG(os.lstat(lock).st_mode)
+
+
+def test_two_paths_to_one_directory_in_one_process_exclude_each_other(tmp_path: Path) -> None:
+    """The lock was a POSIX record lock, which a process holds once whatever descriptor took it,
+    and this process's threads took turns per directory *path* (its realpath): through two bind
+    mounts of one directory (two volumes of one pod naming one share) one broker process made two
+    changes at once, each compare-and-swap seeing the version the other was replacing. The lock
+    is now the open file's (``F_OFD_SETLK``): two opens exclude each other in one process too.
+    The second path is a bind mount in a user and mount namespace of the racer's own."""
+    probe = subprocess.run(["unshare", "-Urm", "true"], check=False, capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("unprivileged user and mount namespaces are not available (unshare -Urm)")
+    directory, alias = tmp_path / "policies", tmp_path / "alias"
+    alias.mkdir()
+    policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    policies.write("k1", policies.check("k1", document()))
+    mounted = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+    racer = _Racer(
+        directory,
+        _template(tmp_path),
+        wrapper=["unshare", "-Urm", "sh", "-c", mounted, "sh", str(directory), str(alias)],
+    )
+    try:
+        racer.send(f"hold {alias}")
+        assert racer.answer() == "held"
+        racer.send("set 1 mine 0")  # the same process, through the directory's other path
+        assert racer.answer() == "POLICY_STORE_BUSY"
+        assert policies.get("k1").policy.version == "1"
+        racer.send("release")
+        assert racer.answer() == "released"
+        racer.send("set 1 mine 0")
+        assert racer.answer() == "ok"
+    finally:
+        racer.close()
+    assert policies.get("k1").policy.version == "mine"
+
+
+def test_a_change_waiting_on_a_deleted_lock_file_then_waits_for_the_file_made_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change waiting for the lock of a file that was deleted meanwhile (and made again by
+    another change, which holds the new one) got the old file's lock once its holder let it go,
+    and wrote beside the holder of the new one. It now checks that the file it locked is still
+    the one at the path, and waits for the lock of the one there."""
+    directory = tmp_path / "policies"
+    policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    policies.write("k1", policies.check("k1", document()))
+    take = PolicyStore._take_lock
+    takes: list[int] = []
+    waiting = threading.Event()
+
+    def counted(fd: int, *args: Any) -> None:
+        takes.append(fd)
+        waiting.set()
+        take(fd, *args)
+
+    monkeypatch.setattr(policies, "_take_lock", counted)
+    mine = policies.check("k1", document().replace('"1"', '"mine"'))
+    changer = threading.Thread(target=policies.write, args=("k1", mine), kwargs={"lock_wait": 30})
+    other = _Racer(directory, _template(tmp_path))
+    third = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    try:
+        other.send("hold")
+        assert other.answer() == "held"
+        changer.start()
+        assert waiting.wait(30)  # it opened the held file and waits for its lock
+        (directory / LOCK_FILE).unlink()
+        with third._changing("k1", 30.0):  # makes the file again, and holds it
+            other.send("release")
+            assert other.answer() == "released"
+            for _ in range(1500):  # until it waits again, or (as it did) writes beside us
+                if len(takes) > 1 or policies.live("k1").policy.version != "1":  # type: ignore[union-attr]
+                    break
+                time.sleep(0.02)
+            assert policies.get("k1").policy.version == "1"
+            assert len(takes) == 2
+    finally:
+        other.close()
+        changer.join(30)
+    assert policies.get("k1").policy.version == "mine"
+
+
+def test_a_lock_file_deleted_while_a_change_holds_it_does_not_let_two_changes_both_win(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync tool pruning unknown files (rsync --delete, a GitOps sync) deleted the lock file
+    while a change held it: the next change created a new file, locked that one and went ahead,
+    and of two changes expecting version 1 both were written, the later silently replacing the
+    other. The holder now checks, just before its write, that the file it locked is still the one
+    at the path; it was not, so it takes the lock again and checks the live policy again: one
+    change is made, the other refused POLICY_CHANGED."""
+    directory = tmp_path / "policies"
+    policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    policies.write("k1", policies.check("k1", document()))
+    inside, go = threading.Event(), threading.Event()
+    checked = policies.refuse_conflict
+
+    def pausing(*args: Any, **kwargs: Any) -> Any:
+        live = checked(*args, **kwargs)
+        if not inside.is_set():  # the first check only: held, checked, about to write
+            inside.set()
+            go.wait(30)
+        return live
+
+    monkeypatch.setattr(policies, "refuse_conflict", pausing)
+    outcome: list[BaseException | None] = []
+
+    def mine() -> None:
+        try:
+            policies.write(
+                "k1",
+                policies.check("k1", document().replace('"1"', '"mine"')),
+                expected_version="1",
+            )
+        except BaseException as exc:  # the assertions below read it
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    changer = threading.Thread(target=mine)
+    changer.start()
+    other = _Racer(directory, _template(tmp_path))
+    try:
+        assert inside.wait(30)
+        (directory / LOCK_FILE).unlink()  # pruned while held
+        other.send("set 1 theirs 0")
+        assert other.answer() == "ok"  # a lock file of its own, which nobody held
+    finally:
+        go.set()
+        changer.join(30)
+        other.close()
+    assert isinstance(outcome[0], PolicyChanged), outcome
+    assert outcome[0].live_version == "theirs"
+    assert policies.get("k1").policy.version == "theirs"
+
+
+def test_a_lock_file_the_broker_cannot_open_is_named_not_taken_for_a_read_only_directory(
+    tmp_path: Path,
+) -> None:
+    """A lock file the broker's user may not open (another user's, its mode changed) was
+    answered as a read-only directory "managed by deployment configuration", which sent the
+    operator to the wrong place. Its own message names the file and what it needs; nothing is
+    stored. As root the racer runs without the capabilities that bypass file modes."""
+    wrapper: list[str] = []
+    if os.geteuid() == 0:
+        wrapper = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+        if subprocess.run([*wrapper, "true"], check=False, capture_output=True).returncode != 0:
+            pytest.skip("cannot drop root's file-mode override (setpriv)")
+    directory = tmp_path / "policies"
+    store(tmp_path, production=True).put("k1", document())
+    (directory / LOCK_FILE).chmod(0)
+    other = _Racer(directory, _template(tmp_path), wrapper=wrapper)
+    try:
+        other.send("why 1 2 0")
+        reason, message = other.answer().split(" ", 1)
+        # Without the file, in a directory it may not write: that one is read-only, as before.
+        (directory / LOCK_FILE).unlink()
+        directory.chmod(0o500)
+        other.send("why 1 2 0")
+        unwritable = other.answer()
+    finally:
+        directory.chmod(0o700)
+        other.close()
+    assert reason == Reason.POLICY_STORE_READ_ONLY
+    assert f"lock file {LOCK_FILE} cannot be opened (Permission denied)" in message
+    assert "read-only" not in message and "nothing was stored" in message
+    assert unwritable.startswith("POLICY_STORE_READ_ONLY ") and "read-only" in unwritable
+    assert store(tmp_path, production=True).get("k1").policy.version == "1"
