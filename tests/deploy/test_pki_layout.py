@@ -34,6 +34,8 @@ from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.pki import CaClient, Provisioner, mint_token
 from strongroom.pki._x509 import build_csr, generate_key
 from strongroom.pki.errors import CaRejected
+from strongroom.pki.token import with_identity_names
+from strongroom.spiffe import identity_dns_name
 from tests.deploy.conftest import CHART, DEPLOY, ROOT, kind, render
 
 HOME = "/home/step"
@@ -300,7 +302,9 @@ def test_a_pod_provisioner_key_obtains_only_the_pods_own_identity(
         Provisioner(meta["provisioner_name"], key), ca_url=ca_url, subject=wanted, sans=sans
     )
     try:
-        chain = CaClient(ca_url, root_pem).sign(build_csr(generate_key(), sans), token)
+        # The CSR asks for what the token does (with the ID's derived name).
+        csr = build_csr(generate_key(), with_identity_names(sans))
+        chain = CaClient(ca_url, root_pem).sign(csr, token)
     except CaRejected as refused:
         # Refused by the pod's provisioner's certificate template, naming what it issues.
         assert f"spiffe://strongroom.internal/{pod}" in str(refused)
@@ -368,7 +372,11 @@ def test_pki_secrets_match_the_values_file_maps(
         meta = json.loads(base64.b64decode(data["strongroom.json"]))
         identity = configs[service]["identity"]
         assert meta["provisioner_name"] == f"strongroom-{service}"
-        assert meta["sans"] == [identity["spiffe_id"], *identity["dns_names"]]
+        assert meta["sans"] == [
+            identity["spiffe_id"],
+            identity_dns_name(identity["spiffe_id"]),
+            *identity["dns_names"],
+        ]
     assert len(keys) == len(own)
     everything = json.dumps(list(secrets.values()))
     assert base64.b64encode(operator_key).decode() not in everything

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from strongroom.cli.main import main
-from strongroom.pki import CaLayout, StepCa
+from strongroom.pki import CaLayout, StepCa, WorkloadIdentity
 from strongroom.pki._jose import unverified_claims
 from strongroom.pki._state import STATE_FILE
 from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CaUnavailable
+from strongroom.spiffe import identity_dns_name
 from tests.pki.helpers import free_port
 
 
@@ -66,7 +67,8 @@ def test_init_token_enrol(
         )
         token = capsys.readouterr().out.strip()
         claims = unverified_claims(token)
-        assert claims["sans"] == ["spiffe://strongroom.test/modelstore", "modelstore"]
+        modelstore = "spiffe://strongroom.test/modelstore"
+        assert claims["sans"] == [modelstore, identity_dns_name(modelstore), "modelstore"]
         assert claims["exp"] - claims["iat"] == 120
         token_file = tmp_path / "token"
         token_file.write_text(token)
@@ -296,3 +298,60 @@ def test_a_token_file_that_is_not_text_is_one_line_not_a_traceback(
     assert err.startswith("strongroom: error: BAD_TOKEN: ") and str(token_file) in err
     assert err.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
+
+def _as_made_before_derived_names(directory: Path, service: str, trust_domain: str) -> None:
+    """Turns a CA made by ``pki init`` into one made before workload certificates carried the
+    DNS name derived from their SPIFFE ID: that name gone from the templates and recorded SANs."""
+    derived = identity_dns_name(f"spiffe://{trust_domain}/{service}")
+    config_path = directory / "config" / "ca.json"
+    config = json.loads(config_path.read_text())
+    for provisioner in config["authority"]["provisioners"]:
+        if "options" in provisioner:
+            template = provisioner["options"]["x509"]["template"]
+            template = template.replace(f'"{derived}", ', "").replace(f' "{derived}"', "")
+            assert derived not in template
+            provisioner["options"]["x509"]["template"] = template
+    config_path.write_text(json.dumps(config))
+    for meta_path in (
+        directory / "config" / "strongroom.json",
+        directory / "provisioners" / service / "config" / "strongroom.json",
+    ):
+        meta = json.loads(meta_path.read_text())
+        for entry in [meta, *meta.get("workloads", {}).values()]:
+            if "sans" in entry:
+                entry["sans"] = [n for n in entry["sans"] if n != derived]
+        meta_path.write_text(json.dumps(meta))
+
+
+def test_an_earlier_ca_is_upgraded_to_issue_the_derived_name(
+    step_ca_binary: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CA whose workload provisioners do not issue the derived name: its token directory
+    refuses to mint, saying what to do; ``pki upgrade`` updates it; the workload then enrols
+    with the derived name, and renewals keep it."""
+    directory = tmp_path / "ca"
+    argv = ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]
+    argv += ["--dns", "127.0.0.1", "--address", f"127.0.0.1:{free_port()}"]
+    argv += ["--workload", "inference=inference"]
+    assert main(argv) == 0
+    _as_made_before_derived_names(directory, "inference", "strongroom.test")
+    kit = directory / "provisioners" / "inference"
+    own = ["--identity", "spiffe://strongroom.test/inference", "--dns", "inference"]
+    capsys.readouterr()
+    assert main(["pki", "token", "--dir", str(kit), *own]) == 1
+    captured = capsys.readouterr()
+    assert "PROVISIONER_OUTDATED" in captured.err and "pki upgrade" in captured.err
+
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+    assert "updated the provisioners of inference" in capsys.readouterr().err
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+    assert "up to date" in capsys.readouterr().err
+    with StepCa(directory, binary=step_ca_binary) as ca:
+        assert main(["pki", "token", "--dir", str(kit), *own]) == 0
+        token = capsys.readouterr().out.strip()
+        identity = WorkloadIdentity.enrol(ca.client(), token, auto_renew=False)
+        with identity:
+            derived = identity_dns_name("spiffe://strongroom.test/inference")
+            assert derived in identity.credentials.sans
+            assert derived in identity.renew_now().sans

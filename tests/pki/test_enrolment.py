@@ -36,6 +36,7 @@ from strongroom.pki.layout import Provisioner
 from strongroom.reasons import Reason
 from strongroom.runtime.bootstrap import open_identity
 from strongroom.runtime.config import IdentityConfig
+from strongroom.spiffe import identity_dns_name
 from tests.pki.helpers import enrol, sid, token_for
 
 
@@ -47,7 +48,9 @@ def test_enrolment_issues_an_svid_with_exactly_the_token_sans(ca: StepCa) -> Non
         leaf = credentials.leaf
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert san.get_values_for_type(x509.UniformResourceIdentifier) == [sid("keybroker")]
-        assert san.get_values_for_type(x509.DNSName) == ["keybroker"]
+        # The name derived from its SPIFFE ID (which channels expecting it check), then its own.
+        derived = identity_dns_name(sid("keybroker"))
+        assert san.get_values_for_type(x509.DNSName) == [derived, "keybroker"]
         assert identity.spiffe_id == SpiffeId.parse(sid("keybroker"))
         assert identity.trust_domain == "strongroom.test"
         public = leaf.public_key()
@@ -80,7 +83,8 @@ def test_token_is_an_es256_jwt_as_step_ca_expects(ca: StepCa) -> None:
     assert header == {"alg": "ES256", "kid": thumbprint(provisioner.key.public_key()), "typ": "JWT"}
     assert claims["iss"] == "strongroom"
     assert claims["aud"] == f"{ca.url}/1.0/sign"
-    assert claims["sub"] == sid("x") and claims["sans"] == [sid("x"), "x"]
+    assert claims["sub"] == sid("x")
+    assert claims["sans"] == [sid("x"), identity_dns_name(sid("x")), "x"]
     assert claims["nbf"] == claims["iat"] and 0 < claims["exp"] - claims["iat"] <= 300
     assert len(claims["jti"]) == 64
     signature = b64url_decode(signature_b64)
@@ -304,6 +308,7 @@ def test_a_fresh_token_for_other_names_replaces_the_persisted_identity(
     ) as second:
         assert second.credentials.sans == {
             sid("keybroker"),
+            identity_dns_name(sid("keybroker")),
             "keybroker",
             "keybroker.strongroom.test",
         }
