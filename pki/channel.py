@@ -39,10 +39,13 @@ from strongroom.pki.handshake import (
     ServerIdentityMismatch,
     ServerIdentityUnchecked,
     TlsPresentation,
+    diagnose_server,
+    names_missing_identity,
     parse_target,
     translate,
     verify_server_identity,
 )
+from strongroom.spiffe import identity_dns_name
 
 ChannelOption = tuple[str, Any]
 
@@ -221,8 +224,11 @@ class RotatingChannel(grpc.Channel):
                 )
         self._source = source
         self._target = target
-        self._server_name = server_name
         self._server_id = server_id
+        # The name gRPC's own handshake checks in the server's certificate, on every connection
+        # it makes: with a server_id, the name derived from that ID, which only that workload's
+        # certificates carry (an explicit server_name, an operator-chosen name, cannot stand in).
+        self._checked_name = identity_dns_name(server_id) if server_id is not None else server_name
         self._options = list(options)
         self._lock = threading.Lock()
         self._closed = False
@@ -243,8 +249,8 @@ class RotatingChannel(grpc.Channel):
             self._source.root_pem, credentials.key_pem, credentials.chain_pem
         )
         options: list[ChannelOption] = [*self._options, ("grpc.use_local_subchannel_pool", 1)]
-        if self._server_name:
-            options.append(("grpc.ssl_target_name_override", self._server_name))
+        if self._checked_name:
+            options.append(("grpc.ssl_target_name_override", self._checked_name))
         if self._server_id is not None:
             # A service config from DNS (TXT) could switch the channel to a policy that spreads
             # calls over every address, of which only one is checked (see _spreading_option).
@@ -385,7 +391,7 @@ class RotatingChannel(grpc.Channel):
                 self._target,
                 slot.presentation,
                 self._server_id,
-                server_name=self._server_name,
+                server_name=self._checked_name,
                 timeout=timeout,
             )
             verified = True
@@ -458,20 +464,25 @@ class RotatingChannel(grpc.Channel):
             # the call's UNAVAILABLE, it made a second check, past the call's deadline.
             return error
         left = None if deadline is None else deadline - time.monotonic()
-        if (
-            self._server_id is not None
-            and error.code() == grpc.StatusCode.UNAVAILABLE
-            and (left is None or left > 0)
-        ):
-            # gRPC's host-name check failed, or the server changed under us: name the server.
+        if self._server_id is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
+            # gRPC's host-name check (the derived name) may have failed, or the server changed
+            # under us: say which server answered, from one handshake after the failure.
             slot.invalidate()
-            try:
-                self._verify(slot, left)
-            except ServerIdentityMismatch as mismatch:
-                return mismatch
-            except ServerIdentityUnchecked:
-                pass  # the call's own failure says more (and the next call checks again)
-        return translate(error, self._target, slot.presentation, server_name=self._server_name)
+            if left is None or left > 0:
+                timeout = _CHECK_TIMEOUT if left is None else min(_CHECK_TIMEOUT, left)
+                explained = diagnose_server(
+                    self._target, slot.presentation, self._server_id, timeout=timeout
+                )
+                if explained is not None:
+                    return explained
+            if names_missing_identity(error, self._server_id):
+                # gRPC refused the server's certificate for lacking the name: not the server
+                # expected, though the diagnosis could not reach it to say which it is.
+                return ServerIdentityMismatch(
+                    f"the server at {self._target} is not {self._server_id}: its certificate "
+                    f"does not carry the name derived from that ID ({_details(error)})"
+                )
+        return translate(error, self._target, slot.presentation, server_name=self._checked_name)
 
     # ------------------------------------------------------------------ grpc.Channel
 
@@ -832,6 +843,11 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
     ) -> grpc.CallIterator[Any]:
         options = _options(timeout, metadata, credentials, wait_for_ready, compression)
         return self._streaming(request_iterator, options)
+
+
+def _details(error: grpc.RpcError) -> str:
+    """gRPC's description of a failed call (empty when it has none)."""
+    return str((error.details() if hasattr(error, "details") else "") or "")
 
 
 def _deadline(timeout: float | None) -> float | None:

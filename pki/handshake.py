@@ -24,9 +24,10 @@ from cryptography import x509
 
 from strongroom.errors import Unavailable
 from strongroom.pki._files import memory_file
-from strongroom.pki._x509 import signing_capability
+from strongroom.pki._x509 import dns_sans, signing_capability
 from strongroom.pki.errors import PeerUnauthenticated
 from strongroom.reasons import Reason
+from strongroom.spiffe import identity_dns_name
 
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
 _HINTS = ("socket closed", "handshake", "ssl", "connection reset", "broken pipe")
@@ -318,6 +319,55 @@ class ServerIdentityMismatch(_RefusedBeforeTheCall):
     """
 
     default_reason = Reason.SERVER_IDENTITY_MISMATCH
+
+
+class ServerIdentityNameMissing(_RefusedBeforeTheCall):
+    """The server at a target presents the SPIFFE ID expected there, but its certificate lacks
+    the DNS name derived from that ID (:func:`~strongroom.spiffe.identity_dns_name`), which a
+    channel expecting the ID makes gRPC check: a certificate issued before workload certificates
+    carried it. UNAUTHENTICATED, like :class:`ServerIdentityMismatch`; the message says what the
+    operator must do.
+    """
+
+    default_reason = Reason.SERVER_IDENTITY_NAME_MISSING
+
+
+def diagnose_server(
+    target: str, presentation: TlsPresentation, expected: str, *, timeout: float
+) -> ServerIdentityMismatch | ServerIdentityNameMissing | None:
+    """Why gRPC's own handshake with the server at ``target``, made by a channel expecting the
+    SPIFFE ID ``expected``, may have failed, from one handshake of our own made after that
+    failure (it only explains a refusal gRPC already made): :class:`ServerIdentityMismatch`
+    naming both IDs (another workload, a certificate not from our CA, a CA's certificate),
+    :class:`ServerIdentityNameMissing` (the expected ID, a certificate without its derived
+    name), None when it cannot tell (unreachable now, or the expected server with the name)."""
+    derived = identity_dns_name(expected)
+    try:
+        # SNI as gRPC's connection sends it (the derived name), so that a front end choosing
+        # its certificate by name shows this handshake the one gRPC saw.
+        cert, _ = _server_certificate(target, presentation, server_name=derived, timeout=timeout)
+        if cert is None:
+            return None
+        require_server_id(target, workload_spiffe_ids(target, cert), expected)
+    except ServerIdentityMismatch as refused:
+        return refused
+    if derived in dns_sans(cert):
+        return None
+    return ServerIdentityNameMissing(
+        f"the server at {target} presents {expected}, but its certificate (serial "
+        f"{cert.serial_number:x}) lacks the DNS name {derived} derived from that ID, which "
+        "clients expecting it check: it was issued before workload certificates carried that "
+        "name. Update the CA (`strongroom pki upgrade --dir CA`, then restart step-ca) and give "
+        "the server a fresh enrolment token, which replaces its certificate (README, upgrade "
+        "item 19)"
+    )
+
+
+def names_missing_identity(error: grpc.RpcError, expected: str) -> bool:
+    """Whether gRPC's ``error`` says the server's certificate does not carry the name derived
+    from ``expected`` (gRPC's host-name check of a channel expecting that ID failed)."""
+    details = (error.details() if hasattr(error, "details") else "") or ""
+    return identity_dns_name(expected) in details
 
 
 class ServerIdentityUnchecked(Unavailable, RaisedAsRpcError):

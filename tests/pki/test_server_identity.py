@@ -27,13 +27,25 @@ from strongroom.pki._files import memory_file
 from strongroom.pki.channel import _close_channel, _Slot
 from strongroom.pki.handshake import (
     ServerIdentityMismatch,
+    ServerIdentityNameMissing,
     ServerIdentityUnchecked,
     TlsPresentation,
     check_server_identity,
     parse_target,
 )
 from strongroom.runtime.config import ConfigError, IdentityConfig
-from tests.pki.helpers import ECHO, TRUST_DOMAIN, Server, enrol, make_leaf, serve, sid
+from strongroom.spiffe import identity_dns_name
+from tests.pki.helpers import (
+    ECHO,
+    TRUST_DOMAIN,
+    Calls,
+    Server,
+    echo_handler,
+    enrol,
+    make_leaf,
+    serve,
+    sid,
+)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +100,75 @@ def test_every_kind_of_call_is_checked(store: Server, client_identity: WorkloadI
             next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=10))
         with pytest.raises(ServerIdentityMismatch):
             stub.Check.future(health_pb2.HealthCheckRequest(), timeout=10)
+
+
+def _every_kind_of_call(channel: grpc.Channel) -> Iterator[Callable[[], object]]:
+    """One call of each kind on ``channel``: blocking, ``.future()``, response and request
+    streaming."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest()
+    yield lambda: stub.Check(request, timeout=10)
+    yield lambda: stub.Check.future(request, timeout=10).result()
+    yield lambda: next(stub.Watch(request, timeout=10))
+    concat = channel.stream_unary(f"/{ECHO}/Concat", None, None)
+    yield lambda: concat(iter([b"x"]), timeout=10)
+
+
+def test_grpcs_own_connection_refuses_another_workload(
+    store: Server, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC's own handshake checks the name derived from the expected ID, on every connection it
+    makes: with the separate check passed (here, made to pass, as when gRPC reconnects elsewhere
+    after it), no call reaches a server holding another workload's valid certificate, though
+    both carry ``localhost``, and each is refused naming the expected and the presented ID."""
+    monkeypatch.setattr(channel_module, "verify_server_identity", lambda *a, **k: None)
+    before = store.calls.total()
+    with client_identity.channel(store.target, server_id=sid("keybroker")) as channel:
+        for call in _every_kind_of_call(channel):
+            with pytest.raises(ServerIdentityMismatch) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert sid("keybroker") in refused.value.details()
+            assert sid("modelstore") in refused.value.details()
+    assert store.calls.total() == before
+
+
+def test_a_server_certificate_without_the_derived_name_is_refused_saying_what_to_do(
+    ca: StepCa, client_identity: WorkloadIdentity
+) -> None:
+    """A certificate issued before workload certificates carried the name derived from their
+    SPIFFE ID: the right ID, but gRPC's check of the derived name fails, explicit server_name or
+    not; the refusal tells the operator how to replace it."""
+    intermediate, intermediate_key = ca.layout.load_intermediate()
+    leaf = make_leaf(
+        intermediate,
+        intermediate_key,
+        uris=[sid("keybroker")],
+        dns=["keybroker", "localhost"],
+        extra_chain=[intermediate],
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    server.add_generic_rpc_handlers([echo_handler(Calls())])
+    credentials = grpc.ssl_server_credentials(
+        [(leaf.key_pem, leaf.chain_pem)], root_certificates=ca.root_pem, require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        for server_name in (None, "keybroker"):
+            with client_identity.channel(
+                f"localhost:{port}", server_name=server_name, server_id=sid("keybroker")
+            ) as channel:
+                for call in _every_kind_of_call(channel):
+                    with pytest.raises(ServerIdentityNameMissing) as refused:
+                        call()
+                    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    assert refused.value.reason == "SERVER_IDENTITY_NAME_MISSING"
+                    assert identity_dns_name(sid("keybroker")) in refused.value.details()
+                    assert "pki upgrade" in refused.value.details()
+    finally:
+        server.stop(None).wait()
 
 
 def test_client_expecting_the_store_gets_it(
@@ -254,13 +335,13 @@ def test_the_identity_check_names_the_server_as_grpc_does(
     ca: StepCa, store_identity: WorkloadIdentity, client_identity: WorkloadIdentity
 ) -> None:
     """A server that chooses its certificate by SNI (a TLS front end for several services): gRPC's
-    connection names it (``ssl_target_name_override``), but the SPIFFE check's handshake sent no
+    connection names it (``ssl_target_name_override``, the name derived from the expected ID), but the SPIFFE check's handshake sent no
     name and was judged on the default certificate, another workload's than gRPC then used."""
     broker = enrol(ca, "keybroker", ["keybroker", "localhost"], auto_renew=False)
     default, by_name = _context_of(broker), _context_of(store_identity)
 
     def choose(tls: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
-        if name == "modelstore":
+        if name == identity_dns_name(sid("modelstore")):
             tls.context = by_name
 
     default.sni_callback = choose  # type: ignore[assignment]
@@ -292,7 +373,10 @@ def test_the_identity_check_names_the_server_as_grpc_does(
             channel._verify(channel._slot)
             assert channel._slot.verified
         assert check_server_identity(
-            target, presentation, sid("modelstore"), server_name="modelstore"
+            target,
+            presentation,
+            sid("modelstore"),
+            server_name=identity_dns_name(sid("modelstore")),
         )
         with pytest.raises(ServerIdentityMismatch):
             check_server_identity(target, presentation, sid("modelstore"))
@@ -700,13 +784,16 @@ def test_a_wait_for_ready_call_is_not_sent_on_a_connection_made_after_its_check(
             channel.subscribe(on_state, try_to_connect=True)
             assert failed.wait(30)  # gRPC found nothing there: it waits out its back-off
             first = serve(store_identity, port=port)
-            waiting = pool.submit(ping, channel, timeout=60, wait_for_ready=True)
+            waiting = pool.submit(ping, channel, timeout=15, wait_for_ready=True)
             assert checked.wait(30)  # checked against the model store, gRPC still down
             first.stop()
             first = None
             second = serve(broker, port=port)  # what gRPC's next attempt reaches
-            with pytest.raises(ServerIdentityMismatch, match=sid("keybroker")):
+            # gRPC's own handshake refuses the broker (not the derived name of the store's ID)
+            # at each attempt: the call waits for the store until its deadline.
+            with pytest.raises(grpc.RpcError) as refused:
                 waiting.result(60)
+            assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             channel.unsubscribe(on_state)
         assert second.calls.total() == 0
     finally:
