@@ -19,7 +19,7 @@ from strongroom.pki._state import STATE_FILE
 from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CaUnavailable
 from strongroom.spiffe import identity_dns_name
-from tests.pki.helpers import free_port
+from tests.pki.helpers import as_made_before_derived_names, free_port
 
 
 def test_init_token_enrol(
@@ -300,30 +300,6 @@ def test_a_token_file_that_is_not_text_is_one_line_not_a_traceback(
     assert not (tmp_path / "s").exists()
 
 
-def _as_made_before_derived_names(directory: Path, service: str, trust_domain: str) -> None:
-    """Turns a CA made by ``pki init`` into one made before workload certificates carried the
-    DNS name derived from their SPIFFE ID: that name gone from the templates and recorded SANs."""
-    derived = identity_dns_name(f"spiffe://{trust_domain}/{service}")
-    config_path = directory / "config" / "ca.json"
-    config = json.loads(config_path.read_text())
-    for provisioner in config["authority"]["provisioners"]:
-        if "options" in provisioner:
-            template = provisioner["options"]["x509"]["template"]
-            template = template.replace(f'"{derived}", ', "").replace(f' "{derived}"', "")
-            assert derived not in template
-            provisioner["options"]["x509"]["template"] = template
-    config_path.write_text(json.dumps(config))
-    for meta_path in (
-        directory / "config" / "strongroom.json",
-        directory / "provisioners" / service / "config" / "strongroom.json",
-    ):
-        meta = json.loads(meta_path.read_text())
-        for entry in [meta, *meta.get("workloads", {}).values()]:
-            if "sans" in entry:
-                entry["sans"] = [n for n in entry["sans"] if n != derived]
-        meta_path.write_text(json.dumps(meta))
-
-
 def test_an_earlier_ca_is_upgraded_to_issue_the_derived_name(
     step_ca_binary: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -335,7 +311,7 @@ def test_an_earlier_ca_is_upgraded_to_issue_the_derived_name(
     argv += ["--dns", "127.0.0.1", "--address", f"127.0.0.1:{free_port()}"]
     argv += ["--workload", "inference=inference"]
     assert main(argv) == 0
-    _as_made_before_derived_names(directory, "inference", "strongroom.test")
+    as_made_before_derived_names(directory)
     kit = directory / "provisioners" / "inference"
     own = ["--identity", "spiffe://strongroom.test/inference", "--dns", "inference"]
     capsys.readouterr()
