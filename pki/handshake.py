@@ -375,19 +375,19 @@ def _server_certificate(
     target: str, presentation: TlsPresentation, *, server_name: str | None, timeout: float
 ) -> tuple[x509.Certificate | None, list[str]]:
     """The certificate the server at ``target`` presents to a handshake naming it as gRPC does
-    (chain verified against our root, host name not checked), and why each address tried before
-    it could not be reached; None and every address's failure when none could."""
+    (chain verified against our root, host name not checked: it explains a refusal gRPC made),
+    and why each address tried before it could not be reached; None and every address's failure
+    when none could."""
     context = client_context(presentation)
     context.check_hostname = False  # it names what was presented: gRPC's check decided
     failures: list[str] = []
-    # ``timeout`` bounds the whole check, not each step: per address and per step (connect,
+    # ``timeout`` bounds the whole handshake, not each step: per address and per step (connect,
     # then handshake), a target of several addresses that accept TCP and never answer TLS held
-    # the check, and the call waiting for it, for twice the bound per address, past the call's
-    # deadline. (A handshake's socket timeout is its total duration in CPython's ssl.)
+    # it for twice the bound per address, past the call's deadline. (A handshake's socket
+    # timeout is its total duration in CPython's ssl.)
     end = time.monotonic() + timeout
-    # In gRPC's order, the first that answers: as gRPC's connection does. Only the first was
-    # tried, so with it down the check found the server unreachable and every call went out,
-    # unchecked, to the next address.
+    # In gRPC's order, the first that answers: as gRPC's connection does, so that the server
+    # named is the one gRPC most likely refused.
     for host, port in _addresses(target):
         left = end - time.monotonic()
         if left <= 0:
@@ -396,9 +396,8 @@ def _server_certificate(
         try:
             with (
                 _connect(host, port, end) as raw,
-                # No SNI at all (as before) let a server select another certificate for this
-                # check than for gRPC's connection, which sends ssl_target_name_override or the
-                # host.
+                # The name gRPC's connection sends (ssl_target_name_override, else the host), so
+                # that a server choosing its certificate by name shows the one gRPC saw.
                 context.wrap_socket(raw, server_hostname=server_name or host) as tls,
             ):
                 der = tls.getpeercert(binary_form=True)
