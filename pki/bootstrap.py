@@ -36,7 +36,7 @@ from strongroom.pki.client import check_ca_url
 from strongroom.pki.errors import InvalidPkiConfig
 from strongroom.pki.layout import CaLayout
 from strongroom.reasons import Reason
-from strongroom.spiffe import SpiffeId
+from strongroom.spiffe import IDENTITY_DNS_SUFFIX, SpiffeId, identity_dns_name, is_reserved_dns_name
 
 # No "none": without a database step-ca forgets used tokens at every restart and answers every
 # revocation with HTTP 501, and Strongroom revokes each superseded certificate.
@@ -77,14 +77,25 @@ class Workload:
         return str(SpiffeId.of(trust_domain, self.service))
 
     def sans(self, trust_domain: str) -> list[str]:
-        """Exactly the SANs its certificates carry: the SPIFFE ID, then the DNS names."""
-        return [self.spiffe_id(trust_domain), *self.dns_names]
+        """Exactly the SANs its certificates carry: the SPIFFE ID, the DNS name derived from it
+        (:func:`~strongroom.spiffe.identity_dns_name`), then the operator's DNS names."""
+        spiffe_id = self.spiffe_id(trust_domain)
+        return [spiffe_id, identity_dns_name(spiffe_id), *self.dns_names]
 
 
 def _check_names(names: Sequence[str]) -> None:
     for name in names:
         if not _is_ip(name) and not (len(name) <= 253 and _DNS_NAME.match(name)):
             raise InvalidPkiConfig(f"{name!r} is neither a DNS name nor an IP address")
+        if is_reserved_dns_name(name):
+            # A derived name stands for one SPIFFE ID: a channel expecting that ID accepts any
+            # certificate carrying it, so only that workload's provisioner may issue it.
+            raise InvalidPkiConfig(
+                f"{name!r} is in the DNS suffix {IDENTITY_DNS_SUFFIX!r}, reserved for the names "
+                "Strongroom derives from SPIFFE IDs (each workload's certificate gets its own); "
+                "choose another name",
+                reason=Reason.DNS_NAME_RESERVED,
+            )
 
 
 def _canonical(name: str) -> str:
@@ -103,8 +114,10 @@ def _is_ip(name: str) -> bool:
 def workload_template(spiffe_id: str, dns_names: Sequence[str] = ()) -> str:
     """The X.509 template (step-ca ``options.x509.template``) that pins a provisioner to one identity.
 
-    The certificate always carries exactly ``spiffe_id`` (URI SAN and subject common name) and
-    ``dns_names`` (DNS or IP SANs), whatever the token and the CSR ask for; and a token asking for
+    The certificate always carries exactly ``spiffe_id`` (URI SAN and subject common name), the
+    DNS name derived from it (:func:`~strongroom.spiffe.identity_dns_name`, which channels
+    expecting that ID check) and ``dns_names`` (DNS or IP SANs; none may be in the suffix
+    reserved for derived names), whatever the token and the CSR ask for; and a token asking for
     anything else is refused with a message naming both, so that a mismatch is an error at
     enrolment rather than a certificate its holder did not expect. Only sprig functions that
     step-ca has offered since 0.15 (``list``, ``append``, ``uniq``, ``sortAlpha``, ``toJson``,
@@ -114,8 +127,8 @@ def workload_template(spiffe_id: str, dns_names: Sequence[str] = ()) -> str:
     _check_names(dns_names)
     dns_names = [_canonical(n) for n in dns_names]
     ips = [n for n in dns_names if _is_ip(n)]
-    dns = [n for n in dns_names if not _is_ip(n)]
-    allowed = [spiffe_id, *dns_names]
+    dns = [identity_dns_name(spiffe_id), *(n for n in dns_names if not _is_ip(n))]
+    allowed = [spiffe_id, *dns, *ips]
     go_list = " ".join(json.dumps(v) for v in allowed)
     lines = [
         f"{{{{- /* Strongroom: this provisioner issues only {spiffe_id} */ -}}}}",
@@ -521,3 +534,65 @@ def init_ca(
         # strongroom.json left a directory every command refused, ``init`` included.
         write_public(base / layout.CONFIG, json.dumps(config, indent=2).encode() + b"\n")
         return CaLayout.load(base)
+
+
+def upgrade_ca(directory: Path | str) -> list[str]:
+    """Updates a CA made by an earlier version so that its workload provisioners issue the DNS
+    name derived from each workload's SPIFFE ID (:func:`~strongroom.spiffe.identity_dns_name`),
+    and returns the services whose provisioner it changed (none: already up to date).
+
+    Each workload provisioner's template in ``ca.json`` is made again by
+    :func:`workload_template` from the SANs ``strongroom.json`` records for it, and those SANs,
+    in ``strongroom.json`` and in the workload's token directory, gain the derived name; keys,
+    names and everything else stay. step-ca reads ``ca.json`` when it starts: restart it after.
+    A recorded DNS name in the reserved suffix is refused (nothing is written).
+    """
+    base = Path(directory).resolve()
+    config_path, meta_path = base / layout.CONFIG, base / layout.META
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyExists(
+                f"another `pki` command is writing the CA in {base}",
+                reason=Reason.CA_INIT_IN_PROGRESS,
+            ) from None
+        config = json.loads(config_path.read_text())
+        meta = json.loads(meta_path.read_text())
+        trust_domain = str(meta["trust_domain"])
+        provisioners = {p.get("name"): p for p in config["authority"]["provisioners"]}
+        changed: list[str] = []
+        kits: dict[Path, bytes] = {}
+        for service, entry in sorted(dict(meta.get("workloads") or {}).items()):
+            spiffe_id = str(SpiffeId.of(trust_domain, service))
+            derived = identity_dns_name(spiffe_id)
+            recorded = [str(n) for n in entry["sans"]]
+            if derived in recorded:
+                continue
+            workload = Workload(service, tuple(n for n in recorded if n != spiffe_id))
+            provisioner = provisioners.get(entry["provisioner_name"])
+            if provisioner is None:
+                raise InvalidPkiConfig(
+                    f"{config_path} has no provisioner {entry['provisioner_name']!r} for "
+                    f"workload {service!r}, which {meta_path} records"
+                )
+            template = workload_template(spiffe_id, workload.dns_names)
+            provisioner.setdefault("options", {}).setdefault("x509", {})["template"] = template
+            entry["sans"] = workload.sans(trust_domain)
+            kit_meta_path = base / layout.workload_dir(service) / layout.META
+            if kit_meta_path.exists():
+                kit_meta = json.loads(kit_meta_path.read_text())
+                kit_meta["sans"] = entry["sans"]
+                kits[kit_meta_path] = json.dumps(kit_meta, indent=2).encode() + b"\n"
+            changed.append(service)
+        if changed:
+            # ca.json first: a stop between the writes leaves templates issuing the derived name
+            # while strongroom.json still lacks it, which the next run completes.
+            write_public(config_path, json.dumps(config, indent=2).encode() + b"\n")
+            for path, data in kits.items():
+                write_public(path, data)
+            write_public(meta_path, json.dumps(meta, indent=2).encode() + b"\n")
+        return changed
+    finally:
+        os.close(fd)

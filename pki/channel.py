@@ -11,17 +11,16 @@ it unchanged. A handshake rejection of our certificate surfaces as
 :class:`~strongroom.pki.handshake.ClientCertificateRejected` (UNAUTHENTICATED) instead of gRPC's
 opaque UNAVAILABLE, for blocking, ``.future()`` and streaming calls alike.
 
-With ``server_id``, the channel checks that the server is the workload expected at the target:
-before the first call on each connection it verifies the SPIFFE ID in the server's certificate
-(chain checked against our root) and refuses with
-:class:`~strongroom.pki.handshake.ServerIdentityMismatch` (UNAUTHENTICATED, naming both IDs)
-otherwise. gRPC Python has no hook into its own handshake's certificate check, so the check is a
-separate TLS handshake to the same address, repeated whenever the connection is re-established;
-gRPC's connection itself is bound to the service by its host-name check (``server_name``), which
-is why service certificates carry ``localhost`` only in development. The check fails closed: when
-it cannot connect, the call is not sent
-(:class:`~strongroom.pki.handshake.ServerIdentityUnchecked`, UNAVAILABLE; a ``wait_for_ready``
-call re-checks with back-off until its deadline), since gRPC may reach a server the check did not.
+With ``server_id``, the channel accepts only the workload expected at the target: it sets
+``grpc.ssl_target_name_override`` to the DNS name derived from that SPIFFE ID
+(:func:`~strongroom.spiffe.identity_dns_name`), which only that workload's certificates carry, so
+gRPC's own host-name check, on every connection gRPC makes (its chain checked against our root),
+is the identity check: no call goes to another server, whenever and wherever gRPC connects. A
+refusal is explained by one TLS handshake of the channel's own after it
+(:func:`~strongroom.pki.handshake.diagnose_server`):
+:class:`~strongroom.pki.handshake.ServerIdentityMismatch` (UNAUTHENTICATED, naming both IDs) or
+:class:`~strongroom.pki.handshake.ServerIdentityNameMissing` (a certificate issued before the
+derived name, saying what to do).
 """
 
 from __future__ import annotations
@@ -37,22 +36,17 @@ import grpc
 from strongroom.pki.handshake import (
     RaisedAsRpcError,
     ServerIdentityMismatch,
-    ServerIdentityUnchecked,
     TlsPresentation,
-    parse_target,
+    diagnose_server,
+    names_missing_identity,
     translate,
-    verify_server_identity,
 )
+from strongroom.spiffe import identity_dns_name
 
 ChannelOption = tuple[str, Any]
 
-#: How long one identity check may take to connect and shake hands (bounded by the call's deadline).
-_CHECK_TIMEOUT = 2.0
-#: A ``wait_for_ready`` call re-checks an unreachable server after this pause, doubling up to
-#: :data:`_RECHECK_MAX` (as gRPC's own reconnect back-off), until the server answers or its
-#: deadline passes.
-_RECHECK_FIRST = 0.1
-_RECHECK_MAX = 2.0
+#: How long the handshake explaining a refused connection may take (bounded by the call's deadline).
+_DIAGNOSIS_TIMEOUT = 2.0
 
 # grpc-stubs makes the multi-callable interfaces generic; at run time they are plain classes.
 if TYPE_CHECKING:
@@ -90,20 +84,6 @@ class CredentialSource(Protocol):
     def root_pem(self) -> bytes: ...
 
 
-class _Check:
-    """One identity check in flight on a slot: calls arriving meanwhile wait for its outcome
-    instead of each running a check of their own."""
-
-    __slots__ = ("done", "epoch", "error")
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch  # the connection epoch it was started in
-        self.done = threading.Event()
-        # ServerIdentityMismatch / ServerIdentityUnchecked; None once done: verified, or the
-        # check itself failed unexpectedly (the next call checks again).
-        self.error: ServerIdentityMismatch | ServerIdentityUnchecked | None = None
-
-
 class _Slot:
     """One underlying channel and the calls in flight on it."""
 
@@ -115,61 +95,6 @@ class _Slot:
         self.retired = False
         self.closed = False
         self.callables: dict[tuple[str, Any], Any] = {}
-        # The server's SPIFFE ID was checked for the connection of epoch ``verified_epoch``;
-        # ``epoch`` moves on whenever gRPC's connection may have changed (on_connectivity).
-        self.epoch = 0
-        self.verified_epoch: int | None = None
-        # Whether gRPC's connection was up (READY) when the verified check began: if not, the
-        # connection gRPC opens after it is checked again once up.
-        self.verified_ready = False
-        self.last_state: grpc.ChannelConnectivity | None = None
-        self.check: _Check | None = None
-        self.verify_lock = threading.Lock()  # guards epoch, verified_epoch and check
-        # Whether on_connectivity is subscribed (from the slot's first call: see _acquire).
-        self.watching = False
-
-    @property
-    def verified(self) -> bool:
-        """Whether the server was checked since gRPC's connection last changed."""
-        return self.verified_epoch == self.epoch
-
-    def current(self, wait_for_ready: bool | None = None) -> bool:
-        """Whether calls may go out without a check: verified, and gRPC's connection is the one
-        the check saw (read now, without waiting for gRPC's connectivity callbacks, which run
-        late on a thread of their own): up then and up now, or not up yet (the first call's
-        connection is being made; it is checked again once up). Not for a ``wait_for_ready``
-        call while gRPC's connection is down: gRPC would hold it for a connection made later."""
-        if not self.verified:
-            return False
-        ready = _ready(self.channel)
-        if ready is None:
-            return True
-        if wait_for_ready and not ready:
-            return False
-        return ready == self.verified_ready
-
-    def stale(self) -> None:
-        """Forgets a check that is no longer :meth:`current`, unless another was made meanwhile."""
-        with self.verify_lock:
-            if self.verified and not self.current():
-                self.verified_epoch = None
-
-    def invalidate(self) -> None:
-        """Forgets the check: the next call checks the server again."""
-        with self.verify_lock:
-            self.verified_epoch = None
-
-    def on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        # A new connection may reach another server: check it again before the next call. A
-        # check running now may have been made before that connection: it verifies only the
-        # epoch it began in.
-        with self.verify_lock:
-            first, self.last_state = self.last_state is None, state
-            # gRPC's first report of an idle channel: no connection was made yet.
-            if state is not grpc.ChannelConnectivity.READY and not (
-                first and state is grpc.ChannelConnectivity.IDLE
-            ):
-                self.epoch += 1
 
 
 class _Lease:
@@ -200,33 +125,24 @@ class RotatingChannel(grpc.Channel):
         server_id: str | None = None,
         options: Sequence[ChannelOption] = (),
     ) -> None:
-        if server_id is not None:
-            try:
-                parse_target(target)
-            except ValueError as exc:
-                # The SPIFFE check connects to the target's host and port: it would fail as
-                # unreachable before every call, and every call would go out unchecked.
-                raise ValueError(
-                    f"cannot check that the server at {target} is {server_id}: {exc}"
-                ) from None
-            spreading = _spreading_option(options)
-            if spreading is not None:
-                # The check reaches one server, the first address that answers, as pick_first
-                # connects; another policy (round_robin) sends calls to every address while the
-                # channel, up on one of them, sees nothing to check again.
-                raise ValueError(
-                    f"cannot check that every server at {target} is {server_id}: channel option "
-                    f"{spreading} spreads calls over several servers, and only the first that "
-                    "answers is checked (a channel with a server_id uses pick_first)"
-                )
+        if server_id is not None and any(
+            name == "grpc.ssl_target_name_override" for name, _ in options
+        ):
+            # gRPC's host-name check is the identity check: another name there would replace it.
+            raise ValueError(
+                f"cannot check that the server at {target} is {server_id}: the channel option "
+                "grpc.ssl_target_name_override would replace the name derived from that ID"
+            )
         self._source = source
         self._target = target
-        self._server_name = server_name
         self._server_id = server_id
+        # The name gRPC's own handshake checks in the server's certificate, on every connection
+        # it makes: with a server_id, the name derived from that ID, which only that workload's
+        # certificates carry (an explicit server_name, an operator-chosen name, cannot stand in).
+        self._checked_name = identity_dns_name(server_id) if server_id is not None else server_name
         self._options = list(options)
         self._lock = threading.Lock()
         self._closed = False
-        self._closing = threading.Event()  # wakes wait_for_ready calls waiting to re-check
         self._subscriptions: list[tuple[Callable[[grpc.ChannelConnectivity], None], bool]] = []
         self._slot = self._build()
         self._retired: set[_Slot] = set()
@@ -243,12 +159,8 @@ class RotatingChannel(grpc.Channel):
             self._source.root_pem, credentials.key_pem, credentials.chain_pem
         )
         options: list[ChannelOption] = [*self._options, ("grpc.use_local_subchannel_pool", 1)]
-        if self._server_name:
-            options.append(("grpc.ssl_target_name_override", self._server_name))
-        if self._server_id is not None:
-            # A service config from DNS (TXT) could switch the channel to a policy that spreads
-            # calls over every address, of which only one is checked (see _spreading_option).
-            options.append(("grpc.service_config_disable_resolution", 1))
+        if self._checked_name:
+            options.append(("grpc.ssl_target_name_override", self._checked_name))
         channel = grpc.secure_channel(
             self._target,
             grpc.ssl_channel_credentials(
@@ -264,140 +176,6 @@ class RotatingChannel(grpc.Channel):
     def server_id(self) -> str | None:
         """The SPIFFE ID the server must present (None: only gRPC's host-name check)."""
         return self._server_id
-
-    def _verify(
-        self, slot: _Slot, timeout: float | None = None, wait_for_ready: bool | None = None
-    ) -> None:
-        """Checks the server's SPIFFE ID once per connection, failing closed: raises
-        :class:`ServerIdentityMismatch` for another server and :class:`ServerIdentityUnchecked`
-        (UNAVAILABLE) when the check cannot connect, so that no call goes out to a server whose
-        identity was not checked. A ``wait_for_ready`` call re-checks with back-off until the
-        server answers or its ``timeout`` passes (DEADLINE_EXCEEDED then), as gRPC would wait
-        for the server."""
-        if self._server_id is None or slot.current(wait_for_ready):
-            return  # a verified connection: no lock, no handshake
-        slot.stale()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = _RECHECK_FIRST
-        while True:
-            unchecked = self._check_once(slot, deadline)
-            if unchecked is None:
-                if not wait_for_ready or _ready(slot.channel) is not False:
-                    return
-                # gRPC's connection is down (between its attempts): gRPC would hold the call
-                # until its next attempt, up to its back-off later, and send it on that
-                # connection to whatever server answers then, which this check never saw. Wait
-                # for that connection, then check its server.
-                self._await_connection(slot, deadline)
-                continue
-            if not wait_for_ready:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise _timed_out(unchecked)  # the check ran out of the call's time
-                raise unchecked
-            wait = pause if deadline is None else min(pause, deadline - time.monotonic())
-            if wait <= 0:
-                raise _timed_out(unchecked)
-            if self._closing.wait(wait):
-                raise ServerIdentityUnchecked(f"{unchecked.message}; the channel was closed")
-            pause = min(pause * 2, _RECHECK_MAX)
-
-    def _await_connection(self, slot: _Slot, deadline: float | None) -> None:
-        """Waits (until ``deadline``) for gRPC's connection to come up, then forgets the check
-        made before it, unless one was made since: the connection is a new one."""
-        with slot.verify_lock:
-            epoch = slot.epoch
-        ready = grpc.channel_ready_future(slot.channel)  # asks gRPC to connect
-        try:
-            while True:
-                left = _RECHECK_MAX if deadline is None else deadline - time.monotonic()
-                if left <= 0:
-                    raise ServerIdentityUnchecked(
-                        f"the server at {self._target} was not sent the call: its deadline "
-                        "passed while it waited for gRPC's connection, to check that "
-                        f"connection's server for its SPIFFE ID ({self._server_id})",
-                        status=grpc.StatusCode.DEADLINE_EXCEEDED,
-                    )
-                try:
-                    ready.result(timeout=min(left, _RECHECK_MAX))
-                    break
-                except grpc.FutureTimeoutError:
-                    if self._closing.is_set():
-                        raise ServerIdentityUnchecked(
-                            f"the server at {self._target} was not sent the call: the channel "
-                            "was closed while it waited for gRPC's connection"
-                        ) from None
-        finally:
-            ready.cancel()
-        with slot.verify_lock:
-            if slot.epoch == epoch:  # the callbacks did not mark the new connection (yet)
-                slot.epoch += 1
-
-    def _check_once(self, slot: _Slot, deadline: float | None) -> ServerIdentityUnchecked | None:
-        """Runs the slot's check, or waits for the one already running (one check per
-        connection); returns why it could not be checked, None once verified."""
-        assert self._server_id is not None
-        while True:
-            with slot.verify_lock:
-                if slot.verified:
-                    return None
-                check = slot.check
-                owner = check is None
-                if check is None:
-                    check = slot.check = _Check(slot.epoch)
-            if owner:
-                self._run_check(slot, check, deadline)
-            else:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if not check.done.wait(left):
-                    raise ServerIdentityUnchecked(
-                        f"the server at {self._target} was not sent the call: its deadline "
-                        f"passed while its SPIFFE ID ({self._server_id}) was being checked",
-                        status=grpc.StatusCode.DEADLINE_EXCEEDED,
-                    )
-            error = check.error
-            if isinstance(error, ServerIdentityMismatch):
-                # A copy per call: one exception object raised on several threads at once
-                # would share (and garble) its traceback.
-                raise ServerIdentityMismatch(error.message, reason=error.reason)
-            if error is not None:
-                return ServerIdentityUnchecked(
-                    error.message, reason=error.reason, status=error.status
-                )
-            # Verified (the loop returns), or the check failed unexpectedly or its connection
-            # changed meanwhile: check again.
-
-    def _run_check(self, slot: _Slot, check: _Check, deadline: float | None) -> None:
-        assert self._server_id is not None
-        verified = False
-        ready = _ready(slot.channel)  # before the handshake: a connection made later is newer
-        try:
-            timeout = _CHECK_TIMEOUT
-            if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
-            if timeout <= 0:
-                check.error = ServerIdentityUnchecked(
-                    f"the server at {self._target} was not sent the call: its deadline passed "
-                    f"before its SPIFFE ID ({self._server_id}) could be checked",
-                    status=grpc.StatusCode.DEADLINE_EXCEEDED,
-                )
-                return
-            verify_server_identity(
-                self._target,
-                slot.presentation,
-                self._server_id,
-                server_name=self._server_name,
-                timeout=timeout,
-            )
-            verified = True
-        except (ServerIdentityMismatch, ServerIdentityUnchecked) as error:
-            check.error = error
-        finally:
-            with slot.verify_lock:
-                if verified:
-                    slot.verified_epoch = check.epoch
-                    slot.verified_ready = ready is not False
-                slot.check = None
-            check.done.set()
 
     def _acquire(self) -> _Lease:
         generation = self._source.credentials.generation
@@ -415,17 +193,6 @@ class RotatingChannel(grpc.Channel):
             slot.inflight += 1
             close_retired = retired is not None and self._take_if_idle(retired)
             subscriptions = list(self._subscriptions)
-            # Watched from its first call, not from its creation: gRPC's polling thread dies on a
-            # channel closed before it first polls (ValueError in a background thread, a traceback
-            # on a CLI's standard error), and a slot that never carried a call has nothing verified
-            # to reset.
-            watch = self._server_id is not None and not slot.watching
-            if watch:
-                slot.watching = True
-        if watch:
-            slot.channel.subscribe(slot.on_connectivity)
-            if slot.closed:  # closed meanwhile: its close may have missed this subscription
-                slot.channel.unsubscribe(slot.on_connectivity)
         if retired is not None:
             for callback, _ in subscriptions:
                 retired.channel.unsubscribe(callback)
@@ -452,26 +219,29 @@ class RotatingChannel(grpc.Channel):
         self, error: grpc.RpcError, slot: _Slot, deadline: float | None = None
     ) -> grpc.RpcError:
         """``error`` as the call's caller should see it; ``deadline`` (monotonic) is the call's,
-        which bounds the check of the server made to name it."""
+        which bounds the handshake made to explain a refusal."""
         if isinstance(error, RaisedAsRpcError):
-            # The channel's own refusal before the call (the check could not connect): read as
-            # the call's UNAVAILABLE, it made a second check, past the call's deadline.
-            return error
+            return error  # already the channel's own explanation
         left = None if deadline is None else deadline - time.monotonic()
-        if (
-            self._server_id is not None
-            and error.code() == grpc.StatusCode.UNAVAILABLE
-            and (left is None or left > 0)
-        ):
-            # gRPC's host-name check failed, or the server changed under us: name the server.
-            slot.invalidate()
-            try:
-                self._verify(slot, left)
-            except ServerIdentityMismatch as mismatch:
-                return mismatch
-            except ServerIdentityUnchecked:
-                pass  # the call's own failure says more (and the next call checks again)
-        return translate(error, self._target, slot.presentation, server_name=self._server_name)
+        if self._server_id is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
+            # gRPC's host-name check (the derived name) may have failed, or the server changed
+            # under us: say which server answered, from one handshake after the failure (it
+            # explains gRPC's refusal; it decides nothing).
+            if left is None or left > 0:
+                timeout = _DIAGNOSIS_TIMEOUT if left is None else min(_DIAGNOSIS_TIMEOUT, left)
+                explained = diagnose_server(
+                    self._target, slot.presentation, self._server_id, timeout=timeout
+                )
+                if explained is not None:
+                    return explained
+            if names_missing_identity(error, self._server_id):
+                # gRPC refused the server's certificate for lacking the name: not the server
+                # expected, though the diagnosis could not reach it to say which it is.
+                return ServerIdentityMismatch(
+                    f"the server at {self._target} is not {self._server_id}: its certificate "
+                    f"does not carry the name derived from that ID ({_details(error)})"
+                )
+        return translate(error, self._target, slot.presentation, server_name=self._checked_name)
 
     # ------------------------------------------------------------------ grpc.Channel
 
@@ -547,7 +317,6 @@ class RotatingChannel(grpc.Channel):
             if self._closed:
                 return
             self._closed = True
-            self._closing.set()
             slots = [self._slot, *self._retired]
             self._retired.clear()
             for slot in slots:
@@ -604,7 +373,7 @@ def _close_channel(
     loses them now and is closed, on a thread of its own, once the poller has stopped. Otherwise
     it is closed at once (``at_once``) or on a thread of its own (a retired slot's last call may
     end on one of the channel's own callback threads, which must not close it)."""
-    watched = [*callbacks, *([slot.on_connectivity] if slot.watching else [])]
+    watched = list(callbacks)
     for callback in watched:
         slot.channel.unsubscribe(callback)
     if watched:
@@ -657,7 +426,6 @@ class _MultiCallable:
         deadline = _deadline(kwargs["timeout"])
         lease = self._owner._acquire()
         try:
-            self._owner._verify(lease.slot, kwargs["timeout"], kwargs["wait_for_ready"])
             target = self._underlying(lease.slot)
             call = getattr(target, attribute) if attribute else target
             return call(argument, **kwargs)
@@ -673,7 +441,6 @@ class _MultiCallable:
         deadline = _deadline(kwargs["timeout"])
         lease = self._owner._acquire()
         try:
-            self._owner._verify(lease.slot, kwargs["timeout"], kwargs["wait_for_ready"])
             future: grpc.CallFuture[Any] = self._underlying(lease.slot).future(argument, **kwargs)
         except BaseException:
             lease.release()
@@ -690,7 +457,6 @@ class _MultiCallable:
         deadline = _deadline(kwargs["timeout"])
         lease = self._owner._acquire()
         try:
-            self._owner._verify(lease.slot, kwargs["timeout"], kwargs["wait_for_ready"])
             call = self._underlying(lease.slot)(argument, **kwargs)
         except BaseException:
             lease.release()
@@ -834,48 +600,14 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
         return self._streaming(request_iterator, options)
 
 
+def _details(error: grpc.RpcError) -> str:
+    """gRPC's description of a failed call (empty when it has none)."""
+    return str((error.details() if hasattr(error, "details") else "") or "")
+
+
 def _deadline(timeout: float | None) -> float | None:
     """The monotonic time a call of ``timeout`` seconds ends at (None: no deadline)."""
     return None if timeout is None else time.monotonic() + timeout
-
-
-def _spreading_option(options: Sequence[ChannelOption]) -> str | None:
-    """The first of ``options`` that may make gRPC use a load-balancing policy other than
-    pick_first (connected to one server at a time), None if none may."""
-    for name, value in options:
-        if name == "grpc.lb_policy_name" and value != "pick_first":
-            return f"{name}={value}"
-        if name == "grpc.service_config" and "loadbalancing" in str(value).lower():
-            return name  # any policy it names: refused rather than parsed
-    return None
-
-
-def _ready(channel: grpc.Channel) -> bool | None:
-    """Whether gRPC's connection is up (READY) now, read synchronously (about a microsecond)
-    through grpc's private ``_channel``; None when that cannot be read (a grpc release changed it:
-    the connectivity callbacks alone then mark a reconnection, as late as they run)."""
-    core: Any = getattr(channel, "_channel", None)
-    read = getattr(core, "check_connectivity_state", None)
-    if read is None:
-        return None
-    try:
-        return bool(read(False) == _CORE_READY)
-    except ValueError:  # closed: the call itself fails
-        return None
-
-
-# grpc's core connectivity value for READY (cygrpc's ConnectivityState.ready).
-_CORE_READY = 2
-
-
-def _timed_out(unchecked: ServerIdentityUnchecked) -> ServerIdentityUnchecked:
-    """A call's deadline passed with the server still unchecked (DEADLINE_EXCEEDED)."""
-    if unchecked.status == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return unchecked
-    return ServerIdentityUnchecked(
-        f"{unchecked.message}; the call's deadline passed while it waited for the server",
-        status=grpc.StatusCode.DEADLINE_EXCEEDED,
-    )
 
 
 class _TranslatedFuture(grpc.Future):  # type: ignore[type-arg]

@@ -20,21 +20,21 @@ from cryptography.hazmat.primitives import serialization
 
 from strongroom.pki._duration import parse_duration
 from strongroom.pki._x509 import load_chain, uri_sans
-from strongroom.pki.bootstrap import Workload, init_ca, workload_template
+from strongroom.pki.bootstrap import Workload, init_ca, upgrade_ca, workload_template
 from strongroom.pki.client import REVOCATION_REASONS, CaClient
 from strongroom.pki.errors import CaUnavailable, InvalidPkiConfig
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.pki.layout import CaLayout, workload_dir
 from strongroom.pki.stepca import StepCa
-from strongroom.pki.token import mint_revoke_token, mint_token
+from strongroom.pki.token import mint_revoke_token, mint_token, with_identity_names
 from strongroom.reasons import Reason
-from strongroom.spiffe import SpiffeId
+from strongroom.spiffe import SpiffeId, identity_dns_name
 
 TOKEN_ENV = "STRONGROOM_PKI_TOKEN"  # noqa: S105 - the variable name, not a secret
 
 
 def register(sub: Any) -> None:
-    """Adds ``pki init|serve|token|template|enrol|revoke``."""
+    """Adds ``pki init|upgrade|serve|token|template|enrol|revoke``."""
     pki = sub.add_parser("pki", help="internal CA (step-ca) and workload certificates")
     commands = pki.add_subparsers(dest="pki_command", metavar="PKI_COMMAND", required=True)
 
@@ -64,6 +64,17 @@ def register(sub: Any) -> None:
         "ID and these DNS names (repeatable); its token directory is DIR/provisioners/SERVICE",
     )
     init.set_defaults(func=_init)
+
+    upgrade = commands.add_parser(
+        "upgrade",
+        help="update a CA made by an earlier version (workload provisioners' templates)",
+        description="Makes each workload provisioner issue the DNS name derived from its "
+        "SPIFFE ID, which clients expecting that identity check; restart step-ca after, then "
+        "copy the provisioners/<service>/ directories to the workloads again and give each a "
+        "fresh token (README, upgrade item 19).",
+    )
+    upgrade.add_argument("--dir", type=Path, required=True, help="the CA directory")
+    upgrade.set_defaults(func=_upgrade)
 
     serve = commands.add_parser("serve", help="run step-ca for a CA directory until stopped")
     serve.add_argument("--dir", type=Path, required=True)
@@ -149,6 +160,19 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upgrade(args: argparse.Namespace) -> int:
+    changed = upgrade_ca(args.dir)
+    if changed:
+        print(
+            f"updated the provisioners of {', '.join(changed)}: restart step-ca, then give each "
+            "of them a fresh token (minted from its updated provisioners/<service>/ directory)",
+            file=sys.stderr,
+        )
+    else:
+        print("the CA's provisioners are up to date", file=sys.stderr)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     ca = StepCa(args.dir, binary=args.binary)
 
@@ -181,9 +205,19 @@ def _token(args: argparse.Namespace) -> int:
         raise InvalidPkiConfig(
             f"{identity} is not in this CA's trust domain {layout.trust_domain!r}"
         )
-    sans = [str(identity), *args.dns_names]
+    sans = with_identity_names([str(identity), *args.dns_names])
     if layout.sans and sorted(set(sans)) != sorted(set(layout.sans)):
         # The CA would refuse it too (the provisioner's template); say so here, clearly.
+        derived = identity_dns_name(identity)
+        if derived not in layout.sans and sorted(set(sans) - {derived}) == sorted(set(layout.sans)):
+            raise InvalidPkiConfig(
+                f"the provisioner {layout.provisioner_name!r} was made before workload "
+                f"certificates carried the DNS name derived from their SPIFFE ID ({derived}), "
+                "which clients expecting this identity now check: update the CA's provisioners "
+                "(`strongroom pki upgrade --dir CA`, then copy its provisioners/<service>/ "
+                "directories to the workloads again; README, upgrade item 19)",
+                reason=Reason.PROVISIONER_OUTDATED,
+            )
         raise InvalidPkiConfig(
             f"the provisioner {layout.provisioner_name!r} issues only {list(layout.sans)}, "
             f"not {sans}"

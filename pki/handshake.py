@@ -22,11 +22,11 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from strongroom.errors import Unavailable
 from strongroom.pki._files import memory_file
-from strongroom.pki._x509 import signing_capability
+from strongroom.pki._x509 import dns_sans, signing_capability
 from strongroom.pki.errors import PeerUnauthenticated
 from strongroom.reasons import Reason
+from strongroom.spiffe import identity_dns_name
 
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
 _HINTS = ("socket closed", "handshake", "ssl", "connection reset", "broken pipe")
@@ -311,59 +311,83 @@ def leaf_of(chain_pem: bytes | None) -> bytes | None:
 class ServerIdentityMismatch(_RefusedBeforeTheCall):
     """The server at a target is not the workload the client expected there.
 
-    Raised by :class:`~strongroom.pki.channel.RotatingChannel` before a call is sent when the
-    server's certificate carries another SPIFFE ID than the one configured for that target (or
-    is not from our CA). Like :class:`ClientCertificateRejected` it is also a ``grpc.RpcError``
+    Raised by :class:`~strongroom.pki.channel.RotatingChannel` in place of gRPC's UNAVAILABLE when
+    gRPC's handshake refused the server (its certificate lacks the name derived from the SPIFFE
+    ID configured for that target) and :func:`diagnose_server` found another SPIFFE ID, a
+    certificate not from our CA or a CA's; the call was never sent. Like :class:`ClientCertificateRejected` it is also a ``grpc.RpcError``
     whose ``code()`` is UNAUTHENTICATED.
     """
 
     default_reason = Reason.SERVER_IDENTITY_MISMATCH
 
 
-class ServerIdentityUnchecked(Unavailable, RaisedAsRpcError):
-    """The SPIFFE ID of the server at a target could not be checked (its check could not connect),
-    so the call was not sent: gRPC's own connection may reach a server the check did not, and the
-    call would go to a server whose identity nobody checked.
-
-    Raised by :class:`~strongroom.pki.channel.RotatingChannel` before a call; also a
-    ``grpc.RpcError`` whose ``code()`` is UNAVAILABLE (callers retry it like any unreachable
-    server; DEADLINE_EXCEEDED for a ``wait_for_ready`` call whose deadline passed while it
-    waited). Nothing was received, so it has no trailing metadata: a client step reporting an
-    unreachable peer (``remote_error``) keeps its own reason (``KEY_RELEASE_UNAVAILABLE``, ...)
-    and this one's message.
+class ServerIdentityNameMissing(_RefusedBeforeTheCall):
+    """The server at a target presents the SPIFFE ID expected there, but its certificate lacks
+    the DNS name derived from that ID (:func:`~strongroom.spiffe.identity_dns_name`), which a
+    channel expecting the ID makes gRPC check: a certificate issued before workload certificates
+    carried it. UNAUTHENTICATED, like :class:`ServerIdentityMismatch`; the message says what the
+    operator must do.
     """
 
-    default_reason = Reason.SERVER_IDENTITY_UNCHECKED
-    status = grpc.StatusCode.UNAVAILABLE
+    default_reason = Reason.SERVER_IDENTITY_NAME_MISSING
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        reason: str | None = None,
-        status: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
-    ) -> None:
-        super().__init__(message, reason=reason)
-        self.status = status
+
+def diagnose_server(
+    target: str, presentation: TlsPresentation, expected: str, *, timeout: float
+) -> ServerIdentityMismatch | ServerIdentityNameMissing | None:
+    """Why gRPC's own handshake with the server at ``target``, made by a channel expecting the
+    SPIFFE ID ``expected``, may have failed, from one handshake of our own made after that
+    failure (it only explains a refusal gRPC already made): :class:`ServerIdentityMismatch`
+    naming both IDs (another workload, a certificate not from our CA, a CA's certificate),
+    :class:`ServerIdentityNameMissing` (the expected ID, a certificate without its derived
+    name), None when it cannot tell (unreachable now, or the expected server with the name)."""
+    derived = identity_dns_name(expected)
+    try:
+        # SNI as gRPC's connection sends it (the derived name), so that a front end choosing
+        # its certificate by name shows this handshake the one gRPC saw.
+        cert, _ = _server_certificate(target, presentation, server_name=derived, timeout=timeout)
+        if cert is None:
+            return None
+        require_server_id(target, workload_spiffe_ids(target, cert), expected)
+    except ServerIdentityMismatch as refused:
+        return refused
+    if derived in dns_sans(cert):
+        return None
+    return ServerIdentityNameMissing(
+        f"the server at {target} presents {expected}, but its certificate (serial "
+        f"{cert.serial_number:x}) lacks the DNS name {derived} derived from that ID, which "
+        "clients expecting it check: it was issued before workload certificates carried that "
+        "name. Update the CA (`strongroom pki upgrade --dir CA`, then restart step-ca) and give "
+        "the server a fresh enrolment token, which replaces its certificate (README, upgrade "
+        "item 19)"
+    )
+
+
+def names_missing_identity(error: grpc.RpcError, expected: str) -> bool:
+    """Whether gRPC's ``error``, on a channel expecting ``expected`` (whose host-name check is of
+    the name derived from it), says the server's certificate does not carry that name: gRPC's
+    host-name check failed ("Hostname Verification Check failed"), or the name is cited."""
+    details = str((error.details() if hasattr(error, "details") else "") or "")
+    return "hostname verification" in details.lower() or identity_dns_name(expected) in details
 
 
 def _server_certificate(
     target: str, presentation: TlsPresentation, *, server_name: str | None, timeout: float
 ) -> tuple[x509.Certificate | None, list[str]]:
     """The certificate the server at ``target`` presents to a handshake naming it as gRPC does
-    (chain verified against our root, host name not checked), and why each address tried before
-    it could not be reached; None and every address's failure when none could."""
+    (chain verified against our root, host name not checked: it explains a refusal gRPC made),
+    and why each address tried before it could not be reached; None and every address's failure
+    when none could."""
     context = client_context(presentation)
-    context.check_hostname = False  # the SPIFFE ID is what we check; gRPC checks the name
+    context.check_hostname = False  # it names what was presented: gRPC's check decided
     failures: list[str] = []
-    # ``timeout`` bounds the whole check, not each step: per address and per step (connect,
+    # ``timeout`` bounds the whole handshake, not each step: per address and per step (connect,
     # then handshake), a target of several addresses that accept TCP and never answer TLS held
-    # the check, and the call waiting for it, for twice the bound per address, past the call's
-    # deadline. (A handshake's socket timeout is its total duration in CPython's ssl.)
+    # it for twice the bound per address, past the call's deadline. (A handshake's socket
+    # timeout is its total duration in CPython's ssl.)
     end = time.monotonic() + timeout
-    # In gRPC's order, the first that answers: as gRPC's connection does. Only the first was
-    # tried, so with it down the check found the server unreachable and every call went out,
-    # unchecked, to the next address.
+    # In gRPC's order, the first that answers: as gRPC's connection does, so that the server
+    # named is the one gRPC most likely refused.
     for host, port in _addresses(target):
         left = end - time.monotonic()
         if left <= 0:
@@ -372,9 +396,8 @@ def _server_certificate(
         try:
             with (
                 _connect(host, port, end) as raw,
-                # No SNI at all (as before) let a server select another certificate for this
-                # check than for gRPC's connection, which sends ssl_target_name_override or the
-                # host.
+                # The name gRPC's connection sends (ssl_target_name_override, else the host), so
+                # that a server choosing its certificate by name shows the one gRPC saw.
                 context.wrap_socket(raw, server_hostname=server_name or host) as tls,
             ):
                 der = tls.getpeercert(binary_form=True)
@@ -423,25 +446,6 @@ def _joined(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def server_spiffe_ids(
-    target: str,
-    presentation: TlsPresentation,
-    *,
-    server_name: str | None = None,
-    timeout: float = 2.0,
-) -> list[str] | None:
-    """The URI SANs of the certificate the server at ``target`` presents, its chain verified
-    against our root; None when the server cannot be reached. The handshake names the server as
-    gRPC's does (SNI ``server_name``, else the target's host), so a server choosing its
-    certificate by name shows this check the one it shows the channel.
-
-    Raises :class:`ServerIdentityMismatch` when the server's certificate does not chain to our
-    root or is a CA's (CA:TRUE, keyCertSign or cRLSign). The host name is not checked here: gRPC checks it on its own connection.
-    """
-    cert, _ = _server_certificate(target, presentation, server_name=server_name, timeout=timeout)
-    return None if cert is None else workload_spiffe_ids(target, cert)
-
-
 def workload_spiffe_ids(target: str, cert: x509.Certificate) -> list[str]:
     """The URI SANs of the certificate the server at ``target`` presented (chain already
     verified); raises :class:`ServerIdentityMismatch` when it is a CA's (CA:TRUE, keyCertSign or
@@ -468,47 +472,3 @@ def require_server_id(target: str, presented: list[str], expected: str) -> None:
             f"the server at {target} is {shown}, but this client expects {expected} there "
             "(a misrouted address, or another workload answering on that port)"
         )
-
-
-def check_server_identity(
-    target: str,
-    presentation: TlsPresentation,
-    expected: str,
-    *,
-    server_name: str | None = None,
-    timeout: float = 2.0,
-) -> bool:
-    """Checks that the server at ``target`` presents exactly the SPIFFE ID ``expected`` (to a
-    handshake naming it ``server_name``, as the channel's does).
-
-    Returns False when the server cannot be reached (nothing was checked); raises
-    :class:`ServerIdentityMismatch` naming both identities when it presents another one.
-    """
-    presented = server_spiffe_ids(target, presentation, server_name=server_name, timeout=timeout)
-    if presented is None:
-        return False
-    require_server_id(target, presented, expected)
-    return True
-
-
-def verify_server_identity(
-    target: str,
-    presentation: TlsPresentation,
-    expected: str,
-    *,
-    server_name: str | None = None,
-    timeout: float = 2.0,
-) -> None:
-    """Checks that the server at ``target`` presents exactly the SPIFFE ID ``expected``, failing
-    closed: raises :class:`ServerIdentityMismatch` when it presents another one and
-    :class:`ServerIdentityUnchecked`, naming the target and why, when no address of the target
-    could be reached (nothing was checked, so nothing may be sent)."""
-    cert, failures = _server_certificate(
-        target, presentation, server_name=server_name, timeout=timeout
-    )
-    if cert is None:
-        raise ServerIdentityUnchecked(
-            f"the server at {target} was not sent the call: its SPIFFE ID ({expected}) could not "
-            f"be checked, the check could not connect ({'; '.join(failures)})"
-        )
-    require_server_id(target, workload_spiffe_ids(target, cert), expected)

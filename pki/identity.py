@@ -826,9 +826,11 @@ class WorkloadIdentity(Closing):
     ) -> RotatingChannel:
         """A client channel that follows certificate rotation (see :class:`RotatingChannel`).
 
-        ``server_name`` overrides the name checked in the server's certificate (for targets like
-        ``localhost:port`` whose certificate carries ``keybroker``); ``server_id`` is the SPIFFE
-        ID the server must present (checked on every new connection).
+        ``server_id`` is the SPIFFE ID the server must present: gRPC's own handshake checks, on
+        every connection it makes, the DNS name derived from it, which only that workload's
+        certificates carry. Without ``server_id``, ``server_name`` overrides the name checked in
+        the server's certificate (for targets like ``localhost:port`` whose certificate carries
+        ``keybroker``); with it, ``server_name`` is not what is checked.
         """
         return RotatingChannel(
             self, target, server_name=server_name, server_id=server_id, options=options

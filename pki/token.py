@@ -16,6 +16,13 @@ from strongroom.cryptoparse import X509_PARSE_ERRORS
 from strongroom.pki import _jose
 from strongroom.pki.errors import InvalidPkiConfig
 from strongroom.pki.layout import Provisioner
+from strongroom.reasons import Reason
+from strongroom.spiffe import (
+    IDENTITY_DNS_SUFFIX,
+    identity_dns_name,
+    is_reserved_dns_name,
+    is_workload_id,
+)
 
 DEFAULT_TOKEN_LIFETIME = timedelta(minutes=5)
 
@@ -33,6 +40,31 @@ def revoke_audience(ca_url: str) -> str:
     return sign_audience(ca_url).removesuffix("/sign") + "/revoke"
 
 
+def with_identity_names(sans: Sequence[str]) -> list[str]:
+    """``sans`` with the DNS name derived from each workload SPIFFE ID among them
+    (:func:`~strongroom.spiffe.identity_dns_name`) right after it, unless already there.
+
+    Raises :class:`InvalidPkiConfig` (``DNS_NAME_RESERVED``) for a name in the reserved suffix
+    that is not derived from one of ``sans``' IDs: a certificate carrying another workload's
+    derived name would pass for that workload with every channel expecting it.
+    """
+    derived = {identity_dns_name(s) for s in sans if is_workload_id(s)}
+    for name in sans:
+        if is_reserved_dns_name(name) and name not in derived:
+            raise InvalidPkiConfig(
+                f"{name!r} is in the DNS suffix {IDENTITY_DNS_SUFFIX!r}, reserved for the names "
+                "derived from SPIFFE IDs, and is not the name of an ID this token asks for",
+                reason=Reason.DNS_NAME_RESERVED,
+            )
+    result: list[str] = []
+    for name in sans:
+        if name not in result:
+            result.append(name)
+        if is_workload_id(name) and identity_dns_name(name) not in sans:
+            result.append(identity_dns_name(name))
+    return result
+
+
 def mint_token(
     provisioner: Provisioner,
     *,
@@ -43,14 +75,17 @@ def mint_token(
     root_pem: bytes | None = None,
     now: float | None = None,
 ) -> str:
-    """Mints a one-time token authorising one certificate for ``subject`` with exactly ``sans``.
+    """Mints a one-time token authorising one certificate for ``subject`` with exactly ``sans``
+    and, for each workload SPIFFE ID among them, the DNS name derived from it
+    (:func:`with_identity_names`: every workload certificate carries it, channels expecting that
+    ID check it).
 
-    The CSR presented with it must carry exactly these SANs. ``root_pem``, when given, adds the
+    The CSR presented with it must carry exactly these SANs (enrolment reads them from the token). ``root_pem``, when given, adds the
     root's SHA-256 fingerprint as ``sha`` (how step's clients bootstrap trust from a token).
     """
     if not subject:
         raise InvalidPkiConfig("a token needs a subject")
-    extra: dict[str, object] = {"sans": list(sans)}
+    extra: dict[str, object] = {"sans": with_identity_names(sans)}
     if root_pem is not None:
         try:
             root = x509.load_pem_x509_certificate(root_pem)

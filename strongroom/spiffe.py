@@ -7,6 +7,8 @@ trailing slash; no port, user info, query or fragment; at most 2048 bytes.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -99,3 +101,33 @@ def is_workload_id(text: str) -> bool:
         return bool(SpiffeId.parse(text).path)
     except MalformedSpiffeId:
         return False
+
+
+#: The DNS suffix reserved for names derived from SPIFFE IDs (:func:`identity_dns_name`): no
+#: operator-chosen DNS name may end in it, so that only the certificate of the workload a derived
+#: name stands for carries it. ``.invalid`` (RFC 2606) never resolves: the name is only checked.
+IDENTITY_DNS_SUFFIX = "spiffe-id.strongroom.invalid"
+
+
+def identity_dns_name(spiffe_id: SpiffeId | str) -> str:
+    """The DNS name that stands for ``spiffe_id`` in certificates: ``<label>.`` + :data:`IDENTITY_DNS_SUFFIX`.
+
+    ``<label>`` is the SHA-256 of the ID's text (``spiffe://...``, UTF-8), in lower-case base32
+    without padding (52 characters, within a DNS label's 63). A hash rather than the ID itself:
+    path segments may hold upper case and ``_`` and be longer than a label, which host-name
+    matching (case-insensitive) would not keep apart; SHA-256 keeps distinct IDs apart (a
+    collision is not known to be findable). Every workload certificate carries the name of its
+    own ID, and a channel expecting a server's ID makes gRPC's host-name check ask for it, so
+    that check, made by gRPC on every connection, is the identity check.
+    """
+    text = str(SpiffeId.parse(str(spiffe_id)))  # validated, in its one canonical form
+    digest = hashlib.sha256(text.encode()).digest()
+    label = base64.b32encode(digest).decode("ascii").rstrip("=").lower()
+    return f"{label}.{IDENTITY_DNS_SUFFIX}"
+
+
+def is_reserved_dns_name(name: str) -> bool:
+    """Whether ``name`` is in the suffix reserved for derived names (case-insensitive, as DNS
+    names are matched; a trailing dot ignored)."""
+    folded = name.strip().rstrip(".").lower()
+    return folded == IDENTITY_DNS_SUFFIX or folded.endswith("." + IDENTITY_DNS_SUFFIX)

@@ -17,6 +17,11 @@ The operator's own, unrestricted provisioner (``secrets/provisioner_key``: token
 publisher and clients, ``strongroom pki token --dir ./pki-strongroom``) is in no Secret: it stays in
 ``--out`` with the operator.
 
+With ``--upgrade`` (a PKI made by an earlier version, in ``--out``): runs ``strongroom pki upgrade``
+on it, so that each service's provisioner issues the DNS name derived from its SPIFFE ID (README,
+upgrade item 19), and prints the same Secrets from it again (apply them, restart step-ca, then the
+services' pods, whose init containers mint tokens that replace their certificates).
+
 With ``--simulated-tee-secret NAME`` (DEVELOPMENT ONLY, for values-development.yaml) a third Secret
 holds a freshly generated simulated TEE chain (``simulatedTee.existingSecret``); run the script with
 the project's Python (``.venv/bin/python``) for that, as it imports strongroom.
@@ -114,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--out", type=Path, required=True, help="new directory for the PKI")
+    parser.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="update the PKI already in --out (an earlier version's) and print its Secrets again",
+    )
     parser.add_argument("--trust-domain", default="strongroom.internal")
     parser.add_argument("--ca-dns", default="step-ca", help="the CA's DNS name (its Service name)")
     parser.add_argument("--address", default=":9000", help="step-ca's listen address")
@@ -148,10 +158,31 @@ def main(argv: list[str] | None = None) -> int:
         names[service] = name
 
     pki_dir: Path = args.out.resolve()
-    if pki_dir.exists() and any(pki_dir.iterdir()):
-        print(f"pki_secrets: {pki_dir} is not empty; refusing to overwrite a PKI", file=sys.stderr)
-        return 2
-    pki_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if args.upgrade:
+        if not (pki_dir / STEP_CA_FILES["ca.json"]).is_file():
+            print(f"pki_secrets: {pki_dir} holds no PKI to upgrade", file=sys.stderr)
+            return 2
+        subprocess.run(
+            [args.strongroom, "pki", "upgrade", "--dir", str(pki_dir)],
+            check=True,
+            stdout=sys.stderr,
+        )
+    else:
+        if pki_dir.exists() and any(pki_dir.iterdir()):
+            print(
+                f"pki_secrets: {pki_dir} is not empty; refusing to overwrite a PKI "
+                "(--upgrade updates one made by an earlier version)",
+                file=sys.stderr,
+            )
+            return 2
+        pki_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _init(args, pki_dir, names)
+    _print_secrets(args, pki_dir)
+    return 0
+
+
+def _init(args: argparse.Namespace, pki_dir: Path, names: dict[str, str]) -> None:
+    """``strongroom pki init`` into ``pki_dir``, a provisioner of its own per service."""
     subprocess.run(
         [
             args.strongroom,
@@ -174,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         check=True,
         stdout=sys.stderr,
     )
+
+
+def _print_secrets(args: argparse.Namespace, pki_dir: Path) -> None:
+    """Prints the Secrets made from the PKI in ``pki_dir``."""
     step_ca = _collect(pki_dir, STEP_CA_FILES)
     print(_secret(args.step_ca_secret, args.namespace, step_ca, "step-ca"))
     for service in SERVICES:
@@ -189,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
         "and keep secrets/provisioner_key (it mints tokens for ANY identity) with the operator",
         file=sys.stderr,
     )
-    return 0
 
 
 if __name__ == "__main__":

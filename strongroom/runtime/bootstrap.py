@@ -28,6 +28,7 @@ from strongroom.runtime.metrics import install_meter_provider
 from strongroom.runtime.secrets import require_private
 from strongroom.runtime.server import HEALTH_SERVICE, MessageLimits, ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import server_tracing_interceptor
+from strongroom.spiffe import identity_dns_name
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,18 @@ def open_identity(config: IdentityConfig) -> WorkloadIdentity:
         raise FailedPrecondition(
             f"enrolled as {identity.spiffe_id}, but the configuration says {config.spiffe_id}",
             reason=Reason.IDENTITY_MISMATCH,
+        )
+    derived = identity_dns_name(identity.spiffe_id)
+    if derived not in identity.credentials.sans:
+        # A certificate issued before workload certificates carried the name (renewals copy
+        # it): clients expecting this identity check the name and refuse this service until it
+        # enrols again. Loud, not fatal: it may be a client only, and the fix is the operator's.
+        log.warning(
+            "the certificate of %s lacks the DNS name %s derived from its SPIFFE ID, which "
+            "clients expecting it check: they refuse this service until it enrols again with a "
+            "fresh token (README, upgrade item 19)",
+            identity.spiffe_id,
+            derived,
         )
     return identity
 

@@ -23,6 +23,7 @@ from strongroom.attestation.release_signature import load_signing_key as load_re
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.keybroker.audit import load_signing_key
 from strongroom.runtime.secrets import Secret
+from strongroom.spiffe import identity_dns_name
 from tests.deploy.conftest import DEPLOY, ROOT, token_login_works
 
 SCRIPT = DEPLOY / "compose" / "bootstrap.sh"
@@ -106,7 +107,11 @@ def test_bootstrap_prepares_everything_and_is_idempotent(
         claims = jwt_claims(tokens[name])
         # The CA signs only a CSR whose SANs equal the token's: exactly the config's identity.
         assert claims["sub"] == identity["spiffe_id"]
-        assert claims["sans"] == [identity["spiffe_id"], *identity.get("dns_names", [])]
+        assert claims["sans"] == [
+            identity["spiffe_id"],
+            identity_dns_name(identity["spiffe_id"]),
+            *identity.get("dns_names", []),
+        ]
         assert claims["aud"] == "https://step-ca:9000/1.0/sign"
 
     pin = tmp_path / "secrets" / "hsm-pin"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import ssl
 import stat
 import subprocess
@@ -34,7 +35,10 @@ from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.pki import CaClient, Provisioner, mint_token
 from strongroom.pki._x509 import build_csr, generate_key
 from strongroom.pki.errors import CaRejected
+from strongroom.pki.token import with_identity_names
+from strongroom.spiffe import identity_dns_name
 from tests.deploy.conftest import CHART, DEPLOY, ROOT, kind, render
+from tests.pki.helpers import as_made_before_derived_names
 
 HOME = "/home/step"
 
@@ -300,7 +304,9 @@ def test_a_pod_provisioner_key_obtains_only_the_pods_own_identity(
         Provisioner(meta["provisioner_name"], key), ca_url=ca_url, subject=wanted, sans=sans
     )
     try:
-        chain = CaClient(ca_url, root_pem).sign(build_csr(generate_key(), sans), token)
+        # The CSR asks for what the token does (with the ID's derived name).
+        csr = build_csr(generate_key(), with_identity_names(sans))
+        chain = CaClient(ca_url, root_pem).sign(csr, token)
     except CaRejected as refused:
         # Refused by the pod's provisioner's certificate template, naming what it issues.
         assert f"spiffe://strongroom.internal/{pod}" in str(refused)
@@ -332,6 +338,44 @@ def test_pki_secrets_refuses_to_overwrite_a_pki(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert (tmp_path / "pki" / "keep").read_text() == "x"
+
+
+def test_pki_secrets_upgrades_an_earlier_pki_and_prints_its_secrets_again(
+    pki_dir: Path, pki: tuple[dict[str, dict[str, Any]], int], tmp_path: Path
+) -> None:
+    """A PKI made before workload certificates carried the name derived from their SPIFFE ID:
+    ``--upgrade`` updates it in place and prints the Secrets again, whose provisioner templates
+    and recorded SANs now hold the derived names; without a PKI there, it refuses."""
+    earlier = tmp_path / "pki"
+    shutil.copytree(pki_dir, earlier)
+    as_made_before_derived_names(earlier)
+    command = [sys.executable, str(DEPLOY / "helm" / "pki_secrets.py"), "--namespace", "strongroom"]
+    command += ["--strongroom", str(ROOT / ".venv" / "bin" / "strongroom"), "--upgrade"]
+    result = subprocess.run(
+        [*command, "--out", str(earlier)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    secrets = {d["metadata"]["name"]: d for d in map(json.loads, result.stdout.split("\n---\n"))}
+    assert set(secrets) == set(pki[0])
+    ca_json = json.loads(base64.b64decode(secrets["strongroom-step-ca"]["data"]["ca.json"]))
+    templates = {
+        p["name"]: p["options"]["x509"]["template"]
+        for p in ca_json["authority"]["provisioners"]
+        if "options" in p
+    }
+    for service in ("keybroker", "modelstore", "inference"):
+        derived = identity_dns_name(f"spiffe://strongroom.internal/{service}")
+        assert derived in templates[f"strongroom-{service}"]
+        data = secrets[f"strongroom-pki-{service}"]["data"]
+        assert derived in json.loads(base64.b64decode(data["strongroom.json"]))["sans"]
+    refused = subprocess.run(
+        [*command, "--out", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert refused.returncode == 2 and "no PKI to upgrade" in refused.stderr
 
 
 def test_pki_secrets_match_the_values_file_maps(
@@ -368,7 +412,11 @@ def test_pki_secrets_match_the_values_file_maps(
         meta = json.loads(base64.b64decode(data["strongroom.json"]))
         identity = configs[service]["identity"]
         assert meta["provisioner_name"] == f"strongroom-{service}"
-        assert meta["sans"] == [identity["spiffe_id"], *identity["dns_names"]]
+        assert meta["sans"] == [
+            identity["spiffe_id"],
+            identity_dns_name(identity["spiffe_id"]),
+            *identity["dns_names"],
+        ]
     assert len(keys) == len(own)
     everything = json.dumps(list(secrets.values()))
     assert base64.b64encode(operator_key).decode() not in everything

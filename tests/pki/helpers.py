@@ -291,6 +291,40 @@ def serve(
     return Server(server, port, calls, servicer)
 
 
+def as_made_before_derived_names(directory: Path) -> None:
+    """Turns the CA directory ``directory`` (made by ``pki init --workload ...``) into one made
+    before workload certificates carried the DNS name derived from their SPIFFE ID: those names
+    gone from its provisioners' templates and from the SANs it and its token directories record."""
+    import json
+
+    from strongroom.spiffe import SpiffeId, identity_dns_name
+
+    meta_path = directory / "config" / "strongroom.json"
+    trust_domain = json.loads(meta_path.read_text())["trust_domain"]
+    services = list(json.loads(meta_path.read_text()).get("workloads", {}))
+    derived = {identity_dns_name(SpiffeId.of(trust_domain, s)) for s in services}
+    config_path = directory / "config" / "ca.json"
+    config = json.loads(config_path.read_text())
+    for provisioner in config["authority"]["provisioners"]:
+        if "options" in provisioner:
+            template = provisioner["options"]["x509"]["template"]
+            for name in derived:
+                template = template.replace(f'"{name}", ', "").replace(f' "{name}"', "")
+                template = template.replace(f'["{name}"]', "[]")
+                assert name not in template
+            provisioner["options"]["x509"]["template"] = template
+    config_path.write_text(json.dumps(config, indent=2))
+    for path in [
+        meta_path,
+        *(directory / "provisioners" / s / "config" / "strongroom.json" for s in services),
+    ]:
+        meta = json.loads(path.read_text())
+        for entry in [meta, *meta.get("workloads", {}).values()]:
+            if "sans" in entry:
+                entry["sans"] = [n for n in entry["sans"] if n not in derived]
+        path.write_text(json.dumps(meta, indent=2))
+
+
 def rotate_intermediate(ca: StepCa) -> x509.Certificate:
     """Gives ``ca`` a new intermediate CA (new key, same root, same database) and restarts it,
     as an operator renewing an expiring intermediate does; returns the new intermediate."""

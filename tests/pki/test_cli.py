@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from strongroom.cli.main import main
-from strongroom.pki import CaLayout, StepCa
+from strongroom.pki import CaLayout, StepCa, WorkloadIdentity
 from strongroom.pki._jose import unverified_claims
 from strongroom.pki._state import STATE_FILE
 from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CaUnavailable
-from tests.pki.helpers import free_port
+from strongroom.spiffe import identity_dns_name
+from tests.pki.helpers import as_made_before_derived_names, free_port
 
 
 def test_init_token_enrol(
@@ -66,7 +67,8 @@ def test_init_token_enrol(
         )
         token = capsys.readouterr().out.strip()
         claims = unverified_claims(token)
-        assert claims["sans"] == ["spiffe://strongroom.test/modelstore", "modelstore"]
+        modelstore = "spiffe://strongroom.test/modelstore"
+        assert claims["sans"] == [modelstore, identity_dns_name(modelstore), "modelstore"]
         assert claims["exp"] - claims["iat"] == 120
         token_file = tmp_path / "token"
         token_file.write_text(token)
@@ -296,3 +298,36 @@ def test_a_token_file_that_is_not_text_is_one_line_not_a_traceback(
     assert err.startswith("strongroom: error: BAD_TOKEN: ") and str(token_file) in err
     assert err.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_an_earlier_ca_is_upgraded_to_issue_the_derived_name(
+    step_ca_binary: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CA whose workload provisioners do not issue the derived name: its token directory
+    refuses to mint, saying what to do; ``pki upgrade`` updates it; the workload then enrols
+    with the derived name, and renewals keep it."""
+    directory = tmp_path / "ca"
+    argv = ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]
+    argv += ["--dns", "127.0.0.1", "--address", f"127.0.0.1:{free_port()}"]
+    argv += ["--workload", "inference=inference"]
+    assert main(argv) == 0
+    as_made_before_derived_names(directory)
+    kit = directory / "provisioners" / "inference"
+    own = ["--identity", "spiffe://strongroom.test/inference", "--dns", "inference"]
+    capsys.readouterr()
+    assert main(["pki", "token", "--dir", str(kit), *own]) == 1
+    captured = capsys.readouterr()
+    assert "PROVISIONER_OUTDATED" in captured.err and "pki upgrade" in captured.err
+
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+    assert "updated the provisioners of inference" in capsys.readouterr().err
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+    assert "up to date" in capsys.readouterr().err
+    with StepCa(directory, binary=step_ca_binary) as ca:
+        assert main(["pki", "token", "--dir", str(kit), *own]) == 0
+        token = capsys.readouterr().out.strip()
+        identity = WorkloadIdentity.enrol(ca.client(), token, auto_renew=False)
+        with identity:
+            derived = identity_dns_name("spiffe://strongroom.test/inference")
+            assert derived in identity.credentials.sans
+            assert derived in identity.renew_now().sans

@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -33,9 +34,11 @@ from strongroom.pki._x509 import build_csr, generate_key, verify_chain
 from strongroom.pki.client import ClientCertificate
 from strongroom.pki.errors import CaRejected, NoIdentity
 from strongroom.pki.layout import Provisioner
+from strongroom.pki.token import _signed, sign_audience
 from strongroom.reasons import Reason
 from strongroom.runtime.bootstrap import open_identity
 from strongroom.runtime.config import IdentityConfig
+from strongroom.spiffe import identity_dns_name
 from tests.pki.helpers import enrol, sid, token_for
 
 
@@ -47,7 +50,9 @@ def test_enrolment_issues_an_svid_with_exactly_the_token_sans(ca: StepCa) -> Non
         leaf = credentials.leaf
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert san.get_values_for_type(x509.UniformResourceIdentifier) == [sid("keybroker")]
-        assert san.get_values_for_type(x509.DNSName) == ["keybroker"]
+        # The name derived from its SPIFFE ID (which channels expecting it check), then its own.
+        derived = identity_dns_name(sid("keybroker"))
+        assert san.get_values_for_type(x509.DNSName) == [derived, "keybroker"]
         assert identity.spiffe_id == SpiffeId.parse(sid("keybroker"))
         assert identity.trust_domain == "strongroom.test"
         public = leaf.public_key()
@@ -80,7 +85,8 @@ def test_token_is_an_es256_jwt_as_step_ca_expects(ca: StepCa) -> None:
     assert header == {"alg": "ES256", "kid": thumbprint(provisioner.key.public_key()), "typ": "JWT"}
     assert claims["iss"] == "strongroom"
     assert claims["aud"] == f"{ca.url}/1.0/sign"
-    assert claims["sub"] == sid("x") and claims["sans"] == [sid("x"), "x"]
+    assert claims["sub"] == sid("x")
+    assert claims["sans"] == [sid("x"), identity_dns_name(sid("x")), "x"]
     assert claims["nbf"] == claims["iat"] and 0 < claims["exp"] - claims["iat"] <= 300
     assert len(claims["jti"]) == 64
     signature = b64url_decode(signature_b64)
@@ -283,6 +289,52 @@ def test_a_service_refuses_an_enrolment_token_others_may_read(ca: StepCa, tmp_pa
         assert str(identity.spiffe_id) == sid("keybroker")
 
 
+def test_a_certificate_without_the_derived_name_is_named_and_replaced_by_a_fresh_token(
+    ca: StepCa, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A service resuming a certificate issued before workload certificates carried the name
+    derived from their SPIFFE ID (renewals copy it) says so at start, with what to do; a fresh
+    token (which asks for the name) replaces that certificate."""
+    state = tmp_path / "state"
+    # A token as an earlier version minted it: without the derived name.
+    old_token = _signed(
+        ca.layout.provisioner(),
+        subject=sid("keybroker"),
+        audience=sign_audience(ca.url),
+        lifetime=timedelta(minutes=5),
+        now=None,
+        extra={"sans": [sid("keybroker"), "keybroker"]},
+    )
+    with WorkloadIdentity.start(ca.client(), token=old_token, state_dir=state, auto_renew=False):
+        pass
+    root = tmp_path / "root.pem"
+    root.write_bytes(ca.root_pem)
+    config = IdentityConfig(
+        trust_domain="strongroom.test",
+        spiffe_id=sid("keybroker"),
+        ca_url=ca.url,
+        ca_root_file=root,
+        state_dir=state,
+    )
+    derived = identity_dns_name(sid("keybroker"))
+    with (
+        caplog.at_level("WARNING", logger="strongroom.runtime.bootstrap"),
+        open_identity(config) as resumed,
+    ):
+        assert derived not in resumed.credentials.sans
+    assert derived in caplog.text and "fresh token" in caplog.text
+    caplog.clear()
+    token_file = tmp_path / "token"
+    token_file.write_text(token_for(ca, "keybroker", ["keybroker"]))
+    token_file.chmod(0o600)
+    with (
+        caplog.at_level("WARNING", logger="strongroom.runtime.bootstrap"),
+        open_identity(replace(config, token_file=token_file)) as renewed,
+    ):
+        assert derived in renewed.credentials.sans
+    assert not [r for r in caplog.records if r.name == "strongroom.runtime.bootstrap"]
+
+
 def test_a_fresh_token_for_other_names_replaces_the_persisted_identity(
     ca: StepCa, tmp_path: Path
 ) -> None:
@@ -304,6 +356,7 @@ def test_a_fresh_token_for_other_names_replaces_the_persisted_identity(
     ) as second:
         assert second.credentials.sans == {
             sid("keybroker"),
+            identity_dns_name(sid("keybroker")),
             "keybroker",
             "keybroker.strongroom.test",
         }

@@ -22,18 +22,28 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from strongroom.pki import StepCa, WorkloadIdentity
-from strongroom.pki import channel as channel_module
 from strongroom.pki._files import memory_file
 from strongroom.pki.channel import _close_channel, _Slot
 from strongroom.pki.handshake import (
     ServerIdentityMismatch,
-    ServerIdentityUnchecked,
+    ServerIdentityNameMissing,
     TlsPresentation,
-    check_server_identity,
+    diagnose_server,
     parse_target,
 )
 from strongroom.runtime.config import ConfigError, IdentityConfig
-from tests.pki.helpers import ECHO, TRUST_DOMAIN, Server, enrol, make_leaf, serve, sid
+from strongroom.spiffe import identity_dns_name
+from tests.pki.helpers import (
+    ECHO,
+    TRUST_DOMAIN,
+    Calls,
+    Server,
+    echo_handler,
+    enrol,
+    make_leaf,
+    serve,
+    sid,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +96,78 @@ def test_every_kind_of_call_is_checked(store: Server, client_identity: WorkloadI
         stub = health_pb2_grpc.HealthStub(channel)
         with pytest.raises(ServerIdentityMismatch):
             next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+        # Not at .future() (which no check blocks any more): when the call completes.
+        future = stub.Check.future(health_pb2.HealthCheckRequest(), timeout=10)
         with pytest.raises(ServerIdentityMismatch):
-            stub.Check.future(health_pb2.HealthCheckRequest(), timeout=10)
+            future.result()
+
+
+def _every_kind_of_call(channel: grpc.Channel) -> Iterator[Callable[[], object]]:
+    """One call of each kind on ``channel``: blocking, ``.future()``, response and request
+    streaming."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest()
+    yield lambda: stub.Check(request, timeout=10)
+    yield lambda: stub.Check.future(request, timeout=10).result()
+    yield lambda: next(stub.Watch(request, timeout=10))
+    concat = channel.stream_unary(f"/{ECHO}/Concat", None, None)
+    yield lambda: concat(iter([b"x"]), timeout=10)
+
+
+def test_grpcs_own_connection_refuses_another_workload(
+    store: Server, client_identity: WorkloadIdentity
+) -> None:
+    """gRPC's own handshake checks the name derived from the expected ID, on every connection it
+    makes (a separate check before the first call, which gRPC's connection could bypass, is
+    gone): no call reaches a server holding another workload's valid certificate, though both
+    carry ``localhost``, and each is refused naming the expected and the presented ID."""
+    before = store.calls.total()
+    with client_identity.channel(store.target, server_id=sid("keybroker")) as channel:
+        for call in _every_kind_of_call(channel):
+            with pytest.raises(ServerIdentityMismatch) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert sid("keybroker") in refused.value.details()
+            assert sid("modelstore") in refused.value.details()
+    assert store.calls.total() == before
+
+
+def test_a_server_certificate_without_the_derived_name_is_refused_saying_what_to_do(
+    ca: StepCa, client_identity: WorkloadIdentity
+) -> None:
+    """A certificate issued before workload certificates carried the name derived from their
+    SPIFFE ID: the right ID, but gRPC's check of the derived name fails, explicit server_name or
+    not; the refusal tells the operator how to replace it."""
+    intermediate, intermediate_key = ca.layout.load_intermediate()
+    leaf = make_leaf(
+        intermediate,
+        intermediate_key,
+        uris=[sid("keybroker")],
+        dns=["keybroker", "localhost"],
+        extra_chain=[intermediate],
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    server.add_generic_rpc_handlers([echo_handler(Calls())])
+    credentials = grpc.ssl_server_credentials(
+        [(leaf.key_pem, leaf.chain_pem)], root_certificates=ca.root_pem, require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        for server_name in (None, "keybroker"):
+            with client_identity.channel(
+                f"localhost:{port}", server_name=server_name, server_id=sid("keybroker")
+            ) as channel:
+                for call in _every_kind_of_call(channel):
+                    with pytest.raises(ServerIdentityNameMissing) as refused:
+                        call()
+                    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    assert refused.value.reason == "SERVER_IDENTITY_NAME_MISSING"
+                    assert identity_dns_name(sid("keybroker")) in refused.value.details()
+                    assert "pki upgrade" in refused.value.details()
+    finally:
+        server.stop(None).wait()
 
 
 def test_client_expecting_the_store_gets_it(
@@ -193,10 +273,14 @@ def test_a_channel_closed_before_any_call_leaves_no_thread_failing(
     assert failures == []
 
 
+def _ignore(state: grpc.ChannelConnectivity) -> None:
+    """A connectivity callback (its presence keeps gRPC's poller running)."""
+
+
 def test_a_watched_channel_is_closed_without_killing_grpcs_poller(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A slot is watched (gRPC's connectivity poller runs) from its first call. Closed while the
+    """A channel with connectivity callbacks (gRPC's poller runs). Closed while the
     poller was between two waits, the poller died with the same ValueError in its thread: this
     module's test after the unreachable-server one failed the thread check about once in ten runs,
     and closing plainly in the loop below kills a poller in about a third of the channels (checked
@@ -206,11 +290,10 @@ def test_a_watched_channel_is_closed_without_killing_grpcs_poller(
     for i in range(45):
         # A plain channel: with TLS the race is rarer, not absent (1 in 60 closes).
         slot = _Slot(grpc.insecure_channel("localhost:1"), 1, None)  # type: ignore[arg-type]
-        slot.watching = True
-        slot.channel.subscribe(slot.on_connectivity)
+        slot.channel.subscribe(_ignore)
         if i % 3:  # else closed before the poller first runs (no sleep at all: no yield)
             time.sleep(0.001 * (i % 3))
-        _close_channel(slot, (), at_once=True)
+        _close_channel(slot, (_ignore,), at_once=True)
     time.sleep(1.0)  # every poller's next wake, and the deferred closes
     assert failures == []
 
@@ -221,8 +304,7 @@ def test_a_watched_channel_is_closed_only_after_grpcs_poller_has_stopped() -> No
     left its loop, since a poller that wakes to a closed channel dies."""
     channel = grpc.insecure_channel("localhost:1")
     slot = _Slot(channel, 1, None)  # type: ignore[arg-type]
-    slot.watching = True
-    channel.subscribe(slot.on_connectivity)
+    channel.subscribe(_ignore)
     state = channel._connectivity_state  # type: ignore[attr-defined]
     polling_when_closed: list[bool] = []
     real_close = channel.close
@@ -233,7 +315,7 @@ def test_a_watched_channel_is_closed_only_after_grpcs_poller_has_stopped() -> No
 
     channel.close = recording_close  # type: ignore[method-assign]
     with state.lock:  # re-entrant: the unsubscribe below takes it on this thread too
-        _close_channel(slot, (), at_once=True)
+        _close_channel(slot, (_ignore,), at_once=True)
         time.sleep(1.0)
         assert polling_when_closed == []
     deadline = time.monotonic() + 10
@@ -254,13 +336,13 @@ def test_the_identity_check_names_the_server_as_grpc_does(
     ca: StepCa, store_identity: WorkloadIdentity, client_identity: WorkloadIdentity
 ) -> None:
     """A server that chooses its certificate by SNI (a TLS front end for several services): gRPC's
-    connection names it (``ssl_target_name_override``), but the SPIFFE check's handshake sent no
-    name and was judged on the default certificate, another workload's than gRPC then used."""
+    connection names it (``ssl_target_name_override``, the name derived from the expected ID);
+    the handshake explaining a refusal names it so too, and sees the certificate gRPC saw."""
     broker = enrol(ca, "keybroker", ["keybroker", "localhost"], auto_renew=False)
     default, by_name = _context_of(broker), _context_of(store_identity)
 
     def choose(tls: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
-        if name == "modelstore":
+        if name == identity_dns_name(sid("modelstore")):
             tls.context = by_name
 
     default.sni_callback = choose  # type: ignore[assignment]
@@ -285,17 +367,12 @@ def test_the_identity_check_names_the_server_as_grpc_does(
         client_identity.root_pem, credentials.key_pem, credentials.chain_pem
     )
     try:
-        # What a channel runs before its first call on a connection.
-        with client_identity.channel(
-            target, server_name="modelstore", server_id=sid("modelstore")
-        ) as channel:
-            channel._verify(channel._slot)
-            assert channel._slot.verified
-        assert check_server_identity(
-            target, presentation, sid("modelstore"), server_name="modelstore"
-        )
-        with pytest.raises(ServerIdentityMismatch):
-            check_server_identity(target, presentation, sid("modelstore"))
+        # Named as gRPC names it: the model store's certificate, nothing to explain.
+        assert diagnose_server(target, presentation, sid("modelstore"), timeout=10) is None
+        # Another expected ID: the default certificate, the key broker's, is named.
+        refused = diagnose_server(target, presentation, sid("inference"), timeout=10)
+        assert isinstance(refused, ServerIdentityMismatch)
+        assert sid("keybroker") in refused.details()
     finally:
         stop.set()
         thread.join()
@@ -407,17 +484,21 @@ def test_a_target_of_several_addresses_is_checked_where_grpc_connects(
     _reached_by_grpc_and_checked(client_identity, target, "localhost")
 
 
-def test_a_channel_checking_the_id_refuses_a_target_it_cannot_check(
+def test_a_channel_checking_the_id_refuses_another_name_for_grpc_to_check(
     client_identity: WorkloadIdentity,
 ) -> None:
-    """``dns://8.8.8.8/host:port`` was misread (host ``//8.8.8.8/host``): the SPIFFE check found
-    that "host" unreachable before every call, and every call went out unchecked."""
+    """gRPC's host-name check is the identity check: a ``grpc.ssl_target_name_override`` option
+    would replace the derived name (an explicit ``server_name`` does not: see above)."""
     with pytest.raises(ValueError) as refused:
-        client_identity.channel("dns://8.8.8.8/keybroker:8443", server_id=sid("keybroker"))
-    assert "DNS server 8.8.8.8" in str(refused.value) and sid("keybroker") in str(refused.value)
+        client_identity.channel(
+            "localhost:8443",
+            server_id=sid("keybroker"),
+            options=[("grpc.ssl_target_name_override", "localhost")],
+        )
+    assert sid("keybroker") in str(refused.value)
 
 
-# ---------------------------------------------------------------- the check fails closed
+# ---------------------------------------------------------------- explaining refusals
 
 
 def ping(channel: grpc.Channel, **kwargs: Any) -> bytes:
@@ -447,127 +528,48 @@ class _CheckConnects:
         return self.real(address, *args, **kwargs)
 
 
-def test_a_server_the_check_cannot_reach_gets_no_call(
+def test_the_expected_server_costs_no_handshake_of_the_channels_own(
     store: Server, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The check's handshake could not connect while gRPC's could (another resolver answer, a
-    connection dropped for the check alone, ...): the check reported "unreachable" and the call
-    went out unchecked, reaching the model store on a channel that expects the key broker. The
-    call now fails UNAVAILABLE saying so, and the next call checks again."""
+    """Before, a check handshake preceded the first call on every connection, and when it could
+    not connect (another resolver answer, a connection dropped for it alone) the call was not
+    sent. gRPC's own handshake is now the check: the expected server answers with no handshake
+    of ours; another one is refused by gRPC though ours cannot reach it to name it."""
     connects = _CheckConnects(monkeypatch, store.port)
     connects.refusing = True
+    with client_identity.channel(store.target, server_id=sid("modelstore")) as channel:
+        assert ping(channel, timeout=10) == b"x"
+        assert ping(channel, timeout=10) == b"x"
+    assert connects.count == 0
     before = store.calls.total()
     with client_identity.channel(store.target, server_id=sid("keybroker")) as channel:
-        with pytest.raises(ServerIdentityUnchecked) as info:
+        with pytest.raises(ServerIdentityMismatch) as refused:
             ping(channel, timeout=10)
-        error = info.value
-        assert error.code() == grpc.StatusCode.UNAVAILABLE
-        assert error.reason == "SERVER_IDENTITY_UNCHECKED"
-        assert store.target in error.details() and sid("keybroker") in error.details()
-        assert "Connection refused (for the check only)" in error.details()
-        assert store.calls.total() == before  # nothing reached the server
-        connects.refusing = False
-        with pytest.raises(ServerIdentityMismatch):  # checked again: the wrong server
-            ping(channel, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert sid("keybroker") in refused.value.details()
+    assert connects.count >= 1  # the explanation was tried
     assert store.calls.total() == before
-    with client_identity.channel(store.target, server_id=sid("modelstore")) as channel:
-        connects.refusing = True
-        with pytest.raises(ServerIdentityUnchecked):
-            ping(channel, timeout=10)
-        connects.refusing = False
-        assert ping(channel, timeout=10) == b"x"  # the normal path
-        assert ping(channel, timeout=10) == b"x"
-
-
-def test_every_kind_of_call_fails_closed(
-    store: Server, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    connects = _CheckConnects(monkeypatch, store.port)
-    connects.refusing = True
-    with client_identity.channel(store.target, server_id=sid("modelstore")) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        with pytest.raises(ServerIdentityUnchecked):
-            next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=10))
-        with pytest.raises(ServerIdentityUnchecked):
-            stub.Check.future(health_pb2.HealthCheckRequest(), timeout=10)
-        with pytest.raises(ServerIdentityUnchecked):
-            stub.Check.with_call(health_pb2.HealthCheckRequest(), timeout=10)
-
-
-def test_concurrent_first_calls_share_one_check(
-    store: Server, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Calls arriving while the connection's check runs wait for its outcome (here held until
-    every other call waits for it) instead of each making a handshake of its own. (The first
-    check ran before gRPC's connection was up, so once it is, a call may check that connection
-    once more, by design: that second check passes through unheld.)"""
-    callers = 8
-    waiting = threading.Semaphore(0)
-
-    class CountedEvent(threading.Event):
-        def wait(self, timeout: float | None = None) -> bool:
-            waiting.release()
-            return super().wait(timeout)
-
-    class CountedCheck(channel_module._Check):
-        def __init__(self, epoch: int) -> None:
-            super().__init__(epoch)
-            self.done = CountedEvent()
-
-    monkeypatch.setattr(channel_module, "_Check", CountedCheck)
-    connects = _CheckConnects(monkeypatch, store.port)
-    real = connects.real
-
-    first = threading.Lock()
-
-    def held(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
-        if first.acquire(blocking=False):
-            for _ in range(callers - 1):  # every other caller waits for this check
-                assert waiting.acquire(timeout=30)
-        return real(address, *args, **kwargs)
-
-    connects.real = held
-    with (
-        client_identity.channel(store.target, server_id=sid("modelstore")) as channel,
-        futures.ThreadPoolExecutor(callers) as pool,
-    ):
-        answers = list(pool.map(lambda _: ping(channel, timeout=30), range(callers)))
-    assert answers == [b"x"] * callers
-    assert connects.count in (1, 2)  # the shared one, and perhaps that of gRPC's new connection
 
 
 def test_a_wait_for_ready_call_waits_for_a_server_that_comes_up_later(
-    store_identity: WorkloadIdentity,
-    client_identity: WorkloadIdentity,
-    monkeypatch: pytest.MonkeyPatch,
+    store_identity: WorkloadIdentity, client_identity: WorkloadIdentity
 ) -> None:
-    """Such a call waits for the server within its deadline (as gRPC's own), re-checking the
-    server's identity with back-off, rather than failing at the first check."""
+    """As gRPC's own: a call fails UNAVAILABLE at once on an unreachable server, a
+    ``wait_for_ready`` call waits for it within its deadline (DEADLINE_EXCEEDED after)."""
     with socket.socket() as closed:  # a port nothing listens on yet
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    connects = _CheckConnects(monkeypatch, port)
-    refused = threading.Event()
-    real = connects.real
-
-    def noting_refusals(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
-        try:
-            return real(address, *args, **kwargs)
-        except ConnectionRefusedError:
-            refused.set()
-            raise
-
-    connects.real = noting_refusals
     with (
         client_identity.channel(f"localhost:{port}", server_id=sid("modelstore")) as channel,
         futures.ThreadPoolExecutor(1) as pool,
     ):
-        with pytest.raises(ServerIdentityUnchecked) as info:  # without waiting: at once
+        with pytest.raises(grpc.RpcError) as info:  # without waiting: at once
             ping(channel, timeout=30)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        refused.clear()
+        with pytest.raises(grpc.RpcError) as info:
+            ping(channel, timeout=0.5, wait_for_ready=True)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         waiting = pool.submit(ping, channel, timeout=60, wait_for_ready=True)
-        assert refused.wait(30)  # it found the server down, and waits
         server = serve(store_identity, port=port)
         try:
             assert waiting.result(60) == b"x"
@@ -575,30 +577,14 @@ def test_a_wait_for_ready_call_waits_for_a_server_that_comes_up_later(
             server.stop()
 
 
-def test_a_wait_for_ready_call_ends_at_its_deadline(
-    client_identity: WorkloadIdentity,
-) -> None:
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
-    with (
-        client_identity.channel(f"localhost:{port}", server_id=sid("modelstore")) as channel,
-        pytest.raises(ServerIdentityUnchecked) as info,
-    ):
-        ping(channel, timeout=0.5, wait_for_ready=True)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert info.value.reason == "SERVER_IDENTITY_UNCHECKED"
-    assert "deadline" in info.value.details()
-
-
 def test_a_reconnection_is_checked_before_a_call_goes_out(
     ca: StepCa, store_identity: WorkloadIdentity, client_identity: WorkloadIdentity
 ) -> None:
     """gRPC reconnects on its own after the server went away, and another workload may answer
-    on that address by then. gRPC's connectivity callbacks, which forgot the check, run late on
-    a thread of their own (held here, as a poller starved of the interpreter lock is): the next
-    call went out on the new connection with the old check. The channel now also reads gRPC's
-    connection state at each call."""
+    on that address by then. gRPC's connectivity callbacks, which forgot the separate check, run
+    late on a thread of their own (held here, as a poller starved of the interpreter lock is):
+    the next call went out on the new connection with the old check. gRPC's own handshake of
+    the new connection now refuses it, whenever it is made."""
     first = serve(store_identity)
     port = first.port
     broker = enrol(ca, "keybroker", ["keybroker", "localhost"], auto_renew=False)
@@ -606,7 +592,7 @@ def test_a_reconnection_is_checked_before_a_call_goes_out(
     try:
         with client_identity.channel(f"localhost:{port}", server_id=sid("modelstore")) as channel:
             assert ping(channel, timeout=10) == b"x"
-            assert ping(channel, timeout=10) == b"x"  # checked once more, with gRPC's up
+            assert ping(channel, timeout=10) == b"x"
             grpc_channel = channel._slot.channel
             with grpc_channel._connectivity_state.lock:  # type: ignore[attr-defined]
                 first.stop()
@@ -620,147 +606,90 @@ def test_a_reconnection_is_checked_before_a_call_goes_out(
         broker.close()
 
 
-def test_the_connection_state_is_readable() -> None:
-    """The channel reads gRPC's connection state through grpc's private ``_channel``: a grpc
-    release that changes it must fail here, not silently leave reconnections to the callbacks."""
-    channel = grpc.insecure_channel("localhost:1")
-    try:
-        assert channel_module._ready(channel) is False
-    finally:
-        channel.close()
+def _presentation(identity: WorkloadIdentity) -> TlsPresentation:
+    credentials = identity.credentials
+    return TlsPresentation(identity.root_pem, credentials.key_pem, credentials.chain_pem)
 
 
-def test_the_check_of_a_silent_server_ends_at_the_calls_deadline(
+def test_the_explanation_of_a_silent_server_ends_within_its_time(
     client_identity: WorkloadIdentity,
 ) -> None:
-    """The check's time bound was per address and per step (connect, then handshake): a target
-    of several addresses, each accepting TCP and never answering TLS, held a call for two
-    bounds per address, well past its deadline. The call's deadline now bounds the whole check:
-    once it passed, no further address is tried, and the call ends DEADLINE_EXCEEDED."""
+    """The handshake's time bound was per address and per step (connect, then handshake): a
+    target of several addresses, each accepting TCP and never answering TLS, held it for two
+    bounds per address. Its time (the call's deadline, at most 2 s) now bounds it whole: once it
+    passed, no further address is tried, and nothing is explained."""
     with socket.socket() as first, socket.socket() as second:
         for silent in (first, second):  # listening, never accepting: TCP connects, TLS waits
             silent.bind(("127.0.0.1", 0))
             silent.listen(8)
         target = f"ipv4:127.0.0.1:{first.getsockname()[1]},127.0.0.1:{second.getsockname()[1]}"
-        with (
-            client_identity.channel(target, server_id=sid("modelstore")) as channel,
-            pytest.raises(ServerIdentityUnchecked) as info,
-        ):
-            ping(channel, timeout=0.5)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert info.value.reason == "SERVER_IDENTITY_UNCHECKED"
+        presentation = _presentation(client_identity)
+        assert diagnose_server(target, presentation, sid("modelstore"), timeout=0.5) is None
         second.setblocking(False)
-        with pytest.raises(BlockingIOError):  # the deadline passed at the first: not tried
+        with pytest.raises(BlockingIOError):  # the time ran out at the first: not tried
             second.accept()
 
 
-def test_a_wait_for_ready_call_is_not_sent_on_a_connection_made_after_its_check(
-    ca: StepCa,
-    store_identity: WorkloadIdentity,
-    client_identity: WorkloadIdentity,
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_wait_for_ready_call_is_never_sent_to_another_server_that_comes_up(
+    ca: StepCa, client_identity: WorkloadIdentity
 ) -> None:
-    """A check that passed while gRPC's connection was down (between reconnection attempts) let
-    a ``wait_for_ready`` call go to gRPC, which held it until its next attempt, up to its
-    back-off (120 s by default) later, and then sent it on that connection, to whatever server
-    answered by then, unchecked. Such a call now waits for gRPC's connection to come up and
-    checks the server of that connection before it is sent."""
+    """A ``wait_for_ready`` call waiting for the model store, when the key broker comes up on
+    its address: a check made before gRPC's connection let gRPC send the call on whatever that
+    connection reached. gRPC's own handshake now refuses the broker at each attempt: the call
+    waits for the store until its deadline, and the broker gets nothing."""
     with socket.socket() as closed:  # a port nothing listens on yet
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    # gRPC's next attempt well after the check (4 s at least, with its jitter), which takes
-    # milliseconds.
-    backoff = [(f"grpc.{k}_reconnect_backoff_ms", 5000) for k in ("initial", "min", "max")]
-    checked = threading.Event()
-    real_verify = channel_module.verify_server_identity
-
-    def noting_checks(*args: Any, **kwargs: Any) -> None:
-        real_verify(*args, **kwargs)
-        checked.set()
-
-    monkeypatch.setattr(channel_module, "verify_server_identity", noting_checks)
-    states: list[grpc.ChannelConnectivity] = []
-    failed = threading.Event()
-
-    def on_state(state: grpc.ChannelConnectivity) -> None:
-        states.append(state)
-        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-            failed.set()
-
     broker = enrol(ca, "keybroker", ["keybroker", "localhost"], auto_renew=False)
-    first: Server | None = None
     second: Server | None = None
     try:
         with (
-            client_identity.channel(
-                f"localhost:{port}", server_id=sid("modelstore"), options=backoff
-            ) as channel,
+            client_identity.channel(f"localhost:{port}", server_id=sid("modelstore")) as channel,
             futures.ThreadPoolExecutor(1) as pool,
         ):
-            channel.subscribe(on_state, try_to_connect=True)
-            assert failed.wait(30)  # gRPC found nothing there: it waits out its back-off
-            first = serve(store_identity, port=port)
-            waiting = pool.submit(ping, channel, timeout=60, wait_for_ready=True)
-            assert checked.wait(30)  # checked against the model store, gRPC still down
-            first.stop()
-            first = None
-            second = serve(broker, port=port)  # what gRPC's next attempt reaches
-            with pytest.raises(ServerIdentityMismatch, match=sid("keybroker")):
+            waiting = pool.submit(ping, channel, timeout=5, wait_for_ready=True)
+            second = serve(broker, port=port)
+            with pytest.raises(grpc.RpcError) as refused:
                 waiting.result(60)
-            channel.unsubscribe(on_state)
+            assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert second.calls.total() == 0
     finally:
-        for running in (first, second):
-            if running is not None:
-                running.stop()
+        if second is not None:
+            second.stop()
         broker.close()
 
 
-@pytest.mark.parametrize(
-    "option",
-    [
-        ("grpc.lb_policy_name", "round_robin"),
-        ("grpc.service_config", '{"loadBalancingConfig": [{"round_robin": {}}]}'),
-    ],
-)
-def test_a_channel_checking_the_id_refuses_to_spread_calls_over_servers(
-    client_identity: WorkloadIdentity, option: tuple[str, str]
+def test_every_address_grpc_spreads_calls_over_is_checked(
+    ca: StepCa, store: Server, client_identity: WorkloadIdentity
 ) -> None:
-    """The check reaches one server, the first of the target's addresses that answers, as
-    gRPC's pick_first policy does; with another policy (round_robin) gRPC keeps a connection to
-    every address and sends calls to each, while the channel, up on one of them, saw nothing to
-    check again: every other address got calls unchecked. Such a channel is refused."""
-    with pytest.raises(ValueError) as refused:
-        client_identity.channel(
-            "ipv4:127.0.0.1:1,127.0.0.1:2", server_id=sid("modelstore"), options=[option]
-        )
-    assert "pick_first" in str(refused.value) and sid("modelstore") in str(refused.value)
-    client_identity.channel("ipv4:127.0.0.1:1", options=[option]).close()  # no check: allowed
+    """A channel with a server_id was limited to pick_first, since its check reached one
+    address; gRPC's own handshake checks each connection, so round_robin sends calls only to
+    the addresses whose server is the expected one."""
+    broker_identity = enrol(ca, "keybroker", ["keybroker", "localhost"], auto_renew=False)
+    broker = serve(broker_identity)
+    try:
+        target = f"ipv4:127.0.0.1:{broker.port},127.0.0.1:{store.port}"
+        options = [("grpc.lb_policy_name", "round_robin")]
+        before = store.calls.total()
+        with client_identity.channel(
+            target, server_id=sid("modelstore"), options=options
+        ) as channel:
+            answers = [ping(channel, timeout=10, wait_for_ready=True) for _ in range(6)]
+        assert answers == [b"x"] * 6
+        assert store.calls.total() == before + 6
+        assert broker.calls.total() == 0
+    finally:
+        broker.stop()
+        broker_identity.close()
 
 
-def test_a_call_whose_check_cannot_connect_checks_once(
-    store: Server, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The refusal (UNAVAILABLE) was read as the call's own failure, which made the channel
-    check the server once more, unbounded by the call's deadline (2 s more for a silent one):
-    a blocking call's check now runs once, and the call ends with its refusal."""
-    connects = _CheckConnects(monkeypatch, store.port)
-    connects.refusing = True
-    with (
-        client_identity.channel(store.target, server_id=sid("modelstore")) as channel,
-        pytest.raises(ServerIdentityUnchecked),
-    ):
-        ping(channel, timeout=10)
-    assert connects.count == 1
-
-
-def test_the_check_of_a_name_with_a_silent_address_ends_at_the_calls_deadline(
+def test_the_explanation_of_a_name_with_a_silent_address_ends_within_its_time(
     client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A host name of several addresses (a DNS answer) was connected to by Python's
     ``create_connection``, which gives each address the whole timeout: with the first dropping
     connections (a full accept queue here), it waited out the call's deadline there and then
-    went on to the next address, past it. The name's addresses now share the check's time."""
+    went on to the next address, past it. The name's addresses now share the handshake's time."""
     name = "two-addresses.strongroom.test"  # resolved here to two loopback listeners
     with socket.socket() as silent, socket.socket() as second:
         silent.bind(("127.0.0.1", 0))
@@ -778,16 +707,11 @@ def test_the_check_of_a_name_with_a_silent_address_ends_at_the_calls_deadline(
 
         monkeypatch.setattr(socket, "getaddrinfo", resolve)
         try:
-            with (
-                client_identity.channel(
-                    f"{name}:{answers[0][1]}", server_id=sid("modelstore")
-                ) as channel,
-                pytest.raises(ServerIdentityUnchecked) as info,
-            ):
-                ping(channel, timeout=0.5)
+            target = f"{name}:{answers[0][1]}"
+            presentation = _presentation(client_identity)
+            assert diagnose_server(target, presentation, sid("modelstore"), timeout=0.5) is None
         finally:
             filler.close()
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         second.setblocking(False)
         with pytest.raises(BlockingIOError):  # the deadline passed at the first: not tried
             second.accept()

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from strongroom.pki import SpiffeId
-from strongroom.spiffe import MalformedSpiffeId
+from strongroom.spiffe import (
+    IDENTITY_DNS_SUFFIX,
+    MalformedSpiffeId,
+    identity_dns_name,
+    is_reserved_dns_name,
+)
 
 
 @pytest.mark.parametrize(
@@ -90,3 +97,28 @@ def test_one_grammar_for_config_policy_and_certificates(text: str, ok: bool) -> 
         "min_reported_tcb: {fmc: 0, bootloader: 0, tee: 0, snp: 0, microcode: 0}}\n"
     )
     assert accepted(lambda: ReleasePolicy.load(policy)) == ok
+
+
+def test_the_derived_dns_name_is_one_valid_name_per_id() -> None:
+    """Path segments differing only in case or in '_' / '-' get different names (DNS matching
+    folds case), each a valid host name under the reserved suffix."""
+    ids = [
+        "spiffe://strongroom.test/keybroker",
+        "spiffe://strongroom.test/KeyBroker",
+        "spiffe://strongroom.test/key_broker",
+        "spiffe://strongroom.test/key-broker",
+        "spiffe://strongroom.test/keybroker/x",
+        "spiffe://other.test/keybroker",
+    ]
+    names = [identity_dns_name(i) for i in ids]
+    assert len({n.lower() for n in names}) == len(ids)
+    for name in names:
+        label, _, suffix = name.partition(".")
+        assert suffix == IDENTITY_DNS_SUFFIX
+        assert re.fullmatch(r"[a-z2-7]{52}", label)
+        assert is_reserved_dns_name(name) and is_reserved_dns_name(name.upper() + ".")
+    assert identity_dns_name(SpiffeId.parse(ids[0])) == names[0]  # pure: same ID, same name
+    assert not is_reserved_dns_name("keybroker")
+    assert not is_reserved_dns_name("xspiffe-id.strongroom.invalid")
+    with pytest.raises(MalformedSpiffeId):
+        identity_dns_name("spiffe://Strongroom.test/x")

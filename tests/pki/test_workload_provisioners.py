@@ -22,6 +22,8 @@ from strongroom.pki._x509 import build_csr, generate_key
 from strongroom.pki.bootstrap import Workload, workload_template
 from strongroom.pki.errors import CaRejected, InvalidPkiConfig
 from strongroom.pki.layout import CaLayout
+from strongroom.pki.token import with_identity_names
+from strongroom.spiffe import identity_dns_name
 from tests.pki.helpers import TRUST_DOMAIN, new_ca, sid
 
 MODELSTORE_IPS = ("2001:DB8::1", "0:0:0:0:0:0:0:1")
@@ -31,7 +33,7 @@ WORKLOADS = (
     Workload("modelstore", ("modelstore", MODELSTORE_IPS[0], MODELSTORE_IPS[1])),
     Workload("inference", ("inference", "127.0.0.1")),
 )
-SANS = {w.service: [sid(w.service), *w.dns_names] for w in WORKLOADS}
+SANS = {w.service: w.sans(TRUST_DOMAIN) for w in WORKLOADS}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,9 @@ def wca(step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def sign_with(ca: StepCa, kit: CaLayout, subject: str, sans: Sequence[str]) -> set[str]:
     """Mints a token with the kit's key for ``sans`` and a CSR with exactly them; the issued SANs."""
     token = mint_token(kit.provisioner(), ca_url=ca.url, subject=subject, sans=list(sans))
-    (leaf, *_) = ca.client().sign(build_csr(generate_key(), sans), token)
+    # The token asks for the derived name of each SPIFFE ID too: so does the CSR.
+    csr = build_csr(generate_key(), with_identity_names(sans))
+    (leaf, *_) = ca.client().sign(csr, token)
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     names: set[str] = set(san.get_values_for_type(x509.UniformResourceIdentifier))
     names |= set(san.get_values_for_type(x509.DNSName))
@@ -111,7 +115,9 @@ def test_each_workload_enrols_and_renews_with_its_own_provisioner(
 
 def test_the_operator_provisioner_stays_unrestricted(wca: StepCa) -> None:
     # Admin and publisher tokens come from the operator's provisioner, as before.
-    assert sign_with(wca, wca.layout, sid("admin"), [sid("admin")]) == {sid("admin")}
+    # (Its certificate carries the name derived from its ID, as every workload's does.)
+    admin = {sid("admin"), identity_dns_name(sid("admin"))}
+    assert sign_with(wca, wca.layout, sid("admin"), [sid("admin")]) == admin
 
 
 def test_ca_directory_layout(wca: StepCa) -> None:
@@ -161,6 +167,41 @@ def test_workload_names_are_checked(spec: str) -> None:
         Workload.parse(spec)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "spiffe-id.strongroom.invalid",
+        "x.spiffe-id.strongroom.invalid",
+        "X.Spiffe-ID.Strongroom.Invalid",
+    ],
+)
+def test_no_operator_name_may_be_in_the_suffix_reserved_for_derived_names(
+    tmp_path: Path, name: str
+) -> None:
+    """A derived name stands for one SPIFFE ID (channels expecting that ID check it): given to
+    another workload, or to step-ca, it would let that one pass for the ID's workload."""
+    from strongroom.pki import init_ca
+
+    derived = identity_dns_name(sid("keybroker"))
+    for spec in (f"inference={name}", f"inference={derived}"):
+        with pytest.raises(InvalidPkiConfig, match="reserved") as refused:
+            Workload.parse(spec)
+        assert refused.value.reason == "DNS_NAME_RESERVED"
+    with pytest.raises(InvalidPkiConfig, match="reserved"):
+        workload_template(sid("inference"), [derived])
+    with pytest.raises(InvalidPkiConfig, match="reserved"):
+        init_ca(tmp_path / "ca", trust_domain=TRUST_DOMAIN, dns_names=["localhost", name])
+    assert not (tmp_path / "ca").exists()
+    # A token may carry only the derived names of the IDs it asks for.
+    with pytest.raises(InvalidPkiConfig, match="reserved"):
+        with_identity_names([sid("inference"), derived])
+    assert with_identity_names([sid("inference"), "x"]) == [
+        sid("inference"),
+        identity_dns_name(sid("inference")),
+        "x",
+    ]
+
+
 def test_duplicate_workloads_are_refused(tmp_path: Path) -> None:
     from strongroom.pki import init_ca
 
@@ -179,6 +220,7 @@ def test_ip_addresses_written_any_way_enrol(wca: StepCa) -> None:
     as_written = [sid("modelstore"), "modelstore", *MODELSTORE_IPS]
     assert sign_with(wca, kit, sid("modelstore"), as_written) == {
         sid("modelstore"),
+        identity_dns_name(sid("modelstore")),
         "modelstore",
         "2001:db8::1",
         "::1",
