@@ -7,7 +7,12 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from strongroom.artifact.format import MAX_HEAD_SIZE, check_content_type, check_key_id
+from strongroom.artifact.format import (
+    MAX_HEAD_SIZE,
+    MAX_PLAINTEXT_SIZE,
+    check_content_type,
+    check_key_id,
+)
 from strongroom.errors import InvalidArgument
 from strongroom.identifiers import (
     is_sha256_hex,
@@ -202,7 +207,13 @@ def stored_record(fields: Mapping[str, object]) -> ModelRecord:
         version=version,
         artifact_sha256=_text(fields, "artifact_sha256"),
         artifact_size=artifact_size,
-        plaintext_size=_integer(fields, "plaintext_size", 0, _UINT64),
+        # What the format holds (ARTIFACT_FORMAT.md: at most 2^40 bytes, PLAINTEXT_TOO_LARGE),
+        # and less than the artifact, whose body alone is the plaintext plus its digest, tags
+        # and salt: a uint64 bound let an edited entry announce an exabyte model (a loader sizes
+        # its buffers and its key wait by it) that no upload can store.
+        plaintext_size=_integer(
+            fields, "plaintext_size", 0, min(MAX_PLAINTEXT_SIZE + 1, artifact_size)
+        ),
         plaintext_sha256=_text(fields, "plaintext_sha256"),
         content_type=content_type,
         key_id=key_id,

@@ -1013,6 +1013,10 @@ def test_a_lost_index_stops_the_start_instead_of_sweeping_every_blob(store_root:
         ("header_size", 0),
         ("content_type", "x" * 5000),
         ("key_id", ""),
+        # Only a uint64 bound before: a size the format cannot hold (over 2^40), or one no
+        # smaller than the artifact that would carry it.
+        ("plaintext_size", 2**40 + 1),
+        ("plaintext_size", 10**6),
     ],
     ids=[
         "time-too-late",
@@ -1026,6 +1030,8 @@ def test_a_lost_index_stops_the_start_instead_of_sweeping_every_blob(store_root:
         "empty-header",
         "content-type-too-long",
         "empty-key-id",
+        "plaintext-past-the-format",
+        "plaintext-past-the-artifact",
     ],
 )
 def test_an_edited_index_row_is_stored_data_corrupt(
