@@ -30,6 +30,7 @@ from strongroom.modelstore.records import (
     STORED_FIELDS,
     CorruptEntry,
     ModelRecord,
+    UnreadableEntries,
     problem_text,
     stored_record,
     to_micros,
@@ -140,18 +141,20 @@ def key_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def _entry(row: Any) -> ModelRecord | CorruptEntry:
+def _entry(row: Any, unreadable: UnreadableEntries) -> ModelRecord | CorruptEntry:
     """The record of one row, or, for a row this store cannot have written (edited or damaged on
     disk), the entry naming it (logged) with the first field that breaks the rules of
     :func:`~strongroom.modelstore.records.stored_record`, which the S3 index shares. The digest
     names the blob's file (joined to the blob directory) and the name and version reach every
     caller of a listing: a row this store cannot have written must not make it read or delete a
-    file elsewhere, nor hand a client a name it would refuse."""
+    file elsewhere, nor hand a client a name it would refuse. Logged once (``unreadable``),
+    not on every page that covers it."""
     try:
         return stored_record(dict(zip(_COLUMNS, row, strict=True)))
     except ValueError as exc:
-        log.error("index row of %s is unreadable: %s", _where(row), exc)
-        return CorruptEntry(str(row[0]), str(row[1]), problem_text(exc))
+        problem = problem_text(exc)
+        unreadable.report(f"index row of {_where(row)}", problem)
+        return CorruptEntry(str(row[0]), str(row[1]), problem)
 
 
 def _where(row: Any) -> str:
@@ -160,10 +163,10 @@ def _where(row: Any) -> str:
     return f"{str(row[0])[:256]!r} {str(row[1])[:256]!r}"
 
 
-def _record(row: Any) -> ModelRecord:
+def _record(row: Any, unreadable: UnreadableEntries) -> ModelRecord:
     """The record of one row; ``StoredDataCorrupt(INDEX_CORRUPT)``, naming the model and the
     field, for a row this store cannot have written (:func:`_entry`)."""
-    entry = _entry(row)
+    entry = _entry(row, unreadable)
     if isinstance(entry, CorruptEntry):
         raise StoredDataCorrupt(
             f"the index row of {_where(row)} is unreadable: {entry.problem}",
@@ -178,6 +181,7 @@ class Index:
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
         self._directory = path.parent
+        self._unreadable = UnreadableEntries(log)
         try:
             self._db = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=10.0
@@ -256,7 +260,7 @@ class Index:
         """The record for ``name``/``version``, or None."""
         with self._cursor() as cur:
             row = cur.execute(_GET, (name, version)).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else _record(row, self._unreadable)
 
     def insert(self, record: ModelRecord) -> None:
         """Adds ``record`` in its own transaction; ModelExists if the name and version are taken."""
@@ -375,13 +379,13 @@ class Index:
         }
         with self._cursor() as cur:
             rows = cur.execute(_PAGE, params).fetchall()
-        return [_entry(row) for row in rows]
+        return [_entry(row, self._unreadable) for row in rows]
 
     def all_records(self) -> list[ModelRecord]:
         """Every record (for tests); ``StoredDataCorrupt`` if a row is unreadable."""
         with self._cursor() as cur:
             rows = cur.execute(_ALL).fetchall()
-        return [_record(row) for row in rows]
+        return [_record(row, self._unreadable) for row in rows]
 
     def readable_records(self) -> tuple[list[ModelRecord], list[tuple[str, str]]]:
         """Every readable record, and the (name, version) of the rows that are not, each logged
@@ -392,7 +396,7 @@ class Index:
         unreadable: list[tuple[str, str]] = []
         for row in rows:
             try:
-                records.append(_record(row))
+                records.append(_record(row, self._unreadable))
             except StoredDataCorrupt:
                 unreadable.append((str(row[0]), str(row[1])))
         return records, unreadable

@@ -87,6 +87,7 @@ from strongroom.modelstore.records import (
     CorruptEntry,
     ModelPage,
     ModelRecord,
+    UnreadableEntries,
     UploadClaims,
     problem_text,
     stored_record,
@@ -349,10 +350,13 @@ def _record_json(record: ModelRecord, blob: str) -> bytes:
     ).encode()
 
 
-def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, str] | CorruptEntry:
+def _parse_record(
+    data: bytes, name: str, version: str, unreadable: UnreadableEntries
+) -> tuple[ModelRecord, str] | CorruptEntry:
     """The record and blob key of an index object, or, for one this store cannot have written
     (every field held to :func:`~strongroom.modelstore.records.stored_record`, which the
-    filesystem index shares), the entry naming the model and what is wrong (logged)."""
+    filesystem index shares), the entry naming the model and what is wrong (logged once,
+    ``unreadable``, not on every page that covers it)."""
     try:
         if len(data) > MAX_INDEX_RECORD_BYTES:
             raise ValueError(f"over {MAX_INDEX_RECORD_BYTES} bytes")
@@ -366,15 +370,18 @@ def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, st
         if (record.name, record.version) != (name, version):
             raise ValueError("name and version are not its key's")
     except ValueError as exc:
-        log.error("index record of %s %s is unreadable: %s", name, version, exc)
-        return CorruptEntry(name, version, problem_text(exc))
+        problem = problem_text(exc)
+        unreadable.report(f"index record of {name} {version}", problem)
+        return CorruptEntry(name, version, problem)
     return record, blob
 
 
-def _entry(data: bytes, etag: str, name: str, version: str) -> _Indexed | CorruptEntry:
+def _entry(
+    data: bytes, etag: str, name: str, version: str, unreadable: UnreadableEntries
+) -> _Indexed | CorruptEntry:
     """The entry of index object bytes ``data`` (read by :meth:`S3Storage._read_index`, at most
     one byte past any record's size), or the :class:`CorruptEntry` of one that does not parse."""
-    parsed = _parse_record(data, name, version)
+    parsed = _parse_record(data, name, version, unreadable)
     if isinstance(parsed, CorruptEntry):
         return parsed
     return _Indexed(*parsed, etag)
@@ -388,10 +395,12 @@ def _corrupt(entry: CorruptEntry) -> StoredDataCorrupt:
     )
 
 
-def _indexed(data: bytes, etag: str, name: str, version: str) -> _Indexed:
+def _indexed(
+    data: bytes, etag: str, name: str, version: str, unreadable: UnreadableEntries
+) -> _Indexed:
     """The entry of index object bytes ``data``; ``StoredDataCorrupt(INDEX_CORRUPT)`` if it is
     larger than any record or does not parse."""
-    entry = _entry(data, etag, name, version)
+    entry = _entry(data, etag, name, version, unreadable)
     if isinstance(entry, CorruptEntry):
         raise _corrupt(entry)
     return entry
@@ -719,6 +728,7 @@ class S3Storage(Closing):
         self.orphan_grace = orphan_grace
         self._clock = clock
         self._uploads = Uploads(max_artifact_size, self._exists)
+        self._unreadable = UnreadableEntries(log)
         self._closed = False
         self.conditional_deletes = True
         """Whether deletes carry ``If-Match`` (False when the start-up check found the object
@@ -905,7 +915,7 @@ class S3Storage(Closing):
 
     def _get_index(self, name: str, version: str) -> _Indexed | None:
         read = self._read_index(name, version)
-        return None if read is None else _indexed(*read, name, version)
+        return None if read is None else _indexed(*read, name, version, self._unreadable)
 
     def _require(self, name: str, version: str) -> _Indexed:
         self._check_open()
@@ -1302,7 +1312,7 @@ class S3Storage(Closing):
             data, etag = read
             blob: str | None
             try:
-                entry = _indexed(data, etag, name, version)
+                entry = _indexed(data, etag, name, version, self._unreadable)
             except StoredDataCorrupt:  # logged; deleted all the same
                 blob, header_size = _blob_of_unreadable(data), MAX_HEAD_SIZE
             else:
@@ -1523,7 +1533,7 @@ class S3Storage(Closing):
             found = self._read_index(*key)
             if found is None:
                 return None
-            entry = _entry(*found, *key)
+            entry = _entry(*found, *key, self._unreadable)
             return entry if isinstance(entry, CorruptEntry) else entry.record
 
         return [e for e in _each(keys, read) if e is not None]

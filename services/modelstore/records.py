@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -71,6 +73,47 @@ def problem_text(exc: ValueError) -> str:
     """``exc``'s message as a :attr:`CorruptEntry.problem`: ASCII (anything else escaped) and at
     most :data:`MAX_PROBLEM_LENGTH` characters."""
     return str(exc).encode("ascii", "backslashreplace").decode("ascii")[:MAX_PROBLEM_LENGTH]
+
+
+MAX_UNREADABLE_LOGGED = 4096
+"""How many distinct unreadable index entries one storage logs by name; past that, one line
+says the rest are not logged (the listings and the start-up sweep still name every one)."""
+
+
+class UnreadableEntries:
+    """Logs each unreadable index entry at ERROR once per storage (a store process has one),
+    not on every read that meets it.
+
+    Every listing page logged an ERROR for each corrupt entry it covered, so a caller paging
+    through the store again and again (any reader may) wrote the same lines without end. An
+    entry is logged again only if what is wrong with it changes; at most
+    :data:`MAX_UNREADABLE_LOGGED` entries are remembered, so that planting entries cannot grow
+    the store's memory (or, by forgetting, flood the log again). Thread-safe.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._lock = threading.Lock()
+        self._seen: set[tuple[str, str]] = set()
+        self._full = False
+
+    def report(self, what: str, problem: str) -> None:
+        """Logs that ``what`` (the entry, as a message names it) is unreadable for ``problem``,
+        unless that was logged already."""
+        with self._lock:
+            if (what, problem) in self._seen:
+                return
+            if len(self._seen) >= MAX_UNREADABLE_LOGGED:
+                first, self._full = not self._full, True
+                if first:
+                    self._log.error(
+                        "more than %d index entries are unreadable: later ones are not logged "
+                        "(ListModels corrupt_entries and the start-up sweep name them all)",
+                        MAX_UNREADABLE_LOGGED,
+                    )
+                return
+            self._seen.add((what, problem))
+        self._log.error("%s is unreadable: %s", what, problem)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
