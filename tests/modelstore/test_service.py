@@ -533,6 +533,26 @@ def test_a_listing_names_a_corrupt_index_entry_and_answers_the_pages_around_it(
     assert pb.ListModelsResponse(corrupt_entries=[largest]).ByteSize() <= MAX_MODEL_INFO_BYTES
 
 
+def test_the_demo_reports_the_corrupt_entries_a_listing_names(
+    fs_served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo's store step read ListModels' first page of ``models`` and nothing else: an index
+    entry the store lists as corrupt went unmentioned (and any model past the first page). It
+    walks every page now and prints each corrupt entry as a warning naming it and its field."""
+    from strongroom.dev import lifecycle
+    from strongroom.dev.demo import Narrator
+
+    for name in ("acme/a", "acme/b"):
+        put(fs_served, make_artifact(name, "1", body(100)))
+    edit_index_entry(fs_served.storage, fs_served.storage.stat("acme/b", "1"), key_version=0)
+    say = Narrator()
+    assert lifecycle.show_listing(say, fs_served.stub) == 1
+    out = capsys.readouterr().out
+    assert say.checks == 1 and "stored acme/a/1" in out
+    (warning,) = [line for line in out.splitlines() if "acme/b" in line]
+    assert warning.startswith("  ! ") and "INDEX_CORRUPT" in warning and "key_version" in warning
+
+
 def test_a_corrupt_entry_whose_name_is_not_utf8_is_listed_escaped(fs_served: Served) -> None:
     """A filesystem index row whose name holds a byte that is not UTF-8 cannot go in a protobuf
     string as it is: it is named with the byte escaped, and the walk goes on past it."""
