@@ -73,6 +73,7 @@ from strongroom.identifiers import (
     validate_version,
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
+from strongroom.modelstore._heads import check_model, head_checked, stored_header
 from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.config import StorageConfig
 from strongroom.modelstore.errors import (
@@ -645,18 +646,34 @@ class S3RangeReader(Closing):
     """
 
     def __init__(
-        self, body: Any, record: ModelRecord, offset: int, length: int, *, check_end: bool = False
+        self,
+        body: Any,
+        record: ModelRecord,
+        offset: int,
+        length: int,
+        *,
+        check_end: bool = False,
+        check_head: bool = False,
     ) -> None:
         self._body = body
         self.record = record
         self.offset = offset
         self.length = length
         self._check_end = check_end
+        self._check_head = check_head
 
     def chunks(self, chunk_size: int) -> Iterator[bytes]:
-        """Yields the range in pieces of ``chunk_size`` bytes (the last may be shorter)."""
+        """Yields the range in pieces of ``chunk_size`` bytes (the last may be shorter).
+
+        ``check_head`` (a range from the first byte that holds the head): nothing is yielded
+        before the head has arrived and names the record's model (``_heads.head_checked``)."""
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
+        if self._check_head:
+            return head_checked(self.record, self._chunks(chunk_size))
+        return self._chunks(chunk_size)
+
+    def _chunks(self, chunk_size: int) -> Iterator[bytes]:
         remaining = self.length
         while remaining > 0:
             if self._body is None:
@@ -1269,20 +1286,7 @@ class S3Storage(Closing):
                 exc.reason,
             )
             return False
-        if (header.model_name, header.model_version) != (name, version):
-            log.error(
-                "index record of %s %s names blob %s, an artifact of %s %s: refused",
-                name,
-                version,
-                blob,
-                header.model_name,
-                header.model_version,
-            )
-            raise StoredDataCorrupt(
-                f"the index record of {name} {version} names another model's "
-                f"artifact ({header.model_name} {header.model_version}): nothing was deleted",
-                reason=Reason.BLOB_OF_ANOTHER_MODEL,
-            )
+        check_model(name, version, header, blob=blob)  # BLOB_OF_ANOTHER_MODEL: nothing deleted
         return True
 
     def delete(self, name: str, version: str) -> None:
@@ -1371,7 +1375,12 @@ class S3Storage(Closing):
         """The model's record; ModelNotFound if absent."""
         return self._require(name, version).record
 
-    def _open_blob(self, entry: _Indexed, offset: int, length: int) -> S3RangeReader:
+    def _open_blob(
+        self, entry: _Indexed, offset: int, length: int, *, check_head: bool = True
+    ) -> S3RangeReader:
+        """A reader of ``length`` bytes from ``offset`` of ``entry``'s blob; unless not
+        ``check_head`` (a caller that checks it itself), one whose head does not name the
+        entry's model (``_heads.stored_header``) is refused before a byte is handed out."""
         record = entry.record
         total: int | None
         try:
@@ -1416,14 +1425,45 @@ class S3Storage(Closing):
             raise s3_error(exc, "opening an artifact") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "opening an artifact") from None
+        # A range that holds the head is checked from its own bytes as they stream (no read of
+        # its own); any other range with bytes to serve reads the head apart first.
+        covers_head = check_head and offset == 0 and length >= record.header_size
         if total is None:  # size unstated (chunked 200, sizeless HEAD): the reader checks its end
             end = offset + length == record.artifact_size
-            return S3RangeReader(body, record, offset, length, check_end=end)
-        reader = S3RangeReader(body, record, offset, length)
-        if total != record.artifact_size:
-            reader.close()
-            raise self._size_mismatch(record)
+            reader = S3RangeReader(
+                body, record, offset, length, check_end=end, check_head=covers_head
+            )
+        else:
+            reader = S3RangeReader(body, record, offset, length, check_head=covers_head)
+            if total != record.artifact_size:
+                reader.close()
+                raise self._size_mismatch(record)
+        if check_head and length and not covers_head:
+            try:
+                self._check_head_apart(entry)
+            except BaseException:
+                reader.close()
+                raise
         return reader
+
+    def _check_head_apart(self, entry: _Indexed) -> None:
+        """Reads the head of ``entry``'s blob (one ranged GET) and checks that it names the
+        entry's model (``_heads.stored_header``): for a read whose range does not hold it."""
+        record = entry.record
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket,
+                Key=self._full(entry.blob),
+                Range=f"bytes=0-{record.header_size - 1}",
+            )
+            body = response["Body"]
+            try:
+                head = body.read(record.header_size)  # a server may ignore the range
+            finally:
+                body.close()
+        except (*_S3_FAILURES, OSError) as exc:
+            raise s3_error(exc, "reading an artifact's header") from None
+        stored_header(record, head)
 
     @staticmethod
     def _size_mismatch(record: ModelRecord) -> StoredDataCorrupt:
@@ -1446,7 +1486,13 @@ class S3Storage(Closing):
         return self._open_current(name, version, offset, length)[1]
 
     def _open_current(
-        self, name: str, version: str, offset: int = 0, length: int | None = None
+        self,
+        name: str,
+        version: str,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        check_head: bool = True,
     ) -> tuple[_Indexed, S3RangeReader]:
         """The model's index entry and a reader of ``length`` bytes (None: to the end) from
         ``offset`` of its blob. A re-wrap that replaced the blob between the lookup and the GET
@@ -1455,7 +1501,7 @@ class S3Storage(Closing):
             entry = self._require(name, version)
             size = _ranges.range_length(offset, length, entry.record.artifact_size)
             try:
-                return entry, self._open_blob(entry, offset, size)
+                return entry, self._open_blob(entry, offset, size, check_head=check_head)
             except _Superseded:
                 continue
         raise StorageUnavailable(
@@ -1466,13 +1512,19 @@ class S3Storage(Closing):
 
     def verify(self, name: str, version: str) -> ModelRecord:
         """Recomputes the stored artifact's SHA-256; StoredDataCorrupt (DATA_LOSS) on any mismatch."""
-        entry, reader = self._open_current(name, version)
+        # The head is kept as it streams and checked once the bytes are known to be the
+        # recorded ones: an edited record naming another model's blob, with its digest and
+        # size, verified (damaged bytes stay DIGEST_MISMATCH).
+        entry, reader = self._open_current(name, version, check_head=False)
         record = entry.record
         hasher = hashlib.sha256()
+        head = bytearray()
         size = 0
         with reader:
             for data in reader.chunks(_READ_BLOCK):
                 hasher.update(data)
+                if len(head) < record.header_size:
+                    head += data[: record.header_size - len(head)]
                 size += len(data)
         if size != record.artifact_size or hasher.hexdigest() != record.artifact_sha256:
             log.error("blob %s of %s %s fails verification", entry.blob, name, version)
@@ -1480,6 +1532,7 @@ class S3Storage(Closing):
                 f"stored artifact {name} {version} does not match its recorded digest",
                 reason=Reason.DIGEST_MISMATCH,
             )
+        stored_header(record, head)
         return record
 
     # -- listings ------------------------------------------------------------------------------

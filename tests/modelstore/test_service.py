@@ -19,6 +19,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
 from strongroom.modelstore.config import ModelstoreConfig
+from strongroom.modelstore.errors import StoredDataCorrupt
 from strongroom.modelstore.limits import MAX_PAGE_SIZE
 from strongroom.modelstore.publishers import PublisherScopes
 from strongroom.modelstore.service import (
@@ -30,11 +31,18 @@ from strongroom.modelstore.service import (
     SERVICE_NAME,
     ModelStoreServicer,
 )
-from strongroom.modelstore.storage import FilesystemStorage
+from strongroom.modelstore.storage import FilesystemStorage, IntegrityProblem, verify_all
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.config import ConfigError, ServerConfig, build
 from tests.modelstore.artifacts import chunked, make_artifact, with_header
-from tests.modelstore.backends import assert_clean, blob_count, edit_index_entry, overwrite_blob
+from tests.modelstore.backends import (
+    assert_clean,
+    blob_count,
+    edit_index_entry,
+    overwrite_blob,
+    point_at_blob_of,
+    read_blob,
+)
 from tests.modelstore.conftest import Served, serve
 
 
@@ -571,6 +579,42 @@ def test_a_corrupt_entry_whose_name_is_not_utf8_is_listed_escaped(fs_served: Ser
         if not (token := page.next_page_token):
             break
     assert (names, corrupt) == (["acme/a", "acme/c"], ["acme/b\\xff"])
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [(0, 0), (0, 1), (5, 0), (1000, 10)],
+    ids=["whole", "inside-the-head", "past-the-first-bytes", "a-range-past-the-head"],
+)
+def test_a_record_naming_another_models_blob_is_never_served(
+    served: Served, offset: int, length: int
+) -> None:
+    """GetModel served whatever blob a record named: an index entry edited (by whoever can write
+    the volume or the bucket) to name another model's blob, with its digest and sizes, streamed
+    that model's ciphertext under this model's name (a client refused it only after the whole
+    download). The blob's header names its model: GetModel of such a record (any range) is
+    DATA_LOSS BLOB_OF_ANOTHER_MODEL before its first message, the head checked from the bytes the
+    download reads anyway, and verify reports it; both models' stored data stay as they were."""
+    put(served, make_artifact("acme/a", "1", body(200_000, 1)))
+    victim = make_artifact("acme/b", "1", body(200_000, 2))
+    put(served, victim)
+    b = served.storage.stat("acme/b", "1")
+    point_at_blob_of(served.storage, served.storage.stat("acme/a", "1"), b)
+    edited = served.storage.stat("acme/a", "1")
+    request = pb.GetModelRequest(name="acme/a", version="1", offset=offset, length=length)
+    received: list[pb.GetModelResponse] = []
+    with pytest.raises(grpc.RpcError) as info:
+        received.extend(served.stub.GetModel(request, timeout=30))
+    assert received == []
+    assert_status(info.value, grpc.StatusCode.DATA_LOSS, "BLOB_OF_ANOTHER_MODEL")
+    assert "acme/b" in info.value.details()
+    with pytest.raises(StoredDataCorrupt) as refused:
+        served.storage.verify("acme/a", "1")
+    assert refused.value.reason == "BLOB_OF_ANOTHER_MODEL"
+    assert verify_all(served.storage) == (IntegrityProblem("acme/a", "1", "BLOB_OF_ANOTHER_MODEL"),)
+    assert served.storage.stat("acme/a", "1") == edited
+    assert read_blob(served.storage, b) == victim
+    assert b"".join(r.data for r in get(served, "acme/b", "1")) == victim
 
 
 def test_corrupt_blob_is_data_loss(served: Served) -> None:
