@@ -18,9 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from strongroom.errors import FailedPrecondition
 from strongroom.identifiers import MAX_NAME_LENGTH, MAX_VERSION_LENGTH, is_sha256_hex
 from strongroom.modelstore.errors import (
     ModelExists,
+    ModelNotFound,
     StorageFull,
     StorageReadOnly,
     StorageUnavailable,
@@ -31,6 +33,8 @@ from strongroom.modelstore.records import (
     CorruptEntry,
     ModelRecord,
     UnreadableEntries,
+    listed_candidates,
+    listed_text,
     problem_text,
     stored_record,
     to_micros,
@@ -70,6 +74,9 @@ _SELECT = """SELECT name, version, artifact_sha256, artifact_size, plaintext_siz
     content_type, key_id, key_version, header_size, created_at_us, stored_at_us, artifact_format
     FROM models"""
 _GET = _SELECT + " WHERE name = ? AND version = ?"
+# A key bound as its bytes (a row's name may hold bytes that are not UTF-8, see _PAGE).
+_GET_KEY = _SELECT + " WHERE name = CAST(? AS TEXT) AND version = CAST(? AS TEXT)"
+_DELETE_KEY = "DELETE FROM models WHERE name = CAST(? AS TEXT) AND version = CAST(? AS TEXT)"
 _ALL = _SELECT + " ORDER BY name, version"
 # Every clause is always present (an empty prefix and an empty "after" key match everything), so
 # the query text is constant; the range clause lets SQLite answer from the primary key. Its lower
@@ -155,6 +162,15 @@ def _entry(row: Any, unreadable: UnreadableEntries) -> ModelRecord | CorruptEntr
         problem = problem_text(exc)
         unreadable.report(f"index row of {_where(row)}", problem)
         return CorruptEntry(str(row[0]), str(row[1]), problem)
+
+
+def _readable(row: Any) -> bool:
+    """Whether a row holds a record this store can have written (not logged: the caller asks)."""
+    try:
+        stored_record(dict(zip(_COLUMNS, row, strict=True)))
+    except ValueError:
+        return False
+    return True
 
 
 def _where(row: Any) -> str:
@@ -352,6 +368,48 @@ class Index:
             cur.execute("COMMIT")
         digest = row[2] if is_sha256_hex(row[2]) else None
         return digest, int(remaining)
+
+    def delete_corrupt(self, listed_name: str, listed_version: str) -> None:
+        """Removes the one unreadable row a listing names ``listed_name`` ``listed_version``
+        (:func:`~strongroom.modelstore.records.listed_text` of its name and version), in one
+        transaction. ModelNotFound if no row is listed so, FailedPrecondition
+        INDEX_ENTRY_NOT_CORRUPT if the row is readable, INDEX_ENTRY_AMBIGUOUS if several
+        unreadable rows are (a literal ``\\x`` beside an escaped byte): nothing is deleted then."""
+        keys = sorted(
+            (key_bytes(n), key_bytes(v))
+            for n in listed_candidates(listed_name)
+            for v in listed_candidates(listed_version)
+        )
+        where = f"{listed_name[:256]!r} {listed_version[:256]!r}"
+        with self._cursor() as cur:
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                rows = [
+                    row
+                    for key in keys
+                    if (row := cur.execute(_GET_KEY, key).fetchone()) is not None
+                    and (listed_text(row[0]), listed_text(row[1])) == (listed_name, listed_version)
+                ]
+                corrupt = [row for row in rows if not _readable(row)]
+                if len(corrupt) != 1:
+                    if corrupt:
+                        raise FailedPrecondition(
+                            f"{len(corrupt)} unreadable index rows are listed as {where}: "
+                            "delete them from the index by hand",
+                            reason=Reason.INDEX_ENTRY_AMBIGUOUS,
+                        )
+                    if rows:
+                        raise FailedPrecondition(
+                            f"the index row of {where} is readable: delete the model without "
+                            "corrupt_entry (strongroom model rm without --corrupt)",
+                            reason=Reason.INDEX_ENTRY_NOT_CORRUPT,
+                        )
+                    raise ModelNotFound(f"no index row is listed as {where}")
+                cur.execute(_DELETE_KEY, (key_bytes(corrupt[0][0]), key_bytes(corrupt[0][1])))
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
 
     def references(self, digest: str) -> int:
         """How many rows point at the blob with this digest."""

@@ -1356,6 +1356,41 @@ class S3Storage(Closing):
             reason=Reason.KEY_SLOT_CHANGED,
         )
 
+    def delete_corrupt(self, listed_name: str, listed_version: str) -> None:
+        """Removes the index record a listing names as corrupt ``listed_name``
+        ``listed_version`` (If-Match on the ETag read); its blob is kept (the sweep reports it).
+
+        Every record a listing names here is under a key in the name grammar (keys outside it
+        are no record of this store, and skipped), so a name outside it is ModelNotFound."""
+        self._check_open()
+        try:
+            name, version = validate_name(listed_name), validate_version(listed_version)
+        except InvalidArgument:
+            raise ModelNotFound(
+                f"no index record is listed as {listed_name[:256]!r} {listed_version[:256]!r}"
+            ) from None
+        read = self._read_index(name, version)
+        if read is None:
+            raise ModelNotFound(f"model {name} version {version} does not exist")
+        data, etag = read
+        if not isinstance(_parse_record(data, name, version, self._unreadable), CorruptEntry):
+            raise FailedPrecondition(
+                f"the index record of {name} {version} is readable: delete the model without "
+                "corrupt_entry (strongroom model rm without --corrupt)",
+                reason=Reason.INDEX_ENTRY_NOT_CORRUPT,
+            )
+        try:
+            self._delete_object(self._index_key(name, version), etag=etag)
+        except botocore.exceptions.ClientError as exc:
+            if _is_conflict(exc):
+                raise StorageUnavailable(
+                    f"the index record of {name} {version} changed while it was deleted: retry",
+                    reason=Reason.KEY_SLOT_CHANGED,
+                ) from None
+            raise s3_error(exc, "deleting an index record") from None
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "deleting an index record") from None
+
     def _delete_owned_blob(self, blob: str | None, name: str, version: str, owned: bool) -> None:
         """Deletes a deleted record's blob if :meth:`_owns_blob` said it is its own; else keeps
         it (logged; the sweep reports it once no record names it)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -128,6 +129,27 @@ class CorruptEntry:
     """The entry's version, likewise."""
     problem: str
     """What is wrong: the first field that breaks the rules (at most MAX_PROBLEM_LENGTH)."""
+
+
+def listed_text(text: str) -> str:
+    """``text`` (a corrupt entry's name or version) as a listing names it: a byte a filesystem
+    index row holds that is not UTF-8 (read as a surrogate escape) written as ``\\xff``, so that
+    a protobuf string can carry it."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def listed_candidates(listed: str) -> set[str]:
+    """The stored texts that :func:`listed_text` may have written as ``listed``: itself, and
+    itself with every ``\\xHH`` escape (HH 80 to ff, the only ones it writes) read back as its
+    byte. A name may hold both a literal ``\\x`` and an escaped byte; the caller checks each
+    candidate's listed text, and more than one row matching is refused as ambiguous."""
+    return {
+        listed,
+        _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m[1], 16)), listed),
+    }
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
