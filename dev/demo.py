@@ -60,6 +60,10 @@ class Narrator:
     def info(self, text: str) -> None:
         print(f"    {text}", flush=True)
 
+    def warn(self, text: str) -> None:
+        """Something the demo found wrong that is not one of its checks (printed, not counted)."""
+        print(f"  ! {text}", flush=True)
+
     def refused(self, text: str) -> None:
         self.checks += 1
         print(f"  ✘ refused, as it must be: {text}", flush=True)

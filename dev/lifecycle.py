@@ -23,6 +23,7 @@ from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.artifact import read_summary
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.policy import ReleasePolicy
+from strongroom.cli._text import printable
 from strongroom.client.publish import publish_model
 from strongroom.client.server_evidence import ServerConnection, verify_inference_server
 from strongroom.dev.demo import (
@@ -115,11 +116,7 @@ def store(say: Narrator, stack: DevStack, publisher: Any, model: TrainedModel, r
     """3. The store keeps only ciphertext, and only well-formed artifacts; returns a store stub."""
     say.step("3", "Store: the model store keeps only ciphertext, and only valid artifacts")
     store = store_grpc.ModelStoreServiceStub(stack.channel(publisher, "modelstore"))
-    listing = store.ListModels(store_pb.ListModelsRequest(), timeout=30)
-    for m in listing.models:
-        say.check(
-            f"stored {m.name}/{m.version}: {m.artifact_size} bytes, wrapped under {m.key_id} v{m.key_version}"
-        )
+    show_listing(say, store)
     artifact_copy = root / "publisher" / "classifier-1.artifact"
     with artifact_copy.open("wb") as out:
         for part in store.GetModel(store_pb.GetModelRequest(name=MODEL, version="1"), timeout=30):
@@ -137,6 +134,33 @@ def store(say: Narrator, stack: DevStack, publisher: Any, model: TrainedModel, r
     )
     say.refused(f"uploading the plaintext ONNX file itself: {why}")
     return store
+
+
+def show_listing(say: Narrator, store: Any) -> int:
+    """Every page of the store's ``ListModels``: each model as a check, each index entry the store
+    cannot read (``corrupt_entries``) as a warning naming it and what is wrong; returns how many
+    of those there were.
+
+    The demo read the first page's ``models`` only: an entry the store lists as corrupt (an
+    edited or damaged index) went unmentioned, as did every model past the first page."""
+    corrupt = 0
+    token = ""
+    while True:
+        page = store.ListModels(store_pb.ListModelsRequest(page_token=token), timeout=30)
+        for m in page.models:
+            say.check(
+                f"stored {printable(m.name)}/{printable(m.version)}: {m.artifact_size} bytes, "
+                f"wrapped under {printable(m.key_id)} v{m.key_version}"
+            )
+        for e in page.corrupt_entries:
+            corrupt += 1
+            say.warn(
+                f"the store cannot read its index entry {printable(e.name)} "
+                f"{printable(e.version)} ({printable(e.reason)}: {printable(e.problem)}): "
+                "restore it from a backup or delete it (strongroom model rm)"
+            )
+        if not (token := page.next_page_token):
+            return corrupt
 
 
 def deploy(say: Narrator, stack: DevStack) -> None:

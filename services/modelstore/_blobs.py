@@ -23,7 +23,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from strongroom.errors import FailedPrecondition
@@ -50,13 +50,22 @@ def io_error(exc: OSError, what: str) -> StorageFull | StorageReadOnly | Storage
     return StorageUnavailable(f"storage I/O error while {what}")
 
 
-def digest_fd(fd: int, *, buffer_size: int = 1 << 20) -> tuple[str, int]:
-    """The lower-case hex SHA-256 and the size of everything readable from ``fd``, from offset 0."""
+def digest_fd(
+    fd: int,
+    *,
+    buffer_size: int = 1 << 20,
+    first: Callable[[memoryview], object] | None = None,
+) -> tuple[str, int]:
+    """The lower-case hex SHA-256 and the size of everything readable from ``fd``, from offset 0;
+    ``first`` (if given) is called with the first block read (``buffer_size`` bytes, or all
+    there is), before any other, and what it raises ends the digest."""
     hasher = hashlib.sha256()
     buffer = bytearray(buffer_size)
     view = memoryview(buffer)
     position = 0
     while n := os.preadv(fd, [buffer], position):
+        if first is not None and position == 0:
+            first(view[:n])
         hasher.update(view[:n])
         position += n
     return hasher.hexdigest(), position

@@ -44,6 +44,7 @@ from strongroom.identifiers import (
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
 from strongroom.modelstore._blobs import BlobStore, NotABlobFile, TempBlob, digest_fd, io_error
+from strongroom.modelstore._heads import head_checked, stored_header
 from strongroom.modelstore._index import Index
 from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.errors import (
@@ -99,16 +100,27 @@ class SweepReport:
 class FileRangeReader(Closing):
     """An open byte range of one stored artifact; close it (or use ``with``) when done."""
 
-    def __init__(self, fd: int, record: ModelRecord, offset: int, length: int) -> None:
+    def __init__(
+        self, fd: int, record: ModelRecord, offset: int, length: int, *, check_head: bool = False
+    ) -> None:
         self._fd: int | None = fd
         self.record = record
         self.offset = offset
         self.length = length
+        self._check_head = check_head
 
     def chunks(self, chunk_size: int) -> Iterator[bytes]:
-        """Yields the range in pieces of ``chunk_size`` bytes (the last may be shorter)."""
+        """Yields the range in pieces of ``chunk_size`` bytes (the last may be shorter).
+
+        ``check_head`` (a range from the first byte that holds the head): nothing is yielded
+        before the head has arrived and names the record's model (``_heads.head_checked``)."""
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
+        if self._check_head:
+            return head_checked(self.record, self._chunks(chunk_size))
+        return self._chunks(chunk_size)
+
+    def _chunks(self, chunk_size: int) -> Iterator[bytes]:
         position, end = self.offset, self.offset + self.length
         while position < end:
             if self._fd is None:
@@ -536,6 +548,16 @@ class FilesystemStorage(Closing):
                     log.warning("cannot remove blob %s now: %s", digest, exc)
         log.info("deleted model", extra={"model": name, "version": version})
 
+    def delete_corrupt(self, listed_name: str, listed_version: str) -> None:
+        """Removes the one unreadable index row a listing names so (``Index.delete_corrupt``).
+
+        Its blob is not deleted: the row's name lies outside the grammar (or another field is
+        wrong), so its blob's header cannot show the blob is its model's, and it may be another
+        model's. The start-up sweep moves it to ``quarantine/`` once no row names it."""
+        self._check_open()
+        with self._commit_lock:
+            self._index.delete_corrupt(listed_name, listed_version)
+
     # -- reads ---------------------------------------------------------------------------------
 
     def stat(self, name: str, version: str) -> ModelRecord:
@@ -597,19 +619,35 @@ class FilesystemStorage(Closing):
                     f"stored artifact {name} {version} has the wrong size",
                     reason=Reason.BLOB_SIZE_MISMATCH,
                 )
+            # The blob must be this record's model's (an edited row can name another's, with
+            # its digest and sizes): a range that holds the head is checked from its own bytes
+            # as they stream (no read of its own), any other range with bytes to serve here.
+            covers_head = offset == 0 and length >= record.header_size
+            if length and not covers_head:
+                try:
+                    head = os.pread(fd, record.header_size, 0)
+                except OSError as exc:
+                    raise io_error(exc, "reading an artifact's header") from None
+                stored_header(record, head)
             if length:
                 with contextlib.suppress(OSError):
                     os.posix_fadvise(fd, offset, length, os.POSIX_FADV_SEQUENTIAL)
         except BaseException:
             os.close(fd)
             raise
-        return FileRangeReader(fd, record, offset, length)
+        return FileRangeReader(fd, record, offset, length, check_head=covers_head)
 
     def verify(self, name: str, version: str) -> ModelRecord:
         """Recomputes the stored artifact's SHA-256; StoredDataCorrupt (DATA_LOSS) on any mismatch."""
         record, fd = self._open_blob(name, version)
         try:
-            digest, size = digest_fd(fd)
+            # The head is kept from the digest's own first read, and checked once the bytes are
+            # known to be the recorded ones: an edited row naming another model's blob, with its
+            # digest and size, verified (damaged bytes stay DIGEST_MISMATCH).
+            heads: list[bytes] = []
+            digest, size = digest_fd(
+                fd, first=lambda block: heads.append(bytes(block[: record.header_size]))
+            )
         except OSError as exc:
             raise io_error(exc, "verifying an artifact") from None
         finally:
@@ -627,6 +665,7 @@ class FilesystemStorage(Closing):
                 f"stored artifact {name} {version} does not match its recorded digest",
                 reason=Reason.DIGEST_MISMATCH,
             )
+        stored_header(record, heads[0])
         return record
 
     def list(

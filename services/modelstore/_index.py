@@ -18,9 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from strongroom.errors import FailedPrecondition
 from strongroom.identifiers import MAX_NAME_LENGTH, MAX_VERSION_LENGTH, is_sha256_hex
 from strongroom.modelstore.errors import (
     ModelExists,
+    ModelNotFound,
     StorageFull,
     StorageReadOnly,
     StorageUnavailable,
@@ -30,6 +32,9 @@ from strongroom.modelstore.records import (
     STORED_FIELDS,
     CorruptEntry,
     ModelRecord,
+    UnreadableEntries,
+    listed_candidates,
+    listed_text,
     problem_text,
     stored_record,
     to_micros,
@@ -69,6 +74,9 @@ _SELECT = """SELECT name, version, artifact_sha256, artifact_size, plaintext_siz
     content_type, key_id, key_version, header_size, created_at_us, stored_at_us, artifact_format
     FROM models"""
 _GET = _SELECT + " WHERE name = ? AND version = ?"
+# A key bound as its bytes (a row's name may hold bytes that are not UTF-8, see _PAGE).
+_GET_KEY = _SELECT + " WHERE name = CAST(? AS TEXT) AND version = CAST(? AS TEXT)"
+_DELETE_KEY = "DELETE FROM models WHERE name = CAST(? AS TEXT) AND version = CAST(? AS TEXT)"
 _ALL = _SELECT + " ORDER BY name, version"
 # Every clause is always present (an empty prefix and an empty "after" key match everything), so
 # the query text is constant; the range clause lets SQLite answer from the primary key. Its lower
@@ -140,18 +148,29 @@ def key_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def _entry(row: Any) -> ModelRecord | CorruptEntry:
+def _entry(row: Any, unreadable: UnreadableEntries) -> ModelRecord | CorruptEntry:
     """The record of one row, or, for a row this store cannot have written (edited or damaged on
     disk), the entry naming it (logged) with the first field that breaks the rules of
     :func:`~strongroom.modelstore.records.stored_record`, which the S3 index shares. The digest
     names the blob's file (joined to the blob directory) and the name and version reach every
     caller of a listing: a row this store cannot have written must not make it read or delete a
-    file elsewhere, nor hand a client a name it would refuse."""
+    file elsewhere, nor hand a client a name it would refuse. Logged once (``unreadable``),
+    not on every page that covers it."""
     try:
         return stored_record(dict(zip(_COLUMNS, row, strict=True)))
     except ValueError as exc:
-        log.error("index row of %s is unreadable: %s", _where(row), exc)
-        return CorruptEntry(str(row[0]), str(row[1]), problem_text(exc))
+        problem = problem_text(exc)
+        unreadable.report(f"index row of {_where(row)}", problem)
+        return CorruptEntry(str(row[0]), str(row[1]), problem)
+
+
+def _readable(row: Any) -> bool:
+    """Whether a row holds a record this store can have written (not logged: the caller asks)."""
+    try:
+        stored_record(dict(zip(_COLUMNS, row, strict=True)))
+    except ValueError:
+        return False
+    return True
 
 
 def _where(row: Any) -> str:
@@ -160,10 +179,10 @@ def _where(row: Any) -> str:
     return f"{str(row[0])[:256]!r} {str(row[1])[:256]!r}"
 
 
-def _record(row: Any) -> ModelRecord:
+def _record(row: Any, unreadable: UnreadableEntries) -> ModelRecord:
     """The record of one row; ``StoredDataCorrupt(INDEX_CORRUPT)``, naming the model and the
     field, for a row this store cannot have written (:func:`_entry`)."""
-    entry = _entry(row)
+    entry = _entry(row, unreadable)
     if isinstance(entry, CorruptEntry):
         raise StoredDataCorrupt(
             f"the index row of {_where(row)} is unreadable: {entry.problem}",
@@ -178,6 +197,7 @@ class Index:
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
         self._directory = path.parent
+        self._unreadable = UnreadableEntries(log)
         try:
             self._db = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=10.0
@@ -256,7 +276,7 @@ class Index:
         """The record for ``name``/``version``, or None."""
         with self._cursor() as cur:
             row = cur.execute(_GET, (name, version)).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else _record(row, self._unreadable)
 
     def insert(self, record: ModelRecord) -> None:
         """Adds ``record`` in its own transaction; ModelExists if the name and version are taken."""
@@ -349,6 +369,48 @@ class Index:
         digest = row[2] if is_sha256_hex(row[2]) else None
         return digest, int(remaining)
 
+    def delete_corrupt(self, listed_name: str, listed_version: str) -> None:
+        """Removes the one unreadable row a listing names ``listed_name`` ``listed_version``
+        (:func:`~strongroom.modelstore.records.listed_text` of its name and version), in one
+        transaction. ModelNotFound if no row is listed so, FailedPrecondition
+        INDEX_ENTRY_NOT_CORRUPT if the row is readable, INDEX_ENTRY_AMBIGUOUS if several
+        unreadable rows are (a literal ``\\x`` beside an escaped byte): nothing is deleted then."""
+        keys = sorted(
+            (key_bytes(n), key_bytes(v))
+            for n in listed_candidates(listed_name)
+            for v in listed_candidates(listed_version)
+        )
+        where = f"{listed_name[:256]!r} {listed_version[:256]!r}"
+        with self._cursor() as cur:
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                rows = [
+                    row
+                    for key in keys
+                    if (row := cur.execute(_GET_KEY, key).fetchone()) is not None
+                    and (listed_text(row[0]), listed_text(row[1])) == (listed_name, listed_version)
+                ]
+                corrupt = [row for row in rows if not _readable(row)]
+                if len(corrupt) != 1:
+                    if corrupt:
+                        raise FailedPrecondition(
+                            f"{len(corrupt)} unreadable index rows are listed as {where}: "
+                            "delete them from the index by hand",
+                            reason=Reason.INDEX_ENTRY_AMBIGUOUS,
+                        )
+                    if rows:
+                        raise FailedPrecondition(
+                            f"the index row of {where} is readable: delete the model without "
+                            "corrupt_entry (strongroom model rm without --corrupt)",
+                            reason=Reason.INDEX_ENTRY_NOT_CORRUPT,
+                        )
+                    raise ModelNotFound(f"no index row is listed as {where}")
+                cur.execute(_DELETE_KEY, (key_bytes(corrupt[0][0]), key_bytes(corrupt[0][1])))
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
     def references(self, digest: str) -> int:
         """How many rows point at the blob with this digest."""
         with self._cursor() as cur:
@@ -375,13 +437,13 @@ class Index:
         }
         with self._cursor() as cur:
             rows = cur.execute(_PAGE, params).fetchall()
-        return [_entry(row) for row in rows]
+        return [_entry(row, self._unreadable) for row in rows]
 
     def all_records(self) -> list[ModelRecord]:
         """Every record (for tests); ``StoredDataCorrupt`` if a row is unreadable."""
         with self._cursor() as cur:
             rows = cur.execute(_ALL).fetchall()
-        return [_record(row) for row in rows]
+        return [_record(row, self._unreadable) for row in rows]
 
     def readable_records(self) -> tuple[list[ModelRecord], list[tuple[str, str]]]:
         """Every readable record, and the (name, version) of the rows that are not, each logged
@@ -392,7 +454,7 @@ class Index:
         unreadable: list[tuple[str, str]] = []
         for row in rows:
             try:
-                records.append(_record(row))
+                records.append(_record(row, self._unreadable))
             except StoredDataCorrupt:
                 unreadable.append((str(row[0]), str(row[1])))
         return records, unreadable

@@ -28,17 +28,12 @@ broker re-wraps a data key to the same bytes), which the backends recognise by t
 
 from __future__ import annotations
 
-from strongroom.artifact import (
-    ArtifactHeader,
-    InvalidArtifact,
-    KeySlot,
-    parse_header,
-    with_key_slot,
-)
+from strongroom.artifact import ArtifactHeader, KeySlot, with_key_slot
 from strongroom.artifact.format import KEY_SLOT_FORMATS
 from strongroom.errors import InvalidArgument
 from strongroom.identifiers import validate_key_version
-from strongroom.modelstore.errors import KeySlotRejected, StoredDataCorrupt
+from strongroom.modelstore._heads import stored_header
+from strongroom.modelstore.errors import KeySlotRejected
 from strongroom.modelstore.records import ModelRecord
 from strongroom.reasons import Reason
 
@@ -62,26 +57,9 @@ def plan(
     limits, StoredDataCorrupt if the stored head does not parse.
     """
     validate_key_version(new_key_version)
-    try:
-        current = parse_header(head)
-    except InvalidArtifact:
-        raise StoredDataCorrupt(
-            f"stored artifact {record.name} {record.version} has an unreadable header",
-            reason=Reason.HEADER_CORRUPT,
-        ) from None
-    if (current.model_name, current.model_version) != (record.name, record.version):
-        # The record was edited to name another model's blob: re-wrapping it would put that
-        # model's artifact under this record and then delete the other model's blob.
-        raise StoredDataCorrupt(
-            f"stored artifact {record.name} {record.version} is another model's "
-            f"({current.model_name} {current.model_version})",
-            reason=Reason.BLOB_OF_ANOTHER_MODEL,
-        )
-    if current.header_size != record.header_size:
-        raise StoredDataCorrupt(
-            f"stored artifact {record.name} {record.version} disagrees with its record",
-            reason=Reason.HEADER_CORRUPT,
-        )
+    # The record may have been edited to name another model's blob: re-wrapping it would put
+    # that model's artifact under this record and then delete the other model's blob.
+    current = stored_header(record, head)
     if current.format_version not in KEY_SLOT_FORMATS:
         raise KeySlotRejected(
             f"model {record.name} {record.version} is format {current.format_version}: its wrapped "

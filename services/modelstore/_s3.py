@@ -73,6 +73,7 @@ from strongroom.identifiers import (
     validate_version,
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
+from strongroom.modelstore._heads import check_model, head_checked, stored_header
 from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.config import StorageConfig
 from strongroom.modelstore.errors import (
@@ -87,6 +88,7 @@ from strongroom.modelstore.records import (
     CorruptEntry,
     ModelPage,
     ModelRecord,
+    UnreadableEntries,
     UploadClaims,
     problem_text,
     stored_record,
@@ -349,10 +351,13 @@ def _record_json(record: ModelRecord, blob: str) -> bytes:
     ).encode()
 
 
-def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, str] | CorruptEntry:
+def _parse_record(
+    data: bytes, name: str, version: str, unreadable: UnreadableEntries
+) -> tuple[ModelRecord, str] | CorruptEntry:
     """The record and blob key of an index object, or, for one this store cannot have written
     (every field held to :func:`~strongroom.modelstore.records.stored_record`, which the
-    filesystem index shares), the entry naming the model and what is wrong (logged)."""
+    filesystem index shares), the entry naming the model and what is wrong (logged once,
+    ``unreadable``, not on every page that covers it)."""
     try:
         if len(data) > MAX_INDEX_RECORD_BYTES:
             raise ValueError(f"over {MAX_INDEX_RECORD_BYTES} bytes")
@@ -366,15 +371,18 @@ def _parse_record(data: bytes, name: str, version: str) -> tuple[ModelRecord, st
         if (record.name, record.version) != (name, version):
             raise ValueError("name and version are not its key's")
     except ValueError as exc:
-        log.error("index record of %s %s is unreadable: %s", name, version, exc)
-        return CorruptEntry(name, version, problem_text(exc))
+        problem = problem_text(exc)
+        unreadable.report(f"index record of {name} {version}", problem)
+        return CorruptEntry(name, version, problem)
     return record, blob
 
 
-def _entry(data: bytes, etag: str, name: str, version: str) -> _Indexed | CorruptEntry:
+def _entry(
+    data: bytes, etag: str, name: str, version: str, unreadable: UnreadableEntries
+) -> _Indexed | CorruptEntry:
     """The entry of index object bytes ``data`` (read by :meth:`S3Storage._read_index`, at most
     one byte past any record's size), or the :class:`CorruptEntry` of one that does not parse."""
-    parsed = _parse_record(data, name, version)
+    parsed = _parse_record(data, name, version, unreadable)
     if isinstance(parsed, CorruptEntry):
         return parsed
     return _Indexed(*parsed, etag)
@@ -388,10 +396,12 @@ def _corrupt(entry: CorruptEntry) -> StoredDataCorrupt:
     )
 
 
-def _indexed(data: bytes, etag: str, name: str, version: str) -> _Indexed:
+def _indexed(
+    data: bytes, etag: str, name: str, version: str, unreadable: UnreadableEntries
+) -> _Indexed:
     """The entry of index object bytes ``data``; ``StoredDataCorrupt(INDEX_CORRUPT)`` if it is
     larger than any record or does not parse."""
-    entry = _entry(data, etag, name, version)
+    entry = _entry(data, etag, name, version, unreadable)
     if isinstance(entry, CorruptEntry):
         raise _corrupt(entry)
     return entry
@@ -636,18 +646,34 @@ class S3RangeReader(Closing):
     """
 
     def __init__(
-        self, body: Any, record: ModelRecord, offset: int, length: int, *, check_end: bool = False
+        self,
+        body: Any,
+        record: ModelRecord,
+        offset: int,
+        length: int,
+        *,
+        check_end: bool = False,
+        check_head: bool = False,
     ) -> None:
         self._body = body
         self.record = record
         self.offset = offset
         self.length = length
         self._check_end = check_end
+        self._check_head = check_head
 
     def chunks(self, chunk_size: int) -> Iterator[bytes]:
-        """Yields the range in pieces of ``chunk_size`` bytes (the last may be shorter)."""
+        """Yields the range in pieces of ``chunk_size`` bytes (the last may be shorter).
+
+        ``check_head`` (a range from the first byte that holds the head): nothing is yielded
+        before the head has arrived and names the record's model (``_heads.head_checked``)."""
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
+        if self._check_head:
+            return head_checked(self.record, self._chunks(chunk_size))
+        return self._chunks(chunk_size)
+
+    def _chunks(self, chunk_size: int) -> Iterator[bytes]:
         remaining = self.length
         while remaining > 0:
             if self._body is None:
@@ -719,6 +745,7 @@ class S3Storage(Closing):
         self.orphan_grace = orphan_grace
         self._clock = clock
         self._uploads = Uploads(max_artifact_size, self._exists)
+        self._unreadable = UnreadableEntries(log)
         self._closed = False
         self.conditional_deletes = True
         """Whether deletes carry ``If-Match`` (False when the start-up check found the object
@@ -905,7 +932,7 @@ class S3Storage(Closing):
 
     def _get_index(self, name: str, version: str) -> _Indexed | None:
         read = self._read_index(name, version)
-        return None if read is None else _indexed(*read, name, version)
+        return None if read is None else _indexed(*read, name, version, self._unreadable)
 
     def _require(self, name: str, version: str) -> _Indexed:
         self._check_open()
@@ -1259,20 +1286,7 @@ class S3Storage(Closing):
                 exc.reason,
             )
             return False
-        if (header.model_name, header.model_version) != (name, version):
-            log.error(
-                "index record of %s %s names blob %s, an artifact of %s %s: refused",
-                name,
-                version,
-                blob,
-                header.model_name,
-                header.model_version,
-            )
-            raise StoredDataCorrupt(
-                f"the index record of {name} {version} names another model's "
-                f"artifact ({header.model_name} {header.model_version}): nothing was deleted",
-                reason=Reason.BLOB_OF_ANOTHER_MODEL,
-            )
+        check_model(name, version, header, blob=blob)  # BLOB_OF_ANOTHER_MODEL: nothing deleted
         return True
 
     def delete(self, name: str, version: str) -> None:
@@ -1302,7 +1316,7 @@ class S3Storage(Closing):
             data, etag = read
             blob: str | None
             try:
-                entry = _indexed(data, etag, name, version)
+                entry = _indexed(data, etag, name, version, self._unreadable)
             except StoredDataCorrupt:  # logged; deleted all the same
                 blob, header_size = _blob_of_unreadable(data), MAX_HEAD_SIZE
             else:
@@ -1342,6 +1356,41 @@ class S3Storage(Closing):
             reason=Reason.KEY_SLOT_CHANGED,
         )
 
+    def delete_corrupt(self, listed_name: str, listed_version: str) -> None:
+        """Removes the index record a listing names as corrupt ``listed_name``
+        ``listed_version`` (If-Match on the ETag read); its blob is kept (the sweep reports it).
+
+        Every record a listing names here is under a key in the name grammar (keys outside it
+        are no record of this store, and skipped), so a name outside it is ModelNotFound."""
+        self._check_open()
+        try:
+            name, version = validate_name(listed_name), validate_version(listed_version)
+        except InvalidArgument:
+            raise ModelNotFound(
+                f"no index record is listed as {listed_name[:256]!r} {listed_version[:256]!r}"
+            ) from None
+        read = self._read_index(name, version)
+        if read is None:
+            raise ModelNotFound(f"model {name} version {version} does not exist")
+        data, etag = read
+        if not isinstance(_parse_record(data, name, version, self._unreadable), CorruptEntry):
+            raise FailedPrecondition(
+                f"the index record of {name} {version} is readable: delete the model without "
+                "corrupt_entry (strongroom model rm without --corrupt)",
+                reason=Reason.INDEX_ENTRY_NOT_CORRUPT,
+            )
+        try:
+            self._delete_object(self._index_key(name, version), etag=etag)
+        except botocore.exceptions.ClientError as exc:
+            if _is_conflict(exc):
+                raise StorageUnavailable(
+                    f"the index record of {name} {version} changed while it was deleted: retry",
+                    reason=Reason.KEY_SLOT_CHANGED,
+                ) from None
+            raise s3_error(exc, "deleting an index record") from None
+        except _S3_FAILURES as exc:
+            raise s3_error(exc, "deleting an index record") from None
+
     def _delete_owned_blob(self, blob: str | None, name: str, version: str, owned: bool) -> None:
         """Deletes a deleted record's blob if :meth:`_owns_blob` said it is its own; else keeps
         it (logged; the sweep reports it once no record names it)."""
@@ -1361,7 +1410,12 @@ class S3Storage(Closing):
         """The model's record; ModelNotFound if absent."""
         return self._require(name, version).record
 
-    def _open_blob(self, entry: _Indexed, offset: int, length: int) -> S3RangeReader:
+    def _open_blob(
+        self, entry: _Indexed, offset: int, length: int, *, check_head: bool = True
+    ) -> S3RangeReader:
+        """A reader of ``length`` bytes from ``offset`` of ``entry``'s blob; unless not
+        ``check_head`` (a caller that checks it itself), one whose head does not name the
+        entry's model (``_heads.stored_header``) is refused before a byte is handed out."""
         record = entry.record
         total: int | None
         try:
@@ -1406,14 +1460,45 @@ class S3Storage(Closing):
             raise s3_error(exc, "opening an artifact") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "opening an artifact") from None
+        # A range that holds the head is checked from its own bytes as they stream (no read of
+        # its own); any other range with bytes to serve reads the head apart first.
+        covers_head = check_head and offset == 0 and length >= record.header_size
         if total is None:  # size unstated (chunked 200, sizeless HEAD): the reader checks its end
             end = offset + length == record.artifact_size
-            return S3RangeReader(body, record, offset, length, check_end=end)
-        reader = S3RangeReader(body, record, offset, length)
-        if total != record.artifact_size:
-            reader.close()
-            raise self._size_mismatch(record)
+            reader = S3RangeReader(
+                body, record, offset, length, check_end=end, check_head=covers_head
+            )
+        else:
+            reader = S3RangeReader(body, record, offset, length, check_head=covers_head)
+            if total != record.artifact_size:
+                reader.close()
+                raise self._size_mismatch(record)
+        if check_head and length and not covers_head:
+            try:
+                self._check_head_apart(entry)
+            except BaseException:
+                reader.close()
+                raise
         return reader
+
+    def _check_head_apart(self, entry: _Indexed) -> None:
+        """Reads the head of ``entry``'s blob (one ranged GET) and checks that it names the
+        entry's model (``_heads.stored_header``): for a read whose range does not hold it."""
+        record = entry.record
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket,
+                Key=self._full(entry.blob),
+                Range=f"bytes=0-{record.header_size - 1}",
+            )
+            body = response["Body"]
+            try:
+                head = body.read(record.header_size)  # a server may ignore the range
+            finally:
+                body.close()
+        except (*_S3_FAILURES, OSError) as exc:
+            raise s3_error(exc, "reading an artifact's header") from None
+        stored_header(record, head)
 
     @staticmethod
     def _size_mismatch(record: ModelRecord) -> StoredDataCorrupt:
@@ -1436,7 +1521,13 @@ class S3Storage(Closing):
         return self._open_current(name, version, offset, length)[1]
 
     def _open_current(
-        self, name: str, version: str, offset: int = 0, length: int | None = None
+        self,
+        name: str,
+        version: str,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        check_head: bool = True,
     ) -> tuple[_Indexed, S3RangeReader]:
         """The model's index entry and a reader of ``length`` bytes (None: to the end) from
         ``offset`` of its blob. A re-wrap that replaced the blob between the lookup and the GET
@@ -1445,7 +1536,7 @@ class S3Storage(Closing):
             entry = self._require(name, version)
             size = _ranges.range_length(offset, length, entry.record.artifact_size)
             try:
-                return entry, self._open_blob(entry, offset, size)
+                return entry, self._open_blob(entry, offset, size, check_head=check_head)
             except _Superseded:
                 continue
         raise StorageUnavailable(
@@ -1456,13 +1547,19 @@ class S3Storage(Closing):
 
     def verify(self, name: str, version: str) -> ModelRecord:
         """Recomputes the stored artifact's SHA-256; StoredDataCorrupt (DATA_LOSS) on any mismatch."""
-        entry, reader = self._open_current(name, version)
+        # The head is kept as it streams and checked once the bytes are known to be the
+        # recorded ones: an edited record naming another model's blob, with its digest and
+        # size, verified (damaged bytes stay DIGEST_MISMATCH).
+        entry, reader = self._open_current(name, version, check_head=False)
         record = entry.record
         hasher = hashlib.sha256()
+        head = bytearray()
         size = 0
         with reader:
             for data in reader.chunks(_READ_BLOCK):
                 hasher.update(data)
+                if len(head) < record.header_size:
+                    head += data[: record.header_size - len(head)]
                 size += len(data)
         if size != record.artifact_size or hasher.hexdigest() != record.artifact_sha256:
             log.error("blob %s of %s %s fails verification", entry.blob, name, version)
@@ -1470,6 +1567,7 @@ class S3Storage(Closing):
                 f"stored artifact {name} {version} does not match its recorded digest",
                 reason=Reason.DIGEST_MISMATCH,
             )
+        stored_header(record, head)
         return record
 
     # -- listings ------------------------------------------------------------------------------
@@ -1523,7 +1621,7 @@ class S3Storage(Closing):
             found = self._read_index(*key)
             if found is None:
                 return None
-            entry = _entry(*found, *key)
+            entry = _entry(*found, *key, self._unreadable)
             return entry if isinstance(entry, CorruptEntry) else entry.record
 
         return [e for e in _each(keys, read) if e is not None]

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
+import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from strongroom.artifact.format import MAX_HEAD_SIZE, check_content_type, check_key_id
+from strongroom.artifact.format import (
+    MAX_HEAD_SIZE,
+    MAX_PLAINTEXT_SIZE,
+    check_content_type,
+    check_key_id,
+)
 from strongroom.errors import InvalidArgument
 from strongroom.identifiers import (
     is_sha256_hex,
@@ -68,6 +76,47 @@ def problem_text(exc: ValueError) -> str:
     return str(exc).encode("ascii", "backslashreplace").decode("ascii")[:MAX_PROBLEM_LENGTH]
 
 
+MAX_UNREADABLE_LOGGED = 4096
+"""How many distinct unreadable index entries one storage logs by name; past that, one line
+says the rest are not logged (the listings and the start-up sweep still name every one)."""
+
+
+class UnreadableEntries:
+    """Logs each unreadable index entry at ERROR once per storage (a store process has one),
+    not on every read that meets it.
+
+    Every listing page logged an ERROR for each corrupt entry it covered, so a caller paging
+    through the store again and again (any reader may) wrote the same lines without end. An
+    entry is logged again only if what is wrong with it changes; at most
+    :data:`MAX_UNREADABLE_LOGGED` entries are remembered, so that planting entries cannot grow
+    the store's memory (or, by forgetting, flood the log again). Thread-safe.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._lock = threading.Lock()
+        self._seen: set[tuple[str, str]] = set()
+        self._full = False
+
+    def report(self, what: str, problem: str) -> None:
+        """Logs that ``what`` (the entry, as a message names it) is unreadable for ``problem``,
+        unless that was logged already."""
+        with self._lock:
+            if (what, problem) in self._seen:
+                return
+            if len(self._seen) >= MAX_UNREADABLE_LOGGED:
+                first, self._full = not self._full, True
+                if first:
+                    self._log.error(
+                        "more than %d index entries are unreadable: later ones are not logged "
+                        "(ListModels corrupt_entries and the start-up sweep name them all)",
+                        MAX_UNREADABLE_LOGGED,
+                    )
+                return
+            self._seen.add((what, problem))
+        self._log.error("%s is unreadable: %s", what, problem)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class CorruptEntry:
     """An index entry in a listing that the store cannot read (edited or damaged): it is named,
@@ -80,6 +129,27 @@ class CorruptEntry:
     """The entry's version, likewise."""
     problem: str
     """What is wrong: the first field that breaks the rules (at most MAX_PROBLEM_LENGTH)."""
+
+
+def listed_text(text: str) -> str:
+    """``text`` (a corrupt entry's name or version) as a listing names it: a byte a filesystem
+    index row holds that is not UTF-8 (read as a surrogate escape) written as ``\\xff``, so that
+    a protobuf string can carry it."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def listed_candidates(listed: str) -> set[str]:
+    """The stored texts that :func:`listed_text` may have written as ``listed``: itself, and
+    itself with every ``\\xHH`` escape (HH 80 to ff, the only ones it writes) read back as its
+    byte. A name may hold both a literal ``\\x`` and an escaped byte; the caller checks each
+    candidate's listed text, and more than one row matching is refused as ambiguous."""
+    return {
+        listed,
+        _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m[1], 16)), listed),
+    }
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -202,7 +272,13 @@ def stored_record(fields: Mapping[str, object]) -> ModelRecord:
         version=version,
         artifact_sha256=_text(fields, "artifact_sha256"),
         artifact_size=artifact_size,
-        plaintext_size=_integer(fields, "plaintext_size", 0, _UINT64),
+        # What the format holds (ARTIFACT_FORMAT.md: at most 2^40 bytes, PLAINTEXT_TOO_LARGE),
+        # and less than the artifact, whose body alone is the plaintext plus its digest, tags
+        # and salt: a uint64 bound let an edited entry announce an exabyte model (a loader sizes
+        # its buffers and its key wait by it) that no upload can store.
+        plaintext_size=_integer(
+            fields, "plaintext_size", 0, min(MAX_PLAINTEXT_SIZE + 1, artifact_size)
+        ),
         plaintext_sha256=_text(fields, "plaintext_sha256"),
         content_type=content_type,
         key_id=key_id,

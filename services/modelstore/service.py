@@ -27,6 +27,8 @@ from strongroom.errors import (
     StrongroomError,
 )
 from strongroom.identifiers import (
+    MAX_NAME_LENGTH,
+    MAX_VERSION_LENGTH,
     validate_name,
     validate_prefix,
     validate_sha256_hex,
@@ -36,7 +38,13 @@ from strongroom.modelstore import _pagetoken
 from strongroom.modelstore._upload import Authorize
 from strongroom.modelstore.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from strongroom.modelstore.publishers import PublisherScopes
-from strongroom.modelstore.records import CorruptEntry, ModelPage, ModelRecord, UploadClaims
+from strongroom.modelstore.records import (
+    CorruptEntry,
+    ModelPage,
+    ModelRecord,
+    UploadClaims,
+    listed_text,
+)
 from strongroom.modelstore.storage import Storage
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
@@ -146,17 +154,11 @@ def model_info(record: ModelRecord) -> pb.ModelInfo:
 def corrupt_entry_info(entry: CorruptEntry) -> pb.CorruptEntry:
     """The wire form of an unreadable index entry in a listing."""
     return pb.CorruptEntry(
-        name=_wire_text(entry.name),
-        version=_wire_text(entry.version),
+        name=listed_text(entry.name),
+        version=listed_text(entry.version),
         reason=Reason.INDEX_CORRUPT,
         problem=entry.problem,
     )
-
-
-def _wire_text(text: str) -> str:
-    """``text`` as a protobuf string can carry it: a byte a filesystem index row holds that is not
-    UTF-8 (read as a surrogate escape) written as ``\\xff``."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _key_order(entry: ModelRecord | CorruptEntry) -> tuple[bytes, bytes]:
@@ -476,8 +478,31 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
     def DeleteModel(
         self, request: pb.DeleteModelRequest, context: grpc.ServicerContext
     ) -> pb.DeleteModelResponse:
-        """Deletes one model version."""
-        self._storage.delete(validate_name(request.name), validate_version(request.version))
+        """Deletes one model version, or with ``corrupt_entry`` one index entry the store cannot
+        read, named as ListModels' ``corrupt_entries`` named it (logged with the caller)."""
+        if not request.corrupt_entry:
+            self._storage.delete(validate_name(request.name), validate_version(request.version))
+            return pb.DeleteModelResponse()
+        # A listed entry's name and version are at most their byte limits, each byte at most
+        # four characters as listed (\xff): anything longer names nothing listed.
+        if (
+            not request.name
+            or not request.version
+            or len(request.name) > 4 * MAX_NAME_LENGTH
+            or len(request.version) > 4 * MAX_VERSION_LENGTH
+        ):
+            raise InvalidArgument(
+                "a corrupt entry is named by a name and a version as ListModels lists them",
+                reason=Reason.INVALID_MODEL_NAME,
+            )
+        self._storage.delete_corrupt(request.name, request.version)
+        log.warning(
+            "deleted the unreadable index entry %r %r (its blob is kept) for %s",
+            request.name,
+            request.version,
+            caller_key(context),
+            extra={"reason": Reason.INDEX_CORRUPT},
+        )
         return pb.DeleteModelResponse()
 
     def ReplaceKeySlot(

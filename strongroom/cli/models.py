@@ -128,6 +128,12 @@ def register(sub: Any) -> None:
     add_client_arguments(rm)
     rm.add_argument("name")
     rm.add_argument("version")
+    rm.add_argument(
+        "--corrupt",
+        action="store_true",
+        help="delete the index entry the store cannot read that `model ls` lists as CORRUPT "
+        "under NAME VERSION, exactly as listed (even outside the name grammar); its blob is kept",
+    )
     rm.set_defaults(func=_rm)
 
 
@@ -391,7 +397,9 @@ def _rm(args: argparse.Namespace) -> int:
     with Client.from_args(args) as client:
         stub = pb_grpc.ModelStoreServiceStub(client.channel("modelstore"))
         stub.DeleteModel(
-            pb.DeleteModelRequest(name=args.name, version=args.version), timeout=TIMEOUT
+            pb.DeleteModelRequest(name=args.name, version=args.version, corrupt_entry=args.corrupt),
+            timeout=TIMEOUT,
         )
-    print(f"deleted {args.name}/{args.version}")
+    what = "the corrupt index entry " if args.corrupt else ""
+    print(f"deleted {what}{printable(args.name)}/{printable(args.version)}")
     return 0

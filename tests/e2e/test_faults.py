@@ -42,6 +42,7 @@ from strongroom.errors import Cancelled, DataLoss, NotFound
 from strongroom.inference.control import ModelControlServicer
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository, ModelState
+from strongroom.modelstore import _filesystem
 from strongroom.pki import WorkloadIdentity
 from tests.e2e.stalling import StallOnce
 from tests.e2e.storepeer import store_peer
@@ -663,7 +664,7 @@ def test_a_model_over_the_size_cap_is_refused_before_its_key_is_released(
 
 
 def test_a_download_refused_on_its_header_ends_where_it_was_refused(
-    env: Env, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    env: Env, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A load refused on the artifact's header (here the store serving another version's bytes)
     abandoned the download generator, suspended inside the traced gRPC stream: the call ran on
@@ -678,6 +679,10 @@ def test_a_download_refused_on_its_header_ends_where_it_was_refused(
     served, asked = _blob(env, "va"), _blob(env, "vb")
     asked.chmod(0o600)
     asked.write_bytes(served.read_bytes())  # same length: only the header's version differs
+    # The store itself now refuses that blob before its first byte (BLOB_OF_ANOTHER_MODEL): a
+    # store without that check (an older one, or a compromised one) serves it, and the
+    # client's own refusal is what this test is about.
+    monkeypatch.setattr(_filesystem, "head_checked", lambda record, chunks: chunks)
     env.stack.start_in_process("inference")
     try:
         control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))

@@ -277,22 +277,36 @@ def _refused(env: Env, version: str, reason: str) -> None:
     assert not env.ready(version)
 
 
+def _refused_by_the_client(env: Env, version: str, swapped: dict[str, str], reason: str) -> None:
+    """A load of ``version`` from a compromised store serving, for each version in ``swapped``,
+    another's stored bytes is DATA_LOSS ``reason`` and leaves it not ready: the client's own
+    check (the real store refuses a blob whose header names another model before its first
+    byte, BLOB_OF_ANOTHER_MODEL, so it is no longer reached through it)."""
+    repository = ModelRepository()
+    with store_peer(_ServeSwapped(env, swapped), workers=4) as channel:  # type: ignore[abstract]
+        loader = ModelLoader(repository, store_channel=channel, key_release=env.key_release())
+        with pytest.raises(StrongroomError) as info:
+            loader.load(NAME, version)
+    assert (info.value.status_name, info.value.reason) == ("DATA_LOSS", reason)
+    assert not repository.is_ready(NAME, version)
+
+
 def test_a_swapped_part_is_refused(env: Env) -> None:
     env.publish("swapA", seed=2)
     env.publish("swapB", seed=3)
     # w2 of this version replaced by w2 of another version of the same model (same size).
+    _refused_by_the_client(env, "swapA", {"swapA+part.3": "swapB+part.3"}, "PART_MISMATCH")
+    # The same edit on the store's disk: the store refuses to serve the part at all.
     env.blob("swapA+part.3").write_bytes(env.blob("swapB+part.3").read_bytes())
-    _refused(env, "swapA", "PART_MISMATCH")
+    _refused(env, "swapA", "BLOB_OF_ANOTHER_MODEL")
 
 
 def test_reordered_parts_are_refused(env: Env) -> None:
     env.publish("reorder", seed=4)
     first, second = env.blob("reorder+part.1"), env.blob("reorder+part.3")  # w1 and w2
-    a, b = first.read_bytes(), second.read_bytes()
-    assert len(a) == len(b)
-    first.write_bytes(b)
-    second.write_bytes(a)
-    _refused(env, "reorder", "PART_MISMATCH")
+    assert first.stat().st_size == second.stat().st_size
+    swapped = {"reorder+part.1": "reorder+part.3", "reorder+part.3": "reorder+part.1"}
+    _refused_by_the_client(env, "reorder", swapped, "PART_MISMATCH")
 
 
 def test_a_dropped_part_is_refused(env: Env) -> None:
@@ -334,8 +348,7 @@ def test_a_manifest_from_another_version_is_refused(env: Env) -> None:
     env.publish("mix1", seed=6)
     env.publish("mix2", seed=7)
     # The store answers mix1 with mix2's manifest (same layout, same size).
-    env.blob("mix1").write_bytes(env.blob("mix2").read_bytes())
-    _refused(env, "mix1", "MANIFEST_MISMATCH")
+    _refused_by_the_client(env, "mix1", {"mix1": "mix2"}, "MANIFEST_MISMATCH")
 
 
 def test_a_part_edited_in_place_is_refused(env: Env) -> None:
@@ -429,6 +442,22 @@ def test_the_client_library_reports_a_part_damaged_in_transit_as_data_loss(
         with pytest.raises(StrongroomError) as info:
             fetcher.fetch(NAME, transit)
     assert (info.value.status_name, info.value.reason) == ("DATA_LOSS", reason)
+
+
+class _ServeSwapped(_ServeChanged):
+    """A compromised store: for each version in ``swapped`` it serves the stored bytes of the
+    version named there instead of its own."""
+
+    def __init__(self, env: Env, swapped: dict[str, str]) -> None:
+        super().__init__(env)
+        self.swapped = swapped
+
+    def GetModel(
+        self, request: store_pb.GetModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[store_pb.GetModelResponse]:
+        data = self.env.blob(self.swapped.get(request.version, request.version)).read_bytes()
+        for i in range(0, len(data), 64 * 1024):
+            yield store_pb.GetModelResponse(data=data[i : i + 64 * 1024])
 
 
 class _ServeManifestAsSingle(_ServeChanged):
@@ -556,9 +585,12 @@ def test_the_client_library_returns_a_single_artifact_as_one_part(env: Env) -> N
 def test_the_client_library_refuses_a_swapped_part_with_data_loss(env: Env) -> None:
     env.publish("libA", seed=10)
     env.publish("libB", seed=11)
-    env.blob("libA+part.1").write_bytes(env.blob("libB+part.1").read_bytes())
-    with pytest.raises(StrongroomError) as info:
-        env.fetcher().fetch(NAME, "libA")
+    swapped = {"libA+part.1": "libB+part.1"}  # a compromised store (_refused_by_the_client)
+    with (
+        store_peer(_ServeSwapped(env, swapped), workers=4) as channel,  # type: ignore[abstract]
+        pytest.raises(StrongroomError) as info,
+    ):
+        ModelFetcher(channel, env.key_release()).fetch(NAME, "libA")
     assert info.value.status_name == "DATA_LOSS"
     assert info.value.reason == "PART_MISMATCH"
 

@@ -7,18 +7,23 @@ each backend gets a stack of its own, since the corrupt entry would fail other m
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from strongroom.artifact import StructureValidator
 from strongroom.cli.main import main
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
+from strongroom.modelstore.storage import FilesystemStorage
 from tests.conftest import stack_root
 from tests.e2e.publishing import data_key, put_encrypted
 from tests.modelstore import s3server
+from tests.modelstore.artifacts import make_artifact
 from tests.modelstore.backends import edit_index_entry
 
 KEY = "corrupt-kek"
@@ -114,3 +119,27 @@ def test_rotation_rewraps_around_a_corrupt_entry_and_disable_waits_for_it(
         0,
         {"key_id": KEY, "current_version": 2, "current": 2},
     )
+
+
+def test_model_rm_corrupt_deletes_an_entry_outside_the_name_grammar(
+    corrupt_stack: DevStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A filesystem index row whose name lies outside the name grammar is listed as CORRUPT, but
+    ``model rm`` of it failed the request's validation (INVALID_ARGUMENT): only an edit of the
+    index could remove it. ``model rm --corrupt`` deletes exactly the entry as listed."""
+    storage = corrupt_stack.services["modelstore"].handle.storage
+    if not isinstance(storage, FilesystemStorage):
+        pytest.skip("only a filesystem row can hold a name outside the grammar")
+    admin = str(corrupt_stack.write_client_config("admin"))
+    storage.put([make_artifact("c/odd", "1", b"x")], StructureValidator())
+    with contextlib.closing(sqlite3.connect(storage.root / "index.sqlite3")) as db, db:
+        db.execute("UPDATE models SET name = 'c/odd odd' WHERE name = 'c/odd'")
+    code, out, _ = cli(capsys, "model", "ls", "c/", "--client-config", admin)
+    assert "c/odd odd\t1\t-\t-\t-\tCORRUPT INDEX_CORRUPT: name" in out
+    code, _, err = cli(capsys, "model", "rm", "c/odd odd", "1", "--client-config", admin)
+    assert code != 0 and "INVALID_MODEL_NAME" in err
+    rm = ("model", "rm", "c/odd odd", "1", "--corrupt", "--client-config", admin)
+    code, out, _ = cli(capsys, *rm)
+    assert (code, out) == (0, "deleted the corrupt index entry c/odd odd/1\n")
+    code, out, _ = cli(capsys, "model", "ls", "c/", "--client-config", admin)
+    assert "c/odd" not in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import sqlite3
 import threading
 import time
@@ -19,6 +20,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
 from strongroom.modelstore.config import ModelstoreConfig
+from strongroom.modelstore.errors import StoredDataCorrupt
 from strongroom.modelstore.limits import MAX_PAGE_SIZE
 from strongroom.modelstore.publishers import PublisherScopes
 from strongroom.modelstore.service import (
@@ -30,11 +32,18 @@ from strongroom.modelstore.service import (
     SERVICE_NAME,
     ModelStoreServicer,
 )
-from strongroom.modelstore.storage import FilesystemStorage
+from strongroom.modelstore.storage import FilesystemStorage, IntegrityProblem, verify_all
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.config import ConfigError, ServerConfig, build
 from tests.modelstore.artifacts import chunked, make_artifact, with_header
-from tests.modelstore.backends import assert_clean, blob_count, edit_index_entry, overwrite_blob
+from tests.modelstore.backends import (
+    assert_clean,
+    blob_count,
+    edit_index_entry,
+    overwrite_blob,
+    point_at_blob_of,
+    read_blob,
+)
 from tests.modelstore.conftest import Served, serve
 
 
@@ -533,6 +542,26 @@ def test_a_listing_names_a_corrupt_index_entry_and_answers_the_pages_around_it(
     assert pb.ListModelsResponse(corrupt_entries=[largest]).ByteSize() <= MAX_MODEL_INFO_BYTES
 
 
+def test_the_demo_reports_the_corrupt_entries_a_listing_names(
+    fs_served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo's store step read ListModels' first page of ``models`` and nothing else: an index
+    entry the store lists as corrupt went unmentioned (and any model past the first page). It
+    walks every page now and prints each corrupt entry as a warning naming it and its field."""
+    from strongroom.dev import lifecycle
+    from strongroom.dev.demo import Narrator
+
+    for name in ("acme/a", "acme/b"):
+        put(fs_served, make_artifact(name, "1", body(100)))
+    edit_index_entry(fs_served.storage, fs_served.storage.stat("acme/b", "1"), key_version=0)
+    say = Narrator()
+    assert lifecycle.show_listing(say, fs_served.stub) == 1
+    out = capsys.readouterr().out
+    assert say.checks == 1 and "stored acme/a/1" in out
+    (warning,) = [line for line in out.splitlines() if "acme/b" in line]
+    assert warning.startswith("  ! ") and "INDEX_CORRUPT" in warning and "key_version" in warning
+
+
 def test_a_corrupt_entry_whose_name_is_not_utf8_is_listed_escaped(fs_served: Served) -> None:
     """A filesystem index row whose name holds a byte that is not UTF-8 cannot go in a protobuf
     string as it is: it is named with the byte escaped, and the walk goes on past it."""
@@ -551,6 +580,103 @@ def test_a_corrupt_entry_whose_name_is_not_utf8_is_listed_escaped(fs_served: Ser
         if not (token := page.next_page_token):
             break
     assert (names, corrupt) == (["acme/a", "acme/c"], ["acme/b\\xff"])
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [(0, 0), (0, 1), (5, 0), (1000, 10)],
+    ids=["whole", "inside-the-head", "past-the-first-bytes", "a-range-past-the-head"],
+)
+def test_a_record_naming_another_models_blob_is_never_served(
+    served: Served, offset: int, length: int
+) -> None:
+    """GetModel served whatever blob a record named: an index entry edited (by whoever can write
+    the volume or the bucket) to name another model's blob, with its digest and sizes, streamed
+    that model's ciphertext under this model's name (a client refused it only after the whole
+    download). The blob's header names its model: GetModel of such a record (any range) is
+    DATA_LOSS BLOB_OF_ANOTHER_MODEL before its first message, the head checked from the bytes the
+    download reads anyway, and verify reports it; both models' stored data stay as they were."""
+    put(served, make_artifact("acme/a", "1", body(200_000, 1)))
+    victim = make_artifact("acme/b", "1", body(200_000, 2))
+    put(served, victim)
+    b = served.storage.stat("acme/b", "1")
+    point_at_blob_of(served.storage, served.storage.stat("acme/a", "1"), b)
+    edited = served.storage.stat("acme/a", "1")
+    request = pb.GetModelRequest(name="acme/a", version="1", offset=offset, length=length)
+    received: list[pb.GetModelResponse] = []
+    with pytest.raises(grpc.RpcError) as info:
+        received.extend(served.stub.GetModel(request, timeout=30))
+    assert received == []
+    assert_status(info.value, grpc.StatusCode.DATA_LOSS, "BLOB_OF_ANOTHER_MODEL")
+    assert "acme/b" in info.value.details()
+    with pytest.raises(StoredDataCorrupt) as refused:
+        served.storage.verify("acme/a", "1")
+    assert refused.value.reason == "BLOB_OF_ANOTHER_MODEL"
+    assert verify_all(served.storage) == (IntegrityProblem("acme/a", "1", "BLOB_OF_ANOTHER_MODEL"),)
+    assert served.storage.stat("acme/a", "1") == edited
+    assert read_blob(served.storage, b) == victim
+    assert b"".join(r.data for r in get(served, "acme/b", "1")) == victim
+
+
+def test_a_corrupt_entry_outside_the_name_grammar_is_deleted_as_listed(
+    fs_served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A filesystem index row whose name lies outside the name grammar was listed as corrupt,
+    but DeleteModel of the name as listed failed its validation (INVALID_ARGUMENT), so only an
+    edit of the index could remove it. DeleteModel with ``corrupt_entry`` deletes exactly the
+    entry as listed (a byte that is not UTF-8 escaped too), logged with the caller; its blob is
+    kept for the sweep (it may be another model's); a readable entry is not deleted this way."""
+    for name in ("acme/a", "acme/b", "acme/c"):
+        put(fs_served, make_artifact(name, "1", body(100)))
+    b = fs_served.storage.stat("acme/b", "1")
+    root = fs_served.storage.root  # type: ignore[union-attr]
+    with contextlib.closing(sqlite3.connect(root / "index.sqlite3")) as db, db:
+        db.execute("UPDATE models SET name = CAST(X'61636d652f62ff' AS TEXT) WHERE name = 'acme/b'")
+        db.execute("UPDATE models SET name = 'acme/c c' WHERE name = 'acme/c'")
+    listed = fs_served.stub.ListModels(pb.ListModelsRequest()).corrupt_entries
+    assert [(e.name, e.version) for e in listed] == [("acme/b\\xff", "1"), ("acme/c c", "1")]
+    err = rpc_error(fs_served.stub.DeleteModel, pb.DeleteModelRequest(name="acme/c c", version="1"))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MODEL_NAME")
+    for asked, code, reason in [
+        ("acme/a", grpc.StatusCode.FAILED_PRECONDITION, "INDEX_ENTRY_NOT_CORRUPT"),
+        ("acme/d d", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"),
+        ("", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MODEL_NAME"),
+    ]:
+        request = pb.DeleteModelRequest(name=asked, version="1", corrupt_entry=True)
+        assert_status(rpc_error(fs_served.stub.DeleteModel, request), code, reason)
+    with caplog.at_level(logging.WARNING):
+        for e in listed:
+            fs_served.stub.DeleteModel(
+                pb.DeleteModelRequest(name=e.name, version=e.version, corrupt_entry=True),
+                timeout=30,
+            )
+    page = fs_served.stub.ListModels(pb.ListModelsRequest())
+    assert ([m.name for m in page.models], list(page.corrupt_entries)) == (["acme/a"], [])
+    assert "unreadable index entry" in caplog.text and "acme/c c" in caplog.text
+    assert b.artifact_sha256 in fs_served.storage.blob_digests()  # type: ignore[union-attr]
+    assert get(fs_served, "acme/a", "1")
+
+
+def test_a_corrupt_entry_in_the_grammar_is_deleted_as_listed_and_its_blob_kept(
+    served: Served,
+) -> None:
+    """The same call on either backend: on S3 every listed corrupt entry is in the grammar."""
+    put(served, make_artifact("acme/a", "1", body(100)))
+    put(served, make_artifact("acme/b", "1", body(100, 1)))
+    blobs = blob_count(served.storage)
+    edit_index_entry(served.storage, served.storage.stat("acme/b", "1"), key_version=0)
+    (entry,) = served.stub.ListModels(pb.ListModelsRequest()).corrupt_entries
+    served.stub.DeleteModel(
+        pb.DeleteModelRequest(name=entry.name, version=entry.version, corrupt_entry=True),
+        timeout=30,
+    )
+    page = served.stub.ListModels(pb.ListModelsRequest())
+    assert ([m.name for m in page.models], list(page.corrupt_entries)) == (["acme/a"], [])
+    assert blob_count(served.storage) == blobs
+    request = pb.DeleteModelRequest(name="acme/b", version="1", corrupt_entry=True)
+    assert_status(
+        rpc_error(served.stub.DeleteModel, request), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"
+    )
 
 
 def test_corrupt_blob_is_data_loss(served: Served) -> None:

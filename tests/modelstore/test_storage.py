@@ -40,6 +40,7 @@ from strongroom.modelstore.errors import (
     UploadMismatch,
 )
 from strongroom.modelstore.publishers import PublisherScopes
+from strongroom.modelstore.records import MAX_UNREADABLE_LOGGED, UnreadableEntries
 from strongroom.modelstore.storage import (
     FilesystemStorage,
     IntegrityProblem,
@@ -1013,6 +1014,10 @@ def test_a_lost_index_stops_the_start_instead_of_sweeping_every_blob(store_root:
         ("header_size", 0),
         ("content_type", "x" * 5000),
         ("key_id", ""),
+        # Only a uint64 bound before: a size the format cannot hold (over 2^40), or one no
+        # smaller than the artifact that would carry it.
+        ("plaintext_size", 2**40 + 1),
+        ("plaintext_size", 10**6),
     ],
     ids=[
         "time-too-late",
@@ -1026,6 +1031,8 @@ def test_a_lost_index_stops_the_start_instead_of_sweeping_every_blob(store_root:
         "empty-header",
         "content-type-too-long",
         "empty-key-id",
+        "plaintext-past-the-format",
+        "plaintext-past-the-artifact",
     ],
 )
 def test_an_edited_index_row_is_stored_data_corrupt(
@@ -1092,6 +1099,52 @@ def test_a_corrupt_index_entry_is_named_by_the_listing_which_goes_on_past_it(
             call()
         assert info.value.reason == "INDEX_CORRUPT"
     assert verify_all(storage) == (IntegrityProblem("acme/m2", "1", "INDEX_CORRUPT"),)
+
+
+def test_a_corrupt_entry_is_logged_once_not_on_every_page_that_covers_it(
+    storage: AnyStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every listing page logged one ERROR per corrupt entry it covered, and every read of it
+    another: a reader paging through the store again and again flooded the log with the same
+    lines. Each entry is logged once per storage now (again only if what is wrong changes); the
+    listing still names it on every page, and reads of it stay DATA_LOSS."""
+    for i in range(3):
+        put(storage, make_artifact(f"acme/m{i}", "1", b"x"))
+    record = storage.stat("acme/m1", "1")
+    edit_index_entry(storage, record, key_version=0)
+    with caplog.at_level(logging.ERROR):
+        for page_size in (1, 10, 10, 10):
+            token = ""
+            while True:
+                page = storage.list(prefix="acme/", page_size=page_size, page_token=token)
+                if not (token := page.next_page_token):
+                    break
+            assert [e.name for e in storage.list(prefix="acme/").corrupt] == ["acme/m1"]
+        with pytest.raises(StoredDataCorrupt):
+            storage.stat("acme/m1", "1")
+    unreadable = [r for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert len(unreadable) == 1 and "acme/m1" in unreadable[0].getMessage()
+    caplog.clear()
+    edit_index_entry(storage, record, key_version=1, content_type="")
+    with caplog.at_level(logging.ERROR):
+        storage.list(prefix="acme/")
+        storage.list(prefix="acme/")
+    (changed,) = [r for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert "content_type" in changed.getMessage()
+
+
+def test_planted_corrupt_entries_neither_grow_the_memory_nor_flood_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past MAX_UNREADABLE_LOGGED distinct entries one line says the rest go unlogged: planting
+    entries grows neither what the store remembers nor, by making it forget, the log again."""
+    unreadable = UnreadableEntries(logging.getLogger("tests.unreadable"))
+    with caplog.at_level(logging.ERROR, logger="tests.unreadable"):
+        for _ in range(2):
+            for i in range(MAX_UNREADABLE_LOGGED + 50):
+                unreadable.report(f"index row of m{i}", "key_version")
+    assert len(caplog.records) == MAX_UNREADABLE_LOGGED + 1
+    assert "later ones are not logged" in caplog.records[-1].getMessage()
 
 
 def test_an_index_row_that_is_not_utf8_is_corrupt_and_the_store_starts(store_root: Path) -> None:
