@@ -593,7 +593,8 @@ class CollateralCache:
         named after what the report claims. A certificate that does not chain to a pinned AMD
         root is the fetch's failure, whatever the report: :class:`CollateralUnavailable`
         (``VCEK_FETCHED_UNTRUSTED``), and so is one outside its validity period
-        at this cache's clock (``VCEK_FETCHED_NOT_VALID``) and one of AMD's that is not the VCEK
+        at this cache's clock (``VCEK_FETCHED_NOT_VALID``, once ``report`` verifies with it as of
+        its notBefore: else the report's own refusal) and one of AMD's that is not the VCEK
         asked for (another chip, TCB or product: ``VCEK_FETCHED_MISMATCH``); otherwise the
         verifier's refusal.
         """
@@ -613,6 +614,13 @@ class CollateralCache:
                 # proxy or mirror kept) is the broker's source, not the caller's evidence. Handed
                 # on, the verifier refused the report CERT_NOT_VALID_AT_TIME, the caller's fault
                 # (PERMISSION_DENIED, its refusal budget spent) for the broker's own fetch.
+                # Unless the report is not the chip's: what was fetched depends only on the chip
+                # id and TCB the (unverified) report names, so a forged one naming a chip whose
+                # VCEK is served expired made its own refusal the broker's (UNAVAILABLE, outside
+                # its refusal budget, and the genuine platform's fetch backed off). It is judged
+                # with the VCEK as of when that was valid: a report it does not verify is refused
+                # as the verifier names it, the caller's.
+                _judged_while_valid(report, der, self._trust)
                 raise CollateralUnavailable(
                     "the VCEK fetched from AMD KDS (the broker's kds_url) is outside its "
                     "validity period "
@@ -695,6 +703,27 @@ class CollateralCache:
                 reason=Reason.FILE_UNREADABLE,
             )
         return done
+
+
+def _judged_while_valid(report: SnpReport, der: bytes, trust: TrustStore) -> None:
+    """Raises the verifier's refusal of ``report`` with the VCEK ``der`` (AMD's, fetched for it,
+    outside its validity now) judged at the VCEK's notBefore: the signature and bindings a
+    genuine report of that chip and TCB passes whenever it is judged. Returns when it passes, or
+    when nothing can be judged then (a pinned ASK/ARK not valid at that time either: the broker's
+    trust, not the caller's), or when the VCEK is not the one asked for (the source's fault)."""
+    from strongroom.attestation.verify.snp import (
+        fetched_vcek_mismatch,
+        verify_key_chain,
+        verify_report_key,
+    )
+
+    when = load_certificate(der).not_valid_before_utc
+    try:
+        held = verify_key_chain(der, trust, when)
+    except VerificationFailed:
+        return
+    if fetched_vcek_mismatch(report, held) is None:
+        verify_report_key(report, der, trust, when)
 
 
 def pinned_list(trust: TrustStore) -> list[x509.Certificate]:

@@ -528,6 +528,11 @@ class CollateralService:
                 "fetched VCEK not cached",
                 extra={"what": key, "reason": exc.reason, "detail": exc.message},
             )
+            if isinstance(exc, VerificationFailed):
+                # The report's own refusal, as the cache judged it with this VCEK (the same
+                # checks the verifier makes): handed on, a VCEK outside its validity made the
+                # verifier name its dates (CERT_NOT_VALID_AT_TIME) for a forged report.
+                raise
         return der
 
     # --------------------------------------------------------------- fetching -----------------

@@ -670,6 +670,39 @@ def test_a_fetched_vcek_outside_its_validity_is_the_brokers_fault(  # type: igno
     assert theirs == Reason.CERT_NOT_VALID_AT_TIME
 
 
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")  # the Azure VCEK's own serial
+def test_a_forged_report_whose_fetched_vcek_is_outside_its_validity_stays_the_callers(  # type: ignore[no-untyped-def]
+    production, vectors, server, tmp_path
+) -> None:
+    """What is fetched depends only on the chip id and TCB the unverified report names: a forged
+    report (here the real Milan report claiming another measurement) naming a chip whose VCEK is
+    served outside its validity was refused as the broker's VCEK_FETCHED_NOT_VALID (UNAVAILABLE:
+    outside the caller's refusal budget) and backed off the genuine platform's fetch. It is the
+    forgery's refusal now (REPORT_SIGNATURE_INVALID, the caller's), nothing backed off: the
+    genuine report's own fetch still goes out and is the broker's."""
+    genuine = (vectors / "snp/milan_v3_azure_ms.bin").read_bytes()
+    forged = genuine[:0x90] + bytes([genuine[0x90] ^ 1]) + genuine[0x91:]  # MEASUREMENT
+    pem = (vectors / "snp/milan_v3_azure_ms_vcek.pem").read_bytes()
+    served = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    parsed = parse_snp_report(genuine)
+    server.vcek("Milan", parsed.chip_id_for_kds(), parsed.reported_tcb.components(), served)
+    expired = dt.datetime(2034, 1, 1, tzinfo=UTC)  # the VCEK's notAfter is 2033-02-05
+    cache = CollateralCache(tmp_path, production, clock=lambda: expired)
+    service = CollateralService(cache, fast(server), clock=lambda: expired)
+    with pytest.raises(VerificationFailed) as err:
+        verify_evidence(
+            Evidence(TeeType.SEV_SNP, forged), trust=production, now=expired, collateral=service
+        )
+    assert err.value.reason == Reason.REPORT_SIGNATURE_INVALID and callers_fault(err.value)
+    assert _vcek_files(tmp_path) == []
+    with pytest.raises(CollateralUnavailable) as brokers:
+        verify_evidence(
+            Evidence(TeeType.SEV_SNP, genuine), trust=production, now=expired, collateral=service
+        )
+    assert brokers.value.reason == Reason.VCEK_FETCHED_NOT_VALID
+    assert len([r for r in server.requests if r.startswith("/vcek/v1/Milan/")]) == 2
+
+
 def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path) -> None:  # type: ignore[no-untyped-def]
     cache = CollateralCache(tmp_path, sim_trust, max_vceks=2)
     platforms = [authority.snp() for _ in range(3)]
