@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,7 @@ from strongroom.errors import StrongroomError
 from strongroom.keybroker.refusals import callers_fault
 from strongroom.reasons import Reason
 from tests.attestation.collateral_server import FakeCollateralServer, serve
+from tests.certs import self_signed_pem
 
 UTC = dt.UTC
 RD = hashlib.sha512(b"collateral").digest()
@@ -701,6 +703,50 @@ def test_a_forged_report_whose_fetched_vcek_is_outside_its_validity_stays_the_ca
         )
     assert brokers.value.reason == Reason.VCEK_FETCHED_NOT_VALID
     assert len([r for r in server.requests if r.startswith("/vcek/v1/Milan/")]) == 2
+
+
+def test_a_failed_fetch_names_neither_the_source_nor_its_error_text_to_the_caller(  # type: ignore[no-untyped-def]
+    vectors, production, tmp_path, monkeypatch, caplog
+) -> None:
+    """A fetch that fails below HTTP (TLS, a proxy's refused tunnel, the network) put the error's
+    own text in the refusal that reaches the caller as the gRPC status and the audit: here a
+    kds_url whose TLS certificate is for another name, and the message named the host the broker
+    asked ("certificate is not valid for 'localhost'"), as a proxy's refusal carries its own
+    words. It says the kind of failure now (the error's class and its cause's); the broker's log
+    keeps the URL and the text."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "cert.pem").write_bytes(self_signed_pem(key, "kds-mirror.example"))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))  # trusted: only the name fails
+    server = FakeCollateralServer(tls=tls)
+    try:
+        url = server.url.replace("127.0.0.1", "localhost")
+        settings = FetchSettings(pcs_url=url, kds_url=url, retries=0, timeout_seconds=5.0)
+        service = CollateralService(CollateralCache(tmp_path / "cache", production), settings)
+        report = parse_snp_report((vectors / "snp/milan_v3_azure_ms.bin").read_bytes())
+        with (
+            caplog.at_level(logging.WARNING, logger="strongroom.attestation.collateral_fetch"),
+            pytest.raises(CollateralUnavailable) as err,
+        ):
+            service.snp_key_certificate(report)
+    finally:
+        server.close()
+    assert err.value.reason == Reason.COLLATERAL_FETCH_FAILED
+    message = err.value.message
+    assert "the Milan VCEK from AMD KDS" in message and "SSLCertVerificationError" in message
+    assert "localhost" not in message and url.rsplit(":", 1)[1] not in message
+    assert any(
+        getattr(r, "url", "").startswith(url) and "localhost" in getattr(r, "error", "")
+        for r in caplog.records
+    )
 
 
 def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path) -> None:  # type: ignore[no-untyped-def]
