@@ -193,6 +193,9 @@ class CollateralCache:
         self._tcb: dict[bytes, tuple[SignedDocument, TcbInfo, CacheEntry]] = {}
         self._qe: tuple[SignedDocument, QeIdentity, CacheEntry] | None = None
         self._vceks: dict[str, bytes] = {}
+        # The validity (notBefore, notAfter) of each held VCEK looked up since the last load, by
+        # its bytes: parsed once, not on every release.
+        self._vcek_windows: dict[bytes, tuple[datetime, datetime]] = {}
         self._refused: dict[Path, str] = {}
         if writable:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -270,6 +273,7 @@ class CollateralCache:
                 vceks[path.stem] = path.read_bytes()
         with self._lock:
             self._crls, self._tcb, self._qe, self._vceks = crls, tcb, qe, vceks
+            self._vcek_windows = {}
             self._refused = refused
 
     def _maybe_reload(self) -> None:
@@ -338,9 +342,31 @@ class CollateralCache:
             )
 
     def snp_key_certificate(self, report: SnpReport) -> bytes | None:
-        """The held VCEK for the report's chip id and reported TCB, or ``None``."""
+        """The held VCEK for the report's chip id and reported TCB, or ``None`` (also when the
+        held one is outside its validity period at this cache's clock)."""
         self._maybe_reload()
-        return self._vceks.get(vcek_key(report.chip_id_for_kds(), report.reported_tcb.components()))
+        held = self._vceks
+        der = held.get(vcek_key(report.chip_id_for_kds(), report.reported_tcb.components()))
+        if der is None:
+            return None
+        window = self._vcek_windows.get(der)
+        if window is None:
+            try:
+                cert = load_certificate(der)
+            except StrongroomError:
+                return der  # the verifier names what is wrong with it
+            window = (cert.not_valid_before_utc, cert.not_valid_after_utc)
+            with self._lock:
+                if self._vceks is held:  # not a copy a reload has dropped meanwhile (bounded)
+                    self._vcek_windows[der] = window
+        if not window[0] <= self._clock() <= window[1]:
+            # The broker's copy has aged out (VCEKs are valid seven years; KDS serves each
+            # within it): handed to the verifier it refused the genuine report as the caller's
+            # CERT_NOT_VALID_AT_TIME (PERMISSION_DENIED, its refusal budget spent), and never
+            # fetched again. Not held: a fetching broker asks KDS (VCEK_FETCHED_NOT_VALID if it
+            # serves the same), one that does not fetch refuses COLLATERAL_MISSING, its own.
+            return None
+        return der
 
     def entries(self) -> list[CacheEntry]:
         """Every held document, for listing and refreshing."""

@@ -673,6 +673,37 @@ def test_a_fetched_vcek_outside_its_validity_is_the_brokers_fault(  # type: igno
 
 
 @pytest.mark.filterwarnings("ignore:Parsed a serial number")  # the Azure VCEK's own serial
+def test_a_cached_vcek_past_its_validity_is_fetched_again_not_the_callers_fault(  # type: ignore[no-untyped-def]
+    production, vectors, server, tmp_path
+) -> None:
+    """A VCEK the broker cached while it was valid was handed to the verifier once it had aged
+    out: the genuine report was refused as the caller's CERT_NOT_VALID_AT_TIME (PERMISSION_DENIED,
+    its refusal budget spent) for the broker's own copy, and KDS was never asked again. The cache
+    no longer holds it then: KDS is asked (here it serves the same old certificate:
+    VCEK_FETCHED_NOT_VALID, the broker's), and a broker that does not fetch refuses
+    COLLATERAL_MISSING, its own."""
+    report = (vectors / "snp/milan_v3_azure_ms.bin").read_bytes()
+    pem = (vectors / "snp/milan_v3_azure_ms_vcek.pem").read_bytes()
+    served = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    parsed = parse_snp_report(report)
+    server.vcek("Milan", parsed.chip_id_for_kds(), parsed.reported_tcb.components(), served)
+    valid = dt.datetime(2026, 6, 1, tzinfo=UTC)
+    CollateralCache(tmp_path, production, clock=lambda: valid).put_vcek(served, parsed)
+    assert len(_vcek_files(tmp_path)) == 1
+    expired = dt.datetime(2034, 1, 1, tzinfo=UTC)  # the VCEK's notAfter is 2033-02-05
+    evidence = Evidence(TeeType.SEV_SNP, report)
+    for fetching, reason in ((True, "VCEK_FETCHED_NOT_VALID"), (False, "COLLATERAL_MISSING")):
+        cache = CollateralCache(tmp_path, production, clock=lambda: expired)
+        service = CollateralService(cache, fast(server) if fetching else None)
+        with pytest.raises(CollateralUnavailable) as err:
+            verify_evidence(evidence, trust=production, now=expired, collateral=service)
+        assert err.value.reason == reason and not callers_fault(err.value)
+    assert len([r for r in server.requests if r.startswith("/vcek/v1/Milan/")]) == 1
+    held = CollateralCache(tmp_path, production, clock=lambda: valid)
+    assert held.snp_key_certificate(parsed) == served  # still held, and served while valid
+
+
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")  # the Azure VCEK's own serial
 def test_a_forged_report_whose_fetched_vcek_is_outside_its_validity_stays_the_callers(  # type: ignore[no-untyped-def]
     production, vectors, server, tmp_path
 ) -> None:
