@@ -658,10 +658,16 @@ class CollateralCache:
             # can name: one that is not is the broker's source (a kds_url that is not KDS, a
             # proxy answering for it), never the caller's evidence (ROOT_NOT_TRUSTED, which
             # spent the caller's refusal budget and told it to fix what it sent).
+            # The verifier's words name the certificate's issuer: whatever answered at the
+            # broker's kds_url (an internal cache, an inspecting proxy) chose it, so they go to
+            # the broker's log, and the message (the caller's status, the audit) says the kind.
+            log.warning(
+                "a VCEK fetched from the broker's kds_url does not chain to a pinned AMD root",
+                extra={"reason": exc.reason, "detail": exc.message},
+            )
             raise CollateralUnavailable(
                 "the VCEK fetched from AMD KDS (the broker's kds_url) does not chain to a "
-                "pinned AMD root "
-                f"({exc.reason}: {exc.message}): is the broker's kds_url AMD KDS?",
+                f"pinned AMD root ({exc.reason}): is the broker's kds_url AMD KDS?",
                 reason=Reason.VCEK_FETCHED_UNTRUSTED,
             ) from None
         # Before the report's signature: a VCEK of another chip or TCB does not verify a genuine

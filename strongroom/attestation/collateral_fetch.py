@@ -528,11 +528,18 @@ class CollateralService:
             self._note_failure(key)
             log.warning(
                 "AMD KDS answered a VCEK request with no VCEK certificate",
-                extra={"what": key, "reason": exc.reason, "detail": exc.message},
+                extra={
+                    "what": key,
+                    "url": self._kds.vcek_url(product, report),
+                    "reason": exc.reason,
+                    "detail": exc.message,
+                },
             )
+            # Its reason only: the parser's words quote what answered (a certificate's name),
+            # which the log line above keeps for the operators.
             raise CollateralUnavailable(
                 f"AMD KDS answered the {product} VCEK request with something that is not a VCEK "
-                f"certificate ({exc.message})",
+                f"certificate ({exc.reason})",
                 reason=Reason.COLLATERAL_FETCH_FAILED,
             ) from None
         except StrongroomError as exc:

@@ -780,6 +780,51 @@ def test_a_failed_fetch_names_neither_the_source_nor_its_error_text_to_the_calle
     )
 
 
+@pytest.mark.parametrize("answer", ["no-vcek", "vcek-of-another-issuer"])
+def test_a_fetched_certificates_own_names_stay_in_the_brokers_log(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, now, caplog, answer: str
+) -> None:
+    """What answers at the broker's kds_url (an internal cache, an inspecting proxy) chose the
+    names in the certificate it sent, and the refusal quoted them to the caller (gRPC status,
+    audit): a certificate that is no VCEK by its common name ("certificate 'kds-cache...' is not
+    an AMD VCEK"), a VCEK-shaped one by its issuer ("issued by 'CN=egress-inspection...'"). The
+    message says the reason now; the broker's log keeps the names."""
+    snp = authority.snp()
+    name = "kds-cache.corp.example" if answer == "no-vcek" else "egress-inspection.corp.example"
+    key = ec.generate_private_key(ec.SECP384R1())
+    if answer == "no-vcek":
+        served = x509.load_pem_x509_certificate(self_signed_pem(key, name))
+    else:  # the genuine VCEK's subject, key and extensions, issued by another name
+        vcek = x509.load_der_x509_certificate(snp.certificate_der)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(vcek.subject)
+            .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]))
+            .public_key(vcek.public_key())
+            .serial_number(1)
+            .not_valid_before(vcek.not_valid_before_utc)
+            .not_valid_after(vcek.not_valid_after_utc)
+        )
+        for extension in vcek.extensions:
+            builder = builder.add_extension(extension.value, extension.critical)
+        served = builder.sign(key, hashes.SHA384())
+    der = served.public_bytes(serialization.Encoding.DER)
+    server.vcek("Milan", snp.chip_id, snp.tcb.components(), der)
+    service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    report = snp.report(RD, measurement=MEAS)
+    with (
+        caplog.at_level(logging.WARNING, logger="strongroom.attestation"),
+        pytest.raises(CollateralUnavailable) as err,
+    ):
+        verify_evidence(Evidence(TeeType.SEV_SNP, report), trust=sim_trust, now=now,
+                        collateral=service)  # fmt: skip
+    expected = "COLLATERAL_FETCH_FAILED" if answer == "no-vcek" else "VCEK_FETCHED_UNTRUSTED"
+    assert err.value.reason == expected and not callers_fault(err.value)
+    assert name not in err.value.message
+    assert ("BAD_CERTIFICATE" if answer == "no-vcek" else "ROOT_NOT_TRUSTED") in err.value.message
+    assert any(name in str(getattr(r, "detail", "")) for r in caplog.records)
+
+
 def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path) -> None:  # type: ignore[no-untyped-def]
     cache = CollateralCache(tmp_path, sim_trust, max_vceks=2)
     platforms = [authority.snp() for _ in range(3)]
