@@ -193,6 +193,9 @@ class CollateralCache:
         self._tcb: dict[bytes, tuple[SignedDocument, TcbInfo, CacheEntry]] = {}
         self._qe: tuple[SignedDocument, QeIdentity, CacheEntry] | None = None
         self._vceks: dict[str, bytes] = {}
+        # The validity (notBefore, notAfter) of each held VCEK looked up since the last load, by
+        # its bytes: parsed once, not on every release.
+        self._vcek_windows: dict[bytes, tuple[datetime, datetime]] = {}
         self._refused: dict[Path, str] = {}
         if writable:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -270,6 +273,7 @@ class CollateralCache:
                 vceks[path.stem] = path.read_bytes()
         with self._lock:
             self._crls, self._tcb, self._qe, self._vceks = crls, tcb, qe, vceks
+            self._vcek_windows = {}
             self._refused = refused
 
     def _maybe_reload(self) -> None:
@@ -338,9 +342,31 @@ class CollateralCache:
             )
 
     def snp_key_certificate(self, report: SnpReport) -> bytes | None:
-        """The held VCEK for the report's chip id and reported TCB, or ``None``."""
+        """The held VCEK for the report's chip id and reported TCB, or ``None`` (also when the
+        held one is outside its validity period at this cache's clock)."""
         self._maybe_reload()
-        return self._vceks.get(vcek_key(report.chip_id_for_kds(), report.reported_tcb.components()))
+        held = self._vceks
+        der = held.get(vcek_key(report.chip_id_for_kds(), report.reported_tcb.components()))
+        if der is None:
+            return None
+        window = self._vcek_windows.get(der)
+        if window is None:
+            try:
+                cert = load_certificate(der)
+            except StrongroomError:
+                return der  # the verifier names what is wrong with it
+            window = (cert.not_valid_before_utc, cert.not_valid_after_utc)
+            with self._lock:
+                if self._vceks is held:  # not a copy a reload has dropped meanwhile (bounded)
+                    self._vcek_windows[der] = window
+        if not window[0] <= self._clock() <= window[1]:
+            # The broker's copy has aged out (VCEKs are valid seven years; KDS serves each
+            # within it): handed to the verifier it refused the genuine report as the caller's
+            # CERT_NOT_VALID_AT_TIME (PERMISSION_DENIED, its refusal budget spent), and never
+            # fetched again. Not held: a fetching broker asks KDS (VCEK_FETCHED_NOT_VALID if it
+            # serves the same), one that does not fetch refuses COLLATERAL_MISSING, its own.
+            return None
+        return der
 
     def entries(self) -> list[CacheEntry]:
         """Every held document, for listing and refreshing."""
@@ -593,7 +619,8 @@ class CollateralCache:
         named after what the report claims. A certificate that does not chain to a pinned AMD
         root is the fetch's failure, whatever the report: :class:`CollateralUnavailable`
         (``VCEK_FETCHED_UNTRUSTED``), and so is one outside its validity period
-        at this cache's clock (``VCEK_FETCHED_NOT_VALID``) and one of AMD's that is not the VCEK
+        at this cache's clock (``VCEK_FETCHED_NOT_VALID``, once ``report`` verifies with it as of
+        its notBefore: else the report's own refusal) and one of AMD's that is not the VCEK
         asked for (another chip, TCB or product: ``VCEK_FETCHED_MISMATCH``); otherwise the
         verifier's refusal.
         """
@@ -613,6 +640,13 @@ class CollateralCache:
                 # proxy or mirror kept) is the broker's source, not the caller's evidence. Handed
                 # on, the verifier refused the report CERT_NOT_VALID_AT_TIME, the caller's fault
                 # (PERMISSION_DENIED, its refusal budget spent) for the broker's own fetch.
+                # Unless the report is not the chip's: what was fetched depends only on the chip
+                # id and TCB the (unverified) report names, so a forged one naming a chip whose
+                # VCEK is served expired made its own refusal the broker's (UNAVAILABLE, outside
+                # its refusal budget, and the genuine platform's fetch backed off). It is judged
+                # with the VCEK as of when that was valid: a report it does not verify is refused
+                # as the verifier names it, the caller's.
+                _judged_while_valid(report, der, self._trust)
                 raise CollateralUnavailable(
                     "the VCEK fetched from AMD KDS (the broker's kds_url) is outside its "
                     "validity period "
@@ -624,10 +658,16 @@ class CollateralCache:
             # can name: one that is not is the broker's source (a kds_url that is not KDS, a
             # proxy answering for it), never the caller's evidence (ROOT_NOT_TRUSTED, which
             # spent the caller's refusal budget and told it to fix what it sent).
+            # The verifier's words name the certificate's issuer: whatever answered at the
+            # broker's kds_url (an internal cache, an inspecting proxy) chose it, so they go to
+            # the broker's log, and the message (the caller's status, the audit) says the kind.
+            log.warning(
+                "a VCEK fetched from the broker's kds_url does not chain to a pinned AMD root",
+                extra={"reason": exc.reason, "detail": exc.message},
+            )
             raise CollateralUnavailable(
                 "the VCEK fetched from AMD KDS (the broker's kds_url) does not chain to a "
-                "pinned AMD root "
-                f"({exc.reason}: {exc.message}): is the broker's kds_url AMD KDS?",
+                f"pinned AMD root ({exc.reason}): is the broker's kds_url AMD KDS?",
                 reason=Reason.VCEK_FETCHED_UNTRUSTED,
             ) from None
         # Before the report's signature: a VCEK of another chip or TCB does not verify a genuine
@@ -695,6 +735,27 @@ class CollateralCache:
                 reason=Reason.FILE_UNREADABLE,
             )
         return done
+
+
+def _judged_while_valid(report: SnpReport, der: bytes, trust: TrustStore) -> None:
+    """Raises the verifier's refusal of ``report`` with the VCEK ``der`` (AMD's, fetched for it,
+    outside its validity now) judged at the VCEK's notBefore: the signature and bindings a
+    genuine report of that chip and TCB passes whenever it is judged. Returns when it passes, or
+    when nothing can be judged then (a pinned ASK/ARK not valid at that time either: the broker's
+    trust, not the caller's), or when the VCEK is not the one asked for (the source's fault)."""
+    from strongroom.attestation.verify.snp import (
+        fetched_vcek_mismatch,
+        verify_key_chain,
+        verify_report_key,
+    )
+
+    when = load_certificate(der).not_valid_before_utc
+    try:
+        held = verify_key_chain(der, trust, when)
+    except VerificationFailed:
+        return
+    if fetched_vcek_mismatch(report, held) is None:
+        verify_report_key(report, der, trust, when)
 
 
 def pinned_list(trust: TrustStore) -> list[x509.Certificate]:

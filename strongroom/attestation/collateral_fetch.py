@@ -44,8 +44,9 @@ rate-limited by KDS; and a caller's fetches are budgeted by the broker (``vcek_f
 that they are bounded in rate too, not only in number at once.
 
 No refusal's message names a URL (``kds_url``, ``pcs_url``: the broker's internal endpoints) or a
-cache file: it reaches the caller (the gRPC status) and the audit, and says what was missing or
-wrong; the broker's log lines name the URL for its operators.
+cache file, or carries a failed fetch's error text (which can name the host or quote a proxy): it
+reaches the caller (the gRPC status) and the audit, and says what was missing or wrong and the
+kind of failure; the broker's log lines name the URL and the error for its operators.
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ class HttpGetter:
         Its message names ``what`` was asked for, never ``url``: it reaches the caller whose
         release needed the document (the gRPC status) and the audit, to whom the broker's
         internal endpoints (a PCCS, a KDS proxy) are none of their business; the log names it."""
-        last = ""
+        last = ""  # the failure, in full: for the broker's log only
+        said = ""  # its kind, for the message (see _failure_kind)
         for attempt in range(self._s.retries + 1):
             if attempt:
                 delay = min(
@@ -225,22 +227,36 @@ class HttpGetter:
             except urllib.error.HTTPError as exc:
                 if exc.code == 404:
                     return None
-                last = f"HTTP {exc.code}"
+                last = said = f"HTTP {exc.code}"
                 if exc.code != 429 and exc.code < 500:
                     break
             except (urllib.error.URLError, TimeoutError, OSError) as exc:
                 last = type(exc).__name__ + (f" ({exc.reason})" if hasattr(exc, "reason") else "")
+                said = _failure_kind(exc)
             except http.client.HTTPException as exc:
                 # An answer that is not HTTP (a bad status line, an over-long header, a cut chunked
                 # body): http.client's own errors, which urllib does not wrap in URLError.
-                last = type(exc).__name__
+                last = said = type(exc).__name__
             log.info(
                 "collateral fetch failed", extra={"url": url, "attempt": attempt, "error": last}
             )
         log.warning("collateral fetch gave up", extra={"url": url, "error": last})
         raise CollateralUnavailable(
-            f"fetching {what} failed: {last}", reason=Reason.COLLATERAL_FETCH_FAILED
+            f"fetching {what} failed: {said} (the broker's log names the source and the error)",
+            reason=Reason.COLLATERAL_FETCH_FAILED,
         )
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """What kind of failure ``exc`` is, for a message that reaches the caller (the gRPC status)
+    and the audit: its class and, for a ``URLError``, its cause's class, never their text. The
+    text names what the broker connected to (an SSL error: "certificate is not valid for
+    'kds-mirror.corp'") or carries a proxy's own words (a refused CONNECT: "Tunnel connection
+    failed: 403 ..."); the broker's log keeps it."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(exc, urllib.error.URLError) and isinstance(reason, BaseException):
+        return f"{type(exc).__name__} ({type(reason).__name__})"
+    return type(exc).__name__
 
 
 class PcsClient:
@@ -512,11 +528,18 @@ class CollateralService:
             self._note_failure(key)
             log.warning(
                 "AMD KDS answered a VCEK request with no VCEK certificate",
-                extra={"what": key, "reason": exc.reason, "detail": exc.message},
+                extra={
+                    "what": key,
+                    "url": self._kds.vcek_url(product, report),
+                    "reason": exc.reason,
+                    "detail": exc.message,
+                },
             )
+            # Its reason only: the parser's words quote what answered (a certificate's name),
+            # which the log line above keeps for the operators.
             raise CollateralUnavailable(
                 f"AMD KDS answered the {product} VCEK request with something that is not a VCEK "
-                f"certificate ({exc.message})",
+                f"certificate ({exc.reason})",
                 reason=Reason.COLLATERAL_FETCH_FAILED,
             ) from None
         except StrongroomError as exc:
@@ -528,6 +551,11 @@ class CollateralService:
                 "fetched VCEK not cached",
                 extra={"what": key, "reason": exc.reason, "detail": exc.message},
             )
+            if isinstance(exc, VerificationFailed):
+                # The report's own refusal, as the cache judged it with this VCEK (the same
+                # checks the verifier makes): handed on, a VCEK outside its validity made the
+                # verifier name its dates (CERT_NOT_VALID_AT_TIME) for a forged report.
+                raise
         return der
 
     # --------------------------------------------------------------- fetching -----------------

@@ -188,14 +188,17 @@ class _Layered:
         return call
 
 
-def _source(args: argparse.Namespace, trust: TrustStore) -> CollateralSource:
+def _source(args: argparse.Namespace, trust: TrustStore, now: dt.datetime) -> CollateralSource:
     sources: list[CollateralSource] = [_static_source(args.collateral)]
     settings = _settings(args)
     directory = args.collateral_dir
     if directory is None and settings is not None:
         directory = Path(tempfile.mkdtemp(prefix="strongroom-collateral-"))
     if directory is not None:
-        cache = CollateralCache(directory, trust, writable=settings is not None)
+        # The cache judges a VCEK's validity at its clock (one it holds, one it fetches): the
+        # verification's time (--at), or a VCEK valid then but not today was not held, or was
+        # refused as fetched outside its validity.
+        cache = CollateralCache(directory, trust, writable=settings is not None, clock=lambda: now)
         sources.append(CollateralService(cache, settings))
     return _Layered(*sources)
 
@@ -214,7 +217,7 @@ def _verify(args: argparse.Namespace) -> int:
             evidence,
             trust=trust,
             now=now,
-            collateral=_source(args, trust),
+            collateral=_source(args, trust, now),
             require_collateral=not args.allow_incomplete_collateral,
             collateral_grace=dt.timedelta(seconds=max(0.0, args.grace_seconds)),
         )

@@ -8,6 +8,7 @@ records every path it was asked for.
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 import urllib.parse
@@ -32,7 +33,8 @@ def chain_header(pem: bytes) -> str:
 class FakeCollateralServer:
     """KDS + PCS on 127.0.0.1; ``docs`` maps a path with query to a :class:`Doc`."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``, if given, is the server side's context: the server speaks HTTPS."""
         self.docs: dict[str, Doc] = {}
         self.requests: list[str] = []
         self.status: int | None = None  # answer every request with this status
@@ -73,13 +75,17 @@ class FakeCollateralServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
+        self._scheme = "http"
+        if tls is not None:
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
+            self._scheme = "https"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:<port>``."""
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        """``http://127.0.0.1:<port>`` (``https`` with TLS)."""
+        return f"{self._scheme}://127.0.0.1:{self._httpd.server_address[1]}"
 
     def close(self) -> None:
         """Stops serving."""

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,7 @@ from strongroom.errors import StrongroomError
 from strongroom.keybroker.refusals import callers_fault
 from strongroom.reasons import Reason
 from tests.attestation.collateral_server import FakeCollateralServer, serve
+from tests.certs import self_signed_pem
 
 UTC = dt.UTC
 RD = hashlib.sha512(b"collateral").digest()
@@ -668,6 +670,159 @@ def test_a_fetched_vcek_outside_its_validity_is_the_brokers_fault(  # type: igno
     )  # fmt: skip
     assert "outside its validity period" in message and "2033-02-05" in message
     assert theirs == Reason.CERT_NOT_VALID_AT_TIME
+
+
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")  # the Azure VCEK's own serial
+def test_a_cached_vcek_past_its_validity_is_fetched_again_not_the_callers_fault(  # type: ignore[no-untyped-def]
+    production, vectors, server, tmp_path
+) -> None:
+    """A VCEK the broker cached while it was valid was handed to the verifier once it had aged
+    out: the genuine report was refused as the caller's CERT_NOT_VALID_AT_TIME (PERMISSION_DENIED,
+    its refusal budget spent) for the broker's own copy, and KDS was never asked again. The cache
+    no longer holds it then: KDS is asked (here it serves the same old certificate:
+    VCEK_FETCHED_NOT_VALID, the broker's), and a broker that does not fetch refuses
+    COLLATERAL_MISSING, its own."""
+    report = (vectors / "snp/milan_v3_azure_ms.bin").read_bytes()
+    pem = (vectors / "snp/milan_v3_azure_ms_vcek.pem").read_bytes()
+    served = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    parsed = parse_snp_report(report)
+    server.vcek("Milan", parsed.chip_id_for_kds(), parsed.reported_tcb.components(), served)
+    valid = dt.datetime(2026, 6, 1, tzinfo=UTC)
+    CollateralCache(tmp_path, production, clock=lambda: valid).put_vcek(served, parsed)
+    assert len(_vcek_files(tmp_path)) == 1
+    expired = dt.datetime(2034, 1, 1, tzinfo=UTC)  # the VCEK's notAfter is 2033-02-05
+    evidence = Evidence(TeeType.SEV_SNP, report)
+    for fetching, reason in ((True, "VCEK_FETCHED_NOT_VALID"), (False, "COLLATERAL_MISSING")):
+        cache = CollateralCache(tmp_path, production, clock=lambda: expired)
+        service = CollateralService(cache, fast(server) if fetching else None)
+        with pytest.raises(CollateralUnavailable) as err:
+            verify_evidence(evidence, trust=production, now=expired, collateral=service)
+        assert err.value.reason == reason and not callers_fault(err.value)
+    assert len([r for r in server.requests if r.startswith("/vcek/v1/Milan/")]) == 1
+    held = CollateralCache(tmp_path, production, clock=lambda: valid)
+    assert held.snp_key_certificate(parsed) == served  # still held, and served while valid
+
+
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")  # the Azure VCEK's own serial
+def test_a_forged_report_whose_fetched_vcek_is_outside_its_validity_stays_the_callers(  # type: ignore[no-untyped-def]
+    production, vectors, server, tmp_path
+) -> None:
+    """What is fetched depends only on the chip id and TCB the unverified report names: a forged
+    report (here the real Milan report claiming another measurement) naming a chip whose VCEK is
+    served outside its validity was refused as the broker's VCEK_FETCHED_NOT_VALID (UNAVAILABLE:
+    outside the caller's refusal budget) and backed off the genuine platform's fetch. It is the
+    forgery's refusal now (REPORT_SIGNATURE_INVALID, the caller's), nothing backed off: the
+    genuine report's own fetch still goes out and is the broker's."""
+    genuine = (vectors / "snp/milan_v3_azure_ms.bin").read_bytes()
+    forged = genuine[:0x90] + bytes([genuine[0x90] ^ 1]) + genuine[0x91:]  # MEASUREMENT
+    pem = (vectors / "snp/milan_v3_azure_ms_vcek.pem").read_bytes()
+    served = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    parsed = parse_snp_report(genuine)
+    server.vcek("Milan", parsed.chip_id_for_kds(), parsed.reported_tcb.components(), served)
+    expired = dt.datetime(2034, 1, 1, tzinfo=UTC)  # the VCEK's notAfter is 2033-02-05
+    cache = CollateralCache(tmp_path, production, clock=lambda: expired)
+    service = CollateralService(cache, fast(server), clock=lambda: expired)
+    with pytest.raises(VerificationFailed) as err:
+        verify_evidence(
+            Evidence(TeeType.SEV_SNP, forged), trust=production, now=expired, collateral=service
+        )
+    assert err.value.reason == Reason.REPORT_SIGNATURE_INVALID and callers_fault(err.value)
+    assert _vcek_files(tmp_path) == []
+    with pytest.raises(CollateralUnavailable) as brokers:
+        verify_evidence(
+            Evidence(TeeType.SEV_SNP, genuine), trust=production, now=expired, collateral=service
+        )
+    assert brokers.value.reason == Reason.VCEK_FETCHED_NOT_VALID
+    assert len([r for r in server.requests if r.startswith("/vcek/v1/Milan/")]) == 2
+
+
+def test_a_failed_fetch_names_neither_the_source_nor_its_error_text_to_the_caller(  # type: ignore[no-untyped-def]
+    vectors, production, tmp_path, monkeypatch, caplog
+) -> None:
+    """A fetch that fails below HTTP (TLS, a proxy's refused tunnel, the network) put the error's
+    own text in the refusal that reaches the caller as the gRPC status and the audit: here a
+    kds_url whose TLS certificate is for another name, and the message named the host the broker
+    asked ("certificate is not valid for 'localhost'"), as a proxy's refusal carries its own
+    words. It says the kind of failure now (the error's class and its cause's); the broker's log
+    keeps the URL and the text."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "cert.pem").write_bytes(self_signed_pem(key, "kds-mirror.example"))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))  # trusted: only the name fails
+    server = FakeCollateralServer(tls=tls)
+    try:
+        url = server.url.replace("127.0.0.1", "localhost")
+        settings = FetchSettings(pcs_url=url, kds_url=url, retries=0, timeout_seconds=5.0)
+        service = CollateralService(CollateralCache(tmp_path / "cache", production), settings)
+        report = parse_snp_report((vectors / "snp/milan_v3_azure_ms.bin").read_bytes())
+        with (
+            caplog.at_level(logging.WARNING, logger="strongroom.attestation.collateral_fetch"),
+            pytest.raises(CollateralUnavailable) as err,
+        ):
+            service.snp_key_certificate(report)
+    finally:
+        server.close()
+    assert err.value.reason == Reason.COLLATERAL_FETCH_FAILED
+    message = err.value.message
+    assert "the Milan VCEK from AMD KDS" in message and "SSLCertVerificationError" in message
+    assert "localhost" not in message and url.rsplit(":", 1)[1] not in message
+    assert any(
+        getattr(r, "url", "").startswith(url) and "localhost" in getattr(r, "error", "")
+        for r in caplog.records
+    )
+
+
+@pytest.mark.parametrize("answer", ["no-vcek", "vcek-of-another-issuer"])
+def test_a_fetched_certificates_own_names_stay_in_the_brokers_log(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, now, caplog, answer: str
+) -> None:
+    """What answers at the broker's kds_url (an internal cache, an inspecting proxy) chose the
+    names in the certificate it sent, and the refusal quoted them to the caller (gRPC status,
+    audit): a certificate that is no VCEK by its common name ("certificate 'kds-cache...' is not
+    an AMD VCEK"), a VCEK-shaped one by its issuer ("issued by 'CN=egress-inspection...'"). The
+    message says the reason now; the broker's log keeps the names."""
+    snp = authority.snp()
+    name = "kds-cache.corp.example" if answer == "no-vcek" else "egress-inspection.corp.example"
+    key = ec.generate_private_key(ec.SECP384R1())
+    if answer == "no-vcek":
+        served = x509.load_pem_x509_certificate(self_signed_pem(key, name))
+    else:  # the genuine VCEK's subject, key and extensions, issued by another name
+        vcek = x509.load_der_x509_certificate(snp.certificate_der)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(vcek.subject)
+            .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]))
+            .public_key(vcek.public_key())
+            .serial_number(1)
+            .not_valid_before(vcek.not_valid_before_utc)
+            .not_valid_after(vcek.not_valid_after_utc)
+        )
+        for extension in vcek.extensions:
+            builder = builder.add_extension(extension.value, extension.critical)
+        served = builder.sign(key, hashes.SHA384())
+    der = served.public_bytes(serialization.Encoding.DER)
+    server.vcek("Milan", snp.chip_id, snp.tcb.components(), der)
+    service = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
+    report = snp.report(RD, measurement=MEAS)
+    with (
+        caplog.at_level(logging.WARNING, logger="strongroom.attestation"),
+        pytest.raises(CollateralUnavailable) as err,
+    ):
+        verify_evidence(Evidence(TeeType.SEV_SNP, report), trust=sim_trust, now=now,
+                        collateral=service)  # fmt: skip
+    expected = "COLLATERAL_FETCH_FAILED" if answer == "no-vcek" else "VCEK_FETCHED_UNTRUSTED"
+    assert err.value.reason == expected and not callers_fault(err.value)
+    assert name not in err.value.message
+    assert ("BAD_CERTIFICATE" if answer == "no-vcek" else "ROOT_NOT_TRUSTED") in err.value.message
+    assert any(name in str(getattr(r, "detail", "")) for r in caplog.records)
 
 
 def test_cached_vceks_are_bounded_oldest_evicted(authority, sim_trust, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -825,6 +825,32 @@ def test_a_family_0x19_model_of_no_sev_snp_part_is_refused(  # type: ignore[no-u
         )
 
 
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")  # the Azure VCEK's own serial
+@pytest.mark.parametrize("model", [0x20, 0x24, 0x44, 0x70, 0xFF])
+def test_a_family_0x1a_model_of_no_sev_snp_part_is_refused(  # type: ignore[no-untyped-def]
+    vectors, production, model: int
+) -> None:
+    """Family 0x1A is Turin (models 0x00-0x0F, Turin Dense 0x10-0x1F); its other models are client
+    Zen 5 parts with no SEV-SNP (Strix Point, Granite Ridge, Krackan, Strix Halo). Every model
+    was read as Turin on the family alone, as every family 0x19 model from 0x10 was read as Genoa
+    (here the real Turin report with its model byte changed: refused only by its signature). It
+    is refused by name, before any chain or fetch: INVALID_ARGUMENT UNSUPPORTED_PROCESSOR."""
+    genuine = (vectors / "snp/turin_v5_azure_ms.bin").read_bytes()
+    vcek = (vectors / "snp/turin_v5_azure_ms_vcek.pem").read_bytes()
+    assert parse_snp_report(genuine).cpuid_mod_id == 0x02
+    report = genuine[:0x189] + bytes([model]) + genuine[0x18A:]
+    err = expect(
+        MalformedEvidence,
+        Reason.UNSUPPORTED_PROCESSOR,
+        lambda: snp_verify(report, [vcek], production),
+    )
+    assert f"family 0x1A model 0x{model:02X}" in err.message
+    assert err.status_name == "INVALID_ARGUMENT" and callers_fault(err)
+    for known in (0x00, 0x0F, 0x10, 0x1F):
+        parsed = parse_snp_report(genuine[:0x189] + bytes([known]) + genuine[0x18A:])
+        assert parsed.product == "Turin"
+
+
 @pytest.mark.parametrize("model", [0xA0, 0xA1, 0xAF])
 def test_siena_is_judged_under_genoas_chain(  # type: ignore[no-untyped-def]
     genoa, authority, sim_trust, now, model: int

@@ -45,9 +45,15 @@ _ZEN4C_MODELS = range(0xA0, 0xB0)
 # Zen 4c parts. The family's other models are client parts (Vermeer 0x21, Raphael 0x61, ...) that
 # have no SEV-SNP and no chain at AMD KDS: read as Genoa (every model from 0x10 was), a report
 # naming one was judged against Genoa's chain and TCB minimums as if it were a Genoa.
-_ZEN3_4_MODELS: dict[str, tuple[range, ...]] = {
-    "Milan": (range(0x00, _FIRST_GENOA_MODEL),),
-    "Genoa": (range(_FIRST_GENOA_MODEL, 0x20), _ZEN4C_MODELS),
+# Family 0x1A likewise: Turin is models 0x00-0x0F and Turin Dense 0x10-0x1F (one product, one
+# chain); the family's other models are client Zen 5 parts (Strix Point 0x24, Granite Ridge 0x44,
+# Krackan 0x60, Strix Halo 0x70, ...) with no SEV-SNP, read as Turin on the family alone.
+_MODELS: dict[int, dict[str, tuple[range, ...]]] = {
+    _FAMILY_ZEN3_4: {
+        "Milan": (range(0x00, _FIRST_GENOA_MODEL),),
+        "Genoa": (range(_FIRST_GENOA_MODEL, 0x20), _ZEN4C_MODELS),
+    },
+    _FAMILY_ZEN5: {"Turin": (range(0x00, 0x20),)},
 }
 
 PRODUCTS = ("Milan", "Genoa", "Turin")
@@ -80,11 +86,11 @@ SIGNING_KEY_NONE = 7
 _SIGNING_KEY_NAMES = {SIGNING_KEY_VCEK: "VCEK", SIGNING_KEY_VLEK: "VLEK", SIGNING_KEY_NONE: "NONE"}
 
 
-def _zen3_4_product(model: int) -> str | None:
-    """The product (chain) of a family 0x19 model, or ``None`` for one that is no SEV-SNP part."""
-    return next(
-        (p for p, ranges in _ZEN3_4_MODELS.items() if any(model in r for r in ranges)), None
-    )
+def _product_of(family: int, model: int) -> str | None:
+    """The product (chain) of a CPUID family and model, or ``None`` for one that is no SEV-SNP
+    part this verifier knows."""
+    products = _MODELS.get(family, {})
+    return next((p for p, ranges in products.items() if any(model in r for r in ranges)), None)
 
 
 @dataclass(frozen=True)
@@ -317,12 +323,10 @@ class SnpReport:
         """The product named by the report's CPUID fields, or None (version 2 or an unknown family):
         the chain (ARK/ASK, KDS product) its VCEK/VLEK must come from. Family 0x19 below model 0x10
         is Milan, 0x10-0x1F Genoa, as are Siena and Bergamo (models 0xA0-0xAF; the parser refuses
-        the family's other models); 0x1A Turin."""
-        if self.cpuid_fam_id == _FAMILY_ZEN5:
-            return "Turin"
-        if self.cpuid_fam_id == _FAMILY_ZEN3_4:
-            return _zen3_4_product(self.cpuid_mod_id or 0)
-        return None
+        the family's other models); family 0x1A models 0x00-0x1F Turin (likewise)."""
+        if self.cpuid_fam_id is None:
+            return None
+        return _product_of(self.cpuid_fam_id, self.cpuid_mod_id or 0)
 
     @property
     def processor(self) -> str | None:
@@ -482,11 +486,11 @@ def parse_snp_report(data: bytes) -> SnpReport:
             f"SNP report CPUID family 0x{cpuid[0]:02X} is not a known SEV-SNP processor",
             reason=Reason.BAD_FIELD,
         )
-    if cpuid[0] == _FAMILY_ZEN3_4 and _zen3_4_product(cpuid[1] or 0) is None:
+    if cpuid[0] is not None and _product_of(cpuid[0], cpuid[1] or 0) is None:
         raise MalformedEvidence(
             f"SNP report CPUID family 0x{cpuid[0]:02X} model 0x{cpuid[1] or 0:02X} is not an "
             "SEV-SNP processor this verifier knows (family 0x19: Milan models 0x00-0x0F, Genoa "
-            "0x10-0x1F, Siena/Bergamo 0xA0-0xAF)",
+            "0x10-0x1F, Siena/Bergamo 0xA0-0xAF; family 0x1A: Turin 0x00-0x1F)",
             reason=Reason.UNSUPPORTED_PROCESSOR,
         )
 
