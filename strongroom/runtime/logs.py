@@ -9,7 +9,10 @@ per refused *call*, so that a call's lines are written all or none: each caller 
 all callers together :data:`REFUSED_CALLS_PER_SECOND` a second (many identities buy no more lines).
 The calls not logged are counted per caller and reason, and said in one WARNING
 (``refused calls not logged``) at most every :data:`SUMMARY_SECONDS`, and when the log closes.
-Only the service's log lines are budgeted: the key broker's audit log is its own (every refused
+Only refusals are budgeted: a line about the service's own failure (an outage, a bug, stored data
+that fails its check: :func:`~strongroom.errors.caused_by_caller`, marked ``False``) is written
+every time, and so are its call's other lines. Only the service's log lines are budgeted: the key
+broker's audit log is its own (every refused
 release is recorded there, or counted by its own budget, whatever this one does).
 
 No thread that logs waits for the log's destination (:class:`ServiceLog`): lines are queued, a
@@ -104,11 +107,16 @@ class RefusalLines(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Whether ``record`` is written (a refusal line not written is counted)."""
-        if not getattr(record, REFUSAL_LINE, False):
+        marked = getattr(record, REFUSAL_LINE, None)
+        if marked is None:
             return True
         rpc = _RPC.get()
         if rpc is not None and rpc.verdict is not None:
             return rpc.verdict  # the call's other lines go with its first
+        if not marked:  # the service's own failure: this call's lines are all written
+            if rpc is not None:
+                rpc.verdict = True
+            return True
         caller = "-"
         if rpc is not None:
             try:

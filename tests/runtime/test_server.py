@@ -846,3 +846,37 @@ def test_a_blocked_log_destination_holds_no_request_worker(
         [r for r in kept if r["msg"].startswith("line ")]
     ) + sum(r["lines"] for r in dropped) == 3 + emitted
     assert dropped  # the queue's bound was reached, and said
+
+
+def _spend_everyones_refusal_budget(host: ServiceHost) -> None:
+    """Refused calls from as many callers (a connection each) as it takes to spend every caller's
+    refusal lines together (on :func:`_service_log`'s clock, that never refills)."""
+    for _ in range(REFUSED_CALLS_PER_SECOND // REFUSED_CALLS_BURST):
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(f"127.0.0.1:{host.port}", options=options) as channel:
+            for _ in range(REFUSED_CALLS_BURST):
+                with pytest.raises(grpc.RpcError):
+                    call(channel, b"invalid")
+
+
+def test_a_service_failure_is_logged_whatever_refused_calls_spent(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    """Every "rpc failed" was a refusal line, within the budget of refusals: callers who spent
+    everyone's (a few certificates) left the service's own failures unsaid, a blob that failed
+    its integrity check (DATA_LOSS), an outage, a bug. Only what a caller is refused for is
+    budgeted now; the service's failures are written every time."""
+    handler, stream = _service_log(monkeypatch)
+    _spend_everyones_refusal_budget(host[0])
+    with pytest.raises(grpc.RpcError) as failed:
+        list(host[2].unary_stream(f"/{SERVICE}/Stream", _identity, _identity)(b"x", timeout=10))
+    assert failed.value.code() == grpc.StatusCode.DATA_LOSS  # type: ignore[attr-defined]
+    with pytest.raises(grpc.RpcError):
+        call(host[2], b"invalid")  # a refusal past the budget is still not written
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failures = [(r["reason"], r["status"]) for r in lines if r["msg"] == "rpc failed"]
+    assert failures.count(("DIGEST_MISMATCH", "DATA_LOSS")) == 1
+    assert failures.count(("NAME_EMPTY", "INVALID_ARGUMENT")) == REFUSED_CALLS_PER_SECOND
