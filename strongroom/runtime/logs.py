@@ -16,8 +16,9 @@ broker's audit log is its own (every refused
 release is recorded there, or counted by its own budget, whatever this one does).
 
 No thread that logs waits for the log's destination (:class:`ServiceLog`): lines are queued, a
-bounded number, and written by one thread; past the bound they are dropped and counted, and the
-count written (``log lines dropped``) once the destination takes lines again.
+bounded number and size, and written by one thread; past the bound they are dropped and counted,
+and the count written (``log lines dropped``) once the destination takes lines again. Refusal
+lines take at most half of the queue, so that the service's other lines always have room.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import queue
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import Any
@@ -58,6 +58,11 @@ _MAX_COUNTED = 1024  # callers and reasons counted between two summaries; the re
 LOG_QUEUE_LINES = 4096
 """Lines waiting to be written (a few hundred bytes each) before further ones are dropped, and
 counted: what the service's log holds while its destination is slow."""
+LOG_QUEUE_BYTES = 16 << 20
+"""Bytes of lines waiting to be written before further ones are dropped, and counted. Callers
+choose much of what a line says (a method name of up to 16 KiB, which a denied call's lines carry
+two or three times over, a request's text in an error): bounded by lines only, the queue of a
+service whose destination stalled held 4,096 such lines, hundreds of MiB."""
 FLUSH_SECONDS = 5.0
 """How long a flush or the handler's close waits for the queued lines to be written."""
 
@@ -233,8 +238,11 @@ class ServiceLog(logging.Handler):
     reading (a full pipe), a refused call's line blocked its request worker for good, and every
     thread that logged after it queued on the handler's lock behind it. Now a line is formatted
     where it is logged (its trace id, its arguments as they are then) and queued; past
-    :data:`LOG_QUEUE_LINES` lines waiting, it is dropped and counted, and the count is written
-    (``log lines dropped``, with ``lines``) before the next line that is. :meth:`flush` and
+    :data:`LOG_QUEUE_LINES` lines or :data:`LOG_QUEUE_BYTES` waiting, it is dropped and counted,
+    and the count is written (``log lines dropped``, with ``lines``) before the next line that
+    is. Refusal lines (:data:`~strongroom.errors.REFUSAL_LINE`) take at most half of either
+    bound, so that refusals, however many callers send, never leave the service's other lines
+    (an operator's change, a failure, the summary of refusals) no room. :meth:`flush` and
     :meth:`close` (``logging.shutdown`` at exit calls both) wait up to :data:`FLUSH_SECONDS` for
     the queue to be written."""
 
@@ -244,44 +252,73 @@ class ServiceLog(logging.Handler):
         self.refusals = RefusalLines(clock=clock)
         self.addFilter(self.refusals)
         self.queue_lines = LOG_QUEUE_LINES
-        self._lines: queue.Queue[str | None] = queue.Queue(self.queue_lines)  # None: stop
-        self._state = threading.Condition()
-        self._pending = 0  # lines queued and not written yet (under _state)
-        self._dropped = 0  # lines dropped since the last count written (under _state)
+        self.queue_bytes = LOG_QUEUE_BYTES
+        # Everything below is under _state (a re-entrant lock: a signal handler that logs runs on
+        # the main thread, perhaps inside an emit of its own).
+        self._state = threading.Condition(threading.RLock())
+        self._lines: deque[tuple[str, int, bool]] = deque()  # line, its size, a refusal's
+        self._pending = [0, 0]  # lines, bytes queued and not written yet
+        self._refusals = [0, 0]  # of which refusal lines'
+        self._dropped = 0  # lines dropped since the last count written
+        self._stopping = False
         self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._writer.start()
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Queues ``record``'s line, or counts it dropped when the queue is full; never waits."""
+        """Queues ``record``'s line, or counts it dropped when the queue (or, for a refusal line,
+        its share) is full; never waits for the destination."""
         try:
             line = self.format(record)
         except Exception:
             self.handleError(record)
             return
+        size = len(line) + 1  # with its newline; characters, bytes for a JSON line (ASCII)
+        refusal = bool(getattr(record, REFUSAL_LINE, False))
         with self._state:
-            try:
-                self._lines.put_nowait(line)
-            except queue.Full:
+            if not self._fits(self._pending, 1, 1, size) or (
+                refusal and not self._fits(self._refusals, 2, 1, size)
+            ):
                 self._dropped += 1
                 return
-            self._pending += 1
+            self._lines.append((line, size, refusal))
+            self._account(size, refusal, 1)
+            self._state.notify_all()
+
+    def _fits(self, held: list[int], share: int, lines: int, size: int) -> bool:
+        return (
+            held[0] + lines <= self.queue_lines // share
+            and held[1] + size <= self.queue_bytes // share
+        )
+
+    def _account(self, size: int, refusal: bool, sign: int) -> None:
+        self._pending[0] += sign
+        self._pending[1] += sign * size
+        if refusal:
+            self._refusals[0] += sign
+            self._refusals[1] += sign * size
 
     def _write(self) -> None:
-        while (line := self._lines.get()) is not None:
+        while True:
             with self._state:
+                self._state.wait_for(lambda: self._lines or self._stopping)
+                if not self._lines:
+                    break  # stopping, and everything queued is written
+                # The line is still counted in the queue's bounds until it has been written.
+                line, size, refusal = self._lines[0]
                 dropped, self._dropped = self._dropped, 0
             try:
                 if dropped:
                     self.stream.write(self._dropped_line(dropped) + "\n")
                 self.stream.write(line + "\n")
-                if self._lines.empty():
+                if len(self._lines) == 1:
                     self.stream.flush()
             except Exception:  # a closed or broken destination: nowhere to say it either
                 with self._state:
                     self._dropped += 1
             finally:
                 with self._state:
-                    self._pending -= 1
+                    self._lines.popleft()
+                    self._account(size, refusal, -1)
                     self._state.notify_all()
         with self._state:  # closing: a count no later line carried
             dropped, self._dropped = self._dropped, 0
@@ -296,20 +333,22 @@ class ServiceLog(logging.Handler):
         )
         record.lines = dropped
         record.queue_lines = self.queue_lines
+        record.queue_bytes = self.queue_bytes
         return self.format(record)
 
     def flush(self) -> None:
         """Waits, up to :data:`FLUSH_SECONDS`, until every queued line is written."""
         with self._state:
-            self._state.wait_for(lambda: self._pending == 0, FLUSH_SECONDS)
+            self._state.wait_for(lambda: self._pending[0] == 0, FLUSH_SECONDS)
 
     def close(self) -> None:
         """Queues the count of refused calls not logged yet, writes what is queued (waiting up
         to :data:`FLUSH_SECONDS`), and ends the writer."""
         self.refusals.close()
         self.flush()
-        with contextlib.suppress(queue.Full):  # full: the writer is stuck on its destination
-            self._lines.put_nowait(None)
+        with self._state:  # the writer ends once the queue is written (or is left stuck)
+            self._stopping = True
+            self._state.notify_all()
         self._writer.join(FLUSH_SECONDS)
         super().close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import itertools
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -805,6 +806,31 @@ def _full_pipe() -> tuple[int, Any]:
     return read_end, open(write_end, "w", buffering=1)
 
 
+def _stalled_service_log(
+    monkeypatch: pytest.MonkeyPatch, clock: Callable[[], float] = lambda: 0.0
+) -> tuple[logs_module.ServiceLog, Callable[[], list[dict[str, Any]]]]:
+    """The service's JSON log configured as a service configures it, on stderr to a pipe nobody
+    reads yet; and what the collector, once back, reads of it when the log has closed."""
+    read_end, stream = _full_pipe()
+    monkeypatch.setattr("sys.stderr", stream)
+    handler = configure_logging(LoggingConfig(format="json"), "test", clock=clock)
+
+    def collect() -> list[dict[str, Any]]:
+        written: list[bytes] = []
+        reader = threading.Thread(
+            target=lambda: written.extend(iter(lambda: os.read(read_end, 1 << 20), b""))
+        )
+        reader.start()
+        handler.close()
+        stream.close()
+        reader.join(30)
+        os.close(read_end)
+        text = b"".join(written).decode().lstrip("x")  # what filled the pipe
+        return [json.loads(line) for line in text.splitlines()]
+
+    return handler, collect
+
+
 def test_a_blocked_log_destination_holds_no_request_worker(
     host: tuple[ServiceHost, Behaviour, grpc.Channel],
     monkeypatch: pytest.MonkeyPatch,
@@ -816,13 +842,7 @@ def test_a_blocked_log_destination_holds_no_request_worker(
     calls are answered, lines past the queue are dropped and counted, and the count is written
     once the destination takes lines again; nothing queued is lost at close."""
     monkeypatch.setattr(logs_module, "LOG_QUEUE_LINES", 8)
-    read_end, stream = _full_pipe()
-    monkeypatch.setattr("sys.stderr", stream)
-    handler = configure_logging(LoggingConfig(format="json"), "test")
-    written: list[bytes] = []
-    reader = threading.Thread(
-        target=lambda: written.extend(iter(lambda: os.read(read_end, 65536), b""))
-    )
+    _, collect = _stalled_service_log(monkeypatch)
     try:
         for _ in range(3):  # logged: within the refusal budget
             with pytest.raises(grpc.RpcError) as refused:
@@ -833,13 +853,7 @@ def test_a_blocked_log_destination_holds_no_request_worker(
         for n in range(emitted):
             logging.getLogger("strongroom.test").warning("line %d", n)
     finally:
-        reader.start()  # the collector is back
-        handler.close()
-        stream.close()
-        reader.join(30)
-        os.close(read_end)
-    text = b"".join(written).decode().lstrip("x")  # what filled the pipe
-    lines = [json.loads(line) for line in text.splitlines()]
+        lines = collect()  # the collector is back
     dropped = [r for r in lines if r["msg"] == "log lines dropped"]
     kept = [r for r in lines if r["msg"] != "log lines dropped"]
     assert [r["msg"] for r in kept].count("rpc failed") + len(
@@ -880,3 +894,43 @@ def test_a_service_failure_is_logged_whatever_refused_calls_spent(
     failures = [(r["reason"], r["status"]) for r in lines if r["msg"] == "rpc failed"]
     assert failures.count(("DIGEST_MISMATCH", "DATA_LOSS")) == 1
     assert failures.count(("NAME_EMPTY", "INVALID_ARGUMENT")) == REFUSED_CALLS_PER_SECOND
+
+
+def test_the_log_queue_is_bounded_in_bytes_too(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """The queue of lines waiting for a stalled destination was bounded by their number only,
+    though callers choose much of a line (a method name of up to 16 KiB, carried by each of a
+    denied call's lines): 4,096 lines of tens of KiB. It holds LOG_QUEUE_BYTES at most now."""
+    _, collect = _stalled_service_log(monkeypatch)
+    big = "m" * (64 << 10)
+    logged = 2 * logs_module.LOG_QUEUE_BYTES // len(big)  # well within LOG_QUEUE_LINES
+    for n in range(logged):
+        logging.getLogger("strongroom.test").warning("line %d %s", n, big)
+    lines = collect()
+    kept = [r for r in lines if r["msg"].startswith("line ")]
+    dropped = sum(r["lines"] for r in lines if r["msg"] == "log lines dropped")
+    assert len(kept) + dropped == logged
+    assert sum(len(r["msg"]) for r in kept) <= logs_module.LOG_QUEUE_BYTES
+    assert [int(r["msg"].split()[1]) for r in kept] == list(range(len(kept)))  # the first ones
+
+
+def test_refusal_lines_leave_room_in_the_log_queue_for_other_lines(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """Lines past the queue's bound are dropped, whatever they say: while the destination was
+    slow, refusals within their budget (many callers, reasons, minutes) filled the queue, and an
+    operator's change or a service's failure logged then was dropped. Refusal lines take at most
+    half of the queue now."""
+    monkeypatch.setattr(logs_module, "LOG_QUEUE_LINES", 8)
+    ticks = itertools.count(0.0, 3600.0)  # every refusal within its budget
+    _, collect = _stalled_service_log(monkeypatch, clock=lambda: next(ticks))
+    refusals = logging.getLogger("strongroom.test.refusals")
+    for n in range(20):
+        refusals.warning("refused %d", n, extra={"reason": "NAME_EMPTY", errors.REFUSAL_LINE: True})
+    logging.getLogger("strongroom.test").warning("key deactivated by the operator")
+    lines = collect()
+    msgs = [r["msg"] for r in lines]
+    assert "key deactivated by the operator" in msgs
+    assert [m for m in msgs if m.startswith("refused ")] == [f"refused {n}" for n in range(4)]
+    assert sum(r["lines"] for r in lines if r["msg"] == "log lines dropped") == 16
