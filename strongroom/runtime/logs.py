@@ -5,8 +5,9 @@ authoriser's denial, the error mapping's ``rpc failed``, a limit's refusal, a se
 are written within a budget (:class:`RefusalLines`): any certificate of the CA, a role-less one
 included, chose how many of them the service wrote, two or three per refused call. The budget is
 per refused *call*, so that a call's lines are written all or none: each caller and reason has
-:data:`REFUSED_CALLS_BURST` calls logged at once, then :data:`REFUSED_CALLS_PER_CALLER` a second, and
-all callers together :data:`REFUSED_CALLS_PER_SECOND` a second (many identities buy no more lines).
+:data:`REFUSED_CALLS_BURST` calls logged at once, then :data:`REFUSED_CALLS_PER_CALLER` a second,
+each caller :data:`REASONS_PER_CALLER` reasons' worth of them over all its reasons, and all
+callers together :data:`REFUSED_CALLS_PER_SECOND` a second (many identities buy no more lines).
 The calls not logged are counted per caller and reason, and said in one WARNING
 (``refused calls not logged``) at most every :data:`SUMMARY_SECONDS`, and when the log closes.
 Only refusals are budgeted: a line about the service's own failure (an outage, a bug, stored data
@@ -47,6 +48,11 @@ REFUSED_CALLS_BURST = 5
 """Refused calls of one caller and reason whose lines are written at once, then
 :data:`REFUSED_CALLS_PER_CALLER` a second."""
 REFUSED_CALLS_PER_CALLER = 1.0
+REASONS_PER_CALLER = 2
+"""How many reasons' budgets one caller's refused calls of every reason have together
+(:data:`REFUSED_CALLS_BURST` times as many at once, then as many a second): a caller cycling
+through four reasons spent everyone's :data:`REFUSED_CALLS_PER_SECOND` at once, and through
+twenty all of it for good, and every other caller's first refusals went unwritten."""
 REFUSED_CALLS_PER_SECOND = 20
 """Refused calls whose lines are written a second, all callers and reasons together (a call writes
 three lines at most): a holder of many certificates buys no more."""
@@ -103,6 +109,11 @@ class RefusalLines(logging.Filter):
         # The token buckets the key broker's audit budget and attestation limits use: one per
         # caller and reason, and one for everyone (key "").
         self._each = CallerBuckets(REFUSED_CALLS_PER_CALLER, REFUSED_CALLS_BURST, clock=clock)
+        self._caller = CallerBuckets(  # and one per caller, every reason together
+            REASONS_PER_CALLER * REFUSED_CALLS_PER_CALLER,
+            REASONS_PER_CALLER * REFUSED_CALLS_BURST,
+            clock=clock,
+        )
         self._all = CallerBuckets(REFUSED_CALLS_PER_SECOND, REFUSED_CALLS_PER_SECOND, clock=clock)
         self._lock = threading.Lock()
         self._counted: Counter[tuple[str, str]] = Counter()
@@ -130,16 +141,27 @@ class RefusalLines(logging.Filter):
                 caller = "(unidentified)"
         reason = str(getattr(record, "reason", "") or "")
         key = f"{caller} {reason}"  # a space is in neither a SPIFFE ID nor a reason code
-        # A caller past its own budget spends none of everyone's.
-        verdict = self._each.available(key) and self._all.take("")
-        if verdict and not self._each.take(key):  # another thread took its last token
-            self._all.refund("")
-            verdict = False
+        # A caller past its own budget (of this reason, or of all) spends none of everyone's.
+        verdict = self._take(key, caller)
         if rpc is not None:
             rpc.verdict = verdict
         if not verdict:
             self._count(caller, reason)
         return verdict
+
+    def _take(self, key: str, caller: str) -> bool:
+        if not (self._each.available(key) and self._caller.available(caller)):
+            return False
+        if not self._all.take(""):
+            return False
+        if not self._each.take(key):  # another thread took its last token
+            self._all.refund("")
+            return False
+        if not self._caller.take(caller):
+            self._each.refund(key)
+            self._all.refund("")
+            return False
+        return True
 
     def _count(self, caller: str, reason: str) -> None:
         with self._lock:

@@ -30,6 +30,7 @@ from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, 
 from strongroom.runtime.health import MAX_SERVICE_NAME
 from strongroom.runtime.health_port import LOG_LINES_PER_SECOND
 from strongroom.runtime.logs import (
+    REASONS_PER_CALLER,
     REFUSED_CALLS_BURST,
     REFUSED_CALLS_PER_SECOND,
     configure_logging,
@@ -58,6 +59,8 @@ def make_service(behaviour: Behaviour) -> ServiceSpec:
             raise errors.InvalidArgument("name must not be empty", reason="NAME_EMPTY")
         if request == b"denied":
             raise errors.PermissionDenied("not for you", reason="CALLER_NOT_ALLOWED")
+        if request.startswith(b"refuse:"):  # a refusal for the reason the caller names
+            raise errors.FailedPrecondition("refused", reason=request[7:].decode())
         if request == b"bug":
             raise KeyError("secret-internal-detail")
         if request == b"slow":
@@ -934,3 +937,31 @@ def test_refusal_lines_leave_room_in_the_log_queue_for_other_lines(
     assert "key deactivated by the operator" in msgs
     assert [m for m in msgs if m.startswith("refused ")] == [f"refused {n}" for n in range(4)]
     assert sum(r["lines"] for r in lines if r["msg"] == "log lines dropped") == 16
+
+
+def test_a_caller_spreading_refusals_over_reasons_keeps_within_a_budget_of_its_own(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    """Each reason of a caller had a budget of its own, and only everyone's capped them: one
+    caller refused for four reasons spent everyone's at once (for twenty, for good), and the
+    next caller's first refusal went unwritten. A caller's reasons together now have
+    REASONS_PER_CALLER reasons' budgets."""
+    handler, stream = _service_log(monkeypatch)
+    reasons = REFUSED_CALLS_PER_SECOND // REFUSED_CALLS_BURST
+    for n in range(reasons):
+        for _ in range(REFUSED_CALLS_BURST):
+            with pytest.raises(grpc.RpcError):
+                call(host[2], f"refuse:REASON_{n}".encode())
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{host[0].port}", options=options) as other,
+        pytest.raises(grpc.RpcError),
+    ):
+        call(other, b"invalid")
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failures = [r["reason"] for r in lines if r["msg"] == "rpc failed"]
+    assert failures.count("NAME_EMPTY") == 1  # the other caller's
+    assert len(failures) == REASONS_PER_CALLER * REFUSED_CALLS_BURST + 1
