@@ -48,7 +48,7 @@ REFUSED_CALLS_BURST = 5
 """Refused calls of one caller and reason whose lines are written at once, then
 :data:`REFUSED_CALLS_PER_CALLER` a second."""
 REFUSED_CALLS_PER_CALLER = 1.0
-REASONS_PER_CALLER = 2
+REASONS_PER_CALLER = 3
 """How many reasons' budgets one caller's refused calls of every reason have together
 (:data:`REFUSED_CALLS_BURST` times as many at once, then as many a second): a caller cycling
 through four reasons spent everyone's :data:`REFUSED_CALLS_PER_SECOND` at once, and through

@@ -454,9 +454,22 @@ def test_a_refused_inference_is_logged_once_by_the_service_with_its_reason(
         with pytest.raises(grpc.RpcError) as info:
             oip.ModelInfer(request, timeout=120)
         assert reason(info.value) == expected
-    with log.open("rb") as out:
-        out.seek(start)
-        lines = out.read().decode(errors="replace").splitlines()
+
+    def logged() -> list[str]:
+        with log.open("rb") as out:
+            out.seek(start)
+            return out.read().decode(errors="replace").splitlines()
+
+    # The service's log thread writes its lines after the call is answered: wait for them (not
+    # a timing bound, only how long to wait).
+    assert _wait_for(
+        lambda: all(
+            any(expected in line for line in logged())
+            for expected in ("INFERENCE_INPUT_REJECTED", "INFERENCE_MEMORY_EXHAUSTED")
+        ),
+        120,
+    ), logged()
+    lines = logged()
     assert not [line for line in lines if "onnxruntime:" in line], lines
     for expected in ("INFERENCE_INPUT_REJECTED", "INFERENCE_MEMORY_EXHAUSTED"):
         (line,) = [line for line in lines if expected in line]

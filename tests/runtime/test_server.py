@@ -36,6 +36,7 @@ from strongroom.runtime.logs import (
     configure_logging,
 )
 from strongroom.runtime.server import MessageLimits, ServiceHost, ServiceSpec
+from tests.conftest import buffered_service_log
 
 SERVICE = "test.Echo"
 
@@ -751,9 +752,7 @@ def test_a_stream_watchdog_that_could_not_start_is_started_by_the_next_send(
 def _service_log(monkeypatch: pytest.MonkeyPatch) -> tuple[logging.Handler, io.StringIO]:
     """The service's JSON log configured as a service configures it, into a buffer, with its
     refusal budget on a clock that never moves (no refill: the counts are exact)."""
-    stream = io.StringIO()
-    monkeypatch.setattr("sys.stderr", stream)
-    return configure_logging(LoggingConfig(format="json"), "test", clock=lambda: 0.0), stream
+    return buffered_service_log(monkeypatch)
 
 
 def test_refused_calls_on_the_service_port_log_within_a_budget_per_caller_and_for_everyone(
