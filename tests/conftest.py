@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -117,11 +118,15 @@ def restore_logging() -> Iterator[None]:
 
 
 def buffered_service_log(
-    monkeypatch: pytest.MonkeyPatch, service: str = "test"
+    monkeypatch: pytest.MonkeyPatch,
+    service: str = "test",
+    log_format: Literal["json", "text"] = "json",
 ) -> tuple[ServiceLog, io.StringIO]:
-    """The service's JSON log configured as a service configures it, into a buffer (stderr), with
-    its refusal budget on a clock that never moves (no refill: the counts are exact). Use with
-    :func:`restore_logging`; close the handler before reading the buffer (its thread writes it)."""
+    """The service's log (JSON unless ``log_format`` says) configured as a service configures it,
+    into a buffer (stderr), with its refusal budget on a clock that never moves (no refill: the
+    counts are exact). Use with :func:`restore_logging`; close the handler before reading the
+    buffer (its thread writes it)."""
     stream = io.StringIO()
     monkeypatch.setattr("sys.stderr", stream)
-    return configure_logging(LoggingConfig(format="json"), service, clock=lambda: 0.0), stream
+    config = LoggingConfig(format=log_format)
+    return configure_logging(config, service, clock=lambda: 0.0), stream

@@ -238,6 +238,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
+class TextFormatter(logging.Formatter):
+    """Formats a record as one line for people: time, level, service, logger and message, with
+    every non-printable character of the message shown as its escape. Callers choose text lines
+    carry (an RPC's method name reaches the authoriser's ``denied RPC`` with any character in
+    it): written as it came, a newline forged a line of its own and an escape sequence drove the
+    reader's terminal. A traceback (``exc_info``) keeps its lines, after the message."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line's first part: its message escaped (see the class)."""
+        record.message = _printable(record.message)
+        return super().formatMessage(record)
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
 def _current_trace_id() -> str | None:
     from opentelemetry import trace
 
@@ -385,9 +409,7 @@ def configure_logging(
     if config.format == "json":
         handler.setFormatter(JsonFormatter(service))
     else:
-        handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
-        )
+        handler.setFormatter(TextFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)

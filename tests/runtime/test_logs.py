@@ -1,0 +1,34 @@
+"""The service's log in its text format (``logging.format: text``, for people)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tests.conftest import buffered_service_log
+
+
+def test_text_lines_show_what_callers_put_in_them_escaped(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """A caller chooses text the service's lines carry (an RPC's method name reaches the
+    authoriser's "denied RPC" with any character in it, a newline or a terminal's escape
+    sequence included): in the text format it was written as it came, a forged line of its own
+    or a terminal driven. Non-printable characters are shown as their escapes now; a traceback
+    keeps its lines."""
+    handler, stream = buffered_service_log(monkeypatch, log_format="text")
+    forged = "/pkg.Svc/M\n2026-01-01 00:00:00,000 CRITICAL keybroker audit: log wiped\x1b[2J"
+    logging.getLogger("strongroom.pki.authz").warning("denied RPC %s: %s", forged, "NO_ROLE")
+    try:
+        raise ValueError("one\ntwo")
+    except ValueError:
+        logging.getLogger("strongroom.test").exception("with a traceback")
+    handler.close()
+    lines = stream.getvalue().splitlines()
+    assert "denied RPC /pkg.Svc/M\\n2026-01-01" in lines[0]
+    assert "\\x1b[2J: NO_ROLE" in lines[0]
+    assert not any("CRITICAL" in line for line in lines[1:])
+    assert "\x1b" not in stream.getvalue()
+    assert lines[1].endswith("with a traceback")
+    assert lines[2] == "Traceback (most recent call last):"
