@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -230,28 +230,37 @@ class JsonFormatter(logging.Formatter):
         trace_id = _current_trace_id()
         if trace_id:
             out["trace_id"] = trace_id
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
+        out.update(_fields(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
+def _fields(record: logging.LogRecord) -> Iterator[tuple[str, Any]]:
+    """The record's own fields (its ``extra``), but those whose name starts with ``_``."""
+    for key, value in record.__dict__.items():
+        if key not in _STANDARD and not key.startswith("_"):
+            yield key, value
+
+
 class TextFormatter(logging.Formatter):
     """Formats a record as one line for people: time, level, service, logger and message, with
-    every non-printable character of the message shown as its escape. Callers choose text lines
-    carry (an RPC's method name reaches the authoriser's ``denied RPC`` with any character in
-    it): written as it came, a newline forged a line of its own and an escape sequence drove the
-    reader's terminal. A traceback (``exc_info``) keeps its lines, after the message."""
+    every non-printable character of the message shown as its escape, then each of its fields as
+    ``name=<JSON>`` (the message alone said nothing of them: not how many refused calls a
+    summary counted, nor why a call failed). Callers choose text lines carry (an RPC's method
+    name reaches the authoriser's ``denied RPC`` with any character in it): written as it came,
+    a newline forged a line of its own and an escape sequence drove the reader's terminal. A
+    traceback (``exc_info``) keeps its lines, after the message."""
 
     def __init__(self, service: str) -> None:
         super().__init__(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        """The line's first part: its message escaped (see the class)."""
+        """The line but a traceback: its message escaped, then its fields (see the class)."""
         record.message = _printable(record.message)
-        return super().formatMessage(record)
+        line = super().formatMessage(record)
+        fields = [f"{key}={json.dumps(value, default=str)}" for key, value in _fields(record)]
+        return " ".join([line, *fields])
 
 
 def _printable(text: str) -> str:

@@ -6,6 +6,8 @@ import logging
 
 import pytest
 
+from strongroom import errors
+from strongroom.runtime.logs import REFUSED_CALLS_BURST
 from tests.conftest import buffered_service_log
 
 
@@ -32,3 +34,24 @@ def test_text_lines_show_what_callers_put_in_them_escaped(
     assert "\x1b" not in stream.getvalue()
     assert lines[1].endswith("with a traceback")
     assert lines[2] == "Traceback (most recent call last):"
+
+
+def test_text_lines_carry_their_fields(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """The text format wrote the message only, so its lines said nothing their fields said:
+    "refused calls not logged" not how many calls nor whose, "log lines dropped" not how many,
+    "rpc failed" not which method nor why. Each field follows the message now, as
+    ``name=<JSON>`` (escaped like a JSON line's)."""
+    handler, stream = buffered_service_log(monkeypatch, log_format="text")
+    refusals = logging.getLogger("strongroom.test.refusals")
+    for _ in range(REFUSED_CALLS_BURST + 3):  # no call running: every caller's is one budget
+        refusals.info("rpc failed", extra={"reason": "NAME_EMPTY", errors.REFUSAL_LINE: True})
+    logging.getLogger("strongroom.test").warning("odd", extra={"peer": "ipv4:1.2.3.4\n"})
+    handler.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith(': rpc failed reason="NAME_EMPTY"')
+    (summary,) = [line for line in lines if ": refused calls not logged " in line]
+    assert " calls=3 " in summary
+    assert ' by_caller_and_reason=[["-", "NAME_EMPTY", 3]] ' in summary
+    assert any(line.endswith(': odd peer="ipv4:1.2.3.4\\n"') for line in lines)
