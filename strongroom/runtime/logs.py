@@ -16,8 +16,10 @@ every time, and so are its call's other lines. Only the service's log lines are 
 broker's audit log is its own (every refused
 release is recorded there, or counted by its own budget, whatever this one does).
 
-No thread that logs waits for the log's destination (:class:`ServiceLog`): lines are queued, a
-bounded number and size, and written by one thread; past the bound they are dropped and counted,
+No thread that logs waits for the log's destination (:class:`ServiceLog`): a line is written by
+the thread that logs it only while nothing is queued and the destination takes it at once;
+otherwise lines are queued, a bounded number and size, and written by one thread; past the bound
+they are dropped and counted,
 and the count written (``log lines dropped``) once the destination takes lines again. Refusal
 lines take at most half of the queue, so that the service's other lines always have room.
 """
@@ -27,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import select
 import sys
 import threading
 import time
@@ -292,7 +296,9 @@ class ServiceLog(logging.Handler):
     A line was written on the thread that logged it: with stderr to a collector that stopped
     reading (a full pipe), a refused call's line blocked its request worker for good, and every
     thread that logged after it queued on the handler's lock behind it. Now a line is formatted
-    where it is logged (its trace id, its arguments as they are then) and queued; past
+    where it is logged (its trace id, its arguments as they are then) and written there only if
+    nothing is queued and the destination takes it without waiting (a process that dies right
+    after logging, with no exit handler run, has written it); else it is queued; past
     :data:`LOG_QUEUE_LINES` lines or :data:`LOG_QUEUE_BYTES` waiting, it is dropped and counted,
     and the count is written (``log lines dropped``, with ``lines``) before the next line that
     is. Refusal lines (:data:`~strongroom.errors.REFUSAL_LINE`) take at most half of either
@@ -316,12 +322,33 @@ class ServiceLog(logging.Handler):
         self._refusals = [0, 0]  # of which refusal lines'
         self._dropped = 0  # lines dropped since the last count written
         self._stopping = False
+        # Lines are written by the thread that logs them while nothing is queued and the
+        # destination takes them at once: queued, a process that died right after logging (a
+        # native library's crash, an abort: no exit handlers, and the dying thread held the
+        # interpreter) lost its last lines, the ones that say what it was doing.
+        self._fd = _file_descriptor(stream)
+        self._poll = select.poll()
+        if self._fd is not None:
+            self._poll.register(self._fd, select.POLLOUT)
+        self._direct = False  # a line being written by the thread that logged it
         self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._writer.start()
 
+    def handle(self, record: logging.LogRecord) -> bool:
+        """Filters and emits ``record`` as :class:`logging.Handler` does, but without the
+        handler's lock around the emit: :meth:`emit` keeps its own order, and a line written
+        where it is logged that waited after all (another writer of stderr filled the pipe
+        between the poll and the write) then holds its own thread only, not every thread that
+        logs."""
+        verdict = bool(self.filter(record))
+        if verdict:
+            self.emit(record)
+        return verdict
+
     def emit(self, record: logging.LogRecord) -> None:
-        """Queues ``record``'s line, or counts it dropped when the queue (or, for a refusal line,
-        its share) is full; never waits for the destination."""
+        """Writes ``record``'s line now when nothing is queued and the destination takes it
+        without waiting, else queues it, or counts it dropped when the queue (or, for a refusal
+        line, its share) is full; never waits for a destination that is not ready."""
         try:
             line = self.format(record)
         except Exception:
@@ -330,14 +357,52 @@ class ServiceLog(logging.Handler):
         size = len(line) + 1  # with its newline; characters, bytes for a JSON line (ASCII)
         refusal = bool(getattr(record, REFUSAL_LINE, False))
         with self._state:
-            if not self._fits(self._pending, 1, 1, size) or (
-                refusal and not self._fits(self._refusals, 2, 1, size)
-            ):
-                self._dropped += 1
+            now = self._write_now(line)
+            if now is None:
+                if not self._fits(self._pending, 1, 1, size) or (
+                    refusal and not self._fits(self._refusals, 2, 1, size)
+                ):
+                    self._dropped += 1
+                    return
+                self._lines.append((line, size, refusal))
+                self._account(size, refusal, 1)
+                self._state.notify_all()
                 return
-            self._lines.append((line, size, refusal))
-            self._account(size, refusal, 1)
-            self._state.notify_all()
+            self._direct = True  # the writer waits: lines stay in the order they were logged
+        try:
+            _write_all(now[0], now[1])
+        except OSError:  # a closed or broken destination: nowhere to say it either
+            with self._state:
+                self._dropped += 1
+        finally:
+            with self._state:
+                self._direct = False
+                self._state.notify_all()
+
+    def _write_now(self, line: str) -> tuple[int, bytes] | None:
+        """The descriptor and bytes to write ``line`` with from the logging thread, or None to
+        queue it: something is queued or being written (order), a count of dropped lines waits
+        to be said, or the destination would make the write wait. A write of at most PIPE_BUF
+        bytes to a pipe that polls writable has a free page for it, so it does not wait."""
+        if self._fd is None or self._lines or self._direct or self._dropped or self._stopping:
+            return None
+        stream = self.stream
+        if getattr(stream, "closed", False):
+            return None  # its descriptor's number may be another file's by now
+        data = (line + "\n").encode(
+            getattr(stream, "encoding", None) or "utf-8",
+            getattr(stream, "errors", None) or "backslashreplace",
+        )
+        if len(data) > select.PIPE_BUF:
+            return None
+        try:
+            ready = self._poll.poll(0)
+        except OSError:
+            return None
+        failed = select.POLLERR | select.POLLHUP | select.POLLNVAL
+        if not any(events & select.POLLOUT and not events & failed for _, events in ready):
+            return None  # not ready, or an error or hang-up the writer meets and counts
+        return self._fd, data
 
     def _fits(self, held: list[int], share: int, lines: int, size: int) -> bool:
         return (
@@ -355,7 +420,7 @@ class ServiceLog(logging.Handler):
     def _write(self) -> None:
         while True:
             with self._state:
-                self._state.wait_for(lambda: self._lines or self._stopping)
+                self._state.wait_for(lambda: not self._direct and (self._lines or self._stopping))
                 if not self._lines:
                     break  # stopping, and everything queued is written
                 # The line is still counted in the queue's bounds until it has been written.
@@ -394,7 +459,7 @@ class ServiceLog(logging.Handler):
     def flush(self) -> None:
         """Waits, up to :data:`FLUSH_SECONDS`, until every queued line is written."""
         with self._state:
-            self._state.wait_for(lambda: self._pending[0] == 0, FLUSH_SECONDS)
+            self._state.wait_for(lambda: self._pending[0] == 0 and not self._direct, FLUSH_SECONDS)
 
     def close(self) -> None:
         """Queues the count of refused calls not logged yet, writes what is queued (waiting up
@@ -406,6 +471,21 @@ class ServiceLog(logging.Handler):
             self._state.notify_all()
         self._writer.join(FLUSH_SECONDS)
         super().close()
+
+
+def _file_descriptor(stream: Any) -> int | None:
+    """``stream``'s file descriptor, or None (a buffer, a test's capture)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return fd if isinstance(fd, int) else None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def configure_logging(

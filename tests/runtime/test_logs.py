@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
 from strongroom import errors
 from strongroom.runtime.logs import REFUSED_CALLS_BURST
-from tests.conftest import buffered_service_log
+from tests.conftest import REPO, buffered_service_log
 
 
 def test_text_lines_show_what_callers_put_in_them_escaped(
@@ -55,3 +59,33 @@ def test_text_lines_carry_their_fields(
     assert " calls=3 " in summary
     assert ' by_caller_and_reason=[["-", "NAME_EMPTY", 3]] ' in summary
     assert any(line.endswith(': odd peer="ipv4:1.2.3.4\\n"') for line in lines)
+
+
+@pytest.mark.parametrize("death", ["os._exit(70)", "os.abort()", "ctypes.string_at(0)"])
+def test_the_last_line_before_the_process_dies_is_written(death: str) -> None:
+    """Lines were queued for the log's own thread even while the destination took them at once:
+    a process that died right after logging (a native library's crash, an abort, ``os._exit``:
+    no exit handlers, so no flush) lost its last lines, every time, since the thread that
+    logged held the interpreter until it died. The lines that say what the process was doing
+    when it died are what an operator needs: a line is written by the thread that logs it when
+    nothing is queued and the destination can take it now without waiting."""
+    script = (
+        "import ctypes, logging, os\n"
+        "from strongroom.runtime.config import LoggingConfig\n"
+        "from strongroom.runtime.logs import configure_logging\n"
+        "configure_logging(LoggingConfig(format='json'), 'inference')\n"
+        "logging.getLogger('strongroom.inference').error('loading model resnet 3')\n"
+        f"{death}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode != 0
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert [r["msg"] for r in lines] == ["loading model resnet 3"], done.stderr
