@@ -15,7 +15,9 @@ REFUSAL_LINE = "_strongroom_refusal"
 """The logging ``extra`` key that marks a line saying why a caller's RPC was refused
 (``extra={"reason": ..., REFUSAL_LINE: True}``): the service's log writes such lines within a
 budget per caller and reason (:mod:`strongroom.runtime.logs`), since callers choose how many there
-are. Its leading underscore keeps it out of the JSON line."""
+are. ``False`` says the opposite: the line is about the service's own failure (:func:`caused_by_caller`),
+and it and the call's other lines are written every time. Its leading underscore keeps it out of
+the JSON line."""
 
 
 class StrongroomError(Exception):
@@ -126,3 +128,21 @@ class Internal(StrongroomError):
 
     status_name = "INTERNAL"
     default_reason = Reason.INTERNAL
+
+
+# UNAVAILABLE that requests bring on, not an outage: reports naming made-up chips, each a fetch of
+# collateral, use up the fetch slots or the caller's fetch budget.
+_CALLER_DRIVEN_UNAVAILABLE = frozenset(
+    {Reason.COLLATERAL_FETCH_BUSY, Reason.COLLATERAL_FETCH_RATE_LIMITED}
+)
+
+
+def caused_by_caller(exc: StrongroomError) -> bool:
+    """Whether ``exc`` refuses what its caller sent or asked for, rather than says the service
+    failed: a dependency's outage (``UNAVAILABLE``, but for the collateral fetch limits requests
+    use up), a bug (``INTERNAL``) or stored data failing its integrity check (``DATA_LOSS``). A
+    refusal's log lines are within its caller's budget; a failure's are written every time, or a
+    flood of refusals from elsewhere would leave a tampered blob or an outage unsaid."""
+    if exc.reason in _CALLER_DRIVEN_UNAVAILABLE:
+        return True
+    return not isinstance(exc, Unavailable | Internal | DataLoss)

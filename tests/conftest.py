@@ -4,19 +4,22 @@ real CA per module), and the simulated TEE chain every local stack trusts."""
 from __future__ import annotations
 
 import datetime as dt
+import io
 import logging
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.pki import StepCa
 from strongroom.pki.stepca import BINARY_ENV
-from strongroom.runtime.logs import QUIET_LIBRARIES
+from strongroom.runtime.config import LoggingConfig
+from strongroom.runtime.logs import QUIET_LIBRARIES, ServiceLog, configure_logging
 from tests.pki.helpers import new_ca
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,3 +115,18 @@ def restore_logging() -> Iterator[None]:
     root.setLevel(level)
     for name, old in levels.items():
         logging.getLogger(name).setLevel(old)
+
+
+def buffered_service_log(
+    monkeypatch: pytest.MonkeyPatch,
+    service: str = "test",
+    log_format: Literal["json", "text"] = "json",
+) -> tuple[ServiceLog, io.StringIO]:
+    """The service's log (JSON unless ``log_format`` says) configured as a service configures it,
+    into a buffer (stderr), with its refusal budget on a clock that never moves (no refill: the
+    counts are exact). Use with :func:`restore_logging`; close the handler before reading the
+    buffer (its thread writes it)."""
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    config = LoggingConfig(format=log_format)
+    return configure_logging(config, service, clock=lambda: 0.0), stream

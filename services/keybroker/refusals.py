@@ -31,7 +31,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from strongroom.errors import DataLoss, Internal, StrongroomError, Unavailable
+from strongroom.errors import StrongroomError, caused_by_caller
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.reasons import Reason
@@ -57,14 +57,8 @@ def callers_fault(refusal: StrongroomError) -> bool:
     or audit outage, collateral it cannot fetch, a damaged key, a stored policy that does not
     read or load), or an outage would turn every caller's real reason into a rate limit after a
     burst, or leave the broker's own failures counted instead of recorded."""
-    if refusal.reason in (Reason.COLLATERAL_FETCH_BUSY, Reason.COLLATERAL_FETCH_RATE_LIMITED):
-        # Unavailable, but brought on by requests: reports naming made-up chips, each a KDS
-        # fetch, use up the fetch slots or the caller's fetch budget, and every refusal beyond
-        # them was an audit record outside any budget. The answer stays UNAVAILABLE (retry);
-        # only its recording is budgeted.
-        return True
-    return not isinstance(
-        refusal, Unavailable | Internal | DataLoss | PolicyUnreadable | StoredPolicyInvalid
+    return caused_by_caller(refusal) and not isinstance(
+        refusal, PolicyUnreadable | StoredPolicyInvalid
     )
 
 

@@ -183,18 +183,24 @@ def run_service(
     """``strongroom serve SERVICE``: configure, enrol, build, serve until SIGTERM, drain, close."""
     common, section = load_service_config(config_path, service, section_cls)
     configure_logging(common.logging, service)
-    identity = open_identity(common.identity)
+    # From here on, why the service stops is in its log, enrolment's failures included (a CA
+    # root missing, a token refused, the identity not the configured one): they were printed by
+    # the command line only, and the log said nothing of why the process had ended.
     try:
-        install_meter_provider(service, common.tracing, identity=lambda: identity.credentials)
-        if common.production:
-            refuse_loopback_names(identity)
-        running = build(common, section, identity)
+        identity = open_identity(common.identity)
         try:
-            running.host.run_until_signal(
-                after_start=(lambda: after_start(running)) if after_start else None
-            )
+            install_meter_provider(service, common.tracing, identity=lambda: identity.credentials)
+            if common.production:
+                refuse_loopback_names(identity)
+            running = build(common, section, identity)
+            try:
+                running.host.run_until_signal(
+                    after_start=(lambda: after_start(running)) if after_start else None
+                )
+            finally:
+                running.close()
         finally:
-            running.close()
+            identity.close()
     except StrongroomError as exc:
         log.error("%s cannot run: %s", service, exc)
         raise
@@ -202,6 +208,4 @@ def run_service(
         # The command line prints it as one line; the service's log keeps where it happened.
         log.exception("%s stopped on an operating-system error", service)
         raise
-    finally:
-        identity.close()
     return 0

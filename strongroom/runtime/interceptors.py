@@ -50,7 +50,13 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
-from strongroom.errors import REFUSAL_LINE, Cancelled, InvalidArgument, StrongroomError
+from strongroom.errors import (
+    REFUSAL_LINE,
+    Cancelled,
+    InvalidArgument,
+    StrongroomError,
+    caused_by_caller,
+)
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
 from strongroom.runtime.grpc_types import (
@@ -99,7 +105,9 @@ def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> N
                 "method": method,
                 "reason": exc.reason,
                 "status": exc.status_name,
-                REFUSAL_LINE: True,
+                # Within the caller's budget when it is refused; the service's own failure (an
+                # outage, a bug, stored data that fails its check) is written every time.
+                REFUSAL_LINE: caused_by_caller(exc),
             },
         )
         abort_with(context, exc)

@@ -5,16 +5,23 @@ authoriser's denial, the error mapping's ``rpc failed``, a limit's refusal, a se
 are written within a budget (:class:`RefusalLines`): any certificate of the CA, a role-less one
 included, chose how many of them the service wrote, two or three per refused call. The budget is
 per refused *call*, so that a call's lines are written all or none: each caller and reason has
-:data:`REFUSED_CALLS_BURST` calls logged at once, then :data:`REFUSED_CALLS_PER_CALLER` a second, and
-all callers together :data:`REFUSED_CALLS_PER_SECOND` a second (many identities buy no more lines).
+:data:`REFUSED_CALLS_BURST` calls logged at once, then :data:`REFUSED_CALLS_PER_CALLER` a second,
+each caller :data:`REASONS_PER_CALLER` reasons' worth of them over all its reasons, and all
+callers together :data:`REFUSED_CALLS_PER_SECOND` a second (many identities buy no more lines).
 The calls not logged are counted per caller and reason, and said in one WARNING
 (``refused calls not logged``) at most every :data:`SUMMARY_SECONDS`, and when the log closes.
-Only the service's log lines are budgeted: the key broker's audit log is its own (every refused
+Only refusals are budgeted: a line about the service's own failure (an outage, a bug, stored data
+that fails its check: :func:`~strongroom.errors.caused_by_caller`, marked ``False``) is written
+every time, and so are its call's other lines. Only the service's log lines are budgeted: the key
+broker's audit log is its own (every refused
 release is recorded there, or counted by its own budget, whatever this one does).
 
-No thread that logs waits for the log's destination (:class:`ServiceLog`): lines are queued, a
-bounded number, and written by one thread; past the bound they are dropped and counted, and the
-count written (``log lines dropped``) once the destination takes lines again.
+No thread that logs waits for the log's destination (:class:`ServiceLog`): a line is written by
+the thread that logs it only while nothing is queued and the destination takes it at once;
+otherwise lines are queued, a bounded number and size, and written by one thread; past the bound
+they are dropped and counted,
+and the count written (``log lines dropped``) once the destination takes lines again. Refusal
+lines take at most half of the queue, so that the service's other lines always have room.
 """
 
 from __future__ import annotations
@@ -22,12 +29,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import queue
+import os
+import select
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -44,6 +52,11 @@ REFUSED_CALLS_BURST = 5
 """Refused calls of one caller and reason whose lines are written at once, then
 :data:`REFUSED_CALLS_PER_CALLER` a second."""
 REFUSED_CALLS_PER_CALLER = 1.0
+REASONS_PER_CALLER = 3
+"""How many reasons' budgets one caller's refused calls of every reason have together
+(:data:`REFUSED_CALLS_BURST` times as many at once, then as many a second): a caller cycling
+through four reasons spent everyone's :data:`REFUSED_CALLS_PER_SECOND` at once, and through
+twenty all of it for good, and every other caller's first refusals went unwritten."""
 REFUSED_CALLS_PER_SECOND = 20
 """Refused calls whose lines are written a second, all callers and reasons together (a call writes
 three lines at most): a holder of many certificates buys no more."""
@@ -55,6 +68,11 @@ _MAX_COUNTED = 1024  # callers and reasons counted between two summaries; the re
 LOG_QUEUE_LINES = 4096
 """Lines waiting to be written (a few hundred bytes each) before further ones are dropped, and
 counted: what the service's log holds while its destination is slow."""
+LOG_QUEUE_BYTES = 16 << 20
+"""Bytes of lines waiting to be written before further ones are dropped, and counted. Callers
+choose much of what a line says (a method name of up to 16 KiB, which a denied call's lines carry
+two or three times over, a request's text in an error): bounded by lines only, the queue of a
+service whose destination stalled held 4,096 such lines, hundreds of MiB."""
 FLUSH_SECONDS = 5.0
 """How long a flush or the handler's close waits for the queued lines to be written."""
 
@@ -95,6 +113,11 @@ class RefusalLines(logging.Filter):
         # The token buckets the key broker's audit budget and attestation limits use: one per
         # caller and reason, and one for everyone (key "").
         self._each = CallerBuckets(REFUSED_CALLS_PER_CALLER, REFUSED_CALLS_BURST, clock=clock)
+        self._caller = CallerBuckets(  # and one per caller, every reason together
+            REASONS_PER_CALLER * REFUSED_CALLS_PER_CALLER,
+            REASONS_PER_CALLER * REFUSED_CALLS_BURST,
+            clock=clock,
+        )
         self._all = CallerBuckets(REFUSED_CALLS_PER_SECOND, REFUSED_CALLS_PER_SECOND, clock=clock)
         self._lock = threading.Lock()
         self._counted: Counter[tuple[str, str]] = Counter()
@@ -104,11 +127,16 @@ class RefusalLines(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Whether ``record`` is written (a refusal line not written is counted)."""
-        if not getattr(record, REFUSAL_LINE, False):
+        marked = getattr(record, REFUSAL_LINE, None)
+        if marked is None:
             return True
         rpc = _RPC.get()
         if rpc is not None and rpc.verdict is not None:
             return rpc.verdict  # the call's other lines go with its first
+        if not marked:  # the service's own failure: this call's lines are all written
+            if rpc is not None:
+                rpc.verdict = True
+            return True
         caller = "-"
         if rpc is not None:
             try:
@@ -117,16 +145,27 @@ class RefusalLines(logging.Filter):
                 caller = "(unidentified)"
         reason = str(getattr(record, "reason", "") or "")
         key = f"{caller} {reason}"  # a space is in neither a SPIFFE ID nor a reason code
-        # A caller past its own budget spends none of everyone's.
-        verdict = self._each.available(key) and self._all.take("")
-        if verdict and not self._each.take(key):  # another thread took its last token
-            self._all.refund("")
-            verdict = False
+        # A caller past its own budget (of this reason, or of all) spends none of everyone's.
+        verdict = self._take(key, caller)
         if rpc is not None:
             rpc.verdict = verdict
         if not verdict:
             self._count(caller, reason)
         return verdict
+
+    def _take(self, key: str, caller: str) -> bool:
+        if not (self._each.available(key) and self._caller.available(caller)):
+            return False
+        if not self._all.take(""):
+            return False
+        if not self._each.take(key):  # another thread took its last token
+            self._all.refund("")
+            return False
+        if not self._caller.take(caller):
+            self._each.refund(key)
+            self._all.refund("")
+            return False
+        return True
 
     def _count(self, caller: str, reason: str) -> None:
         with self._lock:
@@ -195,12 +234,45 @@ class JsonFormatter(logging.Formatter):
         trace_id = _current_trace_id()
         if trace_id:
             out["trace_id"] = trace_id
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
+        out.update(_fields(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str, separators=(",", ":"))
+
+
+def _fields(record: logging.LogRecord) -> Iterator[tuple[str, Any]]:
+    """The record's own fields (its ``extra``), but those whose name starts with ``_``."""
+    for key, value in record.__dict__.items():
+        if key not in _STANDARD and not key.startswith("_"):
+            yield key, value
+
+
+class TextFormatter(logging.Formatter):
+    """Formats a record as one line for people: time, level, service, logger and message, with
+    every non-printable character of the message shown as its escape, then each of its fields as
+    ``name=<JSON>`` (the message alone said nothing of them: not how many refused calls a
+    summary counted, nor why a call failed). Callers choose text lines carry (an RPC's method
+    name reaches the authoriser's ``denied RPC`` with any character in it): written as it came,
+    a newline forged a line of its own and an escape sequence drove the reader's terminal. A
+    traceback (``exc_info``) keeps its lines, after the message."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line but a traceback: its message escaped, then its fields (see the class)."""
+        record.message = _printable(record.message)
+        line = super().formatMessage(record)
+        fields = [f"{key}={json.dumps(value, default=str)}" for key, value in _fields(record)]
+        return " ".join([line, *fields])
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
 
 
 def _current_trace_id() -> str | None:
@@ -224,9 +296,14 @@ class ServiceLog(logging.Handler):
     A line was written on the thread that logged it: with stderr to a collector that stopped
     reading (a full pipe), a refused call's line blocked its request worker for good, and every
     thread that logged after it queued on the handler's lock behind it. Now a line is formatted
-    where it is logged (its trace id, its arguments as they are then) and queued; past
-    :data:`LOG_QUEUE_LINES` lines waiting, it is dropped and counted, and the count is written
-    (``log lines dropped``, with ``lines``) before the next line that is. :meth:`flush` and
+    where it is logged (its trace id, its arguments as they are then) and written there only if
+    nothing is queued and the destination takes it without waiting (a process that dies right
+    after logging, with no exit handler run, has written it); else it is queued; past
+    :data:`LOG_QUEUE_LINES` lines or :data:`LOG_QUEUE_BYTES` waiting, it is dropped and counted,
+    and the count is written (``log lines dropped``, with ``lines``) before the next line that
+    is. Refusal lines (:data:`~strongroom.errors.REFUSAL_LINE`) take at most half of either
+    bound, so that refusals, however many callers send, never leave the service's other lines
+    (an operator's change, a failure, the summary of refusals) no room. :meth:`flush` and
     :meth:`close` (``logging.shutdown`` at exit calls both) wait up to :data:`FLUSH_SECONDS` for
     the queue to be written."""
 
@@ -236,44 +313,132 @@ class ServiceLog(logging.Handler):
         self.refusals = RefusalLines(clock=clock)
         self.addFilter(self.refusals)
         self.queue_lines = LOG_QUEUE_LINES
-        self._lines: queue.Queue[str | None] = queue.Queue(self.queue_lines)  # None: stop
-        self._state = threading.Condition()
-        self._pending = 0  # lines queued and not written yet (under _state)
-        self._dropped = 0  # lines dropped since the last count written (under _state)
+        self.queue_bytes = LOG_QUEUE_BYTES
+        # Everything below is under _state (a re-entrant lock: a signal handler that logs runs on
+        # the main thread, perhaps inside an emit of its own).
+        self._state = threading.Condition(threading.RLock())
+        self._lines: deque[tuple[str, int, bool]] = deque()  # line, its size, a refusal's
+        self._pending = [0, 0]  # lines, bytes queued and not written yet
+        self._refusals = [0, 0]  # of which refusal lines'
+        self._dropped = 0  # lines dropped since the last count written
+        self._stopping = False
+        # Lines are written by the thread that logs them while nothing is queued and the
+        # destination takes them at once: queued, a process that died right after logging (a
+        # native library's crash, an abort: no exit handlers, and the dying thread held the
+        # interpreter) lost its last lines, the ones that say what it was doing.
+        self._fd = _file_descriptor(stream)
+        self._poll = select.poll()
+        if self._fd is not None:
+            self._poll.register(self._fd, select.POLLOUT)
+        self._direct = False  # a line being written by the thread that logged it
         self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._writer.start()
 
+    def handle(self, record: logging.LogRecord) -> bool:
+        """Filters and emits ``record`` as :class:`logging.Handler` does, but without the
+        handler's lock around the emit: :meth:`emit` keeps its own order, and a line written
+        where it is logged that waited after all (another writer of stderr filled the pipe
+        between the poll and the write) then holds its own thread only, not every thread that
+        logs."""
+        verdict = bool(self.filter(record))
+        if verdict:
+            self.emit(record)
+        return verdict
+
     def emit(self, record: logging.LogRecord) -> None:
-        """Queues ``record``'s line, or counts it dropped when the queue is full; never waits."""
+        """Writes ``record``'s line now when nothing is queued and the destination takes it
+        without waiting, else queues it, or counts it dropped when the queue (or, for a refusal
+        line, its share) is full; never waits for a destination that is not ready."""
         try:
             line = self.format(record)
         except Exception:
             self.handleError(record)
             return
+        size = len(line) + 1  # with its newline; characters, bytes for a JSON line (ASCII)
+        refusal = bool(getattr(record, REFUSAL_LINE, False))
         with self._state:
-            try:
-                self._lines.put_nowait(line)
-            except queue.Full:
-                self._dropped += 1
+            now = self._write_now(line)
+            if now is None:
+                if not self._fits(self._pending, 1, 1, size) or (
+                    refusal and not self._fits(self._refusals, 2, 1, size)
+                ):
+                    self._dropped += 1
+                    return
+                self._lines.append((line, size, refusal))
+                self._account(size, refusal, 1)
+                self._state.notify_all()
                 return
-            self._pending += 1
+            self._direct = True  # the writer waits: lines stay in the order they were logged
+        try:
+            _write_all(now[0], now[1])
+        except OSError:  # a closed or broken destination: nowhere to say it either
+            with self._state:
+                self._dropped += 1
+        finally:
+            with self._state:
+                self._direct = False
+                self._state.notify_all()
+
+    def _write_now(self, line: str) -> tuple[int, bytes] | None:
+        """The descriptor and bytes to write ``line`` with from the logging thread, or None to
+        queue it: something is queued or being written (order), a count of dropped lines waits
+        to be said, or the destination would make the write wait. A write of at most PIPE_BUF
+        bytes to a pipe that polls writable has a free page for it, so it does not wait."""
+        if self._fd is None or self._lines or self._direct or self._dropped or self._stopping:
+            return None
+        stream = self.stream
+        if getattr(stream, "closed", False):
+            return None  # its descriptor's number may be another file's by now
+        data = (line + "\n").encode(
+            getattr(stream, "encoding", None) or "utf-8",
+            getattr(stream, "errors", None) or "backslashreplace",
+        )
+        if len(data) > select.PIPE_BUF:
+            return None
+        try:
+            ready = self._poll.poll(0)
+        except OSError:
+            return None
+        failed = select.POLLERR | select.POLLHUP | select.POLLNVAL
+        if not any(events & select.POLLOUT and not events & failed for _, events in ready):
+            return None  # not ready, or an error or hang-up the writer meets and counts
+        return self._fd, data
+
+    def _fits(self, held: list[int], share: int, lines: int, size: int) -> bool:
+        return (
+            held[0] + lines <= self.queue_lines // share
+            and held[1] + size <= self.queue_bytes // share
+        )
+
+    def _account(self, size: int, refusal: bool, sign: int) -> None:
+        self._pending[0] += sign
+        self._pending[1] += sign * size
+        if refusal:
+            self._refusals[0] += sign
+            self._refusals[1] += sign * size
 
     def _write(self) -> None:
-        while (line := self._lines.get()) is not None:
+        while True:
             with self._state:
+                self._state.wait_for(lambda: not self._direct and (self._lines or self._stopping))
+                if not self._lines:
+                    break  # stopping, and everything queued is written
+                # The line is still counted in the queue's bounds until it has been written.
+                line, size, refusal = self._lines[0]
                 dropped, self._dropped = self._dropped, 0
             try:
                 if dropped:
                     self.stream.write(self._dropped_line(dropped) + "\n")
                 self.stream.write(line + "\n")
-                if self._lines.empty():
+                if len(self._lines) == 1:
                     self.stream.flush()
             except Exception:  # a closed or broken destination: nowhere to say it either
                 with self._state:
                     self._dropped += 1
             finally:
                 with self._state:
-                    self._pending -= 1
+                    self._lines.popleft()
+                    self._account(size, refusal, -1)
                     self._state.notify_all()
         with self._state:  # closing: a count no later line carried
             dropped, self._dropped = self._dropped, 0
@@ -288,22 +453,39 @@ class ServiceLog(logging.Handler):
         )
         record.lines = dropped
         record.queue_lines = self.queue_lines
+        record.queue_bytes = self.queue_bytes
         return self.format(record)
 
     def flush(self) -> None:
         """Waits, up to :data:`FLUSH_SECONDS`, until every queued line is written."""
         with self._state:
-            self._state.wait_for(lambda: self._pending == 0, FLUSH_SECONDS)
+            self._state.wait_for(lambda: self._pending[0] == 0 and not self._direct, FLUSH_SECONDS)
 
     def close(self) -> None:
         """Queues the count of refused calls not logged yet, writes what is queued (waiting up
         to :data:`FLUSH_SECONDS`), and ends the writer."""
         self.refusals.close()
         self.flush()
-        with contextlib.suppress(queue.Full):  # full: the writer is stuck on its destination
-            self._lines.put_nowait(None)
+        with self._state:  # the writer ends once the queue is written (or is left stuck)
+            self._stopping = True
+            self._state.notify_all()
         self._writer.join(FLUSH_SECONDS)
         super().close()
+
+
+def _file_descriptor(stream: Any) -> int | None:
+    """``stream``'s file descriptor, or None (a buffer, a test's capture)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return fd if isinstance(fd, int) else None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def configure_logging(
@@ -316,9 +498,7 @@ def configure_logging(
     if config.format == "json":
         handler.setFormatter(JsonFormatter(service))
     else:
-        handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
-        )
+        handler.setFormatter(TextFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import threading
 import tracemalloc
@@ -25,7 +26,9 @@ from strongroom.inference.oip import ATTESTATION_EXTENSION, InferLimits
 from strongroom.inference.oip._codec import BYTES_ELEMENT_COST, decode_inputs
 from strongroom.inference.oip._wire import check_infer_request
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.runtime.logs import REFUSED_CALLS_BURST
 from strongroom.wire import append_bytes_field
+from tests.conftest import buffered_service_log
 from tests.inference import onnx_models
 from tests.inference.conftest import Running, Starter, start, stop
 
@@ -1025,6 +1028,37 @@ def test_inputs_that_clash_inside_the_graph_are_the_callers_error(start_server: 
     assert (
         from_raw(running.oip.ModelInfer(fine).raw_output_contents[0], "FP32", [3, 2]) == 2
     ).all()
+
+
+def test_inputs_the_graph_refuses_are_logged_within_the_callers_refusal_budget(
+    start_server: Starter, monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """Each run ONNX Runtime refused wrote its WARNING (with ORT's words, up to 2,000
+    characters) outside the refusal lines' budget: the call's "rpc failed" was budgeted, its
+    "inference refused its inputs" not, so a client sending inputs a graph refuses chose how
+    many lines the service wrote. It is a refusal line now, within its caller's budget."""
+    handler, stream = buffered_service_log(monkeypatch, "inference")
+    repo = ModelRepository(["clash"])
+    repo.load("clash", "1", onnx_models.broadcast_add())
+    running = start_server(repo)
+    request = raw_request(
+        "clash",
+        {"a": ("FP32", np.zeros((2, 2), np.float32)), "b": ("FP32", np.zeros((3, 2), np.float32))},
+    )
+    sent = 2 * REFUSED_CALLS_BURST
+    for _ in range(sent):
+        expect_error(
+            lambda: running.oip.ModelInfer(request),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INFERENCE_INPUT_REJECTED",
+        )
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    refused = [r for r in lines if r["msg"].startswith("inference refused its inputs")]
+    assert len(refused) == REFUSED_CALLS_BURST
+    assert [r["msg"] for r in lines].count("rpc failed") == REFUSED_CALLS_BURST  # the same calls
+    (summary,) = [r for r in lines if r["msg"] == "refused calls not logged"]
+    assert summary["calls"] == sent - REFUSED_CALLS_BURST
 
 
 @pytest.mark.parametrize(

@@ -3,13 +3,19 @@ with where it happened, while the command line prints it as one line (strongroom
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from strongroom.runtime import bootstrap
+from tests.conftest import REPO
 
 
 class _Identity:
@@ -37,3 +43,51 @@ def test_an_os_error_that_stops_a_service_is_logged_with_its_traceback(
     (record,) = [r for r in caplog.records if "operating-system error" in r.getMessage()]
     assert record.exc_info is not None and record.exc_info[0] is IsADirectoryError
     assert identity.closed
+
+
+def test_a_service_that_cannot_enrol_says_why_in_its_log(tmp_path: Path) -> None:
+    """A fatal start-up error, the way a service really stops on one (``strongroom serve``, the
+    error raised to the command line, the process's exit): enrolment's failures (here the CA's
+    root missing) were printed by the command line only, never in the service's log, which said
+    nothing of why the process ended. The reason is the log's last line now, written by the
+    log's own thread (its queue, flushed at exit) before the process ends."""
+    config = tmp_path / "modelstore.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "service": "modelstore",
+                "mode": "development",
+                "listen": "127.0.0.1:0",
+                "health_listen": "127.0.0.1:0",
+                "identity": {
+                    "trust_domain": "strongroom.internal",
+                    "spiffe_id": "spiffe://strongroom.internal/modelstore",
+                    "ca_url": "https://127.0.0.1:9",
+                    "ca_root_file": str(tmp_path / "missing-root.crt"),
+                    "state_dir": str(tmp_path / "identity"),
+                },
+                "logging": {"level": "INFO", "format": "json"},
+                "modelstore": {"data_dir": str(tmp_path / "models")},
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "strongroom.cli.main", "serve", "modelstore", "--config", config],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 1
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert lines, done.stderr
+    last = lines[-1]
+    assert (last["level"], last["service"]) == ("ERROR", "modelstore")
+    assert last["msg"].startswith("modelstore cannot run: CA_ROOT_MISSING: ")
+    # The command line's own line, printed as the command returns: the log's thread may write the
+    # service's after it, at exit.
+    assert any(
+        line.startswith("strongroom: error: CA_ROOT_MISSING: ") for line in done.stderr.splitlines()
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import itertools
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -29,11 +30,13 @@ from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, 
 from strongroom.runtime.health import MAX_SERVICE_NAME
 from strongroom.runtime.health_port import LOG_LINES_PER_SECOND
 from strongroom.runtime.logs import (
+    REASONS_PER_CALLER,
     REFUSED_CALLS_BURST,
     REFUSED_CALLS_PER_SECOND,
     configure_logging,
 )
 from strongroom.runtime.server import MessageLimits, ServiceHost, ServiceSpec
+from tests.conftest import buffered_service_log
 
 SERVICE = "test.Echo"
 
@@ -57,6 +60,8 @@ def make_service(behaviour: Behaviour) -> ServiceSpec:
             raise errors.InvalidArgument("name must not be empty", reason="NAME_EMPTY")
         if request == b"denied":
             raise errors.PermissionDenied("not for you", reason="CALLER_NOT_ALLOWED")
+        if request.startswith(b"refuse:"):  # a refusal for the reason the caller names
+            raise errors.FailedPrecondition("refused", reason=request[7:].decode())
         if request == b"bug":
             raise KeyError("secret-internal-detail")
         if request == b"slow":
@@ -747,9 +752,7 @@ def test_a_stream_watchdog_that_could_not_start_is_started_by_the_next_send(
 def _service_log(monkeypatch: pytest.MonkeyPatch) -> tuple[logging.Handler, io.StringIO]:
     """The service's JSON log configured as a service configures it, into a buffer, with its
     refusal budget on a clock that never moves (no refill: the counts are exact)."""
-    stream = io.StringIO()
-    monkeypatch.setattr("sys.stderr", stream)
-    return configure_logging(LoggingConfig(format="json"), "test", clock=lambda: 0.0), stream
+    return buffered_service_log(monkeypatch)
 
 
 def test_refused_calls_on_the_service_port_log_within_a_budget_per_caller_and_for_everyone(
@@ -805,6 +808,31 @@ def _full_pipe() -> tuple[int, Any]:
     return read_end, open(write_end, "w", buffering=1)
 
 
+def _stalled_service_log(
+    monkeypatch: pytest.MonkeyPatch, clock: Callable[[], float] = lambda: 0.0
+) -> tuple[logs_module.ServiceLog, Callable[[], list[dict[str, Any]]]]:
+    """The service's JSON log configured as a service configures it, on stderr to a pipe nobody
+    reads yet; and what the collector, once back, reads of it when the log has closed."""
+    read_end, stream = _full_pipe()
+    monkeypatch.setattr("sys.stderr", stream)
+    handler = configure_logging(LoggingConfig(format="json"), "test", clock=clock)
+
+    def collect() -> list[dict[str, Any]]:
+        written: list[bytes] = []
+        reader = threading.Thread(
+            target=lambda: written.extend(iter(lambda: os.read(read_end, 1 << 20), b""))
+        )
+        reader.start()
+        handler.close()
+        stream.close()
+        reader.join(30)
+        os.close(read_end)
+        text = b"".join(written).decode().lstrip("x")  # what filled the pipe
+        return [json.loads(line) for line in text.splitlines()]
+
+    return handler, collect
+
+
 def test_a_blocked_log_destination_holds_no_request_worker(
     host: tuple[ServiceHost, Behaviour, grpc.Channel],
     monkeypatch: pytest.MonkeyPatch,
@@ -816,13 +844,7 @@ def test_a_blocked_log_destination_holds_no_request_worker(
     calls are answered, lines past the queue are dropped and counted, and the count is written
     once the destination takes lines again; nothing queued is lost at close."""
     monkeypatch.setattr(logs_module, "LOG_QUEUE_LINES", 8)
-    read_end, stream = _full_pipe()
-    monkeypatch.setattr("sys.stderr", stream)
-    handler = configure_logging(LoggingConfig(format="json"), "test")
-    written: list[bytes] = []
-    reader = threading.Thread(
-        target=lambda: written.extend(iter(lambda: os.read(read_end, 65536), b""))
-    )
+    _, collect = _stalled_service_log(monkeypatch)
     try:
         for _ in range(3):  # logged: within the refusal budget
             with pytest.raises(grpc.RpcError) as refused:
@@ -833,16 +855,112 @@ def test_a_blocked_log_destination_holds_no_request_worker(
         for n in range(emitted):
             logging.getLogger("strongroom.test").warning("line %d", n)
     finally:
-        reader.start()  # the collector is back
-        handler.close()
-        stream.close()
-        reader.join(30)
-        os.close(read_end)
-    text = b"".join(written).decode().lstrip("x")  # what filled the pipe
-    lines = [json.loads(line) for line in text.splitlines()]
+        lines = collect()  # the collector is back
     dropped = [r for r in lines if r["msg"] == "log lines dropped"]
     kept = [r for r in lines if r["msg"] != "log lines dropped"]
     assert [r["msg"] for r in kept].count("rpc failed") + len(
         [r for r in kept if r["msg"].startswith("line ")]
     ) + sum(r["lines"] for r in dropped) == 3 + emitted
     assert dropped  # the queue's bound was reached, and said
+
+
+def _spend_everyones_refusal_budget(host: ServiceHost) -> None:
+    """Refused calls from as many callers (a connection each) as it takes to spend every caller's
+    refusal lines together (on :func:`_service_log`'s clock, that never refills)."""
+    for _ in range(REFUSED_CALLS_PER_SECOND // REFUSED_CALLS_BURST):
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(f"127.0.0.1:{host.port}", options=options) as channel:
+            for _ in range(REFUSED_CALLS_BURST):
+                with pytest.raises(grpc.RpcError):
+                    call(channel, b"invalid")
+
+
+def test_a_service_failure_is_logged_whatever_refused_calls_spent(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    """Every "rpc failed" was a refusal line, within the budget of refusals: callers who spent
+    everyone's (a few certificates) left the service's own failures unsaid, a blob that failed
+    its integrity check (DATA_LOSS), an outage, a bug. Only what a caller is refused for is
+    budgeted now; the service's failures are written every time."""
+    handler, stream = _service_log(monkeypatch)
+    _spend_everyones_refusal_budget(host[0])
+    with pytest.raises(grpc.RpcError) as failed:
+        list(host[2].unary_stream(f"/{SERVICE}/Stream", _identity, _identity)(b"x", timeout=10))
+    assert failed.value.code() == grpc.StatusCode.DATA_LOSS  # type: ignore[attr-defined]
+    with pytest.raises(grpc.RpcError):
+        call(host[2], b"invalid")  # a refusal past the budget is still not written
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failures = [(r["reason"], r["status"]) for r in lines if r["msg"] == "rpc failed"]
+    assert failures.count(("DIGEST_MISMATCH", "DATA_LOSS")) == 1
+    assert failures.count(("NAME_EMPTY", "INVALID_ARGUMENT")) == REFUSED_CALLS_PER_SECOND
+
+
+def test_the_log_queue_is_bounded_in_bytes_too(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """The queue of lines waiting for a stalled destination was bounded by their number only,
+    though callers choose much of a line (a method name of up to 16 KiB, carried by each of a
+    denied call's lines): 4,096 lines of tens of KiB. It holds LOG_QUEUE_BYTES at most now."""
+    _, collect = _stalled_service_log(monkeypatch)
+    big = "m" * (64 << 10)
+    logged = 2 * logs_module.LOG_QUEUE_BYTES // len(big)  # well within LOG_QUEUE_LINES
+    for n in range(logged):
+        logging.getLogger("strongroom.test").warning("line %d %s", n, big)
+    lines = collect()
+    kept = [r for r in lines if r["msg"].startswith("line ")]
+    dropped = sum(r["lines"] for r in lines if r["msg"] == "log lines dropped")
+    assert len(kept) + dropped == logged
+    assert sum(len(r["msg"]) for r in kept) <= logs_module.LOG_QUEUE_BYTES
+    assert [int(r["msg"].split()[1]) for r in kept] == list(range(len(kept)))  # the first ones
+
+
+def test_refusal_lines_leave_room_in_the_log_queue_for_other_lines(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """Lines past the queue's bound are dropped, whatever they say: while the destination was
+    slow, refusals within their budget (many callers, reasons, minutes) filled the queue, and an
+    operator's change or a service's failure logged then was dropped. Refusal lines take at most
+    half of the queue now."""
+    monkeypatch.setattr(logs_module, "LOG_QUEUE_LINES", 8)
+    ticks = itertools.count(0.0, 3600.0)  # every refusal within its budget
+    _, collect = _stalled_service_log(monkeypatch, clock=lambda: next(ticks))
+    refusals = logging.getLogger("strongroom.test.refusals")
+    for n in range(20):
+        refusals.warning("refused %d", n, extra={"reason": "NAME_EMPTY", errors.REFUSAL_LINE: True})
+    logging.getLogger("strongroom.test").warning("key deactivated by the operator")
+    lines = collect()
+    msgs = [r["msg"] for r in lines]
+    assert "key deactivated by the operator" in msgs
+    assert [m for m in msgs if m.startswith("refused ")] == [f"refused {n}" for n in range(4)]
+    assert sum(r["lines"] for r in lines if r["msg"] == "log lines dropped") == 16
+
+
+def test_a_caller_spreading_refusals_over_reasons_keeps_within_a_budget_of_its_own(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    """Each reason of a caller had a budget of its own, and only everyone's capped them: one
+    caller refused for four reasons spent everyone's at once (for twenty, for good), and the
+    next caller's first refusal went unwritten. A caller's reasons together now have
+    REASONS_PER_CALLER reasons' budgets."""
+    handler, stream = _service_log(monkeypatch)
+    reasons = REFUSED_CALLS_PER_SECOND // REFUSED_CALLS_BURST
+    for n in range(reasons):
+        for _ in range(REFUSED_CALLS_BURST):
+            with pytest.raises(grpc.RpcError):
+                call(host[2], f"refuse:REASON_{n}".encode())
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{host[0].port}", options=options) as other,
+        pytest.raises(grpc.RpcError),
+    ):
+        call(other, b"invalid")
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failures = [r["reason"] for r in lines if r["msg"] == "rpc failed"]
+    assert failures.count("NAME_EMPTY") == 1  # the other caller's
+    assert len(failures) == REASONS_PER_CALLER * REFUSED_CALLS_BURST + 1

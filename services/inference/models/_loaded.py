@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from strongroom.errors import (
+    REFUSAL_LINE,
     Cancelled,
     FailedPrecondition,
     Internal,
@@ -418,6 +419,7 @@ class LoadedModel:
                 "version": self.version,
                 "reason": Reason.INFERENCE_MEMORY_EXHAUSTED,
                 "ort_error": _run_error(exc),
+                REFUSAL_LINE: True,  # the caller's request: within its budget of such lines
             },
         )
         limit = f"{INFERENCE_MEMORY_SETTING} = {cap} bytes" if cap else INFERENCE_MEMORY_SETTING
@@ -468,6 +470,7 @@ class LoadedModel:
                 "version": self.version,
                 "reason": Reason.INFERENCE_INPUT_REJECTED,
                 "ort_error": _run_error(exc),
+                REFUSAL_LINE: True,  # the caller's inputs: within its budget of such lines
             },
         )
         raise InvalidArgument(

@@ -1,0 +1,91 @@
+"""The service's log in its text format (``logging.format: text``, for people)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from strongroom import errors
+from strongroom.runtime.logs import REFUSED_CALLS_BURST
+from tests.conftest import REPO, buffered_service_log
+
+
+def test_text_lines_show_what_callers_put_in_them_escaped(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """A caller chooses text the service's lines carry (an RPC's method name reaches the
+    authoriser's "denied RPC" with any character in it, a newline or a terminal's escape
+    sequence included): in the text format it was written as it came, a forged line of its own
+    or a terminal driven. Non-printable characters are shown as their escapes now; a traceback
+    keeps its lines."""
+    handler, stream = buffered_service_log(monkeypatch, log_format="text")
+    forged = "/pkg.Svc/M\n2026-01-01 00:00:00,000 CRITICAL keybroker audit: log wiped\x1b[2J"
+    logging.getLogger("strongroom.pki.authz").warning("denied RPC %s: %s", forged, "NO_ROLE")
+    try:
+        raise ValueError("one\ntwo")
+    except ValueError:
+        logging.getLogger("strongroom.test").exception("with a traceback")
+    handler.close()
+    lines = stream.getvalue().splitlines()
+    assert "denied RPC /pkg.Svc/M\\n2026-01-01" in lines[0]
+    assert "\\x1b[2J: NO_ROLE" in lines[0]
+    assert not any("CRITICAL" in line for line in lines[1:])
+    assert "\x1b" not in stream.getvalue()
+    assert lines[1].endswith("with a traceback")
+    assert lines[2] == "Traceback (most recent call last):"
+
+
+def test_text_lines_carry_their_fields(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """The text format wrote the message only, so its lines said nothing their fields said:
+    "refused calls not logged" not how many calls nor whose, "log lines dropped" not how many,
+    "rpc failed" not which method nor why. Each field follows the message now, as
+    ``name=<JSON>`` (escaped like a JSON line's)."""
+    handler, stream = buffered_service_log(monkeypatch, log_format="text")
+    refusals = logging.getLogger("strongroom.test.refusals")
+    for _ in range(REFUSED_CALLS_BURST + 3):  # no call running: every caller's is one budget
+        refusals.info("rpc failed", extra={"reason": "NAME_EMPTY", errors.REFUSAL_LINE: True})
+    logging.getLogger("strongroom.test").warning("odd", extra={"peer": "ipv4:1.2.3.4\n"})
+    handler.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith(': rpc failed reason="NAME_EMPTY"')
+    (summary,) = [line for line in lines if ": refused calls not logged " in line]
+    assert " calls=3 " in summary
+    assert ' by_caller_and_reason=[["-", "NAME_EMPTY", 3]] ' in summary
+    assert any(line.endswith(': odd peer="ipv4:1.2.3.4\\n"') for line in lines)
+
+
+@pytest.mark.parametrize("death", ["os._exit(70)", "os.abort()", "ctypes.string_at(0)"])
+def test_the_last_line_before_the_process_dies_is_written(death: str) -> None:
+    """Lines were queued for the log's own thread even while the destination took them at once:
+    a process that died right after logging (a native library's crash, an abort, ``os._exit``:
+    no exit handlers, so no flush) lost its last lines, every time, since the thread that
+    logged held the interpreter until it died. The lines that say what the process was doing
+    when it died are what an operator needs: a line is written by the thread that logs it when
+    nothing is queued and the destination can take it now without waiting."""
+    script = (
+        "import ctypes, logging, os\n"
+        "from strongroom.runtime.config import LoggingConfig\n"
+        "from strongroom.runtime.logs import configure_logging\n"
+        "configure_logging(LoggingConfig(format='json'), 'inference')\n"
+        "logging.getLogger('strongroom.inference').error('loading model resnet 3')\n"
+        f"{death}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode != 0
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert [r["msg"] for r in lines] == ["loading model resnet 3"], done.stderr
