@@ -754,3 +754,60 @@ def nested_functions(levels: int, calls: int = 2, *, recursive: bool = False) ->
     model = helper.make_model(graph, opset_imports=opset, functions=functions)
     model.ir_version = IR_VERSION
     return model.SerializeToString()
+
+
+def graph_attribute_copies(refs: int, graph_nodes: int, how: str = "passed") -> bytes:
+    """``y = x + refs`` over FP32 ``x[1]``: model-local ``local.F`` has a graph attribute
+    ``body`` (``graph_nodes`` nodes, ``Constant`` 1.0 then ``Identity`` nodes) that its body
+    refers to (``ref_attr_name``) as both branches of ``refs`` ``If`` nodes, summed: inlining
+    copies the graph ``2 * refs`` times. ``how``: ``passed`` by the graph's call of ``F``,
+    ``default`` as ``F``'s default (the call passes none), ``through`` by the graph to
+    ``local.G``, which passes it on to ``F`` (``body`` referring to its own)."""
+    opset = [helper.make_opsetid("", OPSET), helper.make_opsetid("local", 1)]
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    body_nodes = [helper.make_node("Constant", [], ["k0"], value=one)]
+    body_nodes += [
+        helper.make_node("Identity", [f"k{i}"], [f"k{i + 1}"]) for i in range(graph_nodes - 1)
+    ]
+    body = helper.make_graph(
+        body_nodes,
+        "body",
+        [],
+        [helper.make_tensor_value_info(f"k{graph_nodes - 1}", TensorProto.FLOAT, [1])],
+    )
+    flag = helper.make_tensor("c", TensorProto.BOOL, [], [True])
+    nodes = [helper.make_node("Constant", [], ["c"], value=flag)]
+    for k in range(refs):
+        node = helper.make_node("If", ["c"], [f"o{k}"])
+        for branch in ("then_branch", "else_branch"):
+            ref = onnx.AttributeProto(name=branch, type=onnx.AttributeProto.GRAPH)
+            ref.ref_attr_name = "body"
+            node.attribute.append(ref)
+        nodes.append(node)
+    nodes.append(helper.make_node("Sum", ["a"] + [f"o{k}" for k in range(refs)], ["b"]))
+    f = helper.make_function("local", "F", ["a"], ["b"], nodes, opset, attributes=["body"])
+    functions = [f]
+    if how == "default":
+        del f.attribute[:]
+        f.attribute_proto.append(helper.make_attribute("body", body))
+        call = helper.make_node("F", ["x"], ["y"], domain="local")
+    elif how == "through":
+        passes = helper.make_node("F", ["a"], ["b"], domain="local")
+        ref = onnx.AttributeProto(name="body", type=onnx.AttributeProto.GRAPH)
+        ref.ref_attr_name = "body"
+        passes.attribute.append(ref)
+        functions.append(
+            helper.make_function("local", "G", ["a"], ["b"], [passes], opset, attributes=["body"])
+        )
+        call = helper.make_node("G", ["x"], ["y"], domain="local", body=body)
+    else:
+        call = helper.make_node("F", ["x"], ["y"], domain="local", body=body)
+    graph = helper.make_graph(
+        [call],
+        "copies",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=opset, functions=functions)
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()
