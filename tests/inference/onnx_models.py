@@ -713,26 +713,35 @@ def expander_and_sized(where: str = "graph") -> bytes:
     return model.SerializeToString()
 
 
-def nested_functions(levels: int, calls: int = 2, *, recursive: bool = False) -> bytes:
+def nested_functions(
+    levels: int,
+    calls: int = 2,
+    *,
+    recursive: bool = False,
+    domain: str = "local",
+    call_domain: str | None = None,
+) -> bytes:
     """``y = F<levels>(x)`` over FP32 ``x``, where model-local ``local.F0`` is one ``Neg`` and
     each ``local.Fk`` calls ``F(k-1)`` ``calls`` times in a row, the first call in both branches
     of an ``If``: a few kilobytes that inline to ``calls ** levels`` ``Neg`` nodes run, and
     ``Fk`` counts ``calls + 3 + (calls + 1) * F(k-1)`` nodes inlined (``F0`` one; the graph
     one more than ``F<levels>``).
-    ``recursive``: ``F0`` calls ``F<levels>`` instead."""
+    ``recursive``: ``F0`` calls ``F<levels>`` instead. The functions are declared in ``domain``
+    and called in ``call_domain`` (the same by default)."""
     opset = [helper.make_opsetid("", OPSET), helper.make_opsetid("local", 1)]
+    calling = domain if call_domain is None else call_domain
     leaf = (
-        helper.make_node(f"F{levels}", ["a"], ["b"], domain="local")
+        helper.make_node(f"F{levels}", ["a"], ["b"], domain=calling)
         if recursive
         else helper.make_node("Neg", ["a"], ["b"])
     )
-    functions = [helper.make_function("local", "F0", ["a"], ["b"], [leaf], opset)]
+    functions = [helper.make_function(domain, "F0", ["a"], ["b"], [leaf], opset)]
     flag = helper.make_tensor("c", TensorProto.BOOL, [], [True])
     for k in range(1, levels + 1):
         call = f"F{k - 1}"
         # The first call stands in both branches of an If: subgraphs count wherever they are.
         then = helper.make_graph(
-            [helper.make_node(call, ["a"], ["t0"], domain="local")],
+            [helper.make_node(call, ["a"], ["t0"], domain=calling)],
             "then",
             [],
             [helper.make_tensor_value_info("t0", TensorProto.FLOAT, None)],
@@ -743,10 +752,10 @@ def nested_functions(levels: int, calls: int = 2, *, recursive: bool = False) ->
         ]
         for i in range(1, calls):
             out = "b" if i == calls - 1 else f"t{i}"
-            nodes.append(helper.make_node(call, [f"t{i - 1}"], [out], domain="local"))
-        functions.append(helper.make_function("local", f"F{k}", ["a"], ["b"], nodes, opset))
+            nodes.append(helper.make_node(call, [f"t{i - 1}"], [out], domain=calling))
+        functions.append(helper.make_function(domain, f"F{k}", ["a"], ["b"], nodes, opset))
     graph = helper.make_graph(
-        [helper.make_node(f"F{levels}", ["x"], ["y"], domain="local")],
+        [helper.make_node(f"F{levels}", ["x"], ["y"], domain=calling)],
         "nested",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],

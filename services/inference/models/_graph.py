@@ -120,7 +120,7 @@ functions each calling the one before twice (98,000 nodes inlined, a few hundred
 tens of seconds, and 16 such levels 128 s."""
 
 
-_FunctionKey = tuple[str, str, str]  # domain, name, overload
+_FunctionKey = tuple[str, str, str]  # domain (ONNX's two spellings as one), name, overload
 
 
 class _Inlined(NamedTuple):
@@ -134,7 +134,9 @@ class _Inlined(NamedTuple):
 
 
 def _function_key(domain: str, name: str, overload: str) -> _FunctionKey:
-    return (domain, name, overload)
+    # ONNX's inliner takes "ai.onnx" and "" for one domain: it inlines a call spelled one way of
+    # a function declared the other, which a count keyed by the spelling took for an operator.
+    return ("" if domain in STANDARD_DOMAINS else domain, name, overload)
 
 
 def _graphs_of(attr: AttributeProto) -> list[GraphProto]:
@@ -158,7 +160,8 @@ def inlined_nodes(proto: onnx.ModelProto, budget: int) -> int:
     cap = budget + 1  # every figure saturates here: past the budget is all that matters
     functions: dict[_FunctionKey, list[FunctionProto]] = {}
     for declared in proto.functions:
-        # Declared twice (ONNX Runtime refuses it, the walk's inliner too): both count.
+        # Declared twice, or in both spellings of ONNX's domain (ONNX Runtime and the walk's
+        # inliner refuse the first, not both spellings of the second): both count.
         key = _function_key(declared.domain, declared.name, declared.overload)
         functions.setdefault(key, []).append(declared)
     sizes: dict[_FunctionKey, _Inlined] = {}
