@@ -105,6 +105,22 @@ def identity(datatype: str, shape: tuple[int | str, ...] = ("batch", 3)) -> byte
     return _model(graph).SerializeToString()
 
 
+def passthrough(datatype: str) -> bytes:
+    """Input ``x`` of any shape, returned as it is twice: as graph output ``x`` (the input
+    itself, no node between) and as ``y = Identity(x)``."""
+    element = ELEMENT_TYPES[datatype]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        f"passthrough_{datatype.lower()}",
+        [helper.make_tensor_value_info("x", element, None)],
+        [
+            helper.make_tensor_value_info("x", element, None),
+            helper.make_tensor_value_info("y", element, None),
+        ],
+    )
+    return unchecked(graph)
+
+
 def two_inputs() -> bytes:
     """``sum = a + Cast(b)`` with a dynamic FP32 ``a`` [batch, 2] and a fixed INT32 ``b`` [2]."""
     graph = helper.make_graph(

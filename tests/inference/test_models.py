@@ -404,3 +404,22 @@ def test_a_finished_load_publishes_only_if_it_is_still_the_current_one() -> None
     assert not repo.is_ready("m", "1")
     repo.load("m", "1", onnx_models.adder(2.0), loading=second)
     assert repo.is_ready("m", "1")
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "BOOL", "INT8", "UINT64", "INT64"])
+def test_outputs_match_a_direct_run_and_never_share_the_callers_input(datatype: str) -> None:
+    """Numeric-input models run through ``run_with_ort_values``, whose outputs stay ONNX
+    Runtime's tensors until checked: ORT hands back a graph input returned as it is (a graph
+    output named like the input) as a view of the caller's own array, which nothing kept alive
+    once the caller dropped it (reading the output then crashed the process). Every output
+    matches ``session.run``'s, dtype and shape included: empty, scalar, strided inputs too."""
+    blob = onnx_models.passthrough(datatype)
+    model = LoadedModel.from_bytes("m", "1", blob)
+    dtype = onnx_models.NUMPY_TYPES[datatype]
+    grid: np.ndarray = (np.arange(12) % 3).astype(dtype).reshape(3, 4)
+    for x in (grid, grid[:, ::2], grid.T, np.zeros((0, 3), dtype), np.array(1, dtype)):
+        out = model.infer({"x": x})
+        for name, want in zip(["x", "y"], reference_run(blob, {"x": x}), strict=True):
+            assert (out[name].dtype, out[name].shape) == (want.dtype, want.shape)
+            np.testing.assert_array_equal(out[name], want)
+            assert not np.shares_memory(out[name], x), name

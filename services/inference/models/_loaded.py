@@ -399,8 +399,16 @@ class LoadedModel:
             )
         out: dict[str, np.ndarray] = {}
         for name, value in zip(names, results, strict=True):
-            # A numeric OrtValue's array is a view of ORT's tensor; a string one's, a copy.
-            array = np.asarray(value if strings_in else value.numpy())
+            if strings_in:
+                array = np.asarray(value)
+            else:
+                # A numeric OrtValue's array is a view of ORT's tensor; a string one's, a copy.
+                array = value.numpy()
+                # A graph input returned as it is comes back as the caller's own array's memory,
+                # which neither ORT's tensor nor this view keeps alive: once the caller drops its
+                # input, reading the output read freed memory (and crashed). Such one is copied.
+                if any(np.may_share_memory(array, feed) for feed in feeds.values()):
+                    array = array.copy()
             if self._outputs_by_name[name].datatype == "BYTES":
                 array = _from_ort_strings(array)
             out[name] = array
