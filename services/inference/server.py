@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.api.inference.v1 import attestation_pb2_grpc, model_control_pb2_grpc
@@ -41,7 +42,7 @@ from strongroom.pki.identity import WorkloadIdentity
 from strongroom.reasons import Reason
 from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
 from strongroom.runtime.config import CommonConfig
-from strongroom.runtime.server import ServiceHost, ServiceSpec
+from strongroom.runtime.server import ReadinessCheck, ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import make_tracer_provider, traced_channel
 
 log = logging.getLogger(__name__)
@@ -317,18 +318,11 @@ def build(
     evidence = InferenceAttestationServicer(attester, identity.public_key_der)
     control = ModelControlServicer(loader, repository, retry_seconds=config.load_retry_seconds)
 
-    def models_ready() -> str | None:
-        return None if repository.server_ready() else "models not ready"
-
     host = build_host(
         common,
         identity=identity,
         services=[
-            ServiceSpec(
-                OIP_SERVICE,
-                lambda s: add_oip_to_server(oip, s),
-                (models_ready,),
-            ),
+            oip_service(oip, repository),
             ServiceSpec(
                 EVIDENCE_SERVICE,
                 lambda s: attestation_pb2_grpc.add_InferenceAttestationServiceServicer_to_server(
@@ -354,6 +348,38 @@ def build(
         config=config,
         _closers=[broker_channels.close],
     )
+
+
+def oip_service(oip: OipServicer, repository: ModelRepository) -> ServiceSpec:
+    """The OIP service as the host serves it: ready once every configured model is, and for a
+    tenant's caller of the health service on the service's port once its own are (as
+    ``ServerReady`` answers it): the server's answer covers every tenant's models, and told any
+    certificate whether (and, watching, when) another tenant's model had loaded."""
+
+    def models_ready() -> str | None:
+        return None if repository.server_ready() else "models not ready"
+
+    def own_models_ready(context: grpc.ServicerContext) -> tuple[ReadinessCheck] | None:
+        try:
+            visible = oip.visible_to(context)
+        except StrongroomError:  # no identity to scope: no tenant's models are its business
+            visible = _none_visible
+        if visible is None:
+            return None
+        scoped = visible
+        return (lambda: None if repository.server_ready(scoped) else "models not ready",)
+
+    return ServiceSpec(
+        OIP_SERVICE,
+        lambda s: add_oip_to_server(oip, s),
+        (models_ready,),
+        caller_checks=own_models_ready,
+    )
+
+
+def _none_visible(name: str) -> bool:
+    """No model name (a caller without a usable identity)."""
+    return False
 
 
 def serve(config_path: Path | None) -> int:

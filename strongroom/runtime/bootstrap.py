@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+import grpc
 from cryptography import x509
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -26,7 +27,14 @@ from strongroom.runtime.interceptors import RefusalObserver
 from strongroom.runtime.logs import configure_logging
 from strongroom.runtime.metrics import install_meter_provider
 from strongroom.runtime.secrets import require_private
-from strongroom.runtime.server import HEALTH_SERVICE, MessageLimits, ServiceHost, ServiceSpec
+from strongroom.runtime.server import (
+    HEALTH_SERVICE,
+    CallerChecks,
+    MessageLimits,
+    ReadinessCheck,
+    ServiceHost,
+    ServiceSpec,
+)
 from strongroom.runtime.tracing import server_tracing_interceptor
 from strongroom.spiffe import identity_dns_name
 
@@ -139,11 +147,14 @@ def build_host(
     rules = RoleTable({**roles.rules, REFLECTION_SERVICE: ("admin",)}).resolve(common)
     public = (HEALTH_SERVICE,)  # any certificate of the CA may call it
     authorizer = SpiffeAuthorizer(identity.trust_domain, rules, public=public)
+
+    def identity_check() -> str | None:
+        return None if identity.healthy() else "certificate renewal failing"
+
     for spec in specs:
-        spec.checks = (
-            *spec.checks,
-            lambda: None if identity.healthy() else "certificate renewal failing",
-        )
+        spec.checks = (*spec.checks, identity_check)
+        if spec.caller_checks is not None:
+            spec.caller_checks = _with_check(spec.caller_checks, identity_check)
     return ServiceHost(
         listen=common.listen,
         credentials=identity.server_credentials(),
@@ -157,6 +168,16 @@ def build_host(
         config=common.server,
         message_limits=message_limits,
     )
+
+
+def _with_check(caller_checks: CallerChecks, check: ReadinessCheck) -> CallerChecks:
+    """``caller_checks``, each caller's checks followed by ``check`` (the server's own)."""
+
+    def checks(context: grpc.ServicerContext) -> Sequence[ReadinessCheck] | None:
+        own = caller_checks(context)
+        return None if own is None else (*own, check)
+
+    return checks
 
 
 class Service(Protocol):

@@ -25,7 +25,7 @@ from strongroom.pki.authz import SpiffeAuthorizer
 from strongroom.runtime.callers import UnaryGuard, WorkerShares, caller_key, identify_by_role
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import ServerInterceptor
-from strongroom.runtime.health import HealthServicer
+from strongroom.runtime.health import CallerView, HealthServicer
 from strongroom.runtime.health_port import HEALTH_SERVICE as _HEALTH
 from strongroom.runtime.health_port import PlaintextHealthPort
 from strongroom.runtime.interceptors import (
@@ -87,13 +87,25 @@ DEFAULT_MESSAGE_LIMITS = MessageLimits(receive=4 * 1024 * 1024, send=4 * 1024 * 
 """gRPC's own defaults, for hosts built without a service's limits (tests)."""
 
 
+CallerChecks = Callable[[grpc.ServicerContext], Sequence[ReadinessCheck] | None]
+"""For one caller of the health service on the service's port: the readiness checks it is
+answered by, in place of the service's own (None: the service's own)."""
+
+
 @dataclass
 class ServiceSpec:
-    """One gRPC service to host: how to register it, its full name, and its readiness checks."""
+    """One gRPC service to host: how to register it, its full name, and its readiness checks.
+
+    ``caller_checks``: the checks a caller of the health service on the service's port is
+    answered by instead (for that service and for the server's overall name), where the server's
+    answer is not every caller's to learn: the inference service's readiness covers every
+    tenant's models, a tenant's callers are answered for their own. The plaintext health port
+    (the kubelet's probes) answers by ``checks``."""
 
     name: str
     register: Callable[[grpc.Server], None]
     checks: Sequence[ReadinessCheck] = field(default_factory=tuple)
+    caller_checks: CallerChecks | None = None
 
 
 class ServiceHost:
@@ -133,7 +145,8 @@ class ServiceHost:
         self._config = config
         self.message_limits = message_limits
         self._services = list(services)
-        self._health = HealthServicer()
+        scoped = any(spec.caller_checks is not None for spec in self._services)
+        self._health = HealthServicer(self._caller_view if scoped else None)
         self._stopped = threading.Event()
         self._check_interval = check_interval
         self.not_ready_reason: str | None = "starting"
@@ -249,6 +262,30 @@ class ServiceHost:
             )
             self.health_port = self._health_server.port
         self._set_all(NOT_SERVING)
+
+    def _caller_view(self, context: grpc.ServicerContext) -> CallerView | None:
+        """What this caller of the health service is told (:attr:`ServiceSpec.caller_checks`):
+        the statuses of its own checks, evaluated when asked; None: the server's statuses."""
+        checks: dict[str, Sequence[ReadinessCheck]] = {}
+        for spec in self._services:
+            if spec.caller_checks is not None:
+                own = spec.caller_checks(context)
+                if own is not None:
+                    checks[spec.name] = own
+        if not checks:
+            return None
+
+        def view(service: str, status: int) -> int:
+            if service and service not in checks:
+                return status
+            ready = all(
+                not any(check() for check in checks.get(spec.name, spec.checks))
+                for spec in self._services
+                if service in ("", spec.name)
+            )
+            return int(SERVING if ready else NOT_SERVING)
+
+        return view
 
     def _set_all(self, status: int) -> None:
         self._health.set("", status)

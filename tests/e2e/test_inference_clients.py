@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as pb_grpc
@@ -22,14 +23,14 @@ from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.inference.config import ClientScope, InferenceConfig
 from strongroom.inference.models import ModelRepository
-from strongroom.inference.oip import SERVICE_NAME, InferLimits, OipServicer, add_to_server
+from strongroom.inference.oip import SERVICE_NAME, InferLimits, OipServicer
 from strongroom.inference.oip import _servicer as oip_servicer
 from strongroom.inference.oip._wire import parse_infer_request
-from strongroom.inference.server import ROLE_RULES
+from strongroom.inference.server import ROLE_RULES, oip_service
 from strongroom.pki import WorkloadIdentity
 from strongroom.runtime.bootstrap import RoleTable, build_host
 from strongroom.runtime.config import AuthzConfig, ConfigError
-from strongroom.runtime.server import ServiceHost, ServiceSpec
+from strongroom.runtime.server import LIVENESS, ServiceHost
 from strongroom.runtime.tracing import make_tracer_provider
 from tests.conftest import stack_root
 from tests.e2e.svc import enrolled_svc
@@ -59,6 +60,7 @@ def host(stack: DevStack) -> Iterator[ServiceHost]:
     clients = ("client", "client-b", "client-c")
     common = dataclasses.replace(
         common,
+        health_listen="127.0.0.1:0",
         authz=AuthzConfig(
             client=tuple(stack.spiffe_id(c) for c in clients),
             admin=(stack.spiffe_id("admin"),),
@@ -84,7 +86,7 @@ def host(stack: DevStack) -> Iterator[ServiceHost]:
     served = build_host(
         common,
         identity=identity,
-        services=[ServiceSpec(SERVICE_NAME, lambda server: add_to_server(oip, server))],
+        services=[oip_service(oip, repository)],
         roles=RoleTable(ROLE_RULES),
         tracer_provider=make_tracer_provider("test", common.tracing),
         message_limits=InferLimits().message_limits,
@@ -227,6 +229,46 @@ def test_server_readiness_is_the_callers_models_and_metadata_everyones(
         oip = pb_grpc.GRPCInferenceServiceStub(channel)
         assert oip.ServerReady(pb.ServerReadyRequest(), timeout=10).ready is ready
         assert oip.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).name
+
+
+@pytest.mark.parametrize(
+    ("who", "ready"),
+    [
+        ("client", True),
+        ("client-b", False),
+        ("client-c", True),
+        ("no-role", True),
+        ("admin", False),
+    ],
+)
+def test_the_health_service_answers_a_tenants_caller_for_its_own_models(
+    host: ServiceHost, stack: DevStack, callers: dict[str, WorkloadIdentity], who: str, ready: bool
+) -> None:
+    """The health service on the service's port, which any certificate of the CA may call,
+    answered (and told watchers as it changed) whether every tenant's configured models had
+    loaded: what ServerReady no longer tells a tenant's client about another's. A caller is now
+    told its own models' readiness there too, Check and Watch, for the OIP service and the
+    server's overall name; the plaintext port (the kubelet's probes) answers for the server."""
+    caller = callers.get(who) or stack.foreign_identity(stack.spiffe_id(who))
+    want = (
+        health_pb2.HealthCheckResponse.SERVING
+        if ready
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    with caller.channel(f"localhost:{host.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in (SERVICE_NAME, ""):
+            request = health_pb2.HealthCheckRequest(service=service)
+            assert health.Check(request, timeout=10).status == want, service
+            watch = health.Watch(request, timeout=10)
+            assert next(watch).status == want, service
+            watch.cancel()
+        liveness = health_pb2.HealthCheckRequest(service=LIVENESS)
+        assert health.Check(liveness, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+    assert host.health_port is not None
+    with grpc.insecure_channel(f"127.0.0.1:{host.health_port}") as plain:
+        probe = health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert probe.status == health_pb2.HealthCheckResponse.NOT_SERVING  # team b's late model
 
 
 @pytest.mark.parametrize(

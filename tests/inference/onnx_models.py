@@ -105,6 +105,22 @@ def identity(datatype: str, shape: tuple[int | str, ...] = ("batch", 3)) -> byte
     return _model(graph).SerializeToString()
 
 
+def passthrough(datatype: str) -> bytes:
+    """Input ``x`` of any shape, returned as it is twice: as graph output ``x`` (the input
+    itself, no node between) and as ``y = Identity(x)``."""
+    element = ELEMENT_TYPES[datatype]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        f"passthrough_{datatype.lower()}",
+        [helper.make_tensor_value_info("x", element, None)],
+        [
+            helper.make_tensor_value_info("x", element, None),
+            helper.make_tensor_value_info("y", element, None),
+        ],
+    )
+    return unchecked(graph)
+
+
 def two_inputs() -> bytes:
     """``sum = a + Cast(b)`` with a dynamic FP32 ``a`` [batch, 2] and a fixed INT32 ``b`` [2]."""
     graph = helper.make_graph(
@@ -713,26 +729,35 @@ def expander_and_sized(where: str = "graph") -> bytes:
     return model.SerializeToString()
 
 
-def nested_functions(levels: int, calls: int = 2, *, recursive: bool = False) -> bytes:
+def nested_functions(
+    levels: int,
+    calls: int = 2,
+    *,
+    recursive: bool = False,
+    domain: str = "local",
+    call_domain: str | None = None,
+) -> bytes:
     """``y = F<levels>(x)`` over FP32 ``x``, where model-local ``local.F0`` is one ``Neg`` and
     each ``local.Fk`` calls ``F(k-1)`` ``calls`` times in a row, the first call in both branches
     of an ``If``: a few kilobytes that inline to ``calls ** levels`` ``Neg`` nodes run, and
     ``Fk`` counts ``calls + 3 + (calls + 1) * F(k-1)`` nodes inlined (``F0`` one; the graph
     one more than ``F<levels>``).
-    ``recursive``: ``F0`` calls ``F<levels>`` instead."""
+    ``recursive``: ``F0`` calls ``F<levels>`` instead. The functions are declared in ``domain``
+    and called in ``call_domain`` (the same by default)."""
     opset = [helper.make_opsetid("", OPSET), helper.make_opsetid("local", 1)]
+    calling = domain if call_domain is None else call_domain
     leaf = (
-        helper.make_node(f"F{levels}", ["a"], ["b"], domain="local")
+        helper.make_node(f"F{levels}", ["a"], ["b"], domain=calling)
         if recursive
         else helper.make_node("Neg", ["a"], ["b"])
     )
-    functions = [helper.make_function("local", "F0", ["a"], ["b"], [leaf], opset)]
+    functions = [helper.make_function(domain, "F0", ["a"], ["b"], [leaf], opset)]
     flag = helper.make_tensor("c", TensorProto.BOOL, [], [True])
     for k in range(1, levels + 1):
         call = f"F{k - 1}"
         # The first call stands in both branches of an If: subgraphs count wherever they are.
         then = helper.make_graph(
-            [helper.make_node(call, ["a"], ["t0"], domain="local")],
+            [helper.make_node(call, ["a"], ["t0"], domain=calling)],
             "then",
             [],
             [helper.make_tensor_value_info("t0", TensorProto.FLOAT, None)],
@@ -743,11 +768,68 @@ def nested_functions(levels: int, calls: int = 2, *, recursive: bool = False) ->
         ]
         for i in range(1, calls):
             out = "b" if i == calls - 1 else f"t{i}"
-            nodes.append(helper.make_node(call, [f"t{i - 1}"], [out], domain="local"))
-        functions.append(helper.make_function("local", f"F{k}", ["a"], ["b"], nodes, opset))
+            nodes.append(helper.make_node(call, [f"t{i - 1}"], [out], domain=calling))
+        functions.append(helper.make_function(domain, f"F{k}", ["a"], ["b"], nodes, opset))
     graph = helper.make_graph(
-        [helper.make_node(f"F{levels}", ["x"], ["y"], domain="local")],
+        [helper.make_node(f"F{levels}", ["x"], ["y"], domain=calling)],
         "nested",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=opset, functions=functions)
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()
+
+
+def graph_attribute_copies(refs: int, graph_nodes: int, how: str = "passed") -> bytes:
+    """``y = x + refs`` over FP32 ``x[1]``: model-local ``local.F`` has a graph attribute
+    ``body`` (``graph_nodes`` nodes, ``Constant`` 1.0 then ``Identity`` nodes) that its body
+    refers to (``ref_attr_name``) as both branches of ``refs`` ``If`` nodes, summed: inlining
+    copies the graph ``2 * refs`` times. ``how``: ``passed`` by the graph's call of ``F``,
+    ``default`` as ``F``'s default (the call passes none), ``through`` by the graph to
+    ``local.G``, which passes it on to ``F`` (``body`` referring to its own)."""
+    opset = [helper.make_opsetid("", OPSET), helper.make_opsetid("local", 1)]
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    body_nodes = [helper.make_node("Constant", [], ["k0"], value=one)]
+    body_nodes += [
+        helper.make_node("Identity", [f"k{i}"], [f"k{i + 1}"]) for i in range(graph_nodes - 1)
+    ]
+    body = helper.make_graph(
+        body_nodes,
+        "body",
+        [],
+        [helper.make_tensor_value_info(f"k{graph_nodes - 1}", TensorProto.FLOAT, [1])],
+    )
+    flag = helper.make_tensor("c", TensorProto.BOOL, [], [True])
+    nodes = [helper.make_node("Constant", [], ["c"], value=flag)]
+    for k in range(refs):
+        node = helper.make_node("If", ["c"], [f"o{k}"])
+        for branch in ("then_branch", "else_branch"):
+            ref = onnx.AttributeProto(name=branch, type=onnx.AttributeProto.GRAPH)
+            ref.ref_attr_name = "body"
+            node.attribute.append(ref)
+        nodes.append(node)
+    nodes.append(helper.make_node("Sum", ["a"] + [f"o{k}" for k in range(refs)], ["b"]))
+    f = helper.make_function("local", "F", ["a"], ["b"], nodes, opset, attributes=["body"])
+    functions = [f]
+    if how == "default":
+        del f.attribute[:]
+        f.attribute_proto.append(helper.make_attribute("body", body))
+        call = helper.make_node("F", ["x"], ["y"], domain="local")
+    elif how == "through":
+        passes = helper.make_node("F", ["a"], ["b"], domain="local")
+        ref = onnx.AttributeProto(name="body", type=onnx.AttributeProto.GRAPH)
+        ref.ref_attr_name = "body"
+        passes.attribute.append(ref)
+        functions.append(
+            helper.make_function("local", "G", ["a"], ["b"], [passes], opset, attributes=["body"])
+        )
+        call = helper.make_node("G", ["x"], ["y"], domain="local", body=body)
+    else:
+        call = helper.make_node("F", ["x"], ["y"], domain="local", body=body)
+    graph = helper.make_graph(
+        [call],
+        "copies",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )

@@ -121,3 +121,38 @@ def test_the_node_budget_is_a_setting() -> None:
     assert config.runtime.max_graph_nodes == 500
     with pytest.raises(ConfigError, match="max_graph_nodes"):
         InferenceConfig(model_store="s:1", key_broker="b:1", max_graph_nodes=0)
+
+
+@pytest.mark.parametrize("how", ["passed", "default", "through"])
+def test_a_graph_passed_to_a_function_counts_once_for_each_copy_inlining_makes(how: str) -> None:
+    """A function's graph attribute is copied wherever its body refers to it (``ref_attr_name``,
+    here both branches of each ``If``): the count took it once, so a 44 KB model counted 1,004
+    nodes (500 ``If`` nodes referring to a 500-node graph) inlined to 501,502, and ONNX Runtime
+    had not loaded it after 5 minutes (1.4 GB). It is counted per copy now: passed in the call,
+    left to the function's default, or passed on from another function's own attribute."""
+    allowed = ("m",)  # the walk cannot read a default graph attribute's body (string check)
+    options = RuntimeOptions(max_graph_nodes=1000, string_expansion_models=allowed)
+    # 20 If nodes, both branches a 50-node graph: 2,000 nodes inlined.
+    reason, message = _reason(onnx_models.graph_attribute_copies(20, 50, how), options)
+    assert reason == "MODEL_GRAPH_TOO_LARGE", message
+    assert "the graph has more than 1000 nodes" in message, message
+    # 3 If nodes, 4-node graphs: 29 nodes inlined (the calls count one each, 30 or 31).
+    fits = RuntimeOptions(max_graph_nodes=31, string_expansion_models=allowed)
+    model = LoadedModel.from_bytes(
+        "m", "1", onnx_models.graph_attribute_copies(3, 4, how), options=fits
+    )
+    assert model.infer({"x": np.ones(1, np.float32)})["y"].tolist() == [4.0]
+
+
+@pytest.mark.parametrize(("declared", "called"), [("ai.onnx", ""), ("", "ai.onnx")])
+def test_functions_are_counted_whichever_spelling_of_onnxs_domain_calls_them(
+    declared: str, called: str
+) -> None:
+    """ONNX's inliner (the walk's) takes "ai.onnx" and "" for one domain: functions declared in
+    one spelling and called in the other were counted as operators, one node a call, and then
+    inlined by the walk, exponential in their depth (16 levels of functions named after ONNX
+    operators: 1.5 s and 150 MB before the string check refused them, twice that a level)."""
+    model = onnx_models.nested_functions(8, 3, domain=declared, call_domain=called)
+    reason, message = _reason(model, RuntimeOptions(max_graph_nodes=1000))
+    assert reason == "MODEL_GRAPH_TOO_LARGE", message
+    assert "F5 inlines to more than 1000 nodes" in message, message

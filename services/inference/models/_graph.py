@@ -120,47 +120,103 @@ functions each calling the one before twice (98,000 nodes inlined, a few hundred
 tens of seconds, and 16 such levels 128 s."""
 
 
-_FunctionKey = tuple[str, str, str]  # domain, name, overload
+_FunctionKey = tuple[str, str, str]  # domain (ONNX's two spellings as one), name, overload
+
+
+class _Inlined(NamedTuple):
+    """What a function's body inlines to: its nodes; for each of its graph attributes, how many
+    copies of the graph a call passes for it are inlined (``ref_attr_name``: into an ``If``'s
+    branch, a further call's attribute); and the nodes of each one's default graph."""
+
+    nodes: int
+    copies: dict[str, int]
+    defaults: dict[str, int]
+
+
+def _function_key(domain: str, name: str, overload: str) -> _FunctionKey:
+    # ONNX's inliner takes "ai.onnx" and "" for one domain: it inlines a call spelled one way of
+    # a function declared the other, which a count keyed by the spelling took for an operator.
+    return ("" if domain in STANDARD_DOMAINS else domain, name, overload)
+
+
+def _graphs_of(attr: AttributeProto) -> list[GraphProto]:
+    """The graphs an attribute holds (``g`` and ``graphs``), whatever its declared type."""
+    graphs = [attr.g] if attr.HasField("g") else []
+    graphs.extend(attr.graphs)
+    return graphs
 
 
 def inlined_nodes(proto: onnx.ModelProto, budget: int) -> int:
     """How many nodes ``proto``'s graph has once its model-local functions are inlined, its
     subgraphs' included, counted without inlining anything: a call counts one node and its
-    function's body (the body counted once per function, then multiplied). A function calling
-    itself, directly or not, has no end. :class:`GraphTooLarge` past ``budget``: a function
-    whose body alone is past it is named (the innermost such), else the graph; a model of a few
-    kilobytes whose functions each call the one before twice would otherwise inline to millions
-    of nodes, in the walk's inliner and in ONNX Runtime's (minutes of a loading worker)."""
-    functions: dict[_FunctionKey, FunctionProto] = {
-        (f.domain, f.name, f.overload): f for f in proto.functions
-    }
-    sizes: dict[_FunctionKey, int] = {}
-    summaries: dict[_FunctionKey, tuple[int, list[_FunctionKey]]] = {}
+    function's body (the body counted once per function, then multiplied). A graph passed to a
+    function as an attribute (or its default) counts once for each copy inlining makes of it,
+    one wherever the body refers to it (``ref_attr_name``). A function calling itself, directly
+    or not, has no end. :class:`GraphTooLarge` past ``budget``: a function whose body alone is
+    past it is named (the innermost such), else the graph; a model of a few kilobytes whose
+    functions each call the one before twice, or whose one function refers to the graph it is
+    passed a thousand times, would otherwise inline to millions of nodes, in the walk's inliner
+    and in ONNX Runtime's (minutes of a loading worker)."""
+    cap = budget + 1  # every figure saturates here: past the budget is all that matters
+    functions: dict[_FunctionKey, list[FunctionProto]] = {}
+    for declared in proto.functions:
+        # Declared twice, or in both spellings of ONNX's domain (ONNX Runtime and the walk's
+        # inliner refuse the first, not both spellings of the second): both count.
+        key = _function_key(declared.domain, declared.name, declared.overload)
+        functions.setdefault(key, []).append(declared)
+    sizes: dict[_FunctionKey, _Inlined] = {}
+    no_call = _Inlined(0, {}, {})
 
-    def summary(nodes: Sequence[NodeProto]) -> tuple[int, list[_FunctionKey]]:
-        """The nodes' own count (subgraphs' included) and the functions they call, each once a
-        call."""
-        count, calls = 0, []
+    def called(node: NodeProto) -> _FunctionKey | None:
+        key = _function_key(node.domain, node.op_type, node.overload)
+        return key if key in functions else None
+
+    def callees(nodes: Sequence[NodeProto]) -> list[_FunctionKey]:
+        """The functions called in ``nodes`` and in the graphs they hold or pass."""
+        found: list[_FunctionKey] = []
         pending = [list(nodes)]
         while pending:
             for node in pending.pop():
-                count += 1
-                key = (node.domain, node.op_type, node.overload)
-                if key in functions:
-                    calls.append(key)
-                pending.extend(list(body.graph.node) for body in subgraphs(node))
-        return count, calls
+                key = called(node)
+                if key is not None:
+                    found.append(key)
+                pending.extend(list(g.node) for a in node.attribute for g in _graphs_of(a))
+        return found
 
-    def size(root: _FunctionKey) -> int:
+    def count(nodes: Sequence[NodeProto]) -> tuple[int, dict[str, int]]:
+        """``nodes`` as inlined (every function they call is in ``sizes``), and how many copies
+        of each graph attribute of the function they stand in (``ref_attr_name``) they hold."""
+        total = 0
+        copies: dict[str, int] = {}
+        for node in nodes:
+            key = called(node)
+            callee = sizes[key] if key is not None else no_call
+            total += 1 + callee.nodes
+            for attr in node.attribute:
+                # A graph passed in a call is copied wherever the function refers to it, and
+                # counted once where it does not: ONNX Runtime reads it at the call.
+                times = max(1, callee.copies.get(attr.name, 0))
+                if attr.ref_attr_name:
+                    copies[attr.ref_attr_name] = min(cap, copies.get(attr.ref_attr_name, 0) + times)
+                for graph in _graphs_of(attr):
+                    inner, inner_copies = count(graph.node)
+                    total += times * inner
+                    for name, n in inner_copies.items():
+                        copies[name] = min(cap, copies.get(name, 0) + times * n)
+            given = {attr.name for attr in node.attribute}
+            for name, nodes_of_default in callee.defaults.items():
+                if name not in given:  # the call leaves it to its default graph
+                    total += callee.copies.get(name, 0) * nodes_of_default
+            total = min(cap, total)
+        return total, copies
+
+    def size(root: _FunctionKey) -> None:
         visiting: set[_FunctionKey] = set()
         stack: list[tuple[_FunctionKey, bool]] = [(root, False)]
         while stack:
             key, done = stack.pop()
             if key in sizes:
                 continue
-            if key not in summaries:
-                summaries[key] = summary(functions[key].node)
-            own, calls = summaries[key]
             if not done:
                 if key in visiting:
                     raise GraphTooLarge(
@@ -170,26 +226,46 @@ def inlined_nodes(proto: onnx.ModelProto, budget: int) -> int:
                     )
                 visiting.add(key)
                 stack.append((key, True))
+                calls: list[_FunctionKey] = []
+                for declared in functions[key]:
+                    calls += callees(declared.node)
+                    for attr in declared.attribute_proto:
+                        for graph in _graphs_of(attr):
+                            calls += callees(graph.node)
                 stack.extend((c, False) for c in dict.fromkeys(calls) if c not in sizes)
                 continue
             visiting.discard(key)
-            total = own + sum(sizes[c] for c in calls)
-            if total > budget:
+            nodes = 0
+            copies: dict[str, int] = {}
+            defaults: dict[str, int] = {}
+            for declared in functions[key]:
+                body, body_copies = count(declared.node)
+                nodes += body
+                for name, n in body_copies.items():
+                    copies[name] = min(cap, copies.get(name, 0) + n)
+                for attr in declared.attribute_proto:
+                    graphs = _graphs_of(attr)
+                    if graphs:
+                        default = sum(count(g.node)[0] for g in graphs)
+                        defaults[attr.name] = min(cap, max(defaults.get(attr.name, 0), default))
+            if nodes > budget:
                 raise GraphTooLarge(
                     f"model-local function {_named(key)} inlines to more than {budget} nodes",
                     key[1],
                 )
-            sizes[key] = total
-        return sizes[root]
+            sizes[key] = _Inlined(nodes, copies, defaults)
 
-    own, calls = summary(proto.graph.node)
-    total = own
-    for key in calls:
-        total += size(key)
+    total = 0
+    for node in proto.graph.node:
+        keys = callees([node])
+        for key in keys:  # depth first: the function past the budget is the innermost
+            size(key)
+        total += count([node])[0]
         if total > budget:
+            among = f" (its calls of {_named(keys[0])} among them)" if keys else ""
             raise GraphTooLarge(
                 f"the graph has more than {budget} nodes once its model-local functions are "
-                f"inlined (its calls of {_named(key)} among them)",
+                f"inlined{among}",
                 None,
             )
     return total

@@ -95,9 +95,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Ready when every configured model the caller may use has a ready version: the
         answer over every tenant's models told any client whether another tenant's were
         loaded yet (one listed as configured and failing kept it False for everyone)."""
-        return pb.ServerReadyResponse(
-            ready=self._repository.server_ready(self._visible_to(context))
-        )
+        return pb.ServerReadyResponse(ready=self._repository.server_ready(self.visible_to(context)))
 
     def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.ServicerContext
@@ -152,7 +150,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         encode_outputs(response, model, names, arrays, raw=used_raw, limits=self._limits)
         return response
 
-    def _visible_to(self, context: grpc.ServicerContext) -> Callable[[str], bool] | None:
+    def visible_to(self, context: grpc.ServicerContext) -> Callable[[str], bool] | None:
         """Which model names this caller may use (``clients``); None: every name."""
         if self._clients is None:
             return None
@@ -166,7 +164,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         """PermissionDenied unless this caller may use model ``name`` (``clients``): the same
         answer whether or not the model exists or is loaded, so that no client learns another
         tenant's model names, metadata or readiness, nor runs its model."""
-        visible = self._visible_to(context)
+        visible = self.visible_to(context)
         if visible is None or visible(name):
             return
         caller = str(verified_caller(context).spiffe_id)
