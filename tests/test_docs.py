@@ -52,6 +52,7 @@ NOT_REASONS = frozenset(
         "DENIED",
         "EIO",
         "ENOSPC",
+        "ESTALE",
         "FAILED",
         "FILES",
         "GLIBC_TUNABLES",

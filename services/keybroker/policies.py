@@ -211,7 +211,12 @@ def _is_at(fd: int, path: str) -> bool:
         there = os.lstat(path)
     except OSError:  # deleted, and not made again yet
         return False
-    held = os.fstat(fd)
+    try:
+        held = os.fstat(fd)
+    except OSError:
+        # Over NFS a file another client deleted answers ESTALE: it is not the one at the path
+        # (that escaped as a bare OSError, the descriptor and its lock never closed).
+        return False
     return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
 
@@ -534,10 +539,11 @@ class PolicyStore:
             fd = _open_lock_file(self._dir, key_id)
             try:
                 self._take_lock(fd, key_id, wait, deadline, still_wanted)
+                there = _is_at(fd, lock_path)
             except BaseException:
-                os.close(fd)
+                os.close(fd)  # nothing between the open and the yield keeps it (nor its lock)
                 raise
-            if _is_at(fd, lock_path):
+            if there:
                 break
             # Deleted or replaced while this waited for it (its holder's lock excluded only
             # those that had opened it): the lock of the file now at the path is the one.

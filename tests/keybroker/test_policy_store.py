@@ -3,6 +3,7 @@ beyond its bounds (issue 11, findings 4 and 7)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -649,3 +650,64 @@ def test_a_lock_file_the_broker_cannot_open_is_named_not_taken_for_a_read_only_d
     assert "read-only" not in message and "nothing was stored" in message
     assert unwritable.startswith("POLICY_STORE_READ_ONLY ") and "read-only" in unwritable
     assert store(tmp_path, production=True).get("k1").policy.version == "1"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_lock_file_deleted_on_an_nfs_server_while_waited_for_is_not_a_leaked_locked_fd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over NFS, a file another client deleted answers ``fstat`` with ESTALE. A change that had
+    opened the lock file and waited for its lock, the file deleted meanwhile (the sync tooling of
+    the finding before), took the deleted file's lock and then asked whether it was still the one
+    at the path: the ESTALE escaped the store as a bare OSError (INTERNAL, no DENIED record after
+    the change's ALLOWED one) and its descriptor, lock held, was never closed. A file that cannot
+    be looked at is not the one at the path: the change locks the file there now and is made.
+    ESTALE is emulated here as NFS gives it: for the deleted lock file."""
+    directory = tmp_path / "policies"
+    policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    policies.write("k1", policies.check("k1", document()))
+    deleted = os.stat(directory / LOCK_FILE)
+    real_fstat = os.fstat
+
+    def nfs_fstat(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_nlink) == (deleted.st_dev, deleted.st_ino, 0):
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return st
+
+    monkeypatch.setattr(os, "fstat", nfs_fstat)
+    take = PolicyStore._take_lock
+    waiting = threading.Event()
+
+    def signalled(fd: int, *args: Any) -> None:
+        waiting.set()
+        take(fd, *args)
+
+    monkeypatch.setattr(policies, "_take_lock", signalled)
+    outcome: list[BaseException | None] = []
+
+    def mine() -> None:
+        try:
+            policies.write(
+                "k1", policies.check("k1", document().replace('"1"', '"mine"')), lock_wait=30
+            )
+        except BaseException as exc:  # the assertions below read it
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    before = _open_fds()
+    holder = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    changer = threading.Thread(target=mine)
+    with holder._changing("k1", 30.0):
+        changer.start()
+        assert waiting.wait(30)  # it opened the held file and waits for its lock
+        (directory / LOCK_FILE).unlink()
+        os.close(os.open(directory / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600))  # made again
+    changer.join(30)
+    assert outcome == [None], outcome
+    assert policies.get("k1").policy.version == "mine"
+    assert _open_fds() == before  # every descriptor it opened was closed
