@@ -312,7 +312,11 @@ def _check_unused(client: Client, key_id: str, version: int, *, ignore_corrupt: 
 
 def _set_policy(args: argparse.Namespace) -> int:
     try:
-        document = args.policy_file.read_text(encoding="utf-8")
+        # As stored (newline=""): universal newlines sent a CRLF file in its LF form, another
+        # document (and SHA-256) than the file the admin set; the same file put in the policy
+        # directory by deployment tooling was then refused POLICY_VERSION_REUSED.
+        with args.policy_file.open(encoding="utf-8", newline="") as file:
+            document = file.read()
     except OSError as exc:
         raise FailedPrecondition(f"cannot read {args.policy_file}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
