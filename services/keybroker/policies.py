@@ -18,7 +18,7 @@ from pathlib import Path
 
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.errors import FailedPrecondition, StrongroomError
-from strongroom.files import atomic_write
+from strongroom.files import NotDurable, atomic_write
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.errors import (
     PolicyChanged,
@@ -502,12 +502,15 @@ class PolicyStore:
                         raise _busy(key_id, lock_wait) from None
                     continue
                 except OSError as exc:
-                    if not self._holds(path, stored.document):
+                    # NotDurable: the rename was made and only the directory's sync failed (EIO,
+                    # a file system that refuses it), said by the write itself (read back from a
+                    # disk failing so, the file answered the same EIO: a live change was recorded
+                    # DENIED). Otherwise the file is read back: a rename whose answer was lost (a
+                    # retried NFS RENAME) may have been made all the same. Either way the
+                    # document is live for every replica, so this change was made and its
+                    # ALLOWED record is its outcome, not a refusal the caller retries.
+                    if not isinstance(exc, NotDurable) and not self._holds(path, stored.document):
                         raise _read_only(key_id, exc) from None
-                    # The rename was made and only the directory's sync failed (EIO, a file
-                    # system that refuses it): the document is live for every replica, so this
-                    # change was made and its ALLOWED record is its outcome, not a refusal the
-                    # caller retries.
                     _log.error(
                         "a release policy was stored but its directory could not be synced: the "
                         "change is live, but may not survive a crash of the host",
