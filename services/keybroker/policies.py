@@ -117,10 +117,21 @@ def _read_only(key_id: str, exc: OSError) -> FailedPrecondition:
 
 
 def _unlockable(key_id: str, exc: OSError) -> FailedPrecondition:
+    # EINVAL: the kernel does not know the command (OFD locks came with Linux 3.15) or the file
+    # system refuses this kind of lock, which an older broker's lockf (a classic POSIX record
+    # lock) may still have been granted there: "POSIX record locks" sent the operator to check
+    # a file system that has them.
+    where = (
+        "this kernel (Linux 3.15 or later) and the directory's file system must offer them"
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP)
+        else "the directory's file system must offer them across the machines that share it, "
+        "as local file systems and NFSv4 do (NFSv3 with a working lockd)"
+    )
     return FailedPrecondition(
         f"cannot store the policy of {key_id!r}: the policy directory cannot be locked "
-        f"({exc.strerror}); its file system must support POSIX record locks (fcntl), as local "
-        "file systems and NFSv4 do, so that replicas sharing it change policies one at a time",
+        f"({exc.strerror}): a change holds open-file-description locks (F_OFD_SETLK) on its "
+        f"{LOCK_FILE}, so that replicas sharing it change policies one at a time; {where}: "
+        "nothing was stored",
         reason=Reason.POLICY_STORE_READ_ONLY,
     )
 

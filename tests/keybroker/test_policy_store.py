@@ -711,3 +711,85 @@ def test_a_lock_file_deleted_on_an_nfs_server_while_waited_for_is_not_a_leaked_l
     assert outcome == [None], outcome
     assert policies.get("k1").policy.version == "mine"
     assert _open_fds() == before  # every descriptor it opened was closed
+
+
+@pytest.mark.parametrize("refusal", [errno.EINVAL, errno.ENOLCK])
+def test_a_lock_the_kernel_refuses_fails_closed_naming_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: int
+) -> None:
+    """Where the kernel refuses the lock, nothing is stored: EINVAL is a kernel without
+    open-file-description locks (before Linux 3.15, or a file system that does not take them),
+    ENOLCK a file system whose lock service failed (NFSv3 without lockd). The message still
+    asked for "POSIX record locks (fcntl)", which an older broker took and which such a kernel
+    offers: an operator checked the file system that had them. It names OFD locks and, for
+    EINVAL, the kernel. The refusal is emulated as the kernel answers it: for F_OFD_SETLK."""
+    policies = store(tmp_path, production=True)
+    policies.write("k1", policies.check("k1", document()))
+    real_fcntl = policies_module.fcntl.fcntl
+
+    def refusing(fd: int, command: int, arg: Any = 0) -> Any:
+        if command == policies_module.fcntl.F_OFD_SETLK:
+            raise OSError(refusal, os.strerror(refusal))
+        return real_fcntl(fd, command, arg)
+
+    monkeypatch.setattr(policies_module.fcntl, "fcntl", refusing)
+    with pytest.raises(FailedPrecondition) as raised:
+        policies.write("k1", policies.check("k1", document().replace('"1"', '"2"')))
+    monkeypatch.undo()
+    assert raised.value.reason == Reason.POLICY_STORE_READ_ONLY
+    message = raised.value.message
+    assert (
+        "open-file-description locks (F_OFD_SETLK)" in message and "nothing was stored" in message
+    )
+    assert ("Linux 3.15" in message) == (refusal == errno.EINVAL)
+    assert policies.get("k1").policy.version == "1"
+
+
+_OLDER_BROKER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    print("busy", flush=True)
+    sys.exit(0)
+print("held", flush=True)
+sys.stdin.readline()
+"""
+"""An older broker's change lock: a classic POSIX record lock (``lockf``) on the lock file."""
+
+
+def test_the_lock_and_an_older_brokers_lockf_exclude_each_other_both_ways(
+    tmp_path: Path,
+) -> None:
+    """During a rolling upgrade older brokers take ``lockf`` locks on the same file: the OFD lock
+    must be refused while one is held, and an older broker's refused while a change holds it."""
+    policies = store(tmp_path, production=True)
+    policies.write("k1", policies.check("k1", document()))
+    lock = tmp_path / "policies" / LOCK_FILE
+    older = subprocess.Popen(
+        [sys.executable, "-c", _OLDER_BROKER, str(lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert older.stdin is not None and older.stdout is not None
+    try:
+        assert older.stdout.readline().strip() == "held"
+        with pytest.raises(PolicyStoreBusy):
+            policies.write(
+                "k1", policies.check("k1", document().replace('"1"', '"2"')), lock_wait=0
+            )
+    finally:
+        older.stdin.close()
+        assert older.wait(60) == 0
+    with policies._changing("k1", 30.0):
+        tried = subprocess.run(
+            [sys.executable, "-c", _OLDER_BROKER, str(lock)],
+            input="",
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    assert tried.stdout.strip() == "busy"
+    assert policies.get("k1").policy.version == "1"
