@@ -342,6 +342,10 @@ def _get_policy(args: argparse.Namespace) -> int:
         )
         # Both are the broker's text: escaped, so that a broker that is not what it should be
         # cannot drive the terminal nor forge the line naming the version --if-version is given.
-        print(f"# policy version {printable(response.policy_version)}")
-        print(printable_document(response.policy_document))
+        document = printable_document(response.policy_document)
+        # A byte order mark (a Windows editor's) may only open a YAML stream: printed after the
+        # version line, the output an admin saves, edits and sets again was no YAML at all.
+        bom = "\ufeff" if document.startswith("\ufeff") else ""
+        print(f"{bom}# policy version {printable(response.policy_version)}")
+        print(document[len(bom) :])
     return 0
