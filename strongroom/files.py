@@ -26,6 +26,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class NotDurable(OSError):
+    """:func:`atomic_write` replaced the file, but the directory's sync failed: every reader sees
+    the new content now, which may not survive a crash of the host. An ``OSError`` like any
+    other failure of the write, for callers that need not tell the two apart."""
+
+
 def atomic_write(
     path: Path,
     data: bytes,
@@ -37,7 +43,8 @@ def atomic_write(
 
     ``before_replace`` runs once the new file is durable, just before it replaces ``path``:
     whatever it raises leaves ``path`` as it was (a last check of a lock, made as late as it can
-    be so that nothing slow comes between it and the rename)."""
+    be so that nothing slow comes between it and the rename). A failure after the rename (the
+    directory's sync) is :class:`NotDurable`: ``path`` holds ``data`` then."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -53,7 +60,12 @@ def atomic_write(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    try:
+        fsync_dir(path.parent)
+    except OSError as exc:
+        # The rename was made: a caller that must know whether its change took effect (an
+        # audited one) cannot find out by reading the file back from a disk that failed so.
+        raise NotDurable(exc.errno, exc.strerror) from exc
 
 
 def read_file(path: Path) -> bytes:

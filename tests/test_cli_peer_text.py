@@ -9,6 +9,7 @@ from concurrent import futures
 
 import grpc
 import pytest
+import yaml
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
@@ -16,7 +17,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import InvalidArtifact
 from strongroom.cli import keys as keys_cli
-from strongroom.cli._text import printable
+from strongroom.cli._text import printable, printable_document
 from strongroom.client.rewrap import MAX_HEAD_SIZE, _read_head
 
 
@@ -61,6 +62,26 @@ def test_a_rewrap_stops_reading_a_store_that_sends_more_than_asked() -> None:
         server.stop(None)
 
 
+def _get_policy_output(
+    servicer: kb_grpc.KeyAdminServiceServicer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> str:
+    """What `keys get-policy` prints from ``servicer``'s answer."""
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    kb_grpc.add_KeyAdminServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = kb_grpc.KeyAdminServiceStub(channel)
+            monkeypatch.setattr(keys_cli, "_admin", lambda args: (contextlib.nullcontext(), stub))
+            assert keys_cli._get_policy(argparse.Namespace(key_id="k1")) == 0
+    finally:
+        server.stop(None)
+    return capsys.readouterr().out
+
+
 class _Forging(kb_grpc.KeyAdminServiceServicer):
     """A broker whose policy answer carries terminal control sequences and forged lines."""
 
@@ -80,19 +101,48 @@ def test_get_policy_prints_the_brokers_version_and_document_without_control_sequ
     it should be could drive the operator's terminal or forge the line that names the version the
     next `set-policy --if-version` is given. The document keeps every character a policy can hold
     (its CRLF line ends included), so that what is printed can be edited and set again."""
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    kb_grpc.add_KeyAdminServiceServicer_to_server(_Forging(), server)  # type: ignore[abstract]
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = kb_grpc.KeyAdminServiceStub(channel)
-            monkeypatch.setattr(keys_cli, "_admin", lambda args: (contextlib.nullcontext(), stub))
-            assert keys_cli._get_policy(argparse.Namespace(key_id="k1")) == 0
-    finally:
-        server.stop(None)
-    out = capsys.readouterr().out
+    out = _get_policy_output(_Forging(), monkeypatch, capsys)  # type: ignore[abstract]
     assert out.splitlines(keepends=True)[0] == (
         "# policy version 7\\x1b[2K\\r\\n# approved by security\n"
     )
     assert out.split("\n", 1)[1] == 'version: "7"\r\nx: "\\x1b]0;owned\\x07\\x9b2J"\n\n'
+
+
+class _Stored(kb_grpc.KeyAdminServiceServicer):
+    """A broker answering one stored policy document as it is."""
+
+    def __init__(self, document: str) -> None:
+        self.document = document
+
+    def GetReleasePolicy(
+        self, request: kb.GetReleasePolicyRequest, context: grpc.ServicerContext
+    ) -> kb.GetReleasePolicyResponse:
+        return kb.GetReleasePolicyResponse(policy_version="7", policy_document=self.document)
+
+
+def test_get_policy_of_a_document_opening_with_a_byte_order_mark_prints_one_that_sets_again(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A policy saved with a UTF-8 byte order mark (Windows editors) is stored with it, which
+    YAML allows only where a stream opens: printed after the version line, the output (what
+    an admin saves, edits and sets again) was no YAML at all, refused POLICY_SYNTAX ("did not
+    find expected <document start>"). The mark opens the output, before the version line, and
+    the document follows byte for byte."""
+    document = '\ufeffversion: "7"\r\ntee_types: [SEV_SNP]\n'
+    out = _get_policy_output(_Stored(document), monkeypatch, capsys)  # type: ignore[abstract]
+    assert out == f"\ufeff# policy version 7\n{document[1:]}\n"
+    assert yaml.safe_load(out) == yaml.safe_load(document)
+
+
+def test_printable_document_keeps_exactly_what_a_yaml_stream_may_hold() -> None:
+    """Every code point: kept as it is when PyYAML's reader (the broker's loader) takes it in a
+    document, so any stored policy prints byte for byte (tab, CR, LF, NEL, U+2028, BOM, astral
+    characters), and otherwise shown as its escape (ESC, BEL, DEL, the C1 controls CSI, OSC and
+    the rest, surrogates), so no escape sequence reaches the terminal."""
+    reader = yaml.reader.Reader.NON_PRINTABLE
+    kept = [cp for cp in range(0x110000) if printable_document(chr(cp)) == chr(cp)]
+    assert kept == [cp for cp in range(0x110000) if not reader.match(chr(cp))]
+    assert [cp for cp in range(0x80, 0xA0) if cp in set(kept)] == [0x85]  # NEL: a YAML line break
+    assert printable_document("\x1b]8;;https://evil.example\x1b\\x\x1b]8;;\x1b\\") == (
+        "\\x1b]8;;https://evil.example\\x1b\\x\\x1b]8;;\\x1b\\"
+    )

@@ -118,6 +118,27 @@ class _RefusalBudget:
         return refusal, self._records.unrecorded_if_due(caller.spiffe_id, self._reason)
 
 
+_TURN_POLL = 0.05
+"""Seconds between two looks at a waiting policy change's caller while it waits for its turn."""
+
+
+def _take_turn(
+    lock: threading.Lock, deadline: float, still_wanted: Callable[[], None] | None
+) -> bool:
+    """Takes ``lock`` by ``deadline`` (monotonic): False once it passed. Between two tries,
+    ``still_wanted`` may call the wait off (what it raises): a caller whose deadline passed kept
+    a control-plane worker waiting for the whole bound, then had its change recorded ALLOWED."""
+    while True:
+        remaining = max(0.0, deadline - time.monotonic())
+        if still_wanted is None:
+            return lock.acquire(timeout=remaining)
+        if lock.acquire(timeout=min(remaining, _TURN_POLL)):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        still_wanted()
+
+
 class KeyService:
     """Creates, rotates and disables keys, sets policies and issues data keys, auditing each."""
 
@@ -279,8 +300,10 @@ class KeyService:
         also carries the document's SHA-256 (``policy_sha256``, as release records do).
 
         ``still_wanted`` (the caller is still waiting: its call is active, its deadline not past)
-        is asked while the change waits for the directory's lock and, under it, just before the
-        write (:meth:`PolicyStore.write`); what it raises refuses the change, nothing stored,
+        is asked while the change waits for its turn behind this broker's other change of the key
+        (what it raises refuses the change then, unrecorded: nothing was attempted), while it
+        waits for the directory's lock and, under it, just before the write
+        (:meth:`PolicyStore.write`); what it raises there refuses the change, nothing stored,
         recorded ``DENIED`` after its ``ALLOWED`` record as a failed write is.
         """
         if expected_version:
@@ -296,7 +319,7 @@ class KeyService:
         # its own wait, and a few of them held every control-plane worker for minutes.
         deadline = time.monotonic() + self._policy_lock_wait
         lock = self._policy_lock(key_id)
-        if not lock.acquire(timeout=self._policy_lock_wait):
+        if not _take_turn(lock, deadline, still_wanted):
             raise PolicyStoreBusy(
                 f"cannot store the policy of {key_id!r}: another change of it on this broker did "
                 f"not finish within {self._policy_lock_wait:g} s; nothing was stored, retry"

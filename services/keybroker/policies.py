@@ -18,7 +18,7 @@ from pathlib import Path
 
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.errors import FailedPrecondition, StrongroomError
-from strongroom.files import atomic_write
+from strongroom.files import NotDurable, atomic_write
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.errors import (
     PolicyChanged,
@@ -117,10 +117,21 @@ def _read_only(key_id: str, exc: OSError) -> FailedPrecondition:
 
 
 def _unlockable(key_id: str, exc: OSError) -> FailedPrecondition:
+    # EINVAL: the kernel does not know the command (OFD locks came with Linux 3.15) or the file
+    # system refuses this kind of lock, which an older broker's lockf (a classic POSIX record
+    # lock) may still have been granted there: "POSIX record locks" sent the operator to check
+    # a file system that has them.
+    where = (
+        "this kernel (Linux 3.15 or later) and the directory's file system must offer them"
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP)
+        else "the directory's file system must offer them across the machines that share it, "
+        "as local file systems and NFSv4 do (NFSv3 with a working lockd)"
+    )
     return FailedPrecondition(
         f"cannot store the policy of {key_id!r}: the policy directory cannot be locked "
-        f"({exc.strerror}); its file system must support POSIX record locks (fcntl), as local "
-        "file systems and NFSv4 do, so that replicas sharing it change policies one at a time",
+        f"({exc.strerror}): a change holds open-file-description locks (F_OFD_SETLK) on its "
+        f"{LOCK_FILE}, so that replicas sharing it change policies one at a time; {where}: "
+        "nothing was stored",
         reason=Reason.POLICY_STORE_READ_ONLY,
     )
 
@@ -211,7 +222,12 @@ def _is_at(fd: int, path: str) -> bool:
         there = os.lstat(path)
     except OSError:  # deleted, and not made again yet
         return False
-    held = os.fstat(fd)
+    try:
+        held = os.fstat(fd)
+    except OSError:
+        # Over NFS a file another client deleted answers ESTALE: it is not the one at the path
+        # (that escaped as a bare OSError, the descriptor and its lock never closed).
+        return False
     return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
 
@@ -497,12 +513,15 @@ class PolicyStore:
                         raise _busy(key_id, lock_wait) from None
                     continue
                 except OSError as exc:
-                    if not self._holds(path, stored.document):
+                    # NotDurable: the rename was made and only the directory's sync failed (EIO,
+                    # a file system that refuses it), said by the write itself (read back from a
+                    # disk failing so, the file answered the same EIO: a live change was recorded
+                    # DENIED). Otherwise the file is read back: a rename whose answer was lost (a
+                    # retried NFS RENAME) may have been made all the same. Either way the
+                    # document is live for every replica, so this change was made and its
+                    # ALLOWED record is its outcome, not a refusal the caller retries.
+                    if not isinstance(exc, NotDurable) and not self._holds(path, stored.document):
                         raise _read_only(key_id, exc) from None
-                    # The rename was made and only the directory's sync failed (EIO, a file
-                    # system that refuses it): the document is live for every replica, so this
-                    # change was made and its ALLOWED record is its outcome, not a refusal the
-                    # caller retries.
                     _log.error(
                         "a release policy was stored but its directory could not be synced: the "
                         "change is live, but may not survive a crash of the host",
@@ -534,10 +553,11 @@ class PolicyStore:
             fd = _open_lock_file(self._dir, key_id)
             try:
                 self._take_lock(fd, key_id, wait, deadline, still_wanted)
+                there = _is_at(fd, lock_path)
             except BaseException:
-                os.close(fd)
+                os.close(fd)  # nothing between the open and the yield keeps it (nor its lock)
                 raise
-            if _is_at(fd, lock_path):
+            if there:
                 break
             # Deleted or replaced while this waited for it (its holder's lock excluded only
             # those that had opened it): the lock of the file now at the path is the one.

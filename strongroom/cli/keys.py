@@ -312,7 +312,11 @@ def _check_unused(client: Client, key_id: str, version: int, *, ignore_corrupt: 
 
 def _set_policy(args: argparse.Namespace) -> int:
     try:
-        document = args.policy_file.read_text(encoding="utf-8")
+        # As stored (newline=""): universal newlines sent a CRLF file in its LF form, another
+        # document (and SHA-256) than the file the admin set; the same file put in the policy
+        # directory by deployment tooling was then refused POLICY_VERSION_REUSED.
+        with args.policy_file.open(encoding="utf-8", newline="") as file:
+            document = file.read()
     except OSError as exc:
         raise FailedPrecondition(f"cannot read {args.policy_file}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
@@ -338,6 +342,10 @@ def _get_policy(args: argparse.Namespace) -> int:
         )
         # Both are the broker's text: escaped, so that a broker that is not what it should be
         # cannot drive the terminal nor forge the line naming the version --if-version is given.
-        print(f"# policy version {printable(response.policy_version)}")
-        print(printable_document(response.policy_document))
+        document = printable_document(response.policy_document)
+        # A byte order mark (a Windows editor's) may only open a YAML stream: printed after the
+        # version line, the output an admin saves, edits and sets again was no YAML at all.
+        bom = "\ufeff" if document.startswith("\ufeff") else ""
+        print(f"{bom}# policy version {printable(response.policy_version)}")
+        print(document[len(bom) :])
     return 0

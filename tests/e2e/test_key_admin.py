@@ -431,3 +431,29 @@ def test_a_policy_change_whose_caller_gave_up_while_it_waited_for_the_lock_is_no
         gave_up,
     )
     assert refused["decision_id"] == allowed["decision_id"]
+
+
+def test_keys_set_policy_sends_the_files_line_ends_as_they_are(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`keys set-policy` read the file with universal newlines: a CRLF policy (a Windows editor's,
+    a Git checkout with autocrlf, what `get-policy` prints of a CRLF policy) was sent in its LF
+    form, so the document stored, shown and hashed in the audit records (``policy_sha256``) was
+    not the file the admin set, and the very file deployment tooling had put in the policy
+    directory, set again through the command, was refused POLICY_VERSION_REUSED. The file's
+    text is sent as it is."""
+    key_id = "crlf-policy"
+    stack.create_release_key(stack.identity("admin"), key_id, policy_version="1")
+    config = str(stack.write_client_config("admin"))
+    policies = stack.root / "state" / "keybroker" / "policies"
+    policy = tmp_path / "policy.yaml"
+    for version in ("2", "3"):
+        text = stack.simulated_policy(version).replace("\n", "\r\n")
+        policy.write_bytes(text.encode())
+        if version == "2":  # deployment tooling put this very file there first
+            (policies / f"{key_id}.yaml").write_bytes(text.encode())
+        code = main(["keys", "set-policy", key_id, str(policy), "--client-config", config])
+        assert code == 0, capsys.readouterr().err
+        live = admin(stack).GetReleasePolicy(kb.GetReleasePolicyRequest(key_id=key_id), timeout=30)
+        assert live.policy_document == text
+        assert (policies / f"{key_id}.yaml").read_bytes() == text.encode()

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from strongroom import files
 from strongroom.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -890,6 +891,43 @@ def test_a_policy_written_whose_directory_sync_fails_is_recorded_made_not_refuse
     assert keys.get_policy("k1").document == p2
 
 
+def test_a_policy_renamed_in_whose_sync_and_read_back_both_fail_is_recorded_made(
+    service, monkeypatch
+) -> None:
+    """The write renamed the new policy into place, then the directory's fsync failed, and the
+    store told "renamed, only the sync failed" from "never renamed" by reading the file back,
+    which a failing disk (or an NFS server gone meanwhile) refuses with the same EIO: the live
+    change was recorded DENIED and answered POLICY_STORE_READ_ONLY. The write itself now says
+    which step failed: a rename that was made is the change's outcome, recorded ALLOWED."""
+    keys, log = service
+    keys.create_key(ADMIN, "k1")
+    keys.set_policy(ADMIN, "k1", POLICY)
+    failing = OSError(errno.EIO, "Input/output error")
+    failed: list[object] = []
+
+    def failing_sync(path) -> None:
+        failed.append(path)
+        raise failing
+
+    def unreadable(path, *args, **kwargs):  # from the failed sync on, as the disk fails
+        if failed and str(path).endswith("k1.yaml"):
+            raise failing
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "fsync_dir", failing_sync)
+    monkeypatch.setattr(policies_module, "open", unreadable, raising=False)
+    p2 = POLICY.replace('"p1"', '"p2"')
+    assert keys.set_policy(ADMIN, "k1", p2, expected_version="p1").policy.version == "p2"
+    monkeypatch.undo()
+    assert keys.get_policy("k1").document == p2
+    change = _records(log)[-1]
+    assert (change["action"], change["decision"], change["policy_version"]) == (
+        "set_release_policy",
+        "allowed",
+        "p2",
+    )
+
+
 def test_a_change_queued_behind_a_stuck_change_of_the_key_is_refused_busy_in_bound(
     km, tmp_path
 ) -> None:
@@ -924,6 +962,46 @@ def test_a_change_queued_behind_a_stuck_change_of_the_key_is_refused_busy_in_bou
         [refusal] = outcome
         assert isinstance(refusal, PolicyStoreBusy), refusal
         assert refusal.reason == "POLICY_STORE_BUSY" and "nothing was stored" in refusal.message
+        assert len(_records(tmp_path / "audit.log")) == before
+        assert keys.get_policy("k1").policy.version == "p1"
+    finally:
+        audit.close()
+
+
+def test_a_change_queued_behind_another_of_the_key_stops_waiting_when_its_caller_gives_up(
+    km, tmp_path
+) -> None:
+    """A change waiting for this process's other change of the key did not ask whether its
+    caller still waited (only its wait for the directory's lock did): a call whose deadline had
+    passed kept its worker for the whole bound, then was recorded ALLOWED for a change nobody
+    waited for, and DENIED. Its turn is waited for as the lock is now: the caller gone, it stops
+    with the caller's outcome, unrecorded (nothing was attempted), nothing stored."""
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit, policy_lock_wait=2)
+    try:
+        keys.create_key(ADMIN, "k1")
+        keys.set_policy(ADMIN, "k1", POLICY)
+        before = len(_records(tmp_path / "audit.log"))
+        asked: list[None] = []
+
+        def gone() -> None:  # the caller's deadline passed while it waited
+            asked.append(None)
+            raise DeadlineExceeded("the call's deadline passed")
+
+        stuck = keys._policy_lock("k1")
+        stuck.acquire()  # another change of the key, mid-way
+        try:
+            with pytest.raises(DeadlineExceeded):
+                keys.set_policy(
+                    ADMIN,
+                    "k1",
+                    POLICY.replace('"p1"', '"p2"'),
+                    expected_version="p1",
+                    still_wanted=gone,
+                )
+        finally:
+            stuck.release()
+        assert asked
         assert len(_records(tmp_path / "audit.log")) == before
         assert keys.get_policy("k1").policy.version == "p1"
     finally:

@@ -3,6 +3,7 @@ beyond its bounds (issue 11, findings 4 and 7)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -649,3 +650,146 @@ def test_a_lock_file_the_broker_cannot_open_is_named_not_taken_for_a_read_only_d
     assert "read-only" not in message and "nothing was stored" in message
     assert unwritable.startswith("POLICY_STORE_READ_ONLY ") and "read-only" in unwritable
     assert store(tmp_path, production=True).get("k1").policy.version == "1"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_lock_file_deleted_on_an_nfs_server_while_waited_for_is_not_a_leaked_locked_fd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over NFS, a file another client deleted answers ``fstat`` with ESTALE. A change that had
+    opened the lock file and waited for its lock, the file deleted meanwhile (the sync tooling of
+    the finding before), took the deleted file's lock and then asked whether it was still the one
+    at the path: the ESTALE escaped the store as a bare OSError (INTERNAL, no DENIED record after
+    the change's ALLOWED one) and its descriptor, lock held, was never closed. A file that cannot
+    be looked at is not the one at the path: the change locks the file there now and is made.
+    ESTALE is emulated here as NFS gives it: for the deleted lock file."""
+    directory = tmp_path / "policies"
+    policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    policies.write("k1", policies.check("k1", document()))
+    deleted = os.stat(directory / LOCK_FILE)
+    real_fstat = os.fstat
+
+    def nfs_fstat(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_nlink) == (deleted.st_dev, deleted.st_ino, 0):
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return st
+
+    monkeypatch.setattr(os, "fstat", nfs_fstat)
+    take = PolicyStore._take_lock
+    waiting = threading.Event()
+
+    def signalled(fd: int, *args: Any) -> None:
+        waiting.set()
+        take(fd, *args)
+
+    monkeypatch.setattr(policies, "_take_lock", signalled)
+    outcome: list[BaseException | None] = []
+
+    def mine() -> None:
+        try:
+            policies.write(
+                "k1", policies.check("k1", document().replace('"1"', '"mine"')), lock_wait=30
+            )
+        except BaseException as exc:  # the assertions below read it
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    before = _open_fds()
+    holder = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    changer = threading.Thread(target=mine)
+    with holder._changing("k1", 30.0):
+        changer.start()
+        assert waiting.wait(30)  # it opened the held file and waits for its lock
+        (directory / LOCK_FILE).unlink()
+        os.close(os.open(directory / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600))  # made again
+    changer.join(30)
+    assert outcome == [None], outcome
+    assert policies.get("k1").policy.version == "mine"
+    assert _open_fds() == before  # every descriptor it opened was closed
+
+
+@pytest.mark.parametrize("refusal", [errno.EINVAL, errno.ENOLCK])
+def test_a_lock_the_kernel_refuses_fails_closed_naming_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: int
+) -> None:
+    """Where the kernel refuses the lock, nothing is stored: EINVAL is a kernel without
+    open-file-description locks (before Linux 3.15, or a file system that does not take them),
+    ENOLCK a file system whose lock service failed (NFSv3 without lockd). The message still
+    asked for "POSIX record locks (fcntl)", which an older broker took and which such a kernel
+    offers: an operator checked the file system that had them. It names OFD locks and, for
+    EINVAL, the kernel. The refusal is emulated as the kernel answers it: for F_OFD_SETLK."""
+    policies = store(tmp_path, production=True)
+    policies.write("k1", policies.check("k1", document()))
+    real_fcntl = policies_module.fcntl.fcntl
+
+    def refusing(fd: int, command: int, arg: Any = 0) -> Any:
+        if command == policies_module.fcntl.F_OFD_SETLK:
+            raise OSError(refusal, os.strerror(refusal))
+        return real_fcntl(fd, command, arg)
+
+    monkeypatch.setattr(policies_module.fcntl, "fcntl", refusing)
+    with pytest.raises(FailedPrecondition) as raised:
+        policies.write("k1", policies.check("k1", document().replace('"1"', '"2"')))
+    monkeypatch.undo()
+    assert raised.value.reason == Reason.POLICY_STORE_READ_ONLY
+    message = raised.value.message
+    assert (
+        "open-file-description locks (F_OFD_SETLK)" in message and "nothing was stored" in message
+    )
+    assert ("Linux 3.15" in message) == (refusal == errno.EINVAL)
+    assert policies.get("k1").policy.version == "1"
+
+
+_OLDER_BROKER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    print("busy", flush=True)
+    sys.exit(0)
+print("held", flush=True)
+sys.stdin.readline()
+"""
+"""An older broker's change lock: a classic POSIX record lock (``lockf``) on the lock file."""
+
+
+def test_the_lock_and_an_older_brokers_lockf_exclude_each_other_both_ways(
+    tmp_path: Path,
+) -> None:
+    """During a rolling upgrade older brokers take ``lockf`` locks on the same file: the OFD lock
+    must be refused while one is held, and an older broker's refused while a change holds it."""
+    policies = store(tmp_path, production=True)
+    policies.write("k1", policies.check("k1", document()))
+    lock = tmp_path / "policies" / LOCK_FILE
+    older = subprocess.Popen(
+        [sys.executable, "-c", _OLDER_BROKER, str(lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert older.stdin is not None and older.stdout is not None
+    try:
+        assert older.stdout.readline().strip() == "held"
+        with pytest.raises(PolicyStoreBusy):
+            policies.write(
+                "k1", policies.check("k1", document().replace('"1"', '"2"')), lock_wait=0
+            )
+    finally:
+        older.stdin.close()
+        assert older.wait(60) == 0
+    with policies._changing("k1", 30.0):
+        tried = subprocess.run(
+            [sys.executable, "-c", _OLDER_BROKER, str(lock)],
+            input="",
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    assert tried.stdout.strip() == "busy"
+    assert policies.get("k1").policy.version == "1"
