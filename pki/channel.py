@@ -47,6 +47,18 @@ ChannelOption = tuple[str, Any]
 
 #: How long the handshake explaining a refused connection may take (bounded by the call's deadline).
 _DIAGNOSIS_TIMEOUT = 2.0
+#: The channel option naming the host name gRPC's handshake checks in the server's certificate.
+_NAME_OVERRIDE = "grpc.ssl_target_name_override"
+
+
+def _option_name(name: object) -> object:
+    """A channel option's name as gRPC reads it: ``bytes`` (which gRPC Python accepts too) as
+    text and up to a NUL, so that ``b"grpc.ssl_target_name_override"`` is that option."""
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    # gRPC's core reads the name as a C string: it ends at the first NUL.
+    return name.partition("\0")[0] if isinstance(name, str) else name
+
 
 # grpc-stubs makes the multi-callable interfaces generic; at run time they are plain classes.
 if TYPE_CHECKING:
@@ -126,12 +138,13 @@ class RotatingChannel(grpc.Channel):
         options: Sequence[ChannelOption] = (),
     ) -> None:
         if server_id is not None and any(
-            name == "grpc.ssl_target_name_override" for name, _ in options
+            _option_name(name) == _NAME_OVERRIDE for name, _ in options
         ):
             # gRPC's host-name check is the identity check: another name there would replace it.
+            # gRPC takes an option's name as str or bytes, and the first of two equal names wins.
             raise ValueError(
                 f"cannot check that the server at {target} is {server_id}: the channel option "
-                "grpc.ssl_target_name_override would replace the name derived from that ID"
+                f"{_NAME_OVERRIDE} would replace the name derived from that ID"
             )
         self._source = source
         self._target = target
@@ -158,9 +171,11 @@ class RotatingChannel(grpc.Channel):
         presentation = TlsPresentation(
             self._source.root_pem, credentials.key_pem, credentials.chain_pem
         )
-        options: list[ChannelOption] = [*self._options, ("grpc.use_local_subchannel_pool", 1)]
+        # Ours first: of two options of one name, gRPC uses the first.
+        options: list[ChannelOption] = [("grpc.use_local_subchannel_pool", 1)]
         if self._checked_name:
-            options.append(("grpc.ssl_target_name_override", self._checked_name))
+            options.append((_NAME_OVERRIDE, self._checked_name))
+        options += self._options
         channel = grpc.secure_channel(
             self._target,
             grpc.ssl_channel_credentials(

@@ -498,6 +498,20 @@ def test_a_channel_checking_the_id_refuses_another_name_for_grpc_to_check(
     assert sid("keybroker") in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "name", [b"grpc.ssl_target_name_override", "grpc.ssl_target_name_override\0"]
+)
+def test_the_name_override_is_refused_however_its_option_is_spelt(
+    store: Server, client_identity: WorkloadIdentity, name: str | bytes
+) -> None:
+    """gRPC takes an option's name as bytes too, and reads it up to a NUL; only the str
+    spelling was refused, and gRPC used the first of the two overrides, the caller's: a channel
+    expecting the key broker sent its calls to the model store (which carries localhost)."""
+    options: Any = [(name, "localhost")]
+    with pytest.raises(ValueError, match="ssl_target_name_override"):
+        client_identity.channel(store.target, server_id=sid("keybroker"), options=options)
+
+
 # ---------------------------------------------------------------- explaining refusals
 
 
