@@ -256,7 +256,16 @@ class RotatingChannel(grpc.Channel):
                     f"the server at {self._target} is not {self._server_id}: its certificate "
                     f"does not carry the name derived from that ID ({_details(error)})"
                 )
-        return translate(error, self._target, slot.presentation, server_name=self._checked_name)
+        # What the explanation above left of the call's deadline bounds the probe too: past
+        # it, the call's own error, with no connection of ours.
+        remaining = _DIAGNOSIS_TIMEOUT if deadline is None else deadline - time.monotonic()
+        return translate(
+            error,
+            self._target,
+            slot.presentation,
+            server_name=self._checked_name,
+            timeout=min(_DIAGNOSIS_TIMEOUT, remaining),
+        )
 
     # ------------------------------------------------------------------ grpc.Channel
 

@@ -233,18 +233,26 @@ def looks_like_handshake_failure(error: grpc.RpcError) -> bool:
 def probe_rejection(
     target: str, presentation: TlsPresentation, *, server_name: str | None, timeout: float = 2.0
 ) -> bool:
-    """True when the server completes TLS with this certificate but closes before speaking HTTP/2."""
+    """True when the server completes TLS with this certificate but closes before speaking HTTP/2.
+
+    ``timeout`` bounds the whole probe (connect, handshake, answer), not each step: a server
+    holding each step held a call's explanation for three times it, past the call's deadline."""
     address = host_port(target)
-    if address is None:
+    if address is None or timeout <= 0:
         return False
     host, port = address
     context = client_context(presentation)
+    end = time.monotonic() + timeout
     try:
         with (
-            socket.create_connection((host, port), timeout=timeout) as raw,
+            _connect(host, port, end) as raw,
             context.wrap_socket(raw, server_hostname=server_name or host) as tls,
         ):
             tls.sendall(_H2_PREFACE)
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            tls.settimeout(left)
             first = tls.recv(9)
     except ssl.SSLCertVerificationError:
         return False  # the SERVER's certificate failed our check: not a rejection of ours
@@ -291,12 +299,14 @@ def translate(
     presentation: TlsPresentation,
     *,
     server_name: str | None,
+    timeout: float = 2.0,
 ) -> grpc.RpcError:
     """Returns a :class:`ClientCertificateRejected` when ``error`` is a handshake rejection of our
-    certificate (confirmed by :func:`probe_rejection`), else ``error`` unchanged."""
+    certificate (confirmed by :func:`probe_rejection` within ``timeout`` seconds: what is left
+    of the call's deadline), else ``error`` unchanged."""
     if not looks_like_handshake_failure(error):
         return error
-    if not probe_rejection(target, presentation, server_name=server_name):
+    if not probe_rejection(target, presentation, server_name=server_name, timeout=timeout):
         return error
     return ClientCertificateRejected(describe_rejection(target, leaf_of(presentation.chain_pem)))
 

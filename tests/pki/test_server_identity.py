@@ -729,3 +729,54 @@ def test_the_explanation_of_a_name_with_a_silent_address_ends_within_its_time(
         second.setblocking(False)
         with pytest.raises(BlockingIOError):  # the deadline passed at the first: not tried
             second.accept()
+
+
+def test_the_explanation_ends_with_the_calls_deadline(
+    ca: StepCa, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that ends gRPC's connection right after its handshake (as one refusing our
+    certificate does) and then holds every later connection without a word: the explaining
+    handshake waited out the call's deadline, and the probe for a rejection of our certificate
+    then connected again with 2 s of its own per step, past the deadline. Once the deadline has
+    passed, nothing more is tried: the call's own error is raised."""
+    broker = enrol(ca, "keybroker", ["keybroker", "localhost"], auto_renew=False)
+    context = _context_of(broker)
+    context.set_alpn_protocols(["h2"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        first = True
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            if first:  # gRPC's: the handshake, then the end of it
+                first = False
+                with raw, contextlib.suppress(OSError):
+                    context.wrap_socket(raw, server_side=True).close()
+            else:
+                held.append(raw)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    connects = _CheckConnects(monkeypatch, port)
+    try:
+        with (
+            client_identity.channel(f"127.0.0.1:{port}", server_id=sid("keybroker")) as channel,
+            pytest.raises(grpc.RpcError) as failed,
+        ):
+            ping(channel, timeout=1)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert connects.count == 1  # the explaining handshake, held until the deadline: no more
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+        for raw in held:
+            raw.close()
+        broker.close()
