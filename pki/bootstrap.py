@@ -20,13 +20,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from strongroom import jsonparse
 from strongroom.errors import AlreadyExists
 from strongroom.pki import _jose, layout
 from strongroom.pki._duration import go_duration
@@ -536,6 +537,23 @@ def init_ca(
         return CaLayout.load(base)
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`InvalidPkiConfig` naming the file for one that is
+    missing, unreadable or not a JSON object (never a traceback from ``pki upgrade``)."""
+    try:
+        value = jsonparse.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise InvalidPkiConfig(
+            f"{path.parent.parent} is not an initialised CA directory ({path} is missing)",
+            reason=Reason.CA_DIR_MISSING,
+        ) from None
+    except ValueError as exc:
+        raise InvalidPkiConfig(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidPkiConfig(f"{path} does not hold a JSON object")
+    return value
+
+
 def upgrade_ca(directory: Path | str) -> list[str]:
     """Updates a CA made by an earlier version so that its workload provisioners issue the DNS
     name derived from each workload's SPIFFE ID (:func:`~strongroom.spiffe.identity_dns_name`),
@@ -545,7 +563,9 @@ def upgrade_ca(directory: Path | str) -> list[str]:
     :func:`workload_template` from the SANs ``strongroom.json`` records for it, and those SANs,
     in ``strongroom.json`` and in the workload's token directory, gain the derived name; keys,
     names and everything else stay. step-ca reads ``ca.json`` when it starts: restart it after.
-    A recorded DNS name in the reserved suffix is refused (nothing is written).
+    A recorded DNS name in the reserved suffix is refused, and so is a directory whose
+    ``ca.json`` or ``strongroom.json`` is not what ``init`` writes (missing, not JSON, a
+    workload without its provisioner): :class:`InvalidPkiConfig` naming the file, nothing written.
     """
     base = Path(directory).resolve()
     config_path, meta_path = base / layout.CONFIG, base / layout.META
@@ -558,31 +578,41 @@ def upgrade_ca(directory: Path | str) -> list[str]:
                 f"another `pki` command is writing the CA in {base}",
                 reason=Reason.CA_INIT_IN_PROGRESS,
             ) from None
-        config = json.loads(config_path.read_text())
-        meta = json.loads(meta_path.read_text())
-        trust_domain = str(meta["trust_domain"])
-        provisioners = {p.get("name"): p for p in config["authority"]["provisioners"]}
+        config = _read_json(config_path)
+        meta = _read_json(meta_path)
+        try:
+            trust_domain = str(meta["trust_domain"])
+            provisioners = {p.get("name"): p for p in config["authority"]["provisioners"]}
+            workloads = sorted(dict(meta.get("workloads") or {}).items())
+            recorded_sans = {s: [str(n) for n in e["sans"]] for s, e in workloads}
+            names = {s: str(e["provisioner_name"]) for s, e in workloads}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # A directory every later step would misread: refused before anything is written.
+            raise InvalidPkiConfig(
+                f"{base} does not hold a CA this command can update ({config_path} or "
+                f"{meta_path} is malformed: {type(exc).__name__} {exc})"
+            ) from None
         changed: list[str] = []
         kits: dict[Path, bytes] = {}
-        for service, entry in sorted(dict(meta.get("workloads") or {}).items()):
+        for service, entry in workloads:
             spiffe_id = str(SpiffeId.of(trust_domain, service))
             derived = identity_dns_name(spiffe_id)
-            recorded = [str(n) for n in entry["sans"]]
+            recorded = recorded_sans[service]
+            provisioner = provisioners.get(names[service])
+            if not isinstance(provisioner, dict):
+                raise InvalidPkiConfig(
+                    f"{config_path} has no provisioner {names[service]!r} for "
+                    f"workload {service!r}, which {meta_path} records"
+                )
             if derived in recorded:
                 continue
             workload = Workload(service, tuple(n for n in recorded if n != spiffe_id))
-            provisioner = provisioners.get(entry["provisioner_name"])
-            if provisioner is None:
-                raise InvalidPkiConfig(
-                    f"{config_path} has no provisioner {entry['provisioner_name']!r} for "
-                    f"workload {service!r}, which {meta_path} records"
-                )
             template = workload_template(spiffe_id, workload.dns_names)
             provisioner.setdefault("options", {}).setdefault("x509", {})["template"] = template
             entry["sans"] = workload.sans(trust_domain)
             kit_meta_path = base / layout.workload_dir(service) / layout.META
             if kit_meta_path.exists():
-                kit_meta = json.loads(kit_meta_path.read_text())
+                kit_meta = _read_json(kit_meta_path)
                 kit_meta["sans"] = entry["sans"]
                 kits[kit_meta_path] = json.dumps(kit_meta, indent=2).encode() + b"\n"
             changed.append(service)

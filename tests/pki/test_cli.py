@@ -331,3 +331,38 @@ def test_an_earlier_ca_is_upgraded_to_issue_the_derived_name(
             derived = identity_dns_name("spiffe://strongroom.test/inference")
             assert derived in identity.credentials.sans
             assert derived in identity.renew_now().sans
+
+
+def _workload_ca(directory: Path) -> None:
+    argv = ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]
+    argv += ["--dns", "127.0.0.1", "--address", f"127.0.0.1:{free_port()}"]
+    assert main([*argv, "--workload", "inference=inference"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("file", "content"),
+    [
+        ("ca.json", "{"),  # cut short
+        ("ca.json", '{"root": "certs/root_ca.crt"}'),  # no authority
+        ("ca.json", "[]"),
+        ("strongroom.json", '{"trust_domain": "strongroom.test", "workloads": {"x": 1}}'),
+    ],
+)
+def test_upgrading_a_malformed_ca_directory_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str, content: str
+) -> None:
+    """``pki upgrade`` of a directory whose ca.json or strongroom.json is not what ``init``
+    writes (cut short, edited by hand) ended in a Python traceback (JSONDecodeError, KeyError);
+    it is now refused in one line naming the file, and nothing is written."""
+    directory = tmp_path / "ca"
+    _workload_ca(directory)
+    as_made_before_derived_names(directory)
+    (directory / "config" / file).write_text(content)
+    files = sorted(directory.rglob("*.json"))
+    before = [path.read_bytes() for path in files]
+    capsys.readouterr()
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("strongroom: error: INVALID_PKI_CONFIG: ") and file in err
+    assert err.count("\n") == 1
+    assert [path.read_bytes() for path in files] == before
