@@ -554,12 +554,21 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def _template_of(provisioner: dict[str, Any]) -> str:
+    """A provisioner's X.509 template as ca.json holds it ("" without one)."""
+    options = provisioner.get("options")
+    x509_options = options.get("x509") if isinstance(options, dict) else None
+    template = x509_options.get("template") if isinstance(x509_options, dict) else None
+    return template if isinstance(template, str) else ""
+
+
 def upgrade_ca(directory: Path | str) -> list[str]:
     """Updates a CA made by an earlier version so that its workload provisioners issue the DNS
     name derived from each workload's SPIFFE ID (:func:`~strongroom.spiffe.identity_dns_name`),
     and returns the services whose provisioner it changed (none: already up to date).
 
-    Each workload provisioner's template in ``ca.json`` is made again by
+    A workload is up to date when both its recorded SANs and its provisioner's template in
+    ``ca.json`` hold the name. Otherwise its template is made again by
     :func:`workload_template` from the SANs ``strongroom.json`` records for it, and those SANs,
     in ``strongroom.json`` and in the workload's token directory, gain the derived name; keys,
     names and everything else stay. step-ca reads ``ca.json`` when it starts: restart it after.
@@ -604,9 +613,14 @@ def upgrade_ca(directory: Path | str) -> list[str]:
                     f"{config_path} has no provisioner {names[service]!r} for "
                     f"workload {service!r}, which {meta_path} records"
                 )
-            if derived in recorded:
+            if derived in recorded and json.dumps(derived) in _template_of(provisioner):
+                # Up to date. The template is read too: strongroom.json alone (recording the
+                # name while a ca.json restored from before still lacks it) would leave a
+                # provisioner refusing every token its workload mints.
                 continue
-            workload = Workload(service, tuple(n for n in recorded if n != spiffe_id))
+            workload = Workload(
+                service, tuple(n for n in recorded if n not in (spiffe_id, derived))
+            )
             template = workload_template(spiffe_id, workload.dns_names)
             provisioner.setdefault("options", {}).setdefault("x509", {})["template"] = template
             entry["sans"] = workload.sans(trust_domain)

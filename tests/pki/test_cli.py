@@ -366,3 +366,33 @@ def test_upgrading_a_malformed_ca_directory_is_one_line_and_writes_nothing(
     assert err.startswith("strongroom: error: INVALID_PKI_CONFIG: ") and file in err
     assert err.count("\n") == 1
     assert [path.read_bytes() for path in files] == before
+
+
+def test_upgrade_reads_the_templates_not_only_the_recorded_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CA whose strongroom.json records the derived name but whose ca.json templates lack it
+    (a ca.json restored from a backup made before the upgrade, or copied from an earlier PKI):
+    ``pki upgrade`` judged it from strongroom.json alone and said it was up to date, while its
+    provisioner refused every token its workload minted. The templates are read too."""
+    directory = tmp_path / "ca"
+    _workload_ca(directory)
+    recorded = {
+        path: path.read_bytes() for path in directory.rglob("strongroom.json")
+    }  # with the derived name
+    as_made_before_derived_names(directory)
+    for path, data in recorded.items():
+        path.write_bytes(data)
+    capsys.readouterr()
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+    assert "updated the provisioners of inference" in capsys.readouterr().err
+    config = json.loads((directory / "config" / "ca.json").read_text())
+    template = next(
+        p["options"]["x509"]["template"]
+        for p in config["authority"]["provisioners"]
+        if p["name"] == "strongroom-inference"
+    )
+    assert identity_dns_name("spiffe://strongroom.test/inference") in template
+    assert [path.read_bytes() for path in recorded] == list(recorded.values())
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+    assert "up to date" in capsys.readouterr().err
