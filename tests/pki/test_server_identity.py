@@ -780,3 +780,40 @@ def test_the_explanation_ends_with_the_calls_deadline(
         for raw in held:
             raw.close()
         broker.close()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "*.spiffe-id.strongroom.invalid",
+        identity_dns_name(sid("keybroker")).upper(),
+        identity_dns_name(sid("keybroker")) + ".",
+    ],
+)
+def test_grpcs_name_check_takes_a_wildcard_any_case_and_a_trailing_dot(
+    ca: StepCa, client_identity: WorkloadIdentity, name: str
+) -> None:
+    """What gRPC's host-name check (BoringSSL's rules in gRPC's own matcher) accepts for the
+    derived name: a wildcard over the reserved suffix, the name in upper case, with a trailing
+    dot; the URI SAN is not read. So no form of a name in the reserved suffix may be issued
+    but a workload's own derived name by its own provisioner (bootstrap, token: DNS_NAME_RESERVED)."""
+    intermediate, intermediate_key = ca.layout.load_intermediate()
+    leaf = make_leaf(
+        intermediate,
+        intermediate_key,
+        uris=[sid("modelstore")],
+        dns=[name],
+        extra_chain=[intermediate],
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    credentials = grpc.ssl_server_credentials(
+        [(leaf.key_pem, leaf.chain_pem)], root_certificates=ca.root_pem, require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        with client_identity.channel(f"127.0.0.1:{port}", server_id=sid("keybroker")) as channel:
+            assert check(channel) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(None).wait()

@@ -202,6 +202,27 @@ def test_no_operator_name_may_be_in_the_suffix_reserved_for_derived_names(
     ]
 
 
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "*.spiffe-id.strongroom.invalid",  # gRPC's host-name check takes it for every derived name
+        identity_dns_name(sid("keybroker")).upper(),
+        identity_dns_name(sid("keybroker")) + ".",
+        identity_dns_name(sid("keybroker")),
+    ],
+)
+def test_a_token_whose_subject_is_a_reserved_name_is_refused(wca: StepCa, subject: str) -> None:
+    """A token without SANs asks step-ca for a certificate naming its subject as its one SAN:
+    mint_token checked the SANs it was given, none, and the operator's provisioner (no template)
+    issued ``*.spiffe-id.strongroom.invalid``, which gRPC's host-name check accepts for every
+    workload's derived name (tests/pki/test_server_identity.py). The subject is checked too."""
+    with pytest.raises(InvalidPkiConfig, match="reserved") as refused:
+        mint_token(wca.layout.provisioner(), ca_url=wca.url, subject=subject, sans=[])
+    assert refused.value.reason == "DNS_NAME_RESERVED"
+    with pytest.raises(InvalidPkiConfig, match="reserved"):
+        mint_token(wca.layout.provisioner(), ca_url=wca.url, subject=subject, sans=[sid("x")])
+
+
 def test_duplicate_workloads_are_refused(tmp_path: Path) -> None:
     from strongroom.pki import init_ca
 
