@@ -25,6 +25,7 @@ derived name, saying what to do).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -237,6 +238,10 @@ class RotatingChannel(grpc.Channel):
         which bounds the handshake made to explain a refusal."""
         if isinstance(error, RaisedAsRpcError):
             return error  # already the channel's own explanation
+        if _answered_by_server(error):
+            # The server's own status (its HSM down, a downstream's refusal in its message):
+            # gRPC's handshake with it passed, there is no refusal of ours to explain.
+            return error
         left = None if deadline is None else deadline - time.monotonic()
         if self._server_id is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
             # gRPC's host-name check (the derived name) may have failed, or the server changed
@@ -622,6 +627,18 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
     ) -> grpc.CallIterator[Any]:
         options = _options(timeout, metadata, credentials, wait_for_ready, compression)
         return self._streaming(request_iterator, options)
+
+
+def _answered_by_server(error: grpc.RpcError) -> bool:
+    """Whether ``error`` came with metadata from the server (a Strongroom service's refusal
+    carries its ``strongroom-reason`` trailer): a connection gRPC could not make, or refused,
+    has none."""
+    received: list[object] = []
+    for name in ("initial_metadata", "trailing_metadata"):
+        read = getattr(error, name, None)
+        with contextlib.suppress(Exception):  # an error object without metadata: none received
+            received.append(read() if callable(read) else None)
+    return any(received)
 
 
 def _details(error: grpc.RpcError) -> str:

@@ -817,3 +817,54 @@ def test_grpcs_name_check_takes_a_wildcard_any_case_and_a_trailing_dot(
             assert check(channel) == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(None).wait()
+
+
+def test_a_refusal_the_expected_server_answers_itself_is_its_own(
+    store_identity: WorkloadIdentity,
+    client_identity: WorkloadIdentity,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An UNAVAILABLE the expected server answers itself (its HSM or storage down, a
+    downstream's refusal in its message; sent with its strongroom-reason trailer) was taken for
+    a connection gRPC refused: the channel opened a handshake of its own to explain it, and when
+    the message told of a host-name failure (a downstream's), reported the server as not the one
+    expected, UNAUTHENTICATED, its reason lost. A status that came with the server's metadata is
+    the server's: raised as it is, with no connection of ours."""
+    from strongroom.errors import Unavailable
+    from strongroom.pki import SpiffeAuthorizer
+    from strongroom.reasons import METADATA_KEY, Reason
+    from tests.pki.helpers import default_rules
+
+    method = "/strongroom.test.Downstream/Load"
+
+    def load(request: bytes, context: grpc.ServicerContext) -> bytes:
+        raise Unavailable(
+            "download: failed to connect to all addresses; last error: UNKNOWN: "
+            "ipv4:10.0.0.7:8443: Hostname Verification Check failed",
+            reason=Reason.FETCH_UNAVAILABLE,
+        )
+
+    def extra(server: grpc.Server) -> None:
+        handler = grpc.unary_unary_rpc_method_handler(load)
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("strongroom.test.Downstream", {"Load": handler})]
+        )
+
+    rules = {**default_rules(), method: [sid("inference")]}
+    authorizer = SpiffeAuthorizer(TRUST_DOMAIN, rules, public=["grpc.health.v1.Health"])
+    server = serve(store_identity, authorizer, extra=extra)
+    connects = _CheckConnects(monkeypatch, server.port)
+    try:
+        with (
+            client_identity.channel(server.target, server_id=sid("modelstore")) as channel,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            channel.unary_unary(method, None, None)(b"x", timeout=10)
+        error = refused.value
+        assert not isinstance(error, ServerIdentityMismatch)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        trailers = error.trailing_metadata()  # type: ignore[attr-defined]
+        assert (METADATA_KEY, Reason.FETCH_UNAVAILABLE) in trailers
+        assert connects.count == 0
+    finally:
+        server.stop()
