@@ -478,7 +478,7 @@ class _MultiCallable:
             lease.release()
         # Its failure reads as a blocking call's does (a handshake rejection named, not UNAVAILABLE).
         translated = _TranslatedFuture(
-            future, lambda error: self._owner._translate(error, lease.slot, deadline)
+            future, _Once(lambda error: self._owner._translate(error, lease.slot, deadline))
         )
         return cast("grpc.CallFuture[Any]", translated)
 
@@ -493,7 +493,7 @@ class _MultiCallable:
         if not call.add_callback(lease.release):
             lease.release()
         stream = _ResponseStream(
-            call, lambda error: self._owner._translate(error, lease.slot, deadline)
+            call, _Once(lambda error: self._owner._translate(error, lease.slot, deadline))
         )
         # Duck-typed: iterates like the call and delegates every Call method to it.
         return cast("grpc.CallIterator[Any]", stream)
@@ -649,6 +649,24 @@ def _details(error: grpc.RpcError) -> str:
 def _deadline(timeout: float | None) -> float | None:
     """The monotonic time a call of ``timeout`` seconds ends at (None: no deadline)."""
     return None if timeout is None else time.monotonic() + timeout
+
+
+class _Once:
+    """A call's error translation, made once: a failure read again (``exception()`` then
+    ``result()``, ``next()`` after the stream ended) is the same error object, and gets the
+    same explanation, with no second handshake to explain it (which might name another
+    server). Concurrent reads wait for the one explanation."""
+
+    def __init__(self, translate: Callable[[grpc.RpcError], grpc.RpcError]) -> None:
+        self._translate = translate
+        self._lock = threading.Lock()
+        self._done: tuple[grpc.RpcError, grpc.RpcError] | None = None
+
+    def __call__(self, error: grpc.RpcError) -> grpc.RpcError:
+        with self._lock:
+            if self._done is None or self._done[0] is not error:
+                self._done = (error, self._translate(error))
+            return self._done[1]
 
 
 class _TranslatedFuture(grpc.Future):  # type: ignore[type-arg]

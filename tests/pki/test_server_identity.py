@@ -868,3 +868,30 @@ def test_a_refusal_the_expected_server_answers_itself_is_its_own(
         assert connects.count == 0
     finally:
         server.stop()
+
+
+def test_a_refusal_is_explained_once_however_often_it_is_read(
+    store: Server, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``.future()`` call's failure, read by ``exception()`` (a tracing or done callback, on
+    gRPC's thread) and then ``result()``, and a stream's, read by ``next()`` twice: each read
+    made a handshake of its own to explain the one refusal (and could name another server each
+    time). It is explained once, and every read raises the same explanation."""
+    connects = _CheckConnects(monkeypatch, store.port)
+    with client_identity.channel(store.target, server_id=sid("keybroker")) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        future = stub.Check.future(health_pb2.HealthCheckRequest(), timeout=10)
+        first = future.exception()
+        assert isinstance(first, ServerIdentityMismatch)
+        with pytest.raises(ServerIdentityMismatch) as second:
+            future.result()
+        assert second.value is first
+        assert future.exception() is first
+        assert connects.count == 1
+        stream = stub.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        with pytest.raises(ServerIdentityMismatch) as once:
+            next(stream)
+        with pytest.raises(ServerIdentityMismatch) as again:
+            next(stream)
+        assert again.value is once.value
+        assert connects.count == 2
