@@ -11,8 +11,10 @@ the connection right after the handshake without a single byte has rejected our 
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -432,7 +434,7 @@ def _connect(host: str, port: int, end: float) -> socket.socket:
     the name gave each of its addresses the whole timeout, so a name with an address that
     drops connections took the call's deadline there and went on to the next, past it."""
     error: OSError | None = None
-    for *_, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+    for address in _resolve(host, port, end):
         left = end - time.monotonic()
         if left <= 0:
             break
@@ -450,6 +452,40 @@ def _connect(host: str, port: int, end: float) -> socket.socket:
     if error is not None and end > time.monotonic():
         raise error
     raise TimeoutError("the check's time ran out") from error
+
+
+def _resolve(host: str, port: int, end: float) -> list[tuple[str, int]]:
+    """``host``'s addresses for ``port`` in the resolver's order, looked up before ``end`` (the
+    monotonic time the check must be over by) or ``TimeoutError``. The system resolver has no
+    deadline of its own: with the DNS servers down (gRPC's call failing at once, its name
+    unresolved), a lookup made in line waited for the resolver's timeouts, many seconds past
+    the call's deadline. It runs on a thread of its own that is left to end by itself."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:  # an address: nothing to look up
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return [(str(a[0]), int(a[1])) for *_, a in found]
+    answers: list[tuple[str, int]] = []
+    failures: list[OSError] = []
+    done = threading.Event()
+
+    def look_up() -> None:
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            answers.extend((str(a[0]), int(a[1])) for *_, a in found)
+        except OSError as exc:
+            failures.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=look_up, name="pki-check-resolve", daemon=True).start()
+    if not done.wait(max(0.0, end - time.monotonic())):
+        raise TimeoutError(f"looking up {host} took longer than the check's time")
+    if failures:
+        raise failures[0]
+    return answers
 
 
 def _joined(host: str, port: int) -> str:

@@ -895,3 +895,31 @@ def test_a_refusal_is_explained_once_however_often_it_is_read(
             next(stream)
         assert again.value is once.value
         assert connects.count == 2
+
+
+def test_the_explanation_ends_within_its_time_while_the_resolver_does_not_answer(
+    client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The explaining handshake looked its host name up with the system's resolver, which has
+    no deadline of its own: with the DNS servers down (gRPC's call failing UNAVAILABLE at once,
+    its name unresolved), each refused call then waited for the resolver's own timeouts, many
+    seconds past its deadline. The lookup now shares the handshake's time; the resolver held
+    here until the test ends, the explanation returns while it is still asked."""
+    name = "silent-resolver.strongroom.test"
+    released, answered = threading.Event(), threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != name:
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        released.wait(20)  # a resolver that does not answer (for a while: the test must end)
+        answered.set()
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    try:
+        presentation = _presentation(client_identity)
+        assert diagnose_server(f"{name}:8443", presentation, sid("keybroker"), timeout=0.5) is None
+        assert not answered.is_set()  # it returned while the lookup was still unanswered
+    finally:
+        released.set()
