@@ -1,7 +1,8 @@
 """Creates a CA directory: root and intermediate (EC P-256), JWK provisioners and step-ca's ca.json.
 
 One provisioner is the operator's, unrestricted (its key signs tokens for any identity and is never
-given to a workload). Each :class:`Workload` gets a provisioner of its own whose certificate template
+given to a workload) but for the forms of names reserved for those derived from SPIFFE IDs
+(:func:`operator_template`). Each :class:`Workload` gets a provisioner of its own whose certificate template
 (``options.x509.template``) issues only that workload's SPIFFE ID and DNS names, whatever the token
 or the CSR ask for: its key, the one a service's pod holds, can obtain no other identity.
 """
@@ -149,6 +150,52 @@ def workload_template(spiffe_id: str, dns_names: Sequence[str] = ()) -> str:
         f'  "uris": {json.dumps([spiffe_id])},',
         f'  "dnsNames": {json.dumps(dns)},',
         f'  "ipAddresses": {json.dumps(ips)},',
+        '{{- if typeIs "*rsa.PublicKey" .Insecure.CR.PublicKey }}',
+        '  "keyUsage": ["keyEncipherment", "digitalSignature"],',
+        "{{- else }}",
+        '  "keyUsage": ["digitalSignature"],',
+        "{{- end }}",
+        '  "extKeyUsage": ["serverAuth", "clientAuth"]',
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def operator_template() -> str:
+    """The X.509 template of the operator's provisioner: step-ca's default leaf template (the
+    token's subject and SANs), refusing any name in the suffix reserved for derived names
+    (:data:`~strongroom.spiffe.IDENTITY_DNS_SUFFIX`) but a derived name's one exact form (52
+    lower-case base32 characters, then the suffix) and any such subject, whatever the token.
+
+    gRPC's host-name check takes ``*.<suffix>`` for every derived name, and upper case and a
+    trailing dot as the name itself: a token minted by another tool (``step ca token`` with the
+    operator's key) asking for them would otherwise get a certificate passing for every workload
+    with every channel expecting one. The exact form of another ID's name stays the operator's to
+    ask for (its key signs any SPIFFE ID). Only sprig functions step-ca has offered since 0.15.
+    """
+    suffix = IDENTITY_DNS_SUFFIX
+    exact = "^[a-z2-7]{52}[.]" + suffix.replace(".", "[.]") + "$"
+    lines = [
+        "{{- /* Strongroom: the operator's provisioner; no other form of a derived name */ -}}",
+        "{{- range .SANs }}",
+        '{{- $folded := lower (trimSuffix "." (trim .Value)) -}}',
+        f'{{{{- if or (eq $folded "{suffix}") (hasSuffix ".{suffix}" $folded) -}}}}',
+        f'{{{{- if not (regexMatch "{exact}" .Value) -}}}}',
+        '{{- fail (printf "%s is in the DNS suffix '
+        f"{suffix}"
+        ', reserved for the names Strongroom derives from SPIFFE IDs, and is not one" .Value) -}}',
+        "{{- end -}}",
+        "{{- end -}}",
+        "{{- end -}}",
+        '{{- $cn := lower (trimSuffix "." (trim .Subject.CommonName)) -}}',
+        f'{{{{- if or (eq $cn "{suffix}") (hasSuffix ".{suffix}" $cn) -}}}}',
+        '{{- fail (printf "the subject %s is in the DNS suffix '
+        f"{suffix}"
+        ', reserved for the names Strongroom derives from SPIFFE IDs" .Subject.CommonName) -}}',
+        "{{- end }}",
+        "{",
+        '  "subject": {{ toJson .Subject }},',
+        '  "sans": {{ toJson .SANs }},',
         '{{- if typeIs "*rsa.PublicKey" .Insecure.CR.PublicKey }}',
         '  "keyUsage": ["keyEncipherment", "digitalSignature"],',
         "{{- else }}",
@@ -469,7 +516,9 @@ def init_ca(
             "defaultTLSCertDuration": go_duration(default_lifetime),
             "disableRenewal": False,
         }
-        provisioners = [_jwk_provisioner(provisioner_name, provisioner_key, claims, None)]
+        provisioners = [
+            _jwk_provisioner(provisioner_name, provisioner_key, claims, operator_template())
+        ]
         for workload in workloads:
             provisioners.append(
                 _jwk_provisioner(
@@ -567,7 +616,9 @@ def upgrade_ca(directory: Path | str) -> list[str]:
     name derived from each workload's SPIFFE ID (:func:`~strongroom.spiffe.identity_dns_name`),
     and returns the services whose provisioner it changed (none: already up to date).
 
-    A workload is up to date when both its recorded SANs and its provisioner's template in
+    The operator's provisioner, when it has no template, gets :func:`operator_template` (and
+    is listed as ``<name> (the operator's)``). A workload is up to date when both its recorded
+    SANs and its provisioner's template in
     ``ca.json`` hold the name. Otherwise its template is made again by
     :func:`workload_template` from the SANs ``strongroom.json`` records for it, and those SANs,
     in ``strongroom.json`` and in the workload's token directory, gain the derived name; keys,
@@ -630,6 +681,14 @@ def upgrade_ca(directory: Path | str) -> list[str]:
                 kit_meta["sans"] = entry["sans"]
                 kits[kit_meta_path] = json.dumps(kit_meta, indent=2).encode() + b"\n"
             changed.append(service)
+        operator_name = str(meta.get("provisioner_name", ""))
+        operator = provisioners.get(operator_name)
+        if isinstance(operator, dict) and not _template_of(operator):
+            # An earlier version's operator provisioner had no template (step-ca issued any
+            # form of a derived name); one of the operator's own is left as it is.
+            options = operator.setdefault("options", {}).setdefault("x509", {})
+            options["template"] = operator_template()
+            changed.append(f"{operator_name} (the operator's)")
         if changed:
             # ca.json first: a stop between the writes leaves templates issuing the derived name
             # while strongroom.json still lacks it, which the next run completes.

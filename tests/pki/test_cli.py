@@ -16,6 +16,7 @@ from strongroom.cli.main import main
 from strongroom.pki import CaLayout, StepCa, WorkloadIdentity
 from strongroom.pki._jose import unverified_claims
 from strongroom.pki._state import STATE_FILE
+from strongroom.pki.bootstrap import operator_template
 from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CaUnavailable
 from strongroom.spiffe import identity_dns_name
@@ -321,6 +322,9 @@ def test_an_earlier_ca_is_upgraded_to_issue_the_derived_name(
 
     assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
     assert "updated the provisioners of inference" in capsys.readouterr().err
+    config = json.loads((directory / "config" / "ca.json").read_text())
+    operator = next(p for p in config["authority"]["provisioners"] if p["name"] == "strongroom")
+    assert operator["options"]["x509"]["template"] == operator_template()
     assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
     assert "up to date" in capsys.readouterr().err
     with StepCa(directory, binary=step_ca_binary) as ca:
