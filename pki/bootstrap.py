@@ -1,7 +1,8 @@
 """Creates a CA directory: root and intermediate (EC P-256), JWK provisioners and step-ca's ca.json.
 
 One provisioner is the operator's, unrestricted (its key signs tokens for any identity and is never
-given to a workload). Each :class:`Workload` gets a provisioner of its own whose certificate template
+given to a workload) but for the forms of names reserved for those derived from SPIFFE IDs
+(:func:`operator_template`). Each :class:`Workload` gets a provisioner of its own whose certificate template
 (``options.x509.template``) issues only that workload's SPIFFE ID and DNS names, whatever the token
 or the CSR ask for: its key, the one a service's pod holds, can obtain no other identity.
 """
@@ -20,13 +21,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from strongroom import jsonparse
 from strongroom.errors import AlreadyExists
 from strongroom.pki import _jose, layout
 from strongroom.pki._duration import go_duration
@@ -148,6 +150,52 @@ def workload_template(spiffe_id: str, dns_names: Sequence[str] = ()) -> str:
         f'  "uris": {json.dumps([spiffe_id])},',
         f'  "dnsNames": {json.dumps(dns)},',
         f'  "ipAddresses": {json.dumps(ips)},',
+        '{{- if typeIs "*rsa.PublicKey" .Insecure.CR.PublicKey }}',
+        '  "keyUsage": ["keyEncipherment", "digitalSignature"],',
+        "{{- else }}",
+        '  "keyUsage": ["digitalSignature"],',
+        "{{- end }}",
+        '  "extKeyUsage": ["serverAuth", "clientAuth"]',
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def operator_template() -> str:
+    """The X.509 template of the operator's provisioner: step-ca's default leaf template (the
+    token's subject and SANs), refusing any name in the suffix reserved for derived names
+    (:data:`~strongroom.spiffe.IDENTITY_DNS_SUFFIX`) but a derived name's one exact form (52
+    lower-case base32 characters, then the suffix) and any such subject, whatever the token.
+
+    gRPC's host-name check takes ``*.<suffix>`` for every derived name, and upper case and a
+    trailing dot as the name itself: a token minted by another tool (``step ca token`` with the
+    operator's key) asking for them would otherwise get a certificate passing for every workload
+    with every channel expecting one. The exact form of another ID's name stays the operator's to
+    ask for (its key signs any SPIFFE ID). Only sprig functions step-ca has offered since 0.15.
+    """
+    suffix = IDENTITY_DNS_SUFFIX
+    exact = "^[a-z2-7]{52}[.]" + suffix.replace(".", "[.]") + "$"
+    lines = [
+        "{{- /* Strongroom: the operator's provisioner; no other form of a derived name */ -}}",
+        "{{- range .SANs }}",
+        '{{- $folded := lower (trimSuffix "." (trim .Value)) -}}',
+        f'{{{{- if or (eq $folded "{suffix}") (hasSuffix ".{suffix}" $folded) -}}}}',
+        f'{{{{- if not (regexMatch "{exact}" .Value) -}}}}',
+        '{{- fail (printf "%s is in the DNS suffix '
+        f"{suffix}"
+        ', reserved for the names Strongroom derives from SPIFFE IDs, and is not one" .Value) -}}',
+        "{{- end -}}",
+        "{{- end -}}",
+        "{{- end -}}",
+        '{{- $cn := lower (trimSuffix "." (trim .Subject.CommonName)) -}}',
+        f'{{{{- if or (eq $cn "{suffix}") (hasSuffix ".{suffix}" $cn) -}}}}',
+        '{{- fail (printf "the subject %s is in the DNS suffix '
+        f"{suffix}"
+        ', reserved for the names Strongroom derives from SPIFFE IDs" .Subject.CommonName) -}}',
+        "{{- end }}",
+        "{",
+        '  "subject": {{ toJson .Subject }},',
+        '  "sans": {{ toJson .SANs }},',
         '{{- if typeIs "*rsa.PublicKey" .Insecure.CR.PublicKey }}',
         '  "keyUsage": ["keyEncipherment", "digitalSignature"],',
         "{{- else }}",
@@ -468,7 +516,9 @@ def init_ca(
             "defaultTLSCertDuration": go_duration(default_lifetime),
             "disableRenewal": False,
         }
-        provisioners = [_jwk_provisioner(provisioner_name, provisioner_key, claims, None)]
+        provisioners = [
+            _jwk_provisioner(provisioner_name, provisioner_key, claims, operator_template())
+        ]
         for workload in workloads:
             provisioners.append(
                 _jwk_provisioner(
@@ -536,16 +586,46 @@ def init_ca(
         return CaLayout.load(base)
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`InvalidPkiConfig` naming the file for one that is
+    missing, unreadable or not a JSON object (never a traceback from ``pki upgrade``)."""
+    try:
+        value = jsonparse.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise InvalidPkiConfig(
+            f"{path.parent.parent} is not an initialised CA directory ({path} is missing)",
+            reason=Reason.CA_DIR_MISSING,
+        ) from None
+    except ValueError as exc:
+        raise InvalidPkiConfig(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidPkiConfig(f"{path} does not hold a JSON object")
+    return value
+
+
+def _template_of(provisioner: dict[str, Any]) -> str:
+    """A provisioner's X.509 template as ca.json holds it ("" without one)."""
+    options = provisioner.get("options")
+    x509_options = options.get("x509") if isinstance(options, dict) else None
+    template = x509_options.get("template") if isinstance(x509_options, dict) else None
+    return template if isinstance(template, str) else ""
+
+
 def upgrade_ca(directory: Path | str) -> list[str]:
     """Updates a CA made by an earlier version so that its workload provisioners issue the DNS
     name derived from each workload's SPIFFE ID (:func:`~strongroom.spiffe.identity_dns_name`),
     and returns the services whose provisioner it changed (none: already up to date).
 
-    Each workload provisioner's template in ``ca.json`` is made again by
+    The operator's provisioner, when it has no template, gets :func:`operator_template` (and
+    is listed as ``<name> (the operator's)``). A workload is up to date when both its recorded
+    SANs and its provisioner's template in
+    ``ca.json`` hold the name. Otherwise its template is made again by
     :func:`workload_template` from the SANs ``strongroom.json`` records for it, and those SANs,
     in ``strongroom.json`` and in the workload's token directory, gain the derived name; keys,
     names and everything else stay. step-ca reads ``ca.json`` when it starts: restart it after.
-    A recorded DNS name in the reserved suffix is refused (nothing is written).
+    A recorded DNS name in the reserved suffix is refused, and so is a directory whose
+    ``ca.json`` or ``strongroom.json`` is not what ``init`` writes (missing, not JSON, a
+    workload without its provisioner): :class:`InvalidPkiConfig` naming the file, nothing written.
     """
     base = Path(directory).resolve()
     config_path, meta_path = base / layout.CONFIG, base / layout.META
@@ -558,34 +638,57 @@ def upgrade_ca(directory: Path | str) -> list[str]:
                 f"another `pki` command is writing the CA in {base}",
                 reason=Reason.CA_INIT_IN_PROGRESS,
             ) from None
-        config = json.loads(config_path.read_text())
-        meta = json.loads(meta_path.read_text())
-        trust_domain = str(meta["trust_domain"])
-        provisioners = {p.get("name"): p for p in config["authority"]["provisioners"]}
+        config = _read_json(config_path)
+        meta = _read_json(meta_path)
+        try:
+            trust_domain = str(meta["trust_domain"])
+            provisioners = {p.get("name"): p for p in config["authority"]["provisioners"]}
+            workloads = sorted(dict(meta.get("workloads") or {}).items())
+            recorded_sans = {s: [str(n) for n in e["sans"]] for s, e in workloads}
+            names = {s: str(e["provisioner_name"]) for s, e in workloads}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # A directory every later step would misread: refused before anything is written.
+            raise InvalidPkiConfig(
+                f"{base} does not hold a CA this command can update ({config_path} or "
+                f"{meta_path} is malformed: {type(exc).__name__} {exc})"
+            ) from None
         changed: list[str] = []
         kits: dict[Path, bytes] = {}
-        for service, entry in sorted(dict(meta.get("workloads") or {}).items()):
+        for service, entry in workloads:
             spiffe_id = str(SpiffeId.of(trust_domain, service))
             derived = identity_dns_name(spiffe_id)
-            recorded = [str(n) for n in entry["sans"]]
-            if derived in recorded:
-                continue
-            workload = Workload(service, tuple(n for n in recorded if n != spiffe_id))
-            provisioner = provisioners.get(entry["provisioner_name"])
-            if provisioner is None:
+            recorded = recorded_sans[service]
+            provisioner = provisioners.get(names[service])
+            if not isinstance(provisioner, dict):
                 raise InvalidPkiConfig(
-                    f"{config_path} has no provisioner {entry['provisioner_name']!r} for "
+                    f"{config_path} has no provisioner {names[service]!r} for "
                     f"workload {service!r}, which {meta_path} records"
                 )
+            if derived in recorded and json.dumps(derived) in _template_of(provisioner):
+                # Up to date. The template is read too: strongroom.json alone (recording the
+                # name while a ca.json restored from before still lacks it) would leave a
+                # provisioner refusing every token its workload mints.
+                continue
+            workload = Workload(
+                service, tuple(n for n in recorded if n not in (spiffe_id, derived))
+            )
             template = workload_template(spiffe_id, workload.dns_names)
             provisioner.setdefault("options", {}).setdefault("x509", {})["template"] = template
             entry["sans"] = workload.sans(trust_domain)
             kit_meta_path = base / layout.workload_dir(service) / layout.META
             if kit_meta_path.exists():
-                kit_meta = json.loads(kit_meta_path.read_text())
+                kit_meta = _read_json(kit_meta_path)
                 kit_meta["sans"] = entry["sans"]
                 kits[kit_meta_path] = json.dumps(kit_meta, indent=2).encode() + b"\n"
             changed.append(service)
+        operator_name = str(meta.get("provisioner_name", ""))
+        operator = provisioners.get(operator_name)
+        if isinstance(operator, dict) and not _template_of(operator):
+            # An earlier version's operator provisioner had no template (step-ca issued any
+            # form of a derived name); one of the operator's own is left as it is.
+            options = operator.setdefault("options", {}).setdefault("x509", {})
+            options["template"] = operator_template()
+            changed.append(f"{operator_name} (the operator's)")
         if changed:
             # ca.json first: a stop between the writes leaves templates issuing the derived name
             # while strongroom.json still lacks it, which the next run completes.

@@ -25,6 +25,7 @@ derived name, saying what to do).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,6 +48,18 @@ ChannelOption = tuple[str, Any]
 
 #: How long the handshake explaining a refused connection may take (bounded by the call's deadline).
 _DIAGNOSIS_TIMEOUT = 2.0
+#: The channel option naming the host name gRPC's handshake checks in the server's certificate.
+_NAME_OVERRIDE = "grpc.ssl_target_name_override"
+
+
+def _option_name(name: object) -> object:
+    """A channel option's name as gRPC reads it: ``bytes`` (which gRPC Python accepts too) as
+    text and up to a NUL, so that ``b"grpc.ssl_target_name_override"`` is that option."""
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    # gRPC's core reads the name as a C string: it ends at the first NUL.
+    return name.partition("\0")[0] if isinstance(name, str) else name
+
 
 # grpc-stubs makes the multi-callable interfaces generic; at run time they are plain classes.
 if TYPE_CHECKING:
@@ -126,12 +139,13 @@ class RotatingChannel(grpc.Channel):
         options: Sequence[ChannelOption] = (),
     ) -> None:
         if server_id is not None and any(
-            name == "grpc.ssl_target_name_override" for name, _ in options
+            _option_name(name) == _NAME_OVERRIDE for name, _ in options
         ):
             # gRPC's host-name check is the identity check: another name there would replace it.
+            # gRPC takes an option's name as str or bytes, and the first of two equal names wins.
             raise ValueError(
                 f"cannot check that the server at {target} is {server_id}: the channel option "
-                "grpc.ssl_target_name_override would replace the name derived from that ID"
+                f"{_NAME_OVERRIDE} would replace the name derived from that ID"
             )
         self._source = source
         self._target = target
@@ -158,9 +172,11 @@ class RotatingChannel(grpc.Channel):
         presentation = TlsPresentation(
             self._source.root_pem, credentials.key_pem, credentials.chain_pem
         )
-        options: list[ChannelOption] = [*self._options, ("grpc.use_local_subchannel_pool", 1)]
+        # Ours first: of two options of one name, gRPC uses the first.
+        options: list[ChannelOption] = [("grpc.use_local_subchannel_pool", 1)]
         if self._checked_name:
-            options.append(("grpc.ssl_target_name_override", self._checked_name))
+            options.append((_NAME_OVERRIDE, self._checked_name))
+        options += self._options
         channel = grpc.secure_channel(
             self._target,
             grpc.ssl_channel_credentials(
@@ -222,6 +238,10 @@ class RotatingChannel(grpc.Channel):
         which bounds the handshake made to explain a refusal."""
         if isinstance(error, RaisedAsRpcError):
             return error  # already the channel's own explanation
+        if _answered_by_server(error):
+            # The server's own status (its HSM down, a downstream's refusal in its message):
+            # gRPC's handshake with it passed, there is no refusal of ours to explain.
+            return error
         left = None if deadline is None else deadline - time.monotonic()
         if self._server_id is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
             # gRPC's host-name check (the derived name) may have failed, or the server changed
@@ -241,7 +261,16 @@ class RotatingChannel(grpc.Channel):
                     f"the server at {self._target} is not {self._server_id}: its certificate "
                     f"does not carry the name derived from that ID ({_details(error)})"
                 )
-        return translate(error, self._target, slot.presentation, server_name=self._checked_name)
+        # What the explanation above left of the call's deadline bounds the probe too: past
+        # it, the call's own error, with no connection of ours.
+        remaining = _DIAGNOSIS_TIMEOUT if deadline is None else deadline - time.monotonic()
+        return translate(
+            error,
+            self._target,
+            slot.presentation,
+            server_name=self._checked_name,
+            timeout=min(_DIAGNOSIS_TIMEOUT, remaining),
+        )
 
     # ------------------------------------------------------------------ grpc.Channel
 
@@ -449,7 +478,7 @@ class _MultiCallable:
             lease.release()
         # Its failure reads as a blocking call's does (a handshake rejection named, not UNAVAILABLE).
         translated = _TranslatedFuture(
-            future, lambda error: self._owner._translate(error, lease.slot, deadline)
+            future, _Once(lambda error: self._owner._translate(error, lease.slot, deadline))
         )
         return cast("grpc.CallFuture[Any]", translated)
 
@@ -464,7 +493,7 @@ class _MultiCallable:
         if not call.add_callback(lease.release):
             lease.release()
         stream = _ResponseStream(
-            call, lambda error: self._owner._translate(error, lease.slot, deadline)
+            call, _Once(lambda error: self._owner._translate(error, lease.slot, deadline))
         )
         # Duck-typed: iterates like the call and delegates every Call method to it.
         return cast("grpc.CallIterator[Any]", stream)
@@ -600,6 +629,18 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
         return self._streaming(request_iterator, options)
 
 
+def _answered_by_server(error: grpc.RpcError) -> bool:
+    """Whether ``error`` came with metadata from the server (a Strongroom service's refusal
+    carries its ``strongroom-reason`` trailer): a connection gRPC could not make, or refused,
+    has none."""
+    received: list[object] = []
+    for name in ("initial_metadata", "trailing_metadata"):
+        read = getattr(error, name, None)
+        with contextlib.suppress(Exception):  # an error object without metadata: none received
+            received.append(read() if callable(read) else None)
+    return any(received)
+
+
 def _details(error: grpc.RpcError) -> str:
     """gRPC's description of a failed call (empty when it has none)."""
     return str((error.details() if hasattr(error, "details") else "") or "")
@@ -608,6 +649,24 @@ def _details(error: grpc.RpcError) -> str:
 def _deadline(timeout: float | None) -> float | None:
     """The monotonic time a call of ``timeout`` seconds ends at (None: no deadline)."""
     return None if timeout is None else time.monotonic() + timeout
+
+
+class _Once:
+    """A call's error translation, made once: a failure read again (``exception()`` then
+    ``result()``, ``next()`` after the stream ended) is the same error object, and gets the
+    same explanation, with no second handshake to explain it (which might name another
+    server). Concurrent reads wait for the one explanation."""
+
+    def __init__(self, translate: Callable[[grpc.RpcError], grpc.RpcError]) -> None:
+        self._translate = translate
+        self._lock = threading.Lock()
+        self._done: tuple[grpc.RpcError, grpc.RpcError] | None = None
+
+    def __call__(self, error: grpc.RpcError) -> grpc.RpcError:
+        with self._lock:
+            if self._done is None or self._done[0] is not error:
+                self._done = (error, self._translate(error))
+            return self._done[1]
 
 
 class _TranslatedFuture(grpc.Future):  # type: ignore[type-arg]

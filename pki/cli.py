@@ -165,7 +165,7 @@ def _upgrade(args: argparse.Namespace) -> int:
     if changed:
         print(
             f"updated the provisioners of {', '.join(changed)}: restart step-ca, then give each "
-            "of them a fresh token (minted from its updated provisioners/<service>/ directory)",
+            "workload a fresh token (minted from its updated provisioners/<service>/ directory)",
             file=sys.stderr,
         )
     else:

@@ -11,8 +11,10 @@ the connection right after the handshake without a single byte has rejected our 
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -233,18 +235,26 @@ def looks_like_handshake_failure(error: grpc.RpcError) -> bool:
 def probe_rejection(
     target: str, presentation: TlsPresentation, *, server_name: str | None, timeout: float = 2.0
 ) -> bool:
-    """True when the server completes TLS with this certificate but closes before speaking HTTP/2."""
+    """True when the server completes TLS with this certificate but closes before speaking HTTP/2.
+
+    ``timeout`` bounds the whole probe (connect, handshake, answer), not each step: a server
+    holding each step held a call's explanation for three times it, past the call's deadline."""
     address = host_port(target)
-    if address is None:
+    if address is None or timeout <= 0:
         return False
     host, port = address
     context = client_context(presentation)
+    end = time.monotonic() + timeout
     try:
         with (
-            socket.create_connection((host, port), timeout=timeout) as raw,
+            _connect(host, port, end) as raw,
             context.wrap_socket(raw, server_hostname=server_name or host) as tls,
         ):
             tls.sendall(_H2_PREFACE)
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            tls.settimeout(left)
             first = tls.recv(9)
     except ssl.SSLCertVerificationError:
         return False  # the SERVER's certificate failed our check: not a rejection of ours
@@ -291,12 +301,14 @@ def translate(
     presentation: TlsPresentation,
     *,
     server_name: str | None,
+    timeout: float = 2.0,
 ) -> grpc.RpcError:
     """Returns a :class:`ClientCertificateRejected` when ``error`` is a handshake rejection of our
-    certificate (confirmed by :func:`probe_rejection`), else ``error`` unchanged."""
+    certificate (confirmed by :func:`probe_rejection` within ``timeout`` seconds: what is left
+    of the call's deadline), else ``error`` unchanged."""
     if not looks_like_handshake_failure(error):
         return error
-    if not probe_rejection(target, presentation, server_name=server_name):
+    if not probe_rejection(target, presentation, server_name=server_name, timeout=timeout):
         return error
     return ClientCertificateRejected(describe_rejection(target, leaf_of(presentation.chain_pem)))
 
@@ -422,7 +434,7 @@ def _connect(host: str, port: int, end: float) -> socket.socket:
     the name gave each of its addresses the whole timeout, so a name with an address that
     drops connections took the call's deadline there and went on to the next, past it."""
     error: OSError | None = None
-    for *_, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+    for address in _resolve(host, port, end):
         left = end - time.monotonic()
         if left <= 0:
             break
@@ -440,6 +452,40 @@ def _connect(host: str, port: int, end: float) -> socket.socket:
     if error is not None and end > time.monotonic():
         raise error
     raise TimeoutError("the check's time ran out") from error
+
+
+def _resolve(host: str, port: int, end: float) -> list[tuple[str, int]]:
+    """``host``'s addresses for ``port`` in the resolver's order, looked up before ``end`` (the
+    monotonic time the check must be over by) or ``TimeoutError``. The system resolver has no
+    deadline of its own: with the DNS servers down (gRPC's call failing at once, its name
+    unresolved), a lookup made in line waited for the resolver's timeouts, many seconds past
+    the call's deadline. It runs on a thread of its own that is left to end by itself."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:  # an address: nothing to look up
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return [(str(a[0]), int(a[1])) for *_, a in found]
+    answers: list[tuple[str, int]] = []
+    failures: list[OSError] = []
+    done = threading.Event()
+
+    def look_up() -> None:
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            answers.extend((str(a[0]), int(a[1])) for *_, a in found)
+        except OSError as exc:
+            failures.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=look_up, name="pki-check-resolve", daemon=True).start()
+    if not done.wait(max(0.0, end - time.monotonic())):
+        raise TimeoutError(f"looking up {host} took longer than the check's time")
+    if failures:
+        raise failures[0]
+    return answers
 
 
 def _joined(host: str, port: int) -> str:

@@ -80,12 +80,25 @@ def mint_token(
     (:func:`with_identity_names`: every workload certificate carries it, channels expecting that
     ID check it).
 
-    The CSR presented with it must carry exactly these SANs (enrolment reads them from the token). ``root_pem``, when given, adds the
-    root's SHA-256 fingerprint as ``sha`` (how step's clients bootstrap trust from a token).
+    The CSR presented with it must carry exactly these SANs (enrolment reads them from the
+    token; no ``sans``: the subject, as step-ca reads such a token). A subject in the suffix
+    reserved for derived names is refused (``DNS_NAME_RESERVED``), as such SANs are.
+    ``root_pem``, when given, adds the root's SHA-256 fingerprint as ``sha`` (how step's clients
+    bootstrap trust from a token).
     """
     if not subject:
         raise InvalidPkiConfig("a token needs a subject")
-    extra: dict[str, object] = {"sans": with_identity_names(sans)}
+    if is_reserved_dns_name(subject):
+        # step-ca makes a token without SANs a certificate naming its subject as its one SAN,
+        # and gRPC's host-name check takes "*.<suffix>", upper case and a trailing dot too:
+        # such a subject passed for every workload (or one) with every channel expecting it.
+        raise InvalidPkiConfig(
+            f"the subject {subject!r} is in the DNS suffix {IDENTITY_DNS_SUFFIX!r}, reserved for "
+            "the names derived from SPIFFE IDs: a token's subject is its SPIFFE ID or a host name",
+            reason=Reason.DNS_NAME_RESERVED,
+        )
+    # Without SANs, step-ca (and enrolment) ask for the subject: the token says so itself.
+    extra: dict[str, object] = {"sans": with_identity_names(list(sans) or [subject])}
     if root_pem is not None:
         try:
             root = x509.load_pem_x509_certificate(root_pem)

@@ -4,8 +4,9 @@
 #   bootstrap.sh                 everything below, idempotently (what `docker-compose up` runs)
 #   bootstrap.sh token NAME...   mint fresh one-time enrolment tokens only (e.g. publisher, admin)
 #
-# 1. PKI: `strongroom pki init` into the step-ca volume unless ca.json exists; publish the root
-#    certificate (public) into the pki-public volume that every service mounts read-only.
+# 1. PKI: `strongroom pki init` into the step-ca volume unless ca.json exists (else `strongroom
+#    pki upgrade` of it, which changes nothing once done); publish the root certificate (public)
+#    into the pki-public volume that every service mounts read-only.
 # 2. One-time enrolment tokens, one per identity, each into that identity's own volume so a service
 #    never sees another's token. Tokens are minted offline (no CA round trip) and expire after
 #    STRONGROOM_TOKEN_LIFETIME; the SPIFFE ID and DNS SANs come from the identity's config file, so the
@@ -55,6 +56,9 @@ write_atomic() {
 init_pki() {
   if [ -f "$ca_dir/config/ca.json" ]; then
     log "PKI present in $ca_dir"
+    # A PKI made by an earlier version: its operator provisioner gets the template refusing
+    # other forms of derived names (step-ca starts after this job; a second run changes nothing).
+    strongroom pki upgrade --dir "$ca_dir"
   else
     log "initialising the PKI (trust domain $trust_domain)"
     strongroom pki init --dir "$ca_dir" --trust-domain "$trust_domain" --dns step-ca --address :9000

@@ -162,11 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (pki_dir / STEP_CA_FILES["ca.json"]).is_file():
             print(f"pki_secrets: {pki_dir} holds no PKI to upgrade", file=sys.stderr)
             return 2
-        subprocess.run(
-            [args.strongroom, "pki", "upgrade", "--dir", str(pki_dir)],
-            check=True,
-            stdout=sys.stderr,
-        )
+        code = _strongroom(args, ["pki", "upgrade", "--dir", str(pki_dir)])
+        if code != 0:
+            return code
     else:
         if pki_dir.exists() and any(pki_dir.iterdir()):
             print(
@@ -176,16 +174,38 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         pki_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _init(args, pki_dir, names)
+        code = _init(args, pki_dir, names)
+        if code != 0:
+            return code
     _print_secrets(args, pki_dir)
     return 0
 
 
-def _init(args: argparse.Namespace, pki_dir: Path, names: dict[str, str]) -> None:
-    """``strongroom pki init`` into ``pki_dir``, a provisioner of its own per service."""
-    subprocess.run(
+def _strongroom(args: argparse.Namespace, command: list[str]) -> int:
+    """Runs ``strongroom COMMAND`` (its output to standard error) and returns its exit status;
+    a failure is its own one-line message (strongroom's) and a line of ours, never a traceback,
+    and no Secret is printed after it."""
+    try:
+        result = subprocess.run([args.strongroom, *command], check=False, stdout=sys.stderr)
+    except OSError as exc:
+        print(f"pki_secrets: cannot run {args.strongroom}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if result.returncode != 0:
+        print(
+            f"pki_secrets: `strongroom {command[0]} {command[1]}` failed (exit status "
+            f"{result.returncode}, its message above); no Secret printed",
+            file=sys.stderr,
+        )
+        return result.returncode if result.returncode > 0 else 1
+    return 0
+
+
+def _init(args: argparse.Namespace, pki_dir: Path, names: dict[str, str]) -> int:
+    """``strongroom pki init`` into ``pki_dir``, a provisioner of its own per service; its
+    exit status."""
+    return _strongroom(
+        args,
         [
-            args.strongroom,
             "pki",
             "init",
             "--dir",
@@ -202,8 +222,6 @@ def _init(args: argparse.Namespace, pki_dir: Path, names: dict[str, str]) -> Non
                 for service in SERVICES
             ),
         ],
-        check=True,
-        stdout=sys.stderr,
     )
 
 

@@ -378,6 +378,25 @@ def test_pki_secrets_upgrades_an_earlier_pki_and_prints_its_secrets_again(
     assert refused.returncode == 2 and "no PKI to upgrade" in refused.stderr
 
 
+def test_pki_secrets_upgrade_of_a_broken_pki_says_why_in_a_line(tmp_path: Path) -> None:
+    """``--upgrade`` of a PKI that ``strongroom pki upgrade`` refuses (a ca.json cut short) ended
+    in a Python traceback (CalledProcessError) after strongroom's message; now strongroom's
+    line and one of the script's, its exit status, and no Secret."""
+    broken = tmp_path / "pki"
+    (broken / "config").mkdir(parents=True)
+    (broken / "config" / "ca.json").write_text("{")
+    (broken / "config" / "strongroom.json").write_text("{}")
+    command = [sys.executable, str(DEPLOY / "helm" / "pki_secrets.py"), "--namespace", "strongroom"]
+    command += ["--strongroom", str(ROOT / ".venv" / "bin" / "strongroom"), "--upgrade"]
+    result = subprocess.run(
+        [*command, "--out", str(broken)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "INVALID_PKI_CONFIG" in result.stderr and "no Secret printed" in result.stderr
+    assert result.stdout == ""
+
+
 def test_pki_secrets_match_the_values_file_maps(
     helm: str, pki_dir: Path, pki: tuple[dict[str, dict[str, Any]], int]
 ) -> None:

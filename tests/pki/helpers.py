@@ -294,7 +294,8 @@ def serve(
 def as_made_before_derived_names(directory: Path) -> None:
     """Turns the CA directory ``directory`` (made by ``pki init --workload ...``) into one made
     before workload certificates carried the DNS name derived from their SPIFFE ID: those names
-    gone from its provisioners' templates and from the SANs it and its token directories record."""
+    gone from its provisioners' templates and from the SANs it and its token directories record,
+    and the operator's provisioner without a template."""
     import json
 
     from strongroom.spiffe import SpiffeId, identity_dns_name
@@ -305,8 +306,11 @@ def as_made_before_derived_names(directory: Path) -> None:
     derived = {identity_dns_name(SpiffeId.of(trust_domain, s)) for s in services}
     config_path = directory / "config" / "ca.json"
     config = json.loads(config_path.read_text())
+    operator = json.loads(meta_path.read_text())["provisioner_name"]
     for provisioner in config["authority"]["provisioners"]:
-        if "options" in provisioner:
+        if provisioner["name"] == operator:
+            provisioner.pop("options", None)  # no template then
+        elif "options" in provisioner:
             template = provisioner["options"]["x509"]["template"]
             for name in derived:
                 template = template.replace(f'"{name}", ', "").replace(f' "{name}"', "")

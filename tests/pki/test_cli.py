@@ -16,6 +16,7 @@ from strongroom.cli.main import main
 from strongroom.pki import CaLayout, StepCa, WorkloadIdentity
 from strongroom.pki._jose import unverified_claims
 from strongroom.pki._state import STATE_FILE
+from strongroom.pki.bootstrap import operator_template
 from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CaUnavailable
 from strongroom.spiffe import identity_dns_name
@@ -321,6 +322,9 @@ def test_an_earlier_ca_is_upgraded_to_issue_the_derived_name(
 
     assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
     assert "updated the provisioners of inference" in capsys.readouterr().err
+    config = json.loads((directory / "config" / "ca.json").read_text())
+    operator = next(p for p in config["authority"]["provisioners"] if p["name"] == "strongroom")
+    assert operator["options"]["x509"]["template"] == operator_template()
     assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
     assert "up to date" in capsys.readouterr().err
     with StepCa(directory, binary=step_ca_binary) as ca:
@@ -331,3 +335,68 @@ def test_an_earlier_ca_is_upgraded_to_issue_the_derived_name(
             derived = identity_dns_name("spiffe://strongroom.test/inference")
             assert derived in identity.credentials.sans
             assert derived in identity.renew_now().sans
+
+
+def _workload_ca(directory: Path) -> None:
+    argv = ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]
+    argv += ["--dns", "127.0.0.1", "--address", f"127.0.0.1:{free_port()}"]
+    assert main([*argv, "--workload", "inference=inference"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("file", "content"),
+    [
+        ("ca.json", "{"),  # cut short
+        ("ca.json", '{"root": "certs/root_ca.crt"}'),  # no authority
+        ("ca.json", "[]"),
+        ("strongroom.json", '{"trust_domain": "strongroom.test", "workloads": {"x": 1}}'),
+    ],
+)
+def test_upgrading_a_malformed_ca_directory_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str, content: str
+) -> None:
+    """``pki upgrade`` of a directory whose ca.json or strongroom.json is not what ``init``
+    writes (cut short, edited by hand) ended in a Python traceback (JSONDecodeError, KeyError);
+    it is now refused in one line naming the file, and nothing is written."""
+    directory = tmp_path / "ca"
+    _workload_ca(directory)
+    as_made_before_derived_names(directory)
+    (directory / "config" / file).write_text(content)
+    files = sorted(directory.rglob("*.json"))
+    before = [path.read_bytes() for path in files]
+    capsys.readouterr()
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("strongroom: error: INVALID_PKI_CONFIG: ") and file in err
+    assert err.count("\n") == 1
+    assert [path.read_bytes() for path in files] == before
+
+
+def test_upgrade_reads_the_templates_not_only_the_recorded_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CA whose strongroom.json records the derived name but whose ca.json templates lack it
+    (a ca.json restored from a backup made before the upgrade, or copied from an earlier PKI):
+    ``pki upgrade`` judged it from strongroom.json alone and said it was up to date, while its
+    provisioner refused every token its workload minted. The templates are read too."""
+    directory = tmp_path / "ca"
+    _workload_ca(directory)
+    recorded = {
+        path: path.read_bytes() for path in directory.rglob("strongroom.json")
+    }  # with the derived name
+    as_made_before_derived_names(directory)
+    for path, data in recorded.items():
+        path.write_bytes(data)
+    capsys.readouterr()
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+    assert "updated the provisioners of inference" in capsys.readouterr().err
+    config = json.loads((directory / "config" / "ca.json").read_text())
+    template = next(
+        p["options"]["x509"]["template"]
+        for p in config["authority"]["provisioners"]
+        if p["name"] == "strongroom-inference"
+    )
+    assert identity_dns_name("spiffe://strongroom.test/inference") in template
+    assert [path.read_bytes() for path in recorded] == list(recorded.values())
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+    assert "up to date" in capsys.readouterr().err

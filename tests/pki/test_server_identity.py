@@ -498,6 +498,20 @@ def test_a_channel_checking_the_id_refuses_another_name_for_grpc_to_check(
     assert sid("keybroker") in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "name", [b"grpc.ssl_target_name_override", "grpc.ssl_target_name_override\0"]
+)
+def test_the_name_override_is_refused_however_its_option_is_spelt(
+    store: Server, client_identity: WorkloadIdentity, name: str | bytes
+) -> None:
+    """gRPC takes an option's name as bytes too, and reads it up to a NUL; only the str
+    spelling was refused, and gRPC used the first of the two overrides, the caller's: a channel
+    expecting the key broker sent its calls to the model store (which carries localhost)."""
+    options: Any = [(name, "localhost")]
+    with pytest.raises(ValueError, match="ssl_target_name_override"):
+        client_identity.channel(store.target, server_id=sid("keybroker"), options=options)
+
+
 # ---------------------------------------------------------------- explaining refusals
 
 
@@ -715,3 +729,197 @@ def test_the_explanation_of_a_name_with_a_silent_address_ends_within_its_time(
         second.setblocking(False)
         with pytest.raises(BlockingIOError):  # the deadline passed at the first: not tried
             second.accept()
+
+
+def test_the_explanation_ends_with_the_calls_deadline(
+    ca: StepCa, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that ends gRPC's connection right after its handshake (as one refusing our
+    certificate does) and then holds every later connection without a word: the explaining
+    handshake waited out the call's deadline, and the probe for a rejection of our certificate
+    then connected again with 2 s of its own per step, past the deadline. Once the deadline has
+    passed, nothing more is tried: the call's own error is raised."""
+    broker = enrol(ca, "keybroker", ["keybroker", "localhost"], auto_renew=False)
+    context = _context_of(broker)
+    context.set_alpn_protocols(["h2"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        first = True
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            if first:  # gRPC's: the handshake, then the end of it
+                first = False
+                with raw, contextlib.suppress(OSError):
+                    context.wrap_socket(raw, server_side=True).close()
+            else:
+                held.append(raw)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    connects = _CheckConnects(monkeypatch, port)
+    try:
+        with (
+            client_identity.channel(f"127.0.0.1:{port}", server_id=sid("keybroker")) as channel,
+            pytest.raises(grpc.RpcError) as failed,
+        ):
+            ping(channel, timeout=1)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert connects.count == 1  # the explaining handshake, held until the deadline: no more
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+        for raw in held:
+            raw.close()
+        broker.close()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "*.spiffe-id.strongroom.invalid",
+        identity_dns_name(sid("keybroker")).upper(),
+        identity_dns_name(sid("keybroker")) + ".",
+    ],
+)
+def test_grpcs_name_check_takes_a_wildcard_any_case_and_a_trailing_dot(
+    ca: StepCa, client_identity: WorkloadIdentity, name: str
+) -> None:
+    """What gRPC's host-name check (BoringSSL's rules in gRPC's own matcher) accepts for the
+    derived name: a wildcard over the reserved suffix, the name in upper case, with a trailing
+    dot; the URI SAN is not read. So no form of a name in the reserved suffix may be issued
+    but a workload's own derived name by its own provisioner (bootstrap, token: DNS_NAME_RESERVED)."""
+    intermediate, intermediate_key = ca.layout.load_intermediate()
+    leaf = make_leaf(
+        intermediate,
+        intermediate_key,
+        uris=[sid("modelstore")],
+        dns=[name],
+        extra_chain=[intermediate],
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    credentials = grpc.ssl_server_credentials(
+        [(leaf.key_pem, leaf.chain_pem)], root_certificates=ca.root_pem, require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        with client_identity.channel(f"127.0.0.1:{port}", server_id=sid("keybroker")) as channel:
+            assert check(channel) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(None).wait()
+
+
+def test_a_refusal_the_expected_server_answers_itself_is_its_own(
+    store_identity: WorkloadIdentity,
+    client_identity: WorkloadIdentity,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An UNAVAILABLE the expected server answers itself (its HSM or storage down, a
+    downstream's refusal in its message; sent with its strongroom-reason trailer) was taken for
+    a connection gRPC refused: the channel opened a handshake of its own to explain it, and when
+    the message told of a host-name failure (a downstream's), reported the server as not the one
+    expected, UNAUTHENTICATED, its reason lost. A status that came with the server's metadata is
+    the server's: raised as it is, with no connection of ours."""
+    from strongroom.errors import Unavailable
+    from strongroom.pki import SpiffeAuthorizer
+    from strongroom.reasons import METADATA_KEY, Reason
+    from tests.pki.helpers import default_rules
+
+    method = "/strongroom.test.Downstream/Load"
+
+    def load(request: bytes, context: grpc.ServicerContext) -> bytes:
+        raise Unavailable(
+            "download: failed to connect to all addresses; last error: UNKNOWN: "
+            "ipv4:10.0.0.7:8443: Hostname Verification Check failed",
+            reason=Reason.FETCH_UNAVAILABLE,
+        )
+
+    def extra(server: grpc.Server) -> None:
+        handler = grpc.unary_unary_rpc_method_handler(load)
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("strongroom.test.Downstream", {"Load": handler})]
+        )
+
+    rules = {**default_rules(), method: [sid("inference")]}
+    authorizer = SpiffeAuthorizer(TRUST_DOMAIN, rules, public=["grpc.health.v1.Health"])
+    server = serve(store_identity, authorizer, extra=extra)
+    connects = _CheckConnects(monkeypatch, server.port)
+    try:
+        with (
+            client_identity.channel(server.target, server_id=sid("modelstore")) as channel,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            channel.unary_unary(method, None, None)(b"x", timeout=10)
+        error = refused.value
+        assert not isinstance(error, ServerIdentityMismatch)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        trailers = error.trailing_metadata()  # type: ignore[attr-defined]
+        assert (METADATA_KEY, Reason.FETCH_UNAVAILABLE) in trailers
+        assert connects.count == 0
+    finally:
+        server.stop()
+
+
+def test_a_refusal_is_explained_once_however_often_it_is_read(
+    store: Server, client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``.future()`` call's failure, read by ``exception()`` (a tracing or done callback, on
+    gRPC's thread) and then ``result()``, and a stream's, read by ``next()`` twice: each read
+    made a handshake of its own to explain the one refusal (and could name another server each
+    time). It is explained once, and every read raises the same explanation."""
+    connects = _CheckConnects(monkeypatch, store.port)
+    with client_identity.channel(store.target, server_id=sid("keybroker")) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        future = stub.Check.future(health_pb2.HealthCheckRequest(), timeout=10)
+        first = future.exception()
+        assert isinstance(first, ServerIdentityMismatch)
+        with pytest.raises(ServerIdentityMismatch) as second:
+            future.result()
+        assert second.value is first
+        assert future.exception() is first
+        assert connects.count == 1
+        stream = stub.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        with pytest.raises(ServerIdentityMismatch) as once:
+            next(stream)
+        with pytest.raises(ServerIdentityMismatch) as again:
+            next(stream)
+        assert again.value is once.value
+        assert connects.count == 2
+
+
+def test_the_explanation_ends_within_its_time_while_the_resolver_does_not_answer(
+    client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The explaining handshake looked its host name up with the system's resolver, which has
+    no deadline of its own: with the DNS servers down (gRPC's call failing UNAVAILABLE at once,
+    its name unresolved), each refused call then waited for the resolver's own timeouts, many
+    seconds past its deadline. The lookup now shares the handshake's time; the resolver held
+    here until the test ends, the explanation returns while it is still asked."""
+    name = "silent-resolver.strongroom.test"
+    released, answered = threading.Event(), threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != name:
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        released.wait(20)  # a resolver that does not answer (for a while: the test must end)
+        answered.set()
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    try:
+        presentation = _presentation(client_identity)
+        assert diagnose_server(f"{name}:8443", presentation, sid("keybroker"), timeout=0.5) is None
+        assert not answered.is_set()  # it returned while the lookup was still unanswered
+    finally:
+        released.set()

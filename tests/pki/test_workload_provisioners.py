@@ -19,7 +19,7 @@ from cryptography import x509
 
 from strongroom.pki import RenewalPolicy, StepCa, WorkloadIdentity, mint_token
 from strongroom.pki._x509 import build_csr, generate_key
-from strongroom.pki.bootstrap import Workload, workload_template
+from strongroom.pki.bootstrap import Workload, operator_template, workload_template
 from strongroom.pki.errors import CaRejected, InvalidPkiConfig
 from strongroom.pki.layout import CaLayout
 from strongroom.pki.token import with_identity_names
@@ -125,7 +125,7 @@ def test_ca_directory_layout(wca: StepCa) -> None:
     config = json.loads(layout.config_path.read_text())
     by_name = {p["name"]: p for p in config["authority"]["provisioners"]}
     assert set(by_name) == {"strongroom", *(f"strongroom-{w.service}" for w in WORKLOADS)}
-    assert "options" not in by_name["strongroom"]
+    assert by_name["strongroom"]["options"]["x509"]["template"] == operator_template()
     operator = by_name["strongroom"]
     for workload in WORKLOADS:
         entry = by_name[f"strongroom-{workload.service}"]
@@ -202,6 +202,27 @@ def test_no_operator_name_may_be_in_the_suffix_reserved_for_derived_names(
     ]
 
 
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "*.spiffe-id.strongroom.invalid",  # gRPC's host-name check takes it for every derived name
+        identity_dns_name(sid("keybroker")).upper(),
+        identity_dns_name(sid("keybroker")) + ".",
+        identity_dns_name(sid("keybroker")),
+    ],
+)
+def test_a_token_whose_subject_is_a_reserved_name_is_refused(wca: StepCa, subject: str) -> None:
+    """A token without SANs asks step-ca for a certificate naming its subject as its one SAN:
+    mint_token checked the SANs it was given, none, and the operator's provisioner (no template)
+    issued ``*.spiffe-id.strongroom.invalid``, which gRPC's host-name check accepts for every
+    workload's derived name (tests/pki/test_server_identity.py). The subject is checked too."""
+    with pytest.raises(InvalidPkiConfig, match="reserved") as refused:
+        mint_token(wca.layout.provisioner(), ca_url=wca.url, subject=subject, sans=[])
+    assert refused.value.reason == "DNS_NAME_RESERVED"
+    with pytest.raises(InvalidPkiConfig, match="reserved"):
+        mint_token(wca.layout.provisioner(), ca_url=wca.url, subject=subject, sans=[sid("x")])
+
+
 def test_duplicate_workloads_are_refused(tmp_path: Path) -> None:
     from strongroom.pki import init_ca
 
@@ -225,3 +246,57 @@ def test_ip_addresses_written_any_way_enrol(wca: StepCa) -> None:
         "2001:db8::1",
         "::1",
     }
+
+
+def _raw_token(ca: StepCa, subject: str, sans: Sequence[str]) -> str:
+    """A token signed with the operator's key as another tool (``step ca token``) would sign
+    it: none of mint_token's checks."""
+    from datetime import timedelta
+
+    from strongroom.pki.token import _signed, sign_audience
+
+    return _signed(
+        ca.layout.provisioner(),
+        subject=subject,
+        audience=sign_audience(ca.url),
+        lifetime=timedelta(minutes=5),
+        now=None,
+        extra={"sans": list(sans)},
+    )
+
+
+@pytest.mark.parametrize(
+    ("subject", "sans"),
+    [
+        (sid("admin"), [sid("admin"), "*.spiffe-id.strongroom.invalid"]),
+        (sid("admin"), [sid("admin"), identity_dns_name(sid("keybroker")).upper()]),
+        (sid("admin"), [sid("admin"), identity_dns_name(sid("keybroker")) + "."]),
+        (sid("admin"), [sid("admin"), "spiffe-id.strongroom.invalid"]),
+        ("*.spiffe-id.strongroom.invalid", []),
+        (identity_dns_name(sid("keybroker")), [sid("admin")]),
+    ],
+)
+def test_the_operators_provisioner_refuses_any_other_form_of_a_derived_name(
+    wca: StepCa, subject: str, sans: list[str]
+) -> None:
+    """The operator's provisioner had no template: step-ca issued whatever its token asked, and
+    a token made by another tool with its key (``step ca token --san``) got a certificate for
+    ``*.spiffe-id.strongroom.invalid``, any case or a trailing dot, which gRPC's host-name check
+    takes for every workload's derived name (tests/pki/test_server_identity.py). The CA itself
+    now refuses them, and a subject in the suffix; the exact form stays the operator's."""
+    csr = build_csr(generate_key(), sans or [subject])
+    with pytest.raises(CaRejected, match="reserved for the names"):
+        wca.client().sign(csr, _raw_token(wca, subject, sans))
+
+
+def test_the_operators_provisioner_still_issues_any_identity_with_its_derived_name(
+    wca: StepCa,
+) -> None:
+    """What the operator's key is for: any workload's identity, with its derived name."""
+    sans = [sid("admin"), identity_dns_name(sid("admin")), "admin.example"]
+    csr = build_csr(generate_key(), sans)
+    chain = wca.client().sign(csr, _raw_token(wca, sid("admin"), sans))
+    leaf = chain[0]
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == set(sans[1:])
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [sid("admin")]
