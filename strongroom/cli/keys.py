@@ -61,8 +61,16 @@ def register(sub: Any) -> None:
         "disable one version (or all) of a KEK; refused while stored models still need it",
         _disable,
     )
-    disable.add_argument(
-        "--version", type=_key_version, default=0, help="version to disable (default: all)"
+    # Which versions is never a default: a disabled version cannot be enabled again, and an
+    # omitted --version used to retire every version of the key.
+    which = disable.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=_key_version, help="the version to disable")
+    which.add_argument(
+        "--all-versions",
+        dest="version",
+        action="store_const",
+        const=0,  # DisableKeyRequest.version 0: every version
+        help="disable every version of the key",
     )
     disable.add_argument(
         "--force",

@@ -213,6 +213,36 @@ def test_keys_set_policy_names_a_file_that_is_not_utf8_in_one_line(
     assert "Traceback" not in err
 
 
+def test_keys_disable_names_the_versions_it_retires(
+    stack: DevStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``keys disable KEY`` with no ``--version`` disabled every version of the key — for good,
+    since a disabled version cannot be enabled again — and with ``--force`` without even the
+    store's check. Which versions must be said: ``--version N`` or ``--all-versions``; without
+    either the command is refused before it connects, and the key stays enabled."""
+    stack.create_release_key(stack.identity("admin"), "named-versions", policy_version="named-1")
+    config = str(stack.write_client_config("admin"))
+    argv = ["keys", "disable", "named-versions", "--force", "--client-config", config]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "--version" in err and "--all-versions" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main([*argv, "--version", "1", "--all-versions"])
+    capsys.readouterr()
+    stub = admin(stack)
+
+    def states() -> list[int]:
+        keys = stub.ListKeys(kb.ListKeysRequest(), timeout=30).keys
+        (key,) = [k for k in keys if k.key_id == "named-versions"]
+        return [v.state for v in key.versions]
+
+    assert states() == [kb.KEY_STATE_ENABLED]
+    assert main([*argv, "--all-versions"]) == 0
+    assert states() == [kb.KEY_STATE_DISABLED]
+
+
 @pytest.mark.parametrize("version", ["-1", str(2**32), "one"])
 def test_keys_disable_refuses_a_version_outside_the_range_as_a_usage_error(
     stack: DevStack, capsys: pytest.CaptureFixture[str], version: str

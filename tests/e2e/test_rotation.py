@@ -211,7 +211,9 @@ def test_a_model_published_across_a_rotation_blocks_disable_until_it_is_rewrappe
     assert load(stack, name, key_id) == model.path.read_bytes()
 
     # Disabling every version is refused too, naming the same model.
-    code, err = run_err(capsys, "keys", "disable", key_id, "--client-config", admin)
+    code, err = run_err(
+        capsys, "keys", "disable", key_id, "--all-versions", "--client-config", admin
+    )
     assert code == 1
     assert "KEY_VERSION_IN_USE" in err and f"{name} 1 (version 1)" in err
 
@@ -235,14 +237,18 @@ def test_disable_without_a_reachable_store_is_refused_unless_forced(
     no_store = tmp_path / "client-admin-no-store.yaml"
     no_store.write_text(yaml.safe_dump(config))
 
-    code, err = run_err(capsys, "keys", "disable", key_id, "--client-config", str(no_store))
+    code, err = run_err(
+        capsys, "keys", "disable", key_id, "--all-versions", "--client-config", str(no_store)
+    )
     assert code == 1
     assert "cannot list the model store" in err and "--force" in err and "UNAVAILABLE" in err
     # A configuration without the store's address stops it the same way.
     del config["modelstore"]
     no_address = tmp_path / "client-admin-no-store-address.yaml"
     no_address.write_text(yaml.safe_dump(config))
-    code, err = run_err(capsys, "keys", "disable", key_id, "--client-config", str(no_address))
+    code, err = run_err(
+        capsys, "keys", "disable", key_id, "--all-versions", "--client-config", str(no_address)
+    )
     assert code == 1
     assert "cannot list the model store" in err and "no address for modelstore" in err
     admin = kb_grpc.KeyAdminServiceStub(stack.channel(stack.identity("admin"), "keybroker"))
@@ -253,7 +259,16 @@ def test_disable_without_a_reachable_store_is_refused_unless_forced(
         return [v.state for v in key.versions]
 
     assert states() == [kb_pb.KEY_STATE_ENABLED]
-    code, _ = run(capsys, "keys", "disable", key_id, "--force", "--client-config", str(no_store))
+    code, _ = run(
+        capsys,
+        "keys",
+        "disable",
+        key_id,
+        "--all-versions",
+        "--force",
+        "--client-config",
+        str(no_store),
+    )
     assert code == 0
     assert states() == [kb_pb.KEY_STATE_DISABLED]
 
