@@ -1475,30 +1475,61 @@ class S3Storage(Closing):
                 raise self._size_mismatch(record)
         if check_head and length and not covers_head:
             try:
-                self._check_head_apart(entry)
+                self._check_head_apart(entry, response.get("ETag"))
             except BaseException:
                 reader.close()
                 raise
         return reader
 
-    def _check_head_apart(self, entry: _Indexed) -> None:
+    def _check_head_apart(self, entry: _Indexed, etag: str | None) -> None:
         """Reads the head of ``entry``'s blob (one ranged GET) and checks that it names the
-        entry's model (``_heads.stored_header``): for a read whose range does not hold it."""
+        entry's model (``_heads.stored_header``): for a read whose range does not hold it.
+
+        ``etag`` is the ETag of the object the range's own GET is reading: the head is read from
+        that object only (``If-Match``, and its answer's ETag compared, for a server that ignores
+        the condition). Two GETs are two reads of whatever the key holds at each moment: a blob
+        overwritten between them (by whoever can write the bucket: another model's artifact for
+        the range, this model's back for the head) passed the check while the range streamed the
+        other model's bytes. A store never rewrites a blob key, so a changed object is DATA_LOSS
+        BLOB_REPLACED, nothing served."""
         record = entry.record
+        condition = {} if etag is None else {"IfMatch": etag}
         try:
             response = self._client.get_object(
                 Bucket=self.bucket,
                 Key=self._full(entry.blob),
                 Range=f"bytes=0-{record.header_size - 1}",
+                **condition,
             )
             body = response["Body"]
             try:
                 head = body.read(record.header_size)  # a server may ignore the range
             finally:
                 body.close()
+        except botocore.exceptions.ClientError as exc:
+            if _is_conflict(exc):
+                raise self._replaced(entry) from None
+            raise s3_error(exc, "reading an artifact's header") from None
         except (*_S3_FAILURES, OSError) as exc:
             raise s3_error(exc, "reading an artifact's header") from None
+        if etag is not None and response.get("ETag") not in (None, etag):
+            raise self._replaced(entry)
         stored_header(record, head)
+
+    @staticmethod
+    def _replaced(entry: _Indexed) -> StoredDataCorrupt:
+        record = entry.record
+        log.error(
+            "blob %s of %s %s changed while it was read: not served",
+            entry.blob,
+            record.name,
+            record.version,
+        )
+        return StoredDataCorrupt(
+            f"stored artifact {record.name} {record.version} changed while it was read "
+            "(a blob is never rewritten): nothing was served",
+            reason=Reason.BLOB_REPLACED,
+        )
 
     @staticmethod
     def _size_mismatch(record: ModelRecord) -> StoredDataCorrupt:

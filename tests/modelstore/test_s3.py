@@ -1223,3 +1223,41 @@ def test_credentials_in_the_endpoint_url_are_refused_without_echoing_them(
     assert "endpoint" in str(info.value)
     assert "endpoint-secret" not in str(info.value)
     assert "endpoint-secret" not in caplog.text
+
+
+def test_a_blob_replaced_between_a_ranges_read_and_its_head_check_is_not_served(
+    proxy: s3server.FaultProxy, s3_client: Any, s3_bucket: str
+) -> None:
+    """A range that does not hold the head is read by one GET and its head checked by another,
+    and each read whatever the key held at that moment: whoever can write the bucket put another
+    model's artifact (of the same size) in this model's blob for the range's GET and this model's
+    own back for the head's, and the store streamed the other model's bytes under this name. The
+    head is now read from the object the range's GET is reading (If-Match on its ETag): DATA_LOSS
+    BLOB_REPLACED, nothing served; the blob untouched read from its own object is served."""
+    store = replica(proxy.endpoint, s3_bucket)
+    mine = make_artifact("acme/a", "1", body(3000, 1))
+    other = make_artifact("acme/b", "1", body(3000, 2))
+    assert len(mine) == len(other)
+    record = store.put([mine], StructureValidator())
+    store.put([other], StructureValidator())
+    (key,) = ("p/" + b for b, r in store.referenced_blobs().items() if r.name == "acme/a")
+    s3_client.put_object(Bucket=s3_bucket, Key=key, Body=other)
+    gets = 0
+
+    def put_mine_back_for_the_head_read(method: str, path: str) -> bool:
+        nonlocal gets
+        if method == "GET" and path.partition("?")[0].endswith(key):
+            gets += 1
+            if gets == 2:  # the head's GET, after the range's
+                s3_client.put_object(Bucket=s3_bucket, Key=key, Body=mine)
+        return False
+
+    proxy.inject(s3server.Fault(put_mine_back_for_the_head_read))
+    with pytest.raises(StoredDataCorrupt) as info:
+        store.open("acme/a", "1", offset=1000)
+    assert info.value.reason == "BLOB_REPLACED"
+    assert info.value.status_name == "DATA_LOSS"
+    assert gets == 2
+    assert store.stat("acme/a", "1") == record
+    with store.open("acme/a", "1", offset=1000) as reader:
+        assert b"".join(reader.chunks(1 << 20)) == mine[1000:]
