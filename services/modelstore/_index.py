@@ -33,6 +33,7 @@ from strongroom.modelstore.records import (
     CorruptEntry,
     ModelRecord,
     UnreadableEntries,
+    held_text,
     listed_candidates,
     listed_text,
     problem_text,
@@ -369,12 +370,14 @@ class Index:
         digest = row[2] if is_sha256_hex(row[2]) else None
         return digest, int(remaining)
 
-    def delete_corrupt(self, listed_name: str, listed_version: str) -> None:
+    def delete_corrupt(self, listed_name: str, listed_version: str) -> str:
         """Removes the one unreadable row a listing names ``listed_name`` ``listed_version``
         (:func:`~strongroom.modelstore.records.listed_text` of its name and version), in one
-        transaction. ModelNotFound if no row is listed so, FailedPrecondition
-        INDEX_ENTRY_NOT_CORRUPT if the row is readable, INDEX_ENTRY_AMBIGUOUS if several
-        unreadable rows are (a literal ``\\x`` beside an escaped byte): nothing is deleted then."""
+        transaction, and returns what it held (:func:`~strongroom.modelstore.records.held_text`
+        of its columns) for the caller's log. ModelNotFound if no row is listed so,
+        FailedPrecondition INDEX_ENTRY_NOT_CORRUPT if the row is readable, INDEX_ENTRY_AMBIGUOUS
+        if several unreadable rows are (a literal ``\\x`` beside an escaped byte): nothing is
+        deleted then."""
         keys = sorted(
             (key_bytes(n), key_bytes(v))
             for n in listed_candidates(listed_name)
@@ -410,6 +413,7 @@ class Index:
                 cur.execute("ROLLBACK")
                 raise
             cur.execute("COMMIT")
+        return held_text(dict(zip(_COLUMNS, corrupt[0], strict=True)))
 
     def references(self, digest: str) -> int:
         """How many rows point at the blob with this digest."""

@@ -90,6 +90,7 @@ from strongroom.modelstore.records import (
     ModelRecord,
     UnreadableEntries,
     UploadClaims,
+    held_text,
     problem_text,
     stored_record,
     to_micros,
@@ -1356,9 +1357,10 @@ class S3Storage(Closing):
             reason=Reason.KEY_SLOT_CHANGED,
         )
 
-    def delete_corrupt(self, listed_name: str, listed_version: str) -> None:
+    def delete_corrupt(self, listed_name: str, listed_version: str) -> str:
         """Removes the index record a listing names as corrupt ``listed_name``
         ``listed_version`` (If-Match on the ETag read); its blob is kept (the sweep reports it).
+        Returns what it held (the object's bytes, bounded) for the caller's log.
 
         Every record a listing names here is under a key in the name grammar (keys outside it
         are no record of this store, and skipped), so a name outside it is ModelNotFound."""
@@ -1390,6 +1392,7 @@ class S3Storage(Closing):
             raise s3_error(exc, "deleting an index record") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "deleting an index record") from None
+        return held_text(data)
 
     def _delete_owned_blob(self, blob: str | None, name: str, version: str, owned: bool) -> None:
         """Deletes a deleted record's blob if :meth:`_owns_blob` said it is its own; else keeps

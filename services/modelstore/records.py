@@ -152,6 +152,22 @@ def listed_candidates(listed: str) -> set[str]:
     }
 
 
+MAX_HELD_LENGTH = 2048
+"""The longest :func:`held_text` kept, in ASCII characters (a record the store writes is about
+1 KB; an edited one may hold megabytes)."""
+
+
+def held_text(stored: object) -> str:
+    """``stored`` (a deleted index entry as it was stored: a filesystem row's columns by name, an
+    S3 index object's bytes) as one bounded ASCII log field: what DeleteModel with
+    ``corrupt_entry`` removed, so that an operator can find the blob it named (in
+    ``quarantine/`` once swept) and put the entry back by hand."""
+    if isinstance(stored, bytes):
+        stored = stored.decode("utf-8", "backslashreplace")
+    text = stored if isinstance(stored, str) else repr(stored)
+    return text.encode("ascii", "backslashreplace").decode("ascii")[:MAX_HELD_LENGTH]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelPage:
     """One page of a listing; ``next_page_token`` is empty on the last page.
