@@ -161,7 +161,7 @@ def _entry(row: Any, unreadable: UnreadableEntries) -> ModelRecord | CorruptEntr
         return stored_record(dict(zip(_COLUMNS, row, strict=True)))
     except ValueError as exc:
         problem = problem_text(exc)
-        unreadable.report(f"index row of {_where(row)}", problem)
+        unreadable.report(_logged_as(row), problem)
         return CorruptEntry(str(row[0]), str(row[1]), problem)
 
 
@@ -172,6 +172,11 @@ def _readable(row: Any) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _logged_as(row: Any) -> str:
+    """How :class:`~strongroom.modelstore.records.UnreadableEntries` names a row."""
+    return f"index row of {_where(row)}"
 
 
 def _where(row: Any) -> str:
@@ -367,6 +372,7 @@ class Index:
                 cur.execute("ROLLBACK")
                 raise
             cur.execute("COMMIT")
+        self._unreadable.forget(_logged_as(row))
         digest = row[2] if is_sha256_hex(row[2]) else None
         return digest, int(remaining)
 
@@ -413,6 +419,7 @@ class Index:
                 cur.execute("ROLLBACK")
                 raise
             cur.execute("COMMIT")
+        self._unreadable.forget(_logged_as(corrupt[0]))
         return held_text(dict(zip(_COLUMNS, corrupt[0], strict=True)))
 
     def references(self, digest: str) -> int:

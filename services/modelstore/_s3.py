@@ -373,7 +373,7 @@ def _parse_record(
             raise ValueError("name and version are not its key's")
     except ValueError as exc:
         problem = problem_text(exc)
-        unreadable.report(f"index record of {name} {version}", problem)
+        unreadable.report(_logged_as(name, version), problem)
         return CorruptEntry(name, version, problem)
     return record, blob
 
@@ -406,6 +406,11 @@ def _indexed(
     if isinstance(entry, CorruptEntry):
         raise _corrupt(entry)
     return entry
+
+
+def _logged_as(name: str, version: str) -> str:
+    """How :class:`~strongroom.modelstore.records.UnreadableEntries` names an index record."""
+    return f"index record of {name} {version}"
 
 
 def _blob_of_unreadable(data: bytes) -> str | None:
@@ -1343,12 +1348,14 @@ class S3Storage(Closing):
                     # Only a retry found it gone: an earlier attempt whose answer was lost (a
                     # dropped connection, a 503 after the fact) deleted it. That is this call's
                     # delete, not a NOT_FOUND.
+                    self._unreadable.forget(_logged_as(name, version))
                     log.info("deleted model", extra={"model": name, "version": version})
                     return
                 raise s3_error(exc, "deleting a model") from None
             except _S3_FAILURES as exc:
                 raise s3_error(exc, "deleting a model") from None
             self._delete_owned_blob(blob, name, version, owned)
+            self._unreadable.forget(_logged_as(name, version))
             log.info("deleted model", extra={"model": name, "version": version})
             return
         raise StorageUnavailable(
@@ -1392,6 +1399,7 @@ class S3Storage(Closing):
             raise s3_error(exc, "deleting an index record") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "deleting an index record") from None
+        self._unreadable.forget(_logged_as(name, version))
         return held_text(data)
 
     def _delete_owned_blob(self, blob: str | None, name: str, version: str, owned: bool) -> None:

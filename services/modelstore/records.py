@@ -116,6 +116,16 @@ class UnreadableEntries:
             self._seen.add((what, problem))
         self._log.error("%s is unreadable: %s", what, problem)
 
+    def forget(self, what: str) -> None:
+        """Forgets ``what`` (an entry just deleted), so that an entry of that name made
+        unreadable again, the same way, is logged again: remembered for good, a second edit of
+        a model re-published after its corrupt entry was deleted went unlogged, and deleted
+        entries filled the memory that later ones need to be logged at all."""
+        with self._lock:
+            if any(seen == what for seen, _ in self._seen):
+                self._seen = {(w, p) for w, p in self._seen if w != what}
+                self._full = False
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CorruptEntry:

@@ -1133,6 +1133,25 @@ def test_a_corrupt_entry_is_logged_once_not_on_every_page_that_covers_it(
     assert "content_type" in changed.getMessage()
 
 
+def test_a_corrupt_entry_deleted_and_made_unreadable_again_is_logged_again(
+    storage: AnyStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unreadable entry was remembered as logged for the life of the process, deleted or
+    not: a model whose corrupt entry an admin deleted (plainly or with ``corrupt_entry``) and
+    re-published, then edited again the same way by whoever can write the storage, was never
+    logged again. A deletion forgets the entry, so each new corruption is logged once."""
+    with caplog.at_level(logging.ERROR):
+        for delete in (storage.delete, storage.delete_corrupt, None):
+            put(storage, make_artifact("acme/m", "1", b"x"))
+            edit_index_entry(storage, storage.stat("acme/m", "1"), key_version=0)
+            storage.list(prefix="acme/")
+            storage.list(prefix="acme/")
+            if delete is not None:
+                delete("acme/m", "1")
+    unreadable = [r for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert len(unreadable) == 3
+
+
 def test_planted_corrupt_entries_neither_grow_the_memory_nor_flood_the_log(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
