@@ -1455,19 +1455,7 @@ class S3Storage(Closing):
             if _code(exc) == "InvalidRange" or _status(exc) == 416:
                 raise self._size_mismatch(record) from None
             if _is_missing(exc) and _code(exc) != "NoSuchBucket":
-                current = self._get_index(record.name, record.version)
-                # Deleted, or re-wrapped, between our index read and the GET: not data loss.
-                if current is None:
-                    raise ModelNotFound(
-                        f"model {record.name} version {record.version} does not exist"
-                    ) from None
-                if current.blob != entry.blob:
-                    raise _Superseded from None
-                log.error("blob %s of %s %s is missing", entry.blob, record.name, record.version)
-                raise StoredDataCorrupt(
-                    f"stored artifact {record.name} {record.version} is missing",
-                    reason=Reason.BLOB_MISSING,
-                ) from None
+                raise self._blob_gone(entry) from None
             raise s3_error(exc, "opening an artifact") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "opening an artifact") from None
@@ -1520,12 +1508,32 @@ class S3Storage(Closing):
         except botocore.exceptions.ClientError as exc:
             if _is_conflict(exc):
                 raise self._replaced(entry) from None
+            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+                # A re-wrap deletes the old blob once the index names the new one: between the
+                # range's GET and this one it is followed, as between the lookup and the GET.
+                raise self._blob_gone(entry) from None
             raise s3_error(exc, "reading an artifact's header") from None
         except (*_S3_FAILURES, OSError) as exc:
             raise s3_error(exc, "reading an artifact's header") from None
         if etag is not None and response.get("ETag") not in (None, etag):
             raise self._replaced(entry)
         stored_header(record, head)
+
+    def _blob_gone(self, entry: _Indexed) -> ModelNotFound | StoredDataCorrupt | _Superseded:
+        """What a read of ``entry``'s blob that found it gone means, from the index read again:
+        the model deleted (ModelNotFound) or re-wrapped (_Superseded: read it again) since its
+        entry was read, neither data loss; else the blob is missing (DATA_LOSS BLOB_MISSING)."""
+        record = entry.record
+        current = self._get_index(record.name, record.version)
+        if current is None:
+            return ModelNotFound(f"model {record.name} version {record.version} does not exist")
+        if current.blob != entry.blob:
+            return _Superseded()
+        log.error("blob %s of %s %s is missing", entry.blob, record.name, record.version)
+        return StoredDataCorrupt(
+            f"stored artifact {record.name} {record.version} is missing",
+            reason=Reason.BLOB_MISSING,
+        )
 
     @staticmethod
     def _replaced(entry: _Indexed) -> StoredDataCorrupt:

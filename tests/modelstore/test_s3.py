@@ -1261,3 +1261,41 @@ def test_a_blob_replaced_between_a_ranges_read_and_its_head_check_is_not_served(
     assert store.stat("acme/a", "1") == record
     with store.open("acme/a", "1", offset=1000) as reader:
         assert b"".join(reader.chunks(1 << 20)) == mine[1000:]
+
+
+def test_a_range_read_while_a_rewrap_deletes_its_blob_follows_the_rewrap(
+    proxy: s3server.FaultProxy, s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """A re-wrap deletes the old blob once the index names the new one. A range that does not
+    hold the head reads the head apart, by a second GET: a re-wrap between the range's GET and
+    the head's found the old blob gone there, and the download was UNAVAILABLE S3_ERROR ("the
+    object store refused a request") though nothing had failed. It is followed to the new blob,
+    as a re-wrap between the lookup and the range's own GET always was."""
+    store = replica(proxy.endpoint, s3_bucket)
+    other = replica(s3_server.endpoint, s3_bucket)  # another replica, straight to the server
+    art = rewrap_case.artifact("acme/m", "1", 5000)
+    store.put([art], StructureValidator())
+    (key,) = ("p/" + b for b in store.referenced_blobs())
+    gets = 0
+
+    def rewrap_before_the_head_read(method: str, path: str) -> bool:
+        nonlocal gets
+        if method == "GET" and path.partition("?")[0].endswith(key):
+            gets += 1
+            if gets == 2:  # the head's GET, after the range's
+                other.replace_key_slot(
+                    "acme/m",
+                    "1",
+                    expected_key_version=1,
+                    key_version=2,
+                    wrapped_dek=rewrap_case.wrapped("acme/m", "1", 2),
+                )
+        return False
+
+    proxy.inject(s3server.Fault(rewrap_before_the_head_read))
+    offset = len(art) - 1000
+    with store.open("acme/m", "1", offset=offset) as reader:
+        served = b"".join(reader.chunks(1 << 20))
+    assert gets == 2
+    assert store.stat("acme/m", "1").key_version == 2
+    assert served == art[offset:]  # the body after the head is the re-wrap's too
