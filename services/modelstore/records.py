@@ -148,18 +148,17 @@ def listed_text(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+_ESCAPED_BYTE = re.compile(r"\\x[89a-f][0-9a-f]")
 
 
-def listed_candidates(listed: str) -> set[str]:
-    """The stored texts that :func:`listed_text` may have written as ``listed``: itself, and
-    itself with every ``\\xHH`` escape (HH 80 to ff, the only ones it writes) read back as its
-    byte. A name may hold both a literal ``\\x`` and an escaped byte; the caller checks each
-    candidate's listed text, and more than one row matching is refused as ambiguous."""
-    return {
-        listed,
-        _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m[1], 16)), listed),
-    }
+def listed_prefix(listed: str) -> str:
+    """The part of ``listed`` (a name or version as :func:`listed_text` writes it) before its
+    first ``\\xHH`` (HH 80 to ff, the only escapes it writes): every stored text listed as
+    ``listed`` starts with exactly these characters. After it, each such escape may stand for a
+    byte or for those four characters held as text, in any mixture (2^n stored texts for n of
+    them), so a lookup compares candidates' listed text instead of enumerating them."""
+    found = _ESCAPED_BYTE.search(listed)
+    return listed if found is None else listed[: found.start()]
 
 
 MAX_HELD_LENGTH = 2048

@@ -40,7 +40,7 @@ from strongroom.modelstore.errors import (
     UploadMismatch,
 )
 from strongroom.modelstore.publishers import PublisherScopes
-from strongroom.modelstore.records import MAX_UNREADABLE_LOGGED, UnreadableEntries
+from strongroom.modelstore.records import MAX_UNREADABLE_LOGGED, UnreadableEntries, listed_text
 from strongroom.modelstore.storage import (
     FilesystemStorage,
     IntegrityProblem,
@@ -1186,6 +1186,39 @@ def test_an_index_row_that_is_not_utf8_is_corrupt_and_the_store_starts(store_roo
             assert [e.name for p in pages for e in p.corrupt] == ["acme/b\udcff"]
         with pytest.raises(ModelNotFound):
             storage.stat("acme/b", "1")
+
+
+def test_a_row_mixing_a_literal_escape_and_a_raw_byte_is_deleted_exactly_as_listed(
+    fs_storage: FilesystemStorage,
+) -> None:
+    """A listing writes a byte that is not UTF-8 as ``\\xHH``, which a row may also hold as text.
+    A corrupt-entry delete looked up only the listed text read all as text or all as bytes: a
+    row holding both (a literal ``\\x80`` and a raw byte, planted by whoever can write the
+    volume) was listed but could never be deleted but by an edit of the index, and one listed
+    alike beside a row it did find went unseen, so that row was deleted without
+    INDEX_ENTRY_AMBIGUOUS. Every row a listing names so is found now."""
+    for name in ("acme/a", "acme/b", "acme/c", "acme/d"):
+        put(fs_storage, make_artifact(name, "1", b"x"))
+    with contextlib.closing(sqlite3.connect(fs_storage.root / "index.sqlite3")) as db, db:
+        for name, stored in [
+            ("acme/b", b"acme/b\\x80\xff"),  # a literal escape, then a raw byte
+            ("acme/c", b"acme/c\\x80\\x81"),  # both literal
+            ("acme/d", b"acme/c\\x80\x81"),  # a literal escape, then a raw byte: listed alike
+        ]:
+            db.execute("UPDATE models SET name = CAST(? AS TEXT) WHERE name = ?", (stored, name))
+    listed = [listed_text(e.name) for e in fs_storage.list(prefix="acme/").corrupt]
+    listed_b, listed_c = "acme/b\\x80\\xff", "acme/c\\x80\\x81"
+    assert listed == [listed_b, listed_c, listed_c]
+    with pytest.raises(FailedPrecondition) as ambiguous:
+        fs_storage.delete_corrupt(listed_c, "1")
+    assert ambiguous.value.reason == "INDEX_ENTRY_AMBIGUOUS"
+    fs_storage.delete_corrupt(listed_b, "1")
+    page = fs_storage.list(prefix="acme/")
+    assert [m.name for m in page.models] == ["acme/a"]
+    assert [listed_text(e.name) for e in page.corrupt] == [listed_c, listed_c]
+    with pytest.raises(FailedPrecondition) as readable:
+        fs_storage.delete_corrupt("acme/a", "1")
+    assert readable.value.reason == "INDEX_ENTRY_NOT_CORRUPT"
 
 
 def test_a_header_size_larger_than_any_head_is_index_corrupt(storage: AnyStorage) -> None:
