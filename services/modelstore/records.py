@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import re
 import threading
@@ -95,14 +96,21 @@ class UnreadableEntries:
     def __init__(self, logger: logging.Logger) -> None:
         self._log = logger
         self._lock = threading.Lock()
-        self._seen: set[tuple[str, str]] = set()
+        # Digests, not the texts: a filesystem row's name as a message names it is up to ~3 KB
+        # (256 characters, each a 6-character escape), so 4,096 remembered texts held ~13 MB.
+        self._seen: set[tuple[bytes, bytes]] = set()
         self._full = False
+
+    @staticmethod
+    def _digest(text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
     def report(self, what: str, problem: str) -> None:
         """Logs that ``what`` (the entry, as a message names it) is unreadable for ``problem``,
         unless that was logged already."""
+        key = (self._digest(what), self._digest(problem))
         with self._lock:
-            if (what, problem) in self._seen:
+            if key in self._seen:
                 return
             if len(self._seen) >= MAX_UNREADABLE_LOGGED:
                 first, self._full = not self._full, True
@@ -113,7 +121,7 @@ class UnreadableEntries:
                         MAX_UNREADABLE_LOGGED,
                     )
                 return
-            self._seen.add((what, problem))
+            self._seen.add(key)
         self._log.error("%s is unreadable: %s", what, problem)
 
     def forget(self, what: str) -> None:
@@ -121,9 +129,10 @@ class UnreadableEntries:
         unreadable again, the same way, is logged again: remembered for good, a second edit of
         a model re-published after its corrupt entry was deleted went unlogged, and deleted
         entries filled the memory that later ones need to be logged at all."""
+        forgotten = self._digest(what)
         with self._lock:
-            if any(seen == what for seen, _ in self._seen):
-                self._seen = {(w, p) for w, p in self._seen if w != what}
+            if any(seen == forgotten for seen, _ in self._seen):
+                self._seen = {(w, p) for w, p in self._seen if w != forgotten}
                 self._full = False
 
 

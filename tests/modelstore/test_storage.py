@@ -18,6 +18,7 @@ import stat
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1164,6 +1165,28 @@ def test_planted_corrupt_entries_neither_grow_the_memory_nor_flood_the_log(
                 unreadable.report(f"index row of m{i}", "key_version")
     assert len(caplog.records) == MAX_UNREADABLE_LOGGED + 1
     assert "later ones are not logged" in caplog.records[-1].getMessage()
+
+
+def test_remembered_corrupt_entries_hold_little_memory_whatever_their_names() -> None:
+    """What a store remembers of the unreadable entries it logged was their names as a message
+    names them: a filesystem row's name is quoted up to 256 characters, each a 6-character
+    escape for a byte that is not UTF-8, so 4,096 planted rows held about 13 MB for good. It
+    remembers a fixed-size digest of each now."""
+    logger = logging.getLogger("tests.unreadable.memory")
+    logger.disabled = True  # the log's own records (pytest keeps them) are not what is measured
+    unreadable = UnreadableEntries(logger)
+    names = [f"{i:06d}" + "\udcff" * 250 for i in range(MAX_UNREADABLE_LOGGED)]
+    problem = "name is outside the model-name grammar"
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for name in names:  # each entry's text made as a read makes it, and let go
+            unreadable.report(f"index row of {name!r} {name!r}", problem)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        logger.disabled = False
+    assert held < 2 * 1024 * 1024, held
 
 
 def test_an_index_row_that_is_not_utf8_is_corrupt_and_the_store_starts(store_root: Path) -> None:
