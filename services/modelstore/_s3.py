@@ -73,7 +73,7 @@ from strongroom.identifiers import (
     validate_version,
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
-from strongroom.modelstore._heads import check_model, head_checked, stored_header
+from strongroom.modelstore._heads import head_checked, stored_header
 from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.config import StorageConfig
 from strongroom.modelstore.errors import (
@@ -1247,8 +1247,12 @@ class S3Storage(Closing):
         model's artifact. The blob's own header names its model, which the upload checked and
         recorded, so the binding is read there (one ranged GET of the head). True: the header
         names this model. False: it cannot be told (the blob is gone, or its head does not
-        parse): the blob is kept, as a crash's leftover is (the sweep reports it). Raises
-        StoredDataCorrupt(BLOB_OF_ANOTHER_MODEL) if it names another model: nothing is deleted.
+        parse), or it names another model: the blob is kept, as a crash's leftover is (the sweep
+        reports it, or it is that other model's own), and the record is deleted. Refusing the
+        delete of a record naming another model's blob (BLOB_OF_ANOTHER_MODEL) left it with no
+        way out: a plain delete refused, a corrupt-entry delete refused a readable record, so
+        only an edit of the bucket removed it, where the filesystem backend deletes such a row
+        and keeps the blob another row names.
         """
         # A head is at most a prefix, a 64 KiB header and a 2 KiB slot.
         size = min(header_size, MAX_HEAD_SIZE)
@@ -1292,7 +1296,17 @@ class S3Storage(Closing):
                 exc.reason,
             )
             return False
-        check_model(name, version, header, blob=blob)  # BLOB_OF_ANOTHER_MODEL: nothing deleted
+        if (header.model_name, header.model_version) != (name, version):
+            log.error(
+                "index record of %s %s names blob %s, an artifact of %s %s: the record is "
+                "deleted, the blob kept",
+                name,
+                version,
+                blob,
+                header.model_name,
+                header.model_version,
+            )
+            return False
         return True
 
     def delete(self, name: str, version: str) -> None:
