@@ -548,15 +548,16 @@ class FilesystemStorage(Closing):
                     log.warning("cannot remove blob %s now: %s", digest, exc)
         log.info("deleted model", extra={"model": name, "version": version})
 
-    def delete_corrupt(self, listed_name: str, listed_version: str) -> None:
-        """Removes the one unreadable index row a listing names so (``Index.delete_corrupt``).
+    def delete_corrupt(self, listed_name: str, listed_version: str) -> str:
+        """Removes the one unreadable index row a listing names so (``Index.delete_corrupt``);
+        returns what it held (its columns, bounded) for the caller's log.
 
         Its blob is not deleted: the row's name lies outside the grammar (or another field is
         wrong), so its blob's header cannot show the blob is its model's, and it may be another
         model's. The start-up sweep moves it to ``quarantine/`` once no row names it."""
         self._check_open()
         with self._commit_lock:
-            self._index.delete_corrupt(listed_name, listed_version)
+            return self._index.delete_corrupt(listed_name, listed_version)
 
     # -- reads ---------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The one check that a stored blob is its index entry's model, shared by every path that reads
-a blob for an entry: downloads and verification (both backends), key-slot re-wraps and deletes.
+a blob for an entry: downloads and verification (both backends) and key-slot re-wraps (an S3
+delete reads the same binding to decide whether it may delete the blob, and keeps it if not).
 
 An index entry names its blob (a filesystem row by digest, an S3 record by key), and whoever can
 write the storage volume or the bucket can point one entry at another model's blob, with that

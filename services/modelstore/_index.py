@@ -33,7 +33,8 @@ from strongroom.modelstore.records import (
     CorruptEntry,
     ModelRecord,
     UnreadableEntries,
-    listed_candidates,
+    held_text,
+    listed_prefix,
     listed_text,
     problem_text,
     stored_record,
@@ -75,7 +76,8 @@ _SELECT = """SELECT name, version, artifact_sha256, artifact_size, plaintext_siz
     FROM models"""
 _GET = _SELECT + " WHERE name = ? AND version = ?"
 # A key bound as its bytes (a row's name may hold bytes that are not UTF-8, see _PAGE).
-_GET_KEY = _SELECT + " WHERE name = CAST(? AS TEXT) AND version = CAST(? AS TEXT)"
+# The rows whose name's bytes lie in [?, ?): those starting with a prefix (see _after_prefix).
+_SCAN_NAMES = _SELECT + " WHERE name >= CAST(? AS TEXT) AND name < CAST(? AS TEXT)"
 _DELETE_KEY = "DELETE FROM models WHERE name = CAST(? AS TEXT) AND version = CAST(? AS TEXT)"
 _ALL = _SELECT + " ORDER BY name, version"
 # Every clause is always present (an empty prefix and an empty "after" key match everything), so
@@ -160,8 +162,15 @@ def _entry(row: Any, unreadable: UnreadableEntries) -> ModelRecord | CorruptEntr
         return stored_record(dict(zip(_COLUMNS, row, strict=True)))
     except ValueError as exc:
         problem = problem_text(exc)
-        unreadable.report(f"index row of {_where(row)}", problem)
+        unreadable.report(_logged_as(row), problem)
         return CorruptEntry(str(row[0]), str(row[1]), problem)
+
+
+def _after_prefix(prefix: bytes) -> bytes | None:
+    """The least byte string above every one starting with ``prefix`` (SQLite's BINARY order is
+    the bytes' order); None if there is none (empty, or all 0xff bytes)."""
+    stripped = prefix.rstrip(b"\xff")
+    return stripped[:-1] + bytes((stripped[-1] + 1,)) if stripped else None
 
 
 def _readable(row: Any) -> bool:
@@ -171,6 +180,11 @@ def _readable(row: Any) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _logged_as(row: Any) -> str:
+    """How :class:`~strongroom.modelstore.records.UnreadableEntries` names a row."""
+    return f"index row of {_where(row)}"
 
 
 def _where(row: Any) -> str:
@@ -366,29 +380,32 @@ class Index:
                 cur.execute("ROLLBACK")
                 raise
             cur.execute("COMMIT")
+        self._unreadable.forget(_logged_as(row))
         digest = row[2] if is_sha256_hex(row[2]) else None
         return digest, int(remaining)
 
-    def delete_corrupt(self, listed_name: str, listed_version: str) -> None:
+    def delete_corrupt(self, listed_name: str, listed_version: str) -> str:
         """Removes the one unreadable row a listing names ``listed_name`` ``listed_version``
         (:func:`~strongroom.modelstore.records.listed_text` of its name and version), in one
-        transaction. ModelNotFound if no row is listed so, FailedPrecondition
-        INDEX_ENTRY_NOT_CORRUPT if the row is readable, INDEX_ENTRY_AMBIGUOUS if several
-        unreadable rows are (a literal ``\\x`` beside an escaped byte): nothing is deleted then."""
-        keys = sorted(
-            (key_bytes(n), key_bytes(v))
-            for n in listed_candidates(listed_name)
-            for v in listed_candidates(listed_version)
-        )
+        transaction, and returns what it held (:func:`~strongroom.modelstore.records.held_text`
+        of its columns) for the caller's log. ModelNotFound if no row is listed so,
+        FailedPrecondition INDEX_ENTRY_NOT_CORRUPT if the row is readable, INDEX_ENTRY_AMBIGUOUS
+        if several unreadable rows are (a literal ``\\x`` beside an escaped byte): nothing is
+        deleted then."""
+        # Every row whose name starts with the listed name's literal part, its listed text
+        # compared: looking up only the text read all literally and all as bytes missed a row
+        # mixing the two (listed, never deletable so) and so an ambiguity beside a row it found.
+        low = key_bytes(listed_prefix(listed_name))
+        high = _after_prefix(low)
+        scan = (_ALL, ()) if high is None else (_SCAN_NAMES, (low, high))
         where = f"{listed_name[:256]!r} {listed_version[:256]!r}"
         with self._cursor() as cur:
             cur.execute("BEGIN IMMEDIATE")
             try:
                 rows = [
                     row
-                    for key in keys
-                    if (row := cur.execute(_GET_KEY, key).fetchone()) is not None
-                    and (listed_text(row[0]), listed_text(row[1])) == (listed_name, listed_version)
+                    for row in cur.execute(*scan)  # streamed: a scan may cover the index
+                    if (listed_text(row[0]), listed_text(row[1])) == (listed_name, listed_version)
                 ]
                 corrupt = [row for row in rows if not _readable(row)]
                 if len(corrupt) != 1:
@@ -410,6 +427,8 @@ class Index:
                 cur.execute("ROLLBACK")
                 raise
             cur.execute("COMMIT")
+        self._unreadable.forget(_logged_as(corrupt[0]))
+        return held_text(dict(zip(_COLUMNS, corrupt[0], strict=True)))
 
     def references(self, digest: str) -> int:
         """How many rows point at the blob with this digest."""

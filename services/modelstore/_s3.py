@@ -73,7 +73,7 @@ from strongroom.identifiers import (
     validate_version,
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
-from strongroom.modelstore._heads import check_model, head_checked, stored_header
+from strongroom.modelstore._heads import head_checked, stored_header
 from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.config import StorageConfig
 from strongroom.modelstore.errors import (
@@ -90,6 +90,7 @@ from strongroom.modelstore.records import (
     ModelRecord,
     UnreadableEntries,
     UploadClaims,
+    held_text,
     problem_text,
     stored_record,
     to_micros,
@@ -372,7 +373,7 @@ def _parse_record(
             raise ValueError("name and version are not its key's")
     except ValueError as exc:
         problem = problem_text(exc)
-        unreadable.report(f"index record of {name} {version}", problem)
+        unreadable.report(_logged_as(name, version), problem)
         return CorruptEntry(name, version, problem)
     return record, blob
 
@@ -405,6 +406,11 @@ def _indexed(
     if isinstance(entry, CorruptEntry):
         raise _corrupt(entry)
     return entry
+
+
+def _logged_as(name: str, version: str) -> str:
+    """How :class:`~strongroom.modelstore.records.UnreadableEntries` names an index record."""
+    return f"index record of {name} {version}"
 
 
 def _blob_of_unreadable(data: bytes) -> str | None:
@@ -1241,8 +1247,12 @@ class S3Storage(Closing):
         model's artifact. The blob's own header names its model, which the upload checked and
         recorded, so the binding is read there (one ranged GET of the head). True: the header
         names this model. False: it cannot be told (the blob is gone, or its head does not
-        parse): the blob is kept, as a crash's leftover is (the sweep reports it). Raises
-        StoredDataCorrupt(BLOB_OF_ANOTHER_MODEL) if it names another model: nothing is deleted.
+        parse), or it names another model: the blob is kept, as a crash's leftover is (the sweep
+        reports it, or it is that other model's own), and the record is deleted. Refusing the
+        delete of a record naming another model's blob (BLOB_OF_ANOTHER_MODEL) left it with no
+        way out: a plain delete refused, a corrupt-entry delete refused a readable record, so
+        only an edit of the bucket removed it, where the filesystem backend deletes such a row
+        and keeps the blob another row names.
         """
         # A head is at most a prefix, a 64 KiB header and a 2 KiB slot.
         size = min(header_size, MAX_HEAD_SIZE)
@@ -1286,7 +1296,17 @@ class S3Storage(Closing):
                 exc.reason,
             )
             return False
-        check_model(name, version, header, blob=blob)  # BLOB_OF_ANOTHER_MODEL: nothing deleted
+        if (header.model_name, header.model_version) != (name, version):
+            log.error(
+                "index record of %s %s names blob %s, an artifact of %s %s: the record is "
+                "deleted, the blob kept",
+                name,
+                version,
+                blob,
+                header.model_name,
+                header.model_version,
+            )
+            return False
         return True
 
     def delete(self, name: str, version: str) -> None:
@@ -1342,12 +1362,14 @@ class S3Storage(Closing):
                     # Only a retry found it gone: an earlier attempt whose answer was lost (a
                     # dropped connection, a 503 after the fact) deleted it. That is this call's
                     # delete, not a NOT_FOUND.
+                    self._unreadable.forget(_logged_as(name, version))
                     log.info("deleted model", extra={"model": name, "version": version})
                     return
                 raise s3_error(exc, "deleting a model") from None
             except _S3_FAILURES as exc:
                 raise s3_error(exc, "deleting a model") from None
             self._delete_owned_blob(blob, name, version, owned)
+            self._unreadable.forget(_logged_as(name, version))
             log.info("deleted model", extra={"model": name, "version": version})
             return
         raise StorageUnavailable(
@@ -1356,9 +1378,10 @@ class S3Storage(Closing):
             reason=Reason.KEY_SLOT_CHANGED,
         )
 
-    def delete_corrupt(self, listed_name: str, listed_version: str) -> None:
+    def delete_corrupt(self, listed_name: str, listed_version: str) -> str:
         """Removes the index record a listing names as corrupt ``listed_name``
         ``listed_version`` (If-Match on the ETag read); its blob is kept (the sweep reports it).
+        Returns what it held (the object's bytes, bounded) for the caller's log.
 
         Every record a listing names here is under a key in the name grammar (keys outside it
         are no record of this store, and skipped), so a name outside it is ModelNotFound."""
@@ -1390,6 +1413,8 @@ class S3Storage(Closing):
             raise s3_error(exc, "deleting an index record") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "deleting an index record") from None
+        self._unreadable.forget(_logged_as(name, version))
+        return held_text(data)
 
     def _delete_owned_blob(self, blob: str | None, name: str, version: str, owned: bool) -> None:
         """Deletes a deleted record's blob if :meth:`_owns_blob` said it is its own; else keeps
@@ -1444,19 +1469,7 @@ class S3Storage(Closing):
             if _code(exc) == "InvalidRange" or _status(exc) == 416:
                 raise self._size_mismatch(record) from None
             if _is_missing(exc) and _code(exc) != "NoSuchBucket":
-                current = self._get_index(record.name, record.version)
-                # Deleted, or re-wrapped, between our index read and the GET: not data loss.
-                if current is None:
-                    raise ModelNotFound(
-                        f"model {record.name} version {record.version} does not exist"
-                    ) from None
-                if current.blob != entry.blob:
-                    raise _Superseded from None
-                log.error("blob %s of %s %s is missing", entry.blob, record.name, record.version)
-                raise StoredDataCorrupt(
-                    f"stored artifact {record.name} {record.version} is missing",
-                    reason=Reason.BLOB_MISSING,
-                ) from None
+                raise self._blob_gone(entry) from None
             raise s3_error(exc, "opening an artifact") from None
         except _S3_FAILURES as exc:
             raise s3_error(exc, "opening an artifact") from None
@@ -1475,30 +1488,81 @@ class S3Storage(Closing):
                 raise self._size_mismatch(record)
         if check_head and length and not covers_head:
             try:
-                self._check_head_apart(entry)
+                self._check_head_apart(entry, response.get("ETag"))
             except BaseException:
                 reader.close()
                 raise
         return reader
 
-    def _check_head_apart(self, entry: _Indexed) -> None:
+    def _check_head_apart(self, entry: _Indexed, etag: str | None) -> None:
         """Reads the head of ``entry``'s blob (one ranged GET) and checks that it names the
-        entry's model (``_heads.stored_header``): for a read whose range does not hold it."""
+        entry's model (``_heads.stored_header``): for a read whose range does not hold it.
+
+        ``etag`` is the ETag of the object the range's own GET is reading: the head is read from
+        that object only (``If-Match``, and its answer's ETag compared, for a server that ignores
+        the condition). Two GETs are two reads of whatever the key holds at each moment: a blob
+        overwritten between them (by whoever can write the bucket: another model's artifact for
+        the range, this model's back for the head) passed the check while the range streamed the
+        other model's bytes. A store never rewrites a blob key, so a changed object is DATA_LOSS
+        BLOB_REPLACED, nothing served."""
         record = entry.record
+        condition = {} if etag is None else {"IfMatch": etag}
         try:
             response = self._client.get_object(
                 Bucket=self.bucket,
                 Key=self._full(entry.blob),
                 Range=f"bytes=0-{record.header_size - 1}",
+                **condition,
             )
             body = response["Body"]
             try:
                 head = body.read(record.header_size)  # a server may ignore the range
             finally:
                 body.close()
+        except botocore.exceptions.ClientError as exc:
+            if _is_conflict(exc):
+                raise self._replaced(entry) from None
+            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+                # A re-wrap deletes the old blob once the index names the new one: between the
+                # range's GET and this one it is followed, as between the lookup and the GET.
+                raise self._blob_gone(entry) from None
+            raise s3_error(exc, "reading an artifact's header") from None
         except (*_S3_FAILURES, OSError) as exc:
             raise s3_error(exc, "reading an artifact's header") from None
+        if etag is not None and response.get("ETag") not in (None, etag):
+            raise self._replaced(entry)
         stored_header(record, head)
+
+    def _blob_gone(self, entry: _Indexed) -> ModelNotFound | StoredDataCorrupt | _Superseded:
+        """What a read of ``entry``'s blob that found it gone means, from the index read again:
+        the model deleted (ModelNotFound) or re-wrapped (_Superseded: read it again) since its
+        entry was read, neither data loss; else the blob is missing (DATA_LOSS BLOB_MISSING)."""
+        record = entry.record
+        current = self._get_index(record.name, record.version)
+        if current is None:
+            return ModelNotFound(f"model {record.name} version {record.version} does not exist")
+        if current.blob != entry.blob:
+            return _Superseded()
+        log.error("blob %s of %s %s is missing", entry.blob, record.name, record.version)
+        return StoredDataCorrupt(
+            f"stored artifact {record.name} {record.version} is missing",
+            reason=Reason.BLOB_MISSING,
+        )
+
+    @staticmethod
+    def _replaced(entry: _Indexed) -> StoredDataCorrupt:
+        record = entry.record
+        log.error(
+            "blob %s of %s %s changed while it was read: not served",
+            entry.blob,
+            record.name,
+            record.version,
+        )
+        return StoredDataCorrupt(
+            f"stored artifact {record.name} {record.version} changed while it was read "
+            "(a blob is never rewritten): nothing was served",
+            reason=Reason.BLOB_REPLACED,
+        )
 
     @staticmethod
     def _size_mismatch(record: ModelRecord) -> StoredDataCorrupt:

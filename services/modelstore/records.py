@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import re
 import threading
@@ -95,14 +96,21 @@ class UnreadableEntries:
     def __init__(self, logger: logging.Logger) -> None:
         self._log = logger
         self._lock = threading.Lock()
-        self._seen: set[tuple[str, str]] = set()
+        # Digests, not the texts: a filesystem row's name as a message names it is up to ~3 KB
+        # (256 characters, each a 6-character escape), so 4,096 remembered texts held ~13 MB.
+        self._seen: set[tuple[bytes, bytes]] = set()
         self._full = False
+
+    @staticmethod
+    def _digest(text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
     def report(self, what: str, problem: str) -> None:
         """Logs that ``what`` (the entry, as a message names it) is unreadable for ``problem``,
         unless that was logged already."""
+        key = (self._digest(what), self._digest(problem))
         with self._lock:
-            if (what, problem) in self._seen:
+            if key in self._seen:
                 return
             if len(self._seen) >= MAX_UNREADABLE_LOGGED:
                 first, self._full = not self._full, True
@@ -113,8 +121,19 @@ class UnreadableEntries:
                         MAX_UNREADABLE_LOGGED,
                     )
                 return
-            self._seen.add((what, problem))
+            self._seen.add(key)
         self._log.error("%s is unreadable: %s", what, problem)
+
+    def forget(self, what: str) -> None:
+        """Forgets ``what`` (an entry just deleted), so that an entry of that name made
+        unreadable again, the same way, is logged again: remembered for good, a second edit of
+        a model re-published after its corrupt entry was deleted went unlogged, and deleted
+        entries filled the memory that later ones need to be logged at all."""
+        forgotten = self._digest(what)
+        with self._lock:
+            if any(seen == forgotten for seen, _ in self._seen):
+                self._seen = {(w, p) for w, p in self._seen if w != forgotten}
+                self._full = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -138,18 +157,33 @@ def listed_text(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+_ESCAPED_BYTE = re.compile(r"\\x[89a-f][0-9a-f]")
 
 
-def listed_candidates(listed: str) -> set[str]:
-    """The stored texts that :func:`listed_text` may have written as ``listed``: itself, and
-    itself with every ``\\xHH`` escape (HH 80 to ff, the only ones it writes) read back as its
-    byte. A name may hold both a literal ``\\x`` and an escaped byte; the caller checks each
-    candidate's listed text, and more than one row matching is refused as ambiguous."""
-    return {
-        listed,
-        _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m[1], 16)), listed),
-    }
+def listed_prefix(listed: str) -> str:
+    """The part of ``listed`` (a name or version as :func:`listed_text` writes it) before its
+    first ``\\xHH`` (HH 80 to ff, the only escapes it writes): every stored text listed as
+    ``listed`` starts with exactly these characters. After it, each such escape may stand for a
+    byte or for those four characters held as text, in any mixture (2^n stored texts for n of
+    them), so a lookup compares candidates' listed text instead of enumerating them."""
+    found = _ESCAPED_BYTE.search(listed)
+    return listed if found is None else listed[: found.start()]
+
+
+MAX_HELD_LENGTH = 2048
+"""The longest :func:`held_text` kept, in ASCII characters (a record the store writes is about
+1 KB; an edited one may hold megabytes)."""
+
+
+def held_text(stored: object) -> str:
+    """``stored`` (a deleted index entry as it was stored: a filesystem row's columns by name, an
+    S3 index object's bytes) as one bounded ASCII log field: what DeleteModel with
+    ``corrupt_entry`` removed, so that an operator can find the blob it named (in
+    ``quarantine/`` once swept) and put the entry back by hand."""
+    if isinstance(stored, bytes):
+        stored = stored.decode("utf-8", "backslashreplace")
+    text = stored if isinstance(stored, str) else repr(stored)
+    return text.encode("ascii", "backslashreplace").decode("ascii")[:MAX_HELD_LENGTH]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

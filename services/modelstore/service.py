@@ -495,12 +495,16 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                 "a corrupt entry is named by a name and a version as ListModels lists them",
                 reason=Reason.INVALID_MODEL_NAME,
             )
-        self._storage.delete_corrupt(request.name, request.version)
+        held = self._storage.delete_corrupt(request.name, request.version)
+        # What the entry held, with the caller: the line is the only record of a deletion, and
+        # without the blob the entry named (a quarantined file among others once swept) and its
+        # other fields the entry could be neither told apart nor put back.
         log.warning(
-            "deleted the unreadable index entry %r %r (its blob is kept) for %s",
+            "deleted the unreadable index entry %r %r for %s; it held: %s (its blob is kept)",
             request.name,
             request.version,
             caller_key(context),
+            held,
             extra={"reason": Reason.INDEX_CORRUPT},
         )
         return pb.DeleteModelResponse()

@@ -145,10 +145,11 @@ class Storage(Protocol):
         """Removes the model (its bytes go once nothing else shares them); ModelNotFound if absent."""
         ...
 
-    def delete_corrupt(self, listed_name: str, listed_version: str) -> None:
+    def delete_corrupt(self, listed_name: str, listed_version: str) -> str:
         """Removes the one index entry the store cannot read that a listing names
         ``listed_name`` ``listed_version`` (a corrupt entry's name as listed, possibly outside the
-        name grammar); its blob is never deleted here. ModelNotFound if no entry has that name,
+        name grammar); its blob is never deleted here. Returns what the entry held
+        (:func:`~strongroom.modelstore.records.held_text`) for the caller's log. ModelNotFound if no entry has that name,
         FailedPrecondition INDEX_ENTRY_NOT_CORRUPT if the entry is readable (delete it with
         :meth:`delete`), INDEX_ENTRY_AMBIGUOUS if several unreadable entries are listed so."""
         ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import stat
 import sys
 import tarfile
@@ -32,6 +33,7 @@ from strongroom.client.publish import (
     upload_artifact,
 )
 from strongroom.errors import FailedPrecondition
+from strongroom.identifiers import MAX_NAME_LENGTH
 from strongroom.reasons import Reason
 
 TIMEOUT = 30.0
@@ -393,11 +395,46 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# The leading characters of a name that a ListModels name_prefix may hold.
+_PREFIX_PART = re.compile(r"[A-Za-z0-9._/-]*")
+
+
+def _corrupt_entry_printed_as(
+    stub: pb_grpc.ModelStoreServiceStub, name: str, version: str
+) -> tuple[str, str]:
+    """The name and version of the one corrupt entry that ``model ls`` prints as ``name``
+    ``version`` (each character that is not printable shown as its escape, :func:`printable`),
+    or ``name`` ``version`` as given if none is (typed with the raw characters, or not listed:
+    the store answers). Several printed alike: FailedPrecondition INDEX_ENTRY_AMBIGUOUS."""
+    prefix = _PREFIX_PART.match(name)
+    found = {
+        (entry.name, entry.version)
+        for entry in iter_entries(
+            stub, name_prefix=prefix[0][:MAX_NAME_LENGTH] if prefix else "", timeout=TIMEOUT
+        )
+        if isinstance(entry, pb.CorruptEntry)
+        and (printable(entry.name), printable(entry.version)) == (name, version)
+    }
+    if len(found) > 1:
+        raise FailedPrecondition(
+            f"{len(found)} corrupt index entries are listed as {printable(name)} "
+            f"{printable(version)}: name one with its raw characters, or delete them from the "
+            "index by hand",
+            reason=Reason.INDEX_ENTRY_AMBIGUOUS,
+        )
+    return found.pop() if found else (name, version)
+
+
 def _rm(args: argparse.Namespace) -> int:
     with Client.from_args(args) as client:
         stub = pb_grpc.ModelStoreServiceStub(client.channel("modelstore"))
+        name, version = args.name, args.version
+        if args.corrupt:
+            # ``model ls`` escapes what is not printable (a planted name must not drive the
+            # terminal): the entry as printed is found again, else it could not be named.
+            name, version = _corrupt_entry_printed_as(stub, name, version)
         stub.DeleteModel(
-            pb.DeleteModelRequest(name=args.name, version=args.version, corrupt_entry=args.corrupt),
+            pb.DeleteModelRequest(name=name, version=version, corrupt_entry=args.corrupt),
             timeout=TIMEOUT,
         )
     what = "the corrupt index entry " if args.corrupt else ""

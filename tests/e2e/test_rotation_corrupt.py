@@ -143,3 +143,33 @@ def test_model_rm_corrupt_deletes_an_entry_outside_the_name_grammar(
     assert (code, out) == (0, "deleted the corrupt index entry c/odd odd/1\n")
     code, out, _ = cli(capsys, "model", "ls", "c/", "--client-config", admin)
     assert "c/odd" not in out
+
+
+def test_model_rm_corrupt_deletes_an_entry_as_model_ls_prints_it(
+    corrupt_stack: DevStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``model ls`` prints a character that is not printable (a tab, an escape) as its Python
+    escape, so that a planted name cannot drive the terminal; ``model rm --corrupt`` sent the
+    name as typed, so the entry as printed was NOT_FOUND and could be deleted only by typing the
+    raw character. It now deletes the one corrupt entry printed so, and refuses (nothing
+    deleted) when several are."""
+    storage = corrupt_stack.services["modelstore"].handle.storage
+    if not isinstance(storage, FilesystemStorage):
+        pytest.skip("only a filesystem row can hold a name outside the grammar")
+    admin = str(corrupt_stack.write_client_config("admin"))
+    for name in ("d/tab", "d/twin", "d/twin2"):
+        storage.put([make_artifact(name, "1", b"x")], StructureValidator())
+    with contextlib.closing(sqlite3.connect(storage.root / "index.sqlite3")) as db, db:
+        db.execute("UPDATE models SET name = 'd/a' || char(9) || 'b' WHERE name = 'd/tab'")
+        db.execute("UPDATE models SET name = 'd/c' || char(9) || 'd' WHERE name = 'd/twin'")
+        db.execute("UPDATE models SET name = 'd/c\\td' WHERE name = 'd/twin2'")  # literal \t
+    code, out, _ = cli(capsys, "model", "ls", "d/", "--client-config", admin)
+    assert "d/a\\tb\t1\t-" in out and out.count("d/c\\td\t1\t-") == 2
+    rm = ("model", "rm", "d/a\\tb", "1", "--corrupt", "--client-config", admin)
+    code, out, _ = cli(capsys, *rm)
+    assert (code, out) == (0, "deleted the corrupt index entry d/a\\tb/1\n")
+    rm = ("model", "rm", "d/c\\td", "1", "--corrupt", "--client-config", admin)
+    code, _, err = cli(capsys, *rm)
+    assert code != 0 and "INDEX_ENTRY_AMBIGUOUS" in err
+    code, out, _ = cli(capsys, "model", "ls", "d/", "--client-config", admin)
+    assert "d/a" not in out and out.count("d/c\\td\t1\t-") == 2

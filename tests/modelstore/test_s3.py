@@ -137,30 +137,31 @@ def test_an_unreadable_index_record_is_stored_data_corrupt(
     assert "acme/m" in info.value.message and field in info.value.message
 
 
-def test_deleting_a_record_that_names_another_models_blob_deletes_nothing(
+def test_deleting_a_record_that_names_another_models_blob_keeps_that_blob(
     s3_server: s3server.MotoServer, s3_bucket: str
 ) -> None:
     """An index object names its blob by key: edited (by whoever can write the bucket) to name
-    another model's blob, deleting its model deleted that other model's artifact. The blob's own
-    header names its model: such a delete is DATA_LOSS BLOB_OF_ANOTHER_MODEL, nothing is deleted,
-    and the other model is still served."""
+    another model's blob, deleting its model deleted that other model's artifact; then such a
+    delete was refused (DATA_LOSS BLOB_OF_ANOTHER_MODEL), and as a corrupt-entry delete refuses
+    a readable record, nothing but an edit of the bucket removed it. The blob's own header names
+    its model: the record is deleted and the blob kept (logged), as the filesystem backend keeps
+    a blob another row names; the other model is still served, and its own delete removes it."""
     store = replica(s3_server.endpoint, s3_bucket)
     a = store.put([make_artifact("acme/a", "1", b"a" * 300)], StructureValidator())
     victim = make_artifact("acme/b", "1", b"b" * 300)
     b = store.put([victim], StructureValidator())
     point_at_blob_of(store, a, b)
-    edited = store.stat("acme/a", "1")
     with pytest.raises(StoredDataCorrupt) as info:
-        store.delete("acme/a", "1")
+        read_all(store, "acme/a", "1")
     assert info.value.reason == "BLOB_OF_ANOTHER_MODEL"
-    assert info.value.status_name == "DATA_LOSS"
-    assert "acme/a" in info.value.message and "acme/b" in info.value.message
+    store.delete("acme/a", "1")
+    with pytest.raises(ModelNotFound):
+        store.stat("acme/a", "1")
     assert read_all(store, "acme/b", "1") == victim
-    assert store.stat("acme/a", "1") == edited
-    # A model's own delete still removes its own blob.
     store.delete("acme/b", "1")
     with pytest.raises(ModelNotFound):
         store.stat("acme/b", "1")
+    assert store.referenced_blobs() == {}
 
 
 @pytest.mark.parametrize("damage", ["unparseable", "emptied", "archived"])
@@ -1223,3 +1224,79 @@ def test_credentials_in_the_endpoint_url_are_refused_without_echoing_them(
     assert "endpoint" in str(info.value)
     assert "endpoint-secret" not in str(info.value)
     assert "endpoint-secret" not in caplog.text
+
+
+def test_a_blob_replaced_between_a_ranges_read_and_its_head_check_is_not_served(
+    proxy: s3server.FaultProxy, s3_client: Any, s3_bucket: str
+) -> None:
+    """A range that does not hold the head is read by one GET and its head checked by another,
+    and each read whatever the key held at that moment: whoever can write the bucket put another
+    model's artifact (of the same size) in this model's blob for the range's GET and this model's
+    own back for the head's, and the store streamed the other model's bytes under this name. The
+    head is now read from the object the range's GET is reading (If-Match on its ETag): DATA_LOSS
+    BLOB_REPLACED, nothing served; the blob untouched read from its own object is served."""
+    store = replica(proxy.endpoint, s3_bucket)
+    mine = make_artifact("acme/a", "1", body(3000, 1))
+    other = make_artifact("acme/b", "1", body(3000, 2))
+    assert len(mine) == len(other)
+    record = store.put([mine], StructureValidator())
+    store.put([other], StructureValidator())
+    (key,) = ("p/" + b for b, r in store.referenced_blobs().items() if r.name == "acme/a")
+    s3_client.put_object(Bucket=s3_bucket, Key=key, Body=other)
+    gets = 0
+
+    def put_mine_back_for_the_head_read(method: str, path: str) -> bool:
+        nonlocal gets
+        if method == "GET" and path.partition("?")[0].endswith(key):
+            gets += 1
+            if gets == 2:  # the head's GET, after the range's
+                s3_client.put_object(Bucket=s3_bucket, Key=key, Body=mine)
+        return False
+
+    proxy.inject(s3server.Fault(put_mine_back_for_the_head_read))
+    with pytest.raises(StoredDataCorrupt) as info:
+        store.open("acme/a", "1", offset=1000)
+    assert info.value.reason == "BLOB_REPLACED"
+    assert info.value.status_name == "DATA_LOSS"
+    assert gets == 2
+    assert store.stat("acme/a", "1") == record
+    with store.open("acme/a", "1", offset=1000) as reader:
+        assert b"".join(reader.chunks(1 << 20)) == mine[1000:]
+
+
+def test_a_range_read_while_a_rewrap_deletes_its_blob_follows_the_rewrap(
+    proxy: s3server.FaultProxy, s3_server: s3server.MotoServer, s3_bucket: str
+) -> None:
+    """A re-wrap deletes the old blob once the index names the new one. A range that does not
+    hold the head reads the head apart, by a second GET: a re-wrap between the range's GET and
+    the head's found the old blob gone there, and the download was UNAVAILABLE S3_ERROR ("the
+    object store refused a request") though nothing had failed. It is followed to the new blob,
+    as a re-wrap between the lookup and the range's own GET always was."""
+    store = replica(proxy.endpoint, s3_bucket)
+    other = replica(s3_server.endpoint, s3_bucket)  # another replica, straight to the server
+    art = rewrap_case.artifact("acme/m", "1", 5000)
+    store.put([art], StructureValidator())
+    (key,) = ("p/" + b for b in store.referenced_blobs())
+    gets = 0
+
+    def rewrap_before_the_head_read(method: str, path: str) -> bool:
+        nonlocal gets
+        if method == "GET" and path.partition("?")[0].endswith(key):
+            gets += 1
+            if gets == 2:  # the head's GET, after the range's
+                other.replace_key_slot(
+                    "acme/m",
+                    "1",
+                    expected_key_version=1,
+                    key_version=2,
+                    wrapped_dek=rewrap_case.wrapped("acme/m", "1", 2),
+                )
+        return False
+
+    proxy.inject(s3server.Fault(rewrap_before_the_head_read))
+    offset = len(art) - 1000
+    with store.open("acme/m", "1", offset=offset) as reader:
+        served = b"".join(reader.chunks(1 << 20))
+    assert gets == 2
+    assert store.stat("acme/m", "1").key_version == 2
+    assert served == art[offset:]  # the body after the head is the re-wrap's too

@@ -679,6 +679,27 @@ def test_a_corrupt_entry_in_the_grammar_is_deleted_as_listed_and_its_blob_kept(
     )
 
 
+def test_a_deleted_corrupt_entry_is_logged_with_what_it_held(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DeleteModel with ``corrupt_entry`` logged only the name as asked and the caller: nothing
+    of what the entry held, so the blob it named (kept, and on the filesystem quarantined among
+    others at the next start) could not be told apart, nor the entry put back. The line now
+    carries its stored fields (bounded, escaped), the blob's digest among them."""
+    put(served, make_artifact("acme/a", "1", body(100)))
+    put(served, make_artifact("acme/b", "1", body(100, 1)))
+    b = served.storage.stat("acme/b", "1")
+    edit_index_entry(served.storage, b, key_version=0)
+    with caplog.at_level(logging.WARNING, logger="strongroom.modelstore.service"):
+        served.stub.DeleteModel(
+            pb.DeleteModelRequest(name="acme/b", version="1", corrupt_entry=True), timeout=30
+        )
+    (line,) = [r.getMessage() for r in caplog.records if "unreadable index entry" in r.getMessage()]
+    assert "'acme/b' '1'" in line
+    assert b.artifact_sha256 in line and "key_version" in line
+    assert len(line) < 4096
+
+
 def test_corrupt_blob_is_data_loss(served: Served) -> None:
     art = make_artifact("m", "1", body(10_000))
     put(served, art)

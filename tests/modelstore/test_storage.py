@@ -18,6 +18,7 @@ import stat
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +41,7 @@ from strongroom.modelstore.errors import (
     UploadMismatch,
 )
 from strongroom.modelstore.publishers import PublisherScopes
-from strongroom.modelstore.records import MAX_UNREADABLE_LOGGED, UnreadableEntries
+from strongroom.modelstore.records import MAX_UNREADABLE_LOGGED, UnreadableEntries, listed_text
 from strongroom.modelstore.storage import (
     FilesystemStorage,
     IntegrityProblem,
@@ -1133,6 +1134,25 @@ def test_a_corrupt_entry_is_logged_once_not_on_every_page_that_covers_it(
     assert "content_type" in changed.getMessage()
 
 
+def test_a_corrupt_entry_deleted_and_made_unreadable_again_is_logged_again(
+    storage: AnyStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unreadable entry was remembered as logged for the life of the process, deleted or
+    not: a model whose corrupt entry an admin deleted (plainly or with ``corrupt_entry``) and
+    re-published, then edited again the same way by whoever can write the storage, was never
+    logged again. A deletion forgets the entry, so each new corruption is logged once."""
+    with caplog.at_level(logging.ERROR):
+        for delete in (storage.delete, storage.delete_corrupt, None):
+            put(storage, make_artifact("acme/m", "1", b"x"))
+            edit_index_entry(storage, storage.stat("acme/m", "1"), key_version=0)
+            storage.list(prefix="acme/")
+            storage.list(prefix="acme/")
+            if delete is not None:
+                delete("acme/m", "1")
+    unreadable = [r for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert len(unreadable) == 3
+
+
 def test_planted_corrupt_entries_neither_grow_the_memory_nor_flood_the_log(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1145,6 +1165,28 @@ def test_planted_corrupt_entries_neither_grow_the_memory_nor_flood_the_log(
                 unreadable.report(f"index row of m{i}", "key_version")
     assert len(caplog.records) == MAX_UNREADABLE_LOGGED + 1
     assert "later ones are not logged" in caplog.records[-1].getMessage()
+
+
+def test_remembered_corrupt_entries_hold_little_memory_whatever_their_names() -> None:
+    """What a store remembers of the unreadable entries it logged was their names as a message
+    names them: a filesystem row's name is quoted up to 256 characters, each a 6-character
+    escape for a byte that is not UTF-8, so 4,096 planted rows held about 13 MB for good. It
+    remembers a fixed-size digest of each now."""
+    logger = logging.getLogger("tests.unreadable.memory")
+    logger.disabled = True  # the log's own records (pytest keeps them) are not what is measured
+    unreadable = UnreadableEntries(logger)
+    names = [f"{i:06d}" + "\udcff" * 250 for i in range(MAX_UNREADABLE_LOGGED)]
+    problem = "name is outside the model-name grammar"
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for name in names:  # each entry's text made as a read makes it, and let go
+            unreadable.report(f"index row of {name!r} {name!r}", problem)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        logger.disabled = False
+    assert held < 2 * 1024 * 1024, held
 
 
 def test_an_index_row_that_is_not_utf8_is_corrupt_and_the_store_starts(store_root: Path) -> None:
@@ -1167,6 +1209,39 @@ def test_an_index_row_that_is_not_utf8_is_corrupt_and_the_store_starts(store_roo
             assert [e.name for p in pages for e in p.corrupt] == ["acme/b\udcff"]
         with pytest.raises(ModelNotFound):
             storage.stat("acme/b", "1")
+
+
+def test_a_row_mixing_a_literal_escape_and_a_raw_byte_is_deleted_exactly_as_listed(
+    fs_storage: FilesystemStorage,
+) -> None:
+    """A listing writes a byte that is not UTF-8 as ``\\xHH``, which a row may also hold as text.
+    A corrupt-entry delete looked up only the listed text read all as text or all as bytes: a
+    row holding both (a literal ``\\x80`` and a raw byte, planted by whoever can write the
+    volume) was listed but could never be deleted but by an edit of the index, and one listed
+    alike beside a row it did find went unseen, so that row was deleted without
+    INDEX_ENTRY_AMBIGUOUS. Every row a listing names so is found now."""
+    for name in ("acme/a", "acme/b", "acme/c", "acme/d"):
+        put(fs_storage, make_artifact(name, "1", b"x"))
+    with contextlib.closing(sqlite3.connect(fs_storage.root / "index.sqlite3")) as db, db:
+        for name, stored in [
+            ("acme/b", b"acme/b\\x80\xff"),  # a literal escape, then a raw byte
+            ("acme/c", b"acme/c\\x80\\x81"),  # both literal
+            ("acme/d", b"acme/c\\x80\x81"),  # a literal escape, then a raw byte: listed alike
+        ]:
+            db.execute("UPDATE models SET name = CAST(? AS TEXT) WHERE name = ?", (stored, name))
+    listed = [listed_text(e.name) for e in fs_storage.list(prefix="acme/").corrupt]
+    listed_b, listed_c = "acme/b\\x80\\xff", "acme/c\\x80\\x81"
+    assert listed == [listed_b, listed_c, listed_c]
+    with pytest.raises(FailedPrecondition) as ambiguous:
+        fs_storage.delete_corrupt(listed_c, "1")
+    assert ambiguous.value.reason == "INDEX_ENTRY_AMBIGUOUS"
+    fs_storage.delete_corrupt(listed_b, "1")
+    page = fs_storage.list(prefix="acme/")
+    assert [m.name for m in page.models] == ["acme/a"]
+    assert [listed_text(e.name) for e in page.corrupt] == [listed_c, listed_c]
+    with pytest.raises(FailedPrecondition) as readable:
+        fs_storage.delete_corrupt("acme/a", "1")
+    assert readable.value.reason == "INDEX_ENTRY_NOT_CORRUPT"
 
 
 def test_a_header_size_larger_than_any_head_is_index_corrupt(storage: AnyStorage) -> None:
