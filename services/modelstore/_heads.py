@@ -34,9 +34,11 @@ def check_model(name: str, version: str, header: ArtifactHeader, *, blob: str) -
         header.model_name,
         header.model_version,
     )
+    # Which model, only in the log: the caller may read this name but not the other's (a
+    # publisher scoped to its own tenant), and the answer must not tell it what else is stored.
     raise StoredDataCorrupt(
-        f"the index entry of {name} {version} names another model's artifact "
-        f"({header.model_name} {header.model_version}): refused, nothing was changed",
+        f"the index entry of {name} {version} names another model's artifact: refused, nothing "
+        "was changed (the store's log names the artifact)",
         reason=Reason.BLOB_OF_ANOTHER_MODEL,
     )
 
