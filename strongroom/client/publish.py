@@ -135,43 +135,77 @@ def upload_artifact(
     quarantined, for instance); its name and version are its header's. No key is involved.
 
     The file is checked first (header, footer, exact length: InvalidArtifact before anything is
-    sent) and hashed; its size and that SHA-256 are announced with the first message and checked
-    by the store against what it receives, so a file that changes after it was hashed (rewritten
-    in place, or grown) is refused, not stored. ``progress`` is called with (bytes sent, total).
+    sent), then read once: hashed as it is sent. Its size is announced with the first message and
+    its SHA-256 with the last, and the store checks both against what it received. The last
+    message is held back until the file is seen unchanged since it was checked (size, inode,
+    modification and change times): a file rewritten in place, grown or shrunk meanwhile ends
+    the upload with FailedPrecondition(MODEL_FILE_CHANGED) before the artifact is complete, so
+    the store keeps nothing. ``progress`` is called with (bytes sent, total).
     """
     started = time.perf_counter()
     with _open_readable(path) as source:
         summary = read_summary(source)
         source.seek(0)
         head = parse_header(source.read(summary.header_size))
+        checked = _file_state(source)
         source.seek(0)
-        hasher = hashlib.sha256()
-        while data := source.read(UPLOAD_MESSAGE_BYTES):
-            hasher.update(data)
-        digest = hasher.hexdigest()
-        source.seek(0)
-
-        def messages() -> Iterator[UploadMessage]:
-            first = True
-            while data := source.read(UPLOAD_MESSAGE_BYTES):
-                if first:
-                    yield store_pb.PutModelRequest(
-                        data=data, artifact_size=summary.artifact_size, artifact_sha256=digest
-                    )
-                    first = False
-                else:
-                    yield data
-                if progress is not None:
-                    progress(source.tell(), summary.artifact_size)
-
         response = put_model(
             store,
-            messages(),
+            _artifact_messages(path, source, summary.artifact_size, checked, progress),
             name=summary.name,
             version=summary.version,
             timeout=timeout,
         )
     return Published(response.model, time.perf_counter() - started, header_digest(head).hex())
+
+
+def _file_state(source: BinaryIO) -> tuple[int, ...]:
+    # What any write, truncation or replacement of the file's content changes (the change time
+    # cannot be set back by its writer, unlike the modification time).
+    info = os.fstat(source.fileno())
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+def _artifact_messages(
+    path: Path,
+    source: BinaryIO,
+    size: int,
+    checked: tuple[int, ...],
+    progress: Progress | None,
+) -> Iterator[UploadMessage]:
+    # One pass: the file was hashed in full before it was sent, so every byte was read twice
+    # (0.24x the bare stream for a 512 MiB file against 0.36x for the same bytes from memory).
+    hasher = hashlib.sha256()
+    remaining = size
+    first = True
+    while remaining:
+        data = source.read(min(UPLOAD_MESSAGE_BYTES, remaining))
+        if not data:  # shorter than when it was checked
+            raise _changed(path)
+        hasher.update(data)
+        remaining -= len(data)
+        if not remaining:
+            # Held back until the file is seen unchanged: an artifact that misses its last bytes
+            # is no whole one for any store, so a changed file is never stored.
+            if _file_state(source) != checked:
+                raise _changed(path)
+            yield store_pb.PutModelRequest(
+                data=data, artifact_size=size if first else 0, artifact_sha256=hasher.hexdigest()
+            )
+        elif first:
+            yield store_pb.PutModelRequest(data=data, artifact_size=size)
+        else:
+            yield data
+        first = False
+        if progress is not None:
+            progress(size - remaining, size)
+
+
+def _changed(path: Path) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"{path} changed while it was uploaded; nothing was stored",
+        reason=Reason.MODEL_FILE_CHANGED,
+    )
 
 
 def check_generated(generated: kb_pb.GenerateDataKeyResponse, name: str, version: str) -> None:

@@ -335,7 +335,7 @@ def run(
     Writes ``results["no_tls"]``, or ``results["mtls"]`` with ``tls``. Every upload goes through
     the production validator; the main figures upload a real head followed by filler (no
     encryption in the timing), while ``put_real_artifact_*`` uploads a real encrypted artifact
-    file with ``upload_artifact`` (which reads and hashes it before sending it, as ``strongroom
+    file with ``upload_artifact`` (which checks it, then hashes it as it sends it, as ``strongroom
     model upload`` does). ``workdir`` holds the storage root (default: the system temp dir).
     """
     best: dict[str, float] = {}

@@ -281,7 +281,9 @@ def test_an_artifact_file_rewritten_during_upload_is_refused(
     """``model upload`` announced the SHA-256 of the bytes it had sent, after sending them, so
     the store's check could never fail: a file rewritten in place while it was read (a copy still
     being made, another process) was stored with bytes no reader can decrypt, and reported as
-    uploaded. The digest is now taken before the upload and announced with its first message."""
+    uploaded. The digest was then taken in a pass of its own before the upload (every byte read
+    twice); now it is taken as the bytes are sent, and the last message waits until the file is
+    seen unchanged since its check: the rewrite ends the upload before its last bytes."""
     stack.create_release_key(stack.identity("admin"), "rewrite-key", policy_version="rw-1")
     model = tmp_path / "model.bin"
     model.write_bytes(bytes(3 << 20))
@@ -319,7 +321,7 @@ def test_an_artifact_file_rewritten_during_upload_is_refused(
 
     monkeypatch.setattr(cli_models, "ProgressBar", Rewriting)
     code, out, err = run(capsys, "model", "upload", str(local), "--client-config", publisher)
-    assert code == 1 and out == "" and "DIGEST_MISMATCH" in err, (out, err)
+    assert code == 1 and out == "" and "MODEL_FILE_CHANGED" in err, (out, err)
     code, out, _ = run(capsys, "model", "ls", "rewritten", "--client-config", publisher)
     assert code == 0 and out == ""
 

@@ -19,20 +19,23 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.artifact import StructureValidator
 from strongroom.client.publish import (
     UPLOAD_MESSAGE_BYTES,
+    UploadMessage,
     _serialize_upload,
     put_model,
     upload_artifact,
     upload_pieces,
 )
+from strongroom.errors import FailedPrecondition
 from strongroom.modelstore.service import (
     DEFAULT_MAX_CHUNK,
     SERVICE_NAME,
     _put_model_request,
     message_limits,
 )
+from strongroom.reasons import Reason
 from strongroom.wire import append_bytes_field, encode_varint
 from tests.modelstore.artifacts import chunked, make_artifact
-from tests.modelstore.backends import AnyStorage
+from tests.modelstore.backends import AnyStorage, assert_clean
 from tests.modelstore.conftest import Served
 
 _DATA = 1
@@ -139,6 +142,101 @@ def test_an_artifact_file_uploads_through_the_views(fs_served: Served, tmp_path:
     assert published.model.artifact_sha256 == hashlib.sha256(artifact).hexdigest()
     with fs_served.storage.open("m", "1") as reader:
         assert b"".join(reader.chunks(65536)) == artifact
+
+
+def _artifact_file(tmp_path: Path, version: str) -> tuple[Path, bytes]:
+    artifact = make_artifact("m", version, hashlib.shake_256(version.encode()).digest(3 << 20))
+    path = tmp_path / f"m-{version}.artifact"
+    path.write_bytes(artifact)
+    return path, artifact
+
+
+def test_an_artifact_file_is_read_once_and_its_digest_checked_at_the_end(
+    fs_served: Served, tmp_path: Path
+) -> None:
+    """upload_artifact hashes the file as it sends it: the size goes with the first message, the
+    digest with the last, and each byte is read from the file once."""
+    path, artifact = _artifact_file(tmp_path, "1")
+    published = upload_artifact(path, store=fs_served.channel, timeout=30)
+    assert published.model.artifact_sha256 == hashlib.sha256(artifact).hexdigest()
+    # Every byte once: the file's own reads (header and footer checks, then the upload) against
+    # its size, counted by the kernel for this thread and the one gRPC consumes requests on.
+    seen: list[int] = []
+
+    def count(sent: int, total: int) -> None:
+        seen.append(sent)
+
+    path2, artifact2 = _artifact_file(tmp_path, "2")
+    reads_before = _file_reads()
+    upload_artifact(path2, store=fs_served.channel, timeout=30, progress=count)
+    read = _file_reads() - reads_before
+    assert seen[-1] == len(artifact2)
+    assert read < 1.5 * len(artifact2), f"{read} bytes read for a {len(artifact2)}-byte file"
+
+
+def test_an_artifact_file_of_one_message_carries_size_and_digest_in_it(
+    fs_served: Served, tmp_path: Path
+) -> None:
+    artifact = make_artifact("m", "small", b"tiny model")
+    assert len(artifact) < UPLOAD_MESSAGE_BYTES
+    path = tmp_path / "small.artifact"
+    path.write_bytes(artifact)
+    published = upload_artifact(path, store=fs_served.channel, timeout=30)
+    assert published.model.artifact_sha256 == hashlib.sha256(artifact).hexdigest()
+    assert published.model.artifact_size == len(artifact)
+
+
+def _file_reads() -> int:
+    # read()/pread() bytes of this process, from /proc: gRPC receives with recvmsg, not counted.
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.parametrize("change", ["rewritten", "grown", "shrunk"])
+def test_an_artifact_file_that_changes_during_its_upload_is_not_stored(
+    fs_served: Served, tmp_path: Path, change: str
+) -> None:
+    path, artifact = _artifact_file(tmp_path, "1")
+    changed: list[int] = []
+
+    def change_file(sent: int, total: int) -> None:
+        if changed:
+            return
+        changed.append(sent)
+        with path.open("r+b") as f:
+            if change == "rewritten":  # bytes not yet sent, same size
+                f.seek(len(artifact) // 2)
+                f.write(b"\0" * 4096)
+            elif change == "grown":
+                f.seek(0, 2)
+                f.write(b"more")
+            else:
+                f.truncate(len(artifact) - 4096)
+
+    with pytest.raises(FailedPrecondition) as raised:
+        upload_artifact(path, store=fs_served.channel, timeout=30, progress=change_file)
+    assert raised.value.reason == Reason.MODEL_FILE_CHANGED
+    assert str(path) in str(raised.value)
+    assert list(fs_served.storage.records()) == []
+    assert_clean(fs_served.storage)
+
+
+def test_a_digest_sent_last_that_differs_is_refused_and_nothing_kept(fs_served: Served) -> None:
+    artifact = make_artifact("m", "1", hashlib.shake_256(b"last").digest(300_000))
+    pieces = chunked(artifact, 100_000)
+    messages: list[UploadMessage] = [
+        pb.PutModelRequest(data=pieces[0], artifact_size=len(artifact)),
+        *pieces[1:-1],
+        pb.PutModelRequest(data=pieces[-1], artifact_sha256=hashlib.sha256(b"other").hexdigest()),
+    ]
+    with pytest.raises(grpc.RpcError) as info:
+        put_model(fs_served.channel, iter(messages), name="m", version="1", timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("DIGEST_MISMATCH: ")
+    assert list(fs_served.storage.records()) == []
+    assert_clean(fs_served.storage)
 
 
 def _padded_varint(value: int, extra: int) -> bytes:
