@@ -4,12 +4,15 @@
 #   deploy/check.sh            (from anywhere; tools come from .build/tools and .venv, see deploy/dev/setup.sh)
 #
 #  1. docker-compose config -q on the compose stack (and with the confidential-VM override)
-#  2. helm lint --strict and helm template for the minimal, development and production values (the
-#     bare defaults must be REFUSED: they leave open where the broker's collateral comes from; and
-#     production without the chart's network policies, unless acknowledged as externally enforced)
+#  2. helm lint --strict and helm template for the minimal, development and production values, and
+#     production with inference autoscaling (the bare defaults must be REFUSED: they leave open
+#     where the broker's collateral comes from; and production without the chart's network
+#     policies, unless acknowledged as externally enforced)
 #  3. kubernetes-validate --strict on every rendered manifest (Kubernetes $KUBE_VERSION schemas, offline)
 #  4. every values file under deploy/helm/tests/ must be REJECTED by values.schema.json, with the
-#     error its "# expect:" line names
+#     error its "# expect:" line names; or, with a "# refused-at-render:" line instead (what a
+#     draft-07 schema cannot say, such as one value above another), refused by the chart while it
+#     renders the file on top of values-minimal.yaml, with that message
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -74,6 +77,9 @@ render() { # render NAME [helm args...]: lint, template, kubernetes-validate
 render minimal -f deploy/helm/values-minimal.yaml
 render development -f deploy/helm/values-development.yaml
 render production -f deploy/helm/values-production.yaml
+# The production values with the inference fleet under an HPA (inference.autoscaling).
+render production-autoscaled -f deploy/helm/values-production.yaml \
+  --set inference.autoscaling.enabled=true --set inference.autoscaling.maxReplicas=20
 
 refused_at_render() { # refused_at_render EXPECT [helm args...]: helm must fail while rendering, for that reason
   local expect=$1 out="$work/refused.out"
@@ -101,6 +107,12 @@ rejected() { # rejected FILE EXPECT: helm must fail on the schema, for the state
   [ -z "$2" ] || grep -qF -- "$2" "$out" || { cat "$out"; echo "expected: $2"; return 1; }
 }
 for f in deploy/helm/tests/*.yaml; do
+  at_render=$(sed -n 's/^# refused-at-render: //p' "$f" | head -1)
+  if [ -n "$at_render" ]; then
+    check "helm refuses $(basename "$f") ($at_render)" \
+      refused_at_render "$at_render" -f deploy/helm/values-minimal.yaml -f "$f"
+    continue
+  fi
   expect=$(sed -n 's/^# expect: //p' "$f" | head -1)
   check "schema rejects $(basename "$f")${expect:+ ($expect)}" rejected "$f" "$expect"
 done

@@ -14,6 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
+from strongroom.keybroker.config import KeybrokerConfig
+from strongroom.modelstore.config import ModelstoreConfig
+from strongroom.runtime.config import ServerConfig, load_service_config
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 CHART = DEPLOY / "helm" / "strongroom"
@@ -116,6 +120,30 @@ def schema_nodes(node: Any, where: str = "#") -> Iterator[tuple[str, dict[str, A
 def kind(docs: list[dict[str, Any]], k: str) -> list[dict[str, Any]]:
     """The documents of one kind."""
     return [d for d in docs if d.get("kind") == k]
+
+
+#: The service sections :func:`server_section` loads a rendered configuration with.
+SERVER_SECTIONS: dict[str, type[Any]] = {
+    "modelstore": ModelstoreConfig,
+    "keybroker": KeybrokerConfig,
+}
+
+
+def server_section(helm: str, tmp_path: Path, service: str, *set_args: str) -> ServerConfig:
+    """A service's server section as the service itself loads it from the chart rendered with
+    the minimal values and ``set_args``."""
+    docs = render(helm, set_args=set_args)
+    (cm,) = [
+        c
+        for c in kind(docs, "ConfigMap")
+        if c["metadata"]["labels"]["app.kubernetes.io/component"] == service
+        and c["metadata"]["name"].endswith(service)
+        and "config.yaml" in c.get("data", {})
+    ]
+    path = tmp_path / f"{service}.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    common, _ = load_service_config(path, service, SERVER_SECTIONS[service], environ={})
+    return common.server
 
 
 def load_compose() -> dict[str, Any]:

@@ -16,15 +16,14 @@ import pytest
 import yaml
 
 from strongroom.attestation.collateral_fetch import FetchSettings
-from strongroom.keybroker.config import KeybrokerConfig
-from strongroom.modelstore.config import ModelstoreConfig
-from strongroom.runtime.config import ServerConfig, load_service_config
+from strongroom.runtime.config import ServerConfig
 from tests.deploy.conftest import (
     DEPLOY,
     MINIMAL,
     kind,
     render,
     run_helm_template,
+    server_section,
 )
 
 DEVELOPMENT = (DEPLOY / "helm" / "values-development.yaml",)
@@ -171,27 +170,8 @@ def test_the_acknowledgement_is_a_boolean(helm: str) -> None:
     assert "values don't meet the specifications of the schema" in result.stderr
 
 
-SECTIONS: dict[str, type[Any]] = {"modelstore": ModelstoreConfig, "keybroker": KeybrokerConfig}
-
-
-def _server(helm: str, tmp_path: Path, service: str, *set_args: str) -> ServerConfig:
-    """A service's server section as the service itself loads it from the rendered chart."""
-    docs = render(helm, set_args=set_args)
-    (cm,) = [
-        c
-        for c in kind(docs, "ConfigMap")
-        if _component(c) == service
-        and c["metadata"]["name"].endswith(service)
-        and "config.yaml" in c.get("data", {})
-    ]
-    path = tmp_path / f"{service}.yaml"
-    path.write_text(cm["data"]["config.yaml"])
-    common, _ = load_service_config(path, service, SECTIONS[service], environ={})
-    return common.server
-
-
 def _store_server(helm: str, tmp_path: Path, *set_args: str) -> ServerConfig:
-    return _server(helm, tmp_path, "modelstore", *set_args)
+    return server_section(helm, tmp_path, "modelstore", *set_args)
 
 
 @pytest.mark.parametrize("replicas", [1, 3, 10, 40, 500])
@@ -353,7 +333,7 @@ def test_broker_unary_limit_scales_with_the_inference_fleet(
     """Each inference replica asks the broker a challenge, then a release, per model it loads: the
     fixed 16 unary calls of the one inference identity refused a large fleet's cold start
     (TOO_MANY_UNARY_CALLS_PER_IDENTITY, each refusal audited) until it backed off."""
-    server = _server(helm, tmp_path, "keybroker", f"inference.replicas={replicas}")
+    server = server_section(helm, tmp_path, "keybroker", f"inference.replicas={replicas}")
     assert server.unary_calls_per_identity >= 2 * replicas
     assert server.data_plane_workers_per_identity == server.unary_calls_per_identity
     # Threads for the others, and the reserve for key administration beside them.
@@ -365,7 +345,7 @@ def test_broker_unary_limit_scales_with_the_inference_fleet(
             defaults.unary_calls_per_identity,
             defaults.max_workers,
         )
-    overridden = _server(
+    overridden = server_section(
         helm, tmp_path, "keybroker", "keybroker.server.maxUnaryCallsPerIdentity=20"
     )
     assert (overridden.unary_calls_per_identity, overridden.max_workers) == (20, 39)

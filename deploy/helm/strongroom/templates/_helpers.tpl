@@ -314,9 +314,28 @@ topologySpreadConstraints:
 {{- end -}}
 
 {{/*
+The largest inference fleet the chart allows (R of the derived limits), as a number: with
+autoscaling, the HPA's maxReplicas; else the fixed inference.replicas. Every inference replica has
+the one inference SPIFFE ID, so per-identity limits sized for fewer replicas than the HPA may make
+refuse the replicas it adds under load (TOO_MANY_*_PER_IDENTITY) exactly while they start.
+*/}}
+{{- define "strongroom.inferenceFleet" -}}
+{{- $inf := .Values.inference -}}
+{{- if $inf.autoscaling.enabled -}}{{ int $inf.autoscaling.maxReplicas }}{{- else -}}{{ int $inf.replicas }}{{- end -}}
+{{- end -}}
+
+{{/* The value the fleet's bound comes from, for messages: "inference.replicas 3" or
+"inference.autoscaling.maxReplicas 20". */}}
+{{- define "strongroom.inferenceFleetSource" -}}
+{{- if .Values.inference.autoscaling.enabled -}}inference.autoscaling.maxReplicas{{- else -}}inference.replicas{{- end -}}
+{{- printf " %s" (include "strongroom.inferenceFleet" .) -}}
+{{- end -}}
+
+{{/*
 The model store's gRPC limits (its configuration's server section), as JSON: each value the
-operator left null is derived from inference.replicas (R). Every inference replica has the one
-inference SPIFFE ID, so the per-identity limits are the whole fleet's. The bound on the data-plane
+operator left null is derived from the largest inference fleet (R, strongroom.inferenceFleet).
+Every inference replica has the one inference SPIFFE ID, so the per-identity limits are the whole
+fleet's. The bound on the data-plane
 workers one identity holds across kinds (maxDataPlaneWorkersPerIdentity) follows the larger of the
 fleet's two per-kind caps, not their sum: a fleet's downloads and its quick unary calls peak at
 different moments, and what exceeds it is refused TOO_MANY_WORKERS_PER_IDENTITY, which the
@@ -330,7 +349,7 @@ reach (values.yaml, modelstore.server). Refuses what the store would refuse at s
 */}}
 {{- define "strongroom.modelstoreServer" -}}
 {{- $s := .Values.modelstore.server -}}
-{{- $fleet := mul 2 (int .Values.inference.replicas) -}}
+{{- $fleet := mul 2 (include "strongroom.inferenceFleet" . | int) -}}
 {{- $reserve := include "strongroom.controlPlaneWorkers" $s | int -}}
 {{- $streams := int (default (max 8 $fleet) $s.maxStreamsPerIdentity) -}}
 {{- $unary := int (default (max 13 $fleet) $s.maxUnaryCallsPerIdentity) -}}
@@ -338,7 +357,7 @@ reach (values.yaml, modelstore.server). Refuses what the store would refuse at s
 {{- $blocking := int (default (max 16 (add $streams 8)) $s.maxBlockingStreams) -}}
 {{- $workers := int (default (max 32 (add $blocking $reserve 12) (add $bound $reserve 15)) $s.maxWorkers) -}}
 {{- if gt $workers 1024 -}}
-{{- fail (printf "modelstore.server: %d worker threads needed (maxBlockingStreams %d + controlPlaneWorkers %d + 12, maxDataPlaneWorkersPerIdentity %d + controlPlaneWorkers + 15; derived from inference.replicas %d where not set) but the store allows at most 1024: set modelstore.server.maxStreamsPerIdentity / maxUnaryCallsPerIdentity / maxDataPlaneWorkersPerIdentity lower, or run more model store replicas and set them per replica" $workers $blocking $reserve $bound (int .Values.inference.replicas)) -}}
+{{- fail (printf "modelstore.server: %d worker threads needed (maxBlockingStreams %d + controlPlaneWorkers %d + 12, maxDataPlaneWorkersPerIdentity %d + controlPlaneWorkers + 15; derived from %s where not set) but the store allows at most 1024: set modelstore.server.maxStreamsPerIdentity / maxUnaryCallsPerIdentity / maxDataPlaneWorkersPerIdentity lower, or run more model store replicas and set them per replica" $workers $blocking $reserve $bound (include "strongroom.inferenceFleetSource" .)) -}}
 {{- end -}}
 {{- if not (lt $blocking $workers) -}}
 {{- fail (printf "modelstore.server.maxBlockingStreams (%d) must be below maxWorkers (%d): streams must never hold every worker thread" $blocking $workers) -}}
@@ -356,11 +375,11 @@ message is all that holds a worker), so the bound across kinds follows the unary
 {{- define "strongroom.keybrokerServer" -}}
 {{- $s := .Values.keybroker.server -}}
 {{- $reserve := include "strongroom.controlPlaneWorkers" $s | int -}}
-{{- $unary := int (default (max 13 (mul 2 (int .Values.inference.replicas))) $s.maxUnaryCallsPerIdentity) -}}
+{{- $unary := int (default (max 13 (mul 2 (include "strongroom.inferenceFleet" . | int))) $s.maxUnaryCallsPerIdentity) -}}
 {{- $bound := int (default (max 13 $unary) $s.maxDataPlaneWorkersPerIdentity) -}}
 {{- $workers := int (default (max 32 (add $bound $reserve 15)) $s.maxWorkers) -}}
 {{- if gt $workers 1024 -}}
-{{- fail (printf "keybroker.server: %d worker threads needed (maxDataPlaneWorkersPerIdentity %d + controlPlaneWorkers %d + 15) but the broker allows at most 1024: set keybroker.server.maxUnaryCallsPerIdentity / maxDataPlaneWorkersPerIdentity lower" $workers $bound $reserve) -}}
+{{- fail (printf "keybroker.server: %d worker threads needed (maxDataPlaneWorkersPerIdentity %d + controlPlaneWorkers %d + 15; derived from %s where not set) but the broker allows at most 1024: set keybroker.server.maxUnaryCallsPerIdentity / maxDataPlaneWorkersPerIdentity lower" $workers $bound $reserve (include "strongroom.inferenceFleetSource" .)) -}}
 {{- end -}}
 {{- include "strongroom.checkWorkerShares" (list "keybroker" $workers $reserve $unary $bound) -}}
 {{- toJson (dict "max_workers" $workers "control_plane_workers" $reserve "max_unary_calls_per_identity" $unary "max_data_plane_workers_per_identity" $bound) -}}
@@ -431,7 +450,28 @@ suffix) as a float64 number of bytes. A number in YAML is a float64 already. */ 
 {{- end -}}
 {{- end -}}
 
+{{- /* Inference autoscaling: what the schema cannot compare (draft-07 has no comparison of two
+values). The floor is inference.replicas; an explicit minReplicas saying another number is
+refused rather than one of them silently ignored; a floor above the ceiling is an HPA the API
+server refuses (and limits sized for a fleet the HPA would never reach). */ -}}
+{{- define "strongroom.checkAutoscaling" -}}
+{{- $inf := .Values.inference -}}
+{{- $as := $inf.autoscaling -}}
+{{- if $as.enabled -}}
+{{- $max := int $as.maxReplicas -}}
+{{- if not (kindIs "invalid" $as.minReplicas) -}}
+{{- if ne (int $as.minReplicas) (int $inf.replicas) -}}
+{{- fail (printf "inference.autoscaling.minReplicas (%d) disagrees with inference.replicas (%d): with autoscaling, inference.replicas is the fleet's floor (the HPA's minReplicas; the Deployment carries no replica count). Set inference.replicas to %d, or leave minReplicas null (it then follows inference.replicas)" (int $as.minReplicas) (int $inf.replicas) (int $as.minReplicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- if gt (int $inf.replicas) $max -}}
+{{- fail (printf "inference.autoscaling: the floor (minReplicas, i.e. inference.replicas: %d) is above maxReplicas (%d): the HPA would be refused by the API server, and the broker's and store's per-identity limits are sized for maxReplicas. Raise maxReplicas to at least %d or lower the floor" (int $inf.replicas) $max (int $inf.replicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "strongroom.checkValues" -}}
+{{- include "strongroom.checkAutoscaling" . -}}
 {{- /* ONNX Runtime's cap on what inference runs hold (inference.maxInferenceMemoryBytes, null:
 the service's 2 GiB) only works below the pod's memory limit, with room for the process and its
 models: a limit at or under the cap gets the pod OOM-killed by a request the cap was meant to
