@@ -223,7 +223,8 @@ def test_every_reason_code_the_docs_name_is_catalogued(doc: str) -> None:
 
 def test_the_service_configuration_examples_load() -> None:
     """A ```yaml block of the docs with a service's section (README's S3 store, say) builds with
-    that service's real configuration class: an unknown or mistyped key is an error there."""
+    that service's real configuration class: an unknown or mistyped key is an error there.
+    Blocks fenced ```yaml helm-values are the chart's values, not a service's configuration."""
     sections: dict[str, type] = {
         "keybroker": KeybrokerConfig,
         "modelstore": ModelstoreConfig,
