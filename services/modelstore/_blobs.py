@@ -155,8 +155,11 @@ class TempBlob:
         assert self._fd is not None
         os.fchmod(self._fd, 0o400)
         os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
+        # Forgotten before it is closed: close(2) releases the number even when it reports an
+        # error (NFS, CIFS and FUSE report writeback errors there), and discard() closing it
+        # again would close whatever file or socket the number was given to meanwhile.
+        fd, self._fd = self._fd, None
+        os.close(fd)
 
     def discard(self) -> None:
         """Closes and removes the file (idempotent, never raises)."""

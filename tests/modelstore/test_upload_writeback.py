@@ -17,6 +17,7 @@ import pytest
 
 from strongroom.artifact import StructureValidator
 from strongroom.client.publish import put_model
+from strongroom.modelstore import _blobs as blobs_module
 from strongroom.modelstore._blobs import WRITEBACK_STEP, BlobStore, start_writeback
 from strongroom.modelstore._filesystem import FilesystemStorage
 from tests.modelstore.artifacts import chunked, make_artifact
@@ -105,3 +106,43 @@ def test_an_upload_larger_than_the_store_may_write_a_file_is_refused_as_such(
     assert list(fs_served.storage.records()) == []
     assert_clean(fs_served.storage)
     assert _open_in(fs_served.storage.root / "tmp") == []
+
+
+def test_a_temporary_file_whose_close_fails_is_never_closed_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close(2) releases the descriptor even when it reports an error (NFS, CIFS and FUSE report
+    writeback errors there): seal() left its number recorded, and discard() closed it again,
+    closing whatever the number was meanwhile given to (another upload's temporary file, a
+    socket), so that upload's bytes could go to the wrong file. The number is forgotten first."""
+    temp = BlobStore(tmp_path).new_temp()
+    temp.write(b"artifact bytes")
+    failing = temp._fd
+    assert failing is not None
+    real_close = os.close
+
+    def close_reporting_an_error(fd: int) -> None:
+        real_close(fd)
+        if fd == failing:
+            raise OSError(errno.EIO, "writeback error reported at close")
+
+    monkeypatch.setattr(blobs_module.os, "close", close_reporting_an_error)
+    with pytest.raises(OSError):
+        temp.seal()
+    monkeypatch.undo()
+    other = tmp_path / "another-file"
+    reused = os.open(other, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        if reused != failing:  # the number the failed close released, as the next open gets it
+            os.dup2(reused, failing)
+            os.close(reused)
+            reused = failing
+        temp.discard()
+        try:
+            os.fstat(reused)
+        except OSError as exc:
+            raise AssertionError("discard() closed another file's descriptor") from exc
+        assert not temp.path.exists()
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(reused)
