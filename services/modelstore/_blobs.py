@@ -46,6 +46,14 @@ def io_error(exc: OSError, what: str) -> StorageFull | StorageReadOnly | Storage
     log.error("storage I/O error while %s: %s", what, exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"no space left on the storage volume while {what}")
+    if exc.errno == errno.EFBIG:
+        # The store's RLIMIT_FSIZE (systemd's LimitFSIZE=) or the filesystem's largest file:
+        # every retry of the same artifact fails alike, so not UNAVAILABLE ("retrying may help").
+        return StorageFull(
+            f"the storage volume refuses a file this large (the store's file size limit or the "
+            f"filesystem's) while {what}",
+            reason=Reason.STORAGE_FILE_TOO_LARGE,
+        )
     if exc.errno == errno.EROFS:
         return StorageReadOnly(f"the storage volume is read-only while {what}")
     return StorageUnavailable(f"storage I/O error while {what}")
@@ -147,8 +155,11 @@ class TempBlob:
         assert self._fd is not None
         os.fchmod(self._fd, 0o400)
         os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
+        # Forgotten before it is closed: close(2) releases the number even when it reports an
+        # error (NFS, CIFS and FUSE report writeback errors there), and discard() closing it
+        # again would close whatever file or socket the number was given to meanwhile.
+        fd, self._fd = self._fd, None
+        os.close(fd)
 
     def discard(self) -> None:
         """Closes and removes the file (idempotent, never raises)."""

@@ -7,8 +7,11 @@ key is wiped as soon as the encryptor has derived its own key from it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -137,10 +140,13 @@ def upload_artifact(
     The file is checked first (header, footer, exact length: InvalidArtifact before anything is
     sent), then read once: hashed as it is sent. Its size is announced with the first message and
     its SHA-256 with the last, and the store checks both against what it received. The last
-    message is held back until the file is seen unchanged since it was checked (size, inode,
-    modification and change times): a file rewritten in place, grown or shrunk meanwhile ends
-    the upload with FailedPrecondition(MODEL_FILE_CHANGED) before the artifact is complete, so
-    the store keeps nothing. ``progress`` is called with (bytes sent, total).
+    message is held back until the file is seen unchanged since it was checked: its size and
+    modification and change times, and, where those cannot show every change (the file was open
+    for writing when it was checked, so possibly mapped and written through the mapping, which
+    updates no time; or it was changed in the clock tick of the check), its content, read again
+    and hashed. A file rewritten in place, grown or shrunk meanwhile ends the upload with
+    FailedPrecondition(MODEL_FILE_CHANGED) before the artifact is complete, so the store keeps
+    nothing. ``progress`` is called with (bytes sent, total).
     """
     started = time.perf_counter()
     with _open_readable(path) as source:
@@ -148,10 +154,13 @@ def upload_artifact(
         source.seek(0)
         head = parse_header(source.read(summary.header_size))
         checked = _file_state(source)
+        reread = not _times_show_changes(source.fileno(), checked)
         source.seek(0)
         response = put_model(
             store,
-            _artifact_messages(path, source, summary.artifact_size, checked, progress),
+            _artifact_messages(
+                path, source, summary.artifact_size, checked, progress, reread=reread
+            ),
             name=summary.name,
             version=summary.version,
             timeout=timeout,
@@ -166,12 +175,56 @@ def _file_state(source: BinaryIO) -> tuple[int, ...]:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
+_CLOCK_REALTIME_COARSE = 5  # <linux/time.h>; the clock file timestamps are taken from
+
+
+def _times_show_changes(fd: int, checked: tuple[int, ...]) -> bool:
+    # Whether every change after the check will show in the file's size or times. Two kinds of
+    # change do not: one in the same tick of the coarse clock as the last change before the check
+    # (the same timestamps again, on kernels without fine-grained ones), and a write through a
+    # shared writable mapping to a page it has already dirtied (no page fault, so no time update
+    # until writeback cleans the page, up to 30 s later). The first cannot happen once the clock
+    # has moved past the change time; the second needs a writer that has the file open (a
+    # mapping holds its file open), and a read lease is only granted while nobody has.
+    if sys.platform != "linux":
+        return False
+    if checked[-1] >= time.clock_gettime_ns(_CLOCK_REALTIME_COARSE):
+        return False
+    try:
+        # A lease broken while held signals its holder: SIGIO would end this process, SIGURG
+        # is ignored unless handled. Released at once: held, it would hold up the next opener.
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:
+        # EAGAIN: open for writing somewhere; EACCES: another user's file; EINVAL: no leases
+        # on this filesystem (NFS, FUSE) or leases disabled. The content is then read again.
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return True
+
+
+def _content_digest(fd: int, size: int) -> str:
+    # The SHA-256 of the file's first ``size`` bytes as they are now, read apart from the upload.
+    hasher = hashlib.sha256()
+    buffer = bytearray(UPLOAD_MESSAGE_BYTES)
+    position = 0
+    while position < size:
+        n = os.preadv(fd, [memoryview(buffer)[: size - position]], position)
+        if not n:
+            break
+        hasher.update(memoryview(buffer)[:n])
+        position += n
+    return hasher.hexdigest()
+
+
 def _artifact_messages(
     path: Path,
     source: BinaryIO,
     size: int,
     checked: tuple[int, ...],
     progress: Progress | None,
+    *,
+    reread: bool,
 ) -> Iterator[UploadMessage]:
     # One pass: the file was hashed in full before it was sent, so every byte was read twice
     # (0.24x the bare stream for a 512 MiB file against 0.36x for the same bytes from memory).
@@ -186,7 +239,11 @@ def _artifact_messages(
         remaining -= len(data)
         if not remaining:
             # Held back until the file is seen unchanged: an artifact that misses its last bytes
-            # is no whole one for any store, so a changed file is never stored.
+            # is no whole one for any store, so a changed file is never stored. Where its times
+            # cannot show every change, the bytes sent must also still be the file's (a file
+            # written through a mapping meanwhile was stored torn, its digest the torn bytes').
+            if reread and _content_digest(source.fileno(), size) != hasher.hexdigest():
+                raise _changed(path)
             if _file_state(source) != checked:
                 raise _changed(path)
             yield store_pb.PutModelRequest(

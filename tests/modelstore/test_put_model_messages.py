@@ -5,7 +5,10 @@ publishing client sends them without protobuf's copies, in protobuf's bytes."""
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 import random
+import time
 from array import array
 from collections.abc import Iterator
 from concurrent import futures
@@ -144,10 +147,16 @@ def test_an_artifact_file_uploads_through_the_views(fs_served: Served, tmp_path:
         assert b"".join(reader.chunks(65536)) == artifact
 
 
-def _artifact_file(tmp_path: Path, version: str) -> tuple[Path, bytes]:
+def _artifact_file(tmp_path: Path, version: str, *, settled: bool = False) -> tuple[Path, bytes]:
     artifact = make_artifact("m", version, hashlib.shake_256(version.encode()).digest(3 << 20))
     path = tmp_path / f"m-{version}.artifact"
     path.write_bytes(artifact)
+    if settled:
+        # Past the clock tick of its last change, so that its times show any further one (the
+        # upload reads a file changed within the tick of its check a second time).
+        changed = path.stat().st_ctime_ns
+        while time.clock_gettime_ns(5) <= changed:  # CLOCK_REALTIME_COARSE
+            time.sleep(0.001)
     return path, artifact
 
 
@@ -166,7 +175,7 @@ def test_an_artifact_file_is_read_once_and_its_digest_checked_at_the_end(
     def count(sent: int, total: int) -> None:
         seen.append(sent)
 
-    path2, artifact2 = _artifact_file(tmp_path, "2")
+    path2, artifact2 = _artifact_file(tmp_path, "2", settled=True)
     reads_before = _file_reads()
     upload_artifact(path2, store=fs_served.channel, timeout=30, progress=count)
     read = _file_reads() - reads_before
@@ -221,6 +230,50 @@ def test_an_artifact_file_that_changes_during_its_upload_is_not_stored(
     assert str(path) in str(raised.value)
     assert list(fs_served.storage.records()) == []
     assert_clean(fs_served.storage)
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_an_artifact_file_mapped_by_a_writer_is_read_again_before_its_last_bytes(
+    fs_served: Served, tmp_path: Path, written: bool
+) -> None:
+    """A write through a shared mapping to a page already dirty changes no time of the file:
+    such a file, rewritten in bytes not yet sent, was stored as uploaded, torn (the digest, taken
+    as it was sent, was the torn bytes'). Open for writing (a mapping holds it open), its content
+    is now read again before the last message; unchanged, it is stored."""
+    path, artifact = _artifact_file(tmp_path, "1", settled=True)
+    # One update of two places: one in the first message (sent), one in the last (not yet).
+    places = (UPLOAD_MESSAGE_BYTES // 2, len(artifact) - UPLOAD_MESSAGE_BYTES // 2)
+    with path.open("r+b") as writer:
+        mapping = mmap.mmap(writer.fileno(), 0)
+    try:
+        for place in places:  # dirties the pages (and updates the times) before the check
+            mapping[place] = artifact[place]
+        changed: list[int] = []
+
+        def change_file(sent: int, total: int) -> None:
+            if written and not changed:
+                changed.append(sent)
+                for place in places:
+                    mapping[place] = artifact[place] ^ 0xFF  # no fault, no time update
+
+        if not written:
+            reads_before = _file_reads()
+            published = upload_artifact(path, store=fs_served.channel, timeout=30)
+            assert published.model.artifact_sha256 == hashlib.sha256(artifact).hexdigest()
+            assert _file_reads() - reads_before >= 2 * len(artifact)  # sent, then read again
+            return
+        before = os.stat(path)
+        with pytest.raises(FailedPrecondition) as raised:
+            upload_artifact(path, store=fs_served.channel, timeout=30, progress=change_file)
+        assert changed
+        after = os.stat(path)
+        # What made the times useless here: the file changed, its times did not.
+        assert (after.st_mtime_ns, after.st_ctime_ns) == (before.st_mtime_ns, before.st_ctime_ns)
+        assert raised.value.reason == Reason.MODEL_FILE_CHANGED
+        assert list(fs_served.storage.records()) == []
+        assert_clean(fs_served.storage)
+    finally:
+        mapping.close()
 
 
 def test_a_digest_sent_last_that_differs_is_refused_and_nothing_kept(fs_served: Served) -> None:
