@@ -113,6 +113,19 @@ def _is_ip(name: str) -> bool:
     return True
 
 
+#: The end of every leaf template: key usages by key type (an RSA key also enciphers), both TLS
+#: roles, and the closing brace.
+_LEAF_USAGES = (
+    '{{- if typeIs "*rsa.PublicKey" .Insecure.CR.PublicKey }}',
+    '  "keyUsage": ["keyEncipherment", "digitalSignature"],',
+    "{{- else }}",
+    '  "keyUsage": ["digitalSignature"],',
+    "{{- end }}",
+    '  "extKeyUsage": ["serverAuth", "clientAuth"]',
+    "}",
+)
+
+
 def workload_template(spiffe_id: str, dns_names: Sequence[str] = ()) -> str:
     """The X.509 template (step-ca ``options.x509.template``) that pins a provisioner to one identity.
 
@@ -150,13 +163,7 @@ def workload_template(spiffe_id: str, dns_names: Sequence[str] = ()) -> str:
         f'  "uris": {json.dumps([spiffe_id])},',
         f'  "dnsNames": {json.dumps(dns)},',
         f'  "ipAddresses": {json.dumps(ips)},',
-        '{{- if typeIs "*rsa.PublicKey" .Insecure.CR.PublicKey }}',
-        '  "keyUsage": ["keyEncipherment", "digitalSignature"],',
-        "{{- else }}",
-        '  "keyUsage": ["digitalSignature"],',
-        "{{- end }}",
-        '  "extKeyUsage": ["serverAuth", "clientAuth"]',
-        "}",
+        *_LEAF_USAGES,
     ]
     return "\n".join(lines) + "\n"
 
@@ -196,13 +203,7 @@ def operator_template() -> str:
         "{",
         '  "subject": {{ toJson .Subject }},',
         '  "sans": {{ toJson .SANs }},',
-        '{{- if typeIs "*rsa.PublicKey" .Insecure.CR.PublicKey }}',
-        '  "keyUsage": ["keyEncipherment", "digitalSignature"],',
-        "{{- else }}",
-        '  "keyUsage": ["digitalSignature"],',
-        "{{- end }}",
-        '  "extKeyUsage": ["serverAuth", "clientAuth"]',
-        "}",
+        *_LEAF_USAGES,
     ]
     return "\n".join(lines) + "\n"
 
