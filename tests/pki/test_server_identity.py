@@ -37,6 +37,7 @@ from tests.pki.helpers import (
     ECHO,
     TRUST_DOMAIN,
     Calls,
+    Leaf,
     Server,
     echo_handler,
     enrol,
@@ -59,6 +60,25 @@ def store(store_identity: WorkloadIdentity) -> Iterator[Server]:
     running = serve(store_identity)
     yield running
     running.stop()
+
+
+@contextlib.contextmanager
+def _serving(leaf: Leaf, ca: StepCa, *, echo: bool = False) -> Iterator[int]:
+    """A health server (and the echo service, with ``echo``) on a loopback port, presenting
+    ``leaf`` and requiring client certificates of ``ca``; yields the port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    if echo:
+        server.add_generic_rpc_handlers([echo_handler(Calls())])
+    credentials = grpc.ssl_server_credentials(
+        [(leaf.key_pem, leaf.chain_pem)], root_certificates=ca.root_pem, require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None).wait()
 
 
 def check(channel: grpc.Channel) -> int:
@@ -146,15 +166,7 @@ def test_a_server_certificate_without_the_derived_name_is_refused_saying_what_to
         dns=["keybroker", "localhost"],
         extra_chain=[intermediate],
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
-    server.add_generic_rpc_handlers([echo_handler(Calls())])
-    credentials = grpc.ssl_server_credentials(
-        [(leaf.key_pem, leaf.chain_pem)], root_certificates=ca.root_pem, require_client_auth=True
-    )
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    server.start()
-    try:
+    with _serving(leaf, ca, echo=True) as port:
         for server_name in (None, "keybroker"):
             with client_identity.channel(
                 f"localhost:{port}", server_name=server_name, server_id=sid("keybroker")
@@ -166,8 +178,6 @@ def test_a_server_certificate_without_the_derived_name_is_refused_saying_what_to
                     assert refused.value.reason == "SERVER_IDENTITY_NAME_MISSING"
                     assert identity_dns_name(sid("keybroker")) in refused.value.details()
                     assert "pki upgrade" in refused.value.details()
-    finally:
-        server.stop(None).wait()
 
 
 def test_client_expecting_the_store_gets_it(
@@ -192,23 +202,14 @@ def test_a_server_presenting_a_ca_certificate_is_refused(
         extra_chain=[intermediate],
         is_ca=True,
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
-    credentials = grpc.ssl_server_credentials(
-        [(leaf.key_pem, leaf.chain_pem)], root_certificates=ca.root_pem, require_client_auth=True
-    )
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    server.start()
-    try:
-        with (
-            client_identity.channel(
-                f"127.0.0.1:{port}", server_name="keybroker", server_id=sid("keybroker")
-            ) as channel,
-            pytest.raises(ServerIdentityMismatch, match="CA:TRUE"),
-        ):
-            check(channel)
-    finally:
-        server.stop(None).wait()
+    with (
+        _serving(leaf, ca) as port,
+        client_identity.channel(
+            f"127.0.0.1:{port}", server_name="keybroker", server_id=sid("keybroker")
+        ) as channel,
+        pytest.raises(ServerIdentityMismatch, match="CA:TRUE"),
+    ):
+        check(channel)
 
 
 def test_a_dns_name_mismatch_is_explained_with_the_server_id(
@@ -805,18 +806,11 @@ def test_grpcs_name_check_takes_a_wildcard_any_case_and_a_trailing_dot(
         dns=[name],
         extra_chain=[intermediate],
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
-    credentials = grpc.ssl_server_credentials(
-        [(leaf.key_pem, leaf.chain_pem)], root_certificates=ca.root_pem, require_client_auth=True
-    )
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    server.start()
-    try:
-        with client_identity.channel(f"127.0.0.1:{port}", server_id=sid("keybroker")) as channel:
-            assert check(channel) == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        server.stop(None).wait()
+    with (
+        _serving(leaf, ca) as port,
+        client_identity.channel(f"127.0.0.1:{port}", server_id=sid("keybroker")) as channel,
+    ):
+        assert check(channel) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_refusal_the_expected_server_answers_itself_is_its_own(
