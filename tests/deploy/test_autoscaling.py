@@ -16,7 +16,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from tests.deploy.conftest import kind, render, run_helm_template, server_section
+from tests.deploy.conftest import DEPLOY, kind, render, run_helm_template, server_section
 
 #: Autoscaling a fleet of 3 up to 40 replicas.
 AUTOSCALED = (
@@ -128,3 +128,54 @@ def test_an_explicit_floor_equal_to_replicas_renders(helm: str) -> None:
     docs = render(helm, set_args=(*AUTOSCALED, "inference.autoscaling.minReplicas=3"))
     (hpa,) = _inference(docs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["minReplicas"] == 3
+
+
+def _config_checksums(docs: list[dict[str, Any]]) -> set[str]:
+    return {
+        d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        for d in kind(docs, "Deployment")
+        if "checksum/config" in d["spec"]["template"]["metadata"].get("annotations", {})
+    }
+
+
+def test_an_upgrade_without_autoscaling_restarts_no_pod(helm: str) -> None:
+    """Every pod's configuration checksum covers the comments of the broker's and the store's
+    configuration: the chart that added autoscaling reworded them ("at most inference.replicas
+    3"), so upgrading a release that does not use it restarted every pod (the whole inference
+    fleet attesting and loading its models again) for a comment. Without autoscaling they are
+    the words the chart rendered before it."""
+    docs = render(helm, (DEPLOY / "helm" / "values-production.yaml",))
+    configs = {
+        c["metadata"]["labels"]["app.kubernetes.io/component"]: c["data"]["config.yaml"]
+        for c in kind(docs, "ConfigMap")
+        if c["metadata"]["name"].endswith(("-keybroker", "-modelstore"))
+    }
+    assert (
+        "# Per broker replica. The inference fleet (inference.replicas: 3) shares one\n"
+        "# SPIFFE ID, so its unary-call limit is all of its replicas' (keybroker.server in"
+        " values.yaml).\n"
+    ) in configs["keybroker"]
+    assert (
+        "# Per store replica. The inference fleet (inference.replicas: 3) shares one SPIFFE\n"
+        "# ID, so the per-identity limits are all of its replicas' (modelstore.server in"
+        " values.yaml).\n"
+    ) in configs["modelstore"]
+    # The autoscaling values are not read without it.
+    ignored = render(
+        helm,
+        (DEPLOY / "helm" / "values-production.yaml",),
+        ("inference.autoscaling.maxReplicas=40", "inference.autoscaling.minReplicas=3"),
+    )
+    assert _config_checksums(ignored) == _config_checksums(docs)
+
+
+def test_a_ceiling_that_moves_no_limit_restarts_no_pod(helm: str) -> None:
+    """maxReplicas 3 and 4 derive the same limits (the services' own floors): the configuration,
+    and so every pod, stays as it was; the comment names no number."""
+    base = ("inference.autoscaling.enabled=true", "inference.replicas=2")
+    three = render(helm, set_args=(*base, "inference.autoscaling.maxReplicas=3"))
+    four = render(helm, set_args=(*base, "inference.autoscaling.maxReplicas=4"))
+    (hpa,) = _inference(four, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["maxReplicas"] == 4
+    assert _config_checksums(three) == _config_checksums(four)
+    assert len(_config_checksums(four)) == 1
