@@ -15,8 +15,16 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
-from tests.deploy.conftest import DEPLOY, kind, render, run_helm_template, server_section
+from tests.deploy.conftest import (
+    DEPLOY,
+    MINIMAL,
+    kind,
+    render,
+    run_helm_template,
+    server_section,
+)
 
 #: Autoscaling a fleet of 3 up to 40 replicas.
 AUTOSCALED = (
@@ -179,3 +187,24 @@ def test_a_ceiling_that_moves_no_limit_restarts_no_pod(helm: str) -> None:
     assert hpa["spec"]["maxReplicas"] == 4
     assert _config_checksums(three) == _config_checksums(four)
     assert len(_config_checksums(four)) == 1
+
+
+def test_every_field_of_the_hpas_behavior_renders(helm: str, tmp_path: Path) -> None:
+    """The schema checks behavior's fields (a misspelt one was dropped by the API server): every
+    field autoscaling/v2 knows still passes, and renders as given."""
+    rules = {
+        "stabilizationWindowSeconds": 0,
+        "selectPolicy": "Max",
+        "policies": [
+            {"type": "Percent", "value": 100, "periodSeconds": 15},
+            {"type": "Pods", "value": 4, "periodSeconds": 15},
+        ],
+    }
+    behavior = {"scaleUp": rules, "scaleDown": rules}
+    autoscaling = {"enabled": True, "maxReplicas": 8, "behavior": behavior}
+    path = tmp_path / "behavior.yaml"
+    path.write_text(yaml.safe_dump({"inference": {"autoscaling": autoscaling}}))
+    docs = render(helm, (*MINIMAL, path))
+    (hpa,) = _inference(docs, "HorizontalPodAutoscaler")
+    kubernetes_validate.validate(hpa, "1.31.0", strict=True)
+    assert hpa["spec"]["behavior"] == behavior
