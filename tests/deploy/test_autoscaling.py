@@ -208,3 +208,37 @@ def test_every_field_of_the_hpas_behavior_renders(helm: str, tmp_path: Path) -> 
     (hpa,) = _inference(docs, "HorizontalPodAutoscaler")
     kubernetes_validate.validate(hpa, "1.31.0", strict=True)
     assert hpa["spec"]["behavior"] == behavior
+
+
+def test_a_memory_limit_that_cannot_hold_the_derived_streams_is_refused(helm: str) -> None:
+    """maxReplicas 200 derives 408 blocking streams per store replica; each may be an upload
+    holding a message of up to 4 MiB (and with S3 its 16 MiB part), 1.7 GiB in all, and the
+    chart rendered them into the store's default 1Gi limit: a burst of uploads got the store
+    OOM-killed, taking the fleet's downloads with it, where it would have refused the excess."""
+    autoscaled = ("inference.autoscaling.enabled=true", "inference.autoscaling.maxReplicas=200")
+    result = run_helm_template(helm, set_args=autoscaled)
+    assert result.returncode != 0
+    assert "modelstore.resources.limits.memory (1Gi) cannot hold" in result.stderr, result.stderr
+    assert "maxBlockingStreams 408 (derived from inference.autoscaling.maxReplicas 200" in (
+        result.stderr
+    )
+    assert "at least 1722Mi" in result.stderr
+    render(helm, set_args=(*autoscaled, "modelstore.resources.limits.memory=1722Mi"))
+    # The broker likewise: every worker may hold a request of up to 256 KiB.
+    result = run_helm_template(
+        helm,
+        set_args=(
+            *autoscaled,
+            "modelstore.resources.limits.memory=2Gi",
+            "keybroker.resources.limits.memory=128Mi",
+        ),
+    )
+    assert result.returncode != 0
+    assert "keybroker.resources.limits.memory (128Mi) cannot hold" in result.stderr, result.stderr
+    assert "maxWorkers 419" in result.stderr
+    # The production values (S3, 2Gi) hold the streams check.sh's autoscaled fleet of 20 admits.
+    render(
+        helm,
+        (DEPLOY / "helm" / "values-production.yaml",),
+        ("inference.autoscaling.enabled=true", "inference.autoscaling.maxReplicas=20"),
+    )
