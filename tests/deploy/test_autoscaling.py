@@ -15,8 +15,16 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
-from tests.deploy.conftest import kind, render, run_helm_template, server_section
+from tests.deploy.conftest import (
+    DEPLOY,
+    MINIMAL,
+    kind,
+    render,
+    run_helm_template,
+    server_section,
+)
 
 #: Autoscaling a fleet of 3 up to 40 replicas.
 AUTOSCALED = (
@@ -128,3 +136,109 @@ def test_an_explicit_floor_equal_to_replicas_renders(helm: str) -> None:
     docs = render(helm, set_args=(*AUTOSCALED, "inference.autoscaling.minReplicas=3"))
     (hpa,) = _inference(docs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["minReplicas"] == 3
+
+
+def _config_checksums(docs: list[dict[str, Any]]) -> set[str]:
+    return {
+        d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        for d in kind(docs, "Deployment")
+        if "checksum/config" in d["spec"]["template"]["metadata"].get("annotations", {})
+    }
+
+
+def test_an_upgrade_without_autoscaling_restarts_no_pod(helm: str) -> None:
+    """Every pod's configuration checksum covers the comments of the broker's and the store's
+    configuration: the chart that added autoscaling reworded them ("at most inference.replicas
+    3"), so upgrading a release that does not use it restarted every pod (the whole inference
+    fleet attesting and loading its models again) for a comment. Without autoscaling they are
+    the words the chart rendered before it."""
+    docs = render(helm, (DEPLOY / "helm" / "values-production.yaml",))
+    configs = {
+        c["metadata"]["labels"]["app.kubernetes.io/component"]: c["data"]["config.yaml"]
+        for c in kind(docs, "ConfigMap")
+        if c["metadata"]["name"].endswith(("-keybroker", "-modelstore"))
+    }
+    assert (
+        "# Per broker replica. The inference fleet (inference.replicas: 3) shares one\n"
+        "# SPIFFE ID, so its unary-call limit is all of its replicas' (keybroker.server in"
+        " values.yaml).\n"
+    ) in configs["keybroker"]
+    assert (
+        "# Per store replica. The inference fleet (inference.replicas: 3) shares one SPIFFE\n"
+        "# ID, so the per-identity limits are all of its replicas' (modelstore.server in"
+        " values.yaml).\n"
+    ) in configs["modelstore"]
+    # The autoscaling values are not read without it.
+    ignored = render(
+        helm,
+        (DEPLOY / "helm" / "values-production.yaml",),
+        ("inference.autoscaling.maxReplicas=40", "inference.autoscaling.minReplicas=3"),
+    )
+    assert _config_checksums(ignored) == _config_checksums(docs)
+
+
+def test_a_ceiling_that_moves_no_limit_restarts_no_pod(helm: str) -> None:
+    """maxReplicas 3 and 4 derive the same limits (the services' own floors): the configuration,
+    and so every pod, stays as it was; the comment names no number."""
+    base = ("inference.autoscaling.enabled=true", "inference.replicas=2")
+    three = render(helm, set_args=(*base, "inference.autoscaling.maxReplicas=3"))
+    four = render(helm, set_args=(*base, "inference.autoscaling.maxReplicas=4"))
+    (hpa,) = _inference(four, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["maxReplicas"] == 4
+    assert _config_checksums(three) == _config_checksums(four)
+    assert len(_config_checksums(four)) == 1
+
+
+def test_every_field_of_the_hpas_behavior_renders(helm: str, tmp_path: Path) -> None:
+    """The schema checks behavior's fields (a misspelt one was dropped by the API server): every
+    field autoscaling/v2 knows still passes, and renders as given."""
+    rules = {
+        "stabilizationWindowSeconds": 0,
+        "selectPolicy": "Max",
+        "policies": [
+            {"type": "Percent", "value": 100, "periodSeconds": 15},
+            {"type": "Pods", "value": 4, "periodSeconds": 15},
+        ],
+    }
+    behavior = {"scaleUp": rules, "scaleDown": rules}
+    autoscaling = {"enabled": True, "maxReplicas": 8, "behavior": behavior}
+    path = tmp_path / "behavior.yaml"
+    path.write_text(yaml.safe_dump({"inference": {"autoscaling": autoscaling}}))
+    docs = render(helm, (*MINIMAL, path))
+    (hpa,) = _inference(docs, "HorizontalPodAutoscaler")
+    kubernetes_validate.validate(hpa, "1.31.0", strict=True)
+    assert hpa["spec"]["behavior"] == behavior
+
+
+def test_a_memory_limit_that_cannot_hold_the_derived_streams_is_refused(helm: str) -> None:
+    """maxReplicas 200 derives 408 blocking streams per store replica; each may be an upload
+    holding a message of up to 4 MiB (and with S3 its 16 MiB part), 1.7 GiB in all, and the
+    chart rendered them into the store's default 1Gi limit: a burst of uploads got the store
+    OOM-killed, taking the fleet's downloads with it, where it would have refused the excess."""
+    autoscaled = ("inference.autoscaling.enabled=true", "inference.autoscaling.maxReplicas=200")
+    result = run_helm_template(helm, set_args=autoscaled)
+    assert result.returncode != 0
+    assert "modelstore.resources.limits.memory (1Gi) cannot hold" in result.stderr, result.stderr
+    assert "maxBlockingStreams 408 (derived from inference.autoscaling.maxReplicas 200" in (
+        result.stderr
+    )
+    assert "at least 1722Mi" in result.stderr
+    render(helm, set_args=(*autoscaled, "modelstore.resources.limits.memory=1722Mi"))
+    # The broker likewise: every worker may hold a request of up to 256 KiB.
+    result = run_helm_template(
+        helm,
+        set_args=(
+            *autoscaled,
+            "modelstore.resources.limits.memory=2Gi",
+            "keybroker.resources.limits.memory=128Mi",
+        ),
+    )
+    assert result.returncode != 0
+    assert "keybroker.resources.limits.memory (128Mi) cannot hold" in result.stderr, result.stderr
+    assert "maxWorkers 419" in result.stderr
+    # The production values (S3, 2Gi) hold the streams check.sh's autoscaled fleet of 20 admits.
+    render(
+        helm,
+        (DEPLOY / "helm" / "values-production.yaml",),
+        ("inference.autoscaling.enabled=true", "inference.autoscaling.maxReplicas=20"),
+    )

@@ -174,13 +174,19 @@ def _store_server(helm: str, tmp_path: Path, *set_args: str) -> ServerConfig:
     return server_section(helm, tmp_path, "modelstore", *set_args)
 
 
+def _room(replicas: int) -> tuple[str, ...]:
+    """The store's memory limit for a fleet of ``replicas``: its default 1Gi cannot hold the
+    uploads the limits derived for 500 admit (the chart refuses it)."""
+    return ("modelstore.resources.limits.memory=5Gi",) if replicas > 100 else ()
+
+
 @pytest.mark.parametrize("replicas", [1, 3, 10, 40, 500])
 def test_store_limits_scale_with_the_inference_fleet(
     helm: str, tmp_path: Path, replicas: int
 ) -> None:
     """Every inference replica has the one inference SPIFFE ID, so the store's per-identity stream
     cap (a fixed 8) was the whole fleet's: a large fleet cold-starting queued behind it."""
-    server = _store_server(helm, tmp_path, f"inference.replicas={replicas}")
+    server = _store_server(helm, tmp_path, f"inference.replicas={replicas}", *_room(replicas))
     assert server.max_streams_per_identity >= 2 * replicas
     assert server.unary_calls_per_identity >= 2 * replicas
     # The fleet never takes every blocking stream (publishers keep some), nor streams every worker.
@@ -333,7 +339,9 @@ def test_broker_unary_limit_scales_with_the_inference_fleet(
     """Each inference replica asks the broker a challenge, then a release, per model it loads: the
     fixed 16 unary calls of the one inference identity refused a large fleet's cold start
     (TOO_MANY_UNARY_CALLS_PER_IDENTITY, each refusal audited) until it backed off."""
-    server = server_section(helm, tmp_path, "keybroker", f"inference.replicas={replicas}")
+    server = server_section(
+        helm, tmp_path, "keybroker", f"inference.replicas={replicas}", *_room(replicas)
+    )
     assert server.unary_calls_per_identity >= 2 * replicas
     assert server.data_plane_workers_per_identity == server.unary_calls_per_identity
     # Threads for the others, and the reserve for key administration beside them.

@@ -363,6 +363,17 @@ reach (values.yaml, modelstore.server). Refuses what the store would refuse at s
 {{- fail (printf "modelstore.server.maxBlockingStreams (%d) must be below maxWorkers (%d): streams must never hold every worker thread" $blocking $workers) -}}
 {{- end -}}
 {{- include "strongroom.checkWorkerShares" (list "modelstore" $workers $reserve $unary $bound) -}}
+{{- /* Every blocking stream may be an upload (each publisher identity has maxStreamsPerIdentity
+too, and only maxBlockingStreams bounds them all), holding its message of up to 4 MiB + 64 KiB
+(README, "Limits": model store message) and, with the s3 backend, the part it buffers
+(storage.part_size, 16 MiB). */ -}}
+{{- $perStream := 4259840 -}}
+{{- $what := "an upload's message of up to 4 MiB + 64 KiB" -}}
+{{- if eq .Values.modelstore.storage.backend "s3" -}}
+{{- $perStream = add $perStream 16777216 -}}
+{{- $what = "an upload's message of up to 4 MiB + 64 KiB and its 16 MiB S3 part" -}}
+{{- end -}}
+{{- include "strongroom.checkConcurrencyMemory" (dict "root" . "service" "modelstore" "count" $blocking "counted" "maxBlockingStreams" "per" $perStream "what" $what "waysOut" "set modelstore.server.maxBlockingStreams lower (at least maxStreamsPerIdentity + 1: the fleet's downloads), or run more model store replicas and set the limits per replica") -}}
 {{- toJson (dict "max_workers" $workers "control_plane_workers" $reserve "max_blocking_streams" $blocking "max_streams_per_identity" $streams "max_unary_calls_per_identity" $unary "max_data_plane_workers_per_identity" $bound) -}}
 {{- end -}}
 
@@ -382,7 +393,33 @@ message is all that holds a worker), so the bound across kinds follows the unary
 {{- fail (printf "keybroker.server: %d worker threads needed (maxDataPlaneWorkersPerIdentity %d + controlPlaneWorkers %d + 15; derived from %s where not set) but the broker allows at most 1024: set keybroker.server.maxUnaryCallsPerIdentity / maxDataPlaneWorkersPerIdentity lower" $workers $bound $reserve (include "strongroom.inferenceFleetSource" .)) -}}
 {{- end -}}
 {{- include "strongroom.checkWorkerShares" (list "keybroker" $workers $reserve $unary $bound) -}}
+{{- /* Every worker may hold a request of up to the broker's 256 KiB message bound (README,
+"Limits": key broker message). */ -}}
+{{- include "strongroom.checkConcurrencyMemory" (dict "root" . "service" "keybroker" "count" $workers "counted" "maxWorkers" "per" 262144 "what" "a request of up to 256 KiB" "waysOut" "set keybroker.server.maxUnaryCallsPerIdentity / maxDataPlaneWorkersPerIdentity lower") -}}
 {{- toJson (dict "max_workers" $workers "control_plane_workers" $reserve "max_unary_calls_per_identity" $unary "max_data_plane_workers_per_identity" $bound) -}}
+{{- end -}}
+
+{{/*
+Refuses a service whose memory limit cannot hold what its gRPC limits admit at once: count
+streams or workers (derived from the largest inference fleet where not set) each holding per
+bytes, beside 64 MiB for the process itself (less than either holds at rest: the broker 87.6 MiB,
+README). Limits derived from a large inference.autoscaling.maxReplicas admitted hundreds of them
+into the chart's default limit, and the first burst got the pod OOM-killed, taking every
+download or release in flight with it, where the service would have refused the excess
+RESOURCE_EXHAUSTED. A lower bound, so only what cannot fit is refused; leave room above it.
+(dict root service count counted per what waysOut)
+*/}}
+{{- define "strongroom.checkConcurrencyMemory" -}}
+{{- $resources := get .root.Values .service | dig "resources" dict -}}
+{{- $memory := dig "limits" "memory" nil $resources -}}
+{{- if not (kindIs "invalid" $memory) -}}
+{{- $need := add 67108864 (mul .count .per) -}}
+{{- $limit := include "strongroom.quantityBytes" $memory | float64 -}}
+{{- if lt $limit (float64 $need) -}}
+{{- $mib := div (add $need 1048575) 1048576 -}}
+{{- fail (printf "%s.resources.limits.memory (%v) cannot hold what %s.server admits at once: %s %d (derived from %s where not set), each holding %s, need %d MiB with the process's own 64 MiB, so a burst of them would get the pod OOM-killed instead of refused RESOURCE_EXHAUSTED. Raise %s.resources.limits.memory (and requests.memory) to at least %dMi, %s, or lower %s" .service $memory .service .counted .count (include "strongroom.inferenceFleetSource" .root) .what $mib .service $mib .waysOut (include "strongroom.inferenceFleetSource" .root | splitList " " | first)) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
