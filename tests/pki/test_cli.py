@@ -18,7 +18,8 @@ from strongroom.pki._jose import unverified_claims
 from strongroom.pki._state import STATE_FILE
 from strongroom.pki.bootstrap import operator_template
 from strongroom.pki.client import CaClient
-from strongroom.pki.errors import CaUnavailable
+from strongroom.pki.errors import CaRejected, CaUnavailable
+from strongroom.reasons import Reason
 from strongroom.spiffe import identity_dns_name
 from tests.pki.helpers import as_made_before_derived_names, free_port
 
@@ -341,6 +342,38 @@ def _workload_ca(directory: Path) -> None:
     argv = ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]
     argv += ["--dns", "127.0.0.1", "--address", f"127.0.0.1:{free_port()}"]
     assert main([*argv, "--workload", "inference=inference"]) == 0
+
+
+def test_enrolling_at_a_step_ca_not_restarted_after_the_upgrade_says_to_restart_it(
+    step_ca_binary: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``pki upgrade`` of an earlier CA while its step-ca runs (or before it is restarted, as a
+    Helm step-ca pod keeps running when its Secret changes): step-ca still judges tokens by the
+    earlier template, and the workload's enrolment with its updated token directory was refused
+    CA_REJECTED with step-ca's bare "issues only [...], not [...]" and the token used up. It is
+    now PROVISIONER_OUTDATED naming the derived name, the restart and the fresh token, which
+    then enrols."""
+    directory = tmp_path / "ca"
+    _workload_ca(directory)
+    as_made_before_derived_names(directory)
+    kit = directory / "provisioners" / "inference"
+    own = ["--identity", "spiffe://strongroom.test/inference", "--dns", "inference"]
+    derived = identity_dns_name("spiffe://strongroom.test/inference")
+    with StepCa(directory, binary=step_ca_binary) as ca:  # serving the earlier templates
+        assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+        capsys.readouterr()
+        assert main(["pki", "token", "--dir", str(kit), *own]) == 0
+        token = capsys.readouterr().out.strip()
+        with pytest.raises(CaRejected) as refused:
+            WorkloadIdentity.enrol(ca.client(), token, auto_renew=False)
+    assert refused.value.reason == Reason.PROVISIONER_OUTDATED
+    message = refused.value.message
+    assert derived in message and "restart step-ca" in message and "fresh token" in message
+    with StepCa(directory, binary=step_ca_binary) as ca:  # restarted: reads the new ca.json
+        assert main(["pki", "token", "--dir", str(kit), *own]) == 0
+        token = capsys.readouterr().out.strip()
+        with WorkloadIdentity.enrol(ca.client(), token, auto_renew=False) as identity:
+            assert derived in identity.credentials.sans
 
 
 @pytest.mark.parametrize(
