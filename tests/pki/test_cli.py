@@ -338,6 +338,26 @@ def test_an_earlier_ca_is_upgraded_to_issue_the_derived_name(
             assert derived in identity.renew_now().sans
 
 
+def test_upgrading_a_ca_without_workload_provisioners_says_to_restart_step_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CA made by an earlier version without token directories (compose's: every token is the
+    operator's): ``pki upgrade`` changes only the operator's template, and said to mint from
+    "its updated provisioners/<service>/ directory", which such a CA does not have, while the
+    restart is what applies it (compose's ``up`` leaves step-ca running). It says so now."""
+    directory = tmp_path / "ca"
+    argv = ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]
+    assert main([*argv, "--dns", "127.0.0.1", "--address", f"127.0.0.1:{free_port()}"]) == 0
+    as_made_before_derived_names(directory)
+    capsys.readouterr()
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+    err = capsys.readouterr().err
+    assert "strongroom (the operator's)" in err and "restart step-ca" in err
+    assert "docker-compose restart step-ca" in err and "provisioners/<service>/" not in err
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+    assert "up to date" in capsys.readouterr().err
+
+
 def _workload_ca(directory: Path) -> None:
     argv = ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]
     argv += ["--dns", "127.0.0.1", "--address", f"127.0.0.1:{free_port()}"]
