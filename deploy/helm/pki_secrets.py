@@ -237,6 +237,16 @@ def _print_secrets(args: argparse.Namespace, pki_dir: Path) -> None:
     if args.simulated_tee_secret:
         print("---")
         print(_secret(args.simulated_tee_secret, args.namespace, _simulated_tee(), "simulated-tee"))
+    if args.upgrade:
+        # The PKI was made (and its root key moved offline) before: what is left is to apply
+        # these Secrets and restart what reads them (README, upgrade item 19).
+        print(
+            f"pki_secrets: PKI in {pki_dir} updated; apply these Secrets right after the chart's "
+            "upgrade, restart step-ca (it reads ca.json only when it starts), then the services' "
+            "pods (their init containers mint tokens with the derived names)",
+            file=sys.stderr,
+        )
+        return
     print(
         f"pki_secrets: PKI written to {pki_dir}; move its root key offline before going further, "
         "and keep secrets/provisioner_key (it mints tokens for ANY identity) with the operator",
