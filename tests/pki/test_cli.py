@@ -358,6 +358,21 @@ def test_upgrading_a_ca_without_workload_provisioners_says_to_restart_step_ca(
     assert "up to date" in capsys.readouterr().err
 
 
+def test_upgrading_a_missing_ca_directory_is_ca_dir_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``pki upgrade --dir`` of a path that is no directory (mistyped, a volume not mounted) said
+    only the OS's "No such file or directory"; it is CA_DIR_MISSING, as for ``pki token``."""
+    for missing in (tmp_path / "none", tmp_path / "file"):
+        if missing.name == "file":
+            missing.write_text("")
+        capsys.readouterr()
+        assert main(["pki", "upgrade", "--dir", str(missing)]) == 1
+        err = capsys.readouterr().err
+        assert "CA_DIR_MISSING" in err and "not an initialised CA directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def _workload_ca(directory: Path) -> None:
     argv = ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]
     argv += ["--dns", "127.0.0.1", "--address", f"127.0.0.1:{free_port()}"]
