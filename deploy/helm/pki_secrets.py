@@ -20,7 +20,11 @@ publisher and clients, ``strongroom pki token --dir ./pki-strongroom``) is in no
 With ``--upgrade`` (a PKI made by an earlier version, in ``--out``): runs ``strongroom pki upgrade``
 on it, so that each service's provisioner issues the DNS name derived from its SPIFFE ID (README,
 upgrade item 19), and prints the same Secrets from it again (apply them, restart step-ca, then the
-services' pods, whose init containers mint tokens that replace their certificates).
+services' pods, whose init containers mint tokens that replace their certificates). Pass the
+``--namespace``, ``--step-ca-secret`` and ``--provisioner-secret-prefix`` given when the PKI was
+made: the Secrets are printed under those names, and others would be new Secrets the chart does not
+read (the DNS names come from the PKI itself: ``--cluster-domain`` and ``--service-name`` are not
+needed).
 
 With ``--simulated-tee-secret NAME`` (DEVELOPMENT ONLY, for values-development.yaml) a third Secret
 holds a freshly generated simulated TEE chain (``simulatedTee.existingSecret``); run the script with
