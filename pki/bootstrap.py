@@ -630,7 +630,16 @@ def upgrade_ca(directory: Path | str) -> list[str]:
     """
     base = Path(directory).resolve()
     config_path, meta_path = base / layout.CONFIG, base / layout.META
-    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        # A mistyped --dir (or a volume not mounted) is the operator's to fix: say so as the
+        # other `pki` commands do, not with the bare OS error.
+        raise InvalidPkiConfig(
+            f"{base} is not an initialised CA directory (nothing to upgrade; `strongroom pki "
+            "init` makes one)",
+            reason=Reason.CA_DIR_MISSING,
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -162,10 +162,20 @@ def _init(args: argparse.Namespace) -> int:
 
 def _upgrade(args: argparse.Namespace) -> int:
     changed = upgrade_ca(args.dir)
-    if changed:
+    workloads = set(CaLayout.load(args.dir).workloads)
+    if any(name in workloads for name in changed):
         print(
             f"updated the provisioners of {', '.join(changed)}: restart step-ca, then give each "
             "workload a fresh token (minted from its updated provisioners/<service>/ directory)",
+            file=sys.stderr,
+        )
+    elif changed:
+        # Only the operator's template (compose's CA has no token directories): what matters is
+        # the restart, which compose's `up` does not make (step-ca's container is unchanged).
+        print(
+            f"updated the provisioner of {', '.join(changed)}: restart step-ca, which reads "
+            "ca.json only when it starts (compose: `docker-compose restart step-ca` once the "
+            "`up` is done); fresh tokens minted with this directory ask for the derived names",
             file=sys.stderr,
         )
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from strongroom.pki._x509 import (
 )
 from strongroom.pki.errors import CaRejected, CaUnavailable, CertificateInvalid, InvalidPkiConfig
 from strongroom.reasons import Reason
+from strongroom.spiffe import identity_dns_name, is_workload_id
 
 _log = logging.getLogger(__name__)
 
@@ -208,7 +210,27 @@ class CaClient:
         if lifetime is not None:
             body["notAfter"] = go_duration(lifetime)
         csr = x509.load_pem_x509_csr(csr_pem)
-        return self._chain(self._request("POST", "/1.0/sign", body), csr_spki_der(csr))
+        try:
+            document = self._request("POST", "/1.0/sign", body)
+        except CaRejected as exc:
+            outdated = _provisioner_without_derived_names(exc.message)
+            if outdated is None:
+                raise
+            # step-ca reads ca.json only when it starts: after `pki upgrade` without a restart
+            # (or a CA of the organisation's whose template was not replaced) it still runs the
+            # earlier template, and its bare refusal named neither cause nor cure.
+            raise CaRejected(
+                f"{exc.message.rstrip('.')}. The CA's provisioner does not issue "
+                f"{', '.join(outdated)}, the DNS name derived from the SPIFFE ID that workload "
+                "certificates now carry: step-ca still runs a provisioner template made before "
+                "them. Run `strongroom pki upgrade --dir CA` if not done and restart step-ca (it "
+                "reads ca.json only when it starts; a CA of your own: replace the provisioner's "
+                "template with `strongroom pki template`'s output), then give this workload a "
+                "fresh token: the CA took this one (a Helm pod mints one when it restarts; "
+                "README, upgrade item 19)",
+                reason=Reason.PROVISIONER_OUTDATED,
+            ) from exc
+        return self._chain(document, csr_spki_der(csr))
 
     def renew(self, current: ClientCertificate) -> list[x509.Certificate]:
         """Renews the current certificate (same key, same lifetime) over mTLS."""
@@ -281,6 +303,31 @@ class CaClient:
                 "the CA returned a certificate for a different key", reason=Reason.KEY_MISMATCH
             )
         return chain
+
+
+_TEMPLATE_REFUSAL = re.compile(r"this provisioner issues only (\[[^\]]*\]), not (\[[^\]]*\])")
+
+
+def _provisioner_without_derived_names(message: str) -> list[str] | None:
+    """The derived names (:func:`~strongroom.spiffe.identity_dns_name`) a workload template's
+    refusal (``workload_template``'s "this provisioner issues only [...], not [...]") shows its
+    provisioner lacking, when they are all that sets the token apart; else None."""
+    found = _TEMPLATE_REFUSAL.search(message)
+    if found is None:
+        return None
+    try:
+        allowed, asked = (jsonparse.loads(part.encode()) for part in found.groups())
+    except ValueError:
+        return None
+    if not isinstance(allowed, list) or not isinstance(asked, list):
+        return None
+    if not all(isinstance(name, str) for name in (*allowed, *asked)):
+        return None
+    derived = {identity_dns_name(name) for name in asked if is_workload_id(name)}
+    missing = sorted(name for name in derived if name in asked and name not in allowed)
+    if not missing or set(asked) - set(missing) != set(allowed):
+        return None
+    return missing
 
 
 def _ca_message(document: dict[str, Any], raw: bytes) -> str:

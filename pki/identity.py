@@ -402,6 +402,16 @@ class WorkloadIdentity(Closing):
                 auto_renew=auto_renew,
             )
         except CaRejected as exc:
+            if replaced is not None and "(HTTP 401)" in exc.message:
+                # step-ca takes a token even when it refuses the certificate (a provisioner
+                # template not yet updated): a restart on that token met a bare 401 for ever.
+                raise CaRejected(
+                    f"{exc.message}; the enrolment token was to replace the identity persisted "
+                    f"in {state_dir} ({replaced}), which is left in place: a token the CA has "
+                    "already taken (a restart on the token of an enrolment that failed) cannot "
+                    "enrol again: give a fresh one (a Helm pod mints one when it restarts)",
+                    reason=exc.reason,
+                ) from exc
             if not_resumed is None:
                 raise
             # Most often the token beside a damaged or lapsed identity is the one used for it

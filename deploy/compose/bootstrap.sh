@@ -57,7 +57,9 @@ init_pki() {
   if [ -f "$ca_dir/config/ca.json" ]; then
     log "PKI present in $ca_dir"
     # A PKI made by an earlier version: its operator provisioner gets the template refusing
-    # other forms of derived names (step-ca starts after this job; a second run changes nothing).
+    # other forms of derived names (a second run changes nothing). A step-ca started before it
+    # (an `up` leaves the unchanged step-ca container running) applies it once restarted: the
+    # upgrade's message says so, and deploy/README.md's compose section.
     strongroom pki upgrade --dir "$ca_dir"
   else
     log "initialising the PKI (trust domain $trust_domain)"

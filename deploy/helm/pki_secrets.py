@@ -20,7 +20,11 @@ publisher and clients, ``strongroom pki token --dir ./pki-strongroom``) is in no
 With ``--upgrade`` (a PKI made by an earlier version, in ``--out``): runs ``strongroom pki upgrade``
 on it, so that each service's provisioner issues the DNS name derived from its SPIFFE ID (README,
 upgrade item 19), and prints the same Secrets from it again (apply them, restart step-ca, then the
-services' pods, whose init containers mint tokens that replace their certificates).
+services' pods, whose init containers mint tokens that replace their certificates). Pass the
+``--namespace``, ``--step-ca-secret`` and ``--provisioner-secret-prefix`` given when the PKI was
+made: the Secrets are printed under those names, and others would be new Secrets the chart does not
+read (the DNS names come from the PKI itself: ``--cluster-domain`` and ``--service-name`` are not
+needed).
 
 With ``--simulated-tee-secret NAME`` (DEVELOPMENT ONLY, for values-development.yaml) a third Secret
 holds a freshly generated simulated TEE chain (``simulatedTee.existingSecret``); run the script with
@@ -237,6 +241,16 @@ def _print_secrets(args: argparse.Namespace, pki_dir: Path) -> None:
     if args.simulated_tee_secret:
         print("---")
         print(_secret(args.simulated_tee_secret, args.namespace, _simulated_tee(), "simulated-tee"))
+    if args.upgrade:
+        # The PKI was made (and its root key moved offline) before: what is left is to apply
+        # these Secrets and restart what reads them (README, upgrade item 19).
+        print(
+            f"pki_secrets: PKI in {pki_dir} updated; apply these Secrets right after the chart's "
+            "upgrade, restart step-ca (it reads ca.json only when it starts), then the services' "
+            "pods (their init containers mint tokens with the derived names)",
+            file=sys.stderr,
+        )
+        return
     print(
         f"pki_secrets: PKI written to {pki_dir}; move its root key offline before going further, "
         "and keep secrets/provisioner_key (it mints tokens for ANY identity) with the operator",

@@ -85,7 +85,8 @@ class Client(Closing):
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self.identity: WorkloadIdentity = open_identity(config.identity)
+        # A client only: servers never check its name (no warning about a derived name).
+        self.identity: WorkloadIdentity = open_identity(config.identity, serves=False)
         self._channels: list[grpc.Channel] = []
 
     @classmethod

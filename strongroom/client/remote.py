@@ -5,7 +5,9 @@ The reason is read from the peer's ``strongroom-reason`` trailer, never parsed o
 text, and kept only if it is in the catalogue (:class:`~strongroom.reasons.Reason`): reasons label
 metrics and load failures, and a peer (a compromised store, or one of another version) must not be
 able to grow that set; an unknown one gives way to the status's own reason, and the peer's message
-still says what happened. ``DATA_LOSS``, ``NOT_FOUND`` and ``RESOURCE_EXHAUSTED`` keep their status; ``UNAVAILABLE``,
+still says what happened. An error our own channel raised in place of the call (a ``StrongroomError``
+that is also a ``grpc.RpcError``: the server identity check's explanation, a rejected client
+certificate) keeps its own reason. ``DATA_LOSS``, ``NOT_FOUND`` and ``RESOURCE_EXHAUSTED`` keep their status; ``UNAVAILABLE``,
 ``DEADLINE_EXCEEDED`` and ``CANCELLED`` (a peer shutting down; a call our clients cancel
 themselves, when a load's caller has gone, is reported as that instead:
 :mod:`strongroom.client.cancel`) become ``Unavailable``; any other refusal becomes
@@ -91,6 +93,11 @@ def remote_error(step: Step, exc: grpc.RpcError) -> StrongroomError:
     code = exc.code()
     details = exc.details() or code.name
     sent = peer_reason(exc)
+    if sent is None and isinstance(exc, StrongroomError):
+        # Raised by our own channel in place of the call (the server identity check's
+        # explanation, a client certificate the server rejected): no peer sent it, and its
+        # reason (SERVER_IDENTITY_NAME_MISSING after an upgrade) says more than the status's.
+        sent = str(exc.reason)
     cls = _KEPT.get(code, FailedPrecondition)
     if sent in _CATALOGUE:
         return cls(f"{step}: {details}", reason=sent)

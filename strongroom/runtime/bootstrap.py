@@ -43,8 +43,13 @@ log = logging.getLogger(__name__)
 REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
 
 
-def open_identity(config: IdentityConfig) -> WorkloadIdentity:
-    """Resumes the persisted identity or enrols with the one-time token, then keeps it renewed."""
+def open_identity(config: IdentityConfig, *, serves: bool = True) -> WorkloadIdentity:
+    """Resumes the persisted identity or enrols with the one-time token, then keeps it renewed.
+
+    ``serves``: the identity is a server's, which clients check by the DNS name derived from its
+    SPIFFE ID (a certificate without it is named in a warning); False for a client only (the
+    CLI), whose name no one checks.
+    """
     try:
         root_pem = config.ca_root_file.read_bytes()
     except OSError as exc:
@@ -71,10 +76,11 @@ def open_identity(config: IdentityConfig) -> WorkloadIdentity:
             reason=Reason.IDENTITY_MISMATCH,
         )
     derived = identity_dns_name(identity.spiffe_id)
-    if derived not in identity.credentials.sans:
+    if serves and derived not in identity.credentials.sans:
         # A certificate issued before workload certificates carried the name (renewals copy
         # it): clients expecting this identity check the name and refuse this service until it
-        # enrols again. Loud, not fatal: it may be a client only, and the fix is the operator's.
+        # enrols again. Loud, not fatal: the fix is the operator's. A client's certificate (an
+        # operator's tool) is never checked by name: telling it to enrol again is only noise.
         log.warning(
             "the certificate of %s lacks the DNS name %s derived from its SPIFFE ID, which "
             "clients expecting it check: they refuse this service until it enrols again with a "

@@ -18,7 +18,8 @@ from strongroom.pki._jose import unverified_claims
 from strongroom.pki._state import STATE_FILE
 from strongroom.pki.bootstrap import operator_template
 from strongroom.pki.client import CaClient
-from strongroom.pki.errors import CaUnavailable
+from strongroom.pki.errors import CaRejected, CaUnavailable
+from strongroom.reasons import Reason
 from strongroom.spiffe import identity_dns_name
 from tests.pki.helpers import as_made_before_derived_names, free_port
 
@@ -337,10 +338,77 @@ def test_an_earlier_ca_is_upgraded_to_issue_the_derived_name(
             assert derived in identity.renew_now().sans
 
 
+def test_upgrading_a_ca_without_workload_provisioners_says_to_restart_step_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CA made by an earlier version without token directories (compose's: every token is the
+    operator's): ``pki upgrade`` changes only the operator's template, and said to mint from
+    "its updated provisioners/<service>/ directory", which such a CA does not have, while the
+    restart is what applies it (compose's ``up`` leaves step-ca running). It says so now."""
+    directory = tmp_path / "ca"
+    argv = ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]
+    assert main([*argv, "--dns", "127.0.0.1", "--address", f"127.0.0.1:{free_port()}"]) == 0
+    as_made_before_derived_names(directory)
+    capsys.readouterr()
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+    err = capsys.readouterr().err
+    assert "strongroom (the operator's)" in err and "restart step-ca" in err
+    assert "docker-compose restart step-ca" in err and "provisioners/<service>/" not in err
+    assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+    assert "up to date" in capsys.readouterr().err
+
+
+def test_upgrading_a_missing_ca_directory_is_ca_dir_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``pki upgrade --dir`` of a path that is no directory (mistyped, a volume not mounted) said
+    only the OS's "No such file or directory"; it is CA_DIR_MISSING, as for ``pki token``."""
+    for missing in (tmp_path / "none", tmp_path / "file"):
+        if missing.name == "file":
+            missing.write_text("")
+        capsys.readouterr()
+        assert main(["pki", "upgrade", "--dir", str(missing)]) == 1
+        err = capsys.readouterr().err
+        assert "CA_DIR_MISSING" in err and "not an initialised CA directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def _workload_ca(directory: Path) -> None:
     argv = ["pki", "init", "--dir", str(directory), "--trust-domain", "strongroom.test"]
     argv += ["--dns", "127.0.0.1", "--address", f"127.0.0.1:{free_port()}"]
     assert main([*argv, "--workload", "inference=inference"]) == 0
+
+
+def test_enrolling_at_a_step_ca_not_restarted_after_the_upgrade_says_to_restart_it(
+    step_ca_binary: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``pki upgrade`` of an earlier CA while its step-ca runs (or before it is restarted, as a
+    Helm step-ca pod keeps running when its Secret changes): step-ca still judges tokens by the
+    earlier template, and the workload's enrolment with its updated token directory was refused
+    CA_REJECTED with step-ca's bare "issues only [...], not [...]" and the token used up. It is
+    now PROVISIONER_OUTDATED naming the derived name, the restart and the fresh token, which
+    then enrols."""
+    directory = tmp_path / "ca"
+    _workload_ca(directory)
+    as_made_before_derived_names(directory)
+    kit = directory / "provisioners" / "inference"
+    own = ["--identity", "spiffe://strongroom.test/inference", "--dns", "inference"]
+    derived = identity_dns_name("spiffe://strongroom.test/inference")
+    with StepCa(directory, binary=step_ca_binary) as ca:  # serving the earlier templates
+        assert main(["pki", "upgrade", "--dir", str(directory)]) == 0
+        capsys.readouterr()
+        assert main(["pki", "token", "--dir", str(kit), *own]) == 0
+        token = capsys.readouterr().out.strip()
+        with pytest.raises(CaRejected) as refused:
+            WorkloadIdentity.enrol(ca.client(), token, auto_renew=False)
+    assert refused.value.reason == Reason.PROVISIONER_OUTDATED
+    message = refused.value.message
+    assert derived in message and "restart step-ca" in message and "fresh token" in message
+    with StepCa(directory, binary=step_ca_binary) as ca:  # restarted: reads the new ca.json
+        assert main(["pki", "token", "--dir", str(kit), *own]) == 0
+        token = capsys.readouterr().out.strip()
+        with WorkloadIdentity.enrol(ca.client(), token, auto_renew=False) as identity:
+            assert derived in identity.credentials.sans
 
 
 @pytest.mark.parametrize(

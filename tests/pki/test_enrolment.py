@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from strongroom.cli.client import Client, ClientConfig
 from strongroom.dev.devstack.stack import free_port
 from strongroom.errors import FailedPrecondition
 from strongroom.pki import (
@@ -332,6 +333,70 @@ def test_a_certificate_without_the_derived_name_is_named_and_replaced_by_a_fresh
         open_identity(replace(config, token_file=token_file)) as renewed,
     ):
         assert derived in renewed.credentials.sans
+    assert not [r for r in caplog.records if r.name == "strongroom.runtime.bootstrap"]
+
+
+def test_a_replacing_token_already_taken_says_so_and_keeps_the_persisted_identity(
+    ca: StepCa, tmp_path: Path
+) -> None:
+    """A service restarted on the token of a replacing enrolment that failed (step-ca takes the
+    token even when a provisioner not yet updated refuses the certificate) met step-ca's bare
+    401 at every start; the refusal now says the token was taken and the persisted identity is
+    left in place."""
+    state = tmp_path / "state"
+    old_token = _signed(
+        ca.layout.provisioner(),
+        subject=sid("keybroker"),
+        audience=sign_audience(ca.url),
+        lifetime=timedelta(minutes=5),
+        now=None,
+        extra={"sans": [sid("keybroker"), "keybroker"]},
+    )
+    with WorkloadIdentity.start(ca.client(), token=old_token, state_dir=state, auto_renew=False):
+        pass
+    persisted = (state / STATE_FILE).read_bytes()
+    token = token_for(ca, "keybroker", ["keybroker"])  # asks for the derived name too
+    WorkloadIdentity.enrol(ca.client(), token, auto_renew=False).close()  # the CA takes it
+    with pytest.raises(CaRejected) as refused:
+        WorkloadIdentity.start(ca.client(), token=token, state_dir=state, auto_renew=False)
+    message = refused.value.message
+    assert "HTTP 401" in message and "already taken" in message and "fresh one" in message
+    assert str(state) in message and "left in place" in message
+    assert (state / STATE_FILE).read_bytes() == persisted
+
+
+def test_a_client_certificate_without_the_derived_name_is_not_warned_about(
+    ca: StepCa, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator's tool (the CLI) resuming a certificate issued before the upgrade: no server
+    checks a client's derived name, yet every command warned that clients "refuse this service
+    until it enrols again" (a rehearsed upgrade's admin and publisher printed it on every call
+    until their next token). The CLI's client opens its identity as a client: no warning."""
+    state = tmp_path / "state"
+    old_token = _signed(
+        ca.layout.provisioner(),
+        subject=sid("admin"),
+        audience=sign_audience(ca.url),
+        lifetime=timedelta(minutes=5),
+        now=None,
+        extra={"sans": [sid("admin")]},
+    )
+    with WorkloadIdentity.start(ca.client(), token=old_token, state_dir=state, auto_renew=False):
+        pass
+    root = tmp_path / "root.pem"
+    root.write_bytes(ca.root_pem)
+    identity = IdentityConfig(
+        trust_domain="strongroom.test",
+        spiffe_id=sid("admin"),
+        ca_url=ca.url,
+        ca_root_file=root,
+        state_dir=state,
+    )
+    with (
+        caplog.at_level("WARNING", logger="strongroom.runtime.bootstrap"),
+        Client(ClientConfig(identity=identity)) as client,
+    ):
+        assert identity_dns_name(sid("admin")) not in client.identity.credentials.sans
     assert not [r for r in caplog.records if r.name == "strongroom.runtime.bootstrap"]
 
 

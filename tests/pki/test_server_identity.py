@@ -21,6 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from strongroom.client.remote import remote_error
 from strongroom.pki import StepCa, WorkloadIdentity
 from strongroom.pki._files import memory_file
 from strongroom.pki.channel import _close_channel, _Slot
@@ -178,6 +179,12 @@ def test_a_server_certificate_without_the_derived_name_is_refused_saying_what_to
                     assert refused.value.reason == "SERVER_IDENTITY_NAME_MISSING"
                     assert identity_dns_name(sid("keybroker")) in refused.value.details()
                     assert "pki upgrade" in refused.value.details()
+                    # As the inference service's loader reports it (LoadModel's reason, its
+                    # metrics' label): the check's reason, not the status's UNAUTHENTICATED.
+                    for step in ("fetch", "key release"):
+                        loaded = remote_error(step, refused.value)  # type: ignore[arg-type]
+                        assert loaded.reason == "SERVER_IDENTITY_NAME_MISSING"
+                        assert "pki upgrade" in loaded.message
 
 
 def test_client_expecting_the_store_gets_it(
