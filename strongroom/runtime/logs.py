@@ -74,7 +74,10 @@ choose much of what a line says (a method name of up to 16 KiB, which a denied c
 two or three times over, a request's text in an error): bounded by lines only, the queue of a
 service whose destination stalled held 4,096 such lines, hundreds of MiB."""
 FLUSH_SECONDS = 5.0
-"""How long a flush or the handler's close waits for the queued lines to be written."""
+"""How long a flush and the handler's close wait, together, for the queued lines to be written:
+one budget, which a wait that ran out leaves spent until the queue has been written
+(``logging.shutdown`` flushes, then closes: each waited its own 5 s, and the close's wait for
+the writer thread 5 s more, 15 s for a destination that takes nothing)."""
 
 
 class _RpcLog:
@@ -304,12 +307,19 @@ class ServiceLog(logging.Handler):
     is. Refusal lines (:data:`~strongroom.errors.REFUSAL_LINE`) take at most half of either
     bound, so that refusals, however many callers send, never leave the service's other lines
     (an operator's change, a failure, the summary of refusals) no room. :meth:`flush` and
-    :meth:`close` (``logging.shutdown`` at exit calls both) wait up to :data:`FLUSH_SECONDS` for
-    the queue to be written."""
+    :meth:`close` (``logging.shutdown`` at exit calls both) wait up to :data:`FLUSH_SECONDS`
+    together for the queue to be written and the writer to end (``timer`` counts it)."""
 
-    def __init__(self, stream: Any, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        stream: Any,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__()
         self.stream = stream
+        self._timer = timer  # the flush's and close's budget (FLUSH_SECONDS)
         self.refusals = RefusalLines(clock=clock)
         self.addFilter(self.refusals)
         self.queue_lines = LOG_QUEUE_LINES
@@ -322,6 +332,11 @@ class ServiceLog(logging.Handler):
         self._refusals = [0, 0]  # of which refusal lines'
         self._dropped = 0  # lines dropped since the last count written
         self._stopping = False
+        self._ended = False  # the writer has written its last line and returned
+        # The end of a wait of flush or close (FLUSH_SECONDS) that ran out, kept until the queue
+        # is written: the next wait, close's after logging.shutdown's flush, has what is left of
+        # it (nothing), not a budget of its own.
+        self._spent: float | None = None
         # Lines are written by the thread that logs them while nothing is queued and the
         # destination takes them at once: queued, a process that died right after logging (a
         # native library's crash, an abort: no exit handlers, and the dying thread held the
@@ -439,6 +454,8 @@ class ServiceLog(logging.Handler):
                 with self._state:
                     self._lines.popleft()
                     self._account(size, refusal, -1)
+                    if not self._lines:
+                        self._spent = None  # written: the next wait has its whole budget
                     self._state.notify_all()
         with self._state:  # closing: a count no later line carried
             dropped, self._dropped = self._dropped, 0
@@ -446,6 +463,9 @@ class ServiceLog(logging.Handler):
             with contextlib.suppress(Exception):
                 self.stream.write(self._dropped_line(dropped) + "\n")
                 self.stream.flush()
+        with self._state:
+            self._ended = True
+            self._state.notify_all()
 
     def _dropped_line(self, dropped: int) -> str:
         record = logging.LogRecord(
@@ -457,20 +477,50 @@ class ServiceLog(logging.Handler):
         return self.format(record)
 
     def flush(self) -> None:
-        """Waits, up to :data:`FLUSH_SECONDS`, until every queued line is written."""
+        """Waits, up to :data:`FLUSH_SECONDS` (what is left of it when an earlier wait ran out
+        and the queue has not been written since), until every queued line is written."""
         with self._state:
-            self._state.wait_for(lambda: self._pending[0] == 0 and not self._direct, FLUSH_SECONDS)
+            self._wait_until(self._written, self._budget())
 
     def close(self) -> None:
-        """Queues the count of refused calls not logged yet, writes what is queued (waiting up
-        to :data:`FLUSH_SECONDS`), and ends the writer."""
+        """Queues the count of refused calls not logged yet, writes what is queued and ends the
+        writer, waiting up to :data:`FLUSH_SECONDS` for both together (what is left of it after
+        a flush that ran out: ``logging.shutdown`` flushes first)."""
+        with self._state:
+            deadline = self._budget()
         self.refusals.close()
-        self.flush()
-        with self._state:  # the writer ends once the queue is written (or is left stuck)
+        with self._state:
+            self._wait_until(self._written, deadline)
+            # The writer ends once the queue is written (or is left stuck, a daemon thread).
             self._stopping = True
             self._state.notify_all()
-        self._writer.join(FLUSH_SECONDS)
+            self._wait_until(lambda: self._ended, deadline)
         super().close()
+
+    def _written(self) -> bool:
+        return self._pending[0] == 0 and not self._direct
+
+    def _budget(self) -> float:
+        """The end of the wait for the queue (call under ``_state``): the one a wait that ran
+        out left while the queue has not been written since, else :data:`FLUSH_SECONDS` from
+        now."""
+        if self._spent is not None and not self._written():
+            return self._spent
+        return self._timer() + FLUSH_SECONDS
+
+    def _wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Waits (under ``_state``) until ``done()`` or ``deadline`` (on the handler's timer)."""
+        while not done():
+            left = deadline - self._timer()
+            if left <= 0:
+                self._spent = deadline
+                return False
+            self._pause(left)
+        return True
+
+    def _pause(self, seconds: float) -> None:
+        """Waits on ``_state`` (held) for a change, ``seconds`` at most."""
+        self._state.wait(seconds)
 
 
 def _file_descriptor(stream: Any) -> int | None:
