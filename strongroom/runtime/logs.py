@@ -372,6 +372,9 @@ class ServiceLog(logging.Handler):
         size = len(line) + 1  # with its newline; characters, bytes for a JSON line (ASCII)
         refusal = bool(getattr(record, REFUSAL_LINE, False))
         with self._state:
+            if self._ended:
+                self._write_after_close(line)
+                return
             now = self._write_now(line)
             if now is None:
                 if not self._fits(self._pending, 1, 1, size) or (
@@ -418,6 +421,26 @@ class ServiceLog(logging.Handler):
         if not any(events & select.POLLOUT and not events & failed for _, events in ready):
             return None  # not ready, or an error or hang-up the writer meets and counts
         return self._fd, data
+
+    def _write_after_close(self, line: str) -> None:
+        """Writes ``line``, logged once the writer has ended (an exit handler's, a daemon
+        thread's after ``logging.shutdown``), where it is logged: queued, it was never written.
+        A destination that would make the write wait gets nothing (nor does a closed one): the
+        process is ending, and it would wait for good on a collector that stopped reading."""
+        stream = self.stream
+        if getattr(stream, "closed", False):
+            return
+        if self._fd is not None:
+            try:
+                ready = self._poll.poll(0)
+            except OSError:
+                return
+            failed = select.POLLERR | select.POLLHUP | select.POLLNVAL
+            if not any(events & select.POLLOUT and not events & failed for _, events in ready):
+                return
+        with contextlib.suppress(Exception):  # nowhere to say it either
+            stream.write(line + "\n")
+            stream.flush()
 
     def _fits(self, held: list[int], share: int, lines: int, size: int) -> bool:
         return (

@@ -144,3 +144,19 @@ def test_shutdown_waits_one_budget_for_a_destination_that_takes_nothing() -> Non
         stream.resume.set()
         handler._writer.join(30)
     assert not handler._writer.is_alive()
+
+
+def test_a_line_logged_after_the_log_closed_is_written(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """A line logged once the handler had closed (an exit handler's after ``logging.shutdown``,
+    a daemon thread's) was queued for a writer that had ended: never written. It is written
+    where it is logged now."""
+    handler, stream = buffered_service_log(monkeypatch)
+    logging.getLogger("strongroom.test").warning("before")
+    handler.close()
+    logging.getLogger("strongroom.test").warning("after the close")
+    assert [json.loads(line)["msg"] for line in stream.getvalue().splitlines()] == [
+        "before",
+        "after the close",
+    ]
