@@ -1,8 +1,10 @@
 """Structured logging: one JSON object a line, or plain text for people.
 
 Lines saying why a caller's RPC was refused (marked :data:`~strongroom.errors.REFUSAL_LINE`: the
-authoriser's denial, the error mapping's ``rpc failed``, a limit's refusal, a service's own refusal)
-are written within a budget (:class:`RefusalLines`): any certificate of the CA, a role-less one
+authoriser's denial, the error mapping's ``rpc failed``, a limit's refusal, a service's own refusal,
+a watchdog's cancelling of a call its caller stalled, which names that call with
+:data:`~strongroom.errors.REFUSAL_CALL` since it runs on a thread of its own) are written within a
+budget (:class:`RefusalLines`): any certificate of the CA, a role-less one
 included, chose how many of them the service wrote, two or three per refused call. The budget is
 per refused *call*, so that a call's lines are written all or none: each caller and reason has
 :data:`REFUSED_CALLS_BURST` calls logged at once, then :data:`REFUSED_CALLS_PER_CALLER` a second,
@@ -34,6 +36,7 @@ import select
 import sys
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar, Token
@@ -41,7 +44,7 @@ from typing import Any
 
 import grpc
 
-from strongroom.errors import REFUSAL_LINE
+from strongroom.errors import REFUSAL_CALL, REFUSAL_LINE
 from strongroom.runtime.callers import caller_key
 from strongroom.runtime.config import LoggingConfig
 from strongroom.runtime.ratelimit import CallerBuckets
@@ -123,6 +126,9 @@ class RefusalLines(logging.Filter):
         )
         self._all = CallerBuckets(REFUSED_CALLS_PER_SECOND, REFUSED_CALLS_PER_SECOND, clock=clock)
         self._lock = threading.Lock()
+        # The verdicts of lines logged away from their call's thread (REFUSAL_CALL: a watchdog's),
+        # for that call's own later lines (all or none); gone with the call.
+        self._away: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         self._counted: Counter[tuple[str, str]] = Counter()
         self._since = time.monotonic()
         self._timer: threading.Timer | None = None
@@ -134,16 +140,25 @@ class RefusalLines(logging.Filter):
         if marked is None:
             return True
         rpc = _RPC.get()
+        # The call the line is about: the one running on this thread, else the one it names
+        # (a watchdog's line about the call it cancels).
+        call = rpc.context if rpc is not None else getattr(record, REFUSAL_CALL, None)
+        if rpc is not None and rpc.verdict is None:
+            rpc.verdict = self._verdict_away(call)  # a watchdog's line about it came first
         if rpc is not None and rpc.verdict is not None:
             return rpc.verdict  # the call's other lines go with its first
+        if rpc is None and call is not None:
+            earlier = self._verdict_away(call)
+            if earlier is not None:
+                return earlier
         if not marked:  # the service's own failure: this call's lines are all written
             if rpc is not None:
                 rpc.verdict = True
             return True
         caller = "-"
-        if rpc is not None:
+        if call is not None:
             try:
-                caller = caller_key(rpc.context)
+                caller = caller_key(call)
             except Exception:  # a line is written or counted, never an error at its call site
                 caller = "(unidentified)"
         reason = str(getattr(record, "reason", "") or "")
@@ -152,9 +167,22 @@ class RefusalLines(logging.Filter):
         verdict = self._take(key, caller)
         if rpc is not None:
             rpc.verdict = verdict
+        elif call is not None:
+            with self._lock, contextlib.suppress(TypeError):  # TypeError: no weak reference
+                self._away[call] = verdict
         if not verdict:
             self._count(caller, reason)
         return verdict
+
+    def _verdict_away(self, call: Any) -> bool | None:
+        """The verdict of an earlier line about ``call`` logged away from its thread, if any."""
+        if call is None:
+            return None
+        with self._lock:
+            try:
+                return self._away.get(call)
+            except TypeError:  # a call that cannot be weakly referenced was never remembered
+                return None
 
     def _take(self, key: str, caller: str) -> bool:
         if not (self._each.available(key) and self._caller.available(caller)):
