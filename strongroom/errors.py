@@ -19,6 +19,13 @@ are. ``False`` says the opposite: the line is about the service's own failure (:
 and it and the call's other lines are written every time. Its leading underscore keeps it out of
 the JSON line."""
 
+REFUSAL_CALL = "_strongroom_refusal_call"
+"""The logging ``extra`` key giving the call (its ``grpc.ServicerContext``) that a refusal line
+(:data:`REFUSAL_LINE`) is about when it may be logged away from that call's own thread: a
+watchdog cancelling a call that never sent its message, or whose client stopped reading. The
+line's budget is kept on that call's caller, and the call's own later lines follow the line's
+verdict (all or none). Without it such a line had no caller, and was written every time."""
+
 
 class StrongroomError(Exception):
     """Base of every expected failure.

@@ -70,7 +70,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from strongroom.errors import REFUSAL_LINE, Cancelled, ResourceExhausted
+from strongroom.errors import REFUSAL_CALL, REFUSAL_LINE, Cancelled, ResourceExhausted
 from strongroom.pki.authz import verified_caller
 from strongroom.pki.errors import PeerUnauthenticated
 from strongroom.reasons import Reason
@@ -531,7 +531,14 @@ class UnaryGuard(HandlerInterceptor):
             for context in cancel:
                 log.warning(
                     "cancelling a call: no request message while its caller holds its bound",
-                    extra={"peer": context.peer(), "reason": Reason.TOO_MANY_WORKERS_PER_IDENTITY},
+                    extra={
+                        "peer": context.peer(),
+                        "reason": Reason.TOO_MANY_WORKERS_PER_IDENTITY,
+                        # Its caller chose how many there are: within its budget, with the
+                        # call's own lines (this thread runs no call of its own).
+                        REFUSAL_LINE: True,
+                        REFUSAL_CALL: context,
+                    },
                 )
                 # Only while it still waits (as the request watchdog does): its message may have
                 # come since (the log line can take long on a slow pipe) and the call, a Watch
@@ -569,7 +576,14 @@ class UnaryGuard(HandlerInterceptor):
             for context in late:
                 log.warning(
                     "cancelling a call: no request message",
-                    extra={"peer": context.peer(), "reason": Reason.REQUEST_MESSAGE_TIMEOUT},
+                    extra={
+                        "peer": context.peer(),
+                        "reason": Reason.REQUEST_MESSAGE_TIMEOUT,
+                        # Its caller chose how many there are: within its budget, with the
+                        # call's own lines (this thread runs no call of its own).
+                        REFUSAL_LINE: True,
+                        REFUSAL_CALL: context,
+                    },
                 )
                 # Only while it still waits: its message may have come since (the log line above
                 # can take long on a slow pipe), and the call, a Watch now serving its caller,

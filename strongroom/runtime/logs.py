@@ -1,8 +1,10 @@
 """Structured logging: one JSON object a line, or plain text for people.
 
 Lines saying why a caller's RPC was refused (marked :data:`~strongroom.errors.REFUSAL_LINE`: the
-authoriser's denial, the error mapping's ``rpc failed``, a limit's refusal, a service's own refusal)
-are written within a budget (:class:`RefusalLines`): any certificate of the CA, a role-less one
+authoriser's denial, the error mapping's ``rpc failed``, a limit's refusal, a service's own refusal,
+a watchdog's cancelling of a call its caller stalled, which names that call with
+:data:`~strongroom.errors.REFUSAL_CALL` since it runs on a thread of its own) are written within a
+budget (:class:`RefusalLines`): any certificate of the CA, a role-less one
 included, chose how many of them the service wrote, two or three per refused call. The budget is
 per refused *call*, so that a call's lines are written all or none: each caller and reason has
 :data:`REFUSED_CALLS_BURST` calls logged at once, then :data:`REFUSED_CALLS_PER_CALLER` a second,
@@ -34,6 +36,7 @@ import select
 import sys
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar, Token
@@ -41,7 +44,7 @@ from typing import Any
 
 import grpc
 
-from strongroom.errors import REFUSAL_LINE
+from strongroom.errors import REFUSAL_CALL, REFUSAL_LINE
 from strongroom.runtime.callers import caller_key
 from strongroom.runtime.config import LoggingConfig
 from strongroom.runtime.ratelimit import CallerBuckets
@@ -74,7 +77,10 @@ choose much of what a line says (a method name of up to 16 KiB, which a denied c
 two or three times over, a request's text in an error): bounded by lines only, the queue of a
 service whose destination stalled held 4,096 such lines, hundreds of MiB."""
 FLUSH_SECONDS = 5.0
-"""How long a flush or the handler's close waits for the queued lines to be written."""
+"""How long a flush and the handler's close wait, together, for the queued lines to be written:
+one budget, which a wait that ran out leaves spent until the queue has been written
+(``logging.shutdown`` flushes, then closes: each waited its own 5 s, and the close's wait for
+the writer thread 5 s more, 15 s for a destination that takes nothing)."""
 
 
 class _RpcLog:
@@ -120,6 +126,9 @@ class RefusalLines(logging.Filter):
         )
         self._all = CallerBuckets(REFUSED_CALLS_PER_SECOND, REFUSED_CALLS_PER_SECOND, clock=clock)
         self._lock = threading.Lock()
+        # The verdicts of lines logged away from their call's thread (REFUSAL_CALL: a watchdog's),
+        # for that call's own later lines (all or none); gone with the call.
+        self._away: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         self._counted: Counter[tuple[str, str]] = Counter()
         self._since = time.monotonic()
         self._timer: threading.Timer | None = None
@@ -131,16 +140,25 @@ class RefusalLines(logging.Filter):
         if marked is None:
             return True
         rpc = _RPC.get()
+        # The call the line is about: the one running on this thread, else the one it names
+        # (a watchdog's line about the call it cancels).
+        call = rpc.context if rpc is not None else getattr(record, REFUSAL_CALL, None)
+        if rpc is not None and rpc.verdict is None:
+            rpc.verdict = self._verdict_away(call)  # a watchdog's line about it came first
         if rpc is not None and rpc.verdict is not None:
             return rpc.verdict  # the call's other lines go with its first
+        if rpc is None and call is not None:
+            earlier = self._verdict_away(call)
+            if earlier is not None:
+                return earlier
         if not marked:  # the service's own failure: this call's lines are all written
             if rpc is not None:
                 rpc.verdict = True
             return True
         caller = "-"
-        if rpc is not None:
+        if call is not None:
             try:
-                caller = caller_key(rpc.context)
+                caller = caller_key(call)
             except Exception:  # a line is written or counted, never an error at its call site
                 caller = "(unidentified)"
         reason = str(getattr(record, "reason", "") or "")
@@ -149,9 +167,22 @@ class RefusalLines(logging.Filter):
         verdict = self._take(key, caller)
         if rpc is not None:
             rpc.verdict = verdict
+        elif call is not None:
+            with self._lock, contextlib.suppress(TypeError):  # TypeError: no weak reference
+                self._away[call] = verdict
         if not verdict:
             self._count(caller, reason)
         return verdict
+
+    def _verdict_away(self, call: Any) -> bool | None:
+        """The verdict of an earlier line about ``call`` logged away from its thread, if any."""
+        if call is None:
+            return None
+        with self._lock:
+            try:
+                return self._away.get(call)
+            except TypeError:  # a call that cannot be weakly referenced was never remembered
+                return None
 
     def _take(self, key: str, caller: str) -> bool:
         if not (self._each.available(key) and self._caller.available(caller)):
@@ -304,12 +335,19 @@ class ServiceLog(logging.Handler):
     is. Refusal lines (:data:`~strongroom.errors.REFUSAL_LINE`) take at most half of either
     bound, so that refusals, however many callers send, never leave the service's other lines
     (an operator's change, a failure, the summary of refusals) no room. :meth:`flush` and
-    :meth:`close` (``logging.shutdown`` at exit calls both) wait up to :data:`FLUSH_SECONDS` for
-    the queue to be written."""
+    :meth:`close` (``logging.shutdown`` at exit calls both) wait up to :data:`FLUSH_SECONDS`
+    together for the queue to be written and the writer to end (``timer`` counts it)."""
 
-    def __init__(self, stream: Any, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        stream: Any,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__()
         self.stream = stream
+        self._timer = timer  # the flush's and close's budget (FLUSH_SECONDS)
         self.refusals = RefusalLines(clock=clock)
         self.addFilter(self.refusals)
         self.queue_lines = LOG_QUEUE_LINES
@@ -322,6 +360,11 @@ class ServiceLog(logging.Handler):
         self._refusals = [0, 0]  # of which refusal lines'
         self._dropped = 0  # lines dropped since the last count written
         self._stopping = False
+        self._ended = False  # the writer has written its last line and returned
+        # The end of a wait of flush or close (FLUSH_SECONDS) that ran out, kept until the queue
+        # is written: the next wait, close's after logging.shutdown's flush, has what is left of
+        # it (nothing), not a budget of its own.
+        self._spent: float | None = None
         # Lines are written by the thread that logs them while nothing is queued and the
         # destination takes them at once: queued, a process that died right after logging (a
         # native library's crash, an abort: no exit handlers, and the dying thread held the
@@ -357,6 +400,9 @@ class ServiceLog(logging.Handler):
         size = len(line) + 1  # with its newline; characters, bytes for a JSON line (ASCII)
         refusal = bool(getattr(record, REFUSAL_LINE, False))
         with self._state:
+            if self._ended:
+                self._write_after_close(line)
+                return
             now = self._write_now(line)
             if now is None:
                 if not self._fits(self._pending, 1, 1, size) or (
@@ -404,6 +450,26 @@ class ServiceLog(logging.Handler):
             return None  # not ready, or an error or hang-up the writer meets and counts
         return self._fd, data
 
+    def _write_after_close(self, line: str) -> None:
+        """Writes ``line``, logged once the writer has ended (an exit handler's, a daemon
+        thread's after ``logging.shutdown``), where it is logged: queued, it was never written.
+        A destination that would make the write wait gets nothing (nor does a closed one): the
+        process is ending, and it would wait for good on a collector that stopped reading."""
+        stream = self.stream
+        if getattr(stream, "closed", False):
+            return
+        if self._fd is not None:
+            try:
+                ready = self._poll.poll(0)
+            except OSError:
+                return
+            failed = select.POLLERR | select.POLLHUP | select.POLLNVAL
+            if not any(events & select.POLLOUT and not events & failed for _, events in ready):
+                return
+        with contextlib.suppress(Exception):  # nowhere to say it either
+            stream.write(line + "\n")
+            stream.flush()
+
     def _fits(self, held: list[int], share: int, lines: int, size: int) -> bool:
         return (
             held[0] + lines <= self.queue_lines // share
@@ -439,6 +505,8 @@ class ServiceLog(logging.Handler):
                 with self._state:
                     self._lines.popleft()
                     self._account(size, refusal, -1)
+                    if not self._lines:
+                        self._spent = None  # written: the next wait has its whole budget
                     self._state.notify_all()
         with self._state:  # closing: a count no later line carried
             dropped, self._dropped = self._dropped, 0
@@ -446,6 +514,9 @@ class ServiceLog(logging.Handler):
             with contextlib.suppress(Exception):
                 self.stream.write(self._dropped_line(dropped) + "\n")
                 self.stream.flush()
+        with self._state:
+            self._ended = True
+            self._state.notify_all()
 
     def _dropped_line(self, dropped: int) -> str:
         record = logging.LogRecord(
@@ -457,20 +528,50 @@ class ServiceLog(logging.Handler):
         return self.format(record)
 
     def flush(self) -> None:
-        """Waits, up to :data:`FLUSH_SECONDS`, until every queued line is written."""
+        """Waits, up to :data:`FLUSH_SECONDS` (what is left of it when an earlier wait ran out
+        and the queue has not been written since), until every queued line is written."""
         with self._state:
-            self._state.wait_for(lambda: self._pending[0] == 0 and not self._direct, FLUSH_SECONDS)
+            self._wait_until(self._written, self._budget())
 
     def close(self) -> None:
-        """Queues the count of refused calls not logged yet, writes what is queued (waiting up
-        to :data:`FLUSH_SECONDS`), and ends the writer."""
+        """Queues the count of refused calls not logged yet, writes what is queued and ends the
+        writer, waiting up to :data:`FLUSH_SECONDS` for both together (what is left of it after
+        a flush that ran out: ``logging.shutdown`` flushes first)."""
+        with self._state:
+            deadline = self._budget()
         self.refusals.close()
-        self.flush()
-        with self._state:  # the writer ends once the queue is written (or is left stuck)
+        with self._state:
+            self._wait_until(self._written, deadline)
+            # The writer ends once the queue is written (or is left stuck, a daemon thread).
             self._stopping = True
             self._state.notify_all()
-        self._writer.join(FLUSH_SECONDS)
+            self._wait_until(lambda: self._ended, deadline)
         super().close()
+
+    def _written(self) -> bool:
+        return self._pending[0] == 0 and not self._direct
+
+    def _budget(self) -> float:
+        """The end of the wait for the queue (call under ``_state``): the one a wait that ran
+        out left while the queue has not been written since, else :data:`FLUSH_SECONDS` from
+        now."""
+        if self._spent is not None and not self._written():
+            return self._spent
+        return self._timer() + FLUSH_SECONDS
+
+    def _wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Waits (under ``_state``) until ``done()`` or ``deadline`` (on the handler's timer)."""
+        while not done():
+            left = deadline - self._timer()
+            if left <= 0:
+                self._spent = deadline
+                return False
+            self._pause(left)
+        return True
+
+    def _pause(self, seconds: float) -> None:
+        """Waits on ``_state`` (held) for a change, ``seconds`` at most."""
+        self._state.wait(seconds)
 
 
 def _file_descriptor(stream: Any) -> int | None:

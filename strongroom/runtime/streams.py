@@ -55,7 +55,7 @@ from typing import Any
 
 import grpc
 
-from strongroom.errors import REFUSAL_LINE, ResourceExhausted
+from strongroom.errors import REFUSAL_CALL, REFUSAL_LINE, ResourceExhausted
 from strongroom.reasons import Reason
 from strongroom.runtime.callers import Identify, WorkerShares, caller_key
 from strongroom.runtime.grpc_types import (
@@ -114,7 +114,14 @@ class StreamGuard(HandlerInterceptor):
             for context in stalled:
                 log.warning(
                     "response stream cancelled: the client stopped reading",
-                    extra={"peer": context.peer(), "reason": Reason.STREAM_IDLE_TIMEOUT},
+                    extra={
+                        "peer": context.peer(),
+                        "reason": Reason.STREAM_IDLE_TIMEOUT,
+                        # Its client chose how many there are: within its caller's budget, with
+                        # the call's own lines (this thread runs no call of its own).
+                        REFUSAL_LINE: True,
+                        REFUSAL_CALL: context,
+                    },
                 )
                 cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
                 cancel()
@@ -374,6 +381,8 @@ class _RateFloor:
                 "reason": Reason.STREAM_TOO_SLOW,
                 "bytes": moved,
                 "seconds": round(waited, 3),
+                REFUSAL_LINE: True,  # the client's pace: within its caller's budget
+                REFUSAL_CALL: self._context,
             },
         )
         raise ResourceExhausted(

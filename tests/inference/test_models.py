@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from pathlib import Path
@@ -24,6 +25,8 @@ from strongroom.inference.models import (
     RuntimeOptions,
     session_options,
 )
+from strongroom.runtime.logs import REFUSED_CALLS_BURST
+from tests.conftest import buffered_service_log
 from tests.inference import onnx_models
 
 X = np.array([[0.5, -1.0, 2.0, 0.25], [1.0, 1.0, 1.0, 1.0]], dtype=np.float32)
@@ -66,6 +69,32 @@ def test_a_run_told_to_stop_is_cancelled_not_a_rejected_input() -> None:
         "logits",
         "probabilities",
         "label",
+    ]
+
+
+def test_runs_their_callers_stopped_write_their_budget_of_lines(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """The line "inference stopped" (a run whose call ended: its caller cancelled, or let its deadline
+    pass) was no refusal line: a caller that started runs and walked away chose how many of them
+    the service wrote. It is within the caller's budget now (INFERENCE_CANCELLED), the rest
+    counted in the summary."""
+    handler, stream = buffered_service_log(monkeypatch)  # a clock that never refills
+    model = LoadedModel.from_bytes("clf", "1", onnx_models.classifier())
+    stopped = ort.RunOptions()
+    stopped.terminate = True
+    runs = REFUSED_CALLS_BURST + 3
+    for _ in range(runs):  # no call on this thread: every run is one caller's
+        with pytest.raises(Cancelled):
+            model.infer({"x": X}, run_options=stopped)
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [r["reason"] for r in lines if r["msg"].startswith("inference stopped")] == [
+        "INFERENCE_CANCELLED"
+    ] * REFUSED_CALLS_BURST
+    (summary,) = [r for r in lines if r["msg"] == "refused calls not logged"]
+    assert summary["by_caller_and_reason"] == [
+        ["-", "INFERENCE_CANCELLED", runs - REFUSED_CALLS_BURST]
     ]
 
 

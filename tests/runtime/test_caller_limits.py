@@ -4,6 +4,7 @@ server from the others."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -36,7 +37,9 @@ from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.callers import ROLELESS, TRUSTED_WAIT_SECONDS
 from strongroom.runtime.config import ConfigError, ServerConfig
 from strongroom.runtime.interceptors import RefusalObserver
+from strongroom.runtime.logs import REFUSED_CALLS_BURST
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
+from tests.conftest import buffered_service_log
 from tests.inference.fake_tee import FakeSevGuest, fake_snp_report
 from tests.pki.helpers import TRUST_DOMAIN, enrol, sid
 
@@ -1167,3 +1170,37 @@ def test_a_caller_whose_trusted_wait_ended_without_its_message_is_trusted_no_mor
     running.slow.release.set()
     assert [f.result(timeout=30) for f in held] == [b"done"] * 3
     assert settled(lambda: shares.held_now() == 0)
+
+
+def test_a_callers_flood_of_calls_the_watchdog_cancels_writes_its_budget_of_lines(
+    mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """The watchdog's "cancelling a call: no request message" was no refusal line: a caller
+    opening health calls it never sent a message on chose how many of them the service wrote
+    (any certificate of the CA: health is public). It is within the caller's budget now, with
+    the call's own "rpc failed" (a call's lines all or none), and the rest are counted."""
+    handler, stream = buffered_service_log(monkeypatch)  # a clock that never refills
+    running = mesh(health_request_wait_seconds=0.2)
+    channel = running.caller("client")
+    gate = threading.Event()
+    calls = REFUSED_CALLS_BURST + 3
+    try:
+        for _ in range(calls):
+            stalled = channel.stream_unary(f"/{HEALTH_SERVICE}/Check", _raw, _raw).future(
+                never_sent(gate), timeout=10
+            )
+            assert refusal(stalled.result)[0] == grpc.StatusCode.CANCELLED
+            assert settled(lambda: running.host.shares.held_now() == 0)
+    finally:
+        gate.set()
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    cancelled = [r for r in lines if r["msg"] == "cancelling a call: no request message"]
+    # The call's own line (REQUEST_MESSAGE_TIMEOUT, or MALFORMED_REQUEST when its read saw the
+    # cancel as the request's end) goes with the watchdog's.
+    failed = [r for r in lines if r["msg"] == "rpc failed"]
+    assert len(cancelled) == len(failed) == REFUSED_CALLS_BURST, lines
+    (summary,) = [r for r in lines if r["msg"] == "refused calls not logged"]
+    assert summary["by_caller_and_reason"] == [
+        [str(sid("client")), "REQUEST_MESSAGE_TIMEOUT", calls - REFUSED_CALLS_BURST]
+    ]

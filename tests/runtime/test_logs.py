@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
+import weakref
 
 import pytest
 
 from strongroom import errors
-from strongroom.runtime.logs import REFUSED_CALLS_BURST
+from strongroom.runtime.logs import (
+    FLUSH_SECONDS,
+    REFUSED_CALLS_BURST,
+    JsonFormatter,
+    ServiceLog,
+)
 from tests.conftest import REPO, buffered_service_log
 
 
@@ -89,3 +97,66 @@ def test_the_last_line_before_the_process_dies_is_written(death: str) -> None:
     assert done.returncode != 0
     lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     assert [r["msg"] for r in lines] == ["loading model resnet 3"], done.stderr
+
+
+class _Stalled(io.StringIO):
+    """A destination that takes nothing (a collector that stopped reading) until ``resume``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resume = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.resume.wait(120)
+        return super().write(text)
+
+
+def test_shutdown_waits_one_budget_for_a_destination_that_takes_nothing() -> None:
+    """``logging.shutdown`` flushes, then closes: with a destination that took nothing, the
+    flush waited 5 s, the close's own flush 5 s more and its join of the writer another 5 s,
+    15 s where the README says 5. The flush, the close and the wait for the writer now share
+    one budget of FLUSH_SECONDS: the waits are counted on the handler's own timer, which moves
+    only by what the handler waited."""
+    now = [0.0]
+    waits: list[float] = []
+
+    class Counted(ServiceLog):
+        def _pause(self, seconds: float) -> None:
+            waits.append(seconds)
+            now[0] += seconds  # the wait, on the handler's timer
+            self._state.wait(0)
+
+    stream = _Stalled()
+    handler = Counted(stream, timer=lambda: now[0])
+    handler.setFormatter(JsonFormatter("test"))
+    logger = logging.getLogger("strongroom.test.stalled")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for n in range(3):
+            logger.warning("line %d", n)
+        logging.shutdown([weakref.ref(handler)])  # what runs at exit: flush, then close
+        assert waits == [FLUSH_SECONDS]
+        assert handler._writer.is_alive()  # left stuck on the destination, as it is
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+        stream.resume.set()
+        handler._writer.join(30)
+    assert not handler._writer.is_alive()
+
+
+def test_a_line_logged_after_the_log_closed_is_written(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """A line logged once the handler had closed (an exit handler's after ``logging.shutdown``,
+    a daemon thread's) was queued for a writer that had ended: never written. It is written
+    where it is logged now."""
+    handler, stream = buffered_service_log(monkeypatch)
+    logging.getLogger("strongroom.test").warning("before")
+    handler.close()
+    logging.getLogger("strongroom.test").warning("after the close")
+    assert [json.loads(line)["msg"] for line in stream.getvalue().splitlines()] == [
+        "before",
+        "after the close",
+    ]

@@ -4,6 +4,7 @@ blocking streams that trickle below the minimum transfer rate end too."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +18,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from strongroom.pki.authz import SpiffeAuthorizer
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.config import ConfigError, ServerConfig
+from strongroom.runtime.logs import REFUSED_CALLS_BURST
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import server_tracing_interceptor
+from tests.conftest import buffered_service_log
 
 SERVICE = "test.Streams"
 
@@ -412,3 +415,46 @@ def test_watchers_leaving_while_the_status_flaps_do_not_deadlock_the_server() ->
         flipper.join(5)
         channel.close()
         host.stop(0)
+
+
+def test_a_callers_downloads_it_stops_reading_write_its_budget_of_lines(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """The watchdog's "response stream cancelled: the client stopped reading" was no refusal
+    line: a client that opened downloads and stopped reading chose how many of them the service
+    wrote. They are within its caller's budget now; the rest are counted in the summary."""
+    handler, stream = buffered_service_log(monkeypatch)  # a clock that never refills
+    calls = REFUSED_CALLS_BURST + 3
+    host, _gate, channel = start(
+        ServerConfig(
+            max_workers=2 * calls + 2,
+            max_data_plane_workers_per_identity=calls,
+            max_streams_per_identity=1000,
+            stream_idle_timeout_seconds=0.5,
+        )
+    )
+    try:
+        flood = channel.unary_stream(f"/{SERVICE}/Flood", _identity, _identity)
+        downloads = [flood(b"", timeout=60) for _ in range(calls)]
+        for call in downloads:
+            assert len(next(call)) == 1 << 20  # then the client stops reading
+        deadline = time.monotonic() + 30
+        while host.streams.open_streams() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert host.streams.open_streams() == 0
+        for call in downloads:
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in call:  # what was in flight, then the status
+                    pass
+            assert info.value.code() == grpc.StatusCode.CANCELLED  # type: ignore[attr-defined]
+    finally:
+        channel.close()
+        host.stop(0)
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    stopped = [r for r in lines if r["msg"].endswith("the client stopped reading")]
+    assert len(stopped) == REFUSED_CALLS_BURST
+    (summary,) = [r for r in lines if r["msg"] == "refused calls not logged"]
+    ((caller, reason, counted),) = summary["by_caller_and_reason"]
+    assert caller.startswith("peer:")  # one caller: this channel's (plaintext: its address)
+    assert (reason, counted) == ("STREAM_IDLE_TIMEOUT", calls - REFUSED_CALLS_BURST)

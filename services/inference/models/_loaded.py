@@ -456,7 +456,12 @@ class LoadedModel:
         if run_options.terminate:
             log.info(
                 "inference stopped: its call had ended",
-                extra={"model": self.name, "version": self.version},
+                extra={
+                    "model": self.name,
+                    "version": self.version,
+                    "reason": Reason.INFERENCE_CANCELLED,
+                    REFUSAL_LINE: True,  # its caller ended it: within its budget of such lines
+                },
             )
             raise Cancelled(
                 f"inference on {self.name} stopped: the call ended (cancelled, or its "
