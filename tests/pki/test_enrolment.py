@@ -290,6 +290,19 @@ def test_a_service_refuses_an_enrolment_token_others_may_read(ca: StepCa, tmp_pa
         assert str(identity.spiffe_id) == sid("keybroker")
 
 
+def _token_without_the_derived_name(ca: StepCa, name: str, *dns: str) -> str:
+    """``name``'s enrolment token as an earlier version minted it: its SPIFFE ID and ``dns``,
+    without the DNS name derived from the ID."""
+    return _signed(
+        ca.layout.provisioner(),
+        subject=sid(name),
+        audience=sign_audience(ca.url),
+        lifetime=timedelta(minutes=5),
+        now=None,
+        extra={"sans": [sid(name), *dns]},
+    )
+
+
 def test_a_certificate_without_the_derived_name_is_named_and_replaced_by_a_fresh_token(
     ca: StepCa, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -297,15 +310,7 @@ def test_a_certificate_without_the_derived_name_is_named_and_replaced_by_a_fresh
     derived from their SPIFFE ID (renewals copy it) says so at start, with what to do; a fresh
     token (which asks for the name) replaces that certificate."""
     state = tmp_path / "state"
-    # A token as an earlier version minted it: without the derived name.
-    old_token = _signed(
-        ca.layout.provisioner(),
-        subject=sid("keybroker"),
-        audience=sign_audience(ca.url),
-        lifetime=timedelta(minutes=5),
-        now=None,
-        extra={"sans": [sid("keybroker"), "keybroker"]},
-    )
+    old_token = _token_without_the_derived_name(ca, "keybroker", "keybroker")
     with WorkloadIdentity.start(ca.client(), token=old_token, state_dir=state, auto_renew=False):
         pass
     root = tmp_path / "root.pem"
@@ -344,14 +349,7 @@ def test_a_replacing_token_already_taken_says_so_and_keeps_the_persisted_identit
     401 at every start; the refusal now says the token was taken and the persisted identity is
     left in place."""
     state = tmp_path / "state"
-    old_token = _signed(
-        ca.layout.provisioner(),
-        subject=sid("keybroker"),
-        audience=sign_audience(ca.url),
-        lifetime=timedelta(minutes=5),
-        now=None,
-        extra={"sans": [sid("keybroker"), "keybroker"]},
-    )
+    old_token = _token_without_the_derived_name(ca, "keybroker", "keybroker")
     with WorkloadIdentity.start(ca.client(), token=old_token, state_dir=state, auto_renew=False):
         pass
     persisted = (state / STATE_FILE).read_bytes()
@@ -373,14 +371,7 @@ def test_a_client_certificate_without_the_derived_name_is_not_warned_about(
     until it enrols again" (a rehearsed upgrade's admin and publisher printed it on every call
     until their next token). The CLI's client opens its identity as a client: no warning."""
     state = tmp_path / "state"
-    old_token = _signed(
-        ca.layout.provisioner(),
-        subject=sid("admin"),
-        audience=sign_audience(ca.url),
-        lifetime=timedelta(minutes=5),
-        now=None,
-        extra={"sans": [sid("admin")]},
-    )
+    old_token = _token_without_the_derived_name(ca, "admin")
     with WorkloadIdentity.start(ca.client(), token=old_token, state_dir=state, auto_renew=False):
         pass
     root = tmp_path / "root.pem"
