@@ -19,7 +19,8 @@ from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.pki import StepCa
 from strongroom.pki.stepca import BINARY_ENV
 from strongroom.runtime.config import LoggingConfig
-from strongroom.runtime.logs import QUIET_LIBRARIES, ServiceLog, configure_logging
+from strongroom.runtime.log_writer import ServiceLog
+from strongroom.runtime.logs import QUIET_LIBRARIES, configure_logging
 from tests.pki.helpers import new_ca
 
 REPO = Path(__file__).resolve().parents[1]

@@ -67,7 +67,7 @@ from strongroom.runtime.grpc_types import (
     is_non_blocking,
     rewrap_handler,
 )
-from strongroom.runtime.logs import enter_rpc, leave_rpc
+from strongroom.runtime.log_refusals import enter_rpc, leave_rpc
 
 log = logging.getLogger(__name__)
 

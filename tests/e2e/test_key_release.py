@@ -39,7 +39,8 @@ from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.pki import WorkloadIdentity
 from strongroom.runtime.config import LoggingConfig
-from strongroom.runtime.logs import REFUSED_CALLS_BURST, configure_logging
+from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
+from strongroom.runtime.logs import configure_logging
 from strongroom.runtime.secrets import Secret
 from tests.conftest import stack_root
 from tests.keybroker.helpers import bound, data_key_request

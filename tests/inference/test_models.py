@@ -25,7 +25,7 @@ from strongroom.inference.models import (
     RuntimeOptions,
     session_options,
 )
-from strongroom.runtime.logs import REFUSED_CALLS_BURST
+from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
 from tests.conftest import buffered_service_log
 from tests.inference import onnx_models
 

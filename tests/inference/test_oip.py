@@ -26,7 +26,7 @@ from strongroom.inference.oip import ATTESTATION_EXTENSION, InferLimits
 from strongroom.inference.oip._codec import BYTES_ELEMENT_COST, decode_inputs
 from strongroom.inference.oip._wire import check_infer_request
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
-from strongroom.runtime.logs import REFUSED_CALLS_BURST
+from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
 from strongroom.wire import append_bytes_field
 from tests.conftest import buffered_service_log
 from tests.inference import onnx_models

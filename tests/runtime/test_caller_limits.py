@@ -37,7 +37,7 @@ from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.callers import ROLELESS, TRUSTED_WAIT_SECONDS
 from strongroom.runtime.config import ConfigError, ServerConfig
 from strongroom.runtime.interceptors import RefusalObserver
-from strongroom.runtime.logs import REFUSED_CALLS_BURST
+from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
 from tests.conftest import buffered_service_log
 from tests.inference.fake_tee import FakeSevGuest, fake_snp_report

@@ -14,12 +14,9 @@ import weakref
 import pytest
 
 from strongroom import errors
-from strongroom.runtime.logs import (
-    FLUSH_SECONDS,
-    REFUSED_CALLS_BURST,
-    JsonFormatter,
-    ServiceLog,
-)
+from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
+from strongroom.runtime.log_writer import FLUSH_SECONDS, ServiceLog
+from strongroom.runtime.logs import JsonFormatter
 from tests.conftest import REPO, buffered_service_log
 
 

@@ -24,17 +24,17 @@ from strongroom import errors
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime import health as health_module
 from strongroom.runtime import health_port as health_port_module
-from strongroom.runtime import logs as logs_module
+from strongroom.runtime import log_writer
 from strongroom.runtime.config import LoggingConfig, ServerConfig
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
 from strongroom.runtime.health import MAX_SERVICE_NAME
 from strongroom.runtime.health_port import LOG_LINES_PER_SECOND
-from strongroom.runtime.logs import (
+from strongroom.runtime.log_refusals import (
     REASONS_PER_CALLER,
     REFUSED_CALLS_BURST,
     REFUSED_CALLS_PER_SECOND,
-    configure_logging,
 )
+from strongroom.runtime.logs import configure_logging
 from strongroom.runtime.server import MessageLimits, ServiceHost, ServiceSpec
 from tests.conftest import buffered_service_log
 
@@ -810,7 +810,7 @@ def _full_pipe() -> tuple[int, Any]:
 
 def _stalled_service_log(
     monkeypatch: pytest.MonkeyPatch, clock: Callable[[], float] = lambda: 0.0
-) -> tuple[logs_module.ServiceLog, Callable[[], list[dict[str, Any]]]]:
+) -> tuple[log_writer.ServiceLog, Callable[[], list[dict[str, Any]]]]:
     """The service's JSON log configured as a service configures it, on stderr to a pipe nobody
     reads yet; and what the collector, once back, reads of it when the log has closed."""
     read_end, stream = _full_pipe()
@@ -843,7 +843,7 @@ def test_a_blocked_log_destination_holds_no_request_worker(
     queued on the handler's lock. Lines now go through a bounded queue that one thread writes:
     calls are answered, lines past the queue are dropped and counted, and the count is written
     once the destination takes lines again; nothing queued is lost at close."""
-    monkeypatch.setattr(logs_module, "LOG_QUEUE_LINES", 8)
+    monkeypatch.setattr(log_writer, "LOG_QUEUE_LINES", 8)
     _, collect = _stalled_service_log(monkeypatch)
     try:
         for _ in range(3):  # logged: within the refusal budget
@@ -906,14 +906,14 @@ def test_the_log_queue_is_bounded_in_bytes_too(
     denied call's lines): 4,096 lines of tens of KiB. It holds LOG_QUEUE_BYTES at most now."""
     _, collect = _stalled_service_log(monkeypatch)
     big = "m" * (64 << 10)
-    logged = 2 * logs_module.LOG_QUEUE_BYTES // len(big)  # well within LOG_QUEUE_LINES
+    logged = 2 * log_writer.LOG_QUEUE_BYTES // len(big)  # well within LOG_QUEUE_LINES
     for n in range(logged):
         logging.getLogger("strongroom.test").warning("line %d %s", n, big)
     lines = collect()
     kept = [r for r in lines if r["msg"].startswith("line ")]
     dropped = sum(r["lines"] for r in lines if r["msg"] == "log lines dropped")
     assert len(kept) + dropped == logged
-    assert sum(len(r["msg"]) for r in kept) <= logs_module.LOG_QUEUE_BYTES
+    assert sum(len(r["msg"]) for r in kept) <= log_writer.LOG_QUEUE_BYTES
     assert [int(r["msg"].split()[1]) for r in kept] == list(range(len(kept)))  # the first ones
 
 
@@ -924,7 +924,7 @@ def test_refusal_lines_leave_room_in_the_log_queue_for_other_lines(
     slow, refusals within their budget (many callers, reasons, minutes) filled the queue, and an
     operator's change or a service's failure logged then was dropped. Refusal lines take at most
     half of the queue now."""
-    monkeypatch.setattr(logs_module, "LOG_QUEUE_LINES", 8)
+    monkeypatch.setattr(log_writer, "LOG_QUEUE_LINES", 8)
     ticks = itertools.count(0.0, 3600.0)  # every refusal within its budget
     _, collect = _stalled_service_log(monkeypatch, clock=lambda: next(ticks))
     refusals = logging.getLogger("strongroom.test.refusals")

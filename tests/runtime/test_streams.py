@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from strongroom.pki.authz import SpiffeAuthorizer
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.config import ConfigError, ServerConfig
-from strongroom.runtime.logs import REFUSED_CALLS_BURST
+from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import server_tracing_interceptor
 from tests.conftest import buffered_service_log

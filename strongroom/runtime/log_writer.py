@@ -1,0 +1,307 @@
+"""The service's log handler.
+
+No thread that logs waits for the log's destination (:class:`ServiceLog`): a line is written by
+the thread that logs it only while nothing is queued and the destination takes it at once;
+otherwise lines are queued, a bounded number and size, and written by one thread; past the bound
+they are dropped and counted, and the count written (``log lines dropped``) once the destination
+takes lines again. Refusal lines (:mod:`~strongroom.runtime.log_refusals`) take at most half of
+the queue, so that the service's other lines always have room.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from strongroom.errors import REFUSAL_LINE
+from strongroom.runtime.log_refusals import RefusalLines
+
+LOG_QUEUE_LINES = 4096
+"""Lines waiting to be written (a few hundred bytes each) before further ones are dropped, and
+counted: what the service's log holds while its destination is slow."""
+LOG_QUEUE_BYTES = 16 << 20
+"""Bytes of lines waiting to be written before further ones are dropped, and counted. Callers
+choose much of what a line says (a method name of up to 16 KiB, which a denied call's lines carry
+two or three times over, a request's text in an error): bounded by lines only, the queue of a
+service whose destination stalled held 4,096 such lines, hundreds of MiB."""
+FLUSH_SECONDS = 5.0
+"""How long a flush and the handler's close wait, together, for the queued lines to be written:
+one budget, which a wait that ran out leaves spent until the queue has been written
+(``logging.shutdown`` flushes, then closes: each waited its own 5 s, and the close's wait for
+the writer thread 5 s more, 15 s for a destination that takes nothing)."""
+
+
+class ServiceLog(logging.Handler):
+    """The service's log handler: lines go to ``stream`` through a bounded queue that one thread
+    (``log-writer``) writes, refusal lines within their budget (:attr:`refusals`).
+
+    A line was written on the thread that logged it: with stderr to a collector that stopped
+    reading (a full pipe), a refused call's line blocked its request worker for good, and every
+    thread that logged after it queued on the handler's lock behind it. Now a line is formatted
+    where it is logged (its trace id, its arguments as they are then) and written there only if
+    nothing is queued and the destination takes it without waiting (a process that dies right
+    after logging, with no exit handler run, has written it); else it is queued; past
+    :data:`LOG_QUEUE_LINES` lines or :data:`LOG_QUEUE_BYTES` waiting, it is dropped and counted,
+    and the count is written (``log lines dropped``, with ``lines``) before the next line that
+    is. Refusal lines (:data:`~strongroom.errors.REFUSAL_LINE`) take at most half of either
+    bound, so that refusals, however many callers send, never leave the service's other lines
+    (an operator's change, a failure, the summary of refusals) no room. :meth:`flush` and
+    :meth:`close` (``logging.shutdown`` at exit calls both) wait up to :data:`FLUSH_SECONDS`
+    together for the queue to be written and the writer to end (``timer`` counts it)."""
+
+    def __init__(
+        self,
+        stream: Any,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.stream = stream
+        self._timer = timer  # the flush's and close's budget (FLUSH_SECONDS)
+        self.refusals = RefusalLines(clock=clock)
+        self.addFilter(self.refusals)
+        self.queue_lines = LOG_QUEUE_LINES
+        self.queue_bytes = LOG_QUEUE_BYTES
+        # Everything below is under _state (a re-entrant lock: a signal handler that logs runs on
+        # the main thread, perhaps inside an emit of its own).
+        self._state = threading.Condition(threading.RLock())
+        self._lines: deque[tuple[str, int, bool]] = deque()  # line, its size, a refusal's
+        self._pending = [0, 0]  # lines, bytes queued and not written yet
+        self._refusals = [0, 0]  # of which refusal lines'
+        self._dropped = 0  # lines dropped since the last count written
+        self._stopping = False
+        self._ended = False  # the writer has written its last line and returned
+        # The end of a wait of flush or close (FLUSH_SECONDS) that ran out, kept until the queue
+        # is written: the next wait, close's after logging.shutdown's flush, has what is left of
+        # it (nothing), not a budget of its own.
+        self._spent: float | None = None
+        # Lines are written by the thread that logs them while nothing is queued and the
+        # destination takes them at once: queued, a process that died right after logging (a
+        # native library's crash, an abort: no exit handlers, and the dying thread held the
+        # interpreter) lost its last lines, the ones that say what it was doing.
+        self._fd = _file_descriptor(stream)
+        self._poll = select.poll()
+        if self._fd is not None:
+            self._poll.register(self._fd, select.POLLOUT)
+        self._direct = False  # a line being written by the thread that logged it
+        self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
+        self._writer.start()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        """Filters and emits ``record`` as :class:`logging.Handler` does, but without the
+        handler's lock around the emit: :meth:`emit` keeps its own order, and a line written
+        where it is logged that waited after all (another writer of stderr filled the pipe
+        between the poll and the write) then holds its own thread only, not every thread that
+        logs."""
+        verdict = bool(self.filter(record))
+        if verdict:
+            self.emit(record)
+        return verdict
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Writes ``record``'s line now when nothing is queued and the destination takes it
+        without waiting, else queues it, or counts it dropped when the queue (or, for a refusal
+        line, its share) is full; never waits for a destination that is not ready."""
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        size = len(line) + 1  # with its newline; characters, bytes for a JSON line (ASCII)
+        refusal = bool(getattr(record, REFUSAL_LINE, False))
+        with self._state:
+            if self._ended:
+                self._write_after_close(line)
+                return
+            now = self._write_now(line)
+            if now is None:
+                if not self._fits(self._pending, 1, 1, size) or (
+                    refusal and not self._fits(self._refusals, 2, 1, size)
+                ):
+                    self._dropped += 1
+                    return
+                self._lines.append((line, size, refusal))
+                self._account(size, refusal, 1)
+                self._state.notify_all()
+                return
+            self._direct = True  # the writer waits: lines stay in the order they were logged
+        try:
+            _write_all(now[0], now[1])
+        except OSError:  # a closed or broken destination: nowhere to say it either
+            with self._state:
+                self._dropped += 1
+        finally:
+            with self._state:
+                self._direct = False
+                self._state.notify_all()
+
+    def _write_now(self, line: str) -> tuple[int, bytes] | None:
+        """The descriptor and bytes to write ``line`` with from the logging thread, or None to
+        queue it: something is queued or being written (order), a count of dropped lines waits
+        to be said, or the destination would make the write wait. A write of at most PIPE_BUF
+        bytes to a pipe that polls writable has a free page for it, so it does not wait."""
+        if self._fd is None or self._lines or self._direct or self._dropped or self._stopping:
+            return None
+        stream = self.stream
+        if getattr(stream, "closed", False):
+            return None  # its descriptor's number may be another file's by now
+        data = (line + "\n").encode(
+            getattr(stream, "encoding", None) or "utf-8",
+            getattr(stream, "errors", None) or "backslashreplace",
+        )
+        if len(data) > select.PIPE_BUF:
+            return None
+        try:
+            ready = self._poll.poll(0)
+        except OSError:
+            return None
+        failed = select.POLLERR | select.POLLHUP | select.POLLNVAL
+        if not any(events & select.POLLOUT and not events & failed for _, events in ready):
+            return None  # not ready, or an error or hang-up the writer meets and counts
+        return self._fd, data
+
+    def _write_after_close(self, line: str) -> None:
+        """Writes ``line``, logged once the writer has ended (an exit handler's, a daemon
+        thread's after ``logging.shutdown``), where it is logged: queued, it was never written.
+        A destination that would make the write wait gets nothing (nor does a closed one): the
+        process is ending, and it would wait for good on a collector that stopped reading."""
+        stream = self.stream
+        if getattr(stream, "closed", False):
+            return
+        if self._fd is not None:
+            try:
+                ready = self._poll.poll(0)
+            except OSError:
+                return
+            failed = select.POLLERR | select.POLLHUP | select.POLLNVAL
+            if not any(events & select.POLLOUT and not events & failed for _, events in ready):
+                return
+        with contextlib.suppress(Exception):  # nowhere to say it either
+            stream.write(line + "\n")
+            stream.flush()
+
+    def _fits(self, held: list[int], share: int, lines: int, size: int) -> bool:
+        return (
+            held[0] + lines <= self.queue_lines // share
+            and held[1] + size <= self.queue_bytes // share
+        )
+
+    def _account(self, size: int, refusal: bool, sign: int) -> None:
+        self._pending[0] += sign
+        self._pending[1] += sign * size
+        if refusal:
+            self._refusals[0] += sign
+            self._refusals[1] += sign * size
+
+    def _write(self) -> None:
+        while True:
+            with self._state:
+                self._state.wait_for(lambda: not self._direct and (self._lines or self._stopping))
+                if not self._lines:
+                    break  # stopping, and everything queued is written
+                # The line is still counted in the queue's bounds until it has been written.
+                line, size, refusal = self._lines[0]
+                dropped, self._dropped = self._dropped, 0
+            try:
+                if dropped:
+                    self.stream.write(self._dropped_line(dropped) + "\n")
+                self.stream.write(line + "\n")
+                if len(self._lines) == 1:
+                    self.stream.flush()
+            except Exception:  # a closed or broken destination: nowhere to say it either
+                with self._state:
+                    self._dropped += 1
+            finally:
+                with self._state:
+                    self._lines.popleft()
+                    self._account(size, refusal, -1)
+                    if not self._lines:
+                        self._spent = None  # written: the next wait has its whole budget
+                    self._state.notify_all()
+        with self._state:  # closing: a count no later line carried
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            with contextlib.suppress(Exception):
+                self.stream.write(self._dropped_line(dropped) + "\n")
+                self.stream.flush()
+        with self._state:
+            self._ended = True
+            self._state.notify_all()
+
+    def _dropped_line(self, dropped: int) -> str:
+        record = logging.LogRecord(
+            __name__, logging.WARNING, __file__, 0, "log lines dropped", None, None
+        )
+        record.lines = dropped
+        record.queue_lines = self.queue_lines
+        record.queue_bytes = self.queue_bytes
+        return self.format(record)
+
+    def flush(self) -> None:
+        """Waits, up to :data:`FLUSH_SECONDS` (what is left of it when an earlier wait ran out
+        and the queue has not been written since), until every queued line is written."""
+        with self._state:
+            self._wait_until(self._written, self._budget())
+
+    def close(self) -> None:
+        """Queues the count of refused calls not logged yet, writes what is queued and ends the
+        writer, waiting up to :data:`FLUSH_SECONDS` for both together (what is left of it after
+        a flush that ran out: ``logging.shutdown`` flushes first)."""
+        with self._state:
+            deadline = self._budget()
+        self.refusals.close()
+        with self._state:
+            self._wait_until(self._written, deadline)
+            # The writer ends once the queue is written (or is left stuck, a daemon thread).
+            self._stopping = True
+            self._state.notify_all()
+            self._wait_until(lambda: self._ended, deadline)
+        super().close()
+
+    def _written(self) -> bool:
+        return self._pending[0] == 0 and not self._direct
+
+    def _budget(self) -> float:
+        """The end of the wait for the queue (call under ``_state``): the one a wait that ran
+        out left while the queue has not been written since, else :data:`FLUSH_SECONDS` from
+        now."""
+        if self._spent is not None and not self._written():
+            return self._spent
+        return self._timer() + FLUSH_SECONDS
+
+    def _wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Waits (under ``_state``) until ``done()`` or ``deadline`` (on the handler's timer)."""
+        while not done():
+            left = deadline - self._timer()
+            if left <= 0:
+                self._spent = deadline
+                return False
+            self._pause(left)
+        return True
+
+    def _pause(self, seconds: float) -> None:
+        """Waits on ``_state`` (held) for a change, ``seconds`` at most."""
+        self._state.wait(seconds)
+
+
+def _file_descriptor(stream: Any) -> int | None:
+    """``stream``'s file descriptor, or None (a buffer, a test's capture)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return fd if isinstance(fd, int) else None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
