@@ -118,6 +118,12 @@ class RefusalLines(logging.Filter):
         # The call the line is about: the one running on this thread, else the one it names
         # (a watchdog's line about the call it cancels).
         call = rpc.context if rpc is not None else getattr(record, REFUSAL_CALL, None)
+        # The service's own failure first: a verdict not to log the call's lines (its caller's
+        # budget spent, by a watchdog's line about it or its own first) must not hide it.
+        if not marked:  # this call's lines are all written from here on
+            if rpc is not None:
+                rpc.verdict = True
+            return True
         if rpc is not None and rpc.verdict is None:
             rpc.verdict = self._verdict_away(call)  # a watchdog's line about it came first
         if rpc is not None and rpc.verdict is not None:
@@ -126,10 +132,6 @@ class RefusalLines(logging.Filter):
             earlier = self._verdict_away(call)
             if earlier is not None:
                 return earlier
-        if not marked:  # the service's own failure: this call's lines are all written
-            if rpc is not None:
-                rpc.verdict = True
-            return True
         caller = "-"
         if call is not None:
             try:

@@ -14,7 +14,7 @@ import weakref
 import pytest
 
 from strongroom import errors
-from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
+from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST, enter_rpc, leave_rpc
 from strongroom.runtime.log_writer import FLUSH_SECONDS, ServiceLog
 from strongroom.runtime.logs import JsonFormatter
 from tests.conftest import REPO, buffered_service_log
@@ -157,3 +157,48 @@ def test_a_line_logged_after_the_log_closed_is_written(
         "before",
         "after the close",
     ]
+
+
+class _Call:
+    """What the refusal budget keeps a call's verdict on: its context, weakly referenced (one
+    with no verified caller: its lines count as "(unidentified)")."""
+
+
+def test_a_line_about_the_services_own_failure_is_written_after_a_verdict_not_to_log(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """A call's lines followed its first line's verdict before anything else: once a
+    watchdog's line about the call (or the call's own first refusal line) was past its
+    caller's budget, a later line about the service's own failure in that call (an outage,
+    stored data that fails its check) was dropped too, so a caller that stalled its calls hid
+    the service's failures from its log. Such a line is written every time now."""
+    handler, stream = buffered_service_log(monkeypatch)
+    log = logging.getLogger("strongroom.test.watchdog")
+    calls = [_Call() for _ in range(REFUSED_CALLS_BURST + 2)]
+    for call in calls[:-1]:  # a watchdog cancels each; the last of these is past the budget
+        log.warning(
+            "cancelling a call: no request message",
+            extra={
+                "reason": "REQUEST_MESSAGE_TIMEOUT",
+                errors.REFUSAL_LINE: True,
+                errors.REFUSAL_CALL: call,
+            },
+        )
+    for call, refused in ((calls[-2], False), (calls[-1], True)):
+        rpc = enter_rpc(call)  # type: ignore[arg-type]  # the budget only keys on it
+        try:
+            if refused:  # its first line: past the budget too
+                log.info(
+                    "rpc failed",
+                    extra={"reason": "REQUEST_MESSAGE_TIMEOUT", errors.REFUSAL_LINE: True},
+                )
+            log.error(
+                "storage failed",
+                extra={"reason": "STORAGE_UNAVAILABLE", errors.REFUSAL_LINE: False},
+            )
+        finally:
+            leave_rpc(rpc)
+    handler.close()
+    lines = [json.loads(line)["msg"] for line in stream.getvalue().splitlines()]
+    assert lines.count("cancelling a call: no request message") == REFUSED_CALLS_BURST
+    assert lines.count("storage failed") == 2
