@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import select
+import stat
 import threading
 import time
 from collections import deque
@@ -118,11 +119,9 @@ class ServiceLog(logging.Handler):
         size = len(line) + 1  # with its newline; characters, bytes for a JSON line (ASCII)
         refusal = bool(getattr(record, REFUSAL_LINE, False))
         with self._state:
-            if self._ended:
-                self._write_after_close(line)
-                return
-            now = self._write_now(line)
-            if now is None:
+            ended = self._ended
+            now = None if ended else self._write_now(line)
+            if not ended and now is None:
                 if not self._fits(self._pending, 1, 1, size) or (
                     refusal and not self._fits(self._refusals, 2, 1, size)
                 ):
@@ -132,7 +131,13 @@ class ServiceLog(logging.Handler):
                 self._account(size, refusal, 1)
                 self._state.notify_all()
                 return
-            self._direct = True  # the writer waits: lines stay in the order they were logged
+            if not ended:
+                self._direct = True  # the writer waits: lines stay in the order they were logged
+        if now is None:  # the writer has ended
+            # Without the handler's lock: a write that waited after all (another writer of the
+            # destination filled it since the poll) holds this thread only.
+            self._write_after_close(line)
+            return
         try:
             _write_all(now[0], now[1])
         except OSError:  # a closed or broken destination: nowhere to say it either
@@ -172,21 +177,33 @@ class ServiceLog(logging.Handler):
         """Writes ``line``, logged once the writer has ended (an exit handler's, a daemon
         thread's after ``logging.shutdown``), where it is logged: queued, it was never written.
         A destination that would make the write wait gets nothing (nor does a closed one): the
-        process is ending, and it would wait for good on a collector that stopped reading."""
+        process is ending, and it would wait for good on a collector that stopped reading. A
+        pipe that polls writable has room for PIPE_BUF bytes only: a longer line is written
+        only to a regular file (its write waited, for good, for the rest of the line)."""
         stream = self.stream
         if getattr(stream, "closed", False):
             return
-        if self._fd is not None:
-            try:
+        if self._fd is None:  # a buffer: it does not wait
+            with contextlib.suppress(Exception):  # nowhere to say it either
+                stream.write(line + "\n")
+                stream.flush()
+            return
+        data = (line + "\n").encode(
+            getattr(stream, "encoding", None) or "utf-8",
+            getattr(stream, "errors", None) or "backslashreplace",
+        )
+        try:
+            if len(data) > select.PIPE_BUF and not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                return
+            with self._state:  # one poll() of the handler's poller at a time
                 ready = self._poll.poll(0)
-            except OSError:
-                return
-            failed = select.POLLERR | select.POLLHUP | select.POLLNVAL
-            if not any(events & select.POLLOUT and not events & failed for _, events in ready):
-                return
-        with contextlib.suppress(Exception):  # nowhere to say it either
-            stream.write(line + "\n")
-            stream.flush()
+        except OSError:
+            return
+        failed = select.POLLERR | select.POLLHUP | select.POLLNVAL
+        if not any(events & select.POLLOUT and not events & failed for _, events in ready):
+            return
+        with contextlib.suppress(OSError):  # nowhere to say it either
+            _write_all(self._fd, data)
 
     def _fits(self, held: list[int], share: int, lines: int, size: int) -> bool:
         return (

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
 import weakref
+from pathlib import Path
 
 import pytest
 
@@ -202,3 +205,52 @@ def test_a_line_about_the_services_own_failure_is_written_after_a_verdict_not_to
     lines = [json.loads(line)["msg"] for line in stream.getvalue().splitlines()]
     assert lines.count("cancelling a call: no request message") == REFUSED_CALLS_BURST
     assert lines.count("storage failed") == 2
+
+
+def test_a_long_line_logged_after_the_close_never_waits_on_a_pipe_with_little_room() -> None:
+    """A line logged after the close was written where it was logged when the destination
+    polled writable; a pipe polls writable with one free page, and a blocking write of a line
+    longer than PIPE_BUF waits for the rest of it: with a collector that stopped reading, the
+    thread that logged (an exit handler, holding the handler's lock) waited for good. Such a
+    line is dropped now (the process is ending); the pipe is drained here so that the old
+    code's write, waiting, ends and shows itself."""
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    handler = ServiceLog(stream)
+    handler.setFormatter(JsonFormatter("test"))
+    handler.close()
+    try:
+        os.set_blocking(write_end, False)  # fill the pipe: a collector that stopped reading
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(write_end, b"\n" * select.PIPE_BUF)
+        os.set_blocking(write_end, True)
+        os.read(read_end, select.PIPE_BUF)  # one free page: the pipe polls writable
+        record = logging.LogRecord(
+            "strongroom.test", logging.ERROR, __file__, 0, "long %s", ("x" * 3 * 4096,), None
+        )
+        logged = threading.Thread(target=handler.handle, args=(record,), daemon=True)
+        logged.start()
+        os.set_blocking(read_end, False)
+        drained = bytearray()
+        for phase in ("before", "after"):
+            with contextlib.suppress(BlockingIOError):
+                while chunk := os.read(read_end, 1 << 16):
+                    drained += chunk
+            if phase == "before":
+                logged.join()  # the old code's write ends once the pipe has room for it
+        assert b"long xxx" not in drained
+    finally:
+        stream.close()
+        os.close(read_end)
+
+
+def test_a_long_line_logged_after_the_close_is_written_to_a_file(tmp_path: Path) -> None:
+    """A regular file never makes a write wait for a reader: there a line logged after the
+    close is written whatever its length."""
+    with (tmp_path / "service.log").open("w") as stream:
+        handler = ServiceLog(stream)
+        handler.setFormatter(JsonFormatter("test"))
+        handler.close()
+        handler.handle(logging.makeLogRecord({"msg": "long " + "x" * 3 * 4096}))
+    assert "long xxx" in (tmp_path / "service.log").read_text()
