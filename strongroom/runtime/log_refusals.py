@@ -37,7 +37,11 @@ from strongroom.errors import REFUSAL_CALL, REFUSAL_LINE
 from strongroom.runtime.callers import caller_key
 from strongroom.runtime.ratelimit import CallerBuckets
 
-log = logging.getLogger(__name__)
+LOGGER = "strongroom.runtime.logs"
+"""The logger of the log's own lines (``refused calls not logged``, and the handler's ``log lines
+dropped``): the module they were logged from before they moved here, the ``logger`` field that
+queries and alerts on those lines match."""
+log = logging.getLogger(LOGGER)
 
 REFUSED_CALLS_BURST = 5
 """Refused calls of one caller and reason whose lines are written at once, then

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from strongroom.errors import REFUSAL_LINE
-from strongroom.runtime.log_refusals import RefusalLines
+from strongroom.runtime.log_refusals import LOGGER, RefusalLines
 
 LOG_QUEUE_LINES = 4096
 """Lines waiting to be written (a few hundred bytes each) before further ones are dropped, and
@@ -255,7 +255,7 @@ class ServiceLog(logging.Handler):
 
     def _dropped_line(self, dropped: int) -> str:
         record = logging.LogRecord(
-            __name__, logging.WARNING, __file__, 0, "log lines dropped", None, None
+            LOGGER, logging.WARNING, __file__, 0, "log lines dropped", None, None
         )
         record.lines = dropped
         record.queue_lines = self.queue_lines

@@ -254,3 +254,25 @@ def test_a_long_line_logged_after_the_close_is_written_to_a_file(tmp_path: Path)
         handler.close()
         handler.handle(logging.makeLogRecord({"msg": "long " + "x" * 3 * 4096}))
     assert "long xxx" in (tmp_path / "service.log").read_text()
+
+
+def test_the_logs_own_lines_keep_their_logger_name(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """Moving the refusal budget and the queued handler out of runtime/logs.py into modules of
+    their own changed the ``logger`` field of their lines (``refused calls not logged``,
+    ``log lines dropped``) to the new modules' names: a query or alert on the field as it was
+    found them no more. They keep ``strongroom.runtime.logs``."""
+    handler, stream = buffered_service_log(monkeypatch)
+    refusals = logging.getLogger("strongroom.test.refusals")
+    for _ in range(REFUSED_CALLS_BURST + 1):
+        refusals.info("rpc failed", extra={"reason": "NAME_EMPTY", errors.REFUSAL_LINE: True})
+    dropped = handler._dropped_line(3)
+    handler.close()
+    (summary,) = [
+        json.loads(line)
+        for line in stream.getvalue().splitlines()
+        if json.loads(line)["msg"] == "refused calls not logged"
+    ]
+    assert summary["logger"] == "strongroom.runtime.logs"
+    assert json.loads(dropped)["logger"] == "strongroom.runtime.logs"
