@@ -119,9 +119,15 @@ class RefusalLines(logging.Filter):
         if marked is None:
             return True
         rpc = _RPC.get()
-        # The call the line is about: the one running on this thread, else the one it names
-        # (a watchdog's line about the call it cancels).
-        call = rpc.context if rpc is not None else getattr(record, REFUSAL_CALL, None)
+        named = getattr(record, REFUSAL_CALL, None)
+        if rpc is not None and named is not None and named is not rpc.context:
+            # A line about another call than the one this thread runs (a thread that inherited
+            # a call's context, a worker still marked by an abandoned response stream): the
+            # running call's caller neither pays for it nor takes its verdict.
+            rpc = None
+        # The call the line is about: the one it names (a watchdog's line about the call it
+        # cancels), else the one running on this thread.
+        call = rpc.context if rpc is not None else named
         # The service's own failure first: a verdict not to log the call's lines (its caller's
         # budget spent, by a watchdog's line about it or its own first) must not hide it.
         if not marked:  # this call's lines are all written from here on

@@ -276,3 +276,36 @@ def test_the_logs_own_lines_keep_their_logger_name(
     ]
     assert summary["logger"] == "strongroom.runtime.logs"
     assert json.loads(dropped)["logger"] == "strongroom.runtime.logs"
+
+
+def test_a_line_naming_its_call_is_about_that_call_not_the_one_running_on_its_thread(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """A line naming the call it is about (REFUSAL_CALL: a watchdog's, the transfer-rate
+    floor's) logged on a thread running another call (a thread that inherited a call's context,
+    a worker still marked by an abandoned response stream) was taken for a line of the running
+    call: keyed on its caller, whose budget another caller's stalls then spent, and its verdict
+    made that call's, so the running call's own refusal lines went unwritten for it. The named
+    call is the line's call now, its verdict that call's."""
+    handler, stream = buffered_service_log(monkeypatch)
+    log = logging.getLogger("strongroom.test.watchdog")
+    running, named = _Call(), _Call()
+    cancelled = {"reason": "STREAM_TOO_SLOW", errors.REFUSAL_LINE: True}
+    for _ in range(REFUSED_CALLS_BURST):  # other calls of the same reason spend its budget
+        log.warning("stream ended", extra={**cancelled, errors.REFUSAL_CALL: _Call()})
+    rpc = enter_rpc(running)  # type: ignore[arg-type]  # the budget only keys on it
+    try:
+        log.warning("stream ended: named", extra={**cancelled, errors.REFUSAL_CALL: named})
+        log.info("rpc failed: running", extra={"reason": "NAME_EMPTY", errors.REFUSAL_LINE: True})
+    finally:
+        leave_rpc(rpc)
+    rpc = enter_rpc(named)  # type: ignore[arg-type]
+    try:
+        log.info("rpc failed: named", extra={"reason": "NAME_EMPTY", errors.REFUSAL_LINE: True})
+    finally:
+        leave_rpc(rpc)
+    handler.close()
+    lines = [json.loads(line)["msg"] for line in stream.getvalue().splitlines()]
+    assert "rpc failed: running" in lines  # its own verdict, its budget of NAME_EMPTY
+    assert "stream ended: named" not in lines  # past its reason's budget...
+    assert "rpc failed: named" not in lines  # ...and its call's other lines with it
