@@ -75,6 +75,7 @@ NOT_REASONS = frozenset(
         "NET_BIND_SERVICE",
         "OK",
         "ONNX_EXTERNAL_DATA",
+        "PIPE_BUF",
         "RLIMIT_CORE",
         "RLIMIT_FSIZE",
         "SERVICE_ENV",
