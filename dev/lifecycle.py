@@ -24,6 +24,7 @@ from strongroom.artifact import read_summary
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.policy import ReleasePolicy
 from strongroom.cli._text import printable
+from strongroom.client.listing import iter_entries
 from strongroom.client.publish import publish_model
 from strongroom.client.server_evidence import ServerConnection, verify_inference_server
 from strongroom.dev.demo import (
@@ -144,23 +145,22 @@ def show_listing(say: Narrator, store: Any) -> int:
     The demo read the first page's ``models`` only: an entry the store lists as corrupt (an
     edited or damaged index) went unmentioned, as did every model past the first page."""
     corrupt = 0
-    token = ""
-    while True:
-        page = store.ListModels(store_pb.ListModelsRequest(page_token=token), timeout=30)
-        for m in page.models:
-            say.check(
-                f"stored {printable(m.name)}/{printable(m.version)}: {m.artifact_size} bytes, "
-                f"wrapped under {printable(m.key_id)} v{m.key_version}"
-            )
-        for e in page.corrupt_entries:
+    for entry in iter_entries(store, timeout=30):
+        if isinstance(entry, store_pb.CorruptEntry):
             corrupt += 1
             say.warn(
-                f"the store cannot read its index entry {printable(e.name)} "
-                f"{printable(e.version)} ({printable(e.reason)}: {printable(e.problem)}): "
-                "restore it from a backup or delete it (strongroom model rm)"
+                f"the store cannot read its index entry {printable(entry.name)} "
+                f"{printable(entry.version)} ({printable(entry.reason)}: "
+                f"{printable(entry.problem)}): restore it from a backup or delete it "
+                "(strongroom model rm)"
             )
-        if not (token := page.next_page_token):
-            return corrupt
+        else:
+            say.check(
+                f"stored {printable(entry.name)}/{printable(entry.version)}: "
+                f"{entry.artifact_size} bytes, wrapped under {printable(entry.key_id)} "
+                f"v{entry.key_version}"
+            )
+    return corrupt
 
 
 def deploy(say: Narrator, stack: DevStack) -> None:
