@@ -9,6 +9,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+_CHOSEN: set[int] = set()  # every port free_port handed out in this process
+_CHOSEN_LOCK = threading.Lock()
+
+
 def free_port() -> int:
     """A TCP port on loopback that is free right now, chosen below the kernel's ephemeral range.
 
@@ -61,11 +66,19 @@ def free_port() -> int:
     low = max(1024, high - 12_000)
     for _ in range(100):
         port = low + secrets.randbelow(high - low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
+        # Free now is not enough: a port this process chose for a service it has not bound yet
+        # (a stack's health port, bound when its service starts) was handed out again, and the
+        # later bind of one of the two failed ("Failed to bind to address", a rehearsal's
+        # module of 17 tests). So no port is handed out twice in one process.
+        with _CHOSEN_LOCK:
+            if port in _CHOSEN:
                 continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _CHOSEN.add(port)
             return port
     with socket.socket() as s:  # a crowded range: any free port
         s.bind(("127.0.0.1", 0))
