@@ -21,8 +21,13 @@ Per reason, a caller's refusals of all reasons together also stay within
 :data:`REASONS_PER_CALLER` reasons' budgets; past that they are counted per reason, and the first
 refusal of a reason past its caller's budget is still recorded in full (with the count, 0): every
 reason a caller provokes has its first refusal in full, and one a minute while it goes on.
-Refusals the broker caused (:func:`callers_fault`) are never budgeted: their callers did nothing
-wrong, and each is what an operator must see.
+Refusals the broker caused (:func:`callers_fault` false: an HSM outage, collateral it cannot fetch
+or holds back while a fetch is backed off, a stored policy that does not load, a bug) have a budget
+of their own, :data:`BROKER_REFUSAL_BURST` per caller and reason, then the same rate: unbudgeted,
+every report naming a chip whose VCEK fetch was backed off (forged or not) was a record at its
+caller's pace. Their own budget, larger and apart from the caller's: an outage's first refusals are
+each recorded in full (what an operator must see), and a genuine caller refused through an outage
+has its own budget untouched once it ends.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ _log = logging.getLogger(__name__)
 REFUSAL_BURST = 64
 """Refusals of one kind one caller may have recorded at once, then :data:`REFUSAL_RATE` a second."""
 REFUSAL_RATE = 1.0
+BROKER_REFUSAL_BURST = 256
+"""Refusals of one reason the broker caused that one caller may have recorded at once (then
+:data:`REFUSAL_RATE` a second): a fleet's first few retries through an outage, each in full."""
 LIMITED_RECORD_SECONDS = 60.0
 """How often a caller over its rate has a record counting the refusals left unrecorded."""
 REASONS_PER_CALLER = 4
@@ -64,17 +72,25 @@ def callers_fault(refusal: StrongroomError) -> bool:
 
 class RefusalRecords:
     """The per-caller record budget of one kind of refusal (``what``, for the log); with
-    ``per_reason``, one budget per caller and reason."""
+    ``per_reason``, one budget per caller and reason; ``burst`` records at once (then
+    :data:`REFUSAL_RATE` a second)."""
 
-    def __init__(self, what: str, clock: Callable[[], float], *, per_reason: bool = False) -> None:
+    def __init__(
+        self,
+        what: str,
+        clock: Callable[[], float],
+        *,
+        per_reason: bool = False,
+        burst: int = REFUSAL_BURST,
+    ) -> None:
         self._what = what
         self._clock = clock
         self._per_reason = per_reason
-        self._buckets = CallerBuckets(REFUSAL_RATE, REFUSAL_BURST, clock=clock)
+        self._buckets = CallerBuckets(REFUSAL_RATE, burst, clock=clock)
         # Per reason, every reason of a caller together too (see REASONS_PER_CALLER).
         self._callers = (
             CallerBuckets(
-                REFUSAL_RATE * REASONS_PER_CALLER, REFUSAL_BURST * REASONS_PER_CALLER, clock=clock
+                REFUSAL_RATE * REASONS_PER_CALLER, burst * REASONS_PER_CALLER, clock=clock
             )
             if per_reason
             else None

@@ -13,7 +13,10 @@ when both are done. Nothing is wrapped before the decision, and nothing is sent 
 is durable. Should the re-wrap fail after the ``ALLOWED``
 record became durable, a ``DENIED`` record with the HSM's reason follows it under the same
 ``decision_id``: the last record of a decision is its outcome. (If that second record cannot be
-written either, the log says more was released than was: the safe direction.)
+written either, the log says more was released than was: the safe direction.) A caller whose
+wrapped data keys failed so too often has its releases re-wrapped before their ``ALLOWED`` record
+is written (:mod:`strongroom.keybroker.unwrap_first`): a key that does not unwrap is then an
+ordinary refusal, within the caller's budget.
 """
 
 from __future__ import annotations
@@ -44,7 +47,13 @@ from strongroom.keybroker.keys import (
     validate_key_id,
 )
 from strongroom.keybroker.policies import PolicyStore, StoredPolicy
-from strongroom.keybroker.refusals import RefusalRecords, callers_fault, record_counts
+from strongroom.keybroker.refusals import (
+    BROKER_REFUSAL_BURST,
+    RefusalRecords,
+    callers_fault,
+    record_counts,
+)
+from strongroom.keybroker.unwrap_first import UnwrapFirst
 from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
 from strongroom.runtime.callers import UNVERIFIED
@@ -160,6 +169,13 @@ class ReleaseEngine:
         self._hsm_timeout = hsm_timeout
         self._unread_refusals = RefusalRecords("key releases refused unread", monotonic)
         self._read_refusals = RefusalRecords("key releases refused", monotonic, per_reason=True)
+        self._broker_refusals = RefusalRecords(
+            "key releases refused for the broker's failures",
+            monotonic,
+            per_reason=True,
+            burst=BROKER_REFUSAL_BURST,
+        )
+        self._unwrap_first = UnwrapFirst(monotonic)
 
     def challenge(self, key_id: str, caller: Caller) -> Challenge:
         """A nonce for releasing ``key_id`` to ``caller``."""
@@ -196,37 +212,42 @@ class ReleaseEngine:
             context["caller_spiffe_id"] = caller.spiffe_id
             context["caller_cert_serial"] = f"{caller.serial:x}"
         who = caller.spiffe_id if caller is not None else UNVERIFIED
-        self._within_budget(self._unread_refusals, who, exc, exc, context)
+        self._within_budget(self._unread_refusals, who, exc.reason, exc, context)
 
     def _refused(self, exc: Exception, context: dict[str, Any]) -> None:
         """Audits a refusal of a request that was read: under the caller's budget for its
-        recorded reason when the caller caused it; one by one when the broker did (or a bug), and
-        when an ``ALLOWED`` record of this decision was written (a decision's last record is its
-        outcome: it is never left out)."""
+        recorded reason when the caller caused it, under its larger budget for the broker's
+        failures when the broker did (or a bug); one by one when an ``ALLOWED`` record of this
+        decision was written (a decision's last record is its outcome: it is never left out, and
+        the caller's failures there make its releases unwrap first: :mod:`.unwrap_first`), and
+        when the audit log is what failed (nothing to write it to: it is logged)."""
         refusal = exc.cause if isinstance(exc, ReleaseNotPermitted) else exc
-        if (
-            isinstance(refusal, StrongroomError)
-            and callers_fault(refusal)
-            and "decision_id" not in context
-        ):
-            who = context["caller_spiffe_id"]
-            self._within_budget(self._read_refusals, who, refusal, exc, context)
-        else:
+        who = context["caller_spiffe_id"]
+        theirs = isinstance(refusal, StrongroomError) and callers_fault(refusal)
+        if "decision_id" in context:
+            if theirs:
+                self._unwrap_first.failed(who)
             self._audit_denial(exc, context)
+        elif isinstance(refusal, AuditUnavailable):
+            self._audit_denial(exc, context)
+        elif isinstance(refusal, StrongroomError):
+            records = self._read_refusals if theirs else self._broker_refusals
+            self._within_budget(records, who, refusal.reason, exc, context)
+        else:
+            self._within_budget(self._broker_refusals, who, "INTERNAL", exc, context)
 
     def _within_budget(
         self,
         records: RefusalRecords,
         who: str,
-        refusal: StrongroomError,
+        reason: str,
         exc: Exception,
         context: dict[str, Any],
     ) -> None:
-        """Audits ``exc`` (whose recorded reason is ``refusal``'s) on its own while ``who`` has
-        budget left in ``records``; past it, counts it, and records it with the count of those
-        left unrecorded when a counting record is due. Only the record is budgeted: the caller is
-        answered with its own refusal either way."""
-        reason = refusal.reason
+        """Audits ``exc`` (recorded with ``reason``) on its own while ``who`` has budget left in
+        ``records``; past it, counts it, and records it with the count of those left unrecorded
+        when a counting record is due. Only the record is budgeted: the caller is answered with
+        its own refusal either way."""
         if records.spend(who, reason):
             # Refusals counted while the caller was over its budget go on its next record.
             pending = records.take_unrecorded(who, reason)
@@ -248,6 +269,7 @@ class ReleaseEngine:
         ``every``, at shutdown): those of a caller that stopped while over its budget."""
         record_counts(self._audit, self._unread_refusals, "key_release", every=every)
         record_counts(self._audit, self._read_refusals, "key_release", every=every)
+        record_counts(self._audit, self._broker_refusals, "key_release", every=every)
 
     def release(self, request: ReleaseRequest, caller: Caller) -> ReleaseOutcome:
         """Releases the data key to the attested caller, or raises and audits why not.
@@ -263,8 +285,13 @@ class ReleaseEngine:
         count) once a minute, on the caller's next record of that reason, or as
         ``REFUSALS_COUNTED`` (with ``claims.counted_reason``) from the broker's pass. The
         caller's answer never depends on the budget: a fleet of replicas often shares one SPIFFE
-        ID, and one bad replica must not get the others refused. Refusals the broker caused, and
-        a denial following its decision's ``ALLOWED`` record, are always recorded one by one.
+        ID, and one bad replica must not get the others refused. Refusals the broker caused (an
+        outage, collateral it cannot fetch, a policy that does not load, a bug) have a budget of
+        their own per caller and reason, four times larger at once
+        (:data:`~strongroom.keybroker.refusals.BROKER_REFUSAL_BURST`), counted alike past it. A
+        denial following its decision's ``ALLOWED`` record is always recorded; a caller with too
+        many of its own there has its releases unwrapped before their record
+        (:mod:`strongroom.keybroker.unwrap_first`).
         """
         context = self._context(caller, request.evidence.report)
         try:
@@ -316,6 +343,8 @@ class ReleaseEngine:
         pending = self._keys.begin_release(
             key_id, version, wrapped, target, timeout=self._hsm_timeout
         )
+        if self._unwrap_first.applies(caller.spiffe_id):
+            pending.result()  # a key that does not unwrap is refused before any record of it
         # Before the HSM's first connection its hashes are unknown: the record names the one used,
         # so it waits for the re-wrap then.
         mechanism = pending.mechanism or pending.result().mechanism
