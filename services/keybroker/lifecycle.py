@@ -32,6 +32,7 @@ from strongroom.keybroker.keys import (
 )
 from strongroom.keybroker.policies import LOCK_WAIT, PolicyStore, StoredPolicy
 from strongroom.keybroker.refusals import (
+    BROKER_REFUSAL_BURST,
     REFUSAL_BURST,
     REFUSAL_RATE,
     RefusalRecords,
@@ -81,12 +82,35 @@ def _with_live(claims: Mapping[str, object], refusal: StrongroomError) -> Mappin
 
 class _RefusalBudget:
     """The refusals of one RPC a caller may have recorded (:class:`RefusalRecords`), and the
-    refusal past them."""
+    refusal past them; and those the broker caused (an HSM outage, a policy that does not load, a
+    damaged key), with a budget of their own per caller and reason, counted past it (the caller
+    is answered with its refusal either way)."""
 
     def __init__(self, what: str, reason: Reason, clock: Callable[[], float]) -> None:
         self._what = what
         self._reason = reason
         self._records = RefusalRecords(what, clock)
+        self._broker = RefusalRecords(
+            f"{what} refused for the broker's failures",
+            clock,
+            per_reason=True,
+            burst=BROKER_REFUSAL_BURST,
+        )
+
+    def broker_failure(self, caller: Caller, reason: str) -> tuple[int | None, int] | None:
+        """For a refusal the broker caused: None when it is only counted (past its budget);
+        else the count of those left unrecorded its record carries (None: none), and how many
+        refusals to count again should the log refuse that record."""
+        who = caller.spiffe_id
+        if self._broker.spend(who, reason):
+            pending = self._broker.take_unrecorded(who, reason)
+            return pending, 1 + (pending or 0)
+        unrecorded = self._broker.unrecorded_if_due(who, reason)
+        return None if unrecorded is None else (unrecorded, 1 + unrecorded)
+
+    def count_broker_failures(self, caller: Caller, reason: str, count: int) -> None:
+        """Counts again ``count`` refusals the broker caused whose record the log refused."""
+        self._broker.count_unrecorded(caller.spiffe_id, reason, count)
 
     def spend(self, caller: Caller) -> None:
         """Counts one recorded refusal of ``caller``."""
@@ -104,6 +128,7 @@ class _RefusalBudget:
     def record_counts(self, audit: AuditLog, action: str, *, every: bool) -> None:
         """Records the due counts of callers that stopped while over this budget."""
         record_counts(audit, self._records, action, every=every)
+        record_counts(audit, self._broker, action, every=every)
 
     def over(self, caller: Caller) -> tuple[ResourceExhausted, int | None] | None:
         """None while ``caller`` may still be refused on the record; else the refusal to raise
@@ -565,15 +590,23 @@ class KeyService:
         **extra: object,
     ) -> None:
         """Records ``refusal`` on its own (with ``extra`` fields), spending one of ``caller``'s
-        budget when the refusal is its own (:func:`callers_fault`), with the count of its
-        refusals left unrecorded since its last counting record; should the log refuse the
-        record, that count (and this refusal, when budgeted) is counted again, not lost, and the
-        failure logged: the caller is answered with its refusal either way, as a refused key
+        budget when the refusal is its own (:func:`callers_fault`), else one of its budget for
+        the broker's failures of that reason (past which it is only counted, and recorded with
+        the count when a counting record is due: each was a record outside any budget, at the
+        caller's pace), with the count of those left unrecorded since the last counting record;
+        should the log refuse the record, that count and this refusal are counted again, not
+        lost, and the failure logged: the caller is answered with its refusal either way, as a refused key
         release is (one rule for every refusal the broker audits)."""
         budgeted = callers_fault(refusal)
-        if budgeted:
+        if not budgeted:
+            turn = budget.broker_failure(caller, refusal.reason)
+            if turn is None:
+                return  # counted
+            pending, again = turn
+        else:
             budget.spend(caller)
-        pending = budget.take_unrecorded(caller)
+            pending = budget.take_unrecorded(caller)
+            again = (pending or 0) + 1
         try:
             self._refused_on_record(
                 caller,
@@ -584,7 +617,10 @@ class KeyService:
                 **extra,
             )
         except StrongroomError as exc:
-            budget.count_unrecorded(caller, (pending or 0) + (1 if budgeted else 0))
+            if budgeted:
+                budget.count_unrecorded(caller, again)
+            else:
+                budget.count_broker_failures(caller, refusal.reason, again)
             _unrecorded_refusal(action, refusal, exc)
 
     def _refused_on_record(

@@ -589,6 +589,40 @@ def test_a_policy_that_does_not_read_admits_no_publisher(service) -> None:
     assert _records(log)[-1]["decision"] == "denied"
 
 
+def test_data_keys_a_broken_policy_refuses_cannot_fill_the_log(km, tmp_path) -> None:
+    """GenerateDataKey under a key whose stored policy does not load (the broker's error, not
+    the caller's) was recorded every time, outside any budget: one publisher calling it in a loop
+    wrote a record a call. The broker's failures have a budget of their own per caller and
+    reason now (256, then 1 a second), counted past it and accounted for by count."""
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit, clock=lambda: 1000.0)
+    log = tmp_path / "audit.log"
+    try:
+        _with_publishers(keys, [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}])
+        (tmp_path / "policies" / "k1.yaml").write_text("version: [", encoding="utf-8")
+        before = len(_records(log))
+        flood = refusals.BROKER_REFUSAL_BURST + 10
+        for _ in range(flood):
+            with pytest.raises(StrongroomError) as info:
+                keys.generate_data_key(PUBLISHER, "k1", "tenant-a/model", "1")
+            assert info.value.reason == "POLICY_SYNTAX"  # the answer never depends on it
+        refused = _records(log)[before:]
+        assert len(refused) == refusals.BROKER_REFUSAL_BURST + 1  # before: `flood`
+        keys.record_counted_refusals(every=True)
+    finally:
+        audit.close()
+    refused = _records(log)[before:]
+    assert refused[-1]["reason"] == "REFUSALS_COUNTED"
+    assert refused[-1]["claims"]["counted_reason"] == "POLICY_SYNTAX"
+    assert (
+        sum(
+            (r["reason"] == "POLICY_SYNTAX") + r["claims"].get("refusals_unrecorded", 0)
+            for r in refused
+        )
+        == flood
+    )
+
+
 def test_a_key_without_a_policy_admits_every_publisher(service) -> None:
     keys, _ = service
     keys.create_key(ADMIN, "k1")
