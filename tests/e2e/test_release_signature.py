@@ -48,10 +48,11 @@ from strongroom.runtime.config import CommonConfig, load_service_config
 from tests.e2e.test_key_release import GOOD, KEY, World, make_world
 from tests.keybroker.helpers import MODEL, bound
 
-Tamper = Callable[[pb.ReleaseKeyRequest, pb.ReleaseKeyResponse], pb.ReleaseKeyResponse]
+#: What the peer sends back: an answer, or bytes that are none (sent as they are).
+Tamper = Callable[[pb.ReleaseKeyRequest, pb.ReleaseKeyResponse], pb.ReleaseKeyResponse | bytes]
 
 
-class ImpersonatingBroker(pb_grpc.KeyBrokerServiceServicer):
+class ImpersonatingBroker:
     """A peer with a broker certificate: forwards each exchange to the real broker, then sends
     back what ``tamper`` makes of the genuine answer (and records the answers it saw)."""
 
@@ -67,10 +68,37 @@ class ImpersonatingBroker(pb_grpc.KeyBrokerServiceServicer):
 
     def ReleaseKey(
         self, request: pb.ReleaseKeyRequest, context: grpc.ServicerContext
-    ) -> pb.ReleaseKeyResponse:
+    ) -> pb.ReleaseKeyResponse | bytes:
         genuine: pb.ReleaseKeyResponse = self.upstream.ReleaseKey(request, timeout=30)
         self.seen.append(genuine)
         return self.tamper(request, genuine)
+
+    def add_to(self, server: grpc.Server) -> None:
+        """Serves its two calls on ``server``; an answer ``tamper`` made bytes of goes out as
+        those bytes (what a peer that is no broker at all could send)."""
+
+        def serialize(answer: pb.ReleaseKeyResponse | bytes) -> bytes:
+            return answer if isinstance(answer, bytes) else answer.SerializeToString()
+
+        handlers = {
+            "GetChallenge": grpc.unary_unary_rpc_method_handler(
+                self.GetChallenge,
+                request_deserializer=pb.GetChallengeRequest.FromString,
+                response_serializer=pb.GetChallengeResponse.SerializeToString,
+            ),
+            "ReleaseKey": grpc.unary_unary_rpc_method_handler(
+                self.ReleaseKey,
+                request_deserializer=pb.ReleaseKeyRequest.FromString,
+                response_serializer=serialize,
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    pb.DESCRIPTOR.services_by_name["KeyBrokerService"].full_name, handlers
+                ),
+            )
+        )
 
 
 @dataclasses.dataclass
@@ -105,9 +133,9 @@ def peer(world: World) -> Iterator[Peer]:
     )
     # The peer reaches the real broker over a channel presenting the release client's TLS key:
     # the evidence binds it, and the broker checks the connection it arrives on.
-    servicer = ImpersonatingBroker(world.broker)  # type: ignore[abstract]
+    servicer = ImpersonatingBroker(world.broker)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_KeyBrokerServiceServicer_to_server(servicer, server)
+    servicer.add_to(server)
     port = server.add_secure_port("127.0.0.1:0", broker_cert.server_credentials())
     server.start()
     channel = world.inference_id.channel(
@@ -179,6 +207,53 @@ def test_a_data_key_of_the_peers_choosing_is_refused(
     (record,) = [r for r in caplog.records if r.name == "strongroom.client.keyrelease"]
     assert record.levelno == logging.ERROR and "nothing decrypted" in record.getMessage()
     assert record.reason == "RELEASE_SIGNATURE_INVALID"  # type: ignore[attr-defined]
+
+
+def _malformed_decision(
+    request: pb.ReleaseKeyRequest, response: pb.ReleaseKeyResponse
+) -> pb.ReleaseKeyResponse:
+    forged = _swapped(request, response)
+    forged.decision_id = "0123\nFORGED log line"
+    return forged
+
+
+def _mechanism_not_offered(
+    request: pb.ReleaseKeyRequest, response: pb.ReleaseKeyResponse
+) -> pb.ReleaseKeyResponse:
+    forged = _swapped(request, response)
+    forged.mechanism = pb.WRAP_MECHANISM_AES_KEY_WRAP_PAD
+    return forged
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (
+            lambda request, response: b"\xff\xff\xff not a release answer",
+            "RELEASE_ANSWER_MALFORMED",
+        ),
+        (_malformed_decision, "RELEASE_ANSWER_MALFORMED"),
+        (_mechanism_not_offered, "OAEP_MECHANISM_UNEXPECTED"),
+    ],
+    ids=["not-protobuf", "malformed-decision-id", "mechanism-not-offered"],
+)
+def test_an_answer_refused_before_its_signature_is_checked_is_logged_as_loudly(
+    peer: Peer, caplog: pytest.LogCaptureFixture, tamper: Tamper, reason: str
+) -> None:
+    """An answer whose shape no broker sends was refused before the signature check, and
+    without the ERROR line of a bad signature: it says as much (someone other than the broker
+    answered, or a broken one), and now says it as loudly. Bytes that are no ReleaseKeyResponse
+    at all were a gRPC INTERNAL error ("Exception deserializing response!"), passed on as the
+    broker's refusal; they are the answer's fault now, with a reason."""
+    with caplog.at_level(logging.ERROR, logger="strongroom.client.keyrelease"):
+        refused = peer.refused(tamper)
+    assert (refused.status_name, refused.reason) == (
+        "DATA_LOSS" if reason != "OAEP_MECHANISM_UNEXPECTED" else "FAILED_PRECONDITION",
+        reason,
+    )
+    (record,) = [r for r in caplog.records if r.name == "strongroom.client.keyrelease"]
+    assert record.levelno == logging.ERROR and "nothing decrypted" in record.getMessage()
+    assert record.reason == reason  # type: ignore[attr-defined]
 
 
 def test_an_answer_re_signed_with_the_peers_own_key_is_refused(peer: Peer) -> None:
