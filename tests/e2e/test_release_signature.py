@@ -10,11 +10,13 @@ forwards each exchange (so it holds genuine, signed answers) and alters what it 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -29,6 +31,7 @@ from strongroom.attestation.release_signature import (
     ReleaseSigner,
     ReleaseStatement,
     ReleaseVerifier,
+    load_signing_key,
 )
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.keyrelease import KeyReleaseClient
@@ -45,6 +48,7 @@ from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.pki import WorkloadIdentity
 from strongroom.pki.identity import RenewalPolicy
 from strongroom.runtime.config import CommonConfig, load_service_config
+from tests.certs import self_signed_pem
 from tests.e2e.test_key_release import GOOD, KEY, World, make_world
 from tests.keybroker.helpers import MODEL, bound
 
@@ -373,6 +377,84 @@ def test_the_audit_record_names_the_key_that_signed_each_release(peer: Peer) -> 
     verdict = verify_audit_log(peer.world.audit_path)
     assert verdict.intact
     assert dict(verdict.release_signing_keys)[record["release_signing_key_id"]] == named
+
+
+def _certified_broker_key(
+    stack: DevStack, directory: Path, not_before: dt.datetime, not_after: dt.datetime
+) -> Path:
+    """The broker's own release-signing key, given to inference as a certificate with these
+    dates (what the chart publishes, or `openssl req -x509` makes: deploy/README.md)."""
+    key = load_signing_key((stack.secrets_dir / "release-signing-key.pem").read_bytes())
+    path = directory / f"release-signing-{not_after:%Y%m%d%H%M%S}.crt.pem"
+    path.write_bytes(
+        self_signed_pem(key, "release-signing", not_before=not_before, not_after=not_after)
+    )
+    return path
+
+
+def test_the_brokers_answer_is_refused_once_its_keys_certificate_has_expired(
+    peer: Peer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A certificate's dates were ignored (only its public key was read), so a retired or stolen
+    release-signing key stayed trusted until every inference configuration was edited. The
+    broker's genuine answer, signed with its real key, is refused (nothing decrypted, an ERROR
+    line naming the key) once the certificate inference was given for that key has expired, and
+    taken while it is valid."""
+    now = dt.datetime.now(dt.UTC)
+    expired = _certified_broker_key(
+        peer.world.stack, tmp_path, now - dt.timedelta(days=30), now - dt.timedelta(minutes=1)
+    )
+    valid = _certified_broker_key(
+        peer.world.stack, tmp_path, now - dt.timedelta(minutes=1), now + dt.timedelta(days=1)
+    )
+    try:
+        peer.client._verifier = ReleaseVerifier.from_files([valid])
+        assert peer.release(lambda request, response: response) == peer.world.data_key
+        peer.client._verifier = ReleaseVerifier.from_files([expired])
+        with caplog.at_level(logging.ERROR, logger="strongroom.client.keyrelease"):
+            refused = peer.refused(lambda request, response: response)
+    finally:
+        peer.client._verifier = peer.world.stack.release_verifier()
+    assert (refused.status_name, refused.reason) == (
+        "UNAUTHENTICATED",
+        "RELEASE_SIGNING_KEY_EXPIRED",
+    )
+    assert expired.name in refused.message and "expired at" in refused.message
+    (record,) = [r for r in caplog.records if r.name == "strongroom.client.keyrelease"]
+    assert record.levelno == logging.ERROR and "nothing decrypted" in record.getMessage()
+    assert record.reason == "RELEASE_SIGNING_KEY_EXPIRED"  # type: ignore[attr-defined]
+
+
+def test_an_inference_server_warns_at_start_of_keys_expired_or_ending_soon(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    ending = _certified_broker_key(
+        world.stack, tmp_path, now - dt.timedelta(days=1), now + dt.timedelta(days=5)
+    )
+    expired = _certified_broker_key(
+        world.stack, tmp_path, now - dt.timedelta(days=30), now - dt.timedelta(days=1)
+    )
+    lasting = _certified_broker_key(
+        world.stack, tmp_path, now - dt.timedelta(days=1), now + dt.timedelta(days=400)
+    )
+    settings = {
+        **world.stack.default_section("inference"),
+        "release_signing_public_keys": [str(ending), str(expired), str(lasting)],
+        "release_signing_key_warning_seconds": 7 * 86400,
+    }
+    common, config = load_service_config(
+        world.stack.write_config("inference", settings), "inference", InferenceConfig
+    )
+    logger = "strongroom.attestation.release_signature"
+    with caplog.at_level(logging.WARNING, logger=logger):
+        verifier = release_verifier(common, config)
+    assert len(verifier.key_ids) == 1  # one key, in three certificates
+    notes = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == logger]
+    assert [level for level, _ in notes] == [logging.WARNING, logging.ERROR]
+    assert ending.name in notes[0][1] and "expires at" in notes[0][1]
+    assert expired.name in notes[1][1] and "expired at" in notes[1][1]
+    assert not any(lasting.name in message for _, message in notes)
 
 
 def _inference_config(
