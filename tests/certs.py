@@ -11,10 +11,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 
-def self_signed_pem(key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey, common_name: str) -> bytes:
-    """A PEM certificate over ``key``, signed by it, valid from now for a day."""
+def self_signed_pem(
+    key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey,
+    common_name: str,
+    *,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> bytes:
+    """A PEM certificate over ``key``, signed by it, valid from ``not_before`` (default now) to
+    ``not_after`` (default a day later)."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.UTC)
+    now = not_before or dt.datetime.now(dt.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -22,7 +29,7 @@ def self_signed_pem(key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey, common_
         .public_key(key.public_key())
         .serial_number(1)
         .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
+        .not_valid_after(not_after or now + dt.timedelta(days=1))
         # Ed25519 signs without a separate digest.
         .sign(key, None if isinstance(key, Ed25519PrivateKey) else hashes.SHA256())
     )

@@ -170,8 +170,13 @@ class InferenceConfig:
     # The key broker's release-signing public keys (PEM files, each one or more Ed25519 keys;
     # list the old and the new while the broker's key is rotated). Every release answer must be
     # signed by one of them over its request, or the load fails before anything is decrypted.
-    # Required: without it the service refuses to start (RELEASE_SIGNING_KEY_MISSING).
+    # Required: without it the service refuses to start (RELEASE_SIGNING_KEY_MISSING). A key
+    # given as a certificate is trusted only within the certificate's validity (a bare public key
+    # until it is removed): strongroom.attestation.release_keys.
     release_signing_public_keys: tuple[Path, ...] = ()
+    # A trusted key whose certificate ends within this many seconds (or has ended) is warned of
+    # at start, and, while answers signed with it are verified, once a day.
+    release_signing_key_warning_seconds: float = 30 * 86400.0
     # Development only (refused in production): accept an answer that carries no signature at all
     # (a broker older than release signing), and, when no key is set, a signed one unverified.
     # A signed answer is still verified when keys are set.
@@ -208,6 +213,10 @@ class InferenceConfig:
             )
         if self.require_model_signature and self.model_signing_public_key is None:
             raise ConfigError("inference.require_model_signature needs model_signing_public_key")
+        if not 0 <= self.release_signing_key_warning_seconds <= 366 * 86400:
+            raise ConfigError(
+                "inference.release_signing_key_warning_seconds must be between 0 and 31622400"
+            )
         if not 0 <= self.load_retry_seconds <= 3600:
             raise ConfigError("inference.load_retry_seconds must be between 0 and 3600")
         if self.max_model_bytes < 1024:

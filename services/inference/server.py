@@ -9,6 +9,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -250,9 +251,13 @@ def release_verifier(common: CommonConfig, config: InferenceConfig) -> ReleaseVe
             "DEVELOPMENT MODE: key-release answers without a signature are accepted "
             "(inference.allow_unsigned_releases)"
         )
-    return ReleaseVerifier.from_files(
-        config.release_signing_public_keys, allow_unsigned=config.allow_unsigned_releases
+    verifier = ReleaseVerifier.from_files(
+        config.release_signing_public_keys,
+        allow_unsigned=config.allow_unsigned_releases,
+        warn_within=timedelta(seconds=config.release_signing_key_warning_seconds),
     )
+    verifier.warn_about_expiry()
+    return verifier
 
 
 def build(

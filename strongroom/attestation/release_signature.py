@@ -24,29 +24,44 @@ What a valid signature proves: a holder of the release-signing key answered exac
 (this nonce, this ephemeral key, this key slot) with exactly these bytes. What it does not prove:
 that the broker was honest. A compromised broker (or anyone with its signing key) can still sign
 any answer; the signature takes away only what a broker *certificate* alone allowed.
+
+Which keys the server trusts, and until when (a key given as a certificate only within its
+validity, judged at each verification): :mod:`strongroom.attestation.release_keys`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import re
-from collections.abc import Iterable, Sequence
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from strongroom.cryptoparse import KEY_PARSE_ERRORS, X509_PARSE_ERRORS, ed25519_private_key
+from strongroom.attestation.release_keys import TrustedKey, load_trusted_keys
+from strongroom.cryptoparse import ed25519_private_key
 from strongroom.errors import InvalidArgument, Unauthenticated
 from strongroom.reasons import Reason
+
+log = logging.getLogger(__name__)
 
 LABEL = b"strongroom/keybroker/release-response/v1\x00"
 SIGNATURE_BYTES = 64
 KEY_ID_BYTES = 32
+#: A trusted key whose certificate ends within this is warned of (inference's default).
+DEFAULT_WARN_WITHIN = timedelta(days=30)
+#: How often verifications repeat the warning of a key ending soon, per key.
+WARN_EVERY = timedelta(days=1)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 def _field(value: bytes) -> bytes:
@@ -129,63 +144,53 @@ def load_signing_key(raw: bytes) -> Ed25519PrivateKey:
     return key
 
 
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN (PUBLIC KEY|CERTIFICATE)-----\r?\n[A-Za-z0-9+/=\r\n]+?-----END \1-----"
-)
-
-
-def load_public_keys(pem: bytes, *, source: str) -> list[Ed25519PublicKey]:
-    """Every Ed25519 public key in ``pem``: SPKI PEM blocks (``PUBLIC KEY``) or certificates, of
-    which only the public key is used (Helm can make a certificate over a key it generated but
-    cannot print the key itself; nothing else of the certificate, its dates or issuer, means
-    anything here). One file may hold several: the old and the new key while the broker's is
-    rotated. ``source`` names the file in errors."""
-    blocks = [match.group(0) for match in _PEM_BLOCK.finditer(pem)]
-    if not blocks:
-        raise InvalidArgument(
-            f"{source} holds no PEM public key (-----BEGIN PUBLIC KEY-----)",
-            reason=Reason.RELEASE_SIGNING_KEY_INVALID,
-        )
-    keys = []
-    for block in blocks:
-        key: object
-        try:
-            if block.startswith(b"-----BEGIN CERTIFICATE-----"):
-                key = x509.load_pem_x509_certificate(block).public_key()
-            else:
-                key = serialization.load_pem_public_key(block)
-        except (*KEY_PARSE_ERRORS, *X509_PARSE_ERRORS):
-            key = None
-        if not isinstance(key, Ed25519PublicKey):
-            raise InvalidArgument(
-                f"{source}: a key in it is not an Ed25519 public key",
-                reason=Reason.RELEASE_SIGNING_KEY_INVALID,
-            )
-        keys.append(key)
-    return keys
-
-
 class ReleaseVerifier:
-    """The inference server's side: which release-signing keys it trusts, and whether an unsigned
-    answer may pass (development only, and only when its configuration says so)."""
+    """The inference server's side: which release-signing keys it trusts, until when
+    (:mod:`strongroom.attestation.release_keys`), and whether an unsigned answer may pass
+    (development only, and only when its configuration says so).
 
-    def __init__(self, keys: Iterable[Ed25519PublicKey], *, allow_unsigned: bool = False) -> None:
-        self._keys = {signing_key_id(k): k for k in keys}
+    ``clock`` is the time each verification judges a key's validity at; a verified answer
+    signed with a key whose certificate ends within ``warn_within`` logs a WARNING, at most once
+    per :data:`WARN_EVERY` for each key (the start-up warning is :meth:`warn_about_expiry`)."""
+
+    def __init__(
+        self,
+        keys: Iterable[Ed25519PublicKey | TrustedKey],
+        *,
+        allow_unsigned: bool = False,
+        clock: Callable[[], datetime] = _utc_now,
+        warn_within: timedelta = DEFAULT_WARN_WITHIN,
+    ) -> None:
+        self._keys: dict[bytes, list[TrustedKey]] = {}
+        for key in keys:
+            trusted = key if isinstance(key, TrustedKey) else TrustedKey(key, "a public key")
+            self._keys.setdefault(signing_key_id(trusted.key), []).append(trusted)
         if not self._keys and not allow_unsigned:
             raise InvalidArgument(
                 "no release-signing public key: a release answer could not be verified",
                 reason=Reason.RELEASE_SIGNING_KEY_MISSING,
             )
         self.allow_unsigned = allow_unsigned
+        self._clock = clock
+        self._warn_within = warn_within
+        self._warned: dict[bytes, datetime] = {}
+        self._warned_lock = threading.Lock()
 
     def __repr__(self) -> str:
         ids = ", ".join(k.hex()[:16] for k in self._keys)
         return f"ReleaseVerifier(keys=[{ids}], allow_unsigned={self.allow_unsigned})"
 
     @classmethod
-    def from_files(cls, paths: Sequence[Path], *, allow_unsigned: bool = False) -> ReleaseVerifier:
-        """The keys in the PEM files ``paths`` (each one or more keys)."""
-        keys: list[Ed25519PublicKey] = []
+    def from_files(
+        cls,
+        paths: Sequence[Path],
+        *,
+        allow_unsigned: bool = False,
+        clock: Callable[[], datetime] = _utc_now,
+        warn_within: timedelta = DEFAULT_WARN_WITHIN,
+    ) -> ReleaseVerifier:
+        """The keys in the PEM files ``paths`` (each one or more keys or certificates)."""
+        keys: list[TrustedKey] = []
         for location in paths:
             try:
                 pem = location.read_bytes()
@@ -194,8 +199,26 @@ class ReleaseVerifier:
                     f"cannot read the release-signing public key {location}: {exc.strerror}",
                     reason=Reason.RELEASE_SIGNING_KEY_INVALID,
                 ) from None
-            keys.extend(load_public_keys(pem, source=str(location)))
-        return cls(keys, allow_unsigned=allow_unsigned)
+            keys.extend(load_trusted_keys(pem, source=str(location)))
+        return cls(keys, allow_unsigned=allow_unsigned, clock=clock, warn_within=warn_within)
+
+    def warn_about_expiry(self) -> None:
+        """Logs each trusted key that has expired or is not yet valid (ERROR: answers signed
+        with it are refused) or whose certificate ends within ``warn_within`` (WARNING); and,
+        ERROR, when no key is valid now, since every answer would then be refused."""
+        now = self._clock()
+        for key_id, entries in self._keys.items():
+            for entry in entries:
+                note = entry.expiry_note(now, self._warn_within)
+                if note is not None:
+                    level = logging.ERROR if entry.refusal(now) else logging.WARNING
+                    log.log(level, note, extra={"release_signing_key_id": key_id.hex()})
+        valid = [k for ks in self._keys.values() for k in ks if k.refusal(now) is None]
+        if self._keys and not valid:
+            log.error(
+                "no release-signing key this server trusts is valid now: every key release "
+                "will be refused until a valid one is listed"
+            )
 
     @property
     def key_ids(self) -> tuple[bytes, ...]:
@@ -218,10 +241,10 @@ class ReleaseVerifier:
                 "release signing, or not the broker)",
                 reason=Reason.RELEASE_UNSIGNED,
             )
-        public = next(
+        entries = next(
             (k for known, k in self._keys.items() if hmac.compare_digest(known, key_id)), None
         )
-        if public is None:
+        if entries is None:
             raise Unauthenticated(
                 "the key broker's release answer is signed by a key this server does not trust "
                 f"(key id {key_id.hex()[:16] or 'empty'}; trusted: "
@@ -231,11 +254,39 @@ class ReleaseVerifier:
         try:
             if len(signature) != SIGNATURE_BYTES:
                 raise InvalidSignature
-            public.verify(signature, statement.message())
+            entries[0].key.verify(signature, statement.message())
         except InvalidSignature:
             raise Unauthenticated(
                 "the key broker's release answer does not verify: its signature does not cover "
                 "this request's nonce, ephemeral key and key slot with the key it carries",
                 reason=Reason.RELEASE_SIGNATURE_INVALID,
             ) from None
+        # Judged after the signature: a refusal for the key's dates then says that the holder
+        # of a key no longer (or not yet) trusted signed this very answer.
+        self._check_validity(key_id, entries)
         return True
+
+    def _check_validity(self, key_id: bytes, entries: list[TrustedKey]) -> None:
+        """Refuses a key none of whose entries is valid now (the same key may be listed in
+        several certificates: a renewed one beside the old); warns of one ending soon."""
+        now = self._clock()
+        refusals = [entry.refusal(now) for entry in entries]
+        valid = [entry for entry, refused in zip(entries, refusals, strict=True) if not refused]
+        if not valid:
+            first = refusals[0]
+            assert first is not None
+            raise first
+        # The key lives as long as its longest-lived entry (a bare key: for ever).
+        bounded = [(entry.not_after, entry) for entry in valid if entry.not_after is not None]
+        if len(bounded) < len(valid):
+            return
+        _, longest = max(bounded, key=lambda pair: pair[0])
+        note = longest.expiry_note(now, self._warn_within)
+        if note is None:
+            return
+        with self._warned_lock:
+            warned = self._warned.get(key_id)
+            if warned is not None and now - warned < WARN_EVERY:
+                return
+            self._warned[key_id] = now
+        log.warning(note, extra={"release_signing_key_id": key_id.hex()})

@@ -38,6 +38,7 @@ from typing import Protocol
 import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from google.protobuf.message import DecodeError
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
@@ -65,6 +66,10 @@ MAX_EXCHANGES = 2
 #: Broker refusals that a fresh exchange can cure (see the module docstring).
 RETRIED_REASONS = frozenset(
     {Reason.REPORT_DATA_MISMATCH, Reason.NONCE_INVALID, Reason.NONCE_EXPIRED}
+)
+#: The broker's ReleaseKey, called for its answer's bytes (:func:`_parse_answer` reads them).
+RELEASE_KEY_METHOD = (
+    "/" + pb.DESCRIPTOR.services_by_name["KeyBrokerService"].full_name + "/ReleaseKey"
 )
 #: A decision id as the broker's audit log writes them (it refuses any other).
 #: The longest policy version the policy schema admits (``strongroom.attestation.policy``'s
@@ -337,8 +342,16 @@ class KeyReleaseClient:
                 )
                 report_data = report_data_for(challenge.nonce, public_der, bound.tls_public_key_der)
                 evidence = self._attester.attest(report_data)
-                response = call_unary(
-                    stub.ReleaseKey,
+                # The answer's bytes, parsed below: bytes that are no ReleaseKeyResponse are the
+                # answer's fault (someone other than the broker answered), not a gRPC INTERNAL
+                # error read as the broker's refusal.
+                release_key = bound.channel.unary_unary(
+                    RELEASE_KEY_METHOD,
+                    request_serializer=pb.ReleaseKeyRequest.SerializeToString,
+                    response_deserializer=None,
+                )
+                answer: bytes = call_unary(
+                    release_key,
                     pb.ReleaseKeyRequest(
                         key_id=key_id,
                         key_version=key_version,
@@ -350,28 +363,37 @@ class KeyReleaseClient:
                     ),
                     timeout=self._timeout,
                 )
-            statement = ReleaseStatement(
-                nonce=challenge.nonce,
-                ephemeral_public_key_der=public_der,
-                key_id=key_id,
-                key_version=key_version,
-                request_wrapped_key=wrapped_data_key,
-                mechanism=response.mechanism,
-                released_wrapped_key=response.wrapped_data_key,
-                decision_id=response.decision_id,
-                policy_version=response.policy_version,
-            )
-            return self._unwrap(private, response, statement)
+            try:
+                response = _parse_answer(answer)
+                statement = ReleaseStatement(
+                    nonce=challenge.nonce,
+                    ephemeral_public_key_der=public_der,
+                    key_id=key_id,
+                    key_version=key_version,
+                    request_wrapped_key=wrapped_data_key,
+                    mechanism=response.mechanism,
+                    released_wrapped_key=response.wrapped_data_key,
+                    decision_id=response.decision_id,
+                    policy_version=response.policy_version,
+                )
+                signed = self._judge(response, statement)
+            except StrongroomError as exc:
+                # Not a refusal by the broker: an answer the broker did not make for this
+                # request (an impersonating peer, a broken broker, or one signing with a key not
+                # configured here), whether its shape or its signature gave it away.
+                log.error(
+                    "key broker's release answer refused, nothing decrypted: %s",
+                    exc.message,
+                    extra={"key_id": key_id, "reason": exc.reason},
+                )
+                raise
+            return self._unwrap(private, response, key_id=key_id, signed=signed)
         finally:
             del private  # the ephemeral private key lives only for this exchange
 
-    def _unwrap(
-        self,
-        private: rsa.RSAPrivateKey,
-        response: pb.ReleaseKeyResponse,
-        statement: ReleaseStatement,
-    ) -> ReleasedDataKey:
-        key_id = statement.key_id
+    def _judge(self, response: pb.ReleaseKeyResponse, statement: ReleaseStatement) -> bool:
+        """Refuses an answer no broker sends for ``statement``'s request; returns whether its
+        signature was verified (False: taken unverified, development only)."""
         if response.mechanism not in self._mechanisms:
             raise FailedPrecondition(
                 f"the broker wrapped the key with mechanism {response.mechanism}, which we did "
@@ -382,19 +404,18 @@ class KeyReleaseClient:
         # Before anything is decrypted: an answer not signed over this very request (its nonce,
         # our ephemeral key, the key slot we sent) may come from a peer that only holds a broker
         # certificate, with a data key of its own choosing.
-        try:
-            signed = self._verifier.verify(
-                statement, response.release_signature, response.release_signing_key_id
-            )
-        except StrongroomError as exc:
-            # Not a refusal by the broker: an answer the broker did not make for this request
-            # (an impersonating peer, or a broker signing with a key not configured here).
-            log.error(
-                "key broker's release answer refused, nothing decrypted: %s",
-                exc.message,
-                extra={"key_id": key_id, "reason": exc.reason},
-            )
-            raise
+        return self._verifier.verify(
+            statement, response.release_signature, response.release_signing_key_id
+        )
+
+    def _unwrap(
+        self,
+        private: rsa.RSAPrivateKey,
+        response: pb.ReleaseKeyResponse,
+        *,
+        key_id: str,
+        signed: bool,
+    ) -> ReleasedDataKey:
         if not signed:
             log.warning(
                 "the key broker's release answer was accepted unverified (unsigned, or no "
@@ -439,6 +460,18 @@ class KeyReleaseClient:
         return ReleasedDataKey(
             dek, response.mechanism, response.decision_id, response.policy_version
         )
+
+
+def _parse_answer(answer: bytes) -> pb.ReleaseKeyResponse:
+    """The release answer in ``answer``; refuses bytes that are no ReleaseKeyResponse."""
+    try:
+        return pb.ReleaseKeyResponse.FromString(answer)
+    except DecodeError:
+        raise DataLoss(
+            f"the broker's release answer is not a ReleaseKeyResponse ({len(answer)} bytes "
+            "that do not parse)",
+            reason=Reason.RELEASE_ANSWER_MALFORMED,
+        ) from None
 
 
 def _check_answer(response: pb.ReleaseKeyResponse) -> None:

@@ -5,6 +5,8 @@ tests/e2e/test_release_signature.py's.)"""
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,11 +14,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from strongroom.attestation.release_keys import NOT_BEFORE_LEEWAY, load_trusted_keys
 from strongroom.attestation.release_signature import (
     ReleaseSigner,
     ReleaseStatement,
     ReleaseVerifier,
-    load_public_keys,
     load_signing_key,
     signing_key_id,
 )
@@ -79,7 +81,7 @@ def test_a_bundle_of_keys_and_certificates_is_read_whole(tmp_path: Path) -> None
 )
 def test_anything_but_ed25519_public_keys_is_refused(pem: bytes) -> None:
     with pytest.raises(StrongroomError) as info:
-        load_public_keys(pem, source="keys.pem")
+        load_trusted_keys(pem, source="keys.pem")
     assert info.value.reason == "RELEASE_SIGNING_KEY_INVALID"
     assert "keys.pem" in info.value.message
 
@@ -134,3 +136,141 @@ def test_a_statement_differing_in_any_field_fails() -> None:
         with pytest.raises(StrongroomError) as info:
             verifier.verify(altered, signed.signature, signed.key_id)
         assert info.value.reason == "RELEASE_SIGNATURE_INVALID", name
+
+
+# A key given as a certificate is trusted only within the certificate's validity; before, only
+# its public key was read and a retired or stolen key stayed trusted for ever.
+ISSUED = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+ENDS = dt.datetime(2030, 7, 1, tzinfo=dt.UTC)
+
+
+class Clock:
+    """The verifier's clock, set by the test."""
+
+    def __init__(self, now: dt.datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+def _certified(tmp_path: Path, key: Ed25519PrivateKey, clock: Clock) -> ReleaseVerifier:
+    bundle = tmp_path / "release-keys.pem"
+    bundle.write_bytes(
+        self_signed_pem(key, "release-signing 2030", not_before=ISSUED, not_after=ENDS)
+    )
+    return ReleaseVerifier.from_files([bundle], clock=clock, warn_within=dt.timedelta(days=30))
+
+
+def test_a_certified_key_is_trusted_only_within_its_certificates_validity(
+    tmp_path: Path,
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    signed = ReleaseSigner(key).sign(STATEMENT)
+    clock = Clock(ISSUED + dt.timedelta(days=1))
+    verifier = _certified(tmp_path, key, clock)
+    assert verifier.verify(STATEMENT, signed.signature, signed.key_id)
+    clock.now = ENDS  # notAfter is the last instant of the validity
+    assert verifier.verify(STATEMENT, signed.signature, signed.key_id)
+
+    clock.now = ENDS + dt.timedelta(seconds=1)
+    with pytest.raises(StrongroomError) as info:
+        verifier.verify(STATEMENT, signed.signature, signed.key_id)
+    assert (info.value.status_name, info.value.reason) == (
+        "UNAUTHENTICATED",
+        "RELEASE_SIGNING_KEY_EXPIRED",
+    )
+    # It names the key (its file and certificate) and when and why.
+    assert "release-keys.pem" in info.value.message
+    assert "CN=release-signing 2030" in info.value.message
+    assert "expired at 2030-07-01T00:00:00+00:00" in info.value.message
+
+    clock.now = ISSUED - NOT_BEFORE_LEEWAY  # a certificate made moments ago on a clock ahead
+    assert verifier.verify(STATEMENT, signed.signature, signed.key_id)
+    clock.now = ISSUED - NOT_BEFORE_LEEWAY - dt.timedelta(seconds=1)
+    with pytest.raises(StrongroomError) as info:
+        verifier.verify(STATEMENT, signed.signature, signed.key_id)
+    assert info.value.reason == "RELEASE_SIGNING_KEY_NOT_YET_VALID"
+    assert "valid only from 2030-01-01T00:00:00+00:00" in info.value.message
+
+
+def test_a_bad_signature_by_an_expired_key_is_refused_for_its_signature(tmp_path: Path) -> None:
+    """The dates are judged after the signature: an expired-key refusal means the key's holder
+    signed this very answer."""
+    key = Ed25519PrivateKey.generate()
+    signed = ReleaseSigner(key).sign(STATEMENT)
+    verifier = _certified(tmp_path, key, Clock(ENDS + dt.timedelta(days=1)))
+    with pytest.raises(StrongroomError) as info:
+        verifier.verify(STATEMENT, bytes(64), signed.key_id)
+    assert info.value.reason == "RELEASE_SIGNATURE_INVALID"
+
+
+def test_a_bare_public_key_has_no_end_and_a_renewed_certificate_extends_the_key(
+    tmp_path: Path,
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    signed = ReleaseSigner(key).sign(STATEMENT)
+    long_after = Clock(ENDS + dt.timedelta(days=3650))
+    bare = tmp_path / "bare.pem"
+    bare.write_bytes(_pem(key))
+    assert ReleaseVerifier.from_files([bare], clock=long_after).verify(
+        STATEMENT, signed.signature, signed.key_id
+    )
+    # The same key in an expired certificate and in its renewal: the renewal's validity counts.
+    both = tmp_path / "both.pem"
+    both.write_bytes(
+        self_signed_pem(key, "old", not_before=ISSUED, not_after=ENDS)
+        + self_signed_pem(key, "renewed", not_before=ENDS, not_after=ENDS + dt.timedelta(days=3650))
+    )
+    verifier = ReleaseVerifier.from_files([both], clock=long_after)
+    assert verifier.key_ids == (signed.key_id,)
+    assert verifier.verify(STATEMENT, signed.signature, signed.key_id)
+
+
+def test_keys_expired_or_ending_soon_are_warned_of_at_start_and_daily_in_use(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key, expired = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    signed = ReleaseSigner(key).sign(STATEMENT)
+    bundle = tmp_path / "release-keys.pem"
+    bundle.write_bytes(
+        self_signed_pem(key, "current", not_before=ISSUED, not_after=ENDS)
+        + self_signed_pem(expired, "retired", not_before=ISSUED, not_after=ISSUED)
+        + _pem(Ed25519PrivateKey.generate())
+    )
+    clock = Clock(ENDS - dt.timedelta(days=10))
+    verifier = ReleaseVerifier.from_files([bundle], clock=clock, warn_within=dt.timedelta(days=30))
+    logger = "strongroom.attestation.release_signature"
+    with caplog.at_level(logging.WARNING, logger=logger):
+        verifier.warn_about_expiry()
+    notes = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == logger]
+    assert len(notes) == 2  # the bare key is never warned of
+    (level, expiring), (expired_level, retired) = notes
+    assert level == logging.WARNING and "expires at 2030-07-01T00:00:00+00:00" in expiring
+    assert "release-keys.pem key 1, certificate 'CN=current'" in expiring
+    assert expired_level == logging.ERROR and "CN=retired" in retired and "expired" in retired
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=logger):
+        for hours in (0, 1, 23):
+            clock.now = ENDS - dt.timedelta(days=10) + dt.timedelta(hours=hours)
+            assert verifier.verify(STATEMENT, signed.signature, signed.key_id)
+        clock.now = ENDS - dt.timedelta(days=8)
+        assert verifier.verify(STATEMENT, signed.signature, signed.key_id)
+    warned = [r for r in caplog.records if r.name == logger]
+    assert [r.levelno for r in warned] == [logging.WARNING, logging.WARNING]  # once a day
+    assert all("CN=current" in r.getMessage() for r in warned)
+
+
+def test_no_valid_key_at_start_is_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    verifier = _certified(tmp_path, Ed25519PrivateKey.generate(), Clock(ENDS + dt.timedelta(1)))
+    logger = "strongroom.attestation.release_signature"
+    with caplog.at_level(logging.WARNING, logger=logger):
+        verifier.warn_about_expiry()
+    assert any(
+        r.levelno == logging.ERROR and "every key release will be refused" in r.getMessage()
+        for r in caplog.records
+        if r.name == logger
+    )

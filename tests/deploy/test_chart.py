@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from strongroom.attestation.release_keys import load_trusted_keys
 from strongroom.attestation.release_signature import ReleaseVerifier, signing_key_id
 from strongroom.attestation.release_signature import load_signing_key as load_release_key
 from strongroom.cli.main import build_parser
@@ -23,6 +25,7 @@ from strongroom.keybroker.config import KeybrokerConfig
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.runtime.config import SERVICES, load_service_config
 from strongroom.runtime.secrets import Secret
+from tests.certs import self_signed_pem
 from tests.deploy.conftest import (
     CHART,
     DEPLOY,
@@ -173,6 +176,11 @@ def test_generated_secret_values_appear_nowhere_else(helm: str, tmp_path: Path) 
     path = tmp_path / "release-signing-keys.pem"
     path.write_text(public["data"]["release-signing-keys.pem"])
     assert ReleaseVerifier.from_files([path]).key_ids == (signing_key_id(release_key.public_key()),)
+    # Inference trusts it within the certificate's dates: a century from this render.
+    (trusted,) = load_trusted_keys(path.read_bytes(), source=str(path))
+    assert trusted.not_before is not None and trusted.not_after is not None
+    assert abs(trusted.not_before - dt.datetime.now(dt.UTC)) < dt.timedelta(hours=1)
+    assert trusted.not_after - trusted.not_before == dt.timedelta(days=36500)
     others = yaml.safe_dump_all([d for d in docs if d is not secret])
     for value in secret["data"].values():
         assert value not in others
@@ -229,6 +237,36 @@ def test_an_operators_secret_needs_the_release_signing_public_key(helm: str) -> 
     result = run_helm_template(helm, set_args=("keybroker.secrets.existingSecret=kb-secrets",))
     assert result.returncode != 0
     assert "inference.releaseSigning.publicKeys is required" in result.stderr
+
+
+def test_an_operators_release_signing_certificate_is_taken_with_its_dates(
+    helm: str, tmp_path: Path
+) -> None:
+    """A certificate bounds a release-signing key's life (strongroom.attestation.release_keys),
+    but the schema took PUBLIC KEY blocks only: an operator's Secret could not have a key that
+    expires. A certificate (here beside a bare key, as while a key is rotated) is published to
+    inference as given, and read with its dates."""
+    ends = dt.datetime(2031, 1, 1, tzinfo=dt.UTC)
+    certificate = self_signed_pem(
+        Ed25519PrivateKey.generate(), "release-signing 2030", not_after=ends
+    ).decode()
+    bundle = certificate + RELEASE_PUBLIC_PEM
+    docs = render(
+        helm,
+        set_args=(
+            "keybroker.secrets.existingSecret=kb-secrets",
+            f"inference.releaseSigning.publicKeys={bundle}",
+        ),
+    )
+    (public,) = [
+        c for c in kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-release-signing")
+    ]
+    path = tmp_path / "release-signing-keys.pem"
+    path.write_text(public["data"]["release-signing-keys.pem"])
+    assert [key.not_after for key in load_trusted_keys(path.read_bytes(), source="x")] == [
+        ends,
+        None,
+    ]
 
 
 def test_services_sharing_a_provisioner_secret_are_refused(helm: str) -> None:

@@ -10,11 +10,13 @@ forwards each exchange (so it holds genuine, signed answers) and alters what it 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -29,6 +31,7 @@ from strongroom.attestation.release_signature import (
     ReleaseSigner,
     ReleaseStatement,
     ReleaseVerifier,
+    load_signing_key,
 )
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.keyrelease import KeyReleaseClient
@@ -45,13 +48,15 @@ from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.pki import WorkloadIdentity
 from strongroom.pki.identity import RenewalPolicy
 from strongroom.runtime.config import CommonConfig, load_service_config
+from tests.certs import self_signed_pem
 from tests.e2e.test_key_release import GOOD, KEY, World, make_world
 from tests.keybroker.helpers import MODEL, bound
 
-Tamper = Callable[[pb.ReleaseKeyRequest, pb.ReleaseKeyResponse], pb.ReleaseKeyResponse]
+#: What the peer sends back: an answer, or bytes that are none (sent as they are).
+Tamper = Callable[[pb.ReleaseKeyRequest, pb.ReleaseKeyResponse], pb.ReleaseKeyResponse | bytes]
 
 
-class ImpersonatingBroker(pb_grpc.KeyBrokerServiceServicer):
+class ImpersonatingBroker:
     """A peer with a broker certificate: forwards each exchange to the real broker, then sends
     back what ``tamper`` makes of the genuine answer (and records the answers it saw)."""
 
@@ -67,10 +72,37 @@ class ImpersonatingBroker(pb_grpc.KeyBrokerServiceServicer):
 
     def ReleaseKey(
         self, request: pb.ReleaseKeyRequest, context: grpc.ServicerContext
-    ) -> pb.ReleaseKeyResponse:
+    ) -> pb.ReleaseKeyResponse | bytes:
         genuine: pb.ReleaseKeyResponse = self.upstream.ReleaseKey(request, timeout=30)
         self.seen.append(genuine)
         return self.tamper(request, genuine)
+
+    def add_to(self, server: grpc.Server) -> None:
+        """Serves its two calls on ``server``; an answer ``tamper`` made bytes of goes out as
+        those bytes (what a peer that is no broker at all could send)."""
+
+        def serialize(answer: pb.ReleaseKeyResponse | bytes) -> bytes:
+            return answer if isinstance(answer, bytes) else answer.SerializeToString()
+
+        handlers = {
+            "GetChallenge": grpc.unary_unary_rpc_method_handler(
+                self.GetChallenge,
+                request_deserializer=pb.GetChallengeRequest.FromString,
+                response_serializer=pb.GetChallengeResponse.SerializeToString,
+            ),
+            "ReleaseKey": grpc.unary_unary_rpc_method_handler(
+                self.ReleaseKey,
+                request_deserializer=pb.ReleaseKeyRequest.FromString,
+                response_serializer=serialize,
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    pb.DESCRIPTOR.services_by_name["KeyBrokerService"].full_name, handlers
+                ),
+            )
+        )
 
 
 @dataclasses.dataclass
@@ -105,9 +137,9 @@ def peer(world: World) -> Iterator[Peer]:
     )
     # The peer reaches the real broker over a channel presenting the release client's TLS key:
     # the evidence binds it, and the broker checks the connection it arrives on.
-    servicer = ImpersonatingBroker(world.broker)  # type: ignore[abstract]
+    servicer = ImpersonatingBroker(world.broker)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_KeyBrokerServiceServicer_to_server(servicer, server)
+    servicer.add_to(server)
     port = server.add_secure_port("127.0.0.1:0", broker_cert.server_credentials())
     server.start()
     channel = world.inference_id.channel(
@@ -179,6 +211,53 @@ def test_a_data_key_of_the_peers_choosing_is_refused(
     (record,) = [r for r in caplog.records if r.name == "strongroom.client.keyrelease"]
     assert record.levelno == logging.ERROR and "nothing decrypted" in record.getMessage()
     assert record.reason == "RELEASE_SIGNATURE_INVALID"  # type: ignore[attr-defined]
+
+
+def _malformed_decision(
+    request: pb.ReleaseKeyRequest, response: pb.ReleaseKeyResponse
+) -> pb.ReleaseKeyResponse:
+    forged = _swapped(request, response)
+    forged.decision_id = "0123\nFORGED log line"
+    return forged
+
+
+def _mechanism_not_offered(
+    request: pb.ReleaseKeyRequest, response: pb.ReleaseKeyResponse
+) -> pb.ReleaseKeyResponse:
+    forged = _swapped(request, response)
+    forged.mechanism = pb.WRAP_MECHANISM_AES_KEY_WRAP_PAD
+    return forged
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (
+            lambda request, response: b"\xff\xff\xff not a release answer",
+            "RELEASE_ANSWER_MALFORMED",
+        ),
+        (_malformed_decision, "RELEASE_ANSWER_MALFORMED"),
+        (_mechanism_not_offered, "OAEP_MECHANISM_UNEXPECTED"),
+    ],
+    ids=["not-protobuf", "malformed-decision-id", "mechanism-not-offered"],
+)
+def test_an_answer_refused_before_its_signature_is_checked_is_logged_as_loudly(
+    peer: Peer, caplog: pytest.LogCaptureFixture, tamper: Tamper, reason: str
+) -> None:
+    """An answer whose shape no broker sends was refused before the signature check, and
+    without the ERROR line of a bad signature: it says as much (someone other than the broker
+    answered, or a broken one), and now says it as loudly. Bytes that are no ReleaseKeyResponse
+    at all were a gRPC INTERNAL error ("Exception deserializing response!"), passed on as the
+    broker's refusal; they are the answer's fault now, with a reason."""
+    with caplog.at_level(logging.ERROR, logger="strongroom.client.keyrelease"):
+        refused = peer.refused(tamper)
+    assert (refused.status_name, refused.reason) == (
+        "DATA_LOSS" if reason != "OAEP_MECHANISM_UNEXPECTED" else "FAILED_PRECONDITION",
+        reason,
+    )
+    (record,) = [r for r in caplog.records if r.name == "strongroom.client.keyrelease"]
+    assert record.levelno == logging.ERROR and "nothing decrypted" in record.getMessage()
+    assert record.reason == reason  # type: ignore[attr-defined]
 
 
 def test_an_answer_re_signed_with_the_peers_own_key_is_refused(peer: Peer) -> None:
@@ -298,6 +377,84 @@ def test_the_audit_record_names_the_key_that_signed_each_release(peer: Peer) -> 
     verdict = verify_audit_log(peer.world.audit_path)
     assert verdict.intact
     assert dict(verdict.release_signing_keys)[record["release_signing_key_id"]] == named
+
+
+def _certified_broker_key(
+    stack: DevStack, directory: Path, not_before: dt.datetime, not_after: dt.datetime
+) -> Path:
+    """The broker's own release-signing key, given to inference as a certificate with these
+    dates (what the chart publishes, or `openssl req -x509` makes: deploy/README.md)."""
+    key = load_signing_key((stack.secrets_dir / "release-signing-key.pem").read_bytes())
+    path = directory / f"release-signing-{not_after:%Y%m%d%H%M%S}.crt.pem"
+    path.write_bytes(
+        self_signed_pem(key, "release-signing", not_before=not_before, not_after=not_after)
+    )
+    return path
+
+
+def test_the_brokers_answer_is_refused_once_its_keys_certificate_has_expired(
+    peer: Peer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A certificate's dates were ignored (only its public key was read), so a retired or stolen
+    release-signing key stayed trusted until every inference configuration was edited. The
+    broker's genuine answer, signed with its real key, is refused (nothing decrypted, an ERROR
+    line naming the key) once the certificate inference was given for that key has expired, and
+    taken while it is valid."""
+    now = dt.datetime.now(dt.UTC)
+    expired = _certified_broker_key(
+        peer.world.stack, tmp_path, now - dt.timedelta(days=30), now - dt.timedelta(minutes=1)
+    )
+    valid = _certified_broker_key(
+        peer.world.stack, tmp_path, now - dt.timedelta(minutes=1), now + dt.timedelta(days=1)
+    )
+    try:
+        peer.client._verifier = ReleaseVerifier.from_files([valid])
+        assert peer.release(lambda request, response: response) == peer.world.data_key
+        peer.client._verifier = ReleaseVerifier.from_files([expired])
+        with caplog.at_level(logging.ERROR, logger="strongroom.client.keyrelease"):
+            refused = peer.refused(lambda request, response: response)
+    finally:
+        peer.client._verifier = peer.world.stack.release_verifier()
+    assert (refused.status_name, refused.reason) == (
+        "UNAUTHENTICATED",
+        "RELEASE_SIGNING_KEY_EXPIRED",
+    )
+    assert expired.name in refused.message and "expired at" in refused.message
+    (record,) = [r for r in caplog.records if r.name == "strongroom.client.keyrelease"]
+    assert record.levelno == logging.ERROR and "nothing decrypted" in record.getMessage()
+    assert record.reason == "RELEASE_SIGNING_KEY_EXPIRED"  # type: ignore[attr-defined]
+
+
+def test_an_inference_server_warns_at_start_of_keys_expired_or_ending_soon(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    ending = _certified_broker_key(
+        world.stack, tmp_path, now - dt.timedelta(days=1), now + dt.timedelta(days=5)
+    )
+    expired = _certified_broker_key(
+        world.stack, tmp_path, now - dt.timedelta(days=30), now - dt.timedelta(days=1)
+    )
+    lasting = _certified_broker_key(
+        world.stack, tmp_path, now - dt.timedelta(days=1), now + dt.timedelta(days=400)
+    )
+    settings = {
+        **world.stack.default_section("inference"),
+        "release_signing_public_keys": [str(ending), str(expired), str(lasting)],
+        "release_signing_key_warning_seconds": 7 * 86400,
+    }
+    common, config = load_service_config(
+        world.stack.write_config("inference", settings), "inference", InferenceConfig
+    )
+    logger = "strongroom.attestation.release_signature"
+    with caplog.at_level(logging.WARNING, logger=logger):
+        verifier = release_verifier(common, config)
+    assert len(verifier.key_ids) == 1  # one key, in three certificates
+    notes = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == logger]
+    assert [level for level, _ in notes] == [logging.WARNING, logging.ERROR]
+    assert ending.name in notes[0][1] and "expires at" in notes[0][1]
+    assert expired.name in notes[1][1] and "expired at" in notes[1][1]
+    assert not any(lasting.name in message for _, message in notes)
 
 
 def _inference_config(

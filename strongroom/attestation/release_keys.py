@@ -1,0 +1,127 @@
+"""The key broker's release-signing public keys an inference server trusts, and for how long.
+
+A key is given as a PEM public key (``PUBLIC KEY``) or as an X.509 certificate over it. **A
+certificate bounds the key's life**: the key is trusted from its notBefore to its notAfter, judged
+at each verification with this server's clock, so a retired or stolen key stops being trusted
+when its certificate ends, whether or not every configuration was edited. A bare public key is
+trusted until it is taken out of the configuration. The bound is a certificate's rather than a
+date in the configuration because the configuration lists files (``release_signing_public_keys``):
+the date then travels in the file with the key it bounds, and the Helm chart publishes the key as
+a certificate already.
+
+notBefore is given :data:`NOT_BEFORE_LEEWAY`: a certificate is often made moments before it is
+used, on another machine (the chart makes one at each ``helm upgrade``, dated by the clock of the
+machine that runs Helm), and a server whose clock is a little behind would otherwise refuse every
+answer until it caught up. notAfter has none: past it, the key is refused.
+
+Nothing else of a certificate is read (issuer, signature, extensions): the file that lists it is
+what the operator trusts, and whoever can change the file can change the key in it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from strongroom.cryptoparse import KEY_PARSE_ERRORS, X509_PARSE_ERRORS
+from strongroom.errors import InvalidArgument, Unauthenticated
+from strongroom.reasons import Reason
+
+#: How far ahead of this server's clock a certificate's notBefore may be (module docstring).
+NOT_BEFORE_LEEWAY = timedelta(minutes=5)
+
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN (PUBLIC KEY|CERTIFICATE)-----\r?\n[A-Za-z0-9+/=\r\n]+?-----END \1-----"
+)
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    """One trusted release-signing public key, where it was read, and the validity of the
+    certificate it came in (None for a bare public key: no bound)."""
+
+    key: Ed25519PublicKey = field(repr=False)
+    source: str
+    not_before: datetime | None = None
+    not_after: datetime | None = None
+
+    def refusal(self, now: datetime) -> Unauthenticated | None:
+        """Why an answer signed with this key is refused at ``now``; None while it is valid."""
+        if self.not_after is not None and now > self.not_after:
+            return Unauthenticated(
+                f"the key broker's release answer is signed with a key whose certificate "
+                f"expired at {self.not_after.isoformat()} ({self.source}; now "
+                f"{now.isoformat()}): rotate the broker's release-signing key "
+                "(deploy/README.md, 'Rotating the release-signing key')",
+                reason=Reason.RELEASE_SIGNING_KEY_EXPIRED,
+            )
+        if self.not_before is not None and now < self.not_before - NOT_BEFORE_LEEWAY:
+            return Unauthenticated(
+                f"the key broker's release answer is signed with a key whose certificate is "
+                f"valid only from {self.not_before.isoformat()} ({self.source}; now "
+                f"{now.isoformat()}): check this server's clock and the certificate's dates",
+                reason=Reason.RELEASE_SIGNING_KEY_NOT_YET_VALID,
+            )
+        return None
+
+    def expiry_note(self, now: datetime, within: timedelta) -> str | None:
+        """What an operator should hear of this key's validity at ``now``: expired, not yet
+        valid, or ending within ``within``; None otherwise (and always for a bare key)."""
+        refused = self.refusal(now)
+        if refused is not None:
+            return refused.message
+        if self.not_after is not None and self.not_after - now <= within:
+            return (
+                f"the release-signing key of {self.source} expires at "
+                f"{self.not_after.isoformat()}: answers signed with it are refused from then; "
+                "list its successor beside it and switch the broker before then "
+                "(deploy/README.md, 'Rotating the release-signing key')"
+            )
+        return None
+
+
+def load_trusted_keys(pem: bytes, *, source: str) -> list[TrustedKey]:
+    """Every Ed25519 public key in ``pem``: SPKI PEM blocks (``PUBLIC KEY``) or certificates,
+    whose validity bounds the key's (module docstring). One file may hold several: the old and
+    the new key while the broker's is rotated. ``source`` names the file in errors and notes."""
+    blocks = [match.group(0) for match in _PEM_BLOCK.finditer(pem)]
+    if not blocks:
+        raise InvalidArgument(
+            f"{source} holds no PEM public key (-----BEGIN PUBLIC KEY-----)",
+            reason=Reason.RELEASE_SIGNING_KEY_INVALID,
+        )
+    trusted = []
+    for number, block in enumerate(blocks, start=1):
+        where = f"{source} key {number}" if len(blocks) > 1 else source
+        key: object
+        certificate = None
+        try:
+            if block.startswith(b"-----BEGIN CERTIFICATE-----"):
+                certificate = x509.load_pem_x509_certificate(block)
+                key = certificate.public_key()
+            else:
+                key = serialization.load_pem_public_key(block)
+        except (*KEY_PARSE_ERRORS, *X509_PARSE_ERRORS):
+            key = None
+        if not isinstance(key, Ed25519PublicKey):
+            raise InvalidArgument(
+                f"{source}: a key in it is not an Ed25519 public key",
+                reason=Reason.RELEASE_SIGNING_KEY_INVALID,
+            )
+        if certificate is None:
+            trusted.append(TrustedKey(key, where))
+            continue
+        trusted.append(
+            TrustedKey(
+                key,
+                f"{where}, certificate {certificate.subject.rfc4514_string()!r}",
+                certificate.not_valid_before_utc,
+                certificate.not_valid_after_utc,
+            )
+        )
+    return trusted
