@@ -217,17 +217,32 @@ class _LockLost(Exception):
 
 
 def _is_at(fd: int, path: str) -> bool:
-    """Whether the file open as ``fd`` is the one at ``path`` (same device and inode)."""
+    """Whether the file open as ``fd`` is the one at ``path`` (same device and inode).
+
+    The path is opened anew and that descriptor asked, not ``lstat``: an NFS client answers
+    ``lstat`` from its attribute and lookup caches (up to ``acdirmax``, 60 s by default), which
+    kept the deleted file's inode for a file another host had made again meanwhile, so a change
+    took its lock on the deleted file for the directory's; an open makes the client look the name
+    up again on the server (close-to-open consistency)."""
     try:
-        there = os.lstat(path)
-    except OSError:  # deleted, and not made again yet
+        # O_NOFOLLOW, O_NONBLOCK: a link or FIFO planted there is not the file locked, and must
+        # neither be followed nor hang the check.
+        now = os.open(
+            path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+        )
+    except OSError:  # deleted and not made again yet, or something that is not the lock file
         return False
     try:
+        # Closing this second descriptor leaves the lock alone: an OFD lock belongs to the
+        # held open, not to the process (a classic record lock would have been released).
+        there = os.fstat(now)
         held = os.fstat(fd)
     except OSError:
         # Over NFS a file another client deleted answers ESTALE: it is not the one at the path
         # (that escaped as a bare OSError, the descriptor and its lock never closed).
         return False
+    finally:
+        os.close(now)
     return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
 

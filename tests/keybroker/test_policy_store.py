@@ -564,18 +564,39 @@ def test_a_change_waiting_on_a_deleted_lock_file_then_waits_for_the_file_made_af
     assert policies.get("k1").policy.version == "mine"
 
 
+@pytest.mark.parametrize("attribute_cache", [False, True], ids=["local", "nfs-attribute-cache"])
 def test_a_lock_file_deleted_while_a_change_holds_it_does_not_let_two_changes_both_win(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, attribute_cache: bool
 ) -> None:
     """A sync tool pruning unknown files (rsync --delete, a GitOps sync) deleted the lock file
     while a change held it: the next change created a new file, locked that one and went ahead,
     and of two changes expecting version 1 both were written, the later silently replacing the
     other. The holder now checks, just before its write, that the file it locked is still the one
     at the path; it was not, so it takes the lock again and checks the live policy again: one
-    change is made, the other refused POLICY_CHANGED."""
+    change is made, the other refused POLICY_CHANGED.
+
+    Over NFS the file is made again by another host, and this client's attribute cache answers
+    ``lstat``/``stat`` of the path with the deleted file's inode for up to a minute: the check
+    asked ``lstat`` and found its own file there. It is emulated as the client answers: every
+    ``lstat``/``stat`` of the lock file's path in this process gives the deleted file's."""
     directory = tmp_path / "policies"
     policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
     policies.write("k1", policies.check("k1", document()))
+    if attribute_cache:
+        cached = os.lstat(directory / LOCK_FILE)
+        lock_path = os.fspath(directory / LOCK_FILE)
+        real_lstat, real_stat = os.lstat, os.stat
+
+        def from_cache(real: Any) -> Any:
+            def answer(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+                if os.fspath(path) == lock_path:
+                    return cached
+                return real(path, *args, **kwargs)  # type: ignore[no-any-return]
+
+            return answer
+
+        monkeypatch.setattr(os, "lstat", from_cache(real_lstat))
+        monkeypatch.setattr(os, "stat", from_cache(real_stat))
     inside, go = threading.Event(), threading.Event()
     checked = policies.refuse_conflict
 
