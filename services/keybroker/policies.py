@@ -246,6 +246,24 @@ def _is_at(fd: int, path: str) -> bool:
     return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
 
+def _reasserted(fd: int) -> bool:
+    """Whether the lock of ``fd`` is granted again now.
+
+    Over NFSv4 a lock lives as long as the client's lease: a client cut off from the server
+    longer than the lease (90 s by default) loses its locks without being told, and another
+    replica may take the lock meanwhile. Asking for it again goes to the server: refused, another
+    holds it (or the client knows its lock lost: an error) and this change must not write. Never
+    refused to a holder that kept it (an OFD lock's owner is its open, whose own lock never
+    conflicts), locally a no-op. ``F_OFD_GETLK`` could not tell a lock this open holds from none
+    at all; taking it again cannot tell a lock lost and free again from one kept, which the
+    caller checks otherwise (the live policy, read again)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WRITE_LOCK)
+    except OSError:
+        return False
+    return True
+
+
 class PolicyStore:
     """Reads ``<dir>/<key_id>.yaml``; reloads a file when it changes on disk.
 
@@ -505,10 +523,15 @@ class PolicyStore:
         while True:
             remaining = max(0.0, deadline - time.monotonic())
             with self._changing(key_id, remaining, still_wanted) as still_held:
+                seen = self._found(path)
                 self.refuse_conflict(key_id, stored, expected_version)
 
-                def last_checks() -> None:
+                def last_checks(seen: tuple[str, str] = seen) -> None:
                     still_held()
+                    if self._found(path) != seen:
+                        # Changed under the lock: it was lost meanwhile (an NFSv4 lease that
+                        # expired) and is free again, which taking it again cannot tell.
+                        raise _LockLost
                     if still_wanted is not None:
                         still_wanted()
 
@@ -519,9 +542,10 @@ class PolicyStore:
                     # change may have locked a new one and gone ahead meanwhile. Nothing was
                     # written: take the lock again and check the live policy again.
                     _log.warning(
-                        "the policy directory's lock file was deleted or replaced while a change "
-                        "held it (sync or back-up tooling must leave it alone); the change is "
-                        "checked again under the new one",
+                        "a change lost the policy directory's lock while it held it: its lock "
+                        "file was deleted or replaced (sync or back-up tooling must leave it "
+                        "alone), or the lock itself was lost (an NFSv4 lease that expired); the "
+                        "change is checked again under the lock taken again",
                         extra={"key_id": key_id},
                     )
                     if time.monotonic() >= deadline:
@@ -543,6 +567,16 @@ class PolicyStore:
                         extra={"key_id": key_id, "error": exc.strerror or type(exc).__name__},
                     )
             return stored
+
+    @staticmethod
+    def _found(path: str) -> tuple[str, str]:
+        """What the policy file at ``path`` holds now (``("text", …)``), or why it holds nothing
+        (``("error", …)``): two looks differ if the file's text did between them."""
+        try:
+            with open(path, encoding="utf-8", newline="") as file:
+                return ("text", file.read())
+        except (OSError, UnicodeDecodeError) as exc:
+            return ("error", str(exc))
 
     @staticmethod
     def _holds(path: str, document: str) -> bool:
@@ -581,7 +615,7 @@ class PolicyStore:
                 raise _busy(key_id, wait)
 
         def still_held() -> None:
-            if not _is_at(fd, lock_path):
+            if not (_is_at(fd, lock_path) and _reasserted(fd)):
                 raise _LockLost
 
         try:
