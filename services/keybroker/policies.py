@@ -28,6 +28,7 @@ from strongroom.keybroker.errors import (
 )
 from strongroom.keybroker.keys import validate_key_id
 from strongroom.keybroker.policy_bounds import check_policy_bounds
+from strongroom.keybroker.policy_file import read_policy_text, unreadable
 from strongroom.reasons import Reason
 
 _log = logging.getLogger(__name__)
@@ -103,11 +104,6 @@ def _racy(stamp: _Stamp, read_at: int) -> bool:
     return read_at - stamp[4] < RACY_WINDOW_NS
 
 
-def _unreadable(key_id: str, problem: str) -> PolicyUnreadable:
-    # The problem, not the path: the message may reach a caller; the operator knows the directory.
-    return PolicyUnreadable(f"the release policy of {key_id!r} cannot be read: {problem}")
-
-
 def _read_only(key_id: str, exc: OSError) -> FailedPrecondition:
     return FailedPrecondition(
         f"cannot store the policy of {key_id!r}: {exc.strerror} (is the policy directory "
@@ -160,22 +156,6 @@ def _busy(key_id: str, wait: float) -> PolicyStoreBusy:
         f"cannot store the policy of {key_id!r}: another policy change held the policy "
         f"directory's lock for more than {wait:g} s; nothing was stored, retry"
     )
-
-
-def _read_text(path: str, key_id: str) -> str:
-    """The policy file's text; :class:`PolicyUnreadable` when it cannot be read as UTF-8 (a
-    hand edit saved in Latin-1 or UTF-16 was a bare UnicodeDecodeError, INTERNAL).
-
-    Read as stored (``newline=""``): universal newlines turned a CRLF document into its LF form,
-    so the document judged, shown and hashed (``policy_sha256``) was not the file's bytes nor the
-    document SetReleasePolicy recorded, and a retry of that document was POLICY_VERSION_REUSED."""
-    try:
-        with open(path, encoding="utf-8", newline="") as file:
-            return file.read()
-    except OSError as exc:
-        raise _unreadable(key_id, exc.strerror or type(exc).__name__) from None
-    except UnicodeDecodeError:
-        raise _unreadable(key_id, "it is not UTF-8 text") from None
 
 
 def _open_lock_file(directory: str, key_id: str) -> int:
@@ -328,14 +308,14 @@ class PolicyStore:
                 reason=Reason.NO_RELEASE_POLICY,
             ) from None
         except OSError as exc:  # EACCES, ELOOP, ENOTDIR, EIO: the file is there, or may be
-            raise _unreadable(key_id, exc.strerror or type(exc).__name__) from None
+            raise unreadable(key_id, exc.strerror or type(exc).__name__) from None
         stamp = _stamp(st)
         with self._lock:
             cached = self._cache.get(key_id)
         if cached and cached[0] == stamp and not _racy(stamp, cached[2]):
             stored = cached[1]
         else:
-            text = _read_text(path, key_id)
+            text = read_policy_text(path, self._dir, key_id)
             if cached and cached[0] == stamp and cached[1].document == text:
                 stored = cached[1]  # the same bytes parse to the same policy
             else:
@@ -426,7 +406,7 @@ class PolicyStore:
         system's). :class:`PolicyUnreadable` / :class:`StoredPolicyInvalid` as :meth:`get`."""
         path = self._path(key_id)
         try:
-            text = _read_text(path, key_id)
+            text = read_policy_text(path, self._dir, key_id)
         except PolicyUnreadable:
             if not os.path.lexists(path):
                 return None
@@ -523,12 +503,12 @@ class PolicyStore:
         while True:
             remaining = max(0.0, deadline - time.monotonic())
             with self._changing(key_id, remaining, still_wanted) as still_held:
-                seen = self._found(path)
+                seen = self._found(path, key_id)
                 self.refuse_conflict(key_id, stored, expected_version)
 
                 def last_checks(seen: tuple[str, str] = seen) -> None:
                     still_held()
-                    if self._found(path) != seen:
+                    if self._found(path, key_id) != seen:
                         # Changed under the lock: it was lost meanwhile (an NFSv4 lease that
                         # expired) and is free again, which taking it again cannot tell.
                         raise _LockLost
@@ -559,7 +539,9 @@ class PolicyStore:
                     # retried NFS RENAME) may have been made all the same. Either way the
                     # document is live for every replica, so this change was made and its
                     # ALLOWED record is its outcome, not a refusal the caller retries.
-                    if not isinstance(exc, NotDurable) and not self._holds(path, stored.document):
+                    if not isinstance(exc, NotDurable) and not self._holds(
+                        path, key_id, stored.document
+                    ):
                         raise _read_only(key_id, exc) from None
                     _log.error(
                         "a release policy was stored but its directory could not be synced: the "
@@ -568,24 +550,17 @@ class PolicyStore:
                     )
             return stored
 
-    @staticmethod
-    def _found(path: str) -> tuple[str, str]:
+    def _found(self, path: str, key_id: str) -> tuple[str, str]:
         """What the policy file at ``path`` holds now (``("text", …)``), or why it holds nothing
         (``("error", …)``): two looks differ if the file's text did between them."""
         try:
-            with open(path, encoding="utf-8", newline="") as file:
-                return ("text", file.read())
-        except (OSError, UnicodeDecodeError) as exc:
-            return ("error", str(exc))
+            return ("text", read_policy_text(path, self._dir, key_id))
+        except StrongroomError as exc:
+            return ("error", exc.message)
 
-    @staticmethod
-    def _holds(path: str, document: str) -> bool:
+    def _holds(self, path: str, key_id: str, document: str) -> bool:
         """Whether the policy file at ``path`` holds ``document`` now."""
-        try:
-            with open(path, encoding="utf-8", newline="") as file:
-                return file.read() == document
-        except (OSError, UnicodeDecodeError):
-            return False
+        return self._found(path, key_id) == ("text", document)
 
     @contextlib.contextmanager
     def _changing(

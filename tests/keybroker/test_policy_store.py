@@ -260,11 +260,11 @@ def test_a_policy_rewritten_within_the_clock_tick_of_its_read_is_read_again(
     policies.get("k1")
     reads: list[str] = []
 
-    def reading(path: str, key_id: str) -> str:
+    def reading(path: str, directory: str, key_id: str) -> str:
         reads.append(path)
         return ""
 
-    monkeypatch.setattr(policies_module, "_read_text", reading)
+    monkeypatch.setattr(policies_module, "read_policy_text", reading)
     policies.get("k1")
     assert reads == []
 
