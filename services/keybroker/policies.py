@@ -28,6 +28,7 @@ from strongroom.keybroker.errors import (
 )
 from strongroom.keybroker.keys import validate_key_id
 from strongroom.keybroker.policy_bounds import check_policy_bounds
+from strongroom.keybroker.policy_file import read_policy_text, unreadable
 from strongroom.reasons import Reason
 
 _log = logging.getLogger(__name__)
@@ -103,11 +104,6 @@ def _racy(stamp: _Stamp, read_at: int) -> bool:
     return read_at - stamp[4] < RACY_WINDOW_NS
 
 
-def _unreadable(key_id: str, problem: str) -> PolicyUnreadable:
-    # The problem, not the path: the message may reach a caller; the operator knows the directory.
-    return PolicyUnreadable(f"the release policy of {key_id!r} cannot be read: {problem}")
-
-
 def _read_only(key_id: str, exc: OSError) -> FailedPrecondition:
     return FailedPrecondition(
         f"cannot store the policy of {key_id!r}: {exc.strerror} (is the policy directory "
@@ -162,22 +158,6 @@ def _busy(key_id: str, wait: float) -> PolicyStoreBusy:
     )
 
 
-def _read_text(path: str, key_id: str) -> str:
-    """The policy file's text; :class:`PolicyUnreadable` when it cannot be read as UTF-8 (a
-    hand edit saved in Latin-1 or UTF-16 was a bare UnicodeDecodeError, INTERNAL).
-
-    Read as stored (``newline=""``): universal newlines turned a CRLF document into its LF form,
-    so the document judged, shown and hashed (``policy_sha256``) was not the file's bytes nor the
-    document SetReleasePolicy recorded, and a retry of that document was POLICY_VERSION_REUSED."""
-    try:
-        with open(path, encoding="utf-8", newline="") as file:
-            return file.read()
-    except OSError as exc:
-        raise _unreadable(key_id, exc.strerror or type(exc).__name__) from None
-    except UnicodeDecodeError:
-        raise _unreadable(key_id, "it is not UTF-8 text") from None
-
-
 def _open_lock_file(directory: str, key_id: str) -> int:
     """A descriptor of the directory's :data:`LOCK_FILE`, created if missing.
 
@@ -217,18 +197,51 @@ class _LockLost(Exception):
 
 
 def _is_at(fd: int, path: str) -> bool:
-    """Whether the file open as ``fd`` is the one at ``path`` (same device and inode)."""
+    """Whether the file open as ``fd`` is the one at ``path`` (same device and inode).
+
+    The path is opened anew and that descriptor asked, not ``lstat``: an NFS client answers
+    ``lstat`` from its attribute and lookup caches (up to ``acdirmax``, 60 s by default), which
+    kept the deleted file's inode for a file another host had made again meanwhile, so a change
+    took its lock on the deleted file for the directory's; an open makes the client look the name
+    up again on the server (close-to-open consistency)."""
     try:
-        there = os.lstat(path)
-    except OSError:  # deleted, and not made again yet
+        # O_NOFOLLOW, O_NONBLOCK: a link or FIFO planted there is not the file locked, and must
+        # neither be followed nor hang the check.
+        now = os.open(
+            path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+        )
+    except OSError:  # deleted and not made again yet, or something that is not the lock file
         return False
     try:
+        # Closing this second descriptor leaves the lock alone: an OFD lock belongs to the
+        # held open, not to the process (a classic record lock would have been released).
+        there = os.fstat(now)
         held = os.fstat(fd)
     except OSError:
         # Over NFS a file another client deleted answers ESTALE: it is not the one at the path
         # (that escaped as a bare OSError, the descriptor and its lock never closed).
         return False
+    finally:
+        os.close(now)
     return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _reasserted(fd: int) -> bool:
+    """Whether the lock of ``fd`` is granted again now.
+
+    Over NFSv4 a lock lives as long as the client's lease: a client cut off from the server
+    longer than the lease (90 s by default) loses its locks without being told, and another
+    replica may take the lock meanwhile. Asking for it again goes to the server: refused, another
+    holds it (or the client knows its lock lost: an error) and this change must not write. Never
+    refused to a holder that kept it (an OFD lock's owner is its open, whose own lock never
+    conflicts), locally a no-op. ``F_OFD_GETLK`` could not tell a lock this open holds from none
+    at all; taking it again cannot tell a lock lost and free again from one kept, which the
+    caller checks otherwise (the live policy, read again)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WRITE_LOCK)
+    except OSError:
+        return False
+    return True
 
 
 class PolicyStore:
@@ -295,14 +308,14 @@ class PolicyStore:
                 reason=Reason.NO_RELEASE_POLICY,
             ) from None
         except OSError as exc:  # EACCES, ELOOP, ENOTDIR, EIO: the file is there, or may be
-            raise _unreadable(key_id, exc.strerror or type(exc).__name__) from None
+            raise unreadable(key_id, exc.strerror or type(exc).__name__) from None
         stamp = _stamp(st)
         with self._lock:
             cached = self._cache.get(key_id)
         if cached and cached[0] == stamp and not _racy(stamp, cached[2]):
             stored = cached[1]
         else:
-            text = _read_text(path, key_id)
+            text = read_policy_text(path, self._dir, key_id)
             if cached and cached[0] == stamp and cached[1].document == text:
                 stored = cached[1]  # the same bytes parse to the same policy
             else:
@@ -393,7 +406,7 @@ class PolicyStore:
         system's). :class:`PolicyUnreadable` / :class:`StoredPolicyInvalid` as :meth:`get`."""
         path = self._path(key_id)
         try:
-            text = _read_text(path, key_id)
+            text = read_policy_text(path, self._dir, key_id)
         except PolicyUnreadable:
             if not os.path.lexists(path):
                 return None
@@ -490,10 +503,15 @@ class PolicyStore:
         while True:
             remaining = max(0.0, deadline - time.monotonic())
             with self._changing(key_id, remaining, still_wanted) as still_held:
+                seen = self._found(path, key_id)
                 self.refuse_conflict(key_id, stored, expected_version)
 
-                def last_checks() -> None:
+                def last_checks(seen: tuple[str, str] = seen) -> None:
                     still_held()
+                    if self._found(path, key_id) != seen:
+                        # Changed under the lock: it was lost meanwhile (an NFSv4 lease that
+                        # expired) and is free again, which taking it again cannot tell.
+                        raise _LockLost
                     if still_wanted is not None:
                         still_wanted()
 
@@ -504,9 +522,10 @@ class PolicyStore:
                     # change may have locked a new one and gone ahead meanwhile. Nothing was
                     # written: take the lock again and check the live policy again.
                     _log.warning(
-                        "the policy directory's lock file was deleted or replaced while a change "
-                        "held it (sync or back-up tooling must leave it alone); the change is "
-                        "checked again under the new one",
+                        "a change lost the policy directory's lock while it held it: its lock "
+                        "file was deleted or replaced (sync or back-up tooling must leave it "
+                        "alone), or the lock itself was lost (an NFSv4 lease that expired); the "
+                        "change is checked again under the lock taken again",
                         extra={"key_id": key_id},
                     )
                     if time.monotonic() >= deadline:
@@ -520,7 +539,9 @@ class PolicyStore:
                     # retried NFS RENAME) may have been made all the same. Either way the
                     # document is live for every replica, so this change was made and its
                     # ALLOWED record is its outcome, not a refusal the caller retries.
-                    if not isinstance(exc, NotDurable) and not self._holds(path, stored.document):
+                    if not isinstance(exc, NotDurable) and not self._holds(
+                        path, key_id, stored.document
+                    ):
                         raise _read_only(key_id, exc) from None
                     _log.error(
                         "a release policy was stored but its directory could not be synced: the "
@@ -529,14 +550,17 @@ class PolicyStore:
                     )
             return stored
 
-    @staticmethod
-    def _holds(path: str, document: str) -> bool:
-        """Whether the policy file at ``path`` holds ``document`` now."""
+    def _found(self, path: str, key_id: str) -> tuple[str, str]:
+        """What the policy file at ``path`` holds now (``("text", …)``), or why it holds nothing
+        (``("error", …)``): two looks differ if the file's text did between them."""
         try:
-            with open(path, encoding="utf-8", newline="") as file:
-                return file.read() == document
-        except (OSError, UnicodeDecodeError):
-            return False
+            return ("text", read_policy_text(path, self._dir, key_id))
+        except StrongroomError as exc:
+            return ("error", exc.message)
+
+    def _holds(self, path: str, key_id: str, document: str) -> bool:
+        """Whether the policy file at ``path`` holds ``document`` now."""
+        return self._found(path, key_id) == ("text", document)
 
     @contextlib.contextmanager
     def _changing(
@@ -566,7 +590,7 @@ class PolicyStore:
                 raise _busy(key_id, wait)
 
         def still_held() -> None:
-            if not _is_at(fd, lock_path):
+            if not (_is_at(fd, lock_path) and _reasserted(fd)):
                 raise _LockLost
 
         try:

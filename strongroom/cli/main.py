@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
 import os
 import sys
@@ -53,8 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def escape_what_the_terminal_cannot_encode() -> None:
+    """Makes standard output and error print a character their encoding lacks as its Python
+    escape (``\\xe9``) instead of raising.
+
+    On a terminal that is not UTF-8 (LANG=C where Python does not coerce it, PYTHONIOENCODING=
+    latin-1) a command printing such a character (a policy's description, a model name, a
+    server's message) ended in a UnicodeEncodeError traceback, the rest of its output lost.
+    Standard error already escapes (Python's default there); output did not. A policy document
+    ``keys get-policy`` printed so is not the broker's byte for byte: save one from a UTF-8
+    locale."""
+    for stream in (sys.stdout, sys.stderr):
+        # Not a TextIOWrapper: replaced by the caller (a test's capture), which chose its own.
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line and returns its exit code."""
+    escape_what_the_terminal_cannot_encode()  # before anything is printed, --help included
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -6,6 +6,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -487,3 +490,45 @@ def test_keys_set_policy_sends_the_files_line_ends_as_they_are(
         live = admin(stack).GetReleasePolicy(kb.GetReleasePolicyRequest(key_id=key_id), timeout=30)
         assert live.policy_document == text
         assert (policies / f"{key_id}.yaml").read_bytes() == text.encode()
+
+
+_TERMINALS = {
+    "ascii": {"PYTHONIOENCODING": "ascii"},
+    "latin-1": {"PYTHONIOENCODING": "latin-1"},
+    # LANG=C without the coercion to C.UTF-8 (PEP 538) or UTF-8 mode (PEP 540): ASCII.
+    "C-locale": {"LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"},
+}
+
+
+@pytest.mark.parametrize("terminal", sorted(_TERMINALS))
+def test_the_cli_prints_what_the_terminal_cannot_encode_escaped(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str], terminal: str
+) -> None:
+    """On a terminal that is not UTF-8 (LANG=C, PYTHONIOENCODING=latin-1) a command printing a
+    character its encoding lacks (a policy's description, a model name, a server's message)
+    ended in a UnicodeEncodeError traceback, the rest of its output lost. Every command prints
+    such characters as their Python escapes (``\\xe9``, ``\\u2713``), and the rest as it is."""
+    key_id = f"terminal-{terminal.lower()}"
+    config = str(stack.write_client_config("admin"))
+    assert main(["keys", "create", key_id, "--client-config", config]) == 0
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        stack.simulated_policy("1") + 'description: "caf\u00e9 \u2713 \u6a21\u578b"\n',
+        encoding="utf-8",
+    )
+    set_policy = ["keys", "set-policy", key_id, str(policy), "--client-config", config]
+    assert main(set_policy) == 0, capsys.readouterr().err
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "LC_ALL")}
+    env.update(_TERMINALS[terminal])
+    shown = subprocess.run(
+        [sys.executable, "-m", "strongroom.cli.main", "keys", "get-policy", key_id,
+         "--client-config", config],
+        capture_output=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr.decode("ascii", "backslashreplace")
+    assert b"Traceback" not in shown.stderr
+    escaped = "\\u2713 \\u6a21\\u578b"
+    cafe = "caf\u00e9" if terminal == "latin-1" else "caf\\xe9"
+    out = shown.stdout.decode("latin-1")
+    assert out.startswith("# policy version 1\n")
+    assert f'description: "{cafe} {escaped}"' in out

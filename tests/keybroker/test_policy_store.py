@@ -4,13 +4,15 @@ beyond its bounds (issue 11, findings 4 and 7)."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -258,11 +260,11 @@ def test_a_policy_rewritten_within_the_clock_tick_of_its_read_is_read_again(
     policies.get("k1")
     reads: list[str] = []
 
-    def reading(path: str, key_id: str) -> str:
+    def reading(path: str, directory: str, key_id: str) -> str:
         reads.append(path)
         return ""
 
-    monkeypatch.setattr(policies_module, "_read_text", reading)
+    monkeypatch.setattr(policies_module, "read_policy_text", reading)
     policies.get("k1")
     assert reads == []
 
@@ -564,20 +566,121 @@ def test_a_change_waiting_on_a_deleted_lock_file_then_waits_for_the_file_made_af
     assert policies.get("k1").policy.version == "mine"
 
 
+@pytest.mark.parametrize("attribute_cache", [False, True], ids=["local", "nfs-attribute-cache"])
 def test_a_lock_file_deleted_while_a_change_holds_it_does_not_let_two_changes_both_win(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, attribute_cache: bool
 ) -> None:
     """A sync tool pruning unknown files (rsync --delete, a GitOps sync) deleted the lock file
     while a change held it: the next change created a new file, locked that one and went ahead,
     and of two changes expecting version 1 both were written, the later silently replacing the
     other. The holder now checks, just before its write, that the file it locked is still the one
     at the path; it was not, so it takes the lock again and checks the live policy again: one
-    change is made, the other refused POLICY_CHANGED."""
+    change is made, the other refused POLICY_CHANGED.
+
+    Over NFS the file is made again by another host, and this client's attribute cache answers
+    ``lstat``/``stat`` of the path with the deleted file's inode for up to a minute: the check
+    asked ``lstat`` and found its own file there. It is emulated as the client answers: every
+    ``lstat``/``stat`` of the lock file's path in this process gives the deleted file's."""
     directory = tmp_path / "policies"
     policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
     policies.write("k1", policies.check("k1", document()))
+    if attribute_cache:
+        cached = os.lstat(directory / LOCK_FILE)
+        lock_path = os.fspath(directory / LOCK_FILE)
+        real_lstat, real_stat = os.lstat, os.stat
+
+        def from_cache(real: Any) -> Any:
+            def answer(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+                if os.fspath(path) == lock_path:
+                    return cached
+                return real(path, *args, **kwargs)  # type: ignore[no-any-return]
+
+            return answer
+
+        monkeypatch.setattr(os, "lstat", from_cache(real_lstat))
+        monkeypatch.setattr(os, "stat", from_cache(real_stat))
+
+    def prune(held: int, other: _Racer) -> None:
+        (directory / LOCK_FILE).unlink()  # pruned while held
+        other.send("set 1 theirs 0")
+        assert other.answer() == "ok"  # a lock file of its own, which nobody held
+
+    outcome = _change_paused_under_the_lock(tmp_path, directory, policies, monkeypatch, prune)
+    assert isinstance(outcome, PolicyChanged), outcome
+    assert outcome.live_version == "theirs"
+    assert policies.get("k1").policy.version == "theirs"
+
+
+_UNLOCK = struct.pack("hhqqi4x", fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
+
+
+def _lose(held: int) -> None:
+    """Drops the lock of ``held`` as an NFSv4 server drops the locks of a client whose lease
+    expired (a partition, a stalled client): the holder is not told."""
+    fcntl.fcntl(held, fcntl.F_OFD_SETLK, _UNLOCK)
+
+
+def test_a_change_whose_lock_was_lost_to_another_holder_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock lost with its NFSv4 lease went unnoticed: the change checked only that its lock
+    file was still at the path, and wrote while another replica held the lock and was about to
+    write its own change, checked against the policy this one replaces. Just before its rename a
+    change takes its lock again: refused (another holds it), it writes nothing and waits for the
+    lock as any change, here until its wait ends POLICY_STORE_BUSY."""
+    directory = tmp_path / "policies"
+    policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    policies.write("k1", policies.check("k1", document()))
+
+    def lost(held: int, other: _Racer) -> None:
+        _lose(held)
+        other.send("hold")
+        assert other.answer() == "held"  # granted: the lock was this change's no more
+
+    outcome = _change_paused_under_the_lock(
+        tmp_path, directory, policies, monkeypatch, lost, lock_wait=0.5
+    )
+    assert isinstance(outcome, PolicyStoreBusy), outcome
+    assert policies.get("k1").policy.version == "1"
+
+
+def test_a_change_whose_lock_was_lost_and_free_again_checks_the_live_policy_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock lost with its lease, another replica's change made under it meanwhile and the lock
+    free again: taking it again succeeds, and cannot tell. The live policy the change was checked
+    against is read again once the lock is taken again: it changed, so the change is checked
+    again, and its compare-and-swap refused POLICY_CHANGED (both changes were made before)."""
+    directory = tmp_path / "policies"
+    policies = PolicyStore(directory, trust_domain=DOMAIN, production=True)
+    policies.write("k1", policies.check("k1", document()))
+
+    def lost(held: int, other: _Racer) -> None:
+        _lose(held)
+        other.send("set 1 theirs 0")
+        assert other.answer() == "ok"
+
+    outcome = _change_paused_under_the_lock(tmp_path, directory, policies, monkeypatch, lost)
+    assert isinstance(outcome, PolicyChanged), outcome
+    assert outcome.live_version == "theirs"
+    assert policies.get("k1").policy.version == "theirs"
+
+
+def _change_paused_under_the_lock(
+    tmp_path: Path,
+    directory: Path,
+    policies: PolicyStore,
+    monkeypatch: pytest.MonkeyPatch,
+    meanwhile: Callable[[int, _Racer], None],
+    *,
+    lock_wait: float = 10.0,
+) -> BaseException | None:
+    """The outcome of a change of ``k1`` from version 1 to "mine" that, holding the lock and
+    having checked the live policy, waits for ``meanwhile`` (given the descriptor whose lock it
+    holds and another broker process over ``directory``, the store's) before it writes."""
     inside, go = threading.Event(), threading.Event()
-    checked = policies.refuse_conflict
+    checked, take = policies.refuse_conflict, PolicyStore._take_lock
+    held: list[int] = []
 
     def pausing(*args: Any, **kwargs: Any) -> Any:
         live = checked(*args, **kwargs)
@@ -586,7 +689,12 @@ def test_a_lock_file_deleted_while_a_change_holds_it_does_not_let_two_changes_bo
             go.wait(30)
         return live
 
+    def taking(fd: int, *args: Any) -> None:
+        take(fd, *args)
+        held.append(fd)
+
     monkeypatch.setattr(policies, "refuse_conflict", pausing)
+    monkeypatch.setattr(policies, "_take_lock", taking)
     outcome: list[BaseException | None] = []
 
     def mine() -> None:
@@ -595,8 +703,9 @@ def test_a_lock_file_deleted_while_a_change_holds_it_does_not_let_two_changes_bo
                 "k1",
                 policies.check("k1", document().replace('"1"', '"mine"')),
                 expected_version="1",
+                lock_wait=lock_wait,
             )
-        except BaseException as exc:  # the assertions below read it
+        except BaseException as exc:  # the caller's assertions read it
             outcome.append(exc)
         else:
             outcome.append(None)
@@ -606,16 +715,12 @@ def test_a_lock_file_deleted_while_a_change_holds_it_does_not_let_two_changes_bo
     other = _Racer(directory, _template(tmp_path))
     try:
         assert inside.wait(30)
-        (directory / LOCK_FILE).unlink()  # pruned while held
-        other.send("set 1 theirs 0")
-        assert other.answer() == "ok"  # a lock file of its own, which nobody held
+        meanwhile(held[-1], other)
     finally:
         go.set()
         changer.join(30)
         other.close()
-    assert isinstance(outcome[0], PolicyChanged), outcome
-    assert outcome[0].live_version == "theirs"
-    assert policies.get("k1").policy.version == "theirs"
+    return outcome[0]
 
 
 def test_a_lock_file_the_broker_cannot_open_is_named_not_taken_for_a_read_only_directory(
