@@ -129,9 +129,6 @@ _ACCESS_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 )
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
-# Answers to a read of an object that exists but can never yield its bytes as they are: a range
-# past an empty object's end, an object in an archive storage class (restored only on request).
-_UNREADABLE_HEAD_CODES = frozenset({"InvalidRange", "InvalidObjectState"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -203,6 +200,9 @@ def make_client(config: StorageConfig, *, single_secrets: bool = False) -> S3Cli
     return client
 
 
+# S3 passes on an SSE-KMS failure as the KMS error's name: KMS.DisabledException,
+# KMS.KMSInvalidStateException, KMS.AccessDeniedException, KMS.ThrottlingException, ...
+_KMS_CODE_PREFIX = "KMS."
 # What S3 and S3-compatible stores answer when they throttle (AWS: SlowDown with 503; others 429).
 _THROTTLE_CODES = frozenset(
     {
@@ -224,6 +224,8 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
     Every failure of the object store is UNAVAILABLE with a reason that says which kind it was:
     ``S3_ACCESS_DENIED`` (credentials rejected or no permission: an operator must fix it),
     ``S3_CLOCK_SKEW`` (the request's signing time is too far from the server's: fix the clock),
+    ``S3_KMS_ERROR`` (the bucket's KMS key refused or failed the object's encryption: a
+    ``KMS.*`` code, such as a disabled key or no ``kms:Decrypt`` for the store),
     ``S3_NO_SUCH_BUCKET``, ``S3_THROTTLED`` (SlowDown, 429 and the like, after botocore's
     retries: the request rate), ``S3_SERVER_ERROR`` (5xx after botocore's retries), ``S3_TIMEOUT``,
     ``S3_UNREACHABLE`` (connection refused or dropped), ``S3_ERROR`` (anything else).
@@ -240,6 +242,15 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
                 f"the object store refused a request while {what}: its signing time is too far "
                 "from the server's clock (check the store host's clock)",
                 reason=Reason.S3_CLOCK_SKEW,
+            )
+        if code.startswith(_KMS_CODE_PREFIX):
+            # SSE-KMS: the object's key (not the store's credentials, nor the object store) said
+            # no, or failed: a 403 of them was S3_ACCESS_DENIED, a 400 the vague S3_ERROR.
+            return StorageUnavailable(
+                f"the object store could not use the bucket's KMS key while {what} ({code}): "
+                "check the key's state and the store's kms:Decrypt and kms:GenerateDataKey "
+                "permissions on it",
+                reason=Reason.S3_KMS_ERROR,
             )
         if code in _ACCESS_CODES or status == 403:
             return StorageUnavailable(
@@ -1246,8 +1257,8 @@ class S3Storage(Closing):
         another model's blob: deleting (or re-wrapping) the edited model then deleted that other
         model's artifact. The blob's own header names its model, which the upload checked and
         recorded, so the binding is read there (one ranged GET of the head). True: the header
-        names this model. False: it cannot be told (the blob is gone, or its head does not
-        parse), or it names another model: the blob is kept, as a crash's leftover is (the sweep
+        names this model. False: it cannot be told (the blob is gone, its head cannot be read or
+        does not parse), or it names another model: the blob is kept, as a crash's leftover is (the sweep
         reports it, or it is that other model's own), and the record is deleted. Refusing the
         delete of a record naming another model's blob (BLOB_OF_ANOTHER_MODEL) left it with no
         way out: a plain delete refused, a corrupt-entry delete refused a readable record, so
@@ -1256,6 +1267,8 @@ class S3Storage(Closing):
         """
         # A head is at most a prefix, a 64 KiB header and a 2 KiB slot.
         size = min(header_size, MAX_HEAD_SIZE)
+        cause: str | None = None
+        head = b""
         try:
             response = self._client.get_object(
                 Bucket=self.bucket, Key=self._full(blob), Range=f"bytes=0-{size - 1}"
@@ -1268,23 +1281,27 @@ class S3Storage(Closing):
         except botocore.exceptions.ClientError as exc:
             if _is_missing(exc) and _code(exc) != "NoSuchBucket":
                 return False
-            if _code(exc) in _UNREADABLE_HEAD_CODES or _status(exc) == 416:
-                # The object is there but holds no head to read: an empty blob (damaged, or
-                # emptied by whoever can write the bucket) answers a range from byte 0 with 416,
-                # an archived one (a lifecycle rule's Glacier class) InvalidObjectState, for
-                # good. Raised, the model could never be deleted; its blob cannot show whose
-                # it is, so it is kept like one whose head does not parse.
-                log.warning(
-                    "the head of blob %s of %s %s cannot be read (%s): the blob is kept",
-                    blob,
-                    name,
-                    version,
-                    _code(exc) or _status(exc),
-                )
-                return False
-            raise s3_error(exc, "reading an artifact's header") from None
-        except _S3_FAILURES as exc:
-            raise s3_error(exc, "reading an artifact's header") from None
+            if _code(exc) == "NoSuchBucket":
+                raise s3_error(exc, "reading an artifact's header") from None
+            cause = _code(exc) or f"HTTP {_status(exc)}"
+        except (*_S3_FAILURES, OSError) as exc:
+            cause = type(exc).__name__
+        if cause is not None:
+            # The head did not come: the object holds none to read (an empty blob answers a
+            # range from byte 0 with 416, an archived one InvalidObjectState), its KMS key
+            # refuses it (disabled, pending deletion, no kms:Decrypt), or the object store failed
+            # after botocore's retries. Raised, the delete failed (a KMS key disabled after a
+            # compromise kept every model it protects from being deleted until it was enabled
+            # again); the record is the truth, so it is deleted, and the blob, whose owner
+            # cannot be told, is kept (the sweep reports it; README, Operating it).
+            log.warning(
+                "the head of blob %s of %s %s cannot be read (%s): the blob is kept",
+                blob,
+                name,
+                version,
+                cause,
+            )
+            return False
         try:
             header = parse_header(head)
         except InvalidArtifact as exc:

@@ -1300,3 +1300,62 @@ def test_a_range_read_while_a_rewrap_deletes_its_blob_follows_the_rewrap(
     assert gets == 2
     assert store.stat("acme/m", "1").key_version == 2
     assert served == art[offset:]  # the body after the head is the re-wrap's too
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, "KMS.DisabledException"),
+        (403, "KMS.AccessDeniedException"),
+        (400, "KMS.KMSInvalidStateException"),
+        (503, "SlowDown"),
+        (500, "InternalError"),
+    ],
+)
+def test_a_delete_whose_blob_head_cannot_be_read_deletes_the_record_and_keeps_the_blob(
+    proxy: s3server.FaultProxy,
+    proxied: Any,
+    status: int,
+    code: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A delete reads the blob's head to know whether the blob is its model's before deleting
+    it. A KMS refusal of that read (the bucket's key disabled, say after a compromise, or no
+    kms:Decrypt) or the object store failing it past botocore's retries failed DeleteModel
+    (UNAVAILABLE S3_ERROR, or S3_ACCESS_DENIED naming the store's credentials), and for as long
+    as the key stayed disabled no model it protects could be deleted. The record is the truth:
+    it is deleted (nothing serves the model after), and the blob, whose owner cannot be told,
+    is kept and logged (the sweep reports it), never deleted on a guess."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", body(1000))], StructureValidator())
+    fault = proxy.inject(
+        s3server.Fault(lambda m, p: m == "GET" and "/p/blobs/" in p, status=status, code=code)
+    )
+    with caplog.at_level(logging.WARNING, logger="strongroom.modelstore._s3"):
+        stub.DeleteModel(pb.DeleteModelRequest(name="m", version="1"), timeout=60)
+    proxy.clear()
+    assert fault.hits >= 1
+    assert store.records() == ()
+    assert len(store.blob_sizes()) == 1
+    assert any(code in r.getMessage() and "blob is kept" in r.getMessage() for r in caplog.records)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=60)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(400, "KMS.DisabledException"), (403, "KMS.AccessDeniedException")],
+)
+def test_a_kms_refusal_is_named_as_such(
+    proxy: s3server.FaultProxy, proxied: Any, status: int, code: str
+) -> None:
+    """S3 passes on an SSE-KMS failure with the KMS error's name: a 403 KMS.AccessDeniedException
+    was S3_ACCESS_DENIED, "the object store rejected the store's credentials", and a disabled
+    key's 400 the vague S3_ERROR, so an operator went after credentials that were fine. Both are
+    S3_KMS_ERROR now, naming the code and the key."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", b"abc")], StructureValidator())
+    error = _stat_refused(proxy, stub, status, code)
+    assert _status(error) == (grpc.StatusCode.UNAVAILABLE, "S3_KMS_ERROR")
+    assert code in error.details() and "KMS key" in error.details()  # type: ignore[attr-defined]
