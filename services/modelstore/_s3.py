@@ -800,7 +800,9 @@ class S3Storage(Closing):
         ``probes/`` is written and removed (a store needs PutObject and DeleteObject anyway).
 
         If-Match on DeleteObject came later than on PutObject (AWS: September 2025; it answered
-        501 before, and MinIO ignores it): on a server that answers it 501 every delete failed,
+        501 before, MinIO ignores it, other servers refuse it with 400 or 403, which a delete of
+        the probe without it then tells from credentials that may not delete at all): on a
+        server that answers it 501 every delete failed,
         and on one that ignores it a delete that raced a re-wrap removed the re-wrapped record
         and then the blob it had read, leaving the re-wrapped copy of the deleted model's
         artifact in the bucket (an unreferenced blob, which the store never deletes), and nothing
@@ -843,10 +845,27 @@ class S3Storage(Closing):
             except botocore.exceptions.ClientError as exc:
                 if not_implemented(exc):
                     return "does not implement"
-                if not _is_conflict(exc):
+                if _is_conflict(exc):
+                    return None
+                if _status(exc) not in (400, 403) or _code(exc) == "RequestTimeTooSkewed":
                     raise
-                return None
-            return "ignores"
+                refusal = exc
+            else:
+                return "ignores"
+            # Some servers refuse a header they do not support with an error of their own (400
+            # InvalidArgument, 403 AccessDenied), which stopped the start as S3_ERROR or as
+            # rejected credentials. A delete without it tells the two apart: done, the server
+            # lacks conditional deletes (the same fallback as a 501); refused too, the
+            # credentials may not delete at all, which the store needs.
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+            except _S3_FAILURES as exc:
+                raise s3_error(
+                    exc,
+                    "deleting the start-up probe object, with If-Match and without (the store's "
+                    "credentials need s3:DeleteObject on the bucket's prefix)",
+                ) from None
+            return f"refuses (HTTP {_status(refusal)} {_code(refusal)})"
 
         try:
             put({"IfNoneMatch": "*"}, "If-None-Match on PutObject", refused=False)

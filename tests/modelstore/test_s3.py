@@ -1359,3 +1359,41 @@ def test_a_kms_refusal_is_named_as_such(
     error = _stat_refused(proxy, stub, status, code)
     assert _status(error) == (grpc.StatusCode.UNAVAILABLE, "S3_KMS_ERROR")
     assert code in error.details() and "KMS key" in error.details()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("status", "code"), [(400, "InvalidArgument"), (403, "AccessDenied")])
+def test_an_object_store_refusing_if_match_on_delete_with_its_own_error_still_starts(
+    proxy: s3server.FaultProxy,
+    s3_server: s3server.MotoServer,
+    s3_bucket: str,
+    status: int,
+    code: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Servers that do not support If-Match on DeleteObject answer it 501, or ignore it, or
+    refuse it with an error of their own: 400 InvalidArgument, 403 AccessDenied. The last two
+    stopped the start (UNAVAILABLE S3_ERROR, or S3_ACCESS_DENIED blaming the store's
+    credentials) on a server where a delete without the header works. The check now deletes
+    the probe without it: done, the server lacks conditional deletes, and the store falls back
+    to deleting without them, as on a 501 (a WARNING naming the answer)."""
+    proxy.refused_headers = {("DELETE", "if-match"): (status, code)}
+    with caplog.at_level(logging.WARNING, logger="strongroom.modelstore._s3"):
+        store = replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    assert store.conditional_deletes is False
+    warning = next(r.getMessage() for r in caplog.records if "DeleteObject" in r.getMessage())
+    assert f"HTTP {status} {code}" in warning
+    store.put([make_artifact("m", "1", body(1000))], StructureValidator())
+    store.delete("m", "1")
+    assert "Contents" not in s3server.client(s3_server.endpoint).list_objects_v2(Bucket=s3_bucket)
+
+
+def test_credentials_that_cannot_delete_at_all_stop_the_start_naming_the_permission(
+    proxy: s3server.FaultProxy, s3_bucket: str
+) -> None:
+    """A store whose credentials may not delete (403 with If-Match and without) stops at start,
+    as before, but says what it lacks (s3:DeleteObject), not only that a request was refused."""
+    proxy.inject(s3server.Fault(lambda m, p: m == "DELETE", status=403, code="AccessDenied"))
+    with pytest.raises(StorageUnavailable) as info:
+        replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    assert info.value.reason == "S3_ACCESS_DENIED"
+    assert "s3:DeleteObject" in str(info.value)
