@@ -28,7 +28,9 @@ import pytest
 from strongroom.artifact import StructureValidator
 from strongroom.artifact.format import MAX_HEAD_SIZE
 from strongroom.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from strongroom.identifiers import MAX_NAME_LENGTH, MAX_VERSION_LENGTH
 from strongroom.modelstore._pagetoken import decode as decode_page_token
+from strongroom.modelstore._pagetoken import encode as encode_page_token
 from strongroom.modelstore.errors import (
     ArtifactTooLarge,
     EmptyUpload,
@@ -1368,3 +1370,20 @@ def test_reads_that_return_fewer_bytes_than_asked_are_not_data_loss(
         assert rewrap_case.decrypt_stored(read_all(s, "acme/m", "1")) == (
             rewrap_case.plaintext_of("acme/m", "1", 3000)
         )
+
+
+OLDER_STORES_MAX_TOKEN = 1024
+"""The longest page token a store before corrupt-entry listings (e43795d) accepts."""
+
+
+def test_every_page_token_an_older_replica_could_accept_fits_its_length_limit() -> None:
+    """The token's limit went from 1,024 characters to 4,096 so that a page may end at a
+    filesystem row outside the grammar (up to 12 characters per escaped character). During a
+    rolling upgrade of S3 replicas a token one hands out is read by another; S3 lists only keys
+    in the grammar, whose longest token is far below the older limit, so an older replica never
+    refuses one for its length (a token naming a row outside the grammar it refuses whatever its
+    length, and the filesystem backend runs one replica)."""
+    name = "a/" * (MAX_NAME_LENGTH // 2)
+    longest = encode_page_token(name, name, "1" * MAX_VERSION_LENGTH)
+    assert len(longest) <= OLDER_STORES_MAX_TOKEN // 2
+    assert decode_page_token(longest, name) == (name, "1" * MAX_VERSION_LENGTH)
