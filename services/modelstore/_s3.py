@@ -312,7 +312,13 @@ def _status(exc: botocore.exceptions.ClientError) -> int:
 
 
 def _is_missing(exc: botocore.exceptions.ClientError) -> bool:
-    return _code(exc) in ("NoSuchKey", "404", "NotFound") or _status(exc) == 404
+    """True if the object asked for does not exist; never for a missing bucket (also a 404),
+    which taken so made a delete NOT_FOUND and a re-wrap KEY_SLOT_CHANGED. A HEAD answer has no
+    body, so its 404 cannot tell the two apart."""
+    code = _code(exc)
+    return code != "NoSuchBucket" and (
+        code in ("NoSuchKey", "404", "NotFound") or _status(exc) == 404
+    )
 
 
 def _is_conflict(exc: botocore.exceptions.ClientError) -> bool:
@@ -951,7 +957,7 @@ class S3Storage(Closing):
                 Bucket=self.bucket, Key=self._index_key(name, version)
             )
         except botocore.exceptions.ClientError as exc:
-            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+            if _is_missing(exc):
                 return None
             raise s3_error(exc, "reading the model index") from None
         except _S3_FAILURES as exc:
@@ -1015,7 +1021,7 @@ class S3Storage(Closing):
                 try:
                     etag = str(self._client.head_object(Bucket=self.bucket, Key=key)["ETag"])
                 except botocore.exceptions.ClientError as exc:
-                    if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+                    if _is_missing(exc):
                         return
                     raise
             condition = {"IfMatch": etag}
@@ -1023,7 +1029,7 @@ class S3Storage(Closing):
             self._client.delete_object(Bucket=self.bucket, Key=key, **condition)
         except botocore.exceptions.ClientError as exc:
             # Deleted meanwhile (a 404 to If-Match on a missing object): what was asked for.
-            if not (condition and _is_missing(exc) and _code(exc) != "NoSuchBucket"):
+            if not (condition and _is_missing(exc)):
                 raise
 
     def _delete_blob(self, blob: str) -> None:
@@ -1298,7 +1304,7 @@ class S3Storage(Closing):
             finally:
                 body.close()
         except botocore.exceptions.ClientError as exc:
-            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+            if _is_missing(exc):
                 return False
             if _code(exc) == "NoSuchBucket":
                 raise s3_error(exc, "reading an artifact's header") from None
@@ -1504,7 +1510,7 @@ class S3Storage(Closing):
         except botocore.exceptions.ClientError as exc:
             if _code(exc) == "InvalidRange" or _status(exc) == 416:
                 raise self._size_mismatch(record) from None
-            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+            if _is_missing(exc):
                 raise self._blob_gone(entry) from None
             raise s3_error(exc, "opening an artifact") from None
         except _S3_FAILURES as exc:
@@ -1558,7 +1564,7 @@ class S3Storage(Closing):
         except botocore.exceptions.ClientError as exc:
             if _is_conflict(exc):
                 raise self._replaced(entry) from None
-            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+            if _is_missing(exc):
                 # A re-wrap deletes the old blob once the index names the new one: between the
                 # range's GET and this one it is followed, as between the lookup and the GET.
                 raise self._blob_gone(entry) from None

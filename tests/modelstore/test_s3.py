@@ -1397,3 +1397,38 @@ def test_credentials_that_cannot_delete_at_all_stop_the_start_naming_the_permiss
         replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
     assert info.value.reason == "S3_ACCESS_DENIED"
     assert "s3:DeleteObject" in str(info.value)
+
+
+def test_a_bucket_gone_under_a_delete_or_a_rewrap_is_named_not_taken_for_a_missing_model(
+    proxy: s3server.FaultProxy, proxied: Any
+) -> None:
+    """S3 answers a request on a bucket that no longer exists with 404 NoSuchBucket, as it
+    answers a missing key. Reads told the two apart; a delete's and a re-wrap's index writes did
+    not: a bucket deleted (or its name mistyped in a failover) under them answered NOT_FOUND
+    "deleted meanwhile" (the model was not) and FAILED_PRECONDITION KEY_SLOT_CHANGED. Both are
+    UNAVAILABLE S3_NO_SUCH_BUCKET now, and the model is untouched."""
+    store, stub = proxied
+    store.put(chunked(rewrap_case.artifact("acme/m", "1"), 7000), StructureValidator())
+    proxy.inject(
+        s3server.Fault(
+            lambda m, p: m in ("DELETE", "PUT") and "/p/index/" in p,
+            status=404,
+            code="NoSuchBucket",
+        )
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.DeleteModel(pb.DeleteModelRequest(name="acme/m", version="1"), timeout=60)
+    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_NO_SUCH_BUCKET")
+    request = pb.ReplaceKeySlotRequest(
+        name="acme/m",
+        version="1",
+        expected_key_version=1,
+        key_version=2,
+        wrapped_data_key=rewrap_case.wrapped("acme/m", "1", 2),
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ReplaceKeySlot(request, timeout=60)
+    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_NO_SUCH_BUCKET")
+    proxy.clear()
+    assert store.stat("acme/m", "1").key_version == 1
+    assert _get_rpc(stub, "acme/m", "1") == rewrap_case.artifact("acme/m", "1")
