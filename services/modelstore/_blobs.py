@@ -69,15 +69,33 @@ def digest_fd(
     ``first`` (if given) is called with the first block read (``buffer_size`` bytes, or all
     there is), before any other, and what it raises ends the digest."""
     hasher = hashlib.sha256()
-    buffer = bytearray(buffer_size)
-    view = memoryview(buffer)
+    view = memoryview(bytearray(buffer_size))
     position = 0
-    while n := os.preadv(fd, [buffer], position):
+    while n := _pread_into(fd, view, position):
         if first is not None and position == 0:
             first(view[:n])
         hasher.update(view[:n])
         position += n
     return hasher.hexdigest(), position
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fills ``view`` from ``fd`` at ``offset``; the byte count, short only at the end of file.
+
+    One read may return fewer bytes than asked before the end of the file (FUSE and NFS may;
+    local filesystems do not): taken as the whole, a head that arrived in two reads was
+    HEADER_CORRUPT, a healthy blob reported as damaged."""
+    got = 0
+    while got < len(view) and (n := os.preadv(fd, [view[got:]], offset + got)):
+        got += n
+    return got
+
+
+def pread_full(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes of ``fd`` from ``offset``, fewer only where the file ends (one ``pread``
+    may return fewer before: see :func:`_pread_into`)."""
+    buffer = bytearray(size)
+    return bytes(buffer[: _pread_into(fd, memoryview(buffer), offset)])
 
 
 #: How far a temporary file's written bytes run ahead of the writeback started for them.

@@ -43,7 +43,14 @@ from strongroom.identifiers import (
     validate_version,
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
-from strongroom.modelstore._blobs import BlobStore, NotABlobFile, TempBlob, digest_fd, io_error
+from strongroom.modelstore._blobs import (
+    BlobStore,
+    NotABlobFile,
+    TempBlob,
+    digest_fd,
+    io_error,
+    pread_full,
+)
 from strongroom.modelstore._heads import head_checked, stored_header
 from strongroom.modelstore._index import Index
 from strongroom.modelstore._upload import Authorize, Uploads, utcnow
@@ -314,7 +321,7 @@ class FilesystemStorage(Closing):
         try:
             fd = self._blobs.open_read(record.artifact_sha256)
             try:
-                head = os.pread(fd, record.header_size, 0)
+                head = pread_full(fd, record.header_size, 0)
             finally:
                 os.close(fd)
             header = parse_header(head)
@@ -431,7 +438,7 @@ class FilesystemStorage(Closing):
         record, fd = self._open_blob(name, version)
         temp: TempBlob | None = None
         try:
-            head = os.pread(fd, record.header_size, 0)
+            head = pread_full(fd, record.header_size, 0)
             new_head = _keyslot.plan(
                 record,
                 head,
@@ -626,7 +633,7 @@ class FilesystemStorage(Closing):
             covers_head = offset == 0 and length >= record.header_size
             if length and not covers_head:
                 try:
-                    head = os.pread(fd, record.header_size, 0)
+                    head = pread_full(fd, record.header_size, 0)
                 except OSError as exc:
                     raise io_error(exc, "reading an artifact's header") from None
                 stored_header(record, head)

@@ -129,9 +129,6 @@ _ACCESS_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 )
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
-# Answers to a read of an object that exists but can never yield its bytes as they are: a range
-# past an empty object's end, an object in an archive storage class (restored only on request).
-_UNREADABLE_HEAD_CODES = frozenset({"InvalidRange", "InvalidObjectState"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -203,6 +200,9 @@ def make_client(config: StorageConfig, *, single_secrets: bool = False) -> S3Cli
     return client
 
 
+# S3 passes on an SSE-KMS failure as the KMS error's name: KMS.DisabledException,
+# KMS.KMSInvalidStateException, KMS.AccessDeniedException, KMS.ThrottlingException, ...
+_KMS_CODE_PREFIX = "KMS."
 # What S3 and S3-compatible stores answer when they throttle (AWS: SlowDown with 503; others 429).
 _THROTTLE_CODES = frozenset(
     {
@@ -224,6 +224,8 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
     Every failure of the object store is UNAVAILABLE with a reason that says which kind it was:
     ``S3_ACCESS_DENIED`` (credentials rejected or no permission: an operator must fix it),
     ``S3_CLOCK_SKEW`` (the request's signing time is too far from the server's: fix the clock),
+    ``S3_KMS_ERROR`` (the bucket's KMS key refused or failed the object's encryption: a
+    ``KMS.*`` code, such as a disabled key or no ``kms:Decrypt`` for the store),
     ``S3_NO_SUCH_BUCKET``, ``S3_THROTTLED`` (SlowDown, 429 and the like, after botocore's
     retries: the request rate), ``S3_SERVER_ERROR`` (5xx after botocore's retries), ``S3_TIMEOUT``,
     ``S3_UNREACHABLE`` (connection refused or dropped), ``S3_ERROR`` (anything else).
@@ -240,6 +242,15 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
                 f"the object store refused a request while {what}: its signing time is too far "
                 "from the server's clock (check the store host's clock)",
                 reason=Reason.S3_CLOCK_SKEW,
+            )
+        if code.startswith(_KMS_CODE_PREFIX):
+            # SSE-KMS: the object's key (not the store's credentials, nor the object store) said
+            # no, or failed: a 403 of them was S3_ACCESS_DENIED, a 400 the vague S3_ERROR.
+            return StorageUnavailable(
+                f"the object store could not use the bucket's KMS key while {what} ({code}): "
+                "check the key's state and the store's kms:Decrypt and kms:GenerateDataKey "
+                "permissions on it",
+                reason=Reason.S3_KMS_ERROR,
             )
         if code in _ACCESS_CODES or status == 403:
             return StorageUnavailable(
@@ -301,7 +312,13 @@ def _status(exc: botocore.exceptions.ClientError) -> int:
 
 
 def _is_missing(exc: botocore.exceptions.ClientError) -> bool:
-    return _code(exc) in ("NoSuchKey", "404", "NotFound") or _status(exc) == 404
+    """True if the object asked for does not exist; never for a missing bucket (also a 404),
+    which taken so made a delete NOT_FOUND and a re-wrap KEY_SLOT_CHANGED. A HEAD answer has no
+    body, so its 404 cannot tell the two apart."""
+    code = _code(exc)
+    return code != "NoSuchBucket" and (
+        code in ("NoSuchKey", "404", "NotFound") or _status(exc) == 404
+    )
 
 
 def _is_conflict(exc: botocore.exceptions.ClientError) -> bool:
@@ -789,7 +806,9 @@ class S3Storage(Closing):
         ``probes/`` is written and removed (a store needs PutObject and DeleteObject anyway).
 
         If-Match on DeleteObject came later than on PutObject (AWS: September 2025; it answered
-        501 before, and MinIO ignores it): on a server that answers it 501 every delete failed,
+        501 before, MinIO ignores it, other servers refuse it with 400 or 403, which a delete of
+        the probe without it then tells from credentials that may not delete at all): on a
+        server that answers it 501 every delete failed,
         and on one that ignores it a delete that raced a re-wrap removed the re-wrapped record
         and then the blob it had read, leaving the re-wrapped copy of the deleted model's
         artifact in the bucket (an unreferenced blob, which the store never deletes), and nothing
@@ -832,10 +851,27 @@ class S3Storage(Closing):
             except botocore.exceptions.ClientError as exc:
                 if not_implemented(exc):
                     return "does not implement"
-                if not _is_conflict(exc):
+                if _is_conflict(exc):
+                    return None
+                if _status(exc) not in (400, 403) or _code(exc) == "RequestTimeTooSkewed":
                     raise
-                return None
-            return "ignores"
+                refusal = exc
+            else:
+                return "ignores"
+            # Some servers refuse a header they do not support with an error of their own (400
+            # InvalidArgument, 403 AccessDenied), which stopped the start as S3_ERROR or as
+            # rejected credentials. A delete without it tells the two apart: done, the server
+            # lacks conditional deletes (the same fallback as a 501); refused too, the
+            # credentials may not delete at all, which the store needs.
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+            except _S3_FAILURES as exc:
+                raise s3_error(
+                    exc,
+                    "deleting the start-up probe object, with If-Match and without (the store's "
+                    "credentials need s3:DeleteObject on the bucket's prefix)",
+                ) from None
+            return f"refuses (HTTP {_status(refusal)} {_code(refusal)})"
 
         try:
             put({"IfNoneMatch": "*"}, "If-None-Match on PutObject", refused=False)
@@ -921,7 +957,7 @@ class S3Storage(Closing):
                 Bucket=self.bucket, Key=self._index_key(name, version)
             )
         except botocore.exceptions.ClientError as exc:
-            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+            if _is_missing(exc):
                 return None
             raise s3_error(exc, "reading the model index") from None
         except _S3_FAILURES as exc:
@@ -985,7 +1021,7 @@ class S3Storage(Closing):
                 try:
                     etag = str(self._client.head_object(Bucket=self.bucket, Key=key)["ETag"])
                 except botocore.exceptions.ClientError as exc:
-                    if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+                    if _is_missing(exc):
                         return
                     raise
             condition = {"IfMatch": etag}
@@ -993,7 +1029,7 @@ class S3Storage(Closing):
             self._client.delete_object(Bucket=self.bucket, Key=key, **condition)
         except botocore.exceptions.ClientError as exc:
             # Deleted meanwhile (a 404 to If-Match on a missing object): what was asked for.
-            if not (condition and _is_missing(exc) and _code(exc) != "NoSuchBucket"):
+            if not (condition and _is_missing(exc)):
                 raise
 
     def _delete_blob(self, blob: str) -> None:
@@ -1246,8 +1282,8 @@ class S3Storage(Closing):
         another model's blob: deleting (or re-wrapping) the edited model then deleted that other
         model's artifact. The blob's own header names its model, which the upload checked and
         recorded, so the binding is read there (one ranged GET of the head). True: the header
-        names this model. False: it cannot be told (the blob is gone, or its head does not
-        parse), or it names another model: the blob is kept, as a crash's leftover is (the sweep
+        names this model. False: it cannot be told (the blob is gone, its head cannot be read or
+        does not parse), or it names another model: the blob is kept, as a crash's leftover is (the sweep
         reports it, or it is that other model's own), and the record is deleted. Refusing the
         delete of a record naming another model's blob (BLOB_OF_ANOTHER_MODEL) left it with no
         way out: a plain delete refused, a corrupt-entry delete refused a readable record, so
@@ -1256,6 +1292,8 @@ class S3Storage(Closing):
         """
         # A head is at most a prefix, a 64 KiB header and a 2 KiB slot.
         size = min(header_size, MAX_HEAD_SIZE)
+        cause: str | None = None
+        head = b""
         try:
             response = self._client.get_object(
                 Bucket=self.bucket, Key=self._full(blob), Range=f"bytes=0-{size - 1}"
@@ -1266,25 +1304,29 @@ class S3Storage(Closing):
             finally:
                 body.close()
         except botocore.exceptions.ClientError as exc:
-            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+            if _is_missing(exc):
                 return False
-            if _code(exc) in _UNREADABLE_HEAD_CODES or _status(exc) == 416:
-                # The object is there but holds no head to read: an empty blob (damaged, or
-                # emptied by whoever can write the bucket) answers a range from byte 0 with 416,
-                # an archived one (a lifecycle rule's Glacier class) InvalidObjectState, for
-                # good. Raised, the model could never be deleted; its blob cannot show whose
-                # it is, so it is kept like one whose head does not parse.
-                log.warning(
-                    "the head of blob %s of %s %s cannot be read (%s): the blob is kept",
-                    blob,
-                    name,
-                    version,
-                    _code(exc) or _status(exc),
-                )
-                return False
-            raise s3_error(exc, "reading an artifact's header") from None
-        except _S3_FAILURES as exc:
-            raise s3_error(exc, "reading an artifact's header") from None
+            if _code(exc) == "NoSuchBucket":
+                raise s3_error(exc, "reading an artifact's header") from None
+            cause = _code(exc) or f"HTTP {_status(exc)}"
+        except (*_S3_FAILURES, OSError) as exc:
+            cause = type(exc).__name__
+        if cause is not None:
+            # The head did not come: the object holds none to read (an empty blob answers a
+            # range from byte 0 with 416, an archived one InvalidObjectState), its KMS key
+            # refuses it (disabled, pending deletion, no kms:Decrypt), or the object store failed
+            # after botocore's retries. Raised, the delete failed (a KMS key disabled after a
+            # compromise kept every model it protects from being deleted until it was enabled
+            # again); the record is the truth, so it is deleted, and the blob, whose owner
+            # cannot be told, is kept (the sweep reports it; README, Operating it).
+            log.warning(
+                "the head of blob %s of %s %s cannot be read (%s): the blob is kept",
+                blob,
+                name,
+                version,
+                cause,
+            )
+            return False
         try:
             header = parse_header(head)
         except InvalidArtifact as exc:
@@ -1468,7 +1510,7 @@ class S3Storage(Closing):
         except botocore.exceptions.ClientError as exc:
             if _code(exc) == "InvalidRange" or _status(exc) == 416:
                 raise self._size_mismatch(record) from None
-            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+            if _is_missing(exc):
                 raise self._blob_gone(entry) from None
             raise s3_error(exc, "opening an artifact") from None
         except _S3_FAILURES as exc:
@@ -1522,7 +1564,7 @@ class S3Storage(Closing):
         except botocore.exceptions.ClientError as exc:
             if _is_conflict(exc):
                 raise self._replaced(entry) from None
-            if _is_missing(exc) and _code(exc) != "NoSuchBucket":
+            if _is_missing(exc):
                 # A re-wrap deletes the old blob once the index names the new one: between the
                 # range's GET and this one it is followed, as between the lookup and the GET.
                 raise self._blob_gone(entry) from None

@@ -163,6 +163,10 @@ class FaultProxy:
     not_implemented: frozenset[tuple[str, str]] = frozenset()
     """(method, request header in lower case) answered 501 NotImplemented when the request
     carries that header: a server that refuses it outright (AWS's DeleteObject If-Match once)."""
+    refused_headers: dict[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
+    """(method, request header in lower case) → (status, code) answered when the request carries
+    that header: a server that refuses a header it does not support with an error of its own
+    (400 InvalidArgument, 403 AccessDenied) rather than 501."""
     conditional_deletes_required: bool = False
     """Answer 403 AccessDenied to a DeleteObject without ``If-Match``: a bucket policy that
     requires conditional deletes (AWS's ``s3:if-match`` condition key). An abort of a multipart
@@ -193,6 +197,9 @@ class FaultProxy:
                     for method, header in proxy.not_implemented
                 ):
                     fault = Fault(lambda m, p: True, status=501, code="NotImplemented")
+                for (method, header), (status, code) in proxy.refused_headers.items():
+                    if method == self.command and header in self.headers:
+                        fault = Fault(lambda m, p: True, status=status, code=code)
                 if (
                     proxy.conditional_deletes_required
                     and self.command == "DELETE"

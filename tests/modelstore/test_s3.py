@@ -1300,3 +1300,135 @@ def test_a_range_read_while_a_rewrap_deletes_its_blob_follows_the_rewrap(
     assert gets == 2
     assert store.stat("acme/m", "1").key_version == 2
     assert served == art[offset:]  # the body after the head is the re-wrap's too
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, "KMS.DisabledException"),
+        (403, "KMS.AccessDeniedException"),
+        (400, "KMS.KMSInvalidStateException"),
+        (503, "SlowDown"),
+        (500, "InternalError"),
+    ],
+)
+def test_a_delete_whose_blob_head_cannot_be_read_deletes_the_record_and_keeps_the_blob(
+    proxy: s3server.FaultProxy,
+    proxied: Any,
+    status: int,
+    code: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A delete reads the blob's head to know whether the blob is its model's before deleting
+    it. A KMS refusal of that read (the bucket's key disabled, say after a compromise, or no
+    kms:Decrypt) or the object store failing it past botocore's retries failed DeleteModel
+    (UNAVAILABLE S3_ERROR, or S3_ACCESS_DENIED naming the store's credentials), and for as long
+    as the key stayed disabled no model it protects could be deleted. The record is the truth:
+    it is deleted (nothing serves the model after), and the blob, whose owner cannot be told,
+    is kept and logged (the sweep reports it), never deleted on a guess."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", body(1000))], StructureValidator())
+    fault = proxy.inject(
+        s3server.Fault(lambda m, p: m == "GET" and "/p/blobs/" in p, status=status, code=code)
+    )
+    with caplog.at_level(logging.WARNING, logger="strongroom.modelstore._s3"):
+        stub.DeleteModel(pb.DeleteModelRequest(name="m", version="1"), timeout=60)
+    proxy.clear()
+    assert fault.hits >= 1
+    assert store.records() == ()
+    assert len(store.blob_sizes()) == 1
+    assert any(code in r.getMessage() and "blob is kept" in r.getMessage() for r in caplog.records)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=60)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(400, "KMS.DisabledException"), (403, "KMS.AccessDeniedException")],
+)
+def test_a_kms_refusal_is_named_as_such(
+    proxy: s3server.FaultProxy, proxied: Any, status: int, code: str
+) -> None:
+    """S3 passes on an SSE-KMS failure with the KMS error's name: a 403 KMS.AccessDeniedException
+    was S3_ACCESS_DENIED, "the object store rejected the store's credentials", and a disabled
+    key's 400 the vague S3_ERROR, so an operator went after credentials that were fine. Both are
+    S3_KMS_ERROR now, naming the code and the key."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", b"abc")], StructureValidator())
+    error = _stat_refused(proxy, stub, status, code)
+    assert _status(error) == (grpc.StatusCode.UNAVAILABLE, "S3_KMS_ERROR")
+    assert code in error.details() and "KMS key" in error.details()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("status", "code"), [(400, "InvalidArgument"), (403, "AccessDenied")])
+def test_an_object_store_refusing_if_match_on_delete_with_its_own_error_still_starts(
+    proxy: s3server.FaultProxy,
+    s3_server: s3server.MotoServer,
+    s3_bucket: str,
+    status: int,
+    code: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Servers that do not support If-Match on DeleteObject answer it 501, or ignore it, or
+    refuse it with an error of their own: 400 InvalidArgument, 403 AccessDenied. The last two
+    stopped the start (UNAVAILABLE S3_ERROR, or S3_ACCESS_DENIED blaming the store's
+    credentials) on a server where a delete without the header works. The check now deletes
+    the probe without it: done, the server lacks conditional deletes, and the store falls back
+    to deleting without them, as on a 501 (a WARNING naming the answer)."""
+    proxy.refused_headers = {("DELETE", "if-match"): (status, code)}
+    with caplog.at_level(logging.WARNING, logger="strongroom.modelstore._s3"):
+        store = replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    assert store.conditional_deletes is False
+    warning = next(r.getMessage() for r in caplog.records if "DeleteObject" in r.getMessage())
+    assert f"HTTP {status} {code}" in warning
+    store.put([make_artifact("m", "1", body(1000))], StructureValidator())
+    store.delete("m", "1")
+    assert "Contents" not in s3server.client(s3_server.endpoint).list_objects_v2(Bucket=s3_bucket)
+
+
+def test_credentials_that_cannot_delete_at_all_stop_the_start_naming_the_permission(
+    proxy: s3server.FaultProxy, s3_bucket: str
+) -> None:
+    """A store whose credentials may not delete (403 with If-Match and without) stops at start,
+    as before, but says what it lacks (s3:DeleteObject), not only that a request was refused."""
+    proxy.inject(s3server.Fault(lambda m, p: m == "DELETE", status=403, code="AccessDenied"))
+    with pytest.raises(StorageUnavailable) as info:
+        replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    assert info.value.reason == "S3_ACCESS_DENIED"
+    assert "s3:DeleteObject" in str(info.value)
+
+
+def test_a_bucket_gone_under_a_delete_or_a_rewrap_is_named_not_taken_for_a_missing_model(
+    proxy: s3server.FaultProxy, proxied: Any
+) -> None:
+    """S3 answers a request on a bucket that no longer exists with 404 NoSuchBucket, as it
+    answers a missing key. Reads told the two apart; a delete's and a re-wrap's index writes did
+    not: a bucket deleted (or its name mistyped in a failover) under them answered NOT_FOUND
+    "deleted meanwhile" (the model was not) and FAILED_PRECONDITION KEY_SLOT_CHANGED. Both are
+    UNAVAILABLE S3_NO_SUCH_BUCKET now, and the model is untouched."""
+    store, stub = proxied
+    store.put(chunked(rewrap_case.artifact("acme/m", "1"), 7000), StructureValidator())
+    proxy.inject(
+        s3server.Fault(
+            lambda m, p: m in ("DELETE", "PUT") and "/p/index/" in p,
+            status=404,
+            code="NoSuchBucket",
+        )
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.DeleteModel(pb.DeleteModelRequest(name="acme/m", version="1"), timeout=60)
+    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_NO_SUCH_BUCKET")
+    request = pb.ReplaceKeySlotRequest(
+        name="acme/m",
+        version="1",
+        expected_key_version=1,
+        key_version=2,
+        wrapped_data_key=rewrap_case.wrapped("acme/m", "1", 2),
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ReplaceKeySlot(request, timeout=60)
+    assert _status(info.value) == (grpc.StatusCode.UNAVAILABLE, "S3_NO_SUCH_BUCKET")
+    proxy.clear()
+    assert store.stat("acme/m", "1").key_version == 1
+    assert _get_rpc(stub, "acme/m", "1") == rewrap_case.artifact("acme/m", "1")

@@ -45,6 +45,7 @@ from tests.modelstore.backends import (
     read_blob,
 )
 from tests.modelstore.conftest import Served, serve
+from tests.modelstore.shortreads import force_short_reads
 
 
 def body(n: int, seed: int = 0) -> bytes:
@@ -737,3 +738,17 @@ def test_method_roles_cover_every_rpc() -> None:
     for method in ("GetModel", "StatModel", "ListModels"):
         assert METHOD_ROLES[f"/{SERVICE_NAME}/{method}"] == ROLE_READER
     assert SERVICE_NAME == "strongroom.api.modelstore.v1.ModelStoreService"
+
+
+def test_a_range_read_on_a_filesystem_that_returns_short_reads_is_served(
+    fs_served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range past the head is checked against the head, read by one pread: on FUSE or NFS,
+    which may return fewer bytes than asked, GetModel answered a healthy model DATA_LOSS
+    HEADER_CORRUPT. The head is read until it is whole now."""
+    art = make_artifact("acme/m", "1", body(5000))
+    info = put(fs_served, art)
+    force_short_reads(monkeypatch)
+    offset = info.artifact_size - 100
+    messages = get(fs_served, "acme/m", "1", offset=offset, length=50)
+    assert b"".join(m.data for m in messages) == art[offset : offset + 50]

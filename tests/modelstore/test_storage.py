@@ -28,7 +28,9 @@ import pytest
 from strongroom.artifact import StructureValidator
 from strongroom.artifact.format import MAX_HEAD_SIZE
 from strongroom.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from strongroom.identifiers import MAX_NAME_LENGTH, MAX_VERSION_LENGTH
 from strongroom.modelstore._pagetoken import decode as decode_page_token
+from strongroom.modelstore._pagetoken import encode as encode_page_token
 from strongroom.modelstore.errors import (
     ArtifactTooLarge,
     EmptyUpload,
@@ -50,6 +52,7 @@ from strongroom.modelstore.storage import (
     UploadClaims,
     verify_all,
 )
+from tests.modelstore import rewrap_case
 from tests.modelstore.artifacts import chunked, make_artifact, with_header
 from tests.modelstore.backends import (
     AnyStorage,
@@ -60,6 +63,7 @@ from tests.modelstore.backends import (
     read_blob,
     remove_blob,
 )
+from tests.modelstore.shortreads import force_short_reads
 
 
 def body(n: int, seed: int = 0) -> bytes:
@@ -1329,3 +1333,57 @@ def test_a_deeply_nested_page_token_is_invalid_from_any_stack_depth() -> None:
 
     assert at_depth(0) == "INVALID_PAGE_TOKEN"
     assert at_depth(300) == "INVALID_PAGE_TOKEN"
+
+
+def test_reads_that_return_fewer_bytes_than_asked_are_not_data_loss(
+    store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On FUSE and NFS one read may return fewer bytes than asked before the end of the file.
+    The store took one read for the whole head: verify, a range read past the head, a re-wrap
+    and the start's reading of a row's format each found the head cut short and reported a
+    healthy blob DATA_LOSS HEADER_CORRUPT (or no format). Each reads until it has it all now."""
+    with FilesystemStorage(store_root) as s:
+        s.put([rewrap_case.artifact("acme/m", "1", 3000)], StructureValidator())
+    db = sqlite3.connect(store_root / "index.sqlite3")
+    db.execute("ALTER TABLE models DROP COLUMN artifact_format")
+    db.commit()
+    db.close()
+    force_short_reads(monkeypatch)
+    with FilesystemStorage(store_root) as s:
+        assert s.last_sweep.formats_recorded == 1
+        record = s.stat("acme/m", "1")
+        assert record.artifact_format == 2
+        assert s.verify("acme/m", "1") == record
+        stored = rewrap_case.artifact("acme/m", "1", 3000)
+        assert (
+            read_all(s, "acme/m", "1", offset=record.header_size + 5, length=40)
+            == (stored[record.header_size + 5 : record.header_size + 45])
+        )
+        after = s.replace_key_slot(
+            "acme/m",
+            "1",
+            expected_key_version=1,
+            key_version=2,
+            wrapped_dek=rewrap_case.wrapped("acme/m", "1", 2),
+        )
+        assert s.verify("acme/m", "1") == after
+        assert rewrap_case.decrypt_stored(read_all(s, "acme/m", "1")) == (
+            rewrap_case.plaintext_of("acme/m", "1", 3000)
+        )
+
+
+OLDER_STORES_MAX_TOKEN = 1024
+"""The longest page token a store before corrupt-entry listings (e43795d) accepts."""
+
+
+def test_every_page_token_an_older_replica_could_accept_fits_its_length_limit() -> None:
+    """The token's limit went from 1,024 characters to 4,096 so that a page may end at a
+    filesystem row outside the grammar (up to 12 characters per escaped character). During a
+    rolling upgrade of S3 replicas a token one hands out is read by another; S3 lists only keys
+    in the grammar, whose longest token is far below the older limit, so an older replica never
+    refuses one for its length (a token naming a row outside the grammar it refuses whatever its
+    length, and the filesystem backend runs one replica)."""
+    name = "a/" * (MAX_NAME_LENGTH // 2)
+    longest = encode_page_token(name, name, "1" * MAX_VERSION_LENGTH)
+    assert len(longest) <= OLDER_STORES_MAX_TOKEN // 2
+    assert decode_page_token(longest, name) == (name, "1" * MAX_VERSION_LENGTH)
