@@ -31,6 +31,7 @@ from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError
 from strongroom.keybroker import refusals
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.challenge import ChallengeIssuer
+from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, DataKey, KeyManager
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
@@ -327,3 +328,33 @@ def test_a_replica_minting_certificates_still_has_its_fleet_unwrap_first(broker:
         broker.data_key.dek
     )
     assert broker.records()[-1]["decision_id"] == outcome.decision_id
+
+
+def test_broker_failures_whose_records_the_log_refuses_are_still_accounted_for(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records plus counts equal refusals for the broker's own failures too when the audit log
+    refuses a record (full: what a flood brings about) in the burst, on the first counting
+    record past it and on the pass's REFUSALS_COUNTED; all of it reaches the log once it takes
+    records again."""
+    path = Path(broker.engine._policies._dir) / "k1.yaml"
+    path.write_bytes(path.read_bytes() + b'description: "caf\xe9"\n')
+    audit = broker.engine._audit
+    real_append = audit.append
+
+    def full(event: Any, **kwargs: Any) -> Any:
+        raise AuditUnavailable("the audit log is full", reason="AUDIT_LOG_FULL")
+
+    for _ in range(BROKER_BURST - 1):
+        broker.refuse(broker.request())
+    monkeypatch.setattr(audit, "append", full)
+    for _ in range(3):  # the last of the burst, the first past it (due), one counted
+        broker.refuse(broker.request())
+    broker.engine.record_counted_refusals(every=True)  # refused too: kept
+    monkeypatch.setattr(audit, "append", real_append)
+    broker.refuse(broker.request())  # counted
+    broker.engine.record_counted_refusals(every=True)
+    records = broker.records()
+    assert len(records) == BROKER_BURST - 1 + 1
+    assert records[-1]["reason"] == "REFUSALS_COUNTED"
+    assert _accounted(records, "POLICY_UNREADABLE") == BROKER_BURST - 1 + 3 + 1
