@@ -13,9 +13,9 @@ when both are done. Nothing is wrapped before the decision, and nothing is sent 
 is durable. Should the re-wrap fail after the ``ALLOWED``
 record became durable, a ``DENIED`` record with the HSM's reason follows it under the same
 ``decision_id``: the last record of a decision is its outcome. (If that second record cannot be
-written either, the log says more was released than was: the safe direction.) A caller whose
-wrapped data keys failed so too often has its releases re-wrapped before their ``ALLOWED`` record
-is written (:mod:`strongroom.keybroker.unwrap_first`): a key that does not unwrap is then an
+written either, the log says more was released than was: the safe direction.) A caller certificate
+(or SPIFFE ID) whose wrapped data keys failed so too often has its releases re-wrapped before
+their ``ALLOWED`` record is written (:mod:`strongroom.keybroker.unwrap_first`): a key that does not unwrap is then an
 ordinary refusal, within the caller's budget.
 """
 
@@ -226,7 +226,7 @@ class ReleaseEngine:
         theirs = isinstance(refusal, StrongroomError) and callers_fault(refusal)
         if "decision_id" in context:
             if theirs:
-                self._unwrap_first.failed(who)
+                self._unwrap_first.failed(who, context["caller_cert_serial"])
             self._audit_denial(exc, context)
         elif isinstance(refusal, AuditUnavailable):
             self._audit_denial(exc, context)
@@ -289,8 +289,9 @@ class ReleaseEngine:
         outage, collateral it cannot fetch, a policy that does not load, a bug) have a budget of
         their own per caller and reason, four times larger at once
         (:data:`~strongroom.keybroker.refusals.BROKER_REFUSAL_BURST`), counted alike past it. A
-        denial following its decision's ``ALLOWED`` record is always recorded; a caller with too
-        many of its own there has its releases unwrapped before their record
+        denial following its decision's ``ALLOWED`` record is always recorded; a caller certificate
+        (or SPIFFE ID) with too many of its own there has its releases unwrapped before their
+        record
         (:mod:`strongroom.keybroker.unwrap_first`).
         """
         context = self._context(caller, request.evidence.report)
@@ -343,7 +344,7 @@ class ReleaseEngine:
         pending = self._keys.begin_release(
             key_id, version, wrapped, target, timeout=self._hsm_timeout
         )
-        if self._unwrap_first.applies(caller.spiffe_id):
+        if self._unwrap_first.applies(caller.spiffe_id, context["caller_cert_serial"]):
             pending.result()  # a key that does not unwrap is refused before any record of it
         # Before the HSM's first connection its hashes are unknown: the record names the one used,
         # so it waits for the re-wrap then.

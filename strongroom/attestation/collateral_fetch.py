@@ -22,7 +22,9 @@ Nothing fetched is trusted: the cache verifies every document before storing it.
 :class:`CollateralService` is the broker's :class:`CollateralSource`: it serves from the cache,
 fetches what is missing on first use, refreshes documents ``refresh_before`` their ``nextUpdate``
 (in the background when the cached one is still usable), and keeps serving the cached documents
-while the upstream is down — until they are stale past the grace, when the verifier refuses.
+while the upstream is down — until they are stale past the grace, when the verifier refuses. A
+fetch that failed, or that the upstream answered 404 (a PCCS that does not cache a quote's FMSPC),
+is not tried again for ``retry_after_seconds`` per document.
 
 A VCEK is fetched for a report that has not been verified yet (it is what verifies it), so the
 fetch is all an unsigned report can cause: the answer is kept only once the report verifies with it
@@ -692,7 +694,15 @@ class CollateralService:
 
     def _run(self, key: str, fetch: Callable[[], object], wait: bool) -> None:
         try:
-            fetch()
+            if fetch() is None:
+                # The upstream has no such document (a 404: a PCCS not caching this FMSPC, a
+                # pcs_url that is no PCS). Not remembered, every release naming it sent another
+                # request on its thread: an FMSPC is any genuine quote's, replayed or not.
+                self._note_failure(key)
+                log.warning(
+                    "collateral not found upstream; serving what the cache holds",
+                    extra={"what": key},
+                )
         except StrongroomError as exc:
             self._note_failure(key)
             log.warning(

@@ -144,6 +144,47 @@ def test_outage_with_empty_cache_fails_closed_after_bounded_retries(
     assert len([r for r in server.requests if r.startswith("/tdx/certification/v4/tcb")]) == 3
 
 
+def test_a_pcs_404_is_backed_off_like_an_outage(vectors, production, server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A PCS/PCCS without the TCB info of a quote's FMSPC (a PCCS not caching it answers 404)
+    made the fetch return nothing, unremembered: every release with such a quote (a genuine one,
+    or any genuine quote replayed: its FMSPC is the PCK certificate's, not the caller's pick)
+    sent PCS another request on its thread, at the callers' pace. A 404 is now remembered for
+    ``retry_after_seconds`` as an outage is; the release is refused COLLATERAL_MISSING either
+    way, and once the document is there it is fetched after the back-off."""
+    quote = (vectors / "tdx/v4_spr_gotdxguest.dat").read_bytes()
+
+    def tcb_requests() -> int:
+        return len([r for r in server.requests if r.startswith("/tdx/certification/v4/tcb")])
+
+    def refused(service: CollateralService) -> str:
+        with pytest.raises(CollateralUnavailable) as err:
+            verify_evidence(
+                Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=service
+            )
+        return err.value.reason
+
+    service = CollateralService(
+        CollateralCache(tmp_path / "a", production), fast(server), clock=lambda: SPR_TIME
+    )
+    assert refused(service) == Reason.COLLATERAL_MISSING
+    assert tcb_requests() == 1
+    qe = server.requests.count("/tdx/certification/v4/qe/identity")
+    for _ in range(5):
+        assert refused(service) == Reason.COLLATERAL_MISSING
+    assert tcb_requests() == 1  # before: 6, one per verification
+    assert server.requests.count("/tdx/certification/v4/qe/identity") == qe
+    # Once the back-off has passed (none here), a document now served is fetched and used.
+    again = CollateralService(
+        CollateralCache(tmp_path / "b", production),
+        fast(server),
+        clock=lambda: SPR_TIME,
+        retry_after_seconds=0.0,
+    )
+    assert refused(again) == Reason.COLLATERAL_MISSING
+    real_intel(server, vectors)
+    verify_evidence(Evidence(TeeType.TDX, quote), trust=production, now=SPR_TIME, collateral=again)
+
+
 @contextlib.contextmanager
 def _garbage_upstream(answer: bytes) -> Iterator[tuple[str, list[int]]]:
     """A loopback 'service' that answers every request with ``answer`` (not HTTP); yields its

@@ -31,6 +31,7 @@ from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError
 from strongroom.keybroker import refusals
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.challenge import ChallengeIssuer
+from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, DataKey, KeyManager
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
@@ -257,3 +258,103 @@ def test_a_genuine_caller_sending_garbage_wrapped_keys_cannot_fill_the_log(
         "counted_reason": "WRAPPED_KEY_INVALID",
     }
     assert _accounted(records, "WRAPPED_KEY_INVALID") == flood
+
+
+def _replica(b: Broker, serial: int) -> Broker:
+    """Another replica of the caller's fleet: the same SPIFFE ID, a certificate of its own."""
+    tls = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return dataclasses.replace(b, caller=Caller(b.caller.spiffe_id, serial, spki(tls)))
+
+
+def _decided_allowed_first(records: list[dict[str, Any]]) -> bool:
+    """Whether the last record (a denial) follows an ALLOWED record of its decision."""
+    last = records[-1]
+    assert (last["decision"], last["reason"]) == ("denied", "WRAPPED_KEY_INVALID")
+    return any(
+        r["decision"] == "allowed" and r["decision_id"] == last["decision_id"] for r in records
+    )
+
+
+def _garbage(b: Broker, times: int) -> None:
+    for _ in range(times):
+        refusal = b.refuse(b.request(wrapped_data_key=bytes(WRAPPED_DEK_BYTES)))
+        assert refusal.reason == "WRAPPED_KEY_INVALID"
+
+
+def test_one_bad_replica_puts_only_itself_on_the_unwrap_first_path(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """unwrap_first was keyed on the SPIFFE ID, which a fleet's replicas share: one replica
+    sending wrapped keys that do not unwrap put every replica's releases on the slower path
+    (the re-wrap no longer overlapping the record's sync) for as long as it went on, and nothing
+    said so. It is per certificate now (and per SPIFFE ID only four times further: a replica
+    minting certificates gains little, see below), and the switch is logged with the caller's
+    certificate serial."""
+    bad, other = broker, _replica(broker, 0x2B)
+    _garbage(bad, BURST + 1)
+    assert not _decided_allowed_first(bad.records())  # its own: refused before any record
+    [line] = [r for r in caplog.records if r.getMessage().startswith("key releases of a caller")]
+    assert line.levelname == "WARNING"
+    assert (line.__dict__["caller"], line.__dict__["caller_cert_serial"]) == (
+        bad.caller.spiffe_id,
+        "2a",
+    )
+    # Another replica of the fleet: its failure after ALLOWED is still decided as before (an
+    # ALLOWED and a DENIED record under one decision id); before, it was unwrapped first too.
+    _garbage(other, 1)
+    allowed, denied = other.records()[-2:]
+    assert (allowed["reason"], denied["reason"]) == ("RELEASED", "WRAPPED_KEY_INVALID")
+    assert allowed["decision_id"] == denied["decision_id"]
+    assert allowed["caller"]["cert_serial"] == "2b"
+
+
+def test_a_replica_minting_certificates_still_has_its_fleet_unwrap_first(broker: Broker) -> None:
+    """Per certificate alone, a replica holding its service's provisioner could mint a
+    certificate per 64 failures and have two records written per call again: the fleet's
+    failures after ALLOWED together have four certificates' worth (256, then 4 a second),
+    past which every replica of it unwraps first."""
+    fleet = [_replica(broker, 0x100 + i) for i in range(refusals.REASONS_PER_CALLER)]
+    for replica in fleet:
+        _garbage(replica, BURST)
+    allowed = [r for r in broker.records() if r["reason"] == "RELEASED"]
+    assert len(allowed) == BURST * refusals.REASONS_PER_CALLER
+    newest = _replica(broker, 0x200)
+    _garbage(newest, 1)
+    assert broker.records()[-1]["caller"]["cert_serial"] == "200"
+    assert not _decided_allowed_first(broker.records())
+    # A good key is still released to it, recorded before the answer.
+    outcome = newest.engine.release(newest.request(), newest.caller)
+    assert bound(newest.ephemeral.decrypt(outcome.wrapped_data_key, OAEP_SHA1)) == (
+        broker.data_key.dek
+    )
+    assert broker.records()[-1]["decision_id"] == outcome.decision_id
+
+
+def test_broker_failures_whose_records_the_log_refuses_are_still_accounted_for(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records plus counts equal refusals for the broker's own failures too when the audit log
+    refuses a record (full: what a flood brings about) in the burst, on the first counting
+    record past it and on the pass's REFUSALS_COUNTED; all of it reaches the log once it takes
+    records again."""
+    path = Path(broker.engine._policies._dir) / "k1.yaml"
+    path.write_bytes(path.read_bytes() + b'description: "caf\xe9"\n')
+    audit = broker.engine._audit
+    real_append = audit.append
+
+    def full(event: Any, **kwargs: Any) -> Any:
+        raise AuditUnavailable("the audit log is full", reason="AUDIT_LOG_FULL")
+
+    for _ in range(BROKER_BURST - 1):
+        broker.refuse(broker.request())
+    monkeypatch.setattr(audit, "append", full)
+    for _ in range(3):  # the last of the burst, the first past it (due), one counted
+        broker.refuse(broker.request())
+    broker.engine.record_counted_refusals(every=True)  # refused too: kept
+    monkeypatch.setattr(audit, "append", real_append)
+    broker.refuse(broker.request())  # counted
+    broker.engine.record_counted_refusals(every=True)
+    records = broker.records()
+    assert len(records) == BROKER_BURST - 1 + 1
+    assert records[-1]["reason"] == "REFUSALS_COUNTED"
+    assert _accounted(records, "POLICY_UNREADABLE") == BROKER_BURST - 1 + 3 + 1
