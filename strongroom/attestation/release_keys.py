@@ -21,6 +21,7 @@ what the operator trusts, and whoever can change the file can change the key in 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -144,3 +145,20 @@ def _certified(key: Ed25519PublicKey, certificate: x509.Certificate, where: str)
             reason=Reason.RELEASE_SIGNING_KEY_INVALID,
         )
     return TrustedKey(key, f"{where}, certificate {subject!r}", not_before, not_after)
+
+
+def judge(entries: Sequence[TrustedKey], now: datetime) -> Unauthenticated | TrustedKey | None:
+    """How one key stands at ``now``, listed as ``entries`` (the same key may be listed several
+    times: a renewed certificate beside the old, or bare beside a certificate): the refusal of
+    its first entry when none is valid; else the valid certificate that bounds its life longest;
+    None when a bare listing leaves it unbounded."""
+    refusals = [entry.refusal(now) for entry in entries]
+    valid = [entry for entry, refused in zip(entries, refusals, strict=True) if refused is None]
+    if not valid:
+        first = refusals[0]
+        assert first is not None
+        return first
+    bounded = [entry for entry in valid if entry.not_after is not None]
+    if len(bounded) < len(valid):
+        return None
+    return max(bounded, key=lambda entry: entry.not_after or now)

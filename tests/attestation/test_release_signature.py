@@ -320,3 +320,37 @@ def test_a_certificate_with_impossible_dates_is_refused_when_read(
         "RELEASE_SIGNING_KEY_INVALID",
     )
     assert "release-keys.pem key 2" in info.value.message and said in info.value.message
+
+
+def test_start_up_notes_judge_each_key_not_each_certificate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Verification trusts a key while any of its entries is valid (a renewed certificate beside
+    the old, or the key also listed bare); the start-up notes judged entries one by one: the old
+    certificate of a renewed key was an ERROR saying answers signed with it are refused, which
+    they are not, and a key listed bare beside its certificate (compose publishes the bare
+    release-signing-key.pub.pem at every up) was silently unbounded by that certificate."""
+    renewed, doubled = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    bundle = tmp_path / "release-keys.pem"
+    bundle.write_bytes(
+        self_signed_pem(renewed, "old", not_before=ISSUED, not_after=ENDS)
+        + self_signed_pem(
+            renewed, "renewed", not_before=ENDS, not_after=ENDS + dt.timedelta(days=365)
+        )
+    )
+    bare = tmp_path / "release-signing-key.pub.pem"
+    bare.write_bytes(_pem(doubled))
+    certified = tmp_path / "release-signing-key.crt.pem"
+    certified.write_bytes(self_signed_pem(doubled, "bounded", not_before=ISSUED, not_after=ENDS))
+    clock = Clock(ENDS + dt.timedelta(days=1))
+    verifier = ReleaseVerifier.from_files([bundle, bare, certified], clock=clock)
+    logger = "strongroom.attestation.release_signature"
+    with caplog.at_level(logging.WARNING, logger=logger):
+        verifier.warn_about_expiry()
+    notes = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == logger]
+    assert [level for level, _ in notes] == [logging.WARNING]
+    ((_, unbounded),) = notes
+    assert str(bare) in unbounded and "CN=bounded" in unbounded and "bare" in unbounded
+    for key in (renewed, doubled):
+        signed = ReleaseSigner(key).sign(STATEMENT)
+        assert verifier.verify(STATEMENT, signed.signature, signed.key_id)
