@@ -260,6 +260,21 @@ def test_an_answer_refused_before_its_signature_is_checked_is_logged_as_loudly(
     assert record.reason == reason  # type: ignore[attr-defined]
 
 
+def test_an_answer_read_as_bytes_keeps_grpcs_receive_limit(
+    peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The answer is read as bytes and parsed here (RELEASE_ANSWER_MALFORMED), but the channel's
+    limits still come first: an answer past gRPC's receive limit (4 MiB) is refused by gRPC,
+    RESOURCE_EXHAUSTED, before a byte of it is parsed or logged."""
+    with (
+        caplog.at_level(logging.ERROR, logger="strongroom.client.keyrelease"),
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        peer.release(lambda request, response: bytes(5 * 1024 * 1024))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.name == "strongroom.client.keyrelease"]
+
+
 def test_an_answer_re_signed_with_the_peers_own_key_is_refused(peer: Peer) -> None:
     own = ReleaseSigner(Ed25519PrivateKey.generate())
 
