@@ -21,6 +21,7 @@ what the operator trusts, and whoever can change the file can change the key in 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -60,7 +61,9 @@ class TrustedKey:
                 "(deploy/README.md, 'Rotating the release-signing key')",
                 reason=Reason.RELEASE_SIGNING_KEY_EXPIRED,
             )
-        if self.not_before is not None and now < self.not_before - NOT_BEFORE_LEEWAY:
+        # now + leeway, not notBefore - leeway: a certificate may begin at year 1 (GeneralizedTime
+        # admits it), before which no datetime reaches.
+        if self.not_before is not None and now + NOT_BEFORE_LEEWAY < self.not_before:
             return Unauthenticated(
                 f"the key broker's release answer is signed with a key whose certificate is "
                 f"valid only from {self.not_before.isoformat()} ({self.source}; now "
@@ -116,12 +119,46 @@ def load_trusted_keys(pem: bytes, *, source: str) -> list[TrustedKey]:
         if certificate is None:
             trusted.append(TrustedKey(key, where))
             continue
-        trusted.append(
-            TrustedKey(
-                key,
-                f"{where}, certificate {certificate.subject.rfc4514_string()!r}",
-                certificate.not_valid_before_utc,
-                certificate.not_valid_after_utc,
-            )
-        )
+        trusted.append(_certified(key, certificate, where))
     return trusted
+
+
+def _certified(key: Ed25519PublicKey, certificate: x509.Certificate, where: str) -> TrustedKey:
+    """``key`` bounded by ``certificate``'s validity; refuses a validity no instant is within."""
+    try:
+        # Read on access, not at parse: a year no datetime holds (GeneralizedTime admits year 0)
+        # raises here.
+        subject = certificate.subject.rfc4514_string()
+        not_before = certificate.not_valid_before_utc
+        not_after = certificate.not_valid_after_utc
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"{where}: the certificate's dates or subject cannot be read ({exc})",
+            reason=Reason.RELEASE_SIGNING_KEY_INVALID,
+        ) from None
+    if not_after < not_before:
+        # notBefore's leeway would otherwise trust it for the minutes before notBefore that
+        # are still before notAfter.
+        raise InvalidArgument(
+            f"{where}: the certificate's validity ends before it begins (notBefore "
+            f"{not_before.isoformat()}, notAfter {not_after.isoformat()})",
+            reason=Reason.RELEASE_SIGNING_KEY_INVALID,
+        )
+    return TrustedKey(key, f"{where}, certificate {subject!r}", not_before, not_after)
+
+
+def judge(entries: Sequence[TrustedKey], now: datetime) -> Unauthenticated | TrustedKey | None:
+    """How one key stands at ``now``, listed as ``entries`` (the same key may be listed several
+    times: a renewed certificate beside the old, or bare beside a certificate): the refusal of
+    its first entry when none is valid; else the valid certificate that bounds its life longest;
+    None when a bare listing leaves it unbounded."""
+    refusals = [entry.refusal(now) for entry in entries]
+    valid = [entry for entry, refused in zip(entries, refusals, strict=True) if refused is None]
+    if not valid:
+        first = refusals[0]
+        assert first is not None
+        return first
+    bounded = [entry for entry in valid if entry.not_after is not None]
+    if len(bounded) < len(valid):
+        return None
+    return max(bounded, key=lambda entry: entry.not_after or now)

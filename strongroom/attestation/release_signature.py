@@ -44,7 +44,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from strongroom.attestation.release_keys import TrustedKey, load_trusted_keys
+from strongroom.attestation.release_keys import TrustedKey, judge, load_trusted_keys
 from strongroom.cryptoparse import ed25519_private_key
 from strongroom.errors import InvalidArgument, Unauthenticated
 from strongroom.reasons import Reason
@@ -204,17 +204,41 @@ class ReleaseVerifier:
 
     def warn_about_expiry(self) -> None:
         """Logs each trusted key that has expired or is not yet valid (ERROR: answers signed
-        with it are refused) or whose certificate ends within ``warn_within`` (WARNING); and,
-        ERROR, when no key is valid now, since every answer would then be refused."""
+        with it are refused), whose certificate ends within ``warn_within`` (WARNING) or that is
+        also listed bare, so that its certificate bounds nothing (WARNING); and, ERROR, when no
+        key is valid now, since every answer would then be refused. Each key is judged as
+        verification judges it (:func:`~strongroom.attestation.release_keys.judge`): an expired
+        certificate beside its valid renewal is no refusal."""
         now = self._clock()
+        any_valid = False
         for key_id, entries in self._keys.items():
-            for entry in entries:
-                note = entry.expiry_note(now, self._warn_within)
+            extra = {"release_signing_key_id": key_id.hex()}
+            judged = judge(entries, now)
+            if isinstance(judged, Unauthenticated):
+                for entry in entries:  # each says why (expired, not yet valid) and where
+                    refused = entry.refusal(now)
+                    assert refused is not None
+                    log.error(refused.message, extra=extra)
+                continue
+            any_valid = True
+            if judged is not None:
+                note = judged.expiry_note(now, self._warn_within)
                 if note is not None:
-                    level = logging.ERROR if entry.refusal(now) else logging.WARNING
-                    log.log(level, note, extra={"release_signing_key_id": key_id.hex()})
-        valid = [k for ks in self._keys.values() for k in ks if k.refusal(now) is None]
-        if self._keys and not valid:
+                    log.warning(note, extra=extra)
+                continue
+            certified = [entry.source for entry in entries if entry.not_after is not None]
+            if certified:
+                bare = [entry.source for entry in entries if entry.not_after is None]
+                log.warning(
+                    "the release-signing key of %s is also listed as a bare public key (%s), "
+                    "which is trusted until it is removed: its certificate does not bound its "
+                    "life; list the certificate alone (deploy/README.md, 'Rotating the "
+                    "release-signing key')",
+                    "; ".join(certified),
+                    "; ".join(bare),
+                    extra=extra,
+                )
+        if self._keys and not any_valid:
             log.error(
                 "no release-signing key this server trusts is valid now: every key release "
                 "will be refused until a valid one is listed"
@@ -270,18 +294,12 @@ class ReleaseVerifier:
         """Refuses a key none of whose entries is valid now (the same key may be listed in
         several certificates: a renewed one beside the old); warns of one ending soon."""
         now = self._clock()
-        refusals = [entry.refusal(now) for entry in entries]
-        valid = [entry for entry, refused in zip(entries, refusals, strict=True) if not refused]
-        if not valid:
-            first = refusals[0]
-            assert first is not None
-            raise first
-        # The key lives as long as its longest-lived entry (a bare key: for ever).
-        bounded = [(entry.not_after, entry) for entry in valid if entry.not_after is not None]
-        if len(bounded) < len(valid):
+        judged = judge(entries, now)
+        if isinstance(judged, Unauthenticated):
+            raise judged
+        if judged is None:  # listed bare too: for ever
             return
-        _, longest = max(bounded, key=lambda pair: pair[0])
-        note = longest.expiry_note(now, self._warn_within)
+        note = judged.expiry_note(now, self._warn_within)
         if note is None:
             return
         with self._warned_lock:

@@ -23,7 +23,7 @@ from strongroom.attestation.release_signature import (
     signing_key_id,
 )
 from strongroom.errors import StrongroomError
-from tests.certs import self_signed_pem
+from tests.certs import oddly_dated_pem, self_signed_pem
 
 STATEMENT = ReleaseStatement(
     nonce=b"n" * 89,
@@ -274,3 +274,83 @@ def test_no_valid_key_at_start_is_an_error(
         for r in caplog.records
         if r.name == logger
     )
+
+
+def test_certificates_dated_at_the_ends_of_time_are_judged_not_crashed_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A certificate valid from year 1 to year 9999 (GeneralizedTime admits both) is valid now.
+    notBefore less the leeway was computed, past the first datetime: OverflowError at start
+    (the start-up notes) and at every verification, a traceback instead of a judgement."""
+    key = Ed25519PrivateKey.generate()
+    signed = ReleaseSigner(key).sign(STATEMENT)
+    bundle = tmp_path / "release-keys.pem"
+    bundle.write_bytes(oddly_dated_pem(key, b"00010101000000Z", b"99991231235959Z"))
+    verifier = ReleaseVerifier.from_files([bundle])
+    with caplog.at_level(logging.WARNING, logger="strongroom.attestation.release_signature"):
+        verifier.warn_about_expiry()
+    assert not caplog.records
+    assert verifier.verify(STATEMENT, signed.signature, signed.key_id)
+
+
+@pytest.mark.parametrize(
+    ("not_before", "not_after", "said"),
+    [
+        # Year 0: no datetime holds it; it escaped as ValueError, a traceback at start.
+        (b"00000101000000Z", b"99991231235959Z", "cannot be read"),
+        (b"20300101000000Z", b"00000101000000Z", "cannot be read"),
+        # Ending before it begins: no instant is within it, yet with notBefore's leeway it was
+        # trusted from 5 minutes before notBefore to notAfter (here 3 minutes of them).
+        (b"20300101000200Z", b"20300101000000Z", "ends before it begins"),
+    ],
+    ids=["not-before-year-0", "not-after-year-0", "ends-before-it-begins"],
+)
+def test_a_certificate_with_impossible_dates_is_refused_when_read(
+    tmp_path: Path, not_before: bytes, not_after: bytes, said: str
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    bundle = tmp_path / "release-keys.pem"
+    bundle.write_bytes(
+        _pem(Ed25519PrivateKey.generate()) + oddly_dated_pem(key, not_before, not_after)
+    )
+    with pytest.raises(StrongroomError) as info:
+        ReleaseVerifier.from_files([bundle])
+    assert (info.value.status_name, info.value.reason) == (
+        "INVALID_ARGUMENT",
+        "RELEASE_SIGNING_KEY_INVALID",
+    )
+    assert "release-keys.pem key 2" in info.value.message and said in info.value.message
+
+
+def test_start_up_notes_judge_each_key_not_each_certificate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Verification trusts a key while any of its entries is valid (a renewed certificate beside
+    the old, or the key also listed bare); the start-up notes judged entries one by one: the old
+    certificate of a renewed key was an ERROR saying answers signed with it are refused, which
+    they are not, and a key listed bare beside its certificate (compose publishes the bare
+    release-signing-key.pub.pem at every up) was silently unbounded by that certificate."""
+    renewed, doubled = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    bundle = tmp_path / "release-keys.pem"
+    bundle.write_bytes(
+        self_signed_pem(renewed, "old", not_before=ISSUED, not_after=ENDS)
+        + self_signed_pem(
+            renewed, "renewed", not_before=ENDS, not_after=ENDS + dt.timedelta(days=365)
+        )
+    )
+    bare = tmp_path / "release-signing-key.pub.pem"
+    bare.write_bytes(_pem(doubled))
+    certified = tmp_path / "release-signing-key.crt.pem"
+    certified.write_bytes(self_signed_pem(doubled, "bounded", not_before=ISSUED, not_after=ENDS))
+    clock = Clock(ENDS + dt.timedelta(days=1))
+    verifier = ReleaseVerifier.from_files([bundle, bare, certified], clock=clock)
+    logger = "strongroom.attestation.release_signature"
+    with caplog.at_level(logging.WARNING, logger=logger):
+        verifier.warn_about_expiry()
+    notes = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == logger]
+    assert [level for level, _ in notes] == [logging.WARNING]
+    ((_, unbounded),) = notes
+    assert str(bare) in unbounded and "CN=bounded" in unbounded and "bare" in unbounded
+    for key in (renewed, doubled):
+        signed = ReleaseSigner(key).sign(STATEMENT)
+        assert verifier.verify(STATEMENT, signed.signature, signed.key_id)

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from strongroom.attestation.release_keys import load_trusted_keys
+from strongroom.attestation.release_keys import NOT_BEFORE_LEEWAY, load_trusted_keys
 from strongroom.attestation.release_signature import ReleaseVerifier, signing_key_id
 from strongroom.attestation.release_signature import load_signing_key as load_release_key
 from strongroom.cli.main import build_parser
@@ -181,6 +181,11 @@ def test_generated_secret_values_appear_nowhere_else(helm: str, tmp_path: Path) 
     assert trusted.not_before is not None and trusted.not_after is not None
     assert abs(trusted.not_before - dt.datetime.now(dt.UTC)) < dt.timedelta(hours=1)
     assert trusted.not_after - trusted.not_before == dt.timedelta(days=36500)
+    # Dated by the clock of the machine running Helm: a pod whose clock is more than
+    # NOT_BEFORE_LEEWAY behind it refuses every answer until it catches up (deploy/README).
+    assert trusted.refusal(trusted.not_before - NOT_BEFORE_LEEWAY) is None
+    behind = trusted.refusal(trusted.not_before - NOT_BEFORE_LEEWAY - dt.timedelta(seconds=1))
+    assert behind is not None and behind.reason == "RELEASE_SIGNING_KEY_NOT_YET_VALID"
     others = yaml.safe_dump_all([d for d in docs if d is not secret])
     for value in secret["data"].values():
         assert value not in others

@@ -260,6 +260,21 @@ def test_an_answer_refused_before_its_signature_is_checked_is_logged_as_loudly(
     assert record.reason == reason  # type: ignore[attr-defined]
 
 
+def test_an_answer_read_as_bytes_keeps_grpcs_receive_limit(
+    peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The answer is read as bytes and parsed here (RELEASE_ANSWER_MALFORMED), but the channel's
+    limits still come first: an answer past gRPC's receive limit (4 MiB) is refused by gRPC,
+    RESOURCE_EXHAUSTED, before a byte of it is parsed or logged."""
+    with (
+        caplog.at_level(logging.ERROR, logger="strongroom.client.keyrelease"),
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        peer.release(lambda request, response: bytes(5 * 1024 * 1024))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.name == "strongroom.client.keyrelease"]
+
+
 def test_an_answer_re_signed_with_the_peers_own_key_is_refused(peer: Peer) -> None:
     own = ReleaseSigner(Ed25519PrivateKey.generate())
 
@@ -438,23 +453,32 @@ def test_an_inference_server_warns_at_start_of_keys_expired_or_ending_soon(
     lasting = _certified_broker_key(
         world.stack, tmp_path, now - dt.timedelta(days=1), now + dt.timedelta(days=400)
     )
-    settings = {
-        **world.stack.default_section("inference"),
-        "release_signing_public_keys": [str(ending), str(expired), str(lasting)],
-        "release_signing_key_warning_seconds": 7 * 86400,
-    }
-    common, config = load_service_config(
-        world.stack.write_config("inference", settings), "inference", InferenceConfig
-    )
     logger = "strongroom.attestation.release_signature"
-    with caplog.at_level(logging.WARNING, logger=logger):
-        verifier = release_verifier(common, config)
-    assert len(verifier.key_ids) == 1  # one key, in three certificates
-    notes = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == logger]
-    assert [level for level, _ in notes] == [logging.WARNING, logging.ERROR]
-    assert ending.name in notes[0][1] and "expires at" in notes[0][1]
-    assert expired.name in notes[1][1] and "expired at" in notes[1][1]
-    assert not any(lasting.name in message for _, message in notes)
+
+    def notes_at_start(*files: Path) -> list[tuple[int, str]]:
+        settings = {
+            **world.stack.default_section("inference"),
+            "release_signing_public_keys": [str(f) for f in files],
+            "release_signing_key_warning_seconds": 7 * 86400,
+        }
+        common, config = load_service_config(
+            world.stack.write_config("inference", settings), "inference", InferenceConfig
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=logger):
+            verifier = release_verifier(common, config)
+        assert len(verifier.key_ids) == 1  # one key, however many certificates
+        return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == logger]
+
+    # The key is judged as a verification judges it, by its longest-lived valid certificate:
+    # with the lasting one listed, the others are superseded and nothing needs saying.
+    assert notes_at_start(ending, expired, lasting) == []
+    ((level, message),) = notes_at_start(ending, expired)
+    assert level == logging.WARNING and ending.name in message and "expires at" in message
+    notes = notes_at_start(expired)
+    assert [level for level, _ in notes] == [logging.ERROR, logging.ERROR]
+    assert expired.name in notes[0][1] and "expired at" in notes[0][1]
+    assert "every key release will be refused" in notes[1][1]
 
 
 def _inference_config(
