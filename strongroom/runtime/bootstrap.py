@@ -228,8 +228,10 @@ def run_service(
                     after_start=(lambda: after_start(running)) if after_start else None
                 )
             finally:
-                abandoned = running.host.abandoned
-                running.close()
+                try:
+                    running.close()  # a service's close stops its host too, when nothing did
+                finally:
+                    abandoned = running.host.abandoned
         finally:
             identity.close()
     except StrongroomError as exc:
