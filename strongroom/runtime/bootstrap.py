@@ -26,6 +26,7 @@ from strongroom.runtime.config import (
 from strongroom.runtime.interceptors import RefusalObserver
 from strongroom.runtime.logs import configure_logging
 from strongroom.runtime.metrics import install_meter_provider
+from strongroom.runtime.process import exit_abandoning, stop_on_early_signal
 from strongroom.runtime.secrets import require_private
 from strongroom.runtime.server import (
     HEALTH_SERVICE,
@@ -210,6 +211,8 @@ def run_service(
     """``strongroom serve SERVICE``: configure, enrol, build, serve until SIGTERM, drain, close."""
     common, section = load_service_config(config_path, service, section_cls)
     configure_logging(common.logging, service)
+    stop_on_early_signal()
+    abandoned = 0
     # From here on, why the service stops is in its log, enrolment's failures included (a CA
     # root missing, a token refused, the identity not the configured one): they were printed by
     # the command line only, and the log said nothing of why the process had ended.
@@ -225,7 +228,10 @@ def run_service(
                     after_start=(lambda: after_start(running)) if after_start else None
                 )
             finally:
-                running.close()
+                try:
+                    running.close()  # a service's close stops its host too, when nothing did
+                finally:
+                    abandoned = running.host.abandoned
         finally:
             identity.close()
     except StrongroomError as exc:
@@ -235,4 +241,6 @@ def run_service(
         # The command line prints it as one line; the service's log keeps where it happened.
         log.exception("%s stopped on an operating-system error", service)
         raise
+    if abandoned:
+        exit_abandoning(abandoned)  # the pool's threads would hold the exit for good
     return 0

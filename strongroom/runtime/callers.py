@@ -70,7 +70,13 @@ from typing import Any, NoReturn
 
 import grpc
 
-from strongroom.errors import REFUSAL_CALL, REFUSAL_LINE, Cancelled, ResourceExhausted
+from strongroom.errors import (
+    REFUSAL_CALL,
+    REFUSAL_LINE,
+    Cancelled,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from strongroom.pki.authz import verified_caller
 from strongroom.pki.errors import PeerUnauthenticated
 from strongroom.reasons import Reason
@@ -442,7 +448,12 @@ class UnaryGuard(HandlerInterceptor):
             request = read()
             read_one = True
             return request
-        except Cancelled:
+        except (Cancelled, InvalidArgument):
+            # A watchdog's cancel (under the lock, while the call is late or stalled, which it
+            # stays until this wait ends) reaches the read as the call's cancellation or, in
+            # about one run of three, first as the end of its request stream (gRPC completes
+            # the pending read empty before it records the cancel): the watchdog's reason is
+            # the call's either way, else the read's own refusal stands.
             with self._lock:
                 late = context in self._late
                 stalled = context in self._stalled

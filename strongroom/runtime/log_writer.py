@@ -158,10 +158,7 @@ class ServiceLog(logging.Handler):
         stream = self.stream
         if getattr(stream, "closed", False):
             return None  # its descriptor's number may be another file's by now
-        data = (line + "\n").encode(
-            getattr(stream, "encoding", None) or "utf-8",
-            getattr(stream, "errors", None) or "backslashreplace",
-        )
+        data = _encoded(stream, line + "\n")
         if len(data) > select.PIPE_BUF:
             return None
         try:
@@ -188,10 +185,7 @@ class ServiceLog(logging.Handler):
                 stream.write(line + "\n")
                 stream.flush()
             return
-        data = (line + "\n").encode(
-            getattr(stream, "encoding", None) or "utf-8",
-            getattr(stream, "errors", None) or "backslashreplace",
-        )
+        data = _encoded(stream, line + "\n")
         try:
             if len(data) > select.PIPE_BUF and not stat.S_ISREG(os.fstat(self._fd).st_mode):
                 return
@@ -228,11 +222,8 @@ class ServiceLog(logging.Handler):
                 line, size, refusal = self._lines[0]
                 dropped, self._dropped = self._dropped, 0
             try:
-                if dropped:
-                    self.stream.write(self._dropped_line(dropped) + "\n")
-                self.stream.write(line + "\n")
-                if len(self._lines) == 1:
-                    self.stream.flush()
+                text = f"{self._dropped_line(dropped)}\n{line}\n" if dropped else line + "\n"
+                self._put(text, last=len(self._lines) == 1)
             except Exception:  # a closed or broken destination: nowhere to say it either
                 with self._state:
                     self._dropped += 1
@@ -247,11 +238,29 @@ class ServiceLog(logging.Handler):
             dropped, self._dropped = self._dropped, 0
         if dropped:
             with contextlib.suppress(Exception):
-                self.stream.write(self._dropped_line(dropped) + "\n")
-                self.stream.flush()
+                self._put(self._dropped_line(dropped) + "\n", last=True)
         with self._state:
             self._ended = True
             self._state.notify_all()
+
+    def _put(self, text: str, *, last: bool) -> None:
+        """Writes ``text`` for the writer thread, to the destination's descriptor when it has one
+        (``last``: nothing more is queued, a buffer is flushed).
+
+        Through the stream, the thread waited for a destination that took nothing inside the
+        stream's buffer (sys.stderr's, unless PYTHONUNBUFFERED) holding its lock: at exit the
+        interpreter's own flush of stderr waited for that lock, and the process never ended
+        (Python 3.11; later ones abort instead, "could not acquire lock ... at interpreter
+        shutdown"). On the descriptor it waits in the system call, holding no lock."""
+        stream = self.stream
+        if self._fd is None:  # a buffer: it does not wait
+            stream.write(text)
+            if last:
+                stream.flush()
+            return
+        if getattr(stream, "closed", False):  # its descriptor's number may be another file's
+            raise ValueError("the log's destination is closed")
+        _write_waiting(self._fd, _encoded(stream, text))
 
     def _dropped_line(self, dropped: int) -> str:
         record = logging.LogRecord(
@@ -318,7 +327,33 @@ def _file_descriptor(stream: Any) -> int | None:
     return fd if isinstance(fd, int) else None
 
 
+def _encoded(stream: Any, text: str) -> bytes:
+    """``text`` in ``stream``'s encoding (with its error handler), as the stream would write it."""
+    return text.encode(
+        getattr(stream, "encoding", None) or "utf-8",
+        getattr(stream, "errors", None) or "backslashreplace",
+    )
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _write_waiting(fd: int, data: bytes) -> None:
+    """Writes all of ``data`` to ``fd``, waiting as long as it takes: a write that took part of
+    it goes on with the rest, and a non-blocking descriptor (one another process sharing the
+    pipe set so) that is full is waited on until it takes more, rather than the line lost.
+    Raises OSError when the destination fails (EPIPE: its reader has gone; the interpreter
+    ignores SIGPIPE, so that is an error, not the process's death)."""
+    view = memoryview(data)
+    poll: select.poll | None = None
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            if poll is None:
+                poll = select.poll()
+                poll.register(fd, select.POLLOUT)
+            poll.poll()  # POLLERR, POLLHUP: the next write raises what is wrong

@@ -53,14 +53,19 @@ MB. Only for inference: the broker and the store hold no large buffers, and thei
 were measured without it.
 
 :func:`forbid_core_dumps` is the other half of how a service's process runs: ``strongroom serve``
-calls it for every service before anything else.
+calls it for every service before anything else. How it ends: :func:`stop_on_early_signal` and
+:func:`exit_abandoning`.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import resource
+import signal
 from collections.abc import Mapping
-from types import MappingProxyType
+from types import FrameType, MappingProxyType
+from typing import NoReturn
 
 PROCESS_ENV: Mapping[str, str] = MappingProxyType(
     {
@@ -101,3 +106,37 @@ def forbid_core_dumps() -> None:
     and benchmarks read, and the limit already keeps the core from being written.
     """
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+log = logging.getLogger(__name__)
+
+
+def stop_on_early_signal() -> None:
+    """Has SIGTERM stop a service that is still starting (enrolling, opening its HSM, loading)
+    the way an error would: its ``finally`` clauses run and the log's queue is written at exit.
+
+    Until the host installs its own handler (:meth:`~strongroom.runtime.server.ServiceHost.run_until_signal`),
+    SIGTERM had its default action: the process died at once, and the lines its log had queued
+    (a collector slow to read) were never written, the last of them saying what it was doing.
+    The exit status is the one a death by the signal reports (128 + its number)."""
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.warning("signal received while starting; stopping", extra={"signal": signum})
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+
+
+def exit_abandoning(calls: int) -> NoReturn:
+    """Ends the process now, its log written first (within its flush budget, FLUSH_SECONDS),
+    without waiting for the ``calls`` handlers the server's stop gave up on.
+
+    At exit, ``concurrent.futures`` joins every worker thread of the server's pool: past the
+    drain (:data:`~strongroom.runtime.server.HANDLER_DRAIN_SECONDS`), a hung handler (an HSM
+    that does not answer) held the process until the kubelet killed it at 30 s, its last log
+    lines (queued for a slow collector) lost, and its exit handlers cut off wherever they were.
+    Exit handlers (pending spans' export among them) do not run: each may wait on what hangs.
+    The status is 0: the service stopped when asked, the abandoned calls are the log's to say."""
+    log.warning("exiting with %d calls abandoned", calls, extra={"abandoned": calls})
+    logging.shutdown()
+    os._exit(0)

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -148,6 +149,7 @@ class ServiceHost:
         scoped = any(spec.caller_checks is not None for spec in self._services)
         self._health = HealthServicer(self._caller_view if scoped else None)
         self._stopped = threading.Event()
+        self._drained = threading.Event()  # stop() has returned: drained, or given up on them
         self._check_interval = check_interval
         self.not_ready_reason: str | None = "starting"
         options = [
@@ -198,9 +200,11 @@ class ServiceHost:
             # Data-plane unary calls and blocking streams hold a data-plane worker already.
             return not non_blocking and not shares.is_control_plane(method)
 
-        self._pool = futures.ThreadPoolExecutor(
-            max_workers=config.max_workers, thread_name_prefix="rpc"
-        )
+        self._pool = _CountingPool(max_workers=config.max_workers, thread_name_prefix="rpc")
+        self.abandoned = 0
+        """Handlers still running when :meth:`stop` gave up waiting for them (0: none); the
+        process that stops with any must not wait for them at exit
+        (:func:`~strongroom.runtime.process.exit_abandoning`)."""
         self._server = grpc.server(
             self._pool,
             # Outermost first. Metrics read the final status; tracing comes next so that the error
@@ -333,16 +337,19 @@ class ServiceHost:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self._health.enter_graceful_shutdown()
-        grace = self._config.grace_seconds if grace is None else grace
-        self._server.stop(grace).wait()
-        self._drain_handlers()
-        # Their watchdogs' threads end with the server (each stopped host left two running).
-        self.unary.close()
-        self.streams.close()
-        if self._health_server is not None:
-            self._health_server.stop()
-        log.info("stopped")
+        try:
+            self._health.enter_graceful_shutdown()
+            grace = self._config.grace_seconds if grace is None else grace
+            self._server.stop(grace).wait()
+            self._drain_handlers()
+            # Their watchdogs' threads end with the server (each stopped host left two running).
+            self.unary.close()
+            self.streams.close()
+            if self._health_server is not None:
+                self._health_server.stop()
+            log.info("stopped")
+        finally:
+            self._drained.set()
 
     def _drain_handlers(self) -> None:
         """Waits, up to :data:`HANDLER_DRAIN_SECONDS`, for handlers still running.
@@ -361,15 +368,22 @@ class ServiceHost:
         waiter.start()
         waiter.join(HANDLER_DRAIN_SECONDS)
         if waiter.is_alive():
+            self.abandoned = max(1, self._pool.running())  # one at least keeps the pool alive
             log.warning(
-                "handlers still running %.0f s after the server stopped; stopping without them",
+                "%d calls' handlers still running %.0f s after the server stopped; stopping "
+                "without them",
+                self.abandoned,
                 HANDLER_DRAIN_SECONDS,
+                extra={"abandoned": self.abandoned},
             )
 
     def wait(self) -> None:
-        """Blocks until :meth:`stop` is called (for instance by SIGTERM)."""
-        self._stopped.wait()
-        self._server.wait_for_termination()
+        """Blocks until :meth:`stop` (for instance on SIGTERM) has returned.
+
+        It returned once gRPC's server had terminated, before the stop's drain of the handlers
+        still running: what a service does once stopped (the key broker's last audit records,
+        then closing its log) ran beside them after all, and :attr:`abandoned` was not known."""
+        self._drained.wait()
 
     def run_until_signal(self, after_start: Callable[[], None] | None = None) -> None:
         """Starts (then calls ``after_start``), and stops gracefully on SIGTERM or SIGINT."""
@@ -385,6 +399,39 @@ class ServiceHost:
         if after_start is not None:
             after_start()
         self.wait()
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _CountingPool(futures.ThreadPoolExecutor):
+    """The server's worker pool, counting the tasks (gRPC's handlers of calls) running now: how
+    many calls a stop that gave up on them abandons."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self._count = threading.Lock()
+        self._running = 0
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> futures.Future[T]:
+        """Schedules ``fn`` as the pool does, counted in :meth:`running` while it runs."""
+
+        def counted() -> T:
+            with self._count:
+                self._running += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._count:
+                    self._running -= 1
+
+        return super().submit(counted)
+
+    def running(self) -> int:
+        """Tasks running now."""
+        with self._count:
+            return self._running
 
 
 def settle_heap() -> None:

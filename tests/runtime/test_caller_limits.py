@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -36,7 +37,7 @@ from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.callers import ROLELESS, TRUSTED_WAIT_SECONDS
 from strongroom.runtime.config import ConfigError, ServerConfig
-from strongroom.runtime.interceptors import RefusalObserver
+from strongroom.runtime.interceptors import PendingRequest, RefusalObserver
 from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
 from tests.conftest import buffered_service_log
@@ -1196,11 +1197,63 @@ def test_a_callers_flood_of_calls_the_watchdog_cancels_writes_its_budget_of_line
     handler.close()
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     cancelled = [r for r in lines if r["msg"] == "cancelling a call: no request message"]
-    # The call's own line (REQUEST_MESSAGE_TIMEOUT, or MALFORMED_REQUEST when its read saw the
-    # cancel as the request's end) goes with the watchdog's.
+    # The call's own line (REQUEST_MESSAGE_TIMEOUT, however its read saw the cancel) goes with
+    # the watchdog's.
     failed = [r for r in lines if r["msg"] == "rpc failed"]
     assert len(cancelled) == len(failed) == REFUSED_CALLS_BURST, lines
     (summary,) = [r for r in lines if r["msg"] == "refused calls not logged"]
     assert summary["by_caller_and_reason"] == [
         [str(sid("client")), "REQUEST_MESSAGE_TIMEOUT", calls - REFUSED_CALLS_BURST]
     ]
+
+
+def _ended_by_its_cancel(requests: Iterator[Any]) -> Iterator[Any]:
+    """A call's request stream read as gRPC reads it when the empty completion of its pending
+    read comes before the record of its cancel (about one run in three): the cancel seen as the
+    stream's end."""
+    try:
+        yield from requests
+    except grpc.RpcError:
+        return
+
+
+@pytest.mark.parametrize("watchdog", ["wait bound", "trust"])
+def test_a_call_a_watchdog_cancelled_is_refused_for_the_watchdogs_reason_however_its_read_ends(
+    mesh: Callable[..., Mesh],
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+    watchdog: str,
+) -> None:
+    """A call a watchdog cancelled for want of its request message (the wait bound's
+    REQUEST_MESSAGE_TIMEOUT, the trust's TOO_MANY_WORKERS_PER_IDENTITY) had its empty read taken
+    as the end of its request stream in about one run of three, and its "rpc failed" line (what
+    a refusal observer hears, the audit of a refused release) said MALFORMED_REQUEST. The read
+    ends that way every time here; the watchdog's reason is the call's."""
+    real = PendingRequest.__init__
+
+    def init(self: PendingRequest, requests: Iterator[Any], *args: Any) -> None:
+        real(self, _ended_by_its_cancel(requests), *args)
+
+    monkeypatch.setattr(PendingRequest, "__init__", init)
+    handler, stream = buffered_service_log(monkeypatch)
+    if watchdog == "wait bound":
+        running = mesh(health_request_wait_seconds=0.2)
+        reason, stalls = "REQUEST_MESSAGE_TIMEOUT", 1
+    else:  # 7 data-plane workers, 3 per identity: the fourth wait is on trust, then cancelled
+        running = mesh(max_workers=8, health_request_wait_seconds=60)
+        reason, stalls = "TOO_MANY_WORKERS_PER_IDENTITY", 4
+    channel = running.caller("client")
+    gate = threading.Event()
+    try:
+        counted = stall_watches(channel, gate, stalls - 1)  # kept: a call let go is cancelled
+        assert settled(lambda: running.host.shares.held_now() == len(counted))
+        (cancelled,) = stall_watches(channel, gate, 1)
+        assert refusal(lambda: next(cancelled))[0] == grpc.StatusCode.CANCELLED
+    finally:
+        gate.set()
+    assert settled(lambda: running.host.shares.held_now() == 0)
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failed = Counter(r["reason"] for r in lines if r["msg"] == "rpc failed")
+    # The others, never cancelled, end when their stream does, without a message.
+    assert failed == Counter({reason: 1, "MALFORMED_REQUEST": stalls - 1}), lines

@@ -309,3 +309,90 @@ def test_a_line_naming_its_call_is_about_that_call_not_the_one_running_on_its_th
     assert "rpc failed: running" in lines  # its own verdict, its budget of NAME_EMPTY
     assert "stream ended: named" not in lines  # past its reason's budget...
     assert "rpc failed: named" not in lines  # ...and its call's other lines with it
+
+
+def test_a_process_whose_log_reader_stopped_reading_still_exits() -> None:
+    """The log's thread wrote through ``sys.stderr``: with a collector that stopped reading (a
+    full pipe) and stderr buffered (no PYTHONUNBUFFERED: any run outside the image), it waited
+    inside the stream's buffer holding its lock, and at exit the interpreter's own flush of
+    stderr waited for that lock: the process never ended (newer Pythons abort there instead).
+    It writes to the descriptor now, holding no lock while it waits: the process ends once the
+    log's flush budget (FLUSH_SECONDS) is spent, its exit status its own."""
+    script = (
+        "import logging\n"
+        "from strongroom.runtime.config import LoggingConfig\n"
+        "from strongroom.runtime.logs import configure_logging\n"
+        "configure_logging(LoggingConfig(format='json'), 'inference')\n"
+        "for n in range(2000):\n"  # ~500 KiB: fills the pipe, the rest queued
+        "    logging.getLogger('strongroom.inference').warning('line %d %s', n, 'x' * 200)\n"
+        "print('logged', flush=True)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read_end, write_end = os.pipe()  # stderr: a collector that never reads
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            check=False,
+            stdout=subprocess.PIPE,
+            stderr=write_end,
+            text=True,
+            timeout=60,  # a hang, not a speed: the old code never ended
+            cwd=REPO,
+            env={**env, "PYTHONPATH": str(REPO)},
+        )
+    finally:
+        os.close(write_end)
+        os.close(read_end)
+    assert (done.returncode, done.stdout) == (0, "logged\n")
+
+
+def test_the_log_waits_for_a_full_non_blocking_destination_rather_than_losing_lines() -> None:
+    """A pipe another process sharing it set non-blocking (O_NONBLOCK is the pipe's, not the
+    descriptor's) made the writer's write fail once full: lines were lost, counted or not.
+    The writer waits for the pipe to take them, whole and in order."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    stream = os.fdopen(write_end, "w")
+    handler = ServiceLog(stream)
+    handler.setFormatter(JsonFormatter("test"))
+    logger = logging.getLogger("strongroom.test.nonblocking")
+    logger.addHandler(handler)
+    logger.propagate = False
+    received = bytearray()
+    try:
+        for n in range(1000):  # ~160 KiB: more than the pipe holds
+            logger.warning("line %d %s", n, "x" * 100)
+
+        def read() -> None:
+            while chunk := os.read(read_end, 1 << 16):
+                received.extend(chunk)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        handler.close()
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+        stream.close()
+    reader.join(30)
+    os.close(read_end)
+    lines = [json.loads(line)["msg"] for line in received.decode().splitlines()]
+    assert lines == [f"line {n} {'x' * 100}" for n in range(1000)]
+
+
+def test_a_destination_whose_reader_has_gone_costs_the_log_nothing_but_its_lines() -> None:
+    """A pipe whose reader has gone (EPIPE; the interpreter ignores SIGPIPE): each line is
+    counted dropped, the writer goes on, and the close ends it."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = os.fdopen(write_end, "w")
+    handler = ServiceLog(stream)
+    handler.setFormatter(JsonFormatter("test"))
+    try:
+        for n in range(10):
+            handler.handle(logging.makeLogRecord({"msg": f"line {n}"}))
+        handler.close()
+        assert not handler._writer.is_alive()
+    finally:
+        with contextlib.suppress(OSError):
+            stream.close()

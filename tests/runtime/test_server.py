@@ -25,6 +25,7 @@ from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime import health as health_module
 from strongroom.runtime import health_port as health_port_module
 from strongroom.runtime import log_writer
+from strongroom.runtime import server as server_module
 from strongroom.runtime.config import LoggingConfig, ServerConfig
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler, rewrap_handler
 from strongroom.runtime.health import MAX_SERVICE_NAME
@@ -294,6 +295,30 @@ def test_stop_returns_only_once_cancelled_calls_handlers_have_returned(
     stopper.join(10)
     assert not stopper.is_alive()
     t.join(10)
+
+
+def test_wait_returns_only_once_stop_has_drained_the_handlers_and_counts_those_it_gave_up(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``wait`` (what ``run_until_signal`` returns after, and the service then closes what it
+    holds) returned once gRPC's server had terminated, before the stop's drain of the
+    handlers still running: the service closed its audit log beside handlers still deciding,
+    the drain bounded for nothing. It returns once the stop has, which knows how many calls'
+    handlers it gave up on (the process then exits without them)."""
+    monkeypatch.setattr(server_module, "HANDLER_DRAIN_SECONDS", 0.5)  # the handler outlasts it
+    h, behaviour, channel = host
+    t = threading.Thread(target=_call_quietly, args=(channel, b"slow"))
+    t.start()
+    assert behaviour.started.wait(5)
+    stopper = threading.Thread(target=h.stop, kwargs={"grace": 0})
+    stopper.start()
+    h.wait()
+    stopping = stopper.is_alive()
+    behaviour.release.set()
+    stopper.join(10)
+    t.join(10)
+    assert not stopping
+    assert h.abandoned == 1
 
 
 def _call_quietly(channel: grpc.Channel, payload: bytes) -> None:

@@ -1,0 +1,88 @@
+"""A service run as ``strongroom serve`` runs one (:func:`~strongroom.runtime.bootstrap.run_service`:
+its logging, its signals, its stop and exit), but with no CA, configuration file or metrics, for
+tests of how the process ends. Run as a program: ``python -m tests.runtime.stopping_service MODE``.
+
+``hung``: serves ``/test.Hung/Call``, whose handler never returns, prints the port on stdout,
+and prints ``entered`` once a call's handler runs. ``starting``: logs ``LINES`` lines while it
+starts (more than a pipe holds), prints ``started``, and takes for ever to finish starting.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+
+from strongroom.runtime import bootstrap
+from strongroom.runtime.config import LoggingConfig, ServerConfig
+from strongroom.runtime.server import ServiceHost, ServiceSpec
+
+SERVICE = "test.Hung"
+LINES = 2000
+
+
+class _Identity:
+    def close(self) -> None:
+        pass
+
+
+class _Running:
+    def __init__(self, host: ServiceHost) -> None:
+        self.host = host
+
+    def close(self, grace: float | None = 0) -> None:
+        pass
+
+
+def _hung_host() -> _Running:
+    never = threading.Event()
+
+    def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+        print("entered", flush=True)
+        never.wait()  # a handler stuck for good (an HSM that does not answer)
+        return request
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE, {"Call": grpc.unary_unary_rpc_method_handler(call)}
+    )
+    host = ServiceHost(
+        listen="127.0.0.1:0",
+        credentials=None,
+        services=[ServiceSpec(SERVICE, lambda server: server.add_generic_rpc_handlers((handler,)))],
+        config=ServerConfig(grace_seconds=0.2),
+    )
+    return _Running(host)
+
+
+def _starting() -> _Running:
+    log = bootstrap.log
+    for n in range(LINES):
+        log.info("starting %d %s", n, "x" * 200)
+    print("started", flush=True)
+    time.sleep(3600)  # enrolment, an HSM, a model: starting takes long
+    raise AssertionError("never started")
+
+
+def main(mode: str) -> int:
+    common = SimpleNamespace(
+        production=False, logging=LoggingConfig(format="json"), tracing=None, identity=None
+    )
+    bootstrap.load_service_config = lambda *_: (common, None)  # type: ignore[assignment]
+    bootstrap.open_identity = lambda *_, **__: _Identity()  # type: ignore[assignment]
+    bootstrap.install_meter_provider = lambda *_, **__: None  # type: ignore[assignment]
+
+    def build(*_: Any) -> _Running:
+        return _hung_host() if mode == "hung" else _starting()
+
+    def started(running: _Running) -> None:
+        print(running.host.port, flush=True)
+
+    return bootstrap.run_service("test", None, object, build, after_start=started)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

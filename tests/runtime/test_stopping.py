@@ -1,0 +1,87 @@
+"""How a service's process ends (``strongroom serve``): on SIGTERM while it starts, and when its
+stop gave up on handlers that never return. Real processes (tests.runtime.stopping_service)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import grpc
+
+from tests.conftest import REPO
+from tests.runtime.stopping_service import LINES, SERVICE
+
+
+def _start(mode: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.runtime.stopping_service", mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def _raw(data: bytes) -> bytes:
+    return data
+
+
+def _log(stderr: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def test_a_service_whose_handler_hangs_exits_once_drained_saying_how_many_calls_it_abandoned() -> (
+    None
+):
+    """Past the stop's drain (HANDLER_DRAIN_SECONDS), the process said "stopping without them"
+    and then never ended: at exit ``concurrent.futures`` waited for the hung handler's thread,
+    until the kubelet killed it at 30 s, its last log lines (queued for a slow collector) lost.
+    It writes its log now and exits at once, its last line saying how many calls it abandoned."""
+    process = _start("hung")
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(f"/{SERVICE}/Call", _raw, _raw).future(b"x", timeout=120)
+            assert process.stdout.readline() == "entered\n"
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=60)  # a hang, not a speed: it never ended
+            call.cancel()
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, stderr
+    lines = _log(stderr)
+    (drained,) = [r for r in lines if "still running" in r["msg"]]
+    assert drained["abandoned"] == 1
+    assert (lines[-1]["msg"], lines[-1]["abandoned"]) == ("exiting with 1 calls abandoned", 1)
+
+
+def test_sigterm_while_a_service_starts_loses_no_log_line() -> None:
+    """SIGTERM had its default action until the host installed its handler, as it began to
+    serve: a service still starting (enrolling, opening its HSM) died at once, and the lines
+    its log had queued for a collector slow to read were never written. It stops as an error
+    would stop it now: its log written, its last line saying why, the status a death by
+    SIGTERM reports."""
+    process = _start("starting")
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "started\n"  # its log's lines queued: stderr unread
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    lines = _log(stderr)
+    starting = [r["msg"] for r in lines if r["msg"].startswith("starting ")]
+    assert len(starting) == LINES
+    assert (lines[-1]["msg"], lines[-1]["signal"]) == (
+        "signal received while starting; stopping",
+        signal.SIGTERM,
+    )
