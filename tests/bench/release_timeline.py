@@ -3,9 +3,10 @@
 ``python -m tests.bench.release_timeline [--releases N]`` starts a DevStack broker in this process
 (as ``keybroker_bench`` does, in a child with the broker's process environment), makes lone
 releases from one caller, and stamps ``time.perf_counter_ns()`` at each step of each release:
-the caller's two RPCs and its simulated report, the gRPC handlers' entry and exit, the engine's
-steps, the audit commit (its locks, its identity checks, each syscall of the write and the head,
-the signatures), the HSM worker's hand-offs and its C call, and the answer's signature. The
+the caller's two RPCs and its simulated report, the handler's first step, the engine's steps
+(the verification's own: parse, chain, signature, bindings, revocation), the audit commit (its
+locks, its identity checks, each syscall of the write and the head, the signatures), the HSM
+worker's hand-offs and its C call, and the answer's signature. The
 stamps are wrappers put around those functions for the run (bench-only: the broker's code is
 not changed); each wrapper costs about a microsecond, which the figures include.
 
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from strongroom.attestation.verify import snp
 from strongroom.dev.devstack import DevStack
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker import audit_head, hsm, keys, release, service
@@ -66,6 +68,13 @@ def _instrument(engine: Any, audit_log: Any) -> None:
     _wrap(service, "_caller", "handler.verified_caller")
     _wrap(engine, "release", "engine.release")
     _wrap(release, "verify_evidence", "verify_evidence")
+    # Inside the verification (SEV-SNP).
+    for name in ("parse_snp_report", "_split_certificates", "verify_key_chain"):
+        _wrap(snp, name, f"verify.{name}")
+    for name in ("_verify_signature", "_check_bindings"):
+        _wrap(snp, name, f"verify.{name}")
+    _wrap(engine._collateral, "crl", "verify.collateral.crl")
+    _wrap(snp._crl, "check_revocation", "verify.check_revocation")
     _wrap(engine._keys, "begin_release", "keys.begin_release")
     _wrap(engine._signer, "sign", "answer.sign")
     _wrap(release.log, "info", "log.info")
