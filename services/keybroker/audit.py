@@ -51,9 +51,8 @@ the write, the two syncs and the head's signature. :attr:`AuditLog.batch_sizes` 
 the batches formed. Each record is still signed on its own, by the committer: its ``seq`` and
 ``prev``, which the signature covers, are known only at commit time. A caller may pass
 ``on_written`` to :meth:`AuditLog.append`: the committer calls it once the record has its place in
-the batch and its line is written, just before the syncs, so work it starts overlaps them (the
-key broker starts its HSM re-wrap there; not before the write, which then often waited for that
-work to end: see ``_write_batch``).
+the batch, just before the write and the syncs, so work it starts overlaps them (the key broker
+starts its HSM re-wrap there).
 
 **Durability and failure.** A commit writes the lines and fsyncs them, then writes the head; if
 either step fails (disk full, file too large, I/O error, permissions) all lines of the batch are cut
@@ -691,7 +690,7 @@ class AuditLog(Closing):
         durable and covered by a signed head.
 
         ``on_written`` is called (by whichever thread commits) once the record has its place in
-        the log and is written, before it is synced: work started there overlaps the syncs (the
+        the log and is about to be written and synced: work started there overlaps the syncs (the
         key broker starts its HSM re-wrap). It should be quick (the batch waits for it); if it
         raises, that is logged and the commit goes on. It is not called if the commit fails before
         that point (a closed or tampered log, a record too large).
@@ -833,7 +832,14 @@ class AuditLog(Closing):
                 self._write_batch(batch)
                 return
         hashes = [record.hash for _, record in written]
-        self._write_records(data, hashes, written)
+        for pending, _ in written:
+            if pending.on_written is not None:
+                try:
+                    pending.on_written()
+                except Exception:
+                    # One caller's hook does not fail the batch: its work just does not overlap.
+                    _log.exception("an audit append's on_written hook raised")
+        self._write_records(data, hashes)
         head = Head(seq, prev, self._base)
         try:
             self._write_head(head)
@@ -878,21 +884,12 @@ class AuditLog(Closing):
             with contextlib.suppress(OSError):
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _write_records(
-        self, data: bytes, hashes: list[str], written: list[tuple[_Pending, AuditRecord]]
-    ) -> None:
-        """Writes and fsyncs a batch's lines, calling its callers' ``on_written`` hooks between
-        the two; on any failure, even a hook's BaseException, cuts the lines back and raises."""
+    def _write_records(self, data: bytes, hashes: list[str]) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(self._fd, view) :]
-            # The hooks run once the lines are written, right before their fsync: the thread a
-            # hook wakes (the HSM worker) takes the interpreter lock, and on a busy machine this
-            # thread's vCPU, at once, so a call that let go of the lock after the hook (the
-            # write did, when the hooks came first) waited for that thread's work to end, and
-            # the fsync started only then (tests/bench/release_timeline.py).
-            _call_hooks(written)
+                written = os.write(self._fd, view)
+                view = view[written:]
             os.fsync(self._fd)
         except BaseException as exc:
             self._cut_back(hashes)
@@ -1512,17 +1509,6 @@ class AuditLog(Closing):
             self._write_head(head)
         except OSError as exc:
             raise AuditUnavailable(f"cannot write the audit head: {exc.strerror}") from None
-
-
-def _call_hooks(written: list[tuple[_Pending, AuditRecord]]) -> None:
-    """Calls the ``on_written`` hook of each written record's caller."""
-    for pending, _ in written:
-        if pending.on_written is not None:
-            try:
-                pending.on_written()
-            except Exception:
-                # One caller's hook does not fail the batch: its work just does not overlap.
-                _log.exception("an audit append's on_written hook raised")
 
 
 def sealed_log_name(log_name: str, first_seq: int, last_seq: int) -> str:

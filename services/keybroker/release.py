@@ -7,8 +7,8 @@ to the ephemeral RSA key the attestation report binds.
 
 Once the evidence and the policy allow a release, what can still be refused before the HSM runs is
 checked (an acceptable OAEP hash, the key version exists and is enabled), and the HSM's re-wrap
-starts when the audit has written the ``ALLOWED`` record, before its fsync: it runs on the HSM's
-worker thread while the record and the signed head are synced, and the caller is answered
+starts when the audit has placed the ``ALLOWED`` record in its batch: it runs on the HSM's worker
+thread while the record and the signed head are written and synced, and the caller is answered
 when both are done. Nothing is wrapped before the decision, and nothing is sent before its record
 is durable. Should the re-wrap fail after the ``ALLOWED``
 record became durable, a ``DENIED`` record with the HSM's reason follows it under the same

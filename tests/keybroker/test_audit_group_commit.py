@@ -79,12 +79,12 @@ class _Gate:
         self.batches: list[bytes] = []  # the data of each commit's write, in order
         original = log._write_records
 
-        def held(data: bytes, hashes: list[str], *rest: Any) -> None:
+        def held(data: bytes, hashes: list[str]) -> None:
             self.batches.append(data)
             if len(self.batches) == 1:
                 self.entered.set()
                 _wait_until(lambda: log.queued >= waiting, f"{waiting} queued callers")
-            original(data, hashes, *rest)
+            original(data, hashes)
 
         monkeypatch.setattr(log, "_write_records", held)
 
@@ -230,9 +230,9 @@ def _fail_fsync(log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
     real_fsync = os.fsync
     state = {"doomed": False}
 
-    def write_records(data: bytes, hashes: list[str], *rest: Any) -> None:
+    def write_records(data: bytes, hashes: list[str]) -> None:
         state["doomed"] = _DOOMED in data
-        original(data, hashes, *rest)
+        original(data, hashes)
 
     def fsync(fd: int) -> None:
         if fd == log._fd and state["doomed"]:
@@ -249,9 +249,9 @@ def _fail_head(log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
     original_records, original_head = log._write_records, log._write_head
     state = {"doomed": False}
 
-    def write_records(data: bytes, hashes: list[str], *rest: Any) -> None:
+    def write_records(data: bytes, hashes: list[str]) -> None:
         state["doomed"] = _DOOMED in data
-        original_records(data, hashes, *rest)
+        original_records(data, hashes)
 
     def write_head(head: Any) -> None:
         if state["doomed"]:
@@ -301,9 +301,9 @@ def test_a_failed_batch_that_reappears_is_cut_off_not_anchored(
     captured: list[bytes] = []
     original = audit._write_records
 
-    def capture(data: bytes, hashes: list[str], *rest: Any) -> None:
+    def capture(data: bytes, hashes: list[str]) -> None:
         captured.append(data)
-        original(data, hashes, *rest)
+        original(data, hashes)
 
     monkeypatch.setattr(audit, "_write_records", capture)
     followers = [event(n, reason="DOOMED") for n in range(3)]
@@ -471,9 +471,9 @@ def test_every_caller_of_a_batch_hears_of_tampering(
     gated = audit._write_records
     calls: list[bytes] = []
 
-    def write(data: bytes, hashes: list[str], *rest: Any) -> None:
+    def write(data: bytes, hashes: list[str]) -> None:
         calls.append(data)
-        gated(data, hashes, *rest)
+        gated(data, hashes)
         if len(calls) == 1:
             _append_forged(log_path)  # someone appends while the first batch commits
 
@@ -549,31 +549,23 @@ def test_max_batch_is_bounded_by_what_crash_repair_anchors(
         AuditLog.open(log_path, signing_key, max_batch=bad)
 
 
-def test_on_written_runs_once_per_record_after_the_batch_is_written_before_its_fsync(
+def test_on_written_runs_once_per_record_before_the_batch_is_written(
     audit: AuditLog, log_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trace: list[str] = []
     gate = _Gate(audit, monkeypatch, 3)
     original = audit._write_records
-    real_fsync = os.fsync
 
-    def write_records(data: bytes, hashes: list[str], *rest: Any) -> None:
-        trace.append(f"batch {len(data.splitlines())}")
-        original(data, hashes, *rest)
-
-    def fsync(fd: int) -> None:
-        if fd == audit._fd:
-            trace.append("fsync")
-        real_fsync(fd)
+    def write_records(data: bytes, hashes: list[str]) -> None:
+        trace.append(f"write {len(data.splitlines())}")
+        original(data, hashes)
 
     monkeypatch.setattr(audit, "_write_records", write_records)
-    monkeypatch.setattr(audit_module.os, "fsync", fsync)
 
     def hook(name: str) -> Callable[[], None]:
         def called() -> None:
-            # The record's line is written (its work then does not hold up the write) but not
-            # yet synced when its caller's work starts.
-            assert name.encode() in log_path.read_bytes()
+            # The record is not on disk yet when its caller's work starts.
+            assert name.encode() not in log_path.read_bytes()
             trace.append(name)
 
         return called
@@ -584,28 +576,8 @@ def test_on_written_runs_once_per_record_after_the_batch_is_written_before_its_f
         names = ["FOLLOW_A", "FOLLOW_B", "FOLLOW_C"]
         rest = [pool.submit(audit.append, event(1, reason=n), on_written=hook(n)) for n in names]
     assert all(f.exception() is None for f in [leader, *rest])
-    assert trace[:3] == ["batch 1", "LEADING", "fsync"]
-    assert trace[3] == "batch 3" and sorted(trace[4:7]) == names and trace[7:] == ["fsync"]
-
-
-def test_a_hook_interrupted_after_the_write_leaves_no_record(
-    audit: AuditLog, log_path: Path, signing_key: Ed25519PrivateKey
-) -> None:
-    """A hook runs between the write and the fsync: should it raise past the commit (a signal's
-    handler raising in the committing thread), the written line is cut back, as after a failed
-    fsync, and the next commit does not anchor it."""
-
-    def interrupted() -> None:
-        raise KeyboardInterrupt
-
-    fill(audit, 1)
-    with pytest.raises(KeyboardInterrupt):
-        audit.append(event(1, reason="INTERRUPTED"), on_written=interrupted)
-    assert b"INTERRUPTED" not in log_path.read_bytes()
-    assert audit.append(event(2)).seq == 1
-    result = verify_audit_log(log_path, public_key=signing_key.public_key())
-    assert result.intact and result.records == 2
-    assert b"INTERRUPTED" not in log_path.read_bytes()
+    assert trace[:2] == ["LEADING", "write 1"]
+    assert sorted(trace[2:5]) == names and trace[5:] == ["write 3"]
 
 
 def test_a_raising_on_written_hook_fails_nobody(
