@@ -39,6 +39,8 @@ from strongroom.keybroker import audit_head, hsm, keys, release, service
 from tests.bench._child import child_main, run_in_child
 from tests.bench.keybroker_bench import FLEET_SERVER, caller_factory
 
+#: The module its child process runs (``python -m``: then ``__name__`` is ``__main__``).
+CHILD_MODULE = "tests.bench.release_timeline"
 _stamps: list[tuple[str, str, int]] = []
 _recording = threading.Event()
 
@@ -200,7 +202,7 @@ def _print(result: dict[str, Any]) -> None:
 def _main(argv: list[str]) -> None:
     releases = int(argv[argv.index("--releases") + 1]) if "--releases" in argv else 300
     options = {"releases": releases, "sequential": "--sequential" in argv}
-    result = run_in_child("tests.bench.release_timeline", "keybroker", options)
+    result = run_in_child(CHILD_MODULE, "keybroker", options)
     if "--json" in argv:
         print(json.dumps(result, indent=1))
     else:
