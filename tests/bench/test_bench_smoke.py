@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 
 from strongroom.dev.simulated import SimulatedAuthority
-from tests.bench import releasecpu_bench
+from tests.bench import release_timeline, releasecpu_bench
 from tests.bench import run as bench_run
+from tests.bench._child import run_in_child
 
 MiB = 1 << 20
 HERE = Path(bench_run.__file__).resolve().parent
@@ -218,3 +219,16 @@ def test_the_snapshot_launcher_serves_another_revisions_broker_package(tmp_path:
         [*launcher, "--help"], stdout=subprocess.PIPE, text=True, check=True, timeout=120
     )
     assert "keybroker from the snapshot" in shown.stdout
+
+
+def test_the_release_timeline_stamps_every_step_of_a_lone_release() -> None:
+    """``release_timeline`` (not an area: run by hand) in its child process, as its command line
+    runs it: its wrappers replace functions for the whole process, so never in this one."""
+    figures = run_in_child(release_timeline.CHILD_MODULE, "keybroker", {"releases": 3})
+    assert figures["releases"] == 3
+    spans = figures["spans_us_p50"]
+    steps = ("client.ReleaseKey", "engine.release", "verify._verify_signature", "audit.append")
+    for step in (*steps, "os.fsync", "os.fdatasync", "hsm.C_rewrap", "answer.sign"):
+        assert math.isfinite(spans[step]) and spans[step] > 0, step
+    assert figures["rows"][0]["stamp"] == "client.GetChallenge>"
+    assert {row["thread"] for row in figures["rows"]} >= {"MainThread", "hsm-strongroom-dev"}
