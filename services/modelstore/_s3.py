@@ -216,6 +216,32 @@ _THROTTLE_CODES = frozenset(
         "TooManyRequestsException",
     }
 )
+# KMS errors that say "not now" rather than "no": KMS throttling or failing, a key whose custom
+# key store cannot be reached for the moment (AWS: "you can retry the request").
+_KMS_PASSING_CODES = frozenset(
+    {
+        "KMS.DependencyTimeoutException",
+        "KMS.KMSInternalException",
+        "KMS.KeyUnavailableException",
+        "KMS.ThrottlingException",
+    }
+)
+
+
+def _throttled(code: str, status: int) -> bool:
+    return code in _THROTTLE_CODES or status == 429
+
+
+def _server_failed(code: str, status: int) -> bool:
+    return status >= 500 or code in ("ServiceUnavailable", "InternalError")
+
+
+def _passing(exc: botocore.exceptions.ClientError) -> bool:
+    """True if the object store's refusal may well not be met again: throttling, a 5xx past
+    botocore's retries, a KMS error of those kinds. False for a refusal that holds until someone
+    changes something (a disabled KMS key, a denied permission, an archived object)."""
+    code, status = _code(exc), _status(exc)
+    return code in _KMS_PASSING_CODES or _throttled(code, status) or _server_failed(code, status)
 
 
 def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
@@ -261,7 +287,7 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
             return StorageUnavailable(
                 f"the storage bucket does not exist ({what})", reason=Reason.S3_NO_SUCH_BUCKET
             )
-        if code in _THROTTLE_CODES or status == 429:
+        if _throttled(code, status):
             # Not a failing store: too many requests for the bucket (or the account). The fix is
             # the request rate or the provider's limits, not the provider's health.
             return StorageUnavailable(
@@ -269,7 +295,7 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
                 "retry later, or lower the request rate",
                 reason=Reason.S3_THROTTLED,
             )
-        if status >= 500 or code in ("ServiceUnavailable", "InternalError"):
+        if _server_failed(code, status):
             return StorageUnavailable(
                 f"the object store failed while {what} (HTTP {status})",
                 reason=Reason.S3_SERVER_ERROR,
@@ -1306,19 +1332,23 @@ class S3Storage(Closing):
         except botocore.exceptions.ClientError as exc:
             if _is_missing(exc):
                 return False
-            if _code(exc) == "NoSuchBucket":
+            if _code(exc) == "NoSuchBucket" or _passing(exc):
                 raise s3_error(exc, "reading an artifact's header") from None
             cause = _code(exc) or f"HTTP {_status(exc)}"
         except (*_S3_FAILURES, OSError) as exc:
-            cause = type(exc).__name__
+            # Nothing is deleted yet, so the delete fails and its retry deletes both. Taken as a
+            # refusal that lasts, one 503 (or a dropped connection) deleted the record and kept
+            # the blob, which no retry could find again: ciphertext left for good.
+            raise s3_error(exc, "reading an artifact's header") from None
         if cause is not None:
-            # The head did not come: the object holds none to read (an empty blob answers a
-            # range from byte 0 with 416, an archived one InvalidObjectState), its KMS key
-            # refuses it (disabled, pending deletion, no kms:Decrypt), or the object store failed
-            # after botocore's retries. Raised, the delete failed (a KMS key disabled after a
-            # compromise kept every model it protects from being deleted until it was enabled
-            # again); the record is the truth, so it is deleted, and the blob, whose owner
-            # cannot be told, is kept (the sweep reports it; README, Operating it).
+            # The head will not come until someone acts: the object holds none to read (an
+            # empty blob answers a range from byte 0 with 416, an archived one
+            # InvalidObjectState), or its KMS key refuses it (disabled, pending deletion, no
+            # kms:Decrypt). Raised, the delete failed (a KMS key disabled after a compromise kept
+            # every model it protects from being deleted until it was enabled again); the record
+            # is the truth, so it is deleted, and the blob, whose owner cannot be told, is kept
+            # (a later start's sweep reports it; README, Operating it). A failure a retry may not
+            # meet (5xx, throttling) fails the delete instead, above.
             log.warning(
                 "the head of blob %s of %s %s cannot be read (%s): the blob is kept",
                 blob,

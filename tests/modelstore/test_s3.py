@@ -1308,24 +1308,24 @@ def test_a_range_read_while_a_rewrap_deletes_its_blob_follows_the_rewrap(
         (400, "KMS.DisabledException"),
         (403, "KMS.AccessDeniedException"),
         (400, "KMS.KMSInvalidStateException"),
-        (503, "SlowDown"),
-        (500, "InternalError"),
     ],
 )
 def test_a_delete_whose_blob_head_cannot_be_read_deletes_the_record_and_keeps_the_blob(
     proxy: s3server.FaultProxy,
     proxied: Any,
+    s3_bucket: str,
     status: int,
     code: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A delete reads the blob's head to know whether the blob is its model's before deleting
     it. A KMS refusal of that read (the bucket's key disabled, say after a compromise, or no
-    kms:Decrypt) or the object store failing it past botocore's retries failed DeleteModel
-    (UNAVAILABLE S3_ERROR, or S3_ACCESS_DENIED naming the store's credentials), and for as long
-    as the key stayed disabled no model it protects could be deleted. The record is the truth:
-    it is deleted (nothing serves the model after), and the blob, whose owner cannot be told,
-    is kept and logged (the sweep reports it), never deleted on a guess."""
+    kms:Decrypt) failed DeleteModel (UNAVAILABLE S3_ERROR, or S3_ACCESS_DENIED naming the
+    store's credentials), and for as long as the key stayed disabled no model it protects could
+    be deleted. The record is the truth: it is deleted (nothing serves the model after), and the
+    blob, whose owner cannot be told, is kept and logged, never deleted on a guess; a later
+    start's sweep reports it as unreferenced (by its key, the one the WARNING named), which is
+    how an operator finds ciphertext a delete left behind."""
     store, stub = proxied
     store.put([make_artifact("m", "1", body(1000))], StructureValidator())
     fault = proxy.inject(
@@ -1337,10 +1337,58 @@ def test_a_delete_whose_blob_head_cannot_be_read_deletes_the_record_and_keeps_th
     assert fault.hits >= 1
     assert store.records() == ()
     assert len(store.blob_sizes()) == 1
-    assert any(code in r.getMessage() and "blob is kept" in r.getMessage() for r in caplog.records)
+    (kept,) = store.blob_sizes()
+    assert any(
+        code in r.getMessage() and kept in r.getMessage() and "blob is kept" in r.getMessage()
+        for r in caplog.records
+    )
     with pytest.raises(grpc.RpcError) as info:
         stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=60)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    later = replica(proxy.endpoint, s3_bucket, clock=lambda: datetime.now(UTC) + timedelta(days=2))
+    assert later.last_sweep is not None and later.last_sweep.orphan_blobs == (kept,)
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (503, "SlowDown"),
+        (500, "InternalError"),
+        (400, "KMS.ThrottlingException"),
+        (500, "KMS.KMSInternalException"),
+        (None, "dropped"),
+    ],
+)
+def test_a_delete_whose_blob_head_read_fails_for_now_deletes_nothing_and_a_retry_deletes_all(
+    proxy: s3server.FaultProxy, proxied: Any, status: int | None, code: str
+) -> None:
+    """A failure of the head's read that a retry may not meet (the object store or KMS failing
+    or throttling past botocore's retries, a dropped connection) deleted the record and kept
+    the blob, as a refusal that lasts does: a retry of the delete then found no record
+    (NOT_FOUND), so one transient 503 left the deleted model's ciphertext in the bucket for
+    good (an operator had to purge it by hand; whoever could make the object store answer 503
+    could have every delete leave its blob). Such a delete is UNAVAILABLE now with nothing
+    deleted, and its retry removes the record and the blob."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", body(1000))], StructureValidator())
+    fault = proxy.inject(
+        s3server.Fault(
+            lambda m, p: m == "GET" and "/p/blobs/" in p,
+            status=status,
+            code=None if status is None else code,
+            drop=status is None,
+        )
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.DeleteModel(pb.DeleteModelRequest(name="m", version="1"), timeout=60)
+    proxy.clear()
+    assert fault.hits >= 1
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert [(r.name, r.version) for r in store.records()] == [("m", "1")]
+    assert set(store.blob_sizes()) == set(store.referenced_blobs())
+    stub.DeleteModel(pb.DeleteModelRequest(name="m", version="1"), timeout=60)
+    assert store.records() == ()
+    assert store.blob_sizes() == {}
 
 
 @pytest.mark.parametrize(
