@@ -360,6 +360,18 @@ def _refused_at_once(exc: botocore.exceptions.ClientError) -> bool:
     return retries == 0 and 400 <= _status(exc) < 500
 
 
+def _read_up_to(body: Any, size: int) -> bytes:
+    """``size`` bytes of an answer's ``body``, fewer only where it ends.
+
+    One read may return fewer bytes than asked before the end (how many depends on urllib3's
+    version and the transfer coding): taken as the whole, a healthy index record was
+    INDEX_CORRUPT, a healthy head HEADER_CORRUPT, as on the filesystem (``_blobs.pread_full``)."""
+    data = bytearray()
+    while len(data) < size and (piece := body.read(size - len(data))):
+        data += piece
+    return bytes(data)
+
+
 def index_key_part(name: str, version: str) -> str:
     """The part of an index key after ``index/`` (its order is the (name, version) order)."""
     return f"{name}{_SEPARATOR}{version}"
@@ -991,12 +1003,12 @@ class S3Storage(Closing):
         body = response["Body"]
         try:
             # A record is about 1 KB; whoever can write the bucket could put gigabytes here.
-            data = body.read(MAX_INDEX_RECORD_BYTES + 1)
+            data = _read_up_to(body, MAX_INDEX_RECORD_BYTES + 1)
         except _S3_FAILURES as exc:
             raise s3_error(exc, "reading the model index") from None
         finally:
             body.close()
-        return bytes(data), str(response["ETag"])
+        return data, str(response["ETag"])
 
     def _get_index(self, name: str, version: str) -> _Indexed | None:
         read = self._read_index(name, version)
@@ -1326,7 +1338,7 @@ class S3Storage(Closing):
             )
             body = response["Body"]
             try:
-                head = body.read(size)  # a server may ignore the range and send everything
+                head = _read_up_to(body, size)  # a server may ignore the range, send everything
             finally:
                 body.close()
         except botocore.exceptions.ClientError as exc:
@@ -1588,7 +1600,7 @@ class S3Storage(Closing):
             )
             body = response["Body"]
             try:
-                head = body.read(record.header_size)  # a server may ignore the range
+                head = _read_up_to(body, record.header_size)  # a server may ignore the range
             finally:
                 body.close()
         except botocore.exceptions.ClientError as exc:
@@ -1971,7 +1983,7 @@ class S3Storage(Closing):
             )
             body = response["Body"]
             try:
-                head = body.read(record.header_size)
+                head = _read_up_to(body, record.header_size)
             finally:
                 body.close()
             header = parse_header(head)
