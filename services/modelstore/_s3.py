@@ -228,6 +228,16 @@ _KMS_PASSING_CODES = frozenset(
 )
 
 
+_ERROR_NAME = re.compile(r"[A-Za-z][A-Za-z0-9.]{0,63}")
+
+
+def _shown(code: str) -> str:
+    """``code`` as a caller may be told it: an error name (``SlowDown``,
+    ``KMS.DisabledException``), else "" (the object store, or a proxy before it, answers what it
+    likes, and a code of its making went into every caller's message as it was)."""
+    return code if _ERROR_NAME.fullmatch(code) else ""
+
+
 def _throttled(code: str, status: int) -> bool:
     return code in _THROTTLE_CODES or status == 429
 
@@ -260,7 +270,7 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        log.error("S3 request failed while %s: %s (HTTP %d)", what, code, status)
+        log.error("S3 request failed while %s: %.200s (HTTP %d)", what, code, status)
         # A 403, but not about the credentials: said to be, an operator would chase keys and
         # policies that are fine instead of the store's clock.
         if code == "RequestTimeTooSkewed":
@@ -273,7 +283,8 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
             # SSE-KMS: the object's key (not the store's credentials, nor the object store) said
             # no, or failed: a 403 of them was S3_ACCESS_DENIED, a 400 the vague S3_ERROR.
             return StorageUnavailable(
-                f"the object store could not use the bucket's KMS key while {what} ({code}): "
+                f"the object store could not use the bucket's KMS key while {what} "
+                f"({_shown(code) or 'a KMS error'}): "
                 "check the key's state and the store's kms:Decrypt and kms:GenerateDataKey "
                 "permissions on it",
                 reason=Reason.S3_KMS_ERROR,
@@ -291,7 +302,7 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
             # Not a failing store: too many requests for the bucket (or the account). The fix is
             # the request rate or the provider's limits, not the provider's health.
             return StorageUnavailable(
-                f"the object store is throttling requests while {what} ({code or status}): "
+                f"the object store is throttling requests while {what} ({_shown(code) or status}): "
                 "retry later, or lower the request rate",
                 reason=Reason.S3_THROTTLED,
             )

@@ -1157,10 +1157,13 @@ def test_a_missing_bucket_at_start_up_is_named(s3_server: s3server.MotoServer) -
     assert info.value.reason == "S3_NO_SUCH_BUCKET"
 
 
-def _stat_refused(proxy: s3server.FaultProxy, stub: Any, status: int, code: str) -> grpc.RpcError:
-    """StatModel of the stored m/1 while S3 answers every GET with ``status`` and ``code``."""
+def _stat_refused(
+    proxy: s3server.FaultProxy, stub: Any, status: int, code: str, message: str = "injected"
+) -> grpc.RpcError:
+    """StatModel of the stored m/1 while S3 answers every GET with ``status``, ``code`` and
+    ``message``."""
     proxy.clear()
-    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=status, code=code))
+    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=status, code=code, message=message))
     with pytest.raises(grpc.RpcError) as info:
         stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=60)
     return info.value
@@ -1505,3 +1508,30 @@ def test_s3_reads_that_return_fewer_bytes_than_asked_are_read_until_whole(
     assert store._record_format(entry)
     store.delete("acme/m", "1")
     assert store.blob_sizes() == {}
+
+
+_KMS_KEY_ARN = "arn:aws:kms:eu-west-1:210987654321:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+@pytest.mark.parametrize(
+    "code", ["KMS.DisabledException", f"KMS.DisabledException {_KMS_KEY_ARN}", "SlowDown " * 500]
+)
+def test_an_object_store_refusal_tells_callers_no_key_arn_nor_what_the_server_made_up(
+    proxy: s3server.FaultProxy, proxied: Any, code: str
+) -> None:
+    """A KMS refusal's S3 message names the key's ARN, and with it the account: a caller of
+    another tenant must not learn it, so only the error code is named (as S3_ACCESS_DENIED names
+    neither the credentials nor the policy). The code came from the server and was passed on as
+    it was: an object store (or a proxy before it) answering a code of its own making put any
+    text in every caller's error message. A code that is no S3 or KMS error name is not passed
+    on now."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", b"abc")], StructureValidator())
+    message = f"{_KMS_KEY_ARN} is disabled."
+    error = _stat_refused(proxy, stub, 400 if code.startswith("KMS") else 429, code, message)
+    details = str(error.details())  # type: ignore[attr-defined]
+    assert _status(error)[0] == grpc.StatusCode.UNAVAILABLE
+    assert "210987654321" not in details and "arn:" not in details
+    assert len(details) < 300
+    if code == "KMS.DisabledException":
+        assert _status(error)[1] == "S3_KMS_ERROR" and code in details
