@@ -1535,3 +1535,65 @@ def test_an_object_store_refusal_tells_callers_no_key_arn_nor_what_the_server_ma
     assert len(details) < 300
     if code == "KMS.DisabledException":
         assert _status(error)[1] == "S3_KMS_ERROR" and code in details
+
+
+@pytest.mark.parametrize("meanwhile", ["rewrap", "republish"])
+def test_an_unconditional_delete_racing_a_rewrap_or_republish_deletes_no_live_blob(
+    proxy: s3server.FaultProxy, s3_server: s3server.MotoServer, s3_bucket: str, meanwhile: str
+) -> None:
+    """Where the object store lacks If-Match on DeleteObject, the delete of an index record is
+    unconditional: a re-wrap (or a delete and re-publish) landing between the delete's read and
+    its index delete has its new record deleted, and its new blob is left behind. What this
+    reopens is bounded: the blob the delete removes is the one it read, which no record names
+    by then (blob keys are fresh and never shared), so no live record is left naming a deleted
+    blob, and the one left behind is reported by a later start's sweep. The other writer runs
+    inside the proxy as the delete's index DELETE arrives, so the interleaving is exact."""
+    proxy.ignored_headers = frozenset({"if-match"})
+    proxy.ignored_on = frozenset({"DELETE"})
+    store = replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    assert store.conditional_deletes is False
+    other = replica(s3_server.endpoint, s3_bucket)
+    store.put([rewrap_case.artifact("acme/m", "1", 5000)], StructureValidator())
+    (read_blob,) = store.referenced_blobs()
+
+    raced: list[str] = []
+
+    def race(method: str, path: str) -> bool:  # runs under the proxy's lock: no proxy calls
+        if method == "DELETE" and "/p/index/" in path and not raced:
+            raced.append(path)
+            if meanwhile == "rewrap":
+                other.replace_key_slot(
+                    "acme/m",
+                    "1",
+                    expected_key_version=1,
+                    key_version=2,
+                    wrapped_dek=rewrap_case.wrapped("acme/m", "1", 2),
+                )
+            else:
+                other.delete("acme/m", "1")
+                other.put([rewrap_case.artifact("acme/m", "1", 6000)], StructureValidator())
+        return False
+
+    proxy.inject(s3server.Fault(race))
+    store.delete("acme/m", "1")
+    assert raced
+    assert store.records() == ()
+    (left,) = store.blob_sizes()
+    assert left != read_blob
+    later = replica(
+        s3_server.endpoint, s3_bucket, clock=lambda: datetime.now(UTC) + timedelta(days=2)
+    )
+    assert later.last_sweep is not None and later.last_sweep.orphan_blobs == (left,)
+    # Where If-Match is honoured the same race ends clean: the delete reads the record again.
+    proxy.ignored_headers = frozenset()
+    conditional = replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    assert conditional.conditional_deletes is True
+    for blob in conditional.blob_sizes():
+        s3server.client(s3_server.endpoint).delete_object(Bucket=s3_bucket, Key=f"p/{blob}")
+    conditional.put([rewrap_case.artifact("acme/m", "1", 5000)], StructureValidator())
+    proxy.clear()
+    raced.clear()
+    proxy.inject(s3server.Fault(race))
+    conditional.delete("acme/m", "1")
+    assert raced
+    assert conditional.records() == () and conditional.blob_sizes() == {}
