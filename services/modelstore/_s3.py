@@ -216,6 +216,42 @@ _THROTTLE_CODES = frozenset(
         "TooManyRequestsException",
     }
 )
+# KMS errors that say "not now" rather than "no": KMS throttling or failing, a key whose custom
+# key store cannot be reached for the moment (AWS: "you can retry the request").
+_KMS_PASSING_CODES = frozenset(
+    {
+        "KMS.DependencyTimeoutException",
+        "KMS.KMSInternalException",
+        "KMS.KeyUnavailableException",
+        "KMS.ThrottlingException",
+    }
+)
+
+
+_ERROR_NAME = re.compile(r"[A-Za-z][A-Za-z0-9.]{0,63}")
+
+
+def _shown(code: str) -> str:
+    """``code`` as a caller may be told it: an error name (``SlowDown``,
+    ``KMS.DisabledException``), else "" (the object store, or a proxy before it, answers what it
+    likes, and a code of its making went into every caller's message as it was)."""
+    return code if _ERROR_NAME.fullmatch(code) else ""
+
+
+def _throttled(code: str, status: int) -> bool:
+    return code in _THROTTLE_CODES or status == 429
+
+
+def _server_failed(code: str, status: int) -> bool:
+    return status >= 500 or code in ("ServiceUnavailable", "InternalError")
+
+
+def _passing(exc: botocore.exceptions.ClientError) -> bool:
+    """True if the object store's refusal may well not be met again: throttling, a 5xx past
+    botocore's retries, a KMS error of those kinds. False for a refusal that holds until someone
+    changes something (a disabled KMS key, a denied permission, an archived object)."""
+    code, status = _code(exc), _status(exc)
+    return code in _KMS_PASSING_CODES or _throttled(code, status) or _server_failed(code, status)
 
 
 def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
@@ -234,7 +270,7 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        log.error("S3 request failed while %s: %s (HTTP %d)", what, code, status)
+        log.error("S3 request failed while %s: %.200s (HTTP %d)", what, code, status)
         # A 403, but not about the credentials: said to be, an operator would chase keys and
         # policies that are fine instead of the store's clock.
         if code == "RequestTimeTooSkewed":
@@ -247,7 +283,8 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
             # SSE-KMS: the object's key (not the store's credentials, nor the object store) said
             # no, or failed: a 403 of them was S3_ACCESS_DENIED, a 400 the vague S3_ERROR.
             return StorageUnavailable(
-                f"the object store could not use the bucket's KMS key while {what} ({code}): "
+                f"the object store could not use the bucket's KMS key while {what} "
+                f"({_shown(code) or 'a KMS error'}): "
                 "check the key's state and the store's kms:Decrypt and kms:GenerateDataKey "
                 "permissions on it",
                 reason=Reason.S3_KMS_ERROR,
@@ -261,15 +298,15 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
             return StorageUnavailable(
                 f"the storage bucket does not exist ({what})", reason=Reason.S3_NO_SUCH_BUCKET
             )
-        if code in _THROTTLE_CODES or status == 429:
+        if _throttled(code, status):
             # Not a failing store: too many requests for the bucket (or the account). The fix is
             # the request rate or the provider's limits, not the provider's health.
             return StorageUnavailable(
-                f"the object store is throttling requests while {what} ({code or status}): "
+                f"the object store is throttling requests while {what} ({_shown(code) or status}): "
                 "retry later, or lower the request rate",
                 reason=Reason.S3_THROTTLED,
             )
-        if status >= 500 or code in ("ServiceUnavailable", "InternalError"):
+        if _server_failed(code, status):
             return StorageUnavailable(
                 f"the object store failed while {what} (HTTP {status})",
                 reason=Reason.S3_SERVER_ERROR,
@@ -332,6 +369,18 @@ def _refused_at_once(exc: botocore.exceptions.ClientError) -> bool:
     attempt may be why a conditional retry is refused), nor does a 5xx about the request."""
     retries = int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
     return retries == 0 and 400 <= _status(exc) < 500
+
+
+def _read_up_to(body: Any, size: int) -> bytes:
+    """``size`` bytes of an answer's ``body``, fewer only where it ends.
+
+    One read may return fewer bytes than asked before the end (how many depends on urllib3's
+    version and the transfer coding): taken as the whole, a healthy index record was
+    INDEX_CORRUPT, a healthy head HEADER_CORRUPT, as on the filesystem (``_blobs.pread_full``)."""
+    data = bytearray()
+    while len(data) < size and (piece := body.read(size - len(data))):
+        data += piece
+    return bytes(data)
 
 
 def index_key_part(name: str, version: str) -> str:
@@ -965,12 +1014,12 @@ class S3Storage(Closing):
         body = response["Body"]
         try:
             # A record is about 1 KB; whoever can write the bucket could put gigabytes here.
-            data = body.read(MAX_INDEX_RECORD_BYTES + 1)
+            data = _read_up_to(body, MAX_INDEX_RECORD_BYTES + 1)
         except _S3_FAILURES as exc:
             raise s3_error(exc, "reading the model index") from None
         finally:
             body.close()
-        return bytes(data), str(response["ETag"])
+        return data, str(response["ETag"])
 
     def _get_index(self, name: str, version: str) -> _Indexed | None:
         read = self._read_index(name, version)
@@ -1300,25 +1349,29 @@ class S3Storage(Closing):
             )
             body = response["Body"]
             try:
-                head = body.read(size)  # a server may ignore the range and send everything
+                head = _read_up_to(body, size)  # a server may ignore the range, send everything
             finally:
                 body.close()
         except botocore.exceptions.ClientError as exc:
             if _is_missing(exc):
                 return False
-            if _code(exc) == "NoSuchBucket":
+            if _code(exc) == "NoSuchBucket" or _passing(exc):
                 raise s3_error(exc, "reading an artifact's header") from None
             cause = _code(exc) or f"HTTP {_status(exc)}"
         except (*_S3_FAILURES, OSError) as exc:
-            cause = type(exc).__name__
+            # Nothing is deleted yet, so the delete fails and its retry deletes both. Taken as a
+            # refusal that lasts, one 503 (or a dropped connection) deleted the record and kept
+            # the blob, which no retry could find again: ciphertext left for good.
+            raise s3_error(exc, "reading an artifact's header") from None
         if cause is not None:
-            # The head did not come: the object holds none to read (an empty blob answers a
-            # range from byte 0 with 416, an archived one InvalidObjectState), its KMS key
-            # refuses it (disabled, pending deletion, no kms:Decrypt), or the object store failed
-            # after botocore's retries. Raised, the delete failed (a KMS key disabled after a
-            # compromise kept every model it protects from being deleted until it was enabled
-            # again); the record is the truth, so it is deleted, and the blob, whose owner
-            # cannot be told, is kept (the sweep reports it; README, Operating it).
+            # The head will not come until someone acts: the object holds none to read (an
+            # empty blob answers a range from byte 0 with 416, an archived one
+            # InvalidObjectState), or its KMS key refuses it (disabled, pending deletion, no
+            # kms:Decrypt). Raised, the delete failed (a KMS key disabled after a compromise kept
+            # every model it protects from being deleted until it was enabled again); the record
+            # is the truth, so it is deleted, and the blob, whose owner cannot be told, is kept
+            # (a later start's sweep reports it; README, Operating it). A failure a retry may not
+            # meet (5xx, throttling) fails the delete instead, above.
             log.warning(
                 "the head of blob %s of %s %s cannot be read (%s): the blob is kept",
                 blob,
@@ -1558,7 +1611,7 @@ class S3Storage(Closing):
             )
             body = response["Body"]
             try:
-                head = body.read(record.header_size)  # a server may ignore the range
+                head = _read_up_to(body, record.header_size)  # a server may ignore the range
             finally:
                 body.close()
         except botocore.exceptions.ClientError as exc:
@@ -1941,7 +1994,7 @@ class S3Storage(Closing):
             )
             body = response["Body"]
             try:
-                head = body.read(record.header_size)
+                head = _read_up_to(body, record.header_size)
             finally:
                 body.close()
             header = parse_header(head)

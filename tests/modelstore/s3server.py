@@ -138,6 +138,8 @@ class Fault:
     status: int | None = None
     code: str | None = None
     """The S3 error code in the answer (default: by status, ServiceUnavailable or InternalError)."""
+    message: str = "injected"
+    """The S3 error message in the answer (AWS's name the resource: a KMS key's ARN, say)."""
     delay: float = 0.0
     drop: bool = False
     """Close the connection without answering (the server went away mid-request)."""
@@ -224,7 +226,9 @@ class FaultProxy:
                         payload = (
                             b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>'
                             + code.encode()
-                            + b"</Code><Message>injected</Message></Error>"
+                            + b"</Code><Message>"
+                            + fault.message.encode()
+                            + b"</Message></Error>"
                         )
                         self.send_response(fault.status)
                         self.send_header("Content-Type", "application/xml")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import botocore.response
 import pytest
 
 SHORT_READ = 7
@@ -25,3 +26,16 @@ def force_short_reads(monkeypatch: pytest.MonkeyPatch, most: int = SHORT_READ) -
 
     monkeypatch.setattr(os, "pread", pread)
     monkeypatch.setattr(os, "preadv", preadv)
+
+
+def force_short_body_reads(monkeypatch: pytest.MonkeyPatch, most: int = SHORT_READ) -> None:
+    """Makes every read of an S3 answer's body in this process return at most ``most`` bytes, as
+    a read of a urllib3 stream may (how many it returns depends on urllib3's version and the
+    transfer coding)."""
+    real_read = botocore.response.StreamingBody.read
+
+    def read(self: botocore.response.StreamingBody, amt: int | None = None) -> bytes:
+        data: bytes = real_read(self, most if amt is None else min(amt, most))
+        return data
+
+    monkeypatch.setattr(botocore.response.StreamingBody, "read", read)

@@ -37,6 +37,7 @@ from tests.modelstore import rewrap_case, s3server
 from tests.modelstore.artifacts import chunked, make_artifact
 from tests.modelstore.backends import assert_clean, blob_count, overwrite_blob, point_at_blob_of
 from tests.modelstore.conftest import S3_TEST_PART_SIZE, serve
+from tests.modelstore.shortreads import force_short_body_reads
 
 BIG = 2 * S3_TEST_PART_SIZE + 12345  # three parts
 
@@ -1156,10 +1157,13 @@ def test_a_missing_bucket_at_start_up_is_named(s3_server: s3server.MotoServer) -
     assert info.value.reason == "S3_NO_SUCH_BUCKET"
 
 
-def _stat_refused(proxy: s3server.FaultProxy, stub: Any, status: int, code: str) -> grpc.RpcError:
-    """StatModel of the stored m/1 while S3 answers every GET with ``status`` and ``code``."""
+def _stat_refused(
+    proxy: s3server.FaultProxy, stub: Any, status: int, code: str, message: str = "injected"
+) -> grpc.RpcError:
+    """StatModel of the stored m/1 while S3 answers every GET with ``status``, ``code`` and
+    ``message``."""
     proxy.clear()
-    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=status, code=code))
+    proxy.inject(s3server.Fault(lambda m, p: m == "GET", status=status, code=code, message=message))
     with pytest.raises(grpc.RpcError) as info:
         stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=60)
     return info.value
@@ -1308,24 +1312,24 @@ def test_a_range_read_while_a_rewrap_deletes_its_blob_follows_the_rewrap(
         (400, "KMS.DisabledException"),
         (403, "KMS.AccessDeniedException"),
         (400, "KMS.KMSInvalidStateException"),
-        (503, "SlowDown"),
-        (500, "InternalError"),
     ],
 )
 def test_a_delete_whose_blob_head_cannot_be_read_deletes_the_record_and_keeps_the_blob(
     proxy: s3server.FaultProxy,
     proxied: Any,
+    s3_bucket: str,
     status: int,
     code: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A delete reads the blob's head to know whether the blob is its model's before deleting
     it. A KMS refusal of that read (the bucket's key disabled, say after a compromise, or no
-    kms:Decrypt) or the object store failing it past botocore's retries failed DeleteModel
-    (UNAVAILABLE S3_ERROR, or S3_ACCESS_DENIED naming the store's credentials), and for as long
-    as the key stayed disabled no model it protects could be deleted. The record is the truth:
-    it is deleted (nothing serves the model after), and the blob, whose owner cannot be told,
-    is kept and logged (the sweep reports it), never deleted on a guess."""
+    kms:Decrypt) failed DeleteModel (UNAVAILABLE S3_ERROR, or S3_ACCESS_DENIED naming the
+    store's credentials), and for as long as the key stayed disabled no model it protects could
+    be deleted. The record is the truth: it is deleted (nothing serves the model after), and the
+    blob, whose owner cannot be told, is kept and logged, never deleted on a guess; a later
+    start's sweep reports it as unreferenced (by its key, the one the WARNING named), which is
+    how an operator finds ciphertext a delete left behind."""
     store, stub = proxied
     store.put([make_artifact("m", "1", body(1000))], StructureValidator())
     fault = proxy.inject(
@@ -1337,10 +1341,58 @@ def test_a_delete_whose_blob_head_cannot_be_read_deletes_the_record_and_keeps_th
     assert fault.hits >= 1
     assert store.records() == ()
     assert len(store.blob_sizes()) == 1
-    assert any(code in r.getMessage() and "blob is kept" in r.getMessage() for r in caplog.records)
+    (kept,) = store.blob_sizes()
+    assert any(
+        code in r.getMessage() and kept in r.getMessage() and "blob is kept" in r.getMessage()
+        for r in caplog.records
+    )
     with pytest.raises(grpc.RpcError) as info:
         stub.StatModel(pb.StatModelRequest(name="m", version="1"), timeout=60)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    later = replica(proxy.endpoint, s3_bucket, clock=lambda: datetime.now(UTC) + timedelta(days=2))
+    assert later.last_sweep is not None and later.last_sweep.orphan_blobs == (kept,)
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (503, "SlowDown"),
+        (500, "InternalError"),
+        (400, "KMS.ThrottlingException"),
+        (500, "KMS.KMSInternalException"),
+        (None, "dropped"),
+    ],
+)
+def test_a_delete_whose_blob_head_read_fails_for_now_deletes_nothing_and_a_retry_deletes_all(
+    proxy: s3server.FaultProxy, proxied: Any, status: int | None, code: str
+) -> None:
+    """A failure of the head's read that a retry may not meet (the object store or KMS failing
+    or throttling past botocore's retries, a dropped connection) deleted the record and kept
+    the blob, as a refusal that lasts does: a retry of the delete then found no record
+    (NOT_FOUND), so one transient 503 left the deleted model's ciphertext in the bucket for
+    good (an operator had to purge it by hand; whoever could make the object store answer 503
+    could have every delete leave its blob). Such a delete is UNAVAILABLE now with nothing
+    deleted, and its retry removes the record and the blob."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", body(1000))], StructureValidator())
+    fault = proxy.inject(
+        s3server.Fault(
+            lambda m, p: m == "GET" and "/p/blobs/" in p,
+            status=status,
+            code=None if status is None else code,
+            drop=status is None,
+        )
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.DeleteModel(pb.DeleteModelRequest(name="m", version="1"), timeout=60)
+    proxy.clear()
+    assert fault.hits >= 1
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert [(r.name, r.version) for r in store.records()] == [("m", "1")]
+    assert set(store.blob_sizes()) == set(store.referenced_blobs())
+    stub.DeleteModel(pb.DeleteModelRequest(name="m", version="1"), timeout=60)
+    assert store.records() == ()
+    assert store.blob_sizes() == {}
 
 
 @pytest.mark.parametrize(
@@ -1432,3 +1484,116 @@ def test_a_bucket_gone_under_a_delete_or_a_rewrap_is_named_not_taken_for_a_missi
     proxy.clear()
     assert store.stat("acme/m", "1").key_version == 1
     assert _get_rpc(stub, "acme/m", "1") == rewrap_case.artifact("acme/m", "1")
+
+
+def test_s3_reads_that_return_fewer_bytes_than_asked_are_read_until_whole(
+    s3_server: s3server.MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store took one read of an answer's body for an index record, a blob's head read apart
+    (a range past it, a delete's check of whose blob it is) and a head read at start for its
+    format, as the filesystem backend took one pread: a read that returned fewer bytes than
+    asked (urllib3's streams may, by version and transfer coding) made a healthy record
+    DATA_LOSS INDEX_CORRUPT, a healthy head HEADER_CORRUPT and a delete keep its own blob. Each
+    reads until it has the bytes asked for or the body ends."""
+    store = replica(s3_server.endpoint, s3_bucket)
+    art = rewrap_case.artifact("acme/m", "1", 5000)
+    record = store.put(chunked(art, 1000), StructureValidator())
+    force_short_body_reads(monkeypatch)
+    assert store.stat("acme/m", "1") == record
+    offset = record.header_size + 3
+    with store.open("acme/m", "1", offset=offset, length=100) as reader:
+        assert b"".join(reader.chunks(50)) == art[offset : offset + 100]
+    assert store.verify("acme/m", "1") == record
+    (entry,) = store._all_entries()
+    assert store._record_format(entry)
+    store.delete("acme/m", "1")
+    assert store.blob_sizes() == {}
+
+
+_KMS_KEY_ARN = "arn:aws:kms:eu-west-1:210987654321:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+@pytest.mark.parametrize(
+    "code", ["KMS.DisabledException", f"KMS.DisabledException {_KMS_KEY_ARN}", "SlowDown " * 500]
+)
+def test_an_object_store_refusal_tells_callers_no_key_arn_nor_what_the_server_made_up(
+    proxy: s3server.FaultProxy, proxied: Any, code: str
+) -> None:
+    """A KMS refusal's S3 message names the key's ARN, and with it the account: a caller of
+    another tenant must not learn it, so only the error code is named (as S3_ACCESS_DENIED names
+    neither the credentials nor the policy). The code came from the server and was passed on as
+    it was: an object store (or a proxy before it) answering a code of its own making put any
+    text in every caller's error message. A code that is no S3 or KMS error name is not passed
+    on now."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", b"abc")], StructureValidator())
+    message = f"{_KMS_KEY_ARN} is disabled."
+    error = _stat_refused(proxy, stub, 400 if code.startswith("KMS") else 429, code, message)
+    details = str(error.details())  # type: ignore[attr-defined]
+    assert _status(error)[0] == grpc.StatusCode.UNAVAILABLE
+    assert "210987654321" not in details and "arn:" not in details
+    assert len(details) < 300
+    if code == "KMS.DisabledException":
+        assert _status(error)[1] == "S3_KMS_ERROR" and code in details
+
+
+@pytest.mark.parametrize("meanwhile", ["rewrap", "republish"])
+def test_an_unconditional_delete_racing_a_rewrap_or_republish_deletes_no_live_blob(
+    proxy: s3server.FaultProxy, s3_server: s3server.MotoServer, s3_bucket: str, meanwhile: str
+) -> None:
+    """Where the object store lacks If-Match on DeleteObject, the delete of an index record is
+    unconditional: a re-wrap (or a delete and re-publish) landing between the delete's read and
+    its index delete has its new record deleted, and its new blob is left behind. What this
+    reopens is bounded: the blob the delete removes is the one it read, which no record names
+    by then (blob keys are fresh and never shared), so no live record is left naming a deleted
+    blob, and the one left behind is reported by a later start's sweep. The other writer runs
+    inside the proxy as the delete's index DELETE arrives, so the interleaving is exact."""
+    proxy.ignored_headers = frozenset({"if-match"})
+    proxy.ignored_on = frozenset({"DELETE"})
+    store = replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    assert store.conditional_deletes is False
+    other = replica(s3_server.endpoint, s3_bucket)
+    store.put([rewrap_case.artifact("acme/m", "1", 5000)], StructureValidator())
+    (read_blob,) = store.referenced_blobs()
+
+    raced: list[str] = []
+
+    def race(method: str, path: str) -> bool:  # runs under the proxy's lock: no proxy calls
+        if method == "DELETE" and "/p/index/" in path and not raced:
+            raced.append(path)
+            if meanwhile == "rewrap":
+                other.replace_key_slot(
+                    "acme/m",
+                    "1",
+                    expected_key_version=1,
+                    key_version=2,
+                    wrapped_dek=rewrap_case.wrapped("acme/m", "1", 2),
+                )
+            else:
+                other.delete("acme/m", "1")
+                other.put([rewrap_case.artifact("acme/m", "1", 6000)], StructureValidator())
+        return False
+
+    proxy.inject(s3server.Fault(race))
+    store.delete("acme/m", "1")
+    assert raced
+    assert store.records() == ()
+    (left,) = store.blob_sizes()
+    assert left != read_blob
+    later = replica(
+        s3_server.endpoint, s3_bucket, clock=lambda: datetime.now(UTC) + timedelta(days=2)
+    )
+    assert later.last_sweep is not None and later.last_sweep.orphan_blobs == (left,)
+    # Where If-Match is honoured the same race ends clean: the delete reads the record again.
+    proxy.ignored_headers = frozenset()
+    conditional = replica(proxy.endpoint, s3_bucket, client={"max_attempts": 1})
+    assert conditional.conditional_deletes is True
+    for blob in conditional.blob_sizes():
+        s3server.client(s3_server.endpoint).delete_object(Bucket=s3_bucket, Key=f"p/{blob}")
+    conditional.put([rewrap_case.artifact("acme/m", "1", 5000)], StructureValidator())
+    proxy.clear()
+    raced.clear()
+    proxy.inject(s3server.Fault(race))
+    conditional.delete("acme/m", "1")
+    assert raced
+    assert conditional.records() == () and conditional.blob_sizes() == {}

@@ -1372,6 +1372,33 @@ def test_reads_that_return_fewer_bytes_than_asked_are_not_data_loss(
         )
 
 
+def test_a_head_read_of_a_file_that_shrinks_meanwhile_ends(
+    store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading until the head is whole must end where the file now ends: a blob cut short
+    between two short reads (whoever can write the volume truncated it) is DATA_LOSS, not a
+    read that waits for bytes that never come."""
+    with FilesystemStorage(store_root) as s:
+        record = s.put([rewrap_case.artifact("acme/m", "1", 3000)], StructureValidator())
+        digest = record.artifact_sha256
+        blob = store_root / "blobs" / "sha256" / digest[:2] / digest
+        real_preadv = os.preadv
+        reads = 0
+
+        def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+            nonlocal reads
+            reads += 1
+            if reads == 2:
+                os.truncate(blob, 20)
+            first = memoryview(buffers[0])
+            return real_preadv(fd, [first[: min(len(first), 7)]], offset)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        with pytest.raises(StoredDataCorrupt):
+            read_all(s, "acme/m", "1", offset=record.header_size + 5, length=40)
+        assert 2 < reads < 10
+
+
 OLDER_STORES_MAX_TOKEN = 1024
 """The longest page token a store before corrupt-entry listings (e43795d) accepts."""
 
