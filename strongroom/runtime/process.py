@@ -127,7 +127,7 @@ def stop_on_early_signal() -> None:
     signal.signal(signal.SIGTERM, on_signal)
 
 
-def exit_abandoning(calls: int) -> NoReturn:
+def exit_abandoning(calls: int, *, status: int = 0) -> NoReturn:
     """Ends the process now, its log written first (within its flush budget, FLUSH_SECONDS),
     without waiting for the ``calls`` handlers the server's stop gave up on.
 
@@ -136,7 +136,8 @@ def exit_abandoning(calls: int) -> NoReturn:
     that does not answer) held the process until the kubelet killed it at 30 s, its last log
     lines (queued for a slow collector) lost, and its exit handlers cut off wherever they were.
     Exit handlers (pending spans' export among them) do not run: each may wait on what hangs.
-    The status is 0: the service stopped when asked, the abandoned calls are the log's to say."""
+    The status is 0 (``status``: 1 when the service's close failed or did not finish): the
+    service stopped when asked, the abandoned calls are the log's to say."""
     log.warning("exiting with %d calls abandoned", calls, extra={"abandoned": calls})
     logging.shutdown()
-    os._exit(0)
+    os._exit(status)

@@ -3,7 +3,10 @@ its logging, its signals, its stop and exit), but with no CA, configuration file
 tests of how the process ends. Run as a program: ``python -m tests.runtime.stopping_service MODE``.
 
 ``hung``: serves ``/test.Hung/Call``, whose handler never returns, prints the port on stdout,
-and prints ``entered`` once a call's handler runs. ``starting``: logs ``LINES`` lines while it
+and prints ``entered`` once a call's handler runs; ``hung-close-raises`` and
+``hung-close-hangs`` too, the service's close then raising (a StrongroomError), or waiting for
+good once its host has stopped (behind the hung handler, as the key broker's refusal pass waits
+behind an audit commit that never ends). ``starting``: logs ``LINES`` lines while it
 starts (more than a pipe holds), prints ``started``, and takes for ever to finish starting.
 """
 
@@ -17,6 +20,8 @@ from typing import Any
 
 import grpc
 
+from strongroom.errors import Unavailable
+from strongroom.reasons import Reason
 from strongroom.runtime import bootstrap
 from strongroom.runtime.config import LoggingConfig, ServerConfig
 from strongroom.runtime.server import ServiceHost, ServiceSpec
@@ -31,14 +36,19 @@ class _Identity:
 
 
 class _Running:
-    def __init__(self, host: ServiceHost) -> None:
+    def __init__(self, host: ServiceHost, close: str = "") -> None:
         self.host = host
+        self._close = close
 
     def close(self, grace: float | None = 0) -> None:
-        pass
+        self.host.stop(grace)
+        if self._close == "raises":
+            raise Unavailable("the audit log cannot be closed", reason=Reason.AUDIT_UNAVAILABLE)
+        if self._close == "hangs":
+            threading.Event().wait()
 
 
-def _hung_host() -> _Running:
+def _hung_host(close: str = "") -> _Running:
     never = threading.Event()
 
     def call(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -55,7 +65,7 @@ def _hung_host() -> _Running:
         services=[ServiceSpec(SERVICE, lambda server: server.add_generic_rpc_handlers((handler,)))],
         config=ServerConfig(grace_seconds=0.2),
     )
-    return _Running(host)
+    return _Running(host, close)
 
 
 def _starting() -> _Running:
@@ -76,7 +86,9 @@ def main(mode: str) -> int:
     bootstrap.install_meter_provider = lambda *_, **__: None  # type: ignore[assignment]
 
     def build(*_: Any) -> _Running:
-        return _hung_host() if mode == "hung" else _starting()
+        if mode.startswith("hung"):
+            return _hung_host(mode.removeprefix("hung").removeprefix("-close-"))
+        return _starting()
 
     def started(running: _Running) -> None:
         print(running.host.port, flush=True)
