@@ -7,7 +7,9 @@ and prints ``entered`` once a call's handler runs; ``hung-close-raises`` and
 ``hung-close-hangs`` too, the service's close then raising (a StrongroomError), or waiting for
 good once its host has stopped (behind the hung handler, as the key broker's refusal pass waits
 behind an audit commit that never ends). ``starting``: logs ``LINES`` lines while it
-starts (more than a pipe holds), prints ``started``, and takes for ever to finish starting.
+starts (more than a pipe holds), prints ``started``, and takes for ever to finish starting;
+``starting-slow-close`` too, its identity's close then printing ``closing`` and waiting for a
+line on stdin before it logs ``identity closed``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,14 @@ LINES = 2000
 
 
 class _Identity:
+    def __init__(self, slow: bool = False) -> None:
+        self._slow = slow
+
     def close(self) -> None:
-        pass
+        if self._slow:  # what it closes takes a while: it goes on once the test says so
+            print("closing", flush=True)
+            sys.stdin.readline()
+            bootstrap.log.info("identity closed")
 
 
 class _Running:
@@ -82,7 +90,8 @@ def main(mode: str) -> int:
         production=False, logging=LoggingConfig(format="json"), tracing=None, identity=None
     )
     bootstrap.load_service_config = lambda *_: (common, None)  # type: ignore[assignment]
-    bootstrap.open_identity = lambda *_, **__: _Identity()  # type: ignore[assignment]
+    slow = mode == "starting-slow-close"
+    bootstrap.open_identity = lambda *_, **__: _Identity(slow)  # type: ignore[assignment]
     bootstrap.install_meter_provider = lambda *_, **__: None  # type: ignore[assignment]
 
     def build(*_: Any) -> _Running:

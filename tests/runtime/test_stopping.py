@@ -19,6 +19,7 @@ from tests.runtime.stopping_service import LINES, SERVICE
 def _start(mode: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.runtime.stopping_service", mode],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -118,3 +119,27 @@ def test_sigterm_while_a_service_starts_loses_no_log_line() -> None:
         "signal received while starting; stopping",
         signal.SIGTERM,
     )
+
+
+def test_a_second_signal_while_a_starting_service_stops_does_not_cut_its_cleanup_short() -> None:
+    """The first SIGTERM while starting raises SystemExit so that the finally clauses run (the
+    identity's close, the HSM's, the audit log's); a second signal (SIGINT, an operator's
+    second Ctrl-C, or SIGTERM again) raised once more inside them, and what they closed was left
+    half closed. Once stopping, a signal is logged and otherwise ignored."""
+    process = _start("starting-slow-close")
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline() == "started\n"
+        process.send_signal(signal.SIGTERM)
+        assert process.stdout.readline() == "closing\n"
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate("go\n", timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    lines = _log(stderr)
+    assert "identity closed" in [r["msg"] for r in lines]
+    ignored = [r["signal"] for r in lines if r["msg"] == "signal received while stopping; ignored"]
+    assert sorted(ignored) == sorted([signal.SIGINT, signal.SIGTERM])
