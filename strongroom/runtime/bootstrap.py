@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,11 @@ from strongroom.spiffe import identity_dns_name
 log = logging.getLogger(__name__)
 
 REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
+CLOSE_SECONDS = 3.0
+"""How long a service's close may take once its host gave up on calls' handlers (a close that
+waits behind one of them would wait for good): with ``server.grace_seconds`` (20 s), the
+handlers' drain (5 s) and the log's flush, what a stop takes stays near the kubelet's 30 s."""
+_CLOSE_POLL = 0.1
 
 
 def open_identity(config: IdentityConfig, *, serves: bool = True) -> WorkloadIdentity:
@@ -229,18 +236,69 @@ def run_service(
                 )
             finally:
                 try:
-                    running.close()  # a service's close stops its host too, when nothing did
+                    _close(service, running)  # it stops its host too, when nothing did
                 finally:
                     abandoned = running.host.abandoned
         finally:
             identity.close()
     except StrongroomError as exc:
         log.error("%s cannot run: %s", service, exc)
+        _exit_if_abandoned(abandoned)
         raise
     except OSError:
         # The command line prints it as one line; the service's log keeps where it happened.
         log.exception("%s stopped on an operating-system error", service)
+        _exit_if_abandoned(abandoned)
+        raise
+    except BaseException:
+        if abandoned:  # the interpreter would print it at exit, which never comes
+            log.exception("%s stopped on an unexpected error", service)
+        _exit_if_abandoned(abandoned)
         raise
     if abandoned:
         exit_abandoning(abandoned)  # the pool's threads would hold the exit for good
     return 0
+
+
+def _exit_if_abandoned(abandoned: int) -> None:
+    """Ends the process now, status 1, when its host abandoned calls: an error raised past the
+    exit that does not wait for them (a service's close that failed) left the process waiting
+    for their threads at exit, until the kubelet killed it, its last log lines lost."""
+    if abandoned:
+        exit_abandoning(abandoned, status=1)
+
+
+def _close(service: str, running: Service) -> None:
+    """Runs ``running``'s close, which stops its host when nothing did; once the host has given
+    up on handlers, for :data:`CLOSE_SECONDS` at most (then exits, status 1).
+
+    A close that runs after handlers were abandoned may wait behind one of them (the key
+    broker's refusal pass appends to the audit log, whose commit a handler stuck on storage that
+    does not answer holds): it waited for good, and the process with it until the kubelet killed
+    it, the log's last lines lost."""
+    failed: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            running.close()
+        except BaseException as exc:  # re-raised on the calling thread
+            failed.append(exc)
+
+    closer = threading.Thread(target=close, name="closing", daemon=True)
+    closer.start()
+    deadline: float | None = None
+    while closer.is_alive():
+        if deadline is None and running.host.abandoned:
+            deadline = time.monotonic() + CLOSE_SECONDS
+        if deadline is not None and time.monotonic() >= deadline:
+            log.error(
+                "%s's close did not finish within %.0f s of abandoning calls (what it closes is "
+                "held by one of them); exiting without it",
+                service,
+                CLOSE_SECONDS,
+            )
+            exit_abandoning(running.host.abandoned, status=1)
+        # Polled: the host's drain (inside the close) says only as it ends whether it gave up.
+        closer.join(_CLOSE_POLL)
+    if failed:
+        raise failed[0]

@@ -112,22 +112,32 @@ log = logging.getLogger(__name__)
 
 
 def stop_on_early_signal() -> None:
-    """Has SIGTERM stop a service that is still starting (enrolling, opening its HSM, loading)
-    the way an error would: its ``finally`` clauses run and the log's queue is written at exit.
+    """Has SIGTERM (or SIGINT) stop a service that is still starting (enrolling, opening its
+    HSM, loading) the way an error would: its ``finally`` clauses run and the log's queue is
+    written at exit.
 
     Until the host installs its own handler (:meth:`~strongroom.runtime.server.ServiceHost.run_until_signal`),
     SIGTERM had its default action: the process died at once, and the lines its log had queued
     (a collector slow to read) were never written, the last of them saying what it was doing.
-    The exit status is the one a death by the signal reports (128 + its number)."""
+    The exit status is the one a death by the signal reports (128 + its number). Once stopping,
+    a further signal is logged and ignored: raised again inside the ``finally`` clauses the
+    first one runs, it left what they close half closed."""
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, _ignored_while_stopping)
+        signal.signal(signal.SIGINT, _ignored_while_stopping)
         log.warning("signal received while starting; stopping", extra={"signal": signum})
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
 
-def exit_abandoning(calls: int) -> NoReturn:
+def _ignored_while_stopping(signum: int, _frame: FrameType | None) -> None:
+    log.warning("signal received while stopping; ignored", extra={"signal": signum})
+
+
+def exit_abandoning(calls: int, *, status: int = 0) -> NoReturn:
     """Ends the process now, its log written first (within its flush budget, FLUSH_SECONDS),
     without waiting for the ``calls`` handlers the server's stop gave up on.
 
@@ -136,7 +146,8 @@ def exit_abandoning(calls: int) -> NoReturn:
     that does not answer) held the process until the kubelet killed it at 30 s, its last log
     lines (queued for a slow collector) lost, and its exit handlers cut off wherever they were.
     Exit handlers (pending spans' export among them) do not run: each may wait on what hangs.
-    The status is 0: the service stopped when asked, the abandoned calls are the log's to say."""
+    The status is 0 (``status``: 1 when the service's close failed or did not finish): the
+    service stopped when asked, the abandoned calls are the log's to say."""
     log.warning("exiting with %d calls abandoned", calls, extra={"abandoned": calls})
     logging.shutdown()
-    os._exit(0)
+    os._exit(status)

@@ -3,8 +3,13 @@ its logging, its signals, its stop and exit), but with no CA, configuration file
 tests of how the process ends. Run as a program: ``python -m tests.runtime.stopping_service MODE``.
 
 ``hung``: serves ``/test.Hung/Call``, whose handler never returns, prints the port on stdout,
-and prints ``entered`` once a call's handler runs. ``starting``: logs ``LINES`` lines while it
-starts (more than a pipe holds), prints ``started``, and takes for ever to finish starting.
+and prints ``entered`` once a call's handler runs; ``hung-close-raises`` and
+``hung-close-hangs`` too, the service's close then raising (a StrongroomError), or waiting for
+good once its host has stopped (behind the hung handler, as the key broker's refusal pass waits
+behind an audit commit that never ends). ``starting``: logs ``LINES`` lines while it
+starts (more than a pipe holds), prints ``started``, and takes for ever to finish starting;
+``starting-slow-close`` too, its identity's close then printing ``closing`` and waiting for a
+line on stdin before it logs ``identity closed``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any
 
 import grpc
 
+from strongroom.errors import Unavailable
+from strongroom.reasons import Reason
 from strongroom.runtime import bootstrap
 from strongroom.runtime.config import LoggingConfig, ServerConfig
 from strongroom.runtime.server import ServiceHost, ServiceSpec
@@ -26,19 +33,30 @@ LINES = 2000
 
 
 class _Identity:
+    def __init__(self, slow: bool = False) -> None:
+        self._slow = slow
+
     def close(self) -> None:
-        pass
+        if self._slow:  # what it closes takes a while: it goes on once the test says so
+            print("closing", flush=True)
+            sys.stdin.readline()
+            bootstrap.log.info("identity closed")
 
 
 class _Running:
-    def __init__(self, host: ServiceHost) -> None:
+    def __init__(self, host: ServiceHost, close: str = "") -> None:
         self.host = host
+        self._close = close
 
     def close(self, grace: float | None = 0) -> None:
-        pass
+        self.host.stop(grace)
+        if self._close == "raises":
+            raise Unavailable("the audit log cannot be closed", reason=Reason.AUDIT_UNAVAILABLE)
+        if self._close == "hangs":
+            threading.Event().wait()
 
 
-def _hung_host() -> _Running:
+def _hung_host(close: str = "") -> _Running:
     never = threading.Event()
 
     def call(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -55,7 +73,7 @@ def _hung_host() -> _Running:
         services=[ServiceSpec(SERVICE, lambda server: server.add_generic_rpc_handlers((handler,)))],
         config=ServerConfig(grace_seconds=0.2),
     )
-    return _Running(host)
+    return _Running(host, close)
 
 
 def _starting() -> _Running:
@@ -72,11 +90,14 @@ def main(mode: str) -> int:
         production=False, logging=LoggingConfig(format="json"), tracing=None, identity=None
     )
     bootstrap.load_service_config = lambda *_: (common, None)  # type: ignore[assignment]
-    bootstrap.open_identity = lambda *_, **__: _Identity()  # type: ignore[assignment]
+    slow = mode == "starting-slow-close"
+    bootstrap.open_identity = lambda *_, **__: _Identity(slow)  # type: ignore[assignment]
     bootstrap.install_meter_provider = lambda *_, **__: None  # type: ignore[assignment]
 
     def build(*_: Any) -> _Running:
-        return _hung_host() if mode == "hung" else _starting()
+        if mode.startswith("hung"):
+            return _hung_host(mode.removeprefix("hung").removeprefix("-close-"))
+        return _starting()
 
     def started(running: _Running) -> None:
         print(running.host.port, flush=True)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -396,3 +397,64 @@ def test_a_destination_whose_reader_has_gone_costs_the_log_nothing_but_its_lines
     finally:
         with contextlib.suppress(OSError):
             stream.close()
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_stream_socket_as_stderr_blocks_no_thread_and_tears_no_line(blocking: bool) -> None:
+    """Under systemd stderr is journald's stream socket, not a pipe: a line is written where
+    it is logged when the descriptor polls writable, which on a pipe means PIPE_BUF bytes fit.
+    With a socket of the smallest send buffer, blocking or not, that nobody reads while four
+    threads log lines up to ~4 KiB: no thread waits (they all return before it is read), and
+    once read every line is whole, each written or counted dropped. (It held on the merged
+    code: this guards it.)"""
+    script = (
+        "import logging, sys, threading\n"
+        "from strongroom.runtime.config import LoggingConfig\n"
+        "from strongroom.runtime.logs import configure_logging\n"
+        "configure_logging(LoggingConfig(format='json'), 'keybroker')\n"
+        "log = logging.getLogger('strongroom.keybroker')\n"
+        "def work(t):\n"
+        "    for n in range(1500):\n"
+        "        log.warning('line %d %d %s', t, n, 'x' * (n * 37 % 4000))\n"
+        "threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "print('logged', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.setblocking(blocking)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's least
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=theirs.fileno(),
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    theirs.close()
+    received = bytearray()
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        ready, _, _ = select.select([process.stdout], [], [], 60)  # a hang, not a speed
+        assert ready and process.stdout.readline() == "logged\n"
+
+        def read() -> None:
+            while chunk := ours.recv(1 << 16):
+                received.extend(chunk)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        process.communicate("go\n", timeout=60)
+        reader.join(30)
+    finally:
+        process.kill()
+        process.wait()
+        ours.close()
+    records = [json.loads(line) for line in received.decode().splitlines()]
+    written = sum(1 for r in records if r["msg"].startswith("line "))
+    dropped = sum(r["lines"] for r in records if r["msg"] == "log lines dropped")
+    assert (process.returncode, written + dropped) == (0, 4 * 1500)
+    assert written >= 1500  # what the queue holds at least, the rest once read

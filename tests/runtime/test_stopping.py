@@ -19,6 +19,7 @@ from tests.runtime.stopping_service import LINES, SERVICE
 def _start(mode: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.runtime.stopping_service", mode],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -35,14 +36,10 @@ def _log(stderr: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
-def test_a_service_whose_handler_hangs_exits_once_drained_saying_how_many_calls_it_abandoned() -> (
-    None
-):
-    """Past the stop's drain (HANDLER_DRAIN_SECONDS), the process said "stopping without them"
-    and then never ended: at exit ``concurrent.futures`` waited for the hung handler's thread,
-    until the kubelet killed it at 30 s, its last log lines (queued for a slow collector) lost.
-    It writes its log now and exits at once, its last line saying how many calls it abandoned."""
-    process = _start("hung")
+def _stop_hung(mode: str) -> tuple[int, list[dict[str, Any]], str]:
+    """Runs ``mode`` (a hung handler), makes one call, sends SIGTERM once the handler runs;
+    the exit status, the log's JSON lines and its whole text."""
+    process = _start(mode)
     try:
         assert process.stdout is not None
         port = int(process.stdout.readline())
@@ -55,10 +52,47 @@ def test_a_service_whose_handler_hangs_exits_once_drained_saying_how_many_calls_
     finally:
         process.kill()
         process.wait()
-    assert process.returncode == 0, stderr
-    lines = _log(stderr)
+    return process.returncode, _log(stderr), stderr
+
+
+def test_a_service_whose_handler_hangs_exits_once_drained_saying_how_many_calls_it_abandoned() -> (
+    None
+):
+    """Past the stop's drain (HANDLER_DRAIN_SECONDS), the process said "stopping without them"
+    and then never ended: at exit ``concurrent.futures`` waited for the hung handler's thread,
+    until the kubelet killed it at 30 s, its last log lines (queued for a slow collector) lost.
+    It writes its log now and exits at once, its last line saying how many calls it abandoned."""
+    status, lines, stderr = _stop_hung("hung")
+    assert status == 0, stderr
     (drained,) = [r for r in lines if "still running" in r["msg"]]
     assert drained["abandoned"] == 1
+    assert (lines[-1]["msg"], lines[-1]["abandoned"]) == ("exiting with 1 calls abandoned", 1)
+
+
+def test_a_service_whose_close_fails_after_abandoning_calls_still_exits_saying_why() -> None:
+    """A close that raised (the key broker's audit log or HSM refusing to close) with calls
+    abandoned went past the exit that does not wait for them: the process waited for the hung
+    handler's thread at exit, until the kubelet killed it, its last lines lost. It logs why,
+    writes its log and exits now, status 1 (the close failed)."""
+    status, lines, stderr = _stop_hung("hung-close-raises")
+    assert status == 1, stderr[-2000:]
+    (failed,) = [r for r in lines if r["msg"].startswith("test cannot run")]
+    assert failed["level"] == "ERROR" and "AUDIT_UNAVAILABLE" in failed["msg"]
+    assert (lines[-1]["msg"], lines[-1]["abandoned"]) == ("exiting with 1 calls abandoned", 1)
+
+
+def test_a_service_whose_close_waits_behind_an_abandoned_call_exits_once_the_close_budget_ends() -> (
+    None
+):
+    """The key broker's close runs after the stop gave up on its handlers: its refusal pass
+    appends to the audit log, whose commit a hung handler may hold (storage that does not
+    answer), and so waited for good; the process with it, until the kubelet killed it, the
+    log's last lines lost. Once calls are abandoned the close has CLOSE_SECONDS: past them the
+    process says so, writes its log and exits, status 1."""
+    status, lines, stderr = _stop_hung("hung-close-hangs")
+    assert status == 1, stderr[-2000:]
+    (late,) = [r for r in lines if "did not finish" in r["msg"]]
+    assert late["level"] == "ERROR"
     assert (lines[-1]["msg"], lines[-1]["abandoned"]) == ("exiting with 1 calls abandoned", 1)
 
 
@@ -85,3 +119,27 @@ def test_sigterm_while_a_service_starts_loses_no_log_line() -> None:
         "signal received while starting; stopping",
         signal.SIGTERM,
     )
+
+
+def test_a_second_signal_while_a_starting_service_stops_does_not_cut_its_cleanup_short() -> None:
+    """The first SIGTERM while starting raises SystemExit so that the finally clauses run (the
+    identity's close, the HSM's, the audit log's); a second signal (SIGINT, an operator's
+    second Ctrl-C, or SIGTERM again) raised once more inside them, and what they closed was left
+    half closed. Once stopping, a signal is logged and otherwise ignored."""
+    process = _start("starting-slow-close")
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline() == "started\n"
+        process.send_signal(signal.SIGTERM)
+        assert process.stdout.readline() == "closing\n"
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate("go\n", timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    lines = _log(stderr)
+    assert "identity closed" in [r["msg"] for r in lines]
+    ignored = [r["signal"] for r in lines if r["msg"] == "signal received while stopping; ignored"]
+    assert sorted(ignored) == sorted([signal.SIGINT, signal.SIGTERM])
