@@ -36,6 +36,7 @@ import grpc
 
 from strongroom.pki.handshake import (
     RaisedAsRpcError,
+    ServerExplanation,
     ServerIdentityMismatch,
     TlsPresentation,
     diagnose_server,
@@ -231,16 +232,42 @@ class RotatingChannel(grpc.Channel):
         if close:
             _close_channel(slot, ())
 
+    def _watch(
+        self, slot: _Slot, kwargs: dict[str, Any], deadline: float | None
+    ) -> _ReadinessWatch | None:
+        """A :class:`_ReadinessWatch` for a ``wait_for_ready`` call with a deadline on a channel
+        expecting a server, while gRPC has no ready connection; else None."""
+        if self._server_id is None or not kwargs.get("wait_for_ready") or deadline is None:
+            return None
+        if _ready(slot.channel):
+            return None
+        return _ReadinessWatch(self, slot, deadline)
+
     def _translate(
-        self, error: grpc.RpcError, slot: _Slot, deadline: float | None = None
+        self,
+        error: grpc.RpcError,
+        slot: _Slot,
+        deadline: float | None = None,
+        watch: _ReadinessWatch | None = None,
     ) -> grpc.RpcError:
         """``error`` as the call's caller should see it; ``deadline`` (monotonic) is the call's,
-        which bounds the handshake made to explain a refusal."""
+        which bounds the handshake made to explain a refusal; ``watch`` a ``wait_for_ready``
+        call's look at why gRPC had no connection."""
         if isinstance(error, RaisedAsRpcError):
             return error  # already the channel's own explanation
         if _answered_by_server(error):
             # The server's own status (its HSM down, a downstream's refusal in its message):
             # gRPC's handshake with it passed, there is no refusal of ours to explain.
+            return error
+        if watch is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            found = watch.explanation()
+            if found is not None:
+                # The call waited for the expected server, and what answered was not it.
+                return type(found)(
+                    f"no connection to {self._server_id} within the call's deadline: "
+                    f"{found.message}",
+                    reason=found.reason,
+                )
             return error
         left = None if deadline is None else deadline - time.monotonic()
         if self._server_id is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
@@ -416,6 +443,78 @@ def _close_channel(
         threading.Thread(target=slot.channel.close, name="pki-channel-close", daemon=True).start()
 
 
+class _ReadinessWatch:
+    """A ``wait_for_ready`` call's look at why gRPC has no connection, made shortly before the
+    call's deadline: gRPC ends such a call ``DEADLINE_EXCEEDED``, "Deadline Exceeded", however
+    its connection attempts failed (another workload at the address, a plaintext port, a
+    certificate outside its dates), and once the deadline has passed there is no time left to
+    explain it. Started only while gRPC has no ready connection; the handshake runs only if it
+    still has none, and ends with the call's deadline."""
+
+    def __init__(self, owner: RotatingChannel, slot: _Slot, deadline: float) -> None:
+        self._owner = owner
+        self._slot = slot
+        self._deadline = deadline
+        self._over = threading.Event()
+        self._finished = threading.Event()
+        self._found: ServerExplanation | None = None
+        left = deadline - time.monotonic()
+        # The explaining handshake's time comes off the end of the wait: at most what an
+        # explanation of a refused call gets, at most half the call's time.
+        self._timer = threading.Timer(
+            max(0.0, left - min(_DIAGNOSIS_TIMEOUT, left / 2)), self._look
+        )
+        self._timer.daemon = True
+        self._timer.name = "pki-channel-watch"
+        self._timer.start()
+
+    def _look(self) -> None:
+        try:
+            if self._over.is_set() or _ready(self._slot.channel):
+                return
+            left = self._deadline - time.monotonic()
+            server_id = self._owner.server_id
+            if left > 0 and server_id is not None:
+                self._found = diagnose_server(
+                    self._owner.target, self._slot.presentation, server_id, timeout=left
+                )
+        finally:
+            self._finished.set()
+
+    def end(self) -> None:
+        """The call is over: no look is started from now on."""
+        self._over.set()
+        self._timer.cancel()
+
+    def explanation(self) -> ServerExplanation | None:
+        """What the look found (None: nothing to say), once it is over; it ends with the call's
+        deadline, which has passed when this is asked."""
+        self.end()
+        if self._timer.is_alive() or self._finished.is_set():
+            self._finished.wait(max(0.0, self._deadline - time.monotonic()) + _JOIN_SLACK)
+        return self._found
+
+
+#: How long past its deadline a look is waited for (it ends by the deadline; thread scheduling).
+_JOIN_SLACK = 0.1
+
+
+def _ready(channel: grpc.Channel) -> bool:
+    """Whether gRPC holds a ready connection on ``channel`` (gRPC's private core channel, read
+    defensively: unreadable reads as not ready, which costs at most one handshake)."""
+    check = getattr(getattr(channel, "_channel", None), "check_connectivity_state", None)
+    if check is None:
+        return False
+    try:
+        return bool(check(False) == _CORE_READY)
+    except Exception:  # a gRPC release that changed its private API: not known to be ready
+        return False
+
+
+#: gRPC core's READY connectivity state (grpc_connectivity_state).
+_CORE_READY = 2
+
+
 @dataclass(frozen=True)
 class _MethodSpec:
     """What a stub asked the channel for: method name, (de)serialisers, registration flag."""
@@ -454,31 +553,36 @@ class _MultiCallable:
     def _blocking(self, attribute: str | None, argument: Any, kwargs: dict[str, Any]) -> Any:
         deadline = _deadline(kwargs["timeout"])
         lease = self._owner._acquire()
+        watch = None
         try:
             target = self._underlying(lease.slot)
             call = getattr(target, attribute) if attribute else target
+            watch = self._owner._watch(lease.slot, kwargs, deadline)
             return call(argument, **kwargs)
         except grpc.RpcError as error:
-            translated = self._owner._translate(error, lease.slot, deadline)
+            translated = self._owner._translate(error, lease.slot, deadline, watch)
             if translated is error:
                 raise
             raise translated from None
         finally:
+            if watch is not None:
+                watch.end()
             lease.release()
 
     def _future(self, argument: Any, kwargs: dict[str, Any]) -> grpc.CallFuture[Any]:
         deadline = _deadline(kwargs["timeout"])
         lease = self._owner._acquire()
         try:
+            watch = self._owner._watch(lease.slot, kwargs, deadline)
             future: grpc.CallFuture[Any] = self._underlying(lease.slot).future(argument, **kwargs)
         except BaseException:
             lease.release()
             raise
-        if not future.add_callback(lease.release):
-            lease.release()
+        _end_with(future, lease, watch)
         # Its failure reads as a blocking call's does (a handshake rejection named, not UNAVAILABLE).
         translated = _TranslatedFuture(
-            future, _Once(lambda error: self._owner._translate(error, lease.slot, deadline))
+            future,
+            _Once(lambda error: self._owner._translate(error, lease.slot, deadline, watch)),
         )
         return cast("grpc.CallFuture[Any]", translated)
 
@@ -486,17 +590,29 @@ class _MultiCallable:
         deadline = _deadline(kwargs["timeout"])
         lease = self._owner._acquire()
         try:
+            watch = self._owner._watch(lease.slot, kwargs, deadline)
             call = self._underlying(lease.slot)(argument, **kwargs)
         except BaseException:
             lease.release()
             raise
-        if not call.add_callback(lease.release):
-            lease.release()
+        _end_with(call, lease, watch)
         stream = _ResponseStream(
-            call, _Once(lambda error: self._owner._translate(error, lease.slot, deadline))
+            call, _Once(lambda error: self._owner._translate(error, lease.slot, deadline, watch))
         )
         # Duck-typed: iterates like the call and delegates every Call method to it.
         return cast("grpc.CallIterator[Any]", stream)
+
+
+def _end_with(call: Any, lease: _Lease, watch: _ReadinessWatch | None) -> None:
+    """Releases ``lease`` and ends ``watch`` when ``call`` completes (at once if it has)."""
+
+    def ended() -> None:
+        lease.release()
+        if watch is not None:
+            watch.end()
+
+    if not call.add_callback(ended):
+        ended()
 
 
 def _options(

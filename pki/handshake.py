@@ -11,6 +11,7 @@ the connection right after the handshake without a single byte has rejected our 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import ssl
@@ -344,15 +345,35 @@ class ServerIdentityNameMissing(_RefusedBeforeTheCall):
     default_reason = Reason.SERVER_IDENTITY_NAME_MISSING
 
 
+class ServerCertificateOutsideValidity(_RefusedBeforeTheCall):
+    """The server at a target presents a certificate of our CA that is not valid at this
+    machine's time: expired (``PEER_CERT_EXPIRED``) or not yet valid
+    (``PEER_CERT_NOT_YET_VALID``). Its dates and this machine's time are in the message: one of
+    the two clocks is off, or the server's certificate was not renewed. UNAUTHENTICATED, like
+    :class:`ServerIdentityMismatch`, which it was reported as (a certificate "that does not chain
+    to our CA", the wrong cause for a clock hours off).
+    """
+
+    default_reason = Reason.PEER_CERT_EXPIRED
+
+
+#: What :func:`diagnose_server` explains a refusal with.
+ServerExplanation = (
+    ServerIdentityMismatch | ServerIdentityNameMissing | ServerCertificateOutsideValidity
+)
+
+
 def diagnose_server(
     target: str, presentation: TlsPresentation, expected: str, *, timeout: float
-) -> ServerIdentityMismatch | ServerIdentityNameMissing | None:
+) -> ServerExplanation | None:
     """Why gRPC's own handshake with the server at ``target``, made by a channel expecting the
     SPIFFE ID ``expected``, may have failed, from one handshake of our own made after that
     failure (it only explains a refusal gRPC already made): :class:`ServerIdentityMismatch`
-    naming both IDs (another workload, a certificate not from our CA, a CA's certificate),
-    :class:`ServerIdentityNameMissing` (the expected ID, a certificate without its derived
-    name), None when it cannot tell (unreachable now, or the expected server with the name)."""
+    naming both IDs (another workload, a certificate not from our CA, a CA's certificate, a
+    server that does not speak TLS), :class:`ServerCertificateOutsideValidity` (a certificate of
+    our CA outside its dates by this machine's clock), :class:`ServerIdentityNameMissing` (the
+    expected ID, a certificate without its derived name), None when it cannot tell (unreachable
+    now, or the expected server with the name)."""
     derived = identity_dns_name(expected)
     try:
         # SNI as gRPC's connection sends it (the derived name), so that a front end choosing
@@ -361,7 +382,7 @@ def diagnose_server(
         if cert is None:
             return None
         require_server_id(target, workload_spiffe_ids(target, cert), expected)
-    except ServerIdentityMismatch as refused:
+    except (ServerIdentityMismatch, ServerCertificateOutsideValidity) as refused:
         return refused
     if derived in dns_sans(cert):
         return None
@@ -414,10 +435,25 @@ def _server_certificate(
             ):
                 der = tls.getpeercert(binary_form=True)
         except ssl.SSLCertVerificationError as exc:
+            if exc.verify_code in _OUTSIDE_VALIDITY:
+                where = _Where(target, host, port, server_name or host, end)
+                raise _outside_validity(where, exc, presentation) from None
             raise ServerIdentityMismatch(
                 f"the server at {target} presented a certificate that does not chain to our CA "
                 f"({exc.verify_message})"
             ) from None
+        except ssl.SSLError as exc:
+            if exc.reason in _NOT_TLS:
+                # What answered our ClientHello was no TLS record: a plaintext port (a
+                # service's health_listen, an HTTP server), which no retry turns into the
+                # expected mTLS server. gRPC reports it as a transient handshake failure.
+                raise ServerIdentityMismatch(
+                    f"the server at {target} does not speak TLS ({exc.reason}): a plaintext "
+                    "port answers there, such as a service's health port (health_listen), "
+                    "not the mTLS port (listen) of the service expected"
+                ) from None
+            failures.append(f"{_joined(host, port)}: {exc or type(exc).__name__}")
+            continue
         except OSError as exc:
             failures.append(f"{_joined(host, port)}: {exc or type(exc).__name__}")
             continue
@@ -425,6 +461,63 @@ def _server_certificate(
             return x509.load_der_x509_certificate(der), failures
         failures.append(f"{_joined(host, port)}: no certificate presented")
     return None, failures or ["the target names no address"]
+
+
+# OpenSSL's verify codes for a certificate outside its dates (X509_V_ERR_CERT_NOT_YET_VALID,
+# X509_V_ERR_CERT_HAS_EXPIRED), and its reasons for an answer to a ClientHello that is not TLS.
+_NOT_YET_VALID, _EXPIRED = 9, 10
+_OUTSIDE_VALIDITY = (_NOT_YET_VALID, _EXPIRED)
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"})
+
+
+@dataclass(frozen=True)
+class _Where:
+    """One address of a target, the name a handshake sends it, and when the check must end."""
+
+    target: str
+    host: str
+    port: int
+    server_name: str
+    end: float
+
+
+def _outside_validity(
+    where: _Where, refused: ssl.SSLCertVerificationError, presentation: TlsPresentation
+) -> ServerCertificateOutsideValidity:
+    """The explanation of a server certificate OpenSSL found outside its dates, with the dates
+    when the certificate can be read again before the check's end (the refusal carries none)."""
+    now = datetime.now(UTC)
+    dates = ""
+    with contextlib.suppress(OSError, ValueError):
+        cert = _presented_anyway(where, presentation)
+        if cert is not None:
+            dates = (
+                f" (valid from {cert.not_valid_before_utc.isoformat()} to "
+                f"{cert.not_valid_after_utc.isoformat()})"
+            )
+    expired = refused.verify_code == _EXPIRED
+    state = "has expired" if expired else "is not valid yet"
+    return ServerCertificateOutsideValidity(
+        f"the server at {where.target} presented a certificate of our CA that {state} by this "
+        f"machine's clock, {now.isoformat(timespec='seconds')}{dates}: this machine's clock or "
+        "the server's is off (compare both with a time source), or the server's certificate "
+        "was not renewed",
+        reason=Reason.PEER_CERT_EXPIRED if expired else Reason.PEER_CERT_NOT_YET_VALID,
+    )
+
+
+def _presented_anyway(where: _Where, presentation: TlsPresentation) -> x509.Certificate | None:
+    """The certificate the server at ``where`` presents, read without checking it at all: only
+    its dates are shown, once a verified handshake refused it for them."""
+    context = client_context(presentation)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        _connect(where.host, where.port, where.end) as raw,
+        context.wrap_socket(raw, server_hostname=where.server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    return None if der is None else x509.load_der_x509_certificate(der)
 
 
 def _connect(host: str, port: int, end: float) -> socket.socket:

@@ -93,6 +93,7 @@ NOT_REASONS = frozenset(
         "VCEK",
         "VLEK",
         "WRAP_MECHANISM_AES_KEY_WRAP_PAD",
+        "WRONG_VERSION_NUMBER",
     }
 )
 

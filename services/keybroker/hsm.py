@@ -81,6 +81,7 @@ from pkcs11.attributes import AttributeMapper
 
 from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
+from strongroom.keybroker import _hsm_hints as _hints
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.p11direct import (
@@ -788,8 +789,12 @@ class Hsm(Closing):
                         self._lib.finalize()
                     self._lib.initialize()
         except p11x.PKCS11Error as exc:
+            hints = _hints.joined(
+                _hints.module_problem(cfg.module_path, exc),
+                _hints.softhsm_conf_problem(cfg.module_env),
+            )
             raise HsmUnavailable(
-                f"cannot initialise the PKCS#11 module ({errs.describe(exc)})"
+                f"cannot initialise the PKCS#11 module ({errs.describe(exc)}){hints}"
             ) from exc
         if self._direct is None:
             try:
@@ -802,8 +807,11 @@ class Hsm(Closing):
         try:
             token = self._lib.get_token(token_label=cfg.token_label)
         except (p11x.NoSuchToken, p11x.MultipleTokensReturned) as exc:
+            hints = _hints.joined(
+                _hints.present_labels(self._lib), _hints.softhsm_conf_problem(cfg.module_env)
+            )
             raise HsmUnavailable(
-                f"token {cfg.token_label!r} not found ({errs.describe(exc)})"
+                f"token {cfg.token_label!r} not found ({errs.describe(exc)}){hints}"
             ) from exc
         except p11x.PKCS11Error as exc:
             raise HsmUnavailable(f"cannot list tokens ({errs.describe(exc)})") from exc

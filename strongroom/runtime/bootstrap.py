@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.pki.authz import SpiffeAuthorizer
 from strongroom.pki.client import CaClient
+from strongroom.pki.errors import CertificateInvalid, NoIdentity
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.reasons import Reason
 from strongroom.runtime.config import (
@@ -71,12 +72,31 @@ def open_identity(config: IdentityConfig, *, serves: bool = True) -> WorkloadIde
         # may enrol first and hold a certificate for our SPIFFE ID. Private, like every secret.
         require_private(config.token_file, "identity.token_file (the enrolment token)")
         token = config.token_file.read_text(encoding="utf-8").strip() or None
-    identity = WorkloadIdentity.start(
-        CaClient(config.ca_url, root_pem),
-        token=token,
-        state_dir=config.state_dir,
-        policy=RenewalPolicy(fraction=config.renew_fraction),
-    )
+    try:
+        ca = CaClient(config.ca_url, root_pem)
+    except CertificateInvalid as exc:
+        # The parse's words alone ("malformed PEM certificate: ... MalformedFraming") named
+        # neither the setting nor the file: an empty file, a key, a truncated copy.
+        raise FailedPrecondition(
+            f"identity.ca_root_file {config.ca_root_file} is not the CA's root certificate "
+            f"(PEM): {exc.message}",
+            reason=exc.reason,
+        ) from None
+    try:
+        identity = WorkloadIdentity.start(
+            ca,
+            token=token,
+            state_dir=config.state_dir,
+            policy=RenewalPolicy(fraction=config.renew_fraction),
+        )
+    except NoIdentity as exc:
+        if token is not None or config.token_file is None:
+            raise
+        # "no identity persisted" alone hid that the token configured to enrol with is missing.
+        missing = "does not exist" if not config.token_file.exists() else "is empty"
+        raise NoIdentity(
+            f"{exc.message}, and identity.token_file {config.token_file} {missing}"
+        ) from None
     if str(identity.spiffe_id) != config.spiffe_id:
         identity.close()
         raise FailedPrecondition(

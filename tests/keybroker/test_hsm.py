@@ -62,15 +62,41 @@ def test_wrong_pin_is_not_retried(
 
 
 def test_unknown_token_label(softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]) -> None:
+    """A mistyped label: the message names the labels the module lists (it named only the one
+    asked for, which reads alike whether the label or the token directory is wrong)."""
     with pytest.raises(HsmUnavailable) as info:
         open_hsm(make_config(softhsm_token, token_label="no-such-token"))
     assert "not found" in info.value.message
+    assert f"the module lists {softhsm_token.label!r}" in info.value.message
 
 
 def test_missing_module(tmp_path: Path, softhsm_token: SoftHsmToken) -> None:
+    """A wrong keybroker.pkcs11_module: "cannot initialise the PKCS#11 module (PKCS11Error)"
+    named neither the setting nor the path; it names both now."""
     config = make_config(softhsm_token, module_path=tmp_path / "missing.so")
-    with pytest.raises(HsmUnavailable):
+    with pytest.raises(HsmUnavailable) as info:
         Hsm.open(config)
+    assert f"keybroker.pkcs11_module {tmp_path / 'missing.so'} does not exist" in str(info.value)
+
+
+@pytest.mark.parametrize(("make", "state"), [(None, "does not exist"), ("dir", "is a directory")])
+def test_a_wrong_softhsm2_conf_is_named(
+    tmp_path: Path,
+    softhsm_token: SoftHsmToken,
+    open_hsm: Callable[..., Hsm],
+    make: str | None,
+    state: str,
+) -> None:
+    """SoftHSM2's configuration path wrong: SoftHSM2 answers with no token at all (a
+    directory) or a bare GeneralError (a missing file), and the broker said "token not found"
+    or "cannot initialise the PKCS#11 module (GeneralError)". The setting is named now."""
+    conf = tmp_path / "softhsm2.conf"
+    if make == "dir":
+        conf.mkdir()
+    config = make_config(softhsm_token, module_env={"SOFTHSM2_CONF": str(conf)})
+    with pytest.raises(HsmUnavailable) as info:
+        open_hsm(config)
+    assert f"keybroker.softhsm2_conf {conf} {state}" in info.value.message
 
 
 def test_a_package_built_without_its_release_calls_says_so(

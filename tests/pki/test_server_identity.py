@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from strongroom.pki import StepCa, WorkloadIdentity
 from strongroom.pki._files import memory_file
 from strongroom.pki.channel import _close_channel, _Slot
 from strongroom.pki.handshake import (
+    ServerCertificateOutsideValidity,
     ServerIdentityMismatch,
     ServerIdentityNameMissing,
     TlsPresentation,
@@ -658,7 +660,8 @@ def test_a_wait_for_ready_call_is_never_sent_to_another_server_that_comes_up(
     """A ``wait_for_ready`` call waiting for the model store, when the key broker comes up on
     its address: a check made before gRPC's connection let gRPC send the call on whatever that
     connection reached. gRPC's own handshake now refuses the broker at each attempt: the call
-    waits for the store until its deadline, and the broker gets nothing."""
+    waits for the store until its deadline, and the broker gets nothing. It ended with gRPC's
+    bare "Deadline Exceeded", naming nothing: it now names the broker that answered there."""
     with socket.socket() as closed:  # a port nothing listens on yet
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
@@ -671,9 +674,10 @@ def test_a_wait_for_ready_call_is_never_sent_to_another_server_that_comes_up(
         ):
             waiting = pool.submit(ping, channel, timeout=5, wait_for_ready=True)
             second = serve(broker, port=port)
-            with pytest.raises(grpc.RpcError) as refused:
+            with pytest.raises(ServerIdentityMismatch) as refused:
                 waiting.result(60)
-            assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "within the call's deadline" in str(refused.value)
+            assert sid("keybroker") in str(refused.value)
         assert second.calls.total() == 0
     finally:
         if second is not None:
@@ -924,3 +928,63 @@ def test_the_explanation_ends_within_its_time_while_the_resolver_does_not_answer
         assert not answered.is_set()  # it returned while the lookup was still unanswered
     finally:
         released.set()
+
+
+def test_a_plaintext_port_is_named_as_one(client_identity: WorkloadIdentity) -> None:
+    """An address that points at a service's plaintext health port: gRPC's handshake fails
+    with "WRONG_VERSION_NUMBER", UNAVAILABLE, which the inference service retried for its
+    whole retry window (30 s) as if the broker were down. It is named now, and not retried."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with (
+            client_identity.channel(f"127.0.0.1:{port}", server_id=sid("keybroker")) as channel,
+            pytest.raises(ServerIdentityMismatch, match="does not speak TLS") as refused,
+        ):
+            check(channel)
+        assert "health_listen" in str(refused.value)
+    finally:
+        server.stop(None).wait()
+
+
+@pytest.mark.parametrize(
+    ("shift", "reason", "state"),
+    [
+        (timedelta(hours=3), "PEER_CERT_NOT_YET_VALID", "is not valid yet"),
+        (-timedelta(hours=3), "PEER_CERT_EXPIRED", "has expired"),
+    ],
+)
+def test_a_server_certificate_outside_its_dates_is_named_a_clock_problem(
+    ca: StepCa,
+    client_identity: WorkloadIdentity,
+    shift: timedelta,
+    reason: str,
+    state: str,
+) -> None:
+    """A server certificate of our CA outside its dates by this machine's clock (the client's
+    clock, or the CA's when it issued it, hours off): it was reported as a certificate "that
+    does not chain to our CA", SERVER_IDENTITY_MISMATCH, sending the operator to the CA
+    bundles. It is named as what it is, with its dates and this machine's time."""
+    intermediate, intermediate_key = ca.layout.load_intermediate()
+    now = datetime.now(UTC) + shift
+    leaf = make_leaf(
+        intermediate,
+        intermediate_key,
+        uris=[sid("keybroker")],
+        dns=[identity_dns_name(sid("keybroker"))],
+        extra_chain=[intermediate],
+        not_before=now - timedelta(minutes=5),
+        not_after=now + timedelta(hours=1),
+    )
+    with (
+        _serving(leaf, ca) as port,
+        client_identity.channel(f"127.0.0.1:{port}", server_id=sid("keybroker")) as channel,
+        pytest.raises(ServerCertificateOutsideValidity) as refused,
+    ):
+        check(channel)
+    assert refused.value.reason == reason
+    assert state in str(refused.value)
+    assert "clock" in str(refused.value)
+    assert (now - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M") in str(refused.value)

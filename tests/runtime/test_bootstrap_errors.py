@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from strongroom.errors import StrongroomError
 from strongroom.runtime import bootstrap
 from tests.conftest import REPO
 
@@ -91,3 +92,43 @@ def test_a_service_that_cannot_enrol_says_why_in_its_log(tmp_path: Path) -> None
     assert any(
         line.startswith("strongroom: error: CA_ROOT_MISSING: ") for line in done.stderr.splitlines()
     )
+
+
+def _identity_config(tmp_path: Path, root: Path, token: Path | None = None) -> Any:
+    from strongroom.runtime.config import IdentityConfig
+
+    return IdentityConfig(
+        trust_domain="strongroom.internal",
+        spiffe_id="spiffe://strongroom.internal/modelstore",
+        ca_url="https://127.0.0.1:9",
+        ca_root_file=root,
+        token_file=token,
+        state_dir=tmp_path / "identity",
+    )
+
+
+@pytest.mark.parametrize("content", [b"", b"-----BEGIN CERTIFICATE-----\nAAAA\n"])
+def test_a_ca_root_file_that_holds_no_certificate_is_named(tmp_path: Path, content: bytes) -> None:
+    """An empty or truncated identity.ca_root_file stopped the start with "MALFORMED: malformed
+    PEM certificate: Unable to load PEM file. See https://cryptography.io/...", naming neither
+    the setting nor the file."""
+    root = tmp_path / "root.crt"
+    root.write_bytes(content)
+    with pytest.raises(StrongroomError) as info:
+        bootstrap.open_identity(_identity_config(tmp_path, root))
+    assert f"identity.ca_root_file {root} is not the CA's root certificate" in str(info.value)
+    assert info.value.reason == "MALFORMED"
+
+
+def test_a_missing_enrolment_token_is_named(tmp_path: Path) -> None:
+    """A first start whose identity.token_file is not there said only "NO_IDENTITY: no identity
+    persisted in <state_dir>", which reads as a state directory problem."""
+    from tests.pki.helpers import make_ca, pem
+
+    root = tmp_path / "root.crt"
+    root.write_bytes(pem(make_ca("Root")[0]))
+    token = tmp_path / "missing.token"
+    with pytest.raises(StrongroomError) as info:
+        bootstrap.open_identity(_identity_config(tmp_path, root, token))
+    assert info.value.reason == "NO_IDENTITY"
+    assert f"identity.token_file {token} does not exist" in str(info.value)
