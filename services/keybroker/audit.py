@@ -607,6 +607,7 @@ class AuditLog(Closing):
         try:
             with log._lock, log._flocked():
                 log._resync()
+                log._check_sealed_series()
                 log._count_sealed_bytes()
         except BaseException:
             log.close()
@@ -1102,7 +1103,7 @@ class AuditLog(Closing):
         try:
             with self._dir_locked():
                 try:
-                    self._head.write(sealed, sealed=True)
+                    self._head.write(sealed, sealed=True, size=self._size)
                 except OSError as exc:
                     raise AuditUnavailable(
                         f"cannot seal the audit log for its rotation: {exc.strerror}"
@@ -1156,10 +1157,11 @@ class AuditLog(Closing):
         for base, last, name in _sealed_logs(self._dir_fd, self._path.name):
             if base < current.count:
                 continue
-            head = self._sealed_head(name)
+            parsed = self._sealed_head(name)
+            head = parsed.head
             if base != current.count or (head.base, head.count) != (base, last + 1):
                 raise self._tampered(f"the sealed audit log {name} does not continue the chain")
-            self._check_sealed_log(name, head, after=current)
+            self._check_sealed_log(name, parsed, after=current)
             current = head
         return current
 
@@ -1182,13 +1184,13 @@ class AuditLog(Closing):
         if active is not None and active.st_size > 0:
             if _lstat_in(self._dir_fd, name) is not None:
                 raise self._tampered(f"the sealed audit log {name} already exists")
-            self._check_sealed_log(self._path.name, sealed)
+            self._check_sealed_log(self._path.name, parsed)
             os.rename(self._path.name, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
             os.fsync(self._dir_fd)
         elif _lstat_in(self._dir_fd, name) is None:
             raise self._tampered(f"the audit head at the log's path seals {name}, which is missing")
         else:
-            self._check_sealed_log(name, sealed)
+            self._check_sealed_log(name, parsed)
         if _lstat_in(self._dir_fd, name + ".head") is not None:
             raise self._tampered(f"the sealed audit head {name}.head already exists")
         os.rename(head_name, name + ".head", src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
@@ -1246,10 +1248,11 @@ class AuditLog(Closing):
         if not sealed:
             return Head(0, secrets.token_hex(32))
         base, last, name = sealed[-1]
-        head = self._sealed_head(name)
+        parsed = self._sealed_head(name)
+        head = parsed.head
         if (head.base, head.count) != (base, last + 1):
             raise self._tampered(f"the sealed audit log {name} does not hold what it is named")
-        self._check_sealed_log(name, head)
+        self._check_sealed_log(name, parsed)
         _log.info("the new audit log continues %s (from seq %d)", name, head.count)
         return Head(head.count, head.last_hash, head.count)
 
@@ -1263,7 +1266,7 @@ class AuditLog(Closing):
             ):
                 if _lstat_in(self._dir_fd, name + ".head") is None:
                     return None
-                return self._sealed_head(name)
+                return self._sealed_head(name).head
         return None
 
     def _shipped_end(self, opened: os.stat_result) -> Head | None:
@@ -1298,7 +1301,7 @@ class AuditLog(Closing):
         )
         return shipped
 
-    def _sealed_head(self, name: str) -> Head:
+    def _sealed_head(self, name: str) -> ParsedHead:
         """The head of the sealed log ``name``: signed by this broker and sealed, or tampering."""
         try:
             raw = self._read_in_dir(name + ".head", FILE_BYTES + 1)
@@ -1307,30 +1310,108 @@ class AuditLog(Closing):
         parsed = self._checked(_parse_own_head, raw, self._public, name + ".head")
         if not parsed.sealed:
             raise self._tampered(f"the head of {name} does not seal it")
-        return parsed.head
+        return parsed
 
-    def _check_sealed_log(self, name: str, head: Head, *, after: Head | None = None) -> None:
-        """The log ``name`` (in the log's directory) ends with the record ``head`` seals, and
-        (with ``after``) its first record continues the chain ``after`` ends."""
+    def _check_sealed_log(
+        self, name: str, sealed: ParsedHead, *, after: Head | None = None
+    ) -> None:
+        """The log ``name`` (in the log's directory) is as long as its head ``sealed`` says
+        (when it says: heads sealed before ``size`` was added do not), starts at the head's
+        ``base`` and ends with the record it seals, and (with ``after``) its first record
+        continues the chain ``after`` ends. Reads the first and last records only."""
+        head = sealed.head
         fd = self._open_in_dir(name)
         try:
             size = os.fstat(fd).st_size
             end, tail = self._checked(_read_tail, fd, size, 1)
             last = self._checked(_tail_record, tail[-1][1]) if tail else None
-            line = _first_line(fd, size) if after is not None else None
+            line = _first_line(fd, size)
             first = self._checked(_tail_record, line) if line is not None else None
         finally:
             os.close(fd)
+        if sealed.size is not None and size != sealed.size:
+            raise self._tampered(
+                f"the sealed audit log {name} is {size} bytes, not the {sealed.size} its head "
+                "seals: records were removed, added or edited"
+            )
         if (
             last is None
             or end != size
             or (last["seq"] + 1, last["hash"]) != (head.count, head.last_hash)
         ):
             raise self._tampered(f"the sealed audit log {name} does not end where its head says")
-        if after is not None and (
-            first is None or (first["seq"], first["prev"]) != (after.count, after.last_hash)
-        ):
+        if first is None or first["seq"] != head.base:
+            raise self._tampered(f"the sealed audit log {name} does not start where its head says")
+        if after is not None and first["prev"] != after.last_hash:
             raise self._tampered(f"the sealed audit log {name} does not continue the one before")
+
+    def _check_sealed_series(self) -> None:
+        """At open, after the resync (which finished any rotation a crash interrupted): the
+        sealed logs still beside the log, each checked without reading it (its sealed head's
+        signature, its size, first and last records: _check_sealed_log), continue one another
+        and end where the log at the path starts. Only the oldest may be missing (shipped and
+        deleted: retention); a file missing after one that is present is tampering, as is
+        anything else that does not match. Reading every record of every file is what
+        ``strongroom audit verify DIR`` does (see the module doc, *Rotation*)."""
+        before: Head | None = None
+        before_name = ""
+        with self._dir_locked():
+            for base, last, name in _sealed_logs(self._dir_fd, self._path.name):
+                if before is None and _lstat_in(self._dir_fd, name) is None:
+                    continue  # the oldest, shipped and deleted since the listing (retention)
+                if before is not None and base != before.count:
+                    raise self._tampered(self._series_break(before_name, before, name, base))
+                try:
+                    parsed = self._sealed_head(name)
+                    head = parsed.head
+                    if (head.base, head.count) != (base, last + 1):
+                        raise self._tampered(
+                            f"the sealed audit log {name} does not hold what it is named "
+                            f"(its head seals seq {head.base}..{head.count - 1})"
+                        )
+                    self._check_sealed_log(name, parsed, after=before)
+                except FileNotFoundError:
+                    if before is None:
+                        continue  # the same, between the look above and the read
+                    raise self._tampered(
+                        f"the sealed audit log {name} was removed while the broker started"
+                    ) from None
+                except OSError as exc:
+                    raise AuditUnavailable(
+                        f"cannot read the sealed audit log {name}: {exc.strerror or exc}"
+                    ) from None
+                before, before_name = head, name
+        if before is None:
+            return
+        if self._base != before.count:
+            raise self._tampered(
+                self._series_break(before_name, before, self._path.name, self._base)
+            )
+        if self._size == 0:
+            continues = self._last_hash == before.last_hash
+        else:
+            line = _first_line(self._fd, self._size)
+            continues = (
+                line is not None and self._checked(_tail_record, line)["prev"] == before.last_hash
+            )
+        if not continues:
+            raise self._tampered(
+                f"the audit log does not continue the sealed log {before_name}: a file of "
+                "another chain was put in the place of one of them"
+            )
+
+    @staticmethod
+    def _series_break(before_name: str, before: Head, name: str, base: int) -> str:
+        """Why ``name``, starting at seq ``base``, does not follow the sealed log ``before``."""
+        if base > before.count:
+            return (
+                f"audit records seq {before.count}..{base - 1} are missing between the sealed "
+                f"log {before_name} and {name}: a sealed log in the middle was deleted"
+            )
+        return (
+            f"{name} starts at seq {base}, inside the sealed log {before_name} (seq "
+            f"{before.base}..{before.count - 1}): a file was copied or substituted"
+        )
 
     def _count_sealed_bytes(self) -> None:
         """Re-counts the sealed logs and heads beside the log (only with a cap: they count against
