@@ -932,10 +932,9 @@ class AuditLog(Closing):
                 void = (*void, prefix)
             else:
                 void, void_all = (), True  # refuse the position as a whole, as _revoke does
+        head = Head(self._count, self._last_hash, self._base)
         try:
-            self._head.write(
-                Head(self._count, self._last_hash, self._base), void=void, void_all=void_all
-            )
+            self._head.write(head, void=void, void_all=void_all)
         except (OSError, ValueError) as exc:
             _log.error(
                 "cannot record the refusal of audit records in the head (%s): should their lines "
@@ -944,6 +943,18 @@ class AuditLog(Closing):
             )
             return
         self._void, self._void_all = void, void_all
+        if self._head.generation == 1:
+            # The other slot holds generation 0, which is a whole head file on its own once slot
+            # 1 is zeroed (that is how a new head file reads): zeroing it dropped the names
+            # without any older copy of the file. Once more, and both slots name them.
+            try:
+                self._head.write(head, void=void, void_all=void_all)
+            except OSError as exc:
+                _log.error(
+                    "cannot record the refusal of audit records in the head's other slot (%s): "
+                    "whoever zeroes the newer slot while the broker is stopped undoes it",
+                    exc.strerror,
+                )
 
     def _revoke(self, hashes: list[str]) -> None:
         """Remembers a refused batch's records (from seq ``self._count``, where it was written).

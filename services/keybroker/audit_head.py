@@ -325,6 +325,11 @@ class HeadFile:
         self._generation = parsed.generation
         return parsed
 
+    @property
+    def generation(self) -> int | None:
+        """The current head's generation as last read or written (None: no file, or format 1)."""
+        return self._generation
+
     def changed(self) -> bool:
         """Whether the file differs from what this object last read or wrote (another process
         committed, or the file was replaced or edited)."""
