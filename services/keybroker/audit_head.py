@@ -36,7 +36,9 @@ resized anywhere in one from its length alone, without reading it.
 **Refused batches** (see :mod:`strongroom.keybroker.audit`, *Durability and failure*): a head
 written after a batch was refused keeps its ``count`` and ``last_hash`` and adds ``void``, the
 first 32 hex digits of the hash of each refused batch's first record (at most :data:`VOID_MAX`),
-or ``void_all: true`` past that. The next head that anchors more records drops them.
+or ``void_all: true`` past that. The next head that anchors more records drops them. Written as
+generation 1, it is written again as generation 2: generation 0 with a zeroed slot 1 is a valid
+file (a new head), so the names must not be in slot 1 alone.
 
 **Format 1**, one JSON line rewritten by rename on every commit, is still read; the broker converts
 it to format 2 when it opens the log (a new file, renamed into place). A new head file is written
@@ -353,9 +355,10 @@ class HeadFile:
     ) -> None:
         """Makes ``head`` the current head, durably: the next generation in place, or a new
         format-2 file when there is none yet or it is in format 1. ``sealed`` marks it the log's
-        last head (rotation), ``size`` (with ``sealed``) the sealed log's length in bytes; ``void`` (hash prefixes, at most :data:`VOID_MAX`) names refused
-        batches by the first record they chained after it, ``void_all`` refuses every record
-        after it that it does not anchor. Raises OSError."""
+        last head (rotation), ``size`` (with ``sealed``) the sealed log's length in bytes;
+        ``void`` (hash prefixes, at most :data:`VOID_MAX`) names refused batches by the first
+        record they chained after it, ``void_all`` refuses every record after it that it does
+        not anchor. Raises OSError."""
         if self._fd is None or self._generation is None:
             if sealed or void or void_all:
                 raise OSError(errno.EINVAL, "only a head in place can be sealed or void records")
