@@ -29,12 +29,16 @@ an older log is a rollback, not caught once the broker restarts (a running one n
 apply, so a log never rotated keeps its heads' bytes: ``base``, the ``seq`` of the file's first
 record (its sealed predecessor's count; both slots must agree), and ``sealed: true`` on the last
 generation of a log that was sealed (the older slot is never sealed: nothing is written after a
-seal).
+seal), with ``size``, the sealed log's length in bytes (heads sealed before it was added lack it),
+so that the broker's check of its sealed files at start finds a record removed, added or
+resized anywhere in one from its length alone, without reading it.
 
 **Refused batches** (see :mod:`strongroom.keybroker.audit`, *Durability and failure*): a head
 written after a batch was refused keeps its ``count`` and ``last_hash`` and adds ``void``, the
 first 32 hex digits of the hash of each refused batch's first record (at most :data:`VOID_MAX`),
-or ``void_all: true`` past that. The next head that anchors more records drops them.
+or ``void_all: true`` past that. The next head that anchors more records drops them. Written as
+generation 1, it is written again as generation 2: generation 0 with a zeroed slot 1 is a valid
+file (a new head), so the names must not be in slot 1 alone.
 
 **Format 1**, one JSON line rewritten by rename on every commit, is still read; the broker converts
 it to format 2 when it opens the log (a new file, renamed into place). A new head file is written
@@ -96,7 +100,8 @@ class Head:
 @dataclass(frozen=True)
 class ParsedHead:
     """A head file read: the current head, its generation (None in format 1) and the format;
-    ``sealed`` when its current slot seals the log (no record is ever added to it again);
+    ``sealed`` when its current slot seals the log (no record is ever added to it again), and
+    ``size`` the sealed log's length in bytes (None: sealed before heads said it, or not sealed);
     ``void``/``void_all``: the batches written after it that the broker refused (see
     :meth:`HeadFile.write`)."""
 
@@ -106,6 +111,7 @@ class ParsedHead:
     sealed: bool = False
     void: tuple[str, ...] = ()
     void_all: bool = False
+    size: int | None = None
 
     def voids(self, record_hash: str) -> bool:
         """Whether the record chained right after this head with ``record_hash`` was refused."""
@@ -142,6 +148,11 @@ def _document(raw: bytes, public_key: Ed25519PublicKey | None) -> dict[str, Any]
         raise ValueError("bad base")
     if document.get("sealed", True) is not True or document.get("void_all", True) is not True:
         raise ValueError("bad sealed or void_all")
+    size = document.get("size", 0)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError("bad size")
+    if "size" in document and "sealed" not in document:
+        raise ValueError("only a sealed head says its log's size")
     void = document.get("void", [])
     if (
         not isinstance(void, list)
@@ -186,9 +197,13 @@ def parse(raw: bytes, public_key: Ed25519PublicKey | None) -> ParsedHead:
     if len(raw) != FILE_BYTES:
         if raw.startswith(b"{") and raw.endswith(b"\n") and raw.count(b"\n") == 1:
             document = _document(raw, public_key)
-            if document.get("v") != LEGACY_VERSION or {"base", "sealed", "void", "void_all"} & set(
-                document
-            ):
+            if document.get("v") != LEGACY_VERSION or {
+                "base",
+                "sealed",
+                "size",
+                "void",
+                "void_all",
+            } & set(document):
                 raise ValueError("a one-line head must be format 1")
             return ParsedHead(Head(document["count"], document["last_hash"]), None, LEGACY_VERSION)
         raise ValueError(f"a head file is {FILE_BYTES} bytes, not {len(raw)}")
@@ -219,6 +234,7 @@ def parse(raw: bytes, public_key: Ed25519PublicKey | None) -> ParsedHead:
         bool(current.get("sealed")),
         tuple(current.get("void", ())),
         bool(current.get("void_all")),
+        current.get("size"),
     )
 
 
@@ -230,6 +246,7 @@ def _slot_bytes(
     time_text: str,
     *,
     sealed: bool = False,
+    size: int | None = None,
     void: tuple[str, ...] = (),
     void_all: bool = False,
 ) -> bytes:
@@ -245,6 +262,8 @@ def _slot_bytes(
         body["base"] = head.base
     if sealed:
         body["sealed"] = True
+        if size is not None:
+            body["size"] = size
     if void:
         body["void"] = list(void)
     if void_all:
@@ -308,6 +327,11 @@ class HeadFile:
         self._generation = parsed.generation
         return parsed
 
+    @property
+    def generation(self) -> int | None:
+        """The current head's generation as last read or written (None: no file, or format 1)."""
+        return self._generation
+
     def changed(self) -> bool:
         """Whether the file differs from what this object last read or wrote (another process
         committed, or the file was replaced or edited)."""
@@ -325,14 +349,16 @@ class HeadFile:
         head: Head,
         *,
         sealed: bool = False,
+        size: int | None = None,
         void: tuple[str, ...] = (),
         void_all: bool = False,
     ) -> None:
         """Makes ``head`` the current head, durably: the next generation in place, or a new
         format-2 file when there is none yet or it is in format 1. ``sealed`` marks it the log's
-        last head (rotation); ``void`` (hash prefixes, at most :data:`VOID_MAX`) names refused
-        batches by the first record they chained after it, ``void_all`` refuses every record
-        after it that it does not anchor. Raises OSError."""
+        last head (rotation), ``size`` (with ``sealed``) the sealed log's length in bytes;
+        ``void`` (hash prefixes, at most :data:`VOID_MAX`) names refused batches by the first
+        record they chained after it, ``void_all`` refuses every record after it that it does
+        not anchor. Raises OSError."""
         if self._fd is None or self._generation is None:
             if sealed or void or void_all:
                 raise OSError(errno.EINVAL, "only a head in place can be sealed or void records")
@@ -346,6 +372,7 @@ class HeadFile:
             self._fingerprint,
             self._now_text(),
             sealed=sealed,
+            size=size,
             void=void,
             void_all=void_all,
         )

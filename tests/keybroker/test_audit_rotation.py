@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -231,8 +232,16 @@ def _rotated(log_path: Path, key: Ed25519PrivateKey, records: int) -> dict[str, 
     return {"pre-seal head": before_seal}
 
 
+def _latest_sealed(log_path: Path) -> Path:
+    """The sealed log the last rotation made (audit.log.0-2 unless older ones are beside it)."""
+    found = [
+        re.fullmatch(re.escape(log_path.name) + r"\.([0-9]+)-[0-9]+", n) for n in _names(log_path)
+    ]
+    return log_path.with_name(max((m for m in found if m), key=lambda m: int(m[1]))[0])
+
+
 def _crash_after_seal(log_path: Path, saved: dict[str, bytes]) -> None:
-    sealed = log_path.with_name("audit.log.0-2")
+    sealed = _latest_sealed(log_path)
     os.replace(sealed, log_path)
     os.replace(head_path(sealed), head_path(log_path))
 
@@ -244,7 +253,7 @@ def _crash_before_seal_reached_the_disk(log_path: Path, saved: dict[str, bytes])
 
 def _crash_after_log_renamed(log_path: Path, saved: dict[str, bytes]) -> None:
     log_path.unlink()
-    os.replace(head_path(log_path.with_name("audit.log.0-2")), head_path(log_path))
+    os.replace(head_path(_latest_sealed(log_path)), head_path(log_path))
 
 
 def _crash_after_head_renamed(log_path: Path, saved: dict[str, bytes]) -> None:

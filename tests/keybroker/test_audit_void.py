@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from strongroom.errors import DataLoss
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker import audit_head
 from strongroom.keybroker.audit import AuditLog, head_path
@@ -127,3 +128,25 @@ def test_a_crash_after_a_refusal_at_the_same_position_is_still_anchored(
         assert reopened.count == 3
     assert _reasons(log_path) == ["OK", "MEASUREMENT_MISMATCH", "LATER"]
     assert verify_audit_log(log_path, public_key=key.public_key()).intact
+
+
+def test_zeroing_the_newer_slot_of_a_new_logs_head_does_not_drop_the_refusal(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """A new log's first batch refused: its head was generation 0 in slot 0, and the refusal went
+    to slot 1 alone. Slot 1 zeroed while the broker was stopped left generation 0 standing on its
+    own (as a new head file reads), without the names, and the refused line put back was anchored
+    as the broker's own at the next start; no older copy of the file was needed. Both slots name
+    the refusal now, so a zeroed slot is a malformed head: tampering."""
+    with AuditLog.open(log_path, key) as log:
+        (refused,) = _refuse(log, log_path, 1, "REFUSED")
+    assert _void(log_path, key).void
+    raw = head_path(log_path).read_bytes()
+    stride = audit_head.SLOT_STRIDE
+    head_path(log_path).write_bytes(raw[:stride] + bytes(len(raw) - stride))
+    with log_path.open("ab") as f:
+        f.write(refused)
+    with pytest.raises(DataLoss) as info:
+        AuditLog.open(log_path, key)
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    assert lines(log_path) == [refused]  # not anchored, not cut: left for the operator

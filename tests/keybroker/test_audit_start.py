@@ -1,0 +1,258 @@
+"""The broker checks its sealed audit files when it opens the log.
+
+Before, a sealed file edited, truncated, replaced or deleted while the broker was stopped went
+unnoticed until an operator ran ``audit verify``: the open checked the active log and, only when it
+had to start a new one, the newest sealed file. Each tampering test here opened without complaint
+on that code. The open reads each sealed file's head, size, first and last records, never the
+records in between (see the module doc of :mod:`strongroom.keybroker.audit`, *Rotation*).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from strongroom.errors import DataLoss
+from strongroom.keybroker import audit_head
+from strongroom.keybroker.audit import AuditLog, canonical_json, head_path, record_hash
+
+from .test_audit import event, fill, lines
+from .test_audit_rotation import _CRASHES, RECORD, _rotated, _series
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    (tmp_path / "audit").mkdir()
+    return tmp_path / "audit" / "audit.log"
+
+
+def _make_series(log_path: Path, key: Ed25519PrivateKey) -> None:
+    """audit.log.0-2, .3-5, .6-8 (sealed) and audit.log (9..10)."""
+    with AuditLog.open(log_path, key, rotate_bytes=3 * RECORD) as log:
+        fill(log, 11)
+
+
+@pytest.fixture
+def series(log_path: Path, key: Ed25519PrivateKey) -> Path:
+    _make_series(log_path, key)
+    assert _series(log_path, key).intact
+    return log_path.parent
+
+
+def _tampered(log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture) -> str:
+    """Opens the log as a restarting broker does; returns the tamper verdict it must raise."""
+    with caplog.at_level(logging.CRITICAL), pytest.raises(DataLoss) as info:
+        AuditLog.open(log_path, key)
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    alarms = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(alarms) == 1 and getattr(alarms[0], "alert", None) == "AUDIT_LOG_TAMPERED"
+    assert info.value.message in alarms[0].getMessage()
+    return info.value.message
+
+
+def _pair(directory: Path, name: str) -> tuple[Path, Path]:
+    return directory / name, directory / (name + ".head")
+
+
+def _rewritten(line: bytes, **changes: object) -> bytes:
+    """A record line with ``changes``, re-hashed (anyone can compute a hash; ``sig`` stays)."""
+    record = json.loads(line)
+    record.update(changes)
+    del record["hash"]
+    return canonical_json({**record, "hash": record_hash(record)}) + b"\n"
+
+
+# --- what still opens ---------------------------------------------------------------------------
+
+
+def test_a_normal_restart_opens_and_goes_on(
+    series: Path, log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with AuditLog.open(log_path, key, rotate_bytes=3 * RECORD) as log:
+        assert (log.count, log.first_seq) == (11, 9)
+        assert log.append(event(11)).seq == 11
+        assert log.tamper_problem is None
+    assert _series(log_path, key).intact
+
+
+@pytest.mark.parametrize("shipped", [1, 2, 3])
+def test_the_oldest_files_shipped_and_deleted_is_retention(
+    series: Path, log_path: Path, key: Ed25519PrivateKey, shipped: int
+) -> None:
+    for name in ("audit.log.0-2", "audit.log.3-5", "audit.log.6-8")[:shipped]:
+        for path in _pair(series, name):
+            path.unlink()
+    with AuditLog.open(log_path, key) as log:
+        assert log.append(event(11)).seq == 11
+
+
+@pytest.mark.parametrize("crash", list(_CRASHES))
+def test_a_crash_at_any_step_of_a_rotation_after_others_still_opens(
+    series: Path, log_path: Path, key: Ed25519PrivateKey, crash: str
+) -> None:
+    """The series' newest rotation interrupted (each step the module doc lists), with older sealed
+    files beside it: the open finishes the rotation, then checks the whole series."""
+    saved = _rotated(log_path, key, 1)  # audit.log (9..11) sealed as audit.log.9-11
+    _CRASHES[crash](log_path, saved)
+    with AuditLog.open(log_path, key) as log:
+        assert log.count == 12
+        assert log.append(event(12)).seq == 12
+    series_check = _series(log_path, key)
+    assert series_check.intact and (series_check.first_seq, series_check.end) == (0, 13)
+
+
+def test_a_file_sealed_before_heads_carried_its_size_still_opens_and_is_checked(
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    real = audit_head._slot_bytes
+
+    def without_size(*args: object, size: int | None = None, **kwargs: object) -> bytes:
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(audit_head, "_slot_bytes", without_size)
+    _make_series(log_path, key)
+    monkeypatch.undo()
+    sealed = log_path.with_name("audit.log.3-5")
+    assert audit_head.parse(head_path(sealed).read_bytes(), key.public_key()).size is None
+    AuditLog.open(log_path, key).close()
+    sealed.write_bytes(b"".join(lines(sealed)[:2]))  # its last record cut off
+    assert "does not end where its head says" in _tampered(log_path, key, caplog)
+
+
+# --- what is tampering ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("at", [0, 1, 2], ids=["first", "middle", "last"])
+def test_an_edited_sealed_record_is_tampering(
+    series: Path, log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture, at: int
+) -> None:
+    sealed = series / "audit.log.3-5"
+    records = lines(sealed)
+    records[at] = _rewritten(records[at], decision="allowed", reason="RELEASED")
+    sealed.write_bytes(b"".join(records))
+    assert "audit.log.3-5" in _tampered(log_path, key, caplog)
+
+
+def test_a_sealed_record_removed_from_the_middle_is_tampering(
+    series: Path, log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first and last records stay as they were: only the size the head seals tells."""
+    sealed = series / "audit.log.3-5"
+    size = sealed.stat().st_size
+    first, _, last = lines(sealed)
+    sealed.write_bytes(first + last)
+    message = _tampered(log_path, key, caplog)
+    assert f"is {len(first + last)} bytes, not the {size} its head seals" in message
+
+
+@pytest.mark.parametrize("cut", ["record", "mid-line"])
+def test_a_truncated_sealed_file_is_tampering(
+    series: Path, log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture, cut: str
+) -> None:
+    sealed = series / "audit.log.0-2"
+    data = sealed.read_bytes()
+    keep = len(b"".join(lines(sealed)[:2])) if cut == "record" else len(data) - 10
+    sealed.write_bytes(data[:keep])
+    assert "audit.log.0-2" in _tampered(log_path, key, caplog)
+
+
+@pytest.mark.parametrize("name", ["audit.log.0-2", "audit.log.3-5", "audit.log.6-8"])
+def test_a_sealed_file_replaced_by_another_log_signed_with_the_same_key_is_tampering(
+    series: Path,
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+) -> None:
+    """A staging broker's (or a reinstalled one's) log, rotated at the same records: its files
+    are sealed, signed by this key and named alike, but its chain started elsewhere."""
+    other = tmp_path / "other" / "audit.log"
+    other.parent.mkdir()
+    _make_series(other, key)
+    for source, target in zip(_pair(other.parent, name), _pair(series, name), strict=True):
+        shutil.copyfile(source, target)
+    assert "does not continue" in _tampered(log_path, key, caplog)
+
+
+@pytest.mark.parametrize("name", ["audit.log.3-5", "audit.log.6-8"])
+def test_a_missing_middle_file_is_tampering(
+    series: Path,
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+) -> None:
+    """Deleted after an older file that is still there (the newest sealed file included: the
+    active log continues it)."""
+    for path in _pair(series, name):
+        path.unlink()
+    first, last = name.removeprefix("audit.log.").split("-")
+    assert f"seq {first}..{last} are missing" in _tampered(log_path, key, caplog)
+
+
+def test_a_sealed_file_without_its_head_is_tampering(
+    series: Path, log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    head_path(series / "audit.log.0-2").unlink()
+    assert "has no head" in _tampered(log_path, key, caplog)
+
+
+@pytest.mark.parametrize("forgery", ["edited", "other key", "not sealed"])
+def test_a_forged_sealed_head_is_tampering(
+    series: Path,
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    caplog: pytest.LogCaptureFixture,
+    forgery: str,
+) -> None:
+    sealed = series / "audit.log.3-5"
+    head = head_path(sealed)
+    if forgery == "edited":  # one record fewer in both slots, their signatures unchanged
+        raw = head.read_bytes()
+        assert raw.count(b'"count":6') == 2
+        head.write_bytes(raw.replace(b'"count":6', b'"count":5'))
+    else:
+        # The same records anchored by a head signed with another key, sealed; or by this key's
+        # head, not sealed (as it was before the rotation, or one made for another log).
+        head.unlink()
+        _write_head(
+            sealed,
+            Ed25519PrivateKey.generate() if forgery == "other key" else key,
+            sealed_head=forgery == "other key",
+        )
+    assert "audit.log.3-5" in _tampered(log_path, key, caplog)
+
+
+def _write_head(sealed: Path, signer: Ed25519PrivateKey, *, sealed_head: bool) -> None:
+    """A head for the log ``sealed`` anchoring its records, signed by ``signer``."""
+    first, last = json.loads(lines(sealed)[0]), json.loads(lines(sealed)[-1])
+    dir_fd = os.open(sealed.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        file = audit_head.HeadFile(
+            head_path(sealed), signer, "0" * 32, lambda: "2026-01-01T00:00:00.000000Z", dir_fd
+        )
+        file.read()
+        file.write(audit_head.Head(first["seq"], first["prev"], first["seq"]))
+        file.write(
+            audit_head.Head(last["seq"] + 1, last["hash"], first["seq"]),
+            sealed=sealed_head,
+            size=sealed.stat().st_size if sealed_head else None,
+        )
+        file.close()
+    finally:
+        os.close(dir_fd)
