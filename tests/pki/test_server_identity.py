@@ -1179,3 +1179,52 @@ def test_a_certificate_refused_for_its_dates_that_cannot_be_read_again_is_no_clo
     assert "has expired" in str(explained)
     assert f"not known to be {sid('keybroker')}" in str(explained)
     assert "clock or" not in str(explained)
+
+
+def _watch_threads() -> int:
+    names = ("pki-channel-watch", "pki-channel-look")
+    return sum(1 for thread in threading.enumerate() if thread.name in names)
+
+
+def test_many_waiting_calls_share_one_look_at_the_server(
+    client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ``wait_for_ready`` call on a channel without a connection started a thread of its
+    own to look at the server shortly before its deadline, and each made a handshake: a client
+    with many such calls (``.future()`` costs no thread of the caller's) had as many threads
+    and made as many handshakes to whatever answered at the address. The channel's calls now
+    share one timer thread and one handshake at a time; each waiting call gets the
+    explanation, and nothing is left running once they have ended."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")  # a plaintext port
+    server.start()
+    calls = 40
+    connects = _CheckConnects(monkeypatch, port)
+    try:
+        with client_identity.channel(f"127.0.0.1:{port}", server_id=sid("keybroker")) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            waiting = [
+                stub.Check.future(health_pb2.HealthCheckRequest(), timeout=3, wait_for_ready=True)
+                for _ in range(calls)
+            ]
+            most = _watch_threads()
+            for future in waiting:
+                with pytest.raises(ServerIdentityMismatch, match="does not speak TLS"):
+                    future.result()
+                most = max(most, _watch_threads())
+            # Ended early (cancelled), calls leave nothing behind either.
+            cancelled = [
+                stub.Check.future(health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True)
+                for _ in range(calls)
+            ]
+            for future in cancelled:
+                future.cancel()
+    finally:
+        server.stop(None).wait()
+    assert connects.count <= 2, connects.count
+    assert most <= 2
+    for _ in range(50):  # threads that were told to end, ending
+        if _watch_threads() == 0:
+            break
+        time.sleep(0.1)
+    assert _watch_threads() == 0
