@@ -26,6 +26,8 @@ derived name, saying what to do).
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -109,6 +111,8 @@ class _Slot:
         self.retired = False
         self.closed = False
         self.callables: dict[tuple[str, Any], Any] = {}
+        #: The last explaining handshake of a ``wait_for_ready`` call (:class:`_Lookout`).
+        self.look: _Look | None = None
 
 
 class _Lease:
@@ -159,6 +163,7 @@ class RotatingChannel(grpc.Channel):
         self._lock = threading.Lock()
         self._closed = False
         self._subscriptions: list[tuple[Callable[[grpc.ChannelConnectivity], None], bool]] = []
+        self._lookout = _Lookout(self)
         self._slot = self._build()
         self._retired: set[_Slot] = set()
         self.rebuilds = 0
@@ -241,7 +246,7 @@ class RotatingChannel(grpc.Channel):
             return None
         if _ready(slot.channel):
             return None
-        return _ReadinessWatch(self, slot, deadline)
+        return self._lookout.watch(slot, deadline)
 
     def _translate(
         self,
@@ -443,56 +448,143 @@ def _close_channel(
         threading.Thread(target=slot.channel.close, name="pki-channel-close", daemon=True).start()
 
 
-class _ReadinessWatch:
-    """A ``wait_for_ready`` call's look at why gRPC has no connection, made shortly before the
-    call's deadline: gRPC ends such a call ``DEADLINE_EXCEEDED``, "Deadline Exceeded", however
-    its connection attempts failed (another workload at the address, a plaintext port, a
-    certificate outside its dates), and once the deadline has passed there is no time left to
-    explain it. Started only while gRPC has no ready connection; the handshake runs only if it
-    still has none, and ends with the call's deadline."""
+class _Lookout:
+    """A channel's looks at why gRPC has no connection, for its ``wait_for_ready`` calls: gRPC
+    ends such a call ``DEADLINE_EXCEEDED``, "Deadline Exceeded", however its connection attempts
+    failed (another workload at the address, a plaintext port, a certificate outside its
+    dates), and once the deadline has passed there is no time left to explain it.
+
+    One timer thread serves all the channel's waiting calls (started while any waits, gone when
+    none does), and each slot has one handshake at a time: a call whose time comes while one
+    runs, or after one started during its wait, shares it. A thread and a handshake per call
+    made a client with many waiting calls (``.future()`` costs no thread of the caller's) run
+    as many threads and make as many handshakes to whatever answered at the address."""
+
+    def __init__(self, owner: RotatingChannel) -> None:
+        self._owner = owner
+        self._wakeup = threading.Condition()
+        self._due: list[tuple[float, int, _ReadinessWatch]] = []
+        self._order = itertools.count()
+        self._live = 0
+        self._timer: threading.Thread | None = None
+
+    def watch(self, slot: _Slot, deadline: float) -> _ReadinessWatch:
+        """A watch for a call ending at ``deadline`` (monotonic) on ``slot``; its look is made
+        shortly before it: the explaining handshake's time comes off the end of the wait, at
+        most what an explanation of a refused call gets, at most half the call's time."""
+        now = time.monotonic()
+        left = deadline - now
+        due = now + max(0.0, left - min(_DIAGNOSIS_TIMEOUT, left / 2))
+        watch = _ReadinessWatch(self, slot, deadline)
+        with self._wakeup:
+            heapq.heappush(self._due, (due, next(self._order), watch))
+            self._live += 1
+            if self._timer is None:
+                self._timer = threading.Thread(
+                    target=self._run, name="pki-channel-watch", daemon=True
+                )
+                self._timer.start()
+            else:
+                self._wakeup.notify()
+        return watch
+
+    def ended(self) -> None:
+        """One watch is over (its call ended): the timer leaves once none waits."""
+        with self._wakeup:
+            self._live -= 1
+            self._wakeup.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                if self._live == 0:
+                    self._due.clear()
+                while self._due and self._due[0][2].over:
+                    heapq.heappop(self._due)
+                if not self._due:
+                    self._timer = None
+                    return
+                due, _, watch = self._due[0]
+                wait = due - time.monotonic()
+                if wait > 0:
+                    self._wakeup.wait(wait)
+                    continue
+                heapq.heappop(self._due)
+            watch.fire()
+
+    def look(self, slot: _Slot, since: float, deadline: float) -> _Look:
+        """The slot's handshake running now, or the last one if it started after ``since``
+        (the waiting call's start), else a new one ending by ``deadline``."""
+        with self._wakeup:
+            current = slot.look
+            if current is not None and (not current.done.is_set() or current.started >= since):
+                return current
+            slot.look = _Look(self._owner, slot, deadline)
+            return slot.look
+
+
+class _Look:
+    """One explaining handshake with the server at a slot's target, on a thread of its own."""
 
     def __init__(self, owner: RotatingChannel, slot: _Slot, deadline: float) -> None:
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.found: ServerExplanation | None = None
         self._owner = owner
         self._slot = slot
         self._deadline = deadline
-        self._over = threading.Event()
-        self._finished = threading.Event()
-        self._found: ServerExplanation | None = None
-        left = deadline - time.monotonic()
-        # The explaining handshake's time comes off the end of the wait: at most what an
-        # explanation of a refused call gets, at most half the call's time.
-        self._timer = threading.Timer(
-            max(0.0, left - min(_DIAGNOSIS_TIMEOUT, left / 2)), self._look
-        )
-        self._timer.daemon = True
-        self._timer.name = "pki-channel-watch"
-        self._timer.start()
+        threading.Thread(target=self._run, name="pki-channel-look", daemon=True).start()
 
-    def _look(self) -> None:
+    def _run(self) -> None:
         try:
-            if self._over.is_set() or _ready(self._slot.channel):
-                return
             left = self._deadline - time.monotonic()
             server_id = self._owner.server_id
             if left > 0 and server_id is not None:
-                self._found = diagnose_server(
+                self.found = diagnose_server(
                     self._owner.target, self._slot.presentation, server_id, timeout=left
                 )
         finally:
-            self._finished.set()
+            self.done.set()
+
+
+class _ReadinessWatch:
+    """A ``wait_for_ready`` call's look at why gRPC has no connection (:class:`_Lookout`).
+    Made only while gRPC has no ready connection; the handshake runs only if it still has none
+    when the call's time comes, and ends with the call's deadline."""
+
+    def __init__(self, lookout: _Lookout, slot: _Slot, deadline: float) -> None:
+        self._lookout = lookout
+        self._slot = slot
+        self._deadline = deadline
+        self._began = time.monotonic()
+        self._lock = threading.Lock()
+        self._look: _Look | None = None
+        self.over = False
+
+    def fire(self) -> None:
+        """The call's time to look has come (on the lookout's timer thread)."""
+        with self._lock:
+            if self.over or _ready(self._slot.channel):
+                return
+            self._look = self._lookout.look(self._slot, self._began, self._deadline)
 
     def end(self) -> None:
-        """The call is over: no look is started from now on."""
-        self._over.set()
-        self._timer.cancel()
+        """The call is over: no look is started for it from now on."""
+        with self._lock:
+            if self.over:
+                return
+            self.over = True
+        self._lookout.ended()
 
     def explanation(self) -> ServerExplanation | None:
         """What the look found (None: nothing to say), once it is over; it ends with the call's
         deadline, which has passed when this is asked."""
         self.end()
-        if self._timer.is_alive() or self._finished.is_set():
-            self._finished.wait(max(0.0, self._deadline - time.monotonic()) + _JOIN_SLACK)
-        return self._found
+        look = self._look
+        if look is None:
+            return None
+        look.done.wait(max(0.0, self._deadline - time.monotonic()) + _JOIN_SLACK)
+        return look.found if look.done.is_set() else None
 
 
 #: How long past its deadline a look is waited for (it ends by the deadline; thread scheduling).

@@ -11,7 +11,6 @@ the connection right after the handshake without a single byte has rejected our 
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
 import ssl
@@ -346,8 +345,9 @@ class ServerIdentityNameMissing(_RefusedBeforeTheCall):
 
 
 class ServerCertificateOutsideValidity(_RefusedBeforeTheCall):
-    """The server at a target presents a certificate of our CA that is not valid at this
-    machine's time: expired (``PEER_CERT_EXPIRED``) or not yet valid
+    """The server at a target presents the expected workload's certificate of our CA (its key
+    held, checked by a handshake that skips only the dates), not valid at this machine's time:
+    expired (``PEER_CERT_EXPIRED``) or not yet valid
     (``PEER_CERT_NOT_YET_VALID``). Its dates and this machine's time are in the message: one of
     the two clocks is off, or the server's certificate was not renewed. UNAUTHENTICATED, like
     :class:`ServerIdentityMismatch`, which it was reported as (a certificate "that does not chain
@@ -382,8 +382,10 @@ def diagnose_server(
         if cert is None:
             return None
         require_server_id(target, workload_spiffe_ids(target, cert), expected)
-    except (ServerIdentityMismatch, ServerCertificateOutsideValidity) as refused:
+    except ServerIdentityMismatch as refused:
         return refused
+    except _RefusedForItsDates as refused:
+        return _outside_validity(refused, presentation, expected)
     if derived in dns_sans(cert):
         return None
     return ServerIdentityNameMissing(
@@ -437,7 +439,7 @@ def _server_certificate(
         except ssl.SSLCertVerificationError as exc:
             if exc.verify_code in _OUTSIDE_VALIDITY:
                 where = _Where(target, host, port, server_name or host, end)
-                raise _outside_validity(where, exc, presentation) from None
+                raise _RefusedForItsDates(where, expired=exc.verify_code == _EXPIRED) from None
             raise ServerIdentityMismatch(
                 f"the server at {target} presented a certificate that does not chain to our CA "
                 f"({exc.verify_message})"
@@ -468,6 +470,8 @@ def _server_certificate(
 _NOT_YET_VALID, _EXPIRED = 9, 10
 _OUTSIDE_VALIDITY = (_NOT_YET_VALID, _EXPIRED)
 _NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"})
+# OpenSSL's X509_V_FLAG_NO_CHECK_TIME: the chain is verified, its certificates' dates are not.
+_NO_CHECK_TIME = 0x200000
 
 
 @dataclass(frozen=True)
@@ -481,37 +485,77 @@ class _Where:
     end: float
 
 
+class _RefusedForItsDates(Exception):
+    """The verified handshake with the server at ``where`` stopped at a certificate's dates.
+
+    OpenSSL reports the first fault it finds, so this says nothing of whose certificate it is:
+    a genuine certificate of our CA issued to another workload, expired, is refused for its
+    dates before its name is ever looked at."""
+
+    def __init__(self, where: _Where, *, expired: bool) -> None:
+        super().__init__(where.target)
+        self.where = where
+        self.expired = expired
+
+
 def _outside_validity(
-    where: _Where, refused: ssl.SSLCertVerificationError, presentation: TlsPresentation
-) -> ServerCertificateOutsideValidity:
-    """The explanation of a server certificate OpenSSL found outside its dates, with the dates
-    when the certificate can be read again before the check's end (the refusal carries none)."""
-    now = datetime.now(UTC)
-    dates = ""
-    with contextlib.suppress(OSError, ValueError):
-        cert = _presented_anyway(where, presentation)
-        if cert is not None:
-            dates = (
-                f" (valid from {cert.not_valid_before_utc.isoformat()} to "
-                f"{cert.not_valid_after_utc.isoformat()})"
-            )
-    expired = refused.verify_code == _EXPIRED
-    state = "has expired" if expired else "is not valid yet"
+    refused: _RefusedForItsDates, presentation: TlsPresentation, expected: str
+) -> ServerExplanation:
+    """The explanation of a server certificate OpenSSL refused for its dates, from a second
+    handshake that checks everything but the dates (the chain to our root, and the server's
+    proof that it holds the certificate's key): the workload it names must be ``expected``
+    before one of the clocks is blamed; another workload's, or one that does not chain to our
+    CA, is a :class:`ServerIdentityMismatch` (as is one that cannot be read again: who answered
+    is then unknown, and the refusal stays one)."""
+    where = refused.where
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    state = "has expired" if refused.expired else "is not valid yet"
+    try:
+        cert = _presented_but_for_dates(where, presentation)
+    except ssl.SSLCertVerificationError as exc:
+        return ServerIdentityMismatch(
+            f"the server at {where.target} presented a certificate that does not chain to our "
+            f"CA ({exc.verify_message})"
+        )
+    except (OSError, ValueError) as exc:
+        cert, unread = None, str(exc) or type(exc).__name__
+    else:
+        unread = "no certificate presented"
+    if cert is None:
+        return ServerIdentityMismatch(
+            f"the server at {where.target} presented a certificate that {state} by this "
+            f"machine's clock, {now}, and a second handshake to read whose it is failed "
+            f"({unread}): it is not known to be {expected}"
+        )
+    # Raises ServerIdentityMismatch for another workload's certificate, or a CA's.
+    require_server_id(where.target, workload_spiffe_ids(where.target, cert), expected)
+    dates = (
+        f"valid from {cert.not_valid_before_utc.isoformat()} to "
+        f"{cert.not_valid_after_utc.isoformat()}"
+    )
+    if cert.not_valid_before_utc <= datetime.now(UTC) <= cert.not_valid_after_utc:
+        # Its own dates hold: a CA certificate of its chain is the one outside its dates.
+        finding = f"a certificate of our CA ({dates}) whose chain holds a CA certificate that"
+    else:
+        finding = f"a certificate of our CA ({dates}) that"
     return ServerCertificateOutsideValidity(
-        f"the server at {where.target} presented a certificate of our CA that {state} by this "
-        f"machine's clock, {now.isoformat(timespec='seconds')}{dates}: this machine's clock or "
-        "the server's is off (compare both with a time source), or the server's certificate "
-        "was not renewed",
-        reason=Reason.PEER_CERT_EXPIRED if expired else Reason.PEER_CERT_NOT_YET_VALID,
+        f"the server at {where.target} presents {expected} in {finding} {state} by this "
+        f"machine's clock, {now}: this machine's clock or the server's is off (compare both "
+        "with a time source), or the server's certificate was not renewed",
+        reason=Reason.PEER_CERT_EXPIRED if refused.expired else Reason.PEER_CERT_NOT_YET_VALID,
     )
 
 
-def _presented_anyway(where: _Where, presentation: TlsPresentation) -> x509.Certificate | None:
-    """The certificate the server at ``where`` presents, read without checking it at all: only
-    its dates are shown, once a verified handshake refused it for them."""
+def _presented_but_for_dates(
+    where: _Where, presentation: TlsPresentation
+) -> x509.Certificate | None:
+    """The certificate the server at ``where`` presents to a handshake that verifies it against
+    our root as gRPC's does, but for the certificates' dates (host name not checked: the
+    caller compares the SPIFFE ID). The handshake completes only if the server holds the
+    certificate's key; ``ssl.SSLCertVerificationError`` when it does not chain to our CA."""
     context = client_context(presentation)
     context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context.verify_flags |= _NO_CHECK_TIME
     with (
         _connect(where.host, where.port, where.end) as raw,
         context.wrap_socket(raw, server_hostname=where.server_name) as tls,

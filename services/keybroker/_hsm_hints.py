@@ -33,10 +33,15 @@ def module_problem(module_path: Path, error: BaseException) -> str:
     return ""
 
 
-def softhsm_conf_problem(module_env: Mapping[str, str]) -> str:
+def softhsm_conf_problem(module_path: Path, module_env: Mapping[str, str]) -> str:
     """What is wrong with the SoftHSM2 configuration the module reads (``keybroker.softhsm2_conf``,
-    else ``$SOFTHSM2_CONF``), or "" when it is a readable file or none is set."""
+    else, for a SoftHSM2 module, ``$SOFTHSM2_CONF``), or "" when it is a readable file or none
+    is set."""
     configured = module_env.get(CONF_VARIABLE)
+    if configured is None and "softhsm" not in module_path.name.lower():
+        # A vendor's module never reads a $SOFTHSM2_CONF left in the environment: naming it
+        # would send the operator to SoftHSM2 for a fault of the vendor's module.
+        return ""
     where = "keybroker.softhsm2_conf" if configured is not None else f"${CONF_VARIABLE}"
     path = configured if configured is not None else os.environ.get(CONF_VARIABLE)
     if not path:

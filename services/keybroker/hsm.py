@@ -791,7 +791,7 @@ class Hsm(Closing):
         except p11x.PKCS11Error as exc:
             hints = _hints.joined(
                 _hints.module_problem(cfg.module_path, exc),
-                _hints.softhsm_conf_problem(cfg.module_env),
+                _hints.softhsm_conf_problem(cfg.module_path, cfg.module_env),
             )
             raise HsmUnavailable(
                 f"cannot initialise the PKCS#11 module ({errs.describe(exc)}){hints}"
@@ -808,7 +808,8 @@ class Hsm(Closing):
             token = self._lib.get_token(token_label=cfg.token_label)
         except (p11x.NoSuchToken, p11x.MultipleTokensReturned) as exc:
             hints = _hints.joined(
-                _hints.present_labels(self._lib), _hints.softhsm_conf_problem(cfg.module_env)
+                _hints.present_labels(self._lib),
+                _hints.softhsm_conf_problem(cfg.module_path, cfg.module_env),
             )
             raise HsmUnavailable(
                 f"token {cfg.token_label!r} not found ({errs.describe(exc)}){hints}"

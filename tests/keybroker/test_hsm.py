@@ -353,3 +353,19 @@ def test_a_release_never_uses_another_hash_than_it_announced(
     assert info.value.reason == "HSM_UNAVAILABLE"
     assert "changed while the release was queued" in info.value.message
     assert hsm.status().connected
+
+
+def test_a_vendor_modules_failure_does_not_blame_softhsm2s_configuration(
+    tmp_path: Path, softhsm_token: SoftHsmToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vendor's module (not SoftHSM2) failing, with a $SOFTHSM2_CONF left in the
+    environment that it never reads: the message named that variable's file as a cause,
+    sending the operator to SoftHSM2. Only keybroker.softhsm2_conf (set for the module on
+    purpose) or a SoftHSM2 module's $SOFTHSM2_CONF is named."""
+    monkeypatch.setenv("SOFTHSM2_CONF", str(tmp_path / "left-over.conf"))
+    vendor = tmp_path / "libvendor-pkcs11.so"
+    config = make_config(softhsm_token, module_path=vendor, module_env={})
+    with pytest.raises(HsmUnavailable) as info:
+        Hsm.open(config)
+    assert f"keybroker.pkcs11_module {vendor} does not exist" in str(info.value)
+    assert "SOFTHSM2_CONF" not in str(info.value)

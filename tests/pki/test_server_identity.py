@@ -16,10 +16,13 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from strongroom.client.remote import remote_error
@@ -44,6 +47,7 @@ from tests.pki.helpers import (
     Server,
     echo_handler,
     enrol,
+    make_ca,
     make_leaf,
     serve,
     sid,
@@ -988,3 +992,239 @@ def test_a_server_certificate_outside_its_dates_is_named_a_clock_problem(
     assert state in str(refused.value)
     assert "clock" in str(refused.value)
     assert (now - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M") in str(refused.value)
+
+
+def _expired_leaf(ca: StepCa, name: str) -> Leaf:
+    """A certificate our CA's intermediate issued for ``name``, expired an hour ago."""
+    intermediate, intermediate_key = ca.layout.load_intermediate()
+    then = datetime.now(UTC) - timedelta(hours=3)
+    return make_leaf(
+        intermediate,
+        intermediate_key,
+        uris=[sid(name)],
+        dns=[identity_dns_name(sid(name))],
+        extra_chain=[intermediate],
+        not_before=then,
+        not_after=then + timedelta(hours=2),
+    )
+
+
+def _forged_leaf(ca: StepCa, name: str) -> Leaf:
+    """An impostor's expired certificate for ``name`` naming our intermediate as its issuer
+    (its name and key identifier), signed with a key of the impostor's."""
+    intermediate, _ = ca.layout.load_intermediate()
+    impostor = ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1())
+    then = datetime.now(UTC) - timedelta(hours=3)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(intermediate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(then)
+        .not_valid_after(then + timedelta(hours=2))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                cast("ec.EllipticCurvePublicKey", intermediate.public_key())
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.UniformResourceIdentifier(sid(name)),
+                    x509.DNSName(identity_dns_name(sid(name))),
+                ]
+            ),
+            critical=True,
+        )
+        .sign(impostor, hashes.SHA256())
+    )
+    return Leaf(key, [cert, intermediate])
+
+
+@pytest.mark.parametrize("forge", ["another workload's", "forged", "foreign CA's"])
+def test_an_impostors_expired_certificate_is_not_named_a_clock_problem(
+    ca: StepCa, client_identity: WorkloadIdentity, forge: str
+) -> None:
+    """An impostor at the broker's address presenting an expired certificate: OpenSSL stops at
+    the first fault it finds, and for a genuine certificate of our CA issued to another
+    workload that fault is its dates, so the impostor was reported as this machine's clock
+    being off (PEER_CERT_EXPIRED), sending the operator to NTP instead of to the impostor. The
+    refusal names who answered (or that it does not chain to our CA), never the clock."""
+    if forge == "another workload's":
+        leaf = _expired_leaf(ca, "modelstore")
+    elif forge == "forged":
+        leaf = _forged_leaf(ca, "keybroker")
+    else:
+        foreign, foreign_key = make_ca("impostor CA")
+        then = datetime.now(UTC) - timedelta(hours=3)
+        leaf = make_leaf(
+            foreign,
+            foreign_key,
+            uris=[sid("keybroker")],
+            dns=[identity_dns_name(sid("keybroker"))],
+            extra_chain=[foreign],
+            not_before=then,
+            not_after=then + timedelta(hours=2),
+        )
+    with (
+        _serving(leaf, ca) as port,
+        client_identity.channel(f"127.0.0.1:{port}", server_id=sid("keybroker")) as channel,
+        pytest.raises(ServerIdentityMismatch) as refused,
+    ):
+        check(channel)
+    assert refused.value.reason == "SERVER_IDENTITY_MISMATCH"
+    assert "clock" not in str(refused.value)
+    if forge == "another workload's":
+        assert sid("modelstore") in str(refused.value)
+
+
+class _TwoFacedServer:
+    """A TLS server on a loopback port that presents ``first`` to the first handshake and
+    ``then`` to every later one (a network attacker choosing per connection; None: later
+    connections are closed at once)."""
+
+    def __init__(self, first: Leaf, then: Leaf | None) -> None:
+        self._contexts = [self._context(first), None if then is None else self._context(then)]
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port = self._listener.getsockname()[1]
+        self.handshakes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _context(leaf: Leaf) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.set_alpn_protocols(["h2"])
+        with memory_file(leaf.chain_pem + leaf.key_pem, "two-faced") as path:
+            context.load_cert_chain(path)
+        return context
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            context = self._contexts[min(self.handshakes, 1)]
+            self.handshakes += 1
+            with contextlib.suppress(OSError), raw:
+                if context is None:
+                    continue
+                raw.settimeout(5)
+                with context.wrap_socket(raw, server_side=True) as tls:
+                    tls.recv(1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._listener.close()
+
+
+def test_dates_read_again_come_from_a_certificate_checked_as_the_first(
+    ca: StepCa, client_identity: WorkloadIdentity
+) -> None:
+    """The dates of a certificate refused for them were read from a second handshake that
+    checked nothing: a server (or a network attacker) presenting the expected server's
+    expired certificate to the verified handshake and a certificate of its own to the second
+    one chose the dates shown, and the message blamed the clock. What the second handshake
+    shows is checked against our CA (all but its dates) and must be the expected workload's."""
+    real = _expired_leaf(ca, "keybroker")
+    foreign, foreign_key = make_ca("impostor CA")
+    forged = make_leaf(
+        foreign,
+        foreign_key,
+        uris=[sid("keybroker")],
+        not_before=datetime(2001, 1, 1, tzinfo=UTC),
+        not_after=datetime(2001, 1, 2, tzinfo=UTC),
+    )
+    server = _TwoFacedServer(real, forged)
+    try:
+        explained = diagnose_server(
+            f"127.0.0.1:{server.port}",
+            _presentation(client_identity),
+            sid("keybroker"),
+            timeout=5,
+        )
+    finally:
+        server.close()
+    assert server.handshakes == 2
+    assert isinstance(explained, ServerIdentityMismatch)
+    assert "2001" not in str(explained)
+    assert "clock" not in str(explained)
+
+
+def test_a_certificate_refused_for_its_dates_that_cannot_be_read_again_is_no_clock_problem(
+    ca: StepCa, client_identity: WorkloadIdentity
+) -> None:
+    """A server that presents an expired certificate of our CA and closes the next connection:
+    whose certificate it was is unknown (OpenSSL stopped at its dates), and the refusal blamed
+    the clock all the same. It stays a refusal (not retried) that says what is known."""
+    server = _TwoFacedServer(_expired_leaf(ca, "modelstore"), None)
+    try:
+        explained = diagnose_server(
+            f"127.0.0.1:{server.port}",
+            _presentation(client_identity),
+            sid("keybroker"),
+            timeout=5,
+        )
+    finally:
+        server.close()
+    assert isinstance(explained, ServerIdentityMismatch)
+    assert "has expired" in str(explained)
+    assert f"not known to be {sid('keybroker')}" in str(explained)
+    assert "clock or" not in str(explained)
+
+
+def _watch_threads() -> int:
+    names = ("pki-channel-watch", "pki-channel-look")
+    return sum(1 for thread in threading.enumerate() if thread.name in names)
+
+
+def test_many_waiting_calls_share_one_look_at_the_server(
+    client_identity: WorkloadIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ``wait_for_ready`` call on a channel without a connection started a thread of its
+    own to look at the server shortly before its deadline, and each made a handshake: a client
+    with many such calls (``.future()`` costs no thread of the caller's) had as many threads
+    and made as many handshakes to whatever answered at the address. The channel's calls now
+    share one timer thread and one handshake at a time; each waiting call gets the
+    explanation, and nothing is left running once they have ended."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")  # a plaintext port
+    server.start()
+    calls = 40
+    connects = _CheckConnects(monkeypatch, port)
+    try:
+        with client_identity.channel(f"127.0.0.1:{port}", server_id=sid("keybroker")) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            waiting = [
+                stub.Check.future(health_pb2.HealthCheckRequest(), timeout=3, wait_for_ready=True)
+                for _ in range(calls)
+            ]
+            most = _watch_threads()
+            for future in waiting:
+                with pytest.raises(ServerIdentityMismatch, match="does not speak TLS"):
+                    future.result()
+                most = max(most, _watch_threads())
+            # Ended early (cancelled), calls leave nothing behind either.
+            cancelled = [
+                stub.Check.future(health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True)
+                for _ in range(calls)
+            ]
+            for future in cancelled:
+                future.cancel()
+    finally:
+        server.stop(None).wait()
+    assert connects.count <= 2, connects.count
+    assert most <= 2
+    for _ in range(50):  # threads that were told to end, ending
+        if _watch_threads() == 0:
+            break
+        time.sleep(0.1)
+    assert _watch_threads() == 0
