@@ -497,6 +497,8 @@ _TERMINALS = {
     "latin-1": {"PYTHONIOENCODING": "latin-1"},
     # LANG=C without the coercion to C.UTF-8 (PEP 538) or UTF-8 mode (PEP 540): ASCII.
     "C-locale": {"LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"},
+    # A UTF-8 terminal (a container's usual C.UTF-8): the escaping must change nothing there.
+    "UTF-8": {"LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"},
 }
 
 
@@ -527,6 +529,9 @@ def test_the_cli_prints_what_the_terminal_cannot_encode_escaped(
     )  # fmt: skip
     assert shown.returncode == 0, shown.stderr.decode("ascii", "backslashreplace")
     assert b"Traceback" not in shown.stderr
+    if terminal == "UTF-8":  # the broker's document byte for byte
+        assert shown.stdout == b"# policy version 1\n" + policy.read_bytes() + b"\n"
+        return
     escaped = "\\u2713 \\u6a21\\u578b"
     cafe = "caf\u00e9" if terminal == "latin-1" else "caf\\xe9"
     out = shown.stdout.decode("latin-1")
