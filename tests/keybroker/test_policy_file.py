@@ -171,3 +171,40 @@ def test_a_policy_that_is_a_hard_link_is_not_read(tmp_path: Path) -> None:
     assert policies.get("k1").policy.version == "1"
     assert secret.read_text(encoding="utf-8") == "password: hunter2\n"
     assert secret.stat().st_nlink == 1
+
+
+@pytest.mark.parametrize(
+    ("target", "read"),
+    [
+        ("k0.yaml", True),  # relative, within
+        ("{linked}/k0.yaml", True),  # absolute, through policies_dir's own link
+        ("{real}/k0.yaml", True),  # absolute, through the directory's real path
+        ("../policies-real/k0.yaml", True),  # out by "..", and back in
+        ("../policies-real-2/k0.yaml", False),  # a sibling whose name the directory's begins
+        ("../policies-real/../secret.yaml", False),  # ".." out for good
+    ],
+)
+def test_links_are_judged_by_where_they_lead_not_how_they_are_spelt(
+    tmp_path: Path, target: str, read: bool
+) -> None:
+    """``policies_dir`` may itself be a link (an operator's, a volume's), links may be absolute or
+    relative and hold ``..``: a link is followed when the file it leads to lies in the
+    directory's real path, as ``/proc/self/fd`` names it, and not when it lies beside it, in a
+    directory whose name merely begins the same."""
+    real = tmp_path / "policies-real"
+    real.mkdir()
+    (real / "k0.yaml").write_text(document(), encoding="utf-8")
+    sibling = tmp_path / "policies-real-2"
+    sibling.mkdir()
+    (sibling / "k0.yaml").write_text(document(), encoding="utf-8")
+    (tmp_path / "secret.yaml").write_text(document(), encoding="utf-8")
+    linked = tmp_path / "policies"
+    linked.symlink_to(real)
+    (real / "k1.yaml").symlink_to(target.format(linked=linked, real=real))
+    policies = _store(linked)
+    if read:
+        assert policies.get("k1", judge=False).policy.version == "1"
+    else:
+        with pytest.raises(PolicyUnreadable) as raised:
+            policies.get("k1", judge=False)
+        assert "outside the policy directory" in raised.value.message
