@@ -23,6 +23,7 @@ from strongroom.api.keybroker.v1 import keybroker_pb2 as kb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.cli.main import main
 from strongroom.dev.devstack import DevStack
+from strongroom.files import shared_flock
 from strongroom.keybroker import lifecycle, refusals
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
@@ -319,8 +320,13 @@ def test_a_publisher_flooding_refused_rewraps_is_rate_limited(stack: DevStack) -
 
 
 def _audit(stack: DevStack) -> list[dict[str, Any]]:
+    """The broker's audit records, read between two of its writes: tests poll the log while the
+    broker writes it, and a read racing a write saw the first part of its line (one read in 40
+    racing a writer of 1 KB lines), a JSONDecodeError."""
     path = stack.root / "state" / "keybroker" / "audit.log"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    with path.open("rb") as log, shared_flock(log.fileno()):  # the broker writes under flock
+        data = log.read()
+    return [json.loads(line) for line in data.decode().splitlines()]
 
 
 def test_a_policy_change_expecting_a_version_replaces_only_that_version(stack: DevStack) -> None:
