@@ -34,8 +34,8 @@ class AuditUnavailable(Unavailable):
 class PolicyUnreadable(FailedPrecondition):
     """A key's stored policy file exists but cannot be read as text (permissions, a symlink loop,
     an I/O error, bytes that are not UTF-8), or may not be (not a regular file, a symlink leading
-    out of the policy directory): the broker's configuration must be fixed; nothing is released
-    under the key until then."""
+    out of the policy directory, a file with another hard link): the broker's configuration must
+    be fixed; nothing is released under the key until then."""
 
     default_reason = Reason.POLICY_UNREADABLE
 

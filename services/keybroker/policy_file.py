@@ -7,7 +7,7 @@ load error that ``keys get-policy`` answers and the broker logs (YAML syntax err
 text); at ``/dev/zero``, read until the broker ran out of memory; at a FIFO, hang every request
 that read it. So a policy file is read only if it is a regular file, at most
 :data:`~strongroom.keybroker.policy_bounds.MAX_POLICY_BYTES` of it, and only if it lies in the
-policy directory.
+policy directory, its only name (a hard link is no symlink, but it too can name another file).
 
 Symlinks *inside* the directory are followed: a Kubernetes ConfigMap mount (the Helm chart's
 policy store) is made of them (``<key>.yaml -> ..data/<key>.yaml``, ``..data -> ..<timestamp>``,
@@ -34,6 +34,15 @@ def unreadable(key_id: str, problem: str) -> PolicyUnreadable:
 def _not_regular(key_id: str) -> PolicyUnreadable:
     return unreadable(
         key_id, "it is not a regular file (a directory, FIFO, socket or device, or a link to one)"
+    )
+
+
+def _hard_linked(key_id: str, links: int) -> PolicyUnreadable:
+    return unreadable(
+        key_id,
+        f"its file has {links} hard links, and a policy file must have no name but its own: a "
+        "hard link made in the policy directory to another file (the broker's PIN file) would "
+        "be read as a policy; copy the file instead",
     )
 
 
@@ -101,7 +110,8 @@ def read_policy_text(path: str, directory: str, key_id: str) -> str:
     kept: the document judged, shown and hashed is the file's bytes).
 
     :class:`PolicyUnreadable` when it cannot be read (missing, permissions, I/O), is not a
-    regular file, lies outside the directory (a symbolic link leading out) or is not UTF-8;
+    regular file, lies outside the directory (a symbolic link leading out), has another name (a
+    hard link) or is not UTF-8;
     :class:`StoredPolicyInvalid` (``POLICY_TOO_LARGE``) past the policy size bound, of which no
     more than the bound and a byte is read."""
     try:
@@ -118,6 +128,11 @@ def read_policy_text(path: str, directory: str, key_id: str) -> str:
         why = _outside(fd, held, path, directory)
         if why is not None:
             raise unreadable(key_id, why)
+        # A hard link is the directory's own entry, which no link check sees: one to the
+        # broker's file (made over NFS by the server, past the client's protected_hardlinks)
+        # would be read. Neither the broker's writes nor a ConfigMap ever give a file two names.
+        if held.st_nlink > 1:
+            raise _hard_linked(key_id, held.st_nlink)
         if held.st_size > MAX_POLICY_BYTES:
             raise _too_large(key_id)
         data = _read_at_most(fd, MAX_POLICY_BYTES + 1)  # a file growing meanwhile

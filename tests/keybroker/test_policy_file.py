@@ -143,3 +143,68 @@ def test_a_policy_file_past_the_size_bound_is_refused_unread(tmp_path: Path) -> 
     assert read <= 4 * MAX_POLICY_BYTES, read  # the bound, and what else the process read
     assert raised.value.reason == Reason.POLICY_TOO_LARGE
     assert f"larger than {MAX_POLICY_BYTES} bytes" in raised.value.message
+
+
+def test_a_policy_that_is_a_hard_link_is_not_read(tmp_path: Path) -> None:
+    """Only symbolic links were judged: a hard link is the directory's own entry, so whoever could
+    write the directory and reach a file of the broker's on the same file system (over NFS the
+    server makes the link, past the client's protected_hardlinks; or where that sysctl is off)
+    could make ``<key>.yaml`` the broker's PIN file or a secret configuration, whose key names a
+    load error then listed. A policy file with another name anywhere is POLICY_UNREADABLE, and
+    setting the key's policy replaces the link, leaving the other file as it was."""
+    secret = tmp_path / "broker-secrets.yaml"
+    secret.write_text("password: hunter2\n", encoding="utf-8")
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    os.link(secret, directory / "k1.yaml")
+    (directory / "k2.yaml").symlink_to("k1.yaml")  # a link within the directory, to the same
+    policies = _store(directory)
+    for key_id in ("k1", "k2"):
+        with pytest.raises(PolicyUnreadable) as raised:
+            policies.get(key_id, judge=False)
+        assert raised.value.reason == Reason.POLICY_UNREADABLE
+        assert "hard link" in raised.value.message
+        assert "password" not in raised.value.message and "hunter2" not in raised.value.message
+    with pytest.raises(PolicyUnreadable):
+        policies.live("k1")  # what a change is checked against: refused alike
+    policies.put("k1", document())
+    assert policies.get("k1").policy.version == "1"
+    assert secret.read_text(encoding="utf-8") == "password: hunter2\n"
+    assert secret.stat().st_nlink == 1
+
+
+@pytest.mark.parametrize(
+    ("target", "read"),
+    [
+        ("k0.yaml", True),  # relative, within
+        ("{linked}/k0.yaml", True),  # absolute, through policies_dir's own link
+        ("{real}/k0.yaml", True),  # absolute, through the directory's real path
+        ("../policies-real/k0.yaml", True),  # out by "..", and back in
+        ("../policies-real-2/k0.yaml", False),  # a sibling whose name the directory's begins
+        ("../policies-real/../secret.yaml", False),  # ".." out for good
+    ],
+)
+def test_links_are_judged_by_where_they_lead_not_how_they_are_spelt(
+    tmp_path: Path, target: str, read: bool
+) -> None:
+    """``policies_dir`` may itself be a link (an operator's, a volume's), links may be absolute or
+    relative and hold ``..``: a link is followed when the file it leads to lies in the
+    directory's real path, as ``/proc/self/fd`` names it, and not when it lies beside it, in a
+    directory whose name merely begins the same."""
+    real = tmp_path / "policies-real"
+    real.mkdir()
+    (real / "k0.yaml").write_text(document(), encoding="utf-8")
+    sibling = tmp_path / "policies-real-2"
+    sibling.mkdir()
+    (sibling / "k0.yaml").write_text(document(), encoding="utf-8")
+    (tmp_path / "secret.yaml").write_text(document(), encoding="utf-8")
+    linked = tmp_path / "policies"
+    linked.symlink_to(real)
+    (real / "k1.yaml").symlink_to(target.format(linked=linked, real=real))
+    policies = _store(linked)
+    if read:
+        assert policies.get("k1", judge=False).policy.version == "1"
+    else:
+        with pytest.raises(PolicyUnreadable) as raised:
+            policies.get("k1", judge=False)
+        assert "outside the policy directory" in raised.value.message
