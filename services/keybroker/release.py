@@ -323,7 +323,8 @@ class ReleaseEngine:
         stored = self._policy_naming(caller, key_id, context)
         # 4. Evidence: signatures and chains to the pinned roots, as of now.
         verify_started = time.perf_counter()
-        with fetching_for(caller.spiffe_id):  # its VCEK fetches count against its budget
+        # Its VCEK fetches count against its certificate's budget and its SPIFFE ID's.
+        with fetching_for(caller.spiffe_id, caller.serial):
             claims: VerifiedClaims = verify_evidence(
                 request.evidence,
                 trust=self._trust,
