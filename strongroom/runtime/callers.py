@@ -85,15 +85,13 @@ from strongroom.spiffe import SpiffeId
 
 log = logging.getLogger(__name__)
 
-UNVERIFIED = "unverified-certificate"
-"""Who asked, for a caller whose certificate yields no usable SPIFFE ID (the key broker's budget of
-unread refusals keys such callers on it). It cannot collide with a SPIFFE ID (no ``spiffe://``)."""
-
 ROLELESS = "roleless-callers"
 """The one bucket shared by every caller the authoriser grants no method that is not public: a
 certificate that yields no usable SPIFFE ID, and any SPIFFE ID no rule names (the CA signs for
 names the services give no role). Only public methods (health) admit them, so a holder of many
-such certificates cannot multiply its buckets. It cannot collide with a SPIFFE ID."""
+such certificates cannot multiply its buckets, in the limits or in the budgets of what their
+refusals write (the key broker's audit records, the refusal log lines). It cannot collide with a
+SPIFFE ID (no ``spiffe://``)."""
 
 TRUSTED_WAIT_SECONDS = 1.0
 """How long a wait for a request message admitted beyond its caller's data-plane bound may last

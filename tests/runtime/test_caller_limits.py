@@ -311,11 +311,12 @@ def test_one_identity_cannot_hold_every_worker_with_slow_unary_calls(
     """Streams were capped per identity, unary calls not: one identity's slow calls (a release
     waiting on the HSM, a Stat against a slow backend) could take every worker thread and queue
     everyone else. Its calls beyond the cap are refused at once; another identity is served; a
-    method's refusal observer (the key broker audits refused releases) hears of the refusal."""
-    observed: list[tuple[str, str]] = []
+    method's refusal observer (the key broker audits refused releases) hears of the refusal,
+    and of the caller's bucket by the limits' rule (role-less callers all in one)."""
+    observed: list[tuple[str, str, str]] = []
 
-    def observer(exc: StrongroomError, context: grpc.ServicerContext) -> None:
-        observed.append((exc.status_name, exc.reason))
+    def observer(exc: StrongroomError, context: grpc.ServicerContext, bucket: str) -> None:
+        observed.append((exc.status_name, exc.reason, bucket))
 
     running = mesh(
         observers={f"/{SERVICE}/Quick": observer}, max_workers=8, max_unary_calls_per_identity=2
@@ -333,12 +334,25 @@ def test_one_identity_cannot_hold_every_worker_with_slow_unary_calls(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "TOO_MANY_UNARY_CALLS_PER_IDENTITY",
         )
-    assert observed == [("RESOURCE_EXHAUSTED", "TOO_MANY_UNARY_CALLS_PER_IDENTITY")] * 2
+    # The observer is told whose bucket the refusal counts in, by the limits' rule.
+    assert (
+        observed
+        == [("RESOURCE_EXHAUSTED", "TOO_MANY_UNARY_CALLS_PER_IDENTITY", sid("inference"))] * 2
+    )
     assert other.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
     running.slow.release.set()
     assert [f.result(timeout=30) for f in held] == [b"done", b"done"]
     assert running.host.unary.running(sid("inference")) == 0
     assert first.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
+    # Identities no rule names: one bucket for the observer (the broker's audit budget), as for
+    # every limit, however many of them there are.
+    observed.clear()
+    for name in ("stranger-a", "stranger-b"):
+        stranger = running.caller(name).unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+        assert refusal(lambda: stranger(b"", timeout=30))[0] == (  # noqa: B023 (called at once)
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+    assert observed == [("PERMISSION_DENIED", "PEER_NOT_ALLOWED", ROLELESS)] * 2
 
 
 def test_a_unary_call_is_released_however_it_ends(mesh: Callable[..., Mesh]) -> None:
@@ -413,7 +427,7 @@ def test_data_plane_calls_beyond_their_share_are_refused_at_once(
     worker comes back once the calls end."""
     observed: list[tuple[str, str]] = []
 
-    def observer(exc: StrongroomError, context: grpc.ServicerContext) -> None:
+    def observer(exc: StrongroomError, context: grpc.ServicerContext, bucket: str) -> None:
         observed.append((exc.status_name, exc.reason))
 
     running = mesh(observers={f"/{SERVICE}/Quick": observer}, max_workers=8)
