@@ -269,10 +269,11 @@ def _wrap_handler(
     # leaves it) gets neither the error's message nor its stack, only the status the caller got.
     #
     # Each call's refusal lines (the authoriser's, the limits', its own and the one here) are
-    # about its caller: enter_rpc says which call runs, for their budget (runtime.logs).
+    # about its caller: enter_rpc says which call runs, and names its caller by the host's rule
+    # (every role-less caller as one, as the limits count them), for their budget (runtime.logs).
     def unary_result(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
-            rpc = enter_rpc(context)
+            rpc = enter_rpc(context, identify)
             try:
                 try:
                     return fn(request, context)
@@ -288,7 +289,7 @@ def _wrap_handler(
         fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
     ) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            rpc = enter_rpc(context)
+            rpc = enter_rpc(context, identify)
             try:
                 try:
                     yield from fn(request, context)
@@ -319,7 +320,7 @@ def _observed(
     def wrap(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             observed = _Call()
-            rpc = enter_rpc(context)
+            rpc = enter_rpc(context, identify)
             token = _OBSERVED.set(observed)
             try:
                 try:

@@ -1221,6 +1221,46 @@ def test_a_callers_flood_of_calls_the_watchdog_cancels_writes_its_budget_of_line
     ]
 
 
+def test_identities_without_a_role_share_one_budget_of_refusal_lines(
+    mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """The refusal lines' budget keyed callers on their SPIFFE ID, while every limit counts the
+    identities no rule names as one caller: each such identity (the CA signs for any) had its
+    own calls logged, so a holder of many spent everyone's lines a second. They share one budget
+    now, the limits' bucket, for the authoriser's denials and for the lines a watchdog writes
+    about their stalled health calls from a thread of its own."""
+    handler, stream = buffered_service_log(monkeypatch)  # a clock that never refills
+    running = mesh(health_request_wait_seconds=0.2)
+    strangers = [running.caller(f"stranger-{i}") for i in range(2)]
+    gate = threading.Event()
+    try:
+        for channel in strangers:
+            quick = channel.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+            for _ in range(REFUSED_CALLS_BURST):
+                assert refusal(lambda: quick(b"", timeout=30))[0] == (  # noqa: B023
+                    grpc.StatusCode.PERMISSION_DENIED
+                )
+            for _ in range(REFUSED_CALLS_BURST):
+                stalled = channel.stream_unary(f"/{HEALTH_SERVICE}/Check", _raw, _raw).future(
+                    never_sent(gate), timeout=10
+                )
+                assert refusal(stalled.result)[0] == grpc.StatusCode.CANCELLED
+                assert settled(lambda: running.host.shares.held_now() == 0)
+    finally:
+        gate.set()
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    # Before: each identity's own 5 of each.
+    assert len([r for r in lines if r["msg"].startswith("denied RPC")]) == REFUSED_CALLS_BURST
+    cancelled = [r for r in lines if r["msg"] == "cancelling a call: no request message"]
+    assert len(cancelled) == REFUSED_CALLS_BURST
+    (summary,) = [r for r in lines if r["msg"] == "refused calls not logged"]
+    assert sorted(summary["by_caller_and_reason"]) == [
+        [ROLELESS, "PEER_NOT_ALLOWED", REFUSED_CALLS_BURST],
+        [ROLELESS, "REQUEST_MESSAGE_TIMEOUT", REFUSED_CALLS_BURST],
+    ]
+
+
 def _ended_by_its_cancel(requests: Iterator[Any]) -> Iterator[Any]:
     """A call's request stream read as gRPC reads it when the empty completion of its pending
     read comes before the record of its cancel (about one run in three): the cancel seen as the
